@@ -1,0 +1,31 @@
+# make test   : create .venv (CPU torch), install the project + dev tools, lint, run the tests
+# make bench  : run every benchmark in bench/ (JSON + PNG in bench/results/)
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+export KEOPS_CACHE_FOLDER ?= $(CURDIR)/.keops_cache
+
+.PHONY: venv test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)" numpy
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+lint: venv
+	$(BIN)/ruff check model tests bench
+	$(BIN)/ruff format --check model tests bench
+
+test: venv lint
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/python -m bench.run_all
+
+clean:
+	rm -rf $(VENV) .keops_cache .pytest_cache

@@ -1,0 +1,7 @@
+"""S4 / S4D sequence models: conv-mode training, verified recurrent serving form."""
+
+from model.checkpoint import load, save
+from model.network import ModelConfig, SequenceModel
+from model.recurrent import RecurrentModel, VerificationError
+
+__all__ = ["ModelConfig", "SequenceModel", "RecurrentModel", "VerificationError", "load", "save"]

@@ -1,0 +1,109 @@
+"""Checkpoints: model.safetensors + config.json (format version, config, weights checksum).
+
+Nothing is ever unpickled. Every failure names the file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FORMAT = "s4-checkpoint"
+FORMAT_VERSION = 1
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match its config."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save(net, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write `net` (a SequenceModel) to directory/{model.safetensors, config.json}."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    if net.config.tie_embeddings:
+        state.pop("head.weight")  # shared with embed.weight; restored by construction
+    save_file(state, str(d / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": net.config.to_dict(),
+        "weights_sha256": _sha256(d / WEIGHTS),
+        "num_params": net.num_params(),
+        **(extra or {}),
+    }
+    (d / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return d
+
+
+def read_config(directory: str | Path) -> dict:
+    """Parse and validate config.json; returns the whole metadata dict."""
+    path = Path(directory) / CONFIG
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a checkpoint is a folder with {CONFIG} and {WEIGHTS})")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an {FORMAT} config (field 'format' is {meta.get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: format_version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    if not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{path}: field 'config' is missing or not an object")
+    return meta
+
+
+def load(directory: str | Path, device: str | torch.device = "cpu"):
+    """Load a SequenceModel saved by `save`; raises CheckpointError naming any problem."""
+    from model.network import ModelConfig, SequenceModel  # noqa: PLC0415
+
+    d = Path(directory)
+    meta = read_config(d)
+    try:
+        cfg = ModelConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{d / CONFIG}: invalid model config: {exc}") from None
+    wpath = d / WEIGHTS
+    if not wpath.is_file():
+        raise CheckpointError(f"{wpath}: missing")
+    want = meta.get("weights_sha256")
+    if want is not None and _sha256(wpath) != want:
+        raise CheckpointError(f"{wpath}: checksum mismatch (file is corrupt or was changed after saving)")
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{wpath}: unreadable safetensors file ({exc})") from None
+    net = SequenceModel(cfg)
+    expected = net.state_dict()
+    if cfg.tie_embeddings:
+        expected.pop("head.weight")
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{wpath}: tensors do not match the config (missing {missing}, unexpected {unexpected})")
+    for k, v in state.items():
+        if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
+            raise CheckpointError(
+                f"{wpath}: tensor {k!r} is {v.dtype}{list(v.shape)}, config expects "
+                f"{expected[k].dtype}{list(expected[k].shape)}"
+            )
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise CheckpointError(f"{wpath}: tensor {k!r} has non-finite values")
+    net.load_state_dict(state, strict=not cfg.tie_embeddings)
+    return net.to(device)

@@ -1,0 +1,235 @@
+"""SSM convolution kernels K̄ ∈ R^{H×L}: S4 (DPLR, Algorithm 1 of the S4 paper) and S4D (diagonal).
+
+Each equation is a small function; the modules only own parameters and call them. Computing a
+kernel never modifies a parameter (the trained C̃ is converted to C̄ only by recurrent.py, on copies).
+
+Shapes: H channels, N2 = N/2 complex modes (conjugate symmetry: each mode stands for a pair), r rank.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from model.cauchy import cauchy, vandermonde
+from model.hippo import MEASURES, dplr
+
+S4_INITS = MEASURES  # legs (default), legt, lagt, fout
+S4D_INITS = ("legs", "diag-lin", "diag-inv")
+RE_LAMBDA_MAX = -1e-4  # Re(Λ) is kept ≤ this so the Cauchy denominators never vanish
+
+
+# ---------------------------------------------------------------------------------------------
+# Discretization (diagonal parts): x_k = μ x_{k-1} + B̄ u_k
+
+
+def discretize_bilinear(dtA: torch.Tensor, dtB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """μ = (1 + ΔΛ/2)/(1 − ΔΛ/2), B̄ = ΔB/(1 − ΔΛ/2) (inputs are ΔΛ and ΔB)."""
+    denom = 1 - dtA / 2
+    return (1 + dtA / 2) / denom, dtB / denom
+
+
+def discretize_zoh(dtA: torch.Tensor, dtB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """μ = exp(ΔΛ), B̄ = (exp(ΔΛ) − 1)/(ΔΛ) · ΔB."""
+    mu = torch.exp(dtA)
+    return mu, (mu - 1) / dtA * dtB
+
+
+# ---------------------------------------------------------------------------------------------
+# S4: Algorithm 1 (truncated generating function at roots of unity + Cauchy + Woodbury + iFFT)
+
+
+def woodbury(k: torch.Tensor, rank: int) -> torch.Tensor:
+    """k00 − k01 (I + k11)⁻¹ k10 for the stacked Cauchy sums k ((1+r)², ...) ordered row-major
+    over (left ∈ [C̃, P̄₁..P̄ᵣ]) × (right ∈ [B, P₁..Pᵣ])."""
+    k = k.unflatten(0, (rank + 1, rank + 1))
+    k00, k01, k10, k11 = k[0, 0], k[0, 1:], k[1:, 0], k[1:, 1:]
+    if rank == 1:
+        return k00 - k01[0] * k10[0] / (1 + k11[0, 0])
+    if rank == 2:
+        a, b, c, d = 1 + k11[0, 0], k11[0, 1], k11[1, 0], 1 + k11[1, 1]
+        det = a * d - b * c
+        x0 = (d * k10[0] - b * k10[1]) / det  # (I + k11)⁻¹ k10, explicitly
+        x1 = (a * k10[1] - c * k10[0]) / det
+        return k00 - (k01[0] * x0 + k01[1] * x1)
+    raise ValueError(f"Woodbury is implemented for rank 1 and 2, got {rank}")
+
+
+def s4_kernel(
+    Lambda: torch.Tensor,  # (H, N2) complex, Re < 0
+    P: torch.Tensor,  # (r, H, N2) complex
+    B: torch.Tensor,  # (H, N2) complex
+    C: torch.Tensor,  # (H, N2) complex: C̃ = C̄ (I − Ā^L), the generating-function C
+    dt: torch.Tensor,  # (H,) real
+    L: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """K̄ (H, L) of the bilinear-discretized DPLR SSM A = Λ − P Pᴴ (Algorithm 1)."""
+    if L % 2:
+        raise ValueError(f"S4 kernel length must be even, got {L}")
+    rank = P.shape[0]
+    real = dt.dtype
+    cplx = Lambda.dtype
+    # Roots of unity z_l = exp(-2πi l / L), l = 0..L/2-1 (the real kernel's rfft bins; Nyquist below).
+    theta = torch.arange(L // 2, device=dt.device, dtype=real) * (2 * math.pi / L)
+    z = torch.polar(torch.ones_like(theta), -theta).to(cplx)
+    g = (2 / dt[:, None]) * (1 - z) / (1 + z)  # (H, L/2) bilinear frequency map
+    c = 2 / (1 + z)  # (L/2,)
+    left = torch.cat([C[None], P.conj()], dim=0)  # (1+r, H, N2)
+    right = torch.cat([B[None], P], dim=0)
+    v = (left[:, None] * right[None, :]).flatten(0, 1)  # ((1+r)², H, N2)
+    k = cauchy(v, g, Lambda, conj=True, backend=backend)  # ((1+r)², H, L/2)
+    khat = c * woodbury(k, rank)  # (H, L/2)
+    # At z = −1, c(z)(g(z) − A)⁻¹ → Δ/2 · I, so K̂(−1) = Δ · Re Σₙ C̃ₙBₙ (pairs included).
+    nyquist = (dt * (C * B).sum(-1).real).to(cplx)[:, None]
+    return torch.fft.irfft(torch.cat([khat, nyquist], dim=-1), n=L)  # (H, L)
+
+
+# ---------------------------------------------------------------------------------------------
+# S4D: Vandermonde
+
+
+def s4d_kernel(
+    Lambda: torch.Tensor,  # (H, N2) complex
+    B: torch.Tensor,  # (H, N2) complex
+    C: torch.Tensor,  # (H, N2) complex
+    dt: torch.Tensor,  # (H,) real
+    L: int,
+    disc: str = "zoh",
+    backend: str = "auto",
+) -> torch.Tensor:
+    """K̄_l = 2 Re Σₙ Cₙ B̄ₙ μₙˡ (H, L) for the diagonal SSM, ZOH or bilinear."""
+    mu, Bbar = discretize(Lambda * dt[:, None], B * dt[:, None], disc)
+    log_mu = Lambda * dt[:, None] if disc == "zoh" else torch.log(mu)
+    return vandermonde(C * Bbar, log_mu, L, backend=backend)
+
+
+def discretize(dtA, dtB, disc: str):
+    if disc == "zoh":
+        return discretize_zoh(dtA, dtB)
+    if disc == "bilinear":
+        return discretize_bilinear(dtA, dtB)
+    raise ValueError(f"unknown discretization {disc!r}; expected 'zoh' or 'bilinear'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter initialization
+
+
+def init_dt(H: int, dt_min: float = 1e-3, dt_max: float = 1e-1, generator=None) -> torch.Tensor:
+    """log Δ ~ U[log dt_min, log dt_max] per channel."""
+    u = torch.rand(H, dtype=torch.float64, generator=generator)
+    return math.log(dt_min) + u * (math.log(dt_max) - math.log(dt_min))
+
+
+def init_ssm(init: str, H: int, N: int, rank: int, generator=None):
+    """(Λ, P, B, C) in complex128: Λ (H, N2), P (r, H, N2), B (H, N2), C (H, N2)."""
+    N2 = N // 2
+    if init in MEASURES:
+        Lambda, P, B, _ = dplr(init, N, rank)
+    elif init == "diag-lin":  # S4D-Lin: λₙ = −1/2 + iπn
+        n = torch.arange(N2, dtype=torch.float64)
+        Lambda, B = torch.complex(-0.5 * torch.ones(N2, dtype=torch.float64), math.pi * n), torch.ones(N2)
+        P = torch.zeros(rank, N2)
+    elif init == "diag-inv":  # S4D-Inv: λₙ = −1/2 + i N/π (N/(2n+1) − 1)
+        n = torch.arange(N2, dtype=torch.float64)
+        imag = N / math.pi * (N / (2 * n + 1) - 1)
+        Lambda, B = torch.complex(-0.5 * torch.ones(N2, dtype=torch.float64), imag), torch.ones(N2)
+        P = torch.zeros(rank, N2)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    c128 = torch.complex128
+    Lambda = Lambda.to(c128).expand(H, N2).clone()
+    P = P.to(c128)[:, None, :].expand(rank, H, N2).clone()
+    B = B.to(c128).expand(H, N2).clone()
+    # C ~ complex normal with unit variance (each part variance 1/2)
+    C = torch.complex(
+        torch.randn(H, N2, dtype=torch.float64, generator=generator),
+        torch.randn(H, N2, dtype=torch.float64, generator=generator),
+    ) * math.sqrt(0.5)
+    return Lambda, P, B, C
+
+
+def _real(z: torch.Tensor) -> nn.Parameter:
+    """Complex tensor → float32 parameter with a trailing (re, im) axis (optimizer/safetensors friendly)."""
+    return nn.Parameter(torch.view_as_real(z.to(torch.complex64)).clone())
+
+
+class SSMKernel(nn.Module):
+    """Parameters of H independent SSMs and the kernel they define.
+
+    kind="s4":  DPLR A = Λ − P Pᴴ, bilinear, C is the generating-function C̃ (S4 paper §3.3).
+    kind="s4d": diagonal A = Λ, ZOH or bilinear, C is C̄ directly.
+    """
+
+    SSM_PARAMS = ("log_dt", "log_neg_re", "im", "P", "B")  # own lr, no weight decay
+
+    def __init__(
+        self,
+        H: int,
+        N: int,
+        L: int,
+        kind: str = "s4",
+        init: str = "legs",
+        rank: int = 1,
+        disc: str | None = None,
+        dt_min: float = 1e-3,
+        dt_max: float = 1e-1,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if N % 2:
+            raise ValueError(f"d_state must be even (conjugate pairs), got {N}")
+        if kind == "s4":
+            if init not in S4_INITS:
+                raise ValueError(f"s4 kernel init must be one of {S4_INITS}, got {init!r}")
+            disc = disc or "bilinear"
+            if disc != "bilinear":
+                raise ValueError("the S4 (DPLR) kernel uses the bilinear discretization")
+            rank = max(rank, 2 if init == "legt" else 1)
+        elif kind == "s4d":
+            if init not in S4D_INITS:
+                raise ValueError(f"s4d kernel init must be one of {S4D_INITS}, got {init!r}")
+            disc = disc or "zoh"
+        else:
+            raise ValueError(f"unknown kernel {kind!r}; expected 's4' or 's4d'")
+        self.H, self.N, self.L, self.kind, self.disc, self.rank = H, N, L, kind, disc, rank
+        self.backend = backend
+        Lambda, P, B, C = init_ssm(init, H, N, rank)
+        self.log_dt = nn.Parameter(init_dt(H, dt_min, dt_max).float())
+        self.log_neg_re = nn.Parameter(torch.log((-Lambda.real).clamp(min=-RE_LAMBDA_MAX)).float())
+        self.im = nn.Parameter(Lambda.imag.float())
+        self.B = _real(B)
+        self.C = _real(C)
+        if kind == "s4":
+            self.P = _real(P)
+
+    def ssm(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """The SSM as complex tensors (differentiable, never in-place): Λ, P, B, C, dt."""
+        real = dtype
+        re = -torch.exp(self.log_neg_re.to(real)).clamp(min=-RE_LAMBDA_MAX)
+        out = {
+            "Lambda": torch.complex(re, self.im.to(real)),
+            "B": torch.view_as_complex(self.B.to(real)),
+            "C": torch.view_as_complex(self.C.to(real)),
+            "dt": torch.exp(self.log_dt.to(real)),
+        }
+        if self.kind == "s4":
+            out["P"] = torch.view_as_complex(self.P.to(real))
+        return out
+
+    def forward(
+        self, L: int | None = None, dtype: torch.dtype = torch.float32, backend: str | None = None
+    ) -> torch.Tensor:
+        """K̄ (H, L) for L ≤ the trained length (computed at that length, then truncated)."""
+        L = self.L if L is None else L
+        backend = backend or self.backend
+        if L > self.L:
+            raise ValueError(f"sequence length {L} exceeds the kernel length {self.L} of this model")
+        s = self.ssm(dtype)
+        if self.kind == "s4":
+            K = s4_kernel(s["Lambda"], s["P"], s["B"], s["C"], s["dt"], self.L, backend)
+            return K[:, :L]
+        return s4d_kernel(s["Lambda"], s["B"], s["C"], s["dt"], L, self.disc, backend)

@@ -1,0 +1,357 @@
+"""The recurrent (serving) form of a trained SequenceModel.
+
+Per layer the SSM becomes x_k = Ā x_{k−1} + B̄ u_k, y_k = C̄ x_k + D u_k with Ā diagonal:
+    x (B, H, M) complex64,  x ← μ ⊙ x + b u,  y = 2 Re Σₘ cₘ xₘ
+(M ≈ N/2 modes: conjugate pairs are kept once). Conversion runs in float64:
+  * S4 (DPLR): build the real N×N system of A = Λ − P̃·2Re(P̃ᴴ ·) (the conjugate-symmetric DPLR
+    matrix), discretize (bilinear), undo the generating-function C̃ = C̄(I − Ā^L), diagonalize.
+  * S4D: already diagonal; discretize.
+Every layer is then *verified*: the impulse response of its float32 step, run for the trained
+length, must match the float64 conv kernel. A diagonalized layer that fails (ill-conditioned
+eigenvectors) falls back to the exact O(N·r) DPLR step; if that fails too, conversion raises.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from model.kernel import SSMKernel, discretize
+from model.layer import fft_conv
+
+F64, C64, C128 = torch.float64, torch.complex64, torch.complex128
+CHUNK = 128  # prefill chunk: powers μ^0..μ^{CHUNK−1} are tabulated per layer
+
+
+class VerificationError(RuntimeError):
+    """The recurrent form does not reproduce the conv-mode kernel."""
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-300))
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion (float64)
+
+
+def s4_real_system(s: dict[str, torch.Tensor], L: int):
+    """Bilinear-discretized real system of a DPLR kernel, with C̄ recovered from C̃.
+
+    State ξ = [Re x; Im x] ∈ R^N of the N/2 complex modes x. Returns Ā (H, N, N), B̄ (H, N),
+    γ̄ (H, N) with y = γ̄ᵀ ξ, all float64.
+    """
+    Lam, P, B, C, dt = s["Lambda"], s["P"], s["B"], s["C"], s["dt"]  # float64/complex128
+    H, N2 = Lam.shape
+    N = 2 * N2
+    eye = torch.eye(N, dtype=F64).expand(H, N, N)
+    M = torch.zeros(H, N, N, dtype=F64)
+    idx = torch.arange(N2)
+    M[:, idx, idx] = Lam.real
+    M[:, idx + N2, idx + N2] = Lam.real
+    M[:, idx, idx + N2] = -Lam.imag
+    M[:, idx + N2, idx] = Lam.imag
+    for Pj in P:  # (H, N2): subtract P̃ · 2Re(P̃ᴴ x) = [Pr; Pi] · 2[Pr, Pi]ᵀ ξ
+        col = torch.cat([Pj.real, Pj.imag], dim=-1)
+        M -= 2 * col[:, :, None] * col[:, None, :]
+    beta = torch.cat([B.real, B.imag], dim=-1)
+    gamma_t = torch.cat([2 * C.real, -2 * C.imag], dim=-1)  # y = 2 Re(C x)
+    half = dt[:, None, None] / 2 * M
+    Abar = torch.linalg.solve(eye - half, eye + half)
+    Bbar = torch.linalg.solve(eye - half, (dt[:, None] * beta)[..., None])[..., 0]
+    # C̃ᵀ = C̄ᵀ (I − Ā^L)  ⇒  (I − Ā^L)ᵀ γ̄ = γ̃
+    AL = torch.linalg.matrix_power(Abar, L)
+    gamma = torch.linalg.solve((eye - AL).transpose(-1, -2), gamma_t[..., None])[..., 0]
+    return Abar, Bbar, gamma
+
+
+def diagonalize(Abar: torch.Tensor, Bbar: torch.Tensor, gamma: torch.Tensor):
+    """Eigen-decompose a real system: y = γᵀ ξ, ξ ← Ā ξ + B̄ u  →  modes (μ, b, c) with
+    y = 2 Re Σ c x. Conjugate pairs are kept once; a real eigenvalue is kept with half its c.
+    Returns complex128 (H, M), zero-padded where channels have fewer modes."""
+    mu, W = torch.linalg.eig(Abar)  # (H, N), (H, N, N)
+    b = torch.linalg.solve(W, Bbar.to(C128)[..., None])[..., 0]
+    c = (gamma.to(C128)[:, None, :] @ W)[:, 0]
+    is_real = mu.imag == 0
+    keep = (mu.imag > 0) | is_real
+    c = torch.where(is_real, c / 2, c)
+    # balance |b| = |c| per mode (the product, which is all that matters, is unchanged)
+    scale = (c.abs() / b.abs().clamp(min=1e-300)).sqrt()
+    scale = torch.where((b.abs() > 0) & (c.abs() > 0), scale, torch.ones_like(scale))
+    b, c = b * scale, c / scale
+    M = int(keep.sum(-1).max())
+    out = [torch.zeros(mu.shape[0], M, dtype=C128) for _ in range(3)]
+    for h in range(mu.shape[0]):
+        k = keep[h].nonzero()[:, 0]
+        for o, v in zip(out, (mu, b, c)):
+            o[h, : len(k)] = v[h, k]
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer forms
+
+
+class DiagonalSSM:
+    """x ← μ ⊙ x + b u,  y = 2 Re Σ c x  (complex64 state (B, H, M))."""
+
+    form = "diagonal"
+
+    def __init__(self, mu: torch.Tensor, b: torch.Tensor, c: torch.Tensor, device):
+        self.mu64, self.bc64 = mu, b * c  # float64 copies for kernels and powers
+        self.log_mu64 = torch.log(mu.where(mu != 0, torch.ones_like(mu)))  # padded modes: μ = 0
+        self.alive = (mu != 0).to(device)
+        self.mu, self.b, self.c2 = mu.to(device, C64), b.to(device, C64), (2 * c).to(device, C64)
+        self.H, self.M = mu.shape
+        self.device = device
+        self._K = torch.zeros(self.H, 0, device=device)
+        t = torch.arange(CHUNK, dtype=F64)
+        self.pow_table = self._powers(t).to(device, C64)  # (H, M, CHUNK): μ^t
+
+    def _powers(self, t: torch.Tensor) -> torch.Tensor:
+        """μ^t in float64 for t (T,) ≥ 0 → (H, M, T) complex128 (padded modes give 0, μ^0 = 1)."""
+        p = torch.exp(self.log_mu64[..., None] * t.to(F64))
+        return torch.where(self.alive.cpu()[..., None] | (t == 0), p, torch.zeros((), dtype=C128))
+
+    def kernel(self, L: int) -> torch.Tensor:
+        """K_k = 2 Re Σ c b μ^k, k < L, float32 on device (computed in float64, cached)."""
+        if self._K.shape[1] < L:
+            L2 = max(L, 2 * self._K.shape[1])
+            parts = []
+            for s in range(0, L2, 1024):
+                t = torch.arange(s, min(s + 1024, L2), dtype=F64)
+                parts.append(2 * torch.einsum("hm,hmt->ht", self.bc64, self._powers(t)).real)
+            self._K = torch.cat(parts, dim=1).float().to(self.device)
+        return self._K[:, :L]
+
+    def step(self, u: torch.Tensor, x: torch.Tensor):
+        """u (B, H) float32, x (B, H, M) complex64 → y (B, H), x'."""
+        x = torch.addcmul(self.b * u[..., None], self.mu, x)
+        return (self.c2 * x).real.sum(-1), x
+
+    def _mu_pow(self, n: int) -> torch.Tensor:
+        return self._powers(torch.tensor([float(n)]))[..., 0].to(self.device, C64)  # (H, M)
+
+    def prefill(self, u: torch.Tensor, x0: torch.Tensor, x0_is_zero: bool = False):
+        """u (B, L, H), x0 (B, H, M) → y (B, L, H), x_L; parallel in L.
+
+        y = K ∗ u (FFT) + 2 Re Σ c μ^{k+1} x0;  x_L = μ^L x0 + Σ_j μ^{L−1−j} b u_j (Vandermonde),
+        evaluated in chunks of CHUNK steps with tabulated powers so memory stays O(H·M·CHUNK)."""
+        Bsz, L, H = u.shape
+        ut = u.transpose(1, 2)  # (B, H, L)
+        y = fft_conv(ut, self.kernel(L))
+        xL = torch.zeros_like(x0) if x0_is_zero else x0 * self._mu_pow(L)
+        cx0 = None if x0_is_zero else self.c2 * x0
+        uc = ut.to(C64)
+        for s in range(0, L, CHUNK):
+            e = min(s + CHUNK, L)
+            table = self.pow_table[..., : e - s]  # μ^0..μ^{e−s−1}
+            if cx0 is not None:
+                y[..., s:e] += torch.einsum("bhm,hmt->bht", cx0 * self._mu_pow(s + 1), table).real
+            xL += torch.einsum("bht,hmt->bhm", uc[..., s:e], table.flip(-1)) * (self.b * self._mu_pow(L - e))
+        return y.transpose(1, 2), xL
+
+
+class DPLRStep:
+    """The exact bilinear step of A = Λ − P̃·2Re(P̃ᴴ ·) on N/2 complex modes, O(N·r) per channel:
+    (I − Δ/2·A) x' = (I + Δ/2·A) x + Δ B̃ u, solved by Woodbury (an r×r real system).
+
+    Prefill uses the same system in real coordinates ξ = [Re x; Im x] (Ā, B̄, γ̄ from
+    `s4_real_system`), in chunks of T steps: tabulated Ā^t B̄ and (Āᵀ)^{t+1} γ̄ for t < T carry the
+    inputs into the state and the state into the outputs; only L/T chunk steps are sequential."""
+
+    form = "dplr"
+
+    def __init__(self, s: dict[str, torch.Tensor], Abar, Bbar, gamma, device):
+        Lam, P, B, dt = s["Lambda"], s["P"], s["B"], s["dt"]  # complex128 / float64
+        H, N2 = Lam.shape
+        h = (dt[:, None] / 2).to(C128)
+        Dinv = 1 / (1 - h * Lam)  # (H, N2)
+        G = torch.einsum("ihn,hn,jhn->hij", P.conj(), Dinv, P).real  # Re(P̃ᴴ D⁻¹ P̃) (H, r, r)
+        Minv = torch.linalg.inv(torch.eye(P.shape[0], dtype=F64) + dt[:, None, None] * G)
+        to = dict(device=device)
+        self.Lam, self.P, self.h = Lam.to(**to, dtype=C64), P.to(**to, dtype=C64), h.to(**to, dtype=C64)
+        self.Dinv, self.Minv = Dinv.to(**to, dtype=C64), Minv.to(**to, dtype=torch.float32)
+        self.dtB = (dt[:, None] * B).to(**to, dtype=C64)
+        self.c2 = torch.complex(gamma[:, :N2], -gamma[:, N2:]).to(**to, dtype=C64)  # 2 C̄
+        self.H, self.M, self.device = H, N2, device
+        # real-coordinate tables for the chunked prefill
+        self.Abar64, self.Bbar64, self.gamma64 = Abar, Bbar, gamma
+        kry, obs, v, g = [], [], Bbar, gamma
+        for _ in range(CHUNK):
+            kry.append(v)
+            g = (Abar.transpose(-1, -2) @ g[..., None])[..., 0]
+            obs.append(g)
+            v = (Abar @ v[..., None])[..., 0]
+        self.kry64 = torch.stack(kry, dim=1)  # (H, T, N): Ā^t B̄
+        self.kry, self.obs = self.kry64.to(**to, dtype=torch.float32), torch.stack(obs, 1).to(**to, dtype=torch.float32)
+        self._powers: dict[int, torch.Tensor] = {}
+        self._K = torch.zeros(H, 0, **to)
+
+    def _A(self, x):  # continuous A applied to x (B, H, N2)
+        s = 2 * torch.einsum("rhn,bhn->bhr", self.P.conj(), x).real
+        return self.Lam * x - torch.einsum("rhn,bhr->bhn", self.P, s.to(C64))
+
+    def step(self, u: torch.Tensor, x: torch.Tensor):
+        f = x + self.h * self._A(x) + self.dtB * u[..., None]
+        g = self.Dinv * f
+        s = 2 * torch.einsum("rhn,bhn->bhr", self.P.conj(), g).real  # 2Re(P̃ᴴ D⁻¹ f)
+        s = torch.einsum("hij,bhj->bhi", self.Minv, s)
+        x = g - self.h * self.Dinv * torch.einsum("rhn,bhr->bhn", self.P, s.to(C64))
+        return (self.c2 * x).real.sum(-1), x
+
+    def _Apow(self, t: int) -> torch.Tensor:
+        if t not in self._powers:
+            self._powers[t] = torch.linalg.matrix_power(self.Abar64, t).to(self.device, torch.float32)
+        return self._powers[t]
+
+    def kernel(self, L: int) -> torch.Tensor:
+        """K_k = γ̄ᵀ Ā^k B̄ for k < L, float32 on device (float64 chunked computation, cached)."""
+        if self._K.shape[1] < L:
+            L2 = max(L, 2 * self._K.shape[1])
+            AtT = torch.linalg.matrix_power(self.Abar64.transpose(-1, -2), CHUNK)
+            g, parts = self.gamma64, []
+            for _ in range(0, L2, CHUNK):
+                parts.append(torch.einsum("htn,hn->ht", self.kry64, g))
+                g = (AtT @ g[..., None])[..., 0]
+            self._K = torch.cat(parts, dim=1)[:, :L2].float().to(self.device)
+        return self._K[:, :L]
+
+    def prefill(self, u: torch.Tensor, x0: torch.Tensor, x0_is_zero: bool = False):
+        Bsz, L, H = u.shape
+        ut = u.transpose(1, 2)  # (B, H, L)
+        y = fft_conv(ut, self.kernel(L))
+        xi = torch.cat([x0.real, x0.imag], dim=-1)  # (B, H, N) running state
+        free = None if x0_is_zero else xi  # x0 propagated without inputs: Ā^s ξ0
+        for s in range(0, L, CHUNK):
+            e = min(s + CHUNK, L)
+            Apow = self._Apow(e - s)
+            if free is not None:
+                y[..., s:e] += torch.einsum("htn,bhn->bht", self.obs[:, : e - s], free)
+                free = torch.einsum("hmn,bhn->bhm", Apow, free)
+            xi = torch.einsum("hmn,bhn->bhm", Apow, xi) + torch.einsum(
+                "bht,htn->bhn", ut[..., s:e].flip(-1), self.kry[:, : e - s]
+            )
+        return y.transpose(1, 2), torch.complex(xi[..., : self.M], xi[..., self.M :])
+
+
+def impulse_response(form, L: int) -> torch.Tensor:
+    """Run the float32 step on a unit impulse for L steps → the recurrent kernel (H, L)."""
+    H, dev = form.H, form.c2.device
+    x = torch.zeros(1, H, form.M, dtype=C64, device=dev)
+    u = torch.ones(1, H, device=dev)
+    out = []
+    for _ in range(L):
+        y, x = form.step(u, x)
+        out.append(y[0])
+        u = torch.zeros_like(u)
+    return torch.stack(out, dim=1)
+
+
+def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None = None):
+    """Convert one trained SSMKernel to a verified step form; returns (form, report)."""
+    L = verify_len or kernel.L
+    s = {k: v.detach().cpu() for k, v in kernel.ssm(F64).items()}
+    with torch.no_grad():
+        K_conv = kernel(L, dtype=F64, backend="torch").detach().cpu()  # float64 reference
+        tries = []
+        if kernel.kind == "s4":
+            Abar, Bbar, gamma = s4_real_system(s, kernel.L)
+            mu, b, c = diagonalize(Abar, Bbar, gamma)
+            tries = [lambda: DiagonalSSM(mu, b, c, device), lambda: DPLRStep(s, Abar, Bbar, gamma, device)]
+        else:
+            Lam, dt = s["Lambda"], s["dt"][:, None]
+            mu, Bbar = discretize(Lam * dt, s["B"] * dt, kernel.disc)
+            tries = [lambda: DiagonalSSM(mu, Bbar, s["C"], device)]
+        errors = []
+        for make in tries:
+            form = make()
+            err = _rel_err(impulse_response(form, L).cpu(), K_conv)
+            errors.append(f"{form.form}: {err:.2e}")
+            if err <= tol:
+                return form, {"form": form.form, "rel_err": err, "modes": form.M}
+    raise VerificationError(
+        f"recurrent form does not reproduce the conv kernel within rel. err {tol:g} over L={L} "
+        f"({', '.join(errors)})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class RecurrentModel:
+    """Frozen recurrent form of a SequenceModel: init_state, parallel prefill, batched step.
+
+    State: complex64 tensor (n_layers, B, H, M), constant size whatever the context length.
+    """
+
+    def __init__(self, net, tol: float = 1e-4, verify_len: int | None = None, device=None):
+        device = torch.device(device) if device is not None else next(net.parameters()).device
+        self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
+        self.config = net.config
+        self.device = device
+        self.layers, self.report = [], []
+        for i, kernel in enumerate(self.net.kernels()):
+            try:
+                form, rep = convert_kernel(kernel, device, tol, verify_len)
+            except VerificationError as exc:
+                raise VerificationError(f"layer {i}: {exc}") from None
+            self.layers.append(form)
+            self.report.append({"layer": i, **rep})
+        self.M = max(f.M for f in self.layers)
+        self.H = self.config.d_model
+
+    @property
+    def state_bytes_per_sequence(self) -> int:
+        return len(self.layers) * self.H * self.M * torch.empty((), dtype=C64).element_size()
+
+    def init_state(self, batch_size: int) -> torch.Tensor:
+        return torch.zeros(len(self.layers), batch_size, self.H, self.M, dtype=C64, device=self.device)
+
+    def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):
+        if tokens.dim() != ndim:
+            raise ValueError(f"tokens must have {ndim} dims, got shape {tuple(tokens.shape)}")
+        want = (len(self.layers), tokens.shape[0], self.H, self.M)
+        if tuple(state.shape) != want:
+            raise ValueError(f"state has shape {tuple(state.shape)}, expected {want}")
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, state: torch.Tensor):
+        """tokens (B,) → logits (B, V) and the next state (a new tensor; `state` is not modified)."""
+        self._check(tokens, state, 1)
+        new = torch.empty_like(state)
+
+        def ssm_fn(i):
+            form = self.layers[i]
+
+            def fn(u):
+                y, new[i, ..., : form.M] = form.step(u, state[i, ..., : form.M])
+                return y
+
+            return fn
+
+        if self.M > min(f.M for f in self.layers):
+            new.zero_()
+        logits = self.net(tokens, ssms=[ssm_fn(i) for i in range(len(self.layers))])
+        return logits, new
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, state: torch.Tensor):
+        """tokens (B, L) → logits (B, L, V) and the state after the last token, in parallel."""
+        self._check(tokens, state, 2)
+        x0_is_zero = not bool(state.abs().amax() > 0) if state.numel() else True
+        new = torch.zeros_like(state)
+
+        def ssm_fn(i):
+            form = self.layers[i]
+
+            def fn(u):
+                y, new[i, ..., : form.M] = form.prefill(u, state[i, ..., : form.M], x0_is_zero)
+                return y
+
+            return fn
+
+        logits = self.net(tokens, ssms=[ssm_fn(i) for i in range(len(self.layers))])
+        return logits, new
