@@ -59,11 +59,14 @@ def read_config(directory: str | Path) -> dict:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an {FORMAT} config (field 'format' is {meta.get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: format_version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+            f"{path}: format_version {version!r} is not supported (expected {FORMAT_VERSION})"
         )
     if not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{path}: field 'config' is missing or not an object")
@@ -96,7 +99,9 @@ def load(directory: str | Path, device: str | torch.device = "cpu"):
         expected.pop("head.weight")
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{wpath}: tensors do not match the config (missing {missing}, unexpected {unexpected})")
+        raise CheckpointError(
+            f"{wpath}: tensors do not match the config (missing {missing}, unexpected {unexpected})"
+        )
     for k, v in state.items():
         if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
             raise CheckpointError(

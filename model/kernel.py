@@ -18,7 +18,12 @@ from model.hippo import MEASURES, dplr
 
 S4_INITS = MEASURES  # legs (default), legt, lagt, fout
 S4D_INITS = ("legs", "diag-lin", "diag-inv")
-RE_LAMBDA_MAX = -1e-4  # Re(Λ) is kept ≤ this so the Cauchy denominators never vanish
+# Re(Λ) is kept ≤ RE_LAMBDA_MAX. Measures whose normal part is skew (legt, lagt, fout) have Re(Λ) = 0;
+# their damping comes from the low-rank term, and in float32 the Woodbury step then cancels badly near
+# resonant frequencies: measured for fout (N=64, L=1024, dt ∈ [1e-3, 1e-1]) the float32 kernel error
+# vs float64 is up to 6e-4 with a bound of -1e-4, 8e-5 with -1e-3 and 5e-5 with -1e-2. -1e-2 adds a
+# memory decay e^{-0.01 t} (100 windows), negligible for modelling.
+RE_LAMBDA_MAX = -1e-2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,6 @@ eigenvectors) falls back to the exact O(N·r) DPLR step; if that fails too, conv
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 
@@ -186,7 +185,10 @@ class DPLRStep:
             obs.append(g)
             v = (Abar @ v[..., None])[..., 0]
         self.kry64 = torch.stack(kry, dim=1)  # (H, T, N): Ā^t B̄
-        self.kry, self.obs = self.kry64.to(**to, dtype=torch.float32), torch.stack(obs, 1).to(**to, dtype=torch.float32)
+        self.kry, self.obs = (
+            self.kry64.to(**to, dtype=torch.float32),
+            torch.stack(obs, 1).to(**to, dtype=torch.float32),
+        )
         self._powers: dict[int, torch.Tensor] = {}
         self._K = torch.zeros(H, 0, **to)
 

@@ -1,0 +1,300 @@
+"""Shared benchmark helpers: timing, the matmul ceiling, peak memory in fresh subprocesses, results, plots.
+
+Every benchmark is a module `bench.NAME` with `main(argv)`; `--quick` shrinks it to smoke-test sizes and
+writes to bench/results/quick/ (so a smoke run never overwrites the full results in bench/results/).
+Configurations whose memory is measured run in a child process, `python -m bench.NAME --child SPEC`,
+which reports its result on one marked stdout line (see `child_main` and `run_child`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+RESULT_MARKER = "@@BENCH_RESULT@@ "
+MB = 1 << 20
+
+os.environ.setdefault("KEOPS_CACHE_FOLDER", str(ROOT / ".keops_cache"))
+
+
+def results_dir(quick: bool) -> Path:
+    """bench/results for full runs, bench/results/quick for smoke runs."""
+    d = RESULTS / "quick" if quick else RESULTS
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_samples(
+    fn: Callable[[], object], warmup: int = 1, repeat: int = 5, max_seconds: float | None = None
+) -> list[float]:
+    """Wall-clock seconds of `repeat` calls of fn after `warmup` calls (time.perf_counter).
+
+    With `max_seconds`, stops once the timed calls have used that budget (at least one timed call);
+    if the first warmup call alone exceeds the budget, that call is the single sample (a call that slow
+    is dominated by the work, not by one-time costs)."""
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        fn()
+        first = time.perf_counter() - t0
+        if i == 0 and max_seconds is not None and first > max_seconds:
+            return [first]
+    samples: list[float] = []
+    spent = 0.0
+    for _ in range(max(1, repeat)):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+        spent += samples[-1]
+        if max_seconds is not None and spent >= max_seconds:
+            break
+    return samples
+
+
+def timeit(
+    fn: Callable[[], object], warmup: int = 1, repeat: int = 5, max_seconds: float | None = None
+) -> float:
+    """Median seconds per call of fn (see `time_samples`)."""
+    return statistics.median(time_samples(fn, warmup, repeat, max_seconds))
+
+
+def matmul_gflops_by_size(sizes: Sequence[int] = (1024, 2048), repeat: int = 5) -> dict[str, float]:
+    """Best fp32 torch.mm GFLOP/s (2n³ flops per n×n product) per size over `repeat` calls."""
+    out: dict[str, float] = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        best = min(time_samples(lambda: torch.mm(a, b), warmup=2, repeat=repeat))
+        out[f"n={n}"] = 2 * n**3 / best / 1e9
+    return out
+
+
+def measure_matmul_gflops(sizes: Sequence[int] = (1024, 2048), repeat: int = 5) -> float:
+    """The machine's fp32 matmul ceiling in GFLOP/s: the best torch.mm rate over sizes and repeats."""
+    return max(matmul_gflops_by_size(sizes, repeat).values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory (Linux: /proc; falls back to ru_maxrss deltas elsewhere)
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return _ru_maxrss_bytes()
+
+
+def _ru_maxrss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's RSS high-water mark (VmHWM and ru_maxrss); False where unsupported."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """RSS high-water mark of this process since start or the last `reset_peak_rss`."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return _ru_maxrss_bytes()
+
+
+class PeakMemory:
+    """Context manager: peak RSS of the enclosed work above the RSS right before it.
+
+    The high-water mark is reset on entry where the kernel allows it (Linux ≥ 4.0), so memory held
+    earlier in the process (imports, model construction) does not mask the work's own peak; otherwise
+    the delta is ru_maxrss(after) − ru_maxrss(before), which can underestimate."""
+
+    def __enter__(self) -> PeakMemory:
+        self.baseline = rss_bytes()
+        self.exact = reset_peak_rss()
+        self._before = self.baseline if self.exact else _ru_maxrss_bytes()
+        self.peak_bytes = 0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak_bytes = max(0, peak_rss_bytes() - self._before)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "peak_rss_delta_bytes": self.peak_bytes,
+            "peak_rss_delta_mb": self.peak_bytes / MB,
+            "baseline_rss_mb": self.baseline / MB,
+            "memory_method": "VmHWM after clear_refs reset" if self.exact else "ru_maxrss delta",
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Child processes: one configuration per fresh interpreter
+
+
+def child_main(argv: Sequence[str] | None, handler: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+    """If argv is `--child SPEC_JSON`, run handler(spec), print its result on the marker line, return
+    True; otherwise return False (the caller goes on with its normal CLI)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) != 2 or argv[0] != "--child":
+        return False
+    spec = json.loads(argv[1])
+    result = handler(spec)
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+    return True
+
+
+def run_child(module: str, spec: dict[str, Any], timeout: float = 600.0) -> dict[str, Any]:
+    """Run `python -m module --child SPEC` in a fresh interpreter and return its result dict.
+
+    On failure (non-zero exit, timeout, no result line) returns {"error": ...} instead of raising, so
+    one broken configuration does not lose a whole benchmark."""
+    cmd = [sys.executable, "-m", module, "--child", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            return json.loads(line[len(RESULT_MARKER) :])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-8:]
+    return {"error": f"exit code {proc.returncode}: " + " | ".join(tail)}
+
+
+def peak_rss_of(module: str, spec: dict[str, Any], timeout: float = 600.0) -> float | None:
+    """Peak RSS delta (MiB) of one configuration, run in a fresh subprocess; the module's child
+    handler must wrap its work in `PeakMemory` and return `PeakMemory.as_dict()` entries."""
+    result = run_child(module, spec, timeout)
+    return result.get("peak_rss_delta_mb")
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    try:  # the version without importing pykeops (which probes for CUDA)
+        keops_version: str | None = importlib.metadata.version("pykeops")
+    except importlib.metadata.PackageNotFoundError:
+        keops_version = None
+    dirty = _git("status", "--porcelain", "--", "model")
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "pykeops": keops_version,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "model_dir_modified": bool(dirty) if dirty is not None else None,
+    }
+
+
+def write_results(name: str, data: dict[str, Any], quick: bool = False) -> dict[str, Any]:
+    """Write results/NAME.json (results/quick/NAME.json for --quick) with machine info added;
+    returns what was written."""
+    path = results_dir(quick) / f"{name}.json"
+    payload = {"benchmark": name, "quick": quick, "machine": machine_info(), **data}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path.relative_to(ROOT)}")
+    return payload
+
+
+def read_results(name: str, quick: bool = False) -> dict[str, Any] | None:
+    path = results_dir(quick) / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Plotting
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, imported on first use (child processes never plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def subplots(ncols: int = 1, width: float = 6.0, height: float = 4.5) -> tuple[Any, list[Any]]:
+    fig, axes = _pyplot().subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
+    return fig, list(axes[0])
+
+
+def save_figure(fig: Any, name: str, quick: bool = False, title: str | None = None) -> Path:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = results_dir(quick) / f"{name}.png"
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    print(f"wrote {path.relative_to(ROOT)}")
+    return path
+
+
+def log2_axis(ax: Any, values: Sequence[float], axis: str = "x") -> None:
+    """Log-2 scale with the given values as plain tick labels."""
+    set_scale, set_ticks = (ax.set_xscale, ax.set_xticks) if axis == "x" else (ax.set_yscale, ax.set_yticks)
+    set_scale("log", base=2)
+    set_ticks(list(values), [str(v) for v in values])
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    """Compact number for tables: 3 significant digits, '—' for missing."""
+    if x is None:
+        return "—"
+    return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:,.0f}"

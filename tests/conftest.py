@@ -1,0 +1,17 @@
+import os
+from pathlib import Path
+
+os.environ.setdefault("KEOPS_CACHE_FOLDER", str(Path(__file__).resolve().parent.parent / ".keops_cache"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def devices() -> list[str]:
+    """CPU always; CUDA too when present."""
+    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

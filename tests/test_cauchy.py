@@ -1,0 +1,105 @@
+"""Cauchy and Vandermonde kernels: torch vs a dense float64 reference, keops vs torch (values and
+gradients), bounded-memory chunking, and the dispatcher's fallback."""
+
+import warnings
+
+import pytest
+import torch
+
+import model.cauchy as cy
+
+
+def dense_cauchy(v, z, w, conj):
+    v, z, w = v.cdouble(), z.cdouble(), w.cdouble()
+    out = (v[..., None, :] / (z[..., :, None] - w[..., None, :])).sum(-1)
+    if conj:
+        out = out + (v.conj()[..., None, :] / (z[..., :, None] - w.conj()[..., None, :])).sum(-1)
+    return out
+
+
+def inputs(batch=3, H=4, N=16, L=50, grad=True):
+    v = torch.randn(batch, H, N, dtype=torch.cfloat)
+    w = torch.complex(-torch.rand(H, N) - 0.1, 3 * torch.randn(H, N))
+    z = torch.complex(torch.zeros(H, L), 10 * torch.randn(H, L))  # S4 evaluates on the imaginary axis
+    return [t.requires_grad_(grad) for t in (v, z, w)]
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("conj", [True, False])
+def test_torch_backend_matches_dense_reference(conj):
+    v, z, w = inputs(grad=False)
+    assert rel(cy.cauchy_torch(v, z, w, conj), dense_cauchy(v, z, w, conj)) < 1e-5
+
+
+@pytest.mark.parametrize("conj", [True, False])
+def test_keops_matches_torch_values_and_gradients(conj):
+    v, z, w = inputs()
+    a = cy.cauchy_torch(v, z, w, conj)
+    b = cy.cauchy_keops(v, z, w, conj)
+    assert rel(b, a) <= 1e-5
+    weight = torch.randn_like(a)
+    ga = torch.autograd.grad((a * weight).real.sum(), [v, z, w])
+    gb = torch.autograd.grad((b * weight).real.sum(), [v, z, w])
+    for x, y in zip(ga, gb):
+        assert rel(y, x) <= 1e-5
+
+
+def test_torch_chunking_bounds_memory_and_keeps_gradients(monkeypatch):
+    v, z, w = inputs(L=97)
+    full = cy.cauchy_torch(v, z, w)
+    g_full = torch.autograd.grad(full.abs().sum(), [v, z, w])
+    monkeypatch.setattr(cy, "_TORCH_CHUNK_ELEMS", 3 * 4 * 16 * 10)  # 10 values of L per chunk
+    chunked = cy.cauchy_torch(v, z, w)
+    g_chunk = torch.autograd.grad(chunked.abs().sum(), [v, z, w])
+    torch.testing.assert_close(chunked, full)
+    for x, y in zip(g_full, g_chunk):
+        torch.testing.assert_close(y, x)
+
+
+def test_vandermonde_keops_matches_torch_and_reference():
+    v = torch.randn(4, 8, dtype=torch.cfloat, requires_grad=True)
+    x = torch.complex(-torch.rand(4, 8) * 0.05, torch.randn(4, 8) * 0.3).requires_grad_()
+    L = 300
+    ref = 2 * (v.cdouble()[..., None] * torch.exp(x.cdouble()[..., None] * torch.arange(L))).real.sum(-2)
+    a, b = cy.vandermonde_torch(v, x, L), cy.vandermonde_keops(v, x, L)
+    assert rel(a, ref) < 1e-5 and rel(b, ref) < 1e-5
+    ga = torch.autograd.grad(a.square().sum(), [v, x])
+    gb = torch.autograd.grad(b.square().sum(), [v, x])
+    for p, q in zip(ga, gb):
+        assert rel(q, p) <= 1e-5
+
+
+def test_dispatcher_prefers_keops_when_it_works():
+    assert cy.keops_available(), f"pykeops should compile here: {cy._keops_state['why']}"
+    assert cy._pick("auto") == "keops"
+
+
+def test_dispatcher_falls_back_with_one_warning(monkeypatch):
+    def broken():
+        raise ImportError("No module named 'pykeops'")
+
+    monkeypatch.setattr(cy, "_import_keops", broken)
+    monkeypatch.setattr(cy, "_keops_state", {"ok": None, "why": None})
+    v, z, w = inputs(grad=False)
+    with pytest.warns(RuntimeWarning, match="pykeops unavailable.*No module named 'pykeops'"):
+        out = cy.cauchy(v, z, w)
+    torch.testing.assert_close(out, cy.cauchy_torch(v, z, w))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second call must not warn again
+        cy.cauchy(v, z, w)
+
+
+def test_unknown_backend_is_rejected():
+    v, z, w = inputs(grad=False)
+    with pytest.raises(ValueError, match="unknown backend"):
+        cy.cauchy(v, z, w, backend="cuda")
+
+
+def test_cache_folder_is_configurable(monkeypatch, tmp_path):
+    monkeypatch.setenv("KEOPS_CACHE_FOLDER", str(tmp_path / "kc"))
+    assert cy.keops_cache_folder() == tmp_path / "kc"
+    monkeypatch.delenv("KEOPS_CACHE_FOLDER")
+    assert cy.keops_cache_folder().name == ".keops_cache"

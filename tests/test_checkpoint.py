@@ -1,0 +1,106 @@
+"""save → load round trips exactly; every kind of broken checkpoint fails with a named problem."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from model import ModelConfig, SequenceModel, load, save
+from model.checkpoint import CheckpointError
+
+
+@pytest.fixture
+def net():
+    cfg = ModelConfig(
+        vocab_size=40, d_model=16, n_layers=2, d_state=8, l_max=64, d_ff=32, cauchy_backend="torch"
+    )
+    return SequenceModel(cfg).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_save_load_gives_identical_logits(tmp_path, tie):
+    cfg = ModelConfig(vocab_size=40, d_model=16, n_layers=2, d_state=8, l_max=64, kernel="s4d",
+                      init="diag-inv", tie_embeddings=tie, cauchy_backend="torch")  # fmt: skip
+    net = SequenceModel(cfg).eval()
+    save(net, tmp_path / "ck")
+    back = load(tmp_path / "ck").eval()
+    assert back.config == net.config
+    tokens = torch.randint(0, 40, (2, 64))
+    with torch.no_grad():
+        assert torch.equal(net(tokens), back(tokens))
+    if tie:
+        assert back.head.weight is back.embed.weight
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert meta["format_version"] == 1 and meta["num_params"] == net.num_params()
+
+
+def test_corrupt_weights_are_detected(tmp_path, net):
+    d = save(net, tmp_path / "ck")
+    raw = bytearray((d / "model.safetensors").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (d / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="model.safetensors: checksum mismatch"):
+        load(d)
+
+
+def test_truncated_weights_without_checksum(tmp_path, net):
+    d = save(net, tmp_path / "ck")
+    meta = json.loads((d / "config.json").read_text())
+    del meta["weights_sha256"]
+    (d / "config.json").write_text(json.dumps(meta))
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(raw[: len(raw) // 3])
+    with pytest.raises(CheckpointError, match="unreadable safetensors file"):
+        load(d)
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda m: m.update(format_version=99), "format_version 99 is not supported"),
+        (lambda m: m.update(format="pickle"), "not an s4-checkpoint config"),
+        (
+            lambda m: m["config"].update(d_model=17),
+            r"tensor '[a-z0-9_.]+' is torch.float32\[\d*,? ?16\], config expects torch.float32\[\d*,? ?17\]",
+        ),
+        (lambda m: m["config"].update(flux_capacitor=1), "unknown config fields: \\['flux_capacitor'\\]"),
+        (lambda m: m["config"].update(kernel="s5"), "invalid model config: kernel must be"),
+    ],
+)
+def test_config_problems_are_named(tmp_path, net, edit, message):
+    d = save(net, tmp_path / "ck")
+    meta = json.loads((d / "config.json").read_text())
+    edit(meta)
+    (d / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=message):
+        load(d)
+
+
+def test_missing_files_and_bad_json(tmp_path, net):
+    with pytest.raises(CheckpointError, match="config.json: missing"):
+        load(tmp_path / "nothing")
+    d = save(net, tmp_path / "ck")
+    (d / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load(d)
+    d = save(net, tmp_path / "ck2")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors: missing"):
+        load(d)
+
+
+def test_wrong_tensor_set_and_non_finite_values(tmp_path, net):
+    d = save(net, tmp_path / "ck")
+    meta = json.loads((d / "config.json").read_text())
+    meta.pop("weights_sha256")
+    (d / "config.json").write_text(json.dumps(meta))
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    extra = dict(state, rogue=torch.zeros(1))
+    save_file(extra, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="unexpected \\['rogue'\\]"):
+        load(d)
+    state["blocks.0.layer.D"] = torch.full_like(state["blocks.0.layer.D"], float("nan"))
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="'blocks.0.layer.D' has non-finite values"):
+        load(d)

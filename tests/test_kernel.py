@@ -1,0 +1,127 @@
+"""SSM kernels against brute-force dense matrix powers in float64 (independent reference)."""
+
+import math
+
+import pytest
+import torch
+
+from model.hippo import dplr, rank_correction, transition
+from model.kernel import RE_LAMBDA_MAX, SSMKernel, s4_kernel, s4d_kernel
+
+F64 = torch.float64
+
+
+def brute_force_kernel(A, B, C, dt, L, disc="bilinear"):
+    """K_k = C Ā^k B̄ from a dense real (A, B, C), by explicit repeated multiplication in float64."""
+    N = A.shape[0]
+    eye = torch.eye(N, dtype=F64)
+    if disc == "bilinear":
+        inv = torch.linalg.inv(eye - dt / 2 * A)
+        Abar, Bbar = inv @ (eye + dt / 2 * A), inv @ (dt * B)
+    else:  # zoh
+        Abar = torch.linalg.matrix_exp(dt * A)
+        Bbar = torch.linalg.solve(dt * A, (Abar - eye) @ (dt * B))
+    out, x = [], Bbar
+    for _ in range(L):
+        out.append(C @ x)
+        x = Abar @ x
+    return torch.stack(out), Abar
+
+
+def dense_from_dplr(measure, N, rank, Lambda):
+    """The real matrix whose DPLR form is (Λ, P, V) with Λ given: 2Re(V_h Λ V_hᴴ) − PPᵀ."""
+    _, _, _, Vh = dplr(measure, N, rank)
+    P = rank_correction(measure, N, rank)
+    return 2 * (Vh @ torch.diag(Lambda) @ Vh.conj().T).real - P @ P.T, Vh
+
+
+def rel(a, b):
+    return float((a.double() - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(
+    "measure,N,L,dt,tol32",
+    [("legs", 64, 1024, 0.01, 1e-4), ("legs", 64, 1024, 0.1, 1e-4), ("fout", 64, 1024, 0.01, 1e-4),
+     ("legt", 32, 512, 0.01, 1e-4), ("lagt", 32, 512, 0.05, 1e-4)],
+)  # fmt: skip
+def test_s4_kernel_matches_dense_matrix_powers(measure, N, L, dt, tol32):
+    rank = 2 if measure == "legt" else 1
+    Lam, Pt, Bt, _ = dplr(measure, N, rank)
+    Lam = torch.complex(Lam.real.clamp(max=RE_LAMBDA_MAX), Lam.imag)  # as the layer keeps it
+    A, Vh = dense_from_dplr(measure, N, rank, Lam)
+    _, B = transition(measure, N)
+    C = torch.randn(N, dtype=F64)
+    K_ref, Abar = brute_force_kernel(A, B, C, dt, L)
+    C_tilde = C @ (torch.eye(N, dtype=F64) - torch.linalg.matrix_power(Abar, L))  # C̃ = C̄(I − Ā^L)
+    Ch = C_tilde.to(torch.complex128) @ Vh
+    args = (Lam[None], Pt[:, None], Bt[None], Ch[None])
+    for cdt, rdt, tol in [(torch.complex128, F64, 1e-10), (torch.complex64, torch.float32, tol32)]:
+        K = s4_kernel(*(a.to(cdt) for a in args), torch.tensor([dt], dtype=rdt), L, backend="torch")[0]
+        assert rel(K, K_ref) <= tol, (cdt, rel(K, K_ref))
+    K = s4_kernel(*(a.to(torch.complex64) for a in args), torch.tensor([dt]), L, backend="keops")[0]
+    assert rel(K, K_ref) <= tol32
+
+
+def real_block_system(Lam, B, C):
+    """Diagonal complex SSM with y = 2Re(Cx) as a dense real system on (Re x, Im x)."""
+    N2 = Lam.shape[0]
+    A = torch.zeros(2 * N2, 2 * N2, dtype=F64)
+    i = torch.arange(N2)
+    A[i, i], A[i + N2, i + N2] = Lam.real, Lam.real
+    A[i, i + N2], A[i + N2, i] = -Lam.imag, Lam.imag
+    return A, torch.cat([B.real, B.imag]), torch.cat([2 * C.real, -2 * C.imag])
+
+
+@pytest.mark.parametrize("disc", ["zoh", "bilinear"])
+@pytest.mark.parametrize("init", ["diag-lin", "diag-inv", "legs"])
+def test_s4d_kernel_matches_dense_matrix_powers(disc, init):
+    N, L, dt = 64, 1024, 0.02
+    k = SSMKernel(1, N, L, kind="s4d", init=init, disc=disc, backend="torch")
+    s = {n: v.detach() for n, v in k.ssm(F64).items()}
+    A, B, C = real_block_system(s["Lambda"][0], s["B"][0], s["C"][0])
+    K_ref, _ = brute_force_kernel(A, B, C, dt, L, disc)
+    dt64 = torch.tensor([dt], dtype=F64)
+    K64 = s4d_kernel(s["Lambda"], s["B"], s["C"], dt64, L, disc, backend="torch")[0]
+    assert rel(K64, K_ref) < 1e-10
+    s32 = {n: v.to(torch.complex64) for n, v in s.items() if n != "dt"}
+    for backend in ("torch", "keops"):
+        K32 = s4d_kernel(s32["Lambda"], s32["B"], s32["C"], dt64.float(), L, disc, backend=backend)[0]
+        assert rel(K32, K_ref) <= 1e-4, (backend, rel(K32, K_ref))
+
+
+@pytest.mark.parametrize("kind,init", [("s4", "legs"), ("s4", "fout"), ("s4", "legt"), ("s4d", "diag-lin")])
+def test_kernel_never_modifies_parameters_and_gradients_reach_all(kind, init):
+    k = SSMKernel(8, 16, 256, kind=kind, init=init, backend="torch")
+    before = {n: p.detach().clone() for n, p in k.named_parameters()}
+    K = k()
+    K.square().sum().backward()
+    k(100, dtype=F64)
+    for n, p in k.named_parameters():
+        assert torch.equal(p.detach(), before[n]), f"{n} changed"
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {n}"
+
+
+def test_keops_and_torch_layer_kernels_agree_with_gradients():
+    k = SSMKernel(16, 32, 512, kind="s4", backend="torch")
+    ka = k(backend="torch")
+    ga = torch.autograd.grad(ka.square().sum(), list(k.parameters()))
+    kb = k(backend="keops")
+    gb = torch.autograd.grad(kb.square().sum(), list(k.parameters()))
+    assert rel(kb, ka.detach().double()) < 1e-5
+    for a, b in zip(ga, gb):
+        assert float((a - b).norm() / a.norm()) < 1e-4
+
+
+def test_init_ranges_and_validation():
+    k = SSMKernel(4096, 8, 64, kind="s4d", init="diag-lin")
+    dt = k.log_dt.exp()
+    assert dt.min() >= 1e-3 * (1 - 1e-6) and dt.max() <= 1e-1 * (1 + 1e-6)
+    assert 0.3 < (dt.log() - math.log(1e-3)).mean() / (math.log(1e-1) - math.log(1e-3)) < 0.7  # log-uniform
+    assert (k.ssm()["Lambda"].real < 0).all()
+    assert SSMKernel(4, 8, 64, init="legt").rank == 2  # legt needs rank 2
+    with pytest.raises(ValueError, match="init"):
+        SSMKernel(4, 8, 64, kind="s4", init="diag-lin")
+    with pytest.raises(ValueError, match="exceeds"):
+        SSMKernel(4, 8, 64)(128)
+    with pytest.raises(ValueError, match="even"):
+        SSMKernel(4, 7, 64)

@@ -1,0 +1,155 @@
+"""The recurrent form reproduces conv mode: logits, prefill, states; verification and fallback."""
+
+import pytest
+import torch
+
+from model import ModelConfig, SequenceModel, VerificationError
+from model.recurrent import DiagonalSSM, DPLRStep
+
+L_LONG = 4096
+
+
+def make(kernel: str, init: str, l_max=L_LONG, d_state=32, **kw) -> SequenceModel:
+    cfg = ModelConfig(vocab_size=32, d_model=32, n_layers=2, d_state=d_state, kernel=kernel, init=init,
+                      l_max=l_max, d_ff=64, cauchy_backend="torch", **kw)  # fmt: skip
+    return SequenceModel(cfg)
+
+
+def train_a_few_steps(net: SequenceModel, steps=5, L=L_LONG) -> None:
+    opt = torch.optim.AdamW(net.param_groups(lr=3e-3, weight_decay=0.01, ssm_lr=3e-3))
+    for _ in range(steps):
+        x = torch.randint(0, net.config.vocab_size, (2, L + 1))
+        loss = torch.nn.functional.cross_entropy(net(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def step_all(rec, tokens, state):
+    outs = []
+    for t in range(tokens.shape[1]):
+        logits, state = rec.step(tokens[:, t], state)
+        outs.append(logits)
+    return torch.stack(outs, 1), state
+
+
+def assert_logits_close(got, want):
+    rel = float((got - want).norm() / want.norm())
+    lp_err = float((got.log_softmax(-1) - want.log_softmax(-1)).abs().max())
+    assert rel <= 1e-4, f"‖Δ‖/‖step‖ = {rel:.2e}"
+    assert lp_err <= 1e-3, f"max |Δ log p| = {lp_err:.2e}"
+
+
+CASES = [("s4", "legs", False), ("s4", "legs", True), ("s4d", "legs", False), ("s4d", "diag-lin", True)]
+
+
+@pytest.mark.parametrize("kernel,init,trained", CASES)
+def test_conv_mode_equals_step_by_step_over_4096_tokens(kernel, init, trained):
+    net = make(kernel, init)
+    if trained:
+        train_a_few_steps(net)
+    net.eval()
+    tokens = torch.randint(0, 32, (2, L_LONG))
+    with torch.no_grad():
+        conv = net(tokens)
+    rec = net.to_recurrent()
+    stepped, _ = step_all(rec, tokens, rec.init_state(2))
+    assert_logits_close(conv, stepped)
+
+
+@pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-inv"), ("s4", "fout")])
+def test_prefill_plus_steps_equals_pure_stepping(kernel, init):
+    net = make(kernel, init, l_max=1024).eval()
+    rec = net.to_recurrent()
+    tokens = torch.randint(0, 32, (3, 700))
+    stepped, s_step = step_all(rec, tokens, rec.init_state(3))
+    # prefill 300 (fresh state), prefill 257 more (continuing: nonzero initial state), then step
+    lp1, s = rec.prefill(tokens[:, :300], rec.init_state(3))
+    lp2, s = rec.prefill(tokens[:, 300:557], s)
+    ls, s = step_all(rec, tokens[:, 557:], s)
+    assert_logits_close(torch.cat([lp1, lp2, ls], 1), stepped)
+    _, s_pref = rec.prefill(tokens, rec.init_state(3))
+    for got in (s, s_pref):
+        assert float((got - s_step).norm() / s_step.norm()) <= 1e-4
+
+
+def test_prefill_longer_than_trained_length():
+    net = make("s4d", "diag-lin", l_max=256).eval()
+    rec = net.to_recurrent()
+    tokens = torch.randint(0, 32, (1, 1000))
+    stepped, s_step = step_all(rec, tokens, rec.init_state(1))
+    lp, s = rec.prefill(tokens, rec.init_state(1))
+    assert_logits_close(lp, stepped)
+    assert float((s - s_step).norm() / s_step.norm()) <= 1e-4
+
+
+def test_forms_chosen_by_verification():
+    """HiPPO-LegS is not stably diagonalizable (S4 paper, Lemma 3.2): at N=64 its diagonal form
+    fails verification in float32 and the exact DPLR step is used; S4D stays diagonal."""
+    s4 = make("s4", "legs", l_max=1024, d_state=64).to_recurrent()
+    assert [type(f) for f in s4.layers] == [DPLRStep, DPLRStep]
+    s4d = make("s4d", "diag-lin", l_max=1024).to_recurrent()
+    assert [type(f) for f in s4d.layers] == [DiagonalSSM, DiagonalSSM]
+    for r in s4.report + s4d.report:
+        assert r["rel_err"] <= 1e-4
+
+
+def test_verification_failure_raises_clear_error():
+    net = make("s4d", "diag-lin", l_max=256)
+    with pytest.raises(VerificationError, match=r"layer 0: .*rel\. err 1e-12 over L=256"):
+        net.to_recurrent(tol=1e-12)
+
+
+def test_state_is_constant_size_and_inputs_are_not_modified():
+    net = make("s4", "legs", l_max=256).eval()
+    rec = net.to_recurrent()
+    state = rec.init_state(2)
+    assert state.dtype == torch.complex64
+    assert rec.state_bytes_per_sequence == 2 * 32 * rec.M * 8
+    assert state[:, 0].numel() * 8 == rec.state_bytes_per_sequence
+    _, s_short = rec.prefill(torch.randint(0, 32, (2, 10)), state)
+    _, s_long = rec.prefill(torch.randint(0, 32, (2, 2000)), state)
+    assert s_short.shape == s_long.shape == state.shape
+    before = s_short.clone()
+    rec.step(torch.tensor([1, 2]), s_short)
+    rec.prefill(torch.randint(0, 32, (2, 5)), s_short)
+    assert torch.equal(before, s_short)
+
+
+def test_recurrent_form_is_frozen_copy():
+    net = make("s4d", "diag-lin", l_max=256).eval()
+    snapshot = {k: v.clone() for k, v in net.state_dict().items()}
+    rec = net.to_recurrent()
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, snapshot[k]), f"to_recurrent modified {k}"
+    tok = torch.tensor([3])
+    before, _ = rec.step(tok, rec.init_state(1))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    after, _ = rec.step(tok, rec.init_state(1))
+    assert torch.equal(before, after)
+    assert not any(p.requires_grad for p in rec.net.parameters())
+
+
+def test_bad_shapes_are_rejected():
+    rec = make("s4d", "diag-lin", l_max=64).to_recurrent()
+    with pytest.raises(ValueError, match="state has shape"):
+        rec.step(torch.tensor([1, 2, 3]), rec.init_state(2))
+    with pytest.raises(ValueError, match="tokens must have 2 dims"):
+        rec.prefill(torch.tensor([1, 2]), rec.init_state(2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_recurrent_matches_cpu():
+    net = make("s4", "legs", l_max=512).eval()
+    tokens = torch.randint(0, 32, (4, 512))
+    cpu, _ = step_all(net.to_recurrent(), tokens, net.to_recurrent().init_state(4))
+    gnet = net.cuda()
+    rec = gnet.to_recurrent()
+    assert rec.device.type == "cuda"
+    got, _ = rec.prefill(tokens.cuda(), rec.init_state(4))
+    with torch.no_grad():
+        conv = gnet(tokens.cuda())
+    assert_logits_close(got.cpu(), cpu)
+    assert_logits_close(conv.cpu(), cpu)
