@@ -8,6 +8,7 @@ which reports its result on one marked stdout line (see `child_main` and `run_ch
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import importlib.metadata
 import json
@@ -220,6 +221,13 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def small_matmul_us(n: int = 64, calls: int = 200) -> float:
+    """Median µs of an n×n torch.mm: a contention probe. A few µs to tens of µs when the cores are
+    free; milliseconds when OpenMP threads spin-wait for a core another process holds."""
+    a = torch.randn(n, n)
+    return timeit(lambda: torch.mm(a, a), warmup=10, repeat=calls) * 1e6
+
+
 def machine_info() -> dict[str, Any]:
     try:  # the version without importing pykeops (which probes for CUDA)
         keops_version: str | None = importlib.metadata.version("pykeops")
@@ -232,7 +240,9 @@ def machine_info() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "small_matmul_us": small_matmul_us(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "pykeops": keops_version,
@@ -298,3 +308,33 @@ def fmt(x: float | None, digits: int = 3) -> str:
     if x is None:
         return "—"
     return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:,.0f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def bench_main(
+    argv: Sequence[str] | None,
+    doc: str | None,
+    name: str,
+    run: Callable[[bool], dict[str, Any]],
+    plot: Callable[[dict[str, Any], bool], None],
+    child: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> None:
+    """The CLI shared by the benchmarks: `[--quick] [--replot]`, or `--child SPEC` for a child process."""
+    if child is not None and child_main(argv, child):
+        return
+    parser = argparse.ArgumentParser(
+        prog=f"python -m bench.{name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test), to results/quick/")
+    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the existing JSON only")
+    args = parser.parse_args(argv)
+    if args.replot:
+        data = read_results(name, args.quick)
+        if data is None:
+            parser.error(f"no {results_dir(args.quick) / name}.json to replot")
+    else:
+        data = write_results(name, run(args.quick), args.quick)
+    plot(data, args.quick)

@@ -14,7 +14,6 @@ Each (method, N, mode) runs in a fresh subprocess so peak memory is per configur
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,14 +23,13 @@ import torch
 from bench.common import (
     MB,
     PeakMemory,
-    child_main,
+    bench_main,
     log2_axis,
     matmul_gflops_by_size,
     run_child,
     save_figure,
     subplots,
     time_samples,
-    write_results,
 )
 from model.kernel import SSMKernel, s4_kernel
 
@@ -223,12 +221,16 @@ def plot(data: dict[str, Any], quick: bool) -> None:
             kw = {"color": colors[method], "linestyle": ls, "marker": marker, "label": f"{method} {mode}"}
             ax_t.plot([r["N"] for r in pts], [r["time_s"] for r in pts], **kw)
             ax_m.plot([r["N"] for r in pts], [max(r["peak_rss_delta_mb"], 1e-1) for r in pts], **kw)
-    skipped = [r for r in data["results"] if "skipped" in r]
-    for r in skipped:
+    for r in (r for r in data["results"] if "skipped" in r):  # the estimate, as an open marker
+        est = r["dense_estimate_mb"]
+        ax_m.plot([r["N"]], [est], marker="x", color=colors[r["method"]], linestyle="none")
         ax_m.annotate(
-            f"{r['method']} {r['mode']}\nskipped (est. {r['dense_estimate_mb'] / 1024:.0f} GiB)",
-            xy=(r["N"], data["sizes"]["dense_limit_bytes"] / MB),
-            ha="center",
+            f"{r['method']} {r['mode']}: skipped\n(estimated {est / 1024:.1f} GiB)",
+            (r["N"], est),
+            textcoords="offset points",
+            xytext=(-8, -4),
+            ha="right",
+            va="top",
             fontsize=8,
             color=colors[r["method"]],
         )
@@ -247,15 +249,7 @@ def plot(data: dict[str, Any], quick: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    if child_main(argv, child):
-        return
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    args = parser.parse_args(argv)
-    data = run(args.quick)
-    plot(write_results(NAME, data, args.quick), args.quick)
+    bench_main(argv, __doc__, NAME, run, plot, child)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ being compute-bound (a batch-1 step is dominated by per-op overhead, not FLOPs).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from collections.abc import Sequence
@@ -18,7 +17,14 @@ from typing import Any
 
 import torch
 
-from bench.common import log2_axis, matmul_gflops_by_size, save_figure, subplots, timeit, write_results
+from bench.common import (
+    bench_main,
+    log2_axis,
+    matmul_gflops_by_size,
+    save_figure,
+    subplots,
+    timeit,
+)
 from model import ModelConfig, RecurrentModel, SequenceModel
 
 NAME = "step"
@@ -66,30 +72,38 @@ def flops_per_token(rec: RecurrentModel) -> dict[str, Any]:
     return {"total": total, "head": head, "layers": layers, "formula": FLOPS_FORMULA}
 
 
-def build(kind: str, model_kw: dict[str, Any]) -> tuple[RecurrentModel, float]:
+def build(kind: str, model_kw: dict[str, Any], fused: bool = True) -> tuple[RecurrentModel, float]:
     torch.manual_seed(0)
     net = SequenceModel(ModelConfig(kernel=kind, cauchy_backend="torch", **model_kw))
     t0 = time.perf_counter()
-    rec = net.to_recurrent()
+    rec = net.to_recurrent(fused_step=fused)
     return rec, time.perf_counter() - t0
 
 
-def time_steps(rec: RecurrentModel, batch: int, cfg: dict[str, Any]) -> dict[str, Any]:
+# Step variants timed side by side: the torch-ops step (before), the fused C step returning a new
+# state (the default), and the fused step updating the state in place (`out=state`, no allocation).
+VARIANTS = {"torch-ops": (False, False), "fused": (True, False), "fused-inplace": (True, True)}
+
+
+def time_steps(
+    rec: RecurrentModel, batch: int, cfg: dict[str, Any], in_place: bool = False
+) -> dict[str, Any]:
     """Per-step wall times of rec.step at one batch size (fixed random tokens, state carried)."""
     V = rec.config.vocab_size
     gen = torch.Generator().manual_seed(batch)
     tokens = torch.randint(0, V, (cfg["max_steps"] + 3, batch), generator=gen)
     state = rec.init_state(batch)
+    out = state if in_place else None
     for i in range(3):  # warmup
-        _, state = rec.step(tokens[i], state)
+        _, state = rec.step(tokens[i], state, out=out)
     t0 = time.perf_counter()
-    _, state = rec.step(tokens[0], state)
+    _, state = rec.step(tokens[0], state, out=out)
     first = time.perf_counter() - t0
     n = int(min(cfg["max_steps"], max(cfg["min_steps"], cfg["seconds_per_batch"] / max(first, 1e-9))))
     times = []
     for i in range(n):
         t0 = time.perf_counter()
-        _, state = rec.step(tokens[i + 3], state)
+        _, state = rec.step(tokens[i + 3], state, out=out)
         times.append(time.perf_counter() - t0)
     med, mean = statistics.median(times), statistics.fmean(times)
     return {
@@ -134,20 +148,24 @@ def run(quick: bool) -> dict[str, Any]:
     kinds: dict[str, Any] = {}
     for kind in KINDS:
         rec, t_convert = build(kind, cfg["model"])
+        recs = {True: rec, False: build(kind, cfg["model"], fused=False)[0]}
         flops = flops_per_token(rec)
         ceiling_tps = ceiling * 1e9 / flops["total"]
-        rows = []
-        for batch in cfg["batches"]:
-            row = time_steps(rec, batch, cfg)
-            row["gflops"] = row["tokens_per_s"] * flops["total"] / 1e9
-            row["fraction_of_ceiling"] = row["gflops"] / ceiling
-            rows.append(row)
-            print(
-                f"{kind:4s} batch {batch:4d}: {row['us_per_step_median']:10.0f} µs/step "
-                f"{row['tokens_per_s']:10.0f} tok/s  {row['gflops']:6.2f} GFLOP/s "
-                f"({100 * row['fraction_of_ceiling']:.2f}% of ceiling, n={row['steps_timed']})",
-                flush=True,
-            )
+        variants: dict[str, list[dict[str, Any]]] = {}
+        for variant, (fused, in_place) in VARIANTS.items():
+            rows = variants[variant] = []
+            for batch in cfg["batches"]:
+                row = time_steps(recs[fused], batch, cfg, in_place)
+                row["gflops"] = row["tokens_per_s"] * flops["total"] / 1e9
+                row["fraction_of_ceiling"] = row["gflops"] / ceiling
+                rows.append(row)
+                print(
+                    f"{kind:4s} {variant:13s} batch {batch:4d}: {row['us_per_step_median']:10.0f} µs/step "
+                    f"{row['tokens_per_s']:10.0f} tok/s  {row['gflops']:6.2f} GFLOP/s "
+                    f"({100 * row['fraction_of_ceiling']:.2f}% of ceiling, n={row['steps_timed']})",
+                    flush=True,
+                )
+        rows = variants["fused-inplace"]
         prefill = time_prefill(rec, cfg["prompt"])
         print(
             f"{kind:4s} prefill {prefill['prompt_tokens']} tokens: {prefill['prefill_s']:.3f} s vs "
@@ -160,7 +178,8 @@ def run(quick: bool) -> dict[str, Any]:
             "state_bytes_per_sequence": rec.state_bytes_per_sequence,
             "flops_per_token": flops,
             "ceiling_tokens_per_s": ceiling_tps,
-            "step": rows,
+            "step": rows,  # the fastest variant (fused, in place)
+            "step_variants": variants,
             "prefill": prefill,
         }
     return {
@@ -180,13 +199,16 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     batches = data["sizes"]["batches"]
     for kind, d in data["kinds"].items():
         forms = "/".join(sorted({lay["form"] for lay in d["layers"]}))
-        ax.plot(
-            [r["batch"] for r in d["step"]],
-            [r["tokens_per_s"] for r in d["step"]],
-            marker="o",
-            color=colors[kind],
-            label=f"{kind} step ({forms} layers)",
-        )
+        styles = {"torch-ops": ":", "fused": "-.", "fused-inplace": "-"}
+        for variant, rows in d.get("step_variants", {"fused-inplace": d["step"]}).items():
+            ax.plot(
+                [r["batch"] for r in rows],
+                [r["tokens_per_s"] for r in rows],
+                marker="o",
+                linestyle=styles[variant],
+                color=colors[kind],
+                label=f"{kind} {variant} ({forms} layers)",
+            )
         ax.axhline(
             d["ceiling_tokens_per_s"],
             color=colors[kind],
@@ -237,13 +259,7 @@ def plot(data: dict[str, Any], quick: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    args = parser.parse_args(argv)
-    data = run(args.quick)
-    plot(write_results(NAME, data, args.quick), args.quick)
+    bench_main(argv, __doc__, NAME, run, plot)
 
 
 if __name__ == "__main__":

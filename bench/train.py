@@ -7,7 +7,6 @@ subprocess so its peak RSS is its own.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,13 +15,12 @@ import torch.nn.functional as F
 
 from bench.common import (
     PeakMemory,
-    child_main,
+    bench_main,
     matmul_gflops_by_size,
     run_child,
     save_figure,
     subplots,
     time_samples,
-    write_results,
 )
 from model import ModelConfig, SequenceModel
 
@@ -153,14 +151,7 @@ def plot(data: dict[str, Any], quick: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    if child_main(argv, child):
-        return
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
-    args = parser.parse_args(argv)
-    plot(write_results(NAME, run(args.quick), args.quick), args.quick)
+    bench_main(argv, __doc__, NAME, run, plot, child)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import copy
 
 import torch
 
+from model import fused
 from model.kernel import SSMKernel, discretize
 from model.layer import fft_conv
 
@@ -103,6 +104,10 @@ class DiagonalSSM:
         self.log_mu64 = torch.log(mu.where(mu != 0, torch.ones_like(mu)))  # padded modes: μ = 0
         self.alive = (mu != 0).to(device)
         self.mu, self.b, self.c2 = mu.to(device, C64), b.to(device, C64), (2 * c).to(device, C64)
+        # real-pair copies for the step (plain float32 elementwise ops, or the fused C step)
+        self.mur, self.mui = self.mu.real.contiguous(), self.mu.imag.contiguous()
+        self.br, self.bi = self.b.real.contiguous(), self.b.imag.contiguous()
+        self.cr, self.ci = self.c2.real.contiguous(), self.c2.imag.contiguous()
         self.H, self.M = mu.shape
         self.device = device
         self._K = torch.zeros(self.H, 0, device=device)
@@ -126,15 +131,23 @@ class DiagonalSSM:
         return self._K[:, :L]
 
     def step(self, u: torch.Tensor, x: torch.Tensor):
-        """u (B, H) float32, x (B, H, M) complex64 → y (B, H), x'."""
-        x = torch.addcmul(self.b * u[..., None], self.mu, x)
-        return (self.c2 * x).real.sum(-1), x
+        """u (B, H), x (B, H, 2, M) real/imaginary parts → y (B, H), x' (B, H, 2, M)."""
+        xr, xi, u = x[..., 0, :], x[..., 1, :], u[..., None]
+        nr = self.mur * xr - self.mui * xi + self.br * u
+        ni = self.mur * xi + self.mui * xr + self.bi * u
+        return (self.cr * nr - self.ci * ni).sum(-1), torch.stack([nr, ni], dim=-2)
+
+    def step_fused(self, lib, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch.Tensor) -> None:
+        """`step` in one C pass (CPU): writes x' into xo and y into y."""
+        if not hasattr(self, "_fused_ptrs"):
+            self._fused_ptrs = fused.pointers(self.mur, self.mui, self.br, self.bi, self.cr, self.ci)
+        fused.diag_step(lib, x, xo, u, y, self._fused_ptrs)
 
     def _mu_pow(self, n: int) -> torch.Tensor:
         return self._powers(torch.tensor([float(n)]))[..., 0].to(self.device, C64)  # (H, M)
 
     def prefill(self, u: torch.Tensor, x0: torch.Tensor, x0_is_zero: bool = False):
-        """u (B, L, H), x0 (B, H, M) → y (B, L, H), x_L; parallel in L.
+        """u (B, L, H), x0 (B, H, M) complex → y (B, L, H), x_L; parallel in L.
 
         y = K ∗ u (FFT) + 2 Re Σ c μ^{k+1} x0;  x_L = μ^L x0 + Σ_j μ^{L−1−j} b u_j (Vandermonde),
         evaluated in chunks of CHUNK steps with tabulated powers so memory stays O(H·M·CHUNK)."""
@@ -175,6 +188,32 @@ class DPLRStep:
         self.Dinv, self.Minv = Dinv.to(**to, dtype=C64), Minv.to(**to, dtype=torch.float32)
         self.dtB = (dt[:, None] * B).to(**to, dtype=C64)
         self.c2 = torch.complex(gamma[:, :N2], -gamma[:, N2:]).to(**to, dtype=C64)  # 2 C̄
+        # real-pair step: x' = (I − hA)⁻¹(2x + ΔB u) − x, with (I − hA)⁻¹f = D⁻¹f − Q s,
+        # s = M⁻¹ 2Re(P̃ᴴ D⁻¹ f), Q = h D⁻¹ P̃
+        Q = (h * Dinv)[None] * P  # (r, H, N2)
+        f32 = dict(device=device, dtype=torch.float32)
+        self.dBr, self.dBi = self.dtB.real.contiguous(), self.dtB.imag.contiguous()
+        self.Dr, self.Di = Dinv.real.to(**f32), Dinv.imag.to(**f32)
+        self.Pr, self.Pi = (2 * P.real).to(**f32), (2 * P.imag).to(**f32)
+        self.Qr, self.Qi = Q.real.to(**f32), Q.imag.to(**f32)
+        self.cr, self.ci = self.c2.real.contiguous(), self.c2.imag.contiguous()
+        self._fused_params = tuple(  # kept alive: the fused step holds raw pointers to them
+            t.contiguous()
+            for t in (
+                self.dBr,
+                self.dBi,
+                self.Dr,
+                self.Di,
+                self.Pr,
+                self.Pi,
+                self.Minv,
+                self.Qr,
+                self.Qi,
+                self.cr,
+                self.ci,
+            )
+        )
+        self._fused_ptrs = fused.pointers(*self._fused_params) if device.type == "cpu" else ()
         self.H, self.M, self.device = H, N2, device
         # real-coordinate tables for the chunked prefill
         self.Abar64, self.Bbar64, self.gamma64 = Abar, Bbar, gamma
@@ -192,17 +231,20 @@ class DPLRStep:
         self._powers: dict[int, torch.Tensor] = {}
         self._K = torch.zeros(H, 0, **to)
 
-    def _A(self, x):  # continuous A applied to x (B, H, N2)
-        s = 2 * torch.einsum("rhn,bhn->bhr", self.P.conj(), x).real
-        return self.Lam * x - torch.einsum("rhn,bhr->bhn", self.P, s.to(C64))
-
     def step(self, u: torch.Tensor, x: torch.Tensor):
-        f = x + self.h * self._A(x) + self.dtB * u[..., None]
-        g = self.Dinv * f
-        s = 2 * torch.einsum("rhn,bhn->bhr", self.P.conj(), g).real  # 2Re(P̃ᴴ D⁻¹ f)
-        s = torch.einsum("hij,bhj->bhi", self.Minv, s)
-        x = g - self.h * self.Dinv * torch.einsum("rhn,bhr->bhn", self.P, s.to(C64))
-        return (self.c2 * x).real.sum(-1), x
+        """u (B, H), x (B, H, 2, N2) real/imaginary parts → y (B, H), x'."""
+        xr, xi, u = x[..., 0, :], x[..., 1, :], u[..., None]
+        fr, fi = 2 * xr + self.dBr * u, 2 * xi + self.dBi * u
+        gr, gi = self.Dr * fr - self.Di * fi, self.Dr * fi + self.Di * fr
+        nr, ni = gr - xr, gi - xi
+        s = (self.Pr * gr[:, None] + self.Pi * gi[:, None]).sum(-1)  # (B, r, H): 2Re(P̃ᴴ D⁻¹ f)
+        s = torch.einsum("hij,bjh->bih", self.Minv, s)[..., None]
+        nr = nr - (self.Qr * s).sum(1)
+        ni = ni - (self.Qi * s).sum(1)
+        return (self.cr * nr - self.ci * ni).sum(-1), torch.stack([nr, ni], dim=-2)
+
+    def step_fused(self, lib, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch.Tensor) -> None:
+        fused.dplr_step(lib, x, xo, u, y, self._fused_ptrs, self.Pr.shape[0])
 
     def _Apow(self, t: int) -> torch.Tensor:
         if t not in self._powers:
@@ -242,7 +284,7 @@ class DPLRStep:
 def impulse_response(form, L: int) -> torch.Tensor:
     """Run the float32 step on a unit impulse for L steps → the recurrent kernel (H, L)."""
     H, dev = form.H, form.c2.device
-    x = torch.zeros(1, H, form.M, dtype=C64, device=dev)
+    x = torch.zeros(1, H, 2, form.M, device=dev)
     u = torch.ones(1, H, device=dev)
     out = []
     for _ in range(L):
@@ -286,10 +328,12 @@ def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None
 class RecurrentModel:
     """Frozen recurrent form of a SequenceModel: init_state, parallel prefill, batched step.
 
-    State: complex64 tensor (n_layers, B, H, M), constant size whatever the context length.
+    State: float32 tensor (n_layers, B, H, 2, M), the real and imaginary parts of M complex modes
+    per channel; constant size whatever the context length. Functional API: `step` and `prefill`
+    return a new state and never modify the one passed in.
     """
 
-    def __init__(self, net, tol: float = 1e-4, verify_len: int | None = None, device=None):
+    def __init__(self, net, tol: float = 1e-4, verify_len: int | None = None, device=None, fused_step=True):
         device = torch.device(device) if device is not None else next(net.parameters()).device
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = net.config
@@ -304,56 +348,94 @@ class RecurrentModel:
             self.report.append({"layer": i, **rep})
         self.M = max(f.M for f in self.layers)
         self.H = self.config.d_model
+        # On CPU, one fused C pass per layer (model/fused.py) when it builds and all layers keep M modes.
+        lib = fused.library() if (fused_step and device.type == "cpu") else None
+        self._fused = lib if lib is not None and all(f.M == self.M for f in self.layers) else None
 
     @property
     def state_bytes_per_sequence(self) -> int:
-        return len(self.layers) * self.H * self.M * torch.empty((), dtype=C64).element_size()
+        return len(self.layers) * self.H * self.M * 2 * 4
 
     def init_state(self, batch_size: int) -> torch.Tensor:
-        return torch.zeros(len(self.layers), batch_size, self.H, self.M, dtype=C64, device=self.device)
+        return torch.zeros(len(self.layers), batch_size, self.H, 2, self.M, device=self.device)
 
     def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):
         if tokens.dim() != ndim:
             raise ValueError(f"tokens must have {ndim} dims, got shape {tuple(tokens.shape)}")
-        want = (len(self.layers), tokens.shape[0], self.H, self.M)
-        if tuple(state.shape) != want:
-            raise ValueError(f"state has shape {tuple(state.shape)}, expected {want}")
+        want = (len(self.layers), tokens.shape[0], self.H, 2, self.M)
+        if tuple(state.shape) != want or state.dtype != torch.float32:
+            raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
 
-    @torch.inference_mode()
-    def step(self, tokens: torch.Tensor, state: torch.Tensor):
-        """tokens (B,) → logits (B, V) and the next state (a new tensor; `state` is not modified)."""
-        self._check(tokens, state, 1)
-        new = torch.empty_like(state)
+    def _pad(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """Zero-pad the mode axis of one layer's state up to M (layers may keep fewer modes)."""
+        missing = self.M - x.shape[dim]
+        if not missing:
+            return x
+        shape = list(x.shape)
+        shape[dim] = missing
+        return torch.cat([x, x.new_zeros(shape)], dim=dim)
+
+    def _step_fused(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None):
+        state = state.contiguous()
+        new = torch.empty_like(state) if out is None else out
+
+        def ssm_fn(i):
+            def fn(u):
+                u = u.contiguous()
+                y = torch.empty_like(u)
+                self.layers[i].step_fused(self._fused, u, state[i], new[i], y)
+                return y
+
+            return fn
+
+        logits = self.net(tokens, ssms=[ssm_fn(i) for i in range(len(self.layers))])
+        return logits, new
+
+    def _step_torch(self, tokens: torch.Tensor, state: torch.Tensor):
+        new = []
 
         def ssm_fn(i):
             form = self.layers[i]
 
             def fn(u):
-                y, new[i, ..., : form.M] = form.step(u, state[i, ..., : form.M])
+                y, x = form.step(u, state[i, ..., : form.M])
+                new.append(self._pad(x, 3))
                 return y
 
             return fn
 
-        if self.M > min(f.M for f in self.layers):
-            new.zero_()
         logits = self.net(tokens, ssms=[ssm_fn(i) for i in range(len(self.layers))])
-        return logits, new
+        return logits, torch.stack(new)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None):
+        """tokens (B,) → logits (B, V) and the next state: a new tensor, or written into `out`
+        (which may be `state` itself: an in-place update that allocates nothing)."""
+        self._check(tokens, state, 1)
+        if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
+        if self._fused is not None and (out is None or out.is_contiguous()):
+            return self._step_fused(tokens, state, out)
+        logits, new = self._step_torch(tokens, state)
+        return logits, new if out is None else out.copy_(new)
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, state: torch.Tensor):
-        """tokens (B, L) → logits (B, L, V) and the state after the last token, in parallel."""
+        """tokens (B, L) → logits (B, L, V) and the state after the last token, parallel over L."""
         self._check(tokens, state, 2)
         x0_is_zero = not bool(state.abs().amax() > 0) if state.numel() else True
-        new = torch.zeros_like(state)
+        new = []
 
         def ssm_fn(i):
             form = self.layers[i]
 
             def fn(u):
-                y, new[i, ..., : form.M] = form.prefill(u, state[i, ..., : form.M], x0_is_zero)
+                x0 = torch.complex(state[i, :, :, 0, : form.M], state[i, :, :, 1, : form.M])
+                y, xL = form.prefill(u, x0, x0_is_zero)
+                new.append(self._pad(torch.stack([xL.real, xL.imag], dim=-2), 3))
                 return y
 
             return fn
 
         logits = self.net(tokens, ssms=[ssm_fn(i) for i in range(len(self.layers))])
-        return logits, new
+        return logits, torch.stack(new)

@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on a shared CPU
 os.environ.setdefault("KEOPS_CACHE_FOLDER", str(Path(__file__).resolve().parent.parent / ".keops_cache"))
 
 import pytest  # noqa: E402

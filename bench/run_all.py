@@ -1,0 +1,197 @@
+"""Run every benchmark (kernel, step, train), then print a markdown summary of the headline numbers and
+write it to bench/results/summary.md (bench/results/quick/summary.md with --quick).
+
+    python -m bench.run_all [--quick] [--only kernel step ...] [--summary-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from bench.common import MB, ROOT, fmt, read_results, results_dir
+
+BENCHMARKS = ("kernel", "step", "train")
+
+
+def run_benchmarks(names: Sequence[str], quick: bool) -> dict[str, str]:
+    """Run `python -m bench.NAME` for each name (output streamed); returns {name: status}."""
+    status = {}
+    for name in names:
+        cmd = [sys.executable, "-m", f"bench.{name}", *(["--quick"] if quick else [])]
+        print(f"\n=== {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd, cwd=ROOT, check=False).returncode
+        took = time.perf_counter() - t0
+        status[name] = f"ok ({took:.0f} s)" if rc == 0 else f"FAILED (exit {rc}, {took:.0f} s)"
+        print(f"=== bench.{name}: {status[name]}", flush=True)
+    return status
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def kernel_section(d: dict[str, Any]) -> list[str]:
+    sz = d["sizes"]
+    lines = [
+        f"## Kernel K (H={sz['H']}, L={sz['L']}): time and peak memory per kernel",
+        "",
+        f"dense baseline check: matches S4's kernel to rel. err {d['dense_vs_s4_rel_err_float64']:.1e} "
+        "(float64, small size)",
+        "",
+    ]
+    by = {(r["method"], r["mode"], r["N"]): r for r in d["results"]}
+    methods = list(d["methods"])
+    header = ["N"] + [f"{m} {mode}" for mode in ("fwd", "fwd+bwd") for m in methods]
+
+    def cell(r: dict[str, Any] | None, key: str, scale: float, unit: str) -> str:
+        if r is None:
+            return "—"
+        if "skipped" in r:
+            return "skipped (>8 GB est.)"
+        if "error" in r:
+            return "error"
+        return f"{fmt(r[key] * scale)} {unit}"
+
+    rows_t = [
+        [str(N)]
+        + [cell(by.get((m, mode, N)), "time_s", 1e3, "ms") for mode in ("fwd", "fwd+bwd") for m in methods]
+        for N in sz["Ns"]
+    ]
+    rows_m = [
+        [str(N)]
+        + [
+            cell(by.get((m, mode, N)), "peak_rss_delta_mb", 1.0, "MiB")
+            for mode in ("fwd", "fwd+bwd")
+            for m in methods
+        ]
+        for N in sz["Ns"]
+    ]
+    lines += ["Median time:", "", *_table(header, rows_t), "", "Peak RSS above baseline:", ""]
+    lines += _table(header, rows_m)
+    return lines
+
+
+def step_section(d: dict[str, Any]) -> list[str]:
+    m = d["sizes"]["model"]
+    lines = [
+        f"## Recurrent step ({m['n_layers']} layers, H={m['d_model']}, N={m['d_state']}, "
+        f"V={m['vocab_size']})",
+        "",
+        f"matmul ceiling {d['ceiling_gflops']:.0f} GFLOP/s (fp32 torch.mm)",
+        "",
+    ]
+    rows = []
+    for kind, k in d["kinds"].items():
+        forms = "/".join(sorted({lay["form"] for lay in k["layers"]}))
+        for r in k["step"]:
+            rows.append(
+                [
+                    kind,
+                    forms,
+                    str(r["batch"]),
+                    fmt(r["us_per_step_median"]),
+                    fmt(r["tokens_per_s"]),
+                    fmt(r["gflops"]),
+                    f"{100 * r['fraction_of_ceiling']:.2g}%",
+                ]
+            )
+    header = ["kernel", "layer form", "batch", "µs/step", "tokens/s", "GFLOP/s", "% of ceiling"]
+    lines += _table(header, rows)
+    lines += ["", "Prompt ingestion, batch 1:", ""]
+    rows = []
+    for kind, k in d["kinds"].items():
+        p = k["prefill"]
+        rows.append(
+            [
+                kind,
+                str(p["prompt_tokens"]),
+                f"{fmt(p['prefill_s'])} s",
+                f"{fmt(p['sequential_steps_s'])} s",
+                f"{p['speedup']:.0f}x",
+                f"{fmt(k['flops_per_token']['total'] / 1e6)}",
+            ]
+        )
+    header = ["kernel", "prompt", "prefill", "sequential steps", "speedup", "MFLOP/token"]
+    lines += _table(header, rows)
+    return lines
+
+
+def train_section(d: dict[str, Any]) -> list[str]:
+    s, m = d["sizes"], d["sizes"]["model"]
+    lines = [
+        f"## Training step (batch {s['batch']} x L={s['L']}, {m['n_layers']} layers, H={m['d_model']}, "
+        f"N={m['d_state']}; forward + backward)",
+        "",
+    ]
+    rows = []
+    for r in d["results"]:
+        if "error" in r:
+            rows.append([r["kind"], r["backend"], "error", "error", "error"])
+            continue
+        rows.append(
+            [
+                r["kind"],
+                r["backend"],
+                f"{fmt(r['time_s'])} s",
+                fmt(r["tokens_per_s"]),
+                fmt(r["peak_rss_delta_bytes"] / MB),
+            ]
+        )
+    lines += _table(["kernel", "backend", "time/step", "tokens/s", "peak MiB"], rows)
+    return lines
+
+
+def summary(quick: bool, status: dict[str, str] | None = None) -> str:
+    sections = {"kernel": kernel_section, "step": step_section, "train": train_section}
+    lines = ["# Benchmark summary" + (" (--quick smoke sizes)" if quick else ""), ""]
+    machine = None
+    for name, section in sections.items():
+        d = read_results(name, quick)
+        if d is None:
+            lines += [f"## {name}: no results", ""]
+            continue
+        machine = machine or d["machine"]
+        lines += [*section(d), "", f"_{name}: {d['machine']['date']}_", ""]
+    if machine:
+        mc = machine
+        commit = str(mc["git_commit"])[:10] + (" (model/ modified)" if mc.get("model_dir_modified") else "")
+        lines[1:1] = [
+            f"Machine: {mc['cpu']}, {mc['cpu_count']} CPUs ({mc['torch_threads']} torch threads), "
+            f"torch {mc['torch']}, pykeops {mc['pykeops']}, commit {commit}",
+            "",
+        ]
+    if status:
+        lines += ["Runs: " + ", ".join(f"{k} {v}" for k, v in status.items()), ""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test, < 2 min)")
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, help="run only these benchmarks")
+    parser.add_argument("--summary-only", action="store_true", help="only rebuild the summary")
+    args = parser.parse_args(argv)
+    status = None
+    if not args.summary_only:
+        status = run_benchmarks(args.only or BENCHMARKS, args.quick)
+    text = summary(args.quick, status)
+    print("\n" + text)
+    path = results_dir(args.quick) / "summary.md"
+    path.write_text(text)
+    print(f"wrote {path.relative_to(ROOT)}")
+    if status and any(not v.startswith("ok") for v in status.values()):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
