@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from model.kernel import S4_INITS, S4D_INITS, SSMKernel
+from model.layer import S4Layer
 
 # An SSM override: maps the normalized block input (…, H) to the SSM output (…, H). The recurrent
 # form passes one per layer (step or prefill) instead of the convolution.
@@ -76,8 +77,6 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from model.layer import S4Layer  # noqa: PLC0415
-
         self.norm = nn.LayerNorm(cfg.d_model)
         self.layer = S4Layer(
             cfg.d_model, cfg.d_state, cfg.l_max, dropout=cfg.dropout, kind=cfg.kernel, init=cfg.init,

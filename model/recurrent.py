@@ -100,7 +100,7 @@ class DiagonalSSM:
     form = "diagonal"
 
     def __init__(self, mu: torch.Tensor, b: torch.Tensor, c: torch.Tensor, device):
-        self.mu64, self.bc64 = mu, b * c  # float64 copies for kernels and powers
+        self.bc64 = b * c  # float64, for the kernel
         self.log_mu64 = torch.log(mu.where(mu != 0, torch.ones_like(mu)))  # padded modes: μ = 0
         self.alive = (mu != 0).to(device)
         self.mu, self.b, self.c2 = mu.to(device, C64), b.to(device, C64), (2 * c).to(device, C64)
@@ -184,15 +184,14 @@ class DPLRStep:
         G = torch.einsum("ihn,hn,jhn->hij", P.conj(), Dinv, P).real  # Re(P̃ᴴ D⁻¹ P̃) (H, r, r)
         Minv = torch.linalg.inv(torch.eye(P.shape[0], dtype=F64) + dt[:, None, None] * G)
         to = dict(device=device)
-        self.Lam, self.P, self.h = Lam.to(**to, dtype=C64), P.to(**to, dtype=C64), h.to(**to, dtype=C64)
-        self.Dinv, self.Minv = Dinv.to(**to, dtype=C64), Minv.to(**to, dtype=torch.float32)
-        self.dtB = (dt[:, None] * B).to(**to, dtype=C64)
+        self.Minv = Minv.to(**to, dtype=torch.float32)
+        dtB = (dt[:, None] * B).to(**to, dtype=C64)
         self.c2 = torch.complex(gamma[:, :N2], -gamma[:, N2:]).to(**to, dtype=C64)  # 2 C̄
         # real-pair step: x' = (I − hA)⁻¹(2x + ΔB u) − x, with (I − hA)⁻¹f = D⁻¹f − Q s,
         # s = M⁻¹ 2Re(P̃ᴴ D⁻¹ f), Q = h D⁻¹ P̃
         Q = (h * Dinv)[None] * P  # (r, H, N2)
         f32 = dict(device=device, dtype=torch.float32)
-        self.dBr, self.dBi = self.dtB.real.contiguous(), self.dtB.imag.contiguous()
+        self.dBr, self.dBi = dtB.real.contiguous(), dtB.imag.contiguous()
         self.Dr, self.Di = Dinv.real.to(**f32), Dinv.imag.to(**f32)
         self.Pr, self.Pi = (2 * P.real).to(**f32), (2 * P.imag).to(**f32)
         self.Qr, self.Qi = Q.real.to(**f32), Q.imag.to(**f32)
