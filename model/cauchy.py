@@ -91,19 +91,27 @@ def _pick(backend: str) -> str:
 
 
 def _cauchy_block(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, conj: bool) -> torch.Tensor:
-    z = z.unsqueeze(-1)  # (..., L, 1)
-    v, w = v.unsqueeze(-2), w.unsqueeze(-2)  # (..., 1, N)
-    if not conj:
-        return (v / (z - w)).sum(-1)
-    num = 2 * v.real * z - 2 * (v.real * w.real + v.imag * w.imag)
-    den = z * z - 2 * w.real * z + (w.real.square() + w.imag.square())
-    return (num / den).sum(-1)
+    """One chunk of L: the (L, N) Cauchy matrix R = 1/(z − w) is built once and applied to every
+    leading slice of v by a batched matmul (S4 needs (1+r)² vectors against the same R)."""
+    bR = torch.broadcast_shapes(z.shape[:-1], w.shape[:-1])
+    full = torch.broadcast_shapes(v.shape[:-1], bR)
+    bR, extra = full[len(full) - len(bR) :], full[: len(full) - len(bR)]
+    R = 1 / (z[..., :, None] - w[..., None, :])  # (*bR, L, N)
+    if conj:
+        R = torch.cat([R, 1 / (z[..., :, None] - w.conj()[..., None, :])], dim=-1)
+        v = torch.cat([v, v.conj()], dim=-1)
+    L, N = R.shape[-2:]
+    P, E = torch.Size(bR).numel(), torch.Size(extra).numel()
+    R = R.expand(*bR, L, N).reshape(P, L, N)
+    v = v.expand(*full, N).reshape(E, P, N).permute(1, 2, 0)  # (P, N, E)
+    out = torch.bmm(R, v.to(R.dtype))  # (P, L, E)
+    return out.permute(2, 0, 1).reshape(*extra, *bR, L)
 
 
 def cauchy_torch(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, conj: bool = True) -> torch.Tensor:
     """Reference backend: exact torch ops, chunked over L (recomputed in backward)."""
-    batch = torch.broadcast_shapes(v.shape[:-1], w.shape[:-1], z.shape[:-1])
-    per_l = max(1, v.shape[-1] * int(torch.Size(batch).numel()))
+    batch = torch.broadcast_shapes(z.shape[:-1], w.shape[:-1])
+    per_l = max(1, 2 * w.shape[-1] * int(torch.Size(batch).numel()))
     chunk = max(1, _TORCH_CHUNK_ELEMS // per_l)
     L = z.shape[-1]
     if chunk >= L:

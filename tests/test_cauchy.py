@@ -51,7 +51,7 @@ def test_torch_chunking_bounds_memory_and_keeps_gradients(monkeypatch):
     v, z, w = inputs(L=97)
     full = cy.cauchy_torch(v, z, w)
     g_full = torch.autograd.grad(full.abs().sum(), [v, z, w])
-    monkeypatch.setattr(cy, "_TORCH_CHUNK_ELEMS", 3 * 4 * 16 * 10)  # 10 values of L per chunk
+    monkeypatch.setattr(cy, "_TORCH_CHUNK_ELEMS", 2 * 4 * 16 * 10)  # 10 values of L per chunk
     chunked = cy.cauchy_torch(v, z, w)
     g_chunk = torch.autograd.grad(chunked.abs().sum(), [v, z, w])
     torch.testing.assert_close(chunked, full)

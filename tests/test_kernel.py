@@ -101,15 +101,20 @@ def test_kernel_never_modifies_parameters_and_gradients_reach_all(kind, init):
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {n}"
 
 
-def test_keops_and_torch_layer_kernels_agree_with_gradients():
+def test_keops_and_torch_layer_kernels_match_float64_with_gradients():
+    """Both float32 backends against the float64 kernel and its gradients: rel. err ≤ 2e-4 (measured:
+    torch ≤ 3e-5; keops 9e-5 on log Δ, whose gradient sums over all L and H, ≤ 7e-6 elsewhere)."""
     k = SSMKernel(16, 32, 512, kind="s4", backend="torch")
-    ka = k(backend="torch")
-    ga = torch.autograd.grad(ka.square().sum(), list(k.parameters()))
-    kb = k(backend="keops")
-    gb = torch.autograd.grad(kb.square().sum(), list(k.parameters()))
-    assert rel(kb, ka.detach().double()) < 1e-5
-    for a, b in zip(ga, gb):
-        assert float((a - b).norm() / a.norm()) < 1e-4
+    params = list(k.parameters())
+    ref = k(dtype=F64, backend="torch")
+    g_ref = torch.autograd.grad(ref.square().sum(), params)
+    for backend in ("torch", "keops"):
+        K = k(backend=backend)
+        g = torch.autograd.grad(K.square().sum(), params)
+        assert rel(K.detach(), ref.detach()) < 1e-5
+        for (name, _), a, b in zip(k.named_parameters(), g, g_ref):
+            err = float((a.double() - b).norm() / b.norm())
+            assert err < 2e-4, (backend, name, err)
 
 
 def test_init_ranges_and_validation():
