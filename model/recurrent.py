@@ -14,6 +14,7 @@ eigenvectors) falls back to the exact O(N·r) DPLR step; if that fails too, conv
 from __future__ import annotations
 
 import copy
+import functools
 
 import torch
 
@@ -374,37 +375,32 @@ class RecurrentModel:
         shape[dim] = missing
         return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
+    def _run(self, tokens: torch.Tensor, layer_ssm) -> torch.Tensor:
+        """The network with layer i's SSM replaced by layer_ssm(i, form, u) → y."""
+        ssms = [functools.partial(layer_ssm, i, form) for i, form in enumerate(self.layers)]
+        return self.net(tokens, ssms=ssms)
+
     def _step_fused(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None):
         state = state.contiguous()
         new = torch.empty_like(state) if out is None else out
 
-        def ssm_fn(i):
-            def fn(u):
-                u = u.contiguous()
-                y = torch.empty_like(u)
-                self.layers[i].step_fused(self._fused, u, state[i], new[i], y)
-                return y
+        def layer_ssm(i, form, u):
+            u = u.contiguous()
+            y = torch.empty_like(u)
+            form.step_fused(self._fused, u, state[i], new[i], y)
+            return y
 
-            return fn
-
-        logits = self.net(tokens, ssms=[ssm_fn(i) for i in range(len(self.layers))])
-        return logits, new
+        return self._run(tokens, layer_ssm), new
 
     def _step_torch(self, tokens: torch.Tensor, state: torch.Tensor):
         new = []
 
-        def ssm_fn(i):
-            form = self.layers[i]
+        def layer_ssm(i, form, u):
+            y, x = form.step(u, state[i, ..., : form.M])
+            new.append(self._pad(x, 3))
+            return y
 
-            def fn(u):
-                y, x = form.step(u, state[i, ..., : form.M])
-                new.append(self._pad(x, 3))
-                return y
-
-            return fn
-
-        logits = self.net(tokens, ssms=[ssm_fn(i) for i in range(len(self.layers))])
-        return logits, torch.stack(new)
+        return self._run(tokens, layer_ssm), torch.stack(new)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None):
@@ -425,16 +421,10 @@ class RecurrentModel:
         x0_is_zero = not bool(state.abs().amax() > 0) if state.numel() else True
         new = []
 
-        def ssm_fn(i):
-            form = self.layers[i]
+        def layer_ssm(i, form, u):
+            x0 = torch.complex(state[i, :, :, 0, : form.M], state[i, :, :, 1, : form.M])
+            y, xL = form.prefill(u, x0, x0_is_zero)
+            new.append(self._pad(torch.stack([xL.real, xL.imag], dim=-2), 3))
+            return y
 
-            def fn(u):
-                x0 = torch.complex(state[i, :, :, 0, : form.M], state[i, :, :, 1, : form.M])
-                y, xL = form.prefill(u, x0, x0_is_zero)
-                new.append(self._pad(torch.stack([xL.real, xL.imag], dim=-2), 3))
-                return y
-
-            return fn
-
-        logits = self.net(tokens, ssms=[ssm_fn(i) for i in range(len(self.layers))])
-        return logits, torch.stack(new)
+        return self._run(tokens, layer_ssm), torch.stack(new)
