@@ -104,11 +104,14 @@ class DiagonalSSM:
         self.bc64 = b * c  # float64, for the kernel
         self.log_mu64 = torch.log(mu.where(mu != 0, torch.ones_like(mu)))  # padded modes: μ = 0
         self.alive = (mu != 0).to(device)
-        self.mu, self.b, self.c2 = mu.to(device, C64), b.to(device, C64), (2 * c).to(device, C64)
+        self.b, self.c2 = b.to(device, C64), (2 * c).to(device, C64)
         # real-pair copies for the step (plain float32 elementwise ops, or the fused C step)
-        self.mur, self.mui = self.mu.real.contiguous(), self.mu.imag.contiguous()
+        mu32 = mu.to(device, C64)
+        self.mur, self.mui = mu32.real.contiguous(), mu32.imag.contiguous()
         self.br, self.bi = self.b.real.contiguous(), self.b.imag.contiguous()
         self.cr, self.ci = self.c2.real.contiguous(), self.c2.imag.contiguous()
+        step_params = (self.mur, self.mui, self.br, self.bi, self.cr, self.ci)
+        self._fused_ptrs = fused.pointers(*step_params) if device.type == "cpu" else ()
         self.H, self.M = mu.shape
         self.device = device
         self._K = torch.zeros(self.H, 0, device=device)
@@ -140,8 +143,6 @@ class DiagonalSSM:
 
     def step_fused(self, lib, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch.Tensor) -> None:
         """`step` in one C pass (CPU): writes x' into xo and y into y."""
-        if not hasattr(self, "_fused_ptrs"):
-            self._fused_ptrs = fused.pointers(self.mur, self.mui, self.br, self.bi, self.cr, self.ci)
         fused.diag_step(lib, x, xo, u, y, self._fused_ptrs)
 
     def _mu_pow(self, n: int) -> torch.Tensor:
@@ -193,27 +194,13 @@ class DPLRStep:
         Q = (h * Dinv)[None] * P  # (r, H, N2)
         f32 = dict(device=device, dtype=torch.float32)
         self.dBr, self.dBi = dtB.real.contiguous(), dtB.imag.contiguous()
-        self.Dr, self.Di = Dinv.real.to(**f32), Dinv.imag.to(**f32)
-        self.Pr, self.Pi = (2 * P.real).to(**f32), (2 * P.imag).to(**f32)
-        self.Qr, self.Qi = Q.real.to(**f32), Q.imag.to(**f32)
+        self.Dr, self.Di = Dinv.real.to(**f32).contiguous(), Dinv.imag.to(**f32).contiguous()
+        self.Pr, self.Pi = (2 * P.real).to(**f32).contiguous(), (2 * P.imag).to(**f32).contiguous()
+        self.Qr, self.Qi = Q.real.to(**f32).contiguous(), Q.imag.to(**f32).contiguous()
         self.cr, self.ci = self.c2.real.contiguous(), self.c2.imag.contiguous()
-        self._fused_params = tuple(  # kept alive: the fused step holds raw pointers to them
-            t.contiguous()
-            for t in (
-                self.dBr,
-                self.dBi,
-                self.Dr,
-                self.Di,
-                self.Pr,
-                self.Pi,
-                self.Minv,
-                self.Qr,
-                self.Qi,
-                self.cr,
-                self.ci,
-            )
-        )
-        self._fused_ptrs = fused.pointers(*self._fused_params) if device.type == "cpu" else ()
+        step_params = (self.dBr, self.dBi, self.Dr, self.Di, self.Pr, self.Pi, self.Minv, self.Qr, self.Qi)
+        # raw pointers for the fused step; the tensors stay alive as attributes of this object
+        self._fused_ptrs = fused.pointers(*step_params, self.cr, self.ci) if device.type == "cpu" else ()
         self.H, self.M, self.device = H, N2, device
         # real-coordinate tables for the chunked prefill
         self.Abar64, self.Bbar64, self.gamma64 = Abar, Bbar, gamma
@@ -329,8 +316,9 @@ class RecurrentModel:
     """Frozen recurrent form of a SequenceModel: init_state, parallel prefill, batched step.
 
     State: float32 tensor (n_layers, B, H, 2, M), the real and imaginary parts of M complex modes
-    per channel; constant size whatever the context length. Functional API: `step` and `prefill`
-    return a new state and never modify the one passed in.
+    per channel; constant size whatever the context length. `step` and `prefill` return a new
+    state and leave the one passed in untouched, unless `step(..., out=state)` asks for an
+    in-place update.
     """
 
     def __init__(self, net, tol: float = 1e-4, verify_len: int | None = None, device=None, fused_step=True):
