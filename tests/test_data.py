@@ -1,0 +1,92 @@
+"""Dataset preparation: Gutenberg stripping, whole-document splits, spoken-digit synthesis."""
+
+import json
+
+import numpy as np
+import pytest
+
+from model.data import (
+    AUDIO_BOS,
+    DIGITS,
+    Dataset,
+    marginal_entropy_bits,
+    prepare_audio,
+    prepare_text,
+    strip_gutenberg,
+)
+
+HEADER = "The Project Gutenberg EBook of X\r\n\r\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\r\n"
+FOOTER = "\r\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\r\nLicence text that must go.\r\n"
+
+
+def test_strip_gutenberg_removes_header_footer_and_small_print():
+    body = "ACT I.\r\n<<THIS ELECTRONIC VERSION IS COPYRIGHT\r\nblah>>\r\nHam.\r\nTo be, or not to be.\r\n"
+    out = strip_gutenberg(HEADER + body + FOOTER)
+    assert out == "ACT I.\n\nHam.\nTo be, or not to be.\n"
+    plain = "Already clean.\nNo markers.\n"
+    assert strip_gutenberg(plain) == plain
+
+
+def test_prepare_text_holds_out_whole_plays(tmp_path):
+    src = tmp_path / "texts"
+    src.mkdir()
+    plays = {name: f"{name.upper()} line one.\nand {name} line two.\n" * 5 for name in "abcde"}
+    for name, text in plays.items():
+        (src / f"{name}_gut.txt").write_text(HEADER + text + FOOTER)
+    (src / "a_gut_f.txt").write_text("first folio: not a *_gut.txt play")
+    meta = prepare_text(tmp_path / "out", src, held_out={"val": ["b"], "test": ["d", "e"]})
+    ds = Dataset(tmp_path / "out")
+    assert meta["documents"] == {"train": ["a", "c"], "val": ["b"], "test": ["d", "e"]}
+    train = ds.split("train").tobytes().decode()
+    assert "A line one" in train and "C line one" in train
+    assert "B line" not in train and "D line" not in train and "folio" not in train
+    assert "Gutenberg" not in train and "Licence" not in train
+    assert ds.split("test").tobytes().decode() == plays["d"] + "\n\n" + plays["e"] + "\n\n"
+    on_disk = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert on_disk["tokens"]["val"] == len(plays["b"]) + 2
+    with pytest.raises(ValueError, match="zz"):
+        prepare_text(tmp_path / "bad", src, held_out={"val": ["zz"], "test": []})
+
+
+def test_text_batches_are_shifted_windows(tmp_path):
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "p_gut.txt").write_text("abcdefghijklmnopqrstuvwxyz" * 4)
+    (tmp_path / "t" / "q_gut.txt").write_text("q" * 40)
+    prepare_text(tmp_path / "o", tmp_path / "t", held_out={"val": ["q"], "test": []})
+    ds = Dataset(tmp_path / "o")
+    data = ds.split("train")
+    idx = ds.sample_index(data, 8, 10, np.random.default_rng(0))
+    x, y = ds.batch(data, idx, 10)
+    assert x.shape == y.shape == (8, 10)
+    assert (x[:, 1:] == y[:, :-1]).all()
+    for i, s in enumerate(idx):
+        assert bytes(x[i].tolist()) == data[s : s + 10].tobytes()
+
+
+def test_prepare_audio_splits_by_voice(tmp_path):
+    variants = ["f1", "f2", "m1", "m2", "m3"]
+    meta = prepare_audio(tmp_path / "a", sample_rate=8000, seconds=1.0, accents=["en-us"],
+                         variants=variants, held_out=0.2, workers=2)  # fmt: skip
+    ds = Dataset(tmp_path / "a")
+    assert meta["clip_len"] == 8000
+    assert sorted(sum(meta["variants"].values(), [])) == variants
+    assert meta["clips_cut"] == 0
+    assert len(meta["variants"]["val"]) == len(meta["variants"]["test"]) == 1
+    seen = {s: {c["voice"].split("+")[1] for c in meta["clip_list"][s]} for s in ("train", "val", "test")}
+    assert not (seen["train"] & seen["test"]) and not (seen["train"] & seen["val"])
+    for split, n in (("train", 30), ("val", 10), ("test", 10)):
+        clips = ds.split(split)
+        assert clips.shape == (n, 8000) and clips.dtype == np.uint8
+        assert [c["digit"] for c in meta["clip_list"][split]][:10] == list(DIGITS)
+        # speech in the middle, silence (mu-law 128) at both ends, no clipping garbage
+        assert (clips[:, :20] == AUDIO_BOS).all() and (clips[:, -20:] == AUDIO_BOS).all()
+        mid = clips[:, 3500:4500].astype(int) - 128
+        assert (np.abs(mid).max(axis=1) > 60).all()
+    x, y = ds.batch(ds.split("val"), np.array([0, 3]), 0)
+    assert x.shape == (2, 8000) and (x[:, 0] == AUDIO_BOS).all() and (x[:, 1:] == y[:, :-1]).all()
+    assert 1.0 < marginal_entropy_bits(ds.split("test")) < 8.0
+
+
+def test_marginal_entropy():
+    assert marginal_entropy_bits(np.arange(256, dtype=np.uint8).repeat(3)) == pytest.approx(8.0)
+    assert marginal_entropy_bits(np.full(100, 7, dtype=np.uint8)) == 0.0

@@ -1,0 +1,128 @@
+"""The conv-mode training CLI: learning, deterministic resume, data-parallel gradients, export."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import load
+from model.data import prepare_text
+from model.train import TrainConfig, load_config, lr_scale, parse_value, train
+
+ROOT = Path(__file__).resolve().parent.parent
+VERSES = [
+    "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n",
+    "To be, or not to be, that is the question.\n",
+    "All the world's a stage, and all the men and women merely players.\n",
+]
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("plays")
+    src = tmp / "texts"
+    src.mkdir()
+    for i, name in enumerate(["alpha", "beta", "gamma", "delta"]):
+        (src / f"{name}_gut.txt").write_text("".join(VERSES[(i + k) % 3] for k in range(60)))
+    prepare_text(tmp / "data", src, held_out={"val": ["gamma"], "test": ["delta"]})
+    return tmp / "data"
+
+
+def tiny_config(data: Path, out: Path, **train) -> dict:
+    return {
+        "model": {"d_model": 32, "n_layers": 2, "d_state": 16, "l_max": 64, "cauchy_backend": "torch",
+                  "dropout": 0.1},
+        "data": {"path": str(data), "seq_len": 64, "batch_size": 8},
+        "train": {"steps": 40, "lr": 1e-2, "ssm_lr": 1e-3, "warmup": 5, "eval_every": 20,
+                  "eval_tokens": 2048, "ckpt_every": 10, "log_every": 1, "out": str(out), **train},
+    }  # fmt: skip
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_export_serves(text_data, tmp_path):
+    cfg = tiny_config(text_data, tmp_path / "run", export=str(tmp_path / "ckpt"))
+    metrics = train(cfg)
+    losses = [r["loss"] for r in read_log(tmp_path / "run") if "loss" in r]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5  # ln 256 = 5.5 → well below
+    vals = [r["val"]["bits_per_token"] for r in read_log(tmp_path / "run") if "val" in r]
+    assert len(vals) == 2 and vals[1] < vals[0]
+    assert metrics["test"]["bits_per_token"] < 5.0 and metrics["test"]["tokens"] > 0
+    assert metrics["steps"] == 40 and metrics["num_params"] > 0
+    net = load(tmp_path / "ckpt")  # a servable checkpoint that converts and verifies
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert meta["training"]["metrics"]["test"] == metrics["test"]
+    rec = net.to_recurrent()
+    x = torch.tensor([list(b"To be, or not to be")])
+    logits_rec, _ = rec.prefill(x, rec.init_state(1))
+    net.eval()
+    torch.testing.assert_close(logits_rec, net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_resume_continues_at_the_right_step_with_identical_losses(text_data, tmp_path):
+    whole = tiny_config(text_data, tmp_path / "whole", steps=12, ckpt_every=4, final_eval=False)
+    train(whole)
+    parts = tiny_config(text_data, tmp_path / "parts", steps=12, ckpt_every=4, final_eval=False)
+    train(parts, stop_at=6)  # interrupted after step 6; the state saved there is resumed
+    state = json.loads((tmp_path / "parts" / "last" / "state.json").read_text())
+    assert state["step"] == 6
+    train(parts)
+    a = [r for r in read_log(tmp_path / "whole") if "loss" in r]
+    b = [r for r in read_log(tmp_path / "parts") if "loss" in r]
+    assert [r["step"] for r in b] == list(range(1, 13))
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6, abs=1e-7), ra["step"]
+    wa = load_file(str(tmp_path / "whole" / "last" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "parts" / "last" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
+
+
+def test_ddp_two_cpu_processes_match_single_process_gradient(text_data, tmp_path):
+    cfg_path = tmp_path / "tiny.toml"
+    cfg = tiny_config(text_data, tmp_path / "ddp")
+    cfg["model"]["dropout"] = 0.0  # dropout masks differ per process by design
+    tables = [
+        f"[{sec}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in t.items()) for sec, t in cfg.items()
+    ]
+    cfg_path.write_text("\n".join(tables))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    single = [sys.executable, "-m", "model.train", str(cfg_path), "--dump-grads", str(tmp_path / "g1.st")]
+    subprocess.run(single, check=True, env=env, cwd=ROOT, timeout=300)
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "model.train", str(cfg_path), "--dump-grads", str(tmp_path / "g2.st")]  # fmt: skip
+    subprocess.run(ddp, check=True, env=env, cwd=ROOT, timeout=300)
+    g1, g2 = load_file(str(tmp_path / "g1.st")), load_file(str(tmp_path / "g2.st"))
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
+    # and each process alone (half the batch) would have had a clearly different gradient
+    cfg_path.write_text(cfg_path.read_text().replace("batch_size = 8", "batch_size = 4"))
+    subprocess.run([*single[:-1], str(tmp_path / "g_half.st")], check=True, env=env, cwd=ROOT, timeout=300)
+    gh = load_file(str(tmp_path / "g_half.st"))
+    rel = (gh["head.weight"] - g1["head.weight"]).norm() / g1["head.weight"].norm()
+    assert rel > 1e-2
+
+
+def test_config_overrides_and_schedule(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[model]\nd_model = 64\n[train]\nsteps = 10\n")
+    cfg = load_config(p, ["train.steps=20", "train.lr=3e-4", "model.kernel=s4d", "data.path=x/y"])
+    assert cfg == {"model": {"d_model": 64, "kernel": "s4d"}, "train": {"steps": 20, "lr": 3e-4},
+                   "data": {"path": "x/y"}}  # fmt: skip
+    assert parse_value("true") is True and parse_value("[0.9, 0.99]") == [0.9, 0.99]
+    with pytest.raises(ValueError, match="section.key=value"):
+        load_config(p, ["steps=3"])
+    with pytest.raises(ValueError, match="unknown config tables"):
+        load_config(p, ["optim.lr=1"])
+    t = TrainConfig(steps=110, warmup=10, min_lr_ratio=0.1)
+    assert lr_scale(0, t) == pytest.approx(0.1) and lr_scale(9, t) == pytest.approx(1.0)
+    assert lr_scale(60, t) == pytest.approx(0.55) and lr_scale(110, t) == pytest.approx(0.1)
