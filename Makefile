@@ -1,4 +1,5 @@
 # make test   : create .venv (CPU torch), install the project + dev tools, lint, run the tests
+# make test also installs espeak-ng + sox (apt) when missing
 # make bench  : run every benchmark in bench/ (JSON + PNG in bench/results/)
 PY      ?= python3
 VENV    ?= .venv
@@ -6,7 +7,13 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 export KEOPS_CACHE_FOLDER ?= $(CURDIR)/.keops_cache
 
-.PHONY: venv test lint bench clean
+.PHONY: venv sysdeps test lint bench clean
+
+# espeak-ng + sox synthesize the spoken-digit dataset (model.data audio; one test uses them)
+sysdeps:
+	@command -v espeak-ng >/dev/null && command -v sox >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox; }
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +28,7 @@ lint: venv
 	$(BIN)/ruff check model tests bench
 	$(BIN)/ruff format --check model tests bench
 
-test: venv lint
+test: venv sysdeps lint
 	$(BIN)/python -m pytest -q
 
 bench: venv

@@ -235,7 +235,7 @@ def machine_info() -> dict[str, Any]:
         keops_version = None
     dirty = _git("status", "--porcelain", "--", "model")
     return {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),

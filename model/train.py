@@ -22,12 +22,12 @@ import os
 import shutil
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import tomllib
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
