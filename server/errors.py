@@ -17,7 +17,11 @@ class APIError(Exception):
 
     @property
     def type(self) -> str:
-        return HTTPStatus(self.status).phrase.lower().replace(" ", "_").replace("-", "_")
+        try:
+            phrase = HTTPStatus(self.status).phrase
+        except ValueError:  # 499: the client went away (nginx's code)
+            phrase = "client closed request"
+        return phrase.lower().replace(" ", "_").replace("-", "_")
 
     def body(self) -> dict:
         return {

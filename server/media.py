@@ -11,6 +11,7 @@ import binascii
 import numpy as np
 
 from model.codecs import ByteTokenizer, MuLaw, read_wav, to_pcm16, wav_bytes
+from model.sampling import find_stop
 from server.errors import invalid
 
 TEXT, MULAW = ByteTokenizer(), MuLaw()
@@ -100,7 +101,9 @@ class TextAssembler:
 
     def feed(self, ids: list[int]) -> str:
         self.buf.extend(i & 0xFF for i in ids)
-        return self._emit(len(self.buf) - self._held())
+        end = len(self.buf) - self._held()
+        stop = find_stop(bytes(self.buf), self.stops, len(ids) + max((len(s) for s in self.stops), default=0))
+        return self._emit(end if stop is None else min(end, stop))
 
     def finish(self, stop_at: int | None) -> str:
         """The rest of the text, up to the stop sequence (when one ended the generation)."""

@@ -254,16 +254,21 @@ def final_of(items: list) -> Finished | None:
 
 
 async def collect(stream: Stream, request: Request | None = None) -> tuple[list[int], Finished]:
-    """Wait for a whole generation; a client that goes away cancels it."""
+    """Wait for a whole generation; a client that goes away (checked every 0.25 s) cancels it."""
     ids: list[int] = []
+    loop = asyncio.get_running_loop()
+    next_check = loop.time() + 0.25
     try:
         while True:
             try:
-                items = await asyncio.wait_for(stream.get(), timeout=0.5)
+                items = await asyncio.wait_for(stream.get(), timeout=0.25)
             except TimeoutError:
-                if request is not None and await request.is_disconnected():
-                    stream.cancel()
-                    raise asyncio.CancelledError from None
+                items = []
+            if request is not None and loop.time() >= next_check:
+                next_check = loop.time() + 0.25
+                if await request.is_disconnected():
+                    raise APIError(499, "the client closed the connection")  # nobody reads it
+            if not items:
                 continue
             ids += [x for x in items if isinstance(x, int)]
             final = final_of(items)
