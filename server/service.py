@@ -188,7 +188,8 @@ async def import_state(state: ServerState, blob: bytes) -> SessionRecord:
         raise invalid("state", str(exc)) from None
     model_id = header.get("model")
     if not isinstance(model_id, str) or model_id not in state.models:
-        state.model(str(model_id))  # 503 while loading or draining
+        if state.draining or not state.loaded:
+            state.model(str(model_id))  # 503
         raise invalid("state", f"the state is for model {model_id!r}, which this server does not serve")
     model = state.models[model_id]
     if header.get("fingerprint") != model.fingerprint:
