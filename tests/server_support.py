@@ -57,7 +57,7 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
 class ServerThread:
     """A real uvicorn server on 127.0.0.1:<free port>, serving create_app(settings)."""
 
-    def __init__(self, settings) -> None:
+    def __init__(self, settings, send_buffer: int | None = None) -> None:
         import uvicorn
 
         from server import create_app
@@ -65,6 +65,8 @@ class ServerThread:
         self.app = create_app(settings)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if send_buffer:  # accepted connections inherit it: lets a test fill the path to a client quickly
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_level="warning", ws_max_size=settings.ws_max_frame_bytes)
@@ -101,6 +103,58 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(30)
+
+
+class RawWebSocket:
+    """A minimal blocking WebSocket client on a plain socket, so a test controls exactly when bytes
+    are read (client libraries read ahead into their own buffers)."""
+
+    def __init__(self, port: int, rcvbuf: int = 4096) -> None:
+        import os
+
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self.sock.recv(4096)
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    def send_json(self, obj: dict) -> None:
+        import os
+        import struct
+
+        p, mask = json.dumps(obj).encode(), os.urandom(4)
+        n = len(p)
+        head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + struct.pack(">H", n)
+        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(p)))
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self.buf += self.sock.recv(65536)
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def recv_json(self) -> dict:
+        """The next text frame (servers do not mask or fragment these small frames)."""
+        b0, b1 = self._read(2)
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(self._read(2), "big")
+        elif n == 127:
+            n = int.from_bytes(self._read(8), "big")
+        data = self._read(n)
+        assert b0 & 0x0F == 1, f"expected a text frame, got opcode {b0 & 0x0F}"
+        return json.loads(data)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def reference(model_dir: Path, prompt: list[int], params: SamplingParams, n: int) -> list[int]:
@@ -191,7 +245,8 @@ def server(model_dirs):
 
 @pytest.fixture(scope="session")
 def limited(model_dirs):
-    """A second server with tight limits (text model only) for the limit tests."""
+    """A second server with tight limits (text model only) for the limit tests; its sockets have a
+    4 KiB kernel send buffer (instead of Linux's autotuned MBs) so a slow reader is felt quickly."""
     from server import Settings
 
     settings = Settings(
@@ -206,7 +261,7 @@ def limited(model_dirs):
         ws_max_frame_bytes=4096,
         drain_timeout_s=1,
     )
-    s = ServerThread(settings).start()
+    s = ServerThread(settings, send_buffer=4096).start()
     yield s
     s.stop()
 

@@ -82,6 +82,8 @@ class Connection:
             return
         if self.pump is not None and not self.pump.done():
             raise APIError(409, "a generation is running on this socket: wait for its done frame, or cancel")
+        if isinstance(msg, WSGenerate):
+            service.check_new_tokens(self.st, msg.max_new_tokens)  # before binding a session
         await self.bind(msg)
         if isinstance(msg, WSSession):
             return
