@@ -222,9 +222,11 @@ def unpack_state(blob: bytes) -> tuple[dict, bytes]:
     shape = header.get("shape")
     if header.get("dtype") != "float32" or not isinstance(shape, list):
         raise StateFormatError("state header must give dtype float32 and a shape")
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise StateFormatError(f"state shape {shape} is not a list of sizes")
     want = 4
     for d in shape:
-        want *= int(d)
+        want *= d
     if len(state) != want:
         raise StateFormatError(f"state payload is {len(state)} bytes, shape {shape} needs {want}")
     return header, state
