@@ -1,13 +1,14 @@
 # make test   : create .venv (CPU torch), install the project + dev tools, lint, run the tests
 # make test also installs espeak-ng + sox (apt) when missing
 # make bench  : run every benchmark in bench/ (JSON + PNG in bench/results/)
+# make serve  : create .venv, install, serve the shipped checkpoints on 127.0.0.1:8000 (CPU, or CUDA)
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 export KEOPS_CACHE_FOLDER ?= $(CURDIR)/.keops_cache
 
-.PHONY: venv sysdeps test lint bench clean
+.PHONY: venv sysdeps test lint bench serve clean
 
 # espeak-ng + sox synthesize the spoken-digit dataset (model.data audio; one test uses them)
 sysdeps:
@@ -25,14 +26,17 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 lint: venv
-	$(BIN)/ruff check model tests bench
-	$(BIN)/ruff format --check model tests bench
+	$(BIN)/ruff check model tests bench server
+	$(BIN)/ruff format --check model tests bench server
 
 test: venv sysdeps lint
 	$(BIN)/python -m pytest -q
 
 bench: venv
 	$(BIN)/python -m bench.run_all
+
+serve: venv
+	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m server --host 127.0.0.1 --port 8000
 
 clean:
 	rm -rf $(VENV) .keops_cache .pytest_cache

@@ -1,5 +1,5 @@
-"""Run every benchmark (kernel, step, train), then print a markdown summary of the headline numbers and
-write it to bench/results/summary.md (bench/results/quick/summary.md with --quick).
+"""Run every benchmark (kernel, step, train, server), then print a markdown summary of the headline numbers
+and write it to bench/results/summary.md (bench/results/quick/summary.md with --quick).
 
     python -m bench.run_all [--quick] [--only kernel step ...] [--summary-only]
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.common import MB, ROOT, fmt, read_results, results_dir
 
-BENCHMARKS = ("kernel", "step", "train")
+BENCHMARKS = ("kernel", "step", "train", "server")
 
 
 def run_benchmarks(names: Sequence[str], quick: bool) -> dict[str, str]:
@@ -149,8 +149,43 @@ def train_section(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def server_section(d: dict[str, Any]) -> list[str]:
+    lines = [
+        f"## Serving ({d['model']}; {d['sizes']['prompt']}-token prompts, {d['sizes']['tokens']} new tokens)",
+        "",
+    ]
+    rows = []
+    for r in d["results"]:
+        e, w = r["engine"], r.get("websocket", {})
+        rows.append(
+            [
+                str(r["sessions"]),
+                fmt(r["raw_step_tokens_per_s"]),
+                fmt(e["tokens_per_s"]),
+                fmt(w.get("tokens_per_s")),
+                f"{w['fraction_of_engine']:.2f}" if w else "—",
+                f"{fmt(e['ttft_p99_ms'])} / {fmt(w.get('ttft_p99_ms'))}",
+            ]
+        )
+    header = [
+        "sessions",
+        "raw step tok/s",
+        "engine tok/s",
+        "WebSocket tok/s",
+        "WS / engine",
+        "TTFT p99 ms (engine / WS)",
+    ]
+    lines += _table(header, rows)
+    return lines
+
+
 def summary(quick: bool, status: dict[str, str] | None = None) -> str:
-    sections = {"kernel": kernel_section, "step": step_section, "train": train_section}
+    sections = {
+        "kernel": kernel_section,
+        "step": step_section,
+        "train": train_section,
+        "server": server_section,
+    }
     lines = ["# Benchmark summary" + (" (--quick smoke sizes)" if quick else ""), ""]
     machine = None
     for name, section in sections.items():

@@ -16,3 +16,6 @@ def _seed():
 def devices() -> list[str]:
     """CPU always; CUDA too when present."""
     return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+from server_support import client, limited, model_dirs, server  # noqa: E402, F401  (server test fixtures)

@@ -1,0 +1,278 @@
+"""Serving throughput: tokens/s vs concurrent sessions for (1) the raw batched `RecurrentModel.step`,
+(2) the engine alone (scheduler, prefill, sampling, streams; no HTTP), (3) end to end over WebSockets
+through uvicorn (server in a child process, clients in this one), with client-side time to first token.
+
+Every session sends a 32-token prompt and generates `tokens` tokens; all sessions start together (a
+burst), so time to first token includes prefilling every prompt. The model is the shipped text
+checkpoint when it exists, else a stand-in of the same shape as bench.step's (named in the JSON).
+On a 2-core machine the WebSocket clients share the CPU with the server: read end-to-end numbers as
+a lower bound.
+
+    python -m bench.server [--quick]
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import httpx  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import ROOT, bench_main, log2_axis, save_figure, subplots  # noqa: E402
+from model import ModelConfig, SequenceModel, load, save  # noqa: E402
+
+NAME = "server"
+SHIPPED = ROOT / "checkpoints" / "text-shakespeare"
+SIZES: dict[bool, dict[str, Any]] = {
+    False: {
+        "model": {"vocab_size": 256, "d_model": 256, "n_layers": 4, "d_state": 64, "l_max": 1024},
+        "sessions": [1, 4, 16, 64, 256],
+        "tokens": 128,
+        "prompt": 32,
+        "step_repeat": 30,
+    },
+    True: {
+        "model": {"vocab_size": 256, "d_model": 32, "n_layers": 2, "d_state": 16, "l_max": 128},
+        "sessions": [1, 4, 16, 64],
+        "tokens": 32,
+        "prompt": 32,
+        "step_repeat": 10,
+    },
+}
+
+
+def checkpoint(quick: bool, tmp: Path) -> tuple[Path, str]:
+    if SHIPPED.exists() and not quick:
+        return SHIPPED, "shipped checkpoint text-shakespeare"
+    torch.manual_seed(0)
+    cfg = SIZES[quick]["model"]
+    save(SequenceModel(ModelConfig(cauchy_backend="torch", **cfg)), tmp / "standin")
+    return tmp / "standin", f"stand-in, random init: {cfg}"
+
+
+def raw_step_rate(rec, batch: int, repeat: int) -> float:
+    """Tokens/s of the bare batched step, in place (what the engine can at best achieve)."""
+    state = rec.init_state(batch)
+    tok = torch.zeros(batch, dtype=torch.long, device=rec.device)
+    for _ in range(3):
+        rec.step(tok, state, out=state)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        rec.step(tok, state, out=state)
+    return batch * repeat / (time.perf_counter() - t0)
+
+
+def engine_rate(rec, n: int, sz: dict) -> dict[str, float]:
+    """The engine with n sessions in a burst, consumed by a local event loop."""
+    from model.sampling import SamplingParams
+    from server.config import Settings
+    from server.engine import Engine, Job, Stream
+    from server.metrics import Metrics
+    from server.sessions import SessionRecord, SessionTable
+
+    settings = Settings(
+        max_sessions=n, max_batch_size=max(n, 1), max_queued_requests=n + 1, stream_buffer=256
+    )
+    engine = Engine("bench", rec, settings, SessionTable(), Metrics().for_model("bench"))
+    engine.start()
+
+    async def run() -> tuple[float, list[float]]:
+        loop = asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        firsts: list[float] = []
+
+        async def one(k: int):
+            stream = Stream(loop, settings.stream_buffer)
+            rec_ = SessionRecord(
+                id=f"s{k}", model="bench", slot=engine.pool.reserve(), busy=True, ephemeral=True
+            )
+            prompt = [(k * 7 + i) % 256 for i in range(sz["prompt"])]
+            engine.submit(Job(rec_, prompt, fresh=True, stream=stream, params=SamplingParams(seed=k),
+                              max_new_tokens=sz["tokens"]))  # fmt: skip
+            first = True
+            while True:
+                items = await stream.get()
+                if first:
+                    firsts.append(time.perf_counter() - t0)
+                    first = False
+                if not isinstance(items[-1], int):
+                    return
+
+        await asyncio.gather(*(one(k) for k in range(n)))
+        return time.perf_counter() - t0, firsts
+
+    asyncio.run(run())  # warm-up
+    wall, firsts = asyncio.run(run())
+    engine.stop()
+    return {"tokens_per_s": n * sz["tokens"] / wall, "wall_s": wall, **_pcts("ttft", firsts)}
+
+
+def _pcts(name: str, xs: list[float]) -> dict[str, float]:
+    xs = sorted(xs)
+    return {
+        f"{name}_p50_ms": 1e3 * statistics.median(xs),
+        f"{name}_p99_ms": 1e3 * xs[min(len(xs) - 1, int(0.99 * len(xs)))],
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(ckpt: Path, max_sessions: int) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "server", "--port", str(port), "--checkpoints", str(ckpt), "--log-level",
+           "warning", "--max-sessions", str(max_sessions), "--max-batch-size", str(max_sessions),
+           "--max-queued-requests", str(max_sessions + 8)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def websocket_rate(url: str, model: str, n: int, sz: dict) -> dict[str, float]:
+    from websockets.asyncio.client import connect
+
+    ws_url = url.replace("http", "ws") + "/v1/stream"
+
+    async def run() -> dict[str, float]:
+        go = asyncio.Event()
+        ready = 0
+        ttfts: list[float] = []
+        counts: list[int] = []
+
+        async def one(k: int):
+            nonlocal ready
+            async with connect(ws_url, max_queue=None) as ws:
+                await ws.send(json.dumps({"type": "session", "model": model}))
+                await ws.recv()
+                ready += 1
+                await go.wait()
+                prompt = "".join(chr(97 + (k * 7 + i) % 26) for i in range(sz["prompt"]))
+                t0 = time.perf_counter()
+                req = {"type": "generate", "prompt": prompt, "max_new_tokens": sz["tokens"], "seed": k}
+                await ws.send(json.dumps(req))
+                got = 0
+                while True:
+                    m = json.loads(await ws.recv())
+                    if m["type"] == "token" and m["ids"]:
+                        if got == 0:
+                            ttfts.append(time.perf_counter() - t0)
+                        got += len(m["ids"])
+                    elif m["type"] in ("done", "error"):
+                        counts.append(got)
+                        return
+
+        tasks = [asyncio.create_task(one(k)) for k in range(n)]
+        while ready < n:
+            await asyncio.sleep(0.01)
+        t0 = time.perf_counter()
+        go.set()
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - t0
+        return {
+            "tokens_per_s": sum(counts) / wall,
+            "wall_s": wall,
+            "tokens": sum(counts),
+            **_pcts("ttft", ttfts),
+        }
+
+    asyncio.run(run())  # warm-up
+    return asyncio.run(run())
+
+
+def run(quick: bool) -> dict[str, Any]:
+    sz = SIZES[quick]
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, what = checkpoint(quick, Path(tmp))
+        net = load(ckpt)
+        rec = net.to_recurrent()
+        rows = []
+        for n in sz["sessions"]:
+            row = {"sessions": n, "raw_step_tokens_per_s": raw_step_rate(rec, n, sz["step_repeat"])}
+            row["engine"] = engine_rate(rec, n, sz)
+            rows.append(row)
+            e = row["engine"]
+            print(f"{n:4d} sessions: raw {row['raw_step_tokens_per_s']:9.0f}  engine {e['tokens_per_s']:9.0f}"
+                  f" tok/s  ttft p99 {e['ttft_p99_ms']:.1f} ms", flush=True)  # fmt: skip
+        proc, url = start_server(ckpt, max(sz["sessions"]))
+        try:
+            for row in rows:
+                row["websocket"] = websocket_rate(url, ckpt.name, row["sessions"], sz)
+                w = row["websocket"]
+                w["fraction_of_engine"] = w["tokens_per_s"] / row["engine"]["tokens_per_s"]
+                print(f"{row['sessions']:4d} sessions: websocket {w['tokens_per_s']:9.0f} tok/s "
+                      f"({w['fraction_of_engine']:.2f} of engine), ttft p50 {w['ttft_p50_ms']:.1f} "
+                      f"p99 {w['ttft_p99_ms']:.1f} ms", flush=True)  # fmt: skip
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    goals = {"websocket_over_engine_at_64": 0.8, "ttft_p99_ms_at_64": 50.0}
+    at64 = next((r for r in rows if r["sessions"] == 64), None)
+    measured = None
+    if at64:
+        measured = {
+            "websocket_over_engine_at_64": at64["websocket"]["fraction_of_engine"],
+            "ttft_p99_ms_at_64": at64["websocket"]["ttft_p99_ms"],
+        }
+    return {
+        "model": what,
+        "model_config": net.config.to_dict(),
+        "layer_forms": [r["form"] for r in rec.report],
+        "sizes": sz,
+        "results": rows,
+        "goals": goals,
+        "measured_vs_goals": measured,
+    }
+
+
+def plot(data: dict[str, Any], quick: bool) -> None:
+    rows = data["results"]
+    ns = [r["sessions"] for r in rows]
+    fig, (ax, ax2) = subplots(2)
+    ax.plot(ns, [r["raw_step_tokens_per_s"] for r in rows], "o-", label="raw batched step")
+    ax.plot(ns, [r["engine"]["tokens_per_s"] for r in rows], "s-", label="engine (no HTTP)")
+    ax.plot(ns, [r["websocket"]["tokens_per_s"] for r in rows], "^-", label="WebSocket end to end")
+    log2_axis(ax, ns)
+    ax.set(xlabel="concurrent sessions", ylabel="tokens/s", title="Throughput")
+    ax.legend()
+    for key, mark in (("engine", "s"), ("websocket", "^")):
+        ax2.plot(ns, [r[key]["ttft_p50_ms"] for r in rows], mark + "--", label=f"{key} p50")
+        ax2.plot(ns, [r[key]["ttft_p99_ms"] for r in rows], mark + "-", label=f"{key} p99")
+    ax2.axhline(data["goals"]["ttft_p99_ms_at_64"], color="grey", lw=0.8, ls=":", label="goal p99 at 64")
+    log2_axis(ax2, ns)
+    ax2.set(xlabel="concurrent sessions (burst)", ylabel="ms", title="Time to first token")
+    ax2.legend()
+    save_figure(fig, NAME, quick, title=f"Serving: {data['model']}")
+
+
+def main(argv=None) -> None:
+    bench_main(argv, __doc__, NAME, run, plot)
+
+
+if __name__ == "__main__":
+    main()

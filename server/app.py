@@ -1,0 +1,129 @@
+"""The FastAPI app: factory, lifespan (load → convert → verify → warm up → ready; drain on shutdown),
+error rendering.
+
+The server accepts connections while models load: /healthz answers at once, /readyz says 503 until
+every configured model is loaded (or has failed) and at least one is served, and again while draining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server.config import Settings
+from server.errors import APIError, not_found, unavailable
+from server.metrics import Metrics
+from server.registry import ServedModel, load_models
+from server.sessions import SessionTable
+
+log = logging.getLogger("server")
+
+
+class ServerState:
+    """Everything the routes share: settings, models and their engines, sessions, metrics."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.sessions = SessionTable()
+        self.models: dict[str, ServedModel] = {}
+        self.failed: dict[str, str] = {}
+        self.loaded = False
+        self.draining = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded and bool(self.models) and not self.draining
+
+    def model(self, model_id: str) -> ServedModel:
+        """The served model `model_id`: 503 while loading or draining, 404 if unknown."""
+        if self.draining:
+            raise unavailable("the server is shutting down")
+        m = self.models.get(model_id)
+        if m is None:
+            if not self.loaded:
+                raise unavailable("models are still loading")
+            raise not_found(f"no model {model_id!r}; see GET /v1/models", param="model")
+        return m
+
+    async def load(self) -> None:
+        self.models, self.failed = await asyncio.to_thread(
+            load_models, self.settings, self.sessions, self.metrics
+        )
+        for m in self.models.values():
+            m.engine.start()
+        self.loaded = True
+        log.info("ready: serving %s", ", ".join(self.models) or "no model")
+
+    async def shutdown(self) -> None:
+        """Refuse new work, let running requests finish (up to drain_timeout_s), stop the engines."""
+        self.draining = True
+        deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout_s
+        while any(m.engine.active_requests for m in self.models.values()):
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("drain timeout: cancelling the remaining requests")
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.gather(*(asyncio.to_thread(m.engine.stop) for m in self.models.values()))
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """The first pydantic error as an APIError naming its field (400 for malformed JSON)."""
+    e = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path")]
+    if e.get("type") == "json_invalid":
+        return APIError(400, f"malformed JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
+    param = ".".join(loc) or None
+    return APIError(422, f"{param or 'request'}: {e.get('msg')}", param=param)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    from server.routes import generate, health, sessions, websocket
+
+    settings = settings or Settings()
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.loop = asyncio.get_running_loop()
+        loading = asyncio.create_task(state.load())
+        try:
+            yield
+        finally:
+            await state.shutdown()
+            loading.cancel()
+
+    app = FastAPI(
+        title="s4serve",
+        version="0.1.0",
+        summary="Streaming inference for S4 state-space language models (text and audio)",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return _error_response(validation_error(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return _error_response(APIError(exc.status_code, str(exc.detail)))
+
+    for module in (health, generate, sessions, websocket):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,82 @@
+"""Server settings: environment variables `S4_*` (pydantic-settings), overridable by CLI flags.
+
+Every field here is a flag of `python -m server` too (`max_sessions` → `--max-sessions`); the README's
+settings table is generated from the same descriptions (`settings_table`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_CHECKPOINTS = ["checkpoints/text-shakespeare", "checkpoints/audio-digits"]
+
+
+class Settings(BaseSettings):
+    """Everything an operator may set. Limits are per model unless said otherwise."""
+
+    model_config = SettingsConfigDict(env_prefix="S4_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    checkpoints: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_CHECKPOINTS),
+        description="checkpoint folders to serve (comma-separated); the model id is the folder name",
+    )
+    device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
+    verify_tolerance: float = Field(
+        1e-4, gt=0, description="max relative error of the recurrent form against the conv kernel"
+    )
+    max_sessions: int = Field(256, ge=1, description="state slots per model (sessions + one-shot requests)")
+    session_ttl_s: float = Field(
+        600.0, gt=0, description="an idle session is deleted after this many seconds"
+    )
+    max_prompt_tokens: int = Field(8192, ge=1, description="longest prompt (or append) in tokens (else 413)")
+    max_new_tokens: int = Field(4096, ge=1, description="largest max_new_tokens a request may ask for")
+    max_queued_requests: int = Field(
+        256, ge=1, description="requests admitted but not yet decoding, per model (else 429)"
+    )
+    max_batch_size: int = Field(128, ge=1, description="most sessions stepped together in one decode step")
+    prefill_chunk_tokens: int = Field(
+        256, ge=1, description="prompts are ingested in chunks of this many tokens (fixed boundaries)"
+    )
+    prefill_token_budget: int = Field(
+        512, ge=1, description="prompt tokens ingested per engine iteration, between two decode steps"
+    )
+    stream_buffer: int = Field(
+        64, ge=1, description="undelivered steps held per request; a full buffer pauses its session"
+    )
+    ws_max_frame_bytes: int = Field(1 << 20, ge=1024, description="largest WebSocket frame accepted")
+    drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, wait this long for running requests")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _split(cls, v):
+        if isinstance(v, str):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def uses_default_checkpoints(self) -> bool:
+        return "checkpoints" not in self.model_fields_set
+
+
+def settings_table() -> str:
+    """Markdown table of every setting: env var, CLI flag, default, meaning (for the README)."""
+    rows = ["| env var | flag | default | meaning |", "|---|---|---|---|"]
+    for name, f in Settings.model_fields.items():
+        default = f.default_factory() if f.default_factory else f.default
+        if isinstance(default, list):
+            default = ",".join(default)
+        rows.append(f"| `S4_{name.upper()}` | `--{name.replace('_', '-')}` | `{default}` | {f.description} |")
+    return "\n".join(rows)

@@ -1,0 +1,564 @@
+"""The per-model engine: one worker thread that owns the model's device tensors.
+
+Each iteration of its loop:
+  1. admit: take new jobs from the inbox (bounded) and run control operations (fork, export, …);
+  2. prefill: ingest prompt chunks of several jobs, at most `prefill_token_budget` tokens, batching
+     chunks of equal length into one parallel (conv-mode) prefill;
+  3. decode: one batched recurrent step for every live generating session, sampling on the device
+     with one generator per request, and one copy of the new tokens to the host;
+  4. hand the new tokens to the event loop, one `call_soon_threadsafe` per iteration.
+
+Sessions that are decoding live in a resident batch (`DecodeBatch`): their states are copied out of
+the slot pool when they join and back when they leave, not at every step, and the step updates the
+batch in place. A request's tokens go through a bounded `Stream`; when its consumer falls behind and
+the stream is full, the session leaves the batch (paused) until there is room again. Nothing is
+dropped and nothing is buffered without bound.
+
+The engine never awaits; the event loop never calls the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from model.recurrent import RecurrentModel
+from model.sampling import SamplingParams, find_stop, sample
+from server.config import Settings
+from server.errors import APIError, over_capacity, unavailable
+from server.metrics import ModelMetrics
+from server.sessions import SessionRecord, SessionTable, SlotPool
+
+log = logging.getLogger("server.engine")
+
+GREEDY = SamplingParams(temperature=0.0)  # what the holes of a decode batch "sample"
+
+
+@dataclass
+class Finished:
+    """The last event of a generation."""
+
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    stop_at: int | None = None  # index in the generated tokens where the stop sequence starts
+
+
+@dataclass
+class Failed:
+    """A request that could not run (the last event of its stream)."""
+
+    error: APIError
+
+
+class Stream:
+    """Bounded channel from the engine thread to one request on the event loop.
+
+    Items are token ids (ints) and one final `Finished` or `Failed`. The engine sends a token only
+    while `room() > 0`, so the queue never holds more than `capacity` tokens plus the final event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int) -> None:
+        self.loop, self.capacity = loop, capacity
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=capacity + 1)
+        self.sent = 0  # tokens sent (engine thread)
+        self.taken = 0  # tokens taken (event loop)
+        self.cancelled = False
+        self.engine: Engine | None = None
+
+    def room(self) -> int:
+        return self.capacity - (self.sent - self.taken)
+
+    def cancel(self) -> None:
+        """Stop the generation at its next step (called from the event loop)."""
+        self.cancelled = True
+        if self.engine is not None:
+            self.engine.wake()
+
+    def _took(self, items: list) -> None:
+        n = sum(1 for x in items if isinstance(x, int))
+        was_full = self.room() <= 0
+        self.taken += n
+        if was_full and n and self.engine is not None:
+            self.engine.wake()  # a paused session may step again
+
+    async def get(self) -> list:
+        """Wait for at least one item; return every item available now (tokens, maybe a final event)."""
+        items = [await self.queue.get()]
+        while not self.queue.empty():
+            items.append(self.queue.get_nowait())
+        self._took(items)
+        return items
+
+
+@dataclass
+class Job:
+    """One request on one session: ingest `tokens`, then (with a stream) generate."""
+
+    session: SessionRecord
+    tokens: list[int]
+    fresh: bool = False  # clear the slot first (a new session)
+    stream: Stream | None = None
+    params: SamplingParams | None = None
+    max_new_tokens: int = 0
+    future: concurrent.futures.Future | None = None  # ingestion-only jobs
+    submitted: float = field(default_factory=time.perf_counter)
+    # engine-side progress
+    ingest: list[int] = field(default_factory=list)
+    offset: int = 0
+    out: list[int] = field(default_factory=list)
+    out_bytes: bytearray = field(default_factory=bytearray)
+    stops: list[bytes] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    last_emit: float = 0.0
+    delete_after: bool = False
+    queued: bool = True  # counted in the engine's queue depth (until it decodes or ends)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.stream is not None and self.stream.cancelled
+
+
+class DecodeBatch:
+    """The sessions being decoded: their states (n_layers, R, H, 2, M), pending tokens (R,) and seen
+    sets (R, V) on the device, one row per session. A leaving session leaves a hole (stepped but
+    ignored) that the next joiner fills in place; holes are compacted away once they are a quarter
+    of the rows."""
+
+    def __init__(self, pool: SlotPool) -> None:
+        self.pool = pool
+        shape = list(pool.state.shape)
+        shape[1] = 0
+        self.state = pool.state.new_zeros(shape)
+        self.tok = torch.zeros(0, dtype=torch.long, device=pool.state.device)
+        self.seen = pool.seen.new_zeros((0, pool.seen.shape[1]))
+        self.rows: list[Job | None] = []
+        self.dummy = torch.Generator(device=pool.state.device)
+
+    @property
+    def live(self) -> int:
+        return sum(1 for j in self.rows if j is not None)
+
+    def leave(self, jobs: list[Job]) -> None:
+        """Write the jobs' states back to their slots; their rows become holes."""
+        if not jobs:
+            return
+        rows = [self.rows.index(j) for j in jobs]
+        r = torch.tensor(rows, device=self.tok.device)
+        s = torch.tensor([j.session.slot for j in jobs], device=self.tok.device)
+        self.pool.state.index_copy_(1, s, self.state.index_select(1, r))
+        self.pool.seen.index_copy_(0, s, self.seen.index_select(0, r))
+        for row in rows:
+            self.rows[row] = None
+
+    def join(self, jobs: list[Job]) -> None:
+        """Bring the jobs' slots into the batch (holes first, then new rows)."""
+        if not jobs:
+            return
+        dev = self.tok.device
+        holes = [i for i, j in enumerate(self.rows) if j is None][: len(jobs)]
+        fill, grow = jobs[: len(holes)], jobs[len(holes) :]
+        if fill:
+            r = torch.tensor(holes, device=dev)
+            s = torch.tensor([j.session.slot for j in fill], device=dev)
+            self.state.index_copy_(1, r, self.pool.state.index_select(1, s))
+            self.seen.index_copy_(0, r, self.pool.seen.index_select(0, s))
+            self.tok.index_copy_(0, r, torch.tensor([j.session.pending for j in fill], device=dev))
+            for i, j in zip(holes, fill):
+                self.rows[i] = j
+        if grow:
+            s = torch.tensor([j.session.slot for j in grow], device=dev)
+            self.state = torch.cat([self.state, self.pool.state.index_select(1, s)], dim=1)
+            self.seen = torch.cat([self.seen, self.pool.seen.index_select(0, s)])
+            self.tok = torch.cat([self.tok, torch.tensor([j.session.pending for j in grow], device=dev)])
+            self.rows += grow
+
+    def compact(self) -> None:
+        holes = len(self.rows) - self.live
+        if holes and (4 * holes >= len(self.rows)):
+            keep = [i for i, j in enumerate(self.rows) if j is not None]
+            k = torch.tensor(keep, dtype=torch.long, device=self.tok.device)
+            self.state = self.state.index_select(1, k)  # a new contiguous tensor
+            self.seen, self.tok = self.seen.index_select(0, k), self.tok.index_select(0, k)
+            self.rows = [self.rows[i] for i in keep]
+
+    def step(self, rec: RecurrentModel) -> list[int]:
+        """One recurrent step of every row, in place; returns the sampled tokens (host ints)."""
+        logits, _ = rec.step(self.tok, self.state, out=self.state)  # (R, V)
+        params = [GREEDY if j is None else j.params for j in self.rows]
+        gens = [self.dummy if j is None else j.generator for j in self.rows]
+        penalized = any(p.repetition_penalty != 1 for p in params)
+        new = sample(logits, params, gens, self.seen if penalized else None)  # (R,) on the device
+        self.seen[torch.arange(len(self.rows), device=new.device), new] = True
+        self.tok = new
+        return new.tolist()  # the one host copy per step
+
+
+class Engine:
+    """One model's worker thread: scheduling, prefill, batched decode, sampling, cancellation."""
+
+    def __init__(
+        self,
+        model_id: str,
+        rec: RecurrentModel,
+        settings: Settings,
+        sessions: SessionTable,
+        metrics: ModelMetrics,
+    ) -> None:
+        self.model_id, self.rec, self.settings, self.sessions = model_id, rec, settings, sessions
+        self.metrics = metrics
+        self.pool = SlotPool(rec.init_state(settings.max_sessions), rec.config.vocab_size)
+        self.batch = DecodeBatch(self.pool)
+        self._inbox: collections.deque = collections.deque()
+        self._cv = threading.Condition()
+        self._queued = 0  # admitted jobs not yet decoding or done (guarded by _cv)
+        self._prefilling: list[Job] = []
+        self._waiting: collections.deque[Job] = collections.deque()  # ready to decode
+        self._running: dict[str, Job] = {}  # session id → its job
+        self._outbox: list[tuple[Stream, Any]] = []
+        self._stopping = False
+        self._next_housekeeping = 0.0
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{model_id}", daemon=True)
+
+    # --- called from the event loop ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._running)
+
+    def _submit(self, item: Job | tuple) -> None:
+        with self._cv:
+            if self._stopping:
+                raise unavailable("the server is shutting down")
+            if self._queued >= self.settings.max_queued_requests:
+                self.metrics.reject("queue_full")
+                raise over_capacity(
+                    f"model {self.model_id} has {self._queued} requests queued "
+                    f"(max_queued_requests={self.settings.max_queued_requests})"
+                )
+            self._queued += 1
+            self._inbox.append(item)
+            self.metrics.queue_depth.set(self._queued)
+            self._cv.notify()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job (429 when the queue is full). Generation results arrive on job.stream;
+        an ingestion-only job resolves job.future with the session record."""
+        if job.stream is not None:
+            job.stream.engine = self
+        self._submit(job)
+
+    def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
+        """Run fn(engine) on the engine thread (state copies: fork, export, import, delete)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._submit((fn, fut))
+        return fut
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    # --- engine thread -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                if not self._admit():
+                    break
+                self._housekeeping()
+                self._prefill()
+                self._decode()
+                self._flush()
+        except Exception:  # a bug: fail every request rather than hang them
+            log.exception("engine %s crashed", self.model_id)
+            self._abort_all(APIError(500, f"engine of model {self.model_id} failed; see the server log"))
+            self._flush()
+
+    def _has_work(self) -> bool:
+        ready = any(j.stream.room() > 0 or j.cancelled for j in self._waiting)
+        return bool(self._prefilling or self.batch.live or ready)
+
+    def _admit(self) -> bool:
+        with self._cv:
+            if not self._inbox and not self._has_work() and not self._stopping:
+                self._cv.wait(timeout=0.25)
+            items = list(self._inbox)
+            self._inbox.clear()
+            stopping = self._stopping
+        for item in items:
+            if isinstance(item, Job):
+                self._start(item)
+            else:
+                fn, fut = item
+                self._uncount(None)
+                try:
+                    fut.set_result(fn(self))
+                except Exception as exc:
+                    fut.set_exception(exc)
+        if stopping:
+            self._abort_all(APIError(503, "the server is shutting down"))
+            self._flush()
+            return False
+        return True
+
+    def _uncount(self, job: Job | None) -> None:
+        """A queued item (job, or control call when None) leaves the queue."""
+        if job is not None:
+            if not job.queued:
+                return
+            job.queued = False
+        with self._cv:
+            self._queued -= 1
+            self.metrics.queue_depth.set(self._queued)
+
+    def _start(self, job: Job) -> None:
+        rec = job.session
+        if job.fresh:
+            self.pool.clear(rec.slot)
+        self._running[rec.id] = job
+        # the state holds every token but the pending one: feed the old pending token and all
+        # new tokens but the last, which becomes the new pending token
+        if job.tokens:
+            job.ingest = ([rec.pending] if rec.pending is not None else []) + job.tokens[:-1]
+            rec.pending = job.tokens[-1]
+            rec.n_tokens += len(job.tokens)
+            ids = torch.tensor(job.tokens, device=self.pool.seen.device)
+            self.pool.seen[rec.slot, ids] = True
+        if job.stream is not None:
+            job.generator = job.params.generator(self.pool.state.device)
+            job.stops = list(job.params.stop)
+        if job.ingest:
+            self._prefilling.append(job)
+        else:
+            self._ingested(job)
+
+    def _ingested(self, job: Job) -> None:
+        if job.stream is None:
+            self._end(job)
+            job.future.set_result(job.session)
+        else:
+            self._waiting.append(job)
+
+    def _prefill(self) -> None:
+        """Ingest one chunk of each prefilling job, FIFO, within the token budget; equal-length
+        chunks run as one batched prefill."""
+        chunk, budget = self.settings.prefill_chunk_tokens, self.settings.prefill_token_budget
+        picked: list[tuple[Job, list[int]]] = []
+        used = 0
+        for job in list(self._prefilling):
+            if job.cancelled and job.session.ephemeral:  # nothing to keep: stop now
+                self._prefilling.remove(job)
+                self._finish(job, "cancelled")
+                continue
+            piece = job.ingest[job.offset : job.offset + chunk]  # fixed boundaries: load-independent
+            if picked and used + len(piece) > budget:
+                break
+            picked.append((job, piece))
+            used += len(piece)
+        groups: dict[int, list[tuple[Job, list[int]]]] = collections.defaultdict(list)
+        for job, piece in picked:
+            groups[len(piece)].append((job, piece))
+        dev = self.pool.state.device
+        for group in groups.values():
+            slots = torch.tensor([j.session.slot for j, _ in group], device=dev)
+            toks = torch.tensor([p for _, p in group], device=dev)  # (G, L)
+            _, x = self.rec.prefill(toks, self.pool.state.index_select(1, slots))
+            self.pool.state.index_copy_(1, slots, x)
+        for job, piece in picked:
+            job.offset += len(piece)
+            if job.offset == len(job.ingest):
+                self._prefilling.remove(job)
+                self._ingested(job)
+        if used:
+            self.metrics.prefill_tokens.inc(used)
+
+    def _decode(self) -> None:
+        b = self.batch
+        leaving = [j for j in b.rows if j is not None and (j.cancelled or j.stream.room() <= 0)]
+        b.leave(leaving)
+        for job in leaving:
+            if job.cancelled:
+                self._finish(job, "cancelled")
+            else:
+                self._waiting.appendleft(job)  # paused: first to rejoin
+        joining, keep = [], collections.deque()
+        free = self.settings.max_batch_size - b.live
+        while self._waiting:
+            job = self._waiting.popleft()
+            if job.cancelled:
+                self._finish(job, "cancelled")
+            elif len(joining) < free and job.stream.room() > 0:
+                self._uncount(job)  # decoding now
+                joining.append(job)
+            else:
+                keep.append(job)
+        self._waiting = keep
+        b.join(joining)
+        b.compact()
+        if not b.live:
+            return
+        ids = b.step(self.rec)
+        self.metrics.batch_size.observe(b.live)
+        now = time.perf_counter()
+        done = []
+        for job, tok in zip(b.rows, ids):
+            if job is not None and self._emit(job, tok, now):
+                done.append(job)
+        if done:
+            b.leave(done)
+            for job in done:
+                reason = "stop" if job.stops and self._stop_at(job) is not None else "length"
+                self._finish(job, reason)
+
+    def _stop_at(self, job: Job) -> int | None:
+        return find_stop(bytes(job.out_bytes), job.stops, len(job.out_bytes))
+
+    def _emit(self, job: Job, tok: int, now: float) -> bool:
+        """Record and send one generated token; True when the generation is complete."""
+        job.out.append(tok)
+        job.session.pending = tok  # sampled, not yet fed: the next step (or turn) feeds it
+        job.session.n_tokens += 1
+        job.session.generated = len(job.out)
+        job.stream.sent += 1
+        self._outbox.append((job.stream, tok))
+        m = self.metrics
+        if len(job.out) == 1:
+            m.ttft.observe(now - job.submitted)
+        else:
+            m.itl.observe(now - job.last_emit)
+        job.last_emit = now
+        m.tokens.inc()
+        if len(job.out) >= job.max_new_tokens:
+            return True
+        if job.stops:
+            job.out_bytes.append(tok & 0xFF)
+            return find_stop(job.out_bytes, job.stops, 1) is not None
+        return False
+
+    def _finish(self, job: Job, reason: str) -> None:
+        stop_at = None
+        if reason == "stop":
+            stop_at = find_stop(bytes(job.out_bytes), job.stops, len(job.out_bytes))
+        self._outbox.append(
+            (job.stream, Finished(reason, len(job.tokens), len(job.out), stop_at)),
+        )
+        self.metrics.e2e.observe(time.perf_counter() - job.submitted)
+        self._end(job)
+
+    def _end(self, job: Job) -> None:
+        """The job no longer runs: release its session (delete it if one-shot or asked to)."""
+        rec = job.session
+        self._uncount(job)
+        self._running.pop(rec.id, None)
+        if rec.ephemeral or job.delete_after:
+            self.delete_now(rec)
+        else:
+            self.sessions.release(rec)
+
+    def _abort_all(self, error: APIError) -> None:
+        for job in list(self._running.values()):
+            if job.stream is not None:
+                self._outbox.append((job.stream, Failed(error)))
+            elif job.future is not None and not job.future.done():
+                job.future.set_exception(error)
+            self._running.pop(job.session.id, None)
+        with self._cv:
+            pending = list(self._inbox)
+            self._inbox.clear()
+        for item in pending:
+            if isinstance(item, Job):
+                if item.stream is not None:
+                    self._outbox.append((item.stream, Failed(error)))
+                else:
+                    item.future.set_exception(error)
+            else:
+                item[1].set_exception(error)
+
+    def _flush(self) -> None:
+        """Deliver this iteration's events: one thread-safe callback per event loop."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
+        for stream, item in self._outbox:
+            by_loop[stream.loop].append((stream, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        self._next_housekeeping = now + min(1.0, self.settings.session_ttl_s / 4)
+        for rec in self.sessions.claim_expired(self.model_id, self.settings.session_ttl_s):
+            log.info("session %s expired (idle > %g s)", rec.id, self.settings.session_ttl_s)
+            self.delete_now(rec)
+        self.metrics.active_sessions.set(self.pool.in_use)
+        self.metrics.state_bytes.set(self.pool.in_use * self.pool.bytes_per_slot)
+
+    # --- control operations (run on the engine thread through `call`) --------------------------
+
+    def delete_now(self, rec: SessionRecord) -> None:
+        """Delete a session; a running request on it is cancelled first and the session goes
+        when that request ends."""
+        job = self._running.get(rec.id)
+        if job is not None:
+            job.delete_after = True
+            if job.stream is not None:
+                job.stream.cancelled = True
+            return
+        self.sessions.remove(rec.id)
+        self.pool.release(rec.slot)
+        self.metrics.active_sessions.set(self.pool.in_use)
+        self.metrics.state_bytes.set(self.pool.in_use * self.pool.bytes_per_slot)
+
+    def fork(self, src: SessionRecord, dst: SessionRecord) -> SessionRecord:
+        self.pool.copy(src.slot, dst.slot)
+        dst.n_tokens, dst.pending = src.n_tokens, src.pending
+        self.sessions.add(dst)
+        return dst
+
+    def read_slot(self, rec: SessionRecord) -> tuple[bytes, list[int]]:
+        """The slot's state as raw little-endian float32 bytes, and its seen token ids."""
+        state = self.pool.state[:, rec.slot].contiguous().cpu()
+        seen = self.pool.seen[rec.slot].nonzero()[:, 0].tolist()
+        return state.numpy().astype("<f4", copy=False).tobytes(), seen
+
+    def write_slot(self, rec: SessionRecord, state: bytes, seen: list[int]) -> SessionRecord:
+        shape = self.pool.state[:, rec.slot].shape
+        x = torch.frombuffer(bytearray(state), dtype=torch.float32).reshape(shape)
+        self.pool.clear(rec.slot)
+        self.pool.state[:, rec.slot].copy_(x)
+        if seen:
+            self.pool.seen[rec.slot, torch.tensor(seen, device=self.pool.seen.device)] = True
+        self.sessions.add(rec)
+        return rec
+
+
+def _deliver(items: list[tuple[Stream, Any]]) -> None:
+    for stream, item in items:
+        stream.queue.put_nowait(item)

@@ -1,0 +1,62 @@
+"""API errors: one exception type carrying the HTTP status, rendered as `{"error": {...}}` by the app
+and as `{"type": "error", "code", "message"}` frames on the WebSocket."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+
+class APIError(Exception):
+    """A request the server refuses: status (HTTP code), message, the offending field if any."""
+
+    def __init__(
+        self, status: int, message: str, param: str | None = None, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.retry_after = status, message, param, retry_after
+
+    @property
+    def type(self) -> str:
+        try:
+            phrase = HTTPStatus(self.status).phrase
+        except ValueError:  # 499: the client went away (nginx's code)
+            phrase = "client closed request"
+        return phrase.lower().replace(" ", "_").replace("-", "_")
+
+    def body(self) -> dict:
+        return {
+            "error": {"code": self.status, "type": self.type, "message": self.message, "param": self.param}
+        }
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(max(1, round(self.retry_after)))}
+
+    def frame(self) -> dict:
+        out = {"type": "error", "code": self.status, "message": self.message}
+        if self.param is not None:
+            out["param"] = self.param
+        return out
+
+
+def invalid(param: str, message: str) -> APIError:
+    return APIError(422, message, param=param)
+
+
+def not_found(message: str, param: str | None = None) -> APIError:
+    return APIError(404, message, param=param)
+
+
+def too_large(message: str, param: str | None = None) -> APIError:
+    return APIError(413, message, param=param)
+
+
+def over_capacity(message: str, retry_after: float = 1.0) -> APIError:
+    return APIError(429, message, retry_after=retry_after)
+
+
+def busy(session_id: str) -> APIError:
+    return APIError(409, f"session {session_id} is busy with another request", param="session_id")
+
+
+def unavailable(message: str) -> APIError:
+    return APIError(503, message, retry_after=5.0)

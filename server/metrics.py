@@ -1,0 +1,61 @@
+"""Prometheus metrics, one registry per app (so several apps can live in one process, as in tests).
+
+Latencies are measured in the engine thread: time to first token from the request's admission to
+the step that produced its first token, inter-token latency between two steps of one request, and
+end-to-end from admission to the final event.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r, m = self.registry, ["model"]
+        self.ttft = Histogram("s4_time_to_first_token_seconds", "Admission to first token", m, registry=r,
+                              buckets=LATENCY_BUCKETS)  # fmt: skip
+        self.itl = Histogram("s4_inter_token_latency_seconds", "Time between two tokens of a request", m,
+                             registry=r, buckets=LATENCY_BUCKETS)  # fmt: skip
+        self.e2e = Histogram("s4_request_duration_seconds", "Admission to final event of a generation", m,
+                             registry=r, buckets=E2E_BUCKETS)  # fmt: skip
+        self.batch_size = Histogram("s4_decode_batch_size", "Sessions per decode step", m, registry=r,
+                                    buckets=BATCH_BUCKETS)  # fmt: skip
+        self.tokens = Counter("s4_tokens_generated", "Tokens generated", m, registry=r)
+        self.prefill_tokens = Counter("s4_prompt_tokens_ingested", "Prompt tokens prefilled", m, registry=r)
+        self.active_sessions = Gauge("s4_active_sessions", "State slots in use (sessions + one-shot)", m,
+                                     registry=r)  # fmt: skip
+        self.state_bytes = Gauge("s4_state_bytes_resident", "Bytes of state held by slots in use", m,
+                                 registry=r)  # fmt: skip
+        self.pool_bytes = Gauge("s4_state_pool_bytes", "Bytes preallocated for the state slot pool", m,
+                                registry=r)  # fmt: skip
+        self.queue_depth = Gauge("s4_queue_depth", "Requests admitted but not yet decoding", m, registry=r)
+        self.rejections = Counter("s4_rejections", "Requests refused for capacity or limits",
+                                  ["model", "reason"], registry=r)  # fmt: skip
+
+    def for_model(self, model: str) -> ModelMetrics:
+        return ModelMetrics(self, model)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class ModelMetrics:
+    """The metrics with the model label bound (cheap to update from the engine's hot loop)."""
+
+    def __init__(self, m: Metrics, model: str) -> None:
+        self.ttft, self.itl, self.e2e = m.ttft.labels(model), m.itl.labels(model), m.e2e.labels(model)
+        self.batch_size, self.tokens = m.batch_size.labels(model), m.tokens.labels(model)
+        self.prefill_tokens = m.prefill_tokens.labels(model)
+        self.active_sessions, self.state_bytes = m.active_sessions.labels(model), m.state_bytes.labels(model)
+        self.pool_bytes, self.queue_depth = m.pool_bytes.labels(model), m.queue_depth.labels(model)
+        self._rejections, self._model = m.rejections, model
+
+    def reject(self, reason: str) -> None:
+        self._rejections.labels(self._model, reason).inc()

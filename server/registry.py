@@ -1,0 +1,128 @@
+"""The served models: load a checkpoint, convert it to the recurrent form, verify, warm up, start its
+engine. A checkpoint that fails any step is not served; the reason is logged and shown by /readyz."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model import VerificationError, load
+from model.checkpoint import CheckpointError, read_config
+from model.network import ModelConfig
+from model.recurrent import RecurrentModel
+from model.sampling import SamplingParams, sample
+from server.config import Settings
+from server.engine import Engine
+from server.metrics import Metrics
+from server.sessions import SessionTable, model_fingerprint
+
+log = logging.getLogger("server.models")
+
+
+@dataclass
+class ServedModel:
+    id: str
+    path: Path
+    config: ModelConfig
+    rec: RecurrentModel
+    engine: Engine
+    fingerprint: str
+
+    @property
+    def kind(self) -> str:
+        return self.config.modality
+
+    @property
+    def sample_rate(self) -> int | None:
+        return self.config.sample_rate if self.kind == "audio" else None
+
+    @property
+    def state_bytes(self) -> int:
+        return self.rec.state_bytes_per_sequence
+
+    @property
+    def state_shape(self) -> list[int]:
+        return [len(self.rec.layers), self.rec.H, 2, self.rec.M]
+
+    def describe(self) -> dict:
+        c = self.config
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "sample_rate": self.sample_rate,
+            "vocab_size": c.vocab_size,
+            "n_layers": c.n_layers,
+            "d_model": c.d_model,
+            "d_state": c.d_state,
+            "kernel": c.kernel,
+            "layer_forms": [r["form"] for r in self.rec.report],
+            "state_bytes_per_session": self.state_bytes,
+            "max_sessions": self.engine.pool.capacity,
+        }
+
+
+def warm_up(rec: RecurrentModel, batch: int) -> None:
+    """Touch every code path once (builds the fused step, sizes the allocator) before serving."""
+    dev = rec.device
+    state = rec.init_state(batch)
+    _, state = rec.prefill(torch.zeros(batch, 8, dtype=torch.long, device=dev), state)
+    logits, _ = rec.step(torch.zeros(batch, dtype=torch.long, device=dev), state, out=state)
+    params = [SamplingParams(seed=0)] * batch
+    sample(logits, params, [p.generator(dev) for p in params])
+
+
+def load_model(
+    path: Path, settings: Settings, sessions: SessionTable, metrics: Metrics, device: str
+) -> ServedModel:
+    """Checkpoint → verified recurrent form → warmed-up engine (not yet started). Raises
+    CheckpointError or VerificationError with the reason."""
+    t0 = time.perf_counter()
+    meta = read_config(path)
+    net = load(path)
+    rec = net.to_recurrent(device=device, tol=settings.verify_tolerance)
+    warm_up(rec, min(8, settings.max_batch_size))
+    model_id = path.name
+    mm = metrics.for_model(model_id)
+    engine = Engine(model_id, rec, settings, sessions, mm)
+    mm.pool_bytes.set(engine.pool.capacity * engine.pool.bytes_per_slot)
+    forms = ", ".join(f"{r['form']} {r['rel_err']:.1e}" for r in rec.report)
+    log.info(
+        "model %s: %s %s, %d layers, d_model %d, d_state %d; verified (%s); %d B state/session, "
+        "%d slots; ready in %.1f s",
+        model_id, net.config.modality, net.config.kernel, net.config.n_layers, net.config.d_model,
+        net.config.d_state, forms, rec.state_bytes_per_sequence, settings.max_sessions,
+        time.perf_counter() - t0,
+    )  # fmt: skip
+    return ServedModel(
+        model_id, path, net.config, rec, engine, model_fingerprint(meta["config"], meta.get("weights_sha256"))
+    )
+
+
+def load_models(
+    settings: Settings, sessions: SessionTable, metrics: Metrics
+) -> tuple[dict[str, ServedModel], dict[str, str]]:
+    """Every configured checkpoint that loads and verifies → {id: model}; the others → {id: why}."""
+    device = settings.resolved_device()
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    models: dict[str, ServedModel] = {}
+    failed: dict[str, str] = {}
+    for entry in settings.checkpoints:
+        path = Path(entry)
+        if not path.exists() and settings.uses_default_checkpoints():
+            log.warning("default checkpoint %s does not exist yet: skipped", path)
+            continue
+        if path.name in models:
+            failed[entry] = f"model id {path.name!r} is already served (from {models[path.name].path})"
+            log.error("checkpoint %s not served: %s", entry, failed[entry])
+            continue
+        try:
+            models[path.name] = load_model(path, settings, sessions, metrics, device)
+        except (CheckpointError, VerificationError, ValueError, OSError, RuntimeError) as exc:
+            failed[path.name] = f"{type(exc).__name__}: {exc}"
+            log.error("checkpoint %s not served: %s", entry, failed[path.name])
+    return models, failed

@@ -1,0 +1,48 @@
+"""Liveness, readiness, Prometheus metrics, the model list."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from server.schemas import ModelList
+from server.service import state_of
+
+router = APIRouter()
+
+
+@router.get("/healthz", tags=["health"], summary="The process is alive")
+async def healthz() -> dict:
+    return {"status": "alive"}
+
+
+@router.get("/readyz", tags=["health"], summary="Models loaded and verified (503 before, and while draining)")
+async def readyz(request: Request) -> JSONResponse:
+    st = state_of(request)
+    if st.draining:
+        reason = "draining"
+    elif not st.loaded:
+        reason = "loading"
+    elif not st.models:
+        reason = "no model could be served"
+    else:
+        reason = None
+    body = {"ready": reason is None, "reason": reason, "models": list(st.models), "failed": st.failed}
+    return JSONResponse(body, status_code=200 if reason is None else 503)
+
+
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    st = state_of(request)
+    for m in st.models.values():
+        mm = m.engine.metrics
+        mm.queue_depth.set(m.engine.queued)
+        mm.active_sessions.set(m.engine.pool.in_use)
+        mm.state_bytes.set(m.engine.pool.in_use * m.engine.pool.bytes_per_slot)
+    body, content_type = st.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+@router.get("/v1/models", tags=["models"], summary="Served models", response_model=ModelList)
+async def models(request: Request) -> dict:
+    return {"object": "list", "data": [m.describe() for m in state_of(request).models.values()]}

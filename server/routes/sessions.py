@@ -1,0 +1,78 @@
+"""Sessions: create, get, delete, fork, append, export and import the state."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from server import service
+from server.errors import too_large
+from server.schemas import ErrorResponse, SessionAppend, SessionCreate, SessionInfo
+from server.service import state_of
+
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 429, 503)}
+STATE_TYPE = "application/octet-stream"
+
+
+def _info(request: Request, rec) -> dict:
+    st = state_of(request)
+    return rec.info(st.models[rec.model].state_bytes)
+
+
+@router.post("", status_code=201, response_model=SessionInfo, responses=ERRORS, summary="Create a session")
+async def create(req: SessionCreate, request: Request):
+    st = state_of(request)
+    model = st.model(req.model)
+    ids = service.prompt_ids(st, model, req.prompt, req.prompt_audio)
+    return _info(request, await service.create_session(st, model, ids))
+
+
+@router.post("/import", status_code=201, response_model=SessionInfo, responses=ERRORS,
+             summary="A new session from an exported state (application/octet-stream body)")  # fmt: skip
+async def import_(request: Request):
+    st = state_of(request)
+    limit = max((m.state_bytes for m in st.models.values()), default=0) + (1 << 20)
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise too_large(f"a state blob is at most {limit} bytes here", param="state")
+    blob = bytearray()
+    async for part in request.stream():
+        blob += part
+        if len(blob) > limit:
+            raise too_large(f"a state blob is at most {limit} bytes here", param="state")
+    return _info(request, await service.import_state(st, bytes(blob)))
+
+
+@router.get("/{session_id}", response_model=SessionInfo, responses=ERRORS, summary="A session's info")
+async def get(session_id: str, request: Request):
+    return _info(request, state_of(request).sessions.get(session_id))
+
+
+@router.delete("/{session_id}", status_code=204, responses=ERRORS,
+               summary="Delete a session (a running request on it is cancelled)")  # fmt: skip
+async def delete(session_id: str, request: Request) -> Response:
+    await service.delete(state_of(request), session_id)
+    return Response(status_code=204)
+
+
+@router.post("/{session_id}/fork", status_code=201, response_model=SessionInfo, responses=ERRORS,
+             summary="A new session with a copy of this one's state")  # fmt: skip
+async def fork(session_id: str, request: Request):
+    return _info(request, await service.fork(state_of(request), session_id))
+
+
+@router.post("/{session_id}/append", response_model=SessionInfo, responses=ERRORS,
+             summary="Feed more input to a session without generating")  # fmt: skip
+async def append(session_id: str, req: SessionAppend, request: Request):
+    st = state_of(request)
+    model, _ = service.session_model(st, session_id)
+    ids = service.prompt_ids(st, model, req.prompt, req.prompt_audio)
+    return _info(request, await service.append(st, model, session_id, ids))
+
+
+@router.get("/{session_id}/export", responses={**ERRORS, 200: {"content": {STATE_TYPE: {}}}},
+            summary="The session's state as a versioned, checksummed binary")  # fmt: skip
+async def export(session_id: str, request: Request) -> Response:
+    blob = await service.export_state(state_of(request), session_id)
+    headers = {"Content-Disposition": f'attachment; filename="{session_id}.s4state"'}
+    return Response(blob, media_type=STATE_TYPE, headers=headers)

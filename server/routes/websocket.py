@@ -1,0 +1,199 @@
+"""WS /v1/stream: many turns on one session over one socket.
+
+Client → server: JSON control frames (`session`, `generate`, `append`, `cancel`; see server/schemas.py),
+and for audio models binary frames of prompt samples (pcm16 = s16le, or mulaw = one id per byte).
+Server → client: `session` (bound), `token` frames (text: ids + text), for audio models an
+`audio_header` then binary frames of samples, `appended`, `done` (finish_reason, usage) and `error`
+frames (code + message). A bad message gets an error frame and the socket stays usable; an oversized
+frame closes it with code 1009.
+
+The socket binds to one session on its first `session`, `generate` or `append` message: a new one
+(deleted when the socket closes) or an existing one (`session_id`, kept).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+
+from server import media, service
+from server.app import ServerState, validation_error
+from server.engine import Stream
+from server.errors import APIError, invalid, too_large
+from server.registry import ServedModel
+from server.schemas import WSAppend, WSCancel, WSGenerate, WSMessage, WSSession
+
+router = APIRouter()
+log = logging.getLogger("server.ws")
+
+
+class Connection:
+    def __init__(self, ws: WebSocket, st: ServerState) -> None:
+        self.ws, self.st = ws, st
+        self.model: ServedModel | None = None
+        self.session_id: str | None = None
+        self.owns_session = False
+        self.encoding = "pcm16"
+        self.audio_ids: list[int] = []  # prompt samples received as binary frames
+        self.stream: Stream | None = None
+        self.pump: asyncio.Task | None = None
+
+    async def send(self, frame: dict) -> None:
+        await self.ws.send_text(json.dumps(frame))
+
+    async def run(self) -> None:
+        limit = self.st.settings.ws_max_frame_bytes
+        while True:
+            msg = await self.ws.receive()
+            if msg["type"] == "websocket.disconnect":
+                return
+            text, data = msg.get("text"), msg.get("bytes")
+            if len(text or data or b"") > limit:  # uvicorn enforces it first (ws_max_size)
+                await self.ws.close(code=1009, reason=f"frame larger than {limit} bytes")
+                return
+            try:
+                if text is not None:
+                    await self.on_message(text)
+                elif data is not None:
+                    self.on_audio(data)
+            except APIError as err:
+                await self.send(err.frame())
+
+    async def on_message(self, text: str) -> None:
+        try:
+            msg = WSMessage.validate_json(text)
+        except ValidationError as exc:
+            errors = exc.errors()
+            for e in errors:  # drop the union tag from the location
+                loc = e.get("loc", ())
+                if loc and loc[0] in ("session", "generate", "append", "cancel"):
+                    e["loc"] = loc[1:]
+                if e.get("type", "").startswith("union_tag"):
+                    e["loc"] = ("type",)
+            raise validation_error(errors) from None
+        if isinstance(msg, WSCancel):
+            if self.stream is None:
+                raise APIError(409, "no generation is running on this socket")
+            self.stream.cancel()
+            return
+        if self.pump is not None and not self.pump.done():
+            raise APIError(409, "a generation is running on this socket: wait for its done frame, or cancel")
+        if isinstance(msg, WSGenerate):
+            service.check_new_tokens(self.st, msg.max_new_tokens)  # before binding a session
+        await self.bind(msg)
+        if isinstance(msg, WSSession):
+            return
+        ids = self.prompt(msg)
+        if isinstance(msg, WSAppend):
+            rec = await service.append(self.st, self.model, self.session_id, ids)
+            await self.send({"type": "appended", "session_id": rec.id, "tokens": rec.n_tokens,
+                             "usage": {"prompt_tokens": len(ids)}})  # fmt: skip
+            return
+        params = service.sampling_params(self.model, msg)
+        stream, _ = service.start_generation(
+            self.st, self.model, self.session_id, ids, params, msg.max_new_tokens
+        )
+        self.stream = stream
+        self.pump = asyncio.create_task(
+            self.forward(stream, service.Output(self.model, params, self.encoding))
+        )
+
+    async def bind(self, msg: WSSession | WSGenerate | WSAppend) -> None:
+        if msg.audio_encoding is not None:
+            self.encoding = msg.audio_encoding
+        if self.session_id is not None:
+            if msg.model is not None and msg.model != self.model.id:
+                raise invalid("model", f"this socket is bound to model {self.model.id}")
+            if msg.session_id is not None and msg.session_id != self.session_id:
+                raise invalid("session_id", f"this socket is bound to session {self.session_id}")
+            return
+        if msg.model is None:
+            raise invalid("model", "the socket's first message must name a model")
+        model = self.st.model(msg.model)
+        if msg.session_id is not None:
+            rec = self.st.sessions.get(msg.session_id)
+            if rec.model != model.id:
+                raise invalid("model", f"session {rec.id} belongs to model {rec.model!r}")
+        else:
+            rec = await service.create_session(self.st, model, [])
+            self.owns_session = True
+        self.model, self.session_id = model, rec.id
+        frame = {"type": "session", "session_id": rec.id, "model": model.id, "kind": model.kind}
+        if model.kind == "audio":
+            frame |= {"sample_rate": model.sample_rate, "encoding": self.encoding}
+        await self.send(frame)
+
+    def prompt(self, msg: WSGenerate | WSAppend) -> list[int]:
+        ids = media.prompt_ids(self.model.kind, self.model.sample_rate, msg.prompt, msg.prompt_audio)
+        ids, self.audio_ids = self.audio_ids + ids, []
+        service.check_prompt(self.st, ids, "prompt" if self.model.kind == "text" else "prompt_audio")
+        return ids
+
+    def on_audio(self, data: bytes) -> None:
+        if self.model is None or self.model.kind != "audio":
+            raise invalid("audio", "binary frames are audio prompt samples: bind an audio model first")
+        ids = media.audio_frame_ids(data, self.encoding)
+        if len(self.audio_ids) + len(ids) > self.st.settings.max_prompt_tokens:
+            self.audio_ids = []
+            raise too_large(
+                "buffered audio prompt is longer than max_prompt_tokens (buffer cleared)", "audio"
+            )
+        self.audio_ids += ids
+
+    async def forward(self, stream: Stream, out: service.Output) -> None:
+        """Send a generation's frames; a slow reader blocks here, which pauses the session."""
+        model = self.model
+        try:
+            if model.kind == "audio":
+                await self.send({"type": "audio_header", "sample_rate": model.sample_rate,
+                                 "encoding": out.encoding, "channels": 1})  # fmt: skip
+            async for items in service.events(stream):
+                ids = [x for x in items if isinstance(x, int)]
+                try:
+                    final = service.final_of(items)
+                except APIError as err:
+                    await self.send(err.frame())
+                    return
+                if ids and model.kind == "text":
+                    await self.send({"type": "token", "ids": ids, "text": out.text_piece(ids)})
+                elif ids:
+                    await self.ws.send_bytes(out.audio_piece(ids))
+                if final is not None:
+                    if model.kind == "text" and (rest := out.finish_text(final)):
+                        await self.send({"type": "token", "ids": [], "text": rest})
+                    reason, use = final.finish_reason, service.usage(final)
+                    await self.send({"type": "done", "finish_reason": reason, "usage": use,
+                                     "session_id": self.session_id})  # fmt: skip
+        except (WebSocketDisconnect, RuntimeError, OSError):
+            pass  # the socket is gone; events() cancelled the generation
+        finally:
+            self.stream = None
+
+    async def close(self) -> None:
+        if self.stream is not None:
+            self.stream.cancel()
+        if self.pump is not None:
+            self.pump.cancel()
+        if self.owns_session and self.session_id is not None:
+            try:
+                await service.delete(self.st, self.session_id)
+            except APIError as err:  # it will expire instead
+                log.warning(
+                    "could not delete session %s of a closed socket: %s", self.session_id, err.message
+                )
+
+
+@router.websocket("/v1/stream")
+async def stream(ws: WebSocket) -> None:
+    await ws.accept()
+    conn = Connection(ws, ws.app.state.server)
+    try:
+        await conn.run()
+    except WebSocketDisconnect:
+        pass
+    finally:
+        await conn.close()

@@ -1,0 +1,272 @@
+"""Server tests' support: tiny checkpoints, a real uvicorn server on a free loopback port (in a
+thread of the test process), and an independent reference generator to check tokens against."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from model import ModelConfig, SequenceModel, load, save
+from model.sampling import SamplingParams, find_stop, sample
+
+TINY = dict(vocab_size=256, d_model=32, n_layers=2, d_state=16, l_max=256, cauchy_backend="torch")
+CORPUS = (
+    "to be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "
+    "the slings and arrows of outrageous fortune, or to take arms against a sea of troubles "
+)
+
+
+def make_text_model() -> SequenceModel:
+    """A tiny S4 byte model after a few optimizer steps on an English line (so it mostly speaks ASCII)."""
+    torch.manual_seed(0)
+    net = SequenceModel(ModelConfig(**TINY, kernel="s4"))
+    data = torch.tensor(list((CORPUS * 4).encode()))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    for i in range(25):
+        start = (i * 37) % (len(data) - 129)
+        x = data[start : start + 129][None]
+        loss = torch.nn.functional.cross_entropy(net(x[:, :-1]).flatten(0, 1), x[0, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net
+
+
+def make_audio_model() -> SequenceModel:
+    torch.manual_seed(1)
+    return SequenceModel(ModelConfig(**TINY, kernel="s4d", modality="audio", sample_rate=8000))
+
+
+def build_checkpoints(root: Path) -> dict[str, Path]:
+    dirs = {"text": root / "tiny-text", "audio": root / "tiny-audio", "broken": root / "broken"}
+    save(make_text_model(), dirs["text"])
+    save(make_audio_model(), dirs["audio"])
+    dirs["broken"].mkdir()
+    (dirs["broken"] / "config.json").write_text("{not json")
+    return dirs
+
+
+class ServerThread:
+    """A real uvicorn server on 127.0.0.1:<free port>, serving create_app(settings)."""
+
+    def __init__(self, settings, send_buffer: int | None = None) -> None:
+        import uvicorn
+
+        from server import create_app
+
+        self.app = create_app(settings)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if send_buffer:  # accepted connections inherit it: lets a test fill the path to a client quickly
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", ws_max_size=settings.ws_max_frame_bytes)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/stream"
+
+    @property
+    def state(self):
+        return self.app.state.server
+
+    def start(self, timeout: float = 120) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.server.started:
+                try:
+                    if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                        return self
+                except httpx.HTTPError:
+                    pass
+            if not self.thread.is_alive():
+                break
+            time.sleep(0.05)
+        raise RuntimeError("server did not become ready")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+class RawWebSocket:
+    """A minimal blocking WebSocket client on a plain socket, so a test controls exactly when bytes
+    are read (client libraries read ahead into their own buffers)."""
+
+    def __init__(self, port: int, rcvbuf: int = 4096) -> None:
+        import os
+
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self.sock.recv(4096)
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    def send_json(self, obj: dict) -> None:
+        import os
+        import struct
+
+        p, mask = json.dumps(obj).encode(), os.urandom(4)
+        n = len(p)
+        head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0x80 | 126]) + struct.pack(">H", n)
+        self.sock.sendall(head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(p)))
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self.buf += self.sock.recv(65536)
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def recv_json(self) -> dict:
+        """The next text frame (servers do not mask or fragment these small frames)."""
+        b0, b1 = self._read(2)
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(self._read(2), "big")
+        elif n == 127:
+            n = int.from_bytes(self._read(8), "big")
+        data = self._read(n)
+        assert b0 & 0x0F == 1, f"expected a text frame, got opcode {b0 & 0x0F}"
+        return json.loads(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def reference(model_dir: Path, prompt: list[int], params: SamplingParams, n: int) -> list[int]:
+    """One-shot generation with the library alone: prefill the whole prompt, then sample and step."""
+    rec = _rec(model_dir)
+    logits, state = rec.prefill(torch.tensor([prompt]), rec.init_state(1))
+    logits = logits[:, -1]
+    gen = params.generator()
+    seen = torch.zeros(1, rec.config.vocab_size, dtype=torch.bool)
+    seen[0, prompt] = True
+    out: list[int] = []
+    for _ in range(n):
+        tok = sample(logits, [params], [gen], seen)
+        out.append(int(tok))
+        seen[0, tok] = True
+        if params.stop and find_stop(bytes(out), params.stop, 1) is not None:
+            break
+        logits, state = rec.step(tok, state)
+    return out
+
+
+_RECS: dict[Path, object] = {}
+
+
+def _rec(model_dir: Path):
+    if model_dir not in _RECS:
+        _RECS[model_dir] = load(model_dir).to_recurrent()
+    return _RECS[model_dir]
+
+
+def sse_events(response: httpx.Response) -> list:
+    """The `data:` payloads of an SSE response (JSON decoded, except the literal [DONE])."""
+    out = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[6:]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def metric(client: httpx.Client, name: str, model: str) -> float:
+    """One sample of the Prometheus text exposition."""
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(f'{name}{{model="{model}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# --- fixtures (imported by tests/conftest.py) -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    return build_checkpoints(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="session")
+def server(model_dirs):
+    """The main server: both tiny models (and a broken checkpoint it must refuse), roomy limits."""
+    from server import Settings
+
+    settings = Settings(
+        checkpoints=[str(model_dirs[k]) for k in ("text", "audio", "broken")],
+        max_sessions=80,
+        max_batch_size=64,
+        max_new_tokens=4096,
+        stream_buffer=16,
+        ws_max_frame_bytes=64 * 1024,
+        drain_timeout_s=1,
+    )
+    s = ServerThread(settings).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def limited(model_dirs):
+    """A second server with tight limits (text model only) for the limit tests; its sockets have a
+    4 KiB kernel send buffer (instead of Linux's autotuned MBs) so a slow reader is felt quickly."""
+    from server import Settings
+
+    settings = Settings(
+        checkpoints=[str(model_dirs["text"])],
+        max_sessions=3,
+        max_batch_size=1,
+        max_queued_requests=1,
+        max_prompt_tokens=64,
+        max_new_tokens=3000,
+        session_ttl_s=1.0,
+        stream_buffer=4,
+        ws_max_frame_bytes=4096,
+        drain_timeout_s=1,
+    )
+    s = ServerThread(settings, send_buffer=4096).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c

@@ -1,0 +1,177 @@
+"""HTTP endpoints through a real uvicorn: health, models, generate (JSON, SSE, WAV), completions, metrics."""
+
+import base64
+import io
+import time
+import wave
+
+import httpx
+import numpy as np
+from server_support import b64, metric, reference, sse_events, wait_for
+
+from model.codecs import MuLaw, read_wav, wav_bytes
+from model.sampling import SamplingParams
+
+TEXT, AUDIO = "tiny-text", "tiny-audio"
+
+
+def test_health_ready_and_refused_checkpoint_is_reported(client):
+    assert client.get("/healthz").json() == {"status": "alive"}
+    r = client.get("/readyz")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["ready"] and body["models"] == [TEXT, AUDIO]
+    assert "not valid JSON" in body["failed"]["broken"]  # not served, and the reason is given
+
+
+def test_readyz_is_503_while_draining(client, server):
+    server.state.draining = True
+    try:
+        assert client.get("/readyz").status_code == 503
+        r = client.post("/v1/generate", json={"model": TEXT, "prompt": "a"})
+        assert r.status_code == 503 and "Retry-After" in r.headers
+    finally:
+        server.state.draining = False
+    assert client.get("/readyz").status_code == 200
+
+
+def test_models_describe_kind_sizes_and_state_bytes(client, server):
+    data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert set(data) == {TEXT, AUDIO}
+    t, a = data[TEXT], data[AUDIO]
+    assert (t["kind"], t["sample_rate"], a["kind"], a["sample_rate"]) == ("text", None, "audio", 8000)
+    assert (t["vocab_size"], t["n_layers"], t["d_model"], t["d_state"]) == (256, 2, 32, 16)
+    rec = server.state.models[TEXT].rec
+    assert t["state_bytes_per_session"] == rec.state_bytes_per_sequence == 2 * 32 * rec.M * 2 * 4
+
+
+def test_generate_equals_the_library_one_shot(client, model_dirs):
+    req = {"model": TEXT, "prompt": "to be, or", "max_new_tokens": 48, "seed": 7, "temperature": 0.9,
+           "top_k": 40, "top_p": 0.95, "repetition_penalty": 1.3}  # fmt: skip
+    r = client.post("/v1/generate", json=req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, repetition_penalty=1.3, seed=7)
+    want = reference(model_dirs["text"], list(b"to be, or"), params, 48)
+    assert body["tokens"] == want
+    assert body["text"] == bytes(want).decode("utf-8", errors="replace")
+    assert body["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 48}
+    assert client.post("/v1/generate", json=req).json()["tokens"] == want  # same seed, same tokens
+
+
+def test_sse_streams_the_same_tokens_then_a_done_event(client):
+    req = {"model": TEXT, "prompt": "whether", "max_new_tokens": 40, "seed": 3}
+    whole = client.post("/v1/generate", json=req).json()
+    with client.stream("POST", "/v1/generate", json={**req, "stream": True}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(r)
+    tokens = [i for e in events if e["type"] == "token" for i in e["ids"]]
+    assert tokens == whole["tokens"]
+    assert "".join(e["text"] for e in events if e["type"] == "token") == whole["text"]
+    assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "length"
+    assert events[-1]["usage"] == whole["usage"]
+
+
+def test_stop_sequence_ends_the_text_before_it(client, model_dirs):
+    req = {"model": TEXT, "prompt": "the slings", "max_new_tokens": 60, "seed": 11}
+    free = client.post("/v1/generate", json=req).json()["tokens"]
+    i = next(k for k in range(3, 60) if 97 <= free[k] <= 122)  # a lowercase letter after a few tokens
+    stop = chr(free[i]) + chr(free[i + 1])
+    i = bytes(free).find(stop.encode())  # its first occurrence
+    r = client.post("/v1/generate", json={**req, "stop": [stop, "@@"]}).json()
+    assert r["finish_reason"] == "stop"
+    assert r["tokens"] == free[: i + 2]  # generation ends with the stop sequence...
+    assert r["text"] == bytes(free[:i]).decode("utf-8", errors="replace")  # ...which the text leaves out
+    with client.stream("POST", "/v1/generate", json={**req, "stop": stop, "stream": True}) as s:
+        events = sse_events(s)
+    assert "".join(e["text"] for e in events if e["type"] == "token") == r["text"]  # held back while partial
+    assert events[-1]["finish_reason"] == "stop"
+
+
+def test_completions_are_openai_shaped_json_and_stream(client):
+    req = {"model": TEXT, "prompt": "to take arms", "max_tokens": 30, "seed": 5, "temperature": 0.8,
+           "top_p": 0.9, "logprobs": None, "user": "ignored"}  # fmt: skip
+    ours = client.post(
+        "/v1/generate",
+        json={"model": TEXT, "prompt": "to take arms", "max_new_tokens": 30, "seed": 5, "temperature": 0.8,
+              "top_p": 0.9},
+    ).json()  # fmt: skip
+    r = client.post("/v1/completions", json=req).json()
+    assert r["object"] == "text_completion" and r["id"].startswith("cmpl-")
+    assert r["choices"][0]["text"] == ours["text"] and r["choices"][0]["finish_reason"] == "length"
+    assert r["usage"] == {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}
+    with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as s:
+        events = sse_events(s)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == ours["text"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert client.post("/v1/completions", json={**req, "prompt": ["to take arms"]}).json()["choices"][0][
+        "text"
+    ] == ours["text"]  # fmt: skip
+    r = client.post("/v1/completions", json={**req, "model": AUDIO})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "model"
+
+
+def test_audio_generate_gives_wav_in_json_or_raw(client, model_dirs):
+    x = 0.5 * np.sin(np.arange(400) * 2 * np.pi * 440 / 8000)
+    req = {"model": AUDIO, "prompt_audio": b64(wav_bytes(x, 8000)), "max_new_tokens": 50, "seed": 2}
+    body = client.post("/v1/generate", json=req).json()
+    prompt = MuLaw().encode(read_wav(wav_bytes(x, 8000))[0]).tolist()
+    assert body["tokens"] == reference(model_dirs["audio"], prompt, SamplingParams(seed=2), 50)
+    assert body["usage"]["prompt_tokens"] == 400 and "text" not in body
+    wav = base64.b64decode(body["audio"])
+    with wave.open(io.BytesIO(wav)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getsampwidth(), w.getnframes()) == (8000, 1, 2, 50)
+    raw = client.post("/v1/generate", json=req, headers={"Accept": "audio/wav"})
+    assert raw.headers["content-type"] == "audio/wav" and raw.content == wav
+    assert raw.headers["x-finish-reason"] == "length" and raw.headers["x-completion-tokens"] == "50"
+    # a prompt at another rate is resampled to the model's
+    at16k = client.post("/v1/generate", json={**req, "prompt_audio": b64(wav_bytes(x, 16000))}).json()
+    assert at16k["usage"]["prompt_tokens"] == 200
+
+
+def test_metrics_expose_latency_histograms_and_gauges(client):
+    client.post("/v1/generate", json={"model": TEXT, "prompt": "x", "max_new_tokens": 5, "seed": 1})
+    text = client.get("/metrics").text
+    for name in ("s4_time_to_first_token_seconds", "s4_inter_token_latency_seconds",
+                 "s4_request_duration_seconds", "s4_decode_batch_size"):  # fmt: skip
+        assert f"# TYPE {name} histogram" in text
+        assert float(text.split(f'{name}_count{{model="{TEXT}"}} ')[1].split()[0]) >= 1
+    assert metric(client, "s4_tokens_generated_total", TEXT) >= 5
+    for name in ("s4_active_sessions", "s4_state_bytes_resident", "s4_queue_depth", "s4_state_pool_bytes"):
+        metric(client, name, TEXT)
+    assert "# TYPE s4_rejections_total counter" in text
+
+
+def test_openapi_documents_every_endpoint(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    sid = "/{session_id}"
+    sessions = ["", sid, sid + "/fork", sid + "/append", sid + "/export", "/import"]
+    for p in ["/v1/models", "/v1/generate", "/v1/completions", "/healthz", "/readyz", "/metrics"] + [
+        "/v1/sessions" + s for s in sessions
+    ]:
+        assert p in paths, p
+    assert "GenerateRequest" in client.get("/openapi.json").text
+
+
+def test_client_disconnect_stops_generation_and_frees_the_slot(client, server):
+    engine = server.state.models[TEXT].engine
+    base = engine.pool.in_use
+    req = {"model": TEXT, "prompt": "long", "max_new_tokens": 4000, "seed": 1}
+    with client.stream("POST", "/v1/generate", json={**req, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert engine.pool.in_use == base + 1
+    # SSE: the response task is cancelled at once; the engine drops the request at its next step
+    assert wait_for(lambda: engine.pool.in_use == base and engine.active_requests == 0, 5)
+    t0 = time.monotonic()
+    try:  # plain JSON: the server polls for the disconnect while it waits
+        httpx.post(server.url + "/v1/generate", json=req, timeout=0.3)
+    except httpx.ReadTimeout:
+        pass
+    assert wait_for(lambda: engine.pool.in_use == base and engine.active_requests == 0, 5)
+    assert time.monotonic() - t0 < 3
+    assert metric(client, "s4_active_sessions", TEXT) == base

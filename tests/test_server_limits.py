@@ -1,0 +1,171 @@
+"""Limits and bad input: 429 + Retry-After, 413, 422 naming the field, 404; never a 500, the server lives."""
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from server_support import b64, wait_for
+from websockets.asyncio.client import connect
+
+TEXT, AUDIO = "tiny-text", "tiny-audio"
+
+
+@pytest.fixture
+def tight(limited):
+    with httpx.Client(base_url=limited.url, timeout=60) as c:
+        yield c
+
+
+def _ws_error(url: str, msg: dict) -> dict:
+    async def main():
+        async with connect(url) as ws:
+            await ws.send(json.dumps(msg))
+            while (m := json.loads(await ws.recv()))["type"] != "error":
+                pass
+            return m
+
+    return asyncio.run(main())
+
+
+def test_a_full_slot_pool_answers_429_with_retry_after(tight, limited):
+    ids = [
+        tight.post("/v1/sessions", json={"model": TEXT, "prompt": "x"}).json()["session_id"] for _ in range(3)
+    ]
+    for r in (
+        tight.post("/v1/sessions", json={"model": TEXT}),
+        tight.post("/v1/generate", json={"model": TEXT, "prompt": "x", "max_new_tokens": 2}),
+        tight.post("/v1/completions", json={"model": TEXT, "prompt": "x"}),
+        tight.post(f"/v1/sessions/{ids[0]}/fork"),
+        tight.post("/v1/sessions/import", content=tight.get(f"/v1/sessions/{ids[0]}/export").content),
+    ):
+        assert r.status_code == 429, r.text
+        assert int(r.headers["Retry-After"]) >= 1
+        assert "slots" in r.json()["error"]["message"]
+    assert _ws_error(limited.ws_url, {"type": "session", "model": TEXT})["code"] == 429
+    text = tight.get("/metrics").text
+    assert 'reason="sessions_full"' in text
+    for sid in ids:
+        assert tight.delete(f"/v1/sessions/{sid}").status_code == 204
+    r = tight.post("/v1/generate", json={"model": TEXT, "prompt": "x", "max_new_tokens": 2})
+    assert r.status_code == 200  # capacity is back
+
+
+def test_a_full_queue_answers_429(tight, limited):
+    """max_batch_size=1, max_queued_requests=1: one decoding, one waiting, the third is refused."""
+    engine = limited.state.models[TEXT].engine
+    a = tight.send(
+        tight.build_request(
+            "POST",
+            "/v1/generate",
+            json={"model": TEXT, "prompt": "a", "max_new_tokens": 3000, "stream": True},
+        ),  # fmt: skip
+        stream=True,
+    )
+    lines = a.iter_lines()
+    next(lines)  # a is decoding
+    b = tight.send(
+        tight.build_request(
+            "POST", "/v1/generate", json={"model": TEXT, "prompt": "b", "max_new_tokens": 5, "stream": True}
+        ),  # fmt: skip
+        stream=True,
+    )
+    assert wait_for(lambda: engine.queued == 1, 5)  # b waits for a batch row
+    r = tight.post("/v1/generate", json={"model": TEXT, "prompt": "c", "max_new_tokens": 5})
+    assert r.status_code == 429 and "queued" in r.json()["error"]["message"] and "Retry-After" in r.headers
+    assert 'reason="queue_full"' in tight.get("/metrics").text
+    a.close()  # a goes away; b runs
+    events = [json.loads(line[6:]) for line in b.iter_lines() if line.startswith("data: ")]
+    b.close()
+    assert events[-1]["type"] == "done" and events[-1]["usage"]["completion_tokens"] == 5
+    assert wait_for(lambda: engine.queued == 0 and engine.active_requests == 0, 5)
+
+
+def test_too_long_prompts_answer_413_everywhere(tight, limited):
+    long, ok = "x" * 65, "x" * 64
+    sid = tight.post("/v1/sessions", json={"model": TEXT}).json()["session_id"]
+    for method, path, body, param in [
+        ("POST", "/v1/generate", {"model": TEXT, "prompt": long}, "prompt"),
+        ("POST", "/v1/completions", {"model": TEXT, "prompt": long}, "prompt"),
+        ("POST", "/v1/sessions", {"model": TEXT, "prompt": long}, "prompt"),
+        ("POST", f"/v1/sessions/{sid}/append", {"prompt": long}, "prompt"),
+    ]:
+        r = tight.request(method, path, json=body)
+        assert r.status_code == 413 and r.json()["error"]["param"] == param, (path, r.text)
+    assert tight.post(f"/v1/sessions/{sid}/append", json={"prompt": ok}).status_code == 200
+    tight.delete(f"/v1/sessions/{sid}")
+    err = _ws_error(limited.ws_url, {"type": "generate", "model": TEXT, "prompt": long})
+    assert err["code"] == 413
+
+
+def test_max_new_tokens_over_the_limit_is_422_naming_the_field(tight):
+    r = tight.post("/v1/generate", json={"model": TEXT, "prompt": "x", "max_new_tokens": 3001})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "max_new_tokens"
+    r = tight.post("/v1/completions", json={"model": TEXT, "prompt": "x", "max_tokens": 3001})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_idle_sessions_expire_after_the_ttl(tight, limited):
+    engine = limited.state.models[TEXT].engine
+    base = engine.pool.in_use
+    sid = tight.post("/v1/sessions", json={"model": TEXT, "prompt": "x"}).json()["session_id"]
+    assert tight.get(f"/v1/sessions/{sid}").status_code == 200 and engine.pool.in_use == base + 1
+    assert wait_for(lambda: tight.get(f"/v1/sessions/{sid}").status_code == 404, 4, 0.1)
+    assert engine.pool.in_use == base
+
+
+BAD = [  # (body changes, status, param)
+    ({"temperature": -1}, 422, "temperature"),
+    ({"top_p": 0}, 422, "top_p"),
+    ({"top_k": -1}, 422, "top_k"),
+    ({"repetition_penalty": 0}, 422, "repetition_penalty"),
+    ({"seed": -1}, 422, "seed"),
+    ({"seed": "1"}, 422, "seed"),
+    ({"stream": "yes"}, 422, "stream"),
+    ({"prompt": 5}, 422, "prompt"),
+    ({"max_new_tokens": 1.5}, 422, "max_new_tokens"),
+    ({"max_new_tokens": 0}, 422, "max_new_tokens"),
+    ({"stop": [""]}, 422, "stop.0"),
+    ({"stop": ["a"] * 17}, 422, "stop"),
+    ({"foo": 1}, 422, "foo"),
+    ({"model": None}, 422, "model"),
+    ({"prompt": None, "prompt_audio": b64(b"RIFF")}, 422, "prompt_audio"),
+    ({"session_id": "sess-nope"}, 404, "session_id"),
+    ({"model": "nope"}, 404, "model"),
+    ({"model": AUDIO, "prompt": None, "stop": ["a"]}, 422, "stop"),
+    ({"model": AUDIO, "prompt": None, "prompt_audio": "!!not base64"}, 422, "prompt_audio"),
+    ({"model": AUDIO, "prompt": None, "prompt_audio": b64(b"RIFFjunk")}, 422, "prompt_audio"),
+    ({"model": AUDIO, "prompt": None}, 422, "prompt_audio"),  # nothing to continue from
+]
+
+
+@pytest.mark.parametrize("change,status,param", BAD, ids=[b[2] + f"-{i}" for i, b in enumerate(BAD)])
+def test_bad_fields_are_refused_naming_the_field(client, change, status, param):
+    r = client.post("/v1/generate", json={"model": TEXT, "prompt": "x", "max_new_tokens": 3, **change})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["code"] == status and err["message"]
+
+
+def test_malformed_bodies_get_4xx_and_the_server_lives(client):
+    for content, ctype in [
+        (b"{not json", "application/json"),
+        (b"\x00\xff\xfe garbage", "application/json"),
+        (b"[1, 2]", "application/json"),
+        (b"null", "application/json"),
+        (b'{"model": "tiny-text"}', "text/plain"),
+    ]:
+        r = client.post("/v1/generate", content=content, headers={"content-type": ctype})
+        assert r.status_code in (400, 422), (content, r.status_code)
+        assert r.json()["error"]["message"]
+    assert client.post("/v1/completions", json={"model": TEXT, "prompt": ["a", "b"]}).json()["error"][
+        "param"
+    ] == ("prompt")
+    assert client.post("/v1/completions", json={"model": TEXT, "prompt": "a", "n": 2}).status_code == 422
+    assert (
+        client.post("/v1/completions", json={"model": TEXT, "prompt": "a", "echo": True}).status_code == 422
+    )
+    assert client.post("/v1/sessions/import", content=b"\x00" * 100).status_code == 422
+    assert client.get("/v1/nothing").status_code == 404 and client.get("/v1/nothing").json()["error"]
+    r = client.post("/v1/generate", json={"model": TEXT, "prompt": "x", "max_new_tokens": 3})
+    assert r.status_code == 200 and len(r.json()["tokens"]) == 3

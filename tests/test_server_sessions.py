@@ -1,0 +1,170 @@
+"""Sessions over HTTP: continuation equals one-shot, fork, append, export/import, delete, conflicts."""
+
+import hashlib
+import json
+import struct
+
+from server_support import reference, sse_events
+
+from model.sampling import SamplingParams
+from server.sessions import MAGIC, pack_state, unpack_state
+
+TEXT = "tiny-text"
+
+
+def _create(client, prompt=None, model=TEXT) -> dict:
+    r = client.post("/v1/sessions", json={"model": model, "prompt": prompt})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _generate(client, sid, prompt=None, n=24, seed=1, **kw) -> dict:
+    req = {"model": TEXT, "session_id": sid, "prompt": prompt, "max_new_tokens": n, "seed": seed, **kw}
+    r = client.post("/v1/generate", json=req)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_session_continuation_equals_one_shot_on_the_concatenation(client, model_dirs):
+    a, b, c = b"to be, or not ", b"to be: that is", b" the question"
+    sid = _create(client, a.decode())["session_id"]
+    info = client.post(f"/v1/sessions/{sid}/append", json={"prompt": b.decode()}).json()
+    assert info["tokens"] == len(a + b) and info["status"] == "idle"
+    params = SamplingParams(temperature=0.8, top_k=50, seed=4)
+    t1 = _generate(client, sid, n=20, seed=4, temperature=0.8, top_k=50)
+    assert t1["session_id"] == sid
+    assert t1["tokens"] == reference(model_dirs["text"], list(a + b), params, 20)
+    # a second turn continues after the generated tokens, like one-shot generation on everything
+    t2 = _generate(client, sid, c.decode(), n=20, seed=9)
+    want = reference(model_dirs["text"], list(a + b) + t1["tokens"] + list(c), SamplingParams(seed=9), 20)
+    assert t2["tokens"] == want
+    assert client.get(f"/v1/sessions/{sid}").json()["tokens"] == len(a + b + c) + 40
+    # a turn with no new input continues from the last generated token
+    t3 = _generate(client, sid, n=10, seed=2)
+    everything = list(a + b) + t1["tokens"] + list(c) + t2["tokens"]
+    assert t3["tokens"] == reference(model_dirs["text"], everything, SamplingParams(seed=2), 10)
+
+
+def test_fork_copies_the_state_and_then_diverges_independently(client, model_dirs):
+    sid = _create(client, "whether 'tis nobler")["session_id"]
+    r = client.post(f"/v1/sessions/{sid}/fork")
+    assert r.status_code == 201
+    fork = r.json()
+    assert fork["session_id"] != sid and fork["tokens"] == len("whether 'tis nobler")
+    x = _generate(client, sid, n=16, seed=3)["tokens"]
+    y = _generate(client, fork["session_id"], n=16, seed=3)["tokens"]
+    assert x == y  # the fork did not see the original's generation
+    client.post(f"/v1/sessions/{fork['session_id']}/append", json={"prompt": " in the mind"})
+    x2 = _generate(client, sid, n=12, seed=5)["tokens"]
+    y2 = _generate(client, fork["session_id"], n=12, seed=5)["tokens"]
+    base = list(b"whether 'tis nobler") + x
+    assert x2 == reference(model_dirs["text"], base, SamplingParams(seed=5), 12)
+    assert y2 == reference(model_dirs["text"], base + list(b" in the mind"), SamplingParams(seed=5), 12)
+
+
+def test_export_then_import_continues_identically(client):
+    sid = _create(client, "the slings and arrows")["session_id"]
+    _generate(client, sid, n=8, seed=1, repetition_penalty=1.5)  # a pending token and seen tokens
+    r = client.get(f"/v1/sessions/{sid}/export")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    blob = r.content
+    header, state = unpack_state(blob)
+    assert blob.startswith(MAGIC) and header["model"] == TEXT and header["n_tokens"] == 21 + 8
+    assert len(state) == client.get(f"/v1/sessions/{sid}").json()["state_bytes"]
+    r = client.post("/v1/sessions/import", content=blob, headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 201, r.text
+    new = r.json()
+    assert new["session_id"] != sid and new["tokens"] == 29
+    a = _generate(client, sid, n=20, seed=6, repetition_penalty=1.5)["tokens"]
+    b = _generate(client, new["session_id"], n=20, seed=6, repetition_penalty=1.5)["tokens"]
+    assert a == b
+
+
+def test_import_refuses_corrupt_or_foreign_states_with_422(client):
+    sid = _create(client, "a sea of troubles")["session_id"]
+    blob = client.get(f"/v1/sessions/{sid}/export").content
+    header, state = unpack_state(blob)
+
+    def imp(data: bytes):
+        return client.post("/v1/sessions/import", content=data)
+
+    flipped = bytearray(blob)
+    flipped[len(blob) // 2] ^= 1
+    cases = {
+        "checksum": bytes(flipped),
+        "too short": blob[:20],
+        "magic": b"XXXXXXXX" + blob[8:],
+        "fingerprint": pack_state({**header, "fingerprint": "0" * 32}, state),
+        "does not serve": pack_state({**header, "model": "nope"}, state),
+        "shape": pack_state({**header, "shape": [1, 1, 2, 1]}, state[:8]),
+        "pending": pack_state({**header, "pending": 999}, state),
+    }
+    body = blob[:-32]
+    v2 = body[:8] + struct.pack("<H", 2) + body[10:]
+    cases["version"] = v2 + hashlib.sha256(v2).digest()
+    for needle, data in cases.items():
+        r = imp(data)
+        assert r.status_code == 422, (needle, r.text)
+        assert needle in r.json()["error"]["message"], (needle, r.json())
+        assert r.json()["error"]["param"] == "state"
+    assert imp(blob).status_code == 201  # the untouched blob still imports
+
+
+def test_get_delete_and_unknown_sessions(client):
+    sid = _create(client)["session_id"]
+    info = client.get(f"/v1/sessions/{sid}").json()
+    assert info["tokens"] == 0 and info["model"] == TEXT and info["state_bytes"] > 0
+    r = client.post("/v1/generate", json={"model": TEXT, "session_id": sid, "max_new_tokens": 3})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "prompt"  # nothing to continue from
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+    for method, path in [("GET", ""), ("DELETE", ""), ("POST", "/fork"), ("GET", "/export")]:
+        r = client.request(method, f"/v1/sessions/{sid}{path}")
+        assert r.status_code == 404 and r.json()["error"]["param"] == "session_id", (method, path)
+    r = client.post(f"/v1/sessions/{sid}/append", json={"prompt": "x"})
+    assert r.status_code == 404
+    r = client.post("/v1/generate", json={"model": TEXT, "session_id": sid, "prompt": "x"})
+    assert r.status_code == 404
+    r = client.post("/v1/sessions", json={"model": "tiny-audio", "prompt": "text"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "prompt"
+    audio_sid = _create(client, model="tiny-audio")["session_id"]
+    r = client.post("/v1/generate", json={"model": TEXT, "session_id": audio_sid, "prompt": "x"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "model"
+    client.delete(f"/v1/sessions/{audio_sid}")
+
+
+def test_a_busy_session_answers_409_and_delete_cancels_its_request(client, server):
+    engine = server.state.models[TEXT].engine
+    sid = _create(client, "x")["session_id"]
+    req = {"model": TEXT, "session_id": sid, "max_new_tokens": 4000, "seed": 1, "stream": True}
+    with client.stream("POST", "/v1/generate", json=req) as r:
+        lines = r.iter_lines()
+        next(lines)
+        assert client.get(f"/v1/sessions/{sid}").json()["status"] == "busy"
+        for call in (
+            lambda: client.post(f"/v1/sessions/{sid}/append", json={"prompt": "y"}),
+            lambda: client.post(f"/v1/sessions/{sid}/fork"),
+            lambda: client.get(f"/v1/sessions/{sid}/export"),
+            lambda: client.post("/v1/generate", json={**req, "stream": False}),
+        ):
+            r2 = call()
+            assert r2.status_code == 409 and r2.json()["error"]["param"] == "session_id"
+        assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+        events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+    assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "cancelled"
+    assert events[-1]["usage"]["completion_tokens"] < 4000
+    assert client.get(f"/v1/sessions/{sid}").status_code == 404
+    assert engine.active_requests == 0
+
+
+def test_streamed_session_turn_updates_the_session_like_a_plain_one(client):
+    a = _create(client, "or to take")["session_id"]
+    b = client.post(f"/v1/sessions/{a}/fork").json()["session_id"]
+    req = {"model": TEXT, "max_new_tokens": 10, "seed": 8}
+    with client.stream("POST", "/v1/generate", json={**req, "session_id": a, "stream": True}) as r:
+        events = sse_events(r)
+    assert events[-1]["session_id"] == a
+    plain = client.post("/v1/generate", json={**req, "session_id": b}).json()
+    assert [i for e in events if e["type"] == "token" for i in e["ids"]] == plain["tokens"]
+    nxt = {"model": TEXT, "max_new_tokens": 10, "seed": 9, "prompt": " arms"}
+    ta = client.post("/v1/generate", json={**nxt, "session_id": a}).json()["tokens"]
+    assert ta == client.post("/v1/generate", json={**nxt, "session_id": b}).json()["tokens"]

@@ -1,0 +1,105 @@
+"""Server pieces without a server: settings, text assembly, the state format, checkpoint loading."""
+
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from server.__main__ import parse_args
+from server.config import Settings, settings_table
+from server.media import TextAssembler
+from server.metrics import Metrics
+from server.registry import load_models
+from server.sessions import SessionTable, StateFormatError, pack_state, unpack_state
+
+
+def test_settings_from_env_then_cli_flags(monkeypatch):
+    monkeypatch.setenv("S4_MAX_SESSIONS", "7")
+    monkeypatch.setenv("S4_CHECKPOINTS", "a, b")
+    monkeypatch.setenv("S4_PORT", "9000")
+    s = Settings()
+    assert (s.max_sessions, s.checkpoints, s.port) == (7, ["a", "b"], 9000)
+    assert not s.uses_default_checkpoints()
+    s = parse_args(["--max-sessions", "9", "--checkpoints", "c", "d", "--log-level", "debug"])
+    assert (s.max_sessions, s.checkpoints, s.port, s.log_level) == (9, ["c", "d"], 9000, "debug")
+    monkeypatch.setenv("S4_MAX_SESSIONS", "0")
+    with pytest.raises(ValueError, match="max_sessions"):
+        Settings()
+    table = settings_table()
+    assert all(f"`S4_{name.upper()}`" in table for name in Settings.model_fields)
+
+
+def test_default_settings_serve_the_shipped_checkpoints_on_loopback(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith("S4_"):
+            monkeypatch.delenv(k)
+    s = Settings()
+    assert (s.host, s.port) == ("127.0.0.1", 8000)
+    assert s.checkpoints == ["checkpoints/text-shakespeare", "checkpoints/audio-digits"]
+    assert s.uses_default_checkpoints()
+
+
+@given(st.lists(st.integers(0, 255), max_size=60), st.integers(1, 7))
+def test_streamed_text_pieces_add_up_to_the_final_text(ids, group):
+    stops = [b"ab", b"\n\n", "é".encode()]
+    whole, pieces = TextAssembler(stops), TextAssembler(stops)
+    from model.sampling import find_stop
+
+    stop_at = find_stop(bytes(ids), stops, len(ids))
+    if stop_at is not None:  # generation ends at the stop sequence's last byte
+        end = min(i + len(s) for s in stops if (i := bytes(ids).find(s)) == stop_at)
+        ids = ids[:end]
+    whole.feed(ids)
+    whole.finish(stop_at)
+    out = "".join(pieces.feed(ids[i : i + group]) for i in range(0, len(ids), group)) + pieces.finish(stop_at)
+    assert (
+        out == whole.text == bytes(ids[: len(ids) if stop_at is None else stop_at]).decode(errors="replace")
+    )
+
+
+def test_a_partial_stop_sequence_is_held_back_until_it_resolves():
+    t = TextAssembler([b"END"])
+    assert t.feed(list(b"hello E")) == "hello "
+    assert t.feed(list(b"N")) == ""
+    assert t.feed(list(b"D")) == ""  # complete: never shown
+    assert t.finish(stop_at=6) == "" and t.text == "hello "
+    t = TextAssembler([b"END"])
+    assert t.feed(list(b"EN")) == "" and t.feed(list(b"x")) == "ENx"  # not a stop after all
+    t = TextAssembler([])
+    assert t.feed(list("é".encode())[:1]) == "" and t.feed(list("é".encode())[1:]) == "é"
+
+
+def test_state_blob_round_trip_and_every_check():
+    header = {"model": "m", "fingerprint": "f", "shape": [2, 3, 2, 4], "dtype": "float32", "n_tokens": 1}
+    state = bytes(range(192))
+    blob = pack_state(header, state)
+    assert unpack_state(blob) == (header, state)
+    bad = bytearray(blob)
+    bad[-40] ^= 0xFF
+    for data, needle in [
+        (bytes(bad), "checksum"),
+        (blob[:10], "too short"),
+        (b"NOTMAGIC" + blob[8:], "magic"),
+        (pack_state({**header, "shape": [2, 3, 2, 5]}, state), "needs"),
+        (pack_state({**header, "dtype": "float16"}, state), "float32"),
+        (pack_state({**header, "shape": ["a"]}, state), "sizes"),
+    ]:
+        with pytest.raises(StateFormatError, match=needle):
+            unpack_state(data)
+
+
+def test_loading_reports_why_a_checkpoint_is_not_served(model_dirs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default checkpoints do not exist here: skipped quietly
+    models, failed = load_models(Settings(max_sessions=2), SessionTable(), Metrics())
+    assert models == {} and failed == {}
+    settings = Settings(
+        checkpoints=[str(model_dirs["audio"]), str(tmp_path / "missing"), str(model_dirs["broken"])],
+        max_sessions=2,
+    )
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert list(models) == ["tiny-audio"]
+    assert "missing" in failed["missing"] and "not valid JSON" in failed["broken"]
+    strict = Settings(checkpoints=[str(model_dirs["audio"])], verify_tolerance=1e-12, max_sessions=2)
+    models, failed = load_models(strict, SessionTable(), Metrics())
+    assert models == {} and failed["tiny-audio"].startswith("VerificationError: layer 0")

@@ -1,0 +1,270 @@
+"""WS /v1/stream through a real uvicorn: concurrency, reproducibility across transports, turns, cancel,
+disconnect, bad frames, audio frames, backpressure."""
+
+import asyncio
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+from server_support import RawWebSocket, metric, reference, wait_for
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from model.codecs import MuLaw, to_pcm16
+from model.sampling import SamplingParams
+
+TEXT, AUDIO = "tiny-text", "tiny-audio"
+
+
+async def turn(ws) -> tuple[list[int], str, dict]:
+    """Read one generation's frames: (ids, text, done frame)."""
+    ids, text = [], ""
+    while True:
+        m = json.loads(await ws.recv())
+        if m["type"] == "token":
+            ids += m["ids"]
+            text += m["text"]
+        elif m["type"] in ("done", "error"):
+            return ids, text, m
+
+
+async def frame(ws, want: str) -> dict:
+    m = json.loads(await ws.recv())
+    assert m["type"] == want, m
+    return m
+
+
+def _bucket(client, name: str, le: str) -> float:
+    for line in client.get("/metrics").text.splitlines():
+        if line.startswith(f'{name}_bucket{{le="{le}",model="{TEXT}"}}') or line.startswith(
+            f'{name}_bucket{{model="{TEXT}",le="{le}"}}'
+        ):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(le)
+
+
+def test_32_concurrent_sessions_get_exactly_their_tokens_on_every_transport(server, client, model_dirs):
+    n = 32
+    reqs = [
+        {"prompt": f"{k}: to be, or not", "max_new_tokens": 60 + 3 * k, "seed": 100 + k, "temperature": 1.0,
+         "top_p": 0.9 if k % 2 else 1.0}
+        for k in range(n)
+    ]  # fmt: skip
+    batch_count = metric(client, "s4_decode_batch_size_count", TEXT)
+    batch_le16 = _bucket(client, "s4_decode_batch_size", "16.0")
+    go = asyncio.Event()
+
+    async def ws_session(k: int):
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "session", "model": TEXT}))
+            await frame(ws, "session")
+            await go.wait()
+            await ws.send(json.dumps({"type": "generate", **reqs[k]}))
+            return await turn(ws)
+
+    async def http_twin():  # request 0 again, over plain HTTP and SSE, in the same crowd
+        await go.wait()
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+            body = {"model": TEXT, **reqs[0]}
+            plain = c.post("/v1/generate", json=body)
+            async with c.stream("POST", "/v1/generate", json={**body, "stream": True}) as r:
+                events = [json.loads(line[6:]) async for line in r.aiter_lines() if line.startswith("data: ")]
+            return (await plain).json(), events
+
+    async def main():
+        tasks = [asyncio.create_task(ws_session(k)) for k in range(n)]
+        twin = asyncio.create_task(http_twin())
+        await asyncio.sleep(0.3)  # every socket bound
+        go.set()
+        return await asyncio.gather(*tasks), await twin
+
+    results, (plain, events) = asyncio.run(main())
+    for k, (ids, text, done) in enumerate(results):
+        p = reqs[k]
+        params = SamplingParams(temperature=1.0, top_p=p["top_p"], seed=p["seed"])
+        want = reference(model_dirs["text"], list(p["prompt"].encode()), params, p["max_new_tokens"])
+        assert ids == want, k
+        assert done["finish_reason"] == "length" and done["usage"]["completion_tokens"] == p["max_new_tokens"]
+        assert text == bytes(want).decode("utf-8", errors="replace")
+    assert plain["tokens"] == results[0][0]
+    assert [i for e in events if e["type"] == "token" for i in e["ids"]] == results[0][0]
+    # and they really ran together: some decode steps carried more than 16 sessions
+    steps = metric(client, "s4_decode_batch_size_count", TEXT) - batch_count
+    assert steps - (_bucket(client, "s4_decode_batch_size", "16.0") - batch_le16) > 0
+
+
+def test_many_turns_on_one_socket_continue_like_one_shot(server, model_dirs):
+    async def main():
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "no more;",
+                                      "max_new_tokens": 15, "seed": 1}))  # fmt: skip
+            sid = (await frame(ws, "session"))["session_id"]
+            t1, _, done1 = await turn(ws)
+            await ws.send(json.dumps({"type": "append", "prompt": " and by a sleep"}))
+            appended = await frame(ws, "appended")
+            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 15, "seed": 2}))
+            t2, _, done2 = await turn(ws)
+            return sid, t1, done1, appended, t2, done2
+
+    sid, t1, done1, appended, t2, done2 = asyncio.run(main())
+    assert done1["session_id"] == sid == appended["session_id"] == done2["session_id"]
+    assert appended["tokens"] == len("no more;") + 15 + len(" and by a sleep")
+    assert t1 == reference(model_dirs["text"], list(b"no more;"), SamplingParams(seed=1), 15)
+    everything = list(b"no more;") + t1 + list(b" and by a sleep")
+    assert t2 == reference(model_dirs["text"], everything, SamplingParams(seed=2), 15)
+    with httpx.Client(base_url=server.url) as c:  # the socket's own session goes with it
+        assert wait_for(lambda: c.get(f"/v1/sessions/{sid}").status_code == 404, 5)
+
+
+def test_cancel_stops_the_generation_and_the_socket_stays_usable(server):
+    async def main():
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "x",
+                                      "max_new_tokens": 4000, "seed": 1}))  # fmt: skip
+            await frame(ws, "session")
+            await frame(ws, "token")
+            await ws.send(json.dumps({"type": "cancel"}))
+            _, _, done = await turn(ws)
+            await ws.send(json.dumps({"type": "cancel"}))
+            nothing = await frame(ws, "error")
+            await ws.send(json.dumps({"type": "generate", "prompt": "y", "max_new_tokens": 5, "seed": 1}))
+            again = await turn(ws)
+            return done, nothing, again
+
+    done, nothing, (ids, _, done2) = asyncio.run(main())
+    assert done["finish_reason"] == "cancelled" and done["usage"]["completion_tokens"] < 4000
+    assert nothing["code"] == 409
+    assert len(ids) == 5 and done2["finish_reason"] == "length"
+
+
+def test_disconnect_mid_generation_frees_the_slot(server):
+    engine = server.state.models[TEXT].engine
+    base = engine.pool.in_use
+
+    async def main():
+        ws = await connect(server.ws_url)
+        await ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": 4000}))
+        await frame(ws, "session")
+        await frame(ws, "token")
+        assert engine.pool.in_use == base + 1
+        ws.transport.abort()  # vanish without a close frame
+
+    asyncio.run(main())
+    assert wait_for(lambda: engine.pool.in_use == base and engine.active_requests == 0, 5)
+
+
+def test_bad_frames_get_error_frames_and_the_socket_stays_usable(server):
+    async def main():
+        async with connect(server.ws_url) as ws:
+            out = []
+            for bad in [
+                "{not json",
+                json.dumps([1, 2]),
+                json.dumps({"type": "dance"}),
+                json.dumps({"type": "generate", "model": TEXT, "prompt": "x", "temperature": "hot"}),
+                json.dumps({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": -1}),
+                json.dumps({"type": "generate", "model": TEXT, "prompt": "x", "bogus": 1}),
+                json.dumps({"type": "generate", "prompt": "x"}),
+                json.dumps({"type": "generate", "model": "nope", "prompt": "x"}),
+                json.dumps({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": 10**6}),
+                b"\x00\xff garbage",
+            ]:
+                await ws.send(bad)
+                out.append(await frame(ws, "error"))
+            await ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": 4}))
+            await frame(ws, "session")
+            out.append(await turn(ws))
+            await ws.send(b"\x01\x02")  # binary on a text model's socket
+            out.append(await frame(ws, "error"))
+            await ws.send(json.dumps({"type": "generate", "model": AUDIO}))  # bound to another model
+            out.append(await frame(ws, "error"))
+            return out
+
+    out = asyncio.run(main())
+    codes = [(e["code"], e.get("param")) for e in out[:10]]
+    assert codes == [(400, None), (422, None), (422, "type"), (422, "temperature"), (422, "max_new_tokens"),
+                     (422, "bogus"), (422, "model"), (404, "model"), (422, "max_new_tokens"),
+                     (422, "audio")]  # fmt: skip
+    assert all(e["message"] for e in out[:10])
+    assert len(out[10][0]) == 4 and out[10][2]["type"] == "done"
+    assert out[11]["code"] == 422 and out[12]["param"] == "model"
+
+
+def test_oversized_frame_closes_with_1009_and_the_server_lives(server):
+    async def main():
+        async with connect(server.ws_url, max_size=None) as ws:
+            await ws.send("x" * (server.state.settings.ws_max_frame_bytes + 1))
+            with pytest.raises(ConnectionClosed) as exc:
+                await ws.recv()
+            return exc.value.rcvd.code if exc.value.rcvd else None
+
+    assert asyncio.run(main()) == 1009
+    assert httpx.get(server.url + "/healthz").status_code == 200
+    assert test_cancel_stops_the_generation_and_the_socket_stays_usable(server) is None
+
+
+def test_audio_prompt_and_output_as_binary_frames(server, model_dirs):
+    mu = MuLaw()
+    prompt = mu.encode(0.4 * np.sin(np.arange(300) / 5.0)).tolist()
+
+    async def main():
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "session", "model": AUDIO, "audio_encoding": "mulaw"}))
+            bound = await frame(ws, "session")
+            await ws.send(bytes(prompt[:100]))  # prompt samples in two binary frames
+            await ws.send(bytes(prompt[100:]))
+            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 40, "seed": 3}))
+            header = await frame(ws, "audio_header")
+            data = b""
+            while isinstance(m := await ws.recv(), bytes):
+                data += m
+            done = json.loads(m)
+            # second turn: pcm16 out, no new prompt
+            await ws.send(
+                json.dumps({"type": "generate", "max_new_tokens": 20, "seed": 4, "audio_encoding": "pcm16"})
+            )
+            header2 = await frame(ws, "audio_header")
+            pcm = b""
+            while isinstance(m := await ws.recv(), bytes):
+                pcm += m
+            await ws.send(b"\x01\x02\x03")  # odd byte count is not whole pcm16 samples
+            err = await frame(ws, "error")
+            return bound, header, data, done, header2, pcm, err
+
+    bound, header, data, done, header2, pcm, err = asyncio.run(main())
+    assert bound["kind"] == "audio" and bound["sample_rate"] == 8000
+    assert header == {"type": "audio_header", "sample_rate": 8000, "encoding": "mulaw", "channels": 1}
+    want = reference(model_dirs["audio"], prompt, SamplingParams(seed=3), 40)
+    assert list(data) == want  # mu-law frames are the token ids themselves
+    assert done["usage"] == {"prompt_tokens": 300, "completion_tokens": 40}
+    assert header2["encoding"] == "pcm16"
+    want2 = reference(model_dirs["audio"], prompt + want, SamplingParams(seed=4), 20)
+    assert pcm == to_pcm16(mu.decode(want2))
+    assert err["code"] == 422
+
+
+def test_a_slow_reader_pauses_its_session_and_loses_nothing(limited, model_dirs):
+    """The limited server's sockets have a 4 KiB send buffer, so a reader that stops reading blocks
+    the server's send within ~2k tokens: the session must pause, then resume when read."""
+    n = 3000
+    ws = RawWebSocket(limited.port)
+    ws.send_json({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": n, "seed": 5})
+    sid = ws.recv_json()["session_id"]
+    engine = limited.state.models[TEXT].engine
+    with httpx.Client(base_url=limited.url) as c:
+        seen = [-1]
+        while True:  # wait until it stops moving
+            time.sleep(0.3)
+            seen.append(c.get(f"/v1/sessions/{sid}").json()["generated"])
+            if seen[-1] == seen[-2] or seen[-1] == n:
+                break
+    stalled_at, live, waiting = seen[-1], engine.batch.live, len(engine._waiting)
+    ids = []
+    while (m := ws.recv_json())["type"] == "token":
+        ids += m["ids"]
+    ws.close()
+    assert stalled_at < n and live == 0 and waiting == 1  # paused: out of the batch, waiting for room
+    assert m["type"] == "done" and m["finish_reason"] == "length"
+    assert ids == reference(model_dirs["text"], list(b"x"), SamplingParams(seed=5), n)
