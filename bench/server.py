@@ -1,6 +1,7 @@
 """Serving throughput: tokens/s vs concurrent sessions for (1) the raw batched `RecurrentModel.step`,
 (2) the engine alone (scheduler, prefill, sampling, streams; no HTTP), (3) end to end over WebSockets
-through uvicorn (server in a child process, clients in this one), with client-side time to first token.
+through uvicorn (server in a child process, clients in this one), with client-side time to first token,
+both for a burst (all sessions start together) and in a steady closed loop (`websocket_steady`).
 
 Every session sends a 32-token prompt and generates `tokens` tokens; all sessions start together (a
 burst), so time to first token includes prefilling every prompt. The model is the shipped text
@@ -42,6 +43,7 @@ SIZES: dict[bool, dict[str, Any]] = {
         "tokens": 128,
         "prompt": 32,
         "step_repeat": 30,
+        "steady_s": 8.0,
     },
     True: {
         "model": {"vocab_size": 256, "d_model": 32, "n_layers": 2, "d_state": 16, "l_max": 128},
@@ -49,6 +51,7 @@ SIZES: dict[bool, dict[str, Any]] = {
         "tokens": 32,
         "prompt": 32,
         "step_repeat": 10,
+        "steady_s": 2.0,
     },
 }
 
@@ -205,6 +208,53 @@ def websocket_rate(url: str, model: str, n: int, sz: dict) -> dict[str, float]:
     return asyncio.run(run())
 
 
+def websocket_steady(url: str, model: str, n: int, sz: dict, seconds: float) -> dict[str, float]:
+    """n clients in a closed loop (each sends its next request as soon as the previous one is done),
+    for `seconds` after a warm-up of the same length: the steady state a load test sees, where new
+    requests arrive while the other n − 1 sessions are decoding. TTFT counts requests started in the
+    measured window; tokens/s counts tokens received in it."""
+    from websockets.asyncio.client import connect
+
+    ws_url = url.replace("http", "ws") + "/v1/stream"
+
+    async def run() -> dict[str, float]:
+        ttfts: list[float] = []
+        window: list[float] = []  # [start, end] of the measured window
+        tokens = 0
+        t_begin = time.perf_counter()
+        window = [t_begin + seconds, t_begin + 2 * seconds]
+
+        async def one(k: int):
+            nonlocal tokens
+            async with connect(ws_url, max_queue=None) as ws:
+                await ws.send(json.dumps({"type": "session", "model": model}))
+                await ws.recv()
+                turn = 0
+                while time.perf_counter() < window[1]:
+                    prompt = "".join(chr(97 + (k * 7 + turn + i) % 26) for i in range(sz["prompt"]))
+                    req = {"type": "generate", "prompt": prompt, "max_new_tokens": sz["tokens"], "seed": k}
+                    t0 = time.perf_counter()
+                    await ws.send(json.dumps(req))
+                    first = True
+                    while True:
+                        m = json.loads(await ws.recv())
+                        now = time.perf_counter()
+                        if m["type"] == "token" and m["ids"]:
+                            if first and window[0] <= t0 < window[1]:
+                                ttfts.append(now - t0)
+                            first = False
+                            if window[0] <= now < window[1]:
+                                tokens += len(m["ids"])
+                        elif m["type"] in ("done", "error"):
+                            break
+                    turn += 1
+
+        await asyncio.gather(*(one(k) for k in range(n)))
+        return {"tokens_per_s": tokens / seconds, "requests_timed": len(ttfts), **_pcts("ttft", ttfts)}
+
+    return asyncio.run(run())
+
+
 def run(quick: bool) -> dict[str, Any]:
     sz = SIZES[quick]
     with tempfile.TemporaryDirectory() as tmp:
@@ -228,6 +278,13 @@ def run(quick: bool) -> dict[str, Any]:
                 print(f"{row['sessions']:4d} sessions: websocket {w['tokens_per_s']:9.0f} tok/s "
                       f"({w['fraction_of_engine']:.2f} of engine), ttft p50 {w['ttft_p50_ms']:.1f} "
                       f"p99 {w['ttft_p99_ms']:.1f} ms", flush=True)  # fmt: skip
+                st = row["websocket_steady"] = websocket_steady(
+                    url, ckpt.name, row["sessions"], sz, sz["steady_s"]
+                )
+                st["fraction_of_engine"] = st["tokens_per_s"] / row["engine"]["tokens_per_s"]
+                print(f"{row['sessions']:4d} sessions, steady: websocket {st['tokens_per_s']:9.0f} tok/s "
+                      f"({st['fraction_of_engine']:.2f} of engine), ttft p50 {st['ttft_p50_ms']:.1f} "
+                      f"p99 {st['ttft_p99_ms']:.1f} ms, {st['requests_timed']} reqs", flush=True)  # fmt: skip
         finally:
             proc.terminate()
             proc.wait(30)
@@ -236,8 +293,12 @@ def run(quick: bool) -> dict[str, Any]:
     measured = None
     if at64:
         measured = {
-            "websocket_over_engine_at_64": at64["websocket"]["fraction_of_engine"],
-            "ttft_p99_ms_at_64": at64["websocket"]["ttft_p99_ms"],
+            "websocket_over_engine_at_64": at64["websocket_steady"]["fraction_of_engine"],
+            "ttft_p99_ms_at_64": at64["websocket_steady"]["ttft_p99_ms"],
+            "burst": {
+                "websocket_over_engine_at_64": at64["websocket"]["fraction_of_engine"],
+                "ttft_p99_ms_at_64": at64["websocket"]["ttft_p99_ms"],
+            },
         }
     return {
         "model": what,
@@ -260,12 +321,13 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     log2_axis(ax, ns)
     ax.set(xlabel="concurrent sessions", ylabel="tokens/s", title="Throughput")
     ax.legend()
-    for key, mark in (("engine", "s"), ("websocket", "^")):
+    ax.plot(ns, [r["websocket_steady"]["tokens_per_s"] for r in rows], "v-", label="WebSocket, steady loop")
+    for key, mark in (("engine", "s"), ("websocket", "^"), ("websocket_steady", "v")):
         ax2.plot(ns, [r[key]["ttft_p50_ms"] for r in rows], mark + "--", label=f"{key} p50")
         ax2.plot(ns, [r[key]["ttft_p99_ms"] for r in rows], mark + "-", label=f"{key} p99")
     ax2.axhline(data["goals"]["ttft_p99_ms_at_64"], color="grey", lw=0.8, ls=":", label="goal p99 at 64")
     log2_axis(ax2, ns)
-    ax2.set(xlabel="concurrent sessions (burst)", ylabel="ms", title="Time to first token")
+    ax2.set(xlabel="concurrent sessions", ylabel="ms", title="Time to first token")
     ax2.legend()
     save_figure(fig, NAME, quick, title=f"Serving: {data['model']}")
 
