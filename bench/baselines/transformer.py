@@ -6,6 +6,7 @@ baseline S4 is compared against at equal parameter count, data, steps and batch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -59,6 +60,19 @@ class TransformerLM(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        for block in self.blocks:  # GPT-2: residual projections scaled by 1/sqrt(2 · layers)
+            for lin in (block.proj, block.down):
+                nn.init.normal_(lin.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        """GPT-2 initialization (N(0, 0.02) weights, zero biases): with PyTorch's defaults (unit
+        embeddings) this small model stalled at 2.5 nats in our first baseline run."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     @classmethod
     def from_dict(cls, d: dict) -> TransformerLM:
