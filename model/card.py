@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--baseline", type=Path, help="a Transformer baseline run folder to compare with")
     ap.add_argument("--command", default="", help="the training command, as run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--note", default="", help="a paragraph for the quality section (caveats, history)")
     args = ap.parse_args(argv)
     ckpt = args.checkpoint
     meta = json.loads((ckpt / CONFIG).read_text())
@@ -224,9 +225,11 @@ def main(argv: list[str] | None = None) -> None:
         meta["eval_slice"]["marginal_entropy_bits"] = ent
     if args.baseline:
         bm = json.loads((args.baseline / "metrics.json").read_text())
+        bcfg = json.loads((args.baseline / "config.json").read_text())
         lines += [
             "Baseline: a causal Transformer (`bench/baselines/transformer.py`, pre-norm, learned positions) "
-            f"with {bm['num_params']:,} parameters, same data, batch, steps, schedule and threads:",
+            f"with {bm['num_params']:,} parameters, same data, batch, steps, warmup + cosine schedule and "
+            f"threads; learning rate {bcfg['train'].get('lr')} (S4: {tr.get('lr')}):",
             "",
             f"| model | params | test {unit} | val {unit} | train wall time |",
             "|---|---|---|---|---|",
@@ -237,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
             "",
         ]
         meta["baseline"] = {"num_params": bm["num_params"], "val": bm["val"], "test": bm["test"]}
+    if args.note:
+        lines += [args.note, ""]
     lines += [
         f"`eval_slice/` holds {sl['tokens']:,} scored test tokens: conv mode gives "
         f"{sl['bits_per_token']:.4f} {unit} on it, the recurrent form "
