@@ -2,13 +2,14 @@
 # make test also installs espeak-ng + sox (apt) when missing
 # make bench  : run every benchmark in bench/ (JSON + PNG in bench/results/)
 # make serve  : create .venv, install, serve the shipped checkpoints on 127.0.0.1:8000 (CPU, or CUDA)
+# make container-smoke : build the Dockerfile with podman and run it (root, ~5 min; not part of test)
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 export KEOPS_CACHE_FOLDER ?= $(CURDIR)/.keops_cache
 
-.PHONY: venv sysdeps test lint bench serve clean
+.PHONY: venv sysdeps test lint bench serve container-smoke clean
 
 # espeak-ng + sox synthesize the spoken-digit dataset (model.data audio; one test uses them)
 sysdeps:
@@ -26,8 +27,8 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 lint: venv
-	$(BIN)/ruff check model tests bench server
-	$(BIN)/ruff format --check model tests bench server
+	$(BIN)/ruff check model tests bench server scripts
+	$(BIN)/ruff format --check model tests bench server scripts
 
 test: venv sysdeps lint
 	$(BIN)/python -m pytest -q
@@ -37,6 +38,9 @@ bench: venv
 
 serve: venv
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m server --host 127.0.0.1 --port 8000
+
+container-smoke: venv
+	PYTHON=$(BIN)/python scripts/container-smoke
 
 clean:
 	rm -rf $(VENV) .keops_cache .pytest_cache

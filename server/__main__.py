@@ -13,12 +13,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
+import types  # noqa: E402
 import typing  # noqa: E402
 
 import uvicorn  # noqa: E402
 
-from server.app import create_app  # noqa: E402
+from server.app import ServerState, create_app  # noqa: E402
 from server.config import Settings  # noqa: E402
+
+log = logging.getLogger("server")
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -40,19 +44,48 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     return Settings(**{k: v for k, v in vars(args).items() if v is not None})
 
 
+class GracefulServer(uvicorn.Server):
+    """uvicorn with a graceful stop. On SIGTERM (or Ctrl-C) the app drains first, still listening:
+    /readyz and new requests get 503, running requests and WebSocket turns finish (up to
+    drain_timeout_s); then uvicorn closes the connections, the lifespan stops the engines, and the
+    process exits 0. uvicorn alone stops listening at once, closes WebSockets mid-generation (1012)
+    and re-raises the signal once it is done (exit status 143, or -15). A second signal stops at
+    once, uvicorn's way."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.drain_started = False
+
+    def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+        loop = self.state.loop
+        if self.drain_started or self.should_exit or loop is None:
+            super().handle_exit(sig, frame)
+            return
+        self.drain_started = True
+        log.info("%s: draining (up to %.0f s)", signal.Signals(sig).name, self.state.settings.drain_timeout_s)
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit()))
+
+    async def _drain_then_exit(self) -> None:
+        await self.state.drain()
+        self.should_exit = True
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = parse_args(argv)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(
-        create_app(settings),
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         ws_max_size=settings.ws_max_frame_bytes,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) + 5,
+        timeout_graceful_shutdown=5,  # the drain is over by then: this only bounds the last writes
     )
+    GracefulServer(config, app.state.server).run()
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ class ServerState:
         self.failed: dict[str, str] = {}
         self.loaded = False
         self.draining = False
+        self.drain_deadline: float | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -62,15 +63,22 @@ class ServerState:
         self.loaded = True
         log.info("ready: serving %s", ", ".join(self.models) or "no model")
 
-    async def shutdown(self) -> None:
-        """Refuse new work, let running requests finish (up to drain_timeout_s), stop the engines."""
-        self.draining = True
-        deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout_s
+    async def drain(self) -> None:
+        """Refuse new work (/readyz and new requests: 503) and let running requests finish, up to
+        drain_timeout_s after the first call (a second call waits for the same deadline)."""
+        loop = asyncio.get_running_loop()
+        if self.drain_deadline is None:
+            self.draining = True
+            self.drain_deadline = loop.time() + self.settings.drain_timeout_s
         while any(m.engine.active_requests for m in self.models.values()):
-            if asyncio.get_running_loop().time() > deadline:
+            if loop.time() > self.drain_deadline:
                 log.warning("drain timeout: cancelling the remaining requests")
                 break
             await asyncio.sleep(0.05)
+
+    async def shutdown(self) -> None:
+        """Drain (unless the signal handler already has), then stop the engines."""
+        await self.drain()
         await asyncio.gather(*(asyncio.to_thread(m.engine.stop) for m in self.models.values()))
 
 

@@ -178,7 +178,8 @@ class Connection:
             self.stream.cancel()
         if self.pump is not None:
             self.pump.cancel()
-        if self.owns_session and self.session_id is not None:
+        # While draining the whole table goes with the process (and deleting would be refused: 503).
+        if self.owns_session and self.session_id is not None and not self.st.draining:
             try:
                 await service.delete(self.st, self.session_id)
             except APIError as err:  # it will expire instead

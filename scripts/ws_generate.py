@@ -1,0 +1,37 @@
+"""A WebSocket client for /v1/stream: one generation, text to stdout as it arrives, the done frame
+(finish_reason, usage) to stderr as JSON. Exit status 1 on an error frame.
+
+    python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "ROMEO:" --max-new-tokens 200 --seed 1
+"""
+
+import argparse
+import asyncio
+import json
+import sys
+
+import websockets
+
+
+async def generate(url: str, prompt: str, model: str, max_new_tokens: int, seed: int | None) -> int:
+    async with websockets.connect(url) as ws:
+        await ws.send(json.dumps({"type": "generate", "model": model, "prompt": prompt,
+                                  "max_new_tokens": max_new_tokens, "seed": seed}))  # fmt: skip
+        async for frame in ws:
+            msg = json.loads(frame)
+            if msg["type"] == "token":
+                print(msg["text"], end="", flush=True)
+            elif msg["type"] in ("done", "error"):
+                print(json.dumps(msg), file=sys.stderr)
+                return 0 if msg["type"] == "done" else 1
+    return 1
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("url")
+    p.add_argument("prompt")
+    p.add_argument("--model", default="text-shakespeare")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--seed", type=int)
+    a = p.parse_args()
+    sys.exit(asyncio.run(generate(a.url, a.prompt, a.model, a.max_new_tokens, a.seed)))

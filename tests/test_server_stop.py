@@ -1,0 +1,87 @@
+"""Graceful stop of `python -m server` (what `docker stop` and Kubernetes do): on SIGTERM the server
+is no longer ready (503) but still listening, a running WebSocket turn finishes, then it exits 0."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint: Path, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "server", "--port", str(port), "--checkpoints", str(checkpoint),
+           "--drain-timeout-s", "60", "--torch-threads", "1", "--log-level", "warning"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def test_sigterm_refuses_new_work_finishes_running_turn_and_exits_0(model_dirs):
+    port = free_port()
+    proc = start_server(model_dirs["text"], port)
+    try:
+        with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+            ws.send(json.dumps({"type": "generate", "model": "tiny-text", "prompt": "to be",
+                                "max_new_tokens": 4000, "seed": 1}))  # fmt: skip
+            assert json.loads(ws.recv())["type"] == "session"
+            assert json.loads(ws.recv())["type"] == "token"
+            proc.send_signal(signal.SIGTERM)
+
+            def readyz() -> httpx.Response:  # 503 once the handler has run; never "connection refused"
+                for _ in range(100):
+                    r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+                    if r.status_code == 503:
+                        return r
+                    time.sleep(0.02)
+                return r
+
+            r = readyz()
+            assert r.status_code == 503 and r.json()["reason"] == "draining"
+            new = {"model": "tiny-text", "prompt": "a"}
+            assert httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=new).status_code == 503
+
+            frames = []
+            with pytest.raises(ConnectionClosed):  # after the turn, the server closes the socket
+                while True:
+                    frames.append(json.loads(ws.recv(timeout=60)))
+        done = [f for f in frames if f["type"] == "done"]
+        assert len(done) == 1 and done[0]["finish_reason"] == "length"
+        assert done[0]["usage"]["completion_tokens"] == 4000
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+
+
+def test_sigterm_on_an_idle_server_exits_0_at_once(model_dirs):
+    port = free_port()
+    proc = start_server(model_dirs["text"], port)
+    try:
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)  # uvicorn alone re-raises it after shutting down: -15
+        assert proc.wait(30) == 0
+        assert time.monotonic() - t0 < 10
+    finally:
+        proc.kill()
