@@ -124,6 +124,8 @@ def engine_rate(rec, n: int, sz: dict) -> dict[str, float]:
 
 def _pcts(name: str, xs: list[float]) -> dict[str, float]:
     xs = sorted(xs)
+    if not xs:  # e.g. no request started inside a steady window shorter than one request
+        return {f"{name}_p50_ms": float("nan"), f"{name}_p99_ms": float("nan")}
     return {
         f"{name}_p50_ms": 1e3 * statistics.median(xs),
         f"{name}_p99_ms": 1e3 * xs[min(len(xs) - 1, int(0.99 * len(xs)))],
