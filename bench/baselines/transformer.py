@@ -7,7 +7,7 @@ baseline S4 is compared against at equal parameter count, data, steps and batch.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -101,9 +101,6 @@ class TransformerLM(nn.Module):
             {"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decay"},
             {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"},
         ]
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)
 
 
 def main(argv: list[str] | None = None) -> None:
