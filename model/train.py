@@ -374,7 +374,8 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     metrics = {}
     if end < tcfg.steps:
         if main_proc:
-            save_state(out, net, opt, end, {"config": cfg, "elapsed_s": wall})
+            if not (tcfg.ckpt_every and end % tcfg.ckpt_every == 0):  # else the loop just saved it
+                save_state(out, net, opt, end, {"config": cfg, "elapsed_s": wall})
             print(f"stopped after step {end}; run again to resume", file=sys.stderr)
         return metrics
     if main_proc:
