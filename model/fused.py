@@ -52,8 +52,8 @@ def library():
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             tmp.replace(out)  # atomic: concurrent builders never load a half-written file
         lib = ctypes.CDLL(str(out))
-        for name in ("diag_step", "dplr_step"):
-            getattr(lib, name).restype = ctypes.c_int if name == "dplr_step" else None
+        for name in ("diag_step", "dplr_step", "net_step"):
+            getattr(lib, name).restype = None if name == "diag_step" else ctypes.c_int
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         warnings.warn(f"fused CPU step unavailable ({detail}); using torch ops", RuntimeWarning, stacklevel=2)
@@ -86,3 +86,78 @@ def dplr_step(lib, x, xo, u, y, params: tuple, rank: int) -> None:
     dims = (ctypes.c_long(B), ctypes.c_long(H), ctypes.c_long(M), ctypes.c_long(rank))
     if lib.dplr_step(*dims, *_ptrs(x, xo, u, y), *params) != 0:
         raise ValueError(f"fused DPLR step supports at most 1024 modes and rank 4 (got {M}, {rank})")
+
+
+class NetLayer(ctypes.Structure):
+    """One block of the whole-network step (model/csrc/ssm_step.c: NetLayer)."""
+
+    _fields_ = [
+        ("form", ctypes.c_long),  # 0: diagonal, 1: dplr
+        ("rank", ctypes.c_long),
+        ("ln_w", ctypes.c_void_p),
+        ("ln_b", ctypes.c_void_p),
+        ("d_skip", ctypes.c_void_p),
+        ("out_w", ctypes.c_void_p),
+        ("out_b", ctypes.c_void_p),
+        ("p", ctypes.c_void_p * 11),
+    ]
+
+
+class NetStep:
+    """The whole network's recurrent step in one C call (`net_step`): embedding, every block
+    (LayerNorm, SSM step, GELU(y + D u), GLU output mixing, residual), final LayerNorm and head.
+
+    Built from a SequenceModel without feed-forward blocks whose layers all have fused step pointers;
+    the weights are read in place (the tensors must stay alive and unchanged: the RecurrentModel's
+    frozen copy holds them)."""
+
+    def __init__(self, lib, net, forms) -> None:
+        cfg = net.config
+        self.lib, self.H, self.V = lib, cfg.d_model, cfg.vocab_size
+        self.M = forms[0].M
+        norms = [b.norm for b in net.blocks] + [net.norm]
+        eps = {n.eps for n in norms}
+        if len(eps) != 1:
+            raise ValueError("every LayerNorm must share one eps")
+        self.eps = ctypes.c_float(eps.pop())
+        self.layers = (NetLayer * len(forms))()
+        self._keep = []  # every tensor a pointer refers to
+        for i, (block, form) in enumerate(zip(net.blocks, forms, strict=True)):
+            lay = self.layers[i]
+            lay.form = 0 if form.form == "diagonal" else 1
+            lay.rank = form.Pr.shape[0] if lay.form == 1 else 0
+            lay.ln_w, lay.ln_b, lay.d_skip, lay.out_w, lay.out_b = (
+                p.value for p in self._ptrs(block.norm.weight, block.norm.bias, block.layer.D,
+                                            block.layer.out.weight, block.layer.out.bias)
+            )  # fmt: skip
+            for j, ptr in enumerate(form._fused_ptrs):
+                lay.p[j] = ptr.value
+        self.embed, self.lnf_w, self.lnf_b, self.head = self._ptrs(
+            net.embed.weight, net.norm.weight, net.norm.bias, net.head.weight
+        )
+        self.n_layers = len(forms)
+
+    def _ptrs(self, *tensors: torch.Tensor):
+        tensors = [t.detach() for t in tensors]
+        self._keep += tensors
+        return _ptrs(*tensors)
+
+    def __call__(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) int64, state and out (n_layers, B, H, 2, M) contiguous float32 (out may be
+        state) → logits (B, V)."""
+        B = tokens.shape[0]
+        tokens = tokens.contiguous()
+        if tokens.dtype != torch.long:
+            tokens = tokens.long()
+        logits = torch.empty(B, self.V)
+        rc = self.lib.net_step(
+            ctypes.c_long(B), ctypes.c_long(self.H), ctypes.c_long(self.V), ctypes.c_long(self.n_layers),
+            ctypes.c_long(self.M), ctypes.c_void_p(tokens.data_ptr()), self.embed, self.layers,
+            self.lnf_w, self.lnf_b, self.head, self.eps, ctypes.c_void_p(state.data_ptr()),
+            ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(logits.data_ptr()),
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError(
+                f"fused network step failed (code {rc}: > 1024 modes, rank > 4, or out of memory)"
+            )
+        return logits

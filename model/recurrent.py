@@ -24,6 +24,7 @@ from model.layer import fft_conv
 
 F64, C64, C128 = torch.float64, torch.complex64, torch.complex128
 CHUNK = 128  # prefill chunk: powers μ^0..μ^{CHUNK−1} are tabulated per layer
+NET_STEP_MAX_BATCH = 32  # batches up to this size step the whole network in one C call (CPU)
 
 
 class VerificationError(RuntimeError):
@@ -321,7 +322,15 @@ class RecurrentModel:
     in-place update.
     """
 
-    def __init__(self, net, tol: float = 1e-4, verify_len: int | None = None, device=None, fused_step=True):
+    def __init__(
+        self,
+        net,
+        tol: float = 1e-4,
+        verify_len: int | None = None,
+        device=None,
+        fused_step=True,
+        fused_network=True,
+    ):
         device = torch.device(device) if device is not None else next(net.parameters()).device
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = net.config
@@ -339,6 +348,15 @@ class RecurrentModel:
         # On CPU, one fused C pass per layer (model/fused.py) when it builds and all layers keep M modes.
         lib = fused.library() if (fused_step and device.type == "cpu") else None
         self._fused = lib if lib is not None and all(f.M == self.M for f in self.layers) else None
+        # Small batches: the whole network's step in one C call (model/fused.py: NetStep), when the
+        # blocks have no feed-forward part; larger ones run the torch ops around the fused SSM steps.
+        self._net_step = None
+        if self._fused is not None and fused_network and not self.config.d_ff:
+            try:
+                self._net_step = fused.NetStep(self._fused, self.net, self.layers)
+            except ValueError:  # weights not contiguous float32: keep the torch ops
+                self._net_step = None
+        self.net_step_max_batch = NET_STEP_MAX_BATCH
 
     @property
     def state_bytes_per_sequence(self) -> int:
@@ -397,7 +415,12 @@ class RecurrentModel:
         self._check(tokens, state, 1)
         if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
-        if self._fused is not None and (out is None or out.is_contiguous()):
+        contiguous_out = out is None or out.is_contiguous()
+        if self._net_step is not None and contiguous_out and tokens.shape[0] <= self.net_step_max_batch:
+            state = state.contiguous()
+            new = torch.empty_like(state) if out is None else out
+            return self._net_step(tokens, state, new), new
+        if self._fused is not None and contiguous_out:
             return self._step_fused(tokens, state, out)
         logits, new = self._step_torch(tokens, state)
         return logits, new if out is None else out.copy_(new)

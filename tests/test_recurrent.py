@@ -186,3 +186,28 @@ def test_fused_step_falls_back_to_torch_with_a_warning(monkeypatch):
     assert rec._fused is None
     logits, _ = rec.step(torch.tensor([1]), rec.init_state(1))
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])
+def test_whole_network_c_step_matches_the_torch_step_at_small_and_large_batches(kernel, init):
+    cfg = dict(vocab_size=32, d_model=32, n_layers=2, d_state=32, l_max=256, cauchy_backend="torch")
+    net = SequenceModel(ModelConfig(kernel=kernel, init=init, **cfg)).eval()  # no feed-forward, as served
+    fast, ref = net.to_recurrent(), net.to_recurrent(fused_step=False)
+    assert fast._net_step is not None and ref._net_step is None
+    assert make(kernel, init, l_max=256).to_recurrent()._net_step is None  # d_ff > 0: per-layer path
+    tokens = torch.randint(0, 32, (5, 200))
+    want, s_want = step_all(ref, tokens, ref.init_state(5))
+    for max_batch in (32, 4):  # 5 rows: one C call per step, then the torch ops around the fused SSM
+        fast.net_step_max_batch = max_batch
+        state = fast.init_state(5)
+        outs = []
+        for t in range(tokens.shape[1]):
+            logits, same = fast.step(tokens[:, t], state, out=state)
+            assert same is state
+            outs.append(logits)
+        got = torch.stack(outs, 1)
+        assert float((got - want).norm() / want.norm()) <= 1e-6
+        assert float((state - s_want).norm() / s_want.norm()) <= 1e-6
+    fast.net_step_max_batch = 32
+    logits, new = fast.step(tokens[:, 0], s_want)  # out of place: the input state is untouched
+    assert new is not s_want and torch.equal(s_want, step_all(ref, tokens, ref.init_state(5))[1])

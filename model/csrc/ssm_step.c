@@ -84,3 +84,90 @@ int dplr_step(long B, long H, long M, long R, const float *x, float *xo, const f
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------------
+ * The whole network's step in one call (CPU, small batches): embedding → per layer [LayerNorm →
+ * SSM step → GELU(y + D u) → GLU(W z + b) → residual] → LayerNorm → head. The same arithmetic as
+ * the torch modules (LayerNorm with biased variance, exact erf GELU, GLU = a · sigmoid(g)); sums run
+ * in another order, so logits agree to float32 rounding. Called once per step instead of ~45 torch
+ * ops, which dominate a small batch's step.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+typedef struct {
+    long form;  /* 0: diagonal, 1: dplr */
+    long rank;
+    const float *ln_w, *ln_b, *d_skip, *out_w, *out_b; /* out_w (2H, H), out_b (2H) */
+    const float *p[11]; /* diagonal: mur mui br bi cr ci; dplr: dbr dbi dr di pr pi minv qr qi cr ci */
+} NetLayer;
+
+static void layer_norm(long B, long H, const float *x, float *out, const float *w, const float *b, float eps) {
+    for (long r = 0; r < B; r++) {
+        const float *xr = x + r * H;
+        float *o = out + r * H, mean = 0.0f, var = 0.0f;
+        for (long h = 0; h < H; h++) mean += xr[h];
+        mean /= (float)H;
+        for (long h = 0; h < H; h++) var += (xr[h] - mean) * (xr[h] - mean);
+        const float inv = 1.0f / sqrtf(var / (float)H + eps);
+        for (long h = 0; h < H; h++) o[h] = (xr[h] - mean) * inv * w[h] + b[h];
+    }
+}
+
+/* out (B, N) = x (B, K) · Wᵀ (+ bias), W (N, K) row-major: each weight row is read once per call */
+static void linear(long B, long K, long N, const float *x, const float *W, const float *bias, float *out) {
+#pragma omp parallel for schedule(static) if (B * K * N >= (1L << 20))
+    for (long n = 0; n < N; n++) {
+        const float *w = W + n * K;
+        const float b0 = bias ? bias[n] : 0.0f;
+        for (long r = 0; r < B; r++) {
+            const float *xr = x + r * K;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (long k = 0; k < K; k++) acc += w[k] * xr[k];
+            out[r * N + n] = acc + b0;
+        }
+    }
+}
+
+int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
+             const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_w,
+             float eps, const float *state, float *state_out, float *logits) {
+    float *buf = malloc(sizeof(float) * (size_t)B * (size_t)H * 5);
+    if (!buf) return -2;
+    float *x = buf, *u = x + B * H, *y = u + B * H, *o = y + B * H; /* o: (B, 2H) */
+    for (long r = 0; r < B; r++) {
+        const float *e = embed + tokens[r] * H;
+        for (long h = 0; h < H; h++) x[r * H + h] = e[h];
+    }
+    const long per_layer = B * H * 2 * M;
+    int rc = 0;
+    for (long l = 0; l < n_layers && rc == 0; l++) {
+        const NetLayer *L = layers + l;
+        const float *xs = state + l * per_layer;
+        float *xo = state_out + l * per_layer;
+        layer_norm(B, H, x, u, L->ln_w, L->ln_b, eps);
+        const float *const *p = L->p;
+        if (L->form == 0)
+            diag_step(B, H, M, xs, xo, u, y, p[0], p[1], p[2], p[3], p[4], p[5]);
+        else
+            rc = dplr_step(B, H, M, L->rank, xs, xo, u, y, p[0], p[1], p[2], p[3], p[4], p[5], p[6],
+                           p[7], p[8], p[9], p[10]);
+        for (long i = 0; i < B * H; i++) { /* GELU(y + D u), exact (erf) form */
+            const float z = y[i] + L->d_skip[i % H] * u[i];
+            y[i] = 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
+        }
+        linear(B, H, 2 * H, y, L->out_w, L->out_b, o);
+        for (long r = 0; r < B; r++) /* residual + GLU: a · sigmoid(g) */
+            for (long h = 0; h < H; h++) {
+                const float a = o[r * 2 * H + h], g = o[r * 2 * H + H + h];
+                x[r * H + h] += a / (1.0f + expf(-g));
+            }
+    }
+    if (rc == 0) {
+        layer_norm(B, H, x, u, lnf_w, lnf_b, eps);
+        linear(B, H, V, u, head_w, NULL, logits);
+    }
+    free(buf);
+    return rc;
+}
