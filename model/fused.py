@@ -18,6 +18,8 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "ssm_step.c"
 _lib: dict[str, object] = {}
+# -fno-math-errno lets the GELU / sigmoid loops call glibc's vector expf / erff (model/csrc/ssm_step.c)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 
 
 def build_folder() -> Path:
@@ -40,7 +42,7 @@ def library():
     lib = None
     try:
         src = SOURCE.read_bytes()
-        key = hashlib.sha256(src + _cpu_signature().encode()).hexdigest()[:16]
+        key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
         out = build_folder() / f"ssm_step_{key}.so"
         if not out.exists():
             cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -48,7 +50,7 @@ def library():
                 raise RuntimeError("no C compiler (cc/gcc) found")
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp)]
+            cmd = [cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"]
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             tmp.replace(out)  # atomic: concurrent builders never load a half-written file
         lib = ctypes.CDLL(str(out))
@@ -97,7 +99,7 @@ class NetLayer(ctypes.Structure):
         ("ln_w", ctypes.c_void_p),
         ("ln_b", ctypes.c_void_p),
         ("d_skip", ctypes.c_void_p),
-        ("out_w", ctypes.c_void_p),
+        ("out_wt", ctypes.c_void_p),
         ("out_b", ctypes.c_void_p),
         ("p", ctypes.c_void_p * 11),
     ]
@@ -108,8 +110,8 @@ class NetStep:
     (LayerNorm, SSM step, GELU(y + D u), GLU output mixing, residual), final LayerNorm and head.
 
     Built from a SequenceModel without feed-forward blocks whose layers all have fused step pointers;
-    the weights are read in place (the tensors must stay alive and unchanged: the RecurrentModel's
-    frozen copy holds them)."""
+    the weights are read in place, the two linear layers' from transposed copies made here (the
+    tensors must stay alive and unchanged: the RecurrentModel's frozen copy holds them)."""
 
     def __init__(self, lib, net, forms) -> None:
         cfg = net.config
@@ -126,14 +128,15 @@ class NetStep:
             lay = self.layers[i]
             lay.form = 0 if form.form == "diagonal" else 1
             lay.rank = form.Pr.shape[0] if lay.form == 1 else 0
-            lay.ln_w, lay.ln_b, lay.d_skip, lay.out_w, lay.out_b = (
-                p.value for p in self._ptrs(block.norm.weight, block.norm.bias, block.layer.D,
-                                            block.layer.out.weight, block.layer.out.bias)
+            out_wt = block.layer.out.weight.detach().t().contiguous()  # (H, 2H)
+            lay.ln_w, lay.ln_b, lay.d_skip, lay.out_wt, lay.out_b = (
+                p.value for p in self._ptrs(block.norm.weight, block.norm.bias, block.layer.D, out_wt,
+                                            block.layer.out.bias)
             )  # fmt: skip
             for j, ptr in enumerate(form._fused_ptrs):
                 lay.p[j] = ptr.value
         self.embed, self.lnf_w, self.lnf_b, self.head = self._ptrs(
-            net.embed.weight, net.norm.weight, net.norm.bias, net.head.weight
+            net.embed.weight, net.norm.weight, net.norm.bias, net.head.weight.detach().t().contiguous()
         )
         self.n_layers = len(forms)
 
