@@ -54,8 +54,8 @@ def library():
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             tmp.replace(out)  # atomic: concurrent builders never load a half-written file
         lib = ctypes.CDLL(str(out))
-        for name in ("diag_step", "dplr_step", "net_step"):
-            getattr(lib, name).restype = None if name == "diag_step" else ctypes.c_int
+        for name in ("diag_step", "dplr_step", "net_step", "sample_rows"):
+            getattr(lib, name).restype = ctypes.c_int if name in ("dplr_step", "net_step") else None
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         warnings.warn(f"fused CPU step unavailable ({detail}); using torch ops", RuntimeWarning, stacklevel=2)
@@ -164,3 +164,14 @@ class NetStep:
                 f"fused network step failed (code {rc}: > 1024 modes, rank > 4, or out of memory)"
             )
         return logits
+
+
+def sample_rows(lib, logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling of softmax(logits / temperature) per row at uniforms u (argmax where the
+    temperature is 0): logits (B, V), temperature and u (B,) contiguous float32 CPU → (B,) int64."""
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.long)
+    lib.sample_rows(
+        ctypes.c_long(B), ctypes.c_long(V), *_ptrs(logits, temperature, u), ctypes.c_void_p(out.data_ptr())
+    )
+    return out

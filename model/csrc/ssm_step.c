@@ -196,3 +196,28 @@ int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, 
     free(buf);
     return rc;
 }
+
+/* Sampling for rows with plain temperature (no top-k, top-p or penalty): row r draws the first
+ * token whose cumulative probability under softmax(logits / temp[r]) reaches u[r] (the inverse
+ * CDF, as model/sampling.py does with torch ops); temp[r] == 0 takes the argmax. */
+void sample_rows(long B, long V, const float *logits, const float *temp, const float *u, long *out) {
+    for (long r = 0; r < B; r++) {
+        const float *z = logits + r * V;
+        long best = 0;
+        for (long v = 1; v < V; v++)
+            if (z[v] > z[best]) best = v;
+        if (temp[r] == 0.0f) {
+            out[r] = best;
+            continue;
+        }
+        const float inv = 1.0f / temp[r], zmax = z[best] * inv;
+        float cdf[V], total = 0.0f;
+#pragma omp simd
+        for (long v = 0; v < V; v++) cdf[v] = expf(z[v] * inv - zmax);
+        for (long v = 0; v < V; v++) cdf[v] = (total += cdf[v]);
+        const float target = u[r] * total;
+        long k = 0;
+        while (k < V - 1 && cdf[k] < target) k++;
+        out[r] = k;
+    }
+}
