@@ -25,6 +25,7 @@ from model.layer import fft_conv
 F64, C64, C128 = torch.float64, torch.complex64, torch.complex128
 CHUNK = 128  # prefill chunk: powers μ^0..μ^{CHUNK−1} are tabulated per layer
 NET_STEP_MAX_BATCH = 32  # batches up to this size step the whole network in one C call (CPU)
+PREFILL_BY_STEPS_MAX_TOKENS = 64  # shorter prompts are ingested by that step (faster than the parallel form)
 
 
 class VerificationError(RuntimeError):
@@ -357,6 +358,7 @@ class RecurrentModel:
             except ValueError:  # weights not contiguous float32: keep the torch ops
                 self._net_step = None
         self.net_step_max_batch = NET_STEP_MAX_BATCH
+        self.prefill_by_steps_max_tokens = PREFILL_BY_STEPS_MAX_TOKENS
 
     @property
     def state_bytes_per_sequence(self) -> int:
@@ -427,8 +429,22 @@ class RecurrentModel:
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, state: torch.Tensor):
-        """tokens (B, L) → logits (B, L, V) and the state after the last token, parallel over L."""
+        """tokens (B, L) → logits (B, L, V) and the state after the last token, parallel over L
+        (on CPU a prompt of at most `prefill_by_steps_max_tokens` tokens is stepped instead: the
+        whole-network C step is faster there; the results agree to float32 rounding)."""
         self._check(tokens, state, 2)
+        B, L = tokens.shape
+        if (
+            self._net_step is not None
+            and B <= self.net_step_max_batch
+            and L <= self.prefill_by_steps_max_tokens
+        ):
+            # a short prompt: L whole-network C steps cost less than the parallel form's fixed cost
+            new = state.contiguous().clone()
+            logits = torch.empty(B, L, self.config.vocab_size)
+            for t in range(L):
+                logits[:, t] = self._net_step(tokens[:, t], new, new)
+            return logits, new
         x0_is_zero = not bool(state.abs().amax() > 0) if state.numel() else True
         new = []
 

@@ -211,3 +211,18 @@ def test_whole_network_c_step_matches_the_torch_step_at_small_and_large_batches(
     fast.net_step_max_batch = 32
     logits, new = fast.step(tokens[:, 0], s_want)  # out of place: the input state is untouched
     assert new is not s_want and torch.equal(s_want, step_all(ref, tokens, ref.init_state(5))[1])
+
+
+def test_short_prompts_are_stepped_and_match_the_parallel_prefill():
+    cfg = dict(vocab_size=32, d_model=32, n_layers=2, d_state=32, l_max=256, cauchy_backend="torch")
+    rec = SequenceModel(ModelConfig(kernel="s4", init="legs", **cfg)).eval().to_recurrent()
+    tokens = torch.randint(0, 32, (3, 40))
+    state = torch.randn(rec.init_state(3).shape) * 0.1
+    before = state.clone()
+    assert rec.prefill_by_steps_max_tokens >= 40
+    stepped = rec.prefill(tokens, state)
+    rec.prefill_by_steps_max_tokens = 0  # the parallel form
+    parallel = rec.prefill(tokens, state)
+    assert torch.equal(state, before)  # the input state is left untouched either way
+    for got, want in zip(stepped, parallel):
+        assert float((got - want).norm() / want.norm()) <= 1e-5
