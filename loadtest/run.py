@@ -67,7 +67,7 @@ STANDIN = {  # the shipped models' shapes
 }
 SCENARIOS: dict[str, dict[str, Any]] = {
     "text-ws": {"classes": ["WsTextUser"], "users": [1, 8, 32, 64, 128], "quick_users": [1, 4]},
-    "audio": {"classes": ["WsAudioUser"], "users": [1, 2, 4, 8, 16], "quick_users": [1, 2]},
+    "audio": {"classes": ["WsAudioUser"], "users": [1, 2, 4, 8], "quick_users": [1, 2]},
     "mixed": {
         "classes": ["HttpGenerateUser", "SseUser", "WsTextUser", "WsAudioUser"],
         "users": [8, 64],
