@@ -116,7 +116,7 @@ class NetStep:
     def __init__(self, lib, net, forms) -> None:
         cfg = net.config
         self.lib, self.H, self.V = lib, cfg.d_model, cfg.vocab_size
-        self.M = forms[0].M
+        self.M = max(f.M for f in forms)  # the state's modes (layers with fewer run zero-padded)
         norms = [b.norm for b in net.blocks] + [net.norm]
         eps = {n.eps for n in norms}
         if len(eps) != 1:

@@ -36,6 +36,19 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-300))
 
 
+def pad_fused_params(form, M: int) -> None:
+    """Zero-pad a CPU layer form's fused-step parameters along the mode axis to M modes (a model's
+    state holds max-over-layers modes): a padded mode has μ = b = c = 0 (diagonal) or D⁻¹ = P = Q = 0
+    (DPLR), so it stays 0 and adds nothing; the fused step then runs over the whole padded state."""
+    if form.M == M or not form._fused_ptrs:
+        return
+    padded = tuple(
+        p if p is getattr(form, "Minv", None) else torch.nn.functional.pad(p, (0, M - form.M)).contiguous()
+        for p in form._fused_params
+    )
+    form._fused_params, form._fused_ptrs = padded, fused.pointers(*padded)
+
+
 # ---------------------------------------------------------------------------------------------
 # Conversion (float64)
 
@@ -112,8 +125,8 @@ class DiagonalSSM:
         self.mur, self.mui = mu32.real.contiguous(), mu32.imag.contiguous()
         self.br, self.bi = self.b.real.contiguous(), self.b.imag.contiguous()
         self.cr, self.ci = self.c2.real.contiguous(), self.c2.imag.contiguous()
-        step_params = (self.mur, self.mui, self.br, self.bi, self.cr, self.ci)
-        self._fused_ptrs = fused.pointers(*step_params) if device.type == "cpu" else ()
+        self._fused_params = (self.mur, self.mui, self.br, self.bi, self.cr, self.ci)
+        self._fused_ptrs = fused.pointers(*self._fused_params) if device.type == "cpu" else ()
         self.H, self.M = mu.shape
         self.device = device
         self._K = torch.zeros(self.H, 0, device=device)
@@ -200,9 +213,10 @@ class DPLRStep:
         self.Pr, self.Pi = (2 * P.real).to(**f32).contiguous(), (2 * P.imag).to(**f32).contiguous()
         self.Qr, self.Qi = Q.real.to(**f32).contiguous(), Q.imag.to(**f32).contiguous()
         self.cr, self.ci = self.c2.real.contiguous(), self.c2.imag.contiguous()
-        step_params = (self.dBr, self.dBi, self.Dr, self.Di, self.Pr, self.Pi, self.Minv, self.Qr, self.Qi)
+        self._fused_params = (self.dBr, self.dBi, self.Dr, self.Di, self.Pr, self.Pi, self.Minv, self.Qr,
+                              self.Qi, self.cr, self.ci)  # fmt: skip
         # raw pointers for the fused step; the tensors stay alive as attributes of this object
-        self._fused_ptrs = fused.pointers(*step_params, self.cr, self.ci) if device.type == "cpu" else ()
+        self._fused_ptrs = fused.pointers(*self._fused_params) if device.type == "cpu" else ()
         self.H, self.M, self.device = H, N2, device
         # real-coordinate tables for the chunked prefill
         self.Abar64, self.Bbar64, self.gamma64 = Abar, Bbar, gamma
@@ -346,9 +360,12 @@ class RecurrentModel:
             self.report.append({"layer": i, **rep})
         self.M = max(f.M for f in self.layers)
         self.H = self.config.d_model
-        # On CPU, one fused C pass per layer (model/fused.py) when it builds and all layers keep M modes.
+        # On CPU, one fused C pass per layer (model/fused.py) when it builds.
         lib = fused.library() if (fused_step and device.type == "cpu") else None
-        self._fused = lib if lib is not None and all(f.M == self.M for f in self.layers) else None
+        if lib is not None:  # layers with fewer modes than the state run the fused step zero-padded
+            for form in self.layers:
+                pad_fused_params(form, self.M)
+        self._fused = lib
         # Small batches: the whole network's step in one C call (model/fused.py: NetStep), when the
         # blocks have no feed-forward part; larger ones run the torch ops around the fused SSM steps.
         self._net_step = None
