@@ -106,6 +106,7 @@ int dplr_step(long B, long H, long M, long R, const float *x, float *xo, const f
  * ops, which dominate a small batch's step.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdlib.h>
 
 #if defined(__GLIBC__) && defined(__x86_64__) && (__GLIBC__ > 2 || __GLIBC_MINOR__ >= 35)
@@ -162,9 +163,10 @@ static void linear_t(long B, long K, long N, const float *x, const float *Wt, co
     }
 }
 
-int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
-             const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
-             float eps, const float *state, float *state_out, float *logits) {
+/* Rows r0 .. r0 + B − 1 of a batch of Btot (the state is (n_layers, Btot, H, 2, M)). */
+static int net_rows(long B, long Btot, long r0, long H, long V, long n_layers, long M, const long *tokens,
+                    const float *embed, const NetLayer *layers, const float *lnf_w, const float *lnf_b,
+                    const float *head_t, float eps, const float *state, float *state_out, float *logits) {
     float *buf = malloc(sizeof(float) * (size_t)B * (size_t)H * 5);
     if (!buf) return -2;
     float *x = buf, *u = x + B * H, *y = u + B * H, *o = y + B * H; /* o: (B, 2H) */
@@ -172,12 +174,12 @@ int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, 
         const float *e = embed + tokens[r] * H;
         for (long h = 0; h < H; h++) x[r * H + h] = e[h];
     }
-    const long per_layer = B * H * 2 * M;
+    const long per_layer = Btot * H * 2 * M, offset = r0 * H * 2 * M;
     int rc = 0;
     for (long l = 0; l < n_layers && rc == 0; l++) {
         const NetLayer *L = layers + l;
-        const float *xs = state + l * per_layer;
-        float *xo = state_out + l * per_layer;
+        const float *xs = state + l * per_layer + offset;
+        float *xo = state_out + l * per_layer + offset;
         layer_norm(B, H, x, u, L->ln_w, L->ln_b, eps);
         const float *const *p = L->p;
         if (L->form == 0)
@@ -207,6 +209,29 @@ int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, 
         linear_t(B, H, V, u, head_t, NULL, logits);
     }
     free(buf);
+    return rc;
+}
+
+/* Batches of NET_PARALLEL_ROWS rows or more are split into one block of rows per thread, each
+ * stepped through the whole network independently (no synchronization between layers; the
+ * per-layer parallel loops above then run serially inside each thread). */
+#define NET_PARALLEL_ROWS 8
+
+int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
+             const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
+             float eps, const float *state, float *state_out, float *logits) {
+    if (B < NET_PARALLEL_ROWS)
+        return net_rows(B, B, 0, H, V, n_layers, M, tokens, embed, layers, lnf_w, lnf_b, head_t, eps, state,
+                        state_out, logits);
+    int rc = 0;
+#pragma omp parallel reduction(min : rc)
+    {
+        const long nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const long lo = B * t / nt, hi = B * (t + 1) / nt;
+        if (hi > lo)
+            rc = net_rows(hi - lo, B, lo, H, V, n_layers, M, tokens + lo, embed, layers, lnf_w, lnf_b, head_t,
+                          eps, state, state_out, logits + lo * V);
+    }
     return rc;
 }
 
