@@ -24,7 +24,7 @@ from model.layer import fft_conv
 
 F64, C64, C128 = torch.float64, torch.complex64, torch.complex128
 CHUNK = 128  # prefill chunk: powers μ^0..μ^{CHUNK−1} are tabulated per layer
-NET_STEP_MAX_BATCH = 32  # batches up to this size step the whole network in one C call (CPU)
+NET_STEP_MAX_BATCH = 128  # batches up to this size step the whole network in one C call (CPU; bench.step)
 PREFILL_BY_STEPS_MAX_TOKENS = 64  # shorter prompts are ingested by that step (faster than the parallel form)
 
 
