@@ -6,13 +6,15 @@ and the same-parameter-count Transformer of bench.generation (4 layers, d_model 
 model in a fresh child process: for each context and batch, peak RSS above the baseline while a
 batch's state / KV cache is allocated, filled with random values (no prefill: contents do not change
 the size) and stepped once; bytes per session = the marginal cost (peak at batch B − peak at batch 1)
-/ (B − 1), so one-time costs cancel.
+/ (B − 1), so one-time costs cancel (B = 512 for S4, whose 128-256 KiB per session would drown in
+allocator noise at a few sessions; 8 for the Transformer).
 
     python -m bench.memory [--quick]
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +32,7 @@ SIZES: dict[bool, dict[str, Any]] = {
         },
         "analytic_contexts": [2**k for k in range(8, 18)],
         "measured_contexts": [1024, 4096, 16384, 65536],
-        "batches": [1, 8],
+        "batches": {"s4": [1, 512], "transformer": [1, 8]},  # S4: enough sessions to see in the RSS
     },
     True: {
         "models": {
@@ -39,7 +41,7 @@ SIZES: dict[bool, dict[str, Any]] = {
         },
         "analytic_contexts": [2**k for k in range(6, 12)],
         "measured_contexts": [256, 1024],
-        "batches": [1, 4],
+        "batches": {"s4": [1, 64], "transformer": [1, 4]},
     },
 }
 
@@ -58,25 +60,28 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
         net = TransformerLM(TransformerConfig(**cfg, max_len=max(spec["contexts"]) + 2)).eval()
         params = net.num_params()
-    for context in spec["contexts"]:
-        for batch in spec["batches"]:
-            tok = torch.zeros(batch, dtype=torch.long)
-            with torch.inference_mode(), PeakMemory() as mem:
-                if spec["kind"] == "s4":
-                    state = torch.randn(rec.init_state(batch).shape) * 0.01  # context-independent
-                    rec.step(tok, state, out=state)
-                    analytic = rec.state_bytes_per_sequence
-                else:
-                    cache = net.new_cache(batch, context + 1)
-                    cache.k.normal_()
-                    cache.v.normal_()
-                    cache.length = context
-                    net(tok[:, None], cache)
-                    analytic = cache.bytes_per_sequence(context)
-            out.append({"context": context, "batch": batch, "analytic_bytes_per_sequence": analytic,
-                        **mem.as_dict()})  # fmt: skip
-            del mem
-            state = cache = None  # noqa: F841  (free before the next measurement)
+    # the first configuration runs once more, unrecorded, before the others: it pays one-time costs
+    runs = [(spec["contexts"][0], spec["batches"][0], False)]
+    runs += [(c, b, True) for c in spec["contexts"] for b in spec["batches"]]
+    for context, batch, record in runs:
+        tok = torch.zeros(batch, dtype=torch.long)
+        with torch.inference_mode(), PeakMemory() as mem:
+            if spec["kind"] == "s4":
+                state = rec.init_state(batch).normal_(std=0.01)  # the size is context-independent
+                rec.step(tok, state, out=state)
+                analytic = rec.state_bytes_per_sequence
+            else:
+                cache = net.new_cache(batch, context + 1)
+                cache.k.normal_()
+                cache.v.normal_()
+                cache.length = context
+                net(tok[:, None], cache)
+                analytic = cache.bytes_per_sequence(context)
+        if record:
+            out.append(
+                {"context": context, "batch": batch, "analytic_bytes_per_sequence": analytic, **mem.as_dict()}
+            )
+        state = cache = None  # noqa: F841  (free before the next measurement)
     return {"params": params, "results": out}
 
 
@@ -89,15 +94,17 @@ def analytic_bytes(kind: str, cfg: dict[str, Any], context: int) -> int:
 
 def run(quick: bool) -> dict[str, Any]:
     sz = SIZES[quick]
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 17)  # children: big buffers mmapped, unmapped on free
     models = {}
     for name, cfg in sz["models"].items():
         kind = "s4" if name.startswith("s4") else "transformer"
-        spec = {"kind": kind, "config": cfg, "contexts": sz["measured_contexts"], "batches": sz["batches"]}
+        batches = sz["batches"][kind]
+        spec = {"kind": kind, "config": cfg, "contexts": sz["measured_contexts"], "batches": batches}
         res = run_child(f"bench.{NAME}", spec, timeout=600)
         measured = []
         for context in sz["measured_contexts"]:
             got = {r["batch"]: r for r in res.get("results", []) if r["context"] == context}
-            lo, hi = min(sz["batches"]), max(sz["batches"])
+            lo, hi = min(batches), max(batches)
             if lo in got and hi in got:
                 marginal = (got[hi]["peak_rss_delta_bytes"] - got[lo]["peak_rss_delta_bytes"]) / (hi - lo)
                 ana = got[hi]["analytic_bytes_per_sequence"]
@@ -129,8 +136,8 @@ def run(quick: bool) -> dict[str, Any]:
     return {
         "description": "bytes of per-session state: analytic (S4: n_layers·H·N/2 complex float32; "
         "Transformer: 2·n_layers·d_model·context float32) and measured (marginal peak RSS per session "
-        "between batch "
-        f"{min(sz['batches'])} and {max(sz['batches'])}: allocate, fill with random values, one step)",
+        "between the two batch sizes of sizes.batches: allocate, fill with random values, one step; the "
+        "children run with MALLOC_MMAP_THRESHOLD_ fixed, so freed buffers leave the RSS)",
         "sizes": sz,
         "models": models,
     }
@@ -142,8 +149,13 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     for name, m in data["models"].items():
         c = colors.get(name, "k")
         a = m["analytic"]
-        ax.plot([r["context"] for r in a], [r["bytes_per_sequence"] / MB for r in a], "-", color=c,
-                label=f"{name} analytic")  # fmt: skip
+        ax.plot(
+            [r["context"] for r in a],
+            [r["bytes_per_sequence"] / MB for r in a],
+            "-",
+            color=c,
+            label=f"{name} analytic",
+        )
         if m["measured"]:
             xs = [r["context"] for r in m["measured"]]
             ys = [max(r["bytes_per_sequence_marginal"], 1) / MB for r in m["measured"]]
