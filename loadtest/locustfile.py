@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import time
 from collections import defaultdict
 
@@ -92,10 +93,10 @@ class Recorder:
 
     def __init__(self) -> None:
         self.reset()
-        self.cpu: list[float] = []
 
     def reset(self) -> None:
         self.started = time.time()
+        self.cpu_started = _cpu_seconds()
         self.latency: dict[tuple[str, str], list[float]] = defaultdict(list)
         self.tokens: dict[str, int] = defaultdict(int)
         self.per_user: dict[str, dict[int, int]] = defaultdict(
@@ -127,10 +128,14 @@ class Recorder:
             "failures": dict(self.failures),
             "latency": lat,
             "audio_turns": self.audio,
-            "locust_cpu_percent": {"mean": sum(self.cpu) / len(self.cpu), "max": max(self.cpu)}
-            if self.cpu
-            else None,
+            "locust_cpu_percent": 100 * (_cpu_seconds() - self.cpu_started) / window,  # of one core
         }
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this (locust) process."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -146,11 +151,6 @@ def _on_spawned(user_count: int, **_) -> None:
     env = _ENV.get("env")
     if env is not None and env.reset_stats:
         RECORDER.reset()
-
-
-@events.usage_monitor.add_listener
-def _on_usage(environment, cpu_usage: float, memory_usage: int, **_) -> None:
-    RECORDER.cpu.append(cpu_usage)
 
 
 _ENV: dict = {}
