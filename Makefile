@@ -2,6 +2,7 @@
 # make test also installs espeak-ng + sox (apt) when missing
 # make bench  : run every benchmark in bench/ (JSON + PNG in bench/results/)
 # make serve  : create .venv, install, serve the shipped checkpoints on 127.0.0.1:8000 (CPU, or CUDA)
+# make loadtest: locust sweep against a loopback server; report in loadtest/results/ (Markdown + PNG)
 # make container-smoke : build the Dockerfile with podman and run it (root, ~5 min; not part of test)
 PY      ?= python3
 VENV    ?= .venv
@@ -9,7 +10,7 @@ BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 export KEOPS_CACHE_FOLDER ?= $(CURDIR)/.keops_cache
 
-.PHONY: venv sysdeps test lint bench serve container-smoke clean
+.PHONY: venv sysdeps test lint bench serve loadtest container-smoke clean
 
 # espeak-ng + sox synthesize the spoken-digit dataset (model.data audio; one test uses them)
 sysdeps:
@@ -27,14 +28,17 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 lint: venv
-	$(BIN)/ruff check model tests bench server scripts
-	$(BIN)/ruff format --check model tests bench server scripts
+	$(BIN)/ruff check model tests bench server scripts loadtest
+	$(BIN)/ruff format --check model tests bench server scripts loadtest
 
 test: venv sysdeps lint
 	$(BIN)/python -m pytest -q
 
 bench: venv
 	$(BIN)/python -m bench.run_all
+
+loadtest: venv
+	$(BIN)/python -m loadtest
 
 serve: venv
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m server --host 127.0.0.1 --port 8000

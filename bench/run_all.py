@@ -1,5 +1,5 @@
-"""Run every benchmark (kernel, step, train, server), then print a markdown summary of the headline numbers
-and write it to bench/results/summary.md (bench/results/quick/summary.md with --quick).
+"""Run every benchmark (kernel, step, train, server, generation, memory), then print a markdown summary of
+the headline numbers and write it to bench/results/summary.md (bench/results/quick/summary.md with --quick).
 
     python -m bench.run_all [--quick] [--only kernel step ...] [--summary-only]
 """
@@ -15,7 +15,7 @@ from typing import Any
 
 from bench.common import MB, ROOT, fmt, read_results, results_dir
 
-BENCHMARKS = ("kernel", "step", "train", "server")
+BENCHMARKS = ("kernel", "step", "train", "server", "generation", "memory")
 
 
 def run_benchmarks(names: Sequence[str], quick: bool) -> dict[str, str]:
@@ -179,12 +179,53 @@ def server_section(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def generation_section(d: dict[str, Any]) -> list[str]:
+    from bench.generation import table
+
+    lines = [
+        f"## Generation: S4 vs KV-cache Transformer (S4: {d['s4_model']})",
+        "",
+        "MiB per sequence: S4 / Transformer, analytic and measured (marginal RSS per extra sequence).",
+        "",
+    ]
+    header = [
+        "context",
+        "batch",
+        "S4 tok/s",
+        "Transformer tok/s",
+        "S4 ÷ Transformer",
+        "MiB/seq analytic",
+        "MiB/seq measured",
+    ]
+    return lines + _table(header, table(d))
+
+
+def memory_section(d: dict[str, Any]) -> list[str]:
+    lines = ["## Memory per session (measured marginal RSS / analytic)", ""]
+    contexts = d["sizes"]["measured_contexts"]
+    rows = []
+    for name, m in d["models"].items():
+        got = {r["context"]: r for r in m["measured"]}
+        cells = []
+        for c in contexts:
+            r = got.get(c)
+            cells.append(
+                f"{fmt(r['bytes_per_sequence_marginal'] / MB)} / {fmt(r['analytic_bytes_per_sequence'] / MB)}"
+                if r
+                else "—"
+            )
+        rows.append([name, *cells])
+    return lines + _table(["MiB per session", *[str(c) for c in contexts]], rows)
+
+
 def summary(quick: bool, status: dict[str, str] | None = None) -> str:
     sections = {
         "kernel": kernel_section,
         "step": step_section,
         "train": train_section,
         "server": server_section,
+        "generation": generation_section,
+        "memory": memory_section,
     }
     lines = ["# Benchmark summary" + (" (--quick smoke sizes)" if quick else ""), ""]
     machine = None

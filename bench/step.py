@@ -26,16 +26,17 @@ from bench.common import (
     timeit,
 )
 from model import ModelConfig, RecurrentModel, SequenceModel
+from model.recurrent import NET_STEP_MAX_BATCH
 
 NAME = "step"
 KINDS = ("s4", "s4d")
 SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
     False: {
         "model": {"vocab_size": 256, "d_model": 256, "n_layers": 4, "d_state": 64, "l_max": 1024},
-        "batches": [1, 16, 64, 256],
+        "batches": [1, 4, 16, 32, 64, 128, 256],
         "max_steps": 200,
         "min_steps": 10,
-        "seconds_per_batch": 10.0,
+        "seconds_per_batch": 5.0,
         "prompt": 1024,
     },
     True: {
@@ -72,17 +73,26 @@ def flops_per_token(rec: RecurrentModel) -> dict[str, Any]:
     return {"total": total, "head": head, "layers": layers, "formula": FLOPS_FORMULA}
 
 
-def build(kind: str, model_kw: dict[str, Any], fused: bool = True) -> tuple[RecurrentModel, float]:
+def build(
+    kind: str, model_kw: dict[str, Any], fused: bool = True, network: bool = True
+) -> tuple[RecurrentModel, float]:
     torch.manual_seed(0)
     net = SequenceModel(ModelConfig(kernel=kind, cauchy_backend="torch", **model_kw))
     t0 = time.perf_counter()
-    rec = net.to_recurrent(fused_step=fused)
+    rec = net.to_recurrent(fused_step=fused, fused_network=network)
     return rec, time.perf_counter() - t0
 
 
-# Step variants timed side by side: the torch-ops step (before), the fused C step returning a new
-# state (the default), and the fused step updating the state in place (`out=state`, no allocation).
-VARIANTS = {"torch-ops": (False, False), "fused": (True, False), "fused-inplace": (True, True)}
+# Step variants timed side by side: the torch-ops step (before), the fused C SSM step inside the torch
+# ops returning a new state, the same updating the state in place (`out=state`, no allocation), and
+# the whole network in one C call, in place (`network-c`, what `rec.step` runs for batches up to
+# `rec.net_step_max_batch`; timed here at every batch size to show the crossover).
+VARIANTS = {  # name: (build kwargs, in place)
+    "torch-ops": ({"fused": False, "network": False}, False),
+    "fused": ({"fused": True, "network": False}, False),
+    "fused-inplace": ({"fused": True, "network": False}, True),
+    "network-c": ({"fused": True, "network": True}, True),
+}
 
 
 def time_steps(
@@ -140,6 +150,10 @@ def time_prefill(rec: RecurrentModel, L: int) -> dict[str, Any]:
     }
 
 
+def _tag(rows: list[dict[str, Any]], variant: str) -> list[dict[str, Any]]:
+    return [r | {"variant": variant} for r in rows]
+
+
 def run(quick: bool) -> dict[str, Any]:
     cfg = SIZES[quick]
     gflops_by_size = matmul_gflops_by_size()
@@ -148,14 +162,15 @@ def run(quick: bool) -> dict[str, Any]:
     kinds: dict[str, Any] = {}
     for kind in KINDS:
         rec, t_convert = build(kind, cfg["model"])
-        recs = {True: rec, False: build(kind, cfg["model"], fused=False)[0]}
+        rec.net_step_max_batch = max(cfg["batches"])  # time the whole-network C step at every batch
         flops = flops_per_token(rec)
         ceiling_tps = ceiling * 1e9 / flops["total"]
         variants: dict[str, list[dict[str, Any]]] = {}
-        for variant, (fused, in_place) in VARIANTS.items():
+        for variant, (kw, in_place) in VARIANTS.items():
             rows = variants[variant] = []
+            vrec = rec if variant == "network-c" else build(kind, cfg["model"], **kw)[0]
             for batch in cfg["batches"]:
-                row = time_steps(recs[fused], batch, cfg, in_place)
+                row = time_steps(vrec, batch, cfg, in_place)
                 row["gflops"] = row["tokens_per_s"] * flops["total"] / 1e9
                 row["fraction_of_ceiling"] = row["gflops"] / ceiling
                 rows.append(row)
@@ -165,7 +180,13 @@ def run(quick: bool) -> dict[str, Any]:
                     f"({100 * row['fraction_of_ceiling']:.2f}% of ceiling, n={row['steps_timed']})",
                     flush=True,
                 )
-        rows = variants["fused-inplace"]
+        # what rec.step runs: the faster in-place variant at each batch (the dispatch threshold is
+        # chosen from this benchmark: model/recurrent.py NET_STEP_MAX_BATCH)
+        pairs = zip(
+            _tag(variants["network-c"], "network-c"), _tag(variants["fused-inplace"], "fused-inplace")
+        )
+        rows = [max(pair, key=lambda r: r["tokens_per_s"]) for pair in pairs]
+        rec.net_step_max_batch = NET_STEP_MAX_BATCH
         prefill = time_prefill(rec, cfg["prompt"])
         print(
             f"{kind:4s} prefill {prefill['prompt_tokens']} tokens: {prefill['prefill_s']:.3f} s vs "
@@ -178,7 +199,7 @@ def run(quick: bool) -> dict[str, Any]:
             "state_bytes_per_sequence": rec.state_bytes_per_sequence,
             "flops_per_token": flops,
             "ceiling_tokens_per_s": ceiling_tps,
-            "step": rows,  # the fastest variant (fused, in place)
+            "step": rows,  # the faster in-place variant per batch (network-c or fused-inplace)
             "step_variants": variants,
             "prefill": prefill,
         }
@@ -199,7 +220,7 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     batches = data["sizes"]["batches"]
     for kind, d in data["kinds"].items():
         forms = "/".join(sorted({lay["form"] for lay in d["layers"]}))
-        styles = {"torch-ops": ":", "fused": "-.", "fused-inplace": "-"}
+        styles = {"torch-ops": ":", "fused": "-.", "fused-inplace": "--", "network-c": "-"}
         for variant, rows in d.get("step_variants", {"fused-inplace": d["step"]}).items():
             ax.plot(
                 [r["batch"] for r in rows],

@@ -18,6 +18,8 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "ssm_step.c"
 _lib: dict[str, object] = {}
+# -fno-math-errno lets the GELU / sigmoid loops call glibc's vector expf / erff (model/csrc/ssm_step.c)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 
 
 def build_folder() -> Path:
@@ -40,7 +42,7 @@ def library():
     lib = None
     try:
         src = SOURCE.read_bytes()
-        key = hashlib.sha256(src + _cpu_signature().encode()).hexdigest()[:16]
+        key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
         out = build_folder() / f"ssm_step_{key}.so"
         if not out.exists():
             cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -48,12 +50,12 @@ def library():
                 raise RuntimeError("no C compiler (cc/gcc) found")
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            cmd = [cc, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(tmp)]
+            cmd = [cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"]
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             tmp.replace(out)  # atomic: concurrent builders never load a half-written file
         lib = ctypes.CDLL(str(out))
-        for name in ("diag_step", "dplr_step"):
-            getattr(lib, name).restype = ctypes.c_int if name == "dplr_step" else None
+        for name in ("diag_step", "dplr_step", "net_step", "sample_rows"):
+            getattr(lib, name).restype = ctypes.c_int if name in ("dplr_step", "net_step") else None
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         warnings.warn(f"fused CPU step unavailable ({detail}); using torch ops", RuntimeWarning, stacklevel=2)
@@ -86,3 +88,90 @@ def dplr_step(lib, x, xo, u, y, params: tuple, rank: int) -> None:
     dims = (ctypes.c_long(B), ctypes.c_long(H), ctypes.c_long(M), ctypes.c_long(rank))
     if lib.dplr_step(*dims, *_ptrs(x, xo, u, y), *params) != 0:
         raise ValueError(f"fused DPLR step supports at most 1024 modes and rank 4 (got {M}, {rank})")
+
+
+class NetLayer(ctypes.Structure):
+    """One block of the whole-network step (model/csrc/ssm_step.c: NetLayer)."""
+
+    _fields_ = [
+        ("form", ctypes.c_long),  # 0: diagonal, 1: dplr
+        ("rank", ctypes.c_long),
+        ("ln_w", ctypes.c_void_p),
+        ("ln_b", ctypes.c_void_p),
+        ("d_skip", ctypes.c_void_p),
+        ("out_wt", ctypes.c_void_p),
+        ("out_b", ctypes.c_void_p),
+        ("p", ctypes.c_void_p * 11),
+    ]
+
+
+class NetStep:
+    """The whole network's recurrent step in one C call (`net_step`): embedding, every block
+    (LayerNorm, SSM step, GELU(y + D u), GLU output mixing, residual), final LayerNorm and head.
+
+    Built from a SequenceModel without feed-forward blocks whose layers all have fused step pointers;
+    the weights are read in place, the two linear layers' from transposed copies made here (the
+    tensors must stay alive and unchanged: the RecurrentModel's frozen copy holds them)."""
+
+    def __init__(self, lib, net, forms) -> None:
+        cfg = net.config
+        self.lib, self.H, self.V = lib, cfg.d_model, cfg.vocab_size
+        self.M = max(f.M for f in forms)  # the state's modes (layers with fewer run zero-padded)
+        norms = [b.norm for b in net.blocks] + [net.norm]
+        eps = {n.eps for n in norms}
+        if len(eps) != 1:
+            raise ValueError("every LayerNorm must share one eps")
+        self.eps = ctypes.c_float(eps.pop())
+        self.layers = (NetLayer * len(forms))()
+        self._keep = []  # every tensor a pointer refers to
+        for i, (block, form) in enumerate(zip(net.blocks, forms, strict=True)):
+            lay = self.layers[i]
+            lay.form = 0 if form.form == "diagonal" else 1
+            lay.rank = form.Pr.shape[0] if lay.form == 1 else 0
+            out_wt = block.layer.out.weight.detach().t().contiguous()  # (H, 2H)
+            lay.ln_w, lay.ln_b, lay.d_skip, lay.out_wt, lay.out_b = (
+                p.value for p in self._ptrs(block.norm.weight, block.norm.bias, block.layer.D, out_wt,
+                                            block.layer.out.bias)
+            )  # fmt: skip
+            for j, ptr in enumerate(form._fused_ptrs):
+                lay.p[j] = ptr.value
+        self.embed, self.lnf_w, self.lnf_b, self.head = self._ptrs(
+            net.embed.weight, net.norm.weight, net.norm.bias, net.head.weight.detach().t().contiguous()
+        )
+        self.n_layers = len(forms)
+
+    def _ptrs(self, *tensors: torch.Tensor):
+        tensors = [t.detach() for t in tensors]
+        self._keep += tensors
+        return _ptrs(*tensors)
+
+    def __call__(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) int64, state and out (n_layers, B, H, 2, M) contiguous float32 (out may be
+        state) → logits (B, V)."""
+        B = tokens.shape[0]
+        tokens = tokens.contiguous()
+        if tokens.dtype != torch.long:
+            tokens = tokens.long()
+        logits = torch.empty(B, self.V)
+        rc = self.lib.net_step(
+            ctypes.c_long(B), ctypes.c_long(self.H), ctypes.c_long(self.V), ctypes.c_long(self.n_layers),
+            ctypes.c_long(self.M), ctypes.c_void_p(tokens.data_ptr()), self.embed, self.layers,
+            self.lnf_w, self.lnf_b, self.head, self.eps, ctypes.c_void_p(state.data_ptr()),
+            ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(logits.data_ptr()),
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError(
+                f"fused network step failed (code {rc}: > 1024 modes, rank > 4, or out of memory)"
+            )
+        return logits
+
+
+def sample_rows(lib, logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling of softmax(logits / temperature) per row at uniforms u (argmax where the
+    temperature is 0): logits (B, V), temperature and u (B,) contiguous float32 CPU → (B,) int64."""
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.long)
+    lib.sample_rows(
+        ctypes.c_long(B), ctypes.c_long(V), *_ptrs(logits, temperature, u), ctypes.c_void_p(out.data_ptr())
+    )
+    return out

@@ -24,6 +24,8 @@ from model.layer import fft_conv
 
 F64, C64, C128 = torch.float64, torch.complex64, torch.complex128
 CHUNK = 128  # prefill chunk: powers μ^0..μ^{CHUNK−1} are tabulated per layer
+NET_STEP_MAX_BATCH = 128  # batches up to this size step the whole network in one C call (CPU; bench.step)
+PREFILL_BY_STEPS_MAX_TOKENS = 64  # shorter prompts are ingested by that step (faster than the parallel form)
 
 
 class VerificationError(RuntimeError):
@@ -32,6 +34,19 @@ class VerificationError(RuntimeError):
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-300))
+
+
+def pad_fused_params(form, M: int) -> None:
+    """Zero-pad a CPU layer form's fused-step parameters along the mode axis to M modes (a model's
+    state holds max-over-layers modes): a padded mode has μ = b = c = 0 (diagonal) or D⁻¹ = P = Q = 0
+    (DPLR), so it stays 0 and adds nothing; the fused step then runs over the whole padded state."""
+    if form.M == M or not form._fused_ptrs:
+        return
+    padded = tuple(
+        p if p is getattr(form, "Minv", None) else torch.nn.functional.pad(p, (0, M - form.M)).contiguous()
+        for p in form._fused_params
+    )
+    form._fused_params, form._fused_ptrs = padded, fused.pointers(*padded)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,8 +125,8 @@ class DiagonalSSM:
         self.mur, self.mui = mu32.real.contiguous(), mu32.imag.contiguous()
         self.br, self.bi = self.b.real.contiguous(), self.b.imag.contiguous()
         self.cr, self.ci = self.c2.real.contiguous(), self.c2.imag.contiguous()
-        step_params = (self.mur, self.mui, self.br, self.bi, self.cr, self.ci)
-        self._fused_ptrs = fused.pointers(*step_params) if device.type == "cpu" else ()
+        self._fused_params = (self.mur, self.mui, self.br, self.bi, self.cr, self.ci)
+        self._fused_ptrs = fused.pointers(*self._fused_params) if device.type == "cpu" else ()
         self.H, self.M = mu.shape
         self.device = device
         self._K = torch.zeros(self.H, 0, device=device)
@@ -198,9 +213,10 @@ class DPLRStep:
         self.Pr, self.Pi = (2 * P.real).to(**f32).contiguous(), (2 * P.imag).to(**f32).contiguous()
         self.Qr, self.Qi = Q.real.to(**f32).contiguous(), Q.imag.to(**f32).contiguous()
         self.cr, self.ci = self.c2.real.contiguous(), self.c2.imag.contiguous()
-        step_params = (self.dBr, self.dBi, self.Dr, self.Di, self.Pr, self.Pi, self.Minv, self.Qr, self.Qi)
+        self._fused_params = (self.dBr, self.dBi, self.Dr, self.Di, self.Pr, self.Pi, self.Minv, self.Qr,
+                              self.Qi, self.cr, self.ci)  # fmt: skip
         # raw pointers for the fused step; the tensors stay alive as attributes of this object
-        self._fused_ptrs = fused.pointers(*step_params, self.cr, self.ci) if device.type == "cpu" else ()
+        self._fused_ptrs = fused.pointers(*self._fused_params) if device.type == "cpu" else ()
         self.H, self.M, self.device = H, N2, device
         # real-coordinate tables for the chunked prefill
         self.Abar64, self.Bbar64, self.gamma64 = Abar, Bbar, gamma
@@ -321,7 +337,15 @@ class RecurrentModel:
     in-place update.
     """
 
-    def __init__(self, net, tol: float = 1e-4, verify_len: int | None = None, device=None, fused_step=True):
+    def __init__(
+        self,
+        net,
+        tol: float = 1e-4,
+        verify_len: int | None = None,
+        device=None,
+        fused_step=True,
+        fused_network=True,
+    ):
         device = torch.device(device) if device is not None else next(net.parameters()).device
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = net.config
@@ -336,9 +360,22 @@ class RecurrentModel:
             self.report.append({"layer": i, **rep})
         self.M = max(f.M for f in self.layers)
         self.H = self.config.d_model
-        # On CPU, one fused C pass per layer (model/fused.py) when it builds and all layers keep M modes.
+        # On CPU, one fused C pass per layer (model/fused.py) when it builds.
         lib = fused.library() if (fused_step and device.type == "cpu") else None
-        self._fused = lib if lib is not None and all(f.M == self.M for f in self.layers) else None
+        if lib is not None:  # layers with fewer modes than the state run the fused step zero-padded
+            for form in self.layers:
+                pad_fused_params(form, self.M)
+        self._fused = lib
+        # Small batches: the whole network's step in one C call (model/fused.py: NetStep), when the
+        # blocks have no feed-forward part; larger ones run the torch ops around the fused SSM steps.
+        self._net_step = None
+        if self._fused is not None and fused_network and not self.config.d_ff:
+            try:
+                self._net_step = fused.NetStep(self._fused, self.net, self.layers)
+            except ValueError:  # weights not contiguous float32: keep the torch ops
+                self._net_step = None
+        self.net_step_max_batch = NET_STEP_MAX_BATCH
+        self.prefill_by_steps_max_tokens = PREFILL_BY_STEPS_MAX_TOKENS
 
     @property
     def state_bytes_per_sequence(self) -> int:
@@ -397,15 +434,34 @@ class RecurrentModel:
         self._check(tokens, state, 1)
         if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
-        if self._fused is not None and (out is None or out.is_contiguous()):
+        contiguous_out = out is None or out.is_contiguous()
+        if self._net_step is not None and contiguous_out and tokens.shape[0] <= self.net_step_max_batch:
+            state = state.contiguous()
+            new = torch.empty_like(state) if out is None else out
+            return self._net_step(tokens, state, new), new
+        if self._fused is not None and contiguous_out:
             return self._step_fused(tokens, state, out)
         logits, new = self._step_torch(tokens, state)
         return logits, new if out is None else out.copy_(new)
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, state: torch.Tensor):
-        """tokens (B, L) → logits (B, L, V) and the state after the last token, parallel over L."""
+        """tokens (B, L) → logits (B, L, V) and the state after the last token, parallel over L
+        (on CPU a prompt of at most `prefill_by_steps_max_tokens` tokens is stepped instead: the
+        whole-network C step is faster there; the results agree to float32 rounding)."""
         self._check(tokens, state, 2)
+        B, L = tokens.shape
+        if (
+            self._net_step is not None
+            and B <= self.net_step_max_batch
+            and L <= self.prefill_by_steps_max_tokens
+        ):
+            # a short prompt: L whole-network C steps cost less than the parallel form's fixed cost
+            new = state.contiguous().clone()
+            logits = torch.empty(B, L, self.config.vocab_size)
+            for t in range(L):
+                logits[:, t] = self._net_step(tokens[:, t], new, new)
+            return logits, new
         x0_is_zero = not bool(state.abs().amax() > 0) if state.numel() else True
         new = []
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from model import fused
+
 
 @dataclass
 class SamplingParams:
@@ -70,6 +72,16 @@ def sample(
     B = logits.shape[0]
     dev = logits.device
     logits = logits.float()
+    if (
+        dev.type == "cpu"
+        and B
+        and all(p.top_k == 0 and p.top_p == 1 and p.repetition_penalty == 1 for p in params)
+    ):
+        lib = fused.library()
+        if lib is not None:  # plain temperature sampling in one C pass, the same draws
+            u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], dtype=torch.float32)
+            temp = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+            return fused.sample_rows(lib, logits.contiguous(), temp, u)
     pen = torch.tensor([p.repetition_penalty for p in params], device=dev)
     if seen is not None and bool((pen != 1).any()):
         logits = apply_repetition_penalty(logits, seen, pen)

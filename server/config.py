@@ -57,7 +57,9 @@ class Settings(BaseSettings):
     @classmethod
     def _split(cls, v):
         if isinstance(v, str):
-            return [p.strip() for p in v.split(",") if p.strip()]
+            v = [v]
+        if isinstance(v, list):  # the env var, and each --checkpoints value, may be comma-separated
+            return [p.strip() for item in v for p in str(item).split(",") if p.strip()]
         return v
 
     def resolved_device(self) -> str:

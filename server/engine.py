@@ -5,7 +5,9 @@ Each iteration of its loop:
   2. prefill: ingest prompt chunks of several jobs, at most `prefill_token_budget` tokens, batching
      chunks of equal length into one parallel (conv-mode) prefill;
   3. decode: one batched recurrent step for every live generating session, sampling on the device
-     with one generator per request, and one copy of the new tokens to the host;
+     with one generator per request, and one copy of the new tokens to the host; repeated (up to
+     DECODE_STEPS_PER_ITERATION steps) while no row finishes, fills its stream or is cancelled and
+     no new work arrives;
   4. hand the new tokens to the event loop, one `call_soon_threadsafe` per iteration.
 
 Sessions that are decoding live in a resident batch (`DecodeBatch`): their states are copied out of
@@ -41,6 +43,7 @@ from server.sessions import SessionRecord, SessionTable, SlotPool
 log = logging.getLogger("server.engine")
 
 GREEDY = SamplingParams(temperature=0.0)  # what the holes of a decode batch "sample"
+DECODE_STEPS_PER_ITERATION = 8  # decode steps between two admissions / hand-overs, at most
 
 
 @dataclass
@@ -416,20 +419,30 @@ class Engine:
         self._waiting = keep
         b.join(joining)
         b.compact()
-        if not b.live:
-            return
-        ids = b.step(self.rec)
-        self.metrics.batch_size.observe(b.live)
-        now = time.perf_counter()
-        done = []
-        for job, tok in zip(b.rows, ids):
-            if job is not None and self._emit(job, tok, now):
-                done.append(job)
-        if done:
-            b.leave(done)
-            for job in done:
-                reason = "stop" if job.stops and self._stop_at(job) is not None else "length"
-                self._finish(job, reason)
+        # Up to DECODE_STEPS_PER_ITERATION steps before the loop's other stages run again: the
+        # block ends as soon as a row finishes, runs out of stream room or is cancelled, or new work
+        # arrives, so no row steps past its end and a new request waits at most one step; the
+        # tokens of the block reach the event loop in one hand-over.
+        for _ in range(DECODE_STEPS_PER_ITERATION):
+            if not b.live:
+                return
+            ids = b.step(self.rec)
+            self.metrics.batch_size.observe(b.live)
+            now = time.perf_counter()
+            done, full = [], False
+            for job, tok in zip(b.rows, ids):
+                if job is not None:
+                    if self._emit(job, tok, now):
+                        done.append(job)
+                    elif job.stream.room() <= 0 or job.cancelled:
+                        full = True
+            if done:
+                b.leave(done)
+                for job in done:
+                    reason = "stop" if job.stops and self._stop_at(job) is not None else "length"
+                    self._finish(job, reason)
+            if done or full or self._inbox or self._waiting or self._prefilling:
+                return
 
     def _stop_at(self, job: Job) -> int | None:
         return find_stop(bytes(job.out_bytes), job.stops, len(job.out_bytes))

@@ -255,7 +255,7 @@ def limited(model_dirs):
         max_batch_size=1,
         max_queued_requests=1,
         max_prompt_tokens=64,
-        max_new_tokens=3000,
+        max_new_tokens=200_000,  # large enough that a paused reader cannot finish before it is checked
         session_ttl_s=1.0,
         stream_buffer=4,
         ws_max_frame_bytes=4096,

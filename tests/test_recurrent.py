@@ -186,3 +186,63 @@ def test_fused_step_falls_back_to_torch_with_a_warning(monkeypatch):
     assert rec._fused is None
     logits, _ = rec.step(torch.tensor([1]), rec.init_state(1))
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])
+def test_whole_network_c_step_matches_the_torch_step_at_small_and_large_batches(kernel, init):
+    cfg = dict(vocab_size=32, d_model=32, n_layers=2, d_state=32, l_max=256, cauchy_backend="torch")
+    net = SequenceModel(ModelConfig(kernel=kernel, init=init, **cfg)).eval()  # no feed-forward, as served
+    fast, ref = net.to_recurrent(), net.to_recurrent(fused_step=False)
+    assert fast._net_step is not None and ref._net_step is None
+    assert make(kernel, init, l_max=256).to_recurrent()._net_step is None  # d_ff > 0: per-layer path
+    tokens = torch.randint(0, 32, (9, 200))  # 9 rows: split between threads in the C step
+    want, s_want = step_all(ref, tokens, ref.init_state(9))
+    for max_batch in (32, 4):  # one C call per step, then the torch ops around the fused SSM
+        fast.net_step_max_batch = max_batch
+        state = fast.init_state(9)
+        outs = []
+        for t in range(tokens.shape[1]):
+            logits, same = fast.step(tokens[:, t], state, out=state)
+            assert same is state
+            outs.append(logits)
+        got = torch.stack(outs, 1)
+        assert float((got - want).norm() / want.norm()) <= 1e-6
+        assert float((state - s_want).norm() / s_want.norm()) <= 1e-6
+    fast.net_step_max_batch = 32
+    logits, new = fast.step(tokens[:, 0], s_want)  # out of place: the input state is untouched
+    assert new is not s_want and torch.equal(s_want, step_all(ref, tokens, ref.init_state(9))[1])
+
+
+def test_short_prompts_are_stepped_and_match_the_parallel_prefill():
+    cfg = dict(vocab_size=32, d_model=32, n_layers=2, d_state=32, l_max=256, cauchy_backend="torch")
+    rec = SequenceModel(ModelConfig(kernel="s4", init="legs", **cfg)).eval().to_recurrent()
+    tokens = torch.randint(0, 32, (3, 40))
+    state = torch.randn(rec.init_state(3).shape) * 0.1
+    before = state.clone()
+    assert rec.prefill_by_steps_max_tokens >= 40
+    stepped = rec.prefill(tokens, state)
+    rec.prefill_by_steps_max_tokens = 0  # the parallel form
+    parallel = rec.prefill(tokens, state)
+    assert torch.equal(state, before)  # the input state is left untouched either way
+    for got, want in zip(stepped, parallel):
+        assert float((got - want).norm() / want.norm()) <= 1e-5
+
+
+def test_a_layer_with_fewer_modes_than_the_state_runs_the_fused_step_zero_padded():
+    from model import fused
+    from model.recurrent import DiagonalSSM, pad_fused_params
+
+    H, M, M_state = 4, 5, 7  # a trained model's layers can keep different numbers of modes
+    mu = 0.9 * torch.exp(1j * torch.rand(H, M, dtype=torch.float64))
+    b, c = torch.randn(H, M, dtype=torch.complex128), torch.randn(H, M, dtype=torch.complex128)
+    form = DiagonalSSM(mu, b, c, torch.device("cpu"))
+    u, x = torch.randn(2, H), torch.randn(2, H, 2, M)
+    y_want, x_want = form.step(u, x)
+    pad_fused_params(form, M_state)
+    xp = torch.zeros(2, H, 2, M_state)
+    xp[..., :M] = x
+    xo, y = torch.full_like(xp, float("nan")), torch.empty(2, H)
+    form.step_fused(fused.library(), u, xp, xo, y)
+    torch.testing.assert_close(y, y_want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xo[..., :M], x_want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(xo[..., M:], torch.zeros(2, H, 2, M_state - M))

@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import threading
+import time
 
 import httpx
 import pytest
@@ -51,19 +53,37 @@ def test_a_full_slot_pool_answers_429_with_retry_after(tight, limited):
     assert r.status_code == 200  # capacity is back
 
 
-def test_a_full_queue_answers_429(tight, limited):
+def _drain(lines) -> None:
+    try:
+        for _ in lines:
+            pass
+    except (httpx.HTTPError, RuntimeError, OSError, AttributeError):
+        pass  # closed under us
+
+
+def test_a_full_queue_answers_429(tight, limited, monkeypatch):
     """max_batch_size=1, max_queued_requests=1: one decoding, one waiting, the third is refused."""
     engine = limited.state.models[TEXT].engine
+    step = engine.rec.step
+
+    def paced_step(*args, **kwargs):  # ~1 ms a step, so that a's reader keeps up and a keeps decoding
+        time.sleep(1e-3)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(engine.rec, "step", paced_step)
     a = tight.send(
         tight.build_request(
             "POST",
             "/v1/generate",
-            json={"model": TEXT, "prompt": "a", "max_new_tokens": 3000, "stream": True},
+            json={"model": TEXT, "prompt": "a", "max_new_tokens": 200_000, "stream": True},
         ),  # fmt: skip
         stream=True,
     )
     lines = a.iter_lines()
-    next(lines)  # a is decoding
+    next(lines)  # a is decoding; keep reading it so that it stays in the batch (a reader that
+    # stopped would pause it within a few thousand tokens and give its row to b)
+    reader = threading.Thread(target=lambda: _drain(lines), daemon=True)
+    reader.start()
     b = tight.send(
         tight.build_request(
             "POST", "/v1/generate", json={"model": TEXT, "prompt": "b", "max_new_tokens": 5, "stream": True}
@@ -75,6 +95,7 @@ def test_a_full_queue_answers_429(tight, limited):
     assert r.status_code == 429 and "queued" in r.json()["error"]["message"] and "Retry-After" in r.headers
     assert 'reason="queue_full"' in tight.get("/metrics").text
     a.close()  # a goes away; b runs
+    reader.join(10)
     events = [json.loads(line[6:]) for line in b.iter_lines() if line.startswith("data: ")]
     b.close()
     assert events[-1]["type"] == "done" and events[-1]["usage"]["completion_tokens"] == 5
@@ -99,9 +120,9 @@ def test_too_long_prompts_answer_413_everywhere(tight, limited):
 
 
 def test_max_new_tokens_over_the_limit_is_422_naming_the_field(tight):
-    r = tight.post("/v1/generate", json={"model": TEXT, "prompt": "x", "max_new_tokens": 3001})
+    r = tight.post("/v1/generate", json={"model": TEXT, "prompt": "x", "max_new_tokens": 200_001})
     assert r.status_code == 422 and r.json()["error"]["param"] == "max_new_tokens"
-    r = tight.post("/v1/completions", json={"model": TEXT, "prompt": "x", "max_tokens": 3001})
+    r = tight.post("/v1/completions", json={"model": TEXT, "prompt": "x", "max_tokens": 200_001})
     assert r.status_code == 422 and r.json()["error"]["param"] == "max_tokens"
 
 

@@ -23,6 +23,7 @@ def test_settings_from_env_then_cli_flags(monkeypatch):
     assert not s.uses_default_checkpoints()
     s = parse_args(["--max-sessions", "9", "--checkpoints", "c", "d", "--log-level", "debug"])
     assert (s.max_sessions, s.checkpoints, s.port, s.log_level) == (9, ["c", "d"], 9000, "debug")
+    assert parse_args(["--checkpoints", "c,d", "e"]).checkpoints == ["c", "d", "e"]  # as the README says
     monkeypatch.setenv("S4_MAX_SESSIONS", "0")
     with pytest.raises(ValueError, match="max_sessions"):
         Settings()

@@ -247,8 +247,9 @@ def test_audio_prompt_and_output_as_binary_frames(server, model_dirs):
 
 def test_a_slow_reader_pauses_its_session_and_loses_nothing(limited, model_dirs):
     """The limited server's sockets have a 4 KiB send buffer, so a reader that stops reading blocks
-    the server's send within ~2k tokens: the session must pause, then resume when read."""
-    n = 3000
+    the server's send within a few thousand tokens (fewer bytes a token when the engine's decode
+    blocks coalesce them into frames): the session must pause, then resume when read."""
+    n = 20_000
     ws = RawWebSocket(limited.port)
     ws.send_json({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": n, "seed": 5})
     sid = ws.recv_json()["session_id"]

@@ -1,5 +1,6 @@
-"""A plain causal Transformer LM (pre-norm, learned positions, GELU MLP) with a KV cache: the
-baseline S4 is compared against at equal parameter count, data, steps and batch.
+"""A plain causal Transformer LM (pre-norm, learned positions, GELU MLP) with a preallocated KV cache:
+the baseline S4 is compared against at equal parameter count, data, steps and batch (training), and
+for generation speed and memory (bench.generation).
 
     python -m bench.baselines.transformer bench/baselines/transformer-shakespeare.toml
 """
@@ -35,20 +36,75 @@ class Block(nn.Module):
         self.up, self.down = nn.Linear(cfg.d_model, cfg.d_ff), nn.Linear(cfg.d_ff, cfg.d_model)
         self.dropout = cfg.dropout
 
-    def attend(self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor] | None):
+    def attend(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
         B, L, H = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, H // self.n_heads).permute(2, 0, 3, 1, 4)
-        if cache is not None:  # (B, heads, T, d_head) each: decode appends to it
-            k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+        mask, causal = None, True  # q, k, v: (B, heads, L, d_head)
+        if cache is not None:  # write this chunk's keys/values in place, attend to the filled prefix
+            k, v, mask, causal = cache.write(layer, k, v)
         drop = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None or L > 1, dropout_p=drop)
-        return self.proj(y.transpose(1, 2).reshape(B, L, H)), (k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=drop)
+        return self.proj(y.transpose(1, 2).reshape(B, L, H))
 
-    def forward(self, x, cache=None):
-        a, cache = self.attend(self.norm1(x), cache)
-        x = x + F.dropout(a, self.dropout, self.training)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+        x = x + F.dropout(self.attend(self.norm1(x), cache, layer), self.dropout, self.training)
         x = x + F.dropout(self.down(F.gelu(self.up(self.norm2(x)))), self.dropout, self.training)
-        return x, cache
+        return x
+
+
+class KVCache:
+    """Preallocated keys and values, (n_layers, B, heads, capacity, d_head) each, filled up to
+    `length`: a decode step writes one position per layer in place and attends to a view of the
+    filled prefix (no concatenation, no allocation that grows with the context)."""
+
+    def __init__(self, cfg: TransformerConfig, batch: int, capacity: int, device=None, dtype=torch.float32):
+        if capacity > cfg.max_len:
+            raise ValueError(f"capacity {capacity} exceeds the model's max_len {cfg.max_len}")
+        shape = (cfg.n_layers, batch, cfg.n_heads, capacity, cfg.d_model // cfg.n_heads)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled (the same for every layer once a forward pass is over)
+        self._pending = 0  # positions being written by the forward pass in progress
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def bytes_per_sequence(self, context: int) -> int:
+        """Keys + values of one sequence holding `context` positions."""
+        n_layers, _, heads, _, d_head = self.k.shape
+        return 2 * n_layers * heads * context * d_head * self.k.element_size()
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, heads, L, d_head) after the filled prefix; returns the keys and values to
+        attend to (views of the cache), and the attention mask and is_causal flag for SDPA."""
+        L, start = k.shape[2], self.length
+        if start + L > self.capacity:
+            raise ValueError(f"KV cache full: {start} + {L} > capacity {self.capacity}")
+        self.k[layer, :, :, start : start + L] = k
+        self.v[layer, :, :, start : start + L] = v
+        self._pending = L
+        mask = None  # one new position (decode) sees the whole prefix; a first chunk is plain causal
+        if L > 1 and start > 0:  # a later chunk: query i (at position start + i) sees keys ≤ start + i
+            mask = torch.ones(L, start + L, dtype=torch.bool, device=k.device).tril(start)
+        causal = L > 1 and start == 0
+        return self.k[layer, :, :, : start + L], self.v[layer, :, :, : start + L], mask, causal
+
+    def advance(self) -> None:
+        self.length += self._pending
+        self._pending = 0
+
+    def fill_(self, source: KVCache, length: int | None = None) -> KVCache:
+        """Copy the first `length` positions of `source` (batch 1 or the same batch) into every row."""
+        n = source.length if length is None else length
+        self.k[:, :, :, :n] = source.k[:, :, :, :n]
+        self.v[:, :, :, :n] = source.v[:, :, :, :n]
+        self.length = n
+        return self
 
 
 class TransformerLM(nn.Module):
@@ -81,18 +137,23 @@ class TransformerLM(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def forward(self, tokens: torch.Tensor, caches=None, offset: int = 0):
-        """tokens (B, L) → logits (B, L, V); with `caches` (list per layer, or [None]*n for an
-        empty cache) also returns the updated caches: prefill with L > 1, decode with L = 1."""
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens (B, L) → logits (B, L, V). With a `KVCache`, the tokens continue the cached
+        sequence (positions from cache.length on) and their keys/values are added to it in place:
+        prefill with L > 1, decode with L = 1."""
         B, L = tokens.shape
+        offset = 0 if cache is None else cache.length
         pos = torch.arange(offset, offset + L, device=tokens.device)
         x = self.embed(tokens) + self.pos(pos)  # (B, L, H)
-        new = []
         for i, block in enumerate(self.blocks):
-            x, c = block(x, None if caches is None else caches[i])
-            new.append(c)
-        logits = self.head(self.norm(x))
-        return logits if caches is None else (logits, new)
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.advance()
+        return self.head(self.norm(x))  # (B, L, V)
+
+    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.config, batch, capacity or self.config.max_len, p.device, p.dtype)
 
     def param_groups(self, lr: float, weight_decay: float, ssm_lr: float | None = None) -> list[dict]:
         decay = [p for p in self.parameters() if p.dim() >= 2]

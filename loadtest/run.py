@@ -1,0 +1,639 @@
+"""Load-test sweep: start the server on loopback (or target `--host`), run locust headless at a sweep
+of concurrencies with a bounded duration each, collect the CSVs and write a report (Markdown + PNG).
+
+    python -m loadtest                        # the full sweep (≈ 5 min), report in loadtest/results/
+    python -m loadtest --quick                # tiny stand-in models, 4 s per level → loadtest/results/quick/
+    python -m loadtest --host http://127.0.0.1:8000 --scenarios text-ws --users 1 8 32
+    python -m loadtest --replot               # rebuild the report from loadtest/results/loadtest.json
+
+Scenarios (each a list of locust user classes from loadtest/locustfile.py and a user sweep):
+  text-ws  WebSocket text sessions (several turns per socket): tokens/s, requests/s, TTFT, ITL
+  audio    WebSocket audio streams (mu-law frames): real-time factor per stream and in total
+  mixed    HTTP generate + SSE + WebSocket text + WebSocket audio together
+
+The server serves checkpoints/text-shakespeare and checkpoints/audio-digits when they exist, else
+random-init stand-ins of the same shapes (speed does not depend on the weights; the report says
+which). Before each level the 1-minute load average is recorded (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+HERE = Path(__file__).resolve().parent
+LOCUSTFILE = HERE / "locustfile.py"
+SHIPPED = {"text": ROOT / "checkpoints" / "text-shakespeare", "audio": ROOT / "checkpoints" / "audio-digits"}
+STANDIN = {  # the shipped models' shapes
+    False: {
+        "text": {"vocab_size": 256, "d_model": 256, "n_layers": 4, "d_state": 64, "l_max": 1024},
+        "audio": {
+            "vocab_size": 256,
+            "d_model": 128,
+            "n_layers": 4,
+            "d_state": 64,
+            "l_max": 8000,
+            "modality": "audio",
+            "sample_rate": 8000,
+        },
+    },
+    True: {
+        "text": {"vocab_size": 256, "d_model": 32, "n_layers": 2, "d_state": 16, "l_max": 256},
+        "audio": {
+            "vocab_size": 256,
+            "d_model": 32,
+            "n_layers": 2,
+            "d_state": 16,
+            "l_max": 256,
+            "kernel": "s4d",
+            "modality": "audio",
+            "sample_rate": 8000,
+        },
+    },
+}
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "text-ws": {"classes": ["WsTextUser"], "users": [1, 8, 32, 64, 128], "quick_users": [1, 4]},
+    "audio": {"classes": ["WsAudioUser"], "users": [1, 2, 4, 8], "quick_users": [1, 2]},
+    "mixed": {
+        "classes": ["HttpGenerateUser", "SseUser", "WsTextUser", "WsAudioUser"],
+        "users": [8, 64],
+        "quick_users": [4],
+    },
+}
+GOALS = {"ttft_p99_ms_at_64": 50.0, "audio_rtf_streams": 4}
+KINDS = ("HTTP", "SSE", "WS", "WS-audio")
+
+
+# ---------------------------------------------------------------------------------------------
+# Server
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def checkpoints(quick: bool, tmp: Path) -> tuple[list[Path], dict[str, str]]:
+    """The shipped checkpoints, or stand-ins with the same folder names (so the model ids match)."""
+    paths, what = [], {}
+    for kind, path in SHIPPED.items():
+        if path.exists() and not quick:
+            paths.append(path)
+            what[kind] = f"shipped checkpoint {path.name}"
+            continue
+        import torch
+
+        from model import ModelConfig, SequenceModel, save
+
+        torch.manual_seed(0)
+        cfg = {"cauchy_backend": "torch", **STANDIN[quick][kind]}
+        save(SequenceModel(ModelConfig(**cfg)), tmp / path.name)
+        paths.append(tmp / path.name)
+        what[kind] = f"stand-in, random init: {cfg}"
+    return paths, what
+
+
+def start_server(
+    ckpts: list[Path], max_users: int, extra: Sequence[str] = ()
+) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    slots = str(max(256, 2 * max_users))  # sockets that reconnect hold their old slot a moment
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--port",
+        str(port),
+        "--checkpoints",
+        ",".join(map(str, ckpts)),
+        "--log-level",
+        "warning",
+        "--max-sessions",
+        slots,
+        "--max-queued-requests",
+        slots,
+        *extra,
+    ]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    import httpx
+
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            break
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def served_models(url: str) -> dict[str, dict]:
+    import httpx
+
+    return {m["id"]: m for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# One level: locust headless, then its CSV + exact-latency JSON
+
+
+def run_level(url: str, classes: list[str], users: int, seconds: float, prefix: Path, opts: dict) -> dict:
+    """Run locust headless at `users` users for `seconds` (stats reset once all are spawned)."""
+    latency = prefix.with_suffix(".latency.json")
+    cmd = [
+        sys.executable,
+        "-m",
+        "locust",
+        "-f",
+        str(LOCUSTFILE),
+        "--headless",
+        "-u",
+        str(users),
+        "-r",
+        str(users),
+        "-t",
+        f"{seconds:g}s",
+        "--host",
+        url,
+        "--csv",
+        str(prefix),
+        "--reset-stats",
+        "--only-summary",
+        "--latency-out",
+        str(latency),
+        "--loglevel",
+        "WARNING",
+        *[f"--{k.replace('_', '-')}={v}" for k, v in opts.items()],
+        *classes,
+    ]
+    load = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=seconds + 120)
+    wall = time.perf_counter() - t0
+    level = summarize(prefix, latency)
+    level.update(
+        users=users,
+        classes=classes,
+        seconds=seconds,
+        wall_s=wall,
+        load_avg_1min_before=load,
+        locust_exit_code=proc.returncode,
+    )
+    if proc.returncode not in (0, 1):  # 1: some requests failed (counted in the error rate)
+        level["locust_stderr_tail"] = proc.stderr[-2000:]
+    for p in prefix.parent.glob(prefix.name + "_*"):  # keep the small per-request CSVs only
+        if p.name.endswith(("_stats_history.csv", "_exceptions.csv")):
+            p.unlink()
+    return level
+
+
+def read_stats(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def summarize(prefix: Path, latency: Path) -> dict[str, Any]:
+    """Per level: requests, failures, requests/s from locust's CSV; tokens/s, exact TTFT/ITL
+    percentiles, audio RTF and locust's CPU from the locustfile's JSON."""
+    rows = read_stats(Path(f"{prefix}_stats.csv"))
+    exact = json.loads(latency.read_text()) if latency.exists() else {}
+    per: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        kind, name = r["Type"], r["Name"]
+        if kind not in KINDS or name not in ("generate", "connect"):
+            continue
+        d = per.setdefault(kind, {"requests": 0, "failures": 0, "requests_per_s": 0.0, "connects": 0})
+        if name == "generate":
+            d["requests"] += int(r["Request Count"])
+            d["requests_per_s"] += float(r["Requests/s"])
+            d["request_p50_ms_locust"] = float(r["50%"] or 0)
+            d["request_p99_ms_locust"] = float(r["99%"] or 0)
+        else:
+            d["connects"] += int(r["Request Count"])
+        d["failures"] += int(r["Failure Count"])
+    window = exact.get("window_s") or 0.0
+    for kind, d in per.items():
+        d["tokens_per_s"] = exact.get("tokens_per_s", {}).get(kind, 0.0)
+        d["error_rate"] = d["failures"] / max(1, d["requests"] + d["connects"])
+        for name in ("ttft", "itl"):
+            lat = exact.get("latency", {}).get(f"{kind} {name}")
+            if lat:
+                d.update(
+                    {f"{name}_{k}": v for k, v in lat.items() if k.endswith("_ms")},
+                    **{f"{name}_count": lat["count"]},
+                )
+    out: dict[str, Any] = {
+        "by_kind": per,
+        "window_s": window,
+        "locust_cpu_percent": exact.get("locust_cpu_percent"),
+    }
+    text = [k for k in per if k != "WS-audio"]
+    out["text_tokens_per_s"] = sum(per[k]["tokens_per_s"] for k in text)
+    out["requests_per_s"] = sum(d["requests_per_s"] for d in per.values())
+    reqs = sum(d["requests"] + d["connects"] for d in per.values())
+    out["error_rate"] = sum(d["failures"] for d in per.values()) / max(1, reqs)
+    turns = exact.get("audio_turns") or []
+    if "WS-audio" in per:
+        sr = turns[0]["sample_rate"] if turns else 8000
+        streams = [x / sr for x in exact.get("tokens_per_s_per_user", {}).get("WS-audio", [])]
+        rtfs = sorted(t["rtf"] for t in turns)
+        out["audio"] = {
+            "sample_rate": sr,
+            "streams_seen": len(streams),
+            "samples_per_s": per["WS-audio"]["tokens_per_s"],
+            "rtf_total": per["WS-audio"]["tokens_per_s"] / sr,  # all streams together
+            # per stream: its samples received in the window ÷ window ÷ sample rate
+            "rtf_per_stream_mean": sum(streams) / len(streams) if streams else None,
+            "rtf_per_stream_min": min(streams) if streams else None,
+            # per completed turn: samples ÷ sample rate ÷ (request sent → done)
+            "turns": len(turns),
+            "rtf_per_turn_mean": sum(rtfs) / len(rtfs) if rtfs else None,
+            "rtf_per_turn_min": rtfs[0] if rtfs else None,
+            "rtf_after_first_sample_mean": (
+                sum(t["rtf_after_first_sample"] for t in turns) / len(turns) if turns else None
+            ),
+        }
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _f(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:,.0f}"
+
+
+def _cpu(x: float | dict | None) -> float | None:
+    """Locust's CPU % of one core; results written before this was measured from getrusage hold
+    locust's own monitor's reading, which stayed 0 here: shown as unknown."""
+    return None if isinstance(x, dict) else x
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *["| " + " | ".join(r) + " |" for r in rows],
+    ]
+
+
+def text_rows(levels: list[dict], kinds: Sequence[str] = ("WS",)) -> list[list[str]]:
+    rows = []
+    for lv in levels:
+        for kind in kinds:
+            d = lv["by_kind"].get(kind)
+            if not d:
+                continue
+            rows.append(
+                [
+                    str(lv["users"]),
+                    kind,
+                    _f(d["tokens_per_s"]),
+                    _f(d["requests_per_s"]),
+                    f"{_f(d.get('ttft_p50_ms'))} / {_f(d.get('ttft_p99_ms'))}",
+                    f"{_f(d.get('itl_p50_ms'))} / {_f(d.get('itl_p99_ms'))}",
+                    f"{100 * d['error_rate']:.2g} %",
+                    _f(lv["load_avg_1min_before"]),
+                    _f(_cpu(lv.get("locust_cpu_percent"))),
+                ]
+            )
+    return rows
+
+
+TEXT_HEADER = [
+    "users",
+    "transport",
+    "tokens/s",
+    "requests/s",
+    "TTFT p50 / p99 ms",
+    "ITL p50 / p99 ms",
+    "errors",
+    "load avg before",
+    "locust CPU %",
+]
+
+
+def audio_rows(levels: list[dict]) -> list[list[str]]:
+    rows = []
+    for lv in levels:
+        a, d = lv.get("audio"), lv["by_kind"].get("WS-audio", {})
+        if not a:
+            continue
+        rows.append(
+            [
+                str(a.get("streams_seen") or lv["users"]),
+                _f(a["samples_per_s"]),
+                _f(a["rtf_total"]),
+                f"{_f(a['rtf_per_stream_mean'])} / {_f(a['rtf_per_stream_min'])}",
+                f"{_f(a['rtf_per_turn_mean'])} / {_f(a['rtf_per_turn_min'])}",
+                f"{_f(d.get('ttft_p50_ms'))} / {_f(d.get('ttft_p99_ms'))}",
+                f"{100 * d.get('error_rate', 0):.2g} %",
+                str(a["turns"]),
+                _f(lv["load_avg_1min_before"]),
+            ]
+        )
+    return rows
+
+
+AUDIO_HEADER = [
+    "streams",
+    "samples/s",
+    "RTF total",
+    "RTF per stream mean / min",
+    "RTF per turn mean / min",
+    "TTFT p50 / p99 ms",
+    "errors",
+    "turns",
+    "load avg before",
+]
+
+
+def report(data: dict[str, Any], out: Path) -> str:
+    m = data["machine"]
+    lines = [
+        "# Load test report" + (" (--quick smoke sizes)" if data["quick"] else ""),
+        "",
+        f"{data['date']}; {m['cpu']}, {m['cpu_count']} CPUs, Python {m['python']}, torch {m['torch']}, "
+        f"locust {data['locust_version']}; commit {str(m.get('git_commit'))[:10]}.",
+        "Server and locust run on the same machine (loopback), so the client's CPU is taken from the "
+        "server's: read the numbers as a lower bound.",
+        "",
+        f"Models: text = {data['models'].get('text', '—')}; audio = {data['models'].get('audio', '—')}.",
+        f"Command: `{data['command']}`",
+        f"Per level: {data['seconds']:g} s (stats reset once every user is spawned); text turns "
+        f"{data['options']['new_tokens']} tokens, {data['options']['turns']} turns per WebSocket session; "
+        f"audio turns {data['options']['audio_samples']} samples after a "
+        f"{data['options']['audio_prompt_samples']}-sample mu-law prompt frame.",
+        "TTFT: request sent → first token; ITL: gap between consecutive token frames (client side); "
+        "percentiles from every sample (the locustfile's exact timings, not locust's rounded buckets).",
+        "",
+    ]
+    sc = data["scenarios"]
+    if "text-ws" in sc:
+        lines += [
+            "## Text over WebSocket (`text-ws`)",
+            "",
+            *_table(TEXT_HEADER, text_rows(sc["text-ws"])),
+            "",
+            "![text](text-ws.png)",
+            "",
+        ]
+    if "audio" in sc:
+        lines += [
+            "## Audio over WebSocket (`audio`): real-time factor",
+            "",
+            "RTF per stream = the samples a stream received in the measured window ÷ sample rate ÷ "
+            "window; per turn = a completed turn's samples ÷ sample rate ÷ its wall time (request → done, "
+            "TTFT included); total = all streams' samples per second ÷ sample rate.",
+            "",
+            *_table(AUDIO_HEADER, audio_rows(sc["audio"])),
+            "",
+            "![audio](audio.png)",
+            "",
+        ]
+    if "mixed" in sc:
+        lines += [
+            "## Mixed: HTTP + SSE + WebSocket text + WebSocket audio (`mixed`)",
+            "",
+            *_table(TEXT_HEADER, text_rows(sc["mixed"], KINDS)),
+            "",
+        ]
+        if audio_rows(sc["mixed"]):
+            lines += [*_table(AUDIO_HEADER, audio_rows(sc["mixed"])), ""]
+    g = data.get("goals_measured") or {}
+    if g:
+        lines += ["## Goals", ""]
+        for k, v in g.items():
+            lines.append(f"- {k}: {v}")
+        lines.append("")
+    lines += [
+        "Raw: `loadtest.json` (every number above), `csv/` (locust's per-level statistics and failures).",
+        "",
+    ]
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
+
+
+def plot(data: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sc = data["scenarios"]
+    if sc.get("text-ws"):
+        lv = sc["text-ws"]
+        us = [x["users"] for x in lv]
+        ws = [x["by_kind"].get("WS", {}) for x in lv]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+        a.plot(us, [d.get("tokens_per_s", 0) for d in ws], "o-", label="tokens/s")
+        a.set(
+            xscale="log",
+            xlabel="concurrent users (WebSocket sessions)",
+            ylabel="tokens/s",
+            title="Throughput",
+        )
+        a2 = a.twinx()
+        a2.plot(us, [d.get("requests_per_s", 0) for d in ws], "s--", color="tab:orange", label="requests/s")
+        a2.set_ylabel("requests/s")
+        a.legend(loc="upper left")
+        a2.legend(loc="lower right")
+        for key, mark in (("ttft", "o"), ("itl", "s")):
+            b.plot(us, [d.get(f"{key}_p50_ms") for d in ws], mark + "--", label=f"{key.upper()} p50")
+            b.plot(us, [d.get(f"{key}_p99_ms") for d in ws], mark + "-", label=f"{key.upper()} p99")
+        b.axhline(GOALS["ttft_p99_ms_at_64"], color="grey", ls=":", label="goal: TTFT p99 at 64 users")
+        b.set(
+            xscale="log", yscale="log", xlabel="concurrent users", ylabel="ms", title="Latency (client side)"
+        )
+        b.legend(fontsize=8)
+        for ax in (a, b):
+            ax.set_xticks(us, [str(u) for u in us])
+            ax.grid(True, which="both", alpha=0.3)
+        fig.suptitle(f"Text over WebSocket: {data['models'].get('text')}"[:140], fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "text-ws.png", dpi=110)
+        plt.close(fig)
+    if sc.get("audio"):
+        lv = [x for x in sc["audio"] if x.get("audio")]
+        us = [x["users"] for x in lv]
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ax.plot(us, [x["audio"]["rtf_total"] for x in lv], "o-", label="RTF, all streams together")
+        ax.plot(us, [x["audio"]["rtf_per_stream_mean"] for x in lv], "s-", label="RTF per stream (mean)")
+        ax.plot(us, [x["audio"]["rtf_per_stream_min"] for x in lv], "v:", label="RTF per stream (min)")
+        ax.axhline(1.0, color="grey", ls=":", label="real time")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="concurrent audio streams",
+            ylabel="real-time factor",
+            title=f"Audio streams at {lv[0]['audio']['sample_rate'] if lv else '?'} Hz",
+        )
+        ax.set_xticks(us, [str(u) for u in us])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "audio.png", dpi=110)
+        plt.close(fig)
+
+
+def goals(data: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    at64 = next((x for x in data["scenarios"].get("text-ws", []) if x["users"] == 64), None)
+    if at64 and "WS" in at64["by_kind"]:
+        p99 = at64["by_kind"]["WS"].get("ttft_p99_ms")
+        ok = p99 is not None and p99 <= GOALS["ttft_p99_ms_at_64"]
+        out["TTFT p99 ≤ 50 ms at 64 WebSocket sessions"] = f"{_f(p99)} ms ({'met' if ok else 'not met'})"
+    rt = [
+        x for x in data["scenarios"].get("audio", []) if x.get("audio") and x["audio"]["rtf_per_stream_min"]
+    ]
+    if rt:
+        real = [x["users"] for x in rt if x["audio"]["rtf_per_stream_min"] >= 1.0]
+        most = max(real) if real else 0
+        ok = most >= GOALS["audio_rtf_streams"]
+        out["audio real time (every turn RTF ≥ 1) for ≥ 4 streams"] = (
+            f"{most} streams in real time ({'met' if ok else 'not met'}); best total RTF "
+            f"{_f(max(x['audio']['rtf_total'] for x in rt))}"
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    try:
+        from bench.common import machine_info
+
+        return machine_info()
+    except Exception:  # noqa: BLE001  (the report still works without the bench helpers)
+        return {
+            "cpu": platform.processor(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": None,
+        }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--host", help="target a running server (default: start one on loopback)")
+    parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
+    parser.add_argument("--users", nargs="+", type=int, help="override every scenario's user sweep")
+    parser.add_argument("--seconds", type=float, help="per level (default 20, --quick 4)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--audio-samples", type=int, default=4000)
+    parser.add_argument("--audio-prompt-samples", type=int, default=400)
+    parser.add_argument("--quick", action="store_true", help="tiny stand-in models, short levels")
+    parser.add_argument("--out", type=Path, help="report folder (default loadtest/results[/quick])")
+    parser.add_argument("--server-arg", action="append", default=[], help="extra flag for python -m server")
+    parser.add_argument(
+        "--replot", action="store_true", help="rebuild report.md and the PNGs from loadtest.json"
+    )
+    args = parser.parse_args(argv)
+    out = args.out or (HERE / "results" / ("quick" if args.quick else ""))
+    out.mkdir(parents=True, exist_ok=True)
+    if args.replot:
+        data = json.loads((out / "loadtest.json").read_text())
+        plot(data, out)
+        print(report(data, out))
+        return
+    seconds = args.seconds or (4.0 if args.quick else 20.0)
+    opts = {
+        "new_tokens": args.new_tokens,
+        "turns": args.turns,
+        "audio_samples": args.audio_samples,
+        "audio_prompt_samples": args.audio_prompt_samples,
+    }
+    sweeps = {s: args.users or SCENARIOS[s]["quick_users" if args.quick else "users"] for s in args.scenarios}
+    csv_dir = out / "csv"
+    shutil.rmtree(csv_dir, ignore_errors=True)
+    csv_dir.mkdir()
+    import locust
+
+    data: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "command": "python -m loadtest " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "locust_version": locust.__version__,
+        "seconds": seconds,
+        "options": opts,
+        "scenarios": {},
+    }
+    proc = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.host:
+            url, data["models"] = (
+                args.host.rstrip("/"),
+                {"text": "as served by --host", "audio": "as served by --host"},
+            )
+        else:
+            ckpts, data["models"] = checkpoints(args.quick, Path(tmp))
+            print(f"starting the server: {data['models']}", flush=True)
+            proc, url = start_server(ckpts, max(max(v) for v in sweeps.values()), args.server_arg)
+        try:
+            models = served_models(url)
+            data["served"] = models
+            for name, users in sweeps.items():
+                classes = SCENARIOS[name]["classes"]
+                if "audio-digits" not in models:
+                    classes = [c for c in classes if c != "WsAudioUser"]
+                if not classes:
+                    print(f"{name}: no audio model served, skipped", flush=True)
+                    continue
+                levels = data["scenarios"][name] = []
+                for u in users:
+                    lv = run_level(url, classes, u, seconds, csv_dir / f"{name}-{u}", opts)
+                    levels.append(lv)
+                    kinds = ", ".join(
+                        f"{k} {_f(d['tokens_per_s'])} tok/s ttft p99 {_f(d.get('ttft_p99_ms'))} ms "
+                        f"itl p99 {_f(d.get('itl_p99_ms'))} ms err {100 * d['error_rate']:.2g}%"
+                        for k, d in lv["by_kind"].items()
+                    )
+                    rtf = f"; audio RTF total {_f(lv['audio']['rtf_total'])}" if lv.get("audio") else ""
+                    print(
+                        f"{name} {u:4d} users (load {lv['load_avg_1min_before']:.2f}): {kinds}{rtf}",
+                        flush=True,
+                    )
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(60)
+    data["machine"] = machine()
+    data["goals"] = GOALS
+    data["goals_measured"] = goals(data)
+    (out / "loadtest.json").write_text(json.dumps(data, indent=1) + "\n")
+    plot(data, out)
+    print(report(data, out))
+    print(f"wrote {out}/report.md, loadtest.json, PNGs and csv/")
+
+
+if __name__ == "__main__":
+    main()
