@@ -50,8 +50,23 @@ class Settings(BaseSettings):
     )
     ws_max_frame_bytes: int = Field(1 << 20, ge=1024, description="largest WebSocket frame accepted")
     drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, wait this long for running requests")
+    session_store: str = Field(
+        "memory",
+        description="memory (sessions live in this process only) or redis://host:port/db: session states are "
+        "written through on idle, TTL eviction and shutdown, and resume on any replica or after a restart",
+    )
+    session_store_ttl_s: float = Field(
+        86400.0, gt=0, description="a state in the session store expires this long after its last write"
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("session_store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if v != "memory" and not v.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("must be 'memory' or a redis:// URL (redis://host:port/db)")
+        return v
 
     @field_validator("checkpoints", mode="before")
     @classmethod

@@ -229,6 +229,9 @@ class Engine:
         self._outbox: list[tuple[Stream, Any]] = []
         self._stopping = False
         self._next_housekeeping = 0.0
+        # set by the app when a session store is configured (engine thread calls them):
+        self.persist: Callable[[SessionRecord, bytes, list[int]], None] | None = None  # write a state
+        self.forget: Callable[[str], None] | None = None  # delete a stored state
         self._thread = threading.Thread(target=self._loop, name=f"engine-{model_id}", daemon=True)
 
     # --- called from the event loop ------------------------------------------------------------
@@ -320,10 +323,29 @@ class Engine:
                 except Exception as exc:
                     fut.set_exception(exc)
         if stopping:
-            self._abort_all(APIError(503, "the server is shutting down"))
-            self._flush()
+            self._stop_work()
             return False
         return True
+
+    def _stop_work(self) -> None:
+        """The drain is over: prompts being ingested are finished (bounded by max_prompt_tokens, and
+        it keeps each session's state consistent with its record), running generations end
+        "cancelled" with their states back in their slots, queued work is refused (503), and every
+        session's state goes to the store."""
+        while self._prefilling:
+            self._prefill()
+        decoding = [j for j in self.batch.rows if j is not None]
+        self.batch.leave(decoding)
+        for job in decoding + list(self._waiting):
+            self._finish(job, "cancelled")
+        self._waiting.clear()
+        self._abort_all(APIError(503, "the server is shutting down"))
+        if self.persist is not None:
+            n = 0
+            for rec in self.sessions.records(self.model_id):
+                n += self._persist(rec)
+            log.info("model %s: %d session states written to the store", self.model_id, n)
+        self._flush()
 
     def _uncount(self, job: Job | None) -> None:
         """A queued item (job, or control call when None) leaves the queue."""
@@ -488,6 +510,7 @@ class Engine:
             self.delete_now(rec)
         else:
             self.sessions.release(rec)
+            self._persist(rec)  # idle: write through
 
     def _abort_all(self, error: APIError) -> None:
         for job in list(self._running.values()):
@@ -528,8 +551,28 @@ class Engine:
             return
         self._next_housekeeping = now + min(1.0, self.settings.session_ttl_s / 4)
         for rec in self.sessions.claim_expired(self.model_id, self.settings.session_ttl_s):
-            log.info("session %s expired (idle > %g s)", rec.id, self.settings.session_ttl_s)
-            self.delete_now(rec)
+            if self.persist is not None:  # evicted: its slot is freed, its state stays in the store
+                log.info("session %s evicted to the store (idle > %g s)", rec.id, self.settings.session_ttl_s)
+                self._persist(rec)
+                self._release(rec)
+            else:
+                log.info("session %s expired (idle > %g s)", rec.id, self.settings.session_ttl_s)
+                self.delete_now(rec)
+        self.metrics.active_sessions.set(self.pool.in_use)
+        self.metrics.state_bytes.set(self.pool.in_use * self.pool.bytes_per_slot)
+
+    def _persist(self, rec: SessionRecord) -> int:
+        """Hand a session's state to the store (when one is configured); 1 if it was."""
+        if self.persist is None or rec.ephemeral:
+            return 0
+        raw, seen = self.read_slot(rec)
+        self.persist(rec, raw, seen)
+        return 1
+
+    def _release(self, rec: SessionRecord) -> None:
+        """Forget a session here (record and slot); the store is left alone."""
+        self.sessions.remove(rec.id)
+        self.pool.release(rec.slot)
         self.metrics.active_sessions.set(self.pool.in_use)
         self.metrics.state_bytes.set(self.pool.in_use * self.pool.bytes_per_slot)
 
@@ -544,15 +587,15 @@ class Engine:
             if job.stream is not None:
                 job.stream.cancelled = True
             return
-        self.sessions.remove(rec.id)
-        self.pool.release(rec.slot)
-        self.metrics.active_sessions.set(self.pool.in_use)
-        self.metrics.state_bytes.set(self.pool.in_use * self.pool.bytes_per_slot)
+        self._release(rec)
+        if self.forget is not None and not rec.ephemeral:
+            self.forget(rec.id)
 
     def fork(self, src: SessionRecord, dst: SessionRecord) -> SessionRecord:
         self.pool.copy(src.slot, dst.slot)
         dst.n_tokens, dst.pending = src.n_tokens, src.pending
         self.sessions.add(dst)
+        self._persist(dst)
         return dst
 
     def read_slot(self, rec: SessionRecord) -> tuple[bytes, list[int]]:
@@ -569,6 +612,7 @@ class Engine:
         if seen:
             self.pool.seen[rec.slot, torch.tensor(seen, device=self.pool.seen.device)] = True
         self.sessions.add(rec)
+        self._persist(rec)
         return rec
 
 

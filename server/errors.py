@@ -35,6 +35,8 @@ class APIError(Exception):
         out = {"type": "error", "code": self.status, "message": self.message}
         if self.param is not None:
             out["param"] = self.param
+        if self.retry_after is not None:  # the WebSocket's Retry-After
+            out["retry_after"] = max(1, round(self.retry_after))
         return out
 
 

@@ -38,6 +38,8 @@ class Metrics:
         self.queue_depth = Gauge("s4_queue_depth", "Requests admitted but not yet decoding", m, registry=r)
         self.rejections = Counter("s4_rejections", "Requests refused for capacity or limits",
                                   ["model", "reason"], registry=r)  # fmt: skip
+        self.store_ops = Counter("s4_session_store_operations", "Session store writes, deletes, restores, "
+                                 "errors", ["op"], registry=r)  # fmt: skip
 
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self, model)

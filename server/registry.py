@@ -48,6 +48,19 @@ class ServedModel:
     def state_shape(self) -> list[int]:
         return [len(self.rec.layers), self.rec.H, 2, self.rec.M]
 
+    def state_header(self, rec, seen: list[int]) -> dict:
+        """The export header of a session of this model (export, and the session store)."""
+        return {
+            "model": self.id,
+            "fingerprint": self.fingerprint,
+            "shape": self.state_shape,
+            "dtype": "float32",
+            "byteorder": "little",
+            "n_tokens": rec.n_tokens,
+            "pending": rec.pending,
+            "seen": seen,
+        }
+
     def describe(self) -> dict:
         c = self.config
         return {

@@ -16,7 +16,7 @@ from model.sampling import SamplingParams
 from server import media
 from server.app import ServerState
 from server.engine import Failed, Finished, Job, Stream
-from server.errors import APIError, invalid, too_large
+from server.errors import APIError, invalid, too_large, unavailable
 from server.registry import ServedModel
 from server.schemas import SamplingFields
 from server.sessions import (
@@ -26,6 +26,7 @@ from server.sessions import (
     pack_state,
     unpack_state,
 )
+from server.store import StoreError
 
 
 def state_of(request: Request) -> ServerState:
@@ -80,13 +81,16 @@ def prompt_ids(
 # --- sessions ------------------------------------------------------------------------------------
 
 
-def _new_record(state: ServerState, model: ServedModel, ephemeral: bool) -> SessionRecord:
+def _new_record(
+    state: ServerState, model: ServedModel, ephemeral: bool, session_id: str | None = None
+) -> SessionRecord:
     try:
         slot = model.engine.pool.reserve()
     except APIError:
         model.engine.metrics.reject("sessions_full")
         raise
-    rec = SessionRecord(id=new_session_id(), model=model.id, slot=slot, busy=True, ephemeral=ephemeral)
+    sid = session_id or new_session_id()
+    rec = SessionRecord(id=sid, model=model.id, slot=slot, busy=True, ephemeral=ephemeral)
     state.sessions.add(rec)
     return rec
 
@@ -168,46 +172,46 @@ async def export_state(state: ServerState, session_id: str) -> bytes:
     model, _ = session_model(state, session_id)
     rec = claim(state, model, session_id)
     raw, seen = await _engine_call(state, model, rec, lambda e: e.read_slot(rec))
-    header = {
-        "model": model.id,
-        "fingerprint": model.fingerprint,
-        "shape": model.state_shape,
-        "dtype": "float32",
-        "byteorder": "little",
-        "n_tokens": rec.n_tokens,
-        "pending": rec.pending,
-        "seen": seen,
-    }
-    return pack_state(header, raw)
+    return pack_state(model.state_header(rec, seen), raw)
 
 
-async def import_state(state: ServerState, blob: bytes) -> SessionRecord:
+def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple[ServedModel, dict, bytes]:
+    """Validate an exported (or stored) state: format, version, checksum, then that this server
+    serves its model with the same weights and shapes. 422 naming `param` otherwise."""
     try:
         header, raw = unpack_state(blob)
     except StateFormatError as exc:
-        raise invalid("state", str(exc)) from None
+        raise invalid(param, f"{what}: {exc}") from None
     model_id = header.get("model")
     if not isinstance(model_id, str) or model_id not in state.models:
         if state.draining or not state.loaded:
             state.model(str(model_id))  # 503
-        raise invalid("state", f"the state is for model {model_id!r}, which this server does not serve")
+        raise invalid(param, f"{what} is for model {model_id!r}, which this server does not serve")
     model = state.models[model_id]
     if header.get("fingerprint") != model.fingerprint:
-        raise invalid("state", f"the state was made by other weights than model {model_id}'s (fingerprint)")
+        raise invalid(param, f"{what} was made by other weights than model {model_id}'s (fingerprint)")
     if header.get("shape") != model.state_shape:
         raise invalid(
-            "state", f"state shape {header.get('shape')} does not match the model's {model.state_shape}"
+            param, f"{what}: state shape {header.get('shape')} does not match the model's {model.state_shape}"
         )
     V = model.config.vocab_size
     pending, n_tokens, seen = header.get("pending"), header.get("n_tokens"), header.get("seen")
     if not (pending is None or (isinstance(pending, int) and 0 <= pending < V)):
-        raise invalid("state", f"pending token {pending!r} is not a token id")
+        raise invalid(param, f"{what}: pending token {pending!r} is not a token id")
     if not isinstance(n_tokens, int) or n_tokens < (pending is not None):
-        raise invalid("state", f"token count {n_tokens!r} is invalid")
+        raise invalid(param, f"{what}: token count {n_tokens!r} is invalid")
     if not isinstance(seen, list) or not all(isinstance(i, int) and 0 <= i < V for i in seen):
-        raise invalid("state", "seen tokens must be a list of token ids")
-    rec = _new_record(state, model, ephemeral=False)
-    rec.n_tokens, rec.pending = n_tokens, pending
+        raise invalid(param, f"{what}: seen tokens must be a list of token ids")
+    return model, header, raw
+
+
+async def _install(
+    state: ServerState, model: ServedModel, header: dict, raw: bytes, session_id: str | None = None
+) -> SessionRecord:
+    """A new session (id `session_id`, or a fresh one) holding a checked state."""
+    rec = _new_record(state, model, ephemeral=False, session_id=session_id)
+    rec.n_tokens, rec.pending = header["n_tokens"], header["pending"]
+    seen = header["seen"]
     try:
         rec = await asyncio.wrap_future(model.engine.call(lambda e: e.write_slot(rec, raw, seen)))
     except BaseException:
@@ -215,6 +219,37 @@ async def import_state(state: ServerState, blob: bytes) -> SessionRecord:
         raise
     state.sessions.release(rec)
     return rec
+
+
+async def import_state(state: ServerState, blob: bytes) -> SessionRecord:
+    model, header, raw = check_state(state, blob, "state", "the state")
+    return await _install(state, model, header, raw)
+
+
+MAX_SESSION_ID = 128  # longer ids are never ours: not looked up in the store
+
+
+async def restore(state: ServerState, session_id: str) -> None:
+    """Bring a session this process does not hold back from the session store (written by another
+    replica, by this one before a restart, or evicted after its TTL). Nothing to do without a store
+    or when the session is here; a session in neither place stays unknown (the caller's 404)."""
+    if state.store is None or len(session_id) > MAX_SESSION_ID or state.sessions.has(session_id):
+        return
+    async with state.restoring:
+        if state.sessions.has(session_id):  # restored by a concurrent request meanwhile
+            return
+        try:
+            blob = await asyncio.to_thread(state.store.get, session_id)
+        except StoreError as exc:
+            state.metrics.store_ops.labels("error").inc()
+            raise unavailable(f"session {session_id}: the session store cannot be read ({exc})") from None
+        if blob is None:
+            return
+        model, header, raw = check_state(
+            state, blob, "session_id", f"the stored state of session {session_id}"
+        )
+        await _install(state, model, header, raw, session_id)
+        state.metrics.store_ops.labels("restore").inc()
 
 
 # --- generation ----------------------------------------------------------------------------------

@@ -132,6 +132,15 @@ class SessionTable:
                     out.append(rec)
         return out
 
+    def has(self, session_id: str) -> bool:
+        with self._lock:
+            return self.store.get(session_id) is not None
+
+    def records(self, model: str) -> list[SessionRecord]:
+        """Every session of `model` (one-shot requests' included)."""
+        with self._lock:
+            return [r for r in self.store.values() if r.model == model]
+
     def count(self, model: str) -> int:
         with self._lock:
             return sum(1 for r in self.store.values() if r.model == model)

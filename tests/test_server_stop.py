@@ -23,9 +23,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: Path, port: int) -> subprocess.Popen:
+def start_server(checkpoint: Path, port: int, extra: list[str] = ()) -> subprocess.Popen:
+    """`python -m server` on the checkpoint; `extra` flags override the defaults (the last flag wins)."""
     cmd = [sys.executable, "-m", "server", "--port", str(port), "--checkpoints", str(checkpoint),
-           "--drain-timeout-s", "60", "--torch-threads", "1", "--log-level", "warning"]  # fmt: skip
+           "--drain-timeout-s", "60", "--torch-threads", "1", "--log-level", "warning", *extra]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:

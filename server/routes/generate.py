@@ -31,6 +31,7 @@ from server.service import (
     prompt_ids,
     random_seed,
     request_id,
+    restore,
     sampling_params,
     start_generation,
     state_of,
@@ -79,6 +80,8 @@ async def generate(req: GenerateRequest, request: Request):
     model = st.model(req.model)
     params = sampling_params(model, req)
     ids = prompt_ids(st, model, req.prompt, req.prompt_audio)
+    if req.session_id is not None:
+        await restore(st, req.session_id)
     stream, _ = start_generation(st, model, req.session_id, ids, params, req.max_new_tokens)
     gid, out = request_id(), Output(model, params)
     if req.stream:

@@ -45,12 +45,14 @@ async def import_(request: Request):
 
 @router.get("/{session_id}", response_model=SessionInfo, responses=ERRORS, summary="A session's info")
 async def get(session_id: str, request: Request):
+    await service.restore(state_of(request), session_id)
     return _info(request, state_of(request).sessions.get(session_id))
 
 
 @router.delete("/{session_id}", status_code=204, responses=ERRORS,
                summary="Delete a session (a running request on it is cancelled)")  # fmt: skip
 async def delete(session_id: str, request: Request) -> Response:
+    await service.restore(state_of(request), session_id)
     await service.delete(state_of(request), session_id)
     return Response(status_code=204)
 
@@ -58,6 +60,7 @@ async def delete(session_id: str, request: Request) -> Response:
 @router.post("/{session_id}/fork", status_code=201, response_model=SessionInfo, responses=ERRORS,
              summary="A new session with a copy of this one's state")  # fmt: skip
 async def fork(session_id: str, request: Request):
+    await service.restore(state_of(request), session_id)
     return _info(request, await service.fork(state_of(request), session_id))
 
 
@@ -65,6 +68,7 @@ async def fork(session_id: str, request: Request):
              summary="Feed more input to a session without generating")  # fmt: skip
 async def append(session_id: str, req: SessionAppend, request: Request):
     st = state_of(request)
+    await service.restore(st, session_id)
     model, _ = service.session_model(st, session_id)
     ids = service.prompt_ids(st, model, req.prompt, req.prompt_audio)
     return _info(request, await service.append(st, model, session_id, ids))
@@ -73,6 +77,7 @@ async def append(session_id: str, req: SessionAppend, request: Request):
 @router.get("/{session_id}/export", responses={**ERRORS, 200: {"content": {STATE_TYPE: {}}}},
             summary="The session's state as a versioned, checksummed binary")  # fmt: skip
 async def export(session_id: str, request: Request) -> Response:
+    await service.restore(state_of(request), session_id)
     blob = await service.export_state(state_of(request), session_id)
     headers = {"Content-Disposition": f'attachment; filename="{session_id}.s4state"'}
     return Response(blob, media_type=STATE_TYPE, headers=headers)

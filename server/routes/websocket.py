@@ -115,6 +115,7 @@ class Connection:
             raise invalid("model", "the socket's first message must name a model")
         model = self.st.model(msg.model)
         if msg.session_id is not None:
+            await service.restore(self.st, msg.session_id)
             rec = self.st.sessions.get(msg.session_id)
             if rec.model != model.id:
                 raise invalid("model", f"session {rec.id} belongs to model {rec.model!r}")

@@ -1,0 +1,199 @@
+"""Session state store: where session states outlive their slot (idle write-through, TTL eviction,
+shutdown) so that a session can resume on another replica or after a restart.
+
+The stored value is the session export format (server/sessions.py: magic, version, header with the
+model id, config fingerprint and shape, raw float32 state, pending token, SHA-256), keyed by session id.
+`S4_SESSION_STORE=memory` keeps sessions in the process only (no store: nothing outlives the process);
+`redis://host:port/db` writes them through to Redis.
+
+Writes never block the engine thread: the engine reads the slot and hands (header, state) to a
+`StoreWriter`, whose thread packs and writes them. The writer keeps only the latest operation per
+session (a newer write replaces an unwritten older one; a delete replaces a pending write), so its
+backlog is bounded by the number of sessions and a delete is never undone by a late write.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Protocol
+
+from server.sessions import pack_state
+
+log = logging.getLogger("server.store")
+
+KEY_PREFIX = "s4:session:"
+
+
+class StoreError(RuntimeError):
+    """The store cannot be reached or refused an operation."""
+
+
+class StateStore(Protocol):
+    """Session id → exported state blob."""
+
+    def put(self, session_id: str, blob: bytes) -> None: ...
+    def get(self, session_id: str) -> bytes | None: ...
+    def delete(self, session_id: str) -> None: ...
+    def ids(self) -> list[str]: ...
+    def close(self) -> None: ...
+
+
+class MemoryStateStore:
+    """A store in this process (tests, and one process sharing it between several apps)."""
+
+    def __init__(self) -> None:
+        self._blobs: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def put(self, session_id: str, blob: bytes) -> None:
+        with self._lock:
+            self._blobs[session_id] = blob
+
+    def get(self, session_id: str) -> bytes | None:
+        with self._lock:
+            return self._blobs.get(session_id)
+
+    def delete(self, session_id: str) -> None:
+        with self._lock:
+            self._blobs.pop(session_id, None)
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._blobs)
+
+    def close(self) -> None:
+        pass
+
+
+class RedisStateStore:
+    """States in Redis under `s4:session:<id>`, each expiring `ttl_s` after its last write."""
+
+    def __init__(self, url: str, ttl_s: float) -> None:
+        import redis  # noqa: PLC0415  (only needed when configured)
+
+        self.url, self.ttl_ms = url, max(1, int(ttl_s * 1000))
+        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        self._errors = (redis.RedisError, OSError)
+        try:
+            self._redis.ping()
+        except self._errors as exc:
+            raise StoreError(f"session store {url}: cannot connect ({exc})") from None
+
+    def _call(self, what: str, fn):
+        try:
+            return fn()
+        except self._errors as exc:
+            raise StoreError(f"session store {self.url}: {what} failed ({exc})") from None
+
+    def put(self, session_id: str, blob: bytes) -> None:
+        self._call("write", lambda: self._redis.set(KEY_PREFIX + session_id, blob, px=self.ttl_ms))
+
+    def get(self, session_id: str) -> bytes | None:
+        return self._call("read", lambda: self._redis.get(KEY_PREFIX + session_id))
+
+    def delete(self, session_id: str) -> None:
+        self._call("delete", lambda: self._redis.delete(KEY_PREFIX + session_id))
+
+    def ids(self) -> list[str]:
+        keys = self._call("scan", lambda: list(self._redis.scan_iter(KEY_PREFIX + "*", count=1000)))
+        return [k.decode()[len(KEY_PREFIX) :] for k in keys]
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+def open_store(spec: str, ttl_s: float) -> StateStore | None:
+    """`memory` → None (sessions live in the process only); `redis://…` → a connected RedisStateStore."""
+    if spec == "memory":
+        return None
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        return RedisStateStore(spec, ttl_s)
+    raise ValueError(f"session_store must be 'memory' or a redis:// URL, not {spec!r}")
+
+
+_DELETE = object()
+
+
+class StoreWriter:
+    """A thread that applies the latest write (or delete) of each session to the store."""
+
+    def __init__(self, store: StateStore, counter=None) -> None:
+        self.store = store
+        self._pending: dict[str, object] = {}  # session id → (header, state) or _DELETE; insertion order
+        self._cv = threading.Condition()
+        self._busy = False
+        self._stopping = False
+        self.written = self.deleted = self.failed = 0
+        self._counter = counter  # a Prometheus counter labelled by op (write, delete, error)
+        self._thread = threading.Thread(target=self._loop, name="session-store", daemon=True)
+        self._thread.start()
+
+    def write(self, session_id: str, header: dict, state: bytes) -> None:
+        with self._cv:
+            self._pending.pop(session_id, None)  # move to the end: operations stay in order
+            self._pending[session_id] = (header, state)
+            self._cv.notify()
+
+    def delete(self, session_id: str) -> None:
+        with self._cv:
+            self._pending.pop(session_id, None)
+            self._pending[session_id] = _DELETE
+            self._cv.notify()
+
+    @property
+    def backlog(self) -> int:
+        with self._cv:
+            return len(self._pending) + self._busy
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued operation is applied (True), or timeout (False)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._pending or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cv.wait(min(left, 0.05))
+        return True
+
+    def stop(self, timeout: float) -> bool:
+        """Flush (up to timeout), then stop the thread and close the store."""
+        ok = self.flush(timeout)
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        self._thread.join(1.0)
+        self.store.close()
+        return ok
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._stopping:
+                    self._cv.wait()
+                if not self._pending:
+                    return
+                session_id = next(iter(self._pending))
+                op = self._pending.pop(session_id)
+                self._busy = True
+            try:
+                if op is _DELETE:
+                    self.store.delete(session_id)
+                    self.deleted += 1
+                    done = "delete"
+                else:
+                    header, state = op
+                    self.store.put(session_id, pack_state(header, state))
+                    self.written += 1
+                    done = "write"
+            except Exception as exc:  # the store is down (or a bug): the session lives on in memory
+                self.failed += 1
+                done = "error"
+                log.warning("session %s not persisted: %s", session_id, exc)
+            if self._counter is not None:
+                self._counter.labels(done).inc()
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()

@@ -1,0 +1,257 @@
+"""The Redis session store: states are written through when a session goes idle, is evicted or the
+server shuts down, and a session resumes on another replica or after `kill -9` + restart, continuing
+exactly like one-shot generation on everything before it. Corrupt or foreign stored states are refused
+with a clear error. Each test module runs its own `redis-server` on a free loopback port."""
+
+import json
+import shutil
+import signal
+import subprocess
+
+import httpx
+import pytest
+import torch
+from server_support import ServerThread, _rec, reference, wait_for
+from test_server_stop import free_port, start_server
+from websockets.sync.client import connect
+
+from model.sampling import SamplingParams
+from server import Settings
+from server.sessions import pack_state, unpack_state
+from server.store import KEY_PREFIX, MemoryStateStore, RedisStateStore, StoreWriter, open_store
+
+TEXT = "tiny-text"
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    exe = shutil.which("redis-server")
+    assert exe, "redis-server is not installed: `make sysdeps` installs it"
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    import redis
+
+    r = redis.Redis(port=port)
+    assert wait_for(lambda: _pings(r), 10, 0.05), "redis-server did not start"
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+def _pings(r) -> bool:
+    try:
+        return r.ping()
+    except Exception:
+        return False
+
+
+@pytest.fixture
+def redis_db(redis_url):
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    r.flushdb()
+    yield r
+    r.close()
+
+
+def _stored(redis_db, sid: str) -> dict | None:
+    blob = redis_db.get(KEY_PREFIX + sid)
+    return None if blob is None else unpack_state(blob)[0]
+
+
+def _replica(model_dirs, redis_url, **kw) -> ServerThread:
+    settings = Settings(checkpoints=[str(model_dirs["text"])], session_store=redis_url, max_sessions=8,
+                        drain_timeout_s=1, **kw)  # fmt: skip
+    return ServerThread(settings).start()
+
+
+def _generate(url: str, sid: str, prompt: str | None, n: int, seed: int) -> list[int]:
+    body = {"model": TEXT, "session_id": sid, "prompt": prompt, "max_new_tokens": n, "seed": seed}
+    r = httpx.post(url + "/v1/generate", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+# --- units ------------------------------------------------------------------------------------------
+
+
+def test_writer_keeps_the_latest_operation_per_session_and_a_delete_is_not_undone():
+    store = MemoryStateStore()
+    writer = StoreWriter(store)
+    header = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
+    for i in range(50):
+        writer.write("a", {**header, "n_tokens": i}, b"\0\0\0\0")
+    writer.write("b", header, b"\0\0\0\0")
+    writer.delete("b")
+    assert writer.stop(5)
+    assert unpack_state(store.get("a"))[0]["n_tokens"] == 49
+    assert store.get("b") is None and store.ids() == ["a"]
+
+
+def test_open_store_refuses_unknown_specs_and_unreachable_redis():
+    assert open_store("memory", 60) is None
+    with pytest.raises(ValueError, match="redis://"):
+        open_store("postgres://x", 60)
+    with pytest.raises(RuntimeError, match="cannot connect"):
+        RedisStateStore(f"redis://127.0.0.1:{free_port()}/0", 60)
+    with pytest.raises(ValueError, match="session_store"):
+        Settings(session_store="disk")
+
+
+# --- one and two replicas -----------------------------------------------------------------------------
+
+
+def test_a_session_resumes_on_another_replica_and_continues_identically(model_dirs, redis_url, redis_db):
+    a, b = _replica(model_dirs, redis_url), _replica(model_dirs, redis_url)
+    try:
+        prompt = "to be, or not to be"
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": prompt}).json()["session_id"]
+        t1 = _generate(a.url, sid, None, 20, seed=4)
+        want_tokens = len(prompt) + 20
+        assert wait_for(lambda: (_stored(redis_db, sid) or {}).get("n_tokens") == want_tokens, 10)
+        # replica b has never seen the session: it reads it from the store
+        info = httpx.get(f"{b.url}/v1/sessions/{sid}").json()
+        assert info["session_id"] == sid and info["tokens"] == want_tokens
+        t2 = _generate(b.url, sid, " that is", 20, seed=9)
+        everything = list(prompt.encode()) + t1 + list(b" that is")
+        assert t2 == reference(model_dirs["text"], everything, SamplingParams(seed=9), 20)
+        # b wrote its turn through: the stored state is b's now
+        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == want_tokens + 8 + 20, 10)
+        # a delete on b removes the stored state; a session in neither place is a 404
+        assert httpx.delete(f"{b.url}/v1/sessions/{sid}").status_code == 204
+        assert wait_for(lambda: redis_db.get(KEY_PREFIX + sid) is None, 10)
+        assert httpx.get(f"{b.url}/v1/sessions/{sid}").status_code == 404
+        assert httpx.get(f"{b.url}/v1/sessions/sess-unknown").status_code == 404
+        assert 'op="restore"' in httpx.get(b.url + "/metrics").text
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_an_evicted_session_frees_its_slot_and_comes_back_from_the_store(model_dirs, redis_url, redis_db):
+    s = _replica(model_dirs, redis_url, session_ttl_s=0.5)
+    try:
+        engine = s.state.models[TEXT].engine
+        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "whether 'tis"}).json()[
+            "session_id"
+        ]
+        t1 = _generate(s.url, sid, None, 10, seed=2)
+        assert wait_for(lambda: not s.state.sessions.has(sid) and engine.pool.in_use == 0, 10)
+        assert _stored(redis_db, sid)["n_tokens"] == len("whether 'tis") + 10
+        t2 = _generate(s.url, sid, None, 12, seed=3)  # restored on demand
+        assert t2 == reference(model_dirs["text"], list(b"whether 'tis") + t1, SamplingParams(seed=3), 12)
+    finally:
+        s.stop()
+
+
+def test_a_corrupt_or_foreign_stored_state_is_refused_with_a_clear_error(model_dirs, redis_url, redis_db):
+    s = _replica(model_dirs, redis_url)
+    try:
+        r = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "arrows"})
+        sid = r.json()["session_id"]
+        assert wait_for(lambda: _stored(redis_db, sid) is not None, 10)
+        good = redis_db.get(KEY_PREFIX + sid)
+        header, raw = unpack_state(good)
+        cases = {
+            "sess-flipped": (good[:-40] + bytes([good[-40] ^ 1]) + good[-39:], "checksum"),
+            "sess-truncated": (good[: len(good) // 2], "checksum"),
+            "sess-garbage": (b"not a state at all, just some bytes in the store" * 2, "magic"),
+            "sess-foreign": (pack_state({**header, "fingerprint": "0" * 32}, raw), "other weights"),
+            "sess-othermodel": (pack_state({**header, "model": "gpt-9"}, raw), "gpt-9"),
+        }
+        for key, (blob, words) in cases.items():
+            redis_db.set(KEY_PREFIX + key, blob)
+            for r in (
+                httpx.get(f"{s.url}/v1/sessions/{key}"),
+                httpx.post(s.url + "/v1/generate", json={"model": TEXT, "session_id": key, "prompt": "x"}),
+            ):
+                err = r.json()["error"]
+                assert r.status_code == 422 and err["param"] == "session_id", (key, r.text)
+                assert words in err["message"] and key in err["message"], (key, err)
+        with connect(s.ws_url) as ws:
+            ws.send(json.dumps({"type": "session", "model": TEXT, "session_id": "sess-flipped"}))
+            frame = json.loads(ws.recv(10))
+            assert frame["type"] == "error" and frame["code"] == 422 and "checksum" in frame["message"]
+        assert s.state.models[TEXT].engine.pool.in_use == 1  # nothing was installed; sid is still fine
+        assert _generate(s.url, sid, None, 3, seed=1)
+    finally:
+        s.stop()
+
+
+# --- real processes: kill -9, and SIGTERM flushing to the store ----------------------------------------
+
+
+def _serve(model_dirs, port: int, redis_url: str, drain_s: int = 60) -> subprocess.Popen:
+    return start_server(
+        model_dirs["text"], port, ["--session-store", redis_url, "--drain-timeout-s", str(drain_s)]
+    )
+
+
+def test_after_kill_9_and_a_restart_the_session_continues_from_its_last_persisted_step(
+    model_dirs, redis_url, redis_db
+):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(model_dirs, port, redis_url)
+    try:
+        prompt = "the slings and arrows of"
+        sid = httpx.post(url + "/v1/sessions", json={"model": TEXT, "prompt": prompt}).json()["session_id"]
+        t1 = _generate(url, sid, None, 20, seed=7)
+        assert wait_for(lambda: (_stored(redis_db, sid) or {}).get("n_tokens") == len(prompt) + 20, 10)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(10) == -signal.SIGKILL
+        proc = _serve(model_dirs, port, redis_url)
+        t2 = _generate(url, sid, " outrageous", 20, seed=8)
+        everything = list(prompt.encode()) + t1 + list(b" outrageous")
+        assert t2 == reference(model_dirs["text"], everything, SamplingParams(seed=8), 20)
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_sigterm_cancels_running_turns_and_flushes_every_session_to_the_store(
+    model_dirs, redis_url, redis_db
+):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(model_dirs, port, redis_url, drain_s=0)
+    try:
+        prompts = {}
+        for p in ("to be", "or not", "to be!"):
+            r = httpx.post(url + "/v1/sessions", json={"model": TEXT, "prompt": p})
+            prompts[r.json()["session_id"]] = p
+        with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+            turn = {"type": "generate", "model": TEXT, "prompt": "a sea of", "max_new_tokens": 4096}
+            turn["seed"] = 5
+            ws.send(json.dumps(turn))
+            running = json.loads(ws.recv(30))["session_id"]
+            assert json.loads(ws.recv(30))["type"] == "token"
+            proc.send_signal(signal.SIGTERM)  # drain_timeout_s=0: the turn is cancelled at once
+            assert proc.wait(30) == 0
+        for sid, p in prompts.items():
+            assert _stored(redis_db, sid)["n_tokens"] == len(p), sid
+        # the cancelled turn's session is stored at its last step: state = prompt + generated tokens
+        # before the pending one, as the library computes it (float tolerance: batched vs one row)
+        header, raw = unpack_state(redis_db.get(KEY_PREFIX + running))
+        k = header["n_tokens"] - len("a sea of")
+        assert 0 < k < 4096  # cancelled, not finished
+        gen = reference(model_dirs["text"], list(b"a sea of"), SamplingParams(seed=5), k)
+        assert header["pending"] == gen[-1]
+        rec = _rec(model_dirs["text"])
+        _, state = rec.prefill(torch.tensor([list(b"a sea of") + gen[:-1]]), rec.init_state(1))
+        stored = torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(state[:, 0].shape)
+        torch.testing.assert_close(stored, state[:, 0], rtol=1e-3, atol=1e-4)
+        # after a restart every idle session continues exactly
+        proc = _serve(model_dirs, port, redis_url)
+        for sid, p in prompts.items():
+            got = _generate(url, sid, None, 12, seed=3)
+            assert got == reference(model_dirs["text"], list(p.encode()), SamplingParams(seed=3), 12)
+    finally:
+        proc.kill()
+        proc.wait(10)
