@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
+import sys  # noqa: E402
 import types  # noqa: E402
 import typing  # noqa: E402
 
@@ -66,9 +67,44 @@ class GracefulServer(uvicorn.Server):
         log.info("%s: draining (up to %.0f s)", signal.Signals(sig).name, self.state.settings.drain_timeout_s)
         loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit()))
 
+    def stop_now(self) -> None:
+        """Stop without a drain (nothing to drain: nothing is served)."""
+        self.should_exit = True
+
     async def _drain_then_exit(self) -> None:
         await self.state.drain()
         self.should_exit = True
+
+
+def preflight(settings: Settings) -> list[str]:
+    """What stops the server from serving anything, checked before it listens: every configured
+    checkpoint is read and validated (config.json, then the safetensors weights: never unpickled)
+    and the session store is reached. Returns the problems when nothing could be served, else []."""
+    from pathlib import Path  # noqa: PLC0415
+
+    from model.checkpoint import CheckpointError, load  # noqa: PLC0415
+    from server.store import StoreError, open_store  # noqa: PLC0415
+
+    problems = []
+    try:
+        store = open_store(settings.session_store, settings.session_store_ttl_s)
+        if store is not None:
+            store.close()
+    except StoreError as exc:
+        return [str(exc)]
+    usable = 0
+    for entry in settings.checkpoints:
+        path = Path(entry)
+        if not path.exists() and settings.uses_default_checkpoints():
+            continue  # the default list names checkpoints that may not be trained yet
+        try:
+            load(path)
+            usable += 1
+        except (CheckpointError, OSError) as exc:
+            problems.append(f"checkpoint {entry}: {exc}")
+    if usable:
+        return []
+    return problems or ["no checkpoint to serve (none of the configured folders exists)"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,6 +112,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    problems = preflight(settings)
+    if problems:
+        for p in problems:
+            log.error("%s", p)
+        sys.exit("not serving: " + "; ".join(problems))
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -85,7 +126,12 @@ def main(argv: list[str] | None = None) -> None:
         ws_max_size=settings.ws_max_frame_bytes,
         timeout_graceful_shutdown=5,  # the drain is over by then: this only bounds the last writes
     )
-    GracefulServer(config, app.state.server).run()
+    state = app.state.server
+    server = GracefulServer(config, state)
+    state.on_fatal = server.stop_now  # e.g. every checkpoint failed its verification after all
+    server.run()
+    if state.fatal is not None:
+        sys.exit(f"not serving: {state.fatal}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,110 @@
+"""Loading a checkpoint never unpickles anything, and a broken one fails with the file and the problem
+named: in the library, in /readyz (the others are still served), and as a non-zero exit of
+`python -m server` before it listens when no checkpoint at all can be served."""
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_server_stop import free_port
+
+from model import ModelConfig, SequenceModel, load, save
+from model.checkpoint import CheckpointError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Payload:
+    """Unpickling this creates the marker file: evidence that something was unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _malicious_pickle(marker: Path) -> bytes:
+    return pickle.dumps({"state_dict": _Payload(marker)})
+
+
+@pytest.fixture
+def net():
+    cfg = ModelConfig(vocab_size=40, d_model=16, n_layers=2, d_state=8, l_max=64, cauchy_backend="torch")
+    return SequenceModel(cfg).eval()
+
+
+def test_a_pickle_in_place_of_the_weights_is_refused_without_being_unpickled(tmp_path, net):
+    marker = tmp_path / "PWNED"
+    d = save(net, tmp_path / "ck")
+    meta = json.loads((d / "config.json").read_text())
+    meta.pop("weights_sha256")  # so the loader gets as far as parsing the file
+    (d / "config.json").write_text(json.dumps(meta))
+    (d / "model.safetensors").write_bytes(_malicious_pickle(marker))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unreadable safetensors file"):
+        load(d)
+    assert not marker.exists()
+
+
+def test_pickles_beside_a_checkpoint_are_ignored_and_a_pickle_only_folder_is_refused(tmp_path, net):
+    marker = tmp_path / "PWNED"
+    d = save(net, tmp_path / "ck")
+    for name in ("model.pt", "pytorch_model.bin", "optimizer.pkl"):
+        (d / name).write_bytes(_malicious_pickle(marker))
+    assert isinstance(load(d), SequenceModel)
+    only = tmp_path / "torch-only"
+    only.mkdir()
+    (only / "model.pt").write_bytes(_malicious_pickle(marker))
+    with pytest.raises(CheckpointError, match=r"torch-only/config\.json: missing"):
+        load(only)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (lambda v: v.double(), r"is torch\.float64\[.*config expects torch\.float32"),
+        (lambda v: v.flatten()[:-1].contiguous(), r"is torch\.float32\[\d+\], config expects"),
+        (lambda v: v.to(torch.int32), r"is torch\.int32"),
+    ],
+    ids=["dtype", "shape", "int"],
+)
+def test_wrong_dtype_or_shape_names_the_file_and_the_tensor(tmp_path, net, change, message):
+    d = save(net, tmp_path / "ck")
+    meta = json.loads((d / "config.json").read_text())
+    meta.pop("weights_sha256")
+    (d / "config.json").write_text(json.dumps(meta))
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    state["embed.weight"] = change(state["embed.weight"])
+    save_file(state, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor 'embed\.weight' " + message):
+        load(d)
+
+
+def test_python_m_server_exits_non_zero_before_listening_when_no_checkpoint_loads(tmp_path, net):
+    marker = tmp_path / "PWNED"
+    bad_json = tmp_path / "bad-json"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{not json")
+    truncated = save(net, tmp_path / "truncated")
+    raw = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "model.pt").write_bytes(_malicious_pickle(marker))
+    port = free_port()
+    cmd = [sys.executable, "-m", "server", "--port", str(port), "--log-level", "info",
+           "--checkpoints", str(bad_json), str(truncated), str(pickled)]  # fmt: skip
+    out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    err = out.stderr
+    assert "bad-json/config.json: not valid JSON" in err
+    assert "truncated/model.safetensors: checksum mismatch" in err
+    assert "pickled/config.json: missing" in err
+    assert "Uvicorn running" not in err and "Application startup" not in err  # it never listened
+    assert not marker.exists()
