@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from server.schemas import ModelList
 from server.service import state_of
@@ -16,7 +16,12 @@ async def healthz() -> dict:
     return {"status": "alive"}
 
 
-@router.get("/readyz", tags=["health"], summary="Models loaded and verified (503 before, and while draining)")
+READY = {"content": {"application/json": {"schema": {"type": "object"}}}}
+NOT_READY = {**READY, "description": "loading, draining, or nothing to serve"}
+
+
+@router.get("/readyz", tags=["health"], summary="Models loaded and verified (503 before, and while draining)",
+            responses={200: READY, 503: NOT_READY})  # fmt: skip
 async def readyz(request: Request) -> JSONResponse:
     st = state_of(request)
     if st.draining:
@@ -31,7 +36,7 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
-@router.get("/metrics", tags=["health"], summary="Prometheus metrics")
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     st = state_of(request)
     for m in st.models.values():

@@ -28,7 +28,11 @@ async def create(req: SessionCreate, request: Request):
     return _info(request, await service.create_session(st, model, ids))
 
 
+STATE_BODY = {"content": {STATE_TYPE: {"schema": {"type": "string", "format": "binary"}}}, "required": True}
+
+
 @router.post("/import", status_code=201, response_model=SessionInfo, responses=ERRORS,
+             openapi_extra={"requestBody": STATE_BODY},
              summary="A new session from an exported state (application/octet-stream body)")  # fmt: skip
 async def import_(request: Request):
     st = state_of(request)

@@ -1,0 +1,316 @@
+"""Fuzzing: schemathesis against our own OpenAPI schema (every operation; no 5xx, every response as
+the schema says) and a hypothesis fuzzer of WebSocket frames (malformed JSON, wrong types, huge
+numbers, unknown types, binary garbage, oversized frames, messages out of order): the server answers
+with error frames or a proper close code, never a 5xx, leaks no session slot, and a bystander session
+generating all along continues exactly as the library says.
+
+CI runs the small sizes. The dedicated runs (numbers in README "Reliability"):
+  S4_FUZZ_API_EXAMPLES=400 S4_FUZZ_WS_FRAMES=2000 S4_FUZZ_RESULTS=scripts/results \\
+      .venv/bin/python -m pytest -q tests/test_fuzz.py
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from server_support import ServerThread, reference, wait_for
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from model.sampling import SamplingParams
+
+TEXT, AUDIO = "tiny-text", "tiny-audio"
+API_EXAMPLES = int(os.environ.get("S4_FUZZ_API_EXAMPLES", "20"))  # per operation
+WS_FRAMES = int(os.environ.get("S4_FUZZ_WS_FRAMES", "240"))
+RESULTS = os.environ.get("S4_FUZZ_RESULTS")  # a folder: write the run's figures there as JSON
+MAX_FRAME = 8192
+FRAMES_PER_EXAMPLE = 6  # at most; the mean is about half
+
+COUNTS: dict[str, collections.Counter] = {"api": collections.Counter(), "ws": collections.Counter()}
+
+
+def _write_results(name: str, extra: dict) -> None:
+    if RESULTS:
+        Path(RESULTS).mkdir(parents=True, exist_ok=True)
+        body = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **extra}
+        (Path(RESULTS) / f"fuzz-{name}.json").write_text(json.dumps(body, indent=2) + "\n")
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(model_dirs):
+    """Both tiny models, small generation limits (every fuzzed request finishes quickly), a short TTL
+    (sessions the fuzzer makes go away), a small frame limit (oversized frames are cheap)."""
+    from server import Settings
+
+    settings = Settings(
+        checkpoints=[str(model_dirs["text"]), str(model_dirs["audio"])],
+        max_sessions=48,
+        max_new_tokens=64,
+        max_prompt_tokens=512,
+        session_ttl_s=3,
+        ws_max_frame_bytes=MAX_FRAME,
+        drain_timeout_s=1,
+    )
+    s = ServerThread(settings).start()
+    yield s
+    s.stop()
+
+
+PROMPT = "to be, or not to be"
+TURNS_PER_SESSION = 4  # then a new session: histories stay short enough to compare tokens exactly
+
+
+class Bystander(threading.Thread):
+    """Sessions generating turn after turn while the fuzzers run (a new session every few turns);
+    every turn's tokens are checked after against the library."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.stop_flag, self.error = url, threading.Event(), None
+        self.turns: list[tuple[list[int], int, list[int]]] = []  # (history before, seed, tokens)
+
+    def run(self) -> None:
+        try:
+            with httpx.Client(base_url=self.url, timeout=60) as c:
+                while not self.stop_flag.is_set():
+                    r = c.post("/v1/sessions", json={"model": TEXT, "prompt": PROMPT})
+                    if r.status_code == 429:  # the fuzzer holds every slot for a moment
+                        time.sleep(0.05)
+                        continue
+                    assert r.status_code == 201, r.text
+                    sid, history = r.json()["session_id"], list(PROMPT.encode())
+                    for _ in range(TURNS_PER_SESSION):
+                        seed = len(self.turns)
+                        body = {"model": TEXT, "session_id": sid, "max_new_tokens": 8, "seed": seed}
+                        r = c.post("/v1/generate", json=body)
+                        assert r.status_code == 200, r.text
+                        self.turns.append((list(history), seed, r.json()["tokens"]))
+                        history += self.turns[-1][2]
+                    assert c.delete(f"/v1/sessions/{sid}").status_code == 204
+        except Exception as exc:  # reported by check()
+            self.error = exc
+
+    def check(self, model_dir) -> int:
+        self.stop_flag.set()
+        self.join(60)
+        assert self.error is None, self.error
+        assert len(self.turns) >= 2
+        for i, (history, seed, tokens) in enumerate(self.turns):
+            want = reference(model_dir, history, SamplingParams(seed=seed), 8)
+            assert tokens == want, (i, tokens, want)
+        return len(self.turns)
+
+
+@pytest.fixture(scope="module")
+def bystander(fuzz_server, model_dirs):
+    b = Bystander(fuzz_server.url)
+    b.start()
+    yield b
+    b.check(model_dirs["text"])  # also checked by the tests themselves
+
+
+# --- HTTP: schemathesis -----------------------------------------------------------------------------
+
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
+
+
+def test_api_fuzz_no_5xx_and_responses_match_the_schema(fuzz_server, bystander):
+    """Every operation of /openapi.json, with schema-valid (positive) and invalid (negative) data."""
+    schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
+    failures: list[str] = []
+    operations = [r.ok() for r in schema.get_all_operations()]
+    assert len(operations) >= 12
+    for op in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @settings(max_examples=API_EXAMPLES, deadline=None, phases=[Phase.generate], database=None,
+                      suppress_health_check=list(HealthCheck))  # fmt: skip
+            @given(op.as_strategy(generation_mode=mode), st.sampled_from([None, TEXT, AUDIO]))
+            def one_case(case, model):
+                if model and isinstance(case.body, dict) and "model" in case.body:
+                    case.body["model"] = model  # a served model now and then: the engine is reached
+                response = case.call(base_url=fuzz_server.url, timeout=60)
+                COUNTS["api"]["cases"] += 1
+                COUNTS["api"][f"{response.status_code // 100}xx"] += 1
+                case.validate_response(response, checks=CHECKS)
+
+            try:
+                one_case()
+            except Unsatisfiable:  # negative data for an operation without parameters: none exists
+                assert mode == GenerationMode.NEGATIVE, op.label
+            except (Exception, BaseExceptionGroup) as exc:  # record every operation's failure, then fail
+                failures.append(f"{op.label} ({mode.value}): {type(exc).__name__}: {str(exc)[:2000]}")
+    assert httpx.get(fuzz_server.url + "/healthz").status_code == 200
+    _write_results(
+        "api",
+        {
+            "command": "S4_FUZZ_API_EXAMPLES=... pytest tests/test_fuzz.py",
+            "operations": [op.label for op in operations],
+            "examples_per_operation_and_mode": API_EXAMPLES,
+            "cases": COUNTS["api"]["cases"],
+            "status_classes": {k: v for k, v in COUNTS["api"].items() if k != "cases"},
+            "server_errors_5xx": COUNTS["api"]["5xx"],
+            "failures": failures,
+        },
+    )
+    assert not failures, "\n\n".join(failures)
+    assert COUNTS["api"]["5xx"] == 0
+
+
+# --- WebSocket frames -------------------------------------------------------------------------------
+
+JSON_LEAF = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**80), max_value=2**80)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40)
+)
+JSON_VALUE = st.recursive(
+    JSON_LEAF,
+    lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+    max_leaves=8,
+)
+FIELDS = {
+    "model": st.sampled_from([TEXT, AUDIO, "nope", ""]) | JSON_VALUE,
+    "session_id": st.sampled_from(["sess-nope", "x" * 300]) | JSON_VALUE,
+    "prompt": st.text(max_size=80) | JSON_VALUE,
+    "prompt_audio": st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()) | JSON_VALUE,
+    "max_new_tokens": st.integers(min_value=-5, max_value=70) | JSON_VALUE,
+    "temperature": st.floats(min_value=0, max_value=2) | JSON_VALUE,
+    "top_k": st.integers(-1, 300) | JSON_VALUE,
+    "top_p": st.floats(0, 1) | JSON_VALUE,
+    "repetition_penalty": st.floats(0, 3) | JSON_VALUE,
+    "seed": st.integers(-1, 2**64) | JSON_VALUE,
+    "stop": st.lists(st.text(max_size=4), max_size=3) | JSON_VALUE,
+    "audio_encoding": st.sampled_from(["pcm16", "mulaw", "mp3"]) | JSON_VALUE,
+    "stream": JSON_VALUE,
+}
+TYPES = st.sampled_from(["session", "generate", "append", "cancel", "bogus", ""]) | JSON_VALUE
+
+
+@st.composite
+def control_message(draw) -> str:
+    msg = {"type": draw(TYPES)}
+    names = draw(st.lists(st.sampled_from(sorted(FIELDS)), max_size=5, unique=True))
+    for name in names:
+        msg[name] = draw(FIELDS[name])
+    if draw(st.integers(0, 9)) == 0:
+        msg.pop("type")
+    return json.dumps(msg)
+
+
+FRAME = st.one_of(
+    control_message().map(lambda t: ("text", t)),
+    control_message().map(lambda t: ("text", t)),  # twice as likely as the others
+    st.text(max_size=200).map(lambda t: ("text", t)),  # mostly not JSON at all
+    st.sampled_from(['{"type": "generate"', "[]", "null", "1e999", '{"type": "cancel"}', "{}"]).map(
+        lambda t: ("text", t)
+    ),
+    st.binary(max_size=300).map(lambda b: ("binary", b)),
+    st.sampled_from(["text", "binary"]).map(
+        lambda k: (k, "x" * (MAX_FRAME + 1) if k == "text" else b"\0" * (MAX_FRAME + 1))
+    ),
+)
+
+KNOWN_FRAMES = {"session", "token", "audio_header", "appended", "done", "error"}
+
+
+def _exchange(url: str, frames: list[tuple[str, str | bytes]]) -> tuple[list, int | None]:
+    """Send the frames on one socket (reading what comes back as we go), then close; returns the
+    frames received and the server's close code (None when we closed first)."""
+    got: list = []
+    with connect(url, max_size=2**22, open_timeout=30) as ws:
+        try:
+            for kind, data in frames:
+                ws.send(data)
+                COUNTS["ws"]["frames"] += 1
+                COUNTS["ws"][f"sent_{kind}"] += 1
+                try:
+                    while True:
+                        got.append(ws.recv(timeout=0.02))
+                except TimeoutError:
+                    pass
+            try:  # whatever is still running: let it end (max_new_tokens ≤ 64), briefly
+                while True:
+                    got.append(ws.recv(timeout=0.3))
+            except TimeoutError:
+                pass
+        except ConnectionClosed as exc:
+            return got, exc.rcvd.code if exc.rcvd else None
+    return got, None
+
+
+def _check_frames(got: list, close_code: int | None) -> None:
+    for frame in got:
+        if isinstance(frame, bytes):  # audio samples
+            COUNTS["ws"]["recv_binary"] += 1
+            continue
+        msg = json.loads(frame)
+        assert msg["type"] in KNOWN_FRAMES, msg
+        COUNTS["ws"][f"recv_{msg['type']}"] += 1
+        if msg["type"] == "error":
+            assert 400 <= msg["code"] < 500, msg  # never a server error
+            assert msg["message"]
+    if close_code is not None:
+        COUNTS["ws"][f"close_{close_code}"] += 1
+        assert close_code in (1000, 1009), close_code  # 1009: an oversized frame
+
+
+def test_websocket_fuzz_error_frames_or_close_codes_and_no_leak(fuzz_server, bystander, model_dirs):
+    pool = {m: fuzz_server.state.models[m].engine.pool for m in (TEXT, AUDIO)}
+    examples = max(1, 2 * WS_FRAMES // FRAMES_PER_EXAMPLE)
+
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(st.lists(FRAME, min_size=1, max_size=FRAMES_PER_EXAMPLE))
+    def one_socket(frames):
+        got, code = _exchange(fuzz_server.ws_url, frames)
+        _check_frames(got, code)
+
+    while COUNTS["ws"]["frames"] < WS_FRAMES:
+        one_socket()
+    assert httpx.get(fuzz_server.url + "/healthz").status_code == 200
+    turns = bystander.check(model_dirs["text"])
+    # nothing leaked: sockets' sessions went with them, the bystander deleted its own, and what the
+    # HTTP fuzzer made expired (TTL 3 s)
+    table = fuzz_server.state.sessions
+    assert wait_for(lambda: all(p.in_use == 0 for p in pool.values()) and table.count(TEXT) == 0, 15), {
+        m: p.in_use for m, p in pool.items()
+    }
+    _write_results(
+        "ws",
+        {
+            "command": "S4_FUZZ_WS_FRAMES=... pytest tests/test_fuzz.py",
+            "frames_sent": COUNTS["ws"]["frames"],
+            "counts": dict(COUNTS["ws"]),
+            "bystander_turns_checked": turns,
+            "slots_in_use_after_ttl": {m: p.in_use for m, p in pool.items()},
+        },
+    )
