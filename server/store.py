@@ -31,9 +31,9 @@ class StoreError(RuntimeError):
 
 
 class StateStore(Protocol):
-    """Session id → exported state blob."""
+    """Session id → exported state blob. `put` refuses (False) a state older than the stored one."""
 
-    def put(self, session_id: str, blob: bytes) -> None: ...
+    def put(self, session_id: str, blob: bytes, n_tokens: int) -> bool: ...
     def get(self, session_id: str) -> bytes | None: ...
     def delete(self, session_id: str) -> None: ...
     def ids(self) -> list[str]: ...
@@ -45,11 +45,15 @@ class MemoryStateStore:
 
     def __init__(self) -> None:
         self._blobs: dict[str, bytes] = {}
+        self._tokens: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def put(self, session_id: str, blob: bytes) -> None:
+    def put(self, session_id: str, blob: bytes, n_tokens: int) -> bool:
         with self._lock:
-            self._blobs[session_id] = blob
+            if self._tokens.get(session_id, -1) > n_tokens:
+                return False
+            self._blobs[session_id], self._tokens[session_id] = blob, n_tokens
+            return True
 
     def get(self, session_id: str) -> bytes | None:
         with self._lock:
@@ -58,6 +62,7 @@ class MemoryStateStore:
     def delete(self, session_id: str) -> None:
         with self._lock:
             self._blobs.pop(session_id, None)
+            self._tokens[session_id] = float("inf")
 
     def ids(self) -> list[str]:
         with self._lock:
@@ -67,8 +72,22 @@ class MemoryStateStore:
         pass
 
 
+# Write a state unless the store holds a later one of the same session: a session's token count only
+# grows, so a replica's stale copy (the client moved to another replica, which went on) or a write
+# after a delete (the tombstone counts as infinitely late) is refused instead of overwriting it.
+_PUT_IF_NOT_OLDER = """
+local stored = redis.call('GET', KEYS[2])
+if stored and tonumber(stored) > tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+return 1
+"""
+_TOMBSTONE = str(2**62)
+
+
 class RedisStateStore:
-    """States in Redis under `s4:session:<id>`, each expiring `ttl_s` after its last write."""
+    """States in Redis under `s4:session:<id>` (their token counts under `…:tokens`), each expiring
+    `ttl_s` after its last write."""
 
     def __init__(self, url: str, ttl_s: float) -> None:
         import redis  # noqa: PLC0415  (only needed when configured)
@@ -76,6 +95,7 @@ class RedisStateStore:
         self.url, self.ttl_ms = url, max(1, int(ttl_s * 1000))
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._errors = (redis.RedisError, OSError)
+        self._put = self._redis.register_script(_PUT_IF_NOT_OLDER)
         try:
             self._redis.ping()
         except self._errors as exc:
@@ -87,18 +107,27 @@ class RedisStateStore:
         except self._errors as exc:
             raise StoreError(f"session store {self.url}: {what} failed ({exc})") from None
 
-    def put(self, session_id: str, blob: bytes) -> None:
-        self._call("write", lambda: self._redis.set(KEY_PREFIX + session_id, blob, px=self.ttl_ms))
+    def put(self, session_id: str, blob: bytes, n_tokens: int) -> bool:
+        keys = [KEY_PREFIX + session_id, KEY_PREFIX + session_id + ":tokens"]
+        return bool(self._call("write", lambda: self._put(keys=keys, args=[blob, n_tokens, self.ttl_ms])))
 
     def get(self, session_id: str) -> bytes | None:
         return self._call("read", lambda: self._redis.get(KEY_PREFIX + session_id))
 
     def delete(self, session_id: str) -> None:
-        self._call("delete", lambda: self._redis.delete(KEY_PREFIX + session_id))
+        key = KEY_PREFIX + session_id
+
+        def tombstone():
+            with self._redis.pipeline() as p:  # MULTI/EXEC: both or neither
+                p.delete(key)
+                p.set(key + ":tokens", _TOMBSTONE, px=self.ttl_ms)
+                p.execute()
+
+        self._call("delete", tombstone)
 
     def ids(self) -> list[str]:
         keys = self._call("scan", lambda: list(self._redis.scan_iter(KEY_PREFIX + "*", count=1000)))
-        return [k.decode()[len(KEY_PREFIX) :] for k in keys]
+        return [k.decode()[len(KEY_PREFIX) :] for k in keys if not k.endswith(b":tokens")]
 
     def close(self) -> None:
         self._redis.close()
@@ -125,8 +154,8 @@ class StoreWriter:
         self._cv = threading.Condition()
         self._busy = False
         self._stopping = False
-        self.written = self.deleted = self.failed = 0
-        self._counter = counter  # a Prometheus counter labelled by op (write, delete, error)
+        self.written = self.deleted = self.failed = self.stale = 0
+        self._counter = counter  # a Prometheus counter labelled by op (write, stale, delete, error)
         self._thread = threading.Thread(target=self._loop, name="session-store", daemon=True)
         self._thread.start()
 
@@ -185,9 +214,15 @@ class StoreWriter:
                     done = "delete"
                 else:
                     header, state = op
-                    self.store.put(session_id, pack_state(header, state))
-                    self.written += 1
-                    done = "write"
+                    if self.store.put(session_id, pack_state(header, state), header["n_tokens"]):
+                        self.written += 1
+                        done = "write"
+                    else:  # another replica went on with the session, or it was deleted
+                        self.stale += 1
+                        done = "stale"
+                        log.warning(
+                            "session %s: the store holds a later state; this copy is not written", session_id
+                        )
             except Exception as exc:  # the store is down (or a bug): the session lives on in memory
                 self.failed += 1
                 done = "error"

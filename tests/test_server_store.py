@@ -92,6 +92,19 @@ def test_writer_keeps_the_latest_operation_per_session_and_a_delete_is_not_undon
     assert writer.stop(5)
     assert unpack_state(store.get("a"))[0]["n_tokens"] == 49
     assert store.get("b") is None and store.ids() == ["a"]
+    # a state older than the stored one (another replica went on), or written after a delete, is refused
+    assert not store.put("a", b"old", 48) and store.put("a", b"same", 49)
+    assert not store.put("b", b"late", 10**6)
+
+
+def test_redis_refuses_stale_states_and_writes_after_a_delete(redis_url, redis_db):
+    store = RedisStateStore(redis_url, 60)
+    assert store.put("s", b"v1", 10) and store.put("s", b"v2", 12) and not store.put("s", b"v0", 11)
+    assert store.get("s") == b"v2" and store.ids() == ["s"]
+    store.delete("s")
+    assert not store.put("s", b"late", 13) and store.get("s") is None and store.ids() == []
+    assert 0 < redis_db.pttl(KEY_PREFIX + "s:tokens") <= 60_000  # the tombstone expires too
+    store.close()
 
 
 def test_open_store_refuses_unknown_specs_and_unreachable_redis():
@@ -129,6 +142,10 @@ def test_a_session_resumes_on_another_replica_and_continues_identically(model_di
         assert httpx.get(f"{b.url}/v1/sessions/{sid}").status_code == 404
         assert httpx.get(f"{b.url}/v1/sessions/sess-unknown").status_code == 404
         assert 'op="restore"' in httpx.get(b.url + "/metrics").text
+        # a still holds its stale copy; its shutdown flush must not resurrect the deleted session
+        a.stop()
+        assert redis_db.get(KEY_PREFIX + sid) is None
+        assert a.state.writer.stale == 1
     finally:
         a.stop()
         b.stop()
