@@ -175,3 +175,14 @@ def test_client_disconnect_stops_generation_and_frees_the_slot(client, server):
     assert wait_for(lambda: engine.pool.in_use == base and engine.active_requests == 0, 5)
     assert time.monotonic() - t0 < 3
     assert metric(client, "s4_active_sessions", TEXT) == base
+
+
+def test_the_schema_documents_what_the_server_sends(client):
+    """Found by the schemathesis run: /metrics is text (not JSON), /readyz may answer 503, and the
+    import route's octet-stream body is part of the schema (so clients and fuzzers can send one)."""
+    paths = client.get("/openapi.json").json()["paths"]
+    assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert client.get("/metrics").headers["content-type"].startswith("text/plain")
+    assert "503" in paths["/readyz"]["get"]["responses"]
+    body = paths["/v1/sessions/import"]["post"]["requestBody"]
+    assert body["required"] and list(body["content"]) == ["application/octet-stream"]
