@@ -40,6 +40,8 @@ class Metrics:
                                   ["model", "reason"], registry=r)  # fmt: skip
         self.store_ops = Counter("s4_session_store_operations", "Session store writes, deletes, restores, "
                                  "errors", ["op"], registry=r)  # fmt: skip
+        self.auth_failures = Counter("s4_auth_failures", "Requests and WebSocket handshakes refused for a "
+                                     "missing or invalid API key", ["transport"], registry=r)  # fmt: skip
 
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self, model)
