@@ -34,12 +34,14 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 from server_support import ServerThread, reference, wait_for
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from model.sampling import SamplingParams
 
 TEXT, AUDIO = "tiny-text", "tiny-audio"
+KEY = "fuzz-key-0123456789"  # the fuzz server requires an API key (S4_API_KEYS); the fuzzers send it
+HEADERS = {"X-API-Key": KEY}
 API_EXAMPLES = int(os.environ.get("S4_FUZZ_API_EXAMPLES", "20"))  # per operation
 WS_FRAMES = int(os.environ.get("S4_FUZZ_WS_FRAMES", "240"))
 RESULTS = os.environ.get("S4_FUZZ_RESULTS")  # a folder: write the run's figures there as JSON
@@ -70,6 +72,7 @@ def fuzz_server(model_dirs):
         session_ttl_s=3,
         ws_max_frame_bytes=MAX_FRAME,
         drain_timeout_s=1,
+        api_keys=[KEY],
     )
     s = ServerThread(settings).start()
     yield s
@@ -91,7 +94,7 @@ class Bystander(threading.Thread):
 
     def run(self) -> None:
         try:
-            with httpx.Client(base_url=self.url, timeout=60) as c:
+            with httpx.Client(base_url=self.url, timeout=60, headers=HEADERS) as c:
                 while not self.stop_flag.is_set():
                     r = c.post("/v1/sessions", json={"model": TEXT, "prompt": PROMPT})
                     if r.status_code == 429:  # the fuzzer holds every slot for a moment
@@ -106,6 +109,7 @@ class Bystander(threading.Thread):
                         assert r.status_code == 200, r.text
                         self.turns.append((list(history), seed, r.json()["tokens"]))
                         history += self.turns[-1][2]
+                        time.sleep(0.05)  # a steady trickle, not a flood
                     assert c.delete(f"/v1/sessions/{sid}").status_code == 204
         except Exception as exc:  # reported by check()
             self.error = exc
@@ -143,7 +147,8 @@ CHECKS = [
 
 def test_api_fuzz_no_5xx_and_responses_match_the_schema(fuzz_server, bystander):
     """Every operation of /openapi.json, with schema-valid (positive) and invalid (negative) data."""
-    schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
+    spec = httpx.get(fuzz_server.url + "/openapi.json", headers=HEADERS).json()
+    schema = schemathesis.openapi.from_dict(spec)
     failures: list[str] = []
     operations = [r.ok() for r in schema.get_all_operations()]
     assert len(operations) >= 12
@@ -156,7 +161,7 @@ def test_api_fuzz_no_5xx_and_responses_match_the_schema(fuzz_server, bystander):
             def one_case(case, model):
                 if model and isinstance(case.body, dict) and "model" in case.body:
                     case.body["model"] = model  # a served model now and then: the engine is reached
-                response = case.call(base_url=fuzz_server.url, timeout=60)
+                response = case.call(base_url=fuzz_server.url, headers=HEADERS, timeout=60)
                 COUNTS["api"]["cases"] += 1
                 COUNTS["api"][f"{response.status_code // 100}xx"] += 1
                 case.validate_response(response, checks=CHECKS)
@@ -184,6 +189,33 @@ def test_api_fuzz_no_5xx_and_responses_match_the_schema(fuzz_server, bystander):
     assert COUNTS["api"]["5xx"] == 0
 
 
+def test_without_a_valid_key_every_operation_but_the_probes_is_401(fuzz_server):
+    """With S4_API_KEYS set, every operation in the schema (and the WebSocket handshake) refuses a
+    request without a valid key: 401, WWW-Authenticate: Bearer, one message; the probes stay open."""
+    paths = httpx.get(fuzz_server.url + "/openapi.json", headers=HEADERS).json()["paths"]
+    assert httpx.get(fuzz_server.url + "/openapi.json").status_code == 401
+    checked = 0
+    for path, methods in paths.items():
+        url = fuzz_server.url + path.replace("{session_id}", "sess-x")
+        for method in methods:
+            for headers in ({}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer " + KEY + "x"}):
+                r = httpx.request(method.upper(), url, headers=headers, json={})
+                if path in ("/healthz", "/readyz"):
+                    assert r.status_code == 200, (method, path)
+                    continue
+                assert r.status_code == 401, (method, path, headers, r.status_code)
+                assert r.headers["www-authenticate"].startswith("Bearer")
+                assert r.json()["error"]["message"] == "missing or invalid API key"
+                checked += 1
+    assert checked >= 3 * 11
+    with pytest.raises(InvalidStatus) as refused:
+        connect(fuzz_server.ws_url, open_timeout=10).close()
+    assert refused.value.response.status_code == 401
+    with connect(fuzz_server.ws_url, additional_headers=HEADERS) as ws:  # and with the key it opens
+        ws.send(json.dumps({"type": "cancel"}))
+        assert json.loads(ws.recv(10))["code"] == 409
+
+
 # --- WebSocket frames -------------------------------------------------------------------------------
 
 JSON_LEAF = (
@@ -193,51 +225,67 @@ JSON_LEAF = (
     | st.floats(allow_nan=False)
     | st.text(max_size=40)
 )
-JSON_VALUE = st.recursive(
+JUNK = st.recursive(
     JSON_LEAF,
     lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
     max_leaves=8,
 )
-FIELDS = {
-    "model": st.sampled_from([TEXT, AUDIO, "nope", ""]) | JSON_VALUE,
-    "session_id": st.sampled_from(["sess-nope", "x" * 300]) | JSON_VALUE,
-    "prompt": st.text(max_size=80) | JSON_VALUE,
-    "prompt_audio": st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()) | JSON_VALUE,
-    "max_new_tokens": st.integers(min_value=-5, max_value=70) | JSON_VALUE,
-    "temperature": st.floats(min_value=0, max_value=2) | JSON_VALUE,
-    "top_k": st.integers(-1, 300) | JSON_VALUE,
-    "top_p": st.floats(0, 1) | JSON_VALUE,
-    "repetition_penalty": st.floats(0, 3) | JSON_VALUE,
-    "seed": st.integers(-1, 2**64) | JSON_VALUE,
-    "stop": st.lists(st.text(max_size=4), max_size=3) | JSON_VALUE,
-    "audio_encoding": st.sampled_from(["pcm16", "mulaw", "mp3"]) | JSON_VALUE,
-    "stream": JSON_VALUE,
+SOCKET_MODEL = st.shared(st.sampled_from([TEXT, TEXT, AUDIO]), key="model")  # one per socket
+VALID = {  # values the server accepts (text prompts and stops for the text model)
+    "prompt": st.text(min_size=1, max_size=40),
+    "max_new_tokens": st.integers(min_value=1, max_value=64),
+    "temperature": st.floats(min_value=0, max_value=2),
+    "top_k": st.integers(0, 300),
+    "top_p": st.floats(0.01, 1),
+    "repetition_penalty": st.floats(0.5, 3),
+    "seed": st.integers(0, 2**63 - 1),
+    "stop": st.lists(st.text(min_size=1, max_size=4), max_size=3),
+    "audio_encoding": st.sampled_from(["pcm16", "mulaw"]),
 }
-TYPES = st.sampled_from(["session", "generate", "append", "cancel", "bogus", ""]) | JSON_VALUE
+TEXT_ONLY = {"prompt", "stop"}
+BAD = {  # out of range, huge, of the wrong type, unknown
+    "model": st.sampled_from(["nope", "", TEXT, AUDIO]),
+    "session_id": st.sampled_from(["sess-nope", "x" * 300]),
+    "prompt_audio": st.binary(max_size=64).map(lambda b: base64.b64encode(b).decode()),
+    "max_new_tokens": st.sampled_from([0, -1, 65, 2**63, 10**30, 1.5, "8"]),
+    "seed": st.sampled_from([-1, 2**63, 2**64 + 1, 1e300]),
+    "temperature": st.sampled_from([-1, 1e308, 101]),
+    "top_p": st.sampled_from([0, 1.0001, -0.5]),
+    "stop": st.sampled_from([[""], ["a"] * 17, "x" * 65]),
+    "audio_encoding": st.sampled_from(["mp3", ""]),
+    "stream": st.booleans(),
+}
+TYPES = ["session", "generate", "append", "cancel"]
 
 
 @st.composite
 def control_message(draw) -> str:
-    msg = {"type": draw(TYPES)}
-    names = draw(st.lists(st.sampled_from(sorted(FIELDS)), max_size=5, unique=True))
-    for name in names:
-        msg[name] = draw(FIELDS[name])
-    if draw(st.integers(0, 9)) == 0:
-        msg.pop("type")
+    """A message of a real type with valid fields, then (sometimes) a few fields made wrong."""
+    msg = {"type": draw(st.sampled_from(TYPES))}
+    model = draw(SOCKET_MODEL)
+    if msg["type"] != "cancel":
+        msg["model"] = model
+        fields = sorted(VALID) if model == TEXT else sorted(VALID.keys() - TEXT_ONLY)
+        for name in draw(st.lists(st.sampled_from(fields), max_size=5, unique=True)):
+            msg[name] = draw(VALID[name])
+        if model == TEXT and msg["type"] != "session":
+            msg.setdefault("prompt", draw(VALID["prompt"]))
+    for _ in range(draw(st.sampled_from([0, 0, 0, 1, 2]))):
+        name = draw(st.sampled_from(sorted(VALID.keys() | BAD.keys() | {"type", "unknown"})))
+        msg[name] = draw(BAD[name] if name in BAD and draw(st.booleans()) else JUNK)
+    if draw(st.integers(0, 19)) == 0:
+        msg.pop("type", None)
     return json.dumps(msg)
 
 
+OVERSIZED = st.sampled_from([("text", "x" * (MAX_FRAME + 1)), ("binary", b"\0" * (MAX_FRAME + 1))])
 FRAME = st.one_of(
-    control_message().map(lambda t: ("text", t)),
-    control_message().map(lambda t: ("text", t)),  # twice as likely as the others
+    *[control_message().map(lambda t: ("text", t))] * 6,  # most frames: real messages, some made wrong
     st.text(max_size=200).map(lambda t: ("text", t)),  # mostly not JSON at all
     st.sampled_from(['{"type": "generate"', "[]", "null", "1e999", '{"type": "cancel"}', "{}"]).map(
         lambda t: ("text", t)
     ),
-    st.binary(max_size=300).map(lambda b: ("binary", b)),
-    st.sampled_from(["text", "binary"]).map(
-        lambda k: (k, "x" * (MAX_FRAME + 1) if k == "text" else b"\0" * (MAX_FRAME + 1))
-    ),
+    st.one_of(*[st.binary(max_size=300).map(lambda b: ("binary", b))] * 3, OVERSIZED),
 )
 
 KNOWN_FRAMES = {"session", "token", "audio_header", "appended", "done", "error"}
@@ -247,7 +295,7 @@ def _exchange(url: str, frames: list[tuple[str, str | bytes]]) -> tuple[list, in
     """Send the frames on one socket (reading what comes back as we go), then close; returns the
     frames received and the server's close code (None when we closed first)."""
     got: list = []
-    with connect(url, max_size=2**22, open_timeout=30) as ws:
+    with connect(url, max_size=2**22, open_timeout=30, additional_headers=HEADERS) as ws:
         try:
             for kind, data in frames:
                 ws.send(data)
@@ -279,6 +327,7 @@ def _check_frames(got: list, close_code: int | None) -> None:
         if msg["type"] == "error":
             assert 400 <= msg["code"] < 500, msg  # never a server error
             assert msg["message"]
+            COUNTS["ws"][f"error_{msg['code']}_{msg.get('param')}"] += 1
     if close_code is not None:
         COUNTS["ws"][f"close_{close_code}"] += 1
         assert close_code in (1000, 1009), close_code  # 1009: an oversized frame
