@@ -2,10 +2,12 @@
 
   python scripts/reliability.py overload [--capacity 8] [--phase-s 30]
       1x, then 4x, then 1x again the configured capacity (max_sessions = max_batch_size =
-      max_queued_requests = capacity): half the users hold a WebSocket and run turns back to back,
-      half post one-shot generations. Refused clients wait Retry-After and try again. Reports per
-      phase the turns served, the refusals (seen by clients, and counted by /metrics), and the
-      admitted turns' latency (time to first token, whole turn, gap between token frames).
+      max_queued_requests = capacity): half the users run WebSocket turns (a socket per turn), half
+      post one-shot generations, back to back. Refused clients wait Retry-After and try again.
+      Reports per phase the turns served, the refusals (seen by clients, and counted by /metrics),
+      and the admitted turns' latency: as the clients see it (time to first token, whole turn, gap
+      between token frames; the clients share the CPU with the server) and as the engine measures
+      it (p99 of the inter-token, first-token and request histograms of /metrics).
   python scripts/reliability.py soak [--duration-s 600]
       mixed load: WebSocket turns, sockets dropped mid-generation, cancels, HTTP sessions (create,
       append, generate, fork) half of them deleted and half left to expire (TTL 5 s), one-shot and
@@ -99,6 +101,24 @@ def metrics(url: str) -> dict[str, float]:
     return out
 
 
+def histogram_p(before: dict, after: dict, name: str, q: float) -> float | None:
+    """The q-quantile of a Prometheus histogram's observations between two scrapes (the upper bound
+    of the bucket it falls in), over every model."""
+    buckets: dict[float, float] = {}
+    for key, value in after.items():
+        if key.startswith(name + "_bucket{"):
+            le = key.split('le="', 1)[1].split('"', 1)[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            buckets[bound] = buckets.get(bound, 0.0) + value - before.get(key, 0.0)
+    total = buckets.get(float("inf"), 0.0)
+    if not total:
+        return None
+    for bound in sorted(buckets):
+        if buckets[bound] >= q * total:
+            return bound
+    return None
+
+
 def pct(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -131,40 +151,38 @@ def turn_message(rng: random.Random, n_tokens: int) -> dict:
 
 
 async def ws_user(url: str, stats: Stats, rng: random.Random, stop: asyncio.Event, n_tokens: int) -> None:
-    """Holds a socket (and so a session slot) and runs turns back to back; refused: waits, retries."""
+    """One turn per socket (its session slot is freed when it closes), back to back; refused: waits
+    Retry-After, tries again."""
     ws_url = url.replace("http", "ws") + "/v1/stream"
     while not stop.is_set():
         try:
             async with connect(ws_url, max_size=2**22) as ws:
-                while not stop.is_set():
-                    t0 = time.perf_counter()
-                    await ws.send(json.dumps(turn_message(rng, n_tokens)))
-                    first = last = None
-                    while True:
-                        msg = json.loads(await ws.recv())
-                        now = time.perf_counter()
-                        if msg["type"] == "token":
-                            if first is None:
-                                first = now
-                                stats.ttft.append(now - t0)
-                            else:
-                                stats.gap.append(now - last)
-                            last = now
-                            stats.tokens += len(msg["ids"])
-                        elif msg["type"] == "done":
-                            stats.ok += 1
-                            stats.turn.append(now - t0)
-                            break
-                        elif msg["type"] == "error":
-                            if msg["code"] != 429:
-                                stats.error(f"ws {msg['code']}")
-                            else:
-                                stats.refused += 1
-                            break
-                    if msg["type"] == "error":
-                        await ws.close()
-                        await asyncio.sleep(msg.get("retry_after", 1))
+                t0 = time.perf_counter()
+                await ws.send(json.dumps(turn_message(rng, n_tokens)))
+                first = last = None
+                while True:
+                    msg = json.loads(await ws.recv())
+                    now = time.perf_counter()
+                    if msg["type"] == "token":
+                        if first is None:
+                            first = now
+                            stats.ttft.append(now - t0)
+                        else:
+                            stats.gap.append(now - last)
+                        last = now
+                        stats.tokens += len(msg["ids"])
+                    elif msg["type"] == "done":
+                        stats.ok += 1
+                        stats.turn.append(now - t0)
                         break
+                    elif msg["type"] == "error":
+                        if msg["code"] != 429:
+                            stats.error(f"ws {msg['code']}")
+                        else:
+                            stats.refused += 1
+                        break
+            if msg["type"] == "error":
+                await asyncio.sleep(msg.get("retry_after", 1))
         except (ConnectionClosed, OSError) as exc:
             if not stop.is_set():
                 stats.error(f"ws {type(exc).__name__}")
@@ -222,6 +240,9 @@ async def overload_phase(url: str, users: int, seconds: float, n_tokens: int, se
         "ttft_s": summary(stats.ttft),
         "turn_s": summary(stats.turn),
         "ws_frame_gap_s": summary(stats.gap),
+        "engine_itl_p99_s": histogram_p(before, after, "s4_inter_token_latency_seconds", 0.99),
+        "engine_ttft_p99_s": histogram_p(before, after, "s4_time_to_first_token_seconds", 0.99),
+        "engine_request_p99_s": histogram_p(before, after, "s4_request_duration_seconds", 0.99),
         "slots_in_use_after": after.get("s4_active_sessions", 0),
     }
 
