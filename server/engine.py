@@ -361,6 +361,7 @@ class Engine:
         rec = job.session
         if job.fresh:
             self.pool.clear(rec.slot)
+        rec.has_state = True
         self._running[rec.id] = job
         # the state holds every token but the pending one: feed the old pending token and all
         # new tokens but the last, which becomes the new pending token
@@ -562,8 +563,9 @@ class Engine:
         self.metrics.state_bytes.set(self.pool.in_use * self.pool.bytes_per_slot)
 
     def _persist(self, rec: SessionRecord) -> int:
-        """Hand a session's state to the store (when one is configured); 1 if it was."""
-        if self.persist is None or rec.ephemeral:
+        """Hand a session's state to the store (when one is configured); 1 if it was. A session whose
+        creation never reached the engine (refused at shutdown: its client got the error) is not."""
+        if self.persist is None or rec.ephemeral or not rec.has_state:
             return 0
         raw, seen = self.read_slot(rec)
         self.persist(rec, raw, seen)
@@ -593,7 +595,7 @@ class Engine:
 
     def fork(self, src: SessionRecord, dst: SessionRecord) -> SessionRecord:
         self.pool.copy(src.slot, dst.slot)
-        dst.n_tokens, dst.pending = src.n_tokens, src.pending
+        dst.n_tokens, dst.pending, dst.has_state = src.n_tokens, src.pending, True
         self.sessions.add(dst)
         self._persist(dst)
         return dst
@@ -611,6 +613,7 @@ class Engine:
         self.pool.state[:, rec.slot].copy_(x)
         if seen:
             self.pool.seen[rec.slot, torch.tensor(seen, device=self.pool.seen.device)] = True
+        rec.has_state = True
         self.sessions.add(rec)
         self._persist(rec)
         return rec

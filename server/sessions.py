@@ -39,6 +39,7 @@ class SessionRecord:
     busy: bool = False  # a request is running on it
     generated: int = 0  # tokens generated so far by the running request
     ephemeral: bool = False  # a one-shot request's session: deleted when the request ends
+    has_state: bool = False  # the engine has set up its slot (a new record's slot holds stale data)
 
     def info(self, state_bytes: int) -> dict:
         return {
