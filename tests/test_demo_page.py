@@ -1,0 +1,218 @@
+"""The demo page (GET /) in a real browser: Debian's chromium, headless, driven by playwright.
+
+What the page shows is checked against the library alone (server_support.reference): the streamed text
+equals the tokens of a one-shot generation with the same seed, a second turn continues the session,
+the audio that reaches the Web Audio graph and the WAV download are the reference samples. Screenshots
+go to tests/artifacts/ (gitignored; CI can keep them) and to pytest's tmp path.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tomllib
+import wave
+from fnmatch import fnmatch
+from pathlib import Path
+
+import numpy as np
+import pytest
+from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from server_support import reference, wait_for
+
+from model.codecs import MuLaw, to_pcm16, wav_bytes
+from model.sampling import SamplingParams
+from server import media
+from server.routes.demo import STATIC
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+TEXT, AUDIO = "tiny-text", "tiny-audio"
+WAIT_MS = 30_000  # bounded waits for what the page does (not timing assertions)
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or "/usr/bin/chromium"
+    assert Path(exe).exists(), "chromium not found: `make sysdeps` installs it (apt-get install chromium)"
+    return exe
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=chromium(),
+            headless=True,
+            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"],
+        )
+        yield b
+        b.close()
+
+
+class Demo:
+    """One page of the demo, with what its console and its uncaught exceptions said."""
+
+    def __init__(self, browser, url: str) -> None:
+        self.context = browser.new_context(viewport={"width": 1000, "height": 1100}, accept_downloads=True)
+        self.page: Page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.goto(url + "/")
+
+    def wait_status(self, text: str) -> str:
+        """Wait until the status line contains `text`; return the status line."""
+        try:
+            self.page.wait_for_function(
+                "t => document.getElementById('status').textContent.includes(t)", arg=text, timeout=WAIT_MS
+            )
+        except PlaywrightTimeout:
+            status = self.page.text_content("#status")
+            pytest.fail(f"the status never said {text!r}: it says {status!r}; console errors: {self.errors}")
+        return self.page.text_content("#status")
+
+    def js(self, expression: str, arg=None):
+        return self.page.evaluate(expression, arg)
+
+    def screenshot(self, name: str, tmp_path: Path) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        png = self.page.screenshot(full_page=True)
+        (tmp_path / name).write_bytes(png)
+        (ARTIFACTS / name).write_bytes(png)
+        return ARTIFACTS / name
+
+
+@pytest.fixture
+def demo(browser, server):
+    d = Demo(browser, server.url)
+    yield d
+    d.context.close()
+
+
+def generate_text(d: Demo, prompt: str, n: int, seed: int) -> str:
+    """One turn from the page's own controls; returns the turn's generated text as rendered."""
+    turn = d.js("s4demo.turns.length")
+    d.page.fill("#prompt", prompt)
+    d.page.fill("#max-new-tokens", str(n))
+    d.page.fill("#temperature", "1")
+    d.page.fill("#seed", str(seed))
+    d.page.click("#send")
+    d.wait_status("Done")
+    return d.page.text_content(f'#output .gen[data-turn="{turn}"]')
+
+
+def test_the_page_and_its_assets_are_served_outside_the_api_schema(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for name in ("app.js", "style.css"):
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200 and r.content == (STATIC / name).read_bytes()
+    assert client.get("/static/nope.js").status_code == 404
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/" not in paths and not any(p.startswith("/static") for p in paths)
+    # nothing fetched from elsewhere: every src/href of the page is relative to it
+    html = page.text
+    assert "://" not in html and "://" not in (STATIC / "style.css").read_text()
+    # the files travel with the package (pip install . in the Dockerfile): package-data covers them
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = setuptools["package-data"]["server"]
+    for f in STATIC.iterdir():
+        assert any(fnmatch(f"static/{f.name}", g) for g in globs), f
+
+
+def test_page_loads_without_console_errors_and_lists_the_served_models(demo, client, tmp_path):
+    models = client.get("/v1/models").json()["data"]
+    d = demo
+    d.wait_status("models served")
+    options = d.js("[...document.querySelectorAll('#model option')].map(o => o.value)")
+    assert options == [m["id"] for m in models] == [TEXT, AUDIO]
+    assert d.page.is_visible("#text-panel") and not d.page.is_visible("#audio-panel")
+    text = next(m for m in models if m["id"] == TEXT)
+    state = d.page.text_content("#state-size")
+    assert f"{text['state_bytes_per_session'] / 1024:.1f} KiB" in state
+    d.page.select_option("#model", AUDIO)
+    assert d.page.is_visible("#audio-panel") and not d.page.is_visible("#text-panel")
+    assert "8000 Hz" in d.page.text_content("#model-info")
+    d.screenshot("demo-page-loaded.png", tmp_path)
+    assert d.errors == []
+
+
+def test_text_streams_into_the_page_and_a_second_turn_continues_the_session(
+    demo, client, model_dirs, tmp_path
+):
+    d = demo
+    d.wait_status("models served")
+    # count the updates of the output as they happen: streamed text lands in many pieces
+    d.js("""() => { window.mutations = 0;
+        new MutationObserver(ms => { window.mutations += ms.length; }).observe(
+          document.getElementById('output'), {subtree: true, characterData: true, childList: true}); }""")
+    p1, p2 = "no more;", " and by a sleep"
+    t1 = reference(model_dirs["text"], list(p1.encode()), SamplingParams(seed=7), 120)
+    got1 = generate_text(d, p1, 120, seed=7)
+    assert got1 == bytes(t1).decode("utf-8", errors="replace")
+    assert d.js("window.mutations") > 3
+    rate = float(d.page.text_content("#rate"))
+    assert rate > 0
+    sid = d.js("s4demo.sessionId")
+    assert d.page.text_content("#session-id") == sid
+
+    t2 = reference(model_dirs["text"], list(p1.encode()) + t1 + list(p2.encode()), SamplingParams(seed=8), 60)
+    got2 = generate_text(d, p2, 60, seed=8)
+    assert got2 == bytes(t2).decode("utf-8", errors="replace")
+    assert d.page.text_content("#output") == p1 + got1 + p2 + got2
+    dones = d.js("s4demo.turns.map(t => t.done)")
+    assert [x["session_id"] for x in dones] == [sid, sid]
+    # the context length shown is the session's own (the server's count), the state size is fixed
+    n = len(p1) + 120 + len(p2) + 60
+    assert wait_for(lambda: d.page.text_content("#context") == f"{n} tokens", 5)
+    assert client.get(f"/v1/sessions/{sid}").json()["tokens"] == n
+    d.screenshot("demo-text.png", tmp_path)
+
+    d.page.click("#reset")  # a new session: the old one goes with its socket
+    assert d.page.text_content("#output") == "" and d.page.text_content("#context") == "0 tokens"
+    assert wait_for(lambda: client.get(f"/v1/sessions/{sid}").status_code == 404, 5)
+    assert generate_text(d, p1, 120, seed=7) == got1
+    assert d.js("s4demo.sessionId") != sid
+    assert d.errors == []
+
+
+def test_audio_plays_as_it_streams_and_downloads_as_wav(demo, model_dirs, tmp_path):
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    # an uploaded prompt: 300 samples of a sine at the model's rate, as a 16-bit WAV file
+    x = 0.4 * np.sin(np.arange(300) / 5.0)
+    wav = tmp_path / "prompt.wav"
+    wav.write_bytes(wav_bytes(x, 8000))
+    d.page.set_input_files("#audio-file", str(wav))
+    d.wait_status("Prompt loaded")
+    assert "300 samples" in d.page.text_content("#prompt-info")
+    n = 4000
+    d.page.fill("#audio-samples", str(n))
+    d.page.fill("#audio-temperature", "1")
+    d.page.fill("#audio-seed", "3")
+    d.page.click("#audio-generate")
+    d.wait_status("Done")
+    prompt = media.audio_frame_ids(to_pcm16(x), "pcm16")  # what the server makes of the page's frames
+    want = to_pcm16(MuLaw().decode(reference(model_dirs["audio"], prompt, SamplingParams(seed=3), n)))
+
+    # every sample went into AudioBufferSourceNodes started in a running AudioContext, and played out
+    d.page.wait_for_function(f"s4demo.samplesPlayed === {n}", timeout=WAIT_MS)
+    assert d.js("[s4demo.samplesReceived, s4demo.samplesScheduled]") == [n, n]
+    assert d.js("s4demo.audioContextState()") == "running"
+    assert d.page.text_content("#context") == f"{300 + n} tokens"
+    # the waveform was drawn: the canvas holds waveform-coloured pixels
+    drawn = d.js("""() => { const c = document.getElementById('waveform');
+        const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let k = 0;
+        for (let i = 0; i < px.length; i += 4) if (px[i + 2] > 150 && px[i] < 80) k++; return k; }""")
+    assert drawn > 500
+    d.screenshot("demo-audio.png", tmp_path)
+
+    with d.page.expect_download() as dl:
+        d.page.click("#download")
+    with wave.open(io.BytesIO(Path(dl.value.path()).read_bytes())) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 8000)
+        assert w.readframes(w.getnframes()) == want
+    assert d.errors == []
