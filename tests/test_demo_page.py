@@ -199,7 +199,7 @@ def test_audio_plays_as_it_streams_and_downloads_as_wav(demo, model_dirs, tmp_pa
     want = to_pcm16(MuLaw().decode(reference(model_dirs["audio"], prompt, SamplingParams(seed=3), n)))
 
     # every sample went into AudioBufferSourceNodes started in a running AudioContext, and played out
-    d.page.wait_for_function(f"s4demo.samplesPlayed === {n}", timeout=WAIT_MS)
+    d.page.wait_for_function(f"() => s4demo.samplesPlayed === {n}", timeout=WAIT_MS)
     assert d.js("[s4demo.samplesReceived, s4demo.samplesScheduled]") == [n, n]
     assert d.js("s4demo.audioContextState()") == "running"
     assert d.page.text_content("#context") == f"{300 + n} tokens"
@@ -210,9 +210,51 @@ def test_audio_plays_as_it_streams_and_downloads_as_wav(demo, model_dirs, tmp_pa
     assert drawn > 500
     d.screenshot("demo-audio.png", tmp_path)
 
+    assert downloaded_wav(d) == want
+
+    # a second generation without a new prompt continues the session's audio
+    d.page.fill("#audio-samples", "500")
+    d.page.fill("#audio-seed", "4")
+    d.page.click("#audio-generate")
+    d.wait_status("Done: length, 500 samples")
+    prompt2 = prompt + reference(model_dirs["audio"], prompt, SamplingParams(seed=3), n)
+    want2 = to_pcm16(MuLaw().decode(reference(model_dirs["audio"], prompt2, SamplingParams(seed=4), 500)))
+    d.page.wait_for_function("() => s4demo.samplesPlayed === 500", timeout=WAIT_MS)
+    assert downloaded_wav(d) == want2
+    assert d.page.text_content("#context") == f"{300 + n + 500} tokens"
+    assert d.errors == []
+
+
+def downloaded_wav(d: Demo) -> bytes:
+    """The samples of the page's "Download WAV" file (checked to be mono 16-bit at 8 kHz)."""
     with d.page.expect_download() as dl:
         d.page.click("#download")
     with wave.open(io.BytesIO(Path(dl.value.path()).read_bytes())) as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 8000)
-        assert w.readframes(w.getnframes()) == want
+        return w.readframes(w.getnframes())
+
+
+def test_cancel_stops_a_generation_and_errors_are_shown_on_the_page(demo):
+    d = demo
+    d.wait_status("models served")
+    d.page.fill("#prompt", "x")
+    d.page.fill("#max-new-tokens", "4000")
+    d.page.click("#send")
+    d.page.wait_for_function("() => s4demo.turns.length === 1 && s4demo.turns[0].ids > 0", timeout=WAIT_MS)
+    d.page.click("#cancel")
+    d.wait_status("Done: cancelled")
+    cancelled = d.js("s4demo.turns[0]")
+    assert cancelled["ids"] == cancelled["done"]["usage"]["completion_tokens"] < 4000
+    assert d.page.is_enabled("#send") and not d.page.is_enabled("#cancel")
+    # a request the server refuses: its error frame is shown, and the session goes on
+    d.page.fill("#temperature", "-1")
+    d.page.click("#send")
+    assert "422" in d.wait_status("temperature")
+    assert d.page.locator("#status.error").count() == 1
+    assert d.js("s4demo.turns.length") == 1 and d.page.text_content("#output") == "x" + cancelled["text"]
+    d.page.fill("#temperature", "1")
+    d.page.fill("#max-new-tokens", "5")
+    d.page.click("#send")
+    d.wait_status("Done: length, 5 tokens")
+    assert len({t["done"]["session_id"] for t in d.js("s4demo.turns") if t["done"]}) == 1
     assert d.errors == []

@@ -211,6 +211,11 @@
 
   function endTurn(message, isError) {
     if (turn?.kind === "audio") finishAudio();
+    if (turn?.kind === "text" && isError && !turn.record.ids) {
+      // refused before it started: its prompt is not part of the session, so not in the transcript
+      turn.spans.forEach((el) => el.remove());
+      demo.turns.pop();
+    }
     turn = null;
     $("send").disabled = $("audio-generate").disabled = false;
     $("cancel").disabled = $("audio-cancel").disabled = true;
@@ -253,6 +258,7 @@
     demo.turns.push(record);
     beginTurn("text", new TextEncoder().encode(prompt).length);
     turn.textNode = g.firstChild;
+    turn.spans = [p, g];
     turn.record = record;
     c.ws.send(JSON.stringify(msg));
   }
@@ -349,9 +355,9 @@
   function clearPrompt() {
     audio.prompt = null;
     $("audio-file").value = "";
-    $("prompt-info").textContent = demo.sessionId
+    $("prompt-info").textContent = conn
       ? "no new prompt: the next generation continues the session"
-      : "no prompt: generate from silence";
+      : "no prompt: starts from 0.1 s of silence";
   }
 
   async function generateAudio() {
@@ -365,7 +371,9 @@
       return;
     }
     if (!c.bound) c.ws.send(JSON.stringify({ type: "session", model: model.id, audio_encoding: "pcm16" }));
-    const prompt = audio.prompt;
+    // a new session needs some input: without a prompt, a tenth of a second of silence
+    const fresh = contextTokens === 0 && !demo.sessionId;
+    const prompt = audio.prompt || (fresh ? new Int16Array(Math.round(model.sample_rate / 10)) : null);
     if (prompt) {
       // binary frames of s16le prompt samples, in chunks well under the server's frame limit
       for (let i = 0; i < prompt.length; i += 8192) c.ws.send(prompt.slice(i, i + 8192).buffer);
@@ -503,7 +511,10 @@
     ev.preventDefault();
     loadModels();
   });
-  $("model").addEventListener("change", selectModel);
+  $("model").addEventListener("change", () => {
+    selectModel();
+    if (model) status(`${model.id} selected: a new session.`);
+  });
   $("send").addEventListener("click", sendText);
   $("prompt").addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) sendText();
