@@ -44,7 +44,12 @@ def browser():
         b = p.chromium.launch(
             executable_path=chromium(),
             headless=True,
-            args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"],
+            args=[
+                "--no-sandbox",
+                "--autoplay-policy=no-user-gesture-required",  # audio may start without a real click
+                "--use-fake-device-for-media-stream",  # a synthetic microphone (beeps) ...
+                "--use-fake-ui-for-media-stream",  # ... that needs no permission prompt
+            ],
         )
         yield b
         b.close()
@@ -54,7 +59,9 @@ class Demo:
     """One page of the demo, with what its console and its uncaught exceptions said."""
 
     def __init__(self, browser, url: str) -> None:
-        self.context = browser.new_context(viewport={"width": 1000, "height": 1100}, accept_downloads=True)
+        self.context = browser.new_context(
+            viewport={"width": 1000, "height": 1100}, accept_downloads=True, permissions=["microphone"]
+        )
         self.page: Page = self.context.new_page()
         self.errors: list[str] = []
         self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
@@ -232,6 +239,25 @@ def downloaded_wav(d: Demo) -> bytes:
     with wave.open(io.BytesIO(Path(dl.value.path()).read_bytes())) as w:
         assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 8000)
         return w.readframes(w.getnframes())
+
+
+def test_a_recorded_prompt_is_sent_to_the_session(demo):
+    """Chromium's fake microphone → MediaRecorder → decoded at the model's rate → pcm16 frames."""
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    d.page.click("#record")
+    d.wait_status("Recording")
+    d.page.wait_for_timeout(500)  # record half a second
+    d.page.click("#record")
+    d.wait_status("Recorded prompt loaded")
+    samples = int(d.page.text_content("#prompt-info").split("prompt: ")[1].split(" samples")[0])
+    assert samples > 1000
+    d.page.fill("#audio-samples", "100")
+    d.page.click("#audio-generate")
+    d.wait_status("Done: length, 100 samples")
+    assert d.js("s4demo.lastDone.usage") == {"prompt_tokens": samples, "completion_tokens": 100}
+    assert d.errors == []
 
 
 def test_cancel_stops_a_generation_and_errors_are_shown_on_the_page(demo):
