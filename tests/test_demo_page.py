@@ -260,24 +260,50 @@ def test_a_recorded_prompt_is_sent_to_the_session(demo):
     assert d.errors == []
 
 
-def test_cancel_stops_a_generation_and_errors_are_shown_on_the_page(demo):
+def test_cancel_stops_a_generation(browser, limited, model_dirs):
+    """On the limited server (max_new_tokens 200,000: far longer than the click takes)."""
+    d = Demo(browser, limited.url)
+    try:
+        d.wait_status("model served")
+        d.page.fill("#prompt", "x")
+        d.page.fill("#max-new-tokens", "200000")
+        d.page.fill("#temperature", "1")
+        d.page.fill("#seed", "1")
+        d.page.click("#send")
+        d.page.wait_for_function(
+            "() => s4demo.turns.length === 1 && s4demo.turns[0].ids > 0", timeout=WAIT_MS
+        )
+        d.page.click("#cancel")
+        d.wait_status("Done: cancelled")
+        cancelled = d.js("s4demo.turns[0]")
+        assert cancelled["ids"] == cancelled["done"]["usage"]["completion_tokens"] < 200_000
+        k = cancelled["ids"]  # every token generated before the cancel is on the page
+        want = reference(model_dirs["text"], list(b"x"), SamplingParams(seed=1), k)
+        assert d.page.text_content("#output") == "x" + bytes(want).decode("utf-8", errors="replace")
+        assert d.page.is_enabled("#send") and not d.page.is_enabled("#cancel")
+        d.page.fill("#max-new-tokens", "5")
+        d.page.click("#send")
+        d.wait_status("Done: length, 5 tokens")
+        assert d.errors == []
+    finally:
+        d.context.close()
+
+
+def test_refused_requests_are_shown_on_the_page_and_the_session_goes_on(demo):
     d = demo
     d.wait_status("models served")
     d.page.fill("#prompt", "x")
-    d.page.fill("#max-new-tokens", "4000")
+    d.page.fill("#max-new-tokens", "20")
+    d.page.fill("#seed", "1")
     d.page.click("#send")
-    d.page.wait_for_function("() => s4demo.turns.length === 1 && s4demo.turns[0].ids > 0", timeout=WAIT_MS)
-    d.page.click("#cancel")
-    d.wait_status("Done: cancelled")
-    cancelled = d.js("s4demo.turns[0]")
-    assert cancelled["ids"] == cancelled["done"]["usage"]["completion_tokens"] < 4000
-    assert d.page.is_enabled("#send") and not d.page.is_enabled("#cancel")
+    d.wait_status("Done: length, 20 tokens")
+    first = d.js("s4demo.turns[0]")
     # a request the server refuses: its error frame is shown, and the session goes on
     d.page.fill("#temperature", "-1")
     d.page.click("#send")
     assert "422" in d.wait_status("temperature")
     assert d.page.locator("#status.error").count() == 1
-    assert d.js("s4demo.turns.length") == 1 and d.page.text_content("#output") == "x" + cancelled["text"]
+    assert d.js("s4demo.turns.length") == 1 and d.page.text_content("#output") == "x" + first["text"]
     d.page.fill("#temperature", "1")
     d.page.fill("#max-new-tokens", "5")
     d.page.click("#send")

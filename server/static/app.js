@@ -20,6 +20,7 @@
   let conn = null; // {ws, opened, bound}
   let turn = null; // the running generation
   let contextTokens = 0;
+  let cancelSent = false; // a cancel that crosses the generation's done frame gets a 409: not an error
 
   // --- small helpers ---------------------------------------------------------------------------
 
@@ -109,12 +110,20 @@
         resolve(c);
       };
       ws.onclose = (ev) => {
-        if (conn === c) conn = null;
         if (!c.opened) {
+          if (conn === c) conn = null;
           reject(new Error("could not open the WebSocket: check the API key (and that the server is up)"));
-        } else if (turn && turn.conn === c) {
-          endTurn(`The connection closed (code ${ev.code}${ev.reason ? `: ${ev.reason}` : ""}).`, true);
+          return;
         }
+        if (conn !== c) return; // closed by New session
+        // the server closed it: the socket's session is gone, the next turn starts a new one
+        conn = null;
+        demo.sessionId = null;
+        contextTokens = 0;
+        const why = `The connection closed (code ${ev.code}${ev.reason ? `: ${ev.reason}` : ""}); ` +
+          "the next turn starts a new session.";
+        if (turn && turn.conn === c) endTurn(why, true);
+        else status(why, true);
       };
     });
     ws.onmessage = (ev) => onFrame(c, ev.data);
@@ -156,7 +165,8 @@
       demo.sessionId = f.session_id;
       showStats();
     } else if (f.type === "error") {
-      if (turn) endTurn(`Error ${f.code}: ${f.message}`, true);
+      if (!turn && cancelSent && f.code === 409) cancelSent = false;
+      else if (turn) endTurn(`Error ${f.code}: ${f.message}`, true);
       else status(`Error ${f.code}: ${f.message}`, true);
     } else if (!turn) {
       // frames of a generation we stopped waiting for
@@ -200,6 +210,7 @@
   }
 
   function beginTurn(kind, promptTokens) {
+    cancelSent = false;
     turn = {
       kind, conn, promptTokens, generated: 0, ids: 0, start: performance.now(), first: null,
       contextBefore: contextTokens, unit: kind === "text" ? "tokens" : "samples",
@@ -224,7 +235,9 @@
   }
 
   function cancel() {
-    if (turn && conn) conn.ws.send(JSON.stringify({ type: "cancel" }));
+    if (!turn || !conn) return;
+    conn.ws.send(JSON.stringify({ type: "cancel" }));
+    cancelSent = true;
   }
 
   // --- text ------------------------------------------------------------------------------------
