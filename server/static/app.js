@@ -14,7 +14,7 @@
     audioContextState: () => (audio.ctx ? audio.ctx.state : "none"),
   });
 
-  let apiKey = ""; // in this page's memory only: never stored
+  const apiKey = () => $("api-key").value; // in this page's memory only: never stored
   let models = [];
   let model = null; // the selected entry of GET /v1/models
   let conn = null; // {ws, opened, bound}
@@ -34,14 +34,14 @@
   }
 
   function authHeaders() {
-    return apiKey ? { Authorization: `Bearer ${apiKey}` } : {};
+    return apiKey() ? { Authorization: `Bearer ${apiKey()}` } : {};
   }
 
   // Browsers cannot set headers on a WebSocket: the key travels as a subprotocol, base64url without '='.
   function wsProtocols() {
-    if (!apiKey) return [];
+    if (!apiKey()) return [];
     let bin = "";
-    for (const b of new TextEncoder().encode(apiKey)) bin += String.fromCharCode(b);
+    for (const b of new TextEncoder().encode(apiKey())) bin += String.fromCharCode(b);
     const b64url = btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
     return ["s4", `s4.key.${b64url}`];
   }
@@ -64,7 +64,6 @@
   // --- models ----------------------------------------------------------------------------------
 
   async function loadModels() {
-    apiKey = $("api-key").value;
     const select = $("model");
     try {
       models = (await api("v1/models")).data;
