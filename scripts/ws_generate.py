@@ -2,18 +2,24 @@
 (finish_reason, usage) to stderr as JSON. Exit status 1 on an error frame.
 
     python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "ROMEO:" --max-new-tokens 200 --seed 1
+
+With API keys on the server, pass `--api-key KEY` or set S4_API_KEY (sent as `Authorization: Bearer`).
 """
 
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 import websockets
 
 
-async def generate(url: str, prompt: str, model: str, max_new_tokens: int, seed: int | None) -> int:
-    async with websockets.connect(url) as ws:
+async def generate(
+    url: str, prompt: str, model: str, max_new_tokens: int, seed: int | None, api_key: str | None = None
+) -> int:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    async with websockets.connect(url, additional_headers=headers) as ws:
         await ws.send(json.dumps({"type": "generate", "model": model, "prompt": prompt,
                                   "max_new_tokens": max_new_tokens, "seed": seed}))  # fmt: skip
         async for frame in ws:
@@ -33,5 +39,6 @@ if __name__ == "__main__":
     p.add_argument("--model", default="text-shakespeare")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--seed", type=int)
+    p.add_argument("--api-key", default=os.environ.get("S4_API_KEY"), help="default: $S4_API_KEY")
     a = p.parse_args()
-    sys.exit(asyncio.run(generate(a.url, a.prompt, a.model, a.max_new_tokens, a.seed)))
+    sys.exit(asyncio.run(generate(a.url, a.prompt, a.model, a.max_new_tokens, a.seed, a.api_key)))

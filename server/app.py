@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.auth import APIKeyMiddleware, APIKeys
 from server.config import Settings
 from server.errors import APIError, not_found, unavailable
 from server.metrics import Metrics
@@ -135,4 +136,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, generate, sessions, websocket, demo):
         app.include_router(module.router)
     app.mount("/static", demo.static_files(), name="static")
+    keys = APIKeys(settings.api_keys)
+    if keys.enabled:
+        refused = state.metrics.auth_failures
+        app.add_middleware(APIKeyMiddleware, keys=keys, on_refused=lambda kind: refused.labels(kind).inc())
+        log.info("API keys required (%d configured)", len(settings.api_keys))
     return app

@@ -51,9 +51,15 @@ class Settings(BaseSettings):
     ws_max_frame_bytes: int = Field(1 << 20, ge=1024, description="largest WebSocket frame accepted")
     drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, wait this long for running requests")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="API keys (comma-separated); when set, every route but /healthz, /readyz and the demo "
+        "page needs one: `Authorization: Bearer KEY` or `X-API-Key: KEY` (401 otherwise)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
-    @field_validator("checkpoints", mode="before")
+    @field_validator("checkpoints", "api_keys", mode="before")
     @classmethod
     def _split(cls, v):
         if isinstance(v, str):
@@ -80,5 +86,6 @@ def settings_table() -> str:
         default = f.default_factory() if f.default_factory else f.default
         if isinstance(default, list):
             default = ",".join(default)
-        rows.append(f"| `S4_{name.upper()}` | `--{name.replace('_', '-')}` | `{default}` | {f.description} |")
+        shown = f"`{default}`" if default != "" else "(none)"
+        rows.append(f"| `S4_{name.upper()}` | `--{name.replace('_', '-')}` | {shown} | {f.description} |")
     return "\n".join(rows)

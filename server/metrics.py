@@ -38,6 +38,8 @@ class Metrics:
         self.queue_depth = Gauge("s4_queue_depth", "Requests admitted but not yet decoding", m, registry=r)
         self.rejections = Counter("s4_rejections", "Requests refused for capacity or limits",
                                   ["model", "reason"], registry=r)  # fmt: skip
+        self.auth_failures = Counter("s4_auth_failures", "Requests and WebSocket handshakes refused for a "
+                                     "missing or invalid API key", ["transport"], registry=r)  # fmt: skip
 
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self, model)

@@ -66,8 +66,11 @@ def test_a_full_queue_answers_429(tight, limited, monkeypatch):
     engine = limited.state.models[TEXT].engine
     step = engine.rec.step
 
-    def paced_step(*args, **kwargs):  # ~1 ms a step, so that a's reader keeps up and a keeps decoding
-        time.sleep(1e-3)
+    # ~20 ms a step, so that a's reader keeps up and a keeps decoding: the stream holds 4 tokens, and
+    # the reader shares the GIL with the server's threads (1 ms steps let a fall behind on a loaded
+    # machine, pause, and give its row to b, which left the queue empty for c)
+    def paced_step(*args, **kwargs):
+        time.sleep(20e-3)
         return step(*args, **kwargs)
 
     monkeypatch.setattr(engine.rec, "step", paced_step)

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from server import media, service
 from server.app import ServerState, validation_error
+from server.auth import SUBPROTOCOL
 from server.engine import Stream
 from server.errors import APIError, invalid, too_large
 from server.registry import ServedModel
@@ -190,7 +191,9 @@ class Connection:
 
 @router.websocket("/v1/stream")
 async def stream(ws: WebSocket) -> None:
-    await ws.accept()
+    # Browsers fail a socket whose server selects none of the subprotocols they offered; the demo page
+    # offers `s4` (and, with API keys, the key subprotocol, which is never selected: server/auth.py).
+    await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in ws.scope.get("subprotocols", ()) else None)
     conn = Connection(ws, ws.app.state.server)
     try:
         await conn.run()

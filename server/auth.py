@@ -1,0 +1,119 @@
+"""Optional API keys (`S4_API_KEYS`): an ASGI middleware in front of every route.
+
+When keys are configured, every HTTP request and WebSocket handshake must carry one, except the
+probes (/healthz, /readyz) and the static demo page (/, /static/*), which hold no data. A key comes as
+`Authorization: Bearer <key>` or `X-API-Key: <key>`; on the WebSocket, browsers (which cannot set
+headers) may instead offer the subprotocols `s4` and `s4.key.<base64url(key), no padding>`, and the
+server selects `s4`, never echoing the key.
+
+A refusal is 401 with one message whatever was wrong (missing, malformed or unknown key), so it tells
+a prober nothing. Keys are compared as SHA-256 digests with `hmac.compare_digest` against every
+configured key (no early exit), so the time taken does not depend on how much of a key was right.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+
+from server.errors import APIError
+
+EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/"})
+EXEMPT_PREFIXES = ("/static/",)
+SUBPROTOCOL = "s4"
+KEY_SUBPROTOCOL_PREFIX = "s4.key."
+MESSAGE = "missing or invalid API key"
+
+
+def _digest(key: str | bytes) -> bytes:
+    return hashlib.sha256(key.encode() if isinstance(key, str) else key).digest()
+
+
+def encode_key_subprotocol(key: str) -> str:
+    """The subprotocol a browser offers to carry `key` (what the demo page does in JavaScript)."""
+    return KEY_SUBPROTOCOL_PREFIX + base64.urlsafe_b64encode(key.encode()).decode().rstrip("=")
+
+
+def _decode_key_subprotocol(value: str) -> bytes | None:
+    raw = value[len(KEY_SUBPROTOCOL_PREFIX) :]
+    try:
+        return base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4))
+    except (binascii.Error, ValueError):
+        return None
+
+
+def presented_keys(scope: dict) -> list[bytes]:
+    """Every key the request carries (headers, and for WebSockets the key subprotocol)."""
+    keys: list[bytes] = []
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                keys.append(token.strip())
+        elif name == b"x-api-key" and value.strip():
+            keys.append(value.strip())
+    if scope["type"] == "websocket":
+        for proto in scope.get("subprotocols", ()):
+            if proto.startswith(KEY_SUBPROTOCOL_PREFIX) and (key := _decode_key_subprotocol(proto)):
+                keys.append(key)
+    return keys
+
+
+class APIKeys:
+    """The configured keys, kept only as digests."""
+
+    def __init__(self, keys: list[str]) -> None:
+        self._digests = [_digest(k) for k in keys]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def accepts(self, key: bytes) -> bool:
+        d, ok = _digest(key), False
+        for known in self._digests:  # no short cut: every configured key is compared
+            ok |= hmac.compare_digest(d, known)
+        return ok
+
+    def allows(self, scope: dict) -> bool:
+        path = scope.get("path", "")
+        if path in EXEMPT_PATHS or (
+            path.startswith(EXEMPT_PREFIXES) and ".." not in path and "%" not in path
+        ):
+            return True
+        return any([self.accepts(k) for k in presented_keys(scope)])  # a list: every key is checked
+
+
+class APIKeyMiddleware:
+    """Refuses HTTP requests (401 JSON) and WebSocket handshakes (HTTP 401 denial response) that
+    carry no valid key; counts them in `s4_auth_failures_total`."""
+
+    def __init__(self, app, keys: APIKeys, on_refused=None) -> None:
+        self.app, self.keys, self.on_refused = app, keys, on_refused
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] not in ("http", "websocket") or not self.keys.enabled or self.keys.allows(scope):
+            await self.app(scope, receive, send)
+            return
+        if self.on_refused is not None:
+            self.on_refused(scope["type"])
+        err = APIError(401, MESSAGE)
+        body = json.dumps(err.body()).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"www-authenticate", b"Bearer"),
+        ]
+        if scope["type"] == "http":
+            await send({"type": "http.response.start", "status": 401, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await receive()  # websocket.connect
+        if "websocket.http.response" in scope.get("extensions", {}):
+            await send({"type": "websocket.http.response.start", "status": 401, "headers": headers})
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:  # a server without the denial extension answers 403
+            await send({"type": "websocket.close", "code": 1008, "reason": MESSAGE})

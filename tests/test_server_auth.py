@@ -1,0 +1,158 @@
+"""API keys (S4_API_KEYS) through a real uvicorn: every API route refuses a missing or wrong key with the
+same 401, accepts either header, exempts the probes and the demo page; the WebSocket handshake is
+refused before any session exists, and a browser can carry the key as a subprotocol."""
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from server_support import ServerThread, metric
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from server.auth import APIKeys, encode_key_subprotocol
+
+TEXT = "tiny-text"
+KEYS = ["alpha-key-1", "b3ta/key+with=odd chars"]
+
+
+@pytest.fixture(scope="module")
+def keyed(model_dirs):
+    from server import Settings
+
+    s = ServerThread(
+        Settings(checkpoints=[str(model_dirs["text"])], api_keys=",".join(KEYS), drain_timeout_s=1)
+    ).start()
+    yield s
+    s.stop()
+
+
+def _operations(url: str, key: str) -> list[tuple[str, str]]:
+    """Every (method, path) of the OpenAPI schema, path parameters filled with a dummy."""
+    spec = httpx.get(url + "/openapi.json", headers={"X-API-Key": key}).json()
+    return [
+        (method.upper(), path.replace("{session_id}", "s-0"))
+        for path, ops in spec["paths"].items()
+        for method in ops
+        if path not in ("/healthz", "/readyz")  # the probes are exempt (tested below)
+    ]
+
+
+def test_every_api_route_refuses_a_missing_or_wrong_key_with_the_same_401(keyed):
+    ops = _operations(keyed.url, KEYS[0])
+    assert len(ops) >= 10 and ("POST", "/v1/generate") in ops
+    refusals = []
+    for method, path in ops + [("GET", "/openapi.json"), ("GET", "/metrics"), ("GET", "/no/such/route")]:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"X-API-Key": KEYS[0] + "x"},
+                        {"Authorization": f"Basic {KEYS[0]}"}, {"Authorization": "Bearer"}):  # fmt: skip
+            r = httpx.request(method, keyed.url + path, headers=headers, json={"model": TEXT, "prompt": "a"})
+            assert r.status_code == 401, (method, path, headers, r.status_code)
+            assert r.headers["www-authenticate"] == "Bearer"
+            refusals.append(r.json())
+    # one message whatever was wrong: a prober learns nothing about which part failed
+    assert all(body == refusals[0] for body in refusals)
+    assert refusals[0]["error"] == {
+        "code": 401, "type": "unauthorized", "message": "missing or invalid API key", "param": None
+    }  # fmt: skip
+
+
+def test_either_header_with_any_configured_key_is_accepted(keyed):
+    body = {"model": TEXT, "prompt": "to be", "max_new_tokens": 5, "seed": 3}
+    outs = []
+    for headers in ({"Authorization": f"Bearer {KEYS[0]}"}, {"authorization": f"bearer {KEYS[1]}"},
+                    {"X-API-Key": KEYS[1]}):  # fmt: skip
+        r = httpx.post(keyed.url + "/v1/generate", json=body, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        outs.append(r.json()["tokens"])
+    assert outs[0] == outs[1] == outs[2] and len(outs[0]) == 5
+
+
+def test_probes_and_the_demo_page_need_no_key(keyed):
+    assert httpx.get(keyed.url + "/healthz").status_code == 200
+    assert httpx.get(keyed.url + "/readyz").status_code == 200
+    for path in ("/", "/static/app.js"):  # the page holds no data (404 until it is served)
+        assert httpx.get(keyed.url + path).status_code != 401
+
+
+def test_refusals_are_counted(keyed):
+    c = httpx.Client(base_url=keyed.url, headers={"X-API-Key": KEYS[0]})
+
+    def refused(transport: str) -> float:
+        for line in c.get("/metrics").text.splitlines():
+            if line.startswith(f's4_auth_failures_total{{transport="{transport}"}}'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = refused("http"), refused("websocket")
+    httpx.get(keyed.url + "/v1/models")
+    with pytest.raises(InvalidStatus):
+        asyncio.run(_open(keyed.ws_url))
+    assert (refused("http"), refused("websocket")) == (before[0] + 1, before[1] + 1)
+    assert metric(c, "s4_active_sessions", TEXT) == 0
+
+
+async def _open(url: str, **kw) -> list:
+    """Open /v1/stream, run one short generation, return (selected subprotocol, ids)."""
+    async with connect(url, **kw) as ws:
+        await ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "a", "max_new_tokens": 4}))
+        ids = []
+        while (m := json.loads(await ws.recv()))["type"] != "done":
+            assert m["type"] in ("session", "token"), m
+            ids += m.get("ids", [])
+        return [ws.subprotocol, ids]
+
+
+def test_websocket_handshake_without_a_valid_key_is_refused_before_any_session(keyed):
+    c = httpx.Client(base_url=keyed.url, headers={"X-API-Key": KEYS[0]})
+    for kw in ({}, {"additional_headers": {"Authorization": "Bearer wrong"}}, {"subprotocols": ["s4"]},
+               {"subprotocols": ["s4", encode_key_subprotocol("wrong")]},
+               {"subprotocols": ["s4", "s4.key.%%%"]}):  # fmt: skip
+        with pytest.raises(InvalidStatus) as e:
+            asyncio.run(_open(keyed.ws_url, **kw))
+        assert e.value.response.status_code == 401, kw
+        assert json.loads(e.value.response.body)["error"]["message"] == "missing or invalid API key"
+    assert metric(c, "s4_active_sessions", TEXT) == 0
+
+
+def test_websocket_key_by_header_or_by_subprotocol_never_echoed(keyed):
+    by_header = asyncio.run(_open(keyed.ws_url, additional_headers={"X-API-Key": KEYS[0]}))
+    assert by_header[0] is None and len(by_header[1]) == 4
+    for key in KEYS:  # the second key has characters a subprotocol token cannot hold: base64url carries it
+        proto, ids = asyncio.run(_open(keyed.ws_url, subprotocols=["s4", encode_key_subprotocol(key)]))
+        assert proto == "s4" and len(ids) == 4
+
+
+def test_websocket_without_keys_configured_selects_s4_when_offered(server):
+    proto, ids = asyncio.run(_open(server.ws_url, subprotocols=["s4"]))
+    assert proto == "s4" and len(ids) == 4
+
+
+def test_key_check_compares_every_configured_key():
+    keys = APIKeys(["one", "two", "three"])
+    assert keys.enabled and not APIKeys([]).enabled
+    assert [keys.accepts(k) for k in (b"one", b"two", b"three")] == [True, True, True]
+    assert not any(keys.accepts(k) for k in (b"", b"on", b"one ", b"ONE", b"four"))
+    scope = {
+        "type": "http",
+        "path": "/v1/models",
+        "headers": [(b"x-api-key", b"bad"), (b"x-api-key", b"two")],
+    }
+    assert keys.allows(scope)  # any valid key among those presented
+    assert keys.allows({"type": "http", "path": "/healthz", "headers": []})
+    for path in ("/static/../v1/models", "/static/%2e%2e/metrics", "/healthz/../metrics", "/v1/models"):
+        assert not keys.allows({"type": "http", "path": path, "headers": []}), path
+
+
+def test_the_websocket_script_sends_its_key(keyed):
+    script = Path(__file__).resolve().parent.parent / "scripts" / "ws_generate.py"
+    args = [sys.executable, str(script), keyed.ws_url, "ab", "--model", TEXT, "--max-new-tokens", "3"]
+    ok = subprocess.run(
+        args + ["--api-key", KEYS[1]], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert ok.returncode == 0 and json.loads(ok.stderr)["usage"]["completion_tokens"] == 3, ok.stderr
+    refused = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode != 0 and "401" in refused.stderr
