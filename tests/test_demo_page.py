@@ -15,11 +15,12 @@ import wave
 from fnmatch import fnmatch
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from playwright.sync_api import Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
-from server_support import reference, wait_for
+from server_support import ServerThread, reference, wait_for
 
 from model.codecs import MuLaw, to_pcm16, wav_bytes
 from model.sampling import SamplingParams
@@ -310,3 +311,47 @@ def test_refused_requests_are_shown_on_the_page_and_the_session_goes_on(demo):
     d.wait_status("Done: length, 5 tokens")
     assert len({t["done"]["session_id"] for t in d.js("s4demo.turns") if t["done"]}) == 1
     assert d.errors == []
+
+
+KEYS = ["first-key", "a?>b~ключ"]  # the second: UTF-8, and '-' in its base64url form
+
+
+@pytest.fixture(scope="module")
+def keyed(model_dirs):
+    """A server with API keys (text model only)."""
+    from server import Settings
+
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], api_keys=",".join(KEYS))).start()
+    yield s
+    s.stop()
+
+
+def test_with_api_keys_the_page_works_with_the_key_and_says_when_it_is_wrong(browser, keyed, model_dirs):
+    d = Demo(browser, keyed.url)  # the page and its assets need no key
+    try:
+        # no key: the model list is refused, and the page says why
+        assert "check the API key" in d.wait_status("401")
+        assert d.page.is_disabled("#model")
+        # the right key: the models, then a generation over a socket that carries the key
+        d.page.fill("#api-key", KEYS[1])
+        d.page.click("#load-models")
+        d.wait_status("model served")
+        want = reference(model_dirs["text"], list(b"no more;"), SamplingParams(seed=7), 30)
+        assert generate_text(d, "no more;", 30, seed=7) == bytes(want).decode("utf-8", errors="replace")
+        # the context length comes from GET /v1/sessions/{id}, which needs the key too
+        sid = d.js("s4demo.sessionId")
+        info = httpx.get(f"{keyed.url}/v1/sessions/{sid}", headers={"X-API-Key": KEYS[1].encode()}).json()
+        assert d.page.text_content("#context") == f"{info['tokens']} tokens" == f"{8 + 30} tokens"
+        # the key is kept nowhere but in the page
+        assert d.js("() => [localStorage.length, sessionStorage.length, document.cookie]") == [0, 0, ""]
+        # a wrong key: the WebSocket handshake is refused, and the page says to check the key
+        d.page.click("#reset")
+        d.page.fill("#api-key", KEYS[1] + "x")
+        d.page.click("#send")
+        assert "check the API key" in d.wait_status("WebSocket")
+        assert d.js("s4demo.sessionId") is None and d.page.text_content("#output") == ""
+        # the only console errors: the refused model list and the refused handshake
+        assert len(d.errors) == 2, d.errors
+        assert "401" in d.errors[0] and "WebSocket" in d.errors[1]
+    finally:
+        d.context.close()

@@ -33,16 +33,22 @@
     return n < 1024 ? `${n} B` : n < 1 << 20 ? `${(n / 1024).toFixed(1)} KiB` : `${(n / (1 << 20)).toFixed(2)} MiB`;
   }
 
-  function authHeaders() {
-    return apiKey() ? { Authorization: `Bearer ${apiKey()}` } : {};
-  }
-
-  // Browsers cannot set headers on a WebSocket: the key travels as a subprotocol, base64url without '='.
-  function wsProtocols() {
-    if (!apiKey()) return [];
+  // The key's UTF-8 bytes, one char per byte: what a header value may hold, and what btoa encodes.
+  function keyBytes() {
     let bin = "";
     for (const b of new TextEncoder().encode(apiKey())) bin += String.fromCharCode(b);
-    const b64url = btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+    return bin;
+  }
+
+  function authHeaders() {
+    return apiKey() ? { Authorization: `Bearer ${keyBytes()}` } : {};
+  }
+
+  // Browsers cannot set headers on a WebSocket: the key travels as a subprotocol, base64url without '='
+  // (the server selects "s4" and never echoes the key).
+  function wsProtocols() {
+    if (!apiKey()) return ["s4"];
+    const b64url = btoa(keyBytes()).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
     return ["s4", `s4.key.${b64url}`];
   }
 
