@@ -169,11 +169,18 @@ def test_text_streams_into_the_page_and_a_second_turn_continues_the_session(
     t2 = reference(model_dirs["text"], list(p1.encode()) + t1 + list(p2.encode()), SamplingParams(seed=8), 60)
     got2 = generate_text(d, p2, 60, seed=8)
     assert got2 == bytes(t2).decode("utf-8", errors="replace")
-    assert d.page.text_content("#output") == p1 + got1 + p2 + got2
+    assert d.page.input_value("#prompt") == ""  # the prompt went to the transcript
+    # an empty prompt just continues the text
+    t3 = reference(
+        model_dirs["text"], list(p1.encode()) + t1 + list(p2.encode()) + t2, SamplingParams(seed=9), 20
+    )
+    got3 = generate_text(d, "", 20, seed=9)
+    assert got3 == bytes(t3).decode("utf-8", errors="replace")
+    assert d.page.text_content("#output") == p1 + got1 + p2 + got2 + got3
     dones = d.js("s4demo.turns.map(t => t.done)")
-    assert [x["session_id"] for x in dones] == [sid, sid]
+    assert [x["session_id"] for x in dones] == [sid, sid, sid]
     # the context length shown is the session's own (the server's count), the state size is fixed
-    n = len(p1) + 120 + len(p2) + 60
+    n = len(p1) + 120 + len(p2) + 60 + 20
     assert wait_for(lambda: d.page.text_content("#context") == f"{n} tokens", 5)
     assert client.get(f"/v1/sessions/{sid}").json()["tokens"] == n
     d.screenshot("demo-text.png", tmp_path)

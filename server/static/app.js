@@ -21,6 +21,7 @@
   let turn = null; // the running generation
   let contextTokens = 0;
   let cancelSent = false; // a cancel that crosses the generation's done frame gets a 409: not an error
+  let starting = false; // a turn is waiting for its socket to open
 
   // --- small helpers ---------------------------------------------------------------------------
 
@@ -176,8 +177,10 @@
     } else if (!turn) {
       // frames of a generation we stopped waiting for
     } else if (f.type === "token") {
-      turn.ids += f.ids.length;
+      const out = $("output");
+      const atBottom = out.scrollHeight - out.scrollTop - out.clientHeight < 20;
       turn.textNode.appendData(f.text);
+      if (atBottom) out.scrollTop = out.scrollHeight; // follow the text unless the reader scrolled up
       turn.record.text += f.text;
       turn.record.ids += f.ids.length;
       progress(f.ids.length);
@@ -206,7 +209,6 @@
 
   function progress(n) {
     turn.generated += n;
-    turn.first ??= performance.now();
     const seconds = (performance.now() - turn.start) / 1000;
     $("generated").textContent = String(turn.generated);
     $("rate").textContent = seconds > 0 ? (turn.generated / seconds).toFixed(1) : "–";
@@ -217,7 +219,7 @@
   function beginTurn(kind, promptTokens) {
     cancelSent = false;
     turn = {
-      kind, conn, promptTokens, generated: 0, ids: 0, start: performance.now(), first: null,
+      kind, conn, promptTokens, generated: 0, start: performance.now(),
       contextBefore: contextTokens, unit: kind === "text" ? "tokens" : "samples",
     };
     $("send").disabled = $("audio-generate").disabled = true;
@@ -248,20 +250,15 @@
   // --- text ------------------------------------------------------------------------------------
 
   async function sendText() {
-    if (!model || turn) return;
+    if (!model || turn || starting) return;
     const prompt = $("prompt").value;
     const msg = {
       type: "generate", prompt,
       max_new_tokens: numberField("max-new-tokens"), temperature: numberField("temperature"),
       top_k: numberField("top-k"), top_p: numberField("top-p"), seed: numberField("seed"),
     };
-    let c;
-    try {
-      c = await connect();
-    } catch (err) {
-      status(err.message, true);
-      return;
-    }
+    const c = await opened();
+    if (!c) return;
     if (!c.bound) msg.model = model.id;
     const out = $("output");
     const p = document.createElement("span");
@@ -279,6 +276,20 @@
     turn.spans = [p, g];
     turn.record = record;
     c.ws.send(JSON.stringify(msg));
+    $("prompt").value = ""; // it is in the transcript; an empty prompt just continues the text
+  }
+
+  // The socket, once open (null, with the reason shown, when it cannot be opened).
+  async function opened() {
+    starting = true;
+    try {
+      return await connect();
+    } catch (err) {
+      status(err.message, true);
+      return null;
+    } finally {
+      starting = false;
+    }
   }
 
   // --- audio: prompt in, samples out (played as they stream, drawn as they grow) ---------------
@@ -379,15 +390,10 @@
   }
 
   async function generateAudio() {
-    if (!model || turn) return;
+    if (!model || turn || starting) return;
     audioContext();
-    let c;
-    try {
-      c = await connect();
-    } catch (err) {
-      status(err.message, true);
-      return;
-    }
+    const c = await opened();
+    if (!c) return;
     if (!c.bound) c.ws.send(JSON.stringify({ type: "session", model: model.id, audio_encoding: "pcm16" }));
     // a new session needs some input: without a prompt, a tenth of a second of silence
     const fresh = contextTokens === 0 && !demo.sessionId;
