@@ -47,6 +47,7 @@ def browser():
             headless=True,
             args=[
                 "--no-sandbox",
+                "--disable-dev-shm-usage",  # containers' /dev/shm is often 64 MB
                 "--autoplay-policy=no-user-gesture-required",  # audio may start without a real click
                 "--use-fake-device-for-media-stream",  # a synthetic microphone (beeps) ...
                 "--use-fake-ui-for-media-stream",  # ... that needs no permission prompt
