@@ -146,7 +146,7 @@ def validation_error(errors: list[dict]) -> APIError:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    from server.routes import generate, health, sessions, websocket
+    from server.routes import demo, generate, health, sessions, websocket
 
     settings = settings or Settings()
     state = ServerState(settings)
@@ -181,8 +181,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException):
         return _error_response(APIError(exc.status_code, str(exc.detail)))
 
-    for module in (health, generate, sessions, websocket):
+    for module in (health, generate, sessions, websocket, demo):
         app.include_router(module.router)
+    app.mount("/static", demo.static_files(), name="static")
     keys = APIKeys(settings.api_keys)
     if keys.enabled:
         refused = state.metrics.auth_failures

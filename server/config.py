@@ -45,6 +45,13 @@ class Settings(BaseSettings):
     prefill_token_budget: int = Field(
         512, ge=1, description="prompt tokens ingested per engine iteration, between two decode steps"
     )
+    decode_block_ms: float = Field(
+        4.0,
+        ge=0,
+        le=100,
+        description="the engine decodes 8 steps, or more (≤ 64) while within this time, "
+        "before it hands the tokens to the event loop (new work ends a block at once)",
+    )
     stream_buffer: int = Field(
         64, ge=1, description="undelivered steps held per request; a full buffer pauses its session"
     )

@@ -6,8 +6,8 @@ Each iteration of its loop:
      chunks of equal length into one parallel (conv-mode) prefill;
   3. decode: one batched recurrent step for every live generating session, sampling on the device
      with one generator per request, and one copy of the new tokens to the host; repeated (up to
-     DECODE_STEPS_PER_ITERATION steps) while no row finishes, fills its stream or is cancelled and
-     no new work arrives;
+     DECODE_BLOCK_STEPS steps, more while within `decode_block_ms`) while no row finishes, fills its
+     stream or is cancelled and no new work arrives;
   4. hand the new tokens to the event loop, one `call_soon_threadsafe` per iteration.
 
 Sessions that are decoding live in a resident batch (`DecodeBatch`): their states are copied out of
@@ -43,7 +43,8 @@ from server.sessions import SessionRecord, SessionTable, SlotPool
 log = logging.getLogger("server.engine")
 
 GREEDY = SamplingParams(temperature=0.0)  # what the holes of a decode batch "sample"
-DECODE_STEPS_PER_ITERATION = 8  # decode steps between two admissions / hand-overs, at most
+DECODE_BLOCK_STEPS = 8  # decode steps between two admissions / hand-overs: at least this many unless ...
+DECODE_BLOCK_MAX_STEPS = 64  # ... and, while within decode_block_ms, up to this many
 
 
 @dataclass
@@ -442,11 +443,14 @@ class Engine:
         self._waiting = keep
         b.join(joining)
         b.compact()
-        # Up to DECODE_STEPS_PER_ITERATION steps before the loop's other stages run again: the
-        # block ends as soon as a row finishes, runs out of stream room or is cancelled, or new work
-        # arrives, so no row steps past its end and a new request waits at most one step; the
-        # tokens of the block reach the event loop in one hand-over.
-        for _ in range(DECODE_STEPS_PER_ITERATION):
+        # DECODE_BLOCK_STEPS steps, or more while within decode_block_ms (at most
+        # DECODE_BLOCK_MAX_STEPS), before the loop's other stages run again: the block ends as soon as
+        # a row finishes, runs out of stream room or is cancelled, or new work arrives, so no row
+        # steps past its end and a new request waits at most one step; the tokens of the block reach
+        # the event loop in one hand-over (so a fast step, as for one audio stream, sends tens of
+        # samples per frame instead of eight).
+        t_end = time.perf_counter() + self.settings.decode_block_ms / 1000
+        for k in range(1, DECODE_BLOCK_MAX_STEPS + 1):
             if not b.live:
                 return
             ids = b.step(self.rec)
@@ -465,6 +469,8 @@ class Engine:
                     reason = "stop" if job.stops and self._stop_at(job) is not None else "length"
                     self._finish(job, reason)
             if done or full or self._inbox or self._waiting or self._prefilling:
+                return
+            if k >= DECODE_BLOCK_STEPS and now >= t_end:
                 return
 
     def _stop_at(self, job: Job) -> int | None:

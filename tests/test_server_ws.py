@@ -269,3 +269,47 @@ def test_a_slow_reader_pauses_its_session_and_loses_nothing(limited, model_dirs)
     assert stalled_at < n and live == 0 and waiting == 1  # paused: out of the batch, waiting for room
     assert m["type"] == "done" and m["finish_reason"] == "length"
     assert ids == reference(model_dirs["text"], list(b"x"), SamplingParams(seed=5), n)
+
+
+@pytest.mark.parametrize("block_ms", [0.0, 100.0])
+def test_decode_blocks_bound_the_tokens_per_hand_over_and_lose_nothing(model_dirs, block_ms):
+    """decode_block_ms = 0: blocks of 8 steps, so no hand-over to the event loop carries more than 8
+    tokens of a request; a long block (tiny model, ~0.1 ms a step): up to the stream's room (32) in one
+    hand-over. Either way the tokens are exactly the one-shot reference's."""
+    from server_support import ServerThread
+
+    from server import Settings
+
+    s = ServerThread(
+        Settings(checkpoints=[str(model_dirs["text"])], decode_block_ms=block_ms, stream_buffer=32)
+    ).start()
+    engine = s.state.models[TEXT].engine
+    flush, hand_overs = engine._flush, []
+
+    def counting_flush():
+        if n := sum(isinstance(item, int) for _, item in engine._outbox):
+            hand_overs.append(n)
+        flush()
+
+    engine._flush = counting_flush
+    try:
+
+        async def main():
+            async with connect(s.ws_url) as ws:
+                await ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "once more",
+                                          "max_new_tokens": 300, "seed": 4}))  # fmt: skip
+                await frame(ws, "session")
+                ids = []
+                while (m := json.loads(await ws.recv()))["type"] == "token":
+                    ids += m["ids"]
+                return ids
+
+        ids = asyncio.run(main())
+    finally:
+        s.stop()
+    assert ids == reference(model_dirs["text"], list(b"once more"), SamplingParams(seed=4), 300)
+    assert sum(hand_overs) == 300
+    if block_ms == 0:
+        assert max(hand_overs) <= 8
+    else:
+        assert 8 < max(hand_overs) <= 32

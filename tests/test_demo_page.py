@@ -1,0 +1,365 @@
+"""The demo page (GET /) in a real browser: Debian's chromium, headless, driven by playwright.
+
+What the page shows is checked against the library alone (server_support.reference): the streamed text
+equals the tokens of a one-shot generation with the same seed, a second turn continues the session,
+the audio that reaches the Web Audio graph and the WAV download are the reference samples. Screenshots
+go to tests/artifacts/ (gitignored; CI can keep them) and to pytest's tmp path.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+import tomllib
+import wave
+from fnmatch import fnmatch
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import TimeoutError as PlaywrightTimeout
+from server_support import ServerThread, reference, wait_for
+
+from model.codecs import MuLaw, to_pcm16, wav_bytes
+from model.sampling import SamplingParams
+from server import media
+from server.routes.demo import STATIC
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "tests" / "artifacts"
+TEXT, AUDIO = "tiny-text", "tiny-audio"
+WAIT_MS = 30_000  # bounded waits for what the page does (not timing assertions)
+
+
+def chromium() -> str:
+    exe = shutil.which("chromium") or "/usr/bin/chromium"
+    assert Path(exe).exists(), "chromium not found: `make sysdeps` installs it (apt-get install chromium)"
+    return exe
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=chromium(),
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--disable-dev-shm-usage",  # containers' /dev/shm is often 64 MB
+                "--autoplay-policy=no-user-gesture-required",  # audio may start without a real click
+                "--use-fake-device-for-media-stream",  # a synthetic microphone (beeps) ...
+                "--use-fake-ui-for-media-stream",  # ... that needs no permission prompt
+            ],
+        )
+        yield b
+        b.close()
+
+
+class Demo:
+    """One page of the demo, with what its console and its uncaught exceptions said."""
+
+    def __init__(self, browser, url: str) -> None:
+        self.context = browser.new_context(
+            viewport={"width": 1000, "height": 1100}, accept_downloads=True, permissions=["microphone"]
+        )
+        self.page: Page = self.context.new_page()
+        self.errors: list[str] = []
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.goto(url + "/")
+
+    def wait_status(self, text: str) -> str:
+        """Wait until the status line contains `text`; return the status line."""
+        try:
+            self.page.wait_for_function(
+                "t => document.getElementById('status').textContent.includes(t)", arg=text, timeout=WAIT_MS
+            )
+        except PlaywrightTimeout:
+            status = self.page.text_content("#status")
+            pytest.fail(f"the status never said {text!r}: it says {status!r}; console errors: {self.errors}")
+        return self.page.text_content("#status")
+
+    def js(self, expression: str, arg=None):
+        return self.page.evaluate(expression, arg)
+
+    def screenshot(self, name: str, tmp_path: Path) -> Path:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        png = self.page.screenshot(full_page=True)
+        (tmp_path / name).write_bytes(png)
+        (ARTIFACTS / name).write_bytes(png)
+        return ARTIFACTS / name
+
+
+@pytest.fixture
+def demo(browser, server):
+    d = Demo(browser, server.url)
+    yield d
+    d.context.close()
+
+
+def generate_text(d: Demo, prompt: str, n: int, seed: int) -> str:
+    """One turn from the page's own controls; returns the turn's generated text as rendered."""
+    turn = d.js("s4demo.turns.length")
+    d.page.fill("#prompt", prompt)
+    d.page.fill("#max-new-tokens", str(n))
+    d.page.fill("#temperature", "1")
+    d.page.fill("#seed", str(seed))
+    d.page.click("#send")
+    d.wait_status("Done")
+    return d.page.text_content(f'#output .gen[data-turn="{turn}"]')
+
+
+def test_the_page_and_its_assets_are_served_outside_the_api_schema(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    for name in ("app.js", "style.css"):
+        r = client.get(f"/static/{name}")
+        assert r.status_code == 200 and r.content == (STATIC / name).read_bytes()
+    assert client.get("/static/nope.js").status_code == 404
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "/" not in paths and not any(p.startswith("/static") for p in paths)
+    # nothing fetched from elsewhere: every src/href of the page is relative to it
+    html = page.text
+    assert "://" not in html and "://" not in (STATIC / "style.css").read_text()
+    # the files travel with the package (pip install . in the Dockerfile): package-data covers them
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    globs = setuptools["package-data"]["server"]
+    for f in STATIC.iterdir():
+        assert any(fnmatch(f"static/{f.name}", g) for g in globs), f
+
+
+def test_page_loads_without_console_errors_and_lists_the_served_models(demo, client, tmp_path):
+    models = client.get("/v1/models").json()["data"]
+    d = demo
+    d.wait_status("models served")
+    options = d.js("[...document.querySelectorAll('#model option')].map(o => o.value)")
+    assert options == [m["id"] for m in models] == [TEXT, AUDIO]
+    assert d.page.is_visible("#text-panel") and not d.page.is_visible("#audio-panel")
+    text = next(m for m in models if m["id"] == TEXT)
+    state = d.page.text_content("#state-size")
+    assert f"{text['state_bytes_per_session'] / 1024:.1f} KiB" in state
+    d.page.select_option("#model", AUDIO)
+    assert d.page.is_visible("#audio-panel") and not d.page.is_visible("#text-panel")
+    assert "8000 Hz" in d.page.text_content("#model-info")
+    d.screenshot("demo-page-loaded.png", tmp_path)
+    assert d.errors == []
+
+
+def test_text_streams_into_the_page_and_a_second_turn_continues_the_session(
+    demo, client, model_dirs, tmp_path
+):
+    d = demo
+    d.wait_status("models served")
+    # count the updates of the output as they happen: streamed text lands in many pieces
+    d.js("""() => { window.mutations = 0;
+        new MutationObserver(ms => { window.mutations += ms.length; }).observe(
+          document.getElementById('output'), {subtree: true, characterData: true, childList: true}); }""")
+    p1, p2 = "no more;", " and by a sleep"
+    t1 = reference(model_dirs["text"], list(p1.encode()), SamplingParams(seed=7), 120)
+    got1 = generate_text(d, p1, 120, seed=7)
+    assert got1 == bytes(t1).decode("utf-8", errors="replace")
+    assert d.js("window.mutations") > 3
+    rate = float(d.page.text_content("#rate"))
+    assert rate > 0
+    sid = d.js("s4demo.sessionId")
+    assert d.page.text_content("#session-id") == sid
+
+    t2 = reference(model_dirs["text"], list(p1.encode()) + t1 + list(p2.encode()), SamplingParams(seed=8), 60)
+    got2 = generate_text(d, p2, 60, seed=8)
+    assert got2 == bytes(t2).decode("utf-8", errors="replace")
+    assert d.page.input_value("#prompt") == ""  # the prompt went to the transcript
+    # an empty prompt just continues the text
+    t3 = reference(
+        model_dirs["text"], list(p1.encode()) + t1 + list(p2.encode()) + t2, SamplingParams(seed=9), 20
+    )
+    got3 = generate_text(d, "", 20, seed=9)
+    assert got3 == bytes(t3).decode("utf-8", errors="replace")
+    assert d.page.text_content("#output") == p1 + got1 + p2 + got2 + got3
+    dones = d.js("s4demo.turns.map(t => t.done)")
+    assert [x["session_id"] for x in dones] == [sid, sid, sid]
+    # the context length shown is the session's own (the server's count), the state size is fixed
+    n = len(p1) + 120 + len(p2) + 60 + 20
+    assert wait_for(lambda: d.page.text_content("#context") == f"{n} tokens", 5)
+    assert client.get(f"/v1/sessions/{sid}").json()["tokens"] == n
+    d.screenshot("demo-text.png", tmp_path)
+
+    d.page.click("#reset")  # a new session: the old one goes with its socket
+    assert d.page.text_content("#output") == "" and d.page.text_content("#context") == "0 tokens"
+    assert wait_for(lambda: client.get(f"/v1/sessions/{sid}").status_code == 404, 5)
+    assert generate_text(d, p1, 120, seed=7) == got1
+    assert d.js("s4demo.sessionId") != sid
+    assert d.errors == []
+
+
+def test_audio_plays_as_it_streams_and_downloads_as_wav(demo, model_dirs, tmp_path):
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    # an uploaded prompt: 300 samples of a sine at the model's rate, as a 16-bit WAV file
+    x = 0.4 * np.sin(np.arange(300) / 5.0)
+    wav = tmp_path / "prompt.wav"
+    wav.write_bytes(wav_bytes(x, 8000))
+    d.page.set_input_files("#audio-file", str(wav))
+    d.wait_status("Prompt loaded")
+    assert "300 samples" in d.page.text_content("#prompt-info")
+    n = 4000
+    d.page.fill("#audio-samples", str(n))
+    d.page.fill("#audio-temperature", "1")
+    d.page.fill("#audio-seed", "3")
+    d.page.click("#audio-generate")
+    d.wait_status("Done")
+    prompt = media.audio_frame_ids(to_pcm16(x), "pcm16")  # what the server makes of the page's frames
+    want = to_pcm16(MuLaw().decode(reference(model_dirs["audio"], prompt, SamplingParams(seed=3), n)))
+
+    # every sample went into AudioBufferSourceNodes started in a running AudioContext, and played out
+    d.page.wait_for_function(f"() => s4demo.samplesPlayed === {n}", timeout=WAIT_MS)
+    assert d.js("[s4demo.samplesReceived, s4demo.samplesScheduled]") == [n, n]
+    assert d.js("s4demo.audioContextState()") == "running"
+    assert d.page.text_content("#context") == f"{300 + n} tokens"
+    # the waveform was drawn: the canvas holds waveform-coloured pixels
+    drawn = d.js("""() => { const c = document.getElementById('waveform');
+        const px = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let k = 0;
+        for (let i = 0; i < px.length; i += 4) if (px[i + 2] > 150 && px[i] < 80) k++; return k; }""")
+    assert drawn > 500
+    d.screenshot("demo-audio.png", tmp_path)
+
+    assert downloaded_wav(d) == want
+
+    # a second generation without a new prompt continues the session's audio
+    d.page.fill("#audio-samples", "500")
+    d.page.fill("#audio-seed", "4")
+    d.page.click("#audio-generate")
+    d.wait_status("Done: length, 500 samples")
+    prompt2 = prompt + reference(model_dirs["audio"], prompt, SamplingParams(seed=3), n)
+    want2 = to_pcm16(MuLaw().decode(reference(model_dirs["audio"], prompt2, SamplingParams(seed=4), 500)))
+    d.page.wait_for_function("() => s4demo.samplesPlayed === 500", timeout=WAIT_MS)
+    assert downloaded_wav(d) == want2
+    assert d.page.text_content("#context") == f"{300 + n + 500} tokens"
+    assert d.errors == []
+
+
+def downloaded_wav(d: Demo) -> bytes:
+    """The samples of the page's "Download WAV" file (checked to be mono 16-bit at 8 kHz)."""
+    with d.page.expect_download() as dl:
+        d.page.click("#download")
+    with wave.open(io.BytesIO(Path(dl.value.path()).read_bytes())) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 8000)
+        return w.readframes(w.getnframes())
+
+
+def test_a_recorded_prompt_is_sent_to_the_session(demo):
+    """Chromium's fake microphone → MediaRecorder → decoded at the model's rate → pcm16 frames."""
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    d.page.click("#record")
+    d.wait_status("Recording")
+    d.page.wait_for_timeout(500)  # record half a second
+    d.page.click("#record")
+    d.wait_status("Recorded prompt loaded")
+    samples = int(d.page.text_content("#prompt-info").split("prompt: ")[1].split(" samples")[0])
+    assert samples > 1000
+    d.page.fill("#audio-samples", "100")
+    d.page.click("#audio-generate")
+    d.wait_status("Done: length, 100 samples")
+    assert d.js("s4demo.lastDone.usage") == {"prompt_tokens": samples, "completion_tokens": 100}
+    assert d.errors == []
+
+
+def test_cancel_stops_a_generation(browser, limited, model_dirs):
+    """On the limited server (max_new_tokens 200,000: far longer than the click takes)."""
+    d = Demo(browser, limited.url)
+    try:
+        d.wait_status("model served")
+        d.page.fill("#prompt", "x")
+        d.page.fill("#max-new-tokens", "200000")
+        d.page.fill("#temperature", "1")
+        d.page.fill("#seed", "1")
+        d.page.click("#send")
+        d.page.wait_for_function(
+            "() => s4demo.turns.length === 1 && s4demo.turns[0].ids > 0", timeout=WAIT_MS
+        )
+        d.page.click("#cancel")
+        d.wait_status("Done: cancelled")
+        cancelled = d.js("s4demo.turns[0]")
+        assert cancelled["ids"] == cancelled["done"]["usage"]["completion_tokens"] < 200_000
+        k = cancelled["ids"]  # every token generated before the cancel is on the page
+        want = reference(model_dirs["text"], list(b"x"), SamplingParams(seed=1), k)
+        assert d.page.text_content("#output") == "x" + bytes(want).decode("utf-8", errors="replace")
+        assert d.page.is_enabled("#send") and not d.page.is_enabled("#cancel")
+        d.page.fill("#max-new-tokens", "5")
+        d.page.click("#send")
+        d.wait_status("Done: length, 5 tokens")
+        assert d.errors == []
+    finally:
+        d.context.close()
+
+
+def test_refused_requests_are_shown_on_the_page_and_the_session_goes_on(demo):
+    d = demo
+    d.wait_status("models served")
+    d.page.fill("#prompt", "x")
+    d.page.fill("#max-new-tokens", "20")
+    d.page.fill("#seed", "1")
+    d.page.click("#send")
+    d.wait_status("Done: length, 20 tokens")
+    first = d.js("s4demo.turns[0]")
+    # a request the server refuses: its error frame is shown, and the session goes on
+    d.page.fill("#temperature", "-1")
+    d.page.click("#send")
+    assert "422" in d.wait_status("temperature")
+    assert d.page.locator("#status.error").count() == 1
+    assert d.js("s4demo.turns.length") == 1 and d.page.text_content("#output") == "x" + first["text"]
+    d.page.fill("#temperature", "1")
+    d.page.fill("#max-new-tokens", "5")
+    d.page.click("#send")
+    d.wait_status("Done: length, 5 tokens")
+    assert len({t["done"]["session_id"] for t in d.js("s4demo.turns") if t["done"]}) == 1
+    assert d.errors == []
+
+
+KEYS = ["first-key", "a?>b~ключ"]  # the second: UTF-8, and '-' in its base64url form
+
+
+@pytest.fixture(scope="module")
+def keyed(model_dirs):
+    """A server with API keys (text model only)."""
+    from server import Settings
+
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], api_keys=",".join(KEYS))).start()
+    yield s
+    s.stop()
+
+
+def test_with_api_keys_the_page_works_with_the_key_and_says_when_it_is_wrong(browser, keyed, model_dirs):
+    d = Demo(browser, keyed.url)  # the page and its assets need no key
+    try:
+        # no key: the model list is refused, and the page says why
+        assert "check the API key" in d.wait_status("401")
+        assert d.page.is_disabled("#model")
+        # the right key: the models, then a generation over a socket that carries the key
+        d.page.fill("#api-key", KEYS[1])
+        d.page.click("#load-models")
+        d.wait_status("model served")
+        want = reference(model_dirs["text"], list(b"no more;"), SamplingParams(seed=7), 30)
+        assert generate_text(d, "no more;", 30, seed=7) == bytes(want).decode("utf-8", errors="replace")
+        # the context length comes from GET /v1/sessions/{id}, which needs the key too
+        sid = d.js("s4demo.sessionId")
+        info = httpx.get(f"{keyed.url}/v1/sessions/{sid}", headers={"X-API-Key": KEYS[1].encode()}).json()
+        assert d.page.text_content("#context") == f"{info['tokens']} tokens" == f"{8 + 30} tokens"
+        # the key is kept nowhere but in the page
+        assert d.js("() => [localStorage.length, sessionStorage.length, document.cookie]") == [0, 0, ""]
+        # a wrong key: the WebSocket handshake is refused, and the page says to check the key
+        d.page.click("#reset")
+        d.page.fill("#api-key", KEYS[1] + "x")
+        d.page.click("#send")
+        assert "check the API key" in d.wait_status("WebSocket")
+        assert d.js("s4demo.sessionId") is None and d.page.text_content("#output") == ""
+        # the only console errors: the refused model list and the refused handshake
+        assert len(d.errors) == 2, d.errors
+        assert "401" in d.errors[0] and "WebSocket" in d.errors[1]
+    finally:
+        d.context.close()
