@@ -17,7 +17,7 @@ from websockets.sync.client import connect
 
 from model.sampling import SamplingParams
 from server import Settings
-from server.sessions import pack_state, unpack_state
+from server.sessions import SessionRecord, pack_state, unpack_state
 from server.store import KEY_PREFIX, MemoryStateStore, RedisStateStore, StoreWriter, open_store
 
 TEXT = "tiny-text"
@@ -272,3 +272,18 @@ def test_sigterm_cancels_running_turns_and_flushes_every_session_to_the_store(
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_the_shutdown_flush_skips_a_session_whose_creation_never_reached_the_engine(
+    model_dirs, redis_url, redis_db
+):
+    """A create or import refused at shutdown leaves a record whose slot still holds another
+    session's old state (its client got the 503): writing it would store a wrong state."""
+    s = _replica(model_dirs, redis_url)
+    engine = s.state.models[TEXT].engine
+    real = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "arrows"}).json()["session_id"]
+    never = SessionRecord(id="sess-never-set-up", model=TEXT, slot=engine.pool.reserve())
+    s.state.sessions.add(never)  # as service._new_record does before the engine runs the job
+    s.stop()
+    assert _stored(redis_db, real)["n_tokens"] == len("arrows")
+    assert redis_db.get(KEY_PREFIX + never.id) is None
