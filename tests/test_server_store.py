@@ -7,12 +7,13 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 
 import httpx
 import pytest
 import torch
 from server_support import ServerThread, _rec, reference, wait_for
-from test_server_stop import free_port, start_server
+from test_server_stop import ROOT, free_port, start_server
 from websockets.sync.client import connect
 
 from model.sampling import SamplingParams
@@ -287,3 +288,13 @@ def test_the_shutdown_flush_skips_a_session_whose_creation_never_reached_the_eng
     s.stop()
     assert _stored(redis_db, real)["n_tokens"] == len("arrows")
     assert redis_db.get(KEY_PREFIX + never.id) is None
+
+
+def test_python_m_server_exits_non_zero_before_listening_when_the_store_is_unreachable(model_dirs):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    cmd = [sys.executable, "-m", "server", "--port", str(free_port()),
+           "--checkpoints", str(model_dirs["text"]), "--session-store", dead]  # fmt: skip
+    out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert f"session store {dead}: cannot connect" in out.stderr
+    assert "Uvicorn running" not in out.stderr
