@@ -14,7 +14,9 @@
       SSE requests, some abandoned. Samples the server's RSS, slots and errors every 10 s; at the end
       waits for every session to expire and checks that no slot is left.
 
-Both write JSON to scripts/results/ (--out) and print a summary.
+Both serve the shipped text model unless --checkpoint names another text checkpoint, write JSON to
+scripts/results/ (--out) and print a summary. CI runs a 12-second soak on a tiny model
+(tests/test_reliability_script.py).
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = "text-shakespeare"
+CHECKPOINT = ROOT / "checkpoints" / "text-shakespeare"  # --checkpoint; the model id is its folder name
+MODEL = CHECKPOINT.name
 LINES = [
     "To be, or not to be, that is the question:",
     "Now is the winter of our discontent",
@@ -57,7 +60,7 @@ def free_port() -> int:
 def start_server(flags: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--checkpoints", str(ROOT / "checkpoints" / MODEL), "--log-level", "warning", *flags]  # fmt: skip
+           "--checkpoints", str(CHECKPOINT), "--log-level", "warning", *flags]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
@@ -421,6 +424,7 @@ def soak(args) -> dict:
 
 
 def main() -> None:
+    global CHECKPOINT, MODEL  # noqa: PLW0603  (one model per run, chosen by --checkpoint)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -439,7 +443,10 @@ def main() -> None:
     s.add_argument("--http-users", type=int, default=4)
     for p in (o, s):
         p.add_argument("--out", default=str(ROOT / "scripts" / "results"))
+        p.add_argument("--checkpoint", default=str(CHECKPOINT), help="a text model's checkpoint folder")
     args = parser.parse_args()
+    CHECKPOINT = Path(args.checkpoint).resolve()
+    MODEL = CHECKPOINT.name
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     t0 = time.time()
     result = overload(args) if args.mode == "overload" else soak(args)
