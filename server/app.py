@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server.auth import APIKeyMiddleware, APIKeys
+from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
 from server.config import Settings
 from server.errors import APIError, not_found, unavailable
 from server.metrics import Metrics
@@ -188,5 +188,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if keys.enabled:
         refused = state.metrics.auth_failures
         app.add_middleware(APIKeyMiddleware, keys=keys, on_refused=lambda kind: refused.labels(kind).inc())
+        document_api_keys(app)
         log.info("API keys required (%d configured)", len(settings.api_keys))
     return app

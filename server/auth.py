@@ -117,3 +117,36 @@ class APIKeyMiddleware:
             await send({"type": "websocket.http.response.body", "body": body})
         else:  # a server without the denial extension answers 403
             await send({"type": "websocket.close", "code": 1008, "reason": MESSAGE})
+
+
+def document_api_keys(app) -> None:
+    """Put the keys in the app's OpenAPI schema: two security schemes (Bearer, X-API-Key) and a 401
+    response on every operation that needs a key, so clients and schema-driven fuzzers know."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if getattr(app.state, "api_keys_documented", False):
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(
+            {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+            }
+        )
+        error = {"$ref": "#/components/schemas/ErrorResponse"}
+        if "ErrorResponse" not in schema["components"].get("schemas", {}):
+            error = {"type": "object"}
+        for path, ops in schema.get("paths", {}).items():
+            if path in EXEMPT_PATHS or path.startswith(EXEMPT_PREFIXES):
+                continue
+            for op in ops.values():
+                op["security"] = [{"bearer": []}, {"apiKey": []}]
+                op.setdefault("responses", {})["401"] = {
+                    "description": MESSAGE,
+                    "content": {"application/json": {"schema": error}},
+                }
+        app.state.api_keys_documented = True
+        return schema
+
+    app.openapi = openapi

@@ -60,6 +60,23 @@ def test_every_api_route_refuses_a_missing_or_wrong_key_with_the_same_401(keyed)
     }  # fmt: skip
 
 
+def test_the_schema_documents_the_keys_only_when_they_are_on(keyed, server):
+    spec = httpx.get(keyed.url + "/openapi.json", headers={"X-API-Key": KEYS[0]}).json()
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["bearer"] == {"type": "http", "scheme": "bearer"}
+    assert schemes["apiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    for path, ops in spec["paths"].items():
+        for op in ops.values():
+            if path in ("/healthz", "/readyz"):
+                assert "security" not in op and "401" not in op["responses"], path
+            else:
+                assert op["security"] == [{"bearer": []}, {"apiKey": []}] and "401" in op["responses"], path
+    assert spec == httpx.get(keyed.url + "/openapi.json", headers={"X-API-Key": KEYS[1]}).json()  # once
+    plain = httpx.get(server.url + "/openapi.json").json()
+    assert "securitySchemes" not in plain.get("components", {})
+    assert not any("401" in op["responses"] for ops in plain["paths"].values() for op in ops.values())
+
+
 def test_either_header_with_any_configured_key_is_accepted(keyed):
     body = {"model": TEXT, "prompt": "to be", "max_new_tokens": 5, "seed": 3}
     outs = []
