@@ -17,10 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,12 +26,12 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import httpx  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import ROOT, bench_main, log2_axis, save_figure, subplots  # noqa: E402
 from bench.step import SIZES as STEP_SIZES  # noqa: E402
 from model import ModelConfig, SequenceModel, load, save  # noqa: E402
+from server import launch  # noqa: E402
 
 NAME = "server"
 SHIPPED = ROOT / "checkpoints" / "text-shakespeare"
@@ -133,31 +131,10 @@ def _pcts(name: str, xs: list[float]) -> dict[str, float]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(ckpt: Path, max_sessions: int) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "server", "--port", str(port), "--checkpoints", str(ckpt), "--log-level",
-           "warning", "--max-sessions", str(max_sessions), "--max-batch-size", str(max_sessions),
-           "--max-queued-requests", str(max_sessions + 8)]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    return launch.start_server(["--checkpoints", str(ckpt), "--max-sessions", str(max_sessions),
+                                "--max-batch-size", str(max_sessions),
+                                "--max-queued-requests", str(max_sessions + 8)], timeout_s=300)  # fmt: skip
 
 
 def websocket_rate(url: str, model: str, n: int, sz: dict) -> dict[str, float]:

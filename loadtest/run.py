@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -82,12 +81,6 @@ KINDS = ("HTTP", "SSE", "WS", "WS-audio")
 # Server
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def checkpoints(quick: bool, tmp: Path) -> tuple[list[Path], dict[str, str]]:
     """The shipped checkpoints, or stand-ins with the same folder names (so the model ids match)."""
     paths, what = [], {}
@@ -111,41 +104,11 @@ def checkpoints(quick: bool, tmp: Path) -> tuple[list[Path], dict[str, str]]:
 def start_server(
     ckpts: list[Path], max_users: int, extra: Sequence[str] = ()
 ) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    slots = str(max(256, 2 * max_users))  # sockets that reconnect hold their old slot a moment
-    cmd = [
-        sys.executable,
-        "-m",
-        "server",
-        "--port",
-        str(port),
-        "--checkpoints",
-        ",".join(map(str, ckpts)),
-        "--log-level",
-        "warning",
-        "--max-sessions",
-        slots,
-        "--max-queued-requests",
-        slots,
-        *extra,
-    ]
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    import httpx
+    from server.launch import start_server as launch
 
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
+    slots = str(max(256, 2 * max_users))  # sockets that reconnect hold their old slot a moment
+    flags = ["--checkpoints", ",".join(map(str, ckpts)), "--max-sessions", slots]
+    return launch([*flags, "--max-queued-requests", slots, *extra])
 
 
 def served_models(url: str) -> dict[str, dict]:

@@ -1,0 +1,43 @@
+"""Start `python -m server` as a child process on a free loopback port and wait until it is ready
+(/readyz 200): what the benchmarks, the load test and the reliability script run their clients against."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(flags: Sequence[str], timeout_s: float = 600.0) -> tuple[subprocess.Popen, str]:
+    """`python -m server --host 127.0.0.1 --port <free> --log-level warning *flags` → (process, base
+    URL) once ready; the process is killed and RuntimeError raised if it exits or times out first."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
+           "--log-level", "warning", *flags]  # fmt: skip
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # spinning OpenMP threads stall a shared CPU
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"the server did not become ready ({' '.join(cmd[2:])})")
