@@ -236,16 +236,22 @@ class StreamTimer:
         RECORDER.per_user[self.user.kind][id(self.user)] += n
 
 
-class HttpGenerateUser(S4User):
-    """POST /v1/generate, the whole completion in one JSON response."""
+class _HttpUser(S4User):
+    """One keep-alive HTTP connection pool per user."""
 
-    kind = "HTTP"
+    abstract = True
 
     def on_start(self) -> None:
         self.http = requests.Session()
 
     def on_stop(self) -> None:
         self.http.close()
+
+
+class HttpGenerateUser(_HttpUser):
+    """POST /v1/generate, the whole completion in one JSON response."""
+
+    kind = "HTTP"
 
     @tag("http", "text")
     @task
@@ -263,16 +269,10 @@ class HttpGenerateUser(S4User):
         self.report(t0, n)
 
 
-class SseUser(S4User):
+class SseUser(_HttpUser):
     """POST /v1/generate with stream: true (Server-Sent Events), timing every token event."""
 
     kind = "SSE"
-
-    def on_start(self) -> None:
-        self.http = requests.Session()
-
-    def on_stop(self) -> None:
-        self.http.close()
 
     @tag("sse", "text")
     @task
