@@ -125,19 +125,17 @@ def document_api_keys(app) -> None:
     build = app.openapi
 
     def openapi() -> dict:
-        if getattr(app.state, "api_keys_documented", False):
+        if app.openapi_schema is not None:  # built and documented by the first call (FastAPI caches it)
             return app.openapi_schema
         schema = build()
-        schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(
+        schema["components"].setdefault("securitySchemes", {}).update(
             {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             }
         )
-        error = {"$ref": "#/components/schemas/ErrorResponse"}
-        if "ErrorResponse" not in schema["components"].get("schemas", {}):
-            error = {"type": "object"}
-        for path, ops in schema.get("paths", {}).items():
+        error = {"$ref": "#/components/schemas/ErrorResponse"}  # every API route declares it
+        for path, ops in schema["paths"].items():
             if path in EXEMPT_PATHS or path.startswith(EXEMPT_PREFIXES):
                 continue
             for op in ops.values():
@@ -146,7 +144,6 @@ def document_api_keys(app) -> None:
                     "description": MESSAGE,
                     "content": {"application/json": {"schema": error}},
                 }
-        app.state.api_keys_documented = True
         return schema
 
     app.openapi = openapi

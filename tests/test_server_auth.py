@@ -65,6 +65,7 @@ def test_the_schema_documents_the_keys_only_when_they_are_on(keyed, server):
     schemes = spec["components"]["securitySchemes"]
     assert schemes["bearer"] == {"type": "http", "scheme": "bearer"}
     assert schemes["apiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    assert "ErrorResponse" in spec["components"]["schemas"]  # what the 401s refer to
     for path, ops in spec["paths"].items():
         for op in ops.values():
             if path in ("/healthz", "/readyz"):
