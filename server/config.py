@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+REDIS_STORE_SCHEMES = ("redis://", "rediss://", "unix://")  # S4_SESSION_STORE values naming a Redis
 DEFAULT_CHECKPOINTS = ["checkpoints/text-shakespeare", "checkpoints/audio-digits"]
 
 
@@ -77,7 +78,7 @@ class Settings(BaseSettings):
     @field_validator("session_store")
     @classmethod
     def _store(cls, v: str) -> str:
-        if v != "memory" and not v.startswith(("redis://", "rediss://", "unix://")):
+        if v != "memory" and not v.startswith(REDIS_STORE_SCHEMES):
             raise ValueError("must be 'memory' or a redis:// URL (redis://host:port/db)")
         return v
 

@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Protocol
 
+from server.config import REDIS_STORE_SCHEMES
 from server.sessions import pack_state
 
 log = logging.getLogger("server.store")
@@ -137,7 +138,7 @@ def open_store(spec: str, ttl_s: float) -> StateStore | None:
     """`memory` → None (sessions live in the process only); `redis://…` → a connected RedisStateStore."""
     if spec == "memory":
         return None
-    if spec.startswith(("redis://", "rediss://", "unix://")):
+    if spec.startswith(REDIS_STORE_SCHEMES):
         return RedisStateStore(spec, ttl_s)
     raise ValueError(f"session_store must be 'memory' or a redis:// URL, not {spec!r}")
 
