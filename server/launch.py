@@ -20,12 +20,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(flags: Sequence[str], timeout_s: float = 600.0) -> tuple[subprocess.Popen, str]:
-    """`python -m server --host 127.0.0.1 --port <free> --log-level warning *flags` → (process, base
-    URL) once ready; the process is killed and RuntimeError raised if it exits or times out first."""
+def start_server(
+    flags: Sequence[str], timeout_s: float = 600.0, port: int | None = None
+) -> tuple[subprocess.Popen, str]:
+    """`python -m server --host 127.0.0.1 --port <port, or a free one> --log-level warning *flags` →
+    (process, base URL) once ready; the process is killed and RuntimeError raised if it exits or
+    times out first."""
     import httpx
 
-    port = free_port()
+    port = port or free_port()
     cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *flags]  # fmt: skip
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # spinning OpenMP threads stall a shared CPU

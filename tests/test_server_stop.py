@@ -3,9 +3,7 @@ is no longer ready (503) but still listening, a running WebSocket turn finishes,
 
 import json
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,30 +12,16 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from server import launch
+from server.launch import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(checkpoint: Path, port: int, extra: list[str] = ()) -> subprocess.Popen:
     """`python -m server` on the checkpoint; `extra` flags override the defaults (the last flag wins)."""
-    cmd = [sys.executable, "-m", "server", "--port", str(port), "--checkpoints", str(checkpoint),
-           "--drain-timeout-s", "60", "--torch-threads", "1", "--log-level", "warning", *extra]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
+    flags = ["--checkpoints", str(checkpoint), "--drain-timeout-s", "60", "--torch-threads", "1", *extra]
+    return launch.start_server(flags, timeout_s=120, port=port)[0]
 
 
 def test_sigterm_refuses_new_work_finishes_running_turn_and_exits_0(model_dirs):
