@@ -145,6 +145,7 @@
     demo.turns = [];
     contextTokens = 0;
     $("output").replaceChildren();
+    scrolledTo = 0; // an empty output is followed again
     clearPrompt();
     resetAudio();
     $("rate").textContent = "–";
@@ -177,10 +178,8 @@
     } else if (!turn) {
       // frames of a generation we stopped waiting for
     } else if (f.type === "token") {
-      const out = $("output");
-      const atBottom = out.scrollHeight - out.scrollTop - out.clientHeight < 20;
       turn.textNode.appendData(f.text);
-      if (atBottom) out.scrollTop = out.scrollHeight; // follow the text unless the reader scrolled up
+      followOutput();
       turn.record.text += f.text;
       turn.record.ids += f.ids.length;
       progress(f.ids.length);
@@ -194,6 +193,23 @@
       endTurn(`Done: ${f.finish_reason}, ${u.completion_tokens} ${turn.unit} generated.`, false);
       refreshContext(f.session_id);
     }
+  }
+
+  // Follow the text as it streams, unless the reader scrolled up (above where the page last put
+  // it), scrolling at most once per animation frame: reading the layout on every token frame (a
+  // fast model sends thousands a second) laid out the growing text each time and starved the page.
+  let scrollQueued = false;
+  let scrolledTo = 0;
+  function followOutput() {
+    if (scrollQueued) return;
+    scrollQueued = true;
+    requestAnimationFrame(() => {
+      scrollQueued = false;
+      const out = $("output");
+      if (out.scrollTop + 2 < scrolledTo) return; // the reader scrolled up: leave the view alone
+      out.scrollTop = out.scrollHeight;
+      scrolledTo = out.scrollTop;
+    });
   }
 
   // The session's own token count (the page's running count until this answers).
