@@ -82,8 +82,8 @@ async def generate(req: GenerateRequest, request: Request):
     ids = prompt_ids(st, model, req.prompt, req.prompt_audio)
     if req.session_id is not None:
         await restore(st, req.session_id)
-    stream, _ = start_generation(st, model, req.session_id, ids, params, req.max_new_tokens)
-    gid, out = request_id(), Output(model, params)
+    stream, job = start_generation(st, model, req.session_id, ids, params, req.max_new_tokens)
+    gid, out = request_id(), Output(model, params, job=job)
     if req.stream:
         body = _sse_generate(stream, model, out, gid, req.session_id)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -160,8 +160,8 @@ async def completions(req: CompletionRequest, request: Request):
         stop=[s.encode() for s in req.stop or []],
     )
     ids = prompt_ids(st, model, req.prompt, None)
-    stream, _ = start_generation(st, model, None, ids, params, req.max_tokens)
-    cid, created, out = request_id("cmpl"), now_s(), Output(model, params)
+    stream, job = start_generation(st, model, None, ids, params, req.max_tokens)
+    cid, created, out = request_id("cmpl"), now_s(), Output(model, params, job=job)
     if req.stream:
         body = _sse_completions(stream, out, cid, created, model.id)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
