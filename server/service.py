@@ -14,7 +14,6 @@ from fastapi import Request
 
 from model.sampling import SamplingParams
 from server import media
-from server.app import ServerState
 from server.engine import Failed, Finished, Job, Stream
 from server.errors import APIError, invalid, too_large, unavailable
 from server.registry import ServedModel
@@ -26,6 +25,7 @@ from server.sessions import (
     pack_state,
     unpack_state,
 )
+from server.state import ServerState
 from server.store import StoreError
 
 

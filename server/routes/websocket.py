@@ -21,12 +21,12 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from server import media, service
-from server.app import ServerState, validation_error
 from server.auth import SUBPROTOCOL
 from server.engine import Stream
-from server.errors import APIError, invalid, too_large
+from server.errors import APIError, invalid, too_large, validation_error
 from server.registry import ServedModel
 from server.schemas import WSAppend, WSCancel, WSGenerate, WSMessage, WSSession
+from server.state import ServerState
 
 router = APIRouter()
 log = logging.getLogger("server.ws")
