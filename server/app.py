@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
 from server.config import Settings
 from server.errors import APIError, validation_error
-from server.routes import demo, generate, health, sessions, websocket
+from server.routes import demo, generate, health, openai, sessions, websocket
 from server.state import ServerState
 
 log = logging.getLogger("server")
@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException):
         return _error_response(APIError(exc.status_code, str(exc.detail)))
 
-    for module in (health, generate, sessions, websocket, demo):
+    for module in (health, openai, generate, sessions, websocket, demo):
         app.include_router(module.router)
     app.mount("/static", demo.static_files(), name="static")
     keys = APIKeys(settings.api_keys)

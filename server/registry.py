@@ -11,10 +11,11 @@ from pathlib import Path
 import torch
 
 from model import VerificationError, load
-from model.checkpoint import CheckpointError, read_config
+from model.checkpoint import WEIGHTS, CheckpointError, read_config
 from model.network import ModelConfig
 from model.recurrent import RecurrentModel
 from model.sampling import SamplingParams, sample
+from server.chat import ChatTemplate
 from server.config import Settings
 from server.engine import Engine
 from server.metrics import Metrics
@@ -31,6 +32,10 @@ class ServedModel:
     rec: RecurrentModel
     engine: Engine
     fingerprint: str
+    chat: ChatTemplate | None = None  # from config.json's chat_template (POST /v1/chat/completions)
+    created: int = 0  # Unix time the weights file was written
+
+    owned_by = "s4serve"
 
     @property
     def kind(self) -> str:
@@ -65,6 +70,10 @@ class ServedModel:
         c = self.config
         return {
             "id": self.id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": self.owned_by,
+            "chat": self.chat is not None,
             "kind": self.kind,
             "sample_rate": self.sample_rate,
             "vocab_size": c.vocab_size,
@@ -95,6 +104,7 @@ def load_model(
     CheckpointError or VerificationError with the reason."""
     t0 = time.perf_counter()
     meta = read_config(path)
+    chat = ChatTemplate.from_config(meta)
     net = load(path)
     rec = net.to_recurrent(device=device, tol=settings.verify_tolerance)
     warm_up(rec, min(8, settings.max_batch_size))
@@ -110,9 +120,9 @@ def load_model(
         net.config.d_state, forms, rec.state_bytes_per_sequence, settings.max_sessions,
         time.perf_counter() - t0,
     )  # fmt: skip
-    return ServedModel(
-        model_id, path, net.config, rec, engine, model_fingerprint(meta["config"], meta.get("weights_sha256"))
-    )
+    fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"))
+    created = int((path / WEIGHTS).stat().st_mtime)
+    return ServedModel(model_id, path, net.config, rec, engine, fingerprint, chat, created)
 
 
 def load_models(

@@ -1,7 +1,7 @@
 """Request and response models: the API's single source of truth (OpenAPI is generated from them).
 
 Our own endpoints are strict: unknown fields and wrong types are a 422 naming the field. The
-OpenAI-compatible `/v1/completions` ignores the fields it does not know, as clients send many.
+OpenAI-compatible routes refuse the fields they do not support, by name, as our own do.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ class GenerateResponse(BaseModel):
 class ModelInfo(BaseModel):
     id: str
     object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the checkpoint's weights were written")
+    owned_by: str
+    chat: bool = Field(description="has a chat template (POST /v1/chat/completions)")
     kind: Literal["text", "audio"]
     sample_rate: int | None
     vocab_size: int
@@ -111,39 +114,126 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-# --- OpenAI-compatible completions ------------------------------------------------------------
+# --- OpenAI-compatible API (server/routes/openai.py) --------------------------------------------
+# Field by field as platform.openai.com/docs/api-reference documents them; fields we lack are
+# refused by name (unknown fields too: extra="forbid"), never ignored. Extensions as vLLM names them.
+
+MAX_CHOICES = 16  # n and best_of
+MAX_LOGPROBS = 20
+Finite = {"allow_inf_nan": False}
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = Field(False, description="a last chunk with `usage` (and no choices) before [DONE]")
 
-    model: str
-    prompt: str | list[str] = ""
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0, le=100)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[StopString] | None = Field(None, max_length=16)
+
+class OpenAISampling(BaseModel):
+    """The sampling fields completions and chat share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="model id (see GET /v1/models)")
+    temperature: float = Field(1.0, ge=0, le=2, **Finite, description="0 → greedy")
+    top_p: float = Field(1.0, gt=0, le=1, **Finite, description="nucleus mass (1 → off)")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="completions per prompt, each its own sample")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        lt=2**63,
+        description="choice i samples with a seed derived from (seed, i); i = 0 uses seed",
+    )
+    stop: list[StopString] | None = Field(
+        None, max_length=16, description="the text ends before any of these"
+    )
     stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="one completion per request")
-    echo: Literal[False] = False
+    stream_options: StreamOptions | None = Field(None, description="only with stream=true")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, **Finite)]] | None = Field(
+        None, max_length=1024, description="token id (a string) → bias added to its logit, in [-100, 100]"
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, **Finite, description="subtracted from the logit of every token generated so far"
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, **Finite, description="subtracted per occurrence in the tokens generated so far"
+    )
+    user: str | None = Field(None, max_length=256, description="an end-user id; accepted, not used")
+    # extensions (vLLM's names; `extra_body` in the openai client)
+    top_k: int = Field(
+        0, ge=-1, le=2**31 - 1, description="extension: keep the k most likely (0 or -1 → off)"
+    )
+    min_p: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        **Finite,
+        description="extension: drop tokens below min_p × the most likely one's probability",
+    )
+    repetition_penalty: float = Field(
+        1.0,
+        ge=0.01,
+        le=100,
+        **Finite,
+        description="extension: CTRL-style penalty on tokens of prompt and output",
+    )
 
     _one_stop = field_validator("stop", mode="before")(SamplingFields._one_stop.__func__)
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("exactly one prompt per request")
-            return v[0]
-        return v
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    ) = Field(description="a string, a list of strings, token ids, or a list of token-id lists")
+    max_tokens: int = Field(16, ge=0, description="tokens to generate at most per choice (0 only with echo)")
+    echo: bool = Field(False, description="return the prompt before the completion (and its logprobs)")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of each token and of the k most likely"
+    )
+    best_of: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CHOICES,
+        description="sample this many per prompt, return the n of best mean logprob",
+    )
+    suffix: str | None = Field(None, description="not supported (refused)")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[dict], Field(min_length=1)] = Field(
+        description="text, or a list of {type: text, text} parts"
+    )
+    name: str | None = Field(None, max_length=64, description="the speaker (the template may use it)")
+
+
+class ChatCompletionRequest(OpenAISampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+    max_completion_tokens: int | None = Field(None, ge=1, description="tokens to generate at most per choice")
+    max_tokens: int | None = Field(None, ge=1, description="the older name of max_completion_tokens")
+    logprobs: bool = Field(False, description="log-probabilities of each generated token")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="with logprobs: the k most likely"
+    )
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     text: str
     index: int = 0
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -159,6 +249,27 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: dict | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
     usage: CompletionUsage | None = None
 
 
