@@ -7,6 +7,7 @@ reproduces a sequence whatever else is in the batch (and whatever the batch orde
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -14,8 +15,48 @@ import torch
 from model import fused
 
 
+def check_number(
+    name: str,
+    value,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    integer: bool = False,
+):
+    """Range-check one numeric sampling setting from outside; returns it unchanged.
+
+    `value` must be a real number (an int where `integer`; never a bool), finite (no NaN, no ±inf)
+    and within the given bounds (ge ≤ value, gt < value, value ≤ le; None → unbounded). Raises
+    ValueError naming `name` otherwise. The server's schemas state the same bounds (server/schemas.py:
+    `finite`, `count`), so HTTP gets a 422 naming the field before a SamplingParams is made."""
+    kind = "an integer" if integer else "a finite number"
+    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real)
+    if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    for bound, holds, words in (
+        (ge, lambda b: value >= b, "≥"),
+        (gt, lambda b: value > b, ">"),
+        (le, lambda b: value <= b, "≤"),
+    ):
+        if bound is not None and not holds(bound):
+            raise ValueError(f"{name} must be {words} {bound}, got {value!r}")
+    return value
+
+
 @dataclass
 class SamplingParams:
+    """One sequence's sampling settings (checked here: ValueError naming the field).
+
+    - temperature: finite, ≥ 0. 0 is greedy (the argmax); any T > 0, however tiny (denormals
+      included), draws from softmax(z / T) computed as exp((z − max z) / T), so a tiny T gives its
+      mathematical limit, the argmax (uniform among exactly tied maxima), never an overflow.
+    - top_k: integer ≥ 0 (0 → off); any k ≥ the vocabulary size keeps everything (also off).
+    - top_p: finite, in (0, 1] (1 → off); a tiny top_p keeps only the most likely token.
+    - repetition_penalty: finite, > 0 (1 → off). Where a seen token's z / p overflows (a tiny p), the
+      limit is taken: those tokens alone, and the largest of their z, get all the mass.
+    """
+
     temperature: float = 1.0  # 0 → greedy
     top_k: int = 0  # 0 → off
     top_p: float = 1.0  # 1 → off
@@ -32,30 +73,25 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self):
-        if not (self.temperature >= 0):
-            raise ValueError(f"temperature must be ≥ 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be ≥ 0, got {self.top_k}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be finite, got {getattr(self, name)}")
-        if not (0 <= self.min_p <= 1):
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        check_number("temperature", self.temperature, ge=0)
+        check_number("top_k", self.top_k, ge=0, integer=True)
+        check_number("top_p", self.top_p, gt=0, le=1)
+        check_number("repetition_penalty", self.repetition_penalty, gt=0)
+        if self.seed is not None:
+            check_number("seed", self.seed, ge=-(2**63), le=2**64 - 1, integer=True)  # torch's range
+        check_number("presence_penalty", self.presence_penalty)
+        check_number("frequency_penalty", self.frequency_penalty)
+        check_number("min_p", self.min_p, ge=0, le=1)
         if not all(isinstance(t, int) and t >= 0 and math.isfinite(b) for t, b in self.logit_bias.items()):
             raise ValueError("logit_bias must map token ids ≥ 0 to finite numbers")
         for name in ("logprobs", "prompt_logprobs"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name} must be ≥ 0 or None, got {getattr(self, name)}")
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name), ge=0, integer=True)
 
-    @property
-    def plain(self) -> bool:
+    def plain(self, vocab_size: int) -> bool:
         """Temperature sampling alone (what the fused C sampler does); anything else → the torch path."""
         return (
-            self.top_k == 0
+            (self.top_k == 0 or self.top_k >= vocab_size)
             and self.top_p == 1
             and self.repetition_penalty == 1
             and not self.logit_bias
@@ -78,25 +114,58 @@ class SamplingParams:
         return g
 
 
+NEG_INF = float("-inf")
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """logits (B, V); seen (B, V) bool (tokens in the context); penalty (B,)."""
+    """CTRL's penalty (Keskar et al. 2019): a seen token's logit z becomes z / p if z > 0, else z · p.
+
+    logits (B, V) float32; seen (B, V) bool (tokens in the context); penalty (B,) float32, > 0.
+    Returns (B, V) float32. Rows where some z / p overflows to +inf (p tiny, or z itself +inf) take
+    the p → 0 limit: all their mass on the overflowed tokens with the largest z (0), the rest −inf."""
     p = penalty[:, None]
-    penalized = torch.where(logits > 0, logits / p, logits * p)
-    return torch.where(seen, penalized, logits)
+    up = seen & (logits > 0)
+    penalized = torch.where(up, logits / p, torch.where(seen, logits * p, logits))
+    over = up & torch.isposinf(penalized)  # (B, V)
+    top = torch.where(over, logits, NEG_INF).amax(-1, keepdim=True)
+    limit = torch.where(over & (logits == top), 0.0, NEG_INF)
+    return torch.where(over.any(-1, keepdim=True), limit, penalized)
+
+
+def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) float32 → the same with a well-defined softmax in every row: NaN → −inf (never
+    drawn); a row with +inf entries puts all its mass on them (they become 0, the rest −inf, the limit
+    of a huge logit); a row with nothing above −inf becomes uniform (0). Row by row: one row's values
+    never change another's."""
+    z = torch.nan_to_num(logits, nan=NEG_INF, posinf=float("inf"), neginf=NEG_INF)
+    pos = torch.isposinf(z)
+    z = torch.where(pos.any(-1, keepdim=True), torch.where(pos, 0.0, NEG_INF), z)
+    return torch.where(torch.isneginf(z).all(-1, keepdim=True), 0.0, z)
+
+
+def scale_logits(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """(z − max z) / T per row, without overflow: logits (B, V) sanitized (see `sanitize_logits`),
+    temperature (B,) > 0 → (B, V) in [−inf, 0], the row maxima exactly 0 (also when T is so small
+    that a division by it would give 0/0)."""
+    top = logits.amax(-1, keepdim=True)
+    scaled = (logits - top) / temperature[:, None]
+    return torch.where(logits == top, 0.0, scaled)
 
 
 def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to −inf) all but the top_k largest and the smallest set with mass ≥ top_p (per row)."""
+    """Mask (to −inf) all but the top_k largest and the smallest set with mass ≥ top_p (per row).
+    logits (B, V) float32 with a finite maximum per row; top_k (B,) int64 (0 → off; clamped to V);
+    top_p (B,) float32 in [0, 1] (a top_p rounded to 0 keeps the top token only)."""
     V = logits.shape[-1]
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     rank = torch.arange(V, device=logits.device)
     k = torch.where(top_k > 0, top_k, V)[:, None]
     drop = rank >= k
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    probs = sorted_logits.masked_fill(drop, NEG_INF).softmax(-1)
     mass_before = probs.cumsum(-1) - probs  # keep token i while the mass before it is < top_p
     drop |= mass_before >= top_p[:, None]
     drop[:, 0] = False
-    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, NEG_INF))
 
 
 def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -148,22 +217,27 @@ def sample(
     seen: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) → tokens (B,) int64 on the logits' device. `seen` (B, V) bool: the tokens in each
-    row's context (repetition_penalty); `counts` (B, V) float: the tokens generated so far
-    (presence/frequency penalties). On the CPU, rows with plain temperature sampling go through the
-    fused C sampler and the others through torch; either way each row draws one uniform from its own
-    generator, so a row's token never depends on the path or on the other rows."""
-    B = logits.shape[0]
+    """logits (B, V) (any float dtype, any device; NaN/±inf allowed, see `sanitize_logits`) → tokens
+    (B,) int64 on the logits' device, each in [0, V).
+
+    Per row: logit_bias → repetition penalty (when `seen`, (B, V) bool: the tokens in the row's
+    context) → presence/frequency penalties (when `counts`, (B, V) float: the tokens generated so far)
+    → temperature (T = 0: argmax) → top-k → top-p → min_p → one uniform from the row's generator,
+    inverted through the CDF. On the CPU, rows with plain temperature sampling take one C pass
+    (model/csrc/ssm_step.c `sample_rows`: the same arithmetic and the same draws) and the others the
+    torch ops. Every row draws exactly one uniform from its own generator, so a row's token depends
+    neither on the path nor on the other rows, and a seed reproduces a sequence whatever the batch."""
+    B, V = logits.shape
     logits = logits.float()
     lib = fused.library() if logits.device.type == "cpu" and B else None
     if lib is None:
         return _sample_torch(logits, params, generators, seen, counts)
-    plain = [i for i, p in enumerate(params) if p.plain]
+    plain = [i for i, p in enumerate(params) if p.plain(V)]
     if len(plain) == B:
         return _sample_fused(lib, logits, params, generators)
     if not plain:
         return _sample_torch(logits, params, generators, seen, counts)
-    rest = [i for i in range(B) if i not in set(plain)]
+    rest = sorted(set(range(B)) - set(plain))
     out = torch.empty(B, dtype=torch.long)
     pi, ri = torch.tensor(plain), torch.tensor(rest)
     out[pi] = _sample_fused(lib, logits[pi], [params[i] for i in plain], [generators[i] for i in plain])
@@ -185,7 +259,7 @@ def _sample_fused(lib, logits, params, generators) -> torch.Tensor:
 
 
 def _sample_torch(logits, params, generators, seen, counts) -> torch.Tensor:
-    B = logits.shape[0]
+    B, V = logits.shape
     dev = logits.device
     logits = apply_logit_bias(logits, params)
     pen = torch.tensor([p.repetition_penalty for p in params], device=dev)
@@ -195,10 +269,11 @@ def _sample_torch(logits, params, generators, seen, counts) -> torch.Tensor:
         presence = torch.tensor([p.presence_penalty for p in params], device=dev, dtype=logits.dtype)
         frequency = torch.tensor([p.frequency_penalty for p in params], device=dev, dtype=logits.dtype)
         logits = apply_presence_frequency(logits, counts.to(logits.dtype), presence, frequency)
-    temp = torch.tensor([p.temperature for p in params], device=dev)
+    logits = sanitize_logits(logits)
+    temp = torch.tensor([p.temperature for p in params], device=dev)  # float32: T < 1e-45 rounds to 0
     greedy = temp == 0
-    logits = logits / torch.where(greedy, 1.0, temp)[:, None]
-    top_k = torch.tensor([p.top_k for p in params], device=dev)
+    logits = scale_logits(logits, torch.where(greedy, 1.0, temp))
+    top_k = torch.tensor([min(p.top_k, V) for p in params], device=dev)
     top_p = torch.tensor([p.top_p for p in params], device=dev)
     if bool((top_k > 0).any() or (top_p < 1).any()):
         logits = filter_logits(logits, top_k, top_p)
@@ -208,7 +283,7 @@ def _sample_torch(logits, params, generators, seen, counts) -> torch.Tensor:
     probs = logits.softmax(-1)
     u = torch.stack([torch.rand((), generator=g, device=g.device).to(dev) for g in generators])
     cdf = probs.cumsum(-1)
-    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_(max=V - 1)
     return torch.where(greedy, logits.argmax(-1), drawn) if B else drawn
 
 

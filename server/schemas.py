@@ -11,6 +11,22 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MAX_TEMPERATURE = 100.0  # the API's bound (the library takes any finite T ≥ 0)
+
+
+def finite(default: float, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           description: str = "") -> float:  # fmt: skip
+    """A float field that takes only finite JSON numbers within the bounds: NaN, ±Infinity (which
+    Python's json and some clients send), 1e309 and out-of-range values are a 422 naming the field.
+    Every numeric sampling field is one of these or a `count`; the sampler (model/sampling.py
+    `SamplingParams`, `check_number`) enforces the same bounds for library callers."""
+    return Field(default, ge=ge, gt=gt, le=le, allow_inf_nan=False, description=description)
+
+
+def count(default: int | None, *, ge: int = 0, le: int | None = None, description: str = "") -> int:
+    """An integer field (strict: no floats, no bools) within the bounds; a JSON integer of any size
+    is compared exactly (2**70 is a 422 where a bound says so, never an overflow)."""
+    return Field(default, ge=ge, le=le, description=description)
 
 
 class Strict(BaseModel):
@@ -18,12 +34,17 @@ class Strict(BaseModel):
 
 
 class SamplingFields(Strict):
-    max_new_tokens: int = Field(64, ge=1, description="tokens to generate at most (≤ the server's limit)")
-    temperature: float = Field(1.0, ge=0, le=100, description="0 → greedy")
-    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 → off)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass (1 → off)")
-    repetition_penalty: float = Field(1.0, gt=0, le=100, description="CTRL-style penalty (1 → off)")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed + input + params → same tokens")
+    max_new_tokens: int = count(64, ge=1, description="tokens to generate at most (≤ the server's limit)")
+    temperature: float = finite(
+        1.0,
+        ge=0,
+        le=MAX_TEMPERATURE,
+        description="0 → greedy; T > 0 samples softmax(z/T) (tiny T: the argmax)",
+    )
+    top_k: int = count(0, description="keep the k most likely tokens (0, or ≥ the vocabulary → off)")
+    top_p: float = finite(1.0, gt=0, le=1, description="nucleus mass (1 → off; tiny → the top token)")
+    repetition_penalty: float = finite(1.0, gt=0, le=100, description="CTRL-style penalty (1 → off)")
+    seed: int | None = count(None, le=2**63 - 1, description="same seed + input + params → same tokens")
     stop: list[StopString] | None = Field(
         None, max_length=16, description="stop sequences (text models); the text ends before them"
     )
