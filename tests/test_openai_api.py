@@ -82,6 +82,24 @@ def test_models_list_and_retrieve_carry_created_and_owned_by(oai, model_dirs):
     assert "no-such-model" in e.value.message
 
 
+def test_openapi_documents_the_openai_routes(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for p in ["/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model_id}"]:
+        assert p in paths, p
+    props = client.get("/openapi.json").json()["components"]["schemas"]["CompletionRequest"]["properties"]
+    for f in [
+        "logprobs",
+        "echo",
+        "n",
+        "best_of",
+        "logit_bias",
+        "presence_penalty",
+        "stream_options",
+        "min_p",
+    ]:
+        assert f in props, f
+
+
 # --- completions: the sampled tokens ----------------------------------------------------------------
 
 
@@ -146,6 +164,41 @@ def test_echo_returns_the_prompt_with_its_logprobs(oai, model_dirs):
     assert s.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:n], abs=1e-6)
     e = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=3, seed=1, echo=True)
     assert e.choices[0].text == PROMPT + plain.choices[0].text[:3] and e.choices[0].logprobs is None
+
+
+def test_prompt_logprobs_across_prefill_chunks(oai, model_dirs, server):
+    """A prompt longer than a prefill chunk (256 tokens): every position's log-probability."""
+    long = ("to be, or not to be, that is the question: " * 20)[
+        : server.state.settings.prefill_chunk_tokens * 2 + 37
+    ]
+    r = oai.completions.create(model=TEXT, prompt=long, max_tokens=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    prompt_lp, _ = model_logprobs(model_dirs["text"], ids_of(long), [])
+    want = prompt_lp[torch.arange(len(long) - 1), torch.tensor(ids_of(long)[1:])]
+    assert len(lp.token_logprobs) == len(long) and lp.token_logprobs[0] is None
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:], dtype=torch.float64), want, atol=LP_TOL)
+
+
+def test_concurrent_plain_and_biased_requests_each_match_the_library(server, model_dirs):
+    """Plain rows and rows with logit_bias / penalties decoded in the same batches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reqs = [
+        ({}, SamplingParams(seed=21)),
+        ({"logit_bias": {"32": -3}}, SamplingParams(seed=22, logit_bias={32: -3.0})),
+        ({}, SamplingParams(seed=23)),
+        ({"frequency_penalty": 1.0}, SamplingParams(seed=24, frequency_penalty=1.0)),
+    ]
+
+    def one(extra, params):
+        body = {"model": TEXT, "prompt": PROMPT, "max_tokens": 60, "seed": params.seed, **extra}
+        return post(server, "/v1/completions", body).json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda a: one(*a), reqs))
+    for text, (_, params) in zip(got, reqs):
+        want = reference_with(model_dirs["text"], ids_of(PROMPT), params, 60)
+        assert text == bytes(want).decode("utf-8", errors="replace"), params
 
 
 def test_n_choices_are_independent_and_seeded_per_choice(oai, model_dirs):
@@ -511,6 +564,13 @@ def test_chat_logprobs_n_and_content_parts(chat_server):
                 assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == pytest.approx(
                     float(rows[k].max()), abs=LP_TOL
                 )
+        chunks = list(c.chat.completions.create(model="tiny-chat", messages=parts, stream=True, **kw))
+        for i, ch in enumerate(r.choices):
+            mine = [x.choices[0] for x in chunks if x.choices[0].index == i]
+            assert "".join(x.delta.content or "" for x in mine) == ch.message.content
+            streamed = [e.logprob for x in mine if x.logprobs for e in x.logprobs.content]
+            assert streamed == pytest.approx([e.logprob for e in ch.logprobs.content], abs=1e-6)
+            assert mine[-1].finish_reason == ch.finish_reason
 
 
 def test_chat_refusals(chat_server):
@@ -529,6 +589,16 @@ def test_chat_refusals(chat_server):
             ({"messages": []}, "messages"),
             ({"temperature": 3}, "temperature"),
             ({"max_tokens": 5, "max_completion_tokens": 6}, "max_tokens"),
+            ({"max_completion_tokens": 0}, "max_completion_tokens"),
+            ({"max_completion_tokens": 10**30}, "max_completion_tokens"),
+            ({"max_tokens": 5000}, "max_tokens"),
+            ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+            ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+            ({"n": 0}, "n"),
+            ({"presence_penalty": 2.5}, "presence_penalty"),
+            ({"logit_bias": {"999": 1}}, "logit_bias"),
+            ({"stream_options": {"include_usage": True}}, "stream_options"),
+            ({"seed": -1}, "seed"),
         ]:  # fmt: skip
             body = {"model": "tiny-chat", "messages": MESSAGES, **kw}
             with pytest.raises(openai.UnprocessableEntityError) as e:
