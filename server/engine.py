@@ -213,7 +213,7 @@ class DecodeBatch:
         counted = [i for i, j in enumerate(self.rows) if j is not None and j.counts is not None]
         counts = None
         if counted:
-            counts = logits.new_zeros(logits.shape)
+            counts = torch.zeros(logits.shape, device=logits.device)  # float32 whatever the logits
             counts[counted] = torch.stack([self.rows[i].counts for i in counted])
         new = sample(logits, params, gens, self.seen if penalized else None, counts)  # (R,) on the device
         self.seen[torch.arange(len(self.rows), device=new.device), new] = True

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 import torch
-from server_support import ServerThread, _rec, reference
+from server_support import ServerThread, _rec, reference, wait_for
 
 from model.sampling import SamplingParams, sample
 from server.routes.openai import choice_seed
@@ -649,3 +649,45 @@ def test_routes_import_without_the_app_factory():
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_choices_beyond_the_servers_capacity_are_refused_and_a_429_leaks_no_slot(limited, monkeypatch):
+    """The `limited` server holds 3 sessions and queues 1 request: n=2 can never be admitted (422
+    naming n, not a 429 to retry). When a request's second choice is refused (429: queue full), its
+    first choice is cancelled and every slot is freed."""
+    from server.errors import over_capacity
+
+    with httpx.Client(base_url=limited.url, timeout=30) as c:
+        r = c.post("/v1/completions", json={"model": TEXT, "prompt": "a", "n": 2})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "n"
+        engine = limited.state.models[TEXT].engine
+        submit, calls = engine.submit, []
+
+        def second_refused(job):
+            calls.append(job)
+            if len(calls) == 2:
+                raise over_capacity("queue full (test)")
+            submit(job)
+
+        monkeypatch.setattr(limited.state.settings, "max_queued_requests", 2)
+        monkeypatch.setattr(engine, "submit", second_refused)
+        r = c.post("/v1/completions", json={"model": TEXT, "prompt": "a", "n": 2, "max_tokens": 100_000})
+        assert r.status_code == 429 and len(calls) == 2, r.text
+        monkeypatch.undo()
+        assert wait_for(
+            lambda: engine.pool.in_use == 0 and engine.queued == 0 and not engine.active_requests, 10
+        )
+        assert calls[0].stream.cancelled
+        r = c.post("/v1/completions", json={"model": TEXT, "prompt": "a", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_closing_a_streamed_n2_request_cancels_both_choices(server):
+    engine = server.state.models[TEXT].engine
+    before = engine.pool.in_use
+    body = {"model": TEXT, "prompt": PROMPT, "n": 2, "max_tokens": 4000, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        assert engine.pool.in_use >= before + 1
+    assert wait_for(lambda: engine.pool.in_use == before and not engine.active_requests, 10)

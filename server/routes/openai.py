@@ -169,6 +169,14 @@ def start_runs(
 ) -> list[Run]:
     """Queue `per_prompt` generations of each prompt, seeds derived per choice; all or none (a
     refusal cancels the ones already queued)."""
+    samples = len(prompts) * per_prompt
+    room = min(st.settings.max_sessions, st.settings.max_queued_requests)
+    if samples > room:
+        raise invalid(
+            "n",
+            f"{samples} samples (prompts × n or best_of) is more than this server can queue at once "
+            f"({room}: max_sessions, max_queued_requests)",
+        )
     runs: list[Run] = []
     try:
         for p, ids in enumerate(prompts):
@@ -207,16 +215,19 @@ async def merged(runs: list[Run]) -> AsyncIterator[tuple[Run, list]]:
             await queue.put((run, items))
 
     tasks = [asyncio.ensure_future(pump(r)) for r in runs]
+    ended: set[int] = set()
     try:
-        left = len(runs)
-        while left:
+        while len(ended) < len(runs):
             run, items = await queue.get()
             if not isinstance(items[-1], int):
-                left -= 1
+                ended.add(id(run))
             yield run, items
     finally:
         for t in tasks:
             t.cancel()
+        for r in runs:  # a pump cancelled mid-iteration leaves its `events` unclosed: cancel here
+            if id(r) not in ended:
+                r.stream.cancel()
 
 
 def finish_reason(final: Finished) -> str:
