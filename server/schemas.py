@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MAX_TEMPERATURE = 100.0  # the API's bound (the library takes any finite T ≥ 0)
@@ -145,14 +153,20 @@ Finite = {"allow_inf_nan": False}
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = Field(False, description="a last chunk with `usage` (and no choices) before [DONE]")
 
 
 class OpenAISampling(BaseModel):
-    """The sampling fields completions and chat share."""
+    """The sampling fields completions and chat share. Strict types (no "2" for 2, no true for 1);
+    a field sent as null is the same as a field left out (OpenAI's schema makes them nullable)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     model: str = Field(description="model id (see GET /v1/models)")
     temperature: float = Field(1.0, ge=0, le=2, **Finite, description="0 → greedy")
@@ -226,7 +240,7 @@ class CompletionRequest(OpenAISampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str | Annotated[list[dict], Field(min_length=1)] = Field(
         description="text, or a list of {type: text, text} parts"

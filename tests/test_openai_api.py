@@ -691,3 +691,25 @@ def test_closing_a_streamed_n2_request_cancels_both_choices(server):
         assert next(line for line in lines if line.startswith("data: "))
         assert engine.pool.in_use >= before + 1
     assert wait_for(lambda: engine.pool.in_use == before and not engine.active_requests, 10)
+
+
+def test_types_are_strict_and_null_means_absent(server):
+    bad = [
+        {"n": "2"},
+        {"logprobs": True},
+        {"temperature": True},
+        {"echo": "yes"},
+        {"max_tokens": 2.5},
+        {"prompt": None},
+    ]
+    for extra in bad:
+        param = next(iter(extra))
+        r = post(server, "/v1/completions", {"model": TEXT, "prompt": "a", **extra})
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, (extra, r.text)
+    nulls = {
+        k: None for k in ("n", "logprobs", "suffix", "stop", "seed", "temperature", "logit_bias", "best_of")
+    }
+    r = post(server, "/v1/completions", {"model": TEXT, "prompt": "a", "max_tokens": 3, **nulls})
+    assert (
+        r.status_code == 200 and len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+    )
