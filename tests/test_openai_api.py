@@ -162,6 +162,8 @@ def test_echo_returns_the_prompt_with_its_logprobs(oai, model_dirs):
     s = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
     assert s.choices[0].text == PROMPT and s.usage.completion_tokens == 0
     assert s.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:n], abs=1e-6)
+    one = oai.completions.create(model=TEXT, prompt="t", max_tokens=0, echo=True, logprobs=2).choices[0]
+    assert one.text == "t" and one.logprobs.token_logprobs == [None] and one.logprobs.text_offset == [0]
     e = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=3, seed=1, echo=True)
     assert e.choices[0].text == PROMPT + plain.choices[0].text[:3] and e.choices[0].logprobs is None
 
