@@ -715,3 +715,15 @@ def test_types_are_strict_and_null_means_absent(server):
     assert (
         r.status_code == 200 and len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
     )
+
+
+def test_text_offsets_count_characters_and_non_ascii_bytes_are_named(oai):
+    r = oai.completions.create(model=TEXT, prompt="aé b", max_tokens=0, echo=True, logprobs=1).choices[0]
+    assert r.text == "aé b"
+    assert r.logprobs.tokens == ["a", "bytes:\\xc3", "bytes:\\xa9", " ", "b"]
+    assert r.logprobs.text_offset == [0, 1, 1, 2, 3]  # both bytes of é start at its character
+    r = oai.completions.create(
+        model=TEXT, prompt="a", max_tokens=5, logprobs=1, logit_bias={"195": 100}
+    ).choices[0]
+    assert r.logprobs.tokens == ["bytes:\\xc3"] * 5 and r.text == "\ufffd" * 5  # lone lead bytes
+    assert r.logprobs.text_offset == [0, 1, 2, 3, 4]

@@ -70,15 +70,24 @@ def token_str(t: int) -> str:
     return chr(t) if t < 128 else f"bytes:\\x{t:02x}"
 
 
+class CharOffsets:
+    """Byte tokens → the index of the character each byte belongs to in the text they decode to
+    (UTF-8 with errors replaced, as the returned text): both bytes of "é" get the index of "é", and
+    each invalid byte that becomes U+FFFD the index of its U+FFFD."""
+
+    def __init__(self) -> None:
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.chars = 0  # characters decoded so far
+
+    def feed(self, t: int) -> int:
+        self.chars += len(self.decoder.decode(bytes([t & 0xFF])))
+        pending = len(self.decoder.getstate()[0])  # this byte is still held: it starts the next character
+        return self.chars if pending else self.chars - 1
+
+
 def char_offsets(ids: list[int]) -> list[int]:
-    """Per byte token: the character offset where it starts in the text the bytes decode to
-    (an incomplete UTF-8 sequence counts from the character it begins)."""
-    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    out, n = [], 0
-    for t in ids:
-        out.append(n)
-        n += len(dec.decode(bytes([t & 0xFF])))
-    return out
+    offsets = CharOffsets()
+    return [offsets.feed(t) for t in ids]
 
 
 # --- translation: request fields → SamplingParams -------------------------------------------------
@@ -136,16 +145,11 @@ class Run:
     echoed: bool = False  # (streaming) the prompt has been sent
     lp_sent: int = 0  # (streaming) generated tokens whose logprobs have been sent
     offsets: list[int] = field(default_factory=list)  # character offset of each generated token
-    chars: int = 0  # characters the offsets' tokens decode to
-    decoder: codecs.IncrementalDecoder = field(
-        default_factory=lambda: codecs.getincrementaldecoder("utf-8")(errors="replace")
-    )
+    char_offsets: CharOffsets = field(default_factory=CharOffsets)
 
     def offsets_to(self, end: int) -> list[int]:
         """Character offsets of generated tokens [0, end), computed once each."""
-        for t in self.tokens[len(self.offsets) : end]:
-            self.offsets.append(self.chars)
-            self.chars += len(self.decoder.decode(bytes([t & 0xFF])))
+        self.offsets += [self.char_offsets.feed(t) for t in self.tokens[len(self.offsets) : end]]
         return self.offsets
 
     def kept(self) -> int:
