@@ -82,6 +82,19 @@ def test_models_list_and_retrieve_carry_created_and_owned_by(oai, model_dirs):
     assert "no-such-model" in e.value.message
 
 
+def test_model_routes_are_503_while_draining(client, server):
+    server.state.draining = True
+    try:
+        for path in (f"/v1/models/{TEXT}",):
+            r = client.get(path)
+            assert r.status_code == 503 and "Retry-After" in r.headers
+        r = client.post("/v1/completions", json={"model": TEXT, "prompt": "a"})
+        assert r.status_code == 503
+    finally:
+        server.state.draining = False
+    assert client.get(f"/v1/models/{TEXT}").json()["id"] == TEXT
+
+
 def test_openapi_documents_the_openai_routes(client):
     paths = client.get("/openapi.json").json()["paths"]
     for p in ["/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model_id}"]:
