@@ -32,6 +32,7 @@ class ModelConfig:
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     tie_embeddings: bool = False
+    head_bias: bool = False  # the output head (decoder) Linear has a bias (official checkpoints do)
     cauchy_backend: str = "auto"  # auto (keops when it works), keops, torch
     modality: str = "text"  # text | audio (metadata for serving)
     sample_rate: int | None = None  # audio only
@@ -104,7 +105,7 @@ class SequenceModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 

@@ -1,0 +1,97 @@
+"""Model features for imported official state-spaces/s4 checkpoints (issue #13): head bias,
+embedding scale, per-layer kernel lengths, untied Δ, unclamped Re Λ, FF blocks, post-norm, and conv
+mode at any length. Each holds in conv mode and in every recurrent path (torch step, fused per-layer
+step, whole-network C step, prefill)."""
+
+import pytest
+import torch
+
+from model import ModelConfig, SequenceModel, fused
+
+TINY = dict(vocab_size=32, d_model=16, n_layers=2, d_state=16, l_max=128, cauchy_backend="torch")
+
+
+def step_all(rec, tokens, state):
+    outs = []
+    for t in range(tokens.shape[1]):
+        logits, state = rec.step(tokens[:, t], state)
+        outs.append(logits)
+    return torch.stack(outs, 1), state
+
+
+def all_paths(net, tokens):
+    """Logits of `tokens` (B, L) from conv mode and each recurrent path, by name."""
+    with torch.no_grad():
+        out = {"conv": net(tokens)}
+    whole = net.to_recurrent()
+    per_layer = net.to_recurrent(fused_network=False)
+    plain = net.to_recurrent(fused_step=False)
+    assert per_layer._net_step is None and plain._fused is None
+    if whole._net_step is not None:
+        out["c_network_step"] = step_all(whole, tokens, whole.init_state(tokens.shape[0]))[0]
+    out["fused_layer_step"] = step_all(per_layer, tokens, per_layer.init_state(tokens.shape[0]))[0]
+    out["torch_step"] = step_all(plain, tokens, plain.init_state(tokens.shape[0]))[0]
+    plain.prefill_by_steps_max_tokens = 0  # the parallel form
+    out["prefill"] = plain.prefill(tokens, plain.init_state(tokens.shape[0]))[0]
+    return out, whole
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])
+def test_head_bias_shifts_the_logits_by_exactly_the_bias_in_every_path(kernel, init):
+    torch.manual_seed(0)
+    net = SequenceModel(ModelConfig(kernel=kernel, init=init, head_bias=True, **TINY)).eval()
+    tokens = torch.randint(0, 32, (3, 20))
+    with torch.no_grad():
+        net.head.bias.zero_()
+    without, _ = all_paths(net, tokens)
+    bias = torch.randn(32) * 3
+    with torch.no_grad():
+        net.head.bias.copy_(bias)
+    with_bias, whole = all_paths(net, tokens)
+    assert whole._net_step is not None  # the C step is among the paths checked
+    assert set(with_bias) == {"conv", "c_network_step", "fused_layer_step", "torch_step", "prefill"}
+    for name in with_bias:
+        shift = with_bias[name] - without[name]
+        # float32 addition: z + b − z = b up to one rounding of |z + b| ≤ 16
+        torch.testing.assert_close(shift, bias.expand_as(shift), rtol=0, atol=4e-6, msg=name)
+        assert rel(with_bias[name], with_bias["conv"]) <= 1e-5, name
+
+
+def test_head_bias_is_saved_and_absent_by_default(tmp_path):
+    from model import checkpoint
+
+    assert SequenceModel(ModelConfig(**TINY)).head.bias is None
+    net = SequenceModel(ModelConfig(head_bias=True, tie_embeddings=True, **TINY))
+    with torch.no_grad():
+        net.head.bias.normal_()
+    checkpoint.save(net, tmp_path / "ck")
+    back = checkpoint.load(tmp_path / "ck")
+    assert back.config.head_bias and torch.equal(back.head.bias, net.head.bias)
+
+
+def test_whole_network_step_refuses_what_it_does_not_read():
+    net = SequenceModel(ModelConfig(d_ff=32, **TINY)).eval()
+    rec = net.to_recurrent()
+    assert rec._net_step is None  # the per-layer path runs instead
+    with pytest.raises(ValueError, match=r"does not implement d_ff=32"):
+        fused.NetStep(fused.library(), rec.net, rec.layers)
+    # a tensor added to the model that the C step knows nothing about
+    net = SequenceModel(ModelConfig(**TINY)).eval()
+    net.blocks[1].register_buffer("gate", torch.ones(16))
+    rec = net.to_recurrent()
+    assert rec._net_step is None
+    with pytest.raises(ValueError, match=r"blocks\.1\.gate"):
+        fused.NetStep(fused.library(), rec.net, rec.layers)
+
+
+def test_whole_network_step_refuses_config_fields_it_does_not_implement(monkeypatch):
+    net = SequenceModel(ModelConfig(**TINY)).eval()
+    rec = net.to_recurrent()
+    assert rec._net_step is not None
+    monkeypatch.setattr(fused.NetStep, "CONFIG_FIELDS", fused.NetStep.CONFIG_FIELDS - {"d_model"})
+    with pytest.raises(ValueError, match="does not implement d_model=16"):
+        fused.NetStep(fused.library(), rec.net, rec.layers)
