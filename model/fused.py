@@ -109,7 +109,8 @@ class NetLayer(ctypes.Structure):
 class NetStep:
     """The whole network's recurrent step in one C call (`net_step`): embedding, every block
     (LayerNorm, SSM step, GELU(y + D u), GLU output mixing, residual), final LayerNorm and head
-    (with its bias when the model has one).
+    (with its bias when the model has one). The embedding table is read pre-multiplied by embed_scale
+    (the same float32 products as the torch forward).
 
     Built from a SequenceModel whose layers all have fused step pointers; the weights are read in
     place, the two linear layers' from transposed copies made here (the tensors must stay alive and
@@ -123,7 +124,7 @@ class NetStep:
     CONFIG_FIELDS = frozenset({
         "vocab_size", "d_model", "n_layers", "d_state", "kernel", "init", "rank", "disc", "l_max",
         "dropout", "dt_min", "dt_max", "tie_embeddings", "cauchy_backend", "modality", "sample_rate",
-        "head_bias",
+        "head_bias", "embed_scale",
     })  # fmt: skip
 
     def __init__(self, lib, net, forms) -> None:
@@ -166,7 +167,7 @@ class NetStep:
                 lay.p[j] = ptr.value
         head_wt = take("head.weight").detach().t().contiguous()  # (H, V)
         self.embed, self.lnf_w, self.lnf_b, self.head = self._ptrs(
-            take("embed.weight"), take("norm.weight"), take("norm.bias"), head_wt
+            take("embed.weight").detach() * cfg.embed_scale, take("norm.weight"), take("norm.bias"), head_wt
         )
         self.head_b = self._ptrs(take("head.bias"))[0] if "head.bias" in tensors else ctypes.c_void_p(None)
         unread = sorted(set(tensors) - read)

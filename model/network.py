@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
@@ -33,6 +34,7 @@ class ModelConfig:
     dt_max: float = 1e-1
     tie_embeddings: bool = False
     head_bias: bool = False  # the output head (decoder) Linear has a bias (official checkpoints do)
+    embed_scale: float = 1.0  # the embedding is multiplied by it (official task `lm` rescale: √d_model)
     cauchy_backend: str = "auto"  # auto (keops when it works), keops, torch
     modality: str = "text"  # text | audio (metadata for serving)
     sample_rate: int | None = None  # audio only
@@ -48,6 +50,10 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_state % 2 or self.l_max % 2:
             raise ValueError("d_state and l_max must be even")
+        scale = self.embed_scale
+        number = isinstance(scale, int | float) and not isinstance(scale, bool)
+        if not (number and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"embed_scale must be a positive finite number, got {self.embed_scale}")
         if self.modality not in ("text", "audio"):
             raise ValueError(f"modality must be 'text' or 'audio', got {self.modality!r}")
 
@@ -113,7 +119,7 @@ class SequenceModel(nn.Module):
         """tokens (B, L) → logits (B, L, V) in conv mode; with `ssms`, any leading shape."""
         if ssms is None and tokens.shape[-1] > self.config.l_max:
             raise ValueError(f"conv mode handles at most l_max={self.config.l_max} tokens")
-        x = self.embed(tokens)  # (B, L, H)
+        x = self.embed(tokens) * self.config.embed_scale  # (B, L, H)
         for i, block in enumerate(self.blocks):
             x = block(x, None if ssms is None else ssms[i])
         return self.head(self.norm(x))  # (B, L, V)

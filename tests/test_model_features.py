@@ -95,3 +95,30 @@ def test_whole_network_step_refuses_config_fields_it_does_not_implement(monkeypa
     monkeypatch.setattr(fused.NetStep, "CONFIG_FIELDS", fused.NetStep.CONFIG_FIELDS - {"d_model"})
     with pytest.raises(ValueError, match="does not implement d_model=16"):
         fused.NetStep(fused.library(), rec.net, rec.layers)
+
+
+@pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-inv")])
+def test_embed_scale_multiplies_the_embedding_in_every_path(kernel, init):
+    torch.manual_seed(1)
+    scale = 16**0.5  # the official `lm` rescale: √d_model
+    net = SequenceModel(ModelConfig(kernel=kernel, init=init, embed_scale=scale, **TINY)).eval()
+    ref = SequenceModel(ModelConfig(kernel=kernel, init=init, **TINY)).eval()
+    ref.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        ref.embed.weight.mul_(scale)  # the same float32 products, folded into the table
+    tokens = torch.randint(0, 32, (2, 24))
+    got, whole = all_paths(net, tokens)
+    assert whole._net_step is not None
+    unscaled = SequenceModel(ModelConfig(kernel=kernel, init=init, **TINY)).eval()
+    unscaled.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        assert torch.equal(got["conv"], ref(tokens))
+        assert rel(got["conv"], unscaled(tokens)) > 0.01  # the scale matters
+    for name, logits in got.items():
+        assert rel(logits, got["conv"]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "4", True])
+def test_embed_scale_is_range_checked(bad):
+    with pytest.raises(ValueError, match="embed_scale"):
+        ModelConfig(embed_scale=bad)
