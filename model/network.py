@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from model.kernel import S4_INITS, S4D_INITS, SSMKernel
+from model.kernel import RE_LAMBDA_MAX, S4_INITS, S4D_INITS, SSMKernel
 from model.layer import S4Layer
 
 # An SSM override: maps the normalized block input (…, H) to the SSM output (…, H). The recurrent
@@ -34,6 +34,7 @@ class ModelConfig:
     dt_max: float = 1e-1
     tie_embeddings: bool = False
     head_bias: bool = False  # the output head (decoder) Linear has a bias (official checkpoints do)
+    re_lambda_max: float | None = RE_LAMBDA_MAX  # clamp Re Λ ≤ it (None: none; imported models)
     embed_scale: float = 1.0  # the embedding is multiplied by it (official task `lm` rescale: √d_model)
     cauchy_backend: str = "auto"  # auto (keops when it works), keops, torch
     modality: str = "text"  # text | audio (metadata for serving)
@@ -54,6 +55,9 @@ class ModelConfig:
         number = isinstance(scale, int | float) and not isinstance(scale, bool)
         if not (number and math.isfinite(scale) and scale > 0):
             raise ValueError(f"embed_scale must be a positive finite number, got {self.embed_scale}")
+        r = self.re_lambda_max
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int | float) or not -math.inf < r < 0):
+            raise ValueError(f"re_lambda_max must be null or a negative number, got {r!r}")
         if self.modality not in ("text", "audio"):
             raise ValueError(f"modality must be 'text' or 'audio', got {self.modality!r}")
 
@@ -88,7 +92,7 @@ class Block(nn.Module):
         self.layer = S4Layer(
             cfg.d_model, cfg.d_state, cfg.l_max, dropout=cfg.dropout, kind=cfg.kernel, init=cfg.init,
             rank=cfg.rank, disc=cfg.disc, dt_min=cfg.dt_min, dt_max=cfg.dt_max,
-            backend=cfg.cauchy_backend,
+            backend=cfg.cauchy_backend, re_lambda_max=cfg.re_lambda_max,
         )  # fmt: skip
         self.ff_norm = nn.LayerNorm(cfg.d_model) if cfg.d_ff else None
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout) if cfg.d_ff else None

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model import ModelConfig, SequenceModel, fused
+from model.kernel import SSMKernel
 
 TINY = dict(vocab_size=32, d_model=16, n_layers=2, d_state=16, l_max=128, cauchy_backend="torch")
 
@@ -122,3 +123,75 @@ def test_embed_scale_multiplies_the_embedding_in_every_path(kernel, init):
 def test_embed_scale_is_range_checked(bad):
     with pytest.raises(ValueError, match="embed_scale"):
         ModelConfig(embed_scale=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent float64 reference: the DPLR SSM on all N = 2·N2 complex modes (the conjugate pairs
+# explicit), A = diag(Λ, Λ*) − P̂P̂ᴴ with P̂ = [P; P*], stepped by dense matrix products.
+
+F64, C128 = torch.float64, torch.complex128
+
+
+def full_system(Lam, P, B, dt, disc="bilinear"):
+    """Ā (N, N), B̄ (N,) complex128 of one channel: Lam, B (N2,), P (r, N2)."""
+    A = torch.diag(torch.cat([Lam, Lam.conj()]))
+    for Pj in P:
+        col = torch.cat([Pj, Pj.conj()])
+        A = A - col[:, None] * col.conj()[None, :]
+    Bf = torch.cat([B, B.conj()])
+    eye = torch.eye(A.shape[0], dtype=C128)
+    if disc == "bilinear":
+        inv = torch.linalg.inv(eye - dt / 2 * A)
+        return inv @ (eye + dt / 2 * A), inv @ (dt * Bf)
+    Abar = torch.linalg.matrix_exp(dt * A)  # zoh (diagonal A only here)
+    return Abar, (Abar - eye) @ torch.linalg.solve(A, Bf)
+
+
+def dense_kernel(Abar, Bbar, Cbar, L):
+    """K_k = Ĉ Ā^k B̄ (k < L) with Ĉ = [C̄, C̄*] → (L,) float64."""
+    Cf, out, x = torch.cat([Cbar, Cbar.conj()]), [], Bbar
+    for _ in range(L):
+        out.append((Cf @ x).real)
+        x = Abar @ x
+    return torch.stack(out)
+
+
+def c_tilde(Abar, Cbar, L):
+    """The generating-function C̃ = C̄(I − Ā^L) on the stored N2 modes."""
+    Cf = torch.cat([Cbar, Cbar.conj()])
+    return (Cf @ (torch.eye(Abar.shape[0], dtype=C128) - torch.linalg.matrix_power(Abar, L)))[: len(Cbar)]
+
+
+@pytest.mark.parametrize("kind,init", [("s4", "fout"), ("s4", "legt"), ("s4d", "diag-lin")])
+def test_unclamped_re_lambda_gives_the_exact_kernel_and_the_training_clamp_does_not(kind, init):
+    """Official fout/legt layers hold Re Λ near 0 (1e-4 after the official inv_transform): with
+    re_lambda_max=None the float64 kernel equals the dense reference to 1e-10; the training clamp
+    (Re Λ ≤ −1e-2) would change it by far more than the serving tolerance."""
+    torch.manual_seed(2)
+    H, N, L = 3, 16, 256
+    k = SSMKernel(H, N, L, kind=kind, init=init, re_lambda_max=None, backend="torch")
+    with torch.no_grad():  # what an importer writes: small Re Λ, some tiny, one as large as -2
+        neg_re = torch.rand(H, N // 2, dtype=F64) * 1e-3 + 1e-4
+        neg_re[0, 0] = 2.0
+        k.log_neg_re.copy_(neg_re.log())
+    s = {n: v.detach() for n, v in k.ssm(F64).items()}
+    assert torch.allclose(-s["Lambda"].real, k.log_neg_re.double().exp(), rtol=1e-15, atol=0)
+    K = k(dtype=F64, backend="torch").detach()
+    for h in range(H):
+        P = s["P"][:, h] if kind == "s4" else torch.zeros(0, N // 2, dtype=C128)
+        Abar, Bbar = full_system(s["Lambda"][h], P, s["B"][h], s["dt"][h], k.disc)
+        # for S4 the stored C is C̃; for the reference take C̄ with C̃ = C̄(I − Ā^L)
+        Cbar = s["C"][h]
+        if kind == "s4":
+            Fm = torch.eye(N, dtype=C128) - torch.linalg.matrix_power(Abar, L)
+            Cbar = torch.linalg.solve(Fm.T, torch.cat([s["C"][h], s["C"][h].conj()]))[: N // 2]
+        assert rel(K[h], dense_kernel(Abar, Bbar, Cbar, L)) <= 1e-10, h
+    k.re_lambda_max = -1e-2  # the training clamp, on the same parameters
+    assert rel(k(dtype=F64, backend="torch").detach(), K) > 1e-3  # ≫ the 1e-5 import tolerance
+
+
+@pytest.mark.parametrize("bad", [0.0, 1e-3, float("nan"), float("-inf"), "x", True])
+def test_re_lambda_max_is_range_checked(bad):
+    with pytest.raises(ValueError, match="re_lambda_max"):
+        ModelConfig(re_lambda_max=bad)
+    assert ModelConfig(re_lambda_max=None).re_lambda_max is None
