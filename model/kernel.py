@@ -18,11 +18,12 @@ from model.hippo import MEASURES, dplr
 
 S4_INITS = MEASURES  # legs (default), legt, lagt, fout
 S4D_INITS = ("legs", "diag-lin", "diag-inv")
-# Re(Λ) is kept ≤ RE_LAMBDA_MAX. Measures whose normal part is skew (legt, lagt, fout) have Re(Λ) = 0;
-# their damping comes from the low-rank term, and in float32 the Woodbury step then cancels badly near
-# resonant frequencies: measured for fout (N=64, L=1024, dt ∈ [1e-3, 1e-1]) the float32 kernel error
-# vs float64 is up to 6e-4 with a bound of -1e-4, 8e-5 with -1e-3 and 5e-5 with -1e-2. -1e-2 adds a
-# memory decay e^{-0.01 t} (100 windows), negligible for modelling.
+# Our trainer keeps Re(Λ) ≤ RE_LAMBDA_MAX (the default of SSMKernel's re_lambda_max; None: no clamp, as
+# for imported official checkpoints, whose Λ must be used exactly). Measures whose normal part is skew
+# (legt, lagt, fout) have Re(Λ) = 0; their damping comes from the low-rank term, and in float32 the
+# Woodbury step then cancels badly near resonant frequencies: measured for fout (N=64, L=1024,
+# dt ∈ [1e-3, 1e-1]) the float32 kernel error vs float64 is up to 6e-4 with a bound of -1e-4, 8e-5 with
+# -1e-3 and 5e-5 with -1e-2. -1e-2 adds a memory decay e^{-0.01 t} (100 windows), negligible for modelling.
 RE_LAMBDA_MAX = -1e-2
 
 
@@ -183,8 +184,11 @@ class SSMKernel(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         backend: str = "auto",
+        re_lambda_max: float | None = RE_LAMBDA_MAX,
     ):
         super().__init__()
+        if re_lambda_max is not None and not (-math.inf < re_lambda_max < 0):
+            raise ValueError(f"re_lambda_max must be None or a negative number, got {re_lambda_max}")
         if N % 2:
             raise ValueError(f"d_state must be even (conjugate pairs), got {N}")
         if kind == "s4":
@@ -201,10 +205,13 @@ class SSMKernel(nn.Module):
         else:
             raise ValueError(f"unknown kernel {kind!r}; expected 's4' or 's4d'")
         self.H, self.N, self.L, self.kind, self.disc, self.rank = H, N, L, kind, disc, rank
-        self.backend = backend
+        self.backend, self.re_lambda_max = backend, re_lambda_max
         Lambda, P, B, C = init_ssm(init, H, N, rank)
         self.log_dt = nn.Parameter(init_dt(H, dt_min, dt_max).float())
-        self.log_neg_re = nn.Parameter(torch.log((-Lambda.real).clamp(min=-RE_LAMBDA_MAX)).float())
+        # −Re Λ = exp(log_neg_re) > 0 holds any Re Λ < 0; skew measures (Re Λ = 0) start at the clamp,
+        # or without one at 1e-4 (the official inv_transform's floor)
+        floor = 1e-4 if re_lambda_max is None else -re_lambda_max
+        self.log_neg_re = nn.Parameter(torch.log((-Lambda.real).clamp(min=floor)).float())
         self.im = nn.Parameter(Lambda.imag.float())
         self.B = _real(B)
         self.C = _real(C)
@@ -214,7 +221,8 @@ class SSMKernel(nn.Module):
     def ssm(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The SSM as complex tensors (differentiable, never in-place): Λ, P, B, C, dt."""
         real = dtype
-        re = -torch.exp(self.log_neg_re.to(real)).clamp(min=-RE_LAMBDA_MAX)
+        neg_re = torch.exp(self.log_neg_re.to(real))
+        re = -(neg_re if self.re_lambda_max is None else neg_re.clamp(min=-self.re_lambda_max))
         out = {
             "Lambda": torch.complex(re, self.im.to(real)),
             "B": torch.view_as_complex(self.B.to(real)),

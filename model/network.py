@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
-from model.kernel import S4_INITS, S4D_INITS, SSMKernel
+from model.kernel import RE_LAMBDA_MAX, S4_INITS, S4D_INITS, SSMKernel
 from model.layer import S4Layer
 
 # An SSM override: maps the normalized block input (…, H) to the SSM output (…, H). The recurrent
@@ -32,6 +33,9 @@ class ModelConfig:
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     tie_embeddings: bool = False
+    head_bias: bool = False  # the output head (decoder) Linear has a bias (official checkpoints do)
+    re_lambda_max: float | None = RE_LAMBDA_MAX  # clamp Re Λ ≤ it (None: none; imported models)
+    embed_scale: float = 1.0  # the embedding is multiplied by it (official task `lm` rescale: √d_model)
     cauchy_backend: str = "auto"  # auto (keops when it works), keops, torch
     modality: str = "text"  # text | audio (metadata for serving)
     sample_rate: int | None = None  # audio only
@@ -47,6 +51,13 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_state % 2 or self.l_max % 2:
             raise ValueError("d_state and l_max must be even")
+        scale = self.embed_scale
+        number = isinstance(scale, int | float) and not isinstance(scale, bool)
+        if not (number and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"embed_scale must be a positive finite number, got {self.embed_scale}")
+        r = self.re_lambda_max
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int | float) or not -math.inf < r < 0):
+            raise ValueError(f"re_lambda_max must be null or a negative number, got {r!r}")
         if self.modality not in ("text", "audio"):
             raise ValueError(f"modality must be 'text' or 'audio', got {self.modality!r}")
 
@@ -81,7 +92,7 @@ class Block(nn.Module):
         self.layer = S4Layer(
             cfg.d_model, cfg.d_state, cfg.l_max, dropout=cfg.dropout, kind=cfg.kernel, init=cfg.init,
             rank=cfg.rank, disc=cfg.disc, dt_min=cfg.dt_min, dt_max=cfg.dt_max,
-            backend=cfg.cauchy_backend,
+            backend=cfg.cauchy_backend, re_lambda_max=cfg.re_lambda_max,
         )  # fmt: skip
         self.ff_norm = nn.LayerNorm(cfg.d_model) if cfg.d_ff else None
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout) if cfg.d_ff else None
@@ -104,7 +115,7 @@ class SequenceModel(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
@@ -112,7 +123,7 @@ class SequenceModel(nn.Module):
         """tokens (B, L) → logits (B, L, V) in conv mode; with `ssms`, any leading shape."""
         if ssms is None and tokens.shape[-1] > self.config.l_max:
             raise ValueError(f"conv mode handles at most l_max={self.config.l_max} tokens")
-        x = self.embed(tokens)  # (B, L, H)
+        x = self.embed(tokens) * self.config.embed_scale  # (B, L, H)
         for i, block in enumerate(self.blocks):
             x = block(x, None if ssms is None else ssms[i])
         return self.head(self.norm(x))  # (B, L, V)

@@ -372,7 +372,7 @@ class RecurrentModel:
         if self._fused is not None and fused_network and not self.config.d_ff:
             try:
                 self._net_step = fused.NetStep(self._fused, self.net, self.layers)
-            except ValueError:  # LayerNorms with different eps (one eps in the C step): keep the torch ops
+            except ValueError:  # something the C step does not compute (it names it): keep the torch ops
                 pass
         self.net_step_max_batch = NET_STEP_MAX_BATCH
         self.prefill_by_steps_max_tokens = PREFILL_BY_STEPS_MAX_TOKENS

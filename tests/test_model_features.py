@@ -1,0 +1,197 @@
+"""Model features for imported official state-spaces/s4 checkpoints (issue #13): head bias,
+embedding scale, per-layer kernel lengths, untied Δ, unclamped Re Λ, FF blocks, post-norm, and conv
+mode at any length. Each holds in conv mode and in every recurrent path (torch step, fused per-layer
+step, whole-network C step, prefill)."""
+
+import pytest
+import torch
+
+from model import ModelConfig, SequenceModel, fused
+from model.kernel import SSMKernel
+
+TINY = dict(vocab_size=32, d_model=16, n_layers=2, d_state=16, l_max=128, cauchy_backend="torch")
+
+
+def step_all(rec, tokens, state):
+    outs = []
+    for t in range(tokens.shape[1]):
+        logits, state = rec.step(tokens[:, t], state)
+        outs.append(logits)
+    return torch.stack(outs, 1), state
+
+
+def all_paths(net, tokens):
+    """Logits of `tokens` (B, L) from conv mode and each recurrent path, by name."""
+    with torch.no_grad():
+        out = {"conv": net(tokens)}
+    whole = net.to_recurrent()
+    per_layer = net.to_recurrent(fused_network=False)
+    plain = net.to_recurrent(fused_step=False)
+    assert per_layer._net_step is None and plain._fused is None
+    if whole._net_step is not None:
+        out["c_network_step"] = step_all(whole, tokens, whole.init_state(tokens.shape[0]))[0]
+    out["fused_layer_step"] = step_all(per_layer, tokens, per_layer.init_state(tokens.shape[0]))[0]
+    out["torch_step"] = step_all(plain, tokens, plain.init_state(tokens.shape[0]))[0]
+    plain.prefill_by_steps_max_tokens = 0  # the parallel form
+    out["prefill"] = plain.prefill(tokens, plain.init_state(tokens.shape[0]))[0]
+    return out, whole
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])
+def test_head_bias_shifts_the_logits_by_exactly_the_bias_in_every_path(kernel, init):
+    torch.manual_seed(0)
+    net = SequenceModel(ModelConfig(kernel=kernel, init=init, head_bias=True, **TINY)).eval()
+    tokens = torch.randint(0, 32, (3, 20))
+    with torch.no_grad():
+        net.head.bias.zero_()
+    without, _ = all_paths(net, tokens)
+    bias = torch.randn(32) * 3
+    with torch.no_grad():
+        net.head.bias.copy_(bias)
+    with_bias, whole = all_paths(net, tokens)
+    assert whole._net_step is not None  # the C step is among the paths checked
+    assert set(with_bias) == {"conv", "c_network_step", "fused_layer_step", "torch_step", "prefill"}
+    for name in with_bias:
+        shift = with_bias[name] - without[name]
+        # float32 addition: z + b − z = b up to one rounding of |z + b| ≤ 16
+        torch.testing.assert_close(shift, bias.expand_as(shift), rtol=0, atol=4e-6, msg=name)
+        assert rel(with_bias[name], with_bias["conv"]) <= 1e-5, name
+
+
+def test_head_bias_is_saved_and_absent_by_default(tmp_path):
+    from model import checkpoint
+
+    assert SequenceModel(ModelConfig(**TINY)).head.bias is None
+    net = SequenceModel(ModelConfig(head_bias=True, tie_embeddings=True, **TINY))
+    with torch.no_grad():
+        net.head.bias.normal_()
+    checkpoint.save(net, tmp_path / "ck")
+    back = checkpoint.load(tmp_path / "ck")
+    assert back.config.head_bias and torch.equal(back.head.bias, net.head.bias)
+
+
+def test_whole_network_step_refuses_what_it_does_not_read():
+    net = SequenceModel(ModelConfig(d_ff=32, **TINY)).eval()
+    rec = net.to_recurrent()
+    assert rec._net_step is None  # the per-layer path runs instead
+    with pytest.raises(ValueError, match=r"does not implement d_ff=32"):
+        fused.NetStep(fused.library(), rec.net, rec.layers)
+    # a tensor added to the model that the C step knows nothing about
+    net = SequenceModel(ModelConfig(**TINY)).eval()
+    net.blocks[1].register_buffer("gate", torch.ones(16))
+    rec = net.to_recurrent()
+    assert rec._net_step is None
+    with pytest.raises(ValueError, match=r"blocks\.1\.gate"):
+        fused.NetStep(fused.library(), rec.net, rec.layers)
+
+
+def test_whole_network_step_refuses_config_fields_it_does_not_implement(monkeypatch):
+    net = SequenceModel(ModelConfig(**TINY)).eval()
+    rec = net.to_recurrent()
+    assert rec._net_step is not None
+    monkeypatch.setattr(fused.NetStep, "CONFIG_FIELDS", fused.NetStep.CONFIG_FIELDS - {"d_model"})
+    with pytest.raises(ValueError, match="does not implement d_model=16"):
+        fused.NetStep(fused.library(), rec.net, rec.layers)
+
+
+@pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-inv")])
+def test_embed_scale_multiplies_the_embedding_in_every_path(kernel, init):
+    torch.manual_seed(1)
+    scale = 16**0.5  # the official `lm` rescale: √d_model
+    net = SequenceModel(ModelConfig(kernel=kernel, init=init, embed_scale=scale, **TINY)).eval()
+    ref = SequenceModel(ModelConfig(kernel=kernel, init=init, **TINY)).eval()
+    ref.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        ref.embed.weight.mul_(scale)  # the same float32 products, folded into the table
+    tokens = torch.randint(0, 32, (2, 24))
+    got, whole = all_paths(net, tokens)
+    assert whole._net_step is not None
+    unscaled = SequenceModel(ModelConfig(kernel=kernel, init=init, **TINY)).eval()
+    unscaled.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        assert torch.equal(got["conv"], ref(tokens))
+        assert rel(got["conv"], unscaled(tokens)) > 0.01  # the scale matters
+    for name, logits in got.items():
+        assert rel(logits, got["conv"]) <= 1e-5, name
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf"), "4", True])
+def test_embed_scale_is_range_checked(bad):
+    with pytest.raises(ValueError, match="embed_scale"):
+        ModelConfig(embed_scale=bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# An independent float64 reference: the DPLR SSM on all N = 2·N2 complex modes (the conjugate pairs
+# explicit), A = diag(Λ, Λ*) − P̂P̂ᴴ with P̂ = [P; P*], stepped by dense matrix products.
+
+F64, C128 = torch.float64, torch.complex128
+
+
+def full_system(Lam, P, B, dt, disc="bilinear"):
+    """Ā (N, N), B̄ (N,) complex128 of one channel: Lam, B (N2,), P (r, N2)."""
+    A = torch.diag(torch.cat([Lam, Lam.conj()]))
+    for Pj in P:
+        col = torch.cat([Pj, Pj.conj()])
+        A = A - col[:, None] * col.conj()[None, :]
+    Bf = torch.cat([B, B.conj()])
+    eye = torch.eye(A.shape[0], dtype=C128)
+    if disc == "bilinear":
+        inv = torch.linalg.inv(eye - dt / 2 * A)
+        return inv @ (eye + dt / 2 * A), inv @ (dt * Bf)
+    Abar = torch.linalg.matrix_exp(dt * A)  # zoh (diagonal A only here)
+    return Abar, (Abar - eye) @ torch.linalg.solve(A, Bf)
+
+
+def dense_kernel(Abar, Bbar, Cbar, L):
+    """K_k = Ĉ Ā^k B̄ (k < L) with Ĉ = [C̄, C̄*] → (L,) float64."""
+    Cf, out, x = torch.cat([Cbar, Cbar.conj()]), [], Bbar
+    for _ in range(L):
+        out.append((Cf @ x).real)
+        x = Abar @ x
+    return torch.stack(out)
+
+
+def c_tilde(Abar, Cbar, L):
+    """The generating-function C̃ = C̄(I − Ā^L) on the stored N2 modes."""
+    Cf = torch.cat([Cbar, Cbar.conj()])
+    return (Cf @ (torch.eye(Abar.shape[0], dtype=C128) - torch.linalg.matrix_power(Abar, L)))[: len(Cbar)]
+
+
+@pytest.mark.parametrize("kind,init", [("s4", "fout"), ("s4", "legt"), ("s4d", "diag-lin")])
+def test_unclamped_re_lambda_gives_the_exact_kernel_and_the_training_clamp_does_not(kind, init):
+    """Official fout/legt layers hold Re Λ near 0 (1e-4 after the official inv_transform): with
+    re_lambda_max=None the float64 kernel equals the dense reference to 1e-10; the training clamp
+    (Re Λ ≤ −1e-2) would change it by far more than the serving tolerance."""
+    torch.manual_seed(2)
+    H, N, L = 3, 16, 256
+    k = SSMKernel(H, N, L, kind=kind, init=init, re_lambda_max=None, backend="torch")
+    with torch.no_grad():  # what an importer writes: small Re Λ, some tiny, one as large as -2
+        neg_re = torch.rand(H, N // 2, dtype=F64) * 1e-3 + 1e-4
+        neg_re[0, 0] = 2.0
+        k.log_neg_re.copy_(neg_re.log())
+    s = {n: v.detach() for n, v in k.ssm(F64).items()}
+    assert torch.allclose(-s["Lambda"].real, k.log_neg_re.double().exp(), rtol=1e-15, atol=0)
+    K = k(dtype=F64, backend="torch").detach()
+    for h in range(H):
+        P = s["P"][:, h] if kind == "s4" else torch.zeros(0, N // 2, dtype=C128)
+        Abar, Bbar = full_system(s["Lambda"][h], P, s["B"][h], s["dt"][h], k.disc)
+        # for S4 the stored C is C̃; for the reference take C̄ with C̃ = C̄(I − Ā^L)
+        Cbar = s["C"][h]
+        if kind == "s4":
+            Fm = torch.eye(N, dtype=C128) - torch.linalg.matrix_power(Abar, L)
+            Cbar = torch.linalg.solve(Fm.T, torch.cat([s["C"][h], s["C"][h].conj()]))[: N // 2]
+        assert rel(K[h], dense_kernel(Abar, Bbar, Cbar, L)) <= 1e-10, h
+    k.re_lambda_max = -1e-2  # the training clamp, on the same parameters
+    assert rel(k(dtype=F64, backend="torch").detach(), K) > 1e-3  # ≫ the 1e-5 import tolerance
+
+
+@pytest.mark.parametrize("bad", [0.0, 1e-3, float("nan"), float("-inf"), "x", True])
+def test_re_lambda_max_is_range_checked(bad):
+    with pytest.raises(ValueError, match="re_lambda_max"):
+        ModelConfig(re_lambda_max=bad)
+    assert ModelConfig(re_lambda_max=None).re_lambda_max is None
