@@ -144,13 +144,15 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
     try:
         sd, cfg, kind = read_source(src, config)
         imp = map_official(sd, cfg, kind)
-    except (OfficialFormatError, Unsupported) as exc:
+    except OfficialFormatError as exc:
         raise ConvertError(str(exc)) from None
+    except Unsupported as exc:
+        raise ConvertError(f"{src}: {exc}") from None
     net = build(imp)
     try:
         ver = verify(imp, net, tol)
     except VerificationError as exc:
-        raise ConvertError(f"verification failed: {exc}") from None
+        raise ConvertError(f"{src}: verification failed: {exc}") from None
     sha = _sha256(src)
     name = name or src.stem
     summary = {
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = convert(args.src, args.out_dir, args.config, args.name)
     except (ConvertError, OSError) as exc:
-        print(f"error: {args.src}: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     v = summary["verification"]
     print(

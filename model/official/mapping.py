@@ -114,6 +114,12 @@ def _per_channel(x: torch.Tensor, H: int, dim: int) -> torch.Tensor:
     return x.index_select(dim, idx)
 
 
+def _drop_defaults(config: dict) -> dict:
+    """Leave out l_kernel=None and dt_tied=True (our defaults), so the config.json of a model that
+    needs neither loads in any s4serve that has the other fields."""
+    return {k: v for k, v in config.items() if not ((k == "l_kernel" and v is None) or (k == "dt_tied" and v))}
+
+
 def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict[str, str]]:
     """Rename version-3 keys (convert_v3_to_v4.py's renames); returns the new dict and, per kernel
     prefix, the transforms that the old names imply."""
@@ -437,6 +443,7 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
         "embed_scale": float(embed_scale), "l_kernel": l_kernels if kind == "s4" else None,
         "dt_tied": bool(dt_tied_all), "re_lambda_max": None,
     }  # fmt: skip
+    config = _drop_defaults(config)
     notes.append(
         f"{kind} layers: init {lc.get('init', lc.get('measure'))!r}, n_ssm {facts0['S']}, "
         f"transforms dt={facts0['transforms']['dt']}, real={facts0['transforms']['real']}, "
@@ -517,6 +524,7 @@ def map_standalone(sd: dict[str, torch.Tensor], desc: dict) -> Imported:
         "rank": 1, "disc": "zoh", "l_max": 1024, "d_ff": 0, "tie_embeddings": False, "head_bias": True,
         "embed_scale": scale, "l_kernel": None, "dt_tied": True, "re_lambda_max": None,
     }  # fmt: skip
+    config = _drop_defaults(config)
     return Imported(config, tensors, mp, ["standalone models/s4/s4d.py layers (ZOH, exp transforms)"])
 
 
