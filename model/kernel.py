@@ -101,14 +101,15 @@ def s4d_kernel(
     Lambda: torch.Tensor,  # (H, N2) complex
     B: torch.Tensor,  # (H, N2) complex
     C: torch.Tensor,  # (H, N2) complex
-    dt: torch.Tensor,  # (H,) real
+    dt: torch.Tensor,  # (H,) real, or (H, N2): one Δ per mode (untied)
     L: int,
     disc: str = "zoh",
     backend: str = "auto",
 ) -> torch.Tensor:
     """K̄_l = 2 Re Σₙ Cₙ B̄ₙ μₙˡ (H, L) for the diagonal SSM, ZOH or bilinear."""
-    mu, Bbar = discretize(Lambda * dt[:, None], B * dt[:, None], disc)
-    log_mu = Lambda * dt[:, None] if disc == "zoh" else torch.log(mu)
+    dt = dt[:, None] if dt.dim() == 1 else dt  # (H, 1) or (H, N2)
+    mu, Bbar = discretize(Lambda * dt, B * dt, disc)
+    log_mu = Lambda * dt if disc == "zoh" else torch.log(mu)
     return vandermonde(C * Bbar, log_mu, L, backend=backend)
 
 
@@ -124,9 +125,9 @@ def discretize(dtA, dtB, disc: str):
 # Parameter initialization
 
 
-def init_dt(H: int, dt_min: float = 1e-3, dt_max: float = 1e-1, generator=None) -> torch.Tensor:
-    """log Δ ~ U[log dt_min, log dt_max] per channel."""
-    u = torch.rand(H, dtype=torch.float64, generator=generator)
+def init_dt(H: int, dt_min: float = 1e-3, dt_max: float = 1e-1, generator=None, modes: int = 0):
+    """log Δ ~ U[log dt_min, log dt_max] per channel (H,), or per channel and mode (H, modes) if modes."""
+    u = torch.rand(*((H, modes) if modes else (H,)), dtype=torch.float64, generator=generator)
     return math.log(dt_min) + u * (math.log(dt_max) - math.log(dt_min))
 
 
@@ -167,7 +168,7 @@ class SSMKernel(nn.Module):
     """Parameters of H independent SSMs and the kernel they define.
 
     kind="s4":  DPLR A = Λ − P Pᴴ, bilinear, C is the generating-function C̃ (S4 paper §3.3).
-    kind="s4d": diagonal A = Λ, ZOH or bilinear, C is C̄ directly.
+    kind="s4d": diagonal A = Λ, ZOH or bilinear, C is C̄ directly; Δ may be untied (one per mode).
     """
 
     SSM_PARAMS = ("log_dt", "log_neg_re", "im", "P", "B")  # own lr, no weight decay
@@ -185,6 +186,7 @@ class SSMKernel(nn.Module):
         dt_max: float = 1e-1,
         backend: str = "auto",
         re_lambda_max: float | None = RE_LAMBDA_MAX,
+        dt_tied: bool = True,
     ):
         super().__init__()
         if re_lambda_max is not None and not (-math.inf < re_lambda_max < 0):
@@ -198,6 +200,8 @@ class SSMKernel(nn.Module):
             if disc != "bilinear":
                 raise ValueError("the S4 (DPLR) kernel uses the bilinear discretization")
             rank = max(rank, 2 if init == "legt" else 1)
+            if not dt_tied:
+                raise ValueError("untied Δ (dt_tied=False) is supported for the S4D kernel only")
         elif kind == "s4d":
             if init not in S4D_INITS:
                 raise ValueError(f"s4d kernel init must be one of {S4D_INITS}, got {init!r}")
@@ -207,7 +211,8 @@ class SSMKernel(nn.Module):
         self.H, self.N, self.L, self.kind, self.disc, self.rank = H, N, L, kind, disc, rank
         self.backend, self.re_lambda_max = backend, re_lambda_max
         Lambda, P, B, C = init_ssm(init, H, N, rank)
-        self.log_dt = nn.Parameter(init_dt(H, dt_min, dt_max).float())
+        # log Δ: (H,), or (H, N2) untied (S4D: one Δ per mode, as the official dt_tie=False)
+        self.log_dt = nn.Parameter(init_dt(H, dt_min, dt_max, modes=0 if dt_tied else N // 2).float())
         # −Re Λ = exp(log_neg_re) > 0 holds any Re Λ < 0; skew measures (Re Λ = 0) start at the clamp,
         # or without one at 1e-4 (the official inv_transform's floor)
         floor = 1e-4 if re_lambda_max is None else -re_lambda_max

@@ -35,6 +35,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     head_bias: bool = False  # the output head (decoder) Linear has a bias (official checkpoints do)
     re_lambda_max: float | None = RE_LAMBDA_MAX  # clamp Re Λ ≤ it (None: none; imported models)
+    dt_tied: bool = True  # False: one Δ per mode, (H, N/2) (S4D only; official dt_tie=False)
     embed_scale: float = 1.0  # the embedding is multiplied by it (official task `lm` rescale: √d_model)
     cauchy_backend: str = "auto"  # auto (keops when it works), keops, torch
     modality: str = "text"  # text | audio (metadata for serving)
@@ -55,6 +56,8 @@ class ModelConfig:
         number = isinstance(scale, int | float) and not isinstance(scale, bool)
         if not (number and math.isfinite(scale) and scale > 0):
             raise ValueError(f"embed_scale must be a positive finite number, got {self.embed_scale}")
+        if not isinstance(self.dt_tied, bool) or (self.kernel == "s4" and not self.dt_tied):
+            raise ValueError(f"dt_tied must be true or false, and true for kernel 's4'; got {self.dt_tied!r}")
         r = self.re_lambda_max
         if r is not None and (isinstance(r, bool) or not isinstance(r, int | float) or not -math.inf < r < 0):
             raise ValueError(f"re_lambda_max must be null or a negative number, got {r!r}")
@@ -92,7 +95,7 @@ class Block(nn.Module):
         self.layer = S4Layer(
             cfg.d_model, cfg.d_state, cfg.l_max, dropout=cfg.dropout, kind=cfg.kernel, init=cfg.init,
             rank=cfg.rank, disc=cfg.disc, dt_min=cfg.dt_min, dt_max=cfg.dt_max,
-            backend=cfg.cauchy_backend, re_lambda_max=cfg.re_lambda_max,
+            backend=cfg.cauchy_backend, re_lambda_max=cfg.re_lambda_max, dt_tied=cfg.dt_tied,
         )  # fmt: skip
         self.ff_norm = nn.LayerNorm(cfg.d_model) if cfg.d_ff else None
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout) if cfg.d_ff else None

@@ -309,7 +309,7 @@ def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None
             mu, b, c = diagonalize(Abar, Bbar, gamma)
             tries = [lambda: DiagonalSSM(mu, b, c, device), lambda: DPLRStep(s, Abar, Bbar, gamma, device)]
         else:
-            Lam, dt = s["Lambda"], s["dt"][:, None]
+            Lam, dt = s["Lambda"], s["dt"] if s["dt"].dim() == 2 else s["dt"][:, None]  # Δ untied: (H, N2)
             mu, Bbar = discretize(Lam * dt, s["B"] * dt, kernel.disc)
             tries = [lambda: DiagonalSSM(mu, Bbar, s["C"], device)]
         errors = []
