@@ -100,8 +100,9 @@ def model_card(name: str, src: Path, sha: str, kind: str, imp: Imported, ver: di
     lines = [
         f"# {name}",
         "",
-        f"Imported from a checkpoint trained with the official [state-spaces/s4](https://github.com/state-spaces/s4) "
-        f"code by `python -m model.convert` (mapping follows its code at {OFFICIAL_COMMIT}).",
+        "Imported from a checkpoint trained with the official "
+        "[state-spaces/s4](https://github.com/state-spaces/s4) code by `python -m model.convert` "
+        f"(the mapping follows its code at {OFFICIAL_COMMIT}).",
         "",
         "| | |",
         "|---|---|",

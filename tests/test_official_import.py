@@ -34,6 +34,7 @@ CASES = {  # name: (source, config or None)
     "s4_fout": ("s4_fout.ckpt", None),
     "s4_v3": ("s4_v3.pt", None),  # s4_v3.yaml beside it
     "s4d_standalone": ("s4d_standalone.pt", None),  # s4d_standalone.json beside it
+    "s4_bytes": ("s4_bytes.ckpt", None),  # vocab 256, served in tests/test_server_official.py
 }
 
 
@@ -58,16 +59,29 @@ def test_imported_kernels_equal_the_official_kernels_in_float64(name):
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_imported_model_matches_the_official_conv_and_recurrence(name):
+def test_imported_conv_logits_equal_the_official_float64(name):
     ref = load_file(str(FIX / f"{name}.ref.safetensors"))
     tokens, T0 = ref["tokens"], ref["logits_conv"].shape[1]
     net = build(imported(name))  # float32, as served
     with torch.no_grad():
         assert rel(net(tokens[:, :T0]), ref["logits_conv"]) <= 1e-5
-        # conv mode past the trained length equals the official recurrence (which remembers forever)
-        assert rel(net(tokens), ref["logits_step"]) <= 1e-5
-    rec = net.to_recurrent()
-    n0 = 7  # prefill a prompt, then step token by token past l_max
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_imported_conv_mode_past_the_trained_length_equals_the_official_recurrence(name):
+    """The official recurrence remembers forever; our conv mode computes the kernel for the length given."""
+    ref = load_file(str(FIX / f"{name}.ref.safetensors"))
+    net = build(imported(name))
+    with torch.no_grad():
+        assert rel(net(ref["tokens"]), ref["logits_step"]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_imported_recurrent_prefill_and_step_equal_the_official_recurrence(name):
+    ref = load_file(str(FIX / f"{name}.ref.safetensors"))
+    tokens = ref["tokens"]
+    rec = build(imported(name)).to_recurrent()  # float32, verified
+    n0 = 7  # prefill a prompt, then step token by token past the trained length
     logits, state = rec.prefill(tokens[:, :n0], rec.init_state(tokens.shape[0]))
     out = [logits]
     for t in range(n0, tokens.shape[1]):
@@ -79,8 +93,8 @@ def test_imported_model_matches_the_official_conv_and_recurrence(name):
 def test_convert_cli_writes_a_checkpoint_with_a_model_card(tmp_path):
     out = tmp_path / "ck"
     r = subprocess.run(
-        [sys.executable, "-m", "model.convert", str(FIX / "s4d_standalone.pt"), str(out), "--name", "tiny-s4d"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        [sys.executable, "-m", "model.convert", str(FIX / "s4d_standalone.pt"), str(out), "--name", "x"],
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=600,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     net = load(out)
@@ -91,7 +105,7 @@ def test_convert_cli_writes_a_checkpoint_with_a_model_card(tmp_path):
     import hashlib
 
     sha = hashlib.sha256((FIX / "s4d_standalone.pt").read_bytes()).hexdigest()
-    assert "# tiny-s4d" in card and sha in card
+    assert "# x\n" in card and sha in card
     assert "`blocks.1.layer.kernel.im` | `s4_layers.1.kernel.A_imag`" in card  # the mapping
     assert "recurrent prefill + step logits (float32): max rel. error" in card  # the verification
 
@@ -107,7 +121,9 @@ def test_config_is_read_without_omegaconf_as_plain_data():
         "assert layer[1]['_name_'] == 'ffn' and cfg['task']['rescale'] is True\n"
         "assert cfg['model']['pool'] == {'_name_': 'pool', 'stride': 1, 'expand': None}\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -126,7 +142,7 @@ class _Payload:
 def _run_convert(src: Path, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "model.convert", str(src), str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
 
 

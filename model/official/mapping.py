@@ -117,7 +117,9 @@ def _per_channel(x: torch.Tensor, H: int, dim: int) -> torch.Tensor:
 def _drop_defaults(config: dict) -> dict:
     """Leave out l_kernel=None and dt_tied=True (our defaults), so the config.json of a model that
     needs neither loads in any s4serve that has the other fields."""
-    return {k: v for k, v in config.items() if not ((k == "l_kernel" and v is None) or (k == "dt_tied" and v))}
+    return {
+        k: v for k, v in config.items() if not ((k == "l_kernel" and v is None) or (k == "dt_tied" and v))
+    }
 
 
 def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict[str, str]]:
@@ -214,7 +216,11 @@ def map_ssm_kernel(
     how_dt = f"log Δ = log {dt_t}(inv_dt)" + (" (after sinh: dt_fast)" if opts.get("dt_fast") else "")
     mp += [
         ("kernel.log_dt", kp + "inv_dt", how_dt + ("" if dt_tied else ", one Δ per mode (untied)")),
-        ("kernel.log_neg_re", kp + "A_real", f"log(−Re Λ), Re Λ = −{re_t}(A_real); channel h ← SSM h mod {S}"),
+        (
+            "kernel.log_neg_re",
+            kp + "A_real",
+            f"log(−Re Λ), Re Λ = −{re_t}(A_real); channel h ← SSM h mod {S}",
+        ),
         ("kernel.im", kp + "A_imag", f"Im Λ = −{im_t}(A_imag); channel h ← SSM h mod {S}"),
         ("kernel.B", kp + "B", f"B[0]; channel h ← SSM h mod {S}"),
     ]
@@ -264,7 +270,9 @@ def _check_backbone(m: dict) -> None:
             and set(norm) <= {"_name_", "eps"} and norm.get("eps", LN_EPS) == LN_EPS)):  # fmt: skip
         raise Unsupported(f"model.norm = {norm!r}: only LayerNorm ('layer', eps 1e-5) is supported")
     pool = _opt(m, "pool", None, w)
-    if pool is not None and not (isinstance(pool, dict) and pool.get("stride", 1) == 1 and pool.get("expand") is None):
+    if pool is not None and not (
+        isinstance(pool, dict) and pool.get("stride", 1) == 1 and pool.get("expand") is None
+    ):
         raise Unsupported(f"model.pool = {pool!r}: pooling is not supported in the isotropic backbone")
 
 
@@ -292,7 +300,9 @@ def _check_s4_layer(lc: dict, where: str) -> str:
         return "s4"
     if mode in ("diag", "s4d"):
         return "s4d"
-    raise Unsupported(f"{where}.mode = {mode!r}: only the S4 (nplr/dplr) and S4D (diag) kernels are supported")
+    raise Unsupported(
+        f"{where}.mode = {mode!r}: only the S4 (nplr/dplr) and S4D (diag) kernels are supported"
+    )
 
 
 def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
@@ -336,7 +346,9 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     task = cfg.get("task") or {}
     tname = task.get("_name_")
     if tname not in ("lm", "multiclass_classification", "base", None):
-        raise Unsupported(f"task._name_ = {tname!r}: only the 'lm' task (and per-token classification) is supported")
+        raise Unsupported(
+            f"task._name_ = {tname!r}: only the 'lm' task (and per-token classification) is supported"
+        )
     rescale = bool(task.get("rescale", True)) if tname == "lm" else False
     embed_scale = math.sqrt(H) if rescale else 1.0
     notes.append(f"task {tname!r}: rescale = {rescale} → embed_scale {embed_scale:.6g}")
@@ -346,8 +358,8 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     dec = cfg.get("decoder")
     if dec not in (None, []) and not (
         (dec == "sequence" or (isinstance(dec, dict) and dec.get("_name_") == "sequence"))
-        and (not isinstance(dec, dict) or (dec.get("l_output") is None and dec.get("mode", "last") in ("last", "first")
-             and not dec.get("use_lengths", False)))
+        and (not isinstance(dec, dict) or (dec.get("l_output") is None and not dec.get("use_lengths", False)
+             and dec.get("mode", "last") in ("last", "first")))
     ):  # fmt: skip
         raise Unsupported(f"decoder = {dec!r}: only a per-token Linear decoder is supported")
     head_keys = [k for k in sd if k.startswith("decoder.") and k.endswith(".weight")]
@@ -369,7 +381,7 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
         j = i * per
         p = f"model.layers.{j}."
         lc = layer_cfgs[0]
-        where = f"model.layer[0] (block {j})"
+        where = "model.layer[0]"
         kind = _check_s4_layer(lc, where)
         kinds.add(kind)
         kp = p + "layer.layer.kernel."
@@ -401,7 +413,7 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
         if per == 2:
             f = f"model.layers.{j + 1}."
             fc = layer_cfgs[1]
-            fw = f"model.layer[1] (block {j + 1})"
+            fw = "model.layer[1]"
             _expect(fc, "activation", "gelu", ("gelu",), fw, "only GELU is supported")
             _expect(fc, "d_output", None, (None, H), fw, "the FF block must map d_model to d_model")
             _expect(fc, "transposed", False, (False,), fw, "transposed FF blocks are not supported")
@@ -434,7 +446,9 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     if kind == "s4":
         l_max = l_max if isinstance(l_max, int) and l_max > 0 else max(l_kernels)
     elif not (isinstance(l_max, int) and l_max > 0):
-        l_max = int(cfg.get("dataset", {}).get("l_max") or 1024) if isinstance(cfg.get("dataset"), dict) else 1024
+        l_max = (
+            int(cfg.get("dataset", {}).get("l_max") or 1024) if isinstance(cfg.get("dataset"), dict) else 1024
+        )
     l_max += l_max % 2  # ours is even; it is the verification length, the kernels use l_kernel
     config = {
         "vocab_size": int(V), "d_model": int(H), "n_layers": n_layers, "d_state": 2 * facts0["N2"],
@@ -469,11 +483,15 @@ def map_standalone(sd: dict[str, torch.Tensor], desc: dict) -> Imported:
     if unknown:
         raise Unsupported(f"description: unknown fields {sorted(unknown)}")
     if desc.get("module") != "s4d":
-        raise Unsupported(f"description.module = {desc.get('module')!r}: only the standalone 's4d' is supported")
+        raise Unsupported(
+            f"description.module = {desc.get('module')!r}: only the standalone 's4d' is supported"
+        )
     if desc.get("prenorm", True) is not True:
         raise Unsupported(f"description.prenorm = {desc.get('prenorm')!r}: post-norm is not supported")
     if desc.get("final_norm", True) is not True:
-        raise Unsupported(f"description.final_norm = {desc.get('final_norm')!r}: a final LayerNorm is required")
+        raise Unsupported(
+            f"description.final_norm = {desc.get('final_norm')!r}: a final LayerNorm is required"
+        )
     try:
         n_layers, H, N, V = (int(desc[k]) for k in ("n_layers", "d_model", "d_state", "vocab_size"))
         scale = float(desc.get("embed_scale", 1.0))

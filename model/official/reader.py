@@ -35,7 +35,9 @@ class _Node:
 
     def __setstate__(self, state) -> None:
         if not isinstance(state, dict):
-            raise OfficialFormatError(f"{type(self).__name__}: unexpected pickled state {type(state).__name__}")
+            raise OfficialFormatError(
+                f"{type(self).__name__}: unexpected pickled state {type(state).__name__}"
+            )
         self.__dict__.update(state)
 
 
@@ -88,7 +90,7 @@ OMEGACONF_GLOBALS: list[tuple[Any, str]] = [
 ]
 
 
-def to_plain(obj: Any) -> Any:
+def to_plain(obj: Any) -> Any:  # noqa: PLR0911
     """Stand-in omegaconf nodes → plain dicts, lists and values (interpolations stay strings)."""
     if isinstance(obj, (_DictConfig, _ListConfig)):
         content = obj.__dict__.get("_content")
@@ -217,5 +219,7 @@ def read_source(src: str | Path, config: str | Path | None = None) -> tuple[dict
         cfg = None
         if cfg_path is not None:
             cfg = read_json(cfg_path) if cfg_path.suffix == ".json" else read_yaml(cfg_path)
-        kind = "standalone" if isinstance(cfg, dict) and cfg.get("format") == "s4-standalone" else "state_dict"
+        kind = (
+            "standalone" if isinstance(cfg, dict) and cfg.get("format") == "s4-standalone" else "state_dict"
+        )
     return sd, (resolve_config(cfg) if cfg is not None else None), kind
