@@ -229,3 +229,80 @@ def test_untied_dt_model_runs_the_same_in_conv_mode_and_every_recurrent_path(dis
     assert whole._net_step is not None
     for name, logits in got.items():
         assert rel(logits, got["conv"]) <= 1e-5, name
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-layer kernel lengths and conv mode at any length
+
+
+def s4_kernel_with_c_bar(H, N, l_kernel, seed, init="legs"):
+    """An S4 SSMKernel whose C̃ is C̄(I − Ā^l_kernel) for a random C̄ (as an official layer stores it),
+    and the dense reference systems (Ā, B̄, C̄) per channel."""
+    torch.manual_seed(seed)
+    k = SSMKernel(H, N, l_kernel, kind="s4", init=init, re_lambda_max=None, backend="torch")
+    s = {n: v.detach() for n, v in k.ssm(F64).items()}
+    refs, Ct = [], []
+    for h in range(H):
+        Abar, Bbar = full_system(s["Lambda"][h], s["P"][:, h], s["B"][h], s["dt"][h])
+        Cbar = torch.randn(N // 2, dtype=C128)
+        refs.append((Abar, Bbar, Cbar))
+        Ct.append(c_tilde(Abar, Cbar, l_kernel))
+    with torch.no_grad():
+        k.C.copy_(torch.view_as_real(torch.stack(Ct).to(torch.complex64)))
+    # the float32 C̃ stored: take the reference C̄ from it exactly (C̄ = C̃ (I − Ā^L)⁻¹)
+    Cs = torch.view_as_complex(k.C.detach().double())
+    for h, (Abar, Bbar, _) in enumerate(refs):
+        Fm = torch.eye(N, dtype=C128) - torch.linalg.matrix_power(Abar, l_kernel)
+        refs[h] = (Abar, Bbar, torch.linalg.solve(Fm.T, torch.cat([Cs[h], Cs[h].conj()]))[: N // 2])
+    return k, refs
+
+
+@pytest.mark.parametrize("l_kernel", [64, 77])
+@pytest.mark.parametrize("init", ["legs", "fout"])
+def test_s4_kernel_at_any_length_from_a_c_tilde_of_any_kernel_length(l_kernel, init):
+    """C̃ stored for the layer's own l_kernel (odd included); the kernel asked for any L (shorter,
+    equal, longer, odd or even) equals the dense reference C̄ Ā^k B̄ in float64: 1e-12 for legs; fout
+    (Re Λ ≈ −1e-4: I − Ā^L nearly singular, measured 3e-11, 3e-10 at L = 1, as much at L = l_kernel,
+    where no rewriting happens) 1e-9."""
+    H, N = 2, 16
+    tol = 1e-12 if init == "legs" else 1e-9
+    k, refs = s4_kernel_with_c_bar(H, N, l_kernel, seed=5, init=init)
+    C_before = k.C.detach().clone()
+    for L in (1, 40, l_kernel - 1, l_kernel, l_kernel + 1, 150, 301):
+        K = k(L, dtype=F64, backend="torch").detach()
+        assert K.shape == (H, L)
+        for h, (Abar, Bbar, Cbar) in enumerate(refs):
+            assert rel(K[h], dense_kernel(Abar, Bbar, Cbar, L)) <= tol, (L, h)
+        K32 = k(L).detach()  # float32 (C̃ rewritten in float64 first when L > l_kernel)
+        # (fout in float32 is 2e-4..3e-3 off at every L, rewritten or not: the Woodbury cancellation
+        # at Re Λ ≈ 0 that kernel.py's RE_LAMBDA_MAX note measures)
+        assert K32.dtype == torch.float32 and rel(K32, K) <= (1e-5 if init == "legs" else 1e-2), L
+    assert torch.equal(k.C.detach(), C_before)  # computing a kernel never rewrites C̃
+
+
+def test_s4_kernel_gradients_reach_every_parameter_past_the_kernel_length():
+    k = SSMKernel(4, 16, 63, kind="s4", backend="torch")
+    k(200).square().sum().backward()
+    for n, p in k.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4", "lagt"), ("s4d", "diag-lin")])
+def test_per_layer_kernel_lengths_in_conv_mode_and_every_recurrent_path(kernel, init):
+    torch.manual_seed(6)
+    cfg = ModelConfig(kernel=kernel, init=init, **{**TINY, "n_layers": 3}, l_kernel=[64, 77, 31])
+    net = SequenceModel(cfg).eval()
+    assert [k.L for k in net.kernels()] == [64, 77, 31]
+    tokens = torch.randint(0, 32, (2, 120))  # longer than every layer's kernel length
+    got, whole = all_paths(net, tokens)
+    assert whole._net_step is not None
+    for name, logits in got.items():
+        assert rel(logits, got["conv"]) <= 1e-5, name
+    with torch.no_grad():  # a float64 conv forward: the float32 one is within 1e-5 of it
+        assert rel(got["conv"], net.double()(tokens)) <= 1e-5
+
+
+@pytest.mark.parametrize("bad", [[64], [64, 0], [64, 1.5], [64, True], "64", [64, 2**21]])
+def test_l_kernel_is_range_checked(bad):
+    with pytest.raises(ValueError, match="l_kernel"):
+        ModelConfig(**TINY, l_kernel=bad)
