@@ -133,9 +133,8 @@ class SequenceModel(nn.Module):
             self.head.weight = self.embed.weight
 
     def forward(self, tokens: torch.Tensor, ssms: list[SSMFn] | None = None) -> torch.Tensor:
-        """tokens (B, L) → logits (B, L, V) in conv mode; with `ssms`, any leading shape."""
-        if ssms is None and tokens.shape[-1] > self.config.l_max:
-            raise ValueError(f"conv mode handles at most l_max={self.config.l_max} tokens")
+        """tokens (B, L) → logits (B, L, V) in conv mode, at any L (each layer's kernel is computed for
+        the length given); with `ssms`, any leading shape."""
         x = self.embed(tokens) * self.config.embed_scale  # (B, L, H)
         for i, block in enumerate(self.blocks):
             x = block(x, None if ssms is None else ssms[i])
