@@ -86,17 +86,24 @@ class ModelConfig:
 
 
 class FeedForward(nn.Module):
+    """down(dropout(GELU(up(x)))): (…, H) → (…, H); exact (erf) GELU, both linears with bias. The
+    official `ff` layer (state-spaces/s4 src/models/sequence/modules/ffn.py, FFN with expand =
+    d_ff / H, activation 'gelu') computes the same, with its dropout in the same place."""
+
     def __init__(self, d_model: int, d_ff: int, dropout: float):
         super().__init__()
         self.up, self.down = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.dropout(self.down(nn.functional.gelu(self.up(x))))
+        return self.down(self.dropout(nn.functional.gelu(self.up(x))))
 
 
 class Block(nn.Module):
-    """x + S4Layer(LN(x)), then x + FF(LN(x)) when d_ff > 0."""
+    """x + dropout(S4Layer(LN(x))), then x + dropout(FF(LN(x))) when d_ff > 0.
+
+    As the official backbone's layer pattern [s4, ff]: two pre-norm residual blocks
+    (SequenceResidualBlock: norm → layer → dropout → add), each with its own LayerNorm (eps 1e-5)."""
 
     def __init__(self, cfg: ModelConfig, i: int = 0):
         super().__init__()
@@ -109,13 +116,14 @@ class Block(nn.Module):
         )  # fmt: skip
         self.ff_norm = nn.LayerNorm(cfg.d_model) if cfg.d_ff else None
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout) if cfg.d_ff else None
+        self.dropout = nn.Dropout(cfg.dropout)  # on each residual branch
 
     def forward(self, x: torch.Tensor, ssm: SSMFn | None = None) -> torch.Tensor:
         u = self.norm(x)
         y = self.layer.ssm(u) if ssm is None else ssm(u)
-        x = x + self.layer.mix(y, u)
+        x = x + self.dropout(self.layer.mix(y, u))
         if self.ff is not None:
-            x = x + self.ff(self.ff_norm(x))
+            x = x + self.dropout(self.ff(self.ff_norm(x)))
         return x
 
 

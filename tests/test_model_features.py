@@ -326,3 +326,44 @@ def test_conv_mode_at_four_times_the_trained_length_equals_the_recurrence(kernel
     for got in (stepped, prefilled):
         assert rel(conv, got) <= 1e-4
         assert float((conv.log_softmax(-1) - got.log_softmax(-1)).abs().max()) <= 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# The official [s4, ff] layer pattern
+
+
+def official_s4_ff_blocks(net, x):
+    """The official backbone with layer [s4, ff], written out from its source (state-spaces/s4
+    e757cef: backbones/block.py SequenceResidualBlock with prenorm and residual 'R'; modules/
+    s4block.py S4Block; modules/ffn.py FFN), with F.* calls on our model's weights, in train mode:
+    residual block: y = layer(LN(x)); x + dropout(y)
+    S4Block:  GLU(W · dropout(GELU(K ∗ u + D u)) + b)
+    FFN:      W₂ · dropout(GELU(W₁ u + b₁)) + b₂   (nn.GELU: the exact erf form)."""
+    F, p = torch.nn.functional, net.config.dropout
+    for blk in net.blocks:
+        u = F.layer_norm(x, (x.shape[-1],), blk.norm.weight, blk.norm.bias, eps=1e-5)
+        y = F.gelu(blk.layer.ssm(u) + blk.layer.D * u)
+        y = F.glu(F.linear(F.dropout(y, p), blk.layer.out.weight, blk.layer.out.bias), dim=-1)
+        x = x + F.dropout(y, p)
+        u = F.layer_norm(x, (x.shape[-1],), blk.ff_norm.weight, blk.ff_norm.bias, eps=1e-5)
+        y = F.gelu(F.linear(u, blk.ff.up.weight, blk.ff.up.bias), approximate="none")
+        y = F.linear(F.dropout(y, p), blk.ff.down.weight, blk.ff.down.bias)
+        x = x + F.dropout(y, p)
+    return F.layer_norm(x, (x.shape[-1],), net.norm.weight, net.norm.bias, eps=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_feed_forward_blocks_equal_the_official_s4_ff_pattern_including_dropout(train):
+    torch.manual_seed(8)
+    net = SequenceModel(ModelConfig(d_ff=40, dropout=0.25 if train else 0.0, **TINY)).train(train)
+    tokens = torch.randint(0, 32, (2, 50))
+    torch.manual_seed(9)  # the same dropout masks: drawn in the same order
+    with torch.no_grad():
+        got = net(tokens)
+    torch.manual_seed(9)
+    with torch.no_grad():
+        want = net.head(official_s4_ff_blocks(net, net.embed(tokens)))
+    assert torch.equal(got, want)
+    if train:  # dropout was active: another draw differs
+        with torch.no_grad():
+            assert rel(net(tokens), got) > 1e-2
