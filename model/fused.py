@@ -124,7 +124,7 @@ class NetStep:
     CONFIG_FIELDS = frozenset({
         "vocab_size", "d_model", "n_layers", "d_state", "kernel", "init", "rank", "disc", "l_max",
         "dropout", "dt_min", "dt_max", "tie_embeddings", "cauchy_backend", "modality", "sample_rate",
-        "head_bias", "embed_scale", "re_lambda_max", "dt_tied",
+        "head_bias", "embed_scale", "re_lambda_max", "dt_tied", "l_kernel",
     })  # fmt: skip
 
     def __init__(self, lib, net, forms) -> None:

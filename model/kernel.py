@@ -93,6 +93,40 @@ def s4_kernel(
     return torch.fft.irfft(torch.cat([khat, nyquist], dim=-1), n=L)  # (H, L)
 
 
+def dplr_real_matrix(Lambda: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """The real (H, N, N) matrix of A = Λ − P̃·2Re(P̃ᴴ ·) on the state ξ = [Re x; Im x] of the N/2
+    stored modes x (the conjugate-symmetric DPLR matrix; Λ (H, N2), P (r, H, N2))."""
+    H, N2 = Lambda.shape
+    M = torch.zeros(H, 2 * N2, 2 * N2, dtype=Lambda.real.dtype, device=Lambda.device)
+    idx = torch.arange(N2, device=Lambda.device)
+    M[:, idx, idx] = Lambda.real
+    M[:, idx + N2, idx + N2] = Lambda.real
+    M[:, idx, idx + N2] = -Lambda.imag
+    M[:, idx + N2, idx] = Lambda.imag
+    for Pj in P:
+        col = torch.cat([Pj.real, Pj.imag], dim=-1)
+        M = M - 2 * col[:, :, None] * col[:, None, :]
+    return M
+
+
+def c_tilde_for_length(
+    Lambda: torch.Tensor, P: torch.Tensor, C: torch.Tensor, dt: torch.Tensor, L_from: int, L_to: int
+) -> torch.Tensor:
+    """C̃' = C̄(I − Ā^{L_to}) from C̃ = C̄(I − Ā^{L_from}) (H, N2) for the bilinear DPLR SSM (S4 paper
+    §3.3: C̃ is tied to the generating function's length; the official code doubles it in place by
+    C̃(I + Ā^L)). Computed in real coordinates on the same dtype as the inputs (use float64);
+    differentiable. y = 2 Re(C x) reads γ = [2 Re C; −2 Im C] on ξ = [Re x; Im x]."""
+    H, N2 = Lambda.shape
+    A = dplr_real_matrix(Lambda, P)
+    eye = torch.eye(2 * N2, dtype=A.dtype, device=A.device).expand_as(A)
+    half = dt[:, None, None] / 2 * A
+    Abar = torch.linalg.solve(eye - half, eye + half)
+    gamma = torch.cat([2 * C.real, -2 * C.imag], dim=-1)[..., None]  # (H, N, 1)
+    gamma_bar = torch.linalg.solve((eye - torch.linalg.matrix_power(Abar, L_from)).mT, gamma)
+    gamma_new = ((eye - torch.linalg.matrix_power(Abar, L_to)).mT @ gamma_bar)[..., 0]
+    return torch.complex(gamma_new[..., :N2], -gamma_new[..., N2:]) / 2
+
+
 # ---------------------------------------------------------------------------------------------
 # S4D: Vandermonde
 
@@ -177,7 +211,7 @@ class SSMKernel(nn.Module):
         self,
         H: int,
         N: int,
-        L: int,
+        L: int,  # the kernel length: S4's C̃ is for the generating function of this length (l_kernel)
         kind: str = "s4",
         init: str = "legs",
         rank: int = 1,
@@ -241,13 +275,24 @@ class SSMKernel(nn.Module):
     def forward(
         self, L: int | None = None, dtype: torch.dtype = torch.float32, backend: str | None = None
     ) -> torch.Tensor:
-        """K̄ (H, L) for L ≤ the trained length (computed at that length, then truncated)."""
+        """K̄ (H, L) at any length L ≥ 1 (default: the kernel length self.L), so conv mode equals the
+        recurrence at any length.
+
+        S4: C is C̃ for the generating function of length self.L (a layer's own l_kernel, odd allowed).
+        For an even L ≤ self.L the kernel is computed at self.L and truncated (the training path, fast
+        and differentiable); otherwise C̃ is first rewritten for an even length L' ≥ L (float64,
+        `c_tilde_for_length`) and the kernel computed at L'."""
         L = self.L if L is None else L
+        if L < 1:
+            raise ValueError(f"kernel length must be positive, got {L}")
         backend = backend or self.backend
-        if L > self.L:
-            raise ValueError(f"sequence length {L} exceeds the kernel length {self.L} of this model")
         s = self.ssm(dtype)
-        if self.kind == "s4":
-            K = s4_kernel(s["Lambda"], s["P"], s["B"], s["C"], s["dt"], self.L, backend)
-            return K[:, :L]
-        return s4d_kernel(s["Lambda"], s["B"], s["C"], s["dt"], L, self.disc, backend)
+        if self.kind == "s4d":
+            return s4d_kernel(s["Lambda"], s["B"], s["C"], s["dt"], L, self.disc, backend)
+        C, Lc = s["C"], self.L
+        if L > self.L or self.L % 2:
+            Lc = max(L, self.L) + max(L, self.L) % 2
+            s64 = s if dtype == torch.float64 else self.ssm(torch.float64)
+            C = c_tilde_for_length(s64["Lambda"], s64["P"], s64["C"], s64["dt"], self.L, Lc).to(C.dtype)
+        K = s4_kernel(s["Lambda"], s["P"], s["B"], C, s["dt"], Lc, backend)
+        return K[:, :L]

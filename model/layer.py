@@ -33,7 +33,8 @@ class S4Layer(nn.Module):
 
     def ssm(self, u: torch.Tensor) -> torch.Tensor:
         """The SSM part without the skip: (B, L, H) → (B, L, H)."""
-        K = self.kernel(u.shape[1])  # (H, L)
+        dtype = torch.float64 if u.dtype == torch.float64 else torch.float32  # float64 for references
+        K = self.kernel(u.shape[1], dtype=dtype)  # (H, L), any L
         return fft_conv(u.transpose(1, 2), K.to(u.dtype)).transpose(1, 2)
 
     def mix(self, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
