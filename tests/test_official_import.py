@@ -261,12 +261,14 @@ def test_untied_dt_in_a_dplr_layer_is_refused():
 
 
 def test_reading_softplus_as_exp_would_be_wrong_so_the_config_matters():
-    """The kernel error of a softplus model read as exp (the class default): why a config is required."""
+    """A softplus-Δ model read as exp (the class default) gives another kernel: why a config is required.
+    Here the error is 6.5e-2 (Δ near its 1e-3..1e-1 init, where softplus⁻¹ ≈ log); trained models
+    measure 0.5 (issue 13). The import tolerance is 1e-12."""
     sd, cfg, kind = _lightning()
     ref = load_file(str(FIX / "s4_softplus.ref.safetensors"))["kernel.0"]
     cfg["model"]["layer"][0]["dt_transform"] = "exp"
     net = build(map_official(sd, cfg, kind), F64)
-    assert rel(net.kernels()[0](ref.shape[1], dtype=F64, backend="torch"), ref) > 0.1
+    assert rel(net.kernels()[0](ref.shape[1], dtype=F64, backend="torch"), ref) > 1e-2
 
 
 def test_convert_raises_convert_error_for_an_unreadable_source(tmp_path):
