@@ -35,6 +35,8 @@ CASES = {  # name: (source, config or None)
     "s4_v3": ("s4_v3.pt", None),  # s4_v3.yaml beside it
     "s4d_standalone": ("s4d_standalone.pt", None),  # s4d_standalone.json beside it
     "s4_bytes": ("s4_bytes.ckpt", None),  # vocab 256, served in tests/test_server_official.py
+    "s4d_transforms": ("s4d_transforms.ckpt", None),  # relu / softplus / sigmoid + dt_fast, bilinear, tied
+    "s4_legt": ("s4_legt.ckpt", None),  # rank 2, softplus Re Λ, n_ssm 4, no rescale
 }
 
 
@@ -276,3 +278,25 @@ def test_convert_raises_convert_error_for_an_unreadable_source(tmp_path):
     bad.write_bytes(b"PK\x03\x04 not really a zip")
     with pytest.raises(ConvertError, match="refused by the safe loader"):
         convert(bad, tmp_path / "out")
+
+
+def test_a_pt_without_its_config_is_refused_by_the_converter(tmp_path):
+    src = tmp_path / "run.pt"
+    src.write_bytes((FIX / "s4_v3.pt").read_bytes())  # no run.yaml / config.yaml beside it
+    r = _run_convert(src, tmp_path / "out")
+    assert r.returncode == 2 and "config: missing" in r.stderr, r.stderr
+
+
+def test_version_3_inv_w_real_needs_the_real_transform_from_the_config():
+    """log_w_real names its transform (exp); inv_w_real does not: its config must say."""
+    sd, cfg, kind = read_source(FIX / "s4_v3.pt")
+    sd = {
+        k.replace("log_w_real", "inv_w_real"): (v.double().exp() if "w_real" in k else v)
+        for k, v in sd.items()
+    }
+    with pytest.raises(Unsupported, match="real_transform"):
+        map_official(sd, copy.deepcopy(cfg), kind)
+    cfg["model"]["layer"][0]["real_transform"] = "none"  # inv_w_real = −Re Λ, as stored above
+    ref = load_file(str(FIX / "s4_v3.ref.safetensors"))["kernel.0"]
+    net = build(map_official(sd, cfg, kind), F64)
+    assert rel(net.kernels()[0](ref.shape[1], dtype=F64, backend="torch"), ref) <= 1e-12

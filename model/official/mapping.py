@@ -138,8 +138,9 @@ def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict
         elif nk.endswith(".log_w_real"):
             nk = nk[: -len("log_w_real")] + "A_real"
             implied.setdefault(prefix, {})["real_transform"] = "exp"
-        elif nk.endswith(".inv_w_real"):
+        elif nk.endswith(".inv_w_real"):  # the transform is not in the name: the config must give it
             nk = nk[: -len("inv_w_real")] + "A_real"
+            implied.setdefault(prefix, {})["real_transform"] = None
         elif nk.endswith(".w_imag"):
             v, nk = -v, nk[: -len("w_imag")] + "A_imag"
             implied.setdefault(prefix, {})["imag_transform"] = "none"
@@ -387,7 +388,11 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
         kp = p + "layer.layer.kernel."
         opts = dict(lc)
         for k2, v2 in implied.get(kp, {}).items():
-            opts[k2] = v2
+            if v2 is None and k2 not in lc:
+                raise Unsupported(
+                    f"{where}.{k2}: not in the config, and the version-3 name inv_w_real does not imply it"
+                )
+            opts[k2] = lc[k2] if v2 is None else v2
         kt, facts, kmp = map_ssm_kernel(src, kp, H, opts, where, kind)
         q = f"blocks.{i}."
         for k2, v2 in kt.items():
