@@ -82,3 +82,34 @@ def test_entries_name_a_model_with_name_equals_path():
     assert parse_entry("mine=/x/y.ckpt") == ("mine", Path("/x/y.ckpt"))
     assert parse_entry("/x/a=b.ckpt") == (None, Path("/x/a=b.ckpt"))
     assert parse_entry("checkpoints/text") == (None, Path("checkpoints/text"))
+
+
+def test_python_m_server_serves_an_official_ckpt_and_streams_it_over_the_websocket(tmp_path):
+    """The issue's 'done when': the official .ckpt itself on the command line of `python -m server`."""
+    from server import launch
+
+    ckpt = FIX / "s4_bytes.ckpt"
+    proc, url = launch.start_server(
+        ["--checkpoints", f"official-lm={ckpt}", "--convert-cache", str(tmp_path / "cache"),
+         "--max-sessions", "4", "--device", "cpu"],
+        timeout_s=300,
+    )  # fmt: skip
+    try:
+
+        async def main():
+            async with connect(url.replace("http", "ws") + "/v1/stream") as ws:
+                await ws.send(json.dumps({"type": "generate", "model": "official-lm", "prompt": "abc",
+                                          "max_new_tokens": 6, "seed": 0}))  # fmt: skip
+                frames = []
+                while not frames or frames[-1]["type"] not in ("done", "error"):
+                    frames.append(json.loads(await ws.recv()))
+                return frames
+
+        frames = asyncio.run(main())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert frames[-1]["type"] == "done", frames[-1]
+    ids = [i for f in frames if f["type"] == "token" for i in f["ids"]]
+    folder = tmp_path / "cache" / hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert ids == reference(folder, list(b"abc"), SamplingParams(seed=0), 6)
