@@ -476,14 +476,16 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
 
 
 STANDALONE_FIELDS = {"format", "module", "n_layers", "d_model", "d_state", "vocab_size", "prenorm",
-                     "final_norm", "embed_scale"}  # fmt: skip
+                     "final_norm", "embed_scale", "l_max"}  # fmt: skip
 
 
 def map_standalone(sd: dict[str, torch.Tensor], desc: dict) -> Imported:
     """example.py's S4Model shape over tokens, built from the standalone S4D module:
     encoder (Embedding), s4_layers.{i} (S4D), norms.{i} (pre-norm LayerNorm), norm (final LayerNorm),
     decoder (Linear). `desc`: {"format": "s4-standalone", "module": "s4d", "n_layers", "d_model",
-    "d_state", "vocab_size", "prenorm": true, "final_norm": true, "embed_scale": 1.0}."""
+    "d_state", "vocab_size", "prenorm": true, "final_norm": true, "embed_scale": 1.0, "l_max": 1024}
+    (l_max: the length it was trained at; s4d.py computes its kernel for any length, so it only sets
+    the length our conversion verifies at)."""
     unknown = set(desc) - STANDALONE_FIELDS
     if unknown:
         raise Unsupported(f"description: unknown fields {sorted(unknown)}")
@@ -500,9 +502,15 @@ def map_standalone(sd: dict[str, torch.Tensor], desc: dict) -> Imported:
     try:
         n_layers, H, N, V = (int(desc[k]) for k in ("n_layers", "d_model", "d_state", "vocab_size"))
         scale = float(desc.get("embed_scale", 1.0))
+        l_max = int(desc.get("l_max", 1024))
     except (KeyError, TypeError, ValueError) as exc:
         raise Unsupported(f"description: missing or invalid field ({exc})") from None
-    if min(n_layers, H, N, V) <= 0 or N % 2 or not (math.isfinite(scale) and scale > 0):
+    if (
+        min(n_layers, H, N, V, l_max) <= 0
+        or N % 2
+        or l_max > 1 << 20
+        or not (math.isfinite(scale) and scale > 0)
+    ):
         raise Unsupported(f"description: invalid sizes {desc}")
     N2 = N // 2
     src = _Source(sd)
@@ -544,8 +552,8 @@ def map_standalone(sd: dict[str, torch.Tensor], desc: dict) -> Imported:
         raise Unsupported(f"state dict: tensors this importer does not understand: {left[:10]}")
     config = {
         "vocab_size": V, "d_model": H, "n_layers": n_layers, "d_state": N, "kernel": "s4d", "init": "legs",
-        "rank": 1, "disc": "zoh", "l_max": 1024, "d_ff": 0, "tie_embeddings": False, "head_bias": True,
-        "embed_scale": scale, "l_kernel": None, "dt_tied": True, "re_lambda_max": None,
+        "rank": 1, "disc": "zoh", "l_max": l_max + l_max % 2, "d_ff": 0, "tie_embeddings": False,
+        "head_bias": True, "embed_scale": scale, "l_kernel": None, "dt_tied": True, "re_lambda_max": None,
     }  # fmt: skip
     config = _drop_defaults(config)
     return Imported(config, tensors, mp, ["standalone models/s4/s4d.py layers (ZOH, exp transforms)"])
