@@ -312,8 +312,8 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     if cfg is None:
         raise Unsupported(
             "config: missing. The transforms (dt_transform, real_transform, imag_transform) and the task's "
-            "rescale cannot be inferred from the weights (a softplus model read as exp is wrong by 0.5); "
-            "pass the run's config.yaml (.hydra/config.yaml) with --config"
+            "rescale cannot be inferred from the weights (a trained softplus-Δ model read as exp is off "
+            "by 0.5); pass the run's config.yaml (.hydra/config.yaml) with --config"
         )
     sd, implied = _v3_to_v4(sd, notes)
     src = _Source(sd)
