@@ -300,3 +300,16 @@ def test_version_3_inv_w_real_needs_the_real_transform_from_the_config():
     ref = load_file(str(FIX / "s4_v3.ref.safetensors"))["kernel.0"]
     net = build(map_official(sd, cfg, kind), F64)
     assert rel(net.kernels()[0](ref.shape[1], dtype=F64, backend="torch"), ref) <= 1e-12
+
+
+def test_the_config_flag_names_the_run_config_of_a_pt(tmp_path):
+    src = tmp_path / "model.pt"
+    src.write_bytes((FIX / "s4d_zoh.pt").read_bytes())
+    cfg = tmp_path / "elsewhere.yaml"
+    cfg.write_text((FIX / "s4d_zoh.yaml").read_text())
+    with pytest.raises(ConvertError, match="config: missing"):
+        convert(src, tmp_path / "no-config")
+    convert(src, tmp_path / "out", config=cfg)
+    ref = load_file(str(FIX / "s4d_zoh.ref.safetensors"))
+    with torch.no_grad():
+        assert rel(load(tmp_path / "out")(ref["tokens"]), ref["logits_step"]) <= 1e-5
