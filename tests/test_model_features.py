@@ -367,3 +367,19 @@ def test_feed_forward_blocks_equal_the_official_s4_ff_pattern_including_dropout(
     if train:  # dropout was active: another draw differs
         with torch.no_grad():
             assert rel(net(tokens), got) > 1e-2
+
+
+def test_every_new_field_round_trips_through_a_checkpoint(tmp_path):
+    from model import checkpoint
+
+    torch.manual_seed(10)
+    fields = dict(head_bias=True, embed_scale=4.0, l_kernel=[64, 77], dt_tied=False, re_lambda_max=None)
+    net = SequenceModel(ModelConfig(kernel="s4d", init="diag-lin", d_ff=24, **fields, **TINY)).eval()
+    with torch.no_grad():
+        net.head.bias.normal_()
+    checkpoint.save(net, tmp_path / "ck")
+    back = checkpoint.load(tmp_path / "ck").eval()
+    assert {k: getattr(back.config, k) for k in fields} == fields
+    tokens = torch.randint(0, 32, (1, 200))
+    with torch.no_grad():
+        assert torch.equal(back(tokens), net(tokens))
