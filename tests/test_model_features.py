@@ -383,3 +383,19 @@ def test_every_new_field_round_trips_through_a_checkpoint(tmp_path):
     tokens = torch.randint(0, 32, (1, 200))
     with torch.no_grad():
         assert torch.equal(back(tokens), net(tokens))
+
+
+def test_c_tilde_from_c_bar_for_a_layer_never_run():
+    """An official layer whose l_kernel buffer is still 0 stores C̄; c_tilde_for_length(…, 0, L) gives
+    the C̃ the official first forward would write (C̄(I − Ā^L)), in float64 to 1e-12."""
+    from model.kernel import c_tilde_for_length
+
+    torch.manual_seed(11)
+    k = SSMKernel(2, 16, 64, kind="s4", init="legs", re_lambda_max=None, backend="torch")
+    s = {n: v.detach() for n, v in k.ssm(F64).items()}
+    Cbar = torch.randn(2, 8, dtype=C128)
+    got = c_tilde_for_length(s["Lambda"], s["P"], Cbar, s["dt"], 0, 101)
+    for h in range(2):
+        Abar, _ = full_system(s["Lambda"][h], s["P"][:, h], s["B"][h], s["dt"][h])
+        want = c_tilde(Abar, Cbar[h], 101)
+        assert float((got[h] - want).abs().max() / want.abs().max()) <= 1e-12
