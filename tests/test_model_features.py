@@ -65,6 +65,9 @@ def test_head_bias_shifts_the_logits_by_exactly_the_bias_in_every_path(kernel, i
 def test_head_bias_is_saved_and_absent_by_default(tmp_path):
     from model import checkpoint
 
+    with pytest.raises(ValueError, match="head_bias"):
+        ModelConfig(head_bias="yes")
+
     assert SequenceModel(ModelConfig(**TINY)).head.bias is None
     net = SequenceModel(ModelConfig(head_bias=True, tie_embeddings=True, **TINY))
     with torch.no_grad():
