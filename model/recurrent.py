@@ -342,7 +342,7 @@ def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None
             mu, b, c = diagonalize(Abar, Bbar, gamma)
             tries = [lambda: DiagonalSSM(mu, b, c, device), lambda: DPLRStep(s, Abar, Bbar, gamma, device)]
         else:
-            Lam, dt = s["Lambda"], s["dt"][:, None]
+            Lam, dt = s["Lambda"], s["dt"] if s["dt"].dim() == 2 else s["dt"][:, None]  # Δ untied: (H, N2)
             mu, Bbar = discretize(Lam * dt, s["B"] * dt, kernel.disc)
             tries = [lambda: DiagonalSSM(mu, Bbar, s["C"], device)]
         errors = []
@@ -405,7 +405,7 @@ class RecurrentModel:
         if self._fused is not None and fused_network and not self.config.d_ff:
             try:
                 self._net_step = fused.NetStep(self._fused, self.net, self.layers)
-            except ValueError:  # LayerNorms with different eps (one eps in the C step): keep the torch ops
+            except ValueError:  # something the C step does not compute (it names it): keep the torch ops
                 pass
         self._state_bound: torch.Tensor | None = None
         self.net_step_max_batch = NET_STEP_MAX_BATCH
