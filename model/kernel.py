@@ -115,14 +115,17 @@ def c_tilde_for_length(
     """C̃' = C̄(I − Ā^{L_to}) from C̃ = C̄(I − Ā^{L_from}) (H, N2) for the bilinear DPLR SSM (S4 paper
     §3.3: C̃ is tied to the generating function's length; the official code doubles it in place by
     C̃(I + Ā^L)). Computed in real coordinates on the same dtype as the inputs (use float64);
-    differentiable. y = 2 Re(C x) reads γ = [2 Re C; −2 Im C] on ξ = [Re x; Im x]."""
+    differentiable. L_from = 0: C is C̄. y = 2 Re(C x) reads γ = [2 Re C; −2 Im C] on ξ = [Re x; Im x]."""
     H, N2 = Lambda.shape
     A = dplr_real_matrix(Lambda, P)
     eye = torch.eye(2 * N2, dtype=A.dtype, device=A.device).expand_as(A)
     half = dt[:, None, None] / 2 * A
     Abar = torch.linalg.solve(eye - half, eye + half)
     gamma = torch.cat([2 * C.real, -2 * C.imag], dim=-1)[..., None]  # (H, N, 1)
-    gamma_bar = torch.linalg.solve((eye - torch.linalg.matrix_power(Abar, L_from)).mT, gamma)
+    if L_from == 0:  # C is C̄ itself (an official layer never run: its l_kernel buffer is 0)
+        gamma_bar = gamma
+    else:
+        gamma_bar = torch.linalg.solve((eye - torch.linalg.matrix_power(Abar, L_from)).mT, gamma)
     gamma_new = ((eye - torch.linalg.matrix_power(Abar, L_to)).mT @ gamma_bar)[..., 0]
     return torch.complex(gamma_new[..., :N2], -gamma_new[..., N2:]) / 2
 

@@ -24,9 +24,9 @@ class S4Layer(nn.Module):
     replace the convolution by a step or a prefill while reusing the very same mixing weights.
     """
 
-    def __init__(self, d_model: int, d_state: int, l_max: int, dropout: float = 0.0, **kernel_args):
+    def __init__(self, d_model: int, d_state: int, l_kernel: int, dropout: float = 0.0, **kernel_args):
         super().__init__()
-        self.kernel = SSMKernel(d_model, d_state, l_max, **kernel_args)
+        self.kernel = SSMKernel(d_model, d_state, l_kernel, **kernel_args)  # any input length works
         self.D = nn.Parameter(torch.randn(d_model))
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(d_model, 2 * d_model)

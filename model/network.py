@@ -65,6 +65,8 @@ class ModelConfig:
         number = isinstance(scale, int | float) and not isinstance(scale, bool)
         if not (number and math.isfinite(scale) and scale > 0):
             raise ValueError(f"embed_scale must be a positive finite number, got {self.embed_scale}")
+        if not isinstance(self.head_bias, bool):
+            raise ValueError(f"head_bias must be true or false, got {self.head_bias!r}")
         if not isinstance(self.dt_tied, bool) or (self.kernel == "s4" and not self.dt_tied):
             raise ValueError(f"dt_tied must be true or false, and true for kernel 's4'; got {self.dt_tied!r}")
         r = self.re_lambda_max

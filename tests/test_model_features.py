@@ -45,7 +45,7 @@ def rel(a, b):
 def test_head_bias_shifts_the_logits_by_exactly_the_bias_in_every_path(kernel, init):
     torch.manual_seed(0)
     net = SequenceModel(ModelConfig(kernel=kernel, init=init, head_bias=True, **TINY)).eval()
-    tokens = torch.randint(0, 32, (3, 20))
+    tokens = torch.randint(0, 32, (9, 20))  # 9 rows: the C step splits them between threads
     with torch.no_grad():
         net.head.bias.zero_()
     without, _ = all_paths(net, tokens)
@@ -64,6 +64,9 @@ def test_head_bias_shifts_the_logits_by_exactly_the_bias_in_every_path(kernel, i
 
 def test_head_bias_is_saved_and_absent_by_default(tmp_path):
     from model import checkpoint
+
+    with pytest.raises(ValueError, match="head_bias"):
+        ModelConfig(head_bias="yes")
 
     assert SequenceModel(ModelConfig(**TINY)).head.bias is None
     net = SequenceModel(ModelConfig(head_bias=True, tie_embeddings=True, **TINY))
@@ -367,3 +370,35 @@ def test_feed_forward_blocks_equal_the_official_s4_ff_pattern_including_dropout(
     if train:  # dropout was active: another draw differs
         with torch.no_grad():
             assert rel(net(tokens), got) > 1e-2
+
+
+def test_every_new_field_round_trips_through_a_checkpoint(tmp_path):
+    from model import checkpoint
+
+    torch.manual_seed(10)
+    fields = dict(head_bias=True, embed_scale=4.0, l_kernel=[64, 77], dt_tied=False, re_lambda_max=None)
+    net = SequenceModel(ModelConfig(kernel="s4d", init="diag-lin", d_ff=24, **fields, **TINY)).eval()
+    with torch.no_grad():
+        net.head.bias.normal_()
+    checkpoint.save(net, tmp_path / "ck")
+    back = checkpoint.load(tmp_path / "ck").eval()
+    assert {k: getattr(back.config, k) for k in fields} == fields
+    tokens = torch.randint(0, 32, (1, 200))
+    with torch.no_grad():
+        assert torch.equal(back(tokens), net(tokens))
+
+
+def test_c_tilde_from_c_bar_for_a_layer_never_run():
+    """An official layer whose l_kernel buffer is still 0 stores C̄; c_tilde_for_length(…, 0, L) gives
+    the C̃ the official first forward would write (C̄(I − Ā^L)), in float64 to 1e-12."""
+    from model.kernel import c_tilde_for_length
+
+    torch.manual_seed(11)
+    k = SSMKernel(2, 16, 64, kind="s4", init="legs", re_lambda_max=None, backend="torch")
+    s = {n: v.detach() for n, v in k.ssm(F64).items()}
+    Cbar = torch.randn(2, 8, dtype=C128)
+    got = c_tilde_for_length(s["Lambda"], s["P"], Cbar, s["dt"], 0, 101)
+    for h in range(2):
+        Abar, _ = full_system(s["Lambda"][h], s["P"][:, h], s["B"][h], s["dt"][h])
+        want = c_tilde(Abar, Cbar[h], 101)
+        assert float((got[h] - want).abs().max() / want.abs().max()) <= 1e-12
