@@ -133,8 +133,13 @@ def wav_header(channels: int, rate: int, bits: int, data_bytes: int, fmt_tag: in
     block = (channels * bits // 8) & 0xFFFF
     fmt = struct.pack("<HHIIHH", fmt_tag, channels, rate, (rate * block) & 0xFFFFFFFF, block, bits)
     riff_size = min(36 + data_bytes, 2**32 - 1)
-    return b"RIFF" + struct.pack("<I", riff_size) + b"WAVEfmt " + struct.pack("<I", 16) + fmt + (
-        b"data" + struct.pack("<I", data_bytes)
+    return (
+        b"RIFF"
+        + struct.pack("<I", riff_size)
+        + b"WAVEfmt "
+        + struct.pack("<I", 16)
+        + fmt
+        + (b"data" + struct.pack("<I", data_bytes))
     )
 
 
