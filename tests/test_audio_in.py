@@ -57,6 +57,7 @@ def test_the_models_silence_is_the_mulaw_code_of_zero():
         ("FLAC", "PCM_16", 1 / 32768),
         ("FLAC", "PCM_24", 2**-23),
         ("OGG", "VORBIS", 0.05),  # lossy: checked loosely, and by its spectrum below
+        ("MP3", "MPEG_LAYER_III", 0.1),
     ],
 )
 def test_prompt_formats_decode_to_the_same_samples(fmt, subtype, tol):
