@@ -123,6 +123,13 @@ def test_the_length_limit_is_checked_on_the_header_before_decoding(monkeypatch):
     with pytest.raises(AudioTooLong, match=r"2\.000 s long; the limit is 1\.5 s") as exc:
         read_audio(too_long, 8000, 1.5)
     assert decoded == [] and exc.value.seconds == 2.0
+    # a FLAC header whose STREAMINFO claims 2^35 samples over 800 real ones: refused from the header
+    flac = bytearray(encoded(tone(440, 8000, 0.1), 8000, "FLAC", "PCM_16"))
+    info = int.from_bytes(flac[18:26], "big")  # after "fLaC" and the block header: bits 28-63 = samples
+    flac[18:26] = ((info & ~(2**36 - 1)) | 2**35).to_bytes(8, "big")
+    with pytest.raises(AudioTooLong, match="4294967.296 s long"):
+        read_audio(bytes(flac), 8000, 30)
+    assert decoded == []
     # libsndfile clamps a header's data size to the bytes present: a header claiming 4 GiB of samples
     # over 128 bytes of data gives 32 frames, not a 4 GiB allocation
     y, _ = read_audio(wav_header(2, 8000, 16, 2**32 - 64) + bytes(128), 8000, 30)
