@@ -41,9 +41,10 @@ def request_id(prefix: str = "gen") -> str:
 # --- limits and parameters -----------------------------------------------------------------------
 
 
-def prompt_limit(state: ServerState, model: ServedModel) -> tuple[int, str]:
-    """The longest prompt of `model` in tokens, and the setting that sets it (audio: in seconds)."""
-    if model.kind == "audio":
+def prompt_limit(state: ServerState, model: ServedModel | None) -> tuple[int, str]:
+    """The longest prompt of `model` (None: a text model) in tokens, and the setting that sets it
+    (audio: max_audio_s, in seconds at the model's rate)."""
+    if model is not None and model.kind == "audio":
         return math.floor(state.settings.max_audio_s * model.sample_rate), "max_audio_s"
     return state.settings.max_prompt_tokens, "max_prompt_tokens"
 
@@ -61,7 +62,7 @@ def _what(state: ServerState, model: ServedModel | None, setting: str) -> str:
     return setting
 
 
-def check_prompt(state: ServerState, model: ServedModel, tokens: list[int], param: str) -> None:
+def check_prompt(state: ServerState, tokens: list[int], param: str, model: ServedModel | None = None) -> None:
     limit, setting = prompt_limit(state, model)
     if len(tokens) > limit:
         raise too_large(
@@ -100,7 +101,7 @@ def prompt_ids(
     state: ServerState, model: ServedModel, prompt: str | None, prompt_audio: str | None
 ) -> list[int]:
     ids = media.prompt_ids(model.kind, model.sample_rate, prompt, prompt_audio, state.settings.max_audio_s)
-    check_prompt(state, model, ids, "prompt" if model.kind == "text" else "prompt_audio")
+    check_prompt(state, ids, "prompt" if model.kind == "text" else "prompt_audio", model)
     return ids
 
 

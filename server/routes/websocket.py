@@ -135,7 +135,7 @@ class Connection:
         max_s = self.st.settings.max_audio_s
         ids = media.prompt_ids(m.kind, m.sample_rate, msg.prompt, msg.prompt_audio, max_s)
         ids, self.audio_ids = self.audio_ids + ids, []
-        service.check_prompt(self.st, m, ids, "prompt" if m.kind == "text" else "prompt_audio")
+        service.check_prompt(self.st, ids, "prompt" if m.kind == "text" else "prompt_audio", m)
         return ids
 
     def on_audio(self, data: bytes) -> None:
