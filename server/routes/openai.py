@@ -66,8 +66,9 @@ def choice_seed(seed: int, i: int) -> int:
 
 
 def token_str(t: int) -> str:
-    """A byte token as OpenAI spells tokens: the character for ASCII, else "bytes:\\xNN"."""
-    return chr(t) if t < 128 else f"bytes:\\x{t:02x}"
+    """A token as OpenAI spells tokens: the character for an ASCII byte, "bytes:\\xNN" for another
+    byte, "token:N" for an id past the bytes (a model with a larger vocabulary)."""
+    return chr(t) if t < 128 else f"bytes:\\x{t:02x}" if t < 256 else f"token:{t}"
 
 
 class CharOffsets:
@@ -335,14 +336,14 @@ async def completions(req: CompletionRequest, request: Request):
         raise invalid("best_of", "best_of cannot be streamed unless it equals n")
     if req.max_tokens == 0 and not req.echo:
         raise invalid("max_tokens", "max_tokens: 0 is only allowed with echo=true (to score the prompt)")
-    check_new_tokens(st, req.max_tokens, "max_tokens")
+    check_new_tokens(st, req.max_tokens, "max_tokens", model)
     prompts, texts = completion_prompts(model, req)
     if len(prompts) * best_of > MAX_SAMPLES:
         raise invalid(
             "prompt", f"{len(prompts)} prompts × best_of {best_of} is more than {MAX_SAMPLES} samples"
         )
     for ids in prompts:
-        check_prompt(st, ids, "prompt")
+        check_prompt(st, ids, "prompt", model)
     params = sampling(model, req, req.stop or [])
     lp = req.logprobs
     internal = lp if lp is not None else (0 if best_of > req.n else None)
@@ -467,11 +468,12 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         or req.max_tokens
         or min(CHAT_DEFAULT_MAX_TOKENS, st.settings.max_new_tokens)
     )
-    check_new_tokens(st, max_tokens, "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+    param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+    check_new_tokens(st, max_tokens, param, model)
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs", "top_logprobs needs logprobs=true")
     ids = list(prompt.encode())
-    check_prompt(st, ids, "messages")
+    check_prompt(st, ids, "messages", model)
     params = sampling(model, req, (req.stop or []) + model.chat.stop)
     k = (req.top_logprobs or 0) if req.logprobs else None
     params = replace(params, logprobs=k)
