@@ -174,7 +174,13 @@ class OpenAISampling(BaseModel):
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     model: str = Field(description="model id (see GET /v1/models)")
-    temperature: float = Field(1.0, ge=0, le=2, **Finite, description="0 → greedy")
+    temperature: float = Field(
+        1.0,
+        ge=0,
+        le=MAX_TEMPERATURE,
+        **Finite,
+        description="0 → greedy; as /v1/generate (OpenAI documents ≤ 2)",
+    )
     top_p: float = Field(1.0, gt=0, le=1, **Finite, description="nucleus mass (1 → off)")
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="completions per prompt, each its own sample")
     seed: int | None = Field(
