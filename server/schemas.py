@@ -154,6 +154,7 @@ class ErrorResponse(BaseModel):
 
 MAX_CHOICES = 16  # n and best_of
 MAX_LOGPROBS = 20
+MAX_PROMPTS = 64  # prompts in one completions request
 Finite = {"allow_inf_nan": False}
 
 
@@ -232,10 +233,12 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_leng
 class CompletionRequest(OpenAISampling):
     prompt: (
         str
-        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
         | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1)]
-    ) = Field(description="a string, a list of strings, token ids, or a list of token-id lists")
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(
+        description=f"a string, a list of strings, token ids, or a list of token-id lists (≤ {MAX_PROMPTS})"
+    )
     max_tokens: int = Field(16, ge=0, description="tokens to generate at most per choice (0 only with echo)")
     echo: bool = Field(False, description="return the prompt before the completion (and its logprobs)")
     logprobs: int | None = Field(

@@ -426,6 +426,8 @@ def test_unsupported_fields_are_refused_by_name(oai, server):
         ({"prompt": []}, "prompt"),
         ({"prompt": [300]}, "prompt"),
         ({"prompt": [[]]}, "prompt"),
+        ({"prompt": ["a"] * 65}, "prompt"),
+        ({"prompt": ["a"] * 33, "n": 2}, "prompt"),  # 66 samples > 64
         ({"tools": []}, "tools"),
         ({"no_such_field": 1}, "no_such_field"),
         ({"model": AUDIO}, "model"),
