@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from model.codecs import utf8_tail
 from model.recurrent import RecurrentModel
 from model.sampling import SamplingParams, find_stop, sample, token_logprobs
 from server.config import Settings
@@ -118,6 +119,8 @@ class Job:
     stream: Stream | None = None
     params: SamplingParams | None = None
     max_new_tokens: int = 0
+    text: bool = False  # a text model's generation: the session keeps its unfinished character
+    carry: bytes = b""  # the session's utf8_tail this generation continues (b"" after new input)
     future: concurrent.futures.Future | None = None  # ingestion-only jobs
     submitted: float = field(default_factory=time.perf_counter)
     # engine-side progress
@@ -393,6 +396,7 @@ class Engine:
         # the state holds every token but the pending one: feed the old pending token and all
         # new tokens but the last, which becomes the new pending token
         if job.tokens:
+            rec.utf8_tail = b""  # input (whole characters) follows: a held character can never complete
             job.ingest = ([rec.pending] if rec.pending is not None else []) + job.tokens[:-1]
             rec.pending = job.tokens[-1]
             rec.n_tokens += len(job.tokens)
@@ -553,6 +557,8 @@ class Engine:
         rec = job.session
         self._uncount(job)
         self._running.pop(rec.id, None)
+        if job.text and job.stream is not None:  # before the record is released or persisted
+            rec.utf8_tail = utf8_tail(job.carry + bytes(t & 0xFF for t in job.out))
         if rec.ephemeral or job.delete_after:
             self.delete_now(rec)
         else:
@@ -642,6 +648,7 @@ class Engine:
     def fork(self, src: SessionRecord, dst: SessionRecord) -> SessionRecord:
         self.pool.copy(src.slot, dst.slot)
         dst.n_tokens, dst.pending, dst.has_state = src.n_tokens, src.pending, True
+        dst.utf8_tail = src.utf8_tail
         self.sessions.add(dst)
         self._persist(dst)
         return dst

@@ -67,6 +67,7 @@ class ServedModel:
             "n_tokens": rec.n_tokens,
             "pending": rec.pending,
             "seen": seen,
+            "utf8_tail": list(rec.utf8_tail),  # text: the unfinished character's bytes (0-3)
         }
 
     def describe(self) -> dict:

@@ -76,8 +76,8 @@ async def generate(req: GenerateRequest, request: Request):
     ids = prompt_ids(st, model, req.prompt, req.prompt_audio)
     if req.session_id is not None:
         await restore(st, req.session_id)
-    stream, _ = start_generation(st, model, req.session_id, ids, params, req.max_new_tokens)
-    gid, out = request_id(), Output(model, params)
+    stream, job = start_generation(st, model, req.session_id, ids, params, req.max_new_tokens)
+    gid, out = request_id(), Output(model, params, job=job)
     if req.stream:
         body = _sse_generate(stream, model, out, gid, req.session_id)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)

@@ -188,8 +188,8 @@ def start_runs(
             for i in range(per_prompt):
                 seed = random_seed() if params.seed is None else choice_seed(params.seed, i)
                 pi = replace(params, seed=seed)
-                stream, _ = start_generation(st, model, None, ids, pi, max_tokens)
-                runs.append(Run(p, ids, stream, Output(model, pi)))
+                stream, job = start_generation(st, model, None, ids, pi, max_tokens)
+                runs.append(Run(p, ids, stream, Output(model, pi, job=job)))
     except BaseException:
         for r in runs:
             r.stream.cancel()
