@@ -98,6 +98,27 @@ def test_every_ssm_configuration_converts_and_reproduces_conv_mode_or_raises_ver
         net.to_recurrent(tol=1e-12)  # every form is built and refused: no other error on the way
 
 
+@pytest.mark.parametrize("fused_step", [True, False])
+def test_the_issue_input_converts_with_and_without_the_fused_step(fused_step):
+    """s4/legt (rank 2) raised 'fused step needs contiguous float32 CPU tensors' even with
+    fused_step=False: the DPLR fallback's M⁻¹ came from torch.linalg.inv column-major, and every form
+    built its C pointers whether the fused step was wanted or not."""
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, d_state=16, kernel="s4", init="legt", l_max=256,
+                      cauchy_backend="torch")  # fmt: skip
+    net = SequenceModel(cfg).eval()
+    rec = net.to_recurrent(fused_step=fused_step)
+    assert [r["form"] for r in rec.report] == ["dplr", "dplr"] and rec.layers[0].Minv.shape == (32, 2, 2)
+    assert rec.layers[0].Minv.is_contiguous()
+    assert (rec._fused is not None) == fused_step
+    assert all(bool(f._fused_ptrs) == fused_step for f in rec.layers)  # fused_step=False: no C pointers
+    tokens = torch.randint(0, 64, (2, 256), generator=torch.Generator().manual_seed(1))
+    state, outs = rec.init_state(2), []
+    for t in range(256):
+        logits, state = rec.step(tokens[:, t], state)
+        outs.append(logits)
+    assert_logits_close(torch.stack(outs, 1), conv_reference(net, tokens), "step")
+
+
 @pytest.mark.parametrize(
     "fields,message",
     [
