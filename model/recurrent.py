@@ -316,16 +316,17 @@ def impulse_response(form, L: int) -> torch.Tensor:
 
 
 def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None = None):
-    """Convert one trained SSMKernel to a verified step form; returns (form, report, K) with K (H, L)
-    the float64 conv kernel it was verified against. Raises VerificationError when no form passes
-    (non-finite parameters, or every form's error above `tol`), never another error."""
+    """Convert one trained SSMKernel to a verified step form; returns (form, report, K) with K (H, kernel.L)
+    the float64 conv kernel (verified against over its first `verify_len` taps). Raises VerificationError
+    when no form passes (non-finite parameters, or every form's error above `tol`), never another error."""
     L = verify_len or kernel.L
     s = {k: v.detach().cpu() for k, v in kernel.ssm(F64).items()}
     with torch.no_grad():
         bad = [k for k, v in s.items() if not bool(v.isfinite().all())]
         if bad:
             raise VerificationError(f"non-finite SSM parameters: {', '.join(bad)}")
-        K_conv = kernel(L, dtype=F64, backend="torch").detach().cpu()  # float64 reference
+        K_full = kernel(kernel.L, dtype=F64, backend="torch").detach().cpu()  # float64 reference
+        K_conv = K_full[:, :L]
         if not bool(K_conv.isfinite().all()):
             raise VerificationError(f"the float64 conv kernel over L={L} is not finite")
         if kernel.kind == "s4":
@@ -348,7 +349,7 @@ def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None
             err = _rel_err(impulse_response(form, L).cpu(), K_conv)
             errors.append(f"{name}: {err:.2e}")
             if err <= tol:
-                return form, {"form": form.form, "rel_err": err, "modes": form.M}, K_conv
+                return form, {"form": form.form, "rel_err": err, "modes": form.M}, K_full
     raise VerificationError(
         f"recurrent form does not reproduce the conv kernel within rel. err {tol:g} over L={L} "
         f"({', '.join(errors)})"
@@ -440,7 +441,7 @@ class RecurrentModel:
     def _verify_network(self, net, kernels64: list[torch.Tensor], tol: float) -> dict:
         """Step and prefill 2 probe sequences (fixed seed) at the serving dtype and device, and compare
         their logits with the conv mode of `net` in float64 (the float64 kernels K, on CPU)."""
-        T = min(VERIFY_TOKENS, *(K.shape[1] for K in kernels64))
+        T = min(VERIFY_TOKENS, *(K.shape[1] for K in kernels64))  # the kernels: trained lengths (even)
         T -= T % 2
         tokens = torch.randint(0, self.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
         ref_net = copy.deepcopy(net).to("cpu", F64).eval()
