@@ -475,12 +475,13 @@ class RecurrentModel:
     def _verify_network(self, net, kernels64: list[torch.Tensor], tol: float) -> dict:
         """Step and prefill 2 probe sequences (fixed seed) at the serving dtype and device, and compare
         their logits with the conv mode of `net` in float64 (the float64 kernels K, on CPU)."""
-        T = min(VERIFY_TOKENS, *(K.shape[1] for K in kernels64))  # the kernels: trained lengths (even)
-        T -= T % 2
+        T = min(VERIFY_TOKENS, self.config.l_max)  # l_max is even: two halves for the prefill
         tokens = torch.randint(0, self.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
         ref_net = copy.deepcopy(net).to("cpu", F64).eval()
-        convs = [lambda u, K=K: fft_conv(u.transpose(1, 2), K[:, :T]).transpose(1, 2) for K in kernels64]
-        with torch.no_grad():
+        with torch.no_grad():  # a layer's kernel shorter than T (its own l_kernel): K̄ at length T
+            Ks = [K[:, :T] if K.shape[1] >= T else k(T, dtype=F64, backend="torch")
+                  for K, k in zip(kernels64, ref_net.kernels(), strict=True)]  # fmt: skip
+            convs = [lambda u, K=K: fft_conv(u.transpose(1, 2), K).transpose(1, 2) for K in Ks]
             ref = ref_net(tokens, ssms=convs)
         del ref_net
         tok = tokens.to(self.device)

@@ -3,13 +3,15 @@ VerificationError, on CPU and on CUDA when present (issue #16, kind 3).
 
 The grid: kernel s4 × init (legs, legt, lagt, fout) × rank (1, 2) × disc (default, bilinear), and s4d ×
 init (legs, diag-lin, diag-inv) × disc (default, zoh, bilinear) (S4D has no low-rank term: its rank is
-only range-checked), each at
-d_state 2 (one conjugate pair), 16 and 64 (the shipped size, where LegS's eigenvectors are too
-ill-conditioned for the diagonal form and the DPLR step takes over). At initialization every one of
-them verifies at the default tolerance (none raises VerificationError: the diagonal form or the exact
-DPLR fallback reproduces the float64 kernel to ≤ 1.7e-6 here, and to ≤ 1.6e-5 at d_state 128 and 256
-with L = 1024), and every one raises VerificationError, and
-nothing else, when the tolerance cannot be met (1e-12), which builds every fallback form.
+only range-checked), each at d_state 2 (one conjugate pair), 16 and 64 (the shipped size, where LegS's
+eigenvectors are too ill-conditioned for the diagonal form and the DPLR step takes over); plus, at
+d_state 16, the fields official checkpoints bring: no bound on Re Λ (re_lambda_max None: the skew
+measures' Re Λ = 0), one Δ per mode (s4d dt_tied False) and per-layer kernel lengths (l_kernel, odd
+and shorter than the probe too). At initialization every one of them verifies at the default tolerance
+(none raises VerificationError: the diagonal form or the exact DPLR fallback reproduces the float64
+kernel to ≤ 1.8e-6 here, and to ≤ 1.6e-5 at d_state 128 and 256 with L = 1024), and every one raises
+VerificationError, and nothing else, when the tolerance cannot be met (1e-12), which builds every
+fallback form.
 """
 
 from __future__ import annotations
@@ -28,18 +30,31 @@ from model.recurrent import DiagonalSSM, DPLRStep
 
 L = 64  # trained length and probe length: small, the grid is large
 D_STATES = (2, 16, 64)
-GRID = [("s4", i, r, d) for i, r, d in itertools.product(MEASURES, (1, 2), (None, "bilinear"))]
-GRID += [("s4d", init, 1, disc) for init, disc in itertools.product(S4D_INITS, (None, "zoh", "bilinear"))]
+GRID = [
+    ("s4", i, r, d, n, ()) for i, r, d, n in itertools.product(MEASURES, (1, 2), (None, "bilinear"), D_STATES)
+]
+GRID += [
+    ("s4d", i, 1, d, n, ()) for i, d, n in itertools.product(S4D_INITS, (None, "zoh", "bilinear"), D_STATES)
+]
+GRID += [("s4", i, 1, None, 16, (("re_lambda_max", None),)) for i in MEASURES]
+GRID += [("s4d", i, 1, None, 16, (("re_lambda_max", None),)) for i in S4D_INITS]
+GRID += [
+    ("s4d", i, 1, d, 16, (("dt_tied", False),)) for i, d in itertools.product(S4D_INITS, ("zoh", "bilinear"))
+]
+GRID += [
+    (k, i, 1, None, 16, (("l_kernel", [33, 64]),))
+    for k, i in (("s4", "legs"), ("s4", "fout"), ("s4d", "diag-lin"))
+]
 # Which combinations raise VerificationError at the default tolerance (1e-4), and why: none at init.
-REFUSED: set[tuple] = set()
+REFUSED: set[str] = set()  # case ids
 # float32 recurrent form vs float64 conv mode, as in tests/test_recurrent.py
 LOGITS_REL_TOL, LOGP_TOL = 1e-4, 1e-3
 
 
-def make(kernel, init, rank, disc, d_state) -> SequenceModel:
+def make(kernel, init, rank, disc, d_state, extra=()) -> SequenceModel:
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=16, d_model=4, n_layers=2, d_state=d_state, kernel=kernel, init=init,
-                      rank=rank, disc=disc, l_max=L, cauchy_backend="torch")  # fmt: skip
+                      rank=rank, disc=disc, l_max=L, cauchy_backend="torch", **dict(extra))  # fmt: skip
     return SequenceModel(cfg).eval()
 
 
@@ -62,16 +77,18 @@ def assert_logits_close(got: torch.Tensor, want: torch.Tensor, what: str) -> Non
     assert rel <= LOGITS_REL_TOL and lp <= LOGP_TOL, f"{what}: ‖Δ‖/‖ref‖ {rel:.2e}, max |Δ log p| {lp:.2e}"
 
 
+def case_id(case) -> str:
+    kernel, init, rank, disc, d_state, extra = case
+    return "-".join([kernel, init, f"r{rank}", str(disc), f"N{d_state}"] + [f"{k}={v}" for k, v in extra])
+
+
 @pytest.mark.parametrize("device", devices())
-@pytest.mark.parametrize("d_state", D_STATES)
-@pytest.mark.parametrize("kernel,init,rank,disc", GRID)
-def test_every_ssm_configuration_converts_and_reproduces_conv_mode_or_raises_verification_error(
-    kernel, init, rank, disc, d_state, device
-):
-    net = make(kernel, init, rank, disc, d_state).to(device)
+@pytest.mark.parametrize("case", GRID, ids=case_id)
+def test_every_ssm_configuration_converts_and_reproduces_conv_mode_or_raises_verification_error(case, device):
+    net = make(*case).to(device)
     tokens = torch.randint(0, 16, (2, L), generator=torch.Generator().manual_seed(1)).to(device)
     want = conv_reference(net, tokens)
-    combo = (kernel, init, rank, disc, d_state)
+    combo = case_id(case)
     recs = {}
     for fused_step in (True, False):  # fused_step=False builds no C pointers at all
         try:
