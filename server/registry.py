@@ -95,6 +95,9 @@ def load_model(
     CheckpointError or VerificationError with the reason."""
     t0 = time.perf_counter()
     meta = read_config(path)
+    arch = meta["config"].get("arch", "isotropic")
+    if arch != "isotropic":  # SaShiMi has a verified recurrence (model/arch) but no engine support yet
+        raise CheckpointError(f"{path}: arch {arch!r} is not served yet (only 'isotropic' models are)")
     net = load(path)
     rec = net.to_recurrent(device=device, tol=settings.verify_tolerance)
     warm_up(rec, min(8, settings.max_batch_size))
