@@ -288,6 +288,17 @@ def test_state_is_one_row_per_sequence_and_in_place_step_matches(trained_net):
     assert out is same and torch.equal(got, want) and torch.equal(same, new)
 
 
+def test_fused_and_torch_steps_agree_at_mixed_phases(trained_net):
+    fused, plain = trained_net.to_recurrent(), trained_net.to_recurrent(fused_step=False)
+    assert fused._fused is not None and plain._fused is None
+    _, state = fused.prefill(torch.randint(0, V, (1, 5)), fused.init_state(1))
+    state = torch.cat([state, fused.init_state(1), fused.prefill(torch.randint(0, V, (1, 11)), state)[1]])
+    tokens = torch.randint(0, V, (3, 100))
+    a, sa = step_all(fused, tokens, state)
+    b, sb = step_all(plain, tokens, state)
+    assert rel(a, b) <= 1e-6 and rel(sa, sb) <= 1e-6
+
+
 def test_a_corrupt_phase_counter_or_shape_is_refused(trained_net):
     rec = trained_net.to_recurrent()
     tok = torch.zeros(1, dtype=torch.long)

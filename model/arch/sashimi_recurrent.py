@@ -25,6 +25,7 @@ import math
 
 import torch
 
+from model import fused
 from model.arch.sashimi import S4Block, SaShiMi
 from model.recurrent import VerificationError, convert_kernel
 from model.state_layout import StateLayout
@@ -36,7 +37,9 @@ class SaShiMiRecurrent:
     State: float32 (B, layout.numel); `step` and `prefill` return a new state and leave the one
     passed in untouched, unless `step(..., out=state)` asks for an in-place update."""
 
-    def __init__(self, net: SaShiMi, tol: float = 1e-4, verify_len: int | None = None, device=None):
+    def __init__(
+        self, net: SaShiMi, tol: float = 1e-4, verify_len: int | None = None, device=None, fused_step=True
+    ):
         device = torch.device(device) if device is not None else next(net.parameters()).device
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = cfg = net.config
@@ -58,6 +61,8 @@ class SaShiMiRecurrent:
         for k, p in enumerate(self.pool):
             self.layout.add(f"down.{k}.buffer", (p, self.net.widths[k]))
             self.layout.add(f"up.{k}.buffer", (p, self.net.widths[k]))
+        # on CPU each S4 layer's step is one fused C pass (model/fused.py) when it builds
+        self._fused = fused.library() if (fused_step and device.type == "cpu") else None
 
     @property
     def state_bytes_per_sequence(self) -> int:
@@ -100,7 +105,13 @@ class SaShiMiRecurrent:
             if isinstance(blk, S4Block):
                 u = blk.norm(x)
                 xs = self.layout.view(st, f"{name}.x")
-                y, x1 = self.forms[name].step(u, xs if rows is None else xs[rows])
+                x0 = xs if rows is None else xs[rows]
+                if self._fused is not None:
+                    u, x0 = u.contiguous(), x0.contiguous()
+                    y, x1 = torch.empty_like(u), torch.empty_like(x0)
+                    self.forms[name].step_fused(self._fused, u, x0, x1, y)
+                else:
+                    y, x1 = self.forms[name].step(u, x0)
                 if rows is None:
                     xs.copy_(x1)
                 else:
