@@ -288,9 +288,13 @@ def test_state_is_one_row_per_sequence_and_in_place_step_matches(trained_net):
     assert out is same and torch.equal(got, want) and torch.equal(same, new)
 
 
-def test_fused_and_torch_steps_agree_at_mixed_phases(trained_net):
-    fused, plain = trained_net.to_recurrent(), trained_net.to_recurrent(fused_step=False)
+@pytest.mark.parametrize("trained", [False, True])
+def test_fused_and_torch_steps_agree_at_mixed_phases(trained, trained_net):
+    torch.manual_seed(1)
+    net = trained_net if trained else make().eval()
+    fused, plain = net.to_recurrent(), net.to_recurrent(fused_step=False)
     assert fused._fused is not None and plain._fused is None
+    assert {r["form"] for r in fused.report} == {"diagonal" if trained else "dplr"}
     _, state = fused.prefill(torch.randint(0, V, (1, 5)), fused.init_state(1))
     state = torch.cat([state, fused.init_state(1), fused.prefill(torch.randint(0, V, (1, 11)), state)[1]])
     tokens = torch.randint(0, V, (3, 100))

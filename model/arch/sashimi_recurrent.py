@@ -27,7 +27,7 @@ import torch
 
 from model import fused
 from model.arch.sashimi import S4Block, SaShiMi
-from model.recurrent import VerificationError, convert_kernel
+from model.recurrent import VerificationError, convert_kernel, pad_fused_params
 from model.state_layout import StateLayout
 
 
@@ -63,6 +63,9 @@ class SaShiMiRecurrent:
             self.layout.add(f"up.{k}.buffer", (p, self.net.widths[k]))
         # on CPU each S4 layer's step is one fused C pass (model/fused.py) when it builds
         self._fused = fused.library() if (fused_step and device.type == "cpu") else None
+        if self._fused is not None:
+            for form in self.forms.values():
+                pad_fused_params(form, form.M)  # its C pointers (each layer's state has its own M)
 
     @property
     def state_bytes_per_sequence(self) -> int:
