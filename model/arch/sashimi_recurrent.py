@@ -52,7 +52,7 @@ class SaShiMiRecurrent:
         for name, level, block in self.net.named_s4_blocks():
             L = None if verify_len is None else -(-verify_len // math.prod(self.pool[:level]))
             try:
-                form, rep = convert_kernel(block.layer.kernel, device, tol, L)
+                form, rep = convert_kernel(block.layer.kernel, device, tol, L)[:2]  # (form, report, …)
             except VerificationError as exc:
                 raise VerificationError(f"layer {name}: {exc}") from None
             self.forms[name] = form
