@@ -17,7 +17,7 @@ models/sashimi/sashimi.py; read for the facts, not copied):
     wraps its blocks in one more residual. With `unet`, the down side has blocks too and every up
     layer's output adds the matching down output (U-Net).
 
-Conv mode accepts any length ≤ l_max: the input is zero-padded to a multiple of prod(pool) and the
+Conv mode accepts any length: the input is zero-padded to a multiple of prod(pool) and the
 padding's outputs dropped (it cannot reach earlier outputs). The recurrent form is
 model/arch/sashimi_recurrent.py.
 """
@@ -56,6 +56,8 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"norm must be 'layer' or 'tln', got {cfg.norm!r}")
     if cfg.d_ff:
         raise ValueError("d_ff is the isotropic model's FF size; arch 'sashimi' sizes its FF blocks with ff")
+    if cfg.l_kernel is not None:  # per-level kernel lengths come with the official SaShiMi import
+        raise ValueError("l_kernel is not supported for arch 'sashimi' yet (each level uses its own length)")
     P = math.prod(pool)
     if cfg.l_max % (2 * P):
         raise ValueError(f"l_max must be a multiple of 2·prod(pool) = {2 * P} (each level's length is even)")
@@ -70,6 +72,7 @@ class S4Block(nn.Module):
         self.layer = S4Layer(
             d, cfg.d_state, l_max, dropout=cfg.dropout, kind=cfg.kernel, init=cfg.init, rank=cfg.rank,
             disc=cfg.disc, dt_min=cfg.dt_min, dt_max=cfg.dt_max, backend=cfg.cauchy_backend,
+            re_lambda_max=cfg.re_lambda_max, dt_tied=cfg.dt_tied,
         )  # fmt: skip
 
     def forward(self, x: torch.Tensor, ssm: SSMFn | None = None) -> torch.Tensor:
@@ -185,7 +188,7 @@ class SaShiMi(nn.Module):
             UpLevel(cfg, self.widths[k], self.lengths[k], p) for k, p in enumerate(cfg.pool)
         )
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=getattr(cfg, "head_bias", False))
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
@@ -210,13 +213,11 @@ class SaShiMi(nn.Module):
     param_groups = SequenceModel.param_groups
 
     def forward(self, tokens: torch.Tensor, ssms: dict[str, SSMFn] | None = None) -> torch.Tensor:
-        """tokens (B, L) long → logits (B, L, V). `ssms`: {S4Block name: replacement of its
-        convolution} (e.g. a float64 reference); without it L must be ≤ l_max."""
+        """tokens (B, L) long → logits (B, L, V), at any L (each S4 kernel is computed for its level's
+        length). `ssms`: {S4Block name: replacement of its convolution} (e.g. a float64 reference)."""
         B, L = tokens.shape
         Lp = -(-L // self.period) * self.period
-        if ssms is None and Lp > self.config.l_max:
-            raise ValueError(f"conv mode handles at most l_max={self.config.l_max} tokens")
-        x = self.embed(F.pad(tokens, (0, Lp - L))) * getattr(self.config, "embed_scale", 1.0)  # (B, Lp, H)
+        x = self.embed(F.pad(tokens, (0, Lp - L))) * self.config.embed_scale  # (B, Lp, H)
         ssms = ssms or {}
 
         def run(blocks: nn.ModuleList, prefix: str, x: torch.Tensor, skips: list | None = None):

@@ -97,7 +97,7 @@ class SaShiMiRecurrent:
         return (tau // math.prod(self.pool[:k])) % self.pool[k]
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.net.embed(tokens) * getattr(self.config, "embed_scale", 1.0)
+        return self.net.embed(tokens) * self.config.embed_scale
 
     # -----------------------------------------------------------------------------------------
     # step: one token per row; rows is None (all rows of st) or a LongTensor of rows of st
