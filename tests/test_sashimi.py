@@ -270,6 +270,22 @@ def test_rows_at_different_phases_each_equal_the_sequence_alone(trained_net):
         assert rel(got[i : i + 1], conv) <= 1e-4, lengths[i]
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_mixed_phase_batch_on_each_device(device):
+    net = make(l_max=128, unet=True).to(device).eval()
+    rec = net.to_recurrent(device=device)
+    prompts = [torch.randint(0, V, (1, n), device=device) for n in (3, 16, 21)]
+    batch = torch.cat([rec.prefill(p, rec.init_state(1))[1] for p in prompts])
+    cont = torch.randint(0, V, (3, 20), device=device)
+    pre, batch = rec.prefill(cont[:, :4], batch)
+    stepped, _ = step_all(rec, cont[:, 4:], batch)
+    got = torch.cat([pre, stepped], 1)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            want = net(torch.cat([p, cont[i : i + 1]], 1))[:, p.shape[1] :]
+            assert rel(got[i : i + 1], want) <= 1e-4, (device, p.shape[1])
+
+
 def test_state_is_one_row_per_sequence_and_in_place_step_matches(trained_net):
     rec = trained_net.to_recurrent()
     slots = rec.layout.describe()
