@@ -141,6 +141,9 @@ def load_model(
     CheckpointError or VerificationError with the reason."""
     t0 = time.perf_counter()
     meta = read_config(path)
+    arch = meta["config"].get("arch", "isotropic")
+    if arch != "isotropic":  # SaShiMi has a verified recurrence (model/arch) but no engine support yet
+        raise CheckpointError(f"{path}: arch {arch!r} is not served yet (only 'isotropic' models are)")
     net = load(path)
     if net.config.modality == "text" and net.config.vocab_size < 256:
         # text prompts arrive as UTF-8 bytes (ids 0-255): every byte must be a token of the model
