@@ -95,6 +95,17 @@ class GenerateResponse(BaseModel):
     session_id: str | None = None
 
 
+class Verification(BaseModel):
+    """The load-time checks: relative errors (‖Δ‖/‖ref‖) against float64 conv mode."""
+
+    dtype: str = Field(description="the dtype the network was verified at")
+    tokens: int = Field(description="probe length (2 sequences) of the logits check")
+    step_rel_err: float = Field(description="logits of the recurrent step over the probe")
+    prefill_rel_err: float = Field(description="logits of the parallel prefill (two halves) over the probe")
+    logits_tol: float = Field(description="the tolerance both met (LOGITS_TOL of the dtype)")
+    kernel_rel_err: list[float] = Field(description="per layer: the step's impulse response vs the kernel")
+
+
 class ModelInfo(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -109,6 +120,8 @@ class ModelInfo(BaseModel):
     d_state: int
     kernel: str
     layer_forms: list[str] = Field(description="per layer: diagonal or dplr (the verified step form)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(description="the served weights' dtype")
+    verification: Verification
     state_bytes_per_session: int
     max_sessions: int
 

@@ -31,7 +31,10 @@ async def readyz(request: Request) -> JSONResponse:
         reason = "no model could be served"
     else:
         reason = None
-    body = {"ready": reason is None, "reason": reason, "models": list(st.models), "failed": st.failed}
+    verified = {k: {n: m.rec.verification[n] for n in ("dtype", "step_rel_err", "prefill_rel_err", "tol")}
+                for k, m in st.models.items()}  # fmt: skip
+    body = {"ready": reason is None, "reason": reason, "models": list(st.models), "failed": st.failed,
+            "verification": verified}  # fmt: skip
     return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
