@@ -21,8 +21,9 @@ import typing  # noqa: E402
 import uvicorn  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
-from server.app import ServerState, create_app  # noqa: E402
+from server.app import create_app  # noqa: E402
 from server.config import Settings  # noqa: E402
+from server.state import ServerState  # noqa: E402
 
 log = logging.getLogger("server")
 

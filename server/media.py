@@ -82,11 +82,15 @@ class TextAssembler:
     complete, and so is any tail that could be the start of a stop sequence, so the pieces always
     add up to the final text (which ends before the stop sequence)."""
 
-    def __init__(self, stops: list[bytes]) -> None:
+    def __init__(self, stops: list[bytes], carry: bytes = b"", ends: bool = True) -> None:
+        """carry: an unfinished character from the session's earlier output (its first bytes);
+        ends: `finish` ends the text (U+FFFD for an unfinished character) rather than holding it back
+        for a later generation on the same session. A stop sequence always ends the text."""
         self.stops = [s for s in stops if s]
         self.buf = bytearray()
         self.emitted = 0
-        self.decoder = TEXT.stream_decoder()
+        self.decoder = TEXT.stream_decoder(carry)
+        self.ends = ends
         self.parts: list[str] = []
 
     def _held(self) -> int:
@@ -112,8 +116,12 @@ class TextAssembler:
         return self._emit(end if stop is None else min(end, stop))
 
     def finish(self, stop_at: int | None) -> str:
-        """The rest of the text, up to the stop sequence (when one ended the generation)."""
-        return self._emit(len(self.buf) if stop_at is None else stop_at, final=True)
+        """The rest of the text, up to the stop sequence (when one ended the generation); an unfinished
+        character at its end is held back when the text goes on in a later generation (not `ends`, no
+        stop sequence), else it becomes U+FFFD."""
+        if stop_at is None:
+            return self._emit(len(self.buf), final=self.ends)
+        return self._emit(stop_at, final=True)
 
     @property
     def text(self) -> str:

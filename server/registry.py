@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 
 from model import VerificationError, load
-from model.checkpoint import CheckpointError, read_config
+from model.checkpoint import WEIGHTS, CheckpointError, read_config
 from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
 from model.convert import convert_cached
 from model.network import ModelConfig
 from model.recurrent import RecurrentModel
 from model.sampling import SamplingParams, sample
+from server.chat import ChatTemplate
 from server.config import Settings
 from server.engine import Engine
 from server.metrics import Metrics
@@ -34,6 +35,10 @@ class ServedModel:
     rec: RecurrentModel
     engine: Engine
     fingerprint: str
+    chat: ChatTemplate | None = None  # from config.json's chat_template (POST /v1/chat/completions)
+    created: int = 0  # Unix time the weights file was written
+
+    owned_by = "s4serve"
 
     @property
     def kind(self) -> str:
@@ -62,12 +67,17 @@ class ServedModel:
             "n_tokens": rec.n_tokens,
             "pending": rec.pending,
             "seen": seen,
+            "utf8_tail": list(rec.utf8_tail),  # text: the unfinished character's bytes (0-3)
         }
 
     def describe(self) -> dict:
         c = self.config
         return {
             "id": self.id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": self.owned_by,
+            "chat": self.chat is not None,
             "kind": self.kind,
             "sample_rate": self.sample_rate,
             "vocab_size": c.vocab_size,
@@ -144,6 +154,7 @@ def load_model(
     arch = meta["config"].get("arch", "isotropic")
     if arch != "isotropic":  # SaShiMi has a verified recurrence (model/arch) but no engine support yet
         raise CheckpointError(f"{path}: arch {arch!r} is not served yet (only 'isotropic' models are)")
+    chat = ChatTemplate.from_config(meta)
     net = load(path)
     if net.config.modality == "text" and net.config.vocab_size < 256:
         # text prompts arrive as UTF-8 bytes (ids 0-255): every byte must be a token of the model
@@ -169,9 +180,9 @@ def load_model(
         net.config.d_state, forms, v["dtype"], v["step_rel_err"], v["prefill_rel_err"], v["tol"],
         rec.state_bytes_per_sequence, settings.max_sessions, time.perf_counter() - t0,
     )  # fmt: skip
-    return ServedModel(
-        model_id, path, net.config, rec, engine, model_fingerprint(meta["config"], meta.get("weights_sha256"))
-    )
+    fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"))
+    created = int((path / WEIGHTS).stat().st_mtime)
+    return ServedModel(model_id, path, net.config, rec, engine, fingerprint, chat, created)
 
 
 def load_models(

@@ -1,11 +1,10 @@
-"""Liveness, readiness, Prometheus metrics, the model list."""
+"""Liveness, readiness, Prometheus metrics."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from server.schemas import ModelList
 from server.service import state_of
 
 router = APIRouter()
@@ -49,8 +48,3 @@ async def metrics(request: Request) -> Response:
         mm.state_bytes.set(m.engine.pool.in_use * m.engine.pool.bytes_per_slot)
     body, content_type = st.metrics.render()
     return Response(body, media_type=content_type)
-
-
-@router.get("/v1/models", tags=["models"], summary="Served models", response_model=ModelList)
-async def models(request: Request) -> dict:
-    return {"object": "list", "data": [m.describe() for m in state_of(request).models.values()]}
