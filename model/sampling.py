@@ -73,6 +73,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 → off (CTRL-style: positive logits ÷ p, negative × p)
     seed: int | None = None
     stop: list[bytes] = field(default_factory=list)  # stop sequences (token-id bytes)
+    # OpenAI's logit processing (see `apply_logit_bias`, `apply_presence_frequency`), vLLM's min_p
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit
+    presence_penalty: float = 0.0  # subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the tokens generated so far
+    min_p: float = 0.0  # drop tokens less likely than min_p × the most likely one (0 → off)
+    # what to report beside each token (see `token_logprobs`); None → nothing
+    logprobs: int | None = None  # the sampled token's log-probability and the `logprobs` most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self):
         self.temperature = check_number("temperature", self.temperature, ge=0)
@@ -81,6 +89,33 @@ class SamplingParams:
         self.repetition_penalty = check_number("repetition_penalty", self.repetition_penalty, gt=0)
         if self.seed is not None:
             self.seed = check_number("seed", self.seed, ge=0, le=2**63 - 1, integer=True)
+        self.presence_penalty = check_number("presence_penalty", self.presence_penalty)
+        self.frequency_penalty = check_number("frequency_penalty", self.frequency_penalty)
+        self.min_p = check_number("min_p", self.min_p, ge=0, le=1)
+        self.logit_bias = {
+            check_number("logit_bias (a token id)", t, ge=0, integer=True): check_number("logit_bias", b)
+            for t, b in self.logit_bias.items()
+        }
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_number(name, getattr(self, name), ge=0, integer=True))
+
+    def plain(self, vocab_size: int) -> bool:
+        """Temperature sampling alone (what the fused C sampler does); anything else → the torch path."""
+        return (
+            (self.top_k == 0 or self.top_k >= vocab_size)
+            and self.top_p == 1
+            and self.repetition_penalty == 1
+            and not self.logit_bias
+            and self.presence_penalty == 0
+            and self.frequency_penalty == 0
+            and self.min_p == 0
+        )
+
+    @property
+    def counts_output(self) -> bool:
+        """Needs the counts of the tokens generated so far (presence/frequency penalties)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def generator(self, device: str | torch.device = "cpu") -> torch.Generator:
         g = torch.Generator(device=device)
@@ -153,36 +188,107 @@ def filter_logits(
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, NEG_INF))
 
 
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """OpenAI's logit_bias: each row's {token id: bias} added to its logits (B, V). Ids ≥ V are the
+    caller's error (the server refuses them by name)."""
+    if not any(p.logit_bias for p in params):
+        return logits
+    bias = torch.zeros_like(logits)
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+            bias[i, ids] = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits + bias
+
+
+def apply_presence_frequency(
+    logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's penalties: μ[j] − c[j]·α_frequency − [c[j] > 0]·α_presence, where c (B, V) counts the
+    tokens generated so far in this completion (not the prompt); presence and frequency (B,).
+    Source: platform.openai.com/docs/advanced-usage (frequency and presence penalties)."""
+    return logits - counts * frequency[:, None] - (counts > 0).to(logits.dtype) * presence[:, None]
+
+
+def filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """vLLM's min_p: mask (to −inf) tokens whose probability is below min_p × the row's largest
+    (logits (B, V) after temperature; min_p (B,), 0 → off). The most likely token always stays."""
+    probs = logits.softmax(-1)
+    drop = probs < min_p[:, None] * probs.amax(-1, keepdim=True)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[list, list, list]:
+    """Log-probabilities under the model: log_softmax of the raw logits (B, V) (before temperature,
+    penalties, bias and filtering), of `tokens` (B,), and the k most likely per row. Returns host
+    lists: chosen (B,) floats, top ids (B, k) and top log-probabilities (B, k), most likely first."""
+    lp = logits.float().log_softmax(-1)
+    chosen = lp.gather(-1, tokens[:, None].to(lp.device))[:, 0]
+    if k > 0:
+        top_v, top_i = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        return chosen.tolist(), top_i.tolist(), top_v.tolist()
+    return chosen.tolist(), [[] for _ in range(len(tokens))], [[] for _ in range(len(tokens))]
+
+
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator],
     seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits (B, V) (any float dtype, any device; NaN/±inf allowed, see `sanitize_logits`) → tokens
     (B,) int64 on the logits' device, each in [0, V).
 
-    Per row: repetition penalty (when `seen`, (B, V) bool, is given) → temperature (T = 0: argmax) →
-    top-k → top-p → one uniform from the row's generator, inverted through the CDF. Rows with plain
-    temperature on the CPU take one C pass (model/csrc/ssm_step.c `sample_rows`: the same arithmetic
-    and the same draws). Every row draws exactly one uniform, so a seed reproduces a sequence whatever
-    else is in the batch."""
+    Per row: logit_bias → repetition penalty (when `seen`, (B, V) bool: the tokens in the row's
+    context) → presence/frequency penalties (when `counts`, (B, V) float: the tokens generated so far)
+    → temperature (T = 0: argmax) → top-k → top-p → min_p → one uniform from the row's generator,
+    inverted through the CDF. On the CPU, rows with plain temperature sampling take one C pass
+    (model/csrc/ssm_step.c `sample_rows`: the same arithmetic and the same draws) and the others the
+    torch ops. Every row draws exactly one uniform from its own generator, so a row's token depends
+    neither on the path nor on the other rows, and a seed reproduces a sequence whatever the batch."""
+    B, V = logits.shape
+    logits = logits.float()
+    lib = fused.library() if logits.device.type == "cpu" and B else None
+    if lib is None:
+        return _sample_torch(logits, params, generators, seen, counts)
+    plain = [i for i, p in enumerate(params) if p.plain(V)]
+    if len(plain) == B:
+        return _sample_fused(lib, logits, params, generators)
+    if not plain:
+        return _sample_torch(logits, params, generators, seen, counts)
+    rest = sorted(set(range(B)) - set(plain))
+    out = torch.empty(B, dtype=torch.long)
+    pi, ri = torch.tensor(plain), torch.tensor(rest)
+    out[pi] = _sample_fused(lib, logits[pi], [params[i] for i in plain], [generators[i] for i in plain])
+    out[ri] = _sample_torch(
+        logits[ri],
+        [params[i] for i in rest],
+        [generators[i] for i in rest],
+        None if seen is None else seen[ri],
+        None if counts is None else counts[ri],
+    )
+    return out
+
+
+def _sample_fused(lib, logits, params, generators) -> torch.Tensor:
+    """Plain temperature sampling in one C pass, the same draws as the torch path."""
+    u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], dtype=torch.float32)
+    temp = torch.tensor([p.temperature for p in params], dtype=torch.float64)
+    return fused.sample_rows(lib, logits.contiguous(), temp, u)
+
+
+def _sample_torch(logits, params, generators, seen, counts) -> torch.Tensor:
     B, V = logits.shape
     dev = logits.device
-    logits = logits.float()
-    if (
-        dev.type == "cpu"
-        and B
-        and all((p.top_k == 0 or p.top_k >= V) and p.top_p == 1 and p.repetition_penalty == 1 for p in params)
-    ):
-        lib = fused.library()
-        if lib is not None:  # plain temperature sampling in one C pass, the same draws
-            u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], dtype=torch.float32)
-            temp = torch.tensor([p.temperature for p in params], dtype=torch.float64)
-            return fused.sample_rows(lib, logits.contiguous(), temp, u)
+    logits = apply_logit_bias(logits, params)
     pen = torch.tensor([p.repetition_penalty for p in params], device=dev)
     if seen is not None and bool((pen != 1).any()):
         logits = apply_repetition_penalty(logits, seen, pen)
+    if counts is not None and any(p.counts_output for p in params):
+        presence = torch.tensor([p.presence_penalty for p in params], device=dev, dtype=logits.dtype)
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=dev, dtype=logits.dtype)
+        logits = apply_presence_frequency(logits, counts.to(logits.dtype), presence, frequency)
     z = sanitize_logits(logits)
     temp = torch.tensor([p.temperature for p in params], dtype=torch.float64, device=dev)
     greedy = temp == 0
@@ -191,6 +297,9 @@ def sample(
     top_p = torch.tensor([p.top_p for p in params], device=dev)
     if bool((top_k > 0).any() or (top_p < 1).any()):  # ranked before the temperature (a huge T ties all)
         logits = filter_logits(logits, top_k, top_p, rank_by=z)
+    min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=logits.dtype)
+    if bool((min_p > 0).any()):
+        logits = filter_min_p(logits, min_p)
     probs = logits.softmax(-1)
     u = torch.stack([torch.rand((), generator=g, device=g.device).to(dev) for g in generators])
     cdf = probs.cumsum(-1)

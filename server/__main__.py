@@ -19,9 +19,11 @@ import types  # noqa: E402
 import typing  # noqa: E402
 
 import uvicorn  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 
-from server.app import ServerState, create_app  # noqa: E402
+from server.app import create_app  # noqa: E402
 from server.config import Settings  # noqa: E402
+from server.state import ServerState  # noqa: E402
 
 log = logging.getLogger("server")
 
@@ -80,7 +82,6 @@ def preflight(settings: Settings) -> list[str]:
     """What stops the server from serving anything, checked before it listens: every configured
     checkpoint is read and validated (config.json, then the safetensors weights: never unpickled)
     and the session store is reached. Returns the problems when nothing could be served, else []."""
-    from pathlib import Path  # noqa: PLC0415
 
     from model.checkpoint import CheckpointError, load  # noqa: PLC0415
     from server.store import StoreError, open_store  # noqa: PLC0415
@@ -92,15 +93,17 @@ def preflight(settings: Settings) -> list[str]:
             store.close()
     except StoreError as exc:
         return [str(exc)]
+    from server.registry import parse_entry, resolve_entry  # noqa: PLC0415
+
     usable = 0
     for entry in settings.checkpoints:
-        path = Path(entry)
-        if not path.exists() and settings.uses_default_checkpoints():
+        if not parse_entry(entry)[1].exists() and settings.uses_default_checkpoints():
             continue  # the default list names checkpoints that may not be trained yet
         try:
+            _, path = resolve_entry(entry, settings)  # an official .ckpt/.pt is converted (and cached) here
             load(path)
             usable += 1
-        except (CheckpointError, OSError) as exc:
+        except (CheckpointError, ValueError, OSError) as exc:
             problems.append(f"checkpoint {entry}: {exc}")
     if usable:
         return []
@@ -108,7 +111,11 @@ def preflight(settings: Settings) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = parse_args(argv)
+    try:
+        settings = parse_args(argv)
+    except ValidationError as exc:  # an S4_* variable (argparse checks the flags): name it, not its value
+        names = [f"S4_{str(e['loc'][0]).upper()}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()]
+        sys.exit("not serving: invalid settings: " + "; ".join(names))
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -24,18 +24,41 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     checkpoints: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_CHECKPOINTS),
-        description="checkpoint folders to serve (comma-separated); the model id is the folder name",
+        description="checkpoint folders to serve (comma-separated); the model id is the folder name. "
+        "An entry may also be a checkpoint of the official state-spaces/s4 code (a `.ckpt`, or a `.pt` with "
+        "its config.yaml beside it), converted at load time; `NAME=PATH` sets the model id (default: the "
+        "folder name or the file's stem)",
+    )
+    convert_cache: str = Field(
+        "~/.cache/s4serve/convert",
+        description="where official checkpoints are converted to, one folder per source SHA-256 (reused)",
     )
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     verify_tolerance: float = Field(
         1e-4, gt=0, description="max relative error of the recurrent form against the conv kernel"
     )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of the served weights (states stay float32); verified at load: logits within "
+        "1e-4 (float32), 1.6e-2 (bfloat16) or 2e-3 (float16) of float64 conv mode, else not served",
+    )
     max_sessions: int = Field(256, ge=1, description="state slots per model (sessions + one-shot requests)")
     session_ttl_s: float = Field(
         600.0, gt=0, description="an idle session is deleted after this many seconds"
     )
-    max_prompt_tokens: int = Field(8192, ge=1, description="longest prompt (or append) in tokens (else 413)")
-    max_new_tokens: int = Field(4096, ge=1, description="largest max_new_tokens a request may ask for")
+    max_prompt_tokens: int = Field(
+        8192, ge=1, description="text models: longest prompt (or append) in tokens (else 413)"
+    )
+    max_new_tokens: int = Field(
+        4096, ge=1, description="text models: largest max_new_tokens a request may ask for"
+    )
+    max_audio_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="audio models: longest prompt (or append; else 413) and largest max_new_tokens, in "
+        "seconds at the model's sample rate (30 s at 8 kHz: 240,000 samples)",
+    )
     max_queued_requests: int = Field(
         256, ge=1, description="requests admitted but not yet decoding, per model (else 429)"
     )

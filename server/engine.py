@@ -35,7 +35,7 @@ import torch
 
 from model.codecs import utf8_tail
 from model.recurrent import RecurrentModel
-from model.sampling import SamplingParams, find_stop, sample
+from model.sampling import SamplingParams, find_stop, sample, token_logprobs
 from server.config import Settings
 from server.errors import APIError, over_capacity, unavailable
 from server.metrics import ModelMetrics
@@ -78,6 +78,11 @@ class Stream:
         self.taken = 0  # tokens taken (event loop)
         self.cancelled = False
         self.engine: Engine | None = None
+        # when the params ask for them (engine thread appends, before the token or final event is
+        # delivered): per generated token (logprob, top ids, top logprobs); per prompt token after
+        # the first, the same
+        self.logprobs: list[tuple[float, list[int], list[float]]] = []
+        self.prompt_logprobs: list[tuple[float, list[int], list[float]]] = []
 
     def room(self) -> int:
         return self.capacity - (self.sent - self.taken)
@@ -125,6 +130,8 @@ class Job:
     out_bytes: bytearray = field(default_factory=bytearray)
     stops: list[bytes] = field(default_factory=list)
     generator: torch.Generator | None = None
+    counts: torch.Tensor | None = None  # (V,) float: generated tokens (presence/frequency penalties)
+    targets: list[int] = field(default_factory=list)  # the token each ingested one is followed by
     last_emit: float = 0.0
     delete_after: bool = False
     queued: bool = True  # counted in the engine's queue depth (until it decodes or ends)
@@ -148,6 +155,7 @@ class DecodeBatch:
         self.tok = torch.zeros(0, dtype=torch.long, device=pool.state.device)
         self.seen = pool.seen.new_zeros((0, pool.seen.shape[1]))
         self.rows: list[Job | None] = []
+        self.logprobs: dict[int, tuple[float, list[int], list[float]]] = {}  # of the last step, by row
         self.dummy = torch.Generator(device=pool.state.device)
 
     @property
@@ -198,15 +206,33 @@ class DecodeBatch:
             self.rows = [self.rows[i] for i in keep]
 
     def step(self, rec: RecurrentModel) -> list[int]:
-        """One recurrent step of every row, in place; returns the sampled tokens (host ints)."""
+        """One recurrent step of every row, in place; returns the sampled tokens (host ints). Rows
+        that ask for log-probabilities get them in `self.logprobs` (row → (logprob, top ids, top
+        logprobs)) from the same logits the sampler was given."""
         logits, _ = rec.step(self.tok, self.state, out=self.state)  # (R, V)
         params = [GREEDY if j is None else j.params for j in self.rows]
         gens = [self.dummy if j is None else j.generator for j in self.rows]
         penalized = any(p.repetition_penalty != 1 for p in params)
-        new = sample(logits, params, gens, self.seen if penalized else None)  # (R,) on the device
+        counted = [i for i, j in enumerate(self.rows) if j is not None and j.counts is not None]
+        counts = None
+        if counted:
+            counts = torch.zeros(logits.shape, device=logits.device)  # float32 whatever the logits
+            counts[counted] = torch.stack([self.rows[i].counts for i in counted])
+        new = sample(logits, params, gens, self.seen if penalized else None, counts)  # (R,) on the device
         self.seen[torch.arange(len(self.rows), device=new.device), new] = True
+        for i in counted:
+            self.rows[i].counts[new[i]] += 1
         self.tok = new
-        return new.tolist()  # the one host copy per step
+        self.logprobs = {}
+        wants = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if wants:
+            k = max(params[i].logprobs for i in wants)
+            w = torch.tensor(wants, device=new.device)
+            chosen, top_i, top_v = token_logprobs(logits[w], new[w], k)
+            for n, i in enumerate(wants):
+                kk = params[i].logprobs
+                self.logprobs[i] = (chosen[n], top_i[n][:kk], top_v[n][:kk])
+        return new.tolist()  # the one host copy per step (two more with logprobs)
 
 
 class Engine:
@@ -379,6 +405,10 @@ class Engine:
         if job.stream is not None:
             job.generator = job.params.generator(self.pool.state.device)
             job.stops = list(job.params.stop)
+            if job.params.counts_output:
+                job.counts = torch.zeros(self.pool.seen.shape[1], device=self.pool.state.device)
+            if job.params.prompt_logprobs is not None and job.ingest:
+                job.targets = job.ingest[1:] + [rec.pending]
         if job.ingest:
             self._prefilling.append(job)
         else:
@@ -388,6 +418,8 @@ class Engine:
         if job.stream is None:
             self._end(job)
             job.future.set_result(job.session)
+        elif job.max_new_tokens == 0:  # prompt log-probabilities only (echo)
+            self._finish(job, "length")
         else:
             self._waiting.append(job)
 
@@ -414,8 +446,14 @@ class Engine:
         for group in groups.values():
             slots = torch.tensor([j.session.slot for j, _ in group], device=dev)
             toks = torch.tensor([p for _, p in group], device=dev)  # (G, L)
-            _, x = self.rec.prefill(toks, self.pool.state.index_select(1, slots))
+            logits, x = self.rec.prefill(toks, self.pool.state.index_select(1, slots))
             self.pool.state.index_copy_(1, slots, x)
+            for g, (job, piece) in enumerate(group):
+                if job.targets:  # prompt log-probabilities: position i predicts the token after it
+                    k = job.params.prompt_logprobs
+                    nxt = torch.tensor(job.targets[job.offset : job.offset + len(piece)], device=dev)
+                    chosen, top_i, top_v = token_logprobs(logits[g], nxt, k)
+                    job.stream.prompt_logprobs += list(zip(chosen, top_i, top_v))
         for job, piece in picked:
             job.offset += len(piece)
             if job.offset == len(job.ingest):
@@ -461,8 +499,10 @@ class Engine:
             self.metrics.batch_size.observe(b.live)
             now = time.perf_counter()
             done, full = [], False
-            for job, tok in zip(b.rows, ids):
+            for row, (job, tok) in enumerate(zip(b.rows, ids)):
                 if job is not None:
+                    if row in b.logprobs:
+                        job.stream.logprobs.append(b.logprobs[row])
                     if self._emit(job, tok, now):
                         done.append(job)
                     elif job.stream.room() <= 0 or job.cancelled:
@@ -620,8 +660,11 @@ class Engine:
         return state.numpy().astype("<f4", copy=False).tobytes(), seen
 
     def write_slot(self, rec: SessionRecord, state: bytes, seen: list[int]) -> SessionRecord:
+        """Install an imported or restored state: the one way a state from outside enters a slot, so
+        it is validated here (finite, within what the model can reach: RecurrentModel.check_state)."""
         shape = self.pool.state[:, rec.slot].shape
         x = torch.frombuffer(bytearray(state), dtype=torch.float32).reshape(shape)
+        self.rec.check_state(x.unsqueeze(1))  # StateRangeError before the slot is touched
         self.pool.clear(rec.slot)
         self.pool.state[:, rec.slot].copy_(x)
         if seen:

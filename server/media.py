@@ -1,6 +1,8 @@
 """Requests' text and audio ↔ token ids (no tensors): prompts in, streamed text and audio out.
 
 Text models read UTF-8 bytes; audio models read 8-bit mu-law samples at the model's sample rate.
+A prompt audio file is decoded by libsndfile and resampled by soxr (model.codecs.read_audio); an audio
+request without a prompt starts from the model's silence (MuLaw.silence, the code of 0.0).
 """
 
 from __future__ import annotations
@@ -10,9 +12,9 @@ import binascii
 
 import numpy as np
 
-from model.codecs import ByteTokenizer, MuLaw, read_wav, to_pcm16, wav_bytes
+from model.codecs import AudioTooLong, ByteTokenizer, MuLaw, read_audio, to_pcm16, wav_bytes
 from model.sampling import find_stop
-from server.errors import invalid
+from server.errors import invalid, too_large
 
 TEXT, MULAW = ByteTokenizer(), MuLaw()
 AUDIO_ENCODINGS = ("pcm16", "mulaw")  # WebSocket binary frames: s16le samples, or mu-law bytes (= ids)
@@ -25,29 +27,33 @@ def b64decode(data: str, param: str) -> bytes:
         raise invalid(param, f"{param} is not valid base64") from None
 
 
-def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Linear interpolation to the model's rate (a prompt at another rate is still usable)."""
-    if rate == target or len(x) == 0:
-        return x
-    n = max(1, round(len(x) * target / rate))
-    return np.interp(np.arange(n) * (rate / target), np.arange(len(x)), x).astype(np.float32)
+def prompt_ids(
+    kind: str,
+    sample_rate: int | None,
+    prompt: str | None,
+    prompt_audio: str | None,
+    max_audio_s: float | None = None,
+) -> list[int]:
+    """A request's prompt as token ids for a model of this kind (422 naming the wrong field).
 
-
-def prompt_ids(kind: str, sample_rate: int | None, prompt: str | None, prompt_audio: str | None) -> list[int]:
-    """A request's prompt as token ids for a model of this kind (422 naming the wrong field)."""
+    Audio: `prompt_audio` is a base64 audio file (any format libsndfile reads), resampled to the
+    model's rate; a file longer than `max_audio_s` (its header's frames / sample rate, checked before
+    it is decoded) is a 413. No prompt gives no ids (the engine's caller starts from silence)."""
     if kind == "text":
         if prompt_audio is not None:
             raise invalid("prompt_audio", "this is a text model: send `prompt` (a string)")
         return TEXT.encode(prompt or "")
     if prompt is not None:
-        raise invalid("prompt", "this is an audio model: send `prompt_audio` (base64 WAV)")
+        raise invalid("prompt", "this is an audio model: send `prompt_audio` (a base64 audio file)")
     if prompt_audio is None:
         return []
     try:
-        x, rate = read_wav(b64decode(prompt_audio, "prompt_audio"))
+        x, _ = read_audio(b64decode(prompt_audio, "prompt_audio"), sample_rate, max_audio_s)
+    except AudioTooLong as exc:
+        raise too_large(f"prompt_audio: {exc} (max_audio_s)", "prompt_audio") from None
     except ValueError as exc:
-        raise invalid("prompt_audio", str(exc)) from None
-    return MULAW.encode(resample(x, rate, sample_rate or rate)).tolist()
+        raise invalid("prompt_audio", f"prompt_audio: {exc}") from None
+    return MULAW.encode(x).tolist()
 
 
 def audio_frame_ids(data: bytes, encoding: str) -> list[int]:

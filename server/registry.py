@@ -4,6 +4,7 @@ engine. A checkpoint that fails any step is not served; the reason is logged and
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,10 +12,13 @@ from pathlib import Path
 import torch
 
 from model import VerificationError, load
-from model.checkpoint import CheckpointError, read_config
+from model.checkpoint import WEIGHTS, CheckpointError, read_config
+from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
+from model.convert import convert_cached
 from model.network import ModelConfig
 from model.recurrent import RecurrentModel
 from model.sampling import SamplingParams, sample
+from server.chat import ChatTemplate
 from server.config import Settings
 from server.engine import Engine
 from server.metrics import Metrics
@@ -31,6 +35,10 @@ class ServedModel:
     rec: RecurrentModel
     engine: Engine
     fingerprint: str
+    chat: ChatTemplate | None = None  # from config.json's chat_template (POST /v1/chat/completions)
+    created: int = 0  # Unix time the weights file was written
+
+    owned_by = "s4serve"
 
     @property
     def kind(self) -> str:
@@ -66,6 +74,10 @@ class ServedModel:
         c = self.config
         return {
             "id": self.id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": self.owned_by,
+            "chat": self.chat is not None,
             "kind": self.kind,
             "sample_rate": self.sample_rate,
             "vocab_size": c.vocab_size,
@@ -74,9 +86,25 @@ class ServedModel:
             "d_state": c.d_state,
             "kernel": c.kernel,
             "layer_forms": [r["form"] for r in self.rec.report],
+            "dtype": self.rec.verification["dtype"],
+            "verification": verification(self.rec),
             "state_bytes_per_session": self.state_bytes,
             "max_sessions": self.engine.pool.capacity,
         }
+
+
+def verification(rec: RecurrentModel) -> dict:
+    """What the load-time checks measured: per-layer kernel errors, and the network's logits errors
+    (step, prefill) at the served dtype with the tolerance they met."""
+    v = rec.verification
+    return {
+        "dtype": v["dtype"],
+        "tokens": v["tokens"],
+        "step_rel_err": v["step_rel_err"],
+        "prefill_rel_err": v["prefill_rel_err"],
+        "logits_tol": v["tol"],
+        "kernel_rel_err": [r["rel_err"] for r in rec.report],
+    }
 
 
 def warm_up(rec: RecurrentModel, batch: int) -> None:
@@ -89,31 +117,72 @@ def warm_up(rec: RecurrentModel, batch: int) -> None:
     sample(logits, params, [p.generator(dev) for p in params])
 
 
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def parse_entry(entry: str) -> tuple[str | None, Path]:
+    """An S4_CHECKPOINTS entry: PATH, or NAME=PATH (NAME: letters, digits, '.', '_', '-')."""
+    name, sep, rest = entry.partition("=")
+    if sep and _MODEL_ID.fullmatch(name) and rest:
+        return name, Path(rest)
+    return None, Path(entry)
+
+
+def resolve_entry(entry: str, settings: Settings) -> tuple[str, Path]:
+    """(model id, checkpoint folder) of an entry. An official state-spaces/s4 file (.ckpt, .pt) is
+    converted into S4_CONVERT_CACHE/<its SHA-256>/ first, or found there from an earlier start.
+    Raises ConvertError (a ValueError) naming what is refused."""
+    name, path = parse_entry(entry)
+    if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
+        model_id = name or path.stem
+        return model_id, convert_cached(path, settings.convert_cache, name=model_id)
+    return name or path.name, path
+
+
 def load_model(
-    path: Path, settings: Settings, sessions: SessionTable, metrics: Metrics, device: str
+    path: Path,
+    settings: Settings,
+    sessions: SessionTable,
+    metrics: Metrics,
+    device: str,
+    model_id: str | None = None,
 ) -> ServedModel:
     """Checkpoint → verified recurrent form → warmed-up engine (not yet started). Raises
     CheckpointError or VerificationError with the reason."""
     t0 = time.perf_counter()
     meta = read_config(path)
+    arch = meta["config"].get("arch", "isotropic")
+    if arch != "isotropic":  # SaShiMi has a verified recurrence (model/arch) but no engine support yet
+        raise CheckpointError(f"{path}: arch {arch!r} is not served yet (only 'isotropic' models are)")
+    chat = ChatTemplate.from_config(meta)
     net = load(path)
-    rec = net.to_recurrent(device=device, tol=settings.verify_tolerance)
+    if net.config.modality == "text" and net.config.vocab_size < 256:
+        # text prompts arrive as UTF-8 bytes (ids 0-255): every byte must be a token of the model
+        raise CheckpointError(
+            f"{path}: a text model must have vocab_size >= 256 (byte tokens), "
+            f"this one has {net.config.vocab_size}"
+        )
+    rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=getattr(torch, settings.dtype))
     warm_up(rec, min(8, settings.max_batch_size))
-    model_id = path.name
+    model_id = model_id or path.name
     mm = metrics.for_model(model_id)
     engine = Engine(model_id, rec, settings, sessions, mm)
     mm.pool_bytes.set(engine.pool.capacity * engine.pool.bytes_per_slot)
+    v = rec.verification
+    checks = [("step", v["step_rel_err"]), ("prefill", v["prefill_rel_err"])]
+    for check, err in checks + [(f"kernel_layer_{r['layer']}", r["rel_err"]) for r in rec.report]:
+        metrics.verification_error.labels(model_id, v["dtype"], check).set(err)
     forms = ", ".join(f"{r['form']} {r['rel_err']:.1e}" for r in rec.report)
     log.info(
-        "model %s: %s %s, %d layers, d_model %d, d_state %d; verified (%s); %d B state/session, "
-        "%d slots; ready in %.1f s",
+        "model %s: %s %s, %d layers, d_model %d, d_state %d; verified (%s; %s logits: step %.1e, prefill "
+        "%.1e, tol %.1e); %d B state/session, %d slots; ready in %.1f s",
         model_id, net.config.modality, net.config.kernel, net.config.n_layers, net.config.d_model,
-        net.config.d_state, forms, rec.state_bytes_per_sequence, settings.max_sessions,
-        time.perf_counter() - t0,
+        net.config.d_state, forms, v["dtype"], v["step_rel_err"], v["prefill_rel_err"], v["tol"],
+        rec.state_bytes_per_sequence, settings.max_sessions, time.perf_counter() - t0,
     )  # fmt: skip
-    return ServedModel(
-        model_id, path, net.config, rec, engine, model_fingerprint(meta["config"], meta.get("weights_sha256"))
-    )
+    fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"))
+    created = int((path / WEIGHTS).stat().st_mtime)
+    return ServedModel(model_id, path, net.config, rec, engine, fingerprint, chat, created)
 
 
 def load_models(
@@ -123,20 +192,28 @@ def load_models(
     device = settings.resolved_device()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if settings.dtype != "float32" and device == "cpu":
+        log.warning(
+            "S4_DTYPE=%s on CPU: verified like any dtype, but slower than float32 (the whole-network C "
+            "step is float32-only; torch's CPU half-precision ops are slower); meant for GPUs",
+            settings.dtype,
+        )
     models: dict[str, ServedModel] = {}
     failed: dict[str, str] = {}
     for entry in settings.checkpoints:
-        path = Path(entry)
+        name, path = parse_entry(entry)
         if not path.exists() and settings.uses_default_checkpoints():
             log.warning("default checkpoint %s does not exist yet: skipped", path)
             continue
-        if path.name in models:
-            failed[entry] = f"model id {path.name!r} is already served (from {models[path.name].path})"
+        model_id = name or (path.stem if path.suffix in OFFICIAL_SUFFIXES else path.name)
+        if model_id in models:
+            failed[entry] = f"model id {model_id!r} is already served (from {models[model_id].path})"
             log.error("checkpoint %s not served: %s", entry, failed[entry])
             continue
         try:
-            models[path.name] = load_model(path, settings, sessions, metrics, device)
+            model_id, folder = resolve_entry(entry, settings)
+            models[model_id] = load_model(folder, settings, sessions, metrics, device, model_id)
         except (CheckpointError, VerificationError, ValueError, OSError, RuntimeError) as exc:
-            failed[path.name] = f"{type(exc).__name__}: {exc}"
-            log.error("checkpoint %s not served: %s", entry, failed[path.name])
+            failed[model_id] = f"{type(exc).__name__}: {exc}"
+            log.error("checkpoint %s not served: %s", entry, failed[model_id])
     return models, failed

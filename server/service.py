@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import secrets
 import time
 import uuid
@@ -13,9 +14,9 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from model.codecs import utf8_tail
+from model.recurrent import StateRangeError
 from model.sampling import SamplingParams
 from server import media
-from server.app import ServerState
 from server.engine import Failed, Finished, Job, Stream
 from server.errors import APIError, invalid, too_large, unavailable
 from server.registry import ServedModel
@@ -27,6 +28,7 @@ from server.sessions import (
     pack_state,
     unpack_state,
 )
+from server.state import ServerState
 from server.store import StoreError
 
 
@@ -41,16 +43,42 @@ def request_id(prefix: str = "gen") -> str:
 # --- limits and parameters -----------------------------------------------------------------------
 
 
-def check_prompt(state: ServerState, tokens: list[int], param: str) -> None:
-    limit = state.settings.max_prompt_tokens
+def prompt_limit(state: ServerState, model: ServedModel | None) -> tuple[int, str]:
+    """The longest prompt of `model` (None: a text model) in tokens, and the setting that sets it
+    (audio: max_audio_s, in seconds at the model's rate)."""
+    if model is not None and model.kind == "audio":
+        return math.floor(state.settings.max_audio_s * model.sample_rate), "max_audio_s"
+    return state.settings.max_prompt_tokens, "max_prompt_tokens"
+
+
+def new_tokens_limit(state: ServerState, model: ServedModel | None) -> tuple[int, str]:
+    """The largest max_new_tokens for `model` (None: a text model), and the setting that sets it."""
+    if model is not None and model.kind == "audio":
+        return math.floor(state.settings.max_audio_s * model.sample_rate), "max_audio_s"
+    return state.settings.max_new_tokens, "max_new_tokens"
+
+
+def _what(state: ServerState, model: ServedModel | None, setting: str) -> str:
+    if setting == "max_audio_s":
+        return f"{state.settings.max_audio_s:g} s at {model.sample_rate} Hz: max_audio_s"
+    return setting
+
+
+def check_prompt(state: ServerState, tokens: list[int], param: str, model: ServedModel | None = None) -> None:
+    limit, setting = prompt_limit(state, model)
     if len(tokens) > limit:
-        raise too_large(f"{param} is {len(tokens)} tokens; the limit is {limit} (max_prompt_tokens)", param)
+        raise too_large(
+            f"{param} is {len(tokens)} tokens; the limit is {limit} ({_what(state, model, setting)})", param
+        )
 
 
-def check_new_tokens(state: ServerState, n: int, param: str = "max_new_tokens") -> None:
-    limit = state.settings.max_new_tokens
+def check_new_tokens(
+    state: ServerState, n: int, param: str = "max_new_tokens", model: ServedModel | None = None
+) -> None:
+    limit, setting = new_tokens_limit(state, model)
     if n > limit:
-        raise invalid(param, f"{param}: {n} is more than this server's limit of {limit}")
+        what = _what(state, model, setting)
+        raise invalid(param, f"{param}: {n} is more than this server's limit of {limit} ({what})")
 
 
 def random_seed() -> int:
@@ -74,8 +102,8 @@ def sampling_params(model: ServedModel, req: SamplingFields) -> SamplingParams:
 def prompt_ids(
     state: ServerState, model: ServedModel, prompt: str | None, prompt_audio: str | None
 ) -> list[int]:
-    ids = media.prompt_ids(model.kind, model.sample_rate, prompt, prompt_audio)
-    check_prompt(state, ids, "prompt" if model.kind == "text" else "prompt_audio")
+    ids = media.prompt_ids(model.kind, model.sample_rate, prompt, prompt_audio, state.settings.max_audio_s)
+    check_prompt(state, ids, "prompt" if model.kind == "text" else "prompt_audio", model)
     return ids
 
 
@@ -176,6 +204,13 @@ async def export_state(state: ServerState, session_id: str) -> bytes:
     return pack_state(model.state_header(rec, seen), raw)
 
 
+MAX_STATE_TOKENS = 2**53 - 1  # a token count JSON clients read exactly (IEEE double integers)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false are not numbers
+
+
 def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple[ServedModel, dict, bytes]:
     """Validate an exported (or stored) state: format, version, checksum, then that this server
     serves its model with the same weights and shapes. 422 naming `param` otherwise."""
@@ -197,12 +232,17 @@ def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple
         )
     V = model.config.vocab_size
     pending, n_tokens, seen = header.get("pending"), header.get("n_tokens"), header.get("seen")
-    if not (pending is None or (isinstance(pending, int) and 0 <= pending < V)):
+    if not (pending is None or (_is_int(pending) and 0 <= pending < V)):
         raise invalid(param, f"{what}: pending token {pending!r} is not a token id")
-    if not isinstance(n_tokens, int) or n_tokens < (pending is not None):
-        raise invalid(param, f"{what}: token count {n_tokens!r} is invalid")
-    if not isinstance(seen, list) or not all(isinstance(i, int) and 0 <= i < V for i in seen):
-        raise invalid(param, f"{what}: seen tokens must be a list of token ids")
+    if not _is_int(n_tokens) or not (pending is not None) <= n_tokens <= MAX_STATE_TOKENS:
+        raise invalid(param, f"{what}: token count {n_tokens!r} is not in [0, {MAX_STATE_TOKENS}]")
+    if (
+        not isinstance(seen, list)
+        or len(seen) > V
+        or not all(_is_int(i) and 0 <= i < V for i in seen)
+        or len(set(seen)) != len(seen)
+    ):
+        raise invalid(param, f"{what}: seen tokens must be a list of distinct token ids (at most {V})")
     header["utf8_tail"] = _checked_tail(header.get("utf8_tail", []), model.kind, param, what)
     return model, header, raw
 
@@ -217,14 +257,24 @@ def _checked_tail(tail, kind: str, param: str, what: str) -> bytes:
 
 
 async def _install(
-    state: ServerState, model: ServedModel, header: dict, raw: bytes, session_id: str | None = None
+    state: ServerState,
+    model: ServedModel,
+    header: dict,
+    raw: bytes,
+    param: str,
+    what: str,
+    session_id: str | None = None,
 ) -> SessionRecord:
-    """A new session (id `session_id`, or a fresh one) holding a checked state."""
+    """A new session (id `session_id`, or a fresh one) holding a checked state; the engine refuses
+    values the model cannot reach (422 naming `param`)."""
     rec = _new_record(state, model, ephemeral=False, session_id=session_id)
     rec.n_tokens, rec.pending, rec.utf8_tail = header["n_tokens"], header["pending"], header["utf8_tail"]
     seen = header["seen"]
     try:
         rec = await asyncio.wrap_future(model.engine.call(lambda e: e.write_slot(rec, raw, seen)))
+    except StateRangeError as exc:
+        _drop_record(state, model, rec)
+        raise invalid(param, f"{what}: {exc}") from None
     except BaseException:
         _drop_record(state, model, rec)
         raise
@@ -234,7 +284,7 @@ async def _install(
 
 async def import_state(state: ServerState, blob: bytes) -> SessionRecord:
     model, header, raw = check_state(state, blob, "state", "the state")
-    return await _install(state, model, header, raw)
+    return await _install(state, model, header, raw, "state", "the state")
 
 
 MAX_SESSION_ID = 128  # longer ids are never ours: not looked up in the store
@@ -259,7 +309,9 @@ async def restore(state: ServerState, session_id: str) -> None:
         model, header, raw = check_state(
             state, blob, "session_id", f"the stored state of session {session_id}"
         )
-        await _install(state, model, header, raw, session_id)
+        await _install(
+            state, model, header, raw, "session_id", f"the stored state of session {session_id}", session_id
+        )
         state.metrics.store_ops.labels("restore").inc()
 
 
@@ -275,14 +327,20 @@ def start_generation(
     max_new_tokens: int,
 ) -> tuple[Stream, Job]:
     """Claim the session (or a one-shot slot) and queue the job; results arrive on the stream.
+
+    With no input at all (no prompt, and a new or empty session) an audio model starts from its
+    silence: the prompt is the one id MuLaw.silence (128, the code of 0.0; every training clip starts
+    with it), counted in usage.prompt_tokens. A text model has no such start: 422 naming `prompt`.
     A text session's unfinished character (`utf8_tail`) carries into this generation unless new
     input comes first; the job says so (`carry`) for the route's `Output`."""
-    check_new_tokens(state, max_new_tokens)
+    check_new_tokens(state, max_new_tokens, model=model)
     rec = _new_record(state, model, ephemeral=True) if session_id is None else claim(state, model, session_id)
     try:
         if not ids and rec.pending is None:
-            field = "prompt" if model.kind == "text" else "prompt_audio"
-            raise invalid(field, f"{field} is empty and there is no session input to continue from")
+            if model.kind != "text":
+                ids = [media.MULAW.silence]
+            else:
+                raise invalid("prompt", "prompt is empty and there is no session input to continue from")
         stream = Stream(state.loop, state.settings.stream_buffer)
         text = model.kind == "text"
         carry = rec.utf8_tail if text and not ids and not rec.ephemeral else b""

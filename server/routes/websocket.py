@@ -21,12 +21,12 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from server import media, service
-from server.app import ServerState, validation_error
 from server.auth import SUBPROTOCOL
 from server.engine import Stream
-from server.errors import APIError, invalid, too_large
+from server.errors import APIError, invalid, too_large, validation_error
 from server.registry import ServedModel
 from server.schemas import WSAppend, WSCancel, WSGenerate, WSMessage, WSSession
+from server.state import ServerState
 
 router = APIRouter()
 log = logging.getLogger("server.ws")
@@ -83,8 +83,9 @@ class Connection:
             return
         if self.pump is not None and not self.pump.done():
             raise APIError(409, "a generation is running on this socket: wait for its done frame, or cancel")
-        if isinstance(msg, WSGenerate):
-            service.check_new_tokens(self.st, msg.max_new_tokens)  # before binding a session
+        if isinstance(msg, WSGenerate):  # before binding a session
+            target = self.model or (self.st.model(msg.model) if msg.model is not None else None)
+            service.check_new_tokens(self.st, msg.max_new_tokens, model=target)
         await self.bind(msg)
         if isinstance(msg, WSSession):
             return
@@ -130,19 +131,22 @@ class Connection:
         await self.send(frame)
 
     def prompt(self, msg: WSGenerate | WSAppend) -> list[int]:
-        ids = media.prompt_ids(self.model.kind, self.model.sample_rate, msg.prompt, msg.prompt_audio)
+        m = self.model
+        max_s = self.st.settings.max_audio_s
+        ids = media.prompt_ids(m.kind, m.sample_rate, msg.prompt, msg.prompt_audio, max_s)
         ids, self.audio_ids = self.audio_ids + ids, []
-        service.check_prompt(self.st, ids, "prompt" if self.model.kind == "text" else "prompt_audio")
+        service.check_prompt(self.st, ids, "prompt" if m.kind == "text" else "prompt_audio", m)
         return ids
 
     def on_audio(self, data: bytes) -> None:
         if self.model is None or self.model.kind != "audio":
             raise invalid("audio", "binary frames are audio prompt samples: bind an audio model first")
         ids = media.audio_frame_ids(data, self.encoding)
-        if len(self.audio_ids) + len(ids) > self.st.settings.max_prompt_tokens:
+        limit, setting = service.prompt_limit(self.st, self.model)
+        if len(self.audio_ids) + len(ids) > limit:
             self.audio_ids = []
             raise too_large(
-                "buffered audio prompt is longer than max_prompt_tokens (buffer cleared)", "audio"
+                f"buffered audio prompt is longer than {limit} samples ({setting}; buffer cleared)", "audio"
             )
         self.audio_ids += ids
 
