@@ -36,7 +36,16 @@ ANY_NUMBER = st.one_of(
     st.integers(-(2**70), 2**70),
     st.sampled_from([2**63 - 1, 2**63, 2**64, True, False]),
 )
-FIELDS = ["temperature", "top_k", "top_p", "repetition_penalty", "seed"]
+FIELDS = [
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "min_p",
+]
 
 # valid settings, extremes included
 TEMPERATURE = st.one_of(st.sampled_from([0.0, 5e-324, 1e-320, 1e-45, 1e-40, 1e-30, 1e-9, 0.7, 100.0, 1e30]),
@@ -82,6 +91,20 @@ def batches(draw, plain: bool = False):
 
 
 @SETTINGS
+@given(bias=st.dictionaries(ANY_NUMBER, ANY_NUMBER, max_size=3))
+def test_any_logit_bias_is_refused_naming_it_or_usable(bias):
+    try:
+        p = SamplingParams(logit_bias=bias)
+    except ValueError as exc:
+        assert "logit_bias" in str(exc)
+        return
+    bias_ok = {t: b for t, b in p.logit_bias.items() if t < 17}
+    p = SamplingParams(logit_bias=bias_ok, seed=1)
+    out = sample(torch.randn(2, 17), [p] * 2, [p.generator() for _ in range(2)])
+    assert ((0 <= out) & (out < 17)).all()
+
+
+@SETTINGS
 @given(field=st.sampled_from(FIELDS), value=ANY_NUMBER)
 def test_any_setting_is_refused_naming_it_or_usable(field, value):
     try:
@@ -89,6 +112,7 @@ def test_any_setting_is_refused_naming_it_or_usable(field, value):
     except ValueError as exc:
         assert field in str(exc)
         return
+    assert all(math.isfinite(getattr(p, f)) for f in FIELDS if getattr(p, f) is not None)
     out = sample(
         torch.randn(3, 17), [p] * 3, [p.generator() for _ in range(3)], torch.zeros(3, 17, dtype=bool)
     )
