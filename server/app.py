@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
+from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.errors import APIError, not_found, unavailable
 from server.metrics import Metrics
@@ -45,6 +46,12 @@ class ServerState:
         self.restoring = asyncio.Lock()  # one restore from the store at a time
         self.fatal: str | None = None  # why nothing can be served (python -m server then exits 1)
         self.on_fatal = None  # set by python -m server: stop the process
+
+    @property
+    def max_state_blob_bytes(self) -> int:
+        """The largest session export a served model makes, with room for its header (what
+        POST /v1/sessions/import accepts)."""
+        return max((m.state_bytes for m in self.models.values()), default=0) + (1 << 20)
 
     @property
     def ready(self) -> bool:
@@ -190,4 +197,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(APIKeyMiddleware, keys=keys, on_refused=lambda kind: refused.labels(kind).inc())
         document_api_keys(app)
         log.info("API keys required (%d configured)", len(settings.api_keys))
+
+    def body_limit(scope: dict) -> int:
+        if scope.get("path") == IMPORT_PATH:  # a state blob's size is set by the model, not by the client
+            return max(settings.max_body_bytes, state.max_state_blob_bytes)
+        return settings.max_body_bytes
+
+    too_large = state.metrics.requests_refused.labels("body_too_large")
+    app.add_middleware(BodySizeLimit, limit_for=body_limit, on_refused=too_large.inc)
     return app
+
+
+IMPORT_PATH = "/v1/sessions/import"

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
+import wave
 
 import numpy as np
 
 from model.codecs import ByteTokenizer, MuLaw, read_wav, to_pcm16, wav_bytes
 from model.sampling import find_stop
-from server.errors import invalid
+from server.errors import APIError, invalid, too_large
 
 TEXT, MULAW = ByteTokenizer(), MuLaw()
 AUDIO_ENCODINGS = ("pcm16", "mulaw")  # WebSocket binary frames: s16le samples, or mu-law bytes (= ids)
@@ -33,18 +35,58 @@ def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
     return np.interp(np.arange(n) * (rate / target), np.arange(len(x)), x).astype(np.float32)
 
 
-def prompt_ids(kind: str, sample_rate: int | None, prompt: str | None, prompt_audio: str | None) -> list[int]:
-    """A request's prompt as token ids for a model of this kind (422 naming the wrong field)."""
+def _too_long(param: str, n: int | str, limit: int) -> APIError:
+    return too_large(f"{param} is {n} tokens; the limit is {limit} (max_prompt_tokens)", param)
+
+
+def wav_tokens(data: bytes, sample_rate: int | None) -> int | None:
+    """How many tokens a WAV file makes at `sample_rate` (its own rate when None), from its header and
+    size alone: no sample is decoded. None when the header cannot be read (read_wav says why)."""
+    try:
+        with wave.open(io.BytesIO(data), "rb") as w:
+            ch, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
+    except (wave.Error, EOFError):
+        return None
+    if rate <= 0 or ch <= 0 or width <= 0:
+        return None
+    frames = min(n, len(data) // (ch * width))  # a header may claim more frames than the file holds
+    if sample_rate is None or frames == 0:
+        return frames
+    return max(1, round(frames * sample_rate / rate))  # as resample() makes them
+
+
+def prompt_ids(
+    kind: str,
+    sample_rate: int | None,
+    prompt: str | None,
+    prompt_audio: str | None,
+    max_tokens: int | None = None,
+) -> list[int]:
+    """A request's prompt as token ids for a model of this kind (422 naming the wrong field). A prompt
+    longer than `max_tokens` is refused (413 naming it) before it is converted: text by its length in
+    characters (each is ≥ 1 UTF-8 byte), then in bytes; audio by its WAV header and size."""
     if kind == "text":
         if prompt_audio is not None:
             raise invalid("prompt_audio", "this is a text model: send `prompt` (a string)")
-        return TEXT.encode(prompt or "")
+        text = prompt or ""
+        if max_tokens is not None and len(text) > max_tokens:
+            raise _too_long("prompt", f"at least {len(text)}", max_tokens)
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. JSON "\ud800"
+            raise invalid("prompt", f"prompt is not valid Unicode text: {exc.reason}") from None
+        if max_tokens is not None and len(data) > max_tokens:
+            raise _too_long("prompt", len(data), max_tokens)
+        return list(data)
     if prompt is not None:
         raise invalid("prompt", "this is an audio model: send `prompt_audio` (base64 WAV)")
     if prompt_audio is None:
         return []
+    data = b64decode(prompt_audio, "prompt_audio")
+    if max_tokens is not None and (n := wav_tokens(data, sample_rate) or 0) > max_tokens:
+        raise _too_long("prompt_audio", n, max_tokens)
     try:
-        x, rate = read_wav(b64decode(prompt_audio, "prompt_audio"))
+        x, rate = read_wav(data)
     except ValueError as exc:
         raise invalid("prompt_audio", str(exc)) from None
     return MULAW.encode(resample(x, rate, sample_rate or rate)).tolist()

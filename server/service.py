@@ -73,7 +73,8 @@ def sampling_params(model: ServedModel, req: SamplingFields) -> SamplingParams:
 def prompt_ids(
     state: ServerState, model: ServedModel, prompt: str | None, prompt_audio: str | None
 ) -> list[int]:
-    ids = media.prompt_ids(model.kind, model.sample_rate, prompt, prompt_audio)
+    limit = state.settings.max_prompt_tokens
+    ids = media.prompt_ids(model.kind, model.sample_rate, prompt, prompt_audio, limit)
     check_prompt(state, ids, "prompt" if model.kind == "text" else "prompt_audio")
     return ids
 

@@ -130,7 +130,14 @@ class Connection:
         await self.send(frame)
 
     def prompt(self, msg: WSGenerate | WSAppend) -> list[int]:
-        ids = media.prompt_ids(self.model.kind, self.model.sample_rate, msg.prompt, msg.prompt_audio)
+        room = self.st.settings.max_prompt_tokens - len(self.audio_ids)  # binary frames buffered before
+        kind, rate = self.model.kind, self.model.sample_rate
+        try:
+            ids = media.prompt_ids(kind, rate, msg.prompt, msg.prompt_audio, max(room, 0))
+        except APIError as err:
+            if err.status == 413:  # the buffered samples and this prompt together are too long
+                self.audio_ids = []
+            raise
         ids, self.audio_ids = self.audio_ids + ids, []
         service.check_prompt(self.st, ids, "prompt" if self.model.kind == "text" else "prompt_audio")
         return ids

@@ -1,0 +1,207 @@
+"""Deadlines and a cap for client connections, against slow and idle clients (slowloris).
+
+uvicorn (0.54) closes an idle keep-alive connection after `timeout_keep_alive`, but only once it has
+sent a response: a connection that sends nothing, trickles its request line and headers, or sends
+headers and never its body stays open for ever (neither of its HTTP/1.1 protocols has a header or
+body timeout), and `limit_concurrency` answers 503 only once a request's headers are complete, so it
+caps nothing against them. Here uvicorn's httptools protocol and its websockets (sans-I/O) protocol
+are subclassed, and `uvicorn_config` puts them in:
+
+- **headers**: a request's line and headers must be in within `header_timeout_s` of its first byte
+  (for a connection's first request, of the accept: a connection that sends nothing is closed then
+  too); else 408 (when some of the request came) and the connection is closed.
+- **body**: the body must be in within `body_timeout_s` of the end of the headers; else 408 (when no
+  response started) and close.
+- **WebSocket handshake**: the app must accept (or refuse) an upgrade within
+  `ws_handshake_timeout_s` of the upgrade request (whose headers the header deadline covers); else 503
+  and close.
+- **idle keep-alive**: closed `keep_alive_timeout_s` after the last response (uvicorn's timer).
+- **connections**: at most `max_connections` open (HTTP and WebSocket); one more is answered 503 and
+  closed when accepted, before it is read.
+
+Every close is counted in `s4_connections_closed_total{reason}`, every refusal in
+`s4_connections_refused_total{reason}`; `s4_connections_open` is the number open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from dataclasses import dataclass, field
+
+import uvicorn
+from prometheus_client import Counter
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from server.errors import APIError
+
+log = logging.getLogger("server.connections")
+
+
+@dataclass
+class ConnectionGuard:
+    """The limits (seconds, counts) and the counters the protocols below report to."""
+
+    header_timeout_s: float
+    body_timeout_s: float
+    ws_handshake_timeout_s: float
+    max_connections: int
+    closed: Counter | None = None  # labels: reason
+    refused: Counter | None = None  # labels: reason
+    connections: set = field(default_factory=set)  # uvicorn's open connections (set when the first opens)
+
+    def count_closed(self, reason: str) -> None:
+        log.info("connection closed: %s", reason)
+        if self.closed is not None:
+            self.closed.labels(reason).inc()
+
+    def count_refused(self, reason: str) -> None:
+        log.warning("connection refused: %s (%d open)", reason, len(self.connections))
+        if self.refused is not None:
+            self.refused.labels(reason).inc()
+
+
+def error_response(status: int, message: str, retry_after: float | None = None) -> bytes:
+    """A whole HTTP/1.1 response with our JSON error body and `Connection: close`."""
+    err = APIError(status, message, retry_after=retry_after)
+    body = json.dumps(err.body()).encode()
+    head = [STATUS_LINE[status], b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body), b"connection: close\r\n"]  # fmt: skip
+    head += [f"{k}: {v}\r\n".encode() for k, v in err.headers().items()]
+    return b"".join(head) + b"\r\n" + body
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools HTTP/1.1 protocol with header and body deadlines and a connection cap.
+
+    One timer per connection (`deadline`): armed when the connection is accepted and on the first
+    byte of each later request (header deadline), re-armed when the headers are complete (body
+    deadline), cancelled when the body is complete; no timer while the app works on a request, and
+    uvicorn's keep-alive timer between requests."""
+
+    def __init__(self, *args, guard: ConnectionGuard, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+        self.deadline: asyncio.TimerHandle | None = None
+        self.partial_request = False  # bytes of a request whose headers are not complete yet
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.guard.connections = self.connections
+        if len(self.connections) > self.guard.max_connections:
+            self.guard.count_refused("max_connections")
+            transport.write(error_response(503, "too many open connections; try again", retry_after=1))
+            transport.close()
+            return
+        self._arm(self.guard.header_timeout_s, "header_timeout")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.deadline is None:  # the first byte of a request (keep-alive, or pipelined)
+            self._arm(self.guard.header_timeout_s, "header_timeout")
+        self.partial_request = True
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self.partial_request = False
+        self._arm(self.guard.body_timeout_s, "body_timeout")
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()  # the WebSocket protocol takes the connection over, with its own deadline
+        super().handle_websocket_upgrade()
+
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing():
+            self.guard.count_closed("keep_alive_timeout")
+        super().timeout_keep_alive_handler()
+
+    def _arm(self, seconds: float, reason: str) -> None:
+        self._disarm()
+        self.deadline = self.loop.call_later(seconds, self._expired, reason)
+
+    def _disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _expired(self, reason: str) -> None:
+        self.deadline = None
+        if self.transport.is_closing():
+            return
+        self.guard.count_closed(reason)
+        cycle = self.cycle
+        if reason == "header_timeout":
+            idle = cycle is None or cycle.response_complete  # no response of ours is being written
+            if idle and self.partial_request:
+                self.transport.write(error_response(408, "the request headers did not arrive in time"))
+        elif not cycle.response_started:
+            self.transport.write(error_response(408, "the request body did not arrive in time"))
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app's receive() gets http.disconnect; its sends are dropped
+            cycle.message_event.set()
+        self.transport.close()
+
+
+class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets (sans-I/O) protocol with a handshake deadline. Messages are bounded by
+    uvicorn's `ws_max_size` (fragments and per-message-deflate output included: close 1009)."""
+
+    def __init__(self, *args, guard: ConnectionGuard, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+        self.deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.deadline = self.loop.call_later(self.guard.ws_handshake_timeout_s, self._expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        super().connection_lost(exc)
+
+    def _expired(self) -> None:
+        self.deadline = None
+        if self.handshake_complete or self.transport.is_closing():
+            return
+        self.guard.count_closed("ws_handshake_timeout")
+        if self.handshake_initiated and self.initial_response is None:
+            self.conn.send_response(self.conn.reject(503, "the WebSocket was not accepted in time\n"))
+            self.transport.write(b"".join(self.conn.data_to_send()))
+        self.handshake_complete = True  # whatever the app sends now is not written
+        self.close_sent = True
+        self.transport.close()
+
+
+def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
+    """The uvicorn Config that serves `app` with `settings`' connection limits (what `python -m server`
+    and the tests' server thread run); `metrics` (server.metrics.Metrics) counts closes and refusals."""
+    guard = ConnectionGuard(
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        ws_handshake_timeout_s=settings.ws_handshake_timeout_s,
+        max_connections=settings.max_connections,
+        closed=metrics.connections_closed if metrics is not None else None,
+        refused=metrics.connections_refused if metrics is not None else None,
+    )
+    if metrics is not None:
+        metrics.connections_open.set_function(lambda: len(guard.connections))
+    return uvicorn.Config(
+        app,
+        http=functools.partial(GuardedHttpProtocol, guard=guard),
+        ws=functools.partial(GuardedWebSocketProtocol, guard=guard),
+        ws_max_size=settings.ws_max_frame_bytes,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        **kwargs,
+    )
