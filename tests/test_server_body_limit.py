@@ -4,6 +4,7 @@ real `python -m server` on 127.0.0.1, whose memory is measured (/proc: VmHWM, th
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import select
@@ -269,3 +270,38 @@ def test_prompt_limits_over_http_and_for_a_lone_surrogate(client):
     body = '{"model": "tiny-text", "prompt": "ab\\ud800", "max_new_tokens": 1}'  # valid JSON, not UTF-8
     r = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["param"] == "prompt", r.text
+
+
+def _ws_close_code(url: str, message, compression: str | None) -> tuple[int, str]:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    async def main():
+        async with connect(url, max_size=None, compression=compression) as ws:
+            await ws.send(message)
+            try:
+                while True:
+                    await ws.recv()
+            except ConnectionClosed as exc:
+                return exc.rcvd.code, exc.rcvd.reason
+
+    return asyncio.run(main())
+
+
+def test_websocket_messages_are_bounded_fragments_and_compression_included(server, client):
+    """S4_WS_MAX_FRAME_BYTES bounds a whole message: one frame over it, a message of small fragments
+    that add up to more, and a compressed frame that inflates to more (1 MB of x's is ~1 KB deflated)
+    are each closed with 1009 before the app sees them; the server serves on."""
+    limit = server.state.settings.ws_max_frame_bytes
+    over = json.dumps({"type": "append", "model": TEXT, "prompt": "x" * limit})
+    fragments = [over[i : i + limit // 8] for i in range(0, len(over), limit // 8)]
+    assert all(len(f) < limit for f in fragments) and len(fragments) > 8
+    cases = {
+        "one frame": (over, None),
+        "fragments": (fragments, None),
+        "deflated": ("x" * 1_000_000, "deflate"),
+    }
+    for name, (message, compression) in cases.items():
+        code, reason = _ws_close_code(server.ws_url, message, compression)
+        assert code == 1009 and str(limit) in reason, (name, code, reason)
+    assert client.get("/healthz").status_code == 200
