@@ -81,6 +81,12 @@ class Settings(BaseSettings):
     ws_handshake_timeout_s: float = Field(
         10.0, gt=0, description="a WebSocket is accepted within this time of its upgrade request, or closed"
     )
+    send_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="a client that reads none of what the server sends for this long is disconnected "
+        "(its generation cancelled)",
+    )
     keep_alive_timeout_s: float = Field(
         5.0, gt=0, description="an idle keep-alive connection is closed after this many seconds"
     )

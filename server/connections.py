@@ -16,11 +16,16 @@ are subclassed, and `uvicorn_config` puts them in:
   `ws_handshake_timeout_s` of the upgrade request (whose headers the header deadline covers); else 503
   and close.
 - **idle keep-alive**: closed `keep_alive_timeout_s` after the last response (uvicorn's timer).
+- **slow readers** (HTTP and WebSocket): a client that reads nothing for `send_timeout_s` while the
+  server has more for it than the transport buffers (64 KiB past the kernel's socket buffers) is cut
+  off (its generation is cancelled and its slot freed: a client that stopped reading would otherwise
+  hold a paused session for ever).
 - **connections**: at most `max_connections` open (HTTP and WebSocket); one more is answered 503 and
   closed when accepted, before it is read.
 
-Every close is counted in `s4_connections_closed_total{reason}`, every refusal in
-`s4_connections_refused_total{reason}`; `s4_connections_open` is the number open.
+Every close is counted in `s4_connections_closed_total{reason}` (the reasons: the four deadlines and
+`send_timeout`), every refusal in `s4_connections_refused_total{reason}`; `s4_connections_open` is the
+number open.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class ConnectionGuard:
     header_timeout_s: float
     body_timeout_s: float
     ws_handshake_timeout_s: float
+    send_timeout_s: float
     max_connections: int
     closed: Counter | None = None  # labels: reason
     refused: Counter | None = None  # labels: reason
@@ -74,6 +80,32 @@ def error_response(status: int, message: str, retry_after: float | None = None) 
     return b"".join(head) + b"\r\n" + body
 
 
+class SendDeadline:
+    """Closes a connection whose client has read nothing for `seconds` while the server had data for
+    it: the transport's write buffer stayed over its high-water mark (asyncio's pause_writing()) that
+    long. The connection is aborted, not closed: a close would wait for the buffer to drain."""
+
+    def __init__(self, protocol, guard: ConnectionGuard) -> None:
+        self.protocol, self.guard = protocol, guard
+        self.timer: asyncio.TimerHandle | None = None
+
+    def paused(self) -> None:
+        if self.timer is None:
+            self.timer = self.protocol.loop.call_later(self.guard.send_timeout_s, self._expired)
+
+    def resumed(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expired(self) -> None:
+        self.timer = None
+        transport = self.protocol.transport
+        if transport is not None:  # (connection_lost cancels the timer: the connection is still there)
+            self.guard.count_closed("send_timeout")
+            transport.abort()
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools HTTP/1.1 protocol with header and body deadlines and a connection cap.
 
@@ -87,6 +119,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.guard = guard
         self.deadline: asyncio.TimerHandle | None = None
         self.partial_request = False  # bytes of a request whose headers are not complete yet
+        self.send_deadline = SendDeadline(self, guard)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -100,7 +133,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self.send_deadline.resumed()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.send_deadline.paused()
+
+    def resume_writing(self) -> None:
+        self.send_deadline.resumed()
+        super().resume_writing()
 
     def data_received(self, data: bytes) -> None:
         if self.deadline is None:  # the first byte of a request (keep-alive, or pipelined)
@@ -161,6 +203,15 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().__init__(*args, **kwargs)
         self.guard = guard
         self.deadline: asyncio.TimerHandle | None = None
+        self.send_deadline = SendDeadline(self, guard)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.send_deadline.paused()
+
+    def resume_writing(self) -> None:
+        self.send_deadline.resumed()
+        super().resume_writing()
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -169,6 +220,7 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
+        self.send_deadline.resumed()
         super().connection_lost(exc)
 
     def _expired(self) -> None:
@@ -191,6 +243,7 @@ def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
         header_timeout_s=settings.header_timeout_s,
         body_timeout_s=settings.body_timeout_s,
         ws_handshake_timeout_s=settings.ws_handshake_timeout_s,
+        send_timeout_s=settings.send_timeout_s,
         max_connections=settings.max_connections,
         closed=metrics.connections_closed if metrics is not None else None,
         refused=metrics.connections_refused if metrics is not None else None,

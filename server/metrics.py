@@ -47,7 +47,8 @@ class Metrics:
                                       registry=r)  # fmt: skip
         self.connections_closed = Counter("s4_connections_closed", "Connections closed by the server for a "
                                           "deadline: header_timeout, body_timeout, ws_handshake_timeout, "
-                                          "keep_alive_timeout", ["reason"], registry=r)  # fmt: skip
+                                          "keep_alive_timeout, send_timeout", ["reason"],
+                                          registry=r)  # fmt: skip
         self.connections_refused = Counter("s4_connections_refused", "Connections refused when accepted: "
                                            "max_connections", ["reason"], registry=r)  # fmt: skip
         self.requests_refused = Counter("s4_requests_refused", "Requests refused before routing: "

@@ -245,3 +245,43 @@ def _wait(predicate, timeout: float) -> bool:
     while time.monotonic() < deadline and not predicate():
         time.sleep(0.05)
     return predicate()
+
+
+def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(model_dirs):
+    """Slow reading, the other slowloris: a WebSocket and an SSE stream whose clients never read. Once
+    the server's buffers for them are full (4 KiB socket buffers here) and nothing moves for
+    send_timeout_s, each connection is cut, its generation cancelled and its slot freed (before: a
+    paused session held its slot, and the connection, for ever)."""
+    from server_support import RawWebSocket, ServerThread
+
+    from server import Settings
+
+    settings = Settings(
+        checkpoints=[str(model_dirs["text"])], send_timeout_s=1.0, max_new_tokens=10**6, drain_timeout_s=0
+    )
+    s = ServerThread(settings, send_buffer=4096).start()
+    engine = s.state.models[TEXT].engine
+    try:
+        ws = RawWebSocket(s.port)
+        ws.send_json({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": 10**6})
+        assert ws.recv_json()["type"] == "session"
+        sse = socket.socket()
+        sse.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sse.connect(("127.0.0.1", s.port))
+        body = b'{"model": "tiny-text", "prompt": "x", "max_new_tokens": 1000000, "stream": true}'
+        sse.sendall(request(body=body))
+        assert sse.recv(12) == b"HTTP/1.1 200"  # then neither reads any more
+        t0 = time.monotonic()
+        assert _wait(lambda: engine.pool.in_use == 0 and engine.active_requests == 0, 30)
+        freed_after = time.monotonic() - t0
+        closed = s.state.metrics.registry.get_sample_value(
+            "s4_connections_closed_total", {"reason": "send_timeout"}
+        )
+        assert closed == 2 and freed_after < 20, (closed, freed_after)
+        with httpx.Client(base_url=s.url, timeout=30) as c:  # and the server serves on
+            r = c.post("/v1/generate", json={"model": TEXT, "prompt": "x", "max_new_tokens": 4})
+            assert r.status_code == 200
+        ws.close()
+        sse.close()
+    finally:
+        s.stop()
