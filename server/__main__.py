@@ -22,7 +22,7 @@ import uvicorn  # noqa: E402
 
 from server.app import ServerState, create_app  # noqa: E402
 from server.config import Settings  # noqa: E402
-from server.connections import uvicorn_config  # noqa: E402
+from server.connections import raise_fd_limit, uvicorn_config  # noqa: E402
 
 log = logging.getLogger("server")
 
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("not serving: " + "; ".join(problems))
     app = create_app(settings)
     state = app.state.server
+    raise_fd_limit(settings.max_connections)
     config = uvicorn_config(
         app,
         settings,

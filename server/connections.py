@@ -4,8 +4,8 @@ uvicorn (0.54) closes an idle keep-alive connection after `timeout_keep_alive`, 
 sent a response: a connection that sends nothing, trickles its request line and headers, or sends
 headers and never its body stays open for ever (neither of its HTTP/1.1 protocols has a header or
 body timeout), and `limit_concurrency` answers 503 only once a request's headers are complete, so it
-caps nothing against them. Here uvicorn's httptools protocol and its websockets (sans-I/O) protocol
-are subclassed, and `uvicorn_config` puts them in:
+caps nothing against them. Here uvicorn's httptools protocol (httptools comes with uvicorn[standard])
+and its websockets (sans-I/O) protocol are subclassed, and `uvicorn_config` puts them in:
 
 - **headers**: a request's line and headers must be in within `header_timeout_s` of its first byte
   (for a connection's first request, of the accept: a connection that sends nothing is closed then
@@ -234,6 +234,26 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.handshake_complete = True  # whatever the app sends now is not written
         self.close_sent = True
         self.transport.close()
+
+
+FD_MARGIN = 64  # descriptors besides client connections: the listening socket, files, Redis, threads
+
+
+def raise_fd_limit(max_connections: int) -> None:
+    """Raise this process's soft limit on open files (RLIMIT_NOFILE) to what `max_connections` needs,
+    as far as the hard limit allows; warn when that is not enough (accept() would then fail with
+    EMFILE before the cap is reached)."""
+    import resource
+
+    need = max_connections + FD_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < need:
+        log.warning("max_connections=%d needs %d open files, but `ulimit -n` allows %d: lower "
+                    "S4_MAX_CONNECTIONS or raise the limit", max_connections, need, new)  # fmt: skip
 
 
 def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:

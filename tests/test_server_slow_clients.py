@@ -285,3 +285,26 @@ def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(model_dir
         sse.close()
     finally:
         s.stop()
+
+
+def test_the_open_file_limit_is_raised_to_what_max_connections_needs():
+    """`python -m server` raises its soft RLIMIT_NOFILE to max_connections + 64 (within the hard
+    limit), or warns: accept() would otherwise fail with EMFILE below the cap."""
+    import subprocess
+    import sys
+
+    code = """
+import logging, resource
+from server.connections import raise_fd_limit
+logging.basicConfig()
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+raise_fd_limit(500)
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 300))
+raise_fd_limit(500)
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["564", "300"]
+    assert "lower S4_MAX_CONNECTIONS or raise the limit" in out.stderr
