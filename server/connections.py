@@ -109,9 +109,11 @@ class SendDeadline:
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools HTTP/1.1 protocol with header and body deadlines and a connection cap.
 
-    One timer per connection (`deadline`): armed when the connection is accepted and on the first
-    byte of each later request (header deadline), re-armed when the headers are complete (body
-    deadline), cancelled when the body is complete; no timer while the app works on a request, and
+    One timer per connection (`deadline`). The header deadline is armed at the accept, and at the
+    first byte of each later request that arrives while no request is in progress (a pipelined
+    request's, when the response before it is complete); it becomes the body deadline when the headers
+    are complete (for a pipelined request, when its turn comes: uvicorn reads nothing more until
+    then), and is cancelled when the body is complete. No deadline while the app works on a request;
     uvicorn's keep-alive timer between requests."""
 
     def __init__(self, *args, guard: ConnectionGuard, **kwargs) -> None:
@@ -144,20 +146,48 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.send_deadline.resumed()
         super().resume_writing()
 
+    def _in_progress(self) -> bool:
+        """A request's response is not complete yet."""
+        return self.cycle is not None and not self.cycle.response_complete
+
     def data_received(self, data: bytes) -> None:
-        if self.deadline is None:  # the first byte of a request (keep-alive, or pipelined)
+        if self.deadline is None and not self._in_progress():  # these bytes begin a request
+            self.partial_request = True
             self._arm(self.guard.header_timeout_s, "header_timeout")
-        self.partial_request = True
         super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        self.partial_request = True
+        super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         self.partial_request = False
-        self._arm(self.guard.body_timeout_s, "body_timeout")
         super().on_headers_complete()
+        if self.pipeline and self.pipeline[0][0] is self.cycle:
+            self._disarm()  # queued behind a running request: its body is read when its turn comes
+        else:
+            self._arm(self.guard.body_timeout_s, "body_timeout")
 
     def on_message_complete(self) -> None:
         self._disarm()
         super().on_message_complete()
+        if not self._in_progress() and self.timeout_keep_alive_task is None and not self.pipeline:
+            # answered before its body was in (the body's bytes stopped uvicorn's keep-alive timer)
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def on_response_complete(self) -> None:
+        starting = self.pipeline[-1][0] if self.pipeline else None
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        if starting is not None:  # uvicorn started the pipelined request: now its body is awaited
+            if starting.more_body:
+                self._arm(self.guard.body_timeout_s, "body_timeout")
+        elif self.partial_request and self.deadline is None:  # the next request began meanwhile
+            self._unset_keepalive_if_required()
+            self._arm(self.guard.header_timeout_s, "header_timeout")
 
     def handle_websocket_upgrade(self) -> None:
         self._disarm()  # the WebSocket protocol takes the connection over, with its own deadline
@@ -187,7 +217,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             idle = cycle is None or cycle.response_complete  # no response of ours is being written
             if idle and self.partial_request:
                 self.transport.write(error_response(408, "the request headers did not arrive in time"))
-        elif not cycle.response_started:
+        elif cycle is None or not cycle.response_started:
             self.transport.write(error_response(408, "the request body did not arrive in time"))
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True  # the app's receive() gets http.disconnect; its sends are dropped

@@ -308,3 +308,47 @@ print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["564", "300"]
     assert "lower S4_MAX_CONNECTIONS or raise the limit" in out.stderr
+
+
+def _read_all(sock: socket.socket, timeout: float = 30) -> bytes:
+    sock.settimeout(timeout)
+    got = b""
+    try:
+        while data := sock.recv(65536):
+            got += data
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return got
+
+
+def test_pipelined_requests_are_not_cut_while_they_wait_their_turn(model_dirs):
+    """HTTP/1.1 pipelining: a request sent behind one still being answered is not read until its turn
+    (uvicorn), so its deadlines start then: neither the running response nor the waiting request is
+    cut. Request 1 is a stream its client does not read for 3 s (4 KiB socket buffers), far past the
+    1 s deadlines; request 2's body (or the rest of its headers) comes at 3 s."""
+    from server_support import ServerThread
+
+    from server import Settings
+
+    settings = Settings(checkpoints=[str(model_dirs["text"])], header_timeout_s=1, body_timeout_s=1,
+                        keep_alive_timeout_s=0.5, max_new_tokens=20_000, drain_timeout_s=0)  # fmt: skip
+    s = ServerThread(settings, send_buffer=4096).start()
+    stream = b'{"model": "tiny-text", "prompt": "x", "max_new_tokens": 20000, "stream": true, "seed": 1}'
+    second = b'{"model": "tiny-text", "prompt": "y", "max_new_tokens": 3, "seed": 1}'
+    try:
+        for withheld in ("body", "headers"):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", s.port))
+            rest = second if withheld == "body" else request(body=second)[20:]
+            sock.sendall(request(body=stream) + request(body=second)[: -len(rest)])
+            time.sleep(3)
+            sock.sendall(rest)
+            got = _read_all(sock, timeout=10 if withheld == "body" else 5)
+            sock.close()
+            first, _, after = got.partition(b"0\r\n\r\n")  # the end of the chunked stream
+            assert first.startswith(b"HTTP/1.1 200 ") and b'"type": "done"' in first, (withheld, first[-300:])
+            assert b'"finish_reason": "length"' in first
+            assert after.startswith(b"HTTP/1.1 200 ") and b'"completion_tokens":3' in after, after[:300]
+    finally:
+        s.stop()
