@@ -352,3 +352,17 @@ def test_pipelined_requests_are_not_cut_while_they_wait_their_turn(model_dirs):
             assert after.startswith(b"HTTP/1.1 200 ") and b'"completion_tokens":3' in after, after[:300]
     finally:
         s.stop()
+
+
+def test_a_connection_answered_before_its_body_came_is_still_closed_when_idle(slow_server):
+    """The server may answer before it reads the body (405 here); the body's bytes, arriving after,
+    stopped uvicorn's keep-alive timer, which left the connection open for ever. It is closed
+    KEEP_ALIVE_S after the body is in."""
+    url, port = slow_server
+    c = Slow(port, b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n", trickle=b"abcd")
+    run_slow([c], seconds=KEEP_ALIVE_S + 10, tick_s=0.25)  # the body is in after 1 s
+    assert c.got.startswith(b"HTTP/1.1 405 ")
+    assert (
+        c.closed_after is not None
+        and 1.0 + KEEP_ALIVE_S - 0.1 <= c.closed_after <= 1.0 + KEEP_ALIVE_S + LATE_S
+    )
