@@ -305,3 +305,38 @@ def test_websocket_messages_are_bounded_fragments_and_compression_included(serve
         code, reason = _ws_close_code(server.ws_url, message, compression)
         assert code == 1009 and str(limit) in reason, (name, code, reason)
     assert client.get("/healthz").status_code == 200
+
+
+def test_websocket_audio_prompts_are_counted_before_they_are_converted(server):
+    """Binary frames of samples and a `prompt_audio` together are at most max_prompt_tokens: a frame
+    or a prompt that would pass it is refused (413, buffer cleared) by its length, unconverted."""
+    from websockets.asyncio.client import connect
+
+    limit = server.state.settings.max_prompt_tokens
+
+    async def main():
+        out = []
+        async with connect(server.ws_url) as ws:
+
+            async def reply(want: str) -> dict:
+                while (m := json.loads(await ws.recv()))["type"] not in (want, "error"):
+                    pass
+                return m
+
+            await ws.send(json.dumps({"type": "session", "model": AUDIO, "audio_encoding": "mulaw"}))
+            await reply("session")
+            await ws.send(bytes(limit - 100))
+            await ws.send(bytes(101))  # one over: refused, and the buffer is cleared
+            out.append(await reply("error"))
+            await ws.send(bytes(limit - 100))
+            prompt = {"type": "append", "prompt_audio": b64(_wav(101, 8000))}
+            await ws.send(json.dumps(prompt))  # one over again, with the buffered samples
+            out.append(await reply("error"))
+            await ws.send(json.dumps({**prompt, "prompt_audio": b64(_wav(limit, 8000))}))  # room again
+            out.append(await reply("appended"))
+        return out
+
+    over_frame, over_prompt, appended = asyncio.run(main())
+    assert over_frame["code"] == 413 and over_frame["param"] == "audio"
+    assert over_prompt["code"] == 413 and over_prompt["param"] == "prompt_audio"
+    assert appended["type"] == "appended" and appended["usage"]["prompt_tokens"] == limit

@@ -145,13 +145,13 @@ class Connection:
     def on_audio(self, data: bytes) -> None:
         if self.model is None or self.model.kind != "audio":
             raise invalid("audio", "binary frames are audio prompt samples: bind an audio model first")
-        ids = media.audio_frame_ids(data, self.encoding)
-        if len(self.audio_ids) + len(ids) > self.st.settings.max_prompt_tokens:
+        samples = len(data) if self.encoding == "mulaw" else len(data) // 2  # counted before converting
+        if len(self.audio_ids) + samples > self.st.settings.max_prompt_tokens:
             self.audio_ids = []
             raise too_large(
                 "buffered audio prompt is longer than max_prompt_tokens (buffer cleared)", "audio"
             )
-        self.audio_ids += ids
+        self.audio_ids += media.audio_frame_ids(data, self.encoding)
 
     async def forward(self, stream: Stream, out: service.Output) -> None:
         """Send a generation's frames; a slow reader blocks here, which pauses the session."""
