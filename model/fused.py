@@ -6,6 +6,7 @@ and the recurrent model uses its torch ops instead (same arithmetic, more passes
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import os
 import platform
@@ -107,37 +108,71 @@ class NetLayer(ctypes.Structure):
 
 class NetStep:
     """The whole network's recurrent step in one C call (`net_step`): embedding, every block
-    (LayerNorm, SSM step, GELU(y + D u), GLU output mixing, residual), final LayerNorm and head.
+    (LayerNorm, SSM step, GELU(y + D u), GLU output mixing, residual), final LayerNorm and head
+    (with its bias when the model has one). The embedding table is read pre-multiplied by embed_scale
+    (the same float32 products as the torch forward).
 
-    Built from a SequenceModel without feed-forward blocks whose layers all have fused step pointers;
-    the weights are read in place, the two linear layers' from transposed copies made here (the
-    tensors must stay alive and unchanged: the RecurrentModel's frozen copy holds them)."""
+    Built from a SequenceModel whose layers all have fused step pointers; the weights are read in
+    place, the two linear layers' from transposed copies made here (the tensors must stay alive and
+    unchanged: the RecurrentModel's frozen copy holds them). Raises ValueError for a model it would not
+    compute exactly: a config field outside `CONFIG_FIELDS` that differs from its default, or any
+    tensor of the state dict it does not read (a feed-forward part, a new bias...), so nothing can be
+    silently dropped; the caller then keeps the torch ops."""
+
+    # config fields whose every value this step computes exactly (kernel-only fields reach it through
+    # the converted layer forms; dropout is inactive in the frozen eval copy)
+    CONFIG_FIELDS = frozenset({
+        "vocab_size", "d_model", "n_layers", "d_state", "kernel", "init", "rank", "disc", "l_max",
+        "dropout", "dt_min", "dt_max", "tie_embeddings", "cauchy_backend", "modality", "sample_rate",
+        "head_bias", "embed_scale", "re_lambda_max", "dt_tied", "l_kernel",
+    })  # fmt: skip
 
     def __init__(self, lib, net, forms) -> None:
         cfg = net.config
+        defaults = type(cfg)()
+        for f in dataclasses.fields(cfg):
+            value = getattr(cfg, f.name)
+            if f.name not in self.CONFIG_FIELDS and value != getattr(defaults, f.name):
+                raise ValueError(f"the whole-network step does not implement {f.name}={value!r}")
         self.lib, self.H, self.V = lib, cfg.d_model, cfg.vocab_size
         self.M = max(f.M for f in forms)  # the state's modes (layers with fewer run zero-padded)
+        if len(forms) != len(net.blocks):
+            raise ValueError(f"{len(forms)} layer forms for {len(net.blocks)} blocks")
         norms = [b.norm for b in net.blocks] + [net.norm]
         eps = {n.eps for n in norms}
         if len(eps) != 1:
             raise ValueError("every LayerNorm must share one eps")
         self.eps = ctypes.c_float(eps.pop())
+        tensors = net.state_dict(keep_vars=True)
+        read = set()
+
+        def take(name: str) -> torch.Tensor:
+            read.add(name)
+            return tensors[name]
+
         self.layers = (NetLayer * len(forms))()
         self._keep = []  # every tensor a pointer refers to
-        for i, (block, form) in enumerate(zip(net.blocks, forms, strict=True)):
+        for i, form in enumerate(forms):
             lay = self.layers[i]
             lay.form = 0 if form.form == "diagonal" else 1
             lay.rank = form.Pr.shape[0] if lay.form == 1 else 0
-            out_wt = block.layer.out.weight.detach().t().contiguous()  # (H, 2H)
+            pre = f"blocks.{i}."
+            out_wt = take(pre + "layer.out.weight").detach().t().contiguous()  # (H, 2H)
             lay.ln_w, lay.ln_b, lay.d_skip, lay.out_wt, lay.out_b = (
-                p.value for p in self._ptrs(block.norm.weight, block.norm.bias, block.layer.D, out_wt,
-                                            block.layer.out.bias)
+                p.value for p in self._ptrs(take(pre + "norm.weight"), take(pre + "norm.bias"),
+                                            take(pre + "layer.D"), out_wt, take(pre + "layer.out.bias"))
             )  # fmt: skip
+            read.update(n for n in tensors if n.startswith(pre + "layer.kernel."))  # in the layer form
             for j, ptr in enumerate(form._fused_ptrs):
                 lay.p[j] = ptr.value
+        head_wt = take("head.weight").detach().t().contiguous()  # (H, V)
         self.embed, self.lnf_w, self.lnf_b, self.head = self._ptrs(
-            net.embed.weight, net.norm.weight, net.norm.bias, net.head.weight.detach().t().contiguous()
+            take("embed.weight").detach() * cfg.embed_scale, take("norm.weight"), take("norm.bias"), head_wt
         )
+        self.head_b = self._ptrs(take("head.bias"))[0] if "head.bias" in tensors else ctypes.c_void_p(None)
+        unread = sorted(set(tensors) - read)
+        if unread:
+            raise ValueError(f"the whole-network step does not read {unread}")
         self.n_layers = len(forms)
 
     def _ptrs(self, *tensors: torch.Tensor):
@@ -156,7 +191,7 @@ class NetStep:
         rc = self.lib.net_step(
             ctypes.c_long(B), ctypes.c_long(self.H), ctypes.c_long(self.V), ctypes.c_long(self.n_layers),
             ctypes.c_long(self.M), ctypes.c_void_p(tokens.data_ptr()), self.embed, self.layers,
-            self.lnf_w, self.lnf_b, self.head, self.eps, ctypes.c_void_p(state.data_ptr()),
+            self.lnf_w, self.lnf_b, self.head, self.head_b, self.eps, ctypes.c_void_p(state.data_ptr()),
             ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(logits.data_ptr()),
         )  # fmt: skip
         if rc != 0:

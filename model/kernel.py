@@ -18,11 +18,12 @@ from model.hippo import MEASURES, dplr
 
 S4_INITS = MEASURES  # legs (default), legt, lagt, fout
 S4D_INITS = ("legs", "diag-lin", "diag-inv")
-# Re(Λ) is kept ≤ RE_LAMBDA_MAX. Measures whose normal part is skew (legt, lagt, fout) have Re(Λ) = 0;
-# their damping comes from the low-rank term, and in float32 the Woodbury step then cancels badly near
-# resonant frequencies: measured for fout (N=64, L=1024, dt ∈ [1e-3, 1e-1]) the float32 kernel error
-# vs float64 is up to 6e-4 with a bound of -1e-4, 8e-5 with -1e-3 and 5e-5 with -1e-2. -1e-2 adds a
-# memory decay e^{-0.01 t} (100 windows), negligible for modelling.
+# Our trainer keeps Re(Λ) ≤ RE_LAMBDA_MAX (the default of SSMKernel's re_lambda_max; None: no clamp, as
+# for imported official checkpoints, whose Λ must be used exactly). Measures whose normal part is skew
+# (legt, lagt, fout) have Re(Λ) = 0; their damping comes from the low-rank term, and in float32 the
+# Woodbury step then cancels badly near resonant frequencies: measured for fout (N=64, L=1024,
+# dt ∈ [1e-3, 1e-1]) the float32 kernel error vs float64 is up to 6e-4 with a bound of -1e-4, 8e-5 with
+# -1e-3 and 5e-5 with -1e-2. -1e-2 adds a memory decay e^{-0.01 t} (100 windows), negligible for modelling.
 RE_LAMBDA_MAX = -1e-2
 
 
@@ -92,6 +93,43 @@ def s4_kernel(
     return torch.fft.irfft(torch.cat([khat, nyquist], dim=-1), n=L)  # (H, L)
 
 
+def dplr_real_matrix(Lambda: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
+    """The real (H, N, N) matrix of A = Λ − P̃·2Re(P̃ᴴ ·) on the state ξ = [Re x; Im x] of the N/2
+    stored modes x (the conjugate-symmetric DPLR matrix; Λ (H, N2), P (r, H, N2))."""
+    H, N2 = Lambda.shape
+    M = torch.zeros(H, 2 * N2, 2 * N2, dtype=Lambda.real.dtype, device=Lambda.device)
+    idx = torch.arange(N2, device=Lambda.device)
+    M[:, idx, idx] = Lambda.real
+    M[:, idx + N2, idx + N2] = Lambda.real
+    M[:, idx, idx + N2] = -Lambda.imag
+    M[:, idx + N2, idx] = Lambda.imag
+    for Pj in P:
+        col = torch.cat([Pj.real, Pj.imag], dim=-1)
+        M = M - 2 * col[:, :, None] * col[:, None, :]
+    return M
+
+
+def c_tilde_for_length(
+    Lambda: torch.Tensor, P: torch.Tensor, C: torch.Tensor, dt: torch.Tensor, L_from: int, L_to: int
+) -> torch.Tensor:
+    """C̃' = C̄(I − Ā^{L_to}) from C̃ = C̄(I − Ā^{L_from}) (H, N2) for the bilinear DPLR SSM (S4 paper
+    §3.3: C̃ is tied to the generating function's length; the official code doubles it in place by
+    C̃(I + Ā^L)). Computed in real coordinates on the same dtype as the inputs (use float64);
+    differentiable. L_from = 0: C is C̄. y = 2 Re(C x) reads γ = [2 Re C; −2 Im C] on ξ = [Re x; Im x]."""
+    H, N2 = Lambda.shape
+    A = dplr_real_matrix(Lambda, P)
+    eye = torch.eye(2 * N2, dtype=A.dtype, device=A.device).expand_as(A)
+    half = dt[:, None, None] / 2 * A
+    Abar = torch.linalg.solve(eye - half, eye + half)
+    gamma = torch.cat([2 * C.real, -2 * C.imag], dim=-1)[..., None]  # (H, N, 1)
+    if L_from == 0:  # C is C̄ itself (an official layer never run: its l_kernel buffer is 0)
+        gamma_bar = gamma
+    else:
+        gamma_bar = torch.linalg.solve((eye - torch.linalg.matrix_power(Abar, L_from)).mT, gamma)
+    gamma_new = ((eye - torch.linalg.matrix_power(Abar, L_to)).mT @ gamma_bar)[..., 0]
+    return torch.complex(gamma_new[..., :N2], -gamma_new[..., N2:]) / 2
+
+
 # ---------------------------------------------------------------------------------------------
 # S4D: Vandermonde
 
@@ -100,14 +138,15 @@ def s4d_kernel(
     Lambda: torch.Tensor,  # (H, N2) complex
     B: torch.Tensor,  # (H, N2) complex
     C: torch.Tensor,  # (H, N2) complex
-    dt: torch.Tensor,  # (H,) real
+    dt: torch.Tensor,  # (H,) real, or (H, N2): one Δ per mode (untied)
     L: int,
     disc: str = "zoh",
     backend: str = "auto",
 ) -> torch.Tensor:
     """K̄_l = 2 Re Σₙ Cₙ B̄ₙ μₙˡ (H, L) for the diagonal SSM, ZOH or bilinear."""
-    mu, Bbar = discretize(Lambda * dt[:, None], B * dt[:, None], disc)
-    log_mu = Lambda * dt[:, None] if disc == "zoh" else torch.log(mu)
+    dt = dt[:, None] if dt.dim() == 1 else dt  # (H, 1) or (H, N2)
+    mu, Bbar = discretize(Lambda * dt, B * dt, disc)
+    log_mu = Lambda * dt if disc == "zoh" else torch.log(mu)
     return vandermonde(C * Bbar, log_mu, L, backend=backend)
 
 
@@ -123,9 +162,9 @@ def discretize(dtA, dtB, disc: str):
 # Parameter initialization
 
 
-def init_dt(H: int, dt_min: float = 1e-3, dt_max: float = 1e-1, generator=None) -> torch.Tensor:
-    """log Δ ~ U[log dt_min, log dt_max] per channel."""
-    u = torch.rand(H, dtype=torch.float64, generator=generator)
+def init_dt(H: int, dt_min: float = 1e-3, dt_max: float = 1e-1, generator=None, modes: int = 0):
+    """log Δ ~ U[log dt_min, log dt_max] per channel (H,), or per channel and mode (H, modes) if modes."""
+    u = torch.rand(*((H, modes) if modes else (H,)), dtype=torch.float64, generator=generator)
     return math.log(dt_min) + u * (math.log(dt_max) - math.log(dt_min))
 
 
@@ -166,7 +205,7 @@ class SSMKernel(nn.Module):
     """Parameters of H independent SSMs and the kernel they define.
 
     kind="s4":  DPLR A = Λ − P Pᴴ, bilinear, C is the generating-function C̃ (S4 paper §3.3).
-    kind="s4d": diagonal A = Λ, ZOH or bilinear, C is C̄ directly.
+    kind="s4d": diagonal A = Λ, ZOH or bilinear, C is C̄ directly; Δ may be untied (one per mode).
     """
 
     SSM_PARAMS = ("log_dt", "log_neg_re", "im", "P", "B")  # own lr, no weight decay
@@ -175,7 +214,7 @@ class SSMKernel(nn.Module):
         self,
         H: int,
         N: int,
-        L: int,
+        L: int,  # the kernel length: S4's C̃ is for the generating function of this length (l_kernel)
         kind: str = "s4",
         init: str = "legs",
         rank: int = 1,
@@ -183,8 +222,12 @@ class SSMKernel(nn.Module):
         dt_min: float = 1e-3,
         dt_max: float = 1e-1,
         backend: str = "auto",
+        re_lambda_max: float | None = RE_LAMBDA_MAX,
+        dt_tied: bool = True,
     ):
         super().__init__()
+        if re_lambda_max is not None and not (-math.inf < re_lambda_max < 0):
+            raise ValueError(f"re_lambda_max must be None or a negative number, got {re_lambda_max}")
         if N % 2:
             raise ValueError(f"d_state must be even (conjugate pairs), got {N}")
         if kind == "s4":
@@ -194,6 +237,8 @@ class SSMKernel(nn.Module):
             if disc != "bilinear":
                 raise ValueError("the S4 (DPLR) kernel uses the bilinear discretization")
             rank = max(rank, 2 if init == "legt" else 1)
+            if not dt_tied:
+                raise ValueError("untied Δ (dt_tied=False) is supported for the S4D kernel only")
         elif kind == "s4d":
             if init not in S4D_INITS:
                 raise ValueError(f"s4d kernel init must be one of {S4D_INITS}, got {init!r}")
@@ -201,10 +246,14 @@ class SSMKernel(nn.Module):
         else:
             raise ValueError(f"unknown kernel {kind!r}; expected 's4' or 's4d'")
         self.H, self.N, self.L, self.kind, self.disc, self.rank = H, N, L, kind, disc, rank
-        self.backend = backend
+        self.backend, self.re_lambda_max = backend, re_lambda_max
         Lambda, P, B, C = init_ssm(init, H, N, rank)
-        self.log_dt = nn.Parameter(init_dt(H, dt_min, dt_max).float())
-        self.log_neg_re = nn.Parameter(torch.log((-Lambda.real).clamp(min=-RE_LAMBDA_MAX)).float())
+        # log Δ: (H,), or (H, N2) untied (S4D: one Δ per mode, as the official dt_tie=False)
+        self.log_dt = nn.Parameter(init_dt(H, dt_min, dt_max, modes=0 if dt_tied else N // 2).float())
+        # −Re Λ = exp(log_neg_re) > 0 holds any Re Λ < 0; skew measures (Re Λ = 0) start at the clamp,
+        # or without one at 1e-4 (the official inv_transform's floor)
+        floor = 1e-4 if re_lambda_max is None else -re_lambda_max
+        self.log_neg_re = nn.Parameter(torch.log((-Lambda.real).clamp(min=floor)).float())
         self.im = nn.Parameter(Lambda.imag.float())
         self.B = _real(B)
         self.C = _real(C)
@@ -214,7 +263,8 @@ class SSMKernel(nn.Module):
     def ssm(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The SSM as complex tensors (differentiable, never in-place): Λ, P, B, C, dt."""
         real = dtype
-        re = -torch.exp(self.log_neg_re.to(real)).clamp(min=-RE_LAMBDA_MAX)
+        neg_re = torch.exp(self.log_neg_re.to(real))
+        re = -(neg_re if self.re_lambda_max is None else neg_re.clamp(min=-self.re_lambda_max))
         out = {
             "Lambda": torch.complex(re, self.im.to(real)),
             "B": torch.view_as_complex(self.B.to(real)),
@@ -228,13 +278,24 @@ class SSMKernel(nn.Module):
     def forward(
         self, L: int | None = None, dtype: torch.dtype = torch.float32, backend: str | None = None
     ) -> torch.Tensor:
-        """K̄ (H, L) for L ≤ the trained length (computed at that length, then truncated)."""
+        """K̄ (H, L) at any length L ≥ 1 (default: the kernel length self.L), so conv mode equals the
+        recurrence at any length.
+
+        S4: C is C̃ for the generating function of length self.L (a layer's own l_kernel, odd allowed).
+        For an even L ≤ self.L the kernel is computed at self.L and truncated (the training path, fast
+        and differentiable); otherwise C̃ is first rewritten for an even length L' ≥ L (float64,
+        `c_tilde_for_length`) and the kernel computed at L'."""
         L = self.L if L is None else L
+        if L < 1:
+            raise ValueError(f"kernel length must be positive, got {L}")
         backend = backend or self.backend
-        if L > self.L:
-            raise ValueError(f"sequence length {L} exceeds the kernel length {self.L} of this model")
         s = self.ssm(dtype)
-        if self.kind == "s4":
-            K = s4_kernel(s["Lambda"], s["P"], s["B"], s["C"], s["dt"], self.L, backend)
-            return K[:, :L]
-        return s4d_kernel(s["Lambda"], s["B"], s["C"], s["dt"], L, self.disc, backend)
+        if self.kind == "s4d":
+            return s4d_kernel(s["Lambda"], s["B"], s["C"], s["dt"], L, self.disc, backend)
+        C, Lc = s["C"], self.L
+        if L > self.L or self.L % 2:
+            Lc = max(L, self.L) + max(L, self.L) % 2
+            s64 = s if dtype == torch.float64 else self.ssm(torch.float64)
+            C = c_tilde_for_length(s64["Lambda"], s64["P"], s64["C"], s64["dt"], self.L, Lc).to(C.dtype)
+        K = s4_kernel(s["Lambda"], s["P"], s["B"], C, s["dt"], Lc, backend)
+        return K[:, :L]

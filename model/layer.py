@@ -24,16 +24,17 @@ class S4Layer(nn.Module):
     replace the convolution by a step or a prefill while reusing the very same mixing weights.
     """
 
-    def __init__(self, d_model: int, d_state: int, l_max: int, dropout: float = 0.0, **kernel_args):
+    def __init__(self, d_model: int, d_state: int, l_kernel: int, dropout: float = 0.0, **kernel_args):
         super().__init__()
-        self.kernel = SSMKernel(d_model, d_state, l_max, **kernel_args)
+        self.kernel = SSMKernel(d_model, d_state, l_kernel, **kernel_args)  # any input length works
         self.D = nn.Parameter(torch.randn(d_model))
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(d_model, 2 * d_model)
 
     def ssm(self, u: torch.Tensor) -> torch.Tensor:
         """The SSM part without the skip: (B, L, H) → (B, L, H)."""
-        K = self.kernel(u.shape[1])  # (H, L)
+        dtype = torch.float64 if u.dtype == torch.float64 else torch.float32  # float64 for references
+        K = self.kernel(u.shape[1], dtype=dtype)  # (H, L), any L
         return fft_conv(u.transpose(1, 2), K.to(u.dtype)).transpose(1, 2)
 
     def mix(self, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

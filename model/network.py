@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
-from model.kernel import S4_INITS, S4D_INITS, SSMKernel
+from model.kernel import RE_LAMBDA_MAX, S4_INITS, S4D_INITS, SSMKernel
 from model.layer import S4Layer
 
 # An SSM override: maps the normalized block input (…, H) to the SSM output (…, H). The recurrent
@@ -26,12 +27,19 @@ class ModelConfig:
     init: str = "legs"  # s4: legs, legt, lagt, fout; s4d: legs, diag-lin, diag-inv
     rank: int = 1  # low-rank size of the DPLR term (legt needs 2)
     disc: str | None = None  # s4: bilinear; s4d: zoh (default) or bilinear
-    l_max: int = 1024  # the kernel length trained in conv mode
+    l_max: int = 1024  # the length trained in conv mode (conv mode itself runs at any length)
+    # per-layer length L of S4's generating function C̃ = C̄(I − Ā^L) (official: each layer's l_kernel
+    # buffer; odd allowed); None: l_max for every layer
+    l_kernel: list[int] | None = None
     d_ff: int = 0  # feed-forward hidden size after each S4 layer (0: none)
     dropout: float = 0.0
     dt_min: float = 1e-3
     dt_max: float = 1e-1
     tie_embeddings: bool = False
+    head_bias: bool = False  # the output head (decoder) Linear has a bias (official checkpoints do)
+    re_lambda_max: float | None = RE_LAMBDA_MAX  # clamp Re Λ ≤ it (None: none; imported models)
+    dt_tied: bool = True  # False: one Δ per mode, (H, N/2) (S4D only; official dt_tie=False)
+    embed_scale: float = 1.0  # the embedding is multiplied by it (official task `lm` rescale: √d_model)
     cauchy_backend: str = "auto"  # auto (keops when it works), keops, torch
     modality: str = "text"  # text | audio (metadata for serving)
     sample_rate: int | None = None  # audio only
@@ -47,6 +55,23 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_state % 2 or self.l_max % 2:
             raise ValueError("d_state and l_max must be even")
+        lk = self.l_kernel
+        if lk is not None:
+            ints = isinstance(lk, list | tuple) and all(type(n) is int and 0 < n <= 2**20 for n in lk)
+            if not (ints and len(lk) == self.n_layers):
+                raise ValueError(f"l_kernel must be null or {self.n_layers} integers in [1, 2**20]: {lk!r}")
+            self.l_kernel = list(lk)
+        scale = self.embed_scale
+        number = isinstance(scale, int | float) and not isinstance(scale, bool)
+        if not (number and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"embed_scale must be a positive finite number, got {self.embed_scale}")
+        if not isinstance(self.head_bias, bool):
+            raise ValueError(f"head_bias must be true or false, got {self.head_bias!r}")
+        if not isinstance(self.dt_tied, bool) or (self.kernel == "s4" and not self.dt_tied):
+            raise ValueError(f"dt_tied must be true or false, and true for kernel 's4'; got {self.dt_tied!r}")
+        r = self.re_lambda_max
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int | float) or not -math.inf < r < 0):
+            raise ValueError(f"re_lambda_max must be null or a negative number, got {r!r}")
         if self.modality not in ("text", "audio"):
             raise ValueError(f"modality must be 'text' or 'audio', got {self.modality!r}")
 
@@ -63,35 +88,44 @@ class ModelConfig:
 
 
 class FeedForward(nn.Module):
+    """down(dropout(GELU(up(x)))): (…, H) → (…, H); exact (erf) GELU, both linears with bias. The
+    official `ff` layer (state-spaces/s4 src/models/sequence/modules/ffn.py, FFN with expand =
+    d_ff / H, activation 'gelu') computes the same, with its dropout in the same place."""
+
     def __init__(self, d_model: int, d_ff: int, dropout: float):
         super().__init__()
         self.up, self.down = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
-        return self.dropout(self.down(nn.functional.gelu(self.up(x))))
+        return self.down(self.dropout(nn.functional.gelu(self.up(x))))
 
 
 class Block(nn.Module):
-    """x + S4Layer(LN(x)), then x + FF(LN(x)) when d_ff > 0."""
+    """x + dropout(S4Layer(LN(x))), then x + dropout(FF(LN(x))) when d_ff > 0.
 
-    def __init__(self, cfg: ModelConfig):
+    As the official backbone's layer pattern [s4, ff]: two pre-norm residual blocks
+    (SequenceResidualBlock: norm → layer → dropout → add), each with its own LayerNorm (eps 1e-5)."""
+
+    def __init__(self, cfg: ModelConfig, i: int = 0):
         super().__init__()
         self.norm = nn.LayerNorm(cfg.d_model)
+        l_kernel = cfg.l_max if cfg.l_kernel is None else cfg.l_kernel[i]
         self.layer = S4Layer(
-            cfg.d_model, cfg.d_state, cfg.l_max, dropout=cfg.dropout, kind=cfg.kernel, init=cfg.init,
+            cfg.d_model, cfg.d_state, l_kernel, dropout=cfg.dropout, kind=cfg.kernel, init=cfg.init,
             rank=cfg.rank, disc=cfg.disc, dt_min=cfg.dt_min, dt_max=cfg.dt_max,
-            backend=cfg.cauchy_backend,
+            backend=cfg.cauchy_backend, re_lambda_max=cfg.re_lambda_max, dt_tied=cfg.dt_tied,
         )  # fmt: skip
         self.ff_norm = nn.LayerNorm(cfg.d_model) if cfg.d_ff else None
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout) if cfg.d_ff else None
+        self.dropout = nn.Dropout(cfg.dropout)  # on each residual branch
 
     def forward(self, x: torch.Tensor, ssm: SSMFn | None = None) -> torch.Tensor:
         u = self.norm(x)
         y = self.layer.ssm(u) if ssm is None else ssm(u)
-        x = x + self.layer.mix(y, u)
+        x = x + self.dropout(self.layer.mix(y, u))
         if self.ff is not None:
-            x = x + self.ff(self.ff_norm(x))
+            x = x + self.dropout(self.ff(self.ff_norm(x)))
         return x
 
 
@@ -102,17 +136,16 @@ class SequenceModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
     def forward(self, tokens: torch.Tensor, ssms: list[SSMFn] | None = None) -> torch.Tensor:
-        """tokens (B, L) → logits (B, L, V) in conv mode; with `ssms`, any leading shape."""
-        if ssms is None and tokens.shape[-1] > self.config.l_max:
-            raise ValueError(f"conv mode handles at most l_max={self.config.l_max} tokens")
-        x = self.embed(tokens)  # (B, L, H)
+        """tokens (B, L) → logits (B, L, V) in conv mode, at any L (each layer's kernel is computed for
+        the length given); with `ssms`, any leading shape."""
+        x = self.embed(tokens) * self.config.embed_scale  # (B, L, H)
         for i, block in enumerate(self.blocks):
             x = block(x, None if ssms is None else ssms[i])
         return self.head(self.norm(x))  # (B, L, V)

@@ -32,6 +32,14 @@ class VerificationError(RuntimeError):
     """The recurrent form does not reproduce the conv-mode kernel."""
 
 
+class StateRangeError(ValueError):
+    """A state offered to the model (an import, a stored session) is not one the model can reach:
+    a value is NaN or infinite, or exceeds the bound of `RecurrentModel.state_bound`."""
+
+
+STATE_BOUND_SLACK = 1.01  # float32 rounding of the step and prefill stays far below 1 % of the bound
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-300))
 
@@ -117,6 +125,7 @@ class DiagonalSSM:
 
     def __init__(self, mu: torch.Tensor, b: torch.Tensor, c: torch.Tensor, device):
         self.bc64 = b * c  # float64, for the kernel
+        self.mu64, self.b64 = mu, b  # complex128, for the state bound
         self.log_mu64 = torch.log(mu.where(mu != 0, torch.ones_like(mu)))  # padded modes: μ = 0
         self.alive = (mu != 0).to(device)
         self.b, self.c2 = b.to(device, C64), (2 * c).to(device, C64)
@@ -159,6 +168,15 @@ class DiagonalSSM:
     def step_fused(self, lib, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch.Tensor) -> None:
         """`step` in one C pass (CPU): writes x' into xo and y into y."""
         fused.diag_step(lib, x, xo, u, y, self._fused_ptrs)
+
+    def state_bound(self, u_max: torch.Tensor) -> torch.Tensor:
+        """Largest |Re x|, |Im x| any input with |u_h| ≤ u_max[h] can drive the state to, from x = 0:
+        |x_m| ≤ Σ_j |μ_m|^j |b_m| u_max = |b_m| u_max / (1 − |μ_m|) (inf where |μ_m| ≥ 1 and b_m ≠ 0).
+        u_max (H,) float64 → (H, 2, M) float64."""
+        amp = self.mu64.abs()
+        gain = torch.where(amp < 1, self.b64.abs() / (1 - amp).clamp(min=1e-300), torch.inf)
+        gain = torch.where(self.b64 == 0, 0.0, gain * u_max[:, None])  # a padded mode (b = 0) stays 0
+        return torch.stack([gain, gain], dim=-2)
 
     def _mu_pow(self, n: int) -> torch.Tensor:
         return self._powers(torch.tensor([float(n)]))[..., 0].to(self.device, C64)  # (H, M)
@@ -246,6 +264,21 @@ class DPLRStep:
         ni = ni - (self.Qi * s).sum(1)
         return (self.cr * nr - self.ci * ni).sum(-1), torch.stack([nr, ni], dim=-2)
 
+    def state_bound(self, u_max: torch.Tensor) -> torch.Tensor:
+        """Largest |Re x|, |Im x| any input with |u_h| ≤ u_max[h] can drive the state to, from ξ = 0:
+        with Ā = W diag(λ) W⁻¹, ξ_n = Σ_j Σ_m W_nm λ_m^j (W⁻¹B̄)_m u ⇒
+        |ξ_n| ≤ u_max Σ_m |W_nm| |(W⁻¹B̄)_m| / (1 − |λ_m|) (triangle inequality; inf if some |λ_m| ≥ 1).
+        u_max (H,) float64 → (H, 2, N/2) float64."""
+        lam, W = torch.linalg.eig(self.Abar64)  # (H, N), (H, N, N)
+        bt = torch.linalg.solve(W, self.Bbar64.to(C128)[..., None])[..., 0].abs()  # (H, N)
+        amp = lam.abs()
+        gain = torch.where(amp < 1, bt / (1 - amp).clamp(min=1e-300), torch.inf)
+        gain = torch.where(bt == 0, 0.0, gain)
+        terms = torch.where(W.abs() == 0, 0.0, W.abs() * gain[:, None, :])  # (H, N, N), no 0·inf
+        bound = terms.sum(-1)
+        bound = torch.where(bound == 0, 0.0, bound * u_max[:, None])  # (H, N)
+        return bound.unflatten(-1, (2, self.M))
+
     def step_fused(self, lib, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch.Tensor) -> None:
         fused.dplr_step(lib, x, xo, u, y, self._fused_ptrs, self.Pr.shape[0])
 
@@ -309,7 +342,7 @@ def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None
             mu, b, c = diagonalize(Abar, Bbar, gamma)
             tries = [lambda: DiagonalSSM(mu, b, c, device), lambda: DPLRStep(s, Abar, Bbar, gamma, device)]
         else:
-            Lam, dt = s["Lambda"], s["dt"][:, None]
+            Lam, dt = s["Lambda"], s["dt"] if s["dt"].dim() == 2 else s["dt"][:, None]  # Δ untied: (H, N2)
             mu, Bbar = discretize(Lam * dt, s["B"] * dt, kernel.disc)
             tries = [lambda: DiagonalSSM(mu, Bbar, s["C"], device)]
         errors = []
@@ -372,14 +405,67 @@ class RecurrentModel:
         if self._fused is not None and fused_network and not self.config.d_ff:
             try:
                 self._net_step = fused.NetStep(self._fused, self.net, self.layers)
-            except ValueError:  # LayerNorms with different eps (one eps in the C step): keep the torch ops
+            except ValueError:  # something the C step does not compute (it names it): keep the torch ops
                 pass
+        self._state_bound: torch.Tensor | None = None
         self.net_step_max_batch = NET_STEP_MAX_BATCH
         self.prefill_by_steps_max_tokens = PREFILL_BY_STEPS_MAX_TOKENS
 
     @property
     def state_bytes_per_sequence(self) -> int:
         return len(self.layers) * self.H * self.M * 2 * 4
+
+    def ssm_input_bound(self, i: int) -> torch.Tensor:
+        """(H,) float64: max |u_h| of layer i's SSM input over all inputs. The input is a pre-norm
+        LayerNorm's output γ ⊙ x̂ + β, and a standardized vector of H values has |x̂_h| ≤ √(H − 1)
+        (Samuelson's inequality; the eps only shrinks it), so |u_h| ≤ |γ_h| √(H − 1) + |β_h|.
+        inf where the block's input is not a LayerNorm's output."""
+        H = self.H
+        norm = getattr(self.net.blocks[i], "norm", None)
+        if not isinstance(norm, torch.nn.LayerNorm) or not getattr(self.config, "prenorm", True):
+            return torch.full((H,), torch.inf, dtype=F64)
+        gamma = (
+            norm.weight.detach().cpu().double().abs() if norm.weight is not None else torch.ones(H, dtype=F64)
+        )
+        beta = norm.bias.detach().cpu().double().abs() if norm.bias is not None else torch.zeros(H, dtype=F64)
+        return gamma * (H - 1) ** 0.5 + beta
+
+    def state_bound(self) -> torch.Tensor:
+        """(n_layers, H, 2, M) float64: the largest |value| each state entry can take when the model
+        runs from the zero state on any tokens (per layer: the SSM input bound × the ℓ1 norm of the
+        state's impulse response; padded modes are 0). Computed once, in float64, on the CPU."""
+        if self._state_bound is None:
+            parts = []
+            for i, form in enumerate(self.layers):
+                b = form.state_bound(self.ssm_input_bound(i))
+                parts.append(torch.nn.functional.pad(b, (0, self.M - b.shape[-1])))
+            self._state_bound = torch.stack(parts)
+        return self._state_bound
+
+    def check_state(self, state: torch.Tensor) -> None:
+        """Raise StateRangeError unless state (n_layers, B, H, 2, M) float32 is one the model can
+        produce: every value finite and within `state_bound()` × STATE_BOUND_SLACK. Checks each row
+        on its own; the message names the first offending entry."""
+        want = (len(self.layers), self.H, 2, self.M)
+        if state.dim() != 5 or tuple(state.shape[:1] + state.shape[2:]) != want:
+            raise StateRangeError(f"state has shape {tuple(state.shape)}, expected (n_layers, B, H, 2, M) = "
+                                  f"({want[0]}, B, {want[1]}, {want[2]}, {want[3]})")  # fmt: skip
+        x = state.detach().cpu()
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            idx = bad.nonzero()[0].tolist()
+            raise StateRangeError(
+                f"state holds {int(bad.sum())} NaN or infinite values "
+                f"(first at layer {idx[0]}, row {idx[1]}, channel {idx[2]})"
+            )
+        limit = (self.state_bound() * STATE_BOUND_SLACK).float()[:, None]  # (n_layers, 1, H, 2, M)
+        over = x.abs() > limit
+        if bool(over.any()):
+            i, r, h, part, m = over.nonzero()[0].tolist()
+            raise StateRangeError(
+                f"state value {float(x[i, r, h, part, m]):.6g} at layer {i}, row {r}, channel {h}, mode {m} "
+                f"exceeds {float(limit[i, 0, h, part, m]):.6g}, the largest this model can reach"
+            )
 
     def init_state(self, batch_size: int) -> torch.Tensor:
         return torch.zeros(len(self.layers), batch_size, self.H, 2, self.M, device=self.device)
@@ -462,7 +548,9 @@ class RecurrentModel:
             for t in range(L):
                 logits[:, t] = self._net_step(tokens[:, t], new, new)
             return logits, new
-        x0_is_zero = not bool(state.abs().amax() > 0) if state.numel() else True
+        # Skipping the x0 terms is exact when every row's x0 is 0 (they would add exact zeros), so this
+        # switch cannot change any row's result, whatever another row holds (NaN ≠ 0: no skip).
+        x0_is_zero = bool((state == 0).all())
         new = []
 
         def layer_ssm(i, form, u):

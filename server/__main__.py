@@ -81,7 +81,6 @@ def preflight(settings: Settings) -> list[str]:
     """What stops the server from serving anything, checked before it listens: every configured
     checkpoint is read and validated (config.json, then the safetensors weights: never unpickled)
     and the session store is reached. Returns the problems when nothing could be served, else []."""
-    from pathlib import Path  # noqa: PLC0415
 
     from model.checkpoint import CheckpointError, load  # noqa: PLC0415
     from server.store import StoreError, open_store  # noqa: PLC0415
@@ -93,15 +92,17 @@ def preflight(settings: Settings) -> list[str]:
             store.close()
     except StoreError as exc:
         return [str(exc)]
+    from server.registry import parse_entry, resolve_entry  # noqa: PLC0415
+
     usable = 0
     for entry in settings.checkpoints:
-        path = Path(entry)
-        if not path.exists() and settings.uses_default_checkpoints():
+        if not parse_entry(entry)[1].exists() and settings.uses_default_checkpoints():
             continue  # the default list names checkpoints that may not be trained yet
         try:
+            _, path = resolve_entry(entry, settings)  # an official .ckpt/.pt is converted (and cached) here
             load(path)
             usable += 1
-        except (CheckpointError, OSError) as exc:
+        except (CheckpointError, ValueError, OSError) as exc:
             problems.append(f"checkpoint {entry}: {exc}")
     if usable:
         return []

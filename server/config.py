@@ -24,7 +24,14 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
     checkpoints: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_CHECKPOINTS),
-        description="checkpoint folders to serve (comma-separated); the model id is the folder name",
+        description="checkpoint folders to serve (comma-separated); the model id is the folder name. "
+        "An entry may also be a checkpoint of the official state-spaces/s4 code (a `.ckpt`, or a `.pt` with "
+        "its config.yaml beside it), converted at load time; `NAME=PATH` sets the model id (default: the "
+        "folder name or the file's stem)",
+    )
+    convert_cache: str = Field(
+        "~/.cache/s4serve/convert",
+        description="where official checkpoints are converted to, one folder per source SHA-256 (reused)",
     )
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     verify_tolerance: float = Field(

@@ -613,8 +613,11 @@ class Engine:
         return state.numpy().astype("<f4", copy=False).tobytes(), seen
 
     def write_slot(self, rec: SessionRecord, state: bytes, seen: list[int]) -> SessionRecord:
+        """Install an imported or restored state: the one way a state from outside enters a slot, so
+        it is validated here (finite, within what the model can reach: RecurrentModel.check_state)."""
         shape = self.pool.state[:, rec.slot].shape
         x = torch.frombuffer(bytearray(state), dtype=torch.float32).reshape(shape)
+        self.rec.check_state(x.unsqueeze(1))  # StateRangeError before the slot is touched
         self.pool.clear(rec.slot)
         self.pool.state[:, rec.slot].copy_(x)
         if seen:

@@ -4,6 +4,7 @@ engine. A checkpoint that fails any step is not served; the reason is logged and
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ import torch
 
 from model import VerificationError, load
 from model.checkpoint import CheckpointError, read_config
+from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
+from model.convert import convert_cached
 from model.network import ModelConfig
 from model.recurrent import RecurrentModel
 from model.sampling import SamplingParams, sample
@@ -88,17 +91,50 @@ def warm_up(rec: RecurrentModel, batch: int) -> None:
     sample(logits, params, [p.generator(dev) for p in params])
 
 
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def parse_entry(entry: str) -> tuple[str | None, Path]:
+    """An S4_CHECKPOINTS entry: PATH, or NAME=PATH (NAME: letters, digits, '.', '_', '-')."""
+    name, sep, rest = entry.partition("=")
+    if sep and _MODEL_ID.fullmatch(name) and rest:
+        return name, Path(rest)
+    return None, Path(entry)
+
+
+def resolve_entry(entry: str, settings: Settings) -> tuple[str, Path]:
+    """(model id, checkpoint folder) of an entry. An official state-spaces/s4 file (.ckpt, .pt) is
+    converted into S4_CONVERT_CACHE/<its SHA-256>/ first, or found there from an earlier start.
+    Raises ConvertError (a ValueError) naming what is refused."""
+    name, path = parse_entry(entry)
+    if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
+        model_id = name or path.stem
+        return model_id, convert_cached(path, settings.convert_cache, name=model_id)
+    return name or path.name, path
+
+
 def load_model(
-    path: Path, settings: Settings, sessions: SessionTable, metrics: Metrics, device: str
+    path: Path,
+    settings: Settings,
+    sessions: SessionTable,
+    metrics: Metrics,
+    device: str,
+    model_id: str | None = None,
 ) -> ServedModel:
     """Checkpoint → verified recurrent form → warmed-up engine (not yet started). Raises
     CheckpointError or VerificationError with the reason."""
     t0 = time.perf_counter()
     meta = read_config(path)
     net = load(path)
+    if net.config.modality == "text" and net.config.vocab_size < 256:
+        # text prompts arrive as UTF-8 bytes (ids 0-255): every byte must be a token of the model
+        raise CheckpointError(
+            f"{path}: a text model must have vocab_size >= 256 (byte tokens), "
+            f"this one has {net.config.vocab_size}"
+        )
     rec = net.to_recurrent(device=device, tol=settings.verify_tolerance)
     warm_up(rec, min(8, settings.max_batch_size))
-    model_id = path.name
+    model_id = model_id or path.name
     mm = metrics.for_model(model_id)
     engine = Engine(model_id, rec, settings, sessions, mm)
     mm.pool_bytes.set(engine.pool.capacity * engine.pool.bytes_per_slot)
@@ -125,17 +161,19 @@ def load_models(
     models: dict[str, ServedModel] = {}
     failed: dict[str, str] = {}
     for entry in settings.checkpoints:
-        path = Path(entry)
+        name, path = parse_entry(entry)
         if not path.exists() and settings.uses_default_checkpoints():
             log.warning("default checkpoint %s does not exist yet: skipped", path)
             continue
-        if path.name in models:
-            failed[entry] = f"model id {path.name!r} is already served (from {models[path.name].path})"
+        model_id = name or (path.stem if path.suffix in OFFICIAL_SUFFIXES else path.name)
+        if model_id in models:
+            failed[entry] = f"model id {model_id!r} is already served (from {models[model_id].path})"
             log.error("checkpoint %s not served: %s", entry, failed[entry])
             continue
         try:
-            models[path.name] = load_model(path, settings, sessions, metrics, device)
+            model_id, folder = resolve_entry(entry, settings)
+            models[model_id] = load_model(folder, settings, sessions, metrics, device, model_id)
         except (CheckpointError, VerificationError, ValueError, OSError, RuntimeError) as exc:
-            failed[path.name] = f"{type(exc).__name__}: {exc}"
-            log.error("checkpoint %s not served: %s", entry, failed[path.name])
+            failed[model_id] = f"{type(exc).__name__}: {exc}"
+            log.error("checkpoint %s not served: %s", entry, failed[model_id])
     return models, failed

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
+from model.recurrent import StateRangeError
 from model.sampling import SamplingParams
 from server import media
 from server.app import ServerState
@@ -176,6 +177,13 @@ async def export_state(state: ServerState, session_id: str) -> bytes:
     return pack_state(model.state_header(rec, seen), raw)
 
 
+MAX_STATE_TOKENS = 2**53 - 1  # a token count JSON clients read exactly (IEEE double integers)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false are not numbers
+
+
 def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple[ServedModel, dict, bytes]:
     """Validate an exported (or stored) state: format, version, checksum, then that this server
     serves its model with the same weights and shapes. 422 naming `param` otherwise."""
@@ -197,24 +205,39 @@ def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple
         )
     V = model.config.vocab_size
     pending, n_tokens, seen = header.get("pending"), header.get("n_tokens"), header.get("seen")
-    if not (pending is None or (isinstance(pending, int) and 0 <= pending < V)):
+    if not (pending is None or (_is_int(pending) and 0 <= pending < V)):
         raise invalid(param, f"{what}: pending token {pending!r} is not a token id")
-    if not isinstance(n_tokens, int) or n_tokens < (pending is not None):
-        raise invalid(param, f"{what}: token count {n_tokens!r} is invalid")
-    if not isinstance(seen, list) or not all(isinstance(i, int) and 0 <= i < V for i in seen):
-        raise invalid(param, f"{what}: seen tokens must be a list of token ids")
+    if not _is_int(n_tokens) or not (pending is not None) <= n_tokens <= MAX_STATE_TOKENS:
+        raise invalid(param, f"{what}: token count {n_tokens!r} is not in [0, {MAX_STATE_TOKENS}]")
+    if (
+        not isinstance(seen, list)
+        or len(seen) > V
+        or not all(_is_int(i) and 0 <= i < V for i in seen)
+        or len(set(seen)) != len(seen)
+    ):
+        raise invalid(param, f"{what}: seen tokens must be a list of distinct token ids (at most {V})")
     return model, header, raw
 
 
 async def _install(
-    state: ServerState, model: ServedModel, header: dict, raw: bytes, session_id: str | None = None
+    state: ServerState,
+    model: ServedModel,
+    header: dict,
+    raw: bytes,
+    param: str,
+    what: str,
+    session_id: str | None = None,
 ) -> SessionRecord:
-    """A new session (id `session_id`, or a fresh one) holding a checked state."""
+    """A new session (id `session_id`, or a fresh one) holding a checked state; the engine refuses
+    values the model cannot reach (422 naming `param`)."""
     rec = _new_record(state, model, ephemeral=False, session_id=session_id)
     rec.n_tokens, rec.pending = header["n_tokens"], header["pending"]
     seen = header["seen"]
     try:
         rec = await asyncio.wrap_future(model.engine.call(lambda e: e.write_slot(rec, raw, seen)))
+    except StateRangeError as exc:
+        _drop_record(state, model, rec)
+        raise invalid(param, f"{what}: {exc}") from None
     except BaseException:
         _drop_record(state, model, rec)
         raise
@@ -224,7 +247,7 @@ async def _install(
 
 async def import_state(state: ServerState, blob: bytes) -> SessionRecord:
     model, header, raw = check_state(state, blob, "state", "the state")
-    return await _install(state, model, header, raw)
+    return await _install(state, model, header, raw, "state", "the state")
 
 
 MAX_SESSION_ID = 128  # longer ids are never ours: not looked up in the store
@@ -249,7 +272,9 @@ async def restore(state: ServerState, session_id: str) -> None:
         model, header, raw = check_state(
             state, blob, "session_id", f"the stored state of session {session_id}"
         )
-        await _install(state, model, header, raw, session_id)
+        await _install(
+            state, model, header, raw, "session_id", f"the stored state of session {session_id}", session_id
+        )
         state.metrics.store_ops.labels("restore").inc()
 
 

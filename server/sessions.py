@@ -224,15 +224,15 @@ def unpack_state(blob: bytes) -> tuple[dict, bytes]:
     start = _PREFIX.size
     try:
         header = json.loads(body[start : start + head_len])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise StateFormatError(f"state header is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, ints over 4300 digits, deep nesting
+        raise StateFormatError(f"state header is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(header, dict):
         raise StateFormatError("state header is not a JSON object")
     state = body[start + head_len :]
     shape = header.get("shape")
     if header.get("dtype") != "float32" or not isinstance(shape, list):
         raise StateFormatError("state header must give dtype float32 and a shape")
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise StateFormatError(f"state shape {shape} is not a list of sizes")
     want = 4
     for d in shape:

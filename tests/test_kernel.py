@@ -126,7 +126,9 @@ def test_init_ranges_and_validation():
     assert SSMKernel(4, 8, 64, init="legt").rank == 2  # legt needs rank 2
     with pytest.raises(ValueError, match="init"):
         SSMKernel(4, 8, 64, kind="s4", init="diag-lin")
-    with pytest.raises(ValueError, match="exceeds"):
-        SSMKernel(4, 8, 64)(128)
+    k = SSMKernel(4, 8, 64)  # any length: the kernel at 128 extends the one at 64
+    torch.testing.assert_close(k(128, dtype=F64)[:, :64], k(64, dtype=F64), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="positive"):
+        k(0)
     with pytest.raises(ValueError, match="even"):
         SSMKernel(4, 7, 64)

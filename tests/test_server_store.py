@@ -182,6 +182,8 @@ def test_a_corrupt_or_foreign_stored_state_is_refused_with_a_clear_error(model_d
             "sess-garbage": (b"not a state at all, just some bytes in the store" * 2, "magic"),
             "sess-foreign": (pack_state({**header, "fingerprint": "0" * 32}, raw), "other weights"),
             "sess-othermodel": (pack_state({**header, "model": "gpt-9"}, raw), "gpt-9"),
+            "sess-nan": (pack_state(header, b"\x00\x00\xc0\x7f" * (len(raw) // 4)), "NaN or infinite"),
+            "sess-huge": (pack_state(header, b"\xff\xff\x7f\x7f" + raw[4:]), "exceeds"),
         }
         for key, (blob, words) in cases.items():
             redis_db.set(KEY_PREFIX + key, blob)

@@ -100,8 +100,8 @@ int dplr_step(long B, long H, long M, long R, const float *x, float *xo, const f
 
 /* ------------------------------------------------------------------------------------------------
  * The whole network's step in one call (CPU, small batches): embedding → per layer [LayerNorm →
- * SSM step → GELU(y + D u) → GLU(W z + b) → residual] → LayerNorm → head. The same arithmetic as
- * the torch modules (LayerNorm with biased variance, exact erf GELU, GLU = a · sigmoid(g)); sums run
+ * SSM step → GELU(y + D u) → GLU(W z + b) → residual] → LayerNorm → head (its bias may be NULL).
+ * The same arithmetic as the torch modules (LayerNorm with biased variance, exact erf GELU, GLU = a · sigmoid(g)); sums run
  * in another order, so logits agree to float32 rounding. Called once per step instead of ~45 torch
  * ops, which dominate a small batch's step.
  */
@@ -166,7 +166,8 @@ static void linear_t(long B, long K, long N, const float *x, const float *Wt, co
 /* Rows r0 .. r0 + B − 1 of a batch of Btot (the state is (n_layers, Btot, H, 2, M)). */
 static int net_rows(long B, long Btot, long r0, long H, long V, long n_layers, long M, const long *tokens,
                     const float *embed, const NetLayer *layers, const float *lnf_w, const float *lnf_b,
-                    const float *head_t, float eps, const float *state, float *state_out, float *logits) {
+                    const float *head_t, const float *head_b, float eps, const float *state, float *state_out,
+                    float *logits) {
     float *buf = malloc(sizeof(float) * (size_t)B * (size_t)H * 5);
     if (!buf) return -2;
     float *x = buf, *u = x + B * H, *y = u + B * H, *o = y + B * H; /* o: (B, 2H) */
@@ -206,7 +207,7 @@ static int net_rows(long B, long Btot, long r0, long H, long V, long n_layers, l
     }
     if (rc == 0) {
         layer_norm(B, H, x, u, lnf_w, lnf_b, eps);
-        linear_t(B, H, V, u, head_t, NULL, logits);
+        linear_t(B, H, V, u, head_t, head_b, logits);
     }
     free(buf);
     return rc;
@@ -219,10 +220,10 @@ static int net_rows(long B, long Btot, long r0, long H, long V, long n_layers, l
 
 int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
              const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
-             float eps, const float *state, float *state_out, float *logits) {
+             const float *head_b, float eps, const float *state, float *state_out, float *logits) {
     if (B < NET_PARALLEL_ROWS)
-        return net_rows(B, B, 0, H, V, n_layers, M, tokens, embed, layers, lnf_w, lnf_b, head_t, eps, state,
-                        state_out, logits);
+        return net_rows(B, B, 0, H, V, n_layers, M, tokens, embed, layers, lnf_w, lnf_b, head_t, head_b, eps,
+                        state, state_out, logits);
     int rc = 0;
 #pragma omp parallel reduction(min : rc)
     {
@@ -230,7 +231,7 @@ int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, 
         const long lo = B * t / nt, hi = B * (t + 1) / nt;
         if (hi > lo)
             rc = net_rows(hi - lo, B, lo, H, V, n_layers, M, tokens + lo, embed, layers, lnf_w, lnf_b, head_t,
-                          eps, state, state_out, logits + lo * V);
+                          head_b, eps, state, state_out, logits + lo * V);
     }
     return rc;
 }

@@ -1,0 +1,224 @@
+"""The official state-spaces/s4 generation path vs ours, on the same model, side by side.
+
+One S4 LM (4 layers, d_model 256, N 64, vocab 256, LegS, softplus Δ; random weights: speed does not
+depend on them) is built by the official code itself, then imported with model.official (the same
+weights). Official: generate.py's path: `_setup_step()` on every module (its default mode, 'dense' for
+DPLR), `default_state`, and the prompt fed one token at a time through `step`. Ours: the imported
+checkpoint's verified RecurrentModel: parallel `prefill` of the prompt, then `step(out=state)`.
+Both decode greedily: a 1,024-token prompt, then 256 new tokens, at batch 1 and 16. Time to first
+token = prompt ingestion + the first new token's logits; decode tokens/s = batch × new tokens / time.
+The JSON also gives how far the two paths' logits agree and whether they pick the same tokens.
+
+The official code is loaded from a local checkout named by `--official DIR` or S4_OPTIONS["official"] (with
+its own dependencies importable: einops, scipy, rich; hydra and pytorch-lightning are replaced by the
+small stand-ins below); without one the benchmark is skipped with a message.
+
+    python -m bench.official --official /path/to/state-spaces/s4 [--quick]
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import importlib.util
+import math
+import os
+import sys
+import time
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.common import bench_main, fmt, save_figure, subplots
+
+NAME = "official"
+SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
+    False: {"H": 256, "n_layers": 4, "N": 64, "V": 256, "l_max": 1024, "prompt": 1024, "new": 256,
+            "batches": [1, 16]},
+    True: {"H": 32, "n_layers": 2, "N": 16, "V": 256, "l_max": 64, "prompt": 64, "new": 16,
+           "batches": [1, 4]},
+}  # fmt: skip
+OPTIONS: dict[str, str | None] = {"official": None}  # set by main() from --official or S4_OPTIONS["official"]
+
+
+def _standins() -> None:
+    """hydra (src.utils.config calls hydra.utils.get_method/get_class on dotted paths only) and
+    pytorch_lightning (src.utils.train uses rank_zero_only, a logging decorator)."""
+    hydra, hu = types.ModuleType("hydra"), types.ModuleType("hydra.utils")
+
+    def get(path):
+        mod, _, name = path.rpartition(".")
+        return getattr(importlib.import_module(mod), name)
+
+    hu.get_method = hu.get_class = get
+    hydra.utils = hu
+    pl, plu = types.ModuleType("pytorch_lightning"), types.ModuleType("pytorch_lightning.utilities")
+    plu.rank_zero_only = lambda fn: fn
+    pl.utilities = plu
+    for name, mod in (("hydra", hydra), ("hydra.utils", hu), ("pytorch_lightning", pl),
+                      ("pytorch_lightning.utilities", plu)):  # fmt: skip
+        sys.modules.setdefault(name, mod)
+
+
+def official_model(official: str, size: dict[str, Any]) -> tuple[nn.Module, dict]:
+    """The official backbone + LM encoder/decoder (as tasks.LMTask builds them) and its config."""
+    sys.path.insert(0, official)
+    _standins()
+    import src.models.nn.utils as U
+    from src import utils
+    from src.models.sequence.kernels import ssm
+    from src.utils import registry
+
+    ssm.has_pykeops = False  # its naive Cauchy path: no compilation inside the timing (step mode uses none)
+    H, V = size["H"], size["V"]
+    layer = {
+        "_name_": "s4", "d_state": size["N"], "mode": "nplr", "init": "legs", "dt_transform": "softplus",
+        "l_max": size["l_max"], "n_ssm": 1, "final_act": "glu", "activation": "gelu", "verbose": False,
+    }  # fmt: skip
+    model = {
+        "_name_": "model", "n_layers": size["n_layers"], "d_model": H, "prenorm": True, "transposed": False,
+        "residual": "R", "norm": "layer", "dropout": 0.0, "layer": [layer],
+    }  # fmt: skip
+    task = {"_name_": "lm", "rescale": True, "tied": False}
+    cfg = {"model": model, "task": task, "encoder": None, "decoder": None}
+
+    class Scalar(nn.Module):  # src/tasks/tasks.py:Scalar
+        def __init__(self, c):
+            super().__init__()
+            self.c = c
+
+        def forward(self, x):
+            return x * self.c
+
+    class Lit(nn.Module):  # train.py's SequenceLightningModule module tree
+        def __init__(self):
+            super().__init__()
+            self.model = utils.instantiate(registry.model, copy.deepcopy(cfg["model"]))
+            self.encoder = U.PassthroughSequential(nn.Embedding(V, H), Scalar(math.sqrt(H)))
+            self.decoder = U.PassthroughSequential(nn.Linear(H, V))
+
+    torch.manual_seed(0)
+    lit = Lit().eval()
+    with torch.no_grad():  # the conv forward sets each layer's C̃ and l_kernel, as training does
+        x, _ = lit.encoder(torch.zeros(1, size["l_max"], dtype=torch.long))
+        lit.model(x)
+    return lit, cfg
+
+
+@torch.no_grad()
+def run_official(lit, prompt: torch.Tensor, new: int) -> dict[str, Any]:
+    """generate.py: _setup_step() (default mode), default_state, then step() token by token."""
+    t0 = time.perf_counter()
+    for m in lit.modules():
+        if hasattr(m, "_setup_step"):
+            m._setup_step()
+    state = lit.model.default_state(prompt.shape[0], device=prompt.device)
+    for t in range(prompt.shape[1]):
+        x, _ = lit.encoder(prompt[:, t])
+        x, state = lit.model.step(x, state=state)
+    logits, _ = lit.decoder(x)
+    first = logits
+    ttft = time.perf_counter() - t0
+    toks = [logits.argmax(-1)]
+    t1 = time.perf_counter()
+    for _ in range(new - 1):
+        x, _ = lit.encoder(toks[-1])
+        x, state = lit.model.step(x, state=state)
+        logits, _ = lit.decoder(x)
+        toks.append(logits.argmax(-1))
+    decode = time.perf_counter() - t1
+    return {"ttft_s": ttft, "decode_s": decode, "tokens": torch.stack(toks, 1), "first_logits": first}
+
+
+@torch.no_grad()
+def run_ours(rec, prompt: torch.Tensor, new: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    logits, state = rec.prefill(prompt, rec.init_state(prompt.shape[0]))
+    first = logits[:, -1]
+    ttft = time.perf_counter() - t0
+    toks = [first.argmax(-1)]
+    t1 = time.perf_counter()
+    for _ in range(new - 1):
+        logits, state = rec.step(toks[-1], state, out=state)
+        toks.append(logits.argmax(-1))
+    decode = time.perf_counter() - t1
+    return {"ttft_s": ttft, "decode_s": decode, "tokens": torch.stack(toks, 1), "first_logits": first}
+
+
+def run(quick: bool) -> dict[str, Any]:
+    from model.convert import build
+    from model.official.mapping import map_official
+
+    size = SIZES[quick]
+    lit, cfg = official_model(str(OPTIONS["official"]), size)
+    sd = {f"{k}": v for k, v in lit.state_dict().items()}
+    rec = build(map_official(sd, cfg, "lightning")).to_recurrent()
+    g = torch.Generator().manual_seed(1)
+    rows = []
+    for B in size["batches"]:
+        prompt = torch.randint(0, size["V"], (B, size["prompt"]), generator=g)
+        off, ours = run_official(lit, prompt, size["new"]), run_ours(rec, prompt, size["new"])
+        diff = (ours["first_logits"] - off["first_logits"]).abs().max() / off["first_logits"].abs().max()
+        for impl, r in (("official", off), ("ours", ours)):
+            rows.append({
+                "impl": impl, "batch": B, "ttft_s": r["ttft_s"], "decode_s": r["decode_s"],
+                "decode_tokens_per_s": B * (size["new"] - 1) / r["decode_s"],
+            })  # fmt: skip
+        rows[-1]["first_logits_rel_diff_vs_official"] = float(diff)
+        rows[-1]["same_greedy_tokens_fraction"] = float((ours["tokens"] == off["tokens"]).float().mean())
+        print(
+            f"batch {B}: TTFT official {fmt(off['ttft_s'])} s, ours {fmt(ours['ttft_s'])} s; decode tokens/s "
+            f"official {fmt(rows[-2]['decode_tokens_per_s'])}, ours {fmt(rows[-1]['decode_tokens_per_s'])}; "
+            f"logits rel. diff {diff:.1e}",
+            flush=True,
+        )
+    mode = "dense (the _setup_step default)"
+    return {"size": size, "official_dir": OPTIONS["official"], "official_step_mode": mode, "rows": rows}
+
+
+def plot(data: dict[str, Any], quick: bool) -> None:
+    fig, (a, b) = subplots(2, width=5.0)
+    batches = data["size"]["batches"]
+    for impl, color, off in (("official", "tab:gray", -0.2), ("ours", "tab:blue", 0.2)):
+        r = [x for x in data["rows"] if x["impl"] == impl]
+        xs = [i + off for i in range(len(batches))]
+        a.bar(xs, [x["ttft_s"] for x in r], width=0.4, color=color, label=impl)
+        b.bar(xs, [x["decode_tokens_per_s"] for x in r], width=0.4, color=color, label=impl)
+    for ax, ylabel in ((a, "time to first token (s)"), (b, "decode tokens/s")):
+        ax.set_xticks(range(len(batches)), [f"batch {x}" for x in batches])
+        ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+    s = data["size"]
+    save_figure(
+        fig, NAME, quick, f"official step path vs ours: {s['prompt']}-token prompt + {s['new']} new tokens"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--official" in argv:
+        i = argv.index("--official")
+        if i + 1 >= len(argv):
+            sys.exit("--official needs a directory")
+        OPTIONS["official"] = argv[i + 1]
+        del argv[i : i + 2]
+    OPTIONS["official"] = OPTIONS["official"] or os.environ.get("S4_OFFICIAL_DIR")
+    if "--replot" not in argv:
+        if not OPTIONS["official"] or not (Path(OPTIONS["official"]) / "src" / "models").is_dir():
+            print("bench.official: skipped (no official state-spaces/s4 checkout: pass --official DIR or set "
+                  "S4_OFFICIAL_DIR)")  # fmt: skip
+            return
+        missing = [m for m in ("einops", "scipy", "rich") if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"bench.official: skipped (the official code needs {', '.join(missing)}: pip install them)")
+            return
+    bench_main(argv, __doc__, NAME, run, plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,566 @@
+"""The parameter mapping: an official state-spaces/s4 state dict + its config → our config + tensors.
+
+A pure function (`map_official`): it knows nothing of files or serving. Every source tensor is consumed
+or the whole import is refused by name; every option that changes the computed function is checked
+against what our model expresses and refused (`Unsupported`, naming the option and its value) when it
+cannot be expressed exactly.
+
+Facts followed (state-spaces/s4 at e757cef):
+- src/models/sequence/kernels/ssm.py: Λ = −real_transform(A_real) − i·imag_transform(A_imag);
+  Δ = dt_transform(inv_dt) (after sinh when dt_fast), (H,1) or (H,N/2) untied; B (1,S,N/2), P (r,S,N/2),
+  A_* (S,N/2) hold n_ssm = S SSMs and channel h uses SSM h mod S; DPLR A = diag(Λ) − P Pᴴ, bilinear;
+  its C (channels,H,N/2) is the truncated generating function C̃ = C̄(I − Ā^L) for the layer's own
+  `l_kernel` buffer L (doubled in place when a longer input arrives); for S4D C is C̄, ZOH or bilinear.
+- modules/s4block.py + kernels/fftconv.py: y = GLU(Linear(GELU(K̄ ∗ u + D u))); D is (channels, H).
+- backbones/model.py, block.py: pre-norm residual blocks (LayerNorm, eps 1e-5), a final LayerNorm;
+  the layer list (e.g. [s4, ffn]) is repeated n_layers times, one residual block per entry.
+- modules/ffn.py: Linear(H, expand·H) → GELU → dropout → Linear(expand·H, H).
+- tasks/tasks.py LMTask: Embedding (encoder.0), × √d_model when `rescale` (default true), Linear decoder
+  with bias (tied to the embedding when `tied`).
+- checkpoints/convert_v3_to_v4.py: version-3 names log_dt (H), inv_w_real/log_w_real, w_imag (= −A_imag),
+  kernel.kernel.*, kernel.kernel.L, layer.kernel / layer.D one module up.
+- models/s4/s4d.py (standalone S4D): Λ = −exp(log_A_real) + i·A_imag, B = 1, Δ = exp(log_dt), ZOH,
+  output_linear = Conv1d(H, 2H, 1) + GLU.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+TRANSFORMS = ("none", "exp", "relu", "sigmoid", "softplus")
+LN_EPS = 1e-5
+
+
+class Unsupported(ValueError):
+    """The checkpoint uses an option (or holds a tensor) our model cannot express exactly."""
+
+
+@dataclass
+class Imported:
+    config: dict  # our ModelConfig fields
+    tensors: dict[str, torch.Tensor]  # our state dict; SSM parameters in float64
+    mapping: list[tuple[str, str, str]] = field(default_factory=list)  # (ours, source, how)
+    notes: list[str] = field(default_factory=list)  # options read from the config, and their meaning
+
+
+def transform(x: torch.Tensor, name: str, option: str) -> torch.Tensor:
+    """src/models/sequence/kernels/ssm.py param_transform, in float64."""
+    x = x.double()
+    if name == "none":
+        return x
+    if name == "exp":
+        return torch.exp(x)
+    if name == "relu":
+        return F.relu(x) + 1e-4
+    if name == "sigmoid":
+        return torch.sigmoid(x)
+    if name == "softplus":
+        return F.softplus(x)
+    raise Unsupported(f"{option} = {name!r}: unknown transform (expected one of {TRANSFORMS})")
+
+
+class _Source:
+    """The state dict with consumption tracking: take() marks a key used; leftovers are refused."""
+
+    def __init__(self, sd: dict[str, torch.Tensor]):
+        self.sd = sd
+        self.used: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        return key in self.sd
+
+    def take(self, key: str, shape: tuple | None = None) -> torch.Tensor:
+        if key not in self.sd:
+            raise Unsupported(f"tensor {key!r} is missing from the state dict")
+        t = self.sd[key]
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise Unsupported(f"tensor {key!r} has shape {list(t.shape)}, expected {list(shape)}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise Unsupported(f"tensor {key!r} has non-finite values")
+        self.used.add(key)
+        return t
+
+    def leftovers(self) -> list[str]:
+        return sorted(set(self.sd) - self.used)
+
+
+def _opt(cfg: dict, key: str, default, where: str):
+    v = cfg.get(key, default)
+    if isinstance(v, str) and v.startswith("${"):
+        raise Unsupported(f"{where}.{key} = {v!r}: an interpolation this importer cannot resolve")
+    return v
+
+
+def _expect(cfg: dict, key: str, default, allowed, where: str, why: str) -> None:
+    v = _opt(cfg, key, default, where)
+    if v not in allowed:
+        raise Unsupported(f"{where}.{key} = {v!r}: {why}")
+
+
+def _c(t: torch.Tensor) -> torch.Tensor:
+    """(..., 2) real view → complex128."""
+    return torch.view_as_complex(t.double().contiguous())
+
+
+def _per_channel(x: torch.Tensor, H: int, dim: int) -> torch.Tensor:
+    """Fold n_ssm = S copies into H channels: channel h uses SSM h mod S (einops '(v t)' repeat)."""
+    S = x.shape[dim]
+    idx = torch.arange(H) % S
+    return x.index_select(dim, idx)
+
+
+def _drop_defaults(config: dict) -> dict:
+    """Leave out l_kernel=None and dt_tied=True (our defaults), so the config.json of a model that
+    needs neither loads in any s4serve that has the other fields."""
+    return {
+        k: v for k, v in config.items() if not ((k == "l_kernel" and v is None) or (k == "dt_tied" and v))
+    }
+
+
+def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict[str, str]]:
+    """Rename version-3 keys (convert_v3_to_v4.py's renames); returns the new dict and, per kernel
+    prefix, the transforms that the old names imply."""
+    if not any(re.search(r"(log_dt|inv_w_real|log_w_real|w_imag|kernel\.kernel\.)", k) for k in sd):
+        return sd, {}
+    out, implied = {}, {}
+    for k, v in sd.items():
+        nk = k.replace("kernel.kernel.L", "kernel.kernel.l_kernel").replace("kernel.kernel", "kernel")
+        nk = nk.replace("layer.kernel", "layer.layer.kernel").replace("layer.D", "layer.layer.D")
+        prefix = nk.rsplit(".", 1)[0] + "."
+        if nk.endswith(".log_dt"):
+            v, nk = v.unsqueeze(-1), nk[: -len("log_dt")] + "inv_dt"
+            implied.setdefault(prefix, {})["dt_transform"] = "exp"
+        elif nk.endswith(".log_w_real"):
+            nk = nk[: -len("log_w_real")] + "A_real"
+            implied.setdefault(prefix, {})["real_transform"] = "exp"
+        elif nk.endswith(".inv_w_real"):  # the transform is not in the name: the config must give it
+            nk = nk[: -len("inv_w_real")] + "A_real"
+            implied.setdefault(prefix, {})["real_transform"] = None
+        elif nk.endswith(".w_imag"):
+            v, nk = -v, nk[: -len("w_imag")] + "A_imag"
+            implied.setdefault(prefix, {})["imag_transform"] = "none"
+        out[nk] = v
+    notes.append("version-3 names renamed as checkpoints/convert_v3_to_v4.py does (w_imag negated)")
+    return out, implied
+
+
+# ---------------------------------------------------------------------------------------------
+# One SSM layer
+
+
+def map_ssm_kernel(
+    src: _Source, kp: str, H: int, opts: dict, where: str, kind: str
+) -> tuple[dict[str, torch.Tensor], dict, list[tuple[str, str, str]]]:
+    """kernel prefix kp (…kernel.) → our kernel tensors (float64) + facts (N, rank, disc, dt_tied, L).
+
+    kind: "s4" (SSMKernelDPLR) or "s4d" (SSMKernelDiag)."""
+    for opt, allowed, why in (
+        ("channels", (1,), "our S4 layer maps each channel to one output (C = 1)"),
+        ("bandlimit", (None,), "the S4ND band limit is not supported"),
+        ("is_real", (False,), "real-valued (EMA) SSMs are not supported"),
+    ):
+        _expect(opts, opt, allowed[0], allowed, where, why)
+    dt_t = _opt(opts, "dt_transform", "exp", where)
+    re_t = _opt(opts, "real_transform", "exp", where)
+    im_t = _opt(opts, "imag_transform", "none", where)
+    for name, v in (("dt_transform", dt_t), ("real_transform", re_t), ("imag_transform", im_t)):
+        if v not in TRANSFORMS:
+            raise Unsupported(f"{where}.{name} = {v!r}: unknown transform (expected one of {TRANSFORMS})")
+    disc = "bilinear" if kind == "s4" else _opt(opts, "disc", "zoh", where)
+    if disc not in ("zoh", "bilinear"):
+        raise Unsupported(f"{where}.disc = {disc!r}: only 'zoh' and 'bilinear' are supported")
+    mp: list[tuple[str, str, str]] = []
+
+    A_real = src.take(kp + "A_real")
+    S, N2 = A_real.shape
+    if H % S:
+        raise Unsupported(f"{where}: n_ssm = {S} does not divide d_model = {H}")
+    A_imag = src.take(kp + "A_imag", (S, N2))
+    C = src.take(kp + "C")
+    if C.dim() != 4 or C.shape[0] != 1:
+        raise Unsupported(f"{where}.channels = {C.shape[0] if C.dim() == 4 else '?'}: C is {list(C.shape)}")
+    C = src.take(kp + "C", (1, H, N2, 2))
+    Bt = src.take(kp + "B", (1, S, N2, 2))
+    inv_dt = src.take(kp + "inv_dt").double()
+    if inv_dt.shape not in ((H, 1), (H, N2)):
+        raise Unsupported(f"{where}: inv_dt has shape {list(inv_dt.shape)}, expected [{H}, 1] or [{H}, {N2}]")
+    dt_tied = inv_dt.shape[1] == 1
+    if bool(_opt(opts, "dt_fast", False, where)):
+        inv_dt = torch.sinh(inv_dt)
+    dt = transform(inv_dt, dt_t, f"{where}.dt_transform")  # (H, 1) or (H, N2)
+    if not (dt > 0).all() or not torch.isfinite(dt).all():
+        raise Unsupported(f"{where}: Δ = dt_transform(inv_dt) is not positive and finite")
+    re = -transform(A_real, re_t, f"{where}.real_transform")  # Re Λ (S, N2)
+    im = -transform(A_imag, im_t, f"{where}.imag_transform")  # Im Λ
+    if not (re < 0).all():
+        raise Unsupported(
+            f"{where}.real_transform = {re_t!r}: Re Λ = {float(re.max()):.3g} ≥ 0 in the checkpoint "
+            "(our S4 keeps Re Λ < 0, stored as log(−Re Λ))"
+        )
+    out = {
+        "log_neg_re": _per_channel(torch.log(-re), H, 0),
+        "im": _per_channel(im, H, 0),
+        "B": torch.view_as_real(_per_channel(_c(Bt[0]), H, 0)),
+        "C": torch.view_as_real(_c(C[0])),
+    }
+    if dt_tied:
+        out["log_dt"] = torch.log(dt[:, 0])
+    else:
+        if kind == "s4":
+            raise Unsupported(f"{where}.dt_tie = False: untied Δ is supported for S4D (diag) only")
+        out["log_dt"] = torch.log(dt)
+    how_dt = f"log Δ = log {dt_t}(inv_dt)" + (" (after sinh: dt_fast)" if opts.get("dt_fast") else "")
+    mp += [
+        ("kernel.log_dt", kp + "inv_dt", how_dt + ("" if dt_tied else ", one Δ per mode (untied)")),
+        (
+            "kernel.log_neg_re",
+            kp + "A_real",
+            f"log(−Re Λ), Re Λ = −{re_t}(A_real); channel h ← SSM h mod {S}",
+        ),
+        ("kernel.im", kp + "A_imag", f"Im Λ = −{im_t}(A_imag); channel h ← SSM h mod {S}"),
+        ("kernel.B", kp + "B", f"B[0]; channel h ← SSM h mod {S}"),
+    ]
+    facts = {"N2": N2, "S": S, "disc": disc, "dt_tied": dt_tied, "rank": 0, "l_kernel": None,
+             "transforms": {"dt": dt_t, "real": re_t, "imag": im_t}}  # fmt: skip
+    if kind == "s4":
+        P = src.take(kp + "P")
+        if P.dim() != 4 or tuple(P.shape[1:]) != (S, N2, 2):
+            raise Unsupported(f"{where}: P has shape {list(P.shape)}, expected [rank, {S}, {N2}, 2]")
+        out["P"] = torch.view_as_real(_per_channel(_c(P), H, 1))
+        facts["rank"] = P.shape[0]
+        L = int(src.take(kp + "l_kernel").item())
+        if L <= 0:
+            raise Unsupported(
+                f"{where}: l_kernel = {L}: the model never ran in conv mode, so C is not yet the "
+                "truncated generating function of any length"
+            )
+        facts["l_kernel"] = L
+        mp += [
+            ("kernel.P", kp + "P", f"P; channel h ← SSM h mod {S}"),
+            ("kernel.C", kp + "C", f"C[0] = C̃ = C̄(I − Ā^L) with this layer's l_kernel L = {L}"),
+            ("config.l_kernel", kp + "l_kernel", "the layer's own kernel length"),
+        ]
+    else:
+        if src.has(kp + "P"):  # SSMKernelDiag does not register P; a P here is a different kernel
+            raise Unsupported(f"{where}: a diagonal kernel with a P tensor ({kp}P)")
+        mp.append(("kernel.C", kp + "C", f"C[0] = C̄ ({disc})"))
+    return {k: v.contiguous() for k, v in out.items()}, facts, mp
+
+
+# ---------------------------------------------------------------------------------------------
+# The official src/ pipeline: SequenceLightningModule (model. / encoder. / decoder.)
+
+
+def _check_backbone(m: dict) -> None:
+    w = "model"
+    _expect(m, "_name_", "model", ("model",), w, "only the isotropic backbone (model) is supported")
+    _expect(m, "prenorm", True, (True,), w, "post-norm blocks are not supported")
+    _expect(m, "transposed", False, (False,), w, "transposed backbones use TransposedLN, not supported")
+    _expect(m, "bidirectional", False, (False,), w, "bidirectional backbones cannot run as a recurrence")
+    res = _opt(m, "residual", "R", w)
+    if not (res in ("R", "residual") or (isinstance(res, dict) and res.get("_name_") in ("R", "residual")
+            and res.get("alpha", 1.0) == 1.0 and res.get("beta", 1.0) == 1.0)):  # fmt: skip
+        raise Unsupported(f"model.residual = {res!r}: only the plain residual 'R' is supported")
+    norm = _opt(m, "norm", "layer", w)
+    if not (norm == "layer" or (isinstance(norm, dict) and norm.get("_name_") == "layer"
+            and set(norm) <= {"_name_", "eps"} and norm.get("eps", LN_EPS) == LN_EPS)):  # fmt: skip
+        raise Unsupported(f"model.norm = {norm!r}: only LayerNorm ('layer', eps 1e-5) is supported")
+    pool = _opt(m, "pool", None, w)
+    if pool is not None and not (
+        isinstance(pool, dict) and pool.get("stride", 1) == 1 and pool.get("expand") is None
+    ):
+        raise Unsupported(f"model.pool = {pool!r}: pooling is not supported in the isotropic backbone")
+
+
+def _check_s4_layer(lc: dict, where: str) -> str:
+    """The S4Block options; returns our kernel kind."""
+    for opt, default, allowed, why in (
+        ("bidirectional", False, (False,), "a two-sided kernel has no recurrence"),
+        ("gate", None, (None,), "gated (GSS) blocks are not supported"),
+        ("bottleneck", None, (None,), "bottleneck (GSS) blocks are not supported"),
+        ("activation", "gelu", ("gelu",), "only GELU is supported"),
+        ("mult_act", None, (None, "id", "identity", "linear", "none"), "only no multiplicative activation"),
+        ("weight_norm", False, (False,), "weight-normalized output layers are not supported"),
+        ("layer", "fftconv", ("fftconv",), "only the FFTConv inner layer is supported"),
+    ):
+        _expect(lc, opt, default, allowed, where, why)
+    final = lc.get("final_act", "glu")
+    if lc.get("postact") is not None:  # the deprecated name (s4block.py swaps them)
+        final = lc["postact"]
+    if final != "glu":
+        raise Unsupported(f"{where}.final_act = {final!r}: only a GLU output layer is supported")
+    mode = lc.get("mode", lc.get("kernel", "dplr"))
+    if mode is None:
+        mode = lc.get("kernel")
+    if mode in ("nplr", "dplr", "s4"):
+        return "s4"
+    if mode in ("diag", "s4d"):
+        return "s4d"
+    raise Unsupported(
+        f"{where}.mode = {mode!r}: only the S4 (nplr/dplr) and S4D (diag) kernels are supported"
+    )
+
+
+def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
+    """A state dict of the official SequenceLightningModule (keys model. / encoder. / decoder.)."""
+    notes: list[str] = []
+    if cfg is None:
+        raise Unsupported(
+            "config: missing. The transforms (dt_transform, real_transform, imag_transform) and the task's "
+            "rescale cannot be inferred from the weights (a trained softplus-Δ model read as exp is off "
+            "by 0.5); pass the run's config.yaml (.hydra/config.yaml) with --config"
+        )
+    sd, implied = _v3_to_v4(sd, notes)
+    src = _Source(sd)
+    m = cfg.get("model")
+    if not isinstance(m, dict):
+        raise Unsupported("config: no 'model' section")
+    _check_backbone(m)
+    layer_cfgs = m.get("layer")
+    layer_cfgs = layer_cfgs if isinstance(layer_cfgs, list) else [layer_cfgs]
+    if not layer_cfgs or not all(isinstance(x, dict) for x in layer_cfgs):
+        raise Unsupported(f"model.layer = {m.get('layer')!r}: expected a layer config or a list of them")
+    names = [x.get("_name_") for x in layer_cfgs]
+    for i, n in enumerate(names):
+        if n not in ("s4", "ffn"):
+            raise Unsupported(f"model.layer[{i}]._name_ = {n!r}: only 's4' and 'ffn' layers are supported")
+    if names not in (["s4"], ["s4", "ffn"]):
+        raise Unsupported(f"model.layer = {names}: only the patterns [s4] and [s4, ffn] are supported")
+
+    idx = sorted({int(mt.group(1)) for k in sd if (mt := re.match(r"model\.layers\.(\d+)\.", k))})
+    if not idx or idx != list(range(len(idx))):
+        raise Unsupported(f"state dict: model.layers indices {idx[:8]} are not 0..n-1")
+    per = len(names)
+    if len(idx) % per:
+        raise Unsupported(f"state dict: {len(idx)} residual blocks is not a multiple of the pattern {names}")
+    n_layers = len(idx) // per
+
+    emb = src.take("encoder.0.weight")
+    V, H = emb.shape
+    tensors: dict[str, torch.Tensor] = {"embed.weight": emb}
+    mp = [("embed.weight", "encoder.0.weight", "the token embedding")]
+    task = cfg.get("task") or {}
+    tname = task.get("_name_")
+    if tname not in ("lm", "multiclass_classification", "base", None):
+        raise Unsupported(
+            f"task._name_ = {tname!r}: only the 'lm' task (and per-token classification) is supported"
+        )
+    rescale = bool(task.get("rescale", True)) if tname == "lm" else False
+    embed_scale = math.sqrt(H) if rescale else 1.0
+    notes.append(f"task {tname!r}: rescale = {rescale} → embed_scale {embed_scale:.6g}")
+    for k, where in ((cfg.get("encoder"), "encoder"), (m.get("encoder"), "model.encoder")):
+        if k not in (None, [], "embedding") and not (isinstance(k, dict) and k.get("_name_") == "embedding"):
+            raise Unsupported(f"{where} = {k!r}: only a token embedding encoder is supported")
+    dec = cfg.get("decoder")
+    if dec not in (None, []) and not (
+        (dec == "sequence" or (isinstance(dec, dict) and dec.get("_name_") == "sequence"))
+        and (not isinstance(dec, dict) or (dec.get("l_output") is None and not dec.get("use_lengths", False)
+             and dec.get("mode", "last") in ("last", "first")))
+    ):  # fmt: skip
+        raise Unsupported(f"decoder = {dec!r}: only a per-token Linear decoder is supported")
+    head_keys = [k for k in sd if k.startswith("decoder.") and k.endswith(".weight")]
+    if len(head_keys) != 1:
+        raise Unsupported(f"decoder: expected one Linear, found weights {head_keys}")
+    hw = head_keys[0]
+    head_w = src.take(hw, (V, H))
+    head_b = src.take(hw[: -len("weight")] + "bias", (V,))
+    tied = bool(task.get("tied", False)) and tname == "lm"
+    if tied and not torch.equal(head_w, emb):
+        raise Unsupported("task.tied = True but the decoder weight differs from the embedding")
+    tensors["head.weight"], tensors["head.bias"] = head_w, head_b
+    mp += [("head.weight", hw, "decoder weight" + (" (tied to the embedding)" if tied else "")),
+           ("head.bias", hw[: -len('weight')] + "bias", "decoder bias")]  # fmt: skip
+
+    d_ff, kinds, l_kernels, facts0 = 0, set(), [], None
+    dt_tied_all = True
+    for i in range(n_layers):
+        j = i * per
+        p = f"model.layers.{j}."
+        lc = layer_cfgs[0]
+        where = "model.layer[0]"
+        kind = _check_s4_layer(lc, where)
+        kinds.add(kind)
+        kp = p + "layer.layer.kernel."
+        opts = dict(lc)
+        for k2, v2 in implied.get(kp, {}).items():
+            if v2 is None and k2 not in lc:
+                raise Unsupported(
+                    f"{where}.{k2}: not in the config, and the version-3 name inv_w_real does not imply it"
+                )
+            opts[k2] = lc[k2] if v2 is None else v2
+        kt, facts, kmp = map_ssm_kernel(src, kp, H, opts, where, kind)
+        q = f"blocks.{i}."
+        for k2, v2 in kt.items():
+            tensors[q + "layer.kernel." + k2] = v2
+        mp += [(q + a if not a.startswith("config.") else a + f"[{i}]", b, c) for a, b, c in kmp]
+        if facts0 is None:
+            facts0 = facts
+        elif (facts["N2"], facts["rank"], facts["disc"]) != (facts0["N2"], facts0["rank"], facts0["disc"]):
+            raise Unsupported(f"{where}: layers differ in d_state, rank or discretization")
+        dt_tied_all &= facts["dt_tied"]
+        l_kernels.append(facts["l_kernel"])
+        D = src.take(p + "layer.layer.D", (1, H))
+        tensors[q + "layer.D"] = D[0]
+        tensors[q + "layer.out.weight"] = src.take(p + "layer.output_linear.0.weight", (2 * H, H))
+        tensors[q + "layer.out.bias"] = src.take(p + "layer.output_linear.0.bias", (2 * H,))
+        tensors[q + "norm.weight"] = src.take(p + "norm.norm.weight", (H,))
+        tensors[q + "norm.bias"] = src.take(p + "norm.norm.bias", (H,))
+        mp += [
+            (q + "layer.D", p + "layer.layer.D", "D[0]"),
+            (q + "layer.out", p + "layer.output_linear.0", "Linear(H, 2H) then GLU"),
+            (q + "norm", p + "norm.norm", "pre-norm LayerNorm"),
+        ]
+        if per == 2:
+            f = f"model.layers.{j + 1}."
+            fc = layer_cfgs[1]
+            fw = "model.layer[1]"
+            _expect(fc, "activation", "gelu", ("gelu",), fw, "only GELU is supported")
+            _expect(fc, "d_output", None, (None, H), fw, "the FF block must map d_model to d_model")
+            _expect(fc, "transposed", False, (False,), fw, "transposed FF blocks are not supported")
+            up = src.take(f + "layer.ff.0.0.weight")
+            if up.dim() != 2 or up.shape[1] != H or (d_ff and up.shape[0] != d_ff):
+                raise Unsupported(f"{fw}: ff.0 weight has shape {list(up.shape)}")
+            d_ff = up.shape[0]
+            tensors[q + "ff.up.weight"] = up
+            tensors[q + "ff.up.bias"] = src.take(f + "layer.ff.0.0.bias", (d_ff,))
+            tensors[q + "ff.down.weight"] = src.take(f + "layer.ff.2.weight", (H, d_ff))
+            tensors[q + "ff.down.bias"] = src.take(f + "layer.ff.2.bias", (H,))
+            tensors[q + "ff_norm.weight"] = src.take(f + "norm.norm.weight", (H,))
+            tensors[q + "ff_norm.bias"] = src.take(f + "norm.norm.bias", (H,))
+            mp += [
+                (q + "ff.up", f + "layer.ff.0.0", "Linear(H, expand·H), GELU"),
+                (q + "ff.down", f + "layer.ff.2", "Linear(expand·H, H)"),
+                (q + "ff_norm", f + "norm.norm", "pre-norm LayerNorm of the [s4, ffn] pattern's ffn block"),
+            ]
+    tensors["norm.weight"] = src.take("model.norm.norm.weight", (H,))
+    tensors["norm.bias"] = src.take("model.norm.norm.bias", (H,))
+    mp.append(("norm", "model.norm.norm", "final LayerNorm"))
+    left = src.leftovers()
+    if left:
+        raise Unsupported(f"state dict: tensors this importer does not understand: {left[:10]}")
+    if len(kinds) != 1:
+        raise Unsupported("model.layer: S4 and S4D layers mixed in one model")
+    kind = kinds.pop()
+    lc = layer_cfgs[0]
+    l_max = lc.get("l_max")
+    if kind == "s4":
+        l_max = l_max if isinstance(l_max, int) and l_max > 0 else max(l_kernels)
+    elif not (isinstance(l_max, int) and l_max > 0):
+        l_max = (
+            int(cfg.get("dataset", {}).get("l_max") or 1024) if isinstance(cfg.get("dataset"), dict) else 1024
+        )
+    l_max += l_max % 2  # ours is even; it is the verification length, the kernels use l_kernel
+    config = {
+        "vocab_size": int(V), "d_model": int(H), "n_layers": n_layers, "d_state": 2 * facts0["N2"],
+        "kernel": kind, "init": "legs", "rank": max(1, facts0["rank"]), "disc": facts0["disc"],
+        "l_max": int(l_max), "d_ff": int(d_ff), "tie_embeddings": tied, "head_bias": True,
+        "embed_scale": float(embed_scale), "l_kernel": l_kernels if kind == "s4" else None,
+        "dt_tied": bool(dt_tied_all), "re_lambda_max": None,
+    }  # fmt: skip
+    config = _drop_defaults(config)
+    notes.append(
+        f"{kind} layers: init {lc.get('init', lc.get('measure'))!r}, n_ssm {facts0['S']}, "
+        f"transforms dt={facts0['transforms']['dt']}, real={facts0['transforms']['real']}, "
+        f"imag={facts0['transforms']['imag']}; disc {facts0['disc']}"
+    )
+    return Imported(config, tensors, mp, notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Standalone models/s4/s4d.py with a JSON description
+
+
+STANDALONE_FIELDS = {"format", "module", "n_layers", "d_model", "d_state", "vocab_size", "prenorm",
+                     "final_norm", "embed_scale", "l_max"}  # fmt: skip
+
+
+def map_standalone(sd: dict[str, torch.Tensor], desc: dict) -> Imported:
+    """example.py's S4Model shape over tokens, built from the standalone S4D module:
+    encoder (Embedding), s4_layers.{i} (S4D), norms.{i} (pre-norm LayerNorm), norm (final LayerNorm),
+    decoder (Linear). `desc`: {"format": "s4-standalone", "module": "s4d", "n_layers", "d_model",
+    "d_state", "vocab_size", "prenorm": true, "final_norm": true, "embed_scale": 1.0, "l_max": 1024}
+    (l_max: the length it was trained at; s4d.py computes its kernel for any length, so it only sets
+    the length our conversion verifies at)."""
+    unknown = set(desc) - STANDALONE_FIELDS
+    if unknown:
+        raise Unsupported(f"description: unknown fields {sorted(unknown)}")
+    if desc.get("module") != "s4d":
+        raise Unsupported(
+            f"description.module = {desc.get('module')!r}: only the standalone 's4d' is supported"
+        )
+    if desc.get("prenorm", True) is not True:
+        raise Unsupported(f"description.prenorm = {desc.get('prenorm')!r}: post-norm is not supported")
+    if desc.get("final_norm", True) is not True:
+        raise Unsupported(
+            f"description.final_norm = {desc.get('final_norm')!r}: a final LayerNorm is required"
+        )
+    try:
+        n_layers, H, N, V = (int(desc[k]) for k in ("n_layers", "d_model", "d_state", "vocab_size"))
+        scale = float(desc.get("embed_scale", 1.0))
+        l_max = int(desc.get("l_max", 1024))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise Unsupported(f"description: missing or invalid field ({exc})") from None
+    if (
+        min(n_layers, H, N, V, l_max) <= 0
+        or N % 2
+        or l_max > 1 << 20
+        or not (math.isfinite(scale) and scale > 0)
+    ):
+        raise Unsupported(f"description: invalid sizes {desc}")
+    N2 = N // 2
+    src = _Source(sd)
+    tensors = {"embed.weight": src.take("encoder.weight", (V, H))}
+    mp = [("embed.weight", "encoder.weight", "the token embedding")]
+    for i in range(n_layers):
+        p, q = f"s4_layers.{i}.", f"blocks.{i}."
+        dt = torch.exp(src.take(p + "kernel.log_dt", (H,)).double())
+        re = -torch.exp(src.take(p + "kernel.log_A_real", (H, N2)).double())
+        tensors |= {
+            q + "layer.kernel.log_dt": torch.log(dt),
+            q + "layer.kernel.log_neg_re": torch.log(-re),
+            q + "layer.kernel.im": src.take(p + "kernel.A_imag", (H, N2)).double(),
+            q + "layer.kernel.B": torch.view_as_real(torch.ones(H, N2, dtype=torch.complex128)),
+            q + "layer.kernel.C": src.take(p + "kernel.C", (H, N2, 2)).double(),
+            q + "layer.D": src.take(p + "D", (H,)),
+            q + "layer.out.weight": src.take(p + "output_linear.0.weight", (2 * H, H, 1))[..., 0],
+            q + "layer.out.bias": src.take(p + "output_linear.0.bias", (2 * H,)),
+            q + "norm.weight": src.take(f"norms.{i}.weight", (H,)),
+            q + "norm.bias": src.take(f"norms.{i}.bias", (H,)),
+        }
+        mp += [
+            (q + "layer.kernel.log_dt", p + "kernel.log_dt", "log Δ (exp)"),
+            (q + "layer.kernel.log_neg_re", p + "kernel.log_A_real", "Re Λ = −exp(log_A_real)"),
+            (q + "layer.kernel.im", p + "kernel.A_imag", "Im Λ = +A_imag (s4d.py's sign)"),
+            (q + "layer.kernel.B", "(none)", "B = 1 (s4d.py has no B)"),
+            (q + "layer.kernel.C", p + "kernel.C", "C̄ (ZOH)"),
+            (q + "layer.D", p + "D", "D"),
+            (q + "layer.out", p + "output_linear.0", "Conv1d(H, 2H, 1) → Linear, then GLU"),
+            (q + "norm", f"norms.{i}", "pre-norm LayerNorm"),
+        ]
+    tensors["norm.weight"] = src.take("norm.weight", (H,))
+    tensors["norm.bias"] = src.take("norm.bias", (H,))
+    tensors["head.weight"] = src.take("decoder.weight", (V, H))
+    tensors["head.bias"] = src.take("decoder.bias", (V,))
+    mp += [("norm", "norm", "final LayerNorm"), ("head", "decoder", "Linear decoder with bias")]
+    left = src.leftovers()
+    if left:
+        raise Unsupported(f"state dict: tensors this importer does not understand: {left[:10]}")
+    config = {
+        "vocab_size": V, "d_model": H, "n_layers": n_layers, "d_state": N, "kernel": "s4d", "init": "legs",
+        "rank": 1, "disc": "zoh", "l_max": l_max + l_max % 2, "d_ff": 0, "tie_embeddings": False,
+        "head_bias": True, "embed_scale": scale, "l_kernel": None, "dt_tied": True, "re_lambda_max": None,
+    }  # fmt: skip
+    config = _drop_defaults(config)
+    return Imported(config, tensors, mp, ["standalone models/s4/s4d.py layers (ZOH, exp transforms)"])
+
+
+def map_official(sd: dict[str, torch.Tensor], cfg: dict | None, kind: str) -> Imported:
+    """(state dict, plain config or description, kind from model.official.reader) → Imported."""
+    if kind == "standalone":
+        return map_standalone(sd, cfg or {})
+    return map_lightning(sd, cfg)

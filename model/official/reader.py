@@ -1,0 +1,225 @@
+"""Read official state-spaces/s4 files without unpickling anything.
+
+A Lightning `.ckpt` is a torch zip archive whose pickle holds the state dict and, under
+`hyper_parameters`, the whole Hydra config as an omegaconf `DictConfig`. It is read with
+`torch.load(weights_only=True)`: the restricted unpickler builds tensors and plain containers only, and
+the few inert globals an official checkpoint holds (with pytorch-lightning 2.0.4 and omegaconf 2.3,
+`torch.serialization.get_unsafe_globals_in_checkpoint` lists exactly `OMEGACONF_GLOBALS` below) are
+mapped to stand-ins defined here, which record the pickled state and are then turned into plain
+dicts and lists. omegaconf itself is never imported. Any other global is refused by the unpickler and
+reported with its name.
+
+A raw pickle (not a zip archive) is refused before torch sees it: torch's legacy loader would run
+its payload before failing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+class OfficialFormatError(ValueError):
+    """The file is not an official checkpoint we can read safely, or it is malformed."""
+
+
+class _Node:
+    """Stand-in for an omegaconf node: NEWOBJ makes it, BUILD hands it the pickled __dict__."""
+
+    def __setstate__(self, state) -> None:
+        if not isinstance(state, dict):
+            raise OfficialFormatError(
+                f"{type(self).__name__}: unexpected pickled state {type(state).__name__}"
+            )
+        self.__dict__.update(state)
+
+
+class _DictConfig(_Node):
+    pass
+
+
+class _ListConfig(_Node):
+    pass
+
+
+class _AnyNode(_Node):
+    pass
+
+
+class _Metadata(_Node):
+    pass
+
+
+class _ContainerMetadata(_Node):
+    pass
+
+
+class _TypeName:
+    """A class object in the config metadata (typing.Any, dict, list, int): kept as its name only."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<type {self.name}>"
+
+
+def _empty_defaultdict(*args) -> dict:
+    """collections.defaultdict(factory) in ContainerMetadata.resolver_cache: an inert empty dict."""
+    return {}
+
+
+OMEGACONF_GLOBALS: list[tuple[Any, str]] = [
+    (_DictConfig, "omegaconf.dictconfig.DictConfig"),
+    (_ListConfig, "omegaconf.listconfig.ListConfig"),
+    (_AnyNode, "omegaconf.nodes.AnyNode"),
+    (_Metadata, "omegaconf.base.Metadata"),
+    (_ContainerMetadata, "omegaconf.base.ContainerMetadata"),
+    (_TypeName("typing.Any"), "typing.Any"),
+    (_empty_defaultdict, "collections.defaultdict"),
+    (_TypeName("dict"), "builtins.dict"),
+    (_TypeName("list"), "builtins.list"),
+    (_TypeName("int"), "builtins.int"),
+]
+
+
+def to_plain(obj: Any) -> Any:  # noqa: PLR0911
+    """Stand-in omegaconf nodes → plain dicts, lists and values (interpolations stay strings)."""
+    if isinstance(obj, (_DictConfig, _ListConfig)):
+        content = obj.__dict__.get("_content")
+        if isinstance(content, dict):
+            return {str(k): to_plain(v) for k, v in content.items()}
+        if isinstance(content, list):
+            return [to_plain(v) for v in content]
+        return content  # None (a null container), or a string: '???' (missing) or an interpolation
+    if isinstance(obj, _AnyNode):
+        return to_plain(obj.__dict__.get("_val"))
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, _Node | _TypeName):
+        raise OfficialFormatError(f"unexpected omegaconf object {type(obj).__name__} in the config")
+    return obj
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """torch.load(weights_only=True) of a torch zip archive, with only the omegaconf stand-ins allowed.
+    Raises OfficialFormatError naming the file and, for a refused global, its name."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != ZIP_MAGIC:
+        raise OfficialFormatError(
+            f"{path}: not a torch zip archive (first bytes {head!r}); a raw pickle is refused without "
+            "being loaded (loading it could run code)"
+        )
+    try:
+        with torch.serialization.safe_globals(OMEGACONF_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except Exception as exc:  # the unpickler's own errors: UnpicklingError, RuntimeError, ...
+        msg = str(exc)
+        m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"unrecognized function ([^\s]+)", msg)
+        what = f"it holds {m.group(1)}, which is not allowed" if m else msg.splitlines()[0][:300]
+        raise OfficialFormatError(f"{path}: refused by the safe loader: {what}") from None
+    return to_plain(obj)
+
+
+def _resolve(cfg: dict, value: Any, root: dict, depth: int = 0) -> Any:
+    """Resolve the simple interpolations the official configs use: ${a.b} and ${oc.select:a.b,default}.
+    Anything else stays an unresolved string (and is refused if an option we need holds it)."""
+    if isinstance(value, dict):
+        return {k: _resolve(cfg, v, root, depth) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_resolve(cfg, v, root, depth) for v in value]
+    if not (isinstance(value, str) and value.startswith("${") and value.endswith("}")) or depth > 8:
+        return value
+    inner = value[2:-1]
+    default: Any = value
+    if inner.startswith("oc.select:"):
+        inner, _, d = inner[len("oc.select:") :].partition(",")
+        default = None if d.strip() in ("", "null") else yaml.safe_load(d)
+    node: Any = root
+    for part in inner.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return _resolve(cfg, node, root, depth + 1)
+
+
+def resolve_config(cfg: dict) -> dict:
+    return _resolve(cfg, cfg, cfg)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A Hydra config.yaml (yaml.safe_load: plain data only)."""
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise OfficialFormatError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise OfficialFormatError(f"{path}: expected a mapping at the top level")
+    return cfg
+
+
+def read_json(path: str | Path) -> dict:
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OfficialFormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise OfficialFormatError(f"{path}: expected a JSON object")
+    return cfg
+
+
+def find_config(src: Path) -> Path | None:
+    """The run config beside a .pt: SRC.yaml, SRC.json, config.yaml, .hydra/config.yaml."""
+    for cand in (src.with_suffix(".yaml"), src.with_suffix(".json"), src.parent / "config.yaml",
+                 src.parent / ".hydra" / "config.yaml"):  # fmt: skip
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _tensors(sd: Any, where: str) -> dict[str, torch.Tensor]:
+    if not isinstance(sd, dict) or not sd:
+        raise OfficialFormatError(f"{where}: expected a non-empty state dict, got {type(sd).__name__}")
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise OfficialFormatError(f"{where}: entries that are not named tensors: {bad[:5]}")
+    return dict(sd)
+
+
+def read_source(src: str | Path, config: str | Path | None = None) -> tuple[dict, dict | None, str]:
+    """(state dict, plain config or None, kind) from an official file.
+
+    kind: "lightning" (a .ckpt: its own hyper_parameters, unless `config` is given), "state_dict" (a
+    .pt state dict; config from `config` or found beside it), "standalone" (a state dict of the
+    standalone models/s4 modules with a JSON description; see model.official.mapping)."""
+    src = Path(src)
+    if not src.is_file():
+        raise OfficialFormatError(f"{src}: no such file")
+    obj = safe_torch_load(src)
+    cfg_path = Path(config) if config is not None else None
+    if isinstance(obj, dict) and "state_dict" in obj:
+        sd = _tensors(obj["state_dict"], f"{src}: state_dict")
+        hp = obj.get("hyper_parameters")
+        cfg = read_yaml(cfg_path) if cfg_path else (hp if isinstance(hp, dict) and hp else None)
+        kind = "lightning"
+    else:
+        sd = _tensors(obj, str(src))
+        cfg_path = cfg_path or find_config(src)
+        cfg = None
+        if cfg_path is not None:
+            cfg = read_json(cfg_path) if cfg_path.suffix == ".json" else read_yaml(cfg_path)
+        kind = (
+            "standalone" if isinstance(cfg, dict) and cfg.get("format") == "s4-standalone" else "state_dict"
+        )
+    return sd, (resolve_config(cfg) if cfg is not None else None), kind

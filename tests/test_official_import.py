@@ -1,0 +1,315 @@
+"""Importing checkpoints trained with the official state-spaces/s4 code (model.official, model.convert).
+
+The fixtures under tests/fixtures/official/ were made by the official code itself (e757cef; see
+make_fixtures.py there), with its own float64 outputs: the official recurrence (setup_step + step),
+its conv forward at a length where it does not truncate, and each layer's kernel. Tolerances (issue 13):
+kernels ≤ 1e-12 in float64; conv logits ≤ 1e-5 relative to the official float64; recurrent prefill +
+step ≤ 1e-5 (float32). Relative error: max |ours − official| / max |official|.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import load
+from model.convert import ConvertError, build, convert
+from model.official.mapping import Unsupported, map_official
+from model.official.reader import OfficialFormatError, read_source, safe_torch_load
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "tests" / "fixtures" / "official"
+F64 = torch.float64
+
+CASES = {  # name: (source, config or None)
+    "s4_softplus": ("s4_softplus.ckpt", None),
+    "s4d_zoh": ("s4d_zoh.pt", None),  # s4d_zoh.yaml beside it
+    "s4_fout": ("s4_fout.ckpt", None),
+    "s4_v3": ("s4_v3.pt", None),  # s4_v3.yaml beside it
+    "s4d_standalone": ("s4d_standalone.pt", None),  # s4d_standalone.json beside it
+    "s4_bytes": ("s4_bytes.ckpt", None),  # vocab 256, served in tests/test_server_official.py
+    "s4d_transforms": ("s4d_transforms.ckpt", None),  # relu / softplus / sigmoid + dt_fast, bilinear, tied
+    "s4_legt": ("s4_legt.ckpt", None),  # rank 2, softplus Re Λ, n_ssm 4, no rescale
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def imported(name):
+    src, cfg = CASES[name]
+    return map_official(*read_source(FIX / src, cfg))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_imported_kernels_equal_the_official_kernels_in_float64(name):
+    ref = load_file(str(FIX / f"{name}.ref.safetensors"))
+    net = build(imported(name), F64)
+    for i, k in enumerate(net.kernels()):
+        want = ref[f"kernel.{i}"]
+        got = k(want.shape[1], dtype=F64, backend="torch")
+        assert rel(got, want) <= 1e-12, (name, i, rel(got, want))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_imported_conv_logits_equal_the_official_float64(name):
+    ref = load_file(str(FIX / f"{name}.ref.safetensors"))
+    tokens, T0 = ref["tokens"], ref["logits_conv"].shape[1]
+    net = build(imported(name))  # float32, as served
+    with torch.no_grad():
+        assert rel(net(tokens[:, :T0]), ref["logits_conv"]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_imported_conv_mode_past_the_trained_length_equals_the_official_recurrence(name):
+    """The official recurrence remembers forever; our conv mode computes the kernel for the length given."""
+    ref = load_file(str(FIX / f"{name}.ref.safetensors"))
+    net = build(imported(name))
+    with torch.no_grad():
+        assert rel(net(ref["tokens"]), ref["logits_step"]) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_imported_recurrent_prefill_and_step_equal_the_official_recurrence(name):
+    ref = load_file(str(FIX / f"{name}.ref.safetensors"))
+    tokens = ref["tokens"]
+    rec = build(imported(name)).to_recurrent()  # float32, verified
+    n0 = 7  # prefill a prompt, then step token by token past the trained length
+    logits, state = rec.prefill(tokens[:, :n0], rec.init_state(tokens.shape[0]))
+    out = [logits]
+    for t in range(n0, tokens.shape[1]):
+        lt, state = rec.step(tokens[:, t], state)
+        out.append(lt[:, None])
+    assert rel(torch.cat(out, 1), ref["logits_step"]) <= 1e-5
+
+
+def test_convert_cli_writes_a_checkpoint_with_a_model_card(tmp_path):
+    out = tmp_path / "ck"
+    r = subprocess.run(
+        [sys.executable, "-m", "model.convert", str(FIX / "s4d_standalone.pt"), str(out), "--name", "x"],
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    net = load(out)
+    ref = load_file(str(FIX / "s4d_standalone.ref.safetensors"))
+    with torch.no_grad():
+        assert rel(net(ref["tokens"]), ref["logits_step"]) <= 1e-5
+    card = (out / "README.md").read_text()
+    import hashlib
+
+    sha = hashlib.sha256((FIX / "s4d_standalone.pt").read_bytes()).hexdigest()
+    assert "# x\n" in card and sha in card
+    assert "`blocks.1.layer.kernel.im` | `s4_layers.1.kernel.A_imag`" in card  # the mapping
+    assert "recurrent prefill + step logits (float32): max rel. error" in card  # the verification
+
+
+def test_config_is_read_without_omegaconf_as_plain_data():
+    code = (
+        "import sys; sys.modules['omegaconf'] = None\n"  # importing omegaconf would fail
+        "from model.official.reader import read_source\n"
+        f"sd, cfg, kind = read_source({str(FIX / 's4_softplus.ckpt')!r})\n"
+        "layer = cfg['model']['layer']\n"
+        "assert kind == 'lightning' and type(cfg) is dict and type(layer) is list, (kind, type(cfg))\n"
+        "assert layer[0]['dt_transform'] == 'softplus' and layer[0]['n_ssm'] == 2, layer[0]\n"
+        "assert layer[1]['_name_'] == 'ffn' and cfg['task']['rescale'] is True\n"
+        "assert cfg['model']['pool'] == {'_name_': 'pool', 'stride': 1, 'expand': None}\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing is unpickled
+
+
+class _Payload:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _run_convert(src: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "model.convert", str(src), str(out)],
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+
+
+def test_a_raw_pickle_is_refused_unread_and_the_converter_exits_non_zero(tmp_path):
+    marker = tmp_path / "PWNED"
+    src = tmp_path / "evil.ckpt"
+    src.write_bytes(pickle.dumps({"state_dict": _Payload(marker), "hyper_parameters": {}}))
+    r = _run_convert(src, tmp_path / "out")
+    assert r.returncode != 0
+    assert "raw pickle is refused" in r.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_torch_zip_with_a_code_global_is_refused_naming_it(tmp_path):
+    marker = tmp_path / "PWNED"
+    src = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": _Payload(marker)}, src)
+    r = _run_convert(src, tmp_path / "out")
+    assert r.returncode != 0
+    assert "it holds getattr, which is not allowed" in r.stderr, r.stderr  # Path.touch pickles as getattr
+    assert not marker.exists()
+    with pytest.raises(OfficialFormatError, match="not allowed"):
+        safe_torch_load(src)
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals: exit non-zero naming the option and its value
+
+
+def _lightning(name="s4_softplus.ckpt"):
+    sd, cfg, kind = read_source(FIX / name)
+    return dict(sd), copy.deepcopy(cfg), kind
+
+
+def _set(cfg, path, value):
+    node = cfg
+    for p in path[:-1]:
+        node = node[p]
+    node[path[-1]] = value
+
+
+REFUSALS = [  # (fixture, config path, value, message)
+    ("s4_softplus.ckpt", ("model", "layer", 0, "bidirectional"), True, r"bidirectional = True"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "channels"), 2, r"channels = 2"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "gate"), 4, r"gate = 4.*GSS"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "bottleneck"), 4, r"bottleneck = 4.*GSS"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "final_act"), "id", r"final_act = 'id'"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "activation"), "relu", r"activation = 'relu'"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "mult_act"), "gelu", r"mult_act = 'gelu'"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "mode"), "dense", r"mode = 'dense'"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "weight_norm"), True, r"weight_norm = True"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "bandlimit"), 0.5, r"bandlimit = 0.5"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "dt_transform"), "tanh", r"dt_transform = 'tanh'"),
+    ("s4_softplus.ckpt", ("model", "layer", 1, "activation"), "relu", r"activation = 'relu'"),
+    ("s4_softplus.ckpt", ("model", "prenorm"), False, r"prenorm = False.*post-norm"),
+    ("s4_softplus.ckpt", ("model", "transposed"), True, r"transposed = True"),
+    ("s4_softplus.ckpt", ("model", "bidirectional"), True, r"model.bidirectional = True"),
+    ("s4_softplus.ckpt", ("model", "_name_"), "sashimi", r"_name_ = 'sashimi'"),
+    ("s4_softplus.ckpt", ("model", "norm"), "batch", r"norm = 'batch'"),
+    ("s4_softplus.ckpt", ("model", "residual"), "F", r"residual = 'F'"),
+    ("s4_softplus.ckpt", ("task", "_name_"), "adaptivelm", r"task._name_ = 'adaptivelm'"),
+    ("s4_softplus.ckpt", ("encoder",), "position", r"encoder = 'position'"),
+    ("s4_softplus.ckpt", ("decoder",), {"_name_": "sequence", "mode": "pool"}, r"decoder = .*pool"),
+    ("s4d_zoh.pt", ("model", "layer", 0, "disc"), "dss", r"disc = 'dss'"),
+    ("s4d_zoh.pt", ("model", "layer", 0, "is_real"), True, r"is_real = True"),
+]
+
+
+@pytest.mark.parametrize(("fixture", "path", "value", "message"), REFUSALS, ids=[r[3][:24] for r in REFUSALS])
+def test_unsupported_options_are_refused_by_name(fixture, path, value, message):
+    sd, cfg, kind = _lightning(fixture)
+    _set(cfg, path, value)
+    with pytest.raises(Unsupported, match=message):
+        map_official(sd, cfg, kind)
+
+
+def test_the_bidirectional_fixture_is_refused_by_the_converter(tmp_path):
+    r = _run_convert(FIX / "s4_bidirectional.ckpt", tmp_path / "out")
+    assert r.returncode == 2 and "bidirectional = True" in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_config_is_refused_since_transforms_cannot_be_inferred():
+    sd, _, _ = _lightning()
+    with pytest.raises(Unsupported, match="config: missing.*dt_transform"):
+        map_official(sd, None, "lightning")
+
+
+def test_every_tensor_is_consumed_or_the_import_is_refused():
+    sd, cfg, kind = _lightning()
+    sd["model.layers.0.layer.layer.kernel.extra_gain"] = torch.ones(8)
+    with pytest.raises(Unsupported, match="extra_gain"):
+        map_official(sd, cfg, kind)
+    sd, cfg, kind = _lightning()
+    del sd["decoder.0.bias"]
+    with pytest.raises(Unsupported, match=r"decoder\.0\.bias.*missing"):
+        map_official(sd, cfg, kind)
+
+
+def test_re_lambda_at_or_above_zero_is_refused_with_the_transform_named():
+    sd, cfg, kind = _lightning()
+    cfg["model"]["layer"][0]["real_transform"] = "none"  # A_real as stored: Re Λ = −A_real
+    sd["model.layers.0.layer.layer.kernel.A_real"] = -sd["model.layers.0.layer.layer.kernel.A_real"].abs()
+    with pytest.raises(Unsupported, match=r"real_transform = 'none'.*Re Λ"):
+        map_official(sd, cfg, kind)
+
+
+def test_untied_dt_in_a_dplr_layer_is_refused():
+    sd, cfg, kind = _lightning()
+    key = "model.layers.0.layer.layer.kernel.inv_dt"
+    sd[key] = sd[key].expand(8, 4).clone()
+    with pytest.raises(Unsupported, match="dt_tie = False"):
+        map_official(sd, cfg, kind)
+
+
+def test_reading_softplus_as_exp_would_be_wrong_so_the_config_matters():
+    """A softplus-Δ model read as exp (the class default) gives another kernel: why a config is required.
+    Here the error is 6.5e-2 (Δ near its 1e-3..1e-1 init, where softplus⁻¹ ≈ log); trained models
+    measure 0.5 (issue 13). The import tolerance is 1e-12."""
+    sd, cfg, kind = _lightning()
+    ref = load_file(str(FIX / "s4_softplus.ref.safetensors"))["kernel.0"]
+    cfg["model"]["layer"][0]["dt_transform"] = "exp"
+    net = build(map_official(sd, cfg, kind), F64)
+    assert rel(net.kernels()[0](ref.shape[1], dtype=F64, backend="torch"), ref) > 1e-2
+
+
+def test_convert_raises_convert_error_for_an_unreadable_source(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(ConvertError, match="refused by the safe loader"):
+        convert(bad, tmp_path / "out")
+
+
+def test_a_pt_without_its_config_is_refused_by_the_converter(tmp_path):
+    src = tmp_path / "run.pt"
+    src.write_bytes((FIX / "s4_v3.pt").read_bytes())  # no run.yaml / config.yaml beside it
+    r = _run_convert(src, tmp_path / "out")
+    assert r.returncode == 2 and "config: missing" in r.stderr, r.stderr
+
+
+def test_version_3_inv_w_real_needs_the_real_transform_from_the_config():
+    """log_w_real names its transform (exp); inv_w_real does not: its config must say."""
+    sd, cfg, kind = read_source(FIX / "s4_v3.pt")
+    sd = {
+        k.replace("log_w_real", "inv_w_real"): (v.double().exp() if "w_real" in k else v)
+        for k, v in sd.items()
+    }
+    with pytest.raises(Unsupported, match="real_transform"):
+        map_official(sd, copy.deepcopy(cfg), kind)
+    cfg["model"]["layer"][0]["real_transform"] = "none"  # inv_w_real = −Re Λ, as stored above
+    ref = load_file(str(FIX / "s4_v3.ref.safetensors"))["kernel.0"]
+    net = build(map_official(sd, cfg, kind), F64)
+    assert rel(net.kernels()[0](ref.shape[1], dtype=F64, backend="torch"), ref) <= 1e-12
+
+
+def test_the_config_flag_names_the_run_config_of_a_pt(tmp_path):
+    src = tmp_path / "model.pt"
+    src.write_bytes((FIX / "s4d_zoh.pt").read_bytes())
+    cfg = tmp_path / "elsewhere.yaml"
+    cfg.write_text((FIX / "s4d_zoh.yaml").read_text())
+    with pytest.raises(ConvertError, match="config: missing"):
+        convert(src, tmp_path / "no-config")
+    convert(src, tmp_path / "out", config=cfg)
+    ref = load_file(str(FIX / "s4d_zoh.ref.safetensors"))
+    with torch.no_grad():
+        assert rel(load(tmp_path / "out")(ref["tokens"]), ref["logits_step"]) <= 1e-5
