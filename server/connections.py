@@ -34,6 +34,7 @@ import asyncio
 import functools
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 import uvicorn
@@ -58,16 +59,25 @@ class ConnectionGuard:
     closed: Counter | None = None  # labels: reason
     refused: Counter | None = None  # labels: reason
     connections: set = field(default_factory=set)  # uvicorn's open connections (set when the first opens)
+    last_warning: float = -float("inf")  # time.monotonic() of the last refusal logged as a warning
 
     def count_closed(self, reason: str) -> None:
-        log.info("connection closed: %s", reason)
+        log.debug("connection closed: %s", reason)  # the metric is the signal: an attack makes thousands
         if self.closed is not None:
             self.closed.labels(reason).inc()
 
     def count_refused(self, reason: str) -> None:
-        log.warning("connection refused: %s (%d open)", reason, len(self.connections))
+        now = time.monotonic()
+        if now - self.last_warning >= WARN_EVERY_S:
+            self.last_warning = now
+            log.warning("connection refused: %s (%d open; at most one warning per %.0f s, every refusal "
+                        "counted in s4_connections_refused_total)", reason, len(self.connections),
+                        WARN_EVERY_S)  # fmt: skip
         if self.refused is not None:
             self.refused.labels(reason).inc()
+
+
+WARN_EVERY_S = 60.0
 
 
 def error_response(status: int, message: str, retry_after: float | None = None) -> bytes:
