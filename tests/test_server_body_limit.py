@@ -340,3 +340,20 @@ def test_websocket_audio_prompts_are_counted_before_they_are_converted(server):
     assert over_frame["code"] == 413 and over_frame["param"] == "audio"
     assert over_prompt["code"] == 413 and over_prompt["param"] == "prompt_audio"
     assert appended["type"] == "appended" and appended["usage"]["prompt_tokens"] == limit
+
+
+def test_the_default_body_limit_admits_the_largest_legitimate_requests():
+    """What the README says: at the default S4_MAX_PROMPT_TOKENS, a text prompt of nothing but
+    control characters (6 bytes each in JSON), and the same number of tokens as a 48 kHz 16-bit
+    stereo WAV in base64, both fit S4_MAX_BODY_BYTES with room to spare (session imports have their
+    own bound: the test above)."""
+    from server import Settings, media
+
+    s = Settings()
+    n = s.max_prompt_tokens
+    text = json.dumps({"model": "text-shakespeare", "prompt": "\x01" * n, "max_new_tokens": s.max_new_tokens})
+    assert len(text) > 6 * n and 4 * len(text) < s.max_body_bytes  # 48 KiB
+    wav = _wav(n * 48000 // 8000, 48000, channels=2)
+    assert media.wav_tokens(wav, 8000) == n
+    audio = json.dumps({"model": "audio-digits", "prompt_audio": b64(wav)})
+    assert 8 * len(audio) < s.max_body_bytes  # 256 KiB
