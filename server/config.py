@@ -74,6 +74,9 @@ class Settings(BaseSettings):
         description="largest HTTP request body, counted as it arrives (else 413 and the connection is "
         "closed); a session import may also be as large as the largest state blob + 1 MiB",
     )
+    max_header_bytes: int = Field(
+        1 << 16, ge=1024, description="largest request line + headers (else 431 and the connection is closed)"
+    )
     header_timeout_s: float = Field(
         10.0,
         gt=0,

@@ -20,6 +20,8 @@ and its websockets (sans-I/O) protocol are subclassed, and `uvicorn_config` puts
   server has more for it than the transport buffers (64 KiB past the kernel's socket buffers) is cut
   off (its generation is cancelled and its slot freed: a client that stopped reading would otherwise
   hold a paused session for ever).
+- **header size**: a request line and headers over `max_header_bytes` are answered 431 and the
+  connection closed (`s4_requests_refused_total{reason="headers_too_large"}`).
 - **connections**: at most `max_connections` open (HTTP and WebSocket); one more is answered 503 and
   closed when accepted, before it is read.
 
@@ -56,8 +58,10 @@ class ConnectionGuard:
     ws_handshake_timeout_s: float
     send_timeout_s: float
     max_connections: int
+    max_header_bytes: int = 1 << 16
     closed: Counter | None = None  # labels: reason
     refused: Counter | None = None  # labels: reason
+    requests_refused: Counter | None = None  # labels: reason
     connections: set = field(default_factory=set)  # uvicorn's open connections (set when the first opens)
     last_warning: float = -float("inf")  # time.monotonic() of the last refusal logged as a warning
 
@@ -65,6 +69,10 @@ class ConnectionGuard:
         log.debug("connection closed: %s", reason)  # the metric is the signal: an attack makes thousands
         if self.closed is not None:
             self.closed.labels(reason).inc()
+
+    def count_request_refused(self, reason: str) -> None:
+        if self.requests_refused is not None:
+            self.requests_refused.labels(reason).inc()
 
     def count_refused(self, reason: str) -> None:
         now = time.monotonic()
@@ -131,6 +139,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.guard = guard
         self.deadline: asyncio.TimerHandle | None = None
         self.partial_request = False  # bytes of a request whose headers are not complete yet
+        self.header_bytes = 0  # of the request whose headers are not complete yet (see data_received)
         self.send_deadline = SendDeadline(self, guard)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -164,14 +173,27 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.deadline is None and not self._in_progress():  # these bytes begin a request
             self.partial_request = True
             self._arm(self.guard.header_timeout_s, "header_timeout")
+        within_headers = self.partial_request
         super().data_received(data)
+        # httptools has no limit on a request line or a header (and copies a long header value
+        # quadratically): count the reads that begin and end inside the headers (a read that also
+        # holds the end of the previous request is not counted: at most one read, 256 KiB)
+        if within_headers and self.partial_request and not self.transport.is_closing():
+            self.header_bytes += len(data)
+            if self.header_bytes > self.guard.max_header_bytes:
+                self._disarm()
+                self.guard.count_request_refused("headers_too_large")
+                limit = self.guard.max_header_bytes
+                msg = f"the request line and headers are larger than {limit} bytes (max_header_bytes)"
+                self.transport.write(error_response(431, msg))
+                self.transport.close()
 
     def on_message_begin(self) -> None:
         self.partial_request = True
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
-        self.partial_request = False
+        self.partial_request, self.header_bytes = False, 0
         super().on_headers_complete()
         if self.pipeline and self.pipeline[0][0] is self.cycle:
             self._disarm()  # queued behind a running request: its body is read when its turn comes
@@ -305,8 +327,10 @@ def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
         ws_handshake_timeout_s=settings.ws_handshake_timeout_s,
         send_timeout_s=settings.send_timeout_s,
         max_connections=settings.max_connections,
+        max_header_bytes=settings.max_header_bytes,
         closed=metrics.connections_closed if metrics is not None else None,
         refused=metrics.connections_refused if metrics is not None else None,
+        requests_refused=metrics.requests_refused if metrics is not None else None,
     )
     if metrics is not None:
         metrics.connections_open.set_function(lambda: len(guard.connections))

@@ -52,7 +52,8 @@ class Metrics:
         self.connections_refused = Counter("s4_connections_refused", "Connections refused when accepted: "
                                            "max_connections", ["reason"], registry=r)  # fmt: skip
         self.requests_refused = Counter("s4_requests_refused", "Requests refused before routing: "
-                                        "body_too_large", ["reason"], registry=r)  # fmt: skip
+                                        "body_too_large, headers_too_large", ["reason"],
+                                        registry=r)  # fmt: skip
 
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self, model)

@@ -366,3 +366,27 @@ def test_a_connection_answered_before_its_body_came_is_still_closed_when_idle(sl
         c.closed_after is not None
         and 1.0 + KEEP_ALIVE_S - 0.1 <= c.closed_after <= 1.0 + KEEP_ALIVE_S + LATE_S
     )
+
+
+def test_a_request_line_or_headers_over_the_limit_are_refused_with_431(slow_server):
+    """httptools takes a request line or a header of any size (a long header value is copied
+    quadratically as it grows): over S4_MAX_HEADER_BYTES (64 KiB) the server answers 431 and closes,
+    within 256 KiB of the limit (one read), and a header just under the limit is served."""
+    url, port = slow_server
+    before = counters(url, "s4_requests_refused_total").get("headers_too_large", 0)
+    for start in (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ", b"GET /healthz?"):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(start)
+            sent = 0
+            try:
+                while sent < 64 << 20:
+                    s.sendall(b"a" * (64 << 10))
+                    sent += 64 << 10
+            except OSError:  # closed under us
+                pass
+            got = _read_all(s, timeout=5)
+        assert got.startswith(b"HTTP/1.1 431 ") and b"max_header_bytes" in got, got[:100]
+        assert sent < 32 << 20, sent  # refused long before 64 MiB (kernel buffers hold some MiB)
+    ok = httpx.get(url + "/healthz", headers={"X-Big": "a" * 60_000}, timeout=10)
+    assert ok.status_code == 200
+    assert counters(url, "s4_requests_refused_total")["headers_too_large"] - before == 2
