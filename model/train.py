@@ -245,13 +245,23 @@ def load_state(out: Path, net: nn.Module, opt: torch.optim.Optimizer, device) ->
 
 
 class Progress:
-    """One status line: step, loss, tokens/s, ETA. Redrawn on a terminal, printed every
-    `every` steps otherwise (logs)."""
+    """One status line: step, loss, tokens/s, the last validation, ETA. Redrawn on a terminal,
+    printed every `every` steps otherwise (logs); each periodic validation also gets a line."""
 
     def __init__(self, total: int, start: int, every: int, enabled: bool):
         self.total, self.start, self.every, self.enabled = total, start, every, enabled
         self.t0 = time.perf_counter()
         self.tty = sys.stderr.isatty()
+        self.val: float | None = None  # bits per token of the last periodic validation
+
+    def validated(self, step: int, ev: dict) -> None:
+        """A periodic validation after `step` (0-based): its own line, and the status line's `val`."""
+        self.val = ev["bits_per_token"]
+        if not self.enabled:
+            return
+        n = ev["tokens"]
+        line = f"step {step + 1}/{self.total} validation: {self.val:.4f} bits/token over {n:,} tokens"
+        print(("\r\033[K" if self.tty else "") + line, file=sys.stderr, flush=True)
 
     def update(self, step: int, loss: float, tok_s: float) -> None:
         if not self.enabled:
@@ -260,7 +270,8 @@ class Progress:
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / done * (self.total - step - 1)
         bar = "#" * int(20 * (step + 1) / self.total)
-        line = (f"[{bar:<20}] {step + 1}/{self.total} loss {loss:.4f} {tok_s:,.0f} tok/s "
+        val = "" if self.val is None else f" val {self.val:.4f} bits"
+        line = (f"[{bar:<20}] {step + 1}/{self.total} loss {loss:.4f}{val} {tok_s:,.0f} tok/s "
                 f"elapsed {_hms(elapsed)} eta {_hms(eta)}")  # fmt: skip
         if self.tty:
             print("\r" + line, end="", file=sys.stderr, flush=True)
@@ -270,6 +281,16 @@ class Progress:
     def close(self) -> None:
         if self.enabled and self.tty:
             print(file=sys.stderr)
+
+
+def describe_split(data: Dataset, split: np.ndarray) -> str:
+    """The training split in its own units: text tokens (bytes), or audio clips and their samples."""
+    if data.kind == "audio":
+        clips, n = split.shape
+        rate = data.meta["sample_rate"]
+        hours = clips * n / rate / 3600
+        return f"{clips:,} train clips of {n:,} samples ({clips * n:,} tokens, {hours:.2f} h)"
+    return f"{len(split):,} train tokens"
 
 
 def _hms(s: float) -> str:
@@ -322,8 +343,8 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     n_params = sum(p.numel() for p in net.parameters())
     if main_proc and start == 0 and dump_grads is None:
-        print(f"{n_params:,} parameters, {world} process(es) on {device}, data {data.kind} "
-              f"{len(train_split):,} train tokens", file=sys.stderr)  # fmt: skip
+        print(f"{n_params:,} parameters, {world} process(es) on {device}, data {data.kind}: "
+              f"{describe_split(data, train_split)}", file=sys.stderr)  # fmt: skip
 
     log = (out / "log.jsonl").open("a") if main_proc and dump_grads is None else None
     progress = Progress(tcfg.steps, start, tcfg.log_every, main_proc and dump_grads is None)
@@ -360,6 +381,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
         if tcfg.eval_every and ((step + 1) % tcfg.eval_every == 0 or last) and main_proc:
             ev = evaluate(net, data, val_split, dcfg.seq_len, dcfg.batch_size, dcfg.eval_stride,
                           tcfg.eval_tokens, device)  # fmt: skip
+            progress.validated(step, ev)
             if log:
                 log.write(json.dumps({"step": step + 1, "val": ev}) + "\n")
                 log.flush()

@@ -1,7 +1,9 @@
-"""A WebSocket client for /v1/stream: one generation, text to stdout as it arrives, the done frame
-(finish_reason, usage) to stderr as JSON. Exit status 1 on an error frame.
+"""A WebSocket client for /v1/stream: one generation, text to stdout as it arrives (an audio model's
+samples: raw s16le bytes), the done frame (finish_reason, usage) to stderr as JSON. Exit status 1 on
+an error frame. An empty prompt sends none (an audio model then starts from its silence).
 
     python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "ROMEO:" --max-new-tokens 200 --seed 1
+    python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "" --model audio-digits > out.s16le
 
 With API keys on the server, pass `--api-key KEY` or set S4_API_KEY (sent as `Authorization: Bearer`).
 """
@@ -20,9 +22,13 @@ async def generate(
 ) -> int:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     async with websockets.connect(url, additional_headers=headers) as ws:
-        await ws.send(json.dumps({"type": "generate", "model": model, "prompt": prompt,
-                                  "max_new_tokens": max_new_tokens, "seed": seed}))  # fmt: skip
+        msg = {"type": "generate", "model": model, "max_new_tokens": max_new_tokens, "seed": seed}
+        await ws.send(json.dumps(msg | ({"prompt": prompt} if prompt else {})))
         async for frame in ws:
+            if isinstance(frame, bytes):  # an audio model's samples
+                sys.stdout.buffer.write(frame)
+                sys.stdout.buffer.flush()
+                continue
             msg = json.loads(frame)
             if msg["type"] == "token":
                 print(msg["text"], end="", flush=True)

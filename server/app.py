@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
@@ -127,6 +128,7 @@ class ServerState:
 
 
 STORE_FLUSH_TIMEOUT_S = 10.0
+DOCS_ASSETS = "/static-offline-docs"  # swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js, favicon
 
 
 def _persister(model: ServedModel, writer: StoreWriter):
@@ -168,7 +170,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await state.shutdown()
             loading.cancel()
 
-    app = FastAPI(
+    # /docs and /redoc load Swagger UI and ReDoc from the server (the fastapi-offline package's copies,
+    # under DOCS_ASSETS), not from a CDN: they work offline.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
         title="s4serve",
         version="0.1.0",
         summary="Streaming inference for S4 state-space language models (text and audio)",

@@ -41,8 +41,19 @@ class Settings(BaseSettings):
     session_ttl_s: float = Field(
         600.0, gt=0, description="an idle session is deleted after this many seconds"
     )
-    max_prompt_tokens: int = Field(8192, ge=1, description="longest prompt (or append) in tokens (else 413)")
-    max_new_tokens: int = Field(4096, ge=1, description="largest max_new_tokens a request may ask for")
+    max_prompt_tokens: int = Field(
+        8192, ge=1, description="text models: longest prompt (or append) in tokens (else 413)"
+    )
+    max_new_tokens: int = Field(
+        4096, ge=1, description="text models: largest max_new_tokens a request may ask for"
+    )
+    max_audio_s: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="audio models: longest prompt (or append; else 413) and largest max_new_tokens, in "
+        "seconds at the model's sample rate (30 s at 8 kHz: 240,000 samples)",
+    )
     max_queued_requests: int = Field(
         256, ge=1, description="requests admitted but not yet decoding, per model (else 429)"
     )
@@ -69,7 +80,7 @@ class Settings(BaseSettings):
         description="largest WebSocket message accepted, fragments together (else close 1009)",
     )
     max_body_bytes: int = Field(
-        4 << 20,
+        16 << 20,
         ge=1024,
         description="largest HTTP request body, counted as it arrives (else 413 and the connection is "
         "closed); a session import may also be as large as the largest state blob + 1 MiB",

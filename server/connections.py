@@ -203,7 +203,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         self._disarm()
         super().on_message_complete()
-        if not self._in_progress() and self.timeout_keep_alive_task is None and not self.pipeline:
+        upgrading = self.parser.should_upgrade() and self._should_upgrade()
+        if self.cycle is not None and not self._in_progress() and not upgrading and not self.pipeline \
+                and self.timeout_keep_alive_task is None:  # fmt: skip
             # answered before its body was in (the body's bytes stopped uvicorn's keep-alive timer)
             self.timeout_keep_alive_task = self.loop.call_later(
                 self.timeout_keep_alive, self.timeout_keep_alive_handler
@@ -222,7 +224,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self._arm(self.guard.header_timeout_s, "header_timeout")
 
     def handle_websocket_upgrade(self) -> None:
-        self._disarm()  # the WebSocket protocol takes the connection over, with its own deadline
+        self._disarm()  # the WebSocket protocol takes the connection over, with its own deadlines:
+        self._unset_keepalive_if_required()  # no timer of this protocol may close it after
         super().handle_websocket_upgrade()
 
     def timeout_keep_alive_handler(self) -> None:

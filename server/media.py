@@ -1,18 +1,18 @@
 """Requests' text and audio ↔ token ids (no tensors): prompts in, streamed text and audio out.
 
 Text models read UTF-8 bytes; audio models read 8-bit mu-law samples at the model's sample rate.
+A prompt audio file is decoded by libsndfile and resampled by soxr (model.codecs.read_audio); an audio
+request without a prompt starts from the model's silence (MuLaw.silence, the code of 0.0).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
-import wave
 
 import numpy as np
 
-from model.codecs import ByteTokenizer, MuLaw, read_wav, to_pcm16, wav_bytes
+from model.codecs import AudioTooLong, ByteTokenizer, MuLaw, read_audio, to_pcm16, wav_bytes
 from model.sampling import find_stop
 from server.errors import APIError, invalid, too_large
 
@@ -27,32 +27,8 @@ def b64decode(data: str, param: str) -> bytes:
         raise invalid(param, f"{param} is not valid base64") from None
 
 
-def resample(x: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Linear interpolation to the model's rate (a prompt at another rate is still usable)."""
-    if rate == target or len(x) == 0:
-        return x
-    n = max(1, round(len(x) * target / rate))
-    return np.interp(np.arange(n) * (rate / target), np.arange(len(x)), x).astype(np.float32)
-
-
-def _too_long(param: str, n: int | str, limit: int) -> APIError:
-    return too_large(f"{param} is {n} tokens; the limit is {limit} (max_prompt_tokens)", param)
-
-
-def wav_tokens(data: bytes, sample_rate: int | None) -> int | None:
-    """How many tokens a WAV file makes at `sample_rate` (its own rate when None), from its header and
-    size alone: no sample is decoded. None when the header cannot be read (read_wav says why)."""
-    try:
-        with wave.open(io.BytesIO(data), "rb") as w:
-            ch, width, rate, n = w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()
-    except (wave.Error, EOFError):
-        return None
-    if rate <= 0 or ch <= 0 or width <= 0:
-        return None
-    frames = min(n, len(data) // (ch * width))  # a header may claim more frames than the file holds
-    if sample_rate is None or frames == 0:
-        return frames
-    return max(1, round(frames * sample_rate / rate))  # as resample() makes them
+def _too_long(n: int | str, limit: int) -> APIError:
+    return too_large(f"prompt is {n} tokens; the limit is {limit} (max_prompt_tokens)", "prompt")
 
 
 def prompt_ids(
@@ -60,36 +36,40 @@ def prompt_ids(
     sample_rate: int | None,
     prompt: str | None,
     prompt_audio: str | None,
+    max_audio_s: float | None = None,
     max_tokens: int | None = None,
 ) -> list[int]:
-    """A request's prompt as token ids for a model of this kind (422 naming the wrong field). A prompt
-    longer than `max_tokens` is refused (413 naming it) before it is converted: text by its length in
-    characters (each is ≥ 1 UTF-8 byte), then in bytes; audio by its WAV header and size."""
+    """A request's prompt as token ids for a model of this kind (422 naming the wrong field).
+
+    Text: a prompt longer than `max_tokens` is a 413 naming it, found before it is converted to ids:
+    by its length in characters (each is at least one UTF-8 byte, one token), then in bytes.
+    Audio: `prompt_audio` is a base64 audio file (any format libsndfile reads), resampled to the
+    model's rate; a file longer than `max_audio_s` (its header's frames / sample rate, checked before
+    it is decoded) is a 413. No prompt gives no ids (the engine's caller starts from silence)."""
     if kind == "text":
         if prompt_audio is not None:
             raise invalid("prompt_audio", "this is a text model: send `prompt` (a string)")
         text = prompt or ""
         if max_tokens is not None and len(text) > max_tokens:
-            raise _too_long("prompt", f"at least {len(text)}", max_tokens)
+            raise _too_long(f"at least {len(text)}", max_tokens)
         try:
             data = text.encode("utf-8")
         except UnicodeEncodeError as exc:  # a lone surrogate, e.g. JSON "\ud800"
             raise invalid("prompt", f"prompt is not valid Unicode text: {exc.reason}") from None
         if max_tokens is not None and len(data) > max_tokens:
-            raise _too_long("prompt", len(data), max_tokens)
+            raise _too_long(len(data), max_tokens)
         return list(data)
     if prompt is not None:
-        raise invalid("prompt", "this is an audio model: send `prompt_audio` (base64 WAV)")
+        raise invalid("prompt", "this is an audio model: send `prompt_audio` (a base64 audio file)")
     if prompt_audio is None:
         return []
-    data = b64decode(prompt_audio, "prompt_audio")
-    if max_tokens is not None and (n := wav_tokens(data, sample_rate) or 0) > max_tokens:
-        raise _too_long("prompt_audio", n, max_tokens)
     try:
-        x, rate = read_wav(data)
+        x, _ = read_audio(b64decode(prompt_audio, "prompt_audio"), sample_rate, max_audio_s)
+    except AudioTooLong as exc:
+        raise too_large(f"prompt_audio: {exc} (max_audio_s)", "prompt_audio") from None
     except ValueError as exc:
-        raise invalid("prompt_audio", str(exc)) from None
-    return MULAW.encode(resample(x, rate, sample_rate or rate)).tolist()
+        raise invalid("prompt_audio", f"prompt_audio: {exc}") from None
+    return MULAW.encode(x).tolist()
 
 
 def audio_frame_ids(data: bytes, encoding: str) -> list[int]:

@@ -36,7 +36,12 @@ class SamplingFields(Strict):
 
 class InputFields(Strict):
     prompt: str | None = Field(None, description="text prompt (text models)")
-    prompt_audio: str | None = Field(None, description="base64 WAV, mono 8/16-bit PCM (audio models)")
+    prompt_audio: str | None = Field(
+        None,
+        description="audio models: a base64 audio file (WAV of any sample format, FLAC, OGG Vorbis/Opus, "
+        "MP3: what libsndfile reads), resampled to the model's rate; without one, generation starts "
+        "from the model's silence",
+    )
 
 
 class GenerateRequest(SamplingFields, InputFields):

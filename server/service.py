@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import math
 import secrets
 import time
 import uuid
@@ -41,16 +42,42 @@ def request_id(prefix: str = "gen") -> str:
 # --- limits and parameters -----------------------------------------------------------------------
 
 
-def check_prompt(state: ServerState, tokens: list[int], param: str) -> None:
-    limit = state.settings.max_prompt_tokens
+def prompt_limit(state: ServerState, model: ServedModel | None) -> tuple[int, str]:
+    """The longest prompt of `model` (None: a text model) in tokens, and the setting that sets it
+    (audio: max_audio_s, in seconds at the model's rate)."""
+    if model is not None and model.kind == "audio":
+        return math.floor(state.settings.max_audio_s * model.sample_rate), "max_audio_s"
+    return state.settings.max_prompt_tokens, "max_prompt_tokens"
+
+
+def new_tokens_limit(state: ServerState, model: ServedModel | None) -> tuple[int, str]:
+    """The largest max_new_tokens for `model` (None: a text model), and the setting that sets it."""
+    if model is not None and model.kind == "audio":
+        return math.floor(state.settings.max_audio_s * model.sample_rate), "max_audio_s"
+    return state.settings.max_new_tokens, "max_new_tokens"
+
+
+def _what(state: ServerState, model: ServedModel | None, setting: str) -> str:
+    if setting == "max_audio_s":
+        return f"{state.settings.max_audio_s:g} s at {model.sample_rate} Hz: max_audio_s"
+    return setting
+
+
+def check_prompt(state: ServerState, tokens: list[int], param: str, model: ServedModel | None = None) -> None:
+    limit, setting = prompt_limit(state, model)
     if len(tokens) > limit:
-        raise too_large(f"{param} is {len(tokens)} tokens; the limit is {limit} (max_prompt_tokens)", param)
+        raise too_large(
+            f"{param} is {len(tokens)} tokens; the limit is {limit} ({_what(state, model, setting)})", param
+        )
 
 
-def check_new_tokens(state: ServerState, n: int, param: str = "max_new_tokens") -> None:
-    limit = state.settings.max_new_tokens
+def check_new_tokens(
+    state: ServerState, n: int, param: str = "max_new_tokens", model: ServedModel | None = None
+) -> None:
+    limit, setting = new_tokens_limit(state, model)
     if n > limit:
-        raise invalid(param, f"{param}: {n} is more than this server's limit of {limit}")
+        what = _what(state, model, setting)
+        raise invalid(param, f"{param}: {n} is more than this server's limit of {limit} ({what})")
 
 
 def random_seed() -> int:
@@ -74,9 +101,11 @@ def sampling_params(model: ServedModel, req: SamplingFields) -> SamplingParams:
 def prompt_ids(
     state: ServerState, model: ServedModel, prompt: str | None, prompt_audio: str | None
 ) -> list[int]:
-    limit = state.settings.max_prompt_tokens
-    ids = media.prompt_ids(model.kind, model.sample_rate, prompt, prompt_audio, limit)
-    check_prompt(state, ids, "prompt" if model.kind == "text" else "prompt_audio")
+    limit, _ = prompt_limit(state, model)
+    ids = media.prompt_ids(
+        model.kind, model.sample_rate, prompt, prompt_audio, state.settings.max_audio_s, limit
+    )
+    check_prompt(state, ids, "prompt" if model.kind == "text" else "prompt_audio", model)
     return ids
 
 
@@ -289,13 +318,19 @@ def start_generation(
     params: SamplingParams,
     max_new_tokens: int,
 ) -> tuple[Stream, SessionRecord]:
-    """Claim the session (or a one-shot slot) and queue the job; results arrive on the stream."""
-    check_new_tokens(state, max_new_tokens)
+    """Claim the session (or a one-shot slot) and queue the job; results arrive on the stream.
+
+    With no input at all (no prompt, and a new or empty session) an audio model starts from its
+    silence: the prompt is the one id MuLaw.silence (128, the code of 0.0; every training clip starts
+    with it), counted in usage.prompt_tokens. A text model has no such start: 422 naming `prompt`."""
+    check_new_tokens(state, max_new_tokens, model=model)
     rec = _new_record(state, model, ephemeral=True) if session_id is None else claim(state, model, session_id)
     try:
         if not ids and rec.pending is None:
-            field = "prompt" if model.kind == "text" else "prompt_audio"
-            raise invalid(field, f"{field} is empty and there is no session input to continue from")
+            if model.kind != "text":
+                ids = [media.MULAW.silence]
+            else:
+                raise invalid("prompt", "prompt is empty and there is no session input to continue from")
         stream = Stream(state.loop, state.settings.stream_buffer)
         job = Job(rec, ids, fresh=rec.ephemeral, stream=stream, params=params, max_new_tokens=max_new_tokens)
         model.engine.submit(job)

@@ -138,7 +138,10 @@ class RawWebSocket:
 
     def _read(self, n: int) -> bytes:
         while len(self.buf) < n:
-            self.buf += self.sock.recv(65536)
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the server closed the WebSocket's connection")
+            self.buf += data
         out, self.buf = self.buf[:n], self.buf[n:]
         return out
 

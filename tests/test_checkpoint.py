@@ -104,3 +104,19 @@ def test_wrong_tensor_set_and_non_finite_values(tmp_path, net):
     save_file(state, str(d / "model.safetensors"))
     with pytest.raises(CheckpointError, match="'blocks.0.layer.D' has non-finite values"):
         load(d)
+
+
+def test_saved_files_are_readable_by_other_users_whatever_the_umask(tmp_path, net):
+    """A checkpoint is mounted into a container that runs as uid 10001: its files must be 0644 (the
+    weights came out 0600: safetensors writes through a private temporary file)."""
+    import os
+    import stat
+
+    old = os.umask(0o077)
+    try:
+        save(net, tmp_path / "ck")
+    finally:
+        os.umask(old)
+    for name in ("model.safetensors", "config.json"):
+        assert stat.S_IMODE((tmp_path / "ck" / name).stat().st_mode) == 0o644, name
+    assert load(tmp_path / "ck").config == net.config

@@ -241,6 +241,23 @@ def test_audio_plays_as_it_streams_and_downloads_as_wav(demo, model_dirs, tmp_pa
     assert d.errors == []
 
 
+def test_audio_without_a_prompt_starts_from_the_models_silence(demo, model_dirs):
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    assert d.page.text_content("#prompt-info") == "no prompt: starts from the model's silence"
+    d.page.fill("#audio-samples", "600")
+    d.page.fill("#audio-temperature", "1")
+    d.page.fill("#audio-seed", "8")
+    d.page.click("#audio-generate")
+    d.wait_status("Done: length, 600 samples")
+    want = reference(model_dirs["audio"], [MuLaw().silence], SamplingParams(seed=8), 600)
+    d.page.wait_for_function("() => s4demo.samplesPlayed === 600", timeout=WAIT_MS)
+    assert downloaded_wav(d) == to_pcm16(MuLaw().decode(want))
+    assert d.page.text_content("#context") == "601 tokens"  # the silence token + 600 samples
+    assert d.errors == []
+
+
 def downloaded_wav(d: Demo) -> bytes:
     """The samples of the page's "Download WAV" file (checked to be mono 16-bit at 8 kHz)."""
     with d.page.expect_download() as dl:

@@ -69,6 +69,7 @@ def fuzz_server(model_dirs):
         max_sessions=48,
         max_new_tokens=64,
         max_prompt_tokens=512,
+        max_audio_s=64 / 8000,  # the audio model's limits (prompts and generations): 64 samples
         session_ttl_s=3,
         ws_max_frame_bytes=MAX_FRAME,
         drain_timeout_s=1,

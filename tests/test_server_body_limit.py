@@ -236,38 +236,9 @@ def _wav(n: int, rate: int, width: int = 2, channels: int = 1) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("rate", [4000, 8000, 11025, 16000, 44100, 48000])
-@pytest.mark.parametrize("n", [0, 1, 999, 8192, 20000])
-def test_the_audio_length_bound_read_from_the_wav_header_is_exact(rate, n):
-    """The pre-check must refuse exactly what the conversion would make too long."""
-    from server import media
-
-    data = _wav(n, rate, channels=2 if n % 2 else 1)
-    ids = media.prompt_ids("audio", 8000, None, b64(data))
-    assert media.wav_tokens(data, 8000) == len(ids)
-    if ids:
-        with pytest.raises(media.APIError) as err:
-            media.prompt_ids("audio", 8000, None, b64(data), max_tokens=len(ids) - 1)
-        assert err.value.status == 413 and err.value.param == "prompt_audio"
-        assert media.prompt_ids("audio", 8000, None, b64(data), max_tokens=len(ids)) == ids
-
-
-def test_a_wav_whose_header_claims_more_than_it_holds_is_bounded_by_its_size():
-    from server import media
-
-    data = bytearray(_wav(100, 8000))
-    data[40:44] = (1 << 31).to_bytes(4, "little")  # the data chunk's size: 2 GiB
-    assert media.wav_tokens(bytes(data), 8000) <= len(data) // 2
-
-
-def test_prompt_limits_over_http_and_for_a_lone_surrogate(client):
-    r = client.post("/v1/generate", json={"model": AUDIO, "prompt_audio": b64(_wav(9000, 8000))})
-    assert r.status_code == 413 and r.json()["error"]["param"] == "prompt_audio"
-    r = client.post(
-        "/v1/generate", json={"model": AUDIO, "prompt_audio": b64(_wav(8192, 8000)), "max_new_tokens": 1}
-    )
-    assert r.status_code == 200, r.text
-    body = '{"model": "tiny-text", "prompt": "ab\\ud800", "max_new_tokens": 1}'  # valid JSON, not UTF-8
+def test_a_prompt_with_a_lone_surrogate_is_422_naming_prompt(client):
+    """Valid JSON that is not UTF-8 text (it was a 500: UnicodeEncodeError)."""
+    body = '{"model": "tiny-text", "prompt": "ab\\ud800", "max_new_tokens": 1}'
     r = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["error"]["param"] == "prompt", r.text
 
@@ -307,12 +278,17 @@ def test_websocket_messages_are_bounded_fragments_and_compression_included(serve
     assert client.get("/healthz").status_code == 200
 
 
-def test_websocket_audio_prompts_are_counted_before_they_are_converted(server):
-    """Binary frames of samples and a `prompt_audio` together are at most max_prompt_tokens: a frame
-    or a prompt that would pass it is refused (413, buffer cleared) by its length, unconverted."""
+def test_websocket_audio_frames_are_counted_before_they_are_converted(server):
+    """Binary frames of samples are at most the audio prompt limit together: a frame that would pass
+    it is refused (413 naming audio, buffer cleared) by its length, unconverted; exactly the limit is
+    accepted."""
     from websockets.asyncio.client import connect
 
-    limit = server.state.settings.max_prompt_tokens
+    from server import service
+
+    limit, _ = service.prompt_limit(server.state, server.state.models[AUDIO])
+    frame = 60_000  # < the fixture's ws_max_frame_bytes
+    frames = [frame] * (limit // frame) + ([limit % frame] if limit % frame else [])
 
     async def main():
         out = []
@@ -325,35 +301,33 @@ def test_websocket_audio_prompts_are_counted_before_they_are_converted(server):
 
             await ws.send(json.dumps({"type": "session", "model": AUDIO, "audio_encoding": "mulaw"}))
             await reply("session")
-            await ws.send(bytes(limit - 100))
-            await ws.send(bytes(101))  # one over: refused, and the buffer is cleared
+            for n in frames:
+                await ws.send(bytes(n))
+            await ws.send(bytes(1))  # one over: refused, and the buffer is cleared
             out.append(await reply("error"))
-            await ws.send(bytes(limit - 100))
-            prompt = {"type": "append", "prompt_audio": b64(_wav(101, 8000))}
-            await ws.send(json.dumps(prompt))  # one over again, with the buffered samples
-            out.append(await reply("error"))
-            await ws.send(json.dumps({**prompt, "prompt_audio": b64(_wav(limit, 8000))}))  # room again
+            for n in frames:
+                await ws.send(bytes(n))
+            await ws.send(json.dumps({"type": "append"}))
             out.append(await reply("appended"))
         return out
 
-    over_frame, over_prompt, appended = asyncio.run(main())
-    assert over_frame["code"] == 413 and over_frame["param"] == "audio"
-    assert over_prompt["code"] == 413 and over_prompt["param"] == "prompt_audio"
+    over, appended = asyncio.run(main())
+    assert over["code"] == 413 and over["param"] == "audio"
     assert appended["type"] == "appended" and appended["usage"]["prompt_tokens"] == limit
 
 
 def test_the_default_body_limit_admits_the_largest_legitimate_requests():
-    """What the README says: at the default S4_MAX_PROMPT_TOKENS, a text prompt of nothing but
-    control characters (6 bytes each in JSON), and the same number of tokens as a 48 kHz 16-bit
-    stereo WAV in base64, both fit S4_MAX_BODY_BYTES with room to spare (session imports have their
-    own bound: the test above)."""
-    from server import Settings, media
+    """What the README says: at the defaults, a text prompt of S4_MAX_PROMPT_TOKENS control characters
+    (6 bytes each in JSON) and an audio prompt of S4_MAX_AUDIO_S as a 48 kHz 16-bit stereo WAV in
+    base64 fit S4_MAX_BODY_BYTES with room to spare, and even as 32-bit float stereo (session imports
+    have their own bound: the test above)."""
+    from server import Settings
 
     s = Settings()
     n = s.max_prompt_tokens
     text = json.dumps({"model": "text-shakespeare", "prompt": "\x01" * n, "max_new_tokens": s.max_new_tokens})
-    assert len(text) > 6 * n and 4 * len(text) < s.max_body_bytes  # 48 KiB
-    wav = _wav(n * 48000 // 8000, 48000, channels=2)
-    assert media.wav_tokens(wav, 8000) == n
+    assert len(text) > 6 * n and 100 * len(text) < s.max_body_bytes  # 48 KiB
+    wav = _wav(round(s.max_audio_s * 48000), 48000, channels=2)
     audio = json.dumps({"model": "audio-digits", "prompt_audio": b64(wav)})
-    assert 8 * len(audio) < s.max_body_bytes  # 256 KiB
+    assert 2 * len(audio) < s.max_body_bytes  # 7.7 MB
+    assert (len(wav) - 44) * 2 * 4 / 3 < s.max_body_bytes  # float32 samples: 15.4 MB

@@ -159,7 +159,7 @@ BAD = [  # (body changes, status, param)
     ({"model": AUDIO, "prompt": None, "stop": ["a"]}, 422, "stop"),
     ({"model": AUDIO, "prompt": None, "prompt_audio": "!!not base64"}, 422, "prompt_audio"),
     ({"model": AUDIO, "prompt": None, "prompt_audio": b64(b"RIFFjunk")}, 422, "prompt_audio"),
-    ({"model": AUDIO, "prompt": None}, 422, "prompt_audio"),  # nothing to continue from
+    ({"prompt": None}, 422, "prompt"),  # a text model with nothing to continue from (audio: silence)
 ]
 
 

@@ -390,3 +390,18 @@ def test_a_request_line_or_headers_over_the_limit_are_refused_with_431(slow_serv
     ok = httpx.get(url + "/healthz", headers={"X-Big": "a" * 60_000}, timeout=10)
     assert ok.status_code == 200
     assert counters(url, "s4_requests_refused_total")["headers_too_large"] - before == 2
+
+
+def test_a_websocket_outlives_the_http_deadlines_of_its_upgrade(slow_server):
+    """Once upgraded, the connection belongs to the WebSocket protocol: no HTTP deadline or keep-alive
+    timer may close it (one did, 5 s after the upgrade, in a first version of these deadlines)."""
+    from server_support import RawWebSocket
+
+    _, port = slow_server
+    ws = RawWebSocket(port)
+    time.sleep(HEADER_S + BODY_S + KEEP_ALIVE_S)
+    ws.send_json({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": 3, "seed": 1})
+    ws.sock.settimeout(10)
+    while (m := ws.recv_json())["type"] != "done":
+        assert m["type"] in ("session", "token"), m
+    ws.close()

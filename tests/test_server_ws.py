@@ -313,3 +313,24 @@ def test_decode_blocks_bound_the_tokens_per_hand_over_and_lose_nothing(model_dir
         assert max(hand_overs) <= 8
     else:
         assert 8 < max(hand_overs) <= 32
+
+
+def test_tokens_arrive_in_blocks_not_one_frame_per_step(server):
+    """What the README's WebSocket section says: each token frame carries a decode block (8 steps or
+    more), so a 50-token turn on an otherwise idle server is a few frames, not fifty."""
+
+    async def run():
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "ROMEO:",
+                                      "max_new_tokens": 50, "seed": 1}))  # fmt: skip
+            await frame(ws, "session")
+            sizes = []
+            while True:
+                m = json.loads(await ws.recv())
+                if m["type"] == "token":
+                    sizes.append(len(m["ids"]))
+                elif m["type"] == "done":
+                    return sizes
+
+    sizes = asyncio.run(run())
+    assert sum(sizes) == 50 and len(sizes) <= 50 // 8 + 1, sizes

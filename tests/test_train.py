@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -126,3 +127,30 @@ def test_config_overrides_and_schedule(tmp_path):
     t = TrainConfig(steps=110, warmup=10, min_lr_ratio=0.1)
     assert lr_scale(0, t) == pytest.approx(0.1) and lr_scale(9, t) == pytest.approx(1.0)
     assert lr_scale(60, t) == pytest.approx(0.55) and lr_scale(110, t) == pytest.approx(0.1)
+
+
+def test_periodic_validation_is_on_the_console_as_well_as_in_the_log(text_data, tmp_path, capsys):
+    train(tiny_config(text_data, tmp_path / "run", steps=20, eval_every=10, final_eval=False))
+    err = capsys.readouterr().err
+    vals = [r for r in read_log(tmp_path / "run") if "val" in r]
+    assert [r["step"] for r in vals] == [10, 20]
+    for r in vals:  # its own line, with the figures log.jsonl has
+        bits, n = r["val"]["bits_per_token"], r["val"]["tokens"]
+        assert f"step {r['step']}/20 validation: {bits:.4f} bits/token over {n:,} tokens" in err
+    # and the progress lines after a validation carry it
+    line11 = next(line for line in err.splitlines() if "] 11/20 loss" in line)
+    assert f"val {vals[0]['val']['bits_per_token']:.4f} bits" in line11
+    assert "train tokens" in err.splitlines()[0]
+
+
+def test_the_audio_banner_counts_clips_and_samples(tmp_path):
+    from model.data import Dataset, write_splits
+    from model.train import describe_split
+
+    clips = np.full((30, 800), 128, dtype=np.uint8)
+    write_splits(tmp_path, {"train": clips, "val": clips[:5], "test": clips[:5]},
+                 {"kind": "audio", "sample_rate": 8000, "clip_len": 800})  # fmt: skip
+    data = Dataset(tmp_path)
+    assert (
+        describe_split(data, data.split("train")) == "30 train clips of 800 samples (24,000 tokens, 0.00 h)"
+    )

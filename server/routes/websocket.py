@@ -83,8 +83,9 @@ class Connection:
             return
         if self.pump is not None and not self.pump.done():
             raise APIError(409, "a generation is running on this socket: wait for its done frame, or cancel")
-        if isinstance(msg, WSGenerate):
-            service.check_new_tokens(self.st, msg.max_new_tokens)  # before binding a session
+        if isinstance(msg, WSGenerate):  # before binding a session
+            target = self.model or (self.st.model(msg.model) if msg.model is not None else None)
+            service.check_new_tokens(self.st, msg.max_new_tokens, model=target)
         await self.bind(msg)
         if isinstance(msg, WSSession):
             return
@@ -130,26 +131,23 @@ class Connection:
         await self.send(frame)
 
     def prompt(self, msg: WSGenerate | WSAppend) -> list[int]:
-        room = self.st.settings.max_prompt_tokens - len(self.audio_ids)  # binary frames buffered before
-        kind, rate = self.model.kind, self.model.sample_rate
-        try:
-            ids = media.prompt_ids(kind, rate, msg.prompt, msg.prompt_audio, max(room, 0))
-        except APIError as err:
-            if err.status == 413:  # the buffered samples and this prompt together are too long
-                self.audio_ids = []
-            raise
+        m = self.model
+        max_s = self.st.settings.max_audio_s
+        limit, _ = service.prompt_limit(self.st, m)  # text: checked before the prompt is converted
+        ids = media.prompt_ids(m.kind, m.sample_rate, msg.prompt, msg.prompt_audio, max_s, limit)
         ids, self.audio_ids = self.audio_ids + ids, []
-        service.check_prompt(self.st, ids, "prompt" if self.model.kind == "text" else "prompt_audio")
+        service.check_prompt(self.st, ids, "prompt" if m.kind == "text" else "prompt_audio", m)
         return ids
 
     def on_audio(self, data: bytes) -> None:
         if self.model is None or self.model.kind != "audio":
             raise invalid("audio", "binary frames are audio prompt samples: bind an audio model first")
+        limit, setting = service.prompt_limit(self.st, self.model)
         samples = len(data) if self.encoding == "mulaw" else len(data) // 2  # counted before converting
-        if len(self.audio_ids) + samples > self.st.settings.max_prompt_tokens:
+        if len(self.audio_ids) + samples > limit:
             self.audio_ids = []
             raise too_large(
-                "buffered audio prompt is longer than max_prompt_tokens (buffer cleared)", "audio"
+                f"buffered audio prompt is longer than {limit} samples ({setting}; buffer cleared)", "audio"
             )
         self.audio_ids += media.audio_frame_ids(data, self.encoding)
 

@@ -402,7 +402,7 @@
     $("audio-file").value = "";
     $("prompt-info").textContent = conn
       ? "no new prompt: the next generation continues the session"
-      : "no prompt: starts from 0.1 s of silence";
+      : "no prompt: starts from the model's silence";
   }
 
   async function generateAudio() {
@@ -411,9 +411,8 @@
     const c = await opened();
     if (!c) return;
     if (!c.bound) c.ws.send(JSON.stringify({ type: "session", model: model.id, audio_encoding: "pcm16" }));
-    // a new session needs some input: without a prompt, a tenth of a second of silence
-    const fresh = contextTokens === 0 && !demo.sessionId;
-    const prompt = audio.prompt || (fresh ? new Int16Array(Math.round(model.sample_rate / 10)) : null);
+    // without a prompt a new session starts from the model's silence (the server's one-token prompt)
+    const prompt = audio.prompt;
     if (prompt) {
       // binary frames of s16le prompt samples, in chunks well under the server's frame limit
       for (let i = 0; i < prompt.length; i += 8192) c.ws.send(prompt.slice(i, i + 8192).buffer);

@@ -1,0 +1,229 @@
+"""Prompt audio in: any file libsndfile reads (model.codecs.read_audio), resampled by soxr, header
+fields checked before anything is decoded; the model's silence (MuLaw.silence) as the start of audio
+generation without a prompt."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+import soundfile
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model.codecs import (
+    MAX_CHANNELS,
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    AudioTooLong,
+    MuLaw,
+    read_audio,
+    wav_bytes,
+)
+from model.data import AUDIO_BOS
+
+
+def tone(freq: float, rate: int, seconds: float, amp: float = 0.5) -> np.ndarray:
+    return amp * np.sin(2 * np.pi * freq * np.arange(round(rate * seconds)) / rate)
+
+
+def encoded(x: np.ndarray, rate: int, fmt: str, subtype: str, channels: int = 1) -> bytes:
+    buf = io.BytesIO()
+    data = np.repeat(x[:, None], channels, axis=1) if channels > 1 else x
+    soundfile.write(buf, data, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()
+
+
+def test_the_models_silence_is_the_mulaw_code_of_zero():
+    m = MuLaw()
+    assert m.silence == int(m.encode(0.0)) == 128 == AUDIO_BOS  # every training clip's first input
+    # 256 codes have no exact zero: 128 and 127 are the two codes nearest 0.0, symmetric about it
+    levels = m.decode(np.arange(256)).astype(np.float64)
+    assert abs(levels[128]) == pytest.approx(np.abs(levels).min(), rel=1e-6) and levels[128] > 0
+    assert levels[128] == pytest.approx(-levels[127], rel=1e-6) and levels[128] < 1e-4
+
+
+@pytest.mark.parametrize(
+    "fmt,subtype,tol",
+    [
+        ("WAV", "PCM_U8", 1 / 128),
+        ("WAV", "PCM_16", 1 / 32768),
+        ("WAV", "PCM_24", 2**-23),
+        ("WAV", "PCM_32", 2**-31 * 2),
+        ("WAV", "FLOAT", 1e-7),
+        ("WAV", "DOUBLE", 1e-7),
+        ("FLAC", "PCM_16", 1 / 32768),
+        ("FLAC", "PCM_24", 2**-23),
+        ("OGG", "VORBIS", 0.05),  # lossy: checked loosely, and by its spectrum below
+        ("MP3", "MPEG_LAYER_III", 0.1),
+    ],
+)
+def test_prompt_formats_decode_to_the_same_samples(fmt, subtype, tol):
+    x = tone(440, 8000, 0.5)
+    y, rate = read_audio(encoded(x, 8000, fmt, subtype), 8000, 30)
+    assert rate == 8000 and y.dtype == np.float32 and len(y) == len(x)
+    assert np.abs(y - x).max() <= tol + 1e-7
+    # the tone's frequency is where the spectrum peaks (lossy codecs included)
+    assert np.argmax(np.abs(np.fft.rfft(y))) * 8000 / len(y) == pytest.approx(440, abs=2)
+
+
+def test_opus_and_stereo_prompts_are_read_and_downmixed():
+    x = tone(440, 48000, 0.5)
+    y, rate = read_audio(encoded(x, 48000, "OGG", "OPUS"), 8000, 30)
+    assert rate == 8000 and abs(len(y) - 4000) <= 1
+    assert np.argmax(np.abs(np.fft.rfft(y))) * 8000 / len(y) == pytest.approx(440, abs=4)
+    # stereo: the mean of the channels (here equal, so the tone itself)
+    z, _ = read_audio(encoded(x[:8000], 8000, "WAV", "PCM_16", channels=2), 8000, 30)
+    assert np.abs(z - x[:8000]).max() < 1e-4
+
+
+def _level_db(y: np.ndarray, freq: float, rate: int) -> float:
+    """The amplitude of `freq` in y, in dB relative to full scale (a Hann-windowed DFT bin)."""
+    w = np.hanning(len(y))
+    spec = np.abs(np.fft.rfft(y * w)) / (w.sum() / 2)
+    k = round(freq * len(y) / rate)
+    return 20 * np.log10(spec[max(k - 2, 0) : k + 3].max() + 1e-12)
+
+
+def test_resampling_filters_out_what_is_above_the_new_nyquist_instead_of_aliasing_it():
+    """44.1 kHz → 8 kHz: a 6 kHz tone (above the 4 kHz Nyquist frequency) must be removed, not folded
+    down to 8 - 6 = 2 kHz as linear interpolation does; a 1 kHz tone must come through unchanged."""
+    rate = 44100
+    y, r = read_audio(wav_bytes(tone(6000, rate, 1.0), rate), 8000, 30)
+    assert r == 8000 and len(y) == 8000
+    assert _level_db(y, 2000, 8000) < -60  # no alias at 2 kHz (a 0.5 tone is -6 dB)
+    # nothing else either, away from the edges (the tone starts and stops abruptly: a click there)
+    assert np.sqrt(np.mean(y[100:-100] ** 2)) < 1e-3  # the input's RMS is 0.35
+    # linear interpolation (the old server/media.resample) puts it at 2 kHz, barely attenuated
+    x = tone(6000, rate, 1.0)
+    lin = np.interp(np.arange(8000) * (rate / 8000), np.arange(len(x)), x)
+    assert _level_db(lin, 2000, 8000) > -20
+
+    y, _ = read_audio(wav_bytes(tone(1000, rate, 1.0), rate), 8000, 30)
+    assert np.argmax(np.abs(np.fft.rfft(y))) * 8000 / len(y) == pytest.approx(1000, abs=1)
+    assert _level_db(y, 1000, 8000) == pytest.approx(20 * np.log10(0.5), abs=0.1)
+    # and up: 8 kHz → 16 kHz keeps the tone and the length
+    y, r = read_audio(wav_bytes(tone(1000, 8000, 0.5), 8000), 16000, 30)
+    assert r == 16000 and len(y) == 8000
+    assert np.argmax(np.abs(np.fft.rfft(y))) * 16000 / len(y) == pytest.approx(1000, abs=2)
+
+
+def test_the_length_limit_is_checked_on_the_header_before_decoding(monkeypatch):
+    too_long = wav_bytes(np.zeros(88200), 44100)  # 2 s at 44.1 kHz
+    at_limit = wav_bytes(np.zeros(66150), 44100)  # 1.5 s
+    # exactly at the limit: accepted, and the resampled length is the limit in samples
+    y, _ = read_audio(at_limit, 8000, 1.5)
+    assert len(y) == 12000
+    # over it: refused from the header (frames / sample rate), before a sample is decoded
+    decoded = []
+    real_read = soundfile.SoundFile.read
+    monkeypatch.setattr(soundfile.SoundFile, "read", lambda *a, **k: decoded.append(1) or real_read(*a, **k))
+    with pytest.raises(AudioTooLong, match=r"2\.000 s long; the limit is 1\.5 s") as exc:
+        read_audio(too_long, 8000, 1.5)
+    assert decoded == [] and exc.value.seconds == 2.0
+    # a FLAC header whose STREAMINFO claims 2^35 samples over 800 real ones: refused from the header
+    flac = bytearray(encoded(tone(440, 8000, 0.1), 8000, "FLAC", "PCM_16"))
+    info = int.from_bytes(flac[18:26], "big")  # after "fLaC" and the block header: bits 28-63 = samples
+    flac[18:26] = ((info & ~(2**36 - 1)) | 2**35).to_bytes(8, "big")
+    with pytest.raises(AudioTooLong, match="4294967.296 s long"):
+        read_audio(bytes(flac), 8000, 30)
+    assert decoded == []
+    # libsndfile clamps a header's data size to the bytes present: a header claiming 4 GiB of samples
+    # over 128 bytes of data gives 32 frames, not a 4 GiB allocation
+    y, _ = read_audio(wav_header(2, 8000, 16, 2**32 - 64) + bytes(128), 8000, 30)
+    assert len(y) == 32
+
+
+def wav_header(channels: int, rate: int, bits: int, data_bytes: int, fmt_tag: int = 1) -> bytes:
+    """A canonical 44-byte PCM WAV header (fields as given, unchecked) followed by no data."""
+    block = (channels * bits // 8) & 0xFFFF
+    fmt = struct.pack("<HHIIHH", fmt_tag, channels, rate, (rate * block) & 0xFFFFFFFF, block, bits)
+    riff_size = min(36 + data_bytes, 2**32 - 1)
+    return (
+        b"RIFF"
+        + struct.pack("<I", riff_size)
+        + b"WAVEfmt "
+        + struct.pack("<I", 16)
+        + fmt
+        + (b"data" + struct.pack("<I", data_bytes))
+    )
+
+
+@pytest.mark.parametrize(
+    "channels,rate,field",
+    [(1, 100, "sample rate"), (1, MAX_SAMPLE_RATE + 1, "sample rate"), (MAX_CHANNELS + 1, 8000, "channels")],
+)
+def test_header_fields_out_of_range_are_named(channels, rate, field):
+    data = wav_header(channels, rate, 16, 2 * channels * 10) + b"\x00" * (2 * channels * 10)
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        read_audio(data, 8000, 30)
+
+
+def test_a_truncated_file_gives_the_samples_it_holds():
+    x = tone(440, 8000, 0.5)
+    y, _ = read_audio(wav_bytes(x, 8000)[: 44 + 2 * 1000], 8000, 30)
+    assert len(y) == 1000 and np.abs(y - x[:1000]).max() < 1e-4
+
+
+VALID = [
+    wav_bytes(tone(440, 8000, 0.01), 8000),
+    encoded(tone(440, 44100, 0.01), 44100, "WAV", "PCM_24"),
+    encoded(tone(440, 16000, 0.01), 16000, "WAV", "FLOAT", channels=2),
+    encoded(tone(440, 8000, 0.05), 8000, "FLAC", "PCM_16"),
+]
+
+
+def _check(data: bytes) -> None:
+    """read_audio either returns bounded, finite samples or raises a ValueError with a message."""
+    try:
+        y, rate = read_audio(data, 8000, 2.0)
+    except ValueError as exc:
+        assert str(exc), "a refusal must say why"
+        return
+    assert rate == 8000 and y.dtype == np.float32 and y.ndim == 1
+    assert len(y) <= 16000 + 1 and np.isfinite(y).all() and np.abs(y).max(initial=0) <= 1.0 + 1e-6
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=256))
+def test_arbitrary_bytes_are_refused_with_a_value_error(data):
+    _check(data)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(VALID),
+    st.lists(st.tuples(st.integers(0, 63), st.integers(0, 255)), min_size=1, max_size=6),
+    st.one_of(st.none(), st.integers(0, 200)),
+)
+def test_mutated_valid_headers_are_refused_or_read_within_bounds(valid, edits, cut):
+    """Random byte edits in the first 64 bytes (RIFF sizes, format tag, channels, rate, bits, chunk
+    sizes), optionally truncated: never a crash, a non-ValueError or an unbounded result."""
+    data = bytearray(valid)
+    for pos, value in edits:
+        data[pos] = value
+    _check(bytes(data if cut is None else data[: 44 + cut]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.integers(0, 2**16 - 1),
+    st.integers(0, 2**16 - 1),
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([0, 1, 8, 12, 16, 24, 32, 64, 65535]),
+    st.integers(0, 2**32 - 1),
+)
+def test_any_wav_header_fields_are_validated_before_allocation(fmt_tag, channels, rate, bits, size):
+    """Every combination of the fields a WAV header gives: refused with the field named, or read
+    within the limit (2 s at 8 kHz), never a crash or an allocation the size of the claimed data."""
+    data = wav_header(channels, rate, bits, size, fmt_tag) + b"\x01\x02" * 64
+    try:
+        y, r = read_audio(data, 8000, 2.0)
+    except ValueError as exc:
+        msg = str(exc)
+        assert msg.startswith(("sample rate: ", "channels: ", "frames: ", "not an audio file", "the audio"))
+        return
+    assert r == 8000 and len(y) <= 16000 + 1
+    assert MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE and 1 <= channels <= MAX_CHANNELS

@@ -1,0 +1,128 @@
+"""The README's curl and Python examples, run verbatim against a real server, so they cannot rot.
+
+A fenced ```bash or ```python block right after the line `<!-- tested: tests/test_readme.py ... -->`
+is run as it stands: bash blocks by `bash -euo pipefail` in an empty folder, python blocks by this
+test's Python. The server (uvicorn on a free port) serves tiny models under the README's model ids,
+text-shakespeare and audio-digits, with every limit at its default. The examples say
+localhost:8000 / 127.0.0.1:8000; that port is mapped to the test server's without touching their text:
+curl reads a ~/.curlrc (`connect-to`, and `fail-with-body` so that an HTTP error fails the block) and
+Python a sitecustomize that sends a socket's connect to 127.0.0.1:8000 to the test server. Every
+README block that talks to a server (curl, websockets.connect, OpenAI) must carry the marker."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+import subprocess
+import sys
+import wave
+from pathlib import Path
+
+import pytest
+from server_support import ServerThread, make_audio_model, make_text_model
+
+from model import save
+from server import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+MARK = "<!-- tested: tests/test_readme.py"
+TALKS_TO_A_SERVER = re.compile(r"(^|\$\(|\|)\s*curl\s|websockets\.connect\(|OpenAI\(", re.M)  # a curl command
+FENCE = re.compile(r"^```(\w*)\s*$")
+
+
+def readme_blocks() -> list[tuple[int, str, str, bool]]:
+    """Every fenced block of the README: (first line number, language, code, marked as tested)."""
+    lines = README.read_text().splitlines()
+    out, i = [], 0
+    while i < len(lines):
+        m = FENCE.match(lines[i])
+        if m is None:
+            i += 1
+            continue
+        j = next(k for k in range(i + 1, len(lines)) if lines[k].startswith("```"))
+        marked = i > 0 and lines[i - 1].startswith(MARK)
+        out.append((i + 1, m.group(1), "\n".join(lines[i + 1 : j]) + "\n", marked))
+        i = j + 1
+    return out
+
+
+TESTED = [(line, lang, code) for line, lang, code, marked in readme_blocks() if marked]
+
+
+def test_every_example_that_talks_to_a_server_is_tested():
+    untested = [line for line, lang, code, marked in readme_blocks()
+                if lang in ("bash", "python") and TALKS_TO_A_SERVER.search(code) and not marked]  # fmt: skip
+    assert untested == [], f"README blocks at lines {untested} call a server but are not marked {MARK!r}"
+    assert {lang for _, lang, _ in TESTED} == {"bash", "python"} and len(TESTED) >= 3
+
+
+@pytest.fixture(scope="module")
+def readme_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("readme-checkpoints")
+    save(make_text_model(), root / "text-shakespeare")
+    save(make_audio_model(), root / "audio-digits")
+    s = ServerThread(Settings(checkpoints=[str(root / "text-shakespeare"), str(root / "audio-digits")]))
+    s.start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def sandbox(readme_server, tmp_path) -> dict:
+    """An empty working folder, and an environment whose port 8000 is the test server's."""
+    home, site, work = tmp_path / "home", tmp_path / "site", tmp_path / "work"
+    for d in (home, site, work):
+        d.mkdir()
+    port = readme_server.port
+    (home / ".curlrc").write_text(
+        f"connect-to = localhost:8000:127.0.0.1:{port}\n"
+        f"connect-to = 127.0.0.1:8000:127.0.0.1:{port}\n"
+        "fail-with-body\nmax-time = 120\n"
+    )
+    (site / "sitecustomize.py").write_text(
+        "import socket\n"
+        "_connect, _connect_ex = socket.socket.connect, socket.socket.connect_ex\n"
+        "def _mapped(address):\n"
+        "    if isinstance(address, tuple) and address[:2] in (('127.0.0.1', 8000), ('::1', 8000)):\n"
+        f"        return ('127.0.0.1', {port})\n"
+        "    return address\n"
+        "socket.socket.connect = lambda self, address: _connect(self, _mapped(address))\n"
+        "socket.socket.connect_ex = lambda self, address: _connect_ex(self, _mapped(address))\n"
+    )
+    env = {"PATH": "/usr/bin:/bin:" + str(Path(sys.executable).parent), "HOME": str(home),
+           "PYTHONPATH": str(site), "LANG": "C.UTF-8"}  # fmt: skip
+    return {"cwd": work, "env": env}
+
+
+def run_block(lang: str, code: str, sandbox: dict) -> subprocess.CompletedProcess:
+    cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+    return subprocess.run(cmd, cwd=sandbox["cwd"], env=sandbox["env"], capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+
+
+def wav_frames(path: Path) -> tuple[int, int]:
+    with wave.open(io.BytesIO(path.read_bytes())) as w:
+        return w.getframerate(), w.getnframes()
+
+
+@pytest.mark.parametrize("line,lang,code", TESTED, ids=[f"README.md:{t[0]}-{t[1]}" for t in TESTED])
+def test_readme_example_runs_verbatim(line, lang, code, sandbox):
+    for tool in ("curl", "jq") if lang == "bash" else ():
+        assert shutil.which(tool), f"{tool} is needed by the README's examples (make sysdeps installs it)"
+    r = run_block(lang, code, sandbox)
+    assert r.returncode == 0, f"README.md:{line} ({lang}) failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    out, work = r.stdout, sandbox["cwd"]
+    assert '"error"' not in out, out[-2000:]
+    # what each kind of example promises
+    if "/readyz" in code:
+        assert '"ready":true' in out.replace(" ", "")
+    if '"stream": true' in code:
+        assert 'data: {"type": "done"' in out
+    if "websockets.connect" in code:
+        assert "'type': 'done'" in out and "'finish_reason': 'length'" in out
+    for name in re.findall(r"> (\w+\.wav)", code):  # every WAV an example writes: 1 s at 8 kHz
+        assert wav_frames(work / name) == (8000, 8000), name
+    if "s4state" in code:
+        assert (work / "juliet.s4state").read_bytes()[:4] and '"session_id"' in out.splitlines()[-1]

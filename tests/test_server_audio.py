@@ -1,0 +1,135 @@
+"""Audio over the API: no prompt starts from the model's silence on every route (HTTP JSON, raw WAV,
+SSE, WebSocket, sessions), prompts in other formats and rates, and limits in seconds (max_audio_s)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import wave
+
+import numpy as np
+import pytest
+import soundfile
+from server_support import b64, reference, sse_events
+from websockets.asyncio.client import connect
+
+from model.codecs import MuLaw, read_audio, wav_bytes
+from model.sampling import SamplingParams
+from server import Settings
+
+AUDIO, TEXT = "tiny-audio", "tiny-text"
+SILENCE = [MuLaw().silence]  # = [128]
+
+
+def test_audio_without_a_prompt_starts_from_silence_over_http_wav_and_sse(client, model_dirs):
+    want = reference(model_dirs["audio"], SILENCE, SamplingParams(seed=5), 300)
+    req = {"model": AUDIO, "max_new_tokens": 300, "seed": 5}
+    body = client.post("/v1/generate", json=req).json()
+    assert body["tokens"] == want and body["usage"] == {"prompt_tokens": 1, "completion_tokens": 300}
+    raw = client.post("/v1/generate", json=req, headers={"Accept": "audio/wav"})
+    assert raw.status_code == 200 and raw.headers["x-prompt-tokens"] == "1"
+    with wave.open(io.BytesIO(raw.content)) as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    assert np.array_equal(pcm, np.frombuffer(base64.b64decode(body["audio"])[44:], "<i2"))
+    assert np.abs(pcm / 32767 - MuLaw().decode(want)).max() < 1e-4
+    with client.stream("POST", "/v1/generate", json={**req, "stream": True}) as r:
+        events = sse_events(r)
+    assert sum((e["ids"] for e in events if e["type"] == "audio"), []) == want
+    assert events[-1]["usage"]["prompt_tokens"] == 1
+    # an empty prompt file (0 frames) is the same as none
+    empty = client.post("/v1/generate", json={**req, "prompt_audio": b64(wav_bytes(np.zeros(0), 8000))})
+    assert empty.json()["tokens"] == want
+
+
+def test_an_empty_audio_session_generates_from_silence_then_continues(client, model_dirs):
+    sid = client.post("/v1/sessions", json={"model": AUDIO}).json()["session_id"]
+    first = client.post(
+        "/v1/generate", json={"model": AUDIO, "session_id": sid, "max_new_tokens": 40, "seed": 1}
+    )
+    assert first.json()["tokens"] == reference(model_dirs["audio"], SILENCE, SamplingParams(seed=1), 40)
+    second = client.post(
+        "/v1/generate", json={"model": AUDIO, "session_id": sid, "max_new_tokens": 20, "seed": 2}
+    )
+    ctx = SILENCE + first.json()["tokens"]
+    assert second.json()["tokens"] == reference(model_dirs["audio"], ctx, SamplingParams(seed=2), 20)
+    assert client.get(f"/v1/sessions/{sid}").json()["tokens"] == 61
+    client.delete(f"/v1/sessions/{sid}")
+
+
+def test_audio_without_a_prompt_starts_from_silence_over_the_websocket(server, model_dirs):
+    want = reference(model_dirs["audio"], SILENCE, SamplingParams(seed=9), 200)
+
+    async def run():
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "generate", "model": AUDIO, "max_new_tokens": 200, "seed": 9,
+                                      "audio_encoding": "mulaw"}))  # fmt: skip
+            got, done = b"", None
+            while done is None:
+                m = await ws.recv()
+                if isinstance(m, bytes):
+                    got += m
+                elif json.loads(m)["type"] in ("done", "error"):
+                    done = json.loads(m)
+            return list(got), done
+
+    ids, done = asyncio.run(run())
+    assert done["type"] == "done" and done["usage"] == {"prompt_tokens": 1, "completion_tokens": 200}
+    assert ids == want
+
+
+def test_a_text_model_still_needs_some_input(client):
+    r = client.post("/v1/generate", json={"model": TEXT, "max_new_tokens": 3})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "prompt"
+
+
+def test_default_limits_allow_ten_seconds_of_audio_and_the_readme_example_works(client, model_dirs):
+    s = Settings()
+    for rate in (8000, 16000, 44100):
+        assert int(s.max_audio_s * rate) >= 10 * rate
+    assert s.max_new_tokens < 8000  # the text limit alone would refuse the README's example
+    # the README's audio example on the test server (default audio limits): 8,000 samples as WAV
+    x = 0.5 * np.sin(np.arange(800) * 2 * np.pi * 440 / 8000)
+    req = {"model": AUDIO, "prompt_audio": b64(wav_bytes(x, 8000)), "max_new_tokens": 8000}
+    r = client.post("/v1/generate", json=req, headers={"accept": "audio/wav"})
+    assert r.status_code == 200, r.text
+    with wave.open(io.BytesIO(r.content)) as w:
+        assert (w.getframerate(), w.getnframes()) == (8000, 8000)
+    over = client.post("/v1/generate", json={**req, "max_new_tokens": 240_001})
+    err = over.json()["error"]
+    assert over.status_code == 422 and err["param"] == "max_new_tokens" and "max_audio_s" in err["message"]
+
+
+def test_prompt_formats_and_rates_reach_the_model_resampled(client, model_dirs):
+    x = 0.4 * np.sin(np.arange(4410) * 2 * np.pi * 300 / 44100)  # 0.1 s at 44.1 kHz, 24-bit FLAC
+    buf = io.BytesIO()
+    soundfile.write(buf, x, 44100, format="FLAC", subtype="PCM_24")
+    prompt = MuLaw().encode(read_audio(buf.getvalue(), 8000)[0]).tolist()
+    assert len(prompt) == 800
+    body = client.post(
+        "/v1/generate",
+        json={"model": AUDIO, "prompt_audio": b64(buf.getvalue()), "max_new_tokens": 30, "seed": 4},
+    ).json()
+    assert body["usage"]["prompt_tokens"] == 800
+    assert body["tokens"] == reference(model_dirs["audio"], prompt, SamplingParams(seed=4), 30)
+
+
+@pytest.mark.parametrize(
+    "prompt_audio,status,needle",
+    [
+        (wav_bytes(np.zeros(8000 * 31), 8000), 413, "31.000 s long; the limit is 30 s"),
+        (b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(30), 422, "prompt_audio: "),
+        (b"OggS" + bytes(60), 422, "not an audio file"),
+    ],
+    ids=["too-long", "bad-header", "not-audio"],
+)
+def test_bad_or_long_prompt_audio_is_refused_naming_the_field(client, prompt_audio, status, needle):
+    r = client.post(
+        "/v1/generate", json={"model": AUDIO, "prompt_audio": b64(prompt_audio), "max_new_tokens": 3}
+    )
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == "prompt_audio" and needle in err["message"]
+    r = client.post("/v1/sessions", json={"model": AUDIO, "prompt_audio": b64(prompt_audio)})
+    assert r.status_code == status and r.json()["error"]["param"] == "prompt_audio"
