@@ -32,8 +32,8 @@ def _sha256(path: Path) -> str:
 
 
 def save(net, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write `net` (a SequenceModel) to directory/{model.safetensors, config.json}, both mode 0644
-    whatever the umask (safetensors writes its file 0600: through a private temporary file)."""
+    """Write `net` (any `model.build` network) to directory/{model.safetensors, config.json}, both mode
+    0644 whatever the umask (safetensors writes its file 0600: through a private temporary file)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -78,8 +78,10 @@ def read_config(directory: str | Path) -> dict:
 
 
 def load(directory: str | Path, device: str | torch.device = "cpu"):
-    """Load a SequenceModel saved by `save`; raises CheckpointError naming any problem."""
-    from model.network import ModelConfig, SequenceModel  # noqa: PLC0415
+    """Load a network saved by `save`, of the class its config's `arch` names (SequenceModel or
+    SaShiMi); raises CheckpointError naming any problem."""
+    from model.arch import build  # noqa: PLC0415
+    from model.network import ModelConfig  # noqa: PLC0415
 
     d = Path(directory)
     meta = read_config(d)
@@ -97,7 +99,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu"):
         state = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{wpath}: unreadable safetensors file ({exc})") from None
-    net = SequenceModel(cfg)
+    net = build(cfg)
     expected = net.state_dict()
     if cfg.tie_embeddings:
         expected.pop("head.weight")

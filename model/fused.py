@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "ssm_step.c"
+MAX_MODES, MAX_RANK = 1024, 4  # the DPLR step's limits (MAX_MODES, MAX_RANK in ssm_step.c)
 _lib: dict[str, object] = {}
 # -fno-math-errno lets the GELU / sigmoid loops call glibc's vector expf / erff (model/csrc/ssm_step.c)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")

@@ -10,7 +10,10 @@ from model.kernel import SSMKernel
 
 
 def fft_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """Causal convolution y_t = Σ_{j≤t} K_j u_{t−j}: u (B, H, L), K (H, L) → (B, H, L)."""
+    """Causal convolution y_t = Σ_{j≤t} K_j u_{t−j}: u (B, H, L), K (H, L) → (B, H, L), in u's dtype
+    (half precision is transformed in float32: torch has no bfloat16 FFT, nor a float16 one on CPU)."""
+    if u.dtype in (torch.float16, torch.bfloat16):
+        return fft_conv(u.float(), K.float()).to(u.dtype)
     L = u.shape[-1]
     n = 2 * L  # zero-pad so the circular convolution is linear
     y = torch.fft.irfft(torch.fft.rfft(u, n=n) * torch.fft.rfft(K, n=n), n=n)

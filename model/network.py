@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
@@ -43,6 +43,14 @@ class ModelConfig:
     cauchy_backend: str = "auto"  # auto (keops when it works), keops, torch
     modality: str = "text"  # text | audio (metadata for serving)
     sample_rate: int | None = None  # audio only
+    # the architecture (model/arch): "isotropic" (SequenceModel) or "sashimi" (model/arch/sashimi.py:
+    # n_layers (S4, FF) block pairs per level; pool, expand, ff, unet as in the SaShiMi paper)
+    arch: str = "isotropic"
+    pool: list[int] = field(default_factory=lambda: [4, 4])  # sashimi: the stride of each DownPool
+    expand: int = 2  # sashimi: channels × expand at each coarser level
+    ff: int = 2  # sashimi: FF block hidden size = ff × width (0: no FF blocks)
+    unet: bool = False  # sashimi: (S4, FF) blocks before each DownPool too, with U-Net skips
+    norm: str = "layer"  # sashimi: block norm, "layer" (LayerNorm) or "tln" (official scalar TransposedLN)
 
     def __post_init__(self):
         inits = {"s4": S4_INITS, "s4d": S4D_INITS}
@@ -55,6 +63,11 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_state % 2 or self.l_max % 2:
             raise ValueError("d_state and l_max must be even")
+        if not 1 <= int(self.rank) <= (2 if self.kernel == "s4" else int(self.rank)):  # kernel.woodbury
+            raise ValueError(f"rank must be 1 or 2 for s4, at least 1 for s4d; got {self.rank}")
+        discs = {"s4": (None, "bilinear"), "s4d": (None, "zoh", "bilinear")}[self.kernel]
+        if self.disc not in discs:
+            raise ValueError(f"disc for kernel {self.kernel!r} must be one of {discs}, got {self.disc!r}")
         lk = self.l_kernel
         if lk is not None:
             ints = isinstance(lk, list | tuple) and all(type(n) is int and 0 < n <= 2**20 for n in lk)
@@ -74,6 +87,16 @@ class ModelConfig:
             raise ValueError(f"re_lambda_max must be null or a negative number, got {r!r}")
         if self.modality not in ("text", "audio"):
             raise ValueError(f"modality must be 'text' or 'audio', got {self.modality!r}")
+        if self.arch not in ("isotropic", "sashimi"):
+            raise ValueError(f"arch must be 'isotropic' or 'sashimi', got {self.arch!r}")
+        if self.arch == "sashimi":
+            from model.arch.sashimi import validate  # noqa: PLC0415
+
+            validate(self)
+        elif self.unet or self.norm != "layer":
+            raise ValueError(
+                "unet and norm are options of arch 'sashimi' (isotropic: unet false, norm 'layer')"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

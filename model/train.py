@@ -108,9 +108,10 @@ def lr_scale(step: int, cfg: TrainConfig) -> float:
 
 
 def build_s4(model_cfg: dict) -> nn.Module:
-    from model.network import ModelConfig, SequenceModel
+    from model.arch import build
+    from model.network import ModelConfig
 
-    return SequenceModel(ModelConfig.from_dict(model_cfg))
+    return build(ModelConfig.from_dict(model_cfg))  # SequenceModel or SaShiMi, by [model].arch
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     verify_tolerance: float = Field(
         1e-4, gt=0, description="max relative error of the recurrent form against the conv kernel"
     )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of the served weights (states stay float32); verified at load: logits within "
+        "1e-4 (float32), 1.6e-2 (bfloat16) or 2e-3 (float16) of float64 conv mode, else not served",
+    )
     max_sessions: int = Field(256, ge=1, description="state slots per model (sessions + one-shot requests)")
     session_ttl_s: float = Field(
         600.0, gt=0, description="an idle session is deleted after this many seconds"

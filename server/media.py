@@ -27,8 +27,23 @@ def b64decode(data: str, param: str) -> bytes:
         raise invalid(param, f"{param} is not valid base64") from None
 
 
-def _too_long(n: int | str, limit: int) -> APIError:
-    return too_large(f"prompt is {n} tokens; the limit is {limit} (max_prompt_tokens)", "prompt")
+def text_ids(text: str, param: str = "prompt", max_tokens: int | None = None) -> list[int]:
+    """A text prompt as token ids (UTF-8 bytes). One longer than `max_tokens` is a 413 naming `param`,
+    found before it is converted: by its length in characters (each is at least one byte), then in
+    bytes; text that is not valid Unicode (a lone surrogate from JSON's "\\ud800") is a 422."""
+
+    def too_long(n: int | str) -> APIError:
+        return too_large(f"{param} is {n} tokens; the limit is {max_tokens} (max_prompt_tokens)", param)
+
+    if max_tokens is not None and len(text) > max_tokens:
+        raise too_long(f"at least {len(text)}")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise invalid(param, f"{param} is not valid Unicode text: {exc.reason}") from None
+    if max_tokens is not None and len(data) > max_tokens:
+        raise too_long(len(data))
+    return list(data)
 
 
 def prompt_ids(
@@ -49,16 +64,7 @@ def prompt_ids(
     if kind == "text":
         if prompt_audio is not None:
             raise invalid("prompt_audio", "this is a text model: send `prompt` (a string)")
-        text = prompt or ""
-        if max_tokens is not None and len(text) > max_tokens:
-            raise _too_long(f"at least {len(text)}", max_tokens)
-        try:
-            data = text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. JSON "\ud800"
-            raise invalid("prompt", f"prompt is not valid Unicode text: {exc.reason}") from None
-        if max_tokens is not None and len(data) > max_tokens:
-            raise _too_long(len(data), max_tokens)
-        return list(data)
+        return text_ids(prompt or "", "prompt", max_tokens)
     if prompt is not None:
         raise invalid("prompt", "this is an audio model: send `prompt_audio` (a base64 audio file)")
     if prompt_audio is None:
@@ -98,11 +104,15 @@ class TextAssembler:
     complete, and so is any tail that could be the start of a stop sequence, so the pieces always
     add up to the final text (which ends before the stop sequence)."""
 
-    def __init__(self, stops: list[bytes]) -> None:
+    def __init__(self, stops: list[bytes], carry: bytes = b"", ends: bool = True) -> None:
+        """carry: an unfinished character from the session's earlier output (its first bytes);
+        ends: `finish` ends the text (U+FFFD for an unfinished character) rather than holding it back
+        for a later generation on the same session. A stop sequence always ends the text."""
         self.stops = [s for s in stops if s]
         self.buf = bytearray()
         self.emitted = 0
-        self.decoder = TEXT.stream_decoder()
+        self.decoder = TEXT.stream_decoder(carry)
+        self.ends = ends
         self.parts: list[str] = []
 
     def _held(self) -> int:
@@ -128,8 +138,12 @@ class TextAssembler:
         return self._emit(end if stop is None else min(end, stop))
 
     def finish(self, stop_at: int | None) -> str:
-        """The rest of the text, up to the stop sequence (when one ended the generation)."""
-        return self._emit(len(self.buf) if stop_at is None else stop_at, final=True)
+        """The rest of the text, up to the stop sequence (when one ended the generation); an unfinished
+        character at its end is held back when the text goes on in a later generation (not `ends`, no
+        stop sequence), else it becomes U+FFFD."""
+        if stop_at is None:
+            return self._emit(len(self.buf), final=self.ends)
+        return self._emit(stop_at, final=True)
 
     @property
     def text(self) -> str:

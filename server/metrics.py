@@ -40,6 +40,13 @@ class Metrics:
                                   ["model", "reason"], registry=r)  # fmt: skip
         self.store_ops = Counter("s4_session_store_operations", "Session store writes, deletes, restores, "
                                  "errors", ["op"], registry=r)  # fmt: skip
+        self.verification_error = Gauge(
+            "s4_verification_relative_error",
+            "Relative error measured at load against float64 conv mode: the logits of the recurrent step and "
+            "prefill at the served dtype, and each layer's kernel",
+            ["model", "dtype", "check"],
+            registry=r,
+        )
         self.auth_failures = Counter("s4_auth_failures", "Requests and WebSocket handshakes refused for a "
                                      "missing or invalid API key", ["transport"], registry=r)  # fmt: skip
         # Connections and request bodies (server/connections.py, server/body_limit.py)

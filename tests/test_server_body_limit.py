@@ -236,11 +236,17 @@ def _wav(n: int, rate: int, width: int = 2, channels: int = 1) -> bytes:
     return buf.getvalue()
 
 
-def test_a_prompt_with_a_lone_surrogate_is_422_naming_prompt(client):
+def test_a_prompt_with_a_lone_surrogate_is_422_naming_it_on_every_route(client):
     """Valid JSON that is not UTF-8 text (it was a 500: UnicodeEncodeError)."""
-    body = '{"model": "tiny-text", "prompt": "ab\\ud800", "max_new_tokens": 1}'
-    r = client.post("/v1/generate", content=body, headers={"content-type": "application/json"})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "prompt", r.text
+    bad = "ab\\ud800"  # as JSON text: the escape of a lone surrogate
+    for path, body, param in [
+        ("/v1/generate", f'{{"model": "{TEXT}", "prompt": "{bad}", "max_new_tokens": 1}}', "prompt"),
+        ("/v1/completions", f'{{"model": "{TEXT}", "prompt": "{bad}", "max_tokens": 1}}', "prompt"),
+        ("/v1/completions", f'{{"model": "{TEXT}", "prompt": ["ok", "{bad}"], "max_tokens": 1}}', "prompt"),
+        ("/v1/sessions", f'{{"model": "{TEXT}", "prompt": "{bad}"}}', "prompt"),
+    ]:
+        r = client.post(path, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, (path, r.text)
 
 
 def _ws_close_code(url: str, message, compression: str | None) -> tuple[int, str]:

@@ -21,12 +21,12 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from server import media, service
-from server.app import ServerState, validation_error
 from server.auth import SUBPROTOCOL
 from server.engine import Stream
-from server.errors import APIError, invalid, too_large
+from server.errors import APIError, invalid, too_large, validation_error
 from server.registry import ServedModel
 from server.schemas import WSAppend, WSCancel, WSGenerate, WSMessage, WSSession
+from server.state import ServerState
 
 router = APIRouter()
 log = logging.getLogger("server.ws")
@@ -96,12 +96,12 @@ class Connection:
                              "usage": {"prompt_tokens": len(ids)}})  # fmt: skip
             return
         params = service.sampling_params(self.model, msg)
-        stream, _ = service.start_generation(
+        stream, job = service.start_generation(
             self.st, self.model, self.session_id, ids, params, msg.max_new_tokens
         )
         self.stream = stream
         self.pump = asyncio.create_task(
-            self.forward(stream, service.Output(self.model, params, self.encoding))
+            self.forward(stream, service.Output(self.model, params, self.encoding, job))
         )
 
     async def bind(self, msg: WSSession | WSGenerate | WSAppend) -> None:

@@ -1,0 +1,207 @@
+"""SaShiMi [4, 4] vs isotropic S4 models of the same parameter count: analytic FLOPs per sample and
+recurrent step samples/s at batch 1, 8 and 64, side by side in one run (issue 14's benchmark).
+
+The isotropic models: "isotropic-ff" has SaShiMi's block recipe (S4 + FF 2H blocks, as many S4
+layers as SaShiMi), "isotropic" the shipped audio shape (4 S4 blocks, no FF, which steps the whole
+network in one C call); each is as wide as makes its parameter count closest to SaShiMi's.
+One torch thread for every model (a single-sample step is latency-bound; a second thread only adds
+contention on a shared CPU); samples/s = batch · steps / wall time over whole pooling periods.
+
+    python -m bench.sashimi [--quick]
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from bench.common import bench_main, save_figure, subplots
+from bench.step import flops_per_token
+from model import ModelConfig, build
+
+NAME = "sashimi"
+SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
+    False: {"sashimi": {"d_model": 64, "n_layers": 2}, "d_state": 64, "l_max": 1024,
+            "batches": [1, 8, 64], "periods": 6},
+    True: {"sashimi": {"d_model": 16, "n_layers": 1}, "d_state": 16, "l_max": 128,
+           "batches": [1, 8], "periods": 2},
+}  # fmt: skip
+V = 256
+
+FLOPS_FORMULA = (
+    "SaShiMi per sample: Σ over levels k of (1/prod(pool[:k])) × [per S4 block at width H_k: layernorm 5H "
+    "+ SSM step (12·H·M diagonal, (8 + 16·rank)·H·M DPLR) + D skip & GELU 10H + output linear 2·H·2H "
+    "+ GLU 2H + residual H; per FF block: layernorm 5H + 2·2·H·ffH + GELU 10·ffH + residual H; "
+    "skips H per add] "
+    "+ per pool k, once per coarse step: DownPool 2·(s·H_k)·H_{k+1}, UpPool 2·H_{k+1}·(s·H_k) "
+    "+ final layernorm 5H + head 2·H·V. Isotropic: bench.step.flops_per_token."
+)
+
+
+def sashimi_flops_per_sample(rec) -> dict[str, Any]:
+    """Analytic FLOPs per generated sample of a SaShiMiRecurrent's step (see FLOPS_FORMULA)."""
+    cfg, net = rec.config, rec.net
+    forms = {r["layer"]: r for r in rec.report}
+    K = len(cfg.pool)
+    groups: dict[int, list] = {k: [(f"up.{k}.blocks", net.up[k].blocks)] for k in range(K)}
+    for k in range(K if cfg.unet else 0):
+        groups[k].append((f"down.{k}.blocks", net.down[k].blocks))
+    groups[K] = [("center", net.center)]
+    per_level = []
+    for k, H in enumerate(net.widths):
+        rate = 1 / math.prod(cfg.pool[:k])
+        total = 0
+        for prefix, blocks in groups[k]:
+            for i in range(len(blocks)):
+                rep = forms.get(f"{prefix}.{i}")
+                if rep is not None:  # an S4 block
+                    M = int(rep["modes"])
+                    ssm = 12 * H * M if rep["form"] == "diagonal" else (8 + 16 * cfg.rank) * H * M
+                    total += 5 * H + ssm + 10 * H + 2 * H * 2 * H + 2 * H + H
+                else:  # an FF block
+                    F = cfg.ff * H
+                    total += 5 * H + 2 * 2 * H * F + 10 * F + H
+        total += 2 * H  # the level's skips
+        if k < len(cfg.pool):
+            s, H1 = cfg.pool[k], net.widths[k + 1]
+            total += (2 * s * H * H1 + 2 * H1 * s * H) * (1 / s)  # once per coarse step, amortized
+        per_level.append(
+            {"level": k, "width": H, "rate": rate, "flops_at_rate": total, "per_sample": total * rate}
+        )
+    head = 5 * cfg.d_model + 2 * cfg.d_model * cfg.vocab_size
+    return {"total": sum(p["per_sample"] for p in per_level) + head, "head": head, "levels": per_level}
+
+
+def _cfg(**kw) -> ModelConfig:
+    return ModelConfig(vocab_size=V, cauchy_backend="torch", modality="audio", sample_rate=16000, **kw)
+
+
+def isotropic_of(params: int, n_layers: int, ff: bool, d_state: int, l_max: int) -> ModelConfig:
+    """The isotropic config whose width makes its parameter count closest to `params`."""
+
+    def count(H: int) -> int:
+        return build(
+            _cfg(d_model=H, n_layers=n_layers, d_state=d_state, l_max=64, d_ff=2 * H if ff else 0)
+        ).num_params()
+
+    lo, hi = 8, 2048
+    while hi - lo > 1:  # the count grows with H
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if count(mid) <= params else (lo, mid)
+    H = min((lo, hi), key=lambda h: abs(count(h) - params))
+    return _cfg(d_model=H, n_layers=n_layers, d_state=d_state, l_max=l_max, d_ff=2 * H if ff else 0)
+
+
+def time_steps(rec, batch: int, steps: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    tokens = torch.randint(0, V, (steps + 16, batch))
+    state = rec.init_state(batch)
+    for t in range(16):  # warm-up: one whole period
+        _, state = rec.step(tokens[t], state, out=state)
+    t0 = time.perf_counter()
+    for t in range(16, 16 + steps):
+        _, state = rec.step(tokens[t], state, out=state)
+    wall = time.perf_counter() - t0
+    return {
+        "batch": batch,
+        "steps": steps,
+        "us_per_step": 1e6 * wall / steps,
+        "samples_per_s": batch * steps / wall,
+    }
+
+
+def run(quick: bool) -> dict[str, Any]:
+    size = SIZES[quick]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        sash_cfg = _cfg(arch="sashimi", d_state=size["d_state"], l_max=size["l_max"], **size["sashimi"])
+        params = build(sash_cfg).num_params()
+        cfgs = {
+            "sashimi": sash_cfg,
+            "isotropic-ff": isotropic_of(
+                params, 3 * size["sashimi"]["n_layers"], True, size["d_state"], size["l_max"]
+            ),
+            "isotropic": isotropic_of(params, 4, False, size["d_state"], size["l_max"]),
+        }
+        models = {}
+        for name, cfg in cfgs.items():
+            torch.manual_seed(0)
+            net = build(cfg).eval()
+            t0 = time.perf_counter()
+            rec = net.to_recurrent()
+            convert_s = time.perf_counter() - t0
+            flops = sashimi_flops_per_sample(rec) if name == "sashimi" else flops_per_token(rec)
+            rows = [time_steps(rec, b, 16 * size["periods"]) for b in size["batches"]]
+            models[name] = {
+                "config": {
+                    k: v
+                    for k, v in cfg.to_dict().items()
+                    if k in ("arch", "d_model", "n_layers", "d_ff", "d_state", "pool", "expand", "ff")
+                },  # fmt: skip
+                "num_params": net.num_params(),
+                "forms": sorted({r["form"] for r in rec.report}),
+                "convert_s": convert_s,
+                "state_bytes_per_sequence": rec.state_bytes_per_sequence,
+                "flops_per_sample": flops["total"],
+                "flops_detail": flops,
+                "step": rows,
+            }
+            print(
+                f"{name:13s} {net.num_params():>9,} params  {flops['total'] / 1e6:6.2f} MFLOP/sample  "
+                + "  ".join(f"B={r['batch']}: {r['samples_per_s']:8.0f} samples/s" for r in rows),
+                flush=True,
+            )
+    finally:
+        torch.set_num_threads(threads)
+    s = models["sashimi"]
+    ratios = {}
+    for other in ("isotropic-ff", "isotropic"):
+        o = models[other]
+        ratios[other] = {
+            "flops_ratio": o["flops_per_sample"] / s["flops_per_sample"],
+            "b1_speedup": s["step"][0]["samples_per_s"] / o["step"][0]["samples_per_s"],
+        }
+    print({k: {m: f"{v:.2f}" for m, v in r.items()} for k, r in ratios.items()}, flush=True)
+    return {
+        "description": "SaShiMi [4, 4] vs isotropic S4 of the same parameter count: analytic FLOPs per "
+        "sample and step samples/s (1 torch thread; `steps` steps after a 16-step warm-up, whole pooling "
+        "periods)",
+        "flops_formula": FLOPS_FORMULA,
+        "goals": "issue 14: ≥ 2.5× fewer FLOPs per sample, ≥ 2× the isotropic single-stream samples/s",
+        "models": models,
+        "ratios_vs_sashimi": ratios,
+    }
+
+
+def plot(data: dict[str, Any], quick: bool) -> None:
+    fig, (ax_f, ax_s) = subplots(2, width=5.5)
+    names = list(data["models"])
+    ax_f.bar(names, [data["models"][n]["flops_per_sample"] / 1e6 for n in names])
+    ax_f.set_ylabel("MFLOP per sample")
+    batches = [r["batch"] for r in data["models"][names[0]]["step"]]
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        ax_s.bar(
+            [j + i * width for j in range(len(batches))],
+            [r["samples_per_s"] for r in data["models"][n]["step"]],
+            width,
+            label=n,
+        )
+    ax_s.set_xticks([j + width for j in range(len(batches))], [f"batch {b}" for b in batches])
+    ax_s.set_yscale("log")
+    ax_s.set_ylabel("samples/s (1 thread)")
+    ax_s.legend()
+    save_figure(fig, NAME, quick, "SaShiMi vs isotropic S4, same parameter count")
+
+
+def main(argv=None) -> None:
+    bench_main(argv, __doc__, NAME, run, plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,246 @@
+"""The recurrent (serving) form of a SaShiMi network: one verified recurrence for the whole U-shape.
+
+Every S4 layer is converted and verified by model.recurrent.convert_kernel (the diagonal form, or the
+exact DPLR step when diagonalization is ill-conditioned), at its own level's length. The pools become:
+  * DownPool k: a buffer of the level's last inputs; on the step whose level-k phase is pool[k] − 1
+    it emits one coarse input, and only then does level k + 1 (and everything coarser) step.
+  * UpPool k: a buffer of the `pool[k]` fine outputs of the last coarse step, handed out one per
+    level-k step (at phase r, entry r). It starts at zeros: the conv mode's causal shift.
+One sequence's whole state is one float32 row laid out by a StateLayout:
+    phase                    steps taken mod prod(pool) (an exact integer in float32)
+    <block name>.x           (H_k, 2, M) real and imaginary parts of each S4 layer's modes
+    down.k.buffer, up.k.buffer   (pool[k], H_k)
+Rows of one batch may be at different phases; each row equals the same sequence run alone.
+
+Prefill is parallel at every level: conv (FFT) over the prompt at level 0, the DownPool over the
+buffered inputs plus the new ones, the coarser levels over the complete blocks, the UpPool outputs
+read from [buffer, new coarse blocks] at the starting phase; each S4 layer's final state comes from
+its form's `prefill`. It leaves the exact state for any prompt length and any starting state.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from model import fused
+from model.arch.sashimi import S4Block, SaShiMi
+from model.recurrent import VerificationError, convert_kernel, pad_fused_params
+from model.state_layout import StateLayout
+
+
+class SaShiMiRecurrent:
+    """Frozen recurrent form of a SaShiMi network: init_state, parallel prefill, batched step.
+
+    State: float32 (B, layout.numel); `step` and `prefill` return a new state and leave the one
+    passed in untouched, unless `step(..., out=state)` asks for an in-place update."""
+
+    def __init__(
+        self, net: SaShiMi, tol: float = 1e-4, verify_len: int | None = None, device=None, fused_step=True
+    ):
+        device = torch.device(device) if device is not None else next(net.parameters()).device
+        self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
+        self.config = cfg = net.config
+        self.device = device
+        self.pool = list(cfg.pool)
+        self.period = math.prod(self.pool)
+        self.layout = StateLayout()
+        self.layout.add("phase", (1,))
+        self.forms, self.report = {}, []
+        for name, level, block in self.net.named_s4_blocks():
+            L = None if verify_len is None else -(-verify_len // math.prod(self.pool[:level]))
+            try:
+                form, rep = convert_kernel(block.layer.kernel, device, tol, L)[:2]  # (form, report, …)
+            except VerificationError as exc:
+                raise VerificationError(f"layer {name}: {exc}") from None
+            self.forms[name] = form
+            self.report.append({"layer": name, "level": level, **rep})
+            self.layout.add(f"{name}.x", (form.H, 2, form.M))
+        for k, p in enumerate(self.pool):
+            self.layout.add(f"down.{k}.buffer", (p, self.net.widths[k]))
+            self.layout.add(f"up.{k}.buffer", (p, self.net.widths[k]))
+        # on CPU each S4 layer's step is one fused C pass (model/fused.py) when it builds
+        self._fused = fused.library() if (fused_step and device.type == "cpu") else None
+        if self._fused is not None:
+            for form in self.forms.values():
+                pad_fused_params(form, form.M)  # its C pointers (each layer's state has its own M)
+
+    @property
+    def state_bytes_per_sequence(self) -> int:
+        return self.layout.numel * 4
+
+    def init_state(self, batch_size: int) -> torch.Tensor:
+        """Zeros (batch_size, layout.numel) float32: phase 0, empty buffers, zero SSM states."""
+        return torch.zeros(batch_size, self.layout.numel, device=self.device)
+
+    def phases(self, state: torch.Tensor) -> torch.Tensor:
+        """The phase counters (B,) long; raises ValueError unless each is an integer in [0, prod(pool))."""
+        tau = self.layout.view(state, "phase")[:, 0]
+        ok = torch.isfinite(tau) & (tau == tau.round()) & (tau >= 0) & (tau < self.period)
+        if not bool(ok.all()):
+            raise ValueError(
+                f"state: phase counter must be an integer in [0, {self.period}), got {tau.tolist()}"
+            )
+        return tau.long()
+
+    def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):
+        if tokens.dim() != ndim:
+            raise ValueError(f"tokens must have {ndim} dims, got shape {tuple(tokens.shape)}")
+        want = (tokens.shape[0], self.layout.numel)
+        if tuple(state.shape) != want or state.dtype != torch.float32:
+            raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
+
+    def _level_phase(self, tau, k: int):
+        """Inputs already in DownPool k's buffer (level k's phase) at global phase tau."""
+        return (tau // math.prod(self.pool[:k])) % self.pool[k]
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.net.embed(tokens) * self.config.embed_scale
+
+    # -----------------------------------------------------------------------------------------
+    # step: one token per row; rows is None (all rows of st) or a LongTensor of rows of st
+
+    def _step_blocks(self, prefix, blocks, x, rows, st, skips=None):
+        for i, blk in enumerate(blocks):
+            name = f"{prefix}.{i}"
+            if isinstance(blk, S4Block):
+                u = blk.norm(x)
+                xs = self.layout.view(st, f"{name}.x")
+                x0 = xs if rows is None else xs[rows]
+                if self._fused is not None:
+                    u, x0 = u.contiguous(), x0.contiguous()
+                    y, x1 = torch.empty_like(u), torch.empty_like(x0)
+                    self.forms[name].step_fused(self._fused, u, x0, x1, y)
+                else:
+                    y, x1 = self.forms[name].step(u, x0)
+                if rows is None:
+                    xs.copy_(x1)
+                else:
+                    xs[rows] = x1
+                x = x + blk.layer.mix(y, u)
+            else:
+                x = blk(x)
+            if skips is not None:
+                skips.append(x)
+        return x
+
+    def _step_level(self, k: int, x: torch.Tensor, rows, tau: torch.Tensor, st: torch.Tensor):
+        """Level k's input x (b, H_k) for rows at global phases tau (b,) → level k's output (b, H_k)."""
+        net = self.net
+        if k == len(self.pool):
+            return self._step_blocks("center", net.center, x, rows, st) + x
+        skips = [x]
+        if self.config.unet:
+            x = self._step_blocks(f"down.{k}.blocks", net.down[k].blocks, x, rows, st, skips)
+        s = self.pool[k]
+        r = self._level_phase(tau, k)
+        dbuf, ubuf = self.layout.view(st, f"down.{k}.buffer"), self.layout.view(st, f"up.{k}.buffer")
+        idx = torch.arange(st.shape[0], device=st.device) if rows is None else rows
+        dbuf[idx, r] = x
+        y = ubuf[idx, r]  # this step's UpPool output, read before a refill
+        emit = r == s - 1
+        if bool(emit.any()):
+            sub = None if bool(emit.all()) else emit.nonzero()[:, 0]
+            erows = rows if sub is None else idx[sub]
+            eidx = idx if sub is None else erows
+            coarse = net.down[k].pool(dbuf[eidx])[:, 0]  # (b', H_{k+1})
+            c = self._step_level(k + 1, coarse, erows, tau if sub is None else tau[sub], st)
+            ubuf[eidx] = net.up[k].pool.blocks(c)  # the next `s` outputs
+            dbuf[eidx] = 0
+        y = y + skips.pop()
+        blocks = net.up[k].blocks
+        if self.config.unet:
+            for i in range(len(blocks)):
+                y = self._step_blocks(f"up.{k}.blocks", blocks[i : i + 1], y, rows, st) + skips.pop()
+            return y
+        return self._step_blocks(f"up.{k}.blocks", blocks, y, rows, st) + y
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None):
+        """tokens (B,) long, state (B, numel) float32 → logits (B, V) float32 and the next state: a new
+        tensor, or written into `out` (which may be `state` itself). Raises ValueError on a wrong
+        shape or a phase counter that is not an integer in [0, prod(pool))."""
+        self._check(tokens, state, 1)
+        if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
+        tau = self.phases(state)
+        new = state.contiguous().clone()
+        y = self._step_level(0, self._embed(tokens), None, tau, new)
+        self.layout.view(new, "phase")[:, 0] = ((tau + 1) % self.period).float()
+        logits = self.net.head(self.net.norm(y))
+        return logits, new if out is None else out.copy_(new)
+
+    # -----------------------------------------------------------------------------------------
+    # prefill: every row of st at the same phase tau
+
+    def _prefill_blocks(self, prefix, blocks, x, st, skips=None):
+        for i, blk in enumerate(blocks):
+            name = f"{prefix}.{i}"
+            if isinstance(blk, S4Block):
+                u = blk.norm(x)
+                xs = self.layout.view(st, f"{name}.x")  # (b, H, 2, M)
+                x0 = torch.complex(xs[:, :, 0], xs[:, :, 1])
+                y, xL = self.forms[name].prefill(u, x0, not bool(xs.any()))
+                xs.copy_(torch.stack([xL.real, xL.imag], dim=2))
+                x = x + blk.layer.mix(y, u)
+            else:
+                x = blk(x)
+            if skips is not None:
+                skips.append(x)
+        return x
+
+    def _prefill_level(self, k: int, x: torch.Tensor, tau: int, st: torch.Tensor) -> torch.Tensor:
+        """Level k's inputs x (b, T_k, H_k), all rows at global phase tau → outputs (b, T_k, H_k)."""
+        net = self.net
+        if k == len(self.pool):
+            return self._prefill_blocks("center", net.center, x, st) + x
+        skips = [x]
+        if self.config.unet:
+            x = self._prefill_blocks(f"down.{k}.blocks", net.down[k].blocks, x, st, skips)
+        s, T = self.pool[k], x.shape[1]
+        r = int(self._level_phase(tau, k))
+        dbuf, ubuf = self.layout.view(st, f"down.{k}.buffer"), self.layout.view(st, f"up.{k}.buffer")
+        seq = torch.cat([dbuf[:, :r], x], dim=1)  # the current block's earlier inputs, then the new
+        n = seq.shape[1] // s  # complete blocks: coarse steps taken now
+        if n:
+            c = self._prefill_level(k + 1, net.down[k].pool(seq[:, : n * s]), tau, st)
+            new_blocks = net.up[k].pool.blocks(c)  # (b, n, s, H)
+            outs = torch.cat([ubuf, new_blocks.flatten(1, 2)], dim=1)
+            ubuf.copy_(new_blocks[:, -1])
+        else:
+            outs = ubuf.clone()
+        y = outs[:, r : r + T]  # level-k step r + t of the current block reads entry r + t
+        dbuf.zero_()
+        dbuf[:, : seq.shape[1] - n * s] = seq[:, n * s :]
+        y = y + skips.pop()
+        blocks = net.up[k].blocks
+        if self.config.unet:
+            for i in range(len(blocks)):
+                y = self._prefill_blocks(f"up.{k}.blocks", blocks[i : i + 1], y, st) + skips.pop()
+            return y
+        return self._prefill_blocks(f"up.{k}.blocks", blocks, y, st) + y
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, state: torch.Tensor):
+        """tokens (B, T) long, state (B, numel) float32 → logits (B, T, V) and the state after the
+        last token; parallel over T at every level, for any T and any starting state (rows at
+        different phases are run in groups of equal phase)."""
+        self._check(tokens, state, 2)
+        B, T = tokens.shape
+        new = state.contiguous().clone()
+        tau = self.phases(new)
+        logits = torch.empty(B, T, self.config.vocab_size, device=self.device)
+        if T == 0:
+            return logits, new
+        for t0 in torch.unique(tau).tolist():
+            rows = (tau == t0).nonzero()[:, 0]
+            whole = len(rows) == B
+            st = new if whole else new[rows]
+            y = self._prefill_level(0, self._embed(tokens[rows]), t0, st)
+            self.layout.view(st, "phase")[:, 0] = float((t0 + T) % self.period)
+            logits[rows] = self.net.head(self.net.norm(y))
+            if not whole:
+                new[rows] = st
+        return logits, new

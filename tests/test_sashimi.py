@@ -1,0 +1,409 @@
+"""SaShiMi: the pools and norms as defined, causal conv mode, one verified recurrence (step and parallel
+prefill, rows at different pooling phases), checkpoints, conv-mode training, and the server's refusal.
+
+Conv vs step is checked over the trained length (l_max = 1024) and beyond it to 4096 samples (4×, the
+CI budget; the issue's 16,384 is the same test with L_BEYOND raised) against an independent float64
+reference: the same network in float64 with each S4 convolution's kernel γ̄ᵀ Āᵏ B̄ from dense powers."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from model import ModelConfig, VerificationError, build, load, save
+from model.arch.sashimi import DownPool, SaShiMi, UpPool
+from model.checkpoint import CheckpointError
+from model.data import prepare_text
+from model.kernel import discretize
+from model.layer import fft_conv
+from model.norms import TransposedLN
+from model.recurrent import s4_real_system
+from model.train import load_config, train
+
+F64 = torch.float64
+L_TRAINED, L_BEYOND = 1024, 4096
+V = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Single-sample steps are latency-bound: a second thread only contends on the shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make(l_max=L_TRAINED, **kw) -> SaShiMi:
+    args = dict(arch="sashimi", vocab_size=V, d_model=16, n_layers=1, d_state=16, l_max=l_max,
+                cauchy_backend="torch")  # fmt: skip
+    return build(ModelConfig(**{**args, **kw}))
+
+
+def train_a_few_steps(net: SaShiMi, steps=5, L=L_TRAINED) -> None:
+    opt = torch.optim.AdamW(net.param_groups(lr=3e-3, weight_decay=0.01, ssm_lr=3e-3))
+    for _ in range(steps):
+        x = torch.randint(0, V, (2, L + 1))
+        loss = torch.nn.functional.cross_entropy(net(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def step_all(rec, tokens, state):
+    outs = []
+    for t in range(tokens.shape[1]):
+        logits, state = rec.step(tokens[:, t], state)
+        outs.append(logits)
+    return torch.stack(outs, 1), state
+
+
+def rel(got, want) -> float:
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+def reference_logits(net: SaShiMi, tokens: torch.Tensor) -> torch.Tensor:
+    """The network in float64 at any length, each S4 layer's convolution by its float64 kernel:
+    S4 K_k = γ̄ᵀ Āᵏ B̄ (bilinear Ā of the DPLR matrix, C̄ from C̃, dense powers); S4D 2 Re Σ C B̄ μᵏ."""
+    net64 = copy.deepcopy(net).double().eval()
+    ssms = {}
+    for name, level, blk in net.named_s4_blocks():
+        k = blk.layer.kernel
+        L = -(-tokens.shape[1] // math.prod(net.config.pool[:level])) + 16
+        s = {n: v.detach() for n, v in k.ssm(F64).items()}
+        K = []
+        if k.kind == "s4":
+            Abar, Bbar, gamma = s4_real_system(s, k.L)
+            v = Bbar
+            for _ in range(L):
+                K.append((gamma * v).sum(-1))
+                v = (Abar @ v[..., None])[..., 0]
+        else:
+            mu, Bbar = discretize(s["Lambda"] * s["dt"][:, None], s["B"] * s["dt"][:, None], k.disc)
+            v = Bbar * s["C"]
+            for _ in range(L):
+                K.append(2 * v.sum(-1).real)
+                v = v * mu
+        K = torch.stack(K, 1)  # (H, L)
+        ssms[name] = lambda u, K=K: fft_conv(u.transpose(1, 2), K[:, : u.shape[1]]).transpose(1, 2)
+    with torch.no_grad():
+        return net64(tokens, ssms=ssms)
+
+
+# ---------------------------------------------------------------------------------------------
+# the parts
+
+
+def test_config_validation_names_the_field():
+    cases = [
+        (dict(arch="unet"), "arch"),
+        (dict(arch="sashimi", pool=[4, 1]), "pool"),
+        (dict(arch="sashimi", pool=[]), "pool"),
+        (dict(arch="sashimi", expand=0), "expand"),
+        (dict(arch="sashimi", ff=-1), "ff"),
+        (dict(arch="sashimi", unet="yes"), "unet"),
+        (dict(arch="sashimi", norm="batch"), "norm"),
+        (dict(arch="sashimi", d_ff=64), "d_ff"),
+        (dict(arch="sashimi", l_max=1000), "l_max"),  # not a multiple of 2·16
+        (dict(unet=True), "unet"),  # isotropic
+        (dict(norm="tln"), "norm"),
+        (dict(arch="sashimi", n_layers=1, l_kernel=[64]), "l_kernel"),
+    ]
+    for kw, field in cases:
+        with pytest.raises(ValueError, match=field):
+            ModelConfig(**kw)
+    cfg = ModelConfig.from_dict({"arch": "sashimi", "pool": [4, 4], "l_max": 1024})
+    assert (cfg.pool, cfg.expand, cfg.ff, cfg.unet) == ([4, 4], 2, 2, False)
+
+
+def test_down_pool_folds_stride_steps_into_channels_then_applies_W():
+    pool = DownPool(3, 5, stride=4).double()
+    x = torch.randn(2, 8, 3, dtype=F64)
+    got = pool(x)  # (2, 2, 5)
+    for l in range(2):
+        # channel h·4 + j ← step 4l + j, channel h (the official rearrange '(l s) h -> l (h s)')
+        folded = torch.stack([x[:, 4 * l + j, h] for h in range(3) for j in range(4)], dim=-1)
+        torch.testing.assert_close(got[:, l], folded @ pool.linear.weight.T + pool.linear.bias)
+
+
+def test_up_pool_unfolds_and_shifts_one_coarse_step():
+    pool = UpPool(5, 3, stride=4).double()
+    x = torch.randn(2, 3, 5, dtype=F64)
+    got = pool(x)  # (2, 12, 3)
+    z = x @ pool.linear.weight.T + pool.linear.bias  # (2, 3, 12): channel h·4 + j
+    assert got.shape == (2, 12, 3)
+    assert bool((got[:, :4] == 0).all())  # the causal shift: the first block is zeros (no bias)
+    for l in range(1, 3):
+        for j in range(4):
+            torch.testing.assert_close(got[:, 4 * l + j], z[:, l - 1, [h * 4 + j for h in range(3)]])
+
+
+def test_transposed_ln_is_the_official_scalar_formula():
+    norm = TransposedLN().double()
+    with torch.no_grad():
+        norm.m.fill_(0.3)
+        norm.s.fill_(1.7)
+    x = torch.randn(4, 7, 10, dtype=F64)
+    mu = x.mean(-1, keepdim=True)
+    sigma = ((x - mu) ** 2).mean(-1, keepdim=True).sqrt()  # population std, no ε
+    torch.testing.assert_close(norm(x), 1.7 * (x - mu + 0.3) / sigma)
+
+
+@pytest.mark.parametrize("unet", [False, True])
+def test_conv_mode_is_causal(unet):
+    net = make(l_max=256, unet=unet, norm="tln" if unet else "layer").eval()
+    tokens = torch.randint(0, V, (1, 100))  # not a multiple of 16: conv mode pads internally
+    with torch.no_grad():
+        base = net(tokens)
+        for t in [0, 3, 15, 16, 17, 47, 63, 64, 98]:
+            perturbed = tokens.clone()
+            perturbed[:, t + 1 :] = torch.randint(0, V, (1, 99 - t))
+            out = net(perturbed)
+            past = float((out[:, : t + 1] - base[:, : t + 1]).abs().max())
+            future = float((out[:, t + 1 :] - base[:, t + 1 :]).abs().max())
+            assert past <= 1e-5, f"t={t}: outputs ≤ t moved by {past:.1e} when only inputs > t changed"
+            assert future > 1e-2, f"t={t}: the perturbation did not reach the future ({future:.1e})"
+
+
+# ---------------------------------------------------------------------------------------------
+# the recurrence
+
+
+@pytest.fixture(scope="module")
+def trained_net():
+    torch.manual_seed(1)
+    net = make()
+    train_a_few_steps(net)
+    return net.eval()
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_step_equals_conv_over_the_trained_length_and_the_reference_beyond(trained, trained_net):
+    net = trained_net if trained else make().eval()
+    tokens = torch.randint(0, V, (2, L_BEYOND))
+    rec = net.to_recurrent()
+    assert len(rec.report) == 3 and all(r["rel_err"] <= 1e-4 for r in rec.report)
+    stepped, _ = step_all(rec, tokens, rec.init_state(2))
+    with torch.no_grad():
+        conv = net(tokens[:, :L_TRAINED])
+        conv_beyond = net(tokens)  # conv mode past l_max: each kernel rewritten for the longer length
+    ref = reference_logits(net, tokens)
+    errs = {"conv": rel(stepped[:, :L_TRAINED], conv), "ref_trained": rel(conv, ref[:, :L_TRAINED])}
+    errs["conv_vs_ref"] = rel(conv_beyond, ref)
+    for s in range(0, L_BEYOND, L_TRAINED):  # each window on its own: late errors are not diluted
+        errs[f"step_vs_ref[{s}:{s + L_TRAINED}]"] = rel(
+            stepped[:, s : s + L_TRAINED], ref[:, s : s + L_TRAINED]
+        )
+    # prefill (not a multiple of 16) + steps, against the float64 reference
+    T = L_BEYOND - 93
+    pre, state = rec.prefill(tokens[:, :T], rec.init_state(2))
+    post, _ = step_all(rec, tokens[:, T:], state)
+    errs["prefill_vs_ref"] = rel(pre, ref[:, :T])
+    errs["prefill_then_step_vs_ref"] = rel(post, ref[:, T:])
+    print("sashimi", "trained" if trained else "init", {k: f"{v:.1e}" for k, v in errs.items()})
+    assert max(errs.values()) <= 1e-4, errs
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(unet=True, norm="tln"), dict(kernel="s4d", init="legs"), dict(ff=0, expand=1)]
+)
+def test_step_and_prefill_equal_conv_for_the_variants(kw):
+    torch.manual_seed(2)
+    net = make(l_max=256, **kw)
+    train_a_few_steps(net, steps=3, L=256)
+    net.eval()
+    tokens = torch.randint(0, V, (2, 256))
+    with torch.no_grad():
+        conv = net(tokens)
+    rec = net.to_recurrent()
+    stepped, s_state = step_all(rec, tokens, rec.init_state(2))
+    pre, p_state = rec.prefill(tokens, rec.init_state(2))
+    assert rel(stepped, conv) <= 1e-4 and rel(pre, conv) <= 1e-4
+    assert rel(p_state, s_state) <= 1e-5
+
+
+def test_prefill_of_every_length_mod_16_leaves_the_stepped_state(trained_net):
+    rec = trained_net.to_recurrent()
+    tokens = torch.randint(0, V, (1, 48))
+    states, logits, state = [rec.init_state(1)], [], rec.init_state(1)
+    for t in range(48):
+        out, state = rec.step(tokens[:, t], state)
+        logits.append(out)
+        states.append(state)
+    stepped = torch.stack(logits, 1)
+    for T in range(1, 41):
+        pre, st = rec.prefill(tokens[:, :T], rec.init_state(1))
+        assert rel(pre, stepped[:, :T]) <= 1e-5, T
+        assert rel(st, states[T]) <= 1e-5, T  # SSM states, pool buffers and the phase
+        assert float(rec.layout.view(st, "phase")[0, 0]) == T % 16
+        cont, _ = step_all(rec, tokens[:, T:], st)
+        assert rel(cont, stepped[:, T:]) <= 1e-5, T
+    # prefill in chunks from non-zero states at every phase equals one prefill
+    state, outs = rec.init_state(1), []
+    for a, b in [(0, 5), (5, 16), (16, 17), (17, 33), (33, 35), (35, 48)]:
+        out, state = rec.prefill(tokens[:, a:b], state)
+        outs.append(out)
+    assert rel(torch.cat(outs, 1), stepped) <= 1e-5 and rel(state, states[48]) <= 1e-5
+
+
+def test_rows_at_different_phases_each_equal_the_sequence_alone(trained_net):
+    rec = trained_net.to_recurrent()
+    lengths = list(range(1, 33))  # every phase mod 16, before and after the first center step
+    prompts = [torch.randint(0, V, (1, n)) for n in lengths]
+    rows = [rec.prefill(p, rec.init_state(1))[1] for p in prompts]
+    batch = torch.cat(rows)
+    assert sorted(rec.phases(batch).tolist()) == sorted(n % 16 for n in lengths)
+    cont = torch.randint(0, V, (len(lengths), 24))
+    # a batched prefill of 9 tokens from mixed phases, then 15 batched steps
+    pre, batch = rec.prefill(cont[:, :9], batch)
+    stepped, batch = step_all(rec, cont[:, 9:], batch)
+    got = torch.cat([pre, stepped], 1)
+    for i, p in enumerate(prompts):
+        alone, st = rec.prefill(cont[i : i + 1, :9], rows[i])
+        alone2, st = step_all(rec, cont[i : i + 1, 9:], st)
+        assert rel(got[i : i + 1], torch.cat([alone, alone2], 1)) <= 1e-5, lengths[i]
+        assert rel(batch[i : i + 1], st) <= 1e-5, lengths[i]
+        with torch.no_grad():
+            conv = trained_net(torch.cat([p, cont[i : i + 1]], 1))[:, p.shape[1] :]
+        assert rel(got[i : i + 1], conv) <= 1e-4, lengths[i]
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_mixed_phase_batch_on_each_device(device):
+    net = make(l_max=128, unet=True).to(device).eval()
+    rec = net.to_recurrent(device=device)
+    prompts = [torch.randint(0, V, (1, n), device=device) for n in (3, 16, 21)]
+    batch = torch.cat([rec.prefill(p, rec.init_state(1))[1] for p in prompts])
+    cont = torch.randint(0, V, (3, 20), device=device)
+    pre, batch = rec.prefill(cont[:, :4], batch)
+    stepped, _ = step_all(rec, cont[:, 4:], batch)
+    got = torch.cat([pre, stepped], 1)
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            want = net(torch.cat([p, cont[i : i + 1]], 1))[:, p.shape[1] :]
+            assert rel(got[i : i + 1], want) <= 1e-4, (device, p.shape[1])
+
+
+def test_state_is_one_row_per_sequence_and_in_place_step_matches(trained_net):
+    rec = trained_net.to_recurrent()
+    slots = rec.layout.describe()
+    assert [s["name"] for s in slots][0] == "phase"
+    assert sum(math.prod(s["shape"]) for s in slots) == rec.layout.numel
+    assert all(a["offset"] + math.prod(a["shape"]) == b["offset"] for a, b in zip(slots, slots[1:]))
+    assert rec.state_bytes_per_sequence == 4 * rec.layout.numel
+    _, state = rec.prefill(torch.randint(0, V, (3, 21)), rec.init_state(3))
+    tok = torch.randint(0, V, (3,))
+    want, new = rec.step(tok, state)
+    same = state.clone()
+    got, out = rec.step(tok, same, out=same)
+    assert out is same and torch.equal(got, want) and torch.equal(same, new)
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_fused_and_torch_steps_agree_at_mixed_phases(trained, trained_net):
+    torch.manual_seed(1)
+    net = trained_net if trained else make().eval()
+    fused, plain = net.to_recurrent(), net.to_recurrent(fused_step=False)
+    assert fused._fused is not None and plain._fused is None
+    assert {r["form"] for r in fused.report} == {"diagonal" if trained else "dplr"}
+    _, state = fused.prefill(torch.randint(0, V, (1, 5)), fused.init_state(1))
+    state = torch.cat([state, fused.init_state(1), fused.prefill(torch.randint(0, V, (1, 11)), state)[1]])
+    tokens = torch.randint(0, V, (3, 100))
+    a, sa = step_all(fused, tokens, state)
+    b, sb = step_all(plain, tokens, state)
+    assert rel(a, b) <= 1e-6 and rel(sa, sb) <= 1e-6
+
+
+def test_a_corrupt_phase_counter_or_shape_is_refused(trained_net):
+    rec = trained_net.to_recurrent()
+    tok = torch.zeros(1, dtype=torch.long)
+    for bad in [16.0, -1.0, 2.5, float("nan")]:
+        state = rec.init_state(1)
+        rec.layout.view(state, "phase")[0, 0] = bad
+        with pytest.raises(ValueError, match="phase"):
+            rec.step(tok, state)
+        with pytest.raises(ValueError, match="phase"):
+            rec.prefill(tok[None], state)
+    with pytest.raises(ValueError, match="state has shape"):
+        rec.step(tok, torch.zeros(1, rec.layout.numel + 1))
+
+
+def test_conversion_refuses_an_unverifiable_layer(trained_net):
+    with pytest.raises(VerificationError, match="layer center.0"):
+        trained_net.to_recurrent(tol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints, training, serving
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_checkpoint_round_trip(tmp_path, tie):
+    net = make(l_max=64, tie_embeddings=tie, unet=True, norm="tln").eval()
+    save(net, tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert meta["config"]["arch"] == "sashimi" and meta["config"]["pool"] == [4, 4]
+    back = load(tmp_path / "ck").eval()
+    assert isinstance(back, SaShiMi)
+    x = torch.randint(0, V, (2, 64))
+    with torch.no_grad():
+        assert torch.equal(back(x), net(x))
+
+
+def test_a_sashimi_checkpoint_with_isotropic_tensors_is_refused(tmp_path):
+    save(build(ModelConfig(vocab_size=V, d_model=16, n_layers=1, d_state=16, l_max=64)), tmp_path / "ck")
+    meta = json.loads((tmp_path / "ck" / "config.json").read_text())
+    meta["config"].update(arch="sashimi")
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="do not match the config"):
+        load(tmp_path / "ck")
+
+
+def test_the_shipped_config_builds_the_paper_shape():
+    cfg = load_config("configs/audio-digits-sashimi.toml")
+    net = build(ModelConfig.from_dict(cfg["model"]))
+    assert isinstance(net, SaShiMi) and net.widths == [64, 128, 256] and net.lengths == [8000, 2000, 500]
+    assert [lvl for _, lvl, _ in net.named_s4_blocks()] == [2, 2, 1, 1, 0, 0]
+
+
+def test_conv_mode_training_runs_and_the_loss_falls(tmp_path):
+    src = tmp_path / "texts"
+    src.mkdir()
+    for i, name in enumerate(["alpha", "beta", "gamma", "delta"]):
+        (src / f"{name}_gut.txt").write_text(
+            "".join(f"to be or not to be {i} that is it.\n" for _ in range(80))
+        )
+    prepare_text(tmp_path / "data", src, held_out={"val": ["gamma"], "test": ["delta"]})
+    cfg = {
+        "model": {"arch": "sashimi", "d_model": 16, "n_layers": 1, "d_state": 16, "l_max": 64,
+                  "cauchy_backend": "torch"},
+        "data": {"path": str(tmp_path / "data"), "seq_len": 63, "batch_size": 8},
+        "train": {"steps": 20, "lr": 1e-2, "ssm_lr": 1e-3, "warmup": 2, "eval_every": 0, "ckpt_every": 0,
+                  "log_every": 1, "final_eval": False, "threads": 1, "out": str(tmp_path / "run"),
+                  "export": str(tmp_path / "ckpt")},
+    }  # fmt: skip
+    train(cfg)
+    records = [json.loads(r) for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
+    assert sum(losses[-4:]) / 4 < 0.7 * sum(losses[:4]) / 4, losses  # from ≈ ln 256 = 5.5
+    net = load(tmp_path / "ckpt").eval()
+    rec = net.to_recurrent()
+    x = torch.tensor([list(b"to be or not to be")])
+    with torch.no_grad():
+        assert rel(rec.prefill(x, rec.init_state(1))[0], net(x)) <= 1e-4
+
+
+def test_the_server_refuses_a_sashimi_checkpoint_by_name(tmp_path):
+    from server.config import Settings
+    from server.metrics import Metrics
+    from server.registry import load_models
+    from server.sessions import SessionTable
+
+    save(make(l_max=64), tmp_path / "tiny-sashimi")
+    settings = Settings(checkpoints=[str(tmp_path / "tiny-sashimi")], max_sessions=2)
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert models == {}
+    assert "arch 'sashimi' is not served yet" in failed["tiny-sashimi"]
