@@ -52,6 +52,18 @@ class Metrics:
         )
         self.auth_failures = Counter("s4_auth_failures", "Requests and WebSocket handshakes refused for a "
                                      "missing or invalid API key", ["transport"], registry=r)  # fmt: skip
+        # Connections and request bodies (server/connections.py, server/body_limit.py)
+        self.connections_open = Gauge("s4_connections_open", "Open client connections (HTTP and WebSocket)",
+                                      registry=r)  # fmt: skip
+        self.connections_closed = Counter("s4_connections_closed", "Connections closed by the server for a "
+                                          "deadline: header_timeout, body_timeout, ws_handshake_timeout, "
+                                          "keep_alive_timeout, send_timeout", ["reason"],
+                                          registry=r)  # fmt: skip
+        self.connections_refused = Counter("s4_connections_refused", "Connections refused when accepted: "
+                                           "max_connections", ["reason"], registry=r)  # fmt: skip
+        self.requests_refused = Counter("s4_requests_refused", "Requests refused before routing: "
+                                        "body_too_large, headers_too_large", ["reason"],
+                                        registry=r)  # fmt: skip
 
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self, model)

@@ -102,7 +102,10 @@ def sampling_params(model: ServedModel, req: SamplingFields) -> SamplingParams:
 def prompt_ids(
     state: ServerState, model: ServedModel, prompt: str | None, prompt_audio: str | None
 ) -> list[int]:
-    ids = media.prompt_ids(model.kind, model.sample_rate, prompt, prompt_audio, state.settings.max_audio_s)
+    limit, _ = prompt_limit(state, model)
+    ids = media.prompt_ids(
+        model.kind, model.sample_rate, prompt, prompt_audio, state.settings.max_audio_s, limit
+    )
     check_prompt(state, ids, "prompt" if model.kind == "text" else "prompt_audio", model)
     return ids
 
