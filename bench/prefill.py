@@ -70,7 +70,9 @@ def _forget_lengths(rec) -> None:
             form._powers.clear()
 
 
-def measure(lengths: Sequence[int], batches: Sequence[int], reps: int, step_max_tokens: int) -> dict[str, Any]:
+def measure(
+    lengths: Sequence[int], batches: Sequence[int], reps: int, step_max_tokens: int
+) -> dict[str, Any]:
     from model import load, recurrent
 
     torch.manual_seed(0)
@@ -131,8 +133,9 @@ def _line(r: dict[str, Any]) -> str:
     parts = [f"L={r['length']:6d} B={r['batch']:2d}"]
     for name in ("old", "new"):
         if f"{name}_warm_s" in r:
+            tps = r[f"{name}_warm_tokens_per_s"]
             parts.append(
-                f"{name}: warm {r[f'{name}_warm_s'] * 1e3:8.1f} ms ({r[f'{name}_warm_tokens_per_s']:9.0f} tok/s)"
+                f"{name}: warm {r[f'{name}_warm_s'] * 1e3:8.1f} ms ({tps:9.0f} tok/s)"
                 f" cold {r[f'{name}_cold_s'] * 1e3:8.1f} ms ({r[f'{name}_cold_over_warm']:.2f}x)"
             )
     if r.get("step_s") is not None:
@@ -180,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for v in (*args.lengths, *args.batches, args.reps):
             if not 1 <= v <= 1 << 20:
                 p.error(f"lengths, batches and reps must be in [1, 2^20], got {v}")
-        data = write_results(NAME, measure(args.lengths, args.batches, args.reps, args.step_max_tokens), args.quick)
+        results = measure(args.lengths, args.batches, args.reps, args.step_max_tokens)
+        data = write_results(NAME, results, args.quick)
     plot(data, args.quick)
 
 

@@ -136,6 +136,7 @@ def diagonalize(Abar: torch.Tensor, Bbar: torch.Tensor, gamma: torch.Tensor):
 # ---------------------------------------------------------------------------------------------
 # Layer forms
 
+
 def _blocks(u: torch.Tensor, T: int):
     """u (B, L, H) float32 → U (H, B·n, T) contiguous, the prompt front-padded with p zeros to n blocks
     of T (zeros ahead of the prompt add nothing to a causal convolution nor to a state from 0); n, p."""
@@ -160,8 +161,6 @@ def _unblock(Y: torch.Tensor, Bsz: int, L: int, p: int) -> torch.Tensor:
     """(H, B·n, T) → (B, L, H), dropping the p front-padding positions."""
     H = Y.shape[0]
     return Y.reshape(H, Bsz, -1)[..., p:].permute(1, 2, 0).contiguous()
-
-
 
 
 class DiagonalSSM:
