@@ -29,7 +29,11 @@ from model.kernel import SSMKernel, discretize
 from model.layer import fft_conv
 
 F64, C64, C128 = torch.float64, torch.complex64, torch.complex128
-CHUNK = 128  # prefill block T: tables of T rows (μ^t b, c̃ μ^{t+1}, Ā^t B̄, …) and one FFT size 2T per layer
+# prefill block T (a power of 2): per layer, float32 tables of T rows (μ^t b, c̃ μ^{t+1}, Ā^t B̄, …) and the
+# (H, T, T) Toeplitz matrix of K_0..K_{T−1}: ≈ H·T·(T + 4M)·4 bytes (13 MiB for H = 256, M = 34). Measured on
+# the text model, 16k tokens, 1 thread: T = 64 (matmul) 633 ms, T = 128 (matmul) 984 ms, FFT 894-1068 ms.
+CHUNK = 64
+PREFILL_THREADS = 1  # torch threads for a prefill (bench.prefill: 2 threads stall when another process runs)
 MU_POW_BITS = 48  # μ^{2^k} (k < this) are tabulated: μ^n for any n < 2^48 in float32 by n's bits
 NET_STEP_MAX_BATCH = 128  # batches up to this size step the whole network in one C call (CPU; bench.step)
 PREFILL_BY_STEPS_MAX_TOKENS = 64  # shorter prompts are ingested by that step (faster than the parallel form)
@@ -149,12 +153,24 @@ def _blocks(u: torch.Tensor, T: int):
     return U.view(H, Bsz * n, T), n, p
 
 
-def _block_outputs(U: torch.Tensor, Kf: torch.Tensor, S: torch.Tensor, out_tab: torch.Tensor, T: int):
-    """Per block: the causal convolution of its own T inputs with K_0..K_{T−1} (an FFT of the fixed size 2T,
-    Kf = rfft(K, 2T) (H, T+1) cached) plus the outputs of the state at its start, S (H, B·n, N) real
-    against out_tab (H, N, T), one batched matmul → (H, B·n, T) float32."""
-    Y = torch.fft.irfft(torch.fft.rfft(U, n=2 * T) * Kf[:, None], n=2 * T)[..., :T]
-    return torch.baddbmm(Y, S, out_tab)
+def _toeplitz(K: torch.Tensor) -> torch.Tensor:
+    """K (H, T) → (H, T, T) with [j, t] = K_{t−j} for t ≥ j, else 0: U @ it is the causal convolution."""
+    T = K.shape[-1]
+    d = torch.arange(T)[None, :] - torch.arange(T)[:, None]
+    return torch.where(d >= 0, K[:, d.clamp(min=0)], torch.zeros((), dtype=K.dtype))
+
+
+def _block_outputs(form, U: torch.Tensor, S: torch.Tensor):
+    """Per block: the causal convolution of its own T inputs with K_0..K_{T−1} plus the outputs of the
+    state at its start, S (H, B·n, N) real against form.out_tab (H, N, T) → (H, B·n, T) float32.
+    The convolution is a matmul with the (H, T, T) Toeplitz matrix `form.conv_tab` (measured 5× faster
+    than the FFT at T = 128 on CPU, 16k tokens), or, when that is None, an FFT of the fixed size 2T with
+    the kernel's transform `form.Kf` (H, T+1) cached."""
+    if form.conv_tab is not None:
+        return torch.baddbmm(torch.bmm(U, form.conv_tab), S, form.out_tab)
+    T = U.shape[-1]
+    Y = torch.fft.irfft(torch.fft.rfft(U, n=2 * T) * form.Kf[:, None], n=2 * T)[..., :T]
+    return torch.baddbmm(Y, S, form.out_tab)
 
 
 def _unblock(Y: torch.Tensor, Bsz: int, L: int, p: int) -> torch.Tensor:
@@ -192,7 +208,8 @@ class DiagonalSSM:
           in_tab  (H, T, N):  row j = μ^{T−1−j} b          (block inputs → state at the block's end)
           out_tab (H, N, T):  column t = c̃ μ^{t+1}, c̃ = 2c (Re y = Re c̃ Re x − Im c̃ Im x)
           Kf (H, T+1) complex64 = rfft(K_0..K_{T−1}, 2T);  mu_bin (P, H, M) = μ^{2^k}, k < P."""
-        T, H, M = CHUNK, self.H, self.M
+        self.T = T = CHUNK
+        H, M = self.H, self.M
         P = self._powers(torch.arange(T + 1, dtype=F64))  # (H, M, T+1) complex128, temporary
         inp = (P[..., :T].flip(-1) * self.b64[..., None]).transpose(1, 2)  # (H, T, M)
         self.in_tab = torch.view_as_real(inp).reshape(H, T, 2 * M).to(device, torch.float32).contiguous()
@@ -201,6 +218,7 @@ class DiagonalSSM:
         self.out_tab = out.reshape(H, 2 * M, T).to(device, torch.float32).contiguous()
         K = 2 * torch.einsum("hm,hmt->ht", self.bc64, P[..., :T]).real
         self.Kf = torch.fft.rfft(K, n=2 * T).to(device, C64)
+        self.conv_tab = _toeplitz(K).to(device, torch.float32)
         self.mu_bin = torch.stack(
             [self._powers(torch.tensor([2.0**k]))[..., 0] for k in range(MU_POW_BITS)]
         ).to(device, C64)
@@ -261,7 +279,7 @@ class DiagonalSSM:
         the state at the block's start (one matmul); the blocks' state increments Σ_j μ^{T−1−j} b u_j are
         one matmul too; only the n-step scan x ← μ^T x + z is sequential (elementwise)."""
         Bsz, L, H = u.shape
-        T, M = CHUNK, self.M
+        T, M = self.T, self.M
         U, n, p = _blocks(u, T)
         Z = torch.view_as_complex(torch.bmm(U, self.in_tab).view(H, Bsz, n, M, 2))
         S = torch.empty(H, Bsz, n + 1, M, dtype=C64, device=u.device)  # state at each block's start
@@ -274,7 +292,7 @@ class DiagonalSSM:
         for c in range(1, n):
             x = torch.addcmul(Z[:, :, c], muT, x, out=S[:, :, c + 1])
         Sr = torch.view_as_real(S[:, :, :n]).reshape(H, Bsz * n, 2 * M)
-        Y = _block_outputs(U, self.Kf, Sr, self.out_tab, T)
+        Y = _block_outputs(self, U, Sr)
         if not x0_is_zero:  # block 0: c̃ μ^{t+1} x0 at the prompt's positions t < T − p
             x0r = torch.view_as_real(x0.transpose(0, 1)).reshape(H, Bsz, 2 * M)
             Y.view(H, Bsz, n, T)[:, :, 0, p:] += torch.bmm(x0r, self.out_tab[..., : T - p])
@@ -318,8 +336,9 @@ class DPLRStep:
         self.H, self.M, self.device = H, N2, device
         # real-coordinate tables for the blocked prefill (float64 → float32: the request path is float32)
         self.Abar64, self.Bbar64, self.gamma64 = Abar, Bbar, gamma
+        self.T = CHUNK  # a power of 2: Ā^T is the last of the Ā^{2^k} below
         kry, obs, v, g = [], [], Bbar, gamma
-        for _ in range(CHUNK):
+        for _ in range(self.T):
             kry.append(v)
             g = (Abar.transpose(-1, -2) @ g[..., None])[..., 0]
             obs.append(g)
@@ -328,10 +347,12 @@ class DPLRStep:
         f32 = dict(device=device, dtype=torch.float32)
         self.in_tab = self.kry64.flip(1).to(**f32).contiguous()  # row j: Ā^{T−1−j} B̄
         self.out_tab = torch.stack(obs, 2).to(**f32).contiguous()  # (H, N, T), column t: (Āᵀ)^{t+1} γ̄
-        self.Kf = torch.fft.rfft(torch.einsum("htn,hn->ht", self.kry64, gamma), n=2 * CHUNK).to(device, C64)
+        K = torch.einsum("htn,hn->ht", self.kry64, gamma)
+        self.Kf = torch.fft.rfft(K, n=2 * self.T).to(device, C64)
+        self.conv_tab = _toeplitz(K).to(**f32)
         # (Ā^{2^k})ᵀ for 2^k ≤ T: Ā^r ξ for any r ≤ T by r's bits
         pows, A = [], Abar
-        for _ in range(CHUNK.bit_length()):
+        for _ in range(self.T.bit_length()):
             pows.append(A.transpose(-1, -2).to(**f32).contiguous())
             A = A @ A
         self.A_bin_t = pows
@@ -368,7 +389,7 @@ class DPLRStep:
         fused.dplr_step(lib, x, xo, u, y, self._fused_ptrs, self.Pr.shape[0])
 
     def _advance(self, xi: torch.Tensor, r: int) -> torch.Tensor:
-        """Ā^r ξ for ξ (H, B, N) float32 and 0 ≤ r ≤ CHUNK, by the tabulated Ā^{2^k} (float32)."""
+        """Ā^r ξ for ξ (H, B, N) float32 and 0 ≤ r ≤ T, by the tabulated Ā^{2^k} (float32)."""
         for k, At in enumerate(self.A_bin_t):
             if r >> k & 1:
                 xi = torch.bmm(xi, At)
@@ -391,7 +412,7 @@ class DPLRStep:
         as `DiagonalSSM.prefill` in the real coordinates ξ = [Re x; Im x]: blocks of T, the scan is
         ξ ← Ā^T ξ + z (one batched matvec per block)."""
         Bsz, L, H = u.shape
-        T, N = CHUNK, 2 * self.M
+        T, N = self.T, 2 * self.M
         U, n, p = _blocks(u, T)
         Z = torch.bmm(U, self.in_tab).view(H, Bsz, n, N)
         S = torch.empty(H, Bsz, n + 1, N, device=u.device)
@@ -404,7 +425,7 @@ class DPLRStep:
         AT = self.A_bin_t[-1] if n > 1 else None  # (Ā^T)ᵀ, T = 2^k
         for c in range(1, n):
             x = torch.baddbmm(Z[:, :, c], x, AT, out=S[:, :, c + 1])
-        Y = _block_outputs(U, self.Kf, S[:, :, :n].reshape(H, Bsz * n, N), self.out_tab, T)
+        Y = _block_outputs(self, U, S[:, :, :n].reshape(H, Bsz * n, N))
         if x0r is not None:
             Y.view(H, Bsz, n, T)[:, :, 0, p:] += torch.bmm(x0r, self.out_tab[..., : T - p])
         xi = S[:, :, n].transpose(0, 1)
@@ -545,6 +566,7 @@ class RecurrentModel:
         self._state_bound: torch.Tensor | None = None
         self.net_step_max_batch = NET_STEP_MAX_BATCH
         self.prefill_by_steps_max_tokens = PREFILL_BY_STEPS_MAX_TOKENS
+        self.prefill_threads = PREFILL_THREADS  # None or 0: the calling thread's torch setting
         tol_net = LOGITS_TOL[dtype] if logits_tol is None else logits_tol
         self.verification = self._verify_network(net, kernels64, tol_net)
 
@@ -710,8 +732,20 @@ class RecurrentModel:
     def prefill(self, tokens: torch.Tensor, state: torch.Tensor):
         """tokens (B, L) → logits (B, L, V) and the state after the last token, parallel over L
         (on CPU a prompt of at most `prefill_by_steps_max_tokens` tokens is stepped instead: the
-        whole-network C step is faster there; the results agree to float32 rounding)."""
+        whole-network C step is faster there; the results agree to float32 rounding). It runs with
+        `prefill_threads` torch threads in the calling thread (restored after), float32 only, in blocks
+        of CHUNK tokens (`DiagonalSSM.prefill`). Raises ValueError for bad shapes or dtypes."""
         self._check(tokens, state, 2)
+        threads = torch.get_num_threads()  # a per-thread setting (OpenMP): other threads keep theirs
+        if self.prefill_threads and self.prefill_threads != threads:
+            torch.set_num_threads(self.prefill_threads)
+        try:
+            return self._prefill(tokens, state)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    def _prefill(self, tokens: torch.Tensor, state: torch.Tensor):
         B, L = tokens.shape
         if (
             self._net_step is not None

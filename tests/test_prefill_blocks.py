@@ -7,18 +7,36 @@ import torch
 from model.recurrent import CHUNK, DiagonalSSM, DPLRStep
 from tests.test_recurrent import assert_logits_close, make, step_all
 
-LENGTHS = [1, CHUNK - 1, CHUNK, CHUNK + 1, 1000, 32 * CHUNK + 1]  # 1, 127, 128, 129, 1000, 4097
+# around the block boundaries of CHUNK and of the multiples 128 and 4096
+LENGTHS = sorted({1, CHUNK - 1, CHUNK, CHUNK + 1, 127, 128, 129, 1000, 4097})
 STATE_TOL = 1e-4  # ‖Δstate‖/‖state‖, as tests/test_recurrent.py
 
 
-@pytest.fixture(scope="module", params=[("s4d", "diag-inv", DiagonalSSM), ("s4", "legs", DPLRStep)])
-def rec(request):
+@pytest.fixture(
+    scope="module",
+    params=[("s4d", "diag-inv", DiagonalSSM), ("s4", "legs", DPLRStep)],
+    ids=["diagonal", "dplr"],
+)
+def converted(request):
     kernel, init, form = request.param
     torch.manual_seed(0)
     r = make(kernel, init, l_max=1024).eval().to_recurrent()
     assert all(type(f) is form for f in r.layers)
-    r.prefill_by_steps_max_tokens = 0  # the parallel form at every length
     return r
+
+
+@pytest.fixture(params=["matmul", "fft"])
+def rec(converted, request):
+    """The in-block convolution by the Toeplitz matmul (the default) or by the cached-transform FFT."""
+    r = converted
+    tabs = [f.conv_tab for f in r.layers]
+    if request.param == "fft":
+        for f in r.layers:
+            f.conv_tab = None
+    r.prefill_by_steps_max_tokens = 0  # the parallel form at every length
+    yield r
+    for f, t in zip(r.layers, tabs):
+        f.conv_tab = t
 
 
 @pytest.mark.parametrize("L", LENGTHS)
