@@ -9,8 +9,10 @@ alternate `--reps` times (this machine is shared and noisy: medians of interleav
 The baseline is `model/recurrent.py` at BASELINE_REV (the parent of the blocked prefill), read with
 `git show` and imported beside this tree's; it is skipped when git or that revision is unavailable.
 
-Run (each configuration ~10-60 s on a 2-core CPU):
-    nice -n 10 python -m bench.prefill --lengths 2048 16384 --batches 1 8 --reps 3
+Run (each configuration ~10-60 s on a 2-core CPU; `--append` adds rows to the JSON):
+    nice -n 10 python -m bench.prefill --lengths 2048 --batches 1 8 --reps 3
+    nice -n 10 python -m bench.prefill --lengths 16384 --batches 1 --reps 2 --append
+    nice -n 10 python -m bench.prefill --lengths 16384 --batches 8 --reps 3 --no-baseline --append
 """
 
 from __future__ import annotations
@@ -71,14 +73,14 @@ def _forget_lengths(rec) -> None:
 
 
 def measure(
-    lengths: Sequence[int], batches: Sequence[int], reps: int, step_max_tokens: int
+    lengths: Sequence[int], batches: Sequence[int], reps: int, step_max_tokens: int, baseline: bool = True
 ) -> dict[str, Any]:
     from model import load, recurrent
 
     torch.manual_seed(0)
     net = load(str(CHECKPOINT))
     impls = {"new": recurrent.RecurrentModel(net)}
-    base = _baseline_module()
+    base = _baseline_module() if baseline else None
     if base is not None:
         impls = {"old": base.RecurrentModel(net), **impls}
     rows: list[dict[str, Any]] = []
@@ -172,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--step-max-tokens", type=int, default=16384, help="step only prompts of ≤ this L·B")
     p.add_argument("--quick", action="store_true", help="2 short lengths, to results/quick/")
     p.add_argument("--replot", action="store_true")
+    p.add_argument("--append", action="store_true", help="add these rows to the existing JSON (runs < 1 min)")
+    p.add_argument("--no-baseline", action="store_true", help="this tree only")
     args = p.parse_args(argv)
     if args.replot:
         data = read_results(NAME, args.quick)
@@ -183,7 +187,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         for v in (*args.lengths, *args.batches, args.reps):
             if not 1 <= v <= 1 << 20:
                 p.error(f"lengths, batches and reps must be in [1, 2^20], got {v}")
-        results = measure(args.lengths, args.batches, args.reps, args.step_max_tokens)
+        results = measure(args.lengths, args.batches, args.reps, args.step_max_tokens, not args.no_baseline)
+        old = read_results(NAME, args.quick) if args.append else None
+        if old is not None:
+            results["rows"] = old["rows"] + results["rows"]
+            results["load_average_before"] = [old["load_average_before"], results["load_average_before"]]
         data = write_results(NAME, results, args.quick)
     plot(data, args.quick)
 
