@@ -54,12 +54,14 @@ class ServedModel:
 
     @property
     def state_shape(self) -> list[int]:
-        return [len(self.rec.layers), self.rec.H, 2, self.rec.M]
+        """One session's state shape, as the recurrent form lays it out (the server never looks inside)."""
+        return list(self.rec.state_shape)
 
     def state_header(self, rec, seen: list[int]) -> dict:
         """The export header of a session of this model (export, and the session store)."""
         return {
             "model": self.id,
+            "arch": self.config.arch,
             "fingerprint": self.fingerprint,
             "shape": self.state_shape,
             "dtype": "float32",
@@ -79,6 +81,7 @@ class ServedModel:
             "owned_by": self.owned_by,
             "chat": self.chat is not None,
             "kind": self.kind,
+            "arch": c.arch,
             "sample_rate": self.sample_rate,
             "vocab_size": c.vocab_size,
             "n_layers": c.n_layers,
@@ -151,9 +154,6 @@ def load_model(
     CheckpointError or VerificationError with the reason."""
     t0 = time.perf_counter()
     meta = read_config(path)
-    arch = meta["config"].get("arch", "isotropic")
-    if arch != "isotropic":  # SaShiMi has a verified recurrence (model/arch) but no engine support yet
-        raise CheckpointError(f"{path}: arch {arch!r} is not served yet (only 'isotropic' models are)")
     chat = ChatTemplate.from_config(meta)
     net = load(path)
     if net.config.modality == "text" and net.config.vocab_size < 256:

@@ -26,6 +26,8 @@ from server.sessions import (
     StateFormatError,
     new_session_id,
     pack_state,
+    state_arch,
+    state_version,
     unpack_state,
 )
 from server.state import ServerState
@@ -226,6 +228,14 @@ def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple
     model = state.models[model_id]
     if header.get("fingerprint") != model.fingerprint:
         raise invalid(param, f"{what} was made by other weights than model {model_id}'s (fingerprint)")
+    version = state_version(blob)
+    arch = state_arch(header, version)
+    if arch != model.config.arch:
+        raise invalid(
+            param,
+            f"{what} (format version {version}) is the state of an arch {arch!r} model; model {model_id} "
+            f"is arch {model.config.arch!r}",
+        )
     if header.get("shape") != model.state_shape:
         raise invalid(
             param, f"{what}: state shape {header.get('shape')} does not match the model's {model.state_shape}"
