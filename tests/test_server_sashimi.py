@@ -12,13 +12,15 @@ import threading
 import httpx
 import pytest
 import torch
-from server_support import CORPUS, ServerThread, _rec, metric, reference
+from server_support import CORPUS, ServerThread, _rec, metric, reference, wait_for
+from test_server_store import redis_db, redis_url  # noqa: F401 (fixtures: a redis-server per module)
 
 from model import ModelConfig, build, save
 from model.recurrent import StateRangeError
 from model.sampling import SamplingParams
 from server import Settings
 from server.sessions import MAGIC, pack_state, state_version, unpack_state
+from server.store import KEY_PREFIX
 
 TEXT = "tiny-sashimi-text"
 SHAPE = dict(arch="sashimi", vocab_size=256, d_model=16, n_layers=1, d_state=16, l_max=64, pool=[4, 4],
@@ -212,3 +214,31 @@ def test_a_format_version_1_export_of_an_isotropic_model_still_imports(client):
     a = client.post("/v1/generate", json={**body, "session_id": sid}).json()["tokens"]
     b = client.post("/v1/generate", json={**body, "session_id": r.json()["session_id"]}).json()["tokens"]
     assert a == b and len(a) == 16
+
+
+def test_a_sashimi_session_resumes_from_the_redis_store_on_another_replica(sashimi_dir, redis_url, redis_db):  # noqa: F811
+    """Write-through on idle, then a replica that never saw the session reads it from Redis (the store
+    holds the same version-2 blob an export does) and continues like one-shot generation."""
+
+    def replica():
+        settings = Settings(checkpoints=[str(sashimi_dir)], session_store=redis_url, max_sessions=4,
+                            drain_timeout_s=1)  # fmt: skip
+        return ServerThread(settings).start()
+
+    a, b = replica(), replica()
+    try:
+        first = CORPUS[:13].encode()
+        sid = _create(a.url, first)
+        t1 = _generate(a.url, sid, b"", seed=2, n=6)
+        assert wait_for(lambda: _stored_tokens(redis_db, sid) == 13 + 6, 10)
+        t2 = _generate(b.url, sid, TURN, seed=8)
+        everything = list(first) + t1 + list(TURN)
+        assert t2 == reference(sashimi_dir, everything, SamplingParams(seed=8, temperature=1.0), N_NEW)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _stored_tokens(db, sid: str) -> int | None:
+    blob = db.get(KEY_PREFIX + sid)
+    return None if blob is None else unpack_state(blob)[0]["n_tokens"]
