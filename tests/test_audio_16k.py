@@ -1,0 +1,126 @@
+"""16 kHz audio end to end (SC09 and YouTubeMix models are 16 kHz), on a tiny 16 kHz SaShiMi model:
+WebSocket binary frames in and out, WAV output and resampled prompts over HTTP, the limits in seconds,
+and the demo page (model line, state size, playback and WAV download at the model's rate). Every sample
+is checked against the library's one-shot generation (server_support.reference)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import wave
+
+import numpy as np
+import pytest
+from server_support import ServerThread, b64, reference
+from test_demo_page import WAIT_MS, Demo, browser, downloaded_wav  # noqa: F401 (browser: a fixture)
+from websockets.asyncio.client import connect
+
+from model import ModelConfig, build, save
+from model.codecs import MuLaw, read_audio, to_pcm16, wav_bytes
+from model.sampling import SamplingParams
+from server import Settings, media
+
+AUDIO = "tiny-sashimi-16k"
+RATE = 16000
+MU = MuLaw()
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory):
+    import torch
+
+    torch.manual_seed(5)
+    shape = dict(vocab_size=256, d_model=16, n_layers=1, d_state=16, l_max=64, pool=[4, 4], unet=True)
+    cfg = ModelConfig(arch="sashimi", **shape, modality="audio", sample_rate=RATE, cauchy_backend="torch")
+    d = tmp_path_factory.mktemp("audio16k") / AUDIO
+    save(build(cfg), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def srv(audio_dir):
+    s = ServerThread(Settings(checkpoints=[str(audio_dir)], max_sessions=8, max_audio_s=2.0)).start()
+    yield s
+    s.stop()
+
+
+def tone(n: int, rate: int, hz: float = 440.0) -> np.ndarray:
+    return 0.4 * np.sin(2 * np.pi * hz * np.arange(n) / rate)
+
+
+def test_websocket_binary_frames_in_and_out_at_16_khz(srv, audio_dir):
+    pcm_in = to_pcm16(tone(700, RATE))
+    prompt = media.audio_frame_ids(pcm_in, "pcm16")
+
+    async def main():
+        async with connect(srv.ws_url) as ws:
+            await ws.send(json.dumps({"type": "session", "model": AUDIO, "audio_encoding": "pcm16"}))
+            bound = json.loads(await ws.recv())
+            await ws.send(pcm_in[:600])  # s16le prompt samples in two binary frames
+            await ws.send(pcm_in[600:])
+            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 300, "seed": 3}))
+            header = json.loads(await ws.recv())
+            out = b""
+            while isinstance(m := await ws.recv(), bytes):
+                out += m
+            return bound, header, out, json.loads(m)
+
+    bound, header, out, done = asyncio.run(main())
+    assert bound["type"] == "session" and bound["sample_rate"] == RATE
+    assert header == {"type": "audio_header", "sample_rate": RATE, "encoding": "pcm16", "channels": 1}
+    want = reference(audio_dir, prompt, SamplingParams(seed=3), 300)
+    assert out == to_pcm16(MU.decode(want))
+    assert done["usage"] == {"prompt_tokens": 700, "completion_tokens": 300}
+
+
+def test_wav_output_and_prompts_at_other_rates_resampled_to_16_khz(srv, audio_dir):
+    import httpx
+
+    for rate in (RATE, 8000, 44100):
+        wav_in = wav_bytes(tone(rate // 20, rate), rate)  # 50 ms
+        prompt = MU.encode(read_audio(wav_in, RATE)[0]).tolist()
+        assert len(prompt) == RATE // 20
+        req = {"model": AUDIO, "prompt_audio": b64(wav_in), "max_new_tokens": 200, "seed": 4}
+        r = httpx.post(srv.url + "/v1/generate", json=req, headers={"accept": "audio/wav"}, timeout=60)
+        assert r.status_code == 200, r.text
+        with wave.open(io.BytesIO(r.content)) as w:
+            assert (w.getframerate(), w.getnchannels(), w.getsampwidth()) == (RATE, 1, 2)
+            got = w.readframes(w.getnframes())
+        assert got == to_pcm16(MU.decode(reference(audio_dir, prompt, SamplingParams(seed=4), 200)))
+    # max_audio_s = 2 s is 32,000 samples at 16 kHz, for the prompt and for the output
+    over = httpx.post(srv.url + "/v1/generate", json={"model": AUDIO, "max_new_tokens": 2 * RATE + 1}).json()
+    assert over["error"]["param"] == "max_new_tokens" and f"at {RATE} Hz" in over["error"]["message"]
+    long = {
+        "model": AUDIO,
+        "prompt_audio": b64(wav_bytes(tone(2 * RATE + 1, RATE), RATE)),
+        "max_new_tokens": 1,
+    }
+    r = httpx.post(srv.url + "/v1/generate", json=long)
+    assert r.status_code == 413 and r.json()["error"]["param"] == "prompt_audio"
+
+
+def test_the_demo_page_plays_a_16_khz_sashimi_stream_and_shows_its_state_size(browser, srv, audio_dir):  # noqa: F811
+    d = Demo(browser, srv.url)
+    try:
+        d.wait_status("model")
+        d.page.select_option("#model", AUDIO)
+        info = d.page.text_content("#model-info")
+        assert f"audio, {RATE} Hz" in info and "SaShiMi, 1 per level" in info
+        state_bytes = srv.state.models[AUDIO].rec.state_bytes_per_sequence
+        assert (
+            d.page.text_content("#state-size") == f"{state_bytes / 1024:.1f} KiB, whatever the context length"
+        )
+        n = 3000
+        d.page.fill("#audio-samples", str(n))
+        d.page.fill("#audio-temperature", "1")
+        d.page.fill("#audio-seed", "6")
+        d.page.click("#audio-generate")
+        d.wait_status(f"Done: length, {n} samples")
+        want = to_pcm16(MU.decode(reference(audio_dir, [MU.silence], SamplingParams(seed=6), n)))
+        d.page.wait_for_function(f"() => s4demo.samplesPlayed === {n}", timeout=WAIT_MS)
+        assert d.js("[s4demo.samplesReceived, s4demo.samplesScheduled]") == [n, n]
+        assert downloaded_wav(d, RATE) == want
+        assert d.errors == []
+    finally:
+        d.context.close()
