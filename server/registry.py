@@ -13,6 +13,7 @@ import torch
 
 from model import VerificationError, load
 from model.checkpoint import WEIGHTS, CheckpointError, read_config
+from model.codecs import MuLaw
 from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
 from model.convert import convert_cached
 from model.network import ModelConfig
@@ -47,6 +48,11 @@ class ServedModel:
     @property
     def sample_rate(self) -> int | None:
         return self.config.sample_rate if self.kind == "audio" else None
+
+    @property
+    def codec(self) -> MuLaw:
+        """The audio tokens' mu-law convention (config `mulaw`)."""
+        return MuLaw(self.config.mulaw)
 
     @property
     def state_bytes(self) -> int:

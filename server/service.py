@@ -104,7 +104,8 @@ def sampling_params(model: ServedModel, req: SamplingFields) -> SamplingParams:
 def prompt_ids(
     state: ServerState, model: ServedModel, prompt: str | None, prompt_audio: str | None
 ) -> list[int]:
-    ids = media.prompt_ids(model.kind, model.sample_rate, prompt, prompt_audio, state.settings.max_audio_s)
+    max_s = state.settings.max_audio_s
+    ids = media.prompt_ids(model.kind, model.sample_rate, prompt, prompt_audio, max_s, model.codec)
     check_prompt(state, ids, "prompt" if model.kind == "text" else "prompt_audio", model)
     return ids
 
@@ -348,7 +349,7 @@ def start_generation(
     try:
         if not ids and rec.pending is None:
             if model.kind != "text":
-                ids = [media.MULAW.silence]
+                ids = [model.codec.silence]
             else:
                 raise invalid("prompt", "prompt is empty and there is no session input to continue from")
         stream = Stream(state.loop, state.settings.stream_buffer)
@@ -424,7 +425,7 @@ class Output:
     def __init__(
         self, model: ServedModel, params: SamplingParams, encoding: str = "pcm16", job: Job | None = None
     ):
-        self.kind, self.encoding = model.kind, encoding
+        self.kind, self.encoding, self.codec = model.kind, encoding, model.codec
         carry, ends = (job.carry, job.session.ephemeral) if job is not None else (b"", True)
         self.text = media.TextAssembler(params.stop, carry, ends) if model.kind == "text" else None
 
@@ -432,7 +433,7 @@ class Output:
         return self.text.feed(ids)
 
     def audio_piece(self, ids: list[int]) -> bytes:
-        return media.audio_bytes(ids, self.encoding)
+        return media.audio_bytes(ids, self.encoding, self.codec)
 
     def finish_text(self, final: Finished) -> str:
         return self.text.finish(final.stop_at)

@@ -6,6 +6,8 @@ is checked against the library's one-shot generation (server_support.reference).
 from __future__ import annotations
 
 import asyncio
+import base64
+import concurrent.futures
 import io
 import json
 import wave
@@ -22,6 +24,7 @@ from model.sampling import SamplingParams
 from server import Settings, media
 
 AUDIO = "tiny-sashimi-16k"
+OFFICIAL = "tiny-sashimi-16k-s4mulaw"
 RATE = 16000
 MU = MuLaw()
 
@@ -39,10 +42,32 @@ def audio_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def srv(audio_dir):
-    s = ServerThread(Settings(checkpoints=[str(audio_dir)], max_sessions=8, max_audio_s=2.0)).start()
+def official_dir(tmp_path_factory):
+    """The same shape with the official (state-spaces/s4) mu-law convention, as an import writes it."""
+    import torch
+
+    torch.manual_seed(6)
+    shape = dict(vocab_size=256, d_model=16, n_layers=1, d_state=16, l_max=64, pool=[4, 4])
+    cfg = ModelConfig(
+        arch="sashimi", **shape, modality="audio", sample_rate=RATE, mulaw="s4", cauchy_backend="torch"
+    )
+    d = tmp_path_factory.mktemp("audio16k-s4") / OFFICIAL
+    save(build(cfg), d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def srv(audio_dir, official_dir):
+    checkpoints = [str(audio_dir), str(official_dir)]
+    s = ServerThread(Settings(checkpoints=checkpoints, max_sessions=8, max_audio_s=2.0)).start()
     yield s
     s.stop()
+
+
+def run(coro):
+    """asyncio.run in a thread of its own (playwright's sync API keeps a loop on this one)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
 
 
 def tone(n: int, rate: int, hz: float = 440.0) -> np.ndarray:
@@ -66,7 +91,7 @@ def test_websocket_binary_frames_in_and_out_at_16_khz(srv, audio_dir):
                 out += m
             return bound, header, out, json.loads(m)
 
-    bound, header, out, done = asyncio.run(main())
+    bound, header, out, done = run(main())
     assert bound["type"] == "session" and bound["sample_rate"] == RATE
     assert header == {"type": "audio_header", "sample_rate": RATE, "encoding": "pcm16", "channels": 1}
     want = reference(audio_dir, prompt, SamplingParams(seed=3), 300)
@@ -124,3 +149,37 @@ def test_the_demo_page_plays_a_16_khz_sashimi_stream_and_shows_its_state_size(br
         assert d.errors == []
     finally:
         d.context.close()
+
+
+def test_a_model_with_the_official_mulaw_convention_streams_in_it(srv, official_dir):
+    """config mulaw = "s4": prompts are encoded and outputs decoded as state-spaces/s4 does (zero at
+    128, q/128 − 1), over WebSocket pcm16 frames and WAV; silence (no prompt) is its code 128."""
+    import httpx
+
+    s4 = MuLaw("s4")
+    pcm_in = to_pcm16(tone(400, RATE))
+    prompt = s4.encode(np.frombuffer(pcm_in, "<i2") / 32768).tolist()
+    assert prompt != MU.encode(np.frombuffer(pcm_in, "<i2") / 32768).tolist()  # the conventions differ
+
+    async def main():
+        async with connect(srv.ws_url) as ws:
+            await ws.send(json.dumps({"type": "session", "model": OFFICIAL, "audio_encoding": "pcm16"}))
+            await ws.recv()
+            await ws.send(pcm_in)
+            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 200, "seed": 2}))
+            await ws.recv()  # audio_header
+            out = b""
+            while isinstance(m := await ws.recv(), bytes):
+                out += m
+            return out
+
+    out = run(main())
+    want = reference(official_dir, prompt, SamplingParams(seed=2), 200)
+    assert out == to_pcm16(s4.decode(want))
+    r = httpx.post(srv.url + "/v1/generate", json={"model": OFFICIAL, "max_new_tokens": 150, "seed": 5})
+    body = r.json()
+    assert body["tokens"] == reference(official_dir, [128], SamplingParams(seed=5), 150)
+    with wave.open(io.BytesIO(base64.b64decode(body["audio"]))) as w:
+        assert w.getframerate() == RATE and w.readframes(w.getnframes()) == to_pcm16(
+            s4.decode(body["tokens"])
+        )

@@ -133,7 +133,7 @@ class Connection:
     def prompt(self, msg: WSGenerate | WSAppend) -> list[int]:
         m = self.model
         max_s = self.st.settings.max_audio_s
-        ids = media.prompt_ids(m.kind, m.sample_rate, msg.prompt, msg.prompt_audio, max_s)
+        ids = media.prompt_ids(m.kind, m.sample_rate, msg.prompt, msg.prompt_audio, max_s, m.codec)
         ids, self.audio_ids = self.audio_ids + ids, []
         service.check_prompt(self.st, ids, "prompt" if m.kind == "text" else "prompt_audio", m)
         return ids
@@ -141,7 +141,7 @@ class Connection:
     def on_audio(self, data: bytes) -> None:
         if self.model is None or self.model.kind != "audio":
             raise invalid("audio", "binary frames are audio prompt samples: bind an audio model first")
-        ids = media.audio_frame_ids(data, self.encoding)
+        ids = media.audio_frame_ids(data, self.encoding, self.model.codec)
         limit, setting = service.prompt_limit(self.st, self.model)
         if len(self.audio_ids) + len(ids) > limit:
             self.audio_ids = []
