@@ -91,6 +91,15 @@ def test_every_phase_alone_and_in_one_mixed_batch_equals_the_reference(srv, sash
     alone = [_generate(srv.url, _create(srv.url, f), TURN, seed=10 + i) for i, f in enumerate(firsts)]
     assert alone == want
     sids = [_create(srv.url, f) for f in firsts]
+    rec = srv.state.models[TEXT].rec
+    phases_seen: list[int] = []  # distinct pooling phases among the rows of each prefill call
+    prefill = rec.prefill
+
+    def counting_prefill(tokens, state):
+        phases_seen.append(len(set(rec.phases(state).tolist())))
+        return prefill(tokens, state)
+
+    rec.prefill = counting_prefill  # the engine thread calls rec.prefill: observe it, change nothing
     client = httpx.Client(base_url=srv.url)
     steps_before = metric(client, "s4_decode_batch_size_count", TEXT)
     rows_before = metric(client, "s4_decode_batch_size_sum", TEXT)
@@ -106,7 +115,9 @@ def test_every_phase_alone_and_in_one_mixed_batch_equals_the_reference(srv, sash
         t.start()
     for t in threads:
         t.join(120)
+    del rec.prefill
     assert got == want
+    assert max(phases_seen) >= 8, f"prefill calls saw {phases_seen} phases: no mixed-phase group"
     steps = metric(client, "s4_decode_batch_size_count", TEXT) - steps_before
     rows = metric(client, "s4_decode_batch_size_sum", TEXT) - rows_before
     assert rows == 16 * N_NEW and steps <= rows / 4, f"{steps} steps for {rows} rows: not one mixed batch"
@@ -242,3 +253,13 @@ def test_a_sashimi_session_resumes_from_the_redis_store_on_another_replica(sashi
 def _stored_tokens(db, sid: str) -> int | None:
     blob = db.get(KEY_PREFIX + sid)
     return None if blob is None else unpack_state(blob)[0]["n_tokens"]
+
+
+def test_a_sashimi_checkpoint_at_another_dtype_is_refused_by_name(sashimi_dir):
+    from server.metrics import Metrics
+    from server.registry import load_models
+    from server.sessions import SessionTable
+
+    settings = Settings(checkpoints=[str(sashimi_dir)], max_sessions=2, dtype="bfloat16")
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert models == {} and "arch 'sashimi' serves float32 weights only" in failed[TEXT]
