@@ -24,7 +24,8 @@ def check_number(
     le: float | None = None,
     integer: bool = False,
 ):
-    """Range-check one numeric sampling setting from outside; returns it unchanged.
+    """Range-check one numeric sampling setting from outside; returns it as an int (`integer`) or a
+    float (so an int past 2**63 never reaches a tensor as an int).
 
     `value` must be a real number (an int where `integer`; never a bool), finite (no NaN, no ±inf)
     and within the given bounds (ge ≤ value, gt < value, value ≤ le; None → unbounded). Raises
@@ -32,7 +33,16 @@ def check_number(
     `finite`, `count`), so HTTP gets a 422 naming the field before a SamplingParams is made."""
     kind = "an integer" if integer else "a finite number"
     ok_type = isinstance(value, numbers.Integral if integer else numbers.Real)
-    if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
+    try:
+        number = int(value) if integer else float(value)  # float(10**400) raises OverflowError
+    except (OverflowError, TypeError, ValueError):
+        number = None
+    if (
+        isinstance(value, bool)
+        or not ok_type
+        or number is None
+        or (not integer and not math.isfinite(number))
+    ):
         raise ValueError(f"{name} must be {kind}, got {value!r}")
     for bound, holds, words in (
         (ge, lambda b: value >= b, "≥"),
@@ -41,7 +51,7 @@ def check_number(
     ):
         if bound is not None and not holds(bound):
             raise ValueError(f"{name} must be {words} {bound}, got {value!r}")
-    return value
+    return number
 
 
 @dataclass
@@ -73,20 +83,22 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self):
-        check_number("temperature", self.temperature, ge=0)
-        check_number("top_k", self.top_k, ge=0, integer=True)
-        check_number("top_p", self.top_p, gt=0, le=1)
-        check_number("repetition_penalty", self.repetition_penalty, gt=0)
+        self.temperature = check_number("temperature", self.temperature, ge=0)
+        self.top_k = check_number("top_k", self.top_k, ge=0, integer=True)
+        self.top_p = check_number("top_p", self.top_p, gt=0, le=1)
+        self.repetition_penalty = check_number("repetition_penalty", self.repetition_penalty, gt=0)
         if self.seed is not None:
-            check_number("seed", self.seed, ge=-(2**63), le=2**64 - 1, integer=True)  # torch's range
-        check_number("presence_penalty", self.presence_penalty)
-        check_number("frequency_penalty", self.frequency_penalty)
-        check_number("min_p", self.min_p, ge=0, le=1)
-        if not all(isinstance(t, int) and t >= 0 and math.isfinite(b) for t, b in self.logit_bias.items()):
-            raise ValueError("logit_bias must map token ids ≥ 0 to finite numbers")
+            self.seed = check_number("seed", self.seed, ge=0, le=2**63 - 1, integer=True)
+        self.presence_penalty = check_number("presence_penalty", self.presence_penalty)
+        self.frequency_penalty = check_number("frequency_penalty", self.frequency_penalty)
+        self.min_p = check_number("min_p", self.min_p, ge=0, le=1)
+        self.logit_bias = {
+            check_number("logit_bias (a token id)", t, ge=0, integer=True): check_number("logit_bias", b)
+            for t, b in self.logit_bias.items()
+        }
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
-                check_number(name, getattr(self, name), ge=0, integer=True)
+                setattr(self, name, check_number(name, getattr(self, name), ge=0, integer=True))
 
     def plain(self, vocab_size: int) -> bool:
         """Temperature sampling alone (what the fused C sampler does); anything else → the torch path."""
@@ -121,15 +133,17 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     """CTRL's penalty (Keskar et al. 2019): a seen token's logit z becomes z / p if z > 0, else z · p.
 
     logits (B, V) float32; seen (B, V) bool (tokens in the context); penalty (B,) float32, > 0.
-    Returns (B, V) float32. Rows where some z / p overflows to +inf (p tiny, or z itself +inf) take
-    the p → 0 limit: all their mass on the overflowed tokens with the largest z (0), the rest −inf."""
+    Returns (B, V) float32. Rows where some finite z / p overflows to +inf (a tiny p) take the p → 0
+    limit: all their mass on the overflowed tokens with the largest z (0), the rest −inf (unless the
+    row has a +inf logit of its own, which outranks every finite one: see `sanitize_logits`)."""
     p = penalty[:, None]
     up = seen & (logits > 0)
     penalized = torch.where(up, logits / p, torch.where(seen, logits * p, logits))
-    over = up & torch.isposinf(penalized)  # (B, V)
+    over = up & torch.isposinf(penalized) & torch.isfinite(logits)  # (B, V)
     top = torch.where(over, logits, NEG_INF).amax(-1, keepdim=True)
     limit = torch.where(over & (logits == top), 0.0, NEG_INF)
-    return torch.where(over.any(-1, keepdim=True), limit, penalized)
+    rows = over.any(-1, keepdim=True) & ~torch.isposinf(logits).any(-1, keepdim=True)
+    return torch.where(rows, limit, penalized)
 
 
 def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -144,20 +158,26 @@ def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
 
 
 def scale_logits(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    """(z − max z) / T per row, without overflow: logits (B, V) sanitized (see `sanitize_logits`),
-    temperature (B,) > 0 → (B, V) in [−inf, 0], the row maxima exactly 0 (also when T is so small
-    that a division by it would give 0/0)."""
-    top = logits.amax(-1, keepdim=True)
-    scaled = (logits - top) / temperature[:, None]
-    return torch.where(logits == top, 0.0, scaled)
+    """(z − max z) / T per row, in float64 (no float32 logit difference overflows there, and every
+    finite T > 0 is exact): logits (B, V) float32 sanitized (see `sanitize_logits`), temperature (B,)
+    float64 > 0 → (B, V) float32 in [−inf, 0], the row maxima exactly 0, −inf kept."""
+    z = logits.double()
+    top = z.amax(-1, keepdim=True)
+    scaled = (z - top) / temperature[:, None]
+    return torch.where(z == top, 0.0, torch.where(torch.isneginf(z), NEG_INF, scaled)).float()
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+def filter_logits(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, rank_by: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mask (to −inf) all but the top_k largest and the smallest set with mass ≥ top_p (per row).
-    logits (B, V) float32 with a finite maximum per row; top_k (B,) int64 (0 → off; clamped to V);
-    top_p (B,) float32 in [0, 1] (a top_p rounded to 0 keeps the top token only)."""
+    logits (B, V) float32 with a finite maximum per row; top_k (B,) int64 (0 → off; ≤ V);
+    top_p (B,) float32 in [0, 1] (a top_p rounded to 0 keeps the top token only). `rank_by` (B, V):
+    the values that order the tokens (default: logits), e.g. the logits before a temperature whose
+    division rounds distinct values together; equal values rank by token id (as argmax does)."""
     V = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    _, order = (logits if rank_by is None else rank_by).sort(dim=-1, descending=True, stable=True)
+    sorted_logits = logits.gather(-1, order)
     rank = torch.arange(V, device=logits.device)
     k = torch.where(top_k > 0, top_k, V)[:, None]
     drop = rank >= k
@@ -254,7 +274,7 @@ def sample(
 def _sample_fused(lib, logits, params, generators) -> torch.Tensor:
     """Plain temperature sampling in one C pass, the same draws as the torch path."""
     u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], dtype=torch.float32)
-    temp = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+    temp = torch.tensor([p.temperature for p in params], dtype=torch.float64)
     return fused.sample_rows(lib, logits.contiguous(), temp, u)
 
 
@@ -269,14 +289,14 @@ def _sample_torch(logits, params, generators, seen, counts) -> torch.Tensor:
         presence = torch.tensor([p.presence_penalty for p in params], device=dev, dtype=logits.dtype)
         frequency = torch.tensor([p.frequency_penalty for p in params], device=dev, dtype=logits.dtype)
         logits = apply_presence_frequency(logits, counts.to(logits.dtype), presence, frequency)
-    logits = sanitize_logits(logits)
-    temp = torch.tensor([p.temperature for p in params], device=dev)  # float32: T < 1e-45 rounds to 0
+    z = sanitize_logits(logits)
+    temp = torch.tensor([p.temperature for p in params], dtype=torch.float64, device=dev)
     greedy = temp == 0
-    logits = scale_logits(logits, torch.where(greedy, 1.0, temp))
+    logits = scale_logits(z, torch.where(greedy, 1.0, temp))
     top_k = torch.tensor([min(p.top_k, V) for p in params], device=dev)
     top_p = torch.tensor([p.top_p for p in params], device=dev)
-    if bool((top_k > 0).any() or (top_p < 1).any()):
-        logits = filter_logits(logits, top_k, top_p)
+    if bool((top_k > 0).any() or (top_p < 1).any()):  # ranked before the temperature (a huge T ties all)
+        logits = filter_logits(logits, top_k, top_p, rank_by=z)
     min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=logits.dtype)
     if bool((min_p > 0).any()):
         logits = filter_min_p(logits, min_p)

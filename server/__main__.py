@@ -23,6 +23,7 @@ from pydantic import ValidationError  # noqa: E402
 
 from server.app import create_app  # noqa: E402
 from server.config import Settings  # noqa: E402
+from server.connections import raise_fd_limit, uvicorn_config  # noqa: E402
 from server.state import ServerState  # noqa: E402
 
 log = logging.getLogger("server")
@@ -125,15 +126,17 @@ def main(argv: list[str] | None = None) -> None:
             log.error("%s", p)
         sys.exit("not serving: " + "; ".join(problems))
     app = create_app(settings)
-    config = uvicorn.Config(
+    state = app.state.server
+    raise_fd_limit(settings.max_connections)
+    config = uvicorn_config(
         app,
+        settings,
+        state.metrics,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        ws_max_size=settings.ws_max_frame_bytes,
         timeout_graceful_shutdown=5,  # the drain is over by then: this only bounds the last writes
     )
-    state = app.state.server
     server = GracefulServer(config, state)
     state.on_fatal = server.stop_now  # e.g. every checkpoint failed its verification after all
     server.run()

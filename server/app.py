@@ -18,6 +18,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
+from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.errors import APIError, validation_error
 from server.routes import demo, generate, health, openai, sessions, websocket
@@ -79,4 +80,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(APIKeyMiddleware, keys=keys, on_refused=lambda kind: refused.labels(kind).inc())
         document_api_keys(app)
         log.info("API keys required (%d configured)", len(settings.api_keys))
+
+    def body_limit(scope: dict) -> int:
+        if scope.get("path") == IMPORT_PATH:  # a state blob's size is set by the model, not by the client
+            return max(settings.max_body_bytes, state.max_state_blob_bytes)
+        return settings.max_body_bytes
+
+    too_large = state.metrics.requests_refused.labels("body_too_large")
+    app.add_middleware(BodySizeLimit, limit_for=body_limit, on_refused=too_large.inc)
     return app
+
+
+IMPORT_PATH = "/v1/sessions/import"

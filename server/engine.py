@@ -259,6 +259,7 @@ class Engine:
         self._running: dict[str, Job] = {}  # session id → its job
         self._outbox: list[tuple[Stream, Any]] = []
         self._stopping = False
+        self.crashed: str | None = None  # set when the engine thread died of a bug (guarded by _cv)
         self._next_housekeeping = 0.0
         # set by the app when a session store is configured (engine thread calls them):
         self.persist: Callable[[SessionRecord, bytes, list[int]], None] | None = None  # write a state
@@ -286,6 +287,8 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise unavailable("the server is shutting down")
+            if self.crashed is not None:  # nobody reads the inbox any more: refuse, never hang
+                raise unavailable(self.crashed)
             if self._queued >= self.settings.max_queued_requests:
                 self.metrics.reject("queue_full")
                 raise over_capacity(
@@ -327,8 +330,14 @@ class Engine:
                 self._prefill()
                 self._decode()
                 self._flush()
-        except Exception:  # a bug: fail every request rather than hang them
+        except Exception as exc:  # a bug: fail every request rather than hang them
             log.exception("engine %s crashed", self.model_id)
+            with self._cv:  # from now on _submit refuses with 503 (and /readyz says why)
+                self.crashed = (
+                    f"the engine of model {self.model_id} failed ({type(exc).__name__}); "
+                    "see the server log and restart the server"
+                )
+            self.metrics.engine_crashes.inc()
             self._abort_all(APIError(500, f"engine of model {self.model_id} failed; see the server log"))
             self._flush()
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from model.codecs import AudioTooLong, ByteTokenizer, MuLaw, read_audio, to_pcm16, wav_bytes
 from model.sampling import find_stop
-from server.errors import invalid, too_large
+from server.errors import APIError, invalid, too_large
 
 TEXT, MULAW = ByteTokenizer(), MuLaw()
 AUDIO_ENCODINGS = ("pcm16", "mulaw")  # WebSocket binary frames: s16le samples, or mu-law bytes (= ids)
@@ -27,24 +27,46 @@ def b64decode(data: str, param: str) -> bytes:
         raise invalid(param, f"{param} is not valid base64") from None
 
 
+def text_ids(text: str, param: str = "prompt", max_tokens: int | None = None) -> list[int]:
+    """A text prompt as token ids (UTF-8 bytes). One longer than `max_tokens` is a 413 naming `param`,
+    found before it is converted: by its length in characters (each is at least one byte), then in
+    bytes; text that is not valid Unicode (a lone surrogate from JSON's "\\ud800") is a 422."""
+
+    def too_long(n: int | str) -> APIError:
+        return too_large(f"{param} is {n} tokens; the limit is {max_tokens} (max_prompt_tokens)", param)
+
+    if max_tokens is not None and len(text) > max_tokens:
+        raise too_long(f"at least {len(text)}")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise invalid(param, f"{param} is not valid Unicode text: {exc.reason}") from None
+    if max_tokens is not None and len(data) > max_tokens:
+        raise too_long(len(data))
+    return list(data)
+
+
 def prompt_ids(
     kind: str,
     sample_rate: int | None,
     prompt: str | None,
     prompt_audio: str | None,
     max_audio_s: float | None = None,
+    max_tokens: int | None = None,
     codec: MuLaw = MULAW,
 ) -> list[int]:
     """A request's prompt as token ids for a model of this kind (422 naming the wrong field); audio is
     encoded by the model's `codec` (its mu-law convention).
 
+    Text: a prompt longer than `max_tokens` is a 413 naming it, found before it is converted to ids:
+    by its length in characters (each is at least one UTF-8 byte, one token), then in bytes.
     Audio: `prompt_audio` is a base64 audio file (any format libsndfile reads), resampled to the
     model's rate; a file longer than `max_audio_s` (its header's frames / sample rate, checked before
     it is decoded) is a 413. No prompt gives no ids (the engine's caller starts from silence)."""
     if kind == "text":
         if prompt_audio is not None:
             raise invalid("prompt_audio", "this is a text model: send `prompt` (a string)")
-        return TEXT.encode(prompt or "")
+        return text_ids(prompt or "", "prompt", max_tokens)
     if prompt is not None:
         raise invalid("prompt", "this is an audio model: send `prompt_audio` (a base64 audio file)")
     if prompt_audio is None:

@@ -104,8 +104,9 @@ def sampling_params(model: ServedModel, req: SamplingFields) -> SamplingParams:
 def prompt_ids(
     state: ServerState, model: ServedModel, prompt: str | None, prompt_audio: str | None
 ) -> list[int]:
+    limit, _ = prompt_limit(state, model)
     max_s = state.settings.max_audio_s
-    ids = media.prompt_ids(model.kind, model.sample_rate, prompt, prompt_audio, max_s, model.codec)
+    ids = media.prompt_ids(model.kind, model.sample_rate, prompt, prompt_audio, max_s, limit, model.codec)
     check_prompt(state, ids, "prompt" if model.kind == "text" else "prompt_audio", model)
     return ids
 

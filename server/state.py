@@ -37,6 +37,12 @@ class ServerState:
         self.on_fatal = None  # set by python -m server: stop the process
 
     @property
+    def max_state_blob_bytes(self) -> int:
+        """The largest session export a served model makes, with room for its header (what
+        POST /v1/sessions/import accepts)."""
+        return max((m.state_bytes for m in self.models.values()), default=0) + (1 << 20)
+
+    @property
     def ready(self) -> bool:
         return self.loaded and bool(self.models) and not self.draining
 

@@ -15,6 +15,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from conftest import devices
 from server_support import reference
 
 from model import fused
@@ -182,3 +183,26 @@ def test_the_c_pass_and_the_torch_ops_agree_at_the_extremes(monkeypatch):
     fast = draw(logits, params)
     monkeypatch.setattr(fused, "library", lambda: None)
     assert torch.equal(fast, draw(logits, params))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_the_limits_hold_on_every_device(device):
+    """The torch ops on each device present (CUDA where there is one): tiny and denormal temperatures
+    give the argmax, NaN is never drawn, +inf takes the mass, a tiny penalty its limit."""
+    torch.manual_seed(7)
+    B, V = 32, 256
+    logits = torch.randn(B, V) * 3
+    logits[0, ::2] = float("nan")
+    logits[1, 9] = float("inf")
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    seen[2, [4, 5]] = True
+    logits[2, 4], logits[2, 5] = 1.0, 2.0
+    x, seen = logits.to(device), seen.to(device)
+    sanitized = torch.nan_to_num(logits, nan=float("-inf"))
+    for T in (0.0, 1e-40, SMALLEST, 1e-9):
+        params = [SamplingParams(temperature=T, top_p=0.9, seed=k) for k in range(B)]
+        out = sample(x, params, [p.generator(device) for p in params]).cpu()
+        assert torch.equal(out, sanitized.argmax(-1)), T
+    params = [SamplingParams(temperature=1.0, repetition_penalty=1e-320, seed=k) for k in range(B)]
+    out = sample(x, params, [p.generator(device) for p in params], seen).cpu()
+    assert int(out[0]) % 2 == 1 and int(out[1]) == 9 and int(out[2]) == 5

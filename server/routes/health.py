@@ -29,6 +29,8 @@ async def readyz(request: Request) -> JSONResponse:
         reason = "loading"
     elif not st.models:
         reason = "no model could be served"
+    elif crashed := [m.engine.crashed for m in st.models.values() if m.engine.crashed]:
+        reason = "; ".join(crashed)  # a restart is the fix: let the orchestrator see it
     else:
         reason = None
     verified = {k: {n: m.rec.verification[n] for n in ("dtype", "step_rel_err", "prefill_rel_err", "tol")}

@@ -26,6 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from model.sampling import SamplingParams
+from server import media
 from server.engine import Failed, Finished, Stream
 from server.errors import APIError, invalid
 from server.registry import ServedModel
@@ -46,6 +47,7 @@ from server.service import (
     collect,
     events,
     now_s,
+    prompt_limit,
     random_seed,
     request_id,
     start_generation,
@@ -291,8 +293,11 @@ def chat_logprobs(entries: list[tuple]) -> dict:
 # --- POST /v1/completions ---------------------------------------------------------------------------
 
 
-def completion_prompts(model: ServedModel, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
-    """The prompt field as token-id lists and their texts (for echo)."""
+def completion_prompts(
+    model: ServedModel, req: CompletionRequest, max_tokens: int | None = None
+) -> tuple[list[list[int]], list[str]]:
+    """The prompt field as token-id lists and their texts (for echo); a text longer than `max_tokens`
+    is refused before it is converted (media.text_ids)."""
     p = req.prompt
     if isinstance(p, str) or isinstance(p[0], int):  # one prompt: a string, or token ids
         p = [p]
@@ -300,7 +305,7 @@ def completion_prompts(model: ServedModel, req: CompletionRequest) -> tuple[list
     out, texts = [], []
     for x in p:
         if isinstance(x, str):
-            ids = list(x.encode())
+            ids = media.text_ids(x, "prompt", max_tokens)
             texts.append(x)
         else:
             if any(t >= V for t in x):
@@ -337,7 +342,7 @@ async def completions(req: CompletionRequest, request: Request):
     if req.max_tokens == 0 and not req.echo:
         raise invalid("max_tokens", "max_tokens: 0 is only allowed with echo=true (to score the prompt)")
     check_new_tokens(st, req.max_tokens, "max_tokens", model)
-    prompts, texts = completion_prompts(model, req)
+    prompts, texts = completion_prompts(model, req, prompt_limit(st, model)[0])
     if len(prompts) * best_of > MAX_SAMPLES:
         raise invalid(
             "prompt", f"{len(prompts)} prompts × best_of {best_of} is more than {MAX_SAMPLES} samples"
@@ -472,7 +477,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     check_new_tokens(st, max_tokens, param, model)
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs", "top_logprobs needs logprobs=true")
-    ids = list(prompt.encode())
+    ids = media.text_ids(prompt, "messages", prompt_limit(st, model)[0])
     check_prompt(st, ids, "messages", model)
     params = sampling(model, req, (req.stop or []) + model.chat.stop)
     k = (req.top_logprobs or 0) if req.logprobs else None

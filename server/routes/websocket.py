@@ -133,7 +133,8 @@ class Connection:
     def prompt(self, msg: WSGenerate | WSAppend) -> list[int]:
         m = self.model
         max_s = self.st.settings.max_audio_s
-        ids = media.prompt_ids(m.kind, m.sample_rate, msg.prompt, msg.prompt_audio, max_s, m.codec)
+        limit, _ = service.prompt_limit(self.st, m)  # text: checked before the prompt is converted
+        ids = media.prompt_ids(m.kind, m.sample_rate, msg.prompt, msg.prompt_audio, max_s, limit, m.codec)
         ids, self.audio_ids = self.audio_ids + ids, []
         service.check_prompt(self.st, ids, "prompt" if m.kind == "text" else "prompt_audio", m)
         return ids
@@ -141,14 +142,14 @@ class Connection:
     def on_audio(self, data: bytes) -> None:
         if self.model is None or self.model.kind != "audio":
             raise invalid("audio", "binary frames are audio prompt samples: bind an audio model first")
-        ids = media.audio_frame_ids(data, self.encoding, self.model.codec)
         limit, setting = service.prompt_limit(self.st, self.model)
-        if len(self.audio_ids) + len(ids) > limit:
+        samples = len(data) if self.encoding == "mulaw" else len(data) // 2  # counted before converting
+        if len(self.audio_ids) + samples > limit:
             self.audio_ids = []
             raise too_large(
                 f"buffered audio prompt is longer than {limit} samples ({setting}; buffer cleared)", "audio"
             )
-        self.audio_ids += ids
+        self.audio_ids += media.audio_frame_ids(data, self.encoding, self.model.codec)
 
     async def forward(self, stream: Stream, out: service.Output) -> None:
         """Send a generation's frames; a slow reader blocks here, which pauses the session."""
