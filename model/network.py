@@ -74,7 +74,8 @@ class ModelConfig:
         lk = self.l_kernel
         if lk is not None:
             ints = isinstance(lk, list | tuple) and all(type(n) is int and 0 < n <= 2**20 for n in lk)
-            if not (ints and len(lk) == self.n_layers):
+            n_kernels = self.n_layers if self.arch != "sashimi" else len(lk)  # sashimi: its validate
+            if not (ints and len(lk) == n_kernels):
                 raise ValueError(f"l_kernel must be null or {self.n_layers} integers in [1, 2**20]: {lk!r}")
             self.l_kernel = list(lk)
         scale = self.embed_scale

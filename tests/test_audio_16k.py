@@ -11,6 +11,7 @@ import concurrent.futures
 import io
 import json
 import wave
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from server import Settings, media
 
 AUDIO = "tiny-sashimi-16k"
 OFFICIAL = "tiny-sashimi-16k-s4mulaw"
+SC09 = "sc09-official"  # tests/fixtures/official/sashimi_sc09.ckpt, made with the official code
 RATE = 16000
 MU = MuLaw()
 
@@ -57,9 +59,12 @@ def official_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def srv(audio_dir, official_dir):
-    checkpoints = [str(audio_dir), str(official_dir)]
-    s = ServerThread(Settings(checkpoints=checkpoints, max_sessions=8, max_audio_s=2.0)).start()
+def srv(audio_dir, official_dir, tmp_path_factory):
+    sc09 = Path(__file__).resolve().parent / "fixtures" / "official" / "sashimi_sc09.ckpt"
+    checkpoints = [str(audio_dir), str(official_dir), f"{SC09}={sc09}"]  # the last converted at startup
+    settings = Settings(checkpoints=checkpoints, max_sessions=8, max_audio_s=2.0,
+                        convert_cache=str(tmp_path_factory.mktemp("convert-cache")))  # fmt: skip
+    s = ServerThread(settings).start()
     yield s
     s.stop()
 
@@ -183,3 +188,26 @@ def test_a_model_with_the_official_mulaw_convention_streams_in_it(srv, official_
         assert w.getframerate() == RATE and w.readframes(w.getnframes()) == to_pcm16(
             s4.decode(body["tokens"])
         )
+
+
+def test_an_official_sashimi_checkpoint_is_converted_and_streams_official_mulaw(srv):
+    """S4_CHECKPOINTS names the official .ckpt: converted at startup (model.convert), served as SaShiMi
+    with the official mu-law; a WebSocket stream equals the library reference of the converted folder."""
+    import httpx
+
+    info = httpx.get(f"{srv.url}/v1/models/{SC09}").json()
+    assert info["arch"] == "sashimi" and info["sample_rate"] == RATE
+    folder = srv.state.models[SC09].path
+    s4 = MuLaw("s4")
+
+    async def main():
+        async with connect(srv.ws_url) as ws:
+            await ws.send(json.dumps({"type": "generate", "model": SC09, "max_new_tokens": 120, "seed": 1,
+                                      "audio_encoding": "pcm16"}))  # fmt: skip
+            out = b""
+            while not isinstance(m := await ws.recv(), str) or json.loads(m)["type"] != "done":
+                out += m if isinstance(m, bytes) else b""
+            return out
+
+    want = reference(folder, [128], SamplingParams(seed=1), 120)  # silence: 128, exactly 0.0 here
+    assert run(main()) == to_pcm16(s4.decode(want))
