@@ -142,27 +142,85 @@ class SaShiMiRecurrent:
         """One sequence's state: (layout.numel,) float32 (the batch adds dim `batch_dim` = 0)."""
         return (self.layout.numel,)
 
-    def ssm_input_bound(self, block: S4Block) -> torch.Tensor:
-        """(H,) float64: max |u_h| of an S4 block's SSM input, u = norm(x). A LayerNorm's output is
-        γ ⊙ x̂ + β with |x̂_h| ≤ √(H − 1) (Samuelson's inequality), so |u_h| ≤ |γ_h| √(H − 1) + |β_h|.
-        The scalar TransposedLN s·(x − μ + m)/σ has no such bound (m/σ grows as σ → 0): inf."""
-        H = block.layer.D.shape[0]
+    def ssm_input_bound(self, block) -> torch.Tensor:
+        """(H,) float64: max |u_h| of a block's input u = norm(x) (an S4 block's SSM input). A
+        LayerNorm's output is γ ⊙ x̂ + β with |x̂_h| ≤ √(H − 1) (Samuelson's inequality), so
+        |u_h| ≤ |γ_h| √(H − 1) + |β_h|. The scalar TransposedLN s·(x − μ + m)/σ has no such bound (m/σ
+        grows as σ → 0): inf."""
         norm = block.norm
         if not isinstance(norm, torch.nn.LayerNorm):
-            return torch.full((H,), torch.inf, dtype=F64)
+            return torch.full((self._width(block),), torch.inf, dtype=F64)
+        H = norm.normalized_shape[0]
         gamma = (
             norm.weight.detach().cpu().double().abs() if norm.weight is not None else torch.ones(H, dtype=F64)
         )
         beta = norm.bias.detach().cpu().double().abs() if norm.bias is not None else torch.zeros(H, dtype=F64)
         return gamma * (H - 1) ** 0.5 + beta
 
+    @staticmethod
+    def _width(block) -> int:
+        return block.layer.D.shape[0] if isinstance(block, S4Block) else block.ff.up.in_features
+
+    @staticmethod
+    def _abs_linear(linear: torch.nn.Linear, v: torch.Tensor) -> torch.Tensor:
+        """Bound of |W x + b| for |x| ≤ v (float64): |W| v + |b| (0 · inf counts 0)."""
+        W = linear.weight.detach().cpu().double().abs()
+        out = (W * v[None, :]).nan_to_num(nan=0.0, posinf=math.inf).sum(-1)
+        return out if linear.bias is None else out + linear.bias.detach().cpu().double().abs()
+
+    def _block_bound(self, name: str, block, bx: torch.Tensor) -> torch.Tensor:
+        """Bound of a residual block's output x + f(norm(x)) for |x| ≤ bx (H,) float64. S4 block:
+        |y| ≤ Σ_m |c_re| B_re + |c_im| B_im over its state bound (y = Σ c_re x_re − c_im x_im of the
+        step), |GELU(z)| ≤ |z| for z = y + D u, and the GLU a·σ(b) within |a|. FF block: the two linear
+        layers around |GELU(z)| ≤ |z|."""
+        u = self.ssm_input_bound(block)
+        if isinstance(block, S4Block):
+            form = self.forms[name]
+            sb = form.state_bound(u)  # (H, 2, M)
+            cr, ci = form.cr.detach().cpu().double().abs(), form.ci.detach().cpu().double().abs()
+            y = (cr * sb[:, 0] + ci * sb[:, 1]).nan_to_num(nan=0.0, posinf=math.inf).sum(-1)
+            g = y + (block.layer.D.detach().cpu().double().abs() * u).nan_to_num(nan=0.0, posinf=math.inf)
+            return bx + self._abs_linear(block.layer.out, g)[: bx.shape[0]]
+        return bx + self._abs_linear(block.ff.down, self._abs_linear(block.ff.up, u))
+
+    def _blocks_bound(self, prefix: str, blocks, bx: torch.Tensor, skips: list | None = None) -> torch.Tensor:
+        for i, blk in enumerate(blocks):
+            bx = self._block_bound(f"{prefix}.{i}", blk, bx)
+            if skips is not None:
+                skips.append(bx)
+        return bx
+
+    def _level_bound(self, k: int, bx: torch.Tensor, buffers: dict) -> torch.Tensor:
+        """Bound of level k's output for inputs |x| ≤ bx, mirroring `_step_level`; fills `buffers`
+        with each pool buffer's bound (stride, H_k)."""
+        net = self.net
+        if k == len(self.pool):
+            return self._blocks_bound("center", net.center, bx) + bx
+        s, H = self.pool[k], bx.shape[0]
+        skips = [bx]
+        x = self._blocks_bound(f"down.{k}.blocks", net.down[k].blocks, bx, skips) if self.config.unet else bx
+        buffers[f"down.{k}.buffer"] = x.expand(s, H)
+        c = self._level_bound(
+            k + 1, self._abs_linear(net.down[k].pool.linear, x.repeat_interleave(s)), buffers
+        )
+        ub = self._abs_linear(net.up[k].pool.linear, c).view(H, s).T  # channel h·s + j → entry (j, h)
+        buffers[f"up.{k}.buffer"] = ub
+        y = ub.amax(0) + skips.pop()
+        blocks = net.up[k].blocks
+        if self.config.unet:
+            for i in range(len(blocks)):
+                y = self._blocks_bound(f"up.{k}.blocks", blocks[i : i + 1], y) + skips.pop()
+            return y
+        return self._blocks_bound(f"up.{k}.blocks", blocks, y) + y
+
     def state_bound(self) -> torch.Tensor:
         """(layout.numel,) float64: the largest |value| each state entry can take when the model runs
-        from the zero state on any tokens. SSM states: the SSM input bound × the ℓ1 norm of the state's
-        impulse response (each form's `state_bound`); inf under a TransposedLN (no input bound). The
-        level-0 DownPool buffer without `unet` holds embeddings: max over tokens of |embed|·embed_scale
-        per channel. The other pooling buffers hold residual-stream values with no bound derived
-        here: inf (finiteness only). The phase counter: period − 1. Computed once on the CPU."""
+        from the zero state on any tokens (sound, not tight). SSM states: the SSM input bound × the ℓ1
+        norm of the state's impulse response (each form's `state_bound`). Pool buffers: the residual
+        stream's bound, carried from the embeddings (max over tokens of |embed|·embed_scale) through
+        every block (`_block_bound`), pool (|W| v + |b|) and skip as the step computes them. Under a
+        TransposedLN nothing past its input is bounded: inf (finiteness only). The phase counter:
+        period − 1. Computed once on the CPU."""
         if self._state_bound is None:
             bound = torch.full((self.layout.numel,), torch.inf, dtype=F64)
             row = bound[None]
@@ -171,11 +229,11 @@ class SaShiMiRecurrent:
                 self.layout.view(row, f"{name}.x")[0] = self.forms[name].state_bound(
                     self.ssm_input_bound(block)
                 )
-            if not self.config.unet:
-                emb = self.net.embed.weight.detach().cpu().double().abs().amax(0) * abs(
-                    self.config.embed_scale
-                )
-                self.layout.view(row, "down.0.buffer")[0] = emb
+            emb = self.net.embed.weight.detach().cpu().double().abs().amax(0) * abs(self.config.embed_scale)
+            buffers: dict[str, torch.Tensor] = {}
+            self._level_bound(0, emb, buffers)
+            for name, b in buffers.items():
+                self.layout.view(row, name)[0] = b
             self._state_bound = bound
         return self._state_bound
 
