@@ -24,9 +24,22 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
-    def stream_decoder(self):
-        """Incremental decoder: feed(bytes) → the text completed so far (multi-byte chars held back)."""
-        return codecs.getincrementaldecoder("utf-8")(errors="replace")
+    def stream_decoder(self, pending: bytes = b""):
+        """Incremental decoder: feed(bytes) → the text completed so far (multi-byte chars held back).
+        `pending`: the incomplete character held from earlier text (see `utf8_tail`), fed first."""
+        dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        if dec.decode(pending):
+            raise ValueError(f"{pending!r} is not the start of a UTF-8 character")
+        return dec
+
+
+def utf8_tail(data: bytes) -> bytes:
+    """The bytes at the end of `data` that later bytes could still complete into one character: a
+    proper prefix of a valid UTF-8 sequence (0 to 3 bytes), exactly what an incremental decoder holds
+    back after `data` (the codec's own state, so the two always agree)."""
+    dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    dec.decode(data)
+    return dec.getstate()[0]
 
 
 class MuLaw:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "ssm_step.c"
+MAX_MODES, MAX_RANK = 1024, 4  # the DPLR step's limits (MAX_MODES, MAX_RANK in ssm_step.c)
 _lib: dict[str, object] = {}
 # -fno-math-errno lets the GELU / sigmoid loops call glibc's vector expf / erff (model/csrc/ssm_step.c)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
@@ -203,10 +204,19 @@ class NetStep:
 
 def sample_rows(lib, logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling of softmax(logits / temperature) per row at uniforms u (argmax where the
-    temperature is 0): logits (B, V), temperature and u (B,) contiguous float32 CPU → (B,) int64."""
+    temperature is 0): logits (B, V) and u (B,) contiguous float32 CPU, temperature (B,) contiguous
+    float64 CPU (finite, ≥ 0: SamplingParams checks it) → (B,) int64."""
     B, V = logits.shape
+    if (
+        temperature.dtype != torch.float64
+        or not temperature.is_contiguous()
+        or temperature.device.type != "cpu"
+    ):
+        raise ValueError(f"temperature must be contiguous float64 on the CPU, got {temperature.dtype}")
     out = torch.empty(B, dtype=torch.long)
+    lg, uu = _ptrs(logits, u)
     lib.sample_rows(
-        ctypes.c_long(B), ctypes.c_long(V), *_ptrs(logits, temperature, u), ctypes.c_void_p(out.data_ptr())
-    )
+        ctypes.c_long(B), ctypes.c_long(V), lg, ctypes.c_void_p(temperature.data_ptr()), uu,
+        ctypes.c_void_p(out.data_ptr()),
+    )  # fmt: skip
     return out

@@ -63,6 +63,11 @@ class ModelConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.d_state % 2 or self.l_max % 2:
             raise ValueError("d_state and l_max must be even")
+        if not 1 <= int(self.rank) <= (2 if self.kernel == "s4" else int(self.rank)):  # kernel.woodbury
+            raise ValueError(f"rank must be 1 or 2 for s4, at least 1 for s4d; got {self.rank}")
+        discs = {"s4": (None, "bilinear"), "s4d": (None, "zoh", "bilinear")}[self.kernel]
+        if self.disc not in discs:
+            raise ValueError(f"disc for kernel {self.kernel!r} must be one of {discs}, got {self.disc!r}")
         lk = self.l_kernel
         if lk is not None:
             ints = isinstance(lk, list | tuple) and all(type(n) is int and 0 < n <= 2**20 for n in lk)

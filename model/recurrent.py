@@ -9,6 +9,12 @@ Per layer the SSM becomes x_k = Ā x_{k−1} + B̄ u_k, y_k = C̄ x_k + D u_k wi
 Every layer is then *verified*: the impulse response of its float32 step, run for the trained
 length, must match the float64 conv kernel. A diagonalized layer that fails (ill-conditioned
 eigenvectors) falls back to the exact O(N·r) DPLR step; if that fails too, conversion raises.
+
+Precision: conversion is float64 and states are float32 whatever the weights' dtype. The rest of the
+network (embedding, LayerNorms, linear layers, head) runs in the weights' dtype (float32, bfloat16,
+float16 or float64); each SSM step/prefill takes its input in float32 and hands its output back in that
+dtype; logits come out as float32. The whole network is then verified *at that dtype*: its step and its
+prefill over a probe of tokens must reproduce float64 conv-mode logits within `LOGITS_TOL[dtype]`.
 """
 
 from __future__ import annotations
@@ -28,8 +34,20 @@ NET_STEP_MAX_BATCH = 128  # batches up to this size step the whole network in on
 PREFILL_BY_STEPS_MAX_TOKENS = 64  # shorter prompts are ingested by that step (faster than the parallel form)
 
 
+VERIFY_TOKENS = 256  # the network check's probe: 2 sequences of min(this, l_max) tokens
+# Relative logits error ‖Δ‖/‖ref‖ allowed by the network check, per weight dtype. float32 (and float64
+# weights: the SSM runs in float32): the kernel check's 1e-4 (measured 1e-7..6e-6 over 256 tokens).
+# Half precision: every op rounds its output to the weights' dtype, a relative error up to the unit
+# roundoff u = 2^-p (p significand bits: bfloat16 p = 8, u = 3.9e-3; float16 p = 11, u = 4.9e-4); the
+# logits' own rounding alone gives u/√3 RMS and the blocks' roundings add to it, so the tolerance is 4u
+# (bfloat16 1.6e-2, float16 2.0e-3). Measured: 0.76u..1.08u (the shipped models, tiny random ones); a
+# state kept in bfloat16 instead of float32 gives 8.3u on the shipped text model, a lost state 26u..68u.
+UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+LOGITS_TOL = {torch.float64: 1e-4, torch.float32: 1e-4, **{d: 4 * u for d, u in UNIT_ROUNDOFF.items()}}
+
+
 class VerificationError(RuntimeError):
-    """The recurrent form does not reproduce the conv-mode kernel."""
+    """The recurrent form does not reproduce the conv-mode kernel (or the network's conv-mode logits)."""
 
 
 class StateRangeError(ValueError):
@@ -45,15 +63,15 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def pad_fused_params(form, M: int) -> None:
-    """Zero-pad a CPU layer form's fused-step parameters along the mode axis to M modes (a model's
-    state holds max-over-layers modes): a padded mode has μ = b = c = 0 (diagonal) or D⁻¹ = P = Q = 0
-    (DPLR), so it stays 0 and adds nothing; the fused step then runs over the whole padded state."""
-    if form.M == M or not form._fused_ptrs:
-        return
+    """Prepare a CPU layer form for the fused step: its parameters zero-padded along the mode axis to M
+    modes (a model's state holds max-over-layers modes) and their C pointers. A padded mode has
+    μ = b = c = 0 (diagonal) or D⁻¹ = P = Q = 0 (DPLR), so it stays 0 and adds nothing; the fused step
+    then runs over the whole padded state. Raises ValueError unless the parameters are float32 on CPU."""
     padded = tuple(
-        p if p is getattr(form, "Minv", None) else torch.nn.functional.pad(p, (0, M - form.M)).contiguous()
+        p if p is getattr(form, "Minv", None) or form.M == M
+        else torch.nn.functional.pad(p, (0, M - form.M)).contiguous()
         for p in form._fused_params
-    )
+    )  # fmt: skip
     form._fused_params, form._fused_ptrs = padded, fused.pointers(*padded)
 
 
@@ -135,7 +153,7 @@ class DiagonalSSM:
         self.br, self.bi = self.b.real.contiguous(), self.b.imag.contiguous()
         self.cr, self.ci = self.c2.real.contiguous(), self.c2.imag.contiguous()
         self._fused_params = (self.mur, self.mui, self.br, self.bi, self.cr, self.ci)
-        self._fused_ptrs = fused.pointers(*self._fused_params) if device.type == "cpu" else ()
+        self._fused_ptrs = ()  # set by pad_fused_params when the model runs the fused CPU step
         self.H, self.M = mu.shape
         self.device = device
         self._K = torch.zeros(self.H, 0, device=device)
@@ -219,7 +237,7 @@ class DPLRStep:
         G = torch.einsum("ihn,hn,jhn->hij", P.conj(), Dinv, P).real  # Re(P̃ᴴ D⁻¹ P̃) (H, r, r)
         Minv = torch.linalg.inv(torch.eye(P.shape[0], dtype=F64) + dt[:, None, None] * G)
         to = dict(device=device)
-        self.Minv = Minv.to(**to, dtype=torch.float32)
+        self.Minv = Minv.to(**to, dtype=torch.float32).contiguous()  # inv() of a batch is column-major
         dtB = (dt[:, None] * B).to(**to, dtype=C64)
         self.c2 = torch.complex(gamma[:, :N2], -gamma[:, N2:]).to(**to, dtype=C64)  # 2 C̄
         # real-pair step: x' = (I − hA)⁻¹(2x + ΔB u) − x, with (I − hA)⁻¹f = D⁻¹f − Q s,
@@ -233,8 +251,8 @@ class DPLRStep:
         self.cr, self.ci = self.c2.real.contiguous(), self.c2.imag.contiguous()
         self._fused_params = (self.dBr, self.dBi, self.Dr, self.Di, self.Pr, self.Pi, self.Minv, self.Qr,
                               self.Qi, self.cr, self.ci)  # fmt: skip
-        # raw pointers for the fused step; the tensors stay alive as attributes of this object
-        self._fused_ptrs = fused.pointers(*self._fused_params) if device.type == "cpu" else ()
+        # raw pointers for the fused step (pad_fused_params); the tensors stay alive in this object
+        self._fused_ptrs = ()
         self.H, self.M, self.device = H, N2, device
         # real-coordinate tables for the chunked prefill
         self.Abar64, self.Bbar64, self.gamma64 = Abar, Bbar, gamma
@@ -331,27 +349,40 @@ def impulse_response(form, L: int) -> torch.Tensor:
 
 
 def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None = None):
-    """Convert one trained SSMKernel to a verified step form; returns (form, report)."""
+    """Convert one trained SSMKernel to a verified step form; returns (form, report, K) with K (H, kernel.L)
+    the float64 conv kernel (verified against over its first `verify_len` taps). Raises VerificationError
+    when no form passes (non-finite parameters, or every form's error above `tol`), never another error."""
     L = verify_len or kernel.L
     s = {k: v.detach().cpu() for k, v in kernel.ssm(F64).items()}
     with torch.no_grad():
-        K_conv = kernel(L, dtype=F64, backend="torch").detach().cpu()  # float64 reference
-        tries = []
+        bad = [k for k, v in s.items() if not bool(v.isfinite().all())]
+        if bad:
+            raise VerificationError(f"non-finite SSM parameters: {', '.join(bad)}")
+        K_full = kernel(kernel.L, dtype=F64, backend="torch").detach().cpu()  # float64 reference
+        K_conv = K_full[:, :L]
+        if not bool(K_conv.isfinite().all()):
+            raise VerificationError(f"the float64 conv kernel over L={L} is not finite")
         if kernel.kind == "s4":
-            Abar, Bbar, gamma = s4_real_system(s, kernel.L)
-            mu, b, c = diagonalize(Abar, Bbar, gamma)
-            tries = [lambda: DiagonalSSM(mu, b, c, device), lambda: DPLRStep(s, Abar, Bbar, gamma, device)]
+            real = functools.cache(lambda: s4_real_system(s, kernel.L))
+            tries = [
+                ("diagonal", lambda: DiagonalSSM(*diagonalize(*real()), device)),
+                ("dplr", lambda: DPLRStep(s, *real(), device)),
+            ]
         else:
             Lam, dt = s["Lambda"], s["dt"] if s["dt"].dim() == 2 else s["dt"][:, None]  # Δ untied: (H, N2)
             mu, Bbar = discretize(Lam * dt, s["B"] * dt, kernel.disc)
-            tries = [lambda: DiagonalSSM(mu, Bbar, s["C"], device)]
+            tries = [("diagonal", lambda: DiagonalSSM(mu, Bbar, s["C"], device))]
         errors = []
-        for make in tries:
-            form = make()
+        for name, make in tries:
+            try:  # e.g. eigenvectors too ill-conditioned to solve with: the next form
+                form = make()
+            except (RuntimeError, ValueError) as exc:
+                errors.append(f"{name}: {type(exc).__name__}: {exc}")
+                continue
             err = _rel_err(impulse_response(form, L).cpu(), K_conv)
-            errors.append(f"{form.form}: {err:.2e}")
+            errors.append(f"{name}: {err:.2e}")
             if err <= tol:
-                return form, {"form": form.form, "rel_err": err, "modes": form.M}
+                return form, {"form": form.form, "rel_err": err, "modes": form.M}, K_full
     raise VerificationError(
         f"recurrent form does not reproduce the conv kernel within rel. err {tol:g} over L={L} "
         f"({', '.join(errors)})"
@@ -367,7 +398,18 @@ class RecurrentModel:
     State: float32 tensor (n_layers, B, H, 2, M), the real and imaginary parts of M complex modes
     per channel; constant size whatever the context length. `step` and `prefill` return a new
     state and leave the one passed in untouched, unless `step(..., out=state)` asks for an
-    in-place update.
+    in-place update. Logits are float32 whatever the weights' dtype.
+
+    Args: `tol` the per-layer kernel tolerance (relative error of the float32 step's impulse response
+    against the float64 kernel over `verify_len`, default the trained length); `dtype` the weights'
+    dtype to serve in (default: the net's own, which must be one dtype of `LOGITS_TOL`): the net's
+    weights are cast to it *after* the float64 conversion; `logits_tol` the network check's tolerance
+    (default `LOGITS_TOL[dtype]`); `fused_step`/`fused_network` allow the C step on CPU (float32
+    weights only for the whole-network one). After conversion `report` holds one dict per layer and
+    `verification` the network check: dtype, tokens, step_rel_err, prefill_rel_err, tol.
+
+    Raises VerificationError when a layer or the network fails its check (the message names the layer
+    or the dtype and the errors), ValueError for weights of mixed or unsupported dtypes.
     """
 
     def __init__(
@@ -378,31 +420,48 @@ class RecurrentModel:
         device=None,
         fused_step=True,
         fused_network=True,
+        dtype: torch.dtype | None = None,
+        logits_tol: float | None = None,
     ):
         device = torch.device(device) if device is not None else next(net.parameters()).device
+        dtypes = {p.dtype for p in net.parameters()}
+        if len(dtypes) != 1:
+            raise ValueError(f"the weights must share one dtype, got {sorted(map(str, dtypes))}")
+        dtype = dtype or dtypes.pop()
+        if dtype not in LOGITS_TOL:
+            names = ", ".join(str(d).removeprefix("torch.") for d in LOGITS_TOL)
+            raise ValueError(f"weights dtype must be one of {names}, got {dtype}")
+        self.dtype = dtype
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = net.config
         self.device = device
-        self.layers, self.report = [], []
+        self.layers, self.report, kernels64 = [], [], []
         for i, kernel in enumerate(self.net.kernels()):
             try:
-                form, rep = convert_kernel(kernel, device, tol, verify_len)
+                form, rep, K = convert_kernel(kernel, device, tol, verify_len)
             except VerificationError as exc:
                 raise VerificationError(f"layer {i}: {exc}") from None
             self.layers.append(form)
             self.report.append({"layer": i, **rep})
+            kernels64.append(K)
+        self.net.to(dtype)  # after the float64 conversion; the SSM forms stay float32
         self.M = max(f.M for f in self.layers)
         self.H = self.config.d_model
-        # On CPU, one fused C pass per layer (model/fused.py) when it builds.
+        # On CPU, one fused C pass per layer (model/fused.py) when it builds and the C step's limits
+        # allow (a DPLR layer: at most MAX_MODES modes, the padded state's, and rank MAX_RANK).
         lib = fused.library() if (fused_step and device.type == "cpu") else None
+        dplr = [f for f in self.layers if f.form == "dplr"]
+        if dplr and (self.M > fused.MAX_MODES or max(f.Pr.shape[0] for f in dplr) > fused.MAX_RANK):
+            lib = None
         if lib is not None:  # layers with fewer modes than the state run the fused step zero-padded
             for form in self.layers:
                 pad_fused_params(form, self.M)
         self._fused = lib
         # Small batches: the whole network's step in one C call (model/fused.py: NetStep), when the
-        # blocks have no feed-forward part; larger ones run the torch ops around the fused SSM steps.
+        # blocks have no feed-forward part and the weights are float32; larger ones (and other dtypes)
+        # run the torch ops around the fused SSM steps.
         self._net_step = None
-        if self._fused is not None and fused_network and not self.config.d_ff:
+        if self._fused is not None and fused_network and not self.config.d_ff and dtype == torch.float32:
             try:
                 self._net_step = fused.NetStep(self._fused, self.net, self.layers)
             except ValueError:  # something the C step does not compute (it names it): keep the torch ops
@@ -410,6 +469,42 @@ class RecurrentModel:
         self._state_bound: torch.Tensor | None = None
         self.net_step_max_batch = NET_STEP_MAX_BATCH
         self.prefill_by_steps_max_tokens = PREFILL_BY_STEPS_MAX_TOKENS
+        tol_net = LOGITS_TOL[dtype] if logits_tol is None else logits_tol
+        self.verification = self._verify_network(net, kernels64, tol_net)
+
+    def _verify_network(self, net, kernels64: list[torch.Tensor], tol: float) -> dict:
+        """Step and prefill 2 probe sequences (fixed seed) at the serving dtype and device, and compare
+        their logits with the conv mode of `net` in float64 (the float64 kernels K, on CPU)."""
+        T = min(VERIFY_TOKENS, self.config.l_max)  # l_max is even: two halves for the prefill
+        tokens = torch.randint(0, self.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
+        ref_net = copy.deepcopy(net).to("cpu", F64).eval()
+        with torch.no_grad():  # a layer's kernel shorter than T (its own l_kernel): K̄ at length T
+            Ks = [K[:, :T] if K.shape[1] >= T else k(T, dtype=F64, backend="torch")
+                  for K, k in zip(kernels64, ref_net.kernels(), strict=True)]  # fmt: skip
+            convs = [lambda u, K=K: fft_conv(u.transpose(1, 2), K).transpose(1, 2) for K in Ks]
+            ref = ref_net(tokens, ssms=convs)
+        del ref_net
+        tok = tokens.to(self.device)
+        state, stepped = self.init_state(2), []
+        for t in range(T):
+            logits, state = self.step(tok[:, t], state)
+            stepped.append(logits)
+        by_steps, self.prefill_by_steps_max_tokens = self.prefill_by_steps_max_tokens, 0
+        try:  # the parallel prefill from a zero state, then from the state it left
+            first, state = self.prefill(tok[:, : T // 2], self.init_state(2))
+            second, _ = self.prefill(tok[:, T // 2 :], state)
+        finally:
+            self.prefill_by_steps_max_tokens = by_steps
+        prefilled = torch.cat([first, second], 1)
+        errs = [_rel_err(torch.stack(stepped, 1).cpu(), ref), _rel_err(prefilled.cpu(), ref)]
+        name = str(self.dtype).removeprefix("torch.")
+        report = {"dtype": name, "tokens": T, "step_rel_err": errs[0], "prefill_rel_err": errs[1], "tol": tol}
+        if not all(e <= tol for e in errs):  # (a NaN fails too)
+            raise VerificationError(
+                f"the recurrent network in {name} does not reproduce the float64 conv-mode logits within "
+                f"rel. err {tol:g} over {T} tokens (step {errs[0]:.2e}, prefill {errs[1]:.2e})"
+            )
+        return report
 
     @property
     def state_bytes_per_sequence(self) -> int:
@@ -487,9 +582,14 @@ class RecurrentModel:
         return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
     def _run(self, tokens: torch.Tensor, layer_ssm) -> torch.Tensor:
-        """The network with layer i's SSM replaced by layer_ssm(i, form, u) → y."""
-        ssms = [functools.partial(layer_ssm, i, form) for i, form in enumerate(self.layers)]
-        return self.net(tokens, ssms=ssms)
+        """The network with layer i's SSM replaced by layer_ssm(i, form, u) → y; the SSM gets u in
+        float32 and its y goes back in the weights' dtype; float32 logits."""
+
+        def ssm(i, form, u):
+            return layer_ssm(i, form, u.float()).to(u.dtype)
+
+        ssms = [functools.partial(ssm, i, form) for i, form in enumerate(self.layers)]
+        return self.net(tokens, ssms=ssms).float()
 
     def _step_fused(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None):
         state = state.contiguous()

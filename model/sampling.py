@@ -6,6 +6,8 @@ reproduces a sequence whatever else is in the batch (and whatever the batch orde
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -13,24 +15,107 @@ import torch
 from model import fused
 
 
+def check_number(
+    name: str,
+    value,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    integer: bool = False,
+):
+    """Range-check one numeric sampling setting from outside; returns it as an int (`integer`) or a
+    float (so an int past 2**63 never reaches a tensor as an int).
+
+    `value` must be a real number (an int where `integer`; never a bool), finite (no NaN, no ±inf)
+    and within the given bounds (ge ≤ value, gt < value, value ≤ le; None → unbounded). Raises
+    ValueError naming `name` otherwise. The server's schemas state the same bounds (server/schemas.py:
+    `finite`, `count`), so HTTP gets a 422 naming the field before a SamplingParams is made."""
+    kind = "an integer" if integer else "a finite number"
+    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real)
+    try:
+        number = int(value) if integer else float(value)  # float(10**400) raises OverflowError
+    except (OverflowError, TypeError, ValueError):
+        number = None
+    if (
+        isinstance(value, bool)
+        or not ok_type
+        or number is None
+        or (not integer and not math.isfinite(number))
+    ):
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    for bound, holds, words in (
+        (ge, lambda b: value >= b, "≥"),
+        (gt, lambda b: value > b, ">"),
+        (le, lambda b: value <= b, "≤"),
+    ):
+        if bound is not None and not holds(bound):
+            raise ValueError(f"{name} must be {words} {bound}, got {value!r}")
+    return number
+
+
 @dataclass
 class SamplingParams:
+    """One sequence's sampling settings (checked here: ValueError naming the field).
+
+    - temperature: finite, ≥ 0. 0 is greedy (the argmax); any T > 0, however tiny (denormals
+      included), draws from softmax(z / T) computed as exp((z − max z) / T), so a tiny T gives its
+      mathematical limit, the argmax (uniform among exactly tied maxima), never an overflow.
+    - top_k: integer ≥ 0 (0 → off); any k ≥ the vocabulary size keeps everything (also off).
+    - top_p: finite, in (0, 1] (1 → off); a tiny top_p keeps only the most likely token.
+    - repetition_penalty: finite, > 0 (1 → off). Where a seen token's z / p overflows (a tiny p), the
+      limit is taken: those tokens alone, and the largest of their z, get all the mass.
+    """
+
     temperature: float = 1.0  # 0 → greedy
     top_k: int = 0  # 0 → off
     top_p: float = 1.0  # 1 → off
     repetition_penalty: float = 1.0  # 1 → off (CTRL-style: positive logits ÷ p, negative × p)
     seed: int | None = None
     stop: list[bytes] = field(default_factory=list)  # stop sequences (token-id bytes)
+    # OpenAI's logit processing (see `apply_logit_bias`, `apply_presence_frequency`), vLLM's min_p
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id → added to its logit
+    presence_penalty: float = 0.0  # subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the tokens generated so far
+    min_p: float = 0.0  # drop tokens less likely than min_p × the most likely one (0 → off)
+    # what to report beside each token (see `token_logprobs`); None → nothing
+    logprobs: int | None = None  # the sampled token's log-probability and the `logprobs` most likely
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self):
-        if not (self.temperature >= 0):
-            raise ValueError(f"temperature must be ≥ 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be ≥ 0, got {self.top_k}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not (self.repetition_penalty > 0):
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        self.temperature = check_number("temperature", self.temperature, ge=0)
+        self.top_k = check_number("top_k", self.top_k, ge=0, integer=True)
+        self.top_p = check_number("top_p", self.top_p, gt=0, le=1)
+        self.repetition_penalty = check_number("repetition_penalty", self.repetition_penalty, gt=0)
+        if self.seed is not None:
+            self.seed = check_number("seed", self.seed, ge=0, le=2**63 - 1, integer=True)
+        self.presence_penalty = check_number("presence_penalty", self.presence_penalty)
+        self.frequency_penalty = check_number("frequency_penalty", self.frequency_penalty)
+        self.min_p = check_number("min_p", self.min_p, ge=0, le=1)
+        self.logit_bias = {
+            check_number("logit_bias (a token id)", t, ge=0, integer=True): check_number("logit_bias", b)
+            for t, b in self.logit_bias.items()
+        }
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_number(name, getattr(self, name), ge=0, integer=True))
+
+    def plain(self, vocab_size: int) -> bool:
+        """Temperature sampling alone (what the fused C sampler does); anything else → the torch path."""
+        return (
+            (self.top_k == 0 or self.top_k >= vocab_size)
+            and self.top_p == 1
+            and self.repetition_penalty == 1
+            and not self.logit_bias
+            and self.presence_penalty == 0
+            and self.frequency_penalty == 0
+            and self.min_p == 0
+        )
+
+    @property
+    def counts_output(self) -> bool:
+        """Needs the counts of the tokens generated so far (presence/frequency penalties)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def generator(self, device: str | torch.device = "cpu") -> torch.Generator:
         g = torch.Generator(device=device)
@@ -41,25 +126,108 @@ class SamplingParams:
         return g
 
 
+NEG_INF = float("-inf")
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-    """logits (B, V); seen (B, V) bool (tokens in the context); penalty (B,)."""
+    """CTRL's penalty (Keskar et al. 2019): a seen token's logit z becomes z / p if z > 0, else z · p.
+
+    logits (B, V) float32; seen (B, V) bool (tokens in the context); penalty (B,) float32, > 0.
+    Returns (B, V) float32. Rows where some finite z / p overflows to +inf (a tiny p) take the p → 0
+    limit: all their mass on the overflowed tokens with the largest z (0), the rest −inf (unless the
+    row has a +inf logit of its own, which outranks every finite one: see `sanitize_logits`)."""
     p = penalty[:, None]
-    penalized = torch.where(logits > 0, logits / p, logits * p)
-    return torch.where(seen, penalized, logits)
+    up = seen & (logits > 0)
+    penalized = torch.where(up, logits / p, torch.where(seen, logits * p, logits))
+    over = up & torch.isposinf(penalized) & torch.isfinite(logits)  # (B, V)
+    top = torch.where(over, logits, NEG_INF).amax(-1, keepdim=True)
+    limit = torch.where(over & (logits == top), 0.0, NEG_INF)
+    rows = over.any(-1, keepdim=True) & ~torch.isposinf(logits).any(-1, keepdim=True)
+    return torch.where(rows, limit, penalized)
 
 
-def filter_logits(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Mask (to −inf) all but the top_k largest and the smallest set with mass ≥ top_p (per row)."""
+def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Logits (B, V) float32 → the same with a well-defined softmax in every row: NaN → −inf (never
+    drawn); a row with +inf entries puts all its mass on them (they become 0, the rest −inf, the limit
+    of a huge logit); a row with nothing above −inf becomes uniform (0). Row by row: one row's values
+    never change another's."""
+    z = torch.nan_to_num(logits, nan=NEG_INF, posinf=float("inf"), neginf=NEG_INF)
+    pos = torch.isposinf(z)
+    z = torch.where(pos.any(-1, keepdim=True), torch.where(pos, 0.0, NEG_INF), z)
+    return torch.where(torch.isneginf(z).all(-1, keepdim=True), 0.0, z)
+
+
+def scale_logits(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """(z − max z) / T per row, in float64 (no float32 logit difference overflows there, and every
+    finite T > 0 is exact): logits (B, V) float32 sanitized (see `sanitize_logits`), temperature (B,)
+    float64 > 0 → (B, V) float32 in [−inf, 0], the row maxima exactly 0, −inf kept."""
+    z = logits.double()
+    top = z.amax(-1, keepdim=True)
+    scaled = (z - top) / temperature[:, None]
+    return torch.where(z == top, 0.0, torch.where(torch.isneginf(z), NEG_INF, scaled)).float()
+
+
+def filter_logits(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, rank_by: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mask (to −inf) all but the top_k largest and the smallest set with mass ≥ top_p (per row).
+    logits (B, V) float32 with a finite maximum per row; top_k (B,) int64 (0 → off; ≤ V);
+    top_p (B,) float32 in [0, 1] (a top_p rounded to 0 keeps the top token only). `rank_by` (B, V):
+    the values that order the tokens (default: logits), e.g. the logits before a temperature whose
+    division rounds distinct values together; equal values rank by token id (as argmax does)."""
     V = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    _, order = (logits if rank_by is None else rank_by).sort(dim=-1, descending=True, stable=True)
+    sorted_logits = logits.gather(-1, order)
     rank = torch.arange(V, device=logits.device)
     k = torch.where(top_k > 0, top_k, V)[:, None]
     drop = rank >= k
-    probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(-1)
+    probs = sorted_logits.masked_fill(drop, NEG_INF).softmax(-1)
     mass_before = probs.cumsum(-1) - probs  # keep token i while the mass before it is < top_p
     drop |= mass_before >= top_p[:, None]
     drop[:, 0] = False
-    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, NEG_INF))
+
+
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """OpenAI's logit_bias: each row's {token id: bias} added to its logits (B, V). Ids ≥ V are the
+    caller's error (the server refuses them by name)."""
+    if not any(p.logit_bias for p in params):
+        return logits
+    bias = torch.zeros_like(logits)
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+            bias[i, ids] = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits + bias
+
+
+def apply_presence_frequency(
+    logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor, frequency: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's penalties: μ[j] − c[j]·α_frequency − [c[j] > 0]·α_presence, where c (B, V) counts the
+    tokens generated so far in this completion (not the prompt); presence and frequency (B,).
+    Source: platform.openai.com/docs/advanced-usage (frequency and presence penalties)."""
+    return logits - counts * frequency[:, None] - (counts > 0).to(logits.dtype) * presence[:, None]
+
+
+def filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """vLLM's min_p: mask (to −inf) tokens whose probability is below min_p × the row's largest
+    (logits (B, V) after temperature; min_p (B,), 0 → off). The most likely token always stays."""
+    probs = logits.softmax(-1)
+    drop = probs < min_p[:, None] * probs.amax(-1, keepdim=True)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[list, list, list]:
+    """Log-probabilities under the model: log_softmax of the raw logits (B, V) (before temperature,
+    penalties, bias and filtering), of `tokens` (B,), and the k most likely per row. Returns host
+    lists: chosen (B,) floats, top ids (B, k) and top log-probabilities (B, k), most likely first."""
+    lp = logits.float().log_softmax(-1)
+    chosen = lp.gather(-1, tokens[:, None].to(lp.device))[:, 0]
+    if k > 0:
+        top_v, top_i = lp.topk(min(k, lp.shape[-1]), dim=-1)
+        return chosen.tolist(), top_i.tolist(), top_v.tolist()
+    return chosen.tolist(), [[] for _ in range(len(tokens))], [[] for _ in range(len(tokens))]
 
 
 def sample(
@@ -67,35 +235,75 @@ def sample(
     params: list[SamplingParams],
     generators: list[torch.Generator],
     seen: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) → tokens (B,) int64 on the logits' device."""
-    B = logits.shape[0]
-    dev = logits.device
+    """logits (B, V) (any float dtype, any device; NaN/±inf allowed, see `sanitize_logits`) → tokens
+    (B,) int64 on the logits' device, each in [0, V).
+
+    Per row: logit_bias → repetition penalty (when `seen`, (B, V) bool: the tokens in the row's
+    context) → presence/frequency penalties (when `counts`, (B, V) float: the tokens generated so far)
+    → temperature (T = 0: argmax) → top-k → top-p → min_p → one uniform from the row's generator,
+    inverted through the CDF. On the CPU, rows with plain temperature sampling take one C pass
+    (model/csrc/ssm_step.c `sample_rows`: the same arithmetic and the same draws) and the others the
+    torch ops. Every row draws exactly one uniform from its own generator, so a row's token depends
+    neither on the path nor on the other rows, and a seed reproduces a sequence whatever the batch."""
+    B, V = logits.shape
     logits = logits.float()
-    if (
-        dev.type == "cpu"
-        and B
-        and all(p.top_k == 0 and p.top_p == 1 and p.repetition_penalty == 1 for p in params)
-    ):
-        lib = fused.library()
-        if lib is not None:  # plain temperature sampling in one C pass, the same draws
-            u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], dtype=torch.float32)
-            temp = torch.tensor([p.temperature for p in params], dtype=torch.float32)
-            return fused.sample_rows(lib, logits.contiguous(), temp, u)
+    lib = fused.library() if logits.device.type == "cpu" and B else None
+    if lib is None:
+        return _sample_torch(logits, params, generators, seen, counts)
+    plain = [i for i, p in enumerate(params) if p.plain(V)]
+    if len(plain) == B:
+        return _sample_fused(lib, logits, params, generators)
+    if not plain:
+        return _sample_torch(logits, params, generators, seen, counts)
+    rest = sorted(set(range(B)) - set(plain))
+    out = torch.empty(B, dtype=torch.long)
+    pi, ri = torch.tensor(plain), torch.tensor(rest)
+    out[pi] = _sample_fused(lib, logits[pi], [params[i] for i in plain], [generators[i] for i in plain])
+    out[ri] = _sample_torch(
+        logits[ri],
+        [params[i] for i in rest],
+        [generators[i] for i in rest],
+        None if seen is None else seen[ri],
+        None if counts is None else counts[ri],
+    )
+    return out
+
+
+def _sample_fused(lib, logits, params, generators) -> torch.Tensor:
+    """Plain temperature sampling in one C pass, the same draws as the torch path."""
+    u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], dtype=torch.float32)
+    temp = torch.tensor([p.temperature for p in params], dtype=torch.float64)
+    return fused.sample_rows(lib, logits.contiguous(), temp, u)
+
+
+def _sample_torch(logits, params, generators, seen, counts) -> torch.Tensor:
+    B, V = logits.shape
+    dev = logits.device
+    logits = apply_logit_bias(logits, params)
     pen = torch.tensor([p.repetition_penalty for p in params], device=dev)
     if seen is not None and bool((pen != 1).any()):
         logits = apply_repetition_penalty(logits, seen, pen)
-    temp = torch.tensor([p.temperature for p in params], device=dev)
+    if counts is not None and any(p.counts_output for p in params):
+        presence = torch.tensor([p.presence_penalty for p in params], device=dev, dtype=logits.dtype)
+        frequency = torch.tensor([p.frequency_penalty for p in params], device=dev, dtype=logits.dtype)
+        logits = apply_presence_frequency(logits, counts.to(logits.dtype), presence, frequency)
+    z = sanitize_logits(logits)
+    temp = torch.tensor([p.temperature for p in params], dtype=torch.float64, device=dev)
     greedy = temp == 0
-    logits = logits / torch.where(greedy, 1.0, temp)[:, None]
-    top_k = torch.tensor([p.top_k for p in params], device=dev)
+    logits = scale_logits(z, torch.where(greedy, 1.0, temp))
+    top_k = torch.tensor([min(p.top_k, V) for p in params], device=dev)
     top_p = torch.tensor([p.top_p for p in params], device=dev)
-    if bool((top_k > 0).any() or (top_p < 1).any()):
-        logits = filter_logits(logits, top_k, top_p)
+    if bool((top_k > 0).any() or (top_p < 1).any()):  # ranked before the temperature (a huge T ties all)
+        logits = filter_logits(logits, top_k, top_p, rank_by=z)
+    min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=logits.dtype)
+    if bool((min_p > 0).any()):
+        logits = filter_min_p(logits, min_p)
     probs = logits.softmax(-1)
     u = torch.stack([torch.rand((), generator=g, device=g.device).to(dev) for g in generators])
     cdf = probs.cumsum(-1)
-    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_(max=V - 1)
     return torch.where(greedy, logits.argmax(-1), drawn) if B else drawn
 
 

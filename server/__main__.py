@@ -19,9 +19,12 @@ import types  # noqa: E402
 import typing  # noqa: E402
 
 import uvicorn  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
 
-from server.app import ServerState, create_app  # noqa: E402
+from server.app import create_app  # noqa: E402
 from server.config import Settings  # noqa: E402
+from server.connections import raise_fd_limit, uvicorn_config  # noqa: E402
+from server.state import ServerState  # noqa: E402
 
 log = logging.getLogger("server")
 
@@ -109,7 +112,11 @@ def preflight(settings: Settings) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = parse_args(argv)
+    try:
+        settings = parse_args(argv)
+    except ValidationError as exc:  # an S4_* variable (argparse checks the flags): name it, not its value
+        names = [f"S4_{str(e['loc'][0]).upper()}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()]
+        sys.exit("not serving: invalid settings: " + "; ".join(names))
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -119,15 +126,17 @@ def main(argv: list[str] | None = None) -> None:
             log.error("%s", p)
         sys.exit("not serving: " + "; ".join(problems))
     app = create_app(settings)
-    config = uvicorn.Config(
+    state = app.state.server
+    raise_fd_limit(settings.max_connections)
+    config = uvicorn_config(
         app,
+        settings,
+        state.metrics,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        ws_max_size=settings.ws_max_frame_bytes,
         timeout_graceful_shutdown=5,  # the drain is over by then: this only bounds the last writes
     )
-    state = app.state.server
     server = GracefulServer(config, state)
     state.on_fatal = server.stop_now  # e.g. every checkpoint failed its verification after all
     server.run()

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     verify_tolerance: float = Field(
         1e-4, gt=0, description="max relative error of the recurrent form against the conv kernel"
     )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="dtype of the served weights (states stay float32); verified at load: logits within "
+        "1e-4 (float32), 1.6e-2 (bfloat16) or 2e-3 (float16) of float64 conv mode, else not served",
+    )
     max_sessions: int = Field(256, ge=1, description="state slots per model (sessions + one-shot requests)")
     session_ttl_s: float = Field(
         600.0, gt=0, description="an idle session is deleted after this many seconds"
@@ -74,7 +79,49 @@ class Settings(BaseSettings):
     stream_buffer: int = Field(
         64, ge=1, description="undelivered steps held per request; a full buffer pauses its session"
     )
-    ws_max_frame_bytes: int = Field(1 << 20, ge=1024, description="largest WebSocket frame accepted")
+    ws_max_frame_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        description="largest WebSocket message accepted, fragments together (else close 1009)",
+    )
+    max_body_bytes: int = Field(
+        16 << 20,
+        ge=1024,
+        description="largest HTTP request body, counted as it arrives (else 413 and the connection is "
+        "closed); a session import may also be as large as the largest state blob + 1 MiB",
+    )
+    max_header_bytes: int = Field(
+        1 << 16, ge=1024, description="largest request line + headers (else 431 and the connection is closed)"
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="a request line and headers must arrive within this time of the request's first byte "
+        "(of the accept, for a connection's first request), else 408 and close",
+    )
+    body_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="a request body must arrive within this time of its headers (else 408 and close)",
+    )
+    ws_handshake_timeout_s: float = Field(
+        10.0, gt=0, description="a WebSocket is accepted within this time of its upgrade request, or closed"
+    )
+    send_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="a client that reads none of what the server sends for this long is disconnected "
+        "(its generation cancelled)",
+    )
+    keep_alive_timeout_s: float = Field(
+        5.0, gt=0, description="an idle keep-alive connection is closed after this many seconds"
+    )
+    max_connections: int = Field(
+        1000,
+        ge=1,
+        description="open client connections (HTTP and WebSocket) at most; one more is answered 503 and "
+        "closed at once (keep it under `ulimit -n`)",
+    )
     drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, wait this long for running requests")
     session_store: str = Field(
         "memory",

@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
+from model.codecs import utf8_tail
 from model.recurrent import RecurrentModel
-from model.sampling import SamplingParams, find_stop, sample
+from model.sampling import SamplingParams, find_stop, sample, token_logprobs
 from server.config import Settings
 from server.errors import APIError, over_capacity, unavailable
 from server.metrics import ModelMetrics
@@ -77,6 +78,11 @@ class Stream:
         self.taken = 0  # tokens taken (event loop)
         self.cancelled = False
         self.engine: Engine | None = None
+        # when the params ask for them (engine thread appends, before the token or final event is
+        # delivered): per generated token (logprob, top ids, top logprobs); per prompt token after
+        # the first, the same
+        self.logprobs: list[tuple[float, list[int], list[float]]] = []
+        self.prompt_logprobs: list[tuple[float, list[int], list[float]]] = []
 
     def room(self) -> int:
         return self.capacity - (self.sent - self.taken)
@@ -113,6 +119,8 @@ class Job:
     stream: Stream | None = None
     params: SamplingParams | None = None
     max_new_tokens: int = 0
+    text: bool = False  # a text model's generation: the session keeps its unfinished character
+    carry: bytes = b""  # the session's utf8_tail this generation continues (b"" after new input)
     future: concurrent.futures.Future | None = None  # ingestion-only jobs
     submitted: float = field(default_factory=time.perf_counter)
     # engine-side progress
@@ -122,6 +130,8 @@ class Job:
     out_bytes: bytearray = field(default_factory=bytearray)
     stops: list[bytes] = field(default_factory=list)
     generator: torch.Generator | None = None
+    counts: torch.Tensor | None = None  # (V,) float: generated tokens (presence/frequency penalties)
+    targets: list[int] = field(default_factory=list)  # the token each ingested one is followed by
     last_emit: float = 0.0
     delete_after: bool = False
     queued: bool = True  # counted in the engine's queue depth (until it decodes or ends)
@@ -145,6 +155,7 @@ class DecodeBatch:
         self.tok = torch.zeros(0, dtype=torch.long, device=pool.state.device)
         self.seen = pool.seen.new_zeros((0, pool.seen.shape[1]))
         self.rows: list[Job | None] = []
+        self.logprobs: dict[int, tuple[float, list[int], list[float]]] = {}  # of the last step, by row
         self.dummy = torch.Generator(device=pool.state.device)
 
     @property
@@ -195,15 +206,33 @@ class DecodeBatch:
             self.rows = [self.rows[i] for i in keep]
 
     def step(self, rec: RecurrentModel) -> list[int]:
-        """One recurrent step of every row, in place; returns the sampled tokens (host ints)."""
+        """One recurrent step of every row, in place; returns the sampled tokens (host ints). Rows
+        that ask for log-probabilities get them in `self.logprobs` (row → (logprob, top ids, top
+        logprobs)) from the same logits the sampler was given."""
         logits, _ = rec.step(self.tok, self.state, out=self.state)  # (R, V)
         params = [GREEDY if j is None else j.params for j in self.rows]
         gens = [self.dummy if j is None else j.generator for j in self.rows]
         penalized = any(p.repetition_penalty != 1 for p in params)
-        new = sample(logits, params, gens, self.seen if penalized else None)  # (R,) on the device
+        counted = [i for i, j in enumerate(self.rows) if j is not None and j.counts is not None]
+        counts = None
+        if counted:
+            counts = torch.zeros(logits.shape, device=logits.device)  # float32 whatever the logits
+            counts[counted] = torch.stack([self.rows[i].counts for i in counted])
+        new = sample(logits, params, gens, self.seen if penalized else None, counts)  # (R,) on the device
         self.seen[torch.arange(len(self.rows), device=new.device), new] = True
+        for i in counted:
+            self.rows[i].counts[new[i]] += 1
         self.tok = new
-        return new.tolist()  # the one host copy per step
+        self.logprobs = {}
+        wants = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if wants:
+            k = max(params[i].logprobs for i in wants)
+            w = torch.tensor(wants, device=new.device)
+            chosen, top_i, top_v = token_logprobs(logits[w], new[w], k)
+            for n, i in enumerate(wants):
+                kk = params[i].logprobs
+                self.logprobs[i] = (chosen[n], top_i[n][:kk], top_v[n][:kk])
+        return new.tolist()  # the one host copy per step (two more with logprobs)
 
 
 class Engine:
@@ -229,6 +258,7 @@ class Engine:
         self._running: dict[str, Job] = {}  # session id → its job
         self._outbox: list[tuple[Stream, Any]] = []
         self._stopping = False
+        self.crashed: str | None = None  # set when the engine thread died of a bug (guarded by _cv)
         self._next_housekeeping = 0.0
         # set by the app when a session store is configured (engine thread calls them):
         self.persist: Callable[[SessionRecord, bytes, list[int]], None] | None = None  # write a state
@@ -256,6 +286,8 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise unavailable("the server is shutting down")
+            if self.crashed is not None:  # nobody reads the inbox any more: refuse, never hang
+                raise unavailable(self.crashed)
             if self._queued >= self.settings.max_queued_requests:
                 self.metrics.reject("queue_full")
                 raise over_capacity(
@@ -297,8 +329,14 @@ class Engine:
                 self._prefill()
                 self._decode()
                 self._flush()
-        except Exception:  # a bug: fail every request rather than hang them
+        except Exception as exc:  # a bug: fail every request rather than hang them
             log.exception("engine %s crashed", self.model_id)
+            with self._cv:  # from now on _submit refuses with 503 (and /readyz says why)
+                self.crashed = (
+                    f"the engine of model {self.model_id} failed ({type(exc).__name__}); "
+                    "see the server log and restart the server"
+                )
+            self.metrics.engine_crashes.inc()
             self._abort_all(APIError(500, f"engine of model {self.model_id} failed; see the server log"))
             self._flush()
 
@@ -367,6 +405,7 @@ class Engine:
         # the state holds every token but the pending one: feed the old pending token and all
         # new tokens but the last, which becomes the new pending token
         if job.tokens:
+            rec.utf8_tail = b""  # input (whole characters) follows: a held character can never complete
             job.ingest = ([rec.pending] if rec.pending is not None else []) + job.tokens[:-1]
             rec.pending = job.tokens[-1]
             rec.n_tokens += len(job.tokens)
@@ -375,6 +414,10 @@ class Engine:
         if job.stream is not None:
             job.generator = job.params.generator(self.pool.state.device)
             job.stops = list(job.params.stop)
+            if job.params.counts_output:
+                job.counts = torch.zeros(self.pool.seen.shape[1], device=self.pool.state.device)
+            if job.params.prompt_logprobs is not None and job.ingest:
+                job.targets = job.ingest[1:] + [rec.pending]
         if job.ingest:
             self._prefilling.append(job)
         else:
@@ -384,6 +427,8 @@ class Engine:
         if job.stream is None:
             self._end(job)
             job.future.set_result(job.session)
+        elif job.max_new_tokens == 0:  # prompt log-probabilities only (echo)
+            self._finish(job, "length")
         else:
             self._waiting.append(job)
 
@@ -410,8 +455,14 @@ class Engine:
         for group in groups.values():
             slots = torch.tensor([j.session.slot for j, _ in group], device=dev)
             toks = torch.tensor([p for _, p in group], device=dev)  # (G, L)
-            _, x = self.rec.prefill(toks, self.pool.state.index_select(1, slots))
+            logits, x = self.rec.prefill(toks, self.pool.state.index_select(1, slots))
             self.pool.state.index_copy_(1, slots, x)
+            for g, (job, piece) in enumerate(group):
+                if job.targets:  # prompt log-probabilities: position i predicts the token after it
+                    k = job.params.prompt_logprobs
+                    nxt = torch.tensor(job.targets[job.offset : job.offset + len(piece)], device=dev)
+                    chosen, top_i, top_v = token_logprobs(logits[g], nxt, k)
+                    job.stream.prompt_logprobs += list(zip(chosen, top_i, top_v))
         for job, piece in picked:
             job.offset += len(piece)
             if job.offset == len(job.ingest):
@@ -457,8 +508,10 @@ class Engine:
             self.metrics.batch_size.observe(b.live)
             now = time.perf_counter()
             done, full = [], False
-            for job, tok in zip(b.rows, ids):
+            for row, (job, tok) in enumerate(zip(b.rows, ids)):
                 if job is not None:
+                    if row in b.logprobs:
+                        job.stream.logprobs.append(b.logprobs[row])
                     if self._emit(job, tok, now):
                         done.append(job)
                     elif job.stream.room() <= 0 or job.cancelled:
@@ -513,6 +566,8 @@ class Engine:
         rec = job.session
         self._uncount(job)
         self._running.pop(rec.id, None)
+        if job.text and job.stream is not None:  # before the record is released or persisted
+            rec.utf8_tail = utf8_tail(job.carry + bytes(t & 0xFF for t in job.out))
         if rec.ephemeral or job.delete_after:
             self.delete_now(rec)
         else:
@@ -602,6 +657,7 @@ class Engine:
     def fork(self, src: SessionRecord, dst: SessionRecord) -> SessionRecord:
         self.pool.copy(src.slot, dst.slot)
         dst.n_tokens, dst.pending, dst.has_state = src.n_tokens, src.pending, True
+        dst.utf8_tail = src.utf8_tail
         self.sessions.add(dst)
         self._persist(dst)
         return dst

@@ -62,3 +62,13 @@ def busy(session_id: str) -> APIError:
 
 def unavailable(message: str) -> APIError:
     return APIError(503, message, retry_after=5.0)
+
+
+def validation_error(errors: list[dict]) -> APIError:
+    """The first pydantic error as an APIError naming its field (400 for malformed JSON)."""
+    e = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path")]
+    if e.get("type") == "json_invalid":
+        return APIError(400, f"malformed JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
+    param = ".".join(loc) or None
+    return APIError(422, f"{param or 'request'}: {e.get('msg')}", param=param)

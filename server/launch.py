@@ -21,17 +21,17 @@ def free_port() -> int:
 
 
 def start_server(
-    flags: Sequence[str], timeout_s: float = 600.0, port: int | None = None
+    flags: Sequence[str], timeout_s: float = 600.0, port: int | None = None, env: dict | None = None
 ) -> tuple[subprocess.Popen, str]:
     """`python -m server --host 127.0.0.1 --port <port, or a free one> --log-level warning *flags` →
-    (process, base URL) once ready; the process is killed and RuntimeError raised if it exits or
-    times out first."""
+    (process, base URL) once ready; `env` is added to this process's environment (S4_* settings).
+    The process is killed and RuntimeError raised if it exits or times out first."""
     import httpx
 
     port = port or free_port()
     cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *flags]  # fmt: skip
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # spinning OpenMP threads stall a shared CPU
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}  # spinning OpenMP threads stall a CPU
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s

@@ -14,7 +14,7 @@ import numpy as np
 
 from model.codecs import AudioTooLong, ByteTokenizer, MuLaw, read_audio, to_pcm16, wav_bytes
 from model.sampling import find_stop
-from server.errors import invalid, too_large
+from server.errors import APIError, invalid, too_large
 
 TEXT, MULAW = ByteTokenizer(), MuLaw()
 AUDIO_ENCODINGS = ("pcm16", "mulaw")  # WebSocket binary frames: s16le samples, or mu-law bytes (= ids)
@@ -27,22 +27,44 @@ def b64decode(data: str, param: str) -> bytes:
         raise invalid(param, f"{param} is not valid base64") from None
 
 
+def text_ids(text: str, param: str = "prompt", max_tokens: int | None = None) -> list[int]:
+    """A text prompt as token ids (UTF-8 bytes). One longer than `max_tokens` is a 413 naming `param`,
+    found before it is converted: by its length in characters (each is at least one byte), then in
+    bytes; text that is not valid Unicode (a lone surrogate from JSON's "\\ud800") is a 422."""
+
+    def too_long(n: int | str) -> APIError:
+        return too_large(f"{param} is {n} tokens; the limit is {max_tokens} (max_prompt_tokens)", param)
+
+    if max_tokens is not None and len(text) > max_tokens:
+        raise too_long(f"at least {len(text)}")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise invalid(param, f"{param} is not valid Unicode text: {exc.reason}") from None
+    if max_tokens is not None and len(data) > max_tokens:
+        raise too_long(len(data))
+    return list(data)
+
+
 def prompt_ids(
     kind: str,
     sample_rate: int | None,
     prompt: str | None,
     prompt_audio: str | None,
     max_audio_s: float | None = None,
+    max_tokens: int | None = None,
 ) -> list[int]:
     """A request's prompt as token ids for a model of this kind (422 naming the wrong field).
 
+    Text: a prompt longer than `max_tokens` is a 413 naming it, found before it is converted to ids:
+    by its length in characters (each is at least one UTF-8 byte, one token), then in bytes.
     Audio: `prompt_audio` is a base64 audio file (any format libsndfile reads), resampled to the
     model's rate; a file longer than `max_audio_s` (its header's frames / sample rate, checked before
     it is decoded) is a 413. No prompt gives no ids (the engine's caller starts from silence)."""
     if kind == "text":
         if prompt_audio is not None:
             raise invalid("prompt_audio", "this is a text model: send `prompt` (a string)")
-        return TEXT.encode(prompt or "")
+        return text_ids(prompt or "", "prompt", max_tokens)
     if prompt is not None:
         raise invalid("prompt", "this is an audio model: send `prompt_audio` (a base64 audio file)")
     if prompt_audio is None:
@@ -82,11 +104,15 @@ class TextAssembler:
     complete, and so is any tail that could be the start of a stop sequence, so the pieces always
     add up to the final text (which ends before the stop sequence)."""
 
-    def __init__(self, stops: list[bytes]) -> None:
+    def __init__(self, stops: list[bytes], carry: bytes = b"", ends: bool = True) -> None:
+        """carry: an unfinished character from the session's earlier output (its first bytes);
+        ends: `finish` ends the text (U+FFFD for an unfinished character) rather than holding it back
+        for a later generation on the same session. A stop sequence always ends the text."""
         self.stops = [s for s in stops if s]
         self.buf = bytearray()
         self.emitted = 0
-        self.decoder = TEXT.stream_decoder()
+        self.decoder = TEXT.stream_decoder(carry)
+        self.ends = ends
         self.parts: list[str] = []
 
     def _held(self) -> int:
@@ -112,8 +138,12 @@ class TextAssembler:
         return self._emit(end if stop is None else min(end, stop))
 
     def finish(self, stop_at: int | None) -> str:
-        """The rest of the text, up to the stop sequence (when one ended the generation)."""
-        return self._emit(len(self.buf) if stop_at is None else stop_at, final=True)
+        """The rest of the text, up to the stop sequence (when one ended the generation); an unfinished
+        character at its end is held back when the text goes on in a later generation (not `ends`, no
+        stop sequence), else it becomes U+FFFD."""
+        if stop_at is None:
+            return self._emit(len(self.buf), final=self.ends)
+        return self._emit(stop_at, final=True)
 
     @property
     def text(self) -> str:

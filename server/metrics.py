@@ -36,12 +36,34 @@ class Metrics:
         self.pool_bytes = Gauge("s4_state_pool_bytes", "Bytes preallocated for the state slot pool", m,
                                 registry=r)  # fmt: skip
         self.queue_depth = Gauge("s4_queue_depth", "Requests admitted but not yet decoding", m, registry=r)
+        self.engine_crashes = Counter("s4_engine_crashes", "Engine threads that died of an unexpected error "
+                                      "(the model then answers 503 until the server restarts)", m,
+                                      registry=r)  # fmt: skip
         self.rejections = Counter("s4_rejections", "Requests refused for capacity or limits",
                                   ["model", "reason"], registry=r)  # fmt: skip
         self.store_ops = Counter("s4_session_store_operations", "Session store writes, deletes, restores, "
                                  "errors", ["op"], registry=r)  # fmt: skip
+        self.verification_error = Gauge(
+            "s4_verification_relative_error",
+            "Relative error measured at load against float64 conv mode: the logits of the recurrent step and "
+            "prefill at the served dtype, and each layer's kernel",
+            ["model", "dtype", "check"],
+            registry=r,
+        )
         self.auth_failures = Counter("s4_auth_failures", "Requests and WebSocket handshakes refused for a "
                                      "missing or invalid API key", ["transport"], registry=r)  # fmt: skip
+        # Connections and request bodies (server/connections.py, server/body_limit.py)
+        self.connections_open = Gauge("s4_connections_open", "Open client connections (HTTP and WebSocket)",
+                                      registry=r)  # fmt: skip
+        self.connections_closed = Counter("s4_connections_closed", "Connections closed by the server for a "
+                                          "deadline: header_timeout, body_timeout, ws_handshake_timeout, "
+                                          "keep_alive_timeout, send_timeout", ["reason"],
+                                          registry=r)  # fmt: skip
+        self.connections_refused = Counter("s4_connections_refused", "Connections refused when accepted: "
+                                           "max_connections", ["reason"], registry=r)  # fmt: skip
+        self.requests_refused = Counter("s4_requests_refused", "Requests refused before routing: "
+                                        "body_too_large, headers_too_large", ["reason"],
+                                        registry=r)  # fmt: skip
 
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self, model)
@@ -59,6 +81,7 @@ class ModelMetrics:
         self.prefill_tokens = m.prefill_tokens.labels(model)
         self.active_sessions, self.state_bytes = m.active_sessions.labels(model), m.state_bytes.labels(model)
         self.pool_bytes, self.queue_depth = m.pool_bytes.labels(model), m.queue_depth.labels(model)
+        self.engine_crashes = m.engine_crashes.labels(model)
         self._rejections, self._model = m.rejections, model
 
     def reject(self, reason: str) -> None:

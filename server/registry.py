@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 
 from model import VerificationError, load
-from model.checkpoint import CheckpointError, read_config
+from model.checkpoint import WEIGHTS, CheckpointError, read_config
 from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
 from model.convert import convert_cached
 from model.network import ModelConfig
 from model.recurrent import RecurrentModel
 from model.sampling import SamplingParams, sample
+from server.chat import ChatTemplate
 from server.config import Settings
 from server.engine import Engine
 from server.metrics import Metrics
@@ -34,6 +35,10 @@ class ServedModel:
     rec: RecurrentModel
     engine: Engine
     fingerprint: str
+    chat: ChatTemplate | None = None  # from config.json's chat_template (POST /v1/chat/completions)
+    created: int = 0  # Unix time the weights file was written
+
+    owned_by = "s4serve"
 
     @property
     def kind(self) -> str:
@@ -62,12 +67,17 @@ class ServedModel:
             "n_tokens": rec.n_tokens,
             "pending": rec.pending,
             "seen": seen,
+            "utf8_tail": list(rec.utf8_tail),  # text: the unfinished character's bytes (0-3)
         }
 
     def describe(self) -> dict:
         c = self.config
         return {
             "id": self.id,
+            "object": "model",
+            "created": self.created,
+            "owned_by": self.owned_by,
+            "chat": self.chat is not None,
             "kind": self.kind,
             "sample_rate": self.sample_rate,
             "vocab_size": c.vocab_size,
@@ -76,9 +86,25 @@ class ServedModel:
             "d_state": c.d_state,
             "kernel": c.kernel,
             "layer_forms": [r["form"] for r in self.rec.report],
+            "dtype": self.rec.verification["dtype"],
+            "verification": verification(self.rec),
             "state_bytes_per_session": self.state_bytes,
             "max_sessions": self.engine.pool.capacity,
         }
+
+
+def verification(rec: RecurrentModel) -> dict:
+    """What the load-time checks measured: per-layer kernel errors, and the network's logits errors
+    (step, prefill) at the served dtype with the tolerance they met."""
+    v = rec.verification
+    return {
+        "dtype": v["dtype"],
+        "tokens": v["tokens"],
+        "step_rel_err": v["step_rel_err"],
+        "prefill_rel_err": v["prefill_rel_err"],
+        "logits_tol": v["tol"],
+        "kernel_rel_err": [r["rel_err"] for r in rec.report],
+    }
 
 
 def warm_up(rec: RecurrentModel, batch: int) -> None:
@@ -128,6 +154,7 @@ def load_model(
     arch = meta["config"].get("arch", "isotropic")
     if arch != "isotropic":  # SaShiMi has a verified recurrence (model/arch) but no engine support yet
         raise CheckpointError(f"{path}: arch {arch!r} is not served yet (only 'isotropic' models are)")
+    chat = ChatTemplate.from_config(meta)
     net = load(path)
     if net.config.modality == "text" and net.config.vocab_size < 256:
         # text prompts arrive as UTF-8 bytes (ids 0-255): every byte must be a token of the model
@@ -135,23 +162,27 @@ def load_model(
             f"{path}: a text model must have vocab_size >= 256 (byte tokens), "
             f"this one has {net.config.vocab_size}"
         )
-    rec = net.to_recurrent(device=device, tol=settings.verify_tolerance)
+    rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=getattr(torch, settings.dtype))
     warm_up(rec, min(8, settings.max_batch_size))
     model_id = model_id or path.name
     mm = metrics.for_model(model_id)
     engine = Engine(model_id, rec, settings, sessions, mm)
     mm.pool_bytes.set(engine.pool.capacity * engine.pool.bytes_per_slot)
+    v = rec.verification
+    checks = [("step", v["step_rel_err"]), ("prefill", v["prefill_rel_err"])]
+    for check, err in checks + [(f"kernel_layer_{r['layer']}", r["rel_err"]) for r in rec.report]:
+        metrics.verification_error.labels(model_id, v["dtype"], check).set(err)
     forms = ", ".join(f"{r['form']} {r['rel_err']:.1e}" for r in rec.report)
     log.info(
-        "model %s: %s %s, %d layers, d_model %d, d_state %d; verified (%s); %d B state/session, "
-        "%d slots; ready in %.1f s",
+        "model %s: %s %s, %d layers, d_model %d, d_state %d; verified (%s; %s logits: step %.1e, prefill "
+        "%.1e, tol %.1e); %d B state/session, %d slots; ready in %.1f s",
         model_id, net.config.modality, net.config.kernel, net.config.n_layers, net.config.d_model,
-        net.config.d_state, forms, rec.state_bytes_per_sequence, settings.max_sessions,
-        time.perf_counter() - t0,
+        net.config.d_state, forms, v["dtype"], v["step_rel_err"], v["prefill_rel_err"], v["tol"],
+        rec.state_bytes_per_sequence, settings.max_sessions, time.perf_counter() - t0,
     )  # fmt: skip
-    return ServedModel(
-        model_id, path, net.config, rec, engine, model_fingerprint(meta["config"], meta.get("weights_sha256"))
-    )
+    fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"))
+    created = int((path / WEIGHTS).stat().st_mtime)
+    return ServedModel(model_id, path, net.config, rec, engine, fingerprint, chat, created)
 
 
 def load_models(
@@ -161,6 +192,12 @@ def load_models(
     device = settings.resolved_device()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    if settings.dtype != "float32" and device == "cpu":
+        log.warning(
+            "S4_DTYPE=%s on CPU: verified like any dtype, but slower than float32 (the whole-network C "
+            "step is float32-only; torch's CPU half-precision ops are slower); meant for GPUs",
+            settings.dtype,
+        )
     models: dict[str, ServedModel] = {}
     failed: dict[str, str] = {}
     for entry in settings.checkpoints:

@@ -1,16 +1,40 @@
 """Request and response models: the API's single source of truth (OpenAPI is generated from them).
 
 Our own endpoints are strict: unknown fields and wrong types are a 422 naming the field. The
-OpenAI-compatible `/v1/completions` ignores the fields it does not know, as clients send many.
+OpenAI-compatible routes refuse the fields they do not support, by name, as our own do.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    field_validator,
+    model_validator,
+)
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MAX_TEMPERATURE = 100.0  # the API's bound (the library takes any finite T ≥ 0)
+
+
+def finite(default: float, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           description: str = "") -> float:  # fmt: skip
+    """A float field that takes only finite JSON numbers within the bounds: NaN, ±Infinity (which
+    Python's json and some clients send), 1e309 and out-of-range values are a 422 naming the field.
+    Every numeric sampling field is one of these or a `count`; the sampler (model/sampling.py
+    `SamplingParams`, `check_number`) enforces the same bounds for library callers."""
+    return Field(default, ge=ge, gt=gt, le=le, allow_inf_nan=False, description=description)
+
+
+def count(default: int | None, *, ge: int = 0, le: int | None = None, description: str = "") -> int:
+    """An integer field (strict: no floats, no bools) within the bounds; a JSON integer of any size
+    is compared exactly (2**70 is a 422 where a bound says so, never an overflow)."""
+    return Field(default, ge=ge, le=le, description=description)
 
 
 class Strict(BaseModel):
@@ -18,12 +42,17 @@ class Strict(BaseModel):
 
 
 class SamplingFields(Strict):
-    max_new_tokens: int = Field(64, ge=1, description="tokens to generate at most (≤ the server's limit)")
-    temperature: float = Field(1.0, ge=0, le=100, description="0 → greedy")
-    top_k: int = Field(0, ge=0, description="keep the k most likely tokens (0 → off)")
-    top_p: float = Field(1.0, gt=0, le=1, description="nucleus mass (1 → off)")
-    repetition_penalty: float = Field(1.0, gt=0, le=100, description="CTRL-style penalty (1 → off)")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed + input + params → same tokens")
+    max_new_tokens: int = count(64, ge=1, description="tokens to generate at most (≤ the server's limit)")
+    temperature: float = finite(
+        1.0,
+        ge=0,
+        le=MAX_TEMPERATURE,
+        description="0 → greedy; T > 0 samples softmax(z/T) (tiny T: the argmax)",
+    )
+    top_k: int = count(0, description="keep the k most likely tokens (0, or ≥ the vocabulary → off)")
+    top_p: float = finite(1.0, gt=0, le=1, description="nucleus mass (1 → off; tiny → the top token)")
+    repetition_penalty: float = finite(1.0, gt=0, le=100, description="CTRL-style penalty (1 → off)")
+    seed: int | None = count(None, le=2**63 - 1, description="same seed + input + params → same tokens")
     stop: list[StopString] | None = Field(
         None, max_length=16, description="stop sequences (text models); the text ends before them"
     )
@@ -66,9 +95,23 @@ class GenerateResponse(BaseModel):
     session_id: str | None = None
 
 
+class Verification(BaseModel):
+    """The load-time checks: relative errors (‖Δ‖/‖ref‖) against float64 conv mode."""
+
+    dtype: str = Field(description="the dtype the network was verified at")
+    tokens: int = Field(description="probe length (2 sequences) of the logits check")
+    step_rel_err: float = Field(description="logits of the recurrent step over the probe")
+    prefill_rel_err: float = Field(description="logits of the parallel prefill (two halves) over the probe")
+    logits_tol: float = Field(description="the tolerance both met (LOGITS_TOL of the dtype)")
+    kernel_rel_err: list[float] = Field(description="per layer: the step's impulse response vs the kernel")
+
+
 class ModelInfo(BaseModel):
     id: str
     object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the checkpoint's weights were written")
+    owned_by: str
+    chat: bool = Field(description="has a chat template (POST /v1/chat/completions)")
     kind: Literal["text", "audio"]
     sample_rate: int | None
     vocab_size: int
@@ -77,6 +120,8 @@ class ModelInfo(BaseModel):
     d_state: int
     kernel: str
     layer_forms: list[str] = Field(description="per layer: diagonal or dplr (the verified step form)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(description="the served weights' dtype")
+    verification: Verification
     state_bytes_per_session: int
     max_sessions: int
 
@@ -116,39 +161,141 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-# --- OpenAI-compatible completions ------------------------------------------------------------
+# --- OpenAI-compatible API (server/routes/openai.py) --------------------------------------------
+# Field by field as platform.openai.com/docs/api-reference documents them; fields we lack are
+# refused by name (unknown fields too: extra="forbid"), never ignored. Extensions as vLLM names them.
+
+MAX_CHOICES = 16  # n and best_of
+MAX_LOGPROBS = 20
+MAX_PROMPTS = 64  # prompts in one completions request
+Finite = {"allow_inf_nan": False}
 
 
-class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = Field(False, description="a last chunk with `usage` (and no choices) before [DONE]")
 
-    model: str
-    prompt: str | list[str] = ""
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0, le=100)
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: list[StopString] | None = Field(None, max_length=16)
+
+class OpenAISampling(BaseModel):
+    """The sampling fields completions and chat share. Strict types (no "2" for 2, no true for 1);
+    a field sent as null is the same as a field left out (OpenAI's schema makes them nullable)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data):
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    model: str = Field(description="model id (see GET /v1/models)")
+    temperature: float = Field(
+        1.0,
+        ge=0,
+        le=MAX_TEMPERATURE,
+        **Finite,
+        description="0 → greedy; as /v1/generate (OpenAI documents ≤ 2)",
+    )
+    top_p: float = Field(1.0, gt=0, le=1, **Finite, description="nucleus mass (1 → off)")
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="completions per prompt, each its own sample")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        lt=2**63,
+        description="choice i samples with a seed derived from (seed, i); i = 0 uses seed",
+    )
+    stop: list[StopString] | None = Field(
+        None, max_length=16, description="the text ends before any of these"
+    )
     stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="one completion per request")
-    echo: Literal[False] = False
+    stream_options: StreamOptions | None = Field(None, description="only with stream=true")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, **Finite)]] | None = Field(
+        None, max_length=1024, description="token id (a string) → bias added to its logit, in [-100, 100]"
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, **Finite, description="subtracted from the logit of every token generated so far"
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, **Finite, description="subtracted per occurrence in the tokens generated so far"
+    )
+    user: str | None = Field(None, max_length=256, description="an end-user id; accepted, not used")
+    # extensions (vLLM's names; `extra_body` in the openai client)
+    top_k: int = Field(
+        0, ge=-1, le=2**31 - 1, description="extension: keep the k most likely (0 or -1 → off)"
+    )
+    min_p: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        **Finite,
+        description="extension: drop tokens below min_p × the most likely one's probability",
+    )
+    repetition_penalty: float = Field(
+        1.0,
+        ge=0.01,
+        le=100,
+        **Finite,
+        description="extension: CTRL-style penalty on tokens of prompt and output",
+    )
 
     _one_stop = field_validator("stop", mode="before")(SamplingFields._one_stop.__func__)
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("exactly one prompt per request")
-            return v[0]
-        return v
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+    ) = Field(
+        description=f"a string, a list of strings, token ids, or a list of token-id lists (≤ {MAX_PROMPTS})"
+    )
+    max_tokens: int = Field(16, ge=0, description="tokens to generate at most per choice (0 only with echo)")
+    echo: bool = Field(False, description="return the prompt before the completion (and its logprobs)")
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of each token and of the k most likely"
+    )
+    best_of: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_CHOICES,
+        description="sample this many per prompt, return the n of best mean logprob",
+    )
+    suffix: str | None = Field(None, description="not supported (refused)")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[dict], Field(min_length=1)] = Field(
+        description="text, or a list of {type: text, text} parts"
+    )
+    name: str | None = Field(None, max_length=64, description="the speaker (the template may use it)")
+
+
+class ChatCompletionRequest(OpenAISampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+    max_completion_tokens: int | None = Field(None, ge=1, description="tokens to generate at most per choice")
+    max_tokens: int | None = Field(None, ge=1, description="the older name of max_completion_tokens")
+    logprobs: bool = Field(False, description="log-probabilities of each generated token")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description="with logprobs: the k most likely"
+    )
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     text: str
     index: int = 0
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
 
 
@@ -164,6 +311,27 @@ class CompletionResponse(BaseModel):
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: CompletionUsage | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessageOut
+    logprobs: dict | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
     usage: CompletionUsage | None = None
 
 

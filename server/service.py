@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator
 
 from fastapi import Request
 
+from model.codecs import utf8_tail
 from model.recurrent import StateRangeError
 from model.sampling import SamplingParams
 from server import media
-from server.app import ServerState
 from server.engine import Failed, Finished, Job, Stream
 from server.errors import APIError, invalid, too_large, unavailable
 from server.registry import ServedModel
@@ -28,6 +28,7 @@ from server.sessions import (
     pack_state,
     unpack_state,
 )
+from server.state import ServerState
 from server.store import StoreError
 
 
@@ -101,7 +102,10 @@ def sampling_params(model: ServedModel, req: SamplingFields) -> SamplingParams:
 def prompt_ids(
     state: ServerState, model: ServedModel, prompt: str | None, prompt_audio: str | None
 ) -> list[int]:
-    ids = media.prompt_ids(model.kind, model.sample_rate, prompt, prompt_audio, state.settings.max_audio_s)
+    limit, _ = prompt_limit(state, model)
+    ids = media.prompt_ids(
+        model.kind, model.sample_rate, prompt, prompt_audio, state.settings.max_audio_s, limit
+    )
     check_prompt(state, ids, "prompt" if model.kind == "text" else "prompt_audio", model)
     return ids
 
@@ -242,7 +246,17 @@ def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple
         or len(set(seen)) != len(seen)
     ):
         raise invalid(param, f"{what}: seen tokens must be a list of distinct token ids (at most {V})")
+    header["utf8_tail"] = _checked_tail(header.get("utf8_tail", []), model.kind, param, what)
     return model, header, raw
+
+
+def _checked_tail(tail, kind: str, param: str, what: str) -> bytes:
+    """An exported `utf8_tail` (absent in older exports: none): 0-3 byte values that begin a UTF-8
+    character and do not finish it, and none for an audio model. 422 naming `param` otherwise."""
+    ok = isinstance(tail, list) and len(tail) <= 3 and all(type(b) is int and 0 <= b < 256 for b in tail)
+    if ok and utf8_tail(bytes(tail)) == bytes(tail) and (kind == "text" or not tail):
+        return bytes(tail)
+    raise invalid(param, f"{what}: utf8_tail {tail!r} is not the start of one unfinished UTF-8 character")
 
 
 async def _install(
@@ -257,7 +271,7 @@ async def _install(
     """A new session (id `session_id`, or a fresh one) holding a checked state; the engine refuses
     values the model cannot reach (422 naming `param`)."""
     rec = _new_record(state, model, ephemeral=False, session_id=session_id)
-    rec.n_tokens, rec.pending = header["n_tokens"], header["pending"]
+    rec.n_tokens, rec.pending, rec.utf8_tail = header["n_tokens"], header["pending"], header["utf8_tail"]
     seen = header["seen"]
     try:
         rec = await asyncio.wrap_future(model.engine.call(lambda e: e.write_slot(rec, raw, seen)))
@@ -314,12 +328,14 @@ def start_generation(
     ids: list[int],
     params: SamplingParams,
     max_new_tokens: int,
-) -> tuple[Stream, SessionRecord]:
+) -> tuple[Stream, Job]:
     """Claim the session (or a one-shot slot) and queue the job; results arrive on the stream.
 
     With no input at all (no prompt, and a new or empty session) an audio model starts from its
     silence: the prompt is the one id MuLaw.silence (128, the code of 0.0; every training clip starts
-    with it), counted in usage.prompt_tokens. A text model has no such start: 422 naming `prompt`."""
+    with it), counted in usage.prompt_tokens. A text model has no such start: 422 naming `prompt`.
+    A text session's unfinished character (`utf8_tail`) carries into this generation unless new
+    input comes first; the job says so (`carry`) for the route's `Output`."""
     check_new_tokens(state, max_new_tokens, model=model)
     rec = _new_record(state, model, ephemeral=True) if session_id is None else claim(state, model, session_id)
     try:
@@ -329,7 +345,10 @@ def start_generation(
             else:
                 raise invalid("prompt", "prompt is empty and there is no session input to continue from")
         stream = Stream(state.loop, state.settings.stream_buffer)
-        job = Job(rec, ids, fresh=rec.ephemeral, stream=stream, params=params, max_new_tokens=max_new_tokens)
+        text = model.kind == "text"
+        carry = rec.utf8_tail if text and not ids and not rec.ephemeral else b""
+        job = Job(rec, ids, fresh=rec.ephemeral, stream=stream, params=params, max_new_tokens=max_new_tokens,
+                  text=text, carry=carry)  # fmt: skip
         model.engine.submit(job)
     except APIError:
         if rec.ephemeral:
@@ -337,7 +356,7 @@ def start_generation(
         else:
             state.sessions.release(rec)
         raise
-    return stream, rec
+    return stream, job
 
 
 def final_of(items: list) -> Finished | None:
@@ -388,11 +407,19 @@ async def events(stream: Stream) -> AsyncIterator[list]:
 
 
 class Output:
-    """Generated ids → what a client receives: text pieces (stop sequences held back) or audio."""
+    """Generated ids → what a client receives: text pieces (stop sequences held back) or audio.
 
-    def __init__(self, model: ServedModel, params: SamplingParams, encoding: str = "pcm16") -> None:
+    Text decoding belongs to the session, not the turn: a generation starts from the unfinished
+    character its session held (`job.carry`), and one that does not end its text (a kept session, no
+    stop sequence) holds its own unfinished character back for the next turn instead of sending U+FFFD.
+    A one-shot request's text ends with it (U+FFFD for bytes nothing can complete any more)."""
+
+    def __init__(
+        self, model: ServedModel, params: SamplingParams, encoding: str = "pcm16", job: Job | None = None
+    ):
         self.kind, self.encoding = model.kind, encoding
-        self.text = media.TextAssembler(params.stop) if model.kind == "text" else None
+        carry, ends = (job.carry, job.session.ephemeral) if job is not None else (b"", True)
+        self.text = media.TextAssembler(params.stop, carry, ends) if model.kind == "text" else None
 
     def text_piece(self, ids: list[int]) -> str:
         return self.text.feed(ids)

@@ -61,6 +61,7 @@ class ServerThread:
         import uvicorn
 
         from server import create_app
+        from server.connections import uvicorn_config
 
         self.app = create_app(settings)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -69,7 +70,7 @@ class ServerThread:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", ws_max_size=settings.ws_max_frame_bytes)
+        config = uvicorn_config(self.app, settings, self.app.state.server.metrics, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
@@ -137,7 +138,10 @@ class RawWebSocket:
 
     def _read(self, n: int) -> bytes:
         while len(self.buf) < n:
-            self.buf += self.sock.recv(65536)
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the server closed the WebSocket's connection")
+            self.buf += data
         out, self.buf = self.buf[:n], self.buf[n:]
         return out
 

@@ -12,6 +12,7 @@ README block that talks to a server (curl, websockets.connect, OpenAI) must carr
 from __future__ import annotations
 
 import io
+import json
 import re
 import shutil
 import subprocess
@@ -63,6 +64,12 @@ def readme_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme-checkpoints")
     save(make_text_model(), root / "text-shakespeare")
     save(make_audio_model(), root / "audio-digits")
+    # the shipped text-shakespeare's chat template (the README's chat example uses it)
+    shipped = json.loads((ROOT / "checkpoints" / "text-shakespeare" / "config.json").read_text())
+    config = root / "text-shakespeare" / "config.json"
+    meta = json.loads(config.read_text())
+    meta.update({k: shipped[k] for k in ("chat_template", "chat_stop")})
+    config.write_text(json.dumps(meta))
     s = ServerThread(Settings(checkpoints=[str(root / "text-shakespeare"), str(root / "audio-digits")]))
     s.start()
     yield s

@@ -141,6 +141,13 @@ def test_cancel_stops_the_generation_and_the_socket_stays_usable(server):
 
 def test_disconnect_mid_generation_frees_the_slot(server):
     engine = server.state.models[TEXT].engine
+
+    def settled() -> bool:  # an earlier test's socket session may still be being deleted
+        before = engine.pool.in_use
+        time.sleep(0.2)
+        return engine.active_requests == 0 and engine.pool.in_use == before
+
+    assert wait_for(settled, 10)
     base = engine.pool.in_use
 
     async def main():

@@ -238,21 +238,31 @@ int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, 
 
 /* Sampling for rows with plain temperature (no top-k, top-p or penalty): row r draws the first
  * token whose cumulative probability under softmax(logits / temp[r]) reaches u[r] (the inverse
- * CDF, as model/sampling.py does with torch ops); temp[r] == 0 takes the argmax. */
-void sample_rows(long B, long V, const float *logits, const float *temp, const float *u, long *out) {
+ * CDF, as model/sampling.py does with torch ops); temp[r] == 0 takes the argmax. The same limits as
+ * model/sampling.py (sanitize_logits, scale_logits): weights exp((z - max z) / T) with the
+ * difference and T in double, so a tiny or denormal T gives the argmax, never inf - inf; NaN weighs 0; a row with +inf entries draws among
+ * them alone; a row with nothing above -inf is uniform. */
+void sample_rows(long B, long V, const float *logits, const double *temp, const float *u, long *out) {
     for (long r = 0; r < B; r++) {
         const float *z = logits + r * V;
-        long best = 0;
-        for (long v = 1; v < V; v++)
-            if (z[v] > z[best]) best = v;
-        if (temp[r] == 0.0f) {
-            out[r] = best;
+        long best = -1;
+        for (long v = 0; v < V; v++)
+            if (z[v] == z[v] && (best < 0 || z[v] > z[best])) best = v; /* the first maximum, NaN skipped */
+        const int flat = best < 0 || z[best] == -INFINITY; /* nothing above -inf: uniform */
+        if (temp[r] == 0.0) {
+            out[r] = flat ? 0 : best;
             continue;
         }
-        const float inv = 1.0f / temp[r], zmax = z[best] * inv;
+        const double t = temp[r]; /* double: every finite T > 0 and every float difference is exact-range */
+        const float zb = flat ? 0.0f : z[best];
+        const int pos = zb == INFINITY;
         float cdf[V], total = 0.0f;
 #pragma omp simd
-        for (long v = 0; v < V; v++) cdf[v] = expf(z[v] * inv - zmax);
+        for (long v = 0; v < V; v++) {
+            const float d = (float)(((double)z[v] - (double)zb) / t); /* <= 0; NaN for a NaN logit */
+            const float w = d == d ? expf(d) : 0.0f;
+            cdf[v] = flat ? 1.0f : pos ? (z[v] == INFINITY ? 1.0f : 0.0f) : (z[v] == zb ? 1.0f : w);
+        }
         for (long v = 0; v < V; v++) cdf[v] = (total += cdf[v]);
         const float target = u[r] * total;
         long k = 0;

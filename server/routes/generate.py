@@ -1,4 +1,4 @@
-"""POST /v1/generate (JSON, SSE, raw WAV) and the OpenAI-compatible POST /v1/completions."""
+"""POST /v1/generate (JSON, SSE, raw WAV). The OpenAI-compatible routes are in routes/openai.py."""
 
 from __future__ import annotations
 
@@ -9,27 +9,21 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from model.sampling import SamplingParams
 from server import media
-from server.engine import Failed, Stream
-from server.errors import APIError, invalid
+from server.engine import Stream
+from server.errors import APIError
 from server.registry import ServedModel
 from server.schemas import (
-    CompletionRequest,
-    CompletionResponse,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
 )
 from server.service import (
     Output,
-    check_new_tokens,
     collect,
     events,
     final_of,
-    now_s,
     prompt_ids,
-    random_seed,
     request_id,
     restore,
     sampling_params,
@@ -82,8 +76,8 @@ async def generate(req: GenerateRequest, request: Request):
     ids = prompt_ids(st, model, req.prompt, req.prompt_audio)
     if req.session_id is not None:
         await restore(st, req.session_id)
-    stream, _ = start_generation(st, model, req.session_id, ids, params, req.max_new_tokens)
-    gid, out = request_id(), Output(model, params)
+    stream, job = start_generation(st, model, req.session_id, ids, params, req.max_new_tokens)
+    gid, out = request_id(), Output(model, params, job=job)
     if req.stream:
         body = _sse_generate(stream, model, out, gid, req.session_id)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
@@ -111,63 +105,3 @@ async def generate(req: GenerateRequest, request: Request):
     else:
         body["audio"] = base64.b64encode(media.wav(tokens, model.sample_rate)).decode()
     return body
-
-
-def _chunk(cid: str, created: int, model: str, text: str, finish_reason: str | None) -> dict:
-    choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
-    return {"id": cid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
-
-
-def _openai_reason(reason: str) -> str:
-    return "length" if reason == "length" else "stop"
-
-
-async def _sse_completions(stream: Stream, out: Output, cid: str, created: int, model: str):
-    async for items in events(stream):
-        ids = [x for x in items if isinstance(x, int)]
-        last = items[-1]
-        if isinstance(last, Failed):
-            yield sse({"error": last.error.body()["error"]})
-            yield sse("[DONE]")
-            return
-        text = out.text_piece(ids) if ids else ""
-        if isinstance(last, int):
-            if text:
-                yield sse(_chunk(cid, created, model, text, None))
-            continue
-        text += out.finish_text(last)
-        yield sse(_chunk(cid, created, model, text, _openai_reason(last.finish_reason)))
-        yield sse("[DONE]")
-
-
-@router.post(
-    "/v1/completions",
-    response_model=CompletionResponse,
-    summary="OpenAI-compatible completions (text models): prompt, max_tokens, temperature, top_p, seed, "
-    "stop, stream",
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
-)
-async def completions(req: CompletionRequest, request: Request):
-    st = state_of(request)
-    model = st.model(req.model)
-    if model.kind != "text":
-        raise invalid("model", f"{model.id} is an audio model; /v1/completions serves text models")
-    check_new_tokens(st, req.max_tokens, "max_tokens")
-    params = SamplingParams(
-        temperature=req.temperature,
-        top_p=req.top_p,
-        seed=req.seed if req.seed is not None else random_seed(),
-        stop=[s.encode() for s in req.stop or []],
-    )
-    ids = prompt_ids(st, model, req.prompt, None)
-    stream, _ = start_generation(st, model, None, ids, params, req.max_tokens)
-    cid, created, out = request_id("cmpl"), now_s(), Output(model, params)
-    if req.stream:
-        body = _sse_completions(stream, out, cid, created, model.id)
-        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
-    tokens, final = await collect(stream, request)
-    out.text_piece(tokens)
-    out.finish_text(final)
-    resp = _chunk(cid, created, model.id, out.text.text, _openai_reason(final.finish_reason))
-    resp["usage"] = {**usage(final), "total_tokens": final.prompt_tokens + final.completion_tokens}
-    return resp

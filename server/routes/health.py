@@ -1,11 +1,10 @@
-"""Liveness, readiness, Prometheus metrics, the model list."""
+"""Liveness, readiness, Prometheus metrics."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from server.schemas import ModelList
 from server.service import state_of
 
 router = APIRouter()
@@ -30,9 +29,14 @@ async def readyz(request: Request) -> JSONResponse:
         reason = "loading"
     elif not st.models:
         reason = "no model could be served"
+    elif crashed := [m.engine.crashed for m in st.models.values() if m.engine.crashed]:
+        reason = "; ".join(crashed)  # a restart is the fix: let the orchestrator see it
     else:
         reason = None
-    body = {"ready": reason is None, "reason": reason, "models": list(st.models), "failed": st.failed}
+    verified = {k: {n: m.rec.verification[n] for n in ("dtype", "step_rel_err", "prefill_rel_err", "tol")}
+                for k, m in st.models.items()}  # fmt: skip
+    body = {"ready": reason is None, "reason": reason, "models": list(st.models), "failed": st.failed,
+            "verification": verified}  # fmt: skip
     return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
@@ -46,8 +50,3 @@ async def metrics(request: Request) -> Response:
         mm.state_bytes.set(m.engine.pool.in_use * m.engine.pool.bytes_per_slot)
     body, content_type = st.metrics.render()
     return Response(body, media_type=content_type)
-
-
-@router.get("/v1/models", tags=["models"], summary="Served models", response_model=ModelList)
-async def models(request: Request) -> dict:
-    return {"object": "list", "data": [m.describe() for m in state_of(request).models.values()]}

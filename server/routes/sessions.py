@@ -36,7 +36,7 @@ STATE_BODY = {"content": {STATE_TYPE: {"schema": {"type": "string", "format": "b
              summary="A new session from an exported state (application/octet-stream body)")  # fmt: skip
 async def import_(request: Request):
     st = state_of(request)
-    limit = max((m.state_bytes for m in st.models.values()), default=0) + (1 << 20)
+    limit = st.max_state_blob_bytes
     if int(request.headers.get("content-length") or 0) > limit:
         raise too_large(f"a state blob is at most {limit} bytes here", param="state")
     blob = bytearray()

@@ -21,12 +21,12 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from server import media, service
-from server.app import ServerState, validation_error
 from server.auth import SUBPROTOCOL
 from server.engine import Stream
-from server.errors import APIError, invalid, too_large
+from server.errors import APIError, invalid, too_large, validation_error
 from server.registry import ServedModel
 from server.schemas import WSAppend, WSCancel, WSGenerate, WSMessage, WSSession
+from server.state import ServerState
 
 router = APIRouter()
 log = logging.getLogger("server.ws")
@@ -96,12 +96,12 @@ class Connection:
                              "usage": {"prompt_tokens": len(ids)}})  # fmt: skip
             return
         params = service.sampling_params(self.model, msg)
-        stream, _ = service.start_generation(
+        stream, job = service.start_generation(
             self.st, self.model, self.session_id, ids, params, msg.max_new_tokens
         )
         self.stream = stream
         self.pump = asyncio.create_task(
-            self.forward(stream, service.Output(self.model, params, self.encoding))
+            self.forward(stream, service.Output(self.model, params, self.encoding, job))
         )
 
     async def bind(self, msg: WSSession | WSGenerate | WSAppend) -> None:
@@ -133,7 +133,8 @@ class Connection:
     def prompt(self, msg: WSGenerate | WSAppend) -> list[int]:
         m = self.model
         max_s = self.st.settings.max_audio_s
-        ids = media.prompt_ids(m.kind, m.sample_rate, msg.prompt, msg.prompt_audio, max_s)
+        limit, _ = service.prompt_limit(self.st, m)  # text: checked before the prompt is converted
+        ids = media.prompt_ids(m.kind, m.sample_rate, msg.prompt, msg.prompt_audio, max_s, limit)
         ids, self.audio_ids = self.audio_ids + ids, []
         service.check_prompt(self.st, ids, "prompt" if m.kind == "text" else "prompt_audio", m)
         return ids
@@ -141,14 +142,14 @@ class Connection:
     def on_audio(self, data: bytes) -> None:
         if self.model is None or self.model.kind != "audio":
             raise invalid("audio", "binary frames are audio prompt samples: bind an audio model first")
-        ids = media.audio_frame_ids(data, self.encoding)
         limit, setting = service.prompt_limit(self.st, self.model)
-        if len(self.audio_ids) + len(ids) > limit:
+        samples = len(data) if self.encoding == "mulaw" else len(data) // 2  # counted before converting
+        if len(self.audio_ids) + samples > limit:
             self.audio_ids = []
             raise too_large(
                 f"buffered audio prompt is longer than {limit} samples ({setting}; buffer cleared)", "audio"
             )
-        self.audio_ids += ids
+        self.audio_ids += media.audio_frame_ids(data, self.encoding)
 
     async def forward(self, stream: Stream, out: service.Output) -> None:
         """Send a generation's frames; a slow reader blocks here, which pauses the session."""

@@ -1,0 +1,347 @@
+"""Deadlines and a cap for client connections, against slow and idle clients (slowloris).
+
+uvicorn (0.54) closes an idle keep-alive connection after `timeout_keep_alive`, but only once it has
+sent a response: a connection that sends nothing, trickles its request line and headers, or sends
+headers and never its body stays open for ever (neither of its HTTP/1.1 protocols has a header or
+body timeout), and `limit_concurrency` answers 503 only once a request's headers are complete, so it
+caps nothing against them. Here uvicorn's httptools protocol (httptools comes with uvicorn[standard])
+and its websockets (sans-I/O) protocol are subclassed, and `uvicorn_config` puts them in:
+
+- **headers**: a request's line and headers must be in within `header_timeout_s` of its first byte
+  (for a connection's first request, of the accept: a connection that sends nothing is closed then
+  too); else 408 (when some of the request came) and the connection is closed.
+- **body**: the body must be in within `body_timeout_s` of the end of the headers; else 408 (when no
+  response started) and close.
+- **WebSocket handshake**: the app must accept (or refuse) an upgrade within
+  `ws_handshake_timeout_s` of the upgrade request (whose headers the header deadline covers); else 503
+  and close.
+- **idle keep-alive**: closed `keep_alive_timeout_s` after the last response (uvicorn's timer).
+- **slow readers** (HTTP and WebSocket): a client that reads nothing for `send_timeout_s` while the
+  server has more for it than the transport buffers (64 KiB past the kernel's socket buffers) is cut
+  off (its generation is cancelled and its slot freed: a client that stopped reading would otherwise
+  hold a paused session for ever).
+- **header size**: a request line and headers over `max_header_bytes` are answered 431 and the
+  connection closed (`s4_requests_refused_total{reason="headers_too_large"}`).
+- **connections**: at most `max_connections` open (HTTP and WebSocket); one more is answered 503 and
+  closed when accepted, before it is read.
+
+Every close is counted in `s4_connections_closed_total{reason}` (the reasons: the four deadlines and
+`send_timeout`), every refusal in `s4_connections_refused_total{reason}`; `s4_connections_open` is the
+number open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import uvicorn
+from prometheus_client import Counter
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+
+from server.errors import APIError
+
+log = logging.getLogger("server.connections")
+
+
+@dataclass
+class ConnectionGuard:
+    """The limits (seconds, counts) and the counters the protocols below report to."""
+
+    header_timeout_s: float
+    body_timeout_s: float
+    ws_handshake_timeout_s: float
+    send_timeout_s: float
+    max_connections: int
+    max_header_bytes: int = 1 << 16
+    closed: Counter | None = None  # labels: reason
+    refused: Counter | None = None  # labels: reason
+    requests_refused: Counter | None = None  # labels: reason
+    connections: set = field(default_factory=set)  # uvicorn's open connections (set when the first opens)
+    last_warning: float = -float("inf")  # time.monotonic() of the last refusal logged as a warning
+
+    def count_closed(self, reason: str) -> None:
+        log.debug("connection closed: %s", reason)  # the metric is the signal: an attack makes thousands
+        if self.closed is not None:
+            self.closed.labels(reason).inc()
+
+    def count_request_refused(self, reason: str) -> None:
+        if self.requests_refused is not None:
+            self.requests_refused.labels(reason).inc()
+
+    def count_refused(self, reason: str) -> None:
+        now = time.monotonic()
+        if now - self.last_warning >= WARN_EVERY_S:
+            self.last_warning = now
+            log.warning("connection refused: %s (%d open; at most one warning per %.0f s, every refusal "
+                        "counted in s4_connections_refused_total)", reason, len(self.connections),
+                        WARN_EVERY_S)  # fmt: skip
+        if self.refused is not None:
+            self.refused.labels(reason).inc()
+
+
+WARN_EVERY_S = 60.0
+
+
+def error_response(status: int, message: str, retry_after: float | None = None) -> bytes:
+    """A whole HTTP/1.1 response with our JSON error body and `Connection: close`."""
+    err = APIError(status, message, retry_after=retry_after)
+    body = json.dumps(err.body()).encode()
+    head = [STATUS_LINE[status], b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body), b"connection: close\r\n"]  # fmt: skip
+    head += [f"{k}: {v}\r\n".encode() for k, v in err.headers().items()]
+    return b"".join(head) + b"\r\n" + body
+
+
+class SendDeadline:
+    """Closes a connection whose client has read nothing for `seconds` while the server had data for
+    it: the transport's write buffer stayed over its high-water mark (asyncio's pause_writing()) that
+    long. The connection is aborted, not closed: a close would wait for the buffer to drain."""
+
+    def __init__(self, protocol, guard: ConnectionGuard) -> None:
+        self.protocol, self.guard = protocol, guard
+        self.timer: asyncio.TimerHandle | None = None
+
+    def paused(self) -> None:
+        if self.timer is None:
+            self.timer = self.protocol.loop.call_later(self.guard.send_timeout_s, self._expired)
+
+    def resumed(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _expired(self) -> None:
+        self.timer = None
+        transport = self.protocol.transport
+        if transport is not None:  # (connection_lost cancels the timer: the connection is still there)
+            self.guard.count_closed("send_timeout")
+            transport.abort()
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools HTTP/1.1 protocol with header and body deadlines and a connection cap.
+
+    One timer per connection (`deadline`). The header deadline is armed at the accept, and at the
+    first byte of each later request that arrives while no request is in progress (a pipelined
+    request's, when the response before it is complete); it becomes the body deadline when the headers
+    are complete (for a pipelined request, when its turn comes: uvicorn reads nothing more until
+    then), and is cancelled when the body is complete. No deadline while the app works on a request;
+    uvicorn's keep-alive timer between requests."""
+
+    def __init__(self, *args, guard: ConnectionGuard, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+        self.deadline: asyncio.TimerHandle | None = None
+        self.partial_request = False  # bytes of a request whose headers are not complete yet
+        self.header_bytes = 0  # of the request whose headers are not complete yet (see data_received)
+        self.send_deadline = SendDeadline(self, guard)
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.guard.connections = self.connections
+        if len(self.connections) > self.guard.max_connections:
+            self.guard.count_refused("max_connections")
+            transport.write(error_response(503, "too many open connections; try again", retry_after=1))
+            transport.close()
+            return
+        self._arm(self.guard.header_timeout_s, "header_timeout")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        self.send_deadline.resumed()
+        super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.send_deadline.paused()
+
+    def resume_writing(self) -> None:
+        self.send_deadline.resumed()
+        super().resume_writing()
+
+    def _in_progress(self) -> bool:
+        """A request's response is not complete yet."""
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def data_received(self, data: bytes) -> None:
+        if self.deadline is None and not self._in_progress():  # these bytes begin a request
+            self.partial_request = True
+            self._arm(self.guard.header_timeout_s, "header_timeout")
+        within_headers = self.partial_request
+        super().data_received(data)
+        # httptools has no limit on a request line or a header (and copies a long header value
+        # quadratically): count the reads that begin and end inside the headers (a read that also
+        # holds the end of the previous request is not counted: at most one read, 256 KiB)
+        if within_headers and self.partial_request and not self.transport.is_closing():
+            self.header_bytes += len(data)
+            if self.header_bytes > self.guard.max_header_bytes:
+                self._disarm()
+                self.guard.count_request_refused("headers_too_large")
+                limit = self.guard.max_header_bytes
+                msg = f"the request line and headers are larger than {limit} bytes (max_header_bytes)"
+                self.transport.write(error_response(431, msg))
+                self.transport.close()
+
+    def on_message_begin(self) -> None:
+        self.partial_request = True
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self.partial_request, self.header_bytes = False, 0
+        super().on_headers_complete()
+        if self.pipeline and self.pipeline[0][0] is self.cycle:
+            self._disarm()  # queued behind a running request: its body is read when its turn comes
+        else:
+            self._arm(self.guard.body_timeout_s, "body_timeout")
+
+    def on_message_complete(self) -> None:
+        self._disarm()
+        super().on_message_complete()
+        upgrading = self.parser.should_upgrade() and self._should_upgrade()
+        if self.cycle is not None and not self._in_progress() and not upgrading and not self.pipeline \
+                and self.timeout_keep_alive_task is None:  # fmt: skip
+            # answered before its body was in (the body's bytes stopped uvicorn's keep-alive timer)
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def on_response_complete(self) -> None:
+        starting = self.pipeline[-1][0] if self.pipeline else None
+        super().on_response_complete()
+        if self.transport.is_closing():
+            return
+        if starting is not None:  # uvicorn started the pipelined request: now its body is awaited
+            if starting.more_body:
+                self._arm(self.guard.body_timeout_s, "body_timeout")
+        elif self.partial_request and self.deadline is None:  # the next request began meanwhile
+            self._unset_keepalive_if_required()
+            self._arm(self.guard.header_timeout_s, "header_timeout")
+
+    def handle_websocket_upgrade(self) -> None:
+        self._disarm()  # the WebSocket protocol takes the connection over, with its own deadlines:
+        self._unset_keepalive_if_required()  # no timer of this protocol may close it after
+        super().handle_websocket_upgrade()
+
+    def timeout_keep_alive_handler(self) -> None:
+        if not self.transport.is_closing():
+            self.guard.count_closed("keep_alive_timeout")
+        super().timeout_keep_alive_handler()
+
+    def _arm(self, seconds: float, reason: str) -> None:
+        self._disarm()
+        self.deadline = self.loop.call_later(seconds, self._expired, reason)
+
+    def _disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _expired(self, reason: str) -> None:
+        self.deadline = None
+        if self.transport.is_closing():
+            return
+        self.guard.count_closed(reason)
+        cycle = self.cycle
+        if reason == "header_timeout":
+            idle = cycle is None or cycle.response_complete  # no response of ours is being written
+            if idle and self.partial_request:
+                self.transport.write(error_response(408, "the request headers did not arrive in time"))
+        elif cycle is None or not cycle.response_started:
+            self.transport.write(error_response(408, "the request body did not arrive in time"))
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app's receive() gets http.disconnect; its sends are dropped
+            cycle.message_event.set()
+        self.transport.close()
+
+
+class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websockets (sans-I/O) protocol with a handshake deadline. Messages are bounded by
+    uvicorn's `ws_max_size` (fragments and per-message-deflate output included: close 1009)."""
+
+    def __init__(self, *args, guard: ConnectionGuard, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.guard = guard
+        self.deadline: asyncio.TimerHandle | None = None
+        self.send_deadline = SendDeadline(self, guard)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self.send_deadline.paused()
+
+    def resume_writing(self) -> None:
+        self.send_deadline.resumed()
+        super().resume_writing()
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.deadline = self.loop.call_later(self.guard.ws_handshake_timeout_s, self._expired)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+        self.send_deadline.resumed()
+        super().connection_lost(exc)
+
+    def _expired(self) -> None:
+        self.deadline = None
+        if self.handshake_complete or self.transport.is_closing():
+            return
+        self.guard.count_closed("ws_handshake_timeout")
+        if self.handshake_initiated and self.initial_response is None:
+            self.conn.send_response(self.conn.reject(503, "the WebSocket was not accepted in time\n"))
+            self.transport.write(b"".join(self.conn.data_to_send()))
+        self.handshake_complete = True  # whatever the app sends now is not written
+        self.close_sent = True
+        self.transport.close()
+
+
+FD_MARGIN = 64  # descriptors besides client connections: the listening socket, files, Redis, threads
+
+
+def raise_fd_limit(max_connections: int) -> None:
+    """Raise this process's soft limit on open files (RLIMIT_NOFILE) to what `max_connections` needs,
+    as far as the hard limit allows; warn when that is not enough (accept() would then fail with
+    EMFILE before the cap is reached)."""
+    import resource
+
+    need = max_connections + FD_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    new = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < need:
+        log.warning("max_connections=%d needs %d open files, but `ulimit -n` allows %d: lower "
+                    "S4_MAX_CONNECTIONS or raise the limit", max_connections, need, new)  # fmt: skip
+
+
+def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
+    """The uvicorn Config that serves `app` with `settings`' connection limits (what `python -m server`
+    and the tests' server thread run); `metrics` (server.metrics.Metrics) counts closes and refusals."""
+    guard = ConnectionGuard(
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        ws_handshake_timeout_s=settings.ws_handshake_timeout_s,
+        send_timeout_s=settings.send_timeout_s,
+        max_connections=settings.max_connections,
+        max_header_bytes=settings.max_header_bytes,
+        closed=metrics.connections_closed if metrics is not None else None,
+        refused=metrics.connections_refused if metrics is not None else None,
+        requests_refused=metrics.requests_refused if metrics is not None else None,
+    )
+    if metrics is not None:
+        metrics.connections_open.set_function(lambda: len(guard.connections))
+    return uvicorn.Config(
+        app,
+        http=functools.partial(GuardedHttpProtocol, guard=guard),
+        ws=functools.partial(GuardedWebSocketProtocol, guard=guard),
+        ws_max_size=settings.ws_max_frame_bytes,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        **kwargs,
+    )

@@ -1,0 +1,564 @@
+"""The OpenAI-compatible API: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/{id}].
+
+A translation layer and nothing more: each request's fields are checked and mapped onto
+`SamplingParams` and one generation per choice (service.start_generation); fields we do not support
+are refused by name (422), never ignored. The reference followed is platform.openai.com/docs/api-reference
+(completions, chat, models); the extensions top_k, min_p and repetition_penalty carry vLLM's names.
+
+Choices: every prompt is sampled `best_of` (default `n`) times, each an independent one-shot
+generation with its own generator. With a `seed`, choice i of a prompt samples with `choice_seed(seed,
+i)` (choice 0 with `seed` itself, so n=1 reproduces /v1/generate with the same seed). With best_of > n
+the n choices of highest mean token log-probability are returned.
+
+Log-probabilities are those of the model: log_softmax of the logits the sampler was given at that step
+(before temperature, penalties, logit_bias and filtering), as vLLM reports them by default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import hashlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from model.sampling import SamplingParams
+from server import media
+from server.engine import Failed, Finished, Stream
+from server.errors import APIError, invalid
+from server.registry import ServedModel
+from server.routes.generate import ERRORS, SSE_HEADERS, sse
+from server.schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelInfo,
+    ModelList,
+    OpenAISampling,
+)
+from server.service import (
+    Output,
+    check_new_tokens,
+    check_prompt,
+    collect,
+    events,
+    now_s,
+    prompt_limit,
+    random_seed,
+    request_id,
+    start_generation,
+    state_of,
+)
+from server.state import ServerState
+
+router = APIRouter(tags=["openai"])
+MAX_SAMPLES = 64  # prompts × best_of in one request
+CHAT_DEFAULT_MAX_TOKENS = 256
+
+
+def choice_seed(seed: int, i: int) -> int:
+    """The seed of choice i of a prompt: `seed` for i = 0, else 63 bits of SHA-256("seed/i")."""
+    if i == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}/{i}".encode()).digest()[:8], "big") >> 1
+
+
+def token_str(t: int) -> str:
+    """A token as OpenAI spells tokens: the character for an ASCII byte, "bytes:\\xNN" for another
+    byte, "token:N" for an id past the bytes (a model with a larger vocabulary)."""
+    return chr(t) if t < 128 else f"bytes:\\x{t:02x}" if t < 256 else f"token:{t}"
+
+
+class CharOffsets:
+    """Byte tokens → the index of the character each byte belongs to in the text they decode to
+    (UTF-8 with errors replaced, as the returned text): both bytes of "é" get the index of "é", and
+    each invalid byte that becomes U+FFFD the index of its U+FFFD."""
+
+    def __init__(self) -> None:
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.chars = 0  # characters decoded so far
+
+    def feed(self, t: int) -> int:
+        self.chars += len(self.decoder.decode(bytes([t & 0xFF])))
+        pending = len(self.decoder.getstate()[0])  # this byte is still held: it starts the next character
+        return self.chars if pending else self.chars - 1
+
+
+def char_offsets(ids: list[int]) -> list[int]:
+    offsets = CharOffsets()
+    return [offsets.feed(t) for t in ids]
+
+
+# --- translation: request fields → SamplingParams -------------------------------------------------
+
+
+def sampling(model: ServedModel, req: OpenAISampling, stop: list[str]) -> SamplingParams:
+    """The fields both routes share, range-checked against the model (logit_bias ids < vocab)."""
+    V = model.config.vocab_size
+    bias: dict[int, float] = {}
+    for key, value in (req.logit_bias or {}).items():
+        try:
+            tok = int(key)
+        except ValueError:
+            raise invalid("logit_bias", f"logit_bias: key {key!r} is not a token id") from None
+        if not 0 <= tok < V:
+            raise invalid("logit_bias", f"logit_bias: token id {tok} is outside the vocabulary [0, {V})")
+        bias[tok] = value
+    if req.stream_options is not None and not req.stream:
+        raise invalid("stream_options", "stream_options is only allowed with stream=true")
+    top_k = 0 if req.top_k in (-1, 0) or req.top_k >= V else req.top_k
+    return SamplingParams(
+        temperature=req.temperature,
+        top_k=top_k,
+        top_p=req.top_p,
+        repetition_penalty=req.repetition_penalty,
+        seed=req.seed,
+        stop=[s.encode() for s in stop],
+        logit_bias=bias,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        min_p=req.min_p,
+    )
+
+
+def text_model(st: ServerState, model_id: str) -> ServedModel:
+    model = st.model(model_id)
+    if model.kind != "text":
+        raise invalid("model", f"{model.id} is an audio model; the OpenAI routes serve text models")
+    return model
+
+
+# --- running the choices ----------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One sampled completion of one prompt."""
+
+    prompt: int  # index of its prompt
+    ids: list[int]  # the prompt's token ids
+    stream: Stream
+    out: Output
+    tokens: list[int] = field(default_factory=list)
+    final: Finished | None = None
+    echoed: bool = False  # (streaming) the prompt has been sent
+    lp_sent: int = 0  # (streaming) generated tokens whose logprobs have been sent
+    offsets: list[int] = field(default_factory=list)  # character offset of each generated token
+    char_offsets: CharOffsets = field(default_factory=CharOffsets)
+
+    def offsets_to(self, end: int) -> list[int]:
+        """Character offsets of generated tokens [0, end), computed once each."""
+        self.offsets += [self.char_offsets.feed(t) for t in self.tokens[len(self.offsets) : end]]
+        return self.offsets
+
+    def kept(self) -> int:
+        """Generated tokens in the returned text (those before a stop sequence)."""
+        if self.final is not None and self.final.stop_at is not None:
+            return self.final.stop_at
+        return len(self.tokens)
+
+    def mean_logprob(self) -> float:
+        lps = [lp for lp, _, _ in self.stream.logprobs]
+        return sum(lps) / len(lps) if lps else float("-inf")
+
+
+def start_runs(
+    st: ServerState,
+    model: ServedModel,
+    prompts: list[list[int]],
+    per_prompt: int,
+    params: SamplingParams,
+    max_tokens: int,
+) -> list[Run]:
+    """Queue `per_prompt` generations of each prompt, seeds derived per choice; all or none (a
+    refusal cancels the ones already queued)."""
+    samples = len(prompts) * per_prompt
+    room = min(st.settings.max_sessions, st.settings.max_queued_requests)
+    if samples > room:
+        raise invalid(
+            "n",
+            f"{samples} samples (prompts × n or best_of) is more than this server can queue at once "
+            f"({room}: max_sessions, max_queued_requests)",
+        )
+    runs: list[Run] = []
+    try:
+        for p, ids in enumerate(prompts):
+            for i in range(per_prompt):
+                seed = random_seed() if params.seed is None else choice_seed(params.seed, i)
+                pi = replace(params, seed=seed)
+                stream, job = start_generation(st, model, None, ids, pi, max_tokens)
+                runs.append(Run(p, ids, stream, Output(model, pi, job=job)))
+    except BaseException:
+        for r in runs:
+            r.stream.cancel()
+        raise
+    return runs
+
+
+async def collect_runs(runs: list[Run], request: Request) -> None:
+    tasks = [asyncio.ensure_future(collect(r.stream, request)) for r in runs]
+    try:
+        for r, (tokens, final) in zip(runs, await asyncio.gather(*tasks)):
+            r.tokens, r.final = tokens, final
+            r.out.text_piece(tokens)
+            r.out.finish_text(final)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+
+
+async def merged(runs: list[Run]) -> AsyncIterator[tuple[Run, list]]:
+    """The runs' stream items as they come, (run, items), until every run has ended; stopping early
+    cancels the generations still running."""
+    queue: asyncio.Queue = asyncio.Queue(maxsize=2 * len(runs))
+
+    async def pump(run: Run) -> None:
+        async for items in events(run.stream):
+            await queue.put((run, items))
+
+    tasks = [asyncio.ensure_future(pump(r)) for r in runs]
+    ended: set[int] = set()
+    try:
+        while len(ended) < len(runs):
+            run, items = await queue.get()
+            if not isinstance(items[-1], int):
+                ended.add(id(run))
+            yield run, items
+    finally:
+        for t in tasks:
+            t.cancel()
+        for r in runs:  # a pump cancelled mid-iteration leaves its `events` unclosed: cancel here
+            if id(r) not in ended:
+                r.stream.cancel()
+
+
+def finish_reason(final: Finished) -> str:
+    return "length" if final.finish_reason == "length" else "stop"
+
+
+def usage(prompts: list[list[int]], runs: list[Run]) -> dict:
+    """Prompt tokens once per prompt; completion tokens of every sample (best_of's unreturned too)."""
+    p = sum(len(ids) for ids in prompts)
+    c = sum(r.final.completion_tokens for r in runs if r.final is not None)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+# --- log-probability entries ------------------------------------------------------------------------
+# an entry: (token id, logprob or None, top [(id, logprob)] or None, character offset)
+
+
+def prompt_entries(run: Run, k: int) -> list[tuple]:
+    offsets = char_offsets(run.ids)
+    out = [(run.ids[0], None, None, 0)]
+    for t, off, (lp, ti, tv) in zip(run.ids[1:], offsets[1:], run.stream.prompt_logprobs):
+        out.append((t, lp, list(zip(ti, tv))[:k], off))
+    return out
+
+
+def generated_entries(run: Run, start: int, end: int, base: int) -> list[tuple]:
+    """Entries of generated tokens [start, end), offsets shifted by `base` characters."""
+    offsets = run.offsets_to(end)
+    out = []
+    for i in range(start, end):
+        lp, ti, tv = run.stream.logprobs[i]
+        out.append((run.tokens[i], lp, list(zip(ti, tv)), base + offsets[i]))
+    return out
+
+
+def completion_logprobs(entries: list[tuple]) -> dict:
+    return {
+        "tokens": [token_str(t) for t, _, _, _ in entries],
+        "token_logprobs": [lp for _, lp, _, _ in entries],
+        "top_logprobs": [
+            None if top is None else {token_str(i): v for i, v in top} for _, _, top, _ in entries
+        ],
+        "text_offset": [off for _, _, _, off in entries],
+    }
+
+
+def chat_logprobs(entries: list[tuple]) -> dict:
+    def one(t: int, lp: float) -> dict:
+        return {"token": token_str(t), "logprob": lp, "bytes": [t]}
+
+    return {
+        "content": [{**one(t, lp), "top_logprobs": [one(i, v) for i, v in top]} for t, lp, top, _ in entries]
+    }
+
+
+# --- POST /v1/completions ---------------------------------------------------------------------------
+
+
+def completion_prompts(
+    model: ServedModel, req: CompletionRequest, max_tokens: int | None = None
+) -> tuple[list[list[int]], list[str]]:
+    """The prompt field as token-id lists and their texts (for echo); a text longer than `max_tokens`
+    is refused before it is converted (media.text_ids)."""
+    p = req.prompt
+    if isinstance(p, str) or isinstance(p[0], int):  # one prompt: a string, or token ids
+        p = [p]
+    V = model.config.vocab_size
+    out, texts = [], []
+    for x in p:
+        if isinstance(x, str):
+            ids = media.text_ids(x, "prompt", max_tokens)
+            texts.append(x)
+        else:
+            if any(t >= V for t in x):
+                raise invalid("prompt", f"prompt: token ids must be below the vocabulary size {V}")
+            ids = list(x)
+            texts.append(bytes(t & 0xFF for t in ids).decode("utf-8", errors="replace"))
+        if not ids:
+            raise invalid(
+                "prompt",
+                "prompt is empty: this byte-level model has no start-of-text token; send at least one byte",
+            )
+        out.append(ids)
+    return out, texts
+
+
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    response_model_exclude_none=False,
+    summary="OpenAI completions (text models): every documented field but suffix, plus top_k, min_p, "
+    "repetition_penalty",
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+)
+async def completions(req: CompletionRequest, request: Request):
+    st = state_of(request)
+    model = text_model(st, req.model)
+    if req.suffix is not None:
+        raise invalid("suffix", "suffix is not supported: these models only continue a prompt (no infilling)")
+    best_of = req.n if req.best_of is None else req.best_of
+    if best_of < req.n:
+        raise invalid("best_of", f"best_of ({best_of}) must be at least n ({req.n})")
+    if req.stream and best_of != req.n:
+        raise invalid("best_of", "best_of cannot be streamed unless it equals n")
+    if req.max_tokens == 0 and not req.echo:
+        raise invalid("max_tokens", "max_tokens: 0 is only allowed with echo=true (to score the prompt)")
+    check_new_tokens(st, req.max_tokens, "max_tokens", model)
+    prompts, texts = completion_prompts(model, req, prompt_limit(st, model)[0])
+    if len(prompts) * best_of > MAX_SAMPLES:
+        raise invalid(
+            "prompt", f"{len(prompts)} prompts × best_of {best_of} is more than {MAX_SAMPLES} samples"
+        )
+    for ids in prompts:
+        check_prompt(st, ids, "prompt", model)
+    params = sampling(model, req, req.stop or [])
+    lp = req.logprobs
+    internal = lp if lp is not None else (0 if best_of > req.n else None)
+    params = replace(params, logprobs=internal, prompt_logprobs=lp if req.echo else None)
+    runs = start_runs(st, model, prompts, best_of, params, req.max_tokens)
+    cid, created = request_id("cmpl"), now_s()
+    head = {"id": cid, "object": "text_completion", "created": created, "model": model.id}
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        body = _stream_completions(runs, prompts, texts, req, head, include_usage)
+        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+    await collect_runs(runs, request)
+    choices = []
+    for p in range(len(prompts)):
+        mine = [r for r in runs if r.prompt == p]
+        if best_of > req.n:  # stable: ties keep the sampling order
+            mine = sorted(mine, key=lambda r: -r.mean_logprob())[: req.n]
+        for r in mine:
+            text, entries = r.out.text.text, []
+            if req.echo:
+                text = texts[p] + text
+                entries = prompt_entries(r, lp) if lp is not None else []
+            if lp is not None:
+                entries += generated_entries(r, 0, r.kept(), len(texts[p]) if req.echo else 0)
+            choices.append(
+                {
+                    "text": text,
+                    "index": len(choices),
+                    "logprobs": completion_logprobs(entries) if lp is not None else None,
+                    "finish_reason": finish_reason(r.final),
+                }
+            )
+    return {**head, "choices": choices, "usage": usage(prompts, runs)}
+
+
+async def _stream_completions(runs, prompts, texts, req: CompletionRequest, head: dict, include_usage: bool):
+    lp = req.logprobs
+    index = {id(r): i for i, r in enumerate(runs)}
+    extra = {"usage": None} if include_usage else {}
+    async for run, items in merged(runs):
+        last = items[-1]
+        if isinstance(last, Failed):
+            yield sse({"error": last.error.body()["error"]})
+            yield sse("[DONE]")
+            return
+        ids = [x for x in items if isinstance(x, int)]
+        run.tokens += ids
+        text, entries = "", []
+        base = len(texts[run.prompt]) if req.echo else 0
+        if req.echo and not run.echoed:
+            run.echoed = True
+            text = texts[run.prompt]
+            entries = prompt_entries(run, lp) if lp is not None else []
+        text += run.out.text_piece(ids) if ids else ""
+        final = last if isinstance(last, Finished) else None
+        if final is not None:
+            run.final = final
+            text += run.out.finish_text(final)
+        released = run.kept() if final is not None else min(run.out.text.emitted, len(run.tokens))
+        if lp is not None and released > run.lp_sent:
+            entries += generated_entries(run, run.lp_sent, released, base)
+            run.lp_sent = released
+        if text or entries or final is not None:
+            choice = {
+                "text": text,
+                "index": index[id(run)],
+                "logprobs": completion_logprobs(entries) if lp is not None else None,
+                "finish_reason": None if final is None else finish_reason(final),
+            }
+            yield sse({**head, "choices": [choice], **extra})
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": usage(prompts, runs)})
+    yield sse("[DONE]")
+
+
+# --- POST /v1/chat/completions ----------------------------------------------------------------------
+
+
+def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> str:
+    if model.chat is None:
+        raise APIError(
+            400,
+            f"model {model.id} has no chat template (chat_template in its config.json); "
+            "use /v1/completions with a prompt instead",
+            param="model",
+        )
+    messages = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str) or len(part) != 2:
+                    raise invalid(
+                        f"messages.{i}.content",
+                        f"messages.{i}.content: only {{type: text, text}} parts are supported",
+                    )
+                parts.append(part["text"])
+            content = "".join(parts)
+        messages.append({"role": m.role, "content": content, "name": m.name})
+    try:
+        return model.chat.render(messages)
+    except ValueError as exc:
+        raise invalid("messages", str(exc)) from None
+
+
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    summary="OpenAI chat completions (text models with a chat template in config.json)",
+    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+)
+async def chat_completions(req: ChatCompletionRequest, request: Request):
+    st = state_of(request)
+    model = text_model(st, req.model)
+    prompt = chat_prompt(model, req)
+    if req.max_tokens is not None and req.max_completion_tokens is not None:
+        if req.max_tokens != req.max_completion_tokens:
+            raise invalid("max_tokens", "max_tokens and max_completion_tokens differ; send one")
+    max_tokens = (
+        req.max_completion_tokens
+        or req.max_tokens
+        or min(CHAT_DEFAULT_MAX_TOKENS, st.settings.max_new_tokens)
+    )
+    param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+    check_new_tokens(st, max_tokens, param, model)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise invalid("top_logprobs", "top_logprobs needs logprobs=true")
+    ids = media.text_ids(prompt, "messages", prompt_limit(st, model)[0])
+    check_prompt(st, ids, "messages", model)
+    params = sampling(model, req, (req.stop or []) + model.chat.stop)
+    k = (req.top_logprobs or 0) if req.logprobs else None
+    params = replace(params, logprobs=k)
+    runs = start_runs(st, model, [ids], req.n, params, max_tokens)
+    cid, created = request_id("chatcmpl"), now_s()
+    if req.stream:
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model.id}
+        body = _stream_chat(runs, [ids], req.logprobs, head, include_usage)
+        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+    await collect_runs(runs, request)
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": r.out.text.text},
+            "logprobs": chat_logprobs(generated_entries(r, 0, r.kept(), 0)) if req.logprobs else None,
+            "finish_reason": finish_reason(r.final),
+        }
+        for i, r in enumerate(runs)
+    ]
+    head = {"id": cid, "object": "chat.completion", "created": created, "model": model.id}
+    return {**head, "choices": choices, "usage": usage([ids], runs)}
+
+
+async def _stream_chat(runs: list[Run], prompts, logprobs: bool, head: dict, include_usage: bool):
+    index = {id(r): i for i, r in enumerate(runs)}
+    extra = {"usage": None} if include_usage else {}
+    for i in range(len(runs)):
+        choice = {
+            "index": i,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
+        yield sse({**head, "choices": [choice], **extra})
+    async for run, items in merged(runs):
+        last = items[-1]
+        if isinstance(last, Failed):
+            yield sse({"error": last.error.body()["error"]})
+            yield sse("[DONE]")
+            return
+        ids = [x for x in items if isinstance(x, int)]
+        run.tokens += ids
+        text = run.out.text_piece(ids) if ids else ""
+        final = last if isinstance(last, Finished) else None
+        if final is not None:
+            run.final = final
+            text += run.out.finish_text(final)
+        released = run.kept() if final is not None else min(run.out.text.emitted, len(run.tokens))
+        entries = []
+        if logprobs and released > run.lp_sent:
+            entries = generated_entries(run, run.lp_sent, released, 0)
+            run.lp_sent = released
+        if text or entries or final is not None:
+            choice = {
+                "index": index[id(run)],
+                "delta": {"content": text} if text else {},
+                "logprobs": chat_logprobs(entries) if logprobs else None,
+                "finish_reason": None if final is None else finish_reason(final),
+            }
+            yield sse({**head, "choices": [choice], **extra})
+    if include_usage:
+        yield sse({**head, "choices": [], "usage": usage(prompts, runs)})
+    yield sse("[DONE]")
+
+
+# --- GET /v1/models ---------------------------------------------------------------------------------
+
+
+@router.get("/v1/models", tags=["models"], summary="Served models", response_model=ModelList)
+async def models(request: Request) -> dict:
+    return {"object": "list", "data": [m.describe() for m in state_of(request).models.values()]}
+
+
+@router.get(
+    "/v1/models/{model_id}",
+    tags=["models"],
+    summary="One served model",
+    response_model=ModelInfo,
+    responses={404: ERRORS[404], 503: ERRORS[503]},
+)
+async def retrieve_model(model_id: str, request: Request) -> dict:
+    return state_of(request).model(model_id).describe()

@@ -1,0 +1,744 @@
+"""The OpenAI-compatible API through the official `openai` client against a real server: every
+completions field (plain and streamed), chat with a checkpoint's template, the models routes, and the
+refusals. Log-probabilities are checked against log_softmax of the recurrent form's logits (1e-4)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import httpx
+import openai
+import pytest
+import torch
+from server_support import ServerThread, _rec, reference, wait_for
+
+from model.sampling import SamplingParams, sample
+from server.routes.openai import choice_seed
+
+TEXT, AUDIO = "tiny-text", "tiny-audio"
+PROMPT = "to take arms"
+LP_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        yield c
+
+
+def ids_of(text: str) -> list[int]:
+    return list(text.encode())
+
+
+def model_logprobs(model_dir, prompt: list[int], generated: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """log_softmax of the recurrent form's logits (float64): for every prompt position (predicting the
+    next prompt token) and for every generated token (the distribution it was sampled from)."""
+    rec = _rec(model_dir)
+    with torch.no_grad():
+        logits, state = rec.prefill(torch.tensor([prompt]), rec.init_state(1))
+        prompt_lp = logits[0].double().log_softmax(-1)  # (L, V): row i predicts token i + 1
+        rows = [prompt_lp[-1]]
+        for t in generated[:-1]:
+            step, state = rec.step(torch.tensor([t]), state)
+            rows.append(step[0].double().log_softmax(-1))
+    return prompt_lp, torch.stack(rows)
+
+
+def reference_with(model_dir, prompt: list[int], params: SamplingParams, n: int) -> list[int]:
+    """Like server_support.reference, also counting the generated tokens (presence/frequency)."""
+    rec = _rec(model_dir)
+    logits, state = rec.prefill(torch.tensor([prompt]), rec.init_state(1))
+    logits = logits[:, -1]
+    gen = params.generator()
+    V = rec.config.vocab_size
+    seen = torch.zeros(1, V, dtype=torch.bool)
+    seen[0, prompt] = True
+    counts = torch.zeros(1, V)
+    out: list[int] = []
+    for _ in range(n):
+        tok = sample(logits, [params], [gen], seen, counts)
+        out.append(int(tok))
+        seen[0, tok] = True
+        counts[0, tok] += 1
+        logits, state = rec.step(tok, state)
+    return out
+
+
+# --- models -----------------------------------------------------------------------------------------
+
+
+def test_models_list_and_retrieve_carry_created_and_owned_by(oai, model_dirs):
+    listed = {m.id: m for m in oai.models.list().data}
+    assert set(listed) == {TEXT, AUDIO}
+    for mid, m in listed.items():
+        assert m.object == "model" and m.owned_by == "s4serve"
+        mtime = int((model_dirs["text" if mid == TEXT else "audio"] / "model.safetensors").stat().st_mtime)
+        assert m.created == mtime
+        got = oai.models.retrieve(mid)
+        assert got.id == mid and got.created == m.created and got.owned_by == m.owned_by
+    with pytest.raises(openai.NotFoundError) as e:
+        oai.models.retrieve("no-such-model")
+    assert "no-such-model" in e.value.message
+
+
+def test_model_routes_are_503_while_draining(client, server):
+    server.state.draining = True
+    try:
+        for path in (f"/v1/models/{TEXT}",):
+            r = client.get(path)
+            assert r.status_code == 503 and "Retry-After" in r.headers
+        r = client.post("/v1/completions", json={"model": TEXT, "prompt": "a"})
+        assert r.status_code == 503
+    finally:
+        server.state.draining = False
+    assert client.get(f"/v1/models/{TEXT}").json()["id"] == TEXT
+
+
+def test_openapi_documents_the_openai_routes(client):
+    paths = client.get("/openapi.json").json()["paths"]
+    for p in ["/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model_id}"]:
+        assert p in paths, p
+    props = client.get("/openapi.json").json()["components"]["schemas"]["CompletionRequest"]["properties"]
+    for f in [
+        "logprobs",
+        "echo",
+        "n",
+        "best_of",
+        "logit_bias",
+        "presence_penalty",
+        "stream_options",
+        "min_p",
+    ]:
+        assert f in props, f
+
+
+# --- completions: the sampled tokens ----------------------------------------------------------------
+
+
+def test_completion_with_seed_matches_the_library_and_generate(oai, client, model_dirs):
+    r = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=20, seed=5, temperature=0.8, top_p=0.9)
+    want = reference(
+        model_dirs["text"], ids_of(PROMPT), SamplingParams(temperature=0.8, top_p=0.9, seed=5), 20
+    )
+    assert r.choices[0].text == bytes(want).decode("utf-8", errors="replace")
+    assert r.choices[0].finish_reason == "length" and r.choices[0].logprobs is None
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (12, 20, 32)
+
+
+def test_logprobs_are_the_models_log_softmax_with_top_k_and_offsets(oai, model_dirs):
+    r = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=24, seed=3, temperature=0.7, logprobs=5)
+    c = r.choices[0]
+    lp = c.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 24
+    gen = [ord(t) if not t.startswith("bytes:") else int(t[-2:], 16) for t in lp.tokens]
+    want = reference(model_dirs["text"], ids_of(PROMPT), SamplingParams(temperature=0.7, seed=3), 24)
+    assert gen == want  # the tokens are the ones sampled
+    _, rows = model_logprobs(model_dirs["text"], ids_of(PROMPT), gen)
+    for i, t in enumerate(gen):
+        assert lp.token_logprobs[i] == pytest.approx(float(rows[i, t]), abs=LP_TOL)
+        top = rows[i].topk(5)
+        got = lp.top_logprobs[i]
+        assert len(got) == 5
+        for v, j in zip(top.values.tolist(), top.indices.tolist()):
+            key = chr(j) if j < 128 else f"bytes:\\x{j:02x}"
+            assert got[key] == pytest.approx(v, abs=LP_TOL)
+    text = c.text
+    for i, off in enumerate(lp.text_offset):  # each token starts at its offset in the returned text
+        if gen[i] < 128:
+            assert text[off] == chr(gen[i])
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+
+
+def test_logprobs_zero_gives_the_sampled_tokens_only_and_twenty_is_allowed(oai):
+    r = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=4, seed=3, logprobs=0)
+    assert all(t == {} for t in r.choices[0].logprobs.top_logprobs)
+    r = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=4, seed=3, logprobs=20)
+    assert all(len(t) == 20 for t in r.choices[0].logprobs.top_logprobs)
+
+
+def test_echo_returns_the_prompt_with_its_logprobs(oai, model_dirs):
+    r = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=6, seed=1, echo=True, logprobs=3)
+    plain = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=6, seed=1)
+    c = r.choices[0]
+    assert c.text == PROMPT + plain.choices[0].text
+    lp = c.logprobs
+    n = len(PROMPT)
+    assert "".join(lp.tokens[:n]) == PROMPT and lp.text_offset[:n] == list(range(n))
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing predicts the first token
+    prompt_lp, _ = model_logprobs(model_dirs["text"], ids_of(PROMPT), [])
+    for i in range(1, n):
+        assert lp.token_logprobs[i] == pytest.approx(float(prompt_lp[i - 1, ord(PROMPT[i])]), abs=LP_TOL)
+        assert len(lp.top_logprobs[i]) == 3
+    assert lp.text_offset[n] == n and len(lp.tokens) == n + 6
+    # max_tokens=0 with echo scores the prompt alone
+    s = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)
+    assert s.choices[0].text == PROMPT and s.usage.completion_tokens == 0
+    assert s.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:n], abs=1e-6)
+    one = oai.completions.create(model=TEXT, prompt="t", max_tokens=0, echo=True, logprobs=2).choices[0]
+    assert one.text == "t" and one.logprobs.token_logprobs == [None] and one.logprobs.text_offset == [0]
+    e = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=3, seed=1, echo=True)
+    assert e.choices[0].text == PROMPT + plain.choices[0].text[:3] and e.choices[0].logprobs is None
+
+
+def test_prompt_logprobs_across_prefill_chunks(oai, model_dirs, server):
+    """A prompt longer than a prefill chunk (256 tokens): every position's log-probability."""
+    long = ("to be, or not to be, that is the question: " * 20)[
+        : server.state.settings.prefill_chunk_tokens * 2 + 37
+    ]
+    r = oai.completions.create(model=TEXT, prompt=long, max_tokens=0, echo=True, logprobs=2)
+    lp = r.choices[0].logprobs
+    prompt_lp, _ = model_logprobs(model_dirs["text"], ids_of(long), [])
+    want = prompt_lp[torch.arange(len(long) - 1), torch.tensor(ids_of(long)[1:])]
+    assert len(lp.token_logprobs) == len(long) and lp.token_logprobs[0] is None
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:], dtype=torch.float64), want, atol=LP_TOL)
+
+
+def test_concurrent_plain_and_biased_requests_each_match_the_library(server, model_dirs):
+    """Plain rows and rows with logit_bias / penalties decoded in the same batches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    reqs = [
+        ({}, SamplingParams(seed=21)),
+        ({"logit_bias": {"32": -3}}, SamplingParams(seed=22, logit_bias={32: -3.0})),
+        ({}, SamplingParams(seed=23)),
+        ({"frequency_penalty": 1.0}, SamplingParams(seed=24, frequency_penalty=1.0)),
+    ]
+
+    def one(extra, params):
+        body = {"model": TEXT, "prompt": PROMPT, "max_tokens": 60, "seed": params.seed, **extra}
+        return post(server, "/v1/completions", body).json()["choices"][0]["text"]
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda a: one(*a), reqs))
+    for text, (_, params) in zip(got, reqs):
+        want = reference_with(model_dirs["text"], ids_of(PROMPT), params, 60)
+        assert text == bytes(want).decode("utf-8", errors="replace"), params
+
+
+def test_n_choices_are_independent_and_seeded_per_choice(oai, model_dirs):
+    r = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=16, seed=11, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    texts = [c.text for c in r.choices]
+    assert len(set(texts)) == 3  # independent samples
+    for i, t in enumerate(texts):
+        want = reference(model_dirs["text"], ids_of(PROMPT), SamplingParams(seed=choice_seed(11, i)), 16)
+        assert t == bytes(want).decode("utf-8", errors="replace")
+    again = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=16, seed=11, n=3)
+    assert [c.text for c in again.choices] == texts  # reproducible
+    assert r.usage.prompt_tokens == 12 and r.usage.completion_tokens == 48
+
+
+def test_best_of_returns_the_n_of_highest_mean_logprob(oai, model_dirs):
+    r = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=10, seed=2, n=2, best_of=5)
+    assert len(r.choices) == 2 and r.usage.completion_tokens == 50  # five sampled
+    scored = []
+    for i in range(5):
+        gen = reference(model_dirs["text"], ids_of(PROMPT), SamplingParams(seed=choice_seed(2, i)), 10)
+        _, rows = model_logprobs(model_dirs["text"], ids_of(PROMPT), gen)
+        mean = float(rows[torch.arange(10), torch.tensor(gen)].mean())
+        scored.append((mean, bytes(gen).decode("utf-8", errors="replace")))
+    best = [t for _, t in sorted(scored, key=lambda x: -x[0])[:2]]
+    assert [c.text for c in r.choices] == best
+
+
+def test_logit_bias_changes_the_distribution(oai, model_dirs):
+    base = dict(model=TEXT, prompt=PROMPT, max_tokens=40, temperature=0)
+    free = oai.completions.create(**base).choices[0].text
+    assert "e" in free  # greedy text says "e" ...
+    banned = oai.completions.create(**base, logit_bias={"101": -100}).choices[0].text
+    assert "e" not in banned  # ... and never with a bias of -100 on it
+    forced = oai.completions.create(**base, logit_bias={"122": 100}).choices[0].text
+    assert forced == "z" * 40
+    params = SamplingParams(temperature=0.9, seed=4, logit_bias={101: -5.0, 32: 2.5})
+    r = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=30, temperature=0.9, seed=4,
+                               logit_bias={"101": -5, "32": 2.5})  # fmt: skip
+    assert r.choices[0].text == bytes(reference(model_dirs["text"], ids_of(PROMPT), params, 30)).decode(
+        "utf-8", errors="replace"
+    )
+
+
+@pytest.mark.parametrize("presence, frequency", [(1.5, 0.0), (0.0, 2.0), (-1.0, 0.5)])
+def test_presence_and_frequency_penalties(oai, model_dirs, presence, frequency):
+    r = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=30, seed=6, temperature=0.8,
+                               presence_penalty=presence, frequency_penalty=frequency)  # fmt: skip
+    params = SamplingParams(temperature=0.8, seed=6, presence_penalty=presence, frequency_penalty=frequency)
+    want = reference_with(model_dirs["text"], ids_of(PROMPT), params, 30)
+    assert r.choices[0].text == bytes(want).decode("utf-8", errors="replace")
+    plain = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=30, seed=6, temperature=0.8)
+    assert plain.choices[0].text != r.choices[0].text  # it took effect
+
+
+def test_greedy_frequency_penalty_stops_a_repeated_token(oai):
+    free = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=40, temperature=0).choices[0].text
+    pen = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=40, temperature=0, frequency_penalty=2,
+                                 presence_penalty=2).choices[0].text  # fmt: skip
+    assert max(pen.count(ch) for ch in set(pen)) < max(free.count(ch) for ch in set(free))
+
+
+def test_vllm_extensions_top_k_min_p_repetition_penalty(oai, model_dirs):
+    for extra, params in [
+        ({"top_k": 3}, SamplingParams(top_k=3, seed=8)),
+        ({"top_k": -1}, SamplingParams(seed=8)),
+        ({"min_p": 0.2}, SamplingParams(min_p=0.2, seed=8)),
+        ({"repetition_penalty": 1.3}, SamplingParams(repetition_penalty=1.3, seed=8)),
+    ]:
+        r = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=25, seed=8, extra_body=extra)
+        want = reference_with(model_dirs["text"], ids_of(PROMPT), params, 25)
+        assert r.choices[0].text == bytes(want).decode("utf-8", errors="replace"), extra
+
+
+def test_prompt_as_list_of_strings_token_ids_and_lists_of_ids(oai):
+    a, b = "to be", "the slings"
+    one = {
+        p: oai.completions.create(model=TEXT, prompt=p, max_tokens=8, seed=9).choices[0].text for p in (a, b)
+    }
+    r = oai.completions.create(model=TEXT, prompt=[a, b], max_tokens=8, seed=9, n=2)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == one[a] and r.choices[2].text == one[b]
+    assert r.usage.prompt_tokens == len(a) + len(b)
+    assert (
+        oai.completions.create(model=TEXT, prompt=ids_of(a), max_tokens=8, seed=9).choices[0].text == one[a]
+    )
+    r = oai.completions.create(model=TEXT, prompt=[ids_of(a), ids_of(b)], max_tokens=8, seed=9)
+    assert [c.text for c in r.choices] == [one[a], one[b]]
+
+
+def test_stop_sequences_end_the_text_and_its_logprobs(oai):
+    free = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=40, temperature=0).choices[0].text
+    stop = free[5:7]
+    r = oai.completions.create(
+        model=TEXT, prompt=PROMPT, max_tokens=40, temperature=0, stop=[stop], logprobs=1
+    )
+    c = r.choices[0]
+    assert c.finish_reason == "stop" and c.text == free[: free.index(stop)]
+    assert "".join(c.logprobs.tokens) == c.text
+
+
+# --- completions: streaming -------------------------------------------------------------------------
+
+
+def test_stream_matches_the_whole_response_with_logprobs_and_usage(oai):
+    kw = dict(model=TEXT, prompt=PROMPT, max_tokens=30, seed=7, n=2, logprobs=2, echo=True)
+    whole = oai.completions.create(**kw)
+    chunks = list(oai.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    last = chunks[-1]
+    assert last.choices == [] and last.usage.completion_tokens == 60 and last.usage.prompt_tokens == 12
+    assert all(c.usage is None for c in chunks[:-1])
+    for i in range(2):
+        mine = [c.choices[0] for c in chunks[:-1] if c.choices[0].index == i]
+        assert "".join(c.text for c in mine) == whole.choices[i].text
+        assert mine[-1].finish_reason == "length" and all(c.finish_reason is None for c in mine[:-1])
+        tokens = [t for c in mine for t in c.logprobs.tokens]
+        lps = [t for c in mine for t in c.logprobs.token_logprobs]
+        offs = [t for c in mine for t in c.logprobs.text_offset]
+        w = whole.choices[i].logprobs
+        assert tokens == w.tokens and offs == w.text_offset
+        assert lps[0] is None and lps[1:] == pytest.approx(w.token_logprobs[1:], abs=1e-6)
+    plain = list(oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=5, seed=7, stream=True))
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason == "length"
+
+
+# --- completions: refusals and ranges ---------------------------------------------------------------
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    """Raw JSON (NaN and ±inf included, which the openai client cannot send)."""
+    data = json.dumps(body, allow_nan=True)
+    return httpx.post(
+        server.url + path, content=data, headers={"Content-Type": "application/json"}, timeout=30
+    )
+
+
+@pytest.mark.parametrize(
+    "field, bad",
+    [
+        ("temperature", [-1e-300, 100.000001, 1e308, float("nan"), float("inf"), float("-inf")]),
+        ("top_p", [0, -0.0, 1.0000001, 1e308, float("nan"), float("inf")]),
+        ("n", [0, -1, 17, 10**30]),
+        ("best_of", [0, 17, 10**30]),
+        ("logprobs", [-1, 21, 10**30]),
+        ("max_tokens", [-1, 10**30, 5000]),
+        ("presence_penalty", [-2.0000001, 2.5, float("nan"), float("inf"), float("-inf"), 1e308]),
+        ("frequency_penalty", [-3, 2.0000001, float("nan"), float("-inf")]),
+        ("seed", [-1, 2**63, 10**40]),
+        ("top_k", [-2, 2**31, 10**30]),
+        ("min_p", [-5e-324, 1.0000001, float("nan"), float("inf")]),
+        ("repetition_penalty", [0, 5e-324, 1e-300, 0.0099, 100.01, float("nan"), float("inf")]),
+    ],
+)
+def test_every_numeric_field_is_range_checked(server, field, bad):
+    for v in bad:
+        r = post(server, "/v1/completions", {"model": TEXT, "prompt": "a", "max_tokens": 2, field: v})
+        assert r.status_code == 422, (field, v, r.text)
+        assert r.json()["error"]["param"] == field, (field, v, r.text)
+
+
+@pytest.mark.parametrize(
+    "field, ok",
+    [
+        ("temperature", [0, 1e-30, 1, 2, 100]),
+        ("top_p", [1e-30, 0.5, 1]),
+        ("min_p", [0, 5e-324, 0.5, 1]),
+        ("presence_penalty", [-2, 5e-324, 2]),
+        ("frequency_penalty", [-2, 5e-324, 2]),
+        ("repetition_penalty", [0.01, 100]),
+        ("top_k", [1, 3, 255, 256, 2**31 - 1]),
+    ],
+)
+def test_numeric_fields_at_their_limits_sample_as_the_library_does(server, model_dirs, field, ok):
+    for v in ok:
+        r = post(
+            server, "/v1/completions", {"model": TEXT, "prompt": PROMPT, "max_tokens": 6, "seed": 1, field: v}
+        )
+        assert r.status_code == 200, (field, v, r.text)
+        want = reference_with(model_dirs["text"], ids_of(PROMPT), SamplingParams(seed=1, **{field: 0 if
+                              field == "top_k" and v >= 256 else v}), 6)  # fmt: skip
+        assert r.json()["choices"][0]["text"] == bytes(want).decode("utf-8", errors="replace"), (field, v)
+
+
+@pytest.mark.parametrize("extra", [{}, {"logit_bias": {"7": 1}}, {"presence_penalty": 0.5}])
+def test_tiny_temperature_and_top_p_are_greedy_on_both_sampling_paths(server, extra):
+    """Denormal and tiny temperatures (and top_p) are the greedy limit, whether the fused C sampler
+    (plain rows) or the torch path (rows with logit_bias or penalties) samples."""
+    base = {"model": TEXT, "prompt": PROMPT, "max_tokens": 12, "seed": 2, **extra}
+    greedy = post(server, "/v1/completions", {**base, "temperature": 0}).json()["choices"][0]["text"]
+    for kw in [{"temperature": 5e-324}, {"temperature": 1e-300}, {"temperature": 1e-30}, {"top_p": 5e-324}]:
+        r = post(server, "/v1/completions", {**base, **kw})
+        assert r.status_code == 200, (kw, r.text)
+        assert r.json()["choices"][0]["text"] == greedy, (extra, kw)
+
+
+def test_logit_bias_is_checked(server):
+    bad = [{"256": 1}, {"x": 1}, {"-1": 1}, {"1": 100.5}, {"1": float("nan")}, {"1": float("-inf")}]
+    for bias in bad:
+        r = post(server, "/v1/completions", {"model": TEXT, "prompt": "a", "logit_bias": bias})
+        assert r.status_code == 422 and r.json()["error"]["param"].startswith("logit_bias"), (bias, r.text)
+
+
+def test_unsupported_fields_are_refused_by_name(oai, server):
+    cases = [
+        ({"suffix": "end"}, "suffix"),
+        ({"best_of": 1, "n": 2}, "best_of"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": []}, "prompt"),
+        ({"prompt": [300]}, "prompt"),
+        ({"prompt": [[]]}, "prompt"),
+        ({"prompt": ["a"] * 65}, "prompt"),
+        ({"prompt": ["a"] * 33, "n": 2}, "prompt"),  # 66 samples > 64
+        ({"tools": []}, "tools"),
+        ({"no_such_field": 1}, "no_such_field"),
+        ({"model": AUDIO}, "model"),
+    ]
+    for extra, param in cases:
+        r = post(server, "/v1/completions", {"model": TEXT, "prompt": "a", **extra})
+        assert r.status_code == 422, (extra, r.text)
+        assert r.json()["error"]["param"].split(".")[0] == param, (extra, r.text)
+    with pytest.raises(openai.UnprocessableEntityError) as e:
+        oai.completions.create(model=TEXT, prompt="a", suffix="b")
+    assert "suffix" in e.value.message
+    r = post(server, "/v1/completions", {"model": TEXT, "prompt": "a", "best_of": 3, "n": 1, "stream": True})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "best_of"
+
+
+# --- the sampling paths agree ----------------------------------------------------------------------
+
+
+def test_feature_rows_sample_the_same_on_the_fused_and_torch_paths(monkeypatch):
+    """A batch mixing plain rows (the fused C sampler when it is built) with rows that need logit_bias,
+    penalties or min_p: every row gets the same token as when sampled alone on the torch path."""
+    from model import fused
+
+    torch.manual_seed(0)
+    logits = torch.randn(6, 256) * 3
+    params = [
+        SamplingParams(temperature=0.8, seed=1),
+        SamplingParams(temperature=0.8, seed=2, logit_bias={5: 4.0, 7: -100.0}),
+        SamplingParams(temperature=1.2, seed=3, presence_penalty=1.0, frequency_penalty=0.5),
+        SamplingParams(temperature=0.0, seed=4, logit_bias={9: 50.0}),
+        SamplingParams(temperature=0.7, seed=5, min_p=0.3),
+        SamplingParams(temperature=1.0, seed=6),
+    ]
+    counts = torch.zeros(6, 256)
+    counts[:, :20] = 1
+    mixed = [sample(logits, params, [p.generator() for p in params], None, counts) for _ in range(1)][0]
+    monkeypatch.setattr(fused, "library", lambda: None)
+    alone = torch.cat([sample(logits[i : i + 1], [p], [p.generator()], None, counts[i : i + 1])
+                       for i, p in enumerate(params)])  # fmt: skip
+    assert mixed.tolist() == alone.tolist()
+    assert int(alone[3]) == 9  # greedy with the bias
+
+
+def test_penalty_and_bias_math_against_float64():
+    from model.sampling import apply_logit_bias, apply_presence_frequency, filter_min_p
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 8)
+    c = torch.tensor([[0, 1, 2, 0, 0, 3, 0, 0], [1, 0, 0, 0, 0, 0, 0, 5]], dtype=torch.float32)
+    got = apply_presence_frequency(x, c, torch.tensor([0.5, -1.0]), torch.tensor([0.25, 2.0]))
+    xd, cd = x.double(), c.double()
+    want = (
+        xd
+        - cd * torch.tensor([[0.25], [2.0]], dtype=torch.float64)
+        - (cd > 0) * torch.tensor([[0.5], [-1.0]])
+    )
+    assert torch.allclose(got.double(), want, atol=1e-6)
+    b = apply_logit_bias(x, [SamplingParams(logit_bias={3: -2.5}), SamplingParams()])
+    assert b[0, 3] == pytest.approx(float(x[0, 3]) - 2.5) and torch.equal(b[1], x[1])
+    m = filter_min_p(x, torch.tensor([0.5, 0.0]))
+    p = xd.softmax(-1)
+    keep = p[0] >= 0.5 * p[0].max()
+    assert torch.equal(torch.isfinite(m[0]), keep) and torch.isfinite(m[1]).all()
+
+
+# --- chat ------------------------------------------------------------------------------------------
+
+ROOT_CKPT = "checkpoints/text-shakespeare"
+
+
+@pytest.fixture(scope="module")
+def chat_server(model_dirs, tmp_path_factory):
+    """The tiny text model with the shipped Shakespeare template, and the tiny one without."""
+    from pathlib import Path
+
+    from server import Settings
+
+    root = Path(__file__).resolve().parent.parent
+    shipped = json.loads((root / ROOT_CKPT / "config.json").read_text())
+    d = tmp_path_factory.mktemp("chat") / "tiny-chat"
+    shutil.copytree(model_dirs["text"], d)
+    meta = json.loads((d / "config.json").read_text())
+    meta["chat_template"], meta["chat_stop"] = shipped["chat_template"], shipped["chat_stop"]
+    (d / "config.json").write_text(json.dumps(meta))
+    s = ServerThread(Settings(checkpoints=[str(d), str(model_dirs["text"])], max_sessions=16)).start()
+    yield s, d
+    s.stop()
+
+
+MESSAGES = [
+    {"role": "system", "content": "Elsinore. A platform before the castle."},
+    {"role": "user", "content": "Who's there?", "name": "Bernardo"},
+    {"role": "assistant", "content": "Nay, answer me.", "name": "Francisco"},
+    {"role": "user", "content": "Long live the King!", "name": "Bernardo"},
+]
+RENDERED = (
+    "[Elsinore. A platform before the castle.]\n\nBernardo.\nWho's there?\n\nFrancisco.\nNay, answer me.\n\n"
+    "Bernardo.\nLong live the King!\n\nFrancisco.\n"
+)
+
+
+def test_chat_renders_the_play_and_stops_at_the_next_speaker(chat_server):
+    s, d = chat_server
+    with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:
+        assert c.models.retrieve("tiny-chat").model_extra["chat"] is True
+        r = c.chat.completions.create(
+            model="tiny-chat", messages=MESSAGES, max_tokens=200, seed=3, temperature=0.9
+        )
+        msg = r.choices[0].message
+        assert msg.role == "assistant" and r.object == "chat.completion"
+        assert r.usage.prompt_tokens == len(RENDERED.encode())
+        params = SamplingParams(temperature=0.9, seed=3, stop=[b"\n\n"])
+        want = bytes(reference(d, list(RENDERED.encode()), params, 200)).decode("utf-8", errors="replace")
+        if "\n\n" in want:  # the speech ends at the blank line before the next speaker
+            assert r.choices[0].finish_reason == "stop" and msg.content == want[: want.index("\n\n")]
+        else:
+            assert r.choices[0].finish_reason == "length" and msg.content == want
+        assert "\n\n" not in msg.content
+        # streamed: a role delta, then content deltas adding up to the same reply, then usage
+        chunks = list(c.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=200, seed=3,
+                                                temperature=0.9, stream=True,
+                                                stream_options={"include_usage": True}))  # fmt: skip
+        assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks[:-1]) == msg.content
+        assert chunks[-2].choices[0].finish_reason == r.choices[0].finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_chat_logprobs_n_and_content_parts(chat_server):
+    s, d = chat_server
+    with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:
+        parts = [
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Who's "}, {"type": "text", "text": "there?"}],
+            }
+        ]
+        kw = dict(max_completion_tokens=12, seed=1, n=2, logprobs=True, top_logprobs=2, stop=["zz"])
+        r = c.chat.completions.create(model="tiny-chat", messages=parts, **kw)
+        prompt = "Ham.\nWho's there?\n\nHor.\n"
+        assert len(r.choices) == 2 and r.usage.prompt_tokens == len(prompt)
+        for i, ch in enumerate(r.choices):
+            content = ch.logprobs.content
+            gen = [e.bytes[0] for e in content]
+            assert bytes(gen).decode("utf-8", errors="replace") == ch.message.content
+            params = SamplingParams(seed=choice_seed(1, i), stop=[b"zz", b"\n\n"])
+            assert gen == reference(d, list(prompt.encode()), params, 12)[: len(gen)]
+            _, rows = model_logprobs(d, list(prompt.encode()), gen)
+            for k, e in enumerate(content):
+                assert e.logprob == pytest.approx(float(rows[k, gen[k]]), abs=LP_TOL)
+                assert len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == pytest.approx(
+                    float(rows[k].max()), abs=LP_TOL
+                )
+        chunks = list(c.chat.completions.create(model="tiny-chat", messages=parts, stream=True, **kw))
+        for i, ch in enumerate(r.choices):
+            mine = [x.choices[0] for x in chunks if x.choices[0].index == i]
+            assert "".join(x.delta.content or "" for x in mine) == ch.message.content
+            streamed = [e.logprob for x in mine if x.logprobs for e in x.logprobs.content]
+            assert streamed == pytest.approx([e.logprob for e in ch.logprobs.content], abs=1e-6)
+            assert mine[-1].finish_reason == ch.finish_reason
+
+
+def test_chat_refusals(chat_server):
+    s, _ = chat_server
+    with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model=TEXT, messages=MESSAGES)
+        assert "chat template" in e.value.message and e.value.body["param"] == "model"
+        for kw, param in [
+            ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+            ({"response_format": {"type": "json_object"}}, "response_format"),
+            ({"top_logprobs": 2}, "top_logprobs"),
+            ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
+            ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+             "messages"),
+            ({"messages": []}, "messages"),
+            ({"temperature": 101}, "temperature"),
+            ({"max_tokens": 5, "max_completion_tokens": 6}, "max_tokens"),
+            ({"max_completion_tokens": 0}, "max_completion_tokens"),
+            ({"max_completion_tokens": 10**30}, "max_completion_tokens"),
+            ({"max_tokens": 5000}, "max_tokens"),
+            ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+            ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+            ({"n": 0}, "n"),
+            ({"presence_penalty": 2.5}, "presence_penalty"),
+            ({"logit_bias": {"999": 1}}, "logit_bias"),
+            ({"stream_options": {"include_usage": True}}, "stream_options"),
+            ({"seed": -1}, "seed"),
+        ]:  # fmt: skip
+            body = {"model": "tiny-chat", "messages": MESSAGES, **kw}
+            with pytest.raises(openai.UnprocessableEntityError) as e:
+                c.chat.completions.create(**body)
+            assert e.value.body["param"].split(".")[0] == param, (kw, e.value.body)
+
+
+def test_shipped_shakespeare_chat_template_renders_speaker_lines():
+    from pathlib import Path
+
+    from server.chat import ChatTemplate
+
+    root = Path(__file__).resolve().parent.parent
+    t = ChatTemplate.from_config(json.loads((root / ROOT_CKPT / "config.json").read_text()))
+    msgs = [{"role": m["role"], "content": m["content"], "name": m.get("name")} for m in MESSAGES]
+    assert t.render(msgs) == RENDERED and t.stop == ["\n\n"]
+    assert t.render([{"role": "user", "content": "Speak.", "name": None}]) == "Ham.\nSpeak.\n\nHor.\n"
+    # the corpus writes speeches this way: a speaker line ending in ".", the speech, a blank line
+    sample_text = (root / ROOT_CKPT / "eval_slice" / "test.bin").read_bytes()[:2000].decode(errors="replace")
+    assert "\n\nHam.\n" in sample_text
+
+
+# --- the code layout -------------------------------------------------------------------------------
+
+
+def test_routes_import_without_the_app_factory():
+    code = (
+        "import sys\n"
+        "import server.routes.openai, server.routes.generate, server.routes.websocket\n"
+        "import server.routes.sessions, server.routes.health, server.service\n"
+        "assert 'server.app' not in sys.modules, 'a route imports the app factory'\n"
+    )
+    # server/__init__ imports the app; load the routes with a bare `server` package instead
+    prelude = (
+        "import importlib.util, sys, types, pathlib\n"
+        "pkg = types.ModuleType('server'); pkg.__path__ = [str(pathlib.Path('server').resolve())]\n"
+        "sys.modules['server'] = pkg\n"
+    )
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        check=False,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+
+
+def test_choices_beyond_the_servers_capacity_are_refused_and_a_429_leaks_no_slot(limited, monkeypatch):
+    """The `limited` server holds 3 sessions and queues 1 request: n=2 can never be admitted (422
+    naming n, not a 429 to retry). When a request's second choice is refused (429: queue full), its
+    first choice is cancelled and every slot is freed."""
+    from server.errors import over_capacity
+
+    with httpx.Client(base_url=limited.url, timeout=30) as c:
+        r = c.post("/v1/completions", json={"model": TEXT, "prompt": "a", "n": 2})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "n"
+        engine = limited.state.models[TEXT].engine
+        submit, calls = engine.submit, []
+
+        def second_refused(job):
+            calls.append(job)
+            if len(calls) == 2:
+                raise over_capacity("queue full (test)")
+            submit(job)
+
+        monkeypatch.setattr(limited.state.settings, "max_queued_requests", 2)
+        monkeypatch.setattr(engine, "submit", second_refused)
+        r = c.post("/v1/completions", json={"model": TEXT, "prompt": "a", "n": 2, "max_tokens": 100_000})
+        assert r.status_code == 429 and len(calls) == 2, r.text
+        monkeypatch.undo()
+        assert wait_for(
+            lambda: engine.pool.in_use == 0 and engine.queued == 0 and not engine.active_requests, 10
+        )
+        assert calls[0].stream.cancelled
+        r = c.post("/v1/completions", json={"model": TEXT, "prompt": "a", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_closing_a_streamed_n2_request_cancels_both_choices(server):
+    engine = server.state.models[TEXT].engine
+    before = engine.pool.in_use
+    body = {"model": TEXT, "prompt": PROMPT, "n": 2, "max_tokens": 4000, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        assert engine.pool.in_use >= before + 1
+    assert wait_for(lambda: engine.pool.in_use == before and not engine.active_requests, 10)
+
+
+def test_types_are_strict_and_null_means_absent(server):
+    bad = [
+        {"n": "2"},
+        {"logprobs": True},
+        {"temperature": True},
+        {"echo": "yes"},
+        {"max_tokens": 2.5},
+        {"prompt": None},
+    ]
+    for extra in bad:
+        param = next(iter(extra))
+        r = post(server, "/v1/completions", {"model": TEXT, "prompt": "a", **extra})
+        assert r.status_code == 422 and r.json()["error"]["param"] == param, (extra, r.text)
+    nulls = {
+        k: None for k in ("n", "logprobs", "suffix", "stop", "seed", "temperature", "logit_bias", "best_of")
+    }
+    r = post(server, "/v1/completions", {"model": TEXT, "prompt": "a", "max_tokens": 3, **nulls})
+    assert (
+        r.status_code == 200 and len(r.json()["choices"]) == 1 and r.json()["choices"][0]["logprobs"] is None
+    )
+
+
+def test_text_offsets_count_characters_and_non_ascii_bytes_are_named(oai):
+    r = oai.completions.create(model=TEXT, prompt="aé b", max_tokens=0, echo=True, logprobs=1).choices[0]
+    assert r.text == "aé b"
+    assert r.logprobs.tokens == ["a", "bytes:\\xc3", "bytes:\\xa9", " ", "b"]
+    assert r.logprobs.text_offset == [0, 1, 1, 2, 3]  # both bytes of é start at its character
+    r = oai.completions.create(
+        model=TEXT, prompt="a", max_tokens=5, logprobs=1, logit_bias={"195": 100}
+    ).choices[0]
+    assert r.logprobs.tokens == ["bytes:\\xc3"] * 5 and r.text == "\ufffd" * 5  # lone lead bytes
+    assert r.logprobs.text_offset == [0, 1, 2, 3, 4]

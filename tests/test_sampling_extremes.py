@@ -1,0 +1,208 @@
+"""Issue 16, kind 1: the sampler at numeric extremes, in the torch ops and in the C pass.
+
+Each sampling setting at zero, tiny, denormal, huge, NaN and ±inf either raises ValueError naming the
+setting or gives its mathematical limit: a tiny temperature (down to the smallest denormal) gives the
+argmax, as temperature 0 does; a huge one the uniform distribution; a tiny top_p the top token; a top_k
+beyond the vocabulary nothing filtered; a tiny repetition penalty all the mass on the seen token with
+the largest positive logit. Logits with NaN / ±inf (a poisoned state) still give a token of the row.
+References are float64 or exact (fractions), independent of the code under test."""
+
+from __future__ import annotations
+
+import math
+import sys
+from fractions import Fraction
+
+import pytest
+import torch
+from conftest import devices
+from server_support import reference
+
+from model import fused
+from model.sampling import SamplingParams, sample
+
+SMALLEST = sys.float_info.min * sys.float_info.epsilon  # 5e-324, the smallest positive double
+TINY_T = [1e-9, 1e-20, 1e-30, 1e-38, 1e-40, 1e-45, 1e-300, 1e-320, SMALLEST]
+PATHS = ["c", "torch"]
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """Run the test through the C pass (plain temperature) and through the torch ops."""
+    if request.param == "c":
+        assert fused.library() is not None, "the C sampling pass must build here"
+    else:
+        monkeypatch.setattr(fused, "library", lambda: None)
+    return request.param
+
+
+def draw(logits, params, seen=None):
+    return sample(logits, params, [p.generator() for p in params], seen)
+
+
+@pytest.mark.parametrize("T", TINY_T)
+def test_tiny_and_denormal_temperatures_give_the_argmax(path, T):
+    torch.manual_seed(0)
+    logits = torch.randn(64, 256) * 3
+    logits[1] = logits[1] * 1e-6  # tiny gaps: still the argmax at T ≤ 1e-9
+    logits[2] = logits[2] * 1e37  # huge logits: (z − max) / T never overflows to NaN
+    params = [SamplingParams(temperature=T, seed=k) for k in range(64)]
+    want = logits.double().argmax(-1)
+    assert torch.equal(draw(logits, params), want)
+    assert torch.equal(draw(logits, [SamplingParams(temperature=0.0)] * 64), want)
+
+
+@pytest.mark.parametrize("T", [1e30, 1e300, sys.float_info.max])
+def test_huge_temperature_is_the_uniform_distribution(path, T):
+    V, n = 16, 4000
+    logits = torch.linspace(-20, 20, V).expand(n, V).contiguous()  # probabilities 1e-17 … 1 at T = 1
+    params = [SamplingParams(temperature=T, seed=k) for k in range(n)]
+    counts = torch.bincount(draw(logits, params), minlength=V).double()
+    expected, sd = n / V, math.sqrt(n / V * (1 - 1 / V))
+    assert (counts - expected).abs().max() < 5 * sd, counts  # uniform: each 250 ± 15 (5 sd: ±75)
+
+
+def test_generation_at_t_1e_38_is_the_greedy_generation(model_dirs, path):
+    prompt = list(b"ROMEO:")
+    greedy = reference(model_dirs["text"], prompt, SamplingParams(temperature=0.0), 24)
+    for T in (1e-9, 1e-30, 1e-38, 1e-320):
+        assert reference(model_dirs["text"], prompt, SamplingParams(temperature=T, seed=1), 24) == greedy
+    assert 0 not in greedy  # the fault drew NUL at every step
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 1e-30, 1e-40, 1e-320])
+def test_tiny_top_p_keeps_the_top_token(top_p):
+    torch.manual_seed(1)
+    logits = torch.randn(32, 256)
+    params = [SamplingParams(temperature=1.5, top_p=top_p, seed=k) for k in range(32)]
+    assert torch.equal(draw(logits, params), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("top_k", [256, 257, 2**31, 2**63, 2**70])
+def test_top_k_at_or_past_the_vocabulary_filters_nothing(path, top_k):
+    torch.manual_seed(2)
+    logits = torch.randn(32, 256)
+    off = [SamplingParams(temperature=1.0, seed=k) for k in range(32)]
+    big = [SamplingParams(temperature=1.0, top_k=top_k, seed=k) for k in range(32)]
+    assert torch.equal(draw(logits, big), draw(logits, off))
+
+
+@pytest.mark.parametrize("p", [1e-3, 1e-30, 1e-38, 1e-40, 1e-45, 1e-320])
+def test_tiny_repetition_penalty_gives_its_limit(p):
+    """CTRL penalty p → 0: a seen token with z > 0 goes to z / p → +∞, so the seen token with the
+    largest positive logit takes all the mass (exact reference: fractions); rows with no positive
+    seen logit keep their unseen tokens' distribution, the seen ones' z · p → 0⁻."""
+    torch.manual_seed(3)
+    B, V = 48, 64
+    logits = torch.randn(B, V) * 4
+    seen = torch.rand(B, V) < 0.3
+    logits[0, seen[0]] = -logits[0, seen[0]].abs() - 0.1  # row 0: no positive seen logit
+    params = [SamplingParams(temperature=1.0, repetition_penalty=p, seed=k) for k in range(B)]
+    out = draw(logits, params, seen)
+    for r in range(1, B):
+        row = zip(logits[r].tolist(), seen[r].tolist())
+        exact = [Fraction(z) / Fraction(p) if s and z > 0 else None for z, s in row]
+        cands = [(v, i) for i, v in enumerate(exact) if v is not None]
+        if not cands:
+            continue
+        best = max(cands)
+        second = max([v for v, _ in cands if v != best[0]] + [Fraction(float(logits[r].max()))])
+        if (best[0] - second) / 1 > 60:  # the runner-up has probability < e^-60 at T = 1
+            assert int(out[r]) == best[1], (r, p)
+    # row 0: the seen tokens' logits go to ~0⁻, the unseen keep theirs: the draw is any token of the row
+    assert 0 <= int(out[0]) < V
+
+
+def test_huge_repetition_penalty_matches_a_float64_reference():
+    torch.manual_seed(4)
+    V, n, pen = 8, 4000, 100.0
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5]).expand(n, V).contiguous()
+    seen = torch.zeros(n, V, dtype=torch.bool)
+    seen[:, [0, 6]] = True
+    params = [SamplingParams(temperature=1.0, repetition_penalty=pen, seed=k) for k in range(n)]
+    counts = torch.bincount(draw(logits, params, seen), minlength=V).double()
+    z = logits[0].double().clone()
+    z[0], z[6] = z[0] / pen, z[6] * pen
+    want = torch.softmax(z, -1) * n
+    sd = (want * (1 - want / n)).sqrt()
+    assert ((counts - want).abs() <= 5 * sd + 1).all(), (counts, want)
+    assert counts[6] == 0  # exp(-100 − 2) · 4000 ≪ 1
+
+
+@pytest.mark.parametrize(
+    "field, values",
+    [
+        ("temperature", [float("nan"), float("inf"), float("-inf"), -1e-320, -1.0, "0.5", True, None]),
+        ("top_p", [float("nan"), float("inf"), 0.0, -0.0, 1.0000001, 2.0, float("-inf")]),
+        ("top_k", [-1, 1.5, float("nan"), float("inf"), True, "3"]),
+        ("repetition_penalty", [float("nan"), float("inf"), 0.0, -1.0, float("-inf")]),
+        ("seed", [-(2**63) - 1, 2**64, 1.5, float("nan")]),
+    ],
+)
+def test_non_finite_or_out_of_range_settings_raise_naming_the_field(field, values):
+    for v in values:
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**{field: v})
+
+
+def test_non_finite_logits_still_give_a_token_of_the_row(path):
+    """NaN is never drawn while the row has a number; +inf takes all the mass; a row of nothing but
+    NaN / −inf is uniform; the other rows draw exactly what they draw alone."""
+    torch.manual_seed(5)
+    B, V = 6, 32
+    logits = torch.randn(B, V)
+    logits[0, ::2] = float("nan")
+    logits[1, [3, 17]] = float("inf")
+    logits[2] = float("nan")
+    logits[3] = float("-inf")
+    logits[4, 5] = float("-inf")
+    for T in (0.0, 1e-40, 0.7, 1e30):
+        params = [SamplingParams(temperature=T, seed=k) for k in range(B)]
+        out = draw(logits, params)
+        assert out.dtype == torch.long and ((0 <= out) & (out < V)).all()
+        assert int(out[0]) % 2 == 1
+        assert int(out[1]) in (3, 17) and (T != 0 or int(out[1]) == 3)
+        assert int(out[4]) != 5
+        alone = draw(logits[5:6], params[5:6])
+        assert int(out[5]) == int(alone[0])
+    flat = [SamplingParams(temperature=1.0, seed=k) for k in range(4000)]
+    uniform = draw(logits[2:4].repeat(2000, 1), flat)
+    counts = torch.bincount(uniform, minlength=V).double()
+    assert (counts - 4000 / V).abs().max() < 5 * math.sqrt(4000 / V), counts
+
+
+def test_the_c_pass_and_the_torch_ops_agree_at_the_extremes(monkeypatch):
+    torch.manual_seed(6)
+    B, V = 40, 256
+    logits = torch.randn(B, V) * 3
+    logits[::7, ::3] = float("nan")
+    logits[1::9, 11] = float("inf")
+    logits[2::11] = float("-inf")
+    temps = [0.0, 1e-45, 1e-40, 1e-30, 1e-9, 0.5, 1.0, 50.0, 100.0, 1e30]
+    params = [SamplingParams(temperature=temps[k % len(temps)], seed=k) for k in range(B)]
+    fast = draw(logits, params)
+    monkeypatch.setattr(fused, "library", lambda: None)
+    assert torch.equal(fast, draw(logits, params))
+
+
+@pytest.mark.parametrize("device", devices())
+def test_the_limits_hold_on_every_device(device):
+    """The torch ops on each device present (CUDA where there is one): tiny and denormal temperatures
+    give the argmax, NaN is never drawn, +inf takes the mass, a tiny penalty its limit."""
+    torch.manual_seed(7)
+    B, V = 32, 256
+    logits = torch.randn(B, V) * 3
+    logits[0, ::2] = float("nan")
+    logits[1, 9] = float("inf")
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    seen[2, [4, 5]] = True
+    logits[2, 4], logits[2, 5] = 1.0, 2.0
+    x, seen = logits.to(device), seen.to(device)
+    sanitized = torch.nan_to_num(logits, nan=float("-inf"))
+    for T in (0.0, 1e-40, SMALLEST, 1e-9):
+        params = [SamplingParams(temperature=T, top_p=0.9, seed=k) for k in range(B)]
+        out = sample(x, params, [p.generator(device) for p in params]).cpu()
+        assert torch.equal(out, sanitized.argmax(-1)), T
+    params = [SamplingParams(temperature=1.0, repetition_penalty=1e-320, seed=k) for k in range(B)]
+    out = sample(x, params, [p.generator(device) for p in params], seen).cpu()
+    assert int(out[0]) % 2 == 1 and int(out[1]) == 9 and int(out[2]) == 5

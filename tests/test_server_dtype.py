@@ -1,0 +1,112 @@
+"""S4_DTYPE (issue #16, kind 4): the server serves half-precision weights, verified at load like every
+model (the dtype and the measured errors in /v1/models, /readyz and /metrics); states stay float32;
+an invalid value is refused at startup, naming the setting."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
+from server_support import ServerThread
+
+from model import load
+from model.recurrent import LOGITS_TOL
+from model.sampling import SamplingParams, sample
+from server.config import Settings
+from server.metrics import Metrics
+from server.registry import load_models
+from server.sessions import SessionTable
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = "tiny-text"
+
+
+def greedy(rec, prompt: list[int], n: int) -> list[int]:
+    """The library alone: prefill the prompt, then take the argmax and step, n times."""
+    logits, state = rec.prefill(torch.tensor([prompt]), rec.init_state(1))
+    logits, params, out = logits[:, -1], SamplingParams(temperature=0.0), []
+    for _ in range(n):
+        tok = sample(logits, [params], [params.generator()])
+        out.append(int(tok))
+        logits, state = rec.step(tok, state)
+    return out
+
+
+def verification_metrics(client: httpx.Client) -> dict[str, float]:
+    """check → value of s4_verification_relative_error{model="tiny-text", dtype="bfloat16"}."""
+    out = {}
+    for family in text_string_to_metric_families(client.get("/metrics").text):
+        for s in family.samples:
+            if s.name == "s4_verification_relative_error" and s.labels["model"] == TEXT:
+                assert s.labels["dtype"] == "bfloat16"
+                out[s.labels["check"]] = s.value
+    return out
+
+
+def test_bfloat16_weights_are_verified_at_load_and_serve_a_request(model_dirs):
+    settings = Settings(
+        checkpoints=[str(model_dirs["text"])], dtype="bfloat16", max_sessions=4, drain_timeout_s=1
+    )
+    server = ServerThread(settings).start()
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            info = client.get("/v1/models").json()["data"][0]
+            v, tol = info["verification"], LOGITS_TOL[torch.bfloat16]
+            assert info["dtype"] == v["dtype"] == "bfloat16" and v["logits_tol"] == tol and v["tokens"] == 256
+            # bfloat16 really runs (errors of bfloat16's order, not float32's) and is within the tolerance
+            assert 1e-4 < v["step_rel_err"] <= tol and 1e-4 < v["prefill_rel_err"] <= tol
+            assert len(v["kernel_rel_err"]) == 2 and max(v["kernel_rel_err"]) <= settings.verify_tolerance
+            ready = client.get("/readyz").json()
+            assert ready["ready"] and ready["verification"][TEXT] == {
+                "dtype": "bfloat16", "tol": tol,
+                "step_rel_err": v["step_rel_err"], "prefill_rel_err": v["prefill_rel_err"],
+            }  # fmt: skip
+            assert verification_metrics(client) == {
+                "step": v["step_rel_err"], "prefill": v["prefill_rel_err"],
+                "kernel_layer_0": v["kernel_rel_err"][0], "kernel_layer_1": v["kernel_rel_err"][1],
+            }  # fmt: skip
+            served = server.state.models[TEXT]
+            assert all(p.dtype == torch.bfloat16 for p in served.rec.net.parameters())
+            assert served.engine.pool.state.dtype == torch.float32  # the slots hold float32 states
+            r = client.post("/v1/generate", json={"model": TEXT, "prompt": "to be, or", "max_new_tokens": 24,
+                                                  "temperature": 0})  # fmt: skip
+            assert r.status_code == 200, r.text
+            want = greedy(load(model_dirs["text"]).to_recurrent(dtype=torch.bfloat16), list(b"to be, or"), 24)
+            assert r.json()["tokens"] == want
+    finally:
+        server.stop()
+
+
+def test_a_model_that_misses_the_tolerance_at_its_dtype_is_not_served_and_the_reason_names_it(
+    model_dirs, monkeypatch
+):
+    monkeypatch.setitem(LOGITS_TOL, torch.bfloat16, 1e-5)  # below bfloat16's reach (u = 3.9e-3)
+    settings = Settings(checkpoints=[str(model_dirs["text"])], dtype="bfloat16", max_sessions=2)
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert models == {}
+    assert failed[TEXT].startswith("VerificationError: the recurrent network in bfloat16 does not reproduce")
+    assert "within rel. err 1e-05 over 256 tokens (step " in failed[TEXT]
+
+
+def test_an_invalid_dtype_is_refused_at_startup_naming_the_setting():
+    with pytest.raises(ValidationError, match="dtype"):
+        Settings(dtype="half")
+    env = {**os.environ, "S4_DTYPE": "fp8", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "server"], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, check=False)  # fmt: skip
+    assert run.returncode != 0
+    assert (
+        "not serving: invalid settings: S4_DTYPE: Input should be 'float32', 'bfloat16' or 'float16'"
+        in run.stderr
+    )
+    env.pop("S4_DTYPE")
+    run = subprocess.run([sys.executable, "-m", "server", "--dtype", "float8"], env=env, capture_output=True,
+                         text=True, timeout=120, cwd=ROOT, check=False)  # fmt: skip
+    assert run.returncode == 2 and "argument --dtype: invalid choice: 'float8'" in run.stderr

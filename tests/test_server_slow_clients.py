@@ -1,0 +1,407 @@
+"""Slow and idle clients (slowloris), against a real `python -m server` on 127.0.0.1 with short
+deadlines set by environment: header, body and WebSocket handshake deadlines, the idle keep-alive
+bound and the connection cap each close (or refuse) the connection in time, answer what they should,
+are counted in /metrics, and leave normal clients served meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import selectors
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from server.launch import start_server
+
+HEADER_S, BODY_S, KEEP_ALIVE_S, MAX_CONNECTIONS = 1.5, 1.5, 1.0, 40
+LATE_S = 1.5  # how late a close may come on this shared 2-core machine (the event loop's timers are exact)
+TEXT = "tiny-text"
+
+
+@pytest.fixture(scope="module")
+def slow_server(model_dirs):
+    env = {
+        "S4_CHECKPOINTS": str(model_dirs["text"]),
+        "S4_HEADER_TIMEOUT_S": str(HEADER_S),
+        "S4_BODY_TIMEOUT_S": str(BODY_S),
+        "S4_KEEP_ALIVE_TIMEOUT_S": str(KEEP_ALIVE_S),
+        "S4_WS_HANDSHAKE_TIMEOUT_S": "1",
+        "S4_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
+    }
+    proc, url = start_server([], timeout_s=120, env=env)
+    yield url, int(url.rsplit(":", 1)[1])
+    proc.terminate()
+    proc.wait(30)
+
+
+def counters(url: str, name: str) -> dict[str, float]:
+    """`name{reason="..."} value` samples of /metrics, by reason."""
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            out[reason] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def gauge(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError(name)
+
+
+class Slow:
+    """One raw client connection: what it still has to send (one byte per tick), what it got back,
+    and when the server closed it (seconds after `start`)."""
+
+    def __init__(self, port: int, first: bytes, trickle: bytes = b"") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setblocking(False)
+        self.start = time.monotonic()
+        if first:
+            self.sock.send(first)
+        self.trickle, self.got, self.closed_after = trickle, b"", None
+
+    def tick(self) -> None:
+        if self.closed_after is None and self.trickle:
+            try:
+                self.sock.send(self.trickle[:1])
+                self.trickle = self.trickle[1:]
+            except OSError:  # reset: the server closed it (read() notes when)
+                pass
+
+    def read(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self.got += data
+        if not data and self.closed_after is None:
+            self.closed_after = time.monotonic() - self.start
+
+
+def run_slow(conns: list[Slow], seconds: float, tick_s: float = 0.25) -> None:
+    """Trickle one byte per connection every tick_s and watch for closes, until all are closed or
+    `seconds` have passed."""
+    sel = selectors.DefaultSelector()
+    for c in conns:
+        sel.register(c.sock, selectors.EVENT_READ, c)
+    deadline, next_tick = time.monotonic() + seconds, time.monotonic() + tick_s
+    while time.monotonic() < deadline and any(c.closed_after is None for c in conns):
+        for key, _ in sel.select(timeout=max(0.0, next_tick - time.monotonic())):
+            key.data.read()
+            if key.data.closed_after is not None:
+                sel.unregister(key.fileobj)
+        if time.monotonic() >= next_tick:
+            next_tick += tick_s
+            for c in conns:
+                c.tick()
+    sel.close()
+    for c in conns:
+        c.sock.close()
+
+
+def request(path: str = "/v1/generate", body: bytes = b"", extra: str = "") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{extra}\r\n"
+    ).encode() + body
+
+
+def ws_upgrade() -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    return (
+        f"GET /v1/stream HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+class Bystander(threading.Thread):
+    """A normal client generating the whole time: each request must succeed."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url, self.stop, self.codes = url, threading.Event(), []
+
+    def run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=30) as c:
+            while not self.stop.is_set():
+                body = {"model": TEXT, "prompt": "to be", "max_new_tokens": 8, "seed": 1}
+                self.codes.append(c.post("/v1/generate", json=body).status_code)
+                time.sleep(0.05)
+
+
+def test_trickled_headers_and_missing_bodies_are_closed_by_their_deadlines(slow_server):
+    """The issue's input, scaled down: 20 connections that trickle their headers (HTTP requests and
+    WebSocket upgrades), or send their headers and never the body. Each is closed with 408 within
+    its deadline + LATE_S (without the deadlines all 20 were still open after 40 s), a normal client
+    generates meanwhile, and /metrics counts every close."""
+    url, port = slow_server
+    before = counters(url, "s4_connections_closed_total")
+    bystander = Bystander(url)
+    bystander.start()
+    body = b'{"model": "tiny-text", "prompt": "x"}'
+    trickling = [Slow(port, b"P", request(body=body)[1:]) for _ in range(7)]
+    trickling += [Slow(port, b"G", ws_upgrade()[1:]) for _ in range(3)]
+    no_body = [Slow(port, request(body=body)[: -len(body)]) for _ in range(5)]
+    no_body += [Slow(port, request(body=body)[:-5]) for _ in range(5)]  # all but its last 5 bytes
+    run_slow(trickling + no_body, seconds=HEADER_S + BODY_S + 10)
+    bystander.stop.set()
+    bystander.join(30)
+    for c in trickling:  # a byte every 0.25 s: the headers were still incomplete at the deadline
+        assert c.closed_after is not None and HEADER_S - 0.1 <= c.closed_after <= HEADER_S + LATE_S
+        assert c.got.startswith(b"HTTP/1.1 408 "), c.got[:60]
+        assert b"headers did not arrive in time" in c.got and b"connection: close" in c.got
+    for c in no_body:
+        assert c.closed_after is not None and BODY_S - 0.1 <= c.closed_after <= BODY_S + LATE_S
+        assert c.got.startswith(b"HTTP/1.1 408 ") and b"body did not arrive in time" in c.got, c.got[:60]
+    assert bystander.codes and set(bystander.codes) == {200}, bystander.codes
+    after = counters(url, "s4_connections_closed_total")
+    assert after.get("header_timeout", 0) - before.get("header_timeout", 0) == len(trickling)
+    assert after.get("body_timeout", 0) - before.get("body_timeout", 0) == len(no_body)
+
+
+def test_silent_and_idle_keep_alive_connections_are_closed(slow_server):
+    """A connection that sends nothing is closed at the header deadline without a response; one idle
+    after its response is closed after the keep-alive timeout."""
+    url, port = slow_server
+    before = counters(url, "s4_connections_closed_total")
+    silent = [Slow(port, b"") for _ in range(5)]
+    served = [Slow(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n") for _ in range(5)]
+    run_slow(silent + served, seconds=HEADER_S + 10)
+    for c in silent:
+        assert c.closed_after is not None and HEADER_S - 0.1 <= c.closed_after <= HEADER_S + LATE_S
+        assert c.got == b""  # nothing was asked: nothing is answered
+    for c in served:
+        assert c.got.startswith(b"HTTP/1.1 200 ") and b'"alive"' in c.got
+        assert c.closed_after is not None and KEEP_ALIVE_S - 0.1 <= c.closed_after <= KEEP_ALIVE_S + LATE_S
+    after = counters(url, "s4_connections_closed_total")
+    assert after.get("header_timeout", 0) - before.get("header_timeout", 0) == len(silent)
+    assert after.get("keep_alive_timeout", 0) - before.get("keep_alive_timeout", 0) >= len(served)
+
+
+def test_connections_over_the_cap_are_refused_at_once_then_served_again(slow_server):
+    url, port = slow_server
+    before = counters(url, "s4_connections_refused_total")
+    holders = [Slow(port, b"") for _ in range(MAX_CONNECTIONS)]  # idle: held until the header deadline
+    time.sleep(0.3)  # the server has accepted them (it accepts in order, so before the next one anyway)
+    extra = Slow(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    run_slow([extra], seconds=HEADER_S / 2)
+    assert extra.closed_after is not None and extra.closed_after < HEADER_S / 2  # at once, not at a deadline
+    assert extra.got.startswith(b"HTTP/1.1 503 ") and b"retry-after: 1" in extra.got.lower(), extra.got[:80]
+    run_slow(holders, seconds=HEADER_S + 10)  # the header deadline frees the holders' places
+    assert all(c.closed_after is not None for c in holders)
+    assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+    after = counters(url, "s4_connections_refused_total")
+    assert after.get("max_connections", 0) - before.get("max_connections", 0) == 1
+    assert gauge(url, "s4_connections_open") >= 1  # this scrape's own connection
+
+
+def test_a_websocket_not_accepted_in_time_is_closed(model_dirs):
+    """The handshake deadline, on an app that never accepts (ours accepts at once: its upgrade
+    request's headers are what a slow client can hold back, and the header deadline covers them)."""
+    from server import Settings
+    from server.connections import uvicorn_config
+    from server.metrics import Metrics
+
+    async def never_accepts(scope, receive, send):
+        if scope["type"] == "websocket":
+            await receive()
+            await asyncio.sleep(30)
+
+    metrics = Metrics()
+    settings = Settings(ws_handshake_timeout_s=0.5)
+    server = uvicorn.Server(
+        uvicorn_config(never_accepts, settings, metrics, lifespan="off", log_level="error")
+    )
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        assert _wait(lambda: server.started, 10)
+        c = Slow(sock.getsockname()[1], ws_upgrade())
+        run_slow([c], seconds=5)
+        assert c.closed_after is not None and 0.4 <= c.closed_after <= 0.5 + LATE_S, c.closed_after
+        assert c.got.startswith(b"HTTP/1.1 503 "), c.got[:60]
+        closed = {"reason": "ws_handshake_timeout"}
+        assert metrics.registry.get_sample_value("s4_connections_closed_total", closed) == 1
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def _wait(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not predicate():
+        time.sleep(0.05)
+    return predicate()
+
+
+def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(model_dirs):
+    """Slow reading, the other slowloris: a WebSocket and an SSE stream whose clients never read. Once
+    the server's buffers for them are full (4 KiB socket buffers here) and nothing moves for
+    send_timeout_s, each connection is cut, its generation cancelled and its slot freed (before: a
+    paused session held its slot, and the connection, for ever)."""
+    from server_support import RawWebSocket, ServerThread
+
+    from server import Settings
+
+    settings = Settings(
+        checkpoints=[str(model_dirs["text"])], send_timeout_s=1.0, max_new_tokens=10**6, drain_timeout_s=0
+    )
+    s = ServerThread(settings, send_buffer=4096).start()
+    engine = s.state.models[TEXT].engine
+    try:
+        ws = RawWebSocket(s.port)
+        ws.send_json({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": 10**6})
+        assert ws.recv_json()["type"] == "session"
+        sse = socket.socket()
+        sse.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sse.connect(("127.0.0.1", s.port))
+        body = b'{"model": "tiny-text", "prompt": "x", "max_new_tokens": 1000000, "stream": true}'
+        sse.sendall(request(body=body))
+        assert sse.recv(12) == b"HTTP/1.1 200"  # then neither reads any more
+        t0 = time.monotonic()
+        assert _wait(lambda: engine.pool.in_use == 0 and engine.active_requests == 0, 30)
+        freed_after = time.monotonic() - t0
+        closed = s.state.metrics.registry.get_sample_value(
+            "s4_connections_closed_total", {"reason": "send_timeout"}
+        )
+        assert closed == 2 and freed_after < 20, (closed, freed_after)
+        with httpx.Client(base_url=s.url, timeout=30) as c:  # and the server serves on
+            r = c.post("/v1/generate", json={"model": TEXT, "prompt": "x", "max_new_tokens": 4})
+            assert r.status_code == 200
+        ws.close()
+        sse.close()
+    finally:
+        s.stop()
+
+
+def test_the_open_file_limit_is_raised_to_what_max_connections_needs():
+    """`python -m server` raises its soft RLIMIT_NOFILE to max_connections + 64 (within the hard
+    limit), or warns: accept() would otherwise fail with EMFILE below the cap."""
+    import subprocess
+    import sys
+
+    code = """
+import logging, resource
+from server.connections import raise_fd_limit
+logging.basicConfig()
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+raise_fd_limit(500)
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 300))
+raise_fd_limit(500)
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["564", "300"]
+    assert "lower S4_MAX_CONNECTIONS or raise the limit" in out.stderr
+
+
+def _read_all(sock: socket.socket, timeout: float = 30) -> bytes:
+    sock.settimeout(timeout)
+    got = b""
+    try:
+        while data := sock.recv(65536):
+            got += data
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return got
+
+
+def test_pipelined_requests_are_not_cut_while_they_wait_their_turn(model_dirs):
+    """HTTP/1.1 pipelining: a request sent behind one still being answered is not read until its turn
+    (uvicorn), so its deadlines start then: neither the running response nor the waiting request is
+    cut. Request 1 is a stream its client does not read for 3 s (4 KiB socket buffers), far past the
+    1 s deadlines; request 2's body (or the rest of its headers) comes at 3 s."""
+    from server_support import ServerThread
+
+    from server import Settings
+
+    settings = Settings(checkpoints=[str(model_dirs["text"])], header_timeout_s=1, body_timeout_s=1,
+                        keep_alive_timeout_s=0.5, max_new_tokens=20_000, drain_timeout_s=0)  # fmt: skip
+    s = ServerThread(settings, send_buffer=4096).start()
+    stream = b'{"model": "tiny-text", "prompt": "x", "max_new_tokens": 20000, "stream": true, "seed": 1}'
+    second = b'{"model": "tiny-text", "prompt": "y", "max_new_tokens": 3, "seed": 1}'
+    try:
+        for withheld in ("body", "headers"):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", s.port))
+            rest = second if withheld == "body" else request(body=second)[20:]
+            sock.sendall(request(body=stream) + request(body=second)[: -len(rest)])
+            time.sleep(3)
+            sock.sendall(rest)
+            got = _read_all(sock, timeout=10 if withheld == "body" else 5)
+            sock.close()
+            first, _, after = got.partition(b"0\r\n\r\n")  # the end of the chunked stream
+            assert first.startswith(b"HTTP/1.1 200 ") and b'"type": "done"' in first, (withheld, first[-300:])
+            assert b'"finish_reason": "length"' in first
+            assert after.startswith(b"HTTP/1.1 200 ") and b'"completion_tokens":3' in after, after[:300]
+    finally:
+        s.stop()
+
+
+def test_a_connection_answered_before_its_body_came_is_still_closed_when_idle(slow_server):
+    """The server may answer before it reads the body (405 here); the body's bytes, arriving after,
+    stopped uvicorn's keep-alive timer, which left the connection open for ever. It is closed
+    KEEP_ALIVE_S after the body is in."""
+    url, port = slow_server
+    c = Slow(port, b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n", trickle=b"abcd")
+    run_slow([c], seconds=KEEP_ALIVE_S + 10, tick_s=0.25)  # the body is in after 1 s
+    assert c.got.startswith(b"HTTP/1.1 405 ")
+    assert (
+        c.closed_after is not None
+        and 1.0 + KEEP_ALIVE_S - 0.1 <= c.closed_after <= 1.0 + KEEP_ALIVE_S + LATE_S
+    )
+
+
+def test_a_request_line_or_headers_over_the_limit_are_refused_with_431(slow_server):
+    """httptools takes a request line or a header of any size (a long header value is copied
+    quadratically as it grows): over S4_MAX_HEADER_BYTES (64 KiB) the server answers 431 and closes,
+    within 256 KiB of the limit (one read), and a header just under the limit is served."""
+    url, port = slow_server
+    before = counters(url, "s4_requests_refused_total").get("headers_too_large", 0)
+    for start in (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ", b"GET /healthz?"):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(start)
+            sent = 0
+            try:
+                while sent < 64 << 20:
+                    s.sendall(b"a" * (64 << 10))
+                    sent += 64 << 10
+            except OSError:  # closed under us
+                pass
+            got = _read_all(s, timeout=5)
+        assert got.startswith(b"HTTP/1.1 431 ") and b"max_header_bytes" in got, got[:100]
+        assert sent < 32 << 20, sent  # refused long before 64 MiB (kernel buffers hold some MiB)
+    ok = httpx.get(url + "/healthz", headers={"X-Big": "a" * 60_000}, timeout=10)
+    assert ok.status_code == 200
+    assert counters(url, "s4_requests_refused_total")["headers_too_large"] - before == 2
+
+
+def test_a_websocket_outlives_the_http_deadlines_of_its_upgrade(slow_server):
+    """Once upgraded, the connection belongs to the WebSocket protocol: no HTTP deadline or keep-alive
+    timer may close it (one did, 5 s after the upgrade, in a first version of these deadlines)."""
+    from server_support import RawWebSocket
+
+    _, port = slow_server
+    ws = RawWebSocket(port)
+    time.sleep(HEADER_S + BODY_S + KEEP_ALIVE_S)
+    ws.send_json({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": 3, "seed": 1})
+    ws.sock.settimeout(10)
+    while (m := ws.recv_json())["type"] != "done":
+        assert m["type"] in ("session", "token"), m
+    ws.close()
