@@ -83,6 +83,7 @@ def _path(name: str):
 
 def measure(config: str, quick: bool, repeat: int) -> dict[str, Any]:
     path, batch, L = CONFIGS[config]
+    load_start = list(os.getloadavg())
     cfg = load_config(ROOT / path)
     model_cfg = dict(cfg["model"])
     if quick:
@@ -137,7 +138,8 @@ def measure(config: str, quick: bool, repeat: int) -> dict[str, Any]:
         "threads": threads,
         "first_loss": {p: first[p][0] for p in PATHS},
         "first_step_grad_max_rel_diff": grad_rel,
-        "load_average_before": list(os.getloadavg()),
+        "load_average_start": load_start,  # 1, 5, 15 min
+        "load_average_end": list(os.getloadavg()),
     }
     for p in PATHS:
         t = statistics.median(samples[p])
