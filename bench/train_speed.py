@@ -162,7 +162,8 @@ def plot(data: dict[str, Any], quick: bool) -> None:
             ax.annotate(f"{v:,.0f}", (x, v), ha="center", va="bottom", fontsize=8)
         r = rows[n]
         top = max(r["before"]["tokens_per_s"], r["after"]["tokens_per_s"])
-        ax.annotate(f"×{r['speedup']:.2f}", (i, top * 1.13), ha="center", fontsize=9, weight="bold")
+        ax.annotate(f"×{r['speedup']:.2f}", (i, top), xytext=(0, 14), textcoords="offset points", ha="center",
+                    fontsize=9, weight="bold")  # fmt: skip
     labels = [f"{n}\nB={rows[n]['batch']}×L={rows[n]['L']}\n{rows[n]['threads']} thread(s)" for n in names]
     ax.set_xticks(range(len(names)), labels)
     ax.set_ylabel("training tokens / s (forward + backward + AdamW)")
