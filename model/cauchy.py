@@ -187,7 +187,8 @@ def _cauchy_conj_pairs(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> tor
     p, q = 2 * wP.real, wP.real.square() + wP.imag.square()
     chunk = max(1, _TORCH_CHUNK_ELEMS // max(1, N * P))
     S = _CauchyPairs.apply(c, zP, wP.detach(), p, q, chunk)  # (2E, P, L)
-    out = zP * S[:E] - S[E:]
+    S_a, S_b = S.unflatten(0, (2, E)).unbind(0)  # (E, P, L) each; unbind's backward is one stack
+    out = zP * S_a - S_b
     return out.reshape(*extra, *bR, L)
 
 
