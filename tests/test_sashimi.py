@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from numerics import step_all
 
 from model import ModelConfig, VerificationError, build, load, save
 from model.arch.sashimi import DownPool, SaShiMi, UpPool
@@ -51,14 +52,6 @@ def train_a_few_steps(net: SaShiMi, steps=5, L=L_TRAINED) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-
-
-def step_all(rec, tokens, state):
-    outs = []
-    for t in range(tokens.shape[1]):
-        logits, state = rec.step(tokens[:, t], state)
-        outs.append(logits)
-    return torch.stack(outs, 1), state
 
 
 def rel(got, want) -> float:
