@@ -1,5 +1,6 @@
-"""Run every benchmark (kernel, step, train, server, generation, memory), then print a markdown summary of
-the headline numbers and write it to bench/results/summary.md (bench/results/quick/summary.md with --quick).
+"""Run every benchmark (kernel, step, train, train_speed, server, generation, memory), then print a
+markdown summary of the headline numbers and write it to bench/results/summary.md
+(bench/results/quick/summary.md with --quick).
 
     python -m bench.run_all [--quick] [--only kernel step ...] [--summary-only]
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 from bench.common import MB, ROOT, fmt, read_results, results_dir
 
-BENCHMARKS = ("kernel", "step", "train", "server", "generation", "memory")
+BENCHMARKS = ("kernel", "step", "train", "train_speed", "server", "generation", "memory")
 
 
 def run_benchmarks(names: Sequence[str], quick: bool) -> dict[str, str]:
@@ -218,11 +219,27 @@ def memory_section(d: dict[str, Any]) -> list[str]:
     return lines + _table(["MiB per session", *[str(c) for c in contexts]], rows)
 
 
+def train_speed_section(d: dict[str, Any]) -> list[str]:
+    lines = ["## Conv-mode training step, before vs after (forward + backward + AdamW, medians)", ""]
+    rows = []
+    for name, r in d["results"].items():
+        rows.append(
+            [
+                f"{name} (B={r['batch']}, L={r['L']}, {r['threads']} thr.)",
+                fmt(r["before"]["tokens_per_s"]),
+                fmt(r["after"]["tokens_per_s"]),
+                f"{r['speedup']:.2f}",
+            ]
+        )
+    return lines + _table(["config", "before tokens/s", "after tokens/s", "speedup"], rows)
+
+
 def summary(quick: bool, status: dict[str, str] | None = None) -> str:
     sections = {
         "kernel": kernel_section,
         "step": step_section,
         "train": train_section,
+        "train_speed": train_speed_section,
         "server": server_section,
         "generation": generation_section,
         "memory": memory_section,

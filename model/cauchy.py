@@ -108,8 +108,105 @@ def _cauchy_block(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, conj: bool)
     return out.permute(2, 0, 1).reshape(*extra, *bR, L)
 
 
+def _pair_reciprocal(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """R[p, l, n] = 1 / ((z[p, l] − w[p, n]) (z[p, l] − w̄[p, n])) (P, l, N), as a product of the two
+    differences: the expanded z² − 2 Re(w) z + |w|² cancels badly near a pole in float32."""
+    zc, wc = z[:, :, None], w[:, None, :]
+    return (zc - wc).mul_(zc - wc.conj()).reciprocal_()  # in place: a third less time than out of place
+
+
+class _CauchyPairs(torch.autograd.Function):
+    """S[e, p, l] = Σₙ c[e, p, n] R[p, l, n] for real c (E, P, N), z (P, L), w (P, N), R as in
+    `_pair_reciprocal`; chunked over L, R rebuilt in backward so memory stays bounded.
+
+    R depends on w only through p = 2 Re w and q = |w|² (R = 1/(z² − p z + q)), so w enters as a value
+    and its gradient flows through the inputs p and q (P, N), computed from w by the caller. Gradients
+    (conjugate Wirtinger, PyTorch's convention), with M' = R² · Σₑ conj(g[e]) c[e]:
+        ∂/∂c = Re Σₗ conj(g) R,   ∂/∂q = −Re Σₗ M',   ∂/∂p = Re Σₗ z M',
+        ∂/∂z = −conj(Σₙ (2z − pₙ) M')."""
+
+    @staticmethod
+    def forward(ctx, c, z, w, p, q, chunk: int):
+        ctx.save_for_backward(c, z, w, p)
+        ctx.chunk = chunk
+        cc = c.permute(1, 2, 0).to(z.dtype)  # (P, N, E)
+        L = z.shape[-1]
+        out = torch.cat(
+            [torch.bmm(_pair_reciprocal(z[:, s : s + chunk], w), cc) for s in range(0, L, chunk)], dim=1
+        )  # (P, L, E)
+        return out.permute(2, 0, 1)  # (E, P, L)
+
+    @staticmethod
+    def backward(ctx, g):
+        c, z, w, p = ctx.saved_tensors
+        chunk, L = ctx.chunk, z.shape[-1]
+        need_c, need_z, _, need_p, need_q, _ = ctx.needs_input_grad
+        g_bar = g.conj().permute(1, 2, 0)  # (P, L, E)
+        cP = c.transpose(0, 1).to(z.dtype)  # (P, E, N)
+        ones_p = torch.stack([torch.ones_like(p), p], dim=-1).to(z.dtype)  # (P, N, 2)
+        grad_c = torch.zeros(c.shape[1], c.shape[0], c.shape[2], dtype=z.dtype, device=z.device)
+        grad_p = torch.zeros_like(p, dtype=z.dtype)
+        grad_q = torch.zeros_like(p, dtype=z.dtype)
+        grad_z = torch.empty_like(z) if need_z else None
+        for s in range(0, L, chunk):
+            zc, gc = z[:, s : s + chunk], g_bar[:, s : s + chunk]  # (P, l), (P, l, E)
+            R = _pair_reciprocal(zc, w)  # (P, l, N)
+            if need_c:
+                grad_c += torch.bmm(gc.transpose(1, 2), R)  # (P, E, N); Re taken below
+            if need_z or need_p or need_q:
+                M = torch.bmm(gc, cP).mul_(R.square_())  # M' (P, l, N)
+                if need_q:
+                    grad_q -= M.sum(1)
+                if need_p:
+                    grad_p += torch.bmm(zc[:, None, :], M)[:, 0]
+                if need_z:
+                    t = torch.bmm(M, ones_p)  # (P, l, 2): Σₙ M', Σₙ pₙ M'
+                    grad_z[:, s : s + chunk] = (t[..., 1] - 2 * zc * t[..., 0]).conj()
+        return (
+            grad_c.real.transpose(0, 1) if need_c else None,
+            grad_z,
+            None,
+            grad_p.real if need_p else None,
+            grad_q.real if need_q else None,
+            None,
+        )
+
+
+def _cauchy_conj_pairs(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Σₙ vₙ/(z − wₙ) + v̄ₙ/(z − w̄ₙ) = Σₙ (2 Re(vₙ) z − 2 Re(vₙ w̄ₙ)) / ((z − wₙ)(z − w̄ₙ)):
+    one reciprocal per (l, n) instead of two, shared by every leading slice of v."""
+    bR = torch.broadcast_shapes(z.shape[:-1], w.shape[:-1])
+    full = torch.broadcast_shapes(v.shape[:-1], bR)
+    bR, extra = full[len(full) - len(bR) :], full[: len(full) - len(bR)]
+    N, L = w.shape[-1], z.shape[-1]
+    P, E = torch.Size(bR).numel(), torch.Size(extra).numel()
+    zP = z.expand(*bR, L).reshape(P, L)
+    wP = w.expand(*bR, N).reshape(P, N)
+    vP = v.expand(*full, N).reshape(E, P, N)
+    c = torch.cat([2 * vP.real, 2 * (vP * wP.conj()).real], dim=0)  # (2E, P, N) real
+    p, q = 2 * wP.real, wP.real.square() + wP.imag.square()
+    chunk = max(1, _TORCH_CHUNK_ELEMS // max(1, N * P))
+    S = _CauchyPairs.apply(c, zP, wP.detach(), p, q, chunk)  # (2E, P, L)
+    S_a, S_b = S.unflatten(0, (2, E)).unbind(0)  # (E, P, L) each; unbind's backward is one stack
+    out = zP * S_a - S_b
+    return out.reshape(*extra, *bR, L)
+
+
 def cauchy_torch(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, conj: bool = True) -> torch.Tensor:
-    """Reference backend: exact torch ops, chunked over L (recomputed in backward)."""
+    """Reference backend: exact torch ops, chunked over L. With conj=True the conjugate pairs are
+    summed as one fraction with a hand-written backward (`_cauchy_conj_pairs`; 3–4× faster forward +
+    backward than autograd through the two terms on CPU, bench.train); conj=False: autograd."""
+    if conj:
+        return _cauchy_conj_pairs(v, z, w)
+    return cauchy_torch_autograd(v, z, w, conj)
+
+
+def cauchy_torch_autograd(
+    v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, conj: bool = True
+) -> torch.Tensor:
+    """Both terms built explicitly, autograd backward, chunked over L and recomputed in backward
+    (checkpointing); the conj=False path, and with conj=True the reference the faster path is tested
+    and benchmarked against."""
     batch = torch.broadcast_shapes(z.shape[:-1], w.shape[:-1])
     per_l = max(1, 2 * w.shape[-1] * int(torch.Size(batch).numel()))
     chunk = max(1, _TORCH_CHUNK_ELEMS // per_l)

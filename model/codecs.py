@@ -42,26 +42,47 @@ def utf8_tail(data: bytes) -> bytes:
     return dec.getstate()[0]
 
 
+MULAW_CONVENTIONS = ("s4serve", "s4")
+
+
 class MuLaw:
-    """8-bit mu-law companding (μ = 255): float samples in [-1, 1] ↔ ids 0..255."""
+    """8-bit mu-law companding (μ = 255): float samples in [-1, 1] ↔ ids 0..255. The companded value
+    f = sign(x)·ln(1 + μ|x|)/ln(1 + μ) ∈ [-1, 1] is quantized by one of two conventions:
+
+    * "s4serve" (ours, the default): q = floor((f + 1)/2 · 255 + 1/2), dequantized f = 2q/255 − 1.
+    * "s4" (state-spaces/s4, src/dataloaders/audio.py `mu_law_encode`/`mu_law_decode`, which official
+      SC09 and YouTubeMix SaShiMi checkpoints were trained on): q = floor((f + 1)/2 · (256 − 0.01) +
+      0.005), dequantized f = q/128 − 1, so 128 is exactly 0.0. (Its per-clip min-max scaling before
+      companding is a dataset step, not part of the code of one sample: not applied.)
+
+    Raises ValueError for another convention."""
 
     vocab_size = 256
     mu = 255
 
+    def __init__(self, convention: str = "s4serve") -> None:
+        if convention not in MULAW_CONVENTIONS:
+            raise ValueError(f"mu-law convention must be one of {MULAW_CONVENTIONS}, got {convention!r}")
+        self.convention = convention
+
     def encode(self, x) -> np.ndarray:
         x = np.clip(np.asarray(x, dtype=np.float64), -1.0, 1.0)
         f = np.sign(x) * np.log1p(self.mu * np.abs(x)) / math.log1p(self.mu)
+        if self.convention == "s4":
+            return np.clip(np.floor((f + 1) / 2 * (256 - 0.01) + 0.005), 0, 255).astype(np.int64)
         return np.floor((f + 1) / 2 * self.mu + 0.5).astype(np.int64)
 
     def decode(self, ids) -> np.ndarray:
-        f = 2 * np.asarray(ids, dtype=np.float64) / self.mu - 1
+        q = np.asarray(ids, dtype=np.float64)
+        f = q / 128 - 1 if self.convention == "s4" else 2 * q / self.mu - 1
         return (np.sign(f) * np.expm1(np.abs(f) * math.log1p(self.mu)) / self.mu).astype(np.float32)
 
     @property
     def silence(self) -> int:
-        """The model's silence: the code of the sample 0.0, `encode(0.0)` = floor(255/2 + 1/2) = 128.
+        """The model's silence: the code of the sample 0.0, `encode(0.0)` = floor(255/2 + 1/2) = 128
+        (also 128 in the "s4" convention, where it decodes to exactly 0.0).
 
-        256 codes have no exact zero: 128 decodes to +8.6e-5 (127 to -8.6e-5). Every training clip
+        In ours 256 codes have no exact zero: 128 decodes to +8.6e-5 (127 to -8.6e-5). Every training clip
         starts with this code as its first input (model/data.py, AUDIO_BOS), and silence-padded clips
         end with it, so a generation from [silence] is the model's unconditional start."""
         return int(self.encode(0.0))

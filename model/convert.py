@@ -39,13 +39,14 @@ class ConvertError(ValueError):
 
 def build(imp: Imported, dtype: torch.dtype = torch.float32):
     """A SequenceModel holding the imported tensors (SSM parameters rounded once, to `dtype`)."""
-    from model.network import ModelConfig, SequenceModel
+    from model.arch import build as build_net
+    from model.network import ModelConfig
 
     try:
         cfg = ModelConfig.from_dict(imp.config)
     except (TypeError, ValueError) as exc:
         raise ConvertError(f"the imported config is not valid here: {exc}") from None
-    net = SequenceModel(cfg).to(dtype)
+    net = build_net(cfg).to(dtype)
     expected = net.state_dict()
     if cfg.tie_embeddings:
         expected.pop("head.weight")
@@ -109,7 +110,11 @@ def model_card(name: str, src: Path, sha: str, kind: str, imp: Imported, ver: di
         f"| source file | `{src.name}` ({kind}) |",
         f"| source SHA-256 | `{sha}` |",
         f"| model | {c['kernel']}, {c['n_layers']} layers, d_model {c['d_model']}, d_state {c['d_state']}, "
-        f"d_ff {c['d_ff']}, vocab {c['vocab_size']} |",
+        f"d_ff {c['d_ff']}, vocab {c['vocab_size']} |"
+        if c.get("arch", "isotropic") == "isotropic"
+        else f"| model | SaShiMi pool {c['pool']}, expand {c['expand']}, ff {c['ff']}, {c['kernel']}, "
+        f"{c['n_layers']} (S4, FF) pairs per level, d_model {c['d_model']}, d_state {c['d_state']}, "
+        f"vocab {c['vocab_size']}, {c['sample_rate']} Hz audio, mu-law {c['mulaw']!r} |",
         f"| embed_scale | {c['embed_scale']:.6g} |",
         f"| l_kernel per layer | {c.get('l_kernel')} |",
         "",

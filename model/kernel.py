@@ -50,10 +50,11 @@ def discretize_zoh(dtA: torch.Tensor, dtB: torch.Tensor) -> tuple[torch.Tensor, 
 def woodbury(k: torch.Tensor, rank: int) -> torch.Tensor:
     """k00 − k01 (I + k11)⁻¹ k10 for the stacked Cauchy sums k ((1+r)², ...) ordered row-major
     over (left ∈ [C̃, P̄₁..P̄ᵣ]) × (right ∈ [B, P₁..Pᵣ])."""
+    if rank == 1:  # unbind: its backward is one stack, where each index's would zero-fill all of k
+        k00, k01, k10, k11 = k.unbind(0)
+        return k00 - k01 * k10 / (1 + k11)
     k = k.unflatten(0, (rank + 1, rank + 1))
     k00, k01, k10, k11 = k[0, 0], k[0, 1:], k[1:, 0], k[1:, 1:]
-    if rank == 1:
-        return k00 - k01[0] * k10[0] / (1 + k11[0, 0])
     if rank == 2:
         a, b, c, d = 1 + k11[0, 0], k11[0, 1], k11[1, 0], 1 + k11[1, 1]
         det = a * d - b * c

@@ -43,6 +43,9 @@ class ModelConfig:
     cauchy_backend: str = "auto"  # auto (keops when it works), keops, torch
     modality: str = "text"  # text | audio (metadata for serving)
     sample_rate: int | None = None  # audio only
+    # audio only: the tokens' mu-law convention (model/codecs.py MuLaw): "s4serve" (ours, 2q/255 − 1)
+    # or "s4" (state-spaces/s4's, zero at 128, q/128 − 1: official SaShiMi checkpoints)
+    mulaw: str = "s4serve"
     # the architecture (model/arch): "isotropic" (SequenceModel) or "sashimi" (model/arch/sashimi.py:
     # n_layers (S4, FF) block pairs per level; pool, expand, ff, unet as in the SaShiMi paper)
     arch: str = "isotropic"
@@ -71,7 +74,8 @@ class ModelConfig:
         lk = self.l_kernel
         if lk is not None:
             ints = isinstance(lk, list | tuple) and all(type(n) is int and 0 < n <= 2**20 for n in lk)
-            if not (ints and len(lk) == self.n_layers):
+            n_kernels = self.n_layers if self.arch != "sashimi" else len(lk)  # sashimi: its validate
+            if not (ints and len(lk) == n_kernels):
                 raise ValueError(f"l_kernel must be null or {self.n_layers} integers in [1, 2**20]: {lk!r}")
             self.l_kernel = list(lk)
         scale = self.embed_scale
@@ -87,6 +91,8 @@ class ModelConfig:
             raise ValueError(f"re_lambda_max must be null or a negative number, got {r!r}")
         if self.modality not in ("text", "audio"):
             raise ValueError(f"modality must be 'text' or 'audio', got {self.modality!r}")
+        if self.mulaw not in ("s4serve", "s4"):
+            raise ValueError(f"mulaw must be 's4serve' or 's4', got {self.mulaw!r}")
         if self.arch not in ("isotropic", "sashimi"):
             raise ValueError(f"arch must be 'isotropic' or 'sashimi', got {self.arch!r}")
         if self.arch == "sashimi":

@@ -509,6 +509,8 @@ class RecurrentModel:
     or the dtype and the errors), ValueError for weights of mixed or unsupported dtypes.
     """
 
+    batch_dim = 1  # the batch's dim in a state (the server's slot pool indexes rows there)
+
     def __init__(
         self,
         net,
@@ -607,6 +609,11 @@ class RecurrentModel:
     @property
     def state_bytes_per_sequence(self) -> int:
         return len(self.layers) * self.H * self.M * 2 * 4
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """One sequence's state: (n_layers, H, 2, M) float32 (the batch adds dim `batch_dim` = 1)."""
+        return (len(self.layers), self.H, 2, self.M)
 
     def ssm_input_bound(self, i: int) -> torch.Tensor:
         """(H,) float64: max |u_h| of layer i's SSM input over all inputs. The input is a pre-norm

@@ -142,15 +142,16 @@ class Job:
 
 
 class DecodeBatch:
-    """The sessions being decoded: their states (n_layers, R, H, 2, M), pending tokens (R,) and seen
-    sets (R, V) on the device, one row per session. A leaving session leaves a hole (stepped but
-    ignored) that the next joiner fills in place; holes are compacted away once they are a quarter
-    of the rows."""
+    """The sessions being decoded: their states (R rows on the pool's dim), pending tokens (R,) and
+    seen sets (R, V) on the device, one row per session. Rows may be at different points of their
+    sequences (a SaShiMi row's pooling phase included): the model steps each row as if alone. A leaving
+    session leaves a hole (stepped but ignored) that the next joiner fills in place; holes are
+    compacted away once they are a quarter of the rows."""
 
     def __init__(self, pool: SlotPool) -> None:
         self.pool = pool
         shape = list(pool.state.shape)
-        shape[1] = 0
+        shape[pool.dim] = 0
         self.state = pool.state.new_zeros(shape)
         self.tok = torch.zeros(0, dtype=torch.long, device=pool.state.device)
         self.seen = pool.seen.new_zeros((0, pool.seen.shape[1]))
@@ -169,7 +170,7 @@ class DecodeBatch:
         rows = [self.rows.index(j) for j in jobs]
         r = torch.tensor(rows, device=self.tok.device)
         s = torch.tensor([j.session.slot for j in jobs], device=self.tok.device)
-        self.pool.state.index_copy_(1, s, self.state.index_select(1, r))
+        self.pool.put_rows(s, self.state.index_select(self.pool.dim, r))
         self.pool.seen.index_copy_(0, s, self.seen.index_select(0, r))
         for row in rows:
             self.rows[row] = None
@@ -184,14 +185,14 @@ class DecodeBatch:
         if fill:
             r = torch.tensor(holes, device=dev)
             s = torch.tensor([j.session.slot for j in fill], device=dev)
-            self.state.index_copy_(1, r, self.pool.state.index_select(1, s))
+            self.state.index_copy_(self.pool.dim, r, self.pool.rows(s))
             self.seen.index_copy_(0, r, self.pool.seen.index_select(0, s))
             self.tok.index_copy_(0, r, torch.tensor([j.session.pending for j in fill], device=dev))
             for i, j in zip(holes, fill):
                 self.rows[i] = j
         if grow:
             s = torch.tensor([j.session.slot for j in grow], device=dev)
-            self.state = torch.cat([self.state, self.pool.state.index_select(1, s)], dim=1)
+            self.state = torch.cat([self.state, self.pool.rows(s)], dim=self.pool.dim)
             self.seen = torch.cat([self.seen, self.pool.seen.index_select(0, s)])
             self.tok = torch.cat([self.tok, torch.tensor([j.session.pending for j in grow], device=dev)])
             self.rows += grow
@@ -201,7 +202,7 @@ class DecodeBatch:
         if holes and (4 * holes >= len(self.rows)):
             keep = [i for i, j in enumerate(self.rows) if j is not None]
             k = torch.tensor(keep, dtype=torch.long, device=self.tok.device)
-            self.state = self.state.index_select(1, k)  # a new contiguous tensor
+            self.state = self.state.index_select(self.pool.dim, k)  # a new contiguous tensor
             self.seen, self.tok = self.seen.index_select(0, k), self.tok.index_select(0, k)
             self.rows = [self.rows[i] for i in keep]
 
@@ -248,7 +249,7 @@ class Engine:
     ) -> None:
         self.model_id, self.rec, self.settings, self.sessions = model_id, rec, settings, sessions
         self.metrics = metrics
-        self.pool = SlotPool(rec.init_state(settings.max_sessions), rec.config.vocab_size)
+        self.pool = SlotPool(rec.init_state(settings.max_sessions), rec.config.vocab_size, rec.batch_dim)
         self.batch = DecodeBatch(self.pool)
         self._inbox: collections.deque = collections.deque()
         self._cv = threading.Condition()
@@ -455,8 +456,10 @@ class Engine:
         for group in groups.values():
             slots = torch.tensor([j.session.slot for j, _ in group], device=dev)
             toks = torch.tensor([p for _, p in group], device=dev)  # (G, L)
-            logits, x = self.rec.prefill(toks, self.pool.state.index_select(1, slots))
-            self.pool.state.index_copy_(1, slots, x)
+            # rows of one group may be at different points of their sequences (for SaShiMi, different
+            # pooling phases: its prefill runs rows of equal phase together, each as if alone)
+            logits, x = self.rec.prefill(toks, self.pool.rows(slots))
+            self.pool.put_rows(slots, x)
             for g, (job, piece) in enumerate(group):
                 if job.targets:  # prompt log-probabilities: position i predicts the token after it
                     k = job.params.prompt_logprobs
@@ -664,18 +667,18 @@ class Engine:
 
     def read_slot(self, rec: SessionRecord) -> tuple[bytes, list[int]]:
         """The slot's state as raw little-endian float32 bytes, and its seen token ids."""
-        state = self.pool.state[:, rec.slot].contiguous().cpu()
+        state = self.pool.row(rec.slot).contiguous().cpu()
         seen = self.pool.seen[rec.slot].nonzero()[:, 0].tolist()
         return state.numpy().astype("<f4", copy=False).tobytes(), seen
 
     def write_slot(self, rec: SessionRecord, state: bytes, seen: list[int]) -> SessionRecord:
         """Install an imported or restored state: the one way a state from outside enters a slot, so
         it is validated here (finite, within what the model can reach: RecurrentModel.check_state)."""
-        shape = self.pool.state[:, rec.slot].shape
+        shape = self.pool.row(rec.slot).shape
         x = torch.frombuffer(bytearray(state), dtype=torch.float32).reshape(shape)
-        self.rec.check_state(x.unsqueeze(1))  # StateRangeError before the slot is touched
+        self.rec.check_state(x.unsqueeze(self.pool.dim))  # StateRangeError before the slot is touched
         self.pool.clear(rec.slot)
-        self.pool.state[:, rec.slot].copy_(x)
+        self.pool.row(rec.slot).copy_(x)
         if seen:
             self.pool.seen[rec.slot, torch.tensor(seen, device=self.pool.seen.device)] = True
         rec.has_state = True

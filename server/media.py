@@ -53,8 +53,10 @@ def prompt_ids(
     prompt_audio: str | None,
     max_audio_s: float | None = None,
     max_tokens: int | None = None,
+    codec: MuLaw = MULAW,
 ) -> list[int]:
-    """A request's prompt as token ids for a model of this kind (422 naming the wrong field).
+    """A request's prompt as token ids for a model of this kind (422 naming the wrong field); audio is
+    encoded by the model's `codec` (its mu-law convention).
 
     Text: a prompt longer than `max_tokens` is a 413 naming it, found before it is converted to ids:
     by its length in characters (each is at least one UTF-8 byte, one token), then in bytes.
@@ -75,28 +77,28 @@ def prompt_ids(
         raise too_large(f"prompt_audio: {exc} (max_audio_s)", "prompt_audio") from None
     except ValueError as exc:
         raise invalid("prompt_audio", f"prompt_audio: {exc}") from None
-    return MULAW.encode(x).tolist()
+    return codec.encode(x).tolist()
 
 
-def audio_frame_ids(data: bytes, encoding: str) -> list[int]:
-    """A binary WebSocket frame of prompt samples → mu-law ids."""
+def audio_frame_ids(data: bytes, encoding: str, codec: MuLaw = MULAW) -> list[int]:
+    """A binary WebSocket frame of prompt samples → mu-law ids (mulaw frames are the ids themselves)."""
     if encoding == "mulaw":
         return list(data)
     if len(data) % 2:
         raise invalid("audio", f"a pcm16 frame must hold whole 2-byte samples, got {len(data)} bytes")
     x = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768
-    return MULAW.encode(x).tolist()
+    return codec.encode(x).tolist()
 
 
-def audio_bytes(ids: list[int], encoding: str) -> bytes:
+def audio_bytes(ids: list[int], encoding: str, codec: MuLaw = MULAW) -> bytes:
     """Generated ids → the client's binary encoding."""
     if encoding == "mulaw":
         return bytes(ids)
-    return to_pcm16(MULAW.decode(ids))
+    return to_pcm16(codec.decode(ids))
 
 
-def wav(ids: list[int], sample_rate: int) -> bytes:
-    return wav_bytes(MULAW.decode(ids), sample_rate)
+def wav(ids: list[int], sample_rate: int, codec: MuLaw = MULAW) -> bytes:
+    return wav_bytes(codec.decode(ids), sample_rate)
 
 
 class TextAssembler:

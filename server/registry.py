@@ -13,6 +13,7 @@ import torch
 
 from model import VerificationError, load
 from model.checkpoint import WEIGHTS, CheckpointError, read_config
+from model.codecs import MuLaw
 from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
 from model.convert import convert_cached
 from model.network import ModelConfig
@@ -49,17 +50,24 @@ class ServedModel:
         return self.config.sample_rate if self.kind == "audio" else None
 
     @property
+    def codec(self) -> MuLaw:
+        """The audio tokens' mu-law convention (config `mulaw`)."""
+        return MuLaw(self.config.mulaw)
+
+    @property
     def state_bytes(self) -> int:
         return self.rec.state_bytes_per_sequence
 
     @property
     def state_shape(self) -> list[int]:
-        return [len(self.rec.layers), self.rec.H, 2, self.rec.M]
+        """One session's state shape, as the recurrent form lays it out (the server never looks inside)."""
+        return list(self.rec.state_shape)
 
     def state_header(self, rec, seen: list[int]) -> dict:
         """The export header of a session of this model (export, and the session store)."""
         return {
             "model": self.id,
+            "arch": self.config.arch,
             "fingerprint": self.fingerprint,
             "shape": self.state_shape,
             "dtype": "float32",
@@ -79,6 +87,7 @@ class ServedModel:
             "owned_by": self.owned_by,
             "chat": self.chat is not None,
             "kind": self.kind,
+            "arch": c.arch,
             "sample_rate": self.sample_rate,
             "vocab_size": c.vocab_size,
             "n_layers": c.n_layers,
@@ -151,9 +160,6 @@ def load_model(
     CheckpointError or VerificationError with the reason."""
     t0 = time.perf_counter()
     meta = read_config(path)
-    arch = meta["config"].get("arch", "isotropic")
-    if arch != "isotropic":  # SaShiMi has a verified recurrence (model/arch) but no engine support yet
-        raise CheckpointError(f"{path}: arch {arch!r} is not served yet (only 'isotropic' models are)")
     chat = ChatTemplate.from_config(meta)
     net = load(path)
     if net.config.modality == "text" and net.config.vocab_size < 256:

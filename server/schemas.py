@@ -113,13 +113,14 @@ class ModelInfo(BaseModel):
     owned_by: str
     chat: bool = Field(description="has a chat template (POST /v1/chat/completions)")
     kind: Literal["text", "audio"]
+    arch: Literal["isotropic", "sashimi"] = Field(description="network shape (sashimi: n_layers per level)")
     sample_rate: int | None
     vocab_size: int
     n_layers: int
     d_model: int
     d_state: int
     kernel: str
-    layer_forms: list[str] = Field(description="per layer: diagonal or dplr (the verified step form)")
+    layer_forms: list[str] = Field(description="per S4 layer: diagonal or dplr (the verified step form)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(description="the served weights' dtype")
     verification: Verification
     state_bytes_per_session: int

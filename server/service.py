@@ -26,6 +26,8 @@ from server.sessions import (
     StateFormatError,
     new_session_id,
     pack_state,
+    state_arch,
+    state_version,
     unpack_state,
 )
 from server.state import ServerState
@@ -103,9 +105,8 @@ def prompt_ids(
     state: ServerState, model: ServedModel, prompt: str | None, prompt_audio: str | None
 ) -> list[int]:
     limit, _ = prompt_limit(state, model)
-    ids = media.prompt_ids(
-        model.kind, model.sample_rate, prompt, prompt_audio, state.settings.max_audio_s, limit
-    )
+    max_s = state.settings.max_audio_s
+    ids = media.prompt_ids(model.kind, model.sample_rate, prompt, prompt_audio, max_s, limit, model.codec)
     check_prompt(state, ids, "prompt" if model.kind == "text" else "prompt_audio", model)
     return ids
 
@@ -229,6 +230,14 @@ def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple
     model = state.models[model_id]
     if header.get("fingerprint") != model.fingerprint:
         raise invalid(param, f"{what} was made by other weights than model {model_id}'s (fingerprint)")
+    version = state_version(blob)
+    arch = state_arch(header, version)
+    if arch != model.config.arch:
+        raise invalid(
+            param,
+            f"{what} (format version {version}) is the state of an arch {arch!r} model; model {model_id} "
+            f"is arch {model.config.arch!r}",
+        )
     if header.get("shape") != model.state_shape:
         raise invalid(
             param, f"{what}: state shape {header.get('shape')} does not match the model's {model.state_shape}"
@@ -341,7 +350,7 @@ def start_generation(
     try:
         if not ids and rec.pending is None:
             if model.kind != "text":
-                ids = [media.MULAW.silence]
+                ids = [model.codec.silence]
             else:
                 raise invalid("prompt", "prompt is empty and there is no session input to continue from")
         stream = Stream(state.loop, state.settings.stream_buffer)
@@ -417,7 +426,7 @@ class Output:
     def __init__(
         self, model: ServedModel, params: SamplingParams, encoding: str = "pcm16", job: Job | None = None
     ):
-        self.kind, self.encoding = model.kind, encoding
+        self.kind, self.encoding, self.codec = model.kind, encoding, model.codec
         carry, ends = (job.carry, job.session.ephemeral) if job is not None else (b"", True)
         self.text = media.TextAssembler(params.stop, carry, ends) if model.kind == "text" else None
 
@@ -425,7 +434,7 @@ class Output:
         return self.text.feed(ids)
 
     def audio_piece(self, ids: list[int]) -> bytes:
-        return media.audio_bytes(ids, self.encoding)
+        return media.audio_bytes(ids, self.encoding, self.codec)
 
     def finish_text(self, final: Finished) -> str:
         return self.text.finish(final.stop_at)

@@ -151,17 +151,19 @@ class SessionTable:
 
 
 class SlotPool:
-    """Preallocated per-session state on the device: one slot = one sequence's recurrent state
-    (n_layers, H, 2, M) plus the set of tokens it has seen (for the repetition penalty).
+    """Preallocated per-session state on the device: one slot = one sequence's recurrent state plus
+    the set of tokens it has seen (for the repetition penalty).
 
-    `state` is (n_layers, capacity, H, 2, M) float32 and `seen` (capacity, V) bool. Reserving and
+    `state` is the model's batched state, `capacity` rows along dim `dim` (the recurrent model's
+    `batch_dim`: (n_layers, capacity, H, 2, M) for an isotropic model, (capacity, numel) for a
+    StateLayout one); the pool never looks inside a row. `seen` is (capacity, V) bool. Reserving and
     freeing slots is thread-safe; reading or writing the tensors belongs to the engine thread."""
 
-    def __init__(self, state: torch.Tensor, vocab_size: int) -> None:
-        self.state = state
-        self.capacity = state.shape[1]
+    def __init__(self, state: torch.Tensor, vocab_size: int, dim: int = 1) -> None:
+        self.state, self.dim = state, dim
+        self.capacity = state.shape[dim]
         self.seen = torch.zeros(self.capacity, vocab_size, dtype=torch.bool, device=state.device)
-        self.bytes_per_slot = state[:, 0].numel() * state.element_size()
+        self.bytes_per_slot = self.row(0).numel() * state.element_size()
         self._free = list(range(self.capacity - 1, -1, -1))
         self._lock = threading.Lock()
 
@@ -183,12 +185,24 @@ class SlotPool:
 
     # engine thread only -------------------------------------------------------------------------
 
+    def row(self, slot: int) -> torch.Tensor:
+        """One slot's state (a view: writes go into the pool)."""
+        return self.state.select(self.dim, slot)
+
+    def rows(self, slots: torch.Tensor) -> torch.Tensor:
+        """The states of `slots` (G,) long, as a batch (a copy) with the rows on dim `dim`."""
+        return self.state.index_select(self.dim, slots)
+
+    def put_rows(self, slots: torch.Tensor, states: torch.Tensor) -> None:
+        """Write a batch of states (rows on dim `dim`) into `slots`."""
+        self.state.index_copy_(self.dim, slots, states)
+
     def clear(self, slot: int) -> None:
-        self.state[:, slot].zero_()
+        self.row(slot).zero_()
         self.seen[slot].zero_()
 
     def copy(self, src: int, dst: int) -> None:
-        self.state[:, dst].copy_(self.state[:, src])
+        self.row(dst).copy_(self.row(src))
         self.seen[dst].copy_(self.seen[src])
 
 
@@ -196,9 +210,13 @@ class SlotPool:
 # State export format:
 #   magic "S4STATE\n" | u16 version | u32 header length | header (UTF-8 JSON) | state (raw float32,
 #   little-endian, C order) | SHA-256 of everything before it (32 bytes)
+# Version 2 (SaShiMi): the header names the model's `arch`, and `shape` is one session's state as the
+# model lays it out ([n_layers, H, 2, M] isotropic, [numel] for a StateLayout row). Version 1 (before
+# SaShiMi) had no `arch`: only isotropic models existed, so a version-1 state is an isotropic one.
 
 MAGIC = b"S4STATE\n"
-STATE_VERSION = 1
+STATE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<8sHI")
 
 
@@ -219,8 +237,11 @@ def unpack_state(blob: bytes) -> tuple[dict, bytes]:
     magic, version, head_len = _PREFIX.unpack_from(blob)
     if magic != MAGIC:
         raise StateFormatError("not an exported S4 session state (bad magic bytes)")
-    if version != STATE_VERSION:
-        raise StateFormatError(f"state format version {version} is not supported (expected {STATE_VERSION})")
+    if version not in READABLE_VERSIONS:
+        raise StateFormatError(
+            f"state format version {version} is not supported (this server reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
+        )
     body, digest = blob[:-32], blob[-32:]
     if hashlib.sha256(body).digest() != digest:
         raise StateFormatError("state checksum mismatch (the blob is corrupt or truncated)")
@@ -243,6 +264,16 @@ def unpack_state(blob: bytes) -> tuple[dict, bytes]:
     if len(state) != want:
         raise StateFormatError(f"state payload is {len(state)} bytes, shape {shape} needs {want}")
     return header, state
+
+
+def state_version(blob: bytes) -> int:
+    """The format version of a blob that `unpack_state` accepted."""
+    return _PREFIX.unpack_from(blob)[1]
+
+
+def state_arch(header: dict, version: int) -> object:
+    """The architecture a state belongs to: the header's `arch` (version 2), "isotropic" (version 1)."""
+    return "isotropic" if version == 1 else header.get("arch")
 
 
 def model_fingerprint(config: dict, weights_sha256: str | None) -> str:

@@ -40,6 +40,32 @@ def test_mulaw_round_trip_and_error_bound():
     assert err.max() < 0.035 and err[np.abs(x) < 0.01].max() < 2.5e-4
 
 
+def test_mulaw_official_convention_equals_state_spaces_s4():
+    """MuLaw("s4") against state-spaces/s4's src/dataloaders/audio.py (quantize / dequantize /
+    mu_law_decode, written out here in torch as there; without its per-clip min-max scaling)."""
+
+    def official_encode(x: torch.Tensor) -> torch.Tensor:
+        mu = torch.tensor(255)
+        enc = torch.sign(x) * (torch.log1p(mu * torch.abs(x + 1e-8)) / torch.log1p(mu))
+        return (((enc + 1) / 2) * (256 - 0.01) + 0.01 / 2).long()
+
+    def official_decode(q: torch.Tensor) -> torch.Tensor:
+        x = q.float() / 128 - 1
+        return torch.sign(x) * ((1 + 255) ** torch.abs(x) - 1) / 255
+
+    m = MuLaw("s4")
+    x = np.concatenate([np.linspace(-1, 1, 20001), [0.0, 1e-6, -1e-6, 0.5, -0.5]])
+    got, want = m.encode(x), official_encode(torch.tensor(x, dtype=torch.float64)).numpy()
+    assert (np.abs(got - want) <= 1).all() and (got != want).mean() < 1e-3  # float rounding at edges
+    q = np.arange(256)
+    np.testing.assert_allclose(m.decode(q), official_decode(torch.tensor(q)).numpy(), rtol=0, atol=2e-6)
+    assert m.silence == 128 and m.decode([128])[0] == 0.0 and MuLaw().decode([128])[0] > 0
+    # ours is unchanged: 2q/255 − 1
+    np.testing.assert_allclose(MuLaw().decode(q), MuLaw("s4serve").decode(q))
+    with pytest.raises(ValueError, match="convention"):
+        MuLaw("alaw")
+
+
 def test_wav_round_trip():
     x = np.sin(np.linspace(0, 100, 8000)).astype(np.float32) * 0.5
     y, sr = read_wav(wav_bytes(x, 8000))

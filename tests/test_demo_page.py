@@ -258,12 +258,12 @@ def test_audio_without_a_prompt_starts_from_the_models_silence(demo, model_dirs)
     assert d.errors == []
 
 
-def downloaded_wav(d: Demo) -> bytes:
-    """The samples of the page's "Download WAV" file (checked to be mono 16-bit at 8 kHz)."""
+def downloaded_wav(d: Demo, rate: int = 8000) -> bytes:
+    """The samples of the page's "Download WAV" file (checked to be mono 16-bit at `rate` Hz)."""
     with d.page.expect_download() as dl:
         d.page.click("#download")
     with wave.open(io.BytesIO(Path(dl.value.path()).read_bytes())) as w:
-        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 8000)
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, rate)
         return w.readframes(w.getnframes())
 
 

@@ -5,19 +5,12 @@ step, whole-network C step, prefill)."""
 
 import pytest
 import torch
+from numerics import step_all
 
 from model import ModelConfig, SequenceModel, fused
 from model.kernel import SSMKernel
 
 TINY = dict(vocab_size=32, d_model=16, n_layers=2, d_state=16, l_max=128, cauchy_backend="torch")
-
-
-def step_all(rec, tokens, state):
-    outs = []
-    for t in range(tokens.shape[1]):
-        logits, state = rec.step(tokens[:, t], state)
-        outs.append(logits)
-    return torch.stack(outs, 1), state
 
 
 def all_paths(net, tokens):

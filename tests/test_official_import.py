@@ -37,6 +37,8 @@ CASES = {  # name: (source, config or None)
     "s4_bytes": ("s4_bytes.ckpt", None),  # vocab 256, served in tests/test_server_official.py
     "s4d_transforms": ("s4d_transforms.ckpt", None),  # relu / softplus / sigmoid + dt_fast, bilinear, tied
     "s4_legt": ("s4_legt.ckpt", None),  # rank 2, softplus Re Λ, n_ssm 4, no rescale
+    # SaShiMi [4, 4] (make_sashimi_fixture.py): weight-normed pools, TransposedLN, l_kernel 64, 16, 4
+    "sashimi_sc09": ("sashimi_sc09.ckpt", None),
 }
 
 
@@ -204,7 +206,12 @@ REFUSALS = [  # (fixture, config path, value, message)
     ("s4_softplus.ckpt", ("model", "prenorm"), False, r"prenorm = False.*post-norm"),
     ("s4_softplus.ckpt", ("model", "transposed"), True, r"transposed = True"),
     ("s4_softplus.ckpt", ("model", "bidirectional"), True, r"model.bidirectional = True"),
-    ("s4_softplus.ckpt", ("model", "_name_"), "sashimi", r"_name_ = 'sashimi'"),
+    ("s4_softplus.ckpt", ("model", "_name_"), "sashimi_standalone", r"_name_ = 'sashimi_standalone'"),
+    ("sashimi_sc09.ckpt", ("model", "interp"), 2, r"model.interp = 2: the interpolating"),
+    ("sashimi_sc09.ckpt", ("model", "act_pool"), "gelu", r"model.act_pool = 'gelu'"),
+    ("sashimi_sc09.ckpt", ("model", "transposed"), False, r"model.transposed = False"),
+    ("sashimi_sc09.ckpt", ("model", "prenorm"), False, r"model.prenorm = False"),
+    ("sashimi_sc09.ckpt", ("model", "layer", "bidirectional"), True, r"bidirectional = True"),
     ("s4_softplus.ckpt", ("model", "norm"), "batch", r"norm = 'batch'"),
     ("s4_softplus.ckpt", ("model", "residual"), "F", r"residual = 'F'"),
     ("s4_softplus.ckpt", ("task", "_name_"), "adaptivelm", r"task._name_ = 'adaptivelm'"),
@@ -244,6 +251,47 @@ def test_every_tensor_is_consumed_or_the_import_is_refused():
     del sd["decoder.0.bias"]
     with pytest.raises(Unsupported, match=r"decoder\.0\.bias.*missing"):
         map_official(sd, cfg, kind)
+
+
+def test_a_sashimi_import_consumes_every_tensor_and_folds_the_weight_norm():
+    sd, cfg, kind = _lightning("sashimi_sc09.ckpt")
+    imp = map_official(sd, cfg, kind)
+    c = imp.config
+    assert (c["arch"], c["pool"], c["norm"], c["mulaw"], c["sample_rate"]) == (
+        "sashimi",
+        [4, 4],
+        "tln",
+        "s4",
+        16000,
+    )
+    assert c["l_kernel"] == [4, 16, 64]  # center, up.1, up.0: L/16, L/4, L
+    g, v = sd["model.d_layers.0.linear.weight_g"].double(), sd["model.d_layers.0.linear.weight_v"].double()
+    assert rel(imp.tensors["down.0.pool.linear.weight"], g * v / v.norm(dim=1, keepdim=True)) <= 1e-15
+    sd2, cfg2, _ = _lightning("sashimi_sc09.ckpt")
+    sd2["model.u_layers.0.1.norm.norm.extra"] = torch.ones(1)
+    with pytest.raises(Unsupported, match="norm.norm.extra"):
+        map_official(sd2, cfg2, kind)
+    sd3, cfg3, _ = _lightning("sashimi_sc09.ckpt")
+    del sd3["model.u_layers.1.0.linear.weight_g"]
+    with pytest.raises(Unsupported, match=r"u_layers\.1\.0\.linear\.weight_g.*missing"):
+        map_official(sd3, cfg3, kind)
+
+
+def test_convert_writes_a_servable_sashimi_checkpoint(tmp_path):
+    """model.convert → a checkpoint folder like any other: model.load gives a SaShiMi whose verified
+    recurrence reproduces the official recurrence, and its config streams official mu-law."""
+    convert(FIX / "sashimi_sc09.ckpt", tmp_path / "sc09", name="sc09")
+    net = load(tmp_path / "sc09")
+    assert net.config.arch == "sashimi" and net.config.mulaw == "s4"
+    ref = load_file(str(FIX / "sashimi_sc09.ref.safetensors"))
+    rec = net.to_recurrent()
+    logits, state = rec.prefill(ref["tokens"][:, :21], rec.init_state(2))  # then step from phase 5
+    out = [logits]
+    for t in range(21, ref["tokens"].shape[1]):
+        lt, state = rec.step(ref["tokens"][:, t], state)
+        out.append(lt[:, None])
+    assert rel(torch.cat(out, 1), ref["logits_step"]) <= 1e-5
+    assert "model.d_layers.0.linear" in (tmp_path / "sc09" / "README.md").read_text()
 
 
 def test_re_lambda_at_or_above_zero_is_refused_with_the_transform_named():

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from numerics import step_all
 
 from model import ModelConfig, SequenceModel, VerificationError
 from model.recurrent import DiagonalSSM, DPLRStep
@@ -23,14 +24,6 @@ def train_a_few_steps(net: SequenceModel, steps=5, L=L_LONG) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-
-
-def step_all(rec, tokens, state):
-    outs = []
-    for t in range(tokens.shape[1]):
-        logits, state = rec.step(tokens[:, t], state)
-        outs.append(logits)
-    return torch.stack(outs, 1), state
 
 
 def assert_logits_close(got, want):

@@ -1,5 +1,6 @@
 """SaShiMi: the pools and norms as defined, causal conv mode, one verified recurrence (step and parallel
-prefill, rows at different pooling phases), checkpoints, conv-mode training, and the server's refusal.
+prefill, rows at different pooling phases), checkpoints and conv-mode training (serving:
+tests/test_server_sashimi.py).
 
 Conv vs step is checked over the trained length (l_max = 1024) and beyond it to 4096 samples (4×, the
 CI budget; the issue's 16,384 is the same test with L_BEYOND raised) against an independent float64
@@ -11,6 +12,7 @@ import math
 
 import pytest
 import torch
+from numerics import step_all
 
 from model import ModelConfig, VerificationError, build, load, save
 from model.arch.sashimi import DownPool, SaShiMi, UpPool
@@ -50,14 +52,6 @@ def train_a_few_steps(net: SaShiMi, steps=5, L=L_TRAINED) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-
-
-def step_all(rec, tokens, state):
-    outs = []
-    for t in range(tokens.shape[1]):
-        logits, state = rec.step(tokens[:, t], state)
-        outs.append(logits)
-    return torch.stack(outs, 1), state
 
 
 def rel(got, want) -> float:
@@ -394,16 +388,3 @@ def test_conv_mode_training_runs_and_the_loss_falls(tmp_path):
     x = torch.tensor([list(b"to be or not to be")])
     with torch.no_grad():
         assert rel(rec.prefill(x, rec.init_state(1))[0], net(x)) <= 1e-4
-
-
-def test_the_server_refuses_a_sashimi_checkpoint_by_name(tmp_path):
-    from server.config import Settings
-    from server.metrics import Metrics
-    from server.registry import load_models
-    from server.sessions import SessionTable
-
-    save(make(l_max=64), tmp_path / "tiny-sashimi")
-    settings = Settings(checkpoints=[str(tmp_path / "tiny-sashimi")], max_sessions=2)
-    models, failed = load_models(settings, SessionTable(), Metrics())
-    assert models == {}
-    assert "arch 'sashimi' is not served yet" in failed["tiny-sashimi"]

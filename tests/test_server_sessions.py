@@ -100,8 +100,8 @@ def test_import_refuses_corrupt_or_foreign_states_with_422(client):
         "pending": pack_state({**header, "pending": 999}, state),
     }
     body = blob[:-32]
-    v2 = body[:8] + struct.pack("<H", 2) + body[10:]
-    cases["version"] = v2 + hashlib.sha256(v2).digest()
+    v3 = body[:8] + struct.pack("<H", 3) + body[10:]  # a version this server does not read
+    cases["version"] = v3 + hashlib.sha256(v3).digest()
     for needle, data in cases.items():
         r = imp(data)
         assert r.status_code == 422, (needle, r.text)

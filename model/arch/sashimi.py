@@ -56,15 +56,28 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"norm must be 'layer' or 'tln', got {cfg.norm!r}")
     if cfg.d_ff:
         raise ValueError("d_ff is the isotropic model's FF size; arch 'sashimi' sizes its FF blocks with ff")
-    if cfg.l_kernel is not None:  # per-level kernel lengths come with the official SaShiMi import
-        raise ValueError("l_kernel is not supported for arch 'sashimi' yet (each level uses its own length)")
+    if cfg.l_kernel is not None and len(cfg.l_kernel) != len(s4_block_names(cfg)):
+        raise ValueError(
+            f"l_kernel must be null or one length per S4 block ({len(s4_block_names(cfg))}, in the order of "
+            f"SaShiMi.named_s4_blocks), got {len(cfg.l_kernel)}"
+        )
     P = math.prod(pool)
     if cfg.l_max % (2 * P):
         raise ValueError(f"l_max must be a multiple of 2·prod(pool) = {2 * P} (each level's length is even)")
 
 
+def s4_block_names(cfg: ModelConfig) -> list[str]:
+    """The S4 blocks' module names in the order of SaShiMi.named_s4_blocks (down levels, the center,
+    up levels from the coarsest): the order of `l_kernel`."""
+    K, per = len(cfg.pool), (2 if cfg.ff else 1)
+    groups = [f"down.{k}.blocks" for k in range(K)] if cfg.unet else []
+    groups += ["center"] + [f"up.{k}.blocks" for k in reversed(range(K))]
+    return [f"{g}.{i * per}" for g in groups for i in range(cfg.n_layers)]
+
+
 class S4Block(nn.Module):
-    """x + S4Layer(norm(x)): (…, L, d) → (…, L, d)."""
+    """x + S4Layer(norm(x)): (…, L, d) → (…, L, d). `l_max`: the length of S4's generating function
+    (the level's length, or the block's `l_kernel` entry)."""
 
     def __init__(self, cfg: ModelConfig, d: int, l_max: int):
         super().__init__()
@@ -93,11 +106,13 @@ class FFBlock(nn.Module):
         return x + self.ff(self.norm(x))
 
 
-def level_blocks(cfg: ModelConfig, d: int, l_max: int) -> nn.ModuleList:
-    """n_layers pairs (S4Block, FFBlock), or S4Blocks alone when ff = 0."""
+def level_blocks(cfg: ModelConfig, d: int, l_max: int, prefix: str = "") -> nn.ModuleList:
+    """n_layers pairs (S4Block, FFBlock), or S4Blocks alone when ff = 0. With `l_kernel`, the S4 block
+    named prefix.i takes its entry as its kernel length instead of the level's l_max."""
+    lk = dict(zip(s4_block_names(cfg), cfg.l_kernel)) if cfg.l_kernel is not None else {}
     blocks = []
     for _ in range(cfg.n_layers):
-        blocks.append(S4Block(cfg, d, l_max))
+        blocks.append(S4Block(cfg, d, lk.get(f"{prefix}.{len(blocks)}", l_max)))
         if cfg.ff:
             blocks.append(FFBlock(cfg, d))
     return nn.ModuleList(blocks)
@@ -147,17 +162,17 @@ class UpPool(nn.Module):
 
 
 class DownLevel(nn.Module):
-    def __init__(self, cfg: ModelConfig, d: int, l_max: int, stride: int):
+    def __init__(self, cfg: ModelConfig, d: int, l_max: int, stride: int, k: int):
         super().__init__()
-        self.blocks = level_blocks(cfg, d, l_max) if cfg.unet else nn.ModuleList()
+        self.blocks = level_blocks(cfg, d, l_max, f"down.{k}.blocks") if cfg.unet else nn.ModuleList()
         self.pool = DownPool(d, d * cfg.expand, stride)
 
 
 class UpLevel(nn.Module):
-    def __init__(self, cfg: ModelConfig, d: int, l_max: int, stride: int):
+    def __init__(self, cfg: ModelConfig, d: int, l_max: int, stride: int, k: int):
         super().__init__()
         self.pool = UpPool(d * cfg.expand, d, stride)
-        self.blocks = level_blocks(cfg, d, l_max)
+        self.blocks = level_blocks(cfg, d, l_max, f"up.{k}.blocks")
 
 
 class SaShiMi(nn.Module):
@@ -181,11 +196,11 @@ class SaShiMi(nn.Module):
         self.lengths.append(L)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.down = nn.ModuleList(
-            DownLevel(cfg, self.widths[k], self.lengths[k], p) for k, p in enumerate(cfg.pool)
+            DownLevel(cfg, self.widths[k], self.lengths[k], p, k) for k, p in enumerate(cfg.pool)
         )
-        self.center = level_blocks(cfg, H, L)
+        self.center = level_blocks(cfg, H, L, "center")
         self.up = nn.ModuleList(
-            UpLevel(cfg, self.widths[k], self.lengths[k], p) for k, p in enumerate(cfg.pool)
+            UpLevel(cfg, self.widths[k], self.lengths[k], p, k) for k, p in enumerate(cfg.pool)
         )
         self.norm = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)

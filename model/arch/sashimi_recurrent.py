@@ -27,7 +27,17 @@ import torch
 
 from model import fused
 from model.arch.sashimi import S4Block, SaShiMi
-from model.recurrent import VerificationError, convert_kernel, pad_fused_params
+from model.recurrent import (
+    F64,
+    LOGITS_TOL,
+    STATE_BOUND_SLACK,
+    VERIFY_TOKENS,
+    StateRangeError,
+    VerificationError,
+    _rel_err,
+    convert_kernel,
+    pad_fused_params,
+)
 from model.state_layout import StateLayout
 
 
@@ -35,12 +45,32 @@ class SaShiMiRecurrent:
     """Frozen recurrent form of a SaShiMi network: init_state, parallel prefill, batched step.
 
     State: float32 (B, layout.numel); `step` and `prefill` return a new state and leave the one
-    passed in untouched, unless `step(..., out=state)` asks for an in-place update."""
+    passed in untouched, unless `step(..., out=state)` asks for an in-place update. The batch is dim
+    `batch_dim` = 0 of the state (the server's slot pool indexes rows there and never looks inside).
+
+    After conversion `report` holds one dict per S4 layer and `verification` the network check (as
+    RecurrentModel's): step and prefill of a probe against the float64 conv mode, within `logits_tol`
+    (default LOGITS_TOL[float32] = 1e-4). The weights serve in float32: `dtype` other than float32 (or
+    None) raises ValueError; a failed check raises VerificationError."""
+
+    batch_dim = 0
 
     def __init__(
-        self, net: SaShiMi, tol: float = 1e-4, verify_len: int | None = None, device=None, fused_step=True
+        self,
+        net: SaShiMi,
+        tol: float = 1e-4,
+        verify_len: int | None = None,
+        device=None,
+        fused_step=True,
+        dtype: torch.dtype | None = None,
+        logits_tol: float | None = None,
     ):
         device = torch.device(device) if device is not None else next(net.parameters()).device
+        if dtype not in (None, torch.float32) or {p.dtype for p in net.parameters()} != {torch.float32}:
+            raise ValueError(
+                f"arch 'sashimi' serves float32 weights only, asked for {dtype or 'the net own'}"
+            )
+        self.dtype = torch.float32
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = cfg = net.config
         self.device = device
@@ -66,6 +96,199 @@ class SaShiMiRecurrent:
         if self._fused is not None:
             for form in self.forms.values():
                 pad_fused_params(form, form.M)  # its C pointers (each layer's state has its own M)
+        self._state_bound: torch.Tensor | None = None
+        tol_net = LOGITS_TOL[torch.float32] if logits_tol is None else logits_tol
+        self.verification = self._verify_network(net, tol_net)
+
+    def _verify_network(self, net: SaShiMi, tol: float) -> dict:
+        """Step 2 probe sequences (fixed seed) through every phase, and prefill them in two parts split
+        off the pooling period (the second starts mid-block); compare the logits with the conv mode of
+        `net` in float64 (CPU). Raises VerificationError above `tol`."""
+        T = min(VERIFY_TOKENS, self.config.l_max)
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, self.config.vocab_size, (2, T), generator=gen)
+        ref_net = copy.deepcopy(net).to("cpu", F64).eval()
+        with torch.no_grad():
+            ref = ref_net(tokens)
+        del ref_net
+        tok = tokens.to(self.device)
+        state, stepped = self.init_state(2), []
+        for t in range(T):
+            logits, state = self.step(tok[:, t], state)
+            stepped.append(logits)
+        cut = T // 2 + self.period // 2 + 1  # not a multiple of the period
+        first, state = self.prefill(tok[:, :cut], self.init_state(2))
+        second, _ = self.prefill(tok[:, cut:], state)
+        errs = [
+            _rel_err(torch.stack(stepped, 1).cpu(), ref),
+            _rel_err(torch.cat([first, second], 1).cpu(), ref),
+        ]
+        report = {
+            "dtype": "float32",
+            "tokens": T,
+            "step_rel_err": errs[0],
+            "prefill_rel_err": errs[1],
+            "tol": tol,
+        }
+        if not all(e <= tol for e in errs):  # (a NaN fails too)
+            raise VerificationError(
+                f"the recurrent SaShiMi network does not reproduce the float64 conv-mode logits within rel. "
+                f"err {tol:g} over {T} tokens (step {errs[0]:.2e}, prefill {errs[1]:.2e})"
+            )
+        return report
+
+    @property
+    def state_shape(self) -> tuple[int, ...]:
+        """One sequence's state: (layout.numel,) float32 (the batch adds dim `batch_dim` = 0)."""
+        return (self.layout.numel,)
+
+    def ssm_input_bound(self, block) -> torch.Tensor:
+        """(H,) float64: max |u_h| of a block's input u = norm(x) (an S4 block's SSM input). A
+        LayerNorm's output is γ ⊙ x̂ + β with |x̂_h| ≤ √(H − 1) (Samuelson's inequality), so
+        |u_h| ≤ |γ_h| √(H − 1) + |β_h|. The scalar TransposedLN s·(x − μ + m)/σ has no such bound (m/σ
+        grows as σ → 0): inf."""
+        norm = block.norm
+        if not isinstance(norm, torch.nn.LayerNorm):
+            return torch.full((self._width(block),), torch.inf, dtype=F64)
+        H = norm.normalized_shape[0]
+        gamma = (
+            norm.weight.detach().cpu().double().abs() if norm.weight is not None else torch.ones(H, dtype=F64)
+        )
+        beta = norm.bias.detach().cpu().double().abs() if norm.bias is not None else torch.zeros(H, dtype=F64)
+        return gamma * (H - 1) ** 0.5 + beta
+
+    @staticmethod
+    def _width(block) -> int:
+        return block.layer.D.shape[0] if isinstance(block, S4Block) else block.ff.up.in_features
+
+    @staticmethod
+    def _abs_linear(linear: torch.nn.Linear, v: torch.Tensor) -> torch.Tensor:
+        """Bound of |W x + b| for |x| ≤ v (float64): |W| v + |b| (0 · inf counts 0)."""
+        W = linear.weight.detach().cpu().double().abs()
+        out = (W * v[None, :]).nan_to_num(nan=0.0, posinf=math.inf).sum(-1)
+        return out if linear.bias is None else out + linear.bias.detach().cpu().double().abs()
+
+    def _block_bound(self, name: str, block, bx: torch.Tensor) -> torch.Tensor:
+        """Bound of a residual block's output x + f(norm(x)) for |x| ≤ bx (H,) float64. S4 block:
+        |y| ≤ Σ_m |c_re| B_re + |c_im| B_im over its state bound (y = Σ c_re x_re − c_im x_im of the
+        step), |GELU(z)| ≤ |z| for z = y + D u, and the GLU a·σ(b) within |a|. FF block: the two linear
+        layers around |GELU(z)| ≤ |z|."""
+        u = self.ssm_input_bound(block)
+        if isinstance(block, S4Block):
+            form = self.forms[name]
+            sb = form.state_bound(u)  # (H, 2, M)
+            cr, ci = form.cr.detach().cpu().double().abs(), form.ci.detach().cpu().double().abs()
+            y = (cr * sb[:, 0] + ci * sb[:, 1]).nan_to_num(nan=0.0, posinf=math.inf).sum(-1)
+            g = y + (block.layer.D.detach().cpu().double().abs() * u).nan_to_num(nan=0.0, posinf=math.inf)
+            return bx + self._abs_linear(block.layer.out, g)[: bx.shape[0]]
+        return bx + self._abs_linear(block.ff.down, self._abs_linear(block.ff.up, u))
+
+    def _blocks_bound(self, prefix: str, blocks, bx: torch.Tensor, skips: list | None = None) -> torch.Tensor:
+        for i, blk in enumerate(blocks):
+            bx = self._block_bound(f"{prefix}.{i}", blk, bx)
+            if skips is not None:
+                skips.append(bx)
+        return bx
+
+    def _level_bound(self, k: int, bx: torch.Tensor, buffers: dict) -> torch.Tensor:
+        """Bound of level k's output for inputs |x| ≤ bx, mirroring `_step_level`; fills `buffers`
+        with each pool buffer's bound (stride, H_k)."""
+        net = self.net
+        if k == len(self.pool):
+            return self._blocks_bound("center", net.center, bx) + bx
+        s, H = self.pool[k], bx.shape[0]
+        skips = [bx]
+        x = self._blocks_bound(f"down.{k}.blocks", net.down[k].blocks, bx, skips) if self.config.unet else bx
+        buffers[f"down.{k}.buffer"] = x.expand(s, H)
+        c = self._level_bound(
+            k + 1, self._abs_linear(net.down[k].pool.linear, x.repeat_interleave(s)), buffers
+        )
+        ub = self._abs_linear(net.up[k].pool.linear, c).view(H, s).T  # channel h·s + j → entry (j, h)
+        buffers[f"up.{k}.buffer"] = ub
+        y = ub.amax(0) + skips.pop()
+        blocks = net.up[k].blocks
+        if self.config.unet:
+            for i in range(len(blocks)):
+                y = self._blocks_bound(f"up.{k}.blocks", blocks[i : i + 1], y) + skips.pop()
+            return y
+        return self._blocks_bound(f"up.{k}.blocks", blocks, y) + y
+
+    def state_bound(self) -> torch.Tensor:
+        """(layout.numel,) float64: the largest |value| each state entry can take when the model runs
+        from the zero state on any tokens (sound, not tight). SSM states: the SSM input bound × the ℓ1
+        norm of the state's impulse response (each form's `state_bound`). Pool buffers: the residual
+        stream's bound, carried from the embeddings (max over tokens of |embed|·embed_scale) through
+        every block (`_block_bound`), pool (|W| v + |b|) and skip as the step computes them. Under a
+        TransposedLN nothing past its input is bounded: inf (finiteness only). The phase counter:
+        period − 1. Computed once on the CPU."""
+        if self._state_bound is None:
+            bound = torch.full((self.layout.numel,), torch.inf, dtype=F64)
+            row = bound[None]
+            self.layout.view(row, "phase")[:] = self.period - 1
+            for name, _, block in self.net.named_s4_blocks():
+                self.layout.view(row, f"{name}.x")[0] = self.forms[name].state_bound(
+                    self.ssm_input_bound(block)
+                )
+            emb = self.net.embed.weight.detach().cpu().double().abs().amax(0) * abs(self.config.embed_scale)
+            buffers: dict[str, torch.Tensor] = {}
+            self._level_bound(0, emb, buffers)
+            for name, b in buffers.items():
+                self.layout.view(row, name)[0] = b
+            self._state_bound = bound
+        return self._state_bound
+
+    def check_state(self, state: torch.Tensor) -> None:
+        """Raise StateRangeError unless state (B, layout.numel) float32 is one the model can produce:
+        every value finite; each phase counter an integer in [0, prod(pool)); DownPool buffer entries at
+        or after their level's phase exactly 0 (they are filled one per level step and cleared when the
+        block is pooled); every value within `state_bound()` × STATE_BOUND_SLACK (inf: finiteness
+        only). Checks each row on its own; the message names the first offending part and row."""
+        if state.dim() != 2 or state.shape[1] != self.layout.numel:
+            raise StateRangeError(
+                f"state has shape {tuple(state.shape)}, expected (B, layout.numel) = (B, {self.layout.numel})"
+            )
+        x = state.detach().cpu().float()
+        bad = ~torch.isfinite(x)
+        if bool(bad.any()):
+            r, i = bad.nonzero()[0].tolist()
+            raise StateRangeError(
+                f"state holds {int(bad.sum())} NaN or infinite values (first in {self._part(i)}, row {r})"
+            )
+        tau = self.layout.view(x, "phase")[:, 0]
+        ok = (tau == tau.round()) & (tau >= 0) & (tau < self.period)
+        if not bool(ok.all()):
+            r = int((~ok).nonzero()[0, 0])
+            raise StateRangeError(
+                f"state phase counter {float(tau[r]):.6g} in row {r} is not an integer in [0, {self.period})"
+            )
+        tau = tau.long()
+        for k, s in enumerate(self.pool):
+            buf = self.layout.view(x, f"down.{k}.buffer")  # (B, s, H)
+            r_k = self._level_phase(tau, k)
+            late = torch.arange(s)[None, :] >= r_k[:, None]  # (B, s): entries not filled yet
+            stray = late[..., None] & (buf != 0)
+            if bool(stray.any()):
+                r, j, h = stray.nonzero()[0].tolist()
+                raise StateRangeError(
+                    f"state down.{k}.buffer entry {j} (channel {h}) in row {r} is {float(buf[r, j, h]):.6g}, "
+                    f"but at phase {int(tau[r])} level {k} has filled only entries < {int(r_k[r])} (0 after)"
+                )
+        limit = (self.state_bound() * STATE_BOUND_SLACK).float()
+        over = x.abs() > limit
+        if bool(over.any()):
+            r, i = over.nonzero()[0].tolist()
+            raise StateRangeError(
+                f"state value {float(x[r, i]):.6g} in {self._part(i)}, row {r}, exceeds "
+                f"{float(limit[i]):.6g}, the largest this model can reach"
+            )
+
+    def _part(self, i: int) -> str:
+        """The layout part (and index within it) of flat entry i."""
+        for name, slot in self.layout.slots.items():
+            if slot.offset <= i < slot.offset + slot.numel:
+                idx = list(torch.unravel_index(torch.tensor(i - slot.offset), slot.shape))
+                return f"{name}{[int(j) for j in idx]}"
+        return f"entry {i}"
 
     @property
     def state_bytes_per_sequence(self) -> int:

@@ -559,8 +559,160 @@ def map_standalone(sd: dict[str, torch.Tensor], desc: dict) -> Imported:
     return Imported(config, tensors, mp, ["standalone models/s4/s4d.py layers (ZOH, exp transforms)"])
 
 
+# ---------------------------------------------------------------------------------------------
+# SaShiMi (src/models/sequence/backbones/sashimi.py, modules/pool.py)
+
+
+def _fold_weight_norm(src: _Source, p: str, shape: tuple[int, int]) -> tuple[torch.Tensor, str]:
+    """nn.utils.weight_norm(Linear) (dim 0): W = g · v / ‖v‖ with the norm of each output row."""
+    if src.has(p + "weight"):
+        return src.take(p + "weight", shape), "Linear weight"
+    g = src.take(p + "weight_g", (shape[0], 1)).double()
+    v = src.take(p + "weight_v", shape).double()
+    return g * v / v.norm(dim=1, keepdim=True), "weight norm folded: W = g·v/‖v‖ (per output row)"
+
+
+def _check_sashimi(m: dict) -> None:
+    w = "model"
+    _expect(m, "prenorm", False, (True,), w, "post-norm blocks are not supported")
+    _expect(m, "interp", 0, (0,), w, "the interpolating SaShiMi variant is not supported")
+    _expect(m, "act_pool", None, (None,), w, "activations after the pools are not supported")
+    res = _opt(m, "residual", "R", w)
+    if res not in (None, "R", "residual"):
+        raise Unsupported(f"model.residual = {res!r}: only the plain residual 'R' is supported")
+    norm = _opt(m, "norm", None, w)
+    if norm != "layer" and not (isinstance(norm, dict) and norm.get("_name_") == "layer" and len(norm) == 1):
+        raise Unsupported(f"model.norm = {norm!r}: only 'layer' (TransposedLN when transposed) is supported")
+    if not m.get("transposed", True):
+        raise Unsupported("model.transposed = False: SaShiMi's blocks then use LayerNorm; only the official "
+                          "default (transposed, scalar TransposedLN) is supported")  # fmt: skip
+
+
+def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict) -> Imported:
+    """The official SaShiMi backbone under a Lightning module (model. / encoder.0 / decoder.0) → our
+    arch 'sashimi' (norm 'tln', not unet). Official module ↔ ours: d_layers.k ↔ down.k.pool (weight
+    norm folded), c_layers.i ↔ center.i, u_layers.j.0 ↔ up.(K−1−j).pool, u_layers.j.(1+i) ↔
+    up.(K−1−j).blocks.i, norm ↔ norm (LayerNorm), encoder.0 ↔ embed, decoder.0.output_transform ↔ head.
+    Each S4 layer keeps its own l_kernel (L, L/4, L/16 when layer.l_max is null). The tokens are
+    state-spaces/s4 mu-law (config mulaw 's4'); the audio is 16 kHz (SC09, YouTubeMix)."""
+    notes: list[str] = []
+    src = _Source(sd)
+    m = cfg["model"]
+    _check_sashimi(m)
+    pool = _opt(m, "pool", [], "model")
+    if not (isinstance(pool, list) and pool and all(type(x) is int for x in pool)):
+        raise Unsupported(f"model.pool = {pool!r}: expected a list of strides")
+    expand, ff, n_layers = m.get("expand", 1), m.get("ff", 2), m.get("n_layers")
+    if not all(type(x) is int for x in (expand, ff, n_layers)):
+        raise Unsupported(f"model.expand/ff/n_layers = {expand!r}/{ff!r}/{n_layers!r}: expected integers")
+    lc = m.get("layer")
+    if not isinstance(lc, dict) or lc.get("_name_", "s4") != "s4":
+        raise Unsupported(f"model.layer = {lc!r}: only an s4 layer config is supported")
+    if m.get("center_layer") is not None:
+        raise Unsupported("model.center_layer: a different center layer is not supported")
+    kind = _check_s4_layer(lc, "model.layer")
+    emb = src.take("encoder.0.weight")
+    V, H = emb.shape
+    tensors: dict[str, torch.Tensor] = {"embed.weight": emb}
+    mp = [("embed.weight", "encoder.0.weight", "the token embedding (no rescale: classification task)")]
+    task = cfg.get("task") or {}
+    if task.get("_name_") not in ("multiclass_classification", "base", None):
+        raise Unsupported(f"task._name_ = {task.get('_name_')!r}: SaShiMi imports expect the sc09-style task")
+    hw = "decoder.0.output_transform."
+    tensors["head.weight"], tensors["head.bias"] = (
+        src.take(hw + "weight", (V, H)),
+        src.take(hw + "bias", (V,)),
+    )
+    mp += [("head", hw[:-1], "SequenceDecoder output_transform Linear")]
+    K = len(pool)
+    widths = [H * expand**k for k in range(K + 1)]
+    facts0, l_kernels, names = None, [], []
+
+    def block(p: str, q: str, d: int, is_s4: bool) -> None:
+        nonlocal facts0
+        tensors[q + "norm.m"] = src.take(p + "norm.norm.m", (1,))
+        tensors[q + "norm.s"] = src.take(p + "norm.norm.s", (1,))
+        if is_s4:
+            kt, facts, kmp = map_ssm_kernel(src, p + "layer.layer.kernel.", d, dict(lc), "model.layer", kind)
+            for k2, v2 in kt.items():
+                tensors[q + "layer.kernel." + k2] = v2
+            mp.extend((q + a if not a.startswith("config.") else a, b, c) for a, b, c in kmp)
+            if facts0 is None:
+                facts0 = facts
+            elif (facts["N2"], facts["rank"], facts["disc"]) != (
+                facts0["N2"],
+                facts0["rank"],
+                facts0["disc"],
+            ):
+                raise Unsupported("model.layer: layers differ in d_state, rank or discretization")
+            l_kernels.append(facts["l_kernel"])
+            names.append(q[:-1])
+            tensors[q + "layer.D"] = src.take(p + "layer.layer.D", (1, d))[0]
+            tensors[q + "layer.out.weight"] = src.take(p + "layer.output_linear.0.weight", (2 * d, d))
+            tensors[q + "layer.out.bias"] = src.take(p + "layer.output_linear.0.bias", (2 * d,))
+            mp.append((q + "layer", p + "layer", "S4 block: D, output Linear(d, 2d) + GLU; TransposedLN"))
+        else:
+            tensors[q + "ff.up.weight"] = src.take(p + "layer.ff.0.0.weight", (ff * d, d))
+            tensors[q + "ff.up.bias"] = src.take(p + "layer.ff.0.0.bias", (ff * d,))
+            tensors[q + "ff.down.weight"] = src.take(p + "layer.ff.2.weight", (d, ff * d))
+            tensors[q + "ff.down.bias"] = src.take(p + "layer.ff.2.bias", (d,))
+            mp.append(
+                (q + "ff", p + "layer.ff", "FF block: Linear(d, ff·d), GELU, Linear(ff·d, d); TransposedLN")
+            )
+
+    def level(p: str, q: str, d: int, offset: int) -> None:
+        per = 2 if ff else 1
+        for i in range(n_layers * per):
+            block(f"{p}{offset + i}.", f"{q}{i}.", d, i % per == 0)
+
+    for k in range(K):
+        W, how = _fold_weight_norm(src, f"model.d_layers.{k}.linear.", (widths[k + 1], widths[k] * pool[k]))
+        tensors[f"down.{k}.pool.linear.weight"] = W
+        tensors[f"down.{k}.pool.linear.bias"] = src.take(f"model.d_layers.{k}.linear.bias", (widths[k + 1],))
+        mp.append((f"down.{k}.pool.linear", f"model.d_layers.{k}.linear", how))
+    level("model.c_layers.", "center.", widths[K], 0)
+    for j in range(K):
+        k = K - 1 - j
+        p = f"model.u_layers.{j}.0.linear."
+        W, how = _fold_weight_norm(src, p, (widths[k] * pool[k], widths[k + 1]))
+        tensors[f"up.{k}.pool.linear.weight"] = W
+        tensors[f"up.{k}.pool.linear.bias"] = src.take(p + "bias", (widths[k] * pool[k],))
+        mp.append((f"up.{k}.pool.linear", p[:-1], how))
+        level(f"model.u_layers.{j}.", f"up.{k}.blocks.", widths[k], 1)
+    tensors["norm.weight"] = src.take("model.norm.weight", (H,))
+    tensors["norm.bias"] = src.take("model.norm.bias", (H,))
+    mp.append(("norm", "model.norm", "final LayerNorm"))
+    left = src.leftovers()
+    if left:
+        raise Unsupported(f"state dict: tensors this importer does not understand: {left[:10]}")
+    P = math.prod(pool)
+    l_max = max(l_kernels)
+    l_max = -(-l_max // (2 * P)) * 2 * P  # a multiple of 2·prod(pool): the verification length
+    ds = cfg.get("dataset") if isinstance(cfg.get("dataset"), dict) else {}
+    config = {
+        "arch": "sashimi", "pool": list(pool), "expand": expand, "ff": ff, "unet": False, "norm": "tln",
+        "vocab_size": int(V), "d_model": int(H), "n_layers": n_layers, "d_state": 2 * facts0["N2"],
+        "kernel": kind, "init": "legs", "rank": max(1, facts0["rank"]), "disc": facts0["disc"],
+        "l_max": int(l_max), "head_bias": True, "embed_scale": 1.0,
+        "l_kernel": l_kernels if kind == "s4" else None, "dt_tied": bool(facts0["dt_tied"]),
+        "re_lambda_max": None, "modality": "audio", "sample_rate": 16000, "mulaw": "s4",
+    }  # fmt: skip
+    notes.append(
+        f"SaShiMi pool {pool}, expand {expand}, ff {ff}, {n_layers} (S4, FF) pairs per level; S4 blocks "
+        f"{names} with l_kernel {l_kernels}; dataset {ds.get('_name_')!r}: 16 kHz audio, "
+        "state-spaces/s4 mu-law (mulaw 's4')"
+    )
+    return Imported(_drop_defaults(config), tensors, mp, notes)
+
+
 def map_official(sd: dict[str, torch.Tensor], cfg: dict | None, kind: str) -> Imported:
     """(state dict, plain config or description, kind from model.official.reader) → Imported."""
     if kind == "standalone":
         return map_standalone(sd, cfg or {})
+    if (
+        isinstance(cfg, dict)
+        and isinstance(cfg.get("model"), dict)
+        and cfg["model"].get("_name_") == "sashimi"
+    ):
+        return map_sashimi(sd, cfg)
     return map_lightning(sd, cfg)

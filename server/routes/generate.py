@@ -89,7 +89,9 @@ async def generate(req: GenerateRequest, request: Request):
             "X-Prompt-Tokens": str(final.prompt_tokens),
             "X-Completion-Tokens": str(final.completion_tokens),
         }
-        return Response(media.wav(tokens, model.sample_rate), media_type="audio/wav", headers=headers)
+        return Response(
+            media.wav(tokens, model.sample_rate, model.codec), media_type="audio/wav", headers=headers
+        )
     body = {
         "id": gid,
         "model": model.id,
@@ -103,5 +105,5 @@ async def generate(req: GenerateRequest, request: Request):
         out.finish_text(final)
         body["text"] = out.text.text
     else:
-        body["audio"] = base64.b64encode(media.wav(tokens, model.sample_rate)).decode()
+        body["audio"] = base64.b64encode(media.wav(tokens, model.sample_rate, model.codec)).decode()
     return body

@@ -134,7 +134,7 @@ class Connection:
         m = self.model
         max_s = self.st.settings.max_audio_s
         limit, _ = service.prompt_limit(self.st, m)  # text: checked before the prompt is converted
-        ids = media.prompt_ids(m.kind, m.sample_rate, msg.prompt, msg.prompt_audio, max_s, limit)
+        ids = media.prompt_ids(m.kind, m.sample_rate, msg.prompt, msg.prompt_audio, max_s, limit, m.codec)
         ids, self.audio_ids = self.audio_ids + ids, []
         service.check_prompt(self.st, ids, "prompt" if m.kind == "text" else "prompt_audio", m)
         return ids
@@ -149,7 +149,7 @@ class Connection:
             raise too_large(
                 f"buffered audio prompt is longer than {limit} samples ({setting}; buffer cleared)", "audio"
             )
-        self.audio_ids += media.audio_frame_ids(data, self.encoding)
+        self.audio_ids += media.audio_frame_ids(data, self.encoding, self.model.codec)
 
     async def forward(self, stream: Stream, out: service.Output) -> None:
         """Send a generation's frames; a slow reader blocks here, which pauses the session."""

@@ -95,8 +95,9 @@
     $("audio-panel").hidden = model?.kind !== "audio";
     if (!model) return;
     const rate = model.sample_rate ? `, ${model.sample_rate} Hz` : "";
+    const layers = model.arch === "sashimi" ? `SaShiMi, ${model.n_layers} per level` : `${model.n_layers} layers`;
     $("model-info").textContent =
-      `${model.kind}${rate} · ${model.n_layers} layers · d_model ${model.d_model} · ` +
+      `${model.kind}${rate} · ${layers} · d_model ${model.d_model} · ` +
       `d_state ${model.d_state} · ${model.kernel} · ${bytes(model.state_bytes_per_session)} of state per session`;
     showStats();
   }

@@ -1,0 +1,275 @@
+"""SaShiMi through the real server: the engine, the slot pool, fork, export/import and the state checks
+work on its one-row StateLayout state without knowing what SaShiMi is.
+
+Rows of one decode batch (and of one prefill group) sit at different pooling phases when their sessions
+hold prompts of different lengths: sessions holding 1..16 tokens (every phase of pool [4, 4]) then take
+the same 8-token turn, one at a time and all at once; both equal the library's one-shot generation on
+the concatenated input (server_support.reference), in the fused C step and in the torch step."""
+
+import struct
+import threading
+
+import httpx
+import pytest
+import torch
+from server_support import CORPUS, ServerThread, _rec, metric, reference, wait_for
+from test_server_store import redis_db, redis_url  # noqa: F401 (fixtures: a redis-server per module)
+
+from model import ModelConfig, build, save
+from model.recurrent import StateRangeError
+from model.sampling import SamplingParams
+from server import Settings
+from server.sessions import MAGIC, pack_state, state_version, unpack_state
+from server.store import KEY_PREFIX
+
+TEXT = "tiny-sashimi-text"
+SHAPE = dict(arch="sashimi", vocab_size=256, d_model=16, n_layers=1, d_state=16, l_max=64, pool=[4, 4],
+             cauchy_backend="torch")  # fmt: skip
+N_NEW = 24
+TURN = b" to be:"  # the second turn of every mixed-phase session (+ 1 pending token: 8 ingested)
+
+
+def make_text_sashimi():
+    torch.manual_seed(3)
+    return build(ModelConfig(**SHAPE, kernel="s4d"))
+
+
+@pytest.fixture(scope="module")
+def sashimi_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sashimi") / TEXT
+    save(make_text_sashimi(), d)
+    return d
+
+
+@pytest.fixture(scope="module", params=["fused", "torch"])
+def srv(request, sashimi_dir):
+    settings = Settings(checkpoints=[str(sashimi_dir)], max_sessions=48, max_batch_size=32, drain_timeout_s=1)
+    s = ServerThread(settings).start()
+    rec = s.state.models[TEXT].rec
+    if request.param == "torch":  # the torch ops instead of the per-layer C step (before any request)
+        rec._fused = None
+    else:
+        assert rec._fused is not None, "the fused C step did not build"
+    yield s
+    s.stop()
+
+
+def _create(url: str, prompt: bytes) -> str:
+    r = httpx.post(url + "/v1/sessions", json={"model": TEXT, "prompt": prompt.decode()}, timeout=60)
+    assert r.status_code == 201, r.text
+    return r.json()["session_id"]
+
+
+def _generate(url: str, sid: str | None, prompt: bytes, seed: int, n: int = N_NEW) -> list[int]:
+    body = {"model": TEXT, "prompt": prompt.decode(), "max_new_tokens": n, "seed": seed, "temperature": 1.0}
+    if sid is not None:
+        body["session_id"] = sid
+    r = httpx.post(url + "/v1/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def _want(sashimi_dir, first: bytes, seed: int) -> list[int]:
+    return reference(sashimi_dir, list(first + TURN), SamplingParams(seed=seed, temperature=1.0), N_NEW)
+
+
+def test_the_server_serves_sashimi_with_its_state_layout(srv):
+    info = httpx.get(srv.url + "/v1/models/" + TEXT).json()
+    rec = srv.state.models[TEXT].rec
+    assert info["arch"] == "sashimi"
+    assert info["state_bytes_per_session"] == rec.layout.numel * 4
+    v = info["verification"]
+    assert v["step_rel_err"] <= 1e-4 and v["prefill_rel_err"] <= 1e-4 and v["dtype"] == "float32"
+    assert srv.state.models[TEXT].engine.pool.state.shape == (48, rec.layout.numel)
+
+
+def test_every_phase_alone_and_in_one_mixed_batch_equals_the_reference(srv, sashimi_dir):
+    """Sessions at phases 1..16 (mod 16: all of them) take the same turn alone, then all at once: the
+    prefill group holds 16 equal-length chunks at 16 phases, the decode batch 16 rows at 16 phases."""
+    firsts = [CORPUS[:n].encode() for n in range(1, 17)]
+    want = [_want(sashimi_dir, f, seed=10 + i) for i, f in enumerate(firsts)]
+    alone = [_generate(srv.url, _create(srv.url, f), TURN, seed=10 + i) for i, f in enumerate(firsts)]
+    assert alone == want
+    sids = [_create(srv.url, f) for f in firsts]
+    rec = srv.state.models[TEXT].rec
+    phases_seen: list[int] = []  # distinct pooling phases among the rows of each prefill call
+    prefill = rec.prefill
+
+    def counting_prefill(tokens, state):
+        phases_seen.append(len(set(rec.phases(state).tolist())))
+        return prefill(tokens, state)
+
+    rec.prefill = counting_prefill  # the engine thread calls rec.prefill: observe it, change nothing
+    client = httpx.Client(base_url=srv.url)
+    steps_before = metric(client, "s4_decode_batch_size_count", TEXT)
+    rows_before = metric(client, "s4_decode_batch_size_sum", TEXT)
+    got: list = [None] * len(sids)
+
+    def run(i):
+        got[i] = _generate(srv.url, sids[i], TURN, seed=10 + i)
+
+    # hold the engine thread while the 16 requests queue up, so that it admits them in one go (one
+    # prefill group, one decode batch) however slowly the requests arrive on a loaded machine
+    engine, gate = srv.state.models[TEXT].engine, threading.Event()
+    held = engine.call(lambda e: gate.wait(60))
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sids))]
+    for t in threads:
+        t.start()
+    assert wait_for(lambda: engine.queued >= len(sids), 60), engine.queued
+    gate.set()
+    held.result(60)
+    for t in threads:
+        t.join(120)
+    del rec.prefill
+    assert got == want
+    assert max(phases_seen) == 16, f"prefill calls saw {phases_seen} phases: no mixed-phase group"
+    steps = metric(client, "s4_decode_batch_size_count", TEXT) - steps_before
+    rows = metric(client, "s4_decode_batch_size_sum", TEXT) - rows_before
+    assert rows == 16 * N_NEW and steps == N_NEW, f"{steps} steps for {rows} rows: not one mixed batch"
+
+
+def test_fork_and_export_import_continue_identically(srv, sashimi_dir):
+    first = CORPUS[:11].encode()  # phase 11 + the turns below: an odd phase with full buffers
+    sid = _create(srv.url, first)
+    t1 = _generate(srv.url, sid, b"", seed=1, n=5)
+    fork = httpx.post(f"{srv.url}/v1/sessions/{sid}/fork").json()["session_id"]
+    blob = httpx.get(f"{srv.url}/v1/sessions/{sid}/export").content
+    header, raw = unpack_state(blob)
+    rec = _rec(sashimi_dir)
+    assert state_version(blob) == 2 and header["arch"] == "sashimi" and header["shape"] == [rec.layout.numel]
+    r = httpx.post(srv.url + "/v1/sessions/import", content=blob)
+    assert r.status_code == 201, r.text
+    imported = r.json()["session_id"]
+    base = list(first) + t1 + list(TURN)
+    want = reference(sashimi_dir, base, SamplingParams(seed=7, temperature=1.0), N_NEW)
+    for s in (sid, fork, imported):
+        assert _generate(srv.url, s, TURN, seed=7) == want
+
+
+def test_import_refuses_states_the_model_cannot_reach_naming_the_part(srv, sashimi_dir):
+    sid = _create(srv.url, CORPUS[:6].encode())
+    header, raw = unpack_state(httpx.get(f"{srv.url}/v1/sessions/{sid}/export").content)
+    rec = _rec(sashimi_dir)
+    x = torch.frombuffer(bytearray(raw), dtype=torch.float32).clone()[None]
+    assert int(rec.layout.view(x, "phase")[0, 0]) == 5  # 6 tokens: 5 ingested, 1 pending
+
+    def tamper(part: str, index: tuple, value: float) -> str:
+        y = x.clone()
+        rec.layout.view(y, part)[(0, *index)] = value
+        r = httpx.post(srv.url + "/v1/sessions/import", content=pack_state(header, y.numpy().tobytes()))
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["param"] == "state"
+        return r.json()["error"]["message"]
+
+    assert "NaN or infinite" in tamper("center.0.x", (0, 0, 0), float("nan"))
+    assert "phase counter 16" in tamper("phase", (0,), 16.0)
+    assert "phase counter 2.5" in tamper("phase", (0,), 2.5)
+    # phase 5: level 0 has filled entry 0 of its block (5 = 4 + 1), level 1 entry 0 (5 // 4 = 1)
+    assert "down.0.buffer entry 2" in tamper("down.0.buffer", (2, 3), 0.25)
+    assert "down.1.buffer entry 1" in tamper("down.1.buffer", (1, 0), 0.25)
+    msg = tamper("center.0.x", (1, 0, 2), 1e9)
+    assert "center.0.x[1, 0, 2]" in msg and "largest this model can reach" in msg
+    assert "down.0.buffer" in tamper("down.0.buffer", (0, 3), 1e3)  # beyond every embedding
+    assert "up.1.buffer[2, 5]" in tamper("up.1.buffer", (2, 5), 1e30)  # beyond the residual stream's bound
+    # the untouched state imports
+    r = httpx.post(srv.url + "/v1/sessions/import", content=pack_state(header, raw))
+    assert r.status_code == 201, r.text
+
+
+def test_a_format_version_1_state_is_read_as_isotropic_and_refused_for_sashimi(srv):
+    sid = _create(srv.url, b"abc")
+    header, raw = unpack_state(httpx.get(f"{srv.url}/v1/sessions/{sid}/export").content)
+    blob = _pack_v1({k: v for k, v in header.items() if k != "arch"}, raw)
+    r = httpx.post(srv.url + "/v1/sessions/import", content=blob)
+    assert r.status_code == 422 and r.json()["error"]["param"] == "state"
+    assert (
+        "format version 1" in r.json()["error"]["message"] and "'isotropic'" in r.json()["error"]["message"]
+    )
+
+
+def _pack_v1(header: dict, state: bytes) -> bytes:
+    """The export format before SaShiMi (version 1: no arch in the header)."""
+    import hashlib
+    import json
+
+    head = json.dumps(header, sort_keys=True).encode()
+    body = struct.pack("<8sHI", MAGIC, 1, len(head)) + head + state
+    return body + hashlib.sha256(body).digest()
+
+
+def test_check_state_accepts_every_reachable_state_and_refuses_by_part(sashimi_dir):
+    """Library level: the states random prompts of every length reach (prefill and step, U-Net too)
+    all pass; a TransposedLN model has no SSM input bound (finiteness only) and says so by inf."""
+    for kw in (dict(kernel="s4d"), dict(kernel="s4", unet=True), dict(kernel="s4d", norm="tln")):
+        torch.manual_seed(0)
+        rec = build(ModelConfig(**{**SHAPE, "vocab_size": 32, **kw})).to_recurrent()
+        bound = rec.state_bound()
+        tln = kw.get("norm") == "tln"
+        for name, _, _ in rec.net.named_s4_blocks():
+            b = rec.layout.view(bound[None], f"{name}.x")
+            assert bool(b.isinf().all()) == tln
+        for k in range(2):  # the DownPools of a non-U-Net see no norm; the UpPools see blocks' outputs
+            assert bool(rec.layout.view(bound[None], f"down.{k}.buffer").isfinite().all())  # also under a TLN
+            assert bool(rec.layout.view(bound[None], f"up.{k}.buffer").isinf().all()) == tln
+        state = rec.init_state(4)
+        for L in (1, 5, 16, 23):
+            _, state = rec.prefill(torch.randint(0, 32, (4, L)), state)
+            rec.check_state(state)
+            for _ in range(3):
+                _, state = rec.step(torch.randint(0, 32, (4,)), state)
+                rec.check_state(state)
+        with pytest.raises(StateRangeError, match="shape"):
+            rec.check_state(state[:, :-1])
+
+
+def test_a_format_version_1_export_of_an_isotropic_model_still_imports(client):
+    """Exports written before SaShiMi (version 1, no arch) import into the same isotropic model and
+    continue exactly like the session they came from."""
+    r = client.post("/v1/sessions", json={"model": "tiny-text", "prompt": "a sea of troubles"})
+    sid = r.json()["session_id"]
+    header, raw = unpack_state(client.get(f"/v1/sessions/{sid}/export").content)
+    assert header.pop("arch") == "isotropic"
+    r = client.post("/v1/sessions/import", content=_pack_v1(header, raw))
+    assert r.status_code == 201, r.text
+    body = {"model": "tiny-text", "max_new_tokens": 16, "seed": 3}
+    a = client.post("/v1/generate", json={**body, "session_id": sid}).json()["tokens"]
+    b = client.post("/v1/generate", json={**body, "session_id": r.json()["session_id"]}).json()["tokens"]
+    assert a == b and len(a) == 16
+
+
+def test_a_sashimi_session_resumes_from_the_redis_store_on_another_replica(sashimi_dir, redis_url, redis_db):  # noqa: F811
+    """Write-through on idle, then a replica that never saw the session reads it from Redis (the store
+    holds the same version-2 blob an export does) and continues like one-shot generation."""
+
+    def replica():
+        settings = Settings(checkpoints=[str(sashimi_dir)], session_store=redis_url, max_sessions=4,
+                            drain_timeout_s=1)  # fmt: skip
+        return ServerThread(settings).start()
+
+    a, b = replica(), replica()
+    try:
+        first = CORPUS[:13].encode()
+        sid = _create(a.url, first)
+        t1 = _generate(a.url, sid, b"", seed=2, n=6)
+        assert wait_for(lambda: _stored_tokens(redis_db, sid) == 13 + 6, 10)
+        t2 = _generate(b.url, sid, TURN, seed=8)
+        everything = list(first) + t1 + list(TURN)
+        assert t2 == reference(sashimi_dir, everything, SamplingParams(seed=8, temperature=1.0), N_NEW)
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _stored_tokens(db, sid: str) -> int | None:
+    blob = db.get(KEY_PREFIX + sid)
+    return None if blob is None else unpack_state(blob)[0]["n_tokens"]
+
+
+def test_a_sashimi_checkpoint_at_another_dtype_is_refused_by_name(sashimi_dir):
+    from server.metrics import Metrics
+    from server.registry import load_models
+    from server.sessions import SessionTable
+
+    settings = Settings(checkpoints=[str(sashimi_dir)], max_sessions=2, dtype="bfloat16")
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert models == {} and "arch 'sashimi' serves float32 weights only" in failed[TEXT]
