@@ -10,9 +10,10 @@ The baseline is `model/recurrent.py` at BASELINE_REV (the parent of the blocked 
 `git show` and imported beside this tree's; it is skipped when git or that revision is unavailable.
 
 Run (each configuration ~10-60 s on a 2-core CPU; `--append` adds rows to the JSON):
-    nice -n 10 python -m bench.prefill --lengths 2048 --batches 1 8 --reps 3
+    nice -n 10 python -m bench.prefill --lengths 256 2048 --batches 1 8 --reps 3
     nice -n 10 python -m bench.prefill --lengths 16384 --batches 1 --reps 2 --append
-    nice -n 10 python -m bench.prefill --lengths 16384 --batches 8 --reps 3 --no-baseline --append
+    nice -n 10 python -m bench.prefill --lengths 16384 --batches 8 --reps 2 --no-baseline --append
+    nice -n 10 python -m bench.prefill --contention    # adds "contention" to the JSON
 """
 
 from __future__ import annotations
@@ -131,6 +132,45 @@ def measure(
     }
 
 
+def contention(L: int = 2048, rounds: int = 2) -> dict[str, Any]:
+    """Prefill (old, new) and stepping of L tokens at batch 1, without and with a busy-loop process beside
+    them (same niceness), interleaved for `rounds` rounds; medians in seconds."""
+    from model import load, recurrent
+
+    net = load(str(CHECKPOINT))
+    new = recurrent.RecurrentModel(net)
+    base = _baseline_module()
+    impls = {"new": new} if base is None else {"old": base.RecurrentModel(net), "new": new}
+    tok = torch.randint(0, net.config.vocab_size, (1, L))
+
+    def stepping() -> None:
+        s = new.init_state(1)
+        for t in range(L):
+            new.step(tok[:, t], s, out=s)
+
+    for rec in impls.values():
+        rec.prefill(tok, rec.init_state(1))
+    out = []
+    for _ in range(rounds):
+        for busy in (False, True):
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+            try:
+                time.sleep(0.3)
+                r: dict[str, Any] = {"busy": busy, "load_average": os.getloadavg()[0]}
+                for name, rec in impls.items():
+                    st = rec.init_state(1)
+                    r[name] = statistics.median(_timed(lambda: rec.prefill(tok, st)) for _ in range(3))
+                r["step"] = statistics.median(_timed(stepping) for _ in range(2))
+            finally:
+                if hog is not None:
+                    hog.kill()
+                    hog.wait()
+            out.append(r)
+            times = ", ".join(f"{k} {r[k] * 1e3:.0f} ms" for k in (*impls, "step"))
+            print(f"busy process {busy}: {times}", flush=True)
+    return {"length": L, "batch": 1, "rounds": out}
+
+
 def _line(r: dict[str, Any]) -> str:
     parts = [f"L={r['length']:6d} B={r['batch']:2d}"]
     for name in ("old", "new"):
@@ -176,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--replot", action="store_true")
     p.add_argument("--append", action="store_true", help="add these rows to the existing JSON (runs < 1 min)")
     p.add_argument("--no-baseline", action="store_true", help="this tree only")
+    p.add_argument("--contention", action="store_true", help="2,048 x 1 with and without a busy process")
     args = p.parse_args(argv)
     if args.replot:
         data = read_results(NAME, args.quick)
@@ -187,6 +228,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         for v in (*args.lengths, *args.batches, args.reps):
             if not 1 <= v <= 1 << 20:
                 p.error(f"lengths, batches and reps must be in [1, 2^20], got {v}")
+        if args.contention:
+            data = read_results(NAME, args.quick) or {"rows": []}
+            data["contention"] = contention()
+            write_results(NAME, {k: v for k, v in data.items() if k not in ("benchmark", "quick", "machine")},
+                          args.quick)  # fmt: skip
+            return
         results = measure(args.lengths, args.batches, args.reps, args.step_max_tokens, not args.no_baseline)
         old = read_results(NAME, args.quick) if args.append else None
         if old is not None:
