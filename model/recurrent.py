@@ -30,8 +30,9 @@ from model.layer import fft_conv
 
 F64, C64, C128 = torch.float64, torch.complex64, torch.complex128
 # prefill block T (a power of 2): per layer, float32 tables of T rows (μ^t b, c̃ μ^{t+1}, Ā^t B̄, …) and the
-# (H, T, T) Toeplitz matrix of K_0..K_{T−1}: ≈ H·T·(T + 4M)·4 bytes (13 MiB for H = 256, M = 34). Measured on
-# the text model, 16k tokens, 1 thread: T = 64 (matmul) 633 ms, T = 128 (matmul) 984 ms, FFT 894-1068 ms.
+# (H, T, T) Toeplitz matrix of K_0..K_{T−1}: ≈ H·T·(T + 4M)·4 bytes, plus the μ^{2^k}: 16 MiB for H = 256,
+# M = 34. Measured on the text model, 16k tokens, 1 thread: T = 64 (matmul) 633 ms, T = 128 (matmul)
+# 984 ms, FFT 894-1068 ms.
 CHUNK = 64
 PREFILL_THREADS = 1  # torch threads for a prefill (bench.prefill: 2 threads stall when another process runs)
 MU_POW_BITS = 48  # μ^{2^k} (k < this) are tabulated: μ^n for any n < 2^48 in float32 by n's bits
