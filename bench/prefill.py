@@ -1,0 +1,247 @@
+"""Prompt ingestion (prefill) of the shipped text model: this tree against a baseline revision, side by side.
+
+One process, one converted model per implementation; for each (length, batch) the implementations
+alternate `--reps` times (this machine is shared and noisy: medians of interleaved samples):
+  * warm: a prefill at a length already seen (after one warm-up call);
+  * cold: the first prefill at a length never seen before (L + a fresh offset per sample; the baseline's
+    lazily grown kernel cache is emptied first, which is its state at a new maximum length);
+  * stepping: the same prompt one token at a time through `step` (the same code in both trees).
+The baseline is `model/recurrent.py` at BASELINE_REV (the parent of the blocked prefill), read with
+`git show` and imported beside this tree's; it is skipped when git or that revision is unavailable.
+
+Run (each configuration ~10-60 s on a 2-core CPU; `--append` adds rows to the JSON):
+    nice -n 10 python -m bench.prefill --lengths 256 2048 --batches 1 8 --reps 3
+    nice -n 10 python -m bench.prefill --lengths 16384 --batches 1 --reps 2 --append
+    nice -n 10 python -m bench.prefill --lengths 16384 --batches 8 --reps 2 --no-baseline --append
+    nice -n 10 python -m bench.prefill --contention    # adds "contention" to the JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import ROOT, read_results, save_figure, subplots, write_results
+
+NAME = "prefill"
+CHECKPOINT = ROOT / "checkpoints" / "text-shakespeare"
+BASELINE_REV = "6392c17"  # main before the blocked prefill (float64 kernels grown on the request path)
+GOAL_TOKENS_PER_S = 60_000  # issue 18: 16k tokens, batch 1, warm
+GOAL_COLD_OVER_WARM = 2.0
+
+
+def _baseline_module() -> Any | None:
+    """model/recurrent.py at BASELINE_REV as a module `recurrent_baseline`, or None."""
+    try:
+        src = subprocess.run(
+            ["git", "show", f"{BASELINE_REV}:model/recurrent.py"], cwd=ROOT, capture_output=True,
+            text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    path = Path(tempfile.mkdtemp()) / "recurrent_baseline.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("recurrent_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["recurrent_baseline"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _forget_lengths(rec) -> None:
+    """Empty the baseline's lazily grown per-form caches (its kernels and matrix powers)."""
+    for form in rec.layers:
+        form._K = form._K[:, :0]
+        if isinstance(getattr(form, "_powers", None), dict):
+            form._powers.clear()
+
+
+def measure(
+    lengths: Sequence[int], batches: Sequence[int], reps: int, step_max_tokens: int, baseline: bool = True
+) -> dict[str, Any]:
+    from model import load, recurrent
+
+    torch.manual_seed(0)
+    net = load(str(CHECKPOINT))
+    impls = {"new": recurrent.RecurrentModel(net)}
+    base = _baseline_module() if baseline else None
+    if base is not None:
+        impls = {"old": base.RecurrentModel(net), **impls}
+    rows: list[dict[str, Any]] = []
+    offset = 1
+    for L in lengths:
+        for B in batches:
+            tokens = torch.randint(0, net.config.vocab_size, (B, L + reps + 2))
+            samples: dict[str, dict[str, list[float]]] = {k: {"warm": [], "cold": []} for k in impls}
+            step_s: list[float] = []
+            for rec in impls.values():  # warm-up at L
+                rec.prefill(tokens[:, :L], rec.init_state(B))
+            for _ in range(reps):
+                for name, rec in impls.items():
+                    st = rec.init_state(B)
+                    samples[name]["warm"].append(_timed(lambda: rec.prefill(tokens[:, :L], st)))
+                    if name == "old":
+                        _forget_lengths(rec)
+                    Lc = L + offset  # a length this process has never prefilled
+                    samples[name]["cold"].append(_timed(lambda: rec.prefill(tokens[:, :Lc], st)))
+                offset += 1
+                if L * B <= step_max_tokens:
+                    rec = impls["new"]
+
+                    def stepping(rec=rec):
+                        s = rec.init_state(B)
+                        for t in range(L):
+                            rec.step(tokens[:, t], s, out=s)
+
+                    step_s.append(_timed(stepping))
+            row: dict[str, Any] = {"length": L, "batch": B}
+            for name in impls:
+                for kind in ("warm", "cold"):
+                    med = statistics.median(samples[name][kind])
+                    row[f"{name}_{kind}_s"] = med
+                    row[f"{name}_{kind}_samples"] = samples[name][kind]
+                row[f"{name}_warm_tokens_per_s"] = L * B / row[f"{name}_warm_s"]
+                row[f"{name}_cold_over_warm"] = row[f"{name}_cold_s"] / row[f"{name}_warm_s"]
+            row["step_s"] = statistics.median(step_s) if step_s else None
+            rows.append(row)
+            print(_line(row), flush=True)
+    return {
+        "checkpoint": str(CHECKPOINT.relative_to(ROOT)),
+        "baseline_rev": BASELINE_REV if base is not None else None,
+        "reps": reps,
+        "load_average_before": list(os.getloadavg()),
+        "rows": rows,
+        "goals": {"warm_tokens_per_s_16k_batch1": GOAL_TOKENS_PER_S, "cold_over_warm": GOAL_COLD_OVER_WARM},
+    }
+
+
+def contention(L: int = 2048, rounds: int = 2) -> dict[str, Any]:
+    """Prefill (old, new) and stepping of L tokens at batch 1, without and with a busy-loop process beside
+    them (same niceness), interleaved for `rounds` rounds; medians in seconds."""
+    from model import load, recurrent
+
+    net = load(str(CHECKPOINT))
+    new = recurrent.RecurrentModel(net)
+    base = _baseline_module()
+    impls = {"new": new} if base is None else {"old": base.RecurrentModel(net), "new": new}
+    tok = torch.randint(0, net.config.vocab_size, (1, L))
+
+    def stepping() -> None:
+        s = new.init_state(1)
+        for t in range(L):
+            new.step(tok[:, t], s, out=s)
+
+    for rec in impls.values():
+        rec.prefill(tok, rec.init_state(1))
+    out = []
+    for _ in range(rounds):
+        for busy in (False, True):
+            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+            try:
+                time.sleep(0.3)
+                r: dict[str, Any] = {"busy": busy, "load_average": os.getloadavg()[0]}
+                for name, rec in impls.items():
+                    st = rec.init_state(1)
+                    r[name] = statistics.median(_timed(lambda: rec.prefill(tok, st)) for _ in range(3))
+                r["step"] = statistics.median(_timed(stepping) for _ in range(2))
+            finally:
+                if hog is not None:
+                    hog.kill()
+                    hog.wait()
+            out.append(r)
+            times = ", ".join(f"{k} {r[k] * 1e3:.0f} ms" for k in (*impls, "step"))
+            print(f"busy process {busy}: {times}", flush=True)
+    return {"length": L, "batch": 1, "rounds": out}
+
+
+def _line(r: dict[str, Any]) -> str:
+    parts = [f"L={r['length']:6d} B={r['batch']:2d}"]
+    for name in ("old", "new"):
+        if f"{name}_warm_s" in r:
+            tps = r[f"{name}_warm_tokens_per_s"]
+            parts.append(
+                f"{name}: warm {r[f'{name}_warm_s'] * 1e3:8.1f} ms ({tps:9.0f} tok/s)"
+                f" cold {r[f'{name}_cold_s'] * 1e3:8.1f} ms ({r[f'{name}_cold_over_warm']:.2f}x)"
+            )
+    if r.get("step_s") is not None:
+        parts.append(f"stepping {r['step_s'] * 1e3:8.1f} ms")
+    return "  ".join(parts)
+
+
+def plot(data: dict[str, Any], quick: bool) -> None:
+    fig, (ax,) = subplots(1, width=7)
+    rows = data["rows"]
+    labels = [f"{r['length']}×{r['batch']}" for r in rows]
+    xs = range(len(rows))
+    series = [(f"{n} {k}", f"{n}_{k}_s") for n in ("old", "new") for k in ("warm", "cold")] + [
+        ("stepping", "step_s")
+    ]
+    width = 0.8 / len(series)
+    for i, (label, key) in enumerate(series):
+        vals = [r.get(key) or float("nan") for r in rows]
+        ax.bar([x + i * width for x in xs], vals, width, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks([x + 0.4 - width / 2 for x in xs], labels)
+    ax.set_xlabel("prompt tokens × batch")
+    ax.set_ylabel("seconds (median)")
+    ax.legend(fontsize=8)
+    save_figure(fig, NAME, quick, title="prefill: baseline vs this tree (text-shakespeare, CPU)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.prefill", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 16384])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--step-max-tokens", type=int, default=16384, help="step only prompts of ≤ this L·B")
+    p.add_argument("--quick", action="store_true", help="2 short lengths, to results/quick/")
+    p.add_argument("--replot", action="store_true")
+    p.add_argument("--append", action="store_true", help="add these rows to the existing JSON (runs < 1 min)")
+    p.add_argument("--no-baseline", action="store_true", help="this tree only")
+    p.add_argument("--contention", action="store_true", help="2,048 x 1 with and without a busy process")
+    args = p.parse_args(argv)
+    if args.replot:
+        data = read_results(NAME, args.quick)
+        if data is None:
+            p.error("no results to replot")
+    else:
+        if args.quick:
+            args.lengths, args.batches, args.reps = [200, 1000], [1, 2], 2
+        for v in (*args.lengths, *args.batches, args.reps):
+            if not 1 <= v <= 1 << 20:
+                p.error(f"lengths, batches and reps must be in [1, 2^20], got {v}")
+        if args.contention:
+            data = read_results(NAME, args.quick) or {"rows": []}
+            data["contention"] = contention()
+            write_results(NAME, {k: v for k, v in data.items() if k not in ("benchmark", "quick", "machine")},
+                          args.quick)  # fmt: skip
+            return
+        results = measure(args.lengths, args.batches, args.reps, args.step_max_tokens, not args.no_baseline)
+        old = read_results(NAME, args.quick) if args.append else None
+        if old is not None:
+            results["rows"] = old["rows"] + results["rows"]
+            results["load_average_before"] = [old["load_average_before"], results["load_average_before"]]
+        data = write_results(NAME, results, args.quick)
+    plot(data, args.quick)
+
+
+if __name__ == "__main__":
+    main()

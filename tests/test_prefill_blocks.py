@@ -1,0 +1,75 @@
+"""The blocked prefill (model.recurrent, blocks of CHUNK) equals stepping at lengths around the block
+boundaries, from a zero and a nonzero state, for the diagonal and the DPLR forms; it does no float64 work."""
+
+import pytest
+import torch
+
+from model.recurrent import CHUNK, DiagonalSSM, DPLRStep
+from tests.test_recurrent import assert_logits_close, make, step_all
+
+# around the block boundaries of CHUNK and of the multiples 128 and 4096
+LENGTHS = sorted({1, CHUNK - 1, CHUNK, CHUNK + 1, 127, 128, 129, 1000, 4097})
+STATE_TOL = 1e-4  # ‖Δstate‖/‖state‖, as tests/test_recurrent.py
+
+
+@pytest.fixture(
+    scope="module",
+    params=[("s4d", "diag-inv", DiagonalSSM), ("s4", "legs", DPLRStep)],
+    ids=["diagonal", "dplr"],
+)
+def converted(request):
+    kernel, init, form = request.param
+    torch.manual_seed(0)
+    r = make(kernel, init, l_max=1024).eval().to_recurrent()
+    assert all(type(f) is form for f in r.layers)
+    return r
+
+
+@pytest.fixture(params=["matmul", "fft"])
+def rec(converted, request):
+    """The in-block convolution by the Toeplitz matmul (the default) or by the cached-transform FFT."""
+    r = converted
+    tabs = [f.conv_tab for f in r.layers]
+    if request.param == "fft":
+        for f in r.layers:
+            f.conv_tab = None
+    r.prefill_by_steps_max_tokens = 0  # the parallel form at every length
+    yield r
+    for f, t in zip(r.layers, tabs):
+        f.conv_tab = t
+
+
+@pytest.mark.parametrize("L", LENGTHS)
+@pytest.mark.parametrize("start", ["zero", "nonzero"])
+def test_prefill_equals_stepping(rec, L, start):
+    g = torch.Generator().manual_seed(L)
+    tokens = torch.randint(0, 32, (2, 300 + L), generator=g)
+    state = rec.init_state(2)
+    if start == "nonzero":  # a reachable state: 300 tokens already stepped, different per row
+        _, state = step_all(rec, tokens[:, :300], state)
+        assert float(state.abs().max()) > 0
+    tokens = tokens[:, 300:]
+    want_logits, want_state = step_all(rec, tokens, state)
+    got_logits, got_state = rec.prefill(tokens, state)
+    assert_logits_close(got_logits, want_logits)
+    assert float((got_state - want_state).norm() / want_state.norm()) <= STATE_TOL
+
+
+def test_prefill_does_no_float64_work(rec):
+    """Every op the prefill runs has float32/complex64 (or integer) tensors only: the float64 work is done
+    at conversion."""
+    tokens = torch.randint(0, 32, (2, 3 * CHUNK + 5))
+    _, state = rec.prefill(tokens, rec.init_state(2))
+    seen = []
+
+    class Spy(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            for a in (*args, *kwargs.values()):
+                if isinstance(a, torch.Tensor) and a.dtype in (torch.float64, torch.complex128):
+                    seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **kwargs)
+
+    with Spy():
+        rec.prefill(tokens, state)
+    assert not seen, f"float64 tensors reached {sorted(set(seen))}"
