@@ -68,6 +68,30 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-300))
 
 
+def layernorm_output_bound(norm: torch.nn.LayerNorm) -> torch.Tensor:
+    """(H,) float64: max |u_h| of a LayerNorm's output γ ⊙ x̂ + β over all inputs. A standardized
+    vector of H values has |x̂_h| ≤ √(H − 1) (Samuelson's inequality; the eps only shrinks it), so
+    |u_h| ≤ |γ_h| √(H − 1) + |β_h|."""
+    H = norm.normalized_shape[0]
+    gamma = torch.ones(H, dtype=F64) if norm.weight is None else norm.weight.detach().cpu().double().abs()
+    beta = torch.zeros(H, dtype=F64) if norm.bias is None else norm.bias.detach().cpu().double().abs()
+    return gamma * (H - 1) ** 0.5 + beta
+
+
+def logits_report(what: str, dtype: str, stepped, prefilled, ref: torch.Tensor, tol: float) -> dict:
+    """The network check's verdict: relative errors of the stepped and the prefilled logits (B, T, V)
+    against the float64 conv-mode logits `ref`; VerificationError naming `what` above `tol` (a NaN
+    fails too). Returns the report served in /v1/models, /readyz and /metrics."""
+    errs = [_rel_err(stepped.cpu(), ref), _rel_err(prefilled.cpu(), ref)]
+    T = ref.shape[1]
+    if not all(e <= tol for e in errs):
+        raise VerificationError(
+            f"{what} does not reproduce the float64 conv-mode logits within rel. err {tol:g} over {T} tokens "
+            f"(step {errs[0]:.2e}, prefill {errs[1]:.2e})"
+        )
+    return {"dtype": dtype, "tokens": T, "step_rel_err": errs[0], "prefill_rel_err": errs[1], "tol": tol}
+
+
 def pad_fused_params(form, M: int) -> None:
     """Prepare a CPU layer form for the fused step: its parameters zero-padded along the mode axis to M
     modes (a model's state holds max-over-layers modes) and their C pointers. A padded mode has
@@ -596,16 +620,9 @@ class RecurrentModel:
             second, _ = self.prefill(tok[:, T // 2 :], state)
         finally:
             self.prefill_by_steps_max_tokens = by_steps
-        prefilled = torch.cat([first, second], 1)
-        errs = [_rel_err(torch.stack(stepped, 1).cpu(), ref), _rel_err(prefilled.cpu(), ref)]
         name = str(self.dtype).removeprefix("torch.")
-        report = {"dtype": name, "tokens": T, "step_rel_err": errs[0], "prefill_rel_err": errs[1], "tol": tol}
-        if not all(e <= tol for e in errs):  # (a NaN fails too)
-            raise VerificationError(
-                f"the recurrent network in {name} does not reproduce the float64 conv-mode logits within "
-                f"rel. err {tol:g} over {T} tokens (step {errs[0]:.2e}, prefill {errs[1]:.2e})"
-            )
-        return report
+        stepped, prefilled = torch.stack(stepped, 1), torch.cat([first, second], 1)
+        return logits_report(f"the recurrent network in {name}", name, stepped, prefilled, ref, tol)
 
     @property
     def state_bytes_per_sequence(self) -> int:
@@ -617,19 +634,12 @@ class RecurrentModel:
         return (len(self.layers), self.H, 2, self.M)
 
     def ssm_input_bound(self, i: int) -> torch.Tensor:
-        """(H,) float64: max |u_h| of layer i's SSM input over all inputs. The input is a pre-norm
-        LayerNorm's output γ ⊙ x̂ + β, and a standardized vector of H values has |x̂_h| ≤ √(H − 1)
-        (Samuelson's inequality; the eps only shrinks it), so |u_h| ≤ |γ_h| √(H − 1) + |β_h|.
-        inf where the block's input is not a LayerNorm's output."""
-        H = self.H
+        """(H,) float64: max |u_h| of layer i's SSM input over all inputs: its block is pre-norm, so
+        the input is a LayerNorm's output (`layernorm_output_bound`); inf where it is not one."""
         norm = getattr(self.net.blocks[i], "norm", None)
-        if not isinstance(norm, torch.nn.LayerNorm) or not getattr(self.config, "prenorm", True):
-            return torch.full((H,), torch.inf, dtype=F64)
-        gamma = (
-            norm.weight.detach().cpu().double().abs() if norm.weight is not None else torch.ones(H, dtype=F64)
-        )
-        beta = norm.bias.detach().cpu().double().abs() if norm.bias is not None else torch.zeros(H, dtype=F64)
-        return gamma * (H - 1) ** 0.5 + beta
+        if not isinstance(norm, torch.nn.LayerNorm):
+            return torch.full((self.H,), torch.inf, dtype=F64)
+        return layernorm_output_bound(norm)
 
     def state_bound(self) -> torch.Tensor:
         """(n_layers, H, 2, M) float64: the largest |value| each state entry can take when the model

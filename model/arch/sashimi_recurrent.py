@@ -34,8 +34,9 @@ from model.recurrent import (
     VERIFY_TOKENS,
     StateRangeError,
     VerificationError,
-    _rel_err,
     convert_kernel,
+    layernorm_output_bound,
+    logits_report,
     pad_fused_params,
 )
 from model.state_layout import StateLayout
@@ -119,23 +120,8 @@ class SaShiMiRecurrent:
         cut = T // 2 + self.period // 2 + 1  # not a multiple of the period
         first, state = self.prefill(tok[:, :cut], self.init_state(2))
         second, _ = self.prefill(tok[:, cut:], state)
-        errs = [
-            _rel_err(torch.stack(stepped, 1).cpu(), ref),
-            _rel_err(torch.cat([first, second], 1).cpu(), ref),
-        ]
-        report = {
-            "dtype": "float32",
-            "tokens": T,
-            "step_rel_err": errs[0],
-            "prefill_rel_err": errs[1],
-            "tol": tol,
-        }
-        if not all(e <= tol for e in errs):  # (a NaN fails too)
-            raise VerificationError(
-                f"the recurrent SaShiMi network does not reproduce the float64 conv-mode logits within rel. "
-                f"err {tol:g} over {T} tokens (step {errs[0]:.2e}, prefill {errs[1]:.2e})"
-            )
-        return report
+        stepped, prefilled = torch.stack(stepped, 1), torch.cat([first, second], 1)
+        return logits_report("the recurrent SaShiMi network", "float32", stepped, prefilled, ref, tol)
 
     @property
     def state_shape(self) -> tuple[int, ...]:
@@ -150,12 +136,7 @@ class SaShiMiRecurrent:
         norm = block.norm
         if not isinstance(norm, torch.nn.LayerNorm):
             return torch.full((self._width(block),), torch.inf, dtype=F64)
-        H = norm.normalized_shape[0]
-        gamma = (
-            norm.weight.detach().cpu().double().abs() if norm.weight is not None else torch.ones(H, dtype=F64)
-        )
-        beta = norm.bias.detach().cpu().double().abs() if norm.bias is not None else torch.zeros(H, dtype=F64)
-        return gamma * (H - 1) ** 0.5 + beta
+        return layernorm_output_bound(norm)
 
     @staticmethod
     def _width(block) -> int:
