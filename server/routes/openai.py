@@ -161,6 +161,19 @@ class Run:
             return self.final.stop_at
         return len(self.tokens)
 
+    def advance(self, items: list) -> tuple[str, Finished | None, int]:
+        """(streaming) Take one engine hand-over (token ids, maybe ending with Finished): the text it
+        releases, the Finished or None, and how many generated tokens the client may now see."""
+        ids = [x for x in items if isinstance(x, int)]
+        self.tokens += ids
+        text = self.out.text_piece(ids) if ids else ""
+        final = items[-1] if isinstance(items[-1], Finished) else None
+        if final is not None:
+            self.final = final
+            text += self.out.finish_text(final)
+        released = self.kept() if final is not None else min(self.out.text.emitted, len(self.tokens))
+        return text, final, released
+
     def mean_logprob(self) -> float:
         lps = [lp for lp, _, _ in self.stream.logprobs]
         return sum(lps) / len(lps) if lps else float("-inf")
@@ -389,25 +402,18 @@ async def _stream_completions(runs, prompts, texts, req: CompletionRequest, head
     index = {id(r): i for i, r in enumerate(runs)}
     extra = {"usage": None} if include_usage else {}
     async for run, items in merged(runs):
-        last = items[-1]
-        if isinstance(last, Failed):
-            yield sse({"error": last.error.body()["error"]})
+        if isinstance(items[-1], Failed):
+            yield sse({"error": items[-1].error.body()["error"]})
             yield sse("[DONE]")
             return
-        ids = [x for x in items if isinstance(x, int)]
-        run.tokens += ids
+        piece, final, released = run.advance(items)
         text, entries = "", []
         base = len(texts[run.prompt]) if req.echo else 0
         if req.echo and not run.echoed:
             run.echoed = True
             text = texts[run.prompt]
             entries = prompt_entries(run, lp) if lp is not None else []
-        text += run.out.text_piece(ids) if ids else ""
-        final = last if isinstance(last, Finished) else None
-        if final is not None:
-            run.final = final
-            text += run.out.finish_text(final)
-        released = run.kept() if final is not None else min(run.out.text.emitted, len(run.tokens))
+        text += piece
         if lp is not None and released > run.lp_sent:
             entries += generated_entries(run, run.lp_sent, released, base)
             run.lp_sent = released
@@ -515,19 +521,11 @@ async def _stream_chat(runs: list[Run], prompts, logprobs: bool, head: dict, inc
         }
         yield sse({**head, "choices": [choice], **extra})
     async for run, items in merged(runs):
-        last = items[-1]
-        if isinstance(last, Failed):
-            yield sse({"error": last.error.body()["error"]})
+        if isinstance(items[-1], Failed):
+            yield sse({"error": items[-1].error.body()["error"]})
             yield sse("[DONE]")
             return
-        ids = [x for x in items if isinstance(x, int)]
-        run.tokens += ids
-        text = run.out.text_piece(ids) if ids else ""
-        final = last if isinstance(last, Finished) else None
-        if final is not None:
-            run.final = final
-            text += run.out.finish_text(final)
-        released = run.kept() if final is not None else min(run.out.text.emitted, len(run.tokens))
+        text, final, released = run.advance(items)
         entries = []
         if logprobs and released > run.lp_sent:
             entries = generated_entries(run, run.lp_sent, released, 0)
