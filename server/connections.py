@@ -124,7 +124,22 @@ class SendDeadline:
             transport.abort()
 
 
-class GuardedHttpProtocol(HttpToolsProtocol):
+class SendWatch:
+    """Mixed in before a uvicorn protocol: asyncio's flow-control callbacks drive the connection's
+    `send_deadline` (a SendDeadline the protocol sets in __init__)."""
+
+    send_deadline: SendDeadline
+
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        self.send_deadline.paused()
+
+    def resume_writing(self) -> None:
+        self.send_deadline.resumed()
+        super().resume_writing()  # type: ignore[misc]
+
+
+class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
     """uvicorn's httptools HTTP/1.1 protocol with header and body deadlines and a connection cap.
 
     One timer per connection (`deadline`). The header deadline is armed at the accept, and at the
@@ -156,14 +171,6 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         self.send_deadline.resumed()
         super().connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.send_deadline.paused()
-
-    def resume_writing(self) -> None:
-        self.send_deadline.resumed()
-        super().resume_writing()
 
     def _in_progress(self) -> bool:
         """A request's response is not complete yet."""
@@ -260,7 +267,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
+class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
     """uvicorn's websockets (sans-I/O) protocol with a handshake deadline. Messages are bounded by
     uvicorn's `ws_max_size` (fragments and per-message-deflate output included: close 1009)."""
 
@@ -269,14 +276,6 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         self.guard = guard
         self.deadline: asyncio.TimerHandle | None = None
         self.send_deadline = SendDeadline(self, guard)
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self.send_deadline.paused()
-
-    def resume_writing(self) -> None:
-        self.send_deadline.resumed()
-        super().resume_writing()
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
