@@ -207,6 +207,18 @@ def metric(client: httpx.Client, name: str, model: str) -> float:
     raise KeyError(name)
 
 
+def read_until_closed(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """Everything the server sends on a raw socket until it closes the connection (or `timeout`)."""
+    sock.settimeout(timeout)
+    got = b""
+    try:
+        while data := sock.recv(65536):
+            got += data
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return got
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from server_support import ServerThread, b64
+from server_support import ServerThread, b64, read_until_closed
 
 from server.launch import start_server
 
@@ -68,24 +68,12 @@ def head(path: str, extra: str) -> bytes:
     return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}\r\n".encode()
 
 
-def read_response(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    """Everything the server sends until it closes the connection (or `timeout`)."""
-    sock.settimeout(timeout)
-    got = b""
-    try:
-        while data := sock.recv(65536):
-            got += data
-    except (TimeoutError, ConnectionResetError):
-        pass
-    return got
-
-
 def declared_only(port: int, path: str, length: int, timeout: float = 5.0) -> tuple[bytes, float]:
     """Send headers declaring `length` body bytes and none of them: (the response, seconds to it)."""
     with socket.create_connection(("127.0.0.1", port)) as s:
         t0 = time.monotonic()
         s.sendall(head(path, f"Content-Length: {length}\r\n"))
-        return read_response(s, timeout), time.monotonic() - t0
+        return read_until_closed(s, timeout), time.monotonic() - t0
 
 
 def send_chunked(port: int, total: int, chunk: int = 256 << 10) -> tuple[bytes, int]:
@@ -116,7 +104,7 @@ def send_chunked(port: int, total: int, chunk: int = 256 << 10) -> tuple[bytes, 
                 except (BlockingIOError, BrokenPipeError, ConnectionResetError):
                     time.sleep(0.01)
         s.setblocking(True)
-        return got + read_response(s), sent
+        return got + read_until_closed(s), sent
 
 
 def send_declared_body(port: int, size: int) -> bytes:
@@ -128,7 +116,7 @@ def send_declared_body(port: int, size: int) -> bytes:
             s.sendall(b'{"model": "tiny-text", "prompt": "' + b"x" * size)
         except OSError:  # closed under us once the 413 was sent
             pass
-        return read_response(s)
+        return read_until_closed(s)
 
 
 def status_and_error(response: bytes) -> tuple[int, dict, bytes]:

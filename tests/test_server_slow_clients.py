@@ -16,6 +16,7 @@ import time
 import httpx
 import pytest
 import uvicorn
+from server_support import read_until_closed
 
 from server.launch import start_server
 
@@ -310,17 +311,6 @@ print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
     assert "lower S4_MAX_CONNECTIONS or raise the limit" in out.stderr
 
 
-def _read_all(sock: socket.socket, timeout: float = 30) -> bytes:
-    sock.settimeout(timeout)
-    got = b""
-    try:
-        while data := sock.recv(65536):
-            got += data
-    except (TimeoutError, ConnectionResetError):
-        pass
-    return got
-
-
 def test_pipelined_requests_are_not_cut_while_they_wait_their_turn(model_dirs):
     """HTTP/1.1 pipelining: a request sent behind one still being answered is not read until its turn
     (uvicorn), so its deadlines start then: neither the running response nor the waiting request is
@@ -344,7 +334,7 @@ def test_pipelined_requests_are_not_cut_while_they_wait_their_turn(model_dirs):
             sock.sendall(request(body=stream) + request(body=second)[: -len(rest)])
             time.sleep(3)
             sock.sendall(rest)
-            got = _read_all(sock, timeout=10 if withheld == "body" else 5)
+            got = read_until_closed(sock, timeout=10 if withheld == "body" else 5)
             sock.close()
             first, _, after = got.partition(b"0\r\n\r\n")  # the end of the chunked stream
             assert first.startswith(b"HTTP/1.1 200 ") and b'"type": "done"' in first, (withheld, first[-300:])
@@ -384,7 +374,7 @@ def test_a_request_line_or_headers_over_the_limit_are_refused_with_431(slow_serv
                     sent += 64 << 10
             except OSError:  # closed under us
                 pass
-            got = _read_all(s, timeout=5)
+            got = read_until_closed(s, timeout=5)
         assert got.startswith(b"HTTP/1.1 431 ") and b"max_header_bytes" in got, got[:100]
         assert sent < 32 << 20, sent  # refused long before 64 MiB (kernel buffers hold some MiB)
     ok = httpx.get(url + "/healthz", headers={"X-Big": "a" * 60_000}, timeout=10)
