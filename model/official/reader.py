@@ -162,7 +162,7 @@ def read_yaml(path: str | Path) -> dict:
     """A Hydra config.yaml (yaml.safe_load: plain data only)."""
     try:
         cfg = yaml.safe_load(Path(path).read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
         raise OfficialFormatError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(cfg, dict):
         raise OfficialFormatError(f"{path}: expected a mapping at the top level")
@@ -172,7 +172,7 @@ def read_yaml(path: str | Path) -> dict:
 def read_json(path: str | Path) -> dict:
     try:
         cfg = json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, ints over 4300 digits, deep nesting
         raise OfficialFormatError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(cfg, dict):
         raise OfficialFormatError(f"{path}: expected a JSON object")
