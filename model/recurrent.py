@@ -210,7 +210,7 @@ class DiagonalSSM:
     form = "diagonal"
 
     def __init__(self, mu: torch.Tensor, b: torch.Tensor, c: torch.Tensor, device):
-        self.bc64, self.c64 = b * c, c  # for the kernel and the prefill tables
+        self.bc64, self.c64 = b * c, c  # for the prefill tables
         self.mu64, self.b64 = mu, b  # complex128, for the state bound
         self.log_mu64 = torch.log(mu.where(mu != 0, torch.ones_like(mu)))  # padded modes: μ = 0
         self.alive = (mu != 0).to(device)
@@ -224,7 +224,6 @@ class DiagonalSSM:
         self._fused_ptrs = ()  # set by pad_fused_params when the model runs the fused CPU step
         self.H, self.M = mu.shape
         self.device = device
-        self._K = torch.zeros(self.H, 0, device=device)
         self._prefill_tables(device)
 
     def _prefill_tables(self, device) -> None:
@@ -252,17 +251,6 @@ class DiagonalSSM:
         """μ^t in float64 for t (T,) ≥ 0 → (H, M, T) complex128 (padded modes give 0, μ^0 = 1)."""
         p = torch.exp(self.log_mu64[..., None] * t.to(F64))
         return torch.where(self.alive.cpu()[..., None] | (t == 0), p, torch.zeros((), dtype=C128))
-
-    def kernel(self, L: int) -> torch.Tensor:
-        """K_k = 2 Re Σ c b μ^k, k < L, float32 on device (computed in float64, cached)."""
-        if self._K.shape[1] < L:
-            L2 = max(L, 2 * self._K.shape[1])
-            parts = []
-            for s in range(0, L2, 1024):
-                t = torch.arange(s, min(s + 1024, L2), dtype=F64)
-                parts.append(2 * torch.einsum("hm,hmt->ht", self.bc64, self._powers(t)).real)
-            self._K = torch.cat(parts, dim=1).float().to(self.device)
-        return self._K[:, :L]
 
     def step(self, u: torch.Tensor, x: torch.Tensor):
         """u (B, H), x (B, H, 2, M) real/imaginary parts → y (B, H), x' (B, H, 2, M)."""
@@ -360,7 +348,7 @@ class DPLRStep:
         self._fused_ptrs = ()
         self.H, self.M, self.device = H, N2, device
         # real-coordinate tables for the blocked prefill (float64 → float32: the request path is float32)
-        self.Abar64, self.Bbar64, self.gamma64 = Abar, Bbar, gamma
+        self.Abar64, self.Bbar64 = Abar, Bbar  # for the state bound
         self.T = CHUNK  # a power of 2: Ā^T is the last of the Ā^{2^k} below
         kry, obs, v, g = [], [], Bbar, gamma
         for _ in range(self.T):
@@ -368,11 +356,11 @@ class DPLRStep:
             g = (Abar.transpose(-1, -2) @ g[..., None])[..., 0]
             obs.append(g)
             v = (Abar @ v[..., None])[..., 0]
-        self.kry64 = torch.stack(kry, dim=1)  # (H, T, N): Ā^t B̄
+        kry64 = torch.stack(kry, dim=1)  # (H, T, N): Ā^t B̄
         f32 = dict(device=device, dtype=torch.float32)
-        self.in_tab = self.kry64.flip(1).to(**f32).contiguous()  # row j: Ā^{T−1−j} B̄
+        self.in_tab = kry64.flip(1).to(**f32).contiguous()  # row j: Ā^{T−1−j} B̄
         self.out_tab = torch.stack(obs, 2).to(**f32).contiguous()  # (H, N, T), column t: (Āᵀ)^{t+1} γ̄
-        K = torch.einsum("htn,hn->ht", self.kry64, gamma)
+        K = torch.einsum("htn,hn->ht", kry64, gamma)
         self.Kf = torch.fft.rfft(K, n=2 * self.T).to(device, C64)
         self.conv_tab = _toeplitz(K).to(**f32)
         # (Ā^{2^k})ᵀ for 2^k ≤ T: Ā^r ξ for any r ≤ T by r's bits
@@ -381,7 +369,6 @@ class DPLRStep:
             pows.append(A.transpose(-1, -2).to(**f32).contiguous())
             A = A @ A
         self.A_bin_t = pows
-        self._K = torch.zeros(H, 0, **to)
 
     def step(self, u: torch.Tensor, x: torch.Tensor):
         """u (B, H), x (B, H, 2, N2) real/imaginary parts → y (B, H), x'."""
@@ -419,18 +406,6 @@ class DPLRStep:
             if r >> k & 1:
                 xi = torch.bmm(xi, At)
         return xi
-
-    def kernel(self, L: int) -> torch.Tensor:
-        """K_k = γ̄ᵀ Ā^k B̄ for k < L, float32 on device (float64 chunked computation, cached)."""
-        if self._K.shape[1] < L:
-            L2 = max(L, 2 * self._K.shape[1])
-            AtT = torch.linalg.matrix_power(self.Abar64.transpose(-1, -2), CHUNK)
-            g, parts = self.gamma64, []
-            for _ in range(0, L2, CHUNK):
-                parts.append(torch.einsum("htn,hn->ht", self.kry64, g))
-                g = (AtT @ g[..., None])[..., 0]
-            self._K = torch.cat(parts, dim=1)[:, :L2].float().to(self.device)
-        return self._K[:, :L]
 
     def prefill(self, u: torch.Tensor, x0: torch.Tensor, x0_is_zero: bool = False):
         """u (B, L, H) float32, x0 (B, H, N/2) complex64 → y (B, L, H) float32, x_L (B, H, N/2) complex64;
