@@ -444,6 +444,7 @@ def main(argv: list[str] | None = None, build_model: Callable[[dict], nn.Module]
         metrics = train(cfg, build_model, fresh=args.fresh, dump_grads=args.dump_grads, stop_at=args.stop_at)
     finally:
         if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank tears down gloo while its peer may still be talking to it
             dist.destroy_process_group()
     if metrics:
         keep = ("val", "test", "train_wall_s")
