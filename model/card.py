@@ -115,7 +115,7 @@ def model_mulaw(cfg) -> MuLaw:
 
 @torch.no_grad()
 def text_word_share(
-    rec, data: Dataset, seed: int, samples: int = 8, n: int = 500, temperature: float = 0.8
+    rec, data: Dataset, seed: int, samples: int = 16, n: int = 1000, temperature: float = 0.8
 ) -> dict:
     """The dictionary-word share of unconditional-ish samples (prompt "\n") at `temperature` (no
     top-p/top-k), and of the held-out test plays for reference; the dictionary is every word that
