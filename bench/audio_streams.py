@@ -15,6 +15,8 @@ Per stream, from the arrival time a_k (client clock) of each binary frame k and 
 Per N: total samples/s (all samples ÷ the wall time from the first request to the last frame), the share
 of streams at ≥ real time, jitter p50/p99 over all frames of all streams, the largest playout buffer,
 and the server process's CPU time per sample (/proc: robust to other load where wall time is not).
+First, in this process: the delivery path's cost per sample, token by token (as before frames by time)
+against one list per hand-over and the framer (`delivery_cost`).
 Jitter in ms grows with the frame size when streams are slower than real time (each interval is then
 about T / RTF): compare runs at the same frame_ms; the playout buffer compares across framings.
 
@@ -171,6 +173,53 @@ async def run_streams(ws_url: str, model: str, n: int, samples: int, frame_ms: i
     }
 
 
+def delivery_cost(block: int, samples: int = 100_000, repeat: int = 3) -> dict[str, float]:
+    """µs per sample of the server's delivery path alone (engine hand-over → asyncio queue → pcm16 frame
+    bytes), one stream, the engine handing over `block` ids at a time, best of `repeat`:
+      * per_token: what the server did before frames by time: a queue item per token, the filtering
+        passes over the items (`isinstance`), `to_pcm16(MuLaw.decode(ids))` per hand-over;
+      * per_block: one list per hand-over, and media.AudioFramer (20 ms at 8 kHz) with its lookup table."""
+    import random
+
+    from model.codecs import MuLaw, to_pcm16
+    from server import media
+
+    codec, rnd = MuLaw(), random.Random(0)
+    blocks = [[rnd.randrange(256) for _ in range(block)] for _ in range(samples // block)]
+
+    async def per_token() -> None:
+        q: asyncio.Queue = asyncio.Queue()
+        for blk in blocks:
+            for t in blk:
+                q.put_nowait(t)
+            items = [await q.get()]
+            while not q.empty():
+                items.append(q.get_nowait())
+            sum(1 for x in items if isinstance(x, int))
+            to_pcm16(codec.decode([x for x in items if isinstance(x, int)]))
+
+    async def per_block() -> None:
+        q: asyncio.Queue = asyncio.Queue()
+        framer = media.AudioFramer(160, "pcm16", codec)
+        for blk in blocks:
+            q.put_nowait(list(blk))
+            items = await q.get()
+            while not q.empty():
+                items += q.get_nowait()
+            for frame in framer.feed(items):
+                framer.encode(frame)
+
+    out = {}
+    for name, fn in (("per_token", per_token), ("per_block", per_block)):
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            asyncio.run(fn())
+            best = min(best, time.perf_counter() - t0)
+        out[name] = 1e6 * best / (len(blocks) * block)
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (Linux /proc; NaN elsewhere)."""
     try:
@@ -193,6 +242,11 @@ def audio_model(url: str) -> tuple[str, int]:
 
 
 def run(quick: bool, checkpoint: Path, streams: Sequence[int], seconds: float, frame_ms: int | None) -> dict:
+    delivery = {str(b): delivery_cost(b) for b in (8, 25, 64)}
+    for b, d in delivery.items():
+        ratio = d["per_token"] / d["per_block"]
+        print(f"delivery path, blocks of {b:>2}: {d['per_token']:.2f} µs/sample token by token, "
+              f"{d['per_block']:.2f} by blocks and frames ({ratio:.1f}x)")  # fmt: skip
     n_max = max(streams)
     proc, url = launch.start_server(["--checkpoints", str(checkpoint), "--max-sessions", str(n_max + 4),
                                      "--max-batch-size", str(n_max),
@@ -227,6 +281,7 @@ def run(quick: bool, checkpoint: Path, streams: Sequence[int], seconds: float, f
         "checkpoint": str(checkpoint),
         "sizes": {"streams": list(streams), "seconds": seconds, "frame_ms": frame_ms, "quick": quick},
         "results": rows,
+        "delivery_us_per_sample": delivery,
         "goals": {"streams_at_real_time": 16},
         "measured_vs_goals": {"streams_at_real_time": max(realtime, default=0)},
     }
