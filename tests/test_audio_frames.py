@@ -130,6 +130,29 @@ def test_websocket_frames_hold_frame_ms_of_samples_and_the_per_sample_bytes(serv
     assert data == (bytes(want) if encoding == "mulaw" else per_sample_pcm16(want, MuLaw()))
 
 
+def test_a_cancelled_stream_still_ends_with_its_last_partial_frame_and_loses_no_sample(server, model_dirs):
+    async def main():
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "generate", "model": AUDIO, "audio_encoding": "mulaw",
+                                      "max_new_tokens": 200_000, "seed": 8, "frame_ms": 15}))  # fmt: skip
+            assert json.loads(await ws.recv())["type"] == "session"
+            header = json.loads(await ws.recv())
+            frames = [await ws.recv() for _ in range(3)]
+            await ws.send(json.dumps({"type": "cancel"}))
+            while isinstance(m := await ws.recv(), bytes):
+                frames.append(m)
+            return header, frames, json.loads(m)
+
+    header, frames, done = asyncio.run(main())
+    n = header["frame_samples"]
+    assert n == 120 and all(isinstance(f, bytes) for f in frames)
+    assert [len(f) for f in frames[:-1]] == [n] * (len(frames) - 1) and 0 < len(frames[-1]) <= n
+    assert done["finish_reason"] == "cancelled"
+    got = b"".join(frames)
+    assert len(got) == done["usage"]["completion_tokens"] < 200_000  # every generated sample was sent
+    assert list(got) == reference(model_dirs["audio"], SILENCE, SamplingParams(seed=8), len(got))
+
+
 def test_sse_audio_events_are_frames_of_frame_ms(client, model_dirs):
     req = {"model": AUDIO, "max_new_tokens": 700, "seed": 2, "stream": True, "frame_ms": 25}
     with client.stream("POST", "/v1/generate", json=req) as r:
