@@ -104,19 +104,20 @@ class BucketedStep:
         dev = self.rec.device
         buf = StepBuffers(torch.zeros(b, dtype=torch.long, device=dev), self.rec.init_state(b))
         t0 = time.perf_counter()
-        if self.capture:
-            side = torch.cuda.Stream(device=dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(WARMUP_RUNS):
-                    self._eager(buf)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # its own memory pool; logits live there, read after replay
-                buf.logits = self._eager(buf)
-            buf.graph = graph
-            torch.cuda.synchronize(dev)
-            buf.state.zero_()
+        if self.capture:  # as in PyTorch's CUDA-graphs notes: warm up on a side stream, then capture
+            with torch.cuda.device(dev):
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP_RUNS):
+                        self._eager(buf)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):  # its own memory pool; the logits live there
+                    buf.logits = self._eager(buf)
+                buf.graph = graph
+                torch.cuda.synchronize()
+                buf.state.zero_()
         buf.capture_s = time.perf_counter() - t0
         self.buffers[b] = buf
         return buf

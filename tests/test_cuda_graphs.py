@@ -191,8 +191,10 @@ def no_cuda_env() -> dict[str, str]:
 
 @pytest.mark.parametrize("quick", [[], ["--quick"]])
 def test_bench_gpu_without_cuda_exits_with_one_clear_line(quick):
-    r = subprocess.run([sys.executable, "-m", "bench.gpu", *quick], cwd=ROOT, env=no_cuda_env(),
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    cmd = [sys.executable, "-m", "bench.gpu", *quick]
+    r = subprocess.run(
+        cmd, cwd=ROOT, env=no_cuda_env(), capture_output=True, text=True, timeout=120, check=False
+    )
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
@@ -200,8 +202,9 @@ def test_bench_gpu_without_cuda_exits_with_one_clear_line(quick):
 
 
 def test_gpu_check_script_without_cuda_exits_with_one_clear_line():
-    r = subprocess.run([str(ROOT / "scripts/gpu-check")], cwd=ROOT, env={**no_cuda_env(), "PYTHON": sys.executable},
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    env = {**no_cuda_env(), "PYTHON": sys.executable}
+    cmd = [str(ROOT / "scripts/gpu-check")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode != 0
     lines = (r.stdout + r.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA device"), r.stdout + r.stderr
