@@ -3,7 +3,8 @@ under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
 
 1. **Step.** `RecurrentModel.step` of the shipped text model (4 layers, H = 256, N = 64, V = 256), in
    place, at batch 1, 2, 4, …, 1024: tokens/s with the graphs (`model/cuda_graphs.py`: copy in, replay,
-   copy out) and with the plain torch ops; float32 and bfloat16 weights (`S4_DTYPE`; states float32).
+   copy out) and with the plain torch ops; float32 and bfloat16 weights (`S4_DTYPE`; states float32);
+   with the graphs also the replay alone (what the copies in and out cost).
 2. **Audio streams at 16 kHz.** The shipped audio-digits weights (H = 128, 4 layers, N = 64; trained at
    8 kHz: a step costs the same whatever the rate, so it stands for a 16 kHz model of that shape), at
    batch B: steps/s of the bare step, and of the engine's whole per-step work (`DecodeBatch.step`: the
@@ -27,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,8 @@ SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
 }
 BUDGET_S = {False: 360.0, True: 75.0}  # no new measurement starts after this (model loading included)
 MIN_STEPS = 10
+ERRORS: list[str] = []  # sections that raised (recorded in the JSON; exit status 1)
+WAIT_S = 60.0  # TTFT: longest wait for any engine event before the run is declared stuck
 NO_CUDA = (
     "bench.gpu: no CUDA device (torch {v}, torch.cuda.is_available() is False); "
     "run it on a GPU machine: scripts/gpu-check"
@@ -153,7 +157,11 @@ def bench_step(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, An
                 tok = torch.randint(0, rec.config.vocab_size, (B,), device=rec.device)
                 steps = rate(lambda: rec.step(tok, state, out=state), sz["seconds"])
                 row = {"dtype": dtype, "graphs": graphs, "batch": B, "steps_per_s": steps}
-                out["rows"].append({**row, "tokens_per_s": B * steps, "us_per_step": 1e6 / steps})
+                row |= {"tokens_per_s": B * steps, "us_per_step": 1e6 / steps}
+                if graphs:  # the replay alone, without the copies in and out of the static buffers
+                    replay = rec._graphs.bucket(B).graph.replay
+                    row["replay_only_us_per_step"] = 1e6 / rate(replay, sz["seconds"])
+                out["rows"].append(row)
         rec.use_cuda_graphs(None)  # frees the graphs' memory before the next model
     return out
 
@@ -250,23 +258,26 @@ def ttft_under_load(rec, load: int, sz: dict, graphs: bool) -> dict[str, Any]:
         streams = [submit(k, [(k * 7 + i) % 256 for i in range(16)], 10**9) for k in range(load)]
         tasks = [asyncio.create_task(drain(s, made)) for s in streams]
         t_load = time.perf_counter()
+        deadline = time.perf_counter() + WAIT_S
         while load and made[0] < 4 * load:  # every load session decoding
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"the {load} load sessions made {made[0]} tokens in {WAIT_S} s")
             await asyncio.sleep(0.005)
         ttfts = []
         for t in range(sz["trials"]):
             prompt = [(t * 13 + i) % 256 for i in range(P)]
             t0 = time.perf_counter()
             s = submit(load + 1 + t, prompt, 1)
-            items = await s.get()
+            items = await asyncio.wait_for(s.get(), WAIT_S)
             ttfts.append(time.perf_counter() - t0)
             if not isinstance(items[0], int):
                 raise RuntimeError(f"the prompt's request failed: {items[0]}")
             while isinstance(items[-1], int):  # until its final event
-                items = await s.get()
+                items = await asyncio.wait_for(s.get(), WAIT_S)
         decoded = made[0] / (time.perf_counter() - t_load) if load else 0.0
         for s in streams:
             s.cancel()
-        await asyncio.gather(*tasks)
+        await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
         return {"ttft_ms": [1e3 * x for x in ttfts], "ttft_p50_ms": 1e3 * statistics.median(ttfts),
                 "ttft_max_ms": 1e3 * max(ttfts), "load_tokens_per_s": decoded}  # fmt: skip
 
@@ -306,7 +317,12 @@ def run(quick: bool, device: str = "cuda") -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn in (("step", bench_step), ("audio", bench_audio), ("ttft", bench_ttft)):
             s0 = time.perf_counter()
-            data[name] = fn(sz, device, budget, Path(tmp))
+            try:  # one section's failure is recorded; the others still run and everything is written
+                data[name] = fn(sz, device, budget, Path(tmp))
+            except Exception as exc:  # noqa: BLE001
+                ERRORS.append(f"{name}: {type(exc).__name__}: {exc}")
+                data[name] = {"rows": [], "error": ERRORS[-1], "traceback": traceback.format_exc()}
+                print(f"bench.gpu: {name} FAILED: {ERRORS[-1]}", file=sys.stderr, flush=True)
             data[name]["wall_s"] = time.perf_counter() - s0
             print(f"bench.gpu: {name} done in {data[name]['wall_s']:.1f} s", flush=True)
     data["wall_s"] = time.perf_counter() - t0
@@ -338,7 +354,7 @@ def plot(data: dict[str, Any], quick: bool) -> None:
             a3.plot([r["load"] for r in rows], [r["ttft_p50_ms"] for r in rows], "o-",
                     label=f"graphs {'on' if graphs else 'off'}")  # fmt: skip
     a3.set(xlabel="sessions decoding", ylabel="TTFT p50 (ms)",
-           title=f"{data['ttft']['prompt_tokens']}-token prompt under load")  # fmt: skip
+           title=f"{data['ttft'].get('prompt_tokens', '?')}-token prompt under load")  # fmt: skip
     for a in (a1, a2, a3):
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
@@ -356,6 +372,8 @@ def main(argv: list[str] | None = None) -> None:
         print(NO_CUDA.format(v=torch.__version__), file=sys.stderr)
         raise SystemExit(1)
     bench_main(argv, __doc__, NAME, lambda quick: run(quick, device), plot)
+    if ERRORS:
+        raise SystemExit(f"bench.gpu: {len(ERRORS)} section(s) failed (in the JSON): {'; '.join(ERRORS)}")
 
 
 if __name__ == "__main__":
