@@ -10,6 +10,9 @@ under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
    batch B: steps/s of the bare step, and of the engine's whole per-step work (`DecodeBatch.step`: the
    step, sampling with one generator per stream, the one host copy). A stream needs 16,000 steps/s, so
    the real-time factor is steps/s ÷ 16,000, and "streams at real time" is the largest B with factor ≥ 1.
+   Beside it the memory-bandwidth bound: a step reads and writes each stream's float32 state (143 KB for
+   this model) at least once, so at most copy bandwidth ÷ (2 × state bytes × 16,000) streams keep up
+   (about 940 at the 4.3 TB/s an H200 copies) unless states stay on chip between steps.
 3. **Time to first token under load.** The engine (`server/engine.py`, no HTTP) with L sessions
    decoding the text model; one prompt of P tokens at a time arrives, and its TTFT is the time from
    submission to its first token (prefill in chunks interleaved with the decode steps).
@@ -183,6 +186,14 @@ def decode_batch(rec, B: int):
     return batch
 
 
+def copy_bandwidth(device: torch.device, seconds: float) -> float:
+    """Bytes moved per second (read + written) by a device-to-device copy of 1 GiB (256 MiB on CPU)."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 26)  # float32 elements
+    x = torch.ones(n, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.nbytes * rate(lambda: y.copy_(x), seconds, min_steps=5)
+
+
 def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"rows": [], "rate_hz": RATE, "skipped": []}
     rec, out["model"] = load_rec("audio", device, "float32", tmp)
@@ -212,6 +223,12 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
                     row[f"{what}_rtf"] = row[f"{what}_steps_per_s"] / RATE
             out["rows"].append(row)
     rec.use_cuda_graphs(None)
+    # The memory-bandwidth bound: a step reads and writes every stream's float32 state at least once, so
+    # no batch holds more than (bytes/s the device copies) ÷ (2 × state bytes × 16,000) streams unless the
+    # states stay on chip between steps.
+    out["state_bytes_per_stream"] = nbytes = rec.state_bytes_per_sequence
+    out["copy_bytes_per_s"] = bw = copy_bandwidth(rec.device, sz["seconds"])
+    out["bandwidth_bound_streams"] = bw / (2 * nbytes * RATE)
     for graphs in modes(device):
         for what in ("step", "engine"):
             ok = [r["batch"] for r in out["rows"] if r["graphs"] == graphs and r.get(f"{what}_rtf", 0) >= 1]
@@ -345,6 +362,9 @@ def plot(data: dict[str, Any], quick: bool) -> None:
             if pts:
                 a2.plot(*zip(*pts), style, label=f"{what}, graphs {'on' if graphs else 'off'}")
     a2.axhline(1.0, color="k", lw=0.8)
+    bound = data["audio"].get("bandwidth_bound_streams")
+    if bound:
+        a2.axvline(bound, color="gray", ls=":", label=f"bandwidth bound {bound:,.0f} streams")
     a2.set(yscale="log", xlabel="concurrent streams", ylabel="real-time factor (steps/s ÷ 16,000)",
            title="audio at 16 kHz (H = 128)")  # fmt: skip
     log2_axis(a2, data["sizes"]["batches"])
