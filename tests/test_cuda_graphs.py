@@ -185,6 +185,46 @@ def test_the_registry_captures_nothing_on_cpu(rec):
     assert rec._graphs is None
 
 
+class CudaLikeModel:
+    """What the registry sees of a CUDA model (its device and use_cuda_graphs), to check its choices on
+    CPU: the buckets it asks for, and the fallback when the capture raises."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list = []
+        self.fail = fail
+
+    def use_cuda_graphs(self, buckets):
+        self.calls.append(buckets)
+        if self.fail and buckets is not None:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return 0.01
+
+
+def test_the_registry_asks_for_buckets_up_to_the_batch_limit_and_1024_at_most():
+    from server.config import Settings
+    from server.registry import use_cuda_graphs
+
+    for max_batch, largest in ((1, 1), (8, 8), (100, 128), (128, 128), (5000, 1024)):
+        m = CudaLikeModel()
+        assert use_cuda_graphs(m, Settings(max_batch_size=max_batch), "m") is True
+        assert m.calls == [tuple(2**k for k in range(largest.bit_length()))]
+    m = CudaLikeModel()
+    assert use_cuda_graphs(m, Settings(cuda_graphs=False), "m") is False and m.calls == []
+
+
+def test_a_failed_capture_leaves_the_plain_step(caplog):
+    from server.config import Settings
+    from server.registry import use_cuda_graphs
+
+    m = CudaLikeModel(fail=True)
+    with caplog.at_level("ERROR", logger="server.models"):
+        assert use_cuda_graphs(m, Settings(max_batch_size=4), "m") is False
+    assert m.calls == [(1, 2, 4), None]  # tried, then back to the plain step
+    assert "CUDA graph capture failed" in caplog.text and "plain torch step" in caplog.text
+
+
 def no_cuda_env() -> dict[str, str]:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
 
