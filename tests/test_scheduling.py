@@ -166,6 +166,20 @@ def test_a_short_prompt_is_not_queued_behind_long_ones_and_no_prompt_starves(rec
     d.close()
 
 
+def test_short_prompts_arriving_together_are_prefilled_in_one_batch_beside_a_long_one(rec):
+    d = Driver(rec, prefill_chunk_tokens=64, prefill_token_budget=192)
+    long = d.generate(prompt_of(12 * 64 + 1, 9), max_new=1)
+    d.tick()
+    shorts = [d.generate(prompt_of(21, 30 + k), max_new=3) for k in range(4)]
+    start = len(d.events)
+    d.tick()
+    calls = [e[1:] for e in d.events[start:] if e[0] == "prefill"]
+    assert sorted(calls) == [(1, 64), (4, 20)]  # one batched call for the four, one chunk of the long one
+    assert all(d.out(j) for j in shorts)
+    d.until(lambda: d.final(long) and all(d.final(j) for j in shorts))
+    d.close()
+
+
 @pytest.fixture(scope="module")
 def ref_model():
     """A tiny random text model trained for 1024 tokens (so float64 conv mode covers the whole test)."""
