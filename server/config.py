@@ -70,7 +70,7 @@ class Settings(BaseSettings):
         le=MAX_PREFILL_TOKENS,
         description="prompts are ingested in chunks of this many tokens (fixed boundaries), one chunk per "
         "prompt per engine iteration, between decode steps: the decoding sessions wait about one chunk's "
-        "prefill for their next token (a value ≥ the longest prompt turns chunking off)",
+        "prefill for their next token (this and the budget ≥ the longest prompt: chunking off)",
     )
     prefill_token_budget: int = Field(
         512,
