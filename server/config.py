@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         description="dtype of the served weights (states stay float32); verified at load: logits within "
         "1e-4 (float32), 1.6e-2 (bfloat16) or 2e-3 (float16) of float64 conv mode, else not served",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="on a CUDA device, replay the decode step as CUDA graphs, one per batch-size bucket "
+        "(1, 2, 4, … up to max_batch_size, at most 1024; a batch is padded up to its bucket), captured at "
+        "load; 0 steps with plain torch ops. Ignored on CPU and for SaShiMi models",
+    )
     max_sessions: int = Field(256, ge=1, description="state slots per model (sessions + one-shot requests)")
     session_ttl_s: float = Field(
         600.0, gt=0, description="an idle session is deleted after this many seconds"
