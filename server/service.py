@@ -457,7 +457,8 @@ class FrameClock:
 
 class Output:
     """Generated ids → what a client receives: text pieces (stop sequences held back) or audio frames
-    of `frame_ms` milliseconds each (`framer`: the last one shorter; see media.AudioFramer).
+    of `frame_ms` milliseconds each (None: DEFAULT_FRAME_MS; `framer`: the last one shorter; see
+    media.AudioFramer).
 
     Text decoding belongs to the session, not the turn: a generation starts from the unfinished
     character its session held (`job.carry`), and one that does not end its text (a kept session, no
@@ -470,14 +471,14 @@ class Output:
         params: SamplingParams,
         encoding: str = "pcm16",
         job: Job | None = None,
-        frame_ms: int = DEFAULT_FRAME_MS,
+        frame_ms: int | None = None,
     ):
         self.kind, self.encoding, self.codec = model.kind, encoding, model.codec
         carry, ends = (job.carry, job.session.ephemeral) if job is not None else (b"", True)
         self.text = media.TextAssembler(params.stop, carry, ends) if model.kind == "text" else None
-        self.framer, self.frame_ms = None, frame_ms
+        self.framer, self.frame_ms = None, frame_ms or DEFAULT_FRAME_MS
         if model.kind == "audio":
-            n = media.frame_samples(frame_ms, model.sample_rate)
+            n = media.frame_samples(self.frame_ms, model.sample_rate)
             self.framer = media.AudioFramer(n, encoding, model.codec)
 
     def text_piece(self, ids: list[int]) -> str:

@@ -14,7 +14,6 @@ from server.engine import Stream
 from server.errors import APIError, invalid
 from server.registry import ServedModel
 from server.schemas import (
-    DEFAULT_FRAME_MS,
     ErrorResponse,
     GenerateRequest,
     GenerateResponse,
@@ -94,7 +93,7 @@ async def generate(req: GenerateRequest, request: Request):
     if req.session_id is not None:
         await restore(st, req.session_id)
     stream, job = start_generation(st, model, req.session_id, ids, params, req.max_new_tokens)
-    gid, out = request_id(), Output(model, params, job=job, frame_ms=ms or DEFAULT_FRAME_MS)
+    gid, out = request_id(), Output(model, params, job=job, frame_ms=ms)
     if req.stream:
         body = _sse_generate(stream, model, out, gid, req.session_id)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)

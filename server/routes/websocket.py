@@ -26,7 +26,7 @@ from server.auth import SUBPROTOCOL
 from server.engine import Stream
 from server.errors import APIError, invalid, too_large, validation_error
 from server.registry import ServedModel
-from server.schemas import DEFAULT_FRAME_MS, WSAppend, WSCancel, WSGenerate, WSMessage, WSSession
+from server.schemas import WSAppend, WSCancel, WSGenerate, WSMessage, WSSession
 from server.state import ServerState
 
 router = APIRouter()
@@ -104,7 +104,7 @@ class Connection:
             self.st, self.model, self.session_id, ids, params, msg.max_new_tokens
         )
         self.stream = stream
-        out = service.Output(self.model, params, self.encoding, job, ms or DEFAULT_FRAME_MS)
+        out = service.Output(self.model, params, self.encoding, job, ms)
         self.pump = asyncio.create_task(self.forward(stream, out))
 
     async def bind(self, msg: WSSession | WSGenerate | WSAppend) -> None:
