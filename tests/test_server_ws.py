@@ -242,7 +242,8 @@ def test_audio_prompt_and_output_as_binary_frames(server, model_dirs):
 
     bound, header, data, done, header2, pcm, err = asyncio.run(main())
     assert bound["kind"] == "audio" and bound["sample_rate"] == 8000
-    assert header == {"type": "audio_header", "sample_rate": 8000, "encoding": "mulaw", "channels": 1}
+    assert header == {"type": "audio_header", "sample_rate": 8000, "encoding": "mulaw", "channels": 1,
+                      "frame_ms": 20, "frame_samples": 160}  # fmt: skip
     want = reference(model_dirs["audio"], prompt, SamplingParams(seed=3), 40)
     assert list(data) == want  # mu-law frames are the token ids themselves
     assert done["usage"] == {"prompt_tokens": 300, "completion_tokens": 40}
