@@ -7,7 +7,10 @@ Each iteration of its loop:
   3. decode: one batched recurrent step for every live generating session, sampling on the device
      with one generator per request, and one copy of the new tokens to the host; repeated (up to
      DECODE_BLOCK_STEPS steps, more while within `decode_block_ms`) while no row finishes, fills its
-     stream or is cancelled and no new work arrives;
+     stream or is cancelled and no new work arrives. On CPU, when every row samples with plain
+     temperature and the whole-network C step serves the batch, DECODE_BLOCK_STEPS steps run as one
+     native block (`DecodeBatch.block`: step, sample and stop checks in C, each row stopping on its
+     own at its limit or stop sequence), with the same results token for token;
   4. hand the new tokens to the event loop, one `call_soon_threadsafe` per iteration.
 
 Sessions that are decoding live in a resident batch (`DecodeBatch`): their states are copied out of
@@ -35,7 +38,7 @@ import torch
 
 from model.codecs import utf8_tail
 from model.recurrent import RecurrentModel
-from model.sampling import SamplingParams, find_stop, sample, token_logprobs
+from model.sampling import CounterRNG, SamplingParams, find_stop, sample, token_logprobs, uint64_bits
 from server.config import Settings
 from server.errors import APIError, over_capacity, unavailable
 from server.metrics import ModelMetrics
@@ -129,7 +132,7 @@ class Job:
     out: list[int] = field(default_factory=list)
     out_bytes: bytearray = field(default_factory=bytearray)
     stops: list[bytes] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    generator: CounterRNG | None = None
     counts: torch.Tensor | None = None  # (V,) float: generated tokens (presence/frequency penalties)
     targets: list[int] = field(default_factory=list)  # the token each ingested one is followed by
     last_emit: float = 0.0
@@ -157,7 +160,7 @@ class DecodeBatch:
         self.seen = pool.seen.new_zeros((0, pool.seen.shape[1]))
         self.rows: list[Job | None] = []
         self.logprobs: dict[int, tuple[float, list[int], list[float]]] = {}  # of the last step, by row
-        self.dummy = torch.Generator(device=pool.state.device)
+        self.dummy = CounterRNG(0, device=pool.state.device)
 
     @property
     def live(self) -> int:
@@ -234,6 +237,38 @@ class DecodeBatch:
                 kk = params[i].logprobs
                 self.logprobs[i] = (chosen[n], top_i[n][:kk], top_v[n][:kk])
         return new.tolist()  # the one host copy per step (two more with logprobs)
+
+    def native(self, rec: RecurrentModel) -> bool:
+        """Whether `block` can run this batch: the model's native decode block serves it (CPU,
+        float32, not too many rows) and every row samples with plain temperature (no filters,
+        penalties, bias or log-probabilities) from a counter-based stream."""
+        ready = getattr(rec, "decode_block_ready", None)
+        if ready is None or not ready(len(self.rows)) or self.state.device.type != "cpu":
+            return False
+        V = self.seen.shape[1]
+        return all(
+            j is None
+            or (j.params.plain(V) and j.params.logprobs is None and isinstance(j.generator, CounterRNG))
+            for j in self.rows
+        )
+
+    def block(self, rec: RecurrentModel, K: int, limits: list[int]):
+        """Up to K steps of every row with limits[row] > 0 in one native call (`NetStep.block`): the
+        same tokens, states and seen sets as K calls of `step` (rows stop on their own after
+        limits[row] tokens or at a stop sequence; holes get limit 0 and do not step). Advances each
+        job's counter-based stream by the tokens it drew. Returns the fused.BlockResult."""
+        rows = self.rows
+        temp = torch.tensor([0.0 if j is None else j.params.temperature for j in rows], dtype=torch.float64)
+        gens = [self.dummy if j is None else j.generator for j in rows]
+        key, counter = uint64_bits([g.key for g in gens]), uint64_bits([g.counter for g in gens])
+        res = rec.decode_block(
+            K, self.state, self.tok, temperature=temp, key=key, counter=counter,
+            limit=torch.tensor(limits, dtype=torch.long), stops=[[] if j is None else j.stops for j in rows],
+            history=[b"" if j is None else bytes(j.out_bytes) for j in rows], seen=self.seen,
+        )  # fmt: skip
+        for g, n in zip(gens, res.n_out.tolist()):
+            g.counter += n
+        return res
 
 
 class Engine:
@@ -504,6 +539,9 @@ class Engine:
         # the event loop in one hand-over (so a fast step, as for one audio stream, sends tens of
         # samples per frame instead of eight).
         t_end = time.perf_counter() + self.settings.decode_block_ms / 1000
+        if b.live and b.native(self.rec):
+            self._decode_native(t_end)
+            return
         for k in range(1, DECODE_BLOCK_MAX_STEPS + 1):
             if not b.live:
                 return
@@ -528,6 +566,68 @@ class Engine:
                 return
             if k >= DECODE_BLOCK_STEPS and now >= t_end:
                 return
+
+    def _decode_native(self, t_end: float) -> None:
+        """The decode loop in native blocks of DECODE_BLOCK_STEPS steps (1 while new work waits, as
+        the step-by-step loop checks after every step): each row stops inside a block on its own at
+        its token limit, its stream's room or a stop sequence, exactly where the one-step loop would
+        have; the loop ends after a block in which a row finished or filled its stream, when new work
+        arrived, or after DECODE_BLOCK_MAX_STEPS steps or decode_block_ms."""
+        b, steps = self.batch, 0
+        while b.live and steps < DECODE_BLOCK_MAX_STEPS:
+            pending = bool(self._inbox or self._waiting or self._prefilling)
+            K = 1 if pending else min(DECODE_BLOCK_STEPS, DECODE_BLOCK_MAX_STEPS - steps)
+            limits = [
+                0 if j is None else max(0, min(j.max_new_tokens - len(j.out), j.stream.room()))
+                for j in b.rows
+            ]
+            res = b.block(self.rec, K, limits)
+            steps += res.steps
+            n_out, stopped = res.n_out.tolist(), res.stopped.tolist()
+            tokens, times = res.tokens.t().tolist(), res.times.tolist()  # (R, steps), (steps,)
+            for k in range(res.steps):
+                self.metrics.batch_size.observe(sum(1 for n in n_out if n > k))
+            done, full = [], False
+            for row, job in enumerate(b.rows):
+                if job is None or not n_out[row]:
+                    continue
+                if self._emit_many(job, tokens[row][: n_out[row]], times, stopped[row]):
+                    done.append(job)
+                elif job.stream.room() <= 0 or job.cancelled:
+                    full = True
+            if done:
+                b.leave(done)
+                for job in done:
+                    reason = "stop" if job.stops and self._stop_at(job) is not None else "length"
+                    self._finish(job, reason)
+            if done or full or pending or self._inbox or self._waiting or self._prefilling or not res.steps:
+                return
+            if steps >= DECODE_BLOCK_STEPS and time.perf_counter() >= t_end:
+                return
+
+    def _emit_many(self, job: Job, toks: list[int], times: list[float], stopped: bool) -> bool:
+        """Record and send a block's tokens of one job (token i made at times[i]); True when the
+        generation is complete (its limit reached, or `stopped` by a stop sequence)."""
+        first = not job.out
+        job.out += toks
+        job.session.pending = toks[-1]
+        job.session.n_tokens += len(toks)
+        job.session.generated = len(job.out)
+        job.stream.sent += len(toks)
+        self._outbox += [(job.stream, t) for t in toks]
+        m = self.metrics
+        last = job.last_emit
+        for i in range(len(toks)):
+            if first and i == 0:
+                m.ttft.observe(times[0] - job.submitted)
+            else:
+                m.itl.observe(times[i] - last)
+            last = times[i]
+        job.last_emit = last
+        m.tokens.inc(len(toks))
+        if job.stops:
+            job.out_bytes += bytes(t & 0xFF for t in toks)
+        return stopped or len(job.out) >= job.max_new_tokens
 
     def _stop_at(self, job: Job) -> int | None:
         return find_stop(bytes(job.out_bytes), job.stops, len(job.out_bytes))

@@ -163,31 +163,36 @@ static void linear_t(long B, long K, long N, const float *x, const float *Wt, co
     }
 }
 
-/* Rows r0 .. r0 + B − 1 of a batch of Btot (the state is (n_layers, Btot, H, 2, M)). */
-static int net_rows(long B, long Btot, long r0, long H, long V, long n_layers, long M, const long *tokens,
-                    const float *embed, const NetLayer *layers, const float *lnf_w, const float *lnf_b,
-                    const float *head_t, const float *head_b, float eps, const float *state, float *state_out,
-                    float *logits) {
+/* The rows rows[0 .. B − 1] of a batch of Btot (the state is (n_layers, Btot, H, 2, M)); row i's
+ * token is tokens[rows[i]] and its logits go to logits + i * V. Every row's arithmetic is the same
+ * whatever the other rows are (each output element's sums run in one fixed order), so a row's
+ * logits and state do not depend on the batch around it. */
+static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_layers, long M,
+                    const long *tokens, const float *embed, const NetLayer *layers, const float *lnf_w,
+                    const float *lnf_b, const float *head_t, const float *head_b, float eps, const float *state,
+                    float *state_out, float *logits) {
     float *buf = malloc(sizeof(float) * (size_t)B * (size_t)H * 5);
     if (!buf) return -2;
     float *x = buf, *u = x + B * H, *y = u + B * H, *o = y + B * H; /* o: (B, 2H) */
     for (long r = 0; r < B; r++) {
-        const float *e = embed + tokens[r] * H;
+        const float *e = embed + tokens[rows[r]] * H;
         for (long h = 0; h < H; h++) x[r * H + h] = e[h];
     }
-    const long per_layer = Btot * H * 2 * M, offset = r0 * H * 2 * M;
+    const long per_layer = Btot * H * 2 * M, row_size = H * 2 * M;
     int rc = 0;
     for (long l = 0; l < n_layers && rc == 0; l++) {
         const NetLayer *L = layers + l;
-        const float *xs = state + l * per_layer + offset;
-        float *xo = state_out + l * per_layer + offset;
         layer_norm(B, H, x, u, L->ln_w, L->ln_b, eps);
         const float *const *p = L->p;
-        if (L->form == 0)
-            diag_step(B, H, M, xs, xo, u, y, p[0], p[1], p[2], p[3], p[4], p[5]);
-        else
-            rc = dplr_step(B, H, M, L->rank, xs, xo, u, y, p[0], p[1], p[2], p[3], p[4], p[5], p[6],
-                           p[7], p[8], p[9], p[10]);
+        for (long r = 0; r < B && rc == 0; r++) { /* rows may be anywhere in the batch: one SSM call each */
+            const float *xs = state + l * per_layer + rows[r] * row_size;
+            float *xo = state_out + l * per_layer + rows[r] * row_size;
+            if (L->form == 0)
+                diag_step(1, H, M, xs, xo, u + r * H, y + r * H, p[0], p[1], p[2], p[3], p[4], p[5]);
+            else
+                rc = dplr_step(1, H, M, L->rank, xs, xo, u + r * H, y + r * H, p[0], p[1], p[2], p[3], p[4],
+                               p[5], p[6], p[7], p[8], p[9], p[10]);
+        }
         for (long r = 0; r < B; r++) { /* GELU(y + D u), exact (erf) form */
             float *yr = y + r * H;
             const float *ur = u + r * H;
@@ -221,18 +226,24 @@ static int net_rows(long B, long Btot, long r0, long H, long V, long n_layers, l
 int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
              const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
              const float *head_b, float eps, const float *state, float *state_out, float *logits) {
-    if (B < NET_PARALLEL_ROWS)
-        return net_rows(B, B, 0, H, V, n_layers, M, tokens, embed, layers, lnf_w, lnf_b, head_t, head_b, eps,
-                        state, state_out, logits);
+    long *rows = malloc(sizeof(long) * (size_t)(B > 0 ? B : 1));
+    if (!rows) return -2;
+    for (long r = 0; r < B; r++) rows[r] = r;
     int rc = 0;
+    if (B < NET_PARALLEL_ROWS) {
+        rc = net_rows(B, B, rows, H, V, n_layers, M, tokens, embed, layers, lnf_w, lnf_b, head_t, head_b, eps,
+                      state, state_out, logits);
+    } else {
 #pragma omp parallel reduction(min : rc)
-    {
-        const long nt = omp_get_num_threads(), t = omp_get_thread_num();
-        const long lo = B * t / nt, hi = B * (t + 1) / nt;
-        if (hi > lo)
-            rc = net_rows(hi - lo, B, lo, H, V, n_layers, M, tokens + lo, embed, layers, lnf_w, lnf_b, head_t,
-                          head_b, eps, state, state_out, logits + lo * V);
+        {
+            const long nt = omp_get_num_threads(), t = omp_get_thread_num();
+            const long lo = B * t / nt, hi = B * (t + 1) / nt;
+            if (hi > lo)
+                rc = net_rows(hi - lo, B, rows + lo, H, V, n_layers, M, tokens, embed, layers, lnf_w, lnf_b,
+                              head_t, head_b, eps, state, state_out, logits + lo * V);
+        }
     }
+    free(rows);
     return rc;
 }
 
@@ -242,31 +253,168 @@ int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, 
  * model/sampling.py (sanitize_logits, scale_logits): weights exp((z - max z) / T) with the
  * difference and T in double, so a tiny or denormal T gives the argmax, never inf - inf; NaN weighs 0; a row with +inf entries draws among
  * them alone; a row with nothing above -inf is uniform. */
-void sample_rows(long B, long V, const float *logits, const double *temp, const float *u, long *out) {
-    for (long r = 0; r < B; r++) {
-        const float *z = logits + r * V;
-        long best = -1;
-        for (long v = 0; v < V; v++)
-            if (z[v] == z[v] && (best < 0 || z[v] > z[best])) best = v; /* the first maximum, NaN skipped */
-        const int flat = best < 0 || z[best] == -INFINITY; /* nothing above -inf: uniform */
-        if (temp[r] == 0.0) {
-            out[r] = flat ? 0 : best;
-            continue;
-        }
-        const double t = temp[r]; /* double: every finite T > 0 and every float difference is exact-range */
-        const float zb = flat ? 0.0f : z[best];
-        const int pos = zb == INFINITY;
-        float cdf[V], total = 0.0f;
+static long sample_one(long V, const float *z, double temp, float u) {
+    long best = -1;
+    for (long v = 0; v < V; v++)
+        if (z[v] == z[v] && (best < 0 || z[v] > z[best])) best = v; /* the first maximum, NaN skipped */
+    const int flat = best < 0 || z[best] == -INFINITY; /* nothing above -inf: uniform */
+    if (temp == 0.0) return flat ? 0 : best;
+    const double t = temp; /* double: every finite T > 0 and every float difference is exact-range */
+    const float zb = flat ? 0.0f : z[best];
+    const int pos = zb == INFINITY;
+    float cdf[V], total = 0.0f;
 #pragma omp simd
-        for (long v = 0; v < V; v++) {
-            const float d = (float)(((double)z[v] - (double)zb) / t); /* <= 0; NaN for a NaN logit */
-            const float w = d == d ? expf(d) : 0.0f;
-            cdf[v] = flat ? 1.0f : pos ? (z[v] == INFINITY ? 1.0f : 0.0f) : (z[v] == zb ? 1.0f : w);
-        }
-        for (long v = 0; v < V; v++) cdf[v] = (total += cdf[v]);
-        const float target = u[r] * total;
-        long k = 0;
-        while (k < V - 1 && cdf[k] < target) k++;
-        out[r] = k;
+    for (long v = 0; v < V; v++) {
+        const float d = (float)(((double)z[v] - (double)zb) / t); /* <= 0; NaN for a NaN logit */
+        const float w = d == d ? expf(d) : 0.0f;
+        cdf[v] = flat ? 1.0f : pos ? (z[v] == INFINITY ? 1.0f : 0.0f) : (z[v] == zb ? 1.0f : w);
     }
+    for (long v = 0; v < V; v++) cdf[v] = (total += cdf[v]);
+    const float target = u * total;
+    long k = 0;
+    while (k < V - 1 && cdf[k] < target) k++;
+    return k;
+}
+
+void sample_rows(long B, long V, const float *logits, const double *temp, const float *u, long *out) {
+    for (long r = 0; r < B; r++) out[r] = sample_one(V, logits + r * V, temp[r], u[r]);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Counter-based random numbers: Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers:
+ * as easy as 1, 2, 3", SC 2011; the Random123 reference constants and round order). A row's n-th
+ * uniform is a pure function of (its key, n): key = the request seed's low and high 32 bits, counter
+ * = (n low, n high, 0, 0); the first output word's top 24 bits give u = w · 2⁻²⁴ in [0, 1), exact in
+ * float32. model/sampling.py computes the same numbers in Python (CounterRNG).
+ */
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+static inline void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+    for (int i = 0; i < 10; i++) {
+        const uint64_t p0 = (uint64_t)0xD2511F53u * c[0], p1 = (uint64_t)0xCD9E8D57u * c[2];
+        const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c[1] ^ k0, n1 = (uint32_t)p1;
+        const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c[3] ^ k1, n3 = (uint32_t)p0;
+        c[0] = n0, c[1] = n1, c[2] = n2, c[3] = n3;
+        k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
+    }
+}
+
+/* out (n, 4): Philox4x32-10 of counters ctr (n, 4) under keys key (n, 2) (for the known-answer test) */
+void philox_blocks(long n, const uint32_t *ctr, const uint32_t *key, uint32_t *out) {
+    for (long i = 0; i < n; i++) {
+        uint32_t c[4] = {ctr[4 * i], ctr[4 * i + 1], ctr[4 * i + 2], ctr[4 * i + 3]};
+        philox4x32_10(c, key[2 * i], key[2 * i + 1]);
+        memcpy(out + 4 * i, c, sizeof c);
+    }
+}
+
+static inline float philox_uniform(uint64_t key, uint64_t n) {
+    uint32_t c[4] = {(uint32_t)n, (uint32_t)(n >> 32), 0u, 0u};
+    philox4x32_10(c, (uint32_t)key, (uint32_t)(key >> 32));
+    return (float)(c[0] >> 8) * 0x1.0p-24f;
+}
+
+/* u[i] = the uniform number counter[i] of the stream keyed by key[i] */
+void philox_uniforms(long n, const uint64_t *key, const uint64_t *counter, float *u) {
+    for (long i = 0; i < n; i++) u[i] = philox_uniform(key[i], counter[i]);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * A decode block: up to K steps of (whole-network step → sample → stop checks) for a batch, with no
+ * return to Python between steps. Per row r (Btot rows; the state (n_layers, Btot, H, 2, M) is updated
+ * in place):
+ *   - tok[r]: the pending token, fed at the next step; on return the last token sampled;
+ *   - temp[r] ≥ 0 and the row's counter-based stream (key[r], counter[r]: one uniform per token,
+ *     counter advanced on return), plain temperature sampling as sample_rows;
+ *   - limit[r] ≥ 0: at most this many tokens (0: the row does not step: a hole, or no room);
+ *   - stop sequences: stops j in [stop_first[r], stop_first[r + 1]), the bytes
+ *     stop_data[stop_off[j] .. stop_off[j + 1]); a row stops after the token whose low byte ends one;
+ *     hist (Btot, hist_cap) holds the row's last hist_len[r] output bytes before the block (at least
+ *     the longest stop minus one), appended to here (hist_cap ≥ hist_len[r] + K);
+ *   - seen (Btot, V) bytes: set for every token sampled.
+ * Out: out_tok (K, Btot) the tokens of each step (rows that stepped), n_out[r] how many row r made,
+ * stopped[r] = 1 when a stop sequence ended it, times[k] CLOCK_MONOTONIC seconds after step k.
+ * A row stops stepping at a stop or its limit: its state is then exactly the one-step path's (the
+ * step of its last token applied, nothing after), and other rows' arithmetic does not depend on it.
+ * Returns the number of steps run (≤ K; fewer when every row has stopped), or < 0 on error. */
+static double monotonic_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void sample_and_check(long B, const long *rows, long V, const float *logits, long k, long Btot,
+                             long *tok, const double *temp, const uint64_t *key, uint64_t *counter,
+                             const long *stop_first, const long *stop_off,
+                             const unsigned char *stop_data, unsigned char *hist, long hist_cap, long *hist_len,
+                             unsigned char *seen, long *out_tok, long *n_out, long *stopped) {
+    for (long i = 0; i < B; i++) {
+        const long r = rows[i];
+        const long t = sample_one(V, logits + i * V, temp[r], philox_uniform(key[r], counter[r]));
+        counter[r]++;
+        tok[r] = t;
+        seen[r * V + t] = 1;
+        out_tok[k * Btot + r] = t;
+        n_out[r]++;
+        unsigned char *h = hist + r * hist_cap;
+        h[hist_len[r]++] = (unsigned char)(t & 0xFF);
+        for (long j = stop_first[r]; j < stop_first[r + 1]; j++) {
+            const long len = stop_off[j + 1] - stop_off[j];
+            if (len > 0 && hist_len[r] >= len && !memcmp(h + hist_len[r] - len, stop_data + stop_off[j], len)) {
+                stopped[r] = 1;
+                break;
+            }
+        }
+    }
+}
+
+long net_block(long K, long Btot, long H, long V, long n_layers, long M, const float *embed,
+               const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
+               const float *head_b, float eps, float *state, long *tok, const double *temp, const uint64_t *key,
+               uint64_t *counter, const long *limit, const long *stop_first, const long *stop_off,
+               const unsigned char *stop_data, unsigned char *hist, long hist_cap, long *hist_len,
+               unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times) {
+    long *rows = malloc(sizeof(long) * (size_t)(Btot > 0 ? Btot : 1));
+    float *logits = malloc(sizeof(float) * (size_t)(Btot > 0 ? Btot : 1) * (size_t)V);
+    if (!rows || !logits) {
+        free(rows);
+        free(logits);
+        return -2;
+    }
+    for (long r = 0; r < Btot; r++) n_out[r] = stopped[r] = 0;
+    long k = 0;
+    int rc = 0;
+    for (; k < K && rc == 0; k++) {
+        long B = 0;
+        for (long r = 0; r < Btot; r++)
+            if (!stopped[r] && n_out[r] < limit[r]) rows[B++] = r;
+        if (B == 0) break;
+        if (B < NET_PARALLEL_ROWS) {
+            rc = net_rows(B, Btot, rows, H, V, n_layers, M, tok, embed, layers, lnf_w, lnf_b, head_t, head_b, eps,
+                          state, state, logits);
+            if (rc == 0)
+                sample_and_check(B, rows, V, logits, k, Btot, tok, temp, key, counter, stop_first, stop_off,
+                                 stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out, stopped);
+        } else {
+#pragma omp parallel reduction(min : rc)
+            {
+                const long nt = omp_get_num_threads(), t = omp_get_thread_num();
+                const long lo = B * t / nt, hi = B * (t + 1) / nt;
+                if (hi > lo) {
+                    rc = net_rows(hi - lo, Btot, rows + lo, H, V, n_layers, M, tok, embed, layers, lnf_w, lnf_b,
+                                  head_t, head_b, eps, state, state, logits + lo * V);
+                    if (rc == 0) /* this thread's rows only: no other thread reads them */
+                        sample_and_check(hi - lo, rows + lo, V, logits + lo * V, k, Btot, tok, temp, key, counter,
+                                         stop_first, stop_off, stop_data, hist, hist_cap, hist_len, seen,
+                                         out_tok, n_out, stopped);
+                }
+            }
+        }
+        times[k] = monotonic_s();
+    }
+    free(rows);
+    free(logits);
+    return rc == 0 ? k : rc;
 }

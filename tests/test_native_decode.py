@@ -1,0 +1,229 @@
+"""The native decode block (model/csrc/ssm_step.c `net_block`, RecurrentModel.decode_block): K steps
+with sampling and stop checks in one C call give exactly (bit for bit) the tokens, states and seen sets
+of stepping each row alone with `RecurrentModel.step` and `model.sampling.sample`; its counter-based
+streams (Philox4x32-10) match the Random123 known answers and the Python implementation; the C
+sampler draws from the same distribution as the torch sampler."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import pytest
+import torch
+
+from model import ModelConfig, SequenceModel, fused
+from model.sampling import (
+    CounterRNG,
+    SamplingParams,
+    find_stop,
+    philox4x32_10,
+    philox_uniform,
+    sample,
+    uint64_bits,
+    uniforms,
+)
+
+SMALL = dict(vocab_size=64, d_model=16, n_layers=2, d_state=8, l_max=128, cauchy_backend="torch")
+V = SMALL["vocab_size"]
+
+# Random123 kat_vectors, philox4x32 with 10 rounds: (counter, key) -> output
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=["s4", "s4d"])
+def rec(request):
+    torch.manual_seed(0)
+    rec = SequenceModel(ModelConfig(**SMALL, kernel=request.param)).to_recurrent()
+    assert rec.decode_block_ready(1) and fused.library() is not None
+    return rec
+
+
+def test_philox_matches_the_random123_known_answers_in_python_and_in_c():
+    lib = fused.library()
+    ctr = torch.tensor([list(c) for c, _, _ in PHILOX_KAT], dtype=torch.int64).to(torch.int32)
+    key = torch.tensor([list(k) for _, k, _ in PHILOX_KAT], dtype=torch.int64).to(torch.int32)
+    out = torch.zeros(len(PHILOX_KAT), 4, dtype=torch.int32)
+    lib.philox_blocks(ctypes.c_long(len(PHILOX_KAT)), *(ctypes.c_void_p(t.data_ptr()) for t in (ctr, key, out)))
+    for i, (c, k, want) in enumerate(PHILOX_KAT):
+        assert philox4x32_10(c, k) == want
+        assert tuple(v & 0xFFFFFFFF for v in out[i].tolist()) == want
+
+
+def test_c_and_python_uniforms_agree_exactly_and_look_uniform():
+    g = torch.Generator().manual_seed(0)
+    keys = [int(k) for k in torch.randint(0, 2**62, (200,), generator=g)] + [0, 2**64 - 1, 2**63]
+    counters = [int(c) for c in torch.randint(0, 2**40, (200,), generator=g)] + [0, 2**64 - 2, 2**32]
+    gens = [CounterRNG(k, c) for k, c in zip(keys, counters)]
+    c_side = uniforms(gens).tolist()  # one C call
+    assert [gg.counter for gg in gens] == [c + 1 for c in counters]
+    assert c_side == [philox_uniform(k, c) for k, c in zip(keys, counters)]
+    stream = [philox_uniform(12345, n) for n in range(20000)]
+    assert all(0.0 <= u < 1.0 for u in stream)
+    assert abs(sum(stream) / len(stream) - 0.5) < 4 * math.sqrt(1 / 12 / len(stream))  # mean within 4 sigma
+    counts = torch.histc(torch.tensor(stream), bins=10, min=0, max=1)
+    chi2 = float(((counts - 2000) ** 2 / 2000).sum())
+    assert chi2 < 27.9  # chi-square, 9 degrees of freedom, p = 0.001
+
+
+def _prefilled(rec, B: int, seed: int):
+    """B rows at different points of their sequences: prompts of different lengths prefilled."""
+    g = torch.Generator().manual_seed(seed)
+    state = rec.init_state(B)
+    tok = torch.zeros(B, dtype=torch.long)
+    for r in range(B):
+        prompt = torch.randint(0, V, (1, 3 + 5 * r), generator=g)
+        _, x = rec.prefill(prompt[:, :-1], rec.init_state(1))
+        state[:, r : r + 1] = x
+        tok[r] = prompt[0, -1]
+    return state.contiguous(), tok
+
+
+def _one_step(rec, state, tok, params, limits, seen):
+    """The reference: each row stepped and sampled alone (`step` + `sample`, its own CounterRNG),
+    stopping at its limit or a stop sequence. Returns per row (tokens, state, seen row)."""
+    out = []
+    for r, p in enumerate(params):
+        x, t, gen = state[:, r : r + 1].clone(), tok[r : r + 1].clone(), p.generator()
+        s, toks = seen[r : r + 1].clone(), []
+        while len(toks) < limits[r]:
+            logits, x = rec.step(t, x)
+            t = sample(logits, [p], [gen])
+            toks.append(int(t))
+            s[0, t] = True
+            if p.stop and find_stop(bytes(v & 0xFF for v in toks), p.stop, 1) is not None:
+                break
+        out.append((toks, x, s))
+    return out
+
+
+def _block(rec, state, tok, params, limits, seen, K):
+    """The block path, run in blocks of K steps until every row is done (as the engine does)."""
+    state, tok, seen = state.clone(), tok.clone(), seen.clone()
+    gens = [p.generator() for p in params]
+    toks = [[] for _ in params]
+    stopped = [False] * len(params)
+    while True:
+        left = [0 if stopped[r] else limits[r] - len(toks[r]) for r in range(len(params))]
+        if not any(left):
+            break
+        res = rec.decode_block(
+            K, state, tok, temperature=torch.tensor([p.temperature for p in params], dtype=torch.float64),
+            key=uint64_bits([g.key for g in gens]), counter=uint64_bits([g.counter for g in gens]),
+            limit=torch.tensor(left), stops=[p.stop for p in params],
+            history=[bytes(v & 0xFF for v in t) for t in toks], seen=seen,
+        )  # fmt: skip
+        assert 1 <= res.steps <= K and res.times.shape == (res.steps,)
+        assert bool((res.times[1:] >= res.times[:-1]).all())
+        for r, n in enumerate(res.n_out.tolist()):
+            toks[r] += res.tokens[:n, r].tolist()
+            gens[r].counter += n
+            stopped[r] |= bool(res.stopped[r])
+    return toks, state, seen, stopped
+
+
+PARAMS = [SamplingParams(temperature=t, seed=s) for s, t in enumerate([0.0, 0.7, 1.0, 1.3, 0.0, 0.9] * 2)]
+
+
+@pytest.mark.parametrize("K", [1, 7, 32])
+def test_the_block_gives_the_one_step_paths_tokens_states_and_seen_sets_bit_for_bit(rec, K):
+    B = len(PARAMS)  # >= 8 rows: the C block's threaded path
+    state, tok = _prefilled(rec, B, seed=1)
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    limits = [40, 1, 0, 17, 40, 33, 5, 40, 40, 2, 39, 40]  # 0: a hole (never steps)
+    ref = _one_step(rec, state, tok, PARAMS, limits, seen)
+    toks, new_state, new_seen, _ = _block(rec, state, tok, PARAMS, limits, seen, K)
+    for r in range(B):
+        assert toks[r] == ref[r][0], f"row {r}"
+        assert len(toks[r]) == limits[r]
+        assert torch.equal(new_state[:, r : r + 1], ref[r][1]), f"row {r}: state"
+        assert torch.equal(new_seen[r : r + 1], ref[r][2])
+    assert torch.equal(new_state[:, 2], state[:, 2])  # the hole's state is untouched
+    greedy = [r for r, p in enumerate(PARAMS) if p.temperature == 0]
+    assert greedy and all(len(set(toks[r])) >= 1 for r in greedy)
+
+
+def test_rows_stopping_mid_block_are_exact_and_leave_the_other_rows_bit_identical(rec):
+    B = len(PARAMS)
+    state, tok = _prefilled(rec, B, seed=2)
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    limits = [48] * B
+    free, _, _, _ = _block(rec, state, tok, PARAMS, limits, seen, K=48)
+    # stop sequences taken from what rows 1, 3 and 5 generate (one spans two tokens, one three), so
+    # they end mid-block; the two-token one also crosses a block boundary at K = 8
+    stops = {1: [bytes(v & 0xFF for v in free[1][9:11])], 3: [bytes([free[3][30] & 0xFF])],
+             5: [b"\xff\xfe\xfd", bytes(v & 0xFF for v in free[5][5:8])]}  # fmt: skip
+    params = [SamplingParams(temperature=p.temperature, seed=p.seed, stop=stops.get(r, [])) for r, p in
+              enumerate(PARAMS)]  # fmt: skip
+    ref = _one_step(rec, state, tok, params, limits, seen)
+    for K in (8, 48):
+        toks, new_state, new_seen, stopped = _block(rec, state, tok, params, limits, seen, K)
+        for r in range(B):
+            assert toks[r] == ref[r][0], f"K={K} row {r}"
+            assert torch.equal(new_state[:, r : r + 1], ref[r][1]), f"K={K} row {r}: state"
+            assert torch.equal(new_seen[r : r + 1], ref[r][2])
+            if r in stops:
+                assert stopped[r] and len(toks[r]) < 48 and toks[r] == free[r][: len(toks[r])]
+            else:
+                assert not stopped[r] and toks[r] == free[r]  # unchanged by the rows that stopped
+
+
+def test_a_seed_gives_the_same_tokens_and_state_alone_and_in_any_batch(rec):
+    B = len(PARAMS)
+    state, tok = _prefilled(rec, B, seed=3)
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    together, st, _, _ = _block(rec, state, tok, PARAMS, [30] * B, seen, K=16)
+    order = list(reversed(range(B)))  # another batch order, and each row alone
+    flipped, sf, _, _ = _block(rec, state[:, order].contiguous(), tok[order], [PARAMS[i] for i in order],
+                               [30] * B, seen, K=5)  # fmt: skip
+    for r in (1, 3, 5):
+        alone, sa, _, _ = _block(rec, state[:, r : r + 1].contiguous(), tok[r : r + 1], [PARAMS[r]], [30],
+                                 seen[:1], K=16)  # fmt: skip
+        assert alone[0] == together[r] == flipped[order.index(r)]
+        assert torch.equal(sa[:, 0], st[:, r]) and torch.equal(sf[:, order.index(r)], st[:, r])
+
+
+def _chi2_against(probs: torch.Tensor, counts: torch.Tensor) -> tuple[float, int]:
+    """Pearson's chi-square of counts against probabilities, bins with expectation < 5 pooled."""
+    n = float(counts.sum())
+    expected = probs.double() * n
+    big = expected >= 5
+    e = torch.cat([expected[big], expected[~big].sum()[None]])
+    c = torch.cat([counts.double()[big], counts.double()[~big].sum()[None]])
+    keep = e > 0
+    return float(((c[keep] - e[keep]) ** 2 / e[keep]).sum()), int(keep.sum()) - 1
+
+
+def test_the_c_sampler_and_the_torch_sampler_draw_the_same_distribution(monkeypatch):
+    """20,000 draws of one row at T = 0.8 by each path (its own uniforms) against the exact float64
+    softmax: both chi-square statistics below the p = 0.001 critical value; and at T -> 0 both give
+    the argmax."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 32, generator=g) * 2
+    p = SamplingParams(temperature=0.8)
+    exact = (logits[0].double() / 0.8).softmax(-1)
+    N = 20000
+    draws = {}
+    for path in ("c", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(fused, "library", lambda: None)
+        gen = CounterRNG(7 if path == "c" else 8)
+        toks = torch.cat([sample(logits.repeat(500, 1), [p] * 500, [gen] * 500) for _ in range(N // 500)])
+        draws[path] = torch.bincount(toks, minlength=32)
+        chi2, dof = _chi2_against(exact, draws[path])
+        # the chi-square p = 0.001 critical value by the Wilson-Hilferty approximation
+        crit = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3
+        assert chi2 < crit, (path, chi2, crit)
+        for T in (1e-30, 5e-324):
+            cold = SamplingParams(temperature=T)
+            assert int(sample(logits, [cold], [CounterRNG(1)])) == int(logits.argmax())
+    monkeypatch.undo()
+    assert int(sample(logits, [SamplingParams(temperature=0.0)], [CounterRNG(1)])) == int(logits.argmax())
