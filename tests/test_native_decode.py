@@ -52,7 +52,8 @@ def test_philox_matches_the_random123_known_answers_in_python_and_in_c():
     ctr = torch.tensor([list(c) for c, _, _ in PHILOX_KAT], dtype=torch.int64).to(torch.int32)
     key = torch.tensor([list(k) for _, k, _ in PHILOX_KAT], dtype=torch.int64).to(torch.int32)
     out = torch.zeros(len(PHILOX_KAT), 4, dtype=torch.int32)
-    lib.philox_blocks(ctypes.c_long(len(PHILOX_KAT)), *(ctypes.c_void_p(t.data_ptr()) for t in (ctr, key, out)))
+    ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (ctr, key, out)]
+    lib.philox_blocks(ctypes.c_long(len(PHILOX_KAT)), *ptrs)
     for i, (c, k, want) in enumerate(PHILOX_KAT):
         assert philox4x32_10(c, k) == want
         assert tuple(v & 0xFFFFFFFF for v in out[i].tolist()) == want
@@ -227,3 +228,25 @@ def test_the_c_sampler_and_the_torch_sampler_draw_the_same_distribution(monkeypa
             assert int(sample(logits, [cold], [CounterRNG(1)])) == int(logits.argmax())
     monkeypatch.undo()
     assert int(sample(logits, [SamplingParams(temperature=0.0)], [CounterRNG(1)])) == int(logits.argmax())
+
+
+@pytest.mark.parametrize("K,N", [(16, 32), (18, 40), (256, 512)])
+def test_the_four_row_linear_tiles_equal_the_row_loop_bit_for_bit_and_float64_within_rounding(K, N):
+    """The whole-network step's linear layers run four rows at a time (one weight load for four
+    rows); each output element keeps the row loop's expression, so the results are identical for
+    every batch size (remainder rows and a K that is not a multiple of 4 included)."""
+    lib = fused.library()
+    g = torch.Generator().manual_seed(K + N)
+    Wt, bias = torch.randn(K, N, generator=g), torch.randn(N, generator=g)
+    for B in (1, 3, 4, 5, 8, 11):
+        x = torch.randn(B, K, generator=g)
+        outs = []
+        for tiled in (0, 1):
+            out = torch.empty(B, N)
+            ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (x, Wt, bias, out)]
+            lib.linear_rows(ctypes.c_long(tiled), ctypes.c_long(B), ctypes.c_long(K), ctypes.c_long(N), *ptrs)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), B
+        ref = x.double() @ Wt.double() + bias.double()
+        scale = (x.double().abs() @ Wt.double().abs() + bias.double().abs()).max()
+        assert float((outs[1].double() - ref).abs().max() / scale) < K * 2**-23
