@@ -250,3 +250,40 @@ def test_the_four_row_linear_tiles_equal_the_row_loop_bit_for_bit_and_float64_wi
         ref = x.double() @ Wt.double() + bias.double()
         scale = (x.double().abs() @ Wt.double().abs() + bias.double().abs()).max()
         assert float((outs[1].double() - ref).abs().max() / scale) < K * 2**-23
+
+
+def test_the_server_gives_the_same_tokens_and_finish_reasons_with_and_without_the_native_block(model_dirs):
+    """Concurrent seeded requests with stop sequences and token limits (rows stop mid-block): the
+    engine's native block and its one-step loop answer each request identically, and the native
+    block did run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from server_support import ServerThread
+
+    from server import Settings
+    from server.engine import DecodeBatch
+
+    reqs = [{"model": "tiny-text", "prompt": "to be, or not" * (1 + k % 3), "max_new_tokens": 20 + 7 * k,
+             "seed": k, "temperature": [0.0, 0.8, 1.2][k % 3], "stop": ["e", "th", "o, "][k % 3]}
+            for k in range(9)]  # fmt: skip
+    results = {}
+    native = DecodeBatch.native
+    for path in ("native", "one-step"):
+        s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])])).start()
+        engine = s.state.models["tiny-text"].engine
+        calls = []
+        block = engine.rec.decode_block
+        engine.rec.decode_block = lambda *a, **kw: calls.append(1) or block(*a, **kw)
+        if path == "one-step":
+            DecodeBatch.native = lambda self, rec: False
+        try:
+            with httpx.Client(base_url=s.url, timeout=60) as c, ThreadPoolExecutor(9) as ex:
+                out = list(ex.map(lambda r: c.post("/v1/generate", json=r).json(), reqs))
+        finally:
+            DecodeBatch.native = native
+            s.stop()
+        results[path] = [(o["tokens"], o["finish_reason"]) for o in out]
+        assert bool(calls) == (path == "native")
+    assert results["native"] == results["one-step"]
+    assert {reason for _, reason in results["native"]} == {"stop", "length"}
