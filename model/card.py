@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from model.checkpoint import CONFIG, load
 from model.codecs import MuLaw, wav_bytes
 from model.data import AUDIO_BOS, Dataset, marginal_entropy_bits, write_splits
+from model.quality import lexicon, voiced_share, word_share
 from model.sampling import SamplingParams, sample
 from model.train import evaluate
 
@@ -34,19 +35,24 @@ TEXT_PROMPTS = ["ROMEO.\n", "HAMLET.\nTo be, or not to be", "Enter the King and 
 
 @torch.no_grad()
 def generate(rec, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[int]]:
-    """Sample n tokens after each prompt with the recurrent form (prompts prefilled one by one)."""
-    outs = []
-    for i, prompt in enumerate(prompts):
-        state = rec.init_state(1)
-        logits, state = rec.prefill(torch.tensor([prompt]), state)
+    """Sample n tokens after each prompt with the recurrent form: prompts of one length are prefilled
+    and stepped as one batch; row i samples with seed params.seed + i (its own generator, so a row's
+    tokens do not depend on the others)."""
+    outs: list[list[int]] = [[] for _ in prompts]
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_len.setdefault(len(p), []).append(i)
+    for rows in by_len.values():
+        state = rec.init_state(len(rows))
+        logits, state = rec.prefill(torch.tensor([prompts[i] for i in rows]), state)
         last = logits[:, -1]
-        gen = [dataclasses.replace(params, seed=params.seed + i).generator()]
-        toks = []
+        ps = [dataclasses.replace(params, seed=params.seed + i) for i in rows]
+        gens = [q.generator() for q in ps]
         for _ in range(n):
-            tok = sample(last, [params], gen)
-            toks.append(int(tok[0]))
+            tok = sample(last, ps, gens)
+            for r, i in enumerate(rows):
+                outs[i].append(int(tok[r]))
             last, state = rec.step(tok, state, out=state)
-        outs.append(toks)
     return outs
 
 
@@ -99,6 +105,41 @@ def spectrogram_png(path: Path, clips: list[tuple[str, np.ndarray]], sample_rate
     plt.close(fig)
 
 
+WAVS_KEPT = 8  # generated WAVs written beside the card (16 KB each at 8 kHz)
+
+
+def model_mulaw(cfg) -> MuLaw:
+    """The model's own mu-law convention (ModelConfig.mulaw)."""
+    return MuLaw(cfg.mulaw)
+
+
+@torch.no_grad()
+def text_word_share(
+    rec, data: Dataset, seed: int, samples: int = 16, n: int = 1000, temperature: float = 0.8
+) -> dict:
+    """The dictionary-word share of unconditional-ish samples (prompt "\n") at `temperature` (no
+    top-p/top-k), and of the held-out test plays for reference; the dictionary is every word that
+    occurs at least twice in the training plays."""
+    vocab = lexicon([bytes(data.split("train")).decode("utf-8", errors="replace")])
+    prompt = "\n"
+    params = SamplingParams(temperature=temperature, seed=seed)
+    outs = generate(rec, [list(prompt.encode())] * samples, n, params)
+    gen_text = "\n".join(bytes(o).decode("utf-8", errors="replace") for o in outs)
+    g, gn = word_share(gen_text, vocab)
+    t, tn = word_share(bytes(data.split("test")).decode("utf-8", errors="replace"), vocab)
+    return {
+        "generated": g,
+        "generated_words": gn,
+        "test": t,
+        "test_words": tn,
+        "samples": samples,
+        "bytes_per_sample": n,
+        "temperature": temperature,
+        "prompt": prompt,
+        "lexicon_words": len(vocab),
+    }
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -121,7 +162,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--command", default="", help="the training command, as run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--note", default="", help="a paragraph for the quality section (caveats, history)")
+    ap.add_argument("--note-file", type=Path, help="read --note from a Markdown file")
+    ap.add_argument(
+        "--audio-samples", type=int, default=16, help="audio: clips generated for the voicing measure"
+    )
     args = ap.parse_args(argv)
+    if args.note_file:
+        args.note = args.note_file.read_text().strip()
+    if not 1 <= args.audio_samples <= 256:
+        ap.error(f"--audio-samples must be in [1, 256], got {args.audio_samples}")
     ckpt = args.checkpoint
     meta = json.loads((ckpt / CONFIG).read_text())
     train_cfg = json.loads((args.run / "config.json").read_text())
@@ -260,26 +309,63 @@ def main(argv: list[str] | None = None) -> None:
         for p, o in zip(TEXT_PROMPTS, outs):
             text = bytes(o).decode("utf-8", errors="replace")
             lines += ["", "```", p + text, "```", f"(prompt: `{p!r}`)"]
+        ws = text_word_share(rec, data, args.seed)
+        meta["samples_word_share"] = ws
+        lines += [
+            "",
+            "### Dictionary words",
+            "",
+            f"The share of words in {ws['samples']} samples of {ws['bytes_per_sample']} bytes "
+            f"(temperature {ws['temperature']}, no top-p/top-k, prompt `{ws['prompt']!r}`, seeds "
+            f"{args.seed}…) that occur at least twice in the training plays: **{ws['generated']:.1%}** "
+            f"of {ws['generated_words']:,} words "
+            f"(goal ≥ 85 %). The same measure on the held-out test plays: {ws['test']:.1%} "
+            f"({ws['test_words']:,} words). Words are runs of letters with inner apostrophes "
+            "(`model/quality.py`).",
+        ]
     else:
         sr = cfg.sample_rate
         params = SamplingParams(temperature=1.0, seed=args.seed)
-        outs = generate(rec, [[AUDIO_BOS]] * 4, data.clip_len, params)
-        (ckpt / "samples").mkdir(exist_ok=True)
-        mu = MuLaw()
+        outs = generate(rec, [[AUDIO_BOS]] * args.audio_samples, data.clip_len, params)
+        samples = ckpt / "samples"
+        for old in samples.glob("generated_*.wav"):
+            old.unlink()
+        samples.mkdir(exist_ok=True)
+        mu = model_mulaw(cfg)
+        gen = [mu.decode(np.array(o)) for o in outs]
         clips = []
-        for i, o in enumerate(outs):
-            x = mu.decode(np.array(o))
-            (ckpt / "samples" / f"generated_{i}.wav").write_bytes(wav_bytes(x, sr))
+        for i, x in enumerate(gen[:WAVS_KEPT]):
+            (samples / f"generated_{i}.wav").write_bytes(wav_bytes(x, sr))
             clips.append((f"generated {i}", x))
-        real = mu.decode(data.split("test")[0])
-        (ckpt / "samples" / "test_real_0.wav").write_bytes(wav_bytes(real, sr))
-        spectrogram_png(ckpt / "samples" / "spectrogram.png", [("real test clip", real), *clips], sr)
+        test = data.split("test")
+        real = mu.decode(test[0])
+        (samples / "test_real_0.wav").write_bytes(wav_bytes(real, sr))
+        spectrogram_png(samples / "spectrogram.png", [("real test clip", real), *clips[:4]], sr)
+        vg = voiced_share(gen, sr)
+        vr = voiced_share([mu.decode(c) for c in test], sr)
+        meta["samples_voicing"] = {
+            "generated": vg,
+            "test_clips": vr,
+            "ratio": vg["voiced_share"] / vr["voiced_share"],
+        }
         lines += [
             f"Unconditional, temperature {params.temperature}, {data.clip_len} samples each, "
-            f"seeds {args.seed}…: "
-            "`samples/generated_*.wav`; a real test clip for reference in `samples/test_real_0.wav`.",
+            f"seeds {args.seed}…: `samples/generated_*.wav` (the first {min(WAVS_KEPT, len(gen))} of "
+            f"{len(gen)}); a real test clip for reference in `samples/test_real_0.wav`.",
             "",
             "![spectrograms](samples/spectrogram.png)",
+            "",
+            "### Voicing",
+            "",
+            "The share of loud 32 ms frames (within 20 dB of the clip's loudest, above −40 dBFS) whose "
+            "normalized autocorrelation peaks above 0.5 at a pitch of 80–400 Hz (`model/quality.py`):",
+            "",
+            "| clips | loud frames | voiced share |",
+            "|---|---|---|",
+            f"| {len(gen)} generated | {vg['loud_frames']:,} | **{vg['voiced_share']:.1%}** |",
+            f"| {len(test)} real test clips | {vr['loud_frames']:,} | {vr['voiced_share']:.1%} |",
+            "",
+            f"Generated ÷ real = **{vg['voiced_share'] / vr['voiced_share']:.2f}** (goal ≥ 0.5).",
         ]
     (ckpt / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     (ckpt / "README.md").write_text("\n".join(lines) + "\n")

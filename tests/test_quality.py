@@ -1,0 +1,91 @@
+"""model/quality.py: the word share and voicing measures the model cards report."""
+
+import numpy as np
+import pytest
+
+from model.quality import frame_stats, lexicon, voiced_share, word_share, words
+
+SR = 8000
+
+
+def test_words_keep_inner_apostrophes_and_lower_case():
+    assert words("O ROMEO, thou'rt\nthe 'king' o' the ne'er-do-well.") == [
+        "o", "romeo", "thou'rt", "the", "king", "o", "the", "ne'er", "do", "well",
+    ]  # fmt: skip
+
+
+def test_lexicon_drops_one_off_words_and_word_share_counts_against_it():
+    vocab = lexicon(["the king the king", "a queen queen xyzzy"], min_count=2)
+    assert vocab == {"the", "king", "queen"}
+    share, n = word_share("The king and the fool", vocab)
+    assert (share, n) == (3 / 5, 5)
+    assert word_share("?!", vocab) == (0.0, 0)
+    with pytest.raises(ValueError, match="min_count"):
+        lexicon(["a"], min_count=0)
+
+
+def _reference_peak(frame: np.ndarray, lo: int, hi: int) -> float:
+    """np.correlate over the mean-removed frame, normalized by the overlapping parts' energies."""
+    a = frame - frame.mean()
+    best = 0.0
+    for lag in range(lo, hi + 1):
+        num = np.correlate(a[lag:], a[:-lag], mode="valid")[0]
+        den = np.sqrt(np.sum(a[:-lag] ** 2) * np.sum(a[lag:] ** 2))
+        best = max(best, num / den if den > 0 else 0.0)
+    return best
+
+
+def test_frame_stats_match_a_direct_autocorrelation():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(8000) * np.hanning(8000) + np.sin(2 * np.pi * 130 * np.arange(8000) / SR)
+    rms, peak = frame_stats(x, SR)
+    n = 256  # 32 ms at 8 kHz
+    assert len(rms) == 8000 // n
+    for i in (0, 7, 30):
+        f = x[i * n : (i + 1) * n]
+        assert rms[i] == pytest.approx(np.std(f), rel=1e-12)
+        assert peak[i] == pytest.approx(_reference_peak(f, 20, 100), abs=1e-12)
+    with pytest.raises(ValueError, match="too short"):
+        frame_stats(x, SR, frame_s=0.01)
+
+
+def test_a_harmonic_voice_is_voiced_noise_and_silence_are_not():
+    t = np.arange(SR) / SR
+    rng = np.random.default_rng(1)
+    voice = sum(np.sin(2 * np.pi * 140 * k * t) / k for k in range(1, 8)) * 0.2  # 140 Hz, 7 harmonics
+    voice = voice + 0.01 * rng.standard_normal(SR)
+    assert voiced_share([voice], SR)["voiced_share"] == 1.0
+    noise = 0.3 * rng.standard_normal(SR)
+    r = voiced_share([noise], SR)
+    assert r["loud_frames"] == SR // 256 and r["voiced_share"] == 0.0
+    # a word in silence: only the word's frames are loud
+    clip = np.zeros(SR)
+    clip[2560:5120] = voice[2560:5120]
+    r = voiced_share([clip, np.zeros(SR)], SR)
+    assert r["loud_frames"] == 10 and r["voiced_share"] == 1.0
+    assert voiced_share([np.zeros(SR)], SR)["voiced_share"] == 0.0
+
+
+def test_card_generation_batches_rows_without_coupling_them():
+    """model.card.generate steps prompts of one length as a batch; each row must equal that prompt
+    generated alone with the same seed (own generator per row), within float32 batch noise: the
+    tokens are compared exactly at a temperature where near-ties are unlikely."""
+    import dataclasses
+
+    import torch
+
+    from model import ModelConfig, SequenceModel
+    from model.card import generate
+    from model.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    rec = SequenceModel(ModelConfig(d_model=32, n_layers=2, d_state=16, l_max=64)).eval().to_recurrent()
+    params = SamplingParams(temperature=0.7, seed=5)
+    prompts = [[10, 20], [30, 40], [50]]
+    together = generate(rec, prompts, 12, params)
+
+    alone = [
+        generate(rec, [p], 12, dataclasses.replace(params, seed=5 + i))[0] for i, p in enumerate(prompts)
+    ]
+    assert together == alone
+    assert len({tuple(t) for t in together}) == 3
