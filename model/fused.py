@@ -20,6 +20,11 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "ssm_step.c"
 MAX_MODES, MAX_RANK = 1024, 4  # the DPLR step's limits (MAX_MODES, MAX_RANK in ssm_step.c)
 _lib: dict[str, object] = {}
+RESTYPES = {  # the library's entry points and their return types
+    "diag_step": None, "dplr_step": ctypes.c_int, "net_step": ctypes.c_int, "sample_rows": None,
+    "sample_rows_full": ctypes.c_int, "net_block": ctypes.c_long, "philox_uniforms": None,
+    "philox_blocks": None, "linear_rows": None,
+}  # fmt: skip
 # -fno-math-errno lets the GELU / sigmoid loops call glibc's vector expf / erff (model/csrc/ssm_step.c)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 
@@ -56,10 +61,8 @@ def library():
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             tmp.replace(out)  # atomic: concurrent builders never load a half-written file
         lib = ctypes.CDLL(str(out))
-        for name in ("diag_step", "dplr_step", "net_step", "sample_rows", "net_block", "philox_uniforms",
-                     "philox_blocks"):  # fmt: skip
-            getattr(lib, name).restype = {"dplr_step": ctypes.c_int, "net_step": ctypes.c_int,
-                                          "net_block": ctypes.c_long}.get(name)  # fmt: skip
+        for name, restype in RESTYPES.items():
+            getattr(lib, name).restype = restype
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         warnings.warn(f"fused CPU step unavailable ({detail}); using torch ops", RuntimeWarning, stacklevel=2)
@@ -223,7 +226,8 @@ class NetStep:
         state: torch.Tensor,
         tok: torch.Tensor,
         *,
-        temperature: torch.Tensor,
+        settings: RowSettings,
+        counts: torch.Tensor | None,
         key: torch.Tensor,
         counter: torch.Tensor,
         limit: torch.Tensor,
@@ -231,12 +235,15 @@ class NetStep:
         history: list[bytes],
         seen: torch.Tensor,
     ) -> BlockResult:
-        """Up to K decode steps of the whole batch in one C call (ssm_step.c `net_block`): step → plain
-        temperature sampling with each row's counter-based stream → stop checks, per row, until the row
-        has made limit[r] tokens or a stop sequence (over the tokens' low bytes) ends.
+        """Up to K decode steps of the whole batch in one C call (ssm_step.c `net_block`): step →
+        sampling (the C sampler of model/sampling.py `sample`) with each row's counter-based stream →
+        stop checks, per row, until the row has made limit[r] tokens or a stop sequence (over the
+        tokens' low bytes) ends.
 
         state (n_layers, B, H, 2, M) float32 contiguous, updated in place; tok (B,) int64 contiguous, the
-        pending tokens, updated in place to each row's last token; temperature (B,) float64 ≥ 0; key and
+        pending tokens, updated in place to each row's last token; settings: the rows' sampling settings
+        (model.sampling.row_settings); counts (B, V) float32 contiguous or None (needed when
+        settings.counted), incremented in place for every sampled token; key and
         counter (B,) int64 holding uint64 bit patterns (the stream's key and its next index; counter is
         advanced in place); limit (B,) int64 ≥ 0; stops: per row, its stop sequences (bytes); history: per
         row, its output bytes so far (only the last longest-stop − 1 are read); seen (B, V) bool, set in
@@ -251,7 +258,7 @@ class NetStep:
             raise ValueError("net_block: state, tok and seen must describe the same rows")
         for t, dt in (
             (tok, torch.long),
-            (temperature, torch.float64),
+            (settings.temperature, torch.float64),
             (key, torch.long),
             (counter, torch.long),
             (limit, torch.long),
@@ -260,6 +267,9 @@ class NetStep:
                 raise ValueError(f"net_block: expected ({B},) {dt} contiguous CPU tensors")
         if not seen.is_contiguous():
             raise ValueError("net_block: seen must be contiguous")
+        bad_counts = counts is None or counts.shape != (B, self.V) or counts.dtype != torch.float32
+        if settings.counted and (bad_counts or not counts.is_contiguous()):
+            raise ValueError(f"net_block: counts must be ({B}, {self.V}) float32 contiguous")
         longest = max((len(s) for row in stops for s in row), default=0)
         keep = max(longest - 1, 0)
         first, offsets, data = [0], [0], bytearray()
@@ -288,7 +298,8 @@ class NetStep:
 
         dims = [ctypes.c_long(v) for v in (K, B, self.H, self.V, self.n_layers, self.M)]
         weights = (self.embed, self.layers, self.lnf_w, self.lnf_b, self.head, self.head_b, self.eps)
-        rows = [p(t) for t in (state, tok, temperature, key, counter, limit, first_t, off_t, data_t, hist)]
+        rows = [p(state), p(tok), *settings.pointers(seen, counts)]
+        rows += [p(t) for t in (key, counter, limit, first_t, off_t, data_t, hist)]
         outs = [p(t) for t in (hist_len, seen, out_tok, n_out, stopped, times)]
         steps = self.lib.net_block(*dims, *weights, *rows, ctypes.c_long(hist.shape[1]), *outs)
         if steps < 0:
@@ -310,6 +321,50 @@ def philox_uniforms(lib, key: torch.Tensor, counter: torch.Tensor) -> torch.Tens
         ctypes.c_void_p(u.data_ptr()),
     )
     return u
+
+
+@dataclasses.dataclass
+class RowSettings:
+    """Per-row sampling settings for the C sampler (`sample_rows_full`, `net_block`), as the torch
+    ops hold them: temperature (B,) float64; top_k (B,) int64 (0 or ≥ V: off); kind (B,) int64 (0:
+    plain temperature, 1: the whole pipeline); top_p, min_p, repetition_penalty, presence_penalty,
+    frequency_penalty (B,) float32; bias (B, V) float32 or None; penalized: whether `seen` takes part
+    (some row's repetition penalty is not 1); counted: whether counts take part."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    kind: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+    bias: torch.Tensor | None
+    penalized: bool
+    counted: bool
+
+    def pointers(self, seen: torch.Tensor | None, counts: torch.Tensor | None) -> list:
+        def p(t):
+            return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+        rows = (self.temperature, self.top_k, self.kind, self.top_p, self.min_p, self.repetition_penalty,
+                self.presence_penalty, self.frequency_penalty)  # fmt: skip
+        return [*(p(t) for t in rows), p(self.bias), p(seen if self.penalized else None),
+                p(counts if self.counted else None)]  # fmt: skip
+
+
+def sample_rows_full(lib, logits: torch.Tensor, settings: RowSettings, seen, counts, u) -> torch.Tensor:
+    """The whole sampling pipeline in C (model/sampling.py's order and limits) per row: logits (B, V)
+    float32, seen (B, V) bool or None, counts (B, V) float32 or None, u (B,) float32, all contiguous
+    on the CPU → (B,) int64. Raises MemoryError when the C side cannot allocate its scratch."""
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.long)
+    ptrs = settings.pointers(seen, counts)
+    lg, uu, oo = (ctypes.c_void_p(t.data_ptr()) for t in (logits, u, out))
+    rc = lib.sample_rows_full(ctypes.c_long(B), ctypes.c_long(V), lg, *ptrs, uu, oo)
+    if rc != 0:
+        raise MemoryError("the C sampler could not allocate its scratch")
+    return out
 
 
 def sample_rows(lib, logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

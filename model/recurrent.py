@@ -731,7 +731,7 @@ class RecurrentModel:
         """Up to K steps with sampling and stop checks in one C call, the state (n_layers, B, H, 2, M)
         and the pending tokens (B,) updated in place: see fused.NetStep.block for the per-row
         arguments and the result. Each row's tokens, state and seen set are exactly those of stepping
-        it alone with `step` and `model.sampling.sample` (plain temperature, its CounterRNG).
+        it alone with `step` and `model.sampling.sample` (its settings, its CounterRNG).
         Raises ValueError when `decode_block_ready` is false or on bad arguments."""
         if not self.decode_block_ready(tokens.shape[0]):
             raise ValueError("the native decode block needs the whole-network C step (CPU, float32)")

@@ -309,39 +309,49 @@ def sample(
     Per row: logit_bias → repetition penalty (when `seen`, (B, V) bool: the tokens in the row's
     context) → presence/frequency penalties (when `counts`, (B, V) float: the tokens generated so far)
     → temperature (T = 0: argmax) → top-k → top-p → min_p → one uniform from the row's generator,
-    inverted through the CDF. On the CPU, rows with plain temperature sampling take one C pass
-    (model/csrc/ssm_step.c `sample_rows`: the same arithmetic and the same draws) and the others the
-    torch ops. Every row draws exactly one uniform from its own generator, so a row's token depends
-    neither on the path nor on the other rows, and a seed reproduces a sequence whatever the batch."""
+    inverted through the CDF. On the CPU every row takes one C pass (model/csrc/ssm_step.c
+    `sample_rows_full`: the same steps and limits; the plain-temperature rows with the torch ops'
+    arithmetic, the others with their softmax sums in double), which is also the native decode
+    block's sampler; elsewhere, or without the C library, the torch ops. Every row draws exactly one
+    uniform from its own generator, so a row's token does not depend on the other rows, and a seed
+    reproduces a sequence whatever the batch."""
     B, V = logits.shape
     logits = logits.float()
     lib = fused.library() if logits.device.type == "cpu" and B else None
     if lib is None:
         return _sample_torch(logits, params, generators, seen, counts)
-    plain = [i for i, p in enumerate(params) if p.plain(V)]
-    if len(plain) == B:
-        return _sample_fused(lib, logits, params, generators)
-    if not plain:
-        return _sample_torch(logits, params, generators, seen, counts)
-    rest = sorted(set(range(B)) - set(plain))
-    out = torch.empty(B, dtype=torch.long)
-    pi, ri = torch.tensor(plain), torch.tensor(rest)
-    out[pi] = _sample_fused(lib, logits[pi], [params[i] for i in plain], [generators[i] for i in plain])
-    out[ri] = _sample_torch(
-        logits[ri],
-        [params[i] for i in rest],
-        [generators[i] for i in rest],
-        None if seen is None else seen[ri],
-        None if counts is None else counts[ri],
+    settings = row_settings(params, V, seen is not None, counts is not None)
+    seen_c = seen.contiguous() if settings.penalized else None
+    counts_c = counts.float().contiguous() if settings.counted else None
+    return fused.sample_rows_full(lib, logits.contiguous(), settings, seen_c, counts_c, uniforms(generators))
+
+
+def row_settings(params: list[SamplingParams], V: int, seen: bool = True, counts: bool = True):
+    """The rows' settings as the C sampler reads them (fused.RowSettings), rounded as the torch ops
+    round them (float32 tensors). `seen`/`counts`: whether those inputs will be given. Raises
+    IndexError for a logit_bias id ≥ V, as the torch ops do."""
+    f32 = torch.float32
+    bias = None
+    if any(p.logit_bias for p in params):
+        bias = torch.zeros(len(params), V)
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                bias[i, torch.tensor(list(p.logit_bias))] = torch.tensor(
+                    list(p.logit_bias.values()), dtype=f32
+                )
+    return fused.RowSettings(
+        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float64),
+        top_k=torch.tensor([min(p.top_k, V) for p in params], dtype=torch.long),
+        kind=torch.tensor([0 if p.plain(V) else 1 for p in params], dtype=torch.long),
+        top_p=torch.tensor([p.top_p for p in params], dtype=f32),
+        min_p=torch.tensor([p.min_p for p in params], dtype=f32),
+        repetition_penalty=torch.tensor([p.repetition_penalty for p in params], dtype=f32),
+        presence_penalty=torch.tensor([p.presence_penalty for p in params], dtype=f32),
+        frequency_penalty=torch.tensor([p.frequency_penalty for p in params], dtype=f32),
+        bias=bias,
+        penalized=seen and any(p.repetition_penalty != 1 for p in params),
+        counted=counts and any(p.counts_output for p in params),
     )
-    return out
-
-
-def _sample_fused(lib, logits, params, generators) -> torch.Tensor:
-    """Plain temperature sampling in one C pass, the same draws as the torch path."""
-    u = uniforms(generators)
-    temp = torch.tensor([p.temperature for p in params], dtype=torch.float64)
-    return fused.sample_rows(lib, logits.contiguous(), temp, u)
 
 
 def _sample_torch(logits, params, generators, seen, counts) -> torch.Tensor:

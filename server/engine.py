@@ -7,10 +7,10 @@ Each iteration of its loop:
   3. decode: one batched recurrent step for every live generating session, sampling on the device
      with one generator per request, and one copy of the new tokens to the host; repeated (up to
      DECODE_BLOCK_STEPS steps, more while within `decode_block_ms`) while no row finishes, fills its
-     stream or is cancelled and no new work arrives. On CPU, when every row samples with plain
-     temperature and the whole-network C step serves the batch, DECODE_BLOCK_STEPS steps run as one
-     native block (`DecodeBatch.block`: step, sample and stop checks in C, each row stopping on its
-     own at its limit or stop sequence), with the same results token for token;
+     stream or is cancelled and no new work arrives. On CPU, when no row asks for log-probabilities
+     and the whole-network C step serves the batch, DECODE_BLOCK_STEPS steps run as one native block
+     (`DecodeBatch.block`: step, sample and stop checks in C, each row stopping on its own at its
+     limit or stop sequence), with the same results token for token;
   4. hand the new tokens to the event loop, one `call_soon_threadsafe` per iteration.
 
 Sessions that are decoding live in a resident batch (`DecodeBatch`): their states are copied out of
@@ -38,7 +38,15 @@ import torch
 
 from model.codecs import utf8_tail
 from model.recurrent import RecurrentModel
-from model.sampling import CounterRNG, SamplingParams, find_stop, sample, token_logprobs, uint64_bits
+from model.sampling import (
+    CounterRNG,
+    SamplingParams,
+    find_stop,
+    row_settings,
+    sample,
+    token_logprobs,
+    uint64_bits,
+)
 from server.config import Settings
 from server.errors import APIError, over_capacity, unavailable
 from server.metrics import ModelMetrics
@@ -240,32 +248,38 @@ class DecodeBatch:
 
     def native(self, rec: RecurrentModel) -> bool:
         """Whether `block` can run this batch: the model's native decode block serves it (CPU,
-        float32, not too many rows) and every row samples with plain temperature (no filters,
-        penalties, bias or log-probabilities) from a counter-based stream."""
+        float32, not too many rows) and no row asks for log-probabilities (every sampling setting
+        runs in the block's C sampler, with each row's counter-based stream)."""
         ready = getattr(rec, "decode_block_ready", None)
         if ready is None or not ready(len(self.rows)) or self.state.device.type != "cpu":
             return False
-        V = self.seen.shape[1]
         return all(
-            j is None
-            or (j.params.plain(V) and j.params.logprobs is None and isinstance(j.generator, CounterRNG))
+            j is None or (j.params.logprobs is None and isinstance(j.generator, CounterRNG))
             for j in self.rows
         )
 
     def block(self, rec: RecurrentModel, K: int, limits: list[int]):
-        """Up to K steps of every row with limits[row] > 0 in one native call (`NetStep.block`): the
-        same tokens, states and seen sets as K calls of `step` (rows stop on their own after
+        """Up to K steps of every row with limits[row] > 0 in one native call (`decode_block`): the
+        same tokens, states, seen sets and counts as K calls of `step` (rows stop on their own after
         limits[row] tokens or at a stop sequence; holes get limit 0 and do not step). Advances each
         job's counter-based stream by the tokens it drew. Returns the fused.BlockResult."""
         rows = self.rows
-        temp = torch.tensor([0.0 if j is None else j.params.temperature for j in rows], dtype=torch.float64)
+        V = self.seen.shape[1]
+        settings = row_settings([GREEDY if j is None else j.params for j in rows], V)
+        counted = [i for i, j in enumerate(rows) if j is not None and j.counts is not None]
+        counts = None
+        if settings.counted:
+            counts = torch.zeros(len(rows), V)
+            counts[counted] = torch.stack([rows[i].counts for i in counted])
         gens = [self.dummy if j is None else j.generator for j in rows]
         key, counter = uint64_bits([g.key for g in gens]), uint64_bits([g.counter for g in gens])
         res = rec.decode_block(
-            K, self.state, self.tok, temperature=temp, key=key, counter=counter,
+            K, self.state, self.tok, settings=settings, counts=counts, key=key, counter=counter,
             limit=torch.tensor(limits, dtype=torch.long), stops=[[] if j is None else j.stops for j in rows],
             history=[b"" if j is None else bytes(j.out_bytes) for j in rows], seen=self.seen,
         )  # fmt: skip
+        for i in counted:
+            rows[i].counts.copy_(counts[i])
         for g, n in zip(gens, res.n_out.tolist()):
             g.counter += n
         return res

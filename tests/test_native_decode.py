@@ -7,6 +7,7 @@ sampler draws from the same distribution as the torch sampler."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import math
 
 import pytest
@@ -19,6 +20,7 @@ from model.sampling import (
     find_stop,
     philox4x32_10,
     philox_uniform,
+    row_settings,
     sample,
     uint64_bits,
     uniforms,
@@ -89,17 +91,19 @@ def _prefilled(rec, B: int, seed: int):
 
 
 def _one_step(rec, state, tok, params, limits, seen):
-    """The reference: each row stepped and sampled alone (`step` + `sample`, its own CounterRNG),
-    stopping at its limit or a stop sequence. Returns per row (tokens, state, seen row)."""
+    """The reference: each row stepped and sampled alone (`step` + `sample`, its own CounterRNG, its
+    seen set and generated-token counts as the engine keeps them), stopping at its limit or a stop
+    sequence. Returns per row (tokens, state, seen row)."""
     out = []
     for r, p in enumerate(params):
         x, t, gen = state[:, r : r + 1].clone(), tok[r : r + 1].clone(), p.generator()
-        s, toks = seen[r : r + 1].clone(), []
+        s, counts, toks = seen[r : r + 1].clone(), torch.zeros(1, V), []
         while len(toks) < limits[r]:
             logits, x = rec.step(t, x)
-            t = sample(logits, [p], [gen])
+            t = sample(logits, [p], [gen], s, counts if p.counts_output else None)
             toks.append(int(t))
             s[0, t] = True
+            counts[0, t] += 1
             if p.stop and find_stop(bytes(v & 0xFF for v in toks), p.stop, 1) is not None:
                 break
         out.append((toks, x, s))
@@ -112,15 +116,16 @@ def _block(rec, state, tok, params, limits, seen, K):
     gens = [p.generator() for p in params]
     toks = [[] for _ in params]
     stopped = [False] * len(params)
+    settings = row_settings(params, V)
+    counts = torch.zeros(len(params), V)
     while True:
         left = [0 if stopped[r] else limits[r] - len(toks[r]) for r in range(len(params))]
         if not any(left):
             break
         res = rec.decode_block(
-            K, state, tok, temperature=torch.tensor([p.temperature for p in params], dtype=torch.float64),
-            key=uint64_bits([g.key for g in gens]), counter=uint64_bits([g.counter for g in gens]),
-            limit=torch.tensor(left), stops=[p.stop for p in params],
-            history=[bytes(v & 0xFF for v in t) for t in toks], seen=seen,
+            K, state, tok, settings=settings, counts=counts, key=uint64_bits([g.key for g in gens]),
+            counter=uint64_bits([g.counter for g in gens]), limit=torch.tensor(left),
+            stops=[p.stop for p in params], history=[bytes(v & 0xFF for v in t) for t in toks], seen=seen,
         )  # fmt: skip
         assert 1 <= res.steps <= K and res.times.shape == (res.steps,)
         assert bool((res.times[1:] >= res.times[:-1]).all())
@@ -128,17 +133,35 @@ def _block(rec, state, tok, params, limits, seen, K):
             toks[r] += res.tokens[:n, r].tolist()
             gens[r].counter += n
             stopped[r] |= bool(res.stopped[r])
+    for r, t in enumerate(toks):  # the block's counts are the row's generated tokens (when counted)
+        if settings.counted:
+            assert torch.equal(
+                counts[r], torch.bincount(torch.tensor(t, dtype=torch.long), minlength=V).float()
+            )
     return toks, state, seen, stopped
 
 
-PARAMS = [SamplingParams(temperature=t, seed=s) for s, t in enumerate([0.0, 0.7, 1.0, 1.3, 0.0, 0.9] * 2)]
+FILTERS = [  # every sampling setting the block's C sampler handles
+    {},
+    {"top_k": 5},
+    {"top_p": 0.8},
+    {"min_p": 0.1},
+    {"repetition_penalty": 1.5},
+    {"presence_penalty": 0.8, "frequency_penalty": 0.3},
+    {"logit_bias": {3: 5.0, 7: -100.0}},
+    {"top_k": 20, "top_p": 0.9, "min_p": 0.02, "repetition_penalty": 0.7, "frequency_penalty": -0.2},
+]
+PARAMS = [
+    SamplingParams(temperature=t, seed=s, **FILTERS[s % len(FILTERS)])
+    for s, t in enumerate([0.0, 0.7, 1.0, 1.3, 0.0, 0.9] * 2)
+]
 
 
 @pytest.mark.parametrize("K", [1, 7, 32])
 def test_the_block_gives_the_one_step_paths_tokens_states_and_seen_sets_bit_for_bit(rec, K):
     B = len(PARAMS)  # >= 8 rows: the C block's threaded path
     state, tok = _prefilled(rec, B, seed=1)
-    seen = torch.zeros(B, V, dtype=torch.bool)
+    seen = torch.rand(B, V, generator=torch.Generator().manual_seed(1)) < 0.2  # the prompts' tokens
     limits = [40, 1, 0, 17, 40, 33, 5, 40, 40, 2, 39, 40]  # 0: a hole (never steps)
     ref = _one_step(rec, state, tok, PARAMS, limits, seen)
     toks, new_state, new_seen, _ = _block(rec, state, tok, PARAMS, limits, seen, K)
@@ -162,8 +185,7 @@ def test_rows_stopping_mid_block_are_exact_and_leave_the_other_rows_bit_identica
     # they end mid-block; the two-token one also crosses a block boundary at K = 8
     stops = {1: [bytes(v & 0xFF for v in free[1][9:11])], 3: [bytes([free[3][30] & 0xFF])],
              5: [b"\xff\xfe\xfd", bytes(v & 0xFF for v in free[5][5:8])]}  # fmt: skip
-    params = [SamplingParams(temperature=p.temperature, seed=p.seed, stop=stops.get(r, [])) for r, p in
-              enumerate(PARAMS)]  # fmt: skip
+    params = [dataclasses.replace(p, stop=stops.get(r, [])) for r, p in enumerate(PARAMS)]
     ref = _one_step(rec, state, tok, params, limits, seen)
     for K in (8, 48):
         toks, new_state, new_seen, stopped = _block(rec, state, tok, params, limits, seen, K)
@@ -265,7 +287,8 @@ def test_the_server_gives_the_same_tokens_and_finish_reasons_with_and_without_th
     from server.engine import DecodeBatch
 
     reqs = [{"model": "tiny-text", "prompt": "to be, or not" * (1 + k % 3), "max_new_tokens": 20 + 7 * k,
-             "seed": k, "temperature": [0.0, 0.8, 1.2][k % 3], "stop": ["e", "th", "o, "][k % 3]}
+             "seed": k, "temperature": [0.0, 0.8, 1.2][k % 3], "stop": ["e", "th", "o, "][k % 3],
+             **[{}, {"top_k": 20, "top_p": 0.9}, {"repetition_penalty": 1.3}][k // 3]}
             for k in range(9)]  # fmt: skip
     results = {}
     native = DecodeBatch.native
@@ -287,3 +310,51 @@ def test_the_server_gives_the_same_tokens_and_finish_reasons_with_and_without_th
         assert bool(calls) == (path == "native")
     assert results["native"] == results["one-step"]
     assert {reason for _, reason in results["native"]} == {"stop", "length"}
+
+
+def _reference_probs(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor, counts: torch.Tensor):
+    """model/sampling.py's pipeline for one row of finite logits, in float64, written from its
+    docstrings: bias → CTRL penalty → presence/frequency → (z − max) / T → top-k, top-p ranked by z
+    → min_p → softmax."""
+    z = logits.double().clone()
+    for t, b in p.logit_bias.items():
+        z[t] += b
+    pen = p.repetition_penalty
+    z = torch.where(seen & (z > 0), z / pen, torch.where(seen, z * pen, z))
+    z = z - counts.double() * p.frequency_penalty - (counts > 0).double() * p.presence_penalty
+    s = (z - z.max()) / p.temperature
+    order = torch.sort(z, descending=True, stable=True).indices
+    k = p.top_k if 0 < p.top_k < len(z) else len(z)
+    probs = torch.zeros_like(s)
+    probs[order[:k]] = s[order[:k]].softmax(0)
+    before = probs[order].cumsum(0) - probs[order]
+    keep = torch.zeros(len(z), dtype=torch.bool)
+    for j, v in enumerate(order.tolist()):
+        keep[v] = j == 0 or (j < k and float(before[j]) < p.top_p)
+    s = s.masked_fill(~keep, -math.inf)
+    q = s.softmax(0)
+    s = s.masked_fill(q < p.min_p * q.max(), -math.inf)
+    return s.softmax(0)
+
+
+@pytest.mark.parametrize("settings", FILTERS[1:], ids="+".join)
+def test_the_c_and_torch_samplers_draw_every_setting_from_the_float64_distribution(monkeypatch, settings):
+    """20,000 draws of one row by each path (C: what the server and the block use; torch: the
+    fallback) against the float64 reference: chi-square below the p = 0.001 critical value."""
+    g = torch.Generator().manual_seed(11)
+    n_rows, N = 500, 20000
+    logits = torch.randn(1, 32, generator=g) * 2
+    seen = torch.rand(1, 32, generator=g) < 0.3
+    counts = torch.randint(0, 3, (1, 32), generator=g).float()
+    p = SamplingParams(temperature=0.9, **settings)
+    exact = _reference_probs(logits[0], p, seen[0], counts[0])
+    for path in ("c", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(fused, "library", lambda: None)
+        gen = CounterRNG(21 if path == "c" else 22)
+        rows = [logits.repeat(n_rows, 1), [p] * n_rows, [gen] * n_rows, seen.repeat(n_rows, 1)]
+        toks = torch.cat([sample(*rows, counts.repeat(n_rows, 1)) for _ in range(N // n_rows)])
+        chi2, dof = _chi2_against(exact, torch.bincount(toks, minlength=32))
+        crit = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3 if dof else 0.0
+        assert chi2 <= crit, (path, chi2, crit)
+        assert exact[toks].min() > 0  # nothing the reference excludes is ever drawn

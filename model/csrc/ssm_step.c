@@ -329,6 +329,148 @@ void sample_rows(long B, long V, const float *logits, const double *temp, const 
 }
 
 /* ------------------------------------------------------------------------------------------------
+ * The whole sampling pipeline of model/sampling.py (`_sample_torch`) for one row, in the same order:
+ * logit_bias → repetition penalty (CTRL; its p → 0 limit where z / p overflows) → presence/frequency
+ * penalties → sanitize (NaN → −inf; +inf rows keep only their +inf; nothing above −inf → uniform) →
+ * temperature ((z − max z) / T in double; T = 0: the first argmax) → top-k and top-p (ranked by the
+ * sanitized logits before the temperature, ties by token id; the mass before a token < top_p keeps
+ * it; the top token always stays) → min_p → the inverse CDF at u. The settings are rounded as the
+ * torch ops' float32 tensors round them (rep, top_p, min_p, presence, frequency: float). Softmax
+ * sums run in double here and in float32 there: the two paths agree to rounding (tested by
+ * distribution), the C pass is the one the server and the library use on CPU. */
+#include <stdlib.h>
+
+typedef struct {
+    float v;
+    long i;
+} Ranked;
+
+static int ranked_desc(const void *a, const void *b) { /* larger value first, then smaller id */
+    const Ranked *x = a, *y = b;
+    if (x->v != y->v) return x->v > y->v ? -1 : 1;
+    return (x->i > y->i) - (x->i < y->i);
+}
+
+typedef struct {
+    const double *temp;
+    const long *top_k, *kind; /* kind[r]: 0 plain temperature (sample_one), 1 the whole pipeline */
+    const float *top_p, *min_p, *rep, *presence, *frequency;
+    const float *bias;          /* (B, V) or NULL */
+    const unsigned char *seen;  /* (B, V) or NULL: no repetition penalty */
+    float *counts;              /* (B, V) or NULL: no presence/frequency penalties */
+} SampleArgs;
+
+static long sample_full(long V, const float *logits, const SampleArgs *a, long r, float u, float *z, float *w,
+                        Ranked *rk) {
+    const float *bias = a->bias ? a->bias + r * V : NULL;
+    const unsigned char *seen = a->seen ? a->seen + r * V : NULL;
+    const float *counts = a->counts ? a->counts + r * V : NULL;
+    for (long v = 0; v < V; v++) z[v] = bias ? logits[v] + bias[v] : logits[v];
+    const float rep = a->rep[r];
+    if (seen && rep != 1.0f) {
+        int pos_inf = 0, over_any = 0;
+        float top_over = -INFINITY;
+        for (long v = 0; v < V; v++) {
+            if (z[v] == INFINITY) pos_inf = 1;
+            if (seen[v] && z[v] > 0 && isfinite(z[v]) && z[v] / rep == INFINITY) {
+                over_any = 1;
+                if (z[v] > top_over) top_over = z[v];
+            }
+        }
+        const int limit = over_any && !pos_inf;
+        for (long v = 0; v < V; v++) {
+            const float zv = z[v];
+            const int up = seen[v] && zv > 0;
+            if (limit) /* p → 0: the overflowed seen tokens with the largest z get all the mass */
+                z[v] = (up && isfinite(zv) && zv / rep == INFINITY && zv == top_over) ? 0.0f : -INFINITY;
+            else
+                z[v] = up ? zv / rep : (seen[v] ? zv * rep : zv);
+        }
+    }
+    const float pres = a->presence[r], freq = a->frequency[r];
+    if (counts && (pres != 0.0f || freq != 0.0f))
+        for (long v = 0; v < V; v++) {
+            const float cf = counts[v] * freq;
+            const float ind = counts[v] > 0 ? 1.0f : 0.0f;
+            const float d = z[v] - cf; /* separate statements: no contraction, the torch ops' rounding */
+            z[v] = d - ind * pres;
+        }
+    int pos = 0, all_neg = 1;
+    for (long v = 0; v < V; v++) {
+        if (z[v] != z[v]) z[v] = -INFINITY;
+        if (z[v] == INFINITY) pos = 1;
+    }
+    for (long v = 0; v < V; v++) {
+        if (pos) z[v] = z[v] == INFINITY ? 0.0f : -INFINITY;
+        if (z[v] != -INFINITY) all_neg = 0;
+    }
+    if (all_neg)
+        for (long v = 0; v < V; v++) z[v] = 0.0f;
+    long best = 0;
+    for (long v = 1; v < V; v++)
+        if (z[v] > z[best]) best = v;
+    if (a->temp[r] == 0.0) return best;
+    const double T = a->temp[r], top = z[best];
+    float *s = w; /* the scaled logits, then the weights */
+    for (long v = 0; v < V; v++)
+        s[v] = z[v] == top ? 0.0f : z[v] == -INFINITY ? -INFINITY : (float)(((double)z[v] - top) / T);
+    const long k = a->top_k[r] > 0 && a->top_k[r] < V ? a->top_k[r] : V;
+    const double top_p = a->top_p[r];
+    if (k < V || top_p < 1.0) {
+        for (long v = 0; v < V; v++) rk[v] = (Ranked){z[v], v};
+        qsort(rk, (size_t)V, sizeof(Ranked), ranked_desc);
+        double total = 0.0;
+        for (long j = 0; j < k; j++) total += exp((double)s[rk[j].i]); /* s of the top-ranked is 0 */
+        double before = 0.0;
+        for (long j = 0; j < V; j++) {
+            const long v = rk[j].i;
+            const double p = j < k ? exp((double)s[v]) / total : 0.0;
+            if (j > 0 && (j >= k || before >= top_p)) s[v] = -INFINITY;
+            before += p;
+        }
+    }
+    const double min_p = a->min_p[r];
+    if (min_p > 0.0) {
+        float smax = -INFINITY;
+        for (long v = 0; v < V; v++)
+            if (s[v] > smax) smax = s[v];
+        for (long v = 0; v < V; v++)
+            if (exp((double)s[v] - (double)smax) < min_p) s[v] = -INFINITY; /* p_v < min_p · p_max */
+    }
+    float total = 0.0f;
+    for (long v = 0; v < V; v++) {
+        const float e = s[v] == -INFINITY ? 0.0f : expf(s[v]);
+        w[v] = (total += e); /* the CDF, in place */
+    }
+    const float target = u * total;
+    long j = 0;
+    while (j < V - 1 && w[j] < target) j++;
+    return j;
+}
+
+/* Rows r of a batch with any settings (SampleArgs), at uniforms u[r]: the plain ones by sample_one,
+ * the others by sample_full (model/sampling.py `sample` on CPU). Returns 0, or -2 out of memory. */
+int sample_rows_full(long B, long V, const float *logits, const double *temp, const long *top_k, const long *kind,
+                     const float *top_p, const float *min_p, const float *rep, const float *presence,
+                     const float *frequency, const float *bias, const unsigned char *seen, float *counts,
+                     const float *u, long *out) {
+    const SampleArgs a = {temp, top_k, kind, top_p, min_p, rep, presence, frequency, bias, seen, counts};
+    float *z = malloc(sizeof(float) * 2 * (size_t)V);
+    Ranked *rk = malloc(sizeof(Ranked) * (size_t)V);
+    if (!z || !rk) {
+        free(z);
+        free(rk);
+        return -2;
+    }
+    for (long r = 0; r < B; r++)
+        out[r] = kind[r] == 0 ? sample_one(V, logits + r * V, temp[r], u[r])
+                              : sample_full(V, logits + r * V, &a, r, u[r], z, z + V, rk);
+    free(z);
+    free(rk);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
  * Counter-based random numbers: Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers:
  * as easy as 1, 2, 3", SC 2011; the Random123 reference constants and round order). A row's n-th
  * uniform is a pure function of (its key, n): key = the request seed's low and high 32 bits, counter
@@ -374,8 +516,9 @@ void philox_uniforms(long n, const uint64_t *key, const uint64_t *counter, float
  * return to Python between steps. Per row r (Btot rows; the state (n_layers, Btot, H, 2, M) is updated
  * in place):
  *   - tok[r]: the pending token, fed at the next step; on return the last token sampled;
- *   - temp[r] ≥ 0 and the row's counter-based stream (key[r], counter[r]: one uniform per token,
- *     counter advanced on return), plain temperature sampling as sample_rows;
+ *   - its sampling settings (temp .. counts: as sample_rows_full; pen_seen is seen or NULL when no
+ *     row has a repetition penalty; counts (Btot, V) or NULL, incremented for every token sampled)
+ *     and its counter-based stream (key[r], counter[r]: one uniform per token, advanced here);
  *   - limit[r] ≥ 0: at most this many tokens (0: the row does not step: a hole, or no room);
  *   - stop sequences: stops j in [stop_first[r], stop_first[r + 1]), the bytes
  *     stop_data[stop_off[j] .. stop_off[j + 1]); a row stops after the token whose low byte ends one;
@@ -393,17 +536,26 @@ static double monotonic_s(void) {
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static void sample_and_check(long B, const long *rows, long V, const float *logits, long k, long Btot,
-                             long *tok, const double *temp, const uint64_t *key, uint64_t *counter,
-                             const long *stop_first, const long *stop_off,
-                             const unsigned char *stop_data, unsigned char *hist, long hist_cap, long *hist_len,
-                             unsigned char *seen, long *out_tok, long *n_out, long *stopped) {
+static int sample_and_check(long B, const long *rows, long V, const float *logits, long k, long Btot, long *tok,
+                            const SampleArgs *a, const uint64_t *key, uint64_t *counter, const long *stop_first,
+                            const long *stop_off, const unsigned char *stop_data, unsigned char *hist, long hist_cap,
+                            long *hist_len, unsigned char *seen, long *out_tok, long *n_out, long *stopped) {
+    float *z = malloc(sizeof(float) * 2 * (size_t)V);
+    Ranked *rk = malloc(sizeof(Ranked) * (size_t)V);
+    if (!z || !rk) {
+        free(z);
+        free(rk);
+        return -2;
+    }
     for (long i = 0; i < B; i++) {
         const long r = rows[i];
-        const long t = sample_one(V, logits + i * V, temp[r], philox_uniform(key[r], counter[r]));
+        const float u = philox_uniform(key[r], counter[r]);
+        const long t = a->kind[r] == 0 ? sample_one(V, logits + i * V, a->temp[r], u)
+                                       : sample_full(V, logits + i * V, a, r, u, z, z + V, rk);
         counter[r]++;
         tok[r] = t;
         seen[r * V + t] = 1;
+        if (a->counts) a->counts[r * V + t] += 1.0f;
         out_tok[k * Btot + r] = t;
         n_out[r]++;
         unsigned char *h = hist + r * hist_cap;
@@ -416,14 +568,20 @@ static void sample_and_check(long B, const long *rows, long V, const float *logi
             }
         }
     }
+    free(z);
+    free(rk);
+    return 0;
 }
 
 long net_block(long K, long Btot, long H, long V, long n_layers, long M, const float *embed,
                const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
-               const float *head_b, float eps, float *state, long *tok, const double *temp, const uint64_t *key,
-               uint64_t *counter, const long *limit, const long *stop_first, const long *stop_off,
-               const unsigned char *stop_data, unsigned char *hist, long hist_cap, long *hist_len,
-               unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times) {
+               const float *head_b, float eps, float *state, long *tok, const double *temp, const long *top_k,
+               const long *kind, const float *top_p, const float *min_p, const float *rep, const float *presence,
+               const float *frequency, const float *bias, const unsigned char *pen_seen, float *counts,
+               const uint64_t *key, uint64_t *counter, const long *limit, const long *stop_first,
+               const long *stop_off, const unsigned char *stop_data, unsigned char *hist, long hist_cap,
+               long *hist_len, unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times) {
+    const SampleArgs args = {temp, top_k, kind, top_p, min_p, rep, presence, frequency, bias, pen_seen, counts};
     long *rows = malloc(sizeof(long) * (size_t)(Btot > 0 ? Btot : 1));
     float *logits = malloc(sizeof(float) * (size_t)(Btot > 0 ? Btot : 1) * (size_t)V);
     if (!rows || !logits) {
@@ -443,8 +601,8 @@ long net_block(long K, long Btot, long H, long V, long n_layers, long M, const f
             rc = net_rows(B, Btot, rows, H, V, n_layers, M, tok, embed, layers, lnf_w, lnf_b, head_t, head_b, eps,
                           state, state, logits);
             if (rc == 0)
-                sample_and_check(B, rows, V, logits, k, Btot, tok, temp, key, counter, stop_first, stop_off,
-                                 stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out, stopped);
+                rc = sample_and_check(B, rows, V, logits, k, Btot, tok, &args, key, counter, stop_first, stop_off,
+                                      stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out, stopped);
         } else {
 #pragma omp parallel reduction(min : rc)
             {
@@ -454,9 +612,9 @@ long net_block(long K, long Btot, long H, long V, long n_layers, long M, const f
                     rc = net_rows(hi - lo, Btot, rows + lo, H, V, n_layers, M, tok, embed, layers, lnf_w, lnf_b,
                                   head_t, head_b, eps, state, state, logits + lo * V);
                     if (rc == 0) /* this thread's rows only: no other thread reads them */
-                        sample_and_check(hi - lo, rows + lo, V, logits + lo * V, k, Btot, tok, temp, key, counter,
-                                         stop_first, stop_off, stop_data, hist, hist_cap, hist_len, seen,
-                                         out_tok, n_out, stopped);
+                        rc = sample_and_check(hi - lo, rows + lo, V, logits + lo * V, k, Btot, tok, &args, key,
+                                              counter, stop_first, stop_off, stop_data, hist, hist_cap, hist_len,
+                                              seen, out_tok, n_out, stopped);
                 }
             }
         }
