@@ -57,6 +57,7 @@ log = logging.getLogger("server.engine")
 GREEDY = SamplingParams(temperature=0.0)  # what the holes of a decode batch "sample"
 DECODE_BLOCK_STEPS = 8  # decode steps between two admissions / hand-overs: at least this many unless ...
 DECODE_BLOCK_MAX_STEPS = 64  # ... and, while within decode_block_ms, up to this many
+DECODE_BLOCK_NATIVE_MAX_STEPS = 32  # steps of one native decode block (see Engine._decode_native)
 
 
 @dataclass
@@ -310,6 +311,7 @@ class Engine:
         self._stopping = False
         self.crashed: str | None = None  # set when the engine thread died of a bug (guarded by _cv)
         self._next_housekeeping = 0.0
+        self._block_step_s: float | None = None  # measured seconds per step of a native block
         # set by the app when a session store is configured (engine thread calls them):
         self.persist: Callable[[SessionRecord, bytes, list[int]], None] | None = None  # write a state
         self.forget: Callable[[str], None] | None = None  # delete a stored state
@@ -582,21 +584,36 @@ class Engine:
                 return
 
     def _decode_native(self, t_end: float) -> None:
-        """The decode loop in native blocks of DECODE_BLOCK_STEPS steps (1 while new work waits, as
-        the step-by-step loop checks after every step): each row stops inside a block on its own at
-        its token limit, its stream's room or a stop sequence, exactly where the one-step loop would
-        have; the loop ends after a block in which a row finished or filled its stream, when new work
-        arrived, or after DECODE_BLOCK_MAX_STEPS steps or decode_block_ms."""
+        """The decode loop in native blocks: each row stops inside a block on its own at its token
+        limit, its stream's room or a stop sequence, exactly where the one-step loop would have. A
+        block is 1 step while new work waits (as the one-step loop checks after every step), else as
+        many steps as fit in decode_block_ms at the measured step time (DECODE_BLOCK_STEPS before the
+        first measurement; 1 to DECODE_BLOCK_NATIVE_MAX_STEPS), so new work waits at most about
+        decode_block_ms. The loop ends after a block in which a row finished or filled its stream,
+        when new work arrived, or after DECODE_BLOCK_MAX_STEPS steps or decode_block_ms (but not
+        before DECODE_BLOCK_STEPS steps)."""
         b, steps = self.batch, 0
+        budget = self.settings.decode_block_ms / 1000
         while b.live and steps < DECODE_BLOCK_MAX_STEPS:
             pending = bool(self._inbox or self._waiting or self._prefilling)
-            K = 1 if pending else min(DECODE_BLOCK_STEPS, DECODE_BLOCK_MAX_STEPS - steps)
+            if pending:
+                K = 1
+            elif self._block_step_s is None:
+                K = DECODE_BLOCK_STEPS
+            else:
+                K = int(max(1, min(DECODE_BLOCK_NATIVE_MAX_STEPS, budget / self._block_step_s)))
+            K = min(K, DECODE_BLOCK_MAX_STEPS - steps)
             limits = [
                 0 if j is None else max(0, min(j.max_new_tokens - len(j.out), j.stream.room()))
                 for j in b.rows
             ]
+            t0 = time.perf_counter()
             res = b.block(self.rec, K, limits)
             steps += res.steps
+            if res.steps:  # the step time at this batch (moving average), for the next block's K
+                per = (time.perf_counter() - t0) / res.steps
+                est = self._block_step_s
+                self._block_step_s = per if est is None else 0.75 * est + 0.25 * per
             n_out, stopped = res.n_out.tolist(), res.stopped.tolist()
             tokens, times = res.tokens.t().tolist(), res.times.tolist()  # (R, steps), (steps,)
             for k in range(res.steps):
