@@ -234,6 +234,7 @@ class NetStep:
         stops: list[list[bytes]],
         history: list[bytes],
         seen: torch.Tensor,
+        interrupt: ctypes.c_int | None = None,
     ) -> BlockResult:
         """Up to K decode steps of the whole batch in one C call (ssm_step.c `net_block`): step →
         sampling (the C sampler of model/sampling.py `sample`) with each row's counter-based stream →
@@ -247,7 +248,9 @@ class NetStep:
         counter (B,) int64 holding uint64 bit patterns (the stream's key and its next index; counter is
         advanced in place); limit (B,) int64 ≥ 0; stops: per row, its stop sequences (bytes); history: per
         row, its output bytes so far (only the last longest-stop − 1 are read); seen (B, V) bool, set in
-        place for every sampled token. Raises ValueError on bad shapes or when the C step fails."""
+        place for every sampled token; interrupt: a flag that, once set to nonzero by another thread,
+        ends the block after the current step (at least one step is made). Raises ValueError on bad
+        shapes or when the C step fails."""
         B = tok.shape[0]
         if (
             state.shape[1] != B
@@ -301,7 +304,8 @@ class NetStep:
         rows = [p(state), p(tok), *settings.pointers(seen, counts)]
         rows += [p(t) for t in (key, counter, limit, first_t, off_t, data_t, hist)]
         outs = [p(t) for t in (hist_len, seen, out_tok, n_out, stopped, times)]
-        steps = self.lib.net_block(*dims, *weights, *rows, ctypes.c_long(hist.shape[1]), *outs)
+        flag = ctypes.c_void_p(None if interrupt is None else ctypes.addressof(interrupt))
+        steps = self.lib.net_block(*dims, *weights, *rows, ctypes.c_long(hist.shape[1]), *outs, flag)
         if steps < 0:
             raise ValueError(
                 f"fused decode block failed (code {steps}: > 1024 modes, rank > 4, or out of memory)"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import ctypes
 import logging
 import threading
 import time
@@ -259,11 +260,12 @@ class DecodeBatch:
             for j in self.rows
         )
 
-    def block(self, rec: RecurrentModel, K: int, limits: list[int]):
+    def block(self, rec: RecurrentModel, K: int, limits: list[int], interrupt: ctypes.c_int | None = None):
         """Up to K steps of every row with limits[row] > 0 in one native call (`decode_block`): the
         same tokens, states, seen sets and counts as K calls of `step` (rows stop on their own after
-        limits[row] tokens or at a stop sequence; holes get limit 0 and do not step). Advances each
-        job's counter-based stream by the tokens it drew. Returns the fused.BlockResult."""
+        limits[row] tokens or at a stop sequence; holes get limit 0 and do not step; `interrupt`, once
+        set, ends the block after the current step). Advances each job's counter-based stream by the
+        tokens it drew. Returns the fused.BlockResult."""
         rows = self.rows
         V = self.seen.shape[1]
         settings = row_settings([GREEDY if j is None else j.params for j in rows], V)
@@ -278,6 +280,7 @@ class DecodeBatch:
             K, self.state, self.tok, settings=settings, counts=counts, key=key, counter=counter,
             limit=torch.tensor(limits, dtype=torch.long), stops=[[] if j is None else j.stops for j in rows],
             history=[b"" if j is None else bytes(j.out_bytes) for j in rows], seen=self.seen,
+            interrupt=interrupt,
         )  # fmt: skip
         for i in counted:
             rows[i].counts.copy_(counts[i])
@@ -312,6 +315,7 @@ class Engine:
         self.crashed: str | None = None  # set when the engine thread died of a bug (guarded by _cv)
         self._next_housekeeping = 0.0
         self._block_step_s: float | None = None  # measured seconds per step of a native block
+        self._block_interrupt = ctypes.c_int(0)  # set by other threads: a native block ends after its step
         # set by the app when a session store is configured (engine thread calls them):
         self.persist: Callable[[SessionRecord, bytes, list[int]], None] | None = None  # write a state
         self.forget: Callable[[str], None] | None = None  # delete a stored state
@@ -323,6 +327,7 @@ class Engine:
         self._thread.start()
 
     def wake(self) -> None:
+        self._block_interrupt.value = 1  # (a cancel or room: seen after the block's current step)
         with self._cv:
             self._cv.notify()
 
@@ -349,6 +354,7 @@ class Engine:
             self._queued += 1
             self._inbox.append(item)
             self.metrics.queue_depth.set(self._queued)
+            self._block_interrupt.value = 1  # new work: a running native block ends after its step
             self._cv.notify()
 
     def submit(self, job: Job) -> None:
@@ -585,30 +591,32 @@ class Engine:
 
     def _decode_native(self, t_end: float) -> None:
         """The decode loop in native blocks: each row stops inside a block on its own at its token
-        limit, its stream's room or a stop sequence, exactly where the one-step loop would have. A
-        block is 1 step while new work waits (as the one-step loop checks after every step), else as
-        many steps as fit in decode_block_ms at the measured step time (DECODE_BLOCK_STEPS before the
-        first measurement; 1 to DECODE_BLOCK_NATIVE_MAX_STEPS), so new work waits at most about
-        decode_block_ms. The loop ends after a block in which a row finished or filled its stream,
-        when new work arrived, or after DECODE_BLOCK_MAX_STEPS steps or decode_block_ms (but not
-        before DECODE_BLOCK_STEPS steps)."""
+        limit, its stream's room or a stop sequence, exactly where the one-step loop would have. The
+        first block is DECODE_BLOCK_STEPS steps, the next ones as many as fit before t_end at the
+        measured step time (1 to DECODE_BLOCK_NATIVE_MAX_STEPS); a block is 1 step while new work
+        waits, and new work, a cancel or freed stream room that arrive during a block end it after
+        its current step (`wake` and `_submit` set the interrupt flag), so they wait about one step,
+        as with the one-step loop. The loop ends after a block in which a row finished or filled its
+        stream, when new work arrived, or after DECODE_BLOCK_MAX_STEPS steps or decode_block_ms (but
+        not before DECODE_BLOCK_STEPS steps)."""
         b, steps = self.batch, 0
-        budget = self.settings.decode_block_ms / 1000
         while b.live and steps < DECODE_BLOCK_MAX_STEPS:
+            self._block_interrupt.value = 0  # before looking for work: nothing that arrives is missed
             pending = bool(self._inbox or self._waiting or self._prefilling)
             if pending:
                 K = 1
-            elif self._block_step_s is None:
-                K = DECODE_BLOCK_STEPS
+            elif steps < DECODE_BLOCK_STEPS or self._block_step_s is None:
+                K = DECODE_BLOCK_STEPS - steps if steps < DECODE_BLOCK_STEPS else 1
             else:
-                K = int(max(1, min(DECODE_BLOCK_NATIVE_MAX_STEPS, budget / self._block_step_s)))
+                left = t_end - time.perf_counter()
+                K = int(max(1, min(DECODE_BLOCK_NATIVE_MAX_STEPS, left / self._block_step_s)))
             K = min(K, DECODE_BLOCK_MAX_STEPS - steps)
             limits = [
                 0 if j is None else max(0, min(j.max_new_tokens - len(j.out), j.stream.room()))
                 for j in b.rows
             ]
             t0 = time.perf_counter()
-            res = b.block(self.rec, K, limits)
+            res = b.block(self.rec, K, limits, self._block_interrupt)
             steps += res.steps
             if res.steps:  # the step time at this batch (moving average), for the next block's K
                 per = (time.perf_counter() - t0) / res.steps

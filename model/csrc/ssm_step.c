@@ -529,7 +529,10 @@ void philox_uniforms(long n, const uint64_t *key, const uint64_t *counter, float
  * stopped[r] = 1 when a stop sequence ended it, times[k] CLOCK_MONOTONIC seconds after step k.
  * A row stops stepping at a stop or its limit: its state is then exactly the one-step path's (the
  * step of its last token applied, nothing after), and other rows' arithmetic does not depend on it.
- * Returns the number of steps run (≤ K; fewer when every row has stopped), or < 0 on error. */
+ * interrupt (or NULL): when another thread sets *interrupt, each thread ends the block after its current
+ * step (every block makes at least one step), so new work waits for about one step.
+ * Returns the number of steps run (≤ K; fewer when every row has stopped or on an interrupt; rows of
+ * different threads may then have made different numbers), or < 0 on error. */
 static double monotonic_s(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -580,47 +583,52 @@ long net_block(long K, long Btot, long H, long V, long n_layers, long M, const f
                const float *frequency, const float *bias, const unsigned char *pen_seen, float *counts,
                const uint64_t *key, uint64_t *counter, const long *limit, const long *stop_first,
                const long *stop_off, const unsigned char *stop_data, unsigned char *hist, long hist_cap,
-               long *hist_len, unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times) {
+               long *hist_len, unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times,
+               const int *interrupt) {
     const SampleArgs args = {temp, top_k, kind, top_p, min_p, rep, presence, frequency, bias, pen_seen, counts};
-    long *rows = malloc(sizeof(long) * (size_t)(Btot > 0 ? Btot : 1));
-    float *logits = malloc(sizeof(float) * (size_t)(Btot > 0 ? Btot : 1) * (size_t)V);
-    if (!rows || !logits) {
+    const int nt_max = Btot >= NET_PARALLEL_ROWS ? omp_get_max_threads() : 1;
+    double *tbuf = malloc(sizeof(double) * (size_t)nt_max * (size_t)(K > 0 ? K : 1));
+    if (!tbuf) return -2;
+    for (long i = 0; i < nt_max * K; i++) tbuf[i] = 0.0;
+    for (long r = 0; r < Btot; r++) n_out[r] = stopped[r] = 0;
+    long steps = 0;
+    int rc = 0;
+    /* Each thread takes a fixed share of the rows through all K steps on its own: rows never interact,
+     * so no thread waits for another between steps (a per-step barrier stalls whenever the machine is
+     * busy and one thread is descheduled). */
+#pragma omp parallel num_threads(nt_max) reduction(min : rc) reduction(max : steps)
+    {
+        const long nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const long lo = Btot * t / nt, hi = Btot * (t + 1) / nt, n = hi - lo;
+        long *rows = malloc(sizeof(long) * (size_t)(n > 0 ? n : 1));
+        float *logits = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * (size_t)V);
+        int my_rc = rows && logits ? 0 : -2; /* (the reduction copies start at min's and max's identities) */
+        long my_steps = 0;
+        for (long k = 0; k < K && my_rc == 0; k++) {
+            if (k > 0 && interrupt && __atomic_load_n(interrupt, __ATOMIC_RELAXED)) break;
+            long B = 0;
+            for (long r = lo; r < hi; r++)
+                if (!stopped[r] && n_out[r] < limit[r]) rows[B++] = r;
+            if (B == 0) break;
+            my_rc = net_rows(B, Btot, rows, H, V, n_layers, M, tok, embed, layers, lnf_w, lnf_b, head_t, head_b,
+                             eps, state, state, logits);
+            if (my_rc == 0) /* this thread's rows only: no other thread reads or writes them */
+                my_rc = sample_and_check(B, rows, V, logits, k, Btot, tok, &args, key, counter, stop_first,
+                                         stop_off, stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out,
+                                         stopped);
+            tbuf[t * K + k] = monotonic_s();
+            my_steps = k + 1;
+        }
         free(rows);
         free(logits);
-        return -2;
+        rc = my_rc;
+        steps = my_steps;
     }
-    for (long r = 0; r < Btot; r++) n_out[r] = stopped[r] = 0;
-    long k = 0;
-    int rc = 0;
-    for (; k < K && rc == 0; k++) {
-        long B = 0;
-        for (long r = 0; r < Btot; r++)
-            if (!stopped[r] && n_out[r] < limit[r]) rows[B++] = r;
-        if (B == 0) break;
-        if (B < NET_PARALLEL_ROWS) {
-            rc = net_rows(B, Btot, rows, H, V, n_layers, M, tok, embed, layers, lnf_w, lnf_b, head_t, head_b, eps,
-                          state, state, logits);
-            if (rc == 0)
-                rc = sample_and_check(B, rows, V, logits, k, Btot, tok, &args, key, counter, stop_first, stop_off,
-                                      stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out, stopped);
-        } else {
-#pragma omp parallel reduction(min : rc)
-            {
-                const long nt = omp_get_num_threads(), t = omp_get_thread_num();
-                const long lo = B * t / nt, hi = B * (t + 1) / nt;
-                if (hi > lo) {
-                    rc = net_rows(hi - lo, Btot, rows + lo, H, V, n_layers, M, tok, embed, layers, lnf_w, lnf_b,
-                                  head_t, head_b, eps, state, state, logits + lo * V);
-                    if (rc == 0) /* this thread's rows only: no other thread reads them */
-                        rc = sample_and_check(hi - lo, rows + lo, V, logits + lo * V, k, Btot, tok, &args, key,
-                                              counter, stop_first, stop_off, stop_data, hist, hist_cap, hist_len,
-                                              seen, out_tok, n_out, stopped);
-                }
-            }
-        }
-        times[k] = monotonic_s();
+    for (long k = 0; k < steps; k++) { /* step k is done when the last thread that ran it is */
+        times[k] = 0.0;
+        for (long t = 0; t < nt_max; t++)
+            if (tbuf[t * K + k] > times[k]) times[k] = tbuf[t * K + k];
     }
-    free(rows);
-    free(logits);
-    return rc == 0 ? k : rc;
+    free(tbuf);
+    return rc == 0 ? steps : rc;
 }
