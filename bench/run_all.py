@@ -135,9 +135,19 @@ def linear_section(d: dict[str, Any]) -> list[str]:
 
 def decode_section(d: dict[str, Any]) -> list[str]:
     lines = [f"## Decode: engine tokens/s, one-step loop vs native block ({d['model']})", ""]
-    rows = [[str(r["batch"]), f"{r['one-step']:.0f}", f"{r['native-block']:.0f}", f"{r['speedup']:.2f}x"]
+    rows = [[str(r["batch"]), f"{r['one-step']:.0f}", f"{r['native-block']:.0f}", f"{r['speedup']:.2f}x",
+             f"{r['loop']['one-step']:.0f}", f"{r['loop']['native-block']:.0f}", f"{r['loop_speedup']:.2f}x"]
             for r in d["results"]]  # fmt: skip
-    return lines + _table(["batch", "one-step", "native block", "ratio"], rows)
+    head = [
+        "batch",
+        "engine one-step",
+        "engine native block",
+        "ratio",
+        "loop one-step",
+        "loop block",
+        "ratio",
+    ]
+    return lines + _table(head, rows)
 
 
 def train_section(d: dict[str, Any]) -> list[str]:
