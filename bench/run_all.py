@@ -1,5 +1,6 @@
-"""Run every benchmark (kernel, step, linear, decode, train, train_speed, server, generation, memory),
-then print a markdown summary of the headline numbers and write it to bench/results/summary.md
+"""Run every benchmark (kernel, step, linear, decode, train, train_speed, server, tail_latency,
+generation, memory), then print a markdown summary of the headline numbers and write it to
+bench/results/summary.md
 (bench/results/quick/summary.md with --quick).
 
     python -m bench.run_all [--quick] [--only kernel step ...] [--summary-only]
@@ -16,7 +17,10 @@ from typing import Any
 
 from bench.common import MB, ROOT, fmt, read_results, results_dir
 
-BENCHMARKS = ("kernel", "step", "linear", "decode", "train", "train_speed", "server", "generation", "memory")
+BENCHMARKS = (
+    "kernel", "step", "linear", "decode", "train", "train_speed", "server", "tail_latency", "generation",
+    "memory",
+)  # fmt: skip
 
 
 def run_benchmarks(names: Sequence[str], quick: bool) -> dict[str, str]:
@@ -205,6 +209,36 @@ def server_section(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def tail_latency_section(d: dict[str, Any]) -> list[str]:
+    sz = d["sizes"]
+    lines = [
+        f"## Tail latency: {sz['sessions']} WebSocket sessions decoding while a {sz['long_prompt']}-token "
+        f"prompt is ingested ({d['model']}; load average {min(d['load_avg_1min']):.1f}–"
+        f"{max(d['load_avg_1min']):.1f})",
+        "",
+    ]
+    rows = []
+    for name, r in d["results"].items():
+        w, b = r["during_long"], r["baseline"]
+        rows.append(
+            [
+                name,
+                f"{fmt(w['short_ttft']['p50_ms'])} / {fmt(w['short_ttft']['p99_ms'])}",
+                f"{fmt(w['itl']['p50_ms'])} / {fmt(w['itl']['p99_ms'])}",
+                f"{fmt(b['short_ttft']['p99_ms'])} / {fmt(b['itl']['p99_ms'])}",
+                " / ".join(fmt(x) for x in r["long_prompt_ttft_ms"]),
+            ]
+        )
+    header = [
+        "prefill",
+        "short TTFT p50 / p99 ms",
+        "ITL p50 / p99 ms",
+        "before it: TTFT p99 / ITL p99 ms",
+        "long prompt TTFT ms",
+    ]
+    return lines + _table(header, rows)
+
+
 def generation_section(d: dict[str, Any]) -> list[str]:
     from bench.generation import table
 
@@ -268,6 +302,7 @@ def summary(quick: bool, status: dict[str, str] | None = None) -> str:
         "train": train_section,
         "train_speed": train_speed_section,
         "server": server_section,
+        "tail_latency": tail_latency_section,
         "generation": generation_section,
         "memory": memory_section,
     }

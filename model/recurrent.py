@@ -566,6 +566,7 @@ class RecurrentModel:
             except ValueError:  # something the C step does not compute (it names it): keep the torch ops
                 pass
         self._state_bound: torch.Tensor | None = None
+        self._graphs = None  # model.cuda_graphs.BucketedStep, set by use_cuda_graphs
         self.net_step_max_batch = NET_STEP_MAX_BATCH
         self.prefill_by_steps_max_tokens = PREFILL_BY_STEPS_MAX_TOKENS
         self.prefill_threads = PREFILL_THREADS  # None or 0: the calling thread's torch setting
@@ -704,13 +705,34 @@ class RecurrentModel:
 
         return self._run(tokens, layer_ssm), torch.stack(new)
 
+    def use_cuda_graphs(self, buckets: tuple[int, ...] | None) -> float:
+        """Step through CUDA graphs, one per batch-size bucket (`model/cuda_graphs.py`), captured now;
+        None goes back to the plain step. Returns the capture's seconds. Raises ValueError unless the
+        model is on a CUDA device."""
+        if buckets is None:
+            self._graphs = None
+            return 0.0
+        from model.cuda_graphs import BucketedStep  # noqa: PLC0415
+
+        graphs = BucketedStep(self, tuple(buckets), capture=True)
+        seconds = graphs.warm()
+        self._graphs = graphs
+        return seconds
+
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None):
         """tokens (B,) → logits (B, V) and the next state: a new tensor, or written into `out`
-        (which may be `state` itself: an in-place update that allocates nothing)."""
+        (which may be `state` itself: an in-place update that allocates nothing). With
+        `use_cuda_graphs`, a batch within the largest bucket replays its bucket's graph."""
         self._check(tokens, state, 1)
         if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
+        if self._graphs is not None:
+            return self._graphs(tokens, state, out)
+        return self._step_eager(tokens, state, out)
+
+    def _step_eager(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None):
+        """`step` without the checks, as plain torch ops (or the C step on CPU)."""
         contiguous_out = out is None or out.is_contiguous()
         if self._net_step is not None and contiguous_out and tokens.shape[0] <= self.net_step_max_batch:
             state = state.contiguous()

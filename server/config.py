@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REDIS_STORE_SCHEMES = ("redis://", "rediss://", "unix://")  # S4_SESSION_STORE values naming a Redis
 DEFAULT_CHECKPOINTS = ["checkpoints/text-shakespeare", "checkpoints/audio-digits"]
+MAX_PREFILL_TOKENS = 1 << 20  # the largest prefill chunk / per-iteration budget an operator may set
 
 
 class Settings(BaseSettings):
@@ -42,6 +43,12 @@ class Settings(BaseSettings):
         description="dtype of the served weights (states stay float32); verified at load: logits within "
         "1e-4 (float32), 1.6e-2 (bfloat16) or 2e-3 (float16) of float64 conv mode, else not served",
     )
+    cuda_graphs: bool = Field(
+        True,
+        description="on a CUDA device, replay the decode step as CUDA graphs, one per batch-size bucket "
+        "(1, 2, 4, … up to max_batch_size, at most 1024; a batch is padded up to its bucket), captured at "
+        "load; 0 steps with plain torch ops. Ignored on CPU and for SaShiMi models",
+    )
     max_sessions: int = Field(256, ge=1, description="state slots per model (sessions + one-shot requests)")
     session_ttl_s: float = Field(
         600.0, gt=0, description="an idle session is deleted after this many seconds"
@@ -64,10 +71,19 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(128, ge=1, description="most sessions stepped together in one decode step")
     prefill_chunk_tokens: int = Field(
-        256, ge=1, description="prompts are ingested in chunks of this many tokens (fixed boundaries)"
+        256,
+        ge=1,
+        le=MAX_PREFILL_TOKENS,
+        description="prompts are ingested in chunks of this many tokens (fixed boundaries), one chunk per "
+        "prompt per engine iteration, between decode steps: the decoding sessions wait about one chunk's "
+        "prefill for their next token (this and the budget ≥ the longest prompt: chunking off)",
     )
     prefill_token_budget: int = Field(
-        512, ge=1, description="prompt tokens ingested per engine iteration, between two decode steps"
+        512,
+        ge=1,
+        le=MAX_PREFILL_TOKENS,
+        description="prompt tokens ingested per engine iteration, between two decode steps (at least "
+        "`prefill_chunk_tokens`); shortest prompts first, a prompt passed over goes first next time",
     )
     decode_block_ms: float = Field(
         4.0,
@@ -155,6 +171,15 @@ class Settings(BaseSettings):
         if isinstance(v, list):  # the env var, and each --checkpoints value, may be comma-separated
             return [p.strip() for item in v for p in str(item).split(",") if p.strip()]
         return v
+
+    @model_validator(mode="after")
+    def _prefill_budget(self) -> Settings:
+        if self.prefill_token_budget < self.prefill_chunk_tokens:
+            raise ValueError(
+                f"S4_PREFILL_TOKEN_BUDGET ({self.prefill_token_budget}) must be at least "
+                f"S4_PREFILL_CHUNK_TOKENS ({self.prefill_chunk_tokens}): one chunk per engine iteration"
+            )
+        return self
 
     def resolved_device(self) -> str:
         if self.device != "auto":

@@ -2,8 +2,9 @@
 
 Each iteration of its loop:
   1. admit: take new jobs from the inbox (bounded) and run control operations (fork, export, …);
-  2. prefill: ingest prompt chunks of several jobs, at most `prefill_token_budget` tokens, batching
-     chunks of equal length into one parallel (conv-mode) prefill;
+  2. prefill: ingest prompt chunks (`prefill_chunk_tokens`, fixed boundaries) of several jobs, at most
+     `prefill_token_budget` tokens, the prompts with the fewest tokens left first (a job passed over goes
+     ahead next time: nothing starves), batching chunks of equal length into one parallel prefill;
   3. decode: one batched recurrent step for every live generating session, sampling on the device
      with one generator per request, and one copy of the new tokens to the host; repeated (up to
      DECODE_BLOCK_STEPS steps, more while within `decode_block_ms`) while no row finishes, fills its
@@ -18,6 +19,9 @@ the slot pool when they join and back when they leave, not at every step, and th
 batch in place. A request's tokens go through a bounded `Stream`; when its consumer falls behind and
 the stream is full, the session leaves the batch (paused) until there is room again. Nothing is
 dropped and nothing is buffered without bound.
+
+While a prompt is being ingested the decode stage runs one step per iteration, so a long prompt costs
+the decoding sessions about one chunk's prefill per token, not its whole prefill.
 
 The engine never awaits; the event loop never calls the model.
 """
@@ -147,6 +151,7 @@ class Job:
     targets: list[int] = field(default_factory=list)  # the token each ingested one is followed by
     last_emit: float = 0.0
     delete_after: bool = False
+    passed_over: int = 0  # prefill iterations in a row that had no room for this job's next chunk
     queued: bool = True  # counted in the engine's queue depth (until it decodes or ends)
 
     @property
@@ -380,13 +385,8 @@ class Engine:
 
     def _loop(self) -> None:
         try:
-            while True:
-                if not self._admit():
-                    break
-                self._housekeeping()
-                self._prefill()
-                self._decode()
-                self._flush()
+            while self._iterate():
+                pass
         except Exception as exc:  # a bug: fail every request rather than hang them
             log.exception("engine %s crashed", self.model_id)
             with self._cv:  # from now on _submit refuses with 503 (and /readyz says why)
@@ -397,6 +397,16 @@ class Engine:
             self.metrics.engine_crashes.inc()
             self._abort_all(APIError(500, f"engine of model {self.model_id} failed; see the server log"))
             self._flush()
+
+    def _iterate(self) -> bool:
+        """One iteration of the loop (the module docstring's four stages); False once stopped."""
+        if not self._admit():
+            return False
+        self._housekeeping()
+        self._prefill()
+        self._decode()
+        self._flush()
+        return True
 
     def _has_work(self) -> bool:
         ready = any(j.stream.room() > 0 or j.cancelled for j in self._waiting)
@@ -491,19 +501,31 @@ class Engine:
             self._waiting.append(job)
 
     def _prefill(self) -> None:
-        """Ingest one chunk of each prefilling job, FIFO, within the token budget; equal-length
+        """Ingest prompt chunks within the token budget: one chunk (fixed boundaries, so the chunks and
+        their results do not depend on load) of each job that fits, the jobs with the fewest tokens left
+        first, so a short prompt that arrives while a long one is ingested waits for one chunk of it,
+        not for all of it. A job passed over (its chunk did not fit) goes ahead of every job passed over
+        fewer times: the job passed over most always gets its chunk (the budget holds at least one), so
+        each is ingested within a bounded number of iterations whatever keeps arriving. Equal-length
         chunks run as one batched prefill."""
         chunk, budget = self.settings.prefill_chunk_tokens, self.settings.prefill_token_budget
-        picked: list[tuple[Job, list[int]]] = []
-        used = 0
         for job in list(self._prefilling):
-            if job.cancelled and job.session.ephemeral:  # nothing to keep: stop now
+            if job.cancelled and job.session.ephemeral:  # nothing to keep: stop now, free its slot
                 self._prefilling.remove(job)
                 self._finish(job, "cancelled")
-                continue
-            piece = job.ingest[job.offset : job.offset + chunk]  # fixed boundaries: load-independent
+
+        def priority(j: Job) -> tuple:  # passed over most, then fewest tokens left, then oldest
+            return -j.passed_over, len(j.ingest) - j.offset, j.submitted
+
+        order = sorted(self._prefilling, key=priority)
+        picked: list[tuple[Job, list[int]]] = []
+        used = 0
+        for job in order:
+            piece = job.ingest[job.offset : job.offset + chunk]
             if picked and used + len(piece) > budget:
-                break
+                job.passed_over += 1
+                continue
+            job.passed_over = 0
             picked.append((job, piece))
             used += len(piece)
         groups: dict[int, list[tuple[Job, list[int]]]] = collections.defaultdict(list)

@@ -16,6 +16,7 @@ from model.checkpoint import WEIGHTS, CheckpointError, read_config
 from model.codecs import MuLaw
 from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
 from model.convert import convert_cached
+from model.cuda_graphs import LARGEST_BUCKET, bucket_sizes
 from model.network import ModelConfig
 from model.recurrent import RecurrentModel
 from model.sampling import SamplingParams, sample
@@ -126,6 +127,23 @@ def warm_up(rec: RecurrentModel, batch: int) -> None:
     sample(logits, params, [p.generator(dev) for p in params])
 
 
+def use_cuda_graphs(rec, settings: Settings, name: str) -> bool:
+    """Capture the decode step's CUDA graphs (model/cuda_graphs.py) when the model is on a CUDA device,
+    `S4_CUDA_GRAPHS` is on and the model has them (SaShiMi has not); True when captured. A capture that
+    fails (a RuntimeError from CUDA) is logged and the model serves with the plain torch step."""
+    if not (settings.cuda_graphs and rec.device.type == "cuda" and hasattr(rec, "use_cuda_graphs")):
+        return False
+    buckets = bucket_sizes(min(settings.max_batch_size, LARGEST_BUCKET))
+    try:
+        seconds = rec.use_cuda_graphs(buckets)
+    except RuntimeError as exc:
+        rec.use_cuda_graphs(None)
+        log.error("model %s: CUDA graph capture failed (%s); serving with the plain torch step", name, exc)
+        return False
+    log.info("model %s: CUDA graphs captured for batch buckets %s in %.2f s", name, buckets, seconds)
+    return True
+
+
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -169,6 +187,7 @@ def load_model(
             f"this one has {net.config.vocab_size}"
         )
     rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=getattr(torch, settings.dtype))
+    use_cuda_graphs(rec, settings, path.name)
     warm_up(rec, min(8, settings.max_batch_size))
     model_id = model_id or path.name
     mm = metrics.for_model(model_id)

@@ -13,9 +13,9 @@ def _seed():
     torch.manual_seed(0)
 
 
-def devices() -> list[str]:
-    """CPU always; CUDA too when present."""
-    return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+def devices() -> list:
+    """CPU always; CUDA too when present (marked `cuda`: `pytest -m cuda` selects it)."""
+    return ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
 
 
 from server_support import client, limited, model_dirs, server  # noqa: E402, F401  (server test fixtures)

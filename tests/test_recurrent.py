@@ -133,6 +133,7 @@ def test_bad_shapes_are_rejected():
         rec.prefill(torch.tensor([1, 2]), rec.init_state(2))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_recurrent_matches_cpu():
     net = make("s4", "legs", l_max=512).eval()

@@ -12,6 +12,7 @@ import math
 
 import pytest
 import torch
+from conftest import devices
 from numerics import step_all
 
 from model import ModelConfig, VerificationError, build, load, save
@@ -264,7 +265,7 @@ def test_rows_at_different_phases_each_equal_the_sequence_alone(trained_net):
         assert rel(got[i : i + 1], conv) <= 1e-4, lengths[i]
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("device", devices())
 def test_mixed_phase_batch_on_each_device(device):
     net = make(l_max=128, unet=True).to(device).eval()
     rec = net.to_recurrent(device=device)

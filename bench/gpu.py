@@ -1,0 +1,400 @@
+"""The GPU path: decode-step tokens/s for batch 1…1024, audio streams at 16 kHz, and time to first token
+under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
+
+1. **Step.** `RecurrentModel.step` of the shipped text model (4 layers, H = 256, N = 64, V = 256), in
+   place, at batch 1, 2, 4, …, 1024: tokens/s with the graphs (`model/cuda_graphs.py`: copy in, replay,
+   copy out) and with the plain torch ops; float32 and bfloat16 weights (`S4_DTYPE`; states float32);
+   with the graphs also the replay alone (what the copies in and out cost).
+2. **Audio streams at 16 kHz.** The shipped audio-digits weights (H = 128, 4 layers, N = 64; trained at
+   8 kHz: a step costs the same whatever the rate, so it stands for a 16 kHz model of that shape), at
+   batch B: steps/s of the bare step, and of the engine's whole per-step work (`DecodeBatch.step`: the
+   step, sampling with one generator per stream, the one host copy). A stream needs 16,000 steps/s, so
+   the real-time factor is steps/s ÷ 16,000, and "streams at real time" is the largest B with factor ≥ 1.
+   Beside it the memory-bandwidth bound: a step reads and writes each stream's float32 state (143 KB for
+   this model) at least once, so at most copy bandwidth ÷ (2 × state bytes × 16,000) streams keep up
+   (about 940 at the 4.3 TB/s an H200 copies) unless states stay on chip between steps.
+3. **Time to first token under load.** The engine (`server/engine.py`, no HTTP) with L sessions
+   decoding the text model; one prompt of P tokens at a time arrives, and its TTFT is the time from
+   submission to its first token (prefill in chunks interleaved with the decode steps).
+
+Runs only where CUDA is (one line on stderr and exit status 1 elsewhere); bounded: a full run stops
+starting new measurements after BUDGET_S[quick] seconds (each section records what it skipped).
+
+    python -m bench.gpu [--quick]     # stops starting measurements after 240 s (--quick: 60 s)
+    scripts/gpu-check                 # the CUDA tests, then this
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import ROOT, bench_main, log2_axis, save_figure, subplots
+
+NAME = "gpu"
+RATE = 16000  # samples/s of one audio stream: steps/s it needs
+TEXT = ROOT / "checkpoints/text-shakespeare"
+AUDIO = ROOT / "checkpoints/audio-digits"
+STANDINS = {  # same shapes as the shipped checkpoints, random init, when those are absent
+    "text": {"vocab_size": 256, "d_model": 256, "n_layers": 4, "d_state": 64, "l_max": 1024},
+    "audio": {"vocab_size": 256, "d_model": 128, "n_layers": 4, "d_state": 64, "l_max": 8000,
+              "modality": "audio", "sample_rate": RATE},
+}  # fmt: skip
+POW2 = [2**k for k in range(11)]  # 1 … 1024
+SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
+    False: {
+        "batches": POW2,
+        "dtypes": ["float32", "bfloat16"],
+        "seconds": 0.3,  # timed per configuration (after warm-up), at least MIN_STEPS steps
+        "loads": [0, 64, 256],
+        "prompt": 2048,
+        "trials": 5,
+    },
+    True: {
+        "batches": [1, 8, 64, 512],
+        "dtypes": ["float32", "bfloat16"],
+        "seconds": 0.1,
+        "loads": [0, 64],
+        "prompt": 512,
+        "trials": 3,
+    },
+}
+BUDGET_S = {False: 240.0, True: 60.0}  # no new measurement starts after this (model loading included)
+MIN_STEPS = 10
+ERRORS: list[str] = []  # sections that raised (recorded in the JSON; exit status 1)
+WAIT_S = 60.0  # TTFT: longest wait for any engine event before the run is declared stuck
+NO_CUDA = (
+    "bench.gpu: no CUDA device (torch {v}, torch.cuda.is_available() is False); "
+    "run it on a GPU machine: scripts/gpu-check"
+)
+
+
+class Budget:
+    def __init__(self, seconds: float) -> None:
+        self.t0, self.seconds = time.perf_counter(), seconds
+
+    def left(self) -> bool:
+        return time.perf_counter() - self.t0 < self.seconds
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def rate(fn, seconds: float, min_steps: int = MIN_STEPS) -> float:
+    """Calls of fn per second: 3 warm-up calls, then timed calls in groups of 5 until `seconds` and
+    `min_steps` are both reached (the device synchronized before and after)."""
+    for _ in range(3):
+        fn()
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        for _ in range(5):
+            fn()
+        n += 5
+        sync()
+        dt = time.perf_counter() - t0
+        if dt >= seconds and n >= min_steps:
+            return n / dt
+
+
+def load_rec(kind: str, device: str, dtype: str, tmp: Path):
+    """(RecurrentModel, what it is) for 'text' or 'audio': the shipped checkpoint, else a stand-in."""
+    from model import ModelConfig, SequenceModel, load, save
+
+    path = TEXT if kind == "text" else AUDIO
+    if (path / "config.json").exists():
+        net, what = load(path), f"shipped checkpoint {path.name}"
+    else:
+        torch.manual_seed(0)
+        cfg = STANDINS[kind]
+        save(SequenceModel(ModelConfig(cauchy_backend="torch", **cfg)), tmp / kind)
+        net, what = load(tmp / kind), f"stand-in, random init: {cfg}"
+    t0 = time.perf_counter()
+    rec = net.to_recurrent(device=device, dtype=getattr(torch, dtype))
+    return rec, {"model": what, "dtype": dtype, "convert_s": time.perf_counter() - t0,
+                 "forms": [r["form"] for r in rec.report], "verification": rec.verification}  # fmt: skip
+
+
+def capture(rec, on: bool, max_batch: int) -> float | None:
+    """Graphs on (captured now, every bucket up to max_batch; seconds) or off (None)."""
+    from model.cuda_graphs import bucket_sizes
+
+    if not on or rec.device.type != "cuda":
+        rec.use_cuda_graphs(None)
+        return None
+    return rec.use_cuda_graphs(bucket_sizes(max_batch))
+
+
+def modes(device: str) -> list[bool]:
+    return [True, False] if device == "cuda" else [False]  # no capture without CUDA
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def bench_step(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"rows": [], "models": {}, "skipped": []}
+    for dtype in sz["dtypes"]:
+        if not budget.left():
+            out["skipped"].append(f"{dtype}: time budget")
+            continue
+        rec, info = load_rec("text", device, dtype, tmp)
+        out["models"][dtype] = info
+        for graphs in modes(device):
+            info[f"capture_s_graphs_{'on' if graphs else 'off'}"] = capture(rec, graphs, max(sz["batches"]))
+            for B in sz["batches"]:
+                if not budget.left():
+                    out["skipped"].append(f"{dtype} graphs={graphs} batch {B}: time budget")
+                    continue
+                state = rec.init_state(B)
+                tok = torch.randint(0, rec.config.vocab_size, (B,), device=rec.device)
+                steps = rate(lambda: rec.step(tok, state, out=state), sz["seconds"])
+                row = {"dtype": dtype, "graphs": graphs, "batch": B, "steps_per_s": steps}
+                row |= {"tokens_per_s": B * steps, "us_per_step": 1e6 / steps}
+                if graphs:  # the replay alone, without the copies in and out of the static buffers
+                    replay = rec._graphs.bucket(B).graph.replay
+                    row["replay_only_us_per_step"] = 1e6 / rate(replay, sz["seconds"])
+                out["rows"].append(row)
+        rec.use_cuda_graphs(None)  # frees the graphs' memory before the next model
+    return out
+
+
+def decode_batch(rec, B: int):
+    """The engine's DecodeBatch with B streams joined (temperature-1 sampling, one seed each)."""
+    from model.sampling import SamplingParams
+    from server.engine import DecodeBatch, Job
+    from server.sessions import SessionRecord, SlotPool
+
+    pool = SlotPool(rec.init_state(B), rec.config.vocab_size, rec.batch_dim)
+    jobs = []
+    for k in range(B):
+        session = SessionRecord(id=f"s{k}", model="bench", slot=pool.reserve(), pending=128)
+        params = SamplingParams(temperature=1.0, seed=k)
+        jobs.append(Job(session, [], params=params, generator=params.generator(rec.device)))
+    batch = DecodeBatch(pool)
+    batch.join(jobs)
+    return batch
+
+
+def copy_bandwidth(device: torch.device, seconds: float) -> float:
+    """Bytes moved per second (read + written) by a device-to-device copy of 1 GiB (256 MiB on CPU)."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 26)  # float32 elements
+    x = torch.ones(n, device=device)
+    y = torch.empty_like(x)
+    return 2 * x.nbytes * rate(lambda: y.copy_(x), seconds, min_steps=5)
+
+
+def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"rows": [], "rate_hz": RATE, "skipped": []}
+    rec, out["model"] = load_rec("audio", device, "float32", tmp)
+    try:
+        import server.engine  # noqa: F401  (pydantic-settings etc.: absent on a bare GPU image)
+    except ImportError as exc:
+        engine_ok = False
+        out["skipped"].append(f"engine step: server dependencies missing ({exc})")
+    else:
+        engine_ok = True
+    for graphs in modes(device):
+        seconds = capture(rec, graphs, max(sz["batches"]))
+        out["model"][f"capture_s_graphs_{'on' if graphs else 'off'}"] = seconds
+        for B in sz["batches"]:
+            if not budget.left():
+                out["skipped"].append(f"graphs={graphs} batch {B}: time budget")
+                continue
+            state = rec.init_state(B)
+            tok = torch.randint(0, 256, (B,), device=rec.device)
+            steps = rate(lambda: rec.step(tok, state, out=state), sz["seconds"])
+            row = {"graphs": graphs, "batch": B, "step_steps_per_s": steps}
+            if engine_ok:
+                batch = decode_batch(rec, B)
+                row["engine_steps_per_s"] = rate(lambda: batch.step(rec), sz["seconds"])
+            for what in ("step", "engine"):
+                if f"{what}_steps_per_s" in row:
+                    row[f"{what}_rtf"] = row[f"{what}_steps_per_s"] / RATE
+            out["rows"].append(row)
+    rec.use_cuda_graphs(None)
+    # The memory-bandwidth bound: a step reads and writes every stream's float32 state at least once, so
+    # no batch holds more than (bytes/s the device copies) ÷ (2 × state bytes × 16,000) streams unless the
+    # states stay on chip between steps.
+    out["state_bytes_per_stream"] = nbytes = rec.state_bytes_per_sequence
+    out["copy_bytes_per_s"] = bw = copy_bandwidth(rec.device, sz["seconds"])
+    out["bandwidth_bound_streams"] = bw / (2 * nbytes * RATE)
+    for graphs in modes(device):
+        for what in ("step", "engine"):
+            ok = [r["batch"] for r in out["rows"] if r["graphs"] == graphs and r.get(f"{what}_rtf", 0) >= 1]
+            out[f"streams_at_real_time_{what}_graphs_{'on' if graphs else 'off'}"] = max(ok, default=0)
+    return out
+
+
+def ttft_under_load(rec, load: int, sz: dict, graphs: bool) -> dict[str, Any]:
+    """`load` sessions decode (sampling, endless) while `trials` prompts of sz['prompt'] tokens arrive
+    one after another; each prompt's time to first token."""
+    from model.sampling import SamplingParams
+    from server.config import Settings
+    from server.engine import Engine, Job, Stream
+    from server.metrics import Metrics
+    from server.registry import use_cuda_graphs
+    from server.sessions import SessionRecord, SessionTable
+
+    settings = Settings(max_sessions=load + 2, max_batch_size=max(load + 1, 1), max_queued_requests=load + 8,
+                        stream_buffer=256, cuda_graphs=graphs)  # fmt: skip
+    use_cuda_graphs(rec, settings, "bench") if graphs else rec.use_cuda_graphs(None)
+    engine = Engine("bench", rec, settings, SessionTable(), Metrics().for_model("bench"))
+    engine.start()
+    P = sz["prompt"]
+
+    async def run() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+
+        def submit(k: int, prompt: list[int], n: int) -> Stream:
+            stream = Stream(loop, settings.stream_buffer)
+            slot = engine.pool.reserve()
+            session = SessionRecord(id=f"s{k}", model="bench", slot=slot, busy=True, ephemeral=True)
+            engine.submit(Job(session, prompt, fresh=True, stream=stream,
+                              params=SamplingParams(temperature=1.0, seed=k), max_new_tokens=n))  # fmt: skip
+            return stream
+
+        async def drain(stream: Stream, counter: list[int]) -> None:
+            while True:
+                items = await stream.get()
+                counter[0] += sum(isinstance(x, int) for x in items)
+                if not isinstance(items[-1], int):
+                    return
+
+        made = [0]
+        streams = [submit(k, [(k * 7 + i) % 256 for i in range(16)], 10**9) for k in range(load)]
+        tasks = [asyncio.create_task(drain(s, made)) for s in streams]
+        t_load = time.perf_counter()
+        deadline = time.perf_counter() + WAIT_S
+        while load and made[0] < 4 * load:  # every load session decoding
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"the {load} load sessions made {made[0]} tokens in {WAIT_S} s")
+            await asyncio.sleep(0.005)
+        ttfts = []
+        for t in range(sz["trials"]):
+            prompt = [(t * 13 + i) % 256 for i in range(P)]
+            t0 = time.perf_counter()
+            s = submit(load + 1 + t, prompt, 1)
+            items = await asyncio.wait_for(s.get(), WAIT_S)
+            ttfts.append(time.perf_counter() - t0)
+            if not isinstance(items[0], int):
+                raise RuntimeError(f"the prompt's request failed: {items[0]}")
+            while isinstance(items[-1], int):  # until its final event
+                items = await asyncio.wait_for(s.get(), WAIT_S)
+        decoded = made[0] / (time.perf_counter() - t_load) if load else 0.0
+        for s in streams:
+            s.cancel()
+        await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
+        return {"ttft_ms": [1e3 * x for x in ttfts], "ttft_p50_ms": 1e3 * statistics.median(ttfts),
+                "ttft_max_ms": 1e3 * max(ttfts), "load_tokens_per_s": decoded}  # fmt: skip
+
+    try:
+        return asyncio.run(run())
+    finally:
+        engine.stop()
+        rec.use_cuda_graphs(None)
+
+
+def bench_ttft(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {"rows": [], "prompt_tokens": sz["prompt"], "skipped": []}
+    try:
+        import server.engine  # noqa: F401
+    except ImportError as exc:
+        out["skipped"].append(f"all: server dependencies missing ({exc})")
+        return out
+    rec, out["model"] = load_rec("text", device, "float32", tmp)
+    for graphs in modes(device):
+        for load in sz["loads"]:
+            if not budget.left():
+                out["skipped"].append(f"graphs={graphs} load {load}: time budget")
+                continue
+            out["rows"].append({"graphs": graphs, "load": load, **ttft_under_load(rec, load, sz, graphs)})
+    return out
+
+
+def run(quick: bool, device: str = "cuda") -> dict[str, Any]:
+    sz = SIZES[quick]
+    budget = Budget(BUDGET_S[quick])
+    t0 = time.perf_counter()
+    data: dict[str, Any] = {"device": device, "sizes": sz, "budget_s": BUDGET_S[quick]}
+    if device == "cuda":
+        p = torch.cuda.get_device_properties(0)
+        data["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "torch": torch.__version__,
+                       "cuda": torch.version.cuda, "memory_gib": p.total_memory / 2**30}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, fn in (("step", bench_step), ("audio", bench_audio), ("ttft", bench_ttft)):
+            s0 = time.perf_counter()
+            try:  # one section's failure is recorded; the others still run and everything is written
+                data[name] = fn(sz, device, budget, Path(tmp))
+            except Exception as exc:  # noqa: BLE001
+                ERRORS.append(f"{name}: {type(exc).__name__}: {exc}")
+                data[name] = {"rows": [], "error": ERRORS[-1], "traceback": traceback.format_exc()}
+                print(f"bench.gpu: {name} FAILED: {ERRORS[-1]}", file=sys.stderr, flush=True)
+            data[name]["wall_s"] = time.perf_counter() - s0
+            print(f"bench.gpu: {name} done in {data[name]['wall_s']:.1f} s", flush=True)
+    data["wall_s"] = time.perf_counter() - t0
+    return data
+
+
+def plot(data: dict[str, Any], quick: bool) -> None:
+    fig, (a1, a2, a3) = subplots(3, width=5.5)
+    for r0 in ({"dtype": d, "graphs": g} for d in ("float32", "bfloat16") for g in (True, False)):
+        rows = [r for r in data["step"]["rows"] if r["dtype"] == r0["dtype"] and r["graphs"] == r0["graphs"]]
+        if rows:
+            label = f"{r0['dtype']}, graphs {'on' if r0['graphs'] else 'off'}"
+            a1.plot([r["batch"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label=label)
+    a1.set(yscale="log", xlabel="batch", ylabel="tokens/s", title="text model step (H = 256)")
+    log2_axis(a1, data["sizes"]["batches"])
+    for graphs in (True, False):
+        rows = [r for r in data["audio"]["rows"] if r["graphs"] == graphs]
+        for what, style in (("step", "o-"), ("engine", "s--")):
+            pts = [(r["batch"], r[f"{what}_rtf"]) for r in rows if f"{what}_rtf" in r]
+            if pts:
+                a2.plot(*zip(*pts), style, label=f"{what}, graphs {'on' if graphs else 'off'}")
+    a2.axhline(1.0, color="k", lw=0.8)
+    bound = data["audio"].get("bandwidth_bound_streams")
+    if bound:
+        a2.axvline(bound, color="gray", ls=":", label=f"bandwidth bound {bound:,.0f} streams")
+    a2.set(yscale="log", xlabel="concurrent streams", ylabel="real-time factor (steps/s ÷ 16,000)",
+           title="audio at 16 kHz (H = 128)")  # fmt: skip
+    log2_axis(a2, data["sizes"]["batches"])
+    for graphs in (True, False):
+        rows = [r for r in data["ttft"]["rows"] if r["graphs"] == graphs]
+        if rows:
+            a3.plot([r["load"] for r in rows], [r["ttft_p50_ms"] for r in rows], "o-",
+                    label=f"graphs {'on' if graphs else 'off'}")  # fmt: skip
+    a3.set(xlabel="sessions decoding", ylabel="TTFT p50 (ms)",
+           title=f"{data['ttft'].get('prompt_tokens', '?')}-token prompt under load")  # fmt: skip
+    for a in (a1, a2, a3):
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=7)
+    name = data.get("gpu", {}).get("name", data["device"])
+    save_figure(fig, NAME, quick, title=f"bench.gpu on {name}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    device = "cuda"
+    if "--device-cpu" in argv:  # developers only: the whole bench on CPU, without the captures
+        argv.remove("--device-cpu")
+        device = "cpu"
+    if device == "cuda" and "--replot" not in argv and not torch.cuda.is_available():
+        print(NO_CUDA.format(v=torch.__version__), file=sys.stderr)
+        raise SystemExit(1)
+    bench_main(argv, __doc__, NAME, lambda quick: run(quick, device), plot)
+    if ERRORS:
+        raise SystemExit(f"bench.gpu: {len(ERRORS)} section(s) failed (in the JSON): {'; '.join(ERRORS)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""The GPU path on a CUDA device: the decode step's CUDA graphs (model/cuda_graphs.py), bfloat16 weights
+with float32 states, and the server generating on CUDA with the graphs captured.
+
+Every test here is marked `cuda` and skipped where torch sees no CUDA device (the repo's convention, as
+tests/test_recurrent.py::test_cuda_recurrent_matches_cpu). `scripts/gpu-check` runs them (`pytest -m cuda`).
+The CPU side of the same code (buckets, padding, buffers, the setting) is tests/test_cuda_graphs.py.
+
+Tolerances. A replay runs the kernels that were captured, on the same shapes: against the eager step of
+the same padded batch it must agree to 1e-6 relative (expected: bit for bit). Against the eager step of
+the unpadded batch, matmuls at another batch size may round differently: float32 within 1e-5.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import httpx
+import pytest
+import torch
+
+from model import ModelConfig, SequenceModel, save
+from model.cuda_graphs import bucket_sizes
+from model.recurrent import LOGITS_TOL
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+TINY = dict(vocab_size=256, d_model=32, n_layers=2, d_state=16, l_max=256, cauchy_backend="torch")
+SAME = dict(rtol=1e-6, atol=1e-6)  # graph replay vs eager, same shapes
+F32 = dict(rtol=1e-5, atol=1e-5)  # another batch size
+
+
+def tiny_net(kernel: str = "s4") -> SequenceModel:
+    torch.manual_seed(0)
+    return SequenceModel(ModelConfig(**TINY, kernel=kernel))
+
+
+@pytest.fixture(scope="module", params=["s4", "s4d"])
+def rec(request):
+    r = tiny_net(request.param).to_recurrent(device="cuda")
+    r.use_cuda_graphs(bucket_sizes(64))
+    yield r
+    r.use_cuda_graphs(None)
+
+
+def reached_state(rec, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 256, (n, 16), generator=g).cuda()
+    _, state = rec.prefill(prompt, rec.init_state(n))
+    return torch.randint(0, 256, (n,), generator=g).cuda(), state
+
+
+def padded(tok, state, b):
+    n = tok.shape[0]
+    big = torch.zeros(state.shape[0], b, *state.shape[2:], device=state.device)
+    big[:, :n] = state
+    return torch.cat([tok, tok.new_zeros(b - n)]), big
+
+
+def test_the_graphs_are_captured_for_every_bucket(rec):
+    assert rec._graphs is not None and rec._graphs.capture
+    assert sorted(rec._graphs.buffers) == list(bucket_sizes(64))
+    assert all(buf.graph is not None for buf in rec._graphs.buffers.values())
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 33, 64])
+def test_graph_step_equals_the_eager_step(rec, n):
+    tok, state = reached_state(rec, n)
+    b = rec._graphs.buckets[[bb >= n for bb in rec._graphs.buckets].index(True)]
+    calls = rec._graphs.buffers[b].calls
+    logits, new = rec.step(tok, state)
+    assert rec._graphs.buffers[b].calls == calls + 1  # it did replay bucket b's graph
+    assert logits.dtype == new.dtype == torch.float32 and new.shape == state.shape
+    eager_logits, eager_state = rec._step_eager(*padded(tok, state, b), None)
+    torch.testing.assert_close(logits, eager_logits[:n], **SAME)
+    torch.testing.assert_close(new, eager_state[:, :n], **SAME)
+    alone_logits, alone_state = rec._step_eager(tok, state, None)
+    torch.testing.assert_close(logits, alone_logits, **F32)
+    torch.testing.assert_close(new, alone_state, **F32)
+
+
+def test_greedy_decoding_through_the_graphs_gives_the_eager_tokens(rec):
+    """32 greedy steps of 5 rows (bucket 8), in place as the engine steps: the same tokens."""
+    tok, state = reached_state(rec, 5, seed=3)
+    runs = []
+    for graphs in (True, False):
+        t, s, out = tok.clone(), state.clone(), []
+        for _ in range(32):
+            logits, _ = rec.step(t, s, out=s) if graphs else rec._step_eager(t, s, s)
+            t = logits.argmax(-1)
+            out.append(t)
+        runs.append(torch.stack(out, 1).tolist())
+    assert runs[0] == runs[1]
+
+
+def test_padded_rows_of_a_graph_cannot_change_real_rows(rec):
+    """Replay bucket 8's graph with 3 real rows beside zero rows, then beside garbage (huge, NaN, inf):
+    the real rows' logits and states come out bit for bit the same."""
+    tok, state = reached_state(rec, 3, seed=1)
+    buf = rec._graphs.bucket(8)
+    results = []
+    for junk in ("zero", "huge", "nan"):
+        with torch.inference_mode():  # the static buffers are inference tensors
+            buf.tok[:3] = tok
+            buf.state[:, :3] = state
+            buf.tok[3:] = 0 if junk == "zero" else 255
+            if junk == "zero":
+                buf.state[:, 3:] = 0
+            elif junk == "huge":
+                buf.state[:, 3:] = 1e30 * torch.randn_like(buf.state[:, 3:])
+            else:
+                buf.state[:, 3:5], buf.state[:, 5:] = float("nan"), float("inf")
+            buf.graph.replay()
+            results.append((buf.logits[:3].clone(), buf.state[:, :3].clone()))
+    for logits, st in results[1:]:
+        assert torch.equal(logits, results[0][0]) and torch.equal(st, results[0][1])
+    assert torch.isfinite(results[0][0]).all()
+
+
+def test_buffers_are_static_and_a_batch_past_the_largest_bucket_runs_eager(rec):
+    buf = rec._graphs.bucket(4)
+    ptrs = buf.tok.data_ptr(), buf.state.data_ptr(), buf.logits.data_ptr()
+    for n in (3, 4, 3):
+        tok, state = reached_state(rec, n)
+        rec.step(tok, state)
+    assert (buf.tok.data_ptr(), buf.state.data_ptr(), buf.logits.data_ptr()) == ptrs
+    eager = rec._graphs.eager_calls
+    tok, state = reached_state(rec, 65)  # buckets end at 64
+    logits, new = rec.step(tok, state)
+    assert rec._graphs.eager_calls == eager + 1
+    want_logits, want_state = rec._step_eager(tok, state, None)
+    assert torch.equal(logits, want_logits) and torch.equal(new, want_state)
+
+
+def test_bfloat16_weights_through_the_graphs_stay_within_the_dtype_tolerance():
+    """S4_DTYPE=bfloat16 on CUDA: weights bfloat16, states float32, the graph-stepped logits of 2
+    sequences × 64 tokens within LOGITS_TOL[bfloat16] (4u, 1.6e-2) of float64 conv mode."""
+    net = tiny_net("s4")
+    rec = net.to_recurrent(device="cuda", dtype=torch.bfloat16)
+    assert {p.dtype for p in rec.net.parameters()} == {torch.bfloat16}
+    rec.use_cuda_graphs(bucket_sizes(4))
+    tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = copy.deepcopy(net).double()(tokens)  # (2, 64, V) float64 conv mode
+    state, stepped = rec.init_state(2), []
+    for t in range(64):
+        logits, state = rec.step(tokens[:, t].cuda(), state, out=state)
+        assert state.dtype == torch.float32 and logits.dtype == torch.float32
+        stepped.append(logits)
+    assert rec._graphs.buffers[2].calls == 64
+    got = torch.stack(stepped, 1).double().cpu()
+    err = float((got - ref).norm() / ref.norm())
+    assert err <= LOGITS_TOL[torch.bfloat16], err
+    assert rec.verification["dtype"] == "bfloat16"
+    assert rec.verification["step_rel_err"] <= LOGITS_TOL[torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def cuda_server(tmp_path_factory):
+    from server_support import ServerThread, make_text_model
+
+    from server import Settings
+
+    d = tmp_path_factory.mktemp("cuda") / "tiny-text"
+    save(make_text_model(), d)
+    settings = Settings(checkpoints=[str(d)], device="cuda", cuda_graphs=True, max_sessions=16,
+                        max_batch_size=8, drain_timeout_s=1)  # fmt: skip
+    s = ServerThread(settings).start()
+    yield s
+    s.stop()
+
+
+def eager_greedy(rec, prompt: list[int], n: int) -> list[int]:
+    """The library alone on the same device, without the graphs: prefill, then greedy steps."""
+    logits, state = rec.prefill(torch.tensor([prompt], device="cuda"), rec.init_state(1))
+    logits, out = logits[:, -1], []
+    for _ in range(n):
+        tok = logits.argmax(-1)
+        out.append(int(tok))
+        logits, state = rec._step_eager(tok, state, None)
+    return out
+
+
+def test_the_server_generates_on_cuda_through_the_graphs(cuda_server):
+    """End to end on CUDA: the model is served with its graphs captured (buckets 1..8); 6 concurrent
+    greedy generations (one batch) each give the tokens of the eager library step, and a seeded sampled
+    request repeats itself."""
+    import concurrent.futures
+
+    served = cuda_server.state.models["tiny-text"]
+    rec = served.rec
+    assert rec.device.type == "cuda" and rec._graphs is not None
+    assert sorted(rec._graphs.buffers) == [1, 2, 4, 8]
+    prompts = ["to be, or", "whether", "the slings", "a sea of", "nobler in", "outrageous"]
+    with httpx.Client(base_url=cuda_server.url, timeout=120) as c:
+
+        def gen(p: str) -> list[int]:
+            r = c.post("/v1/generate", json={"model": "tiny-text", "prompt": p, "max_new_tokens": 40,
+                                             "temperature": 0})  # fmt: skip
+            assert r.status_code == 200, r.text
+            return r.json()["tokens"]
+
+        before = sum(buf.calls for buf in rec._graphs.buffers.values())
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(gen, prompts))
+        assert sum(buf.calls for buf in rec._graphs.buffers.values()) > before  # decoded by replays
+        for p, tokens in zip(prompts, got):
+            assert tokens == eager_greedy(rec, list(p.encode()), 40), p
+        req = {"model": "tiny-text", "prompt": "to be", "max_new_tokens": 32, "seed": 11, "temperature": 0.9}
+        first = c.post("/v1/generate", json=req).json()["tokens"]
+        assert len(first) == 32 and c.post("/v1/generate", json=req).json()["tokens"] == first

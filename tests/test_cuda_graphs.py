@@ -1,0 +1,250 @@
+"""CUDA-graph decode step (model/cuda_graphs.py): everything that runs without CUDA.
+
+The bucket choice, the padding, the static buffers and the eager fallback run on CPU with the capture
+switched off (`capture=False`) and must reproduce the plain step bit for bit; the capture itself is
+checked in tests/test_cuda.py on a GPU. Also here: the S4_CUDA_GRAPHS setting, the registry's hook on
+CPU, and the clear refusal of `python -m bench.gpu` and `scripts/gpu-check` where there is no CUDA."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import ModelConfig, SequenceModel
+from model.cuda_graphs import LARGEST_BUCKET, BucketedStep, bucket_for, bucket_sizes
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(vocab_size=256, d_model=32, n_layers=2, d_state=16, l_max=256, cauchy_backend="torch")
+
+
+@pytest.fixture(scope="module", params=["c", "torch"])
+def rec(request):
+    """A tiny S4 model's recurrent form: 'c' the CPU C step (as served on CPU), 'torch' the plain
+    torch ops (the path a CUDA device runs and captures)."""
+    torch.manual_seed(0)
+    net = SequenceModel(ModelConfig(**TINY, kernel="s4"))
+    fused = request.param == "c"
+    return net.to_recurrent(fused_step=fused, fused_network=fused)
+
+
+def reached_state(rec, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n rows' states after a random 16-token prompt each, and their next tokens."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, 256, (n, 16), generator=g)
+    _, state = rec.prefill(prompt, rec.init_state(n))
+    return torch.randint(0, 256, (n,), generator=g), state
+
+
+def test_buckets_are_powers_of_two_up_to_the_first_one_covering_the_batch():
+    assert bucket_sizes(1) == (1,)
+    assert bucket_sizes(5) == (1, 2, 4, 8)
+    assert bucket_sizes(128) == (1, 2, 4, 8, 16, 32, 64, 128)
+    assert bucket_sizes(129)[-1] == 256
+    assert bucket_sizes(10**6) == tuple(2**k for k in range(11))  # at most LARGEST_BUCKET = 1024
+    assert LARGEST_BUCKET == 1024
+    assert bucket_sizes(100, largest=16) == (1, 2, 4, 8, 16)
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="max_batch"):
+            bucket_sizes(bad)
+    for bad in (0, 3, 12, 2.0):
+        with pytest.raises(ValueError, match="largest"):
+            bucket_sizes(8, largest=bad)
+
+
+def test_a_batch_takes_the_smallest_bucket_that_holds_it():
+    buckets = bucket_sizes(1024)
+    assert [bucket_for(n, buckets) for n in (1, 2, 3, 4, 5, 63, 64, 65, 1000, 1024)] == [
+        1, 2, 4, 4, 8, 64, 64, 128, 1024, 1024,
+    ]  # fmt: skip
+    assert bucket_for(1025, buckets) is None
+    with pytest.raises(ValueError, match="at least 1 row"):
+        bucket_for(0, buckets)
+
+
+def padded(tok: torch.Tensor, state: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows zero-padded to b rows (token 0, state 0), as a bucket holds them."""
+    n = tok.shape[0]
+    big = torch.zeros(state.shape[0], b, *state.shape[2:])
+    big[:, :n] = state
+    return torch.cat([tok, tok.new_zeros(b - n)]), big
+
+
+@pytest.mark.parametrize("n", [1, 3, 8, 100, 130])
+def test_bucketed_step_without_capture_is_bit_identical_to_the_plain_step(rec, n):
+    """Rows copied into a bucket's buffers, padded, stepped, copied out: the same bits as the plain step
+    of the zero-padded batch (130 rows run in bucket 256, past the C step's 128: torch ops). Against the
+    plain step of the n rows alone: the same bits on the C step (row by row, whatever the batch); within
+    float32 rounding on the torch ops, whose matmuls round differently at another batch size (the plain
+    step differs as much between batch sizes: measured 1-2 ulp, 2e-7 of the largest logit)."""
+    tok, state = reached_state(rec, n)
+    b = bucket_for(n, bucket_sizes(256))
+    want_logits, want_state = rec._step_eager(*padded(tok, state, b), None)
+    want_logits, want_state = want_logits[:n], want_state[:, :n]
+    step = BucketedStep(rec, bucket_sizes(256), capture=False)
+    logits, new = step(tok, state)
+    assert logits.shape == (n, 256) and new.shape == state.shape and new.dtype == torch.float32
+    assert torch.equal(logits, want_logits) and torch.equal(new, want_state)
+    alone_logits, alone_state = rec._step_eager(tok, state, None)
+    if rec._fused is not None:
+        assert torch.equal(logits, alone_logits) and torch.equal(new, alone_state)
+    else:
+        torch.testing.assert_close(logits, alone_logits, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(new, alone_state, rtol=1e-5, atol=1e-6)
+    # in place, as the engine's decode batch calls it (out = state)
+    inplace = state.clone()
+    logits2, same = step(tok, inplace, out=inplace)
+    assert same is inplace and torch.equal(inplace, want_state) and torch.equal(logits2, want_logits)
+
+
+@pytest.mark.parametrize("junk", ["large", "nan"])
+def test_padded_rows_cannot_change_real_rows(rec, junk):
+    """Why padding is safe: every op of the step is row-wise, so 3 real rows stepped beside 5 rows of
+    garbage (huge values, or NaN and inf) give the same bits as beside 5 zero rows."""
+    tok, state = reached_state(rec, 8, seed=1)
+    zero_state, zero_tok = state.clone(), tok.clone()
+    zero_state[:, 3:] = 0
+    zero_tok[3:] = 0
+    bad_state, bad_tok = state.clone(), tok.clone()
+    bad_state[:, 3:] = 1e30 * torch.randn_like(bad_state[:, 3:])
+    if junk == "nan":
+        bad_state[:, 3:5] = float("nan")
+        bad_state[:, 5:] = float("inf")
+    bad_tok[3:] = 255
+    want_logits, want_state = rec._step_eager(zero_tok, zero_state, None)
+    got_logits, got_state = rec._step_eager(bad_tok, bad_state, None)
+    assert torch.equal(got_logits[:3], want_logits[:3]) and torch.equal(got_state[:, :3], want_state[:, :3])
+    assert torch.isfinite(want_logits).all()
+
+
+def test_static_buffers_are_made_once_per_bucket_and_reused(rec):
+    step = BucketedStep(rec, bucket_sizes(8), capture=False)
+    tok, state = reached_state(rec, 4)
+    step(tok[:3], state[:, :3].contiguous())
+    buf = step.buffers[4]
+    ptrs = (buf.tok.data_ptr(), buf.state.data_ptr())
+    first, _ = step(tok, state)
+    again, _ = step(tok[:3], state[:, :3].contiguous())
+    assert list(step.buffers) == [4] and buf.calls == 3
+    assert (step.buffers[4].tok.data_ptr(), step.buffers[4].state.data_ptr()) == ptrs
+    # what the caller gets is its own: not a view of the static buffers, which the next call overwrites
+    assert first.data_ptr() != buf.logits.data_ptr()
+    kept = first.clone()
+    step(torch.zeros(4, dtype=torch.long), rec.init_state(4))
+    assert torch.equal(first, kept)
+    # stale rows of an earlier, larger batch (row 3 of the bucket) do not leak into a smaller one
+    assert torch.equal(again, rec._step_eager(*padded(tok[:3], state[:, :3], 4), None)[0][:3])
+
+
+def test_a_batch_above_the_largest_bucket_runs_the_plain_step(rec):
+    step = BucketedStep(rec, (1, 2, 4), capture=False)
+    tok, state = reached_state(rec, 5)
+    logits, new = step(tok, state)
+    want_logits, want_state = rec._step_eager(tok, state, None)
+    assert step.eager_calls == 1 and 8 not in step.buffers
+    assert torch.equal(logits, want_logits) and torch.equal(new, want_state)
+
+
+def test_capture_is_refused_without_a_cuda_device(rec):
+    with pytest.raises(ValueError, match="CUDA device"):
+        BucketedStep(rec, (1, 2), capture=True)
+    with pytest.raises(ValueError, match="CUDA device"):
+        rec.use_cuda_graphs((1, 2))
+    assert rec._graphs is None  # still the plain step
+    for bad in ((), (2, 1), (1, 1, 2), (0, 1)):
+        with pytest.raises(ValueError, match="buckets"):
+            BucketedStep(rec, bad, capture=False)
+    with pytest.raises(ValueError, match="not one of the buckets"):
+        BucketedStep(rec, (1, 2), capture=False).bucket(3)
+
+
+def test_the_setting_parses_0_and_1_and_refuses_anything_else(monkeypatch):
+    from pydantic import ValidationError
+
+    from server.config import Settings
+
+    assert Settings().cuda_graphs is True
+    for raw, want in (("0", False), ("1", True), ("false", False), ("true", True)):
+        monkeypatch.setenv("S4_CUDA_GRAPHS", raw)
+        assert Settings().cuda_graphs is want
+    for raw in ("2", "-1", "maybe", ""):
+        monkeypatch.setenv("S4_CUDA_GRAPHS", raw)
+        with pytest.raises(ValidationError, match="cuda_graphs"):
+            Settings()
+
+
+def test_the_registry_captures_nothing_on_cpu(rec):
+    from server.config import Settings
+    from server.registry import use_cuda_graphs
+
+    assert use_cuda_graphs(rec, Settings(cuda_graphs=True), "tiny") is False
+    assert rec._graphs is None
+
+
+class CudaLikeModel:
+    """What the registry sees of a CUDA model (its device and use_cuda_graphs), to check its choices on
+    CPU: the buckets it asks for, and the fallback when the capture raises."""
+
+    device = torch.device("cuda")
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list = []
+        self.fail = fail
+
+    def use_cuda_graphs(self, buckets):
+        self.calls.append(buckets)
+        if self.fail and buckets is not None:
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+        return 0.01
+
+
+def test_the_registry_asks_for_buckets_up_to_the_batch_limit_and_1024_at_most():
+    from server.config import Settings
+    from server.registry import use_cuda_graphs
+
+    for max_batch, largest in ((1, 1), (8, 8), (100, 128), (128, 128), (5000, 1024)):
+        m = CudaLikeModel()
+        assert use_cuda_graphs(m, Settings(max_batch_size=max_batch), "m") is True
+        assert m.calls == [tuple(2**k for k in range(largest.bit_length()))]
+    m = CudaLikeModel()
+    assert use_cuda_graphs(m, Settings(cuda_graphs=False), "m") is False and m.calls == []
+
+
+def test_a_failed_capture_leaves_the_plain_step(caplog):
+    from server.config import Settings
+    from server.registry import use_cuda_graphs
+
+    m = CudaLikeModel(fail=True)
+    with caplog.at_level("ERROR", logger="server.models"):
+        assert use_cuda_graphs(m, Settings(max_batch_size=4), "m") is False
+    assert m.calls == [(1, 2, 4), None]  # tried, then back to the plain step
+    assert "CUDA graph capture failed" in caplog.text and "plain torch step" in caplog.text
+
+
+def no_cuda_env() -> dict[str, str]:
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.mark.parametrize("quick", [[], ["--quick"]])
+def test_bench_gpu_without_cuda_exits_with_one_clear_line(quick):
+    cmd = [sys.executable, "-m", "bench.gpu", *quick]
+    r = subprocess.run(
+        cmd, cwd=ROOT, env=no_cuda_env(), capture_output=True, text=True, timeout=120, check=False
+    )
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith("bench.gpu: no CUDA device") and "scripts/gpu-check" in lines[0]
+
+
+def test_gpu_check_script_without_cuda_exits_with_one_clear_line():
+    env = {**no_cuda_env(), "PYTHON": sys.executable}
+    cmd = [str(ROOT / "scripts/gpu-check")]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode != 0
+    lines = (r.stdout + r.stderr).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA device"), r.stdout + r.stderr

@@ -1,0 +1,296 @@
+"""Prefill scheduling (issue 18, item 5): a prompt is ingested in chunks between decode steps, so a long
+prompt does not stall the decoding sessions; short prompts are not queued behind long ones and no prompt
+starves; chunked ingestion gives the results of one-call prefill (float64 conv-mode reference); a request
+cancelled mid-prefill frees its slot and leaves the others alone; the settings are range-checked.
+
+The engine is driven here one loop iteration at a time (`Engine._iterate`, what its thread runs), in the
+test's thread, so progress is counted in iterations and decode steps, never in wall time."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import copy
+import itertools
+
+import pytest
+import torch
+from server_support import make_text_model
+
+from model import ModelConfig, SequenceModel
+from model.sampling import SamplingParams
+from server.__main__ import main as server_main
+from server.config import MAX_PREFILL_TOKENS, Settings
+from server.engine import Engine, Finished, Job, Stream
+from server.metrics import Metrics
+from server.sessions import SessionRecord, SessionTable
+
+STATE_TOL = 1e-4  # ‖Δstate‖/‖state‖: the block prefill's own tolerance (tests/test_prefill_blocks.py)
+LOGP_TOL = 1e-3  # max |Δ log p| against float64 conv mode (tests/test_recurrent.py)
+
+
+class Recorder:
+    """The recurrent model, with every prefill call (rows, length) and decode step (rows) recorded."""
+
+    def __init__(self, rec, events: list) -> None:
+        self._rec, self.events = rec, events
+
+    def __getattr__(self, name):
+        return getattr(self._rec, name)
+
+    def prefill(self, tokens, state):
+        self.events.append(("prefill", tokens.shape[0], tokens.shape[1]))
+        return self._rec.prefill(tokens, state)
+
+    def step(self, tokens, state, out=None):
+        self.events.append(("step", tokens.shape[0]))
+        return self._rec.step(tokens, state, out=out)
+
+
+class Driver:
+    """An engine run by hand: `tick()` is one iteration of its loop. Streams are drained after each tick
+    (a job's tokens in `out(job)`, its final event in `final(job)`, None before)."""
+
+    def __init__(self, rec, **settings) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.settings = Settings(**{"max_sessions": 64, "max_batch_size": 64, "stream_buffer": 1 << 20,
+                                    "max_queued_requests": 64, **settings})  # fmt: skip
+        self.events: list = []
+        self.sessions = SessionTable()
+        self.engine = Engine("m", Recorder(rec, self.events), self.settings, self.sessions,
+                             Metrics().for_model("m"))  # fmt: skip
+        self.jobs: list[Job] = []
+        self._out: dict[Stream, list[int]] = {}
+        self._final: dict[Stream, Finished] = {}
+        self.ticks = 0
+        self._ids = itertools.count()
+
+    def generate(self, prompt: list[int], max_new: int, params: SamplingParams | None = None) -> Job:
+        """A one-shot generation (its own ephemeral session), as the HTTP route submits it."""
+        rec = SessionRecord(id=f"s{next(self._ids)}", model="m", slot=self.engine.pool.reserve(), busy=True,
+                            ephemeral=True)  # fmt: skip
+        self.sessions.add(rec)
+        params = params or SamplingParams(temperature=0)
+        job = Job(rec, list(prompt), fresh=True, stream=Stream(self.loop, self.settings.stream_buffer),
+                  params=params, max_new_tokens=max_new)  # fmt: skip
+        self.engine.submit(job)
+        self.jobs.append(job)
+        self._out[job.stream] = []
+        return job
+
+    def out(self, job: Job) -> list[int]:
+        return self._out[job.stream]
+
+    def final(self, job: Job) -> Finished | None:
+        return self._final.get(job.stream)
+
+    def tick(self, n: int = 1) -> None:
+        for _ in range(n):
+            self.events.append(("iteration",))
+            assert self.engine._iterate()
+            self.ticks += 1
+            self.loop.run_until_complete(asyncio.sleep(0))  # deliver the hand-over
+            for job in self.jobs:
+                while not job.stream.queue.empty():
+                    items = [job.stream.queue.get_nowait()]
+                    job.stream._took(items)
+                    for item in items:
+                        if isinstance(item, int):
+                            self._out[job.stream].append(item)
+                        else:
+                            self._final[job.stream] = item
+
+    def until(self, done, limit: int = 500) -> int:
+        """Tick until done() holds (at most `limit` ticks); the ticks it took."""
+        for k in range(limit):
+            if done():
+                return k
+            self.tick()
+        raise AssertionError(f"not done after {limit} engine iterations")
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def rec():
+    return make_text_model().eval().to_recurrent()
+
+
+def prompt_of(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def test_decode_steps_between_the_chunks_of_a_long_prompt(rec):
+    """While a 12-chunk prompt is ingested the decoding sessions get one step per chunk; with chunking
+    off (one chunk ≥ the prompt) the same prompt is one prefill call with no decode step during it."""
+    for chunk, n_chunks in ((64, 12), (1024, 1)):
+        d = Driver(rec, prefill_chunk_tokens=chunk, prefill_token_budget=chunk)
+        decoders = [d.generate(prompt_of(5, k), max_new=10_000) for k in range(3)]
+        d.until(lambda: all(d.out(j) for j in decoders))
+        before = [len(d.out(j)) for j in decoders]
+        start = len(d.events)
+        long = d.generate(prompt_of(12 * 64 + 1, 99), max_new=1)  # 768 tokens to ingest, 1 pending
+        d.until(lambda: d.final(long))
+        events = d.events[start:]
+        calls = [i for i, e in enumerate(events) if e[0] == "prefill"]
+        assert [events[i][1:] for i in calls] == [(1, 768 // n_chunks)] * n_chunks  # one row, one chunk each
+        between = [sum(e[0] == "step" for e in events[a:b]) for a, b in itertools.pairwise(calls)]
+        assert between == [1] * (n_chunks - 1)  # one decode step of the batch between two chunks
+        steps_during = sum(e[0] == "step" for e in events[calls[0] : calls[-1]])
+        assert steps_during == n_chunks - 1
+        # each decoding session got a token per chunk
+        assert all(len(d.out(j)) - n >= n_chunks for j, n in zip(decoders, before))
+        assert d.out(long) and d.final(long).finish_reason == "length"
+        d.close()
+
+
+def test_a_short_prompt_is_not_queued_behind_long_ones_and_no_prompt_starves(rec):
+    """Two long prompts fill the budget (2 × 64 tokens): a short prompt arriving then is ingested and
+    decoded in the next iteration (first in the budget: the fewest tokens left), not after both long ones.
+    With a new short prompt arriving at every iteration, each long prompt still gets a chunk at least every
+    other iteration (a job passed over goes first next time), so both finish."""
+    d = Driver(rec, prefill_chunk_tokens=64, prefill_token_budget=128)
+    longs = [d.generate(prompt_of(12 * 64 + 1, 50 + k), max_new=1) for k in range(2)]
+    d.tick()
+    assert not any(d.final(j) for j in longs)
+    shorts = []
+    while not all(d.final(j) for j in longs):
+        shorts.append(d.generate(prompt_of(10, len(shorts)), max_new=2))
+        d.tick()
+        assert d.out(shorts[-1]), f"short prompt {len(shorts)} got no token in the iteration it arrived in"
+        assert d.ticks <= 1 + 2 * 12, "a long prompt starved"
+    d.until(lambda: all(d.final(j) for j in shorts))
+    assert all(d.final(j).finish_reason == "length" and len(d.out(j)) == 2 for j in shorts)
+    assert all(len(d.out(j)) == 1 for j in longs)
+    d.close()
+
+
+def test_short_prompts_arriving_together_are_prefilled_in_one_batch_beside_a_long_one(rec):
+    d = Driver(rec, prefill_chunk_tokens=64, prefill_token_budget=192)
+    long = d.generate(prompt_of(12 * 64 + 1, 9), max_new=1)
+    d.tick()
+    shorts = [d.generate(prompt_of(21, 30 + k), max_new=3) for k in range(4)]
+    start = len(d.events)
+    d.tick()
+    calls = [e[1:] for e in d.events[start:] if e[0] == "prefill"]
+    assert sorted(calls) == [(1, 64), (4, 20)]  # one batched call for the four, one chunk of the long one
+    assert all(d.out(j) for j in shorts)
+    d.until(lambda: d.final(long) and all(d.final(j) for j in shorts))
+    d.close()
+
+
+@pytest.fixture(scope="module")
+def ref_model():
+    """A tiny random text model trained for 1024 tokens (so float64 conv mode covers the whole test)."""
+    torch.manual_seed(3)
+    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, d_state=16, l_max=1024, kernel="s4d",
+                      cauchy_backend="torch")  # fmt: skip
+    net = SequenceModel(cfg).eval()
+    return net, net.to_recurrent()
+
+
+@pytest.mark.parametrize("chunk", [64, 100, 256, 2048], ids=["64-stepped", "100-unaligned", "256", "off"])
+def test_chunked_ingestion_equals_one_call_prefill_and_float64_conv_mode(ref_model, chunk):
+    """Per chunk size (64: every chunk stepped; 100: chunks across the prefill's 64-token blocks; 2048:
+    the whole prompt in one call): the prompt log-probabilities (computed from each chunk's logits) and the
+    generated tokens' log-probabilities match float64 conv mode over prompt + output (|Δ log p| ≤ 1e-3),
+    greedy output is its argmax, and the state left in the slot is within 1e-4 of one-call prefill."""
+    net, rec = ref_model
+    prompt = prompt_of(700, 7)
+    d = Driver(rec, prefill_chunk_tokens=chunk, prefill_token_budget=max(chunk, 512))
+    job = d.generate(prompt, max_new=16, params=SamplingParams(temperature=0, logprobs=3, prompt_logprobs=3))
+    d.until(lambda: d.final(job))
+    out = d.out(job)
+    assert len(out) == 16
+    full = torch.tensor([prompt + out])
+    with torch.no_grad():
+        ref = copy.deepcopy(net).double()(full).log_softmax(-1)[0]  # (L, V) float64
+    want_prompt = ref[: len(prompt) - 1].gather(1, full[0, 1 : len(prompt), None])[:, 0]
+    got_prompt = torch.tensor([lp[0] for lp in job.stream.prompt_logprobs], dtype=torch.float64)
+    assert got_prompt.shape == want_prompt.shape
+    assert float((got_prompt - want_prompt).abs().max()) <= LOGP_TOL
+    want_out = ref[len(prompt) - 1 : -1].gather(1, full[0, len(prompt) :, None])[:, 0]
+    got_out = torch.tensor([lp[0] for lp in job.stream.logprobs], dtype=torch.float64)
+    assert float((got_out - want_out).abs().max()) <= LOGP_TOL
+    assert out == ref[len(prompt) - 1 : -1].argmax(-1).tolist()
+    d.close()
+
+    # the state an ingestion-only job leaves (a session created with the prompt)
+    d = Driver(rec, prefill_chunk_tokens=chunk, prefill_token_budget=max(chunk, 512))
+    rec_ = SessionRecord(id="kept", model="m", slot=d.engine.pool.reserve(), busy=True)
+    d.sessions.add(rec_)
+    job = Job(rec_, prompt, fresh=True, future=concurrent.futures.Future())
+    d.engine.submit(job)
+    d.until(job.future.done)
+    got = d.engine.pool.row(rec_.slot)
+    _, want = rec.prefill(torch.tensor([prompt[:-1]]), rec.init_state(1))
+    assert float((got - want[:, 0]).norm() / want.norm()) <= STATE_TOL
+    d.close()
+
+
+def test_cancelling_a_request_mid_prefill_frees_its_slot_and_leaves_the_others_alone(rec):
+    params = SamplingParams(temperature=1.0, seed=3)
+
+    def decoder_alone() -> list[int]:
+        d = Driver(rec, prefill_chunk_tokens=64, prefill_token_budget=64)
+        a = d.generate(prompt_of(20, 1), max_new=400, params=params)
+        d.until(lambda: d.final(a))
+        d.close()
+        return d.out(a)
+
+    want = decoder_alone()
+    d = Driver(rec, prefill_chunk_tokens=64, prefill_token_budget=64)
+    a = d.generate(prompt_of(20, 1), max_new=400, params=params)
+    d.until(lambda: d.out(a))
+    long = d.generate(prompt_of(12 * 64 + 1, 5), max_new=5)
+    d.tick(3)
+    assert long.offset == 3 * 64 and d.final(long) is None  # a quarter ingested
+    assert d.engine.pool.in_use == 2
+    long.stream.cancel()
+    d.tick()
+    assert d.final(long).finish_reason == "cancelled" and d.out(long) == []
+    assert d.engine.pool.in_use == 1 and long.session.id not in {r.id for r in d.sessions.records("m")}
+    assert not d.engine._prefilling
+    # the freed slot (holding a partly ingested state) serves the next request as a fresh one
+    c = d.generate(prompt_of(30, 2), max_new=8)
+    d.until(lambda: d.final(a) and d.final(c))
+    assert d.out(a) == want, "the cancelled prefill changed another session's output"
+    d2 = Driver(rec)
+    c2 = d2.generate(prompt_of(30, 2), max_new=8)
+    d2.until(lambda: d2.final(c2))
+    assert d.out(c) == d2.out(c2)
+    assert d.engine.pool.in_use == 0
+    d.close()
+    d2.close()
+
+
+@pytest.mark.parametrize(
+    "settings,field",
+    [
+        ({"prefill_chunk_tokens": 0}, "prefill_chunk_tokens"),
+        ({"prefill_chunk_tokens": MAX_PREFILL_TOKENS + 1}, "prefill_chunk_tokens"),
+        ({"prefill_token_budget": 0}, "prefill_token_budget"),
+        ({"prefill_token_budget": MAX_PREFILL_TOKENS + 1}, "prefill_token_budget"),
+        ({"prefill_chunk_tokens": 1024}, "S4_PREFILL_TOKEN_BUDGET"),  # the default budget 512 < 1024
+        ({"prefill_chunk_tokens": 300, "prefill_token_budget": 299}, "S4_PREFILL_TOKEN_BUDGET"),
+    ],
+)
+def test_prefill_settings_out_of_range_are_refused_by_name(settings, field, monkeypatch):
+    with pytest.raises(ValueError, match=field):
+        Settings(**settings)
+    for k, v in settings.items():
+        monkeypatch.setenv(f"S4_{k.upper()}", str(v))
+    with pytest.raises(SystemExit, match=f"invalid settings: .*{field.upper()}"):
+        server_main([])
+    monkeypatch.delenv("S4_PREFILL_CHUNK_TOKENS", raising=False)
+    monkeypatch.delenv("S4_PREFILL_TOKEN_BUDGET", raising=False)
+    flags = [x for k, v in settings.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    with pytest.raises(SystemExit, match=f"invalid settings: .*{field.upper()}"):
+        server_main(flags)
+
+
+def test_chunking_off_and_the_limits_are_accepted():
+    s = Settings(prefill_chunk_tokens=MAX_PREFILL_TOKENS, prefill_token_budget=MAX_PREFILL_TOKENS)
+    assert (s.prefill_chunk_tokens, s.prefill_token_budget) == (MAX_PREFILL_TOKENS, MAX_PREFILL_TOKENS)
+    assert Settings(prefill_chunk_tokens=1, prefill_token_budget=1).prefill_token_budget == 1
