@@ -1,6 +1,6 @@
 """Run every benchmark (kernel, step, linear, decode, train, train_speed, server, tail_latency,
-generation, memory), then print a markdown summary of the headline numbers and write it to
-bench/results/summary.md
+audio_streams, generation, memory), then print a markdown summary of the headline numbers and write it
+to bench/results/summary.md
 (bench/results/quick/summary.md with --quick).
 
     python -m bench.run_all [--quick] [--only kernel step ...] [--summary-only]
@@ -18,8 +18,8 @@ from typing import Any
 from bench.common import MB, ROOT, fmt, read_results, results_dir
 
 BENCHMARKS = (
-    "kernel", "step", "linear", "decode", "train", "train_speed", "server", "tail_latency", "generation",
-    "memory",
+    "kernel", "step", "linear", "decode", "train", "train_speed", "server", "tail_latency", "audio_streams",
+    "generation", "memory",
 )  # fmt: skip
 
 
@@ -239,6 +239,17 @@ def tail_latency_section(d: dict[str, Any]) -> list[str]:
     return lines + _table(header, rows)
 
 
+def audio_streams_section(d: dict[str, Any]) -> list[str]:
+    from bench.audio_streams import HEADER, table
+
+    s = d["sizes"]
+    lines = [
+        f"## Audio streams over WebSockets ({d['model']}; {s['seconds']:g} s each, frame_ms {s['frame_ms']})",
+        "",
+    ]
+    return lines + _table(HEADER, table(d))
+
+
 def generation_section(d: dict[str, Any]) -> list[str]:
     from bench.generation import table
 
@@ -303,6 +314,7 @@ def summary(quick: bool, status: dict[str, str] | None = None) -> str:
         "train_speed": train_speed_section,
         "server": server_section,
         "tail_latency": tail_latency_section,
+        "audio_streams": audio_streams_section,
         "generation": generation_section,
         "memory": memory_section,
     }

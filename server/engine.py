@@ -86,11 +86,13 @@ class Stream:
     """Bounded channel from the engine thread to one request on the event loop.
 
     Items are token ids (ints) and one final `Finished` or `Failed`. The engine sends a token only
-    while `room() > 0`, so the queue never holds more than `capacity` tokens plus the final event."""
+    while `room() > 0`, so the queue never holds more than `capacity` tokens plus the final event.
+    Each hand-over puts one list on the queue (the request's tokens of that engine iteration, the final
+    event last), so the event loop handles a block of tokens per call, not one token at a time."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, capacity: int) -> None:
         self.loop, self.capacity = loop, capacity
-        self.queue: asyncio.Queue = asyncio.Queue(maxsize=capacity + 1)
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=capacity + 1)  # non-empty lists
         self.sent = 0  # tokens sent (engine thread)
         self.taken = 0  # tokens taken (event loop)
         self.cancelled = False
@@ -111,17 +113,18 @@ class Stream:
             self.engine.wake()
 
     def _took(self, items: list) -> None:
-        n = sum(1 for x in items if isinstance(x, int))
+        n = len(items) - (not isinstance(items[-1], int))  # a final event comes last
         was_full = self.room() <= 0
         self.taken += n
         if was_full and n and self.engine is not None:
             self.engine.wake()  # a paused session may step again
 
     async def get(self) -> list:
-        """Wait for at least one item; return every item available now (tokens, maybe a final event)."""
-        items = [await self.queue.get()]
+        """Wait for at least one item; return every item available now: token ids, then maybe the
+        final event (always last)."""
+        items = await self.queue.get()
         while not self.queue.empty():
-            items.append(self.queue.get_nowait())
+            items += self.queue.get_nowait()
         self._took(items)
         return items
 
@@ -675,7 +678,7 @@ class Engine:
         job.session.n_tokens += len(toks)
         job.session.generated = len(job.out)
         job.stream.sent += len(toks)
-        self._outbox += [(job.stream, t) for t in toks]
+        self._outbox.append((job.stream, list(toks)))  # one block: _flush delivers it as one list
         m = self.metrics
         last = job.last_emit
         for i in range(len(toks)):
@@ -758,13 +761,25 @@ class Engine:
                 item[1].set_exception(error)
 
     def _flush(self) -> None:
-        """Deliver this iteration's events: one thread-safe callback per event loop."""
+        """Deliver this iteration's events: one thread-safe callback per event loop, one list per
+        stream (its tokens in order, then its final event). An outbox item is a token id, a list of
+        token ids (a block), or a final event."""
         if not self._outbox:
             return
-        by_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
+        by_stream: dict[Stream, list] = {}
         for stream, item in self._outbox:
-            by_loop[stream.loop].append((stream, item))
+            items = by_stream.get(stream)
+            if items is None:
+                items = by_stream[stream] = []
+            if isinstance(item, list):
+                items += item
+            else:
+                items.append(item)
         self._outbox = []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
+        for stream, items in by_stream.items():
+            if items:
+                by_loop[stream.loop].append((stream, items))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)
@@ -848,6 +863,6 @@ class Engine:
         return rec
 
 
-def _deliver(items: list[tuple[Stream, Any]]) -> None:
-    for stream, item in items:
-        stream.queue.put_nowait(item)
+def _deliver(items: list[tuple[Stream, list]]) -> None:
+    for stream, block in items:
+        stream.queue.put_nowait(block)

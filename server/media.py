@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 
 import numpy as np
 
@@ -90,11 +91,74 @@ def audio_frame_ids(data: bytes, encoding: str, codec: MuLaw = MULAW) -> list[in
     return codec.encode(x).tolist()
 
 
-def audio_bytes(ids: list[int], encoding: str, codec: MuLaw = MULAW) -> bytes:
-    """Generated ids → the client's binary encoding."""
+@functools.cache
+def _pcm16_table(convention: str) -> np.ndarray:
+    """(256,) little-endian int16: the pcm16 sample of each mu-law id in `convention`, computed once by
+    the per-sample path (to_pcm16 of MuLaw.decode), so a lookup is bit-identical to it."""
+    table = np.frombuffer(to_pcm16(MuLaw(convention).decode(np.arange(256))), dtype="<i2")
+    table.flags.writeable = False
+    return table
+
+
+def pcm16_table(codec: MuLaw = MULAW) -> np.ndarray:
+    """The (256,) `<i2` lookup table mu-law id → s16le sample for the codec's convention."""
+    return _pcm16_table(codec.convention)
+
+
+def audio_bytes(ids, encoding: str, codec: MuLaw = MULAW) -> bytes:
+    """Generated ids (a list or an integer array of values 0..255) → the client's binary encoding:
+    `mulaw` the ids as bytes, `pcm16` s16le samples by a table lookup (one numpy gather)."""
+    x = np.asarray(ids, dtype=np.uint8)
     if encoding == "mulaw":
-        return bytes(ids)
-    return to_pcm16(codec.decode(ids))
+        return x.tobytes()
+    return pcm16_table(codec)[x].tobytes()
+
+
+def frame_samples(frame_ms: int, sample_rate: int) -> int:
+    """Samples in one frame of `frame_ms` milliseconds at `sample_rate` Hz: round(ms × rate / 1000),
+    at least 1 (20 ms: 160 at 8 kHz, 320 at 16 kHz, 882 at 44.1 kHz)."""
+    return max(1, round(frame_ms * sample_rate / 1000))
+
+
+class AudioFramer:
+    """Generated mu-law ids → frames of exactly `samples` samples each, for streaming: whole blocks of
+    ids go in (as the engine hands them over), whole frames come out, the rest waits for the next
+    block; `flush` gives the last, shorter frame. No per-sample Python: ids are gathered into one
+    uint8 array per block and encoded by `audio_bytes` per frame. Holds fewer than `samples` ids."""
+
+    def __init__(self, samples: int, encoding: str = "pcm16", codec: MuLaw = MULAW) -> None:
+        if samples < 1:
+            raise ValueError(f"a frame holds at least one sample, got {samples}")
+        self.samples, self.encoding, self.codec = samples, encoding, codec
+        self.rest = np.empty(0, dtype=np.uint8)
+        self.frames = 0  # frames given out, the last short one included
+        self.total = 0  # samples given out
+
+    def feed(self, ids) -> list[np.ndarray]:
+        """The complete frames that `ids` (list or array of ids 0..255) finishes: uint8 arrays of
+        `samples` ids each (possibly none)."""
+        x = np.asarray(ids, dtype=np.uint8)
+        if self.rest.size:
+            x = np.concatenate([self.rest, x])
+        whole = len(x) - len(x) % self.samples
+        self.rest = x[whole:].copy()
+        frames = np.split(x[:whole], whole // self.samples) if whole else []
+        self.frames += len(frames)
+        self.total += whole
+        return frames
+
+    def flush(self) -> np.ndarray | None:
+        """The last frame (fewer than `samples` ids), or None when nothing is left."""
+        if not self.rest.size:
+            return None
+        last, self.rest = self.rest, np.empty(0, dtype=np.uint8)
+        self.frames += 1
+        self.total += len(last)
+        return last
+
+    def encode(self, frame: np.ndarray) -> bytes:
+        """One frame in the client's binary encoding (mulaw: the ids; pcm16: s16le)."""
+        return audio_bytes(frame, self.encoding, self.codec)
 
 
 def wav(ids: list[int], sample_rate: int, codec: MuLaw = MULAW) -> bytes:

@@ -13,6 +13,8 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+FRAME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1)
+RTF_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1, 1.1, 1.5, 2, 4, 8, 16, 32)
 
 
 class Metrics:
@@ -28,6 +30,16 @@ class Metrics:
         self.batch_size = Histogram("s4_decode_batch_size", "Sessions per decode step", m, registry=r,
                                     buckets=BATCH_BUCKETS)  # fmt: skip
         self.tokens = Counter("s4_tokens_generated", "Tokens generated", m, registry=r)
+        self.audio_frame_interval = Histogram(
+            "s4_audio_frame_interval_seconds",
+            "Time between two audio frames of one stream, as sent (ideal: the request's frame_ms)",
+            m, registry=r, buckets=FRAME_BUCKETS,
+        )  # fmt: skip
+        self.audio_realtime_factor = Histogram(
+            "s4_audio_stream_realtime_factor",
+            "Per finished audio stream: seconds of audio sent per second from the request to its last frame",
+            m, registry=r, buckets=RTF_BUCKETS,
+        )  # fmt: skip
         self.prefill_tokens = Counter("s4_prompt_tokens_ingested", "Prompt tokens prefilled", m, registry=r)
         self.active_sessions = Gauge("s4_active_sessions", "State slots in use (sessions + one-shot)", m,
                                      registry=r)  # fmt: skip
@@ -78,6 +90,8 @@ class ModelMetrics:
     def __init__(self, m: Metrics, model: str) -> None:
         self.ttft, self.itl, self.e2e = m.ttft.labels(model), m.itl.labels(model), m.e2e.labels(model)
         self.batch_size, self.tokens = m.batch_size.labels(model), m.tokens.labels(model)
+        self.audio_frame_interval = m.audio_frame_interval.labels(model)
+        self.audio_realtime_factor = m.audio_realtime_factor.labels(model)
         self.prefill_tokens = m.prefill_tokens.labels(model)
         self.active_sessions, self.state_bytes = m.active_sessions.labels(model), m.state_bytes.labels(model)
         self.pool_bytes, self.queue_depth = m.pool_bytes.labels(model), m.queue_depth.labels(model)

@@ -73,7 +73,22 @@ class InputFields(Strict):
     )
 
 
-class GenerateRequest(SamplingFields, InputFields):
+DEFAULT_FRAME_MS, MIN_FRAME_MS, MAX_FRAME_MS = 20, 5, 200  # streamed audio: milliseconds per frame
+
+
+class AudioStreamFields(Strict):
+    frame_ms: int | None = count(
+        None,
+        ge=MIN_FRAME_MS,
+        le=MAX_FRAME_MS,
+        description=f"streamed audio (SSE, WebSocket): milliseconds of audio per frame, {MIN_FRAME_MS}-"
+        f"{MAX_FRAME_MS} (default {DEFAULT_FRAME_MS}); "
+        "every frame but the last holds exactly round(frame_ms × sample_rate / 1000) samples (160 at 8 kHz, "
+        "320 at 16 kHz for 20 ms), the last one the rest. Audio models only",
+    )
+
+
+class GenerateRequest(SamplingFields, InputFields, AudioStreamFields):
     model: str = Field(description="model id (see GET /v1/models)")
     session_id: str | None = Field(None, description="continue this session (its state is updated)")
     stream: bool = Field(False, description="Server-Sent Events: token events, then a done event")
@@ -346,7 +361,7 @@ class WSSession(Strict):
     audio_encoding: Literal["pcm16", "mulaw"] | None = Field(None, description="binary frames, both ways")
 
 
-class WSGenerate(SamplingFields, InputFields):
+class WSGenerate(SamplingFields, InputFields, AudioStreamFields):
     type: Literal["generate"]
     model: str | None = Field(None, description="binds the socket when it is not bound yet")
     session_id: str | None = None

@@ -20,7 +20,7 @@ from server import media
 from server.engine import Failed, Finished, Job, Stream
 from server.errors import APIError, invalid, too_large, unavailable
 from server.registry import ServedModel
-from server.schemas import SamplingFields
+from server.schemas import DEFAULT_FRAME_MS, SamplingFields
 from server.sessions import (
     SessionRecord,
     StateFormatError,
@@ -375,6 +375,14 @@ def final_of(items: list) -> Finished | None:
     return last if isinstance(last, Finished) else None
 
 
+def split(items: list) -> tuple[list[int], Finished | None]:
+    """A group of a stream's items → (its token ids, its final event or None); a `Failed` raises its
+    error. The final event is always last, so this is one slice, not a pass over the tokens."""
+    if isinstance(items[-1], int):
+        return items, None
+    return items[:-1], final_of(items)
+
+
 async def collect(stream: Stream, request: Request | None = None) -> tuple[list[int], Finished]:
     """Wait for a whole generation; a client that goes away (checked every 0.25 s) cancels it."""
     ids: list[int] = []
@@ -392,8 +400,8 @@ async def collect(stream: Stream, request: Request | None = None) -> tuple[list[
                     raise APIError(499, "the client closed the connection")  # nobody reads it
             if not items:
                 continue
-            ids += [x for x in items if isinstance(x, int)]
-            final = final_of(items)
+            got, final = split(items)
+            ids += got
             if final is not None:
                 return ids, final
     except BaseException:
@@ -415,8 +423,42 @@ async def events(stream: Stream) -> AsyncIterator[list]:
             stream.cancel()
 
 
+def frame_ms(model: ServedModel, requested: int | None) -> int | None:
+    """A request's `frame_ms` (the schema checked its range), DEFAULT_FRAME_MS when it gives none;
+    None for a text model, where a `frame_ms` is a 422 naming it."""
+    if model.kind != "audio":
+        if requested is not None:
+            raise invalid("frame_ms", "frame_ms applies to audio models only")
+        return None
+    return DEFAULT_FRAME_MS if requested is None else requested
+
+
+class FrameClock:
+    """Send-side timing of one audio stream's frames, into the model's Prometheus metrics: the interval
+    between two frames (s4_audio_frame_interval_seconds) and, at the end, the stream's real-time
+    factor (s4_audio_stream_realtime_factor: seconds of audio sent per second since the request)."""
+
+    def __init__(self, model: ServedModel) -> None:
+        self.rate, self.metrics = model.sample_rate, model.engine.metrics
+        self.start = time.perf_counter()
+        self.last: float | None = None
+        self.samples = 0
+
+    def sent(self, samples: int) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.metrics.audio_frame_interval.observe(now - self.last)
+        self.last, self.samples = now, self.samples + samples
+
+    def end(self) -> None:
+        if self.last is not None and self.last > self.start:
+            self.metrics.audio_realtime_factor.observe(self.samples / self.rate / (self.last - self.start))
+
+
 class Output:
-    """Generated ids → what a client receives: text pieces (stop sequences held back) or audio.
+    """Generated ids → what a client receives: text pieces (stop sequences held back) or audio frames
+    of `frame_ms` milliseconds each (None: DEFAULT_FRAME_MS; `framer`: the last one shorter; see
+    media.AudioFramer).
 
     Text decoding belongs to the session, not the turn: a generation starts from the unfinished
     character its session held (`job.carry`), and one that does not end its text (a kept session, no
@@ -424,17 +466,23 @@ class Output:
     A one-shot request's text ends with it (U+FFFD for bytes nothing can complete any more)."""
 
     def __init__(
-        self, model: ServedModel, params: SamplingParams, encoding: str = "pcm16", job: Job | None = None
+        self,
+        model: ServedModel,
+        params: SamplingParams,
+        encoding: str = "pcm16",
+        job: Job | None = None,
+        frame_ms: int | None = None,
     ):
         self.kind, self.encoding, self.codec = model.kind, encoding, model.codec
         carry, ends = (job.carry, job.session.ephemeral) if job is not None else (b"", True)
         self.text = media.TextAssembler(params.stop, carry, ends) if model.kind == "text" else None
+        self.framer, self.frame_ms = None, frame_ms or DEFAULT_FRAME_MS
+        if model.kind == "audio":
+            n = media.frame_samples(self.frame_ms, model.sample_rate)
+            self.framer = media.AudioFramer(n, encoding, model.codec)
 
     def text_piece(self, ids: list[int]) -> str:
         return self.text.feed(ids)
-
-    def audio_piece(self, ids: list[int]) -> bytes:
-        return media.audio_bytes(ids, self.encoding, self.codec)
 
     def finish_text(self, final: Finished) -> str:
         return self.text.finish(final.stop_at)

@@ -146,16 +146,29 @@ class RawWebSocket:
         return out
 
     def recv_json(self) -> dict:
-        """The next text frame (servers do not mask or fragment these small frames)."""
-        b0, b1 = self._read(2)
-        n = b1 & 0x7F
-        if n == 126:
-            n = int.from_bytes(self._read(2), "big")
-        elif n == 127:
-            n = int.from_bytes(self._read(8), "big")
-        data = self._read(n)
-        assert b0 & 0x0F == 1, f"expected a text frame, got opcode {b0 & 0x0F}"
-        return json.loads(data)
+        """The next text frame (servers do not mask or fragment these small frames). A ping the
+        server sends meanwhile (uvicorn's keep-alive, every 20 s) is answered with a pong, as a
+        browser would, and skipped; so is a pong."""
+        import os
+
+        while True:
+            b0, b1 = self._read(2)
+            n = b1 & 0x7F
+            if n == 126:
+                n = int.from_bytes(self._read(2), "big")
+            elif n == 127:
+                n = int.from_bytes(self._read(8), "big")
+            data = self._read(n)
+            opcode = b0 & 0x0F
+            if opcode == 0x9:  # ping (control frames carry at most 125 bytes): a masked pong back
+                mask = os.urandom(4)
+                pong = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+                self.sock.sendall(bytes([0x8A, 0x80 | len(data)]) + mask + pong)
+                continue
+            if opcode == 0xA:
+                continue
+            assert opcode == 1, f"expected a text frame, got opcode {opcode}"
+            return json.loads(data)
 
     def close(self) -> None:
         self.sock.close()

@@ -89,19 +89,22 @@ def test_websocket_binary_frames_in_and_out_at_16_khz(srv, audio_dir):
             bound = json.loads(await ws.recv())
             await ws.send(pcm_in[:600])  # s16le prompt samples in two binary frames
             await ws.send(pcm_in[600:])
-            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 300, "seed": 3}))
+            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 1000, "seed": 3}))
             header = json.loads(await ws.recv())
-            out = b""
+            frames = []
             while isinstance(m := await ws.recv(), bytes):
-                out += m
-            return bound, header, out, json.loads(m)
+                frames.append(m)
+            return bound, header, frames, json.loads(m)
 
-    bound, header, out, done = run(main())
+    bound, header, frames, done = run(main())
     assert bound["type"] == "session" and bound["sample_rate"] == RATE
-    assert header == {"type": "audio_header", "sample_rate": RATE, "encoding": "pcm16", "channels": 1}
-    want = reference(audio_dir, prompt, SamplingParams(seed=3), 300)
-    assert out == to_pcm16(MU.decode(want))
-    assert done["usage"] == {"prompt_tokens": 700, "completion_tokens": 300}
+    assert header == {"type": "audio_header", "sample_rate": RATE, "encoding": "pcm16", "channels": 1,
+                      "frame_ms": 20, "frame_samples": 320}  # fmt: skip
+    # the default 20 ms at the model's 16 kHz: 320 samples (640 bytes) a frame, the last one the rest
+    assert [len(f) for f in frames] == [640, 640, 640, 80]
+    want = reference(audio_dir, prompt, SamplingParams(seed=3), 1000)
+    assert b"".join(frames) == to_pcm16(MU.decode(want))
+    assert done["usage"] == {"prompt_tokens": 700, "completion_tokens": 1000}
 
 
 def test_wav_output_and_prompts_at_other_rates_resampled_to_16_khz(srv, audio_dir):

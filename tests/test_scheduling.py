@@ -97,7 +97,7 @@ class Driver:
             self.loop.run_until_complete(asyncio.sleep(0))  # deliver the hand-over
             for job in self.jobs:
                 while not job.stream.queue.empty():
-                    items = [job.stream.queue.get_nowait()]
+                    items = job.stream.queue.get_nowait()  # one hand-over: ids, then maybe the final
                     job.stream._took(items)
                     for item in items:
                         if isinstance(item, int):

@@ -242,7 +242,8 @@ def test_audio_prompt_and_output_as_binary_frames(server, model_dirs):
 
     bound, header, data, done, header2, pcm, err = asyncio.run(main())
     assert bound["kind"] == "audio" and bound["sample_rate"] == 8000
-    assert header == {"type": "audio_header", "sample_rate": 8000, "encoding": "mulaw", "channels": 1}
+    assert header == {"type": "audio_header", "sample_rate": 8000, "encoding": "mulaw", "channels": 1,
+                      "frame_ms": 20, "frame_samples": 160}  # fmt: skip
     want = reference(model_dirs["audio"], prompt, SamplingParams(seed=3), 40)
     assert list(data) == want  # mu-law frames are the token ids themselves
     assert done["usage"] == {"prompt_tokens": 300, "completion_tokens": 40}
@@ -341,3 +342,29 @@ def test_tokens_arrive_in_blocks_not_one_frame_per_step(server):
 
     sizes = asyncio.run(run())
     assert sum(sizes) == 50 and len(sizes) <= 50 // 8 + 1, sizes
+
+
+def test_the_raw_client_answers_server_pings_between_frames(model_dirs):
+    """uvicorn pings every WebSocket (every 20 s by default): a test that runs that long under load
+    read the ping where it expected a text frame. RawWebSocket answers pings with pongs and skips
+    them; here the server pings every 50 ms while the client waits before reading its frames."""
+    from server_support import ServerThread
+
+    from server import Settings
+
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], drain_timeout_s=1))
+    s.server.config.ws_ping_interval, s.server.config.ws_ping_timeout = 0.05, 5.0
+    s.start()
+    try:
+        ws = RawWebSocket(s.port)
+        time.sleep(0.5)  # about ten pings queue up before the request
+        ws.send_json({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": 40, "seed": 3})
+        time.sleep(0.5)
+        frames = [ws.recv_json()]
+        while frames[-1]["type"] != "done":
+            frames.append(ws.recv_json())
+        ws.close()
+        ids = [i for f in frames if f["type"] == "token" for i in f["ids"]]
+        assert ids == reference(model_dirs["text"], list(b"x"), SamplingParams(seed=3), 40)
+    finally:
+        s.stop()

@@ -11,7 +11,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from server import media
 from server.engine import Stream
-from server.errors import APIError
+from server.errors import APIError, invalid
 from server.registry import ServedModel
 from server.schemas import (
     ErrorResponse,
@@ -22,11 +22,12 @@ from server.service import (
     Output,
     collect,
     events,
-    final_of,
+    frame_ms,
     prompt_ids,
     request_id,
     restore,
     sampling_params,
+    split,
     start_generation,
     state_of,
     usage,
@@ -41,22 +42,34 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+def _sse_audio(frame, framer) -> str:
+    """One audio frame as an SSE event: its ids and its s16le samples in base64."""
+    audio = base64.b64encode(framer.encode(frame)).decode()
+    return sse({"type": "audio", "ids": frame.tolist(), "audio": audio})
+
+
 async def _sse_generate(
     stream: Stream, model: ServedModel, out: Output, gid: str, session_id: str | None
 ) -> AsyncIterator[str]:
+    """Text: a token event per hand-over; audio: an audio event per frame of `frame_ms` (the last
+    one the rest); then the done event."""
+    framer = out.framer
     async for items in events(stream):
-        ids = [x for x in items if isinstance(x, int)]
         try:
-            final = final_of(items)
+            ids, final = split(items)
         except APIError as err:
             yield sse(err.frame())
             return
-        if ids and model.kind == "text":
+        if ids and framer is None:
             yield sse({"type": "token", "ids": ids, "text": out.text_piece(ids)})
         elif ids:
-            yield sse({"type": "audio", "ids": ids, "audio": base64.b64encode(out.audio_piece(ids)).decode()})
+            for frame in framer.feed(ids):
+                yield _sse_audio(frame, framer)
         if final is not None:
-            if model.kind == "text" and (rest := out.finish_text(final)):
+            if framer is not None:
+                if (last := framer.flush()) is not None:
+                    yield _sse_audio(last, framer)
+            elif rest := out.finish_text(final):
                 yield sse({"type": "token", "ids": [], "text": rest})
             done = {"type": "done", "id": gid, "model": model.id, "finish_reason": final.finish_reason}
             yield sse({**done, "usage": usage(final), "session_id": session_id})
@@ -73,11 +86,14 @@ async def generate(req: GenerateRequest, request: Request):
     st = state_of(request)
     model = st.model(req.model)
     params = sampling_params(model, req)
+    ms = frame_ms(model, req.frame_ms)
+    if req.frame_ms is not None and not req.stream:
+        raise invalid("frame_ms", "frame_ms applies to streamed audio (stream: true, or WS /v1/stream)")
     ids = prompt_ids(st, model, req.prompt, req.prompt_audio)
     if req.session_id is not None:
         await restore(st, req.session_id)
     stream, job = start_generation(st, model, req.session_id, ids, params, req.max_new_tokens)
-    gid, out = request_id(), Output(model, params, job=job)
+    gid, out = request_id(), Output(model, params, job=job, frame_ms=ms)
     if req.stream:
         body = _sse_generate(stream, model, out, gid, req.session_id)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)

@@ -3,9 +3,10 @@
 Client → server: JSON control frames (`session`, `generate`, `append`, `cancel`; see server/schemas.py),
 and for audio models binary frames of prompt samples (pcm16 = s16le, or mulaw = one id per byte).
 Server → client: `session` (bound), `token` frames (text: ids + text), for audio models an
-`audio_header` then binary frames of samples, `appended`, `done` (finish_reason, usage) and `error`
-frames (code + message). A bad message gets an error frame and the socket stays usable; an oversized
-frame closes it with code 1009.
+`audio_header` (sample_rate, encoding, frame_ms, frame_samples) then binary frames of exactly
+`frame_samples` samples each (the generation's last frame: the rest), `appended`, `done`
+(finish_reason, usage) and `error` frames (code + message). A bad message gets an error frame and
+the socket stays usable; an oversized frame closes it with code 1009.
 
 The socket binds to one session on its first `session`, `generate` or `append` message: a new one
 (deleted when the socket closes) or an existing one (`session_id`, kept).
@@ -86,6 +87,8 @@ class Connection:
         if isinstance(msg, WSGenerate):  # before binding a session
             target = self.model or (self.st.model(msg.model) if msg.model is not None else None)
             service.check_new_tokens(self.st, msg.max_new_tokens, model=target)
+            if target is not None:
+                service.frame_ms(target, msg.frame_ms)  # a text model refuses frame_ms
         await self.bind(msg)
         if isinstance(msg, WSSession):
             return
@@ -96,13 +99,13 @@ class Connection:
                              "usage": {"prompt_tokens": len(ids)}})  # fmt: skip
             return
         params = service.sampling_params(self.model, msg)
+        ms = service.frame_ms(self.model, msg.frame_ms)
         stream, job = service.start_generation(
             self.st, self.model, self.session_id, ids, params, msg.max_new_tokens
         )
         self.stream = stream
-        self.pump = asyncio.create_task(
-            self.forward(stream, service.Output(self.model, params, self.encoding, job))
-        )
+        out = service.Output(self.model, params, self.encoding, job, ms)
+        self.pump = asyncio.create_task(self.forward(stream, out))
 
     async def bind(self, msg: WSSession | WSGenerate | WSAppend) -> None:
         if msg.audio_encoding is not None:
@@ -153,24 +156,29 @@ class Connection:
 
     async def forward(self, stream: Stream, out: service.Output) -> None:
         """Send a generation's frames; a slow reader blocks here, which pauses the session."""
-        model = self.model
+        model, framer = self.model, out.framer
         try:
-            if model.kind == "audio":
+            if framer is not None:
+                clock = service.FrameClock(model)
                 await self.send({"type": "audio_header", "sample_rate": model.sample_rate,
-                                 "encoding": out.encoding, "channels": 1})  # fmt: skip
+                                 "encoding": out.encoding, "channels": 1, "frame_samples": framer.samples,
+                                 "frame_ms": out.frame_ms})  # fmt: skip
             async for items in service.events(stream):
-                ids = [x for x in items if isinstance(x, int)]
                 try:
-                    final = service.final_of(items)
+                    ids, final = service.split(items)
                 except APIError as err:
                     await self.send(err.frame())
                     return
-                if ids and model.kind == "text":
+                if ids and framer is None:
                     await self.send({"type": "token", "ids": ids, "text": out.text_piece(ids)})
                 elif ids:
-                    await self.ws.send_bytes(out.audio_piece(ids))
+                    await self.send_frames(framer.feed(ids), framer, clock)
                 if final is not None:
-                    if model.kind == "text" and (rest := out.finish_text(final)):
+                    if framer is not None:
+                        if (last := framer.flush()) is not None:  # the last frame: the rest
+                            await self.send_frames([last], framer, clock)
+                        clock.end()
+                    elif rest := out.finish_text(final):
                         await self.send({"type": "token", "ids": [], "text": rest})
                     reason, use = final.finish_reason, service.usage(final)
                     await self.send({"type": "done", "finish_reason": reason, "usage": use,
@@ -179,6 +187,12 @@ class Connection:
             pass  # the socket is gone; events() cancelled the generation
         finally:
             self.stream = None
+
+    async def send_frames(self, frames: list, framer, clock: service.FrameClock) -> None:
+        """One binary message per frame, each timed on the send side (Prometheus)."""
+        for frame in frames:
+            await self.ws.send_bytes(framer.encode(frame))
+            clock.sent(len(frame))
 
     async def close(self) -> None:
         if self.stream is not None:
