@@ -1,5 +1,6 @@
-"""Run every benchmark (kernel, step, train, train_speed, server, tail_latency, audio_streams, generation,
-memory), then print a markdown summary of the headline numbers and write it to bench/results/summary.md
+"""Run every benchmark (kernel, step, linear, decode, train, train_speed, server, tail_latency,
+audio_streams, generation, memory), then print a markdown summary of the headline numbers and write it
+to bench/results/summary.md
 (bench/results/quick/summary.md with --quick).
 
     python -m bench.run_all [--quick] [--only kernel step ...] [--summary-only]
@@ -17,7 +18,7 @@ from typing import Any
 from bench.common import MB, ROOT, fmt, read_results, results_dir
 
 BENCHMARKS = (
-    "kernel", "step", "train", "train_speed", "server", "tail_latency", "audio_streams",
+    "kernel", "step", "linear", "decode", "train", "train_speed", "server", "tail_latency", "audio_streams",
     "generation", "memory",
 )  # fmt: skip
 
@@ -126,6 +127,31 @@ def step_section(d: dict[str, Any]) -> list[str]:
     header = ["kernel", "prompt", "prefill", "sequential steps", "speedup", "MFLOP/token"]
     lines += _table(header, rows)
     return lines
+
+
+def linear_section(d: dict[str, Any]) -> list[str]:
+    variants = list(d["results"][0]["us"])
+    lines = ["## Step linear layers: µs per call (C row loop, C four-row tiles, sgemm)", ""]
+    rows = [[r["shape"], str(r["batch"]), *(f"{r['us'][v]:.1f}" for v in variants), r["fastest"]]
+            for r in d["results"]]  # fmt: skip
+    return lines + _table(["shape", "batch", *variants, "fastest"], rows)
+
+
+def decode_section(d: dict[str, Any]) -> list[str]:
+    lines = [f"## Decode: engine tokens/s, one-step loop vs native block ({d['model']})", ""]
+    rows = [[str(r["batch"]), f"{r['one-step']:.0f}", f"{r['native-block']:.0f}", f"{r['speedup']:.2f}x",
+             f"{r['loop']['one-step']:.0f}", f"{r['loop']['native-block']:.0f}", f"{r['loop_speedup']:.2f}x"]
+            for r in d["results"]]  # fmt: skip
+    head = [
+        "batch",
+        "engine one-step",
+        "engine native block",
+        "ratio",
+        "loop one-step",
+        "loop block",
+        "ratio",
+    ]
+    return lines + _table(head, rows)
 
 
 def train_section(d: dict[str, Any]) -> list[str]:
@@ -282,6 +308,8 @@ def summary(quick: bool, status: dict[str, str] | None = None) -> str:
     sections = {
         "kernel": kernel_section,
         "step": step_section,
+        "linear": linear_section,
+        "decode": decode_section,
         "train": train_section,
         "train_speed": train_speed_section,
         "server": server_section,

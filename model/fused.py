@@ -20,6 +20,11 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "ssm_step.c"
 MAX_MODES, MAX_RANK = 1024, 4  # the DPLR step's limits (MAX_MODES, MAX_RANK in ssm_step.c)
 _lib: dict[str, object] = {}
+RESTYPES = {  # the library's entry points and their return types
+    "diag_step": None, "dplr_step": ctypes.c_int, "net_step": ctypes.c_int, "sample_rows": None,
+    "sample_rows_full": ctypes.c_int, "net_block": ctypes.c_long, "philox_uniforms": None,
+    "philox_blocks": None, "linear_rows": None,
+}  # fmt: skip
 # -fno-math-errno lets the GELU / sigmoid loops call glibc's vector expf / erff (model/csrc/ssm_step.c)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 
@@ -56,8 +61,8 @@ def library():
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             tmp.replace(out)  # atomic: concurrent builders never load a half-written file
         lib = ctypes.CDLL(str(out))
-        for name in ("diag_step", "dplr_step", "net_step", "sample_rows"):
-            getattr(lib, name).restype = ctypes.c_int if name in ("dplr_step", "net_step") else None
+        for name, restype in RESTYPES.items():
+            getattr(lib, name).restype = restype
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         warnings.warn(f"fused CPU step unavailable ({detail}); using torch ops", RuntimeWarning, stacklevel=2)
@@ -90,6 +95,20 @@ def dplr_step(lib, x, xo, u, y, params: tuple, rank: int) -> None:
     dims = (ctypes.c_long(B), ctypes.c_long(H), ctypes.c_long(M), ctypes.c_long(rank))
     if lib.dplr_step(*dims, *_ptrs(x, xo, u, y), *params) != 0:
         raise ValueError(f"fused DPLR step supports at most 1024 modes and rank 4 (got {M}, {rank})")
+
+
+@dataclasses.dataclass
+class BlockResult:
+    """What `NetStep.block` made: `steps` run; tokens (steps, B) int64 (row r's first n_out[r] are
+    its tokens, in order); n_out (B,) int64; stopped (B,) bool (a stop sequence ended the row);
+    times (steps,) float64 CLOCK_MONOTONIC seconds (time.perf_counter's clock on Linux) after each
+    step."""
+
+    steps: int
+    tokens: torch.Tensor
+    n_out: torch.Tensor
+    stopped: torch.Tensor
+    times: torch.Tensor
 
 
 class NetLayer(ctypes.Structure):
@@ -200,6 +219,156 @@ class NetStep:
                 f"fused network step failed (code {rc}: > 1024 modes, rank > 4, or out of memory)"
             )
         return logits
+
+    def block(
+        self,
+        K: int,
+        state: torch.Tensor,
+        tok: torch.Tensor,
+        *,
+        settings: RowSettings,
+        counts: torch.Tensor | None,
+        key: torch.Tensor,
+        counter: torch.Tensor,
+        limit: torch.Tensor,
+        stops: list[list[bytes]],
+        history: list[bytes],
+        seen: torch.Tensor,
+        interrupt: ctypes.c_int | None = None,
+    ) -> BlockResult:
+        """Up to K decode steps of the whole batch in one C call (ssm_step.c `net_block`): step →
+        sampling (the C sampler of model/sampling.py `sample`) with each row's counter-based stream →
+        stop checks, per row, until the row has made limit[r] tokens or a stop sequence (over the
+        tokens' low bytes) ends.
+
+        state (n_layers, B, H, 2, M) float32 contiguous, updated in place; tok (B,) int64 contiguous, the
+        pending tokens, updated in place to each row's last token; settings: the rows' sampling settings
+        (model.sampling.row_settings); counts (B, V) float32 contiguous or None (needed when
+        settings.counted), incremented in place for every sampled token; key and
+        counter (B,) int64 holding uint64 bit patterns (the stream's key and its next index; counter is
+        advanced in place); limit (B,) int64 ≥ 0; stops: per row, its stop sequences (bytes); history: per
+        row, its output bytes so far (only the last longest-stop − 1 are read); seen (B, V) bool, set in
+        place for every sampled token; interrupt: a flag that, once set to nonzero by another thread,
+        ends the block after the current step (at least one step is made). Raises ValueError on bad
+        shapes or when the C step fails."""
+        B = tok.shape[0]
+        if (
+            state.shape[1] != B
+            or not state.is_contiguous()
+            or seen.shape != (B, self.V)
+            or seen.dtype != torch.bool
+        ):
+            raise ValueError("net_block: state, tok and seen must describe the same rows")
+        for t, dt in (
+            (tok, torch.long),
+            (settings.temperature, torch.float64),
+            (key, torch.long),
+            (counter, torch.long),
+            (limit, torch.long),
+        ):
+            if t.shape != (B,) or t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(f"net_block: expected ({B},) {dt} contiguous CPU tensors")
+        if not seen.is_contiguous():
+            raise ValueError("net_block: seen must be contiguous")
+        bad_counts = counts is None or counts.shape != (B, self.V) or counts.dtype != torch.float32
+        if settings.counted and (bad_counts or not counts.is_contiguous()):
+            raise ValueError(f"net_block: counts must be ({B}, {self.V}) float32 contiguous")
+        longest = max((len(s) for row in stops for s in row), default=0)
+        keep = max(longest - 1, 0)
+        first, offsets, data = [0], [0], bytearray()
+        for row in stops:
+            for s in row:
+                data += s
+                offsets.append(len(data))
+            first.append(len(offsets) - 1)
+        cap = keep + K
+        hist = torch.zeros(B, max(cap, 1), dtype=torch.uint8)
+        hist_len = torch.zeros(B, dtype=torch.long)
+        for r, h in enumerate(history):
+            tail = h[len(h) - keep :] if keep else b""
+            if tail:
+                hist[r, : len(tail)] = torch.frombuffer(bytearray(tail), dtype=torch.uint8)
+            hist_len[r] = len(tail)
+        first_t = torch.tensor(first, dtype=torch.long)
+        off_t = torch.tensor(offsets, dtype=torch.long)
+        data_t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.zeros(1, dtype=torch.uint8)
+        out_tok = torch.zeros(K, B, dtype=torch.long)
+        n_out, stopped = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+        times = torch.zeros(K, dtype=torch.float64)
+
+        def p(t):
+            return ctypes.c_void_p(t.data_ptr())
+
+        dims = [ctypes.c_long(v) for v in (K, B, self.H, self.V, self.n_layers, self.M)]
+        weights = (self.embed, self.layers, self.lnf_w, self.lnf_b, self.head, self.head_b, self.eps)
+        rows = [p(state), p(tok), *settings.pointers(seen, counts)]
+        rows += [p(t) for t in (key, counter, limit, first_t, off_t, data_t, hist)]
+        outs = [p(t) for t in (hist_len, seen, out_tok, n_out, stopped, times)]
+        flag = ctypes.c_void_p(None if interrupt is None else ctypes.addressof(interrupt))
+        steps = self.lib.net_block(*dims, *weights, *rows, ctypes.c_long(hist.shape[1]), *outs, flag)
+        if steps < 0:
+            raise ValueError(
+                f"fused decode block failed (code {steps}: > 1024 modes, rank > 4, or out of memory)"
+            )
+        return BlockResult(int(steps), out_tok[:steps], n_out, stopped.bool(), times[:steps])
+
+
+def philox_uniforms(lib, key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """u[i] = uniform number counter[i] of the Philox4x32-10 stream keyed by key[i] (see ssm_step.c):
+    key and counter (n,) int64 contiguous CPU (uint64 bit patterns) → (n,) float32 in [0, 1)."""
+    n = key.shape[0]
+    u = torch.empty(n, dtype=torch.float32)
+    lib.philox_uniforms(
+        ctypes.c_long(n),
+        ctypes.c_void_p(key.data_ptr()),
+        ctypes.c_void_p(counter.data_ptr()),
+        ctypes.c_void_p(u.data_ptr()),
+    )
+    return u
+
+
+@dataclasses.dataclass
+class RowSettings:
+    """Per-row sampling settings for the C sampler (`sample_rows_full`, `net_block`), as the torch
+    ops hold them: temperature (B,) float64; top_k (B,) int64 (0 or ≥ V: off); kind (B,) int64 (0:
+    plain temperature, 1: the whole pipeline); top_p, min_p, repetition_penalty, presence_penalty,
+    frequency_penalty (B,) float32; bias (B, V) float32 or None; penalized: whether `seen` takes part
+    (some row's repetition penalty is not 1); counted: whether counts take part."""
+
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    kind: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+    presence_penalty: torch.Tensor
+    frequency_penalty: torch.Tensor
+    bias: torch.Tensor | None
+    penalized: bool
+    counted: bool
+
+    def pointers(self, seen: torch.Tensor | None, counts: torch.Tensor | None) -> list:
+        def p(t):
+            return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+        rows = (self.temperature, self.top_k, self.kind, self.top_p, self.min_p, self.repetition_penalty,
+                self.presence_penalty, self.frequency_penalty)  # fmt: skip
+        return [*(p(t) for t in rows), p(self.bias), p(seen if self.penalized else None),
+                p(counts if self.counted else None)]  # fmt: skip
+
+
+def sample_rows_full(lib, logits: torch.Tensor, settings: RowSettings, seen, counts, u) -> torch.Tensor:
+    """The whole sampling pipeline in C (model/sampling.py's order and limits) per row: logits (B, V)
+    float32, seen (B, V) bool or None, counts (B, V) float32 or None, u (B,) float32, all contiguous
+    on the CPU → (B,) int64. Raises MemoryError when the C side cannot allocate its scratch."""
+    B, V = logits.shape
+    out = torch.empty(B, dtype=torch.long)
+    ptrs = settings.pointers(seen, counts)
+    lg, uu, oo = (ctypes.c_void_p(t.data_ptr()) for t in (logits, u, out))
+    rc = lib.sample_rows_full(ctypes.c_long(B), ctypes.c_long(V), lg, *ptrs, uu, oo)
+    if rc != 0:
+        raise MemoryError("the C sampler could not allocate its scratch")
+    return out
 
 
 def sample_rows(lib, logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -743,6 +743,23 @@ class RecurrentModel:
         logits, new = self._step_torch(tokens, state)
         return logits, new if out is None else out.copy_(new)
 
+    def decode_block_ready(self, batch: int) -> bool:
+        """Whether `decode_block` serves a batch of this many rows (the whole-network C step: CPU,
+        float32 weights, at most `net_step_max_batch` rows)."""
+        return self._net_step is not None and batch <= self.net_step_max_batch
+
+    @torch.inference_mode()
+    def decode_block(self, K: int, state: torch.Tensor, tokens: torch.Tensor, **rows) -> fused.BlockResult:
+        """Up to K steps with sampling and stop checks in one C call, the state (n_layers, B, H, 2, M)
+        and the pending tokens (B,) updated in place: see fused.NetStep.block for the per-row
+        arguments and the result. Each row's tokens, state and seen set are exactly those of stepping
+        it alone with `step` and `model.sampling.sample` (its settings, its CounterRNG).
+        Raises ValueError when `decode_block_ready` is false or on bad arguments."""
+        if not self.decode_block_ready(tokens.shape[0]):
+            raise ValueError("the native decode block needs the whole-network C step (CPU, float32)")
+        self._check(tokens, state, 1)
+        return self._net_step.block(K, state, tokens, **rows)
+
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, state: torch.Tensor):
         """tokens (B, L) → logits (B, L, V) and the state after the last token, parallel over L

@@ -1,13 +1,17 @@
 """logits → tokens, batched, with per-row settings and per-sequence generators.
 
-Every row draws exactly one uniform number per step from its own `torch.Generator`, so a seed
-reproduces a sequence whatever else is in the batch (and whatever the batch order).
+Every row draws exactly one uniform number per step from its own generator, so a seed reproduces a
+sequence whatever else is in the batch (and whatever the batch order). `SamplingParams.generator`
+gives a counter-based one (`CounterRNG`, Philox4x32-10): the n-th token's uniform is a pure function
+of (seed, n), the same in Python, in the C sampler and in the C decode block (model/csrc/ssm_step.c).
+A `torch.Generator` is still accepted wherever a generator is.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -117,13 +121,75 @@ class SamplingParams:
         """Needs the counts of the tokens generated so far (presence/frequency penalties)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0
 
-    def generator(self, device: str | torch.device = "cpu") -> torch.Generator:
-        g = torch.Generator(device=device)
-        if self.seed is None:
-            g.seed()
-        else:
-            g.manual_seed(int(self.seed))
-        return g
+    def generator(self, device: str | torch.device = "cpu") -> CounterRNG:
+        """This sequence's random stream: keyed by `seed` (a random 64-bit key when None), at index 0."""
+        return CounterRNG(secrets.randbits(64) if self.seed is None else int(self.seed), device=device)
+
+
+# Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011; Random123's
+# constants and round order), as model/csrc/ssm_step.c computes it
+PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+_U32 = 0xFFFFFFFF
+
+
+def philox4x32_10(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The Philox4x32-10 block of a 128-bit counter (4 uint32 words) under a 64-bit key (2 words)."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for _ in range(10):
+        p0, p1 = PHILOX_M[0] * c0, PHILOX_M[1] * c2
+        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _U32, (p0 >> 32) ^ c3 ^ k1, p0 & _U32
+        k0, k1 = (k0 + PHILOX_W[0]) & _U32, (k1 + PHILOX_W[1]) & _U32
+    return c0, c1, c2, c3
+
+
+def philox_uniform(key: int, n: int) -> float:
+    """Uniform number n (0 ≤ n < 2⁶⁴) of the stream keyed by `key` (0 ≤ key < 2⁶⁴): counter (n, 0),
+    the first output word's top 24 bits × 2⁻²⁴, a float32 in [0, 1)."""
+    w = philox4x32_10((n & _U32, n >> 32, 0, 0), (key & _U32, key >> 32))[0]
+    return (w >> 8) * 2.0**-24
+
+
+class CounterRNG:
+    """A counter-based random stream: uniform number n is `philox_uniform(key, n)`, so the stream is
+    a pure function of (key, index): it can be advanced in bulk (the C decode block draws the next
+    numbers itself and the caller adds how many it used to `counter`). `device`: where `sample` puts
+    the numbers (they are computed on the host)."""
+
+    def __init__(self, key: int, counter: int = 0, device: str | torch.device = "cpu") -> None:
+        if not (0 <= key < 2**64 and 0 <= counter < 2**64):
+            raise ValueError(f"key and counter must be in [0, 2**64), got {key}, {counter}")
+        self.key, self.counter, self.device = key, counter, torch.device(device)
+
+    def uniform(self) -> float:
+        u = philox_uniform(self.key, self.counter)
+        self.counter += 1
+        return u
+
+
+def uint64_bits(values: list[int]) -> torch.Tensor:
+    """uint64 values as int64 bit patterns (the C side reads them as uint64)."""
+    return torch.tensor([v - 2**64 if v >= 2**63 else v for v in values], dtype=torch.long)
+
+
+def uniforms(generators: list) -> torch.Tensor:
+    """One uniform number from each generator (a CounterRNG or a torch.Generator), (B,) float32 on
+    the CPU; the counter-based ones in one C call when the library is built."""
+    lib = fused.library() if generators and all(isinstance(g, CounterRNG) for g in generators) else None
+    if lib is not None:
+        counters = []
+        for g in generators:  # in order: a generator listed twice gives two successive numbers
+            counters.append(g.counter)
+            g.counter += 1
+        return fused.philox_uniforms(lib, uint64_bits([g.key for g in generators]), uint64_bits(counters))
+    return torch.tensor(
+        [
+            g.uniform() if isinstance(g, CounterRNG) else float(torch.rand((), generator=g, device=g.device))
+            for g in generators
+        ],
+        dtype=torch.float32,
+    )
 
 
 NEG_INF = float("-inf")
@@ -233,7 +299,7 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    generators: list[torch.Generator],
+    generators: list,
     seen: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -243,39 +309,49 @@ def sample(
     Per row: logit_bias → repetition penalty (when `seen`, (B, V) bool: the tokens in the row's
     context) → presence/frequency penalties (when `counts`, (B, V) float: the tokens generated so far)
     → temperature (T = 0: argmax) → top-k → top-p → min_p → one uniform from the row's generator,
-    inverted through the CDF. On the CPU, rows with plain temperature sampling take one C pass
-    (model/csrc/ssm_step.c `sample_rows`: the same arithmetic and the same draws) and the others the
-    torch ops. Every row draws exactly one uniform from its own generator, so a row's token depends
-    neither on the path nor on the other rows, and a seed reproduces a sequence whatever the batch."""
+    inverted through the CDF. On the CPU every row takes one C pass (model/csrc/ssm_step.c
+    `sample_rows_full`: the same steps and limits; the plain-temperature rows with the torch ops'
+    arithmetic, the others with their softmax sums in double), which is also the native decode
+    block's sampler; elsewhere, or without the C library, the torch ops. Every row draws exactly one
+    uniform from its own generator, so a row's token does not depend on the other rows, and a seed
+    reproduces a sequence whatever the batch."""
     B, V = logits.shape
     logits = logits.float()
     lib = fused.library() if logits.device.type == "cpu" and B else None
     if lib is None:
         return _sample_torch(logits, params, generators, seen, counts)
-    plain = [i for i, p in enumerate(params) if p.plain(V)]
-    if len(plain) == B:
-        return _sample_fused(lib, logits, params, generators)
-    if not plain:
-        return _sample_torch(logits, params, generators, seen, counts)
-    rest = sorted(set(range(B)) - set(plain))
-    out = torch.empty(B, dtype=torch.long)
-    pi, ri = torch.tensor(plain), torch.tensor(rest)
-    out[pi] = _sample_fused(lib, logits[pi], [params[i] for i in plain], [generators[i] for i in plain])
-    out[ri] = _sample_torch(
-        logits[ri],
-        [params[i] for i in rest],
-        [generators[i] for i in rest],
-        None if seen is None else seen[ri],
-        None if counts is None else counts[ri],
+    settings = row_settings(params, V, seen is not None, counts is not None)
+    seen_c = seen.contiguous() if settings.penalized else None
+    counts_c = counts.float().contiguous() if settings.counted else None
+    return fused.sample_rows_full(lib, logits.contiguous(), settings, seen_c, counts_c, uniforms(generators))
+
+
+def row_settings(params: list[SamplingParams], V: int, seen: bool = True, counts: bool = True):
+    """The rows' settings as the C sampler reads them (fused.RowSettings), rounded as the torch ops
+    round them (float32 tensors). `seen`/`counts`: whether those inputs will be given. Raises
+    IndexError for a logit_bias id ≥ V, as the torch ops do."""
+    f32 = torch.float32
+    bias = None
+    if any(p.logit_bias for p in params):
+        bias = torch.zeros(len(params), V)
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                bias[i, torch.tensor(list(p.logit_bias))] = torch.tensor(
+                    list(p.logit_bias.values()), dtype=f32
+                )
+    return fused.RowSettings(
+        temperature=torch.tensor([p.temperature for p in params], dtype=torch.float64),
+        top_k=torch.tensor([min(p.top_k, V) for p in params], dtype=torch.long),
+        kind=torch.tensor([0 if p.plain(V) else 1 for p in params], dtype=torch.long),
+        top_p=torch.tensor([p.top_p for p in params], dtype=f32),
+        min_p=torch.tensor([p.min_p for p in params], dtype=f32),
+        repetition_penalty=torch.tensor([p.repetition_penalty for p in params], dtype=f32),
+        presence_penalty=torch.tensor([p.presence_penalty for p in params], dtype=f32),
+        frequency_penalty=torch.tensor([p.frequency_penalty for p in params], dtype=f32),
+        bias=bias,
+        penalized=seen and any(p.repetition_penalty != 1 for p in params),
+        counted=counts and any(p.counts_output for p in params),
     )
-    return out
-
-
-def _sample_fused(lib, logits, params, generators) -> torch.Tensor:
-    """Plain temperature sampling in one C pass, the same draws as the torch path."""
-    u = torch.tensor([float(torch.rand((), generator=g)) for g in generators], dtype=torch.float32)
-    temp = torch.tensor([p.temperature for p in params], dtype=torch.float64)
-    return fused.sample_rows(lib, logits.contiguous(), temp, u)
 
 
 def _sample_torch(logits, params, generators, seen, counts) -> torch.Tensor:
@@ -301,7 +377,7 @@ def _sample_torch(logits, params, generators, seen, counts) -> torch.Tensor:
     if bool((min_p > 0).any()):
         logits = filter_min_p(logits, min_p)
     probs = logits.softmax(-1)
-    u = torch.stack([torch.rand((), generator=g, device=g.device).to(dev) for g in generators])
+    u = uniforms(generators).to(dev)
     cdf = probs.cumsum(-1)
     drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_(max=V - 1)
     return torch.where(greedy, logits.argmax(-1), drawn) if B else drawn

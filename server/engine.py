@@ -8,7 +8,10 @@ Each iteration of its loop:
   3. decode: one batched recurrent step for every live generating session, sampling on the device
      with one generator per request, and one copy of the new tokens to the host; repeated (up to
      DECODE_BLOCK_STEPS steps, more while within `decode_block_ms`) while no row finishes, fills its
-     stream or is cancelled and no new work arrives;
+     stream or is cancelled and no new work arrives. On CPU, when no row asks for log-probabilities
+     and the whole-network C step serves the batch, DECODE_BLOCK_STEPS steps run as one native block
+     (`DecodeBatch.block`: step, sample and stop checks in C, each row stopping on its own at its
+     limit or stop sequence), with the same results token for token;
   4. hand the new tokens to the event loop, one `call_soon_threadsafe` per iteration.
 
 Sessions that are decoding live in a resident batch (`DecodeBatch`): their states are copied out of
@@ -28,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import ctypes
 import logging
 import threading
 import time
@@ -39,7 +43,15 @@ import torch
 
 from model.codecs import utf8_tail
 from model.recurrent import RecurrentModel
-from model.sampling import SamplingParams, find_stop, sample, token_logprobs
+from model.sampling import (
+    CounterRNG,
+    SamplingParams,
+    find_stop,
+    row_settings,
+    sample,
+    token_logprobs,
+    uint64_bits,
+)
 from server.config import Settings
 from server.errors import APIError, over_capacity, unavailable
 from server.metrics import ModelMetrics
@@ -50,6 +62,7 @@ log = logging.getLogger("server.engine")
 GREEDY = SamplingParams(temperature=0.0)  # what the holes of a decode batch "sample"
 DECODE_BLOCK_STEPS = 8  # decode steps between two admissions / hand-overs: at least this many unless ...
 DECODE_BLOCK_MAX_STEPS = 64  # ... and, while within decode_block_ms, up to this many
+DECODE_BLOCK_NATIVE_MAX_STEPS = 32  # steps of one native decode block (see Engine._decode_native)
 
 
 @dataclass
@@ -136,7 +149,7 @@ class Job:
     out: list[int] = field(default_factory=list)
     out_bytes: bytearray = field(default_factory=bytearray)
     stops: list[bytes] = field(default_factory=list)
-    generator: torch.Generator | None = None
+    generator: CounterRNG | None = None
     counts: torch.Tensor | None = None  # (V,) float: generated tokens (presence/frequency penalties)
     targets: list[int] = field(default_factory=list)  # the token each ingested one is followed by
     last_emit: float = 0.0
@@ -165,7 +178,7 @@ class DecodeBatch:
         self.seen = pool.seen.new_zeros((0, pool.seen.shape[1]))
         self.rows: list[Job | None] = []
         self.logprobs: dict[int, tuple[float, list[int], list[float]]] = {}  # of the last step, by row
-        self.dummy = torch.Generator(device=pool.state.device)
+        self.dummy = CounterRNG(0, device=pool.state.device)
 
     @property
     def live(self) -> int:
@@ -243,6 +256,46 @@ class DecodeBatch:
                 self.logprobs[i] = (chosen[n], top_i[n][:kk], top_v[n][:kk])
         return new.tolist()  # the one host copy per step (two more with logprobs)
 
+    def native(self, rec: RecurrentModel) -> bool:
+        """Whether `block` can run this batch: the model's native decode block serves it (CPU,
+        float32, not too many rows) and no row asks for log-probabilities (every sampling setting
+        runs in the block's C sampler, with each row's counter-based stream)."""
+        ready = getattr(rec, "decode_block_ready", None)
+        if ready is None or not ready(len(self.rows)) or self.state.device.type != "cpu":
+            return False
+        return all(
+            j is None or (j.params.logprobs is None and isinstance(j.generator, CounterRNG))
+            for j in self.rows
+        )
+
+    def block(self, rec: RecurrentModel, K: int, limits: list[int], interrupt: ctypes.c_int | None = None):
+        """Up to K steps of every row with limits[row] > 0 in one native call (`decode_block`): the
+        same tokens, states, seen sets and counts as K calls of `step` (rows stop on their own after
+        limits[row] tokens or at a stop sequence; holes get limit 0 and do not step; `interrupt`, once
+        set, ends the block after the current step). Advances each job's counter-based stream by the
+        tokens it drew. Returns the fused.BlockResult."""
+        rows = self.rows
+        V = self.seen.shape[1]
+        settings = row_settings([GREEDY if j is None else j.params for j in rows], V)
+        counted = [i for i, j in enumerate(rows) if j is not None and j.counts is not None]
+        counts = None
+        if settings.counted:
+            counts = torch.zeros(len(rows), V)
+            counts[counted] = torch.stack([rows[i].counts for i in counted])
+        gens = [self.dummy if j is None else j.generator for j in rows]
+        key, counter = uint64_bits([g.key for g in gens]), uint64_bits([g.counter for g in gens])
+        res = rec.decode_block(
+            K, self.state, self.tok, settings=settings, counts=counts, key=key, counter=counter,
+            limit=torch.tensor(limits, dtype=torch.long), stops=[[] if j is None else j.stops for j in rows],
+            history=[b"" if j is None else bytes(j.out_bytes) for j in rows], seen=self.seen,
+            interrupt=interrupt,
+        )  # fmt: skip
+        for i in counted:
+            rows[i].counts.copy_(counts[i])
+        for g, n in zip(gens, res.n_out.tolist()):
+            g.counter += n
+        return res
+
 
 class Engine:
     """One model's worker thread: scheduling, prefill, batched decode, sampling, cancellation."""
@@ -269,6 +322,8 @@ class Engine:
         self._stopping = False
         self.crashed: str | None = None  # set when the engine thread died of a bug (guarded by _cv)
         self._next_housekeeping = 0.0
+        self._block_step_s: float | None = None  # measured seconds per step of a native block
+        self._block_interrupt = ctypes.c_int(0)  # set by other threads: a native block ends after its step
         # set by the app when a session store is configured (engine thread calls them):
         self.persist: Callable[[SessionRecord, bytes, list[int]], None] | None = None  # write a state
         self.forget: Callable[[str], None] | None = None  # delete a stored state
@@ -280,6 +335,7 @@ class Engine:
         self._thread.start()
 
     def wake(self) -> None:
+        self._block_interrupt.value = 1  # (a cancel or room: seen after the block's current step)
         with self._cv:
             self._cv.notify()
 
@@ -306,6 +362,7 @@ class Engine:
             self._queued += 1
             self._inbox.append(item)
             self.metrics.queue_depth.set(self._queued)
+            self._block_interrupt.value = 1  # new work: a running native block ends after its step
             self._cv.notify()
 
     def submit(self, job: Job) -> None:
@@ -529,6 +586,9 @@ class Engine:
         # the event loop in one hand-over (so a fast step, as for one audio stream, sends tens of
         # samples per frame instead of eight).
         t_end = time.perf_counter() + self.settings.decode_block_ms / 1000
+        if b.live and b.native(self.rec):
+            self._decode_native(t_end)
+            return
         for k in range(1, DECODE_BLOCK_MAX_STEPS + 1):
             if not b.live:
                 return
@@ -553,6 +613,85 @@ class Engine:
                 return
             if k >= DECODE_BLOCK_STEPS and now >= t_end:
                 return
+
+    def _decode_native(self, t_end: float) -> None:
+        """The decode loop in native blocks: each row stops inside a block on its own at its token
+        limit, its stream's room or a stop sequence, exactly where the one-step loop would have. The
+        first block is DECODE_BLOCK_STEPS steps, the next ones as many as fit before t_end at the
+        measured step time (1 to DECODE_BLOCK_NATIVE_MAX_STEPS); a block is 1 step while new work
+        waits, and new work, a cancel or freed stream room that arrive during a block end it after
+        its current step (`wake` and `_submit` set the interrupt flag), so they wait about one step,
+        as with the one-step loop. The loop ends after a block in which a row finished or filled its
+        stream, when new work arrived, or after DECODE_BLOCK_MAX_STEPS steps or decode_block_ms (but
+        not before DECODE_BLOCK_STEPS steps)."""
+        b, steps = self.batch, 0
+        while b.live and steps < DECODE_BLOCK_MAX_STEPS:
+            self._block_interrupt.value = 0  # before looking for work: nothing that arrives is missed
+            pending = bool(self._inbox or self._waiting or self._prefilling)
+            if pending:
+                K = 1
+            elif steps < DECODE_BLOCK_STEPS or self._block_step_s is None:
+                K = DECODE_BLOCK_STEPS - steps if steps < DECODE_BLOCK_STEPS else 1
+            else:
+                left = t_end - time.perf_counter()
+                K = int(max(1, min(DECODE_BLOCK_NATIVE_MAX_STEPS, left / self._block_step_s)))
+            K = min(K, DECODE_BLOCK_MAX_STEPS - steps)
+            limits = [
+                0 if j is None else max(0, min(j.max_new_tokens - len(j.out), j.stream.room()))
+                for j in b.rows
+            ]
+            t0 = time.perf_counter()
+            res = b.block(self.rec, K, limits, self._block_interrupt)
+            steps += res.steps
+            if res.steps:  # the step time at this batch (moving average), for the next block's K
+                per = (time.perf_counter() - t0) / res.steps
+                est = self._block_step_s
+                self._block_step_s = per if est is None else 0.75 * est + 0.25 * per
+            n_out, stopped = res.n_out.tolist(), res.stopped.tolist()
+            tokens, times = res.tokens.t().tolist(), res.times.tolist()  # (R, steps), (steps,)
+            for k in range(res.steps):
+                self.metrics.batch_size.observe(sum(1 for n in n_out if n > k))
+            done, full = [], False
+            for row, job in enumerate(b.rows):
+                if job is None or not n_out[row]:
+                    continue
+                if self._emit_many(job, tokens[row][: n_out[row]], times, stopped[row]):
+                    done.append(job)
+                elif job.stream.room() <= 0 or job.cancelled:
+                    full = True
+            if done:
+                b.leave(done)
+                for job in done:
+                    reason = "stop" if job.stops and self._stop_at(job) is not None else "length"
+                    self._finish(job, reason)
+            if done or full or pending or self._inbox or self._waiting or self._prefilling or not res.steps:
+                return
+            if steps >= DECODE_BLOCK_STEPS and time.perf_counter() >= t_end:
+                return
+
+    def _emit_many(self, job: Job, toks: list[int], times: list[float], stopped: bool) -> bool:
+        """Record and send a block's tokens of one job (token i made at times[i]); True when the
+        generation is complete (its limit reached, or `stopped` by a stop sequence)."""
+        first = not job.out
+        job.out += toks
+        job.session.pending = toks[-1]
+        job.session.n_tokens += len(toks)
+        job.session.generated = len(job.out)
+        job.stream.sent += len(toks)
+        self._outbox.append((job.stream, list(toks)))  # one block: _flush delivers it as one list
+        m = self.metrics
+        last = job.last_emit
+        for i in range(len(toks)):
+            if first and i == 0:
+                m.ttft.observe(times[0] - job.submitted)
+            else:
+                m.itl.observe(times[i] - last)
+            last = times[i]
+        job.last_emit = last
+        m.tokens.inc(len(toks))
+        if job.stops:
+            job.out_bytes += bytes(t & 0xFF for t in toks)
+        return stopped or len(job.out) >= job.max_new_tokens
 
     def _stop_at(self, job: Job) -> int | None:
         return find_stop(bytes(job.out_bytes), job.stops, len(job.out_bytes))

@@ -20,6 +20,7 @@ def test_a_crashed_engine_refuses_with_503_instead_of_hanging_and_readyz_names_i
                 raise RuntimeError("a bug in the step")
 
             engine.rec.step = broken_step  # the next decode step raises on the engine thread
+            engine.rec.decode_block = broken_step  # (the native decode block as well)
             r = c.post("/v1/generate", json=req)
             assert r.status_code == 500 and "failed" in r.json()["error"]["message"], r.text
             for call in (

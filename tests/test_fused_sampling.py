@@ -1,4 +1,4 @@
-"""The C sampling pass (plain temperature, CPU) draws the same tokens as the torch ops."""
+"""The C sampling pass (CPU) draws the same tokens as the torch ops (plain temperature: same arithmetic)."""
 
 import torch
 
@@ -27,7 +27,7 @@ def test_c_sampling_matches_the_torch_ops_draw_for_draw(monkeypatch):
     assert torch.equal(fast[:, 0], torch.stack(logits).argmax(-1)[:, 0])  # temperature 0: the argmax
 
 
-def test_filters_and_penalties_still_take_the_torch_path():
+def test_top_k_1_and_a_tiny_top_p_give_the_argmax():
     torch.manual_seed(0)
     logits = torch.randn(2, 16)
     gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]

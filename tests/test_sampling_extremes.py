@@ -28,7 +28,7 @@ PATHS = ["c", "torch"]
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    """Run the test through the C pass (plain temperature) and through the torch ops."""
+    """Run the test through the C pass and through the torch ops."""
     if request.param == "c":
         assert fused.library() is not None, "the C sampling pass must build here"
     else:
@@ -71,7 +71,7 @@ def test_generation_at_t_1e_38_is_the_greedy_generation(model_dirs, path):
 
 
 @pytest.mark.parametrize("top_p", [1e-6, 1e-30, 1e-40, 1e-320])
-def test_tiny_top_p_keeps_the_top_token(top_p):
+def test_tiny_top_p_keeps_the_top_token(path, top_p):
     torch.manual_seed(1)
     logits = torch.randn(32, 256)
     params = [SamplingParams(temperature=1.5, top_p=top_p, seed=k) for k in range(32)]
@@ -88,7 +88,7 @@ def test_top_k_at_or_past_the_vocabulary_filters_nothing(path, top_k):
 
 
 @pytest.mark.parametrize("p", [1e-3, 1e-30, 1e-38, 1e-40, 1e-45, 1e-320])
-def test_tiny_repetition_penalty_gives_its_limit(p):
+def test_tiny_repetition_penalty_gives_its_limit(path, p):
     """CTRL penalty p → 0: a seen token with z > 0 goes to z / p → +∞, so the seen token with the
     largest positive logit takes all the mass (exact reference: fractions); rows with no positive
     seen logit keep their unseen tokens' distribution, the seen ones' z · p → 0⁻."""
@@ -113,7 +113,7 @@ def test_tiny_repetition_penalty_gives_its_limit(p):
     assert 0 <= int(out[0]) < V
 
 
-def test_huge_repetition_penalty_matches_a_float64_reference():
+def test_huge_repetition_penalty_matches_a_float64_reference(path):
     torch.manual_seed(4)
     V, n, pen = 8, 4000, 100.0
     logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -1.5]).expand(n, V).contiguous()

@@ -46,6 +46,11 @@ class Recorder:
         self.events.append(("step", tokens.shape[0]))
         return self._rec.step(tokens, state, out=out)
 
+    def decode_block(self, K, state, tokens, **rows):  # the native decode block: one event per step
+        res = self._rec.decode_block(K, state, tokens, **rows)
+        self.events += [("step", tokens.shape[0])] * res.steps
+        return res
+
 
 class Driver:
     """An engine run by hand: `tick()` is one iteration of its loop. Streams are drained after each tick

@@ -295,7 +295,8 @@ def test_decode_blocks_bound_the_tokens_per_hand_over_and_lose_nothing(model_dir
     flush, hand_overs = engine._flush, []
 
     def counting_flush():
-        if n := sum(isinstance(item, int) for _, item in engine._outbox):
+        # an outbox item is a token id, a list of them (a block) or a final event
+        if n := sum(len(x) if isinstance(x, list) else isinstance(x, int) for _, x in engine._outbox):
             hand_overs.append(n)
         flush()
 

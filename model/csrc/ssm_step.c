@@ -140,54 +140,107 @@ static void layer_norm(long B, long H, const float *x, float *out, const float *
 }
 
 /* out (B, N) = bias + x (B, K) · Wt (K, N), Wt row-major (the weight transposed): each output row
- * accumulates scaled weight rows (vectorized over N, no horizontal sums), four at a time */
-static void linear_t(long B, long K, long N, const float *x, const float *Wt, const float *bias, float *out) {
-#pragma omp parallel for schedule(static) if (B * K * N >= (1L << 21))
-    for (long r = 0; r < B; r++) {
-        const float *xr = x + r * K;
-        float *restrict o = out + r * N;
+ * accumulates scaled weight rows (vectorized over N, no horizontal sums), four at a time. Every output
+ * element is computed by the same expression, o += a0·w0 + a1·w1 + a2·w2 + a3·w3 over k in steps of
+ * 4, whether its row runs alone (linear_row) or in a tile of four rows (linear_t: each weight row
+ * loaded once for four output rows, ~3x fewer loads per FMA at batch ≥ 4); so the results are
+ * bit-identical either way and a row's output never depends on the rows beside it. */
+static inline void linear_row(long K, long N, const float *xr, const float *Wt, const float *bias,
+                              float *restrict o) {
 #pragma omp simd
-        for (long n = 0; n < N; n++) o[n] = bias ? bias[n] : 0.0f;
-        long k = 0;
-        for (; k + 4 <= K; k += 4) {
-            const float *w0 = Wt + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
-            const float a0 = xr[k], a1 = xr[k + 1], a2 = xr[k + 2], a3 = xr[k + 3];
+    for (long n = 0; n < N; n++) o[n] = bias ? bias[n] : 0.0f;
+    long k = 0;
+    for (; k + 4 <= K; k += 4) {
+        const float *w0 = Wt + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+        const float a0 = xr[k], a1 = xr[k + 1], a2 = xr[k + 2], a3 = xr[k + 3];
 #pragma omp simd
-            for (long n = 0; n < N; n++) o[n] += a0 * w0[n] + a1 * w1[n] + a2 * w2[n] + a3 * w3[n];
-        }
-        for (; k < K; k++) {
-            const float *w = Wt + k * N, a = xr[k];
+        for (long n = 0; n < N; n++) o[n] += a0 * w0[n] + a1 * w1[n] + a2 * w2[n] + a3 * w3[n];
+    }
+    for (; k < K; k++) {
+        const float *w = Wt + k * N, a = xr[k];
 #pragma omp simd
-            for (long n = 0; n < N; n++) o[n] += a * w[n];
-        }
+        for (long n = 0; n < N; n++) o[n] += a * w[n];
     }
 }
 
-/* Rows r0 .. r0 + B − 1 of a batch of Btot (the state is (n_layers, Btot, H, 2, M)). */
-static int net_rows(long B, long Btot, long r0, long H, long V, long n_layers, long M, const long *tokens,
-                    const float *embed, const NetLayer *layers, const float *lnf_w, const float *lnf_b,
-                    const float *head_t, const float *head_b, float eps, const float *state, float *state_out,
-                    float *logits) {
+#define LINEAR_TILE_NB 128 /* columns per tile: four rows' accumulators stay in L1 */
+
+static void linear_t(long B, long K, long N, const float *x, const float *Wt, const float *bias, float *out) {
+    long r = 0;
+    for (; r + 4 <= B; r += 4) {
+        const float *x0 = x + r * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
+        for (long n0 = 0; n0 < N; n0 += LINEAR_TILE_NB) {
+            const long nb = N - n0 < LINEAR_TILE_NB ? N - n0 : LINEAR_TILE_NB;
+            float *restrict o0 = out + r * N + n0, *restrict o1 = o0 + N, *restrict o2 = o1 + N,
+                            *restrict o3 = o2 + N;
+#pragma omp simd
+            for (long n = 0; n < nb; n++) o0[n] = o1[n] = o2[n] = o3[n] = bias ? bias[n0 + n] : 0.0f;
+            long k = 0;
+            for (; k + 4 <= K; k += 4) {
+                const float *w0 = Wt + k * N + n0, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
+#pragma omp simd
+                for (long n = 0; n < nb; n++) {
+                    const float v0 = w0[n], v1 = w1[n], v2 = w2[n], v3 = w3[n];
+                    o0[n] += x0[k] * v0 + x0[k + 1] * v1 + x0[k + 2] * v2 + x0[k + 3] * v3;
+                    o1[n] += x1[k] * v0 + x1[k + 1] * v1 + x1[k + 2] * v2 + x1[k + 3] * v3;
+                    o2[n] += x2[k] * v0 + x2[k + 1] * v1 + x2[k + 2] * v2 + x2[k + 3] * v3;
+                    o3[n] += x3[k] * v0 + x3[k + 1] * v1 + x3[k + 2] * v2 + x3[k + 3] * v3;
+                }
+            }
+            for (; k < K; k++) {
+                const float *w = Wt + k * N + n0;
+#pragma omp simd
+                for (long n = 0; n < nb; n++) {
+                    o0[n] += x0[k] * w[n];
+                    o1[n] += x1[k] * w[n];
+                    o2[n] += x2[k] * w[n];
+                    o3[n] += x3[k] * w[n];
+                }
+            }
+        }
+    }
+    for (; r < B; r++) linear_row(K, N, x + r * K, Wt, bias, out + r * N);
+}
+
+/* For bench.linear: out = x · Wt + bias by the row loop (tiled = 0) or the four-row tiles (1). */
+void linear_rows(long tiled, long B, long K, long N, const float *x, const float *Wt, const float *bias,
+                 float *out) {
+    if (tiled)
+        linear_t(B, K, N, x, Wt, bias, out);
+    else
+        for (long r = 0; r < B; r++) linear_row(K, N, x + r * K, Wt, bias, out + r * N);
+}
+
+/* The rows rows[0 .. B − 1] of a batch of Btot (the state is (n_layers, Btot, H, 2, M)); row i's
+ * token is tokens[rows[i]] and its logits go to logits + i * V. Every row's arithmetic is the same
+ * whatever the other rows are (each output element's sums run in one fixed order), so a row's
+ * logits and state do not depend on the batch around it. */
+static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_layers, long M,
+                    const long *tokens, const float *embed, const NetLayer *layers, const float *lnf_w,
+                    const float *lnf_b, const float *head_t, const float *head_b, float eps, const float *state,
+                    float *state_out, float *logits) {
     float *buf = malloc(sizeof(float) * (size_t)B * (size_t)H * 5);
     if (!buf) return -2;
     float *x = buf, *u = x + B * H, *y = u + B * H, *o = y + B * H; /* o: (B, 2H) */
     for (long r = 0; r < B; r++) {
-        const float *e = embed + tokens[r] * H;
+        const float *e = embed + tokens[rows[r]] * H;
         for (long h = 0; h < H; h++) x[r * H + h] = e[h];
     }
-    const long per_layer = Btot * H * 2 * M, offset = r0 * H * 2 * M;
+    const long per_layer = Btot * H * 2 * M, row_size = H * 2 * M;
     int rc = 0;
     for (long l = 0; l < n_layers && rc == 0; l++) {
         const NetLayer *L = layers + l;
-        const float *xs = state + l * per_layer + offset;
-        float *xo = state_out + l * per_layer + offset;
         layer_norm(B, H, x, u, L->ln_w, L->ln_b, eps);
         const float *const *p = L->p;
-        if (L->form == 0)
-            diag_step(B, H, M, xs, xo, u, y, p[0], p[1], p[2], p[3], p[4], p[5]);
-        else
-            rc = dplr_step(B, H, M, L->rank, xs, xo, u, y, p[0], p[1], p[2], p[3], p[4], p[5], p[6],
-                           p[7], p[8], p[9], p[10]);
+        for (long r = 0; r < B && rc == 0; r++) { /* rows may be anywhere in the batch: one SSM call each */
+            const float *xs = state + l * per_layer + rows[r] * row_size;
+            float *xo = state_out + l * per_layer + rows[r] * row_size;
+            if (L->form == 0)
+                diag_step(1, H, M, xs, xo, u + r * H, y + r * H, p[0], p[1], p[2], p[3], p[4], p[5]);
+            else
+                rc = dplr_step(1, H, M, L->rank, xs, xo, u + r * H, y + r * H, p[0], p[1], p[2], p[3], p[4],
+                               p[5], p[6], p[7], p[8], p[9], p[10]);
+        }
         for (long r = 0; r < B; r++) { /* GELU(y + D u), exact (erf) form */
             float *yr = y + r * H;
             const float *ur = u + r * H;
@@ -221,18 +274,24 @@ static int net_rows(long B, long Btot, long r0, long H, long V, long n_layers, l
 int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
              const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
              const float *head_b, float eps, const float *state, float *state_out, float *logits) {
-    if (B < NET_PARALLEL_ROWS)
-        return net_rows(B, B, 0, H, V, n_layers, M, tokens, embed, layers, lnf_w, lnf_b, head_t, head_b, eps,
-                        state, state_out, logits);
+    long *rows = malloc(sizeof(long) * (size_t)(B > 0 ? B : 1));
+    if (!rows) return -2;
+    for (long r = 0; r < B; r++) rows[r] = r;
     int rc = 0;
+    if (B < NET_PARALLEL_ROWS) {
+        rc = net_rows(B, B, rows, H, V, n_layers, M, tokens, embed, layers, lnf_w, lnf_b, head_t, head_b, eps,
+                      state, state_out, logits);
+    } else {
 #pragma omp parallel reduction(min : rc)
-    {
-        const long nt = omp_get_num_threads(), t = omp_get_thread_num();
-        const long lo = B * t / nt, hi = B * (t + 1) / nt;
-        if (hi > lo)
-            rc = net_rows(hi - lo, B, lo, H, V, n_layers, M, tokens + lo, embed, layers, lnf_w, lnf_b, head_t,
-                          head_b, eps, state, state_out, logits + lo * V);
+        {
+            const long nt = omp_get_num_threads(), t = omp_get_thread_num();
+            const long lo = B * t / nt, hi = B * (t + 1) / nt;
+            if (hi > lo)
+                rc = net_rows(hi - lo, B, rows + lo, H, V, n_layers, M, tokens, embed, layers, lnf_w, lnf_b,
+                              head_t, head_b, eps, state, state_out, logits + lo * V);
+        }
     }
+    free(rows);
     return rc;
 }
 
@@ -242,31 +301,334 @@ int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, 
  * model/sampling.py (sanitize_logits, scale_logits): weights exp((z - max z) / T) with the
  * difference and T in double, so a tiny or denormal T gives the argmax, never inf - inf; NaN weighs 0; a row with +inf entries draws among
  * them alone; a row with nothing above -inf is uniform. */
-void sample_rows(long B, long V, const float *logits, const double *temp, const float *u, long *out) {
-    for (long r = 0; r < B; r++) {
-        const float *z = logits + r * V;
-        long best = -1;
-        for (long v = 0; v < V; v++)
-            if (z[v] == z[v] && (best < 0 || z[v] > z[best])) best = v; /* the first maximum, NaN skipped */
-        const int flat = best < 0 || z[best] == -INFINITY; /* nothing above -inf: uniform */
-        if (temp[r] == 0.0) {
-            out[r] = flat ? 0 : best;
-            continue;
-        }
-        const double t = temp[r]; /* double: every finite T > 0 and every float difference is exact-range */
-        const float zb = flat ? 0.0f : z[best];
-        const int pos = zb == INFINITY;
-        float cdf[V], total = 0.0f;
+static long sample_one(long V, const float *z, double temp, float u) {
+    long best = -1;
+    for (long v = 0; v < V; v++)
+        if (z[v] == z[v] && (best < 0 || z[v] > z[best])) best = v; /* the first maximum, NaN skipped */
+    const int flat = best < 0 || z[best] == -INFINITY; /* nothing above -inf: uniform */
+    if (temp == 0.0) return flat ? 0 : best;
+    const double t = temp; /* double: every finite T > 0 and every float difference is exact-range */
+    const float zb = flat ? 0.0f : z[best];
+    const int pos = zb == INFINITY;
+    float cdf[V], total = 0.0f;
 #pragma omp simd
-        for (long v = 0; v < V; v++) {
-            const float d = (float)(((double)z[v] - (double)zb) / t); /* <= 0; NaN for a NaN logit */
-            const float w = d == d ? expf(d) : 0.0f;
-            cdf[v] = flat ? 1.0f : pos ? (z[v] == INFINITY ? 1.0f : 0.0f) : (z[v] == zb ? 1.0f : w);
-        }
-        for (long v = 0; v < V; v++) cdf[v] = (total += cdf[v]);
-        const float target = u[r] * total;
-        long k = 0;
-        while (k < V - 1 && cdf[k] < target) k++;
-        out[r] = k;
+    for (long v = 0; v < V; v++) {
+        const float d = (float)(((double)z[v] - (double)zb) / t); /* <= 0; NaN for a NaN logit */
+        const float w = d == d ? expf(d) : 0.0f;
+        cdf[v] = flat ? 1.0f : pos ? (z[v] == INFINITY ? 1.0f : 0.0f) : (z[v] == zb ? 1.0f : w);
     }
+    for (long v = 0; v < V; v++) cdf[v] = (total += cdf[v]);
+    const float target = u * total;
+    long k = 0;
+    while (k < V - 1 && cdf[k] < target) k++;
+    return k;
+}
+
+void sample_rows(long B, long V, const float *logits, const double *temp, const float *u, long *out) {
+    for (long r = 0; r < B; r++) out[r] = sample_one(V, logits + r * V, temp[r], u[r]);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * The whole sampling pipeline of model/sampling.py (`_sample_torch`) for one row, in the same order:
+ * logit_bias → repetition penalty (CTRL; its p → 0 limit where z / p overflows) → presence/frequency
+ * penalties → sanitize (NaN → −inf; +inf rows keep only their +inf; nothing above −inf → uniform) →
+ * temperature ((z − max z) / T in double; T = 0: the first argmax) → top-k and top-p (ranked by the
+ * sanitized logits before the temperature, ties by token id; the mass before a token < top_p keeps
+ * it; the top token always stays) → min_p → the inverse CDF at u. The settings are rounded as the
+ * torch ops' float32 tensors round them (rep, top_p, min_p, presence, frequency: float). Softmax
+ * sums run in double here and in float32 there: the two paths agree to rounding (tested by
+ * distribution), the C pass is the one the server and the library use on CPU. */
+#include <stdlib.h>
+
+typedef struct {
+    float v;
+    long i;
+} Ranked;
+
+static int ranked_desc(const void *a, const void *b) { /* larger value first, then smaller id */
+    const Ranked *x = a, *y = b;
+    if (x->v != y->v) return x->v > y->v ? -1 : 1;
+    return (x->i > y->i) - (x->i < y->i);
+}
+
+typedef struct {
+    const double *temp;
+    const long *top_k, *kind; /* kind[r]: 0 plain temperature (sample_one), 1 the whole pipeline */
+    const float *top_p, *min_p, *rep, *presence, *frequency;
+    const float *bias;          /* (B, V) or NULL */
+    const unsigned char *seen;  /* (B, V) or NULL: no repetition penalty */
+    float *counts;              /* (B, V) or NULL: no presence/frequency penalties */
+} SampleArgs;
+
+static long sample_full(long V, const float *logits, const SampleArgs *a, long r, float u, float *z, float *w,
+                        Ranked *rk) {
+    const float *bias = a->bias ? a->bias + r * V : NULL;
+    const unsigned char *seen = a->seen ? a->seen + r * V : NULL;
+    const float *counts = a->counts ? a->counts + r * V : NULL;
+    for (long v = 0; v < V; v++) z[v] = bias ? logits[v] + bias[v] : logits[v];
+    const float rep = a->rep[r];
+    if (seen && rep != 1.0f) {
+        int pos_inf = 0, over_any = 0;
+        float top_over = -INFINITY;
+        for (long v = 0; v < V; v++) {
+            if (z[v] == INFINITY) pos_inf = 1;
+            if (seen[v] && z[v] > 0 && isfinite(z[v]) && z[v] / rep == INFINITY) {
+                over_any = 1;
+                if (z[v] > top_over) top_over = z[v];
+            }
+        }
+        const int limit = over_any && !pos_inf;
+        for (long v = 0; v < V; v++) {
+            const float zv = z[v];
+            const int up = seen[v] && zv > 0;
+            if (limit) /* p → 0: the overflowed seen tokens with the largest z get all the mass */
+                z[v] = (up && isfinite(zv) && zv / rep == INFINITY && zv == top_over) ? 0.0f : -INFINITY;
+            else
+                z[v] = up ? zv / rep : (seen[v] ? zv * rep : zv);
+        }
+    }
+    const float pres = a->presence[r], freq = a->frequency[r];
+    if (counts && (pres != 0.0f || freq != 0.0f))
+        for (long v = 0; v < V; v++) {
+            const float cf = counts[v] * freq;
+            const float ind = counts[v] > 0 ? 1.0f : 0.0f;
+            const float d = z[v] - cf; /* separate statements: no contraction, the torch ops' rounding */
+            z[v] = d - ind * pres;
+        }
+    int pos = 0, all_neg = 1;
+    for (long v = 0; v < V; v++) {
+        if (z[v] != z[v]) z[v] = -INFINITY;
+        if (z[v] == INFINITY) pos = 1;
+    }
+    for (long v = 0; v < V; v++) {
+        if (pos) z[v] = z[v] == INFINITY ? 0.0f : -INFINITY;
+        if (z[v] != -INFINITY) all_neg = 0;
+    }
+    if (all_neg)
+        for (long v = 0; v < V; v++) z[v] = 0.0f;
+    long best = 0;
+    for (long v = 1; v < V; v++)
+        if (z[v] > z[best]) best = v;
+    if (a->temp[r] == 0.0) return best;
+    const double T = a->temp[r], top = z[best];
+    float *s = w; /* the scaled logits, then the weights */
+    for (long v = 0; v < V; v++)
+        s[v] = z[v] == top ? 0.0f : z[v] == -INFINITY ? -INFINITY : (float)(((double)z[v] - top) / T);
+    const long k = a->top_k[r] > 0 && a->top_k[r] < V ? a->top_k[r] : V;
+    const double top_p = a->top_p[r];
+    if (k < V || top_p < 1.0) {
+        for (long v = 0; v < V; v++) rk[v] = (Ranked){z[v], v};
+        qsort(rk, (size_t)V, sizeof(Ranked), ranked_desc);
+        double total = 0.0;
+        for (long j = 0; j < k; j++) total += exp((double)s[rk[j].i]); /* s of the top-ranked is 0 */
+        double before = 0.0;
+        for (long j = 0; j < V; j++) {
+            const long v = rk[j].i;
+            const double p = j < k ? exp((double)s[v]) / total : 0.0;
+            if (j > 0 && (j >= k || before >= top_p)) s[v] = -INFINITY;
+            before += p;
+        }
+    }
+    const double min_p = a->min_p[r];
+    if (min_p > 0.0) {
+        float smax = -INFINITY;
+        for (long v = 0; v < V; v++)
+            if (s[v] > smax) smax = s[v];
+        for (long v = 0; v < V; v++)
+            if (exp((double)s[v] - (double)smax) < min_p) s[v] = -INFINITY; /* p_v < min_p · p_max */
+    }
+    float total = 0.0f;
+    for (long v = 0; v < V; v++) {
+        const float e = s[v] == -INFINITY ? 0.0f : expf(s[v]);
+        w[v] = (total += e); /* the CDF, in place */
+    }
+    const float target = u * total;
+    long j = 0;
+    while (j < V - 1 && w[j] < target) j++;
+    return j;
+}
+
+/* Rows r of a batch with any settings (SampleArgs), at uniforms u[r]: the plain ones by sample_one,
+ * the others by sample_full (model/sampling.py `sample` on CPU). Returns 0, or -2 out of memory. */
+int sample_rows_full(long B, long V, const float *logits, const double *temp, const long *top_k, const long *kind,
+                     const float *top_p, const float *min_p, const float *rep, const float *presence,
+                     const float *frequency, const float *bias, const unsigned char *seen, float *counts,
+                     const float *u, long *out) {
+    const SampleArgs a = {temp, top_k, kind, top_p, min_p, rep, presence, frequency, bias, seen, counts};
+    float *z = malloc(sizeof(float) * 2 * (size_t)V);
+    Ranked *rk = malloc(sizeof(Ranked) * (size_t)V);
+    if (!z || !rk) {
+        free(z);
+        free(rk);
+        return -2;
+    }
+    for (long r = 0; r < B; r++)
+        out[r] = kind[r] == 0 ? sample_one(V, logits + r * V, temp[r], u[r])
+                              : sample_full(V, logits + r * V, &a, r, u[r], z, z + V, rk);
+    free(z);
+    free(rk);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * Counter-based random numbers: Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers:
+ * as easy as 1, 2, 3", SC 2011; the Random123 reference constants and round order). A row's n-th
+ * uniform is a pure function of (its key, n): key = the request seed's low and high 32 bits, counter
+ * = (n low, n high, 0, 0); the first output word's top 24 bits give u = w · 2⁻²⁴ in [0, 1), exact in
+ * float32. model/sampling.py computes the same numbers in Python (CounterRNG).
+ */
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+static inline void philox4x32_10(uint32_t c[4], uint32_t k0, uint32_t k1) {
+    for (int i = 0; i < 10; i++) {
+        const uint64_t p0 = (uint64_t)0xD2511F53u * c[0], p1 = (uint64_t)0xCD9E8D57u * c[2];
+        const uint32_t n0 = (uint32_t)(p1 >> 32) ^ c[1] ^ k0, n1 = (uint32_t)p1;
+        const uint32_t n2 = (uint32_t)(p0 >> 32) ^ c[3] ^ k1, n3 = (uint32_t)p0;
+        c[0] = n0, c[1] = n1, c[2] = n2, c[3] = n3;
+        k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
+    }
+}
+
+/* out (n, 4): Philox4x32-10 of counters ctr (n, 4) under keys key (n, 2) (for the known-answer test) */
+void philox_blocks(long n, const uint32_t *ctr, const uint32_t *key, uint32_t *out) {
+    for (long i = 0; i < n; i++) {
+        uint32_t c[4] = {ctr[4 * i], ctr[4 * i + 1], ctr[4 * i + 2], ctr[4 * i + 3]};
+        philox4x32_10(c, key[2 * i], key[2 * i + 1]);
+        memcpy(out + 4 * i, c, sizeof c);
+    }
+}
+
+static inline float philox_uniform(uint64_t key, uint64_t n) {
+    uint32_t c[4] = {(uint32_t)n, (uint32_t)(n >> 32), 0u, 0u};
+    philox4x32_10(c, (uint32_t)key, (uint32_t)(key >> 32));
+    return (float)(c[0] >> 8) * 0x1.0p-24f;
+}
+
+/* u[i] = the uniform number counter[i] of the stream keyed by key[i] */
+void philox_uniforms(long n, const uint64_t *key, const uint64_t *counter, float *u) {
+    for (long i = 0; i < n; i++) u[i] = philox_uniform(key[i], counter[i]);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * A decode block: up to K steps of (whole-network step → sample → stop checks) for a batch, with no
+ * return to Python between steps. Per row r (Btot rows; the state (n_layers, Btot, H, 2, M) is updated
+ * in place):
+ *   - tok[r]: the pending token, fed at the next step; on return the last token sampled;
+ *   - its sampling settings (temp .. counts: as sample_rows_full; pen_seen is seen or NULL when no
+ *     row has a repetition penalty; counts (Btot, V) or NULL, incremented for every token sampled)
+ *     and its counter-based stream (key[r], counter[r]: one uniform per token, advanced here);
+ *   - limit[r] ≥ 0: at most this many tokens (0: the row does not step: a hole, or no room);
+ *   - stop sequences: stops j in [stop_first[r], stop_first[r + 1]), the bytes
+ *     stop_data[stop_off[j] .. stop_off[j + 1]); a row stops after the token whose low byte ends one;
+ *     hist (Btot, hist_cap) holds the row's last hist_len[r] output bytes before the block (at least
+ *     the longest stop minus one), appended to here (hist_cap ≥ hist_len[r] + K);
+ *   - seen (Btot, V) bytes: set for every token sampled.
+ * Out: out_tok (K, Btot) the tokens of each step (rows that stepped), n_out[r] how many row r made,
+ * stopped[r] = 1 when a stop sequence ended it, times[k] CLOCK_MONOTONIC seconds after step k.
+ * A row stops stepping at a stop or its limit: its state is then exactly the one-step path's (the
+ * step of its last token applied, nothing after), and other rows' arithmetic does not depend on it.
+ * interrupt (or NULL): when another thread sets *interrupt, each thread ends the block after its current
+ * step (every block makes at least one step), so new work waits for about one step.
+ * Returns the number of steps run (≤ K; fewer when every row has stopped or on an interrupt; rows of
+ * different threads may then have made different numbers), or < 0 on error. */
+static double monotonic_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int sample_and_check(long B, const long *rows, long V, const float *logits, long k, long Btot, long *tok,
+                            const SampleArgs *a, const uint64_t *key, uint64_t *counter, const long *stop_first,
+                            const long *stop_off, const unsigned char *stop_data, unsigned char *hist, long hist_cap,
+                            long *hist_len, unsigned char *seen, long *out_tok, long *n_out, long *stopped) {
+    float *z = malloc(sizeof(float) * 2 * (size_t)V);
+    Ranked *rk = malloc(sizeof(Ranked) * (size_t)V);
+    if (!z || !rk) {
+        free(z);
+        free(rk);
+        return -2;
+    }
+    for (long i = 0; i < B; i++) {
+        const long r = rows[i];
+        const float u = philox_uniform(key[r], counter[r]);
+        const long t = a->kind[r] == 0 ? sample_one(V, logits + i * V, a->temp[r], u)
+                                       : sample_full(V, logits + i * V, a, r, u, z, z + V, rk);
+        counter[r]++;
+        tok[r] = t;
+        seen[r * V + t] = 1;
+        if (a->counts) a->counts[r * V + t] += 1.0f;
+        out_tok[k * Btot + r] = t;
+        n_out[r]++;
+        unsigned char *h = hist + r * hist_cap;
+        h[hist_len[r]++] = (unsigned char)(t & 0xFF);
+        for (long j = stop_first[r]; j < stop_first[r + 1]; j++) {
+            const long len = stop_off[j + 1] - stop_off[j];
+            if (len > 0 && hist_len[r] >= len && !memcmp(h + hist_len[r] - len, stop_data + stop_off[j], len)) {
+                stopped[r] = 1;
+                break;
+            }
+        }
+    }
+    free(z);
+    free(rk);
+    return 0;
+}
+
+long net_block(long K, long Btot, long H, long V, long n_layers, long M, const float *embed,
+               const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
+               const float *head_b, float eps, float *state, long *tok, const double *temp, const long *top_k,
+               const long *kind, const float *top_p, const float *min_p, const float *rep, const float *presence,
+               const float *frequency, const float *bias, const unsigned char *pen_seen, float *counts,
+               const uint64_t *key, uint64_t *counter, const long *limit, const long *stop_first,
+               const long *stop_off, const unsigned char *stop_data, unsigned char *hist, long hist_cap,
+               long *hist_len, unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times,
+               const int *interrupt) {
+    const SampleArgs args = {temp, top_k, kind, top_p, min_p, rep, presence, frequency, bias, pen_seen, counts};
+    const int nt_max = Btot >= NET_PARALLEL_ROWS ? omp_get_max_threads() : 1;
+    double *tbuf = malloc(sizeof(double) * (size_t)nt_max * (size_t)(K > 0 ? K : 1));
+    if (!tbuf) return -2;
+    for (long i = 0; i < nt_max * K; i++) tbuf[i] = 0.0;
+    for (long r = 0; r < Btot; r++) n_out[r] = stopped[r] = 0;
+    long steps = 0;
+    int rc = 0;
+    /* Each thread takes a fixed share of the rows through all K steps on its own: rows never interact,
+     * so no thread waits for another between steps (a per-step barrier stalls whenever the machine is
+     * busy and one thread is descheduled). */
+#pragma omp parallel num_threads(nt_max) reduction(min : rc) reduction(max : steps)
+    {
+        const long nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const long lo = Btot * t / nt, hi = Btot * (t + 1) / nt, n = hi - lo;
+        long *rows = malloc(sizeof(long) * (size_t)(n > 0 ? n : 1));
+        float *logits = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * (size_t)V);
+        int my_rc = rows && logits ? 0 : -2; /* (the reduction copies start at min's and max's identities) */
+        long my_steps = 0;
+        for (long k = 0; k < K && my_rc == 0; k++) {
+            if (k > 0 && interrupt && __atomic_load_n(interrupt, __ATOMIC_RELAXED)) break;
+            long B = 0;
+            for (long r = lo; r < hi; r++)
+                if (!stopped[r] && n_out[r] < limit[r]) rows[B++] = r;
+            if (B == 0) break;
+            my_rc = net_rows(B, Btot, rows, H, V, n_layers, M, tok, embed, layers, lnf_w, lnf_b, head_t, head_b,
+                             eps, state, state, logits);
+            if (my_rc == 0) /* this thread's rows only: no other thread reads or writes them */
+                my_rc = sample_and_check(B, rows, V, logits, k, Btot, tok, &args, key, counter, stop_first,
+                                         stop_off, stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out,
+                                         stopped);
+            tbuf[t * K + k] = monotonic_s();
+            my_steps = k + 1;
+        }
+        free(rows);
+        free(logits);
+        rc = my_rc;
+        steps = my_steps;
+    }
+    for (long k = 0; k < steps; k++) { /* step k is done when the last thread that ran it is */
+        times[k] = 0.0;
+        for (long t = 0; t < nt_max; t++)
+            if (tbuf[t * K + k] > times[k]) times[k] = tbuf[t * K + k];
+    }
+    free(tbuf);
+    return rc == 0 ? steps : rc;
 }

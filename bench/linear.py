@@ -1,0 +1,110 @@
+"""The step's linear layers at batch 1 … 256, side by side in one process: the C row loop (what the
+whole-network step ran before), the C four-row tiles (what it runs now; bit-identical results), torch
+(`torch.addmm`: oneDNN/MKL sgemm, with 1 thread and with torch's default threads) and numpy's
+OpenBLAS sgemm (scipy_openblas, 1 thread as numpy is set up here). Shapes of the shipped text model:
+the output linear (K = H = 256 → N = 2H = 512) and the head (256 → V = 256).
+
+Figures are medians of repeated calls (µs per call and GFLOP/s, 2·B·K·N FLOPs); the C and numpy calls
+include their ctypes/Python call cost (~1-3 µs), as the torch ones include theirs.
+
+    python -m bench.linear [--quick]
+"""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import bench_main, log2_axis, save_figure, subplots
+from model import fused
+
+NAME = "linear"
+SHAPES = {"out (256→512)": (256, 512), "head (256→256)": (256, 256)}
+SIZES: dict[bool, dict[str, Any]] = {
+    False: {"batches": [1, 2, 4, 8, 16, 32, 64, 256], "seconds": 0.3},
+    True: {"batches": [1, 2, 4, 8, 16, 32, 64, 256], "seconds": 0.05},
+}
+VARIANTS = ("c-rows", "c-tiles", "torch-1thread", "torch-default", "numpy-openblas")
+
+
+def _median_us(fn, seconds: float) -> float:
+    for _ in range(3):
+        fn()
+    times, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 5:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def run(quick: bool) -> dict[str, Any]:
+    lib = fused.library()
+    sz = SIZES[quick]
+    default_threads = torch.get_num_threads()
+    rows = []
+    for shape, (K, N) in SHAPES.items():
+        g = torch.Generator().manual_seed(0)
+        W = torch.randn(N, K, generator=g) / K**0.5
+        b = torch.randn(N, generator=g)
+        Wt = W.t().contiguous()
+        Wt_np, b_np = Wt.numpy(), b.numpy()
+        for B in sz["batches"]:
+            x = torch.randn(B, K, generator=g)
+            x_np = x.numpy()
+            out = torch.empty(B, N)
+            ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (x, Wt, b, out)]
+
+            def c(tiled: int) -> None:
+                lib.linear_rows(
+                    ctypes.c_long(tiled), ctypes.c_long(B), ctypes.c_long(K), ctypes.c_long(N), *ptrs
+                )
+
+            def torch_mm() -> None:
+                torch.addmm(b, x, Wt, out=out)
+
+            res: dict[str, float] = {}
+            res["c-rows"] = _median_us(lambda: c(0), sz["seconds"])
+            ref = out.clone()
+            res["c-tiles"] = _median_us(lambda: c(1), sz["seconds"])
+            assert torch.equal(out, ref), "the four-row tiles must give the row loop's results bit for bit"
+            torch.set_num_threads(1)
+            res["torch-1thread"] = _median_us(torch_mm, sz["seconds"])
+            torch.set_num_threads(default_threads)
+            res["torch-default"] = _median_us(torch_mm, sz["seconds"])
+            res["numpy-openblas"] = _median_us(lambda: np.matmul(x_np, Wt_np) + b_np, sz["seconds"])
+            flops = 2 * B * K * N
+            row = {
+                "shape": shape,
+                "batch": B,
+                "us": res,
+                "gflops": {k: flops / v / 1e3 for k, v in res.items()},
+            }
+            row["fastest"] = min(res, key=res.get)
+            rows.append(row)
+            print(f"{shape:16s} B={B:4d} " + " ".join(f"{k} {v:8.1f}us" for k, v in res.items())
+                  + f"  fastest {row['fastest']}", flush=True)  # fmt: skip
+    return {"torch_default_threads": default_threads, "sizes": sz, "results": rows}
+
+
+def plot(data: dict[str, Any], quick: bool) -> None:
+    fig, axes = subplots(ncols=len(SHAPES))
+    for ax, shape in zip(axes, SHAPES):
+        rows = [r for r in data["results"] if r["shape"] == shape]
+        for v in VARIANTS:
+            ax.plot([r["batch"] for r in rows], [r["gflops"][v] for r in rows], marker="o", label=v)
+        log2_axis(ax, [r["batch"] for r in rows])
+        ax.set_xlabel("batch")
+        ax.set_ylabel("GFLOP/s")
+        ax.set_title(shape)
+        ax.legend(fontsize=8)
+    save_figure(fig, NAME, quick, title="step linear layers: C loops vs sgemm")
+
+
+if __name__ == "__main__":
+    bench_main(None, __doc__, NAME, run, plot)

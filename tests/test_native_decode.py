@@ -1,0 +1,360 @@
+"""The native decode block (model/csrc/ssm_step.c `net_block`, RecurrentModel.decode_block): K steps
+with sampling and stop checks in one C call give exactly (bit for bit) the tokens, states and seen sets
+of stepping each row alone with `RecurrentModel.step` and `model.sampling.sample`; its counter-based
+streams (Philox4x32-10) match the Random123 known answers and the Python implementation; the C
+sampler draws from the same distribution as the torch sampler."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from model import ModelConfig, SequenceModel, fused
+from model.sampling import (
+    CounterRNG,
+    SamplingParams,
+    find_stop,
+    philox4x32_10,
+    philox_uniform,
+    row_settings,
+    sample,
+    uint64_bits,
+    uniforms,
+)
+
+SMALL = dict(vocab_size=64, d_model=16, n_layers=2, d_state=8, l_max=128, cauchy_backend="torch")
+V = SMALL["vocab_size"]
+
+# Random123 kat_vectors, philox4x32 with 10 rounds: (counter, key) -> output
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=["s4", "s4d"])
+def rec(request):
+    torch.manual_seed(0)
+    rec = SequenceModel(ModelConfig(**SMALL, kernel=request.param)).to_recurrent()
+    assert rec.decode_block_ready(1) and fused.library() is not None
+    return rec
+
+
+def test_philox_matches_the_random123_known_answers_in_python_and_in_c():
+    lib = fused.library()
+    ctr = torch.tensor([list(c) for c, _, _ in PHILOX_KAT], dtype=torch.int64).to(torch.int32)
+    key = torch.tensor([list(k) for _, k, _ in PHILOX_KAT], dtype=torch.int64).to(torch.int32)
+    out = torch.zeros(len(PHILOX_KAT), 4, dtype=torch.int32)
+    ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (ctr, key, out)]
+    lib.philox_blocks(ctypes.c_long(len(PHILOX_KAT)), *ptrs)
+    for i, (c, k, want) in enumerate(PHILOX_KAT):
+        assert philox4x32_10(c, k) == want
+        assert tuple(v & 0xFFFFFFFF for v in out[i].tolist()) == want
+
+
+def test_c_and_python_uniforms_agree_exactly_and_look_uniform():
+    g = torch.Generator().manual_seed(0)
+    keys = [int(k) for k in torch.randint(0, 2**62, (200,), generator=g)] + [0, 2**64 - 1, 2**63]
+    counters = [int(c) for c in torch.randint(0, 2**40, (200,), generator=g)] + [0, 2**64 - 2, 2**32]
+    gens = [CounterRNG(k, c) for k, c in zip(keys, counters)]
+    c_side = uniforms(gens).tolist()  # one C call
+    assert [gg.counter for gg in gens] == [c + 1 for c in counters]
+    assert c_side == [philox_uniform(k, c) for k, c in zip(keys, counters)]
+    stream = [philox_uniform(12345, n) for n in range(20000)]
+    assert all(0.0 <= u < 1.0 for u in stream)
+    assert abs(sum(stream) / len(stream) - 0.5) < 4 * math.sqrt(1 / 12 / len(stream))  # mean within 4 sigma
+    counts = torch.histc(torch.tensor(stream), bins=10, min=0, max=1)
+    chi2 = float(((counts - 2000) ** 2 / 2000).sum())
+    assert chi2 < 27.9  # chi-square, 9 degrees of freedom, p = 0.001
+
+
+def _prefilled(rec, B: int, seed: int):
+    """B rows at different points of their sequences: prompts of different lengths prefilled."""
+    g = torch.Generator().manual_seed(seed)
+    state = rec.init_state(B)
+    tok = torch.zeros(B, dtype=torch.long)
+    for r in range(B):
+        prompt = torch.randint(0, V, (1, 3 + 5 * r), generator=g)
+        _, x = rec.prefill(prompt[:, :-1], rec.init_state(1))
+        state[:, r : r + 1] = x
+        tok[r] = prompt[0, -1]
+    return state.contiguous(), tok
+
+
+def _one_step(rec, state, tok, params, limits, seen):
+    """The reference: each row stepped and sampled alone (`step` + `sample`, its own CounterRNG, its
+    seen set and generated-token counts as the engine keeps them), stopping at its limit or a stop
+    sequence. Returns per row (tokens, state, seen row)."""
+    out = []
+    for r, p in enumerate(params):
+        x, t, gen = state[:, r : r + 1].clone(), tok[r : r + 1].clone(), p.generator()
+        s, counts, toks = seen[r : r + 1].clone(), torch.zeros(1, V), []
+        while len(toks) < limits[r]:
+            logits, x = rec.step(t, x)
+            t = sample(logits, [p], [gen], s, counts if p.counts_output else None)
+            toks.append(int(t))
+            s[0, t] = True
+            counts[0, t] += 1
+            if p.stop and find_stop(bytes(v & 0xFF for v in toks), p.stop, 1) is not None:
+                break
+        out.append((toks, x, s))
+    return out
+
+
+def _block(rec, state, tok, params, limits, seen, K):
+    """The block path, run in blocks of K steps until every row is done (as the engine does)."""
+    state, tok, seen = state.clone(), tok.clone(), seen.clone()
+    gens = [p.generator() for p in params]
+    toks = [[] for _ in params]
+    stopped = [False] * len(params)
+    settings = row_settings(params, V)
+    counts = torch.zeros(len(params), V)
+    while True:
+        left = [0 if stopped[r] else limits[r] - len(toks[r]) for r in range(len(params))]
+        if not any(left):
+            break
+        res = rec.decode_block(
+            K, state, tok, settings=settings, counts=counts, key=uint64_bits([g.key for g in gens]),
+            counter=uint64_bits([g.counter for g in gens]), limit=torch.tensor(left),
+            stops=[p.stop for p in params], history=[bytes(v & 0xFF for v in t) for t in toks], seen=seen,
+        )  # fmt: skip
+        assert 1 <= res.steps <= K and res.times.shape == (res.steps,)
+        assert bool((res.times[1:] >= res.times[:-1]).all())
+        for r, n in enumerate(res.n_out.tolist()):
+            toks[r] += res.tokens[:n, r].tolist()
+            gens[r].counter += n
+            stopped[r] |= bool(res.stopped[r])
+    for r, t in enumerate(toks):  # the block's counts are the row's generated tokens (when counted)
+        if settings.counted:
+            assert torch.equal(
+                counts[r], torch.bincount(torch.tensor(t, dtype=torch.long), minlength=V).float()
+            )
+    return toks, state, seen, stopped
+
+
+FILTERS = [  # every sampling setting the block's C sampler handles
+    {},
+    {"top_k": 5},
+    {"top_p": 0.8},
+    {"min_p": 0.1},
+    {"repetition_penalty": 1.5},
+    {"presence_penalty": 0.8, "frequency_penalty": 0.3},
+    {"logit_bias": {3: 5.0, 7: -100.0}},
+    {"top_k": 20, "top_p": 0.9, "min_p": 0.02, "repetition_penalty": 0.7, "frequency_penalty": -0.2},
+]
+PARAMS = [
+    SamplingParams(temperature=t, seed=s, **FILTERS[s % len(FILTERS)])
+    for s, t in enumerate([0.0, 0.7, 1.0, 1.3, 0.0, 0.9] * 2)
+]
+
+
+@pytest.mark.parametrize("K", [1, 7, 32])
+def test_the_block_gives_the_one_step_paths_tokens_states_and_seen_sets_bit_for_bit(rec, K):
+    B = len(PARAMS)  # >= 8 rows: the C block's threaded path
+    state, tok = _prefilled(rec, B, seed=1)
+    seen = torch.rand(B, V, generator=torch.Generator().manual_seed(1)) < 0.2  # the prompts' tokens
+    limits = [40, 1, 0, 17, 40, 33, 5, 40, 40, 2, 39, 40]  # 0: a hole (never steps)
+    ref = _one_step(rec, state, tok, PARAMS, limits, seen)
+    toks, new_state, new_seen, _ = _block(rec, state, tok, PARAMS, limits, seen, K)
+    for r in range(B):
+        assert toks[r] == ref[r][0], f"row {r}"
+        assert len(toks[r]) == limits[r]
+        assert torch.equal(new_state[:, r : r + 1], ref[r][1]), f"row {r}: state"
+        assert torch.equal(new_seen[r : r + 1], ref[r][2])
+    assert torch.equal(new_state[:, 2], state[:, 2])  # the hole's state is untouched
+    greedy = [r for r, p in enumerate(PARAMS) if p.temperature == 0]
+    assert greedy and all(len(set(toks[r])) >= 1 for r in greedy)
+
+
+def test_rows_stopping_mid_block_are_exact_and_leave_the_other_rows_bit_identical(rec):
+    B = len(PARAMS)
+    state, tok = _prefilled(rec, B, seed=2)
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    limits = [48] * B
+    free, _, _, _ = _block(rec, state, tok, PARAMS, limits, seen, K=48)
+    # stop sequences taken from what rows 1, 3 and 5 generate (one spans two tokens, one three), so
+    # they end mid-block; the two-token one also crosses a block boundary at K = 8
+    stops = {1: [bytes(v & 0xFF for v in free[1][9:11])], 3: [bytes([free[3][30] & 0xFF])],
+             5: [b"\xff\xfe\xfd", bytes(v & 0xFF for v in free[5][5:8])]}  # fmt: skip
+    params = [dataclasses.replace(p, stop=stops.get(r, [])) for r, p in enumerate(PARAMS)]
+    ref = _one_step(rec, state, tok, params, limits, seen)
+    for K in (8, 48):
+        toks, new_state, new_seen, stopped = _block(rec, state, tok, params, limits, seen, K)
+        for r in range(B):
+            assert toks[r] == ref[r][0], f"K={K} row {r}"
+            assert torch.equal(new_state[:, r : r + 1], ref[r][1]), f"K={K} row {r}: state"
+            assert torch.equal(new_seen[r : r + 1], ref[r][2])
+            if r in stops:
+                assert stopped[r] and len(toks[r]) < 48 and toks[r] == free[r][: len(toks[r])]
+            else:
+                assert not stopped[r] and toks[r] == free[r]  # unchanged by the rows that stopped
+
+
+def test_a_seed_gives_the_same_tokens_and_state_alone_and_in_any_batch(rec):
+    B = len(PARAMS)
+    state, tok = _prefilled(rec, B, seed=3)
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    together, st, _, _ = _block(rec, state, tok, PARAMS, [30] * B, seen, K=16)
+    order = list(reversed(range(B)))  # another batch order, and each row alone
+    flipped, sf, _, _ = _block(rec, state[:, order].contiguous(), tok[order], [PARAMS[i] for i in order],
+                               [30] * B, seen, K=5)  # fmt: skip
+    for r in (1, 3, 5):
+        alone, sa, _, _ = _block(rec, state[:, r : r + 1].contiguous(), tok[r : r + 1], [PARAMS[r]], [30],
+                                 seen[:1], K=16)  # fmt: skip
+        assert alone[0] == together[r] == flipped[order.index(r)]
+        assert torch.equal(sa[:, 0], st[:, r]) and torch.equal(sf[:, order.index(r)], st[:, r])
+
+
+def _chi2_against(probs: torch.Tensor, counts: torch.Tensor) -> tuple[float, int]:
+    """Pearson's chi-square of counts against probabilities, bins with expectation < 5 pooled."""
+    n = float(counts.sum())
+    expected = probs.double() * n
+    big = expected >= 5
+    e = torch.cat([expected[big], expected[~big].sum()[None]])
+    c = torch.cat([counts.double()[big], counts.double()[~big].sum()[None]])
+    keep = e > 0
+    return float(((c[keep] - e[keep]) ** 2 / e[keep]).sum()), int(keep.sum()) - 1
+
+
+def test_the_c_sampler_and_the_torch_sampler_draw_the_same_distribution(monkeypatch):
+    """20,000 draws of one row at T = 0.8 by each path (its own uniforms) against the exact float64
+    softmax: both chi-square statistics below the p = 0.001 critical value; and at T -> 0 both give
+    the argmax."""
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 32, generator=g) * 2
+    p = SamplingParams(temperature=0.8)
+    exact = (logits[0].double() / 0.8).softmax(-1)
+    N = 20000
+    draws = {}
+    for path in ("c", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(fused, "library", lambda: None)
+        gen = CounterRNG(7 if path == "c" else 8)
+        toks = torch.cat([sample(logits.repeat(500, 1), [p] * 500, [gen] * 500) for _ in range(N // 500)])
+        draws[path] = torch.bincount(toks, minlength=32)
+        chi2, dof = _chi2_against(exact, draws[path])
+        # the chi-square p = 0.001 critical value by the Wilson-Hilferty approximation
+        crit = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3
+        assert chi2 < crit, (path, chi2, crit)
+        for T in (1e-30, 5e-324):
+            cold = SamplingParams(temperature=T)
+            assert int(sample(logits, [cold], [CounterRNG(1)])) == int(logits.argmax())
+    monkeypatch.undo()
+    assert int(sample(logits, [SamplingParams(temperature=0.0)], [CounterRNG(1)])) == int(logits.argmax())
+
+
+@pytest.mark.parametrize("K,N", [(16, 32), (18, 40), (256, 512)])
+def test_the_four_row_linear_tiles_equal_the_row_loop_bit_for_bit_and_float64_within_rounding(K, N):
+    """The whole-network step's linear layers run four rows at a time (one weight load for four
+    rows); each output element keeps the row loop's expression, so the results are identical for
+    every batch size (remainder rows and a K that is not a multiple of 4 included)."""
+    lib = fused.library()
+    g = torch.Generator().manual_seed(K + N)
+    Wt, bias = torch.randn(K, N, generator=g), torch.randn(N, generator=g)
+    for B in (1, 3, 4, 5, 8, 11):
+        x = torch.randn(B, K, generator=g)
+        outs = []
+        for tiled in (0, 1):
+            out = torch.empty(B, N)
+            ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (x, Wt, bias, out)]
+            lib.linear_rows(ctypes.c_long(tiled), ctypes.c_long(B), ctypes.c_long(K), ctypes.c_long(N), *ptrs)
+            outs.append(out)
+        assert torch.equal(outs[0], outs[1]), B
+        ref = x.double() @ Wt.double() + bias.double()
+        scale = (x.double().abs() @ Wt.double().abs() + bias.double().abs()).max()
+        assert float((outs[1].double() - ref).abs().max() / scale) < K * 2**-23
+
+
+def test_the_server_gives_the_same_tokens_and_finish_reasons_with_and_without_the_native_block(model_dirs):
+    """Concurrent seeded requests with stop sequences and token limits (rows stop mid-block): the
+    engine's native block and its one-step loop answer each request identically, and the native
+    block did run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from server_support import ServerThread
+
+    from server import Settings
+    from server.engine import DecodeBatch
+
+    reqs = [{"model": "tiny-text", "prompt": "to be, or not" * (1 + k % 3), "max_new_tokens": 20 + 7 * k,
+             "seed": k, "temperature": [0.0, 0.8, 1.2][k % 3], "stop": ["e", "th", "o, "][k % 3],
+             **[{}, {"top_k": 20, "top_p": 0.9}, {"repetition_penalty": 1.3}][k // 3]}
+            for k in range(9)]  # fmt: skip
+    results = {}
+    native = DecodeBatch.native
+    for path in ("native", "one-step"):
+        s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])])).start()
+        engine = s.state.models["tiny-text"].engine
+        calls = []
+        block = engine.rec.decode_block
+        engine.rec.decode_block = lambda *a, **kw: calls.append(1) or block(*a, **kw)
+        if path == "one-step":
+            DecodeBatch.native = lambda self, rec: False
+        try:
+            with httpx.Client(base_url=s.url, timeout=60) as c, ThreadPoolExecutor(9) as ex:
+                out = list(ex.map(lambda r: c.post("/v1/generate", json=r).json(), reqs))
+        finally:
+            DecodeBatch.native = native
+            s.stop()
+        results[path] = [(o["tokens"], o["finish_reason"]) for o in out]
+        assert bool(calls) == (path == "native")
+    assert results["native"] == results["one-step"]
+    assert {reason for _, reason in results["native"]} == {"stop", "length"}
+
+
+def _reference_probs(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor, counts: torch.Tensor):
+    """model/sampling.py's pipeline for one row of finite logits, in float64, written from its
+    docstrings: bias → CTRL penalty → presence/frequency → (z − max) / T → top-k, top-p ranked by z
+    → min_p → softmax."""
+    z = logits.double().clone()
+    for t, b in p.logit_bias.items():
+        z[t] += b
+    pen = p.repetition_penalty
+    z = torch.where(seen & (z > 0), z / pen, torch.where(seen, z * pen, z))
+    z = z - counts.double() * p.frequency_penalty - (counts > 0).double() * p.presence_penalty
+    s = (z - z.max()) / p.temperature
+    order = torch.sort(z, descending=True, stable=True).indices
+    k = p.top_k if 0 < p.top_k < len(z) else len(z)
+    probs = torch.zeros_like(s)
+    probs[order[:k]] = s[order[:k]].softmax(0)
+    before = probs[order].cumsum(0) - probs[order]
+    keep = torch.zeros(len(z), dtype=torch.bool)
+    for j, v in enumerate(order.tolist()):
+        keep[v] = j == 0 or (j < k and float(before[j]) < p.top_p)
+    s = s.masked_fill(~keep, -math.inf)
+    q = s.softmax(0)
+    s = s.masked_fill(q < p.min_p * q.max(), -math.inf)
+    return s.softmax(0)
+
+
+@pytest.mark.parametrize("settings", FILTERS[1:], ids="+".join)
+def test_the_c_and_torch_samplers_draw_every_setting_from_the_float64_distribution(monkeypatch, settings):
+    """20,000 draws of one row by each path (C: what the server and the block use; torch: the
+    fallback) against the float64 reference: chi-square below the p = 0.001 critical value."""
+    g = torch.Generator().manual_seed(11)
+    n_rows, N = 500, 20000
+    logits = torch.randn(1, 32, generator=g) * 2
+    seen = torch.rand(1, 32, generator=g) < 0.3
+    counts = torch.randint(0, 3, (1, 32), generator=g).float()
+    p = SamplingParams(temperature=0.9, **settings)
+    exact = _reference_probs(logits[0], p, seen[0], counts[0])
+    for path in ("c", "torch"):
+        if path == "torch":
+            monkeypatch.setattr(fused, "library", lambda: None)
+        gen = CounterRNG(21 if path == "c" else 22)
+        rows = [logits.repeat(n_rows, 1), [p] * n_rows, [gen] * n_rows, seen.repeat(n_rows, 1)]
+        toks = torch.cat([sample(*rows, counts.repeat(n_rows, 1)) for _ in range(N // n_rows)])
+        chi2, dof = _chi2_against(exact, torch.bincount(toks, minlength=32))
+        crit = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3 if dof else 0.0
+        assert chi2 <= crit, (path, chi2, crit)
+        assert exact[toks].min() > 0  # nothing the reference excludes is ever drawn
