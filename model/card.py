@@ -275,10 +275,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.baseline:
         bm = json.loads((args.baseline / "metrics.json").read_text())
         bcfg = json.loads((args.baseline / "config.json").read_text())
+        bd, bt = bcfg["data"], bcfg["train"]
         lines += [
-            "Baseline: a causal Transformer (`bench/baselines/transformer.py`, pre-norm, learned positions) "
-            f"with {bm['num_params']:,} parameters, same data, batch, steps, warmup + cosine schedule and "
-            f"threads; learning rate {bcfg['train'].get('lr')} (S4: {tr.get('lr')}):",
+            "Baseline: a GPT-2-style causal Transformer (`bench/baselines/transformer.py`, pre-norm, learned "
+            f"positions) with {bm['num_params']:,} parameters, the same data and the same number of training "
+            f"bytes ({bm['tokens_seen']:,}; S4: {metrics['tokens_seen']:,}), warmup + cosine, "
+            f"{metrics['threads']} thread(s); own context, batch and learning rate, chosen on validation: "
+            f"{bt.get('steps'):,} steps of {bd.get('batch_size')} × {bd.get('seq_len')} bytes, lr "
+            f"{bt.get('lr')}, warmup {bt.get('warmup')} (S4: {tr.get('steps'):,} steps of "
+            f"{dcfg['batch_size']} × {seq_len}, lr {tr.get('lr')}, warmup {tr.get('warmup')}). It is "
+            f"evaluated like S4 but over its own context: windows of {bd.get('seq_len')} bytes hopping by "
+            f"{int(bd.get('seq_len')) // 2}.",
             "",
             f"| model | params | test {unit} | val {unit} | train wall time |",
             "|---|---|---|---|---|",
