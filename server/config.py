@@ -12,7 +12,11 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REDIS_STORE_SCHEMES = ("redis://", "rediss://", "unix://")  # S4_SESSION_STORE values naming a Redis
-DEFAULT_CHECKPOINTS = ["checkpoints/text-shakespeare", "checkpoints/audio-digits"]
+DEFAULT_CHECKPOINTS = [
+    "checkpoints/text-shakespeare",
+    "checkpoints/audio-digits",
+    "checkpoints/audio-digits-sashimi",
+]
 MAX_PREFILL_TOKENS = 1 << 20  # the largest prefill chunk / per-iteration budget an operator may set
 
 

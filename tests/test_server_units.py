@@ -37,7 +37,11 @@ def test_default_settings_serve_the_shipped_checkpoints_on_loopback(monkeypatch)
             monkeypatch.delenv(k)
     s = Settings()
     assert (s.host, s.port) == ("127.0.0.1", 8000)
-    assert s.checkpoints == ["checkpoints/text-shakespeare", "checkpoints/audio-digits"]
+    assert s.checkpoints == [
+        "checkpoints/text-shakespeare",
+        "checkpoints/audio-digits",
+        "checkpoints/audio-digits-sashimi",
+    ]
     assert s.uses_default_checkpoints()
 
 
