@@ -123,12 +123,20 @@ class NetLayer(ctypes.Structure):
         ("out_wt", ctypes.c_void_p),
         ("out_b", ctypes.c_void_p),
         ("p", ctypes.c_void_p * 11),
+        ("d_ff", ctypes.c_long),  # 0: no feed-forward block
+        ("ff_ln_w", ctypes.c_void_p),
+        ("ff_ln_b", ctypes.c_void_p),
+        ("up_t", ctypes.c_void_p),
+        ("up_b", ctypes.c_void_p),
+        ("down_t", ctypes.c_void_p),
+        ("down_b", ctypes.c_void_p),
     ]
 
 
 class NetStep:
     """The whole network's recurrent step in one C call (`net_step`): embedding, every block
-    (LayerNorm, SSM step, GELU(y + D u), GLU output mixing, residual), final LayerNorm and head
+    (LayerNorm, SSM step, GELU(y + D u), GLU output mixing, residual; then the FF block when d_ff > 0:
+    LayerNorm, up, exact GELU, down, residual), final LayerNorm and head
     (with its bias when the model has one). The embedding table is read pre-multiplied by embed_scale
     (the same float32 products as the torch forward).
 
@@ -136,7 +144,7 @@ class NetStep:
     place, the two linear layers' from transposed copies made here (the tensors must stay alive and
     unchanged: the RecurrentModel's frozen copy holds them). Raises ValueError for a model it would not
     compute exactly: a config field outside `CONFIG_FIELDS` that differs from its default, or any
-    tensor of the state dict it does not read (a feed-forward part, a new bias...), so nothing can be
+    tensor of the state dict it does not read (a new bias...), so nothing can be
     silently dropped; the caller then keeps the torch ops."""
 
     # config fields whose every value this step computes exactly (kernel-only fields reach it through
@@ -144,7 +152,7 @@ class NetStep:
     CONFIG_FIELDS = frozenset({
         "vocab_size", "d_model", "n_layers", "d_state", "kernel", "init", "rank", "disc", "l_max",
         "dropout", "dt_min", "dt_max", "tie_embeddings", "cauchy_backend", "modality", "sample_rate",
-        "head_bias", "embed_scale", "re_lambda_max", "dt_tied", "l_kernel",
+        "head_bias", "embed_scale", "re_lambda_max", "dt_tied", "l_kernel", "d_ff",
     })  # fmt: skip
 
     def __init__(self, lib, net, forms) -> None:
@@ -158,7 +166,8 @@ class NetStep:
         self.M = max(f.M for f in forms)  # the state's modes (layers with fewer run zero-padded)
         if len(forms) != len(net.blocks):
             raise ValueError(f"{len(forms)} layer forms for {len(net.blocks)} blocks")
-        norms = [b.norm for b in net.blocks] + [net.norm]
+        norms = [b.norm for b in net.blocks] + [b.ff_norm for b in net.blocks if b.ff_norm is not None]
+        norms.append(net.norm)
         eps = {n.eps for n in norms}
         if len(eps) != 1:
             raise ValueError("every LayerNorm must share one eps")
@@ -185,6 +194,13 @@ class NetStep:
             read.update(n for n in tensors if n.startswith(pre + "layer.kernel."))  # in the layer form
             for j, ptr in enumerate(form._fused_ptrs):
                 lay.p[j] = ptr.value
+            if pre + "ff.up.weight" in tensors:  # the FF block: LayerNorm, up, GELU, down (transposed)
+                up_t = take(pre + "ff.up.weight").detach().t().contiguous()  # (H, d_ff)
+                down_t = take(pre + "ff.down.weight").detach().t().contiguous()  # (d_ff, H)
+                lay.d_ff = up_t.shape[1]
+                ptrs = self._ptrs(take(pre + "ff_norm.weight"), take(pre + "ff_norm.bias"), up_t,
+                                  take(pre + "ff.up.bias"), down_t, take(pre + "ff.down.bias"))  # fmt: skip
+                lay.ff_ln_w, lay.ff_ln_b, lay.up_t, lay.up_b, lay.down_t, lay.down_b = (p.value for p in ptrs)
         head_wt = take("head.weight").detach().t().contiguous()  # (H, V)
         self.embed, self.lnf_w, self.lnf_b, self.head = self._ptrs(
             take("embed.weight").detach() * cfg.embed_scale, take("norm.weight"), take("norm.bias"), head_wt

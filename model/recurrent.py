@@ -560,7 +560,7 @@ class RecurrentModel:
         # blocks have no feed-forward part and the weights are float32; larger ones (and other dtypes)
         # run the torch ops around the fused SSM steps.
         self._net_step = None
-        if self._fused is not None and fused_network and not self.config.d_ff and dtype == torch.float32:
+        if self._fused is not None and fused_network and dtype == torch.float32:
             try:
                 self._net_step = fused.NetStep(self._fused, self.net, self.layers)
             except ValueError:  # something the C step does not compute (it names it): keep the torch ops

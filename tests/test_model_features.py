@@ -70,12 +70,29 @@ def test_head_bias_is_saved_and_absent_by_default(tmp_path):
     assert back.config.head_bias and torch.equal(back.head.bias, net.head.bias)
 
 
+@pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])
+def test_feed_forward_blocks_in_the_whole_network_c_step_and_every_path(kernel, init):
+    """The shipped text model has FF blocks (d_ff 512): the C step computes them (LayerNorm, up,
+    exact GELU, down, residual) like the torch modules, to float32 rounding, in every batch split
+    (9 rows: the C step divides them between threads) and in the native decode block's rows."""
+    torch.manual_seed(4)
+    net = SequenceModel(ModelConfig(kernel=kernel, init=init, d_ff=40, **TINY)).eval()
+    tokens = torch.randint(0, 32, (9, 24))
+    out, whole = all_paths(net, tokens)
+    assert whole._net_step is not None  # the C step is among the paths checked
+    assert set(out) == {"conv", "c_network_step", "fused_layer_step", "torch_step", "prefill"}
+    for name in out:
+        assert rel(out[name], out["conv"]) <= 1e-5, name
+    # against float64 conv mode, independent of every float32 path
+    with torch.no_grad():
+        ref = net.double()(tokens)
+    assert rel(out["c_network_step"], ref) <= 1e-5
+    # a row's logits do not depend on the rows beside it (bit for bit)
+    alone = step_all(whole, tokens[4:5], whole.init_state(1))[0]
+    assert torch.equal(alone[0], out["c_network_step"][4])
+
+
 def test_whole_network_step_refuses_what_it_does_not_read():
-    net = SequenceModel(ModelConfig(d_ff=32, **TINY)).eval()
-    rec = net.to_recurrent()
-    assert rec._net_step is None  # the per-layer path runs instead
-    with pytest.raises(ValueError, match=r"does not implement d_ff=32"):
-        fused.NetStep(fused.library(), rec.net, rec.layers)
     # a tensor added to the model that the C step knows nothing about
     net = SequenceModel(ModelConfig(**TINY)).eval()
     net.blocks[1].register_buffer("gate", torch.ones(16))

@@ -183,12 +183,13 @@ def test_fused_step_falls_back_to_torch_with_a_warning(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])
-def test_whole_network_c_step_matches_the_torch_step_at_small_and_large_batches(kernel, init):
+@pytest.mark.parametrize("d_ff", [0, 48])  # the shipped text model has FF blocks, audio-digits none
+def test_whole_network_c_step_matches_the_torch_step_at_small_and_large_batches(kernel, init, d_ff):
     cfg = dict(vocab_size=32, d_model=32, n_layers=2, d_state=32, l_max=256, cauchy_backend="torch")
-    net = SequenceModel(ModelConfig(kernel=kernel, init=init, **cfg)).eval()  # no feed-forward, as served
+    cfg["d_ff"] = d_ff
+    net = SequenceModel(ModelConfig(kernel=kernel, init=init, **cfg)).eval()
     fast, ref = net.to_recurrent(), net.to_recurrent(fused_step=False)
     assert fast._net_step is not None and ref._net_step is None
-    assert make(kernel, init, l_max=256).to_recurrent()._net_step is None  # d_ff > 0: per-layer path
     tokens = torch.randint(0, 32, (9, 200))  # 9 rows: split between threads in the C step
     want, s_want = step_all(ref, tokens, ref.init_state(9))
     for max_batch in (32, 4):  # one C call per step, then the torch ops around the fused SSM

@@ -100,7 +100,8 @@ int dplr_step(long B, long H, long M, long R, const float *x, float *xo, const f
 
 /* ------------------------------------------------------------------------------------------------
  * The whole network's step in one call (CPU, small batches): embedding → per layer [LayerNorm →
- * SSM step → GELU(y + D u) → GLU(W z + b) → residual] → LayerNorm → head (its bias may be NULL).
+ * SSM step → GELU(y + D u) → GLU(W z + b) → residual; then, with d_ff, LayerNorm → up → GELU → down →
+ * residual] → LayerNorm → head (its bias may be NULL).
  * The same arithmetic as the torch modules (LayerNorm with biased variance, exact erf GELU, GLU = a · sigmoid(g)); sums run
  * in another order, so logits agree to float32 rounding. Called once per step instead of ~45 torch
  * ops, which dominate a small batch's step.
@@ -122,6 +123,10 @@ typedef struct {
     const float *ln_w, *ln_b, *d_skip;
     const float *out_wt, *out_b; /* out_wt (H, 2H): the output linear's weight, transposed */
     const float *p[11]; /* diagonal: mur mui br bi cr ci; dplr: dbr dbi dr di pr pi minv qr qi cr ci */
+    long d_ff;          /* 0: no feed-forward block; else x += down(GELU(up(LN(x)))) after the S4 block */
+    const float *ff_ln_w, *ff_ln_b;
+    const float *up_t, *up_b;     /* up_t (H, d_ff): the up linear's weight, transposed */
+    const float *down_t, *down_b; /* down_t (d_ff, H) */
 } NetLayer;
 
 static void layer_norm(long B, long H, const float *x, float *out, const float *w, const float *b, float eps) {
@@ -219,9 +224,13 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
                     const long *tokens, const float *embed, const NetLayer *layers, const float *lnf_w,
                     const float *lnf_b, const float *head_t, const float *head_b, float eps, const float *state,
                     float *state_out, float *logits) {
-    float *buf = malloc(sizeof(float) * (size_t)B * (size_t)H * 5);
+    long F = 0; /* the widest feed-forward block */
+    for (long l = 0; l < n_layers; l++)
+        if (layers[l].d_ff > F) F = layers[l].d_ff;
+    float *buf = malloc(sizeof(float) * (size_t)B * (size_t)(H * 5 + F));
     if (!buf) return -2;
     float *x = buf, *u = x + B * H, *y = u + B * H, *o = y + B * H; /* o: (B, 2H) */
+    float *f = o + B * 2 * H;                                       /* f: (B, F) */
     for (long r = 0; r < B; r++) {
         const float *e = embed + tokens[rows[r]] * H;
         for (long h = 0; h < H; h++) x[r * H + h] = e[h];
@@ -256,6 +265,23 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
             const float *a = o + r * 2 * H, *g = a + H;
 #pragma omp simd
             for (long h = 0; h < H; h++) xr[h] += a[h] / (1.0f + expf(-g[h]));
+        }
+        if (L->d_ff > 0) { /* the FF block: x += down(GELU(up(LN(x)))), exact (erf) GELU */
+            const long Fl = L->d_ff;
+            layer_norm(B, H, x, u, L->ff_ln_w, L->ff_ln_b, eps);
+            linear_t(B, H, Fl, u, L->up_t, L->up_b, f);
+            for (long r = 0; r < B; r++) {
+                float *fr = f + r * Fl;
+#pragma omp simd
+                for (long n = 0; n < Fl; n++) fr[n] = 0.5f * fr[n] * (1.0f + erff(fr[n] * 0.70710678118654752f));
+            }
+            linear_t(B, Fl, H, f, L->down_t, L->down_b, y);
+            for (long r = 0; r < B; r++) {
+                float *xr = x + r * H;
+                const float *yr = y + r * H;
+#pragma omp simd
+                for (long h = 0; h < H; h++) xr[h] += yr[h];
+            }
         }
     }
     if (rc == 0) {
