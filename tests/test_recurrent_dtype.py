@@ -16,6 +16,7 @@ from model.recurrent import LOGITS_TOL, UNIT_ROUNDOFF
 
 HALF = [torch.bfloat16, torch.float16]
 SHIPPED_TEXT = Path(__file__).resolve().parent.parent / "checkpoints" / "text-shakespeare"
+SHIPPED_AUDIO = SHIPPED_TEXT.parent / "audio-digits"
 TEXT = (
     b"ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n"
     b"Arise, fair sun, and kill the envious moon, who is already sick and pale with grief.\n"
@@ -91,13 +92,19 @@ def test_half_precision_net_steps_and_prefills_within_4u_of_the_float32_model(
 
 
 def test_the_bfloat16_tolerance_rejects_a_bfloat16_state_and_a_lost_state():
-    """Not vacuous: on the shipped text model (trained: long memory) the honest bfloat16 step is 0.6u
-    from float64 conv mode, while the same step with its state rounded to bfloat16 after every token
-    (the fault that float32 states prevent) is 5.1u from it, and one that loses its state 62u. (Random
-    tiny models barely use their state: a bfloat16 state costs them < 0.05u.)"""
-    assert SHIPPED_TEXT.is_dir(), "checkpoints/text-shakespeare is part of the repository"
-    net = load(SHIPPED_TEXT)
-    tokens = torch.stack([torch.tensor(list(TEXT[:256])), torch.tensor(list(TEXT[40:296]))])
+    """Not vacuous: on the shipped audio-digits model (long memory: 1 s clips at 8 kHz), over 512
+    samples of a real test clip, the honest bfloat16 step is 0.85u from float64 conv mode, while the
+    same step with its state rounded to bfloat16 after every sample (the fault that float32 states
+    prevent) is 26u from it, and one that loses its state 113u. How much a bfloat16 state costs depends
+    on the model: the shipped text model (FF blocks since issue 15) measures 0.59u, 2.7u and 61u over
+    this file's 256-byte text, so there the 4u check catches a lost state but not a bfloat16 one;
+    states stay float32 by construction. (Random tiny models barely use their state: < 0.05u.)"""
+    from model.data import Dataset
+
+    assert SHIPPED_AUDIO.is_dir(), "checkpoints/audio-digits is part of the repository"
+    net = load(SHIPPED_AUDIO)
+    clips = Dataset(SHIPPED_AUDIO / "eval_slice").split("test")
+    tokens = torch.from_numpy(clips[:2, 2800:3312].astype("int64"))  # the words' middle, two voices
     want = conv_reference(net, tokens)
     rec = net.to_recurrent(dtype=torch.bfloat16)
     tol = LOGITS_TOL[torch.bfloat16]
@@ -105,8 +112,15 @@ def test_the_bfloat16_tolerance_rejects_a_bfloat16_state_and_a_lost_state():
     bf16_state, _ = step_all(rec, tokens, rec.init_state(2), fault=lambda s: s.bfloat16().float())
     lost_state, _ = step_all(rec, tokens, rec.init_state(2), fault=torch.zeros_like)
     assert rel(honest, want) <= tol / 4
-    assert tol < rel(bf16_state, want) < rel(lost_state, want)
+    assert 4 * tol < rel(bf16_state, want) < rel(lost_state, want)
     assert rel(lost_state, want) > 10 * tol
+    # the text model: a lost state is caught, a bfloat16 one is within the tolerance (measured above)
+    net = load(SHIPPED_TEXT)
+    tokens = torch.stack([torch.tensor(list(TEXT[:256])), torch.tensor(list(TEXT[40:296]))])
+    want = conv_reference(net, tokens)
+    rec = net.to_recurrent(dtype=torch.bfloat16)
+    assert rel(step_all(rec, tokens, rec.init_state(2))[0], want) <= tol / 4
+    assert rel(step_all(rec, tokens, rec.init_state(2), fault=torch.zeros_like)[0], want) > 10 * tol
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)

@@ -74,6 +74,8 @@ def test_a_full_queue_answers_429(tight, limited, monkeypatch):
         return step(*args, **kwargs)
 
     monkeypatch.setattr(engine.rec, "step", paced_step)
+    # the native decode block (K steps in one C call) would bypass the paced step: one step at a time
+    monkeypatch.setattr(engine.rec, "decode_block_ready", lambda batch: False)
     a = tight.send(
         tight.build_request(
             "POST",

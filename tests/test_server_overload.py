@@ -73,6 +73,7 @@ def test_4x_capacity_is_shed_with_429_counted_and_the_server_recovers(model_dirs
             return step(*args, **kwargs)
 
         monkeypatch.setattr(engine.rec, "step", slow_step)
+        monkeypatch.setattr(engine.rec, "decode_block_ready", lambda batch: False)  # no native block
         with httpx.Client(base_url=s.url, timeout=60) as client:
             before = _rejections(client)
             results = asyncio.run(_burst(s, 4 * CAPACITY, 100))

@@ -207,10 +207,9 @@ def test_a_corrupt_or_foreign_stored_state_is_refused_with_a_clear_error(model_d
 # --- real processes: kill -9, and SIGTERM flushing to the store ----------------------------------------
 
 
-def _serve(model_dirs, port: int, redis_url: str, drain_s: int = 60) -> subprocess.Popen:
-    return start_server(
-        model_dirs["text"], port, ["--session-store", redis_url, "--drain-timeout-s", str(drain_s)]
-    )
+def _serve(model_dirs, port: int, redis_url: str, drain_s: int = 60, max_new: int = 4096) -> subprocess.Popen:
+    flags = ["--session-store", redis_url, "--drain-timeout-s", str(drain_s)]
+    return start_server(model_dirs["text"], port, [*flags, "--max-new-tokens", str(max_new)])
 
 
 def test_after_kill_9_and_a_restart_the_session_continues_from_its_last_persisted_step(
@@ -240,14 +239,16 @@ def test_sigterm_cancels_running_turns_and_flushes_every_session_to_the_store(
 ):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _serve(model_dirs, port, redis_url, drain_s=0)
+    # a turn far longer than the time SIGTERM takes to arrive: the native decode block makes the tiny
+    # test model decode thousands of tokens a second, so a 4,096-token turn could finish first
+    proc = _serve(model_dirs, port, redis_url, drain_s=0, max_new=1_000_000)
     try:
         prompts = {}
         for p in ("to be", "or not", "to be!"):
             r = httpx.post(url + "/v1/sessions", json={"model": TEXT, "prompt": p})
             prompts[r.json()["session_id"]] = p
         with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
-            turn = {"type": "generate", "model": TEXT, "prompt": "a sea of", "max_new_tokens": 4096}
+            turn = {"type": "generate", "model": TEXT, "prompt": "a sea of", "max_new_tokens": 1_000_000}
             turn["seed"] = 5
             ws.send(json.dumps(turn))
             running = json.loads(ws.recv(30))["session_id"]
@@ -260,7 +261,7 @@ def test_sigterm_cancels_running_turns_and_flushes_every_session_to_the_store(
         # before the pending one, as the library computes it (float tolerance: batched vs one row)
         header, raw = unpack_state(redis_db.get(KEY_PREFIX + running))
         k = header["n_tokens"] - len("a sea of")
-        assert 0 < k < 4096  # cancelled, not finished
+        assert 0 < k < 1_000_000  # cancelled, not finished
         gen = reference(model_dirs["text"], list(b"a sea of"), SamplingParams(seed=5), k)
         assert header["pending"] == gen[-1]
         rec = _rec(model_dirs["text"])
