@@ -108,11 +108,6 @@ def spectrogram_png(path: Path, clips: list[tuple[str, np.ndarray]], sample_rate
 WAVS_KEPT = 8  # generated WAVs written beside the card (16 KB each at 8 kHz)
 
 
-def model_mulaw(cfg) -> MuLaw:
-    """The model's own mu-law convention (ModelConfig.mulaw)."""
-    return MuLaw(cfg.mulaw)
-
-
 @torch.no_grad()
 def text_word_share(
     rec, data: Dataset, seed: int, samples: int = 16, n: int = 1000, temperature: float = 0.8
@@ -338,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
         for old in samples.glob("generated_*.wav"):
             old.unlink()
         samples.mkdir(exist_ok=True)
-        mu = model_mulaw(cfg)
+        mu = MuLaw(cfg.mulaw)  # the model's own convention
         gen = [mu.decode(np.array(o)) for o in outs]
         clips = []
         for i, x in enumerate(gen[:WAVS_KEPT]):

@@ -605,14 +605,18 @@ class Engine:
                     elif job.stream.room() <= 0 or job.cancelled:
                         full = True
             if done:
-                b.leave(done)
-                for job in done:
-                    reason = "stop" if job.stops and self._stop_at(job) is not None else "length"
-                    self._finish(job, reason)
+                self._retire(done)
             if done or full or self._inbox or self._waiting or self._prefilling:
                 return
             if k >= DECODE_BLOCK_STEPS and now >= t_end:
                 return
+
+    def _retire(self, done: list[Job]) -> None:
+        """Take the jobs that finished in a decode step or block out of the batch and finish each,
+        with "stop" when it ended on a stop sequence, else "length"."""
+        self.batch.leave(done)
+        for job in done:
+            self._finish(job, "stop" if job.stops and self._stop_at(job) is not None else "length")
 
     def _decode_native(self, t_end: float) -> None:
         """The decode loop in native blocks: each row stops inside a block on its own at its token
@@ -660,10 +664,7 @@ class Engine:
                 elif job.stream.room() <= 0 or job.cancelled:
                     full = True
             if done:
-                b.leave(done)
-                for job in done:
-                    reason = "stop" if job.stops and self._stop_at(job) is not None else "length"
-                    self._finish(job, reason)
+                self._retire(done)
             if done or full or pending or self._inbox or self._waiting or self._prefilling or not res.steps:
                 return
             if steps >= DECODE_BLOCK_STEPS and time.perf_counter() >= t_end:
