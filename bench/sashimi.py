@@ -1,6 +1,8 @@
 """SaShiMi [4, 4] vs isotropic S4 models of the same parameter count: analytic FLOPs per sample and
 recurrent step samples/s at batch 1, 8 and 64, side by side in one run (issue 14's benchmark).
 
+"sashimi" steps in one C call per step (model/fused.py: SaShiMiStep), "sashimi-torch-ops" is the same
+network stepped by the torch ops around the fused SSM steps (SaShiMiRecurrent(fused_network=False)).
 The isotropic models: "isotropic-ff" has SaShiMi's block recipe (S4 + FF 2H blocks, as many S4
 layers as SaShiMi), "isotropic" the shipped audio shape (4 S4 blocks, no FF, which steps the whole
 network in one C call); each is as wide as makes its parameter count closest to SaShiMi's.
@@ -123,6 +125,7 @@ def run(quick: bool) -> dict[str, Any]:
         params = build(sash_cfg).num_params()
         cfgs = {
             "sashimi": sash_cfg,
+            "sashimi-torch-ops": sash_cfg,  # the same network stepped by torch ops around the fused SSM steps
             "isotropic-ff": isotropic_of(
                 params, 3 * size["sashimi"]["n_layers"], True, size["d_state"], size["l_max"]
             ),
@@ -133,9 +136,9 @@ def run(quick: bool) -> dict[str, Any]:
             torch.manual_seed(0)
             net = build(cfg).eval()
             t0 = time.perf_counter()
-            rec = net.to_recurrent()
+            rec = net.to_recurrent(fused_network=name != "sashimi-torch-ops")
             convert_s = time.perf_counter() - t0
-            flops = sashimi_flops_per_sample(rec) if name == "sashimi" else flops_per_token(rec)
+            flops = sashimi_flops_per_sample(rec) if cfg.arch == "sashimi" else flops_per_token(rec)
             rows = [time_steps(rec, b, 16 * size["periods"]) for b in size["batches"]]
             models[name] = {
                 "config": {
@@ -160,7 +163,7 @@ def run(quick: bool) -> dict[str, Any]:
         torch.set_num_threads(threads)
     s = models["sashimi"]
     ratios = {}
-    for other in ("isotropic-ff", "isotropic"):
+    for other in ("sashimi-torch-ops", "isotropic-ff", "isotropic"):
         o = models[other]
         ratios[other] = {
             "flops_ratio": o["flops_per_sample"] / s["flops_per_sample"],

@@ -23,7 +23,7 @@ _lib: dict[str, object] = {}
 RESTYPES = {  # the library's entry points and their return types
     "diag_step": None, "dplr_step": ctypes.c_int, "net_step": ctypes.c_int, "sample_rows": None,
     "sample_rows_full": ctypes.c_int, "net_block": ctypes.c_long, "philox_uniforms": None,
-    "philox_blocks": None, "linear_rows": None,
+    "philox_blocks": None, "linear_rows": None, "sashimi_step": ctypes.c_int, "sashimi_block": ctypes.c_long,
 }  # fmt: skip
 # -fno-math-errno lets the GELU / sigmoid loops call glibc's vector expf / erff (model/csrc/ssm_step.c)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
@@ -236,97 +236,296 @@ class NetStep:
             )
         return logits
 
-    def block(
-        self,
-        K: int,
-        state: torch.Tensor,
-        tok: torch.Tensor,
-        *,
-        settings: RowSettings,
-        counts: torch.Tensor | None,
-        key: torch.Tensor,
-        counter: torch.Tensor,
-        limit: torch.Tensor,
-        stops: list[list[bytes]],
-        history: list[bytes],
-        seen: torch.Tensor,
-        interrupt: ctypes.c_int | None = None,
-    ) -> BlockResult:
+    def block(self, K: int, state: torch.Tensor, tok: torch.Tensor, **rows) -> BlockResult:
         """Up to K decode steps of the whole batch in one C call (ssm_step.c `net_block`): step →
         sampling (the C sampler of model/sampling.py `sample`) with each row's counter-based stream →
         stop checks, per row, until the row has made limit[r] tokens or a stop sequence (over the
-        tokens' low bytes) ends.
-
-        state (n_layers, B, H, 2, M) float32 contiguous, updated in place; tok (B,) int64 contiguous, the
-        pending tokens, updated in place to each row's last token; settings: the rows' sampling settings
-        (model.sampling.row_settings); counts (B, V) float32 contiguous or None (needed when
-        settings.counted), incremented in place for every sampled token; key and
-        counter (B,) int64 holding uint64 bit patterns (the stream's key and its next index; counter is
-        advanced in place); limit (B,) int64 ≥ 0; stops: per row, its stop sequences (bytes); history: per
-        row, its output bytes so far (only the last longest-stop − 1 are read); seen (B, V) bool, set in
-        place for every sampled token; interrupt: a flag that, once set to nonzero by another thread,
-        ends the block after the current step (at least one step is made). Raises ValueError on bad
-        shapes or when the C step fails."""
-        B = tok.shape[0]
-        if (
-            state.shape[1] != B
-            or not state.is_contiguous()
-            or seen.shape != (B, self.V)
-            or seen.dtype != torch.bool
-        ):
-            raise ValueError("net_block: state, tok and seen must describe the same rows")
-        for t, dt in (
-            (tok, torch.long),
-            (settings.temperature, torch.float64),
-            (key, torch.long),
-            (counter, torch.long),
-            (limit, torch.long),
-        ):
-            if t.shape != (B,) or t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu":
-                raise ValueError(f"net_block: expected ({B},) {dt} contiguous CPU tensors")
-        if not seen.is_contiguous():
-            raise ValueError("net_block: seen must be contiguous")
-        bad_counts = counts is None or counts.shape != (B, self.V) or counts.dtype != torch.float32
-        if settings.counted and (bad_counts or not counts.is_contiguous()):
-            raise ValueError(f"net_block: counts must be ({B}, {self.V}) float32 contiguous")
-        longest = max((len(s) for row in stops for s in row), default=0)
-        keep = max(longest - 1, 0)
-        first, offsets, data = [0], [0], bytearray()
-        for row in stops:
-            for s in row:
-                data += s
-                offsets.append(len(data))
-            first.append(len(offsets) - 1)
-        cap = keep + K
-        hist = torch.zeros(B, max(cap, 1), dtype=torch.uint8)
-        hist_len = torch.zeros(B, dtype=torch.long)
-        for r, h in enumerate(history):
-            tail = h[len(h) - keep :] if keep else b""
-            if tail:
-                hist[r, : len(tail)] = torch.frombuffer(bytearray(tail), dtype=torch.uint8)
-            hist_len[r] = len(tail)
-        first_t = torch.tensor(first, dtype=torch.long)
-        off_t = torch.tensor(offsets, dtype=torch.long)
-        data_t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.zeros(1, dtype=torch.uint8)
-        out_tok = torch.zeros(K, B, dtype=torch.long)
-        n_out, stopped = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-        times = torch.zeros(K, dtype=torch.float64)
-
-        def p(t):
-            return ctypes.c_void_p(t.data_ptr())
-
-        dims = [ctypes.c_long(v) for v in (K, B, self.H, self.V, self.n_layers, self.M)]
+        tokens' low bytes) ends. state (n_layers, B, H, 2, M) float32 contiguous, updated in place;
+        the other arguments: `decode_block`. Raises ValueError on bad shapes or when the C step fails."""
+        dims = [ctypes.c_long(v) for v in (K, tok.shape[0], self.H, self.V, self.n_layers, self.M)]
         weights = (self.embed, self.layers, self.lnf_w, self.lnf_b, self.head, self.head_b, self.eps)
-        rows = [p(state), p(tok), *settings.pointers(seen, counts)]
-        rows += [p(t) for t in (key, counter, limit, first_t, off_t, data_t, hist)]
-        outs = [p(t) for t in (hist_len, seen, out_tok, n_out, stopped, times)]
-        flag = ctypes.c_void_p(None if interrupt is None else ctypes.addressof(interrupt))
-        steps = self.lib.net_block(*dims, *weights, *rows, ctypes.c_long(hist.shape[1]), *outs, flag)
-        if steps < 0:
-            raise ValueError(
-                f"fused decode block failed (code {steps}: > 1024 modes, rank > 4, or out of memory)"
-            )
-        return BlockResult(int(steps), out_tok[:steps], n_out, stopped.bool(), times[:steps])
+        return decode_block(
+            lambda tail: self.lib.net_block(*dims, *weights, *tail), K, self.V, state, 1, tok, **rows
+        )
+
+
+class CNetStack(ctypes.Structure):
+    """ssm_step.c: NetStack (a level's blocks)."""
+
+    _fields_ = [
+        ("n", ctypes.c_long),
+        ("layers", ctypes.c_void_p),
+        ("off", ctypes.c_void_p),
+        ("modes", ctypes.c_void_p),
+    ]
+
+
+class CLevel(ctypes.Structure):
+    """ssm_step.c: SLevel (one SaShiMi level, or the center)."""
+
+    _fields_ = [
+        ("H", ctypes.c_long),
+        ("s", ctypes.c_long),
+        ("Hn", ctypes.c_long),
+        ("F", ctypes.c_long),
+        ("every", ctypes.c_long),
+        ("dbuf", ctypes.c_long),
+        ("ubuf", ctypes.c_long),
+        ("blocks", CNetStack),
+        ("down_t", ctypes.c_void_p),
+        ("down_b", ctypes.c_void_p),
+        ("up_t", ctypes.c_void_p),
+        ("up_b", ctypes.c_void_p),
+    ]
+
+
+class CSaShiMi(ctypes.Structure):
+    """ssm_step.c: SNet (the whole SaShiMi network)."""
+
+    _fields_ = [
+        ("K", ctypes.c_long),
+        ("V", ctypes.c_long),
+        ("numel", ctypes.c_long),
+        ("period", ctypes.c_long),
+        ("levels", ctypes.c_void_p),
+        ("embed", ctypes.c_void_p),
+        ("lnf_w", ctypes.c_void_p),
+        ("lnf_b", ctypes.c_void_p),
+        ("head_t", ctypes.c_void_p),
+        ("head_b", ctypes.c_void_p),
+        ("eps", ctypes.c_float),
+    ]
+
+
+class SaShiMiStep:
+    """SaShiMi's whole recurrent step in one C call (ssm_step.c `sashimi_step`): embedding; per level the
+    DownPool buffer, on the level's last phase the DownPool linear, the coarser levels and the UpPool
+    linear; the skip, the level's (S4, FF) blocks (as NetStep's: LayerNorm, SSM step, GELU(y + D u),
+    GLU, residual; LayerNorm, up, GELU, down, residual) and the level's residual; final LayerNorm and
+    head. The same arithmetic as SaShiMiRecurrent.step's torch ops (sums in another order: logits agree
+    to float32 rounding), one row at a time, rows at any phases.
+
+    Built from a SaShiMiRecurrent whose S4 layer forms hold fused pointers (`pad_fused_params`); the
+    weights are read in place, the linear layers' from transposed copies made here. Raises ValueError
+    for a network it would not compute exactly (unet = true, TransposedLN blocks, LayerNorms with
+    different eps, a DPLR layer beyond the C limits, or any state-dict tensor it does not read), so the
+    caller keeps the torch ops."""
+
+    def __init__(self, lib, rec) -> None:
+        net, cfg, layout = rec.net, rec.config, rec.layout
+        if cfg.unet:
+            raise ValueError("the SaShiMi C step does not implement unet=True")
+        if cfg.norm != "layer":
+            raise ValueError(f"the SaShiMi C step does not implement norm={cfg.norm!r}")
+        for form in rec.forms.values():
+            if form.form == "dplr" and (form.M > MAX_MODES or form.Pr.shape[0] > MAX_RANK):
+                raise ValueError("a DPLR layer beyond the C step's limits (1024 modes, rank 4)")
+        eps = {m.eps for m in net.modules() if isinstance(m, torch.nn.LayerNorm)}
+        if len(eps) != 1:
+            raise ValueError("every LayerNorm must share one eps")
+        self.lib, self.V, self.numel = lib, cfg.vocab_size, layout.numel
+        tensors = net.state_dict(keep_vars=True)
+        read: set[str] = set()
+        self._keep: list = []  # every tensor and ctypes array a pointer refers to
+
+        def take(name: str) -> torch.Tensor:
+            read.add(name)
+            return tensors[name]
+
+        def ptr(t: torch.Tensor) -> int:
+            t = t.detach()
+            self._keep.append(t)
+            return _ptrs(t)[0].value
+
+        def transposed(name: str) -> int:
+            return ptr(take(name).detach().t().contiguous())
+
+        def stack(prefix: str, blocks) -> tuple[CNetStack, int]:
+            """A level's blocks as NetLayers: its (S4, FF) pairs (model.arch.sashimi.level_blocks), the FF
+            block as the NetLayer's d_ff part; or its S4 blocks alone when ff = 0."""
+            per = 2 if cfg.ff else 1
+            pairs = [
+                (f"{prefix}.{i}", f"{prefix}.{i + 1}" if cfg.ff else None) for i in range(0, len(blocks), per)
+            ]
+            if not all(f"{name}.layer.D" in tensors for name, _ in pairs):
+                raise ValueError(f"{prefix}: blocks are not (S4, FF) pairs, nor S4 blocks alone")
+            layers = (NetLayer * len(pairs))()
+            off = (ctypes.c_long * len(pairs))()
+            modes = (ctypes.c_long * len(pairs))()
+            for j, (name, ff) in enumerate(pairs):
+                lay, form = layers[j], rec.forms[name]
+                lay.form = 0 if form.form == "diagonal" else 1
+                lay.rank = form.Pr.shape[0] if lay.form == 1 else 0
+                lay.ln_w, lay.ln_b = ptr(take(f"{name}.norm.weight")), ptr(take(f"{name}.norm.bias"))
+                lay.d_skip = ptr(take(f"{name}.layer.D"))
+                lay.out_wt = transposed(f"{name}.layer.out.weight")
+                lay.out_b = ptr(take(f"{name}.layer.out.bias"))
+                read.update(n for n in tensors if n.startswith(f"{name}.layer.kernel."))  # in the layer form
+                for k, p in enumerate(form._fused_ptrs):
+                    lay.p[k] = p.value
+                off[j], modes[j] = layout.slots[f"{name}.x"].offset, form.M
+                if ff is not None:  # its FF block: LayerNorm, up, GELU, down
+                    lay.d_ff = tensors[f"{ff}.ff.up.weight"].shape[0]
+                    lay.ff_ln_w, lay.ff_ln_b = ptr(take(f"{ff}.norm.weight")), ptr(take(f"{ff}.norm.bias"))
+                    lay.up_t, lay.up_b = transposed(f"{ff}.ff.up.weight"), ptr(take(f"{ff}.ff.up.bias"))
+                    lay.down_t = transposed(f"{ff}.ff.down.weight")
+                    lay.down_b = ptr(take(f"{ff}.ff.down.bias"))
+            widest = max((lay.d_ff for lay in layers), default=0)
+            self._keep += [layers, off, modes]
+            return CNetStack(
+                len(pairs), ctypes.addressof(layers), ctypes.addressof(off), ctypes.addressof(modes)
+            ), widest
+
+        K = len(rec.pool)
+        levels = (CLevel * (K + 1))()
+        every = 1
+        for k in range(K + 1):
+            lv, H = levels[k], net.widths[k]
+            prefix, blocks = ("center", net.center) if k == K else (f"up.{k}.blocks", net.up[k].blocks)
+            lv.blocks, lv.F = stack(prefix, blocks)
+            lv.H, lv.every = H, every
+            if k < K:
+                lv.s, lv.Hn = rec.pool[k], net.widths[k + 1]
+                lv.dbuf, lv.ubuf = (
+                    layout.slots[f"down.{k}.buffer"].offset,
+                    layout.slots[f"up.{k}.buffer"].offset,
+                )
+                lv.down_t, lv.down_b = (
+                    transposed(f"down.{k}.pool.linear.weight"),
+                    ptr(take(f"down.{k}.pool.linear.bias")),
+                )
+                lv.up_t, lv.up_b = (
+                    transposed(f"up.{k}.pool.linear.weight"),
+                    ptr(take(f"up.{k}.pool.linear.bias")),
+                )
+                every *= rec.pool[k]
+        self._keep.append(levels)
+        c = self.c = CSaShiMi()
+        c.K, c.V, c.numel, c.period, c.levels = K, self.V, self.numel, rec.period, ctypes.addressof(levels)
+        c.embed = ptr(take("embed.weight").detach() * cfg.embed_scale)
+        c.lnf_w, c.lnf_b, c.head_t = (
+            ptr(take("norm.weight")),
+            ptr(take("norm.bias")),
+            transposed("head.weight"),
+        )
+        c.head_b = ptr(take("head.bias")) if "head.bias" in tensors else None
+        c.eps = eps.pop()
+        unread = sorted(set(tensors) - read)
+        if unread:
+            raise ValueError(f"the SaShiMi C step does not read {unread}")
+
+    def __call__(self, tokens: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """tokens (B,) int64, state (B, numel) float32 contiguous with valid phases (the caller checks),
+        updated in place → logits (B, V)."""
+        tokens = tokens.contiguous().long()
+        logits = torch.empty(tokens.shape[0], self.V)
+        rc = self.lib.sashimi_step(
+            ctypes.byref(self.c), ctypes.c_long(tokens.shape[0]), ctypes.c_void_p(tokens.data_ptr()),
+            ctypes.c_void_p(state.data_ptr()), ctypes.c_void_p(logits.data_ptr()),
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError(f"SaShiMi C step failed (code {rc}: out of memory)")
+        return logits
+
+    def block(self, K: int, state: torch.Tensor, tok: torch.Tensor, **rows) -> BlockResult:
+        """Up to K decode steps in one C call (ssm_step.c `sashimi_block`); state (B, numel) float32
+        contiguous, updated in place; the other arguments: `decode_block`."""
+        head = (ctypes.byref(self.c), ctypes.c_long(K), ctypes.c_long(tok.shape[0]))
+        return decode_block(
+            lambda tail: self.lib.sashimi_block(*head, *tail), K, self.V, state, 0, tok, **rows
+        )
+
+
+def decode_block(
+    invoke,
+    K: int,
+    V: int,
+    state: torch.Tensor,
+    batch_dim: int,
+    tok: torch.Tensor,
+    *,
+    settings: RowSettings,
+    counts: torch.Tensor | None,
+    key: torch.Tensor,
+    counter: torch.Tensor,
+    limit: torch.Tensor,
+    stops: list[list[bytes]],
+    history: list[bytes],
+    seen: torch.Tensor,
+    interrupt: ctypes.c_int | None = None,
+) -> BlockResult:
+    """Check and marshal the per-row arguments of a native decode block (ssm_step.c `decode_block`), call
+    `invoke(tail)` with the C arguments after the network's own (state, tok, the sampling settings, ...,
+    interrupt), and collect the result.
+
+    state: float32 contiguous, B rows along `batch_dim`, updated in place; tok (B,) int64 contiguous, the
+    pending tokens, updated in place to each row's last token; settings: the rows' sampling settings
+    (model.sampling.row_settings); counts (B, V) float32 contiguous or None (needed when
+    settings.counted), incremented in place for every sampled token; key and counter (B,) int64 holding
+    uint64 bit patterns (the stream's key and its next index; counter is advanced in place); limit (B,)
+    int64 ≥ 0; stops: per row, its stop sequences (bytes); history: per row, its output bytes so far
+    (only the last longest-stop − 1 are read); seen (B, V) bool, set in place for every sampled token;
+    interrupt: a flag that, once set to nonzero by another thread, ends the block after the current
+    step (at least one step is made). Raises ValueError on bad shapes or when the C step fails."""
+    B = tok.shape[0]
+    if (
+        state.shape[batch_dim] != B
+        or not state.is_contiguous()
+        or state.dtype != torch.float32
+        or seen.shape != (B, V)
+        or seen.dtype != torch.bool
+    ):
+        raise ValueError("decode block: state, tok and seen must describe the same rows")
+    for t, dt in (
+        (tok, torch.long),
+        (settings.temperature, torch.float64),
+        (key, torch.long),
+        (counter, torch.long),
+        (limit, torch.long),
+    ):
+        if t.shape != (B,) or t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"decode block: expected ({B},) {dt} contiguous CPU tensors")
+    if not seen.is_contiguous():
+        raise ValueError("decode block: seen must be contiguous")
+    bad_counts = counts is None or counts.shape != (B, V) or counts.dtype != torch.float32
+    if settings.counted and (bad_counts or not counts.is_contiguous()):
+        raise ValueError(f"decode block: counts must be ({B}, {V}) float32 contiguous")
+    longest = max((len(s) for row in stops for s in row), default=0)
+    keep = max(longest - 1, 0)
+    first, offsets, data = [0], [0], bytearray()
+    for row in stops:
+        for s in row:
+            data += s
+            offsets.append(len(data))
+        first.append(len(offsets) - 1)
+    cap = keep + K
+    hist = torch.zeros(B, max(cap, 1), dtype=torch.uint8)
+    hist_len = torch.zeros(B, dtype=torch.long)
+    for r, h in enumerate(history):
+        tail = h[len(h) - keep :] if keep else b""
+        if tail:
+            hist[r, : len(tail)] = torch.frombuffer(bytearray(tail), dtype=torch.uint8)
+        hist_len[r] = len(tail)
+    first_t = torch.tensor(first, dtype=torch.long)
+    off_t = torch.tensor(offsets, dtype=torch.long)
+    data_t = torch.frombuffer(data, dtype=torch.uint8) if data else torch.zeros(1, dtype=torch.uint8)
+    out_tok = torch.zeros(K, B, dtype=torch.long)
+    n_out, stopped = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    times = torch.zeros(K, dtype=torch.float64)
+
+    def p(t):
+        return ctypes.c_void_p(t.data_ptr())
+
+    rows = [p(state), p(tok), *settings.pointers(seen, counts)]
+    rows += [p(t) for t in (key, counter, limit, first_t, off_t, data_t, hist)]
+    outs = [p(t) for t in (hist_len, seen, out_tok, n_out, stopped, times)]
+    flag = ctypes.c_void_p(None if interrupt is None else ctypes.addressof(interrupt))
+    steps = invoke([*rows, ctypes.c_long(hist.shape[1]), *outs, flag])
+    if steps < 0:
+        raise ValueError(
+            f"fused decode block failed (code {steps}: > 1024 modes, rank > 4, or out of memory)"
+        )
+    return BlockResult(int(steps), out_tok[:steps], n_out, stopped.bool(), times[:steps])
 
 
 def philox_uniforms(lib, key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""The native decode block (model/csrc/ssm_step.c `net_block`, RecurrentModel.decode_block): K steps
-with sampling and stop checks in one C call give exactly (bit for bit) the tokens, states and seen sets
-of stepping each row alone with `RecurrentModel.step` and `model.sampling.sample`; its counter-based
+"""The native decode block (model/csrc/ssm_step.c `net_block`, RecurrentModel.decode_block; and
+`sashimi_block`, SaShiMiRecurrent.decode_block): K steps with sampling and stop checks in one C call
+give exactly (bit for bit) the tokens, states and seen sets of stepping each row alone with the model's
+`step` and `model.sampling.sample`; its counter-based
 streams (Philox4x32-10) match the Random123 known answers and the Python implementation; the C
 sampler draws from the same distribution as the torch sampler."""
 
@@ -13,7 +14,7 @@ import math
 import pytest
 import torch
 
-from model import ModelConfig, SequenceModel, fused
+from model import ModelConfig, SequenceModel, build, fused
 from model.sampling import (
     CounterRNG,
     SamplingParams,
@@ -41,12 +42,20 @@ PHILOX_KAT = [
 ]
 
 
-@pytest.fixture(scope="module", params=["s4", "s4d"])
+@pytest.fixture(scope="module", params=["s4", "s4d", "sashimi"])
 def rec(request):
     torch.manual_seed(0)
-    rec = SequenceModel(ModelConfig(**SMALL, kernel=request.param)).to_recurrent()
+    if request.param == "sashimi":  # pools [4, 4]: rows at every phase, blocks across pooling periods
+        rec = build(ModelConfig(**SMALL, arch="sashimi", pool=[4, 4])).to_recurrent()
+    else:
+        rec = SequenceModel(ModelConfig(**SMALL, kernel=request.param)).to_recurrent()
     assert rec.decode_block_ready(1) and fused.library() is not None
     return rec
+
+
+def rows(rec, state: torch.Tensor, idx) -> torch.Tensor:
+    """The rows idx (a slice or a list) of a batch of states, along the model's batch dim."""
+    return state[(slice(None),) * rec.batch_dim + (idx,)]
 
 
 def test_philox_matches_the_random123_known_answers_in_python_and_in_c():
@@ -85,7 +94,7 @@ def _prefilled(rec, B: int, seed: int):
     for r in range(B):
         prompt = torch.randint(0, V, (1, 3 + 5 * r), generator=g)
         _, x = rec.prefill(prompt[:, :-1], rec.init_state(1))
-        state[:, r : r + 1] = x
+        rows(rec, state, slice(r, r + 1)).copy_(x)
         tok[r] = prompt[0, -1]
     return state.contiguous(), tok
 
@@ -96,7 +105,7 @@ def _one_step(rec, state, tok, params, limits, seen):
     sequence. Returns per row (tokens, state, seen row)."""
     out = []
     for r, p in enumerate(params):
-        x, t, gen = state[:, r : r + 1].clone(), tok[r : r + 1].clone(), p.generator()
+        x, t, gen = rows(rec, state, slice(r, r + 1)).clone(), tok[r : r + 1].clone(), p.generator()
         s, counts, toks = seen[r : r + 1].clone(), torch.zeros(1, V), []
         while len(toks) < limits[r]:
             logits, x = rec.step(t, x)
@@ -168,9 +177,9 @@ def test_the_block_gives_the_one_step_paths_tokens_states_and_seen_sets_bit_for_
     for r in range(B):
         assert toks[r] == ref[r][0], f"row {r}"
         assert len(toks[r]) == limits[r]
-        assert torch.equal(new_state[:, r : r + 1], ref[r][1]), f"row {r}: state"
+        assert torch.equal(rows(rec, new_state, slice(r, r + 1)), ref[r][1]), f"row {r}: state"
         assert torch.equal(new_seen[r : r + 1], ref[r][2])
-    assert torch.equal(new_state[:, 2], state[:, 2])  # the hole's state is untouched
+    assert torch.equal(rows(rec, new_state, 2), rows(rec, state, 2))  # the hole's state is untouched
     greedy = [r for r, p in enumerate(PARAMS) if p.temperature == 0]
     assert greedy and all(len(set(toks[r])) >= 1 for r in greedy)
 
@@ -191,7 +200,7 @@ def test_rows_stopping_mid_block_are_exact_and_leave_the_other_rows_bit_identica
         toks, new_state, new_seen, stopped = _block(rec, state, tok, params, limits, seen, K)
         for r in range(B):
             assert toks[r] == ref[r][0], f"K={K} row {r}"
-            assert torch.equal(new_state[:, r : r + 1], ref[r][1]), f"K={K} row {r}: state"
+            assert torch.equal(rows(rec, new_state, slice(r, r + 1)), ref[r][1]), f"K={K} row {r}: state"
             assert torch.equal(new_seen[r : r + 1], ref[r][2])
             if r in stops:
                 assert stopped[r] and len(toks[r]) < 48 and toks[r] == free[r][: len(toks[r])]
@@ -205,13 +214,14 @@ def test_a_seed_gives_the_same_tokens_and_state_alone_and_in_any_batch(rec):
     seen = torch.zeros(B, V, dtype=torch.bool)
     together, st, _, _ = _block(rec, state, tok, PARAMS, [30] * B, seen, K=16)
     order = list(reversed(range(B)))  # another batch order, and each row alone
-    flipped, sf, _, _ = _block(rec, state[:, order].contiguous(), tok[order], [PARAMS[i] for i in order],
-                               [30] * B, seen, K=5)  # fmt: skip
+    flipped, sf, _, _ = _block(rec, rows(rec, state, order).contiguous(), tok[order],
+                               [PARAMS[i] for i in order], [30] * B, seen, K=5)  # fmt: skip
     for r in (1, 3, 5):
-        alone, sa, _, _ = _block(rec, state[:, r : r + 1].contiguous(), tok[r : r + 1], [PARAMS[r]], [30],
-                                 seen[:1], K=16)  # fmt: skip
+        one = rows(rec, state, slice(r, r + 1)).contiguous()
+        alone, sa, _, _ = _block(rec, one, tok[r : r + 1], [PARAMS[r]], [30], seen[:1], K=16)
         assert alone[0] == together[r] == flipped[order.index(r)]
-        assert torch.equal(sa[:, 0], st[:, r]) and torch.equal(sf[:, order.index(r)], st[:, r])
+        assert torch.equal(rows(rec, sa, 0), rows(rec, st, r))
+        assert torch.equal(rows(rec, sf, order.index(r)), rows(rec, st, r))
 
 
 def _chi2_against(probs: torch.Tensor, counts: torch.Tensor) -> tuple[float, int]:

@@ -15,7 +15,7 @@ import torch
 from conftest import devices
 from numerics import step_all
 
-from model import ModelConfig, VerificationError, build, load, save
+from model import ModelConfig, VerificationError, build, fused, load, save
 from model.arch.sashimi import DownPool, SaShiMi, UpPool
 from model.checkpoint import CheckpointError
 from model.data import prepare_text
@@ -301,7 +301,7 @@ def test_fused_and_torch_steps_agree_at_mixed_phases(trained, trained_net):
     torch.manual_seed(1)
     net = trained_net if trained else make().eval()
     fused, plain = net.to_recurrent(), net.to_recurrent(fused_step=False)
-    assert fused._fused is not None and plain._fused is None
+    assert fused._fused is not None and fused._net_step is not None and plain._fused is None
     assert {r["form"] for r in fused.report} == {"diagonal" if trained else "dplr"}
     _, state = fused.prefill(torch.randint(0, V, (1, 5)), fused.init_state(1))
     state = torch.cat([state, fused.init_state(1), fused.prefill(torch.randint(0, V, (1, 11)), state)[1]])
@@ -309,6 +309,51 @@ def test_fused_and_torch_steps_agree_at_mixed_phases(trained, trained_net):
     a, sa = step_all(fused, tokens, state)
     b, sb = step_all(plain, tokens, state)
     assert rel(a, b) <= 1e-6 and rel(sa, sb) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(kernel="s4d", init="legs"), dict(ff=0, expand=1), dict(pool=[2, 4, 2], l_max=256),
+     dict(pool=[8], n_layers=2, tie_embeddings=True, head_bias=True)],
+    ids=["s4", "s4d", "no-ff", "three-pools", "one-pool"],
+)  # fmt: skip
+def test_the_whole_network_c_step_equals_the_torch_ops_at_every_phase(kw):
+    """The SaShiMi C step (fused.SaShiMiStep) against the torch ops (per-layer fused SSM steps, and
+    plain torch), 3 rows at different phases over several pooling periods; and its step is the one the
+    conversion verified against the float64 conv mode."""
+    torch.manual_seed(3)
+    net = make(l_max=kw.pop("l_max", 128), **kw)
+    train_a_few_steps(net, steps=2, L=128)
+    net.eval()
+    whole = net.to_recurrent()
+    per_layer, plain = net.to_recurrent(fused_network=False), net.to_recurrent(fused_step=False)
+    assert whole._net_step is not None and per_layer._net_step is None and plain._fused is None
+    assert whole.verification["step_rel_err"] <= 1e-5
+    period = whole.period
+    state = torch.cat([whole.prefill(torch.randint(0, V, (1, n)), whole.init_state(1))[1]
+                       for n in (0, period // 2 + 1, period - 1)])  # fmt: skip
+    tokens = torch.randint(0, V, (3, 3 * period + 5))
+    a, sa = step_all(whole, tokens, state)
+    for other in (per_layer, plain):
+        b, sb = step_all(other, tokens, state)
+        # float32 rounding in another summation order, over ~50 steps: 1e-5 is ~170 u (measured ≤ 3e-6)
+        assert rel(a, b) <= 1e-5 and rel(sa, sb) <= 1e-5
+    assert torch.equal(whole.phases(sa), plain.phases(sb))
+
+
+@pytest.mark.parametrize("kw,field", [(dict(unet=True), "unet"), (dict(norm="tln"), "norm")])
+def test_the_c_step_refuses_what_it_does_not_compute_and_the_torch_ops_serve_it(kw, field):
+    net = make(l_max=64, **kw).eval()
+    rec = net.to_recurrent()  # verified through the torch ops
+    assert rec._fused is not None and rec._net_step is None and not rec.decode_block_ready(1)
+    with pytest.raises(ValueError, match=field):
+        fused.SaShiMiStep(fused.library(), rec)
+    with pytest.raises(ValueError, match="native decode block"):
+        rec.decode_block(1, rec.init_state(1), torch.zeros(1, dtype=torch.long))
+    ok = make(l_max=64).eval().to_recurrent()
+    ok.net.register_buffer("extra", torch.zeros(1))  # a tensor it would not read: refused, by name
+    with pytest.raises(ValueError, match="does not read \\['extra'\\]"):
+        fused.SaShiMiStep(fused.library(), ok)
 
 
 def test_a_corrupt_phase_counter_or_shape_is_refused(trained_net):

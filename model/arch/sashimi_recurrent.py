@@ -65,6 +65,7 @@ class SaShiMiRecurrent:
         fused_step=True,
         dtype: torch.dtype | None = None,
         logits_tol: float | None = None,
+        fused_network=True,
     ):
         device = torch.device(device) if device is not None else next(net.parameters()).device
         if dtype not in (None, torch.float32) or {p.dtype for p in net.parameters()} != {torch.float32}:
@@ -97,6 +98,14 @@ class SaShiMiRecurrent:
         if self._fused is not None:
             for form in self.forms.values():
                 pad_fused_params(form, form.M)  # its C pointers (each layer's state has its own M)
+        # ... and the whole network's step is one C call (fused.SaShiMiStep), with the native decode
+        # block, unless the network has something it does not compute (it names it): then the torch ops
+        self._net_step = None
+        if self._fused is not None and fused_network:
+            try:
+                self._net_step = fused.SaShiMiStep(self._fused, self)
+            except ValueError:
+                pass
         self._state_bound: torch.Tensor | None = None
         tol_net = LOGITS_TOL[torch.float32] if logits_tol is None else logits_tol
         self.verification = self._verify_network(net, tol_net)
@@ -370,11 +379,33 @@ class SaShiMiRecurrent:
         if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
         tau = self.phases(state)
+        if self._net_step is not None:
+            new = state.contiguous().clone() if out is None or not out.is_contiguous() else out.copy_(state)
+            logits = self._net_step(tokens, new)
+            return logits, new if out is None or new is out else out.copy_(new)
         new = state.contiguous().clone()
         y = self._step_level(0, self._embed(tokens), None, tau, new)
         self.layout.view(new, "phase")[:, 0] = ((tau + 1) % self.period).float()
         logits = self.net.head(self.net.norm(y))
         return logits, new if out is None else out.copy_(new)
+
+    def decode_block_ready(self, batch: int) -> bool:
+        """Whether `decode_block` serves a batch (the whole-network C step: CPU, float32, unet = false,
+        LayerNorm blocks); any number of rows."""
+        return self._net_step is not None
+
+    @torch.inference_mode()
+    def decode_block(self, K: int, state: torch.Tensor, tokens: torch.Tensor, **rows) -> fused.BlockResult:
+        """Up to K steps with sampling and stop checks in one C call (ssm_step.c `sashimi_block`), the
+        state (B, numel) and the pending tokens (B,) updated in place: see fused.decode_block for the
+        per-row arguments and the result. Each row's tokens, state and seen set are exactly those of
+        stepping it alone with `step` and `model.sampling.sample` (its settings, its CounterRNG).
+        Raises ValueError when `decode_block_ready` is false, on a bad phase, or on bad arguments."""
+        if not self.decode_block_ready(tokens.shape[0]):
+            raise ValueError("the native decode block needs the SaShiMi C step (CPU, float32, unet = false)")
+        self._check(tokens, state, 1)
+        self.phases(state)
+        return self._net_step.block(K, state, tokens, **rows)
 
     # -----------------------------------------------------------------------------------------
     # prefill: every row of st at the same phase tau

@@ -216,6 +216,57 @@ void linear_rows(long tiled, long B, long K, long N, const float *x, const float
         for (long r = 0; r < B; r++) linear_row(K, N, x + r * K, Wt, bias, out + r * N);
 }
 
+/* One block's SSM step for one row: its state xs (H, 2, M) → xo (may be xs itself), u (H) → y (H). */
+static inline int ssm_row(const NetLayer *L, long H, long M, const float *xs, float *xo, const float *u, float *y) {
+    const float *const *p = L->p;
+    if (L->form == 0) {
+        diag_step(1, H, M, xs, xo, u, y, p[0], p[1], p[2], p[3], p[4], p[5]);
+        return 0;
+    }
+    return dplr_step(1, H, M, L->rank, xs, xo, u, y, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9],
+                     p[10]);
+}
+
+/* The rest of a block for B rows once its SSM step has written y (B, H) from u = LN(x): y ← GELU(y + D u),
+ * x += GLU(out(y)); then, with d_ff, x += down(GELU(up(LN(x)))). Scratch: o (B, 2H), f (B, d_ff); u and
+ * y are overwritten. */
+static void block_rest(long B, long H, const NetLayer *L, float *x, float *u, float *y, float *o, float *f,
+                       float eps) {
+    for (long r = 0; r < B; r++) { /* GELU(y + D u), exact (erf) form */
+        float *yr = y + r * H;
+        const float *ur = u + r * H;
+#pragma omp simd
+        for (long h = 0; h < H; h++) {
+            const float z = yr[h] + L->d_skip[h] * ur[h];
+            yr[h] = 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
+        }
+    }
+    linear_t(B, H, 2 * H, y, L->out_wt, L->out_b, o);
+    for (long r = 0; r < B; r++) { /* residual + GLU: a · sigmoid(g) */
+        float *xr = x + r * H;
+        const float *a = o + r * 2 * H, *g = a + H;
+#pragma omp simd
+        for (long h = 0; h < H; h++) xr[h] += a[h] / (1.0f + expf(-g[h]));
+    }
+    if (L->d_ff > 0) { /* the FF block: x += down(GELU(up(LN(x)))), exact (erf) GELU */
+        const long Fl = L->d_ff;
+        layer_norm(B, H, x, u, L->ff_ln_w, L->ff_ln_b, eps);
+        linear_t(B, H, Fl, u, L->up_t, L->up_b, f);
+        for (long r = 0; r < B; r++) {
+            float *fr = f + r * Fl;
+#pragma omp simd
+            for (long n = 0; n < Fl; n++) fr[n] = 0.5f * fr[n] * (1.0f + erff(fr[n] * 0.70710678118654752f));
+        }
+        linear_t(B, Fl, H, f, L->down_t, L->down_b, y);
+        for (long r = 0; r < B; r++) {
+            float *xr = x + r * H;
+            const float *yr = y + r * H;
+#pragma omp simd
+            for (long h = 0; h < H; h++) xr[h] += yr[h];
+        }
+    }
+}
+
 /* The rows rows[0 .. B − 1] of a batch of Btot (the state is (n_layers, Btot, H, 2, M)); row i's
  * token is tokens[rows[i]] and its logits go to logits + i * V. Every row's arithmetic is the same
  * whatever the other rows are (each output element's sums run in one fixed order), so a row's
@@ -240,49 +291,10 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
     for (long l = 0; l < n_layers && rc == 0; l++) {
         const NetLayer *L = layers + l;
         layer_norm(B, H, x, u, L->ln_w, L->ln_b, eps);
-        const float *const *p = L->p;
-        for (long r = 0; r < B && rc == 0; r++) { /* rows may be anywhere in the batch: one SSM call each */
-            const float *xs = state + l * per_layer + rows[r] * row_size;
-            float *xo = state_out + l * per_layer + rows[r] * row_size;
-            if (L->form == 0)
-                diag_step(1, H, M, xs, xo, u + r * H, y + r * H, p[0], p[1], p[2], p[3], p[4], p[5]);
-            else
-                rc = dplr_step(1, H, M, L->rank, xs, xo, u + r * H, y + r * H, p[0], p[1], p[2], p[3], p[4],
-                               p[5], p[6], p[7], p[8], p[9], p[10]);
-        }
-        for (long r = 0; r < B; r++) { /* GELU(y + D u), exact (erf) form */
-            float *yr = y + r * H;
-            const float *ur = u + r * H;
-#pragma omp simd
-            for (long h = 0; h < H; h++) {
-                const float z = yr[h] + L->d_skip[h] * ur[h];
-                yr[h] = 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
-            }
-        }
-        linear_t(B, H, 2 * H, y, L->out_wt, L->out_b, o);
-        for (long r = 0; r < B; r++) { /* residual + GLU: a · sigmoid(g) */
-            float *xr = x + r * H;
-            const float *a = o + r * 2 * H, *g = a + H;
-#pragma omp simd
-            for (long h = 0; h < H; h++) xr[h] += a[h] / (1.0f + expf(-g[h]));
-        }
-        if (L->d_ff > 0) { /* the FF block: x += down(GELU(up(LN(x)))), exact (erf) GELU */
-            const long Fl = L->d_ff;
-            layer_norm(B, H, x, u, L->ff_ln_w, L->ff_ln_b, eps);
-            linear_t(B, H, Fl, u, L->up_t, L->up_b, f);
-            for (long r = 0; r < B; r++) {
-                float *fr = f + r * Fl;
-#pragma omp simd
-                for (long n = 0; n < Fl; n++) fr[n] = 0.5f * fr[n] * (1.0f + erff(fr[n] * 0.70710678118654752f));
-            }
-            linear_t(B, Fl, H, f, L->down_t, L->down_b, y);
-            for (long r = 0; r < B; r++) {
-                float *xr = x + r * H;
-                const float *yr = y + r * H;
-#pragma omp simd
-                for (long h = 0; h < H; h++) xr[h] += yr[h];
-            }
-        }
+        for (long r = 0; r < B && rc == 0; r++) /* rows may be anywhere in the batch: one SSM call each */
+            rc = ssm_row(L, H, M, state + l * per_layer + rows[r] * row_size,
+                         state_out + l * per_layer + rows[r] * row_size, u + r * H, y + r * H);
+        if (rc == 0) block_rest(B, H, L, x, u, y, o, f, eps);
     }
     if (rc == 0) {
         layer_norm(B, H, x, u, lnf_w, lnf_b, eps);
@@ -539,8 +551,9 @@ void philox_uniforms(long n, const uint64_t *key, const uint64_t *counter, float
 
 /* ------------------------------------------------------------------------------------------------
  * A decode block: up to K steps of (whole-network step → sample → stop checks) for a batch, with no
- * return to Python between steps. Per row r (Btot rows; the state (n_layers, Btot, H, 2, M) is updated
- * in place):
+ * return to Python between steps, for any network given as a StepRowsFn (net_block: the isotropic
+ * network, state (n_layers, Btot, H, 2, M); sashimi_block: SaShiMi, state (Btot, numel)). Per row r
+ * (Btot rows; the state is updated in place):
  *   - tok[r]: the pending token, fed at the next step; on return the last token sampled;
  *   - its sampling settings (temp .. counts: as sample_rows_full; pen_seen is seen or NULL when no
  *     row has a repetition penalty; counts (Btot, V) or NULL, incremented for every token sampled)
@@ -602,15 +615,19 @@ static int sample_and_check(long B, const long *rows, long V, const float *logit
     return 0;
 }
 
-long net_block(long K, long Btot, long H, long V, long n_layers, long M, const float *embed,
-               const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
-               const float *head_b, float eps, float *state, long *tok, const double *temp, const long *top_k,
-               const long *kind, const float *top_p, const float *min_p, const float *rep, const float *presence,
-               const float *frequency, const float *bias, const unsigned char *pen_seen, float *counts,
-               const uint64_t *key, uint64_t *counter, const long *limit, const long *stop_first,
-               const long *stop_off, const unsigned char *stop_data, unsigned char *hist, long hist_cap,
-               long *hist_len, unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times,
-               const int *interrupt) {
+/* A batch's step for the rows rows[0 .. B − 1] of Btot: feeds tok[rows[i]], updates their state in place,
+ * writes their logits to logits + i * V; 0 or < 0 on error. */
+typedef int (*StepRowsFn)(const void *ctx, long B, long Btot, const long *rows, const long *tok, float *state,
+                          float *logits);
+
+static long decode_block(StepRowsFn step_rows, const void *ctx, long K, long Btot, long V, float *state, long *tok,
+                         const double *temp, const long *top_k, const long *kind, const float *top_p,
+                         const float *min_p, const float *rep, const float *presence, const float *frequency,
+                         const float *bias, const unsigned char *pen_seen, float *counts, const uint64_t *key,
+                         uint64_t *counter, const long *limit, const long *stop_first, const long *stop_off,
+                         const unsigned char *stop_data, unsigned char *hist, long hist_cap, long *hist_len,
+                         unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times,
+                         const int *interrupt) {
     const SampleArgs args = {temp, top_k, kind, top_p, min_p, rep, presence, frequency, bias, pen_seen, counts};
     const int nt_max = Btot >= NET_PARALLEL_ROWS ? omp_get_max_threads() : 1;
     double *tbuf = malloc(sizeof(double) * (size_t)nt_max * (size_t)(K > 0 ? K : 1));
@@ -636,8 +653,7 @@ long net_block(long K, long Btot, long H, long V, long n_layers, long M, const f
             for (long r = lo; r < hi; r++)
                 if (!stopped[r] && n_out[r] < limit[r]) rows[B++] = r;
             if (B == 0) break;
-            my_rc = net_rows(B, Btot, rows, H, V, n_layers, M, tok, embed, layers, lnf_w, lnf_b, head_t, head_b,
-                             eps, state, state, logits);
+            my_rc = step_rows(ctx, B, Btot, rows, tok, state, logits);
             if (my_rc == 0) /* this thread's rows only: no other thread reads or writes them */
                 my_rc = sample_and_check(B, rows, V, logits, k, Btot, tok, &args, key, counter, stop_first,
                                          stop_off, stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out,
@@ -657,4 +673,209 @@ long net_block(long K, long Btot, long H, long V, long n_layers, long M, const f
     }
     free(tbuf);
     return rc == 0 ? steps : rc;
+}
+
+typedef struct {
+    long H, V, n_layers, M;
+    const float *embed;
+    const NetLayer *layers;
+    const float *lnf_w, *lnf_b, *head_t, *head_b;
+    float eps;
+} NetArgs;
+
+static int net_rows_fn(const void *ctx, long B, long Btot, const long *rows, const long *tok, float *state,
+                       float *logits) {
+    const NetArgs *n = ctx;
+    return net_rows(B, Btot, rows, n->H, n->V, n->n_layers, n->M, tok, n->embed, n->layers, n->lnf_w, n->lnf_b,
+                    n->head_t, n->head_b, n->eps, state, state, logits);
+}
+
+/* The decode block of the isotropic network (state (n_layers, Btot, H, 2, M)); arguments as above. */
+long net_block(long K, long Btot, long H, long V, long n_layers, long M, const float *embed,
+               const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
+               const float *head_b, float eps, float *state, long *tok, const double *temp, const long *top_k,
+               const long *kind, const float *top_p, const float *min_p, const float *rep, const float *presence,
+               const float *frequency, const float *bias, const unsigned char *pen_seen, float *counts,
+               const uint64_t *key, uint64_t *counter, const long *limit, const long *stop_first,
+               const long *stop_off, const unsigned char *stop_data, unsigned char *hist, long hist_cap,
+               long *hist_len, unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times,
+               const int *interrupt) {
+    const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_w, lnf_b, head_t, head_b, eps};
+    return decode_block(net_rows_fn, &n, K, Btot, V, state, tok, temp, top_k, kind, top_p, min_p, rep, presence,
+                        frequency, bias, pen_seen, counts, key, counter, limit, stop_first, stop_off, stop_data, hist,
+                        hist_cap, hist_len, seen, out_tok, n_out, stopped, times, interrupt);
+}
+
+/* ------------------------------------------------------------------------------------------------
+ * SaShiMi's whole step (model/arch/sashimi_recurrent.py: SaShiMiRecurrent.step, unet = false, LayerNorm
+ * blocks), one row at a time. A row's state is one float32 vector (its StateLayout): the phase (steps
+ * taken mod prod(pool), an exact integer), each S4 block's modes (H, 2, M) at its offset, and each
+ * level's DownPool and UpPool buffers (s, H). Level k < K, input x (H):
+ *     r = (phase / every) mod s;  dbuf[r] = x;  out = ubuf[r]  (read before a refill)
+ *     r = s − 1:  coarse = W_down · fold(dbuf) + b  (fold: channel h·s + j = dbuf[j][h]);
+ *                 c = level k + 1 (coarse);  ubuf[j][h] = (W_up · c + b)[h·s + j];  dbuf = 0
+ *     out += x;  out = blocks(out) + out
+ * and the center: out = blocks(x) + x. Then LayerNorm and head on level 0's output. The arithmetic is
+ * the torch ops' (the blocks are net_rows' S4 + FF pairs); sums run in another order, so logits agree
+ * to float32 rounding. The rows of a batch step together (the rows of a level that emit a coarse input go
+ * on together), with the linear layers in four-row tiles; a row's bits never depend on the other rows. */
+#include <stdint.h>
+
+typedef struct {
+    long n;                   /* blocks: an S4 block each, with its FF block when d_ff > 0 */
+    const NetLayer *layers;
+    const long *off, *modes;  /* block i's modes (H, 2, modes[i]) start at off[i] in the row */
+} NetStack;
+
+typedef struct {
+    long H, s, Hn, F;         /* width, pool stride (0 at the center), the next level's width, widest d_ff */
+    long every;               /* samples per step of this level: prod(pool[:k]) */
+    long dbuf, ubuf;          /* row offsets of the DownPool and UpPool buffers (s, H) */
+    NetStack blocks;          /* up.k.blocks, or the center's */
+    const float *down_t, *down_b; /* (H·s, Hn): the DownPool linear, transposed */
+    const float *up_t, *up_b;     /* (Hn, H·s): the UpPool linear, transposed */
+} SLevel;
+
+typedef struct {
+    long K, V, numel, period; /* levels below the center, vocabulary, row length, prod(pool) */
+    const SLevel *levels;     /* K + 1: level 0 .. K − 1, then the center */
+    const float *embed;       /* (V, H_0), pre-multiplied by embed_scale */
+    const float *lnf_w, *lnf_b, *head_t, *head_b; /* head_t (H_0, V); head_b may be NULL */
+    float eps;
+} SNet;
+
+static long level_scratch(const SLevel *L) { return 6 * L->H + L->F + 2 * L->H * L->s + 2 * L->Hn; }
+
+/* A level's blocks for n rows: X (n, H) updated in place; row i's block states in st[i]. */
+static int stack_rows(const NetStack *S, long H, long n, float *const *st, float *X, float *U, float *Y, float *O,
+                      float *F, float eps) {
+    for (long l = 0; l < S->n; l++) {
+        const NetLayer *L = S->layers + l;
+        layer_norm(n, H, X, U, L->ln_w, L->ln_b, eps);
+        for (long i = 0; i < n; i++) {
+            int rc = ssm_row(L, H, S->modes[l], st[i] + S->off[l], st[i] + S->off[l], U + i * H, Y + i * H);
+            if (rc) return rc;
+        }
+        block_rest(n, H, L, X, U, Y, O, F, eps);
+    }
+    return 0;
+}
+
+/* Level k for n rows (row i: its state st[i], its global phase tau[i]): X (n, H_k) → OUT (n, H_k). The rows
+ * whose level-k phase is s − 1 go on to level k + 1 together (their pointers and phases in st + cap and
+ * tau + cap). scratch: cap · level_scratch of this level and of every coarser one. The linear layers
+ * run in four-row tiles (linear_t): each row's result is the same bits as alone. */
+static int level_rows(const SNet *net, long k, long n, long cap, float **st, long *tau, const float *X, float *OUT,
+                      float *scratch) {
+    const SLevel *L = net->levels + k;
+    const long H = L->H, s = L->s;
+    float *U = scratch, *Y = U + cap * H, *O = Y + cap * H, *F = O + cap * 2 * H, *Y0 = F + cap * L->F;
+    float *Vf = Y0 + cap * H, *C = Vf + cap * H * s, *CO = C + cap * L->Hn, *Z = CO + cap * L->Hn;
+    float *next = Z + cap * H * s;
+    int rc = 0;
+    if (k == net->K) {
+        memcpy(OUT, X, sizeof(float) * (size_t)(n * H));
+        rc = stack_rows(&L->blocks, H, n, st, OUT, U, Y, O, F, net->eps);
+        for (long i = 0; i < n * H; i++) OUT[i] += X[i];
+        return rc;
+    }
+    float **est = st + cap;
+    long *etau = tau + cap, e = 0;
+    for (long i = 0; i < n; i++) {
+        const long r = (tau[i] / L->every) % s;
+        float *dbuf = st[i] + L->dbuf;
+        const float *ubuf = st[i] + L->ubuf;
+        for (long h = 0; h < H; h++) {
+            dbuf[r * H + h] = X[i * H + h];
+            OUT[i * H + h] = ubuf[r * H + h]; /* read before a refill */
+        }
+        if (r == s - 1) { /* a complete block: fold it (channel h·s + j = input j's channel h) */
+            float *v = Vf + e * H * s;
+            for (long j = 0; j < s; j++)
+                for (long h = 0; h < H; h++) v[h * s + j] = dbuf[j * H + h];
+            memset(dbuf, 0, sizeof(float) * (size_t)(s * H));
+            est[e] = st[i];
+            etau[e++] = tau[i];
+        }
+    }
+    if (e > 0) {
+        linear_t(e, H * s, L->Hn, Vf, L->down_t, L->down_b, C);
+        rc = level_rows(net, k + 1, e, cap, est, etau, C, CO, next);
+        if (rc) return rc;
+        linear_t(e, L->Hn, H * s, CO, L->up_t, L->up_b, Z);
+        for (long i = 0; i < e; i++) {
+            float *ubuf = est[i] + L->ubuf;
+            for (long j = 0; j < s; j++)
+                for (long h = 0; h < H; h++) ubuf[j * H + h] = Z[i * H * s + h * s + j];
+        }
+    }
+    for (long i = 0; i < n * H; i++) OUT[i] += X[i];
+    memcpy(Y0, OUT, sizeof(float) * (size_t)(n * H));
+    rc = stack_rows(&L->blocks, H, n, st, OUT, U, Y, O, F, net->eps);
+    for (long i = 0; i < n * H; i++) OUT[i] += Y0[i];
+    return rc;
+}
+
+static int sashimi_rows(const void *ctx, long B, long Btot, const long *rows, const long *tok, float *state,
+                        float *logits) {
+    (void)Btot;
+    const SNet *net = ctx;
+    const long H0 = net->levels[0].H, levels = net->K + 1;
+    long size = 3 * H0;
+    for (long k = 0; k < levels; k++) size += level_scratch(net->levels + k);
+    float *buf = malloc(sizeof(float) * (size_t)B * (size_t)size);
+    float **st = malloc(sizeof(float *) * (size_t)B * (size_t)levels);
+    long *tau = malloc(sizeof(long) * (size_t)B * (size_t)levels);
+    int rc = buf && st && tau ? 0 : -2;
+    if (rc == 0 && B > 0) {
+        float *X = buf, *OUT = X + B * H0, *U = OUT + B * H0, *scratch = U + B * H0;
+        for (long i = 0; i < B; i++) {
+            st[i] = state + rows[i] * net->numel;
+            tau[i] = (long)st[i][0];
+            memcpy(X + i * H0, net->embed + tok[rows[i]] * H0, sizeof(float) * (size_t)H0);
+        }
+        rc = level_rows(net, 0, B, B, st, tau, X, OUT, scratch);
+        for (long i = 0; i < B; i++) st[i][0] = (float)((tau[i] + 1) % net->period);
+        layer_norm(B, H0, OUT, U, net->lnf_w, net->lnf_b, net->eps);
+        linear_t(B, H0, net->V, U, net->head_t, net->head_b, logits);
+    }
+    free(buf);
+    free(st);
+    free(tau);
+    return rc;
+}
+
+/* One step of B rows: tokens (B,), state (B, numel) updated in place, logits (B, V). The phases must be
+ * integers in [0, period) (the caller checks). Batches of NET_PARALLEL_ROWS rows or more are split over
+ * the threads by rows. Returns 0, or < 0 (out of memory; a DPLR block over the C limits). */
+int sashimi_step(const SNet *net, long B, const long *tokens, float *state, float *logits) {
+    long *rows = malloc(sizeof(long) * (size_t)(B > 0 ? B : 1));
+    if (!rows) return -2;
+    for (long r = 0; r < B; r++) rows[r] = r;
+    int rc = 0;
+    if (B < NET_PARALLEL_ROWS) {
+        rc = sashimi_rows(net, B, B, rows, tokens, state, logits);
+    } else {
+#pragma omp parallel reduction(min : rc)
+        {
+            const long nt = omp_get_num_threads(), t = omp_get_thread_num();
+            const long lo = B * t / nt, hi = B * (t + 1) / nt;
+            if (hi > lo) rc = sashimi_rows(net, hi - lo, B, rows + lo, tokens, state, logits + lo * net->V);
+        }
+    }
+    free(rows);
+    return rc;
+}
+
+/* The decode block of a SaShiMi network (state (Btot, numel)); the other arguments as net_block's. */
+long sashimi_block(const SNet *net, long K, long Btot, float *state, long *tok, const double *temp,
+                   const long *top_k, const long *kind, const float *top_p, const float *min_p, const float *rep,
+                   const float *presence, const float *frequency, const float *bias,
+                   const unsigned char *pen_seen, float *counts, const uint64_t *key, uint64_t *counter,
+                   const long *limit, const long *stop_first, const long *stop_off, const unsigned char *stop_data,
+                   unsigned char *hist, long hist_cap, long *hist_len, unsigned char *seen, long *out_tok,
+                   long *n_out, long *stopped, double *times, const int *interrupt) {
+    return decode_block(sashimi_rows, net, K, Btot, net->V, state, tok, temp, top_k, kind, top_p, min_p, rep,
+                        presence, frequency, bias, pen_seen, counts, key, counter, limit, stop_first, stop_off,
+                        stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out, stopped, times, interrupt);
 }
