@@ -379,7 +379,11 @@ def _sample_torch(logits, params, generators, seen, counts) -> torch.Tensor:
     probs = logits.softmax(-1)
     u = uniforms(generators).to(dev)
     cdf = probs.cumsum(-1)
-    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1).clamp_(max=V - 1)
+    # the first token whose CDF reaches u · total and whose own probability adds to it (as the C
+    # sampler): at u = 0 a leading zero-probability token is never drawn
+    added = torch.diff(cdf, dim=-1, prepend=torch.zeros_like(cdf[:, :1])) > 0
+    ok = (cdf >= (u * cdf[:, -1])[:, None]) & added
+    drawn = torch.where(ok.any(-1), ok.int().argmax(-1), V - 1)
     return torch.where(greedy, logits.argmax(-1), drawn) if B else drawn
 
 

@@ -18,7 +18,7 @@ import torch
 from conftest import devices
 from server_support import reference
 
-from model import fused
+from model import fused, sampling
 from model.sampling import SamplingParams, sample
 
 SMALLEST = sys.float_info.min * sys.float_info.epsilon  # 5e-324, the smallest positive double
@@ -206,3 +206,28 @@ def test_the_limits_hold_on_every_device(device):
     params = [SamplingParams(temperature=1.0, repetition_penalty=1e-320, seed=k) for k in range(B)]
     out = sample(x, params, [p.generator(device) for p in params], seen).cpu()
     assert int(out[0]) % 2 == 1 and int(out[1]) == 9 and int(out[2]) == 5
+
+
+@pytest.mark.parametrize("u", [0.0, 1.0 - 2.0**-24], ids=["u=0", "u=1-2^-24"])
+@pytest.mark.parametrize(
+    "settings", [{}, {"top_k": 50}, {"min_p": 0.05}], ids=["plain", "top_k", "min_p"]
+)  # the plain C pass and the full pipeline
+def test_the_extreme_uniforms_never_draw_a_zero_probability_token(path, monkeypatch, u, settings):
+    """The counter-based streams give u in [0, 1) in steps of 2^-24: u = 0 once per 2^24 draws. The
+    inverse CDF then takes the first token whose own probability adds to the CDF, so neither end of
+    [0, 1) draws a token of probability 0 (masked at the start, or filtered at the end)."""
+    torch.manual_seed(8)
+    B, V = 6, 64
+    logits = torch.randn(B, V)
+    logits[:, :5] = float("-inf")  # leading zero-probability tokens
+    logits[:, -5:] = float("-inf")  # trailing ones
+    logits[3, :40] = -1e4  # rows whose low tokens are far below the max: probability 0 in float32
+    params = [SamplingParams(temperature=t, seed=k, **settings) for k, t in enumerate([1.0, 0.5, 2.0] * 2)]
+    monkeypatch.setattr(sampling, "uniforms", lambda gens: torch.full((len(gens),), u))
+    got = draw(logits, params)
+    probs = torch.softmax(logits / torch.tensor([p.temperature for p in params])[:, None], -1)
+    assert bool((probs[torch.arange(B), got] > 0).all()), (got, u)
+    first, last = (probs > 0).int().argmax(-1), V - 1 - (probs > 0).int().flip(-1).argmax(-1)
+    want = first if u == 0 else last
+    if not settings:  # no filter: exactly the first (u = 0) or last (u → 1) token of positive probability
+        assert torch.equal(got, want), (got, want)

@@ -358,7 +358,9 @@ static long sample_one(long V, const float *z, double temp, float u) {
     for (long v = 0; v < V; v++) cdf[v] = (total += cdf[v]);
     const float target = u * total;
     long k = 0;
-    while (k < V - 1 && cdf[k] < target) k++;
+    /* the first token whose CDF reaches u · total and whose own weight adds to it: u = 0 (2^-24 per draw)
+     * must not pick a leading zero-probability token */
+    while (k < V - 1 && (cdf[k] < target || cdf[k] == (k > 0 ? cdf[k - 1] : 0.0f))) k++;
     return k;
 }
 
@@ -482,7 +484,7 @@ static long sample_full(long V, const float *logits, const SampleArgs *a, long r
     }
     const float target = u * total;
     long j = 0;
-    while (j < V - 1 && w[j] < target) j++;
+    while (j < V - 1 && (w[j] < target || w[j] == (j > 0 ? w[j - 1] : 0.0f))) j++; /* as sample_one */
     return j;
 }
 
