@@ -31,7 +31,9 @@ def read_run(path: str | Path) -> dict[str, Any]:
 
     Returns {"path", "config", "tokens_per_step", "num_params", "curve": [{step, tokens, wall_s,
     val_bits_per_token}], "final": metrics.json or None}. Wall time at an evaluation is the training
-    time logged at or before that step (evaluation time excluded).
+    time logged at or before that step (evaluation time excluded), counted across resumes: a log
+    whose elapsed_s restarts from 0 after a resume (logs before the trainer logged the cumulative
+    time) continues from the last time logged before it.
 
     Raises FileNotFoundError when config.json or log.jsonl is missing."""
     p = Path(path)
@@ -40,10 +42,13 @@ def read_run(path: str | Path) -> dict[str, Any]:
     tps = int(data.get("batch_size", 16)) * int(data.get("seq_len", 1024))
     wall: dict[int, float] = {}
     curve = []
+    offset = last = 0.0
     for line in (p / "log.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "elapsed_s" in rec:
-            wall[rec["step"]] = rec["elapsed_s"]
+            if rec["elapsed_s"] + offset < last:  # a resume that restarted the clock
+                offset = last
+            last = wall[rec["step"]] = rec["elapsed_s"] + offset
         if "val" in rec:
             step = rec["step"]
             done = [s for s in wall if s <= step]

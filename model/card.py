@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> None:
             f"positions) with {bm['num_params']:,} parameters, the same data and the same number of training "
             f"bytes ({bm['tokens_seen']:,}; S4: {metrics['tokens_seen']:,}), warmup + cosine, "
             f"{metrics['threads']} thread(s); own context, batch and learning rate, chosen on validation: "
-            f"{bt.get('steps'):,} steps of {bd.get('batch_size')} × {bd.get('seq_len')} bytes, lr "
-            f"{bt.get('lr')}, warmup {bt.get('warmup')} (S4: {tr.get('steps'):,} steps of "
+            f"{bm['steps']:,} steps of {bd.get('batch_size')} × {bd.get('seq_len')} bytes, lr "
+            f"{bt.get('lr')}, warmup {bt.get('warmup')} (S4: {metrics['steps']:,} steps of "
             f"{dcfg['batch_size']} × {seq_len}, lr {tr.get('lr')}, warmup {tr.get('warmup')}). It is "
             f"evaluated like S4 but over its own context: windows of {bd.get('seq_len')} bytes hopping by "
             f"{int(bd.get('seq_len')) // 2}.",

@@ -79,6 +79,9 @@ def test_resume_continues_at_the_right_step_with_identical_losses(text_data, tmp
     a = [r for r in read_log(tmp_path / "whole") if "loss" in r]
     b = [r for r in read_log(tmp_path / "parts") if "loss" in r]
     assert [r["step"] for r in b] == list(range(1, 13))
+    wall = [r["elapsed_s"] for r in b]  # training wall time, counted across the resume
+    assert all(w1 < w2 for w1, w2 in zip(wall, wall[1:])), wall
+    assert wall[6] > state["elapsed_s"]  # the resumed process adds to the state's time
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6, abs=1e-7), ra["step"]
     wa = load_file(str(tmp_path / "whole" / "last" / "model.safetensors"))
@@ -154,3 +157,24 @@ def test_the_audio_banner_counts_clips_and_samples(tmp_path):
     assert (
         describe_split(data, data.split("train")) == "30 train clips of 800 samples (24,000 tokens, 0.00 h)"
     )
+
+
+def test_the_baseline_plot_counts_wall_time_across_a_resume_in_old_and_new_logs(tmp_path):
+    """bench.text_baseline.read_run: an old log whose elapsed_s restarted from 0 after a resume
+    continues from the last time logged before it; a cumulative log is read as it is."""
+    from bench.text_baseline import read_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": {"batch_size": 2, "seq_len": 8}}))
+    old = [{"step": 10, "elapsed_s": 5.0}, {"step": 20, "elapsed_s": 10.0},
+           {"step": 20, "val": {"bits_per_token": 3.0}},
+           {"step": 30, "elapsed_s": 4.0}, {"step": 40, "elapsed_s": 8.0},  # resumed: the clock restarted
+           {"step": 40, "val": {"bits_per_token": 2.5}}]  # fmt: skip
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
+    assert [(c["tokens"], c["wall_s"]) for c in read_run(run)["curve"]] == [(320, 10.0), (640, 18.0)]
+    new = [
+        dict(r, elapsed_s=r["elapsed_s"] + 10.0) if r["step"] > 20 and "elapsed_s" in r else r for r in old
+    ]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in new))
+    assert [c["wall_s"] for c in read_run(run)["curve"]] == [10.0, 18.0]
