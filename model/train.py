@@ -375,7 +375,8 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
         progress.update(step, loss_v, tokens_per_step / dt)
         if log and ((step + 1) % tcfg.log_every == 0 or step == start):
             rec = {"step": step + 1, "loss": loss_v, "lr": tcfg.lr * scale, "grad_norm": gnorm,
-                   "tok_s": tokens_per_step / dt, "elapsed_s": wall_before + time.perf_counter() - t_start}  # fmt: skip
+                   "tok_s": tokens_per_step / dt,
+                   "elapsed_s": wall_before + time.perf_counter() - t_start}  # across resumes  # fmt: skip
             log.write(json.dumps(rec) + "\n")
             log.flush()
         last = step + 1 == tcfg.steps
