@@ -20,8 +20,9 @@ against one list per hand-over and the framer (`delivery_cost`).
 Jitter in ms grows with the frame size when streams are slower than real time (each interval is then
 about T / RTF): compare runs at the same frame_ms; the playout buffer compares across framings.
 
-The checkpoint is a parameter (default checkpoints/audio-digits: H = 128, 4 layers, 8 kHz). On a shared
-2-core machine the clients share the CPU with the server: read the figures as a lower bound.
+The checkpoint is a parameter (default checkpoints/audio-digits-s4, the isotropic model: H = 128,
+4 layers, 8 kHz; checkpoints/audio-digits is SaShiMi). On a shared 2-core machine the clients share
+the CPU with the server: read the figures as a lower bound.
 
     python -m bench.audio_streams [--quick] [--checkpoint DIR] [--streams 1 2 4 ...] [--seconds S]
                                   [--frame-ms MS] [--replot]
@@ -54,7 +55,7 @@ from bench.common import (  # noqa: E402
 from server import launch  # noqa: E402
 
 NAME = "audio_streams"
-DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "audio-digits"
+DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "audio-digits-s4"
 SIZES: dict[bool, dict[str, Any]] = {
     False: {"streams": [1, 2, 4, 8, 16, 32], "seconds": 4.0, "frame_ms": 20},
     True: {"streams": [1, 4, 16, 32], "seconds": 0.5, "frame_ms": 20},

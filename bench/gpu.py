@@ -5,7 +5,7 @@ under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
    place, at batch 1, 2, 4, …, 1024: tokens/s with the graphs (`model/cuda_graphs.py`: copy in, replay,
    copy out) and with the plain torch ops; float32 and bfloat16 weights (`S4_DTYPE`; states float32);
    with the graphs also the replay alone (what the copies in and out cost).
-2. **Audio streams at 16 kHz.** The shipped audio-digits weights (H = 128, 4 layers, N = 64; trained at
+2. **Audio streams at 16 kHz.** The shipped audio-digits-s4 weights (H = 128, 4 layers, N = 64; trained at
    8 kHz: a step costs the same whatever the rate, so it stands for a 16 kHz model of that shape), at
    batch B: steps/s of the bare step, and of the engine's whole per-step work (`DecodeBatch.step`: the
    step, sampling with one generator per stream, the one host copy). A stream needs 16,000 steps/s, so
@@ -42,7 +42,7 @@ from bench.common import ROOT, bench_main, log2_axis, save_figure, subplots
 NAME = "gpu"
 RATE = 16000  # samples/s of one audio stream: steps/s it needs
 TEXT = ROOT / "checkpoints/text-shakespeare"
-AUDIO = ROOT / "checkpoints/audio-digits"
+AUDIO = ROOT / "checkpoints/audio-digits-s4"
 STANDINS = {  # same shapes as the shipped checkpoints, random init, when those are absent
     "text": {"vocab_size": 256, "d_model": 256, "n_layers": 4, "d_state": 64, "l_max": 1024},
     "audio": {"vocab_size": 256, "d_model": 128, "n_layers": 4, "d_state": 64, "l_max": 8000,

@@ -44,8 +44,8 @@ PATHS = ("before", "after")
 # way; a bigger batch only amortizes the kernel generation further).
 CONFIGS: dict[str, tuple[str, int, int | None]] = {
     "text": ("configs/text-shakespeare.toml", 16, None),
-    "audio": ("configs/audio-digits.toml", 2, None),
-    "sashimi": ("configs/audio-digits-sashimi.toml", 2, None),
+    "audio": ("configs/audio-digits-s4.toml", 2, None),
+    "sashimi": ("configs/audio-digits.toml", 2, None),
 }
 QUICK = {"d_model": 32, "n_layers": 1, "l_max": 256}
 

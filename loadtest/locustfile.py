@@ -50,7 +50,7 @@ def _options(parser) -> None:
         "--text-model", default="text-shakespeare", env_var="LOCUST_TEXT_MODEL", help="text model id"
     )
     g.add_argument(
-        "--audio-model", default="audio-digits", env_var="LOCUST_AUDIO_MODEL", help="audio model id"
+        "--audio-model", default="audio-digits-s4", env_var="LOCUST_AUDIO_MODEL", help="audio model id"
     )
     g.add_argument(
         "--new-tokens", type=int, default=64, env_var="LOCUST_NEW_TOKENS", help="tokens per text turn"

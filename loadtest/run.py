@@ -11,9 +11,10 @@ Scenarios (each a list of locust user classes from loadtest/locustfile.py and a 
   audio    WebSocket audio streams (mu-law frames): real-time factor per stream and in total
   mixed    HTTP generate + SSE + WebSocket text + WebSocket audio together
 
-The server serves checkpoints/text-shakespeare and checkpoints/audio-digits when they exist, else
-random-init stand-ins of the same shapes (speed does not depend on the weights; the report says
-which). Before each level the 1-minute load average is recorded (the machine may be shared).
+The server serves checkpoints/text-shakespeare and checkpoints/audio-digits-s4 (the isotropic audio
+model) when they exist, else random-init stand-ins of the same shapes (speed does not depend on the
+weights; the report says which). Before each level the 1-minute load average is recorded (the machine
+may be shared).
 """
 
 from __future__ import annotations
@@ -36,7 +37,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfile.py"
-SHIPPED = {"text": ROOT / "checkpoints" / "text-shakespeare", "audio": ROOT / "checkpoints" / "audio-digits"}
+SHIPPED = {
+    "text": ROOT / "checkpoints" / "text-shakespeare",
+    "audio": ROOT / "checkpoints" / "audio-digits-s4",
+}
 STANDIN = {  # the shipped models' shapes
     False: {
         "text": {"vocab_size": 256, "d_model": 256, "n_layers": 4, "d_state": 64, "l_max": 1024},
@@ -566,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             data["served"] = models
             for name, users in sweeps.items():
                 classes = SCENARIOS[name]["classes"]
-                if "audio-digits" not in models:
+                if "audio-digits-s4" not in models:
                     classes = [c for c in classes if c != "WsAudioUser"]
                 if not classes:
                     print(f"{name}: no audio model served, skipped", flush=True)

@@ -14,8 +14,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 REDIS_STORE_SCHEMES = ("redis://", "rediss://", "unix://")  # S4_SESSION_STORE values naming a Redis
 DEFAULT_CHECKPOINTS = [
     "checkpoints/text-shakespeare",
-    "checkpoints/audio-digits",
-    "checkpoints/audio-digits-sashimi",
+    "checkpoints/audio-digits",  # SaShiMi
+    "checkpoints/audio-digits-s4",  # isotropic S4: more concurrent streams per core
 ]
 MAX_PREFILL_TOKENS = 1 << 20  # the largest prefill chunk / per-iteration budget an operator may set
 

@@ -13,7 +13,7 @@ from model.data import Dataset
 from model.train import evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = ["text-shakespeare", "audio-digits", "audio-digits-sashimi"]
+SHIPPED = ["text-shakespeare", "audio-digits", "audio-digits-s4"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)

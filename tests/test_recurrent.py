@@ -183,7 +183,7 @@ def test_fused_step_falls_back_to_torch_with_a_warning(monkeypatch):
 
 
 @pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])
-@pytest.mark.parametrize("d_ff", [0, 48])  # the shipped text model has FF blocks, audio-digits none
+@pytest.mark.parametrize("d_ff", [0, 48])  # the shipped text model has FF blocks, audio-digits-s4 none
 def test_whole_network_c_step_matches_the_torch_step_at_small_and_large_batches(kernel, init, d_ff):
     cfg = dict(vocab_size=32, d_model=32, n_layers=2, d_state=32, l_max=256, cauchy_backend="torch")
     cfg["d_ff"] = d_ff

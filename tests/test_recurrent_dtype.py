@@ -16,7 +16,7 @@ from model.recurrent import LOGITS_TOL, UNIT_ROUNDOFF
 
 HALF = [torch.bfloat16, torch.float16]
 SHIPPED_TEXT = Path(__file__).resolve().parent.parent / "checkpoints" / "text-shakespeare"
-SHIPPED_AUDIO = SHIPPED_TEXT.parent / "audio-digits"
+SHIPPED_AUDIO = SHIPPED_TEXT.parent / "audio-digits-s4"  # isotropic: SaShiMi serves float32 only
 TEXT = (
     b"ROMEO:\nBut soft, what light through yonder window breaks? It is the east, and Juliet is the sun.\n"
     b"Arise, fair sun, and kill the envious moon, who is already sick and pale with grief.\n"
@@ -92,7 +92,7 @@ def test_half_precision_net_steps_and_prefills_within_4u_of_the_float32_model(
 
 
 def test_the_bfloat16_tolerance_rejects_a_bfloat16_state_and_a_lost_state():
-    """Not vacuous: on the shipped audio-digits model (long memory: 1 s clips at 8 kHz), over 512
+    """Not vacuous: on the shipped audio-digits-s4 model (long memory: 1 s clips at 8 kHz), over 512
     samples of a real test clip, the honest bfloat16 step is 0.85u from float64 conv mode, while the
     same step with its state rounded to bfloat16 after every sample (the fault that float32 states
     prevent) is 26u from it, and one that loses its state 113u. How much a bfloat16 state costs depends
@@ -101,7 +101,7 @@ def test_the_bfloat16_tolerance_rejects_a_bfloat16_state_and_a_lost_state():
     states stay float32 by construction. (Random tiny models barely use their state: < 0.05u.)"""
     from model.data import Dataset
 
-    assert SHIPPED_AUDIO.is_dir(), "checkpoints/audio-digits is part of the repository"
+    assert SHIPPED_AUDIO.is_dir(), "checkpoints/audio-digits-s4 is part of the repository"
     net = load(SHIPPED_AUDIO)
     clips = Dataset(SHIPPED_AUDIO / "eval_slice").split("test")
     tokens = torch.from_numpy(clips[:2, 2800:3312].astype("int64"))  # the words' middle, two voices

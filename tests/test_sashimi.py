@@ -402,12 +402,12 @@ def test_a_sashimi_checkpoint_with_isotropic_tensors_is_refused(tmp_path):
 
 
 def test_the_shipped_config_builds_the_paper_shape():
-    cfg = load_config("configs/audio-digits-sashimi.toml")
+    cfg = load_config("configs/audio-digits.toml")
     net = build(ModelConfig.from_dict(cfg["model"]))
     assert isinstance(net, SaShiMi) and net.widths == [64, 128, 256] and net.lengths == [8000, 2000, 500]
     n = cfg["model"]["n_layers"]  # (S4, FF) pairs per level
     assert [lvl for _, lvl, _ in net.named_s4_blocks()] == [2] * n + [1] * n + [0] * n
-    assert sum(p.numel() for p in net.parameters()) == 2_904_576  # the shipped audio-digits-sashimi
+    assert sum(p.numel() for p in net.parameters()) == 2_904_576  # the shipped audio-digits (SaShiMi)
 
 
 def test_conv_mode_training_runs_and_the_loss_falls(tmp_path):

@@ -40,7 +40,7 @@ def test_default_settings_serve_the_shipped_checkpoints_on_loopback(monkeypatch)
     assert s.checkpoints == [
         "checkpoints/text-shakespeare",
         "checkpoints/audio-digits",
-        "checkpoints/audio-digits-sashimi",
+        "checkpoints/audio-digits-s4",
     ]
     assert s.uses_default_checkpoints()
 
