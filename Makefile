@@ -1,4 +1,4 @@
-# make test   : create .venv (CPU torch), install the project + dev tools, lint, run the tests
+# make test   : create .venv (torch from your pip index), install the project + dev tools, lint, run the tests
 # make test also installs espeak-ng, sox, chromium, redis-server, curl and jq (apt) when missing
 # make bench  : run every benchmark in bench/ (JSON + PNG in bench/results/)
 # make serve  : create .venv, install, serve the shipped checkpoints on 127.0.0.1:8000 (CPU, or CUDA)
@@ -45,8 +45,9 @@ bench: venv
 loadtest: venv
 	$(BIN)/python -m loadtest
 
+# exec: the server replaces make's shell, so a SIGTERM to make's child reaches it (a graceful drain)
 serve: venv
-	OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m server --host 127.0.0.1 --port 8000
+	OMP_WAIT_POLICY=PASSIVE exec $(BIN)/python -m server --host 127.0.0.1 --port 8000
 
 container-smoke: venv
 	PYTHON=$(BIN)/python scripts/container-smoke

@@ -198,12 +198,17 @@ def load_model(
     for check, err in checks + [(f"kernel_layer_{r['layer']}", r["rel_err"]) for r in rec.report]:
         metrics.verification_error.labels(model_id, v["dtype"], check).set(err)
     forms = ", ".join(f"{r['form']} {r['rel_err']:.1e}" for r in rec.report)
+    c = net.config
+    if c.arch == "sashimi":  # SaShiMi: its levels' widths and blocks per level
+        shape = (f"SaShiMi {c.kernel}, pool {list(c.pool)}, widths {'/'.join(map(str, net.widths))}, "
+                 f"{c.n_layers} {'(S4, FF) pairs' if c.ff else 'S4 blocks'} per level")  # fmt: skip
+    else:
+        shape = f"{c.kernel}, {c.n_layers} layers, d_model {c.d_model}"
     log.info(
-        "model %s: %s %s, %d layers, d_model %d, d_state %d; verified (%s; %s logits: step %.1e, prefill "
-        "%.1e, tol %.1e); %d B state/session, %d slots; ready in %.1f s",
-        model_id, net.config.modality, net.config.kernel, net.config.n_layers, net.config.d_model,
-        net.config.d_state, forms, v["dtype"], v["step_rel_err"], v["prefill_rel_err"], v["tol"],
-        rec.state_bytes_per_sequence, settings.max_sessions, time.perf_counter() - t0,
+        "model %s: %s %s, d_state %d; verified (%s; %s logits: step %.1e, prefill %.1e, tol %.1e); %d B "
+        "state/session, %d slots; ready in %.1f s",
+        model_id, c.modality, shape, c.d_state, forms, v["dtype"], v["step_rel_err"], v["prefill_rel_err"],
+        v["tol"], rec.state_bytes_per_sequence, settings.max_sessions, time.perf_counter() - t0,
     )  # fmt: skip
     fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"))
     created = int((path / WEIGHTS).stat().st_mtime)

@@ -114,7 +114,7 @@ class SessionTable:
                 raise not_found(f"no session {session_id!r}", param="session_id")
             if rec.busy:
                 raise busy(session_id)
-            rec.busy, rec.generated = True, 0
+            rec.busy = True  # (a generation resets rec.generated: service.start_generation)
             return rec
 
     def release(self, rec: SessionRecord) -> None:

@@ -168,3 +168,18 @@ def test_streamed_session_turn_updates_the_session_like_a_plain_one(client):
     nxt = {"model": TEXT, "max_new_tokens": 10, "seed": 9, "prompt": " arms"}
     ta = client.post("/v1/generate", json={**nxt, "session_id": a}).json()["tokens"]
     assert ta == client.post("/v1/generate", json={**nxt, "session_id": b}).json()["tokens"]
+
+
+def test_generated_counts_the_last_generation_and_survives_export_fork_and_append(client):
+    """`generated` is the running (or last) generation's token count: export, fork and append (which
+    claim the session without generating) leave it; the next generation starts it again at 0."""
+    sid = _create(client, "to be")["session_id"]
+    assert client.get(f"/v1/sessions/{sid}").json()["generated"] == 0
+    _generate(client, sid, n=17)
+    assert client.get(f"/v1/sessions/{sid}").json()["generated"] == 17
+    assert client.get(f"/v1/sessions/{sid}/export").status_code == 200
+    assert client.post(f"/v1/sessions/{sid}/fork").status_code == 201
+    assert client.post(f"/v1/sessions/{sid}/append", json={"prompt": ", or"}).status_code == 200
+    assert client.get(f"/v1/sessions/{sid}").json()["generated"] == 17
+    _generate(client, sid, n=5)
+    assert client.get(f"/v1/sessions/{sid}").json()["generated"] == 5
