@@ -488,6 +488,33 @@ static long sample_full(long V, const float *logits, const SampleArgs *a, long r
     return j;
 }
 
+/* The scratch of sample_full: z and w (2V floats) and the ranking (V entries); one per caller, reused
+ * across its rows. */
+typedef struct {
+    float *z;
+    Ranked *rk;
+} SampleScratch;
+
+static int scratch_alloc(SampleScratch *sc, long V) {
+    sc->z = malloc(sizeof(float) * 2 * (size_t)V);
+    sc->rk = malloc(sizeof(Ranked) * (size_t)V);
+    if (sc->z && sc->rk) return 0;
+    free(sc->z);
+    free(sc->rk);
+    return -2;
+}
+
+static void scratch_free(SampleScratch *sc) {
+    free(sc->z);
+    free(sc->rk);
+}
+
+/* Row r's token at uniform u: plain temperature rows by sample_one, the others by sample_full. */
+static long sample_row(long V, const float *logits, const SampleArgs *a, long r, float u, SampleScratch *sc) {
+    return a->kind[r] == 0 ? sample_one(V, logits, a->temp[r], u)
+                           : sample_full(V, logits, a, r, u, sc->z, sc->z + V, sc->rk);
+}
+
 /* Rows r of a batch with any settings (SampleArgs), at uniforms u[r]: the plain ones by sample_one,
  * the others by sample_full (model/sampling.py `sample` on CPU). Returns 0, or -2 out of memory. */
 int sample_rows_full(long B, long V, const float *logits, const double *temp, const long *top_k, const long *kind,
@@ -495,18 +522,10 @@ int sample_rows_full(long B, long V, const float *logits, const double *temp, co
                      const float *frequency, const float *bias, const unsigned char *seen, float *counts,
                      const float *u, long *out) {
     const SampleArgs a = {temp, top_k, kind, top_p, min_p, rep, presence, frequency, bias, seen, counts};
-    float *z = malloc(sizeof(float) * 2 * (size_t)V);
-    Ranked *rk = malloc(sizeof(Ranked) * (size_t)V);
-    if (!z || !rk) {
-        free(z);
-        free(rk);
-        return -2;
-    }
-    for (long r = 0; r < B; r++)
-        out[r] = kind[r] == 0 ? sample_one(V, logits + r * V, temp[r], u[r])
-                              : sample_full(V, logits + r * V, &a, r, u[r], z, z + V, rk);
-    free(z);
-    free(rk);
+    SampleScratch sc;
+    if (scratch_alloc(&sc, V)) return -2;
+    for (long r = 0; r < B; r++) out[r] = sample_row(V, logits + r * V, &a, r, u[r], &sc);
+    scratch_free(&sc);
     return 0;
 }
 
@@ -586,18 +605,11 @@ static int sample_and_check(long B, const long *rows, long V, const float *logit
                             const SampleArgs *a, const uint64_t *key, uint64_t *counter, const long *stop_first,
                             const long *stop_off, const unsigned char *stop_data, unsigned char *hist, long hist_cap,
                             long *hist_len, unsigned char *seen, long *out_tok, long *n_out, long *stopped) {
-    float *z = malloc(sizeof(float) * 2 * (size_t)V);
-    Ranked *rk = malloc(sizeof(Ranked) * (size_t)V);
-    if (!z || !rk) {
-        free(z);
-        free(rk);
-        return -2;
-    }
+    SampleScratch sc;
+    if (scratch_alloc(&sc, V)) return -2;
     for (long i = 0; i < B; i++) {
         const long r = rows[i];
-        const float u = philox_uniform(key[r], counter[r]);
-        const long t = a->kind[r] == 0 ? sample_one(V, logits + i * V, a->temp[r], u)
-                                       : sample_full(V, logits + i * V, a, r, u, z, z + V, rk);
+        const long t = sample_row(V, logits + i * V, a, r, philox_uniform(key[r], counter[r]), &sc);
         counter[r]++;
         tok[r] = t;
         seen[r * V + t] = 1;
@@ -614,8 +626,7 @@ static int sample_and_check(long B, const long *rows, long V, const float *logit
             }
         }
     }
-    free(z);
-    free(rk);
+    scratch_free(&sc);
     return 0;
 }
 
