@@ -7,7 +7,9 @@ A config has three tables: [model] (ModelConfig fields), [data] (prepared datase
 length, global batch size) and [train] (see TrainConfig). Runs are deterministic: the batch and the
 dropout seed of step t depend only on (seed, t), so a resumed run takes exactly the steps an
 uninterrupted run would. Everything the run writes lives in [train].out:
-    log.jsonl      one JSON line per logged step / evaluation
+    config.json    the config as run (rewritten when a resume changes it)
+    log.jsonl      one JSON line per logged step / evaluation, and one per resume that changed the
+                   config: {"step", "resumed": true, "changed": {"section.key": [old, new]}}
     last/          the newest resumable state (weights, AdamW moments, step; safetensors + JSON)
     metrics.json   final validation and test metrics
 and, when [train].export is set, the trained model is saved there as a servable checkpoint.
@@ -302,6 +304,21 @@ def _hms(s: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+def config_changes(before: dict, after: dict) -> dict[str, list]:
+    """{"section.key": [old, new]} for every value of two run configs that differs (None where absent)."""
+    out = {}
+    for sec in sorted(set(before) | set(after)):
+        a, b = before.get(sec) or {}, after.get(sec) or {}
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            if a != b:
+                out[sec] = [a, b]
+            continue
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                out[f"{sec}.{key}"] = [a.get(key), b.get(key)]
+    return out
+
+
 def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh: bool = False,
           dump_grads: str | None = None, stop_at: int = 0) -> dict:  # fmt: skip
     """Run (or resume) the training described by `cfg`; returns the final metrics.
@@ -333,10 +350,16 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
         g["base_lr"] = g["lr"]
     opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tcfg.betas)
     start, wall_before = 0, 0.0
+    changed = None  # a resume's config changes (e.g. train.steps re-planned), logged below
     if not fresh and (out / "last" / "state.json").is_file():
         start, wall_before = load_state(out, net, opt, device)
         if main_proc:
             print(f"resuming {out} at step {start}", file=sys.stderr)
+        if main_proc and dump_grads is None:
+            before = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+            changed = config_changes(before, cfg)
+            if changed:
+                (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
     elif main_proc and dump_grads is None:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
@@ -348,6 +371,8 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
               f"{describe_split(data, train_split)}", file=sys.stderr)  # fmt: skip
 
     log = (out / "log.jsonl").open("a") if main_proc and dump_grads is None else None
+    if log is not None and changed:
+        log.write(json.dumps({"step": start, "resumed": True, "changed": changed}) + "\n")
     progress = Progress(tcfg.steps, start, tcfg.log_every, main_proc and dump_grads is None)
     tokens_per_step = dcfg.batch_size * dcfg.seq_len
     t_start = time.perf_counter()

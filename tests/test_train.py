@@ -79,6 +79,7 @@ def test_resume_continues_at_the_right_step_with_identical_losses(text_data, tmp
     a = [r for r in read_log(tmp_path / "whole") if "loss" in r]
     b = [r for r in read_log(tmp_path / "parts") if "loss" in r]
     assert [r["step"] for r in b] == list(range(1, 13))
+    assert not any(r.get("resumed") for r in read_log(tmp_path / "parts"))  # the same config: no record
     wall = [r["elapsed_s"] for r in b]  # training wall time, counted across the resume
     assert all(w1 < w2 for w1, w2 in zip(wall, wall[1:])), wall
     assert wall[6] > state["elapsed_s"]  # the resumed process adds to the state's time
@@ -178,3 +179,17 @@ def test_the_baseline_plot_counts_wall_time_across_a_resume_in_old_and_new_logs(
     ]
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in new))
     assert [c["wall_s"] for c in read_run(run)["curve"]] == [10.0, 18.0]
+
+
+def test_a_resume_that_changes_the_config_rewrites_it_and_logs_the_change(text_data, tmp_path):
+    """Resuming with train.steps re-planned (as the shipped models were trained): config.json holds the
+    config as run now, and the log says at which step what changed."""
+    cfg = tiny_config(text_data, tmp_path / "run", steps=8, ckpt_every=4, final_eval=False)
+    train(cfg)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 8
+    more = tiny_config(text_data, tmp_path / "run", steps=12, ckpt_every=4, final_eval=False)
+    metrics = train(more)
+    assert metrics["steps"] == 12
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 12
+    resumes = [r for r in read_log(tmp_path / "run") if r.get("resumed")]
+    assert resumes == [{"step": 8, "resumed": True, "changed": {"train.steps": [8, 12]}}]
