@@ -304,35 +304,6 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
     return rc;
 }
 
-/* Batches of NET_PARALLEL_ROWS rows or more are split into one block of rows per thread, each
- * stepped through the whole network independently (no synchronization between layers; the
- * per-layer parallel loops above then run serially inside each thread). */
-#define NET_PARALLEL_ROWS 8
-
-int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
-             const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
-             const float *head_b, float eps, const float *state, float *state_out, float *logits) {
-    long *rows = malloc(sizeof(long) * (size_t)(B > 0 ? B : 1));
-    if (!rows) return -2;
-    for (long r = 0; r < B; r++) rows[r] = r;
-    int rc = 0;
-    if (B < NET_PARALLEL_ROWS) {
-        rc = net_rows(B, B, rows, H, V, n_layers, M, tokens, embed, layers, lnf_w, lnf_b, head_t, head_b, eps,
-                      state, state_out, logits);
-    } else {
-#pragma omp parallel reduction(min : rc)
-        {
-            const long nt = omp_get_num_threads(), t = omp_get_thread_num();
-            const long lo = B * t / nt, hi = B * (t + 1) / nt;
-            if (hi > lo)
-                rc = net_rows(hi - lo, B, rows + lo, H, V, n_layers, M, tokens, embed, layers, lnf_w, lnf_b,
-                              head_t, head_b, eps, state, state_out, logits + lo * V);
-        }
-    }
-    free(rows);
-    return rc;
-}
-
 /* Sampling for rows with plain temperature (no top-k, top-p or penalty): row r draws the first
  * token whose cumulative probability under softmax(logits / temp[r]) reaches u[r] (the inverse
  * CDF, as model/sampling.py does with torch ops); temp[r] == 0 takes the argmax. The same limits as
@@ -635,6 +606,57 @@ static int sample_and_check(long B, const long *rows, long V, const float *logit
 typedef int (*StepRowsFn)(const void *ctx, long B, long Btot, const long *rows, const long *tok, float *state,
                           float *logits);
 
+/* One step of all B rows by step_rows: batches of parallel_rows rows or more are split into one block of
+ * rows per thread, each stepped through the whole network independently (no synchronization between
+ * layers; the per-layer parallel loops then run serially inside each thread). */
+static int step_all_rows(StepRowsFn step_rows, const void *ctx, long parallel_rows, long B, long V,
+                         const long *tokens, float *state, float *logits) {
+    long *rows = malloc(sizeof(long) * (size_t)(B > 0 ? B : 1));
+    if (!rows) return -2;
+    for (long r = 0; r < B; r++) rows[r] = r;
+    int rc = 0;
+    if (B < parallel_rows) {
+        rc = step_rows(ctx, B, B, rows, tokens, state, logits);
+    } else {
+#pragma omp parallel reduction(min : rc)
+        {
+            const long nt = omp_get_num_threads(), t = omp_get_thread_num();
+            const long lo = B * t / nt, hi = B * (t + 1) / nt;
+            if (hi > lo) rc = step_rows(ctx, hi - lo, B, rows + lo, tokens, state, logits + lo * V);
+        }
+    }
+    free(rows);
+    return rc;
+}
+
+/* Batches of this many rows or more split over the threads (an isotropic row's step is cheap at small
+ * batch: below this the parallel region costs more than it saves). */
+#define NET_PARALLEL_ROWS 8
+
+typedef struct {
+    long H, V, n_layers, M;
+    const float *embed;
+    const NetLayer *layers;
+    const float *lnf_w, *lnf_b, *head_t, *head_b;
+    float eps;
+    const float *src; /* the state read, or NULL: the state updated is read (in place) */
+} NetArgs;
+
+static int net_rows_fn(const void *ctx, long B, long Btot, const long *rows, const long *tok, float *state,
+                       float *logits) {
+    const NetArgs *n = ctx;
+    return net_rows(B, Btot, rows, n->H, n->V, n->n_layers, n->M, tok, n->embed, n->layers, n->lnf_w, n->lnf_b,
+                    n->head_t, n->head_b, n->eps, n->src ? n->src : state, state, logits);
+}
+
+/* The isotropic network's step: state (n_layers, B, H, 2, M) → state_out (may be state itself). */
+int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
+             const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
+             const float *head_b, float eps, const float *state, float *state_out, float *logits) {
+    const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_w, lnf_b, head_t, head_b, eps, state};
+    return step_all_rows(net_rows_fn, &n, NET_PARALLEL_ROWS, B, V, tokens, state_out, logits);
+}
+
 static long decode_block(StepRowsFn step_rows, const void *ctx, long parallel_rows, long K, long Btot, long V,
                          float *state, long *tok,
                          const double *temp, const long *top_k, const long *kind, const float *top_p,
@@ -691,21 +713,6 @@ static long decode_block(StepRowsFn step_rows, const void *ctx, long parallel_ro
     return rc == 0 ? steps : rc;
 }
 
-typedef struct {
-    long H, V, n_layers, M;
-    const float *embed;
-    const NetLayer *layers;
-    const float *lnf_w, *lnf_b, *head_t, *head_b;
-    float eps;
-} NetArgs;
-
-static int net_rows_fn(const void *ctx, long B, long Btot, const long *rows, const long *tok, float *state,
-                       float *logits) {
-    const NetArgs *n = ctx;
-    return net_rows(B, Btot, rows, n->H, n->V, n->n_layers, n->M, tok, n->embed, n->layers, n->lnf_w, n->lnf_b,
-                    n->head_t, n->head_b, n->eps, state, state, logits);
-}
-
 /* The decode block of the isotropic network (state (n_layers, Btot, H, 2, M)); arguments as above. */
 long net_block(long K, long Btot, long H, long V, long n_layers, long M, const float *embed,
                const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
@@ -716,7 +723,7 @@ long net_block(long K, long Btot, long H, long V, long n_layers, long M, const f
                const long *stop_off, const unsigned char *stop_data, unsigned char *hist, long hist_cap,
                long *hist_len, unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times,
                const int *interrupt) {
-    const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_w, lnf_b, head_t, head_b, eps};
+    const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_w, lnf_b, head_t, head_b, eps, NULL};
     return decode_block(net_rows_fn, &n, NET_PARALLEL_ROWS, K, Btot, V, state, tok, temp, top_k, kind, top_p,
                         min_p, rep, presence, frequency, bias, pen_seen, counts, key, counter, limit, stop_first,
                         stop_off, stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out, stopped, times,
@@ -736,7 +743,6 @@ long net_block(long K, long Btot, long H, long V, long n_layers, long M, const f
  * the torch ops' (the blocks are net_rows' S4 + FF pairs); sums run in another order, so logits agree
  * to float32 rounding. The rows of a batch step together (the rows of a level that emit a coarse input go
  * on together), with the linear layers in four-row tiles; a row's bits never depend on the other rows. */
-#include <stdint.h>
 
 typedef struct {
     long n;                   /* blocks: an S4 block each, with its FF block when d_ff > 0 */
@@ -871,22 +877,7 @@ static int sashimi_rows(const void *ctx, long B, long Btot, const long *rows, co
  * integers in [0, period) (the caller checks). Batches of SASHIMI_PARALLEL_ROWS rows or more are split over
  * the threads by rows. Returns 0, or < 0 (out of memory; a DPLR block over the C limits). */
 int sashimi_step(const SNet *net, long B, const long *tokens, float *state, float *logits) {
-    long *rows = malloc(sizeof(long) * (size_t)(B > 0 ? B : 1));
-    if (!rows) return -2;
-    for (long r = 0; r < B; r++) rows[r] = r;
-    int rc = 0;
-    if (B < SASHIMI_PARALLEL_ROWS) {
-        rc = sashimi_rows(net, B, B, rows, tokens, state, logits);
-    } else {
-#pragma omp parallel reduction(min : rc)
-        {
-            const long nt = omp_get_num_threads(), t = omp_get_thread_num();
-            const long lo = B * t / nt, hi = B * (t + 1) / nt;
-            if (hi > lo) rc = sashimi_rows(net, hi - lo, B, rows + lo, tokens, state, logits + lo * net->V);
-        }
-    }
-    free(rows);
-    return rc;
+    return step_all_rows(sashimi_rows, net, SASHIMI_PARALLEL_ROWS, B, net->V, tokens, state, logits);
 }
 
 /* The decode block of a SaShiMi network (state (Btot, numel)); the other arguments as net_block's. */
