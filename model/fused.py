@@ -133,6 +133,60 @@ class NetLayer(ctypes.Structure):
     ]
 
 
+class _Weights:
+    """A network's state dict read into C pointers: `take` records each tensor read (so a network
+    with a tensor no C step reads is refused by name), and every tensor a pointer refers to is kept
+    alive here (transposed copies included)."""
+
+    def __init__(self, net) -> None:
+        self.tensors = net.state_dict(keep_vars=True)
+        self.read: set[str] = set()
+        self.keep: list = []
+
+    def take(self, name: str) -> torch.Tensor:
+        self.read.add(name)
+        return self.tensors[name]
+
+    def ptr(self, t: torch.Tensor) -> int:
+        t = t.detach()
+        self.keep.append(t)
+        return _ptrs(t)[0].value
+
+    def param(self, name: str) -> int:
+        return self.ptr(self.take(name))
+
+    def transposed(self, name: str) -> int:
+        """A linear layer's weight (out, in) as a (in, out) row-major copy."""
+        return self.ptr(self.take(name).detach().t().contiguous())
+
+    def check_all_read(self, what: str) -> None:
+        unread = sorted(set(self.tensors) - self.read)
+        if unread:
+            raise ValueError(f"{what} does not read {unread}")
+
+
+def fill_layer(lay: NetLayer, form, w: _Weights, s4: str, ff_norm: str | None = None, ff: str | None = None):
+    """One NetLayer: the S4 block whose tensors start with `s4` (norm, layer.D, layer.out; its kernel
+    is in the converted `form`, whose fused pointers it takes) and, with `ff`, the FF block after it
+    (its LayerNorm's tensors start with `ff_norm`, its linears' with `ff`: up, down)."""
+    lay.form = 0 if form.form == "diagonal" else 1
+    lay.rank = form.Pr.shape[0] if lay.form == 1 else 0
+    lay.ln_w, lay.ln_b, lay.d_skip = (
+        w.param(s4 + "norm.weight"),
+        w.param(s4 + "norm.bias"),
+        w.param(s4 + "layer.D"),
+    )
+    lay.out_wt, lay.out_b = w.transposed(s4 + "layer.out.weight"), w.param(s4 + "layer.out.bias")  # (H, 2H)
+    w.read.update(n for n in w.tensors if n.startswith(s4 + "layer.kernel."))  # in the layer form
+    for j, p in enumerate(form._fused_ptrs):
+        lay.p[j] = p.value
+    if ff is not None:  # LayerNorm, up (H, d_ff) and down (d_ff, H), transposed
+        lay.d_ff = w.tensors[ff + "up.weight"].shape[0]
+        lay.ff_ln_w, lay.ff_ln_b = w.param(ff_norm + "weight"), w.param(ff_norm + "bias")
+        lay.up_t, lay.up_b = w.transposed(ff + "up.weight"), w.param(ff + "up.bias")
+        lay.down_t, lay.down_b = w.transposed(ff + "down.weight"), w.param(ff + "down.bias")
+
+
 class NetStep:
     """The whole network's recurrent step in one C call (`net_step`): embedding, every block
     (LayerNorm, SSM step, GELU(y + D u), GLU output mixing, residual; then the FF block when d_ff > 0:
@@ -172,49 +226,20 @@ class NetStep:
         if len(eps) != 1:
             raise ValueError("every LayerNorm must share one eps")
         self.eps = ctypes.c_float(eps.pop())
-        tensors = net.state_dict(keep_vars=True)
-        read = set()
-
-        def take(name: str) -> torch.Tensor:
-            read.add(name)
-            return tensors[name]
-
+        w = self._weights = _Weights(net)  # keeps every tensor a pointer refers to
         self.layers = (NetLayer * len(forms))()
-        self._keep = []  # every tensor a pointer refers to
         for i, form in enumerate(forms):
-            lay = self.layers[i]
-            lay.form = 0 if form.form == "diagonal" else 1
-            lay.rank = form.Pr.shape[0] if lay.form == 1 else 0
             pre = f"blocks.{i}."
-            out_wt = take(pre + "layer.out.weight").detach().t().contiguous()  # (H, 2H)
-            lay.ln_w, lay.ln_b, lay.d_skip, lay.out_wt, lay.out_b = (
-                p.value for p in self._ptrs(take(pre + "norm.weight"), take(pre + "norm.bias"),
-                                            take(pre + "layer.D"), out_wt, take(pre + "layer.out.bias"))
-            )  # fmt: skip
-            read.update(n for n in tensors if n.startswith(pre + "layer.kernel."))  # in the layer form
-            for j, ptr in enumerate(form._fused_ptrs):
-                lay.p[j] = ptr.value
-            if pre + "ff.up.weight" in tensors:  # the FF block: LayerNorm, up, GELU, down (transposed)
-                up_t = take(pre + "ff.up.weight").detach().t().contiguous()  # (H, d_ff)
-                down_t = take(pre + "ff.down.weight").detach().t().contiguous()  # (d_ff, H)
-                lay.d_ff = up_t.shape[1]
-                ptrs = self._ptrs(take(pre + "ff_norm.weight"), take(pre + "ff_norm.bias"), up_t,
-                                  take(pre + "ff.up.bias"), down_t, take(pre + "ff.down.bias"))  # fmt: skip
-                lay.ff_ln_w, lay.ff_ln_b, lay.up_t, lay.up_b, lay.down_t, lay.down_b = (p.value for p in ptrs)
-        head_wt = take("head.weight").detach().t().contiguous()  # (H, V)
-        self.embed, self.lnf_w, self.lnf_b, self.head = self._ptrs(
-            take("embed.weight").detach() * cfg.embed_scale, take("norm.weight"), take("norm.bias"), head_wt
-        )
-        self.head_b = self._ptrs(take("head.bias"))[0] if "head.bias" in tensors else ctypes.c_void_p(None)
-        unread = sorted(set(tensors) - read)
-        if unread:
-            raise ValueError(f"the whole-network step does not read {unread}")
+            ff = pre + "ff." if pre + "ff.up.weight" in w.tensors else None
+            fill_layer(self.layers[i], form, w, pre, pre + "ff_norm.", ff)
+        self.embed, self.lnf_w, self.lnf_b, self.head = (
+            ctypes.c_void_p(v)
+            for v in (w.ptr(w.take("embed.weight").detach() * cfg.embed_scale), w.param("norm.weight"),
+                      w.param("norm.bias"), w.transposed("head.weight"))
+        )  # fmt: skip
+        self.head_b = ctypes.c_void_p(w.param("head.bias") if "head.bias" in w.tensors else None)
+        w.check_all_read("the whole-network step")
         self.n_layers = len(forms)
-
-    def _ptrs(self, *tensors: torch.Tensor):
-        tensors = [t.detach() for t in tensors]
-        self._keep += tensors
-        return _ptrs(*tensors)
 
     def __call__(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """tokens (B,) int64, state and out (n_layers, B, H, 2, M) contiguous float32 (out may be
@@ -324,21 +349,7 @@ class SaShiMiStep:
         if len(eps) != 1:
             raise ValueError("every LayerNorm must share one eps")
         self.lib, self.V, self.numel = lib, cfg.vocab_size, layout.numel
-        tensors = net.state_dict(keep_vars=True)
-        read: set[str] = set()
-        self._keep: list = []  # every tensor and ctypes array a pointer refers to
-
-        def take(name: str) -> torch.Tensor:
-            read.add(name)
-            return tensors[name]
-
-        def ptr(t: torch.Tensor) -> int:
-            t = t.detach()
-            self._keep.append(t)
-            return _ptrs(t)[0].value
-
-        def transposed(name: str) -> int:
-            return ptr(take(name).detach().t().contiguous())
+        w = self._weights = _Weights(net)  # keeps every tensor and ctypes array a pointer refers to
 
         def stack(prefix: str, blocks) -> tuple[CNetStack, int]:
             """A level's blocks as NetLayers: its (S4, FF) pairs (model.arch.sashimi.level_blocks), the FF
@@ -347,31 +358,17 @@ class SaShiMiStep:
             pairs = [
                 (f"{prefix}.{i}", f"{prefix}.{i + 1}" if cfg.ff else None) for i in range(0, len(blocks), per)
             ]
-            if not all(f"{name}.layer.D" in tensors for name, _ in pairs):
+            if not all(f"{name}.layer.D" in w.tensors for name, _ in pairs):
                 raise ValueError(f"{prefix}: blocks are not (S4, FF) pairs, nor S4 blocks alone")
             layers = (NetLayer * len(pairs))()
             off = (ctypes.c_long * len(pairs))()
             modes = (ctypes.c_long * len(pairs))()
             for j, (name, ff) in enumerate(pairs):
-                lay, form = layers[j], rec.forms[name]
-                lay.form = 0 if form.form == "diagonal" else 1
-                lay.rank = form.Pr.shape[0] if lay.form == 1 else 0
-                lay.ln_w, lay.ln_b = ptr(take(f"{name}.norm.weight")), ptr(take(f"{name}.norm.bias"))
-                lay.d_skip = ptr(take(f"{name}.layer.D"))
-                lay.out_wt = transposed(f"{name}.layer.out.weight")
-                lay.out_b = ptr(take(f"{name}.layer.out.bias"))
-                read.update(n for n in tensors if n.startswith(f"{name}.layer.kernel."))  # in the layer form
-                for k, p in enumerate(form._fused_ptrs):
-                    lay.p[k] = p.value
+                form = rec.forms[name]
+                fill_layer(layers[j], form, w, name + ".", ff and ff + ".norm.", ff and ff + ".ff.")
                 off[j], modes[j] = layout.slots[f"{name}.x"].offset, form.M
-                if ff is not None:  # its FF block: LayerNorm, up, GELU, down
-                    lay.d_ff = tensors[f"{ff}.ff.up.weight"].shape[0]
-                    lay.ff_ln_w, lay.ff_ln_b = ptr(take(f"{ff}.norm.weight")), ptr(take(f"{ff}.norm.bias"))
-                    lay.up_t, lay.up_b = transposed(f"{ff}.ff.up.weight"), ptr(take(f"{ff}.ff.up.bias"))
-                    lay.down_t = transposed(f"{ff}.ff.down.weight")
-                    lay.down_b = ptr(take(f"{ff}.ff.down.bias"))
             widest = max((lay.d_ff for lay in layers), default=0)
-            self._keep += [layers, off, modes]
+            w.keep += [layers, off, modes]
             return CNetStack(
                 len(pairs), ctypes.addressof(layers), ctypes.addressof(off), ctypes.addressof(modes)
             ), widest
@@ -391,28 +388,22 @@ class SaShiMiStep:
                     layout.slots[f"up.{k}.buffer"].offset,
                 )
                 lv.down_t, lv.down_b = (
-                    transposed(f"down.{k}.pool.linear.weight"),
-                    ptr(take(f"down.{k}.pool.linear.bias")),
+                    w.transposed(f"down.{k}.pool.linear.weight"),
+                    w.param(f"down.{k}.pool.linear.bias"),
                 )
                 lv.up_t, lv.up_b = (
-                    transposed(f"up.{k}.pool.linear.weight"),
-                    ptr(take(f"up.{k}.pool.linear.bias")),
+                    w.transposed(f"up.{k}.pool.linear.weight"),
+                    w.param(f"up.{k}.pool.linear.bias"),
                 )
                 every *= rec.pool[k]
-        self._keep.append(levels)
+        w.keep.append(levels)
         c = self.c = CSaShiMi()
         c.K, c.V, c.numel, c.period, c.levels = K, self.V, self.numel, rec.period, ctypes.addressof(levels)
-        c.embed = ptr(take("embed.weight").detach() * cfg.embed_scale)
-        c.lnf_w, c.lnf_b, c.head_t = (
-            ptr(take("norm.weight")),
-            ptr(take("norm.bias")),
-            transposed("head.weight"),
-        )
-        c.head_b = ptr(take("head.bias")) if "head.bias" in tensors else None
+        c.embed = w.ptr(w.take("embed.weight").detach() * cfg.embed_scale)
+        c.lnf_w, c.lnf_b, c.head_t = w.param("norm.weight"), w.param("norm.bias"), w.transposed("head.weight")
+        c.head_b = w.param("head.bias") if "head.bias" in w.tensors else None
         c.eps = eps.pop()
-        unread = sorted(set(tensors) - read)
-        if unread:
-            raise ValueError(f"the SaShiMi C step does not read {unread}")
+        w.check_all_read("the SaShiMi C step")
 
     def __call__(self, tokens: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """tokens (B,) int64, state (B, numel) float32 contiguous with valid phases (the caller checks),
