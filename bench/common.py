@@ -87,6 +87,18 @@ def matmul_gflops_by_size(sizes: Sequence[int] = (1024, 2048), repeat: int = 5) 
     return out
 
 
+def copy_gbps_by_size(mib: Sequence[int] = (4, 16, 64, 256), repeat: int = 10) -> dict[str, float]:
+    """Best memory bandwidth of an fp32 `Tensor.copy_` per buffer size in GB/s, counting the bytes read
+    and written (2 × size): sizes that fit the last-level cache measure it, larger ones DRAM."""
+    out: dict[str, float] = {}
+    for m in mib:
+        a = torch.randn(m * 2**20 // 4)
+        b = torch.empty_like(a)
+        best = min(time_samples(lambda: b.copy_(a), warmup=2, repeat=repeat))  # noqa: B023
+        out[f"{m} MiB"] = 2 * a.numel() * 4 / best / 1e9
+    return out
+
+
 def measure_matmul_gflops(sizes: Sequence[int] = (1024, 2048), repeat: int = 5) -> float:
     """The machine's fp32 matmul ceiling in GFLOP/s: the best torch.mm rate over sizes and repeats."""
     return max(matmul_gflops_by_size(sizes, repeat).values())

@@ -19,17 +19,23 @@ import torch
 
 from bench.common import (
     bench_main,
+    copy_gbps_by_size,
     log2_axis,
     matmul_gflops_by_size,
     save_figure,
     subplots,
     timeit,
 )
-from model import ModelConfig, RecurrentModel, SequenceModel
+from model import ModelConfig, RecurrentModel, SequenceModel, fused
 from model.recurrent import NET_STEP_MAX_BATCH
+from model.sampling import SamplingParams, row_settings, uint64_bits
 
 NAME = "step"
-KINDS = ("s4", "s4d")
+# kind: (kernel, extra config). "s4d-ff" has the shipped text model's shape (diagonal layers of 32 modes
+# and FF blocks of 2H, as checkpoints/text-shakespeare converts); "s4" and "s4d" are the shape it had
+# before issue 15 (no FF blocks), which the issue-18 figures started from.
+KINDS = {"s4": ("s4", {}), "s4d": ("s4d", {}), "s4d-ff": ("s4d", {"d_ff": "2H"})}
+BLOCK_K = 32  # steps per native decode block (bench: the `block` rows)
 SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
     False: {
         "model": {"vocab_size": 256, "d_model": 256, "n_layers": 4, "d_state": 64, "l_max": 1024},
@@ -38,6 +44,7 @@ SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
         "min_steps": 10,
         "seconds_per_batch": 5.0,
         "prompt": 1024,
+        "block_repeat": 3,
     },
     True: {
         "model": {"vocab_size": 256, "d_model": 32, "n_layers": 2, "d_state": 16, "l_max": 128},
@@ -46,6 +53,7 @@ SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
         "min_steps": 5,
         "seconds_per_batch": 1.0,
         "prompt": 128,
+        "block_repeat": 1,
     },
 }
 
@@ -77,7 +85,9 @@ def build(
     kind: str, model_kw: dict[str, Any], fused: bool = True, network: bool = True
 ) -> tuple[RecurrentModel, float]:
     torch.manual_seed(0)
-    net = SequenceModel(ModelConfig(kernel=kind, cauchy_backend="torch", **model_kw))
+    kernel, extra = KINDS[kind]
+    extra = {k: 2 * model_kw["d_model"] if v == "2H" else v for k, v in extra.items()}
+    net = SequenceModel(ModelConfig(kernel=kernel, cauchy_backend="torch", **model_kw, **extra))
     t0 = time.perf_counter()
     rec = net.to_recurrent(fused_step=fused, fused_network=network)
     return rec, time.perf_counter() - t0
@@ -126,6 +136,35 @@ def time_steps(
     }
 
 
+def time_blocks(rec: RecurrentModel, batch: int, repeat: int) -> dict[str, Any]:
+    """Tokens/s of `rec.decode_block` (BLOCK_K steps with plain seeded sampling, no stops) at one batch
+    size in two row orders, alternated `repeat` times, best of each (the least disturbed): "every-step"
+    (schedule (0, 1): every step takes all a thread's rows, as before) and "grouped" (the default
+    fused.BLOCK_SCHEDULE: groups of rows through rounds of steps, the state kept in cache)."""
+    V = rec.config.vocab_size
+    params = [SamplingParams(temperature=1.0, seed=r) for r in range(batch)]
+    settings = row_settings(params, V)
+    state, tok = rec.init_state(batch), torch.zeros(batch, dtype=torch.long)
+    seen = torch.zeros(batch, V, dtype=torch.bool)
+    counter = torch.zeros(batch, dtype=torch.long)
+    orders = {"every-step": (0, 1), "grouped": fused.BLOCK_SCHEDULE}
+    best = dict.fromkeys(orders, 0.0)
+    for i in range(repeat + 1):  # the first round warms up
+        for name, schedule in orders.items():
+            t0 = time.perf_counter()
+            res = rec.decode_block(
+                BLOCK_K, state, tok, settings=settings, counts=None, key=uint64_bits(list(range(batch))),
+                counter=counter, limit=torch.full((batch,), BLOCK_K), stops=[[]] * batch,
+                history=[b""] * batch, seen=seen, schedule=schedule,
+            )  # fmt: skip
+            dt = time.perf_counter() - t0
+            if res.steps != BLOCK_K:
+                raise RuntimeError(f"decode block made {res.steps} of {BLOCK_K} steps")
+            if i > 0:
+                best[name] = max(best[name], batch * BLOCK_K / dt)
+    return {"batch": batch, "tokens_per_s": best, "schedule": list(fused.BLOCK_SCHEDULE)}
+
+
 def time_prefill(rec: RecurrentModel, L: int) -> dict[str, Any]:
     """Batch-1 prompt of L tokens: one parallel prefill vs L sequential steps (same final state)."""
     tokens = torch.randint(0, rec.config.vocab_size, (1, L), generator=torch.Generator().manual_seed(1))
@@ -159,6 +198,8 @@ def run(quick: bool) -> dict[str, Any]:
     gflops_by_size = matmul_gflops_by_size()
     ceiling = max(gflops_by_size.values())
     print(f"matmul ceiling: {ceiling:.1f} GFLOP/s {gflops_by_size}", flush=True)
+    copy_gbps = copy_gbps_by_size()  # a step reads and writes each row's state once: the memory bound
+    print("copy bandwidth (read + write): " + ", ".join(f"{k} {v:.0f} GB/s" for k, v in copy_gbps.items()))
     kinds: dict[str, Any] = {}
     for kind in KINDS:
         rec, t_convert = build(kind, cfg["model"])
@@ -175,7 +216,7 @@ def run(quick: bool) -> dict[str, Any]:
                 row["fraction_of_ceiling"] = row["gflops"] / ceiling
                 rows.append(row)
                 print(
-                    f"{kind:4s} {variant:13s} batch {batch:4d}: {row['us_per_step_median']:10.0f} µs/step "
+                    f"{kind:6s} {variant:13s} batch {batch:4d}: {row['us_per_step_median']:10.0f} µs/step "
                     f"{row['tokens_per_s']:10.0f} tok/s  {row['gflops']:6.2f} GFLOP/s "
                     f"({100 * row['fraction_of_ceiling']:.2f}% of ceiling, n={row['steps_timed']})",
                     flush=True,
@@ -186,10 +227,25 @@ def run(quick: bool) -> dict[str, Any]:
             _tag(variants["network-c"], "network-c"), _tag(variants["fused-inplace"], "fused-inplace")
         )
         rows = [max(pair, key=lambda r: r["tokens_per_s"]) for pair in pairs]
+        blocks = []
+        for batch in cfg["batches"]:  # the native decode block: the whole network's C step + sampling
+            row = time_blocks(rec, batch, cfg["block_repeat"])
+            row["fraction_of_ceiling"] = {
+                k: v * flops["total"] / 1e9 / ceiling for k, v in row["tokens_per_s"].items()
+            }
+            blocks.append(row)
+            print(
+                f"{kind:6s} decode block batch {batch:4d}: "
+                + ", ".join(
+                    f"{k} {v:8.0f} tok/s ({100 * row['fraction_of_ceiling'][k]:.1f}% of ceiling)"
+                    for k, v in row["tokens_per_s"].items()
+                ),
+                flush=True,
+            )
         rec.net_step_max_batch = NET_STEP_MAX_BATCH
         prefill = time_prefill(rec, cfg["prompt"])
         print(
-            f"{kind:4s} prefill {prefill['prompt_tokens']} tokens: {prefill['prefill_s']:.3f} s vs "
+            f"{kind:6s} prefill {prefill['prompt_tokens']} tokens: {prefill['prefill_s']:.3f} s vs "
             f"{prefill['sequential_steps_s']:.3f} s sequential ({prefill['speedup']:.1f}x)",
             flush=True,
         )
@@ -201,22 +257,26 @@ def run(quick: bool) -> dict[str, Any]:
             "ceiling_tokens_per_s": ceiling_tps,
             "step": rows,  # the faster in-place variant per batch (network-c or fused-inplace)
             "step_variants": variants,
+            "decode_block": blocks,
             "prefill": prefill,
         }
     return {
         "description": "RecurrentModel.step: median wall time per step over `steps_timed` steps after 3 "
         "warmup steps (fixed random tokens, state carried); tokens/s = batch / median step time; "
-        "GFLOP/s from the analytic FLOPs per token; ceiling = best fp32 torch.mm GFLOP/s",
+        "GFLOP/s from the analytic FLOPs per token; ceiling = best fp32 torch.mm GFLOP/s. decode_block: "
+        "RecurrentModel.decode_block of BLOCK_K steps with plain seeded sampling, best of block_repeat "
+        "alternated runs per row order (time_blocks); its FLOPs are the step's (sampling not counted)",
         "sizes": {**cfg, "cauchy_backend": "torch"},
         "matmul_gflops": gflops_by_size,
+        "copy_gbps": copy_gbps,
         "ceiling_gflops": ceiling,
         "kinds": kinds,
     }
 
 
 def plot(data: dict[str, Any], quick: bool) -> None:
-    fig, (ax, ax_p) = subplots(2)
-    colors = {"s4": "tab:blue", "s4d": "tab:green"}
+    fig, (ax, ax_p) = subplots(2, height=8.0)
+    colors = {"s4": "tab:blue", "s4d": "tab:green", "s4d-ff": "tab:red"}
     batches = data["sizes"]["batches"]
     for kind, d in data["kinds"].items():
         forms = "/".join(sorted({lay["form"] for lay in d["layers"]}))
@@ -230,6 +290,18 @@ def plot(data: dict[str, Any], quick: bool) -> None:
                 color=colors[kind],
                 label=f"{kind} {variant} ({forms} layers)",
             )
+        blocks = d.get("decode_block", [])
+        for order, style in (("every-step", (0, (1, 1))), ("grouped", (0, (5, 1)))):
+            if blocks:
+                ax.plot(
+                    [r["batch"] for r in blocks],
+                    [r["tokens_per_s"][order] for r in blocks],
+                    marker="s",
+                    linestyle=style,
+                    color=colors[kind],
+                    alpha=0.6,
+                    label=f"{kind} decode block of {BLOCK_K}, {order} order (with sampling)",
+                )
         ax.axhline(
             d["ceiling_tokens_per_s"],
             color=colors[kind],
@@ -251,7 +323,7 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     ax.set_ylabel("generated tokens / s")
     ax.set_title(f"step throughput (labels: % of the {data['ceiling_gflops']:.0f} GFLOP/s ceiling)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.12))
 
     kinds = list(data["kinds"])
     x = range(len(kinds))

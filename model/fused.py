@@ -27,6 +27,9 @@ RESTYPES = {  # the library's entry points and their return types
 }  # fmt: skip
 # -fno-math-errno lets the GELU / sigmoid loops call glibc's vector expf / erff (model/csrc/ssm_step.c)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
+# A decode block's order (ssm_step.c `decode_block`): rounds of BLOCK_SCHEDULE[1] steps, each thread taking
+# its rows BLOCK_SCHEDULE[0] at a time through a round (0: all at once, every step: the order before).
+BLOCK_SCHEDULE = (8, 4)
 
 
 def build_folder() -> Path:
@@ -444,6 +447,7 @@ def decode_block(
     history: list[bytes],
     seen: torch.Tensor,
     interrupt: ctypes.c_int | None = None,
+    schedule: tuple[int, int] | None = None,
 ) -> BlockResult:
     """Check and marshal the per-row arguments of a native decode block (ssm_step.c `decode_block`), call
     `invoke(tail)` with the C arguments after the network's own (state, tok, the sampling settings, ...,
@@ -457,7 +461,10 @@ def decode_block(
     int64 ≥ 0; stops: per row, its stop sequences (bytes); history: per row, its output bytes so far
     (only the last longest-stop − 1 are read); seen (B, V) bool, set in place for every sampled token;
     interrupt: a flag that, once set to nonzero by another thread, ends the block after the current
-    step (at least one step is made). Raises ValueError on bad shapes or when the C step fails."""
+    round of steps (at least one round is made); schedule: (group_rows, group_steps), the order in which
+    each thread steps its rows (ssm_step.c `decode_block`: rounds of group_steps steps, group_rows rows
+    at a time through a round; it changes no row's tokens or state), default `BLOCK_SCHEDULE`. Raises
+    ValueError on bad shapes or when the C step fails."""
     B = tok.shape[0]
     if (
         state.shape[batch_dim] != B
@@ -511,7 +518,11 @@ def decode_block(
     rows += [p(t) for t in (key, counter, limit, first_t, off_t, data_t, hist)]
     outs = [p(t) for t in (hist_len, seen, out_tok, n_out, stopped, times)]
     flag = ctypes.c_void_p(None if interrupt is None else ctypes.addressof(interrupt))
-    steps = invoke([*rows, ctypes.c_long(hist.shape[1]), *outs, flag])
+    group_rows, group_steps = BLOCK_SCHEDULE if schedule is None else schedule
+    if group_rows < 0 or group_steps < 1:
+        raise ValueError(f"decode block: schedule {schedule} needs group_rows >= 0 and group_steps >= 1")
+    order = [ctypes.c_long(group_rows), ctypes.c_long(group_steps)]
+    steps = invoke([*rows, ctypes.c_long(hist.shape[1]), *outs, flag, *order])
     if steps < 0:
         raise ValueError(
             f"fused decode block failed (code {steps}: > 1024 modes, rank > 4, or out of memory)"

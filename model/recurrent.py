@@ -36,7 +36,7 @@ F64, C64, C128 = torch.float64, torch.complex64, torch.complex128
 CHUNK = 64
 PREFILL_THREADS = 1  # torch threads for a prefill (bench.prefill: 2 threads stall when another process runs)
 MU_POW_BITS = 48  # μ^{2^k} (k < this) are tabulated: μ^n for any n < 2^48 in float32 by n's bits
-NET_STEP_MAX_BATCH = 128  # batches up to this size step the whole network in one C call (CPU; bench.step)
+NET_STEP_MAX_BATCH = 256  # batches up to this size step the whole network in one C call (CPU; bench.step)
 PREFILL_BY_STEPS_MAX_TOKENS = 64  # shorter prompts are ingested by that step (faster than the parallel form)
 
 

@@ -119,8 +119,9 @@ def _one_step(rec, state, tok, params, limits, seen):
     return out
 
 
-def _block(rec, state, tok, params, limits, seen, K):
-    """The block path, run in blocks of K steps until every row is done (as the engine does)."""
+def _block(rec, state, tok, params, limits, seen, K, schedule=None):
+    """The block path, run in blocks of K steps until every row is done (as the engine does), in the
+    order `schedule` (fused.decode_block; None: the default)."""
     state, tok, seen = state.clone(), tok.clone(), seen.clone()
     gens = [p.generator() for p in params]
     toks = [[] for _ in params]
@@ -135,6 +136,7 @@ def _block(rec, state, tok, params, limits, seen, K):
             K, state, tok, settings=settings, counts=counts, key=uint64_bits([g.key for g in gens]),
             counter=uint64_bits([g.counter for g in gens]), limit=torch.tensor(left),
             stops=[p.stop for p in params], history=[bytes(v & 0xFF for v in t) for t in toks], seen=seen,
+            schedule=schedule,
         )  # fmt: skip
         assert 1 <= res.steps <= K and res.times.shape == (res.steps,)
         assert bool((res.times[1:] >= res.times[:-1]).all())
@@ -166,14 +168,20 @@ PARAMS = [
 ]
 
 
+# decode block orders (group_rows, group_steps): every step all rows (the order before), the default,
+# and groups of 2 rows through rounds of 3 steps (12 rows = 6 a thread: 3 groups)
+SCHEDULES = [(0, 1), None, (2, 3)]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("K", [1, 7, 32])
-def test_the_block_gives_the_one_step_paths_tokens_states_and_seen_sets_bit_for_bit(rec, K):
+def test_the_block_gives_the_one_step_paths_tokens_states_and_seen_sets_bit_for_bit(rec, K, schedule):
     B = len(PARAMS)  # >= 8 rows: the C block's threaded path
     state, tok = _prefilled(rec, B, seed=1)
     seen = torch.rand(B, V, generator=torch.Generator().manual_seed(1)) < 0.2  # the prompts' tokens
     limits = [40, 1, 0, 17, 40, 33, 5, 40, 40, 2, 39, 40]  # 0: a hole (never steps)
     ref = _one_step(rec, state, tok, PARAMS, limits, seen)
-    toks, new_state, new_seen, _ = _block(rec, state, tok, PARAMS, limits, seen, K)
+    toks, new_state, new_seen, _ = _block(rec, state, tok, PARAMS, limits, seen, K, schedule)
     for r in range(B):
         assert toks[r] == ref[r][0], f"row {r}"
         assert len(toks[r]) == limits[r]
@@ -184,7 +192,8 @@ def test_the_block_gives_the_one_step_paths_tokens_states_and_seen_sets_bit_for_
     assert greedy and all(len(set(toks[r])) >= 1 for r in greedy)
 
 
-def test_rows_stopping_mid_block_are_exact_and_leave_the_other_rows_bit_identical(rec):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_rows_stopping_mid_block_are_exact_and_leave_the_other_rows_bit_identical(rec, schedule):
     B = len(PARAMS)
     state, tok = _prefilled(rec, B, seed=2)
     seen = torch.zeros(B, V, dtype=torch.bool)
@@ -197,7 +206,7 @@ def test_rows_stopping_mid_block_are_exact_and_leave_the_other_rows_bit_identica
     params = [dataclasses.replace(p, stop=stops.get(r, [])) for r, p in enumerate(PARAMS)]
     ref = _one_step(rec, state, tok, params, limits, seen)
     for K in (8, 48):
-        toks, new_state, new_seen, stopped = _block(rec, state, tok, params, limits, seen, K)
+        toks, new_state, new_seen, stopped = _block(rec, state, tok, params, limits, seen, K, schedule)
         for r in range(B):
             assert toks[r] == ref[r][0], f"K={K} row {r}"
             assert torch.equal(rows(rec, new_state, slice(r, r + 1)), ref[r][1]), f"K={K} row {r}: state"
@@ -222,6 +231,41 @@ def test_a_seed_gives_the_same_tokens_and_state_alone_and_in_any_batch(rec):
         assert alone[0] == together[r] == flipped[order.index(r)]
         assert torch.equal(rows(rec, sa, 0), rows(rec, st, r))
         assert torch.equal(rows(rec, sf, order.index(r)), rows(rec, st, r))
+
+
+@pytest.mark.parametrize(("schedule", "steps"), [((0, 1), 1), ((2, 3), 3), ((2, 9), 9), ((100, 4), 1)])
+def test_an_interrupt_ends_the_block_after_one_round_with_every_row_exact(rec, schedule, steps):
+    """A flag set before the call: the block makes its first round only, one step when a thread's rows
+    form one group (at most group_rows of them), else group_steps steps (12 rows: 6 a thread), and
+    every row has exactly the uninterrupted rows' first tokens and that point's state."""
+    B = len(PARAMS)
+    state, tok = _prefilled(rec, B, seed=4)
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    ref = _one_step(rec, state, tok, PARAMS, [steps] * B, seen)
+    gens = [p.generator() for p in PARAMS]
+    res = rec.decode_block(
+        16, state, tok, settings=row_settings(PARAMS, V), counts=torch.zeros(B, V),
+        key=uint64_bits([g.key for g in gens]), counter=uint64_bits([g.counter for g in gens]),
+        limit=torch.full((B,), 40), stops=[[]] * B, history=[b""] * B, seen=seen,
+        interrupt=ctypes.c_int(1), schedule=schedule,
+    )  # fmt: skip
+    assert res.steps == steps and res.n_out.tolist() == [steps] * B
+    for r in range(B):
+        assert res.tokens[:, r].tolist() == ref[r][0], f"row {r}"
+        assert torch.equal(rows(rec, state, slice(r, r + 1)), ref[r][1]), f"row {r}: state"
+
+
+@pytest.mark.parametrize("schedule", [(-1, 1), (8, 0)])
+def test_a_bad_schedule_is_refused_by_name(rec, schedule):
+    B = 2
+    state, tok = rec.init_state(B), torch.zeros(B, dtype=torch.long)
+    params = [SamplingParams(seed=r) for r in range(B)]
+    with pytest.raises(ValueError, match="schedule"):
+        rec.decode_block(
+            4, state, tok, settings=row_settings(params, V), counts=None, key=uint64_bits([1, 2]),
+            counter=uint64_bits([0, 0]), limit=torch.full((B,), 4), stops=[[]] * B, history=[b""] * B,
+            seen=torch.zeros(B, V, dtype=torch.bool), schedule=schedule,
+        )  # fmt: skip
 
 
 def _chi2_against(probs: torch.Tensor, counts: torch.Tensor) -> tuple[float, int]:
