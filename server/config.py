@@ -94,10 +94,24 @@ class Settings(BaseSettings):
         ge=0,
         le=100,
         description="the engine decodes 8 steps, or more (≤ 64) while within this time, "
-        "before it hands the tokens to the event loop (new work ends a block at once)",
+        "before it hands the tokens to the event loop (new work ends a block within ≤ 4 steps)",
+    )
+    audio_decode_block_ms: float = Field(
+        20.0,
+        ge=0,
+        le=200,
+        description="the same for audio models (≤ 512 steps, in native blocks of ≤ 128): their samples "
+        "leave in frames of frame_ms (20 by default), so handing them over more often only costs time",
     )
     stream_buffer: int = Field(
         64, ge=1, description="undelivered steps held per request; a full buffer pauses its session"
+    )
+    audio_stream_buffer_ms: float = Field(
+        250.0,
+        ge=0,
+        le=10_000,
+        description="the same for audio models, in milliseconds of audio (at least `stream_buffer` samples): "
+        "64 samples are 8 ms at 8 kHz, less than one frame",
     )
     ws_max_frame_bytes: int = Field(
         1 << 20,

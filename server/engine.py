@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from model.codecs import utf8_tail
@@ -54,7 +55,7 @@ from model.sampling import (
 )
 from server.config import Settings
 from server.errors import APIError, over_capacity, unavailable
-from server.metrics import ModelMetrics
+from server.metrics import ModelMetrics, observe_many
 from server.sessions import SessionRecord, SessionTable, SlotPool
 
 log = logging.getLogger("server.engine")
@@ -63,6 +64,11 @@ GREEDY = SamplingParams(temperature=0.0)  # what the holes of a decode batch "sa
 DECODE_BLOCK_STEPS = 8  # decode steps between two admissions / hand-overs: at least this many unless ...
 DECODE_BLOCK_MAX_STEPS = 64  # ... and, while within decode_block_ms, up to this many
 DECODE_BLOCK_NATIVE_MAX_STEPS = 32  # steps of one native decode block (see Engine._decode_native)
+# Audio models (one step per sample: thousands a second per stream) hand over every
+# `audio_decode_block_ms`, up to this many steps, in native blocks of up to this many: their samples
+# leave in frames of frame_ms (20 by default) anyway, and a hand-over costs the same however short
+AUDIO_DECODE_BLOCK_MAX_STEPS = 512
+AUDIO_DECODE_BLOCK_NATIVE_MAX_STEPS = 128
 
 
 @dataclass
@@ -179,6 +185,7 @@ class DecodeBatch:
         self.rows: list[Job | None] = []
         self.logprobs: dict[int, tuple[float, list[int], list[float]]] = {}  # of the last step, by row
         self.dummy = CounterRNG(0, device=pool.state.device)
+        self._block_args: tuple | None = None  # `block`'s per-row arguments that last while the rows do
 
     @property
     def live(self) -> int:
@@ -195,6 +202,7 @@ class DecodeBatch:
         self.pool.seen.index_copy_(0, s, self.seen.index_select(0, r))
         for row in rows:
             self.rows[row] = None
+        self._block_args = None
 
     def join(self, jobs: list[Job]) -> None:
         """Bring the jobs' slots into the batch (holes first, then new rows)."""
@@ -217,6 +225,7 @@ class DecodeBatch:
             self.seen = torch.cat([self.seen, self.pool.seen.index_select(0, s)])
             self.tok = torch.cat([self.tok, torch.tensor([j.session.pending for j in grow], device=dev)])
             self.rows += grow
+        self._block_args = None
 
     def compact(self) -> None:
         holes = len(self.rows) - self.live
@@ -226,6 +235,7 @@ class DecodeBatch:
             self.state = self.state.index_select(self.pool.dim, k)  # a new contiguous tensor
             self.seen, self.tok = self.seen.index_select(0, k), self.tok.index_select(0, k)
             self.rows = [self.rows[i] for i in keep]
+            self._block_args = None
 
     def step(self, rec: RecurrentModel) -> list[int]:
         """One recurrent step of every row, in place; returns the sampled tokens (host ints). Rows
@@ -276,19 +286,23 @@ class DecodeBatch:
         tokens it drew. Returns the fused.BlockResult."""
         rows = self.rows
         V = self.seen.shape[1]
-        settings = row_settings([GREEDY if j is None else j.params for j in rows], V)
-        counted = [i for i, j in enumerate(rows) if j is not None and j.counts is not None]
+        if self._block_args is None:  # the rows' settings, keys and stops: until a row joins or leaves
+            settings = row_settings([GREEDY if j is None else j.params for j in rows], V)
+            counted = [i for i, j in enumerate(rows) if j is not None and j.counts is not None]
+            gens = [self.dummy if j is None else j.generator for j in rows]
+            stops = [[] if j is None else j.stops for j in rows]
+            key = uint64_bits([g.key for g in gens])
+            self._block_args = (settings, counted, gens, key, stops, any(stops))
+        settings, counted, gens, key, stops, any_stops = self._block_args
         counts = None
         if settings.counted:
             counts = torch.zeros(len(rows), V)
             counts[counted] = torch.stack([rows[i].counts for i in counted])
-        gens = [self.dummy if j is None else j.generator for j in rows]
-        key, counter = uint64_bits([g.key for g in gens]), uint64_bits([g.counter for g in gens])
+        history = [b"" if j is None else bytes(j.out_bytes) for j in rows] if any_stops else [b""] * len(rows)
         res = rec.decode_block(
-            K, self.state, self.tok, settings=settings, counts=counts, key=key, counter=counter,
-            limit=torch.tensor(limits, dtype=torch.long), stops=[[] if j is None else j.stops for j in rows],
-            history=[b"" if j is None else bytes(j.out_bytes) for j in rows], seen=self.seen,
-            interrupt=interrupt,
+            K, self.state, self.tok, settings=settings, counts=counts, key=key,
+            counter=uint64_bits([g.counter for g in gens]), limit=torch.tensor(limits, dtype=torch.long),
+            stops=stops, history=history, seen=self.seen, interrupt=interrupt,
         )  # fmt: skip
         for i in counted:
             rows[i].counts.copy_(counts[i])
@@ -323,6 +337,11 @@ class Engine:
         self.crashed: str | None = None  # set when the engine thread died of a bug (guarded by _cv)
         self._next_housekeeping = 0.0
         self._block_step_s: float | None = None  # measured seconds per step of a native block
+        audio = rec.config.modality == "audio"  # the decode iteration's time and step limits:
+        self._block_s = (settings.audio_decode_block_ms if audio else settings.decode_block_ms) / 1000
+        self._max_steps = AUDIO_DECODE_BLOCK_MAX_STEPS if audio else DECODE_BLOCK_MAX_STEPS
+        native_max = AUDIO_DECODE_BLOCK_NATIVE_MAX_STEPS if audio else DECODE_BLOCK_NATIVE_MAX_STEPS
+        self._native_max_steps = native_max
         self._block_interrupt = ctypes.c_int(0)  # set by other threads: a native block ends after its step
         # set by the app when a session store is configured (engine thread calls them):
         self.persist: Callable[[SessionRecord, bytes, list[int]], None] | None = None  # write a state
@@ -585,11 +604,11 @@ class Engine:
         # steps past its end and a new request waits at most one step; the tokens of the block reach
         # the event loop in one hand-over (so a fast step, as for one audio stream, sends tens of
         # samples per frame instead of eight).
-        t_end = time.perf_counter() + self.settings.decode_block_ms / 1000
+        t_end = time.perf_counter() + self._block_s
         if b.live and b.native(self.rec):
             self._decode_native(t_end)
             return
-        for k in range(1, DECODE_BLOCK_MAX_STEPS + 1):
+        for k in range(1, self._max_steps + 1):
             if not b.live:
                 return
             ids = b.step(self.rec)
@@ -629,7 +648,7 @@ class Engine:
         stream, when new work arrived, or after DECODE_BLOCK_MAX_STEPS steps or decode_block_ms (but
         not before DECODE_BLOCK_STEPS steps)."""
         b, steps = self.batch, 0
-        while b.live and steps < DECODE_BLOCK_MAX_STEPS:
+        while b.live and steps < self._max_steps:
             self._block_interrupt.value = 0  # before looking for work: nothing that arrives is missed
             pending = bool(self._inbox or self._waiting or self._prefilling)
             if pending:
@@ -638,8 +657,8 @@ class Engine:
                 K = DECODE_BLOCK_STEPS - steps if steps < DECODE_BLOCK_STEPS else 1
             else:
                 left = t_end - time.perf_counter()
-                K = int(max(1, min(DECODE_BLOCK_NATIVE_MAX_STEPS, left / self._block_step_s)))
-            K = min(K, DECODE_BLOCK_MAX_STEPS - steps)
+                K = int(max(1, min(self._native_max_steps, left / self._block_step_s)))
+            K = min(K, self._max_steps - steps)
             limits = [
                 0 if j is None else max(0, min(j.max_new_tokens - len(j.out), j.stream.room()))
                 for j in b.rows
@@ -651,18 +670,21 @@ class Engine:
                 per = (time.perf_counter() - t0) / res.steps
                 est = self._block_step_s
                 self._block_step_s = per if est is None else 0.75 * est + 0.25 * per
-            n_out, stopped = res.n_out.tolist(), res.stopped.tolist()
-            tokens, times = res.tokens.t().tolist(), res.times.tolist()  # (R, steps), (steps,)
-            for k in range(res.steps):
-                self.metrics.batch_size.observe(sum(1 for n in n_out if n > k))
-            done, full = [], False
+            n_np = res.n_out.numpy()
+            n_out, stopped = n_np.tolist(), res.stopped.tolist()
+            tokens, times = res.tokens.t().tolist(), res.times.numpy()  # (R, steps), (steps,)
+            # the rows stepped at each step k: those that made more than k tokens
+            observe_many(self.metrics.batch_size, (n_np[None, :] > np.arange(res.steps)[:, None]).sum(1))
+            done, full, itl = [], False, []
             for row, job in enumerate(b.rows):
                 if job is None or not n_out[row]:
                     continue
-                if self._emit_many(job, tokens[row][: n_out[row]], times, stopped[row]):
+                if self._emit_many(job, tokens[row][: n_out[row]], times, stopped[row], itl):
                     done.append(job)
                 elif job.stream.room() <= 0 or job.cancelled:
                     full = True
+            if itl:
+                observe_many(self.metrics.itl, np.concatenate(itl))
             if done:
                 self._retire(done)
             if done or full or pending or self._inbox or self._waiting or self._prefilling or not res.steps:
@@ -670,8 +692,9 @@ class Engine:
             if steps >= DECODE_BLOCK_STEPS and time.perf_counter() >= t_end:
                 return
 
-    def _emit_many(self, job: Job, toks: list[int], times: list[float], stopped: bool) -> bool:
-        """Record and send a block's tokens of one job (token i made at times[i]); True when the
+    def _emit_many(self, job: Job, toks: list[int], times: np.ndarray, stopped: bool, itl: list) -> bool:
+        """Record and send a block's tokens of one job (token i made at times[i]) and append their
+        inter-token latencies (an array) to `itl`, for the caller to observe in one go; True when the
         generation is complete (its limit reached, or `stopped` by a stop sequence)."""
         first = not job.out
         job.out += toks
@@ -680,16 +703,14 @@ class Engine:
         job.session.generated = len(job.out)
         job.stream.sent += len(toks)
         self._outbox.append((job.stream, list(toks)))  # one block: _flush delivers it as one list
-        m = self.metrics
-        last = job.last_emit
-        for i in range(len(toks)):
-            if first and i == 0:
-                m.ttft.observe(times[0] - job.submitted)
-            else:
-                m.itl.observe(times[i] - last)
-            last = times[i]
-        job.last_emit = last
-        m.tokens.inc(len(toks))
+        m, n = self.metrics, len(toks)
+        if first:
+            m.ttft.observe(float(times[0]) - job.submitted)
+            itl.append(np.diff(times[:n]))  # token i > 0: times[i] − times[i − 1]
+        else:
+            itl.append(np.diff(times[:n], prepend=job.last_emit))
+        job.last_emit = float(times[n - 1])
+        m.tokens.inc(n)
         if job.stops:
             job.out_bytes += bytes(t & 0xFF for t in toks)
         return stopped or len(job.out) >= job.max_new_tokens

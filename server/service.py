@@ -354,7 +354,7 @@ def start_generation(
                 ids = [model.codec.silence]
             else:
                 raise invalid("prompt", "prompt is empty and there is no session input to continue from")
-        stream = Stream(state.loop, state.settings.stream_buffer)
+        stream = Stream(state.loop, stream_capacity(state.settings, model))
         text = model.kind == "text"
         carry = rec.utf8_tail if text and not ids and not rec.ephemeral else b""
         job = Job(rec, ids, fresh=rec.ephemeral, stream=stream, params=params, max_new_tokens=max_new_tokens,
@@ -422,6 +422,14 @@ async def events(stream: Stream) -> AsyncIterator[list]:
     finally:
         if not finished:
             stream.cancel()
+
+
+def stream_capacity(settings, model: ServedModel) -> int:
+    """Undelivered steps a generation's stream holds before its session pauses: `stream_buffer`, or
+    for an audio model `audio_stream_buffer_ms` of audio at its sample rate when that is more."""
+    if model.kind != "audio":
+        return settings.stream_buffer
+    return max(settings.stream_buffer, round(model.sample_rate * settings.audio_stream_buffer_ms / 1000))
 
 
 def frame_ms(model: ServedModel, requested: int | None) -> int | None:

@@ -134,7 +134,18 @@ def test_audio_generate_gives_wav_in_json_or_raw(client, model_dirs):
 
 
 def test_metrics_expose_latency_histograms_and_gauges(client):
+    names = ("s4_time_to_first_token_seconds_count", "s4_inter_token_latency_seconds_count",
+             "s4_tokens_generated_total", "s4_decode_batch_size_count",
+             "s4_decode_batch_size_sum")  # fmt: skip
+    before = {n: metric(client, n, TEXT) if n in client.get("/metrics").text else 0.0 for n in names}
     client.post("/v1/generate", json={"model": TEXT, "prompt": "x", "max_new_tokens": 5, "seed": 1})
+    got = {n: metric(client, n, TEXT) - before[n] for n in names}
+    # alone, 5 tokens: one first token, 4 gaps, and every decode step a batch of one row
+    assert got["s4_time_to_first_token_seconds_count"] == 1
+    assert got["s4_inter_token_latency_seconds_count"] == 4
+    assert got["s4_tokens_generated_total"] == 5
+    assert got["s4_decode_batch_size_count"] >= 4
+    assert got["s4_decode_batch_size_sum"] == got["s4_decode_batch_size_count"]
     text = client.get("/metrics").text
     for name in ("s4_time_to_first_token_seconds", "s4_inter_token_latency_seconds",
                  "s4_request_duration_seconds", "s4_decode_batch_size"):  # fmt: skip

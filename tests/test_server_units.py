@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from server.__main__ import parse_args
 from server.config import Settings, settings_table
 from server.media import TextAssembler
-from server.metrics import Metrics
+from server.metrics import LATENCY_BUCKETS, Metrics, observe_many
 from server.registry import load_models
 from server.sessions import SessionTable, StateFormatError, pack_state, unpack_state
 
@@ -108,3 +108,66 @@ def test_loading_reports_why_a_checkpoint_is_not_served(model_dirs, tmp_path, mo
     strict = Settings(checkpoints=[str(model_dirs["audio"])], verify_tolerance=1e-12, max_sessions=2)
     models, failed = load_models(strict, SessionTable(), Metrics())
     assert models == {} and failed["tiny-audio"].startswith("VerificationError: layer 0")
+
+
+def _histogram_lines(m: Metrics, name: str) -> dict[str, float]:
+    lines = m.render()[0].decode().splitlines()
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith(name) and not line.startswith(f"{name}_created")
+    }
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_observe_many_counts_like_observe_one_value_at_a_time(seed):
+    """Bucket counts equal, the sum to rounding, for values on the bounds, between them, beyond the
+    last finite bound, negative, zero, +inf and NaN (in no bucket, as observe)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    values = np.concatenate([
+        np.array(LATENCY_BUCKETS), np.nextafter(np.array(LATENCY_BUCKETS), 1.0), rng.exponential(0.05, 500),
+        [0.0, -1.0, 1e9, np.inf, 20.0],
+    ])  # fmt: skip
+    rng.shuffle(values)
+    one, many = Metrics(), Metrics()
+    for v in values.tolist():
+        one.itl.labels("m").observe(v)
+    observe_many(many.itl.labels("m"), values[: len(values) // 3])
+    observe_many(many.itl.labels("m"), values[len(values) // 3 :].tolist())  # a list works too
+    observe_many(many.itl.labels("m"), [])
+    a, b = (_histogram_lines(m, "s4_inter_token_latency_seconds") for m in (one, many))
+    assert a.keys() == b.keys() and len(a) == len(LATENCY_BUCKETS) + 3  # buckets + Inf, count, sum
+    for k in a:
+        if k.endswith("_sum}") or "_sum{" in k:
+            assert b[k] == pytest.approx(a[k], rel=1e-12)
+        else:
+            assert b[k] == a[k], k
+    nan_one, nan_many = Metrics(), Metrics()
+    nan_one.itl.labels("m").observe(float("nan"))
+    observe_many(nan_many.itl.labels("m"), [float("nan")])
+    a, b = (_histogram_lines(m, "s4_inter_token_latency_seconds") for m in (nan_one, nan_many))
+    assert {k: v for k, v in a.items() if "_sum" not in k} == {k: v for k, v in b.items() if "_sum" not in k}
+
+
+def test_an_audio_streams_buffer_and_hand_over_period_are_sized_in_time():
+    """Text: `stream_buffer` steps; audio: `audio_stream_buffer_ms` of audio at the model's rate when
+    that is more (64 samples are 8 ms at 8 kHz: a session would pause before one 20 ms frame)."""
+    from types import SimpleNamespace
+
+    from server.service import stream_capacity
+
+    text = SimpleNamespace(kind="text", sample_rate=None)
+    audio8k = SimpleNamespace(kind="audio", sample_rate=8000)
+    audio16k = SimpleNamespace(kind="audio", sample_rate=16000)
+    s = Settings(stream_buffer=64, audio_stream_buffer_ms=250)
+    assert stream_capacity(s, text) == 64
+    assert stream_capacity(s, audio8k) == 2000 and stream_capacity(s, audio16k) == 4000
+    big = Settings(stream_buffer=5000, audio_stream_buffer_ms=250)
+    assert stream_capacity(big, audio8k) == 5000  # never below stream_buffer
+    assert stream_capacity(Settings(stream_buffer=64, audio_stream_buffer_ms=0), audio8k) == 64
+    with pytest.raises(ValueError, match="audio_stream_buffer_ms"):
+        Settings(audio_stream_buffer_ms=-1)
+    with pytest.raises(ValueError, match="audio_decode_block_ms"):
+        Settings(audio_decode_block_ms=201)
