@@ -118,6 +118,11 @@ class Settings(BaseSettings):
         ge=1024,
         description="largest WebSocket message accepted, fragments together (else close 1009)",
     )
+    ws_compression: bool = Field(
+        False,
+        description="offer permessage-deflate on WebSockets: fewer bytes on slow links, CPU on both ends "
+        "for every frame (mu-law audio and short token frames barely shrink)",
+    )
     max_body_bytes: int = Field(
         16 << 20,
         ge=1024,

@@ -341,6 +341,7 @@ def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
         http=functools.partial(GuardedHttpProtocol, guard=guard),
         ws=functools.partial(GuardedWebSocketProtocol, guard=guard),
         ws_max_size=settings.ws_max_frame_bytes,
+        ws_per_message_deflate=settings.ws_compression,
         timeout_keep_alive=settings.keep_alive_timeout_s,
         **kwargs,
     )

@@ -265,6 +265,7 @@ def server(model_dirs):
         max_new_tokens=4096,
         stream_buffer=16,
         ws_max_frame_bytes=64 * 1024,
+        ws_compression=True,  # the option's path (the limited server keeps the default, off)
         drain_timeout_s=1,
     )
     s = ServerThread(settings).start()

@@ -237,18 +237,20 @@ def test_a_prompt_with_a_lone_surrogate_is_422_naming_it_on_every_route(client):
         assert r.status_code == 422 and r.json()["error"]["param"] == param, (path, r.text)
 
 
-def _ws_close_code(url: str, message, compression: str | None) -> tuple[int, str]:
+def _ws_close_code(url: str, message, compression: str | None) -> tuple[int, str, list[str]]:
+    """The close code and reason after sending `message`, and the extensions the handshake agreed."""
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
     async def main():
         async with connect(url, max_size=None, compression=compression) as ws:
+            agreed = [e.name for e in ws.protocol.extensions]
             await ws.send(message)
             try:
                 while True:
                     await ws.recv()
             except ConnectionClosed as exc:
-                return exc.rcvd.code, exc.rcvd.reason
+                return exc.rcvd.code, exc.rcvd.reason, agreed
 
     return asyncio.run(main())
 
@@ -266,10 +268,25 @@ def test_websocket_messages_are_bounded_fragments_and_compression_included(serve
         "fragments": (fragments, None),
         "deflated": ("x" * 1_000_000, "deflate"),
     }
+    assert server.state.settings.ws_compression  # this server offers permessage-deflate (S4_WS_COMPRESSION)
     for name, (message, compression) in cases.items():
-        code, reason = _ws_close_code(server.ws_url, message, compression)
+        code, reason, agreed = _ws_close_code(server.ws_url, message, compression)
         assert code == 1009 and str(limit) in reason, (name, code, reason)
+        assert agreed == (["permessage-deflate"] if compression else []), (name, agreed)
     assert client.get("/healthz").status_code == 200
+
+
+def test_websocket_compression_is_off_unless_configured(limited):
+    """The default (S4_WS_COMPRESSION off): a client that offers permessage-deflate gets plain frames."""
+    from websockets.asyncio.client import connect
+
+    assert not limited.state.settings.ws_compression
+
+    async def main():
+        async with connect(limited.ws_url, compression="deflate") as ws:
+            return [e.name for e in ws.protocol.extensions]
+
+    assert asyncio.run(main()) == []
 
 
 def test_websocket_audio_frames_are_counted_before_they_are_converted(server):
