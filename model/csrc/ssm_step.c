@@ -10,26 +10,54 @@
 #define MAX_MODES 1024
 #define MAX_RANK 4
 
+/* Eight floats as one value (GCC/Clang vector extensions: AVX on x86-64, two NEON registers on
+ * arm64); ld/st by memcpy, so no alignment is assumed. */
+typedef float f8 __attribute__((vector_size(32)));
+static inline f8 ld8(const float *p) {
+    f8 v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void st8(float *p, f8 v) { __builtin_memcpy(p, &v, sizeof v); }
+
+/* One channel of the diagonal step over its M modes: nr + i·ni = μ (xr + i·xi) + b u, returns Σ Re(c x').
+ * Modes 8 at a time in one vector accumulator, reduced once (not a horizontal sum per vector, as
+ * `omp simd reduction` compiled it: 1.3–1.6× slower for H = 128, M = 32–35), then the M mod 8 rest.
+ * x may alias x' (each mode is read before it is written). */
+static inline float diag_channel(long M, const float *xr, const float *xi, float *nr, float *ni, float uu,
+                                 const float *mur, const float *mui, const float *br, const float *bi,
+                                 const float *cr, const float *ci) {
+    f8 acc = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    long m = 0;
+    for (; m + 8 <= M; m += 8) {
+        const f8 a = ld8(mur + m), b = ld8(mui + m), vr = ld8(xr + m), vi = ld8(xi + m);
+        const f8 r = a * vr - b * vi + ld8(br + m) * uu;
+        const f8 i = a * vi + b * vr + ld8(bi + m) * uu;
+        st8(nr + m, r);
+        st8(ni + m, i);
+        acc += ld8(cr + m) * r - ld8(ci + m) * i;
+    }
+    float rest = 0.0f;
+    for (; m < M; m++) {
+        const float r = mur[m] * xr[m] - mui[m] * xi[m] + br[m] * uu;
+        const float i = mur[m] * xi[m] + mui[m] * xr[m] + bi[m] * uu;
+        nr[m] = r;
+        ni[m] = i;
+        rest += cr[m] * r - ci[m] * i;
+    }
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + rest;
+}
+
 /* x' = μ x + b u,  y = Σ Re(c x')  (c already holds 2·C̄) */
 void diag_step(long B, long H, long M, const float *x, float *xo, const float *u, float *y,
                const float *mur, const float *mui, const float *br, const float *bi,
                const float *cr, const float *ci) {
 #pragma omp parallel for schedule(static) if (B * H * M >= 65536)
     for (long bh = 0; bh < B * H; bh++) {
-        const long h = bh % H, o = h * M;
-        const float *xr = x + bh * 2 * M, *xi = xr + M;
-        float *nr = xo + bh * 2 * M, *ni = nr + M;
-        const float uu = u[bh];
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (long m = 0; m < M; m++) {
-            const float r = mur[o + m] * xr[m] - mui[o + m] * xi[m] + br[o + m] * uu;
-            const float i = mur[o + m] * xi[m] + mui[o + m] * xr[m] + bi[o + m] * uu;
-            nr[m] = r;
-            ni[m] = i;
-            acc += cr[o + m] * r - ci[o + m] * i;
-        }
-        y[bh] = acc;
+        const long o = (bh % H) * M;
+        const float *xr = x + bh * 2 * M;
+        float *nr = xo + bh * 2 * M;
+        y[bh] = diag_channel(M, xr, xr + M, nr, nr + M, u[bh], mur + o, mui + o, br + o, bi + o, cr + o, ci + o);
     }
 }
 
