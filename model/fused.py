@@ -24,6 +24,7 @@ RESTYPES = {  # the library's entry points and their return types
     "diag_step": None, "dplr_step": ctypes.c_int, "net_step": ctypes.c_int, "sample_rows": None,
     "sample_rows_full": ctypes.c_int, "net_block": ctypes.c_long, "philox_uniforms": None,
     "philox_blocks": None, "linear_rows": None, "sashimi_step": ctypes.c_int, "sashimi_block": ctypes.c_long,
+    "net_prefill": ctypes.c_int,
 }  # fmt: skip
 # -fno-math-errno lets the GELU / sigmoid loops call glibc's vector expf / erff (model/csrc/ssm_step.c)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
@@ -261,6 +262,28 @@ class NetStep:
         if rc != 0:
             raise ValueError(
                 f"fused network step failed (code {rc}: > 1024 modes, rank > 4, or out of memory)"
+            )
+        return logits
+
+    def prefill(self, tokens: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L) int64, state (n_layers, B, H, 2, M) contiguous float32, updated in place → logits
+        (B, L, V) of every position: ssm_step.c `net_prefill`, the prompt layer by layer (the linear
+        layers over all B·L positions at once), bit-identical to L calls of this step. Raises ValueError
+        when the C code fails (over its mode or rank limits, out of memory)."""
+        B, L = tokens.shape
+        tokens = tokens.contiguous().long()
+        logits = torch.empty(B, L, self.V)
+        if B * L == 0:
+            return logits
+        rc = self.lib.net_prefill(
+            ctypes.c_long(B), ctypes.c_long(L), ctypes.c_long(self.H), ctypes.c_long(self.V),
+            ctypes.c_long(self.n_layers), ctypes.c_long(self.M), ctypes.c_void_p(tokens.data_ptr()),
+            self.embed, self.layers, self.lnf_w, self.lnf_b, self.head, self.head_b, self.eps,
+            ctypes.c_void_p(state.data_ptr()), ctypes.c_void_p(logits.data_ptr()),
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError(
+                f"fused network prefill failed (code {rc}: > 1024 modes, rank > 4, or out of memory)"
             )
         return logits
 

@@ -37,7 +37,9 @@ CHUNK = 64
 PREFILL_THREADS = 1  # torch threads for a prefill (bench.prefill: 2 threads stall when another process runs)
 MU_POW_BITS = 48  # μ^{2^k} (k < this) are tabulated: μ^n for any n < 2^48 in float32 by n's bits
 NET_STEP_MAX_BATCH = 256  # batches up to this size step the whole network in one C call (CPU; bench.step)
-PREFILL_BY_STEPS_MAX_TOKENS = 64  # shorter prompts are ingested by that step (faster than the parallel form)
+# prompts up to this long take the C step's recurrent form layer by layer (fused.NetStep.prefill), faster
+# than the parallel form's FFT convolutions up to ~512 tokens on one thread (2026-11-30: 19 vs 25 ms at 256)
+PREFILL_BY_STEPS_MAX_TOKENS = 512
 
 
 VERIFY_TOKENS = 256  # the network check's probe: 2 sequences of min(this, l_max) tokens
@@ -763,8 +765,9 @@ class RecurrentModel:
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, state: torch.Tensor):
         """tokens (B, L) → logits (B, L, V) and the state after the last token, parallel over L
-        (on CPU a prompt of at most `prefill_by_steps_max_tokens` tokens is stepped instead: the
-        whole-network C step is faster there; the results agree to float32 rounding). It runs with
+        (on CPU, with the whole-network C step, a prompt of at most `prefill_by_steps_max_tokens`
+        tokens takes its recurrent form layer by layer instead, `fused.NetStep.prefill`: faster there,
+        and bit-identical to stepping it; the two forms agree to float32 rounding). It runs with
         `prefill_threads` torch threads in the calling thread (restored after), float32 only, in blocks
         of CHUNK tokens (`DiagonalSSM.prefill`). Raises ValueError for bad shapes or dtypes."""
         self._check(tokens, state, 2)
@@ -784,12 +787,10 @@ class RecurrentModel:
             and B <= self.net_step_max_batch
             and L <= self.prefill_by_steps_max_tokens
         ):
-            # a short prompt: L whole-network C steps cost less than the parallel form's fixed cost
+            # a short prompt: the recurrent form layer by layer in C (fused.NetStep.prefill: bit-identical
+            # to L steps) costs less than the parallel form's fixed cost
             new = state.contiguous().clone()
-            logits = torch.empty(B, L, self.config.vocab_size)
-            for t in range(L):
-                logits[:, t] = self._net_step(tokens[:, t], new, new)
-            return logits, new
+            return self._net_step.prefill(tokens, new), new
         # Skipping the x0 terms is exact when every row's x0 is 0 (they would add exact zeros), so this
         # switch cannot change any row's result, whatever another row holds (NaN ≠ 0: no skip).
         x0_is_zero = bool((state == 0).all())

@@ -223,6 +223,35 @@ def test_short_prompts_are_stepped_and_match_the_parallel_prefill():
         assert float((got - want).norm() / want.norm()) <= 1e-5
 
 
+@pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])
+@pytest.mark.parametrize("d_ff", [0, 48])
+@pytest.mark.parametrize("B,L", [(1, 1), (1, 37), (3, 64), (2, 300)])
+def test_the_c_prefill_is_bit_identical_to_stepping_the_prompt(kernel, init, d_ff, B, L):
+    """fused.NetStep.prefill (ssm_step.c `net_prefill`: the prompt layer by layer, the linear layers
+    over all positions at once) against L whole-network C steps from the same nonzero states: every
+    position's logits and the final state equal bit for bit (DPLR and diagonal layers, with and
+    without FF blocks, one row and several); rec.prefill takes that path up to
+    prefill_by_steps_max_tokens and gives the same."""
+    cfg = dict(vocab_size=32, d_model=32, n_layers=2, d_state=32, l_max=256, cauchy_backend="torch")
+    rec = SequenceModel(ModelConfig(kernel=kernel, init=init, d_ff=d_ff, **cfg)).eval().to_recurrent()
+    ns = rec._net_step
+    g = torch.Generator().manual_seed(B * 1000 + L)
+    tokens = torch.randint(0, 32, (B, L), generator=g)
+    state = rec.init_state(B)
+    for _ in range(5):  # rows at a nonzero point of their sequences
+        ns(torch.randint(0, 32, (B,), generator=g), state, state)
+    stepped, want = state.clone(), torch.empty(B, L, 32)
+    for t in range(L):
+        want[:, t] = ns(tokens[:, t], stepped, stepped)
+    got_state = state.clone()
+    got = ns.prefill(tokens, got_state)
+    assert torch.equal(got, want) and torch.equal(got_state, stepped)
+    assert rec.prefill_by_steps_max_tokens >= L
+    logits, new = rec.prefill(tokens, state)
+    assert torch.equal(logits, want) and torch.equal(new, stepped)
+    assert ns.prefill(tokens[:, :0], state.clone()).shape == (B, 0, 32)
+
+
 def test_a_layer_with_fewer_modes_than_the_state_runs_the_fused_step_zero_padded():
     from model import fused
     from model.recurrent import DiagonalSSM, pad_fused_params

@@ -683,6 +683,71 @@ static int net_rows_fn(const void *ctx, long B, long Btot, const long *rows, con
                     n->head_t, n->head_b, n->eps, n->src ? n->src : state, state, logits);
 }
 
+/* One channel h of layer L for one token: its state xs (2, M) updated in place; returns its y. The same
+ * calls as the step's ssm_row (diag_channel; dplr_row with the same M = 32, R = 1 specialization), so
+ * the same bits. */
+static inline float ssm_channel(const NetLayer *L, long H, long M, long h, float *xs, float u) {
+    const float *const *p = L->p;
+    if (L->form == 0) {
+        const long o = h * M;
+        return diag_channel(M, xs, xs + M, xs, xs + M, u, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o,
+                            p[5] + o);
+    }
+    float y;
+    if (M == 32 && L->rank == 1)
+        dplr_row(32, 1, H, h, xs, xs + M, xs, xs + M, u, &y, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8],
+                 p[9], p[10]);
+    else
+        dplr_row(M, L->rank, H, h, xs, xs + M, xs, xs + M, u, &y, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],
+                 p[8], p[9], p[10]);
+    return y;
+}
+
+/* Prompt ingestion layer by layer in the recurrent form: B rows of L tokens each (tokens (B, L)), state
+ * (n_layers, B, H, 2, M) updated in place, logits (B, L, V) of every position. Every position-wise op
+ * (embedding, LayerNorm, GELU, the linear layers in four-row tiles, the head) runs over all B·L positions
+ * at once; only the SSM recurrence runs token by token, one channel at a time (its 2M-float state stays
+ * in L1 through the L tokens). Each element is computed by the same expression as in L calls of the
+ * step (the tiles' results do not depend on the rows beside them), so the logits and the state are
+ * bit-identical to stepping the prompt, at the cost of the linear layers batched over the prompt.
+ * One thread. Returns 0, -1 (> MAX_MODES modes or rank > MAX_RANK) or -2 (out of memory). */
+int net_prefill(long B, long L, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
+                const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
+                const float *head_b, float eps, float *state, float *logits) {
+    long F = 0;
+    for (long l = 0; l < n_layers; l++) {
+        if (M > MAX_MODES || layers[l].rank > MAX_RANK) return -1;
+        if (layers[l].d_ff > F) F = layers[l].d_ff;
+    }
+    const long N = B * L;
+    float *buf = malloc(sizeof(float) * (size_t)(N > 0 ? N : 1) * (size_t)(H * 5 + F));
+    if (!buf) return -2;
+    float *x = buf, *u = x + N * H, *y = u + N * H, *o = y + N * H; /* o: (N, 2H) */
+    float *f = o + N * 2 * H;                                       /* f: (N, F) */
+    for (long i = 0; i < N; i++) {
+        const float *e = embed + tokens[i] * H;
+        for (long h = 0; h < H; h++) x[i * H + h] = e[h];
+    }
+    const long per_layer = B * H * 2 * M;
+    for (long l = 0; l < n_layers; l++) {
+        const NetLayer *Ly = layers + l;
+        layer_norm(N, H, x, u, Ly->ln_w, Ly->ln_b, eps);
+        for (long r = 0; r < B; r++)
+            for (long h = 0; h < H; h++) {
+                float *xs = state + l * per_layer + (r * H + h) * 2 * M;
+                for (long t = 0; t < L; t++) {
+                    const long i = (r * L + t) * H + h;
+                    y[i] = ssm_channel(Ly, H, M, h, xs, u[i]);
+                }
+            }
+        block_rest(N, H, Ly, x, u, y, o, f, eps);
+    }
+    layer_norm(N, H, x, u, lnf_w, lnf_b, eps);
+    linear_t(N, H, V, u, head_t, head_b, logits);
+    free(buf);
+    return 0;
+}
+
 /* The isotropic network's step: state (n_layers, B, H, 2, M) → state_out (may be state itself). */
 int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
              const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
