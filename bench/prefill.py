@@ -14,6 +14,7 @@ Run (each configuration ~10-60 s on a 2-core CPU; `--append` adds rows to the JS
     nice -n 10 python -m bench.prefill --lengths 16384 --batches 1 --reps 2 --append
     nice -n 10 python -m bench.prefill --lengths 16384 --batches 8 --reps 2 --no-baseline --append
     nice -n 10 python -m bench.prefill --contention    # adds "contention" to the JSON
+    nice -n 10 python -m bench.prefill --crossover     # adds "crossover" (short prompts) to the JSON
 """
 
 from __future__ import annotations
@@ -171,6 +172,35 @@ def contention(L: int = 2048, rounds: int = 2) -> dict[str, Any]:
     return {"length": L, "batch": 1, "rounds": out}
 
 
+def crossover(lengths: Sequence[int] = (32, 64, 128, 256, 512, 1024), reps: int = 5) -> dict[str, Any]:
+    """Short prompts at batch 1 from a continued session (a nonzero state): the recurrent form layer by
+    layer in C (`fused.NetStep.prefill`, what `prefill` takes up to `prefill_by_steps_max_tokens`)
+    against the parallel form (the threshold set to 0), alternated `reps` times, best of each, in
+    seconds: the crossover that sets PREFILL_BY_STEPS_MAX_TOKENS."""
+    from model import load
+
+    rec = load(str(CHECKPOINT)).to_recurrent()
+    threshold = rec.prefill_by_steps_max_tokens
+    _, state = rec.prefill(torch.randint(0, rec.config.vocab_size, (1, 5)), rec.init_state(1))  # continued
+    out = []
+    try:
+        for L in lengths:
+            tok = torch.randint(0, rec.config.vocab_size, (1, L))
+            best = {"c_layer_by_layer": float("inf"), "parallel": float("inf")}
+            for i in range(reps + 1):  # the first round warms up
+                for name, limit in (("c_layer_by_layer", 1 << 30), ("parallel", 0)):
+                    rec.prefill_by_steps_max_tokens = limit
+                    t = _timed(lambda: rec.prefill(tok, state))  # noqa: B023
+                    if i:
+                        best[name] = min(best[name], t)
+            out.append({"length": L, **best})
+            print(f"L={L:5d}: C layer by layer {best['c_layer_by_layer'] * 1e3:7.1f} ms, parallel "
+                  f"{best['parallel'] * 1e3:7.1f} ms", flush=True)  # fmt: skip
+    finally:
+        rec.prefill_by_steps_max_tokens = threshold
+    return {"batch": 1, "threshold": threshold, "rows": out}
+
+
 def _line(r: dict[str, Any]) -> str:
     parts = [f"L={r['length']:6d} B={r['batch']:2d}"]
     for name in ("old", "new"):
@@ -217,6 +247,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--append", action="store_true", help="add these rows to the existing JSON (runs < 1 min)")
     p.add_argument("--no-baseline", action="store_true", help="this tree only")
     p.add_argument("--contention", action="store_true", help="2,048 x 1 with and without a busy process")
+    p.add_argument("--crossover", action="store_true", help="short prompts: C layer by layer vs parallel")
     args = p.parse_args(argv)
     if args.replot:
         data = read_results(NAME, args.quick)
@@ -228,9 +259,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         for v in (*args.lengths, *args.batches, args.reps):
             if not 1 <= v <= 1 << 20:
                 p.error(f"lengths, batches and reps must be in [1, 2^20], got {v}")
-        if args.contention:
+        if args.contention or args.crossover:
             data = read_results(NAME, args.quick) or {"rows": []}
-            data["contention"] = contention()
+            data["contention" if args.contention else "crossover"] = (
+                contention() if args.contention else crossover()
+            )
             write_results(NAME, {k: v for k, v in data.items() if k not in ("benchmark", "quick", "machine")},
                           args.quick)  # fmt: skip
             return
