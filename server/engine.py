@@ -4,10 +4,12 @@ Each iteration of its loop:
   1. admit: take new jobs from the inbox (bounded) and run control operations (fork, export, …);
   2. prefill: ingest prompt chunks (`prefill_chunk_tokens`, fixed boundaries) of several jobs, at most
      `prefill_token_budget` tokens, the prompts with the fewest tokens left first (a job passed over goes
-     ahead next time: nothing starves), batching chunks of equal length into one parallel prefill;
+     ahead next time: nothing starves), batching chunks of equal length into one prefill (on CPU,
+     chunks of up to 512 tokens by the C step's recurrent form layer by layer, else the parallel form);
   3. decode: one batched recurrent step for every live generating session, sampling on the device
      with one generator per request, and one copy of the new tokens to the host; repeated (up to
-     DECODE_BLOCK_STEPS steps, more while within `decode_block_ms`) while no row finishes, fills its
+     DECODE_BLOCK_STEPS steps, more while within `decode_block_ms`, `audio_decode_block_ms` for an
+     audio model) while no row finishes, fills its
      stream or is cancelled and no new work arrives. On CPU, when no row asks for log-probabilities
      and the whole-network C step serves the batch, DECODE_BLOCK_STEPS steps run as one native block
      (`DecodeBatch.block`: step, sample and stop checks in C, each row stopping on its own at its
@@ -282,7 +284,7 @@ class DecodeBatch:
         """Up to K steps of every row with limits[row] > 0 in one native call (`decode_block`): the
         same tokens, states, seen sets and counts as K calls of `step` (rows stop on their own after
         limits[row] tokens or at a stop sequence; holes get limit 0 and do not step; `interrupt`, once
-        set, ends the block after the current step). Advances each job's counter-based stream by the
+        set, ends the block after the current round of steps). Advances each job's counter-based stream by the
         tokens it drew. Returns the fused.BlockResult."""
         rows = self.rows
         V = self.seen.shape[1]
@@ -342,7 +344,7 @@ class Engine:
         self._max_steps = AUDIO_DECODE_BLOCK_MAX_STEPS if audio else DECODE_BLOCK_MAX_STEPS
         native_max = AUDIO_DECODE_BLOCK_NATIVE_MAX_STEPS if audio else DECODE_BLOCK_NATIVE_MAX_STEPS
         self._native_max_steps = native_max
-        self._block_interrupt = ctypes.c_int(0)  # set by other threads: a native block ends after its step
+        self._block_interrupt = ctypes.c_int(0)  # set by other threads: a native block ends after its round
         # set by the app when a session store is configured (engine thread calls them):
         self.persist: Callable[[SessionRecord, bytes, list[int]], None] | None = None  # write a state
         self.forget: Callable[[str], None] | None = None  # delete a stored state
@@ -381,7 +383,7 @@ class Engine:
             self._queued += 1
             self._inbox.append(item)
             self.metrics.queue_depth.set(self._queued)
-            self._block_interrupt.value = 1  # new work: a running native block ends after its step
+            self._block_interrupt.value = 1  # new work: a running native block ends after its round
             self._cv.notify()
 
     def submit(self, job: Job) -> None:
@@ -641,12 +643,12 @@ class Engine:
         """The decode loop in native blocks: each row stops inside a block on its own at its token
         limit, its stream's room or a stop sequence, exactly where the one-step loop would have. The
         first block is DECODE_BLOCK_STEPS steps, the next ones as many as fit before t_end at the
-        measured step time (1 to DECODE_BLOCK_NATIVE_MAX_STEPS); a block is 1 step while new work
-        waits, and new work, a cancel or freed stream room that arrive during a block end it after
-        its current step (`wake` and `_submit` set the interrupt flag), so they wait about one step,
-        as with the one-step loop. The loop ends after a block in which a row finished or filled its
-        stream, when new work arrived, or after DECODE_BLOCK_MAX_STEPS steps or decode_block_ms (but
-        not before DECODE_BLOCK_STEPS steps)."""
+        measured step time (1 to DECODE_BLOCK_NATIVE_MAX_STEPS, AUDIO_… for an audio model); a block
+        is 1 step while new work waits, and new work, a cancel or freed stream room that arrive during
+        a block end it after its current round (`wake` and `_submit` set the interrupt flag): one step
+        when each thread has at most 8 rows, else up to 4 (fused.BLOCK_SCHEDULE). The loop ends after
+        a block in which a row finished or filled its stream, when new work arrived, or after the
+        model's most steps or its hand-over period (but not before DECODE_BLOCK_STEPS steps)."""
         b, steps = self.batch, 0
         while b.live and steps < self._max_steps:
             self._block_interrupt.value = 0  # before looking for work: nothing that arrives is missed
