@@ -245,24 +245,28 @@ class NetStep:
         w.check_all_read("the whole-network step")
         self.n_layers = len(forms)
 
+    def _weight_args(self) -> tuple:
+        return (self.embed, self.layers, self.lnf_w, self.lnf_b, self.head, self.head_b, self.eps)
+
+    def _run(
+        self, what: str, fn, dims: tuple[int, ...], tokens: torch.Tensor, *buffers: torch.Tensor
+    ) -> None:
+        """fn(dims…, tokens, the weights…, buffers…) for `net_step` and `net_prefill`; ValueError naming
+        `what` on a nonzero code."""
+        args = [ctypes.c_long(v) for v in dims] + [ctypes.c_void_p(tokens.data_ptr()), *self._weight_args()]
+        rc = fn(*args, *(ctypes.c_void_p(t.data_ptr()) for t in buffers))
+        if rc != 0:
+            raise ValueError(
+                f"fused network {what} failed (code {rc}: > 1024 modes, rank > 4, or out of memory)"
+            )
+
     def __call__(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """tokens (B,) int64, state and out (n_layers, B, H, 2, M) contiguous float32 (out may be
         state) → logits (B, V)."""
-        B = tokens.shape[0]
-        tokens = tokens.contiguous()
-        if tokens.dtype != torch.long:
-            tokens = tokens.long()
-        logits = torch.empty(B, self.V)
-        rc = self.lib.net_step(
-            ctypes.c_long(B), ctypes.c_long(self.H), ctypes.c_long(self.V), ctypes.c_long(self.n_layers),
-            ctypes.c_long(self.M), ctypes.c_void_p(tokens.data_ptr()), self.embed, self.layers,
-            self.lnf_w, self.lnf_b, self.head, self.head_b, self.eps, ctypes.c_void_p(state.data_ptr()),
-            ctypes.c_void_p(out.data_ptr()), ctypes.c_void_p(logits.data_ptr()),
-        )  # fmt: skip
-        if rc != 0:
-            raise ValueError(
-                f"fused network step failed (code {rc}: > 1024 modes, rank > 4, or out of memory)"
-            )
+        tokens = tokens.contiguous().long()
+        logits = torch.empty(tokens.shape[0], self.V)
+        dims = (tokens.shape[0], self.H, self.V, self.n_layers, self.M)
+        self._run("step", self.lib.net_step, dims, tokens, state, out, logits)
         return logits
 
     def prefill(self, tokens: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -273,18 +277,9 @@ class NetStep:
         B, L = tokens.shape
         tokens = tokens.contiguous().long()
         logits = torch.empty(B, L, self.V)
-        if B * L == 0:
-            return logits
-        rc = self.lib.net_prefill(
-            ctypes.c_long(B), ctypes.c_long(L), ctypes.c_long(self.H), ctypes.c_long(self.V),
-            ctypes.c_long(self.n_layers), ctypes.c_long(self.M), ctypes.c_void_p(tokens.data_ptr()),
-            self.embed, self.layers, self.lnf_w, self.lnf_b, self.head, self.head_b, self.eps,
-            ctypes.c_void_p(state.data_ptr()), ctypes.c_void_p(logits.data_ptr()),
-        )  # fmt: skip
-        if rc != 0:
-            raise ValueError(
-                f"fused network prefill failed (code {rc}: > 1024 modes, rank > 4, or out of memory)"
-            )
+        if B * L:
+            self._run("prefill", self.lib.net_prefill, (B, L, self.H, self.V, self.n_layers, self.M), tokens,
+                      state, logits)  # fmt: skip
         return logits
 
     def block(self, K: int, state: torch.Tensor, tok: torch.Tensor, **rows) -> BlockResult:
@@ -293,11 +288,9 @@ class NetStep:
         stop checks, per row, until the row has made limit[r] tokens or a stop sequence (over the
         tokens' low bytes) ends. state (n_layers, B, H, 2, M) float32 contiguous, updated in place;
         the other arguments: `decode_block`. Raises ValueError on bad shapes or when the C step fails."""
-        dims = [ctypes.c_long(v) for v in (K, tok.shape[0], self.H, self.V, self.n_layers, self.M)]
-        weights = (self.embed, self.layers, self.lnf_w, self.lnf_b, self.head, self.head_b, self.eps)
-        return decode_block(
-            lambda tail: self.lib.net_block(*dims, *weights, *tail), K, self.V, state, 1, tok, **rows
-        )
+        head = [ctypes.c_long(v) for v in (K, tok.shape[0], self.H, self.V, self.n_layers, self.M)]
+        head += self._weight_args()
+        return decode_block(lambda tail: self.lib.net_block(*head, *tail), K, self.V, state, 1, tok, **rows)
 
 
 class CNetStack(ctypes.Structure):
