@@ -106,6 +106,17 @@ dplr_row(long M, long R, long H, long h, const float *xr, const float *xi, float
     *y = acc;
 }
 
+/* dplr_row for one channel, with its constants for the shipped shape (N = 64, rank 1) so it unrolls */
+static inline void dplr_channel(long M, long R, long H, long h, const float *xr, const float *xi, float *nr,
+                                float *ni, float uu, float *y, const float *dbr, const float *dbi, const float *dr,
+                                const float *di, const float *pr, const float *pi, const float *minv,
+                                const float *qr, const float *qi, const float *cr, const float *ci) {
+    if (M == 32 && R == 1)
+        dplr_row(32, 1, H, h, xr, xi, nr, ni, uu, y, dbr, dbi, dr, di, pr, pi, minv, qr, qi, cr, ci);
+    else
+        dplr_row(M, R, H, h, xr, xi, nr, ni, uu, y, dbr, dbi, dr, di, pr, pi, minv, qr, qi, cr, ci);
+}
+
 /* Exact bilinear DPLR step: g = D⁻¹(2x + ΔB u), s = M⁻¹ Σ (Pr gr + Pi gi), x' = g − x − Σⱼ Qⱼ sⱼ,
  * y = Σ Re(c x'). Pr, Pi hold 2·P̃; Q = (Δ/2) D⁻¹ P̃. */
 int dplr_step(long B, long H, long M, long R, const float *x, float *xo, const float *u, float *y,
@@ -118,10 +129,7 @@ int dplr_step(long B, long H, long M, long R, const float *x, float *xo, const f
         const long h = bh % H;
         const float *xr = x + bh * 2 * M, *xi = xr + M;
         float *nr = xo + bh * 2 * M, *ni = nr + M;
-        if (M == 32 && R == 1) /* N = 64, rank 1: the shipped models */
-            dplr_row(32, 1, H, h, xr, xi, nr, ni, u[bh], y + bh, dbr, dbi, dr, di, pr, pi, minv, qr, qi, cr, ci);
-        else
-            dplr_row(M, R, H, h, xr, xi, nr, ni, u[bh], y + bh, dbr, dbi, dr, di, pr, pi, minv, qr, qi, cr, ci);
+        dplr_channel(M, R, H, h, xr, xi, nr, ni, u[bh], y + bh, dbr, dbi, dr, di, pr, pi, minv, qr, qi, cr, ci);
     }
     return 0;
 }
@@ -244,15 +252,33 @@ void linear_rows(long tiled, long B, long K, long N, const float *x, const float
         for (long r = 0; r < B; r++) linear_row(K, N, x + r * K, Wt, bias, out + r * N);
 }
 
-/* One block's SSM step for one row: its state xs (H, 2, M) → xo (may be xs itself), u (H) → y (H). */
-static inline int ssm_row(const NetLayer *L, long H, long M, const float *xs, float *xo, const float *u, float *y) {
+/* Whether the C steps take layer L with M modes (a DPLR layer: at most MAX_MODES modes and MAX_RANK). */
+static inline int layer_fits(const NetLayer *L, long M) {
+    return L->form == 0 || (M <= MAX_MODES && L->rank <= MAX_RANK);
+}
+
+/* One channel h of layer L for one token: its state xs (2, M) → xo (may be xs itself); returns its y. */
+static inline float ssm_channel(const NetLayer *L, long H, long M, long h, const float *xs, float *xo, float u) {
     const float *const *p = L->p;
     if (L->form == 0) {
-        diag_step(1, H, M, xs, xo, u, y, p[0], p[1], p[2], p[3], p[4], p[5]);
-        return 0;
+        const long o = h * M;
+        return diag_channel(M, xs, xs + M, xo, xo + M, u, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o,
+                            p[5] + o);
     }
-    return dplr_step(1, H, M, L->rank, xs, xo, u, y, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8], p[9],
-                     p[10]);
+    float y;
+    dplr_channel(M, L->rank, H, h, xs, xs + M, xo, xo + M, u, &y, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],
+                 p[8], p[9], p[10]);
+    return y;
+}
+
+/* One block's SSM step for one row: its state xs (H, 2, M) → xo (may be xs itself), u (H) → y (H); -1
+ * when the layer does not fit (layer_fits). The step and net_prefill both go through ssm_channel: the
+ * same bits. */
+static inline int ssm_row(const NetLayer *L, long H, long M, const float *xs, float *xo, const float *u, float *y) {
+    if (!layer_fits(L, M)) return -1;
+#pragma omp parallel for schedule(static) if (H * M >= 65536)
+    for (long h = 0; h < H; h++) y[h] = ssm_channel(L, H, M, h, xs + h * 2 * M, xo + h * 2 * M, u[h]);
+    return 0;
 }
 
 /* The rest of a block for B rows once its SSM step has written y (B, H) from u = LN(x): y ← GELU(y + D u),
@@ -683,26 +709,6 @@ static int net_rows_fn(const void *ctx, long B, long Btot, const long *rows, con
                     n->head_t, n->head_b, n->eps, n->src ? n->src : state, state, logits);
 }
 
-/* One channel h of layer L for one token: its state xs (2, M) updated in place; returns its y. The same
- * calls as the step's ssm_row (diag_channel; dplr_row with the same M = 32, R = 1 specialization), so
- * the same bits. */
-static inline float ssm_channel(const NetLayer *L, long H, long M, long h, float *xs, float u) {
-    const float *const *p = L->p;
-    if (L->form == 0) {
-        const long o = h * M;
-        return diag_channel(M, xs, xs + M, xs, xs + M, u, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o,
-                            p[5] + o);
-    }
-    float y;
-    if (M == 32 && L->rank == 1)
-        dplr_row(32, 1, H, h, xs, xs + M, xs, xs + M, u, &y, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8],
-                 p[9], p[10]);
-    else
-        dplr_row(M, L->rank, H, h, xs, xs + M, xs, xs + M, u, &y, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],
-                 p[8], p[9], p[10]);
-    return y;
-}
-
 /* Prompt ingestion layer by layer in the recurrent form: B rows of L tokens each (tokens (B, L)), state
  * (n_layers, B, H, 2, M) updated in place, logits (B, L, V) of every position. Every position-wise op
  * (embedding, LayerNorm, GELU, the linear layers in four-row tiles, the head) runs over all B·L positions
@@ -710,13 +716,13 @@ static inline float ssm_channel(const NetLayer *L, long H, long M, long h, float
  * in L1 through the L tokens). Each element is computed by the same expression as in L calls of the
  * step (the tiles' results do not depend on the rows beside them), so the logits and the state are
  * bit-identical to stepping the prompt, at the cost of the linear layers batched over the prompt.
- * One thread. Returns 0, -1 (> MAX_MODES modes or rank > MAX_RANK) or -2 (out of memory). */
+ * One thread. Returns 0, -1 (a DPLR layer over MAX_MODES modes or MAX_RANK) or -2 (out of memory). */
 int net_prefill(long B, long L, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
                 const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
                 const float *head_b, float eps, float *state, float *logits) {
     long F = 0;
     for (long l = 0; l < n_layers; l++) {
-        if (M > MAX_MODES || layers[l].rank > MAX_RANK) return -1;
+        if (!layer_fits(layers + l, M)) return -1;
         if (layers[l].d_ff > F) F = layers[l].d_ff;
     }
     const long N = B * L;
@@ -737,7 +743,7 @@ int net_prefill(long B, long L, long H, long V, long n_layers, long M, const lon
                 float *xs = state + l * per_layer + (r * H + h) * 2 * M;
                 for (long t = 0; t < L; t++) {
                     const long i = (r * L + t) * H + h;
-                    y[i] = ssm_channel(Ly, H, M, h, xs, u[i]);
+                    y[i] = ssm_channel(Ly, H, M, h, xs, xs, u[i]);
                 }
             }
         block_rest(N, H, Ly, x, u, y, o, f, eps);
