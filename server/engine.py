@@ -356,7 +356,7 @@ class Engine:
         self._thread.start()
 
     def wake(self) -> None:
-        self._block_interrupt.value = 1  # (a cancel or room: seen after the block's current step)
+        self._block_interrupt.value = 1  # (a cancel or room: seen after the block's current round)
         with self._cv:
             self._cv.notify()
 
