@@ -306,15 +306,16 @@ def test_the_c_sampler_and_the_torch_sampler_draw_the_same_distribution(monkeypa
     assert int(sample(logits, [SamplingParams(temperature=0.0)], [CounterRNG(1)])) == int(logits.argmax())
 
 
-@pytest.mark.parametrize("K,N", [(16, 32), (18, 40), (256, 512)])
-def test_the_four_row_linear_tiles_equal_the_row_loop_bit_for_bit_and_float64_within_rounding(K, N):
-    """The whole-network step's linear layers run four rows at a time (one weight load for four
-    rows); each output element keeps the row loop's expression, so the results are identical for
-    every batch size (remainder rows and a K that is not a multiple of 4 included)."""
+@pytest.mark.parametrize("K,N", [(16, 32), (18, 40), (7, 50), (256, 512)])
+def test_the_linear_row_tiles_equal_the_row_loop_bit_for_bit_and_float64_within_rounding(K, N):
+    """The whole-network step's linear layers run in register tiles of 8 rows (AVX-512; else 4), then
+    4, then rows alone, over column panels, single vectors and scalar columns (one weight load for the
+    tile's rows); each output element keeps the row loop's expression, so the results are identical for
+    every batch size: every mix of 8-, 4- and 1-row tiles, and N with vector and scalar tails."""
     lib = fused.library()
     g = torch.Generator().manual_seed(K + N)
     Wt, bias = torch.randn(K, N, generator=g), torch.randn(N, generator=g)
-    for B in (1, 3, 4, 5, 8, 11):
+    for B in (1, 3, 4, 5, 8, 11, 12, 13, 17):
         x = torch.randn(B, K, generator=g)
         outs = []
         for tiled in (0, 1):

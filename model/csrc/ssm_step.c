@@ -180,70 +180,85 @@ static void layer_norm(long B, long H, const float *x, float *out, const float *
     }
 }
 
-/* out (B, N) = bias + x (B, K) · Wt (K, N), Wt row-major (the weight transposed): each output row
- * accumulates scaled weight rows (vectorized over N, no horizontal sums), four at a time. Every output
- * element is computed by the same expression, o += a0·w0 + a1·w1 + a2·w2 + a3·w3 over k in steps of
- * 4, whether its row runs alone (linear_row) or in a tile of four rows (linear_t: each weight row
- * loaded once for four output rows, ~3x fewer loads per FMA at batch ≥ 4); so the results are
- * bit-identical either way and a row's output never depends on the rows beside it. */
-static inline void linear_row(long K, long N, const float *xr, const float *Wt, const float *bias,
-                              float *restrict o) {
-#pragma omp simd
-    for (long n = 0; n < N; n++) o[n] = bias ? bias[n] : 0.0f;
-    long k = 0;
-    for (; k + 4 <= K; k += 4) {
-        const float *w0 = Wt + k * N, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
-        const float a0 = xr[k], a1 = xr[k + 1], a2 = xr[k + 2], a3 = xr[k + 3];
-#pragma omp simd
-        for (long n = 0; n < N; n++) o[n] += a0 * w0[n] + a1 * w1[n] + a2 * w2[n] + a3 * w3[n];
+/* out (B, N) = bias + x (B, K) · Wt (K, N), Wt row-major (the weight transposed), in register tiles: R
+ * rows × C vectors of columns held in registers through the whole sum over k, each weight vector loaded
+ * once for the R rows (R = 8 with AVX-512, else 4; then 4-row tiles, then rows alone), the weight rows a
+ * few k ahead prefetched (a tile walks Wt down a column panel, N floats apart, which the hardware
+ * prefetchers miss). Every output element is computed by the same expression, acc = bias; acc = acc +
+ * x[k] · Wt[k, n] for k = 0, 1, …, K − 1 (a fused multiply-add where the target has one), whatever tile
+ * or tail computes it; so a row's output is bit-identical alone or beside any other rows, and never
+ * depends on them. */
+#if defined(__AVX512F__)
+#define LIN_VW 16 /* floats per vector */
+#define LIN_ROWS 8
+#else
+#define LIN_VW 8
+#define LIN_ROWS 4
+#endif
+#define LIN_PREFETCH 12 /* weight rows ahead */
+typedef float fv __attribute__((vector_size(4 * LIN_VW)));
+static inline fv ldv(const float *p) {
+    fv v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void stv(float *p, fv v) { __builtin_memcpy(p, &v, sizeof v); }
+
+/* out[i, n0 + c·VW + j] for the rows i < R (row i at x + i·K, out + i·N) and vectors c < C (R, C constants
+ * at every call, so the tile unrolls into registers) */
+static inline __attribute__((always_inline)) void lin_tile(const long R, const long C, long K, long N,
+                                                           const float *x, const float *Wt, const float *bias,
+                                                           float *out, long n0) {
+    fv acc[LIN_ROWS][8];
+    for (long c = 0; c < C; c++) {
+        const fv b = bias ? ldv(bias + n0 + LIN_VW * c) : (fv){0};
+        for (long i = 0; i < R; i++) acc[i][c] = b;
     }
-    for (; k < K; k++) {
-        const float *w = Wt + k * N, a = xr[k];
-#pragma omp simd
-        for (long n = 0; n < N; n++) o[n] += a * w[n];
+    const float *w = Wt + n0;
+    for (long k = 0; k < K; k++, w += N) {
+        fv wv[8];
+        for (long c = 0; c < C; c++) wv[c] = ldv(w + LIN_VW * c);
+        if (k + LIN_PREFETCH < K)
+            for (long c = 0; c < C * LIN_VW; c += 16) __builtin_prefetch(w + LIN_PREFETCH * N + c);
+        for (long i = 0; i < R; i++) {
+            const float a = x[i * K + k];
+            for (long c = 0; c < C; c++) acc[i][c] = acc[i][c] + a * wv[c];
+        }
     }
+    for (long i = 0; i < R; i++)
+        for (long c = 0; c < C; c++) stv(out + i * N + n0 + LIN_VW * c, acc[i][c]);
 }
 
-#define LINEAR_TILE_NB 128 /* columns per tile: four rows' accumulators stay in L1 */
+/* R rows (a constant) over all N columns: tiles of C vectors, then single vectors, then scalar columns */
+static inline __attribute__((always_inline)) void lin_rows(const long R, const long C, long K, long N,
+                                                           const float *x, const float *Wt, const float *bias,
+                                                           float *out) {
+    long n0 = 0;
+    for (; n0 + C * LIN_VW <= N; n0 += C * LIN_VW) lin_tile(R, C, K, N, x, Wt, bias, out, n0);
+    for (; n0 + LIN_VW <= N; n0 += LIN_VW) lin_tile(R, 1, K, N, x, Wt, bias, out, n0);
+    for (long i = 0; i < R; i++)
+        for (long n = n0; n < N; n++) {
+            float acc = bias ? bias[n] : 0.0f;
+            for (long k = 0; k < K; k++) acc = acc + x[i * K + k] * Wt[k * N + n];
+            out[i * N + n] = acc;
+        }
+}
+
+/* one row alone: 8 vectors of columns at a time (its weights stream from memory once, whatever the tile) */
+static void linear_row(long K, long N, const float *xr, const float *Wt, const float *bias, float *out) {
+    lin_rows(1, 8, K, N, xr, Wt, bias, out);
+}
 
 static void linear_t(long B, long K, long N, const float *x, const float *Wt, const float *bias, float *out) {
     long r = 0;
-    for (; r + 4 <= B; r += 4) {
-        const float *x0 = x + r * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;
-        for (long n0 = 0; n0 < N; n0 += LINEAR_TILE_NB) {
-            const long nb = N - n0 < LINEAR_TILE_NB ? N - n0 : LINEAR_TILE_NB;
-            float *restrict o0 = out + r * N + n0, *restrict o1 = o0 + N, *restrict o2 = o1 + N,
-                            *restrict o3 = o2 + N;
-#pragma omp simd
-            for (long n = 0; n < nb; n++) o0[n] = o1[n] = o2[n] = o3[n] = bias ? bias[n0 + n] : 0.0f;
-            long k = 0;
-            for (; k + 4 <= K; k += 4) {
-                const float *w0 = Wt + k * N + n0, *w1 = w0 + N, *w2 = w1 + N, *w3 = w2 + N;
-#pragma omp simd
-                for (long n = 0; n < nb; n++) {
-                    const float v0 = w0[n], v1 = w1[n], v2 = w2[n], v3 = w3[n];
-                    o0[n] += x0[k] * v0 + x0[k + 1] * v1 + x0[k + 2] * v2 + x0[k + 3] * v3;
-                    o1[n] += x1[k] * v0 + x1[k + 1] * v1 + x1[k + 2] * v2 + x1[k + 3] * v3;
-                    o2[n] += x2[k] * v0 + x2[k + 1] * v1 + x2[k + 2] * v2 + x2[k + 3] * v3;
-                    o3[n] += x3[k] * v0 + x3[k + 1] * v1 + x3[k + 2] * v2 + x3[k + 3] * v3;
-                }
-            }
-            for (; k < K; k++) {
-                const float *w = Wt + k * N + n0;
-#pragma omp simd
-                for (long n = 0; n < nb; n++) {
-                    o0[n] += x0[k] * w[n];
-                    o1[n] += x1[k] * w[n];
-                    o2[n] += x2[k] * w[n];
-                    o3[n] += x3[k] * w[n];
-                }
-            }
-        }
-    }
+    for (; r + LIN_ROWS <= B; r += LIN_ROWS) lin_rows(LIN_ROWS, 2, K, N, x + r * K, Wt, bias, out + r * N);
+#if LIN_ROWS > 4
+    for (; r + 4 <= B; r += 4) lin_rows(4, 4, K, N, x + r * K, Wt, bias, out + r * N);
+#endif
     for (; r < B; r++) linear_row(K, N, x + r * K, Wt, bias, out + r * N);
 }
 
-/* For bench.linear: out = x · Wt + bias by the row loop (tiled = 0) or the four-row tiles (1). */
+/* For bench.linear: out = x · Wt + bias by the row loop (tiled = 0) or the row tiles (1): the same bits. */
 void linear_rows(long tiled, long B, long K, long N, const float *x, const float *Wt, const float *bias,
                  float *out) {
     if (tiled)
