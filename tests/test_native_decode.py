@@ -217,6 +217,35 @@ def test_rows_stopping_mid_block_are_exact_and_leave_the_other_rows_bit_identica
                 assert not stopped[r] and toks[r] == free[r]  # unchanged by the rows that stopped
 
 
+@pytest.fixture(scope="module", params=["s4d", "sashimi"])
+def rec20(request):
+    """d_state 40: 20 modes a channel, two vectors of 8 and a scalar tail of 4 in the diagonal step."""
+    torch.manual_seed(0)
+    kw = {**SMALL, "d_state": 40}
+    if request.param == "sashimi":
+        return build(ModelConfig(**kw, arch="sashimi", pool=[4, 4], kernel="s4d")).to_recurrent()
+    return SequenceModel(ModelConfig(**kw, kernel="s4d")).to_recurrent()
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_rows_stepped_eight_at_a_time_give_each_rows_bits_alone(rec20, schedule):
+    """20 rows, 10 a thread: the C step takes a diagonal layer's rows 8 at a time through its SSM step
+    (one load of a channel's parameters for the 8 rows), and the linear layers in tiles of 8 rows, then
+    4, then rows alone; each row's tokens and state are still those of the row stepped alone."""
+    rec = rec20
+    assert {(r["form"], r["modes"]) for r in rec.report} == {("diagonal", 20)}
+    params = [dataclasses.replace(PARAMS[r % len(PARAMS)], seed=100 + r) for r in range(20)]
+    B = len(params)
+    state, tok = _prefilled(rec, B, seed=5)
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    limits = [12] * B
+    ref = _one_step(rec, state, tok, params, limits, seen)
+    toks, new_state, _, _ = _block(rec, state, tok, params, limits, seen, 12, schedule)
+    for r in range(B):
+        assert toks[r] == ref[r][0], f"row {r}"
+        assert torch.equal(rows(rec, new_state, slice(r, r + 1)), ref[r][1]), f"row {r}: state"
+
+
 def test_a_seed_gives_the_same_tokens_and_state_alone_and_in_any_batch(rec):
     B = len(PARAMS)
     state, tok = _prefilled(rec, B, seed=3)

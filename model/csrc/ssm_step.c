@@ -184,9 +184,9 @@ static void layer_norm(long B, long H, const float *x, float *out, const float *
  * rows × C vectors of columns held in registers through the whole sum over k, each weight vector loaded
  * once for the R rows (R = 8 with AVX-512, else 4; then 4-row tiles, then rows alone), the weight rows a
  * few k ahead prefetched (a tile walks Wt down a column panel, N floats apart, which the hardware
- * prefetchers miss). Every output element is computed by the same expression, acc = bias; acc = acc +
- * x[k] · Wt[k, n] for k = 0, 1, …, K − 1 (a fused multiply-add where the target has one), whatever tile
- * or tail computes it; so a row's output is bit-identical alone or beside any other rows, and never
+ * prefetchers miss). Every output element is computed by the same expression, acc = bias; acc =
+ * fma(x[k], Wt[k, n], acc) for k = 0, 1, …, K − 1 (each step rounded once: fmav), whatever tile or tail
+ * computes it; so a row's output is bit-identical alone or beside any other rows, and never
  * depends on them. */
 #if defined(__AVX512F__)
 #define LIN_VW 16 /* floats per vector */
@@ -203,6 +203,32 @@ static inline fv ldv(const float *p) {
     return v;
 }
 static inline void stv(float *p, fv v) { __builtin_memcpy(p, &v, sizeof v); }
+/* a·b + c rounded once, written out: the compiler contracts `c + a * b` in some loops and not in others
+ * (GCC 12 without AVX-512 left a one-vector tile as a multiply and an add), which would make a row's bits
+ * depend on the tile that computed it. __builtin_fmaf is the same single rounding, in hardware or libm. */
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+static inline fv bcast(float a) {
+#if defined(__AVX512F__)
+    return (fv)_mm512_set1_ps(a);
+#elif defined(__FMA__)
+    return (fv)_mm256_set1_ps(a);
+#else
+    return (fv){0} + a; /* (a + 0 is a, or +0 for −0: the same product's value either way) */
+#endif
+}
+static inline fv fmav(fv a, fv b, fv c) {
+#if defined(__AVX512F__)
+    return (fv)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+    return (fv)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    fv r;
+    for (int j = 0; j < LIN_VW; j++) r[j] = __builtin_fmaf(a[j], b[j], c[j]);
+    return r;
+#endif
+}
 
 /* out[i, n0 + c·VW + j] for the rows i < R (row i at x + i·K, out + i·N) and vectors c < C (R, C constants
  * at every call, so the tile unrolls into registers) */
@@ -221,8 +247,8 @@ static inline __attribute__((always_inline)) void lin_tile(const long R, const l
         if (k + LIN_PREFETCH < K)
             for (long c = 0; c < C * LIN_VW; c += 16) __builtin_prefetch(w + LIN_PREFETCH * N + c);
         for (long i = 0; i < R; i++) {
-            const float a = x[i * K + k];
-            for (long c = 0; c < C; c++) acc[i][c] = acc[i][c] + a * wv[c];
+            const fv a = bcast(x[i * K + k]);
+            for (long c = 0; c < C; c++) acc[i][c] = fmav(a, wv[c], acc[i][c]);
         }
     }
     for (long i = 0; i < R; i++)
@@ -239,7 +265,7 @@ static inline __attribute__((always_inline)) void lin_rows(const long R, const l
     for (long i = 0; i < R; i++)
         for (long n = n0; n < N; n++) {
             float acc = bias ? bias[n] : 0.0f;
-            for (long k = 0; k < K; k++) acc = acc + x[i * K + k] * Wt[k * N + n];
+            for (long k = 0; k < K; k++) acc = __builtin_fmaf(x[i * K + k], Wt[k * N + n], acc);
             out[i * N + n] = acc;
         }
 }
@@ -293,6 +319,78 @@ static inline int ssm_row(const NetLayer *L, long H, long M, const float *xs, fl
     if (!layer_fits(L, M)) return -1;
 #pragma omp parallel for schedule(static) if (H * M >= 65536)
     for (long h = 0; h < H; h++) y[h] = ssm_channel(L, H, M, h, xs + h * 2 * M, xo + h * 2 * M, u[h]);
+    return 0;
+}
+
+#define SSM_ROWS 8 /* rows whose diagonal SSM step shares one load of a channel's parameters */
+
+/* diag_channel for n ≤ SSM_ROWS rows of channel h (row i's channel state at xs[i] + off → xo[i] + off, its
+ * input u[i·H + h] → y[i·H + h]): each 8 modes' parameters are loaded once for the n rows, and each row's
+ * arithmetic is diag_channel's, expression for expression and in the same order, so its bits are the
+ * same as alone (the prefill, which steps one row at a time, relies on it). */
+static inline __attribute__((always_inline)) void
+diag_channel_rows(const long n, long M, const float *const *xs, float *const *xo, long off, long H, long h,
+                  const float *u, float *y, const float *mur, const float *mui, const float *br, const float *bi,
+                  const float *cr, const float *ci) {
+    f8 acc[SSM_ROWS];
+    float rest[SSM_ROWS], uu[SSM_ROWS];
+    for (long i = 0; i < n; i++) {
+        acc[i] = (f8){0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        rest[i] = 0.0f;
+        uu[i] = u[i * H + h];
+    }
+    long m = 0;
+    for (; m + 8 <= M; m += 8) {
+        const f8 a = ld8(mur + m), b = ld8(mui + m), pbr = ld8(br + m), pbi = ld8(bi + m), pcr = ld8(cr + m),
+                 pci = ld8(ci + m);
+        for (long i = 0; i < n; i++) {
+            const float *xr = xs[i] + off, *xi = xr + M;
+            float *nr = xo[i] + off, *ni = nr + M;
+            const f8 vr = ld8(xr + m), vi = ld8(xi + m);
+            const f8 r = a * vr - b * vi + pbr * uu[i];
+            const f8 im = a * vi + b * vr + pbi * uu[i];
+            st8(nr + m, r);
+            st8(ni + m, im);
+            acc[i] += pcr * r - pci * im;
+        }
+    }
+    for (; m < M; m++)
+        for (long i = 0; i < n; i++) {
+            const float *xr = xs[i] + off, *xi = xr + M;
+            float *nr = xo[i] + off, *ni = nr + M;
+            const float r = mur[m] * xr[m] - mui[m] * xi[m] + br[m] * uu[i];
+            const float im = mur[m] * xi[m] + mui[m] * xr[m] + bi[m] * uu[i];
+            nr[m] = r;
+            ni[m] = im;
+            rest[i] += cr[m] * r - ci[m] * im;
+        }
+    for (long i = 0; i < n; i++) {
+        const f8 v = acc[i];
+        y[i * H + h] = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])) + rest[i];
+    }
+}
+
+/* One block's SSM step for n ≤ SSM_ROWS rows: row i's state xs[i] (H, 2, M) → xo[i] (may be xs[i]),
+ * u (n, H) → y (n, H). A diagonal layer steps the rows together, channel by channel (diag_channel_rows);
+ * a DPLR layer row by row (ssm_row). Either way a row's bits are ssm_row's alone. -1: layer_fits fails. */
+static int ssm_rows(const NetLayer *L, long H, long M, long n, const float *const *xs, float *const *xo,
+                    const float *u, float *y) {
+    if (L->form != 0 || n == 1) {
+        for (long i = 0; i < n; i++)
+            if (ssm_row(L, H, M, xs[i], xo[i], u + i * H, y + i * H)) return -1;
+        return 0;
+    }
+    const float *const *p = L->p;
+#pragma omp parallel for schedule(static) if (H * M >= 65536)
+    for (long h = 0; h < H; h++) {
+        const long o = h * M;
+        if (n == SSM_ROWS)
+            diag_channel_rows(SSM_ROWS, M, xs, xo, 2 * o, H, h, u, y, p[0] + o, p[1] + o, p[2] + o, p[3] + o,
+                              p[4] + o, p[5] + o);
+        else
+            diag_channel_rows(n, M, xs, xo, 2 * o, H, h, u, y, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o,
+                              p[5] + o);
+    }
     return 0;
 }
 
@@ -360,9 +458,16 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
     for (long l = 0; l < n_layers && rc == 0; l++) {
         const NetLayer *L = layers + l;
         layer_norm(B, H, x, u, L->ln_w, L->ln_b, eps);
-        for (long r = 0; r < B && rc == 0; r++) /* rows may be anywhere in the batch: one SSM call each */
-            rc = ssm_row(L, H, M, state + l * per_layer + rows[r] * row_size,
-                         state_out + l * per_layer + rows[r] * row_size, u + r * H, y + r * H);
+        for (long r0 = 0; r0 < B && rc == 0; r0 += SSM_ROWS) { /* rows may be anywhere in the batch */
+            const long n = B - r0 < SSM_ROWS ? B - r0 : SSM_ROWS;
+            const float *xs[SSM_ROWS];
+            float *xo[SSM_ROWS];
+            for (long i = 0; i < n; i++) {
+                xs[i] = state + l * per_layer + rows[r0 + i] * row_size;
+                xo[i] = state_out + l * per_layer + rows[r0 + i] * row_size;
+            }
+            rc = ssm_rows(L, H, M, n, xs, xo, u + r0 * H, y + r0 * H);
+        }
         if (rc == 0) block_rest(B, H, L, x, u, y, o, f, eps);
     }
     if (rc == 0) {
@@ -910,8 +1015,11 @@ static int stack_rows(const NetStack *S, long H, long n, float *const *st, float
     for (long l = 0; l < S->n; l++) {
         const NetLayer *L = S->layers + l;
         layer_norm(n, H, X, U, L->ln_w, L->ln_b, eps);
-        for (long i = 0; i < n; i++) {
-            int rc = ssm_row(L, H, S->modes[l], st[i] + S->off[l], st[i] + S->off[l], U + i * H, Y + i * H);
+        for (long i0 = 0; i0 < n; i0 += SSM_ROWS) {
+            const long m = n - i0 < SSM_ROWS ? n - i0 : SSM_ROWS;
+            float *xs[SSM_ROWS];
+            for (long i = 0; i < m; i++) xs[i] = st[i0 + i] + S->off[l];
+            int rc = ssm_rows(L, H, S->modes[l], m, (const float *const *)xs, xs, U + i0 * H, Y + i0 * H);
             if (rc) return rc;
         }
         block_rest(n, H, L, X, U, Y, O, F, eps);
