@@ -13,6 +13,7 @@ import platform
 import shutil
 import subprocess
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -46,6 +47,28 @@ def _cpu_signature() -> str:
     return platform.machine() + flags
 
 
+def compile_library(out: Path, flags: Sequence[str] = FLAGS) -> None:
+    """Compile csrc/ssm_step.c with `flags` to the shared library `out` (written atomically: concurrent
+    builders never load a half-written file). Raises RuntimeError without a C compiler ($CC, cc, gcc) and
+    subprocess.CalledProcessError (its stderr the compiler's) when the build fails."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) found")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    cmd = [cc, *flags, str(SOURCE), "-o", str(tmp), "-lm"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    tmp.replace(out)
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """A compiled library, its entry points' return types set (RESTYPES)."""
+    lib = ctypes.CDLL(str(path))
+    for name, restype in RESTYPES.items():
+        getattr(lib, name).restype = restype
+    return lib
+
+
 def library():
     """The loaded ctypes library, or None (after one warning) when it cannot be built."""
     if "lib" in _lib:
@@ -56,17 +79,8 @@ def library():
         key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
         out = build_folder() / f"ssm_step_{key}.so"
         if not out.exists():
-            cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-            if cc is None:
-                raise RuntimeError("no C compiler (cc/gcc) found")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            cmd = [cc, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"]
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-            tmp.replace(out)  # atomic: concurrent builders never load a half-written file
-        lib = ctypes.CDLL(str(out))
-        for name, restype in RESTYPES.items():
-            getattr(lib, name).restype = restype
+            compile_library(out, FLAGS)
+        lib = load_library(out)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         warnings.warn(f"fused CPU step unavailable ({detail}); using torch ops", RuntimeWarning, stacklevel=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
+import platform
 
 import pytest
 import torch
@@ -356,6 +357,29 @@ def test_the_linear_row_tiles_equal_the_row_loop_bit_for_bit_and_float64_within_
         ref = x.double() @ Wt.double() + bias.double()
         scale = (x.double().abs() @ Wt.double().abs() + bias.double().abs()).max()
         assert float((outs[1].double() - ref).abs().max() / scale) < K * 2**-23
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 target flags")
+@pytest.mark.parametrize("extra", [("-mno-avx512f",), ("-mno-avx512f", "-mno-fma")], ids=["avx2", "no-fma"])
+def test_the_row_tiles_stay_bit_identical_when_built_for_older_x86(tmp_path, extra):
+    """Built without AVX-512 (4-row tiles of 8-float vectors), and without FMA (fmaf per lane): the tiles
+    still give the row loop's bits. GCC 12 once left one of them a multiply and an add where the others
+    were fused, which this catches; the native build is checked by the test above."""
+    out = tmp_path / "ssm_step.so"
+    fused.compile_library(out, (*fused.FLAGS, *extra))
+    lib = fused.load_library(out)
+    g = torch.Generator().manual_seed(7)
+    for K, N in [(7, 50), (18, 40), (256, 512)]:
+        Wt, bias = torch.randn(K, N, generator=g), torch.randn(N, generator=g)
+        for B in (1, 3, 4, 5, 8, 13):
+            x = torch.randn(B, K, generator=g)
+            outs = [torch.empty(B, N), torch.empty(B, N)]
+            for tiled, o in enumerate(outs):
+                dims = [ctypes.c_long(v) for v in (tiled, B, K, N)]
+                lib.linear_rows(*dims, *[ctypes.c_void_p(t.data_ptr()) for t in (x, Wt, bias, o)])
+            assert torch.equal(outs[0], outs[1]), (extra, K, N, B)
+            ref = x.double() @ Wt.double() + bias.double()
+            assert float((outs[1].double() - ref).abs().max()) < 1e-3 * float(ref.abs().max())
 
 
 def test_the_server_gives_the_same_tokens_and_finish_reasons_with_and_without_the_native_block(model_dirs):
