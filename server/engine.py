@@ -2,10 +2,11 @@
 
 Each iteration of its loop:
   1. admit: take new jobs from the inbox (bounded) and run control operations (fork, export, …);
-  2. prefill: ingest prompt chunks (`prefill_chunk_tokens`, fixed boundaries) of several jobs, at most
+  2. prefill: pick prompt chunks (`prefill_chunk_tokens`, fixed boundaries) of several jobs, at most
      `prefill_token_budget` tokens, the prompts with the fewest tokens left first (a job passed over goes
-     ahead next time: nothing starves), batching chunks of equal length into one prefill (on CPU,
-     chunks of up to 512 tokens by the C step's recurrent form layer by layer, else the parallel form);
+     ahead next time: nothing starves), and ingest those that complete their prompt, batching chunks of
+     equal length into one prefill (on CPU, chunks of up to 512 tokens by the C step's recurrent form
+     layer by layer, else the parallel form);
   3. decode: one batched recurrent step for every live generating session, sampling on the device
      with one generator per request, and one copy of the new tokens to the host; repeated (up to
      DECODE_BLOCK_STEPS steps, more while within `decode_block_ms`, `audio_decode_block_ms` for an
@@ -14,7 +15,10 @@ Each iteration of its loop:
      and the whole-network C step serves the batch, DECODE_BLOCK_STEPS steps run as one native block
      (`DecodeBatch.block`: step, sample and stop checks in C, each row stopping on its own at its
      limit or stop sequence), with the same results token for token;
-  4. hand the new tokens to the event loop, one `call_soon_threadsafe` per iteration.
+  4. hand the new tokens to the event loop, one `call_soon_threadsafe` per iteration;
+  5. ingest the other chunks picked in 2 (long prompts with more to go), so that a short prompt's first
+     token, made in 3, does not wait for them. The iteration that makes a request's first token ends its
+     decode stage after that step, so the token goes out at once rather than after a whole block.
 
 Sessions that are decoding live in a resident batch (`DecodeBatch`): their states are copied out of
 the slot pool when they join and back when they leave, not at every step, and the step updates the
@@ -427,9 +431,10 @@ class Engine:
         if not self._admit():
             return False
         self._housekeeping()
-        self._prefill()
+        later = self._prefill()
         self._decode()
         self._flush()
+        self._prefill_run(later)  # long prompts' chunks: after the new tokens are handed over
         return True
 
     def _has_work(self) -> bool:
@@ -524,14 +529,16 @@ class Engine:
         else:
             self._waiting.append(job)
 
-    def _prefill(self) -> None:
-        """Ingest prompt chunks within the token budget: one chunk (fixed boundaries, so the chunks and
+    def _prefill(self) -> list[tuple[Job, list[int]]]:
+        """Pick prompt chunks within the token budget: one chunk (fixed boundaries, so the chunks and
         their results do not depend on load) of each job that fits, the jobs with the fewest tokens left
         first, so a short prompt that arrives while a long one is ingested waits for one chunk of it,
         not for all of it. A job passed over (its chunk did not fit) goes ahead of every job passed over
         fewer times: the job passed over most always gets its chunk (the budget holds at least one), so
-        each is ingested within a bounded number of iterations whatever keeps arriving. Equal-length
-        chunks run as one batched prefill."""
+        each is ingested within a bounded number of iterations whatever keeps arriving. The chunks that
+        complete their prompt run now (`_prefill_run`), so their first tokens come from this iteration's
+        decode; the others (long prompts with more to go) are returned, to run after this iteration's
+        hand-over: a short prompt's first token does not wait for a long prompt's chunk either."""
         chunk, budget = self.settings.prefill_chunk_tokens, self.settings.prefill_token_budget
         for job in list(self._prefilling):
             if job.cancelled and job.session.ephemeral:  # nothing to keep: stop now, free its slot
@@ -552,6 +559,16 @@ class Engine:
             job.passed_over = 0
             picked.append((job, piece))
             used += len(piece)
+        now = [(j, p) for j, p in picked if j.offset + len(p) == len(j.ingest)]
+        self._prefill_run(now)
+        return [(j, p) for j, p in picked if j.offset + len(p) < len(j.ingest)]
+
+    def _prefill_run(self, picked: list[tuple[Job, list[int]]]) -> None:
+        """Ingest the picked chunks (job, its next tokens); equal-length chunks run as one batched
+        prefill. A job whose prompt is then complete goes on to decode (`_ingested`)."""
+        if not picked:
+            return
+        used = sum(len(piece) for _, piece in picked)
         groups: dict[int, list[tuple[Job, list[int]]]] = collections.defaultdict(list)
         for job, piece in picked:
             groups[len(piece)].append((job, piece))
@@ -574,8 +591,7 @@ class Engine:
             if job.offset == len(job.ingest):
                 self._prefilling.remove(job)
                 self._ingested(job)
-        if used:
-            self.metrics.prefill_tokens.inc(used)
+        self.metrics.prefill_tokens.inc(used)
 
     def _decode(self) -> None:
         b = self.batch
@@ -616,19 +632,20 @@ class Engine:
             ids = b.step(self.rec)
             self.metrics.batch_size.observe(b.live)
             now = time.perf_counter()
-            done, full = [], False
+            done, full, first = [], False, False
             for row, (job, tok) in enumerate(zip(b.rows, ids)):
                 if job is not None:
                     if row in b.logprobs:
                         job.stream.logprobs.append(b.logprobs[row])
+                    first |= not job.out
                     if self._emit(job, tok, now):
                         done.append(job)
                     elif job.stream.room() <= 0 or job.cancelled:
                         full = True
             if done:
                 self._retire(done)
-            if done or full or self._inbox or self._waiting or self._prefilling:
-                return
+            if done or full or first or self._inbox or self._waiting or self._prefilling:
+                return  # (first: a request's first token goes out now, not after the block)
             if k >= DECODE_BLOCK_STEPS and now >= t_end:
                 return
 
@@ -644,7 +661,8 @@ class Engine:
         limit, its stream's room or a stop sequence, exactly where the one-step loop would have. The
         first block is DECODE_BLOCK_STEPS steps, the next ones as many as fit before t_end at the
         measured step time (1 to DECODE_BLOCK_NATIVE_MAX_STEPS, AUDIO_… for an audio model); a block
-        is 1 step while new work waits, and new work, a cancel or freed stream room that arrive during
+        is 1 step while new work waits or a row has yet to make its first token (which then goes out at
+        once, not after a whole block), and new work, a cancel or freed stream room that arrive during
         a block end it after its current round (`wake` and `_submit` set the interrupt flag): one step
         when each thread has at most 8 rows, else up to 4 (fused.BLOCK_SCHEDULE). The loop ends after
         a block in which a row finished or filled its stream, when new work arrived, or after the
@@ -653,7 +671,8 @@ class Engine:
         while b.live and steps < self._max_steps:
             self._block_interrupt.value = 0  # before looking for work: nothing that arrives is missed
             pending = bool(self._inbox or self._waiting or self._prefilling)
-            if pending:
+            first = any(j is not None and not j.out for j in b.rows)  # a request's first token
+            if pending or first:
                 K = 1
             elif steps < DECODE_BLOCK_STEPS or self._block_step_s is None:
                 K = DECODE_BLOCK_STEPS - steps if steps < DECODE_BLOCK_STEPS else 1
@@ -689,7 +708,9 @@ class Engine:
                 observe_many(self.metrics.itl, np.concatenate(itl))
             if done:
                 self._retire(done)
-            if done or full or pending or self._inbox or self._waiting or self._prefilling or not res.steps:
+            if done or full or pending or first or not res.steps:
+                return
+            if self._inbox or self._waiting or self._prefilling:
                 return
             if steps >= DECODE_BLOCK_STEPS and time.perf_counter() >= t_end:
                 return

@@ -140,10 +140,13 @@ def test_decode_steps_between_the_chunks_of_a_long_prompt(rec):
         events = d.events[start:]
         calls = [i for i, e in enumerate(events) if e[0] == "prefill"]
         assert [events[i][1:] for i in calls] == [(1, 768 // n_chunks)] * n_chunks  # one row, one chunk each
-        between = [sum(e[0] == "step" for e in events[a:b]) for a, b in itertools.pairwise(calls)]
-        assert between == [1] * (n_chunks - 1)  # one decode step of the batch between two chunks
-        steps_during = sum(e[0] == "step" for e in events[calls[0] : calls[-1]])
-        assert steps_during == n_chunks - 1
+        # the iterations that ingest a chunk: each makes one decode step of the batch, no more (a chunk
+        # that completes the prompt runs before the step, the others after the hand-over)
+        marks = [i for i, e in enumerate(events) if e[0] == "iteration"] + [len(events)]
+        ticks = [events[a:b] for a, b in itertools.pairwise(marks)]
+        ingesting = [t for t in ticks if any(e[0] == "prefill" for e in t)]
+        assert len(ingesting) == n_chunks
+        assert [sum(e[0] == "step" for e in t) for t in ingesting] == [1] * n_chunks
         # each decoding session got a token per chunk
         assert all(len(d.out(j)) - n >= n_chunks for j, n in zip(decoders, before))
         assert d.out(long) and d.final(long).finish_reason == "length"
@@ -182,6 +185,48 @@ def test_short_prompts_arriving_together_are_prefilled_in_one_batch_beside_a_lon
     assert sorted(calls) == [(1, 64), (4, 20)]  # one batched call for the four, one chunk of the long one
     assert all(d.out(j) for j in shorts)
     d.until(lambda: d.final(long) and all(d.final(j) for j in shorts))
+    d.close()
+
+
+def test_a_short_prompts_first_token_goes_out_before_the_long_prompts_chunk(rec):
+    """In the iteration a short prompt arrives while a long one is ingested, its chunk runs, then the
+    decode step that makes its first token, then (after the hand-over) the long prompt's chunk."""
+    d = Driver(rec, prefill_chunk_tokens=64, prefill_token_budget=128)
+    long = d.generate(prompt_of(12 * 64 + 1, 9), max_new=1)
+    d.tick()
+    short = d.generate(prompt_of(10, 3), max_new=5)
+    start = len(d.events)
+    d.tick()
+    events = d.events[start + 1 :]
+    assert events == [("prefill", 1, 9), ("step", 1), ("prefill", 1, 64)], events
+    assert len(d.out(short)) == 1
+    d.until(lambda: d.final(long) and d.final(short))
+    d.close()
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-block", "one-step-loop"])
+def test_a_new_requests_first_token_goes_out_after_one_step_not_a_whole_block(rec, native, monkeypatch):
+    """Sessions decoding in blocks of DECODE_BLOCK_STEPS steps or more: the iteration that admits a new
+    request runs one step, so its first token is handed over at once; the next ones whole blocks again.
+    Both decode paths: the native block, and the one-step loop (logits requested, or no C step)."""
+    from server.engine import DECODE_BLOCK_STEPS, DecodeBatch
+
+    if not native:
+        monkeypatch.setattr(DecodeBatch, "native", lambda self, rec: False)
+    d = Driver(rec)
+    decoders = [d.generate(prompt_of(5, k), max_new=10_000) for k in range(3)]
+    d.until(lambda: all(d.out(j) for j in decoders))
+
+    def steps_in_a_tick() -> int:
+        start = len(d.events)
+        d.tick()
+        return sum(e[0] == "step" for e in d.events[start:])
+
+    assert steps_in_a_tick() >= DECODE_BLOCK_STEPS
+    new = d.generate(prompt_of(7, 9), max_new=100)
+    assert steps_in_a_tick() == 1 and len(d.out(new)) == 1
+    assert steps_in_a_tick() >= DECODE_BLOCK_STEPS and len(d.out(new)) >= 1 + DECODE_BLOCK_STEPS
+    assert d.engine.batch.native(rec) == native
     d.close()
 
 
