@@ -469,7 +469,7 @@ class Engine:
         "cancelled" with their states back in their slots, queued work is refused (503), and every
         session's state goes to the store."""
         while self._prefilling:
-            self._prefill()
+            self._prefill_run(self._prefill())
         decoding = [j for j in self.batch.rows if j is not None]
         self.batch.leave(decoding)
         for job in decoding + list(self._waiting):

@@ -230,6 +230,31 @@ def test_a_new_requests_first_token_goes_out_after_one_step_not_a_whole_block(re
     d.close()
 
 
+def test_a_drain_mid_ingestion_finishes_the_long_prompt_and_ends(rec):
+    """Stopping while a 12-chunk prompt is a quarter ingested: the drain ingests the rest (its chunks
+    that do not complete the prompt included) and the loop ends, the job "cancelled"."""
+    import threading
+
+    d = Driver(rec, prefill_chunk_tokens=64, prefill_token_budget=64)
+    long = d.generate(prompt_of(12 * 64 + 1, 4), max_new=5)
+    d.tick(3)
+    assert 0 < long.offset < len(long.ingest)
+    with d.engine._cv:
+        d.engine._stopping = True
+    result: list[bool] = []
+    worker = threading.Thread(target=lambda: result.append(d.engine._iterate()), daemon=True)
+    worker.start()
+    worker.join(20)
+    assert result == [False], "the drain did not end"
+    assert long.offset == len(long.ingest) and not d.engine._prefilling
+    d.loop.run_until_complete(asyncio.sleep(0))  # deliver the hand-over
+    items = []
+    while not long.stream.queue.empty():
+        items += long.stream.queue.get_nowait()
+    assert [i.finish_reason for i in items if isinstance(i, Finished)] == ["cancelled"]
+    d.close()
+
+
 @pytest.fixture(scope="module")
 def ref_model():
     """A tiny random text model trained for 1024 tokens (so float64 conv mode covers the whole test)."""
