@@ -767,20 +767,11 @@ class RecurrentModel:
         """tokens (B, L) → logits (B, L, V) and the state after the last token, parallel over L
         (on CPU, with the whole-network C step, a prompt of at most `prefill_by_steps_max_tokens`
         tokens takes its recurrent form layer by layer instead, `fused.NetStep.prefill`: faster there,
-        and bit-identical to stepping it; the two forms agree to float32 rounding). It runs with
-        `prefill_threads` torch threads in the calling thread (restored after), float32 only, in blocks
-        of CHUNK tokens (`DiagonalSSM.prefill`). Raises ValueError for bad shapes or dtypes."""
+        and bit-identical to stepping it, its rows split between the calling thread's OpenMP threads; the
+        two forms agree to float32 rounding). The parallel form runs with `prefill_threads` torch threads
+        in the calling thread (restored after), float32 only, in blocks of CHUNK tokens
+        (`DiagonalSSM.prefill`). Raises ValueError for bad shapes or dtypes."""
         self._check(tokens, state, 2)
-        threads = torch.get_num_threads()  # a per-thread setting (OpenMP): other threads keep theirs
-        if self.prefill_threads and self.prefill_threads != threads:
-            torch.set_num_threads(self.prefill_threads)
-        try:
-            return self._prefill(tokens, state)
-        finally:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
-
-    def _prefill(self, tokens: torch.Tensor, state: torch.Tensor):
         B, L = tokens.shape
         if (
             self._net_step is not None
@@ -791,6 +782,16 @@ class RecurrentModel:
             # to L steps) costs less than the parallel form's fixed cost
             new = state.contiguous().clone()
             return self._net_step.prefill(tokens, new), new
+        threads = torch.get_num_threads()  # a per-thread setting (OpenMP): other threads keep theirs
+        if self.prefill_threads and self.prefill_threads != threads:
+            torch.set_num_threads(self.prefill_threads)
+        try:
+            return self._prefill(tokens, state)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+
+    def _prefill(self, tokens: torch.Tensor, state: torch.Tensor):
         # Skipping the x0 terms is exact when every row's x0 is 0 (they would add exact zeros), so this
         # switch cannot change any row's result, whatever another row holds (NaN ≠ 0: no skip).
         x0_is_zero = bool((state == 0).all())

@@ -829,38 +829,28 @@ static int net_rows_fn(const void *ctx, long B, long Btot, const long *rows, con
                     n->head_t, n->head_b, n->eps, n->src ? n->src : state, state, logits);
 }
 
-/* Prompt ingestion layer by layer in the recurrent form: B rows of L tokens each (tokens (B, L)), state
- * (n_layers, B, H, 2, M) updated in place, logits (B, L, V) of every position. Every position-wise op
- * (embedding, LayerNorm, GELU, the linear layers in four-row tiles, the head) runs over all B·L positions
- * at once; only the SSM recurrence runs token by token, one channel at a time (its 2M-float state stays
- * in L1 through the L tokens). Each element is computed by the same expression as in L calls of the
- * step (the tiles' results do not depend on the rows beside them), so the logits and the state are
- * bit-identical to stepping the prompt, at the cost of the linear layers batched over the prompt.
- * One thread. Returns 0, -1 (a DPLR layer over MAX_MODES modes or MAX_RANK) or -2 (out of memory). */
-int net_prefill(long B, long L, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
-                const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
-                const float *head_b, float eps, float *state, float *logits) {
-    long F = 0;
-    for (long l = 0; l < n_layers; l++) {
-        if (!layer_fits(layers + l, M)) return -1;
-        if (layers[l].d_ff > F) F = layers[l].d_ff;
-    }
-    const long N = B * L;
+/* Rows r0 .. r1 − 1 of net_prefill's B (their tokens, state rows and logits at their offsets in the whole
+ * batch's), in the calling thread. */
+static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n_layers, long M, long F,
+                        const long *tokens, const float *embed, const NetLayer *layers, const float *lnf_w,
+                        const float *lnf_b, const float *head_t, const float *head_b, float eps, float *state,
+                        float *logits) {
+    const long n = r1 - r0, N = n * L;
     float *buf = malloc(sizeof(float) * (size_t)(N > 0 ? N : 1) * (size_t)(H * 5 + F));
     if (!buf) return -2;
     float *x = buf, *u = x + N * H, *y = u + N * H, *o = y + N * H; /* o: (N, 2H) */
     float *f = o + N * 2 * H;                                       /* f: (N, F) */
     for (long i = 0; i < N; i++) {
-        const float *e = embed + tokens[i] * H;
+        const float *e = embed + tokens[r0 * L + i] * H;
         for (long h = 0; h < H; h++) x[i * H + h] = e[h];
     }
     const long per_layer = B * H * 2 * M;
     for (long l = 0; l < n_layers; l++) {
         const NetLayer *Ly = layers + l;
         layer_norm(N, H, x, u, Ly->ln_w, Ly->ln_b, eps);
-        for (long r = 0; r < B; r++)
+        for (long r = 0; r < n; r++)
             for (long h = 0; h < H; h++) {
-                float *xs = state + l * per_layer + (r * H + h) * 2 * M;
+                float *xs = state + l * per_layer + ((r0 + r) * H + h) * 2 * M;
                 for (long t = 0; t < L; t++) {
                     const long i = (r * L + t) * H + h;
                     y[i] = ssm_channel(Ly, H, M, h, xs, xs, u[i]);
@@ -869,9 +859,41 @@ int net_prefill(long B, long L, long H, long V, long n_layers, long M, const lon
         block_rest(N, H, Ly, x, u, y, o, f, eps);
     }
     layer_norm(N, H, x, u, lnf_w, lnf_b, eps);
-    linear_t(N, H, V, u, head_t, head_b, logits);
+    linear_t(N, H, V, u, head_t, head_b, logits + r0 * L * V);
     free(buf);
     return 0;
+}
+
+/* Prompt ingestion layer by layer in the recurrent form: B rows of L tokens each (tokens (B, L)), state
+ * (n_layers, B, H, 2, M) updated in place, logits (B, L, V) of every position. Every position-wise op
+ * (embedding, LayerNorm, GELU, the linear layers in row tiles, the head) runs over all of a thread's
+ * positions at once; only the SSM recurrence runs token by token, one channel at a time (its 2M-float
+ * state stays in L1 through the L tokens). Each element is computed by the same expression as in L calls
+ * of the step (the tiles' results do not depend on the rows beside them), so the logits and the state are
+ * bit-identical to stepping the prompt, at the cost of the linear layers batched over the prompt.
+ * Rows never interact: from 2 rows on they are split between the threads (omp_get_max_threads()), each
+ * taking its share through the whole network with no barrier until the end; one row runs in the calling
+ * thread. Returns 0, -1 (a DPLR layer over MAX_MODES modes or MAX_RANK) or -2 (out of memory). */
+int net_prefill(long B, long L, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
+                const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
+                const float *head_b, float eps, float *state, float *logits) {
+    long F = 0;
+    for (long l = 0; l < n_layers; l++) {
+        if (!layer_fits(layers + l, M)) return -1;
+        if (layers[l].d_ff > F) F = layers[l].d_ff;
+    }
+    const long nt = B >= 2 ? (omp_get_max_threads() < B ? omp_get_max_threads() : B) : 1;
+    if (nt <= 1)
+        return prefill_rows(B, 0, B, L, H, V, n_layers, M, F, tokens, embed, layers, lnf_w, lnf_b, head_t, head_b,
+                            eps, state, logits);
+    int rc = 0;
+#pragma omp parallel num_threads(nt) reduction(min : rc)
+    {
+        const long t = omp_get_thread_num(), k = omp_get_num_threads();
+        rc = prefill_rows(B, B * t / k, B * (t + 1) / k, L, H, V, n_layers, M, F, tokens, embed, layers, lnf_w,
+                          lnf_b, head_t, head_b, eps, state, logits);
+    }
+    return rc;
 }
 
 /* The isotropic network's step: state (n_layers, B, H, 2, M) → state_out (may be state itself). */
