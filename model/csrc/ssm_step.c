@@ -19,11 +19,33 @@ static inline f8 ld8(const float *p) {
     return v;
 }
 static inline void st8(float *p, f8 v) { __builtin_memcpy(p, &v, sizeof v); }
+#if defined(__AVX512F__) || defined(__FMA__)
+#include <immintrin.h>
+#endif
+/* The first n (0 < n < 8) floats at p as a vector, zeros after; and its store of the first n lanes
+ * (masked on AVX-512VL: never touching p[n ..]; else copied). A channel's last M mod 8 modes go through
+ * these, one vector for the rest of the modes instead of scalar code. */
+static inline f8 ld8_part(const float *p, long n) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    return (f8)_mm256_maskz_loadu_ps((__mmask8)((1u << n) - 1u), p);
+#else
+    f8 v = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    __builtin_memcpy(&v, p, sizeof(float) * (size_t)n);
+    return v;
+#endif
+}
+static inline void st8_part(float *p, f8 v, long n) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+    _mm256_mask_storeu_ps(p, (__mmask8)((1u << n) - 1u), (__m256)v);
+#else
+    __builtin_memcpy(p, &v, sizeof(float) * (size_t)n);
+#endif
+}
 
 /* One channel of the diagonal step over its M modes: nr + i·ni = μ (xr + i·xi) + b u, returns Σ Re(c x').
  * Modes 8 at a time in one vector accumulator, reduced once (not a horizontal sum per vector, as
- * `omp simd reduction` compiled it: 1.3–1.6× slower for H = 128, M = 32–35), then the M mod 8 rest.
- * x may alias x' (each mode is read before it is written). */
+ * `omp simd reduction` compiled it: 1.3–1.6× slower for H = 128, M = 32–35), the M mod 8 rest as one
+ * partial vector (zeros beyond M add nothing). x may alias x' (each mode is read before it is written). */
 static inline float diag_channel(long M, const float *xr, const float *xi, float *nr, float *ni, float uu,
                                  const float *mur, const float *mui, const float *br, const float *bi,
                                  const float *cr, const float *ci) {
@@ -37,15 +59,17 @@ static inline float diag_channel(long M, const float *xr, const float *xi, float
         st8(ni + m, i);
         acc += ld8(cr + m) * r - ld8(ci + m) * i;
     }
-    float rest = 0.0f;
-    for (; m < M; m++) {
-        const float r = mur[m] * xr[m] - mui[m] * xi[m] + br[m] * uu;
-        const float i = mur[m] * xi[m] + mui[m] * xr[m] + bi[m] * uu;
-        nr[m] = r;
-        ni[m] = i;
-        rest += cr[m] * r - ci[m] * i;
+    if (m < M) {
+        const long n = M - m;
+        const f8 a = ld8_part(mur + m, n), b = ld8_part(mui + m, n), vr = ld8_part(xr + m, n),
+                 vi = ld8_part(xi + m, n);
+        const f8 r = a * vr - b * vi + ld8_part(br + m, n) * uu;
+        const f8 i = a * vi + b * vr + ld8_part(bi + m, n) * uu;
+        st8_part(nr + m, r, n);
+        st8_part(ni + m, i, n);
+        acc += ld8_part(cr + m, n) * r - ld8_part(ci + m, n) * i;
     }
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + rest;
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
 /* x' = μ x + b u,  y = Σ Re(c x')  (c already holds 2·C̄) */
@@ -206,9 +230,6 @@ static inline void stv(float *p, fv v) { __builtin_memcpy(p, &v, sizeof v); }
 /* a·b + c rounded once, written out: the compiler contracts `c + a * b` in some loops and not in others
  * (GCC 12 without AVX-512 left a one-vector tile as a multiply and an add), which would make a row's bits
  * depend on the tile that computed it. __builtin_fmaf is the same single rounding, in hardware or libm. */
-#if defined(__AVX512F__) || defined(__FMA__)
-#include <immintrin.h>
-#endif
 static inline fv bcast(float a) {
 #if defined(__AVX512F__)
     return (fv)_mm512_set1_ps(a);
@@ -333,10 +354,9 @@ diag_channel_rows(const long n, long M, const float *const *xs, float *const *xo
                   const float *u, float *y, const float *mur, const float *mui, const float *br, const float *bi,
                   const float *cr, const float *ci) {
     f8 acc[SSM_ROWS];
-    float rest[SSM_ROWS], uu[SSM_ROWS];
+    float uu[SSM_ROWS];
     for (long i = 0; i < n; i++) {
         acc[i] = (f8){0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        rest[i] = 0.0f;
         uu[i] = u[i * H + h];
     }
     long m = 0;
@@ -354,19 +374,24 @@ diag_channel_rows(const long n, long M, const float *const *xs, float *const *xo
             acc[i] += pcr * r - pci * im;
         }
     }
-    for (; m < M; m++)
+    if (m < M) {
+        const long k = M - m;
+        const f8 a = ld8_part(mur + m, k), b = ld8_part(mui + m, k), pbr = ld8_part(br + m, k),
+                 pbi = ld8_part(bi + m, k), pcr = ld8_part(cr + m, k), pci = ld8_part(ci + m, k);
         for (long i = 0; i < n; i++) {
             const float *xr = xs[i] + off, *xi = xr + M;
             float *nr = xo[i] + off, *ni = nr + M;
-            const float r = mur[m] * xr[m] - mui[m] * xi[m] + br[m] * uu[i];
-            const float im = mur[m] * xi[m] + mui[m] * xr[m] + bi[m] * uu[i];
-            nr[m] = r;
-            ni[m] = im;
-            rest[i] += cr[m] * r - ci[m] * im;
+            const f8 vr = ld8_part(xr + m, k), vi = ld8_part(xi + m, k);
+            const f8 r = a * vr - b * vi + pbr * uu[i];
+            const f8 im = a * vi + b * vr + pbi * uu[i];
+            st8_part(nr + m, r, k);
+            st8_part(ni + m, im, k);
+            acc[i] += pcr * r - pci * im;
         }
+    }
     for (long i = 0; i < n; i++) {
         const f8 v = acc[i];
-        y[i * H + h] = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])) + rest[i];
+        y[i * H + h] = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
     }
 }
 
