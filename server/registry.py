@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,6 +223,8 @@ def load_models(
     device = settings.resolved_device()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    # process-wide: an engine thread returning from a native block waits for the GIL at most this long
+    sys.setswitchinterval(settings.gil_switch_ms / 1e3)
     if settings.dtype != "float32" and device == "cpu":
         log.warning(
             "S4_DTYPE=%s on CPU: verified like any dtype, but slower than float32 (the whole-network C "

@@ -110,6 +110,27 @@ def test_loading_reports_why_a_checkpoint_is_not_served(model_dirs, tmp_path, mo
     assert models == {} and failed["tiny-audio"].startswith("VerificationError: layer 0")
 
 
+def test_the_gil_switch_interval_is_range_checked_and_set_at_load(monkeypatch, tmp_path):
+    """S4_GIL_SWITCH_MS (0.05–100 ms, 0.5 by default) becomes the process's switch interval when the
+    models load; values out of range are refused by name."""
+    import sys
+
+    for bad in ("0", "0.01", "101", "nan"):
+        monkeypatch.setenv("S4_GIL_SWITCH_MS", bad)
+        with pytest.raises(ValueError, match="gil_switch_ms"):
+            Settings()
+    monkeypatch.delenv("S4_GIL_SWITCH_MS")
+    monkeypatch.chdir(tmp_path)  # no checkpoints here: nothing loads, the setting still applies
+    before = sys.getswitchinterval()
+    try:
+        for ms in (Settings().gil_switch_ms, 2.0):
+            load_models(Settings(gil_switch_ms=ms, max_sessions=2), SessionTable(), Metrics())
+            assert sys.getswitchinterval() == pytest.approx(ms / 1e3)
+        assert Settings().gil_switch_ms == 0.5
+    finally:
+        sys.setswitchinterval(before)
+
+
 def _histogram_lines(m: Metrics, name: str) -> dict[str, float]:
     lines = m.render()[0].decode().splitlines()
     return {
