@@ -42,34 +42,67 @@ static inline void st8_part(float *p, f8 v, long n) {
 #endif
 }
 
-/* One channel of the diagonal step over its M modes: nr + i·ni = μ (xr + i·xi) + b u, returns Σ Re(c x').
- * Modes 8 at a time in one vector accumulator, reduced once (not a horizontal sum per vector, as
- * `omp simd reduction` compiled it: 1.3–1.6× slower for H = 128, M = 32–35), the M mod 8 rest as one
- * partial vector (zeros beyond M add nothing). x may alias x' (each mode is read before it is written). */
-static inline float diag_channel(long M, const float *xr, const float *xi, float *nr, float *ni, float uu,
-                                 const float *mur, const float *mui, const float *br, const float *bi,
-                                 const float *cr, const float *ci) {
-    f8 acc = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#define SSM_ROWS 8 /* rows whose diagonal SSM step shares one load of a channel's parameters */
+
+/* The diagonal step of one channel h over its M modes for n ≤ SSM_ROWS rows (row i: its channel state at
+ * xs[i] + off, M real parts then M imaginary, → xo[i] + off, which may alias it: each mode is read before
+ * it is written; input u[i·H + h] → y[i·H + h]): nr + i·ni = μ (xr + i·xi) + b u, y = Σ Re(c x'). Modes 8
+ * at a time in one vector accumulator per row, reduced once (not a horizontal sum per vector, as `omp simd
+ * reduction` compiled it: 1.3–1.6× slower for H = 128, M = 32–35), the M mod 8 rest as one partial vector
+ * (zeros beyond M add nothing). Each 8 modes' parameters are loaded once for the n rows; a row's
+ * arithmetic does not depend on n (diag_channel is n = 1), so its bits are those of the row alone. */
+static inline __attribute__((always_inline)) void
+diag_channel_rows(const long n, long M, const float *const *xs, float *const *xo, long off, long H, long h,
+                  const float *u, float *y, const float *mur, const float *mui, const float *br, const float *bi,
+                  const float *cr, const float *ci) {
+    f8 acc[SSM_ROWS];
+    float uu[SSM_ROWS];
+    for (long i = 0; i < n; i++) {
+        acc[i] = (f8){0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        uu[i] = u[i * H + h];
+    }
     long m = 0;
     for (; m + 8 <= M; m += 8) {
-        const f8 a = ld8(mur + m), b = ld8(mui + m), vr = ld8(xr + m), vi = ld8(xi + m);
-        const f8 r = a * vr - b * vi + ld8(br + m) * uu;
-        const f8 i = a * vi + b * vr + ld8(bi + m) * uu;
-        st8(nr + m, r);
-        st8(ni + m, i);
-        acc += ld8(cr + m) * r - ld8(ci + m) * i;
+        const f8 a = ld8(mur + m), b = ld8(mui + m), pbr = ld8(br + m), pbi = ld8(bi + m), pcr = ld8(cr + m),
+                 pci = ld8(ci + m);
+        for (long i = 0; i < n; i++) {
+            const float *xr = xs[i] + off, *xi = xr + M;
+            float *nr = xo[i] + off, *ni = nr + M;
+            const f8 vr = ld8(xr + m), vi = ld8(xi + m);
+            const f8 r = a * vr - b * vi + pbr * uu[i];
+            const f8 im = a * vi + b * vr + pbi * uu[i];
+            st8(nr + m, r);
+            st8(ni + m, im);
+            acc[i] += pcr * r - pci * im;
+        }
     }
     if (m < M) {
-        const long n = M - m;
-        const f8 a = ld8_part(mur + m, n), b = ld8_part(mui + m, n), vr = ld8_part(xr + m, n),
-                 vi = ld8_part(xi + m, n);
-        const f8 r = a * vr - b * vi + ld8_part(br + m, n) * uu;
-        const f8 i = a * vi + b * vr + ld8_part(bi + m, n) * uu;
-        st8_part(nr + m, r, n);
-        st8_part(ni + m, i, n);
-        acc += ld8_part(cr + m, n) * r - ld8_part(ci + m, n) * i;
+        const long k = M - m;
+        const f8 a = ld8_part(mur + m, k), b = ld8_part(mui + m, k), pbr = ld8_part(br + m, k),
+                 pbi = ld8_part(bi + m, k), pcr = ld8_part(cr + m, k), pci = ld8_part(ci + m, k);
+        for (long i = 0; i < n; i++) {
+            const float *xr = xs[i] + off, *xi = xr + M;
+            float *nr = xo[i] + off, *ni = nr + M;
+            const f8 vr = ld8_part(xr + m, k), vi = ld8_part(xi + m, k);
+            const f8 r = a * vr - b * vi + pbr * uu[i];
+            const f8 im = a * vi + b * vr + pbi * uu[i];
+            st8_part(nr + m, r, k);
+            st8_part(ni + m, im, k);
+            acc[i] += pcr * r - pci * im;
+        }
     }
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (long i = 0; i < n; i++) {
+        const f8 v = acc[i];
+        y[i * H + h] = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+    }
+}
+
+/* One channel of one row: its state xs (2, M) → xo (may be xs itself), input uu; returns its y. */
+static inline float diag_channel(long M, const float *xs, float *xo, float uu, const float *mur, const float *mui,
+                                 const float *br, const float *bi, const float *cr, const float *ci) {
+    float y;
+    diag_channel_rows(1, M, &xs, &xo, 0, 1, 0, &uu, &y, mur, mui, br, bi, cr, ci);
+    return y;
 }
 
 /* x' = μ x + b u,  y = Σ Re(c x')  (c already holds 2·C̄) */
@@ -81,7 +114,7 @@ void diag_step(long B, long H, long M, const float *x, float *xo, const float *u
         const long o = (bh % H) * M;
         const float *xr = x + bh * 2 * M;
         float *nr = xo + bh * 2 * M;
-        y[bh] = diag_channel(M, xr, xr + M, nr, nr + M, u[bh], mur + o, mui + o, br + o, bi + o, cr + o, ci + o);
+        y[bh] = diag_channel(M, xr, nr, u[bh], mur + o, mui + o, br + o, bi + o, cr + o, ci + o);
     }
 }
 
@@ -324,8 +357,7 @@ static inline float ssm_channel(const NetLayer *L, long H, long M, long h, const
     const float *const *p = L->p;
     if (L->form == 0) {
         const long o = h * M;
-        return diag_channel(M, xs, xs + M, xo, xo + M, u, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o,
-                            p[5] + o);
+        return diag_channel(M, xs, xo, u, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o, p[5] + o);
     }
     float y;
     dplr_channel(M, L->rank, H, h, xs, xs + M, xo, xo + M, u, &y, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],
@@ -341,58 +373,6 @@ static inline int ssm_row(const NetLayer *L, long H, long M, const float *xs, fl
 #pragma omp parallel for schedule(static) if (H * M >= 65536)
     for (long h = 0; h < H; h++) y[h] = ssm_channel(L, H, M, h, xs + h * 2 * M, xo + h * 2 * M, u[h]);
     return 0;
-}
-
-#define SSM_ROWS 8 /* rows whose diagonal SSM step shares one load of a channel's parameters */
-
-/* diag_channel for n ≤ SSM_ROWS rows of channel h (row i's channel state at xs[i] + off → xo[i] + off, its
- * input u[i·H + h] → y[i·H + h]): each 8 modes' parameters are loaded once for the n rows, and each row's
- * arithmetic is diag_channel's, expression for expression and in the same order, so its bits are the
- * same as alone (the prefill, which steps one row at a time, relies on it). */
-static inline __attribute__((always_inline)) void
-diag_channel_rows(const long n, long M, const float *const *xs, float *const *xo, long off, long H, long h,
-                  const float *u, float *y, const float *mur, const float *mui, const float *br, const float *bi,
-                  const float *cr, const float *ci) {
-    f8 acc[SSM_ROWS];
-    float uu[SSM_ROWS];
-    for (long i = 0; i < n; i++) {
-        acc[i] = (f8){0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        uu[i] = u[i * H + h];
-    }
-    long m = 0;
-    for (; m + 8 <= M; m += 8) {
-        const f8 a = ld8(mur + m), b = ld8(mui + m), pbr = ld8(br + m), pbi = ld8(bi + m), pcr = ld8(cr + m),
-                 pci = ld8(ci + m);
-        for (long i = 0; i < n; i++) {
-            const float *xr = xs[i] + off, *xi = xr + M;
-            float *nr = xo[i] + off, *ni = nr + M;
-            const f8 vr = ld8(xr + m), vi = ld8(xi + m);
-            const f8 r = a * vr - b * vi + pbr * uu[i];
-            const f8 im = a * vi + b * vr + pbi * uu[i];
-            st8(nr + m, r);
-            st8(ni + m, im);
-            acc[i] += pcr * r - pci * im;
-        }
-    }
-    if (m < M) {
-        const long k = M - m;
-        const f8 a = ld8_part(mur + m, k), b = ld8_part(mui + m, k), pbr = ld8_part(br + m, k),
-                 pbi = ld8_part(bi + m, k), pcr = ld8_part(cr + m, k), pci = ld8_part(ci + m, k);
-        for (long i = 0; i < n; i++) {
-            const float *xr = xs[i] + off, *xi = xr + M;
-            float *nr = xo[i] + off, *ni = nr + M;
-            const f8 vr = ld8_part(xr + m, k), vi = ld8_part(xi + m, k);
-            const f8 r = a * vr - b * vi + pbr * uu[i];
-            const f8 im = a * vi + b * vr + pbi * uu[i];
-            st8_part(nr + m, r, k);
-            st8_part(ni + m, im, k);
-            acc[i] += pcr * r - pci * im;
-        }
-    }
-    for (long i = 0; i < n; i++) {
-        const f8 v = acc[i];
-        y[i * H + h] = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-    }
 }
 
 /* One block's SSM step for n ≤ SSM_ROWS rows: row i's state xs[i] (H, 2, M) → xo[i] (may be xs[i]),
