@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         20.0,
         ge=0,
         le=200,
-        description="the same for audio models (≤ 512 steps, in native blocks of ≤ 128): their samples "
+        description="the same for audio models (≤ 512 steps, in native blocks of ≤ 256): their samples "
         "leave in frames of frame_ms (20 by default), so handing them over more often only costs time",
     )
     stream_buffer: int = Field(

@@ -74,7 +74,7 @@ DECODE_BLOCK_NATIVE_MAX_STEPS = 32  # steps of one native decode block (see Engi
 # `audio_decode_block_ms`, up to this many steps, in native blocks of up to this many: their samples
 # leave in frames of frame_ms (20 by default) anyway, and a hand-over costs the same however short
 AUDIO_DECODE_BLOCK_MAX_STEPS = 512
-AUDIO_DECODE_BLOCK_NATIVE_MAX_STEPS = 128
+AUDIO_DECODE_BLOCK_NATIVE_MAX_STEPS = 256
 
 
 @dataclass
@@ -658,15 +658,20 @@ class Engine:
 
     def _decode_native(self, t_end: float) -> None:
         """The decode loop in native blocks: each row stops inside a block on its own at its token
-        limit, its stream's room or a stop sequence, exactly where the one-step loop would have. The
-        first block is DECODE_BLOCK_STEPS steps, the next ones as many as fit before t_end at the
-        measured step time (1 to DECODE_BLOCK_NATIVE_MAX_STEPS, AUDIO_… for an audio model); a block
+        limit, its stream's room or a stop sequence, exactly where the one-step loop would have. A
+        block is as many steps as fit before t_end at the measured native step time (a moving average
+        of the blocks' own step times), at least what the stage lacks of DECODE_BLOCK_STEPS, at most
+        DECODE_BLOCK_NATIVE_MAX_STEPS (AUDIO_… for an audio model); DECODE_BLOCK_STEPS until a step
+        time is measured. (Sizing every block by the time left after a first block of 8, with the
+        call's fixed cost and its wait for the GIL counted as step time, had cut audio stages into
+        blocks of 8, 75, 45, 22, 8, 1 steps: 2026-11-30, 16 streams.) A block
         is 1 step while new work waits or a row has yet to make its first token (which then goes out at
         once, not after a whole block), and new work, a cancel or freed stream room that arrive during
         a block end it after its current round (`wake` and `_submit` set the interrupt flag): one step
         when each thread has at most 8 rows, else up to 4 (fused.BLOCK_SCHEDULE). The loop ends after
         a block in which a row finished or filled its stream, when new work arrived, or after the
-        model's most steps or its hand-over period (but not before DECODE_BLOCK_STEPS steps)."""
+        model's most steps or its hand-over period, or when less than DECODE_BLOCK_STEPS steps' time is
+        left of that period (but not before DECODE_BLOCK_STEPS steps)."""
         b, steps = self.batch, 0
         while b.live and steps < self._max_steps:
             self._block_interrupt.value = 0  # before looking for work: nothing that arrives is missed
@@ -674,26 +679,27 @@ class Engine:
             first = any(j is not None and not j.out for j in b.rows)  # a request's first token
             if pending or first:
                 K = 1
-            elif steps < DECODE_BLOCK_STEPS or self._block_step_s is None:
+            elif self._block_step_s is None:
                 K = DECODE_BLOCK_STEPS - steps if steps < DECODE_BLOCK_STEPS else 1
-            else:
-                left = t_end - time.perf_counter()
-                K = int(max(1, min(self._native_max_steps, left / self._block_step_s)))
+            else:  # the steps that fit before the hand-over, at least the stage's first DECODE_BLOCK_STEPS
+                fit = int((t_end - time.perf_counter()) / self._block_step_s)
+                K = max(1, DECODE_BLOCK_STEPS - steps, min(self._native_max_steps, fit))
             K = min(K, self._max_steps - steps)
             limits = [
                 0 if j is None else max(0, min(j.max_new_tokens - len(j.out), j.stream.room()))
                 for j in b.rows
             ]
-            t0 = time.perf_counter()
             res = b.block(self.rec, K, limits, self._block_interrupt)
             steps += res.steps
-            if res.steps:  # the step time at this batch (moving average), for the next block's K
-                per = (time.perf_counter() - t0) / res.steps
-                est = self._block_step_s
-                self._block_step_s = per if est is None else 0.75 * est + 0.25 * per
             n_np = res.n_out.numpy()
             n_out, stopped = n_np.tolist(), res.stopped.tolist()
             tokens, times = res.tokens.t().tolist(), res.times.numpy()  # (R, steps), (steps,)
+            if res.steps >= 2:  # the native step time at this batch (moving average), for the next K:
+                # from the block's own step times, so neither the call's fixed cost nor a wait for the
+                # GIL after it (while the event loop sends the last hand-over) reads as a slow step
+                per = float(times[-1] - times[0]) / (res.steps - 1)
+                est = self._block_step_s
+                self._block_step_s = per if est is None else 0.75 * est + 0.25 * per
             # the rows stepped at each step k: those that made more than k tokens
             observe_many(self.metrics.batch_size, (n_np[None, :] > np.arange(res.steps)[:, None]).sum(1))
             done, full, itl = [], False, []
@@ -712,8 +718,11 @@ class Engine:
                 return
             if self._inbox or self._waiting or self._prefilling:
                 return
-            if steps >= DECODE_BLOCK_STEPS and time.perf_counter() >= t_end:
-                return
+            if steps >= DECODE_BLOCK_STEPS and (
+                self._block_step_s is None
+                or t_end - time.perf_counter() < DECODE_BLOCK_STEPS * self._block_step_s
+            ):
+                return  # past the hand-over, or too close to it for a block worth its fixed cost
 
     def _emit_many(self, job: Job, toks: list[int], times: np.ndarray, stopped: bool, itl: list) -> bool:
         """Record and send a block's tokens of one job (token i made at times[i]) and append their

@@ -230,6 +230,37 @@ def test_a_new_requests_first_token_goes_out_after_one_step_not_a_whole_block(re
     d.close()
 
 
+def test_native_blocks_are_sized_by_the_time_left_not_cut_into_a_shrinking_series(rec):
+    """Once a step time is measured, a decode stage is the fewest native blocks that fill its hand-over
+    period: with a period (100 ms) far longer than the stage's most steps (64, for a model this small:
+    tens of microseconds a step), every stage is two blocks of DECODE_BLOCK_NATIVE_MAX_STEPS (32).
+    The step time is the blocks' own native step time: a first block of 8 steps whose call overhead
+    counted as step time had cut audio stages into blocks of 8, 75, 45, 22, 8, 1 steps (2026-11-30)."""
+    from server.engine import DECODE_BLOCK_MAX_STEPS, DECODE_BLOCK_NATIVE_MAX_STEPS
+
+    blocks: list[int] = []
+    d = Driver(rec, decode_block_ms=100.0)
+    rec_ = d.engine.rec
+    orig = rec_.decode_block
+
+    def decode_block(K, state, tokens, **rows):
+        res = orig(K, state, tokens, **rows)
+        blocks.append(res.steps)
+        return res
+
+    rec_.decode_block = decode_block
+    decoders = [d.generate(prompt_of(5, k), max_new=100_000) for k in range(3)]
+    d.until(lambda: all(d.out(j) for j in decoders))
+    d.tick(2)  # a step time measured
+    stage = [DECODE_BLOCK_NATIVE_MAX_STEPS] * (DECODE_BLOCK_MAX_STEPS // DECODE_BLOCK_NATIVE_MAX_STEPS)
+    for _ in range(3):
+        blocks.clear()
+        d.tick()
+        assert blocks == stage
+    assert d.engine._block_step_s is not None and d.engine._block_step_s < 1e-3
+    d.close()
+
+
 def test_a_drain_mid_ingestion_finishes_the_long_prompt_and_ends(rec):
     """Stopping while a 12-chunk prompt is a quarter ingested: the drain ingests the rest (its chunks
     that do not complete the prompt included) and the loop ends, the job "cancelled"."""
