@@ -225,14 +225,16 @@ def test_short_prompts_are_stepped_and_match_the_parallel_prefill():
 
 @pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])
 @pytest.mark.parametrize("d_ff", [0, 48])
-@pytest.mark.parametrize("B,L", [(1, 1), (1, 37), (3, 64), (2, 300), (17, 12)])
+@pytest.mark.parametrize("B,L", [(1, 1), (1, 37), (3, 64), (2, 300), (13, 9), (17, 12)])
 def test_the_c_prefill_is_bit_identical_to_stepping_the_prompt(kernel, init, d_ff, B, L):
     """fused.NetStep.prefill (ssm_step.c `net_prefill`: the prompt layer by layer, the linear layers
-    over all positions at once, rows split between the threads) against L whole-network C steps from the
-    same nonzero states (17 rows: stepped 8 at a time in a thread): every position's logits and the final
-    state equal bit for bit (DPLR and diagonal layers, with and without FF blocks, one row and several);
-    rec.prefill takes that path up to prefill_by_steps_max_tokens and gives the same."""
-    cfg = dict(vocab_size=32, d_model=32, n_layers=2, d_state=32, l_max=256, cauchy_backend="torch")
+    over all positions at once, rows split between the threads, a diagonal layer's SSM up to 8 rows
+    together) against L whole-network C steps from the same nonzero states (17 rows: stepped 8 at a time
+    in a thread; 2 threads take 13 rows as 6 and 7, 3 rows as 1 and 2): every position's logits and the
+    final state equal bit for bit (DPLR and diagonal layers, with and without FF blocks, one row and
+    several; 21 modes a channel: two vectors of 8 and a partial one); rec.prefill takes that path up to
+    prefill_by_steps_max_tokens and gives the same."""
+    cfg = dict(vocab_size=32, d_model=32, n_layers=2, d_state=42, l_max=256, cauchy_backend="torch")
     rec = SequenceModel(ModelConfig(kernel=kernel, init=init, d_ff=d_ff, **cfg)).eval().to_recurrent()
     ns = rec._net_step
     g = torch.Generator().manual_seed(B * 1000 + L)

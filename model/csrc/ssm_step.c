@@ -853,14 +853,38 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
     for (long l = 0; l < n_layers; l++) {
         const NetLayer *Ly = layers + l;
         layer_norm(N, H, x, u, Ly->ln_w, Ly->ln_b, eps);
-        for (long r = 0; r < n; r++)
-            for (long h = 0; h < H; h++) {
-                float *xs = state + l * per_layer + ((r0 + r) * H + h) * 2 * M;
-                for (long t = 0; t < L; t++) {
-                    const long i = (r * L + t) * H + h;
-                    y[i] = ssm_channel(Ly, H, M, h, xs, xs, u[i]);
+        if (Ly->form == 0) /* diagonal: SSM_ROWS rows at a time through each channel's L tokens */
+            for (long g = 0; g < n; g += SSM_ROWS) {
+                const long k = n - g < SSM_ROWS ? n - g : SSM_ROWS;
+                const float *const *p = Ly->p;
+                float *xs[SSM_ROWS];
+                for (long h = 0; h < H; h++) {
+                    for (long i = 0; i < k; i++) xs[i] = state + l * per_layer + ((r0 + g + i) * H + h) * 2 * M;
+                    const long ph = h * M;
+                    /* row i, token t: u[((g + i)·L + t)·H + h], as diag_channel_rows' row stride L·H */
+                    const float *const *xc = (const float *const *)xs;
+                    float *ug = u + g * L * H, *yg = y + g * L * H;
+                    for (long t = 0; t < L; t++)
+                        if (k == SSM_ROWS) /* (constant row counts: the row loops unrolled) */
+                            diag_channel_rows(SSM_ROWS, M, xc, xs, 0, L * H, t * H + h, ug, yg, p[0] + ph,
+                                              p[1] + ph, p[2] + ph, p[3] + ph, p[4] + ph, p[5] + ph);
+                        else if (k == 1)
+                            diag_channel_rows(1, M, xc, xs, 0, L * H, t * H + h, ug, yg, p[0] + ph, p[1] + ph,
+                                              p[2] + ph, p[3] + ph, p[4] + ph, p[5] + ph);
+                        else
+                            diag_channel_rows(k, M, xc, xs, 0, L * H, t * H + h, ug, yg, p[0] + ph, p[1] + ph,
+                                              p[2] + ph, p[3] + ph, p[4] + ph, p[5] + ph);
                 }
             }
+        else
+            for (long r = 0; r < n; r++)
+                for (long h = 0; h < H; h++) {
+                    float *xs = state + l * per_layer + ((r0 + r) * H + h) * 2 * M;
+                    for (long t = 0; t < L; t++) {
+                        const long i = (r * L + t) * H + h;
+                        y[i] = ssm_channel(Ly, H, M, h, xs, xs, u[i]);
+                    }
+                }
         block_rest(N, H, Ly, x, u, y, o, f, eps);
     }
     layer_norm(N, H, x, u, lnf_w, lnf_b, eps);
@@ -873,7 +897,8 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
  * (n_layers, B, H, 2, M) updated in place, logits (B, L, V) of every position. Every position-wise op
  * (embedding, LayerNorm, GELU, the linear layers in row tiles, the head) runs over all of a thread's
  * positions at once; only the SSM recurrence runs token by token, one channel at a time (its 2M-float
- * state stays in L1 through the L tokens). Each element is computed by the same expression as in L calls
+ * state stays in L1 through the L tokens), a diagonal layer's for up to SSM_ROWS rows together (each 8
+ * modes' parameters loaded once for them, as in the decode step; the rows' arithmetic is a row's alone). Each element is computed by the same expression as in L calls
  * of the step (the tiles' results do not depend on the rows beside them), so the logits and the state are
  * bit-identical to stepping the prompt, at the cost of the linear layers batched over the prompt.
  * Rows never interact: from 2 rows on they are split between the threads (omp_get_max_threads()), each
