@@ -9,6 +9,13 @@ chunk as long as the longest prompt). Against each, in turn (rounds alternate be
   * a new short request (32-character prompt, 4 new tokens, on one of `probes` WebSocket sessions) is
     sent every `probe_every_s`: its time to first token (TTFT);
   * after `baseline_s`, one request with a `long_prompt`-token prompt arrives.
+Two workloads: "synchronized", every generation `decode_tokens` long, so the sessions, started together,
+also finish together and send their next prompts as one wave of `sessions` prompts every
+`decode_tokens` steps (the worst case for a new request: a probe sent during a wave waits for its 64 ×
+32 prompt tokens, ≥ 45 ms of prefill on the 2-core CPU); and "staggered" (chunked prefill only), each
+generation's length drawn uniformly from decode_tokens · [1 − spread, 1 + spread] (seeded per session
+and turn), so that after the first turn the prompts arrive spread out, as from independent users (the
+windows open STAGGER_SETTLE_S later).
 The figures are taken over the long prompt's ingestion (from its send to its first token): TTFT p50/p99
 of the short requests sent in it and inter-token latency p50/p99 of the decoding sessions' frames that
 arrive in it; the same over the baseline window before it, for reference. Every server is warmed up
@@ -23,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import statistics
 import time
 from typing import Any
@@ -44,6 +52,13 @@ CONFIGS = {
     "chunked": {"prefill_chunk_tokens": 256, "prefill_token_budget": 512},  # the defaults
     "unchunked": {"prefill_chunk_tokens": 16384, "prefill_token_budget": 16384},
 }
+# (name, server config, spread of the decoders' generation lengths): see the module docstring
+VARIANTS = [
+    ("chunked", "chunked", 0.0),
+    ("unchunked", "unchunked", 0.0),
+    ("chunked-staggered", "chunked", 0.5),
+]
+STAGGER_SETTLE_S = 2.0  # the staggered decoders run this long before the baseline window opens
 
 
 def _pcts(xs: list[float]) -> dict[str, float | int]:
@@ -84,8 +99,10 @@ async def _session(ws, model: str) -> None:
         raise RuntimeError(f"server error: {m}")
 
 
-async def measure(url: str, model: str, sz: dict, long_prompt: str, warm_up: bool) -> dict[str, Any]:
-    """One round against one server (see the module docstring)."""
+async def measure(
+    url: str, model: str, sz: dict, long_prompt: str, warm_up: bool, spread: float = 0.0, round_: int = 0
+) -> dict[str, Any]:
+    """One round against one server (see the module docstring); `spread` > 0: the staggered workload."""
     from websockets.asyncio.client import connect
 
     ws_url = url.replace("http", "ws") + "/v1/stream"
@@ -106,7 +123,11 @@ async def measure(url: str, model: str, sz: dict, long_prompt: str, warm_up: boo
                     last[0] = t
 
                 prompt = "".join(chr(97 + (k * 7 + turn + i) % 26) for i in range(32))
-                await _generate(ws, prompt, sz["decode_tokens"], k, frame)
+                n = sz["decode_tokens"]
+                if spread:
+                    u = random.Random(f"{round_}/{k}/{turn}").uniform(-spread, spread)
+                    n = max(1, round(n * (1 + u)))
+                await _generate(ws, prompt, n, k, frame)
                 turn += 1
 
     async def prober(k: int, queue: asyncio.Queue) -> None:
@@ -141,6 +162,8 @@ async def measure(url: str, model: str, sz: dict, long_prompt: str, warm_up: boo
     probers = [asyncio.create_task(prober(k, q)) for k, q in enumerate(queues)]
     while len(gaps) < 4 * sz["sessions"]:  # every session is decoding
         await asyncio.sleep(0.05)
+    if spread:  # past the first turn's common start: the prompts arrive spread out
+        await asyncio.sleep(STAGGER_SETTLE_S)
 
     async def send_probes() -> None:
         k = 0
@@ -215,14 +238,15 @@ def run(quick: bool) -> dict[str, Any]:
             for k, v in cfg.items():
                 flags += [f"--{k.replace('_', '-')}", str(v)]
             servers[name] = launch.start_server(flags, timeout_s=300)
-        rounds: dict[str, list] = {name: [] for name in CONFIGS}
+        rounds: dict[str, list] = {name: [] for name, _, _ in VARIANTS}
         for r in range(sz["rounds"]):
-            for name in CONFIGS if r % 2 == 0 else reversed(CONFIGS):
-                res = asyncio.run(measure(servers[name][1], SHIPPED.name, sz, text, warm_up=(r == 0)))
+            for name, server, spread in VARIANTS if r % 2 == 0 else reversed(VARIANTS):
+                warm = r == 0 and spread == 0  # each server's first round
+                res = asyncio.run(measure(servers[server][1], SHIPPED.name, sz, text, warm, spread, r))
                 rounds[name].append(res)
                 d, t = res["during_long"], res["long_prompt_ttft_ms"]
                 tt, itl = d["short_ttft"], d["itl"]
-                print(f"round {r} {name:9s}: long prompt TTFT {t:7.0f} ms; during it: short TTFT p50 "
+                print(f"round {r} {name:17s}: long prompt TTFT {t:7.0f} ms; during it: short TTFT p50 "
                       f"{tt['p50_ms']:6.1f} p99 {tt['p99_ms']:6.1f} ms (n={tt['n']}), ITL p50 "
                       f"{itl['p50_ms']:6.1f} p99 {itl['p99_ms']:6.1f} ms (n={itl['n']})",
                       flush=True)  # fmt: skip
@@ -237,6 +261,7 @@ def run(quick: bool) -> dict[str, Any]:
         "model": "shipped checkpoint text-shakespeare",
         "sizes": sz,
         "configs": CONFIGS,
+        "variants": [{"name": n, "config": c, "decode_tokens_spread": sp} for n, c, sp in VARIANTS],
         "load_avg_1min": load,
         "results": results,
         "ratios_off_over_on": {
@@ -249,7 +274,7 @@ def run(quick: bool) -> dict[str, Any]:
 
 def plot(data: dict[str, Any], quick: bool) -> None:
     fig, (ax, ax2) = subplots(2, width=6.5)
-    colors = {"chunked": "tab:blue", "unchunked": "tab:red"}
+    colors = {"chunked": "tab:blue", "unchunked": "tab:red", "chunked-staggered": "tab:green"}
     for name, res in data["results"].items():
         tr = res["trace"]
         ax.plot([t for t, _ in tr["gaps"]], [1e3 * g for _, g in tr["gaps"]], ".", ms=2, alpha=0.5,
@@ -263,11 +288,11 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     ax.legend(fontsize=7)
     names = list(data["results"])
     labels = ["short TTFT p50", "short TTFT p99", "ITL p50", "ITL p99"]
-    width = 0.38
+    width = 0.8 / len(names)
     for i, name in enumerate(names):
         d = data["results"][name]["during_long"]
         vals = [d["short_ttft"]["p50_ms"], d["short_ttft"]["p99_ms"], d["itl"]["p50_ms"], d["itl"]["p99_ms"]]
-        xs = [j + (i - 0.5) * width for j in range(len(labels))]
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(labels))]
         ax2.bar(xs, vals, width, label=name, color=colors[name])
     ax2.axhline(data["goals"]["short_ttft_p99_ms"], color="grey", ls=":", lw=0.8, label="TTFT p99 goal")
     ax2.set_xticks(range(len(labels)), labels)
