@@ -7,7 +7,9 @@ Every session sends a 32-token prompt and generates `tokens` tokens; all session
 burst), so time to first token includes prefilling every prompt. The model is the shipped text
 checkpoint when it exists, else a stand-in of the same shape as bench.step's (named in the JSON).
 On a 2-core machine the WebSocket clients share the CPU with the server: read end-to-end numbers as
-a lower bound.
+a lower bound. One run of each swings by ±15 % on a shared machine, so the goal's figure (end to end ÷
+engine at 64 sessions) is the ratio of the medians of `goal_repeats` alternated runs of the engine and
+the steady WebSocket loop.
 
     python -m bench.server [--quick]
 """
@@ -34,6 +36,7 @@ from model import ModelConfig, SequenceModel, load, save  # noqa: E402
 from server import launch  # noqa: E402
 
 NAME = "server"
+GOAL_SESSIONS = 64  # issue 18's figures: end to end ÷ engine and TTFT p99 at this many sessions
 SHIPPED = ROOT / "checkpoints" / "text-shakespeare"
 SIZES: dict[bool, dict[str, Any]] = {
     False: {
@@ -43,6 +46,7 @@ SIZES: dict[bool, dict[str, Any]] = {
         "prompt": 32,
         "step_repeat": 30,
         "steady_s": 8.0,
+        "goal_repeats": 5,
     },
     True: {
         "model": STEP_SIZES[True]["model"],
@@ -51,6 +55,7 @@ SIZES: dict[bool, dict[str, Any]] = {
         "prompt": 32,
         "step_repeat": 10,
         "steady_s": 2.0,
+        "goal_repeats": 2,
     },
 }
 
@@ -264,21 +269,45 @@ def run(quick: bool) -> dict[str, Any]:
                 print(f"{row['sessions']:4d} sessions, steady: websocket {st['tokens_per_s']:9.0f} tok/s "
                       f"({st['fraction_of_engine']:.2f} of engine), ttft p50 {st['ttft_p50_ms']:.1f} "
                       f"p99 {st['ttft_p99_ms']:.1f} ms, {st['requests_timed']} reqs", flush=True)  # fmt: skip
+            repeats = []  # the goal's figure: engine and steady WebSocket alternated (one run swings ±15 %)
+            if GOAL_SESSIONS in sz["sessions"]:
+                for _ in range(sz["goal_repeats"]):
+                    e = engine_rate(rec, GOAL_SESSIONS, sz)
+                    st = websocket_steady(url, ckpt.name, GOAL_SESSIONS, sz, sz["steady_s"])
+                    repeats.append({"engine_tokens_per_s": e["tokens_per_s"],
+                                    "websocket_steady_tokens_per_s": st["tokens_per_s"],
+                                    "websocket_steady_ttft_p50_ms": st["ttft_p50_ms"],
+                                    "websocket_steady_ttft_p99_ms": st["ttft_p99_ms"]})  # fmt: skip
+                    et, wt = e["tokens_per_s"], st["tokens_per_s"]
+                    print(f"{GOAL_SESSIONS} sessions, repeat: engine {et:9.0f}, websocket steady {wt:9.0f} "
+                          f"tok/s ({wt / et:.2f})", flush=True)  # fmt: skip
         finally:
             proc.terminate()
             proc.wait(30)
     goals = {"websocket_over_engine_at_64": 0.9, "ttft_p99_ms_at_64": 50.0}  # issue 18
     at64 = next((r for r in rows if r["sessions"] == 64), None)
     measured = None
-    if at64:
+    if at64 and repeats:
+        eng = statistics.median(r["engine_tokens_per_s"] for r in repeats)
+        ws = statistics.median(r["websocket_steady_tokens_per_s"] for r in repeats)
         measured = {
-            "websocket_over_engine_at_64": at64["websocket_steady"]["fraction_of_engine"],
-            "ttft_p99_ms_at_64": at64["websocket_steady"]["ttft_p99_ms"],
+            # medians of the alternated repeats: steady WebSocket ÷ engine
+            "websocket_over_engine_at_64": ws / eng,
+            "ttft_p99_ms_at_64": statistics.median(r["websocket_steady_ttft_p99_ms"] for r in repeats),
+            "engine_tokens_per_s_median": eng,
+            "websocket_steady_tokens_per_s_median": ws,
+            "repeats": repeats,
+            "single_run": {
+                "websocket_over_engine_at_64": at64["websocket_steady"]["fraction_of_engine"],
+                "ttft_p99_ms_at_64": at64["websocket_steady"]["ttft_p99_ms"],
+            },
             "burst": {
                 "websocket_over_engine_at_64": at64["websocket"]["fraction_of_engine"],
                 "ttft_p99_ms_at_64": at64["websocket"]["ttft_p99_ms"],
             },
         }
+        print(f"{GOAL_SESSIONS} sessions, medians of {len(repeats)} alternated repeats: engine {eng:.0f}, "
+              f"websocket steady {ws:.0f} tok/s ({ws / eng:.2f} of engine)", flush=True)  # fmt: skip
     return {
         "model": what,
         "model_config": net.config.to_dict(),

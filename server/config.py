@@ -90,11 +90,12 @@ class Settings(BaseSettings):
         "`prefill_chunk_tokens`); shortest prompts first, a prompt passed over goes first next time",
     )
     decode_block_ms: float = Field(
-        4.0,
+        20.0,
         ge=0,
         le=100,
         description="the engine decodes 8 steps, or more (≤ 64) while within this time, "
-        "before it hands the tokens to the event loop (new work ends a block within ≤ 4 steps)",
+        "before it hands the tokens to the event loop (new work ends a block within ≤ 4 steps); "
+        "longer means fewer, larger token frames and less CPU per token, shorter a steadier trickle",
     )
     audio_decode_block_ms: float = Field(
         20.0,
