@@ -44,7 +44,7 @@ NAME = "tail_latency"
 SHIPPED = ROOT / "checkpoints" / "text-shakespeare"
 SIZES: dict[bool, dict[str, Any]] = {
     False: {"sessions": 64, "probes": 8, "long_prompt": 16384, "decode_tokens": 256, "probe_every_s": 0.05,
-            "baseline_s": 2.0, "rounds": 3},
+            "baseline_s": 2.0, "rounds": 5},
     True: {"sessions": 64, "probes": 4, "long_prompt": 16384, "decode_tokens": 256, "probe_every_s": 0.1,
            "baseline_s": 1.0, "rounds": 1},
 }  # fmt: skip
