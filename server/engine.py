@@ -342,7 +342,8 @@ class Engine:
         self._stopping = False
         self.crashed: str | None = None  # set when the engine thread died of a bug (guarded by _cv)
         self._next_housekeeping = 0.0
-        self._block_step_s: float | None = None  # measured seconds per step of a native block
+        self._block_step_s: float | None = None  # measured seconds per step of a native block ...
+        self._block_step_rows = 0  # ... at about this many live rows (within a factor 2, else unknown)
         audio = rec.config.modality == "audio"  # the decode iteration's time and step limits:
         self._block_s = (settings.audio_decode_block_ms if audio else settings.decode_block_ms) / 1000
         self._max_steps = AUDIO_DECODE_BLOCK_MAX_STEPS if audio else DECODE_BLOCK_MAX_STEPS
@@ -662,9 +663,11 @@ class Engine:
         block is as many steps as fit before t_end at the measured native step time (a moving average
         of the blocks' own step times), at least what the stage lacks of DECODE_BLOCK_STEPS, at most
         DECODE_BLOCK_NATIVE_MAX_STEPS (AUDIO_… for an audio model); DECODE_BLOCK_STEPS until a step
-        time is measured. (Sizing every block by the time left after a first block of 8, with the
-        call's fixed cost and its wait for the GIL counted as step time, had cut audio stages into
-        blocks of 8, 75, 45, 22, 8, 1 steps: 2026-11-30, 16 streams.) A block
+        time is measured at about this many live rows (within a factor 2: a batch grown from 1 row to
+        64 would otherwise take 32 steps at 1 row's step time, several hand-over periods). (Sizing
+        every block by the time left after a first block of 8, with the call's fixed cost and its wait
+        for the GIL counted as step time, had cut audio stages into blocks of 8, 75, 45, 22, 8, 1
+        steps: 2026-11-30, 16 streams.) A block
         is 1 step while new work waits or a row has yet to make its first token (which then goes out at
         once, not after a whole block), and new work, a cancel or freed stream room that arrive during
         a block end it after its current round (`wake` and `_submit` set the interrupt flag): one step
@@ -675,14 +678,17 @@ class Engine:
         b, steps = self.batch, 0
         while b.live and steps < self._max_steps:
             self._block_interrupt.value = 0  # before looking for work: nothing that arrives is missed
+            rows, est = b.live, self._block_step_s
+            if est is not None and not self._block_step_rows / 2 <= rows <= 2 * self._block_step_rows:
+                est = None  # measured at under half or over twice these rows: measure again, in a short block
             pending = bool(self._inbox or self._waiting or self._prefilling)
             first = any(j is not None and not j.out for j in b.rows)  # a request's first token
             if pending or first:
                 K = 1
-            elif self._block_step_s is None:
+            elif est is None:
                 K = DECODE_BLOCK_STEPS - steps if steps < DECODE_BLOCK_STEPS else 1
             else:  # the steps that fit before the hand-over, at least the stage's first DECODE_BLOCK_STEPS
-                fit = int((t_end - time.perf_counter()) / self._block_step_s)
+                fit = int((t_end - time.perf_counter()) / est)
                 K = max(1, DECODE_BLOCK_STEPS - steps, min(self._native_max_steps, fit))
             K = min(K, self._max_steps - steps)
             limits = [
@@ -698,8 +704,8 @@ class Engine:
                 # from the block's own step times, so neither the call's fixed cost nor a wait for the
                 # GIL after it (while the event loop sends the last hand-over) reads as a slow step
                 per = float(times[-1] - times[0]) / (res.steps - 1)
-                est = self._block_step_s
-                self._block_step_s = per if est is None else 0.75 * est + 0.25 * per
+                est = per if est is None else 0.75 * est + 0.25 * per
+                self._block_step_s, self._block_step_rows = est, rows
             # the rows stepped at each step k: those that made more than k tokens
             observe_many(self.metrics.batch_size, (n_np[None, :] > np.arange(res.steps)[:, None]).sum(1))
             done, full, itl = [], False, []
@@ -719,8 +725,7 @@ class Engine:
             if self._inbox or self._waiting or self._prefilling:
                 return
             if steps >= DECODE_BLOCK_STEPS and (
-                self._block_step_s is None
-                or t_end - time.perf_counter() < DECODE_BLOCK_STEPS * self._block_step_s
+                est is None or t_end - time.perf_counter() < DECODE_BLOCK_STEPS * est
             ):
                 return  # past the hand-over, or too close to it for a block worth its fixed cost
 

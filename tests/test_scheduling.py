@@ -233,10 +233,11 @@ def test_a_new_requests_first_token_goes_out_after_one_step_not_a_whole_block(re
 def test_native_blocks_are_sized_by_the_time_left_not_cut_into_a_shrinking_series(rec):
     """Once a step time is measured, a decode stage is the fewest native blocks that fill its hand-over
     period: with a period (100 ms) far longer than the stage's most steps (64, for a model this small:
-    tens of microseconds a step), every stage is two blocks of DECODE_BLOCK_NATIVE_MAX_STEPS (32).
+    tens of microseconds a step), every stage is two blocks of DECODE_BLOCK_NATIVE_MAX_STEPS (32); after
+    the batch grows over twice, one stage begins with a short block that measures the new step time.
     The step time is the blocks' own native step time: a first block of 8 steps whose call overhead
     counted as step time had cut audio stages into blocks of 8, 75, 45, 22, 8, 1 steps (2026-11-30)."""
-    from server.engine import DECODE_BLOCK_MAX_STEPS, DECODE_BLOCK_NATIVE_MAX_STEPS
+    from server.engine import DECODE_BLOCK_MAX_STEPS, DECODE_BLOCK_NATIVE_MAX_STEPS, DECODE_BLOCK_STEPS
 
     blocks: list[int] = []
     d = Driver(rec, decode_block_ms=100.0)
@@ -258,6 +259,18 @@ def test_native_blocks_are_sized_by_the_time_left_not_cut_into_a_shrinking_serie
         d.tick()
         assert blocks == stage
     assert d.engine._block_step_s is not None and d.engine._block_step_s < 1e-3
+    assert d.engine._block_step_rows == 3
+    # the batch grows from 3 rows to 8 (over twice): a step time measured at 3 rows says little about 8,
+    # so the next stage begins with a short block that measures it (DECODE_BLOCK_STEPS), then fills up
+    joined = [d.generate(prompt_of(5, 10 + k), max_new=100_000) for k in range(5)]
+    d.until(lambda: all(d.out(j) for j in joined))
+    blocks.clear()
+    d.tick()
+    assert blocks[0] == DECODE_BLOCK_STEPS and sum(blocks) == DECODE_BLOCK_MAX_STEPS, blocks
+    assert d.engine._block_step_rows == 8
+    blocks.clear()
+    d.tick()
+    assert blocks == stage
     d.close()
 
 
