@@ -120,7 +120,7 @@ class BlockResult:
     """What `NetStep.block` made: `steps` run; tokens (steps, B) int64 (row r's first n_out[r] are
     its tokens, in order); n_out (B,) int64; stopped (B,) bool (a stop sequence ended the row);
     times (steps,) float64 CLOCK_MONOTONIC seconds (time.perf_counter's clock on Linux) after each
-    step."""
+    step: when the last row that made step k had made it, and never before step k − 1's time."""
 
     steps: int
     tokens: torch.Tensor

@@ -695,17 +695,23 @@ class Engine:
                 0 if j is None else max(0, min(j.max_new_tokens - len(j.out), j.stream.room()))
                 for j in b.rows
             ]
+            t0 = time.perf_counter()
             res = b.block(self.rec, K, limits, self._block_interrupt)
             steps += res.steps
             n_np = res.n_out.numpy()
             n_out, stopped = n_np.tolist(), res.stopped.tolist()
             tokens, times = res.tokens.t().tolist(), res.times.numpy()  # (R, steps), (steps,)
-            if res.steps >= 2:  # the native step time at this batch (moving average), for the next K:
-                # from the block's own step times, so neither the call's fixed cost nor a wait for the
-                # GIL after it (while the event loop sends the last hand-over) reads as a slow step
-                per = float(times[-1] - times[0]) / (res.steps - 1)
-                est = per if est is None else 0.75 * est + 0.25 * per
-                self._block_step_s, self._block_step_rows = est, rows
+            if res.steps >= 2:  # the step time at this batch (moving average), for the next K: from the
+                # call to the block's last step (C's CLOCK_MONOTONIC = perf_counter's clock), so a wait
+                # for the GIL after the call (while the event loop sends the last hand-over) does not
+                # count; not from the step times alone, which a thread with more than 8 rows stamps by
+                # groups through rounds of steps (fused.BLOCK_SCHEDULE), bunched at each round's end
+                per = max(float(times[-1]) - t0, 1e-9) / res.steps
+                if est is None:  # measured afresh: at these rows
+                    est, self._block_step_rows = per, rows
+                else:
+                    est = 0.75 * est + 0.25 * per
+                self._block_step_s = est
             # the rows stepped at each step k: those that made more than k tokens
             observe_many(self.metrics.batch_size, (n_np[None, :] > np.arange(res.steps)[:, None]).sum(1))
             done, full, itl = [], False, []

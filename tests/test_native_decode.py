@@ -193,6 +193,21 @@ def test_the_block_gives_the_one_step_paths_tokens_states_and_seen_sets_bit_for_
     assert greedy and all(len(set(toks[r])) >= 1 for r in greedy)
 
 
+def test_step_times_never_run_backwards_when_a_threads_last_group_stops_mid_round(rec):
+    """Groups of 2 rows through rounds of 3 steps (12 rows: 6 a thread on 2 threads, 12 on one): each
+    thread's last group stops after the round's first step, so that step's latest stamp is that group's
+    while the next step's is an earlier group's. `times` is still non-decreasing (step k is done no
+    earlier than step k − 1; `_block` asserts it), which the engine's ITL metrics rely on; the tokens are
+    the one-step loop's."""
+    B = len(PARAMS)
+    state, tok = _prefilled(rec, B, seed=4)
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    limits = [1 if r in (4, 5, 10, 11) else 9 for r in range(B)]
+    ref = _one_step(rec, state, tok, PARAMS, limits, seen)
+    toks, _, _, _ = _block(rec, state, tok, PARAMS, limits, seen, K=3, schedule=(2, 3))
+    assert toks == [r[0] for r in ref]
+
+
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_rows_stopping_mid_block_are_exact_and_leave_the_other_rows_bit_identical(rec, schedule):
     B = len(PARAMS)

@@ -1,5 +1,7 @@
 """The recurrent form reproduces conv mode: logits, prefill, states; verification and fallback."""
 
+import os
+
 import pytest
 import torch
 from numerics import step_all
@@ -8,6 +10,8 @@ from model import ModelConfig, SequenceModel, VerificationError
 from model.recurrent import DiagonalSSM, DPLRStep
 
 L_LONG = 4096
+
+CPUS = len(os.sched_getaffinity(0))  # OpenMP's default thread count
 
 
 def make(kernel: str, init: str, l_max=L_LONG, d_state=32, **kw) -> SequenceModel:
@@ -225,14 +229,15 @@ def test_short_prompts_are_stepped_and_match_the_parallel_prefill():
 
 @pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])
 @pytest.mark.parametrize("d_ff", [0, 48])
-@pytest.mark.parametrize("B,L", [(1, 1), (1, 37), (3, 64), (2, 300), (13, 9), (17, 12)])
+@pytest.mark.parametrize("B,L", [(1, 1), (1, 37), (3, 64), (2, 300), (13, 9), (17, 12), (8 * CPUS + 5, 3)])
 def test_the_c_prefill_is_bit_identical_to_stepping_the_prompt(kernel, init, d_ff, B, L):
     """fused.NetStep.prefill (ssm_step.c `net_prefill`: the prompt layer by layer, the linear layers
     over all positions at once, rows split between the threads, a diagonal layer's SSM up to 8 rows
     together) against L whole-network C steps from the same nonzero states (17 rows: stepped 8 at a time
-    in a thread; 2 threads take 13 rows as 6 and 7, 3 rows as 1 and 2): every position's logits and the
-    final state equal bit for bit (DPLR and diagonal layers, with and without FF blocks, one row and
-    several; 21 modes a channel: two vectors of 8 and a partial one); rec.prefill takes that path up to
+    in a thread; 2 threads take 13 rows as 6 and 7, 3 rows as 1 and 2; 8 · CPUS + 5 rows give each of
+    OpenMP's default threads more than 8 rows on any machine): every position's logits and the final
+    state equal bit for bit (DPLR and diagonal layers, with and without FF blocks, one row and several;
+    21 modes a channel: two vectors of 8 and a partial one); rec.prefill takes that path up to
     prefill_by_steps_max_tokens and gives the same."""
     cfg = dict(vocab_size=32, d_model=32, n_layers=2, d_state=42, l_max=256, cauchy_backend="torch")
     rec = SequenceModel(ModelConfig(kernel=kernel, init=init, d_ff=d_ff, **cfg)).eval().to_recurrent()

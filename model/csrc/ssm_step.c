@@ -992,7 +992,8 @@ static long decode_block(StepRowsFn step_rows, const void *ctx, long parallel_ro
         steps = my_steps;
     }
     for (long k = 0; k < steps; k++) { /* step k is done when the last thread that ran it is */
-        times[k] = 0.0;
+        times[k] = k > 0 ? times[k - 1] : 0.0; /* and not before step k − 1 (a group whose rows all
+                                                  stopped leaves its later steps to earlier groups' stamps) */
         for (long t = 0; t < nt_max; t++)
             if (tbuf[t * K + k] > times[k]) times[k] = tbuf[t * K + k];
     }
