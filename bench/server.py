@@ -271,10 +271,14 @@ def run(quick: bool) -> dict[str, Any]:
                       f"p99 {st['ttft_p99_ms']:.1f} ms, {st['requests_timed']} reqs", flush=True)  # fmt: skip
             repeats = []  # the goal's figure: engine and steady WebSocket alternated (one run swings ±15 %)
             if GOAL_SESSIONS in sz["sessions"]:
-                for _ in range(sz["goal_repeats"]):
+                for i in range(sz["goal_repeats"]):  # odd repeats in the reverse order (no position bias)
+                    if i % 2:
+                        st = websocket_steady(url, ckpt.name, GOAL_SESSIONS, sz, sz["steady_s"])
+                        bu = websocket_rate(url, ckpt.name, GOAL_SESSIONS, sz)
                     e = engine_rate(rec, GOAL_SESSIONS, sz)
-                    bu = websocket_rate(url, ckpt.name, GOAL_SESSIONS, sz)
-                    st = websocket_steady(url, ckpt.name, GOAL_SESSIONS, sz, sz["steady_s"])
+                    if not i % 2:
+                        bu = websocket_rate(url, ckpt.name, GOAL_SESSIONS, sz)
+                        st = websocket_steady(url, ckpt.name, GOAL_SESSIONS, sz, sz["steady_s"])
                     repeats.append({"engine_tokens_per_s": e["tokens_per_s"],
                                     "websocket_burst_tokens_per_s": bu["tokens_per_s"],
                                     "websocket_steady_tokens_per_s": st["tokens_per_s"],
@@ -293,10 +297,13 @@ def run(quick: bool) -> dict[str, Any]:
         eng = statistics.median(r["engine_tokens_per_s"] for r in repeats)
         ws = statistics.median(r["websocket_steady_tokens_per_s"] for r in repeats)
         wb = statistics.median(r["websocket_burst_tokens_per_s"] for r in repeats)
+        pairs = [r["websocket_steady_tokens_per_s"] / r["engine_tokens_per_s"] for r in repeats]
         measured = {
             # medians of the alternated repeats: steady WebSocket ÷ engine
             "websocket_over_engine_at_64": ws / eng,
             "ttft_p99_ms_at_64": statistics.median(r["websocket_steady_ttft_p99_ms"] for r in repeats),
+            "pair_ratios_steady": pairs,  # each repeat's steady WebSocket ÷ its engine run
+            "pair_ratio_steady_median_min_max": [statistics.median(pairs), min(pairs), max(pairs)],
             "engine_tokens_per_s_median": eng,
             "websocket_steady_tokens_per_s_median": ws,
             "repeats": repeats,
