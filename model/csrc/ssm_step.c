@@ -97,6 +97,20 @@ diag_channel_rows(const long n, long M, const float *const *xs, float *const *xo
     }
 }
 
+/* diag_channel_rows with a compile-time row count where it is common (SSM_ROWS, 1: the row loops unrolled),
+ * a run-time one otherwise: the same arithmetic either way. */
+static inline __attribute__((always_inline)) void
+diag_channel_rows_n(long n, long M, const float *const *xs, float *const *xo, long off, long H, long h,
+                    const float *u, float *y, const float *mur, const float *mui, const float *br, const float *bi,
+                    const float *cr, const float *ci) {
+    if (n == SSM_ROWS)
+        diag_channel_rows(SSM_ROWS, M, xs, xo, off, H, h, u, y, mur, mui, br, bi, cr, ci);
+    else if (n == 1)
+        diag_channel_rows(1, M, xs, xo, off, H, h, u, y, mur, mui, br, bi, cr, ci);
+    else
+        diag_channel_rows(n, M, xs, xo, off, H, h, u, y, mur, mui, br, bi, cr, ci);
+}
+
 /* One channel of one row: its state xs (2, M) → xo (may be xs itself), input uu; returns its y. */
 static inline float diag_channel(long M, const float *xs, float *xo, float uu, const float *mur, const float *mui,
                                  const float *br, const float *bi, const float *cr, const float *ci) {
@@ -389,12 +403,8 @@ static int ssm_rows(const NetLayer *L, long H, long M, long n, const float *cons
 #pragma omp parallel for schedule(static) if (H * M >= 65536)
     for (long h = 0; h < H; h++) {
         const long o = h * M;
-        if (n == SSM_ROWS)
-            diag_channel_rows(SSM_ROWS, M, xs, xo, 2 * o, H, h, u, y, p[0] + o, p[1] + o, p[2] + o, p[3] + o,
-                              p[4] + o, p[5] + o);
-        else
-            diag_channel_rows(n, M, xs, xo, 2 * o, H, h, u, y, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o,
-                              p[5] + o);
+        diag_channel_rows_n(n, M, xs, xo, 2 * o, H, h, u, y, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o,
+                            p[5] + o);
     }
     return 0;
 }
@@ -865,15 +875,8 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
                     const float *const *xc = (const float *const *)xs;
                     float *ug = u + g * L * H, *yg = y + g * L * H;
                     for (long t = 0; t < L; t++)
-                        if (k == SSM_ROWS) /* (constant row counts: the row loops unrolled) */
-                            diag_channel_rows(SSM_ROWS, M, xc, xs, 0, L * H, t * H + h, ug, yg, p[0] + ph,
-                                              p[1] + ph, p[2] + ph, p[3] + ph, p[4] + ph, p[5] + ph);
-                        else if (k == 1)
-                            diag_channel_rows(1, M, xc, xs, 0, L * H, t * H + h, ug, yg, p[0] + ph, p[1] + ph,
-                                              p[2] + ph, p[3] + ph, p[4] + ph, p[5] + ph);
-                        else
-                            diag_channel_rows(k, M, xc, xs, 0, L * H, t * H + h, ug, yg, p[0] + ph, p[1] + ph,
-                                              p[2] + ph, p[3] + ph, p[4] + ph, p[5] + ph);
+                        diag_channel_rows_n(k, M, xc, xs, 0, L * H, t * H + h, ug, yg, p[0] + ph, p[1] + ph,
+                                            p[2] + ph, p[3] + ph, p[4] + ph, p[5] + ph);
                 }
             }
         else
@@ -898,8 +901,9 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
  * (embedding, LayerNorm, GELU, the linear layers in row tiles, the head) runs over all of a thread's
  * positions at once; only the SSM recurrence runs token by token, one channel at a time (its 2M-float
  * state stays in L1 through the L tokens), a diagonal layer's for up to SSM_ROWS rows together (each 8
- * modes' parameters loaded once for them, as in the decode step; the rows' arithmetic is a row's alone). Each element is computed by the same expression as in L calls
- * of the step (the tiles' results do not depend on the rows beside them), so the logits and the state are
+ * modes' parameters loaded once for them, as in the decode step; the rows' arithmetic is a row's alone).
+ * Each element is computed by the same expression as in L calls of the step (the tiles' results do not
+ * depend on the rows beside them), so the logits and the state are
  * bit-identical to stepping the prompt, at the cost of the linear layers batched over the prompt.
  * Rows never interact: from 2 rows on they are split between the threads (omp_get_max_threads()), each
  * taking its share through the whole network with no barrier until the end; one row runs in the calling
