@@ -271,14 +271,14 @@ def run(quick: bool) -> dict[str, Any]:
                       f"p99 {st['ttft_p99_ms']:.1f} ms, {st['requests_timed']} reqs", flush=True)  # fmt: skip
             repeats = []  # the goal's figure: engine and steady WebSocket alternated (one run swings ±15 %)
             if GOAL_SESSIONS in sz["sessions"]:
+                runs = {
+                    "engine": lambda: engine_rate(rec, GOAL_SESSIONS, sz),
+                    "burst": lambda: websocket_rate(url, ckpt.name, GOAL_SESSIONS, sz),
+                    "steady": lambda: websocket_steady(url, ckpt.name, GOAL_SESSIONS, sz, sz["steady_s"]),
+                }
                 for i in range(sz["goal_repeats"]):  # odd repeats in the reverse order (no position bias)
-                    if i % 2:
-                        st = websocket_steady(url, ckpt.name, GOAL_SESSIONS, sz, sz["steady_s"])
-                        bu = websocket_rate(url, ckpt.name, GOAL_SESSIONS, sz)
-                    e = engine_rate(rec, GOAL_SESSIONS, sz)
-                    if not i % 2:
-                        bu = websocket_rate(url, ckpt.name, GOAL_SESSIONS, sz)
-                        st = websocket_steady(url, ckpt.name, GOAL_SESSIONS, sz, sz["steady_s"])
+                    got = {name: runs[name]() for name in (runs if i % 2 == 0 else reversed(runs))}
+                    e, bu, st = got["engine"], got["burst"], got["steady"]
                     repeats.append({"engine_tokens_per_s": e["tokens_per_s"],
                                     "websocket_burst_tokens_per_s": bu["tokens_per_s"],
                                     "websocket_steady_tokens_per_s": st["tokens_per_s"],
@@ -291,7 +291,7 @@ def run(quick: bool) -> dict[str, Any]:
             proc.terminate()
             proc.wait(30)
     goals = {"websocket_over_engine_at_64": 0.9, "ttft_p99_ms_at_64": 50.0}  # issue 18
-    at64 = next((r for r in rows if r["sessions"] == 64), None)
+    at64 = next((r for r in rows if r["sessions"] == GOAL_SESSIONS), None)
     measured = None
     if at64 and repeats:
         eng = statistics.median(r["engine_tokens_per_s"] for r in repeats)

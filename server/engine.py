@@ -658,23 +658,22 @@ class Engine:
             self._finish(job, "stop" if job.stops and self._stop_at(job) is not None else "length")
 
     def _decode_native(self, t_end: float) -> None:
-        """The decode loop in native blocks: each row stops inside a block on its own at its token
-        limit, its stream's room or a stop sequence, exactly where the one-step loop would have. A
-        block is as many steps as fit before t_end at the measured native step time (a moving average
-        of the blocks' own step times), at least what the stage lacks of DECODE_BLOCK_STEPS, at most
-        DECODE_BLOCK_NATIVE_MAX_STEPS (AUDIO_… for an audio model); DECODE_BLOCK_STEPS until a step
-        time is measured at about this many live rows (within a factor 2: a batch grown from 1 row to
-        64 would otherwise take 32 steps at 1 row's step time, several hand-over periods). (Sizing
-        every block by the time left after a first block of 8, with the call's fixed cost and its wait
-        for the GIL counted as step time, had cut audio stages into blocks of 8, 75, 45, 22, 8, 1
-        steps: 2026-11-30, 16 streams.) A block
-        is 1 step while new work waits or a row has yet to make its first token (which then goes out at
-        once, not after a whole block), and new work, a cancel or freed stream room that arrive during
-        a block end it after its current round (`wake` and `_submit` set the interrupt flag): one step
-        when each thread has at most 8 rows, else up to 4 (fused.BLOCK_SCHEDULE). The loop ends after
-        a block in which a row finished or filled its stream, when new work arrived, or after the
-        model's most steps or its hand-over period, or when less than DECODE_BLOCK_STEPS steps' time is
-        left of that period (but not before DECODE_BLOCK_STEPS steps)."""
+        """The decode loop in native blocks: each row stops inside a block on its own at its token limit, its
+        stream's room or a stop sequence, exactly where the one-step loop would have. A block is as many steps
+        as fit before t_end at the measured step time (a moving average over blocks, each timed from its call
+        to its last step), at least what the stage lacks of DECODE_BLOCK_STEPS, at most
+        DECODE_BLOCK_NATIVE_MAX_STEPS (AUDIO_… for an audio model); DECODE_BLOCK_STEPS until a step time is
+        measured at about this many live rows (within a factor 2: a batch grown from 1 row to 64 would
+        otherwise take 32 steps at 1 row's step time, several hand-over periods). (Sizing every block by the
+        time left after a first block of 8, with the call's fixed cost and its wait for the GIL counted as
+        step time, had cut audio stages into blocks of 8, 75, 45, 22, 8, 1 steps: 2026-11-30, 16 streams.) A
+        block is 1 step while new work waits or a row has yet to make its first token (which then goes out at
+        once, not after a whole block), and new work, a cancel or freed stream room that arrive during a block
+        end it after its current round (`wake` and `_submit` set the interrupt flag): one step when each
+        thread has at most 8 rows, else up to 4 (fused.BLOCK_SCHEDULE). The loop ends after a block in which a
+        row finished or filled its stream, when new work arrived, or after the model's most steps or its
+        hand-over period, or when less than DECODE_BLOCK_STEPS steps' time is left of that period (but not
+        before DECODE_BLOCK_STEPS steps)."""
         b, steps = self.batch, 0
         while b.live and steps < self._max_steps:
             self._block_interrupt.value = 0  # before looking for work: nothing that arrives is missed
@@ -685,8 +684,8 @@ class Engine:
             first = any(j is not None and not j.out for j in b.rows)  # a request's first token
             if pending or first:
                 K = 1
-            elif est is None:
-                K = DECODE_BLOCK_STEPS - steps if steps < DECODE_BLOCK_STEPS else 1
+            elif est is None:  # (past DECODE_BLOCK_STEPS with no estimate, a stage has ended below)
+                K = max(1, DECODE_BLOCK_STEPS - steps)
             else:  # the steps that fit before the hand-over, at least the stage's first DECODE_BLOCK_STEPS
                 fit = int((t_end - time.perf_counter()) / est)
                 K = max(1, DECODE_BLOCK_STEPS - steps, min(self._native_max_steps, fit))

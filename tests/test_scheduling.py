@@ -235,8 +235,9 @@ def test_native_blocks_are_sized_by_the_time_left_not_cut_into_a_shrinking_serie
     period: with a period (100 ms) far longer than the stage's most steps (64, for a model this small:
     tens of microseconds a step), every stage is two blocks of DECODE_BLOCK_NATIVE_MAX_STEPS (32); after
     the batch grows over twice, one stage begins with a short block that measures the new step time.
-    The step time is the blocks' own native step time: a first block of 8 steps whose call overhead
-    counted as step time had cut audio stages into blocks of 8, 75, 45, 22, 8, 1 steps (2026-11-30)."""
+    The step time runs from a block's call to its last step, so a wait for the GIL after the call does
+    not count: a first block of 8 steps whose overhead and GIL wait counted as step time had cut audio
+    stages into blocks of 8, 75, 45, 22, 8, 1 steps (2026-11-30)."""
     from server.engine import DECODE_BLOCK_MAX_STEPS, DECODE_BLOCK_NATIVE_MAX_STEPS, DECODE_BLOCK_STEPS
 
     blocks: list[int] = []
