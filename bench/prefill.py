@@ -15,6 +15,15 @@ Run (each configuration ~10-60 s on a 2-core CPU; `--append` adds rows to the JS
     nice -n 10 python -m bench.prefill --lengths 16384 --batches 8 --reps 2 --no-baseline --append
     nice -n 10 python -m bench.prefill --contention    # adds "contention" to the JSON
     nice -n 10 python -m bench.prefill --crossover     # adds "crossover" (short prompts) to the JSON
+    nice -n 10 python -m bench.prefill --vs-transformer  # adds "vs_transformer" (the goal's second half)
+
+`--vs-transformer` is the issue's "≥ 6× the Transformer's prefill in the same run": 16,384 tokens at batch 1,
+warm, this tree's prefill of the shipped text model against the parameter-matched GPT-2-style baseline
+(`bench/baselines/transformer-shakespeare.toml`: 1,978,116 parameters at its trained 256 positions; its
+position table is grown to the prompt's length; random weights: the time does not depend on them),
+alternated, for each weight dtype (float32, bfloat16: `S4_DTYPE`) and torch thread count (1: the server's
+`prefill_threads`; 2: the whole VM). Both models run the same dtype and threads in each pair; the S4 SSM
+itself stays float32.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ CHECKPOINT = ROOT / "checkpoints" / "text-shakespeare"
 BASELINE_REV = "6392c17"  # main before the blocked prefill (float64 kernels grown on the request path)
 GOAL_TOKENS_PER_S = 60_000  # issue 18: 16k tokens, batch 1, warm
 GOAL_COLD_OVER_WARM = 2.0
+GOAL_OVER_TRANSFORMER = 6.0  # issue 18: ... and ≥ 6× the Transformer's prefill in the same run
 
 
 def _baseline_module() -> Any | None:
@@ -201,6 +211,75 @@ def crossover(lengths: Sequence[int] = (32, 64, 128, 256, 512, 1024), reps: int 
     return {"batch": 1, "threshold": threshold, "rows": out}
 
 
+def _matched_transformer(L: int, dtype: torch.dtype) -> torch.nn.Module:
+    """The parameter-matched baseline of issue 15 with its position table grown to L, random weights."""
+    import tomllib
+
+    from bench.baselines.transformer import TransformerConfig, TransformerLM
+
+    cfg = tomllib.loads((ROOT / "bench" / "baselines" / "transformer-shakespeare.toml").read_text())["model"]
+    torch.manual_seed(0)
+    net = TransformerLM(TransformerConfig(**{**cfg, "max_len": L}))
+    return net.eval().requires_grad_(False).to(dtype)
+
+
+def versus_transformer(
+    L: int = 16384,
+    reps: int = 3,
+    dtypes: Sequence[str] = ("float32", "bfloat16"),
+    threads: Sequence[int] = (1, 2),
+) -> dict[str, Any]:
+    """Warm batch-1 prefill of L tokens: the shipped S4 text model against the parameter-matched
+    Transformer, same tokens, dtype and torch threads, alternated `reps` times after a warm-up each;
+    medians in seconds and the ratio Transformer / S4 (the issue's goal: ≥ 6 at L = 16,384)."""
+    from model import load, recurrent
+
+    tok = torch.randint(0, 256, (1, L))
+    before = torch.get_num_threads()
+    out = []
+    try:
+        for name in dtypes:
+            dtype = getattr(torch, name)
+            rec = recurrent.RecurrentModel(load(str(CHECKPOINT)), dtype=dtype)
+            tf = _matched_transformer(L, dtype)
+            s4_params = sum(p.numel() for p in rec.net.parameters())
+            tf_params = tf.num_params() - (L - 256) * tf.pos.weight.shape[1]  # at its trained 256 positions
+
+            def run_s4(rec=rec) -> None:
+                rec.prefill(tok, rec.init_state(1))
+
+            @torch.inference_mode()
+            def run_tf(tf=tf) -> None:
+                tf(tok, tf.new_cache(1, L))
+
+            for n in threads:
+                torch.set_num_threads(n)
+                rec.prefill_threads = n
+                samples: dict[str, list[float]] = {"s4": [], "transformer": []}
+                run_s4(), run_tf()  # warm-up at L
+                for i in range(reps):
+                    pair = [("s4", run_s4), ("transformer", run_tf)]
+                    for key, fn in pair if i % 2 == 0 else pair[::-1]:
+                        samples[key].append(_timed(fn))
+                row = {"dtype": name, "threads": n, "length": L, "batch": 1, "reps": reps,
+                       "s4_params": s4_params, "transformer_params_at_256_positions": tf_params,
+                       "s4_samples": samples["s4"], "transformer_samples": samples["transformer"],
+                       "s4_s": statistics.median(samples["s4"]),
+                       "transformer_s": statistics.median(samples["transformer"])}  # fmt: skip
+                row["s4_tokens_per_s"] = L / row["s4_s"]
+                row["transformer_tokens_per_s"] = L / row["transformer_s"]
+                row["transformer_over_s4"] = row["transformer_s"] / row["s4_s"]
+                out.append(row)
+                s4, tf = (f"{row[k + '_s'] * 1e3:7.1f} ms ({row[k + '_tokens_per_s']:7.0f} tok/s)"
+                          for k in ("s4", "transformer"))  # fmt: skip
+                ratio = row["transformer_over_s4"]
+                print(f"{name:8s} {n} thread(s): S4 {s4}, Transformer {tf}: {ratio:.1f}x", flush=True)
+    finally:
+        torch.set_num_threads(before)
+    return {"checkpoint": str(CHECKPOINT.relative_to(ROOT)), "goal_ratio": GOAL_OVER_TRANSFORMER,
+            "goal_tokens_per_s": GOAL_TOKENS_PER_S, "rows": out}  # fmt: skip
+
+
 def _line(r: dict[str, Any]) -> str:
     parts = [f"L={r['length']:6d} B={r['batch']:2d}"]
     for name in ("old", "new"):
@@ -216,7 +295,9 @@ def _line(r: dict[str, Any]) -> str:
 
 
 def plot(data: dict[str, Any], quick: bool) -> None:
-    fig, (ax,) = subplots(1, width=7)
+    vs = data.get("vs_transformer")
+    fig, axes = subplots(2 if vs else 1, width=7)
+    ax = axes[0]
     rows = data["rows"]
     labels = [f"{r['length']}×{r['batch']}" for r in rows]
     xs = range(len(rows))
@@ -232,6 +313,16 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     ax.set_xlabel("prompt tokens × batch")
     ax.set_ylabel("seconds (median)")
     ax.legend(fontsize=8)
+    if vs:
+        ax = axes[1]
+        xs = range(len(vs["rows"]))
+        for i, key in enumerate(("s4", "transformer")):
+            ax.bar([x + i * 0.4 for x in xs], [r[f"{key}_tokens_per_s"] for r in vs["rows"]], 0.4, label=key)
+        ax.axhline(vs["goal_tokens_per_s"], color="k", ls="--", lw=1, label="goal (S4)")
+        ax.set_xticks([x + 0.2 for x in xs], [f"{r['dtype']}\n{r['threads']} thr" for r in vs["rows"]])
+        ax.set_ylabel(f"warm prefill tokens/s, {vs['rows'][0]['length']} × 1")
+        ax.set_title("S4 vs the parameter-matched Transformer", fontsize=9)
+        ax.legend(fontsize=8)
     save_figure(fig, NAME, quick, title="prefill: baseline vs this tree (text-shakespeare, CPU)")
 
 
@@ -248,6 +339,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--no-baseline", action="store_true", help="this tree only")
     p.add_argument("--contention", action="store_true", help="2,048 x 1 with and without a busy process")
     p.add_argument("--crossover", action="store_true", help="short prompts: C layer by layer vs parallel")
+    p.add_argument("--vs-transformer", action="store_true",
+                   help="16,384 x 1 warm: S4 vs the matched Transformer")  # fmt: skip
     args = p.parse_args(argv)
     if args.replot:
         data = read_results(NAME, args.quick)
@@ -259,20 +352,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         for v in (*args.lengths, *args.batches, args.reps):
             if not 1 <= v <= 1 << 20:
                 p.error(f"lengths, batches and reps must be in [1, 2^20], got {v}")
-        if args.contention or args.crossover:
+        extra = {
+            "contention": contention,
+            "crossover": crossover,
+            "vs_transformer": lambda: versus_transformer(2048, 2) if args.quick else versus_transformer(),
+        }
+        chosen = [k for k in extra if getattr(args, k)]
+        if chosen:
             data = read_results(NAME, args.quick) or {"rows": []}
-            data["contention" if args.contention else "crossover"] = (
-                contention() if args.contention else crossover()
-            )
-            write_results(NAME, {k: v for k, v in data.items() if k not in ("benchmark", "quick", "machine")},
-                          args.quick)  # fmt: skip
-            return
-        results = measure(args.lengths, args.batches, args.reps, args.step_max_tokens, not args.no_baseline)
-        old = read_results(NAME, args.quick) if args.append else None
-        if old is not None:
-            results["rows"] = old["rows"] + results["rows"]
-            results["load_average_before"] = [old["load_average_before"], results["load_average_before"]]
-        data = write_results(NAME, results, args.quick)
+            for k in chosen:
+                data[k] = extra[k]()
+            kept = {k: v for k, v in data.items() if k not in ("benchmark", "quick", "machine")}
+            data = write_results(NAME, kept, args.quick)
+        else:
+            baseline = not args.no_baseline
+            results = measure(args.lengths, args.batches, args.reps, args.step_max_tokens, baseline)
+            old = read_results(NAME, args.quick) if args.append else None
+            if old is not None:
+                results["rows"] = old["rows"] + results["rows"]
+                results["load_average_before"] = [old["load_average_before"], results["load_average_before"]]
+                results.update({k: old[k] for k in ("contention", "crossover", "vs_transformer") if k in old})
+            data = write_results(NAME, results, args.quick)
     plot(data, args.quick)
 
 

@@ -47,3 +47,17 @@ def test_fill_copies_a_prefix_into_every_row():
         b = net(torch.full((1, 1), 3), one)
     assert many.length == 6
     torch.testing.assert_close(a, b.expand(4, -1, -1))
+
+
+def test_prefill_benchmarks_transformer_is_parameter_matched_to_the_shipped_text_model():
+    """bench.prefill --vs-transformer compares the shipped S4 text model with the issue-15 baseline, its
+    position table grown to the prompt: at its trained length (256 positions) the parameter counts agree
+    within 0.1 % (1,978,116 vs 1,977,856), and the grown table has one row per prompt position."""
+    from bench.prefill import _matched_transformer
+    from model import load
+
+    tf = _matched_transformer(4096, torch.bfloat16)
+    s4 = load("checkpoints/text-shakespeare")
+    assert tf.pos.weight.shape[0] == 4096 and tf.pos.weight.dtype == torch.bfloat16
+    matched = tf.num_params() - (4096 - 256) * tf.pos.weight.shape[1]
+    assert abs(matched - s4.num_params()) <= 1e-3 * s4.num_params(), (matched, s4.num_params())
