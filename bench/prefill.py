@@ -213,14 +213,10 @@ def crossover(lengths: Sequence[int] = (32, 64, 128, 256, 512, 1024), reps: int 
 
 def _matched_transformer(L: int, dtype: torch.dtype) -> torch.nn.Module:
     """The parameter-matched baseline of issue 15 with its position table grown to L, random weights."""
-    import tomllib
+    from bench.baselines.transformer import TransformerLM, matched_config
 
-    from bench.baselines.transformer import TransformerConfig, TransformerLM
-
-    cfg = tomllib.loads((ROOT / "bench" / "baselines" / "transformer-shakespeare.toml").read_text())["model"]
     torch.manual_seed(0)
-    net = TransformerLM(TransformerConfig(**{**cfg, "max_len": L}))
-    return net.eval().requires_grad_(False).to(dtype)
+    return TransformerLM(matched_config(L)).eval().requires_grad_(False).to(dtype)
 
 
 def versus_transformer(

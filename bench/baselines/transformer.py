@@ -8,7 +8,9 @@ for generation speed and memory (bench.generation).
 from __future__ import annotations
 
 import math
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +26,16 @@ class TransformerConfig:
     d_ff: int = 512
     max_len: int = 1024
     dropout: float = 0.0
+
+
+MATCHED = Path(__file__).parent / "transformer-shakespeare.toml"  # issue 15's baseline, matched to the S4
+
+
+def matched_config(max_len: int) -> TransformerConfig:
+    """The parameter-matched baseline of `checkpoints/text-shakespeare` (MATCHED's [model]: 1,978,116
+    parameters at its trained 256 positions against S4's 1,977,856) with its position table sized to
+    `max_len` rows (a lookup: no FLOPs per token)."""
+    return TransformerConfig(**{**tomllib.loads(MATCHED.read_text())["model"], "max_len": max_len})
 
 
 class Block(nn.Module):
