@@ -360,12 +360,18 @@ def main(argv: list[str] | None = None) -> None:
             "### Voicing",
             "",
             "The share of loud 32 ms frames (within 20 dB of the clip's loudest, above −40 dBFS) whose "
-            "normalized autocorrelation peaks above 0.5 at a pitch of 80–400 Hz (`model/quality.py`):",
+            "normalized autocorrelation peaks above 0.5 at a pitch of 80–400 Hz (`model/quality.py`), and "
+            "how periodic they are: the share whose peak r is above 0.9, a harmonics-to-noise ratio "
+            "10 log10(r / (1 − r)) above 9.5 dB (Boersma 1993), and the median HNR of the loud frames:",
             "",
-            "| clips | loud frames | voiced share |",
-            "|---|---|---|",
-            f"| {len(gen)} generated | {vg['loud_frames']:,} | **{vg['voiced_share']:.1%}** |",
-            f"| {len(test)} real test clips | {vr['loud_frames']:,} | {vr['voiced_share']:.1%} |",
+            "| clips | loud frames | voiced share | strongly harmonic (HNR > 9.5 dB) | median HNR |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {what} | {v['loud_frames']:,} | {v['voiced_share']:.1%} | {v['harmonic_share']:.1%} | "
+                + ("–" if v["hnr_db_median"] is None else f"{v['hnr_db_median']:.1f} dB")
+                + " |"
+                for what, v in ((f"{len(gen)} generated", vg), (f"{len(test)} real test clips", vr))
+            ),
             "",
             f"Generated ÷ real = **{vg['voiced_share'] / vr['voiced_share']:.2f}** (goal ≥ 0.5).",
         ]

@@ -89,3 +89,20 @@ def test_card_generation_batches_rows_without_coupling_them():
     ]
     assert together == alone
     assert len({tuple(t) for t in together}) == 3
+
+
+@pytest.mark.parametrize("snr_db", [0.0, 5.0, 10.0, 15.0, 20.0])
+def test_median_hnr_is_the_tone_to_noise_ratio(snr_db):
+    """A 200 Hz tone in white noise at a known SNR: the median HNR over its frames, 10 log10(r / (1 − r))
+    of the autocorrelation peak r, is that SNR within 1 dB (measured: +0.8 dB at 0 dB, where the
+    maximum over lags lifts r, ≤ 0.2 dB from 5 to 20 dB); strongly harmonic (r > 0.9, HNR > 9.5 dB)
+    are all frames at 15 dB and above, none at 5 dB and below."""
+    t = np.arange(2 * SR) / SR
+    noise = np.random.default_rng(0).standard_normal(len(t)) * np.sqrt(0.5 / 10 ** (snr_db / 10))
+    r = voiced_share([0.3 * (np.sin(2 * np.pi * 200 * t) + noise)], SR)
+    assert abs(r["hnr_db_median"] - snr_db) <= 1.0, r
+    if snr_db >= 15:
+        assert r["harmonic_share"] == 1.0
+    if snr_db <= 5:
+        assert r["harmonic_share"] == 0.0
+    assert voiced_share([np.zeros(SR)], SR)["hnr_db_median"] is None
