@@ -226,7 +226,7 @@ def run(quick: bool) -> dict[str, Any]:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(1 << 17)
     ckpt = str(SHIPPED) if SHIPPED.exists() and not quick else None
     if ckpt:  # the shipped model's parameter-matched baseline (issue 15), not the stand-in's
-        cfg = {**cfg, "transformer": dataclasses.asdict(matched_config(256))}
+        cfg = {**cfg, "transformer": dataclasses.asdict(matched_config())}
     rows = []
     for context in cfg["contexts"]:
         for batch in cfg["batches"]:

@@ -228,6 +228,7 @@ def versus_transformer(
     """Warm batch-1 prefill of L tokens: the shipped S4 text model against the parameter-matched
     Transformer, same tokens, dtype and torch threads, alternated `reps` times after a warm-up each;
     medians in seconds and the ratio Transformer / S4 (the issue's goal: ≥ 6 at L = 16,384)."""
+    from bench.baselines.transformer import TransformerLM, matched_config
     from model import load, recurrent
 
     tok = torch.randint(0, 256, (1, L))
@@ -238,8 +239,8 @@ def versus_transformer(
             dtype = getattr(torch, name)
             rec = recurrent.RecurrentModel(load(str(CHECKPOINT)), dtype=dtype)
             tf = _matched_transformer(L, dtype)
-            s4_params = sum(p.numel() for p in rec.net.parameters())
-            tf_params = tf.num_params() - (L - 256) * tf.pos.weight.shape[1]  # at its trained 256 positions
+            s4_params = rec.net.num_params()
+            tf_params = TransformerLM(matched_config()).num_params()  # at its trained positions
 
             def run_s4(rec=rec) -> None:
                 rec.prefill(tok, rec.init_state(1))
@@ -258,7 +259,7 @@ def versus_transformer(
                     for key, fn in pair if i % 2 == 0 else pair[::-1]:
                         samples[key].append(_timed(fn))
                 row = {"dtype": name, "threads": n, "length": L, "batch": 1, "reps": reps,
-                       "s4_params": s4_params, "transformer_params_at_256_positions": tf_params,
+                       "s4_params": s4_params, "transformer_params_at_trained_positions": tf_params,
                        "s4_samples": samples["s4"], "transformer_samples": samples["transformer"],
                        "s4_s": statistics.median(samples["s4"]),
                        "transformer_s": statistics.median(samples["transformer"])}  # fmt: skip
@@ -367,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             if old is not None:
                 results["rows"] = old["rows"] + results["rows"]
                 results["load_average_before"] = [old["load_average_before"], results["load_average_before"]]
-                results.update({k: old[k] for k in ("contention", "crossover", "vs_transformer") if k in old})
+                results.update({k: old[k] for k in extra if k in old})
             data = write_results(NAME, results, args.quick)
     plot(data, args.quick)
 

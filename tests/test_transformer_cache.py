@@ -53,11 +53,14 @@ def test_prefill_benchmarks_transformer_is_parameter_matched_to_the_shipped_text
     """bench.prefill --vs-transformer compares the shipped S4 text model with the issue-15 baseline, its
     position table grown to the prompt: at its trained length (256 positions) the parameter counts agree
     within 0.1 % (1,978,116 vs 1,977,856), and the grown table has one row per prompt position."""
+    from bench.baselines.transformer import matched_config
     from bench.prefill import _matched_transformer
     from model import load
 
     tf = _matched_transformer(4096, torch.bfloat16)
     s4 = load("checkpoints/text-shakespeare")
     assert tf.pos.weight.shape[0] == 4096 and tf.pos.weight.dtype == torch.bfloat16
-    matched = tf.num_params() - (4096 - 256) * tf.pos.weight.shape[1]
+    trained = matched_config().max_len
+    matched = tf.num_params() - (4096 - trained) * tf.pos.weight.shape[1]
+    assert trained == 256 and matched == TransformerLM(matched_config()).num_params()
     assert abs(matched - s4.num_params()) <= 1e-3 * s4.num_params(), (matched, s4.num_params())

@@ -7,6 +7,7 @@ for generation speed and memory (bench.generation).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 from dataclasses import dataclass
@@ -31,11 +32,12 @@ class TransformerConfig:
 MATCHED = Path(__file__).parent / "transformer-shakespeare.toml"  # issue 15's baseline, matched to the S4
 
 
-def matched_config(max_len: int) -> TransformerConfig:
+def matched_config(max_len: int | None = None) -> TransformerConfig:
     """The parameter-matched baseline of `checkpoints/text-shakespeare` (MATCHED's [model]: 1,978,116
-    parameters at its trained 256 positions against S4's 1,977,856) with its position table sized to
-    `max_len` rows (a lookup: no FLOPs per token)."""
-    return TransformerConfig(**{**tomllib.loads(MATCHED.read_text())["model"], "max_len": max_len})
+    parameters at its trained 256 positions against S4's 1,977,856), its position table sized to `max_len`
+    rows (a lookup: no FLOPs per token; default: the trained length, where the counts are matched)."""
+    cfg = TransformerConfig(**tomllib.loads(MATCHED.read_text())["model"])
+    return cfg if max_len is None else dataclasses.replace(cfg, max_len=max_len)
 
 
 class Block(nn.Module):
