@@ -45,9 +45,10 @@ bench: venv
 loadtest: venv
 	$(BIN)/python -m loadtest
 
-# exec: the server replaces make's shell, so a SIGTERM to make's child reaches it (a graceful drain)
+# exec: the server replaces make's shell, so a SIGTERM to make's child reaches it (a graceful drain).
+# No flags: flags win over S4_* variables, so `S4_PORT=8100 make serve` must reach the defaults.
 serve: venv
-	OMP_WAIT_POLICY=PASSIVE exec $(BIN)/python -m server --host 127.0.0.1 --port 8000
+	OMP_WAIT_POLICY=PASSIVE exec $(BIN)/python -m server
 
 container-smoke: venv
 	PYTHON=$(BIN)/python scripts/container-smoke

@@ -657,6 +657,10 @@ class RecurrentModel:
             )
 
     def init_state(self, batch_size: int) -> torch.Tensor:
+        """The zero state of `batch_size` sequences: float32 (n_layers, B, H, 2, M) on the model's device,
+        the real and imaginary parts of M complex modes per channel (M = N/2 for a layer whose modes come
+        in conjugate pairs, as S4's and S4D's do: the other half is implied; a layer with fewer modes than
+        the widest is zero-padded). Its size does not depend on the context length."""
         return torch.zeros(len(self.layers), batch_size, self.H, 2, self.M, device=self.device)
 
     def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):

@@ -28,7 +28,7 @@ from fastapi.responses import StreamingResponse
 from model.sampling import SamplingParams
 from server import media
 from server.engine import Failed, Finished, Stream
-from server.errors import APIError, invalid
+from server.errors import invalid
 from server.registry import ServedModel
 from server.routes.generate import ERRORS, SSE_HEADERS, sse
 from server.schemas import (
@@ -435,11 +435,10 @@ async def _stream_completions(runs, prompts, texts, req: CompletionRequest, head
 
 def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> str:
     if model.chat is None:
-        raise APIError(
-            400,
+        raise invalid(  # 422 naming `model`, as for an audio model on these routes
+            "model",
             f"model {model.id} has no chat template (chat_template in its config.json); "
             "use /v1/completions with a prompt instead",
-            param="model",
         )
     messages = []
     for i, m in enumerate(req.messages):
