@@ -75,8 +75,12 @@ def write_eval_slice(ckpt: Path, data: Dataset, net, seq_len: int, batch: int, s
     """A small, spread-out piece of the test split beside the weights, with its conv-mode metric."""
     test = data.split("test")
     if data.kind == "audio":
-        piece = test[np.linspace(0, len(test) - 1, 8).round().astype(int)]
+        idx = np.linspace(0, len(test) - 1, 8).round().astype(int)
+        piece = test[idx]
         meta = {"kind": "audio", "clip_len": data.clip_len, "sample_rate": data.meta["sample_rate"]}
+        labels = data.meta.get("clip_list", {}).get("test")
+        if labels:  # each clip's digit and voice (model.classifier reads them)
+            meta["clip_list"] = {"test": [{**labels[i], "index": int(i)} for i in idx]}
     else:
         start = len(test) // 3
         piece = test[start : start + 16 * 1024 + 1]

@@ -152,3 +152,21 @@ def test_classifier_refuses_what_it_cannot_use(three_class_data, tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"kind": "sequence-model"}))
     with pytest.raises(ValueError, match="not a digit classifier"):
         load_classifier(tmp_path / "ckpt")
+
+
+def test_the_shipped_classifier_hears_the_held_out_clips_beside_audio_digits():
+    """checkpoints/digit-classifier on the 8 test clips (held-out voices, spread over the split) that
+    audio-digits keeps in eval_slice/ with their digits: all named right, and its recorded accuracies
+    are the ones its card states."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "checkpoints"
+    model, cfg = load_classifier(root / "digit-classifier")
+    x, y = labelled_clips(Dataset(root / "audio-digits" / "eval_slice"), "test")
+    assert len(set(y.tolist())) == 8  # eight different digits
+    p, _ = predict(model, x)
+    assert (p.argmax(1) == y).all(), (p.argmax(1), y)
+    assert p.max(1).values.min() > 0.5
+    card = (root / "digit-classifier" / "README.md").read_text()
+    for key in ("val_accuracy", "test_accuracy"):
+        assert f"**{cfg[key]:.1%}**".replace("%", " %") in card, key
