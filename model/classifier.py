@@ -9,8 +9,12 @@ held out) and those four measures. It is a proxy for a listener, not one: it say
 sounds like *some* digit to a model that has only heard espeak-ng digits.
 
     python -m model.classifier train --data data/digits --out checkpoints/digit-classifier
+    python -m model.classifier reference --classifier checkpoints/digit-classifier   # real test clips
     python -m model.classifier score checkpoints/audio-digits --classifier checkpoints/digit-classifier \\
         --samples 256 --temperature 0.9 --seed 0
+
+Bad arguments and unusable inputs (a text checkpoint, a folder that is not a classifier, a dataset
+without digit labels) end with a one-line error and exit status 2.
 
 Definitions (p(y|x): the classifier's probabilities for clip x; p(y) their mean over the clips):
 - IS = exp(E_x KL(p(y|x) ‖ p(y))) (Salimans et al. 2016): 1 (every clip the same mixture) … 10
@@ -127,7 +131,8 @@ def am_score(p, prior=None) -> float:
 def frechet_distance(a, b) -> float:
     """‖μ_a − μ_b‖² + tr(Σ_a + Σ_b − 2 (Σ_a^½ Σ_b Σ_a^½)^½) between Gaussians fitted (unbiased
     covariance) to feature rows a (N, D) and b (M, D), in float64. The matrix square roots come from
-    symmetric eigendecompositions (eigenvalues below 0, rounding, are taken as 0)."""
+    symmetric eigendecompositions (eigenvalues below 0, rounding, are taken as 0); the result is
+    clipped at 0."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or len(a) < 2 or len(b) < 2:
         raise ValueError(f"need feature rows (N >= 2, D) and (M >= 2, D), got {a.shape} and {b.shape}")
@@ -137,7 +142,8 @@ def frechet_distance(a, b) -> float:
     root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
     inner = root_a @ sb @ root_a
     tr_cross = np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum()
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * tr_cross)
+    fid = float(((mu_a - mu_b) ** 2).sum() + np.trace(sa) + np.trace(sb) - 2 * tr_cross)
+    return max(fid, 0.0)  # a distance: rounding can leave it a hair below 0 for equal sets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,18 +297,18 @@ def _score(args) -> dict:
     from model.card import AUDIO_BOS, generate
     from model.sampling import SamplingParams
 
-    torch.set_num_threads(args.threads)
     clf, ccfg = load_classifier(args.classifier)
-    data = Dataset(args.data)
-    test, _ = labelled_clips(data, "test")
+    test, _ = labelled_clips(Dataset(args.data), "test")
     net = load(args.checkpoint)
-    rec = net.to_recurrent()
     cfg = net.config
+    if cfg.modality != "audio":
+        raise ValueError(f"{args.checkpoint} is a {cfg.modality} model; score audio checkpoints")
     if cfg.sample_rate != ccfg["sample_rate"]:
         raise ValueError(
             f"the model samples at {cfg.sample_rate} Hz, the classifier at {ccfg['sample_rate']}"
         )
     params = SamplingParams(temperature=args.temperature, seed=args.seed)
+    rec = net.to_recurrent()
     t0 = time.perf_counter()
     outs = generate(rec, [[AUDIO_BOS]] * args.samples, ccfg["clip_len"], params)
     mu = MuLaw(cfg.mulaw)
@@ -312,40 +318,78 @@ def _score(args) -> dict:
     return res
 
 
+def _reference(args) -> dict:
+    """The measures on real clips: `clips` of `split` (all, or a seeded random subset), FID against all
+    of `against` (default: test, or train when the split is test)."""
+    clf, _ = load_classifier(args.classifier)
+    data = Dataset(args.data)
+    x, y = labelled_clips(data, args.split)
+    against = args.against or ("train" if args.split == "test" else "test")
+    if against == args.split:
+        raise ValueError(f"--against {against} is the split being scored; FID would compare it with itself")
+    if args.clips:
+        if args.clips > len(x):
+            raise ValueError(f"--clips {args.clips}: the {args.split} split has {len(x)}")
+        keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.clips]
+        x, y = x[keep], y[keep]
+    ref, _ = labelled_clips(data, against)
+    accuracy = float((predict(clf, x)[0].argmax(1) == y).float().mean())
+    return {"split": args.split, "fid_against": against, "accuracy": accuracy, **sample_scores(clf, x, ref)}
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
 def main(argv: list[str] | None = None) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
     ap = argparse.ArgumentParser(prog="python -m model.classifier", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train the classifier on a prepared digits dataset")
-    t.add_argument("--data", default="data/digits")
-    t.add_argument("--out", required=True)
-    t.add_argument("--epochs", type=int, default=12)
-    t.add_argument("--seed", type=int, default=0)
-    r = sub.add_parser("reference", help="the measures on the real clips of a split (the ceiling)")
-    r.add_argument("--classifier", required=True)
-    r.add_argument("--data", default="data/digits")
-    r.add_argument("--split", default="test")
-    s = sub.add_parser("score", help="generate unconditional clips from an audio checkpoint and score them")
-    s.add_argument("checkpoint")
-    s.add_argument("--classifier", required=True)
+    t = sub.add_parser("train", help="train the classifier on a prepared digits dataset", formatter_class=fmt)
+    t.add_argument("--data", default="data/digits", help="a dataset written by `python -m model.data audio`")
+    t.add_argument("--out", required=True, help="folder for model.safetensors + config.json")
+    t.add_argument("--epochs", type=int, default=12, help="passes over the train split (1-1000)")
+    t.add_argument("--seed", type=int, default=0, help="weights, batches and augmentation")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    r = sub.add_parser("reference", help="the measures on real clips (the ceiling)", formatter_class=fmt)
+    r.add_argument("--classifier", required=True, help="a folder written by `train`")
+    r.add_argument("--data", default="data/digits", help="a dataset written by `python -m model.data audio`")
+    r.add_argument("--split", default="test", choices=SPLIT_NAMES, help="the clips scored")
+    r.add_argument("--against", choices=SPLIT_NAMES, help="FID's reference split (default: train for the "
+                   "test split, else test)")  # fmt: skip
+    r.add_argument("--clips", type=int, default=0, help="score a random subset of this many (0: all)")
+    r.add_argument("--seed", type=int, default=0, help="the subset")
+    r.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    s = sub.add_parser("score", help="generate unconditional clips from an audio checkpoint and score them",
+                       formatter_class=fmt)  # fmt: skip
+    s.add_argument("checkpoint", help="an audio model checkpoint folder")
+    s.add_argument("--classifier", required=True, help="a folder written by `train`")
     s.add_argument("--data", default="data/digits", help="its test split is FID's reference")
-    s.add_argument("--samples", type=int, default=256)
-    s.add_argument("--temperature", type=float, default=1.0)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--samples", type=int, default=256, help="clips generated and scored (2-4096)")
+    s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    s.add_argument("--seed", type=int, default=0, help="the first clip's seed (clip i: seed + i)")
+    s.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)
-    if args.cmd == "train":
-        cfg = train_classifier(args.data, args.out, epochs=args.epochs, seed=args.seed,
-                               log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
-        res = {k: cfg[k] for k in ("val_accuracy", "test_accuracy")}
-    elif args.cmd == "reference":
-        clf, _ = load_classifier(args.classifier)
-        data = Dataset(args.data)
-        x, y = labelled_clips(data, args.split)
-        ref, _ = labelled_clips(data, "train")
-        res = {"split": args.split, "accuracy": float((predict(clf, x)[0].argmax(1) == y).float().mean()),
-               **sample_scores(clf, x, ref)}  # fmt: skip
-    else:
-        res = _score(args)
+    if not 0 <= args.threads <= 1024:
+        ap.error(f"--threads must be in [0, 1024], got {args.threads}")
+    if args.cmd == "train" and not 1 <= args.epochs <= 1000:
+        ap.error(f"--epochs must be in [1, 1000], got {args.epochs}")
+    if args.cmd == "score" and not 2 <= args.samples <= 4096:
+        ap.error(f"--samples must be in [2, 4096] (the measures compare clips), got {args.samples}")
+    if args.cmd == "reference" and not (args.clips == 0 or args.clips >= 2):
+        ap.error(f"--clips must be 0 (all) or at least 2, got {args.clips}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        if args.cmd == "train":
+            cfg = train_classifier(args.data, args.out, epochs=args.epochs, seed=args.seed,
+                                   log=lambda m: print(m, file=sys.stderr, flush=True))  # fmt: skip
+            res = {k: cfg[k] for k in ("val_accuracy", "test_accuracy")}
+        elif args.cmd == "reference":
+            res = _reference(args)
+        else:
+            res = _score(args)
+    except (ValueError, FileNotFoundError) as exc:  # bad input: one line, not a traceback
+        ap.exit(2, f"{ap.prog} {args.cmd}: error: {exc}\n")
     print(json.dumps(res, indent=1))
 
 

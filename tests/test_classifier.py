@@ -170,3 +170,39 @@ def test_the_shipped_classifier_hears_the_held_out_clips_beside_audio_digits():
     card = (root / "digit-classifier" / "README.md").read_text()
     for key in ("val_accuracy", "test_accuracy"):
         assert f"**{cfg[key]:.1%}**".replace("%", " %") in card, key
+
+
+def test_the_command_line_scores_and_refuses_in_one_line(three_class_data, tmp_path, capsys):
+    """`python -m model.classifier`: reference and score print the measures as JSON; bad arguments and
+    unusable inputs exit with status 2 and a one-line message, not a traceback."""
+    from model import ModelConfig, build, save
+    from model.classifier import main
+
+    train_classifier(three_class_data, tmp_path / "clf", epochs=2, batch=16, log=lambda m: None)
+    clf, data = str(tmp_path / "clf"), str(three_class_data)
+    main(["reference", "--classifier", clf, "--data", data, "--split", "train", "--clips", "12"])
+    ref = json.loads(capsys.readouterr().out)
+    assert ref["clips"] == 12 and ref["fid_against"] == "test" and ref["fid"] > 0
+    torch.manual_seed(0)
+    audio = dict(vocab_size=256, d_model=16, n_layers=1, d_state=8, l_max=64, cauchy_backend="torch")
+    save(build(ModelConfig(**audio, modality="audio", sample_rate=SR)), tmp_path / "audio")
+    save(build(ModelConfig(**audio)), tmp_path / "text")
+    main(["score", str(tmp_path / "audio"), "--classifier", clf, "--data", data, "--samples", "3"])
+    res = json.loads(capsys.readouterr().out)
+    assert res["clips"] == 3 and sum(res["top_class_counts"].values()) == 3 and res["fid"] > 0
+    a = str(tmp_path / "audio")
+    bad = [
+        (["score", a, "--classifier", clf, "--data", data, "--samples", "1"], "--samples"),
+        (["score", str(tmp_path / "text"), "--classifier", clf, "--data", data], "text model"),
+        (["score", a, "--classifier", a, "--data", data], "not a digit classifier"),
+        (["reference", "--classifier", clf, "--data", str(tmp_path / "none")], "meta.json"),
+        (["reference", "--classifier", clf, "--data", data, "--split", "val", "--against", "val"], "itself"),
+        (["reference", "--classifier", clf, "--data", data, "--clips", "999"], "--clips 999"),
+        (["train", "--data", data, "--out", str(tmp_path / "x"), "--epochs", "0"], "--epochs"),
+        (["reference", "--classifier", clf, "--split", "foo"], "invalid choice"),
+    ]  # fmt: skip
+    for argv, says in bad:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and "Traceback" not in err, (argv, err)
