@@ -266,8 +266,16 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--out", type=Path, default=Path("data/digits"))
     a.add_argument("--sample-rate", type=int, default=8000)
     a.add_argument("--seconds", type=float, default=1.0)
-    a.add_argument("--accents", nargs="*", help="espeak-ng English languages (default: all)")
-    a.add_argument("--variants", nargs="*", help="espeak-ng voice variants (default: all)")
+    a.add_argument(
+        "--accents", nargs="*", help="espeak-ng English languages, e.g. en-us en-gb (default: all)"
+    )
+    a.add_argument(
+        "--variants",
+        nargs="*",
+        help="espeak-ng voice variants by file name: the File column of `espeak-ng --voices=variant` "
+        "without !v/, e.g. adam Alex m1 (at least 3: whole variants are held out for val and test; "
+        "default: all)",
+    )
     args = ap.parse_args(argv)
     if args.kind == "text":
         source = args.source or fetch_shakespeare(args.cache)
