@@ -307,13 +307,15 @@ def _score(args) -> dict:
         raise ValueError(
             f"the model samples at {cfg.sample_rate} Hz, the classifier at {ccfg['sample_rate']}"
         )
-    params = SamplingParams(temperature=args.temperature, seed=args.seed)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            min_p=args.min_p, seed=args.seed)  # fmt: skip
     rec = net.to_recurrent()
     t0 = time.perf_counter()
     outs = generate(rec, [[AUDIO_BOS]] * args.samples, ccfg["clip_len"], params)
     mu = MuLaw(cfg.mulaw)
     gen = torch.from_numpy(np.stack([mu.decode(np.array(o)) for o in outs]).astype(np.float32))
-    res = {"checkpoint": str(args.checkpoint), "temperature": args.temperature, "seed": args.seed,
+    sampling = {k: getattr(params, k) for k in ("temperature", "top_k", "top_p", "min_p")}
+    res = {"checkpoint": str(args.checkpoint), **sampling, "seed": args.seed,
            "generate_s": time.perf_counter() - t0, **sample_scores(clf, gen, test)}  # fmt: skip
     return res
 
@@ -366,6 +368,11 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--data", default="data/digits", help="its test split is FID's reference")
     s.add_argument("--samples", type=int, default=256, help="clips generated and scored (2-4096)")
     s.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    s.add_argument("--top-k", type=int, default=0, help="keep the k most likely codes (0: off)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: off)")
+    s.add_argument(
+        "--min-p", type=float, default=0.0, help="drop codes below min_p x the most likely (0: off)"
+    )
     s.add_argument("--seed", type=int, default=0, help="the first clip's seed (clip i: seed + i)")
     s.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     args = ap.parse_args(argv)

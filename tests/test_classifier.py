@@ -187,14 +187,29 @@ def test_the_command_line_scores_and_refuses_in_one_line(three_class_data, tmp_p
     audio = dict(vocab_size=256, d_model=16, n_layers=1, d_state=8, l_max=64, cauchy_backend="torch")
     save(build(ModelConfig(**audio, modality="audio", sample_rate=SR)), tmp_path / "audio")
     save(build(ModelConfig(**audio)), tmp_path / "text")
-    main(["score", str(tmp_path / "audio"), "--classifier", clf, "--data", data, "--samples", "3"])
+    main(
+        [
+            "score",
+            str(tmp_path / "audio"),
+            "--classifier",
+            clf,
+            "--data",
+            data,
+            "--samples",
+            "3",
+            "--top-p",
+            "0.9",
+        ]
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["clips"] == 3 and sum(res["top_class_counts"].values()) == 3 and res["fid"] > 0
+    assert res["top_p"] == 0.9 and res["temperature"] == 1.0 and res["min_p"] == 0.0
     a = str(tmp_path / "audio")
     bad = [
         (["score", a, "--classifier", clf, "--data", data, "--samples", "1"], "--samples"),
         (["score", str(tmp_path / "text"), "--classifier", clf, "--data", data], "text model"),
         (["score", a, "--classifier", a, "--data", data], "not a digit classifier"),
+        (["score", a, "--classifier", clf, "--data", data, "--top-p", "2"], "top_p"),
         (["reference", "--classifier", clf, "--data", str(tmp_path / "none")], "meta.json"),
         (["reference", "--classifier", clf, "--data", data, "--split", "val", "--against", "val"], "itself"),
         (["reference", "--classifier", clf, "--data", data, "--clips", "999"], "--clips 999"),
