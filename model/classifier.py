@@ -195,7 +195,8 @@ def train_classifier(data_dir: str | Path, out: str | Path | None = None, epochs
                      batch: int = 64, lr: float = 3e-3, seed: int = 0, log=print) -> dict:  # fmt: skip
     """Train a DigitClassifier on the `train` split of a prepared audio digits dataset, keep the epoch
     with the best `val` accuracy (held-out voices), and report its `test` accuracy (other held-out
-    voices). AdamW, cosine learning rate, label smoothing 0.05, `_augment` on every batch.
+    voices). AdamW, one-cycle learning rate (10 % warm-up, then cosine), label smoothing 0.05,
+    `_augment` on every batch.
     Writes `out`/model.safetensors + config.json when `out` is given; returns the config dict."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -245,7 +246,7 @@ def train_classifier(data_dir: str | Path, out: str | Path | None = None, epochs
             "seed": seed,
             "wall_s": time.perf_counter() - t0,
             "threads": torch.get_num_threads(),
-        },  # fmt: skip
+        },
         "val_accuracy": best,
         "test_accuracy": test_acc,
         "history": history,
