@@ -2,7 +2,8 @@
 
     python -m model.card checkpoints/text-shakespeare --run runs/text-shakespeare \
         --baseline runs/transformer-shakespeare
-    python -m model.card checkpoints/audio-digits --run runs/audio-digits
+    python -m model.card checkpoints/audio-digits --run runs/audio-digits \
+        --classifier checkpoints/digit-classifier     # audio: + the automated listener's table
 
 Writes CHECKPOINT/README.md, CHECKPOINT/eval_slice/ (a small piece of the test split with its
 metric, so tests can check the shipped weights offline) and, for audio, samples/*.wav and a
@@ -149,6 +150,43 @@ def cpu_model() -> str:
     return platform.machine()
 
 
+def listener_section(classifier: Path, gen: list[np.ndarray], real: list[np.ndarray], sample_rate: int,
+                     meta: dict) -> list[str]:  # fmt: skip
+    """The card's "automated listener" lines: `gen` and `real` clips (float in [−1, 1]) scored by the
+    digit classifier at `classifier` (model.classifier), FID against `real`; records the figures in
+    meta["samples_classifier"]. Raises ValueError if the classifier is for another sample rate."""
+    from model.classifier import load_classifier, sample_scores
+
+    clf, ccfg = load_classifier(classifier)
+    if ccfg["sample_rate"] != sample_rate:
+        raise ValueError(
+            f"{classifier} classifies {ccfg['sample_rate']} Hz audio, the model makes {sample_rate}"
+        )
+
+    def as_tensor(clips: list[np.ndarray]) -> torch.Tensor:
+        return torch.from_numpy(np.stack(clips).astype(np.float32))
+
+    real_t = as_tensor(real)
+    g, r = sample_scores(clf, as_tensor(gen), real_t), sample_scores(clf, real_t)
+    meta["samples_classifier"] = {"classifier": str(classifier), "generated": g, "test_clips": r}
+    return [
+        "",
+        "### An automated listener",
+        "",
+        f"The generated clips and the real test clips scored by `{classifier}` (`model.classifier`, the "
+        "SaShiMi paper's SC09 measures: Inception Score, modified IS, AM Score; FID of the generated "
+        f"clips' classifier features against the real clips'). FID grows as fewer clips are compared: "
+        f"compare it only at {len(gen)} clips.",
+        "",
+        "| clips | IS ↑ | mIS ↑ | AM ↓ | confident (p ≥ 0.9) | FID ↓ |",
+        "|---|---|---|---|---|---|",
+        f"| {len(gen)} generated | {g['inception_score']:.2f} | {g['modified_inception_score']:.2f} | "
+        f"{g['am_score']:.3f} | {g['confident_share']:.1%} | {g['fid']:.1f} |",
+        f"| {len(real)} real test clips | {r['inception_score']:.2f} | {r['modified_inception_score']:.2f} | "
+        f"{r['am_score']:.3f} | {r['confident_share']:.1%} | – |",
+    ]
+
+
 def _fmt_s(s: float) -> str:
     return f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.2f} h"
 
@@ -164,6 +202,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--note-file", type=Path, help="read --note from a Markdown file")
     ap.add_argument(
         "--audio-samples", type=int, default=16, help="audio: clips generated for the voicing measure"
+    )
+    ap.add_argument(
+        "--classifier",
+        type=Path,
+        help="audio: also score the generated clips with this digit classifier (model.classifier: IS, "
+        "mIS, AM, FID against the real test clips)",
     )
     args = ap.parse_args(argv)
     if args.note_file:
@@ -379,6 +423,8 @@ def main(argv: list[str] | None = None) -> None:
             "",
             f"Generated ÷ real = **{vg['voiced_share'] / vr['voiced_share']:.2f}** (goal ≥ 0.5).",
         ]
+        if args.classifier:
+            lines += listener_section(args.classifier, gen, [mu.decode(c) for c in test], sr, meta)
     (ckpt / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     (ckpt / "README.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {ckpt / 'README.md'}")

@@ -112,7 +112,10 @@ def three_class_data(tmp_path_factory):
         splits[split] = mu.encode(np.stack([_clip(k, rng) for k in kinds])).astype(np.uint8).reshape(-1)
         lists[split] = [{"voice": "synthetic", "digit": DIGITS[k]} for k in kinds]
     out = tmp_path_factory.mktemp("three-class")
-    write_splits(out, splits, {"kind": "audio", "sample_rate": SR, "clip_len": N, "clip_list": lists})
+    meta = {"kind": "audio", "sample_rate": SR, "clip_len": N, "clip_list": lists, "source": "synthetic",
+            "accents": ["tones"], "variants": {"train": ["a", "b"], "val": ["c"], "test": ["d"]},
+            "clips": {k: len(v) for k, v in lists.items()}, "hours": 0.01}  # fmt: skip
+    write_splits(out, splits, meta)
     return out
 
 
@@ -221,3 +224,31 @@ def test_the_command_line_scores_and_refuses_in_one_line(three_class_data, tmp_p
             main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and says in err and "Traceback" not in err, (argv, err)
+
+
+def test_the_model_card_scores_its_audio_samples_with_a_classifier(three_class_data, tmp_path):
+    """model.card on a tiny audio model trained by model.train: with --classifier, the card gains the
+    listener table and config.json its figures (the card's audio path end to end: eval slice with the
+    clips' digits, recurrent NLL, WAVs, spectrogram, voicing)."""
+    from model.card import main as card
+    from model.train import train
+
+    train_classifier(three_class_data, tmp_path / "clf", epochs=2, batch=16, log=lambda m: None)
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    train({"model": {"d_model": 16, "n_layers": 1, "d_state": 8, "l_max": N, "cauchy_backend": "torch"},
+           "data": {"path": str(three_class_data), "batch_size": 4},
+           "train": {"steps": 3, "warmup": 1, "eval_every": 0, "ckpt_every": 0, "log_every": 1,
+                     "out": str(run), "export": str(ckpt)}})  # fmt: skip
+    card([str(ckpt), "--run", str(run), "--audio-samples", "4", "--classifier", str(tmp_path / "clf")])
+    text = (ckpt / "README.md").read_text()
+    meta = json.loads((ckpt / "config.json").read_text())
+    g, r = meta["samples_classifier"]["generated"], meta["samples_classifier"]["test_clips"]
+    assert g["clips"] == 4 and r["clips"] == 30 and g["fid"] > 0
+    assert "### An automated listener" in text
+    assert f"| 4 generated | {g['inception_score']:.2f} | {g['modified_inception_score']:.2f} |" in text
+    assert f"| 30 real test clips | {r['inception_score']:.2f} |" in text
+    assert len(list((ckpt / "samples").glob("generated_*.wav"))) == 4
+    sl = Dataset(ckpt / "eval_slice")  # the 8 spread test clips keep their digits
+    idx = [0, 4, 8, 12, 17, 21, 25, 29]  # round(linspace(0, 29, 8)); clip i is digit i % 3
+    assert [c["index"] for c in sl.meta["clip_list"]["test"]] == idx
+    assert labelled_clips(sl, "test")[1].tolist() == [i % 3 for i in idx]
