@@ -155,19 +155,11 @@ def listener_section(classifier: Path, gen: list[np.ndarray], real: list[np.ndar
     """The card's "automated listener" lines: `gen` and `real` clips (float in [−1, 1]) scored by the
     digit classifier at `classifier` (model.classifier), FID against `real`; records the figures in
     meta["samples_classifier"]. Raises ValueError if the classifier is for another sample rate."""
-    from model.classifier import load_classifier, sample_scores
+    from model.classifier import as_batch, load_classifier, sample_scores
 
-    clf, ccfg = load_classifier(classifier)
-    if ccfg["sample_rate"] != sample_rate:
-        raise ValueError(
-            f"{classifier} classifies {ccfg['sample_rate']} Hz audio, the model makes {sample_rate}"
-        )
-
-    def as_tensor(clips: list[np.ndarray]) -> torch.Tensor:
-        return torch.from_numpy(np.stack(clips).astype(np.float32))
-
-    real_t = as_tensor(real)
-    g, r = sample_scores(clf, as_tensor(gen), real_t), sample_scores(clf, real_t)
+    clf, _ = load_classifier(classifier, sample_rate)
+    real_t = as_batch(real)
+    g, r = sample_scores(clf, as_batch(gen), real_t), sample_scores(clf, real_t)
     meta["samples_classifier"] = {"classifier": str(classifier), "generated": g, "test_clips": r}
     return [
         "",
@@ -388,11 +380,11 @@ def main(argv: list[str] | None = None) -> None:
             (samples / f"generated_{i}.wav").write_bytes(wav_bytes(x, sr))
             clips.append((f"generated {i}", x))
         test = data.split("test")
-        real = mu.decode(test[0])
-        (samples / "test_real_0.wav").write_bytes(wav_bytes(real, sr))
-        spectrogram_png(samples / "spectrogram.png", [("real test clip", real), *clips[:4]], sr)
+        real = [mu.decode(c) for c in test]  # decoded once: the reference WAV, voicing, the listener
+        (samples / "test_real_0.wav").write_bytes(wav_bytes(real[0], sr))
+        spectrogram_png(samples / "spectrogram.png", [("real test clip", real[0]), *clips[:4]], sr)
         vg = voiced_share(gen, sr)
-        vr = voiced_share([mu.decode(c) for c in test], sr)
+        vr = voiced_share(real, sr)
         meta["samples_voicing"] = {
             "generated": vg,
             "test_clips": vr,
@@ -424,7 +416,7 @@ def main(argv: list[str] | None = None) -> None:
             f"Generated ÷ real = **{vg['voiced_share'] / vr['voiced_share']:.2f}** (goal ≥ 0.5).",
         ]
         if args.classifier:
-            lines += listener_section(args.classifier, gen, [mu.decode(c) for c in test], sr, meta)
+            lines += listener_section(args.classifier, gen, real, sr, meta)
     (ckpt / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     (ckpt / "README.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {ckpt / 'README.md'}")

@@ -179,6 +179,15 @@ def _augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x + torch.randn(x.shape, generator=g) * rms * 10 ** (-snr_db / 20)
 
 
+def as_batch(clips) -> torch.Tensor:
+    """A list of equal-length float clips (numpy) → (n, clip_len) float32 tensor."""
+    return torch.from_numpy(np.stack(clips).astype(np.float32))
+
+
+def _accuracy(p: torch.Tensor, y: torch.Tensor) -> float:
+    return float((p.argmax(1) == y).float().mean())
+
+
 @torch.no_grad()
 def predict(model: DigitClassifier, x: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """x (n, clip_len) float32 → (probabilities (n, 10), features (n, D)), eval mode, in batches."""
@@ -219,13 +228,13 @@ def train_classifier(data_dir: str | Path, out: str | Path | None = None, epochs
             loss.backward()
             opt.step()
             sched.step()
-        acc = float((predict(model, xva)[0].argmax(1) == yva).float().mean())
+        acc = _accuracy(predict(model, xva)[0], yva)
         history.append({"epoch": epoch + 1, "val_accuracy": acc, "loss": loss.item()})
         log(f"epoch {epoch + 1}/{epochs}: loss {loss.item():.3f}, val accuracy {acc:.1%}")
         if acc > best:
             best, best_state = acc, {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
-    test_acc = float((predict(model, xte)[0].argmax(1) == yte).float().mean())
+    test_acc = _accuracy(predict(model, xte)[0], yte)
     cfg = {
         "kind": "digit-classifier",
         "classes": list(DIGITS),
@@ -259,25 +268,31 @@ def train_classifier(data_dir: str | Path, out: str | Path | None = None, epochs
     return cfg
 
 
-def load_classifier(path: str | Path) -> tuple[DigitClassifier, dict]:
+def load_classifier(path: str | Path, sample_rate: int | None = None) -> tuple[DigitClassifier, dict]:
     """(model in eval mode, its config) from a folder written by `train_classifier` (safetensors +
-    JSON, nothing unpickled). Raises FileNotFoundError or ValueError for a folder that is not one."""
+    JSON, nothing unpickled). Raises FileNotFoundError or ValueError for a folder that is not one, and
+    ValueError when `sample_rate` (Hz, the audio it will score) is given and is not the classifier's."""
     path = Path(path)
     cfg = json.loads((path / CONFIG).read_text())
     if cfg.get("kind") != "digit-classifier":
         raise ValueError(f"{path}: not a digit classifier (kind {cfg.get('kind')!r})")
+    if sample_rate is not None and sample_rate != cfg["sample_rate"]:
+        raise ValueError(f"{path} classifies {cfg['sample_rate']} Hz audio, not {sample_rate} Hz")
     model = DigitClassifier(tuple(cfg["widths"]), len(cfg["classes"]))
     model.load_state_dict(load_file(str(path / WEIGHTS)))
     return model.eval(), cfg
 
 
-def sample_scores(model: DigitClassifier, clips: torch.Tensor, reference: torch.Tensor | None = None) -> dict:
+def sample_scores(model: DigitClassifier, clips: torch.Tensor, reference: torch.Tensor | None = None,
+                  labels: torch.Tensor | None = None) -> dict:  # fmt: skip
     """The four measures (and the share of clips whose top class has p ≥ 0.9, and the top-class
-    histogram) for `clips` (n ≥ 2, clip_len) float32; FID against `reference` clips when given."""
+    histogram) for `clips` (n ≥ 2, clip_len) float32; FID against `reference` clips when given, and
+    "accuracy" when the clips' `labels` (n,) are."""
     p, f = predict(model, clips)
     top = p.argmax(1)
     out = {
         "clips": len(clips),
+        **({} if labels is None else {"accuracy": _accuracy(p, labels)}),
         "inception_score": inception_score(p.numpy()),
         "modified_inception_score": modified_inception_score(p.numpy()),
         "am_score": am_score(p.numpy()),
@@ -298,23 +313,19 @@ def _score(args) -> dict:
     from model.card import AUDIO_BOS, generate
     from model.sampling import SamplingParams
 
-    clf, ccfg = load_classifier(args.classifier)
-    test, _ = labelled_clips(Dataset(args.data), "test")
     net = load(args.checkpoint)
     cfg = net.config
     if cfg.modality != "audio":
         raise ValueError(f"{args.checkpoint} is a {cfg.modality} model; score audio checkpoints")
-    if cfg.sample_rate != ccfg["sample_rate"]:
-        raise ValueError(
-            f"the model samples at {cfg.sample_rate} Hz, the classifier at {ccfg['sample_rate']}"
-        )
+    clf, ccfg = load_classifier(args.classifier, cfg.sample_rate)
+    test, _ = labelled_clips(Dataset(args.data), "test")
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             min_p=args.min_p, seed=args.seed)  # fmt: skip
     rec = net.to_recurrent()
     t0 = time.perf_counter()
     outs = generate(rec, [[AUDIO_BOS]] * args.samples, ccfg["clip_len"], params)
     mu = MuLaw(cfg.mulaw)
-    gen = torch.from_numpy(np.stack([mu.decode(np.array(o)) for o in outs]).astype(np.float32))
+    gen = as_batch([mu.decode(np.array(o)) for o in outs])
     sampling = {k: getattr(params, k) for k in ("temperature", "top_k", "top_p", "min_p")}
     res = {"checkpoint": str(args.checkpoint), **sampling, "seed": args.seed,
            "generate_s": time.perf_counter() - t0, **sample_scores(clf, gen, test)}  # fmt: skip
@@ -336,8 +347,7 @@ def _reference(args) -> dict:
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.clips]
         x, y = x[keep], y[keep]
     ref, _ = labelled_clips(data, against)
-    accuracy = float((predict(clf, x)[0].argmax(1) == y).float().mean())
-    return {"split": args.split, "fid_against": against, "accuracy": accuracy, **sample_scores(clf, x, ref)}
+    return {"split": args.split, "fid_against": against, **sample_scores(clf, x, ref, labels=y)}
 
 
 SPLIT_NAMES = ("train", "val", "test")

@@ -466,7 +466,6 @@ def main(argv: list[str] | None = None, build_model: Callable[[dict], nn.Module]
     )
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    distributed = False
     try:
         metrics = train(cfg, build_model, fresh=args.fresh, dump_grads=args.dump_grads, stop_at=args.stop_at)
     finally:

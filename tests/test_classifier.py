@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,13 +156,15 @@ def test_classifier_refuses_what_it_cannot_use(three_class_data, tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps({"kind": "sequence-model"}))
     with pytest.raises(ValueError, match="not a digit classifier"):
         load_classifier(tmp_path / "ckpt")
+    root = Path(__file__).resolve().parent.parent / "checkpoints" / "digit-classifier"
+    with pytest.raises(ValueError, match="classifies 8000 Hz audio, not 16000 Hz"):
+        load_classifier(root, sample_rate=16000)
 
 
 def test_the_shipped_classifier_hears_the_held_out_clips_beside_audio_digits():
     """checkpoints/digit-classifier on the 8 test clips (held-out voices, spread over the split) that
     audio-digits keeps in eval_slice/ with their digits: all named right, and its recorded accuracies
     are the ones its card states."""
-    from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent / "checkpoints"
     model, cfg = load_classifier(root / "digit-classifier")
