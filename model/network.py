@@ -171,13 +171,16 @@ class SequenceModel(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
 
-    def forward(self, tokens: torch.Tensor, ssms: list[SSMFn] | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, ssms: list[SSMFn] | None = None, logits: str = "all"):
         """tokens (B, L) → logits (B, L, V) in conv mode, at any L (each layer's kernel is computed for
-        the length given); with `ssms`, any leading shape."""
+        the length given); with `ssms`, any leading shape. logits="last": the last position's only,
+        (B, 1, V); "none": None (the final norm and head are not run)."""
         x = self.embed(tokens) * self.config.embed_scale  # (B, L, H)
         for i, block in enumerate(self.blocks):
             x = block(x, None if ssms is None else ssms[i])
-        return self.head(self.norm(x))  # (B, L, V)
+        if logits == "none":
+            return None
+        return self.head(self.norm(x if logits == "all" else x[..., -1:, :]))  # (B, L or 1, V)
 
     def kernels(self) -> list[SSMKernel]:
         return [b.layer.kernel for b in self.blocks]

@@ -12,14 +12,16 @@ eigenvectors) falls back to the exact O(N·r) DPLR step; if that fails too, conv
 
 Precision: conversion is float64 and states are float32 whatever the weights' dtype. The rest of the
 network (embedding, LayerNorms, linear layers, head) runs in the weights' dtype (float32, bfloat16,
-float16 or float64); each SSM step/prefill takes its input in float32 and hands its output back in that
-dtype; logits come out as float32. The whole network is then verified *at that dtype*: its step and its
-prefill over a probe of tokens must reproduce float64 conv-mode logits within `LOGITS_TOL[dtype]`.
+float16 or float64); each SSM step takes its input in float32 and hands its output back in that dtype
+(the prefill takes and returns that dtype, computing in float32); logits come out as float32. The whole
+network is then verified *at that dtype*: its step and its prefill over a probe of tokens must reproduce
+float64 conv-mode logits within `LOGITS_TOL[dtype]`.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
 
 import torch
@@ -40,6 +42,7 @@ NET_STEP_MAX_BATCH = 256  # batches up to this size step the whole network in on
 # prompts up to this long take the C step's recurrent form layer by layer (fused.NetStep.prefill), faster
 # than the parallel form's FFT convolutions up to ~512 tokens on one thread (2026-11-30: 19 vs 25 ms at 256)
 PREFILL_BY_STEPS_MAX_TOKENS = 512
+LOGITS_KINDS = ("all", "last", "none")  # prefill(..., logits=): which positions' logits come back
 
 
 VERIFY_TOKENS = 256  # the network check's probe: 2 sequences of min(this, l_max) tokens
@@ -98,13 +101,16 @@ def pad_fused_params(form, M: int) -> None:
     """Prepare a CPU layer form for the fused step: its parameters zero-padded along the mode axis to M
     modes (a model's state holds max-over-layers modes) and their C pointers. A padded mode has
     μ = b = c = 0 (diagonal) or D⁻¹ = P = Q = 0 (DPLR), so it stays 0 and adds nothing; the fused step
-    then runs over the whole padded state. Raises ValueError unless the parameters are float32 on CPU."""
+    then runs over the whole padded state. Also builds the C prefill's tables (`fused_prefill_tables`;
+    None, the torch prefill, where the C vector width does not divide H). Raises ValueError unless the
+    parameters are float32 on CPU."""
     padded = tuple(
         p if p is getattr(form, "Minv", None) or form.M == M
         else torch.nn.functional.pad(p, (0, M - form.M)).contiguous()
         for p in form._fused_params
     )  # fmt: skip
     form._fused_params, form._fused_ptrs = padded, fused.pointers(*padded)
+    form._prefill_c = fused_prefill_tables(form, fused.library().ssm_prefill_width())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +212,69 @@ def _unblock(Y: torch.Tensor, Bsz: int, L: int, p: int) -> torch.Tensor:
     return Y.reshape(H, Bsz, -1)[..., p:].permute(1, 2, 0).contiguous()
 
 
+def _lanes(x: torch.Tensor, vw: int) -> torch.Tensor:
+    """(H, …) → (H/vw, …, vw) contiguous: the channel's lane innermost (the fused prefill's layout)."""
+    return x.reshape(x.shape[0] // vw, vw, *x.shape[1:]).movedim(1, -1).contiguous()
+
+
+def fused_prefill_tables(form, vw: int) -> tuple | None:
+    """The torch prefill tables of `form` in the C prefill's layout (`_fused_prefill`), the channel's lane
+    innermost and the N real coordinates zero-padded to a multiple of 8: K (G, T, vw), in (G, T, Np, vw),
+    out (G, Np, T, vw), and μ^T (G, Np, vw) per mode (diagonal) or (Ā^T)ᵀ (G, Np, Np, vw) (DPLR), for
+    G = H / vw channel groups; None when vw does not divide H. float32, ≈ H·T·2Np·4 bytes."""
+    H, T, N = form.H, form.T, 2 * form.M
+    if not vw or H % vw:
+        return None
+    pad = -N % 8
+    if form.form == "diagonal":
+        tr = torch.nn.functional.pad(torch.view_as_real(form._mu_pow(T)).reshape(H, N), (0, pad))
+    else:
+        tr = torch.nn.functional.pad(form.A_bin_t[-1], (0, pad, 0, pad))
+    return (
+        _lanes(form.conv_tab[:, 0, :], vw),  # K_t: row 0 of the Toeplitz matrix
+        _lanes(torch.nn.functional.pad(form.in_tab, (0, pad)), vw),
+        _lanes(torch.nn.functional.pad(form.out_tab, (0, 0, 0, pad)), vw),
+        _lanes(tr, vw),
+    )
+
+
+def _fused_prefill(form, u: torch.Tensor, x0r: torch.Tensor | None, x1r: torch.Tensor | None):
+    """The parallel form of `form` in one C pass on the (B, L, H) layout (model/csrc/ssm_step.c
+    `ssm_prefill`: the same blocks and tables as the torch form, in float32; no transposes, no dtype
+    casts, the scan fused), using the tables `pad_fused_params` built (`form._prefill_c`).
+
+    u (B, L, H) float32 or bfloat16, contiguous, on CPU; x0r, x1r (B, H, N) float32 real coordinates
+    (the state at the prompt's start and Ā^{T−p} of it, p = −L mod T; both None for a zero start)
+    → y (B, L, H) in u's dtype (bfloat16: rounded to nearest even, as .to()) and the final state
+    (B, H, N) float32 in the form's real coordinates. Raises RuntimeError if the C call refuses."""
+    Bsz, L, H = u.shape
+    T, N = form.T, 2 * form.M
+    Np = N + (-N % 8)
+    y = torch.empty_like(u)
+    xL = torch.empty(Bsz, H, Np)
+
+    def padded(x):
+        return None if x is None else torch.nn.functional.pad(x, (0, Np - N)).contiguous()
+
+    x0p, x1p = padded(x0r), padded(x1r)
+    ptr, n = ctypes.c_void_p, ctypes.c_long
+    rc = fused.library().ssm_prefill(
+        n(Bsz), n(L), n(H), n(Np), n(T), n(-L % T), n(0 if form.form == "diagonal" else 1),
+        n(u.dtype == torch.bfloat16), ptr(u.data_ptr()), ptr(y.data_ptr()),
+        *(ptr(t.data_ptr()) for t in form._prefill_c),
+        ptr(None if x0p is None else x0p.data_ptr()), ptr(None if x1p is None else x1p.data_ptr()),
+        ptr(xL.data_ptr()), n(torch.get_num_threads()),
+    )  # fmt: skip
+    if rc:
+        raise RuntimeError(f"ssm_prefill refused its arguments ({rc})")
+    return y, xL[..., :N]
+
+
+def _c_prefill_applies(form, u: torch.Tensor) -> bool:
+    c_dtypes = (torch.float32, torch.bfloat16)
+    return form._prefill_c is not None and u.device.type == "cpu" and u.dtype in c_dtypes
+
+
 class DiagonalSSM:
     """x ← μ ⊙ x + b u,  y = 2 Re Σ c x  (complex64 state (B, H, M))."""
 
@@ -224,6 +293,7 @@ class DiagonalSSM:
         self.cr, self.ci = self.c2.real.contiguous(), self.c2.imag.contiguous()
         self._fused_params = (self.mur, self.mui, self.br, self.bi, self.cr, self.ci)
         self._fused_ptrs = ()  # set by pad_fused_params when the model runs the fused CPU step
+        self._prefill_c = None  # the C prefill's tables (fused_prefill_tables), set by pad_fused_params
         self.H, self.M = mu.shape
         self.device = device
         self._prefill_tables(device)
@@ -286,8 +356,10 @@ class DiagonalSSM:
         return out
 
     def prefill(self, u: torch.Tensor, x0: torch.Tensor, x0_is_zero: bool = False):
-        """u (B, L, H) float32, x0 (B, H, M) complex64 → y (B, L, H) float32, x_L (B, H, M) complex64;
-        parallel in L, float32 only, memory O(B·H·L + H·M·CHUNK).
+        """u (B, L, H) (any float dtype; the arithmetic is float32), x0 (B, H, M) complex64 → y (B, L, H) in
+        u's dtype, x_L (B, H, M) complex64; parallel in L, float32 only, memory O(B·H·L + H·M·CHUNK).
+        On CPU with the C step built (`pad_fused_params`), float32 or bfloat16 u runs `_fused_prefill`: the
+        same blocks in one C pass on the (B, L, H) layout; otherwise the torch ops below.
 
         The prompt is front-padded to n blocks of T = CHUNK. Per block (all at once): y = the block's own
         inputs convolved with K_0..K_{T−1} (FFT of size 2T, kernel transform cached) + c̃ μ^{t+1} times
@@ -295,6 +367,16 @@ class DiagonalSSM:
         one matmul too; only the n-step scan x ← μ^T x + z is sequential (elementwise)."""
         Bsz, L, H = u.shape
         T, M = self.T, self.M
+        if L == 0:
+            return u.new_empty(Bsz, 0, H), x0.clone()
+        if _c_prefill_applies(self, u):
+            x0r = x1r = None
+            if not x0_is_zero:
+                x0r = torch.view_as_real(x0).reshape(Bsz, H, 2 * M)
+                x1r = torch.view_as_real(self._mu_pow(T - (-L % T)) * x0).reshape(Bsz, H, 2 * M)
+            y, xL = _fused_prefill(self, u.contiguous(), x0r, x1r)
+            return y, torch.view_as_complex(xL.reshape(Bsz, H, M, 2).contiguous())
+        dtype, u = u.dtype, u.float()
         U, n, p = _blocks(u, T)
         Z = torch.view_as_complex(torch.bmm(U, self.in_tab).view(H, Bsz, n, M, 2))
         S = torch.empty(H, Bsz, n + 1, M, dtype=C64, device=u.device)  # state at each block's start
@@ -311,7 +393,7 @@ class DiagonalSSM:
         if not x0_is_zero:  # block 0: c̃ μ^{t+1} x0 at the prompt's positions t < T − p
             x0r = torch.view_as_real(x0.transpose(0, 1)).reshape(H, Bsz, 2 * M)
             Y.view(H, Bsz, n, T)[:, :, 0, p:] += torch.bmm(x0r, self.out_tab[..., : T - p])
-        return _unblock(Y, Bsz, L, p), S[:, :, n].transpose(0, 1)
+        return _unblock(Y, Bsz, L, p).to(dtype), S[:, :, n].transpose(0, 1)
 
 
 class DPLRStep:
@@ -348,6 +430,7 @@ class DPLRStep:
                               self.Qi, self.cr, self.ci)  # fmt: skip
         # raw pointers for the fused step (pad_fused_params); the tensors stay alive in this object
         self._fused_ptrs = ()
+        self._prefill_c = None  # the C prefill's tables (fused_prefill_tables), set by pad_fused_params
         self.H, self.M, self.device = H, N2, device
         # real-coordinate tables for the blocked prefill (float64 → float32: the request path is float32)
         self.Abar64, self.Bbar64 = Abar, Bbar  # for the state bound
@@ -410,17 +493,24 @@ class DPLRStep:
         return xi
 
     def prefill(self, u: torch.Tensor, x0: torch.Tensor, x0_is_zero: bool = False):
-        """u (B, L, H) float32, x0 (B, H, N/2) complex64 → y (B, L, H) float32, x_L (B, H, N/2) complex64;
-        as `DiagonalSSM.prefill` in the real coordinates ξ = [Re x; Im x]: blocks of T, the scan is
-        ξ ← Ā^T ξ + z (one batched matvec per block)."""
+        """u (B, L, H) (any float dtype; float32 arithmetic), x0 (B, H, N/2) complex64 → y (B, L, H) in u's
+        dtype, x_L (B, H, N/2) complex64; as `DiagonalSSM.prefill` (the C pass included) in the real
+        coordinates ξ = [Re x; Im x]: blocks of T, the scan ξ ← Ā^T ξ + z (one batched matvec per block)."""
         Bsz, L, H = u.shape
         T, N = self.T, 2 * self.M
+        if L == 0:
+            return u.new_empty(Bsz, 0, H), x0.clone()
+        x0r = None if x0_is_zero else torch.cat([x0.real, x0.imag], dim=-1).transpose(0, 1)  # (H, B, N)
+        if _c_prefill_applies(self, u):
+            x1r = None if x0r is None else self._advance(x0r.contiguous(), T - (-L % T)).transpose(0, 1)
+            y, xi = _fused_prefill(self, u.contiguous(), None if x0r is None else x0r.transpose(0, 1), x1r)
+            return y, torch.complex(xi[..., : self.M], xi[..., self.M :])
+        dtype, u = u.dtype, u.float()
         U, n, p = _blocks(u, T)
         Z = torch.bmm(U, self.in_tab).view(H, Bsz, n, N)
         S = torch.empty(H, Bsz, n + 1, N, device=u.device)
         S[:, :, 0] = 0
         x = Z[:, :, 0]
-        x0r = None if x0_is_zero else torch.cat([x0.real, x0.imag], dim=-1).transpose(0, 1)  # (H, B, N)
         if x0r is not None:
             x = x + self._advance(x0r, T - p)
         S[:, :, 1] = x
@@ -431,7 +521,7 @@ class DPLRStep:
         if x0r is not None:
             Y.view(H, Bsz, n, T)[:, :, 0, p:] += torch.bmm(x0r, self.out_tab[..., : T - p])
         xi = S[:, :, n].transpose(0, 1)
-        return _unblock(Y, Bsz, L, p), torch.complex(xi[..., : self.M], xi[..., self.M :])
+        return _unblock(Y, Bsz, L, p).to(dtype), torch.complex(xi[..., : self.M], xi[..., self.M :])
 
 
 def impulse_response(form, L: int) -> torch.Tensor:
@@ -679,15 +769,18 @@ class RecurrentModel:
         shape[dim] = missing
         return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
-    def _run(self, tokens: torch.Tensor, layer_ssm) -> torch.Tensor:
+    def _run(self, tokens: torch.Tensor, layer_ssm, any_dtype: bool = False, logits: str = "all"):
         """The network with layer i's SSM replaced by layer_ssm(i, form, u) → y; the SSM gets u in
-        float32 and its y goes back in the weights' dtype; float32 logits."""
+        float32 and its y goes back in the weights' dtype (any_dtype: layer_ssm takes u in the weights'
+        dtype and returns y in it, computing in float32 itself); float32 logits of the positions
+        `logits` names (SequenceModel.forward), or None."""
 
         def ssm(i, form, u):
-            return layer_ssm(i, form, u.float()).to(u.dtype)
+            return layer_ssm(i, form, u) if any_dtype else layer_ssm(i, form, u.float()).to(u.dtype)
 
         ssms = [functools.partial(ssm, i, form) for i, form in enumerate(self.layers)]
-        return self.net(tokens, ssms=ssms).float()
+        out = self.net(tokens, ssms=ssms, logits=logits)
+        return None if out is None else out.float()
 
     def _step_fused(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None):
         state = state.contiguous()
@@ -767,15 +860,19 @@ class RecurrentModel:
         return self._net_step.block(K, state, tokens, **rows)
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, state: torch.Tensor):
-        """tokens (B, L) → logits (B, L, V) and the state after the last token, parallel over L
-        (on CPU, with the whole-network C step, a prompt of at most `prefill_by_steps_max_tokens`
+    def prefill(self, tokens: torch.Tensor, state: torch.Tensor, logits: str = "all"):
+        """tokens (B, L) → logits and the state after the last token, parallel over L. `logits`: "all"
+        (B, L, V) float32, "last" (B, 1, V) (the next token's), or "none" (None: the head is not run; a
+        server ingesting a prompt needs only the state).
+        On CPU, with the whole-network C step, a prompt of at most `prefill_by_steps_max_tokens`
         tokens takes its recurrent form layer by layer instead, `fused.NetStep.prefill`: faster there,
         and bit-identical to stepping it, its rows split between the calling thread's OpenMP threads; the
-        two forms agree to float32 rounding). The parallel form runs with `prefill_threads` torch threads
-        in the calling thread (restored after), float32 only, in blocks of CHUNK tokens
-        (`DiagonalSSM.prefill`). Raises ValueError for bad shapes or dtypes."""
+        two forms agree to float32 rounding. The parallel form runs with `prefill_threads` torch threads
+        in the calling thread (restored after), the SSMs in float32, in blocks of CHUNK tokens
+        (`DiagonalSSM.prefill`). Raises ValueError for bad shapes or dtypes or an unknown `logits`."""
         self._check(tokens, state, 2)
+        if logits not in LOGITS_KINDS:
+            raise ValueError(f"logits must be one of {LOGITS_KINDS}, got {logits!r}")
         B, L = tokens.shape
         if (
             self._net_step is not None
@@ -785,17 +882,18 @@ class RecurrentModel:
             # a short prompt: the recurrent form layer by layer in C (fused.NetStep.prefill: bit-identical
             # to L steps) costs less than the parallel form's fixed cost
             new = state.contiguous().clone()
-            return self._net_step.prefill(tokens, new), new
+            out = self._net_step.prefill(tokens, new)
+            return {"all": out, "last": out[:, -1:], "none": None}[logits], new
         threads = torch.get_num_threads()  # a per-thread setting (OpenMP): other threads keep theirs
         if self.prefill_threads and self.prefill_threads != threads:
             torch.set_num_threads(self.prefill_threads)
         try:
-            return self._prefill(tokens, state)
+            return self._prefill(tokens, state, logits)
         finally:
             if torch.get_num_threads() != threads:
                 torch.set_num_threads(threads)
 
-    def _prefill(self, tokens: torch.Tensor, state: torch.Tensor):
+    def _prefill(self, tokens: torch.Tensor, state: torch.Tensor, logits: str = "all"):
         # Skipping the x0 terms is exact when every row's x0 is 0 (they would add exact zeros), so this
         # switch cannot change any row's result, whatever another row holds (NaN ≠ 0: no skip).
         x0_is_zero = bool((state == 0).all())
@@ -807,4 +905,4 @@ class RecurrentModel:
             new.append(self._pad(torch.stack([xL.real, xL.imag], dim=-2), 3))
             return y
 
-        return self._run(tokens, layer_ssm), torch.stack(new)
+        return self._run(tokens, layer_ssm, any_dtype=True, logits=logits), torch.stack(new)

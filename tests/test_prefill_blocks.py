@@ -1,5 +1,6 @@
 """The blocked prefill (model.recurrent, blocks of CHUNK) equals stepping at lengths around the block
-boundaries, from a zero and a nonzero state, for the diagonal and the DPLR forms; it does no float64 work."""
+boundaries, from a zero and a nonzero state, for the diagonal and the DPLR forms, in its C pass and in its
+torch ops; it does no float64 work."""
 
 import pytest
 import torch
@@ -25,18 +26,22 @@ def converted(request):
     return r
 
 
-@pytest.fixture(params=["matmul", "fft"])
+@pytest.fixture(params=["c", "matmul", "fft"])
 def rec(converted, request):
-    """The in-block convolution by the Toeplitz matmul (the default) or by the cached-transform FFT."""
+    """The blocks in one C pass (`_fused_prefill`, the default on CPU), or the torch ops with the in-block
+    convolution by the Toeplitz matmul or by the cached-transform FFT."""
     r = converted
-    tabs = [f.conv_tab for f in r.layers]
-    if request.param == "fft":
-        for f in r.layers:
+    saved = [(f.conv_tab, f._prefill_c) for f in r.layers]
+    assert all(c is not None for _, c in saved), "the C prefill should apply to these models"
+    for f in r.layers:
+        if request.param != "c":
+            f._prefill_c = None
+        if request.param == "fft":
             f.conv_tab = None
     r.prefill_by_steps_max_tokens = 0  # the parallel form at every length
     yield r
-    for f, t in zip(r.layers, tabs):
-        f.conv_tab = t
+    for f, (t, c) in zip(r.layers, saved):
+        f.conv_tab, f._prefill_c = t, c
 
 
 @pytest.mark.parametrize("L", LENGTHS)
@@ -73,3 +78,21 @@ def test_prefill_does_no_float64_work(rec):
     with Spy():
         rec.prefill(tokens, state)
     assert not seen, f"float64 tensors reached {sorted(set(seen))}"
+
+
+@pytest.mark.parametrize("L", [5, 3 * CHUNK + 1])  # the C step's recurrent form, the parallel form
+def test_prefill_logits_last_and_none(converted, L):
+    """logits="last" is the last position of "all" (the head on one row: float32 rounding of another GEMM
+    blocking) and "none" returns None; the state is the same bits whichever is asked; unknown: ValueError."""
+    rec = converted
+    rec.prefill_by_steps_max_tokens = 512
+    tokens = torch.randint(0, 32, (2, L), generator=torch.Generator().manual_seed(L))
+    state = rec.init_state(2)
+    every, s_all = rec.prefill(tokens, state)
+    last, s_last = rec.prefill(tokens, state, logits="last")
+    none, s_none = rec.prefill(tokens, state, logits="none")
+    assert every.shape == (2, L, 32) and last.shape == (2, 1, 32) and none is None
+    assert float((last - every[:, -1:]).norm() / every[:, -1:].norm()) <= 1e-6
+    assert torch.equal(s_all, s_last) and torch.equal(s_all, s_none)
+    with pytest.raises(ValueError, match="logits"):
+        rec.prefill(tokens, state, logits="first")

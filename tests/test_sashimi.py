@@ -436,3 +436,19 @@ def test_conv_mode_training_runs_and_the_loss_falls(tmp_path):
     x = torch.tensor([list(b"to be or not to be")])
     with torch.no_grad():
         assert rel(rec.prefill(x, rec.init_state(1))[0], net(x)) <= 1e-4
+
+
+def test_prefill_logits_last_and_none(trained_net):
+    """As the isotropic model's: "last" is the last row of "all", "none" is None, the state the same bits,
+    for rows at different phases too."""
+    rec = trained_net.to_recurrent()
+    state = torch.cat([rec.prefill(torch.randint(0, V, (1, n)), rec.init_state(1))[1] for n in (0, 3)])
+    tokens = torch.randint(0, V, (2, 37))
+    every, s_all = rec.prefill(tokens, state)
+    last, s_last = rec.prefill(tokens, state, logits="last")
+    none, s_none = rec.prefill(tokens, state, logits="none")
+    assert last.shape == (2, 1, V) and none is None
+    assert rel(last, every[:, -1:]) <= 1e-6
+    assert torch.equal(s_all, s_last) and torch.equal(s_all, s_none)
+    with pytest.raises(ValueError, match="logits"):
+        rec.prefill(tokens, state, logits="every")

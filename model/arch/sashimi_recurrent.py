@@ -29,6 +29,7 @@ from model import fused
 from model.arch.sashimi import S4Block, SaShiMi
 from model.recurrent import (
     F64,
+    LOGITS_KINDS,
     LOGITS_TOL,
     STATE_BOUND_SLACK,
     VERIFY_TOKENS,
@@ -458,24 +459,31 @@ class SaShiMiRecurrent:
         return self._prefill_blocks(f"up.{k}.blocks", blocks, y, st) + y
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor, state: torch.Tensor):
-        """tokens (B, T) long, state (B, numel) float32 → logits (B, T, V) and the state after the
-        last token; parallel over T at every level, for any T and any starting state (rows at
-        different phases are run in groups of equal phase)."""
+    def prefill(self, tokens: torch.Tensor, state: torch.Tensor, logits: str = "all"):
+        """tokens (B, T) long, state (B, numel) float32 → logits and the state after the last token;
+        parallel over T at every level, for any T and any starting state (rows at different phases are
+        run in groups of equal phase). `logits` as `RecurrentModel.prefill`: "all" (B, T, V), "last"
+        (B, 1, V) or "none" (None). Raises ValueError for bad shapes or an unknown `logits`."""
         self._check(tokens, state, 2)
+        if logits not in LOGITS_KINDS:
+            raise ValueError(f"logits must be one of {LOGITS_KINDS}, got {logits!r}")
         B, T = tokens.shape
         new = state.contiguous().clone()
         tau = self.phases(new)
-        logits = torch.empty(B, T, self.config.vocab_size, device=self.device)
+        out = None
+        if logits != "none":
+            rows_out = T if logits == "all" else min(T, 1)
+            out = torch.empty(B, rows_out, self.config.vocab_size, device=self.device)
         if T == 0:
-            return logits, new
+            return out, new
         for t0 in torch.unique(tau).tolist():
             rows = (tau == t0).nonzero()[:, 0]
             whole = len(rows) == B
             st = new if whole else new[rows]
             y = self._prefill_level(0, self._embed(tokens[rows]), t0, st)
             self.layout.view(st, "phase")[:, 0] = float((t0 + T) % self.period)
-            logits[rows] = self.net.head(self.net.norm(y))
+            if out is not None:
+                out[rows] = self.net.head(self.net.norm(y if logits == "all" else y[:, -1:]))
             if not whole:
                 new[rows] = st
-        return logits, new
+        return out, new

@@ -1189,3 +1189,193 @@ long sashimi_block(const SNet *net, long K, long Btot, float *state, long *tok, 
                         stop_first, stop_off, stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out, stopped,
                         times, interrupt, group_rows, group_steps);
 }
+
+/* ---------------------------------------------------------------------------------------------
+ * The parallel form of one SSM layer over a prompt (model/recurrent.py `DiagonalSSM.prefill`,
+ * `DPLRStep.prefill`: the same block decomposition and tables), fused and in the network's own
+ * (B, L, H) layout, so the (B, L, H) ↔ (H, B, L) transposes, the dtype casts around them and the
+ * n-step scan all go.
+ *
+ * The prompt is front-padded with p zeros to n = (L + p) / T blocks of T. For each row b and group of
+ * VW = LIN_VW channels (one vector lane per channel), blocks are taken in order with the state ξ at
+ * the block's start in registers and L1 (N real coordinates × VW):
+ *   y_t = Σ_{j ≤ t} K_{t−j} u_j + Σ_k out[k, t] ξ_k                 (t < T; the block's outputs)
+ *   ξ'_m = Σ_j in[j, m] u_j + (Ā^T ξ)_m                              (the state at the next block)
+ * Ā^T is μ^T per complex mode (form 0: coordinates (Re, Im) interleaved, tr (N) = (Re μ^T, Im μ^T) per
+ * mode) or a dense real N × N matrix (form 1: tr[k, m], ξ'_m = Σ_k ξ_k tr[k, m]). Block 0 starts
+ * from 0 and the caller's x0 enters as in the torch form: y_{p+t} += Σ_k out[k, t] x0_k, and
+ * ξ after block 0 += x1 = Ā^{T−p} x0 (computed by the caller).
+ *
+ * Layouts (G = H / VW channel groups; every table float32, the lane, i.e. the channel in the group,
+ * innermost): ktab (G, T, VW), intab (G, T, N, VW), outtab (G, N, T, VW), tr (G, N, VW) or
+ * (G, N, N, VW); u and y (B, L, H) float32 (bf16 = 0) or bfloat16 (bf16 = 1: read exactly, written
+ * rounded to nearest even as torch's .to(torch.bfloat16); a NaN is written as 0x7FC0); x0 and x1 (B, H, N) or NULL;
+ * xL (B, H, N) the state after the prompt. T and N are multiples of 8 and H of VW (the caller pads N
+ * with zero rows and columns). Returns 0, or -1 when those do not hold, -2 out of memory. */
+long ssm_prefill_width(void) { return LIN_VW; }
+
+typedef uint32_t uvec __attribute__((vector_size(4 * LIN_VW)));
+typedef uint16_t hvec __attribute__((vector_size(2 * LIN_VW)));
+
+static inline fv ld_act(const void *p, long i, int bf16) {
+    if (!bf16) return ldv((const float *)p + i);
+    hvec h;
+    __builtin_memcpy(&h, (const uint16_t *)p + i, sizeof h);
+    return (fv)(__builtin_convertvector(h, uvec) << 16);
+}
+static inline void st_act(void *p, long i, fv v, int bf16) {
+    if (!bf16) {
+        stv((float *)p + i, v);
+        return;
+    }
+    const uvec b = (uvec)v;
+    const uvec nan = (b & 0x7fffffffu) > 0x7f800000u; /* all ones where NaN */
+    const uvec r = ((b + 0x7fffu + ((b >> 16) & 1u)) >> 16 & ~nan) | (0x7fc0u & nan);
+    const hvec h = __builtin_convertvector(r, hvec);
+    __builtin_memcpy((uint16_t *)p + i, &h, sizeof h);
+}
+
+#define SP_NB 4 /* blocks at a time: each table vector loaded feeds SP_NB FMAs */
+
+/* row b, group g: all blocks in order, SP_NB at a time (their state increments, then the SP_NB-step scan,
+ * then their outputs); buf holds SP_NB·(2T + 2N) + 3N vectors */
+static void ssm_prefill_group(long L, long H, long N, long T, long p, long form, int bf16, const void *u, void *y,
+                              const float *kt, const float *it, const float *ot, const float *tr,
+                              const float *x0, const float *x1, float *xL, long b, long g, fv *buf) {
+    const long VW = LIN_VW, n = (L + p) / T, h0 = g * VW;
+    fv *ub = buf, *yb = ub + SP_NB * T, *Z = yb + SP_NB * T, *X = Z + SP_NB * N, *xc = X + SP_NB * N;
+    fv *x0g = xc + N, *x1g = x0g + N;
+    for (long k = 0; k < N; k++) {
+        xc[k] = (fv){0};
+        for (long l = 0; l < VW; l++) {
+            x0g[k][l] = x0 ? x0[(b * H + h0 + l) * N + k] : 0.0f;
+            x1g[k][l] = x1 ? x1[(b * H + h0 + l) * N + k] : 0.0f;
+        }
+    }
+    for (long c0 = 0; c0 < n; c0 += SP_NB) {
+        const long nb = n - c0 < SP_NB ? n - c0 : SP_NB;
+        for (long i = 0; i < SP_NB; i++)
+            for (long t = 0; t < T; t++) {
+                const long pos = (c0 + i) * T + t - p;
+                ub[i * T + t] = i < nb && pos >= 0 ? ld_act(u, (b * L + pos) * H + h0, bf16) : (fv){0};
+            }
+        /* Z_i = Σ_j in[j, ·] u_ij: each block's state increment */
+        for (long m0 = 0; m0 < N; m0 += 4) {
+            fv acc[SP_NB][4];
+            for (int i = 0; i < SP_NB; i++)
+                for (int q = 0; q < 4; q++) acc[i][q] = (fv){0};
+            for (long j = 0; j < T; j++) {
+                const float *w = it + (j * N + m0) * VW;
+                const fv w0 = ldv(w), w1 = ldv(w + VW), w2 = ldv(w + 2 * VW), w3 = ldv(w + 3 * VW);
+                for (int i = 0; i < SP_NB; i++) {
+                    const fv uj = ub[i * T + j];
+                    acc[i][0] = fmav(w0, uj, acc[i][0]);
+                    acc[i][1] = fmav(w1, uj, acc[i][1]);
+                    acc[i][2] = fmav(w2, uj, acc[i][2]);
+                    acc[i][3] = fmav(w3, uj, acc[i][3]);
+                }
+            }
+            for (int i = 0; i < SP_NB; i++)
+                for (int q = 0; q < 4; q++) Z[i * N + m0 + q] = acc[i][q];
+        }
+        /* the scan: X_i = the state at block c0 + i's start; xc then the state after the last */
+        for (long i = 0; i < nb; i++) {
+            fv *xi = X + i * N;
+            for (long k = 0; k < N; k++) xi[k] = xc[k];
+            const fv *zi = Z + i * N;
+            if (c0 + i == 0) {
+                for (long k = 0; k < N; k++) xc[k] = zi[k] + x1g[k];
+            } else if (form == 0) {
+                for (long k = 0; k < N; k += 2) {
+                    const fv ar = ldv(tr + k * VW), ai = ldv(tr + (k + 1) * VW);
+                    const fv xr = xi[k], xm = xi[k + 1];
+                    xc[k] = fmav(ar, xr, -(ai * xm)) + zi[k];
+                    xc[k + 1] = fmav(ar, xm, ai * xr) + zi[k + 1];
+                }
+            } else {
+                for (long m0 = 0; m0 < N; m0 += 8) {
+                    fv acc[8];
+                    for (int q = 0; q < 8; q++) acc[q] = (fv){0};
+                    for (long k = 0; k < N; k++) {
+                        const fv xk = xi[k];
+                        const float *a = tr + (k * N + m0) * VW;
+                        for (int q = 0; q < 8; q++) acc[q] = fmav(ldv(a + q * VW), xk, acc[q]);
+                    }
+                    for (int q = 0; q < 8; q++) xc[m0 + q] = acc[q] + zi[m0 + q];
+                }
+            }
+        }
+        for (long i = nb; i < SP_NB; i++)
+            for (long k = 0; k < N; k++) X[i * N + k] = (fv){0};
+        /* outputs: y_it = Σ_{j ≤ t} K_{t−j} u_ij + Σ_k out[k, t] X_ik, 4 positions at a time */
+        for (long t0 = 0; t0 < T; t0 += 4) {
+            fv acc[SP_NB][4];
+            for (int i = 0; i < SP_NB; i++)
+                for (int q = 0; q < 4; q++) acc[i][q] = (fv){0};
+            for (long j = 0; j < t0; j++) {
+                const float *kk = kt + (t0 - j) * VW;
+                const fv k0 = ldv(kk), k1 = ldv(kk + VW), k2 = ldv(kk + 2 * VW), k3 = ldv(kk + 3 * VW);
+                for (int i = 0; i < SP_NB; i++) {
+                    const fv uj = ub[i * T + j];
+                    acc[i][0] = fmav(k0, uj, acc[i][0]);
+                    acc[i][1] = fmav(k1, uj, acc[i][1]);
+                    acc[i][2] = fmav(k2, uj, acc[i][2]);
+                    acc[i][3] = fmav(k3, uj, acc[i][3]);
+                }
+            }
+            for (int jj = 0; jj < 4; jj++)
+                for (int i = 0; i < SP_NB; i++) {
+                    const fv uj = ub[i * T + t0 + jj];
+                    for (int q = jj; q < 4; q++) acc[i][q] = fmav(ldv(kt + (q - jj) * VW), uj, acc[i][q]);
+                }
+            for (long k = 0; k < N; k++) {
+                const float *o = ot + (k * T + t0) * VW;
+                const fv o0 = ldv(o), o1 = ldv(o + VW), o2 = ldv(o + 2 * VW), o3 = ldv(o + 3 * VW);
+                for (int i = 0; i < SP_NB; i++) {
+                    const fv xk = X[i * N + k];
+                    acc[i][0] = fmav(o0, xk, acc[i][0]);
+                    acc[i][1] = fmav(o1, xk, acc[i][1]);
+                    acc[i][2] = fmav(o2, xk, acc[i][2]);
+                    acc[i][3] = fmav(o3, xk, acc[i][3]);
+                }
+            }
+            for (int i = 0; i < SP_NB; i++)
+                for (int q = 0; q < 4; q++) yb[i * T + t0 + q] = acc[i][q];
+        }
+        if (c0 == 0 && x0) /* block 0: the prompt's start state, at the prompt's positions t ≥ p */
+            for (long t = p; t < T; t++)
+                for (long k = 0; k < N; k++) yb[t] = fmav(ldv(ot + (k * T + t - p) * VW), x0g[k], yb[t]);
+        for (long i = 0; i < nb; i++)
+            for (long t = 0; t < T; t++) {
+                const long pos = (c0 + i) * T + t - p;
+                if (pos >= 0) st_act(y, (b * L + pos) * H + h0, yb[i * T + t], bf16);
+            }
+    }
+    for (long k = 0; k < N; k++)
+        for (long l = 0; l < VW; l++) xL[(b * H + h0 + l) * N + k] = xc[k][l];
+}
+
+long ssm_prefill(long B, long L, long H, long N, long T, long p, long form, long bf16, const void *u, void *y,
+                 const float *ktab, const float *intab, const float *outtab, const float *tr, const float *x0,
+                 const float *x1, float *xL, long nthreads) {
+    const long VW = LIN_VW;
+    if (T <= 0 || T % 8 || N <= 0 || N % 8 || H % VW || p < 0 || p >= T || (L + p) % T || (form != 0 && form != 1))
+        return -1;
+    const long G = H / VW, items = B * G;
+    const long tr_size = form == 0 ? N * VW : N * N * VW;
+    long rc = 0;
+#pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1) reduction(min : rc)
+    {
+        fv *buf = aligned_alloc(64, sizeof(fv) * (size_t)(SP_NB * (2 * T + 2 * N) + 3 * N));
+        if (!buf) rc = -2;
+#pragma omp for schedule(static)
+        for (long item = 0; item < items; item++) {
+            if (!buf) continue;
+            const long b = item / G, g = item % G;
+            ssm_prefill_group(L, H, N, T, p, form, (int)bf16, u, y, ktab + g * T * VW, intab + g * T * N * VW,
+                              outtab + g * N * T * VW, tr + g * tr_size, x0, x1, xL, b, g, buf);
+        }
+        free(buf);
+    }
+    return rc;
+}
