@@ -579,7 +579,10 @@ class Engine:
             toks = torch.tensor([p for _, p in group], device=dev)  # (G, L)
             # rows of one group may be at different points of their sequences (for SaShiMi, different
             # pooling phases: its prefill runs rows of equal phase together, each as if alone)
-            logits, x = self.rec.prefill(toks, self.pool.rows(slots))
+            # the logits only where prompt log-probabilities were asked for: the prompt's last token is
+            # stepped by the decode (Job.ingest), so ingestion itself needs only the state
+            want = "all" if any(job.targets for job, _ in group) else "none"
+            logits, x = self.rec.prefill(toks, self.pool.rows(slots), logits=want)
             self.pool.put_rows(slots, x)
             for g, (job, piece) in enumerate(group):
                 if job.targets:  # prompt log-probabilities: position i predicts the token after it

@@ -38,9 +38,9 @@ class Recorder:
     def __getattr__(self, name):
         return getattr(self._rec, name)
 
-    def prefill(self, tokens, state):
+    def prefill(self, tokens, state, **kw):
         self.events.append(("prefill", tokens.shape[0], tokens.shape[1]))
-        return self._rec.prefill(tokens, state)
+        return self._rec.prefill(tokens, state, **kw)
 
     def step(self, tokens, state, out=None):
         self.events.append(("step", tokens.shape[0]))

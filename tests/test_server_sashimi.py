@@ -95,9 +95,9 @@ def test_every_phase_alone_and_in_one_mixed_batch_equals_the_reference(srv, sash
     phases_seen: list[int] = []  # distinct pooling phases among the rows of each prefill call
     prefill = rec.prefill
 
-    def counting_prefill(tokens, state):
+    def counting_prefill(tokens, state, **kw):
         phases_seen.append(len(set(rec.phases(state).tolist())))
-        return prefill(tokens, state)
+        return prefill(tokens, state, **kw)
 
     rec.prefill = counting_prefill  # the engine thread calls rec.prefill: observe it, change nothing
     client = httpx.Client(base_url=srv.url)

@@ -325,9 +325,9 @@ def _held_turns(client, server, poison: float | None, seed: int) -> tuple[list[i
     rec = engine.rec
     real_prefill = rec.prefill
 
-    def recorded(tokens, state):
+    def recorded(tokens, state, **kw):
         shapes.append(tuple(tokens.shape))
-        return real_prefill(tokens, state)
+        return real_prefill(tokens, state, **kw)
 
     rec.prefill = recorded
     threads = [threading.Thread(target=turn, args=(s,)) for s in (good, bad)]
