@@ -188,6 +188,8 @@ def load_model(
             f"this one has {net.config.vocab_size}"
         )
     rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=getattr(torch, settings.dtype))
+    if hasattr(rec, "prefill_threads"):  # RecurrentModel: its parallel prefill's torch threads
+        rec.prefill_threads = settings.prefill_threads
     use_cuda_graphs(rec, settings, path.name)
     warm_up(rec, min(8, settings.max_batch_size))
     model_id = model_id or path.name

@@ -110,3 +110,24 @@ def test_an_invalid_dtype_is_refused_at_startup_naming_the_setting():
     run = subprocess.run([sys.executable, "-m", "server", "--dtype", "float8"], env=env, capture_output=True,
                          text=True, timeout=120, cwd=ROOT, check=False)  # fmt: skip
     assert run.returncode == 2 and "argument --dtype: invalid choice: 'float8'" in run.stderr
+
+
+def test_prefill_threads_reach_the_model_and_are_range_checked(model_dirs):
+    """S4_PREFILL_THREADS (the 16k-token goal's configuration is bfloat16 weights on 2 threads): the served
+    model's parallel prefill runs with them and gives the 1-thread result within bfloat16 rounding."""
+    settings = Settings(
+        checkpoints=[str(model_dirs["text"])], dtype="bfloat16", max_sessions=2, prefill_threads=2
+    )
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert not failed
+    rec = models[TEXT].rec
+    assert rec.prefill_threads == 2
+    tokens = torch.randint(0, 256, (1, 700))  # > 512: the parallel form
+    two, s2 = rec.prefill(tokens, rec.init_state(1), logits="last")
+    rec.prefill_threads = 1
+    one, s1 = rec.prefill(tokens, rec.init_state(1), logits="last")
+    assert float((two - one).norm() / one.norm()) <= LOGITS_TOL[torch.bfloat16]
+    assert float((s2 - s1).norm() / s1.norm()) <= LOGITS_TOL[torch.bfloat16]
+    for bad in (-1, 1025):
+        with pytest.raises(ValidationError, match="prefill_threads"):
+            Settings(prefill_threads=bad)
