@@ -23,12 +23,15 @@ warm, this tree's prefill of the shipped text model against the parameter-matche
 position table is grown to the prompt's length; random weights: the time does not depend on them),
 alternated, for each weight dtype (float32, bfloat16: `S4_DTYPE`) and torch thread count (1: the server's
 `prefill_threads`; 2: the whole VM). Both models run the same dtype and threads in each pair; the S4 SSM
-itself stays float32.
+itself stays float32. Alternated with them: the S4 prefill without logits ("s4_ingest", `logits="none"`:
+what the server runs to ingest a prompt, whose last token the decode steps) and with the SSM blocks in
+torch ops instead of the C pass ("s4_torch_ssm", the code before `_fused_prefill`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
 import statistics
@@ -242,8 +245,12 @@ def versus_transformer(
             s4_params = rec.net.num_params()
             tf_params = TransformerLM(matched_config()).num_params()  # at its trained positions
 
-            def run_s4(rec=rec) -> None:
-                rec.prefill(tok, rec.init_state(1))
+            c_tables = [f._prefill_c for f in rec.layers]
+
+            def run_s4(rec=rec, logits="all", c=True) -> None:
+                for f, t in zip(rec.layers, c_tables):
+                    f._prefill_c = t if c else None
+                rec.prefill(tok, rec.init_state(1), logits=logits)
 
             @torch.inference_mode()
             def run_tf(tf=tf) -> None:
@@ -252,25 +259,36 @@ def versus_transformer(
             for n in threads:
                 torch.set_num_threads(n)
                 rec.prefill_threads = n
-                samples: dict[str, list[float]] = {"s4": [], "transformer": []}
-                run_s4(), run_tf()  # warm-up at L
+                runs = [
+                    ("s4", run_s4),
+                    ("s4_ingest", functools.partial(run_s4, logits="none")),
+                    ("s4_torch_ssm", functools.partial(run_s4, c=False)),
+                    ("transformer", run_tf),
+                ]
+                samples: dict[str, list[float]] = {key: [] for key, _ in runs}
+                for _, fn in runs:
+                    fn()  # warm-up at L
                 for i in range(reps):
-                    pair = [("s4", run_s4), ("transformer", run_tf)]
-                    for key, fn in pair if i % 2 == 0 else pair[::-1]:
+                    for key, fn in runs if i % 2 == 0 else runs[::-1]:
                         samples[key].append(_timed(fn))
-                row = {"dtype": name, "threads": n, "length": L, "batch": 1, "reps": reps,
-                       "s4_params": s4_params, "transformer_params_at_trained_positions": tf_params,
-                       "s4_samples": samples["s4"], "transformer_samples": samples["transformer"],
-                       "s4_s": statistics.median(samples["s4"]),
-                       "transformer_s": statistics.median(samples["transformer"])}  # fmt: skip
-                row["s4_tokens_per_s"] = L / row["s4_s"]
-                row["transformer_tokens_per_s"] = L / row["transformer_s"]
+                row = dict(dtype=name, threads=n, length=L, batch=1, reps=reps, s4_params=s4_params)
+                row["transformer_params_at_trained_positions"] = tf_params
+                for key, _ in runs:
+                    row[f"{key}_samples"] = samples[key]
+                    row[f"{key}_s"] = statistics.median(samples[key])
+                    row[f"{key}_tokens_per_s"] = L / row[f"{key}_s"]
                 row["transformer_over_s4"] = row["transformer_s"] / row["s4_s"]
+                row["torch_ssm_over_c"] = row["s4_torch_ssm_s"] / row["s4_s"]
                 out.append(row)
-                s4, tf = (f"{row[k + '_s'] * 1e3:7.1f} ms ({row[k + '_tokens_per_s']:7.0f} tok/s)"
-                          for k in ("s4", "transformer"))  # fmt: skip
+                s4, ing, old, tf = (
+                    f"{row[k + '_s'] * 1e3:6.1f} ms ({row[k + '_tokens_per_s'] / 1e3:5.1f}k tok/s)"
+                    for k, _ in runs
+                )
                 ratio = row["transformer_over_s4"]
-                print(f"{name:8s} {n} thread(s): S4 {s4}, Transformer {tf}: {ratio:.1f}x", flush=True)
+                print(f"{name:8s} {n} thread(s): S4 {s4}, ingest (no logits) {ing}, torch SSM {old}, "
+                      f"Transformer {tf}: {ratio:.1f}x", flush=True)  # fmt: skip
+            for f, t in zip(rec.layers, c_tables):
+                f._prefill_c = t
     finally:
         torch.set_num_threads(before)
     return {"checkpoint": str(CHECKPOINT.relative_to(ROOT)), "goal_ratio": GOAL_OVER_TRANSFORMER,
@@ -313,10 +331,14 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     if vs:
         ax = axes[1]
         xs = range(len(vs["rows"]))
-        for i, key in enumerate(("s4", "transformer")):
-            ax.bar([x + i * 0.4 for x in xs], [r[f"{key}_tokens_per_s"] for r in vs["rows"]], 0.4, label=key)
+        kinds = ("s4", "s4_ingest", "s4_torch_ssm", "transformer")
+        keys = [k for k in kinds if f"{k}_tokens_per_s" in vs["rows"][0]]
+        w = 0.8 / len(keys)
+        for i, key in enumerate(keys):
+            ax.bar([x + i * w for x in xs], [r[f"{key}_tokens_per_s"] for r in vs["rows"]], w, label=key)
         ax.axhline(vs["goal_tokens_per_s"], color="k", ls="--", lw=1, label="goal (S4)")
-        ax.set_xticks([x + 0.2 for x in xs], [f"{r['dtype']}\n{r['threads']} thr" for r in vs["rows"]])
+        ticks = [f"{r['dtype']}\n{r['threads']} thr" for r in vs["rows"]]
+        ax.set_xticks([x + 0.4 - w / 2 for x in xs], ticks)
         ax.set_ylabel(f"warm prefill tokens/s, {vs['rows'][0]['length']} × 1")
         ax.set_title("S4 vs the parameter-matched Transformer", fontsize=9)
         ax.legend(fontsize=8)
