@@ -1237,6 +1237,19 @@ static inline void st_act(void *p, long i, fv v, int bf16) {
 
 #define SP_NB 4 /* blocks at a time: each table vector loaded feeds SP_NB FMAs */
 
+/* acc[i][q] += w[q] · v[i·vs] for the SP_NB blocks i and q < 4: four table vectors at w (VW apart), each
+ * loaded once for SP_NB FMAs, and one vector of each block at v */
+static inline __attribute__((always_inline)) void fma_4xnb(fv acc[SP_NB][4], const float *w, const fv *v, long vs) {
+    const fv w0 = ldv(w), w1 = ldv(w + LIN_VW), w2 = ldv(w + 2 * LIN_VW), w3 = ldv(w + 3 * LIN_VW);
+    for (int i = 0; i < SP_NB; i++) {
+        const fv x = v[i * vs];
+        acc[i][0] = fmav(w0, x, acc[i][0]);
+        acc[i][1] = fmav(w1, x, acc[i][1]);
+        acc[i][2] = fmav(w2, x, acc[i][2]);
+        acc[i][3] = fmav(w3, x, acc[i][3]);
+    }
+}
+
 /* row b, group g: all blocks in order, SP_NB at a time (their state increments, then the SP_NB-step scan,
  * then their outputs); buf holds SP_NB·(2T + 2N) + 3N vectors */
 static void ssm_prefill_group(long L, long H, long N, long T, long p, long form, int bf16, const void *u, void *y,
@@ -1264,17 +1277,7 @@ static void ssm_prefill_group(long L, long H, long N, long T, long p, long form,
             fv acc[SP_NB][4];
             for (int i = 0; i < SP_NB; i++)
                 for (int q = 0; q < 4; q++) acc[i][q] = (fv){0};
-            for (long j = 0; j < T; j++) {
-                const float *w = it + (j * N + m0) * VW;
-                const fv w0 = ldv(w), w1 = ldv(w + VW), w2 = ldv(w + 2 * VW), w3 = ldv(w + 3 * VW);
-                for (int i = 0; i < SP_NB; i++) {
-                    const fv uj = ub[i * T + j];
-                    acc[i][0] = fmav(w0, uj, acc[i][0]);
-                    acc[i][1] = fmav(w1, uj, acc[i][1]);
-                    acc[i][2] = fmav(w2, uj, acc[i][2]);
-                    acc[i][3] = fmav(w3, uj, acc[i][3]);
-                }
-            }
+            for (long j = 0; j < T; j++) fma_4xnb(acc, it + (j * N + m0) * VW, ub + j, T);
             for (int i = 0; i < SP_NB; i++)
                 for (int q = 0; q < 4; q++) Z[i * N + m0 + q] = acc[i][q];
         }
@@ -1312,33 +1315,13 @@ static void ssm_prefill_group(long L, long H, long N, long T, long p, long form,
             fv acc[SP_NB][4];
             for (int i = 0; i < SP_NB; i++)
                 for (int q = 0; q < 4; q++) acc[i][q] = (fv){0};
-            for (long j = 0; j < t0; j++) {
-                const float *kk = kt + (t0 - j) * VW;
-                const fv k0 = ldv(kk), k1 = ldv(kk + VW), k2 = ldv(kk + 2 * VW), k3 = ldv(kk + 3 * VW);
-                for (int i = 0; i < SP_NB; i++) {
-                    const fv uj = ub[i * T + j];
-                    acc[i][0] = fmav(k0, uj, acc[i][0]);
-                    acc[i][1] = fmav(k1, uj, acc[i][1]);
-                    acc[i][2] = fmav(k2, uj, acc[i][2]);
-                    acc[i][3] = fmav(k3, uj, acc[i][3]);
-                }
-            }
+            for (long j = 0; j < t0; j++) fma_4xnb(acc, kt + (t0 - j) * VW, ub + j, T);
             for (int jj = 0; jj < 4; jj++)
                 for (int i = 0; i < SP_NB; i++) {
                     const fv uj = ub[i * T + t0 + jj];
                     for (int q = jj; q < 4; q++) acc[i][q] = fmav(ldv(kt + (q - jj) * VW), uj, acc[i][q]);
                 }
-            for (long k = 0; k < N; k++) {
-                const float *o = ot + (k * T + t0) * VW;
-                const fv o0 = ldv(o), o1 = ldv(o + VW), o2 = ldv(o + 2 * VW), o3 = ldv(o + 3 * VW);
-                for (int i = 0; i < SP_NB; i++) {
-                    const fv xk = X[i * N + k];
-                    acc[i][0] = fmav(o0, xk, acc[i][0]);
-                    acc[i][1] = fmav(o1, xk, acc[i][1]);
-                    acc[i][2] = fmav(o2, xk, acc[i][2]);
-                    acc[i][3] = fmav(o3, xk, acc[i][3]);
-                }
-            }
+            for (long k = 0; k < N; k++) fma_4xnb(acc, ot + (k * T + t0) * VW, X + k, N);
             for (int i = 0; i < SP_NB; i++)
                 for (int q = 0; q < 4; q++) yb[i * T + t0 + q] = acc[i][q];
         }
