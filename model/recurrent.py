@@ -271,6 +271,8 @@ def _fused_prefill(form, u: torch.Tensor, x0r: torch.Tensor | None, x1r: torch.T
 
 
 def _c_prefill_applies(form, u: torch.Tensor) -> bool:
+    """Whether `form.prefill(u, …)` runs the C pass: its tables were built (CPU, C step available, vector
+    width divides H) and u is a float32 or bfloat16 CPU tensor (float16 and float64 take the torch ops)."""
     c_dtypes = (torch.float32, torch.bfloat16)
     return form._prefill_c is not None and u.device.type == "cpu" and u.dtype in c_dtypes
 
@@ -357,9 +359,11 @@ class DiagonalSSM:
 
     def prefill(self, u: torch.Tensor, x0: torch.Tensor, x0_is_zero: bool = False):
         """u (B, L, H) (any float dtype; the arithmetic is float32), x0 (B, H, M) complex64 → y (B, L, H) in
-        u's dtype, x_L (B, H, M) complex64; parallel in L, float32 only, memory O(B·H·L + H·M·CHUNK).
+        u's dtype, x_L (B, H, M) complex64; parallel in L, no float64 work, memory O(B·H·L + H·M·CHUNK).
         On CPU with the C step built (`pad_fused_params`), float32 or bfloat16 u runs `_fused_prefill`: the
-        same blocks in one C pass on the (B, L, H) layout; otherwise the torch ops below.
+        same blocks in one C pass on the (B, L, H) layout; otherwise the torch ops below. An empty prompt
+        or batch (L = 0 or B = 0) returns an empty y and x0. Raises RuntimeError if the C pass refuses its
+        arguments (it does not for any shape this method passes).
 
         The prompt is front-padded to n blocks of T = CHUNK. Per block (all at once): y = the block's own
         inputs convolved with K_0..K_{T−1} (FFT of size 2T, kernel transform cached) + c̃ μ^{t+1} times
@@ -367,8 +371,8 @@ class DiagonalSSM:
         one matmul too; only the n-step scan x ← μ^T x + z is sequential (elementwise)."""
         Bsz, L, H = u.shape
         T, M = self.T, self.M
-        if L == 0:
-            return u.new_empty(Bsz, 0, H), x0.clone()
+        if L == 0 or Bsz == 0:
+            return u.new_empty(Bsz, L, H), x0.clone()
         if _c_prefill_applies(self, u):
             x0r = x1r = None
             if not x0_is_zero:
@@ -498,8 +502,8 @@ class DPLRStep:
         coordinates ξ = [Re x; Im x]: blocks of T, the scan ξ ← Ā^T ξ + z (one batched matvec per block)."""
         Bsz, L, H = u.shape
         T, N = self.T, 2 * self.M
-        if L == 0:
-            return u.new_empty(Bsz, 0, H), x0.clone()
+        if L == 0 or Bsz == 0:
+            return u.new_empty(Bsz, L, H), x0.clone()
         x0r = None if x0_is_zero else torch.cat([x0.real, x0.imag], dim=-1).transpose(0, 1)  # (H, B, N)
         if _c_prefill_applies(self, u):
             x1r = None if x0r is None else self._advance(x0r.contiguous(), T - (-L % T)).transpose(0, 1)
@@ -862,8 +866,8 @@ class RecurrentModel:
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, state: torch.Tensor, logits: str = "all"):
         """tokens (B, L) → logits and the state after the last token, parallel over L. `logits`: "all"
-        (B, L, V) float32, "last" (B, 1, V) (the next token's), or "none" (None: the head is not run; a
-        server ingesting a prompt needs only the state).
+        (B, L, V) float32, "last" (B, min(L, 1), V) (the next token's), or "none" (None: the head is not
+        run; a server ingesting a prompt needs only the state).
         On CPU, with the whole-network C step, a prompt of at most `prefill_by_steps_max_tokens`
         tokens takes its recurrent form layer by layer instead, `fused.NetStep.prefill`: faster there,
         and bit-identical to stepping it, its rows split between the calling thread's OpenMP threads; the

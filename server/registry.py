@@ -229,8 +229,9 @@ def load_models(
     sys.setswitchinterval(settings.gil_switch_ms / 1e3)
     if settings.dtype != "float32" and device == "cpu":
         log.warning(
-            "S4_DTYPE=%s on CPU: verified like any dtype, but slower than float32 (the whole-network C "
-            "step is float32-only; torch's CPU half-precision ops are slower); meant for GPUs",
+            "S4_DTYPE=%s on CPU: verified like any dtype; decoding is slower than in float32 (the "
+            "whole-network C step is float32-only), a long prompt's parallel prefill faster in bfloat16 "
+            "where the CPU has AVX512-BF16 (README, Prefill); SaShiMi models serve float32 only",
             settings.dtype,
         )
     models: dict[str, ServedModel] = {}

@@ -57,7 +57,7 @@ def test_c_prefill_matches_torch_ops(form, L, B, start):
 
 
 @pytest.mark.parametrize("c", [True, False], ids=["c", "torch"])
-def test_an_empty_prompt_leaves_the_state(form, c):
+def test_an_empty_prompt_leaves_the_state_and_no_rows_is_empty(form, c):
     x0 = torch.randn(2, form.H, form.M, dtype=torch.complex64)
     saved = form._prefill_c
     form._prefill_c = saved if c else None
@@ -66,6 +66,8 @@ def test_an_empty_prompt_leaves_the_state(form, c):
     finally:
         form._prefill_c = saved
     assert y.shape == (2, 0, form.H) and torch.equal(xL, x0)
+    y, xL = form.prefill(torch.zeros(0, 5, form.H), x0[:0], False)  # no rows
+    assert y.shape == (0, 5, form.H) and xL.shape == (0, form.H, form.M)
 
 
 @pytest.mark.parametrize("L", [CHUNK + 1, 5 * CHUNK - 2])

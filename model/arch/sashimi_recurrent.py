@@ -463,7 +463,7 @@ class SaShiMiRecurrent:
         """tokens (B, T) long, state (B, numel) float32 → logits and the state after the last token;
         parallel over T at every level, for any T and any starting state (rows at different phases are
         run in groups of equal phase). `logits` as `RecurrentModel.prefill`: "all" (B, T, V), "last"
-        (B, 1, V) or "none" (None). Raises ValueError for bad shapes or an unknown `logits`."""
+        (B, min(T, 1), V) or "none" (None). Raises ValueError for bad shapes or an unknown `logits`."""
         self._check(tokens, state, 2)
         if logits not in LOGITS_KINDS:
             raise ValueError(f"logits must be one of {LOGITS_KINDS}, got {logits!r}")
