@@ -178,7 +178,7 @@ class Settings(BaseSettings):
         le=1024,
         description="torch threads of a prompt chunk's parallel prefill (isotropic models, chunks over 512 "
         "tokens or weights not float32; 0: the engine thread's torch setting): 2 on a dedicated 2-core box "
-        "ingest 16k tokens 1.5–1.9× faster, but stall while another process takes a core; 1 degrades no "
+        "ingest 16k tokens 1.5–2.0× faster, but stall while another process takes a core; 1 degrades no "
         "more than decoding does",
     )
     gil_switch_ms: float = Field(
