@@ -263,12 +263,12 @@ class NetStep:
         return (self.embed, self.layers, self.lnf_w, self.lnf_b, self.head, self.head_b, self.eps)
 
     def _run(
-        self, what: str, fn, dims: tuple[int, ...], tokens: torch.Tensor, *buffers: torch.Tensor
+        self, what: str, fn, dims: tuple[int, ...], tokens: torch.Tensor, *buffers: torch.Tensor | None
     ) -> None:
         """fn(dims…, tokens, the weights…, buffers…) for `net_step` and `net_prefill`; ValueError naming
         `what` on a nonzero code."""
         args = [ctypes.c_long(v) for v in dims] + [ctypes.c_void_p(tokens.data_ptr()), *self._weight_args()]
-        rc = fn(*args, *(ctypes.c_void_p(t.data_ptr()) for t in buffers))
+        rc = fn(*args, *(ctypes.c_void_p(None if t is None else t.data_ptr()) for t in buffers))
         if rc != 0:
             raise ValueError(
                 f"fused network {what} failed (code {rc}: > 1024 modes, rank > 4, or out of memory)"
@@ -283,18 +283,20 @@ class NetStep:
         self._run("step", self.lib.net_step, dims, tokens, state, out, logits)
         return logits
 
-    def prefill(self, tokens: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    def prefill(self, tokens: torch.Tensor, state: torch.Tensor, logits: str = "all") -> torch.Tensor | None:
         """tokens (B, L) int64, state (n_layers, B, H, 2, M) contiguous float32, updated in place → logits
-        (B, L, V) of every position: ssm_step.c `net_prefill`, the prompt layer by layer (the linear
-        layers over all B·L positions at once), bit-identical to L calls of this step. Raises ValueError
-        when the C code fails (over its mode or rank limits, out of memory)."""
+        float32 (B, L, V) of every position ("all"), (B, min(L, 1), V) of the last ("last"), or None
+        ("none": the final norm and head are skipped): ssm_step.c `net_prefill`, the prompt layer by layer
+        (the linear layers over all B·L positions at once), bit-identical to L calls of this step. Raises
+        ValueError when the C code fails (over its mode or rank limits, out of memory)."""
         B, L = tokens.shape
         tokens = tokens.contiguous().long()
-        logits = torch.empty(B, L, self.V)
+        head = {"all": 0, "last": 1, "none": 2}[logits]
+        out = None if head == 2 else torch.empty(B, L if head == 0 else min(L, 1), self.V)
         if B * L:
-            self._run("prefill", self.lib.net_prefill, (B, L, self.H, self.V, self.n_layers, self.M), tokens,
-                      state, logits)  # fmt: skip
-        return logits
+            dims = (B, L, self.H, self.V, self.n_layers, self.M, head)
+            self._run("prefill", self.lib.net_prefill, dims, tokens, state, out)
+        return out
 
     def block(self, K: int, state: torch.Tensor, tok: torch.Tensor, **rows) -> BlockResult:
         """Up to K decode steps of the whole batch in one C call (ssm_step.c `net_block`): step →

@@ -886,8 +886,7 @@ class RecurrentModel:
             # a short prompt: the recurrent form layer by layer in C (fused.NetStep.prefill: bit-identical
             # to L steps) costs less than the parallel form's fixed cost
             new = state.contiguous().clone()
-            out = self._net_step.prefill(tokens, new)
-            return {"all": out, "last": out[:, -1:], "none": None}[logits], new
+            return self._net_step.prefill(tokens, new, logits), new
         threads = torch.get_num_threads()  # a per-thread setting (OpenMP): other threads keep theirs
         if self.prefill_threads and self.prefill_threads != threads:
             torch.set_num_threads(self.prefill_threads)

@@ -82,8 +82,9 @@ def test_prefill_does_no_float64_work(rec):
 
 @pytest.mark.parametrize("L", [5, 3 * CHUNK + 1])  # the C step's recurrent form, the parallel form
 def test_prefill_logits_last_and_none(converted, L):
-    """logits="last" is the last position of "all" (the head on one row: float32 rounding of another GEMM
-    blocking) and "none" returns None; the state is the same bits whichever is asked; unknown: ValueError."""
+    """logits="last" is the last position of "all" (bit for bit in the C step's form; in the parallel form
+    the head on one row rounds as another GEMM blocking) and "none" returns None; the state is the same bits
+    whichever is asked; unknown: ValueError."""
     rec = converted
     rec.prefill_by_steps_max_tokens = 512
     tokens = torch.randint(0, 32, (2, L), generator=torch.Generator().manual_seed(L))
@@ -92,6 +93,8 @@ def test_prefill_logits_last_and_none(converted, L):
     last, s_last = rec.prefill(tokens, state, logits="last")
     none, s_none = rec.prefill(tokens, state, logits="none")
     assert every.shape == (2, L, 32) and last.shape == (2, 1, 32) and none is None
+    if L <= rec.prefill_by_steps_max_tokens:  # the C step layer by layer: row tiles never change bits
+        assert rec._net_step is not None and torch.equal(last, every[:, -1:])
     assert float((last - every[:, -1:]).norm() / every[:, -1:].norm()) <= 1e-6
     assert torch.equal(s_all, s_last) and torch.equal(s_all, s_none)
     with pytest.raises(ValueError, match="logits"):

@@ -846,8 +846,8 @@ static int net_rows_fn(const void *ctx, long B, long Btot, const long *rows, con
 
 /* Rows r0 .. r1 − 1 of net_prefill's B (their tokens, state rows and logits at their offsets in the whole
  * batch's), in the calling thread. */
-static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n_layers, long M, long F,
-                        const long *tokens, const float *embed, const NetLayer *layers, const float *lnf_w,
+static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n_layers, long M, long head,
+                        long F, const long *tokens, const float *embed, const NetLayer *layers, const float *lnf_w,
                         const float *lnf_b, const float *head_t, const float *head_b, float eps, float *state,
                         float *logits) {
     const long n = r1 - r0, N = n * L;
@@ -890,14 +890,23 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
                 }
         block_rest(N, H, Ly, x, u, y, o, f, eps);
     }
-    layer_norm(N, H, x, u, lnf_w, lnf_b, eps);
-    linear_t(N, H, V, u, head_t, head_b, logits + r0 * L * V);
+    if (head == 0) { /* every position */
+        layer_norm(N, H, x, u, lnf_w, lnf_b, eps);
+        linear_t(N, H, V, u, head_t, head_b, logits + r0 * L * V);
+    } else if (head == 1) { /* each row's last position; the norm over all rows as head 0 (layer_norm's bits
+                               depend on how the compiler specialized the call: one row alone differed by an ulp) */
+        layer_norm(N, H, x, u, lnf_w, lnf_b, eps);
+        for (long r = 0; r < n; r++)
+            linear_t(1, H, V, u + (r * L + L - 1) * H, head_t, head_b, logits + (r0 + r) * V);
+    }
     free(buf);
     return 0;
 }
 
 /* Prompt ingestion layer by layer in the recurrent form: B rows of L tokens each (tokens (B, L)), state
- * (n_layers, B, H, 2, M) updated in place, logits (B, L, V) of every position. Every position-wise op
+ * (n_layers, B, H, 2, M) updated in place, logits (B, L, V) of every position (head = 0), (B, 1, V) of
+ * each row's last (head = 1, bit-identical to those rows of head 0) or none (head = 2: the final norm
+ * and the head are skipped; logits may be NULL). Every position-wise op
  * (embedding, LayerNorm, GELU, the linear layers in row tiles, the head) runs over all of a thread's
  * positions at once; only the SSM recurrence runs token by token, one channel at a time (its 2M-float
  * state stays in L1 through the L tokens), a diagonal layer's for up to SSM_ROWS rows together (each 8
@@ -908,9 +917,9 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
  * Rows never interact: from 2 rows on they are split between the threads (omp_get_max_threads()), each
  * taking its share through the whole network with no barrier until the end; one row runs in the calling
  * thread. Returns 0, -1 (a DPLR layer over MAX_MODES modes or MAX_RANK) or -2 (out of memory). */
-int net_prefill(long B, long L, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
-                const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
-                const float *head_b, float eps, float *state, float *logits) {
+int net_prefill(long B, long L, long H, long V, long n_layers, long M, long head, const long *tokens,
+                const float *embed, const NetLayer *layers, const float *lnf_w, const float *lnf_b,
+                const float *head_t, const float *head_b, float eps, float *state, float *logits) {
     long F = 0;
     for (long l = 0; l < n_layers; l++) {
         if (!layer_fits(layers + l, M)) return -1;
@@ -918,13 +927,13 @@ int net_prefill(long B, long L, long H, long V, long n_layers, long M, const lon
     }
     const long nt = B >= 2 ? (omp_get_max_threads() < B ? omp_get_max_threads() : B) : 1;
     if (nt <= 1)
-        return prefill_rows(B, 0, B, L, H, V, n_layers, M, F, tokens, embed, layers, lnf_w, lnf_b, head_t, head_b,
-                            eps, state, logits);
+        return prefill_rows(B, 0, B, L, H, V, n_layers, M, head, F, tokens, embed, layers, lnf_w, lnf_b, head_t,
+                            head_b, eps, state, logits);
     int rc = 0;
 #pragma omp parallel num_threads(nt) reduction(min : rc)
     {
         const long t = omp_get_thread_num(), k = omp_get_num_threads();
-        rc = prefill_rows(B, B * t / k, B * (t + 1) / k, L, H, V, n_layers, M, F, tokens, embed, layers, lnf_w,
+        rc = prefill_rows(B, B * t / k, B * (t + 1) / k, L, H, V, n_layers, M, head, F, tokens, embed, layers, lnf_w,
                           lnf_b, head_t, head_b, eps, state, logits);
     }
     return rc;
