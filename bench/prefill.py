@@ -26,7 +26,8 @@ alternated, for each weight dtype (float32, bfloat16: `S4_DTYPE`) and torch thre
 `prefill_threads`; 2: the whole VM). Both models run the same dtype and threads in each pair; the S4 SSM
 itself stays float32. Alternated with them: the S4 prefill without logits ("s4_ingest", `logits="none"`:
 what the server runs to ingest a prompt, whose last token the decode steps) and with the SSM blocks in
-torch ops instead of the C pass ("s4_torch_ssm", the code before `_fused_prefill`).
+torch ops instead of the C pass ("s4_torch_ssm": the model converted with `fused_step=False`, the code
+before `_fused_prefill`; the parallel form at 16k either way).
 """
 
 from __future__ import annotations
@@ -242,16 +243,14 @@ def versus_transformer(
     try:
         for name in dtypes:
             dtype = getattr(torch, name)
-            rec = recurrent.RecurrentModel(load(str(CHECKPOINT)), dtype=dtype)
+            net = load(str(CHECKPOINT))
+            rec = recurrent.RecurrentModel(net, dtype=dtype)
+            rec_torch = recurrent.RecurrentModel(net, dtype=dtype, fused_step=False)  # the torch-op SSM
             tf = _matched_transformer(L, dtype)
             s4_params = rec.net.num_params()
             tf_params = TransformerLM(matched_config()).num_params()  # at its trained positions
 
-            c_tables = [f._prefill_c for f in rec.layers]
-
-            def run_s4(rec=rec, logits="all", c=True) -> None:
-                for f, t in zip(rec.layers, c_tables):
-                    f._prefill_c = t if c else None
+            def run_s4(rec=rec, logits="all") -> None:
                 rec.prefill(tok, rec.init_state(1), logits=logits)
 
             @torch.inference_mode()
@@ -260,11 +259,11 @@ def versus_transformer(
 
             for n in threads:
                 torch.set_num_threads(n)
-                rec.prefill_threads = n
+                rec.prefill_threads = rec_torch.prefill_threads = n
                 runs = [
                     ("s4", run_s4),
                     ("s4_ingest", functools.partial(run_s4, logits="none")),
-                    ("s4_torch_ssm", functools.partial(run_s4, c=False)),
+                    ("s4_torch_ssm", functools.partial(run_s4, rec_torch)),
                     ("transformer", run_tf),
                 ]
                 samples: dict[str, list[float]] = {key: [] for key, _ in runs}
@@ -289,8 +288,6 @@ def versus_transformer(
                 ratio = row["transformer_over_s4"]
                 print(f"{name:8s} {n} thread(s): S4 {s4}, ingest (no logits) {ing}, torch SSM {old}, "
                       f"Transformer {tf}: {ratio:.1f}x", flush=True)  # fmt: skip
-            for f, t in zip(rec.layers, c_tables):
-                f._prefill_c = t
     finally:
         torch.set_num_threads(before)
     return {"checkpoint": str(CHECKPOINT.relative_to(ROOT)), "goal_ratio": GOAL_OVER_TRANSFORMER,

@@ -101,9 +101,10 @@ def pad_fused_params(form, M: int) -> None:
     """Prepare a CPU layer form for the fused step: its parameters zero-padded along the mode axis to M
     modes (a model's state holds max-over-layers modes) and their C pointers. A padded mode has
     μ = b = c = 0 (diagonal) or D⁻¹ = P = Q = 0 (DPLR), so it stays 0 and adds nothing; the fused step
-    then runs over the whole padded state. Also builds the C prefill's tables (`fused_prefill_tables`;
-    None, the torch prefill, where the C vector width does not divide H). Raises ValueError unless the
-    parameters are float32 on CPU."""
+    then runs over the whole padded state. Also builds the C prefill's tables (`fused_prefill_tables`) and
+    drops the torch prefill's (in_tab, out_tab, conv_tab: 13.4 of the text model's 16 MiB per layer), which
+    they replace; where the C vector width does not divide H they stay None and the torch ops serve. Raises
+    ValueError unless the parameters are float32 on CPU."""
     padded = tuple(
         p if p is getattr(form, "Minv", None) or form.M == M
         else torch.nn.functional.pad(p, (0, M - form.M)).contiguous()
@@ -111,6 +112,8 @@ def pad_fused_params(form, M: int) -> None:
     )  # fmt: skip
     form._fused_params, form._fused_ptrs = padded, fused.pointers(*padded)
     form._prefill_c = fused_prefill_tables(form, fused.library().ssm_prefill_width())
+    if form._prefill_c is not None:  # the C pass serves every prefill of this form: the torch tables go
+        form.in_tab = form.out_tab = form.conv_tab = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,10 +246,16 @@ def _fused_prefill(form, u: torch.Tensor, x0r: torch.Tensor | None, x1r: torch.T
     `ssm_prefill`: the same blocks and tables as the torch form, in float32; no transposes, no dtype
     casts, the scan fused), using the tables `pad_fused_params` built (`form._prefill_c`).
 
-    u (B, L, H) float32 or bfloat16, contiguous, on CPU; x0r, x1r (B, H, N) float32 real coordinates
-    (the state at the prompt's start and Ā^{T−p} of it, p = −L mod T; both None for a zero start)
-    → y (B, L, H) in u's dtype (bfloat16: rounded to nearest even, as .to()) and the final state
-    (B, H, N) float32 in the form's real coordinates. Raises RuntimeError if the C call refuses."""
+    u (B, L, H) contiguous on CPU, float32 or bfloat16 (read and written as they are; other float dtypes
+    go through float32); x0r, x1r (B, H, N) float32 real coordinates (the state at the prompt's start and
+    Ā^{T−p} of it, p = −L mod T; both None for a zero start) → y (B, L, H) in u's dtype (bfloat16:
+    rounded to nearest even, as .to()) and the final state (B, H, N) float32 in the form's real
+    coordinates. Raises ValueError for a tensor off the CPU, RuntimeError if the C call refuses."""
+    if u.device.type != "cpu":
+        raise ValueError(f"the C prefill runs on CPU tensors, got one on {u.device}")
+    if u.dtype not in (torch.float32, torch.bfloat16):  # float16, float64: through float32
+        y, xL = _fused_prefill(form, u.float(), x0r, x1r)
+        return y.to(u.dtype), xL
     Bsz, L, H = u.shape
     T, N = form.T, 2 * form.M
     Np = N + (-N % 8)
@@ -268,13 +277,6 @@ def _fused_prefill(form, u: torch.Tensor, x0r: torch.Tensor | None, x1r: torch.T
     if rc:
         raise RuntimeError(f"ssm_prefill refused its arguments ({rc})")
     return y, xL[..., :N]
-
-
-def _c_prefill_applies(form, u: torch.Tensor) -> bool:
-    """Whether `form.prefill(u, …)` runs the C pass: its tables were built (CPU, C step available, vector
-    width divides H) and u is a float32 or bfloat16 CPU tensor (float16 and float64 take the torch ops)."""
-    c_dtypes = (torch.float32, torch.bfloat16)
-    return form._prefill_c is not None and u.device.type == "cpu" and u.dtype in c_dtypes
 
 
 class DiagonalSSM:
@@ -360,8 +362,8 @@ class DiagonalSSM:
     def prefill(self, u: torch.Tensor, x0: torch.Tensor, x0_is_zero: bool = False):
         """u (B, L, H) (any float dtype; the arithmetic is float32), x0 (B, H, M) complex64 → y (B, L, H) in
         u's dtype, x_L (B, H, M) complex64; parallel in L, no float64 work, memory O(B·H·L + H·M·CHUNK).
-        On CPU with the C step built (`pad_fused_params`), float32 or bfloat16 u runs `_fused_prefill`: the
-        same blocks in one C pass on the (B, L, H) layout; otherwise the torch ops below. An empty prompt
+        On CPU with the C step built (`pad_fused_params`) it runs `_fused_prefill`: the same blocks in one C
+        pass on the (B, L, H) layout; otherwise the torch ops below. An empty prompt
         or batch (L = 0 or B = 0) returns an empty y and x0. Raises RuntimeError if the C pass refuses its
         arguments (it does not for any shape this method passes).
 
@@ -373,7 +375,7 @@ class DiagonalSSM:
         T, M = self.T, self.M
         if L == 0 or Bsz == 0:
             return u.new_empty(Bsz, L, H), x0.clone()
-        if _c_prefill_applies(self, u):
+        if self._prefill_c is not None:
             x0r = x1r = None
             if not x0_is_zero:
                 x0r = torch.view_as_real(x0).reshape(Bsz, H, 2 * M)
@@ -505,7 +507,7 @@ class DPLRStep:
         if L == 0 or Bsz == 0:
             return u.new_empty(Bsz, L, H), x0.clone()
         x0r = None if x0_is_zero else torch.cat([x0.real, x0.imag], dim=-1).transpose(0, 1)  # (H, B, N)
-        if _c_prefill_applies(self, u):
+        if self._prefill_c is not None:
             x1r = None if x0r is None else self._advance(x0r.contiguous(), T - (-L % T)).transpose(0, 1)
             y, xi = _fused_prefill(self, u.contiguous(), None if x0r is None else x0r.transpose(0, 1), x1r)
             return y, torch.complex(xi[..., : self.M], xi[..., self.M :])

@@ -18,30 +18,36 @@ STATE_TOL = 1e-4  # ‖Δstate‖/‖state‖, as tests/test_recurrent.py
     params=[("s4d", "diag-inv", DiagonalSSM), ("s4", "legs", DPLRStep)],
     ids=["diagonal", "dplr"],
 )
-def converted(request):
+def converted_pair(request):
+    """One net converted twice: with the C step (its prefill the C pass) and without (the torch ops)."""
     kernel, init, form = request.param
     torch.manual_seed(0)
-    r = make(kernel, init, l_max=1024).eval().to_recurrent()
-    assert all(type(f) is form for f in r.layers)
-    return r
+    net = make(kernel, init, l_max=1024).eval()
+    r, t = net.to_recurrent(), net.to_recurrent(fused_step=False)
+    assert all(type(f) is form for f in r.layers + t.layers)
+    assert all(f._prefill_c is not None and f.in_tab is None for f in r.layers), "the C pass should apply"
+    assert all(f._prefill_c is None and f.in_tab is not None for f in t.layers)
+    return r, t
+
+
+@pytest.fixture
+def converted(converted_pair):
+    return converted_pair[0]
 
 
 @pytest.fixture(params=["c", "matmul", "fft"])
-def rec(converted, request):
+def rec(converted_pair, request):
     """The blocks in one C pass (`_fused_prefill`, the default on CPU), or the torch ops with the in-block
     convolution by the Toeplitz matmul or by the cached-transform FFT."""
-    r = converted
-    saved = [(f.conv_tab, f._prefill_c) for f in r.layers]
-    assert all(c is not None for _, c in saved), "the C prefill should apply to these models"
-    for f in r.layers:
-        if request.param != "c":
-            f._prefill_c = None
-        if request.param == "fft":
+    r = converted_pair[0] if request.param == "c" else converted_pair[1]
+    tabs = [f.conv_tab for f in r.layers]
+    if request.param == "fft":
+        for f in r.layers:
             f.conv_tab = None
     r.prefill_by_steps_max_tokens = 0  # the parallel form at every length
     yield r
-    for f, (t, c) in zip(r.layers, saved):
-        f.conv_tab, f._prefill_c = t, c
+    for f, t in zip(r.layers, tabs):
+        f.conv_tab = t
 
 
 @pytest.mark.parametrize("L", LENGTHS)

@@ -19,23 +19,25 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module", params=[("s4d", "diag-inv", DiagonalSSM), ("s4", "legs", DPLRStep)],
                 ids=["diagonal", "dplr"])  # fmt: skip
-def form(request):
+def pair(request):
+    """A layer of one net converted with the C step (its prefill the C pass; the torch tables dropped) and
+    without it (the torch ops)."""
     kernel, init, cls = request.param
     torch.manual_seed(0)
-    rec = make(kernel, init, l_max=1024).eval().to_recurrent()
-    f = rec.layers[0]
-    assert type(f) is cls and f._prefill_c is not None
-    return f
+    net = make(kernel, init, l_max=1024).eval()
+    f, t = net.to_recurrent().layers[0], net.to_recurrent(fused_step=False).layers[0]
+    assert type(f) is cls and f._prefill_c is not None and f.in_tab is None and f.conv_tab is None
+    assert type(t) is cls and t._prefill_c is None
+    return f, t
 
 
-def _both(form, u, x0, zero):
-    got = form.prefill(u, x0, zero)
-    saved, form._prefill_c = form._prefill_c, None
-    try:
-        want = form.prefill(u, x0, zero)
-    finally:
-        form._prefill_c = saved
-    return got, want
+@pytest.fixture(scope="module")
+def form(pair):
+    return pair[0]
+
+
+def _both(pair, u, x0, zero):
+    return pair[0].prefill(u, x0, zero), pair[1].prefill(u, x0, zero)
 
 
 def _rel(a, b):
@@ -45,33 +47,31 @@ def _rel(a, b):
 @pytest.mark.parametrize("L", LENGTHS)
 @pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("start", ["zero", "nonzero"])
-def test_c_prefill_matches_torch_ops(form, L, B, start):
+def test_c_prefill_matches_torch_ops(pair, L, B, start):
+    form = pair[0]
     g = torch.Generator().manual_seed(L * 10 + B)
     u = torch.randn(B, L, form.H, generator=g)
     x0 = torch.zeros(B, form.H, form.M, dtype=torch.complex64)
     if start == "nonzero":
         x0 = torch.randn(B, form.H, form.M, dtype=torch.complex64, generator=g)
-    (y, xL), (y_ref, xL_ref) = _both(form, u, x0, start == "zero")
+    (y, xL), (y_ref, xL_ref) = _both(pair, u, x0, start == "zero")
     assert y.dtype == torch.float32 and y.shape == (B, L, form.H) and xL.shape == xL_ref.shape
     assert _rel(y, y_ref) <= TOL and _rel(xL, xL_ref) <= TOL
 
 
 @pytest.mark.parametrize("c", [True, False], ids=["c", "torch"])
-def test_an_empty_prompt_leaves_the_state_and_no_rows_is_empty(form, c):
+def test_an_empty_prompt_leaves_the_state_and_no_rows_is_empty(pair, c):
+    form = pair[0] if c else pair[1]
     x0 = torch.randn(2, form.H, form.M, dtype=torch.complex64)
-    saved = form._prefill_c
-    form._prefill_c = saved if c else None
-    try:
-        y, xL = form.prefill(torch.zeros(2, 0, form.H), x0, False)
-    finally:
-        form._prefill_c = saved
+    y, xL = form.prefill(torch.zeros(2, 0, form.H), x0, False)
     assert y.shape == (2, 0, form.H) and torch.equal(xL, x0)
     y, xL = form.prefill(torch.zeros(0, 5, form.H), x0[:0], False)  # no rows
     assert y.shape == (0, 5, form.H) and xL.shape == (0, form.H, form.M)
 
 
 @pytest.mark.parametrize("L", [CHUNK + 1, 5 * CHUNK - 2])
-def test_c_prefill_bfloat16_is_its_float32_result_rounded(form, L):
+def test_c_prefill_bfloat16_is_its_float32_result_rounded(pair, L):
+    form = pair[0]
     """bfloat16 in and out: read exactly, computed in float32 as for float32 input, rounded once by torch's
     rule: bit-identical to the float32 pass on the same values followed by .to(torch.bfloat16)."""
     g = torch.Generator().manual_seed(L)
@@ -83,11 +83,7 @@ def test_c_prefill_bfloat16_is_its_float32_result_rounded(form, L):
     assert torch.equal(y16.view(torch.int16), y32.to(torch.bfloat16).view(torch.int16))
     assert torch.equal(x16, x32)
     # and within bfloat16 rounding of the torch ops (which compute on u.float() and round the same way)
-    saved, form._prefill_c = form._prefill_c, None
-    try:
-        y_ref, _ = form.prefill(u, x0, False)
-    finally:
-        form._prefill_c = saved
+    y_ref, _ = pair[1].prefill(u, x0, False)
     assert _rel(y16.float(), y_ref.float()) <= 2.0**-8
 
 
@@ -135,3 +131,15 @@ def test_torch_ops_where_the_vector_width_does_not_divide_H():
     got, got_state = rec.prefill(tokens, rec.init_state(2))
     want, want_state = step_all(rec, tokens, rec.init_state(2))
     assert _rel(got, want) <= 1e-4 and _rel(got_state, want_state) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_other_dtypes_go_through_float32(form, dtype):
+    """The torch tables are gone once the C tables exist, so every dtype takes the C pass: float16 and
+    float64 inputs as float32, the output cast back (bit for bit that)."""
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(2, CHUNK + 9, form.H, generator=g).to(dtype)
+    x0 = torch.randn(2, form.H, form.M, dtype=torch.complex64, generator=g)
+    y, xL = form.prefill(u, x0, False)
+    y32, x32 = form.prefill(u.float(), x0, False)
+    assert y.dtype == dtype and torch.equal(y, y32.to(dtype)) and torch.equal(xL, x32)
