@@ -45,6 +45,12 @@ PREFILL_BY_STEPS_MAX_TOKENS = 512
 LOGITS_KINDS = ("all", "last", "none")  # prefill(..., logits=): which positions' logits come back
 
 
+def check_logits_kind(logits: str) -> None:
+    """Raises ValueError unless `logits` is one of LOGITS_KINDS (the prefills' `logits` argument)."""
+    if logits not in LOGITS_KINDS:
+        raise ValueError(f"logits must be one of {LOGITS_KINDS}, got {logits!r}")
+
+
 VERIFY_TOKENS = 256  # the network check's probe: 2 sequences of min(this, l_max) tokens
 # Relative logits error ‖Δ‖/‖ref‖ allowed by the network check, per weight dtype. float32 (and float64
 # weights: the SSM runs in float32): the kernel check's 1e-4 (measured 1e-7..6e-6 over 256 tokens).
@@ -102,9 +108,9 @@ def pad_fused_params(form, M: int) -> None:
     modes (a model's state holds max-over-layers modes) and their C pointers. A padded mode has
     μ = b = c = 0 (diagonal) or D⁻¹ = P = Q = 0 (DPLR), so it stays 0 and adds nothing; the fused step
     then runs over the whole padded state. Also builds the C prefill's tables (`fused_prefill_tables`) and
-    drops the torch prefill's (in_tab, out_tab, conv_tab: 13.4 of the text model's 16 MiB per layer), which
-    they replace; where the C vector width does not divide H they stay None and the torch ops serve. Raises
-    ValueError unless the parameters are float32 on CPU."""
+    drops the torch prefill's (in_tab, out_tab, conv_tab, Kf: 13.5 of the text model's 16 MiB per layer),
+    which they replace; where the C vector width does not divide H they stay None and the torch ops serve.
+    Raises ValueError unless the parameters are float32 on CPU."""
     padded = tuple(
         p if p is getattr(form, "Minv", None) or form.M == M
         else torch.nn.functional.pad(p, (0, M - form.M)).contiguous()
@@ -113,7 +119,7 @@ def pad_fused_params(form, M: int) -> None:
     form._fused_params, form._fused_ptrs = padded, fused.pointers(*padded)
     form._prefill_c = fused_prefill_tables(form, fused.library().ssm_prefill_width())
     if form._prefill_c is not None:  # the C pass serves every prefill of this form: the torch tables go
-        form.in_tab = form.out_tab = form.conv_tab = None
+        form.in_tab = form.out_tab = form.conv_tab = form.Kf = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +264,7 @@ def _fused_prefill(form, u: torch.Tensor, x0r: torch.Tensor | None, x1r: torch.T
         return y.to(u.dtype), xL
     Bsz, L, H = u.shape
     T, N = form.T, 2 * form.M
-    Np = N + (-N % 8)
+    Np = form._prefill_c[1].shape[2]  # the tables' padded N (fused_prefill_tables)
     y = torch.empty_like(u)
     xL = torch.empty(Bsz, H, Np)
 
@@ -877,8 +883,7 @@ class RecurrentModel:
         in the calling thread (restored after), the SSMs in float32, in blocks of CHUNK tokens
         (`DiagonalSSM.prefill`). Raises ValueError for bad shapes or dtypes or an unknown `logits`."""
         self._check(tokens, state, 2)
-        if logits not in LOGITS_KINDS:
-            raise ValueError(f"logits must be one of {LOGITS_KINDS}, got {logits!r}")
+        check_logits_kind(logits)
         B, L = tokens.shape
         if (
             self._net_step is not None

@@ -29,12 +29,12 @@ from model import fused
 from model.arch.sashimi import S4Block, SaShiMi
 from model.recurrent import (
     F64,
-    LOGITS_KINDS,
     LOGITS_TOL,
     STATE_BOUND_SLACK,
     VERIFY_TOKENS,
     StateRangeError,
     VerificationError,
+    check_logits_kind,
     convert_kernel,
     layernorm_output_bound,
     logits_report,
@@ -465,8 +465,7 @@ class SaShiMiRecurrent:
         run in groups of equal phase). `logits` as `RecurrentModel.prefill`: "all" (B, T, V), "last"
         (B, min(T, 1), V) or "none" (None). Raises ValueError for bad shapes or an unknown `logits`."""
         self._check(tokens, state, 2)
-        if logits not in LOGITS_KINDS:
-            raise ValueError(f"logits must be one of {LOGITS_KINDS}, got {logits!r}")
+        check_logits_kind(logits)
         B, T = tokens.shape
         new = state.contiguous().clone()
         tau = self.phases(new)
