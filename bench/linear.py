@@ -65,9 +65,8 @@ def run(quick: bool) -> dict[str, Any]:
             ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (x, Wt, b, out)]
 
             def c(tiled: int) -> None:
-                lib.linear_rows(
-                    ctypes.c_long(tiled), ctypes.c_long(B), ctypes.c_long(K), ctypes.c_long(N), *ptrs
-                )
+                dims = (tiled, 0, B, K, N)  # 0: float32 weights (ssm_step.c W_F32)
+                lib.linear_rows(*(ctypes.c_long(v) for v in dims), *ptrs)
 
             def torch_mm() -> None:
                 torch.addmm(b, x, Wt, out=out)

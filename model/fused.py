@@ -148,7 +148,13 @@ class NetLayer(ctypes.Structure):
         ("up_b", ctypes.c_void_p),
         ("down_t", ctypes.c_void_p),
         ("down_b", ctypes.c_void_p),
+        ("wfmt", ctypes.c_long),  # the format of out_wt, up_t and down_t (WEIGHT_FORMATS)
     ]
+
+
+# ssm_step.c's linear weight formats (W_F32, W_BF16, W_F16): a 16-bit weight is widened exactly to float32
+# as it is loaded, so the products and sums are float32 whatever the format
+WEIGHT_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class _Weights:
@@ -171,11 +177,24 @@ class _Weights:
         return _ptrs(t)[0].value
 
     def param(self, name: str) -> int:
-        return self.ptr(self.take(name))
+        """A float32 tensor in place; another float dtype as a float32 copy (exact for 16-bit weights)."""
+        return self.ptr(self.take(name).detach().float())
 
     def transposed(self, name: str) -> int:
-        """A linear layer's weight (out, in) as a (in, out) row-major copy."""
-        return self.ptr(self.take(name).detach().t().contiguous())
+        """A linear layer's weight (out, in) as a (in, out) row-major float32 copy."""
+        return self.ptr(self.take(name).detach().float().t().contiguous())
+
+    def transposed_as(self, name: str, fmt: int) -> int:
+        """`transposed` kept in the weights' own 16-bit dtype when `fmt` is a 16-bit WEIGHT_FORMATS code
+        (the tensor must have that dtype), else float32."""
+        t = self.take(name).detach()
+        if fmt == WEIGHT_FORMATS[torch.float32]:
+            t = t.float()
+        elif WEIGHT_FORMATS.get(t.dtype) != fmt:
+            raise ValueError(f"{name} is {t.dtype}, not weight format {fmt}")
+        t = t.t().contiguous()
+        self.keep.append(t)
+        return t.data_ptr()
 
     def check_all_read(self, what: str) -> None:
         unread = sorted(set(self.tensors) - self.read)
@@ -183,10 +202,13 @@ class _Weights:
             raise ValueError(f"{what} does not read {unread}")
 
 
-def fill_layer(lay: NetLayer, form, w: _Weights, s4: str, ff_norm: str | None = None, ff: str | None = None):
+def fill_layer(lay: NetLayer, form, w: _Weights, s4: str, ff_norm: str | None = None, ff: str | None = None,
+               wfmt: int = 0):  # fmt: skip
     """One NetLayer: the S4 block whose tensors start with `s4` (norm, layer.D, layer.out; its kernel
     is in the converted `form`, whose fused pointers it takes) and, with `ff`, the FF block after it
-    (its LayerNorm's tensors start with `ff_norm`, its linears' with `ff`: up, down)."""
+    (its LayerNorm's tensors start with `ff_norm`, its linears' with `ff`: up, down). `wfmt`: the linear
+    weights' storage (WEIGHT_FORMATS; the other tensors are read as float32)."""
+    lay.wfmt = wfmt
     lay.form = 0 if form.form == "diagonal" else 1
     lay.rank = form.Pr.shape[0] if lay.form == 1 else 0
     lay.ln_w, lay.ln_b, lay.d_skip = (
@@ -194,15 +216,15 @@ def fill_layer(lay: NetLayer, form, w: _Weights, s4: str, ff_norm: str | None = 
         w.param(s4 + "norm.bias"),
         w.param(s4 + "layer.D"),
     )
-    lay.out_wt, lay.out_b = w.transposed(s4 + "layer.out.weight"), w.param(s4 + "layer.out.bias")  # (H, 2H)
+    lay.out_wt, lay.out_b = w.transposed_as(s4 + "layer.out.weight", wfmt), w.param(s4 + "layer.out.bias")
     w.read.update(n for n in w.tensors if n.startswith(s4 + "layer.kernel."))  # in the layer form
     for j, p in enumerate(form._fused_ptrs):
         lay.p[j] = p.value
     if ff is not None:  # LayerNorm, up (H, d_ff) and down (d_ff, H), transposed
         lay.d_ff = w.tensors[ff + "up.weight"].shape[0]
         lay.ff_ln_w, lay.ff_ln_b = w.param(ff_norm + "weight"), w.param(ff_norm + "bias")
-        lay.up_t, lay.up_b = w.transposed(ff + "up.weight"), w.param(ff + "up.bias")
-        lay.down_t, lay.down_b = w.transposed(ff + "down.weight"), w.param(ff + "down.bias")
+        lay.up_t, lay.up_b = w.transposed_as(ff + "up.weight", wfmt), w.param(ff + "up.bias")
+        lay.down_t, lay.down_b = w.transposed_as(ff + "down.weight", wfmt), w.param(ff + "down.bias")
 
 
 class NetStep:
@@ -211,6 +233,13 @@ class NetStep:
     LayerNorm, up, exact GELU, down, residual), final LayerNorm and head
     (with its bias when the model has one). The embedding table is read pre-multiplied by embed_scale
     (the same float32 products as the torch forward).
+
+    Weights in float32, bfloat16 or float16: the blocks' linear weights are read in their own dtype and
+    widened exactly to float32 in registers (half the bytes per step for a 16-bit model); every other
+    tensor (embedding, head, norms, biases, D) as an exact float32 copy. The arithmetic is float32 in
+    every case: a 16-bit model's activations are never rounded to 16 bits, unlike its torch ops (which
+    round every op's output), so its logits are those of float64 arithmetic on the same 16-bit weights
+    to float32 rounding.
 
     Built from a SequenceModel whose layers all have fused step pointers; the weights are read in
     place, the two linear layers' from transposed copies made here (the tensors must stay alive and
@@ -244,17 +273,24 @@ class NetStep:
         if len(eps) != 1:
             raise ValueError("every LayerNorm must share one eps")
         self.eps = ctypes.c_float(eps.pop())
+        dtypes = {p.dtype for p in net.parameters()}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in WEIGHT_FORMATS:
+            names = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_FORMATS)
+            got = sorted(map(str, dtypes))
+            raise ValueError(f"the whole-network step takes {names} weights of one dtype, got {got}")
+        self.dtype = dtypes.pop()
+        wfmt = WEIGHT_FORMATS[self.dtype]
         w = self._weights = _Weights(net)  # keeps every tensor a pointer refers to
         self.layers = (NetLayer * len(forms))()
         for i, form in enumerate(forms):
             pre = f"blocks.{i}."
             ff = pre + "ff." if pre + "ff.up.weight" in w.tensors else None
-            fill_layer(self.layers[i], form, w, pre, pre + "ff_norm.", ff)
+            fill_layer(self.layers[i], form, w, pre, pre + "ff_norm.", ff, wfmt)
+        embed = w.take("embed.weight").detach().float() * cfg.embed_scale
         self.embed, self.lnf_w, self.lnf_b, self.head = (
             ctypes.c_void_p(v)
-            for v in (w.ptr(w.take("embed.weight").detach() * cfg.embed_scale), w.param("norm.weight"),
-                      w.param("norm.bias"), w.transposed("head.weight"))
-        )  # fmt: skip
+            for v in (w.ptr(embed), w.param("norm.weight"), w.param("norm.bias"), w.transposed("head.weight"))
+        )
         self.head_b = ctypes.c_void_p(w.param("head.bias") if "head.bias" in w.tensors else None)
         w.check_all_read("the whole-network step")
         self.n_layers = len(forms)
@@ -434,7 +470,7 @@ class SaShiMiStep:
         w.keep.append(levels)
         c = self.c = CSaShiMi()
         c.K, c.V, c.numel, c.period, c.levels = K, self.V, self.numel, rec.period, ctypes.addressof(levels)
-        c.embed = w.ptr(w.take("embed.weight").detach() * cfg.embed_scale)
+        c.embed = w.ptr(w.take("embed.weight").detach().float() * cfg.embed_scale)
         c.lnf_w, c.lnf_b, c.head_t = w.param("norm.weight"), w.param("norm.bias"), w.transposed("head.weight")
         c.head_b = w.param("head.bias") if "head.bias" in w.tensors else None
         c.eps = eps.pop()

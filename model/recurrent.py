@@ -10,10 +10,16 @@ Every layer is then *verified*: the impulse response of its float32 step, run fo
 length, must match the float64 conv kernel. A diagonalized layer that fails (ill-conditioned
 eigenvectors) falls back to the exact O(N·r) DPLR step; if that fails too, conversion raises.
 
-Precision: conversion is float64 and states are float32 whatever the weights' dtype. The rest of the
-network (embedding, LayerNorms, linear layers, head) runs in the weights' dtype (float32, bfloat16,
-float16 or float64); each SSM step takes its input in float32 and hands its output back in that dtype
-(the prefill takes and returns that dtype, computing in float32); logits come out as float32. The whole
+Precision: conversion is float64 and states are float32 whatever the weights' dtype. In the torch ops
+the rest of the network (embedding, LayerNorms, linear layers, head) runs in the weights' dtype (float32,
+bfloat16, float16 or float64); each SSM step takes its input in float32 and hands its output back in that
+dtype (the prefill takes and returns that dtype, computing in float32); logits come out as float32. The
+whole-network C step on CPU (`fused.NetStep`: the step, the decode block and the prefill of short prompts)
+computes in float32 from 16-bit weights widened exactly, so there a bfloat16 or float16 model's
+activations are not rounded to 16 bits between ops; the parallel prefill of longer prompts keeps the
+torch ops' rounding, and the two agree within the dtype's tolerance (tested). On a CPU without native
+16-bit matmul (`native_matmul`) the torch ops too compute in float32, on a float32 copy of the 16-bit
+weights (`compute_dtype`), so there every path is float32 arithmetic on the 16-bit weights. The whole
 network is then verified *at that dtype*: its step and its prefill over a probe of tokens must reproduce
 float64 conv-mode logits within `LOGITS_TOL[dtype]`.
 """
@@ -61,6 +67,19 @@ VERIFY_TOKENS = 256  # the network check's probe: 2 sequences of min(this, l_max
 # state kept in bfloat16 instead of float32 gives 8.3u on the shipped text model, a lost state 26u..68u.
 UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 LOGITS_TOL = {torch.float64: 1e-4, torch.float32: 1e-4, **{d: 4 * u for d, u in UNIT_ROUNDOFF.items()}}
+
+
+def native_matmul(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `device` multiplies `dtype` matrices natively: always on CUDA and for float32 and float64;
+    bfloat16 and float16 on CPU as oneDNN reports (AVX512-BF16 or AMX-BF16; AVX512-FP16 or AMX-FP16),
+    False where torch does not say."""
+    if device.type != "cpu" or dtype in (torch.float32, torch.float64):
+        return True
+    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    try:
+        return bool(getattr(torch.ops.mkldnn, probe)())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class VerificationError(RuntimeError):
@@ -605,8 +624,8 @@ class RecurrentModel:
     against the float64 kernel over `verify_len`, default the trained length); `dtype` the weights'
     dtype to serve in (default: the net's own, which must be one dtype of `LOGITS_TOL`): the net's
     weights are cast to it *after* the float64 conversion; `logits_tol` the network check's tolerance
-    (default `LOGITS_TOL[dtype]`); `fused_step`/`fused_network` allow the C step on CPU (float32
-    weights only for the whole-network one). After conversion `report` holds one dict per layer and
+    (default `LOGITS_TOL[dtype]`); `fused_step`/`fused_network` allow the C step on CPU (not for
+    float64 weights for the whole-network one). After conversion `report` holds one dict per layer and
     `verification` the network check: dtype, tokens, step_rel_err, prefill_rel_err, tol.
 
     Raises VerificationError when a layer or the network fails its check (the message names the layer
@@ -648,6 +667,12 @@ class RecurrentModel:
             self.report.append({"layer": i, **rep})
             kernels64.append(K)
         self.net.to(dtype)  # after the float64 conversion; the SSM forms stay float32
+        # The torch ops (the parallel prefill; batches beyond the C step) compute in compute_dtype: the
+        # weights' own where the device multiplies it natively, else float32 on a copy of the weights
+        # widened exactly (a CPU without AVX512-BF16 / AVX512-FP16 / AMX runs oneDNN's 16-bit matmuls
+        # ~60x slower than sgemm: a bfloat16 prefill of 2,048 tokens took 5.7x float32's on such a CPU)
+        self.compute_dtype = dtype if native_matmul(dtype, device) else torch.float32
+        self._net_ops = self.net if self.compute_dtype == dtype else copy.deepcopy(self.net).float()
         self.M = max(f.M for f in self.layers)
         self.H = self.config.d_model
         # On CPU, one fused C pass per layer (model/fused.py) when it builds and the C step's limits
@@ -660,11 +685,11 @@ class RecurrentModel:
             for form in self.layers:
                 pad_fused_params(form, self.M)
         self._fused = lib
-        # Small batches: the whole network's step in one C call (model/fused.py: NetStep), when the
-        # blocks have no feed-forward part and the weights are float32; larger ones (and other dtypes)
-        # run the torch ops around the fused SSM steps.
+        # Small batches: the whole network's step in one C call (model/fused.py: NetStep), for float32,
+        # bfloat16 and float16 weights (computing in float32); larger batches (and float64 weights) run
+        # the torch ops around the fused SSM steps.
         self._net_step = None
-        if self._fused is not None and fused_network and dtype == torch.float32:
+        if self._fused is not None and fused_network and dtype in fused.WEIGHT_FORMATS:
             try:
                 self._net_step = fused.NetStep(self._fused, self.net, self.layers)
             except ValueError:  # something the C step does not compute (it names it): keep the torch ops
@@ -791,7 +816,7 @@ class RecurrentModel:
             return layer_ssm(i, form, u) if any_dtype else layer_ssm(i, form, u.float()).to(u.dtype)
 
         ssms = [functools.partial(ssm, i, form) for i, form in enumerate(self.layers)]
-        out = self.net(tokens, ssms=ssms, logits=logits)
+        out = self._net_ops(tokens, ssms=ssms, logits=logits)
         return None if out is None else out.float()
 
     def _step_fused(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None):
@@ -856,7 +881,7 @@ class RecurrentModel:
 
     def decode_block_ready(self, batch: int) -> bool:
         """Whether `decode_block` serves a batch of this many rows (the whole-network C step: CPU,
-        float32 weights, at most `net_step_max_batch` rows)."""
+        float32, bfloat16 or float16 weights, at most `net_step_max_batch` rows)."""
         return self._net_step is not None and batch <= self.net_step_max_batch
 
     @torch.inference_mode()
@@ -867,7 +892,7 @@ class RecurrentModel:
         it alone with `step` and `model.sampling.sample` (its settings, its CounterRNG).
         Raises ValueError when `decode_block_ready` is false or on bad arguments."""
         if not self.decode_block_ready(tokens.shape[0]):
-            raise ValueError("the native decode block needs the whole-network C step (CPU, float32)")
+            raise ValueError("the native decode block needs the whole-network C step (CPU, not float64)")
         self._check(tokens, state, 1)
         return self._net_step.block(K, state, tokens, **rows)
 

@@ -19,7 +19,7 @@ from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
 from model.convert import convert_cached
 from model.cuda_graphs import LARGEST_BUCKET, bucket_sizes
 from model.network import ModelConfig
-from model.recurrent import RecurrentModel
+from model.recurrent import RecurrentModel, native_matmul
 from model.sampling import SamplingParams, sample
 from server.chat import ChatTemplate
 from server.config import Settings
@@ -228,11 +228,15 @@ def load_models(
     # process-wide: an engine thread returning from a native block waits for the GIL at most this long
     sys.setswitchinterval(settings.gil_switch_ms / 1e3)
     if settings.dtype != "float32" and device == "cpu":
+        native = native_matmul(getattr(torch, settings.dtype), torch.device("cpu"))
         log.warning(
-            "S4_DTYPE=%s on CPU: verified like any dtype; decoding is slower than in float32 (the "
-            "whole-network C step is float32-only), a long prompt's parallel prefill faster in bfloat16 "
-            "where the CPU has AVX512-BF16 (README, Prefill); SaShiMi models serve float32 only",
+            "S4_DTYPE=%s on CPU: the C step reads the 16-bit weights and computes in float32; a long "
+            "prompt's parallel prefill computes in %s (README, Reduced precision); SaShiMi models serve "
+            "float32 only",
             settings.dtype,
+            f"{settings.dtype} (this CPU multiplies it natively)"
+            if native
+            else "float32 on widened weights (this CPU has no native 16-bit matmul)",
         )
     models: dict[str, ServedModel] = {}
     failed: dict[str, str] = {}

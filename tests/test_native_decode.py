@@ -43,13 +43,15 @@ PHILOX_KAT = [
 ]
 
 
-@pytest.fixture(scope="module", params=["s4", "s4d", "sashimi"])
+@pytest.fixture(scope="module", params=["s4", "s4d", "sashimi", "s4-bfloat16", "s4d-float16"])
 def rec(request):
     torch.manual_seed(0)
     if request.param == "sashimi":  # pools [4, 4]: rows at every phase, blocks across pooling periods
         rec = build(ModelConfig(**SMALL, arch="sashimi", pool=[4, 4])).to_recurrent()
-    else:
-        rec = SequenceModel(ModelConfig(**SMALL, kernel=request.param)).to_recurrent()
+    else:  # 16-bit weights: the same C step, their linear weights widened as they are read
+        kernel, _, dtype = request.param.partition("-")
+        net = SequenceModel(ModelConfig(**SMALL, kernel=kernel))
+        rec = net.to_recurrent(dtype=getattr(torch, dtype) if dtype else None)
     assert rec.decode_block_ready(1) and fused.library() is not None
     return rec
 
@@ -366,7 +368,7 @@ def test_the_linear_row_tiles_equal_the_row_loop_bit_for_bit_and_float64_within_
         for tiled in (0, 1):
             out = torch.empty(B, N)
             ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (x, Wt, bias, out)]
-            lib.linear_rows(ctypes.c_long(tiled), ctypes.c_long(B), ctypes.c_long(K), ctypes.c_long(N), *ptrs)
+            lib.linear_rows(*(ctypes.c_long(v) for v in (tiled, 0, B, K, N)), *ptrs)
             outs.append(out)
         assert torch.equal(outs[0], outs[1]), B
         ref = x.double() @ Wt.double() + bias.double()
@@ -390,7 +392,7 @@ def test_the_row_tiles_stay_bit_identical_when_built_for_older_x86(tmp_path, ext
             x = torch.randn(B, K, generator=g)
             outs = [torch.empty(B, N), torch.empty(B, N)]
             for tiled, o in enumerate(outs):
-                dims = [ctypes.c_long(v) for v in (tiled, B, K, N)]
+                dims = [ctypes.c_long(v) for v in (tiled, 0, B, K, N)]
                 lib.linear_rows(*dims, *[ctypes.c_void_p(t.data_ptr()) for t in (x, Wt, bias, o)])
             assert torch.equal(outs[0], outs[1]), (extra, K, N, B)
             ref = x.double() @ Wt.double() + bias.double()

@@ -19,7 +19,7 @@ static inline f8 ld8(const float *p) {
     return v;
 }
 static inline void st8(float *p, f8 v) { __builtin_memcpy(p, &v, sizeof v); }
-#if defined(__AVX512F__) || defined(__FMA__)
+#if defined(__AVX512F__) || defined(__FMA__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 /* The first n (0 < n < 8) floats at p as a vector, zeros after; and its store of the first n lanes
@@ -224,16 +224,26 @@ __attribute__((simd("notinbranch"))) float expf(float);
 __attribute__((simd("notinbranch"))) float erff(float);
 #endif
 
+/* Linear weights' storage: float32, or 16-bit (bfloat16, IEEE float16) widened exactly to float32 as they
+ * are loaded, so the products and sums are float32 either way (a 16-bit model's weights read at half the
+ * bytes, the activations never rounded to 16 bits). */
+#define W_F32 0
+#define W_BF16 1
+#define W_F16 2
 typedef struct {
     long form;  /* 0: diagonal, 1: dplr */
     long rank;
     const float *ln_w, *ln_b, *d_skip;
-    const float *out_wt, *out_b; /* out_wt (H, 2H): the output linear's weight, transposed */
+    const void *out_wt;           /* (H, 2H): the output linear's weight, transposed (format wfmt) */
+    const float *out_b;
     const float *p[11]; /* diagonal: mur mui br bi cr ci; dplr: dbr dbi dr di pr pi minv qr qi cr ci */
     long d_ff;          /* 0: no feed-forward block; else x += down(GELU(up(LN(x)))) after the S4 block */
     const float *ff_ln_w, *ff_ln_b;
-    const float *up_t, *up_b;     /* up_t (H, d_ff): the up linear's weight, transposed */
-    const float *down_t, *down_b; /* down_t (d_ff, H) */
+    const void *up_t;   /* (H, d_ff): the up linear's weight, transposed (format wfmt) */
+    const float *up_b;
+    const void *down_t; /* (d_ff, H) (format wfmt) */
+    const float *down_b;
+    long wfmt; /* the format of out_wt, up_t and down_t: W_F32, W_BF16 or W_F16 (the rest is float32) */
 } NetLayer;
 
 static void layer_norm(long B, long H, const float *x, float *out, const float *w, const float *b, float eps) {
@@ -298,22 +308,67 @@ static inline fv fmav(fv a, fv b, fv c) {
 #endif
 }
 
-/* out[i, n0 + c·VW + j] for the rows i < R (row i at x + i·K, out + i·N) and vectors c < C (R, C constants
- * at every call, so the tile unrolls into registers) */
-static inline __attribute__((always_inline)) void lin_tile(const long R, const long C, long K, long N,
-                                                           const float *x, const float *Wt, const float *bias,
-                                                           float *out, long n0) {
+/* element i of a W_* weight array as float32 (scalar: the tails and the generic build) */
+static inline float w_at(const int fmt, const void *p, long i) {
+    if (fmt == W_F32) return ((const float *)p)[i];
+    const unsigned int h = ((const unsigned short *)p)[i];
+    union {
+        unsigned int u;
+        float f;
+    } v;
+    if (fmt == W_BF16) {
+        v.u = h << 16;
+        return v.f;
+    }
+    /* IEEE binary16: sign, 5 exponent bits (bias 15), 10 fraction bits */
+    const unsigned int sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0x1fu) {
+        v.u = sign | 0x7f800000u | (m << 13); /* inf, NaN */
+        return v.f;
+    }
+    if (e == 0) return (sign ? -1.0f : 1.0f) * (float)m * 0x1p-24f; /* zero, subnormal: exact */
+    v.u = sign | ((e + 112u) << 23) | (m << 13);
+    return v.f;
+}
+
+/* LIN_VW weights at p (element i of a W_* array of format fmt, a constant at every call) as float32: a
+ * 16-bit value widened exactly (bfloat16: its bits are a float32's high half; float16: the F16C
+ * conversion, exact for every value) */
+static inline fv ldw(const int fmt, const void *p, long i) {
+    if (fmt == W_F32) return ldv((const float *)p + i);
+    const unsigned short *q = (const unsigned short *)p + i;
+#if defined(__AVX512F__)
+    const __m256i h = _mm256_loadu_si256((const __m256i *)q);
+    if (fmt == W_BF16) return (fv)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return (fv)_mm512_cvtph_ps(h);
+#elif defined(__AVX2__) && defined(__F16C__)
+    const __m128i h = _mm_loadu_si128((const __m128i *)q);
+    if (fmt == W_BF16) return (fv)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    return (fv)_mm256_cvtph_ps(h);
+#else
+    fv v;
+    for (int j = 0; j < LIN_VW; j++) v[j] = w_at(fmt, q, j);
+    return v;
+#endif
+}
+
+/* out[i, n0 + c·VW + j] for the rows i < R (row i at x + i·K, out + i·N) and vectors c < C (R, C and fmt
+ * constants at every call, so the tile unrolls into registers) */
+static inline __attribute__((always_inline)) void lin_tile(const int fmt, const long R, const long C, long K,
+                                                           long N, const float *x, const void *Wt,
+                                                           const float *bias, float *out, long n0) {
     fv acc[LIN_ROWS][8];
     for (long c = 0; c < C; c++) {
         const fv b = bias ? ldv(bias + n0 + LIN_VW * c) : (fv){0};
         for (long i = 0; i < R; i++) acc[i][c] = b;
     }
-    const float *w = Wt + n0;
-    for (long k = 0; k < K; k++, w += N) {
+    const long es = fmt == W_F32 ? 4 : 2; /* bytes per weight */
+    const char *w = (const char *)Wt + n0 * es;
+    for (long k = 0; k < K; k++, w += N * es) {
         fv wv[8];
-        for (long c = 0; c < C; c++) wv[c] = ldv(w + LIN_VW * c);
+        for (long c = 0; c < C; c++) wv[c] = ldw(fmt, w, LIN_VW * c);
         if (k + LIN_PREFETCH < K)
-            for (long c = 0; c < C * LIN_VW; c += 16) __builtin_prefetch(w + LIN_PREFETCH * N + c);
+            for (long c = 0; c < C * LIN_VW * es; c += 64) __builtin_prefetch(w + LIN_PREFETCH * N * es + c);
         for (long i = 0; i < R; i++) {
             const fv a = bcast(x[i * K + k]);
             for (long c = 0; c < C; c++) acc[i][c] = fmav(a, wv[c], acc[i][c]);
@@ -324,41 +379,64 @@ static inline __attribute__((always_inline)) void lin_tile(const long R, const l
 }
 
 /* R rows (a constant) over all N columns: tiles of C vectors, then single vectors, then scalar columns */
-static inline __attribute__((always_inline)) void lin_rows(const long R, const long C, long K, long N,
-                                                           const float *x, const float *Wt, const float *bias,
-                                                           float *out) {
+static inline __attribute__((always_inline)) void lin_rows(const int fmt, const long R, const long C, long K,
+                                                           long N, const float *x, const void *Wt,
+                                                           const float *bias, float *out) {
     long n0 = 0;
-    for (; n0 + C * LIN_VW <= N; n0 += C * LIN_VW) lin_tile(R, C, K, N, x, Wt, bias, out, n0);
-    for (; n0 + LIN_VW <= N; n0 += LIN_VW) lin_tile(R, 1, K, N, x, Wt, bias, out, n0);
+    for (; n0 + C * LIN_VW <= N; n0 += C * LIN_VW) lin_tile(fmt, R, C, K, N, x, Wt, bias, out, n0);
+    for (; n0 + LIN_VW <= N; n0 += LIN_VW) lin_tile(fmt, R, 1, K, N, x, Wt, bias, out, n0);
     for (long i = 0; i < R; i++)
         for (long n = n0; n < N; n++) {
             float acc = bias ? bias[n] : 0.0f;
-            for (long k = 0; k < K; k++) acc = __builtin_fmaf(x[i * K + k], Wt[k * N + n], acc);
+            for (long k = 0; k < K; k++) acc = __builtin_fmaf(x[i * K + k], w_at(fmt, Wt, k * N + n), acc);
             out[i * N + n] = acc;
         }
 }
 
 /* one row alone: 8 vectors of columns at a time (its weights stream from memory once, whatever the tile) */
-static void linear_row(long K, long N, const float *xr, const float *Wt, const float *bias, float *out) {
-    lin_rows(1, 8, K, N, xr, Wt, bias, out);
+static inline __attribute__((always_inline)) void linear_row_f(const int fmt, long K, long N, const float *xr,
+                                                               const void *Wt, const float *bias, float *out) {
+    lin_rows(fmt, 1, 8, K, N, xr, Wt, bias, out);
+}
+
+static inline __attribute__((always_inline)) void linear_t_f(const int fmt, long B, long K, long N, const float *x,
+                                                             const void *Wt, const float *bias, float *out) {
+    long r = 0;
+    for (; r + LIN_ROWS <= B; r += LIN_ROWS) lin_rows(fmt, LIN_ROWS, 2, K, N, x + r * K, Wt, bias, out + r * N);
+#if LIN_ROWS > 4
+    for (; r + 4 <= B; r += 4) lin_rows(fmt, 4, 4, K, N, x + r * K, Wt, bias, out + r * N);
+#endif
+    for (; r < B; r++) linear_row_f(fmt, K, N, x + r * K, Wt, bias, out + r * N);
+}
+
+/* out (B, N) = bias + x (B, K) · Wt (K, N) with Wt in format fmt (W_F32, W_BF16, W_F16): one specialized
+ * copy of the tiles per format */
+static void linear_tw(long fmt, long B, long K, long N, const float *x, const void *Wt, const float *bias,
+                      float *out) {
+    if (fmt == W_BF16)
+        linear_t_f(W_BF16, B, K, N, x, Wt, bias, out);
+    else if (fmt == W_F16)
+        linear_t_f(W_F16, B, K, N, x, Wt, bias, out);
+    else
+        linear_t_f(W_F32, B, K, N, x, Wt, bias, out);
 }
 
 static void linear_t(long B, long K, long N, const float *x, const float *Wt, const float *bias, float *out) {
-    long r = 0;
-    for (; r + LIN_ROWS <= B; r += LIN_ROWS) lin_rows(LIN_ROWS, 2, K, N, x + r * K, Wt, bias, out + r * N);
-#if LIN_ROWS > 4
-    for (; r + 4 <= B; r += 4) lin_rows(4, 4, K, N, x + r * K, Wt, bias, out + r * N);
-#endif
-    for (; r < B; r++) linear_row(K, N, x + r * K, Wt, bias, out + r * N);
+    linear_t_f(W_F32, B, K, N, x, Wt, bias, out);
 }
 
-/* For bench.linear: out = x · Wt + bias by the row loop (tiled = 0) or the row tiles (1): the same bits. */
-void linear_rows(long tiled, long B, long K, long N, const float *x, const float *Wt, const float *bias,
+/* For bench.linear and the tests: out = x · Wt + bias, Wt in format fmt (W_*), by the row loop (tiled =
+ * 0) or the row tiles (1): the same bits. */
+void linear_rows(long tiled, long fmt, long B, long K, long N, const float *x, const void *Wt, const float *bias,
                  float *out) {
     if (tiled)
-        linear_t(B, K, N, x, Wt, bias, out);
+        linear_tw(fmt, B, K, N, x, Wt, bias, out);
+    else if (fmt == W_BF16)
+        for (long r = 0; r < B; r++) linear_row_f(W_BF16, K, N, x + r * K, Wt, bias, out + r * N);
+    else if (fmt == W_F16)
+        for (long r = 0; r < B; r++) linear_row_f(W_F16, K, N, x + r * K, Wt, bias, out + r * N);
     else
-        for (long r = 0; r < B; r++) linear_row(K, N, x + r * K, Wt, bias, out + r * N);
+        for (long r = 0; r < B; r++) linear_row_f(W_F32, K, N, x + r * K, Wt, bias, out + r * N);
 }
 
 /* Whether the C steps take layer L with M modes (a DPLR layer: at most MAX_MODES modes and MAX_RANK). */
@@ -423,7 +501,7 @@ static void block_rest(long B, long H, const NetLayer *L, float *x, float *u, fl
             yr[h] = 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
         }
     }
-    linear_t(B, H, 2 * H, y, L->out_wt, L->out_b, o);
+    linear_tw(L->wfmt, B, H, 2 * H, y, L->out_wt, L->out_b, o);
     for (long r = 0; r < B; r++) { /* residual + GLU: a · sigmoid(g) */
         float *xr = x + r * H;
         const float *a = o + r * 2 * H, *g = a + H;
@@ -433,13 +511,13 @@ static void block_rest(long B, long H, const NetLayer *L, float *x, float *u, fl
     if (L->d_ff > 0) { /* the FF block: x += down(GELU(up(LN(x)))), exact (erf) GELU */
         const long Fl = L->d_ff;
         layer_norm(B, H, x, u, L->ff_ln_w, L->ff_ln_b, eps);
-        linear_t(B, H, Fl, u, L->up_t, L->up_b, f);
+        linear_tw(L->wfmt, B, H, Fl, u, L->up_t, L->up_b, f);
         for (long r = 0; r < B; r++) {
             float *fr = f + r * Fl;
 #pragma omp simd
             for (long n = 0; n < Fl; n++) fr[n] = 0.5f * fr[n] * (1.0f + erff(fr[n] * 0.70710678118654752f));
         }
-        linear_t(B, Fl, H, f, L->down_t, L->down_b, y);
+        linear_tw(L->wfmt, B, Fl, H, f, L->down_t, L->down_b, y);
         for (long r = 0; r < B; r++) {
             float *xr = x + r * H;
             const float *yr = y + r * H;
