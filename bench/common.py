@@ -240,6 +240,20 @@ def small_matmul_us(n: int = 64, calls: int = 200) -> float:
     return timeit(lambda: torch.mm(a, a), warmup=10, repeat=calls) * 1e6
 
 
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")
+
+
+def cpu_isa() -> list[str]:
+    """The vector extensions of ISA_FLAGS this CPU reports (/proc/cpuinfo): the C step's vector width
+    (AVX-512 or AVX2) and whether 16-bit matmuls are native depend on them; [] where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return []
+    return [f for f in ISA_FLAGS if f in flags]
+
+
 def machine_info() -> dict[str, Any]:
     try:  # the version without importing pykeops (which probes for CUDA)
         keops_version: str | None = importlib.metadata.version("pykeops")
@@ -250,6 +264,7 @@ def machine_info() -> dict[str, Any]:
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
         "cpu": _cpu_model(),
+        "isa": cpu_isa(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),

@@ -1,4 +1,4 @@
-"""Run every benchmark (kernel, step, linear, decode, train, train_speed, server, tail_latency,
+"""Run every benchmark (kernel, step, linear, decode, dtype, train, train_speed, server, tail_latency,
 audio_streams, generation, memory), then print a markdown summary of the headline numbers and write it
 to bench/results/summary.md
 (bench/results/quick/summary.md with --quick).
@@ -18,8 +18,8 @@ from typing import Any
 from bench.common import MB, ROOT, fmt, read_results, results_dir
 
 BENCHMARKS = (
-    "kernel", "step", "linear", "decode", "train", "train_speed", "server", "tail_latency", "audio_streams",
-    "generation", "memory",
+    "kernel", "step", "linear", "decode", "dtype", "train", "train_speed", "server", "tail_latency",
+    "audio_streams", "generation", "memory",
 )  # fmt: skip
 
 
@@ -151,6 +151,22 @@ def decode_section(d: dict[str, Any]) -> list[str]:
         "loop block",
         "ratio",
     ]
+    return lines + _table(head, rows)
+
+
+def dtype_section(d: dict[str, Any]) -> list[str]:
+    isa = ", ".join(d.get("isa", [])) or "?"
+    lines = [f"## Weights dtype on this CPU ({isa}; {d['model']})", ""]
+    batches, prompts = d["sizes"]["batches"], d["sizes"]["prompts"]
+    rows = []
+    for name, r in d["results"].items():
+        m = r["medians"]
+        rows.append([name, r["compute_dtype"]]
+                    + [f"{m[f'decode_tok_s_b{B}']:.0f}" for B in batches]
+                    + [f"{m[f'prefill_ms_{L}']:.1f}" for L in prompts]
+                    + [f"{r['logits_rel_err']['vs_float64_same_weights']:.1e}"])  # fmt: skip
+    head = ["weights", "torch ops in", *(f"decode tok/s, batch {B}" for B in batches),
+            *(f"prefill ms, {L} tokens" for L in prompts), "logits rel. err (same weights)"]  # fmt: skip
     return lines + _table(head, rows)
 
 
@@ -310,6 +326,7 @@ def summary(quick: bool, status: dict[str, str] | None = None) -> str:
         "step": step_section,
         "linear": linear_section,
         "decode": decode_section,
+        "dtype": dtype_section,
         "train": train_section,
         "train_speed": train_speed_section,
         "server": server_section,
