@@ -6,6 +6,7 @@ settings table is generated from the same descriptions (`settings_table`).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -17,6 +18,8 @@ DEFAULT_CHECKPOINTS = [
     "checkpoints/audio-digits",  # SaShiMi
     "checkpoints/audio-digits-s4",  # isotropic S4: more concurrent streams per core
 ]
+DTYPES = ("float32", "bfloat16", "float16")  # S4_DTYPE, S4_MODEL_DTYPES
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a served model's id (NAME= of S4_CHECKPOINTS)
 MAX_PREFILL_TOKENS = 1 << 20  # the largest prefill chunk / per-iteration budget an operator may set
 
 
@@ -46,6 +49,13 @@ class Settings(BaseSettings):
         "float32",
         description="dtype of the served weights (states stay float32); verified at load: logits within "
         "1e-4 (float32), 1.6e-2 (bfloat16) or 2e-3 (float16) of float64 conv mode, else not served",
+    )
+    model_dtypes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="per-model dtype overriding S4_DTYPE: MODEL_ID=DTYPE entries (comma-separated), e.g. "
+        "`text-shakespeare=bfloat16` with the default dtype float32, or `audio-digits=float32` with "
+        "S4_DTYPE=bfloat16 (SaShiMi models serve float32 only); an id that no checkpoint entry serves is "
+        "listed in /readyz as not served",
     )
     cuda_graphs: bool = Field(
         True,
@@ -204,7 +214,7 @@ class Settings(BaseSettings):
             raise ValueError("must be 'memory' or a redis:// URL (redis://host:port/db)")
         return v
 
-    @field_validator("checkpoints", "api_keys", mode="before")
+    @field_validator("checkpoints", "api_keys", "model_dtypes", mode="before")
     @classmethod
     def _split(cls, v):
         if isinstance(v, str):
@@ -212,6 +222,26 @@ class Settings(BaseSettings):
         if isinstance(v, list):  # the env var, and each --checkpoints value, may be comma-separated
             return [p.strip() for item in v for p in str(item).split(",") if p.strip()]
         return v
+
+    @field_validator("model_dtypes")
+    @classmethod
+    def _model_dtypes(cls, v: list[str]) -> list[str]:
+        seen = set()
+        for entry in v:
+            model_id, sep, dtype = entry.partition("=")
+            if not sep or not MODEL_ID.fullmatch(model_id) or dtype not in DTYPES:
+                raise ValueError(
+                    f"{entry!r} is not MODEL_ID=DTYPE (MODEL_ID: letters, digits, '.', '_', '-'; "
+                    f"DTYPE: {', '.join(DTYPES)})"
+                )
+            if model_id in seen:
+                raise ValueError(f"model id {model_id!r} is given twice")
+            seen.add(model_id)
+        return v
+
+    def dtype_for(self, model_id: str) -> str:
+        """The dtype `model_id` serves in: its S4_MODEL_DTYPES entry, else S4_DTYPE."""
+        return dict(e.split("=", 1) for e in self.model_dtypes).get(model_id, self.dtype)
 
     @model_validator(mode="after")
     def _prefill_budget(self) -> Settings:

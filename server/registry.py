@@ -4,7 +4,6 @@ engine. A checkpoint that fails any step is not served; the reason is logged and
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -19,10 +18,10 @@ from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
 from model.convert import convert_cached
 from model.cuda_graphs import LARGEST_BUCKET, bucket_sizes
 from model.network import ModelConfig
-from model.recurrent import RecurrentModel, native_matmul
+from model.recurrent import RecurrentModel
 from model.sampling import SamplingParams, sample
 from server.chat import ChatTemplate
-from server.config import Settings
+from server.config import MODEL_ID, Settings
 from server.engine import Engine
 from server.metrics import Metrics
 from server.sessions import SessionTable, model_fingerprint
@@ -145,13 +144,10 @@ def use_cuda_graphs(rec, settings: Settings, name: str) -> bool:
     return True
 
 
-_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
 def parse_entry(entry: str) -> tuple[str | None, Path]:
     """An S4_CHECKPOINTS entry: PATH, or NAME=PATH (NAME: letters, digits, '.', '_', '-')."""
     name, sep, rest = entry.partition("=")
-    if sep and _MODEL_ID.fullmatch(name) and rest:
+    if sep and MODEL_ID.fullmatch(name) and rest:
         return name, Path(rest)
     return None, Path(entry)
 
@@ -187,7 +183,18 @@ def load_model(
             f"{path}: a text model must have vocab_size >= 256 (byte tokens), "
             f"this one has {net.config.vocab_size}"
         )
-    rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=getattr(torch, settings.dtype))
+    dtype = getattr(torch, settings.dtype_for(model_id or path.name))
+    rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=dtype)
+    if dtype != torch.float32 and device == "cpu":
+        log.warning(
+            "%s serves %s weights on CPU: the C step reads them as they are and computes in float32; a long "
+            "prompt's parallel prefill computes in %s (README, Reduced precision)",
+            model_id or path.name,
+            settings.dtype_for(model_id or path.name),
+            "float32 on widened weights (this CPU has no native 16-bit matmul)"
+            if rec.compute_dtype == torch.float32
+            else f"{rec.compute_dtype} (this CPU multiplies it natively)".replace("torch.", ""),
+        )
     if hasattr(rec, "prefill_threads"):  # RecurrentModel: its parallel prefill's torch threads
         rec.prefill_threads = settings.prefill_threads
     use_cuda_graphs(rec, settings, path.name)
@@ -227,17 +234,6 @@ def load_models(
         torch.set_num_threads(settings.torch_threads)
     # process-wide: an engine thread returning from a native block waits for the GIL at most this long
     sys.setswitchinterval(settings.gil_switch_ms / 1e3)
-    if settings.dtype != "float32" and device == "cpu":
-        native = native_matmul(getattr(torch, settings.dtype), torch.device("cpu"))
-        log.warning(
-            "S4_DTYPE=%s on CPU: the C step reads the 16-bit weights and computes in float32; a long "
-            "prompt's parallel prefill computes in %s (README, Reduced precision); SaShiMi models serve "
-            "float32 only",
-            settings.dtype,
-            f"{settings.dtype} (this CPU multiplies it natively)"
-            if native
-            else "float32 on widened weights (this CPU has no native 16-bit matmul)",
-        )
     models: dict[str, ServedModel] = {}
     failed: dict[str, str] = {}
     for entry in settings.checkpoints:
@@ -256,4 +252,9 @@ def load_models(
         except (CheckpointError, VerificationError, ValueError, OSError, RuntimeError) as exc:
             failed[model_id] = f"{type(exc).__name__}: {exc}"
             log.error("checkpoint %s not served: %s", entry, failed[model_id])
+    for entry in settings.model_dtypes:
+        model_id = entry.split("=", 1)[0]
+        if model_id not in models and model_id not in failed:
+            failed[model_id] = f"S4_MODEL_DTYPES names {model_id!r}, which no S4_CHECKPOINTS entry serves"
+            log.error("%s", failed[model_id])
     return models, failed

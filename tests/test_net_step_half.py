@@ -45,7 +45,7 @@ def test_16_bit_weights_give_the_float32_layer_on_the_widened_weights_bit_for_bi
     g = torch.Generator().manual_seed(K + N)
     Wt = torch.randn(K, N, generator=g).to(dtype).contiguous()
     bias = torch.randn(N, generator=g)
-    for B in (1, 3, 4, 5, 8, 11, 12, 13, 17):
+    for B in (1, 3, 4, 5, 8, 11, 12, 13, 17, 20, 31, 64):
         x = torch.randn(B, K, generator=g)
         want = linear(lib, 1, torch.float32, x, Wt.float().contiguous(), bias)
         for tiled in (0, 1):
@@ -118,7 +118,7 @@ def test_16_bit_weights_widen_the_same_in_older_x86_builds(tmp_path, extra):
         for K, N in [(7, 50), (18, 40), (64, 96)]:
             Wt = torch.randn(K, N, generator=g).to(dtype)
             bias = torch.randn(N, generator=g)
-            for B in (1, 3, 4, 5, 8, 13):
+            for B in (1, 3, 4, 5, 8, 13, 20, 33):
                 x = torch.randn(B, K, generator=g)
                 rows_, tiles = (linear(lib, t, dtype, x, Wt, bias) for t in (0, 1))
                 assert torch.equal(rows_, tiles), (extra, dtype, K, N, B)

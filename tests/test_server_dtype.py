@@ -131,3 +131,34 @@ def test_prefill_threads_reach_the_model_and_are_range_checked(model_dirs):
     for bad in (-1, 1025):
         with pytest.raises(ValidationError, match="prefill_threads"):
             Settings(prefill_threads=bad)
+
+
+def test_model_dtypes_set_each_models_dtype_over_s4_dtype(model_dirs, monkeypatch):
+    """S4_MODEL_DTYPES: MODEL_ID=DTYPE entries override S4_DTYPE for those models only (one process can
+    serve a text model in bfloat16 beside an audio model in float32, or the reverse); an id no checkpoint
+    serves is reported as not served; a malformed entry is refused by the setting's name."""
+    ckpts = [str(model_dirs["text"]), str(model_dirs["audio"])]
+    for default, override, want_text, want_audio in (
+        ("float32", "bfloat16", torch.bfloat16, torch.float32),
+        ("bfloat16", "float32", torch.float32, torch.bfloat16),
+    ):
+        settings = Settings(checkpoints=ckpts, dtype=default, max_sessions=2,
+                            model_dtypes=[f"{TEXT}={override}", "ghost=float16"])  # fmt: skip
+        assert settings.dtype_for(TEXT) == override and settings.dtype_for("tiny-audio") == default
+        models, failed = load_models(settings, SessionTable(), Metrics())
+        assert models[TEXT].rec.dtype == want_text and models["tiny-audio"].rec.dtype == want_audio
+        assert models[TEXT].rec.verification["dtype"] == str(want_text).removeprefix("torch.")
+        assert failed == {"ghost": "S4_MODEL_DTYPES names 'ghost', which no S4_CHECKPOINTS entry serves"}
+    monkeypatch.setenv("S4_MODEL_DTYPES", f" {TEXT}=float16 , tiny-audio=bfloat16")
+    assert Settings().model_dtypes == [f"{TEXT}=float16", "tiny-audio=bfloat16"]
+    monkeypatch.delenv("S4_MODEL_DTYPES")
+    for bad, why in (([f"{TEXT}=half"], "is not MODEL_ID=DTYPE"), (["=float32"], "is not MODEL_ID=DTYPE"),
+                     ([TEXT], "is not MODEL_ID=DTYPE"), (["a b=float32"], "is not MODEL_ID=DTYPE"),
+                     ([f"{TEXT}=float32", f"{TEXT}=bfloat16"], "is given twice")):  # fmt: skip
+        with pytest.raises(ValidationError, match=f"model_dtypes(.|\\n)*{why}"):
+            Settings(model_dtypes=bad)
+    env = {**os.environ, "S4_MODEL_DTYPES": "text=fp8", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "server"], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=ROOT, check=False)  # fmt: skip
+    assert run.returncode != 0 and "not serving: invalid settings: S4_MODEL_DTYPES" in run.stderr
+    assert "'text=fp8' is not MODEL_ID=DTYPE" in run.stderr

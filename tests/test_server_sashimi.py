@@ -273,3 +273,8 @@ def test_a_sashimi_checkpoint_at_another_dtype_is_refused_by_name(sashimi_dir):
     settings = Settings(checkpoints=[str(sashimi_dir)], max_sessions=2, dtype="bfloat16")
     models, failed = load_models(settings, SessionTable(), Metrics())
     assert models == {} and "arch 'sashimi' serves float32 weights only" in failed[TEXT]
+    # S4_MODEL_DTYPES keeps it in float32 while the rest of the process serves bfloat16
+    settings = Settings(checkpoints=[str(sashimi_dir)], max_sessions=2, dtype="bfloat16",
+                        model_dtypes=[f"{TEXT}=float32"])  # fmt: skip
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert failed == {} and models[TEXT].rec.dtype == torch.float32
