@@ -42,38 +42,54 @@ SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
 PATHS = ("one-step", "native-block")
 
 
-def loop_rate(rec, B: int, steps: int, repeat: int) -> dict[str, float]:
-    """Tokens/s of the bare decode loop at batch B: one step at a time vs native blocks of 8 steps."""
-    from model.sampling import SamplingParams, row_settings, sample, uint64_bits
+class Rows:
+    """B rows decoding at temperature 1 (seeded per row) from the zero state: their sampling settings,
+    counter-based generators, state, pending tokens and seen set, advanced by `one_step` or `blocks`."""
 
-    V = rec.config.vocab_size
-    params = [SamplingParams(seed=k) for k in range(B)]
-    state, tok = rec.init_state(B), torch.zeros(B, dtype=torch.long)
-    seen = torch.zeros(B, V, dtype=torch.bool)
-    gens = [p.generator() for p in params]
+    def __init__(self, rec, B: int) -> None:
+        from model.sampling import SamplingParams
 
-    def one_step() -> None:
-        nonlocal tok
+        self.rec, self.B, self.V = rec, B, rec.config.vocab_size
+        self.params = [SamplingParams(seed=k) for k in range(B)]
+        self.gens = [p.generator() for p in self.params]
+        self.state, self.tok = rec.init_state(B), torch.zeros(B, dtype=torch.long)
+        self.seen = torch.zeros(B, self.V, dtype=torch.bool)
+
+    def one_step(self, steps: int) -> None:
+        """The engine's one-step loop: `rec.step`, `sample`, the seen update, the host copy, per token."""
+        from model.sampling import sample
+
         for _ in range(steps):
-            logits, _ = rec.step(tok, state, out=state)
-            tok = sample(logits, params, gens)
-            seen[torch.arange(B), tok] = True
-            tok.tolist()
+            logits, _ = self.rec.step(self.tok, self.state, out=self.state)
+            self.tok = sample(logits, self.params, self.gens)
+            self.seen[torch.arange(self.B), self.tok] = True
+            self.tok.tolist()
 
-    def block() -> None:
-        for _ in range(steps // 8):
-            res = rec.decode_block(
-                8, state, tok, settings=row_settings(params, V), counts=None,
-                key=uint64_bits([g.key for g in gens]), counter=uint64_bits([g.counter for g in gens]),
-                limit=torch.full((B,), 10**9), stops=[[]] * B, history=[b""] * B, seen=seen,
+    def blocks(self, steps: int, k: int) -> None:
+        """Native decode blocks of k steps (`rec.decode_block`: sampling in C) until `steps` are made."""
+        from model.sampling import row_settings, uint64_bits
+
+        done = 0
+        while done < steps:
+            res = self.rec.decode_block(
+                min(k, steps - done), self.state, self.tok, settings=row_settings(self.params, self.V),
+                counts=None, key=uint64_bits([g.key for g in self.gens]),
+                counter=uint64_bits([g.counter for g in self.gens]), limit=torch.full((self.B,), 10**9),
+                stops=[[]] * self.B, history=[b""] * self.B, seen=self.seen,
             )  # fmt: skip
-            for g in gens:
+            for g in self.gens:
                 g.counter += res.steps
             res.tokens.t().tolist()
+            done += res.steps
 
+
+def loop_rate(rec, B: int, steps: int, repeat: int) -> dict[str, float]:
+    """Tokens/s of the bare decode loop at batch B: one step at a time vs native blocks of 8 steps."""
+    rows = Rows(rec, B)
     best = {"one-step": 0.0, "native-block": 0.0}
     for _ in range(repeat):
-        for name, fn in (("one-step", one_step), ("native-block", block)):
+        paths = (("one-step", lambda: rows.one_step(steps)), ("native-block", lambda: rows.blocks(steps, 8)))
+        for name, fn in paths:
             t0 = time.perf_counter()
             fn()
             best[name] = max(best[name], B * steps / (time.perf_counter() - t0))

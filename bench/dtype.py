@@ -31,10 +31,10 @@ from typing import Any
 import torch
 
 from bench.common import bench_main, cpu_isa, save_figure, subplots
+from bench.decode import Rows
 from bench.server import checkpoint
 from model import load, recurrent
 from model.layer import fft_conv
-from model.sampling import SamplingParams, row_settings, sample, uint64_bits
 
 NAME = "dtype"
 SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
@@ -71,31 +71,12 @@ def step_us(rec, B: int, steps: int) -> float:
 def decode_tok_s(rec, B: int, steps: int) -> float:
     """Tokens/s of generating `steps` tokens per row at temperature 1: native blocks of BLOCK_K steps
     where the model has them, else the one-step loop (step, sample, the host copy) the engine ran."""
-    V = rec.config.vocab_size
-    params = [SamplingParams(seed=k) for k in range(B)]
-    gens = [p.generator() for p in params]
-    state, tok = rec.init_state(B), torch.zeros(B, dtype=torch.long)
-    seen = torch.zeros(B, V, dtype=torch.bool)
+    rows = Rows(rec, B)
     t0 = time.perf_counter()
     if rec.decode_block_ready(B):
-        done = 0
-        while done < steps:
-            k = min(BLOCK_K, steps - done)
-            res = rec.decode_block(
-                k, state, tok, settings=row_settings(params, V), counts=None,
-                key=uint64_bits([g.key for g in gens]), counter=uint64_bits([g.counter for g in gens]),
-                limit=torch.full((B,), 10**9), stops=[[]] * B, history=[b""] * B, seen=seen,
-            )  # fmt: skip
-            for g in gens:
-                g.counter += res.steps
-            res.tokens.t().tolist()
-            done += res.steps
+        rows.blocks(steps, BLOCK_K)
     else:
-        for _ in range(steps):
-            logits, _ = rec.step(tok, state, out=state)
-            tok = sample(logits, params, gens)
-            seen[torch.arange(B), tok] = True
-            tok.tolist()
+        rows.one_step(steps)
     return B * steps / (time.perf_counter() - t0)
 
 
