@@ -246,11 +246,9 @@ ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "am
 def cpu_isa() -> list[str]:
     """The vector extensions of ISA_FLAGS this CPU reports (/proc/cpuinfo): the C step's vector width
     (AVX-512 or AVX2) and whether 16-bit matmuls are native depend on them; [] where unknown."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return []
+    from model.fused import cpu_flags  # noqa: PLC0415
+
+    flags = cpu_flags()
     return [f for f in ISA_FLAGS if f in flags]
 
 

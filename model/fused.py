@@ -39,12 +39,23 @@ def build_folder() -> Path:
     return Path(os.environ.get("S4_BUILD_CACHE", Path(__file__).resolve().parent.parent / ".build_cache"))
 
 
-def _cpu_signature() -> str:
+def _cpu_flags_line() -> str:
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags"))
+        with open("/proc/cpuinfo") as f:
+            return next(line for line in f if line.startswith("flags"))
     except (OSError, StopIteration):
-        flags = ""
-    return platform.machine() + flags
+        return ""
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo lists them (avx2, f16c, avx512f, avx512_bf16, …);
+    empty where there is no /proc/cpuinfo."""
+    line = _cpu_flags_line()
+    return frozenset(line.split(":", 1)[1].split()) if ":" in line else frozenset()
+
+
+def _cpu_signature() -> str:
+    return platform.machine() + _cpu_flags_line()
 
 
 def compile_library(out: Path, flags: Sequence[str] = FLAGS) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import functools
+import sys
 
 import torch
 
@@ -71,15 +72,26 @@ LOGITS_TOL = {torch.float64: 1e-4, torch.float32: 1e-4, **{d: 4 * u for d, u in 
 
 def native_matmul(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether `device` multiplies `dtype` matrices natively: always on CUDA and for float32 and float64;
-    bfloat16 and float16 on CPU as oneDNN reports (AVX512-BF16 or AMX-BF16; AVX512-FP16 or AMX-FP16),
-    False where torch does not say."""
+    on CPU bfloat16 with AVX512-BF16 or AMX, float16 with AVX512-FP16 or AMX-FP16 (torch.cpu's probes
+    and /proc/cpuinfo). oneDNN's own `_is_mkldnn_bf16_supported` is not used: it is true on every
+    AVX-512 CPU, where bfloat16 matmuls are emulated (slower than float32)."""
     if device.type != "cpu" or dtype in (torch.float32, torch.float64):
         return True
-    probe = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
-    try:
-        return bool(getattr(torch.ops.mkldnn, probe)())
-    except (AttributeError, RuntimeError):
-        return False
+    flags = fused.cpu_flags()
+    probes = {
+        torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "avx512_bf16", "amx_bf16"),
+        torch.float16: ("_is_amx_fp16_supported", "avx512_fp16", "amx_fp16"),
+    }[dtype]
+    for probe in probes:
+        if probe in flags:
+            return True
+        fn = getattr(torch.cpu, probe, None) if probe.startswith("_is") else None
+        try:
+            if fn is not None and fn():
+                return True
+        except RuntimeError:
+            pass
+    return False
 
 
 class VerificationError(RuntimeError):
@@ -696,7 +708,11 @@ class RecurrentModel:
                 pass
         self._state_bound: torch.Tensor | None = None
         self._graphs = None  # model.cuda_graphs.BucketedStep, set by use_cuda_graphs
-        self.net_step_max_batch = NET_STEP_MAX_BATCH
+        # A 16-bit model steps every batch in C: its torch ops (in the dtype, where the CPU multiplies it
+        # natively) round every activation, so beyond NET_STEP_MAX_BATCH a row's tokens would depend on the
+        # batch around it (1.9e-3 of the logits on the text model). float32's torch ops agree with the C
+        # step to float32 rounding and are faster there (sgemm).
+        self.net_step_max_batch = NET_STEP_MAX_BATCH if dtype == torch.float32 else sys.maxsize
         self.prefill_by_steps_max_tokens = PREFILL_BY_STEPS_MAX_TOKENS
         self.prefill_threads = PREFILL_THREADS  # None or 0: the calling thread's torch setting
         tol_net = LOGITS_TOL[dtype] if logits_tol is None else logits_tol

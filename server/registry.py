@@ -186,14 +186,19 @@ def load_model(
     dtype = getattr(torch, settings.dtype_for(model_id or path.name))
     rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=dtype)
     if dtype != torch.float32 and device == "cpu":
+        name, ops = settings.dtype_for(model_id or path.name), str(rec.compute_dtype).removeprefix("torch.")
         log.warning(
-            "%s serves %s weights on CPU: the C step reads them as they are and computes in float32; a long "
-            "prompt's parallel prefill computes in %s (README, Reduced precision)",
+            "%s serves %s weights on CPU: %s; a long prompt's parallel prefill computes in %s (README, "
+            "Reduced precision)",
             model_id or path.name,
-            settings.dtype_for(model_id or path.name),
-            "float32 on widened weights (this CPU has no native 16-bit matmul)"
-            if rec.compute_dtype == torch.float32
-            else f"{rec.compute_dtype} (this CPU multiplies it natively)".replace("torch.", ""),
+            name,
+            "the C step reads them as they are and computes in float32"
+            if rec.decode_block_ready(1)
+            else f"no C step was built (no C compiler, or a layer over its limits): the torch ops in {ops} "
+            "serve every step",
+            f"{ops} (this CPU multiplies {name} natively)"
+            if ops == name
+            else "float32 on widened weights (this CPU has no native 16-bit matmul)",
         )
     if hasattr(rec, "prefill_threads"):  # RecurrentModel: its parallel prefill's torch threads
         rec.prefill_threads = settings.prefill_threads

@@ -218,15 +218,53 @@ def test_the_torch_ops_compute_in_float32_where_the_cpu_has_no_16_bit_matmul(mon
     assert all(20 * max(errs[False]) <= e <= LOGITS_TOL[dtype] for e in errs[True]), errs
 
 
-def test_native_matmul_is_true_for_float32_and_cuda_and_false_when_torch_cannot_say(monkeypatch):
+def test_native_matmul_needs_the_16_bit_instructions_not_just_avx512(monkeypatch):
+    """bfloat16 is native with AVX512-BF16 or AMX, float16 with AVX512-FP16 or AMX-FP16; plain AVX-512
+    is not enough (oneDNN's own bfloat16 probe says yes there, and emulates: slower than float32). Both
+    the /proc/cpuinfo flags and torch.cpu's probes count; a probe that raises counts as no."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert recurrent.native_matmul(torch.float32, cpu) and recurrent.native_matmul(torch.float64, cpu)
     assert recurrent.native_matmul(torch.bfloat16, cuda) and recurrent.native_matmul(torch.float16, cuda)
-    for dtype in HALF:
-        assert isinstance(recurrent.native_matmul(dtype, cpu), bool)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "_is_amx_fp16_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: False, raising=False)
 
-    class NoProbe:
-        pass
+    def native(flags: set[str]) -> tuple[bool, bool]:
+        monkeypatch.setattr(fused, "cpu_flags", lambda: frozenset(flags))
+        return recurrent.native_matmul(torch.bfloat16, cpu), recurrent.native_matmul(torch.float16, cpu)
 
-    monkeypatch.setattr(torch.ops, "mkldnn", NoProbe())
-    assert not any(recurrent.native_matmul(dtype, cpu) for dtype in HALF)
+    assert native(set()) == (False, False)
+    assert native({"avx2", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni"}) == (False, False)
+    assert native({"avx512f", "avx512_bf16"}) == (True, False)
+    assert native({"amx_bf16", "amx_tile"}) == (True, False)
+    assert native({"avx512f", "avx512_bf16", "avx512_fp16"}) == (True, True)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert native(set()) == (True, False)
+
+    def broken():
+        raise RuntimeError("no cpuinfo")
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken)
+    assert native(set()) == (False, False)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_a_16_bit_row_is_the_same_in_a_batch_beyond_the_float32_c_step_limit(monkeypatch, dtype):
+    """Beyond NET_STEP_MAX_BATCH (256) a float32 model's step takes the torch ops (sgemm: the same values
+    to float32 rounding). A 16-bit model's would round activations to 16 bits where the CPU multiplies
+    them natively, so its C step takes every batch: row 0 alone and in 300 rows, bit for bit, over 8
+    steps and a short prompt, even on a (simulated) CPU with native 16-bit matmul."""
+    monkeypatch.setattr(recurrent, "native_matmul", lambda d, dev: True)
+    rec = tiny("s4d", "diag-lin").to_recurrent(dtype=dtype)
+    assert rec.compute_dtype == dtype and rec.net_step_max_batch > 300 and rec.decode_block_ready(300)
+    tokens = torch.randint(0, 64, (300, 8), generator=torch.Generator().manual_seed(4))
+    for B in (1, 300):
+        state, outs = rec.init_state(B), []
+        for t in range(8):
+            logits, state = rec.step(tokens[:B, t], state)
+            outs.append(logits[0])
+        if B == 1:
+            alone = torch.stack(outs)
+        else:
+            assert torch.equal(torch.stack(outs), alone)
+    pre, _ = rec.prefill(tokens, rec.init_state(300), logits="last")
+    assert torch.equal(pre[0, 0], alone[-1])

@@ -133,7 +133,7 @@ def test_prefill_threads_reach_the_model_and_are_range_checked(model_dirs):
             Settings(prefill_threads=bad)
 
 
-def test_model_dtypes_set_each_models_dtype_over_s4_dtype(model_dirs, monkeypatch):
+def test_model_dtypes_set_each_models_dtype_over_s4_dtype(model_dirs, monkeypatch, caplog):
     """S4_MODEL_DTYPES: MODEL_ID=DTYPE entries override S4_DTYPE for those models only (one process can
     serve a text model in bfloat16 beside an audio model in float32, or the reverse); an id no checkpoint
     serves is reported as not served; a malformed entry is refused by the setting's name."""
@@ -145,8 +145,15 @@ def test_model_dtypes_set_each_models_dtype_over_s4_dtype(model_dirs, monkeypatc
         settings = Settings(checkpoints=ckpts, dtype=default, max_sessions=2,
                             model_dtypes=[f"{TEXT}={override}", "ghost=float16"])  # fmt: skip
         assert settings.dtype_for(TEXT) == override and settings.dtype_for("tiny-audio") == default
-        models, failed = load_models(settings, SessionTable(), Metrics())
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="server.models"):
+            models, failed = load_models(settings, SessionTable(), Metrics())
         assert models[TEXT].rec.dtype == want_text and models["tiny-audio"].rec.dtype == want_audio
+        half = TEXT if want_text != torch.float32 else "tiny-audio"  # the one 16-bit model: its warning
+        warned = [r.getMessage() for r in caplog.records if "weights on CPU" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].startswith(f"{half} serves bfloat16 weights on CPU: the C step")
+        ops = models[half].rec.compute_dtype
+        assert ("float32 on widened weights" in warned[0]) == (ops == torch.float32)
         assert models[TEXT].rec.verification["dtype"] == str(want_text).removeprefix("torch.")
         assert failed == {"ghost": "S4_MODEL_DTYPES names 'ghost', which no S4_CHECKPOINTS entry serves"}
     monkeypatch.setenv("S4_MODEL_DTYPES", f" {TEXT}=float16 , tiny-audio=bfloat16")
