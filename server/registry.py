@@ -188,8 +188,8 @@ def load_model(
     if dtype != torch.float32 and device == "cpu":
         name, ops = settings.dtype_for(model_id or path.name), str(rec.compute_dtype).removeprefix("torch.")
         log.warning(
-            "%s serves %s weights on CPU: %s; a long prompt's parallel prefill computes in %s (README, "
-            "Reduced precision)",
+            "%s serves %s weights on CPU: %s; a long prompt's parallel prefill computes in %s (README: "
+            "Conversion coverage and reduced precision)",
             model_id or path.name,
             name,
             "the C step reads them as they are and computes in float32"
