@@ -130,7 +130,8 @@ def ws_turn(ws) -> tuple[list[int], str, dict]:
 
 
 def ws_open(server, prompt: str = PROMPT):
-    ws = connect(server.ws_url)
+    # entered here (websockets >= 17.1 warns on a connection never entered); callers close it with `with ws:`
+    ws = connect(server.ws_url).__enter__()
     ws.send(json.dumps({"type": "append", "model": TEXT, "prompt": prompt}))
     assert json.loads(ws.recv())["type"] == "session"
     appended = json.loads(ws.recv())
