@@ -638,7 +638,9 @@ class RecurrentModel:
     weights are cast to it *after* the float64 conversion; `logits_tol` the network check's tolerance
     (default `LOGITS_TOL[dtype]`); `fused_step`/`fused_network` allow the C step on CPU (not for
     float64 weights for the whole-network one). After conversion `report` holds one dict per layer and
-    `verification` the network check: dtype, tokens, step_rel_err, prefill_rel_err, tol.
+    `verification` the network check: dtype, tokens, step_rel_err, prefill_rel_err, tol, and
+    large_batch_step_rel_err (the torch-op step that batches over `net_step_max_batch` rows take, when
+    the C step serves the smaller ones; None when there is no such second path).
 
     Raises VerificationError when a layer or the network fails its check (the message names the layer
     or the dtype and the errors), ValueError for weights of mixed or unsupported dtypes.
@@ -743,7 +745,27 @@ class RecurrentModel:
             self.prefill_by_steps_max_tokens = by_steps
         name = str(self.dtype).removeprefix("torch.")
         stepped, prefilled = torch.stack(stepped, 1), torch.cat([first, second], 1)
-        return logits_report(f"the recurrent network in {name}", name, stepped, prefilled, ref, tol)
+        report = logits_report(f"the recurrent network in {name}", name, stepped, prefilled, ref, tol)
+        report["large_batch_step_rel_err"] = None
+        if self._net_step is not None and self.net_step_max_batch < sys.maxsize:
+            # batches over net_step_max_batch rows take the torch ops around the fused SSM steps: checked too
+            limit, self.net_step_max_batch = self.net_step_max_batch, 0
+            try:
+                state, ops = self.init_state(2), []
+                for t in range(T):
+                    logits, state = self.step(tok[:, t], state)
+                    ops.append(logits)
+            finally:
+                self.net_step_max_batch = limit
+            err = _rel_err(torch.stack(ops, 1).cpu(), ref)
+            if not err <= tol:
+                raise VerificationError(
+                    f"the recurrent network in {name}: its step for batches over {limit} rows (torch ops) "
+                    f"does not reproduce the float64 conv-mode logits within rel. err {tol:g} over {T} "
+                    f"tokens ({err:.2e})"
+                )
+            report["large_batch_step_rel_err"] = err
+        return report
 
     @property
     def state_bytes_per_sequence(self) -> int:
