@@ -27,6 +27,7 @@ from server.connections import raise_fd_limit, uvicorn_config  # noqa: E402
 from server.state import ServerState  # noqa: E402
 
 log = logging.getLogger("server")
+LIST_METAVARS = {"checkpoints": "DIR", "model_dtypes": "MODEL_ID=DTYPE", "api_keys": "KEY"}  # --help's names
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
@@ -37,9 +38,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         ann = field.annotation
         if typing.get_origin(ann) is typing.Annotated:
             ann = typing.get_args(ann)[0]
-        help_ = f"{field.description} (env S4_{name.upper()})"
+        # argparse %-formats help strings: a literal % in a description must be doubled
+        help_ = f"{field.description} (env S4_{name.upper()})".replace("%", "%%")
         if typing.get_origin(ann) is list:
-            parser.add_argument(flag, nargs="+", dest=name, default=None, metavar="DIR", help=help_)
+            metavar = LIST_METAVARS.get(name, "VALUE")
+            parser.add_argument(flag, nargs="+", dest=name, default=None, metavar=metavar, help=help_)
         elif typing.get_origin(ann) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(ann), dest=name, default=None, help=help_)
         else:

@@ -243,6 +243,11 @@ class Settings(BaseSettings):
         """The dtype `model_id` serves in: its S4_MODEL_DTYPES entry, else S4_DTYPE."""
         return dict(e.split("=", 1) for e in self.model_dtypes).get(model_id, self.dtype)
 
+    def dtype_source(self, model_id: str) -> str:
+        """The setting `dtype_for(model_id)` comes from: "S4_MODEL_DTYPES" or "S4_DTYPE"."""
+        overridden = any(e.split("=", 1)[0] == model_id for e in self.model_dtypes)
+        return "S4_MODEL_DTYPES" if overridden else "S4_DTYPE"
+
     @model_validator(mode="after")
     def _prefill_budget(self) -> Settings:
         if self.prefill_token_budget < self.prefill_chunk_tokens:

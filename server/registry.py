@@ -183,21 +183,29 @@ def load_model(
             f"{path}: a text model must have vocab_size >= 256 (byte tokens), "
             f"this one has {net.config.vocab_size}"
         )
-    dtype = getattr(torch, settings.dtype_for(model_id or path.name))
+    name = model_id or path.name
+    dtype = getattr(torch, settings.dtype_for(name))
+    if getattr(net.config, "arch", "isotropic") == "sashimi" and dtype != torch.float32:
+        raise CheckpointError(
+            f"arch 'sashimi' serves float32 weights only, asked for {settings.dtype_for(name)} by "
+            f"{settings.dtype_source(name)}; "
+            f"S4_MODEL_DTYPES={name}=float32 serves it in float32 beside models in other dtypes"
+        )
     rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=dtype)
     if dtype != torch.float32 and device == "cpu":
-        name, ops = settings.dtype_for(model_id or path.name), str(rec.compute_dtype).removeprefix("torch.")
+        wanted, ops = settings.dtype_for(name), str(rec.compute_dtype).removeprefix("torch.")
         log.warning(
-            "%s serves %s weights on CPU: %s; a long prompt's parallel prefill computes in %s (README: "
+            "%s serves %s weights on CPU (%s): %s; a long prompt's parallel prefill computes in %s (README: "
             "Conversion coverage and reduced precision)",
-            model_id or path.name,
             name,
+            wanted,
+            settings.dtype_source(name),
             "the C step reads them as they are and computes in float32"
             if rec.decode_block_ready(1)
             else f"no C step was built (no C compiler, or a layer over its limits): the torch ops in {ops} "
             "serve every step",
-            f"{ops} (this CPU multiplies {name} natively)"
-            if ops == name
+            f"{ops} (this CPU multiplies {wanted} natively)"
+            if ops == wanted
             else "float32 on widened weights (this CPU has no native 16-bit matmul)",
         )
     if hasattr(rec, "prefill_threads"):  # RecurrentModel: its parallel prefill's torch threads

@@ -150,8 +150,10 @@ def test_model_dtypes_set_each_models_dtype_over_s4_dtype(model_dirs, monkeypatc
             models, failed = load_models(settings, SessionTable(), Metrics())
         assert models[TEXT].rec.dtype == want_text and models["tiny-audio"].rec.dtype == want_audio
         half = TEXT if want_text != torch.float32 else "tiny-audio"  # the one 16-bit model: its warning
+        source = "S4_MODEL_DTYPES" if half == TEXT else "S4_DTYPE"
         warned = [r.getMessage() for r in caplog.records if "weights on CPU" in r.getMessage()]
-        assert len(warned) == 1 and warned[0].startswith(f"{half} serves bfloat16 weights on CPU: the C step")
+        assert len(warned) == 1
+        assert warned[0].startswith(f"{half} serves bfloat16 weights on CPU ({source}): the C step")
         ops = models[half].rec.compute_dtype
         assert ("float32 on widened weights" in warned[0]) == (ops == torch.float32)
         assert models[TEXT].rec.verification["dtype"] == str(want_text).removeprefix("torch.")

@@ -272,7 +272,9 @@ def test_a_sashimi_checkpoint_at_another_dtype_is_refused_by_name(sashimi_dir):
 
     settings = Settings(checkpoints=[str(sashimi_dir)], max_sessions=2, dtype="bfloat16")
     models, failed = load_models(settings, SessionTable(), Metrics())
-    assert models == {} and "arch 'sashimi' serves float32 weights only" in failed[TEXT]
+    assert models == {}
+    assert "arch 'sashimi' serves float32 weights only, asked for bfloat16 by S4_DTYPE" in failed[TEXT]
+    assert f"S4_MODEL_DTYPES={TEXT}=float32 serves it in float32" in failed[TEXT]  # the way out, named
     # S4_MODEL_DTYPES keeps it in float32 while the rest of the process serves bfloat16
     settings = Settings(checkpoints=[str(sashimi_dir)], max_sessions=2, dtype="bfloat16",
                         model_dtypes=[f"{TEXT}=float32"])  # fmt: skip

@@ -31,6 +31,24 @@ def test_settings_from_env_then_cli_flags(monkeypatch):
     assert all(f"`S4_{name.upper()}`" in table for name in Settings.model_fields)
 
 
+def test_help_lists_every_setting_as_a_flag_with_its_env_var(capsys):
+    """`python -m server --help` (argparse %-formats help strings: a '%' in a description crashed it)."""
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--help"])
+    assert exit_.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name, field in Settings.model_fields.items():
+        assert f"--{name.replace('_', '-')}" in out and f"(env S4_{name.upper()})" in out
+        if "%" in (field.description or ""):
+            assert "%" in out
+    assert "--model-dtypes MODEL_ID=DTYPE [MODEL_ID=DTYPE ...]" in out and "--api-keys KEY [KEY ...]" in out
+    assert parse_args(["--model-dtypes", "a=bfloat16", "b=float16,c=float32"]).model_dtypes == [
+        "a=bfloat16",
+        "b=float16",
+        "c=float32",
+    ]
+
+
 def test_default_settings_serve_the_shipped_checkpoints_on_loopback(monkeypatch):
     for k in list(os.environ):
         if k.startswith("S4_"):
