@@ -57,6 +57,12 @@ class Settings(BaseSettings):
         "S4_DTYPE=bfloat16 (SaShiMi models serve float32 only); an id that no checkpoint entry serves is "
         "listed in /readyz as not served",
     )
+    require_all_models: bool = Field(
+        False,
+        description="/readyz answers 503 (reason: the models not served and why) while any configured "
+        "checkpoint failed to load or verify, so an orchestrator keeps such a replica out of service; by "
+        "default it is ready once one model serves (a default checkpoint not trained yet never counts)",
+    )
     cuda_graphs: bool = Field(
         True,
         description="on a CUDA device, replay the decode step as CUDA graphs, one per batch-size bucket "

@@ -35,6 +35,25 @@ def test_readyz_is_503_while_draining(client, server):
     assert client.get("/readyz").status_code == 200
 
 
+def test_require_all_models_withholds_readiness_while_a_checkpoint_is_not_served(client, server):
+    """S4_REQUIRE_ALL_MODELS: this server's "broken" checkpoint failed at load, so /readyz answers 503 and
+    names it, while the models that did load keep serving requests (readiness only, for an orchestrator)."""
+    assert not server.state.settings.require_all_models and client.get("/readyz").status_code == 200
+    server.state.settings.require_all_models = True
+    try:
+        r = client.get("/readyz")
+        body = r.json()
+        assert r.status_code == 503 and not body["ready"] and body["models"] == [TEXT, AUDIO]
+        want = "not every configured model is served (S4_REQUIRE_ALL_MODELS): broken: "
+        assert body["reason"].startswith(want)
+        assert "not valid JSON" in body["reason"]
+        g = client.post("/v1/generate", json={"model": TEXT, "prompt": "a", "max_new_tokens": 2})
+        assert g.status_code == 200 and len(g.json()["tokens"]) == 2
+    finally:
+        server.state.settings.require_all_models = False
+    assert client.get("/readyz").status_code == 200
+
+
 def test_models_describe_kind_sizes_and_state_bytes(client, server):
     data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert set(data) == {TEXT, AUDIO}

@@ -31,6 +31,10 @@ async def readyz(request: Request) -> JSONResponse:
         reason = "no model could be served"
     elif crashed := [m.engine.crashed for m in st.models.values() if m.engine.crashed]:
         reason = "; ".join(crashed)  # a restart is the fix: let the orchestrator see it
+    elif st.failed and st.settings.require_all_models:
+        reason = "not every configured model is served (S4_REQUIRE_ALL_MODELS): " + "; ".join(
+            f"{k}: {v}" for k, v in st.failed.items()
+        )
     else:
         reason = None
     verified = {k: {n: m.rec.verification[n] for n in ("dtype", "step_rel_err", "prefill_rel_err", "tol")}
