@@ -42,6 +42,12 @@ def test_help_lists_every_setting_as_a_flag_with_its_env_var(capsys):
         if "%" in (field.description or ""):
             assert "%" in out
     assert "--model-dtypes MODEL_ID=DTYPE [MODEL_ID=DTYPE ...]" in out and "--api-keys KEY [KEY ...]" in out
+    # boolean flags: argparse's type=bool made every non-empty string True ("--cuda-graphs 0" was True)
+    for value, want in (("0", False), ("1", True), ("false", False), ("true", True), ("off", False)):
+        assert parse_args(["--cuda-graphs", value]).cuda_graphs is want
+        assert parse_args(["--require-all-models", value]).require_all_models is want
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        parse_args(["--cuda-graphs", "maybe"])
     assert parse_args(["--model-dtypes", "a=bfloat16", "b=float16,c=float32"]).model_dtypes == [
         "a=bfloat16",
         "b=float16",
