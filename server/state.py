@@ -47,13 +47,18 @@ class ServerState:
         return self.loaded and bool(self.models) and not self.draining
 
     def model(self, model_id: str) -> ServedModel:
-        """The served model `model_id`: 503 while loading or draining, 404 if unknown."""
+        """The served model `model_id`: 503 while loading or draining, 404 if unknown or configured but
+        not served (the message then gives the load-time reason, as /readyz does)."""
         if self.draining:
             raise unavailable("the server is shutting down")
         m = self.models.get(model_id)
         if m is None:
             if not self.loaded:
                 raise unavailable("models are still loading")
+            if model_id in self.failed:
+                raise not_found(
+                    f"model {model_id!r} is configured but not served: {self.failed[model_id]}", param="model"
+                )
             raise not_found(f"no model {model_id!r}; see GET /v1/models", param="model")
         return m
 

@@ -22,6 +22,14 @@ def test_health_ready_and_refused_checkpoint_is_reported(client):
     body = r.json()
     assert body["ready"] and body["models"] == [TEXT, AUDIO]
     assert "not valid JSON" in body["failed"]["broken"]  # not served, and the reason is given
+    for route, extra in (("/v1/generate", {}), ("/v1/completions", {}), ("/v1/sessions", {})):
+        r = client.post(route, json={"model": "broken", "prompt": "a", **extra})  # the request says why too
+        err = r.json()["error"]
+        assert r.status_code == 404 and err["param"] == "model", (route, r.text)
+        assert err["message"].startswith("model 'broken' is configured but not served: ")
+        assert "not valid JSON" in err["message"]
+    r = client.post("/v1/generate", json={"model": "nosuch", "prompt": "a"})
+    assert r.status_code == 404 and "no model 'nosuch'; see GET /v1/models" in r.json()["error"]["message"]
 
 
 def test_readyz_is_503_while_draining(client, server):
