@@ -116,11 +116,17 @@ def preflight(settings: Settings) -> list[str]:
     return problems or ["no checkpoint to serve (none of the configured folders exists)"]
 
 
+def setting_names(field: str) -> str:
+    """A setting as an operator sets it: `S4_MAX_SESSIONS (--max-sessions)`."""
+    return f"S4_{field.upper()} (--{field.replace('_', '-')})"
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         settings = parse_args(argv)
-    except ValidationError as exc:  # an S4_* variable (argparse checks the flags): name it, not its value
-        names = [f"S4_{str(e['loc'][0]).upper()}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()]
+    except ValidationError as exc:  # an S4_* variable or a flag Settings parses: name both, not its value
+        names = [f"{setting_names(str(e['loc'][0]))}: {e['msg']}" if e["loc"] else e["msg"]
+                 for e in exc.errors()]  # fmt: skip
         sys.exit("not serving: invalid settings: " + "; ".join(names))
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

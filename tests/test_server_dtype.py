@@ -103,8 +103,8 @@ def test_an_invalid_dtype_is_refused_at_startup_naming_the_setting():
                          timeout=120, cwd=ROOT, check=False)  # fmt: skip
     assert run.returncode != 0
     assert (
-        "not serving: invalid settings: S4_DTYPE: Input should be 'float32', 'bfloat16' or 'float16'"
-        in run.stderr
+        "not serving: invalid settings: S4_DTYPE (--dtype): Input should be 'float32', 'bfloat16' or "
+        "'float16'" in run.stderr
     )
     env.pop("S4_DTYPE")
     run = subprocess.run([sys.executable, "-m", "server", "--dtype", "float8"], env=env, capture_output=True,
@@ -169,5 +169,10 @@ def test_model_dtypes_set_each_models_dtype_over_s4_dtype(model_dirs, monkeypatc
     env = {**os.environ, "S4_MODEL_DTYPES": "text=fp8", "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-m", "server"], env=env, capture_output=True, text=True,
                          timeout=120, cwd=ROOT, check=False)  # fmt: skip
-    assert run.returncode != 0 and "not serving: invalid settings: S4_MODEL_DTYPES" in run.stderr
+    assert run.returncode != 0
+    assert "not serving: invalid settings: S4_MODEL_DTYPES (--model-dtypes)" in run.stderr
     assert "'text=fp8' is not MODEL_ID=DTYPE" in run.stderr
+    env.pop("S4_MODEL_DTYPES")  # the flag, which Settings validates too: the same message
+    run = subprocess.run([sys.executable, "-m", "server", "--model-dtypes", "text=fp8"], env=env,
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)  # fmt: skip
+    assert run.returncode == 1 and "invalid settings: S4_MODEL_DTYPES (--model-dtypes): " in run.stderr
