@@ -23,11 +23,20 @@ static inline void st8(float *p, f8 v) { __builtin_memcpy(p, &v, sizeof v); }
 #include <immintrin.h>
 #endif
 /* The first n (0 < n < 8) floats at p as a vector, zeros after; and its store of the first n lanes
- * (masked on AVX-512VL: never touching p[n ..]; else copied). A channel's last M mod 8 modes go through
- * these, one vector for the rest of the modes instead of scalar code. */
+ * (masked on AVX-512VL and on AVX2: never touching p[n ..]; else copied). A channel's last M mod 8 modes
+ * go through these, one vector for the rest of the modes instead of scalar code. (The copy, a memcpy of a
+ * run-time size, is a libc call: on AVX2 it made the text model's batch-1 SSM step several times slower
+ * for its M = 35 modes, so AVX2 masks too.) */
+#if !(defined(__AVX512F__) && defined(__AVX512VL__)) && defined(__AVX2__)
+static inline __m256i mask8(long n) { /* lanes j < n all ones */
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
 static inline f8 ld8_part(const float *p, long n) {
 #if defined(__AVX512F__) && defined(__AVX512VL__)
     return (f8)_mm256_maskz_loadu_ps((__mmask8)((1u << n) - 1u), p);
+#elif defined(__AVX2__)
+    return (f8)_mm256_maskload_ps(p, mask8(n));
 #else
     f8 v = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
     __builtin_memcpy(&v, p, sizeof(float) * (size_t)n);
@@ -37,6 +46,8 @@ static inline f8 ld8_part(const float *p, long n) {
 static inline void st8_part(float *p, f8 v, long n) {
 #if defined(__AVX512F__) && defined(__AVX512VL__)
     _mm256_mask_storeu_ps(p, (__mmask8)((1u << n) - 1u), (__m256)v);
+#elif defined(__AVX2__)
+    _mm256_maskstore_ps(p, mask8(n), (__m256)v);
 #else
     __builtin_memcpy(p, &v, sizeof(float) * (size_t)n);
 #endif
