@@ -193,11 +193,11 @@ class _Weights:
 
     def transposed(self, name: str) -> int:
         """A linear layer's weight (out, in) as a (in, out) row-major float32 copy."""
-        return self.ptr(self.take(name).detach().float().t().contiguous())
+        return self.transposed_as(name, WEIGHT_FORMATS[torch.float32])
 
     def transposed_as(self, name: str, fmt: int) -> int:
-        """`transposed` kept in the weights' own 16-bit dtype when `fmt` is a 16-bit WEIGHT_FORMATS code
-        (the tensor must have that dtype), else float32."""
+        """A linear layer's weight (out, in) as a (in, out) row-major copy: in the weights' own 16-bit
+        dtype when `fmt` is a 16-bit WEIGHT_FORMATS code (the tensor must have that dtype), else float32."""
         t = self.take(name).detach()
         if fmt == WEIGHT_FORMATS[torch.float32]:
             t = t.float()
@@ -289,8 +289,7 @@ class NetStep:
             names = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_FORMATS)
             got = sorted(map(str, dtypes))
             raise ValueError(f"the whole-network step takes {names} weights of one dtype, got {got}")
-        self.dtype = dtypes.pop()
-        wfmt = WEIGHT_FORMATS[self.dtype]
+        wfmt = WEIGHT_FORMATS[dtypes.pop()]
         w = self._weights = _Weights(net)  # keeps every tensor a pointer refers to
         self.layers = (NetLayer * len(forms))()
         for i, form in enumerate(forms):

@@ -77,15 +77,15 @@ def native_matmul(dtype: torch.dtype, device: torch.device) -> bool:
     AVX-512 CPU, where bfloat16 matmuls are emulated (slower than float32)."""
     if device.type != "cpu" or dtype in (torch.float32, torch.float64):
         return True
-    flags = fused.cpu_flags()
-    probes = {
-        torch.bfloat16: ("_is_avx512_bf16_supported", "_is_amx_tile_supported", "avx512_bf16", "amx_bf16"),
-        torch.float16: ("_is_amx_fp16_supported", "avx512_fp16", "amx_fp16"),
-    }[dtype]
+    flags, probes = {  # /proc/cpuinfo flags, torch.cpu probes
+        torch.bfloat16: ({"avx512_bf16", "amx_bf16"},
+                         ("_is_avx512_bf16_supported", "_is_amx_tile_supported")),
+        torch.float16: ({"avx512_fp16", "amx_fp16"}, ("_is_amx_fp16_supported",)),
+    }[dtype]  # fmt: skip
+    if flags & fused.cpu_flags():
+        return True
     for probe in probes:
-        if probe in flags:
-            return True
-        fn = getattr(torch.cpu, probe, None) if probe.startswith("_is") else None
+        fn = getattr(torch.cpu, probe, None)
         try:
             if fn is not None and fn():
                 return True
@@ -733,10 +733,15 @@ class RecurrentModel:
             ref = ref_net(tokens, ssms=convs)
         del ref_net
         tok = tokens.to(self.device)
-        state, stepped = self.init_state(2), []
-        for t in range(T):
-            logits, state = self.step(tok[:, t], state)
-            stepped.append(logits)
+
+        def step_probe() -> torch.Tensor:  # (2, T, V): the probe stepped from the zero state
+            state, out = self.init_state(2), []
+            for t in range(T):
+                logits, state = self.step(tok[:, t], state)
+                out.append(logits)
+            return torch.stack(out, 1)
+
+        stepped = step_probe()
         by_steps, self.prefill_by_steps_max_tokens = self.prefill_by_steps_max_tokens, 0
         try:  # the parallel prefill from a zero state, then from the state it left
             first, state = self.prefill(tok[:, : T // 2], self.init_state(2))
@@ -744,20 +749,17 @@ class RecurrentModel:
         finally:
             self.prefill_by_steps_max_tokens = by_steps
         name = str(self.dtype).removeprefix("torch.")
-        stepped, prefilled = torch.stack(stepped, 1), torch.cat([first, second], 1)
+        prefilled = torch.cat([first, second], 1)
         report = logits_report(f"the recurrent network in {name}", name, stepped, prefilled, ref, tol)
         report["large_batch_step_rel_err"] = None
         if self._net_step is not None and self.net_step_max_batch < sys.maxsize:
             # batches over net_step_max_batch rows take the torch ops around the fused SSM steps: checked too
             limit, self.net_step_max_batch = self.net_step_max_batch, 0
             try:
-                state, ops = self.init_state(2), []
-                for t in range(T):
-                    logits, state = self.step(tok[:, t], state)
-                    ops.append(logits)
+                ops = step_probe()
             finally:
                 self.net_step_max_batch = limit
-            err = _rel_err(torch.stack(ops, 1).cpu(), ref)
+            err = _rel_err(ops.cpu(), ref)
             if not err <= tol:
                 raise VerificationError(
                     f"the recurrent network in {name}: its step for batches over {limit} rows (torch ops) "

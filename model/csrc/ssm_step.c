@@ -437,17 +437,13 @@ static void linear_t(long B, long K, long N, const float *x, const float *Wt, co
 }
 
 /* For bench.linear and the tests: out = x · Wt + bias, Wt in format fmt (W_*), by the row loop (tiled =
- * 0) or the row tiles (1): the same bits. */
+ * 0: one row at a time, which the tiles run as linear_row_f) or the row tiles (1): the same bits. */
 void linear_rows(long tiled, long fmt, long B, long K, long N, const float *x, const void *Wt, const float *bias,
                  float *out) {
     if (tiled)
         linear_tw(fmt, B, K, N, x, Wt, bias, out);
-    else if (fmt == W_BF16)
-        for (long r = 0; r < B; r++) linear_row_f(W_BF16, K, N, x + r * K, Wt, bias, out + r * N);
-    else if (fmt == W_F16)
-        for (long r = 0; r < B; r++) linear_row_f(W_F16, K, N, x + r * K, Wt, bias, out + r * N);
     else
-        for (long r = 0; r < B; r++) linear_row_f(W_F32, K, N, x + r * K, Wt, bias, out + r * N);
+        for (long r = 0; r < B; r++) linear_tw(fmt, 1, K, N, x + r * K, Wt, bias, out + r * N);
 }
 
 /* Whether the C steps take layer L with M modes (a DPLR layer: at most MAX_MODES modes and MAX_RANK). */
