@@ -7,7 +7,7 @@ settings table is generated from the same descriptions (`settings_table`).
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -18,7 +18,8 @@ DEFAULT_CHECKPOINTS = [
     "checkpoints/audio-digits",  # SaShiMi
     "checkpoints/audio-digits-s4",  # isotropic S4: more concurrent streams per core
 ]
-DTYPES = ("float32", "bfloat16", "float16")  # S4_DTYPE, S4_MODEL_DTYPES
+Dtype = Literal["float32", "bfloat16", "float16"]  # a served model's weights (S4_DTYPE, S4_MODEL_DTYPES)
+DTYPES = get_args(Dtype)
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a served model's id (NAME= of S4_CHECKPOINTS)
 MAX_PREFILL_TOKENS = 1 << 20  # the largest prefill chunk / per-iteration budget an operator may set
 
@@ -45,7 +46,7 @@ class Settings(BaseSettings):
     verify_tolerance: float = Field(
         1e-4, gt=0, description="max relative error of the recurrent form against the conv kernel"
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+    dtype: Dtype = Field(
         "float32",
         description="dtype of the served weights (states stay float32); verified at load: logits within "
         "1e-4 (float32), 1.6e-2 (bfloat16) or 2e-3 (float16) of float64 conv mode, else not served",
@@ -245,14 +246,17 @@ class Settings(BaseSettings):
             seen.add(model_id)
         return v
 
+    def model_dtype_overrides(self) -> dict[str, str]:
+        """S4_MODEL_DTYPES as {model id: dtype}."""
+        return dict(e.split("=", 1) for e in self.model_dtypes)
+
     def dtype_for(self, model_id: str) -> str:
         """The dtype `model_id` serves in: its S4_MODEL_DTYPES entry, else S4_DTYPE."""
-        return dict(e.split("=", 1) for e in self.model_dtypes).get(model_id, self.dtype)
+        return self.model_dtype_overrides().get(model_id, self.dtype)
 
     def dtype_source(self, model_id: str) -> str:
         """The setting `dtype_for(model_id)` comes from: "S4_MODEL_DTYPES" or "S4_DTYPE"."""
-        overridden = any(e.split("=", 1)[0] == model_id for e in self.model_dtypes)
-        return "S4_MODEL_DTYPES" if overridden else "S4_DTYPE"
+        return "S4_MODEL_DTYPES" if model_id in self.model_dtype_overrides() else "S4_DTYPE"
 
     @model_validator(mode="after")
     def _prefill_budget(self) -> Settings:

@@ -184,16 +184,17 @@ def load_model(
             f"this one has {net.config.vocab_size}"
         )
     name = model_id or path.name
-    dtype = getattr(torch, settings.dtype_for(name))
+    wanted = settings.dtype_for(name)
+    dtype = getattr(torch, wanted)
     if getattr(net.config, "arch", "isotropic") == "sashimi" and dtype != torch.float32:
         raise CheckpointError(
-            f"arch 'sashimi' serves float32 weights only, asked for {settings.dtype_for(name)} by "
+            f"arch 'sashimi' serves float32 weights only, asked for {wanted} by "
             f"{settings.dtype_source(name)}; "
             f"S4_MODEL_DTYPES={name}=float32 serves it in float32 beside models in other dtypes"
         )
     rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=dtype)
     if dtype != torch.float32 and device == "cpu":
-        wanted, ops = settings.dtype_for(name), str(rec.compute_dtype).removeprefix("torch.")
+        ops = str(rec.compute_dtype).removeprefix("torch.")
         log.warning(
             "%s serves %s weights on CPU (%s): %s; a long prompt's parallel prefill computes in %s (README: "
             "Conversion coverage and reduced precision)",
@@ -265,8 +266,7 @@ def load_models(
         except (CheckpointError, VerificationError, ValueError, OSError, RuntimeError) as exc:
             failed[model_id] = f"{type(exc).__name__}: {exc}"
             log.error("checkpoint %s not served: %s", entry, failed[model_id])
-    for entry in settings.model_dtypes:
-        model_id = entry.split("=", 1)[0]
+    for model_id in settings.model_dtype_overrides():
         if model_id not in models and model_id not in failed:
             failed[model_id] = f"S4_MODEL_DTYPES names {model_id!r}, which no S4_CHECKPOINTS entry serves"
             log.error("%s", failed[model_id])

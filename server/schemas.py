@@ -18,6 +18,8 @@ from pydantic import (
     model_validator,
 )
 
+from server.config import Dtype
+
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MAX_TEMPERATURE = 100.0  # the API's bound (the library takes any finite T ≥ 0)
 
@@ -136,7 +138,7 @@ class ModelInfo(BaseModel):
     d_state: int
     kernel: str
     layer_forms: list[str] = Field(description="per S4 layer: diagonal or dplr (the verified step form)")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(description="the served weights' dtype")
+    dtype: Dtype = Field(description="the served weights' dtype")
     verification: Verification
     state_bytes_per_session: int
     max_sessions: int
