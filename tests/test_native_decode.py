@@ -431,6 +431,54 @@ def test_the_diagonal_step_with_a_partial_last_vector_is_exact_in_every_x86_buil
                 assert float((a.double() - b).abs().max() / b.abs().max()) < 1e-5, (name, M)
 
 
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 target flags")
+def test_the_avx2_overlapping_last_vector_gives_the_masked_vectors_bits(tmp_path):
+    """AVX2 takes a channel's last M mod 8 modes (M >= 8) as the full vector of modes M - 8 .. M - 1,
+    loaded before and stored after the full vectors (a masked store is microcoded on AMD: 1.3x the
+    M = 35 SSM step). Against the same build with the masked partial vector (-DS4_MASKED_TAIL): bit for
+    bit the same state and y, in place and not, one row at a time (diag_step) and 8 rows sharing the
+    parameters (the network's step), with nothing written past a row's last mode."""
+    builds = {}
+    for name, extra in (("overlap", ()), ("masked", ("-DS4_MASKED_TAIL",))):
+        out = tmp_path / f"{name}.so"
+        fused.compile_library(out, (*fused.FLAGS, "-mno-avx512f", *extra))
+        builds[name] = fused.load_library(out)
+    g = torch.Generator().manual_seed(5)
+    for M in (3, 8, 9, 13, 15, 35, 67):
+        B, H = 3, 5
+        x, u = torch.randn(B, H, 2, M, generator=g), torch.randn(B, H, generator=g)
+        p = [torch.randn(H, M, generator=g) * 0.5 for _ in range(6)]  # held: params points into them
+        params = fused.pointers(*p)
+        got = {}
+        for name, lib in builds.items():
+            for in_place in (False, True):
+                buf = torch.full((B * H * 2 * M + 8,), 7.0)  # a sentinel after the state
+                xo, y = buf[: B * H * 2 * M].view(B, H, 2, M), torch.empty(B, H)
+                xs = xo.copy_(x) if in_place else x
+                fused.diag_step(lib, xs, xo, u, y, params)
+                assert bool((buf[-8:] == 7.0).all()), (name, M, in_place)
+                got[name, in_place] = (xo.clone(), y)
+        for in_place in (False, True):
+            (xa, ya), (xb, yb) = got["overlap", in_place], got["masked", in_place]
+            assert torch.equal(xa, xb) and torch.equal(ya, yb), (M, in_place)
+    # the network: 11 rows (one group of 8 sharing each vector's parameters, then 3), layers of 8 < M < 16
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, d_state=24, kernel="s4", init="legs", l_max=64,
+                      d_ff=32, cauchy_backend="torch")  # fmt: skip
+    rec = SequenceModel(cfg).eval().to_recurrent()
+    assert rec.M >= 8 and rec.M % 8, rec.M
+    tokens = torch.randint(0, 64, (11, 12), generator=g)
+    runs = {}
+    for name, lib in builds.items():
+        step = fused.NetStep(lib, rec.net, rec.layers)
+        state, logits = rec.init_state(11), []
+        for t in range(tokens.shape[1]):
+            logits.append(step(tokens[:, t], state, state).clone())
+        runs[name] = (torch.stack(logits), state)
+    (la, sa), (lb, sb) = runs["overlap"], runs["masked"]
+    assert torch.equal(la, lb) and torch.equal(sa, sb)
+
+
 def test_the_server_gives_the_same_tokens_and_finish_reasons_with_and_without_the_native_block(model_dirs):
     """Concurrent seeded requests with stop sequences and token limits (rows stop mid-block): the
     engine's native block and its one-step loop answer each request identically, and the native

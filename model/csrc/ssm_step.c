@@ -26,7 +26,8 @@ static inline void st8(float *p, f8 v) { __builtin_memcpy(p, &v, sizeof v); }
  * (masked on AVX-512VL and on AVX2: never touching p[n ..]; else copied). A channel's last M mod 8 modes
  * go through these, one vector for the rest of the modes instead of scalar code. (The copy, a memcpy of a
  * run-time size, is a libc call: on AVX2 it made the text model's batch-1 SSM step several times slower
- * for its M = 35 modes, so AVX2 masks too.) */
+ * for its M = 35 modes, so AVX2 masks too; where M ≥ 8 it now overlaps a full vector instead, see
+ * diag_channel_rows.) */
 #if !(defined(__AVX512F__) && defined(__AVX512VL__)) && defined(__AVX2__)
 static inline __m256i mask8(long n) { /* lanes j < n all ones */
     return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -55,6 +56,26 @@ static inline void st8_part(float *p, f8 v, long n) {
 
 #define SSM_ROWS 8 /* rows whose diagonal SSM step shares one load of a channel's parameters */
 
+/* x' = μ x + b u for 8 modes (re, im: their real and imaginary parts), and their terms of y, Re(c x'): one
+ * function for every vector of modes, so each mode's arithmetic is the same whichever vector holds it. */
+static inline __attribute__((always_inline)) f8 diag_modes(f8 a, f8 b, f8 pbr, f8 pbi, f8 pcr, f8 pci, f8 vr,
+                                                           f8 vi, float uu, f8 *r, f8 *im) {
+    *r = a * vr - b * vi + pbr * uu;
+    *im = a * vi + b * vr + pbi * uu;
+    return pcr * *r - pci * *im;
+}
+
+#if !(defined(__AVX512F__) && defined(__AVX512VL__)) && defined(__AVX2__) && !defined(S4_MASKED_TAIL)
+/* AVX2 has no masked store that is fast everywhere (AMD's VMASKMOVPS store is microcoded: the text model's
+ * M = 35 made the last vector of modes cost as much as three full ones), so for M ≥ 8 the last k = M mod 8
+ * modes go through the full vector of modes M − 8 … M − 1, its state loaded before the full vectors are
+ * stored and itself stored after them: its first 8 − k lanes recompute, with the same arithmetic, the
+ * values the last full vector stored; its terms of y move down to lanes 0 … k − 1, where the partial
+ * vector puts them: for finite inputs, bit for bit the masked vector's results (the tests compare a build
+ * with -DS4_MASKED_TAIL). The 35-mode SSM step: 1.3x faster alone, audio-digits-s4 decode 1.1-1.2x. */
+#define SSM_OVERLAP_TAIL 1
+#endif
+
 /* The diagonal step of one channel h over its M modes for n ≤ SSM_ROWS rows (row i: its channel state at
  * xs[i] + off, M real parts then M imaginary, → xo[i] + off, which may alias it: each mode is read before
  * it is written; input u[i·H + h] → y[i·H + h]): nr + i·ni = μ (xr + i·xi) + b u, y = Σ Re(c x'). Modes 8
@@ -72,21 +93,50 @@ diag_channel_rows(const long n, long M, const float *const *xs, float *const *xo
         acc[i] = (f8){0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         uu[i] = u[i * H + h];
     }
+    long mend = M; /* modes up to mend in full vectors, the rest after them */
+#ifdef SSM_OVERLAP_TAIL
+    f8 tr[SSM_ROWS], ti[SSM_ROWS]; /* the state of modes M − 8 … M − 1 as it was */
+    const int overlap = M >= 8 && (M & 7);
+    if (overlap) {
+        mend = M - (M & 7);
+        for (long i = 0; i < n; i++) {
+            tr[i] = ld8(xs[i] + off + M - 8);
+            ti[i] = ld8(xs[i] + off + 2 * M - 8);
+        }
+    }
+#endif
     long m = 0;
-    for (; m + 8 <= M; m += 8) {
+    for (; m + 8 <= mend; m += 8) {
         const f8 a = ld8(mur + m), b = ld8(mui + m), pbr = ld8(br + m), pbi = ld8(bi + m), pcr = ld8(cr + m),
                  pci = ld8(ci + m);
         for (long i = 0; i < n; i++) {
             const float *xr = xs[i] + off, *xi = xr + M;
             float *nr = xo[i] + off, *ni = nr + M;
-            const f8 vr = ld8(xr + m), vi = ld8(xi + m);
-            const f8 r = a * vr - b * vi + pbr * uu[i];
-            const f8 im = a * vi + b * vr + pbi * uu[i];
+            f8 r, im;
+            acc[i] += diag_modes(a, b, pbr, pbi, pcr, pci, ld8(xr + m), ld8(xi + m), uu[i], &r, &im);
             st8(nr + m, r);
             st8(ni + m, im);
-            acc[i] += pcr * r - pci * im;
         }
     }
+#ifdef SSM_OVERLAP_TAIL
+    if (overlap) {
+        const long k = M - mend, t = M - 8;
+        const __m256 low = _mm256_castsi256_ps(mask8(k));
+        const __m256i down = /* lane j ← lane j + 8 − k */
+            _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)(8 - k)));
+        const f8 a = ld8(mur + t), b = ld8(mui + t), pbr = ld8(br + t), pbi = ld8(bi + t), pcr = ld8(cr + t),
+                 pci = ld8(ci + t);
+        for (long i = 0; i < n; i++) {
+            float *nr = xo[i] + off, *ni = nr + M;
+            f8 r, im;
+            const f8 d = diag_modes(a, b, pbr, pbi, pcr, pci, tr[i], ti[i], uu[i], &r, &im);
+            st8(nr + t, r);
+            st8(ni + t, im);
+            acc[i] += (f8)_mm256_and_ps(_mm256_permutevar8x32_ps((__m256)d, down), low);
+        }
+        m = M;
+    }
+#endif
     if (m < M) {
         const long k = M - m;
         const f8 a = ld8_part(mur + m, k), b = ld8_part(mui + m, k), pbr = ld8_part(br + m, k),
@@ -94,12 +144,11 @@ diag_channel_rows(const long n, long M, const float *const *xs, float *const *xo
         for (long i = 0; i < n; i++) {
             const float *xr = xs[i] + off, *xi = xr + M;
             float *nr = xo[i] + off, *ni = nr + M;
+            f8 r, im;
             const f8 vr = ld8_part(xr + m, k), vi = ld8_part(xi + m, k);
-            const f8 r = a * vr - b * vi + pbr * uu[i];
-            const f8 im = a * vi + b * vr + pbi * uu[i];
+            acc[i] += diag_modes(a, b, pbr, pbi, pcr, pci, vr, vi, uu[i], &r, &im);
             st8_part(nr + m, r, k);
             st8_part(ni + m, im, k);
-            acc[i] += pcr * r - pci * im;
         }
     }
     for (long i = 0; i < n; i++) {
