@@ -57,12 +57,13 @@ def run(quick: bool) -> dict[str, Any]:
         W = torch.randn(N, K, generator=g) / K**0.5
         b = torch.randn(N, generator=g)
         Wt = W.t().contiguous()
+        packed = fused.pack_linear(Wt, lib.linear_panel_width())  # the C step's weight layout
         Wt_np, b_np = Wt.numpy(), b.numpy()
         for B in sz["batches"]:
             x = torch.randn(B, K, generator=g)
             x_np = x.numpy()
             out = torch.empty(B, N)
-            ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (x, Wt, b, out)]
+            ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (x, packed, b, out)]
 
             def c(tiled: int) -> None:
                 dims = (tiled, 0, B, K, N)  # 0: float32 weights (ssm_step.c W_F32)

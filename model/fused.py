@@ -26,6 +26,7 @@ RESTYPES = {  # the library's entry points and their return types
     "sample_rows_full": ctypes.c_int, "net_block": ctypes.c_long, "philox_uniforms": None,
     "philox_blocks": None, "linear_rows": None, "sashimi_step": ctypes.c_int, "sashimi_block": ctypes.c_long,
     "net_prefill": ctypes.c_int, "ssm_prefill": ctypes.c_long, "ssm_prefill_width": ctypes.c_long,
+    "linear_panel_width": ctypes.c_long,
 }  # fmt: skip
 # -fno-math-errno lets the GELU / sigmoid loops call glibc's vector expf / erff (model/csrc/ssm_step.c)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
@@ -168,12 +169,39 @@ class NetLayer(ctypes.Structure):
 WEIGHT_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+def pack_linear(Wt: torch.Tensor, panel: int) -> torch.Tensor:
+    """A linear layer's weight Wt (K, N), any dtype, in ssm_step.c's packed layout: 1-D, K·N elements
+    of Wt's dtype, the columns in panels of `panel` (the library's `linear_panel_width()`: two vectors,
+    16 floats with AVX2, 32 with AVX-512), each a row-major (K, panel) block, then the last N mod panel
+    columns as one row-major (K, N mod panel) block. A register tile's weights are then one contiguous
+    stream that stays in L1/L2 while the tiles of every row group use it."""
+    K, N = Wt.shape
+    F = N // panel
+    full = Wt[:, : F * panel].reshape(K, F, panel).transpose(0, 1).reshape(-1)
+    return torch.cat([full, Wt[:, F * panel :].reshape(-1)]).contiguous()
+
+
+def linear_rows(
+    lib, tiled: int, x: torch.Tensor, packed: torch.Tensor, N: int, bias: torch.Tensor
+) -> torch.Tensor:
+    """ssm_step.c `linear_rows` (bench.linear, the tests): x (B, K) float32 · Wt + bias (N,) float32 → (B, N)
+    float32, Wt given as pack_linear(Wt (K, N), lib.linear_panel_width()) in float32, bfloat16 or float16;
+    tiled = 0 runs one row at a time, 1 the row tiles (the same bits)."""
+    B, K = x.shape
+    out = torch.empty(B, N)
+    dims = [ctypes.c_long(v) for v in (tiled, WEIGHT_FORMATS[packed.dtype], B, K, N)]
+    lib.linear_rows(*dims, *[ctypes.c_void_p(t.data_ptr()) for t in (x, packed, bias, out)])
+    return out
+
+
 class _Weights:
     """A network's state dict read into C pointers: `take` records each tensor read (so a network
     with a tensor no C step reads is refused by name), and every tensor a pointer refers to is kept
-    alive here (transposed copies included)."""
+    alive here (the linear layers' packed copies included; `panel`: the library's
+    linear_panel_width())."""
 
-    def __init__(self, net) -> None:
+    def __init__(self, net, panel: int) -> None:
+        self.panel = panel
         self.tensors = net.state_dict(keep_vars=True)
         self.read: set[str] = set()
         self.keep: list = []
@@ -192,18 +220,19 @@ class _Weights:
         return self.ptr(self.take(name).detach().float())
 
     def transposed(self, name: str) -> int:
-        """A linear layer's weight (out, in) as a (in, out) row-major float32 copy."""
+        """A linear layer's weight (out, in) as its (in, out) transpose packed (pack_linear), float32."""
         return self.transposed_as(name, WEIGHT_FORMATS[torch.float32])
 
     def transposed_as(self, name: str, fmt: int) -> int:
-        """A linear layer's weight (out, in) as a (in, out) row-major copy: in the weights' own 16-bit
-        dtype when `fmt` is a 16-bit WEIGHT_FORMATS code (the tensor must have that dtype), else float32."""
+        """A linear layer's weight (out, in) as its (in, out) transpose packed (pack_linear): in the
+        weights' own 16-bit dtype when `fmt` is a 16-bit WEIGHT_FORMATS code (the tensor must have that
+        dtype), else float32."""
         t = self.take(name).detach()
         if fmt == WEIGHT_FORMATS[torch.float32]:
             t = t.float()
         elif WEIGHT_FORMATS.get(t.dtype) != fmt:
             raise ValueError(f"{name} is {t.dtype}, not weight format {fmt}")
-        t = t.t().contiguous()
+        t = pack_linear(t.t(), self.panel)
         self.keep.append(t)
         return t.data_ptr()
 
@@ -290,7 +319,7 @@ class NetStep:
             got = sorted(map(str, dtypes))
             raise ValueError(f"the whole-network step takes {names} weights of one dtype, got {got}")
         wfmt = WEIGHT_FORMATS[dtypes.pop()]
-        w = self._weights = _Weights(net)  # keeps every tensor a pointer refers to
+        w = self._weights = _Weights(net, lib.linear_panel_width())  # keeps every tensor a pointer refers to
         self.layers = (NetLayer * len(forms))()
         for i, form in enumerate(forms):
             pre = f"blocks.{i}."
@@ -430,7 +459,7 @@ class SaShiMiStep:
         if len(eps) != 1:
             raise ValueError("every LayerNorm must share one eps")
         self.lib, self.V, self.numel = lib, cfg.vocab_size, layout.numel
-        w = self._weights = _Weights(net)  # keeps every tensor and ctypes array a pointer refers to
+        w = self._weights = _Weights(net, lib.linear_panel_width())  # keeps what a pointer refers to
 
         def stack(prefix: str, blocks) -> tuple[CNetStack, int]:
             """A level's blocks as NetLayers: its (S4, FF) pairs (model.arch.sashimi.level_blocks), the FF

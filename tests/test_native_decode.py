@@ -364,12 +364,8 @@ def test_the_linear_row_tiles_equal_the_row_loop_bit_for_bit_and_float64_within_
     Wt, bias = torch.randn(K, N, generator=g), torch.randn(N, generator=g)
     for B in (1, 3, 4, 5, 8, 11, 12, 13, 17):
         x = torch.randn(B, K, generator=g)
-        outs = []
-        for tiled in (0, 1):
-            out = torch.empty(B, N)
-            ptrs = [ctypes.c_void_p(t.data_ptr()) for t in (x, Wt, bias, out)]
-            lib.linear_rows(*(ctypes.c_long(v) for v in (tiled, 0, B, K, N)), *ptrs)
-            outs.append(out)
+        packed = fused.pack_linear(Wt, lib.linear_panel_width())
+        outs = [fused.linear_rows(lib, tiled, x, packed, N, bias) for tiled in (0, 1)]
         assert torch.equal(outs[0], outs[1]), B
         ref = x.double() @ Wt.double() + bias.double()
         scale = (x.double().abs() @ Wt.double().abs() + bias.double().abs()).max()
@@ -390,10 +386,8 @@ def test_the_row_tiles_stay_bit_identical_when_built_for_older_x86(tmp_path, ext
         Wt, bias = torch.randn(K, N, generator=g), torch.randn(N, generator=g)
         for B in (1, 3, 4, 5, 8, 13):
             x = torch.randn(B, K, generator=g)
-            outs = [torch.empty(B, N), torch.empty(B, N)]
-            for tiled, o in enumerate(outs):
-                dims = [ctypes.c_long(v) for v in (tiled, 0, B, K, N)]
-                lib.linear_rows(*dims, *[ctypes.c_void_p(t.data_ptr()) for t in (x, Wt, bias, o)])
+            packed = fused.pack_linear(Wt, lib.linear_panel_width())
+            outs = [fused.linear_rows(lib, tiled, x, packed, N, bias) for tiled in (0, 1)]
             assert torch.equal(outs[0], outs[1]), (extra, K, N, B)
             ref = x.double() @ Wt.double() + bias.double()
             assert float((outs[1].double() - ref).abs().max()) < 1e-3 * float(ref.abs().max())

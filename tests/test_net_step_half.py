@@ -11,7 +11,6 @@ widened exactly to float32 in registers; everything else is float32 arithmetic. 
 from __future__ import annotations
 
 import copy
-import ctypes
 import platform
 
 import pytest
@@ -27,12 +26,10 @@ FMT = fused.WEIGHT_FORMATS
 
 def linear(lib, tiled: int, dtype: torch.dtype, x: torch.Tensor, Wt: torch.Tensor, bias: torch.Tensor):
     """ssm_step.c `linear_rows`: x (B, K) float32 · Wt (K, N) in `dtype` + bias (N,) float32."""
-    B, K = x.shape
-    N = Wt.shape[1]
-    out = torch.empty(B, N)
-    dims = [ctypes.c_long(v) for v in (tiled, FMT[dtype], B, K, N)]
-    lib.linear_rows(*dims, *[ctypes.c_void_p(t.data_ptr()) for t in (x, Wt, bias, out)])
-    return out
+    assert Wt.dtype == dtype
+    return fused.linear_rows(
+        lib, tiled, x, fused.pack_linear(Wt, lib.linear_panel_width()), Wt.shape[1], bias
+    )
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)

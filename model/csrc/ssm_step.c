@@ -412,30 +412,81 @@ static inline fv ldw(const int fmt, const void *p, long i) {
 #endif
 }
 
+/* A linear layer's weights Wt (K, N) are packed in panels of LIN_P columns: panel f (columns f·LIN_P …) is a
+ * row-major (K, LIN_P) block at f·K·LIN_P, and the last N mod LIN_P columns one (K, N mod LIN_P) block after
+ * the full panels (fused.py `pack_linear`). A tile's weights are then one contiguous stream, read by every
+ * row tile from L1/L2 while its panel is in use, where the row-major layout's column slices (a 64-byte
+ * piece every N·4 bytes) conflicted in the caches and fell out of L2 for N = 512. */
+#define LIN_P (2 * LIN_VW)
+long linear_panel_width(void) { return LIN_P; }
+
+/* the index of element (k, n) of a packed (K, N) weight, and the distance between its rows k, k + 1 */
+static inline long pk_at(long K, long N, long k, long n, long *stride) {
+    const long F = N / LIN_P;
+    if (n < F * LIN_P) {
+        *stride = LIN_P;
+        return (n / LIN_P) * K * LIN_P + k * LIN_P + n % LIN_P;
+    }
+    *stride = N - F * LIN_P;
+    return F * K * LIN_P + k * *stride + (n - F * LIN_P);
+}
+
 /* out[i, n0 + c·VW + j] for the rows i < R (row i at x + i·K, out + i·N) and vectors c < C (R, C and fmt
- * constants at every call, so the tile unrolls into registers) */
+ * constants at every call, so the tile unrolls into registers); Wt packed */
 static inline __attribute__((always_inline)) void lin_tile(const int fmt, const long R, const long C, long K,
                                                            long N, const float *x, const void *Wt,
                                                            const float *bias, float *out, long n0) {
     fv acc[LIN_ROWS][8];
+    const char *w[8];
+    long ws[8];
+    const long es = fmt == W_F32 ? 4 : 2; /* bytes per weight */
     for (long c = 0; c < C; c++) {
         const fv b = bias ? ldv(bias + n0 + LIN_VW * c) : (fv){0};
         for (long i = 0; i < R; i++) acc[i][c] = b;
+        w[c] = (const char *)Wt + pk_at(K, N, 0, n0 + LIN_VW * c, &ws[c]) * es;
+        ws[c] *= es;
     }
-    const long es = fmt == W_F32 ? 4 : 2; /* bytes per weight */
-    const char *w = (const char *)Wt + n0 * es;
-    for (long k = 0; k < K; k++, w += N * es) {
-        fv wv[8];
-        for (long c = 0; c < C; c++) wv[c] = ldw(fmt, w, LIN_VW * c);
-        if (k + LIN_PREFETCH < K)
-            for (long c = 0; c < C * LIN_VW * es; c += 64) __builtin_prefetch(w + LIN_PREFETCH * N * es + c);
-        for (long i = 0; i < R; i++) {
-            const fv a = bcast(x[i * K + k]);
-            for (long c = 0; c < C; c++) acc[i][c] = fmav(a, wv[c], acc[i][c]);
+    const long kp = K > LIN_PREFETCH ? K - LIN_PREFETCH : 0; /* rows k < kp prefetch row k + LIN_PREFETCH */
+    if (R == 1) { /* a row alone (C = 8): one offset for all vectors, one prefetch per panel */
+        for (long k = 0, ko = 0; k < K; k++, ko += ws[0]) {
+            fv wv[8];
+            for (long c = 0; c < C; c++) {
+                wv[c] = ldw(fmt, w[c] + ko, 0);
+                if (c % 2 == 0 && k < kp) __builtin_prefetch(w[c] + ko + LIN_PREFETCH * ws[0]);
+            }
+            const fv a = bcast(x[k]);
+            for (long c = 0; c < C; c++) acc[0][c] = fmav(a, wv[c], acc[0][c]);
+        }
+    } else {
+        for (long k = 0; k < K; k++) {
+            fv wv[8];
+            for (long c = 0; c < C; c++) {
+                wv[c] = ldw(fmt, w[c], 0);
+                if (k < kp) __builtin_prefetch(w[c] + LIN_PREFETCH * ws[c]);
+                w[c] += ws[c];
+            }
+            for (long i = 0; i < R; i++) {
+                const fv a = bcast(x[i * K + k]);
+                for (long c = 0; c < C; c++) acc[i][c] = fmav(a, wv[c], acc[i][c]);
+            }
         }
     }
     for (long i = 0; i < R; i++)
         for (long c = 0; c < C; c++) stv(out + i * N + n0 + LIN_VW * c, acc[i][c]);
+}
+
+/* the scalar columns n0 … N − 1 of R rows (Wt packed) */
+static inline __attribute__((always_inline)) void lin_cols(const int fmt, const long R, long K, long N,
+                                                           const float *x, const void *Wt, const float *bias,
+                                                           float *out, long n0) {
+    for (long i = 0; i < R; i++)
+        for (long n = n0; n < N; n++) {
+            long st;
+            const long at = pk_at(K, N, 0, n, &st);
+            float acc = bias ? bias[n] : 0.0f;
+            for (long k = 0; k < K; k++) acc = __builtin_fmaf(x[i * K + k], w_at(fmt, Wt, at + k * st), acc);
+            out[i * N + n] = acc;
+        }
 }
 
 /* R rows (a constant) over all N columns: tiles of C vectors, then single vectors, then scalar columns */
@@ -445,12 +496,7 @@ static inline __attribute__((always_inline)) void lin_rows(const int fmt, const 
     long n0 = 0;
     for (; n0 + C * LIN_VW <= N; n0 += C * LIN_VW) lin_tile(fmt, R, C, K, N, x, Wt, bias, out, n0);
     for (; n0 + LIN_VW <= N; n0 += LIN_VW) lin_tile(fmt, R, 1, K, N, x, Wt, bias, out, n0);
-    for (long i = 0; i < R; i++)
-        for (long n = n0; n < N; n++) {
-            float acc = bias ? bias[n] : 0.0f;
-            for (long k = 0; k < K; k++) acc = __builtin_fmaf(x[i * K + k], w_at(fmt, Wt, k * N + n), acc);
-            out[i * N + n] = acc;
-        }
+    lin_cols(fmt, R, K, N, x, Wt, bias, out, n0);
 }
 
 /* one row alone: 8 vectors of columns at a time (its weights stream from memory once, whatever the tile) */
@@ -461,8 +507,15 @@ static inline __attribute__((always_inline)) void linear_row_f(const int fmt, lo
 
 static inline __attribute__((always_inline)) void linear_t_f(const int fmt, long B, long K, long N, const float *x,
                                                              const void *Wt, const float *bias, float *out) {
-    long r = 0;
-    for (; r + LIN_ROWS <= B; r += LIN_ROWS) lin_rows(fmt, LIN_ROWS, 2, K, N, x + r * K, Wt, bias, out + r * N);
+    /* the row tiles panel by panel: a panel's weights stay in L1/L2 for every tile */
+    long r = B - B % LIN_ROWS, n0 = 0;
+    for (; n0 + LIN_P <= N; n0 += LIN_P)
+        for (long r0 = 0; r0 < r; r0 += LIN_ROWS)
+            lin_tile(fmt, LIN_ROWS, 2, K, N, x + r0 * K, Wt, bias, out + r0 * N, n0);
+    for (; n0 + LIN_VW <= N; n0 += LIN_VW)
+        for (long r0 = 0; r0 < r; r0 += LIN_ROWS)
+            lin_tile(fmt, LIN_ROWS, 1, K, N, x + r0 * K, Wt, bias, out + r0 * N, n0);
+    for (long r0 = 0; r0 < r; r0 += LIN_ROWS) lin_cols(fmt, LIN_ROWS, K, N, x + r0 * K, Wt, bias, out + r0 * N, n0);
 #if LIN_ROWS > 4
     for (; r + 4 <= B; r += 4) lin_rows(fmt, 4, 4, K, N, x + r * K, Wt, bias, out + r * N);
 #endif
@@ -485,8 +538,9 @@ static void linear_t(long B, long K, long N, const float *x, const float *Wt, co
     linear_t_f(W_F32, B, K, N, x, Wt, bias, out);
 }
 
-/* For bench.linear and the tests: out = x · Wt + bias, Wt in format fmt (W_*), by the row loop (tiled =
- * 0: one row at a time, which the tiles run as linear_row_f) or the row tiles (1): the same bits. */
+/* For bench.linear and the tests: out = x · Wt + bias, Wt packed (LIN_P panels) in format fmt (W_*), by the
+ * row loop (tiled = 0: one row at a time, which the tiles run as linear_row_f) or the row tiles (1): the same
+ * bits. */
 void linear_rows(long tiled, long fmt, long B, long K, long N, const float *x, const void *Wt, const float *bias,
                  float *out) {
     if (tiled)
