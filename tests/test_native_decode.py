@@ -473,6 +473,27 @@ def test_the_avx2_overlapping_last_vector_gives_the_masked_vectors_bits(tmp_path
     assert torch.equal(la, lb) and torch.equal(sa, sb)
 
 
+def test_a_wide_layers_channels_split_over_threads_give_the_same_bits_as_one_thread():
+    """A layer with H * M >= 65536 splits its channels over the threads when the step is not already in
+    a parallel region (a batch below NET_PARALLEL_ROWS), and runs them in the calling thread inside one
+    (a batch of 8 or more: each thread its own rows). Either way a row's logits and state are the same
+    bits: row 0 alone (one row: ssm_row, split), in 3 rows (ssm_rows, split) and in 9 (ssm_rows, each
+    thread's rows in that thread)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, d_model=1024, n_layers=1, d_state=128, kernel="s4d", init="diag-lin",
+                      l_max=16, d_ff=0, cauchy_backend="torch")  # fmt: skip
+    rec = SequenceModel(cfg).eval().to_recurrent()
+    assert rec._net_step is not None and rec.H * rec.M >= 65536, (rec.H, rec.M)
+    tokens = torch.randint(0, 16, (9, 6), generator=torch.Generator().manual_seed(2))
+    states = {n: rec.init_state(n) for n in (1, 3, 9)}
+    for t in range(tokens.shape[1]):
+        logits = {}
+        for n, state in list(states.items()):
+            logits[n], states[n] = rec.step(tokens[:n, t], state)
+        assert torch.equal(logits[1], logits[3][:1]) and torch.equal(logits[1], logits[9][:1]), t
+    assert torch.equal(states[1], states[3][:, :1]) and torch.equal(states[1], states[9][:, :1])
+
+
 def test_the_server_gives_the_same_tokens_and_finish_reasons_with_and_without_the_native_block(model_dirs):
     """Concurrent seeded requests with stop sequences and token limits (rows stop mid-block): the
     engine's native block and its one-step loop answer each request identically, and the native

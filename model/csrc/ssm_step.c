@@ -575,16 +575,35 @@ static inline float ssm_channel(const NetLayer *L, long H, long M, long h, const
 /* One block's SSM step for one row: its state xs (H, 2, M) → xo (may be xs itself), u (H) → y (H); -1
  * when the layer does not fit (layer_fits). The step and net_prefill both go through ssm_channel: the
  * same bits. */
+/* Whether a layer's channels (H of M modes) are worth splitting over threads: big enough, and not already
+ * inside a parallel region (a decode block or a prefill gives each thread its own rows). The test comes
+ * before the parallel region, not in an `if` clause: entering a region with `if (0)`, or nested, still
+ * starts a team of one in libgomp, which cost 5-7 % of audio-digits-s4's decode at 16 rows. */
+static inline int split_channels(long H, long M) { return H * M >= 65536 && !omp_in_parallel(); }
+
 static inline int ssm_row(const NetLayer *L, long H, long M, const float *xs, float *xo, const float *u, float *y) {
     if (!layer_fits(L, M)) return -1;
-#pragma omp parallel for schedule(static) if (H * M >= 65536)
-    for (long h = 0; h < H; h++) y[h] = ssm_channel(L, H, M, h, xs + h * 2 * M, xo + h * 2 * M, u[h]);
+    if (split_channels(H, M)) {
+#pragma omp parallel for schedule(static)
+        for (long h = 0; h < H; h++) y[h] = ssm_channel(L, H, M, h, xs + h * 2 * M, xo + h * 2 * M, u[h]);
+    } else {
+        for (long h = 0; h < H; h++) y[h] = ssm_channel(L, H, M, h, xs + h * 2 * M, xo + h * 2 * M, u[h]);
+    }
     return 0;
 }
 
 /* One block's SSM step for n ≤ SSM_ROWS rows: row i's state xs[i] (H, 2, M) → xo[i] (may be xs[i]),
  * u (n, H) → y (n, H). A diagonal layer steps the rows together, channel by channel (diag_channel_rows);
  * a DPLR layer row by row (ssm_row). Either way a row's bits are ssm_row's alone. -1: layer_fits fails. */
+/* channel h of a diagonal layer L for n rows (ssm_rows) */
+static inline __attribute__((always_inline)) void diag_rows_channel(const NetLayer *L, long M, long n,
+                                                                    const float *const *xs, float *const *xo,
+                                                                    long H, long h, const float *u, float *y) {
+    const float *const *p = L->p;
+    const long o = h * M;
+    diag_channel_rows_n(n, M, xs, xo, 2 * o, H, h, u, y, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o, p[5] + o);
+}
+
 static int ssm_rows(const NetLayer *L, long H, long M, long n, const float *const *xs, float *const *xo,
                     const float *u, float *y) {
     if (L->form != 0 || n == 1) {
@@ -592,12 +611,11 @@ static int ssm_rows(const NetLayer *L, long H, long M, long n, const float *cons
             if (ssm_row(L, H, M, xs[i], xo[i], u + i * H, y + i * H)) return -1;
         return 0;
     }
-    const float *const *p = L->p;
-#pragma omp parallel for schedule(static) if (H * M >= 65536)
-    for (long h = 0; h < H; h++) {
-        const long o = h * M;
-        diag_channel_rows_n(n, M, xs, xo, 2 * o, H, h, u, y, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o,
-                            p[5] + o);
+    if (split_channels(H, M)) {
+#pragma omp parallel for schedule(static)
+        for (long h = 0; h < H; h++) diag_rows_channel(L, M, n, xs, xo, H, h, u, y);
+    } else {
+        for (long h = 0; h < H; h++) diag_rows_channel(L, M, n, xs, xo, H, h, u, y);
     }
     return 0;
 }
