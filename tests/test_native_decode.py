@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import math
+import os
 import platform
 
 import pytest
@@ -455,17 +456,19 @@ def test_the_avx2_overlapping_last_vector_gives_the_masked_vectors_bits(tmp_path
         for in_place in (False, True):
             (xa, ya), (xb, yb) = got["overlap", in_place], got["masked", in_place]
             assert torch.equal(xa, xb) and torch.equal(ya, yb), (M, in_place)
-    # the network: 11 rows (one group of 8 sharing each vector's parameters, then 3), layers of 8 < M < 16
+    # the network: 8 rows per thread (each thread's rows share each vector's parameters; the C library's
+    # OpenMP threads default to the usable cores), then 3 more; layers of 8 < M < 16
+    rows = 8 * len(os.sched_getaffinity(0)) + 3
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=2, d_state=24, kernel="s4", init="legs", l_max=64,
                       d_ff=32, cauchy_backend="torch")  # fmt: skip
     rec = SequenceModel(cfg).eval().to_recurrent()
     assert rec.M >= 8 and rec.M % 8, rec.M
-    tokens = torch.randint(0, 64, (11, 12), generator=g)
+    tokens = torch.randint(0, 64, (rows, 12), generator=g)
     runs = {}
     for name, lib in builds.items():
         step = fused.NetStep(lib, rec.net, rec.layers)
-        state, logits = rec.init_state(11), []
+        state, logits = rec.init_state(rows), []
         for t in range(tokens.shape[1]):
             logits.append(step(tokens[:, t], state, state).clone())
         runs[name] = (torch.stack(logits), state)

@@ -451,12 +451,13 @@ static inline __attribute__((always_inline)) void lin_tile(const int fmt, const 
     /* rows k < kp prefetch row k + LIN_PREFETCH. The two loop shapes below were the fastest of five measured
      * on AVX2 (one thread: 91-97 GFLOP/s with 8-32 rows where the others ran at 63-77, and 29-37 for one row) */
     const long kp = K > LIN_PREFETCH ? K - LIN_PREFETCH : 0;
-    if (R == 1) { /* a row alone (C = 8): one offset for all vectors, one prefetch per panel */
+    if (R == 1) { /* a row alone (C = 8): one offset for all vectors, one prefetch per 64-byte line */
         for (long k = 0, ko = 0; k < K; k++, ko += ws[0]) {
             fv wv[8];
             for (long c = 0; c < C; c++) {
                 wv[c] = ldw(fmt, w[c] + ko, 0);
-                if (c % 2 == 0 && k < kp) __builtin_prefetch(w[c] + ko + LIN_PREFETCH * ws[0]);
+                if ((c % 2 == 0 || LIN_VW * es >= 64) && k < kp) /* (a panel row: 64 B, or 128 with AVX-512) */
+                    __builtin_prefetch(w[c] + ko + LIN_PREFETCH * ws[0]);
             }
             const fv a = bcast(x[k]);
             for (long c = 0; c < C; c++) acc[0][c] = fmav(a, wv[c], acc[0][c]);
