@@ -188,13 +188,12 @@ def linear_rows(
     float32, Wt given as pack_linear(Wt (K, N), lib.linear_panel_width()) in float32, bfloat16 or float16;
     tiled = 0 runs one row at a time, 1 the row tiles (the same bits)."""
     B, K = x.shape
-    ok_x = x.dtype == torch.float32 and x.is_contiguous()
-    if not ok_x or packed.numel() != K * N or not packed.is_contiguous():
-        raise ValueError(f"linear_rows needs contiguous float32 x (B, K) and K·N packed weights, got "
-                         f"{x.dtype} {tuple(x.shape)}, {packed.numel()} weights for N = {N}")  # fmt: skip
+    if packed.numel() != K * N or not packed.is_contiguous():
+        raise ValueError(f"linear_rows needs K·N = {K * N} contiguous packed weights, got {packed.numel()}")
     out = torch.empty(B, N)
+    px, pb, po = _ptrs(x, bias, out)  # (contiguous float32 CPU tensors, or ValueError)
     dims = [ctypes.c_long(v) for v in (tiled, WEIGHT_FORMATS[packed.dtype], B, K, N)]
-    lib.linear_rows(*dims, *[ctypes.c_void_p(t.data_ptr()) for t in (x, packed, bias, out)])
+    lib.linear_rows(*dims, px, ctypes.c_void_p(packed.data_ptr()), pb, po)
     return out
 
 

@@ -363,9 +363,9 @@ def test_the_linear_row_tiles_equal_the_row_loop_bit_for_bit_and_float64_within_
     lib = fused.library()
     g = torch.Generator().manual_seed(K + N)
     Wt, bias = torch.randn(K, N, generator=g), torch.randn(N, generator=g)
+    packed = fused.pack_linear(Wt, lib.linear_panel_width())
     for B in (1, 3, 4, 5, 8, 11, 12, 13, 17):
         x = torch.randn(B, K, generator=g)
-        packed = fused.pack_linear(Wt, lib.linear_panel_width())
         outs = [fused.linear_rows(lib, tiled, x, packed, N, bias) for tiled in (0, 1)]
         assert torch.equal(outs[0], outs[1]), B
         ref = x.double() @ Wt.double() + bias.double()
@@ -385,9 +385,9 @@ def test_the_row_tiles_stay_bit_identical_when_built_for_older_x86(tmp_path, ext
     g = torch.Generator().manual_seed(7)
     for K, N in [(7, 50), (18, 40), (256, 512)]:
         Wt, bias = torch.randn(K, N, generator=g), torch.randn(N, generator=g)
+        packed = fused.pack_linear(Wt, lib.linear_panel_width())
         for B in (1, 3, 4, 5, 8, 13):
             x = torch.randn(B, K, generator=g)
-            packed = fused.pack_linear(Wt, lib.linear_panel_width())
             outs = [fused.linear_rows(lib, tiled, x, packed, N, bias) for tiled in (0, 1)]
             assert torch.equal(outs[0], outs[1]), (extra, K, N, B)
             ref = x.double() @ Wt.double() + bias.double()

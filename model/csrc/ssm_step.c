@@ -420,15 +420,15 @@ static inline fv ldw(const int fmt, const void *p, long i) {
 #define LIN_P (2 * LIN_VW)
 long linear_panel_width(void) { return LIN_P; }
 
-/* the index of element (k, n) of a packed (K, N) weight, and the distance between its rows k, k + 1 */
-static inline long pk_at(long K, long N, long k, long n, long *stride) {
+/* the index of element (0, n) of a packed (K, N) weight, and the distance between its rows k, k + 1 */
+static inline long pk_at(long K, long N, long n, long *stride) {
     const long F = N / LIN_P;
     if (n < F * LIN_P) {
         *stride = LIN_P;
-        return (n / LIN_P) * K * LIN_P + k * LIN_P + n % LIN_P;
+        return (n / LIN_P) * K * LIN_P + n % LIN_P;
     }
     *stride = N - F * LIN_P;
-    return F * K * LIN_P + k * *stride + (n - F * LIN_P);
+    return F * K * LIN_P + (n - F * LIN_P);
 }
 
 /* out[i, n0 + c·VW + j] for the rows i < R (row i at x + i·K, out + i·N) and vectors c < C (R, C and fmt
@@ -445,7 +445,7 @@ static inline __attribute__((always_inline)) void lin_tile(const int fmt, const 
     for (long c = 0; c < C; c++) {
         const fv b = bias ? ldv(bias + n0 + LIN_VW * c) : (fv){0};
         for (long i = 0; i < R; i++) acc[i][c] = b;
-        w[c] = (const char *)Wt + pk_at(K, N, 0, n0 + LIN_VW * c, &ws[c]) * es;
+        w[c] = (const char *)Wt + pk_at(K, N, n0 + LIN_VW * c, &ws[c]) * es;
         ws[c] *= es;
     }
     /* rows k < kp prefetch row k + LIN_PREFETCH. The two loop shapes below were the fastest of five measured
@@ -487,43 +487,39 @@ static inline __attribute__((always_inline)) void lin_cols(const int fmt, const 
     for (long i = 0; i < R; i++)
         for (long n = n0; n < N; n++) {
             long st;
-            const long at = pk_at(K, N, 0, n, &st);
+            const long at = pk_at(K, N, n, &st);
             float acc = bias ? bias[n] : 0.0f;
             for (long k = 0; k < K; k++) acc = __builtin_fmaf(x[i * K + k], w_at(fmt, Wt, at + k * st), acc);
             out[i * N + n] = acc;
         }
 }
 
-/* R rows (a constant) over all N columns: tiles of C vectors, then single vectors, then scalar columns */
-static inline __attribute__((always_inline)) void lin_rows(const int fmt, const long R, const long C, long K,
-                                                           long N, const float *x, const void *Wt,
+/* Bt rows (a multiple of R, a constant) over all N columns in groups of R: tiles of C vectors, then single
+ * vectors, then scalar columns, each column tile for every group in turn (its panel's weights stay in L1/L2
+ * for all the groups) */
+static inline __attribute__((always_inline)) void lin_rows(const int fmt, const long R, const long C, long Bt,
+                                                           long K, long N, const float *x, const void *Wt,
                                                            const float *bias, float *out) {
     long n0 = 0;
-    for (; n0 + C * LIN_VW <= N; n0 += C * LIN_VW) lin_tile(fmt, R, C, K, N, x, Wt, bias, out, n0);
-    for (; n0 + LIN_VW <= N; n0 += LIN_VW) lin_tile(fmt, R, 1, K, N, x, Wt, bias, out, n0);
-    lin_cols(fmt, R, K, N, x, Wt, bias, out, n0);
+    for (; n0 + C * LIN_VW <= N; n0 += C * LIN_VW)
+        for (long r0 = 0; r0 < Bt; r0 += R) lin_tile(fmt, R, C, K, N, x + r0 * K, Wt, bias, out + r0 * N, n0);
+    for (; n0 + LIN_VW <= N; n0 += LIN_VW)
+        for (long r0 = 0; r0 < Bt; r0 += R) lin_tile(fmt, R, 1, K, N, x + r0 * K, Wt, bias, out + r0 * N, n0);
+    lin_cols(fmt, Bt, K, N, x, Wt, bias, out, n0);
 }
 
 /* one row alone: 8 vectors of columns at a time (its weights stream from memory once, whatever the tile) */
 static inline __attribute__((always_inline)) void linear_row_f(const int fmt, long K, long N, const float *xr,
                                                                const void *Wt, const float *bias, float *out) {
-    lin_rows(fmt, 1, 8, K, N, xr, Wt, bias, out);
+    lin_rows(fmt, 1, 8, 1, K, N, xr, Wt, bias, out);
 }
 
 static inline __attribute__((always_inline)) void linear_t_f(const int fmt, long B, long K, long N, const float *x,
                                                              const void *Wt, const float *bias, float *out) {
-    /* the row tiles panel by panel: a panel's weights stay in L1/L2 for every tile */
-    long r = B - B % LIN_ROWS, n0 = 0;
-    for (; n0 + LIN_P <= N; n0 += LIN_P)
-        for (long r0 = 0; r0 < r; r0 += LIN_ROWS)
-            lin_tile(fmt, LIN_ROWS, 2, K, N, x + r0 * K, Wt, bias, out + r0 * N, n0);
-    for (; n0 + LIN_VW <= N; n0 += LIN_VW)
-        for (long r0 = 0; r0 < r; r0 += LIN_ROWS)
-            lin_tile(fmt, LIN_ROWS, 1, K, N, x + r0 * K, Wt, bias, out + r0 * N, n0);
-    for (long r0 = 0; r0 < r; r0 += LIN_ROWS)
-        lin_cols(fmt, LIN_ROWS, K, N, x + r0 * K, Wt, bias, out + r0 * N, n0);
+    long r = B - B % LIN_ROWS; /* the rows in full groups of LIN_ROWS, panel by panel */
+    lin_rows(fmt, LIN_ROWS, 2, r, K, N, x, Wt, bias, out);
 #if LIN_ROWS > 4
-    for (; r + 4 <= B; r += 4) lin_rows(fmt, 4, 4, K, N, x + r * K, Wt, bias, out + r * N);
+    for (; r + 4 <= B; r += 4) lin_rows(fmt, 4, 4, 4, K, N, x + r * K, Wt, bias, out + r * N);
 #endif
     for (; r < B; r++) linear_row_f(fmt, K, N, x + r * K, Wt, bias, out + r * N);
 }
@@ -573,15 +569,15 @@ static inline float ssm_channel(const NetLayer *L, long H, long M, long h, const
     return y;
 }
 
-/* One block's SSM step for one row: its state xs (H, 2, M) → xo (may be xs itself), u (H) → y (H); -1
- * when the layer does not fit (layer_fits). The step and net_prefill both go through ssm_channel: the
- * same bits. */
 /* Whether a layer's channels (H of M modes) are worth splitting over threads: big enough, and not already
  * inside a parallel region (a decode block or a prefill gives each thread its own rows). The test comes
  * before the parallel region, not in an `if` clause: entering a region with `if (0)`, or nested, still
  * starts a team of one in libgomp, which cost 5-7 % of audio-digits-s4's decode at 16 rows. */
 static inline int split_channels(long H, long M) { return H * M >= 65536 && !omp_in_parallel(); }
 
+/* One block's SSM step for one row: its state xs (H, 2, M) → xo (may be xs itself), u (H) → y (H); -1
+ * when the layer does not fit (layer_fits). The step and net_prefill both go through ssm_channel: the
+ * same bits. */
 static inline int ssm_row(const NetLayer *L, long H, long M, const float *xs, float *xo, const float *u, float *y) {
     if (!layer_fits(L, M)) return -1;
     if (split_channels(H, M)) {
@@ -593,9 +589,6 @@ static inline int ssm_row(const NetLayer *L, long H, long M, const float *xs, fl
     return 0;
 }
 
-/* One block's SSM step for n ≤ SSM_ROWS rows: row i's state xs[i] (H, 2, M) → xo[i] (may be xs[i]),
- * u (n, H) → y (n, H). A diagonal layer steps the rows together, channel by channel (diag_channel_rows);
- * a DPLR layer row by row (ssm_row). Either way a row's bits are ssm_row's alone. -1: layer_fits fails. */
 /* channel h of a diagonal layer L for n rows (ssm_rows) */
 static inline __attribute__((always_inline)) void diag_rows_channel(const NetLayer *L, long M, long n,
                                                                     const float *const *xs, float *const *xo,
@@ -605,6 +598,9 @@ static inline __attribute__((always_inline)) void diag_rows_channel(const NetLay
     diag_channel_rows_n(n, M, xs, xo, 2 * o, H, h, u, y, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o, p[5] + o);
 }
 
+/* One block's SSM step for n ≤ SSM_ROWS rows: row i's state xs[i] (H, 2, M) → xo[i] (may be xs[i]),
+ * u (n, H) → y (n, H). A diagonal layer steps the rows together, channel by channel (diag_channel_rows);
+ * a DPLR layer row by row (ssm_row). Either way a row's bits are ssm_row's alone. -1: layer_fits fails. */
 static int ssm_rows(const NetLayer *L, long H, long M, long n, const float *const *xs, float *const *xo,
                     const float *u, float *y) {
     if (L->form != 0 || n == 1) {
