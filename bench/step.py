@@ -60,8 +60,9 @@ SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
 FLOPS_FORMULA = (
     "per token: sum over layers of [layernorm 5H + SSM step + D skip & GELU 10H + output linear 2*H*2H "
     "+ GLU 2H (+ feed-forward 2*2*H*d_ff + 10*d_ff + layernorm 5H when d_ff > 0)] + final layernorm 5H "
-    "+ head 2*H*V; SSM step = 12*H*M for a 'diagonal' layer (complex mul-add 8 + output 4 real flops "
-    "per mode), (8 + 16*rank)*H*M for a 'dplr' layer; M = the layer's complex modes (rec.report[i]['modes'])"
+    "+ head 2*H*V; SSM step = 12*H*M for a 'diagonal' layer (2x2 block mul-add 8 + output 4 real flops "
+    "per slot), (8 + 16*rank)*H*M for a 'dplr' layer; M = the layer's slots (a complex mode or two real "
+    "modes each) or complex modes (rec.report[i]['modes'])"
 )
 
 

@@ -114,7 +114,13 @@ def pointers(*tensors: torch.Tensor) -> tuple:
 
 
 def diag_step(lib, x, xo, u, y, params: tuple) -> None:
-    """params: pointers(mur, mui, br, bi, cr, ci)."""
+    """The real block-diagonal step (recurrent.DiagonalSSM) of x (B, H, 2, M) → xo, u (B, H) → y (B, H),
+    float32 contiguous; params: pointers(mur, mui, br, bi, cr, ci, mus), each (H, M). Raises ValueError
+    for 6 params (the complex-diagonal step before the block form took no mus)."""
+    if len(params) != 7:
+        raise ValueError(
+            f"diag_step takes 7 parameter pointers (mur, mui, br, bi, cr, ci, mus), got {len(params)}"
+        )
     B, H, _, M = x.shape
     lib.diag_step(ctypes.c_long(B), ctypes.c_long(H), ctypes.c_long(M), *_ptrs(x, xo, u, y), *params)
 

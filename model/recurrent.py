@@ -1,8 +1,10 @@
 """The recurrent (serving) form of a trained SequenceModel.
 
-Per layer the SSM becomes x_k = Ā x_{k−1} + B̄ u_k, y_k = C̄ x_k + D u_k with Ā diagonal:
-    x (B, H, M) complex64,  x ← μ ⊙ x + b u,  y = 2 Re Σₘ cₘ xₘ
-(M ≈ N/2 modes: conjugate pairs are kept once). Conversion runs in float64:
+Per layer the SSM becomes x_k = Ā x_{k−1} + B̄ u_k, y_k = C̄ x_k + D u_k with Ā diagonal,
+    x ← μ ⊙ x + b u,  y = 2 Re Σₘ cₘ xₘ
+(conjugate pairs kept once), stepped in its real block-diagonal form (`real_block_slots`): M = N/2 slots of
+2 real coordinates per channel, a complex mode's Re x and Im x or two real modes, state (B, H, 2, M)
+float32. Conversion runs in float64:
   * S4 (DPLR): build the real N×N system of A = Λ − P̃·2Re(P̃ᴴ ·) (the conjugate-symmetric DPLR
     matrix), discretize (bilinear), undo the generating-function C̃ = C̄(I − Ā^L), diagonalize.
   * S4D: already diagonal; discretize.
@@ -260,14 +262,15 @@ def _lanes(x: torch.Tensor, vw: int) -> torch.Tensor:
 def fused_prefill_tables(form, vw: int) -> tuple | None:
     """The torch prefill tables of `form` in the C prefill's layout (`_fused_prefill`), the channel's lane
     innermost and the N real coordinates zero-padded to a multiple of 8: K (G, T, vw), in (G, T, Np, vw),
-    out (G, Np, T, vw), and μ^T (G, Np, vw) per mode (diagonal) or (Ā^T)ᵀ (G, Np, Np, vw) (DPLR), for
-    G = H / vw channel groups; None when vw does not divide H. float32, ≈ H·T·2Np·4 bytes."""
+    out (G, Np, T, vw), and A^T (G, 2Np, vw) as one 2×2 block per slot (diagonal) or (Ā^T)ᵀ
+    (G, Np, Np, vw) (DPLR), for G = H / vw channel groups; None when vw does not divide H. float32,
+    ≈ H·T·2Np·4 bytes."""
     H, T, N = form.H, form.T, 2 * form.M
     if not vw or H % vw:
         return None
     pad = -N % 8
-    if form.form == "diagonal":
-        tr = torch.nn.functional.pad(torch.view_as_real(form._mu_pow(T)).reshape(H, N), (0, pad))
+    if form.form == "diagonal":  # per slot its block A^T row by row (p, −m, m, s)
+        tr = torch.nn.functional.pad(form._pow_table(T), (0, 2 * pad))
     else:
         tr = torch.nn.functional.pad(form.A_bin_t[-1], (0, pad, 0, pad))
     return (
@@ -316,60 +319,119 @@ def _fused_prefill(form, u: torch.Tensor, x0r: torch.Tensor | None, x1r: torch.T
     return y, xL[..., :N]
 
 
+def real_block_slots(mu: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
+    """Pack a diagonal system's modes into 2-coordinate slots of real state (the real block-diagonal form,
+    as in a real Schur decomposition): y = 2 Re Σₘ cₘ xₘ, xₘ ← μₘ xₘ + bₘ u, modes (H, Mc) complex128
+    (zero-padded modes μ = b = c = 0). A complex mode (Im μ ≠ 0) fills a slot: its coordinates are Re x
+    and Im x. A real mode (Im μ = 0) is a 1-dimensional system once b is rotated to |b| (x real; c turned
+    by the same phase, so c·b, all that matters, is kept), and two of them share a slot, one coordinate each:
+    a real N-dimensional system of 2·pairs + reals = N dimensions then needs exactly N/2 slots, where keeping
+    each real mode as a complex one takes pairs + reals (the shipped LegS models: 32 slots, not 33-35).
+
+    Per slot j the step is the 2×2 real block x₁ ← p x₁ − m x₂ + b₁ u, x₂ ← m x₁ + s x₂ + b₂ u,
+    y += w₁ x₁ + w₂ x₂, with p = Re λ₁, s = Re λ₂, m = Im λ₁ for the slot's eigenvalues λ₁, λ₂: one
+    complex mode μ gives λ₁ = λ₂ = μ (the block is the complex product; w₁ = Re 2c, w₂ = −Im 2c), two real
+    ones give λ₁ = μₐ, λ₂ = μ_b (a diagonal block; w = 2c each). Its n-th power is the same block with
+    λ₁ⁿ, λ₂ⁿ. Returns complex128 (H, M) λ₁, λ₂ and float64 (H, 2, M) b, w, and the bool (H, M) mask of
+    complex slots; M = the most slots a channel needs, the rest zero."""
+    H = mu.shape[0]
+    cplx = (mu.imag != 0) & (mu != 0)
+    real = (mu.imag == 0) & ((mu != 0) | (b * c != 0))
+    rot = torch.where(b.abs() > 0, b.conj() / b.abs().clamp(min=1e-300), torch.ones_like(b))
+    b_real, w_real = (b * rot).real, 2 * (c / rot).real  # a real mode rotated: b = |b|, c·b kept
+    n_slots = cplx.sum(-1) + (real.sum(-1) + 1) // 2
+    M = max(int(n_slots.max()), 1)
+    lam1, lam2 = (torch.zeros(H, M, dtype=C128) for _ in range(2))
+    bb, ww = (torch.zeros(H, 2, M, dtype=F64) for _ in range(2))
+    is_cplx = torch.zeros(H, M, dtype=torch.bool)
+    for h in range(H):
+        k = cplx[h].nonzero()[:, 0]
+        n = len(k)
+        lam1[h, :n] = lam2[h, :n] = mu[h, k]
+        bb[h, 0, :n], bb[h, 1, :n] = b[h, k].real, b[h, k].imag
+        ww[h, 0, :n], ww[h, 1, :n] = (2 * c[h, k]).real, -(2 * c[h, k]).imag
+        is_cplx[h, :n] = True
+        r = real[h].nonzero()[:, 0]
+        for i, m in enumerate(r.tolist()):  # real modes: coordinate i % 2 of slot n + i // 2
+            j, q = n + i // 2, i % 2
+            (lam1 if q == 0 else lam2)[h, j] = mu[h, m].real
+            bb[h, q, j], ww[h, q, j] = b_real[h, m], w_real[h, m]
+    return lam1, lam2, bb, ww, is_cplx
+
+
 class DiagonalSSM:
-    """x ← μ ⊙ x + b u,  y = 2 Re Σ c x  (complex64 state (B, H, M))."""
+    """The diagonal SSM x ← μ ⊙ x + b u, y = 2 Re Σ c x, stepped in its real block-diagonal form
+    (`real_block_slots`): state (B, H, 2, M) float32, coordinates x₁, x₂ of M slots per channel,
+    x₁ ← p x₁ − m x₂ + b₁ u,  x₂ ← m x₁ + s x₂ + b₂ u,  y = Σ w₁ x₁ + w₂ x₂."""
 
     form = "diagonal"
 
     def __init__(self, mu: torch.Tensor, b: torch.Tensor, c: torch.Tensor, device):
-        self.bc64, self.c64 = b * c, c  # for the prefill tables
-        self.mu64, self.b64 = mu, b  # complex128, for the state bound
-        self.log_mu64 = torch.log(mu.where(mu != 0, torch.ones_like(mu)))  # padded modes: μ = 0
-        self.alive = (mu != 0).to(device)
-        self.b, self.c2 = b.to(device, C64), (2 * c).to(device, C64)
-        # real-pair copies for the step (plain float32 elementwise ops, or the fused C step)
-        mu32 = mu.to(device, C64)
-        self.mur, self.mui = mu32.real.contiguous(), mu32.imag.contiguous()
-        self.br, self.bi = self.b.real.contiguous(), self.b.imag.contiguous()
-        self.cr, self.ci = self.c2.real.contiguous(), self.c2.imag.contiguous()
-        self._fused_params = (self.mur, self.mui, self.br, self.bi, self.cr, self.ci)
+        """mu, b, c (H, Mc) complex128: the modes (`diagonalize`, or S4D's discretized Λ, B̄, C)."""
+        lam1, lam2, bb, ww, is_cplx = real_block_slots(mu, b, c)
+        self.lam64 = (lam1, lam2)  # complex128 (H, M) each: the slot's eigenvalues (tables, state bound)
+        self.b64, self.w64, self.is_cplx = bb, ww, is_cplx  # float64 (H, 2, M); bool (H, M)
+        self.H, self.M = lam1.shape
+        self.device = device
+        # float32 copies for the step (plain float32 elementwise ops, or the fused C step): p, m, s of the
+        # block, b₁, b₂, and cr = w₁, ci = −w₂ (so y = Σ cr x₁ − ci x₂, for a complex slot Re(2c x))
+        f32 = {"device": device, "dtype": torch.float32}
+        self.mur, self.mui, self.mus = (t.to(**f32).contiguous() for t in (lam1.real, lam1.imag, lam2.real))
+        self.br, self.bi = (t.to(**f32).contiguous() for t in (bb[:, 0], bb[:, 1]))
+        self.cr, self.ci = ww[:, 0].to(**f32).contiguous(), (-ww[:, 1]).to(**f32).contiguous()
+        self.c2 = self.cr  # the device the step runs on (impulse_response)
+        self._fused_params = (self.mur, self.mui, self.br, self.bi, self.cr, self.ci, self.mus)
         self._fused_ptrs = ()  # set by pad_fused_params when the model runs the fused CPU step
         self._prefill_c = None  # the C prefill's tables (fused_prefill_tables), set by pad_fused_params
-        self.H, self.M = mu.shape
-        self.device = device
         self._prefill_tables(device)
 
+    def block_powers(self, t: torch.Tensor) -> torch.Tensor:
+        """The slots' blocks to the powers t (T,) ≥ 0 in float64: (H, M, T, 2, 2) [[p, −m], [m, s]] of
+        λ₁ᵗ, λ₂ᵗ (an empty slot's block is 0 beyond t = 0; every block⁰ = I)."""
+        P1, P2 = (self._powers(lam, t) for lam in self.lam64)
+        row0 = torch.stack([P1.real, -P1.imag], -1)
+        row1 = torch.stack([P1.imag, P2.real], -1)
+        return torch.stack([row0, row1], -2)
+
+    @staticmethod
+    def _powers(lam: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """λᵗ in float64 for t (T,) ≥ 0 → (H, M, T) complex128 (0ᵗ = 0 for t > 0, λ⁰ = 1)."""
+        t = t.to(F64)
+        p = torch.exp(torch.log(lam.where(lam != 0, torch.ones_like(lam)))[..., None] * t)
+        return torch.where((lam != 0)[..., None] | (t == 0), p, torch.zeros((), dtype=C128))
+
     def _prefill_tables(self, device) -> None:
-        """float64 → float32/complex64 tables for `prefill`, so the request path is float32 only. Real
-        coordinates interleave (Re x_m, Im x_m), N = 2M, so a (…, N) tensor views as (…, M) complex.
-          in_tab  (H, T, N):  row j = μ^{T−1−j} b          (block inputs → state at the block's end)
-          out_tab (H, N, T):  column t = c̃ μ^{t+1}, c̃ = 2c (Re y = Re c̃ Re x − Im c̃ Im x)
-          Kf (H, T+1) complex64 = rfft(K_0..K_{T−1}, 2T);  mu_bin (P, H, M) = μ^{2^k}, k < P."""
+        """float64 → float32/complex64 tables for `prefill`, so the request path is float32 only. A slot's
+        two coordinates interleave (x₁, x₂), N = 2M, so a (…, N) tensor views as (…, M) complex64 pairs
+        (only a storage: a slot's arithmetic is its block's, `_apply_pow`). With Aᵗ the slots' blocks:
+          in_tab  (H, T, N):  row j = A^{T−1−j} b        (block inputs → state at the block's end)
+          out_tab (H, N, T):  column t = wᵀ A^{t+1}       (state at the block's start → output t)
+          Kf (H, T+1) complex64 = rfft(K_0..K_{T−1}, 2T), K_t = wᵀ Aᵗ b;  conv_tab its Toeplitz matrix;
+          pow_bin (P, 2, H, M) complex64 = λ₁^{2^k}, λ₂^{2^k}, k < P."""
         self.T = T = CHUNK
         H, M = self.H, self.M
-        P = self._powers(torch.arange(T + 1, dtype=F64))  # (H, M, T+1) complex128, temporary
-        inp = (P[..., :T].flip(-1) * self.b64[..., None]).transpose(1, 2)  # (H, T, M)
-        self.in_tab = torch.view_as_real(inp).reshape(H, T, 2 * M).to(device, torch.float32).contiguous()
-        out = (2 * self.c64)[..., None] * P[..., 1:]  # c̃ μ^{t+1} (H, M, T)
-        out = torch.stack([out.real, -out.imag], dim=2)  # (H, M, 2, T)
-        self.out_tab = out.reshape(H, 2 * M, T).to(device, torch.float32).contiguous()
-        K = 2 * torch.einsum("hm,hmt->ht", self.bc64, P[..., :T]).real
+        A = self.block_powers(torch.arange(T + 1, dtype=F64))  # (H, M, T+1, 2, 2) float64, temporary
+        b = self.b64.transpose(1, 2)[:, :, None, :, None]  # (H, M, 1, 2, 1)
+        w = self.w64.transpose(1, 2)[:, :, None, None, :]  # (H, M, 1, 1, 2)
+        Ab = (A @ b)[..., 0]  # (H, M, T+1, 2): Aᵗ b
+        wA = (w @ A)[..., 0, :]  # (H, M, T+1, 2): wᵀ Aᵗ
+        inp = Ab[:, :, :T].flip(2).permute(0, 2, 1, 3)  # (H, T, M, 2)
+        self.in_tab = inp.reshape(H, T, 2 * M).to(device, torch.float32).contiguous()
+        self.out_tab = (
+            wA[:, :, 1:].permute(0, 1, 3, 2).reshape(H, 2 * M, T).to(device, torch.float32).contiguous()
+        )
+        K = (wA[:, :, :T] * self.b64.transpose(1, 2)[:, :, None]).sum((1, 3))  # (H, T)
         self.Kf = torch.fft.rfft(K, n=2 * T).to(device, C64)
         self.conv_tab = _toeplitz(K).to(device, torch.float32)
-        self.mu_bin = torch.stack(
-            [self._powers(torch.tensor([2.0**k]))[..., 0] for k in range(MU_POW_BITS)]
-        ).to(device, C64)
-
-    def _powers(self, t: torch.Tensor) -> torch.Tensor:
-        """μ^t in float64 for t (T,) ≥ 0 → (H, M, T) complex128 (padded modes give 0, μ^0 = 1)."""
-        p = torch.exp(self.log_mu64[..., None] * t.to(F64))
-        return torch.where(self.alive.cpu()[..., None] | (t == 0), p, torch.zeros((), dtype=C128))
+        e = torch.tensor([2.0**k for k in range(MU_POW_BITS)])
+        self.pow_bin = torch.stack([self._powers(lam, e) for lam in self.lam64]).permute(3, 0, 1, 2)
+        self.pow_bin = self.pow_bin.to(device, C64).contiguous()
 
     def step(self, u: torch.Tensor, x: torch.Tensor):
-        """u (B, H), x (B, H, 2, M) real/imaginary parts → y (B, H), x' (B, H, 2, M)."""
+        """u (B, H), x (B, H, 2, M) the slots' coordinates x₁, x₂ → y (B, H), x' (B, H, 2, M)."""
         xr, xi, u = x[..., 0, :], x[..., 1, :], u[..., None]
         nr = self.mur * xr - self.mui * xi + self.br * u
-        ni = self.mur * xi + self.mui * xr + self.bi * u
+        ni = self.mus * xi + self.mui * xr + self.bi * u
         return (self.cr * nr - self.ci * ni).sum(-1), torch.stack([nr, ni], dim=-2)
 
     def step_fused(self, lib, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch.Tensor) -> None:
@@ -377,37 +439,52 @@ class DiagonalSSM:
         fused.diag_step(lib, x, xo, u, y, self._fused_ptrs)
 
     def state_bound(self, u_max: torch.Tensor) -> torch.Tensor:
-        """Largest |Re x|, |Im x| any input with |u_h| ≤ u_max[h] can drive the state to, from x = 0:
-        |x_m| ≤ Σ_j |μ_m|^j |b_m| u_max = |b_m| u_max / (1 − |μ_m|) (inf where |μ_m| ≥ 1 and b_m ≠ 0).
+        """Largest |x₁|, |x₂| any input with |u_h| ≤ u_max[h] can drive the state to, from x = 0: a
+        complex slot's |x| ≤ Σ_j |μ|^j |b| u_max = |b| u_max / (1 − |μ|), a real coordinate's
+        |b_q| u_max / (1 − |λ_q|) (inf where |λ| ≥ 1 and b ≠ 0; 0 where b = 0).
         u_max (H,) float64 → (H, 2, M) float64."""
-        amp = self.mu64.abs()
-        gain = torch.where(amp < 1, self.b64.abs() / (1 - amp).clamp(min=1e-300), torch.inf)
-        gain = torch.where(self.b64 == 0, 0.0, gain * u_max[:, None])  # a padded mode (b = 0) stays 0
-        return torch.stack([gain, gain], dim=-2)
+        bmag = torch.where(self.is_cplx[:, None], self.b64.norm(dim=1, keepdim=True), self.b64.abs())
+        amp = torch.stack([lam.abs() for lam in self.lam64], dim=1)  # (H, 2, M)
+        gain = torch.where(amp < 1, bmag / (1 - amp).clamp(min=1e-300), torch.inf)
+        return torch.where(bmag == 0, 0.0, gain * u_max[:, None, None])
 
     def _mu_pow(self, n: int) -> torch.Tensor:
-        """μ^n (H, M) complex64 for 0 ≤ n < 2^MU_POW_BITS: the product of the tabulated μ^{2^k} over n's set
-        bits (float32 only; relative error ≤ popcount(n) roundings)."""
+        """λ₁ⁿ, λ₂ⁿ (2, H, M) complex64 for 0 ≤ n < 2^MU_POW_BITS: the product of the tabulated λ^{2^k} over
+        n's set bits (float32 only; relative error ≤ popcount(n) roundings)."""
         if not 0 <= n < 2**MU_POW_BITS:
             raise ValueError(f"power {n} out of range [0, 2^{MU_POW_BITS})")
-        out = torch.ones(self.H, self.M, dtype=C64, device=self.device)
+        out = torch.ones(2, self.H, self.M, dtype=C64, device=self.device)
         for k in range(MU_POW_BITS):
             if n >> k & 1:
-                out = out * self.mu_bin[k]
+                out = out * self.pow_bin[k]
         return out
 
+    @staticmethod
+    def _apply_pow(P: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The slots' blocks Aⁿ (P = `_mu_pow(n)`, (2, H, M), broadcast against x) applied to states x
+        (…, M) complex64 pairs (x₁ + i x₂): (p x₁ − m x₂) + i (m x₁ + s x₂), p + i m = λ₁ⁿ, s = Re λ₂ⁿ."""
+        P1, P2 = P[0], P[1]
+        xr, xi = x.real, x.imag
+        return torch.complex(P1.real * xr - P1.imag * xi, P1.imag * xr + P2.real * xi)
+
+    def _pow_table(self, n: int) -> torch.Tensor:
+        """Aⁿ as (H, 4M) float32, each slot's block row by row (p, −m, m, s): the C prefill's scan table."""
+        P = self._mu_pow(n)
+        blk = torch.stack([P[0].real, -P[0].imag, P[0].imag, P[1].real], dim=-1)  # (H, M, 4)
+        return blk.reshape(self.H, 4 * self.M)
+
     def prefill(self, u: torch.Tensor, x0: torch.Tensor, x0_is_zero: bool = False):
-        """u (B, L, H) (any float dtype; the arithmetic is float32), x0 (B, H, M) complex64 → y (B, L, H) in
-        u's dtype, x_L (B, H, M) complex64; parallel in L, no float64 work, memory O(B·H·L + H·M·CHUNK).
-        On CPU with the C step built (`pad_fused_params`) it runs `_fused_prefill`: the same blocks in one C
-        pass on the (B, L, H) layout; otherwise the torch ops below. An empty prompt
-        or batch (L = 0 or B = 0) returns an empty y and x0. Raises RuntimeError if the C pass refuses its
-        arguments (it does not for any shape this method passes).
+        """u (B, L, H) (any float dtype; the arithmetic is float32), x0 (B, H, M) complex64 pairs x₁ + i x₂
+        → y (B, L, H) in u's dtype, x_L (B, H, M) complex64 pairs; parallel in L, no float64 work, memory
+        O(B·H·L + H·M·CHUNK). On CPU with the C step built (`pad_fused_params`) it runs `_fused_prefill`:
+        the same blocks in one C pass on the (B, L, H) layout; otherwise the torch ops below. An empty
+        prompt or batch (L = 0 or B = 0) returns an empty y and x0. Raises RuntimeError if the C pass
+        refuses its arguments (it does not for any shape this method passes).
 
         The prompt is front-padded to n blocks of T = CHUNK. Per block (all at once): y = the block's own
-        inputs convolved with K_0..K_{T−1} (FFT of size 2T, kernel transform cached) + c̃ μ^{t+1} times
-        the state at the block's start (one matmul); the blocks' state increments Σ_j μ^{T−1−j} b u_j are
-        one matmul too; only the n-step scan x ← μ^T x + z is sequential (elementwise)."""
+        inputs convolved with K_0..K_{T−1} (FFT of size 2T, kernel transform cached) + wᵀ A^{t+1} times
+        the state at the block's start (one matmul); the blocks' state increments Σ_j A^{T−1−j} b u_j are
+        one matmul too; only the n-step scan x ← A^T x + z is sequential (elementwise)."""
         Bsz, L, H = u.shape
         T, M = self.T, self.M
         if L == 0 or Bsz == 0:
@@ -416,7 +493,9 @@ class DiagonalSSM:
             x0r = x1r = None
             if not x0_is_zero:
                 x0r = torch.view_as_real(x0).reshape(Bsz, H, 2 * M)
-                x1r = torch.view_as_real(self._mu_pow(T - (-L % T)) * x0).reshape(Bsz, H, 2 * M)
+                x1r = torch.view_as_real(self._apply_pow(self._mu_pow(T - (-L % T)), x0)).reshape(
+                    Bsz, H, 2 * M
+                )
             y, xL = _fused_prefill(self, u.contiguous(), x0r, x1r)
             return y, torch.view_as_complex(xL.reshape(Bsz, H, M, 2).contiguous())
         dtype, u = u.dtype, u.float()
@@ -426,14 +505,14 @@ class DiagonalSSM:
         S[:, :, 0] = 0  # block 0's x0 terms are added below (block 0 is the partial one)
         x = Z[:, :, 0]
         if not x0_is_zero:
-            x = x + self._mu_pow(T - p)[:, None] * x0.transpose(0, 1)
+            x = x + self._apply_pow(self._mu_pow(T - p)[:, :, None], x0.transpose(0, 1))
         S[:, :, 1] = x
-        muT = self._mu_pow(T)[:, None] if n > 1 else None
+        AT = self._mu_pow(T)[:, :, None] if n > 1 else None
         for c in range(1, n):
-            x = torch.addcmul(Z[:, :, c], muT, x, out=S[:, :, c + 1])
+            x = S[:, :, c + 1] = Z[:, :, c] + self._apply_pow(AT, x)
         Sr = torch.view_as_real(S[:, :, :n]).reshape(H, Bsz * n, 2 * M)
         Y = _block_outputs(self, U, Sr)
-        if not x0_is_zero:  # block 0: c̃ μ^{t+1} x0 at the prompt's positions t < T − p
+        if not x0_is_zero:  # block 0: wᵀ A^{t+1} x0 at the prompt's positions t < T − p
             x0r = torch.view_as_real(x0.transpose(0, 1)).reshape(H, Bsz, 2 * M)
             Y.view(H, Bsz, n, T)[:, :, 0, p:] += torch.bmm(x0r, self.out_tab[..., : T - p])
         return _unblock(Y, Bsz, L, p).to(dtype), S[:, :, n].transpose(0, 1)
@@ -627,10 +706,11 @@ def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None
 class RecurrentModel:
     """Frozen recurrent form of a SequenceModel: init_state, parallel prefill, batched step.
 
-    State: float32 tensor (n_layers, B, H, 2, M), the real and imaginary parts of M complex modes
-    per channel; constant size whatever the context length. `step` and `prefill` return a new
-    state and leave the one passed in untouched, unless `step(..., out=state)` asks for an
-    in-place update. Logits are float32 whatever the weights' dtype.
+    State: float32 tensor (n_layers, B, H, 2, M), the two real coordinates of M slots per channel
+    (a complex mode's real and imaginary parts, or two real modes: `real_block_slots`); constant size
+    whatever the context length. `step` and `prefill` return a new state and leave the one passed in
+    untouched, unless `step(..., out=state)` asks for an in-place update. Logits are float32 whatever the
+    weights' dtype.
 
     Args: `tol` the per-layer kernel tolerance (relative error of the float32 step's impulse response
     against the float64 kernel over `verify_len`, default the trained length); `dtype` the weights'
@@ -825,9 +905,10 @@ class RecurrentModel:
 
     def init_state(self, batch_size: int) -> torch.Tensor:
         """The zero state of `batch_size` sequences: float32 (n_layers, B, H, 2, M) on the model's device,
-        the real and imaginary parts of M complex modes per channel (M = N/2 for a layer whose modes come
-        in conjugate pairs, as S4's and S4D's do: the other half is implied; a layer with fewer modes than
-        the widest is zero-padded). Its size does not depend on the context length."""
+        the two real coordinates of M slots per channel: a diagonal layer's complex mode (its real and
+        imaginary parts; its conjugate is implied) or two of its real modes (`real_block_slots`), so an
+        N-dimensional real system takes M = N/2 slots; a DPLR layer's N/2 complex modes; a layer with
+        fewer slots than the widest is zero-padded. Its size does not depend on the context length."""
         return torch.zeros(len(self.layers), batch_size, self.H, 2, self.M, device=self.device)
 
     def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):

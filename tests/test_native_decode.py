@@ -411,16 +411,16 @@ def test_the_diagonal_step_with_a_partial_last_vector_is_exact_in_every_x86_buil
         B, H = 3, 5
         x = torch.randn(B, H, 2, M, generator=g)
         u = torch.randn(B, H, generator=g)
-        mur, mui, br, bi, cr, ci = (torch.randn(H, M, generator=g) * 0.5 for _ in range(6))
+        mur, mui, br, bi, cr, ci, mus = (torch.randn(H, M, generator=g) * 0.5 for _ in range(7))
         xd, ud = x.double(), u.double()[..., None]
-        pd = [t.double() for t in (mur, mui, br, bi, cr, ci)]
+        pd = [t.double() for t in (mur, mui, br, bi, cr, ci, mus)]
         want_r = pd[0] * xd[:, :, 0] - pd[1] * xd[:, :, 1] + pd[2] * ud
-        want_i = pd[0] * xd[:, :, 1] + pd[1] * xd[:, :, 0] + pd[3] * ud
+        want_i = pd[6] * xd[:, :, 1] + pd[1] * xd[:, :, 0] + pd[3] * ud  # the block's s ≠ p here
         want_y = (pd[4] * want_r - pd[5] * want_i).sum(-1)
         for name, lib in builds.items():
             buf = torch.full((B * H * 2 * M + 8,), 7.0)  # a sentinel after the state
             xo, y = buf[: B * H * 2 * M].view(B, H, 2, M), torch.empty(B, H)
-            fused.diag_step(lib, x, xo, u, y, fused.pointers(mur, mui, br, bi, cr, ci))
+            fused.diag_step(lib, x, xo, u, y, fused.pointers(mur, mui, br, bi, cr, ci, mus))
             assert bool((buf[-8:] == 7.0).all()), (name, M)
             for a, b in ((xo[:, :, 0], want_r), (xo[:, :, 1], want_i), (y, want_y)):
                 assert float((a.double() - b).abs().max() / b.abs().max()) < 1e-5, (name, M)
@@ -442,7 +442,7 @@ def test_the_avx2_overlapping_last_vector_gives_the_masked_vectors_bits(tmp_path
     for M in (3, 8, 9, 13, 15, 35, 67):
         B, H = 3, 5
         x, u = torch.randn(B, H, 2, M, generator=g), torch.randn(B, H, generator=g)
-        p = [torch.randn(H, M, generator=g) * 0.5 for _ in range(6)]  # held: params points into them
+        p = [torch.randn(H, M, generator=g) * 0.5 for _ in range(7)]  # held: params points into them
         params = fused.pointers(*p)
         got = {}
         for name, lib in builds.items():

@@ -301,3 +301,100 @@ def test_the_large_batch_step_is_verified_at_load_too(monkeypatch):
     monkeypatch.setattr(recurrent.RecurrentModel, "_step_fused", faulty)
     with pytest.raises(VerificationError, match=r"float32: its step for batches over 256 rows \(torch ops\)"):
         net.to_recurrent()
+
+
+def _system_with_eigenvalues(H: int, pairs: list[tuple[float, float]], reals: list[float], seed: int):
+    """Random real systems (Ā, B̄, γ) float64 (H, N, N), (H, N), (H, N) whose Ā has the given complex
+    eigenvalue pairs r·e^{±iθ} and real eigenvalues, in a random basis (V + 3I, well conditioned)."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    N = 2 * len(pairs) + len(reals)
+    J = torch.zeros(N, N, dtype=f64)
+    for j, (r, th) in enumerate(pairs):
+        c, s = r * torch.tensor(th, dtype=f64).cos(), r * torch.tensor(th, dtype=f64).sin()
+        J[2 * j : 2 * j + 2, 2 * j : 2 * j + 2] = torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
+    for j, lam in enumerate(reals):
+        J[2 * len(pairs) + j, 2 * len(pairs) + j] = lam
+    V = torch.randn(H, N, N, generator=g, dtype=f64) + 3 * torch.eye(N, dtype=f64)
+    Abar = V @ J @ torch.linalg.inv(V)
+    return Abar, torch.randn(H, N, generator=g, dtype=f64), torch.randn(H, N, generator=g, dtype=f64)
+
+
+@pytest.mark.parametrize(
+    "pairs, reals",
+    [
+        ([(0.97, 0.3), (0.9, 2.0)], [0.95, -0.5, 0.6]),  # N = 7: 2 complex slots, real modes in 1.5 slots
+        ([(0.99, 0.05)], [0.9, 0.8, -0.7, 0.2]),  # N = 6
+        ([], [0.99, 0.5, -0.3, 0.0]),  # all real, one of them 0 (a pure delay of one step)
+        ([(0.95, 1.0), (0.5, 3.0)], []),  # all complex: the complex-diagonal form as before
+    ],
+)
+def test_the_real_block_slots_hold_an_n_dimensional_system_in_n_over_2_slots(pairs, reals):
+    """A diagonalized real system in the real block-diagonal form: ⌈N/2⌉ slots (a complex mode fills one,
+    two real modes share one), and its kernel wᵀ Aᵗ b (2×2 block powers, float64) is the dense system's
+    γᵀ Āᵗ B̄ by brute-force matrix-vector products; the float32 torch step, the C step (one row and 8
+    rows) and the prefill (C and torch ops, from a nonzero state) agree with stepping the dense system."""
+    from model import fused
+    from model.recurrent import CHUNK, diagonalize, impulse_response, pad_fused_params
+
+    H, T = 8, 300
+    Abar, Bbar, gamma = _system_with_eigenvalues(H, pairs, reals, seed=len(reals))
+    N = Abar.shape[-1]
+    form = DiagonalSSM(*diagonalize(Abar, Bbar, gamma), torch.device("cpu"))
+    assert form.M == -(-N // 2)
+    dense, v = [], Bbar.clone()
+    for _ in range(T):  # K_t = γᵀ Āᵗ B̄
+        dense.append((gamma * v).sum(-1))
+        v = (Abar @ v[..., None])[..., 0]
+    dense = torch.stack(dense, 1)  # (H, T)
+    A = form.block_powers(torch.arange(T, dtype=torch.float64))  # (H, M, T, 2, 2)
+    b, w = form.b64.transpose(1, 2), form.w64.transpose(1, 2)  # (H, M, 2)
+    K = torch.einsum("hmq,hmtqr,hmr->ht", w, A, b)
+    assert float((K - dense).abs().max() / dense.abs().max()) < 1e-10
+    K32 = impulse_response(form, T).double()
+    assert float((K32 - dense).abs().max() / dense.abs().max()) < 1e-5
+    # the C step against the torch step, the state from a random start; then the prefill from it
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(9, H, 2, form.M, generator=g)
+    u = torch.randn(9, H, generator=g)
+    y_t, x_t = form.step(u, x0)
+    pad_fused_params(form, form.M)
+    xo, y = torch.empty_like(x0), torch.empty(9, H)
+    form.step_fused(fused.library(), u, x0, xo, y)
+    torch.testing.assert_close(y, y_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xo, x_t, rtol=1e-5, atol=1e-5)
+    L = 2 * CHUNK + 5
+    us = torch.randn(2, L, H, generator=g)
+    xs, ys = x0[:2], []
+    for t in range(L):
+        yt, xs = form.step(us[:, t], xs)
+        ys.append(yt)
+    want_y, want_x = torch.stack(ys, 1), xs
+    xc = torch.complex(x0[:2, :, 0], x0[:2, :, 1])
+    for tables in ("c", "torch"):
+        if tables == "torch":
+            form._prefill_c = None
+            form._prefill_tables(torch.device("cpu"))
+        got_y, got_x = form.prefill(us, xc)
+        got_x = torch.stack([got_x.real, got_x.imag], dim=-2)
+        scale = float(want_y.abs().max())
+        assert float((got_y - want_y).abs().max()) < 1e-4 * scale, tables
+        assert float((got_x - want_x).abs().max()) < 1e-4 * float(want_x.abs().max()), tables
+
+
+def test_real_modes_of_an_s4d_layer_share_slots():
+    """S4D with real eigenvalues (μ real, b and c complex, y = 2 Re Σ c x): each real mode is 1-dimensional
+    (b rotated to |b|, c·b kept), so Mc of them take ⌈Mc/2⌉ slots; the float32 step's impulse response is
+    2 Re Σ c b μᵗ (float64) within float32 rounding."""
+    from model.recurrent import impulse_response
+
+    g = torch.Generator().manual_seed(2)
+    H, Mc, T = 4, 5, 200
+    mu = (0.5 + 0.45 * torch.rand(H, Mc, generator=g, dtype=torch.float64)).to(torch.complex128)
+    b, c = (torch.randn(H, Mc, generator=g, dtype=torch.complex128) for _ in range(2))
+    form = DiagonalSSM(mu, b, c, torch.device("cpu"))
+    assert form.M == 3 and not bool(form.is_cplx.any())
+    t = torch.arange(T, dtype=torch.float64)
+    want = 2 * (c * b)[..., None].mul(mu[..., None] ** t).sum(1).real
+    got = impulse_response(form, T).double()
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5

@@ -308,7 +308,9 @@ def test_fused_and_torch_steps_agree_at_mixed_phases(trained, trained_net):
     tokens = torch.randint(0, V, (3, 100))
     a, sa = step_all(fused, tokens, state)
     b, sb = step_all(plain, tokens, state)
-    assert rel(a, b) <= 1e-6 and rel(sa, sb) <= 1e-6
+    # two float32 evaluation orders (the C step's FMA chains, the torch ops) over 100 steps: 0.81–1.30e-6
+    # on the logits over token seeds 0–5, before and after the real block-diagonal form alike
+    assert rel(a, b) <= 2e-6 and rel(sa, sb) <= 2e-6
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,14 @@ from hypothesis import strategies as st
 from server_support import reference, wait_for
 
 from model import ModelConfig, SequenceModel
-from model.recurrent import STATE_BOUND_SLACK, DPLRStep, StateRangeError, s4_real_system
+from model.recurrent import (
+    STATE_BOUND_SLACK,
+    DiagonalSSM,
+    DPLRStep,
+    StateRangeError,
+    diagonalize,
+    s4_real_system,
+)
 from model.sampling import SamplingParams
 from server.sessions import StateFormatError, pack_state, unpack_state
 
@@ -73,17 +80,56 @@ def test_dplr_state_bound_dominates_the_brute_force_l1_norm_of_the_state_impulse
         assert bool(torch.isfinite(bound).all())
 
 
-def test_diagonal_state_bound_is_the_geometric_series_of_each_mode(recs):
-    form = recs["s4d"].layers[0]
+def _mixed_modes_form(H: int = 6) -> DiagonalSSM:
+    """A diagonal form from a random real system (`diagonalize`) whose Ā has 2 complex pairs and 3 real
+    eigenvalues per channel (one of them negative): N = 7, slots 2 + 2 (the last half-filled)."""
+    g = torch.Generator().manual_seed(3)
+    f64 = torch.float64
+    blocks = []
+    for _ in range(H):
+        A = torch.zeros(7, 7, dtype=f64)
+        for j, (r, th) in enumerate(((0.97, 0.3), (0.9, 2.0))):
+            A[2 * j : 2 * j + 2, 2 * j : 2 * j + 2] = r * torch.tensor([[th, -th], [th, th]]).cos().where(
+                torch.eye(2, dtype=torch.bool),
+                torch.tensor([[0.0, -1.0], [1.0, 0.0]]) * torch.tensor(th).sin(),
+            )
+        A[4, 4], A[5, 5], A[6, 6] = 0.95, -0.5, 0.6
+        V = torch.randn(7, 7, generator=g, dtype=f64) + 3 * torch.eye(7, dtype=f64)
+        blocks.append(V @ A @ torch.linalg.inv(V))
+    Abar = torch.stack(blocks)
+    Bbar, gamma = torch.randn(H, 7, generator=g, dtype=f64), torch.randn(H, 7, generator=g, dtype=f64)
+    return DiagonalSSM(*diagonalize(Abar, Bbar, gamma), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["s4d", "mixed"])
+def test_diagonal_state_bound_is_the_geometric_series_of_each_slot(recs, name):
+    """Per slot of the real block-diagonal form: a complex mode's coordinates are bounded by
+    |b| u Σ_j |μ|^j, a real mode's coordinate by |b_q| u Σ_j |λ_q|^j (its impulse response λ_q^j b_q: the
+    bound is reached). Against the series summed term by term (400k terms) and the ℓ1 norm of each
+    coordinate's impulse response from 2×2 block products in float64 (a lower bound)."""
+    form = recs[name].layers[0] if name in recs else _mixed_modes_form()
     u = torch.rand(form.H, dtype=torch.float64) + 0.5
-    amp, brute = form.mu64.abs()[..., None], torch.zeros(form.H, form.M, dtype=torch.float64)
-    for start in range(0, 400_000, 20_000):  # Σ_j |μ|^j term by term, 400k terms
-        brute += (amp ** torch.arange(start, start + 20_000, dtype=torch.float64)).sum(-1)
+    amp = torch.stack([lam.abs() for lam in form.lam64], dim=1)[..., None]  # (H, 2, M, 1)
+    series = torch.zeros(form.H, 2, form.M, dtype=torch.float64)
+    for start in range(0, 400_000, 20_000):  # Σ_j |λ|^j term by term
+        series += (amp ** torch.arange(start, start + 20_000, dtype=torch.float64)).sum(-1)
     assert float(amp.max()) ** 400_000 < 1e-12
-    brute = brute * form.b64.abs() * u[:, None]  # (H, M)
+    cplx = form.is_cplx[:, None]
+    bmag = torch.where(cplx, form.b64.norm(dim=1, keepdim=True), form.b64.abs())
     bound = form.state_bound(u)
-    torch.testing.assert_close(bound[:, 0], brute, rtol=1e-9, atol=0)
-    torch.testing.assert_close(bound[:, 1], brute, rtol=1e-9, atol=0)
+    torch.testing.assert_close(bound, series * bmag * u[:, None, None], rtol=1e-9, atol=0)
+    # each coordinate's impulse response by repeated 2×2 block products: Σ_j |(A^j b)_q| ≤ the bound
+    A1 = form.block_powers(torch.tensor([1.0]))[:, :, 0]  # (H, M, 2, 2)
+    v, l1 = form.b64.transpose(1, 2)[..., None].clone(), torch.zeros(form.H, form.M, 2, dtype=torch.float64)
+    for _ in range(20_000):
+        l1 += v[..., 0].abs()
+        v = A1 @ v
+    l1 = l1.transpose(1, 2) * u[:, None, None]  # (H, 2, M)
+    assert bool((bound >= l1 * (1 - 1e-9)).all())
+    real = ~cplx.expand_as(bound)  # a real coordinate's bound is its impulse response's ℓ1 norm
+    torch.testing.assert_close(bound[real], l1[real], rtol=1e-6, atol=1e-12)
+    if name == "mixed":  # 2 complex slots, then 3 real modes in 2 slots: coordinates 1, 2 of slot 3, 1 of 4
+        assert form.M == 4 and int((real & (form.b64 != 0)).sum()) == 3 * form.H
 
 
 @pytest.mark.parametrize("name", ["s4", "s4d", "s4-dplr"])
@@ -103,9 +149,9 @@ def test_every_reachable_state_passes_and_an_adversarial_input_gets_close_to_the
     bound = rec.state_bound()[0]  # (H, 2, M)
     h, m = 3, 1
     T = 2000
-    if form.form == "diagonal":
-        mu, b = form.mu64[h, m], form.b64[h, m]
-        signs = torch.sign(torch.stack([(mu ** (T - 1 - t) * b).real for t in range(T)]))
+    if form.form == "diagonal":  # coordinate 1 of A^{T−1−t} b, slot m's 2×2 block
+        A = form.block_powers(torch.arange(T - 1, -1, -1, dtype=torch.float64))[h, m]  # (T, 2, 2)
+        signs = torch.sign((A @ form.b64[h, :, m])[:, 0])
     else:
         A, B = form.Abar64[h], form.Bbar64[h]
         rows, v = [], B.clone()

@@ -1,7 +1,8 @@
 /* Fused recurrent SSM steps for CPU: one pass over the state per layer and step.
  *
- * Layouts (float32, C-contiguous): state x and x_out (B, H, 2, M) = real and imaginary parts of
- * M complex modes per channel; u and y (B, H); per-channel parameters (H, M); low-rank terms
+ * Layouts (float32, C-contiguous): state x and x_out (B, H, 2, M) = the two real coordinates of M
+ * slots per channel (a diagonal layer's real block-diagonal form, model/recurrent.py real_block_slots: a
+ * complex mode's real and imaginary parts, or two real modes; a DPLR layer's M complex modes); u and y (B, H); per-channel parameters (H, M); low-rank terms
  * (R, H, M); Minv (H, R, R). x_out may be x itself (in-place update).
  * Built at first use by model/fused.py with the system C compiler.
  */
@@ -56,12 +57,14 @@ static inline void st8_part(float *p, f8 v, long n) {
 
 #define SSM_ROWS 8 /* rows whose diagonal SSM step shares one load of a channel's parameters */
 
-/* x' = μ x + b u for 8 modes (re, im: their real and imaginary parts), and their terms of y, Re(c x'): one
- * function for every vector of modes, so each mode's arithmetic is the same whichever vector holds it. */
-static inline __attribute__((always_inline)) f8 diag_modes(f8 a, f8 b, f8 pbr, f8 pbi, f8 pcr, f8 pci, f8 vr,
-                                                           f8 vi, float uu, f8 *r, f8 *im) {
+/* The step of 8 slots of the real block-diagonal form (recurrent.py: real_block_slots), coordinates vr, vi:
+ * r = a vr − b vi + pbr u, im = s vi + b vr + pbi u (for a complex mode s = a: x' = μ x + b u, μ = a + i b;
+ * for two real modes b = 0), and their terms of y, pcr r − pci im: one function for every vector of slots,
+ * so each slot's arithmetic is the same whichever vector holds it. */
+static inline __attribute__((always_inline)) f8 diag_modes(f8 a, f8 s, f8 b, f8 pbr, f8 pbi, f8 pcr, f8 pci,
+                                                           f8 vr, f8 vi, float uu, f8 *r, f8 *im) {
     *r = a * vr - b * vi + pbr * uu;
-    *im = a * vi + b * vr + pbi * uu;
+    *im = s * vi + b * vr + pbi * uu;
     return pcr * *r - pci * *im;
 }
 
@@ -76,9 +79,10 @@ static inline __attribute__((always_inline)) f8 diag_modes(f8 a, f8 b, f8 pbr, f
 #define SSM_OVERLAP_TAIL 1
 #endif
 
-/* The diagonal step of one channel h over its M modes for n ≤ SSM_ROWS rows (row i: its channel state at
- * xs[i] + off, M real parts then M imaginary, → xo[i] + off, which may alias it: each mode is read before
- * it is written; input u[i·H + h] → y[i·H + h]): nr + i·ni = μ (xr + i·xi) + b u, y = Σ Re(c x'). Modes 8
+/* The diagonal step of one channel h over its M slots for n ≤ SSM_ROWS rows (row i: its channel state at
+ * xs[i] + off, M first coordinates then M second ones, → xo[i] + off, which may alias it: each slot is read
+ * before it is written; input u[i·H + h] → y[i·H + h]): diag_modes per slot (a complex mode's
+ * nr + i·ni = μ (xr + i·xi) + b u, y = Σ Re(c x')), params (mur, mui, br, bi, cr, ci, mus). Slots 8
  * at a time in one vector accumulator per row, reduced once (not a horizontal sum per vector, as `omp simd
  * reduction` compiled it: 1.3–1.6× slower for H = 128, M = 32–35), the M mod 8 rest as one partial vector
  * (zeros beyond M add nothing). Each 8 modes' parameters are loaded once for the n rows; a row's
@@ -86,7 +90,7 @@ static inline __attribute__((always_inline)) f8 diag_modes(f8 a, f8 b, f8 pbr, f
 static inline __attribute__((always_inline)) void
 diag_channel_rows(const long n, long M, const float *const *xs, float *const *xo, long off, long H, long h,
                   const float *u, float *y, const float *mur, const float *mui, const float *br, const float *bi,
-                  const float *cr, const float *ci) {
+                  const float *cr, const float *ci, const float *mus) {
     f8 acc[SSM_ROWS];
     float uu[SSM_ROWS];
     for (long i = 0; i < n; i++) {
@@ -107,13 +111,13 @@ diag_channel_rows(const long n, long M, const float *const *xs, float *const *xo
 #endif
     long m = 0;
     for (; m + 8 <= mend; m += 8) {
-        const f8 a = ld8(mur + m), b = ld8(mui + m), pbr = ld8(br + m), pbi = ld8(bi + m), pcr = ld8(cr + m),
-                 pci = ld8(ci + m);
+        const f8 a = ld8(mur + m), sd = ld8(mus + m), b = ld8(mui + m), pbr = ld8(br + m), pbi = ld8(bi + m),
+                 pcr = ld8(cr + m), pci = ld8(ci + m);
         for (long i = 0; i < n; i++) {
             const float *xr = xs[i] + off, *xi = xr + M;
             float *nr = xo[i] + off, *ni = nr + M;
             f8 r, im;
-            acc[i] += diag_modes(a, b, pbr, pbi, pcr, pci, ld8(xr + m), ld8(xi + m), uu[i], &r, &im);
+            acc[i] += diag_modes(a, sd, b, pbr, pbi, pcr, pci, ld8(xr + m), ld8(xi + m), uu[i], &r, &im);
             st8(nr + m, r);
             st8(ni + m, im);
         }
@@ -124,12 +128,12 @@ diag_channel_rows(const long n, long M, const float *const *xs, float *const *xo
         const __m256 low = _mm256_castsi256_ps(mask8(k));
         const __m256i down = /* lane j ← lane j + 8 − k */
             _mm256_add_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)(8 - k)));
-        const f8 a = ld8(mur + t), b = ld8(mui + t), pbr = ld8(br + t), pbi = ld8(bi + t), pcr = ld8(cr + t),
-                 pci = ld8(ci + t);
+        const f8 a = ld8(mur + t), sd = ld8(mus + t), b = ld8(mui + t), pbr = ld8(br + t), pbi = ld8(bi + t),
+                 pcr = ld8(cr + t), pci = ld8(ci + t);
         for (long i = 0; i < n; i++) {
             float *nr = xo[i] + off, *ni = nr + M;
             f8 r, im;
-            const f8 d = diag_modes(a, b, pbr, pbi, pcr, pci, tr[i], ti[i], uu[i], &r, &im);
+            const f8 d = diag_modes(a, sd, b, pbr, pbi, pcr, pci, tr[i], ti[i], uu[i], &r, &im);
             st8(nr + t, r);
             st8(ni + t, im);
             acc[i] += (f8)_mm256_and_ps(_mm256_permutevar8x32_ps((__m256)d, down), low);
@@ -139,14 +143,15 @@ diag_channel_rows(const long n, long M, const float *const *xs, float *const *xo
 #endif
     if (m < M) {
         const long k = M - m;
-        const f8 a = ld8_part(mur + m, k), b = ld8_part(mui + m, k), pbr = ld8_part(br + m, k),
-                 pbi = ld8_part(bi + m, k), pcr = ld8_part(cr + m, k), pci = ld8_part(ci + m, k);
+        const f8 a = ld8_part(mur + m, k), sd = ld8_part(mus + m, k), b = ld8_part(mui + m, k),
+                 pbr = ld8_part(br + m, k), pbi = ld8_part(bi + m, k), pcr = ld8_part(cr + m, k),
+                 pci = ld8_part(ci + m, k);
         for (long i = 0; i < n; i++) {
             const float *xr = xs[i] + off, *xi = xr + M;
             float *nr = xo[i] + off, *ni = nr + M;
             f8 r, im;
             const f8 vr = ld8_part(xr + m, k), vi = ld8_part(xi + m, k);
-            acc[i] += diag_modes(a, b, pbr, pbi, pcr, pci, vr, vi, uu[i], &r, &im);
+            acc[i] += diag_modes(a, sd, b, pbr, pbi, pcr, pci, vr, vi, uu[i], &r, &im);
             st8_part(nr + m, r, k);
             st8_part(ni + m, im, k);
         }
@@ -162,33 +167,35 @@ diag_channel_rows(const long n, long M, const float *const *xs, float *const *xo
 static inline __attribute__((always_inline)) void
 diag_channel_rows_n(long n, long M, const float *const *xs, float *const *xo, long off, long H, long h,
                     const float *u, float *y, const float *mur, const float *mui, const float *br, const float *bi,
-                    const float *cr, const float *ci) {
+                    const float *cr, const float *ci, const float *mus) {
     if (n == SSM_ROWS)
-        diag_channel_rows(SSM_ROWS, M, xs, xo, off, H, h, u, y, mur, mui, br, bi, cr, ci);
+        diag_channel_rows(SSM_ROWS, M, xs, xo, off, H, h, u, y, mur, mui, br, bi, cr, ci, mus);
     else if (n == 1)
-        diag_channel_rows(1, M, xs, xo, off, H, h, u, y, mur, mui, br, bi, cr, ci);
+        diag_channel_rows(1, M, xs, xo, off, H, h, u, y, mur, mui, br, bi, cr, ci, mus);
     else
-        diag_channel_rows(n, M, xs, xo, off, H, h, u, y, mur, mui, br, bi, cr, ci);
+        diag_channel_rows(n, M, xs, xo, off, H, h, u, y, mur, mui, br, bi, cr, ci, mus);
 }
 
 /* One channel of one row: its state xs (2, M) → xo (may be xs itself), input uu; returns its y. */
 static inline float diag_channel(long M, const float *xs, float *xo, float uu, const float *mur, const float *mui,
-                                 const float *br, const float *bi, const float *cr, const float *ci) {
+                                 const float *br, const float *bi, const float *cr, const float *ci,
+                                 const float *mus) {
     float y;
-    diag_channel_rows(1, M, &xs, &xo, 0, 1, 0, &uu, &y, mur, mui, br, bi, cr, ci);
+    diag_channel_rows(1, M, &xs, &xo, 0, 1, 0, &uu, &y, mur, mui, br, bi, cr, ci, mus);
     return y;
 }
 
-/* x' = μ x + b u,  y = Σ Re(c x')  (c already holds 2·C̄) */
+/* The real block-diagonal step (diag_modes) of B rows of H channels of M slots: x (B, H, 2, M) → xo (may be
+ * x), u (B, H) → y (B, H). */
 void diag_step(long B, long H, long M, const float *x, float *xo, const float *u, float *y,
                const float *mur, const float *mui, const float *br, const float *bi,
-               const float *cr, const float *ci) {
+               const float *cr, const float *ci, const float *mus) {
 #pragma omp parallel for schedule(static) if (B * H * M >= 65536)
     for (long bh = 0; bh < B * H; bh++) {
         const long o = (bh % H) * M;
         const float *xr = x + bh * 2 * M;
         float *nr = xo + bh * 2 * M;
-        y[bh] = diag_channel(M, xr, nr, u[bh], mur + o, mui + o, br + o, bi + o, cr + o, ci + o);
+        y[bh] = diag_channel(M, xr, nr, u[bh], mur + o, mui + o, br + o, bi + o, cr + o, ci + o, mus + o);
     }
 }
 
@@ -561,7 +568,7 @@ static inline float ssm_channel(const NetLayer *L, long H, long M, long h, const
     const float *const *p = L->p;
     if (L->form == 0) {
         const long o = h * M;
-        return diag_channel(M, xs, xo, u, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o, p[5] + o);
+        return diag_channel(M, xs, xo, u, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o, p[5] + o, p[6] + o);
     }
     float y;
     dplr_channel(M, L->rank, H, h, xs, xs + M, xo, xo + M, u, &y, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],
@@ -595,7 +602,8 @@ static inline __attribute__((always_inline)) void diag_rows_channel(const NetLay
                                                                     long H, long h, const float *u, float *y) {
     const float *const *p = L->p;
     const long o = h * M;
-    diag_channel_rows_n(n, M, xs, xo, 2 * o, H, h, u, y, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o, p[5] + o);
+    diag_channel_rows_n(n, M, xs, xo, 2 * o, H, h, u, y, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o, p[5] + o,
+                        p[6] + o);
 }
 
 /* One block's SSM step for n ≤ SSM_ROWS rows: row i's state xs[i] (H, 2, M) → xo[i] (may be xs[i]),
@@ -1084,7 +1092,7 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
                     float *ug = u + g * L * H, *yg = y + g * L * H;
                     for (long t = 0; t < L; t++)
                         diag_channel_rows_n(k, M, xc, xs, 0, L * H, t * H + h, ug, yg, p[0] + ph, p[1] + ph,
-                                            p[2] + ph, p[3] + ph, p[4] + ph, p[5] + ph);
+                                            p[2] + ph, p[3] + ph, p[4] + ph, p[5] + ph, p[6] + ph);
                 }
             }
         else
@@ -1418,13 +1426,14 @@ long sashimi_block(const SNet *net, long K, long Btot, float *state, long *tok, 
  * the block's start in registers and L1 (N real coordinates × VW):
  *   y_t = Σ_{j ≤ t} K_{t−j} u_j + Σ_k out[k, t] ξ_k                 (t < T; the block's outputs)
  *   ξ'_m = Σ_j in[j, m] u_j + (Ā^T ξ)_m                              (the state at the next block)
- * Ā^T is μ^T per complex mode (form 0: coordinates (Re, Im) interleaved, tr (N) = (Re μ^T, Im μ^T) per
- * mode) or a dense real N × N matrix (form 1: tr[k, m], ξ'_m = Σ_k ξ_k tr[k, m]). Block 0 starts
+ * Ā^T is a 2×2 block per slot of the real block-diagonal form (form 0: coordinates (x₁, x₂) interleaved,
+ * tr (2N) = the block (p, q, r, s) row by row per slot: x₁' = p x₁ + q x₂, x₂' = r x₁ + s x₂) or a dense
+ * real N × N matrix (form 1: tr[k, m], ξ'_m = Σ_k ξ_k tr[k, m]). Block 0 starts
  * from 0 and the caller's x0 enters as in the torch form: y_{p+t} += Σ_k out[k, t] x0_k, and
  * ξ after block 0 += x1 = Ā^{T−p} x0 (computed by the caller).
  *
  * Layouts (G = H / VW channel groups; every table float32, the lane, i.e. the channel in the group,
- * innermost): ktab (G, T, VW), intab (G, T, N, VW), outtab (G, N, T, VW), tr (G, N, VW) or
+ * innermost): ktab (G, T, VW), intab (G, T, N, VW), outtab (G, N, T, VW), tr (G, 2N, VW) or
  * (G, N, N, VW); u and y (B, L, H) float32 (bf16 = 0) or bfloat16 (bf16 = 1: read exactly, written
  * rounded to nearest even as torch's .to(torch.bfloat16); a NaN is written as 0x7FC0); x0 and x1 (B, H, N) or NULL;
  * xL (B, H, N) the state after the prompt. T and N are multiples of 8 and H of VW (the caller pads N
@@ -1505,12 +1514,13 @@ static void ssm_prefill_group(long L, long H, long N, long T, long p, long form,
             const fv *zi = Z + i * N;
             if (c0 + i == 0) {
                 for (long k = 0; k < N; k++) xc[k] = zi[k] + x1g[k];
-            } else if (form == 0) {
+            } else if (form == 0) { /* each slot's 2×2 block A^T, row by row: (p, q; r, s) */
                 for (long k = 0; k < N; k += 2) {
-                    const fv ar = ldv(tr + k * VW), ai = ldv(tr + (k + 1) * VW);
+                    const float *a = tr + 2 * k * VW;
+                    const fv p = ldv(a), q = ldv(a + VW), r = ldv(a + 2 * VW), s = ldv(a + 3 * VW);
                     const fv xr = xi[k], xm = xi[k + 1];
-                    xc[k] = fmav(ar, xr, -(ai * xm)) + zi[k];
-                    xc[k + 1] = fmav(ar, xm, ai * xr) + zi[k + 1];
+                    xc[k] = fmav(p, xr, q * xm) + zi[k];
+                    xc[k + 1] = fmav(s, xm, r * xr) + zi[k + 1];
                 }
             } else {
                 for (long m0 = 0; m0 < N; m0 += 8) {
@@ -1562,7 +1572,7 @@ long ssm_prefill(long B, long L, long H, long N, long T, long p, long form, long
     if (T <= 0 || T % 8 || N <= 0 || N % 8 || H % VW || p < 0 || p >= T || (L + p) % T || (form != 0 && form != 1))
         return -1;
     const long G = H / VW, items = B * G;
-    const long tr_size = form == 0 ? N * VW : N * N * VW;
+    const long tr_size = form == 0 ? 2 * N * VW : N * N * VW;
     long rc = 0;
 #pragma omp parallel num_threads(nthreads > 0 ? nthreads : 1) reduction(min : rc)
     {
