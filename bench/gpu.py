@@ -10,9 +10,10 @@ under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
    batch B: steps/s of the bare step, and of the engine's whole per-step work (`DecodeBatch.step`: the
    step, sampling with one generator per stream, the one host copy). A stream needs 16,000 steps/s, so
    the real-time factor is steps/s ÷ 16,000, and "streams at real time" is the largest B with factor ≥ 1.
-   Beside it the memory-bandwidth bound: a step reads and writes each stream's float32 state (143 KB for
-   this model) at least once, so at most copy bandwidth ÷ (2 × state bytes × 16,000) streams keep up
-   (about 940 at the 4.3 TB/s an H200 copies) unless states stay on chip between steps.
+   Beside it the memory-bandwidth bound: a step reads and writes each stream's float32 state (131 KB for
+   this model: 32 slots a channel in the real block-diagonal form) at least once, so at most copy
+   bandwidth ÷ (2 × state bytes × 16,000) streams keep up (about 1,025 at the 4.3 TB/s an H200 copies)
+   unless states stay on chip between steps.
 3. **Time to first token under load.** The engine (`server/engine.py`, no HTTP) with L sessions
    decoding the text model; one prompt of P tokens at a time arrives, and its TTFT is the time from
    submission to its first token (prefill in chunks interleaved with the decode steps).
