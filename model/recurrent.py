@@ -395,10 +395,14 @@ class DiagonalSSM:
 
     @staticmethod
     def _powers(lam: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """λᵗ in float64 for t (T,) ≥ 0 → (H, M, T) complex128 (0ᵗ = 0 for t > 0, λ⁰ = 1)."""
+        """λᵗ in float64 for integer-valued t (T,) ≥ 0 → (H, M, T) complex128 (0ᵗ = 0 for t > 0, λ⁰ = 1).
+        A real λ (a real slot's) by a real power, so its imaginary part is exactly 0 (the complex log of a
+        negative λ would leave ~t·1e-16 there)."""
         t = t.to(F64)
         p = torch.exp(torch.log(lam.where(lam != 0, torch.ones_like(lam)))[..., None] * t)
-        return torch.where((lam != 0)[..., None] | (t == 0), p, torch.zeros((), dtype=C128))
+        p = torch.where((lam != 0)[..., None] | (t == 0), p, torch.zeros((), dtype=C128))
+        real = torch.pow(lam.real[..., None], t).to(C128)  # 0⁰ = 1, 0ᵗ = 0
+        return torch.where((lam.imag == 0)[..., None], real, p)
 
     def _prefill_tables(self, device) -> None:
         """float64 → float32/complex64 tables for `prefill`, so the request path is float32 only. A slot's

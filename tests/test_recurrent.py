@@ -320,45 +320,20 @@ def _system_with_eigenvalues(H: int, pairs: list[tuple[float, float]], reals: li
     return Abar, torch.randn(H, N, generator=g, dtype=f64), torch.randn(H, N, generator=g, dtype=f64)
 
 
-@pytest.mark.parametrize(
-    "pairs, reals",
-    [
-        ([(0.97, 0.3), (0.9, 2.0)], [0.95, -0.5, 0.6]),  # N = 7: 2 complex slots, real modes in 1.5 slots
-        ([(0.99, 0.05)], [0.9, 0.8, -0.7, 0.2]),  # N = 6
-        ([], [0.99, 0.5, -0.3, 0.0]),  # all real, one of them 0 (a pure delay of one step)
-        ([(0.95, 1.0), (0.5, 3.0)], []),  # all complex: the complex-diagonal form as before
-    ],
-)
-def test_the_real_block_slots_hold_an_n_dimensional_system_in_n_over_2_slots(pairs, reals):
-    """A diagonalized real system in the real block-diagonal form: ⌈N/2⌉ slots (a complex mode fills one,
-    two real modes share one), and its kernel wᵀ Aᵗ b (2×2 block powers, float64) is the dense system's
-    γᵀ Āᵗ B̄ by brute-force matrix-vector products; the float32 torch step, the C step (one row and 8
-    rows) and the prefill (C and torch ops, from a nonzero state) agree with stepping the dense system."""
+def _check_paths_against_stepping(form: DiagonalSSM) -> None:
+    """The C step (rows sharing each vector's parameters) against the torch step from a random state, then
+    the prefill from it, by the C pass (several channel groups: H a multiple of twice its vector width)
+    and by the torch ops, against stepping the prompt with the torch step."""
     from model import fused
-    from model.recurrent import CHUNK, diagonalize, impulse_response, pad_fused_params
+    from model.recurrent import CHUNK, pad_fused_params
 
-    H, T = 8, 300
-    Abar, Bbar, gamma = _system_with_eigenvalues(H, pairs, reals, seed=len(reals))
-    N = Abar.shape[-1]
-    form = DiagonalSSM(*diagonalize(Abar, Bbar, gamma), torch.device("cpu"))
-    assert form.M == -(-N // 2)
-    dense, v = [], Bbar.clone()
-    for _ in range(T):  # K_t = γᵀ Āᵗ B̄
-        dense.append((gamma * v).sum(-1))
-        v = (Abar @ v[..., None])[..., 0]
-    dense = torch.stack(dense, 1)  # (H, T)
-    A = form.block_powers(torch.arange(T, dtype=torch.float64))  # (H, M, T, 2, 2)
-    b, w = form.b64.transpose(1, 2), form.w64.transpose(1, 2)  # (H, M, 2)
-    K = torch.einsum("hmq,hmtqr,hmr->ht", w, A, b)
-    assert float((K - dense).abs().max() / dense.abs().max()) < 1e-10
-    K32 = impulse_response(form, T).double()
-    assert float((K32 - dense).abs().max() / dense.abs().max()) < 1e-5
-    # the C step against the torch step, the state from a random start; then the prefill from it
+    H = form.H
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(9, H, 2, form.M, generator=g)
     u = torch.randn(9, H, generator=g)
     y_t, x_t = form.step(u, x0)
     pad_fused_params(form, form.M)
+    assert form._prefill_c is not None and H >= 2 * fused.library().ssm_prefill_width()
     xo, y = torch.empty_like(x0), torch.empty(9, H)
     form.step_fused(fused.library(), u, x0, xo, y)
     torch.testing.assert_close(y, y_t, rtol=1e-5, atol=1e-5)
@@ -377,24 +352,67 @@ def test_the_real_block_slots_hold_an_n_dimensional_system_in_n_over_2_slots(pai
             form._prefill_tables(torch.device("cpu"))
         got_y, got_x = form.prefill(us, xc)
         got_x = torch.stack([got_x.real, got_x.imag], dim=-2)
-        scale = float(want_y.abs().max())
-        assert float((got_y - want_y).abs().max()) < 1e-4 * scale, tables
+        assert float((got_y - want_y).abs().max()) < 1e-4 * float(want_y.abs().max()), tables
         assert float((got_x - want_x).abs().max()) < 1e-4 * float(want_x.abs().max()), tables
 
 
+@pytest.mark.parametrize(
+    "pairs, reals",
+    [
+        ([(0.97, 0.3), (0.9, 2.0)], [0.95, -0.5, 0.6]),  # N = 7: 2 complex slots, real modes in 1.5 slots
+        ([(0.99, 0.05)], [0.9, 0.8, -0.7, 0.2]),  # N = 6
+        ([], [0.99, 0.5, -0.3, 0.1]),  # all real
+        ([(0.95, 1.0), (0.5, 3.0)], []),  # all complex: the complex-diagonal form as before
+    ],
+)
+def test_the_real_block_slots_hold_an_n_dimensional_system_in_n_over_2_slots(pairs, reals):
+    """A diagonalized real system in the real block-diagonal form: ⌈N/2⌉ slots (a complex mode fills one,
+    two real modes share one), and its kernel wᵀ Aᵗ b (2×2 block powers, float64) is the dense system's
+    γᵀ Āᵗ B̄ by brute-force matrix-vector products; a real slot's block powers are exactly diagonal; the
+    float32 torch step, the C step and the prefill (C and torch ops, from a nonzero state) agree with
+    stepping."""
+    from model import fused
+    from model.recurrent import diagonalize, impulse_response
+
+    H, T = 2 * fused.library().ssm_prefill_width(), 300
+    Abar, Bbar, gamma = _system_with_eigenvalues(H, pairs, reals, seed=len(reals))
+    N = Abar.shape[-1]
+    form = DiagonalSSM(*diagonalize(Abar, Bbar, gamma), torch.device("cpu"))
+    assert form.M == -(-N // 2)
+    dense, v = [], Bbar.clone()
+    for _ in range(T):  # K_t = γᵀ Āᵗ B̄
+        dense.append((gamma * v).sum(-1))
+        v = (Abar @ v[..., None])[..., 0]
+    dense = torch.stack(dense, 1)  # (H, T)
+    A = form.block_powers(torch.arange(T, dtype=torch.float64))  # (H, M, T, 2, 2)
+    b, w = form.b64.transpose(1, 2), form.w64.transpose(1, 2)  # (H, M, 2)
+    K = torch.einsum("hmq,hmtqr,hmr->ht", w, A, b)
+    assert float((K - dense).abs().max() / dense.abs().max()) < 1e-10
+    real = ~form.is_cplx
+    assert bool((A[real][..., 0, 1] == 0).all() and (A[real][..., 1, 0] == 0).all())
+    K32 = impulse_response(form, T).double()
+    assert float((K32 - dense).abs().max() / dense.abs().max()) < 1e-5
+    _check_paths_against_stepping(form)
+
+
 def test_real_modes_of_an_s4d_layer_share_slots():
-    """S4D with real eigenvalues (μ real, b and c complex, y = 2 Re Σ c x): each real mode is 1-dimensional
-    (b rotated to |b|, c·b kept), so Mc of them take ⌈Mc/2⌉ slots; the float32 step's impulse response is
-    2 Re Σ c b μᵗ (float64) within float32 rounding."""
+    """S4D with real eigenvalues (μ real, b and c complex, y = 2 Re Σ c x), one of them exactly 0 (a
+    one-step delay: K_0 only): each real mode is 1-dimensional (b rotated to |b|, c·b kept), so Mc of
+    them take ⌈Mc/2⌉ slots; the float32 step's impulse response is 2 Re Σ c b μᵗ (float64) within float32
+    rounding, and the C step and prefills agree with stepping."""
+    from model import fused
     from model.recurrent import impulse_response
 
     g = torch.Generator().manual_seed(2)
-    H, Mc, T = 4, 5, 200
+    H, Mc, T = 2 * fused.library().ssm_prefill_width(), 5, 200
     mu = (0.5 + 0.45 * torch.rand(H, Mc, generator=g, dtype=torch.float64)).to(torch.complex128)
+    mu[:, 2] = 0
     b, c = (torch.randn(H, Mc, generator=g, dtype=torch.complex128) for _ in range(2))
     form = DiagonalSSM(mu, b, c, torch.device("cpu"))
     assert form.M == 3 and not bool(form.is_cplx.any())
     t = torch.arange(T, dtype=torch.float64)
-    want = 2 * (c * b)[..., None].mul(mu[..., None] ** t).sum(1).real
+    want = 2 * ((c * b).real[..., None] * mu.real[..., None] ** t).sum(1)  # real μ: a real power, 0⁰ = 1
+    assert float(want[:, 1:].abs().max()) > 0 and bool((mu[:, 2] == 0).all())
     got = impulse_response(form, T).double()
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    _check_paths_against_stepping(form)

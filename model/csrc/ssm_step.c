@@ -303,7 +303,7 @@ typedef struct {
     const float *ln_w, *ln_b, *d_skip;
     const void *out_wt;           /* (H, 2H): the output linear's weight, transposed (format wfmt) */
     const float *out_b;
-    const float *p[11]; /* diagonal: mur mui br bi cr ci; dplr: dbr dbi dr di pr pi minv qr qi cr ci */
+    const float *p[11]; /* diagonal: mur mui br bi cr ci mus; dplr: dbr dbi dr di pr pi minv qr qi cr ci */
     long d_ff;          /* 0: no feed-forward block; else x += down(GELU(up(LN(x)))) after the S4 block */
     const float *ff_ln_w, *ff_ln_b;
     const void *up_t;   /* (H, d_ff): the up linear's weight, transposed (format wfmt) */
