@@ -335,7 +335,7 @@ def real_block_slots(mu: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
     λ₁ⁿ, λ₂ⁿ. Returns complex128 (H, M) λ₁, λ₂ and float64 (H, 2, M) b, w, and the bool (H, M) mask of
     complex slots; M = the most slots a channel needs, the rest zero."""
     H = mu.shape[0]
-    cplx = (mu.imag != 0) & (mu != 0)
+    cplx = mu.imag != 0
     real = (mu.imag == 0) & ((mu != 0) | (b * c != 0))
     rot = torch.where(b.abs() > 0, b.conj() / b.abs().clamp(min=1e-300), torch.ones_like(b))
     b_real, w_real = (b * rot).real, 2 * (c / rot).real  # a real mode rotated: b = |b|, c·b kept
@@ -379,7 +379,6 @@ class DiagonalSSM:
         self.mur, self.mui, self.mus = (t.to(**f32).contiguous() for t in (lam1.real, lam1.imag, lam2.real))
         self.br, self.bi = (t.to(**f32).contiguous() for t in (bb[:, 0], bb[:, 1]))
         self.cr, self.ci = ww[:, 0].to(**f32).contiguous(), (-ww[:, 1]).to(**f32).contiguous()
-        self.c2 = self.cr  # the device the step runs on (impulse_response)
         self._fused_params = (self.mur, self.mui, self.br, self.bi, self.cr, self.ci, self.mus)
         self._fused_ptrs = ()  # set by pad_fused_params when the model runs the fused CPU step
         self._prefill_c = None  # the C prefill's tables (fused_prefill_tables), set by pad_fused_params
@@ -388,10 +387,13 @@ class DiagonalSSM:
     def block_powers(self, t: torch.Tensor) -> torch.Tensor:
         """The slots' blocks to the powers t (T,) ≥ 0 in float64: (H, M, T, 2, 2) [[p, −m], [m, s]] of
         λ₁ᵗ, λ₂ᵗ (an empty slot's block is 0 beyond t = 0; every block⁰ = I)."""
-        P1, P2 = (self._powers(lam, t) for lam in self.lam64)
-        row0 = torch.stack([P1.real, -P1.imag], -1)
-        row1 = torch.stack([P1.imag, P2.real], -1)
-        return torch.stack([row0, row1], -2)
+        return self._block(*(self._powers(lam, t) for lam in self.lam64))
+
+    @staticmethod
+    def _block(P1: torch.Tensor, P2: torch.Tensor) -> torch.Tensor:
+        """λ₁ⁿ, λ₂ⁿ (…) complex → the slots' blocks Aⁿ (…, 2, 2) [[p, −m], [m, s]]: p + i m = λ₁ⁿ,
+        s = Re λ₂ⁿ."""
+        return torch.stack([torch.stack([P1.real, -P1.imag], -1), torch.stack([P1.imag, P2.real], -1)], -2)
 
     @staticmethod
     def _powers(lam: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -400,8 +402,7 @@ class DiagonalSSM:
         negative λ would leave ~t·1e-16 there)."""
         t = t.to(F64)
         p = torch.exp(torch.log(lam.where(lam != 0, torch.ones_like(lam)))[..., None] * t)
-        p = torch.where((lam != 0)[..., None] | (t == 0), p, torch.zeros((), dtype=C128))
-        real = torch.pow(lam.real[..., None], t).to(C128)  # 0⁰ = 1, 0ᵗ = 0
+        real = torch.pow(lam.real[..., None], t).to(C128)  # 0⁰ = 1, 0ᵗ = 0 (λ = 0 is real)
         return torch.where((lam.imag == 0)[..., None], real, p)
 
     def _prefill_tables(self, device) -> None:
@@ -428,8 +429,8 @@ class DiagonalSSM:
         self.Kf = torch.fft.rfft(K, n=2 * T).to(device, C64)
         self.conv_tab = _toeplitz(K).to(device, torch.float32)
         e = torch.tensor([2.0**k for k in range(MU_POW_BITS)])
-        self.pow_bin = torch.stack([self._powers(lam, e) for lam in self.lam64]).permute(3, 0, 1, 2)
-        self.pow_bin = self.pow_bin.to(device, C64).contiguous()
+        pw = torch.stack([self._powers(lam, e) for lam in self.lam64])  # (2, H, M, P)
+        self.pow_bin = pw.permute(3, 0, 1, 2).to(device, C64).contiguous()
 
     def step(self, u: torch.Tensor, x: torch.Tensor):
         """u (B, H), x (B, H, 2, M) the slots' coordinates x₁, x₂ → y (B, H), x' (B, H, 2, M)."""
@@ -473,9 +474,7 @@ class DiagonalSSM:
 
     def _pow_table(self, n: int) -> torch.Tensor:
         """Aⁿ as (H, 4M) float32, each slot's block row by row (p, −m, m, s): the C prefill's scan table."""
-        P = self._mu_pow(n)
-        blk = torch.stack([P[0].real, -P[0].imag, P[0].imag, P[1].real], dim=-1)  # (H, M, 4)
-        return blk.reshape(self.H, 4 * self.M)
+        return self._block(*self._mu_pow(n)).reshape(self.H, 4 * self.M)
 
     def prefill(self, u: torch.Tensor, x0: torch.Tensor, x0_is_zero: bool = False):
         """u (B, L, H) (any float dtype; the arithmetic is float32), x0 (B, H, M) complex64 pairs x₁ + i x₂
@@ -652,7 +651,7 @@ class DPLRStep:
 
 def impulse_response(form, L: int) -> torch.Tensor:
     """Run the float32 step on a unit impulse for L steps → the recurrent kernel (H, L)."""
-    H, dev = form.H, form.c2.device
+    H, dev = form.H, form.cr.device
     x = torch.zeros(1, H, 2, form.M, device=dev)
     u = torch.ones(1, H, device=dev)
     out = []

@@ -10,3 +10,20 @@ def step_all(rec, tokens: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tens
         logits, state = rec.step(tokens[:, t], state)
         outs.append(logits)
     return torch.stack(outs, 1), state
+
+
+def real_system_with_eigenvalues(H: int, pairs: list[tuple[float, float]], reals: list[float], seed: int):
+    """Random real systems (Ā, B̄, γ) float64 (H, N, N), (H, N), (H, N) whose Ā has the given complex
+    eigenvalue pairs r·e^{±iθ} and real eigenvalues, in a random basis (V + 3I, well conditioned)."""
+    g = torch.Generator().manual_seed(seed)
+    f64 = torch.float64
+    N = 2 * len(pairs) + len(reals)
+    J = torch.zeros(N, N, dtype=f64)
+    for j, (r, th) in enumerate(pairs):
+        c, s = r * torch.tensor(th, dtype=f64).cos(), r * torch.tensor(th, dtype=f64).sin()
+        J[2 * j : 2 * j + 2, 2 * j : 2 * j + 2] = torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
+    for j, lam in enumerate(reals):
+        J[2 * len(pairs) + j, 2 * len(pairs) + j] = lam
+    V = torch.randn(H, N, N, generator=g, dtype=f64) + 3 * torch.eye(N, dtype=f64)
+    Abar = V @ J @ torch.linalg.inv(V)
+    return Abar, torch.randn(H, N, generator=g, dtype=f64), torch.randn(H, N, generator=g, dtype=f64)

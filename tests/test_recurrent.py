@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from numerics import step_all
+from numerics import real_system_with_eigenvalues, step_all
 
 from model import ModelConfig, SequenceModel, VerificationError
 from model.recurrent import DiagonalSSM, DPLRStep
@@ -303,23 +303,6 @@ def test_the_large_batch_step_is_verified_at_load_too(monkeypatch):
         net.to_recurrent()
 
 
-def _system_with_eigenvalues(H: int, pairs: list[tuple[float, float]], reals: list[float], seed: int):
-    """Random real systems (Ā, B̄, γ) float64 (H, N, N), (H, N), (H, N) whose Ā has the given complex
-    eigenvalue pairs r·e^{±iθ} and real eigenvalues, in a random basis (V + 3I, well conditioned)."""
-    g = torch.Generator().manual_seed(seed)
-    f64 = torch.float64
-    N = 2 * len(pairs) + len(reals)
-    J = torch.zeros(N, N, dtype=f64)
-    for j, (r, th) in enumerate(pairs):
-        c, s = r * torch.tensor(th, dtype=f64).cos(), r * torch.tensor(th, dtype=f64).sin()
-        J[2 * j : 2 * j + 2, 2 * j : 2 * j + 2] = torch.stack([torch.stack([c, -s]), torch.stack([s, c])])
-    for j, lam in enumerate(reals):
-        J[2 * len(pairs) + j, 2 * len(pairs) + j] = lam
-    V = torch.randn(H, N, N, generator=g, dtype=f64) + 3 * torch.eye(N, dtype=f64)
-    Abar = V @ J @ torch.linalg.inv(V)
-    return Abar, torch.randn(H, N, generator=g, dtype=f64), torch.randn(H, N, generator=g, dtype=f64)
-
-
 def _check_paths_against_stepping(form: DiagonalSSM) -> None:
     """The C step (rows sharing each vector's parameters) against the torch step from a random state, then
     the prefill from it, by the C pass (several channel groups: H a multiple of twice its vector width)
@@ -375,7 +358,7 @@ def test_the_real_block_slots_hold_an_n_dimensional_system_in_n_over_2_slots(pai
     from model.recurrent import diagonalize, impulse_response
 
     H, T = 2 * fused.library().ssm_prefill_width(), 300
-    Abar, Bbar, gamma = _system_with_eigenvalues(H, pairs, reals, seed=len(reals))
+    Abar, Bbar, gamma = real_system_with_eigenvalues(H, pairs, reals, seed=len(reals))
     N = Abar.shape[-1]
     form = DiagonalSSM(*diagonalize(Abar, Bbar, gamma), torch.device("cpu"))
     assert form.M == -(-N // 2)

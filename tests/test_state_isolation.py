@@ -17,6 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from numerics import real_system_with_eigenvalues
 from server_support import reference, wait_for
 
 from model import ModelConfig, SequenceModel
@@ -81,23 +82,9 @@ def test_dplr_state_bound_dominates_the_brute_force_l1_norm_of_the_state_impulse
 
 
 def _mixed_modes_form(H: int = 6) -> DiagonalSSM:
-    """A diagonal form from a random real system (`diagonalize`) whose Ā has 2 complex pairs and 3 real
+    """A diagonal form (`diagonalize`) of a random real system with 2 complex eigenvalue pairs and 3 real
     eigenvalues per channel (one of them negative): N = 7, slots 2 + 2 (the last half-filled)."""
-    g = torch.Generator().manual_seed(3)
-    f64 = torch.float64
-    blocks = []
-    for _ in range(H):
-        A = torch.zeros(7, 7, dtype=f64)
-        for j, (r, th) in enumerate(((0.97, 0.3), (0.9, 2.0))):
-            A[2 * j : 2 * j + 2, 2 * j : 2 * j + 2] = r * torch.tensor([[th, -th], [th, th]]).cos().where(
-                torch.eye(2, dtype=torch.bool),
-                torch.tensor([[0.0, -1.0], [1.0, 0.0]]) * torch.tensor(th).sin(),
-            )
-        A[4, 4], A[5, 5], A[6, 6] = 0.95, -0.5, 0.6
-        V = torch.randn(7, 7, generator=g, dtype=f64) + 3 * torch.eye(7, dtype=f64)
-        blocks.append(V @ A @ torch.linalg.inv(V))
-    Abar = torch.stack(blocks)
-    Bbar, gamma = torch.randn(H, 7, generator=g, dtype=f64), torch.randn(H, 7, generator=g, dtype=f64)
+    Abar, Bbar, gamma = real_system_with_eigenvalues(H, [(0.97, 0.3), (0.9, 2.0)], [0.95, -0.5, 0.6], seed=3)
     return DiagonalSSM(*diagonalize(Abar, Bbar, gamma), torch.device("cpu"))
 
 

@@ -2,8 +2,9 @@
  *
  * Layouts (float32, C-contiguous): state x and x_out (B, H, 2, M) = the two real coordinates of M
  * slots per channel (a diagonal layer's real block-diagonal form, model/recurrent.py real_block_slots: a
- * complex mode's real and imaginary parts, or two real modes; a DPLR layer's M complex modes); u and y (B, H); per-channel parameters (H, M); low-rank terms
- * (R, H, M); Minv (H, R, R). x_out may be x itself (in-place update).
+ * complex mode's real and imaginary parts, or two real modes; a DPLR layer's M complex modes); u and y
+ * (B, H); per-channel parameters (H, M); low-rank terms (R, H, M); Minv (H, R, R). x_out may be x
+ * itself (in-place update).
  * Built at first use by model/fused.py with the system C compiler.
  */
 #include <stddef.h>
