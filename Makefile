@@ -1,4 +1,5 @@
 # make test   : create .venv (torch from your pip index), install the project + dev tools, lint, run the tests
+#               (then the fused C library's tests again at the other vector width: OTHER_WIDTH_TESTS)
 # make test also installs espeak-ng, sox, chromium, redis-server, curl and jq (apt) when missing
 # make bench  : run every benchmark in bench/ (JSON + PNG in bench/results/)
 # make serve  : create .venv, install, serve the shipped checkpoints on 127.0.0.1:8000 (CPU, or CUDA)
@@ -36,8 +37,17 @@ lint: venv
 	$(BIN)/ruff check model tests bench server scripts loadtest
 	$(BIN)/ruff format --check model tests bench server scripts loadtest
 
+# The fused C library's tests again, built for the other vector width (model/csrc/ssm_step.c S4_VW: 16 floats,
+# AVX-512's layout of the linear layers and the C prefill, where the CPU lacks AVX-512; 8, AVX2's, where it
+# has it), so every run checks both layouts whatever the machine. The torch-only prefill variants are left out.
+OTHER_WIDTH_TESTS := tests/test_native_decode.py tests/test_net_step_half.py tests/test_prefill_c.py \
+	tests/test_prefill_blocks.py tests/test_recurrent.py tests/test_recurrent_dtype.py tests/test_sashimi.py \
+	tests/test_state_isolation.py tests/test_fused_sampling.py
+
 test: venv sysdeps lint
 	$(BIN)/python -m pytest -q
+	S4_CFLAGS="-DS4_VW=$$(grep -qw avx512f /proc/cpuinfo 2>/dev/null && echo 8 || echo 16)" \
+	  $(BIN)/python -m pytest -q -k "not fft and not matmul and not 4096" $(OTHER_WIDTH_TESTS)
 
 bench: venv
 	$(BIN)/python -m bench.run_all

@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import warnings
@@ -33,6 +34,13 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPI
 # A decode block's order (ssm_step.c `decode_block`): rounds of BLOCK_SCHEDULE[1] steps, each thread taking
 # its rows BLOCK_SCHEDULE[0] at a time through a round (0: all at once, every step: the order before).
 BLOCK_SCHEDULE = (8, 4)
+
+
+def build_flags() -> tuple[str, ...]:
+    """FLAGS, then the words of $S4_CFLAGS (shell-quoted, e.g. "-DS4_VW=16": the AVX-512 layout of the
+    linear layers and the C prefill on any x86-64, which the tests use on machines without AVX-512;
+    "-march=x86-64-v3" for a fleet's common ISA). Raises ValueError for unbalanced quotes."""
+    return FLAGS + tuple(shlex.split(os.environ.get("S4_CFLAGS", "")))
 
 
 def build_folder() -> Path:
@@ -88,12 +96,13 @@ def library():
     lib = None
     try:
         src = SOURCE.read_bytes()
-        key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_signature().encode()).hexdigest()[:16]
+        flags = build_flags()
+        key = hashlib.sha256(src + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
         out = build_folder() / f"ssm_step_{key}.so"
         if not out.exists():
-            compile_library(out, FLAGS)
+            compile_library(out, flags)
         lib = load_library(out)
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+    except (OSError, RuntimeError, ValueError, subprocess.CalledProcessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         warnings.warn(f"fused CPU step unavailable ({detail}); using torch ops", RuntimeWarning, stacklevel=2)
         lib = None

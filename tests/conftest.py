@@ -13,6 +13,22 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fused_build():
+    """With $S4_CFLAGS set (make test's second pass builds the other vector width, -DS4_VW=…), the fused
+    library must build with those flags and have that width: a failed build would fall back to the torch
+    ops, and the pass would test those instead."""
+    flags = os.environ.get("S4_CFLAGS", "")
+    if flags:
+        from model import fused
+
+        lib = fused.library()
+        assert lib is not None, f"the fused library did not build with S4_CFLAGS={flags!r}"
+        for word in flags.split():
+            if word.startswith("-DS4_VW="):
+                assert lib.ssm_prefill_width() == int(word.split("=", 1)[1]), flags
+
+
 def devices() -> list:
     """CPU always; CUDA too when present (marked `cuda`: `pytest -m cuda` selects it)."""
     return ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])

@@ -16,7 +16,7 @@ from server.config import Settings, settings_table
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {f"S4_{name.upper()}" for name in Settings.model_fields}
-LIBRARY_ENV = {"S4_BUILD_CACHE"}  # model/fused.py: where the fused CPU step is compiled
+LIBRARY_ENV = {"S4_BUILD_CACHE", "S4_CFLAGS"}  # model/fused.py: where and how the fused CPU step is compiled
 
 
 def dockerfile() -> list[tuple[str, str]]:

@@ -186,6 +186,30 @@ def test_fused_step_falls_back_to_torch_with_a_warning(monkeypatch):
     assert torch.isfinite(logits).all()
 
 
+def test_s4_cflags_reach_the_build_and_its_cache_key(monkeypatch, tmp_path):
+    """$S4_CFLAGS is split as a shell would (quotes kept together) and appended to the build's flags; the
+    library built with them is another file in the cache (a build with other flags is never reused), and
+    S4_VW sets the vector width the library reports; an unknown width, or unbalanced quotes, fall back to
+    the torch ops with the warning."""
+    from model import fused
+
+    monkeypatch.setenv("S4_CFLAGS", "-DS4_VW=16 '-DS4_UNUSED=a b'")
+    assert fused.build_flags() == (*fused.FLAGS, "-DS4_VW=16", "-DS4_UNUSED=a b")
+    monkeypatch.setenv("S4_BUILD_CACHE", str(tmp_path))
+    built = {}
+    for flags in ("-DS4_VW=16", "-DS4_VW=8"):
+        monkeypatch.setattr(fused, "_lib", {})
+        monkeypatch.setenv("S4_CFLAGS", flags)
+        built[flags] = fused.library().ssm_prefill_width(), set(tmp_path.glob("ssm_step_*.so"))
+    assert built["-DS4_VW=16"][0] == 16 and built["-DS4_VW=8"][0] == 8
+    assert len(built["-DS4_VW=8"][1]) == 2  # two files, one per set of flags
+    for bad in ("-DS4_VW=12", "'-DS4_VW=16"):
+        monkeypatch.setattr(fused, "_lib", {})
+        monkeypatch.setenv("S4_CFLAGS", bad)
+        with pytest.warns(RuntimeWarning, match="fused CPU step unavailable"):
+            assert fused.library() is None
+
+
 @pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])
 @pytest.mark.parametrize("d_ff", [0, 48])  # the shipped text model has FF blocks, audio-digits-s4 none
 def test_whole_network_c_step_matches_the_torch_step_at_small_and_large_batches(kernel, init, d_ff):

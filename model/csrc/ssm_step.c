@@ -337,13 +337,23 @@ static void layer_norm(long B, long H, const float *x, float *out, const float *
  * fma(x[k], Wt[k, n], acc) for k = 0, 1, …, K − 1 (each step rounded once: fmav), whatever tile or tail
  * computes it; so a row's output is bit-identical alone or beside any other rows, and never
  * depends on them. */
+/* The vector width of the linear layers and the C prefill, in floats: 16 with AVX-512, else 8. -DS4_VW=16
+ * or -DS4_VW=8 builds either layout on any x86-64, the width the target lacks in GCC's generic vector code
+ * (two AVX2 vectors for one of 16, or one of 8 in an AVX-512 register): the tests run the AVX-512 layout
+ * (its 8-row tiles, 32-column panels and 16-channel prefill groups) on an AVX2 machine, and the AVX2
+ * layout on an AVX-512 one. The intrinsics below serve only the native width. */
+#ifndef S4_VW
 #if defined(__AVX512F__)
-#define LIN_VW 16 /* floats per vector */
-#define LIN_ROWS 8
+#define S4_VW 16
 #else
-#define LIN_VW 8
-#define LIN_ROWS 4
+#define S4_VW 8
 #endif
+#endif
+#if S4_VW != 8 && S4_VW != 16
+#error "S4_VW must be 8 or 16"
+#endif
+#define LIN_VW S4_VW /* floats per vector */
+#define LIN_ROWS (LIN_VW == 16 ? 8 : 4)
 #define LIN_PREFETCH 12 /* weight rows ahead */
 typedef float fv __attribute__((vector_size(4 * LIN_VW)));
 static inline fv ldv(const float *p) {
@@ -356,18 +366,18 @@ static inline void stv(float *p, fv v) { __builtin_memcpy(p, &v, sizeof v); }
  * (GCC 12 without AVX-512 left a one-vector tile as a multiply and an add), which would make a row's bits
  * depend on the tile that computed it. __builtin_fmaf is the same single rounding, in hardware or libm. */
 static inline fv bcast(float a) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && LIN_VW == 16
     return (fv)_mm512_set1_ps(a);
-#elif defined(__FMA__)
+#elif defined(__FMA__) && LIN_VW == 8
     return (fv)_mm256_set1_ps(a);
 #else
     return (fv){0} + a; /* (a + 0 is a, or +0 for −0: the same product's value either way) */
 #endif
 }
 static inline fv fmav(fv a, fv b, fv c) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && LIN_VW == 16
     return (fv)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif defined(__FMA__)
+#elif defined(__FMA__) && LIN_VW == 8
     return (fv)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
     fv r;
@@ -405,11 +415,11 @@ static inline float w_at(const int fmt, const void *p, long i) {
 static inline fv ldw(const int fmt, const void *p, long i) {
     if (fmt == W_F32) return ldv((const float *)p + i);
     const unsigned short *q = (const unsigned short *)p + i;
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && LIN_VW == 16
     const __m256i h = _mm256_loadu_si256((const __m256i *)q);
     if (fmt == W_BF16) return (fv)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     return (fv)_mm512_cvtph_ps(h);
-#elif defined(__AVX2__) && defined(__F16C__)
+#elif defined(__AVX2__) && defined(__F16C__) && LIN_VW == 8
     const __m128i h = _mm_loadu_si128((const __m128i *)q);
     if (fmt == W_BF16) return (fv)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     return (fv)_mm256_cvtph_ps(h);
