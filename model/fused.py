@@ -176,6 +176,7 @@ class NetLayer(ctypes.Structure):
         ("down_t", ctypes.c_void_p),
         ("down_b", ctypes.c_void_p),
         ("wfmt", ctypes.c_long),  # the format of out_wt, up_t and down_t (WEIGHT_FORMATS)
+        ("norm", ctypes.c_long),  # both blocks' norm: 0 LayerNorm, 1 scalar TransposedLN (s, m: ln_w, ln_b)
     ]
 
 
@@ -260,27 +261,45 @@ class _Weights:
             raise ValueError(f"{what} does not read {unread}")
 
 
+def _norm_kind(w: _Weights, prefix: str) -> int:
+    """The norm whose tensors start with `prefix`: 0 LayerNorm (weight, bias), 1 the official scalar
+    TransposedLN (s, m; model/norms.py). Raises ValueError for anything else."""
+    if prefix + "weight" in w.tensors:
+        return 0
+    if prefix + "s" in w.tensors and prefix + "m" in w.tensors:
+        return 1
+    raise ValueError(f"{prefix}: neither a LayerNorm nor a scalar TransposedLN")
+
+
+def _norm_params(w: _Weights, prefix: str, kind: int) -> tuple[int, int]:
+    """The norm's two pointers as the C NetLayer takes them: (weight, bias) of a LayerNorm, (s, m) of a
+    TransposedLN (one float each)."""
+    names = ("weight", "bias") if kind == 0 else ("s", "m")
+    return w.param(prefix + names[0]), w.param(prefix + names[1])
+
+
 def fill_layer(lay: NetLayer, form, w: _Weights, s4: str, ff_norm: str | None = None, ff: str | None = None,
                wfmt: int = 0):  # fmt: skip
     """One NetLayer: the S4 block whose tensors start with `s4` (norm, layer.D, layer.out; its kernel
     is in the converted `form`, whose fused pointers it takes) and, with `ff`, the FF block after it
-    (its LayerNorm's tensors start with `ff_norm`, its linears' with `ff`: up, down). `wfmt`: the linear
+    (its norm's tensors start with `ff_norm`, its linears' with `ff`: up, down). Norms are LayerNorms or
+    scalar TransposedLNs, the same kind in both blocks (else ValueError). `wfmt`: the linear
     weights' storage (WEIGHT_FORMATS; the other tensors are read as float32)."""
     lay.wfmt = wfmt
     lay.form = 0 if form.form == "diagonal" else 1
     lay.rank = form.Pr.shape[0] if lay.form == 1 else 0
-    lay.ln_w, lay.ln_b, lay.d_skip = (
-        w.param(s4 + "norm.weight"),
-        w.param(s4 + "norm.bias"),
-        w.param(s4 + "layer.D"),
-    )
+    lay.norm = _norm_kind(w, s4 + "norm.")
+    lay.ln_w, lay.ln_b = _norm_params(w, s4 + "norm.", lay.norm)
+    lay.d_skip = w.param(s4 + "layer.D")
     lay.out_wt, lay.out_b = w.transposed_as(s4 + "layer.out.weight", wfmt), w.param(s4 + "layer.out.bias")
     w.read.update(n for n in w.tensors if n.startswith(s4 + "layer.kernel."))  # in the layer form
     for j, p in enumerate(form._fused_ptrs):
         lay.p[j] = p.value
-    if ff is not None:  # LayerNorm, up (H, d_ff) and down (d_ff, H), transposed
+    if ff is not None:  # norm, up (H, d_ff) and down (d_ff, H), transposed
         lay.d_ff = w.tensors[ff + "up.weight"].shape[0]
-        lay.ff_ln_w, lay.ff_ln_b = w.param(ff_norm + "weight"), w.param(ff_norm + "bias")
+        if _norm_kind(w, ff_norm) != lay.norm:
+            raise ValueError(f"{s4}: the S4 and FF blocks' norms differ")
+        lay.ff_ln_w, lay.ff_ln_b = _norm_params(w, ff_norm, lay.norm)
         lay.up_t, lay.up_b = w.transposed_as(ff + "up.weight", wfmt), w.param(ff + "up.bias")
         lay.down_t, lay.down_b = w.transposed_as(ff + "down.weight", wfmt), w.param(ff + "down.bias")
 
@@ -459,17 +478,16 @@ class SaShiMiStep:
     to float32 rounding), one row at a time, rows at any phases.
 
     Built from a SaShiMiRecurrent whose S4 layer forms hold fused pointers (`pad_fused_params`); the
-    weights are read in place, the linear layers' from transposed copies made here. Raises ValueError
-    for a network it would not compute exactly (unet = true, TransposedLN blocks, LayerNorms with
-    different eps, a DPLR layer beyond the C limits, or any state-dict tensor it does not read), so the
+    weights are read in place, the linear layers' from transposed copies made here. Block norms are
+    LayerNorms or the official scalar TransposedLN (norm = "tln": imported official SaShiMi checkpoints).
+    Raises ValueError for a network it would not compute exactly (unet = true, LayerNorms with different
+    eps, a DPLR layer beyond the C limits, or any state-dict tensor it does not read), so the
     caller keeps the torch ops."""
 
     def __init__(self, lib, rec) -> None:
         net, cfg, layout = rec.net, rec.config, rec.layout
         if cfg.unet:
             raise ValueError("the SaShiMi C step does not implement unet=True")
-        if cfg.norm != "layer":
-            raise ValueError(f"the SaShiMi C step does not implement norm={cfg.norm!r}")
         for form in rec.forms.values():
             if form.form == "dplr" and (form.M > MAX_MODES or form.Pr.shape[0] > MAX_RANK):
                 raise ValueError("a DPLR layer beyond the C step's limits (1024 modes, rank 4)")

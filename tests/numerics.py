@@ -27,3 +27,17 @@ def real_system_with_eigenvalues(H: int, pairs: list[tuple[float, float]], reals
     V = torch.randn(H, N, N, generator=g, dtype=f64) + 3 * torch.eye(N, dtype=f64)
     Abar = V @ J @ torch.linalg.inv(V)
     return Abar, torch.randn(H, N, generator=g, dtype=f64), torch.randn(H, N, generator=g, dtype=f64)
+
+
+def scramble_transposed_lns(net: torch.nn.Module, seed: int = 0) -> int:
+    """Draw every scalar TransposedLN's m in [−1, 1] and s in [0.5, 2], far from their initial 0 and 1 (as
+    training leaves them), so a path that drops either differs; returns how many norms it drew."""
+    from model.norms import TransposedLN
+
+    g = torch.Generator().manual_seed(seed)
+    norms = [m for m in net.modules() if isinstance(m, TransposedLN)]
+    with torch.no_grad():
+        for m in norms:
+            m.m.copy_(torch.rand(1, generator=g) * 2 - 1)
+            m.s.copy_(torch.rand(1, generator=g) * 1.5 + 0.5)
+    return len(norms)

@@ -15,6 +15,7 @@ import platform
 
 import pytest
 import torch
+from numerics import scramble_transposed_lns
 
 from model import ModelConfig, SequenceModel, build, fused
 from model.sampling import (
@@ -44,11 +45,14 @@ PHILOX_KAT = [
 ]
 
 
-@pytest.fixture(scope="module", params=["s4", "s4d", "sashimi", "s4-bfloat16", "s4d-float16"])
+@pytest.fixture(scope="module", params=["s4", "s4d", "sashimi", "sashimi-tln", "s4-bfloat16", "s4d-float16"])
 def rec(request):
     torch.manual_seed(0)
-    if request.param == "sashimi":  # pools [4, 4]: rows at every phase, blocks across pooling periods
-        rec = build(ModelConfig(**SMALL, arch="sashimi", pool=[4, 4])).to_recurrent()
+    if request.param.startswith("sashimi"):  # pools [4, 4]: rows at every phase, blocks across periods
+        norm = "tln" if request.param == "sashimi-tln" else "layer"  # tln: the official SaShiMi's norm
+        net = build(ModelConfig(**SMALL, arch="sashimi", pool=[4, 4], norm=norm))
+        assert bool(scramble_transposed_lns(net)) == (norm == "tln")
+        rec = net.to_recurrent()
     else:  # 16-bit weights: the same C step, their linear weights widened as they are read
         kernel, _, dtype = request.param.partition("-")
         net = SequenceModel(ModelConfig(**SMALL, kernel=kernel))

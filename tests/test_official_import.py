@@ -82,16 +82,21 @@ def test_imported_conv_mode_past_the_trained_length_equals_the_official_recurren
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_imported_recurrent_prefill_and_step_equal_the_official_recurrence(name):
+    """Both CPU step paths: the whole-network C step (SaShiMi's too, TransposedLN blocks included) and
+    the torch ops around each layer's fused SSM step."""
     ref = load_file(str(FIX / f"{name}.ref.safetensors"))
     tokens = ref["tokens"]
-    rec = build(imported(name)).to_recurrent()  # float32, verified
-    n0 = 7  # prefill a prompt, then step token by token past the trained length
-    logits, state = rec.prefill(tokens[:, :n0], rec.init_state(tokens.shape[0]))
-    out = [logits]
-    for t in range(n0, tokens.shape[1]):
-        lt, state = rec.step(tokens[:, t], state)
-        out.append(lt[:, None])
-    assert rel(torch.cat(out, 1), ref["logits_step"]) <= 1e-5
+    net = build(imported(name))
+    for whole in (True, False):
+        rec = net.to_recurrent(fused_network=whole)  # float32, verified
+        assert (rec._net_step is not None) == whole, name
+        n0 = 7  # prefill a prompt, then step token by token past the trained length
+        logits, state = rec.prefill(tokens[:, :n0], rec.init_state(tokens.shape[0]))
+        out = [logits]
+        for t in range(n0, tokens.shape[1]):
+            lt, state = rec.step(tokens[:, t], state)
+            out.append(lt[:, None])
+        assert rel(torch.cat(out, 1), ref["logits_step"]) <= 1e-5, (name, whole)
 
 
 def test_convert_cli_writes_a_checkpoint_with_a_model_card(tmp_path):

@@ -392,7 +392,7 @@ class SaShiMiRecurrent:
 
     def decode_block_ready(self, batch: int) -> bool:
         """Whether `decode_block` serves a batch (the whole-network C step: CPU, float32, unet = false,
-        LayerNorm blocks); any number of rows."""
+        LayerNorm or scalar TransposedLN blocks); any number of rows."""
         return self._net_step is not None
 
     @torch.inference_mode()

@@ -312,7 +312,11 @@ typedef struct {
     const void *down_t; /* (d_ff, H) (format wfmt) */
     const float *down_b;
     long wfmt; /* the format of out_wt, up_t and down_t: W_F32, W_BF16 or W_F16 (the rest is float32) */
+    long norm; /* both blocks' norm: NORM_LAYER (ln_w, ln_b, ff_ln_w, ff_ln_b: (H) each) or NORM_TLN (the
+                  official scalar TransposedLN: ln_w / ff_ln_w → s, ln_b / ff_ln_b → m, one float each) */
 } NetLayer;
+#define NORM_LAYER 0
+#define NORM_TLN 1
 
 static void layer_norm(long B, long H, const float *x, float *out, const float *w, const float *b, float eps) {
     for (long r = 0; r < B; r++) {
@@ -327,6 +331,33 @@ static void layer_norm(long B, long H, const float *x, float *out, const float *
 #pragma omp simd
         for (long h = 0; h < H; h++) o[h] = (xr[h] - mean) * inv * w[h] + b[h];
     }
+}
+
+/* The official S4 repo's scalar TransposedLN (model/norms.py; state-spaces/s4 src/models/nn/normalization.py):
+ * y = s / σ · (x − μ + m) over each row's H channels, μ and σ the mean and population standard deviation,
+ * no ε (a row of equal values gives σ = 0, and infinities or NaN, as the torch op does); s and m scalars. */
+static void transposed_ln(long B, long H, const float *x, float *out, const float *s, const float *m) {
+    for (long r = 0; r < B; r++) {
+        const float *xr = x + r * H;
+        float *o = out + r * H, mean = 0.0f, var = 0.0f;
+#pragma omp simd reduction(+ : mean)
+        for (long h = 0; h < H; h++) mean += xr[h];
+        mean /= (float)H;
+#pragma omp simd reduction(+ : var)
+        for (long h = 0; h < H; h++) var += (xr[h] - mean) * (xr[h] - mean);
+        const float k = s[0] / sqrtf(var / (float)H), mm = m[0];
+#pragma omp simd
+        for (long h = 0; h < H; h++) o[h] = k * (xr[h] - mean + mm);
+    }
+}
+
+/* A block's norm (NetLayer.norm) with its weights w, b: LayerNorm (ε eps) or the scalar TransposedLN */
+static inline void block_norm(long kind, long B, long H, const float *x, float *out, const float *w, const float *b,
+                              float eps) {
+    if (kind == NORM_TLN)
+        transposed_ln(B, H, x, out, w, b);
+    else
+        layer_norm(B, H, x, out, w, b, eps);
 }
 
 /* out (B, N) = bias + x (B, K) · Wt (K, N), Wt row-major (the weight transposed), in register tiles: R
@@ -659,7 +690,7 @@ static void block_rest(long B, long H, const NetLayer *L, float *x, float *u, fl
     }
     if (L->d_ff > 0) { /* the FF block: x += down(GELU(up(LN(x)))), exact (erf) GELU */
         const long Fl = L->d_ff;
-        layer_norm(B, H, x, u, L->ff_ln_w, L->ff_ln_b, eps);
+        block_norm(L->norm, B, H, x, u, L->ff_ln_w, L->ff_ln_b, eps);
         linear_tw(L->wfmt, B, H, Fl, u, L->up_t, L->up_b, f);
         for (long r = 0; r < B; r++) {
             float *fr = f + r * Fl;
@@ -699,7 +730,7 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
     int rc = 0;
     for (long l = 0; l < n_layers && rc == 0; l++) {
         const NetLayer *L = layers + l;
-        layer_norm(B, H, x, u, L->ln_w, L->ln_b, eps);
+        block_norm(L->norm, B, H, x, u, L->ln_w, L->ln_b, eps);
         for (long r0 = 0; r0 < B && rc == 0; r0 += SSM_ROWS) { /* rows may be anywhere in the batch */
             const long n = B - r0 < SSM_ROWS ? B - r0 : SSM_ROWS;
             const float *xs[SSM_ROWS];
@@ -1089,7 +1120,7 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
     const long per_layer = B * H * 2 * M;
     for (long l = 0; l < n_layers; l++) {
         const NetLayer *Ly = layers + l;
-        layer_norm(N, H, x, u, Ly->ln_w, Ly->ln_b, eps);
+        block_norm(Ly->norm, N, H, x, u, Ly->ln_w, Ly->ln_b, eps);
         if (Ly->form == 0) /* diagonal: SSM_ROWS rows at a time through each channel's L tokens */
             for (long g = 0; g < n; g += SSM_ROWS) {
                 const long k = n - g < SSM_ROWS ? n - g : SSM_ROWS;
@@ -1307,7 +1338,7 @@ static int stack_rows(const NetStack *S, long H, long n, float *const *st, float
                       float *F, float eps) {
     for (long l = 0; l < S->n; l++) {
         const NetLayer *L = S->layers + l;
-        layer_norm(n, H, X, U, L->ln_w, L->ln_b, eps);
+        block_norm(L->norm, n, H, X, U, L->ln_w, L->ln_b, eps);
         for (long i0 = 0; i0 < n; i0 += SSM_ROWS) {
             const long m = n - i0 < SSM_ROWS ? n - i0 : SSM_ROWS;
             float *xs[SSM_ROWS];
