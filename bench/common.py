@@ -234,10 +234,18 @@ def _cpu_model() -> str:
 
 
 def small_matmul_us(n: int = 64, calls: int = 200) -> float:
-    """Median µs of an n×n torch.mm: a contention probe. A few µs to tens of µs when the cores are
-    free; milliseconds when OpenMP threads spin-wait for a core another process holds."""
+    """Median µs of an n×n torch.mm on one torch thread: a contention probe, 13–15 µs on a free core of
+    the 2-core AVX2 VM (2026-12-01), more when another process takes the core. One thread since
+    2026-12-01: on torch's two threads under OMP_WAIT_POLICY=PASSIVE (the benchmarks' setting) it timed
+    the second thread's wake-up instead, 210–266 µs on the same free machine (20 µs with ACTIVE), so
+    results/*.json written before then hold a two-thread figure."""
     a = torch.randn(n, n)
-    return timeit(lambda: torch.mm(a, a), warmup=10, repeat=calls) * 1e6
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return timeit(lambda: torch.mm(a, a), warmup=10, repeat=calls) * 1e6
+    finally:
+        torch.set_num_threads(threads)
 
 
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_fp16")

@@ -262,13 +262,16 @@ class _Weights:
 
 
 def _norm_kind(w: _Weights, prefix: str) -> int:
-    """The norm whose tensors start with `prefix`: 0 LayerNorm (weight, bias), 1 the official scalar
-    TransposedLN (s, m; model/norms.py). Raises ValueError for anything else."""
-    if prefix + "weight" in w.tensors:
+    """The norm whose tensors start with `prefix`: 0 LayerNorm (weight and bias, H each), 1 the official
+    scalar TransposedLN (s and m, one value each; model/norms.py). Raises ValueError for anything else
+    (a LayerNorm without its bias or weight, a TransposedLN whose s or m is not one value)."""
+    t = w.tensors
+    weight, bias = t.get(prefix + "weight"), t.get(prefix + "bias")
+    if weight is not None and bias is not None and weight.shape == bias.shape:
         return 0
-    if prefix + "s" in w.tensors and prefix + "m" in w.tensors:
+    if all(prefix + n in t and t[prefix + n].numel() == 1 for n in ("s", "m")):
         return 1
-    raise ValueError(f"{prefix}: neither a LayerNorm nor a scalar TransposedLN")
+    raise ValueError(f"{prefix}: neither a LayerNorm with weight and bias nor a scalar TransposedLN")
 
 
 def _norm_params(w: _Weights, prefix: str, kind: int) -> tuple[int, int]:

@@ -361,6 +361,31 @@ def test_the_c_step_refuses_what_it_does_not_compute_and_the_torch_ops_serve_it(
         fused.SaShiMiStep(fused.library(), ok)
 
 
+def test_the_c_step_refuses_norms_it_does_not_read_as_such():
+    """A block norm the C step would misread is refused (ValueError, so the torch ops serve): an S4 block
+    and its FF block with different norm kinds (the NetLayer holds one kind), a LayerNorm without a bias,
+    a TransposedLN whose s is not one value."""
+
+    def swap(block: int, norm):
+        return lambda net: setattr(net.center[block], "norm", norm)
+
+    def two_valued_s(net):
+        net.center[0].norm.s = torch.nn.Parameter(torch.ones(2))
+
+    cases = [
+        ("layer", swap(1, TransposedLN()), "norms differ"),
+        ("tln", swap(0, torch.nn.LayerNorm(16)), "norms differ"),
+        ("layer", swap(0, torch.nn.LayerNorm(16, bias=False)), "neither a LayerNorm"),
+        ("tln", two_valued_s, "neither a LayerNorm"),
+    ]
+    for norm, change, message in cases:
+        rec = make(l_max=64, norm=norm).eval().to_recurrent()
+        assert rec._net_step is not None
+        change(rec.net)
+        with pytest.raises(ValueError, match=message):
+            fused.SaShiMiStep(fused.library(), rec)
+
+
 def test_a_corrupt_phase_counter_or_shape_is_refused(trained_net):
     rec = trained_net.to_recurrent()
     tok = torch.zeros(1, dtype=torch.long)
