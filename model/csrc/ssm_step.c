@@ -318,16 +318,25 @@ typedef struct {
 #define NORM_LAYER 0
 #define NORM_TLN 1
 
+/* A row's mean and population variance over its H channels (the sum of squares of the deviations / H) */
+static inline __attribute__((always_inline)) void row_moments(long H, const float *xr, float *mean_out,
+                                                              float *var_out) {
+    float mean = 0.0f, var = 0.0f;
+#pragma omp simd reduction(+ : mean)
+    for (long h = 0; h < H; h++) mean += xr[h];
+    mean /= (float)H;
+#pragma omp simd reduction(+ : var)
+    for (long h = 0; h < H; h++) var += (xr[h] - mean) * (xr[h] - mean);
+    *mean_out = mean;
+    *var_out = var / (float)H;
+}
+
 static void layer_norm(long B, long H, const float *x, float *out, const float *w, const float *b, float eps) {
     for (long r = 0; r < B; r++) {
         const float *xr = x + r * H;
-        float *o = out + r * H, mean = 0.0f, var = 0.0f;
-#pragma omp simd reduction(+ : mean)
-        for (long h = 0; h < H; h++) mean += xr[h];
-        mean /= (float)H;
-#pragma omp simd reduction(+ : var)
-        for (long h = 0; h < H; h++) var += (xr[h] - mean) * (xr[h] - mean);
-        const float inv = 1.0f / sqrtf(var / (float)H + eps);
+        float *o = out + r * H, mean, var;
+        row_moments(H, xr, &mean, &var);
+        const float inv = 1.0f / sqrtf(var + eps);
 #pragma omp simd
         for (long h = 0; h < H; h++) o[h] = (xr[h] - mean) * inv * w[h] + b[h];
     }
@@ -339,13 +348,9 @@ static void layer_norm(long B, long H, const float *x, float *out, const float *
 static void transposed_ln(long B, long H, const float *x, float *out, const float *s, const float *m) {
     for (long r = 0; r < B; r++) {
         const float *xr = x + r * H;
-        float *o = out + r * H, mean = 0.0f, var = 0.0f;
-#pragma omp simd reduction(+ : mean)
-        for (long h = 0; h < H; h++) mean += xr[h];
-        mean /= (float)H;
-#pragma omp simd reduction(+ : var)
-        for (long h = 0; h < H; h++) var += (xr[h] - mean) * (xr[h] - mean);
-        const float k = s[0] / sqrtf(var / (float)H), mm = m[0];
+        float *o = out + r * H, mean, var;
+        row_moments(H, xr, &mean, &var);
+        const float k = s[0] / sqrtf(var), mm = m[0];
 #pragma omp simd
         for (long h = 0; h < H; h++) o[h] = k * (xr[h] - mean + mm);
     }
