@@ -475,8 +475,8 @@ class CSaShiMi(ctypes.Structure):
 class SaShiMiStep:
     """SaShiMi's whole recurrent step in one C call (ssm_step.c `sashimi_step`): embedding; per level the
     DownPool buffer, on the level's last phase the DownPool linear, the coarser levels and the UpPool
-    linear; the skip, the level's (S4, FF) blocks (as NetStep's: LayerNorm, SSM step, GELU(y + D u),
-    GLU, residual; LayerNorm, up, GELU, down, residual) and the level's residual; final LayerNorm and
+    linear; the skip, the level's (S4, FF) blocks (as NetStep's: norm, SSM step, GELU(y + D u),
+    GLU, residual; norm, up, GELU, down, residual) and the level's residual; final LayerNorm and
     head. The same arithmetic as SaShiMiRecurrent.step's torch ops (sums in another order: logits agree
     to float32 rounding), one row at a time, rows at any phases.
 

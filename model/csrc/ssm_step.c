@@ -274,9 +274,9 @@ int dplr_step(long B, long H, long M, long R, const float *x, float *xo, const f
 }
 
 /* ------------------------------------------------------------------------------------------------
- * The whole network's step in one call (CPU, small batches): embedding → per layer [LayerNorm →
- * SSM step → GELU(y + D u) → GLU(W z + b) → residual; then, with d_ff, LayerNorm → up → GELU → down →
- * residual] → LayerNorm → head (its bias may be NULL).
+ * The whole network's step in one call (CPU, small batches): embedding → per layer [norm (LayerNorm, or
+ * the scalar TransposedLN: NetLayer.norm) → SSM step → GELU(y + D u) → GLU(W z + b) → residual; then,
+ * with d_ff, norm → up → GELU → down → residual] → LayerNorm → head (its bias may be NULL).
  * The same arithmetic as the torch modules (LayerNorm with biased variance, exact erf GELU, GLU = a · sigmoid(g)); sums run
  * in another order, so logits agree to float32 rounding. Called once per step instead of ~45 torch
  * ops, which dominate a small batch's step.
@@ -1296,7 +1296,7 @@ long net_block(long K, long Btot, long H, long V, long n_layers, long M, const f
 
 /* ------------------------------------------------------------------------------------------------
  * SaShiMi's whole step (model/arch/sashimi_recurrent.py: SaShiMiRecurrent.step, unet = false, LayerNorm
- * blocks), one row at a time. A row's state is one float32 vector (its StateLayout): the phase (steps
+ * or scalar TransposedLN blocks: NetLayer.norm), one row at a time. A row's state is one float32 vector (its StateLayout): the phase (steps
  * taken mod prod(pool), an exact integer), each S4 block's modes (H, 2, M) at its offset, and each
  * level's DownPool and UpPool buffers (s, H). Level k < K, input x (H):
  *     r = (phase / every) mod s;  dbuf[r] = x;  out = ubuf[r]  (read before a refill)
