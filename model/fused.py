@@ -261,24 +261,18 @@ class _Weights:
             raise ValueError(f"{what} does not read {unread}")
 
 
-def _norm_kind(w: _Weights, prefix: str) -> int:
-    """The norm whose tensors start with `prefix`: 0 LayerNorm (weight and bias, H each), 1 the official
-    scalar TransposedLN (s and m, one value each; model/norms.py). Raises ValueError for anything else
-    (a LayerNorm without its bias or weight, a TransposedLN whose s or m is not one value)."""
+def _norm(w: _Weights, prefix: str) -> tuple[int, int, int]:
+    """The block norm whose tensors start with `prefix`, as the C NetLayer takes it: (kind, a, b) with
+    kind 0 a LayerNorm and (a, b) its (weight, bias), H floats each; kind 1 the official scalar
+    TransposedLN (model/norms.py) and (a, b) its (s, m), one float each. Raises ValueError for anything
+    else (a LayerNorm without its bias or weight, a TransposedLN whose s or m is not one value)."""
     t = w.tensors
     weight, bias = t.get(prefix + "weight"), t.get(prefix + "bias")
     if weight is not None and bias is not None and weight.shape == bias.shape:
-        return 0
+        return 0, w.param(prefix + "weight"), w.param(prefix + "bias")
     if all(prefix + n in t and t[prefix + n].numel() == 1 for n in ("s", "m")):
-        return 1
+        return 1, w.param(prefix + "s"), w.param(prefix + "m")
     raise ValueError(f"{prefix}: neither a LayerNorm with weight and bias nor a scalar TransposedLN")
-
-
-def _norm_params(w: _Weights, prefix: str, kind: int) -> tuple[int, int]:
-    """The norm's two pointers as the C NetLayer takes them: (weight, bias) of a LayerNorm, (s, m) of a
-    TransposedLN (one float each)."""
-    names = ("weight", "bias") if kind == 0 else ("s", "m")
-    return w.param(prefix + names[0]), w.param(prefix + names[1])
 
 
 def fill_layer(lay: NetLayer, form, w: _Weights, s4: str, ff_norm: str | None = None, ff: str | None = None,
@@ -291,8 +285,7 @@ def fill_layer(lay: NetLayer, form, w: _Weights, s4: str, ff_norm: str | None = 
     lay.wfmt = wfmt
     lay.form = 0 if form.form == "diagonal" else 1
     lay.rank = form.Pr.shape[0] if lay.form == 1 else 0
-    lay.norm = _norm_kind(w, s4 + "norm.")
-    lay.ln_w, lay.ln_b = _norm_params(w, s4 + "norm.", lay.norm)
+    lay.norm, lay.ln_w, lay.ln_b = _norm(w, s4 + "norm.")
     lay.d_skip = w.param(s4 + "layer.D")
     lay.out_wt, lay.out_b = w.transposed_as(s4 + "layer.out.weight", wfmt), w.param(s4 + "layer.out.bias")
     w.read.update(n for n in w.tensors if n.startswith(s4 + "layer.kernel."))  # in the layer form
@@ -300,9 +293,9 @@ def fill_layer(lay: NetLayer, form, w: _Weights, s4: str, ff_norm: str | None = 
         lay.p[j] = p.value
     if ff is not None:  # norm, up (H, d_ff) and down (d_ff, H), transposed
         lay.d_ff = w.tensors[ff + "up.weight"].shape[0]
-        if _norm_kind(w, ff_norm) != lay.norm:
+        ff_kind, lay.ff_ln_w, lay.ff_ln_b = _norm(w, ff_norm)
+        if ff_kind != lay.norm:
             raise ValueError(f"{s4}: the S4 and FF blocks' norms differ")
-        lay.ff_ln_w, lay.ff_ln_b = _norm_params(w, ff_norm, lay.norm)
         lay.up_t, lay.up_b = w.transposed_as(ff + "up.weight", wfmt), w.param(ff + "up.bias")
         lay.down_t, lay.down_b = w.transposed_as(ff + "down.weight", wfmt), w.param(ff + "down.bias")
 

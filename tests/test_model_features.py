@@ -102,6 +102,17 @@ def test_whole_network_step_refuses_what_it_does_not_read():
         fused.NetStep(fused.library(), rec.net, rec.layers)
 
 
+def test_whole_network_step_refuses_layernorms_with_different_eps():
+    """The C step reads one eps for every LayerNorm: a network whose norms differ is refused by name,
+    so the torch ops serve it."""
+    net = SequenceModel(ModelConfig(**TINY)).eval()
+    rec = net.to_recurrent()
+    assert rec._net_step is not None
+    rec.net.blocks[1].norm.eps = 1e-3
+    with pytest.raises(ValueError, match="one eps"):
+        fused.NetStep(fused.library(), rec.net, rec.layers)
+
+
 def test_whole_network_step_refuses_config_fields_it_does_not_implement(monkeypatch):
     net = SequenceModel(ModelConfig(**TINY)).eval()
     rec = net.to_recurrent()

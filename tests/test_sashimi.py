@@ -346,12 +346,13 @@ def test_the_whole_network_c_step_equals_the_torch_ops_at_every_phase(kw):
     assert torch.equal(whole.phases(sa), plain.phases(sb))
 
 
-@pytest.mark.parametrize("kw,field", [(dict(unet=True), "unet")])
-def test_the_c_step_refuses_what_it_does_not_compute_and_the_torch_ops_serve_it(kw, field):
-    net = make(l_max=64, **kw).eval()
+def test_the_c_step_refuses_what_it_does_not_compute_and_the_torch_ops_serve_it():
+    """unet = true has no C step: the torch ops serve it (the whole-network step and the decode block
+    refuse by name). A state-dict tensor the C step would not read is refused by name."""
+    net = make(l_max=64, unet=True).eval()
     rec = net.to_recurrent()  # verified through the torch ops
     assert rec._fused is not None and rec._net_step is None and not rec.decode_block_ready(1)
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match="unet"):
         fused.SaShiMiStep(fused.library(), rec)
     with pytest.raises(ValueError, match="native decode block"):
         rec.decode_block(1, rec.init_state(1), torch.zeros(1, dtype=torch.long))
@@ -364,7 +365,7 @@ def test_the_c_step_refuses_what_it_does_not_compute_and_the_torch_ops_serve_it(
 def test_the_c_step_refuses_norms_it_does_not_read_as_such():
     """A block norm the C step would misread is refused (ValueError, so the torch ops serve): an S4 block
     and its FF block with different norm kinds (the NetLayer holds one kind), a LayerNorm without a bias,
-    a TransposedLN whose s is not one value."""
+    a TransposedLN whose s is not one value, LayerNorms with different eps (the C step reads one)."""
 
     def swap(block: int, norm):
         return lambda net: setattr(net.center[block], "norm", norm)
@@ -372,11 +373,15 @@ def test_the_c_step_refuses_norms_it_does_not_read_as_such():
     def two_valued_s(net):
         net.center[0].norm.s = torch.nn.Parameter(torch.ones(2))
 
+    def other_eps(net):
+        net.center[1].norm.eps = 1e-3
+
     cases = [
         ("layer", swap(1, TransposedLN()), "norms differ"),
         ("tln", swap(0, torch.nn.LayerNorm(16)), "norms differ"),
         ("layer", swap(0, torch.nn.LayerNorm(16, bias=False)), "neither a LayerNorm"),
         ("tln", two_valued_s, "neither a LayerNorm"),
+        ("layer", other_eps, "one eps"),
     ]
     for norm, change, message in cases:
         rec = make(l_max=64, norm=norm).eval().to_recurrent()
