@@ -5,8 +5,12 @@ default threads) and numpy's OpenBLAS sgemm (scipy_openblas, held to 1 thread: O
 set to 1 before numpy loads, unless already set; its default here was 2 threads). Shapes of the shipped
 text model: the output linear (K = H = 256 → N = 2H = 512) and the head (256 → V = 256).
 
-Figures are medians of repeated calls (µs per call and GFLOP/s, 2·B·K·N FLOPs); the C and numpy calls
-include their ctypes/Python call cost (~1-3 µs), as the torch ones include theirs.
+Each batch size is measured in `rounds` rounds; a round times every variant in turn (the order rotated
+from round to round), so a burst of load from another process falls on all of them alike. Figures are
+the median over rounds of each round's median call time (µs per call and GFLOP/s, 2·B·K·N FLOPs), with
+the fastest and slowest round's figure beside it (`us_range`): on a shared machine single runs of
+this benchmark differed by up to 1.5× for one variant. The C and numpy calls include their
+ctypes/Python call cost (~1-3 µs), as the torch ones include theirs.
 
     python -m bench.linear [--quick]
 """
@@ -30,8 +34,8 @@ from model import fused  # noqa: E402
 NAME = "linear"
 SHAPES = {"out (256→512)": (256, 512), "head (256→256)": (256, 256)}
 SIZES: dict[bool, dict[str, Any]] = {
-    False: {"batches": [1, 2, 4, 8, 16, 32, 64, 256], "seconds": 0.3},
-    True: {"batches": [1, 2, 4, 8, 16, 32, 64, 256], "seconds": 0.05},
+    False: {"batches": [1, 2, 4, 8, 16, 32, 64, 256], "seconds": 0.1, "rounds": 7},
+    True: {"batches": [1, 2, 4, 8, 16, 32, 64, 256], "seconds": 0.02, "rounds": 3},
 }
 VARIANTS = ("c-rows", "c-tiles", "torch-1thread", "torch-default", "numpy-openblas")
 
@@ -72,22 +76,34 @@ def run(quick: bool) -> dict[str, Any]:
             def torch_mm() -> None:
                 torch.addmm(b, x, Wt, out=out)
 
-            res: dict[str, float] = {}
-            res["c-rows"] = _median_us(lambda: c(0), sz["seconds"])
-            ref = out.clone()
-            res["c-tiles"] = _median_us(lambda: c(1), sz["seconds"])
-            assert torch.equal(out, ref), "the four-row tiles must give the row loop's results bit for bit"
-            torch.set_num_threads(1)
-            res["torch-1thread"] = _median_us(torch_mm, sz["seconds"])
+            fns = {
+                "c-rows": lambda: c(0),
+                "c-tiles": lambda: c(1),
+                "torch-1thread": torch_mm,
+                "torch-default": torch_mm,
+                "numpy-openblas": lambda: np.matmul(x_np, Wt_np) + b_np,
+            }
+            per_round: dict[str, list[float]] = {v: [] for v in VARIANTS}
+            for k in range(sz["rounds"]):
+                for v in VARIANTS[k % len(VARIANTS) :] + VARIANTS[: k % len(VARIANTS)]:
+                    torch.set_num_threads(1 if v == "torch-1thread" else default_threads)
+                    per_round[v].append(_median_us(fns[v], sz["seconds"]))
             torch.set_num_threads(default_threads)
-            res["torch-default"] = _median_us(torch_mm, sz["seconds"])
-            res["numpy-openblas"] = _median_us(lambda: np.matmul(x_np, Wt_np) + b_np, sz["seconds"])
+            c(0)
+            ref = out.clone()
+            c(1)
+            assert torch.equal(out, ref), "the row tiles must give the row loop's results bit for bit"
+            res = {v: statistics.median(t) for v, t in per_round.items()}
             flops = 2 * B * K * N
             row = {
                 "shape": shape,
                 "batch": B,
                 "us": res,
+                "us_range": {v: [min(t), max(t)] for v, t in per_round.items()},
                 "gflops": {k: flops / v / 1e3 for k, v in res.items()},
+                "gflops_range": {
+                    v: [flops / max(t) / 1e3, flops / min(t) / 1e3] for v, t in per_round.items()
+                },
             }
             row["fastest"] = min(res, key=res.get)
             rows.append(row)
@@ -100,8 +116,11 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     fig, axes = subplots(ncols=len(SHAPES))
     for ax, shape in zip(axes, SHAPES):
         rows = [r for r in data["results"] if r["shape"] == shape]
-        for v in VARIANTS:
-            ax.plot([r["batch"] for r in rows], [r["gflops"][v] for r in rows], marker="o", label=v)
+        for v in VARIANTS:  # the median round, bars from the slowest round to the fastest
+            batch, gf = [r["batch"] for r in rows], [r["gflops"][v] for r in rows]
+            lo = [g - r["gflops_range"][v][0] for g, r in zip(gf, rows)]
+            hi = [r["gflops_range"][v][1] - g for g, r in zip(gf, rows)]
+            ax.errorbar(batch, gf, yerr=[lo, hi], marker="o", capsize=2, label=v)
         log2_axis(ax, [r["batch"] for r in rows])
         ax.set_xlabel("batch")
         ax.set_ylabel("GFLOP/s")
