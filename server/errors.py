@@ -64,11 +64,24 @@ def unavailable(message: str) -> APIError:
     return APIError(503, message, retry_after=5.0)
 
 
-def validation_error(errors: list[dict]) -> APIError:
-    """The first pydantic error as an APIError naming its field (400 for malformed JSON)."""
+def validation_error(errors: list[dict], content_type: str | None = None) -> APIError:
+    """The first pydantic error as an APIError naming its field: 400 for malformed JSON; for the body as a
+    whole, 415 when it was not sent as JSON (`content_type`, the request's header, is not
+    application/json or a +json type: `curl -d` without `-H 'content-type: application/json'` sends
+    a form) and 422 when it is missing; else 422."""
     e = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path")]
     if e.get("type") == "json_invalid":
         return APIError(400, f"malformed JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
+    if tuple(e.get("loc", ())) == ("body",):  # the body itself, not one of its fields
+        media = (content_type or "").split(";")[0].strip().lower()
+        if e.get("type") == "missing":
+            return APIError(422, "request: the body is missing: send a JSON object")
+        if media != "application/json" and not media.endswith("+json"):
+            return APIError(
+                415,
+                "request: the body must be a JSON object sent with the header content-type: "
+                f"application/json (this request's content-type: {media or 'none'})",
+            )
     param = ".".join(loc) or None
     return APIError(422, f"{param or 'request'}: {e.get('msg')}", param=param)

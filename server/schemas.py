@@ -179,6 +179,10 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+# the error statuses of the JSON routes, for their OpenAPI `responses` (415: a body not sent as JSON)
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 415, 422, 429, 503)}
+
+
 # --- OpenAI-compatible API (server/routes/openai.py) --------------------------------------------
 # Field by field as platform.openai.com/docs/api-reference documents them; fields we lack are
 # refused by name (unknown fields too: extra="forbid"), never ignored. Extensions as vLLM names them.

@@ -174,16 +174,40 @@ def test_bad_fields_are_refused_naming_the_field(client, change, status, param):
 
 
 def test_malformed_bodies_get_4xx_and_the_server_lives(client):
-    for content, ctype in [
-        (b"{not json", "application/json"),
-        (b"\x00\xff\xfe garbage", "application/json"),
-        (b"[1, 2]", "application/json"),
-        (b"null", "application/json"),
-        (b'{"model": "tiny-text"}', "text/plain"),
+    for content, ctype, status in [
+        (b"{not json", "application/json", 400),
+        (b"\x00\xff\xfe garbage", "application/json", 400),
+        (b"[1, 2]", "application/json", 422),
+        (b"null", "application/json", 422),
+        (b"", "application/json", 422),
+        (b'{"model": "tiny-text"}', "text/plain", 415),
+        (b'{"model": "tiny-text"}', "application/x-www-form-urlencoded", 415),  # curl -d without -H
+        (b'{"model": "tiny-text"}', None, 415),
     ]:
-        r = client.post("/v1/generate", content=content, headers={"content-type": ctype})
-        assert r.status_code in (400, 422), (content, r.status_code)
-        assert r.json()["error"]["message"]
+        headers = {} if ctype is None else {"content-type": ctype}
+        r = client.post("/v1/generate", content=content, headers=headers)
+        assert r.status_code == status, (content, ctype, r.status_code, r.text)
+        assert r.json()["error"]["message"] and r.json()["error"]["code"] == status
+        if status == 415:
+            assert "content-type: application/json" in r.json()["error"]["message"]
+            assert f"content-type: {ctype or 'none'})" in r.json()["error"]["message"]
+    # every JSON route says so alike, and a JSON type with parameters or a +json type is JSON
+    sid = client.post("/v1/sessions", json={"model": TEXT}).json()["session_id"]
+    routes = [
+        "/v1/generate",
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/sessions",
+        f"/v1/sessions/{sid}/append",
+    ]
+    for route in routes:
+        r = client.post(
+            route, content=b'{"model": "x"}', headers={"content-type": "application/x-www-form-urlencoded"}
+        )
+        assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], (route, r.text)
+        for ctype in ("application/json; charset=utf-8", "application/vnd.api+json"):
+            r = client.post(route, content=b"[1]", headers={"content-type": ctype})
+            assert r.status_code == 422, (route, ctype, r.text)
     # OpenAI fields we lack are refused by name (the supported ones: tests/test_openai_api.py)
     for extra, param in [({"suffix": "z"}, "suffix"), ({"n": 17}, "n"), ({"functions": []}, "functions")]:
         r = client.post("/v1/completions", json={"model": TEXT, "prompt": "a", **extra})

@@ -14,7 +14,7 @@ from server.engine import Stream
 from server.errors import APIError, invalid
 from server.registry import ServedModel
 from server.schemas import (
-    ErrorResponse,
+    ERROR_RESPONSES,
     GenerateRequest,
     GenerateResponse,
 )
@@ -34,7 +34,7 @@ from server.service import (
 )
 
 router = APIRouter(tags=["generate"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 429, 503)}
+ERRORS = ERROR_RESPONSES
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 

@@ -7,11 +7,11 @@ from fastapi.responses import Response
 
 from server import service
 from server.errors import too_large
-from server.schemas import ErrorResponse, SessionAppend, SessionCreate, SessionInfo
+from server.schemas import ERROR_RESPONSES, SessionAppend, SessionCreate, SessionInfo
 from server.service import state_of
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 422, 429, 503)}
+ERRORS = ERROR_RESPONSES
 STATE_TYPE = "application/octet-stream"
 
 
