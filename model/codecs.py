@@ -6,6 +6,7 @@ from __future__ import annotations
 import codecs
 import io
 import math
+import re
 import wave
 
 import numpy as np
@@ -117,6 +118,14 @@ MAX_CHANNELS = 16
 READ_BLOCK_FRAMES = 1 << 15  # frames decoded at a time: bounds the buffer whatever the channel count
 
 
+def _sndfile_message(exc: BaseException) -> str:
+    """libsndfile's reason without the Python object it names ("Error opening <_io.BytesIO object at
+    0x…>: Format not recognised." → "Format not recognised."): a client's error message must not
+    show the server's internals."""
+    msg = re.sub(r"^Error opening <[^<>]*>: ", "", str(exc))
+    return re.sub(r"<[^<>]* object at 0x[0-9a-fA-F]+>", "the data", msg)
+
+
 def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float | None = None):
     """Audio file bytes (any format libsndfile reads: WAV 8/16/24/32-bit PCM and float, mu-law, FLAC,
     OGG Vorbis/Opus, MP3, ...) → (mono float32 samples in [-1, 1], sample rate in Hz).
@@ -135,7 +144,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     try:
         f = soundfile.SoundFile(io.BytesIO(data))
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(f"not an audio file libsndfile can read: {exc}") from None
+        raise ValueError(f"not an audio file libsndfile can read: {_sndfile_message(exc)}") from None
     with f:
         rate, channels, frames = f.samplerate, f.channels, f.frames
         if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
@@ -161,7 +170,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
                 x[n : n + len(got)] = got.mean(axis=1)
                 n += len(got)
         except (soundfile.SoundFileError, RuntimeError, ValueError) as exc:
-            raise ValueError(f"the audio data cannot be decoded: {exc}") from None
+            raise ValueError(f"the audio data cannot be decoded: {_sndfile_message(exc)}") from None
     x = np.clip(np.nan_to_num(x[:n], nan=0.0), -1.0, 1.0)  # float files may hold NaN, inf or |x| > 1
     if target_rate is None or target_rate == rate or n == 0:
         return x, target_rate or rate

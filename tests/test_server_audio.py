@@ -131,5 +131,6 @@ def test_bad_or_long_prompt_audio_is_refused_naming_the_field(client, prompt_aud
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert err["param"] == "prompt_audio" and needle in err["message"]
+    assert " object at 0x" not in err["message"] and "BytesIO" not in err["message"]  # no internals
     r = client.post("/v1/sessions", json={"model": AUDIO, "prompt_audio": b64(prompt_audio)})
     assert r.status_code == status and r.json()["error"]["param"] == "prompt_audio"
