@@ -1,6 +1,7 @@
 """A WebSocket client for /v1/stream: one generation, text to stdout as it arrives (an audio model's
 samples: raw s16le bytes), the done frame (finish_reason, usage) to stderr as JSON. Exit status 1 on
-an error frame. An empty prompt sends none (an audio model then starts from its silence).
+an error frame, or when stdout is closed before the generation ends (`| head`: no traceback). An empty
+prompt sends none (an audio model then starts from its silence).
 
     python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "ROMEO:" --max-new-tokens 200 --seed 1
     python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "" --model audio-digits > out.s16le
@@ -47,4 +48,8 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int)
     p.add_argument("--api-key", default=os.environ.get("S4_API_KEY"), help="default: $S4_API_KEY")
     a = p.parse_args()
-    sys.exit(asyncio.run(generate(a.url, a.prompt, a.model, a.max_new_tokens, a.seed, a.api_key)))
+    try:
+        sys.exit(asyncio.run(generate(a.url, a.prompt, a.model, a.max_new_tokens, a.seed, a.api_key)))
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as the Python docs advise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        sys.exit(1)

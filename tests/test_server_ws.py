@@ -3,7 +3,10 @@ disconnect, bad frames, audio frames, backpressure."""
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -197,6 +200,56 @@ def test_bad_frames_get_error_frames_and_the_socket_stays_usable(server):
     assert all(e["message"] for e in out[:10])
     assert len(out[10][0]) == 4 and out[10][2]["type"] == "done"
     assert out[11]["code"] == 422 and out[12]["param"] == "model"
+
+
+def test_a_refused_first_message_binds_no_session(server):
+    """A first generate or append that is refused (prompt too long, bad audio, a field the model does not
+    take) gets its error frame and no session frame, and leaves the socket unbound: it can still bind to
+    another model. Once bound, a refused message keeps the binding."""
+    long_text = "x" * (server.state.settings.max_prompt_tokens + 1)
+    refused = [
+        ({"type": "generate", "model": TEXT, "prompt": long_text}, 413, "prompt"),
+        ({"type": "append", "model": TEXT, "prompt": long_text}, 413, "prompt"),
+        ({"type": "generate", "model": AUDIO, "prompt_audio": "UklGRmp1bms="}, 422, "prompt_audio"),
+        ({"type": "generate", "model": AUDIO, "stop": ["a"]}, 422, "stop"),
+        ({"type": "generate", "model": TEXT, "prompt": "x", "frame_ms": 20}, 422, "frame_ms"),
+    ]
+
+    async def main():
+        async with connect(server.ws_url) as ws:
+            errors = []
+            for msg, _, _ in refused:
+                await ws.send(json.dumps(msg))
+                errors.append(await frame(ws, "error"))  # not a session frame first
+            await ws.send(json.dumps({"type": "generate", "model": AUDIO, "max_new_tokens": 4}))
+            bound = await frame(ws, "session")
+            await frame(ws, "audio_header")
+            while isinstance(done := await ws.recv(), bytes):  # the audio frames, then done
+                pass
+            done = json.loads(done)
+            await ws.send(json.dumps({"type": "generate", "prompt_audio": "UklGRmp1bms="}))
+            after = await frame(ws, "error")
+            await ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "x"}))
+            return errors, bound, done, after, await frame(ws, "error")
+
+    errors, bound, done, after, other = asyncio.run(main())
+    assert [(e["code"], e["param"]) for e in errors] == [(c, p) for _, c, p in refused]
+    assert bound["model"] == AUDIO and done["type"] == "done"
+    assert after["param"] == "prompt_audio" and other["param"] == "model" and TEXT not in other["message"]
+
+
+def test_the_websocket_script_piped_into_head_stops_quietly(server):
+    """scripts/ws_generate.py whose stdout is closed mid-generation (`| head -c 5`) exits 1 with no
+    traceback; the server is unaffected."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "ws_generate.py"
+    n = str(server.state.settings.max_new_tokens)
+    args = [sys.executable, str(script), server.ws_url, "x", "--model", TEXT, "--max-new-tokens", n]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert len(p.stdout.read(5)) == 5
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=60) == 1 and "Traceback" not in err and "Error" not in err, err
+    assert httpx.get(server.url + "/healthz").status_code == 200
 
 
 def test_oversized_frame_closes_with_1009_and_the_server_lives(server):

@@ -84,22 +84,23 @@ class Connection:
             return
         if self.pump is not None and not self.pump.done():
             raise APIError(409, "a generation is running on this socket: wait for its done frame, or cancel")
-        if isinstance(msg, WSGenerate):  # before binding a session
-            target = self.model or (self.st.model(msg.model) if msg.model is not None else None)
-            service.check_new_tokens(self.st, msg.max_new_tokens, model=target)
-            if target is not None:
-                service.frame_ms(target, msg.frame_ms)  # a text model refuses frame_ms
-        await self.bind(msg)
         if isinstance(msg, WSSession):
+            await self.bind(msg)
             return
-        ids = self.prompt(msg)
+        # everything about the message that needs no session is checked before one is bound, so a
+        # refused first message leaves the socket as it was: no session, no model
+        target = self.target(msg)
+        if isinstance(msg, WSGenerate):
+            service.check_new_tokens(self.st, msg.max_new_tokens, model=target)
+            ms = service.frame_ms(target, msg.frame_ms)  # a text model refuses frame_ms
+            params = service.sampling_params(target, msg)
+        ids = self.prompt(target, msg)
+        await self.bind(msg)
         if isinstance(msg, WSAppend):
             rec = await service.append(self.st, self.model, self.session_id, ids)
             await self.send({"type": "appended", "session_id": rec.id, "tokens": rec.n_tokens,
                              "usage": {"prompt_tokens": len(ids)}})  # fmt: skip
             return
-        params = service.sampling_params(self.model, msg)
-        ms = service.frame_ms(self.model, msg.frame_ms)
         stream, job = service.start_generation(
             self.st, self.model, self.session_id, ids, params, msg.max_new_tokens
         )
@@ -107,18 +108,25 @@ class Connection:
         out = service.Output(self.model, params, self.encoding, job, ms)
         self.pump = asyncio.create_task(self.forward(stream, out))
 
-    async def bind(self, msg: WSSession | WSGenerate | WSAppend) -> None:
-        if msg.audio_encoding is not None:
-            self.encoding = msg.audio_encoding
+    def target(self, msg: WSSession | WSGenerate | WSAppend) -> ServedModel:
+        """The model `msg` runs on: the bound one (the message may not name another model or session),
+        or on a first message the one it names (404 for an unknown id). Binds nothing."""
         if self.session_id is not None:
             if msg.model is not None and msg.model != self.model.id:
                 raise invalid("model", f"this socket is bound to model {self.model.id}")
             if msg.session_id is not None and msg.session_id != self.session_id:
                 raise invalid("session_id", f"this socket is bound to session {self.session_id}")
-            return
+            return self.model
         if msg.model is None:
             raise invalid("model", "the socket's first message must name a model")
-        model = self.st.model(msg.model)
+        return self.st.model(msg.model)
+
+    async def bind(self, msg: WSSession | WSGenerate | WSAppend) -> None:
+        model = self.target(msg)
+        if msg.audio_encoding is not None:
+            self.encoding = msg.audio_encoding
+        if self.session_id is not None:
+            return
         if msg.session_id is not None:
             await service.restore(self.st, msg.session_id)
             rec = self.st.sessions.get(msg.session_id)
@@ -133,8 +141,9 @@ class Connection:
             frame |= {"sample_rate": model.sample_rate, "encoding": self.encoding}
         await self.send(frame)
 
-    def prompt(self, msg: WSGenerate | WSAppend) -> list[int]:
-        m = self.model
+    def prompt(self, m: ServedModel, msg: WSGenerate | WSAppend) -> list[int]:
+        """The message's prompt ids for model m, after the audio samples buffered from binary frames
+        (the buffer is emptied); raises APIError (413 too long, 422 bad) naming the field."""
         max_s = self.st.settings.max_audio_s
         limit, _ = service.prompt_limit(self.st, m)  # text: checked before the prompt is converted
         ids = media.prompt_ids(m.kind, m.sample_rate, msg.prompt, msg.prompt_audio, max_s, limit, m.codec)
