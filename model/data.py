@@ -215,7 +215,10 @@ class Dataset:
         self.path = Path(path)
         meta_path = self.path / "meta.json"
         if not meta_path.is_file():
-            raise FileNotFoundError(f"{meta_path}: missing; prepare it with `python -m model.data`")
+            raise FileNotFoundError(
+                f"{meta_path}: missing; prepare it with `python -m model.data audio --out {self.path}` "
+                f"(spoken digits) or `python -m model.data text --out {self.path}` (Shakespeare)"
+            )
         self.meta = json.loads(meta_path.read_text())
         self.kind = self.meta["kind"]
         self.clip_len = self.meta.get("clip_len")

@@ -90,3 +90,13 @@ def test_prepare_audio_splits_by_voice(tmp_path):
 def test_marginal_entropy():
     assert marginal_entropy_bits(np.arange(256, dtype=np.uint8).repeat(3)) == pytest.approx(8.0)
     assert marginal_entropy_bits(np.full(100, 7, dtype=np.uint8)) == 0.0
+
+
+def test_a_missing_dataset_names_the_command_that_prepares_it(tmp_path):
+    """A folder without meta.json (the classifier's and the card's default data/digits before it is made)
+    is refused with the two full commands that write it there."""
+    with pytest.raises(FileNotFoundError) as exc:
+        Dataset(tmp_path / "digits")
+    msg = str(exc.value)
+    assert f"python -m model.data audio --out {tmp_path / 'digits'}" in msg
+    assert f"python -m model.data text --out {tmp_path / 'digits'}" in msg
