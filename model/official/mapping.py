@@ -706,13 +706,22 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict) -> Imported:
 
 
 def map_official(sd: dict[str, torch.Tensor], cfg: dict | None, kind: str) -> Imported:
-    """(state dict, plain config or description, kind from model.official.reader) → Imported."""
+    """(state dict, plain config or description, kind from model.official.reader) → Imported.
+
+    Every import gets `cauchy_backend = "torch"`: converting and serving never need KeOps (the kernels
+    are checked in float64 by the torch Cauchy kernel, the model serves as its recurrence), and the
+    default "auto" made the first conversion in a fresh KeOps cache, and so a fresh container serving
+    a .ckpt, compile KeOps kernels first (33.6 s against 3.9 s for tests/fixtures/official/s4_bytes.ckpt
+    on a 2-core VM). Set it to "auto" or "keops" in config.json to train the converted model further."""
     if kind == "standalone":
-        return map_standalone(sd, cfg or {})
-    if (
+        imp = map_standalone(sd, cfg or {})
+    elif (
         isinstance(cfg, dict)
         and isinstance(cfg.get("model"), dict)
         and cfg["model"].get("_name_") == "sashimi"
     ):
-        return map_sashimi(sd, cfg)
-    return map_lightning(sd, cfg)
+        imp = map_sashimi(sd, cfg)
+    else:
+        imp = map_lightning(sd, cfg)
+    imp.config["cauchy_backend"] = "torch"
+    return imp
