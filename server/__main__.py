@@ -22,7 +22,7 @@ import uvicorn  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from server.app import create_app  # noqa: E402
-from server.config import Settings  # noqa: E402
+from server.config import Settings, default_text  # noqa: E402
 from server.connections import raise_fd_limit, uvicorn_config  # noqa: E402
 from server.state import ServerState  # noqa: E402
 
@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         if typing.get_origin(ann) is typing.Annotated:
             ann = typing.get_args(ann)[0]
         # argparse %-formats help strings: a literal % in a description must be doubled
-        help_ = f"{field.description} (env S4_{name.upper()})".replace("%", "%%")
+        default = default_text(name) or "none"
+        help_ = f"{field.description} (env S4_{name.upper()}; default: {default})".replace("%", "%%")
         if typing.get_origin(ann) is list:
             metavar = LIST_METAVARS.get(name, "VALUE")
             parser.add_argument(flag, nargs="+", dest=name, default=None, metavar=metavar, help=help_)

@@ -278,13 +278,17 @@ class Settings(BaseSettings):
         return "checkpoints" not in self.model_fields_set
 
 
+def default_text(name: str) -> str:
+    """A setting's default as the README table and `--help` show it: lists comma-joined, "" as ""."""
+    f = Settings.model_fields[name]
+    default = f.default_factory() if f.default_factory else f.default
+    return ",".join(default) if isinstance(default, list) else str(default)
+
+
 def settings_table() -> str:
     """Markdown table of every setting: env var, CLI flag, default, meaning (for the README)."""
     rows = ["| env var | flag | default | meaning |", "|---|---|---|---|"]
     for name, f in Settings.model_fields.items():
-        default = f.default_factory() if f.default_factory else f.default
-        if isinstance(default, list):
-            default = ",".join(default)
-        shown = f"`{default}`" if default != "" else "(none)"
+        shown = f"`{default_text(name)}`" if default_text(name) != "" else "(none)"
         rows.append(f"| `S4_{name.upper()}` | `--{name.replace('_', '-')}` | {shown} | {f.description} |")
     return "\n".join(rows)

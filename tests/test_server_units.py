@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from server.__main__ import parse_args
-from server.config import Settings, settings_table
+from server.config import Settings, default_text, settings_table
 from server.media import TextAssembler
 from server.metrics import LATENCY_BUCKETS, Metrics, observe_many
 from server.registry import load_models
@@ -32,13 +32,16 @@ def test_settings_from_env_then_cli_flags(monkeypatch):
 
 
 def test_help_lists_every_setting_as_a_flag_with_its_env_var(capsys):
-    """`python -m server --help` (argparse %-formats help strings: a '%' in a description crashed it)."""
+    """`python -m server --help` names each setting's env var and default, the README table's
+    (argparse %-formats help strings: a '%' in a description crashed it)."""
     with pytest.raises(SystemExit) as exit_:
         parse_args(["--help"])
     assert exit_.value.code == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     for name, field in Settings.model_fields.items():
-        assert f"--{name.replace('_', '-')}" in out and f"(env S4_{name.upper()})" in out
+        shown = default_text(name) or "none"
+        assert f"--{name.replace('_', '-')}" in out and f"(env S4_{name.upper()}; default: " in out
+        assert "".join(f"S4_{name.upper()}; default: {shown})".split()) in "".join(out.split())  # wrapped
         if "%" in (field.description or ""):
             assert "%" in out
     assert "--model-dtypes MODEL_ID=DTYPE [MODEL_ID=DTYPE ...]" in out and "--api-keys KEY [KEY ...]" in out
