@@ -289,6 +289,7 @@ def settings_table() -> str:
     """Markdown table of every setting: env var, CLI flag, default, meaning (for the README)."""
     rows = ["| env var | flag | default | meaning |", "|---|---|---|---|"]
     for name, f in Settings.model_fields.items():
-        shown = f"`{default_text(name)}`" if default_text(name) != "" else "(none)"
+        default = default_text(name)
+        shown = f"`{default}`" if default != "" else "(none)"
         rows.append(f"| `S4_{name.upper()}` | `--{name.replace('_', '-')}` | {shown} | {f.description} |")
     return "\n".join(rows)

@@ -85,7 +85,7 @@ class Connection:
         if self.pump is not None and not self.pump.done():
             raise APIError(409, "a generation is running on this socket: wait for its done frame, or cancel")
         if isinstance(msg, WSSession):
-            await self.bind(msg)
+            await self.bind(msg, self.target(msg))
             return
         # everything about the message that needs no session is checked before one is bound, so a
         # refused first message leaves the socket as it was: no session, no model
@@ -95,7 +95,7 @@ class Connection:
             ms = service.frame_ms(target, msg.frame_ms)  # a text model refuses frame_ms
             params = service.sampling_params(target, msg)
         ids = self.prompt(target, msg)
-        await self.bind(msg)
+        await self.bind(msg, target)
         if isinstance(msg, WSAppend):
             rec = await service.append(self.st, self.model, self.session_id, ids)
             await self.send({"type": "appended", "session_id": rec.id, "tokens": rec.n_tokens,
@@ -121,8 +121,8 @@ class Connection:
             raise invalid("model", "the socket's first message must name a model")
         return self.st.model(msg.model)
 
-    async def bind(self, msg: WSSession | WSGenerate | WSAppend) -> None:
-        model = self.target(msg)
+    async def bind(self, msg: WSSession | WSGenerate | WSAppend, model: ServedModel) -> None:
+        """Bind the socket to a session of `model` (`target(msg)`) unless it is bound already."""
         if msg.audio_encoding is not None:
             self.encoding = msg.audio_encoding
         if self.session_id is not None:
