@@ -17,6 +17,7 @@ import torch
 from model import ModelConfig, SequenceModel, load, save
 from model.sampling import SamplingParams, find_stop, sample
 
+WS_GENERATE = Path(__file__).resolve().parent.parent / "scripts" / "ws_generate.py"  # the README's client
 TINY = dict(vocab_size=256, d_model=32, n_layers=2, d_state=16, l_max=256, cauchy_backend="torch")
 CORPUS = (
     "to be, or not to be, that is the question: whether 'tis nobler in the mind to suffer "

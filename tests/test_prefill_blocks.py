@@ -19,7 +19,8 @@ STATE_TOL = 1e-4  # ‖Δstate‖/‖state‖, as tests/test_recurrent.py
     ids=["diagonal", "dplr"],
 )
 def converted_pair(request):
-    """One net converted twice: with the C step (its prefill the C pass) and without (the torch ops)."""
+    """One net converted twice: with the C step (its prefill the C pass) and without (the torch ops), and
+    the cache of `stepped` for this net."""
     kernel, init, form = request.param
     torch.manual_seed(0)
     net = make(kernel, init, l_max=1024).eval()
@@ -27,7 +28,7 @@ def converted_pair(request):
     assert all(type(f) is form for f in r.layers + t.layers)
     assert all(f._prefill_c is not None and f.in_tab is None for f in r.layers), "the C pass should apply"
     assert all(f._prefill_c is None and f.in_tab is not None for f in t.layers)
-    return r, t
+    return r, t, {}
 
 
 @pytest.fixture
@@ -56,8 +57,7 @@ def stepped(pair, L: int, start: str):
     start for the three paths: by the C step (`pair[0]`), which equals the torch ops' step to float32
     rounding (tests/test_recurrent.py), so the torch-op paths are held to the same stepped reference
     without stepping 4,400 tokens through the torch ops twice."""
-    r = pair[0]
-    cache = r.__dict__.setdefault("_stepped_reference", {})  # (L, start) -> (tokens, state, logits, state)
+    r, _, cache = pair  # cache: (L, start) -> (tokens, state, logits, state)
     if (L, start) not in cache:
         g = torch.Generator().manual_seed(L)
         tokens = torch.randint(0, 32, (2, 300 + L), generator=g)

@@ -6,11 +6,10 @@ import asyncio
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import pytest
-from server_support import ServerThread, metric
+from server_support import WS_GENERATE, ServerThread, metric
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -166,8 +165,7 @@ def test_key_check_compares_every_configured_key():
 
 
 def test_the_websocket_script_sends_its_key(keyed):
-    script = Path(__file__).resolve().parent.parent / "scripts" / "ws_generate.py"
-    args = [sys.executable, str(script), keyed.ws_url, "ab", "--model", TEXT, "--max-new-tokens", "3"]
+    args = [sys.executable, str(WS_GENERATE), keyed.ws_url, "ab", "--model", TEXT, "--max-new-tokens", "3"]
     ok = subprocess.run(
         args + ["--api-key", KEYS[1]], capture_output=True, text=True, timeout=60, check=False
     )

@@ -6,12 +6,11 @@ import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-from server_support import RawWebSocket, metric, reference, wait_for
+from server_support import WS_GENERATE, RawWebSocket, metric, reference, wait_for
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -241,9 +240,8 @@ def test_a_refused_first_message_binds_no_session(server):
 def test_the_websocket_script_piped_into_head_stops_quietly(server):
     """scripts/ws_generate.py whose stdout is closed mid-generation (`| head -c 5`) exits 1 with no
     traceback; the server is unaffected."""
-    script = Path(__file__).resolve().parent.parent / "scripts" / "ws_generate.py"
     n = str(server.state.settings.max_new_tokens)
-    args = [sys.executable, str(script), server.ws_url, "x", "--model", TEXT, "--max-new-tokens", n]
+    args = [sys.executable, str(WS_GENERATE), server.ws_url, "x", "--model", TEXT, "--max-new-tokens", n]
     p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert len(p.stdout.read(5)) == 5
     p.stdout.close()

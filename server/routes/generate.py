@@ -34,7 +34,6 @@ from server.service import (
 )
 
 router = APIRouter(tags=["generate"])
-ERRORS = ERROR_RESPONSES
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -80,7 +79,7 @@ async def _sse_generate(
     response_model=GenerateResponse,
     response_model_exclude_none=True,
     summary="Generate text or audio (JSON, SSE with stream=true, or raw WAV with Accept: audio/wav)",
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}, "audio/wav": {}}}},
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}, "audio/wav": {}}}},
 )
 async def generate(req: GenerateRequest, request: Request):
     st = state_of(request)

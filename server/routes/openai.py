@@ -30,8 +30,9 @@ from server import media
 from server.engine import Failed, Finished, Stream
 from server.errors import invalid
 from server.registry import ServedModel
-from server.routes.generate import ERRORS, SSE_HEADERS, sse
+from server.routes.generate import SSE_HEADERS, sse
 from server.schemas import (
+    ERROR_RESPONSES,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -340,7 +341,7 @@ def completion_prompts(
     response_model_exclude_none=False,
     summary="OpenAI completions (text models): every documented field but suffix, plus top_k, min_p, "
     "repetition_penalty",
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
 )
 async def completions(req: CompletionRequest, request: Request):
     st = state_of(request)
@@ -464,7 +465,7 @@ def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> str:
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
     summary="OpenAI chat completions (text models with a chat template in config.json)",
-    responses={**ERRORS, 200: {"content": {"text/event-stream": {}}}},
+    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
 )
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     st = state_of(request)
@@ -555,7 +556,7 @@ async def models(request: Request) -> dict:
     tags=["models"],
     summary="One served model",
     response_model=ModelInfo,
-    responses={404: ERRORS[404], 503: ERRORS[503]},
+    responses={404: ERROR_RESPONSES[404], 503: ERROR_RESPONSES[503]},
 )
 async def retrieve_model(model_id: str, request: Request) -> dict:
     return state_of(request).model(model_id).describe()

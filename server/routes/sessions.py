@@ -10,8 +10,7 @@ from server.errors import too_large
 from server.schemas import ERROR_RESPONSES, SessionAppend, SessionCreate, SessionInfo
 from server.service import state_of
 
-router = APIRouter(prefix="/v1/sessions", tags=["sessions"])
-ERRORS = ERROR_RESPONSES
+router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=ERROR_RESPONSES)  # on every route
 STATE_TYPE = "application/octet-stream"
 
 
@@ -20,7 +19,7 @@ def _info(request: Request, rec) -> dict:
     return rec.info(st.models[rec.model].state_bytes)
 
 
-@router.post("", status_code=201, response_model=SessionInfo, responses=ERRORS, summary="Create a session")
+@router.post("", status_code=201, response_model=SessionInfo, summary="Create a session")
 async def create(req: SessionCreate, request: Request):
     st = state_of(request)
     model = st.model(req.model)
@@ -31,7 +30,7 @@ async def create(req: SessionCreate, request: Request):
 STATE_BODY = {"content": {STATE_TYPE: {"schema": {"type": "string", "format": "binary"}}}, "required": True}
 
 
-@router.post("/import", status_code=201, response_model=SessionInfo, responses=ERRORS,
+@router.post("/import", status_code=201, response_model=SessionInfo,
              openapi_extra={"requestBody": STATE_BODY},
              summary="A new session from an exported state (application/octet-stream body)")  # fmt: skip
 async def import_(request: Request):
@@ -47,13 +46,13 @@ async def import_(request: Request):
     return _info(request, await service.import_state(st, bytes(blob)))
 
 
-@router.get("/{session_id}", response_model=SessionInfo, responses=ERRORS, summary="A session's info")
+@router.get("/{session_id}", response_model=SessionInfo, summary="A session's info")
 async def get(session_id: str, request: Request):
     await service.restore(state_of(request), session_id)
     return _info(request, state_of(request).sessions.get(session_id))
 
 
-@router.delete("/{session_id}", status_code=204, responses=ERRORS,
+@router.delete("/{session_id}", status_code=204,
                summary="Delete a session (a running request on it is cancelled)")  # fmt: skip
 async def delete(session_id: str, request: Request) -> Response:
     await service.restore(state_of(request), session_id)
@@ -61,14 +60,14 @@ async def delete(session_id: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{session_id}/fork", status_code=201, response_model=SessionInfo, responses=ERRORS,
+@router.post("/{session_id}/fork", status_code=201, response_model=SessionInfo,
              summary="A new session with a copy of this one's state")  # fmt: skip
 async def fork(session_id: str, request: Request):
     await service.restore(state_of(request), session_id)
     return _info(request, await service.fork(state_of(request), session_id))
 
 
-@router.post("/{session_id}/append", response_model=SessionInfo, responses=ERRORS,
+@router.post("/{session_id}/append", response_model=SessionInfo,
              summary="Feed more input to a session without generating")  # fmt: skip
 async def append(session_id: str, req: SessionAppend, request: Request):
     st = state_of(request)
@@ -78,7 +77,7 @@ async def append(session_id: str, req: SessionAppend, request: Request):
     return _info(request, await service.append(st, model, session_id, ids))
 
 
-@router.get("/{session_id}/export", responses={**ERRORS, 200: {"content": {STATE_TYPE: {}}}},
+@router.get("/{session_id}/export", responses={200: {"content": {STATE_TYPE: {}}}},
             summary="The session's state as a versioned, checksummed binary")  # fmt: skip
 async def export(session_id: str, request: Request) -> Response:
     await service.restore(state_of(request), session_id)
