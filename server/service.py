@@ -215,22 +215,29 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false are not numbers
 
 
+# the header fields of an export that an import reads (registry.ServedModel.state_header), each required;
+# version 2 adds "arch", and "utf8_tail" may be absent (exports before it existed)
+STATE_FIELDS = ("model", "fingerprint", "shape", "n_tokens", "pending", "seen")
+
+
 def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple[ServedModel, dict, bytes]:
-    """Validate an exported (or stored) state: format, version, checksum, then that this server
-    serves its model with the same weights and shapes. 422 naming `param` otherwise."""
+    """Validate an exported (or stored) state: format, version, checksum, every field an import reads
+    (`STATE_FIELDS`), then that this server serves its model with the same weights and shapes. 422
+    naming `param` otherwise."""
     try:
         header, raw = unpack_state(blob)
     except StateFormatError as exc:
         raise invalid(param, f"{what}: {exc}") from None
-    model_id = header.get("model")
+    version = state_version(blob)
+    for key in STATE_FIELDS + (("arch",) if version >= 2 else ()):
+        if key not in header:  # (utf8_tail may be absent: exports before it existed have none)
+            raise invalid(param, f"{what}: its header has no {key!r} field")
+    model_id = header["model"]
     if not isinstance(model_id, str) or model_id not in state.models:
         if state.draining or not state.loaded:
             state.model(str(model_id))  # 503
         raise invalid(param, f"{what} is for model {model_id!r}, which this server does not serve")
     model = state.models[model_id]
-    if header.get("fingerprint") != model.fingerprint:
-        raise invalid(param, f"{what} was made by other weights than model {model_id}'s (fingerprint)")
-    version = state_version(blob)
     arch = state_arch(header, version)
     if arch != model.config.arch:
         raise invalid(
@@ -238,12 +245,14 @@ def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple
             f"{what} (format version {version}) is the state of an arch {arch!r} model; model {model_id} "
             f"is arch {model.config.arch!r}",
         )
-    if header.get("shape") != model.state_shape:
+    if header["fingerprint"] != model.fingerprint:
+        raise invalid(param, f"{what} was made by other weights than model {model_id}'s (fingerprint)")
+    if header["shape"] != model.state_shape:
         raise invalid(
-            param, f"{what}: state shape {header.get('shape')} does not match the model's {model.state_shape}"
+            param, f"{what}: state shape {header['shape']} does not match the model's {model.state_shape}"
         )
     V = model.config.vocab_size
-    pending, n_tokens, seen = header.get("pending"), header.get("n_tokens"), header.get("seen")
+    pending, n_tokens, seen = header["pending"], header["n_tokens"], header["seen"]
     if not (pending is None or (_is_int(pending) and 0 <= pending < V)):
         raise invalid(param, f"{what}: pending token {pending!r} is not a token id")
     if not _is_int(n_tokens) or not (pending is not None) <= n_tokens <= MAX_STATE_TOKENS:
@@ -278,11 +287,17 @@ async def _install(
     session_id: str | None = None,
 ) -> SessionRecord:
     """A new session (id `session_id`, or a fresh one) holding a checked state; the engine refuses
-    values the model cannot reach (422 naming `param`)."""
+    values the model cannot reach (422 naming `param`). The header is `check_state`'s. Nothing is held
+    after an error: the slot goes back to the pool whatever fails."""
+    n_tokens, pending, utf8_tail, seen = (
+        header["n_tokens"],
+        header["pending"],
+        header["utf8_tail"],
+        header["seen"],
+    )
     rec = _new_record(state, model, ephemeral=False, session_id=session_id)
-    rec.n_tokens, rec.pending, rec.utf8_tail = header["n_tokens"], header["pending"], header["utf8_tail"]
-    seen = header["seen"]
     try:
+        rec.n_tokens, rec.pending, rec.utf8_tail = n_tokens, pending, utf8_tail
         rec = await asyncio.wrap_future(model.engine.call(lambda e: e.write_slot(rec, raw, seen)))
     except StateRangeError as exc:
         _drop_record(state, model, rec)

@@ -7,6 +7,7 @@ import struct
 from server_support import reference, sse_events
 
 from model.sampling import SamplingParams
+from server import service
 from server.sessions import MAGIC, pack_state, unpack_state
 
 TEXT = "tiny-text"
@@ -108,6 +109,42 @@ def test_import_refuses_corrupt_or_foreign_states_with_422(client):
         assert needle in r.json()["error"]["message"], (needle, r.json())
         assert r.json()["error"]["param"] == "state"
     assert imp(blob).status_code == 201  # the untouched blob still imports
+
+
+def test_an_import_missing_any_header_field_is_a_422_naming_it_and_holds_no_slot(client, server):
+    """Every header field an export writes, removed in turn (the checksum made right again): the fields an
+    import reads (`service.STATE_FIELDS`, "arch", "dtype") get a 422 naming the field, the others import;
+    never a 500, and a refused import keeps no session slot (a KeyError on "pending" once answered 500 and
+    held its slot for good: 256 of them filled the pool)."""
+    sid = _create(client, "a sea of troubles")["session_id"]
+    header, state = unpack_state(client.get(f"/v1/sessions/{sid}/export").content)
+    pool = server.state.models[TEXT].engine.pool
+    in_use, sessions = pool.in_use, server.state.sessions.count(TEXT)
+    required = {*service.STATE_FIELDS, "arch", "dtype"}
+    assert required <= header.keys() and header.keys() - required == {"byteorder", "utf8_tail"}
+    for key in sorted(header):
+        for _ in range(3):
+            r = client.post(
+                "/v1/sessions/import",
+                content=pack_state({k: v for k, v in header.items() if k != key}, state),
+            )
+            if key in required:
+                assert r.status_code == 422, (key, r.text)
+                assert key in r.json()["error"]["message"] and r.json()["error"]["param"] == "state"
+            else:
+                assert r.status_code == 201, (key, r.text)
+                assert client.delete(f"/v1/sessions/{r.json()['session_id']}").status_code == 204
+    assert (pool.in_use, server.state.sessions.count(TEXT)) == (in_use, sessions)
+
+
+def test_an_import_names_the_first_cause_an_arch_before_the_weights(client):
+    """A state of another arch under this model's name (another arch means other weights too) is refused
+    for its arch, the more telling cause, not for its fingerprint."""
+    sid = _create(client, "to sleep")["session_id"]
+    header, state = unpack_state(client.get(f"/v1/sessions/{sid}/export").content)
+    foreign = {**header, "arch": "sashimi", "fingerprint": "0" * 32}
+    r = client.post("/v1/sessions/import", content=pack_state(foreign, state))
+    assert r.status_code == 422 and "arch 'sashimi'" in r.json()["error"]["message"], r.text
 
 
 def test_get_delete_and_unknown_sessions(client):
