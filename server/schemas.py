@@ -14,9 +14,13 @@ from pydantic import (
     Field,
     StringConstraints,
     TypeAdapter,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from server.config import Dtype
 
@@ -37,6 +41,57 @@ def count(default: int | None, *, ge: int = 0, le: int | None = None, descriptio
     """An integer field (strict: no floats, no bools) within the bounds; a JSON integer of any size
     is compared exactly (2**70 is a 422 where a bound says so, never an overflow)."""
     return Field(default, ge=ge, le=le, description=description)
+
+
+_KINDS = {  # a JSON type's name, from pydantic's error type for a value not of that type
+    "string_type": "a string",
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "a boolean",
+    "list_type": "an array",
+    "dict_type": "an object",
+    "model_type": "an object",
+}
+
+
+def union_error(errors: list[dict]) -> PydanticCustomError:
+    """One error for a union that no member took. pydantic reports one error per member, each located
+    after the member's type tag (`[-1]` as a completions prompt: "prompt.str: Input should be a valid
+    string", the first member's), which names no field and hides the member that came nearest. This
+    keeps the error of the member that got furthest: a value error (a bound, a length) before a type
+    error, then the latest element reached (item 1 wrong means item 0 passed). Where the nearest members
+    all fail on an element's type, it says which types that element may have. The message gives the
+    element's path (`element [0]`); its type is the chosen error's."""
+    firsts: dict[str, dict] = {}
+    for e in errors:  # each member's first error; loc = (tag, *path in the value)
+        firsts.setdefault(str(e["loc"][0]), e)
+
+    def reached(e: dict) -> tuple:
+        path = tuple((p, "") if isinstance(p, int) else (-1, str(p)) for p in e["loc"][1:])
+        return (not e["type"].endswith("_type"), path)
+
+    best = max(firsts.values(), key=reached)
+    message = best["msg"]
+    if not reached(best)[0]:  # only type errors: the types this element may have
+        kinds = [_KINDS.get(e["type"]) for e in firsts.values() if reached(e) == reached(best)]
+        if all(kinds):
+            kinds = list(dict.fromkeys(kinds))
+            message = "Input should be " + (
+                " or ".join(kinds) if len(kinds) < 3 else f"{', '.join(kinds[:-1])} or {kinds[-1]}"
+            )
+    path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in best["loc"][1:])
+    where = f"element {path}: " if path else ""
+    return PydanticCustomError(best["type"], "{where}{message}", {"where": where, "message": message})
+
+
+def _one_error(value, handler: ValidatorFunctionWrapHandler):
+    try:
+        return handler(value)
+    except ValidationError as exc:
+        raise union_error(exc.errors()) from None
+
+
+OneOf = WrapValidator(_one_error)  # on a union field: `union_error`'s one error instead of one per member
 
 
 class Strict(BaseModel):
@@ -62,7 +117,11 @@ class SamplingFields(Strict):
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop(cls, v):
-        return [v] if isinstance(v, str) else v
+        if v is None or isinstance(v, list):
+            return v
+        if isinstance(v, str):
+            return [v]
+        raise PydanticCustomError("list_type", "Input should be a string or an array of strings")
 
 
 class InputFields(Strict):
@@ -266,12 +325,13 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_leng
 
 
 class CompletionRequest(OpenAISampling):
-    prompt: (
+    prompt: Annotated[
         str
         | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
         | TokenIds
-        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
-    ) = Field(
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)],
+        OneOf,
+    ] = Field(
         description=f"a string, a list of strings, token ids, or a list of token-id lists (≤ {MAX_PROMPTS})"
     )
     max_tokens: int = Field(16, ge=0, description="tokens to generate at most per choice (0 only with echo)")
@@ -291,7 +351,7 @@ class CompletionRequest(OpenAISampling):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[dict], Field(min_length=1)] = Field(
+    content: Annotated[str | Annotated[list[dict], Field(min_length=1)], OneOf] = Field(
         description="text, or a list of {type: text, text} parts"
     )
     name: str | None = Field(None, max_length=64, description="the speaker (the template may use it)")
