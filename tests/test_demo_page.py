@@ -327,18 +327,88 @@ def test_refused_requests_are_shown_on_the_page_and_the_session_goes_on(demo):
     d.page.click("#send")
     d.wait_status("Done: length, 20 tokens")
     first = d.js("s4demo.turns[0]")
-    # a request the server refuses: its error frame is shown, and the session goes on
+    # a request the server refuses: its error frame is shown, its prompt goes back in the box (to fix a
+    # setting and send again), and the session goes on
+    d.page.fill("#prompt", " more")
     d.page.fill("#temperature", "-1")
     d.page.click("#send")
     assert "422" in d.wait_status("temperature")
     assert d.page.locator("#status.error").count() == 1
     assert d.js("s4demo.turns.length") == 1 and d.page.text_content("#output") == "x" + first["text"]
+    assert d.page.input_value("#prompt") == " more"
+    d.page.fill("#prompt", "")
     d.page.fill("#temperature", "1")
     d.page.fill("#max-new-tokens", "5")
     d.page.click("#send")
     d.wait_status("Done: length, 5 tokens")
     assert len({t["done"]["session_id"] for t in d.js("s4demo.turns") if t["done"]}) == 1
     assert d.errors == []
+
+
+def test_when_the_session_expires_the_page_says_so_and_the_next_turn_starts_a_new_one(browser, limited):
+    """The limited server expires a session idle for 1 s: the page's next turn is refused with the reason
+    (its prompt kept in the box), and the turn after it starts a new session, without a reload."""
+    d = Demo(browser, limited.url)
+    try:
+        d.wait_status("model served")
+        generate_text(d, "x", 5, seed=1)
+        old = d.js("s4demo.sessionId")
+        assert wait_for(lambda: httpx.get(f"{limited.url}/v1/sessions/{old}").status_code == 404, 10)
+        d.page.fill("#prompt", "y")
+        d.page.click("#send")
+        assert "expired" in d.wait_status("Error 404")
+        assert d.page.input_value("#prompt") == "y" and d.js("s4demo.sessionId") is None
+        d.page.click("#send")
+        d.wait_status("Done: length, 5 tokens")
+        new = d.js("s4demo.sessionId")
+        assert new and new != old and d.page.text_content("#context") == "6 tokens"
+        assert d.errors == []
+    finally:
+        d.context.close()
+
+
+def test_new_session_and_cancel_silence_the_queued_audio(demo):
+    """New session stops the audio still queued for playback (its counters stay at 0), and Cancel mutes
+    the generation: nothing of it is scheduled after the click, whether or not the server had finished."""
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    d.page.fill("#audio-samples", "4096")  # 0.5 s at 8 kHz, after a 0.25 s jitter buffer
+    d.page.click("#audio-generate")
+    d.page.wait_for_function("() => s4demo.sourcesQueued() > 0", timeout=WAIT_MS)
+    d.page.click("#reset")
+    assert d.js("[s4demo.sourcesQueued(), s4demo.samplesScheduled, s4demo.samplesPlayed]") == [0, 0, 0]
+    d.page.wait_for_timeout(1000)  # what was queued would have played by now
+    assert d.js("[s4demo.samplesScheduled, s4demo.samplesPlayed]") == [0, 0]
+
+    d.page.fill("#audio-samples", "4096")
+    d.page.click("#audio-generate")
+    d.wait_status("Done")
+    # Generate, then Cancel as soon as the turn has begun (before any sample can arrive)
+    d.js("""async () => { document.getElementById('audio-generate').click();
+        while (document.getElementById('audio-cancel').disabled) await new Promise(r => setTimeout(r, 0));
+        document.getElementById('audio-cancel').click(); }""")
+    d.wait_status("Done")
+    d.page.wait_for_timeout(300)
+    assert d.js("[s4demo.sourcesQueued(), s4demo.samplesScheduled, s4demo.samplesPlayed]") == [0, 0, 0]
+    assert d.errors == []
+
+
+def test_a_stopped_server_is_named_as_the_cause(browser, model_dirs):
+    """A socket that cannot open because the server is down says so, not "check the API key"."""
+    from server import Settings
+
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])])).start()
+    d = Demo(browser, s.url)
+    try:
+        d.wait_status("model served")
+        s.stop()
+        d.page.fill("#prompt", "x")
+        d.page.click("#send")
+        assert "the server does not answer" in d.wait_status("WebSocket")
+        assert "API key" not in d.page.text_content("#status")
+    finally:
+        d.context.close()
 
 
 KEYS = ["first-key", "a?>b~ключ"]  # the second: UTF-8, and '-' in its base64url form

@@ -168,6 +168,34 @@ def test_an_evicted_session_frees_its_slot_and_comes_back_from_the_store(model_d
         s.stop()
 
 
+def test_a_socket_whose_session_was_evicted_continues_it_from_the_store(model_dirs, redis_url, redis_db):
+    """A socket bound to a session that its TTL evicted to the store: the next turn on the socket restores
+    it and continues it exactly (once a 404, as if it were gone)."""
+    s = _replica(model_dirs, redis_url, session_ttl_s=0.5)
+    try:
+        with connect(s.ws_url) as ws:
+            ws.send(
+                json.dumps(
+                    {"type": "generate", "model": TEXT, "prompt": "to die", "max_new_tokens": 6, "seed": 1}
+                )
+            )
+            sid = json.loads(ws.recv())["session_id"]
+            frames = [json.loads(ws.recv())]
+            while frames[-1]["type"] != "done":
+                frames.append(json.loads(ws.recv()))
+            t1 = [i for f in frames if f["type"] == "token" for i in f["ids"]]
+            assert wait_for(lambda: not s.state.sessions.has(sid), 10)  # evicted to the store
+            ws.send(json.dumps({"type": "generate", "max_new_tokens": 7, "seed": 2}))
+            frames = [json.loads(ws.recv())]
+            while frames[-1]["type"] not in ("done", "error"):
+                frames.append(json.loads(ws.recv()))
+        assert frames[-1]["type"] == "done" and frames[-1]["session_id"] == sid, frames[-1]
+        t2 = [i for f in frames if f["type"] == "token" for i in f["ids"]]
+        assert t2 == reference(model_dirs["text"], list(b"to die") + t1, SamplingParams(seed=2), 7)
+    finally:
+        s.stop()
+
+
 def test_a_corrupt_or_foreign_stored_state_is_refused_with_a_clear_error(model_dirs, redis_url, redis_db):
     s = _replica(model_dirs, redis_url)
     try:

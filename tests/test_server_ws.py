@@ -237,6 +237,38 @@ def test_a_refused_first_message_binds_no_session(server):
     assert after["param"] == "prompt_audio" and other["param"] == "model" and TEXT not in other["message"]
 
 
+def test_a_socket_whose_session_is_gone_says_so_and_binds_a_new_one(server, client, model_dirs):
+    """The socket's session deleted (or expired) while the socket stays open: its next message gets a 404
+    naming session_id that says why, the socket is unbound, and a message naming a model starts a new
+    session that continues from nothing (once, the socket stayed bound to the dead session and every
+    turn got "no session", so the demo page could not recover without a reload)."""
+
+    async def main():
+        async with connect(server.ws_url) as ws:
+            await ws.send(
+                json.dumps({"type": "generate", "model": TEXT, "prompt": "to be", "max_new_tokens": 4})
+            )
+            first = await frame(ws, "session")
+            await turn(ws)
+            assert client.delete(f"/v1/sessions/{first['session_id']}").status_code == 204
+            await ws.send(json.dumps({"type": "generate", "prompt": "x", "max_new_tokens": 4}))
+            gone = await frame(ws, "error")
+            await ws.send(json.dumps({"type": "generate", "prompt": "x", "max_new_tokens": 4}))
+            unbound = await frame(ws, "error")  # not bound, and no model named
+            msg = {"type": "generate", "model": TEXT, "prompt": "or not", "max_new_tokens": 9, "seed": 5}
+            await ws.send(json.dumps(msg))
+            second = await frame(ws, "session")
+            ids, _, done = await turn(ws)
+            return first, gone, unbound, second, ids, done
+
+    first, gone, unbound, second, ids, done = asyncio.run(main())
+    assert (gone["code"], gone["param"]) == (404, "session_id") and first["session_id"] in gone["message"]
+    assert "deleted" in gone["message"] and "expired" in gone["message"]
+    assert unbound["param"] == "model"
+    assert second["session_id"] != first["session_id"] and done["type"] == "done"
+    assert ids == reference(model_dirs["text"], list(b"or not"), SamplingParams(seed=5), 9)
+
+
 def test_the_websocket_script_piped_into_head_stops_quietly(server):
     """scripts/ws_generate.py whose stdout is closed mid-generation (`| head -c 5`) exits 1 with no
     traceback; the server is unaffected."""

@@ -9,7 +9,9 @@ Server → client: `session` (bound), `token` frames (text: ids + text), for aud
 the socket stays usable; an oversized frame closes it with code 1009.
 
 The socket binds to one session on its first `session`, `generate` or `append` message: a new one
-(deleted when the socket closes) or an existing one (`session_id`, kept).
+(deleted when the socket closes) or an existing one (`session_id`, kept). A bound session that the idle
+TTL evicted comes back from the session store; one that is gone (deleted, or expired with no store) gets
+a 404 naming `session_id`, and the socket is unbound (`Connection.check_bound`).
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ class Connection:
             return
         if self.pump is not None and not self.pump.done():
             raise APIError(409, "a generation is running on this socket: wait for its done frame, or cancel")
+        if self.session_id is not None:
+            await self.check_bound()
         if isinstance(msg, WSSession):
             await self.bind(msg, self.target(msg))
             return
@@ -107,6 +111,22 @@ class Connection:
         self.stream = stream
         out = service.Output(self.model, params, self.encoding, job, ms)
         self.pump = asyncio.create_task(self.forward(stream, out))
+
+    async def check_bound(self) -> None:
+        """The bound session, brought back from the session store if it was evicted there after its TTL;
+        if it is gone (deleted, or expired with no store), the socket is unbound, so that its next
+        message naming a model starts a new session, and a 404 says so."""
+        await service.restore(self.st, self.session_id)
+        if self.st.sessions.has(self.session_id):
+            return
+        sid, ttl = self.session_id, self.st.settings.session_ttl_s
+        self.model, self.session_id, self.owns_session = None, None, False
+        raise APIError(
+            404,
+            f"this socket's session {sid} is gone: it was deleted, or it expired after {ttl:g} s idle "
+            "(S4_SESSION_TTL_S). The socket is unbound: a message naming a model starts a new session",
+            param="session_id",
+        )
 
     def target(self, msg: WSSession | WSGenerate | WSAppend) -> ServedModel:
         """The model `msg` runs on: the bound one (the message may not name another model or session),

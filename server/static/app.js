@@ -12,6 +12,7 @@
     samplesScheduled: 0, // ... handed to AudioBufferSourceNodes started in the AudioContext
     samplesPlayed: 0, // ... whose source node has ended (played out)
     audioContextState: () => (audio.ctx ? audio.ctx.state : "none"),
+    sourcesQueued: () => audio.sources.size, // AudioBufferSourceNodes scheduled and not yet ended
   });
 
   const apiKey = () => $("api-key").value; // in this page's memory only: never stored
@@ -119,7 +120,7 @@
       ws.onclose = (ev) => {
         if (!c.opened) {
           if (conn === c) conn = null;
-          reject(new Error("could not open the WebSocket: check the API key (and that the server is up)"));
+          reject(new Error("could not open the WebSocket"));
           return;
         }
         if (conn !== c) return; // closed by New session
@@ -173,6 +174,13 @@
       demo.sessionId = f.session_id;
       showStats();
     } else if (f.type === "error") {
+      if (f.code === 404 && f.param === "session_id" && c.bound) {
+        // the socket's session expired or was deleted: the server unbound the socket
+        c.bound = false;
+        demo.sessionId = null;
+        contextTokens = 0;
+        f.message += ". Send again for a new session (it starts empty: the text above is not in it).";
+      }
       if (!turn && cancelSent && f.code === 409) cancelSent = false;
       else if (turn) endTurn(`Error ${f.code}: ${f.message}`, true);
       else status(`Error ${f.code}: ${f.message}`, true);
@@ -247,9 +255,11 @@
   function endTurn(message, isError) {
     if (turn?.kind === "audio") finishAudio();
     if (turn?.kind === "text" && isError && !turn.record.ids) {
-      // refused before it started: its prompt is not part of the session, so not in the transcript
+      // refused before it started: its prompt is not part of the session, so not in the transcript;
+      // it goes back in the box (unless something else was typed meanwhile), to fix and send again
       turn.spans.forEach((el) => el.remove());
       demo.turns.pop();
+      if (!$("prompt").value) $("prompt").value = turn.record.prompt;
     }
     turn = null;
     $("send").disabled = $("audio-generate").disabled = false;
@@ -260,6 +270,10 @@
 
   function cancel() {
     if (!turn || !conn) return;
+    if (turn.kind === "audio") {
+      turn.muted = true; // what still arrives before the done frame is kept for the WAV, not played
+      stopPlayback();
+    }
     conn.ws.send(JSON.stringify({ type: "cancel" }));
     cancelSent = true;
   }
@@ -296,13 +310,15 @@
     $("prompt").value = ""; // it is in the transcript; an empty prompt just continues the text
   }
 
-  // The socket, once open (null, with the reason shown, when it cannot be opened).
+  // The socket, once open (null, with the reason shown, when it cannot be opened). A browser does not
+  // say why a handshake failed: a server that answers /healthz refused it (a missing or wrong key).
   async function opened() {
     starting = true;
     try {
       return await connect();
     } catch (err) {
-      status(err.message, true);
+      const up = await fetch("healthz", { cache: "no-store" }).then(() => true, () => false);
+      status(`${err.message}: ${up ? "check the API key" : "the server does not answer (is it up?)"}`, true);
       return null;
     } finally {
       starting = false;
@@ -312,11 +328,22 @@
   // --- audio: prompt in, samples out (played as they stream, drawn as they grow) ---------------
 
   const audio = {
-    ctx: null, rate: 8000, nextTime: 0, pending: [], pendingLength: 0, flushTimer: null,
+    ctx: null, rate: 8000, nextTime: 0, pending: [], pendingLength: 0, flushTimer: null, sources: new Set(),
     samples: new Int16Array(0), length: 0, expected: 0, prompt: null, recorder: null, dirty: false,
   };
 
+  // Silence what is queued or playing (Cancel, New session, a new generation's reset): a stopped source
+  // counts as not played.
+  function stopPlayback() {
+    for (const src of audio.sources) {
+      src.onended = null;
+      src.stop();
+    }
+    audio.sources.clear();
+  }
+
   function resetAudio() {
+    stopPlayback();
     audio.samples = new Int16Array(0);
     audio.length = 0;
     audio.pending = [];
@@ -461,6 +488,10 @@
 
   // Pending samples → one AudioBufferSourceNode, queued right after the previous one.
   function flush() {
+    if (turn?.muted) {
+      audio.pending = [];
+      audio.pendingLength = 0;
+    }
     if (!audio.pendingLength || !audio.ctx) return;
     const ctx = audio.ctx;
     const n = audio.pendingLength;
@@ -477,9 +508,11 @@
     src.buffer = buffer;
     src.connect(ctx.destination);
     src.onended = () => {
+      audio.sources.delete(src);
       demo.samplesPlayed += n;
       showAudioInfo();
     };
+    audio.sources.add(src);
     audio.nextTime = Math.max(audio.nextTime, ctx.currentTime + 0.05);
     src.start(audio.nextTime);
     audio.nextTime += n / audio.rate;
