@@ -5,15 +5,17 @@ the next (never U+FFFD for bytes a later token completes): WebSocket turns, HTTP
 continuation, cancel and max_new_tokens ending mid-character, stop sequences, fork, export/import.
 The byte sequences are found with the library (a near-uniform temperature, seeds searched) and the
 expected text is written out from them, so each case is the one it claims to be with the test model.
-(The issue's own input, on the shipped text-shakespeare: "caf", then 1 token at T=50 seed 5 = 0xD3,
-then 2 tokens at seed 2 = 0x9B 0x60; the client now gets "" and "ӛ`".)"""
+The README's example runs on the shipped text-shakespeare (`test_the_readme_example_on_the_shipped_model`)."""
 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
+import httpx
 import pytest
-from server_support import reference, sse_events
+from server_support import ServerThread, reference, sse_events
 from websockets.sync.client import connect
 
 from model.codecs import ByteTokenizer, utf8_tail
@@ -316,3 +318,38 @@ def test_an_audio_state_holds_no_text_bytes(client):
     assert r.status_code == 422 and r.json()["error"]["param"] == "state"
     header.pop("utf8_tail")  # an export from before the field: nothing held
     assert client.post("/v1/sessions/import", content=pack_state(header, raw)).status_code == 201
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "text-shakespeare"
+
+
+def test_the_readme_example_on_the_shipped_model():
+    """The README's example, read from the README and run on the shipped text-shakespeare over HTTP: the
+    first turn's lead byte is held back (text ""), the second turn sends the whole character. (The
+    example it replaced, seeds 5 and 2, stopped holding when the sampler became counter-based.)"""
+    from server import Settings
+
+    text = " ".join(README.read_text().split())
+    m = re.search(
+        r'"caf", 1 token at T=50 seed (\d+) \(0x([0-9A-F]{2})\), then 2 tokens at T=50 seed (\d+) '
+        r'\(0x([0-9A-F]{2}) 0x([0-9A-F]{2})\) on text-shakespeare now give `""` and `"([^"]+)"`',
+        text,
+    )
+    assert m, "the README's UTF-8 example is not in the expected words"
+    s1, b1, s2, c1, c2, want = m.groups()
+    s = ServerThread(Settings(checkpoints=[str(SHIPPED)])).start()
+    try:
+        sid = httpx.post(s.url + "/v1/sessions", json={"model": "text-shakespeare", "prompt": "caf"}).json()[
+            "session_id"
+        ]
+        turns = []
+        for n, seed in ((1, s1), (2, s2)):
+            body = {"model": "text-shakespeare", "session_id": sid, "max_new_tokens": n, "temperature": 50,
+                    "seed": int(seed)}  # fmt: skip
+            r = httpx.post(s.url + "/v1/generate", json=body, timeout=60).json()
+            turns.append((r["tokens"], r["text"]))
+    finally:
+        s.stop()
+    assert turns == [([int(b1, 16)], ""), ([int(c1, 16), int(c2, 16)], want)]
+    assert bytes(turns[0][0] + turns[1][0]).decode() == want
