@@ -340,6 +340,7 @@ class Engine:
         self._running: dict[str, Job] = {}  # session id → its job
         self._outbox: list[tuple[Stream, Any]] = []
         self._stopping = False
+        self._cancel_running = False  # cancel_running() asked: every running generation ends (guarded by _cv)
         self.crashed: str | None = None  # set when the engine thread died of a bug (guarded by _cv)
         self._next_housekeeping = 0.0
         self._block_step_s: float | None = None  # measured seconds per step of a native block ...
@@ -404,6 +405,14 @@ class Engine:
         self._submit((fn, fut))
         return fut
 
+    def cancel_running(self) -> None:
+        """Cancel every generation running now (the end of a drain, before the connections close): each
+        ends "cancelled" at its next step, so its client gets the done frame or event. Any thread."""
+        with self._cv:
+            self._cancel_running = True
+            self._block_interrupt.value = 1
+            self._cv.notify()
+
     def stop(self, timeout: float = 5.0) -> None:
         with self._cv:
             self._stopping = True
@@ -448,7 +457,8 @@ class Engine:
                 self._cv.wait(timeout=0.25)
             items = list(self._inbox)
             self._inbox.clear()
-            stopping = self._stopping
+            stopping, cancel = self._stopping, self._cancel_running
+            self._cancel_running = False
         for item in items:
             if isinstance(item, Job):
                 self._start(item)
@@ -459,6 +469,10 @@ class Engine:
                     fut.set_result(fn(self))
                 except Exception as exc:
                     fut.set_exception(exc)
+        if cancel:
+            for job in self._running.values():
+                if job.stream is not None:
+                    job.stream.cancelled = True
         if stopping:
             self._stop_work()
             return False

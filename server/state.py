@@ -103,8 +103,21 @@ class ServerState:
         while any(m.engine.active_requests for m in self.models.values()):
             if loop.time() > self.drain_deadline:
                 log.warning("drain timeout: cancelling the remaining requests")
+                await self._cancel_running()
                 break
             await asyncio.sleep(0.05)
+
+    async def _cancel_running(self) -> None:
+        """End every running generation "cancelled" and give its stream a moment to send that (the done
+        frame or event) before uvicorn closes the connections: up to CANCEL_GRACE_S for the engines to
+        end them, then a little for the event loop to write the last frames."""
+        loop = asyncio.get_running_loop()
+        for m in self.models.values():
+            m.engine.cancel_running()
+        deadline = loop.time() + CANCEL_GRACE_S
+        while any(m.engine.active_requests for m in self.models.values()) and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
 
     async def shutdown(self) -> None:
         """Drain (unless the signal handler already has), then stop the engines (generations still
@@ -121,6 +134,7 @@ class ServerState:
 
 
 STORE_FLUSH_TIMEOUT_S = 10.0
+CANCEL_GRACE_S = 1.0  # after the drain timeout: for running generations to end "cancelled" (_cancel_running)
 
 
 def _persister(model: ServedModel, writer: StoreWriter):

@@ -70,3 +70,36 @@ def test_sigterm_on_an_idle_server_exits_0_at_once(model_dirs):
         assert time.monotonic() - t0 < 10
     finally:
         proc.kill()
+
+
+def test_a_turn_still_running_when_the_drain_ends_gets_its_done_cancelled(model_dirs):
+    """A drain of 1 s against generations far longer: when it ends, each running turn ends "cancelled"
+    and its client gets that, over a WebSocket (a done frame before close code 1012) and over SSE (the
+    done event), instead of a connection closed with no word (found by a fresh-user trial)."""
+    port = free_port()
+    n = 5_000_000  # minutes for the tiny model
+    proc = start_server(model_dirs["text"], port, ["--drain-timeout-s", "1", "--max-new-tokens", str(n)])
+    try:
+        body = {"model": "tiny-text", "prompt": "to be", "max_new_tokens": n, "seed": 1, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/generate", json=body, timeout=60) as sse:
+            lines = sse.iter_lines()
+            assert next(lines).startswith("data: ")
+            with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+                ws.send(json.dumps({"type": "generate", "model": "tiny-text", "prompt": "or not",
+                                    "max_new_tokens": n, "seed": 2}))  # fmt: skip
+                assert json.loads(ws.recv())["type"] == "session"
+                assert json.loads(ws.recv())["type"] == "token"
+                proc.send_signal(signal.SIGTERM)
+                last = None
+                with pytest.raises(ConnectionClosed) as closed:
+                    while True:
+                        if isinstance(m := ws.recv(timeout=30), str):
+                            last = json.loads(m)
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert closed.value.rcvd.code == 1012
+        assert last["type"] == "done" and last["finish_reason"] == "cancelled", last
+        assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "cancelled", events[-1:]
+        assert 0 < last["usage"]["completion_tokens"] < n and 0 < events[-1]["usage"]["completion_tokens"] < n
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
