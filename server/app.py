@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
 from server.body_limit import BodySizeLimit
 from server.config import Settings
-from server.errors import APIError, validation_error
+from server.errors import APIError, as_openai, validation_error
 from server.routes import demo, generate, health, openai, sessions, websocket
 from server.state import ServerState
 
@@ -30,7 +30,12 @@ log = logging.getLogger("server")
 DOCS_ASSETS = "/static-offline-docs"  # swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js, favicon
 
 
-def _error_response(err: APIError) -> JSONResponse:
+OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions")  # errors as OpenAI's API gives them
+
+
+def _error_response(err: APIError, request: Request | None = None) -> JSONResponse:
+    if request is not None and request.url.path in OPENAI_ROUTES:
+        err = as_openai(err)
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
 
@@ -61,11 +66,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return _error_response(exc)
+        return _error_response(exc, request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        return _error_response(validation_error(list(exc.errors()), request.headers.get("content-type")))
+        err = validation_error(list(exc.errors()), request.headers.get("content-type"))
+        return _error_response(err, request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):

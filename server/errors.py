@@ -10,13 +10,21 @@ class APIError(Exception):
     """A request the server refuses: status (HTTP code), message, the offending field if any."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, retry_after: float | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        retry_after: float | None = None,
+        kind: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.retry_after = status, message, param, retry_after
+        self.kind = kind  # the body's `type`, where it is not the status's phrase
 
     @property
     def type(self) -> str:
+        if self.kind is not None:
+            return self.kind
         try:
             phrase = HTTPStatus(self.status).phrase
         except ValueError:  # 499: the client went away (nginx's code)
@@ -38,6 +46,17 @@ class APIError(Exception):
         if self.retry_after is not None:  # the WebSocket's Retry-After
             out["retry_after"] = max(1, round(self.retry_after))
         return out
+
+
+def as_openai(err: APIError) -> APIError:
+    """The error as OpenAI's API gives it on an OpenAI-compatible route: a request it cannot take is a
+    400 of type invalid_request_error there (the openai client raises BadRequestError; vLLM and
+    llama.cpp's servers do the same), where our own routes answer 422. Other statuses are unchanged."""
+    if err.status != 422:
+        return err
+    return APIError(
+        400, err.message, param=err.param, retry_after=err.retry_after, kind="invalid_request_error"
+    )
 
 
 def invalid(param: str, message: str) -> APIError:

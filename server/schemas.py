@@ -365,6 +365,19 @@ class ChatCompletionRequest(OpenAISampling):
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="with logprobs: the k most likely"
     )
+    # fields clients send by default that change nothing here: accepted, range-checked, not used
+    store: Literal[False] = Field(False, description="false only: this server keeps no completions")
+    metadata: (
+        Annotated[
+            dict[
+                Annotated[str, StringConstraints(max_length=64)],
+                Annotated[str, StringConstraints(max_length=512)],
+            ],
+            Field(max_length=16),
+        ]
+        | None
+    ) = Field(None, description="≤ 16 string pairs (OpenAI's bounds); accepted, not used (nothing is stored)")
+    parallel_tool_calls: bool = Field(True, description="accepted, not used: tools are not supported")
 
 
 class CompletionLogprobs(BaseModel):

@@ -17,6 +17,15 @@ import torch
 from model import ModelConfig, SequenceModel, load, save
 from model.sampling import SamplingParams, find_stop, sample
 
+
+def refusal_status(path: str) -> int:
+    """The status of a request the server cannot take on `path`: 400 on the OpenAI routes (as OpenAI's
+    API), 422 on ours (server/errors.py `as_openai`)."""
+    from server.app import OPENAI_ROUTES
+
+    return 400 if path in OPENAI_ROUTES else 422
+
+
 WS_GENERATE = Path(__file__).resolve().parent.parent / "scripts" / "ws_generate.py"  # the README's client
 TINY = dict(vocab_size=256, d_model=32, n_layers=2, d_state=16, l_max=256, cauchy_backend="torch")
 CORPUS = (

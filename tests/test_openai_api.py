@@ -370,7 +370,7 @@ def post(server, path: str, body: dict) -> httpx.Response:
 def test_every_numeric_field_is_range_checked(server, field, bad):
     for v in bad:
         r = post(server, "/v1/completions", {"model": TEXT, "prompt": "a", "max_tokens": 2, field: v})
-        assert r.status_code == 422, (field, v, r.text)
+        assert r.status_code == 400, (field, v, r.text)
         assert r.json()["error"]["param"] == field, (field, v, r.text)
 
 
@@ -404,7 +404,7 @@ def test_a_union_field_refused_names_the_element_and_the_nearest_member(server, 
     element that failed (pydantic's first member's "prompt.str: Input should be a valid string" named no
     field and hid the cause, for [-1] as for 5; found by a fresh-user trial)."""
     r = post(server, f"/v1/{route}", {"model": TEXT, "max_tokens": 2, **body})
-    assert r.status_code == 422, r.text
+    assert r.status_code == 400, r.text
     assert r.json()["error"]["param"] == param and r.json()["error"]["message"].startswith(message), r.text
 
 
@@ -447,7 +447,7 @@ def test_logit_bias_is_checked(server):
     bad = [{"256": 1}, {"x": 1}, {"-1": 1}, {"1": 100.5}, {"1": float("nan")}, {"1": float("-inf")}]
     for bias in bad:
         r = post(server, "/v1/completions", {"model": TEXT, "prompt": "a", "logit_bias": bias})
-        assert r.status_code == 422 and r.json()["error"]["param"].startswith("logit_bias"), (bias, r.text)
+        assert r.status_code == 400 and r.json()["error"]["param"].startswith("logit_bias"), (bias, r.text)
 
 
 def test_unsupported_fields_are_refused_by_name(oai, server):
@@ -468,13 +468,13 @@ def test_unsupported_fields_are_refused_by_name(oai, server):
     ]
     for extra, param in cases:
         r = post(server, "/v1/completions", {"model": TEXT, "prompt": "a", **extra})
-        assert r.status_code == 422, (extra, r.text)
+        assert r.status_code == 400, (extra, r.text)
         assert r.json()["error"]["param"].split(".")[0] == param, (extra, r.text)
-    with pytest.raises(openai.UnprocessableEntityError) as e:
+    with pytest.raises(openai.BadRequestError) as e:
         oai.completions.create(model=TEXT, prompt="a", suffix="b")
     assert "suffix" in e.value.message
     r = post(server, "/v1/completions", {"model": TEXT, "prompt": "a", "best_of": 3, "n": 1, "stream": True})
-    assert r.status_code == 422 and r.json()["error"]["param"] == "best_of"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
 
 
 # --- the sampling paths agree ----------------------------------------------------------------------
@@ -628,9 +628,9 @@ def test_chat_logprobs_n_and_content_parts(chat_server):
 def test_chat_refusals(chat_server):
     s, _ = chat_server
     with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:
-        # a model that cannot serve the route is a 422 naming `model`, whatever the reason
+        # a model that cannot serve the route is a 400 naming `model`, whatever the reason
         for model, why in [(TEXT, "chat template"), (AUDIO, "audio model")]:
-            with pytest.raises(openai.UnprocessableEntityError) as e:
+            with pytest.raises(openai.BadRequestError) as e:
                 c.chat.completions.create(model=model, messages=MESSAGES)
             assert why in e.value.message and e.value.body["param"] == "model"
         for kw, param in [
@@ -655,9 +655,42 @@ def test_chat_refusals(chat_server):
             ({"seed": -1}, "seed"),
         ]:  # fmt: skip
             body = {"model": "tiny-chat", "messages": MESSAGES, **kw}
-            with pytest.raises(openai.UnprocessableEntityError) as e:
+            with pytest.raises(openai.BadRequestError) as e:
                 c.chat.completions.create(**body)
             assert e.value.body["param"].split(".")[0] == param, (kw, e.value.body)
+
+
+def test_refusals_are_openai_s_400_and_fields_that_change_nothing_are_accepted(chat_server):
+    """On the OpenAI routes a request the server cannot take is OpenAI's 400 `invalid_request_error`, the
+    openai client's BadRequestError (it was a 422: UnprocessableEntityError, which `except
+    openai.BadRequestError` handlers miss; found by a fresh-user trial). Fields clients send that
+    change nothing here are accepted and range-checked (store false, metadata, parallel_tool_calls);
+    store true, which would ask the server to keep completions, is refused by name."""
+    s, _ = chat_server
+    with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:
+        chat = {"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 8, "seed": 3}
+        plain = c.chat.completions.create(**chat).choices[0].message.content
+        noops = {"store": False, "metadata": {"run": "a" * 512, "k" * 64: ""}, "parallel_tool_calls": False}
+        assert c.chat.completions.create(**chat, **noops).choices[0].message.content == plain
+        for kw, param in [
+            ({"store": True}, "store"),
+            ({"metadata": {"k": 1}}, "metadata"),
+            ({"metadata": {"k": "v" * 513}}, "metadata"),
+            ({"metadata": {str(i): "v" for i in range(17)}}, "metadata"),
+            ({"parallel_tool_calls": "no"}, "parallel_tool_calls"),
+            ({"temperature": -1}, "temperature"),
+        ]:
+            with pytest.raises(openai.BadRequestError) as e:
+                c.chat.completions.create(**chat, **kw)
+            err = e.value.body
+            assert e.value.status_code == 400 and err["type"] == "invalid_request_error", (kw, err)
+            assert err["param"].split(".")[0] == param, (kw, err)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model=TEXT, prompt=[-1])
+        assert e.value.body["param"] == "prompt" and "element [0]" in e.value.body["message"]
+    # our own routes keep 422 for the same kind of refusal
+    r = httpx.post(s.url + "/v1/generate", json={"model": TEXT, "prompt": "a", "temperature": -1})
+    assert r.status_code == 422 and r.json()["error"]["type"] == "unprocessable_entity"
 
 
 def test_shipped_shakespeare_chat_template_renders_speaker_lines():
@@ -706,14 +739,14 @@ def test_routes_import_without_the_app_factory():
 
 
 def test_choices_beyond_the_servers_capacity_are_refused_and_a_429_leaks_no_slot(limited, monkeypatch):
-    """The `limited` server holds 3 sessions and queues 1 request: n=2 can never be admitted (422
+    """The `limited` server holds 3 sessions and queues 1 request: n=2 can never be admitted (400
     naming n, not a 429 to retry). When a request's second choice is refused (429: queue full), its
     first choice is cancelled and every slot is freed."""
     from server.errors import over_capacity
 
     with httpx.Client(base_url=limited.url, timeout=30) as c:
         r = c.post("/v1/completions", json={"model": TEXT, "prompt": "a", "n": 2})
-        assert r.status_code == 422 and r.json()["error"]["param"] == "n"
+        assert r.status_code == 400 and r.json()["error"]["param"] == "n"
         engine = limited.state.models[TEXT].engine
         submit, calls = engine.submit, []
 
@@ -759,7 +792,7 @@ def test_types_are_strict_and_null_means_absent(server):
     for extra in bad:
         param = next(iter(extra))
         r = post(server, "/v1/completions", {"model": TEXT, "prompt": "a", **extra})
-        assert r.status_code == 422 and r.json()["error"]["param"] == param, (extra, r.text)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text)
     nulls = {
         k: None for k in ("n", "logprobs", "suffix", "stop", "seed", "temperature", "logit_bias", "best_of")
     }

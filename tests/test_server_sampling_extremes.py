@@ -149,5 +149,6 @@ def test_non_finite_and_out_of_range_values_are_422_naming_the_field(server, cli
         else:
             field_name = field
         status, param = run(server, client, model, route, {field: value})
-        assert (status, param) == (422, field_name), (field, value, status, param)
+        want = 400 if route.startswith("completions") else 422  # OpenAI's status on its routes
+        assert (status, param) == (want, field_name), (field, value, status, param)
     assert run(server, client, model, route, {"seed": 0})[0] == "ok"  # and the server serves on
