@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import math
 import secrets
 import time
@@ -32,6 +33,8 @@ from server.sessions import (
 )
 from server.state import ServerState
 from server.store import StoreError
+
+log = logging.getLogger("server.service")
 
 
 def state_of(request: Request) -> ServerState:
@@ -330,7 +333,10 @@ async def restore(state: ServerState, session_id: str) -> None:
             blob = await asyncio.to_thread(state.store.get, session_id)
         except StoreError as exc:
             state.metrics.store_ops.labels("error").inc()
-            raise unavailable(f"session {session_id}: the session store cannot be read ({exc})") from None
+            log.error("session %s: %s", session_id, exc)
+            raise unavailable(
+                f"session {session_id}: the session store cannot be read ({exc.public})"
+            ) from None
         if blob is None:
             return
         model, header, raw = check_state(

@@ -68,8 +68,9 @@ class ServerState:
                 open_store, self.settings.session_store, self.settings.session_store_ttl_s
             )
         except StoreError as exc:  # an operator who asked for a store must not silently lose sessions
-            self.failed["session_store"] = str(exc)
-            self._nothing_to_serve(str(exc))
+            log.error("%s", exc)
+            self.failed["session_store"] = f"the session store: {exc.public}"
+            self._nothing_to_serve(self.failed["session_store"])
             return
         self.models, self.failed = await asyncio.to_thread(
             load_models, self.settings, self.sessions, self.metrics

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import urllib.parse
 from typing import Protocol
 
 from server.config import REDIS_STORE_SCHEMES
@@ -28,7 +29,34 @@ KEY_PREFIX = "s4:session:"
 
 
 class StoreError(RuntimeError):
-    """The store cannot be reached or refused an operation."""
+    """The store cannot be reached or refused an operation. str(): for the operator's log, with the
+    store's URL less its password (`redact_url`); `public`: for clients (a 503's message, /readyz),
+    without the URL or the driver's text, which can name internal hosts."""
+
+    def __init__(self, message: str, public: str) -> None:
+        super().__init__(message)
+        self.public = public
+
+
+def redact_url(url: str) -> str:
+    """The URL without its secrets, for logs and errors: the password of its userinfo and a `password`
+    query parameter become ***. (A redis URL carries its password: redis://:secret@host:6379/0.)"""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:  # not a URL one can take apart: show none of it
+        return "<the configured URL>"
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = parts.username or ""
+        host = f"[{host}]" if ":" in host else host
+        netloc = f"{user}:***@{host}" + (f":{port}" if port is not None else "")
+    query = urllib.parse.urlencode(
+        [(k, "***" if k.lower() == "password" else v) for k, v in urllib.parse.parse_qsl(parts.query, True)],
+        safe="*",
+    )
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class StateStore(Protocol):
@@ -93,20 +121,24 @@ class RedisStateStore:
     def __init__(self, url: str, ttl_s: float) -> None:
         import redis  # noqa: PLC0415  (only needed when configured)
 
-        self.url, self.ttl_ms = url, max(1, int(ttl_s * 1000))
+        self.url, self.ttl_ms = redact_url(url), max(1, int(ttl_s * 1000))
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._errors = (redis.RedisError, OSError)
         self._put = self._redis.register_script(_PUT_IF_NOT_OLDER)
         try:
             self._redis.ping()
         except self._errors as exc:
-            raise StoreError(f"session store {url}: cannot connect ({exc})") from None
+            raise StoreError(
+                f"session store {self.url}: cannot connect ({exc})", f"cannot connect ({type(exc).__name__})"
+            ) from None
 
     def _call(self, what: str, fn):
         try:
             return fn()
         except self._errors as exc:
-            raise StoreError(f"session store {self.url}: {what} failed ({exc})") from None
+            raise StoreError(
+                f"session store {self.url}: {what} failed ({exc})", f"{what} failed ({type(exc).__name__})"
+            ) from None
 
     def put(self, session_id: str, blob: bytes, n_tokens: int) -> bool:
         keys = [KEY_PREFIX + session_id, KEY_PREFIX + session_id + ":tokens"]
@@ -140,7 +172,7 @@ def open_store(spec: str, ttl_s: float) -> StateStore | None:
         return None
     if spec.startswith(REDIS_STORE_SCHEMES):
         return RedisStateStore(spec, ttl_s)
-    raise ValueError(f"session_store must be 'memory' or a redis:// URL, not {spec!r}")
+    raise ValueError(f"session_store must be 'memory' or a redis:// URL, not {redact_url(spec)!r}")
 
 
 _DELETE = object()

@@ -19,7 +19,15 @@ from websockets.sync.client import connect
 from model.sampling import SamplingParams
 from server import Settings
 from server.sessions import SessionRecord, pack_state, unpack_state
-from server.store import KEY_PREFIX, MemoryStateStore, RedisStateStore, StoreWriter, open_store
+from server.store import (
+    KEY_PREFIX,
+    MemoryStateStore,
+    RedisStateStore,
+    StoreError,
+    StoreWriter,
+    open_store,
+    redact_url,
+)
 
 TEXT = "tiny-text"
 
@@ -116,6 +124,66 @@ def test_open_store_refuses_unknown_specs_and_unreachable_redis():
         RedisStateStore(f"redis://127.0.0.1:{free_port()}/0", 60)
     with pytest.raises(ValueError, match="session_store"):
         Settings(session_store="disk")
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("redis://:s3cret@10.0.0.5:6379/0", "redis://:***@10.0.0.5:6379/0"),
+        ("rediss://app:s3cret@cache.internal/2", "rediss://app:***@cache.internal/2"),
+        ("redis://h:6379/0?password=s3cret&db=1", "redis://h:6379/0?password=***&db=1"),
+        ("redis://:p%40ss@[::1]:6380/1", "redis://:***@[::1]:6380/1"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("redis://:s3cret@host:notaport/0", "<the configured URL>"),
+    ],
+)
+def test_a_store_url_is_shown_without_its_password(url, shown):
+    assert redact_url(url) == shown
+
+
+def test_a_store_password_reaches_no_client_and_no_log(model_dirs, caplog, tmp_path):
+    """A Redis with a password (in the URL, as redis-py takes it): the store going away mid-run gives a
+    client a 503 that names neither the password nor the store's host, and the server's log shows the URL
+    with the password as ***; a wrong password at start is refused the same way. (The URL, password and
+    all, was in the 503's body, every log line and the start-up error: found by a fresh-user trial.)"""
+    port, secret = free_port(), "s3cretpw"
+    proc = subprocess.Popen(
+        [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", secret],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"redis://:{secret}@127.0.0.1:{port}/0"
+    try:
+        assert wait_for(lambda: _opens(url), 10, 0.05), "redis-server did not start"
+        with pytest.raises(StoreError) as wrong:
+            RedisStateStore(f"redis://:wrong{secret}@127.0.0.1:{port}/0", 60)
+        assert secret not in str(wrong.value) and ":***@" in str(wrong.value)
+        s = _replica(model_dirs, url)
+        try:
+            proc.send_signal(signal.SIGSTOP)  # unreachable: reads time out
+            with caplog.at_level("INFO"):
+                r = httpx.post(
+                    s.url + "/v1/generate", json={"model": TEXT, "session_id": "sess-gone"}, timeout=60
+                )
+            proc.send_signal(signal.SIGCONT)
+        finally:
+            s.stop()
+        assert r.status_code == 503 and "session store cannot be read" in r.text, r.text
+        assert secret not in r.text and "127.0.0.1" not in r.text and str(port) not in r.text
+        logged = caplog.text
+        assert f"redis://:***@127.0.0.1:{port}/0" in logged and secret not in logged
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        proc.wait(10)
+
+
+def _opens(url: str) -> bool:
+    try:
+        RedisStateStore(url, 60).close()
+        return True
+    except StoreError:
+        return False
 
 
 # --- one and two replicas -----------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 A translation layer and nothing more: each request's fields are checked and mapped onto
 `SamplingParams` and one generation per choice (service.start_generation); fields we do not support
 are refused by name, never ignored: a 400 of type invalid_request_error, as OpenAI's API answers
-(server/errors.py `as_openai`; our own routes say 422). The reference followed is platform.openai.com/docs/api-reference
-(completions, chat, models); the extensions top_k, min_p and repetition_penalty carry vLLM's names.
+(server/errors.py `as_openai`; our own routes say 422). The reference followed is
+platform.openai.com/docs/api-reference (completions, chat, models); the extensions top_k, min_p and
+repetition_penalty carry vLLM's names.
 
 Choices: every prompt is sampled `best_of` (default `n`) times, each an independent one-shot
 generation with its own generator. With a `seed`, choice i of a prompt samples with `choice_seed(seed,
