@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
+import socket  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
 import typing  # noqa: E402
@@ -88,11 +89,15 @@ class GracefulServer(uvicorn.Server):
 def preflight(settings: Settings) -> list[str]:
     """What stops the server from serving anything, checked before it listens: every configured
     checkpoint is read and validated (config.json, then the safetensors weights: never unpickled)
-    and the session store is reached. Returns the problems when nothing could be served, else []."""
+    and the session store is reached; before those (seconds, for a converted checkpoint), the device and
+    the port. Returns the problems when nothing could be served, else []."""
 
     from model.checkpoint import CheckpointError, load  # noqa: PLC0415
     from server.store import StoreError, open_store  # noqa: PLC0415
 
+    for problem in (settings.device_problem(), port_problem(settings.host, settings.port)):
+        if problem:
+            return [problem]
     problems = []
     try:
         store = open_store(settings.session_store, settings.session_store_ttl_s)
@@ -117,6 +122,34 @@ def preflight(settings: Settings) -> list[str]:
     return problems or ["no checkpoint to serve (none of the configured folders exists)"]
 
 
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (in use, an address not of this machine), else None.
+    Bound and released at once, as uvicorn binds it (SO_REUSEADDR), so it does not stop a restart."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, _, _, _, address = infos[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as exc:
+        return f"cannot listen on {host}:{port} (S4_HOST, S4_PORT): {exc.strerror or exc}"
+    return None
+
+
+# S4_* variables read elsewhere than Settings: the C build's (model/fused.py), a client script's key
+# (scripts/ws_generate.py), the official code for bench.official; S4_FUZZ_* are the fuzz tests'
+OTHER_ENV = {"S4_CFLAGS", "S4_BUILD_CACHE", "S4_API_KEY", "S4_OFFICIAL_DIR"}
+
+
+def unknown_env(environ) -> list[str]:
+    """The S4_* variables in `environ` that no setting or tool reads (S4_MAX_SESION for S4_MAX_SESSIONS
+    would otherwise be ignored without a word)."""
+    known = {f"S4_{name.upper()}" for name in Settings.model_fields} | OTHER_ENV
+    return sorted(
+        k for k in environ if k.startswith("S4_") and k not in known and not k.startswith("S4_FUZZ_")
+    )
+
+
 def setting_names(field: str) -> str:
     """A setting as an operator sets it: `S4_MAX_SESSIONS (--max-sessions)`."""
     return f"S4_{field.upper()} (--{field.replace('_', '-')})"
@@ -132,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for name in unknown_env(os.environ):
+        log.warning("%s is not a setting (a typo? `python -m server --help` lists them): ignored", name)
     problems = preflight(settings)
     if problems:
         for p in problems:
@@ -147,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # uvicorn's lines through the root logger: timestamped like the server's
         timeout_graceful_shutdown=5,  # the drain is over by then: this only bounds the last writes
     )
     server = GracefulServer(config, state)

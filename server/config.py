@@ -214,6 +214,18 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v):
+        return v.lower() if isinstance(v, str) else v  # DEBUG as debug, as logging takes it
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,3})?", v) is None:
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N (a GPU's index), not {v!r}")
+        return v
+
     @field_validator("session_store")
     @classmethod
     def _store(cls, v: str) -> str:
@@ -259,6 +271,15 @@ class Settings(BaseSettings):
         return "S4_MODEL_DTYPES" if model_id in self.model_dtype_overrides() else "S4_DTYPE"
 
     @model_validator(mode="after")
+    def _keys_when_asked(self) -> Settings:
+        if "api_keys" in self.model_fields_set and not self.api_keys:  # never fail open
+            raise ValueError(
+                "S4_API_KEYS (--api-keys) is set but holds no key (empty, or only commas and spaces: an "
+                "unset variable in a template?); unset it to serve without keys"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _prefill_budget(self) -> Settings:
         if self.prefill_token_budget < self.prefill_chunk_tokens:
             raise ValueError(
@@ -273,6 +294,21 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def device_problem(self) -> str | None:
+        """Why the device asked for cannot be used here (checked before the server listens), else None:
+        cuda without a CUDA build of torch or a visible GPU, cuda:N past the GPUs there are."""
+        if not self.device.startswith("cuda"):
+            return None
+        import torch
+
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            return f"S4_DEVICE={self.device}: {why} (torch {torch.__version__}); use cpu or auto"
+        index = int(self.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            return f"S4_DEVICE={self.device}: there are {torch.cuda.device_count()} CUDA devices"
+        return None
 
     def uses_default_checkpoints(self) -> bool:
         return "checkpoints" not in self.model_fields_set

@@ -266,6 +266,9 @@ def load_models(
         except (CheckpointError, VerificationError, ValueError, OSError, RuntimeError) as exc:
             failed[model_id] = f"{type(exc).__name__}: {exc}"
             log.error("checkpoint %s not served: %s", entry, failed[model_id])
+        except Exception as exc:  # a bug, or a library's assert: this model is not served, the others are
+            failed[model_id] = f"{type(exc).__name__}: {exc}"
+            log.exception("checkpoint %s not served: %s", entry, failed[model_id])
     for model_id in settings.model_dtype_overrides():
         if model_id not in models and model_id not in failed:
             failed[model_id] = f"S4_MODEL_DTYPES names {model_id!r}, which no S4_CHECKPOINTS entry serves"

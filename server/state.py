@@ -72,9 +72,14 @@ class ServerState:
             self.failed["session_store"] = f"the session store: {exc.public}"
             self._nothing_to_serve(self.failed["session_store"])
             return
-        self.models, self.failed = await asyncio.to_thread(
-            load_models, self.settings, self.sessions, self.metrics
-        )
+        try:
+            self.models, self.failed = await asyncio.to_thread(
+                load_models, self.settings, self.sessions, self.metrics
+            )
+        except Exception as exc:  # never a server that says "loading" for ever with nothing logged
+            log.exception("loading the models failed")
+            self._nothing_to_serve(f"loading the models failed: {type(exc).__name__}: {exc}")
+            return
         if self.store is not None:
             self.writer = StoreWriter(self.store, self.metrics.store_ops)
             for m in self.models.values():

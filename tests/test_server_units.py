@@ -1,17 +1,25 @@
 """Server pieces without a server: settings, text assembly, the state format, checkpoint loading."""
 
 import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
 from server.__main__ import parse_args
 from server.config import Settings, default_text, settings_table
+from server.launch import free_port
 from server.media import TextAssembler
 from server.metrics import LATENCY_BUCKETS, Metrics, observe_many
 from server.registry import load_models
 from server.sessions import SessionTable, StateFormatError, pack_state, unpack_state
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_settings_from_env_then_cli_flags(monkeypatch):
@@ -219,3 +227,105 @@ def test_an_audio_streams_buffer_and_hand_over_period_are_sized_in_time():
         Settings(audio_stream_buffer_ms=-1)
     with pytest.raises(ValueError, match="audio_decode_block_ms"):
         Settings(audio_decode_block_ms=201)
+
+
+def _python_m_server(*flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "server", *flags]
+    return subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def test_a_device_that_cannot_be_used_stops_the_server_before_it_listens(model_dirs):
+    """S4_DEVICE is checked before anything loads: a name that is no device is an invalid setting, and
+    cuda on a torch without CUDA (CI's, this machine's) is refused, naming S4_DEVICE. (gpu was refused
+    only after the server listened, with torch's message; cuda left /readyz at "loading" for ever, with
+    nothing logged: found by a fresh-user trial.)"""
+    ckpt = ["--checkpoints", str(model_dirs["text"])]
+    for device in ("gpu", "cuda:x", "cuda:1234", "CPU"):
+        with pytest.raises(ValueError, match="must be auto, cpu, cuda or cuda:N"):
+            Settings(device=device)
+    out = _python_m_server("--port", str(free_port()), *ckpt, env={"S4_DEVICE": "gpu"})
+    assert out.returncode != 0 and "S4_DEVICE (--device): Value error, must be auto, cpu" in out.stderr
+    if not torch.cuda.is_available():
+        out = _python_m_server("--port", str(free_port()), "--device", "cuda", *ckpt)
+        assert out.returncode != 0 and "S4_DEVICE=cuda: this torch has no CUDA" in out.stderr, out.stderr
+        assert "Uvicorn running" not in out.stderr
+
+
+def test_a_port_in_use_stops_the_server_before_anything_loads(model_dirs):
+    """Checked first, not after the models have loaded (seconds to minutes for a converted checkpoint)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = _python_m_server("--port", str(port), "--checkpoints", str(model_dirs["text"]))
+    assert out.returncode != 0 and f"cannot listen on 127.0.0.1:{port} (S4_HOST, S4_PORT)" in out.stderr
+    assert "in use" in out.stderr and "verified" not in out.stderr.lower(), out.stderr
+
+
+def test_an_unexpected_error_while_loading_is_reported_not_left_loading(model_dirs, monkeypatch):
+    """Any exception a model's loading raises (an AssertionError from a library, a bug) marks that model
+    failed, named with the reason in /readyz, and the others are served; if loading as a whole fails the
+    server says so and stops being "loading"."""
+    import asyncio
+
+    from server import registry, state
+    from server.state import ServerState
+
+    real = registry.load_model
+
+    def flaky(folder, *args, **kw):
+        if Path(folder).name == "tiny-audio":
+            raise AssertionError("Torch not compiled with CUDA enabled")
+        return real(folder, *args, **kw)
+
+    monkeypatch.setattr(registry, "load_model", flaky)
+    s = ServerState(Settings(checkpoints=[str(model_dirs["text"]), str(model_dirs["audio"])]))
+    asyncio.run(s.load())
+    try:
+        assert list(s.models) == ["tiny-text"] and s.fatal is None
+        assert s.failed == {"tiny-audio": "AssertionError: Torch not compiled with CUDA enabled"}
+    finally:
+        for m in s.models.values():
+            m.engine.stop()
+
+    def broken(*args, **kw):
+        raise AssertionError("a bug")
+
+    monkeypatch.setattr(state, "load_models", broken)
+    s = ServerState(Settings(checkpoints=[str(model_dirs["text"])]))
+    asyncio.run(s.load())
+    assert s.loaded and s.fatal == "loading the models failed: AssertionError: a bug"
+
+
+def test_api_keys_set_to_nothing_refuse_to_start_instead_of_failing_open(monkeypatch, model_dirs):
+    """S4_API_KEYS present but holding no key (empty, commas, spaces: an unset variable in a template)
+    stops the server; it used to serve every route without a key, with no log line."""
+    for value in ("", ",", " , "):
+        monkeypatch.setenv("S4_API_KEYS", value)
+        with pytest.raises(ValueError, match="S4_API_KEYS .* holds no key"):
+            Settings()
+    monkeypatch.setenv("S4_API_KEYS", " k1, ,k2 ")
+    assert Settings().api_keys == ["k1", "k2"]
+    monkeypatch.delenv("S4_API_KEYS")
+    assert Settings().api_keys == []
+    out = _python_m_server("--port", str(free_port()), "--checkpoints", str(model_dirs["text"]),
+                           env={"S4_API_KEYS": ","})  # fmt: skip
+    assert out.returncode != 0 and "holds no key" in out.stderr and "Uvicorn running" not in out.stderr
+
+
+def test_unknown_s4_variables_are_named_and_log_levels_take_any_case(monkeypatch, model_dirs):
+    from server.__main__ import unknown_env
+
+    env = {"S4_MAX_SESION": "3", "S4_MAX_SESSIONS": "3", "S4_CFLAGS": "-O2", "S4_FUZZ_API_EXAMPLES": "9",
+           "S4_API_KEY": "k", "S4_DTYPE": "float32", "PATH": "/bin", "S4_PROT": "1"}  # fmt: skip
+    assert unknown_env(env) == ["S4_MAX_SESION", "S4_PROT"]
+    monkeypatch.setenv("S4_LOG_LEVEL", "DEBUG")
+    assert Settings().log_level == "debug"
+    with socket.socket() as busy:  # the warning comes first; the busy port then stops the server at once
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        out = _python_m_server("--port", port, "--checkpoints", str(model_dirs["text"]),
+                               env={"S4_MAX_SESION": "3"})  # fmt: skip
+    assert "WARNING server: S4_MAX_SESION is not a setting" in out.stderr, out.stderr
