@@ -20,8 +20,9 @@ and its websockets (sans-I/O) protocol are subclassed, and `uvicorn_config` puts
   server has more for it than the transport buffers (64 KiB past the kernel's socket buffers) is cut
   off (its generation is cancelled and its slot freed: a client that stopped reading would otherwise
   hold a paused session for ever).
-- **header size**: a request line and headers over `max_header_bytes` are answered 431 and the
-  connection closed (`s4_requests_refused_total{reason="headers_too_large"}`).
+- **header size**: a request line and headers over `max_header_bytes` (counted exactly, before the
+  parser sees them) are answered 431 and the connection closed
+  (`s4_requests_refused_total{reason="headers_too_large"}`).
 - **connections**: at most `max_connections` open (HTTP and WebSocket); one more is answered 503 and
   closed when accepted, before it is read.
 
@@ -154,7 +155,8 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.guard = guard
         self.deadline: asyncio.TimerHandle | None = None
         self.partial_request = False  # bytes of a request whose headers are not complete yet
-        self.header_bytes = 0  # of the request whose headers are not complete yet (see data_received)
+        self.header_bytes = 0  # of the request whose headers are not complete yet (_headers_too_large)
+        self.header_tail = b""  # the last 3 of those bytes: the blank line may straddle two reads
         self.send_deadline = SendDeadline(self, guard)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -177,30 +179,41 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         return self.cycle is not None and not self.cycle.response_complete
 
     def data_received(self, data: bytes) -> None:
-        if self.deadline is None and not self._in_progress():  # these bytes begin a request
-            self.partial_request = True
-            self._arm(self.guard.header_timeout_s, "header_timeout")
-        within_headers = self.partial_request
+        if not self._in_progress() and not self.partial_request:  # these bytes begin a request
+            self.partial_request, self.header_bytes, self.header_tail = True, 0, b""
+            if self.deadline is None:  # (a connection's first request: armed at the accept)
+                self._arm(self.guard.header_timeout_s, "header_timeout")
+        if self.partial_request and self._headers_too_large(data):
+            return
         super().data_received(data)
-        # httptools has no limit on a request line or a header (and copies a long header value
-        # quadratically): count the reads that begin and end inside the headers (a read that also
-        # holds the end of the previous request is not counted: at most one read, 256 KiB)
-        if within_headers and self.partial_request and not self.transport.is_closing():
-            self.header_bytes += len(data)
-            if self.header_bytes > self.guard.max_header_bytes:
-                self._disarm()
-                self.guard.count_request_refused("headers_too_large")
-                limit = self.guard.max_header_bytes
-                msg = f"the request line and headers are larger than {limit} bytes (max_header_bytes)"
-                self.transport.write(error_response(431, msg))
-                self.transport.close()
+
+    def _headers_too_large(self, data: bytes) -> bool:
+        """httptools has no limit on a request line or a header (and copies a long header value
+        quadratically): count the bytes up to the blank line that ends the headers, before the parser
+        sees them, and answer 431 past max_header_bytes. (Counting whole reads after parsing let a read
+        that also ended the headers through: up to 256 KiB.) A read that holds the end of the request
+        before is not counted: pipelined requests' headers are bounded by the read, 256 KiB."""
+        seen = self.header_tail + data  # the blank line may straddle two reads
+        end = seen.find(b"\r\n\r\n")
+        n = len(data) if end < 0 else max(0, end + 4 - len(self.header_tail))
+        self.header_bytes += n
+        self.header_tail = seen[-3:]
+        if self.header_bytes <= self.guard.max_header_bytes or self.transport.is_closing():
+            return False
+        self._disarm()
+        self.guard.count_request_refused("headers_too_large")
+        limit = self.guard.max_header_bytes
+        msg = f"the request line and headers are larger than {limit} bytes (max_header_bytes)"
+        self.transport.write(error_response(431, msg))
+        self.transport.close()
+        return True
 
     def on_message_begin(self) -> None:
         self.partial_request = True
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
-        self.partial_request, self.header_bytes = False, 0
+        self.partial_request, self.header_bytes, self.header_tail = False, 0, b""
         super().on_headers_complete()
         if self.pipeline and self.pipeline[0][0] is self.cycle:
             self._disarm()  # queued behind a running request: its body is read when its turn comes
