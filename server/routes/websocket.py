@@ -35,6 +35,23 @@ router = APIRouter()
 log = logging.getLogger("server.ws")
 
 
+def parse_message(text: str) -> WSSession | WSGenerate | WSAppend | WSCancel:
+    """A control frame, parsed as the HTTP routes parse a body: pydantic's JSON parser refuses a lone
+    surrogate's escape ("\\ud800"), which JSON allows and Python's json takes, so such a message is
+    parsed by Python's json and then validated, and the field that holds it is named (media.text_ids:
+    422 naming prompt) instead of "malformed JSON". Raises pydantic's ValidationError."""
+    try:
+        return WSMessage.validate_json(text)
+    except ValidationError as exc:
+        if exc.errors()[0]["type"] != "json_invalid":
+            raise
+        try:
+            data = json.loads(text)
+        except (ValueError, RecursionError):
+            raise exc from None
+        return WSMessage.validate_python(data)
+
+
 class Connection:
     def __init__(self, ws: WebSocket, st: ServerState) -> None:
         self.ws, self.st = ws, st
@@ -69,7 +86,7 @@ class Connection:
 
     async def on_message(self, text: str) -> None:
         try:
-            msg = WSMessage.validate_json(text)
+            msg = parse_message(text)
         except ValidationError as exc:
             errors = exc.errors()
             for e in errors:  # drop the union tag from the location
