@@ -807,6 +807,7 @@ class Engine:
             (job.stream, Finished(reason, len(job.tokens), len(job.out), stop_at)),
         )
         self.metrics.e2e.observe(time.perf_counter() - job.submitted)
+        self.metrics.finished[reason].inc()
         self._end(job)
 
     def _end(self, job: Job) -> None:

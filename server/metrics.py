@@ -8,8 +8,35 @@ end-to-end from admission to the final event.
 from __future__ import annotations
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# No `*_created` gauge beside every counter and histogram (prometheus_client's default): they double the
+# exposition and no query here needs them (process-wide; Prometheus's own clients agree it is optional).
+disable_created_metrics()
+
+# The label values each labelled counter takes, exported at 0 from the start: a rate() over a series
+# that appears only at its first event misses that event, and an absent series reads as "no data"
+REJECTION_REASONS = ("sessions_full", "queue_full")
+STORE_OPS = ("write", "stale", "delete", "error", "restore")
+AUTH_TRANSPORTS = ("http", "websocket")
+CLOSE_REASONS = (
+    "header_timeout",
+    "body_timeout",
+    "ws_handshake_timeout",
+    "keep_alive_timeout",
+    "send_timeout",
+)
+CONNECTION_REFUSALS = ("max_connections",)
+REQUEST_REFUSALS = ("body_too_large", "headers_too_large")
+FINISH_REASONS = ("stop", "length", "cancelled")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -62,14 +89,15 @@ class Metrics:
             m, registry=r, buckets=FRAME_BUCKETS,
         )  # fmt: skip
         self.audio_realtime_factor = Histogram(
-            "s4_audio_stream_realtime_factor",
-            "Per finished audio stream: seconds of audio sent per second from the request to its last frame",
+            "s4_audio_stream_realtime_ratio",
+            "Per finished audio stream, its real-time factor: seconds of audio sent per second from the "
+            "request to its last frame (≥ 1: real time)",
             m, registry=r, buckets=RTF_BUCKETS,
         )  # fmt: skip
         self.prefill_tokens = Counter("s4_prompt_tokens_ingested", "Prompt tokens prefilled", m, registry=r)
         self.active_sessions = Gauge("s4_active_sessions", "State slots in use (sessions + one-shot)", m,
                                      registry=r)  # fmt: skip
-        self.state_bytes = Gauge("s4_state_bytes_resident", "Bytes of state held by slots in use", m,
+        self.state_bytes = Gauge("s4_state_resident_bytes", "Bytes of state held by slots in use", m,
                                  registry=r)  # fmt: skip
         self.pool_bytes = Gauge("s4_state_pool_bytes", "Bytes preallocated for the state slot pool", m,
                                 registry=r)  # fmt: skip
@@ -82,7 +110,7 @@ class Metrics:
         self.store_ops = Counter("s4_session_store_operations", "Session store writes, deletes, restores, "
                                  "errors", ["op"], registry=r)  # fmt: skip
         self.verification_error = Gauge(
-            "s4_verification_relative_error",
+            "s4_verification_relative_error_ratio",
             "Relative error measured at load against float64 conv mode: the logits of the recurrent step and "
             "prefill at the served dtype, and each layer's kernel",
             ["model", "dtype", "check"],
@@ -102,9 +130,23 @@ class Metrics:
         self.requests_refused = Counter("s4_requests_refused", "Requests refused before routing: "
                                         "body_too_large, headers_too_large", ["reason"],
                                         registry=r)  # fmt: skip
+        self.generations = Counter("s4_generations", "Generations ended, by finish_reason: stop, length, "
+                                   "cancelled (a client gone, a cancel, a drain's end)",
+                                   ["model", "finish_reason"], registry=r)  # fmt: skip
+        for counter, values in [
+            (self.store_ops, STORE_OPS),
+            (self.auth_failures, AUTH_TRANSPORTS),
+            (self.connections_closed, CLOSE_REASONS),
+            (self.connections_refused, CONNECTION_REFUSALS),
+            (self.requests_refused, REQUEST_REFUSALS),
+        ]:
+            for value in values:
+                counter.labels(value)
 
-    def for_model(self, model: str) -> ModelMetrics:
-        return ModelMetrics(self, model)
+    def for_model(self, model: str, audio: bool = False) -> ModelMetrics:
+        """The metrics of one model, each series exported from now on (the audio ones for an audio
+        model only)."""
+        return ModelMetrics(self, model, audio)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -113,16 +155,20 @@ class Metrics:
 class ModelMetrics:
     """The metrics with the model label bound (cheap to update from the engine's hot loop)."""
 
-    def __init__(self, m: Metrics, model: str) -> None:
+    def __init__(self, m: Metrics, model: str, audio: bool = False) -> None:
         self.ttft, self.itl, self.e2e = m.ttft.labels(model), m.itl.labels(model), m.e2e.labels(model)
         self.batch_size, self.tokens = m.batch_size.labels(model), m.tokens.labels(model)
-        self.audio_frame_interval = m.audio_frame_interval.labels(model)
-        self.audio_realtime_factor = m.audio_realtime_factor.labels(model)
+        if audio:  # (a text model's stream sends no audio frames: no always-zero series for it)
+            self.audio_frame_interval = m.audio_frame_interval.labels(model)
+            self.audio_realtime_factor = m.audio_realtime_factor.labels(model)
         self.prefill_tokens = m.prefill_tokens.labels(model)
         self.active_sessions, self.state_bytes = m.active_sessions.labels(model), m.state_bytes.labels(model)
         self.pool_bytes, self.queue_depth = m.pool_bytes.labels(model), m.queue_depth.labels(model)
         self.engine_crashes = m.engine_crashes.labels(model)
         self._rejections, self._model = m.rejections, model
+        for reason in REJECTION_REASONS:
+            m.rejections.labels(model, reason)
+        self.finished = {r: m.generations.labels(model, r) for r in FINISH_REASONS}
 
     def reject(self, reason: str) -> None:
         self._rejections.labels(self._model, reason).inc()

@@ -214,7 +214,7 @@ def load_model(
     use_cuda_graphs(rec, settings, path.name)
     warm_up(rec, min(8, settings.max_batch_size))
     model_id = model_id or path.name
-    mm = metrics.for_model(model_id)
+    mm = metrics.for_model(model_id, audio=rec.config.modality == "audio")
     engine = Engine(model_id, rec, settings, sessions, mm)
     mm.pool_bytes.set(engine.pool.capacity * engine.pool.bytes_per_slot)
     v = rec.verification

@@ -253,13 +253,13 @@ def test_a_bad_frame_ms_gets_an_error_frame_and_never_touches_another_session(se
 
 def test_frames_are_timed_on_the_send_side_in_prometheus(client, server):
     name = "s4_audio_frame_interval_seconds_count"
-    before = metric(client, name, AUDIO), metric(client, "s4_audio_stream_realtime_factor_count", AUDIO)
+    before = metric(client, name, AUDIO), metric(client, "s4_audio_stream_realtime_ratio_count", AUDIO)
     _, frames, _ = asyncio.run(ws_generate(server.ws_url, {"max_new_tokens": 810, "seed": 3, "frame_ms": 10}))
     assert len(frames) == 11  # 80 samples a frame: 10 whole, and 10 samples left
-    after = metric(client, name, AUDIO), metric(client, "s4_audio_stream_realtime_factor_count", AUDIO)
+    after = metric(client, name, AUDIO), metric(client, "s4_audio_stream_realtime_ratio_count", AUDIO)
     assert after[0] - before[0] == len(frames) - 1  # one interval between two frames of the stream
     assert after[1] - before[1] == 1  # one finished stream
-    assert metric(client, "s4_audio_stream_realtime_factor_sum", AUDIO) > 0
+    assert metric(client, "s4_audio_stream_realtime_ratio_sum", AUDIO) > 0
 
 
 # --- the benchmark's measures (bench/audio_streams.py) --------------------------------------------

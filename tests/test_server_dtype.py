@@ -40,11 +40,11 @@ def greedy(rec, prompt: list[int], n: int) -> list[int]:
 
 
 def verification_metrics(client: httpx.Client) -> dict[str, float]:
-    """check → value of s4_verification_relative_error{model="tiny-text", dtype="bfloat16"}."""
+    """check → value of s4_verification_relative_error_ratio{model="tiny-text", dtype="bfloat16"}."""
     out = {}
     for family in text_string_to_metric_families(client.get("/metrics").text):
         for s in family.samples:
-            if s.name == "s4_verification_relative_error" and s.labels["model"] == TEXT:
+            if s.name == "s4_verification_relative_error_ratio" and s.labels["model"] == TEXT:
                 assert s.labels["dtype"] == "bfloat16"
                 out[s.labels["check"]] = s.value
     return out

@@ -7,7 +7,7 @@ import wave
 
 import httpx
 import numpy as np
-from server_support import b64, metric, reference, sse_events, wait_for
+from server_support import ServerThread, b64, metric, reference, sse_events, wait_for
 
 from model.codecs import MuLaw, read_wav, wav_bytes
 from model.sampling import SamplingParams
@@ -179,9 +179,56 @@ def test_metrics_expose_latency_histograms_and_gauges(client):
         assert f"# TYPE {name} histogram" in text
         assert float(text.split(f'{name}_count{{model="{TEXT}"}} ')[1].split()[0]) >= 1
     assert metric(client, "s4_tokens_generated_total", TEXT) >= 5
-    for name in ("s4_active_sessions", "s4_state_bytes_resident", "s4_queue_depth", "s4_state_pool_bytes"):
+    for name in ("s4_active_sessions", "s4_state_resident_bytes", "s4_queue_depth", "s4_state_pool_bytes"):
         metric(client, name, TEXT)
     assert "# TYPE s4_rejections_total counter" in text
+
+
+def test_metrics_follow_prometheus_conventions_and_every_known_series_is_there_from_the_start(model_dirs):
+    """On a fresh server, before any request: the exposition parses (prometheus_client's parser); every
+    counter ends in _total and has its HELP and TYPE; units come last (bytes, seconds) and ratios end in
+    _ratio; each labelled counter's known label values are exported at 0 (a series that appears only at
+    its first event loses that event to rate()); no *_created series; a text model has no audio series.
+    Then one generation moves s4_generations_total{finish_reason="length"} by exactly one. (From a
+    fresh-user trial's review of /metrics.)"""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server import Settings, metrics
+
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"]), str(model_dirs["audio"])])).start()
+    try:
+        text = httpx.get(s.url + "/metrics").text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert "_created" not in text
+        for f in families.values():
+            assert f"# HELP {f.name}" in text and f.documentation, f.name
+            if f.type == "counter":
+                assert f"{f.name}_total" in text, f.name
+            assert not any(f.name.endswith(u) for u in ("_bytes_resident", "_factor", "_error")), f.name
+
+        def labels(name: str, key: str, **fixed) -> set[str]:
+            return {x.labels[key] for x in families[name].samples if x.name == name + "_total"
+                    and all(x.labels.get(k) == v for k, v in fixed.items()) and x.value == 0}  # fmt: skip
+
+        assert labels("s4_session_store_operations", "op") == set(metrics.STORE_OPS)
+        assert labels("s4_auth_failures", "transport") == set(metrics.AUTH_TRANSPORTS)
+        assert labels("s4_connections_closed", "reason") == set(metrics.CLOSE_REASONS)
+        assert labels("s4_connections_refused", "reason") == set(metrics.CONNECTION_REFUSALS)
+        assert labels("s4_requests_refused", "reason") == set(metrics.REQUEST_REFUSALS)
+        for model in (TEXT, AUDIO):
+            assert labels("s4_rejections", "reason", model=model) == set(metrics.REJECTION_REASONS)
+            assert labels("s4_generations", "finish_reason", model=model) == set(metrics.FINISH_REASONS)
+        audio_models = {x.labels["model"] for x in families["s4_audio_stream_realtime_ratio"].samples}
+        assert audio_models == {AUDIO}
+        assert {x.labels["model"] for x in families["s4_state_resident_bytes"].samples} == {TEXT, AUDIO}
+        r = httpx.post(s.url + "/v1/generate", json={"model": TEXT, "prompt": "a", "max_new_tokens": 3})
+        assert r.json()["finish_reason"] == "length"
+        after = {x.labels["finish_reason"]: x.value
+                 for f in text_string_to_metric_families(httpx.get(s.url + "/metrics").text)
+                 if f.name == "s4_generations" for x in f.samples if x.labels["model"] == TEXT}  # fmt: skip
+        assert after == {"stop": 0, "length": 1, "cancelled": 0}
+    finally:
+        s.stop()
 
 
 def test_openapi_documents_every_endpoint(client):
