@@ -433,7 +433,12 @@ def main() -> None:
     s.add_argument("--ws-users", type=int, default=6)
     s.add_argument("--http-users", type=int, default=4)
     for p in (o, s):
-        p.add_argument("--out", default=str(ROOT / "scripts" / "results"))
+        p.add_argument(
+            "--out",
+            default=str(ROOT / "scripts" / "results"),
+            help="the folder for the result, NAME.json (default: scripts/results/, whose files are the "
+            "README's measured figures: pass a folder of your own to keep them)",
+        )
         p.add_argument("--checkpoint", default=str(CHECKPOINT), help="a text model's checkpoint folder")
     args = parser.parse_args()
     CHECKPOINT = Path(args.checkpoint).resolve()
