@@ -28,6 +28,29 @@ def b64decode(data: str, param: str) -> bytes:
         raise invalid(param, f"{param} is not valid base64") from None
 
 
+def accepts(accept: str | None, media_type: str, any_type: bool = True) -> bool:
+    """Whether an Accept header takes `media_type` (type/subtype): no header takes anything; else one of
+    its media ranges, type/subtype, type/* or (with `any_type`) */*, with q > 0 (RFC 9110, 12.5.1;
+    parameters other than q are ignored). `Accept: audio/wav` takes audio/wav, not application/json;
+    any_type=False asks whether the header names the type itself (`*/*`, curl's, does not)."""
+    if accept is None or not accept.strip():
+        return any_type
+    ranges = {media_type, media_type.split("/", maxsplit=1)[0] + "/*"} | ({"*/*"} if any_type else set())
+    for item in accept.split(","):
+        media_range, *params = (p.strip() for p in item.split(";"))
+        q = 1.0
+        for p in params:
+            name, _, value = p.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q > 0 and media_range.lower() in ranges:
+            return True
+    return False
+
+
 def text_ids(text: str, param: str = "prompt", max_tokens: int | None = None) -> list[int]:
     """A text prompt as token ids (UTF-8 bytes). One longer than `max_tokens` is a 413 naming `param`,
     found before it is converted: by its length in characters (each is at least one byte), then in

@@ -160,6 +160,40 @@ def test_audio_generate_gives_wav_in_json_or_raw(client, model_dirs):
     assert at16k["usage"]["prompt_tokens"] == 200
 
 
+def test_the_accept_header_is_negotiated_and_a_type_the_route_cannot_give_is_406(client):
+    """Accept picks the answer of a plain /v1/generate: audio/wav (or audio/*) named by it gives an audio
+    model's raw WAV; */*, none or application/json give JSON; an Accept that takes neither (audio/wav to
+    a text model, text/plain) is a 406 saying what the model answers, before anything is generated (a
+    text model once answered `Accept: audio/wav` with JSON and a 200: a fresh-user trial)."""
+    text = {"model": TEXT, "prompt": "a", "max_new_tokens": 2, "seed": 1}
+    audio = {"model": AUDIO, "max_new_tokens": 2, "seed": 1}
+    for body, accept, want in [
+        (text, None, "application/json"),
+        (text, "*/*", "application/json"),
+        (text, "application/json, audio/wav;q=0.5", "application/json"),
+        (text, "audio/wav", 406),
+        (text, "text/plain", 406),
+        (text, "application/json;q=0, audio/*", 406),
+        (audio, "*/*", "application/json"),
+        (audio, "audio/wav", "audio/wav"),
+        (audio, "audio/*", "audio/wav"),
+        (audio, "audio/wav;q=0, application/json", "application/json"),
+        (audio, "text/html", 406),
+    ]:
+        headers = {} if accept is None else {"Accept": accept}
+        before = metric(client, "s4_tokens_generated_total", body["model"])
+        r = client.post("/v1/generate", json=body, headers=headers)
+        if want == 406:
+            assert r.status_code == 406, (accept, r.text)
+            assert f"model {body['model']} answers application/json" in r.json()["error"]["message"]
+            assert metric(client, "s4_tokens_generated_total", body["model"]) == before  # nothing generated
+        else:
+            assert r.status_code == 200 and r.headers["content-type"].startswith(want), (accept, r.headers)
+    # a stream answers text/event-stream whatever the Accept
+    r = client.post("/v1/generate", json={**text, "stream": True}, headers={"Accept": "application/json"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+
+
 def test_metrics_expose_latency_histograms_and_gauges(client):
     names = ("s4_time_to_first_token_seconds_count", "s4_inter_token_latency_seconds_count",
              "s4_tokens_generated_total", "s4_decode_batch_size_count",

@@ -79,7 +79,11 @@ async def _sse_generate(
     response_model=GenerateResponse,
     response_model_exclude_none=True,
     summary="Generate text or audio (JSON, SSE with stream=true, or raw WAV with Accept: audio/wav)",
-    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}, "audio/wav": {}}}},
+    responses={
+        **ERROR_RESPONSES,
+        406: ERROR_RESPONSES[415],  # an Accept that takes neither JSON nor (audio models) audio/wav
+        200: {"content": {"text/event-stream": {}, "audio/wav": {}}},
+    },
 )
 async def generate(req: GenerateRequest, request: Request):
     st = state_of(request)
@@ -88,6 +92,15 @@ async def generate(req: GenerateRequest, request: Request):
     ms = frame_ms(model, req.frame_ms)
     if req.frame_ms is not None and not req.stream:
         raise invalid("frame_ms", "frame_ms applies to streamed audio (stream: true, or WS /v1/stream)")
+    accept = request.headers.get("accept")
+    wav = not req.stream and model.kind == "audio" and media.accepts(accept, "audio/wav", any_type=False)
+    if not req.stream and not wav and not media.accepts(accept, "application/json"):
+        kinds = "application/json or audio/wav" if model.kind == "audio" else "application/json"
+        raise APIError(
+            406,
+            f"model {model.id} answers {kinds} (or text/event-stream with stream: true); this request's "
+            f"Accept: {accept}",
+        )
     ids = prompt_ids(st, model, req.prompt, req.prompt_audio)
     if req.session_id is not None:
         await restore(st, req.session_id)
@@ -97,7 +110,7 @@ async def generate(req: GenerateRequest, request: Request):
         body = _sse_generate(stream, model, out, gid, req.session_id)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
     tokens, final = await collect(stream, request)
-    if model.kind == "audio" and "audio/wav" in request.headers.get("accept", ""):
+    if wav:
         headers = {
             "X-Request-Id": gid,
             "X-Finish-Reason": final.finish_reason,
