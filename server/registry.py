@@ -77,6 +77,7 @@ class ServedModel:
             "pending": rec.pending,
             "seen": seen,
             "utf8_tail": list(rec.utf8_tail),  # text: the unfinished character's bytes (0-3)
+            "created": rec.created,  # Unix seconds: a session restored from the store keeps it
         }
 
     def describe(self) -> dict:

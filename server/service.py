@@ -268,6 +268,11 @@ def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple
     ):
         raise invalid(param, f"{what}: seen tokens must be a list of distinct token ids (at most {V})")
     header["utf8_tail"] = _checked_tail(header.get("utf8_tail", []), model.kind, param, what)
+    created = header.get("created")  # (absent in older exports)
+    if created is not None and not (
+        type(created) in (int, float) and 0 <= created <= time.time() + 86400
+    ):
+        raise invalid(param, f"{what}: created {created!r} is not a time (Unix seconds)")
     return model, header, raw
 
 
@@ -299,6 +304,8 @@ async def _install(
         header["seen"],
     )
     rec = _new_record(state, model, ephemeral=False, session_id=session_id)
+    if session_id is not None and header.get("created") is not None:  # restored: the same session
+        rec.created = float(header["created"])
     try:
         rec.n_tokens, rec.pending, rec.utf8_tail = n_tokens, pending, utf8_tail
         rec = await asyncio.wrap_future(model.engine.call(lambda e: e.write_slot(rec, raw, seen)))

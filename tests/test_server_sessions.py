@@ -99,14 +99,17 @@ def test_import_refuses_corrupt_or_foreign_states_with_422(client):
         "does not serve": pack_state({**header, "model": "nope"}, state),
         "shape": pack_state({**header, "shape": [1, 1, 2, 1]}, state[:8]),
         "pending": pack_state({**header, "pending": 999}, state),
+        "created": pack_state({**header, "created": "yesterday"}, state),
     }
+    for when in (-1.0, 1e300, True):
+        cases[f"created {when!r}"] = pack_state({**header, "created": when}, state)
     body = blob[:-32]
     v3 = body[:8] + struct.pack("<H", 3) + body[10:]  # a version this server does not read
     cases["version"] = v3 + hashlib.sha256(v3).digest()
     for needle, data in cases.items():
         r = imp(data)
         assert r.status_code == 422, (needle, r.text)
-        assert needle in r.json()["error"]["message"], (needle, r.json())
+        assert needle.split()[0] in r.json()["error"]["message"], (needle, r.json())
         assert r.json()["error"]["param"] == "state"
     assert imp(blob).status_code == 201  # the untouched blob still imports
 
@@ -121,7 +124,7 @@ def test_an_import_missing_any_header_field_is_a_422_naming_it_and_holds_no_slot
     pool = server.state.models[TEXT].engine.pool
     in_use, sessions = pool.in_use, server.state.sessions.count(TEXT)
     required = {*service.STATE_FIELDS, "arch", "dtype"}
-    assert required <= header.keys() and header.keys() - required == {"byteorder", "utf8_tail"}
+    assert required <= header.keys() and header.keys() - required == {"byteorder", "utf8_tail", "created"}
     for key in sorted(header):
         for _ in range(3):
             r = client.post(

@@ -317,11 +317,14 @@ def test_after_kill_9_and_a_restart_the_session_continues_from_its_last_persiste
     try:
         prompt = "the slings and arrows of"
         sid = httpx.post(url + "/v1/sessions", json={"model": TEXT, "prompt": prompt}).json()["session_id"]
+        created = httpx.get(f"{url}/v1/sessions/{sid}").json()["created"]
         t1 = _generate(url, sid, None, 20, seed=7)
         assert wait_for(lambda: (_stored(redis_db, sid) or {}).get("n_tokens") == len(prompt) + 20, 10)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait(10) == -signal.SIGKILL
         proc = _serve(model_dirs, port, redis_url)
+        # the restored session is the same session: its creation time too (it was the restore's time)
+        assert httpx.get(f"{url}/v1/sessions/{sid}").json()["created"] == created
         t2 = _generate(url, sid, " outrageous", 20, seed=8)
         everything = list(prompt.encode()) + t1 + list(b" outrageous")
         assert t2 == reference(model_dirs["text"], everything, SamplingParams(seed=8), 20)
