@@ -269,9 +269,7 @@ def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple
         raise invalid(param, f"{what}: seen tokens must be a list of distinct token ids (at most {V})")
     header["utf8_tail"] = _checked_tail(header.get("utf8_tail", []), model.kind, param, what)
     created = header.get("created")  # (absent in older exports)
-    if created is not None and not (
-        type(created) in (int, float) and 0 <= created <= time.time() + 86400
-    ):
+    if created is not None and not (type(created) in (int, float) and 0 <= created <= time.time() + 86400):
         raise invalid(param, f"{what}: created {created!r} is not a time (Unix seconds)")
     return model, header, raw
 

@@ -1,6 +1,7 @@
 """Server pieces without a server: settings, text assembly, the state format, checkpoint loading."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -329,3 +330,23 @@ def test_unknown_s4_variables_are_named_and_log_levels_take_any_case(monkeypatch
         out = _python_m_server("--port", port, "--checkpoints", str(model_dirs["text"]),
                                env={"S4_MAX_SESION": "3"})  # fmt: skip
     assert "WARNING server: S4_MAX_SESION is not a setting" in out.stderr, out.stderr
+
+
+def test_a_stop_while_the_checks_run_exits_0_at_once(tmp_path):
+    """SIGTERM while the checks before listening run (here an official checkpoint's conversion, seconds):
+    exit 0 with a log line, not 143 (the default handler's death by the signal)."""
+    fixture = ROOT / "tests" / "fixtures" / "official" / "s4_bytes.ckpt"
+    cmd = [sys.executable, "-m", "server", "--port", str(free_port()), "--checkpoints", str(fixture),
+           "--convert-cache", str(tmp_path / "cache")]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        while "checking the settings" not in (line := proc.stderr.readline()):
+            assert line, "".join(lines)
+            lines.append(line)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        err = proc.stderr.read()
+        assert "SIGTERM before listening: not serving" in err and "Traceback" not in err, err
+    finally:
+        proc.kill()
