@@ -295,12 +295,7 @@ async def _install(
     """A new session (id `session_id`, or a fresh one) holding a checked state; the engine refuses
     values the model cannot reach (422 naming `param`). The header is `check_state`'s. Nothing is held
     after an error: the slot goes back to the pool whatever fails."""
-    n_tokens, pending, utf8_tail, seen = (
-        header["n_tokens"],
-        header["pending"],
-        header["utf8_tail"],
-        header["seen"],
-    )
+    n_tokens, pending, utf8_tail, seen = (header[k] for k in ("n_tokens", "pending", "utf8_tail", "seen"))
     rec = _new_record(state, model, ephemeral=False, session_id=session_id)
     if session_id is not None and header.get("created") is not None:  # restored: the same session
         rec.created = float(header["created"])
