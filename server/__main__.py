@@ -176,9 +176,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     for name in unknown_env(os.environ):
         log.warning("%s is not a setting (a typo? `python -m server --help` lists them): ignored", name)
-    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn installs its own handlers when it starts
-        signal.signal(sig, _stop_before_serving)
-    problems = preflight(settings)
+    previous = {sig: signal.signal(sig, _stop_before_serving) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        problems = preflight(settings)
+    finally:  # (uvicorn installs its own handlers when it starts)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if problems:
         for p in problems:
             log.error("%s", p)

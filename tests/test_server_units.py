@@ -230,38 +230,47 @@ def test_an_audio_streams_buffer_and_hand_over_period_are_sized_in_time():
         Settings(audio_decode_block_ms=201)
 
 
-def _python_m_server(*flags: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "server", *flags]
-    return subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})  # fmt: skip
+def _exit_message(*flags: str) -> str:
+    """`python -m server FLAGS` run in this process (server.__main__.main) up to its exit before
+    listening: the exit's message. (Each case as its own process cost ~3.5 s of imports in CI.)"""
+    from server.__main__ import main as server_main
+
+    with pytest.raises(SystemExit) as stop:
+        server_main(list(flags))
+    return str(stop.value.code)
 
 
-def test_a_device_that_cannot_be_used_stops_the_server_before_it_listens(model_dirs):
+def test_a_device_that_cannot_be_used_stops_the_server_before_it_listens(model_dirs, monkeypatch):
     """S4_DEVICE is checked before anything loads: a name that is no device is an invalid setting, and
     cuda on a torch without CUDA (CI's, this machine's) is refused, naming S4_DEVICE. (gpu was refused
     only after the server listened, with torch's message; cuda left /readyz at "loading" for ever, with
     nothing logged: found by a fresh-user trial.)"""
-    ckpt = ["--checkpoints", str(model_dirs["text"])]
+    ckpt = ["--checkpoints", str(model_dirs["text"]), "--port", str(free_port())]
     for device in ("gpu", "cuda:x", "cuda:1234", "CPU"):
         with pytest.raises(ValueError, match="must be auto, cpu, cuda or cuda:N"):
             Settings(device=device)
-    out = _python_m_server("--port", str(free_port()), *ckpt, env={"S4_DEVICE": "gpu"})
-    assert out.returncode != 0 and "S4_DEVICE (--device): Value error, must be auto, cpu" in out.stderr
+    monkeypatch.setenv("S4_DEVICE", "gpu")
+    assert "invalid settings: S4_DEVICE (--device): Value error, must be auto, cpu" in _exit_message(*ckpt)
+    monkeypatch.delenv("S4_DEVICE")
     if not torch.cuda.is_available():
-        out = _python_m_server("--port", str(free_port()), "--device", "cuda", *ckpt)
-        assert out.returncode != 0 and "S4_DEVICE=cuda: this torch has no CUDA" in out.stderr, out.stderr
-        assert "Uvicorn running" not in out.stderr
+        assert "S4_DEVICE=cuda: this torch has no CUDA" in _exit_message("--device", "cuda", *ckpt)
 
 
-def test_a_port_in_use_stops_the_server_before_anything_loads(model_dirs):
-    """Checked first, not after the models have loaded (seconds to minutes for a converted checkpoint)."""
+def test_a_port_in_use_stops_the_server_before_anything_loads(model_dirs, monkeypatch, caplog):
+    """Checked first, not after the models have loaded (seconds to minutes for a converted checkpoint).
+    And an S4_* variable that is no setting (a typo) is named in a warning before that."""
+    import server.registry
+
+    monkeypatch.setattr(server.registry, "resolve_entry", lambda *a: pytest.fail("a checkpoint was read"))
+    monkeypatch.setenv("S4_MAX_SESION", "3")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        out = _python_m_server("--port", str(port), "--checkpoints", str(model_dirs["text"]))
-    assert out.returncode != 0 and f"cannot listen on 127.0.0.1:{port} (S4_HOST, S4_PORT)" in out.stderr
-    assert "in use" in out.stderr and "verified" not in out.stderr.lower(), out.stderr
+        with caplog.at_level("WARNING", logger="server"):
+            message = _exit_message("--port", str(port), "--checkpoints", str(model_dirs["text"]))
+    assert f"cannot listen on 127.0.0.1:{port} (S4_HOST, S4_PORT)" in message and "in use" in message
+    assert "S4_MAX_SESION is not a setting" in caplog.text
 
 
 def test_an_unexpected_error_while_loading_is_reported_not_left_loading(model_dirs, monkeypatch):
@@ -306,16 +315,14 @@ def test_api_keys_set_to_nothing_refuse_to_start_instead_of_failing_open(monkeyp
         monkeypatch.setenv("S4_API_KEYS", value)
         with pytest.raises(ValueError, match="S4_API_KEYS .* holds no key"):
             Settings()
+    assert "holds no key" in _exit_message("--checkpoints", str(model_dirs["text"]))
     monkeypatch.setenv("S4_API_KEYS", " k1, ,k2 ")
     assert Settings().api_keys == ["k1", "k2"]
     monkeypatch.delenv("S4_API_KEYS")
     assert Settings().api_keys == []
-    out = _python_m_server("--port", str(free_port()), "--checkpoints", str(model_dirs["text"]),
-                           env={"S4_API_KEYS": ","})  # fmt: skip
-    assert out.returncode != 0 and "holds no key" in out.stderr and "Uvicorn running" not in out.stderr
 
 
-def test_unknown_s4_variables_are_named_and_log_levels_take_any_case(monkeypatch, model_dirs):
+def test_unknown_s4_variables_are_found_and_log_levels_take_any_case(monkeypatch):
     from server.__main__ import unknown_env
 
     env = {"S4_MAX_SESION": "3", "S4_MAX_SESSIONS": "3", "S4_CFLAGS": "-O2", "S4_FUZZ_API_EXAMPLES": "9",
@@ -323,13 +330,6 @@ def test_unknown_s4_variables_are_named_and_log_levels_take_any_case(monkeypatch
     assert unknown_env(env) == ["S4_MAX_SESION", "S4_PROT"]
     monkeypatch.setenv("S4_LOG_LEVEL", "DEBUG")
     assert Settings().log_level == "debug"
-    with socket.socket() as busy:  # the warning comes first; the busy port then stops the server at once
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = str(busy.getsockname()[1])
-        out = _python_m_server("--port", port, "--checkpoints", str(model_dirs["text"]),
-                               env={"S4_MAX_SESION": "3"})  # fmt: skip
-    assert "WARNING server: S4_MAX_SESION is not a setting" in out.stderr, out.stderr
 
 
 def test_a_stop_while_the_checks_run_exits_0_at_once(tmp_path):
