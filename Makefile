@@ -40,17 +40,21 @@ lint: venv
 # The fused C library's tests again, built for the other vector width than the first pass's library
 # (model/csrc/ssm_step.c S4_VW: 16 floats, AVX-512's layout of the linear layers and the C prefill, where the
 # CPU lacks AVX-512; 8, AVX2's, where it has it; after your own S4_CFLAGS), so every run checks both layouts
-# whatever the machine. The torch-only prefill variants are left out, and so is the S4_CFLAGS test (it builds
-# its own flag sets, whatever the width).
+# whatever the machine. The torch-only prefill variants are left out, and so are tests whose subject does not
+# depend on the width: the S4_CFLAGS test (it builds its own flag sets), the official conversion's KeOps and
+# CLI tests, and the bfloat16 tolerance's power to catch a lost state (16-bit weights at both widths:
+# test_net_step_half.py).
 OTHER_WIDTH_TESTS := tests/test_native_decode.py tests/test_net_step_half.py tests/test_prefill_c.py \
 	tests/test_prefill_blocks.py tests/test_recurrent.py tests/test_recurrent_dtype.py tests/test_sashimi.py \
 	tests/test_state_isolation.py tests/test_fused_sampling.py tests/test_official_import.py
+OTHER_WIDTH_SKIP := not fft and not matmul and not 4096 and not s4_cflags and not never_loads_keops \
+	and not convert_cli and not bfloat16_tolerance_rejects
 
 test: venv sysdeps lint
 	$(BIN)/python -m pytest -q
 	vw=$$($(BIN)/python -c "from model import fused; print(24 - fused.library().ssm_prefill_width())") && \
 	  S4_CFLAGS="$$S4_CFLAGS -DS4_VW=$$vw" \
-	  $(BIN)/python -m pytest -q -k "not fft and not matmul and not 4096 and not s4_cflags" $(OTHER_WIDTH_TESTS)
+	  $(BIN)/python -m pytest -q -k "$(OTHER_WIDTH_SKIP)" $(OTHER_WIDTH_TESTS)
 
 bench: venv
 	$(BIN)/python -m bench.run_all

@@ -25,12 +25,15 @@ def start_server(checkpoint: Path, port: int, extra: list[str] = ()) -> subproce
 
 
 def test_sigterm_refuses_new_work_finishes_running_turn_and_exits_0(model_dirs):
+    # a turn of seconds: long enough to be running while the drain is checked (4,000 tokens of the tiny
+    # model could finish into the socket buffers first, and the drain with them: a quiet run failed so)
+    n = 100_000
     port = free_port()
-    proc = start_server(model_dirs["text"], port)
+    proc = start_server(model_dirs["text"], port, ["--max-new-tokens", str(n)])
     try:
         with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
             ws.send(json.dumps({"type": "generate", "model": "tiny-text", "prompt": "to be",
-                                "max_new_tokens": 4000, "seed": 1}))  # fmt: skip
+                                "max_new_tokens": n, "seed": 1}))  # fmt: skip
             assert json.loads(ws.recv())["type"] == "session"
             assert json.loads(ws.recv())["type"] == "token"
             proc.send_signal(signal.SIGTERM)
@@ -54,7 +57,7 @@ def test_sigterm_refuses_new_work_finishes_running_turn_and_exits_0(model_dirs):
                     frames.append(json.loads(ws.recv(timeout=60)))
         done = [f for f in frames if f["type"] == "done"]
         assert len(done) == 1 and done[0]["finish_reason"] == "length"
-        assert done[0]["usage"]["completion_tokens"] == 4000
+        assert done[0]["usage"]["completion_tokens"] == n
         assert proc.wait(30) == 0
     finally:
         proc.kill()
