@@ -33,8 +33,8 @@ DOCS_ASSETS = "/static-offline-docs"  # swagger-ui-bundle.js, swagger-ui.css, re
 OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions")  # errors as OpenAI's API gives them
 
 
-def _error_response(err: APIError, request: Request | None = None) -> JSONResponse:
-    if request is not None and request.url.path in OPENAI_ROUTES:
+def _error_response(err: APIError, request: Request) -> JSONResponse:
+    if request.url.path in OPENAI_ROUTES:
         err = as_openai(err)
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
 
@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return _error_response(APIError(exc.status_code, str(exc.detail)))
+        return _error_response(APIError(exc.status_code, str(exc.detail)), request)
 
     for module in (health, openai, generate, sessions, websocket, demo):
         app.include_router(module.router)

@@ -264,12 +264,12 @@ def load_models(
         try:
             model_id, folder = resolve_entry(entry, settings)
             models[model_id] = load_model(folder, settings, sessions, metrics, device, model_id)
-        except (CheckpointError, VerificationError, ValueError, OSError, RuntimeError) as exc:
+        except Exception as exc:  # whatever it is, this model is not served and the others are
             failed[model_id] = f"{type(exc).__name__}: {exc}"
-            log.error("checkpoint %s not served: %s", entry, failed[model_id])
-        except Exception as exc:  # a bug, or a library's assert: this model is not served, the others are
-            failed[model_id] = f"{type(exc).__name__}: {exc}"
-            log.exception("checkpoint %s not served: %s", entry, failed[model_id])
+            expected = isinstance(
+                exc, (CheckpointError, VerificationError, ValueError, OSError, RuntimeError)
+            )
+            log.error("checkpoint %s not served: %s", entry, failed[model_id], exc_info=not expected)
     for model_id in settings.model_dtype_overrides():
         if model_id not in models and model_id not in failed:
             failed[model_id] = f"S4_MODEL_DTYPES names {model_id!r}, which no S4_CHECKPOINTS entry serves"

@@ -125,27 +125,25 @@ class RedisStateStore:
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
         self._errors = (redis.RedisError, OSError)
         self._put = self._redis.register_script(_PUT_IF_NOT_OLDER)
-        try:
-            self._redis.ping()
-        except self._errors as exc:
-            raise StoreError(
-                f"session store {self.url}: cannot connect ({exc})", f"cannot connect ({type(exc).__name__})"
-            ) from None
+        self._call("cannot connect", self._redis.ping)
 
-    def _call(self, what: str, fn):
+    def _call(self, reason: str, fn):
+        """fn(), with its Redis errors raised as StoreError saying `reason` ("read failed")."""
         try:
             return fn()
         except self._errors as exc:
             raise StoreError(
-                f"session store {self.url}: {what} failed ({exc})", f"{what} failed ({type(exc).__name__})"
+                f"session store {self.url}: {reason} ({exc})", f"{reason} ({type(exc).__name__})"
             ) from None
 
     def put(self, session_id: str, blob: bytes, n_tokens: int) -> bool:
         keys = [KEY_PREFIX + session_id, KEY_PREFIX + session_id + ":tokens"]
-        return bool(self._call("write", lambda: self._put(keys=keys, args=[blob, n_tokens, self.ttl_ms])))
+        return bool(
+            self._call("write failed", lambda: self._put(keys=keys, args=[blob, n_tokens, self.ttl_ms]))
+        )
 
     def get(self, session_id: str) -> bytes | None:
-        return self._call("read", lambda: self._redis.get(KEY_PREFIX + session_id))
+        return self._call("read failed", lambda: self._redis.get(KEY_PREFIX + session_id))
 
     def delete(self, session_id: str) -> None:
         key = KEY_PREFIX + session_id
@@ -156,10 +154,10 @@ class RedisStateStore:
                 p.set(key + ":tokens", _TOMBSTONE, px=self.ttl_ms)
                 p.execute()
 
-        self._call("delete", tombstone)
+        self._call("delete failed", tombstone)
 
     def ids(self) -> list[str]:
-        keys = self._call("scan", lambda: list(self._redis.scan_iter(KEY_PREFIX + "*", count=1000)))
+        keys = self._call("scan failed", lambda: list(self._redis.scan_iter(KEY_PREFIX + "*", count=1000)))
         return [k.decode()[len(KEY_PREFIX) :] for k in keys if not k.endswith(b":tokens")]
 
     def close(self) -> None:

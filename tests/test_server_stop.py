@@ -24,6 +24,14 @@ def start_server(checkpoint: Path, port: int, extra: list[str] = ()) -> subproce
     return launch.start_server(flags, timeout_s=120, port=port)[0]
 
 
+def begin_turn(ws, prompt: str, n: int, seed: int) -> None:
+    """A generate of n tokens on a new socket, read up to its first token frame: the turn is running."""
+    ws.send(json.dumps({"type": "generate", "model": "tiny-text", "prompt": prompt, "max_new_tokens": n,
+                        "seed": seed}))  # fmt: skip
+    assert json.loads(ws.recv())["type"] == "session"
+    assert json.loads(ws.recv())["type"] == "token"
+
+
 def test_sigterm_refuses_new_work_finishes_running_turn_and_exits_0(model_dirs):
     # a turn of seconds: long enough to be running while the drain is checked (4,000 tokens of the tiny
     # model could finish into the socket buffers first, and the drain with them: a quiet run failed so)
@@ -32,10 +40,7 @@ def test_sigterm_refuses_new_work_finishes_running_turn_and_exits_0(model_dirs):
     proc = start_server(model_dirs["text"], port, ["--max-new-tokens", str(n)])
     try:
         with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
-            ws.send(json.dumps({"type": "generate", "model": "tiny-text", "prompt": "to be",
-                                "max_new_tokens": n, "seed": 1}))  # fmt: skip
-            assert json.loads(ws.recv())["type"] == "session"
-            assert json.loads(ws.recv())["type"] == "token"
+            begin_turn(ws, "to be", n, seed=1)
             proc.send_signal(signal.SIGTERM)
 
             def readyz() -> httpx.Response:  # 503 once the handler has run; never "connection refused"
@@ -88,10 +93,7 @@ def test_a_turn_still_running_when_the_drain_ends_gets_its_done_cancelled(model_
             lines = sse.iter_lines()
             assert next(lines).startswith("data: ")
             with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
-                ws.send(json.dumps({"type": "generate", "model": "tiny-text", "prompt": "or not",
-                                    "max_new_tokens": n, "seed": 2}))  # fmt: skip
-                assert json.loads(ws.recv())["type"] == "session"
-                assert json.loads(ws.recv())["type"] == "token"
+                begin_turn(ws, "or not", n, seed=2)
                 proc.send_signal(signal.SIGTERM)
                 last = None
                 with pytest.raises(ConnectionClosed) as closed:

@@ -32,31 +32,38 @@ from server.store import (
 TEXT = "tiny-text"
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
+def _redis_server(workdir, password: str = "") -> tuple[subprocess.Popen, int]:
+    """A `redis-server` on a free loopback port (no persistence; with `password`, requiring it) and its
+    port, once it answers."""
     exe = shutil.which("redis-server")
     assert exe, "redis-server is not installed: `make sysdeps` installs it"
     port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir)],
+         "--dir", str(workdir), *(["--requirepass", password] if password else [])],
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
-    import redis
+    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
+    if not wait_for(lambda: _opens(url), 10, 0.05):
+        proc.kill()
+        pytest.fail("redis-server did not start")
+    return proc, port
 
-    r = redis.Redis(port=port)
-    assert wait_for(lambda: _pings(r), 10, 0.05), "redis-server did not start"
+
+def _opens(url: str) -> bool:
+    try:
+        RedisStateStore(url, 60).close()
+        return True
+    except StoreError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    proc, port = _redis_server(tmp_path_factory.mktemp("redis"))
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
-
-
-def _pings(r) -> bool:
-    try:
-        return r.ping()
-    except Exception:
-        return False
 
 
 @pytest.fixture
@@ -146,15 +153,10 @@ def test_a_store_password_reaches_no_client_and_no_log(model_dirs, caplog, tmp_p
     client a 503 that names neither the password nor the store's host, and the server's log shows the URL
     with the password as ***; a wrong password at start is refused the same way. (The URL, password and
     all, was in the 503's body, every log line and the start-up error: found by a fresh-user trial.)"""
-    port, secret = free_port(), "s3cretpw"
-    proc = subprocess.Popen(
-        [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no", "--dir", str(tmp_path), "--requirepass", secret],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
+    secret = "s3cretpw"
+    proc, port = _redis_server(tmp_path, password=secret)
     url = f"redis://:{secret}@127.0.0.1:{port}/0"
     try:
-        assert wait_for(lambda: _opens(url), 10, 0.05), "redis-server did not start"
         with pytest.raises(StoreError) as wrong:
             RedisStateStore(f"redis://:wrong{secret}@127.0.0.1:{port}/0", 60)
         assert secret not in str(wrong.value) and ":***@" in str(wrong.value)
@@ -176,14 +178,6 @@ def test_a_store_password_reaches_no_client_and_no_log(model_dirs, caplog, tmp_p
         proc.send_signal(signal.SIGCONT)
         proc.terminate()
         proc.wait(10)
-
-
-def _opens(url: str) -> bool:
-    try:
-        RedisStateStore(url, 60).close()
-        return True
-    except StoreError:
-        return False
 
 
 # --- one and two replicas -----------------------------------------------------------------------------
