@@ -32,30 +32,51 @@ def begin_turn(ws, prompt: str, n: int, seed: int) -> None:
     assert json.loads(ws.recv())["type"] == "token"
 
 
-def test_sigterm_refuses_new_work_finishes_running_turn_and_exits_0(model_dirs):
-    # a turn of seconds: long enough to be running while the drain is checked (4,000 tokens of the tiny
-    # model could finish into the socket buffers first, and the drain with them: a quiet run failed so)
-    n = 100_000
+def readyz_once_draining(port: int) -> httpx.Response:
+    """/readyz polled until it says 503 (the signal handler has run); never "connection refused"."""
+    for _ in range(100):
+        r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+        if r.status_code == 503:
+            return r
+        time.sleep(0.02)
+    return r
+
+
+def test_sigterm_refuses_new_work_while_a_turn_runs(model_dirs):
+    # a turn of minutes (5M tokens of the tiny model), so it is certainly running while the drain is
+    # checked, however slow the checks (a turn of 4,000 and then of 100,000 tokens could finish into the
+    # socket buffers first, and the drain with it: runs failed so); the client then hangs up, which
+    # cancels the turn and ends the drain
+    n = 5_000_000
     port = free_port()
     proc = start_server(model_dirs["text"], port, ["--max-new-tokens", str(n)])
     try:
         with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
             begin_turn(ws, "to be", n, seed=1)
             proc.send_signal(signal.SIGTERM)
-
-            def readyz() -> httpx.Response:  # 503 once the handler has run; never "connection refused"
-                for _ in range(100):
-                    r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
-                    if r.status_code == 503:
-                        return r
-                    time.sleep(0.02)
-                return r
-
-            r = readyz()
+            r = readyz_once_draining(port)
             assert r.status_code == 503 and r.json()["reason"] == "draining"
             new = {"model": "tiny-text", "prompt": "a"}
-            assert httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=new).status_code == 503
+            refused = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=new)
+            assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"], (
+                refused.text
+            )
+            assert proc.poll() is None  # still serving the turn
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
 
+
+def test_sigterm_lets_a_running_turn_finish_then_exits_0(model_dirs):
+    # 30,000 tokens: seconds of the tiny model, so running when the signal (sent after its first token)
+    # arrives; the drain (60 s here) waits for it to end by its length, and then the server exits 0
+    n = 30_000
+    port = free_port()
+    proc = start_server(model_dirs["text"], port, ["--max-new-tokens", str(n)])
+    try:
+        with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+            begin_turn(ws, "to be", n, seed=1)
+            proc.send_signal(signal.SIGTERM)
             frames = []
             with pytest.raises(ConnectionClosed):  # after the turn, the server closes the socket
                 while True:
