@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
+from prometheus_fastapi_instrumentator import Instrumentator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
@@ -94,7 +95,31 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     too_large = state.metrics.requests_refused.labels("body_too_large")
     app.add_middleware(BodySizeLimit, limit_for=body_limit, on_refused=too_large.inc)
+    instrument_http(app, state.metrics.registry)
     return app
+
+
+UNCOUNTED_ROUTES = ("/metrics", "/healthz", "/readyz")  # scrapes and probes (as vLLM leaves them out)
+
+
+def instrument_http(app: FastAPI, registry) -> None:
+    """Every HTTP request counted and timed by prometheus-fastapi-instrumentator, in the app's own
+    registry: `http_requests_total{handler,method,status}` (the exact status code, not "4xx"),
+    `http_request_duration_seconds{handler,method}` and `…_highr_seconds` (to the response's last
+    byte: a whole SSE stream), `http_request_size_bytes` / `http_response_size_bytes` (from
+    Content-Length). Its `http_requests_inprogress` is not enabled: that gauge goes to the global
+    registry whatever `registry` says (trallnag/prometheus-fastapi-instrumentator#317, open), so a
+    second app in the process would fail. `handler` is the route template
+    (`/v1/sessions/{session_id}`), or "none" for a path no route matches, so clients cannot add series.
+    Added last, so it is the outermost middleware: requests refused for an API key (401) or a body
+    too large (413) are counted too. Not counted: `UNCOUNTED_ROUTES`, WebSockets (the s4_* metrics
+    cover their generations) and what the connection guard refuses before any route (its own
+    `s4_connections_*` and `s4_requests_refused_total`)."""
+    Instrumentator(
+        should_group_status_codes=False,
+        excluded_handlers=[f"^{path}$" for path in UNCOUNTED_ROUTES],
+        registry=registry,
+    ).instrument(app)
 
 
 IMPORT_PATH = "/v1/sessions/import"

@@ -265,6 +265,60 @@ def test_metrics_follow_prometheus_conventions_and_every_known_series_is_there_f
         s.stop()
 
 
+def http_requests(client) -> dict[tuple[str, str, str], float]:
+    """http_requests_total by (handler, method, status), from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(x.labels["handler"], x.labels["method"], x.labels["status"]): x.value
+            for f in text_string_to_metric_families(client.get("/metrics").text)
+            if f.name == "http_requests" for x in f.samples if x.name == "http_requests_total"}  # fmt: skip
+
+
+def test_http_requests_are_counted_by_route_template_method_and_exact_status(client):
+    """prometheus-fastapi-instrumentator's http_requests_total and http_request_duration_seconds in the
+    app's registry: a route's template, not its path (a session id or an unknown path adds no series:
+    "none"), the exact status (422, not 4xx), an SSE stream timed to its end, probes and scrapes not
+    counted (server/app.py instrument_http)."""
+
+    def generate_seconds() -> float:  # http_request_duration_seconds_sum of POST /v1/generate
+        line = next(line for line in client.get("/metrics").text.splitlines() if line.startswith(
+            'http_request_duration_seconds_sum{handler="/v1/generate",method="POST"}'))  # fmt: skip
+        return float(line.rsplit(" ", 1)[1])
+
+    client.post("/v1/generate", json={"model": TEXT, "prompt": "a", "max_new_tokens": 2})
+    before = http_requests(client)
+    s0 = generate_seconds()
+    client.post("/v1/generate", json={"model": TEXT, "prompt": "a", "max_new_tokens": 2})
+    client.post("/v1/generate", json={"model": TEXT, "prompt": "a", "max_new_tokens": -1})
+    stream = {"model": TEXT, "prompt": "a", "max_new_tokens": 2000, "seed": 1, "stream": True}
+    t0 = time.monotonic()
+    with client.stream("POST", "/v1/generate", json=stream) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        t_first = time.monotonic() - t0
+        assert '"done"' in [line for line in lines if line][-1]
+    sse_s = time.monotonic() - t0
+    client.get("/v1/sessions/sess-no-such-session")
+    client.get("/v1/sessions/sess-another-one")
+    client.get("/no/such/path/x1")
+    client.get("/no/such/path/x2")
+    client.get("/healthz")
+    client.get("/readyz")
+    after = http_requests(client)
+    delta = {k: v - before.get(k, 0.0) for k, v in after.items() if v != before.get(k, 0.0)}
+    assert delta == {
+        ("/v1/generate", "POST", "200"): 2,
+        ("/v1/generate", "POST", "422"): 1,
+        ("/v1/sessions/{session_id}", "GET", "404"): 2,
+        ("none", "GET", "404"): 2,
+    }, delta
+    assert not any(h in ("/healthz", "/readyz", "/metrics") for h, _, _ in after)
+    assert not any("sess-" in h or "/no/such" in h for h, _, _ in after)
+    # the stream is timed to its last event, not to its headers: its 2,000 tokens take far longer than
+    # its first event (half the client's time, for scheduling noise)
+    assert generate_seconds() - s0 >= max(0.5 * sse_s, 2 * t_first), (generate_seconds() - s0, sse_s, t_first)
+
+
 def test_openapi_documents_every_endpoint(client):
     paths = client.get("/openapi.json").json()["paths"]
     sid = "/{session_id}"
