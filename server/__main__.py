@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # the library's warnings (the fused CPU step or KeOps unavailable: torch ops instead) as log lines,
+    # timestamped like the rest (logger "py.warnings"), not bare stderr lines
+    logging.captureWarnings(True)
     for name in unknown_env(os.environ):
         log.warning("%s is not a setting (a typo? `python -m server --help` lists them): ignored", name)
     previous = {sig: signal.signal(sig, _stop_before_serving) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -273,6 +273,33 @@ def test_a_port_in_use_stops_the_server_before_anything_loads(model_dirs, monkey
     assert "S4_MAX_SESION is not a setting" in caplog.text
 
 
+def test_library_warnings_are_timestamped_log_lines(model_dirs):
+    """A warning of the model library (here the fused CPU step's: S4_CFLAGS with unbalanced quotes, so
+    the torch ops serve) is a log line of `python -m server`, timestamped like the others, not a bare
+    `file:line: RuntimeWarning` on stderr (the KeOps fallback's warning is another)."""
+    import re
+
+    port = str(free_port())
+    cmd = [sys.executable, "-m", "server", "--checkpoints", str(model_dirs["text"]), "--port", port,
+           "--log-level", "info"]  # fmt: skip
+    env = {**os.environ, "S4_CFLAGS": "'-DS4_VW=16", "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stderr:  # up to "ready", then a stop
+            lines.append(line)
+            if "ready: serving" in line:
+                proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    out = "".join(lines)
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    assert re.search(rf"^{stamp} WARNING py\.warnings: .*fused CPU step unavailable", out, re.M), out
+    assert not re.search(r"^\S+\.py:\d+: RuntimeWarning", out, re.M), out
+    assert "ready: serving tiny-text" in out
+
+
 def test_an_unexpected_error_while_loading_is_reported_not_left_loading(model_dirs, monkeypatch):
     """Any exception a model's loading raises (an AssertionError from a library, a bug) marks that model
     failed, named with the reason in /readyz, and the others are served; if loading as a whole fails the
