@@ -7,6 +7,7 @@ settings table is generated from the same descriptions (`settings_table`).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Literal, get_args
 
 from pydantic import Field, field_validator, model_validator
@@ -212,6 +213,12 @@ class Settings(BaseSettings):
         description="API keys (comma-separated); when set, every route but /healthz, /readyz and the demo "
         "page needs one: `Authorization: Bearer KEY` or `X-API-Key: KEY` (401 otherwise)",
     )
+    api_keys_file: str = Field(
+        "",
+        description="a file of API keys, one per line (blank lines and lines starting with # ignored), read "
+        "at start and added to S4_API_KEYS: for keys mounted as a secret (Docker, Kubernetes), kept out of "
+        "the environment and of the command line, which `ps` shows",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("log_level", mode="before")
@@ -277,6 +284,22 @@ class Settings(BaseSettings):
                 "S4_API_KEYS (--api-keys) is set but holds no key (empty, or only commas and spaces: an "
                 "unset variable in a template?); unset it to serve without keys"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _keys_from_file(self) -> Settings:
+        if not self.api_keys_file:
+            return self
+        name = "S4_API_KEYS_FILE (--api-keys-file)"
+        try:
+            text = Path(self.api_keys_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+            raise ValueError(f"{name}: cannot read {self.api_keys_file}: {why}") from None
+        keys = [k for k in (line.strip() for line in text.splitlines()) if k and not k.startswith("#")]
+        if not keys:  # never fail open
+            raise ValueError(f"{name}: {self.api_keys_file} holds no key (only blank lines or comments)")
+        self.api_keys = [*self.api_keys, *keys]
         return self
 
     @model_validator(mode="after")

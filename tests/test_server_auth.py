@@ -20,12 +20,15 @@ KEYS = ["alpha-key-1", "b3ta/key+with=odd chars"]
 
 
 @pytest.fixture(scope="module")
-def keyed(model_dirs):
+def keyed(model_dirs, tmp_path_factory):
+    """A server whose first key is given in S4_API_KEYS, the second in S4_API_KEYS_FILE (a secret's file)."""
     from server import Settings
 
-    s = ServerThread(
-        Settings(checkpoints=[str(model_dirs["text"])], api_keys=",".join(KEYS), drain_timeout_s=1)
-    ).start()
+    key_file = tmp_path_factory.mktemp("secrets") / "api-keys"
+    key_file.write_text(f"# the second key\n{KEYS[1]}\n")
+    settings = Settings(checkpoints=[str(model_dirs["text"])], api_keys=KEYS[0], api_keys_file=str(key_file),
+                        drain_timeout_s=1)  # fmt: skip
+    s = ServerThread(settings).start()
     yield s
     s.stop()
 

@@ -349,6 +349,33 @@ def test_api_keys_set_to_nothing_refuse_to_start_instead_of_failing_open(monkeyp
     assert Settings().api_keys == []
 
 
+def test_api_keys_can_come_from_a_file_kept_out_of_the_environment_and_the_command_line(
+    monkeypatch, model_dirs, tmp_path
+):
+    """S4_API_KEYS_FILE (a mounted secret): one key per line, blank lines and # comments skipped, added to
+    S4_API_KEYS; a file that cannot be read, or holds no key, stops the server naming the setting (never
+    serving without keys), and its keys are in no message."""
+    keys = tmp_path / "keys"
+    keys.write_text("# ops\n\nk-file-1\n  k with=odd chars  \n#k-commented\n")
+    assert Settings(api_keys_file=str(keys)).api_keys == ["k-file-1", "k with=odd chars"]
+    monkeypatch.setenv("S4_API_KEYS", "k-env")
+    monkeypatch.setenv("S4_API_KEYS_FILE", str(keys))
+    assert Settings().api_keys == ["k-env", "k-file-1", "k with=odd chars"]
+    monkeypatch.delenv("S4_API_KEYS")
+    ckpt = ["--checkpoints", str(model_dirs["text"])]
+    empty, latin1 = tmp_path / "empty", tmp_path / "latin1"
+    empty.write_text("# none yet\n \n")
+    latin1.write_bytes(b"caf\xe9\n")
+    for path, why in ((tmp_path / "missing", "No such file or directory"), (tmp_path, "Is a directory"),
+                      (empty, "holds no key"), (latin1, "UnicodeDecodeError")):  # fmt: skip
+        monkeypatch.setenv("S4_API_KEYS_FILE", str(path))
+        message = _exit_message(*ckpt)
+        assert "S4_API_KEYS_FILE (--api-keys-file): " in message and why in message, message
+        assert "k-file" not in message and "caf" not in message.replace(str(path), "")
+    monkeypatch.delenv("S4_API_KEYS_FILE")
+    assert "holds no key" in _exit_message("--api-keys-file", str(empty), *ckpt)
+
+
 def test_unknown_s4_variables_are_found_and_log_levels_take_any_case(monkeypatch):
     from server.__main__ import unknown_env
 
