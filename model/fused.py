@@ -110,6 +110,35 @@ def library():
     return lib
 
 
+TOKEN_RANGE = -3  # ssm_step.c E_TOKEN_RANGE: a token id outside the embedding, refused before any step
+
+
+def check_token_dtype(tokens: torch.Tensor) -> None:
+    """Raise ValueError unless `tokens` holds integer ids (any integer dtype; a float or bool tensor
+    would be truncated or read as 0/1 without a word)."""
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be integer token ids (int64), got {tokens.dtype}")
+
+
+def token_range_error(tokens: torch.Tensor, V: int) -> ValueError:
+    """The ValueError for `tokens` (any shape) holding an id outside 0 … V − 1: names the first one and
+    its index."""
+    bad = ((tokens < 0) | (tokens >= V)).nonzero()
+    where = [int(i) for i in bad[0]] if len(bad) else []
+    value = int(tokens[tuple(where)]) if where else None
+    return ValueError(f"token id {value} at index {where} is outside the vocabulary: ids are 0 … {V - 1}")
+
+
+def check_token_ids(tokens: torch.Tensor, V: int) -> None:
+    """Raise `token_range_error` unless every id of `tokens` (integer, any shape) is in 0 … V − 1. For the
+    paths that index the embedding in torch (on a CUDA device this synchronizes); the C entry points
+    check their ids themselves (TOKEN_RANGE) at no cost."""
+    if tokens.numel():
+        lo, hi = torch.aminmax(tokens)
+        if int(lo) < 0 or int(hi) >= V:
+            raise token_range_error(tokens, V)
+
+
 def _ptrs(*tensors: torch.Tensor):
     for t in tensors:
         if t.dtype != torch.float32 or not t.is_contiguous() or t.device.type != "cpu":
@@ -377,6 +406,8 @@ class NetStep:
         `what` on a nonzero code."""
         args = [ctypes.c_long(v) for v in dims] + [ctypes.c_void_p(tokens.data_ptr()), *self._weight_args()]
         rc = fn(*args, *(ctypes.c_void_p(None if t is None else t.data_ptr()) for t in buffers))
+        if rc == TOKEN_RANGE:
+            raise token_range_error(tokens, self.V)
         if rc != 0:
             raise ValueError(
                 f"fused network {what} failed (code {rc}: > 1024 modes, rank > 4, or out of memory)"
@@ -556,6 +587,8 @@ class SaShiMiStep:
             ctypes.byref(self.c), ctypes.c_long(tokens.shape[0]), ctypes.c_void_p(tokens.data_ptr()),
             ctypes.c_void_p(state.data_ptr()), ctypes.c_void_p(logits.data_ptr()),
         )  # fmt: skip
+        if rc == TOKEN_RANGE:
+            raise token_range_error(tokens, self.V)
         if rc != 0:
             raise ValueError(f"SaShiMi C step failed (code {rc}: out of memory)")
         return logits
@@ -624,6 +657,10 @@ def decode_block(
             raise ValueError(f"decode block: expected ({B},) {dt} contiguous CPU tensors")
     if not seen.is_contiguous():
         raise ValueError("decode block: seen must be contiguous")
+    settings.check(B, V)
+    if len(stops) != B or len(history) != B:
+        raise ValueError(f"decode block: stops and history need one entry per row ({B}), got "
+                         f"{len(stops)} and {len(history)}")  # fmt: skip
     bad_counts = counts is None or counts.shape != (B, V) or counts.dtype != torch.float32
     if settings.counted and (bad_counts or not counts.is_contiguous()):
         raise ValueError(f"decode block: counts must be ({B}, {V}) float32 contiguous")
@@ -662,6 +699,8 @@ def decode_block(
         raise ValueError(f"decode block: schedule {schedule} needs group_rows >= 0 and group_steps >= 1")
     order = [ctypes.c_long(group_rows), ctypes.c_long(group_steps)]
     steps = invoke([*rows, ctypes.c_long(hist.shape[1]), *outs, flag, *order])
+    if steps == TOKEN_RANGE:  # a pending token of a row that steps
+        raise token_range_error(torch.where(limit > 0, tok, 0), V)
     if steps < 0:
         raise ValueError(
             f"fused decode block failed (code {steps}: > 1024 modes, rank > 4, or out of memory)"
@@ -703,6 +742,23 @@ class RowSettings:
     penalized: bool
     counted: bool
 
+    def check(self, B: int, V: int) -> None:
+        """Raise ValueError unless every per-row tensor is (B,) (bias (B, V)) of its dtype, contiguous,
+        on the CPU: the C sampler reads B rows of each."""
+        f32 = torch.float32
+        want = {"temperature": torch.float64, "top_k": torch.long, "kind": torch.long, "top_p": f32,
+                "min_p": f32, "repetition_penalty": f32, "presence_penalty": f32,
+                "frequency_penalty": f32}  # fmt: skip
+        for name, dtype in want.items():
+            t = getattr(self, name)
+            if t.shape != (B,) or t.dtype != dtype or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(f"row settings: {name} must be ({B},) {dtype} contiguous on the CPU, got "
+                                 f"{tuple(t.shape)} {t.dtype}")  # fmt: skip
+        b = self.bias
+        if b is not None and (b.shape != (B, V) or b.dtype != torch.float32 or not b.is_contiguous()
+                              or b.device.type != "cpu"):  # fmt: skip
+            raise ValueError(f"row settings: bias must be ({B}, {V}) float32 contiguous on the CPU")
+
     def pointers(self, seen: torch.Tensor | None, counts: torch.Tensor | None) -> list:
         def p(t):
             return ctypes.c_void_p(None if t is None else t.data_ptr())
@@ -718,6 +774,14 @@ def sample_rows_full(lib, logits: torch.Tensor, settings: RowSettings, seen, cou
     float32, seen (B, V) bool or None, counts (B, V) float32 or None, u (B,) float32, all contiguous
     on the CPU → (B,) int64. Raises MemoryError when the C side cannot allocate its scratch."""
     B, V = logits.shape
+    settings.check(B, V)
+    _ptrs(logits, u)  # (checks them)
+    if u.shape != (B,):
+        raise ValueError(f"u must be ({B},), got {tuple(u.shape)}")
+    for name, t, dtype, used in (("seen", seen, torch.bool, settings.penalized),
+                                 ("counts", counts, torch.float32, settings.counted)):  # fmt: skip
+        if used and (t is None or t.shape != (B, V) or t.dtype != dtype or not t.is_contiguous()):
+            raise ValueError(f"{name} must be ({B}, {V}) {dtype} contiguous")
     out = torch.empty(B, dtype=torch.long)
     ptrs = settings.pointers(seen, counts)
     lg, uu, oo = (ctypes.c_void_p(t.data_ptr()) for t in (logits, u, out))
@@ -732,6 +796,10 @@ def sample_rows(lib, logits: torch.Tensor, temperature: torch.Tensor, u: torch.T
     temperature is 0): logits (B, V) and u (B,) contiguous float32 CPU, temperature (B,) contiguous
     float64 CPU (finite, ≥ 0: SamplingParams checks it) → (B,) int64."""
     B, V = logits.shape
+    _ptrs(logits, u)  # (checks them)
+    if u.shape != (B,) or temperature.shape != (B,):
+        shapes = f"{tuple(u.shape)}, {tuple(temperature.shape)}"
+        raise ValueError(f"u and temperature must be ({B},), got {shapes}")
     if (
         temperature.dtype != torch.float64
         or not temperature.is_contiguous()

@@ -854,6 +854,7 @@ class RecurrentModel:
 
     @property
     def state_bytes_per_sequence(self) -> int:
+        """Bytes of one sequence's state (`state_shape`, float32), whatever its context length."""
         return len(self.layers) * self.H * self.M * 2 * 4
 
     @property
@@ -917,6 +918,7 @@ class RecurrentModel:
     def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):
         if tokens.dim() != ndim:
             raise ValueError(f"tokens must have {ndim} dims, got shape {tuple(tokens.shape)}")
+        fused.check_token_dtype(tokens)
         want = (len(self.layers), tokens.shape[0], self.H, 2, self.M)
         if tuple(state.shape) != want or state.dtype != torch.float32:
             raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
@@ -981,13 +983,16 @@ class RecurrentModel:
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None):
-        """tokens (B,) → logits (B, V) and the next state: a new tensor, or written into `out`
-        (which may be `state` itself: an in-place update that allocates nothing). With
-        `use_cuda_graphs`, a batch within the largest bucket replays its bucket's graph."""
+        """tokens (B,) integer ids in 0 … V − 1 (int64; any integer dtype), state (n_layers, B, H, 2, M)
+        float32 → logits (B, V) float32 and the next state: a new tensor, or written into `out` (which
+        may be `state` itself: an in-place update that allocates nothing). With `use_cuda_graphs`, a
+        batch within the largest bucket replays its bucket's graph. Raises ValueError for a wrong shape
+        or dtype, or an id outside the vocabulary (naming it; the state is then unchanged)."""
         self._check(tokens, state, 1)
         if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
         if self._graphs is not None:
+            fused.check_token_ids(tokens, self.config.vocab_size)
             return self._graphs(tokens, state, out)
         return self._step_eager(tokens, state, out)
 
@@ -997,7 +1002,8 @@ class RecurrentModel:
         if self._net_step is not None and contiguous_out and tokens.shape[0] <= self.net_step_max_batch:
             state = state.contiguous()
             new = torch.empty_like(state) if out is None else out
-            return self._net_step(tokens, state, new), new
+            return self._net_step(tokens, state, new), new  # (the C step checks the ids)
+        fused.check_token_ids(tokens, self.config.vocab_size)
         if self._fused is not None and contiguous_out:
             return self._step_fused(tokens, state, out)
         logits, new = self._step_torch(tokens, state)
@@ -1022,7 +1028,8 @@ class RecurrentModel:
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, state: torch.Tensor, logits: str = "all"):
-        """tokens (B, L) → logits and the state after the last token, parallel over L. `logits`: "all"
+        """tokens (B, L) integer ids in 0 … V − 1 → logits and the state after the last token, parallel
+        over L (state as `step`'s, not modified). `logits`: "all"
         (B, L, V) float32, "last" (B, min(L, 1), V) (the next token's), or "none" (None: the head is not
         run; a server ingesting a prompt needs only the state).
         On CPU, with the whole-network C step, a prompt of at most `prefill_by_steps_max_tokens`
@@ -1030,7 +1037,8 @@ class RecurrentModel:
         and bit-identical to stepping it, its rows split between the calling thread's OpenMP threads; the
         two forms agree to float32 rounding. The parallel form runs with `prefill_threads` torch threads
         in the calling thread (restored after), the SSMs in float32, in blocks of CHUNK tokens
-        (`DiagonalSSM.prefill`). Raises ValueError for bad shapes or dtypes or an unknown `logits`."""
+        (`DiagonalSSM.prefill`). Raises ValueError for bad shapes or dtypes, an id outside the
+        vocabulary or an unknown `logits`."""
         self._check(tokens, state, 2)
         check_logits_kind(logits)
         B, L = tokens.shape
@@ -1042,7 +1050,8 @@ class RecurrentModel:
             # a short prompt: the recurrent form layer by layer in C (fused.NetStep.prefill: bit-identical
             # to L steps) costs less than the parallel form's fixed cost
             new = state.contiguous().clone()
-            return self._net_step.prefill(tokens, new, logits), new
+            return self._net_step.prefill(tokens, new, logits), new  # (the C prefill checks the ids)
+        fused.check_token_ids(tokens, self.config.vocab_size)
         threads = torch.get_num_threads()  # a per-thread setting (OpenMP): other threads keep theirs
         if self.prefill_threads and self.prefill_threads != threads:
             torch.set_num_threads(self.prefill_threads)

@@ -314,8 +314,17 @@ def sample(
     arithmetic, the others with their softmax sums in double), which is also the native decode
     block's sampler; elsewhere, or without the C library, the torch ops. Every row draws exactly one
     uniform from its own generator, so a row's token does not depend on the other rows, and a seed
-    reproduces a sequence whatever the batch."""
+    reproduces a sequence whatever the batch. Raises ValueError unless logits is 2-D with one entry of
+    `params` and of `generators` per row, and `seen`/`counts`, when given, are (B, V)."""
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")
     B, V = logits.shape
+    if len(params) != B or len(generators) != B:
+        raise ValueError(f"one SamplingParams and one generator per row: {B} rows, got {len(params)} params "
+                         f"and {len(generators)} generators")  # fmt: skip
+    for name, t in (("seen", seen), ("counts", counts)):
+        if t is not None and tuple(t.shape) != (B, V):
+            raise ValueError(f"{name} must be (B, V) = ({B}, {V}), got {tuple(t.shape)}")
     logits = logits.float()
     lib = fused.library() if logits.device.type == "cpu" and B else None
     if lib is None:

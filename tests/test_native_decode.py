@@ -585,3 +585,89 @@ def test_the_c_and_torch_samplers_draw_every_setting_from_the_float64_distributi
         crit = dof * (1 - 2 / (9 * dof) + 3.09 * math.sqrt(2 / (9 * dof))) ** 3 if dof else 0.0
         assert chi2 <= crit, (path, chi2, crit)
         assert exact[toks].min() > 0  # nothing the reference excludes is ever drawn
+
+
+def _block_args(rec, B: int, tok: torch.Tensor, **change) -> dict:
+    """decode_block's keyword arguments for B rows of default settings, 4 steps each; `change` overrides."""
+    params = [SamplingParams(seed=r) for r in range(B)]
+    args = dict(settings=row_settings(params, V), counts=None, key=uint64_bits(list(range(1, B + 1))),
+                counter=uint64_bits([0] * B), limit=torch.full((B,), 4), stops=[[]] * B, history=[b""] * B,
+                seen=torch.zeros(B, V, dtype=torch.bool))  # fmt: skip
+    return {**args, **change}
+
+
+@pytest.mark.parametrize("path", ["c", "torch"])
+def test_token_ids_outside_the_vocabulary_are_refused_by_every_entry_point_and_change_nothing(rec, path):
+    """An id < 0 or ≥ V given to step (in place too), prefill (short: the C recurrent form; long: the
+    parallel form) or a decode block's pending tokens is a ValueError naming it and its index, and the
+    state is untouched. The whole-network C step used to read past the embedding table (a wrong row, or
+    a segfault for a far id: found by a fresh-user trial); the C code now checks every id it is given,
+    and the torch paths check before embedding. Float and bool tensors are refused, not truncated."""
+    if path == "torch":  # the same model without its C step: torch ops (and the per-layer C SSM step off)
+        rec = _without_c_step(rec)
+    B = 3
+    state = rec.init_state(B)
+    state_before = state.clone()
+    for bad in (V, -1, 10**7, -(2**62)):
+        tokens = torch.tensor([1, bad, 2])
+        with pytest.raises(ValueError, match=rf"token id {bad} at index \[1\] is outside the vocabulary"):
+            rec.step(tokens, state)
+        with pytest.raises(ValueError, match=rf"token id {bad} at index \[1\]"):
+            rec.step(tokens, state, out=state)
+        for L in (5, 600):  # 600 > prefill_by_steps_max_tokens: the parallel form
+            prompt = torch.ones(B, L, dtype=torch.long)
+            prompt[2, L - 1] = bad
+            with pytest.raises(ValueError, match=rf"token id {bad} at index \[2, {L - 1}\]"):
+                rec.prefill(prompt, state)
+        if path == "c":
+            with pytest.raises(ValueError, match=rf"token id {bad} at index \[1\]"):
+                rec.decode_block(4, state, tokens.clone(), **_block_args(rec, B, tokens))
+        assert torch.equal(state, state_before)
+    if path == "c":  # a row that does not step (limit 0: a hole in the batch) may hold anything
+        tokens = torch.tensor([1, -7, 2])
+        res = rec.decode_block(2, state, tokens, **_block_args(rec, B, tokens, limit=torch.tensor([2, 0, 2])))
+        assert res.n_out.tolist() == [2, 0, 2]
+    for wrong in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([True, False, True])):
+        with pytest.raises(ValueError, match="tokens must be integer token ids"):
+            rec.step(wrong, rec.init_state(B))
+    logits, _ = rec.step(torch.tensor([0, V - 1, 5], dtype=torch.int32), rec.init_state(B))  # any int dtype
+    assert logits.shape == (B, V) and torch.isfinite(logits).all()
+
+
+def _without_c_step(rec):
+    """A copy of `rec` (shallow) whose step and prefill take the torch ops."""
+    import copy
+
+    other = copy.copy(rec)
+    other._net_step = None
+    if hasattr(other, "_fused"):
+        other._fused = None
+    return other
+
+
+def test_the_c_samplers_arguments_must_describe_the_batch(rec):
+    """What the C sampler and the decode block read B rows of is checked first: sample() with fewer
+    settings or generators than rows (it read past the lists: a segfault with none, random tokens with
+    one for three rows), per-row settings of the wrong length, stops and history not one per row."""
+    with pytest.raises(ValueError, match="one SamplingParams and one generator per row: 2 rows, got 0"):
+        sample(torch.randn(2, V), [], [])
+    one = SamplingParams(seed=1)
+    with pytest.raises(ValueError, match="3 rows, got 1 params and 1 generators"):
+        sample(torch.randn(3, V), [one], [one.generator()])
+    with pytest.raises(ValueError, match=r"seen must be \(B, V\)"):
+        sample(torch.randn(2, V), [one, one], [one.generator(), one.generator()],
+               seen=torch.zeros(1, V, dtype=torch.bool))  # fmt: skip
+    with pytest.raises(ValueError, match=r"logits must be \(B, V\)"):
+        sample(torch.randn(V), [one], [one.generator()])
+    B = 3
+    tok = torch.zeros(B, dtype=torch.long)
+    full = row_settings([SamplingParams(seed=1)] * B, V)
+    short = dataclasses.replace(full, top_p=full.top_p[:2].clone())  # 2 rows of top_p for 3
+    for change, what in (({"settings": short}, "row settings: top_p must be"),
+                         ({"stops": [[]]}, "stops and history need one entry per row"),
+                         ({"history": [b""] * 5}, "stops and history need one entry per row")):  # fmt: skip
+        with pytest.raises(ValueError, match=what):
+            rec.decode_block(4, rec.init_state(B), tok.clone(), **_block_args(rec, B, tok, **change))
+    logits = torch.randn(B, V)
+    with pytest.raises(ValueError, match="row settings"):
+        fused.sample_rows_full(fused.library(), logits, short, None, None, torch.rand(B))

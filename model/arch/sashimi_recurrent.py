@@ -283,6 +283,7 @@ class SaShiMiRecurrent:
 
     @property
     def state_bytes_per_sequence(self) -> int:
+        """Bytes of one sequence's state ((numel,) float32), whatever its context length."""
         return self.layout.numel * 4
 
     def init_state(self, batch_size: int) -> torch.Tensor:
@@ -302,6 +303,7 @@ class SaShiMiRecurrent:
     def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):
         if tokens.dim() != ndim:
             raise ValueError(f"tokens must have {ndim} dims, got shape {tuple(tokens.shape)}")
+        fused.check_token_dtype(tokens)
         want = (tokens.shape[0], self.layout.numel)
         if tuple(state.shape) != want or state.dtype != torch.float32:
             raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
@@ -373,17 +375,19 @@ class SaShiMiRecurrent:
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None):
-        """tokens (B,) long, state (B, numel) float32 → logits (B, V) float32 and the next state: a new
-        tensor, or written into `out` (which may be `state` itself). Raises ValueError on a wrong
-        shape or a phase counter that is not an integer in [0, prod(pool))."""
+        """tokens (B,) integer ids in 0 … V − 1, state (B, numel) float32 → logits (B, V) float32 and the
+        next state: a new tensor, or written into `out` (which may be `state` itself). Raises ValueError
+        on a wrong shape or dtype, an id outside the vocabulary, or a phase counter that is not an
+        integer in [0, prod(pool))."""
         self._check(tokens, state, 1)
         if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
         tau = self.phases(state)
         if self._net_step is not None:
             new = state.contiguous().clone() if out is None or not out.is_contiguous() else out.copy_(state)
-            logits = self._net_step(tokens, new)
+            logits = self._net_step(tokens, new)  # (the C step checks the ids)
             return logits, new if out is None or new is out else out.copy_(new)
+        fused.check_token_ids(tokens, self.config.vocab_size)
         new = state.contiguous().clone()
         y = self._step_level(0, self._embed(tokens), None, tau, new)
         self.layout.view(new, "phase")[:, 0] = ((tau + 1) % self.period).float()
@@ -463,9 +467,11 @@ class SaShiMiRecurrent:
         """tokens (B, T) long, state (B, numel) float32 → logits and the state after the last token;
         parallel over T at every level, for any T and any starting state (rows at different phases are
         run in groups of equal phase). `logits` as `RecurrentModel.prefill`: "all" (B, T, V), "last"
-        (B, min(T, 1), V) or "none" (None). Raises ValueError for bad shapes or an unknown `logits`."""
+        (B, min(T, 1), V) or "none" (None). Raises ValueError for bad shapes or dtypes, an id outside
+        the vocabulary or an unknown `logits`."""
         self._check(tokens, state, 2)
         check_logits_kind(logits)
+        fused.check_token_ids(tokens, self.config.vocab_size)
         B, T = tokens.shape
         new = state.contiguous().clone()
         tau = self.phases(new)

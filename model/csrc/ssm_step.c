@@ -1064,11 +1064,23 @@ static int sample_and_check(long B, const long *rows, long V, const float *logit
 typedef int (*StepRowsFn)(const void *ctx, long B, long Btot, const long *rows, const long *tok, float *state,
                           float *logits);
 
+/* Code returned when a token id is not a row of the embedding (0 ≤ id < V). Ids from outside are checked
+ * where every entry point takes them (net_step, net_prefill, sashimi_step, the decode blocks' pending
+ * tokens), so no caller can make a step read outside the table. */
+#define E_TOKEN_RANGE (-3)
+
+static int ids_in_range(const long *ids, long n, long V) {
+    for (long i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= V) return 0;
+    return 1;
+}
+
 /* One step of all B rows by step_rows: batches of parallel_rows rows or more are split into one block of
  * rows per thread, each stepped through the whole network independently (no synchronization between
  * layers; the per-layer parallel loops then run serially inside each thread). */
 static int step_all_rows(StepRowsFn step_rows, const void *ctx, long parallel_rows, long B, long V,
                          const long *tokens, float *state, float *logits) {
+    if (!ids_in_range(tokens, B, V)) return E_TOKEN_RANGE;
     long *rows = malloc(sizeof(long) * (size_t)(B > 0 ? B : 1));
     if (!rows) return -2;
     for (long r = 0; r < B; r++) rows[r] = r;
@@ -1183,6 +1195,7 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
 int net_prefill(long B, long L, long H, long V, long n_layers, long M, long head, const long *tokens,
                 const float *embed, const NetLayer *layers, const float *lnf_w, const float *lnf_b,
                 const float *head_t, const float *head_b, float eps, float *state, float *logits) {
+    if (!ids_in_range(tokens, B * L, V)) return E_TOKEN_RANGE;
     long F = 0;
     for (long l = 0; l < n_layers; l++) {
         if (!layer_fits(layers + l, M)) return -1;
@@ -1219,6 +1232,8 @@ static long decode_block(StepRowsFn step_rows, const void *ctx, long parallel_ro
                          const unsigned char *stop_data, unsigned char *hist, long hist_cap, long *hist_len,
                          unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times,
                          const int *interrupt, long group_rows, long group_steps) {
+    for (long r = 0; r < Btot; r++) /* the rows that step: their pending token is fed first */
+        if (limit[r] > 0 && (tok[r] < 0 || tok[r] >= V)) return E_TOKEN_RANGE;
     const SampleArgs args = {temp, top_k, kind, top_p, min_p, rep, presence, frequency, bias, pen_seen, counts};
     const int nt_max = Btot >= parallel_rows ? omp_get_max_threads() : 1;
     double *tbuf = malloc(sizeof(double) * (size_t)nt_max * (size_t)(K > 0 ? K : 1));
