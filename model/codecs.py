@@ -56,7 +56,9 @@ class MuLaw:
       0.005), dequantized f = q/128 − 1, so 128 is exactly 0.0. (Its per-clip min-max scaling before
       companding is a dataset step, not part of the code of one sample: not applied.)
 
-    Raises ValueError for another convention."""
+    decode then encode gives every id back in "s4serve"; in "s4" ids 129 … 255 come back one lower (its
+    decode gives a bin's lower edge, which its 0.01 margin quantizes into the bin below), as in the
+    official code. Raises ValueError for another convention."""
 
     vocab_size = 256
     mu = 255
@@ -67,14 +69,23 @@ class MuLaw:
         self.convention = convention
 
     def encode(self, x) -> np.ndarray:
-        x = np.clip(np.asarray(x, dtype=np.float64), -1.0, 1.0)
+        """Samples (any shape, floats; clipped to [-1, 1]) → int64 ids 0 … 255. Raises ValueError for
+        NaN or infinite samples."""
+        x = finite_samples(x)
+        x = np.clip(x, -1.0, 1.0)
         f = np.sign(x) * np.log1p(self.mu * np.abs(x)) / math.log1p(self.mu)
         if self.convention == "s4":
             return np.clip(np.floor((f + 1) / 2 * (256 - 0.01) + 0.005), 0, 255).astype(np.int64)
         return np.floor((f + 1) / 2 * self.mu + 0.5).astype(np.int64)
 
     def decode(self, ids) -> np.ndarray:
+        """Ids 0 … 255 (any shape, integers) → float32 samples in [-1, 1]. Raises ValueError for an id
+        outside 0 … 255 or not an integer."""
         q = np.asarray(ids, dtype=np.float64)
+        bad = ~((q >= 0) & (q <= 255) & (q == np.floor(q)))
+        if bad.any():
+            i = tuple(int(k) for k in np.argwhere(bad)[0])
+            raise ValueError(f"mu-law id {float(q[i]):g} at index {list(i)} is not an integer in 0 … 255")
         f = q / 128 - 1 if self.convention == "s4" else 2 * q / self.mu - 1
         return (np.sign(f) * np.expm1(np.abs(f) * math.log1p(self.mu)) / self.mu).astype(np.float32)
 
@@ -89,9 +100,21 @@ class MuLaw:
         return int(self.encode(0.0))
 
 
+def finite_samples(x) -> np.ndarray:
+    """x as float64; raises ValueError naming the first NaN or infinite sample (they have no code: NaN
+    was cast to an arbitrary integer)."""
+    x = np.asarray(x, dtype=np.float64)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        i = tuple(int(k) for k in np.argwhere(bad)[0])
+        raise ValueError(f"sample {x[i]} at index {list(i)} is not finite")
+    return x
+
+
 def to_pcm16(x) -> bytes:
-    """Float samples in [-1, 1] → little-endian signed 16-bit PCM."""
-    return (np.clip(np.asarray(x, dtype=np.float64), -1, 1) * 32767).round().astype("<i2").tobytes()
+    """Float samples in [-1, 1] (clipped) → little-endian signed 16-bit PCM. Raises ValueError for NaN or
+    infinite samples."""
+    return (np.clip(finite_samples(x), -1, 1) * 32767).round().astype("<i2").tobytes()
 
 
 def wav_bytes(x, sample_rate: int) -> bytes:

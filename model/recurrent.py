@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import functools
+import numbers
 import sys
 
 import torch
@@ -913,6 +914,8 @@ class RecurrentModel:
         imaginary parts; its conjugate is implied) or two of its real modes (`real_block_slots`), so an
         N-dimensional real system takes M = N/2 slots; a DPLR layer's N/2 complex modes; a layer with
         fewer slots than the widest is zero-padded. Its size does not depend on the context length."""
+        if not isinstance(batch_size, numbers.Integral) or batch_size < 0:
+            raise ValueError(f"batch_size must be an int ≥ 0, got {batch_size!r}")
         return torch.zeros(len(self.layers), batch_size, self.H, 2, self.M, device=self.device)
 
     def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):
@@ -922,6 +925,10 @@ class RecurrentModel:
         want = (len(self.layers), tokens.shape[0], self.H, 2, self.M)
         if tuple(state.shape) != want or state.dtype != torch.float32:
             raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
+        where = torch.device(self.device).type
+        if tokens.device.type != where or state.device.type != where:
+            raise ValueError(f"tokens ({tokens.device}) and state ({state.device}) must be on the model's "
+                             f"device ({self.device})")  # fmt: skip
 
     def _pad(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Zero-pad the mode axis of one layer's state up to M (layers may keep fewer modes)."""

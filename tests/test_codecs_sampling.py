@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from model.codecs import ByteTokenizer, MuLaw, read_wav, wav_bytes
+from model.codecs import ByteTokenizer, MuLaw, read_wav, to_pcm16, wav_bytes
 from model.sampling import SamplingParams, filter_logits, find_stop, sample
 
 
@@ -64,6 +64,31 @@ def test_mulaw_official_convention_equals_state_spaces_s4():
     np.testing.assert_allclose(MuLaw().decode(q), MuLaw("s4serve").decode(q))
     with pytest.raises(ValueError, match="convention"):
         MuLaw("alaw")
+
+
+def test_mulaw_round_trip_of_the_official_convention_is_one_lower_above_128_as_documented():
+    """decode then encode in "s4": ids 0 … 128 come back, 129 … 255 one lower (the official formulas: a
+    bin's lower edge quantized with the 0.01 margin), as MuLaw's docstring says."""
+    m, q = MuLaw("s4"), np.arange(256)
+    back = m.encode(m.decode(q))
+    assert (back[:129] == q[:129]).all() and (back[129:] == q[129:] - 1).all()
+
+
+def test_codecs_refuse_values_without_a_code():
+    """NaN or infinite samples (encode cast NaN to -2**63, an id the model would index with) and ids outside
+    0 … 255 or not integers (decode returned 1.2e14 for 1000) are ValueErrors naming the value and its
+    index, as is a NaN in to_pcm16 (a silent cast before)."""
+    for convention in ("s4serve", "s4"):
+        m = MuLaw(convention)
+        for bad in (np.nan, np.inf, -np.inf):
+            with pytest.raises(ValueError, match=r"sample .* at index \[1\] is not finite"):
+                m.encode([0.1, bad])
+        for bad in (256, 1000, -1, 1.5):
+            with pytest.raises(ValueError, match=rf"mu-law id {bad:g} at index \[0, 1\] is not an integer"):
+                m.decode([[3, bad]])
+        assert m.encode([2.0, -7.0]).tolist() == [255, 0]  # finite values past ±1 are clipped
+    with pytest.raises(ValueError, match="not finite"):
+        to_pcm16([0.0, np.nan])
 
 
 def test_wav_round_trip():

@@ -632,6 +632,12 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_every_entry_point_and_c
             rec.step(wrong, rec.init_state(B))
     logits, _ = rec.step(torch.tensor([0, V - 1, 5], dtype=torch.int32), rec.init_state(B))  # any int dtype
     assert logits.shape == (B, V) and torch.isfinite(logits).all()
+    # a state elsewhere than the model (its pointer handed to C would be another device's)
+    with pytest.raises(ValueError, match="must be on the model's device"):
+        rec.step(torch.tensor([1, 2, 3]), rec.init_state(B).to("meta"))
+    for n in (-1, 2.0):
+        with pytest.raises(ValueError, match="batch_size must be an int"):
+            rec.init_state(n)
 
 
 def _without_c_step(rec):

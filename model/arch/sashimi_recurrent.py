@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 
 import torch
 
@@ -288,6 +289,8 @@ class SaShiMiRecurrent:
 
     def init_state(self, batch_size: int) -> torch.Tensor:
         """Zeros (batch_size, layout.numel) float32: phase 0, empty buffers, zero SSM states."""
+        if not isinstance(batch_size, numbers.Integral) or batch_size < 0:
+            raise ValueError(f"batch_size must be an int ≥ 0, got {batch_size!r}")
         return torch.zeros(batch_size, self.layout.numel, device=self.device)
 
     def phases(self, state: torch.Tensor) -> torch.Tensor:
@@ -307,6 +310,10 @@ class SaShiMiRecurrent:
         want = (tokens.shape[0], self.layout.numel)
         if tuple(state.shape) != want or state.dtype != torch.float32:
             raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
+        where = torch.device(self.device).type
+        if tokens.device.type != where or state.device.type != where:
+            raise ValueError(f"tokens ({tokens.device}) and state ({state.device}) must be on the model's "
+                             f"device ({self.device})")  # fmt: skip
 
     def _level_phase(self, tau, k: int):
         """Inputs already in DownPool k's buffer (level k's phase) at global phase tau."""
