@@ -755,6 +755,7 @@ class RecurrentModel:
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = net.config
         self.device = device
+        self._device_type = torch.device(device).type  # (checked per call: a cached string)
         self.layers, self.report, kernels64 = [], [], []
         for i, kernel in enumerate(self.net.kernels()):
             try:
@@ -925,8 +926,7 @@ class RecurrentModel:
         want = (len(self.layers), tokens.shape[0], self.H, 2, self.M)
         if tuple(state.shape) != want or state.dtype != torch.float32:
             raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
-        where = torch.device(self.device).type
-        if tokens.device.type != where or state.device.type != where:
+        if tokens.device.type != self._device_type or state.device.type != self._device_type:
             raise ValueError(f"tokens ({tokens.device}) and state ({state.device}) must be on the model's "
                              f"device ({self.device})")  # fmt: skip
 

@@ -78,6 +78,7 @@ class SaShiMiRecurrent:
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = cfg = net.config
         self.device = device
+        self._device_type = torch.device(device).type  # (checked per call: a cached string)
         self.pool = list(cfg.pool)
         self.period = math.prod(self.pool)
         self.layout = StateLayout()
@@ -310,8 +311,7 @@ class SaShiMiRecurrent:
         want = (tokens.shape[0], self.layout.numel)
         if tuple(state.shape) != want or state.dtype != torch.float32:
             raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
-        where = torch.device(self.device).type
-        if tokens.device.type != where or state.device.type != where:
+        if tokens.device.type != self._device_type or state.device.type != self._device_type:
             raise ValueError(f"tokens ({tokens.device}) and state ({state.device}) must be on the model's "
                              f"device ({self.device})")  # fmt: skip
 
