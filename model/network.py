@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 from torch import nn
 
+from model.cauchy import BACKENDS
 from model.kernel import RE_LAMBDA_MAX, S4_INITS, S4D_INITS, SSMKernel
 from model.layer import S4Layer
 
@@ -19,13 +20,53 @@ SSMFn = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass
 class ModelConfig:
+    """The shape and options of a model: saved as `config` in a checkpoint's config.json, the [model]
+    table of a training config. Every field is checked on construction (`__post_init__`): a bad value
+    raises ValueError naming the field and the value (types included: 16.5 is not an integer, "yes"
+    not a boolean). Lengths are in tokens (bytes, or mu-law samples); times Δ in sampling steps.
+
+    vocab_size      int ≥ 1: tokens (256 for bytes and 8-bit mu-law).
+    d_model         int ≥ 1: H, channels (independent SSMs) per layer; sashimi: level 0's width.
+    n_layers        int ≥ 1: S4 blocks; sashimi: (S4, FF) block pairs per level.
+    d_state         even int ≥ 2: N, state size per channel (N/2 complex modes are stored).
+    kernel          "s4" (DPLR, bilinear) or "s4d" (diagonal).
+    init            s4: "legs", "legt", "lagt", "fout" (HiPPO measures); s4d: "legs", "diag-lin", "diag-inv".
+    rank            int or None: the DPLR low-rank size. s4: 1 or 2, at least the measure's (legt: 2);
+                    None (the default) becomes that least rank (2 for legt, else 1), so config.rank is
+                    always what the kernel uses. s4d (no low-rank term): any int ≥ 1, unused.
+    disc            None (the kernel's default), s4: "bilinear"; s4d: "zoh" (default) or "bilinear".
+    l_max           even int ≥ 2: the length trained in conv mode and the S4 kernel's generating-function
+                    length (conv mode itself runs at any length). Even because the kernel is computed
+                    at rfft bins of an even length; odd lengths belong to `l_kernel`.
+    l_kernel        None or one int in [1, 2**20] per S4 layer (odd allowed): each layer's own length of
+                    S4's C̃ = C̄(I − Ā^L) (imported official models); None: l_max for every layer.
+    d_ff            int ≥ 0: feed-forward hidden size after each S4 layer (0: none; isotropic only).
+    dropout         float in [0, 1): dropout probability (S4 output, FF hidden, residual branches).
+    dt_min, dt_max  floats, 0 < dt_min ≤ dt_max: the range of the log-uniform initial step size Δ.
+    tie_embeddings  bool: the output head shares the embedding matrix.
+    head_bias       bool: the output head has a bias (official checkpoints do).
+    re_lambda_max   negative float or None: Re Λ is clamped ≤ it (None: no clamp, for imported models).
+    dt_tied         bool: False gives S4D one Δ per mode, (H, N/2); S4 requires True.
+    embed_scale     finite float > 0: the embedding is multiplied by it (official `lm` rescale: √d_model).
+    cauchy_backend  "auto" (keops when it works), "keops" or "torch".
+    modality        "text" or "audio" (metadata for serving).
+    sample_rate     None or int ≥ 1: Hz, audio only (None for text).
+    mulaw           audio tokens' mu-law convention: "s4serve" (2q/255 − 1) or "s4" (official SaShiMi).
+    arch            "isotropic" (SequenceModel) or "sashimi" (model/arch/sashimi.py).
+    pool            sashimi: list of 1–4 ints in [2, 64], each DownPool's stride.
+    expand          sashimi: int in [1, 8], channels × expand at each coarser level.
+    ff              sashimi: int in [0, 16], FF hidden size = ff × width (0: no FF blocks).
+    unet            sashimi: bool, (S4, FF) blocks before each DownPool too, with U-Net skips.
+    norm            sashimi: "layer" (LayerNorm) or "tln" (official scalar TransposedLN).
+    """
+
     vocab_size: int = 256
     d_model: int = 128
     n_layers: int = 4
     d_state: int = 64  # N: state size per channel (N/2 complex modes are stored)
     kernel: str = "s4"  # "s4" (DPLR) or "s4d" (diagonal)
     init: str = "legs"  # s4: legs, legt, lagt, fout; s4d: legs, diag-lin, diag-inv
-    rank: int = 1  # low-rank size of the DPLR term (legt needs 2)
+    rank: int | None = None  # low-rank size of the DPLR term; None: the init's least (legt 2, else 1)
     disc: str | None = None  # s4: bilinear; s4d: zoh (default) or bilinear
     l_max: int = 1024  # the length trained in conv mode (conv mode itself runs at any length)
     # per-layer length L of S4's generating function C̃ = C̄(I − Ā^L) (official: each layer's l_kernel
@@ -56,21 +97,39 @@ class ModelConfig:
     norm: str = "layer"  # sashimi: block norm, "layer" (LayerNorm) or "tln" (official scalar TransposedLN)
 
     def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers"):
+            _check_int(name, getattr(self, name), 1)
+        _check_int("d_state", self.d_state, 2)
+        if self.d_state % 2:
+            raise ValueError(f"d_state must be even (N/2 conjugate pairs are stored), got {self.d_state}")
+        _check_choice("kernel", self.kernel, ("s4", "s4d"))
         inits = {"s4": S4_INITS, "s4d": S4D_INITS}
-        if self.kernel not in inits:
-            raise ValueError(f"kernel must be 's4' or 's4d', got {self.kernel!r}")
         if self.init not in inits[self.kernel]:
-            raise ValueError(f"init for kernel {self.kernel!r} must be one of {inits[self.kernel]}")
-        for name in ("vocab_size", "d_model", "n_layers", "d_state", "l_max"):
-            if int(getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.d_state % 2 or self.l_max % 2:
-            raise ValueError("d_state and l_max must be even")
-        if not 1 <= int(self.rank) <= (2 if self.kernel == "s4" else int(self.rank)):  # kernel.woodbury
-            raise ValueError(f"rank must be 1 or 2 for s4, at least 1 for s4d; got {self.rank}")
+            raise ValueError(
+                f"init for kernel {self.kernel!r} must be one of {inits[self.kernel]}, got {self.init!r}"
+            )
+        least = 2 if (self.kernel, self.init) == ("s4", "legt") else 1  # hippo.rank_correction's columns
+        if self.rank is None:
+            self.rank = least
+        if type(self.rank) is not int:
+            raise ValueError(f"rank must be an integer (or null: the init's least), got {self.rank!r}")
+        if self.kernel == "s4d":
+            _check_int("rank", self.rank, 1)
+        if self.kernel == "s4" and not least <= self.rank <= 2:  # kernel.woodbury: ranks 1 and 2
+            if least == 2:
+                raise ValueError(
+                    f"rank must be 2 for init 'legt' (its low-rank correction has 2 columns), got {self.rank}"
+                )
+            raise ValueError(f"rank must be 1 or 2 for kernel 's4', got {self.rank}")
         discs = {"s4": (None, "bilinear"), "s4d": (None, "zoh", "bilinear")}[self.kernel]
         if self.disc not in discs:
             raise ValueError(f"disc for kernel {self.kernel!r} must be one of {discs}, got {self.disc!r}")
+        _check_int("l_max", self.l_max, 2)
+        if self.l_max % 2:
+            raise ValueError(
+                f"l_max must be even (the S4 kernel is computed at an even length; a layer's odd length "
+                f"goes in l_kernel), got {self.l_max}"
+            )
         lk = self.l_kernel
         if lk is not None:
             ints = isinstance(lk, list | tuple) and all(type(n) is int and 0 < n <= 2**20 for n in lk)
@@ -78,30 +137,45 @@ class ModelConfig:
             if not (ints and len(lk) == n_kernels):
                 raise ValueError(f"l_kernel must be null or {self.n_layers} integers in [1, 2**20]: {lk!r}")
             self.l_kernel = list(lk)
+        _check_int("d_ff", self.d_ff, 0)
+        _check_number("dropout", self.dropout)
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("dt_min", "dt_max"):
+            _check_number(name, getattr(self, name))
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive (a step size Δ), got {getattr(self, name)!r}")
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min must be ≤ dt_max, got dt_min={self.dt_min!r}, dt_max={self.dt_max!r}")
+        for name in ("tie_embeddings", "head_bias", "dt_tied", "unet"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         scale = self.embed_scale
         number = isinstance(scale, int | float) and not isinstance(scale, bool)
         if not (number and math.isfinite(scale) and scale > 0):
-            raise ValueError(f"embed_scale must be a positive finite number, got {self.embed_scale}")
-        if not isinstance(self.head_bias, bool):
-            raise ValueError(f"head_bias must be true or false, got {self.head_bias!r}")
-        if not isinstance(self.dt_tied, bool) or (self.kernel == "s4" and not self.dt_tied):
-            raise ValueError(f"dt_tied must be true or false, and true for kernel 's4'; got {self.dt_tied!r}")
+            raise ValueError(f"embed_scale must be a positive finite number, got {self.embed_scale!r}")
+        if self.kernel == "s4" and not self.dt_tied:
+            raise ValueError(
+                f"dt_tied must be true for kernel 's4' (one Δ per channel), got {self.dt_tied!r}"
+            )
         r = self.re_lambda_max
         if r is not None and (isinstance(r, bool) or not isinstance(r, int | float) or not -math.inf < r < 0):
             raise ValueError(f"re_lambda_max must be null or a negative number, got {r!r}")
-        if self.modality not in ("text", "audio"):
-            raise ValueError(f"modality must be 'text' or 'audio', got {self.modality!r}")
-        if self.mulaw not in ("s4serve", "s4"):
-            raise ValueError(f"mulaw must be 's4serve' or 's4', got {self.mulaw!r}")
-        if self.arch not in ("isotropic", "sashimi"):
-            raise ValueError(f"arch must be 'isotropic' or 'sashimi', got {self.arch!r}")
-        if self.arch == "sashimi":
-            from model.arch.sashimi import validate  # noqa: PLC0415
+        _check_choice("cauchy_backend", self.cauchy_backend, BACKENDS)
+        _check_choice("modality", self.modality, ("text", "audio"))
+        if self.sample_rate is not None:
+            _check_int("sample_rate", self.sample_rate, 1)
+        _check_choice("mulaw", self.mulaw, ("s4serve", "s4"))
+        _check_choice("arch", self.arch, ("isotropic", "sashimi"))
+        from model.arch.sashimi import validate, validate_fields  # noqa: PLC0415
 
+        validate_fields(self)  # pool, expand, ff, norm: checked whatever the arch
+        if self.arch == "sashimi":
             validate(self)
         elif self.unet or self.norm != "layer":
             raise ValueError(
-                "unet and norm are options of arch 'sashimi' (isotropic: unet false, norm 'layer')"
+                "unet and norm are options of arch 'sashimi' (isotropic: unet false, norm 'layer'), "
+                f"got unet={self.unet!r}, norm={self.norm!r}"
             )
 
     def to_dict(self) -> dict:
@@ -109,11 +183,28 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
+        """A config from a dict of its fields (a checkpoint's `config`, a [model] table); raises
+        ValueError for an unknown field or a bad value."""
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
         return cls(**d)
+
+
+def _check_int(name: str, value, least: int) -> None:
+    if type(value) is not int or value < least:  # bool is not an int here; neither is 16.0
+        raise ValueError(f"{name} must be an integer ≥ {least}, got {value!r}")
+
+
+def _check_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_choice(name: str, value, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
 class FeedForward(nn.Module):

@@ -38,8 +38,9 @@ from model.norms import make_norm
 MAX_LEVELS = 4
 
 
-def validate(cfg: ModelConfig) -> None:
-    """Check the SaShiMi fields of a ModelConfig; raises ValueError naming the field."""
+def validate_fields(cfg: ModelConfig) -> None:
+    """Check the types and ranges of the SaShiMi fields (pool, expand, ff, norm) of any ModelConfig;
+    raises ValueError naming the field and its value."""
     pool = cfg.pool
     if not (isinstance(pool, list | tuple) and 1 <= len(pool) <= MAX_LEVELS):
         raise ValueError(f"pool must be a list of 1 to {MAX_LEVELS} strides, got {pool!r}")
@@ -50,20 +51,27 @@ def validate(cfg: ModelConfig) -> None:
         raise ValueError(f"expand must be an integer in [1, 8], got {cfg.expand!r}")
     if not (type(cfg.ff) is int and 0 <= cfg.ff <= 16):
         raise ValueError(f"ff must be an integer in [0, 16], got {cfg.ff!r}")
-    if not isinstance(cfg.unet, bool):
-        raise ValueError(f"unet must be true or false, got {cfg.unet!r}")
     if cfg.norm not in ("layer", "tln"):
         raise ValueError(f"norm must be 'layer' or 'tln', got {cfg.norm!r}")
+
+
+def validate(cfg: ModelConfig) -> None:
+    """Check a ModelConfig with arch 'sashimi' (after `validate_fields`); raises ValueError naming the
+    field."""
     if cfg.d_ff:
-        raise ValueError("d_ff is the isotropic model's FF size; arch 'sashimi' sizes its FF blocks with ff")
+        raise ValueError(
+            f"d_ff must be 0 for arch 'sashimi' (its FF blocks are sized by ff), got {cfg.d_ff!r}"
+        )
     if cfg.l_kernel is not None and len(cfg.l_kernel) != len(s4_block_names(cfg)):
         raise ValueError(
             f"l_kernel must be null or one length per S4 block ({len(s4_block_names(cfg))}, in the order of "
             f"SaShiMi.named_s4_blocks), got {len(cfg.l_kernel)}"
         )
-    P = math.prod(pool)
+    P = math.prod(cfg.pool)
     if cfg.l_max % (2 * P):
-        raise ValueError(f"l_max must be a multiple of 2·prod(pool) = {2 * P} (each level's length is even)")
+        raise ValueError(
+            f"l_max must be a multiple of 2·prod(pool) = {2 * P} (each level's length even), got {cfg.l_max}"
+        )
 
 
 def s4_block_names(cfg: ModelConfig) -> list[str]:

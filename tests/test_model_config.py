@@ -1,0 +1,140 @@
+"""ModelConfig checks every field when it is built: a bad value (range or type) raises ValueError naming
+the field and the value, before any tensor is made; the shipped checkpoints' configs still load."""
+
+import json
+import math
+import pydoc
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import ModelConfig, SequenceModel
+from model.arch import build
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = dict(vocab_size=16, d_model=8, n_layers=1, d_state=8, l_max=64, cauchy_backend="torch")
+
+# (field, bad value, a regular expression the message must match): every field, each kind of fault
+BAD = [
+    ("vocab_size", 0, r"vocab_size must be an integer ≥ 1, got 0"),
+    ("vocab_size", 256.0, r"vocab_size must be an integer ≥ 1, got 256.0"),
+    ("vocab_size", True, r"vocab_size must be an integer ≥ 1, got True"),
+    ("d_model", 16.5, r"d_model must be an integer ≥ 1, got 16.5"),
+    ("d_model", "8", r"d_model must be an integer ≥ 1, got '8'"),
+    ("d_model", -2, r"d_model must be an integer ≥ 1, got -2"),
+    ("n_layers", 0, r"n_layers must be an integer ≥ 1, got 0"),
+    ("d_state", 7, r"d_state must be even .*, got 7"),
+    ("d_state", 0, r"d_state must be an integer ≥ 2, got 0"),
+    ("d_state", 8.0, r"d_state must be an integer ≥ 2, got 8.0"),
+    ("kernel", "s5", r"kernel must be one of \['s4', 's4d'\], got 's5'"),
+    ("init", "legz", r"init for kernel 's4' must be one of .*, got 'legz'"),
+    ("rank", 3, r"rank must be 1 or 2 for kernel 's4', got 3"),
+    ("rank", 1.0, r"rank must be an integer .*, got 1.0"),
+    ("rank", 0, r"rank must be 1 or 2 for kernel 's4', got 0"),
+    ("disc", "zoh", r"disc for kernel 's4' must be one of .*, got 'zoh'"),
+    ("l_max", 1023, r"l_max must be even .*l_kernel.*, got 1023"),
+    ("l_max", 0, r"l_max must be an integer ≥ 2, got 0"),
+    ("l_max", 64.0, r"l_max must be an integer ≥ 2, got 64.0"),
+    ("l_kernel", [64, 0], r"l_kernel must be null or 1 integers"),
+    ("d_ff", -3, r"d_ff must be an integer ≥ 0, got -3"),
+    ("d_ff", 16.0, r"d_ff must be an integer ≥ 0, got 16.0"),
+    ("dropout", 2.0, r"dropout must be in \[0, 1\), got 2.0"),
+    ("dropout", 1, r"dropout must be in \[0, 1\), got 1"),
+    ("dropout", -0.1, r"dropout must be in \[0, 1\), got -0.1"),
+    ("dropout", "0.1", r"dropout must be a finite number, got '0.1'"),
+    ("dropout", math.nan, r"dropout must be a finite number, got nan"),
+    ("dt_min", 0.0, r"dt_min must be positive .*, got 0.0"),
+    ("dt_min", 1.0, r"dt_min must be ≤ dt_max, got dt_min=1.0, dt_max=0.1"),
+    ("dt_max", math.inf, r"dt_max must be a finite number, got inf"),
+    ("dt_max", -0.1, r"dt_max must be positive .*, got -0.1"),
+    ("tie_embeddings", 1, r"tie_embeddings must be true or false, got 1"),
+    ("head_bias", "yes", r"head_bias must be true or false, got 'yes'"),
+    ("re_lambda_max", 0.5, r"re_lambda_max must be null or a negative number, got 0.5"),
+    ("dt_tied", False, r"dt_tied must be true for kernel 's4'"),
+    ("dt_tied", "no", r"dt_tied must be true or false, got 'no'"),
+    ("embed_scale", 0.0, r"embed_scale must be a positive finite number, got 0.0"),
+    ("cauchy_backend", "keopz", r"cauchy_backend must be one of \['auto', 'keops', 'torch'\], got 'keopz'"),
+    ("modality", "video", r"modality must be one of \['text', 'audio'\], got 'video'"),
+    ("sample_rate", 8000.0, r"sample_rate must be an integer ≥ 1, got 8000.0"),
+    ("sample_rate", 0, r"sample_rate must be an integer ≥ 1, got 0"),
+    ("mulaw", "alaw", r"mulaw must be one of \['s4serve', 's4'\], got 'alaw'"),
+    ("arch", "unet", r"arch must be one of \['isotropic', 'sashimi'\], got 'unet'"),
+    ("pool", [4, 1], r"pool strides must be integers in \[2, 64\], got \[4, 1\]"),
+    ("pool", "44", r"pool must be a list of 1 to 4 strides, got '44'"),
+    ("expand", 2.5, r"expand must be an integer in \[1, 8\], got 2.5"),
+    ("ff", -1, r"ff must be an integer in \[0, 16\], got -1"),
+    ("unet", True, r"unet and norm are options of arch 'sashimi'.*got unet=True"),
+    ("unet", "no", r"unet must be true or false, got 'no'"),
+    ("norm", "batch", r"norm must be 'layer' or 'tln', got 'batch'"),
+]
+
+
+def test_every_field_has_a_bad_value_case():
+    assert {f.name for f in fields(ModelConfig)} == {name for name, _, _ in BAD}
+
+
+@pytest.mark.parametrize("name,value,message", BAD, ids=[f"{n}={v!r}" for n, v, _ in BAD])
+def test_a_bad_field_is_refused_naming_the_field_and_value(name, value, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{**SMALL, name: value})
+
+
+@pytest.mark.parametrize(
+    "fields_,message",
+    [
+        (dict(kernel="s4d", init="legt"), r"init for kernel 's4d' must be one of .*, got 'legt'"),
+        (dict(kernel="s4d", disc="euler"), r"disc for kernel 's4d' must be one of .*, got 'euler'"),
+        (dict(arch="sashimi", d_ff=3), r"d_ff must be 0 for arch 'sashimi' .*, got 3"),
+        (dict(arch="sashimi", l_max=1000), r"l_max must be a multiple of 2·prod\(pool\) = 32 .*, got 1000"),
+    ],
+)
+def test_fields_that_depend_on_each_other_are_refused_together(fields_, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{**SMALL, "l_max": 1024, **fields_})
+
+
+def test_legt_rank_is_what_the_kernel_uses():
+    """HiPPO-LegT's low-rank correction has 2 columns: the default rank becomes 2 for it (1 otherwise),
+    so config.rank (and config.json) say what the kernel computes; an explicit rank 1 is refused."""
+    cfg = ModelConfig(**SMALL, init="legt")
+    assert cfg.rank == 2 and cfg.to_dict()["rank"] == 2
+    assert SequenceModel(cfg).kernels()[0].P.shape[0] == 2
+    assert ModelConfig(**SMALL).rank == 1 and ModelConfig(**SMALL, kernel="s4d", init="diag-lin").rank == 1
+    assert ModelConfig(**SMALL, init="legs", rank=2).rank == 2
+    with pytest.raises(ValueError, match=r"rank must be 2 for init 'legt' .*, got 1"):
+        ModelConfig(**SMALL, init="legt", rank=1)
+
+
+def test_dt_range_is_where_the_initial_step_sizes_land():
+    torch.manual_seed(0)
+    net = SequenceModel(ModelConfig(**{**SMALL, "d_model": 64}, dt_min=0.01, dt_max=0.02))
+    dt = net.kernels()[0].log_dt.detach().exp()
+    assert 0.01 - 1e-7 <= float(dt.min()) and float(dt.max()) <= 0.02 + 1e-7
+    assert ModelConfig(**SMALL, dt_min=0.05, dt_max=0.05).dt_min == 0.05  # one Δ: allowed
+    assert ModelConfig(**SMALL, dropout=0, dt_min=1, dt_max=2).dropout == 0  # integers are numbers
+
+
+MODEL_CHECKPOINTS = [
+    p for p in sorted(ROOT.glob("checkpoints/*/config.json")) if json.loads(p.read_text()).get("format")
+]  # the digit classifier's config.json is not a model checkpoint's
+
+
+@pytest.mark.parametrize("path", MODEL_CHECKPOINTS, ids=lambda p: p.parent.name)
+def test_shipped_configs_still_build(path):
+    saved = json.loads(path.read_text())["config"]
+    cfg = ModelConfig.from_dict(saved)
+    assert {k: v for k, v in cfg.to_dict().items() if k in saved} == saved  # every saved value as it was
+    build(cfg)
+
+
+def test_help_lists_every_field_with_its_meaning():
+    """help(ModelConfig) is a reference: one entry per field (name, then its meaning and allowed values)."""
+    doc = pydoc.render_doc(ModelConfig, renderer=pydoc.plaintext)
+    listed = set()
+    for m in re.finditer(r"^ {4}(\w+(?:, \w+)*) {2,}\S", ModelConfig.__doc__, re.M):
+        listed |= set(m.group(1).split(", "))
+    assert listed == {f.name for f in fields(ModelConfig)}
+    assert "0 < dt_min ≤ dt_max" in doc and "raises ValueError" in doc
