@@ -18,6 +18,7 @@ import json
 import math
 import os
 import platform
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,12 @@ def listener_section(classifier: Path, gen: list[np.ndarray], real: list[np.ndar
     ]
 
 
+def training_command(run: Path) -> str:
+    """The command that trains `run` again (or resumes it): model.train reads the run's config.json,
+    the config as run, with the same tables as a TOML config."""
+    return f"python -m model.train {shlex.quote(str(run / 'config.json'))}"
+
+
 def _fmt_s(s: float) -> str:
     return f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.2f} h"
 
@@ -274,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "## Training",
         "",
-        f"Command: `{args.command or 'python -m model.train ' + str(args.run / 'config.json')}`",
+        f"Command: `{args.command or training_command(args.run)}`",
         "",
         f"{metrics['steps']:,} steps of {dcfg['batch_size']} × {seq_len} tokens "
         f"({metrics['tokens_seen']:,} tokens), AdamW lr {tr.get('lr')} (SSM parameters "

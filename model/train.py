@@ -4,9 +4,12 @@
     torchrun --nproc_per_node 2 -m model.train CONFIG ...        # data parallel (gloo / NCCL)
 
 A config has three tables: [model] (ModelConfig fields), [data] (prepared dataset folder, sequence
-length, global batch size) and [train] (see TrainConfig). Runs are deterministic: the batch and the
-dropout seed of step t depend only on (seed, t), so a resumed run takes exactly the steps an
-uninterrupted run would. Everything the run writes lives in [train].out:
+length, global batch size: DataConfig) and [train] (see TrainConfig); it is a TOML file, or the
+config.json of an earlier run (the same tables, as run). Every value is checked before anything is
+trained or written: a wrong one is one line on stderr naming `section.key` and the value, exit status 2.
+Ctrl-C prints one line (the step reached, the step saved) and exits with 130. Runs are
+deterministic: the batch and the dropout seed of step t depend only on (seed, t), so a resumed run
+takes exactly the steps an uninterrupted run would. Everything the run writes lives in [train].out:
     config.json    the config as run (rewritten when a resume changes it)
     log.jsonl      one JSON line per logged step / evaluation, and one per resume that changed the
                    config: {"step", "resumed": true, "changed": {"section.key": [old, new]}}
@@ -39,33 +42,134 @@ from torch import nn
 from model.data import Dataset
 
 
+class ConfigError(ValueError):
+    """A wrong training config or command line (the user's to fix, not a bug): one line naming
+    `section.key`, the value and what is allowed. The CLI prints it and exits with status 2."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C (KeyboardInterrupt) during `train`: `step` steps were done, `saved` of them are in
+    `out`/last, from which the same command resumes. The CLI prints one line and exits with 130."""
+
+    def __init__(self, step: int, saved: int, out: Path):
+        super().__init__(f"interrupted after step {step}")
+        self.done, self.saved, self.out = step, saved, out
+
+
+def _is_int(v) -> bool:
+    return type(v) is int  # not bool; not 3.0 (a float where a count is meant is a typo)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _require(ok: bool, key: str, value, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+
+
 @dataclass
 class DataConfig:
-    path: str = "data/shakespeare"
-    seq_len: int = 1024  # text: window length; audio: the clip length is used
-    batch_size: int = 16  # global batch (split across processes)
-    eval_stride: int = 0  # text evaluation: window hop (0: seq_len // 2); only the new tokens count
+    """[data]: the prepared dataset and how it is cut into batches. Checked when built: a bad value
+    raises ConfigError naming `data.<field>` and the value."""
+
+    path: str = "data/shakespeare"  # a folder written by `python -m model.data`
+    seq_len: int = 1024  # ≥ 1 tokens. text: window length; audio: the clip length is used
+    batch_size: int = 16  # ≥ 1 sequences: the global batch (split across processes)
+    eval_stride: int = 0  # text evaluation: window hop ≤ seq_len (0: seq_len // 2); only new tokens count
+
+    def __post_init__(self):
+        _require(isinstance(self.path, str) and self.path != "", "data.path", self.path, "a folder path")
+        _require(_is_int(self.seq_len) and self.seq_len >= 1, "data.seq_len", self.seq_len, "an integer ≥ 1")
+        _require(
+            _is_int(self.batch_size) and self.batch_size >= 1,
+            "data.batch_size",
+            self.batch_size,
+            "an integer ≥ 1 (sequences per step, all processes together)",
+        )
+        _require(
+            _is_int(self.eval_stride) and 0 <= self.eval_stride <= self.seq_len,
+            "data.eval_stride",
+            self.eval_stride,
+            f"an integer in [0, data.seq_len = {self.seq_len}] (0: seq_len // 2)",
+        )
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
-    lr: float = 2e-3
-    ssm_lr: float = 1e-3
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.98)
-    warmup: int = 100
-    min_lr_ratio: float = 0.05  # cosine decays to lr · min_lr_ratio
-    grad_clip: float = 1.0
-    eval_every: int = 250
-    eval_tokens: int = 65536  # validation tokens per periodic evaluation (the final one uses all)
-    ckpt_every: int = 250
-    log_every: int = 10
-    seed: int = 0
-    threads: int = 0  # torch intra-op threads per process (0: leave torch's default)
-    out: str = "runs/default"
+    """[train]: optimizer, schedule, logging and output. Checked when built: a bad value (range or
+    type) raises ConfigError naming `train.<field>` and the value. Counts are in optimizer steps."""
+
+    steps: int = 1000  # ≥ 1: optimizer steps of the whole run
+    lr: float = 2e-3  # > 0: peak learning rate of every parameter but the SSM's
+    ssm_lr: float = 1e-3  # ≥ 0: peak learning rate of the SSM parameters (Δ, Λ, P, B); 0 freezes them
+    weight_decay: float = 0.05  # ≥ 0: AdamW weight decay of the matrices (never the SSM's)
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW (β1, β2), each in [0, 1)
+    warmup: int = 100  # in [0, steps]: steps of linear warmup
+    min_lr_ratio: float = 0.05  # in [0, 1]: cosine decays to lr · min_lr_ratio
+    grad_clip: float = 1.0  # ≥ 0: clip the global gradient norm to it (0: no clipping)
+    eval_every: int = 250  # ≥ 0: validate every this many steps and at the end (0: never during the run)
+    eval_tokens: int = 65536  # ≥ 0: validation tokens per periodic evaluation (0: all; the final: all)
+    ckpt_every: int = 250  # ≥ 0: save out/last every this many steps (0: only at the end or --stop-at)
+    log_every: int = 10  # ≥ 1: a log.jsonl line (and non-terminal progress line) every this many steps
+    seed: int = 0  # ≥ 0: initial weights, batches and dropout
+    threads: int = 0  # ≥ 0: torch intra-op threads per process (0: leave torch's default)
+    out: str = "runs/default"  # the run folder
     export: str = ""  # where to save the final servable checkpoint ("" = don't)
-    final_eval: bool = True
+    final_eval: bool = True  # score the whole validation and test splits at the end
+
+    def __post_init__(self):
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+        k = "train."
+        _require(_is_int(self.steps) and self.steps >= 1, k + "steps", self.steps, "an integer ≥ 1")
+        _require(_is_number(self.lr) and self.lr > 0, k + "lr", self.lr, "a finite number > 0")
+        _require(
+            _is_number(self.ssm_lr) and self.ssm_lr >= 0,
+            k + "ssm_lr",
+            self.ssm_lr,
+            "a finite number ≥ 0 (0 freezes the SSM parameters)",
+        )
+        _require(
+            _is_number(self.weight_decay) and self.weight_decay >= 0,
+            k + "weight_decay",
+            self.weight_decay,
+            "a finite number ≥ 0",
+        )
+        b = self.betas
+        ok = isinstance(b, tuple) and len(b) == 2 and all(_is_number(x) and 0 <= x < 1 for x in b)
+        _require(ok, k + "betas", list(b) if isinstance(b, tuple) else b, "two numbers in [0, 1)")
+        _require(
+            _is_int(self.warmup) and 0 <= self.warmup <= self.steps,
+            k + "warmup",
+            self.warmup,
+            f"an integer in [0, train.steps = {self.steps}] (steps of linear warmup)",
+        )
+        _require(
+            _is_number(self.min_lr_ratio) and 0 <= self.min_lr_ratio <= 1,
+            k + "min_lr_ratio",
+            self.min_lr_ratio,
+            "a number in [0, 1]",
+        )
+        _require(
+            _is_number(self.grad_clip) and self.grad_clip >= 0,
+            k + "grad_clip",
+            self.grad_clip,
+            "a finite number > 0, or 0 for no clipping",
+        )
+        zero_means = {"eval_every": "never during the run", "eval_tokens": "all", "ckpt_every": "at the end",
+                      "threads": "torch's default"}  # fmt: skip
+        for name, allowed in zero_means.items():
+            v = getattr(self, name)
+            _require(_is_int(v) and v >= 0, k + name, v, f"an integer ≥ 1, or 0 ({allowed})")
+        _require(
+            _is_int(self.log_every) and self.log_every >= 1, k + "log_every", self.log_every, "an integer ≥ 1"
+        )
+        _require(_is_int(self.seed) and self.seed >= 0, k + "seed", self.seed, "an integer ≥ 0")
+        _require(isinstance(self.out, str) and self.out != "", k + "out", self.out, "a folder path")
+        _require(isinstance(self.export, str), k + "export", self.export, 'a folder path, or "" (no export)')
+        _require(isinstance(self.final_eval, bool), k + "final_eval", self.final_eval, "true or false")
 
 
 def parse_value(text: str):
@@ -77,28 +181,45 @@ def parse_value(text: str):
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
-    """The TOML config with `section.key=value` overrides applied."""
-    cfg = tomllib.loads(Path(path).read_text())
+    """The config with `section.key=value` overrides applied: a TOML file (configs/), or the
+    config.json a run writes (runs/NAME/config.json: the same tables, as run). Raises ConfigError
+    for an unreadable file, a bad override or an unknown table."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"config {str(path)!r}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        cfg = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise ConfigError(f"config {str(path)!r}: not valid {kind} ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config {str(path)!r}: expected tables [model], [data], [train]")
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot:
-            raise ValueError(f"override {item!r} must look like section.key=value")
-        cfg.setdefault(section, {})[name] = parse_value(value)
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        table = cfg.setdefault(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"override {item!r}: {section!r} is not a table")
+        table[name] = parse_value(value)
     unknown = set(cfg) - {"model", "data", "train"}
     if unknown:
-        raise ValueError(f"unknown config tables: {sorted(unknown)}")
+        hint = " (a checkpoint's config.json is not a training config: use its run's)" * ("format" in cfg)
+        raise ConfigError(f"unknown config tables: {sorted(unknown)}{hint}")
+    for section, table in cfg.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"config {section!r} must be a table of key = value, got {table!r}")
     return cfg
 
 
 def _dataclass(cls, d: dict):
     known = {f.name for f in fields(cls)}
     if unknown := set(d) - known:
-        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
-    obj = cls(**d)
-    if isinstance(getattr(obj, "betas", None), list):
-        obj.betas = tuple(obj.betas)
-    return obj
+        raise ConfigError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**d)
 
 
 def lr_scale(step: int, cfg: TrainConfig) -> float:
@@ -110,10 +231,17 @@ def lr_scale(step: int, cfg: TrainConfig) -> float:
 
 
 def build_s4(model_cfg: dict) -> nn.Module:
+    """The network of a [model] table (ModelConfig fields); raises ConfigError naming `model.<field>`."""
     from model.arch import build
     from model.network import ModelConfig
 
-    return build(ModelConfig.from_dict(model_cfg))  # SequenceModel or SaShiMi, by [model].arch
+    try:
+        cfg = ModelConfig.from_dict(model_cfg)
+    except ValueError as exc:  # ModelConfig's messages begin with the field's name
+        msg = str(exc)
+        named = msg.split(" ", 1)[0] in {f.name for f in fields(ModelConfig)}
+        raise ConfigError(("model." if named else "model: ") + msg) from None
+    return build(cfg)  # SequenceModel or SaShiMi, by [model].arch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,18 +453,29 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
 
     `dump_grads`: compute the first step's (all-reduced) gradient, write it as safetensors and
     stop — a debugging aid that also lets the tests compare data-parallel and single-process runs.
-    `stop_at` > 0: stop after that step as if interrupted (resume later by running again)."""
+    `stop_at` > 0: stop after that step as if interrupted (resume later by running again).
+    Raises ConfigError for a wrong config (before anything is written or trained) and
+    TrainingInterrupted on Ctrl-C."""
     dcfg = _dataclass(DataConfig, cfg.get("data", {}))
     tcfg = _dataclass(TrainConfig, cfg.get("train", {}))
     rank, world, device = setup_distributed()
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     if dcfg.batch_size % world:
-        raise ValueError(f"batch_size {dcfg.batch_size} is not divisible by {world} processes")
+        raise ConfigError(
+            f"data.batch_size must be divisible by the {world} processes, got {dcfg.batch_size}"
+        )
     out = Path(tcfg.out)
     main_proc = rank == 0
-    data = Dataset(dcfg.path)
+    try:
+        data = Dataset(dcfg.path)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"data.path {dcfg.path!r}: {exc}") from None
     train_split, val_split = data.split("train"), data.split("val")
+    if data.kind != "audio" and len(train_split) < dcfg.seq_len + 1:
+        raise ConfigError(
+            f"data.seq_len must be < the training split's {len(train_split):,} tokens, got {dcfg.seq_len}"
+        )
     model_cfg = dict(cfg.get("model", {}))
     if data.kind == "audio":
         dcfg.seq_len = data.clip_len
@@ -352,7 +491,21 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     start, wall_before = 0, 0.0
     changed = None  # a resume's config changes (e.g. train.steps re-planned), logged below
     if not fresh and (out / "last" / "state.json").is_file():
-        start, wall_before = load_state(out, net, opt, device)
+        try:
+            start, wall_before = load_state(out, net, opt, device)
+        except (RuntimeError, ValueError, KeyError):  # another model (or optimizer groups) in `last`
+            saved_cfg = json.loads((out / "last" / "state.json").read_text()).get("config") or {}
+            diff = {k: v for k, v in config_changes(saved_cfg, cfg).items() if k.startswith("model")}
+            what = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in diff.items()) or "its tensors differ"
+            raise ConfigError(
+                f"{out / 'last'} holds another model ({what}): start over with --fresh or another train.out"
+            ) from None
+        if 0 < stop_at <= start:
+            if main_proc:
+                print(
+                    f"{out} is already at step {start} (--stop-at {stop_at}): nothing done", file=sys.stderr
+                )
+            return {}
         if main_proc:
             print(f"resuming {out} at step {start}", file=sys.stderr)
         if main_proc and dump_grads is None:
@@ -378,46 +531,54 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     t_start = time.perf_counter()
     model.train()
     end = min(tcfg.steps, stop_at) if stop_at > 0 else tcfg.steps
-    for step in range(start, end):
-        t0 = time.perf_counter()
-        scale = lr_scale(step, tcfg)
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * scale
-        x, y = step_batch(data, train_split, dcfg, tcfg.seed, step, rank, world)
-        torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)  # dropout of this step
-        loss = loss_fn(model, x.to(device), y.to(device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if dump_grads is not None:
-            if main_proc:
-                grads = {n: p.grad.detach().cpu().contiguous() for n, p in net.named_parameters()}
-                save_file(grads, dump_grads)
-            return {"loss": all_mean(loss.item(), device)}
-        gnorm = float(nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip))
-        opt.step()
-        loss_v = all_mean(loss.item(), device)
-        dt = time.perf_counter() - t0
-        progress.update(step, loss_v, tokens_per_step / dt)
-        if log and ((step + 1) % tcfg.log_every == 0 or step == start):
-            rec = {"step": step + 1, "loss": loss_v, "lr": tcfg.lr * scale, "grad_norm": gnorm,
-                   "tok_s": tokens_per_step / dt,
-                   "elapsed_s": wall_before + time.perf_counter() - t_start}  # across resumes  # fmt: skip
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-        last = step + 1 == tcfg.steps
-        if tcfg.eval_every and ((step + 1) % tcfg.eval_every == 0 or last) and main_proc:
-            ev = evaluate(net, data, val_split, dcfg.seq_len, dcfg.batch_size, dcfg.eval_stride,
-                          tcfg.eval_tokens, device)  # fmt: skip
-            progress.validated(step, ev)
-            if log:
-                log.write(json.dumps({"step": step + 1, "val": ev}) + "\n")
+    done = saved = start  # steps taken; the step out/last holds
+    try:
+        for step in range(start, end):
+            t0 = time.perf_counter()
+            scale = lr_scale(step, tcfg)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * scale
+            x, y = step_batch(data, train_split, dcfg, tcfg.seed, step, rank, world)
+            torch.manual_seed(tcfg.seed * 1_000_003 + step * 1009 + rank)  # dropout of this step
+            loss = loss_fn(model, x.to(device), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if dump_grads is not None:
+                if main_proc:
+                    grads = {n: p.grad.detach().cpu().contiguous() for n, p in net.named_parameters()}
+                    save_file(grads, dump_grads)
+                return {"loss": all_mean(loss.item(), device)}
+            gnorm = float(nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip or math.inf))  # 0: off
+            opt.step()
+            done = step + 1
+            loss_v = all_mean(loss.item(), device)
+            dt = time.perf_counter() - t0
+            progress.update(step, loss_v, tokens_per_step / dt)
+            if log and ((step + 1) % tcfg.log_every == 0 or step == start):
+                # elapsed_s: training wall time across resumes
+                rec = {"step": step + 1, "loss": loss_v, "lr": tcfg.lr * scale, "grad_norm": gnorm,
+                       "tok_s": tokens_per_step / dt,
+                       "elapsed_s": wall_before + time.perf_counter() - t_start}  # fmt: skip
+                log.write(json.dumps(rec) + "\n")
                 log.flush()
-        if (tcfg.ckpt_every and (step + 1) % tcfg.ckpt_every == 0) or last:
-            if main_proc:
-                elapsed = wall_before + time.perf_counter() - t_start
-                save_state(out, net, opt, step + 1, {"config": cfg, "elapsed_s": elapsed})
-            if world > 1:
-                dist.barrier()
+            last = step + 1 == tcfg.steps
+            if tcfg.eval_every and ((step + 1) % tcfg.eval_every == 0 or last) and main_proc:
+                ev = evaluate(net, data, val_split, dcfg.seq_len, dcfg.batch_size, dcfg.eval_stride,
+                              tcfg.eval_tokens, device)  # fmt: skip
+                progress.validated(step, ev)
+                if log:
+                    log.write(json.dumps({"step": step + 1, "val": ev}) + "\n")
+                    log.flush()
+            if (tcfg.ckpt_every and (step + 1) % tcfg.ckpt_every == 0) or last:
+                if main_proc:
+                    elapsed = wall_before + time.perf_counter() - t_start
+                    save_state(out, net, opt, step + 1, {"config": cfg, "elapsed_s": elapsed})
+                    saved = step + 1
+                if world > 1:
+                    dist.barrier()
+    except KeyboardInterrupt:
+        progress.close()
+        raise TrainingInterrupted(done, saved, out) from None
     progress.close()
     wall = wall_before + time.perf_counter() - t_start
     metrics = {}
@@ -453,7 +614,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
 
 def main(argv: list[str] | None = None, build_model: Callable[[dict], nn.Module] = build_s4) -> None:
     ap = argparse.ArgumentParser(prog="python -m model.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("config", help="TOML config (see configs/)")
+    ap.add_argument("config", help="TOML config (see configs/), or a run's config.json")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
     ap.add_argument("--fresh", action="store_true", help="start over even if out/last exists")
     ap.add_argument("--dump-grads", metavar="FILE", help="write the first step's gradients and stop")
@@ -465,14 +626,37 @@ def main(argv: list[str] | None = None, build_model: Callable[[dict], nn.Module]
         help="stop after STEP (saving a resumable state), e.g. to train in time-boxed chunks",
     )
     args = ap.parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    if args.stop_at < 0:
+        ap.error(f"--stop-at must be ≥ 0 (0: run to train.steps), got {args.stop_at}")
+    # A user's error (ConfigError) is one line on stderr and exit status 2, Ctrl-C one line and 130;
+    # anything else is a bug and keeps its traceback.
+    first = os.environ.get("RANK", "0") == "0"  # under torchrun every process fails alike: one says it
+    out, status, metrics = "the run folder", 0, {}
     try:
+        cfg = load_config(args.config, args.overrides)
+        out = (cfg.get("train") or {}).get("out", TrainConfig.out)
         metrics = train(cfg, build_model, fresh=args.fresh, dump_grads=args.dump_grads, stop_at=args.stop_at)
+    except ConfigError as exc:
+        status, line = 2, f"{ap.prog}: error: {exc}"
+    except TrainingInterrupted as exc:
+        where = f"{exc.out}/last holds step {exc.saved}" if exc.saved else "nothing was saved yet"
+        status, line = 130, f"interrupted after step {exc.done}; {where}: the same command resumes from there"
+    except KeyboardInterrupt:
+        status, line = 130, f"interrupted; the same command resumes from {out}/last if it was saved"
     finally:
         distributed = dist.is_available() and dist.is_initialized()
         if distributed:
-            dist.barrier()  # no rank tears down gloo while its peer may still be talking to it
+            if status == 0 and sys.exc_info()[0] is None:
+                dist.barrier()  # no rank tears down gloo while its peer may still be talking to it
             dist.destroy_process_group()
+    if status:
+        if first:
+            print(line, file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if distributed:
+            os._exit(status)  # as below: no interpreter finalization with gloo threads about
+        raise SystemExit(status)
     if metrics:
         keep = ("val", "test", "train_wall_s")
         print(json.dumps({k: v for k, v in metrics.items() if k in keep}, indent=1))

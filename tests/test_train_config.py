@@ -1,0 +1,239 @@
+"""The training CLI refuses a wrong config before it trains or writes anything: every [train] and [data]
+field is range- and type-checked, [model] by ModelConfig; each user error is one line on stderr naming
+`section.key` and the value, exit status 2, no traceback. Ctrl-C is one line and status 130. A run's
+config.json is a config too, so the model card's command runs."""
+
+import json
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from model.card import training_command
+from model.data import prepare_text
+from model.train import ConfigError, DataConfig, TrainConfig, load_config, main, train
+
+ROOT = Path(__file__).resolve().parent.parent
+PROG = "python -m model.train: error: "
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("plays")
+    src = tmp / "texts"
+    src.mkdir()
+    for i, name in enumerate(["alpha", "beta", "gamma", "delta"]):
+        (src / f"{name}_gut.txt").write_text(f"Exit, pursued by a bear {i}.\nTo be, or not to be.\n" * 60)
+    prepare_text(tmp / "data", src, held_out={"val": ["gamma"], "test": ["delta"]})
+    return tmp / "data"
+
+
+def tiny_toml(path: Path, data: Path, out: Path, **train) -> Path:
+    t = {"steps": 6, "warmup": 1, "eval_every": 0, "ckpt_every": 2, "log_every": 1, "final_eval": False,
+         "threads": 1, "out": str(out), **train}  # fmt: skip
+    cfg = {
+        "model": {"d_model": 16, "n_layers": 1, "d_state": 8, "l_max": 32, "cauchy_backend": "torch"},
+        "data": {"path": str(data), "seq_len": 32, "batch_size": 4},
+        "train": t,
+    }
+    path.write_text("\n".join(f"[{s}]\n" + "\n".join(f"{k} = {json.dumps(v)}" for k, v in tbl.items())
+                              for s, tbl in cfg.items()) + "\n")  # fmt: skip
+    return path
+
+
+# (field, bad value, what the message must say after "section.field must be "): every field
+TRAIN_BAD = [
+    ("steps", 0, "an integer ≥ 1"),
+    ("steps", -5, "an integer ≥ 1"),
+    ("steps", "abc", "an integer ≥ 1"),
+    ("steps", 10.0, "an integer ≥ 1"),
+    ("lr", "fast", "a finite number > 0"),
+    ("lr", 0, "a finite number > 0"),
+    ("lr", math.inf, "a finite number > 0"),
+    ("ssm_lr", -1e-3, "a finite number ≥ 0"),
+    ("weight_decay", -0.1, "a finite number ≥ 0"),
+    ("betas", [0.9], "two numbers in [0, 1)"),
+    ("betas", [0.9, 1.0], "two numbers in [0, 1)"),
+    ("betas", "0.9", "two numbers in [0, 1)"),
+    ("warmup", -1, "an integer in [0, train.steps = 1000]"),
+    ("warmup", 1001, "an integer in [0, train.steps"),
+    ("min_lr_ratio", 1.5, "a number in [0, 1]"),
+    ("grad_clip", -1.0, "a finite number > 0, or 0 for no clipping"),
+    ("grad_clip", math.nan, "a finite number > 0, or 0"),
+    ("eval_every", -1, "an integer ≥ 1, or 0"),
+    ("eval_every", 2.5, "an integer ≥ 1, or 0"),
+    ("eval_tokens", -1, "an integer ≥ 1, or 0 (all)"),
+    ("ckpt_every", "often", "an integer ≥ 1, or 0"),
+    ("log_every", 0, "an integer ≥ 1"),
+    ("seed", -1, "an integer ≥ 0"),
+    ("seed", 1.5, "an integer ≥ 0"),
+    ("threads", -2, "an integer ≥ 1, or 0"),
+    ("out", "", "a folder path"),
+    ("out", 3, "a folder path"),
+    ("export", False, 'a folder path, or ""'),
+    ("final_eval", "yes", "true or false"),
+]
+DATA_BAD = [
+    ("path", "", "a folder path"),
+    ("seq_len", 0, "an integer ≥ 1"),
+    ("seq_len", "long", "an integer ≥ 1"),
+    ("batch_size", 0, "an integer ≥ 1"),
+    ("batch_size", 2.0, "an integer ≥ 1"),
+    ("eval_stride", -1, "an integer in [0, data.seq_len = 1024]"),
+    ("eval_stride", 2048, "an integer in [0, "),
+]
+
+
+def test_every_field_has_bad_value_cases():
+    assert {f.name for f in fields(TrainConfig)} == {name for name, _, _ in TRAIN_BAD}
+    assert {f.name for f in fields(DataConfig)} == {name for name, _, _ in DATA_BAD}
+
+
+@pytest.mark.parametrize(
+    "cls,section,name,value,allowed",
+    [(TrainConfig, "train", *c) for c in TRAIN_BAD] + [(DataConfig, "data", *c) for c in DATA_BAD],
+    ids=[f"train.{n}={v!r}" for n, v, _ in TRAIN_BAD] + [f"data.{n}={v!r}" for n, v, _ in DATA_BAD],
+)
+def test_a_bad_value_is_refused_naming_section_key_and_value(cls, section, name, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        cls(**{name: value})
+    shown = list(value) if isinstance(value, tuple) else value
+    assert str(err.value).startswith(f"{section}.{name} must be {allowed}")
+    assert str(err.value).endswith(f", got {shown!r}")
+
+
+def test_the_off_values_and_edges_are_accepted():
+    t = TrainConfig(steps=1, warmup=1, grad_clip=0, eval_every=0, ckpt_every=0, eval_tokens=0, ssm_lr=0,
+                    lr=1, min_lr_ratio=0, betas=[0.0, 0.5])  # fmt: skip
+    assert t.betas == (0.0, 0.5) and t.grad_clip == 0
+    assert DataConfig(seq_len=8, eval_stride=8).eval_stride == 8
+
+
+# the trial's inputs, and today's good messages that came with tracebacks
+CLI_ERRORS = [
+    (["train.grad_clip=-1.0"], "train.grad_clip must be a finite number > 0, or 0 for no clipping, got -1.0"),
+    (["train.steps=abc"], "train.steps must be an integer ≥ 1, got 'abc'"),
+    (["train.steps=0"], "train.steps must be an integer ≥ 1, got 0"),
+    (["train.steps=-5"], "train.steps must be an integer ≥ 1, got -5"),
+    (["train.lr=fast"], "train.lr must be a finite number > 0, got 'fast'"),
+    (["model.d_model=3.5"], "model.d_model must be an integer ≥ 1, got 3.5"),
+    (["model.dropout=2.0"], "model.dropout must be in [0, 1), got 2.0"),
+    (["model.kernel=s5"], "model.kernel must be one of ['s4', 's4d'], got 's5'"),
+    (["model.cauchy_backend=keopz"], "model.cauchy_backend must be one of ['auto', 'keops', 'torch'], got"),
+    (["data.batch_size=0"], "data.batch_size must be an integer ≥ 1 (sequences per step, all processes"),
+    (["data.seq_len=100000"], "data.seq_len must be < the training split's "),
+    (["train.stepz=3"], "unknown TrainConfig fields: ['stepz']"),
+    (["optim.lr=1"], "unknown config tables: ['optim']"),
+    (["steps=3"], "override 'steps=3' must look like section.key=value"),
+    (["data.path=/nonexistent/data"], "data.path '/nonexistent/data': /nonexistent/data/meta.json: missing"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", CLI_ERRORS, ids=[o[0] for o, _ in CLI_ERRORS])
+def test_a_user_error_is_one_line_and_exit_status_2_before_anything_is_written(
+    text_data, tmp_path, capsys, overrides, message
+):
+    cfg = tiny_toml(tmp_path / "c.toml", text_data, tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_:
+        main([str(cfg), *overrides])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(PROG + message), err
+    assert not (tmp_path / "run").exists()  # refused up front: no run folder, no untrained export
+
+
+def test_a_config_file_that_is_not_there_or_not_toml_is_one_line(tmp_path, capsys):
+    for path, message in [
+        (tmp_path / "none.toml", "cannot read it"),
+        (tmp_path / "bad.toml", "not valid TOML"),
+    ]:
+        if path.name == "bad.toml":
+            path.write_text("[train\nsteps =")
+        with pytest.raises(SystemExit) as exit_:
+            main([str(path)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith(f"{PROG}config {str(path)!r}: {message}")
+        assert err.count("\n") == 1
+
+
+def test_resuming_with_another_model_names_what_changed(text_data, tmp_path, capsys):
+    cfg = tiny_toml(tmp_path / "c.toml", text_data, tmp_path / "run")
+    main([str(cfg), "--stop-at", "2"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([str(cfg), "model.d_model=32"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert "holds another model (model.d_model: 16 → 32): start over with --fresh or another train.out" in err
+
+
+def test_the_real_command_prints_no_traceback(text_data, tmp_path):
+    cfg = tiny_toml(tmp_path / "c.toml", text_data, tmp_path / "run")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "model.train", str(cfg), "train.grad_clip=-1.0"], env=env,
+                       check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr == PROG + "train.grad_clip must be a finite number > 0, or 0 for no clipping, got -1.0\n"
+
+
+def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(text_data, tmp_path):
+    cfg = tiny_toml(tmp_path / "c.toml", text_data, tmp_path / "run", steps=100_000, ckpt_every=3)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "model.train", str(cfg)]
+    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.is_file() and log.read_text().count("\n") >= 4) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    last = err.strip().splitlines()[-1]
+    state = json.loads((tmp_path / "run" / "last" / "state.json").read_text())
+    done = int(last.split("interrupted after step ")[1].split(";")[0])
+    assert done >= 4 and state["step"] == done - done % 3
+    assert last == (f"interrupted after step {done}; {tmp_path / 'run'}/last holds step {state['step']}: "
+                    "the same command resumes from there")  # fmt: skip
+    r = subprocess.run([*cmd, "--stop-at", str(state["step"] + 1)], env=env, cwd=ROOT, capture_output=True,
+                       text=True, timeout=120, check=False)  # fmt: skip
+    assert r.returncode == 0 and f"resuming {tmp_path / 'run'} at step {state['step']}" in r.stderr
+
+
+def test_grad_clip_zero_is_no_clipping(text_data, tmp_path):
+    """grad_clip = 0 (off) trains exactly as a bound no gradient reaches; a negative one is refused above."""
+    losses = {}
+    for clip in (0, 1e9):
+        out = tmp_path / f"clip{clip}"
+        train(load_config(tiny_toml(tmp_path / "c.toml", text_data, out, steps=4, grad_clip=clip, lr=0.05)))
+        recs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        losses[clip] = [r["loss"] for r in recs if "loss" in r]
+        assert all(r["grad_norm"] > 0 for r in recs if "loss" in r)
+    assert losses[0] == losses[1e9] and losses[0][-1] < losses[0][0]
+
+
+def test_the_model_cards_command_trains_from_the_runs_config_json(text_data, tmp_path, capsys):
+    """The card's "Command" is `python -m model.train RUN/config.json`: a run's config.json (JSON, the
+    config as run) is read like a TOML config, overrides included; here it resumes a stopped run."""
+    run = tmp_path / "run"
+    cfg = load_config(tiny_toml(tmp_path / "c.toml", text_data, run))
+    train(cfg, stop_at=2)
+    assert load_config(run / "config.json") == cfg
+    argv = shlex.split(training_command(run))
+    assert argv[:3] == ["python", "-m", "model.train"]
+    main(argv[3:])
+    assert json.loads((run / "last" / "state.json").read_text())["step"] == 6
+    assert f"resuming {run} at step 2" in capsys.readouterr().err
+    assert load_config(run / "config.json", ["train.steps=8"])["train"]["steps"] == 8
+    ckpt = tmp_path / "ckpt" / "config.json"
+    ckpt.parent.mkdir()
+    ckpt.write_text(json.dumps({"format": "s4-checkpoint", "config": cfg["model"]}))
+    with pytest.raises(ConfigError, match="a checkpoint's config.json is not a training config"):
+        load_config(ckpt)
