@@ -27,7 +27,7 @@ import torch
 
 from model.checkpoint import _sha256, save
 from model.official.mapping import Imported, Unsupported, map_official
-from model.official.reader import OfficialFormatError, find_config, read_source
+from model.official.reader import OfficialFormatError, config_origin, find_config, read_source
 
 OFFICIAL_COMMIT = "e757cef"  # the state-spaces/s4 commit whose code the mapping follows
 SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -96,7 +96,9 @@ def verify(imp: Imported, net, tol: float = 1e-4, seed: int = 0) -> dict:
     }
 
 
-def model_card(name: str, src: Path, sha: str, kind: str, imp: Imported, ver: dict) -> str:
+def model_card(
+    name: str, src: Path, sha: str, kind: str, imp: Imported, ver: dict, config_file: str | None
+) -> str:
     c = imp.config
     lines = [
         f"# {name}",
@@ -109,6 +111,7 @@ def model_card(name: str, src: Path, sha: str, kind: str, imp: Imported, ver: di
         "|---|---|",
         f"| source file | `{src.name}` ({kind}) |",
         f"| source SHA-256 | `{sha}` |",
+        f"| config read | `{config_file}` |" if config_file else "| config read | (none) |",
         f"| model | {c['kernel']}, {c['n_layers']} layers, d_model {c['d_model']}, d_state {c['d_state']}, "
         f"d_ff {c['d_ff']}, vocab {c['vocab_size']} |"
         if c.get("arch", "isotropic") == "isotropic"
@@ -166,11 +169,11 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
         "file": src.name,
         "sha256": sha,
         "kind": kind,
-        "config_file": str(config) if config else None,
+        "config_file": config_origin(src, config, kind),
         "verification": {k: v for k, v in ver.items() if k != "layers"},
     }
     save(net, out, extra={"name": name, "source": summary})
-    (out / "README.md").write_text(model_card(name, src, sha, kind, imp, ver))
+    (out / "README.md").write_text(model_card(name, src, sha, kind, imp, ver, summary["config_file"]))
     return summary
 
 

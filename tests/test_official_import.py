@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from model import load
 from model.convert import ConvertError, build, convert
-from model.official.mapping import Unsupported, map_official
+from model.official.mapping import ConfigMismatch, Unsupported, map_official
 from model.official.reader import OfficialFormatError, read_source, safe_torch_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -385,3 +386,125 @@ def test_the_config_flag_names_the_run_config_of_a_pt(tmp_path):
     ref = load_file(str(FIX / "s4d_zoh.ref.safetensors"))
     with torch.no_grad():
         assert rel(load(tmp_path / "out")(ref["tokens"]), ref["logits_step"]) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# A config that contradicts the weights (another run's) is refused: every option the shapes also give
+
+
+# (fixture, config path, config value; the message names: option = the config's value, the weights')
+MISMATCHES = [
+    ("s4_softplus.ckpt", ("model", "d_model"), 16, "model.d_model = 16", "8"),
+    ("s4_softplus.ckpt", ("model", "n_layers"), 3, "model.n_layers = 3", "2"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "d_state"), 16, "d_state = 16", "8"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "rank"), 2, "rank = 2", "1"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "n_ssm"), 1, "n_ssm = 1", "2"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "n_ssm"), None, "n_ssm = 8", "2"),  # null: one per channel
+    ("s4_softplus.ckpt", ("model", "layer", 0, "l_max"), 48, "l_max = 48", "l_kernel = 32"),
+    ("s4_softplus.ckpt", ("model", "layer", 0, "mode"), "diag", "mode = 'diag'", "a DPLR kernel"),
+    ("s4_softplus.ckpt", ("model", "layer", 1, "expand"), 4, r"expand = 4 in the config \(d_ff", "d_ff = 16"),
+    ("s4_softplus.ckpt", ("task", "tied"), True, "task.tied = True", "False"),
+    ("s4_softplus.ckpt", ("dataset", "n_tokens"), 20, "dataset.n_tokens = 20", "16"),
+    ("s4_legt.ckpt", ("model", "layer", 0, "rank"), 1, "rank = 1", "2"),
+    ("s4_legt.ckpt", ("model", "layer", 0, "n_ssm"), 2, "n_ssm = 2", "4"),
+    ("s4d_transforms.ckpt", ("task", "tied"), False, "task.tied = False", "True"),
+    ("s4d_zoh.pt", ("model", "layer", 0, "dt_tie"), True, "dt_tie = True", "False"),
+    ("s4d_zoh.pt", ("model", "layer", 0, "mode"), "nplr", "mode = 'nplr'", "a diagonal kernel"),
+    ("sashimi_sc09.ckpt", ("model", "d_model"), 16, "model.d_model = 16", "8"),
+    ("sashimi_sc09.ckpt", ("model", "pool"), [2, 8], r"model.pool = \[2, 8\]", r"\[4, 4\]"),
+    ("sashimi_sc09.ckpt", ("model", "expand"), 4, "model.expand = 4", "2"),
+    ("sashimi_sc09.ckpt", ("model", "ff"), 4, "model.ff = 4", "2"),
+    ("sashimi_sc09.ckpt", ("model", "n_layers"), 2, "model.n_layers = 2", "1"),
+    ("sashimi_sc09.ckpt", ("model", "layer", "d_state"), 16, "d_state = 16", "8"),
+    (
+        "sashimi_sc09.ckpt",
+        ("dataset", "bits"),
+        4,
+        r"dataset.bits = 4 in the config \(vocab 16\)",
+        "vocab 256",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("fixture", "path", "value", "option", "weights"), MISMATCHES, ids=[m[3] for m in MISMATCHES]
+)
+def test_a_config_that_contradicts_the_weights_is_refused_naming_both_values(
+    fixture, path, value, option, weights
+):
+    sd, cfg, kind = _lightning(fixture)
+    _set(cfg, path, value)
+    want = f"{option}.*, but the weights have {weights}.*: the config does not belong to these weights"
+    with pytest.raises(ConfigMismatch, match=want):
+        map_official(sd, cfg, kind)
+
+
+def test_a_layer_pattern_that_contradicts_the_weights_is_refused():
+    sd, cfg, kind = _lightning()  # [s4, ffn] blocks
+    cfg["model"]["layer"] = cfg["model"]["layer"][:1]
+    with pytest.raises(
+        ConfigMismatch, match=r"model.layer = \['s4'\] in the config, but the weights have \['s4', 'ffn'\]"
+    ):
+        map_official(sd, cfg, kind)
+    sd, cfg, kind = _lightning("s4_legt.ckpt")  # [s4] blocks
+    cfg["model"]["layer"].append({"_name_": "ffn", "expand": 2})
+    with pytest.raises(
+        ConfigMismatch, match=r"model.layer = \['s4', 'ffn'\] in the config, but the weights have \['s4'\]"
+    ):
+        map_official(sd, cfg, kind)
+
+
+def _yaml_of(fixture: str, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(read_source(FIX / fixture)[1]))
+    return path
+
+
+OTHER_RUNS = [("s4_legt.ckpt", "s4_softplus.ckpt"), ("s4_softplus.ckpt", "s4_legt.ckpt"),
+              ("s4d_zoh.pt", "s4_v3.pt"), ("s4_v3.pt", "s4d_zoh.pt")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("weights", "config"), OTHER_RUNS)
+def test_the_converter_exits_2_when_config_is_another_runs(tmp_path, weights, config):
+    """The trial's case: rank/n_ssm were read from the weights, the transforms from another run's config
+    (exit 0, logits 70-85 % off). Now the first option that disagrees is named with both values."""
+    other = _yaml_of(config, tmp_path / "other.yaml")
+    cmd = [
+        sys.executable,
+        "-m",
+        "model.convert",
+        str(FIX / weights),
+        str(tmp_path / "out"),
+        "--config",
+        str(other),
+    ]
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2, r.stderr
+    assert (
+        "in the config, but the weights have" in r.stderr and "does not belong to these weights" in r.stderr
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_served_pt_with_another_runs_config_beside_it_is_refused(tmp_path):
+    """The server converts .pt entries with the same code: the same refusal, by name."""
+    from server.config import Settings
+    from server.registry import resolve_entry
+
+    src = tmp_path / "model.pt"
+    src.write_bytes((FIX / "s4d_zoh.pt").read_bytes())
+    _yaml_of("s4_v3.pt", tmp_path / "config.yaml")
+    with pytest.raises(
+        ConvertError, match="mode = 'nplr' in the config, but the weights have a diagonal kernel"
+    ):
+        resolve_entry(str(src), Settings(convert_cache=str(tmp_path / "cache")))
+
+
+@pytest.mark.parametrize(("src", "config", "origin"), [
+    ("s4_bytes.ckpt", None, "inside s4_bytes.ckpt (its hyper_parameters)"),
+    ("s4d_zoh.pt", None, str(FIX / "s4d_zoh.yaml")),
+    ("s4d_zoh.pt", FIX / "s4d_zoh.yaml", str(FIX / "s4d_zoh.yaml")),
+])  # fmt: skip
+def test_the_config_read_is_named_in_config_json_and_the_card(tmp_path, src, config, origin):
+    convert(FIX / src, tmp_path / "out", config=config)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["source"]["config_file"] == origin
+    assert f"| config read | `{origin}` |" in (tmp_path / "out" / "README.md").read_text()

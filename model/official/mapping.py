@@ -33,11 +33,27 @@ import torch
 import torch.nn.functional as F
 
 TRANSFORMS = ("none", "exp", "relu", "sigmoid", "softplus")
+# src/dataloaders/audio.py: the quantized-audio datasets (vocab 2^bits); sample rates of the official data
+# (qautoaudio: YouTubeMix, Beethoven; their rate is the files')
+AUDIO_DATASETS = {"sc09": 16000, "qautoaudio": None, "maestro": 16000, "ljspeech": 16000, "music": 16000}
 LN_EPS = 1e-5
 
 
 class Unsupported(ValueError):
     """The checkpoint uses an option (or holds a tensor) our model cannot express exactly."""
+
+
+class ConfigMismatch(Unsupported):
+    """The config contradicts the weights: an option the tensor shapes also determine differs."""
+
+
+def _agree(option: str, config_value, weights_value) -> None:
+    """Raise ConfigMismatch when the config's value of `option` is not the one the weights imply."""
+    if config_value != weights_value:
+        raise ConfigMismatch(
+            f"{option} = {config_value!r} in the config, but the weights have {weights_value!r}: "
+            "the config does not belong to these weights?"
+        )
 
 
 @dataclass
@@ -158,7 +174,9 @@ def map_ssm_kernel(
 ) -> tuple[dict[str, torch.Tensor], dict, list[tuple[str, str, str]]]:
     """kernel prefix kp (…kernel.) → our kernel tensors (float64) + facts (N, rank, disc, dt_tied, L).
 
-    kind: "s4" (SSMKernelDPLR) or "s4d" (SSMKernelDiag)."""
+    kind: "s4" (SSMKernelDPLR) or "s4d" (SSMKernelDiag). The options the shapes also determine
+    (d_state, n_ssm, rank, dt_tie, l_max against l_kernel), where the config gives
+    them, must agree with the tensors, else ConfigMismatch."""
     for opt, allowed, why in (
         ("channels", (1,), "our S4 layer maps each channel to one output (C = 1)"),
         ("bandlimit", (None,), "the S4ND band limit is not supported"),
@@ -178,6 +196,10 @@ def map_ssm_kernel(
 
     A_real = src.take(kp + "A_real")
     S, N2 = A_real.shape
+    for opt, weights_value in (("d_state", 2 * N2), ("n_ssm", S)):
+        if opt in opts:
+            value = _opt(opts, opt, None, where)
+            _agree(f"{where}.{opt}", H if (opt == "n_ssm" and value is None) else value, weights_value)
     if H % S:
         raise Unsupported(f"{where}: n_ssm = {S} does not divide d_model = {H}")
     A_imag = src.take(kp + "A_imag", (S, N2))
@@ -190,6 +212,8 @@ def map_ssm_kernel(
     if inv_dt.shape not in ((H, 1), (H, N2)):
         raise Unsupported(f"{where}: inv_dt has shape {list(inv_dt.shape)}, expected [{H}, 1] or [{H}, {N2}]")
     dt_tied = inv_dt.shape[1] == 1
+    if "dt_tie" in opts:
+        _agree(f"{where}.dt_tie", bool(_opt(opts, "dt_tie", True, where)), dt_tied)
     if bool(_opt(opts, "dt_fast", False, where)):
         inv_dt = torch.sinh(inv_dt)
     dt = transform(inv_dt, dt_t, f"{where}.dt_transform")  # (H, 1) or (H, N2)
@@ -233,11 +257,20 @@ def map_ssm_kernel(
             raise Unsupported(f"{where}: P has shape {list(P.shape)}, expected [rank, {S}, {N2}, 2]")
         out["P"] = torch.view_as_real(_per_channel(_c(P), H, 1))
         facts["rank"] = P.shape[0]
+        if "rank" in opts:
+            _agree(f"{where}.rank", _opt(opts, "rank", 1, where), P.shape[0])
         L = int(src.take(kp + "l_kernel").item())
         if L <= 0:
             raise Unsupported(
                 f"{where}: l_kernel = {L}: the model never ran in conv mode, so C is not yet the "
                 "truncated generating function of any length"
+            )
+        l_max = _opt(opts, "l_max", None, where)
+        if type(l_max) is int and l_max > 0 and not (L % l_max == 0 and (L // l_max).bit_count() == 1):
+            # the kernel is set up at l_max, then only doubled (ssm.py _setup_C): l_kernel = l_max·2^k
+            raise ConfigMismatch(
+                f"{where}.l_max = {l_max} in the config, but the weights have l_kernel = {L} (not l_max "
+                "times a power of 2): the config does not belong to these weights?"
             )
         facts["l_kernel"] = L
         mp += [
@@ -306,6 +339,47 @@ def _check_s4_layer(lc: dict, where: str) -> str:
     )
 
 
+def _agree_kernel(sd: dict[str, torch.Tensor], lc: dict, where: str) -> None:
+    """The config's kernel (mode nplr/dplr or diag) against the weights': a DPLR kernel has a P."""
+    has_p = any(k.startswith("model.") and k.endswith(".layer.layer.kernel.P") for k in sd)
+    if _check_s4_layer(lc, where) != ("s4" if has_p else "s4d"):
+        mode = lc.get("mode") or lc.get("kernel")
+        weights = "a DPLR kernel (P: mode nplr/dplr)" if has_p else "a diagonal kernel (no P: mode diag)"
+        raise ConfigMismatch(
+            f"{where}.mode = {mode!r} in the config, but the weights have {weights}: "
+            "the config does not belong to these weights?"
+        )
+
+
+def _weights_pattern(sd: dict[str, torch.Tensor], n_blocks: int) -> list[str]:
+    """The layer pattern the residual blocks model.layers.{j} hold: 's4' (an SSM kernel) or 'ffn'
+    (layer.ff), shortened to its repeating unit ([s4], [s4, ffn]) when there is one."""
+    kinds = []
+    for j in range(n_blocks):
+        p = f"model.layers.{j}.layer."
+        kinds.append("ffn" if any(k.startswith(p + "ff.") for k in sd) else "s4")
+    for per in (1, 2):
+        if n_blocks % per == 0 and kinds == kinds[:per] * (n_blocks // per):
+            return kinds[:per]
+    return kinds
+
+
+def _check_vocab(cfg: dict, V: int) -> None:
+    """The vocabulary size a dataset config states (synthetic n_tokens; audio 2^bits) against the
+    embedding's. The LM datasets' vocabularies are built from the data: the config does not say."""
+    ds = cfg.get("dataset")
+    if not isinstance(ds, dict):
+        return
+    if "n_tokens" in ds and type(ds["n_tokens"]) is int:
+        _agree("dataset.n_tokens", ds["n_tokens"], V)
+    if "bits" in ds and type(ds["bits"]) is int and ds.get("_name_") in AUDIO_DATASETS:
+        if 1 << ds["bits"] != V:
+            raise ConfigMismatch(
+                f"dataset.bits = {ds['bits']} in the config (vocab {1 << ds['bits']}), but the weights have "
+                f"vocab {V}: the config does not belong to these weights?"
+            )
+
+
 def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     """A state dict of the official SequenceLightningModule (keys model. / encoder. / decoder.)."""
     notes: list[str] = []
@@ -335,13 +409,18 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     idx = sorted({int(mt.group(1)) for k in sd if (mt := re.match(r"model\.layers\.(\d+)\.", k))})
     if not idx or idx != list(range(len(idx))):
         raise Unsupported(f"state dict: model.layers indices {idx[:8]} are not 0..n-1")
+    _agree("model.layer", names, _weights_pattern(sd, len(idx)))
     per = len(names)
-    if len(idx) % per:
-        raise Unsupported(f"state dict: {len(idx)} residual blocks is not a multiple of the pattern {names}")
     n_layers = len(idx) // per
+    if "n_layers" in m:
+        _agree("model.n_layers", _opt(m, "n_layers", None, "model"), n_layers)
 
     emb = src.take("encoder.0.weight")
     V, H = emb.shape
+    if "d_model" in m:
+        _agree("model.d_model", _opt(m, "d_model", None, "model"), H)
+    _check_vocab(cfg, V)
+    _agree_kernel(sd, layer_cfgs[0], "model.layer[0]")
     tensors: dict[str, torch.Tensor] = {"embed.weight": emb}
     mp = [("embed.weight", "encoder.0.weight", "the token embedding")]
     task = cfg.get("task") or {}
@@ -370,8 +449,8 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     head_w = src.take(hw, (V, H))
     head_b = src.take(hw[: -len("weight")] + "bias", (V,))
     tied = bool(task.get("tied", False)) and tname == "lm"
-    if tied and not torch.equal(head_w, emb):
-        raise Unsupported("task.tied = True but the decoder weight differs from the embedding")
+    if tname == "lm":
+        _agree("task.tied", tied, bool(torch.equal(head_w, emb)))
     tensors["head.weight"], tensors["head.bias"] = head_w, head_b
     mp += [("head.weight", hw, "decoder weight" + (" (tied to the embedding)" if tied else "")),
            ("head.bias", hw[: -len('weight')] + "bias", "decoder bias")]  # fmt: skip
@@ -426,6 +505,12 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
             if up.dim() != 2 or up.shape[1] != H or (d_ff and up.shape[0] != d_ff):
                 raise Unsupported(f"{fw}: ff.0 weight has shape {list(up.shape)}")
             d_ff = up.shape[0]
+            expand = _opt(fc, "expand", 2, fw)  # ffn.py: d_inner = int(expand · d_model)
+            if not isinstance(expand, int | float) or int(expand * H) != d_ff:
+                raise ConfigMismatch(
+                    f"{fw}.expand = {expand!r} in the config (d_ff = expand × d_model {H}), but the "
+                    f"weights have d_ff = {d_ff}: the config does not belong to these weights?"
+                )
             tensors[q + "ff.up.weight"] = up
             tensors[q + "ff.up.bias"] = src.take(f + "layer.ff.0.0.bias", (d_ff,))
             tensors[q + "ff.down.weight"] = src.take(f + "layer.ff.2.weight", (H, d_ff))
@@ -588,6 +673,31 @@ def _check_sashimi(m: dict) -> None:
                           "default (transposed, scalar TransposedLN) is supported")  # fmt: skip
 
 
+def _check_sashimi_shapes(sd: dict[str, torch.Tensor], m: dict, H: int) -> None:
+    """model.d_model, pool, expand, ff and n_layers against what the tensors imply: the DownPool
+    d_layers.k (widths H·expand^k → H·expand^(k+1), pool[k] steps folded in), the center's FF width and
+    its block count."""
+    _agree("model.d_model", m.get("d_model", H), H)
+    K = len({mt.group(1) for k in sd if (mt := re.match(r"model\.d_layers\.(\d+)\.", k))})
+    pool, expand, width = [], None, H
+    for k in range(K):
+        p = f"model.d_layers.{k}.linear."
+        w = sd.get(p + "weight", sd.get(p + "weight_v"))
+        if w is None or w.dim() != 2 or w.shape[0] % width or w.shape[1] % width:
+            return  # left to the mapping's own shape checks
+        expand = w.shape[0] // width if expand is None else expand
+        pool.append(w.shape[1] // width)
+        width = w.shape[0]
+    _agree("model.pool", m.get("pool"), pool)
+    if K:
+        _agree("model.expand", m.get("expand", 1), expand)
+    c = sorted({int(mt.group(1)) for k in sd if (mt := re.match(r"model\.c_layers\.(\d+)\.", k))})
+    up = sd.get("model.c_layers.1.layer.ff.0.0.weight")
+    ff = up.shape[0] // width if up is not None and up.dim() == 2 and up.shape[1] == width else 0
+    _agree("model.ff", m.get("ff", 2), ff)
+    _agree("model.n_layers", m.get("n_layers"), len(c) // (2 if ff else 1))
+
+
 def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict) -> Imported:
     """The official SaShiMi backbone under a Lightning module (model. / encoder.0 / decoder.0) → our
     arch 'sashimi' (norm 'tln', not unet). Official module ↔ ours: d_layers.k ↔ down.k.pool (weight
@@ -613,6 +723,9 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict) -> Imported:
     kind = _check_s4_layer(lc, "model.layer")
     emb = src.take("encoder.0.weight")
     V, H = emb.shape
+    _check_sashimi_shapes(sd, m, H)
+    _check_vocab(cfg, V)
+    _agree_kernel(sd, lc, "model.layer")
     tensors: dict[str, torch.Tensor] = {"embed.weight": emb}
     mp = [("embed.weight", "encoder.0.weight", "the token embedding (no rescale: classification task)")]
     task = cfg.get("task") or {}

@@ -188,6 +188,17 @@ def find_config(src: Path) -> Path | None:
     return None
 
 
+def config_origin(src: str | Path, config: str | Path | None, kind: str) -> str | None:
+    """Where read_source(src, config) took the config from (its `kind` says how it read src): the given
+    or found file's path, or the Lightning checkpoint's own hyper_parameters; None when there was none."""
+    if config is not None:
+        return str(config)
+    if kind == "lightning":
+        return f"inside {Path(src).name} (its hyper_parameters)"
+    found = find_config(Path(src))
+    return str(found) if found is not None else None
+
+
 def _tensors(sd: Any, where: str) -> dict[str, torch.Tensor]:
     if not isinstance(sd, dict) or not sd:
         raise OfficialFormatError(f"{where}: expected a non-empty state dict, got {type(sd).__name__}")
