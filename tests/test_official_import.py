@@ -508,3 +508,20 @@ def test_the_config_read_is_named_in_config_json_and_the_card(tmp_path, src, con
     convert(FIX / src, tmp_path / "out", config=config)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["source"]["config_file"] == origin
     assert f"| config read | `{origin}` |" in (tmp_path / "out" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("task", ["base", "multiclass_classification", None])
+def test_an_isotropic_model_of_another_task_is_refused_not_served_as_a_text_lm(tmp_path, task):
+    """experiment=synthetic/s4-copying (task 'base', decoder mode 'last') converted as a text LM with
+    exit 0; its outputs are the copy targets, not next-token logits."""
+    sd, cfg, kind = _lightning()
+    cfg["task"] = {"_name_": task, "loss": "cross_entropy"} if task else None
+    cfg["encoder"], cfg["decoder"] = "embedding", {"_name_": "sequence", "mode": "last"}
+    with pytest.raises(
+        Unsupported, match=rf"task._name_ = {task!r} \(decoder mode 'last'\): only the 'lm' task"
+    ):
+        map_official(sd, cfg, kind)
+    torch.save(sd, tmp_path / "copying.pt")
+    (tmp_path / "copying.yaml").write_text(yaml.safe_dump(cfg))
+    r = _run_convert(tmp_path / "copying.pt", tmp_path / "out")
+    assert r.returncode == 2 and f"task._name_ = {task!r}" in r.stderr, r.stderr

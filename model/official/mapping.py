@@ -423,13 +423,17 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     _agree_kernel(sd, layer_cfgs[0], "model.layer[0]")
     tensors: dict[str, torch.Tensor] = {"embed.weight": emb}
     mp = [("embed.weight", "encoder.0.weight", "the token embedding")]
-    task = cfg.get("task") or {}
+    task = cfg.get("task") if isinstance(cfg.get("task"), dict) else {}
     tname = task.get("_name_")
-    if tname not in ("lm", "multiclass_classification", "base", None):
+    if tname != "lm":
+        dec = cfg.get("decoder")
+        mode = dec.get("mode", "last") if isinstance(dec, dict) else None
         raise Unsupported(
-            f"task._name_ = {tname!r}: only the 'lm' task (and per-token classification) is supported"
+            f"task._name_ = {tname!r} (decoder mode {mode!r}): only the 'lm' task is served as a language "
+            "model (its decoder gives the next token's logits at every position); other tasks (synthetic "
+            "copying, classification) map a sequence to other targets"
         )
-    rescale = bool(task.get("rescale", True)) if tname == "lm" else False
+    rescale = bool(task.get("rescale", True))
     embed_scale = math.sqrt(H) if rescale else 1.0
     notes.append(f"task {tname!r}: rescale = {rescale} → embed_scale {embed_scale:.6g}")
     for k, where in ((cfg.get("encoder"), "encoder"), (m.get("encoder"), "model.encoder")):
@@ -448,9 +452,8 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     hw = head_keys[0]
     head_w = src.take(hw, (V, H))
     head_b = src.take(hw[: -len("weight")] + "bias", (V,))
-    tied = bool(task.get("tied", False)) and tname == "lm"
-    if tname == "lm":
-        _agree("task.tied", tied, bool(torch.equal(head_w, emb)))
+    tied = bool(task.get("tied", False))
+    _agree("task.tied", tied, bool(torch.equal(head_w, emb)))
     tensors["head.weight"], tensors["head.bias"] = head_w, head_b
     mp += [("head.weight", hw, "decoder weight" + (" (tied to the embedding)" if tied else "")),
            ("head.bias", hw[: -len('weight')] + "bias", "decoder bias")]  # fmt: skip
