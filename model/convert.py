@@ -1,6 +1,6 @@
 """Convert a checkpoint trained with the official state-spaces/s4 code into an s4serve checkpoint.
 
-    python -m model.convert SRC OUT_DIR [--config CONFIG.yaml] [--name NAME]
+    python -m model.convert SRC OUT_DIR [--config CONFIG.yaml] [--name NAME] [--force] [--sample-rate HZ]
 
 SRC is a Lightning `.ckpt` of the official training script (its config inside), a `.pt` state dict
 (checkpoints/convert_pl_to_pt.py output) with the run's config.yaml (--config, or SRC.yaml /
@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -26,15 +27,49 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import _sha256, save
-from model.official.mapping import Imported, Unsupported, map_official
+from model.official.mapping import Imported, MissingConfig, Unsupported, map_official
 from model.official.reader import OfficialFormatError, config_origin, find_config, read_source
 
 OFFICIAL_COMMIT = "e757cef"  # the state-spaces/s4 commit whose code the mapping follows
 SUFFIXES = (".ckpt", ".pt", ".pth")
 
 
+# src/dataloaders/lm.py: these LM datasets number tokens by a frequency-ordered Vocab (or BPE), not bytes
+VOCAB_DATASETS = ("wt2", "wt103", "ptb", "enwik8", "text8", "lm1b")
+
+
 class ConvertError(ValueError):
     """The source cannot be converted (unreadable, unsupported option, or failed verification)."""
+
+
+class MissingConfigError(ConvertError):
+    """A .pt state dict without its run's config; `reason` is the message without the advice on where
+    to give it (the converter's --config, the server's config.yaml beside the file)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def default_name(src: Path) -> str:
+    """A source's model name: its stem, or for Lightning's `last.ckpt` (and a `last.pt` made from it) the
+    run folder's name (RUN/checkpoints/last.ckpt → RUN), so that two runs do not both serve as 'last'."""
+    if src.stem != "last":
+        return src.stem
+    folder = src.resolve().parent
+    run = folder.parent if folder.name == "checkpoints" else folder
+    return run.name if re.fullmatch(r"[A-Za-z0-9._-]+", run.name or "") else src.stem
+
+
+def token_warning(dataset: str | None, vocab_size: int) -> str | None:
+    """Why a text model's ids may not be bytes: its official dataset numbers tokens by a vocabulary."""
+    if dataset not in VOCAB_DATASETS:
+        return None
+    return (
+        f"trained on dataset {dataset!r}, whose token ids are the official code's frequency-ordered "
+        f"vocabulary (vocab {vocab_size}), not UTF-8 bytes: the server's text routes send bytes as ids "
+        "(id = byte), so served as text it reads and writes garbage"
+    )
 
 
 def build(imp: Imported, dtype: torch.dtype = torch.float32):
@@ -97,8 +132,9 @@ def verify(imp: Imported, net, tol: float = 1e-4, seed: int = 0) -> dict:
 
 
 def model_card(
-    name: str, src: Path, sha: str, kind: str, imp: Imported, ver: dict, config_file: str | None
-) -> str:
+    name: str, src: Path, sha: str, kind: str, imp: Imported, ver: dict, config_file: str | None,
+    warning: str | None = None,
+) -> str:  # fmt: skip
     c = imp.config
     lines = [
         f"# {name}",
@@ -121,6 +157,11 @@ def model_card(
         f"| embed_scale | {c['embed_scale']:.6g} |",
         f"| l_kernel per layer | {c.get('l_kernel')} |",
         "",
+        *(
+            [f"**Tokens:** {warning}. Use it through its token ids, with that vocabulary.", ""]
+            if warning
+            else []
+        ),
         "## Verification",
         "",
         f"On {ver['tokens']} fixed tokens, against the float64 evaluation of the imported parameters:",
@@ -144,17 +185,28 @@ def model_card(
 
 
 def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = None, name: str | None = None,
-            tol: float = 1e-4) -> dict:  # fmt: skip
+            tol: float = 1e-4, force: bool = False, sample_rate: int | None = None) -> dict:  # fmt: skip
     """SRC → OUT_DIR (model.safetensors, config.json, README.md). Returns the summary written to
-    config.json's "source". Raises ConvertError (unreadable, refused, or failed verification)."""
+    config.json's "source" ("warning": why its ids may not be bytes, or None). An existing OUT_DIR that
+    is not empty is replaced only with `force` (whole: nothing of it is left). Raises ConvertError
+    (unreadable, refused, OUT_DIR not empty, or failed verification; MissingConfigError for a .pt
+    without its config)."""
     from model.recurrent import VerificationError
 
     src, out = Path(src), Path(out_dir)
+    if not force and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConvertError(f"{out}: exists and is not empty; --force replaces it (all of it)")
     try:
         sd, cfg, kind = read_source(src, config)
-        imp = map_official(sd, cfg, kind)
+        imp = map_official(sd, cfg, kind, sample_rate=sample_rate)
     except OfficialFormatError as exc:
         raise ConvertError(str(exc)) from None
+    except MissingConfig as exc:
+        raise MissingConfigError(
+            f"{src}: {exc}; pass the run's config.yaml (its .hydra/config.yaml) with --config, or put it "
+            f"beside the file as config.yaml or {src.stem}.yaml",
+            f"{src}: {exc}",
+        ) from None
     except Unsupported as exc:
         raise ConvertError(f"{src}: {exc}") from None
     net = build(imp)
@@ -163,17 +215,34 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
     except VerificationError as exc:
         raise ConvertError(f"{src}: verification failed: {exc}") from None
     sha = _sha256(src)
-    name = name or src.stem
+    name = name or default_name(src)
+    ds = cfg.get("dataset") if isinstance(cfg, dict) else None
+    dataset = ds.get("_name_") if isinstance(ds, dict) else None
+    text = imp.config.get("modality", "text") == "text"
+    warning = token_warning(dataset, imp.config["vocab_size"]) if text else None
     summary = {
         "from": "state-spaces/s4",
         "file": src.name,
         "sha256": sha,
         "kind": kind,
         "config_file": config_origin(src, config, kind),
+        "dataset": dataset,
+        "warning": warning,
         "verification": {k: v for k, v in ver.items() if k != "layers"},
     }
-    save(net, out, extra={"name": name, "source": summary})
-    (out / "README.md").write_text(model_card(name, src, sha, kind, imp, ver, summary["config_file"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:  # written beside OUT_DIR, then swapped in: an old OUT_DIR is replaced whole, never mixed
+        save(net, tmp, extra={"name": name, "source": summary})
+        card = model_card(name, src, sha, kind, imp, ver, summary["config_file"], warning)
+        (tmp / "README.md").write_text(card)
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 
@@ -216,13 +285,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("src", type=Path, help="official .ckpt, .pt state dict, or standalone state dict")
     ap.add_argument("out_dir", type=Path, help="output checkpoint folder")
     ap.add_argument("--config", type=Path, default=None, help="the run's config.yaml (or a JSON description)")
-    ap.add_argument("--name", default=None, help="model name for the card (default: SRC's stem)")
+    ap.add_argument("--name", default=None, help="model name for the card (default: SRC's stem; the run "
+                    "folder's name for Lightning's last.ckpt)")  # fmt: skip
+    ap.add_argument("--force", action="store_true", help="replace OUT_DIR when it exists and is not empty")
+    rate_help = "a SaShiMi import's audio rate (default: its dataset's; 16000 when unknown)"
+    ap.add_argument("--sample-rate", type=int, default=None, metavar="HZ", help=rate_help)
     args = ap.parse_args(argv)
+    if args.sample_rate is not None and not 1000 <= args.sample_rate <= 384000:
+        print(f"error: --sample-rate = {args.sample_rate}: expected 1000 to 384000 Hz", file=sys.stderr)
+        return 2
     try:
-        summary = convert(args.src, args.out_dir, args.config, args.name)
+        summary = convert(args.src, args.out_dir, args.config, args.name, force=args.force,
+                          sample_rate=args.sample_rate)  # fmt: skip
     except (ConvertError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if summary["warning"]:
+        print(f"warning: {args.src}: {summary['warning']}", file=sys.stderr)
     v = summary["verification"]
     print(
         f"wrote {args.out_dir} (source sha256 {summary['sha256'][:16]}…; conv rel. err "

@@ -349,7 +349,7 @@ def test_reading_softplus_as_exp_would_be_wrong_so_the_config_matters():
 def test_convert_raises_convert_error_for_an_unreadable_source(tmp_path):
     bad = tmp_path / "x.pt"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(ConvertError, match="refused by the safe loader"):
+    with pytest.raises(ConvertError, match="a torch zip archive without its end"):
         convert(bad, tmp_path / "out")
 
 
@@ -525,3 +525,91 @@ def test_an_isotropic_model_of_another_task_is_refused_not_served_as_a_text_lm(t
     (tmp_path / "copying.yaml").write_text(yaml.safe_dump(cfg))
     r = _run_convert(tmp_path / "copying.pt", tmp_path / "out")
     assert r.returncode == 2 and f"task._name_ = {task!r}" in r.stderr, r.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder, the tokens' meaning, SaShiMi's audio format, the card, clear messages
+
+
+def test_an_existing_output_folder_is_refused_unless_force_and_then_replaced_whole(tmp_path):
+    out = tmp_path / "shipped"
+    (out / "eval_slice").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"the shipped weights")
+    r = _run_convert(FIX / "s4_bytes.ckpt", out)
+    assert r.returncode == 2 and f"{out}: exists and is not empty; --force replaces it" in r.stderr, r.stderr
+    assert (out / "model.safetensors").read_bytes() == b"the shipped weights"
+    r = subprocess.run(
+        [sys.executable, "-m", "model.convert", str(FIX / "s4_bytes.ckpt"), str(out), "--force"],
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    ref = load_file(str(FIX / "s4_bytes.ref.safetensors"))
+    with torch.no_grad():
+        assert rel(load(out)(ref["tokens"]), ref["logits_step"]) <= 1e-5
+    # the fixture's config says dataset wt103: its ids would be that vocabulary's, not bytes
+    assert "warning:" in r.stderr and "dataset 'wt103'" in r.stderr and "not UTF-8 bytes" in r.stderr
+    assert "**Tokens:** trained on dataset 'wt103'" in (out / "README.md").read_text()
+    source = json.loads((out / "config.json").read_text())["source"]
+    assert source["dataset"] == "wt103" and "frequency-ordered vocabulary" in source["warning"]
+    convert(FIX / "s4_bytes.ckpt", tmp_path / "empty-is-fine")  # an empty or absent folder needs no --force
+
+
+def test_a_dataset_not_known_to_number_by_a_vocabulary_gets_no_token_warning(tmp_path):
+    sd, cfg, _ = read_source(FIX / "s4d_zoh.pt")
+    cfg["dataset"] = {"_name_": "my_bytes", "l_max": 32}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "m.pt").write_bytes((FIX / "s4d_zoh.pt").read_bytes())
+    summary = convert(tmp_path / "m.pt", tmp_path / "out")
+    assert summary["dataset"] == "my_bytes" and summary["warning"] is None
+    assert "**Tokens:**" not in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_sashimi_audio_format_comes_from_the_dataset_or_sample_rate_and_the_card_says_which():
+    sd, cfg, kind = _lightning("sashimi_sc09.ckpt")
+    imp = map_official(sd, copy.deepcopy(cfg), kind)
+    assert imp.config["sample_rate"] == 16000 and "(the official sc09 data's rate)" in "\n".join(imp.notes)
+    imp = map_official(sd, copy.deepcopy(cfg), kind, sample_rate=8000)
+    assert imp.config["sample_rate"] == 8000 and "8000 Hz audio (--sample-rate)" in "\n".join(imp.notes)
+    cfg["dataset"] = {"_name_": "enwik8"}
+    notes = "\n".join(map_official(sd, copy.deepcopy(cfg), kind).notes)
+    assert "16 kHz audio is ASSUMED" in notes and "mu-law ASSUMED" in notes and "sc09-style task" in notes
+    cfg["dataset"] = {"_name_": "qautoaudio", "quantization": "linear", "bits": 8}
+    with pytest.raises(Unsupported, match="dataset.quantization = 'linear': only mu-law"):
+        map_official(sd, cfg, kind)
+
+
+def test_the_card_names_dt_fast_among_the_options_read():
+    notes = "\n".join(imported("s4d_transforms").notes)
+    assert "transforms dt=sigmoid of sinh(inv_dt) (dt_fast), real=relu, imag=softplus" in notes
+    assert "dt_fast" not in "\n".join(imported("s4_softplus").notes)
+
+
+def test_a_lightning_last_ckpt_is_named_after_its_run_folder(tmp_path):
+    src = tmp_path / "my-run" / "checkpoints" / "last.ckpt"
+    src.parent.mkdir(parents=True)
+    src.write_bytes((FIX / "s4_bytes.ckpt").read_bytes())
+    convert(src, tmp_path / "out")
+    assert (tmp_path / "out" / "README.md").read_text().startswith("# my-run\n")
+
+
+def test_unreadable_sources_get_messages_that_say_what_is_wrong(tmp_path):
+    with pytest.raises(OfficialFormatError, match="a folder, not a checkpoint file"):
+        read_source(tmp_path)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(OfficialFormatError, match=r"the file is empty \(0 bytes\)"):
+        read_source(tmp_path / "empty.pt")
+    data = (FIX / "s4_bytes.ckpt").read_bytes()
+    for n in (1000, len(data) // 2):  # torch: "failed finding central directory…" / "[Errno 22]"
+        (tmp_path / "cut.ckpt").write_bytes(data[:n])
+        with pytest.raises(OfficialFormatError, match=rf"without its end \({n} bytes\): truncated") as err:
+            read_source(tmp_path / "cut.ckpt")
+        assert str(err.value).endswith("(compare its SHA-256 with the original's)")
+
+
+def test_a_long_loader_message_is_cut_at_a_sentence_never_inside_a_word():
+    from model.official.reader import _clean_cut
+
+    msg = "First sentence here. " * 30
+    assert _clean_cut(msg) == ("First sentence here. " * 19).rstrip()
+    assert _clean_cut("word " * 100).endswith("word …") and _clean_cut("short") == "short"

@@ -47,6 +47,10 @@ class ConfigMismatch(Unsupported):
     """The config contradicts the weights: an option the tensor shapes also determine differs."""
 
 
+class MissingConfig(Unsupported):
+    """A state dict without its run's config (the caller says where to give it)."""
+
+
 def _agree(option: str, config_value, weights_value) -> None:
     """Raise ConfigMismatch when the config's value of `option` is not the one the weights imply."""
     if config_value != weights_value:
@@ -214,7 +218,8 @@ def map_ssm_kernel(
     dt_tied = inv_dt.shape[1] == 1
     if "dt_tie" in opts:
         _agree(f"{where}.dt_tie", bool(_opt(opts, "dt_tie", True, where)), dt_tied)
-    if bool(_opt(opts, "dt_fast", False, where)):
+    dt_fast = bool(_opt(opts, "dt_fast", False, where))
+    if dt_fast:
         inv_dt = torch.sinh(inv_dt)
     dt = transform(inv_dt, dt_t, f"{where}.dt_transform")  # (H, 1) or (H, N2)
     if not (dt > 0).all() or not torch.isfinite(dt).all():
@@ -250,7 +255,7 @@ def map_ssm_kernel(
         ("kernel.B", kp + "B", f"B[0]; channel h ← SSM h mod {S}"),
     ]
     facts = {"N2": N2, "S": S, "disc": disc, "dt_tied": dt_tied, "rank": 0, "l_kernel": None,
-             "transforms": {"dt": dt_t, "real": re_t, "imag": im_t}}  # fmt: skip
+             "transforms": {"dt": dt_t, "real": re_t, "imag": im_t}, "dt_fast": dt_fast}  # fmt: skip
     if kind == "s4":
         P = src.take(kp + "P")
         if P.dim() != 4 or tuple(P.shape[1:]) != (S, N2, 2):
@@ -384,10 +389,10 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     """A state dict of the official SequenceLightningModule (keys model. / encoder. / decoder.)."""
     notes: list[str] = []
     if cfg is None:
-        raise Unsupported(
+        raise MissingConfig(
             "config: missing. The transforms (dt_transform, real_transform, imag_transform) and the task's "
             "rescale cannot be inferred from the weights (a trained softplus-Δ model read as exp is off "
-            "by 0.5); pass the run's config.yaml (.hydra/config.yaml) with --config"
+            "by 0.5)"
         )
     sd, implied = _v3_to_v4(sd, notes)
     src = _Source(sd)
@@ -551,12 +556,18 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
         "dt_tied": bool(dt_tied_all), "re_lambda_max": None,
     }  # fmt: skip
     config = _drop_defaults(config)
-    notes.append(
-        f"{kind} layers: init {lc.get('init', lc.get('measure'))!r}, n_ssm {facts0['S']}, "
-        f"transforms dt={facts0['transforms']['dt']}, real={facts0['transforms']['real']}, "
-        f"imag={facts0['transforms']['imag']}; disc {facts0['disc']}"
-    )
+    notes.append(_kernel_note(kind, lc, facts0))
     return Imported(config, tensors, mp, notes)
+
+
+def _kernel_note(kind: str, lc: dict, facts: dict) -> str:
+    """The model card's line on the SSM options read: init, n_ssm, transforms (dt_fast), disc."""
+    t = facts["transforms"]
+    dt = f"{t['dt']} of sinh(inv_dt) (dt_fast)" if facts["dt_fast"] else t["dt"]
+    return (
+        f"{kind} layers: init {lc.get('init', lc.get('measure'))!r}, n_ssm {facts['S']}, "
+        f"transforms dt={dt}, real={t['real']}, imag={t['imag']}; disc {facts['disc']}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -701,13 +712,14 @@ def _check_sashimi_shapes(sd: dict[str, torch.Tensor], m: dict, H: int) -> None:
     _agree("model.n_layers", m.get("n_layers"), len(c) // (2 if ff else 1))
 
 
-def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict) -> Imported:
+def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None = None) -> Imported:
     """The official SaShiMi backbone under a Lightning module (model. / encoder.0 / decoder.0) → our
     arch 'sashimi' (norm 'tln', not unet). Official module ↔ ours: d_layers.k ↔ down.k.pool (weight
     norm folded), c_layers.i ↔ center.i, u_layers.j.0 ↔ up.(K−1−j).pool, u_layers.j.(1+i) ↔
     up.(K−1−j).blocks.i, norm ↔ norm (LayerNorm), encoder.0 ↔ embed, decoder.0.output_transform ↔ head.
     Each S4 layer keeps its own l_kernel (L, L/4, L/16 when layer.l_max is null). The tokens are
-    state-spaces/s4 mu-law (config mulaw 's4'); the audio is 16 kHz (SC09, YouTubeMix)."""
+    state-spaces/s4 mu-law (config mulaw 's4'); the audio is 16 kHz (SC09, YouTubeMix) unless
+    `sample_rate` says otherwise (_audio_format)."""
     notes: list[str] = []
     src = _Source(sd)
     m = cfg["model"]
@@ -805,23 +817,51 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict) -> Imported:
     l_max = max(l_kernels)
     l_max = -(-l_max // (2 * P)) * 2 * P  # a multiple of 2·prod(pool): the verification length
     ds = cfg.get("dataset") if isinstance(cfg.get("dataset"), dict) else {}
+    rate, audio_note = _audio_format(ds, sample_rate)
     config = {
         "arch": "sashimi", "pool": list(pool), "expand": expand, "ff": ff, "unet": False, "norm": "tln",
         "vocab_size": int(V), "d_model": int(H), "n_layers": n_layers, "d_state": 2 * facts0["N2"],
         "kernel": kind, "init": "legs", "rank": max(1, facts0["rank"]), "disc": facts0["disc"],
         "l_max": int(l_max), "head_bias": True, "embed_scale": 1.0,
         "l_kernel": l_kernels if kind == "s4" else None, "dt_tied": bool(facts0["dt_tied"]),
-        "re_lambda_max": None, "modality": "audio", "sample_rate": 16000, "mulaw": "s4",
+        "re_lambda_max": None, "modality": "audio", "sample_rate": rate, "mulaw": "s4",
     }  # fmt: skip
     notes.append(
         f"SaShiMi pool {pool}, expand {expand}, ff {ff}, {n_layers} (S4, FF) pairs per level; S4 blocks "
-        f"{names} with l_kernel {l_kernels}; dataset {ds.get('_name_')!r}: 16 kHz audio, "
-        "state-spaces/s4 mu-law (mulaw 's4')"
+        f"{names} with l_kernel {l_kernels}"
     )
+    notes.append(_kernel_note(kind, lc, facts0))
+    notes.append(audio_note)
     return Imported(_drop_defaults(config), tensors, mp, notes)
 
 
-def map_official(sd: dict[str, torch.Tensor], cfg: dict | None, kind: str) -> Imported:
+def _audio_format(ds: dict, sample_rate: int | None) -> tuple[int, str]:
+    """(sample rate, card note) of a SaShiMi import. The tokens are state-spaces/s4 mu-law
+    (dataset.quantization 'mu-law'; another quantization is refused); the rate is `sample_rate` when
+    given, else the official data's rate for its dataset name, else 16 kHz, assumed (and said so)."""
+    name, quant = ds.get("_name_"), ds.get("quantization")
+    if quant not in (None, "mu-law"):
+        raise Unsupported(f"dataset.quantization = {quant!r}: only mu-law audio ('mu-law') is served")
+    law = (
+        "mu-law ('mu-law' in the config)"
+        if quant
+        else "mu-law ASSUMED (no dataset.quantization in the config)"
+    )
+    if sample_rate is not None:
+        return sample_rate, f"dataset {name!r}: {sample_rate} Hz audio (--sample-rate), state-spaces/s4 {law}"
+    if AUDIO_DATASETS.get(name):
+        rate = AUDIO_DATASETS[name]
+        return rate, f"dataset {name!r}: {rate // 1000} kHz audio (the official {name} data's rate), {law}"
+    return 16000, (
+        f"dataset {name!r}: not an official audio set of known rate, so 16 kHz audio is ASSUMED "
+        f"(--sample-rate sets it), state-spaces/s4 {law}; SaShiMi imports expect the sc09-style task "
+        "(quantized audio samples as tokens)"
+    )
+
+
+def map_official(
+    sd: dict[str, torch.Tensor], cfg: dict | None, kind: str, sample_rate: int | None = None
+) -> Imported:
     """(state dict, plain config or description, kind from model.official.reader) → Imported.
 
     Every import gets `cauchy_backend = "torch"`: converting and serving never need KeOps (the kernels
@@ -829,7 +869,8 @@ def map_official(sd: dict[str, torch.Tensor], cfg: dict | None, kind: str) -> Im
     default "auto" made the first conversion in a fresh KeOps cache, and so a fresh container serving
     a .ckpt, compile KeOps kernels first (tests/fixtures/official/s4_bytes.ckpt on a 2-core VM, fresh
     cache: 33.6 s with "auto", 3.2 s with "torch"). Set it to "auto" or "keops" in config.json to train
-    the converted model further."""
+    the converted model further. `sample_rate` sets a SaShiMi import's audio rate (else its dataset's).
+    Raises Unsupported (ConfigMismatch, MissingConfig) naming the option and its value."""
     if kind == "standalone":
         imp = map_standalone(sd, cfg or {})
     elif (
@@ -837,7 +878,7 @@ def map_official(sd: dict[str, torch.Tensor], cfg: dict | None, kind: str) -> Im
         and isinstance(cfg.get("model"), dict)
         and cfg["model"].get("_name_") == "sashimi"
     ):
-        imp = map_sashimi(sd, cfg)
+        imp = map_sashimi(sd, cfg, sample_rate)
     else:
         imp = map_lightning(sd, cfg)
     imp.config["cauchy_backend"] = "torch"

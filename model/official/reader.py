@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +111,22 @@ def to_plain(obj: Any) -> Any:  # noqa: PLR0911
     return obj
 
 
+def _clean_cut(msg: str, limit: int = 400) -> str:
+    """A long message cut at its last sentence (or word) end within `limit`, never inside a word."""
+    if len(msg) <= limit:
+        return msg
+    cut = msg[:limit]
+    end = cut.rfind(". ")
+    return cut[: end + 1] if end > 0 else cut[: cut.rfind(" ")] + " …"
+
+
 def safe_torch_load(path: str | Path) -> Any:
     """torch.load(weights_only=True) of a torch zip archive, with only the omegaconf stand-ins allowed.
     Raises OfficialFormatError naming the file and, for a refused global, its name."""
     path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise OfficialFormatError(f"{path}: the file is empty (0 bytes): not written, or truncated?")
     with open(path, "rb") as f:
         head = f.read(4)
     if head != ZIP_MAGIC:
@@ -121,13 +134,18 @@ def safe_torch_load(path: str | Path) -> Any:
             f"{path}: not a torch zip archive (first bytes {head!r}); a raw pickle is refused without "
             "being loaded (loading it could run code)"
         )
+    if not zipfile.is_zipfile(path):  # a zip's directory is at its end: torch says "failed finding central
+        raise OfficialFormatError(  # directory" or "[Errno 22] Invalid argument"
+            f"{path}: a torch zip archive without its end ({size} bytes): truncated, not fully written or "
+            "copied? Copy the checkpoint again (compare its SHA-256 with the original's)"
+        )
     try:
         with torch.serialization.safe_globals(OMEGACONF_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as exc:  # the unpickler's own errors: UnpicklingError, RuntimeError, ...
         msg = str(exc)
         m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"unrecognized function ([^\s]+)", msg)
-        what = f"it holds {m.group(1)}, which is not allowed" if m else msg.splitlines()[0][:300]
+        what = f"it holds {m.group(1)}, which is not allowed" if m else _clean_cut(msg.splitlines()[0])
         raise OfficialFormatError(f"{path}: refused by the safe loader: {what}") from None
     return to_plain(obj)
 
@@ -215,6 +233,10 @@ def read_source(src: str | Path, config: str | Path | None = None) -> tuple[dict
     .pt state dict; config from `config` or found beside it), "standalone" (a state dict of the
     standalone models/s4 modules with a JSON description; see model.official.mapping)."""
     src = Path(src)
+    if src.is_dir():
+        raise OfficialFormatError(
+            f"{src}: a folder, not a checkpoint file: give the .ckpt (e.g. its checkpoints/last.ckpt) or .pt"
+        )
     if not src.is_file():
         raise OfficialFormatError(f"{src}: no such file")
     obj = safe_torch_load(src)
