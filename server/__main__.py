@@ -18,6 +18,7 @@ import socket  # noqa: E402
 import sys  # noqa: E402
 import types  # noqa: E402
 import typing  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import uvicorn  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
@@ -97,7 +98,8 @@ def preflight(settings: Settings) -> list[str]:
 
     n = len(settings.checkpoints)
     log.info("checking the settings' device, port, session store and %d checkpoints", n)
-    for problem in (settings.device_problem(), port_problem(settings.host, settings.port)):
+    for problem in (settings.device_problem(), port_problem(settings.host, settings.port),
+                    convert_cache_problem(settings)):  # fmt: skip
         if problem:
             return [problem]
     problems = []
@@ -122,6 +124,25 @@ def preflight(settings: Settings) -> list[str]:
     if usable:
         return []
     return problems or ["no checkpoint to serve (none of the configured folders exists)"]
+
+
+def convert_cache_problem(settings: Settings) -> str | None:
+    """Why S4_CONVERT_CACHE cannot hold conversions (a path that is not a folder, or one that cannot be
+    made), when an entry is an official .ckpt/.pt that would be converted there; else None."""
+    from model.convert import SUFFIXES  # noqa: PLC0415
+    from server.registry import parse_entry  # noqa: PLC0415
+
+    if not any(parse_entry(e)[1].suffix in SUFFIXES for e in settings.checkpoints):
+        return None
+    cache = Path(settings.convert_cache).expanduser()
+    where = f"S4_CONVERT_CACHE (--convert-cache) = {settings.convert_cache}"
+    if cache.exists() and not cache.is_dir():
+        return f"{where}: not a folder (a file is there); point it at a folder for the converted checkpoints"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"{where}: cannot make the folder ({exc.strerror or exc})"
+    return None
 
 
 def port_problem(host: str, port: int) -> str | None:

@@ -15,7 +15,7 @@ from model import VerificationError, load
 from model.checkpoint import WEIGHTS, CheckpointError, read_config
 from model.codecs import MuLaw
 from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
-from model.convert import convert_cached
+from model.convert import ConvertError, MissingConfigError, convert_cached, default_name
 from model.cuda_graphs import LARGEST_BUCKET, bucket_sizes
 from model.network import ModelConfig
 from model.recurrent import RecurrentModel
@@ -159,9 +159,22 @@ def resolve_entry(entry: str, settings: Settings) -> tuple[str, Path]:
     Raises ConvertError (a ValueError) naming what is refused."""
     name, path = parse_entry(entry)
     if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
-        model_id = name or path.stem
-        return model_id, convert_cached(path, settings.convert_cache, name=model_id)
+        model_id = name or default_name(path)
+        try:
+            return model_id, convert_cached(path, settings.convert_cache, name=model_id)
+        except MissingConfigError as exc:  # the converter's advice (--config) is no option of the server
+            raise ConvertError(
+                f"{exc.reason}; put the run's config.yaml (its .hydra/config.yaml) beside the file as "
+                f"config.yaml or {path.stem}.yaml, or convert it first (python -m model.convert {path} OUT "
+                "--config CONFIG.yaml) and serve OUT"
+            ) from None
     return name or path.name, path
+
+
+def model_id_of(entry: str) -> str:
+    """The model id an entry serves under (NAME=, else as resolve_entry names it), without converting."""
+    name, path = parse_entry(entry)
+    return name or (default_name(path) if path.suffix in OFFICIAL_SUFFIXES else path.name)
 
 
 def load_model(
@@ -171,17 +184,20 @@ def load_model(
     metrics: Metrics,
     device: str,
     model_id: str | None = None,
+    source: Path | None = None,
 ) -> ServedModel:
-    """Checkpoint → verified recurrent form → warmed-up engine (not yet started). Raises
-    CheckpointError or VerificationError with the reason."""
+    """Checkpoint → verified recurrent form → warmed-up engine (not yet started). `source`: the official
+    file `path` was converted from (named in the errors). Raises CheckpointError or VerificationError
+    with the reason."""
     t0 = time.perf_counter()
     meta = read_config(path)
     chat = ChatTemplate.from_config(meta)
     net = load(path)
     if net.config.modality == "text" and net.config.vocab_size < 256:
         # text prompts arrive as UTF-8 bytes (ids 0-255): every byte must be a token of the model
+        where = f"{source} (converted into {path})" if source else str(path)
         raise CheckpointError(
-            f"{path}: a text model must have vocab_size >= 256 (byte tokens), "
+            f"{where}: a text model must have vocab_size >= 256 (byte tokens), "
             f"this one has {net.config.vocab_size}"
         )
     name = model_id or path.name
@@ -256,14 +272,15 @@ def load_models(
         if not path.exists() and settings.uses_default_checkpoints():
             log.warning("default checkpoint %s does not exist yet: skipped", path)
             continue
-        model_id = name or (path.stem if path.suffix in OFFICIAL_SUFFIXES else path.name)
+        model_id = model_id_of(entry)
         if model_id in models:
             failed[entry] = f"model id {model_id!r} is already served (from {models[model_id].path})"
             log.error("checkpoint %s not served: %s", entry, failed[entry])
             continue
         try:
             model_id, folder = resolve_entry(entry, settings)
-            models[model_id] = load_model(folder, settings, sessions, metrics, device, model_id)
+            source = path if folder != path else None
+            models[model_id] = load_model(folder, settings, sessions, metrics, device, model_id, source)
         except Exception as exc:  # whatever it is, this model is not served and the others are
             failed[model_id] = f"{type(exc).__name__}: {exc}"
             expected = isinstance(

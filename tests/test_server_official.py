@@ -66,6 +66,7 @@ def test_refused_official_files_are_reported_by_name_and_the_others_still_serve(
     assert "bidirectional = True" in ready["failed"]["s4_bidirectional"]
     # a vocab-16 model cannot take UTF-8 text prompts: not served (no 500 on a byte >= 16)
     assert "vocab_size >= 256" in ready["failed"]["s4d_zoh"]
+    assert f"{FIX / 's4d_zoh.pt'} (converted into " in ready["failed"]["s4d_zoh"]  # the file, not the cache
 
 
 def test_the_cache_is_reused_while_the_source_is_unchanged(official_server):
@@ -113,3 +114,42 @@ def test_python_m_server_serves_an_official_ckpt_and_streams_it_over_the_websock
     ids = [i for f in frames if f["type"] == "token" for i in f["ids"]]
     folder = tmp_path / "cache" / hashlib.sha256(ckpt.read_bytes()).hexdigest()
     assert ids == reference(folder, list(b"abc"), SamplingParams(seed=0), 6)
+
+
+def test_a_served_pt_without_its_config_gets_the_servers_advice_not_the_converters_flag(tmp_path):
+    src = tmp_path / "model.pt"
+    src.write_bytes((FIX / "s4_v3.pt").read_bytes())
+    with pytest.raises(ValueError, match="config: missing") as err:
+        resolve_entry(str(src), Settings(convert_cache=str(tmp_path / "cache")))
+    msg = str(err.value)
+    assert (
+        "put the run's config.yaml (its .hydra/config.yaml) beside the file as config.yaml or model.yaml"
+        in msg
+    )
+    assert f"python -m model.convert {src} OUT --config CONFIG.yaml" in msg
+    assert "pass the run's config.yaml" not in msg  # python -m server has no --config
+
+
+def test_a_lightning_last_ckpt_serves_under_its_run_folders_name(tmp_path):
+    from server.registry import model_id_of
+
+    for run in ("run-a", "run-b"):
+        (tmp_path / run / "checkpoints").mkdir(parents=True)
+        (tmp_path / run / "checkpoints" / "last.ckpt").write_bytes((FIX / "s4_bytes.ckpt").read_bytes())
+    assert model_id_of(str(tmp_path / "run-a" / "checkpoints" / "last.ckpt")) == "run-a"
+    model_id, _ = resolve_entry(str(tmp_path / "run-b" / "checkpoints" / "last.ckpt"),
+                                Settings(convert_cache=str(tmp_path / "cache")))  # fmt: skip
+    assert model_id == "run-b"
+    assert model_id_of(f"mine={tmp_path / 'run-a' / 'checkpoints' / 'last.ckpt'}") == "mine"
+    assert model_id_of(str(FIX / "s4_bytes.ckpt")) == "s4_bytes"
+
+
+def test_a_convert_cache_that_is_a_file_stops_the_server_naming_the_setting(tmp_path):
+    from server.__main__ import preflight
+
+    cache = tmp_path / "cachefile"
+    cache.write_text("")
+    settings = Settings(checkpoints=[str(FIX / "s4_bytes.ckpt")], convert_cache=str(cache), port=0)
+    problems = preflight(settings)
+    assert problems == [f"S4_CONVERT_CACHE (--convert-cache) = {cache}: not a folder (a file is there); "
+                        "point it at a folder for the converted checkpoints"]  # fmt: skip
