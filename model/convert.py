@@ -246,12 +246,19 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
     return summary
 
 
+# Part of every cache entry's name: raise it when a change to the conversion could change an entry or
+# refuse a source it accepted (2: configs that contradict the weights, non-'lm' tasks are refused), so
+# entries an older converter wrote are not reused.
+CONVERTER_VERSION = 2
+
+
 def cache_key(src: Path, config: Path | None) -> str:
-    """The cache entry of a source: its SHA-256 (and its separate config file's, when there is one)."""
+    """The cache entry of a source: its SHA-256 (and its separate config file's, when there is one), then
+    `-v` CONVERTER_VERSION."""
     key = _sha256(src)
     if config is not None:
         key += "-" + hashlib.sha256(Path(config).read_bytes()).hexdigest()[:16]
-    return key
+    return f"{key}-v{CONVERTER_VERSION}"
 
 
 def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | None = None,

@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     )
     convert_cache: str = Field(
         "~/.cache/s4serve/convert",
-        description="where official checkpoints are converted to, one folder per source SHA-256 (reused)",
+        description="where official checkpoints are converted to, one folder per source SHA-256 and "
+        "converter version (reused)",
     )
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     verify_tolerance: float = Field(
