@@ -25,10 +25,13 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -331,6 +334,9 @@ def evaluate(net: nn.Module, data: Dataset, split: np.ndarray, seq_len: int, bat
 
 
 def save_state(out: Path, net: nn.Module, opt: torch.optim.Optimizer, step: int, meta: dict) -> None:
+    """Write the weights, AdamW moments and `step` to `out`/last, never leaving it missing or half
+    written: written to last.tmp, then last → last.old, last.tmp → last, last.old removed. A crash or
+    Ctrl-C between the renames leaves last.old, which `recover_last` puts back."""
     tmp = out / "last.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -347,9 +353,37 @@ def save_state(out: Path, net: nn.Module, opt: torch.optim.Optimizer, step: int,
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     state = {"step": step, "param_groups": sd["param_groups"], "scalars": scalars, **meta}
     (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
-    final = out / "last"
-    shutil.rmtree(final, ignore_errors=True)
+    final, old = out / "last", out / "last.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """A Ctrl-C during the block takes effect at its end (KeyboardInterrupt raised then), so a checkpoint
+    save and the step count that says what it holds are not cut apart. Main thread only (elsewhere, and
+    when SIGINT is ignored, the block runs as is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got = []
+    previous = signal.signal(signal.SIGINT, lambda sig, frame: got.append(sig))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if got and callable(previous):
+        previous(signal.SIGINT, None)  # Python's default handler: raises KeyboardInterrupt here
+
+
+def recover_last(out: Path) -> None:
+    """Put back `out`/last.old when a save was stopped between its renames (last is then missing)."""
+    final, old = out / "last", out / "last.old"
+    if not final.exists() and (old / "state.json").is_file():
+        old.rename(final)
 
 
 def load_state(out: Path, net: nn.Module, opt: torch.optim.Optimizer, device) -> tuple[int, float]:
@@ -487,6 +521,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tcfg.betas)
     start, wall_before = 0, 0.0
     changed = None  # a resume's config changes (e.g. train.steps re-planned), logged below
+    recover_last(out)
     if not fresh and (out / "last" / "state.json").is_file():
         try:
             start, wall_before = load_state(out, net, opt, device)
@@ -569,8 +604,9 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
             if (tcfg.ckpt_every and (step + 1) % tcfg.ckpt_every == 0) or last:
                 if main_proc:
                     elapsed = wall_before + time.perf_counter() - t_start
-                    save_state(out, net, opt, step + 1, {"config": cfg, "elapsed_s": elapsed})
-                    saved = step + 1
+                    with sigint_deferred():  # (the message then names the step last/ holds)
+                        save_state(out, net, opt, step + 1, {"config": cfg, "elapsed_s": elapsed})
+                        saved = step + 1
                 if world > 1:
                     dist.barrier()
     except KeyboardInterrupt:
