@@ -58,20 +58,38 @@ GOAL_OVER_TRANSFORMER = 6.0  # issue 18: ... and ≥ 6× the Transformer's prefi
 
 
 def _baseline_module() -> Any | None:
-    """model/recurrent.py at BASELINE_REV as a module `recurrent_baseline`, or None."""
-    try:
-        src = subprocess.run(
-            ["git", "show", f"{BASELINE_REV}:model/recurrent.py"], cwd=ROOT, capture_output=True,
-            text=True, timeout=30, check=True,
+    """model/recurrent.py at BASELINE_REV as a module `recurrent_baseline`, or None (no git history).
+    It runs with its own revision's fused C step (model/fused.py and model/csrc/ssm_step.c at
+    BASELINE_REV, as `fused_baseline`): today's fused.py has other signatures (diag_step's parameters),
+    and the old step with it would not be the old step."""
+
+    def show(path: str) -> str:
+        return subprocess.run(
+            ["git", "show", f"{BASELINE_REV}:{path}"], cwd=ROOT, capture_output=True, text=True, timeout=30,
+            check=True,
         ).stdout  # fmt: skip
+
+    try:
+        recurrent, fused_src, c_src = (show(p) for p in ("model/recurrent.py", "model/fused.py",
+                                                         "model/csrc/ssm_step.c"))  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
-    path = Path(tempfile.mkdtemp()) / "recurrent_baseline.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("recurrent_baseline", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["recurrent_baseline"] = mod
-    spec.loader.exec_module(mod)
+    folder = Path(tempfile.mkdtemp())
+    (folder / "csrc").mkdir()
+    (folder / "csrc" / "ssm_step.c").write_text(c_src)
+    import_line = "from model import fused\n"
+    if import_line not in recurrent:
+        raise RuntimeError(f"model/recurrent.py at {BASELINE_REV} does not import model.fused as expected")
+    sources = {"fused_baseline": fused_src, "recurrent_baseline": recurrent.replace(
+        import_line, "import fused_baseline as fused\n", 1)}  # fmt: skip
+    mod = None
+    for name, src in sources.items():  # (the fused module first: the recurrent one imports it)
+        path = folder / f"{name}.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
     return mod
 
 
