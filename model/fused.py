@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from model.network import token_range_error
+
 SOURCE = Path(__file__).parent / "csrc" / "ssm_step.c"
 MAX_MODES, MAX_RANK = 1024, 4  # the DPLR step's limits (MAX_MODES, MAX_RANK in ssm_step.c)
 _lib: dict[str, object] = {}
@@ -111,32 +113,6 @@ def library():
 
 
 TOKEN_RANGE = -3  # ssm_step.c E_TOKEN_RANGE: a token id outside the embedding, refused before any step
-
-
-def check_token_dtype(tokens: torch.Tensor) -> None:
-    """Raise ValueError unless `tokens` holds integer ids (any integer dtype; a float or bool tensor
-    would be truncated or read as 0/1 without a word)."""
-    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-        raise ValueError(f"tokens must be integer token ids (int64), got {tokens.dtype}")
-
-
-def token_range_error(tokens: torch.Tensor, V: int) -> ValueError:
-    """The ValueError for `tokens` (any shape) holding an id outside 0 … V − 1: names the first one and
-    its index."""
-    bad = ((tokens < 0) | (tokens >= V)).nonzero()
-    where = [int(i) for i in bad[0]] if len(bad) else []
-    value = int(tokens[tuple(where)]) if where else None
-    return ValueError(f"token id {value} at index {where} is outside the vocabulary: ids are 0 … {V - 1}")
-
-
-def check_token_ids(tokens: torch.Tensor, V: int) -> None:
-    """Raise `token_range_error` unless every id of `tokens` (integer, any shape) is in 0 … V − 1. For the
-    paths that index the embedding in torch (on a CUDA device this synchronizes); the C entry points
-    check their ids themselves (TOKEN_RANGE) at no cost."""
-    if tokens.numel():
-        lo, hi = torch.aminmax(tokens)
-        if int(lo) < 0 or int(hi) >= V:
-            raise token_range_error(tokens, V)
 
 
 def _ptrs(*tensors: torch.Tensor):

@@ -207,6 +207,41 @@ def _check_choice(name: str, value, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
+def check_token_dtype(tokens: torch.Tensor) -> None:
+    """Raise ValueError unless `tokens` holds integer ids (any integer dtype; a float or bool tensor
+    would be truncated or read as 0/1 without a word)."""
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise ValueError(f"tokens must be integer token ids (int64), got {tokens.dtype}")
+
+
+def token_range_error(tokens: torch.Tensor, V: int) -> ValueError:
+    """The ValueError for `tokens` (any shape) holding an id outside 0 … V − 1: names the first one and
+    its index."""
+    bad = ((tokens < 0) | (tokens >= V)).nonzero()
+    where = [int(i) for i in bad[0]] if len(bad) else []
+    value = int(tokens[tuple(where)]) if where else None
+    return ValueError(f"token id {value} at index {where} is outside the vocabulary: ids are 0 … {V - 1}")
+
+
+def check_token_ids(tokens: torch.Tensor, V: int) -> None:
+    """Raise `token_range_error` unless every id of `tokens` (integer, any shape) is in 0 … V − 1. For the
+    paths that index the embedding in torch (on a CUDA device this synchronizes); the C entry points
+    check their ids themselves (`fused.TOKEN_RANGE`) at no cost."""
+    if tokens.numel():
+        lo, hi = torch.aminmax(tokens)
+        if int(lo) < 0 or int(hi) >= V:
+            raise token_range_error(tokens, V)
+
+
+def check_conv_tokens(tokens: torch.Tensor, V: int) -> None:
+    """Raise ValueError unless `tokens` is a (B, L) integer tensor, L ≥ 1, of ids in 0 … V − 1 (conv
+    mode's input: an empty length has no kernel)."""
+    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"tokens must be (B, L) with L ≥ 1, got shape {tuple(tokens.shape)}")
+    check_token_dtype(tokens)
+    check_token_ids(tokens, V)
+
+
 class FeedForward(nn.Module):
     """down(dropout(GELU(up(x)))): (…, H) → (…, H); exact (erf) GELU, both linears with bias. The
     official `ff` layer (state-spaces/s4 src/models/sequence/modules/ffn.py, FFN with expand =
@@ -263,9 +298,13 @@ class SequenceModel(nn.Module):
             self.head.weight = self.embed.weight
 
     def forward(self, tokens: torch.Tensor, ssms: list[SSMFn] | None = None, logits: str = "all"):
-        """tokens (B, L) → logits (B, L, V) in conv mode, at any L (each layer's kernel is computed for
-        the length given); with `ssms`, any leading shape. logits="last": the last position's only,
-        (B, 1, V); "none": None (the final norm and head are not run)."""
+        """tokens (B, L) integer ids in 0 … V − 1, L ≥ 1 → logits (B, L, V) in conv mode, at any L (each
+        layer's kernel is computed for the length given); with `ssms` (the recurrent form's layers), any
+        leading shape, unchecked. logits="last": the last position's only, (B, 1, V); "none": None (the
+        final norm and head are not run). Raises ValueError for another shape, a float or bool tensor,
+        or an id outside the vocabulary."""
+        if ssms is None:
+            check_conv_tokens(tokens, self.config.vocab_size)
         x = self.embed(tokens) * self.config.embed_scale  # (B, L, H)
         for i, block in enumerate(self.blocks):
             x = block(x, None if ssms is None else ssms[i])

@@ -39,6 +39,7 @@ import torch
 from model import fused
 from model.kernel import SSMKernel, discretize
 from model.layer import fft_conv
+from model.network import check_token_dtype, check_token_ids
 
 F64, C64, C128 = torch.float64, torch.complex64, torch.complex128
 # prefill block T (a power of 2): per layer, float32 tables of T rows (μ^t b, c̃ μ^{t+1}, Ā^t B̄, …) and the
@@ -922,7 +923,7 @@ class RecurrentModel:
     def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):
         if tokens.dim() != ndim:
             raise ValueError(f"tokens must have {ndim} dims, got shape {tuple(tokens.shape)}")
-        fused.check_token_dtype(tokens)
+        check_token_dtype(tokens)
         want = (len(self.layers), tokens.shape[0], self.H, 2, self.M)
         if tuple(state.shape) != want or state.dtype != torch.float32:
             raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
@@ -999,7 +1000,7 @@ class RecurrentModel:
         if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
         if self._graphs is not None:
-            fused.check_token_ids(tokens, self.config.vocab_size)
+            check_token_ids(tokens, self.config.vocab_size)
             return self._graphs(tokens, state, out)
         return self._step_eager(tokens, state, out)
 
@@ -1010,7 +1011,7 @@ class RecurrentModel:
             state = state.contiguous()
             new = torch.empty_like(state) if out is None else out
             return self._net_step(tokens, state, new), new  # (the C step checks the ids)
-        fused.check_token_ids(tokens, self.config.vocab_size)
+        check_token_ids(tokens, self.config.vocab_size)
         if self._fused is not None and contiguous_out:
             return self._step_fused(tokens, state, out)
         logits, new = self._step_torch(tokens, state)
@@ -1058,7 +1059,7 @@ class RecurrentModel:
             # to L steps) costs less than the parallel form's fixed cost
             new = state.contiguous().clone()
             return self._net_step.prefill(tokens, new, logits), new  # (the C prefill checks the ids)
-        fused.check_token_ids(tokens, self.config.vocab_size)
+        check_token_ids(tokens, self.config.vocab_size)
         threads = torch.get_num_threads()  # a per-thread setting (OpenMP): other threads keep theirs
         if self.prefill_threads and self.prefill_threads != threads:
             torch.set_num_threads(self.prefill_threads)

@@ -138,3 +138,21 @@ def test_help_lists_every_field_with_its_meaning():
         listed |= set(m.group(1).split(", "))
     assert listed == {f.name for f in fields(ModelConfig)}
     assert "0 < dt_min ≤ dt_max" in doc and "raises ValueError" in doc
+
+
+@pytest.mark.parametrize("arch", ["isotropic", "sashimi"])
+def test_conv_mode_refuses_tokens_it_cannot_embed_naming_the_problem(arch):
+    """Conv mode's input is (B, L) integer ids in 0 … V − 1 with L ≥ 1: a 1-D tensor (a raw IndexError
+    before), an empty length ("kernel length must be positive"), float ids and an id past the vocabulary
+    are ValueErrors saying which (found by a fresh-user trial)."""
+    extra = {"arch": "sashimi", "pool": [4, 4]} if arch == "sashimi" else {}
+    net = build(ModelConfig(vocab_size=64, d_model=16, n_layers=1, d_state=8, l_max=64,
+                            cauchy_backend="torch", **extra))  # fmt: skip
+    for bad, what in ((torch.tensor([1, 2]), r"must be \(B, L\) with L ≥ 1, got shape \(2,\)"),
+                      (torch.zeros(2, 0, dtype=torch.long), r"got shape \(2, 0\)"),
+                      (torch.tensor([[1.0, 2.0]]), "must be integer token ids"),
+                      (torch.tensor([[1, 64]]), r"token id 64 at index \[0, 1\] is outside the vocabulary"),
+                      (torch.tensor([[-1, 3]]), r"token id -1 at index \[0, 0\]")):  # fmt: skip
+        with pytest.raises(ValueError, match=what):
+            net(bad)
+    assert net(torch.tensor([[0, 63, 5]])).shape == (1, 3, 64)

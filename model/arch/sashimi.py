@@ -32,7 +32,7 @@ from torch import nn
 
 from model.kernel import SSMKernel
 from model.layer import S4Layer
-from model.network import FeedForward, ModelConfig, SequenceModel, SSMFn
+from model.network import FeedForward, ModelConfig, SequenceModel, SSMFn, check_conv_tokens
 from model.norms import make_norm
 
 MAX_LEVELS = 4
@@ -236,8 +236,10 @@ class SaShiMi(nn.Module):
     param_groups = SequenceModel.param_groups
 
     def forward(self, tokens: torch.Tensor, ssms: dict[str, SSMFn] | None = None) -> torch.Tensor:
-        """tokens (B, L) long → logits (B, L, V), at any L (each S4 kernel is computed for its level's
-        length). `ssms`: {S4Block name: replacement of its convolution} (e.g. a float64 reference)."""
+        """tokens (B, L) integer ids in 0 … V − 1, L ≥ 1 → logits (B, L, V), at any L (each S4 kernel is
+        computed for its level's length). `ssms`: {S4Block name: replacement of its convolution} (e.g. a
+        float64 reference). Raises ValueError as `SequenceModel.forward` does."""
+        check_conv_tokens(tokens, self.config.vocab_size)
         B, L = tokens.shape
         Lp = -(-L // self.period) * self.period
         x = self.embed(F.pad(tokens, (0, Lp - L))) * self.config.embed_scale  # (B, Lp, H)

@@ -28,6 +28,7 @@ import torch
 
 from model import fused
 from model.arch.sashimi import S4Block, SaShiMi
+from model.network import check_token_dtype, check_token_ids
 from model.recurrent import (
     F64,
     LOGITS_TOL,
@@ -307,7 +308,7 @@ class SaShiMiRecurrent:
     def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):
         if tokens.dim() != ndim:
             raise ValueError(f"tokens must have {ndim} dims, got shape {tuple(tokens.shape)}")
-        fused.check_token_dtype(tokens)
+        check_token_dtype(tokens)
         want = (tokens.shape[0], self.layout.numel)
         if tuple(state.shape) != want or state.dtype != torch.float32:
             raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
@@ -394,7 +395,7 @@ class SaShiMiRecurrent:
             new = state.contiguous().clone() if out is None or not out.is_contiguous() else out.copy_(state)
             logits = self._net_step(tokens, new)  # (the C step checks the ids)
             return logits, new if out is None or new is out else out.copy_(new)
-        fused.check_token_ids(tokens, self.config.vocab_size)
+        check_token_ids(tokens, self.config.vocab_size)
         new = state.contiguous().clone()
         y = self._step_level(0, self._embed(tokens), None, tau, new)
         self.layout.view(new, "phase")[:, 0] = ((tau + 1) % self.period).float()
@@ -478,7 +479,7 @@ class SaShiMiRecurrent:
         the vocabulary or an unknown `logits`."""
         self._check(tokens, state, 2)
         check_logits_kind(logits)
-        fused.check_token_ids(tokens, self.config.vocab_size)
+        check_token_ids(tokens, self.config.vocab_size)
         B, T = tokens.shape
         new = state.contiguous().clone()
         tau = self.phases(new)
