@@ -389,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
     if "--device-cpu" in argv:  # developers only: the whole bench on CPU, without the captures
         argv.remove("--device-cpu")
         device = "cpu"
-    if device == "cuda" and "--replot" not in argv and not torch.cuda.is_available():
+    asks_help = any(a in ("-h", "--help") for a in argv)
+    if device == "cuda" and "--replot" not in argv and not asks_help and not torch.cuda.is_available():
         print(NO_CUDA.format(v=torch.__version__), file=sys.stderr)
         raise SystemExit(1)
     bench_main(argv, __doc__, NAME, lambda quick: run(quick, device), plot)

@@ -208,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         OPTIONS["official"] = argv[i + 1]
         del argv[i : i + 2]
     OPTIONS["official"] = OPTIONS["official"] or os.environ.get("S4_OFFICIAL_DIR")
-    if "--replot" not in argv:
+    if "--replot" not in argv and not any(a in ("-h", "--help") for a in argv):
         if not OPTIONS["official"] or not (Path(OPTIONS["official"]) / "src" / "models").is_dir():
             print("bench.official: skipped (no official state-spaces/s4 checkout: pass --official DIR or set "
                   "S4_OFFICIAL_DIR)")  # fmt: skip

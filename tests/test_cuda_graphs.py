@@ -248,3 +248,18 @@ def test_gpu_check_script_without_cuda_exits_with_one_clear_line():
     assert r.returncode != 0
     lines = (r.stdout + r.stderr).strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gpu-check: no CUDA device"), r.stdout + r.stderr
+
+
+def test_gpu_entry_points_answer_help_and_refuse_unknown_arguments_without_cuda():
+    """--help works without a GPU (it printed the no-CUDA line and exited 1, or 0 with "skipped" for
+    bench.official), and gpu-check refuses an argument it does not know: on a GPU machine a typo, or
+    --help, started the whole ~8-minute run (found by a fresh-user trial)."""
+    env = {**no_cuda_env(), "PYTHON": sys.executable}
+    py = [sys.executable, "-m"]
+    for cmd in ([*py, "bench.gpu", "--help"], [*py, "bench.official", "--help"],
+                [str(ROOT / "scripts/gpu-check"), "--help"]):  # fmt: skip
+        r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+        assert r.returncode == 0 and ("usage" in r.stdout or "scripts/gpu-check [--quick]" in r.stdout), r
+    r = subprocess.run([str(ROOT / "scripts/gpu-check"), "--quik"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60, check=False)  # fmt: skip
+    assert r.returncode == 2 and "unknown argument --quik" in r.stderr
