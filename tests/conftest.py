@@ -29,6 +29,27 @@ def _fused_build():
             assert lib.ssm_prefill_width() == int(widths[-1]), flags
 
 
+VERSES = [
+    "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n",
+    "To be, or not to be, that is the question.\n",
+    "All the world's a stage, and all the men and women merely players.\n",
+]
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory) -> Path:
+    """Four tiny "plays" prepared as model.data does (validation gamma, test delta), for the trainer tests."""
+    from model.data import prepare_text
+
+    tmp = tmp_path_factory.mktemp("plays")
+    src = tmp / "texts"
+    src.mkdir()
+    for i, name in enumerate(["alpha", "beta", "gamma", "delta"]):
+        (src / f"{name}_gut.txt").write_text("".join(VERSES[(i + k) % 3] for k in range(60)))
+    prepare_text(tmp / "data", src, held_out={"val": ["gamma"], "test": ["delta"]})
+    return tmp / "data"
+
+
 def devices() -> list:
     """CPU always; CUDA too when present (marked `cuda`: `pytest -m cuda` selects it)."""
     return ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])

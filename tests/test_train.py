@@ -12,26 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from model import load
-from model.data import prepare_text
 from model.train import TrainConfig, load_config, lr_scale, parse_value, train
 
 ROOT = Path(__file__).resolve().parent.parent
-VERSES = [
-    "Shall I compare thee to a summer's day?\nThou art more lovely and more temperate.\n",
-    "To be, or not to be, that is the question.\n",
-    "All the world's a stage, and all the men and women merely players.\n",
-]
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("plays")
-    src = tmp / "texts"
-    src.mkdir()
-    for i, name in enumerate(["alpha", "beta", "gamma", "delta"]):
-        (src / f"{name}_gut.txt").write_text("".join(VERSES[(i + k) % 3] for k in range(60)))
-    prepare_text(tmp / "data", src, held_out={"val": ["gamma"], "test": ["delta"]})
-    return tmp / "data"
 
 
 def tiny_config(data: Path, out: Path, **train) -> dict:

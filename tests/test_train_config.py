@@ -17,22 +17,10 @@ from pathlib import Path
 import pytest
 
 from model.card import training_command
-from model.data import prepare_text
 from model.train import ConfigError, DataConfig, TrainConfig, load_config, main, train
 
 ROOT = Path(__file__).resolve().parent.parent
 PROG = "python -m model.train: error: "
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("plays")
-    src = tmp / "texts"
-    src.mkdir()
-    for i, name in enumerate(["alpha", "beta", "gamma", "delta"]):
-        (src / f"{name}_gut.txt").write_text(f"Exit, pursued by a bear {i}.\nTo be, or not to be.\n" * 60)
-    prepare_text(tmp / "data", src, held_out={"val": ["gamma"], "test": ["delta"]})
-    return tmp / "data"
 
 
 def tiny_toml(path: Path, data: Path, out: Path, **train) -> Path:
