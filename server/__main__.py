@@ -123,7 +123,11 @@ def preflight(settings: Settings) -> list[str]:
             problems.append(f"checkpoint {entry}: {exc}")
     if usable:
         return []
-    return problems or ["no checkpoint to serve (none of the configured folders exists)"]
+    if problems:
+        return problems
+    if not settings.checkpoints:
+        return ["no checkpoint to serve: S4_CHECKPOINTS (--checkpoints) names none"]
+    return [f"no checkpoint to serve: none of the default folders exists ({', '.join(settings.checkpoints)})"]
 
 
 def convert_cache_problem(settings: Settings) -> str | None:

@@ -273,6 +273,14 @@ def test_a_port_in_use_stops_the_server_before_anything_loads(model_dirs, monkey
     assert "S4_MAX_SESION is not a setting" in caplog.text
 
 
+def test_no_checkpoint_to_serve_says_why(monkeypatch):
+    """An empty S4_CHECKPOINTS is named as such (it said "none of the configured folders exists", though
+    none was configured: a fresh-user trial)."""
+    monkeypatch.setenv("S4_CHECKPOINTS", "")
+    message = _exit_message("--port", str(free_port()))
+    assert "no checkpoint to serve: S4_CHECKPOINTS (--checkpoints) names none" in message, message
+
+
 def test_library_warnings_are_timestamped_log_lines(model_dirs):
     """A warning of the model library (here the fused CPU step's: S4_CFLAGS with unbalanced quotes, so
     the torch ops serve) is a log line of `python -m server`, timestamped like the others, not a bare
