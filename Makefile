@@ -46,9 +46,10 @@ lint: venv
 # test_net_step_half.py).
 OTHER_WIDTH_TESTS := tests/test_native_decode.py tests/test_net_step_half.py tests/test_prefill_c.py \
 	tests/test_prefill_blocks.py tests/test_recurrent.py tests/test_recurrent_dtype.py tests/test_sashimi.py \
-	tests/test_state_isolation.py tests/test_fused_sampling.py tests/test_official_import.py
-OTHER_WIDTH_SKIP := not fft and not matmul and not 4096 and not s4_cflags and not never_loads_keops \
-	and not convert_cli and not bfloat16_tolerance_rejects
+	tests/test_state_isolation.py tests/test_fused_sampling.py \
+	tests/test_official_import.py::test_imported_recurrent_prefill_and_step_equal_the_official_recurrence
+OTHER_WIDTH_SKIP := not fft and not matmul and not 4096 and not s4_cflags and not bfloat16_tolerance_rejects \
+	and not outside_the_vocabulary and not describe_the_batch
 
 test: venv sysdeps lint
 	$(BIN)/python -m pytest -q

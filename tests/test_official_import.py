@@ -9,7 +9,9 @@ step ≤ 1e-5 (float32). Relative error: max |ours − official| / max |official
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import pickle
 import subprocess
@@ -168,11 +170,19 @@ class _Payload:
         return (Path.touch, (self.marker,))
 
 
-def _run_convert(src: Path, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "model.convert", str(src), str(out)],
-        check=False, capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )  # fmt: skip
+def _run_convert(src: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`python -m model.convert SRC OUT EXTRA…` run in this process (model.convert.main): its exit status,
+    stdout and stderr (a subprocess cost ~3 s of imports a call; test_convert_cli_… runs the real one)."""
+    from model.convert import main as convert_main
+
+    argv = [str(src), str(out), *extra]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            rc = convert_main(argv)
+        except SystemExit as exc:  # argparse's own errors
+            rc = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(argv, rc, stdout.getvalue(), stderr.getvalue())
 
 
 def test_a_raw_pickle_is_refused_unread_and_the_converter_exits_non_zero(tmp_path):
@@ -468,16 +478,7 @@ def test_the_converter_exits_2_when_config_is_another_runs(tmp_path, weights, co
     """The trial's case: rank/n_ssm were read from the weights, the transforms from another run's config
     (exit 0, logits 70-85 % off). Now the first option that disagrees is named with both values."""
     other = _yaml_of(config, tmp_path / "other.yaml")
-    cmd = [
-        sys.executable,
-        "-m",
-        "model.convert",
-        str(FIX / weights),
-        str(tmp_path / "out"),
-        "--config",
-        str(other),
-    ]
-    r = subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = _run_convert(FIX / weights, tmp_path / "out", "--config", str(other))
     assert r.returncode == 2, r.stderr
     assert (
         "in the config, but the weights have" in r.stderr and "does not belong to these weights" in r.stderr
@@ -538,10 +539,7 @@ def test_an_existing_output_folder_is_refused_unless_force_and_then_replaced_who
     r = _run_convert(FIX / "s4_bytes.ckpt", out)
     assert r.returncode == 2 and f"{out}: exists and is not empty; --force replaces it" in r.stderr, r.stderr
     assert (out / "model.safetensors").read_bytes() == b"the shipped weights"
-    r = subprocess.run(
-        [sys.executable, "-m", "model.convert", str(FIX / "s4_bytes.ckpt"), str(out), "--force"],
-        check=False, capture_output=True, text=True, cwd=ROOT, timeout=300,
-    )  # fmt: skip
+    r = _run_convert(FIX / "s4_bytes.ckpt", out, "--force")
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     ref = load_file(str(FIX / "s4_bytes.ref.safetensors"))
