@@ -622,15 +622,9 @@ def decode_block(
         or seen.dtype != torch.bool
     ):
         raise ValueError("decode block: state, tok and seen must describe the same rows")
-    for t, dt in (
-        (tok, torch.long),
-        (settings.temperature, torch.float64),
-        (key, torch.long),
-        (counter, torch.long),
-        (limit, torch.long),
-    ):
-        if t.shape != (B,) or t.dtype != dt or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError(f"decode block: expected ({B},) {dt} contiguous CPU tensors")
+    for t in (tok, key, counter, limit):  # (the sampling settings' tensors: settings.check below)
+        if t.shape != (B,) or t.dtype != torch.long or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"decode block: expected ({B},) {torch.long} contiguous CPU tensors")
     if not seen.is_contiguous():
         raise ValueError("decode block: seen must be contiguous")
     settings.check(B, V)
@@ -751,7 +745,7 @@ def sample_rows_full(lib, logits: torch.Tensor, settings: RowSettings, seen, cou
     on the CPU → (B,) int64. Raises MemoryError when the C side cannot allocate its scratch."""
     B, V = logits.shape
     settings.check(B, V)
-    _ptrs(logits, u)  # (checks them)
+    lg, uu = _ptrs(logits, u)  # (checks them)
     if u.shape != (B,):
         raise ValueError(f"u must be ({B},), got {tuple(u.shape)}")
     for name, t, dtype, used in (("seen", seen, torch.bool, settings.penalized),
@@ -760,7 +754,7 @@ def sample_rows_full(lib, logits: torch.Tensor, settings: RowSettings, seen, cou
             raise ValueError(f"{name} must be ({B}, {V}) {dtype} contiguous")
     out = torch.empty(B, dtype=torch.long)
     ptrs = settings.pointers(seen, counts)
-    lg, uu, oo = (ctypes.c_void_p(t.data_ptr()) for t in (logits, u, out))
+    oo = ctypes.c_void_p(out.data_ptr())
     rc = lib.sample_rows_full(ctypes.c_long(B), ctypes.c_long(V), lg, *ptrs, uu, oo)
     if rc != 0:
         raise MemoryError("the C sampler could not allocate its scratch")
@@ -772,7 +766,7 @@ def sample_rows(lib, logits: torch.Tensor, temperature: torch.Tensor, u: torch.T
     temperature is 0): logits (B, V) and u (B,) contiguous float32 CPU, temperature (B,) contiguous
     float64 CPU (finite, ≥ 0: SamplingParams checks it) → (B,) int64."""
     B, V = logits.shape
-    _ptrs(logits, u)  # (checks them)
+    lg, uu = _ptrs(logits, u)  # (checks them)
     if u.shape != (B,) or temperature.shape != (B,):
         shapes = f"{tuple(u.shape)}, {tuple(temperature.shape)}"
         raise ValueError(f"u and temperature must be ({B},), got {shapes}")
@@ -783,7 +777,6 @@ def sample_rows(lib, logits: torch.Tensor, temperature: torch.Tensor, u: torch.T
     ):
         raise ValueError(f"temperature must be contiguous float64 on the CPU, got {temperature.dtype}")
     out = torch.empty(B, dtype=torch.long)
-    lg, uu = _ptrs(logits, u)
     lib.sample_rows(
         ctypes.c_long(B), ctypes.c_long(V), lg, ctypes.c_void_p(temperature.data_ptr()), uu,
         ctypes.c_void_p(out.data_ptr()),

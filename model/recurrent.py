@@ -708,6 +708,22 @@ def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None
 # ---------------------------------------------------------------------------------------------
 
 
+def check_step_inputs(
+    tokens: torch.Tensor, ndim: int, state: torch.Tensor, want: tuple[int, ...], device_type: str
+) -> None:
+    """The recurrent forms' input contract (RecurrentModel, SaShiMiRecurrent): `ndim`-dimensional integer
+    tokens, a float32 state of shape `want`, both on the model's device type. Raises ValueError naming
+    what is wrong (the ids' range is checked where they are embedded)."""
+    if tokens.dim() != ndim:
+        raise ValueError(f"tokens must have {ndim} dims, got shape {tuple(tokens.shape)}")
+    check_token_dtype(tokens)
+    if tuple(state.shape) != want or state.dtype != torch.float32:
+        raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
+    if tokens.device.type != device_type or state.device.type != device_type:
+        raise ValueError(f"tokens ({tokens.device}) and state ({state.device}) must be on the model's "
+                         f"device ({device_type})")  # fmt: skip
+
+
 class RecurrentModel:
     """Frozen recurrent form of a SequenceModel: init_state, parallel prefill, batched step.
 
@@ -921,15 +937,8 @@ class RecurrentModel:
         return torch.zeros(len(self.layers), batch_size, self.H, 2, self.M, device=self.device)
 
     def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):
-        if tokens.dim() != ndim:
-            raise ValueError(f"tokens must have {ndim} dims, got shape {tuple(tokens.shape)}")
-        check_token_dtype(tokens)
-        want = (len(self.layers), tokens.shape[0], self.H, 2, self.M)
-        if tuple(state.shape) != want or state.dtype != torch.float32:
-            raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
-        if tokens.device.type != self._device_type or state.device.type != self._device_type:
-            raise ValueError(f"tokens ({tokens.device}) and state ({state.device}) must be on the model's "
-                             f"device ({self.device})")  # fmt: skip
+        want = (len(self.layers), tokens.shape[0] if tokens.dim() else 0, self.H, 2, self.M)
+        check_step_inputs(tokens, ndim, state, want, self._device_type)
 
     def _pad(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Zero-pad the mode axis of one layer's state up to M (layers may keep fewer modes)."""

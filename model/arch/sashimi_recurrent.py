@@ -28,7 +28,7 @@ import torch
 
 from model import fused
 from model.arch.sashimi import S4Block, SaShiMi
-from model.network import check_token_dtype, check_token_ids
+from model.network import check_token_ids
 from model.recurrent import (
     F64,
     LOGITS_TOL,
@@ -37,6 +37,7 @@ from model.recurrent import (
     StateRangeError,
     VerificationError,
     check_logits_kind,
+    check_step_inputs,
     convert_kernel,
     layernorm_output_bound,
     logits_report,
@@ -306,15 +307,8 @@ class SaShiMiRecurrent:
         return tau.long()
 
     def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):
-        if tokens.dim() != ndim:
-            raise ValueError(f"tokens must have {ndim} dims, got shape {tuple(tokens.shape)}")
-        check_token_dtype(tokens)
-        want = (tokens.shape[0], self.layout.numel)
-        if tuple(state.shape) != want or state.dtype != torch.float32:
-            raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
-        if tokens.device.type != self._device_type or state.device.type != self._device_type:
-            raise ValueError(f"tokens ({tokens.device}) and state ({state.device}) must be on the model's "
-                             f"device ({self.device})")  # fmt: skip
+        want = (tokens.shape[0] if tokens.dim() else 0, self.layout.numel)
+        check_step_inputs(tokens, ndim, state, want, self._device_type)
 
     def _level_phase(self, tau, k: int):
         """Inputs already in DownPool k's buffer (level k's phase) at global phase tau."""
