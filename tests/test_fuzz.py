@@ -92,6 +92,7 @@ class Bystander(threading.Thread):
         super().__init__(daemon=True)
         self.url, self.stop_flag, self.error = url, threading.Event(), None
         self.turns: list[tuple[list[int], int, list[int]]] = []  # (history before, seed, tokens)
+        self.checked = False
 
     def run(self) -> None:
         try:
@@ -110,14 +111,18 @@ class Bystander(threading.Thread):
                         assert r.status_code == 200, r.text
                         self.turns.append((list(history), seed, r.json()["tokens"]))
                         history += self.turns[-1][2]
-                        time.sleep(0.05)  # a steady trickle, not a flood
+                        time.sleep(0.1)  # a steady trickle, not a flood
                     assert c.delete(f"/v1/sessions/{sid}").status_code == 204
         except Exception as exc:  # reported by check()
             self.error = exc
 
     def check(self, model_dir) -> int:
+        """Stop, then compare every turn with the library (once: the test, else its teardown)."""
         self.stop_flag.set()
         self.join(60)
+        if self.checked:
+            return len(self.turns)
+        self.checked = True
         assert self.error is None, self.error
         assert len(self.turns) >= 2
         for i, (history, seed, tokens) in enumerate(self.turns):
@@ -126,12 +131,13 @@ class Bystander(threading.Thread):
         return len(self.turns)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def bystander(fuzz_server, model_dirs):
+    """One per test, generating while that test's fuzzer runs, whatever order the tests run in."""
     b = Bystander(fuzz_server.url)
     b.start()
     yield b
-    b.check(model_dirs["text"])  # also checked by the tests themselves
+    b.check(model_dirs["text"])  # when the test stopped before its own check
 
 
 # --- HTTP: schemathesis -----------------------------------------------------------------------------
@@ -146,7 +152,7 @@ CHECKS = [
 ]
 
 
-def test_api_fuzz_no_5xx_and_responses_match_the_schema(fuzz_server, bystander):
+def test_api_fuzz_no_5xx_and_responses_match_the_schema(fuzz_server, bystander, model_dirs):
     """Every operation of /openapi.json, with schema-valid (positive) and invalid (negative) data."""
     spec = httpx.get(fuzz_server.url + "/openapi.json", headers=HEADERS).json()
     schema = schemathesis.openapi.from_dict(spec)
@@ -174,6 +180,7 @@ def test_api_fuzz_no_5xx_and_responses_match_the_schema(fuzz_server, bystander):
             except (Exception, BaseExceptionGroup) as exc:  # record every operation's failure, then fail
                 failures.append(f"{op.label} ({mode.value}): {type(exc).__name__}: {str(exc)[:2000]}")
     assert httpx.get(fuzz_server.url + "/healthz").status_code == 200
+    turns = bystander.check(model_dirs["text"])
     _write_results(
         "api",
         {
@@ -184,6 +191,7 @@ def test_api_fuzz_no_5xx_and_responses_match_the_schema(fuzz_server, bystander):
             "status_classes": {k: v for k, v in COUNTS["api"].items() if k != "cases"},
             "server_errors_5xx": COUNTS["api"]["5xx"],
             "failures": failures,
+            "bystander_turns_checked": turns,
         },
     )
     assert not failures, "\n\n".join(failures)
