@@ -354,8 +354,12 @@ def bench_main(
     run: Callable[[bool], dict[str, Any]],
     plot: Callable[[dict[str, Any], bool], None],
     child: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    configure: Callable[[argparse.Namespace], bool] | None = None,
 ) -> None:
-    """The CLI shared by the benchmarks: `[--quick] [--replot]`, or `--child SPEC` for a child process."""
+    """The CLI shared by the benchmarks: `[--quick] [--replot]`, or `--child SPEC` for a child process.
+    `arguments(parser)` adds a benchmark's own options (so --help lists them); `configure(args)` reads them
+    before a run and returns False to skip it (having said why)."""
     if child is not None and child_main(argv, child):
         return
     parser = argparse.ArgumentParser(
@@ -363,7 +367,11 @@ def bench_main(
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test), to results/quick/")
     parser.add_argument("--replot", action="store_true", help="redraw the PNG from the existing JSON only")
+    if arguments is not None:
+        arguments(parser)
     args = parser.parse_args(argv)
+    if not args.replot and configure is not None and not configure(args):
+        return
     if args.replot:
         data = read_results(name, args.quick)
         if data is None:

@@ -9,7 +9,7 @@ Both decode greedily: a 1,024-token prompt, then 256 new tokens, at batch 1 and 
 token = prompt ingestion + the first new token's logits; decode tokens/s = batch × new tokens / time.
 The JSON also gives how far the two paths' logits agree and whether they pick the same tokens.
 
-The official code is loaded from a local checkout named by `--official DIR` or S4_OPTIONS["official"] (with
+The official code is loaded from a local checkout named by `--official DIR` or $S4_OFFICIAL_DIR (with
 its own dependencies importable: einops, scipy, rich; hydra and pytorch-lightning are replaced by the
 small stand-ins below); without one the benchmark is skipped with a message.
 
@@ -18,6 +18,7 @@ small stand-ins below); without one the benchmark is skipped with a message.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import importlib
 import importlib.util
@@ -42,7 +43,7 @@ SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
     True: {"H": 32, "n_layers": 2, "N": 16, "V": 256, "l_max": 64, "prompt": 64, "new": 16,
            "batches": [1, 4]},
 }  # fmt: skip
-OPTIONS: dict[str, str | None] = {"official": None}  # set by main() from --official or S4_OPTIONS["official"]
+OPTIONS: dict[str, str | None] = {"official": None}  # set by main() from --official or $S4_OFFICIAL_DIR
 
 
 def _standins() -> None:
@@ -199,25 +200,29 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     )
 
 
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--official", metavar="DIR", help="a state-spaces/s4 checkout (default: $S4_OFFICIAL_DIR)"
+    )
+
+
+def _configure(args: argparse.Namespace) -> bool:
+    """The checkout from --official, else OPTIONS["official"], else $S4_OFFICIAL_DIR; False (skip, with a
+    line saying why) when there is none or the official code's own dependencies are missing."""
+    OPTIONS["official"] = args.official or OPTIONS["official"] or os.environ.get("S4_OFFICIAL_DIR")
+    if not OPTIONS["official"] or not (Path(OPTIONS["official"]) / "src" / "models").is_dir():
+        print("bench.official: skipped (no official state-spaces/s4 checkout: pass --official DIR or set "
+              "S4_OFFICIAL_DIR)")  # fmt: skip
+        return False
+    missing = [m for m in ("einops", "scipy", "rich") if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"bench.official: skipped (the official code needs {', '.join(missing)}: pip install them)")
+        return False
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--official" in argv:
-        i = argv.index("--official")
-        if i + 1 >= len(argv):
-            sys.exit("--official needs a directory")
-        OPTIONS["official"] = argv[i + 1]
-        del argv[i : i + 2]
-    OPTIONS["official"] = OPTIONS["official"] or os.environ.get("S4_OFFICIAL_DIR")
-    if "--replot" not in argv and not any(a in ("-h", "--help") for a in argv):
-        if not OPTIONS["official"] or not (Path(OPTIONS["official"]) / "src" / "models").is_dir():
-            print("bench.official: skipped (no official state-spaces/s4 checkout: pass --official DIR or set "
-                  "S4_OFFICIAL_DIR)")  # fmt: skip
-            return
-        missing = [m for m in ("einops", "scipy", "rich") if importlib.util.find_spec(m) is None]
-        if missing:
-            print(f"bench.official: skipped (the official code needs {', '.join(missing)}: pip install them)")
-            return
-    bench_main(argv, __doc__, NAME, run, plot)
+    bench_main(argv, __doc__, NAME, run, plot, arguments=_arguments, configure=_configure)
 
 
 if __name__ == "__main__":
