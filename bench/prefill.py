@@ -365,11 +365,12 @@ def plot(data: dict[str, Any], quick: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.prefill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 16384])
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--lengths", type=int, nargs="+", help="lengths (default 2048 16384, --quick 200 1000)")
+    p.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8; --quick 1 2)")
+    p.add_argument("--reps", type=int, help="repetitions, best taken (default 3; --quick 2)")
     p.add_argument("--step-max-tokens", type=int, default=16384, help="step only prompts of ≤ this L·B")
-    p.add_argument("--quick", action="store_true", help="2 short lengths, to results/quick/")
+    p.add_argument("--quick", action="store_true",
+                   help="short defaults (--contention, --crossover too), to results/quick/")  # fmt: skip
     p.add_argument("--replot", action="store_true")
     p.add_argument("--append", action="store_true", help="add these rows to the existing JSON (runs < 1 min)")
     p.add_argument("--no-baseline", action="store_true", help="this tree only")
@@ -383,14 +384,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         if data is None:
             p.error("no results to replot")
     else:
-        if args.quick:
-            args.lengths, args.batches, args.reps = [200, 1000], [1, 2], 2
+        defaults = ([200, 1000], [1, 2], 2) if args.quick else ([2048, 16384], [1, 8], 3)  # what is not given
+        args.lengths = args.lengths or defaults[0]
+        args.batches = args.batches or defaults[1]
+        args.reps = defaults[2] if args.reps is None else args.reps
         for v in (*args.lengths, *args.batches, args.reps):
             if not 1 <= v <= 1 << 20:
                 p.error(f"lengths, batches and reps must be in [1, 2^20], got {v}")
         extra = {
-            "contention": contention,
-            "crossover": crossover,
+            "contention": lambda: contention(256, 1) if args.quick else contention(),
+            "crossover": lambda: crossover((32, 128), 2) if args.quick else crossover(),
             "vs_transformer": lambda: versus_transformer(2048, 2) if args.quick else versus_transformer(),
         }
         chosen = [k for k in extra if getattr(args, k)]
