@@ -22,7 +22,8 @@ about T / RTF): compare runs at the same frame_ms; the playout buffer compares a
 
 The checkpoint is a parameter (default checkpoints/audio-digits-s4, the isotropic model: H = 128,
 4 layers, 8 kHz; checkpoints/audio-digits is SaShiMi). On a shared 2-core machine the clients share
-the CPU with the server: read the figures as a lower bound.
+the CPU with the server: read the figures as a lower bound. Another checkpoint's results are written
+beside the default's, as results/audio_streams-DIRNAME.json and .png.
 
     python -m bench.audio_streams [--quick] [--checkpoint DIR] [--streams 1 2 4 ...] [--seconds S]
                                   [--frame-ms MS] [--replot]
@@ -309,7 +310,7 @@ HEADER = ["streams", "samples/s", "≥ real time", "RTF min / median", "jitter p
           "buffer max ms", "first frame p99 ms", "server CPU µs/sample"]  # fmt: skip
 
 
-def plot(data: dict[str, Any], quick: bool) -> None:
+def plot(data: dict[str, Any], quick: bool, name: str = NAME) -> None:
     rows = data["results"]
     ns = [r["streams"] for r in rows]
     fig, (ax, ax2) = subplots(2)
@@ -330,7 +331,7 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     log2_axis(ax2, ns)
     ax2.set(xlabel="concurrent streams", ylabel="ms", title="Inter-frame arrival vs the frame period")
     ax2.legend()
-    save_figure(fig, NAME, quick, title=f"Audio streams over WebSockets: {data['model']}")
+    save_figure(fig, name, quick, title=f"Audio streams over WebSockets: {data['model']}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -350,17 +351,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--frame-ms", type=int, help="frame_ms of each request (default 20; 0: do not send it)"
     )
     args = parser.parse_args(argv)
+    # another checkpoint's figures go beside the default one's, not over them
+    name = (
+        NAME
+        if args.checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve()
+        else f"{NAME}-{args.checkpoint.name}"
+    )
     if args.replot:
-        data = read_results(NAME, args.quick)
+        data = read_results(name, args.quick)
         if data is None:
-            parser.error(f"no {results_dir(args.quick) / NAME}.json to replot")
+            parser.error(f"no {results_dir(args.quick) / name}.json to replot")
     else:
         sz = SIZES[args.quick]
         frame_ms = sz["frame_ms"] if args.frame_ms is None else (args.frame_ms or None)
         streams, seconds = args.streams or sz["streams"], args.seconds or sz["seconds"]
         result = run(args.quick, args.checkpoint, streams, seconds, frame_ms)
-        data = write_results(NAME, result, args.quick)
-    plot(data, args.quick)
+        data = write_results(name, result, args.quick)
+    plot(data, args.quick, name)
     print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER))
     for r in table(data):
         print("| " + " | ".join(r) + " |")
