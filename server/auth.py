@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import json
 
-from server.errors import APIError
+from server.errors import APIError, error_body, is_openai_path
 
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/"})
 EXEMPT_PREFIXES = ("/static/",)
@@ -100,8 +100,8 @@ class APIKeyMiddleware:
             return
         if self.on_refused is not None:
             self.on_refused(scope["type"])
-        err = APIError(401, MESSAGE)
-        body = json.dumps(err.body()).encode()
+        err = APIError(401, MESSAGE)  # OpenAI's shape on the OpenAI routes: invalid_api_key
+        body = json.dumps(error_body(err, scope.get("path", ""))[1]).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -134,10 +134,11 @@ def document_api_keys(app) -> None:
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             }
         )
-        error = {"$ref": "#/components/schemas/ErrorResponse"}  # every API route declares it
         for path, ops in schema["paths"].items():
             if path in EXEMPT_PATHS or path.startswith(EXEMPT_PREFIXES):
                 continue
+            # every API route declares its error model: OpenAI's on the OpenAI routes
+            error = {"$ref": f"#/components/schemas/{'OpenAI' if is_openai_path(path) else ''}ErrorResponse"}
             for op in ops.values():
                 op["security"] = [{"bearer": []}, {"apiKey": []}]
                 op.setdefault("responses", {})["401"] = {

@@ -242,6 +242,27 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 415, 422, 429, 503)}
 
 
+class OpenAIErrorDetail(BaseModel):
+    """OpenAI's error object (server/errors.py `APIError.openai_body`)."""
+
+    message: str
+    type: str = Field(description="invalid_request_error, requests (a 429) or server_error (5xx)")
+    param: str | None = None
+    code: str | None = Field(
+        description="invalid_api_key, model_not_found, rate_limit_exceeded, or null (OpenAI's codes)"
+    )
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail
+
+
+# the OpenAI routes' errors (a refused field is a 400 there, never a 422; 406: an Accept they cannot answer)
+OPENAI_ERROR_RESPONSES = {
+    code: {"model": OpenAIErrorResponse} for code in (400, 404, 406, 413, 415, 429, 503)
+}
+
+
 # --- OpenAI-compatible API (server/routes/openai.py) --------------------------------------------
 # Field by field as platform.openai.com/docs/api-reference documents them; fields we lack are
 # refused by name (unknown fields too: extra="forbid"), never ignored. Extensions as vLLM names them.

@@ -812,3 +812,119 @@ def test_text_offsets_count_characters_and_non_ascii_bytes_are_named(oai):
     ).choices[0]
     assert r.logprobs.tokens == ["bytes:\\xc3"] * 5 and r.text == "\ufffd" * 5  # lone lead bytes
     assert r.logprobs.text_offset == [0, 1, 2, 3, 4]
+
+
+# --- errors in OpenAI's shape -----------------------------------------------------------------------
+
+OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def openai_error(r: httpx.Response) -> dict:
+    """The error object of an OpenAI-route answer, checked to be OpenAI's: exactly message, type, param
+    and code, the code a string or null (never the status)."""
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == OPENAI_ERROR_KEYS, r.text
+    assert body["error"]["code"] is None or isinstance(body["error"]["code"], str), r.text
+    return body["error"]
+
+
+def test_openai_routes_answer_errors_in_openai_s_shape_and_the_client_raises_its_classes(
+    oai, server, monkeypatch
+):
+    """Malformed JSON, a body not sent as JSON, an unknown model, a refused field, a full queue and a
+    body over the limit, on /v1/completions, /v1/chat/completions and /v1/models: OpenAI's error object
+    (type invalid_request_error / requests, code null or OpenAI's string), so the openai client raises
+    BadRequestError, NotFoundError and RateLimitError with `.code` and `.type` set as OpenAI's API sets
+    them. They were our own shape: "type": "bad_request" / "not_found" / "too_many_requests", the code
+    an integer (a fresh-user trial). Our own routes keep theirs."""
+    from server_support import read_until_closed
+
+    from server.errors import over_capacity
+
+    chat = {"model": TEXT, "messages": [{"role": "user", "content": "a"}]}
+    for path, body in (("/v1/completions", {"prompt": "a"}), ("/v1/chat/completions", chat)):
+        r = httpx.post(server.url + path, content=b'{"model": ', headers={"content-type": "application/json"})
+        err = openai_error(r)
+        assert r.status_code == 400 and err["type"] == "invalid_request_error" and err["code"] is None
+        assert err["message"].startswith("malformed JSON"), err
+        r = httpx.post(server.url + path, content=b'{"model": "x"}')  # no content-type: not JSON
+        assert r.status_code == 415 and openai_error(r)["type"] == "invalid_request_error"
+        r = httpx.post(server.url + path, json={**body, "model": "nope"})
+        err = openai_error(r)
+        assert r.status_code == 404 and err["code"] == "model_not_found" and err["param"] == "model", err
+        assert err["type"] == "invalid_request_error"
+    r = httpx.get(server.url + "/v1/models/nope")
+    assert r.status_code == 404 and openai_error(r)["code"] == "model_not_found"
+    for call in (
+        lambda: oai.completions.create(model="nope", prompt="a"),
+        lambda: oai.chat.completions.create(model="nope", messages=chat["messages"]),
+        lambda: oai.models.retrieve("nope"),
+    ):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.code == "model_not_found" and e.value.type == "invalid_request_error"
+        assert e.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=TEXT, prompt="a", temperature=-1)
+    assert e.value.type == "invalid_request_error" and e.value.code is None and e.value.param == "temperature"
+    # a full queue: OpenAI's rate-limit object (type "requests", code rate_limit_exceeded) and Retry-After
+    engine = server.state.models[TEXT].engine
+
+    def full(job):
+        raise over_capacity("the request queue is full (test)", retry_after=2)
+
+    monkeypatch.setattr(engine, "submit", full)
+    with pytest.raises(openai.RateLimitError) as e:
+        oai.completions.create(model=TEXT, prompt="a", max_tokens=2)
+    assert e.value.type == "requests" and e.value.code == "rate_limit_exceeded"
+    assert e.value.response.headers["retry-after"] == "2"
+    r = httpx.post(server.url + "/v1/completions", json={"model": TEXT, "prompt": "a", "stream": True})
+    assert r.status_code == 429 and openai_error(r)["type"] == "requests"
+    monkeypatch.undo()
+    # a body over the limit, refused before the route is reached (server/body_limit.py)
+    import socket
+
+    for path in ("/v1/completions", "/v1/generate"):
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {1 << 40}\r\n\r\n".encode())  # fmt: skip
+            head, _, body = read_until_closed(s).partition(b"\r\n\r\n")
+        assert head.split()[1] == b"413", head
+        err = json.loads(body)["error"]
+        if path == "/v1/completions":
+            assert set(err) == OPENAI_ERROR_KEYS and err["type"] == "invalid_request_error", err
+        else:
+            assert err["code"] == 413 and err["type"] == "request_entity_too_large", err
+    # our own routes keep our shape: the status as `code`, its phrase as `type`
+    r = httpx.post(server.url + "/v1/generate", content=b"{", headers={"content-type": "application/json"})
+    assert (
+        r.status_code == 400
+        and r.json()["error"]["type"] == "bad_request"
+        and r.json()["error"]["code"] == 400
+    )
+    r = httpx.post(server.url + "/v1/generate", json={"model": "nope", "prompt": "a"})
+    assert r.status_code == 404 and r.json()["error"] == {
+        "code": 404, "type": "not_found", "message": r.json()["error"]["message"], "param": "model"
+    }  # fmt: skip
+
+
+def test_openai_error_objects_by_status():
+    """APIError.openai_body for each status the OpenAI routes can answer (a stream's error event too:
+    `data: {"error": …}`, which the openai client raises as APIError)."""
+    from server.errors import APIError, as_openai
+
+    for status, param, kind, code in [
+        (400, None, "invalid_request_error", None),
+        (422, "temperature", "invalid_request_error", None),  # → 400 on these routes
+        (401, None, "invalid_request_error", "invalid_api_key"),
+        (404, "model", "invalid_request_error", "model_not_found"),
+        (406, None, "invalid_request_error", None),
+        (413, "prompt", "invalid_request_error", None),
+        (415, None, "invalid_request_error", None),
+        (429, None, "requests", "rate_limit_exceeded"),
+        (500, None, "server_error", None),
+        (503, None, "server_error", None),
+    ]:
+        err = as_openai(APIError(status, "why", param=param))
+        assert err.status == (400 if status == 422 else status)
+        assert err.openai_body() == {"error": {"message": "why", "type": kind, "param": param, "code": code}}

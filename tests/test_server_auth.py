@@ -14,6 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from server.auth import APIKeys, encode_key_subprotocol
+from server.errors import is_openai_path
 
 TEXT = "tiny-text"
 KEYS = ["alpha-key-1", "b3ta/key+with=odd chars"]
@@ -54,12 +55,29 @@ def test_every_api_route_refuses_a_missing_or_wrong_key_with_the_same_401(keyed)
             r = httpx.request(method, keyed.url + path, headers=headers, json={"model": TEXT, "prompt": "a"})
             assert r.status_code == 401, (method, path, headers, r.status_code)
             assert r.headers["www-authenticate"] == "Bearer"
-            refusals.append(r.json())
-    # one message whatever was wrong: a prober learns nothing about which part failed
-    assert all(body == refusals[0] for body in refusals)
-    assert refusals[0]["error"] == {
-        "code": 401, "type": "unauthorized", "message": "missing or invalid API key", "param": None
-    }  # fmt: skip
+            refusals.append((is_openai_path(path), r.json()))
+    # one message whatever was wrong: a prober learns nothing about which part failed; on the OpenAI
+    # routes in OpenAI's shape (the openai client's AuthenticationError, code invalid_api_key)
+    ours = {"code": 401, "type": "unauthorized", "message": "missing or invalid API key", "param": None}
+    openai_s = {"message": "missing or invalid API key", "type": "invalid_request_error", "param": None,
+                "code": "invalid_api_key"}  # fmt: skip
+    assert {oa for oa, _ in refusals} == {True, False}
+    for oa, body in refusals:
+        assert body == {"error": openai_s if oa else ours}
+
+
+def test_the_openai_client_raises_authentication_error_for_a_wrong_key(keyed):
+    """OpenAI's 401 object: type invalid_request_error, code invalid_api_key (it was our own shape, type
+    "unauthorized" and the integer 401 as code: a fresh-user trial); the right key works."""
+    import openai
+
+    with openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0) as c:
+        for call in (lambda: c.completions.create(model=TEXT, prompt="a", max_tokens=1), c.models.list):
+            with pytest.raises(openai.AuthenticationError) as e:
+                call()
+            assert e.value.code == "invalid_api_key" and e.value.type == "invalid_request_error"
+    with openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEYS[1], max_retries=0) as c:
+        assert c.completions.create(model=TEXT, prompt="a", max_tokens=1).choices[0].finish_reason == "length"
 
 
 def test_the_schema_documents_the_keys_only_when_they_are_on(keyed, server):

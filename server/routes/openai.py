@@ -30,11 +30,11 @@ from fastapi.responses import StreamingResponse
 from model.sampling import SamplingParams
 from server import media
 from server.engine import Failed, Finished, Stream
-from server.errors import invalid
+from server.errors import as_openai, invalid
 from server.registry import ServedModel
 from server.routes.generate import SSE_HEADERS, sse
 from server.schemas import (
-    ERROR_RESPONSES,
+    OPENAI_ERROR_RESPONSES,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -343,7 +343,7 @@ def completion_prompts(
     response_model_exclude_none=False,
     summary="OpenAI completions (text models): every documented field but suffix, plus top_k, min_p, "
     "repetition_penalty",
-    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+    responses={**OPENAI_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
 )
 async def completions(req: CompletionRequest, request: Request):
     st = state_of(request)
@@ -406,7 +406,7 @@ async def _stream_completions(runs, prompts, texts, req: CompletionRequest, head
     extra = {"usage": None} if include_usage else {}
     async for run, items in merged(runs):
         if isinstance(items[-1], Failed):
-            yield sse({"error": items[-1].error.body()["error"]})
+            yield sse(as_openai(items[-1].error).openai_body())
             yield sse("[DONE]")
             return
         piece, final, released = run.advance(items)
@@ -467,7 +467,7 @@ def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> str:
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
     summary="OpenAI chat completions (text models with a chat template in config.json)",
-    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+    responses={**OPENAI_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
 )
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     st = state_of(request)
@@ -524,7 +524,7 @@ async def _stream_chat(runs: list[Run], prompts, logprobs: bool, head: dict, inc
         yield sse({**head, "choices": [choice], **extra})
     async for run, items in merged(runs):
         if isinstance(items[-1], Failed):
-            yield sse({"error": items[-1].error.body()["error"]})
+            yield sse(as_openai(items[-1].error).openai_body())
             yield sse("[DONE]")
             return
         text, final, released = run.advance(items)
@@ -548,7 +548,13 @@ async def _stream_chat(runs: list[Run], prompts, logprobs: bool, head: dict, inc
 # --- GET /v1/models ---------------------------------------------------------------------------------
 
 
-@router.get("/v1/models", tags=["models"], summary="Served models", response_model=ModelList)
+@router.get(
+    "/v1/models",
+    tags=["models"],
+    summary="Served models",
+    response_model=ModelList,
+    responses={503: OPENAI_ERROR_RESPONSES[503]},
+)
 async def models(request: Request) -> dict:
     return {"object": "list", "data": [m.describe() for m in state_of(request).models.values()]}
 
@@ -558,7 +564,7 @@ async def models(request: Request) -> dict:
     tags=["models"],
     summary="One served model",
     response_model=ModelInfo,
-    responses={404: ERROR_RESPONSES[404], 503: ERROR_RESPONSES[503]},
+    responses={404: OPENAI_ERROR_RESPONSES[404], 503: OPENAI_ERROR_RESPONSES[503]},
 )
 async def retrieve_model(model_id: str, request: Request) -> dict:
     return state_of(request).model(model_id).describe()
