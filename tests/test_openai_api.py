@@ -708,6 +708,67 @@ def test_shipped_shakespeare_chat_template_renders_speaker_lines():
     assert "\n\nHam.\n" in sample_text
 
 
+def test_a_reply_sent_back_as_a_message_is_accepted_and_what_it_cannot_carry_is_refused_by_name(chat_server):
+    """`messages.append(reply.choices[0].message.model_dump())`, the openai client's way to continue a
+    conversation, writes every field of OpenAI's reply message, null: refusal, tool_calls,
+    function_call, audio, annotations. That was a 400 ("messages.4.refusal: Extra inputs are not
+    permitted"), and so was an assistant message with content null (a fresh-user trial). Now they are
+    accepted as null (null content: an empty speech) and refused by name when they carry anything."""
+    from server.chat import ChatTemplate
+    from server.schemas import NULL_ONLY_MESSAGE_FIELDS
+
+    s, d = chat_server
+    template = ChatTemplate.from_config(json.loads((d / "config.json").read_text()))
+    with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:
+        reply = c.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=8, seed=3)
+        sent_back = reply.choices[0].message.model_dump()
+        assert set(NULL_ONLY_MESSAGE_FIELDS) <= set(sent_back)  # what openai's reply model carries
+        assert all(sent_back[k] is None for k in NULL_ONLY_MESSAGE_FIELDS)
+        follow_up = {"role": "user", "content": "Who is there?", "name": "Bernardo"}
+        silent = {"role": "assistant", "content": None, "tool_calls": None, "refusal": None}
+        for messages in (MESSAGES + [sent_back, follow_up], MESSAGES + [silent, follow_up]):
+            r = c.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=4, seed=3)
+            rendered = template.render(
+                [{"role": m["role"], "content": m["content"] or "", "name": m.get("name")} for m in messages]
+            )
+            assert r.usage.prompt_tokens == len(rendered.encode()), messages[-2]
+        assert "Hor.\n\n" in rendered  # the empty speech
+        for field, value in [
+            ("refusal", "I cannot."),
+            ("tool_calls", [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
+            ("tool_calls", []),
+            ("function_call", {"name": "f", "arguments": "{}"}),
+            ("audio", {"id": "a"}),
+            ("annotations", []),
+        ]:
+            with pytest.raises(openai.BadRequestError) as e:
+                c.chat.completions.create(
+                    model="tiny-chat", messages=MESSAGES + [{**sent_back, field: value}]
+                )
+            assert e.value.param == f"messages.4.{field}" and field in e.value.message, (field, e.value.body)
+        with pytest.raises(openai.BadRequestError) as e:  # null content: an assistant's only
+            c.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": None}])
+        assert e.value.param == "messages.0.content" and "assistant" in e.value.message
+
+
+def test_a_chat_name_is_openai_s_1_to_64_letters_digits_underscores_or_hyphens(chat_server):
+    """A name went into the play as the speaker's line: "" and "A\n\nHor." were accepted, and the
+    second wrote a whole speaker turn into the prompt (a fresh-user trial). Now OpenAI's rule,
+    ^[a-zA-Z0-9_-]{1,64}$, else a 400 naming the message's name."""
+    s, _ = chat_server
+    with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:
+        for name in ["Bernardo", "a" * 64, "First_Witch-2"]:
+            msg = {"role": "user", "content": "Who's there?", "name": name}
+            r = c.chat.completions.create(model="tiny-chat", messages=[msg], max_tokens=2, seed=1)
+            assert r.usage.prompt_tokens == len(f"{name}.\nWho's there?\n\nHor.\n"), name
+        for name in ["", "A\n\nHor.", "Hor.", "Ber nardo", "a" * 65, "Bérnardo", "A\n", "\tA", "A\x00"]:
+            msg = {"role": "user", "content": "Who's there?", "name": name}
+            with pytest.raises(openai.BadRequestError) as e:
+                c.chat.completions.create(model="tiny-chat", messages=[MESSAGES[0], msg], max_tokens=2)
+            assert e.value.param == "messages.1.name", (name, e.value.body)
+            assert "letters, digits" in e.value.message
+
+
 # --- the code layout -------------------------------------------------------------------------------
 
 

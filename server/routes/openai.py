@@ -445,7 +445,7 @@ def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> str:
         )
     messages = []
     for i, m in enumerate(req.messages):
-        content = m.content
+        content = "" if m.content is None else m.content  # (null: an assistant's empty speech)
         if isinstance(content, list):
             parts = []
             for part in content:
