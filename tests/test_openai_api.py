@@ -708,6 +708,31 @@ def test_shipped_shakespeare_chat_template_renders_speaker_lines():
     assert "\n\nHam.\n" in sample_text
 
 
+def test_logit_bias_keys_are_canonical_decimal_token_ids_on_both_routes(chat_server):
+    """int() read "6_5", " 65", "+65", "065" and Arabic-Indic "٦٥" as token 65, so {"65": 100, "065":
+    -100} resolved by key order, silently (a fresh-user trial). A key is now "0" or ASCII digits without
+    a leading zero; anything else is a 400 naming logit_bias and the key, on completions and chat."""
+    s, _ = chat_server
+    routes = [
+        ("/v1/completions", {"model": TEXT, "prompt": "a"}),
+        ("/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user", "content": "a"}]}),
+    ]
+    for path, body in routes:
+        for bias in [{"0": 1, "65": -100, "255": 100}]:
+            r = post(s, path, {**body, "max_tokens": 2, "logit_bias": bias})
+            assert r.status_code == 200, (path, bias, r.text)
+        for key in ["6_5", " 65", "65 ", "+65", "-0", "065", "00", "٦٥", "６５", "65\n", "1e2", "0x41", ""]:
+            r = post(s, path, {**body, "max_tokens": 2, "logit_bias": {key: 1}})
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["param"] == "logit_bias", (path, key, r.text)
+            assert repr(key) in err["message"] and "not a token id" in err["message"], (key, err)
+        r = post(s, path, {**body, "max_tokens": 2, "logit_bias": {"65": 100, "065": -100}})
+        assert r.status_code == 400 and "'065'" in r.json()["error"]["message"], r.text
+        for key in ["256", "9" * 5000]:
+            r = post(s, path, {**body, "max_tokens": 2, "logit_bias": {key: 1}})
+            assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"], key
+
+
 def test_a_reply_sent_back_as_a_message_is_accepted_and_what_it_cannot_carry_is_refused_by_name(chat_server):
     """`messages.append(reply.choices[0].message.model_dump())`, the openai client's way to continue a
     conversation, writes every field of OpenAI's reply message, null: refusal, tool_calls,

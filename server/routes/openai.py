@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import hashlib
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
@@ -99,18 +100,33 @@ def char_offsets(ids: list[int]) -> list[int]:
 # --- translation: request fields → SamplingParams -------------------------------------------------
 
 
+TOKEN_ID_KEY = re.compile(r"0|[1-9][0-9]*")  # a logit_bias key: a token id in canonical ASCII decimal
+
+
+def logit_bias(model: ServedModel, bias: dict[str, float] | None) -> dict[int, float]:
+    """logit_bias {key: bias} → {token id: bias}. A key is a token id below the vocabulary size written
+    as OpenAI's tokenizer ids are, in ASCII decimal digits without a sign, spaces, underscores or
+    leading zeros ("0", "65"): int() also reads "+65", " 65", "6_5", "065" and "٦٥" as 65, so two
+    keys could name one token and the later would win silently. 400 naming logit_bias and the key."""
+    V = model.config.vocab_size
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        if not TOKEN_ID_KEY.fullmatch(key):
+            raise invalid(
+                "logit_bias",
+                f"logit_bias: key {key[:40]!r} is not a token id: write ids in ASCII decimal digits with no "
+                'sign, space, underscore or leading zero (as "65")',
+            )
+        if len(key) > len(str(V)) or int(key) >= V:  # (the length first: int() of a huge key is slow)
+            raise invalid("logit_bias", f"logit_bias: token id {key[:40]} is outside the vocabulary [0, {V})")
+        out[int(key)] = value
+    return out
+
+
 def sampling(model: ServedModel, req: OpenAISampling, stop: list[str]) -> SamplingParams:
     """The fields both routes share, range-checked against the model (logit_bias ids < vocab)."""
     V = model.config.vocab_size
-    bias: dict[int, float] = {}
-    for key, value in (req.logit_bias or {}).items():
-        try:
-            tok = int(key)
-        except ValueError:
-            raise invalid("logit_bias", f"logit_bias: key {key!r} is not a token id") from None
-        if not 0 <= tok < V:
-            raise invalid("logit_bias", f"logit_bias: token id {tok} is outside the vocabulary [0, {V})")
-        bias[tok] = value
+    bias = logit_bias(model, req.logit_bias)
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options", "stream_options is only allowed with stream=true")
     top_k = 0 if req.top_k in (-1, 0) or req.top_k >= V else req.top_k
