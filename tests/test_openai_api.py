@@ -994,6 +994,40 @@ def test_openai_routes_answer_errors_in_openai_s_shape_and_the_client_raises_its
     }  # fmt: skip
 
 
+def test_the_openai_routes_answer_406_to_an_accept_that_takes_neither_json_nor_the_stream(oai, server):
+    """A stream needs an Accept that takes text/event-stream, or application/json (what the openai client
+    sends with every request, streams too); a plain answer needs application/json. Else a 406 in
+    OpenAI's shape, before anything is generated; streams were answered whatever the Accept."""
+    from server_support import metric
+
+    routes = [
+        ("/v1/completions", {"model": TEXT, "prompt": "A", "max_tokens": 3}),
+        ("/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": "A"}]}),
+    ]
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        body = routes[0][1]
+        for accept in (None, "*/*", "text/event-stream", "text/*", "application/json"):
+            r = c.post("/v1/completions", json={**body, "stream": True}, headers={} if accept is None else
+                       {"Accept": accept})  # fmt: skip
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), accept
+        assert c.post("/v1/completions", json=body, headers={"Accept": "application/json"}).status_code == 200
+        for path, body in routes:
+            if path.endswith("chat/completions"):  # tiny-text has no chat template: its 400 naming
+                body = {**body, "model": TEXT}  # `model` comes after the 406
+            refused = [(True, a) for a in ("audio/wav", "text/plain", "text/event-stream;q=0")]
+            refused += [(False, a) for a in ("text/event-stream", "audio/wav", "text/html")]
+            for stream, accept in refused:
+                before = metric(c, "s4_tokens_generated_total", TEXT)
+                r = c.post(path, json={**body, "stream": stream}, headers={"Accept": accept})
+                err = openai_error(r)
+                assert r.status_code == 406 and err["type"] == "invalid_request_error", (path, accept, r.text)
+                assert accept in err["message"]
+                assert metric(c, "s4_tokens_generated_total", TEXT) == before
+    # the openai client's streams (Accept: application/json) work
+    chunks = list(oai.completions.create(model=TEXT, prompt="A", max_tokens=3, seed=1, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_openai_error_objects_by_status():
     """APIError.openai_body for each status the OpenAI routes can answer (a stream's error event too:
     `data: {"error": …}`, which the openai client raises as APIError)."""

@@ -31,7 +31,7 @@ from fastapi.responses import StreamingResponse
 from model.sampling import SamplingParams
 from server import media
 from server.engine import Failed, Finished, Stream
-from server.errors import as_openai, invalid
+from server.errors import APIError, as_openai, invalid
 from server.registry import ServedModel
 from server.routes.generate import SSE_HEADERS, sse
 from server.schemas import (
@@ -142,6 +142,18 @@ def sampling(model: ServedModel, req: OpenAISampling, stop: list[str]) -> Sampli
         frequency_penalty=req.frequency_penalty,
         min_p=req.min_p,
     )
+
+
+def check_accept(request: Request, stream: bool) -> None:
+    """406 unless the request's Accept takes what the route answers: application/json, or with
+    stream=true text/event-stream (text/*, */* and no Accept take both). A stream is also answered to
+    `Accept: application/json`, which the openai client sends with every request, streams included
+    (OpenAI's API answers it)."""
+    accept = request.headers.get("accept")
+    if media.accepts(accept, "application/json") or (stream and media.accepts(accept, "text/event-stream")):
+        return
+    kinds = "application/json or (stream: true) text/event-stream"
+    raise APIError(406, f"this route answers {kinds}; this request's Accept takes neither: {accept}")
 
 
 def text_model(st: ServerState, model_id: str) -> ServedModel:
@@ -364,6 +376,7 @@ def completion_prompts(
 async def completions(req: CompletionRequest, request: Request):
     st = state_of(request)
     model = text_model(st, req.model)
+    check_accept(request, req.stream)
     if req.suffix is not None:
         raise invalid("suffix", "suffix is not supported: these models only continue a prompt (no infilling)")
     best_of = req.n if req.best_of is None else req.best_of
@@ -488,6 +501,7 @@ def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> str:
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     st = state_of(request)
     model = text_model(st, req.model)
+    check_accept(request, req.stream)
     prompt = chat_prompt(model, req)
     if req.max_tokens is not None and req.max_completion_tokens is not None:
         if req.max_tokens != req.max_completion_tokens:
