@@ -295,6 +295,52 @@ def test_oversized_frame_closes_with_1009_and_the_server_lives(server):
     assert test_cancel_stops_the_generation_and_the_socket_stays_usable(server) is None
 
 
+def test_a_text_message_that_is_not_utf8_closes_with_1007_and_logs_no_traceback(server):
+    """Close 1007 as RFC 6455 says; uvicorn logged each one as an ERROR with a full traceback ("Invalid
+    UTF-8 sequence received from client.", logger.exception), so a client could fill the logs with them
+    (a fresh-user trial). Now: one DEBUG line and s4_connections_closed_total{reason="ws_invalid_utf8"}."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep(logging.DEBUG)
+    loggers = [logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.error", "server")]
+    for lg in loggers:
+        lg.addHandler(keep)
+
+    def closed_for_utf8() -> float:
+        for line in httpx.get(server.url + "/metrics").text.splitlines():
+            if line.startswith('s4_connections_closed_total{reason="ws_invalid_utf8"}'):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError("ws_invalid_utf8")
+
+    async def main(payload: list[bytes]):
+        async with connect(server.ws_url) as ws:
+            if len(payload) == 1:
+                await ws.send(payload[0], text=True)
+            else:  # one message in fragments: the invalid sequence split between two
+                await ws.send(iter(payload), text=True)
+            with pytest.raises(ConnectionClosed) as exc:
+                await ws.recv()
+            return exc.value.rcvd.code if exc.value.rcvd else None
+
+    before = closed_for_utf8()
+    try:
+        for payload in ([b"\xff"], [b'{"type": "session", "model": "\xc3'], [b'{"a": "\xe2\x82', b'"}']):
+            assert asyncio.run(main(payload)) == 1007, payload
+    finally:
+        for lg in loggers:
+            lg.removeHandler(keep)
+    assert closed_for_utf8() - before == 3
+    bad = [r for r in records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not bad, [(r.name, r.levelname, r.getMessage()) for r in bad]
+    assert test_cancel_stops_the_generation_and_the_socket_stays_usable(server) is None
+
+
 def test_audio_prompt_and_output_as_binary_frames(server, model_dirs):
     mu = MuLaw()
     prompt = mu.encode(0.4 * np.sin(np.arange(300) / 5.0)).tolist()
