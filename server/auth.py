@@ -46,7 +46,10 @@ def _decode_key_subprotocol(value: str) -> bytes | None:
 
 
 def presented_keys(scope: dict) -> list[bytes]:
-    """Every key the request carries (headers, and for WebSockets the key subprotocol)."""
+    """Every key the request carries (headers, and for WebSockets the key subprotocol), each without
+    surrounding whitespace, wherever it came from: a header value's is not part of it (HTTP), so a key
+    subprotocol's is not either, and a padded key is accepted alike by both (configured keys are
+    stripped too: server/config.py)."""
     keys: list[bytes] = []
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
@@ -58,7 +61,8 @@ def presented_keys(scope: dict) -> list[bytes]:
     if scope["type"] == "websocket":
         for proto in scope.get("subprotocols", ()):
             if proto.startswith(KEY_SUBPROTOCOL_PREFIX) and (key := _decode_key_subprotocol(proto)):
-                keys.append(key)
+                if key.strip():
+                    keys.append(key.strip())
     return keys
 
 

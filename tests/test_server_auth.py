@@ -164,6 +164,32 @@ def test_websocket_key_by_header_or_by_subprotocol_never_echoed(keyed):
         assert proto == "s4" and len(ids) == 4
 
 
+def test_a_key_with_surrounding_whitespace_is_accepted_alike_by_headers_and_the_subprotocol(keyed):
+    """HTTP takes a header value without its surrounding whitespace, so " KEY " in X-API-Key or after
+    Bearer was accepted, while the same key base64url-encoded in the subprotocol was refused (a
+    fresh-user trial). Both now take the key without surrounding whitespace; one that differs
+    otherwise (an inner space, a missing character) is refused by both."""
+    import socket
+
+    from server_support import read_until_closed
+
+    def status(header: str) -> int:  # (httpx refuses to send a padded header value: a raw request)
+        with socket.create_connection(("127.0.0.1", keyed.port)) as s:
+            s.sendall(f"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{header}\r\n\r\n".encode())
+            return int(read_until_closed(s).split()[1])
+
+    for padded in (f" {KEYS[0]}", f"{KEYS[0]} ", f"\t{KEYS[1]}  "):
+        assert status(f"X-API-Key: {padded}") == 200, padded
+        assert status(f"Authorization: Bearer {padded}") == 200, padded
+        proto, ids = asyncio.run(_open(keyed.ws_url, subprotocols=["s4", encode_key_subprotocol(padded)]))
+        assert proto == "s4" and len(ids) == 4, padded
+    for wrong in (KEYS[0][:-1], KEYS[0][:3] + " " + KEYS[0][3:], " ", ""):
+        assert status(f"X-API-Key: {wrong}") == 401, wrong
+        with pytest.raises(InvalidStatus) as e:
+            asyncio.run(_open(keyed.ws_url, subprotocols=["s4", encode_key_subprotocol(wrong)]))
+        assert e.value.response.status_code == 401, wrong
+
+
 def test_websocket_without_keys_configured_selects_s4_when_offered(server):
     proto, ids = asyncio.run(_open(server.ws_url, subprotocols=["s4"]))
     assert proto == "s4" and len(ids) == 4
