@@ -382,6 +382,85 @@ def test_audio_prompt_and_output_as_binary_frames(server, model_dirs):
     assert err["code"] == 422
 
 
+def test_a_refused_audio_prompt_refuses_its_turn_and_the_frames_after_it(server, client, model_dirs):
+    """Binary frames past max_audio_s got a 413 "(buffer cleared)", but the frames after it were buffered
+    again, so the client's generate ran on the last ~29 s of the refused audio: a turn it never asked
+    for (a fresh-user trial). Now the 413 refuses the whole prompt: the frames up to the next generate
+    or append are discarded, and that message is refused too (413 naming audio), the session unchanged;
+    the socket then serves the next prompt exactly. A malformed frame (odd pcm16 bytes, 422) alike."""
+    from server import service
+
+    limit, _ = service.prompt_limit(server.state, server.state.models[AUDIO])
+    chunk = 60_000  # < the fixture's ws_max_frame_bytes
+    prompt = MuLaw().encode(0.4 * np.sin(np.arange(200) / 4.0)).tolist()
+
+    async def main():
+        out = {}
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "session", "model": AUDIO, "audio_encoding": "mulaw"}))
+            sid = (await frame(ws, "session"))["session_id"]
+            out["tokens0"] = client.get(f"/v1/sessions/{sid}").json()["tokens"]
+            for kind in ("generate", "append"):
+                for _ in range(limit // chunk + 1):  # the last one passes the limit: 413
+                    await ws.send(bytes([7]) * chunk)
+                out[f"over-{kind}"] = json.loads(await ws.recv())
+                for _ in range(3):  # the rest of the client's prompt: discarded, no error frame each
+                    await ws.send(bytes([9]) * chunk)
+                await ws.send(json.dumps({"type": "cancel"}))  # another control message: still refused after
+                out[f"cancel-{kind}"] = json.loads(await ws.recv())
+                extra = {"max_new_tokens": 5, "seed": 1} if kind == "generate" else {}
+                await ws.send(json.dumps({"type": kind, **extra}))
+                out[f"refused-{kind}"] = json.loads(await ws.recv())
+                out[f"tokens-{kind}"] = client.get(f"/v1/sessions/{sid}").json()["tokens"]
+            # usable again: exactly the next prompt, as one-shot generation on it
+            await ws.send(bytes(prompt[:120]))
+            await ws.send(bytes(prompt[120:]))
+            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 8, "seed": 2}))
+            await frame(ws, "audio_header")
+            data = b""
+            while isinstance(m := await ws.recv(), bytes):
+                data += m
+            out["done"], out["data"] = json.loads(m), data
+        return out
+
+    async def malformed():
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "session", "model": AUDIO, "audio_encoding": "pcm16"}))
+            await frame(ws, "session")
+            await ws.send(bytes(400))  # 200 samples
+            await ws.send(b"\x01\x02\x03")  # not whole 2-byte samples: 422, the prompt refused
+            bad = await frame(ws, "error")
+            await ws.send(bytes(400))  # discarded
+            await ws.send(json.dumps({"type": "append"}))
+            refused = await frame(ws, "error")
+            await ws.send(bytes(60))  # 30 samples: the next prompt, alone
+            await ws.send(json.dumps({"type": "append"}))
+            return bad, refused, await frame(ws, "appended")
+
+    bad, refused, appended = asyncio.run(malformed())
+    assert (
+        bad["code"] == 422
+        and "whole 2-byte samples" in bad["message"]
+        and "whole prompt is refused" in bad["message"]
+    )
+    assert refused["code"] == 422 and "this append is refused" in refused["message"]
+    assert appended["usage"] == {"prompt_tokens": 30} and appended["tokens"] == 30
+
+    out = asyncio.run(main())
+    for kind in ("generate", "append"):
+        over, refused = out[f"over-{kind}"], out[f"refused-{kind}"]
+        assert over["type"] == "error" and over["code"] == 413 and over["param"] == "audio", over
+        assert "the whole prompt is refused" in over["message"]
+        assert out[f"cancel-{kind}"]["code"] == 409  # (nothing running)
+        assert refused["type"] == "error" and refused["code"] == 413 and refused["param"] == "audio", refused
+        assert (
+            f"this {kind} is refused" in refused["message"] and "Send the prompt again" in refused["message"]
+        )
+        assert out[f"tokens-{kind}"] == out["tokens0"] == 0  # no hidden turn
+    assert out["done"]["usage"] == {"prompt_tokens": 200, "completion_tokens": 8}
+    assert list(out["data"]) == reference(model_dirs["audio"], prompt, SamplingParams(seed=2), 8)
+
+
 def test_a_slow_reader_pauses_its_session_and_loses_nothing(limited, model_dirs):
     """The limited server's sockets have a 4 KiB send buffer, so a reader that stops reading blocks
     the server's send within a few thousand tokens (fewer bytes a token when the engine's decode
