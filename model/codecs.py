@@ -149,6 +149,17 @@ def _sndfile_message(exc: BaseException) -> str:
     return re.sub(r"<[^<>]* object at 0x[0-9a-fA-F]+>", "the data", msg)
 
 
+class NonFiniteAudio(ValueError):
+    """An audio file holds a sample that is NaN or infinite (a float WAV can): not a sound to read as
+    silence or full scale."""
+
+    def __init__(self, value: float, frame: int, channel: int) -> None:
+        super().__init__(
+            f"the audio data holds a sample that is not a finite number: {float(value)} at frame {frame}, "
+            f"channel {channel} (float samples must be finite)"
+        )
+
+
 def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float | None = None):
     """Audio file bytes (any format libsndfile reads: WAV 8/16/24/32-bit PCM and float, mu-law, FLAC,
     OGG Vorbis/Opus, MP3, ...) → (mono float32 samples in [-1, 1], sample rate in Hz).
@@ -161,8 +172,11 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     that. Decoding goes block by block into one mono buffer of the declared length, so a header
     cannot make it allocate more than that.
 
+    Samples beyond ±1 (a float file's) are clipped; a NaN or infinite one is refused.
+
     Raises ValueError (not an audio file, or a header field out of range: the message names it),
-    or AudioTooLong (a ValueError) for a file longer than `max_seconds`.
+    AudioTooLong (a ValueError) for a file longer than `max_seconds`, or NonFiniteAudio (a ValueError)
+    for a NaN or infinite sample.
     """
     try:
         f = soundfile.SoundFile(io.BytesIO(data))
@@ -184,17 +198,23 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
                 raise AudioTooLong(frames / rate, max_seconds)
         x = np.empty(frames, dtype=np.float32)
         buf = np.empty((min(READ_BLOCK_FRAMES, max(frames, 1)), channels), dtype=np.float32)
-        n = 0
+        n, bad = 0, None
         try:
             while n < frames:
                 got = f.read(dtype="float32", always_2d=True, out=buf[: min(len(buf), frames - n)])
                 if len(got) == 0:  # the data ends before the header said (a truncated file)
                     break
-                x[n : n + len(got)] = got.mean(axis=1)
+                if not np.isfinite(got).all():  # a float file's NaN or ±inf is no sample (it was read as 0)
+                    frame, channel = (int(i) for i in np.argwhere(~np.isfinite(got))[0])
+                    bad = NonFiniteAudio(got[frame, channel], n + frame, channel)
+                    break
+                x[n : n + len(got)] = got.mean(axis=1, dtype=np.float64)  # (float32 sums could overflow)
                 n += len(got)
         except (soundfile.SoundFileError, RuntimeError, ValueError) as exc:
             raise ValueError(f"the audio data cannot be decoded: {_sndfile_message(exc)}") from None
-    x = np.clip(np.nan_to_num(x[:n], nan=0.0), -1.0, 1.0)  # float files may hold NaN, inf or |x| > 1
+    if bad is not None:
+        raise bad
+    x = np.clip(x[:n], -1.0, 1.0)  # float files may hold |x| > 1
     if target_rate is None or target_rate == rate or n == 0:
         return x, target_rate or rate
     return soxr.resample(x, rate, target_rate, quality="HQ").astype(np.float32, copy=False), target_rate

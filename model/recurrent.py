@@ -110,6 +110,18 @@ class StateRangeError(ValueError):
 STATE_BOUND_SLACK = 1.01  # float32 rounding of the step and prefill stays far below 1 % of the bound
 
 
+def float32_str(value: float | torch.Tensor) -> str:
+    """A float32 value in the fewest significant digits, at least 6, that read back as the same float32
+    (at most 9), so two different float32 values never print alike: a state value over its bound was
+    written "-54.2178 ... exceeds 54.2178" with 6 digits."""
+    v = torch.tensor(float(value), dtype=torch.float32)
+    for digits in range(6, 10):
+        text = f"{float(v):.{digits}g}"
+        if torch.tensor(float(text), dtype=torch.float32) == v:
+            break
+    return text
+
+
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-300))
 
@@ -922,8 +934,8 @@ class RecurrentModel:
         if bool(over.any()):
             i, r, h, part, m = over.nonzero()[0].tolist()
             raise StateRangeError(
-                f"state value {float(x[i, r, h, part, m]):.6g} at layer {i}, row {r}, channel {h}, mode {m} "
-                f"exceeds {float(limit[i, 0, h, part, m]):.6g}, the largest this model can reach"
+                f"state value {float32_str(x[i, r, h, part, m])} at layer {i}, row {r}, channel {h}, "
+                f"mode {m} exceeds {float32_str(limit[i, 0, h, part, m])}, the largest this model can reach"
             )
 
     def init_state(self, batch_size: int) -> torch.Tensor:

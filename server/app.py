@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
 from server.body_limit import BodySizeLimit
 from server.config import Settings
-from server.errors import APIError, as_openai, validation_error
+from server.errors import APIError, error_body, validation_error
 from server.routes import demo, generate, health, openai, sessions, websocket
 from server.state import ServerState
 
@@ -31,13 +31,9 @@ log = logging.getLogger("server")
 DOCS_ASSETS = "/static-offline-docs"  # swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js, favicon
 
 
-OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions")  # errors as OpenAI's API gives them
-
-
 def _error_response(err: APIError, request: Request) -> JSONResponse:
-    if request.url.path in OPENAI_ROUTES:
-        err = as_openai(err)
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers())
+    status, body = error_body(err, request.url.path)
+    return JSONResponse(body, status_code=status, headers=err.headers())
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

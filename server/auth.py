@@ -19,7 +19,7 @@ import hashlib
 import hmac
 import json
 
-from server.errors import APIError
+from server.errors import APIError, error_body, is_openai_path
 
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/"})
 EXEMPT_PREFIXES = ("/static/",)
@@ -46,7 +46,10 @@ def _decode_key_subprotocol(value: str) -> bytes | None:
 
 
 def presented_keys(scope: dict) -> list[bytes]:
-    """Every key the request carries (headers, and for WebSockets the key subprotocol)."""
+    """Every key the request carries (headers, and for WebSockets the key subprotocol), each without
+    surrounding whitespace, wherever it came from: a header value's is not part of it (HTTP), so a key
+    subprotocol's is not either, and a padded key is accepted alike by both (configured keys are
+    stripped too: server/config.py)."""
     keys: list[bytes] = []
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
@@ -58,7 +61,8 @@ def presented_keys(scope: dict) -> list[bytes]:
     if scope["type"] == "websocket":
         for proto in scope.get("subprotocols", ()):
             if proto.startswith(KEY_SUBPROTOCOL_PREFIX) and (key := _decode_key_subprotocol(proto)):
-                keys.append(key)
+                if key.strip():
+                    keys.append(key.strip())
     return keys
 
 
@@ -100,8 +104,8 @@ class APIKeyMiddleware:
             return
         if self.on_refused is not None:
             self.on_refused(scope["type"])
-        err = APIError(401, MESSAGE)
-        body = json.dumps(err.body()).encode()
+        err = APIError(401, MESSAGE)  # OpenAI's shape on the OpenAI routes: invalid_api_key
+        body = json.dumps(error_body(err, scope.get("path", ""))[1]).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -134,10 +138,11 @@ def document_api_keys(app) -> None:
                 "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
             }
         )
-        error = {"$ref": "#/components/schemas/ErrorResponse"}  # every API route declares it
         for path, ops in schema["paths"].items():
             if path in EXEMPT_PATHS or path.startswith(EXEMPT_PREFIXES):
                 continue
+            # every API route declares its error model: OpenAI's on the OpenAI routes
+            error = {"$ref": f"#/components/schemas/{'OpenAI' if is_openai_path(path) else ''}ErrorResponse"}
             for op in ops.values():
                 op["security"] = [{"bearer": []}, {"apiKey": []}]
                 op.setdefault("responses", {})["401"] = {

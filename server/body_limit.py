@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 
-from server.errors import too_large
+from server.errors import error_body, too_large
 
 
 class BodyTooLarge(HTTPException):
@@ -44,10 +44,10 @@ def declared_length(scope: dict) -> int | None:
     return None
 
 
-def _response(limit: int, length: int | None) -> tuple[dict, dict]:
+def _response(limit: int, length: int | None, path: str) -> tuple[dict, dict]:
     got = f"{length} bytes" if length is not None else f"more than {limit} bytes"
     err = too_large(f"the request body is {got}; the limit is {limit} bytes (max_body_bytes)")
-    body = json.dumps(err.body()).encode()
+    body = json.dumps(error_body(err, path)[1]).encode()  # OpenAI's shape on the OpenAI routes
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -72,7 +72,7 @@ class BodySizeLimit:
         limit = self.limit_for(scope)
         length = declared_length(scope)
         if length is not None and length > limit:
-            await self._refuse(send, limit, length)
+            await self._refuse(send, limit, length, scope)
             return
         received = 0
         started = refused = False
@@ -87,7 +87,7 @@ class BodySizeLimit:
                 if received > limit:
                     refused = True
                     if not started:
-                        await self._refuse(send, limit, None)
+                        await self._refuse(send, limit, None, scope)
                     raise BodyTooLarge(limit)
             return message
 
@@ -105,9 +105,9 @@ class BodySizeLimit:
             if not refused:
                 raise
 
-    async def _refuse(self, send, limit: int, length: int | None) -> None:
+    async def _refuse(self, send, limit: int, length: int | None, scope: dict) -> None:
         if self.on_refused is not None:
             self.on_refused()
-        start, body = _response(limit, length)
+        start, body = _response(limit, length, scope.get("path", ""))
         await send(start)
         await send(body)

@@ -300,6 +300,22 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
         self.send_deadline.resumed()
         super().connection_lost(exc)
 
+    def send_receive_event_to_app(self) -> None:
+        """A text message that is not UTF-8 closes the socket with 1007 (RFC 6455, 8.1), as uvicorn does,
+        but uvicorn logs it as an ERROR with a traceback (logger.exception), one per connection: a client
+        could fill the logs with them. Here it is one DEBUG line and `s4_connections_closed_total{reason=
+        "ws_invalid_utf8"}`. (The check decodes the message once more; messages are ≤ ws_max_size.)"""
+        if self.curr_msg_data_type == "text" and not self.close_sent:
+            try:
+                b"".join(self.frames).decode()
+            except UnicodeDecodeError as exc:
+                self.frames = []
+                self.guard.count_closed("ws_invalid_utf8")  # (logs the one DEBUG line)
+                self.conn.send_close(1007, f"invalid UTF-8 in a text message: {exc.reason}")
+                self.handle_parser_exception()
+                return
+        super().send_receive_event_to_app()
+
     def _expired(self) -> None:
         self.deadline = None
         if self.handshake_complete or self.transport.is_closing():

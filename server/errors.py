@@ -1,5 +1,12 @@
 """API errors: one exception type carrying the HTTP status, rendered as `{"error": {...}}` by the app
-and as `{"type": "error", "code", "message"}` frames on the WebSocket."""
+and as `{"type": "error", "code", "message"}` frames on the WebSocket.
+
+Two shapes over HTTP. Our own routes: `{"error": {"code": <the status, an int>, "type": <the status's
+phrase, snake_case>, "message", "param"}}`. The OpenAI-compatible routes (`is_openai_path`): OpenAI's
+error object, `{"error": {"message", "type", "param", "code"}}` with OpenAI's types
+(invalid_request_error, requests, server_error) and a string or null `code` (`APIError.openai_body`),
+so the openai client raises the class it raises for OpenAI's own answers (BadRequestError,
+AuthenticationError, NotFoundError, RateLimitError, ...)."""
 
 from __future__ import annotations
 
@@ -16,10 +23,12 @@ class APIError(Exception):
         param: str | None = None,
         retry_after: float | None = None,
         kind: str | None = None,
+        openai_code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.retry_after = status, message, param, retry_after
         self.kind = kind  # the body's `type`, where it is not the status's phrase
+        self.openai_code = openai_code  # OpenAI's `code` (a string), where `openai_body` cannot tell it
 
     @property
     def type(self) -> str:
@@ -36,6 +45,26 @@ class APIError(Exception):
             "error": {"code": self.status, "type": self.type, "message": self.message, "param": self.param}
         }
 
+    def openai_body(self) -> dict:
+        """The error as OpenAI's API writes it: `{"error": {"message", "type", "param", "code"}}`.
+        `type`: "requests" for a 429 (OpenAI's rate limit on requests), "server_error" for a 5xx,
+        else "invalid_request_error". `code`: a string or null, never the status: "invalid_api_key"
+        (401), "model_not_found" (404 naming `model`), "rate_limit_exceeded" (429), or the error's own
+        `openai_code`; null otherwise, as OpenAI's answers to a malformed or out-of-range field."""
+        if self.status == 429:
+            kind = "requests"
+        elif self.status >= 500:
+            kind = "server_error"
+        else:
+            kind = "invalid_request_error"
+        code = self.openai_code
+        if code is None:
+            if self.status == 404 and self.param == "model":
+                code = "model_not_found"
+            else:
+                code = OPENAI_CODES.get(self.status)
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": code}}
+
     def headers(self) -> dict[str, str]:
         return {} if self.retry_after is None else {"Retry-After": str(max(1, round(self.retry_after)))}
 
@@ -48,6 +77,17 @@ class APIError(Exception):
         return out
 
 
+OPENAI_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}  # OpenAI's `code` by status
+
+OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")  # errors as OpenAI's API gives them
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether a request path is one of the OpenAI-compatible routes (`OPENAI_ROUTES`, and
+    /v1/models/{id}), whose errors take OpenAI's shape (`error_body`)."""
+    return path in OPENAI_ROUTES or path.startswith("/v1/models/")
+
+
 def as_openai(err: APIError) -> APIError:
     """The error as OpenAI's API gives it on an OpenAI-compatible route: a request it cannot take is a
     400 of type invalid_request_error there (the openai client raises BadRequestError; vLLM and
@@ -55,8 +95,22 @@ def as_openai(err: APIError) -> APIError:
     if err.status != 422:
         return err
     return APIError(
-        400, err.message, param=err.param, retry_after=err.retry_after, kind="invalid_request_error"
+        400,
+        err.message,
+        param=err.param,
+        retry_after=err.retry_after,
+        kind="invalid_request_error",
+        openai_code=err.openai_code,
     )
+
+
+def error_body(err: APIError, path: str) -> tuple[int, dict]:
+    """(status, JSON body) of `err` answered on `path`: OpenAI's status and shape on the OpenAI routes
+    (`as_openai`, `APIError.openai_body`), ours elsewhere (`APIError.body`)."""
+    if is_openai_path(path):
+        err = as_openai(err)
+        return err.status, err.openai_body()
+    return err.status, err.body()
 
 
 def invalid(param: str, message: str) -> APIError:

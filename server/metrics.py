@@ -33,6 +33,7 @@ CLOSE_REASONS = (
     "ws_handshake_timeout",
     "keep_alive_timeout",
     "send_timeout",
+    "ws_invalid_utf8",
 )
 CONNECTION_REFUSALS = ("max_connections",)
 REQUEST_REFUSALS = ("body_too_large", "headers_too_large")
@@ -123,8 +124,9 @@ class Metrics:
                                       registry=r)  # fmt: skip
         self.connections_closed = Counter("s4_connections_closed", "Connections closed by the server for a "
                                           "deadline: header_timeout, body_timeout, ws_handshake_timeout, "
-                                          "keep_alive_timeout, send_timeout", ["reason"],
-                                          registry=r)  # fmt: skip
+                                          "keep_alive_timeout, send_timeout; or for a WebSocket text "
+                                          "message that is not UTF-8: ws_invalid_utf8 (close 1007)",
+                                          ["reason"], registry=r)  # fmt: skip
         self.connections_refused = Counter("s4_connections_refused", "Connections refused when accepted: "
                                            "max_connections", ["reason"], registry=r)  # fmt: skip
         self.requests_refused = Counter("s4_requests_refused", "Requests refused before routing: "

@@ -6,6 +6,7 @@ OpenAI-compatible routes refuse the fields they do not support, by name, as our 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -15,6 +16,7 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    ValidationInfo,
     ValidatorFunctionWrapHandler,
     WrapValidator,
     field_validator,
@@ -242,6 +244,27 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 415, 422, 429, 503)}
 
 
+class OpenAIErrorDetail(BaseModel):
+    """OpenAI's error object (server/errors.py `APIError.openai_body`)."""
+
+    message: str
+    type: str = Field(description="invalid_request_error, requests (a 429) or server_error (5xx)")
+    param: str | None = None
+    code: str | None = Field(
+        description="invalid_api_key, model_not_found, rate_limit_exceeded, or null (OpenAI's codes)"
+    )
+
+
+class OpenAIErrorResponse(BaseModel):
+    error: OpenAIErrorDetail
+
+
+# the OpenAI routes' errors (a refused field is a 400 there, never a 422; 406: an Accept they cannot answer)
+OPENAI_ERROR_RESPONSES = {
+    code: {"model": OpenAIErrorResponse} for code in (400, 404, 406, 413, 415, 429, 503)
+}
+
+
 # --- OpenAI-compatible API (server/routes/openai.py) --------------------------------------------
 # Field by field as platform.openai.com/docs/api-reference documents them; fields we lack are
 # refused by name (unknown fields too: extra="forbid"), never ignored. Extensions as vLLM names them.
@@ -348,13 +371,74 @@ class CompletionRequest(OpenAISampling):
     suffix: str | None = Field(None, description="not supported (refused)")
 
 
+CHAT_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for a message's `name`
+
+# Fields of OpenAI's reply message (the openai client's ChatCompletionMessage, and the assistant message a
+# client sends back: `messages.append(reply.model_dump())` writes every one, null) that this server never
+# produces: accepted as null, refused naming the field otherwise. The reason each is refused:
+NULL_ONLY_MESSAGE_FIELDS = {
+    "refusal": "this server writes no refusals",
+    "tool_calls": "this server has no tools",
+    "function_call": "this server has no functions",
+    "audio": "this route writes no audio",
+    "annotations": "this server writes no annotations",
+}
+
+
 class ChatMessage(BaseModel):
+    """One message. `content` may be null only for an assistant message (an empty speech), as OpenAI's
+    reply objects carry it; the fields of `NULL_ONLY_MESSAGE_FIELDS` only null."""
+
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str | Annotated[list[dict], Field(min_length=1)], OneOf] = Field(
-        description="text, or a list of {type: text, text} parts"
+    content: Annotated[str | Annotated[list[dict], Field(min_length=1)] | None, OneOf] = Field(
+        description="text, or a list of {type: text, text} parts; null only for role assistant"
     )
-    name: str | None = Field(None, max_length=64, description="the speaker (the template may use it)")
+    name: str | None = Field(
+        None,
+        description="the speaker (the template may use it): 1-64 ASCII letters, digits, _ or - (OpenAI's "
+        "rule), so a name cannot add lines to the prompt",
+        json_schema_extra={"pattern": f"^{CHAT_NAME.pattern}$"},
+    )
+    refusal: None = Field(None, description="null only (" + NULL_ONLY_MESSAGE_FIELDS["refusal"] + ")")
+    tool_calls: None = Field(None, description="null only (" + NULL_ONLY_MESSAGE_FIELDS["tool_calls"] + ")")
+    function_call: None = Field(
+        None, description="null only (" + NULL_ONLY_MESSAGE_FIELDS["function_call"] + ")"
+    )
+    audio: None = Field(None, description="null only (" + NULL_ONLY_MESSAGE_FIELDS["audio"] + ")")
+    annotations: None = Field(None, description="null only (" + NULL_ONLY_MESSAGE_FIELDS["annotations"] + ")")
+
+    @field_validator("content")
+    @classmethod
+    def _null_only_for_the_assistant(cls, v, info: ValidationInfo):
+        if v is None and info.data.get("role", "assistant") != "assistant":
+            raise PydanticCustomError(
+                "content_null", "null content is allowed only in an assistant message; send a string"
+            )
+        return v
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _openai_s_name(cls, v):
+        if isinstance(v, str) and not CHAT_NAME.fullmatch(v):
+            raise PydanticCustomError(
+                "name_pattern",
+                "{value} is not a name: 1-64 ASCII letters, digits, _ or - (OpenAI's rule; no spaces or "
+                "line breaks, which would write other lines into the conversation)",
+                {"value": repr(v[:80])},
+            )
+        return v
+
+    @field_validator(*NULL_ONLY_MESSAGE_FIELDS, mode="before")
+    @classmethod
+    def _null_only(cls, v, info: ValidationInfo):
+        if v is not None:
+            raise PydanticCustomError(
+                "unsupported_field",
+                "{field} is not supported ({why}): only null is accepted, as a reply's model_dump() has it",
+                {"field": info.field_name, "why": NULL_ONLY_MESSAGE_FIELDS[info.field_name]},
+            )
+        return v
 
 
 class ChatCompletionRequest(OpenAISampling):

@@ -258,8 +258,14 @@ def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple
     pending, n_tokens, seen = header["pending"], header["n_tokens"], header["seen"]
     if not (pending is None or (_is_int(pending) and 0 <= pending < V)):
         raise invalid(param, f"{what}: pending token {pending!r} is not a token id")
-    if not _is_int(n_tokens) or not (pending is not None) <= n_tokens <= MAX_STATE_TOKENS:
-        raise invalid(param, f"{what}: token count {n_tokens!r} is not in [0, {MAX_STATE_TOKENS}]")
+    if not _is_int(n_tokens) or not 0 <= n_tokens <= MAX_STATE_TOKENS:
+        raise invalid(param, f"{what}: n_tokens {n_tokens!r} is not a token count in [0, {MAX_STATE_TOKENS}]")
+    if (pending is None) != (n_tokens == 0):  # the state holds every token but the pending (last) one
+        raise invalid(
+            param,
+            f"{what}: n_tokens is {n_tokens} and pending is {pending!r}: a session that holds tokens has a "
+            "pending token (its last one), an empty session (n_tokens 0) has none",
+        )
     if (
         not isinstance(seen, list)
         or len(seen) > V

@@ -256,6 +256,11 @@ def unpack_state(blob: bytes) -> tuple[dict, bytes]:
     shape = header.get("shape")
     if header.get("dtype") != "float32" or not isinstance(shape, list):
         raise StateFormatError("state header must give dtype float32 and a shape")
+    if header.get("byteorder", "little") != "little":  # what every export writes (absent: the same)
+        raise StateFormatError(
+            f"state byteorder {repr(header['byteorder'])[:40]} is not supported: this server reads and "
+            'writes little-endian float32 ("byteorder": "little")'
+        )
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise StateFormatError(f"state shape {shape} is not a list of sizes")
     want = 4

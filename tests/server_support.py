@@ -21,9 +21,9 @@ from model.sampling import SamplingParams, find_stop, sample
 def refusal_status(path: str) -> int:
     """The status of a request the server cannot take on `path`: 400 on the OpenAI routes (as OpenAI's
     API), 422 on ours (server/errors.py `as_openai`)."""
-    from server.app import OPENAI_ROUTES
+    from server.errors import is_openai_path
 
-    return 400 if path in OPENAI_ROUTES else 422
+    return 400 if is_openai_path(path) else 422
 
 
 WS_GENERATE = Path(__file__).resolve().parent.parent / "scripts" / "ws_generate.py"  # the README's client

@@ -19,6 +19,7 @@ from model.codecs import (
     MIN_SAMPLE_RATE,
     AudioTooLong,
     MuLaw,
+    NonFiniteAudio,
     read_audio,
     wav_bytes,
 )
@@ -165,6 +166,26 @@ def test_a_truncated_file_gives_the_samples_it_holds():
     x = tone(440, 8000, 0.5)
     y, _ = read_audio(wav_bytes(x, 8000)[: 44 + 2 * 1000], 8000, 30)
     assert len(y) == 1000 and np.abs(y - x[:1000]).max() < 1e-4
+
+
+@pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_nan_or_infinite_float_sample_is_refused_naming_where(subtype, bad):
+    """Float WAV samples NaN and ±inf were read as silence (nan_to_num) or full scale, silently (a
+    fresh-user trial): a ValueError (NonFiniteAudio) now names the value, the frame and the channel,
+    in any read block. Finite samples beyond ±1 are still clipped."""
+    for frames, at, channels in [(1000, 7, 1), (40_000, 35_000, 2)]:  # the second: past the first block
+        x = np.repeat(tone(440, 8000, frames / 8000)[:, None], channels, axis=1)
+        x[at, channels - 1] = bad
+        buf = io.BytesIO()
+        soundfile.write(buf, x, 8000, format="WAV", subtype=subtype)
+        with pytest.raises(NonFiniteAudio) as e:
+            read_audio(buf.getvalue(), 8000, 30)
+        assert f"{bad} at frame {at}, channel {channels - 1}" in str(e.value)
+        assert str(e.value).startswith("the audio data holds a sample that is not a finite number")
+    loud = encoded(np.array([0.0, 3.0, -3e38, 0.5]), 8000, "WAV", subtype, channels=4)
+    y, _ = read_audio(loud, 8000, 30)  # four equal channels of -3e38 do not overflow the mean
+    assert y.tolist() == [0.0, 1.0, -1.0, 0.5]
 
 
 VALID = [

@@ -708,6 +708,92 @@ def test_shipped_shakespeare_chat_template_renders_speaker_lines():
     assert "\n\nHam.\n" in sample_text
 
 
+def test_logit_bias_keys_are_canonical_decimal_token_ids_on_both_routes(chat_server):
+    """int() read "6_5", " 65", "+65", "065" and Arabic-Indic "٦٥" as token 65, so {"65": 100, "065":
+    -100} resolved by key order, silently (a fresh-user trial). A key is now "0" or ASCII digits without
+    a leading zero; anything else is a 400 naming logit_bias and the key, on completions and chat."""
+    s, _ = chat_server
+    routes = [
+        ("/v1/completions", {"model": TEXT, "prompt": "a"}),
+        ("/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user", "content": "a"}]}),
+    ]
+    for path, body in routes:
+        for bias in [{"0": 1, "65": -100, "255": 100}]:
+            r = post(s, path, {**body, "max_tokens": 2, "logit_bias": bias})
+            assert r.status_code == 200, (path, bias, r.text)
+        for key in ["6_5", " 65", "65 ", "+65", "-0", "065", "00", "٦٥", "６５", "65\n", "1e2", "0x41", ""]:
+            r = post(s, path, {**body, "max_tokens": 2, "logit_bias": {key: 1}})
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["param"] == "logit_bias", (path, key, r.text)
+            assert repr(key) in err["message"] and "not a token id" in err["message"], (key, err)
+        r = post(s, path, {**body, "max_tokens": 2, "logit_bias": {"65": 100, "065": -100}})
+        assert r.status_code == 400 and "'065'" in r.json()["error"]["message"], r.text
+        for key in ["256", "9" * 5000]:
+            r = post(s, path, {**body, "max_tokens": 2, "logit_bias": {key: 1}})
+            assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"], key
+
+
+def test_a_reply_sent_back_as_a_message_is_accepted_and_what_it_cannot_carry_is_refused_by_name(chat_server):
+    """`messages.append(reply.choices[0].message.model_dump())`, the openai client's way to continue a
+    conversation, writes every field of OpenAI's reply message, null: refusal, tool_calls,
+    function_call, audio, annotations. That was a 400 ("messages.4.refusal: Extra inputs are not
+    permitted"), and so was an assistant message with content null (a fresh-user trial). Now they are
+    accepted as null (null content: an empty speech) and refused by name when they carry anything."""
+    from server.chat import ChatTemplate
+    from server.schemas import NULL_ONLY_MESSAGE_FIELDS
+
+    s, d = chat_server
+    template = ChatTemplate.from_config(json.loads((d / "config.json").read_text()))
+    with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:
+        reply = c.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=8, seed=3)
+        sent_back = reply.choices[0].message.model_dump()
+        assert set(NULL_ONLY_MESSAGE_FIELDS) <= set(sent_back)  # what openai's reply model carries
+        assert all(sent_back[k] is None for k in NULL_ONLY_MESSAGE_FIELDS)
+        follow_up = {"role": "user", "content": "Who is there?", "name": "Bernardo"}
+        silent = {"role": "assistant", "content": None, "tool_calls": None, "refusal": None}
+        for messages in (MESSAGES + [sent_back, follow_up], MESSAGES + [silent, follow_up]):
+            r = c.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=4, seed=3)
+            rendered = template.render(
+                [{"role": m["role"], "content": m["content"] or "", "name": m.get("name")} for m in messages]
+            )
+            assert r.usage.prompt_tokens == len(rendered.encode()), messages[-2]
+        assert "Hor.\n\n" in rendered  # the empty speech
+        for field, value in [
+            ("refusal", "I cannot."),
+            ("tool_calls", [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
+            ("tool_calls", []),
+            ("function_call", {"name": "f", "arguments": "{}"}),
+            ("audio", {"id": "a"}),
+            ("annotations", []),
+        ]:
+            with pytest.raises(openai.BadRequestError) as e:
+                c.chat.completions.create(
+                    model="tiny-chat", messages=MESSAGES + [{**sent_back, field: value}]
+                )
+            assert e.value.param == f"messages.4.{field}" and field in e.value.message, (field, e.value.body)
+        with pytest.raises(openai.BadRequestError) as e:  # null content: an assistant's only
+            c.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": None}])
+        assert e.value.param == "messages.0.content" and "assistant" in e.value.message
+
+
+def test_a_chat_name_is_openai_s_1_to_64_letters_digits_underscores_or_hyphens(chat_server):
+    """A name went into the play as the speaker's line: "" and "A\n\nHor." were accepted, and the
+    second wrote a whole speaker turn into the prompt (a fresh-user trial). Now OpenAI's rule,
+    ^[a-zA-Z0-9_-]{1,64}$, else a 400 naming the message's name."""
+    s, _ = chat_server
+    with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:
+        for name in ["Bernardo", "a" * 64, "First_Witch-2"]:
+            msg = {"role": "user", "content": "Who's there?", "name": name}
+            r = c.chat.completions.create(model="tiny-chat", messages=[msg], max_tokens=2, seed=1)
+            assert r.usage.prompt_tokens == len(f"{name}.\nWho's there?\n\nHor.\n"), name
+        for name in ["", "A\n\nHor.", "Hor.", "Ber nardo", "a" * 65, "Bérnardo", "A\n", "\tA", "A\x00"]:
+            msg = {"role": "user", "content": "Who's there?", "name": name}
+            with pytest.raises(openai.BadRequestError) as e:
+                c.chat.completions.create(model="tiny-chat", messages=[MESSAGES[0], msg], max_tokens=2)
+            assert e.value.param == "messages.1.name", (name, e.value.body)
+            assert "letters, digits" in e.value.message
+
+
 # --- the code layout -------------------------------------------------------------------------------
 
 
@@ -812,3 +898,153 @@ def test_text_offsets_count_characters_and_non_ascii_bytes_are_named(oai):
     ).choices[0]
     assert r.logprobs.tokens == ["bytes:\\xc3"] * 5 and r.text == "\ufffd" * 5  # lone lead bytes
     assert r.logprobs.text_offset == [0, 1, 2, 3, 4]
+
+
+# --- errors in OpenAI's shape -----------------------------------------------------------------------
+
+OPENAI_ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def openai_error(r: httpx.Response) -> dict:
+    """The error object of an OpenAI-route answer, checked to be OpenAI's: exactly message, type, param
+    and code, the code a string or null (never the status)."""
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == OPENAI_ERROR_KEYS, r.text
+    assert body["error"]["code"] is None or isinstance(body["error"]["code"], str), r.text
+    return body["error"]
+
+
+def test_openai_routes_answer_errors_in_openai_s_shape_and_the_client_raises_its_classes(
+    oai, server, monkeypatch
+):
+    """Malformed JSON, a body not sent as JSON, an unknown model, a refused field, a full queue and a
+    body over the limit, on /v1/completions, /v1/chat/completions and /v1/models: OpenAI's error object
+    (type invalid_request_error / requests, code null or OpenAI's string), so the openai client raises
+    BadRequestError, NotFoundError and RateLimitError with `.code` and `.type` set as OpenAI's API sets
+    them. They were our own shape: "type": "bad_request" / "not_found" / "too_many_requests", the code
+    an integer (a fresh-user trial). Our own routes keep theirs."""
+    from server_support import read_until_closed
+
+    from server.errors import over_capacity
+
+    chat = {"model": TEXT, "messages": [{"role": "user", "content": "a"}]}
+    for path, body in (("/v1/completions", {"prompt": "a"}), ("/v1/chat/completions", chat)):
+        r = httpx.post(server.url + path, content=b'{"model": ', headers={"content-type": "application/json"})
+        err = openai_error(r)
+        assert r.status_code == 400 and err["type"] == "invalid_request_error" and err["code"] is None
+        assert err["message"].startswith("malformed JSON"), err
+        r = httpx.post(server.url + path, content=b'{"model": "x"}')  # no content-type: not JSON
+        assert r.status_code == 415 and openai_error(r)["type"] == "invalid_request_error"
+        r = httpx.post(server.url + path, json={**body, "model": "nope"})
+        err = openai_error(r)
+        assert r.status_code == 404 and err["code"] == "model_not_found" and err["param"] == "model", err
+        assert err["type"] == "invalid_request_error"
+    r = httpx.get(server.url + "/v1/models/nope")
+    assert r.status_code == 404 and openai_error(r)["code"] == "model_not_found"
+    for call in (
+        lambda: oai.completions.create(model="nope", prompt="a"),
+        lambda: oai.chat.completions.create(model="nope", messages=chat["messages"]),
+        lambda: oai.models.retrieve("nope"),
+    ):
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        assert e.value.code == "model_not_found" and e.value.type == "invalid_request_error"
+        assert e.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=TEXT, prompt="a", temperature=-1)
+    assert e.value.type == "invalid_request_error" and e.value.code is None and e.value.param == "temperature"
+    # a full queue: OpenAI's rate-limit object (type "requests", code rate_limit_exceeded) and Retry-After
+    engine = server.state.models[TEXT].engine
+
+    def full(job):
+        raise over_capacity("the request queue is full (test)", retry_after=2)
+
+    monkeypatch.setattr(engine, "submit", full)
+    with pytest.raises(openai.RateLimitError) as e:
+        oai.completions.create(model=TEXT, prompt="a", max_tokens=2)
+    assert e.value.type == "requests" and e.value.code == "rate_limit_exceeded"
+    assert e.value.response.headers["retry-after"] == "2"
+    r = httpx.post(server.url + "/v1/completions", json={"model": TEXT, "prompt": "a", "stream": True})
+    assert r.status_code == 429 and openai_error(r)["type"] == "requests"
+    monkeypatch.undo()
+    # a body over the limit, refused before the route is reached (server/body_limit.py)
+    import socket
+
+    for path in ("/v1/completions", "/v1/generate"):
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {1 << 40}\r\n\r\n".encode())  # fmt: skip
+            head, _, body = read_until_closed(s).partition(b"\r\n\r\n")
+        assert head.split()[1] == b"413", head
+        err = json.loads(body)["error"]
+        if path == "/v1/completions":
+            assert set(err) == OPENAI_ERROR_KEYS and err["type"] == "invalid_request_error", err
+        else:
+            assert err["code"] == 413 and err["type"] == "request_entity_too_large", err
+    # our own routes keep our shape: the status as `code`, its phrase as `type`
+    r = httpx.post(server.url + "/v1/generate", content=b"{", headers={"content-type": "application/json"})
+    assert (
+        r.status_code == 400
+        and r.json()["error"]["type"] == "bad_request"
+        and r.json()["error"]["code"] == 400
+    )
+    r = httpx.post(server.url + "/v1/generate", json={"model": "nope", "prompt": "a"})
+    assert r.status_code == 404 and r.json()["error"] == {
+        "code": 404, "type": "not_found", "message": r.json()["error"]["message"], "param": "model"
+    }  # fmt: skip
+
+
+def test_the_openai_routes_answer_406_to_an_accept_that_takes_neither_json_nor_the_stream(oai, server):
+    """A stream needs an Accept that takes text/event-stream, or application/json (what the openai client
+    sends with every request, streams too); a plain answer needs application/json. Else a 406 in
+    OpenAI's shape, before anything is generated; streams were answered whatever the Accept."""
+    from server_support import metric
+
+    routes = [
+        ("/v1/completions", {"model": TEXT, "prompt": "A", "max_tokens": 3}),
+        ("/v1/chat/completions", {"model": "x", "messages": [{"role": "user", "content": "A"}]}),
+    ]
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        body = routes[0][1]
+        for accept in (None, "*/*", "text/event-stream", "text/*", "application/json"):
+            r = c.post("/v1/completions", json={**body, "stream": True}, headers={} if accept is None else
+                       {"Accept": accept})  # fmt: skip
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), accept
+        assert c.post("/v1/completions", json=body, headers={"Accept": "application/json"}).status_code == 200
+        for path, body in routes:
+            if path.endswith("chat/completions"):  # tiny-text has no chat template: its 400 naming
+                body = {**body, "model": TEXT}  # `model` comes after the 406
+            refused = [(True, a) for a in ("audio/wav", "text/plain", "text/event-stream;q=0")]
+            refused += [(False, a) for a in ("text/event-stream", "audio/wav", "text/html")]
+            for stream, accept in refused:
+                before = metric(c, "s4_tokens_generated_total", TEXT)
+                r = c.post(path, json={**body, "stream": stream}, headers={"Accept": accept})
+                err = openai_error(r)
+                assert r.status_code == 406 and err["type"] == "invalid_request_error", (path, accept, r.text)
+                assert accept in err["message"]
+                assert metric(c, "s4_tokens_generated_total", TEXT) == before
+    # the openai client's streams (Accept: application/json) work
+    chunks = list(oai.completions.create(model=TEXT, prompt="A", max_tokens=3, seed=1, stream=True))
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_openai_error_objects_by_status():
+    """APIError.openai_body for each status the OpenAI routes can answer (a stream's error event too:
+    `data: {"error": …}`, which the openai client raises as APIError)."""
+    from server.errors import APIError, as_openai
+
+    for status, param, kind, code in [
+        (400, None, "invalid_request_error", None),
+        (422, "temperature", "invalid_request_error", None),  # → 400 on these routes
+        (401, None, "invalid_request_error", "invalid_api_key"),
+        (404, "model", "invalid_request_error", "model_not_found"),
+        (406, None, "invalid_request_error", None),
+        (413, "prompt", "invalid_request_error", None),
+        (415, None, "invalid_request_error", None),
+        (429, None, "requests", "rate_limit_exceeded"),
+        (500, None, "server_error", None),
+        (503, None, "server_error", None),
+    ]:
+        err = as_openai(APIError(status, "why", param=param))
+        assert err.status == (400 if status == 422 else status)
+        assert err.openai_body() == {"error": {"message": "why", "type": kind, "param": param, "code": code}}

@@ -134,3 +134,59 @@ def test_bad_or_long_prompt_audio_is_refused_naming_the_field(client, prompt_aud
     assert " object at 0x" not in err["message"] and "BytesIO" not in err["message"]  # no internals
     r = client.post("/v1/sessions", json={"model": AUDIO, "prompt_audio": b64(prompt_audio)})
     assert r.status_code == status and r.json()["error"]["param"] == "prompt_audio"
+
+
+def test_a_nan_or_infinite_prompt_sample_is_refused_on_every_route_that_takes_audio(client, server):
+    """A float WAV with NaN or ±inf samples was generated from as if they were silence (a fresh-user
+    trial): a 422 naming prompt_audio on /v1/generate, session create and append, and in WebSocket
+    generate and append messages (an error frame; the socket serves on); the session is unchanged.
+    (WebSocket binary frames are pcm16 or mu-law integers: they cannot hold one.)"""
+    x = 0.3 * np.sin(np.arange(800) / 3.0)
+    files = []
+    for bad, subtype in [(float("nan"), "FLOAT"), (float("inf"), "DOUBLE"), (-float("inf"), "FLOAT")]:
+        y = x.copy()
+        y[123] = bad
+        buf = io.BytesIO()
+        soundfile.write(buf, y, 8000, format="WAV", subtype=subtype)
+        files.append(b64(buf.getvalue()))
+
+    def refused(err: dict) -> None:
+        assert err["param"] == "prompt_audio" and "not a finite number" in err["message"], err
+        assert "at frame 123, channel 0" in err["message"], err
+
+    sid = client.post("/v1/sessions", json={"model": AUDIO}).json()["session_id"]
+    tokens = client.get(f"/v1/sessions/{sid}").json()["tokens"]
+    for audio in files:
+        for path, body in [
+            ("/v1/generate", {"model": AUDIO, "prompt_audio": audio, "max_new_tokens": 3}),
+            ("/v1/generate", {"model": AUDIO, "session_id": sid, "prompt_audio": audio, "max_new_tokens": 3}),
+            ("/v1/sessions", {"model": AUDIO, "prompt_audio": audio}),
+            (f"/v1/sessions/{sid}/append", {"prompt_audio": audio}),
+        ]:
+            r = client.post(path, json=body)
+            assert r.status_code == 422, (path, r.text)
+            refused(r.json()["error"])
+    assert client.get(f"/v1/sessions/{sid}").json()["tokens"] == tokens
+
+    async def main() -> list[dict]:
+        out = []
+        async with connect(server.ws_url) as ws:
+            for audio in files:
+                for msg in (
+                    {"type": "generate", "model": AUDIO, "prompt_audio": audio, "max_new_tokens": 3},
+                    {"type": "append", "model": AUDIO, "prompt_audio": audio},
+                ):
+                    await ws.send(json.dumps(msg))
+                    out.append(json.loads(await ws.recv()))
+            await ws.send(json.dumps({"type": "generate", "model": AUDIO, "max_new_tokens": 3, "seed": 1}))
+            while (m := await ws.recv()) and (isinstance(m, bytes) or json.loads(m)["type"] != "done"):
+                pass
+            out.append(json.loads(m))
+        return out
+
+    *errors, done = asyncio.run(main())
+    for err in errors:
+        assert err["type"] == "error" and err["code"] == 422, err
+        refused(err)
+    assert done["type"] == "done" and done["usage"] == {"prompt_tokens": 1, "completion_tokens": 3}
+    client.delete(f"/v1/sessions/{sid}")

@@ -14,6 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from server.auth import APIKeys, encode_key_subprotocol
+from server.errors import is_openai_path
 
 TEXT = "tiny-text"
 KEYS = ["alpha-key-1", "b3ta/key+with=odd chars"]
@@ -54,12 +55,29 @@ def test_every_api_route_refuses_a_missing_or_wrong_key_with_the_same_401(keyed)
             r = httpx.request(method, keyed.url + path, headers=headers, json={"model": TEXT, "prompt": "a"})
             assert r.status_code == 401, (method, path, headers, r.status_code)
             assert r.headers["www-authenticate"] == "Bearer"
-            refusals.append(r.json())
-    # one message whatever was wrong: a prober learns nothing about which part failed
-    assert all(body == refusals[0] for body in refusals)
-    assert refusals[0]["error"] == {
-        "code": 401, "type": "unauthorized", "message": "missing or invalid API key", "param": None
-    }  # fmt: skip
+            refusals.append((is_openai_path(path), r.json()))
+    # one message whatever was wrong: a prober learns nothing about which part failed; on the OpenAI
+    # routes in OpenAI's shape (the openai client's AuthenticationError, code invalid_api_key)
+    ours = {"code": 401, "type": "unauthorized", "message": "missing or invalid API key", "param": None}
+    openai_s = {"message": "missing or invalid API key", "type": "invalid_request_error", "param": None,
+                "code": "invalid_api_key"}  # fmt: skip
+    assert {oa for oa, _ in refusals} == {True, False}
+    for oa, body in refusals:
+        assert body == {"error": openai_s if oa else ours}
+
+
+def test_the_openai_client_raises_authentication_error_for_a_wrong_key(keyed):
+    """OpenAI's 401 object: type invalid_request_error, code invalid_api_key (it was our own shape, type
+    "unauthorized" and the integer 401 as code: a fresh-user trial); the right key works."""
+    import openai
+
+    with openai.OpenAI(base_url=keyed.url + "/v1", api_key="wrong", max_retries=0) as c:
+        for call in (lambda: c.completions.create(model=TEXT, prompt="a", max_tokens=1), c.models.list):
+            with pytest.raises(openai.AuthenticationError) as e:
+                call()
+            assert e.value.code == "invalid_api_key" and e.value.type == "invalid_request_error"
+    with openai.OpenAI(base_url=keyed.url + "/v1", api_key=KEYS[1], max_retries=0) as c:
+        assert c.completions.create(model=TEXT, prompt="a", max_tokens=1).choices[0].finish_reason == "length"
 
 
 def test_the_schema_documents_the_keys_only_when_they_are_on(keyed, server):
@@ -144,6 +162,32 @@ def test_websocket_key_by_header_or_by_subprotocol_never_echoed(keyed):
     for key in KEYS:  # the second key has characters a subprotocol token cannot hold: base64url carries it
         proto, ids = asyncio.run(_open(keyed.ws_url, subprotocols=["s4", encode_key_subprotocol(key)]))
         assert proto == "s4" and len(ids) == 4
+
+
+def test_a_key_with_surrounding_whitespace_is_accepted_alike_by_headers_and_the_subprotocol(keyed):
+    """HTTP takes a header value without its surrounding whitespace, so " KEY " in X-API-Key or after
+    Bearer was accepted, while the same key base64url-encoded in the subprotocol was refused (a
+    fresh-user trial). Both now take the key without surrounding whitespace; one that differs
+    otherwise (an inner space, a missing character) is refused by both."""
+    import socket
+
+    from server_support import read_until_closed
+
+    def status(header: str) -> int:  # (httpx refuses to send a padded header value: a raw request)
+        with socket.create_connection(("127.0.0.1", keyed.port)) as s:
+            s.sendall(f"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{header}\r\n\r\n".encode())
+            return int(read_until_closed(s).split()[1])
+
+    for padded in (f" {KEYS[0]}", f"{KEYS[0]} ", f"\t{KEYS[1]}  "):
+        assert status(f"X-API-Key: {padded}") == 200, padded
+        assert status(f"Authorization: Bearer {padded}") == 200, padded
+        proto, ids = asyncio.run(_open(keyed.ws_url, subprotocols=["s4", encode_key_subprotocol(padded)]))
+        assert proto == "s4" and len(ids) == 4, padded
+    for wrong in (KEYS[0][:-1], KEYS[0][:3] + " " + KEYS[0][3:], " ", ""):
+        assert status(f"X-API-Key: {wrong}") == 401, wrong
+        with pytest.raises(InvalidStatus) as e:
+            asyncio.run(_open(keyed.ws_url, subprotocols=["s4", encode_key_subprotocol(wrong)]))
+        assert e.value.response.status_code == 401, wrong
 
 
 def test_websocket_without_keys_configured_selects_s4_when_offered(server):

@@ -309,8 +309,8 @@ def test_websocket_compression_is_off_unless_configured(limited):
 
 def test_websocket_audio_frames_are_counted_before_they_are_converted(server):
     """Binary frames of samples are at most the audio prompt limit together: a frame that would pass
-    it is refused (413 naming audio, buffer cleared) by its length, unconverted; exactly the limit is
-    accepted."""
+    it is refused (413 naming audio, buffer cleared) by its length, unconverted, and with it the
+    append that would have used that prompt (tests/test_server_ws.py); exactly the limit is accepted."""
     from websockets.asyncio.client import connect
 
     from server import service
@@ -334,14 +334,17 @@ def test_websocket_audio_frames_are_counted_before_they_are_converted(server):
                 await ws.send(bytes(n))
             await ws.send(bytes(1))  # one over: refused, and the buffer is cleared
             out.append(await reply("error"))
+            await ws.send(json.dumps({"type": "append"}))  # the append of the refused prompt: refused
+            out.append(await reply("appended"))
             for n in frames:
                 await ws.send(bytes(n))
             await ws.send(json.dumps({"type": "append"}))
             out.append(await reply("appended"))
         return out
 
-    over, appended = asyncio.run(main())
+    over, refused, appended = asyncio.run(main())
     assert over["code"] == 413 and over["param"] == "audio"
+    assert refused["type"] == "error" and refused["code"] == 413 and refused["param"] == "audio"
     assert appended["type"] == "appended" and appended["usage"]["prompt_tokens"] == limit
 
 

@@ -189,9 +189,34 @@ def test_the_accept_header_is_negotiated_and_a_type_the_route_cannot_give_is_406
             assert metric(client, "s4_tokens_generated_total", body["model"]) == before  # nothing generated
         else:
             assert r.status_code == 200 and r.headers["content-type"].startswith(want), (accept, r.headers)
-    # a stream answers text/event-stream whatever the Accept
-    r = client.post("/v1/generate", json={**text, "stream": True}, headers={"Accept": "application/json"})
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+
+
+def test_a_stream_is_406_unless_accept_takes_text_event_stream(client):
+    """stream: true answers Server-Sent Events, so an Accept that does not take text/event-stream (or
+    text/*, */*; no Accept takes anything) is a 406 before anything is generated, for both kinds of
+    model. It was streamed whatever the Accept, `audio/wav` included (a fresh-user trial)."""
+    for body in (
+        {"model": TEXT, "prompt": "A", "max_new_tokens": 3, "seed": 1, "stream": True},
+        {"model": AUDIO, "max_new_tokens": 3, "seed": 1, "stream": True},
+    ):
+        for accept in (
+            None,
+            "*/*",
+            "text/event-stream",
+            "text/*",
+            "application/json;q=0.5, text/event-stream",
+        ):
+            headers = {} if accept is None else {"Accept": accept}
+            r = client.post("/v1/generate", json=body, headers=headers)
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), accept
+        for accept in ("audio/wav", "audio/*", "application/json", "text/plain", "text/event-stream;q=0"):
+            before = metric(client, "s4_tokens_generated_total", body["model"])
+            r = client.post("/v1/generate", json=body, headers={"Accept": accept})
+            assert r.status_code == 406, (body["model"], accept, r.text)
+            assert (
+                "text/event-stream" in r.json()["error"]["message"] and accept in r.json()["error"]["message"]
+            )
+            assert metric(client, "s4_tokens_generated_total", body["model"]) == before  # nothing generated
 
 
 def test_metrics_expose_latency_histograms_and_gauges(client):

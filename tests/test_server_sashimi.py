@@ -222,6 +222,28 @@ def test_check_state_accepts_every_reachable_state_and_refuses_by_part(sashimi_d
             rec.check_state(state[:, :-1])
 
 
+def test_a_sashimi_value_just_over_its_bound_prints_digits_that_tell_the_two_apart():
+    """ "-54.2178 in center.0.x[...] exceeds 54.2178" (a fresh-user trial): each number is now written in
+    the fewest digits that read back as its float32."""
+    from test_state_isolation import bound_message_numbers
+
+    from model.recurrent import STATE_BOUND_SLACK
+
+    torch.manual_seed(0)
+    rec = build(ModelConfig(**{**SHAPE, "vocab_size": 32, "kernel": "s4d"})).to_recurrent()
+    limit = (rec.state_bound() * STATE_BOUND_SLACK).float()
+    slot = next(v for k, v in rec.layout.slots.items() if k.endswith(".x"))  # an SSM state
+    i = slot.offset + 3
+    x = rec.init_state(1)
+    over = torch.nextafter(limit[i], torch.tensor(float("inf")))
+    x[0, i] = -over
+    with pytest.raises(StateRangeError) as err:
+        rec.check_state(x)
+    value, bound = bound_message_numbers(str(err.value))
+    assert value != "-" + bound, str(err.value)
+    assert torch.tensor(float(value)) == -over and torch.tensor(float(bound)) == limit[i]
+
+
 def test_a_format_version_1_export_of_an_isotropic_model_still_imports(client):
     """Exports written before SaShiMi (version 1, no arch) import into the same isotropic model and
     continue exactly like the session they came from."""

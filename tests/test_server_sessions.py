@@ -140,6 +140,63 @@ def test_an_import_missing_any_header_field_is_a_422_naming_it_and_holds_no_slot
     assert (pool.in_use, server.state.sessions.count(TEXT)) == (in_use, sessions)
 
 
+def test_an_import_refuses_a_header_that_contradicts_itself_or_the_payload(client, server):
+    """n_tokens and pending must agree (a session with tokens has a pending token, its last; an empty
+    one none): `n_tokens: 0` with a pending token said "token count 0 is not in [0, 9007199254740991]",
+    and `pending: null` with n_tokens 15 was imported, and every generate on it then failed ("prompt is
+    empty and there is no session input to continue from"). A byteorder other than the little-endian
+    the payload is in was accepted and ignored. Each is now a 422 naming `state` that says which field;
+    a refused import holds no slot. (Found by a fresh-user trial.)"""
+    sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "to be, or not"}).json()["session_id"]
+    header, raw = unpack_state(client.get(f"/v1/sessions/{sid}/export").content)
+    assert header["n_tokens"] == 13 and header["pending"] == ord("t") and header["byteorder"] == "little"
+    engine = server.state.models[TEXT].engine
+    in_use = engine.pool.in_use
+    for change, words in [
+        ({"n_tokens": 0}, "n_tokens is 0 and pending is 116"),
+        ({"pending": None}, "n_tokens is 13 and pending is None"),
+        ({"n_tokens": 0, "pending": 0}, "n_tokens is 0 and pending is 0"),
+        ({"n_tokens": -1}, "n_tokens -1 is not a token count"),
+        ({"byteorder": "big"}, "byteorder 'big' is not supported"),
+        ({"byteorder": None}, "byteorder None is not supported"),
+    ]:
+        r = client.post("/v1/sessions/import", content=pack_state({**header, **change}, raw))
+        assert r.status_code == 422 and r.json()["error"]["param"] == "state", (change, r.text)
+        assert words in r.json()["error"]["message"], (change, r.text)
+        assert "not in [0" not in r.json()["error"]["message"]
+    assert engine.pool.in_use == in_use
+    # the consistent ones import: this header, an empty session's (n_tokens 0, pending null)
+    empty = client.post("/v1/sessions", json={"model": TEXT}).json()["session_id"]
+    for blob in (pack_state(header, raw), client.get(f"/v1/sessions/{empty}/export").content):
+        r = client.post("/v1/sessions/import", content=blob)
+        assert r.status_code == 201, r.text
+        client.delete(f"/v1/sessions/{r.json()['session_id']}")
+    for s in (sid, empty):
+        client.delete(f"/v1/sessions/{s}")
+
+
+def test_an_import_is_sent_as_octet_stream_or_untyped_else_415(client):
+    """The body is the exported binary: content-type application/octet-stream (or none, as httpx's
+    content= sends it). application/json, a form (curl --data-binary without -H) or text is a 415, as
+    the route's OpenAPI lists; it was imported whatever the type (a fresh-user trial)."""
+    sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "a"}).json()["session_id"]
+    blob = client.get(f"/v1/sessions/{sid}/export").content
+    for ctype in ("application/json", "application/x-www-form-urlencoded", "text/plain", "audio/wav"):
+        r = client.post("/v1/sessions/import", content=blob, headers={"content-type": ctype})
+        assert r.status_code == 415, (ctype, r.text)
+        assert f"content-type: {ctype}" in r.json()["error"]["message"]
+        assert "application/octet-stream" in r.json()["error"]["message"]
+    for headers in (
+        {},
+        {"content-type": "application/octet-stream"},
+        {"content-type": "Application/Octet-Stream; x=1"},
+    ):
+        r = client.post("/v1/sessions/import", content=blob, headers=headers)
+        assert r.status_code == 201, (headers, r.text)
+        client.delete(f"/v1/sessions/{r.json()['session_id']}")
+    client.delete(f"/v1/sessions/{sid}")
+
+
 def test_an_import_names_the_first_cause_an_arch_before_the_weights(client):
     """A state of another arch under this model's name (another arch means other weights too) is refused
     for its arch, the more telling cause, not for its fingerprint."""

@@ -295,6 +295,52 @@ def test_oversized_frame_closes_with_1009_and_the_server_lives(server):
     assert test_cancel_stops_the_generation_and_the_socket_stays_usable(server) is None
 
 
+def test_a_text_message_that_is_not_utf8_closes_with_1007_and_logs_no_traceback(server):
+    """Close 1007 as RFC 6455 says; uvicorn logged each one as an ERROR with a full traceback ("Invalid
+    UTF-8 sequence received from client.", logger.exception), so a client could fill the logs with them
+    (a fresh-user trial). Now: one DEBUG line and s4_connections_closed_total{reason="ws_invalid_utf8"}."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep(logging.DEBUG)
+    loggers = [logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.error", "server")]
+    for lg in loggers:
+        lg.addHandler(keep)
+
+    def closed_for_utf8() -> float:
+        for line in httpx.get(server.url + "/metrics").text.splitlines():
+            if line.startswith('s4_connections_closed_total{reason="ws_invalid_utf8"}'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0  # (no such series: nothing counted)
+
+    async def main(payload: list[bytes]):
+        async with connect(server.ws_url) as ws:
+            if len(payload) == 1:
+                await ws.send(payload[0], text=True)
+            else:  # one message in fragments: the invalid sequence split between two
+                await ws.send(iter(payload), text=True)
+            with pytest.raises(ConnectionClosed) as exc:
+                await ws.recv()
+            return exc.value.rcvd.code if exc.value.rcvd else None
+
+    before = closed_for_utf8()
+    try:
+        for payload in ([b"\xff"], [b'{"type": "session", "model": "\xc3'], [b'{"a": "\xe2\x82', b'"}']):
+            assert asyncio.run(main(payload)) == 1007, payload
+    finally:
+        for lg in loggers:
+            lg.removeHandler(keep)
+    bad = [r for r in records if r.levelno >= logging.WARNING or r.exc_info]
+    assert not bad, [(r.name, r.levelname, r.getMessage()) for r in bad]
+    assert closed_for_utf8() - before == 3
+    assert test_cancel_stops_the_generation_and_the_socket_stays_usable(server) is None
+
+
 def test_audio_prompt_and_output_as_binary_frames(server, model_dirs):
     mu = MuLaw()
     prompt = mu.encode(0.4 * np.sin(np.arange(300) / 5.0)).tolist()
@@ -334,6 +380,85 @@ def test_audio_prompt_and_output_as_binary_frames(server, model_dirs):
     want2 = reference(model_dirs["audio"], prompt + want, SamplingParams(seed=4), 20)
     assert pcm == to_pcm16(mu.decode(want2))
     assert err["code"] == 422
+
+
+def test_a_refused_audio_prompt_refuses_its_turn_and_the_frames_after_it(server, client, model_dirs):
+    """Binary frames past max_audio_s got a 413 "(buffer cleared)", but the frames after it were buffered
+    again, so the client's generate ran on the last ~29 s of the refused audio: a turn it never asked
+    for (a fresh-user trial). Now the 413 refuses the whole prompt: the frames up to the next generate
+    or append are discarded, and that message is refused too (413 naming audio), the session unchanged;
+    the socket then serves the next prompt exactly. A malformed frame (odd pcm16 bytes, 422) alike."""
+    from server import service
+
+    limit, _ = service.prompt_limit(server.state, server.state.models[AUDIO])
+    chunk = 60_000  # < the fixture's ws_max_frame_bytes
+    prompt = MuLaw().encode(0.4 * np.sin(np.arange(200) / 4.0)).tolist()
+
+    async def main():
+        out = {}
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "session", "model": AUDIO, "audio_encoding": "mulaw"}))
+            sid = (await frame(ws, "session"))["session_id"]
+            out["tokens0"] = client.get(f"/v1/sessions/{sid}").json()["tokens"]
+            for kind in ("generate", "append"):
+                for _ in range(limit // chunk + 1):  # the last one passes the limit: 413
+                    await ws.send(bytes([7]) * chunk)
+                out[f"over-{kind}"] = json.loads(await ws.recv())
+                for _ in range(3):  # the rest of the client's prompt: discarded, no error frame each
+                    await ws.send(bytes([9]) * chunk)
+                await ws.send(json.dumps({"type": "cancel"}))  # another control message: still refused after
+                out[f"cancel-{kind}"] = json.loads(await ws.recv())
+                extra = {"max_new_tokens": 5, "seed": 1} if kind == "generate" else {}
+                await ws.send(json.dumps({"type": kind, **extra}))
+                out[f"refused-{kind}"] = json.loads(await ws.recv())
+                out[f"tokens-{kind}"] = client.get(f"/v1/sessions/{sid}").json()["tokens"]
+            # usable again: exactly the next prompt, as one-shot generation on it
+            await ws.send(bytes(prompt[:120]))
+            await ws.send(bytes(prompt[120:]))
+            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 8, "seed": 2}))
+            await frame(ws, "audio_header")
+            data = b""
+            while isinstance(m := await ws.recv(), bytes):
+                data += m
+            out["done"], out["data"] = json.loads(m), data
+        return out
+
+    async def malformed():
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "session", "model": AUDIO, "audio_encoding": "pcm16"}))
+            await frame(ws, "session")
+            await ws.send(bytes(400))  # 200 samples
+            await ws.send(b"\x01\x02\x03")  # not whole 2-byte samples: 422, the prompt refused
+            bad = await frame(ws, "error")
+            await ws.send(bytes(400))  # discarded
+            await ws.send(json.dumps({"type": "append"}))
+            refused = await frame(ws, "error")
+            await ws.send(bytes(60))  # 30 samples: the next prompt, alone
+            await ws.send(json.dumps({"type": "append"}))
+            return bad, refused, await frame(ws, "appended")
+
+    bad, refused, appended = asyncio.run(malformed())
+    assert (
+        bad["code"] == 422
+        and "whole 2-byte samples" in bad["message"]
+        and "whole prompt is refused" in bad["message"]
+    )
+    assert refused["code"] == 422 and "this append is refused" in refused["message"]
+    assert appended["usage"] == {"prompt_tokens": 30} and appended["tokens"] == 30
+
+    out = asyncio.run(main())
+    for kind in ("generate", "append"):
+        over, refused = out[f"over-{kind}"], out[f"refused-{kind}"]
+        assert over["type"] == "error" and over["code"] == 413 and over["param"] == "audio", over
+        assert "the whole prompt is refused" in over["message"]
+        assert out[f"cancel-{kind}"]["code"] == 409  # (nothing running)
+        assert refused["type"] == "error" and refused["code"] == 413 and refused["param"] == "audio", refused
+        assert (
+            f"this {kind} is refused" in refused["message"] and "Send the prompt again" in refused["message"]
+        )
+        assert out[f"tokens-{kind}"] == out["tokens0"] == 0  # no hidden turn
+    assert out["done"]["usage"] == {"prompt_tokens": 200, "completion_tokens": 8}
+    assert list(out["data"]) == reference(model_dirs["audio"], prompt, SamplingParams(seed=2), 8)
 
 
 def test_a_slow_reader_pauses_its_session_and_loses_nothing(limited, model_dirs):

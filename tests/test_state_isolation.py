@@ -181,6 +181,30 @@ def test_check_state_refuses_non_finite_and_out_of_range_values_naming_the_entry
         rec.check_state(x[:, :, :, :, :-1])
 
 
+def bound_message_numbers(message: str) -> tuple[str, str]:
+    """The value and the bound as a StateRangeError's "state value V … exceeds B, …" writes them."""
+    import re
+
+    m = re.search(r"state value (\S+) .* exceeds (\S+), the largest", message)
+    assert m, message
+    return m.group(1), m.group(2)
+
+
+def test_a_value_just_over_its_bound_prints_digits_that_tell_the_two_apart(recs):
+    """A value one float32 step past its bound was written "-54.2178 ... exceeds 54.2178" (6 digits);
+    the message now gives each number in the fewest digits that read back as its float32."""
+    rec = recs["s4d"]
+    limit = rec.state_bound().float() * STATE_BOUND_SLACK
+    x = rec.init_state(1)
+    over = torch.nextafter(limit[1, 3, 0, 1], torch.tensor(float("inf")))
+    x[1, 0, 3, 0, 1] = -over
+    with pytest.raises(StateRangeError) as err:
+        rec.check_state(x)
+    value, bound = bound_message_numbers(str(err.value))
+    assert value != "-" + bound, str(err.value)
+    assert torch.tensor(float(value)) == -over and torch.tensor(float(bound)) == limit[1, 3, 0, 1]
+
+
 # --- (b) no batch decision from one row -------------------------------------------------------------
 
 

@@ -39,6 +39,7 @@ from model.recurrent import (
     check_logits_kind,
     check_step_inputs,
     convert_kernel,
+    float32_str,
     layernorm_output_bound,
     logits_report,
     pad_fused_params,
@@ -273,8 +274,8 @@ class SaShiMiRecurrent:
         if bool(over.any()):
             r, i = over.nonzero()[0].tolist()
             raise StateRangeError(
-                f"state value {float(x[r, i]):.6g} in {self._part(i)}, row {r}, exceeds "
-                f"{float(limit[i]):.6g}, the largest this model can reach"
+                f"state value {float32_str(x[r, i])} in {self._part(i)}, row {r}, exceeds "
+                f"{float32_str(limit[i])}, the largest this model can reach"
             )
 
     def _part(self, i: int) -> str:

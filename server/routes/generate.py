@@ -93,6 +93,12 @@ async def generate(req: GenerateRequest, request: Request):
     if req.frame_ms is not None and not req.stream:
         raise invalid("frame_ms", "frame_ms applies to streamed audio (stream: true, or WS /v1/stream)")
     accept = request.headers.get("accept")
+    if req.stream and not media.accepts(accept, "text/event-stream"):
+        raise APIError(
+            406,
+            "stream: true answers text/event-stream (Server-Sent Events), which this request's Accept "
+            f"does not take: {accept}",
+        )
     wav = not req.stream and model.kind == "audio" and media.accepts(accept, "audio/wav", any_type=False)
     if not req.stream and not wav and not media.accepts(accept, "application/json"):
         kinds = "application/json or audio/wav" if model.kind == "audio" else "application/json"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import hashlib
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 
@@ -30,11 +31,11 @@ from fastapi.responses import StreamingResponse
 from model.sampling import SamplingParams
 from server import media
 from server.engine import Failed, Finished, Stream
-from server.errors import invalid
+from server.errors import APIError, as_openai, invalid
 from server.registry import ServedModel
 from server.routes.generate import SSE_HEADERS, sse
 from server.schemas import (
-    ERROR_RESPONSES,
+    OPENAI_ERROR_RESPONSES,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionRequest,
@@ -99,18 +100,33 @@ def char_offsets(ids: list[int]) -> list[int]:
 # --- translation: request fields → SamplingParams -------------------------------------------------
 
 
+TOKEN_ID_KEY = re.compile(r"0|[1-9][0-9]*")  # a logit_bias key: a token id in canonical ASCII decimal
+
+
+def logit_bias(model: ServedModel, bias: dict[str, float] | None) -> dict[int, float]:
+    """logit_bias {key: bias} → {token id: bias}. A key is a token id below the vocabulary size written
+    as OpenAI's tokenizer ids are, in ASCII decimal digits without a sign, spaces, underscores or
+    leading zeros ("0", "65"): int() also reads "+65", " 65", "6_5", "065" and "٦٥" as 65, so two
+    keys could name one token and the later would win silently. 400 naming logit_bias and the key."""
+    V = model.config.vocab_size
+    out: dict[int, float] = {}
+    for key, value in (bias or {}).items():
+        if not TOKEN_ID_KEY.fullmatch(key):
+            raise invalid(
+                "logit_bias",
+                f"logit_bias: key {key[:40]!r} is not a token id: write ids in ASCII decimal digits with no "
+                'sign, space, underscore or leading zero (as "65")',
+            )
+        if len(key) > len(str(V)) or int(key) >= V:  # (the length first: int() of a huge key is slow)
+            raise invalid("logit_bias", f"logit_bias: token id {key[:40]} is outside the vocabulary [0, {V})")
+        out[int(key)] = value
+    return out
+
+
 def sampling(model: ServedModel, req: OpenAISampling, stop: list[str]) -> SamplingParams:
     """The fields both routes share, range-checked against the model (logit_bias ids < vocab)."""
     V = model.config.vocab_size
-    bias: dict[int, float] = {}
-    for key, value in (req.logit_bias or {}).items():
-        try:
-            tok = int(key)
-        except ValueError:
-            raise invalid("logit_bias", f"logit_bias: key {key!r} is not a token id") from None
-        if not 0 <= tok < V:
-            raise invalid("logit_bias", f"logit_bias: token id {tok} is outside the vocabulary [0, {V})")
-        bias[tok] = value
+    bias = logit_bias(model, req.logit_bias)
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options", "stream_options is only allowed with stream=true")
     top_k = 0 if req.top_k in (-1, 0) or req.top_k >= V else req.top_k
@@ -126,6 +142,18 @@ def sampling(model: ServedModel, req: OpenAISampling, stop: list[str]) -> Sampli
         frequency_penalty=req.frequency_penalty,
         min_p=req.min_p,
     )
+
+
+def check_accept(request: Request, stream: bool) -> None:
+    """406 unless the request's Accept takes what the route answers: application/json, or with
+    stream=true text/event-stream (text/*, */* and no Accept take both). A stream is also answered to
+    `Accept: application/json`, which the openai client sends with every request, streams included
+    (OpenAI's API answers it)."""
+    accept = request.headers.get("accept")
+    if media.accepts(accept, "application/json") or (stream and media.accepts(accept, "text/event-stream")):
+        return
+    kinds = "application/json or (stream: true) text/event-stream"
+    raise APIError(406, f"this route answers {kinds}; this request's Accept takes neither: {accept}")
 
 
 def text_model(st: ServerState, model_id: str) -> ServedModel:
@@ -343,11 +371,12 @@ def completion_prompts(
     response_model_exclude_none=False,
     summary="OpenAI completions (text models): every documented field but suffix, plus top_k, min_p, "
     "repetition_penalty",
-    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+    responses={**OPENAI_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
 )
 async def completions(req: CompletionRequest, request: Request):
     st = state_of(request)
     model = text_model(st, req.model)
+    check_accept(request, req.stream)
     if req.suffix is not None:
         raise invalid("suffix", "suffix is not supported: these models only continue a prompt (no infilling)")
     best_of = req.n if req.best_of is None else req.best_of
@@ -406,7 +435,7 @@ async def _stream_completions(runs, prompts, texts, req: CompletionRequest, head
     extra = {"usage": None} if include_usage else {}
     async for run, items in merged(runs):
         if isinstance(items[-1], Failed):
-            yield sse({"error": items[-1].error.body()["error"]})
+            yield sse(as_openai(items[-1].error).openai_body())
             yield sse("[DONE]")
             return
         piece, final, released = run.advance(items)
@@ -445,7 +474,7 @@ def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> str:
         )
     messages = []
     for i, m in enumerate(req.messages):
-        content = m.content
+        content = "" if m.content is None else m.content  # (null: an assistant's empty speech)
         if isinstance(content, list):
             parts = []
             for part in content:
@@ -467,11 +496,12 @@ def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> str:
     "/v1/chat/completions",
     response_model=ChatCompletionResponse,
     summary="OpenAI chat completions (text models with a chat template in config.json)",
-    responses={**ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
+    responses={**OPENAI_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}},
 )
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     st = state_of(request)
     model = text_model(st, req.model)
+    check_accept(request, req.stream)
     prompt = chat_prompt(model, req)
     if req.max_tokens is not None and req.max_completion_tokens is not None:
         if req.max_tokens != req.max_completion_tokens:
@@ -524,7 +554,7 @@ async def _stream_chat(runs: list[Run], prompts, logprobs: bool, head: dict, inc
         yield sse({**head, "choices": [choice], **extra})
     async for run, items in merged(runs):
         if isinstance(items[-1], Failed):
-            yield sse({"error": items[-1].error.body()["error"]})
+            yield sse(as_openai(items[-1].error).openai_body())
             yield sse("[DONE]")
             return
         text, final, released = run.advance(items)
@@ -548,7 +578,13 @@ async def _stream_chat(runs: list[Run], prompts, logprobs: bool, head: dict, inc
 # --- GET /v1/models ---------------------------------------------------------------------------------
 
 
-@router.get("/v1/models", tags=["models"], summary="Served models", response_model=ModelList)
+@router.get(
+    "/v1/models",
+    tags=["models"],
+    summary="Served models",
+    response_model=ModelList,
+    responses={503: OPENAI_ERROR_RESPONSES[503]},
+)
 async def models(request: Request) -> dict:
     return {"object": "list", "data": [m.describe() for m in state_of(request).models.values()]}
 
@@ -558,7 +594,7 @@ async def models(request: Request) -> dict:
     tags=["models"],
     summary="One served model",
     response_model=ModelInfo,
-    responses={404: ERROR_RESPONSES[404], 503: ERROR_RESPONSES[503]},
+    responses={404: OPENAI_ERROR_RESPONSES[404], 503: OPENAI_ERROR_RESPONSES[503]},
 )
 async def retrieve_model(model_id: str, request: Request) -> dict:
     return state_of(request).model(model_id).describe()

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from server import service
-from server.errors import too_large
+from server.errors import APIError, too_large
 from server.schemas import ERROR_RESPONSES, SessionAppend, SessionCreate, SessionInfo
 from server.service import state_of
 
@@ -32,9 +32,17 @@ STATE_BODY = {"content": {STATE_TYPE: {"schema": {"type": "string", "format": "b
 
 @router.post("/import", status_code=201, response_model=SessionInfo,
              openapi_extra={"requestBody": STATE_BODY},
-             summary="A new session from an exported state (application/octet-stream body)")  # fmt: skip
+             summary="A new session from an exported state (application/octet-stream body; another "
+                     "content-type is a 415)")  # fmt: skip
 async def import_(request: Request):
     st = state_of(request)
+    media_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if media_type not in ("", STATE_TYPE):  # (none: what a client sending raw bytes may leave out)
+        raise APIError(
+            415,
+            f"request: an exported state is sent as content-type: {STATE_TYPE} (this request's "
+            f"content-type: {media_type})",
+        )
     limit = st.max_state_blob_bytes
     if int(request.headers.get("content-length") or 0) > limit:
         raise too_large(f"a state blob is at most {limit} bytes here", param="state")

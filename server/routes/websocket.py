@@ -60,6 +60,9 @@ class Connection:
         self.owns_session = False
         self.encoding = "pcm16"
         self.audio_ids: list[int] = []  # prompt samples received as binary frames
+        # a binary frame refused (the buffer over max_audio_s, a malformed frame) refuses the whole prompt:
+        # the frames after it are discarded, and the generate/append that would use it is refused too
+        self.refused_prompt: APIError | None = None
         self.stream: Stream | None = None
         self.pump: asyncio.Task | None = None
 
@@ -96,6 +99,15 @@ class Connection:
                 if e.get("type", "").startswith("union_tag"):
                     e["loc"] = ("type",)
             raise validation_error(errors) from None
+        if isinstance(msg, (WSGenerate, WSAppend)) and self.refused_prompt is not None:
+            self.refused_prompt, err = None, self.refused_prompt
+            raise APIError(
+                err.status,
+                f"this {msg.type} is refused: the audio prompt sent for it in binary frames was refused "
+                f"({err.message}), and the frames after that were discarded; nothing was "
+                f"{'generated' if isinstance(msg, WSGenerate) else 'appended'}. Send the prompt again",
+                param="audio",
+            )
         if isinstance(msg, WSCancel):
             if self.stream is None:
                 raise APIError(409, "no generation is running on this socket")
@@ -189,16 +201,28 @@ class Connection:
         return ids
 
     def on_audio(self, data: bytes) -> None:
+        """Buffer a binary frame of prompt samples for the next generate/append. A frame that is refused
+        (the buffer would pass max_audio_s: 413; a malformed frame: 422) refuses the whole prompt: the
+        buffer is emptied, the frames after it are discarded and the next generate or append is refused
+        (`refused_prompt`), so no turn runs on what is left of a prompt the client was told is refused."""
         if self.model is None or self.model.kind != "audio":
             raise invalid("audio", "binary frames are audio prompt samples: bind an audio model first")
+        if self.refused_prompt is not None:
+            return  # the rest of a refused prompt
         limit, setting = service.prompt_limit(self.st, self.model)
         samples = len(data) if self.encoding == "mulaw" else len(data) // 2  # counted before converting
-        if len(self.audio_ids) + samples > limit:
-            self.audio_ids = []
-            raise too_large(
-                f"buffered audio prompt is longer than {limit} samples ({setting}; buffer cleared)", "audio"
-            )
-        self.audio_ids += media.audio_frame_ids(data, self.encoding, self.model.codec)
+        try:
+            if len(self.audio_ids) + samples > limit:
+                raise too_large(f"buffered audio prompt is longer than {limit} samples ({setting})", "audio")
+            self.audio_ids += media.audio_frame_ids(data, self.encoding, self.model.codec)
+        except APIError as err:
+            self.audio_ids, self.refused_prompt = [], err
+            raise APIError(
+                err.status,
+                f"{err.message}: the whole prompt is refused; binary frames are discarded until the next "
+                "generate or append, which is refused too",
+                param=err.param,
+            ) from None
 
     async def forward(self, stream: Stream, out: service.Output) -> None:
         """Send a generation's frames; a slow reader blocks here, which pauses the session."""
