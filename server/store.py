@@ -336,7 +336,7 @@ class StoreWriter:
         deadline = time.monotonic() + timeout
         ok = self.flush(timeout)
         with self._cv:
-            left = len(self._pending) + (self._busy is not None)
+            unanswered, left = int(self._busy is not None), len(self._pending)
             self._pending.clear()
             self._stopping = True
             self._cv.notify_all()
@@ -344,7 +344,7 @@ class StoreWriter:
                                     "error": self.failed, "first_error": ""}  # fmt: skip
         self._thread.join(max(0.0, deadline - time.monotonic()))
         self.store.close()
-        return ok and not final["error"], _report(final, left, timeout)
+        return ok and not final["error"], _report(final, unanswered, left, timeout)
 
     def _loop(self) -> None:
         while True:
@@ -405,17 +405,18 @@ class StoreWriter:
                 self._counter.labels(done).inc()
 
 
-def _report(final: dict, left: int, timeout: float) -> str:
-    """The shutdown flush's one line."""
+def _report(final: dict, unanswered: int, left: int, timeout: float) -> str:
+    """The shutdown flush's one line (`unanswered`: an operation still waiting for the store at the
+    deadline; `left`: operations not attempted)."""
     written, failed, stale, deleted = final["write"], final["error"], final["stale"], final["delete"]
-    total = written + failed + stale + left
+    total = written + failed + stale + unanswered + left
     line = f"final flush: {written} of {total} sessions written, {failed} failed"
     if failed:
         line += f" (first: {final['first_error']})"
     if stale:
         line += f", {stale} refused (the store holds a newer state)"
-    if left:
-        line += f", {left} not attempted (the flush's {timeout:g} s were up)"
+    if unanswered or left:
+        line += f", {unanswered} without an answer and {left} not attempted when its {timeout:g} s were up"
     if deleted:
         line += f"; {deleted} deleted"
     return line

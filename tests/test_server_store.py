@@ -175,7 +175,7 @@ def test_the_final_flush_reports_its_own_result_and_ends_by_its_timeout():
     assert not ok and 0.9 < took < 1.3, took
     assert report == (
         "final flush: 0 of 5 sessions written, 1 failed (first: write failed (Timeout reading from s0)), "
-        "4 not attempted (the flush's 1 s were up)"
+        "1 without an answer and 3 not attempted when its 1 s were up"
     ), report
 
 
