@@ -14,6 +14,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REDIS_STORE_SCHEMES = ("redis://", "rediss://", "unix://")  # S4_SESSION_STORE values naming a Redis
+# the largest S4_SESSION_STORE_TTL_S: Redis takes expiry times up to ~9.2e15 s ahead (signed 64-bit ms)
+MAX_STORE_TTL_S = 10**9
 DEFAULT_CHECKPOINTS = [
     "checkpoints/text-shakespeare",
     "checkpoints/audio-digits",  # SaShiMi
@@ -187,8 +189,20 @@ class Settings(BaseSettings):
         description="memory (sessions live in this process only) or redis://host:port/db: session states are "
         "written through on idle, TTL eviction and shutdown, and resume on any replica or after a restart",
     )
-    session_store_ttl_s: float = Field(
-        86400.0, gt=0, description="a state in the session store expires this long after its last write"
+    session_store_ttl_s: int = Field(
+        86400,
+        ge=1,
+        le=MAX_STORE_TTL_S,
+        description="a state in the session store expires this many seconds after its last write (whole "
+        f"seconds, 1 to {MAX_STORE_TTL_S:,}: about 31 years)",
+    )
+    session_store_flush_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="on shutdown, after the drain, the final write of every session to the session store "
+        "takes at most this long in all (a store that does not answer: the sessions not written by then "
+        "are logged, and keep their last written state there)",
     )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
     prefill_threads: int = Field(

@@ -923,6 +923,17 @@ class Engine:
         self._persist(dst)
         return dst
 
+    def drop_copy(self, rec: SessionRecord) -> None:
+        """Forget a claimed session here (the store holds a newer state of it): record and slot."""
+        self._release(rec)
+
+    def check_raw(self, state: bytes) -> torch.Tensor:
+        """One slot's raw float32 state as a tensor, if the model can reach it (else StateRangeError).
+        Touches no slot: any thread (a stored session's info is checked off the engine thread)."""
+        x = torch.frombuffer(bytearray(state), dtype=torch.float32).reshape(self.pool.row(0).shape)
+        self.rec.check_state(x.unsqueeze(self.pool.dim))
+        return x
+
     def read_slot(self, rec: SessionRecord) -> tuple[bytes, list[int]]:
         """The slot's state as raw little-endian float32 bytes, and its seen token ids."""
         state = self.pool.row(rec.slot).contiguous().cpu()
@@ -932,9 +943,7 @@ class Engine:
     def write_slot(self, rec: SessionRecord, state: bytes, seen: list[int]) -> SessionRecord:
         """Install an imported or restored state: the one way a state from outside enters a slot, so
         it is validated here (finite, within what the model can reach: RecurrentModel.check_state)."""
-        shape = self.pool.row(rec.slot).shape
-        x = torch.frombuffer(bytearray(state), dtype=torch.float32).reshape(shape)
-        self.rec.check_state(x.unsqueeze(self.pool.dim))  # StateRangeError before the slot is touched
+        x = self.check_raw(state)  # StateRangeError before the slot is touched
         self.pool.clear(rec.slot)
         self.pool.row(rec.slot).copy_(x)
         if seen:

@@ -25,7 +25,7 @@ disable_created_metrics()
 # The label values each labelled counter takes, exported at 0 from the start: a rate() over a series
 # that appears only at its first event misses that event, and an absent series reads as "no data"
 REJECTION_REASONS = ("sessions_full", "queue_full")
-STORE_OPS = ("write", "stale", "delete", "error", "restore")
+STORE_OPS = ("write", "stale", "delete", "error", "restore", "reload")
 AUTH_TRANSPORTS = ("http", "websocket")
 CLOSE_REASONS = (
     "header_timeout",
@@ -109,7 +109,7 @@ class Metrics:
         self.rejections = Counter("s4_rejections", "Requests refused for capacity or limits",
                                   ["model", "reason"], registry=r)  # fmt: skip
         self.store_ops = Counter("s4_session_store_operations", "Session store writes, deletes, restores, "
-                                 "errors", ["op"], registry=r)  # fmt: skip
+                                 "reloads of a stale copy, errors", ["op"], registry=r)  # fmt: skip
         self.verification_error = Gauge(
             "s4_verification_relative_error_ratio",
             "Relative error measured at load against float64 conv mode: the logits of the recurrent step and "

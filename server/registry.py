@@ -78,6 +78,8 @@ class ServedModel:
             "seen": seen,
             "utf8_tail": list(rec.utf8_tail),  # text: the unfinished character's bytes (0-3)
             "created": rec.created,  # Unix seconds: a session restored from the store keeps it
+            "generated": rec.generated,  # the last request's generated tokens (kept by a restore too)
+            "last_used": rec.last_used,  # Unix seconds (a stored session's info shows it)
         }
 
     def describe(self) -> dict:

@@ -19,7 +19,7 @@ from model.recurrent import StateRangeError
 from model.sampling import SamplingParams
 from server import media
 from server.engine import Failed, Finished, Job, Stream
-from server.errors import APIError, invalid, too_large, unavailable
+from server.errors import APIError, invalid, not_found, too_large, unavailable
 from server.registry import ServedModel
 from server.schemas import DEFAULT_FRAME_MS, SamplingFields
 from server.sessions import (
@@ -274,9 +274,13 @@ def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple
     ):
         raise invalid(param, f"{what}: seen tokens must be a list of distinct token ids (at most {V})")
     header["utf8_tail"] = _checked_tail(header.get("utf8_tail", []), model.kind, param, what)
-    created = header.get("created")  # (absent in older exports)
-    if created is not None and not (type(created) in (int, float) and 0 <= created <= time.time() + 86400):
-        raise invalid(param, f"{what}: created {created!r} is not a time (Unix seconds)")
+    for key in ("created", "last_used"):  # (absent in older exports)
+        t = header.get(key)
+        if t is not None and not (type(t) in (int, float) and 0 <= t <= time.time() + 86400):
+            raise invalid(param, f"{what}: {key} {t!r} is not a time (Unix seconds)")
+    generated = header.get("generated", 0)  # (absent in older exports)
+    if not _is_int(generated) or not 0 <= generated <= MAX_STATE_TOKENS:
+        raise invalid(param, f"{what}: generated {generated!r} is not in [0, {MAX_STATE_TOKENS}]")
     return model, header, raw
 
 
@@ -303,8 +307,10 @@ async def _install(
     after an error: the slot goes back to the pool whatever fails."""
     n_tokens, pending, utf8_tail, seen = (header[k] for k in ("n_tokens", "pending", "utf8_tail", "seen"))
     rec = _new_record(state, model, ephemeral=False, session_id=session_id)
-    if session_id is not None and header.get("created") is not None:  # restored: the same session
-        rec.created = float(header["created"])
+    if session_id is not None:  # restored: the same session (an import is a new one)
+        if header.get("created") is not None:
+            rec.created = float(header["created"])
+        rec.generated = header.get("generated", 0)
     try:
         rec.n_tokens, rec.pending, rec.utf8_tail = n_tokens, pending, utf8_tail
         rec = await asyncio.wrap_future(model.engine.call(lambda e: e.write_slot(rec, raw, seen)))
@@ -324,34 +330,131 @@ async def import_state(state: ServerState, blob: bytes) -> SessionRecord:
 
 
 MAX_SESSION_ID = 128  # longer ids are never ours: not looked up in the store
+SETTLE_TIMEOUT_S = 5.0  # a restore waits this long at most for this replica's write of the session
 
 
 async def restore(state: ServerState, session_id: str) -> None:
     """Bring a session this process does not hold back from the session store (written by another
-    replica, by this one before a restart, or evicted after its TTL). Nothing to do without a store
-    or when the session is here; a session in neither place stays unknown (the caller's 404)."""
-    if state.store is None or len(session_id) > MAX_SESSION_ID or state.sessions.has(session_id):
+    replica, by this one before a restart, or evicted after its TTL). Nothing to do without a store;
+    a session held here whose stored version is not this replica's (another replica went on with it,
+    or deleted it) is dropped here first, and restored. A session in neither place stays unknown (the
+    caller's 404)."""
+    if state.store is None or len(session_id) > MAX_SESSION_ID:
+        return
+    if state.sessions.has(session_id) and await _is_current(state, session_id):
         return
     async with state.restoring:
-        if state.sessions.has(session_id):  # restored by a concurrent request meanwhile
+        if state.sessions.has(session_id):  # held (current), or restored by a concurrent request meanwhile
+            if await _is_current(state, session_id) or not await _drop_copy(state, session_id):
+                return
+        stored = await _read_stored(state, session_id, settle=True)
+        if stored is None:
             return
-        try:
-            blob = await asyncio.to_thread(state.store.get, session_id)
-        except StoreError as exc:
-            state.metrics.store_ops.labels("error").inc()
-            log.error("session %s: %s", session_id, exc)
-            raise unavailable(
-                f"session {session_id}: the session store cannot be read ({exc.public})"
-            ) from None
-        if blob is None:
-            return
-        model, header, raw = check_state(
-            state, blob, "session_id", f"the stored state of session {session_id}"
-        )
+        model, header, raw, version = stored
+        state.writer.adopt(session_id, version)
         await _install(
             state, model, header, raw, "session_id", f"the stored state of session {session_id}", session_id
         )
         state.metrics.store_ops.labels("restore").inc()
+
+
+async def _is_current(state: ServerState, session_id: str) -> bool:
+    """Whether this replica's copy of a session it holds is the latest: one Redis call (the stored
+    version; README "Session store"). A busy session counts as current (its claim answers 409), and so
+    does every session when the store does not answer in time (the copy here serves; logged)."""
+    try:
+        rec = state.sessions.get(session_id)
+    except APIError:  # gone meanwhile
+        return True
+    if rec.busy:
+        return True
+    try:
+        stored = await asyncio.to_thread(state.store.version, session_id)
+    except StoreError as exc:
+        state.metrics.store_ops.labels("error").inc()
+        log.warning("session %s: %s; continuing with the copy held here", session_id, exc)
+        return True
+    return state.writer.is_current(session_id, stored)
+
+
+async def _drop_copy(state: ServerState, session_id: str) -> bool:
+    """Drop this replica's stale copy of a session (record, slot, unwritten state); False if a request
+    claimed it meanwhile."""
+    try:
+        rec = state.sessions.claim(session_id)
+    except APIError:
+        return False
+    model = state.models[rec.model]
+    try:
+        fut = model.engine.call(lambda e: e.drop_copy(rec))
+    except APIError:  # (the engine's queue is full, or it is stopping)
+        state.sessions.release(rec)
+        raise
+    log.info("session %s: the store holds a newer state (another replica went on with it, or deleted it): "
+             "reloading", session_id)  # fmt: skip
+    state.metrics.store_ops.labels("reload").inc()
+    state.writer.discard(session_id)
+    await asyncio.wrap_future(fut)
+    return True
+
+
+async def _read_stored(
+    state: ServerState, session_id: str, settle: bool = False
+) -> tuple[ServedModel, dict, bytes, str] | None:
+    """A session's stored state, checked like an import (422 naming `session_id`), and its version; None
+    if the store has none; 503 if it cannot be read. `settle`: first let this replica's queued write of
+    the session (its eviction's) land, so that the version read is the latest."""
+
+    def read():
+        if settle:
+            state.writer.settle(session_id, SETTLE_TIMEOUT_S)
+        return state.store.get(session_id)
+
+    try:
+        got = await asyncio.to_thread(read)
+    except StoreError as exc:
+        state.metrics.store_ops.labels("error").inc()
+        log.error("session %s: %s", session_id, exc)
+        raise unavailable(f"session {session_id}: the session store cannot be read ({exc.public})") from None
+    if got is None:
+        return None
+    blob, version = got
+    model, header, raw = check_state(state, blob, "session_id", f"the stored state of session {session_id}")
+    return model, header, raw, version
+
+
+async def session_info(state: ServerState, session_id: str) -> dict:
+    """A session's info (GET /v1/sessions/{id}): the record here when this replica holds the latest copy,
+    else the stored header, read without restoring it: no slot taken, no TTL (the store's or the
+    session's) or last_used refreshed, so a dashboard polling it keeps no session alive."""
+    held = state.sessions.has(session_id)
+    if (
+        state.store is None
+        or len(session_id) > MAX_SESSION_ID
+        or (held and await _is_current(state, session_id))
+    ):
+        rec = state.sessions.get(session_id)
+        return rec.info(state.models[rec.model].state_bytes)
+    stored = await _read_stored(state, session_id)
+    if stored is None:  # (a copy held here of a session deleted elsewhere: a 404 too)
+        raise not_found(f"no session {session_id!r}", param="session_id")
+    model, header, raw, _ = stored
+    what = f"the stored state of session {session_id}"
+    try:
+        await asyncio.to_thread(model.engine.check_raw, raw)  # as a restore would refuse it
+    except StateRangeError as exc:
+        raise invalid("session_id", f"{what}: {exc}") from None
+    created = header.get("created") or 0.0
+    return {
+        "session_id": session_id,
+        "model": model.id,
+        "tokens": header["n_tokens"],
+        "state_bytes": model.state_bytes,
+        "status": "idle",
+        "generated": header.get("generated", 0),
+        "created": created,
+        "last_used": header.get("last_used") or created,
+    }
 
 
 # --- generation ----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import asyncio
 import logging
 
 from server.config import Settings
-from server.errors import not_found, unavailable
+from server.errors import APIError, not_found, unavailable
 from server.metrics import Metrics
 from server.registry import ServedModel, load_models
 from server.sessions import SessionTable
@@ -81,7 +81,9 @@ class ServerState:
             self._nothing_to_serve(f"loading the models failed: {type(exc).__name__}: {exc}")
             return
         if self.store is not None:
-            self.writer = StoreWriter(self.store, self.metrics.store_ops)
+            self.writer = StoreWriter(
+                self.store, self.metrics.store_ops, on_stale=self._drop_stale, held=self.sessions.has
+            )
             for m in self.models.values():
                 m.engine.persist = _persister(m, self.writer)
                 m.engine.forget = self.writer.delete
@@ -129,17 +131,30 @@ class ServerState:
         """Drain (unless the signal handler already has), then stop the engines (generations still
         running end "cancelled") and write every session's state to the store."""
         await self.drain()
-        await asyncio.gather(*(asyncio.to_thread(m.engine.stop) for m in self.models.values()))
         if self.writer is not None:
-            if await asyncio.to_thread(self.writer.stop, STORE_FLUSH_TIMEOUT_S):
-                w = self.writer
-                log.info("session store: %d states written, %d deleted", w.written, w.deleted)
-            else:
-                log.error("session store: %d writes not flushed in %.0f s", self.writer.backlog,
-                          STORE_FLUSH_TIMEOUT_S)  # fmt: skip
+            self.writer.begin_final()
+        await asyncio.gather(*(asyncio.to_thread(m.engine.stop) for m in self.models.values()))
+        if self.writer is not None:  # bounded: S4_SESSION_STORE_FLUSH_TIMEOUT_S in all
+            ok, report = await asyncio.to_thread(
+                self.writer.stop, self.settings.session_store_flush_timeout_s
+            )
+            log.log(logging.INFO if ok else logging.ERROR, "session store: %s", report)
+
+    def _drop_stale(self, session_id: str) -> None:
+        """The store refused this replica's write of a session (another replica went on with it): drop
+        the copy here, so that its next request restores the stored state. A busy session stays (its
+        next write is refused too, and its next turn's version check reloads it)."""
+        try:
+            rec = self.sessions.claim(session_id)
+        except APIError:  # gone already, or a request is running on it
+            return
+        model = self.models.get(rec.model)
+        try:
+            model.engine.call(lambda e: e.drop_copy(rec))
+        except APIError:  # the engine is stopping: nothing will use the copy again
+            self.sessions.release(rec)
 
 
-STORE_FLUSH_TIMEOUT_S = 10.0
 CANCEL_GRACE_S = 1.0  # after the drain timeout: for running generations to end "cancelled" (_cancel_running)
 
 

@@ -15,12 +15,13 @@ backlog is bounded by the number of sessions and a delete is never undone by a l
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 import urllib.parse
 from typing import Protocol
 
-from server.config import REDIS_STORE_SCHEMES
+from server.config import MAX_STORE_TTL_S, REDIS_STORE_SCHEMES
 from server.sessions import pack_state
 
 log = logging.getLogger("server.store")
@@ -60,13 +61,24 @@ def redact_url(url: str) -> str:
 
 
 class StateStore(Protocol):
-    """Session id → exported state blob. `put` refuses (False) a state older than the stored one."""
+    """Session id → (exported state blob, version). Every write names the version its writer last read
+    or wrote (compare-and-set): a replica whose copy is older than the stored one is refused (False)."""
 
-    def put(self, session_id: str, blob: bytes, n_tokens: int) -> bool: ...
-    def get(self, session_id: str) -> bytes | None: ...
+    def put(self, session_id: str, blob: bytes, expected: str, version: str) -> bool: ...
+    def get(self, session_id: str) -> tuple[bytes, str] | None: ...
+    def version(self, session_id: str) -> str | None: ...
     def delete(self, session_id: str) -> None: ...
     def ids(self) -> list[str]: ...
     def close(self) -> None: ...
+
+
+# A deleted session's version: no writer ever expects it, so every later write of the session is refused.
+TOMBSTONE = "deleted"
+
+
+def new_version() -> str:
+    """A fresh version for one write: random, so two replicas never make the same one."""
+    return secrets.token_hex(8)
 
 
 class MemoryStateStore:
@@ -74,24 +86,30 @@ class MemoryStateStore:
 
     def __init__(self) -> None:
         self._blobs: dict[str, bytes] = {}
-        self._tokens: dict[str, float] = {}
+        self._versions: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def put(self, session_id: str, blob: bytes, n_tokens: int) -> bool:
+    def put(self, session_id: str, blob: bytes, expected: str, version: str) -> bool:
         with self._lock:
-            if self._tokens.get(session_id, -1) > n_tokens:
+            stored = self._versions.get(session_id)
+            if stored is not None and stored != expected:
                 return False
-            self._blobs[session_id], self._tokens[session_id] = blob, n_tokens
+            self._blobs[session_id], self._versions[session_id] = blob, version
             return True
 
-    def get(self, session_id: str) -> bytes | None:
+    def get(self, session_id: str) -> tuple[bytes, str] | None:
         with self._lock:
-            return self._blobs.get(session_id)
+            blob = self._blobs.get(session_id)
+            return None if blob is None else (blob, self._versions[session_id])
+
+    def version(self, session_id: str) -> str | None:
+        with self._lock:
+            return self._versions.get(session_id)
 
     def delete(self, session_id: str) -> None:
         with self._lock:
             self._blobs.pop(session_id, None)
-            self._tokens[session_id] = float("inf")
+            self._versions[session_id] = TOMBSTONE
 
     def ids(self) -> list[str]:
         with self._lock:
@@ -101,30 +119,64 @@ class MemoryStateStore:
         pass
 
 
-# Write a state unless the store holds a later one of the same session: a session's token count only
-# grows, so a replica's stale copy (the client moved to another replica, which went on) or a write
-# after a delete (the tombstone counts as infinitely late) is refused instead of overwriting it.
-_PUT_IF_NOT_OLDER = """
-local stored = redis.call('GET', KEYS[2])
-if stored and tonumber(stored) > tonumber(ARGV[2]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
-redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+# A session is one Redis hash, `state` (the blob) and `v` (its version), so that it expires, and is
+# evicted under maxmemory, as one key. A write is a compare-and-set: refused (0) when the stored version
+# is not the one the writer last read or wrote (another replica went on with the session, or deleted it:
+# the tombstone is a hash with `v` only). No stored version (a new session, or one expired or evicted
+# from Redis while a replica held it) accepts the write. A string value is a state stored before versions
+# existed: it is read as version "" and replaced by the first write.
+_PUT_LUA = """
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'hash' then
+  local v = redis.call('HGET', KEYS[1], 'v')
+  if v and v ~= ARGV[2] then return 0 end
+elseif t ~= 'none' then
+  redis.call('DEL', KEYS[1])
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'v', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
-_TOMBSTONE = str(2**62)
+_GET_LUA = """
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'string' then return {redis.call('GET', KEYS[1]), ''} end
+if t ~= 'hash' then return {false, false} end
+return redis.call('HMGET', KEYS[1], 'state', 'v')
+"""
+_VERSION_LUA = """
+local t = redis.call('TYPE', KEYS[1]).ok
+if t == 'string' then return '' end
+if t ~= 'hash' then return false end
+return redis.call('HGET', KEYS[1], 'v')
+"""
+_DELETE_LUA = """
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'v', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+"""
+VERSION_TIMEOUT_S = 1.0  # the version check before a turn: a store that does not answer in time is skipped
 
 
 class RedisStateStore:
-    """States in Redis under `s4:session:<id>` (their token counts under `…:tokens`), each expiring
-    `ttl_s` after its last write."""
+    """States in Redis, a hash under `s4:session:<id>` each (fields `state` and `v`), expiring `ttl_s`
+    after its last write."""
 
-    def __init__(self, url: str, ttl_s: float) -> None:
+    def __init__(self, url: str, ttl_s: int) -> None:
         import redis  # noqa: PLC0415  (only needed when configured)
 
-        self.url, self.ttl_ms = redact_url(url), max(1, int(ttl_s * 1000))
+        if not 1 <= ttl_s <= MAX_STORE_TTL_S or ttl_s != int(ttl_s):
+            raise ValueError(f"the store TTL must be whole seconds in [1, {MAX_STORE_TTL_S}], not {ttl_s!r}")
+        self.url, self.ttl_ms = redact_url(url), int(ttl_s) * 1000
         self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        # the per-turn version check waits less: a store that hangs costs a turn 1 s, not 5
+        self._quick = redis.Redis.from_url(
+            url, socket_timeout=VERSION_TIMEOUT_S, socket_connect_timeout=VERSION_TIMEOUT_S
+        )
         self._errors = (redis.RedisError, OSError)
-        self._put = self._redis.register_script(_PUT_IF_NOT_OLDER)
+        self._put = self._redis.register_script(_PUT_LUA)
+        self._get = self._redis.register_script(_GET_LUA)
+        self._version = self._quick.register_script(_VERSION_LUA)
+        self._delete = self._redis.register_script(_DELETE_LUA)
         self._call("cannot connect", self._redis.ping)
 
     def _call(self, reason: str, fn):
@@ -136,35 +188,39 @@ class RedisStateStore:
                 f"session store {self.url}: {reason} ({exc})", f"{reason} ({type(exc).__name__})"
             ) from None
 
-    def put(self, session_id: str, blob: bytes, n_tokens: int) -> bool:
-        keys = [KEY_PREFIX + session_id, KEY_PREFIX + session_id + ":tokens"]
-        return bool(
-            self._call("write failed", lambda: self._put(keys=keys, args=[blob, n_tokens, self.ttl_ms]))
-        )
+    def put(self, session_id: str, blob: bytes, expected: str, version: str) -> bool:
+        keys = [KEY_PREFIX + session_id]
+        args = [blob, expected, version, self.ttl_ms]
+        return bool(self._call("write failed", lambda: self._put(keys=keys, args=args)))
 
-    def get(self, session_id: str) -> bytes | None:
-        return self._call("read failed", lambda: self._redis.get(KEY_PREFIX + session_id))
+    def get(self, session_id: str) -> tuple[bytes, str] | None:
+        blob, version = self._call("read failed", lambda: self._get(keys=[KEY_PREFIX + session_id]))
+        return None if blob is None else (blob, (version or b"").decode())
+
+    def version(self, session_id: str) -> str | None:
+        v = self._call("version check failed", lambda: self._version(keys=[KEY_PREFIX + session_id]))
+        return None if v is None else v.decode()
 
     def delete(self, session_id: str) -> None:
-        key = KEY_PREFIX + session_id
-
-        def tombstone():
-            with self._redis.pipeline() as p:  # MULTI/EXEC: both or neither
-                p.delete(key)
-                p.set(key + ":tokens", _TOMBSTONE, px=self.ttl_ms)
-                p.execute()
-
-        self._call("delete failed", tombstone)
+        keys = [KEY_PREFIX + session_id]
+        self._call("delete failed", lambda: self._delete(keys=keys, args=[TOMBSTONE, self.ttl_ms]))
 
     def ids(self) -> list[str]:
-        keys = self._call("scan failed", lambda: list(self._redis.scan_iter(KEY_PREFIX + "*", count=1000)))
-        return [k.decode()[len(KEY_PREFIX) :] for k in keys if not k.endswith(b":tokens")]
+        def scan():
+            out = []
+            for key in self._redis.scan_iter(KEY_PREFIX + "*", count=1000):
+                if self._redis.type(key) == b"string" or self._redis.hexists(key, "state"):
+                    out.append(key.decode()[len(KEY_PREFIX) :])
+            return out
+
+        return self._call("scan failed", scan)
 
     def close(self) -> None:
         self._redis.close()
+        self._quick.close()
 
 
-def open_store(spec: str, ttl_s: float) -> StateStore | None:
+def open_store(spec: str, ttl_s: int) -> StateStore | None:
     """`memory` → None (sessions live in the process only); `redis://…` → a connected RedisStateStore."""
     if spec == "memory":
         return None
@@ -177,16 +233,28 @@ _DELETE = object()
 
 
 class StoreWriter:
-    """A thread that applies the latest write (or delete) of each session to the store."""
+    """A thread that applies the latest write (or delete) of each session to the store.
 
-    def __init__(self, store: StateStore, counter=None) -> None:
+    It also keeps the version of each session's state that this replica last read (`adopt`, at a
+    restore) or wrote: every write names it (compare-and-set), and `is_current` tells whether a stored
+    version is one of this replica's. A write the store refuses (another replica went on with the
+    session, or deleted it) is counted `stale`, logged, and `on_stale(session_id)` drops this replica's
+    copy, unless the copy was reloaded while the write was in flight."""
+
+    def __init__(self, store: StateStore, counter=None, on_stale=None, held=None) -> None:
         self.store = store
         self._pending: dict[str, object] = {}  # session id → (header, state) or _DELETE; insertion order
         self._cv = threading.Condition()
-        self._busy = False
+        self._busy: str | None = None  # the session whose operation is being applied
+        self._inflight: str | None = None  # the version that operation writes
+        self._superseded: set[str] = set()  # sessions reloaded (adopt, discard) while being written
+        self._versions: dict[str, str] = {}  # session id → the version this replica last read or wrote
         self._stopping = False
         self.written = self.deleted = self.failed = self.stale = 0
+        self._final: dict | None = None  # the shutdown flush's counts (begin_final)
         self._counter = counter  # a Prometheus counter labelled by op (write, stale, delete, error)
+        self._on_stale = on_stale  # session id → drop this replica's copy (any thread)
+        self._held = held  # session id → is it held here (its version is kept only while it is)
         self._thread = threading.Thread(target=self._loop, name="session-store", daemon=True)
         self._thread.start()
 
@@ -202,31 +270,81 @@ class StoreWriter:
             self._pending[session_id] = _DELETE
             self._cv.notify()
 
+    def adopt(self, session_id: str, version: str) -> None:
+        """This replica now holds the stored state of `version` (a restore): its writes build on it."""
+        with self._cv:
+            self._versions[session_id] = version
+            if self._busy == session_id:
+                self._superseded.add(session_id)
+
+    def discard(self, session_id: str) -> None:
+        """This replica drops its copy (the store holds a newer state): its unwritten state is not
+        written, and its version is forgotten."""
+        with self._cv:
+            if self._pending.get(session_id) is not _DELETE:
+                self._pending.pop(session_id, None)
+            self._versions.pop(session_id, None)
+            if self._busy == session_id:
+                self._superseded.add(session_id)
+
+    def is_current(self, session_id: str, stored: str | None) -> bool:
+        """Whether `stored` (the store's version of the session, None: nothing stored) leaves this
+        replica's copy the latest: nothing stored (new, expired or evicted), or a version this replica
+        last read or wrote, or is writing now."""
+        with self._cv:
+            return stored is None or stored in (
+                self._versions.get(session_id, ""),
+                self._inflight if self._busy == session_id else None,
+            )
+
+    def settle(self, session_id: str, timeout: float) -> None:
+        """Wait (up to timeout) until no operation of `session_id` is queued or being applied: a restore
+        then reads the version this replica's last write made, not one a write in flight replaces."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while session_id in self._pending or self._busy == session_id:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cv.wait(min(left, 0.05))
+
     @property
     def backlog(self) -> int:
         with self._cv:
-            return len(self._pending) + self._busy
+            return len(self._pending) + (self._busy is not None)
 
     def flush(self, timeout: float) -> bool:
         """Wait until every queued operation is applied (True), or timeout (False)."""
         deadline = time.monotonic() + timeout
         with self._cv:
-            while self._pending or self._busy:
+            while self._pending or self._busy is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
                 self._cv.wait(min(left, 0.05))
         return True
 
-    def stop(self, timeout: float) -> bool:
-        """Flush (up to timeout), then stop the thread and close the store."""
+    def begin_final(self) -> None:
+        """The shutdown flush starts: count its operations apart from the lifetime counts."""
+        with self._cv:
+            self._final = {"write": 0, "stale": 0, "delete": 0, "error": 0, "first_error": ""}
+
+    def stop(self, timeout: float) -> tuple[bool, str]:
+        """Flush (up to `timeout` in all), then stop the thread and close the store. Returns (whether
+        everything was applied, the flush's report: "final flush: N of M sessions written, ...").
+        Operations left at the deadline are not attempted."""
+        deadline = time.monotonic() + timeout
         ok = self.flush(timeout)
         with self._cv:
+            unanswered, left = int(self._busy is not None), len(self._pending)
+            self._pending.clear()
             self._stopping = True
             self._cv.notify_all()
-        self._thread.join(1.0)
+            final = self._final or {"write": self.written, "stale": self.stale, "delete": self.deleted,
+                                    "error": self.failed, "first_error": ""}  # fmt: skip
+        self._thread.join(max(0.0, deadline - time.monotonic()))
         self.store.close()
-        return ok
+        return ok and not final["error"], _report(final, unanswered, left, timeout)
 
     def _loop(self) -> None:
         while True:
@@ -237,29 +355,68 @@ class StoreWriter:
                     return
                 session_id = next(iter(self._pending))
                 op = self._pending.pop(session_id)
-                self._busy = True
+                expected = self._versions.get(session_id, "")
+                self._busy, self._inflight = session_id, new_version()
+                self._superseded.discard(session_id)
+                version = self._inflight
+            error = ""
             try:
                 if op is _DELETE:
                     self.store.delete(session_id)
-                    self.deleted += 1
                     done = "delete"
                 else:
                     header, state = op
-                    if self.store.put(session_id, pack_state(header, state), header["n_tokens"]):
-                        self.written += 1
-                        done = "write"
-                    else:  # another replica went on with the session, or it was deleted
-                        self.stale += 1
-                        done = "stale"
-                        log.warning(
-                            "session %s: the store holds a later state; this copy is not written", session_id
-                        )
+                    ok = self.store.put(session_id, pack_state(header, state), expected, version)
+                    done = "write" if ok else "stale"
             except Exception as exc:  # the store is down (or a bug): the session lives on in memory
-                self.failed += 1
-                done = "error"
+                done, error = "error", str(exc)
                 log.warning("session %s not persisted: %s", session_id, exc)
+            held = done == "write" and (self._held is None or self._held(session_id))  # (not under _cv)
+            with self._cv:
+                superseded = session_id in self._superseded
+                self._superseded.discard(session_id)
+                if done == "delete":
+                    self._versions.pop(session_id, None)
+                elif done == "write" and not superseded:
+                    if held or session_id in self._pending:
+                        self._versions[session_id] = version
+                    else:  # evicted or dropped here: a restore reads the version anew
+                        self._versions.pop(session_id, None)
+                self._busy = self._inflight = None
+                counts = {"write": "written", "stale": "stale", "delete": "deleted", "error": "failed"}
+                setattr(self, counts[done], getattr(self, counts[done]) + 1)
+                if self._final is not None:
+                    self._final[done] += 1
+                    self._final["first_error"] = self._final["first_error"] or error
+                self._cv.notify_all()
+            if done == "stale":
+                log.warning(
+                    "session %s: the store holds a newer state (another replica went on with it, or deleted "
+                    "it); this replica's copy is not written%s",
+                    session_id,
+                    "" if superseded else " and is dropped",
+                )
+                if not superseded and self._on_stale is not None:
+                    try:
+                        self._on_stale(session_id)
+                    except Exception:  # never the writer thread's end
+                        log.exception("session %s: dropping the stale copy failed", session_id)
             if self._counter is not None:
                 self._counter.labels(done).inc()
-            with self._cv:
-                self._busy = False
-                self._cv.notify_all()
+
+
+def _report(final: dict, unanswered: int, left: int, timeout: float) -> str:
+    """The shutdown flush's one line (`unanswered`: an operation still waiting for the store at the
+    deadline; `left`: operations not attempted)."""
+    written, failed, stale, deleted = final["write"], final["error"], final["stale"], final["delete"]
+    total = written + failed + stale + unanswered + left
+    line = f"final flush: {written} of {total} sessions written, {failed} failed"
+    if failed:
+        line += f" (first: {final['first_error']})"
+    if stale:
+        line += f", {stale} refused (the store holds a newer state)"
+    if unanswered or left:
+        line += f", {unanswered} without an answer and {left} not attempted when its {timeout:g} s were up"
+    if deleted:
+        line += f"; {deleted} deleted"
+    return line

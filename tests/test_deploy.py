@@ -111,8 +111,14 @@ def test_compose_runs_the_image_on_its_port_and_redis_only_on_request():
     grace = int(server["stop_grace_period"].rstrip("s"))
     assert grace > float(server["environment"]["S4_DRAIN_TIMEOUT_S"])
     assert "/tmp" in server["tmpfs"] and server["read_only"]
-    assert compose["services"]["redis"]["profiles"] == ["redis"]
-    assert "depends_on" not in server
+    redis = compose["services"]["redis"]
+    assert redis["profiles"] == ["redis"]
+    # with the profile the server starts once Redis answers; without it nothing waits for a Redis
+    assert server["depends_on"] == {"redis": {"condition": "service_healthy", "required": False}}
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    flags = redis["command"]
+    policy = flags[flags.index("--maxmemory-policy") + 1]
+    assert flags[flags.index("--maxmemory") + 1].endswith(("mb", "gb")) and policy == "volatile-ttl"
     assert server["environment"]["S4_SESSION_STORE"] == "${S4_SESSION_STORE:-memory}"
     assert Settings(session_store="redis://redis:6379/0").session_store  # what the header suggests
 

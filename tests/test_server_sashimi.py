@@ -283,7 +283,7 @@ def test_a_sashimi_session_resumes_from_the_redis_store_on_another_replica(sashi
 
 
 def _stored_tokens(db, sid: str) -> int | None:
-    blob = db.get(KEY_PREFIX + sid)
+    blob = db.hget(KEY_PREFIX + sid, "state")
     return None if blob is None else unpack_state(blob)[0]["n_tokens"]
 
 

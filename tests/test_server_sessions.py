@@ -124,7 +124,8 @@ def test_an_import_missing_any_header_field_is_a_422_naming_it_and_holds_no_slot
     pool = server.state.models[TEXT].engine.pool
     in_use, sessions = pool.in_use, server.state.sessions.count(TEXT)
     required = {*service.STATE_FIELDS, "arch", "dtype"}
-    assert required <= header.keys() and header.keys() - required == {"byteorder", "utf8_tail", "created"}
+    optional = {"byteorder", "utf8_tail", "created", "generated", "last_used"}
+    assert required <= header.keys() and header.keys() - required == optional
     for key in sorted(header):
         for _ in range(3):
             r = client.post(

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -21,6 +22,7 @@ from server import Settings
 from server.sessions import SessionRecord, pack_state, unpack_state
 from server.store import (
     KEY_PREFIX,
+    TOMBSTONE,
     MemoryStateStore,
     RedisStateStore,
     StoreError,
@@ -77,7 +79,7 @@ def redis_db(redis_url):
 
 
 def _stored(redis_db, sid: str) -> dict | None:
-    blob = redis_db.get(KEY_PREFIX + sid)
+    blob = redis_db.hget(KEY_PREFIX + sid, "state")
     return None if blob is None else unpack_state(blob)[0]
 
 
@@ -105,22 +107,103 @@ def test_writer_keeps_the_latest_operation_per_session_and_a_delete_is_not_undon
         writer.write("a", {**header, "n_tokens": i}, b"\0\0\0\0")
     writer.write("b", header, b"\0\0\0\0")
     writer.delete("b")
-    assert writer.stop(5)
-    assert unpack_state(store.get("a"))[0]["n_tokens"] == 49
+    ok, report = writer.stop(5)
+    assert ok and report.startswith("final flush: ") and " failed" in report and "0 failed" in report
+    assert unpack_state(store.get("a")[0])[0]["n_tokens"] == 49
     assert store.get("b") is None and store.ids() == ["a"]
-    # a state older than the stored one (another replica went on), or written after a delete, is refused
-    assert not store.put("a", b"old", 48) and store.put("a", b"same", 49)
-    assert not store.put("b", b"late", 10**6)
+    # a write naming another version than the stored one (another replica went on with the session), or
+    # written after a delete, is refused
+    v = store.version("a")
+    assert not store.put("a", b"old", "other", "v2") and store.put("a", b"next", v, "v2")
+    assert not store.put("b", b"late", "", "v3") and store.version("b") == TOMBSTONE
 
 
-def test_redis_refuses_stale_states_and_writes_after_a_delete(redis_url, redis_db):
+def test_redis_writes_are_compare_and_set_on_the_version_and_a_delete_is_final(redis_url, redis_db):
     store = RedisStateStore(redis_url, 60)
-    assert store.put("s", b"v1", 10) and store.put("s", b"v2", 12) and not store.put("s", b"v0", 11)
-    assert store.get("s") == b"v2" and store.ids() == ["s"]
+    assert store.version("s") is None and store.get("s") is None
+    assert store.put("s", b"one", "", "e1") and store.put("s", b"two", "e1", "e2")
+    # a copy older than the stored one names a version that is not the stored one, whatever its size
+    assert not store.put("s", b"old but longer", "e1", "e3") and not store.put("s", b"new", "", "e4")
+    assert store.get("s") == (b"two", "e2") and store.version("s") == "e2" and store.ids() == ["s"]
+    assert 59_000 < redis_db.pttl(KEY_PREFIX + "s") <= 60_000  # state and version: one key, one TTL
     store.delete("s")
-    assert not store.put("s", b"late", 13) and store.get("s") is None and store.ids() == []
-    assert 0 < redis_db.pttl(KEY_PREFIX + "s:tokens") <= 60_000  # the tombstone expires too
+    assert not store.put("s", b"late", "e2", "e5") and store.get("s") is None and store.ids() == []
+    assert store.version("s") == TOMBSTONE and 0 < redis_db.pttl(KEY_PREFIX + "s") <= 60_000
+    # a key expired or evicted (maxmemory) while a replica held the session: its next write recreates it
+    redis_db.delete(KEY_PREFIX + "s")
+    assert store.put("s", b"again", "e2", "e6") and store.get("s") == (b"again", "e6")
+    # a state stored before versions existed (a plain string value) reads as version "", and a write
+    # replaces it
+    redis_db.set(KEY_PREFIX + "legacy", b"blob")
+    assert store.get("legacy") == (b"blob", "") and store.version("legacy") == ""
+    assert store.put("legacy", b"new", "", "e7") and store.get("legacy") == (b"new", "e7")
     store.close()
+
+
+class _HangingStore(MemoryStateStore):
+    """A store whose writes hang for `hang_s` and then fail (an unresponsive Redis: a socket timeout)."""
+
+    def __init__(self, hang_s: float) -> None:
+        super().__init__()
+        self.hang_s = hang_s
+
+    def put(self, session_id, blob, expected, version):
+        time.sleep(self.hang_s)
+        raise StoreError(f"write failed (Timeout reading from {session_id})", "write failed (TimeoutError)")
+
+
+def test_the_final_flush_reports_its_own_result_and_ends_by_its_timeout():
+    """Shutdown with a store that does not answer: the flush ends at its timeout, whatever is left, and
+    its line counts this flush (written, failed with the first error, not attempted), not the writer's
+    lifetime. (A fresh-user trial: 14.2 s to exit, and the log said "3 states written".)"""
+    header = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
+    good = StoreWriter(MemoryStateStore())
+    good.write("old", header, b"\0\0\0\0")
+    assert good.flush(5)
+    good.begin_final()
+    for sid in ("a", "b"):
+        good.write(sid, header, b"\0\0\0\0")
+    assert good.stop(5) == (True, "final flush: 2 of 2 sessions written, 0 failed")
+
+    writer = StoreWriter(_HangingStore(0.6))
+    writer.begin_final()
+    for i in range(5):
+        writer.write(f"s{i}", header, b"\0\0\0\0")
+    t0 = time.monotonic()
+    ok, report = writer.stop(1.0)
+    took = time.monotonic() - t0
+    assert not ok and 0.9 < took < 1.3, took
+    assert report == (
+        "final flush: 0 of 5 sessions written, 1 failed (first: write failed (Timeout reading from s0)), "
+        "1 without an answer and 3 not attempted when its 1 s were up"
+    ), report
+
+
+def test_the_store_ttl_must_be_whole_seconds_redis_accepts(redis_url, redis_db, monkeypatch):
+    """S4_SESSION_STORE_TTL_S=inf was an OverflowError traceback at start, and 1e30 started and then
+    failed every write ("value is not an integer or out of range"): now both stop the server with one
+    line naming the variable. The largest accepted value works against a real Redis."""
+    from pydantic import ValidationError
+
+    from server.__main__ import main
+    from server.config import MAX_STORE_TTL_S
+
+    for bad in ("inf", "nan", "1e30", "0", "-5", "1.5", str(MAX_STORE_TTL_S + 1)):
+        with pytest.raises(ValidationError, match="session_store_ttl_s"):
+            Settings(session_store_ttl_s=bad)
+        monkeypatch.setenv("S4_SESSION_STORE_TTL_S", bad)
+        with pytest.raises(SystemExit) as stop:
+            main([])
+        assert str(stop.value).startswith(
+            "not serving: invalid settings: S4_SESSION_STORE_TTL_S (--session-store-ttl-s): "
+        ), (bad, stop.value)
+    assert Settings(session_store_ttl_s="86400").session_store_ttl_s == 86400
+    store = RedisStateStore(redis_url, MAX_STORE_TTL_S)
+    assert store.put("far", b"x", "", "e1") and store.get("far") == (b"x", "e1")
+    assert redis_db.pttl(KEY_PREFIX + "far") > (MAX_STORE_TTL_S - 60) * 1000
+    store.close()
+    with pytest.raises(ValueError, match="whole seconds"):
+        RedisStateStore(redis_url, float("inf"))
 
 
 def test_open_store_refuses_unknown_specs_and_unreachable_redis():
@@ -201,14 +284,117 @@ def test_a_session_resumes_on_another_replica_and_continues_identically(model_di
         assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == want_tokens + 8 + 20, 10)
         # a delete on b removes the stored state; a session in neither place is a 404
         assert httpx.delete(f"{b.url}/v1/sessions/{sid}").status_code == 204
-        assert wait_for(lambda: redis_db.get(KEY_PREFIX + sid) is None, 10)
+        assert wait_for(lambda: _stored(redis_db, sid) is None, 10)
         assert httpx.get(f"{b.url}/v1/sessions/{sid}").status_code == 404
         assert httpx.get(f"{b.url}/v1/sessions/sess-unknown").status_code == 404
         assert 'op="restore"' in httpx.get(b.url + "/metrics").text
         # a still holds its stale copy; its shutdown flush must not resurrect the deleted session
         a.stop()
-        assert redis_db.get(KEY_PREFIX + sid) is None
+        assert _stored(redis_db, sid) is None
         assert a.state.writer.stale == 1
+    finally:
+        a.stop()
+        b.stop()
+
+
+def _metric(url: str, op: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(f's4_session_store_operations_total{{op="{op}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError(f"no op={op} series")
+
+
+def test_a_replica_with_an_old_copy_continues_from_the_newer_stored_state(model_dirs, redis_url, redis_db):
+    """A → B → A: B's turn is in the store, A still holds its own older copy. A's next turn checks the
+    stored version first, reloads B's state and continues it exactly like one-shot generation on the whole
+    history. (Before, A continued from its 27-token copy and its write, 47 tokens "not older" than B's 47,
+    overwrote B's turn silently.)"""
+    a, b = _replica(model_dirs, redis_url), _replica(model_dirs, redis_url)
+    try:
+        prompt = "JULIET:"
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": prompt}).json()["session_id"]
+        t1 = _generate(a.url, sid, None, 20, seed=1)
+        assert wait_for(lambda: (_stored(redis_db, sid) or {}).get("n_tokens") == 27, 10)
+        t2 = _generate(b.url, sid, None, 20, seed=2)
+        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == 47, 10)
+        assert a.state.sessions.get(sid).n_tokens == 27  # a's copy is old
+        t3 = _generate(a.url, sid, None, 20, seed=3)
+        history = list(prompt.encode()) + t1 + t2
+        assert t3 == reference(model_dirs["text"], history, SamplingParams(seed=3), 20)
+        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == 67, 10)
+        assert httpx.get(f"{a.url}/v1/sessions/{sid}").json()["tokens"] == 67
+        assert _metric(a.url, "reload") == 1 and a.state.writer.stale == 0
+        # and back on b, which holds its 47-token copy: it reloads a's turn the same way
+        t4 = _generate(b.url, sid, None, 5, seed=4)
+        assert t4 == reference(model_dirs["text"], history + t3, SamplingParams(seed=4), 5)
+        # a session deleted on b is gone on a too, though a holds a copy: its next request is a 404
+        assert httpx.delete(f"{b.url}/v1/sessions/{sid}").status_code == 204
+        assert wait_for(lambda: _stored(redis_db, sid) is None, 10)
+        r = httpx.post(a.url + "/v1/generate", json={"model": TEXT, "session_id": sid, "max_new_tokens": 3})
+        assert r.status_code == 404, r.text
+        assert not a.state.sessions.has(sid) and a.state.models[TEXT].engine.pool.in_use == 0
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_write_from_an_old_copy_is_refused_counted_and_the_copy_dropped(
+    model_dirs, redis_url, redis_db, caplog
+):
+    """A write that loses the compare-and-set (a replica's copy older than the stored state, written
+    without a turn first: at eviction or shutdown) changes nothing in the store, is counted op="stale"
+    and logged, and the replica drops its copy (slot and record), so its next request restores."""
+    a, b = _replica(model_dirs, redis_url), _replica(model_dirs, redis_url)
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
+            "session_id"
+        ]
+        assert wait_for(lambda: _stored(redis_db, sid) is not None, 10)
+        _generate(b.url, sid, None, 20, seed=2)
+        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == 26, 10)
+        engine = a.state.models[TEXT].engine
+        rec = a.state.sessions.get(sid)
+        with caplog.at_level("WARNING", logger="server.store"):
+            engine.call(lambda e: e._persist(rec)).result(10)  # what an eviction writes
+            assert wait_for(lambda: not a.state.sessions.has(sid) and engine.pool.in_use == 0, 10)
+        assert a.state.writer.stale == 1 and _metric(a.url, "stale") == 1
+        assert f"session {sid}: the store holds a newer state" in caplog.text and "is dropped" in caplog.text
+        assert _stored(redis_db, sid)["n_tokens"] == 26  # b's turn stands
+        assert httpx.get(f"{a.url}/v1/sessions/{sid}").json()["tokens"] == 26
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_session_info_reads_the_store_without_restoring_and_generated_moves_with_it(
+    model_dirs, redis_url, redis_db
+):
+    """GET /v1/sessions/{id} on a replica that does not hold the session reads the stored header: no
+    slot taken, no restore, no TTL or last_used refreshed (a dashboard polling it used to keep sessions
+    alive in Redis for ever). `generated` moves with the session to another replica, like tokens and
+    created (it was 0 there)."""
+    a, b = _replica(model_dirs, redis_url), _replica(model_dirs, redis_url)
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "HAMLET:"}).json()[
+            "session_id"
+        ]
+        _generate(a.url, sid, None, 12, seed=1)
+        assert wait_for(lambda: (_stored(redis_db, sid) or {}).get("n_tokens") == 19, 10)
+        held = httpx.get(f"{a.url}/v1/sessions/{sid}").json()
+        assert held["generated"] == 12
+        ttl0 = redis_db.pttl(KEY_PREFIX + sid)
+        time.sleep(1.2)
+        for _ in range(3):
+            info = httpx.get(f"{b.url}/v1/sessions/{sid}").json()
+            assert info == held, (info, held)
+        assert redis_db.pttl(KEY_PREFIX + sid) <= ttl0 - 1000  # not written again: the TTL runs on
+        assert not b.state.sessions.has(sid) and b.state.models[TEXT].engine.pool.in_use == 0
+        assert _metric(b.url, "restore") == 0 and _metric(b.url, "write") == 0
+        assert httpx.get(f"{b.url}/v1/sessions/sess-nothing").status_code == 404
+        # restored on b by an append (no generation): the last generation's count stays
+        r = httpx.post(f"{b.url}/v1/sessions/{sid}/append", json={"prompt": " ay"})
+        assert r.status_code == 200 and r.json()["generated"] == 12 and r.json()["tokens"] == 22, r.text
+        assert r.json()["created"] == held["created"]
     finally:
         a.stop()
         b.stop()
@@ -264,7 +450,7 @@ def test_a_corrupt_or_foreign_stored_state_is_refused_with_a_clear_error(model_d
         r = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "arrows"})
         sid = r.json()["session_id"]
         assert wait_for(lambda: _stored(redis_db, sid) is not None, 10)
-        good = redis_db.get(KEY_PREFIX + sid)
+        good = redis_db.hget(KEY_PREFIX + sid, "state")
         header, raw = unpack_state(good)
         cases = {
             "sess-flipped": (good[:-40] + bytes([good[-40] ^ 1]) + good[-39:], "checksum"),
@@ -276,7 +462,7 @@ def test_a_corrupt_or_foreign_stored_state_is_refused_with_a_clear_error(model_d
             "sess-huge": (pack_state(header, b"\xff\xff\x7f\x7f" + raw[4:]), "exceeds"),
         }
         for key, (blob, words) in cases.items():
-            redis_db.set(KEY_PREFIX + key, blob)
+            redis_db.hset(KEY_PREFIX + key, mapping={"state": blob, "v": "v1"})
             for r in (
                 httpx.get(f"{s.url}/v1/sessions/{key}"),
                 httpx.post(s.url + "/v1/generate", json={"model": TEXT, "session_id": key, "prompt": "x"}),
@@ -352,7 +538,7 @@ def test_sigterm_cancels_running_turns_and_flushes_every_session_to_the_store(
             assert _stored(redis_db, sid)["n_tokens"] == len(p), sid
         # the cancelled turn's session is stored at its last step: state = prompt + generated tokens
         # before the pending one, as the library computes it (float tolerance: batched vs one row)
-        header, raw = unpack_state(redis_db.get(KEY_PREFIX + running))
+        header, raw = unpack_state(redis_db.hget(KEY_PREFIX + running, "state"))
         k = header["n_tokens"] - len("a sea of")
         assert 0 < k < 1_000_000  # cancelled, not finished
         gen = reference(model_dirs["text"], list(b"a sea of"), SamplingParams(seed=5), k)
@@ -376,7 +562,7 @@ def test_sigterm_cancels_running_turns_and_flushes_every_session_to_the_store(
 
 
 def test_the_shutdown_flush_skips_a_session_whose_creation_never_reached_the_engine(
-    model_dirs, redis_url, redis_db
+    model_dirs, redis_url, redis_db, caplog
 ):
     """A create or import refused at shutdown leaves a record whose slot still holds another
     session's old state (its client got the 503): writing it would store a wrong state."""
@@ -385,9 +571,40 @@ def test_the_shutdown_flush_skips_a_session_whose_creation_never_reached_the_eng
     real = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "arrows"}).json()["session_id"]
     never = SessionRecord(id="sess-never-set-up", model=TEXT, slot=engine.pool.reserve())
     s.state.sessions.add(never)  # as service._new_record does before the engine runs the job
-    s.stop()
+    with caplog.at_level("INFO", logger="server"):
+        s.stop()
+    assert "session store: final flush: 1 of 1 sessions written, 0 failed" in caplog.text
     assert _stored(redis_db, real)["n_tokens"] == len("arrows")
-    assert redis_db.get(KEY_PREFIX + never.id) is None
+    assert _stored(redis_db, never.id) is None
+
+
+def test_shutdown_with_an_unresponsive_store_ends_within_the_flush_timeout_and_says_so(
+    model_dirs, tmp_path, caplog
+):
+    """Redis stopped (SIGSTOP) at shutdown: the final flush gives up at S4_SESSION_STORE_FLUSH_TIMEOUT_S
+    and its line says what it wrote and what failed (it used to take 14 s and log the writer's lifetime
+    counts, "3 states written", as if all was well)."""
+    proc, port = _redis_server(tmp_path)
+    try:
+        s = _replica(model_dirs, f"redis://127.0.0.1:{port}/0", session_store_flush_timeout_s=2)
+        for p in ("one", "two", "three"):
+            assert httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": p}).status_code == 201
+        assert s.state.writer.flush(10) and s.state.writer.written == 3
+        proc.send_signal(signal.SIGSTOP)
+        with caplog.at_level("INFO", logger="server"):
+            t0 = time.monotonic()
+            s.stop()
+            took = time.monotonic() - t0
+        assert not s.thread.is_alive() and took < 2 + 2.5, took
+        lines = [r for r in caplog.records if "final flush" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].levelname == "ERROR", caplog.text
+        msg = lines[0].getMessage()
+        assert msg.startswith("session store: final flush: 0 of 3 sessions written, "), msg
+        assert "failed (first: session store redis://127.0.0.1:" in msg or "not attempted" in msg, msg
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_python_m_server_exits_non_zero_before_listening_when_the_store_is_unreachable(model_dirs):

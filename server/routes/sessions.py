@@ -56,8 +56,7 @@ async def import_(request: Request):
 
 @router.get("/{session_id}", response_model=SessionInfo, summary="A session's info")
 async def get(session_id: str, request: Request):
-    await service.restore(state_of(request), session_id)
-    return _info(request, state_of(request).sessions.get(session_id))
+    return await service.session_info(state_of(request), session_id)
 
 
 @router.delete("/{session_id}", status_code=204,
