@@ -131,6 +131,21 @@ def test_the_page_and_its_assets_are_served_outside_the_api_schema(client):
         assert any(fnmatch(f"static/{f.name}", g) for g in globs), f
 
 
+def test_the_page_answers_head_and_its_assets_are_revalidated_on_every_use(client):
+    """HEAD / is GET / without the body (200, not 405); the page and its assets say Cache-Control:
+    no-cache with an ETag, so a browser revalidates them (a 304 when unchanged) and an upgraded server
+    never has its new page run an old cached script."""
+    get, head = client.get("/"), client.head("/")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["etag"] == get.headers["etag"] and head.headers["cache-control"] == "no-cache"
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        r = client.get(path)
+        assert r.headers["cache-control"] == "no-cache" and r.headers["etag"], path
+        again = client.get(path, headers={"If-None-Match": r.headers["etag"]})
+        assert again.status_code == 304 and again.headers["cache-control"] == "no-cache", path
+        assert client.head(path).status_code == 200, path
+
+
 def test_page_loads_without_console_errors_and_lists_the_served_models(demo, client, tmp_path):
     models = client.get("/v1/models").json()["data"]
     d = demo
