@@ -342,17 +342,17 @@ def test_refused_requests_are_shown_on_the_page_and_the_session_goes_on(demo):
     d.page.click("#send")
     d.wait_status("Done: length, 20 tokens")
     first = d.js("s4demo.turns[0]")
-    # a request the server refuses: its error frame is shown, its prompt goes back in the box (to fix a
-    # setting and send again), and the session goes on
+    # a request the server refuses (more tokens than its limit, 4096, which the page does not know): its
+    # error frame is shown, its prompt goes back in the box (to fix a setting and send again), and the
+    # session goes on
     d.page.fill("#prompt", " more")
-    d.page.fill("#temperature", "-1")
+    d.page.fill("#max-new-tokens", "5000")
     d.page.click("#send")
-    assert "422" in d.wait_status("temperature")
+    assert "422" in d.wait_status("max_new_tokens")
     assert d.page.locator("#status.error").count() == 1
     assert d.js("s4demo.turns.length") == 1 and d.page.text_content("#output") == "x" + first["text"]
     assert d.page.input_value("#prompt") == " more"
     d.page.fill("#prompt", "")
-    d.page.fill("#temperature", "1")
     d.page.fill("#max-new-tokens", "5")
     d.page.click("#send")
     d.wait_status("Done: length, 5 tokens")
@@ -468,3 +468,85 @@ def test_with_api_keys_the_page_works_with_the_key_and_says_when_it_is_wrong(bro
         assert "401" in d.errors[0] and "WebSocket" in d.errors[1]
     finally:
         d.context.close()
+
+
+# --- what a first-time user ran into ---------------------------------------------------------------
+
+
+def sockets_opened(d: Demo) -> list:
+    """The WebSockets the page opens from now on, each as [url, [text frames sent]]."""
+    opened: list = []
+
+    def on_socket(ws) -> None:
+        sent: list = []
+        opened.append([ws.url, sent])
+        ws.on("framesent", lambda payload: sent.append(payload) if isinstance(payload, str) else None)
+
+    d.page.on("websocket", on_socket)
+    return opened
+
+
+def type_into(d: Demo, selector: str, text: str) -> None:
+    """Type as a user does (fill refuses what a number field cannot hold, and "1e" is such)."""
+    d.page.fill(selector, "")
+    d.page.focus(selector)
+    d.page.keyboard.type(text)
+
+
+def test_a_setting_the_page_cannot_read_or_that_breaks_its_bounds_is_named_and_nothing_is_sent(demo):
+    d = demo
+    d.wait_status("models served")
+    opened = sockets_opened(d)
+    good = {"#max-new-tokens": "5", "#temperature": "1", "#top-k": "0", "#top-p": "1", "#seed": "1"}
+    cases = [
+        ("#max-new-tokens", "1e", "max new tokens"),  # unparseable: the field's value is ""
+        ("#temperature", "1e999", "temperature"),  # unparseable: out of a double's range
+        ("#max-new-tokens", "0", "max new tokens"),  # below min
+        ("#top-k", "1.5", "top-k"),  # not a whole number (step)
+        ("#top-p", "2", "top-p"),  # above max
+        ("#temperature", "-1", "temperature"),
+        ("#seed", "1e3", "seed"),
+        ("#seed", "-1", "seed"),
+    ]
+    for selector, value, name in cases:
+        for sel, v in good.items():
+            d.page.fill(sel, v)
+        d.page.fill("#prompt", "x")
+        type_into(d, selector, value)
+        d.page.click("#send")
+        said = d.wait_status("Not sent")
+        assert said.startswith(f"Not sent: {name}: "), (value, said)
+        assert d.page.get_attribute(selector, "aria-invalid") == "true"
+        note = d.page.get_attribute(selector, "aria-describedby")
+        assert d.page.text_content(f"#{note}") == said.split(": ", 2)[2]  # the error, beside the field
+        assert d.js("document.activeElement.id") == selector[1:]
+        assert d.page.input_value("#prompt") == "x"
+    assert opened == [] and d.js("s4demo.turns.length") == 0  # nothing was sent
+    for sel, v in good.items():
+        d.page.fill(sel, v)
+    assert d.page.get_attribute("#seed", "aria-invalid") == "false"  # typing cleared it
+    d.page.click("#send")
+    d.wait_status("Done: length, 5 tokens")
+    assert d.errors == []
+
+
+def test_a_seed_above_2_to_the_53_is_sent_digit_for_digit(demo, model_dirs):
+    """JSON numbers in JavaScript are doubles: 9007199254740993 would go out as …992. The page writes the
+    digits as typed, up to the server's largest seed (2^63 - 1), and refuses more."""
+    d = demo
+    d.wait_status("models served")
+    opened = sockets_opened(d)
+    big = 2**53 + 1
+    want = reference(model_dirs["text"], list(b"no more;"), SamplingParams(seed=big), 40)
+    assert want != reference(model_dirs["text"], list(b"no more;"), SamplingParams(seed=big - 1), 40)
+    assert generate_text(d, "no more;", 40, seed=big) == bytes(want).decode("utf-8", errors="replace")
+    assert f'"seed":{big}}}' in opened[0][1][-1]
+    d.page.fill("#seed", str(2**63 - 1))
+    d.page.click("#send")
+    d.wait_status("Done")
+    assert f'"seed":{2**63 - 1}}}' in opened[0][1][-1]
+    d.page.fill("#seed", str(2**63))
+    d.page.click("#send")
+    assert "at most 9223372036854775807" in d.wait_status("Not sent: seed")
+    assert len(opened[0][1]) == 2
+    assert d.errors == []

@@ -16,6 +16,7 @@
   });
 
   const apiKey = () => $("api-key").value; // in this page's memory only: never stored
+  const MAX_SEED = 2n ** 63n - 1n; // the server's largest seed
   let models = [];
   let model = null; // the selected entry of GET /v1/models
   let conn = null; // {ws, opened, bound}
@@ -64,9 +65,50 @@
     return r.json();
   }
 
-  function numberField(id) {
-    const v = $(id).value.trim();
-    return v === "" ? undefined : Number(v);
+  // --- sampling settings: checked here, sent only when every field is valid ----------------------
+
+  function fieldName(el) {
+    return el.closest("label").firstChild.textContent.trim();
+  }
+
+  function fieldError(el, why) {
+    el.setAttribute("aria-invalid", why ? "true" : "false");
+    el.nextElementSibling.textContent = why;
+  }
+
+  // The fields' values ({key: number}, absent when empty: the server's default) and the seed's digits
+  // (a JS number would round a seed above 2^53: messageJSON writes the digits as they are). null, with
+  // each bad field marked, the first one focused and named in the status line, when any is invalid:
+  // unparseable ("1e": the browser's value is then "", so it was silently dropped), or outside the
+  // field's min/max/step.
+  function readSettings(fields, seedId) {
+    const values = {};
+    const bad = [];
+    for (const [key, id] of Object.entries(fields)) {
+      const el = $(id);
+      const why = el.checkValidity() ? "" : el.validity.badInput ? "not a number" : el.validationMessage;
+      fieldError(el, why);
+      if (why) bad.push(el);
+      else if (el.value.trim() !== "") values[key] = Number(el.value);
+    }
+    const el = $(seedId);
+    const seed = el.value.trim();
+    let why = "";
+    if (seed && !/^[0-9]+$/.test(seed)) why = "a whole number, 0 or more";
+    else if (seed && BigInt(seed) > MAX_SEED) why = `at most ${MAX_SEED} (2^63 - 1)`;
+    fieldError(el, why);
+    if (why) bad.push(el);
+    if (bad.length) {
+      status(`Not sent: ${fieldName(bad[0])}: ${bad[0].nextElementSibling.textContent}`, true);
+      bad[0].focus();
+      return null;
+    }
+    return { values, seed: seed ? BigInt(seed).toString() : undefined }; // no leading zeros: JSON has none
+  }
+
+  function messageJSON(msg, seed) {
+    const json = JSON.stringify(msg);
+    return seed === undefined ? json : `${json.slice(0, -1)},"seed":${seed}}`;
   }
 
   // --- models ----------------------------------------------------------------------------------
@@ -282,12 +324,13 @@
 
   async function sendText() {
     if (!model || turn || starting) return;
+    const settings = readSettings(
+      { max_new_tokens: "max-new-tokens", temperature: "temperature", top_k: "top-k", top_p: "top-p" },
+      "seed",
+    );
+    if (!settings) return;
     const prompt = $("prompt").value;
-    const msg = {
-      type: "generate", prompt,
-      max_new_tokens: numberField("max-new-tokens"), temperature: numberField("temperature"),
-      top_k: numberField("top-k"), top_p: numberField("top-p"), seed: numberField("seed"),
-    };
+    const msg = { type: "generate", prompt, ...settings.values };
     const c = await opened();
     if (!c) return;
     if (!c.bound) msg.model = model.id;
@@ -306,7 +349,7 @@
     turn.textNode = g.firstChild;
     turn.spans = [p, g];
     turn.record = record;
-    c.ws.send(JSON.stringify(msg));
+    c.ws.send(messageJSON(msg, settings.seed));
     $("prompt").value = ""; // it is in the transcript; an empty prompt just continues the text
   }
 
@@ -435,6 +478,8 @@
 
   async function generateAudio() {
     if (!model || turn || starting) return;
+    const settings = readSettings({ max_new_tokens: "audio-samples", temperature: "audio-temperature" }, "audio-seed");
+    if (!settings) return;
     audioContext();
     const c = await opened();
     if (!c) return;
@@ -447,12 +492,9 @@
       clearPrompt(); // it is part of the session now
     }
     resetAudio();
-    audio.expected = numberField("audio-samples") || 0;
+    audio.expected = settings.values.max_new_tokens || 0;
     beginTurn("audio", prompt ? prompt.length : 0);
-    c.ws.send(JSON.stringify({
-      type: "generate", audio_encoding: "pcm16", max_new_tokens: numberField("audio-samples"),
-      temperature: numberField("audio-temperature"), seed: numberField("audio-seed"),
-    }));
+    c.ws.send(messageJSON({ type: "generate", audio_encoding: "pcm16", ...settings.values }, settings.seed));
   }
 
   function startPlayback(rate) {
@@ -579,6 +621,16 @@
   }
 
   // --- wiring ----------------------------------------------------------------------------------
+
+  // Each sampling field gets a line for its error, which it describes; typing clears it.
+  for (const el of document.querySelectorAll(".settings input")) {
+    const note = document.createElement("span");
+    note.className = "field-error";
+    note.id = `${el.id}-error`;
+    el.after(note);
+    el.setAttribute("aria-describedby", note.id);
+    el.addEventListener("input", () => fieldError(el, ""));
+  }
 
   $("server-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
