@@ -139,7 +139,10 @@ def test_the_demo_page_plays_a_16_khz_sashimi_stream_and_shows_its_state_size(br
         d.wait_status("model")
         d.page.select_option("#model", AUDIO)
         info = d.page.text_content("#model-info")
-        assert f"audio, {RATE} Hz" in info and "SaShiMi, 1 per level" in info
+        assert info.startswith(
+            f"audio: {RATE} Hz mu-law samples (256 levels) · SaShiMi: a U-Net of S4 blocks"
+        ), info
+        assert "time resolutions (1 at each)" in info
         state_bytes = srv.state.models[AUDIO].rec.state_bytes_per_sequence
         assert (
             d.page.text_content("#state-size") == f"{state_bytes / 1024:.1f} KiB, whatever the context length"

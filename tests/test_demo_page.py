@@ -131,6 +131,21 @@ def test_the_page_and_its_assets_are_served_outside_the_api_schema(client):
         assert any(fnmatch(f"static/{f.name}", g) for g in globs), f
 
 
+def test_the_page_answers_head_and_its_assets_are_revalidated_on_every_use(client):
+    """HEAD / is GET / without the body (200, not 405); the page and its assets say Cache-Control:
+    no-cache with an ETag, so a browser revalidates them (a 304 when unchanged) and an upgraded server
+    never has its new page run an old cached script."""
+    get, head = client.get("/"), client.head("/")
+    assert head.status_code == 200 and head.content == b""
+    assert head.headers["etag"] == get.headers["etag"] and head.headers["cache-control"] == "no-cache"
+    for path in ("/", "/static/app.js", "/static/style.css"):
+        r = client.get(path)
+        assert r.headers["cache-control"] == "no-cache" and r.headers["etag"], path
+        again = client.get(path, headers={"If-None-Match": r.headers["etag"]})
+        assert again.status_code == 304 and again.headers["cache-control"] == "no-cache", path
+        assert client.head(path).status_code == 200, path
+
+
 def test_page_loads_without_console_errors_and_lists_the_served_models(demo, client, tmp_path):
     models = client.get("/v1/models").json()["data"]
     d = demo
@@ -327,17 +342,17 @@ def test_refused_requests_are_shown_on_the_page_and_the_session_goes_on(demo):
     d.page.click("#send")
     d.wait_status("Done: length, 20 tokens")
     first = d.js("s4demo.turns[0]")
-    # a request the server refuses: its error frame is shown, its prompt goes back in the box (to fix a
-    # setting and send again), and the session goes on
+    # a request the server refuses (more tokens than its limit, 4096, which the page does not know): its
+    # error frame is shown, its prompt goes back in the box (to fix a setting and send again), and the
+    # session goes on
     d.page.fill("#prompt", " more")
-    d.page.fill("#temperature", "-1")
+    d.page.fill("#max-new-tokens", "5000")
     d.page.click("#send")
-    assert "422" in d.wait_status("temperature")
+    assert "422" in d.wait_status("max_new_tokens")
     assert d.page.locator("#status.error").count() == 1
     assert d.js("s4demo.turns.length") == 1 and d.page.text_content("#output") == "x" + first["text"]
     assert d.page.input_value("#prompt") == " more"
     d.page.fill("#prompt", "")
-    d.page.fill("#temperature", "1")
     d.page.fill("#max-new-tokens", "5")
     d.page.click("#send")
     d.wait_status("Done: length, 5 tokens")
@@ -356,7 +371,9 @@ def test_when_the_session_expires_the_page_says_so_and_the_next_turn_starts_a_ne
         assert wait_for(lambda: httpx.get(f"{limited.url}/v1/sessions/{old}").status_code == 404, 10)
         d.page.fill("#prompt", "y")
         d.page.click("#send")
-        assert "expired" in d.wait_status("Error 404")
+        said = d.wait_status("expired")
+        assert "Send again to start a new, empty session" in said
+        assert not any(word in said for word in ("socket", "unbound", "S4_SESSION_TTL_S"))  # no jargon
         assert d.page.input_value("#prompt") == "y" and d.js("s4demo.sessionId") is None
         d.page.click("#send")
         d.wait_status("Done: length, 5 tokens")
@@ -448,8 +465,396 @@ def test_with_api_keys_the_page_works_with_the_key_and_says_when_it_is_wrong(bro
         d.page.click("#send")
         assert "check the API key" in d.wait_status("WebSocket")
         assert d.js("s4demo.sessionId") is None and d.page.text_content("#output") == ""
-        # the only console errors: the refused model list and the refused handshake
-        assert len(d.errors) == 2, d.errors
-        assert "401" in d.errors[0] and "WebSocket" in d.errors[1]
+        # the only console errors: the refused model list, the refused handshake, and the page's request
+        # that asks why (GET /v1/models with the same key: 401)
+        assert len(d.errors) == 3, d.errors
+        assert "401" in d.errors[0] and "WebSocket" in d.errors[1] and "401" in d.errors[2]
     finally:
         d.context.close()
+
+
+# --- what a first-time user ran into ---------------------------------------------------------------
+
+
+def statuses(d: Demo) -> None:
+    """From now on, every text the status line shows is kept in window.statuses (a test reads them all,
+    however briefly each was shown)."""
+    d.js("""() => { window.statuses = [];
+        new MutationObserver(() => statuses.push(document.getElementById('status').textContent)).observe(
+          document.getElementById('status'), {subtree: true, characterData: true, childList: true}); }""")
+
+
+def sockets_opened(d: Demo) -> list:
+    """The WebSockets the page opens from now on, each as [url, [text frames sent]]."""
+    opened: list = []
+
+    def on_socket(ws) -> None:
+        sent: list = []
+        opened.append([ws.url, sent])
+        ws.on("framesent", lambda payload: sent.append(payload) if isinstance(payload, str) else None)
+
+    d.page.on("websocket", on_socket)
+    return opened
+
+
+def test_an_audio_prompt_over_the_limit_ends_its_turn_and_the_next_turn_works(demo, server, tmp_path):
+    """The server refuses (413) a binary prompt longer than max_audio_s (30 s) as its frames arrive, after
+    the page has sent them all and its generate message: the turn ends on that refusal once the generate
+    is answered (a generation started from what was left is cancelled, not played), so the next Generate
+    is not refused with 409 (a generation running)."""
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    wav = tmp_path / "31-seconds.wav"
+    wav.write_bytes(wav_bytes(0.4 * np.sin(np.arange(31 * 8000) / 5.0), 8000))
+    d.page.set_input_files("#audio-file", str(wav))
+    d.wait_status("Prompt loaded")
+    d.page.fill("#audio-samples", "240000")  # the most this server allows: 30 s
+    d.page.click("#audio-generate")
+    d.page.wait_for_function("() => !document.getElementById('audio-generate').disabled", timeout=WAIT_MS)
+    said = d.page.text_content("#status")
+    assert "413" in said and "choose a shorter one" in said, said
+    assert d.page.is_disabled("#audio-cancel")
+    assert d.js("[s4demo.samplesReceived, s4demo.samplesScheduled, s4demo.sourcesQueued()]") == [0, 0, 0]
+    sid = d.js("s4demo.sessionId")
+    assert httpx.get(f"{server.url}/v1/sessions/{sid}").json()["status"] == "idle"
+    # at once, the next turn (no new prompt: the session goes on)
+    d.page.fill("#audio-samples", "100")
+    d.page.click("#audio-generate")
+    assert "409" not in d.wait_status("Done: length, 100 samples")
+    assert d.js("s4demo.lastDone.usage")["prompt_tokens"] == 0
+    assert d.errors == []
+
+
+def test_a_page_opened_while_the_models_load_says_so_and_lists_them_once_loaded(
+    browser, model_dirs, monkeypatch
+):
+    """/v1/models is [] until every model has loaded (/readyz: "loading"): the page says the models are
+    loading and asks again by itself, and lists them once they are served (no "serves no model")."""
+    import threading
+
+    import server.state
+    from server import Settings
+
+    go = threading.Event()
+    load = server.state.load_models
+
+    def gated(*args, **kwargs):
+        go.wait(60)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(server.state, "load_models", gated)
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])]))
+    s.thread.start()
+    try:
+        assert wait_for(lambda: s.server.started, 30)
+        d = Demo(browser, s.url)
+        statuses(d)
+        assert "loading" in d.wait_status("loading")
+        assert httpx.get(f"{s.url}/v1/models").json()["data"] == []  # still loading
+        d.page.wait_for_timeout(1500)  # it asks again meanwhile
+        go.set()
+        d.wait_status("1 model served")
+        assert not any("serves no model" in t for t in d.js("statuses"))
+        generate_text(d, "x", 5, seed=1)
+        assert [e for e in d.errors if "503" not in e] == []  # /readyz answers 503 while loading
+        d.context.close()
+    finally:
+        go.set()
+        s.stop()
+
+
+def test_an_api_key_typed_with_spaces_around_it_works_on_the_websocket_too(browser, keyed, model_dirs):
+    d = Demo(browser, keyed.url)
+    try:
+        d.wait_status("401")
+        d.page.fill("#api-key", f"  {KEYS[0]} ")
+        d.page.click("#load-models")
+        d.wait_status("model served")
+        want = reference(model_dirs["text"], list(b"ab"), SamplingParams(seed=2), 10)
+        assert generate_text(d, "ab", 10, seed=2) == bytes(want).decode("utf-8", errors="replace")
+    finally:
+        d.context.close()
+
+
+def test_the_status_says_when_the_prompt_is_being_ingested_and_when_a_cancel_was_sent(
+    demo, browser, limited, tmp_path
+):
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    wav = tmp_path / "two-seconds.wav"
+    wav.write_bytes(wav_bytes(0.4 * np.sin(np.arange(16000) / 5.0), 8000))
+    d.page.set_input_files("#audio-file", str(wav))
+    d.wait_status("Prompt loaded")
+    statuses(d)
+    d.page.fill("#audio-samples", "100")
+    d.page.click("#audio-generate")
+    d.wait_status("Done: length, 100 samples")
+    shown = d.js("statuses")
+    assert "Generating: ingesting the prompt (2.0 s of audio)…" in shown, shown
+    assert shown.index("Generating…") > shown.index("Generating: ingesting the prompt (2.0 s of audio)…")
+
+    t = Demo(browser, limited.url)  # a generation far longer than the click takes
+    try:
+        t.wait_status("model served")
+        t.page.fill("#max-new-tokens", "200000")
+        t.page.click("#send")
+        t.page.wait_for_function("() => s4demo.turns[0] && s4demo.turns[0].ids > 0", timeout=WAIT_MS)
+        statuses(t)
+        t.page.click("#cancel")
+        t.wait_status("Done: cancelled")
+        assert t.js("statuses")[0].startswith("Cancelling")
+    finally:
+        t.context.close()
+
+
+MICROPHONES = """() => { window.microphones = [];
+    const get = navigator.mediaDevices.getUserMedia.bind(navigator.mediaDevices);
+    navigator.mediaDevices.getUserMedia = async (c) => {
+      const s = await get(c); microphones.push(s); return s; };
+}"""
+
+
+def test_another_model_or_a_new_session_stops_the_recording_and_releases_the_microphone(demo):
+    d = demo
+    d.page.add_init_script(f"({MICROPHONES})()")
+    d.page.reload()
+    d.wait_status("models served")
+    live = "() => microphones.flatMap(s => s.getTracks()).filter(t => t.readyState === 'live').length"
+    for leave in ("model", "reset"):
+        d.page.select_option("#model", AUDIO)
+        d.page.click("#record")
+        d.wait_status("Recording")
+        assert d.js(live) == 1
+        if leave == "model":
+            d.page.select_option("#model", TEXT)
+        else:
+            d.page.click("#reset")
+        assert d.js(live) == 0
+        assert not d.js("s4demo.recording()")
+        d.page.wait_for_timeout(500)  # the dropped recording is not loaded as a prompt meanwhile
+        d.page.select_option("#model", AUDIO)
+        assert d.page.text_content("#record") == "Record"
+        assert d.page.get_attribute("#record", "aria-pressed") == "false"
+        assert d.page.text_content("#prompt-info") == "no prompt: starts from the model's silence"
+        assert "Recorded prompt" not in d.page.text_content("#status")
+    assert d.errors == []
+
+
+def test_a_connect_dropped_by_new_session_or_another_model_shows_no_error(demo):
+    """Generate, then at once (before the socket opens) New session or another model: no error, and the
+    socket that was opening is closed once open (no session is left behind)."""
+    d = demo
+    d.wait_status("models served")
+    d.js("() => { document.getElementById('send').click(); document.getElementById('reset').click(); }")
+    d.page.wait_for_timeout(1500)
+    assert d.page.text_content("#status") == "New session: the next turn starts from an empty state."
+    d.js("""() => { document.getElementById('send').click(); const m = document.getElementById('model');
+        m.value = 'tiny-audio'; m.dispatchEvent(new Event('change')); }""")
+    d.page.wait_for_timeout(1500)
+    assert d.page.text_content("#status") == "tiny-audio selected: a new session."
+    assert d.page.locator("#status.error").count() == 0 and d.js("s4demo.sessionId") is None
+    d.page.select_option("#model", TEXT)
+    generate_text(d, "x", 5, seed=1)  # and the page works on
+    assert d.errors == []
+
+
+def test_a_refused_websocket_blames_the_key_only_when_the_server_says_401(demo):
+    """A handshake refused for another reason (here: a socket to a path with no WebSocket, which the server
+    refuses with 403) on a server without keys says the connection failed, not "check the API key"."""
+    d = demo
+    d.page.add_init_script("""(() => { const Native = window.WebSocket;
+        window.WebSocket = class extends Native {
+          constructor(url, protocols) { super(String(url).replace('/v1/stream', '/v1/nope'), protocols); } };
+    })()""")
+    d.page.reload()
+    d.wait_status("models served")
+    d.page.fill("#prompt", "x")
+    d.page.click("#send")
+    said = d.wait_status("WebSocket")
+    assert "the connection failed" in said and "API key" not in said, said
+    assert d.page.input_value("#prompt") == "x"
+
+
+def type_into(d: Demo, selector: str, text: str) -> None:
+    """Type as a user does (fill refuses what a number field cannot hold, and "1e" is such)."""
+    d.page.fill(selector, "")
+    d.page.focus(selector)
+    d.page.keyboard.type(text)
+
+
+def test_a_setting_the_page_cannot_read_or_that_breaks_its_bounds_is_named_and_nothing_is_sent(demo):
+    d = demo
+    d.wait_status("models served")
+    opened = sockets_opened(d)
+    good = {"#max-new-tokens": "5", "#temperature": "1", "#top-k": "0", "#top-p": "1", "#seed": "1"}
+    cases = [
+        ("#max-new-tokens", "1e", "max new tokens"),  # unparseable: the field's value is ""
+        ("#temperature", "1e999", "temperature"),  # unparseable: out of a double's range
+        ("#max-new-tokens", "0", "max new tokens"),  # below min
+        ("#top-k", "1.5", "top-k"),  # not a whole number (step)
+        ("#top-p", "2", "top-p"),  # above max
+        ("#temperature", "-1", "temperature"),
+        ("#seed", "1e3", "seed"),
+        ("#seed", "-1", "seed"),
+    ]
+    for selector, value, name in cases:
+        for sel, v in good.items():
+            d.page.fill(sel, v)
+        d.page.fill("#prompt", "x")
+        type_into(d, selector, value)
+        d.page.click("#send")
+        said = d.wait_status("Not sent")
+        assert said.startswith(f"Not sent: {name}: "), (value, said)
+        assert d.page.get_attribute(selector, "aria-invalid") == "true"
+        note = d.page.get_attribute(selector, "aria-describedby")
+        assert d.page.text_content(f"#{note}") == said.split(": ", 2)[2]  # the error, beside the field
+        assert d.js("document.activeElement.id") == selector[1:]
+        assert d.page.input_value("#prompt") == "x"
+    assert opened == [] and d.js("s4demo.turns.length") == 0  # nothing was sent
+    for sel, v in good.items():
+        d.page.fill(sel, v)
+    assert d.page.get_attribute("#seed", "aria-invalid") == "false"  # typing cleared it
+    d.page.click("#send")
+    d.wait_status("Done: length, 5 tokens")
+    assert d.errors == []
+
+
+def test_a_seed_above_2_to_the_53_is_sent_digit_for_digit(demo, model_dirs):
+    """JSON numbers in JavaScript are doubles: 9007199254740993 would go out as …992. The page writes the
+    digits as typed, up to the server's largest seed (2^63 - 1), and refuses more."""
+    d = demo
+    d.wait_status("models served")
+    opened = sockets_opened(d)
+    big = 2**53 + 1
+    want = reference(model_dirs["text"], list(b"no more;"), SamplingParams(seed=big), 40)
+    assert want != reference(model_dirs["text"], list(b"no more;"), SamplingParams(seed=big - 1), 40)
+    assert generate_text(d, "no more;", 40, seed=big) == bytes(want).decode("utf-8", errors="replace")
+    assert f'"seed":{big}}}' in opened[0][1][-1]
+    d.page.fill("#seed", str(2**63 - 1))
+    d.page.click("#send")
+    d.wait_status("Done")
+    assert f'"seed":{2**63 - 1}}}' in opened[0][1][-1]
+    d.page.fill("#seed", str(2**63))
+    d.page.click("#send")
+    assert "at most 9223372036854775807" in d.wait_status("Not sent: seed")
+    assert len(opened[0][1]) == 2
+    assert d.errors == []
+
+
+LATE_FRAMES = """(() => { const Native = window.WebSocket;  // every frame reaches the page 3 s late, in order
+    window.WebSocket = class extends Native {
+      set onmessage(f) { super.onmessage = (ev) => setTimeout(() => f.call(this, ev), 3000); }
+      get onmessage() { return super.onmessage; } };
+})()"""
+
+
+def test_the_rate_is_the_decode_rate_from_the_first_output_in_tokens_or_samples_per_second(demo):
+    """What comes before the first output (connecting, ingesting the prompt: here every frame arrives 3 s
+    late, as after a long prompt) is not part of the rate: 300 tokens over the time since the click would
+    be under 100 tokens/s, the decode rate is far above that. Audio's rate is in samples/s, with how many
+    times real time that is, and the page counts playback's gaps."""
+    d = demo
+    d.page.add_init_script(LATE_FRAMES)
+    d.page.reload()
+    d.wait_status("models served")
+    generate_text(d, "x", 300, seed=1)
+    rate = float(d.page.text_content("#rate"))
+    assert rate > 200, rate
+    assert d.page.text_content("#rate-label") == "tokens/s"
+    d.page.select_option("#model", AUDIO)
+    assert d.page.text_content("#rate-label") == "samples/s"
+    d.page.fill("#audio-samples", "4000")
+    d.page.click("#audio-generate")
+    d.wait_status("Done: length, 4000 samples")
+    samples_per_s, times = d.page.text_content("#rate").split(" (")
+    assert float(samples_per_s) > 0 and times.endswith("× real time)")
+    assert float(times.split("×")[0]) == pytest.approx(float(samples_per_s) / 8000, abs=0.06)
+    d.page.wait_for_function("() => s4demo.samplesPlayed === 4000", timeout=WAIT_MS)
+    gaps = d.js("s4demo.underruns")
+    assert d.page.text_content("#audio-info").endswith(
+        f"playback fell behind {gaps} time{'' if gaps == 1 else 's'}"
+    )
+    assert d.errors == []
+
+
+def test_load_models_waits_for_the_generation_and_keeps_the_session(browser, limited):
+    """During a generation Load models is disabled (and Enter in the key field does nothing); after it,
+    reloading the model list keeps the session and its transcript when the same model is still served."""
+    d = Demo(browser, limited.url)
+    try:
+        d.wait_status("model served")
+        d.page.fill("#prompt", "x")
+        d.page.fill("#max-new-tokens", "200000")
+        d.page.click("#send")
+        d.page.wait_for_function("() => s4demo.turns[0] && s4demo.turns[0].ids > 0", timeout=WAIT_MS)
+        sid = d.js("s4demo.sessionId")
+        assert d.page.is_disabled("#load-models")
+        d.page.press("#api-key", "Enter")
+        d.page.wait_for_timeout(300)
+        assert d.page.is_enabled("#cancel") and d.js("s4demo.sessionId") == sid
+        assert d.page.text_content("#output").startswith("x") and d.js("s4demo.turns.length") == 1
+        d.page.click("#cancel")
+        d.wait_status("Done: cancelled")
+        shown = d.page.text_content("#output")
+        assert d.page.is_enabled("#load-models")
+        d.page.click("#load-models")
+        d.wait_status("model served")
+        assert d.js("s4demo.sessionId") == sid and d.page.text_content("#output") == shown
+        d.page.fill("#max-new-tokens", "5")
+        d.page.click("#send")
+        d.wait_status("Done: length, 5 tokens")
+        assert d.js("s4demo.turns.length") == 2 and d.js("s4demo.lastDone.session_id") == sid
+        assert d.errors == []
+    finally:
+        d.context.close()
+
+
+def test_a_file_that_cannot_be_decoded_unloads_the_previous_prompt(demo, tmp_path):
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    good = tmp_path / "good.wav"
+    good.write_bytes(wav_bytes(0.4 * np.sin(np.arange(300) / 5.0), 8000))
+    d.page.set_input_files("#audio-file", str(good))
+    d.wait_status("Prompt loaded")
+    bad = tmp_path / "notaudio.wav"
+    bad.write_bytes(b"this is not audio at all " * 40)
+    d.page.set_input_files("#audio-file", str(bad))
+    assert "No prompt is loaded" in d.wait_status("Could not decode notaudio.wav")
+    assert d.page.text_content("#prompt-info") == "no prompt: starts from the model's silence"
+    d.page.fill("#audio-samples", "100")
+    d.page.click("#audio-generate")
+    d.wait_status("Done: length, 100 samples")
+    assert d.js("s4demo.lastDone.usage") == {"prompt_tokens": 1, "completion_tokens": 100}  # the silence
+
+
+def test_keyboard_focus_follows_generate_and_cancel_and_the_output_is_a_named_region(browser, limited):
+    d = Demo(browser, limited.url)
+    try:
+        d.wait_status("model served")
+        assert d.page.get_by_role("region", name="Generated text").count() == 1
+        d.page.fill("#max-new-tokens", "200000")
+        d.page.focus("#send")
+        d.page.keyboard.press("Enter")
+        d.page.wait_for_function("() => s4demo.turns[0] && s4demo.turns[0].ids > 0", timeout=WAIT_MS)
+        assert d.js("document.activeElement.id") == "cancel"
+        d.page.keyboard.press("Enter")
+        d.wait_status("Done: cancelled")
+        assert d.js("document.activeElement.id") == "send"
+        assert d.errors == []
+    finally:
+        d.context.close()
+
+
+def test_the_model_line_says_what_each_model_is(demo, client):
+    d = demo
+    d.wait_status("models served")
+    text = d.page.text_content("#model-info")
+    assert text.startswith("text: UTF-8 bytes (a vocabulary of 256) · 2 S4 layers, d_model 32, d_state 16"), (
+        text
+    )
+    d.page.select_option("#model", AUDIO)
+    sound = d.page.text_content("#model-info")
+    assert sound.startswith("audio: 8000 Hz mu-law samples (256 levels) · 2 S4 layers"), sound

@@ -2,15 +2,18 @@
 
 Neither is an API operation, so neither is in the OpenAPI schema. The page only talks to this
 server (GET /v1/models, WS /v1/stream, GET /v1/sessions/{id}); the CSP below keeps it that way.
+The page and its assets are revalidated on every use (Cache-Control: no-cache, with the ETag and
+Last-Modified that Starlette sets): an upgraded server never has its new page run an old cached script.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.types import Scope
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
 # Same-origin only: no CDN, no external fonts; blob: for the WAV download, mediastream for the mic.
@@ -18,17 +21,31 @@ CSP = (
     "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob:; "
     "media-src 'self' blob: mediastream:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 )
+REVALIDATE = {"Cache-Control": "no-cache"}  # a cached copy is used only after a 304 says it is current
 
 router = APIRouter()
 
 
-@router.get("/", include_in_schema=False)
-async def index() -> FileResponse:
-    return FileResponse(
-        STATIC / "index.html", headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"}
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+async def index(request: Request) -> Response:
+    page = STATIC / "index.html"
+    response = FileResponse(
+        page, stat_result=page.stat(), headers={"Content-Security-Policy": CSP, **REVALIDATE}
     )
+    if request.headers.get("if-none-match") == response.headers["etag"]:  # the browser's copy is current
+        return Response(status_code=304, headers={"ETag": response.headers["etag"], **REVALIDATE})
+    return response
+
+
+class RevalidatedStaticFiles(StaticFiles):
+    """StaticFiles whose responses (200 and 304) say Cache-Control: no-cache."""
+
+    def file_response(self, full_path, stat_result, scope: Scope, status_code: int = 200):
+        response = super().file_response(full_path, stat_result, scope, status_code)
+        response.headers.update(REVALIDATE)
+        return response
 
 
 def static_files() -> StaticFiles:
     """The page's script and style sheet, mounted at /static."""
-    return StaticFiles(directory=STATIC)
+    return RevalidatedStaticFiles(directory=STATIC)

@@ -11,18 +11,24 @@
     samplesReceived: 0, // audio samples received over the socket
     samplesScheduled: 0, // ... handed to AudioBufferSourceNodes started in the AudioContext
     samplesPlayed: 0, // ... whose source node has ended (played out)
+    underruns: 0, // times this generation's playback ran out of samples (a gap in the sound)
     audioContextState: () => (audio.ctx ? audio.ctx.state : "none"),
     sourcesQueued: () => audio.sources.size, // AudioBufferSourceNodes scheduled and not yet ended
+    recording: () => audio.recorder !== null,
   });
 
-  const apiKey = () => $("api-key").value; // in this page's memory only: never stored
+  // In this page's memory only (never stored); trimmed, as HTTP trims a header value: a key pasted with
+  // a space around it works on the WebSocket too.
+  const apiKey = () => $("api-key").value.trim();
+  const MAX_SEED = 2n ** 63n - 1n; // the server's largest seed
   let models = [];
   let model = null; // the selected entry of GET /v1/models
-  let conn = null; // {ws, opened, bound}
+  let conn = null; // {ws, opened, bound, dropped}
   let turn = null; // the running generation
   let contextTokens = 0;
   let cancelSent = false; // a cancel that crosses the generation's done frame gets a 409: not an error
   let starting = false; // a turn is waiting for its socket to open
+  let epoch = 0; // bumped by every new session: work begun for an older one (a decode, a mic) is dropped
 
   // --- small helpers ---------------------------------------------------------------------------
 
@@ -64,42 +70,123 @@
     return r.json();
   }
 
-  function numberField(id) {
-    const v = $(id).value.trim();
-    return v === "" ? undefined : Number(v);
+  // --- sampling settings: checked here, sent only when every field is valid ----------------------
+
+  function fieldName(el) {
+    return el.closest("label").firstChild.textContent.trim();
+  }
+
+  function fieldError(el, why) {
+    el.setAttribute("aria-invalid", why ? "true" : "false");
+    el.nextElementSibling.textContent = why;
+  }
+
+  // The fields' values ({key: number}, absent when empty: the server's default) and the seed's digits
+  // (a JS number would round a seed above 2^53: messageJSON writes the digits as they are). null, with
+  // each bad field marked, the first one focused and named in the status line, when any is invalid:
+  // unparseable ("1e": the browser's value is then "", so it was silently dropped), or outside the
+  // field's min/max/step.
+  function readSettings(fields, seedId) {
+    const values = {};
+    const bad = [];
+    for (const [key, id] of Object.entries(fields)) {
+      const el = $(id);
+      const why = el.checkValidity() ? "" : el.validity.badInput ? "not a number" : el.validationMessage;
+      fieldError(el, why);
+      if (why) bad.push(el);
+      else if (el.value.trim() !== "") values[key] = Number(el.value);
+    }
+    const el = $(seedId);
+    let seed = el.value.trim();
+    let why = "";
+    if (seed && !/^[0-9]+$/.test(seed)) why = "a whole number, 0 or more";
+    else if (seed && BigInt(seed) > MAX_SEED) why = `at most ${MAX_SEED} (2^63 - 1)`;
+    fieldError(el, why);
+    if (why) bad.push(el);
+    if (bad.length) {
+      status(`Not sent: ${fieldName(bad[0])}: ${bad[0].nextElementSibling.textContent}`, true);
+      bad[0].focus();
+      return null;
+    }
+    return { values, seed: seed ? BigInt(seed).toString() : undefined }; // no leading zeros: JSON has none
+  }
+
+  function messageJSON(msg, seed) {
+    const json = JSON.stringify(msg);
+    return seed === undefined ? json : `${json.slice(0, -1)},"seed":${seed}}`;
   }
 
   // --- models ----------------------------------------------------------------------------------
 
-  async function loadModels() {
+  // While the server loads its models (GET /v1/models is [] and /readyz says "loading") the list is asked
+  // for again, 0.5 s after the first try and 1.5 times longer each time (10 s at most).
+  let modelsRetry = null;
+
+  async function loadModels(attempt = 0) {
+    clearTimeout(modelsRetry);
+    modelsRetry = null;
     const select = $("model");
+    let list;
     try {
-      models = (await api("v1/models")).data;
+      list = (await api("v1/models")).data;
     } catch (err) {
       status(`Could not load the models: ${err.message}`, true);
       return;
     }
+    let ready = null;
+    if (list.length === 0) {
+      ready = await fetch("readyz", { cache: "no-store" }).then((r) => r.json(), () => null);
+      if (ready?.reason === "loading") {
+        const delay = Math.min(10000, 500 * 1.5 ** attempt);
+        select.replaceChildren(new Option("(models are loading…)", ""));
+        select.disabled = true;
+        status(`The server's models are loading… (asking again in ${(delay / 1000).toFixed(1)} s)`);
+        modelsRetry = setTimeout(() => loadModels(attempt + 1), delay);
+        return;
+      }
+    }
     const previous = model?.id;
+    const nothing = list.length === 0 && ready?.reason ? `: ${ready.reason}` : ".";
+    models = list;
     select.replaceChildren(
       ...models.map((m) => new Option(`${m.id} (${m.kind})`, m.id, false, m.id === previous)),
     );
     select.disabled = models.length === 0;
-    if (models.length === 0) status("The server serves no model.", true);
+    if (models.length === 0) status(`The server serves no model${nothing}`, true);
     else status(`${models.length} model${models.length > 1 ? "s" : ""} served.`);
-    selectModel();
+    if (previous && select.value === previous) {
+      model = models.find((m) => m.id === previous); // the same model: its session goes on
+      showModel();
+    } else selectModel();
   }
 
   function selectModel() {
     model = models.find((m) => m.id === $("model").value) || null;
     resetSession();
+    showModel();
+  }
+
+  // What the model is, in words (GET /v1/models has no description or model card to link to).
+  function describeModel(m) {
+    const what =
+      m.kind === "audio"
+        ? `audio: ${m.sample_rate} Hz mu-law samples (${m.vocab_size} levels)`
+        : m.vocab_size === 256
+          ? "text: UTF-8 bytes (a vocabulary of 256)"
+          : `text: a vocabulary of ${m.vocab_size} tokens`;
+    const net =
+      m.arch === "sashimi"
+        ? `SaShiMi: a U-Net of S4 blocks over several time resolutions (${m.n_layers} at each)`
+        : `${m.n_layers} S4 layers`;
+    return `${what} · ${net}, d_model ${m.d_model}, d_state ${m.d_state}, ${m.kernel} kernel · ` +
+      `${bytes(m.state_bytes_per_session)} of state per session`;
+  }
+
+  function showModel() {
     $("text-panel").hidden = model?.kind !== "text";
     $("audio-panel").hidden = model?.kind !== "audio";
-    if (!model) return;
-    const rate = model.sample_rate ? `, ${model.sample_rate} Hz` : "";
-    const layers = model.arch === "sashimi" ? `SaShiMi, ${model.n_layers} per level` : `${model.n_layers} layers`;
-    $("model-info").textContent =
-      `${model.kind}${rate} · ${layers} · d_model ${model.d_model} · ` +
-      `d_state ${model.d_state} · ${model.kernel} · ${bytes(model.state_bytes_per_session)} of state per session`;
+    $("rate-label").textContent = model?.kind === "audio" ? "samples/s" : "tokens/s";
+    $("model-info").textContent = model ? describeModel(model) : "";
     showStats();
   }
 
@@ -111,19 +198,25 @@
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
     const ws = new WebSocket(url, wsProtocols());
     ws.binaryType = "arraybuffer";
-    const c = { ws, opened: false, bound: false };
+    const c = { ws, opened: false, bound: false, dropped: false };
     c.ready = new Promise((resolve, reject) => {
+      c.reject = reject;
       ws.onopen = () => {
+        if (c.dropped) {
+          ws.close(1000, "new session"); // dropped while it opened: it has no session yet
+          return;
+        }
         c.opened = true;
         resolve(c);
       };
       ws.onclose = (ev) => {
+        if (c.dropped) return; // closed by New session or another model
         if (!c.opened) {
           if (conn === c) conn = null;
-          reject(new Error("could not open the WebSocket"));
+          reject(Object.assign(new Error("Could not open the WebSocket"), { conn: c }));
           return;
         }
-        if (conn !== c) return; // closed by New session
+        if (conn !== c) return;
         // the server closed it: the socket's session is gone, the next turn starts a new one
         conn = null;
         demo.sessionId = null;
@@ -139,10 +232,22 @@
     return c.ready;
   }
 
-  function resetSession() {
-    if (turn) endTurn("", false);
-    if (conn) conn.ws.close(1000, "new session"); // the server deletes the socket's session
+  // Let go of the socket (the server deletes its session); one still opening is closed once it opens,
+  // and the turn waiting for it is dropped without an error.
+  function dropConnection() {
+    if (!conn) return;
+    const c = conn;
     conn = null;
+    c.dropped = true;
+    if (c.opened) c.ws.close(1000, "new session");
+    else c.reject(Object.assign(new Error("dropped"), { conn: c }));
+  }
+
+  function resetSession() {
+    epoch++;
+    if (turn) endTurn("", false);
+    stopRecording();
+    dropConnection();
     demo.sessionId = null;
     demo.turns = [];
     contextTokens = 0;
@@ -165,7 +270,7 @@
 
   function onFrame(c, data) {
     if (data instanceof ArrayBuffer) {
-      if (turn && turn.kind === "audio") onSamples(new Int16Array(data));
+      if (turn && turn.kind === "audio" && !turn.refused) onSamples(new Int16Array(data));
       return;
     }
     const f = JSON.parse(data);
@@ -173,17 +278,23 @@
       c.bound = true;
       demo.sessionId = f.session_id;
       showStats();
+    } else if (turn?.refused) {
+      onRefusedTurnFrame(f);
     } else if (f.type === "error") {
+      let said = `Error ${f.code}: ${f.message}`;
       if (f.code === 404 && f.param === "session_id" && c.bound) {
         // the socket's session expired or was deleted: the server unbound the socket
         c.bound = false;
         demo.sessionId = null;
         contextTokens = 0;
-        f.message += ". Send again for a new session (it starts empty: the text above is not in it).";
+        said = "This session expired (it sat idle longer than the server keeps sessions) or was deleted. " +
+          "Send again to start a new, empty session (the text above is not part of it).";
       }
-      if (!turn && cancelSent && f.code === 409) cancelSent = false;
-      else if (turn) endTurn(`Error ${f.code}: ${f.message}`, true);
-      else status(`Error ${f.code}: ${f.message}`, true);
+      if (f.code === 413 && turn?.kind === "audio" && turn.promptSent && !turn.generated) {
+        refuseTurn(c, f);
+      } else if (!turn && cancelSent && f.code === 409) cancelSent = false;
+      else if (turn) endTurn(said, true);
+      else status(said, true);
     } else if (!turn) {
       // frames of a generation we stopped waiting for
     } else if (f.type === "token") {
@@ -191,17 +302,39 @@
       followOutput();
       turn.record.text += f.text;
       turn.record.ids += f.ids.length;
-      progress(f.ids.length);
+      if (f.ids.length) progress(f.ids.length);
     } else if (f.type === "audio_header") {
       startPlayback(f.sample_rate);
     } else if (f.type === "done") {
-      demo.lastDone = f;
-      if (turn.record) turn.record.done = f;
-      const u = f.usage;
-      contextTokens = turn.contextBefore + u.prompt_tokens + u.completion_tokens;
-      endTurn(`Done: ${f.finish_reason}, ${u.completion_tokens} ${turn.unit} generated.`, false);
-      refreshContext(f.session_id);
+      finishTurn(f, `Done: ${f.finish_reason}, ${f.usage.completion_tokens} ${turn.unit} generated.`, false);
     }
+  }
+
+  function finishTurn(f, message, isError) {
+    demo.lastDone = f;
+    if (turn.record) turn.record.done = f;
+    const u = f.usage;
+    contextTokens = turn.contextBefore + u.prompt_tokens + u.completion_tokens;
+    endTurn(message, isError);
+    refreshContext(f.session_id);
+  }
+
+  // An audio prompt over the server's limit (max_audio_s) is refused (413) as its binary frames arrive,
+  // and the page has sent its generate message already. The turn ends once that message is answered:
+  // refused too (an error), or started from what was left (a done frame, after the cancel sent here), or
+  // the cancel's own 409 (nothing was running). Nothing of such a generation is played or kept.
+  function refuseTurn(c, f) {
+    turn.refused = `Error ${f.code}: ${f.message}. The prompt was not used: choose a shorter one.`;
+    turn.muted = true;
+    stopPlayback();
+    status(`${turn.refused} Ending the turn…`, true);
+    c.ws.send(JSON.stringify({ type: "cancel" }));
+    cancelSent = true;
+  }
+
+  function onRefusedTurnFrame(f) {
+    if (f.type === "done") finishTurn(f, turn.refused, true);
+    else if (f.type === "error" && f.code !== 413) endTurn(turn.refused, true);
   }
 
   // Follow the text as it streams, unless the reader scrolled up (above where the page last put
@@ -232,24 +365,49 @@
     showStats();
   }
 
+  // The decode rate: output after the first frame over the time since it arrived (connecting and
+  // ingesting the prompt come before the first frame, so they are not in it). Audio: samples/s, and how
+  // many times real time that is (below 1× playback cannot keep up).
   function progress(n) {
+    const now = performance.now();
+    if (turn.firstAt === null) {
+      turn.firstAt = now;
+      turn.firstCount = n;
+      if (!turn.cancelling) status("Generating…"); // the prompt is in
+    }
     turn.generated += n;
-    const seconds = (performance.now() - turn.start) / 1000;
     $("generated").textContent = String(turn.generated);
-    $("rate").textContent = seconds > 0 ? (turn.generated / seconds).toFixed(1) : "–";
+    const seconds = (now - turn.firstAt) / 1000;
+    if (seconds > 0) {
+      const rate = (turn.generated - turn.firstCount) / seconds;
+      $("rate").textContent = turn.kind === "audio"
+        ? `${rate.toFixed(0)} (${(rate / audio.rate).toFixed(1)}× real time)`
+        : rate.toFixed(1);
+    }
     contextTokens = turn.contextBefore + turn.promptTokens + turn.generated;
     showStats();
   }
 
-  function beginTurn(kind, promptTokens) {
+  function buttons(kind) {
+    return kind === "audio"
+      ? { go: $("audio-generate"), stop: $("audio-cancel") }
+      : { go: $("send"), stop: $("cancel") };
+  }
+
+  // promptLabel: what the server ingests before the first output ("2.5 s of audio"), or "" for none.
+  function beginTurn(kind, promptTokens, promptLabel) {
     cancelSent = false;
     turn = {
-      kind, conn, promptTokens, generated: 0, start: performance.now(),
+      kind, conn, promptTokens, generated: 0, firstAt: null, firstCount: 0,
       contextBefore: contextTokens, unit: kind === "text" ? "tokens" : "samples",
     };
+    const { go, stop } = buttons(kind);
+    const focusOnGo = document.activeElement === go;
     $("send").disabled = $("audio-generate").disabled = true;
     $("cancel").disabled = $("audio-cancel").disabled = false;
-    status("Generating…");
+    $("load-models").disabled = true; // a new model list would end the session: not during a turn
+    if (focusOnGo) stop.focus(); // not lost to <body> with the disabled button
+    status(promptLabel ? `Generating: ingesting the prompt (${promptLabel})…` : "Generating…");
   }
 
   function endTurn(message, isError) {
@@ -261,33 +419,46 @@
       demo.turns.pop();
       if (!$("prompt").value) $("prompt").value = turn.record.prompt;
     }
+    const { go, stop } = buttons(turn?.kind);
+    const focusOnStop = document.activeElement === stop || document.activeElement === document.body;
     turn = null;
     $("send").disabled = $("audio-generate").disabled = false;
     $("cancel").disabled = $("audio-cancel").disabled = true;
+    $("load-models").disabled = false;
+    if (focusOnStop && !go.closest("[hidden]")) go.focus();
     if (message) status(message, isError);
     showStats();
   }
 
   function cancel() {
     if (!turn || !conn) return;
+    if (turn.refused) {
+      endTurn(turn.refused, true); // the server's answer never came: do not wait for it
+      return;
+    }
     if (turn.kind === "audio") {
       turn.muted = true; // what still arrives before the done frame is kept for the WAV, not played
       stopPlayback();
     }
     conn.ws.send(JSON.stringify({ type: "cancel" }));
     cancelSent = true;
+    turn.cancelling = true;
+    status(turn.firstAt === null && turn.promptTokens
+      ? "Cancelling… (the server may finish ingesting the prompt first)"
+      : "Cancelling…");
   }
 
   // --- text ------------------------------------------------------------------------------------
 
   async function sendText() {
     if (!model || turn || starting) return;
+    const settings = readSettings(
+      { max_new_tokens: "max-new-tokens", temperature: "temperature", top_k: "top-k", top_p: "top-p" },
+      "seed",
+    );
+    if (!settings) return;
     const prompt = $("prompt").value;
-    const msg = {
-      type: "generate", prompt,
-      max_new_tokens: numberField("max-new-tokens"), temperature: numberField("temperature"),
-      top_k: numberField("top-k"), top_p: numberField("top-p"), seed: numberField("seed"),
-    };
+    const msg = { type: "generate", prompt, ...settings.values };
     const c = await opened();
     if (!c) return;
     if (!c.bound) msg.model = model.id;
@@ -302,34 +473,50 @@
     out.append(p, g);
     const record = { prompt, text: "", ids: 0, done: null };
     demo.turns.push(record);
-    beginTurn("text", new TextEncoder().encode(prompt).length);
+    const promptBytes = new TextEncoder().encode(prompt).length;
+    beginTurn("text", promptBytes, promptBytes ? `${promptBytes} bytes` : "");
     turn.textNode = g.firstChild;
     turn.spans = [p, g];
     turn.record = record;
-    c.ws.send(JSON.stringify(msg));
+    c.ws.send(messageJSON(msg, settings.seed));
     $("prompt").value = ""; // it is in the transcript; an empty prompt just continues the text
   }
 
-  // The socket, once open (null, with the reason shown, when it cannot be opened). A browser does not
-  // say why a handshake failed: a server that answers /healthz refused it (a missing or wrong key).
+  // The socket, once open; null when it cannot be opened (the reason shown) or was dropped meanwhile
+  // (New session, another model: nothing to show).
   async function opened() {
     starting = true;
     try {
       return await connect();
     } catch (err) {
-      const up = await fetch("healthz", { cache: "no-store" }).then(() => true, () => false);
-      status(`${err.message}: ${up ? "check the API key" : "the server does not answer (is it up?)"}`, true);
+      if (err.conn.dropped) return null;
+      const why = await socketRefusal();
+      if (!err.conn.dropped) status(`${err.message}: ${why}`, true);
       return null;
     } finally {
       starting = false;
     }
   }
 
+  // A browser does not say why a handshake failed. The same request over HTTP, with the same key, does:
+  // a 401 means the key; no answer means the server is down; anything else is not the key's fault.
+  async function socketRefusal() {
+    let r;
+    try {
+      r = await fetch("v1/models", { headers: authHeaders(), cache: "no-store" });
+    } catch {
+      return "the server does not answer (is it up?)";
+    }
+    if (r.status === 401) return "the server refused the API key (401): check the API key";
+    return `the connection failed, though the server answers (HTTP ${r.status}): try again`;
+  }
+
   // --- audio: prompt in, samples out (played as they stream, drawn as they grow) ---------------
 
   const audio = {
-    ctx: null, rate: 8000, nextTime: 0, pending: [], pendingLength: 0, flushTimer: null, sources: new Set(),
-    samples: new Int16Array(0), length: 0, expected: 0, prompt: null, recorder: null, dirty: false,
+    ctx: null, rate: 8000, nextTime: 0, started: false, pending: [], pendingLength: 0, flushTimer: null,
+    sources: new Set(), samples: new Int16Array(0), length: 0, expected: 0, prompt: null, recorder: null,
+    dirty: false,
   };
 
   // Silence what is queued or playing (Cancel, New session, a new generation's reset): a stopped source
@@ -348,7 +535,8 @@
     audio.length = 0;
     audio.pending = [];
     audio.pendingLength = 0;
-    demo.samplesReceived = demo.samplesScheduled = demo.samplesPlayed = 0;
+    audio.started = false;
+    demo.samplesReceived = demo.samplesScheduled = demo.samplesPlayed = demo.underruns = 0;
     $("download").hidden = true;
     showAudioInfo();
     drawWaveform();
@@ -357,7 +545,7 @@
   function showAudioInfo() {
     $("audio-info").textContent =
       `${demo.samplesReceived} samples received, ${demo.samplesScheduled} scheduled for playback, ` +
-      `${demo.samplesPlayed} played`;
+      `${demo.samplesPlayed} played; playback fell behind ${demo.underruns} time${demo.underruns === 1 ? "" : "s"}`;
   }
 
   function audioContext() {
@@ -367,9 +555,8 @@
     return audio.ctx;
   }
 
-  async function loadPrompt(blob) {
-    // Decoded and resampled to the model's rate by an OfflineAudioContext, mixed down to mono.
-    const rate = model.sample_rate;
+  // Decoded and resampled to the model's rate by an OfflineAudioContext, mixed down to mono.
+  async function decodePrompt(blob, rate) {
     const buf = await new OfflineAudioContext(1, 1, rate).decodeAudioData(await blob.arrayBuffer());
     const mono = new Float32Array(buf.length);
     for (let ch = 0; ch < buf.numberOfChannels; ch++) {
@@ -378,19 +565,32 @@
     }
     const pcm = new Int16Array(mono.length);
     for (let i = 0; i < mono.length; i++) pcm[i] = Math.max(-32768, Math.min(32767, Math.round(mono[i] * 32768)));
+    return pcm;
+  }
+
+  // The prompt for the next turn, or with a failed decode none (not the one loaded before).
+  async function loadPrompt(blob, what, loaded) {
+    const started = epoch;
+    const rate = model.sample_rate;
+    let pcm;
+    try {
+      pcm = await decodePrompt(blob, rate);
+    } catch (err) {
+      if (started !== epoch) return;
+      clearPrompt();
+      status(`Could not decode ${what}: ${err.message}. No prompt is loaded.`, true);
+      return;
+    }
+    if (started !== epoch) return; // another model or a new session meanwhile
     audio.prompt = pcm;
     $("prompt-info").textContent = `prompt: ${pcm.length} samples (${(pcm.length / rate).toFixed(2)} s at ${rate} Hz)`;
+    status(loaded);
   }
 
   async function onPromptFile() {
     const file = $("audio-file").files[0];
     if (!file || !model) return;
-    try {
-      await loadPrompt(file);
-      status(`Prompt loaded from ${file.name}.`);
-    } catch (err) {
-      status(`Could not decode ${file.name}: ${err.message}`, true);
-    }
+    await loadPrompt(file, file.name, `Prompt loaded from ${file.name}.`);
   }
 
   async function toggleRecord() {
@@ -398,6 +598,7 @@
       audio.recorder.stop();
       return;
     }
+    const started = epoch;
     let stream;
     try {
       stream = await navigator.mediaDevices.getUserMedia({ audio: true });
@@ -405,24 +606,39 @@
       status(`No microphone: ${err.message}`, true);
       return;
     }
+    if (started !== epoch || audio.recorder) {
+      stream.getTracks().forEach((t) => t.stop()); // another model or a new session meanwhile
+      return;
+    }
     const chunks = [];
     const rec = new MediaRecorder(stream);
     rec.ondataavailable = (ev) => chunks.push(ev.data);
-    rec.onstop = async () => {
+    rec.onstop = () => {
       stream.getTracks().forEach((t) => t.stop());
+      if (audio.recorder !== rec) return; // dropped by stopRecording
       audio.recorder = null;
-      $("record").textContent = "Record";
-      try {
-        await loadPrompt(new Blob(chunks, { type: rec.mimeType }));
-        status("Recorded prompt loaded.");
-      } catch (err) {
-        status(`Could not decode the recording: ${err.message}`, true);
-      }
+      showRecording(false);
+      loadPrompt(new Blob(chunks, { type: rec.mimeType }), "the recording", "Recorded prompt loaded.");
     };
     audio.recorder = rec;
     rec.start();
-    $("record").textContent = "Stop recording";
+    showRecording(true);
     status("Recording… press Stop recording when done.");
+  }
+
+  function showRecording(on) {
+    $("record").textContent = on ? "Stop recording" : "Record";
+    $("record").setAttribute("aria-pressed", String(on));
+  }
+
+  // Another model or a new session: the recording is dropped and the microphone released.
+  function stopRecording() {
+    const rec = audio.recorder;
+    if (!rec) return;
+    audio.recorder = null;
+    rec.stop();
+    rec.stream.getTracks().forEach((t) => t.stop());
+    showRecording(false);
   }
 
   function clearPrompt() {
@@ -435,6 +651,8 @@
 
   async function generateAudio() {
     if (!model || turn || starting) return;
+    const settings = readSettings({ max_new_tokens: "audio-samples", temperature: "audio-temperature" }, "audio-seed");
+    if (!settings) return;
     audioContext();
     const c = await opened();
     if (!c) return;
@@ -447,18 +665,16 @@
       clearPrompt(); // it is part of the session now
     }
     resetAudio();
-    audio.expected = numberField("audio-samples") || 0;
-    beginTurn("audio", prompt ? prompt.length : 0);
-    c.ws.send(JSON.stringify({
-      type: "generate", audio_encoding: "pcm16", max_new_tokens: numberField("audio-samples"),
-      temperature: numberField("audio-temperature"), seed: numberField("audio-seed"),
-    }));
+    audio.expected = settings.values.max_new_tokens || 0;
+    const seconds = prompt ? `${(prompt.length / model.sample_rate).toFixed(1)} s of audio` : "";
+    beginTurn("audio", prompt ? prompt.length : 0, seconds);
+    turn.promptSent = !!prompt;
+    c.ws.send(messageJSON({ type: "generate", audio_encoding: "pcm16", ...settings.values }, settings.seed));
   }
 
   function startPlayback(rate) {
-    const ctx = audioContext();
+    audioContext();
     audio.rate = rate;
-    audio.nextTime = ctx.currentTime + 0.25; // a quarter second of jitter buffer
     clearInterval(audio.flushTimer);
     audio.flushTimer = setInterval(flush, 50);
   }
@@ -486,7 +702,9 @@
     }
   }
 
-  // Pending samples → one AudioBufferSourceNode, queued right after the previous one.
+  // Pending samples → one AudioBufferSourceNode, queued right after the previous one. The first starts
+  // a quarter second after the first samples arrive (a jitter buffer); a later one whose slot has already
+  // passed means playback ran out of samples (fell behind real time): counted in demo.underruns.
   function flush() {
     if (turn?.muted) {
       audio.pending = [];
@@ -513,6 +731,9 @@
       showAudioInfo();
     };
     audio.sources.add(src);
+    if (!audio.started) audio.nextTime = ctx.currentTime + 0.25;
+    else if (audio.nextTime < ctx.currentTime) demo.underruns++;
+    audio.started = true;
     audio.nextTime = Math.max(audio.nextTime, ctx.currentTime + 0.05);
     src.start(audio.nextTime);
     audio.nextTime += n / audio.rate;
@@ -580,8 +801,18 @@
 
   // --- wiring ----------------------------------------------------------------------------------
 
+  // Each sampling field gets a line for its error, which it describes; typing clears it.
+  for (const el of document.querySelectorAll(".settings input")) {
+    const note = document.createElement("span");
+    note.className = "field-error";
+    note.id = `${el.id}-error`;
+    el.after(note);
+    el.setAttribute("aria-describedby", note.id);
+    el.addEventListener("input", () => fieldError(el, ""));
+  }
   $("server-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
+    if (turn || starting) return; // Load models is disabled meanwhile (a new list ends the session)
     loadModels();
   });
   $("model").addEventListener("change", () => {
