@@ -99,7 +99,7 @@ def preflight(settings: Settings) -> list[str]:
     n = len(settings.checkpoints)
     log.info("checking the settings' device, port, session store and %d checkpoints", n)
     for problem in (settings.device_problem(), port_problem(settings.host, settings.port),
-                    convert_cache_problem(settings)):  # fmt: skip
+                    convert_cache_problem(settings), build_cache_problem(settings)):  # fmt: skip
         if problem:
             return [problem]
     problems = []
@@ -147,6 +147,15 @@ def convert_cache_problem(settings: Settings) -> str | None:
     except OSError as exc:
         return f"{where}: cannot make the folder ({exc.strerror or exc})"
     return None
+
+
+def build_cache_problem(settings: Settings) -> str | None:
+    """Why the fused CPU step could not be loaded from S4_BUILD_CACHE (a noexec mount), on a CPU device.
+    It stops the server rather than warn: the torch ops would serve, but several times slower, behind a
+    healthcheck that passes; the fix is one mount option or one variable (README, "Docker")."""
+    from model.fused import build_cache_problem as problem  # noqa: PLC0415
+
+    return problem() if settings.resolved_device() == "cpu" else None
 
 
 def port_problem(host: str, port: int) -> str | None:

@@ -412,3 +412,39 @@ def test_a_stop_while_the_checks_run_exits_0_at_once(tmp_path):
         assert "SIGTERM before listening: not serving" in err and "Traceback" not in err, err
     finally:
         proc.kill()
+
+
+def test_a_build_cache_on_a_noexec_mount_stops_the_server_naming_s4_build_cache(
+    model_dirs, monkeypatch, tmp_path
+):
+    """The fused C step compiled into a folder mounted noexec (Docker's and podman's default for a tmpfs, as
+    compose's `tmpfs: - /tmp` was) cannot be loaded ("failed to map segment from shared object"): the server
+    served on torch ops, ~7x slower, with only a warning (a fresh-user trial). It now stops before it
+    listens, naming S4_BUILD_CACHE and the fix; the library's own warning says the same."""
+    import warnings
+
+    from model import fused
+
+    cache = tmp_path / "noexec" / "s4serve-build"  # not made yet: its parent's mount decides
+    real_statvfs = os.statvfs
+
+    class NoExec:  # os.statvfs of a folder on a noexec mount: f_flag has ST_NOEXEC
+        def __init__(self, path):
+            self.f_flag = real_statvfs(path).f_flag | (
+                os.ST_NOEXEC if str(path).startswith(str(tmp_path)) else 0
+            )
+
+    monkeypatch.setattr(os, "statvfs", NoExec)
+    monkeypatch.setenv("S4_BUILD_CACHE", str(cache))
+    message = _exit_message("--checkpoints", str(model_dirs["text"]), "--port", str(free_port()))
+    assert message.startswith(f"not serving: S4_BUILD_CACHE = {cache} is on a file system mounted noexec")
+    assert "/tmp:exec" in message and "\n" not in message
+    monkeypatch.setattr(fused, "_lib", {})
+    monkeypatch.setattr(fused, "compile_library", lambda out, flags: None)  # built; its load then fails
+    monkeypatch.setattr(fused, "load_library", lambda path: (_ for _ in ()).throw(OSError("failed to map")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fused.library() is None
+    assert any("S4_BUILD_CACHE" in str(w.message) and "mounted noexec" in str(w.message) for w in caught)
+    monkeypatch.setattr(os, "statvfs", real_statvfs)  # an ordinary folder: no problem
+    assert fused.build_cache_problem() is None
