@@ -239,8 +239,27 @@ def main(argv: list[str] | None = None) -> None:
     server = GracefulServer(config, state)
     state.on_fatal = server.stop_now  # e.g. every checkpoint failed its verification after all
     server.run()
+    if state.loader is not None and state.loader.is_alive():  # stopped while the models load
+        exit_while_loading(state.loader)
     if state.fatal is not None:
         sys.exit(f"not serving: {state.fatal}")
+
+
+LOADER_STOP_S = 1.0  # after a stop while loading: how long the loader may take to reach a step's boundary
+
+
+def exit_while_loading(loader) -> None:
+    """Exit 0 now that uvicorn has stopped, though the loader thread is still in a step (a model's
+    conversion and verification takes seconds to minutes and cannot be cut short): up to LOADER_STOP_S
+    for it to reach the next step's boundary, then os._exit, which does not wait for it (an interpreter
+    shutting down under a running torch call can abort instead of exiting 0)."""
+    loader.join(LOADER_STOP_S)
+    if loader.is_alive():
+        log.info("stopped while loading a model: exiting without waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
