@@ -26,6 +26,7 @@ from pydantic import ValidationError  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.config import Settings, default_text  # noqa: E402
 from server.connections import raise_fd_limit, uvicorn_config  # noqa: E402
+from server.logs import configure_logging  # noqa: E402
 from server.state import ServerState  # noqa: E402
 
 log = logging.getLogger("server")
@@ -205,9 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         names = [f"{setting_names(str(e['loc'][0]))}: {e['msg']}" if e["loc"] else e["msg"]
                  for e in exc.errors()]  # fmt: skip
         sys.exit("not serving: invalid settings: " + "; ".join(names))
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     # the library's warnings (the fused CPU step or KeOps unavailable: torch ops instead) as log lines,
     # timestamped like the rest (logger "py.warnings"), not bare stderr lines
     logging.captureWarnings(True)
