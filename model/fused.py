@@ -50,6 +50,39 @@ def build_folder() -> Path:
     return Path(os.environ.get("S4_BUILD_CACHE", Path(__file__).resolve().parent.parent / ".build_cache"))
 
 
+def compiler() -> str | None:
+    """The C compiler the build uses: $CC, else cc or gcc on PATH; None when there is none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def on_noexec_mount(folder: Path) -> bool:
+    """True when `folder` (or, while it does not exist yet, its nearest existing parent) is on a file
+    system mounted noexec: a library compiled there cannot be loaded ("failed to map segment from shared
+    object"). Docker and podman mount a `--tmpfs` (and compose's `tmpfs:`) noexec unless told `exec`."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_NOEXEC)
+    except OSError:
+        return False
+
+
+def build_cache_problem() -> str | None:
+    """Why the fused step could not be loaded from the build cache (a noexec mount), with the fix; None
+    when there is no such problem (or no C compiler, which the torch ops stand in for anyway)."""
+    folder = build_folder()
+    if compiler() is None or not on_noexec_mount(folder):
+        return None
+    where = "S4_BUILD_CACHE" if "S4_BUILD_CACHE" in os.environ else "S4_BUILD_CACHE (unset: the default)"
+    return (
+        f"{where} = {folder} is on a file system mounted noexec: the fused C step compiled there cannot be "
+        "loaded, and decoding would run on torch ops, several times slower; mount it with exec (compose: "
+        "tmpfs entry /tmp:exec; docker or podman run: --tmpfs /tmp:exec) or point S4_BUILD_CACHE at a "
+        "writable folder on an exec mount"
+    )
+
+
 def _cpu_flags_line() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -73,7 +106,7 @@ def compile_library(out: Path, flags: Sequence[str] = FLAGS) -> None:
     """Compile csrc/ssm_step.c with `flags` to the shared library `out` (written atomically: concurrent
     builders never load a half-written file). Raises RuntimeError without a C compiler ($CC, cc, gcc) and
     subprocess.CalledProcessError (its stderr the compiler's) when the build fails."""
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) found")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +138,7 @@ def library():
             compile_library(out, flags)
         lib = load_library(out)
     except (OSError, RuntimeError, ValueError, subprocess.CalledProcessError) as exc:
-        detail = getattr(exc, "stderr", "") or exc
+        detail = build_cache_problem() or getattr(exc, "stderr", "") or exc
         warnings.warn(f"fused CPU step unavailable ({detail}); using torch ops", RuntimeWarning, stacklevel=2)
         lib = None
     _lib["lib"] = lib

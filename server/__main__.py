@@ -26,6 +26,7 @@ from pydantic import ValidationError  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.config import Settings, default_text  # noqa: E402
 from server.connections import raise_fd_limit, uvicorn_config  # noqa: E402
+from server.logs import configure_logging  # noqa: E402
 from server.state import ServerState  # noqa: E402
 
 log = logging.getLogger("server")
@@ -99,7 +100,7 @@ def preflight(settings: Settings) -> list[str]:
     n = len(settings.checkpoints)
     log.info("checking the settings' device, port, session store and %d checkpoints", n)
     for problem in (settings.device_problem(), port_problem(settings.host, settings.port),
-                    convert_cache_problem(settings)):  # fmt: skip
+                    convert_cache_problem(settings), build_cache_problem(settings)):  # fmt: skip
         if problem:
             return [problem]
     problems = []
@@ -149,6 +150,15 @@ def convert_cache_problem(settings: Settings) -> str | None:
     return None
 
 
+def build_cache_problem(settings: Settings) -> str | None:
+    """Why the fused CPU step could not be loaded from S4_BUILD_CACHE (a noexec mount), on a CPU device.
+    It stops the server rather than warn: the torch ops would serve, but several times slower, behind a
+    healthcheck that passes; the fix is one mount option or one variable (README, "Docker")."""
+    from model.fused import build_cache_problem as problem  # noqa: PLC0415
+
+    return problem() if settings.resolved_device() == "cpu" else None
+
+
 def port_problem(host: str, port: int) -> str | None:
     """Why the server could not listen on host:port (in use, an address not of this machine), else None.
     Bound and released at once, as uvicorn binds it (SO_REUSEADDR), so it does not stop a restart."""
@@ -196,9 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         names = [f"{setting_names(str(e['loc'][0]))}: {e['msg']}" if e["loc"] else e["msg"]
                  for e in exc.errors()]  # fmt: skip
         sys.exit("not serving: invalid settings: " + "; ".join(names))
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     # the library's warnings (the fused CPU step or KeOps unavailable: torch ops instead) as log lines,
     # timestamped like the rest (logger "py.warnings"), not bare stderr lines
     logging.captureWarnings(True)
@@ -225,13 +233,33 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # uvicorn's lines through the root logger: timestamped like the server's
-        timeout_graceful_shutdown=5,  # the drain is over by then: this only bounds the last writes
+        timeout_graceful_shutdown=UVICORN_GRACE_S,  # the drain is over by then: this bounds the last writes
     )
     server = GracefulServer(config, state)
     state.on_fatal = server.stop_now  # e.g. every checkpoint failed its verification after all
     server.run()
+    if state.loader is not None and state.loader.is_alive():  # stopped while the models load
+        exit_while_loading(state.loader)
     if state.fatal is not None:
         sys.exit(f"not serving: {state.fatal}")
+
+
+UVICORN_GRACE_S = 5  # after the drain: uvicorn's wait for the connections to close (a grace period's part)
+LOADER_STOP_S = 1.0  # after a stop while loading: how long the loader may take to reach a step's boundary
+
+
+def exit_while_loading(loader) -> None:
+    """Exit 0 now that uvicorn has stopped, though the loader thread is still in a step (a model's
+    conversion and verification takes seconds to minutes and cannot be cut short): up to LOADER_STOP_S
+    for it to reach the next step's boundary, then os._exit, which does not wait for it (an interpreter
+    shutting down under a running torch call can abort instead of exiting 0)."""
+    loader.join(LOADER_STOP_S)
+    if loader.is_alive():
+        log.info("stopped while loading a model: exiting without waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

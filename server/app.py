@@ -22,6 +22,7 @@ from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
 from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.errors import APIError, error_body, validation_error
+from server.logs import add_request_ids
 from server.routes import demo, generate, health, openai, sessions, websocket
 from server.state import ServerState
 
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     too_large = state.metrics.requests_refused.labels("body_too_large")
     app.add_middleware(BodySizeLimit, limit_for=body_limit, on_refused=too_large.inc)
     instrument_http(app, state.metrics.registry)
+    add_request_ids(app)  # last: the outermost, so every response carries X-Request-ID
     return app
 
 

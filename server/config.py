@@ -234,9 +234,16 @@ class Settings(BaseSettings):
         "at start and added to S4_API_KEYS: for keys mounted as a secret (Docker, Kubernetes), kept out of "
         "the environment and of the command line, which `ps` shows",
     )
-    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="log level (probes and /metrics scrapes are logged at debug)"
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="log lines as text, or one JSON object per line (time, level, logger, message, "
+        "request_id, generation_id); either way a request's lines carry its X-Request-ID",
+    )
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "log_format", mode="before")
     @classmethod
     def _lower(cls, v):
         return v.lower() if isinstance(v, str) else v  # DEBUG as debug, as logging takes it

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
 from model import VerificationError, load
@@ -27,6 +29,15 @@ from server.metrics import Metrics
 from server.sessions import SessionTable, model_fingerprint
 
 log = logging.getLogger("server.models")
+
+
+class LoadingStopped(Exception):
+    """The server is stopping (SIGTERM while the models load): no further model is loaded."""
+
+
+def _check_stop(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise LoadingStopped
 
 
 @dataclass
@@ -130,6 +141,40 @@ def warm_up(rec: RecurrentModel, batch: int) -> None:
     sample(logits, params, [p.generator(dev) for p in params])
 
 
+CGROUP = Path("/sys/fs/cgroup")  # the container's memory limit (cgroup v2: memory.max, memory.current)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes a new allocation may take on `device`: free GPU memory on CUDA; on the CPU the system's
+    available memory (psutil), or less when the process's cgroup (a container's memory limit) leaves less."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = psutil.virtual_memory().available
+    try:
+        limit = (CGROUP / "memory.max").read_text().strip()
+        if limit != "max":
+            free = min(free, int(limit) - int((CGROUP / "memory.current").read_text()))
+    except (OSError, ValueError):  # no cgroup v2 memory controller here
+        pass
+    return free
+
+
+def state_pool_problem(rec: RecurrentModel, settings: Settings, name: str) -> str | None:
+    """Why the model's state slot pool (S4_MAX_SESSIONS rows of its state, and of its seen-token set) does
+    not fit in the memory available, checked before it is allocated (a raw allocator error named no
+    setting: a fresh-user trial); else None."""
+    per_slot = rec.state_bytes_per_sequence + rec.config.vocab_size  # the state, and `seen` (one bool per id)
+    device = torch.device(rec.device)
+    need, free = settings.max_sessions * per_slot, available_memory(device)
+    if need <= free:
+        return None
+    return (
+        f"S4_MAX_SESSIONS={settings.max_sessions}: model {name}'s state pool needs {need:,} bytes "
+        f"({settings.max_sessions:,} sessions x {per_slot:,} bytes), more than the {free:,} bytes of "
+        f"{device.type} memory available; at most {max(free, 0) // per_slot:,} sessions fit"
+    )
+
+
 def use_cuda_graphs(rec, settings: Settings, name: str) -> bool:
     """Capture the decode step's CUDA graphs (model/cuda_graphs.py) when the model is on a CUDA device,
     `S4_CUDA_GRAPHS` is on and the model has them (SaShiMi has not); True when captured. A capture that
@@ -187,14 +232,17 @@ def load_model(
     device: str,
     model_id: str | None = None,
     source: Path | None = None,
+    stop: threading.Event | None = None,
 ) -> ServedModel:
     """Checkpoint → verified recurrent form → warmed-up engine (not yet started). `source`: the official
     file `path` was converted from (named in the errors). Raises CheckpointError or VerificationError
-    with the reason."""
+    with the reason, LoadingStopped when `stop` is set between two steps (load, convert and verify, CUDA
+    graphs, warm-up)."""
     t0 = time.perf_counter()
     meta = read_config(path)
     chat = ChatTemplate.from_config(meta)
     net = load(path)
+    _check_stop(stop)
     if net.config.modality == "text" and net.config.vocab_size < 256:
         # text prompts arrive as UTF-8 bytes (ids 0-255): every byte must be a token of the model
         where = f"{source} (converted into {path})" if source else str(path)
@@ -212,6 +260,7 @@ def load_model(
             f"S4_MODEL_DTYPES={name}=float32 serves it in float32 beside models in other dtypes"
         )
     rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=dtype)
+    _check_stop(stop)
     if dtype != torch.float32 and device == "cpu":
         ops = str(rec.compute_dtype).removeprefix("torch.")
         log.warning(
@@ -231,8 +280,12 @@ def load_model(
     if hasattr(rec, "prefill_threads"):  # RecurrentModel: its parallel prefill's torch threads
         rec.prefill_threads = settings.prefill_threads
     use_cuda_graphs(rec, settings, path.name)
+    _check_stop(stop)
     warm_up(rec, min(8, settings.max_batch_size))
+    _check_stop(stop)
     model_id = model_id or path.name
+    if problem := state_pool_problem(rec, settings, model_id):
+        raise ValueError(problem)
     mm = metrics.for_model(model_id, audio=rec.config.modality == "audio")
     engine = Engine(model_id, rec, settings, sessions, mm)
     mm.pool_bytes.set(engine.pool.capacity * engine.pool.bytes_per_slot)
@@ -259,9 +312,11 @@ def load_model(
 
 
 def load_models(
-    settings: Settings, sessions: SessionTable, metrics: Metrics
+    settings: Settings, sessions: SessionTable, metrics: Metrics, stop: threading.Event | None = None
 ) -> tuple[dict[str, ServedModel], dict[str, str]]:
-    """Every configured checkpoint that loads and verifies → {id: model}; the others → {id: why}."""
+    """Every configured checkpoint that loads and verifies → {id: model}; the others → {id: why}. When
+    `stop` is set (the server is stopping), loading ends at the next step's boundary and what is loaded
+    so far is returned."""
     device = settings.resolved_device()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -271,6 +326,9 @@ def load_models(
     failed: dict[str, str] = {}
     for entry in settings.checkpoints:
         name, path = parse_entry(entry)
+        if stop is not None and stop.is_set():
+            log.info("stopping: checkpoint %s and those after it not loaded", entry)
+            break
         if not path.exists() and settings.uses_default_checkpoints():
             log.warning("default checkpoint %s does not exist yet: skipped", path)
             continue
@@ -282,7 +340,10 @@ def load_models(
         try:
             model_id, folder = resolve_entry(entry, settings)
             source = path if folder != path else None
-            models[model_id] = load_model(folder, settings, sessions, metrics, device, model_id, source)
+            models[model_id] = load_model(folder, settings, sessions, metrics, device, model_id, source, stop)
+        except LoadingStopped:
+            log.info("stopping: checkpoint %s and those after it not loaded", entry)
+            break
         except Exception as exc:  # whatever it is, this model is not served and the others are
             failed[model_id] = f"{type(exc).__name__}: {exc}"
             expected = isinstance(

@@ -20,6 +20,7 @@ from model.sampling import SamplingParams
 from server import media
 from server.engine import Failed, Finished, Job, Stream
 from server.errors import APIError, invalid, not_found, too_large, unavailable
+from server.logs import generation_id
 from server.registry import ServedModel
 from server.schemas import DEFAULT_FRAME_MS, SamplingFields
 from server.sessions import (
@@ -42,7 +43,10 @@ def state_of(request: Request) -> ServerState:
 
 
 def request_id(prefix: str = "gen") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    """A new generation's id; the log lines of its request name it from here on (server/logs.py)."""
+    gid = f"{prefix}-{uuid.uuid4().hex[:24]}"
+    generation_id.set(gid)
+    return gid
 
 
 # --- limits and parameters -----------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 from server.config import Settings
 from server.errors import APIError, not_found, unavailable
@@ -35,6 +36,8 @@ class ServerState:
         self.restoring = asyncio.Lock()  # one restore from the store at a time
         self.fatal: str | None = None  # why nothing can be served (python -m server then exits 1)
         self.on_fatal = None  # set by python -m server: stop the process
+        self.stopping = threading.Event()  # set by the drain: loading ends at its next step's boundary
+        self.loader: threading.Thread | None = None  # the thread loading the models, while it runs
 
     @property
     def max_state_blob_bytes(self) -> int:
@@ -73,13 +76,16 @@ class ServerState:
             self._nothing_to_serve(self.failed["session_store"])
             return
         try:
-            self.models, self.failed = await asyncio.to_thread(
-                load_models, self.settings, self.sessions, self.metrics
+            models, failed = await self._in_loader_thread(
+                load_models, self.settings, self.sessions, self.metrics, self.stopping
             )
         except Exception as exc:  # never a server that says "loading" for ever with nothing logged
             log.exception("loading the models failed")
             self._nothing_to_serve(f"loading the models failed: {type(exc).__name__}: {exc}")
             return
+        if self.stopping.is_set():  # stopped while loading: nothing to start (shutdown saw no model)
+            return
+        self.models, self.failed = models, failed
         if self.store is not None:
             self.writer = StoreWriter(
                 self.store, self.metrics.store_ops, on_stale=self._drop_stale, held=self.sessions.has
@@ -95,6 +101,31 @@ class ServerState:
             return
         log.info("ready: serving %s", ", ".join(self.models))
 
+    async def _in_loader_thread(self, fn, *args):
+        """fn(*args) in a daemon thread (self.loader), awaited. Not asyncio.to_thread: asyncio.run waits at
+        exit for its executor's threads, so a SIGTERM while the models load waited for all of them (~70 s
+        with the shipped models, past a 30 s grace period: a fresh-user trial)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def settle(ok: bool, value) -> None:
+            if not done.done():
+                done.set_result(value) if ok else done.set_exception(value)
+
+        def run() -> None:
+            try:
+                outcome = True, fn(*args)
+            except Exception as exc:
+                outcome = False, exc
+            try:
+                loop.call_soon_threadsafe(settle, *outcome)
+            except RuntimeError:  # the loop is closed: the server stopped while this ran
+                pass
+
+        self.loader = threading.Thread(target=run, name="s4-loader", daemon=True)
+        self.loader.start()
+        return await done
+
     def _nothing_to_serve(self, reason: str) -> None:
         self.loaded, self.fatal = True, reason
         log.error("no model can be served: %s", reason)
@@ -105,6 +136,7 @@ class ServerState:
         """Refuse new work (/readyz and new requests: 503) and let running requests finish, up to
         drain_timeout_s after the first call (a second call waits for the same deadline)."""
         loop = asyncio.get_running_loop()
+        self.stopping.set()
         if self.drain_deadline is None:
             self.draining = True
             self.drain_deadline = loop.time() + self.settings.drain_timeout_s

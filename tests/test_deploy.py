@@ -101,6 +101,16 @@ def test_dockerignore_lets_through_what_the_build_copies():
     assert copied and copied <= allowed, copied - allowed
 
 
+def stop_takes_at_most(drain_s: float) -> float:
+    """The server's longest stop after SIGTERM: the drain, the cancelled turns' last frames, uvicorn
+    closing the connections, the session store's flush (the sum in kubernetes.yaml's header)."""
+    from server.__main__ import UVICORN_GRACE_S
+    from server.state import CANCEL_GRACE_S
+
+    flush_s = Settings().session_store_flush_timeout_s  # S4_SESSION_STORE_FLUSH_TIMEOUT_S's default
+    return drain_s + CANCEL_GRACE_S + UVICORN_GRACE_S + flush_s
+
+
 def test_compose_runs_the_image_on_its_port_and_redis_only_on_request():
     """Redis starts only with --profile redis, and the server uses it only when S4_SESSION_STORE
     points at it (memory by default), so the plain `docker compose up` needs no Redis."""
@@ -109,8 +119,8 @@ def test_compose_runs_the_image_on_its_port_and_redis_only_on_request():
     assert any(p.rsplit(":", 1)[1] == str(image_port()) for p in server["ports"])
     assert set(server["environment"]) <= SETTINGS
     grace = int(server["stop_grace_period"].rstrip("s"))
-    assert grace > float(server["environment"]["S4_DRAIN_TIMEOUT_S"])
-    assert "/tmp" in server["tmpfs"] and server["read_only"]
+    assert grace >= stop_takes_at_most(float(server["environment"]["S4_DRAIN_TIMEOUT_S"]))
+    assert server["read_only"]
     redis = compose["services"]["redis"]
     assert redis["profiles"] == ["redis"]
     # with the profile the server starts once Redis answers; without it nothing waits for a Redis
@@ -140,10 +150,10 @@ def test_kubernetes_deployment_and_service_agree_on_port_probes_and_user():
     env = {e["name"]: e["value"] for e in c["env"]}
     assert set(env) <= SETTINGS
     assert pod["securityContext"]["runAsUser"] == image_uid()
-    # preStop sleep + drain must end before the kubelet's SIGKILL
+    # preStop sleep + the server's whole stop must end before the kubelet's SIGKILL, with a margin
     pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
     drain = float(env.get("S4_DRAIN_TIMEOUT_S", Settings.model_fields["drain_timeout_s"].default))
-    assert pod["terminationGracePeriodSeconds"] >= pre_stop + drain + 5
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + stop_takes_at_most(drain) + 5
     assert c["securityContext"]["readOnlyRootFilesystem"]
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
     assert env_of(final_stage())["S4_BUILD_CACHE"].startswith("/tmp/")
@@ -156,3 +166,33 @@ def test_readme_opens_with_the_two_commands_and_the_generated_settings_table(com
     assert sections[1].startswith("The two commands\n")
     assert any(line.startswith(command + " ") for line in sections[1].splitlines())
     assert settings_table() in readme
+
+
+def test_the_build_cache_tmpfs_is_exec_in_compose_and_in_the_container_smoke_test():
+    """S4_BUILD_CACHE (/tmp/...) holds the fused step's compiled library, which must be loaded from there:
+    Docker and podman mount a tmpfs noexec unless its options say exec (compose's bare `- /tmp` cost ~7x
+    the decode speed: a fresh-user trial). scripts/container-smoke mounts /tmp with compose's own entry
+    (the line that reads it, run here), so a noexec entry there fails the smoke test too."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    (entry,) = [t for t in compose["services"]["s4serve"]["tmpfs"] if t.split(":")[0] == "/tmp"]
+    options = entry.partition(":")[2].split(",")
+    assert "exec" in options and "noexec" not in options
+    assert env_of(final_stage())["S4_BUILD_CACHE"].startswith("/tmp/")
+    script = (ROOT / "scripts" / "container-smoke").read_text()
+    subprocess.run(["bash", "-n", str(ROOT / "scripts" / "container-smoke")], check=True)
+    (line,) = [line for line in script.splitlines() if line.startswith("TMPFS=")]
+    assert '--read-only --tmpfs "$TMPFS"' in script
+    got = subprocess.run(["bash", "-c", f'PYTHON={sys.executable}; {line}; echo "$TMPFS"'], cwd=ROOT,
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert got.stdout.strip() == entry
+
+
+def test_the_readme_scrape_config_sends_a_key_from_a_file():
+    """README "Metrics with API keys": with S4_API_KEYS set /metrics needs a key, so the Prometheus
+    scrape config shown there sends one as a bearer token read from a file."""
+    section = (ROOT / "README.md").read_text().split("\n### Metrics with API keys\n")[1].split("\n### ")[0]
+    config = yaml.safe_load(section.split("```yaml\n")[1].split("```")[0])
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["authorization"]["type"] == "Bearer" and job["authorization"]["credentials_file"]
+    assert job["static_configs"][0]["targets"] == [f"s4serve:{image_port()}"]

@@ -219,3 +219,11 @@ def test_the_websocket_script_sends_its_key(keyed):
     assert ok.returncode == 0 and json.loads(ok.stderr)["usage"]["completion_tokens"] == 3, ok.stderr
     refused = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
     assert refused.returncode != 0 and "401" in refused.stderr
+
+
+def test_prometheus_scrapes_metrics_with_a_bearer_token(keyed):
+    """What README "Metrics with API keys" configures (authorization: type Bearer, credentials_file):
+    Prometheus sends `Authorization: Bearer <key>`, which /metrics accepts; without it, 401."""
+    assert httpx.get(keyed.url + "/metrics").status_code == 401
+    r = httpx.get(keyed.url + "/metrics", headers={"Authorization": f"Bearer {KEYS[1]}"})
+    assert r.status_code == 200 and "# TYPE s4_" in r.text

@@ -2,8 +2,10 @@
 is no longer ready (503) but still listening, a running WebSocket turn finishes, then it exits 0."""
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -127,5 +129,36 @@ def test_a_turn_still_running_when_the_drain_ends_gets_its_done_cancelled(model_
         assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "cancelled", events[-1:]
         assert 0 < last["usage"]["completion_tokens"] < n and 0 < events[-1]["usage"]["completion_tokens"] < n
         assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+
+
+def test_sigterm_while_the_models_load_exits_0_within_seconds():
+    """SIGTERM after the server listens but while it loads the shipped models (/readyz 503 "loading";
+    ~15 s a model on this machine): uvicorn stopped at once, but the process waited for the loader to
+    load every model (~70 s, past Kubernetes' and compose's 30 s grace: SIGKILL; a fresh-user trial).
+    Loading now stops at the next step's boundary, the process does not wait for the step under way, and
+    it exits 0 within a few seconds, no model served."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--torch-threads", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline
+            try:
+                r = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2)
+                break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        assert r.status_code == 503 and r.json()["reason"] == "loading", r.text
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        took = time.monotonic() - t0
+        err = proc.stderr.read()
+        assert took < 5, (took, err)
+        assert "ready: serving" not in err and "Traceback" not in err, err
     finally:
         proc.kill()

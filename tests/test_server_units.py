@@ -412,3 +412,76 @@ def test_a_stop_while_the_checks_run_exits_0_at_once(tmp_path):
         assert "SIGTERM before listening: not serving" in err and "Traceback" not in err, err
     finally:
         proc.kill()
+
+
+def test_a_build_cache_on_a_noexec_mount_stops_the_server_naming_s4_build_cache(
+    model_dirs, monkeypatch, tmp_path
+):
+    """The fused C step compiled into a folder mounted noexec (Docker's and podman's default for a tmpfs, as
+    compose's `tmpfs: - /tmp` was) cannot be loaded ("failed to map segment from shared object"): the server
+    served on torch ops, ~7x slower, with only a warning (a fresh-user trial). It now stops before it
+    listens, naming S4_BUILD_CACHE and the fix; the library's own warning says the same."""
+    import warnings
+
+    from model import fused
+
+    cache = tmp_path / "noexec" / "s4serve-build"  # not made yet: its parent's mount decides
+    real_statvfs = os.statvfs
+
+    class NoExec:  # os.statvfs of a folder on a noexec mount: f_flag has ST_NOEXEC
+        def __init__(self, path):
+            self.f_flag = real_statvfs(path).f_flag | (
+                os.ST_NOEXEC if str(path).startswith(str(tmp_path)) else 0
+            )
+
+    monkeypatch.setattr(os, "statvfs", NoExec)
+    monkeypatch.setenv("S4_BUILD_CACHE", str(cache))
+    message = _exit_message("--checkpoints", str(model_dirs["text"]), "--port", str(free_port()))
+    assert message.startswith(f"not serving: S4_BUILD_CACHE = {cache} is on a file system mounted noexec")
+    assert "/tmp:exec" in message and "\n" not in message
+    monkeypatch.setattr(fused, "_lib", {})
+    monkeypatch.setattr(fused, "compile_library", lambda out, flags: None)  # built; its load then fails
+    monkeypatch.setattr(fused, "load_library", lambda path: (_ for _ in ()).throw(OSError("failed to map")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fused.library() is None
+    assert any("S4_BUILD_CACHE" in str(w.message) and "mounted noexec" in str(w.message) for w in caught)
+    monkeypatch.setattr(os, "statvfs", real_statvfs)  # an ordinary folder: no problem
+    assert fused.build_cache_problem() is None
+
+
+def test_loading_stops_at_the_next_step_once_the_server_stops(model_dirs, monkeypatch):
+    """The stop event (set by the drain) ends loading at the next step's boundary: here it is set during
+    the first model's warm-up, so that model is not returned and the second is never read."""
+    import threading
+
+    from model import load
+    from server import registry
+
+    stop = threading.Event()
+    real_warm_up, loaded = registry.warm_up, []
+    monkeypatch.setattr(registry, "warm_up", lambda rec, batch: (real_warm_up(rec, batch), stop.set()))
+    monkeypatch.setattr(registry, "load", lambda path: (loaded.append(path), load(path))[1])
+    settings = Settings(checkpoints=[str(model_dirs["text"]), str(model_dirs["audio"])], max_sessions=2)
+    assert load_models(settings, SessionTable(), Metrics(), stop) == ({}, {})
+    assert loaded == [model_dirs["text"]]
+
+
+def test_a_state_pool_larger_than_memory_is_refused_naming_s4_max_sessions(model_dirs, monkeypatch, tmp_path):
+    """S4_MAX_SESSIONS × a session's state is checked against the memory available before the pool is
+    allocated: S4_MAX_SESSIONS=1000000 stopped the server with the allocator's "tried to allocate
+    262144000000 bytes", naming no setting (a fresh-user trial). A container's cgroup limit counts."""
+    from server import registry
+
+    settings = Settings(checkpoints=[str(model_dirs["text"])], max_sessions=10**9)
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert not models
+    (why,) = failed.values()
+    assert why.startswith("ValueError: S4_MAX_SESSIONS=1000000000: model tiny-text's state pool needs ")
+    assert "bytes of cpu memory available; at most " in why and "\n" not in why
+    (tmp_path / "memory.max").write_text("3000000\n")  # a 3 MB container with 1 MB in use
+    (tmp_path / "memory.current").write_text("1000000\n")
+    monkeypatch.setattr(registry, "CGROUP", tmp_path)
+    assert registry.available_memory(torch.device("cpu")) == 2_000_000
+    (tmp_path / "memory.max").write_text("max\n")
+    assert registry.available_memory(torch.device("cpu")) > 2_000_000

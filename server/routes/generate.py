@@ -118,7 +118,7 @@ async def generate(req: GenerateRequest, request: Request):
     tokens, final = await collect(stream, request)
     if wav:
         headers = {
-            "X-Request-Id": gid,
+            "X-Generation-Id": gid,  # the JSON answer's "id" (X-Request-ID is the HTTP request's)
             "X-Finish-Reason": final.finish_reason,
             "X-Prompt-Tokens": str(final.prompt_tokens),
             "X-Completion-Tokens": str(final.completion_tokens),

@@ -1,0 +1,85 @@
+"""Log lines: text (default) or one JSON object a line (S4_LOG_FORMAT=json, python-json-logger), each
+with the id of the HTTP request it belongs to (X-Request-ID: the client's when well-formed, else a new
+one, on every response: asgi-correlation-id) and of its generation (gen-…, cmpl-…) where there is one.
+Probes (/healthz, /readyz) and /metrics scrapes are logged at DEBUG, not INFO: every few seconds from
+each orchestrator and scraper, they buried the requests."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from contextvars import ContextVar
+
+from asgi_correlation_id import CorrelationIdMiddleware, correlation_id
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.json import JsonFormatter
+
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # a client's id echoed as is (uuids, trace ids, gen-…)
+QUIET_PATHS = ("/healthz", "/readyz", "/metrics")  # their access lines at DEBUG
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(ids)s: %(message)s"
+JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s %(generation_id)s"
+
+generation_id: ContextVar[str | None] = ContextVar("generation_id", default=None)
+
+
+def well_formed_request_id(value: str) -> bool:
+    return REQUEST_ID.fullmatch(value) is not None
+
+
+def add_request_ids(app) -> None:
+    """X-Request-ID on every HTTP response, in the log lines of its request (add it last: outermost, so
+    responses refused by the other middleware carry it too)."""
+    app.add_middleware(
+        CorrelationIdMiddleware,
+        header_name=REQUEST_ID_HEADER,
+        generator=lambda: uuid.uuid4().hex,
+        validator=well_formed_request_id,
+    )
+
+
+class RequestIds(logging.Filter):
+    """Puts the current request's id and generation id (None outside a request) on every record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = correlation_id.get()
+        record.generation_id = generation_id.get()
+        return True
+
+
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger [request_id generation_id]: message`; the brackets only inside a request."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        ids = [i for i in (getattr(record, "request_id", None), getattr(record, "generation_id", None)) if i]
+        record.ids = f" [{' '.join(ids)}]" if ids else ""
+        return super().formatMessage(record)
+
+
+class QuietProbes(logging.Filter):
+    """uvicorn's access lines of QUIET_PATHS at DEBUG (dropped unless the access logger logs DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and str(args[2]).partition("?")[0] in QUIET_PATHS:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """The root logger's one handler (stderr) at `level`, in `fmt` ("text" or "json"), with the ids."""
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        rename = {"asctime": "time", "levelname": "level", "name": "logger"}
+        # uvicorn's records carry `color_message` (its message with ANSI colours): not a field of ours
+        skip = [*RESERVED_ATTRS, "color_message"]
+        handler.setFormatter(JsonFormatter(JSON_FIELDS, rename_fields=rename, reserved_attrs=skip))
+    else:
+        handler.setFormatter(TextFormatter(TEXT_FORMAT))
+    handler.addFilter(RequestIds())
+    logging.basicConfig(level=level.upper(), handlers=[handler])  # no-op where the root has handlers (pytest)
+    logging.getLogger("uvicorn.access").addFilter(QuietProbes())
+    # a malformed X-Request-ID is replaced with a new id; a warning for each would let a client fill the log
+    logging.getLogger("asgi_correlation_id").setLevel(logging.ERROR)

@@ -1,0 +1,107 @@
+"""Logs a reader can correlate: X-Request-ID on every HTTP response (the client's when well-formed), that
+id and the generation's in the log lines of its request, probes and scrapes at DEBUG, and
+S4_LOG_FORMAT=json (one JSON object per line). Found by a fresh-user trial: nothing tied a log line to
+a request, and the orchestrator's probes were most of the log."""
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from asgi_correlation_id import correlation_id
+
+from server.launch import free_port
+from server.logs import TEXT_FORMAT, QuietProbes, RequestIds, TextFormatter, generation_id
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_every_response_carries_a_request_id_the_clients_when_well_formed(client):
+    made = client.get("/v1/models")
+    assert len(made.headers["x-request-id"]) == 32  # a new uuid4, hex
+    assert made.headers["x-request-id"] != client.get("/v1/models").headers["x-request-id"]
+    mine = "trace-4bf92f3577b34da6.a3ce929d0e0e4736"
+    assert client.get("/v1/models", headers={"X-Request-ID": mine}).headers["x-request-id"] == mine
+    for bad in ("has spaces in it", "x" * 200, "semi;colon"):
+        got = client.get("/nope", headers={"X-Request-ID": bad})
+        assert got.status_code == 404 and got.headers["x-request-id"] not in (bad, "")
+    generated = client.post("/v1/generate", json={"model": "tiny-text", "prompt": "a", "max_new_tokens": 2})
+    assert generated.status_code == 200 and generated.headers["x-request-id"]
+    assert generated.json()["id"].startswith("gen-")
+
+
+def test_text_lines_name_the_request_and_the_generation_only_inside_one():
+    formatter, ids = TextFormatter(TEXT_FORMAT), RequestIds()
+
+    def line(message: str) -> str:
+        record = logging.LogRecord("server", logging.INFO, __file__, 1, message, None, None)
+        ids.filter(record)
+        return formatter.format(record)
+
+    assert line("outside").endswith(" INFO server: outside")
+    rid, gid = correlation_id.set("req-1"), generation_id.set("gen-abc")
+    try:
+        assert line("inside").endswith(" INFO server [req-1 gen-abc]: inside")
+    finally:
+        correlation_id.reset(rid)
+        generation_id.reset(gid)
+
+
+def test_probe_and_scrape_access_lines_are_debug():
+    access = logging.getLogger("test.uvicorn.access")
+    quiet = QuietProbes()
+
+    def kept(path: str, level: int) -> tuple[bool, str]:
+        access.setLevel(level)
+        args = ("127.0.0.1:5000", "GET", path, "1.1", 200)
+        message = '%s - "%s %s HTTP/%s" %d'  # uvicorn's access line
+        record = logging.LogRecord(access.name, logging.INFO, __file__, 1, message, args, None)
+        return quiet.filter(record), record.levelname
+
+    assert kept("/readyz", logging.INFO) == (False, "DEBUG")
+    assert kept("/metrics?x=1", logging.INFO) == (False, "DEBUG")
+    assert kept("/healthz", logging.DEBUG) == (True, "DEBUG")
+    assert kept("/v1/generate", logging.INFO) == (True, "INFO")
+
+
+def test_json_log_lines_carry_the_request_and_generation_ids(model_dirs):
+    """`python -m server` with S4_LOG_FORMAT=json: every line of stderr is one JSON object with time, level,
+    logger and message; a generate's access line names the client's X-Request-ID and the generation's
+    id; the probes and the scrape made meanwhile are not logged at INFO."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "server", "--port", str(port), "--checkpoints", str(model_dirs["text"]),
+           "--log-level", "info"]  # fmt: skip
+    env = {**os.environ, "S4_LOG_FORMAT": "json", "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not become ready"
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        body = {"model": "tiny-text", "prompt": "to be", "max_new_tokens": 3}
+        r = httpx.post(url + "/v1/generate", json=body, headers={"X-Request-ID": "client-req-7"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "client-req-7"
+        assert httpx.get(url + "/metrics").status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        lines = [json.loads(line) for line in proc.stderr.read().splitlines()]
+    finally:
+        proc.kill()
+    assert lines and all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+    (access,) = [x for x in lines if x["logger"] == "uvicorn.access" and "/v1/generate" in x["message"]]
+    assert access["request_id"] == "client-req-7" and access["generation_id"] == r.json()["id"]
+    assert access["level"] == "INFO"
+    assert not [x for x in lines if "/readyz" in x["message"] or "/metrics" in x["message"]]
+    assert any(x["logger"] == "server" and x["message"].startswith("ready: serving") for x in lines)
+    assert not [x for x in lines if "color_message" in x]  # uvicorn's coloured copy of a message
