@@ -497,12 +497,46 @@ def sockets_opened(d: Demo) -> list:
     return opened
 
 
+def without_limits(listing: dict) -> dict:
+    """GET /v1/models as a server answered before the models listed their limits."""
+    for m in listing["data"]:
+        del m["max_prompt_tokens"], m["max_new_tokens"]
+    return listing
+
+
+def test_an_audio_prompt_over_the_servers_limit_is_not_sent(demo, server, tmp_path):
+    """The models list says each model's longest prompt (max_prompt_tokens: max_audio_s at the model's
+    rate); the page refuses a longer audio prompt before sending a frame, says why, and keeps it loaded."""
+    d = demo
+    d.wait_status("models served")
+    listed = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models").json()["data"]}
+    limit = listed[AUDIO]["max_prompt_tokens"]
+    assert limit == int(server.state.settings.max_audio_s * listed[AUDIO]["sample_rate"])
+    assert listed[TEXT]["max_prompt_tokens"] == server.state.settings.max_prompt_tokens
+    opened = sockets_opened(d)
+    d.page.select_option("#model", AUDIO)
+    wav = tmp_path / "over.wav"
+    wav.write_bytes(wav_bytes(0.4 * np.sin(np.arange(limit + 1) / 5.0), 8000))
+    d.page.set_input_files("#audio-file", str(wav))
+    d.wait_status("Prompt loaded")
+    d.page.click("#audio-generate")
+    said = d.wait_status("Not sent")
+    assert f"{limit} samples" in said and "choose a shorter one" in said, said
+    assert opened == [] and not d.page.is_disabled("#audio-generate")
+    assert f"prompt: {limit + 1} samples" in d.page.text_content("#prompt-info")
+    assert d.errors == []
+
+
 def test_an_audio_prompt_over_the_limit_ends_its_turn_and_the_next_turn_works(demo, server, tmp_path):
     """The server refuses (413) a binary prompt longer than max_audio_s (30 s) as its frames arrive, after
     the page has sent them all and its generate message: the turn ends on that refusal once the generate
     is answered (a generation started from what was left is cancelled, not played), so the next Generate
     is not refused with 409 (a generation running)."""
     d = demo
+    d.wait_status("models served")
+    # as from a server that does not list its limit (max_prompt_tokens): the page sends the prompt
+    d.page.route("**/v1/models", lambda route: route.fulfill(json=without_limits(route.fetch().json())))
+    d.page.click("#load-models")
     d.wait_status("models served")
     d.page.select_option("#model", AUDIO)
     wav = tmp_path / "31-seconds.wav"

@@ -50,6 +50,7 @@ from server.service import (
     check_prompt,
     collect,
     events,
+    new_tokens_limit,
     now_s,
     prompt_limit,
     random_seed,
@@ -578,6 +579,15 @@ async def _stream_chat(runs: list[Run], prompts, logprobs: bool, head: dict, inc
 # --- GET /v1/models ---------------------------------------------------------------------------------
 
 
+def _describe(state: ServerState, model: ServedModel) -> dict:
+    """A served model as /v1/models lists it: its description and this server's limits for it."""
+    return {
+        **model.describe(),
+        "max_prompt_tokens": prompt_limit(state, model)[0],
+        "max_new_tokens": new_tokens_limit(state, model)[0],
+    }
+
+
 @router.get(
     "/v1/models",
     tags=["models"],
@@ -586,7 +596,8 @@ async def _stream_chat(runs: list[Run], prompts, logprobs: bool, head: dict, inc
     responses={503: OPENAI_ERROR_RESPONSES[503]},
 )
 async def models(request: Request) -> dict:
-    return {"object": "list", "data": [m.describe() for m in state_of(request).models.values()]}
+    st = state_of(request)
+    return {"object": "list", "data": [_describe(st, m) for m in st.models.values()]}
 
 
 @router.get(
@@ -597,4 +608,5 @@ async def models(request: Request) -> dict:
     responses={404: OPENAI_ERROR_RESPONSES[404], 503: OPENAI_ERROR_RESPONSES[503]},
 )
 async def retrieve_model(model_id: str, request: Request) -> dict:
-    return state_of(request).model(model_id).describe()
+    st = state_of(request)
+    return _describe(st, st.model(model_id))

@@ -653,6 +653,15 @@
     if (!model || turn || starting) return;
     const settings = readSettings({ max_new_tokens: "audio-samples", temperature: "audio-temperature" }, "audio-seed");
     if (!settings) return;
+    // a prompt over this server's limit (max_prompt_tokens: S4_MAX_AUDIO_S at the model's rate) is not sent;
+    // a server that does not list its limit refuses it with a 413 as the frames arrive (onFrame)
+    const limit = model.max_prompt_tokens;
+    if (audio.prompt && limit && audio.prompt.length > limit) {
+      const s = (n) => (n / model.sample_rate).toFixed(2);
+      status(`Not sent: the prompt is ${s(audio.prompt.length)} s, longer than this server takes ` +
+        `(${s(limit)} s, ${limit} samples): choose a shorter one.`, true);
+      return;
+    }
     audioContext();
     const c = await opened();
     if (!c) return;
