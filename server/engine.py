@@ -32,7 +32,8 @@ the decoding sessions about one chunk's prefill per token, not its whole prefill
 A turn on a kept session ends when its route is done with the stream (`Stream.settle`), not when the
 engine is: the session stays busy until its client has been handed the last frame, and keeps only the
 tokens it was handed. A turn whose client went away is taken back (`_rollback`: a recent copy of the
-state row, and the tokens from it re-stepped through `step`).
+state row, and the tokens from it re-stepped through `step`); a turn cancelled while its input is
+ingested stops between chunks and the input is taken back (`_restore`).
 
 The engine never awaits; the event loop never calls the model.
 """
@@ -188,9 +189,10 @@ class Job:
     """One request on one session: ingest `tokens`, then (with a stream) generate.
 
     A generation on a kept session can be taken back, so that the session holds only what its client
-    was handed: from the end of ingestion, `base` is the session at generated token 0 and `marks` are
-    its state rows at a few generated-token counts (`Engine._mark`), from which `Engine._rollback`
-    re-steps to the count the client got."""
+    was handed: while the turn's input is ingested, `saved` is the session before the turn (a cancel
+    or disconnect then restores it: the input is not applied); from the end of ingestion, `base` is the
+    session at generated token 0 and `marks` are its state rows at a few generated-token counts
+    (`Engine._mark`), from which `Engine._rollback` re-steps to the count the client got."""
 
     session: SessionRecord
     tokens: list[int]
@@ -216,8 +218,10 @@ class Job:
     passed_over: int = 0  # prefill iterations in a row that had no room for this job's next chunk
     queued: bool = True  # counted in the engine's queue depth (until it decodes or ends)
     # taking a turn back (kept sessions' generations; engine thread)
+    saved: tuple[torch.Tensor, Snapshot] | None = None  # (state row, fields) before the turn's input
     base: Snapshot | None = None  # the session when its first token was about to be generated
     marks: list[tuple[int, torch.Tensor]] | None = None  # (tokens generated, the state row then)
+    undone: bool = False  # the turn's input was taken back (cancelled while it was being ingested)
     ended: bool = False  # the generation is over (its final event sent)
     settled: bool = False  # the consumer is done and `keep` is final (Stream.settle, not complete)
     keep: int = 0  # generated tokens the session keeps: those its client was handed
@@ -555,9 +559,9 @@ class Engine:
 
     def _stop_work(self) -> None:
         """The drain is over: prompts being ingested are finished (bounded by max_prompt_tokens, and
-        it keeps each session's state consistent with its record), running generations end
-        "cancelled" with their states back in their slots, queued work is refused (503), and every
-        session's state goes to the store."""
+        it keeps each session's state consistent with its record; a cancelled turn's input is taken
+        back instead), running generations end "cancelled" with their states back in their slots,
+        queued work is refused (503), and every session's state goes to the store."""
         while self._prefilling:
             self._prefill_run(self._prefill())
         decoding = [j for j in self.batch.rows if j is not None]
@@ -589,6 +593,9 @@ class Engine:
             self.pool.clear(rec.slot)
         rec.has_state = True
         self._running[rec.id] = job
+        if job.stream is not None and not rec.ephemeral and job.tokens:  # a cancel may take the input back
+            fields = Snapshot(self.pool.seen[rec.slot].clone(), rec.pending, rec.n_tokens, rec.utf8_tail)
+            job.saved = (self.pool.row(rec.slot).clone(), fields)
         # the state holds every token but the pending one: feed the old pending token and all
         # new tokens but the last, which becomes the new pending token
         if job.tokens:
@@ -621,6 +628,7 @@ class Engine:
         else:
             rec = job.session
             if not rec.ephemeral:  # generated token 0: the first rollback point
+                job.saved = None
                 seen = self.pool.seen[rec.slot].clone()
                 job.base = Snapshot(seen, rec.pending, rec.n_tokens, rec.utf8_tail)
                 job.marks = [(0, self.pool.row(rec.slot).clone())]
@@ -638,8 +646,11 @@ class Engine:
         hand-over: a short prompt's first token does not wait for a long prompt's chunk either."""
         chunk, budget = self.settings.prefill_chunk_tokens, self.settings.prefill_token_budget
         for job in list(self._prefilling):
-            if job.cancelled and job.session.ephemeral:  # nothing to keep: stop now, free its slot
+            if job.cancelled and not job.ended:  # stop now (a rollback's re-stepping always completes)
                 self._prefilling.remove(job)
+                if job.saved is not None:  # a kept session: back to its state before the turn
+                    self._restore(job)
+                job.undone = True  # (a one-shot session is deleted: its slot freed)
                 self._finish(job, "cancelled")
 
         def priority(j: Job) -> tuple:  # passed over most, then fewest tokens left, then oldest
@@ -893,7 +904,8 @@ class Engine:
         stop_at = None
         if reason == "stop":
             stop_at = find_stop(bytes(job.out_bytes), job.stops, len(job.out_bytes))
-        self._outbox.append((job.stream, Finished(reason, len(job.tokens), len(job.out), stop_at)))
+        prompt = 0 if job.undone else len(job.tokens)  # (cancelled during ingestion: the input not applied)
+        self._outbox.append((job.stream, Finished(reason, prompt, len(job.out), stop_at)))
         self.metrics.e2e.observe(time.perf_counter() - job.submitted)
         self.metrics.finished[reason].inc()
         self._end(job)
@@ -905,7 +917,7 @@ class Engine:
         rec = job.session
         self._uncount(job)
         job.ended = True
-        if job.text and job.stream is not None:  # before the record is released or stored
+        if job.text and job.stream is not None and not job.undone:  # before the record is released or stored
             rec.utf8_tail = utf8_tail(job.carry + bytes(t & 0xFF for t in job.out))
         if rec.ephemeral or job.delete_after:
             self._running.pop(rec.id, None)
@@ -977,6 +989,15 @@ class Engine:
         else:
             self.sessions.release(rec)
             self._persist(rec)
+
+    def _restore(self, job: Job) -> None:
+        """Put a kept session back as it was before this turn's input (cancelled during ingestion)."""
+        rec = job.session
+        row, was = job.saved
+        self.pool.row(rec.slot).copy_(row)
+        self.pool.seen[rec.slot].copy_(was.seen)
+        rec.pending, rec.n_tokens, rec.utf8_tail = was.pending, was.n_tokens, was.utf8_tail
+        job.saved = None
 
     def _mark(self) -> None:
         """Rollback points of the kept sessions in the decode batch: a copy of a row's state every

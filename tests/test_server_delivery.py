@@ -5,7 +5,9 @@ session holding exactly the tokens the server handed to its connection: the coun
 bit (equal to a turn that generated only those tokens), and what follows (one-shot generation on
 everything before). The clients here close gracefully (a WebSocket close frame, an HTTP half-close)
 and read to the end, so they see every frame the server sent before it noticed. A session whose
-stream is still being delivered is not idle: its TTL counts from its last frame."""
+stream is still being delivered is not idle: its TTL counts from its last frame.
+A cancel while the turn's input is being ingested stops between prompt chunks and takes the input
+back."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from server_support import RawSSE, RawWebSocket, ServerThread, reference, wait_for
@@ -187,6 +190,55 @@ def test_an_audio_websocket_closed_mid_turn_keeps_the_samples_of_the_frames_it_w
     assert info["generated"] == len(got) < 200_000
     assert info["tokens"] == 1 + len(got)  # the silence it started from, then the samples it was sent
     same_as_a_turn_of(client, sid, AUDIO, None, got, turn)
+
+
+def test_cancel_while_the_prompt_is_ingested_stops_at_a_chunk_and_takes_the_prompt_back(server, client):
+    """A 30 s audio prompt (binary frames, then generate) and a cancel once its ingestion has begun: the
+    done frame comes within a few prompt chunks, not after the whole prompt, says cancelled with no
+    prompt tokens used, and the session is bit for bit what it was before the turn."""
+    engine = server.state.models[AUDIO].engine
+    samples = bytes((i * 7919) % 256 for i in range(30 * 8000))  # mulaw ids: 30 s at 8 kHz
+    ws = RawWebSocket(server.port)
+    ws.send_json({"type": "session", "model": AUDIO, "audio_encoding": "mulaw"})
+    sid = ws.recv_json()["session_id"]
+    ws.sock.sendall(_binary(samples[:4000]))  # a first input: the state to come back to is not empty
+    ws.send_json({"type": "append"})
+    assert ws.recv_json()["tokens"] == 4000
+    before = exported(client, sid)
+
+    for i in range(0, len(samples), 60_000):
+        ws.sock.sendall(_binary(samples[i : i + 60_000]))
+    ingested = engine.metrics.prefill_tokens._value.get()
+    ws.send_json({"type": "generate", "max_new_tokens": 100, "seed": 1})
+    assert wait_for(lambda: engine.metrics.prefill_tokens._value.get() > ingested, 10, 0.001)
+    t0 = time.perf_counter()
+    ws.send_json({"type": "cancel"})
+    while (m := ws.recv_json())["type"] not in ("done", "error"):
+        pass
+    cancel_s = time.perf_counter() - t0
+    assert m["type"] == "done" and m["finish_reason"] == "cancelled", m
+    assert m["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
+    assert exported(client, sid) == before
+
+    # the same prompt, ingested whole this time (an append): the time the cancel saved
+    for i in range(0, len(samples), 60_000):
+        ws.sock.sendall(_binary(samples[i : i + 60_000]))
+    t0 = time.perf_counter()
+    ws.send_json({"type": "append"})
+    assert ws.recv_json()["tokens"] == 4000 + len(samples)
+    whole_s = time.perf_counter() - t0
+    ws.close()
+    assert cancel_s < whole_s / 4, (cancel_s, whole_s)
+
+
+def _binary(data: bytes) -> bytes:
+    """One masked binary WebSocket frame (client to server)."""
+    import os
+
+    n, mask = len(data), os.urandom(4)
+    head = bytes([0x82]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big"))
+    key = np.resize(np.frombuffer(mask, np.uint8), n)
+    return head + mask + (np.frombuffer(data, np.uint8) ^ key).tobytes()
 
 
 # --- the idle timeout counts from the last frame ------------------------------------------------------
