@@ -29,11 +29,12 @@ PROMPT = "ROMEO:"
 
 
 def exported(client: httpx.Client, sid: str) -> tuple[dict, bytes]:
-    """A session's export: (header less its `created` time, raw state)."""
+    """A session's export: (header less its times, raw state)."""
     r = client.get(f"/v1/sessions/{sid}/export")
     assert r.status_code == 200, r.text
     header, raw = unpack_state(r.content)
-    header.pop("created")
+    for when in ("created", "last_used"):
+        header.pop(when, None)
     return header, raw
 
 
