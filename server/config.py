@@ -76,7 +76,10 @@ class Settings(BaseSettings):
     )
     max_sessions: int = Field(256, ge=1, description="state slots per model (sessions + one-shot requests)")
     session_ttl_s: float = Field(
-        600.0, gt=0, description="an idle session is deleted after this many seconds"
+        600.0,
+        gt=0,
+        description="an idle session is deleted after this many seconds (idle: no turn running, and its last "
+        "frame handed to its client)",
     )
     max_prompt_tokens: int = Field(
         8192, ge=1, description="text models: longest prompt (or append) in tokens (else 413)"

@@ -122,12 +122,13 @@ class SendDeadline:
         transport = self.protocol.transport
         if transport is not None:  # (connection_lost cancels the timer: the connection is still there)
             self.guard.count_closed("send_timeout")
+            self.protocol.gone()
             transport.abort()
 
 
 class SendWatch:
     """Mixed in before a uvicorn protocol: asyncio's flow-control callbacks drive the connection's
-    `send_deadline` (a SendDeadline the protocol sets in __init__)."""
+    `send_deadline` (a SendDeadline the protocol sets in __init__), which calls its `gone()`."""
 
     send_deadline: SendDeadline
 
@@ -173,6 +174,21 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self._disarm()
         self.send_deadline.resumed()
         super().connection_lost(exc)
+
+    def eof_received(self) -> None:
+        self.gone()
+        super().eof_received()
+
+    def gone(self) -> None:
+        """The client is gone: it closed its side (FIN; asyncio then closes the transport, uvicorn keeps
+        no half-open connection), or it is cut off (send timeout). `connection_lost` comes a loop pass
+        later, and what the app sends meanwhile is dropped by the closing transport while uvicorn still
+        reports the connection open; so the running request is marked disconnected now, as
+        connection_lost will (its sends are dropped, its receive() says http.disconnect): a route that
+        counts the tokens it handed to the transport (`Stream.deliver`) counts none that went nowhere."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
 
     def _in_progress(self) -> bool:
         """A request's response is not complete yet."""
@@ -315,6 +331,15 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
                 self.handle_parser_exception()
                 return
         super().send_receive_event_to_app()
+
+    def eof_received(self) -> None:
+        self.gone()
+        super().eof_received()
+
+    def gone(self) -> None:
+        """The client is gone (`GuardedHttpProtocol.gone`): the app's next send raises ClientDisconnected
+        instead of going to a closing transport."""
+        self.disconnected = True
 
     def _expired(self) -> None:
         self.deadline = None

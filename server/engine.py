@@ -29,6 +29,12 @@ dropped and nothing is buffered without bound.
 While a prompt is being ingested the decode stage runs one step per iteration, so a long prompt costs
 the decoding sessions about one chunk's prefill per token, not its whole prefill.
 
+A turn on a kept session ends when its route is done with the stream (`Stream.settle`), not when the
+engine is: the session stays busy until its client has been handed the last frame, and keeps only the
+tokens it was handed. A turn whose client went away is taken back (`_rollback`: a recent copy of the
+state row, and the tokens from it re-stepped through `step`); a turn cancelled while its input is
+ingested stops between chunks and the input is taken back (`_restore`).
+
 The engine never awaits; the event loop never calls the model.
 """
 
@@ -107,8 +113,12 @@ class Stream:
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=capacity + 1)  # non-empty lists
         self.sent = 0  # tokens sent (engine thread)
         self.taken = 0  # tokens taken (event loop)
+        self.delivered = 0  # tokens the consumer has handed to its client's transport (event loop)
+        self.final_taken = False  # the consumer has taken the `Finished` event (event loop)
         self.cancelled = False
         self.engine: Engine | None = None
+        self.job: Job | None = None  # set by Engine.submit
+        self._settled = False
         # when the params ask for them (engine thread appends, before the token or final event is
         # delivered): per generated token (logprob, top ids, top logprobs); per prompt token after
         # the first, the same
@@ -138,12 +148,51 @@ class Stream:
         while not self.queue.empty():
             items += self.queue.get_nowait()
         self._took(items)
+        if not isinstance(items[-1], int):
+            self.final_taken = isinstance(items[-1], Finished)
         return items
+
+    def deliver(self, n: int) -> None:
+        """(event loop) The consumer has handed n more tokens (text ids, audio samples) to its client's
+        transport: a send that returned while the connection was still open."""
+        self.delivered += n
+
+    def settle(self) -> None:
+        """(event loop) The consumer is done with the stream: it has handed its last frame to the
+        transport, or its client is gone. Called once (later calls do nothing). A kept session then
+        holds exactly the `delivered` tokens of this turn: when every token taken was delivered, up to
+        the final event, the session is idle from now (its TTL counts from here); otherwise the
+        generation is cancelled and the engine takes the session back to its state after the delivered
+        tokens (`Engine.settle`)."""
+        if self._settled or self.engine is None or self.job is None:
+            return
+        self._settled = True
+        complete = self.final_taken and self.delivered >= self.taken
+        if not complete:
+            self.cancel()
+        self.engine.settle(self.job, self.delivered, complete)
+
+
+@dataclass
+class Snapshot:
+    """A session's fields at one point of a turn, to go back to: its seen set (a copy) and its record's
+    pending token, token count and unfinished character (its state row is kept beside it)."""
+
+    seen: torch.Tensor  # (V,) bool
+    pending: int | None
+    n_tokens: int
+    utf8_tail: bytes
 
 
 @dataclass
 class Job:
-    """One request on one session: ingest `tokens`, then (with a stream) generate."""
+    """One request on one session: ingest `tokens`, then (with a stream) generate.
+
+    A generation on a kept session can be taken back, so that the session holds only what its client
+    was handed: while the turn's input is ingested, `saved` is the session before the turn (a cancel
+    or disconnect then restores it: the input is not applied); from the end of ingestion, `base` is the
+    session at generated token 0 and `marks` are its state rows at a few generated-token counts
+    (`Engine._mark`), from which `Engine._rollback` re-steps to the count the client got."""
 
     session: SessionRecord
     tokens: list[int]
@@ -168,6 +217,14 @@ class Job:
     delete_after: bool = False
     passed_over: int = 0  # prefill iterations in a row that had no room for this job's next chunk
     queued: bool = True  # counted in the engine's queue depth (until it decodes or ends)
+    # taking a turn back (kept sessions' generations; engine thread)
+    saved: tuple[torch.Tensor, Snapshot] | None = None  # (state row, fields) before the turn's input
+    base: Snapshot | None = None  # the session when its first token was about to be generated
+    marks: list[tuple[int, torch.Tensor]] | None = None  # (tokens generated, the state row then)
+    undone: bool = False  # the turn's input was taken back (cancelled while it was being ingested)
+    ended: bool = False  # the generation is over (its final event sent)
+    settled: bool = False  # the consumer is done and `keep` is final (Stream.settle, not complete)
+    keep: int = 0  # generated tokens the session keeps: those its client was handed
 
     @property
     def cancelled(self) -> bool:
@@ -338,6 +395,7 @@ class Engine:
         self._prefilling: list[Job] = []
         self._waiting: collections.deque[Job] = collections.deque()  # ready to decode
         self._running: dict[str, Job] = {}  # session id → its job
+        self._settles: list[tuple[Job, int, bool]] = []  # from Stream.settle (guarded by _cv)
         self._outbox: list[tuple[Stream, Any]] = []
         self._stopping = False
         self._cancel_running = False  # cancel_running() asked: every running generation ends (guarded by _cv)
@@ -396,8 +454,25 @@ class Engine:
         """Queue a job (429 when the queue is full). Generation results arrive on job.stream;
         an ingestion-only job resolves job.future with the session record."""
         if job.stream is not None:
-            job.stream.engine = self
+            job.stream.engine, job.stream.job = self, job
         self._submit(job)
+
+    def settle(self, job: Job, delivered: int, complete: bool) -> None:
+        """(event loop; `Stream.settle`) The consumer of `job`'s stream is done, having handed `delivered`
+        generated tokens to its client's transport; `complete`: all of them, up to the final event.
+        A one-shot session has nothing to keep. A kept session that got everything is released now (idle
+        from now: its TTL counts from its client's last frame, not from the engine's last step) and
+        written through to the store by the engine; otherwise the engine cancels the generation (if it
+        still runs) and takes the session back to `delivered` tokens (`_rollback`), then releases it.
+        Never refused: the session would stay busy."""
+        if job.session.ephemeral:
+            return
+        with self._cv:  # (before the release: a next turn's job comes after this in the engine's order)
+            self._settles.append((job, delivered, complete))
+            self._block_interrupt.value = 1
+            self._cv.notify()
+        if complete:
+            self.sessions.release(job.session)
 
     def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
         """Run fn(engine) on the engine thread (state copies: fork, export, import, delete)."""
@@ -443,6 +518,7 @@ class Engine:
         self._housekeeping()
         later = self._prefill()
         self._decode()
+        self._mark()
         self._flush()
         self._prefill_run(later)  # long prompts' chunks: after the new tokens are handed over
         return True
@@ -453,12 +529,15 @@ class Engine:
 
     def _admit(self) -> bool:
         with self._cv:
-            if not self._inbox and not self._has_work() and not self._stopping:
+            if not self._inbox and not self._settles and not self._has_work() and not self._stopping:
                 self._cv.wait(timeout=0.25)
             items = list(self._inbox)
             self._inbox.clear()
+            settles, self._settles = self._settles, []
             stopping, cancel = self._stopping, self._cancel_running
             self._cancel_running = False
+        for job, delivered, complete in settles:  # first: a next turn on the session may be in `items`
+            self._settled(job, delivered, complete)
         for item in items:
             if isinstance(item, Job):
                 self._start(item)
@@ -480,9 +559,9 @@ class Engine:
 
     def _stop_work(self) -> None:
         """The drain is over: prompts being ingested are finished (bounded by max_prompt_tokens, and
-        it keeps each session's state consistent with its record), running generations end
-        "cancelled" with their states back in their slots, queued work is refused (503), and every
-        session's state goes to the store."""
+        it keeps each session's state consistent with its record; a cancelled turn's input is taken
+        back instead), running generations end "cancelled" with their states back in their slots,
+        queued work is refused (503), and every session's state goes to the store."""
         while self._prefilling:
             self._prefill_run(self._prefill())
         decoding = [j for j in self.batch.rows if j is not None]
@@ -514,6 +593,9 @@ class Engine:
             self.pool.clear(rec.slot)
         rec.has_state = True
         self._running[rec.id] = job
+        if job.stream is not None and not rec.ephemeral and job.tokens:  # a cancel may take the input back
+            fields = Snapshot(self.pool.seen[rec.slot].clone(), rec.pending, rec.n_tokens, rec.utf8_tail)
+            job.saved = (self.pool.row(rec.slot).clone(), fields)
         # the state holds every token but the pending one: feed the old pending token and all
         # new tokens but the last, which becomes the new pending token
         if job.tokens:
@@ -536,12 +618,20 @@ class Engine:
             self._ingested(job)
 
     def _ingested(self, job: Job) -> None:
-        if job.stream is None:
+        if job.ended:  # a rollback's tokens are re-stepped
+            self._turn_over(job)
+        elif job.stream is None:
             self._end(job)
             job.future.set_result(job.session)
         elif job.max_new_tokens == 0:  # prompt log-probabilities only (echo)
             self._finish(job, "length")
         else:
+            rec = job.session
+            if not rec.ephemeral:  # generated token 0: the first rollback point
+                job.saved = None
+                seen = self.pool.seen[rec.slot].clone()
+                job.base = Snapshot(seen, rec.pending, rec.n_tokens, rec.utf8_tail)
+                job.marks = [(0, self.pool.row(rec.slot).clone())]
             self._waiting.append(job)
 
     def _prefill(self) -> list[tuple[Job, list[int]]]:
@@ -556,8 +646,11 @@ class Engine:
         hand-over: a short prompt's first token does not wait for a long prompt's chunk either."""
         chunk, budget = self.settings.prefill_chunk_tokens, self.settings.prefill_token_budget
         for job in list(self._prefilling):
-            if job.cancelled and job.session.ephemeral:  # nothing to keep: stop now, free its slot
+            if job.cancelled and not job.ended:  # stop now (a rollback's re-stepping always completes)
                 self._prefilling.remove(job)
+                if job.saved is not None:  # a kept session: back to its state before the turn
+                    self._restore(job)
+                job.undone = True  # (a one-shot session is deleted: its slot freed)
                 self._finish(job, "cancelled")
 
         def priority(j: Job) -> tuple:  # passed over most, then fewest tokens left, then oldest
@@ -580,17 +673,25 @@ class Engine:
 
     def _prefill_run(self, picked: list[tuple[Job, list[int]]]) -> None:
         """Ingest the picked chunks (job, its next tokens); equal-length chunks run as one batched
-        prefill. A job whose prompt is then complete goes on to decode (`_ingested`)."""
+        prefill. A job whose prompt is then complete goes on to decode (`_ingested`). A rollback's
+        tokens (`job.ended`) are stepped one at a time with the decode's `step` instead, so that its
+        state is bit for bit the one its generation had after those tokens."""
         if not picked:
             return
-        used = sum(len(piece) for _, piece in picked)
-        groups: dict[int, list[tuple[Job, list[int]]]] = collections.defaultdict(list)
+        used = sum(len(piece) for job, piece in picked if not job.ended)
+        groups: dict[tuple[int, bool], list[tuple[Job, list[int]]]] = collections.defaultdict(list)
         for job, piece in picked:
-            groups[len(piece)].append((job, piece))
+            groups[len(piece), job.ended].append((job, piece))
         dev = self.pool.state.device
-        for group in groups.values():
+        for (length, steps), group in groups.items():
             slots = torch.tensor([j.session.slot for j, _ in group], device=dev)
             toks = torch.tensor([p for _, p in group], device=dev)  # (G, L)
+            if steps:
+                x = self.pool.rows(slots)
+                for t in range(length):
+                    self.rec.step(toks[:, t], x, out=x)
+                self.pool.put_rows(slots, x)
+                continue
             # rows of one group may be at different points of their sequences (for SaShiMi, different
             # pooling phases: its prefill runs rows of equal phase together, each as if alone)
             # the logits only where prompt log-probabilities were asked for: the prompt's last token is
@@ -803,25 +904,117 @@ class Engine:
         stop_at = None
         if reason == "stop":
             stop_at = find_stop(bytes(job.out_bytes), job.stops, len(job.out_bytes))
-        self._outbox.append(
-            (job.stream, Finished(reason, len(job.tokens), len(job.out), stop_at)),
-        )
+        prompt = 0 if job.undone else len(job.tokens)  # (cancelled during ingestion: the input not applied)
+        self._outbox.append((job.stream, Finished(reason, prompt, len(job.out), stop_at)))
         self.metrics.e2e.observe(time.perf_counter() - job.submitted)
         self.metrics.finished[reason].inc()
         self._end(job)
 
     def _end(self, job: Job) -> None:
-        """The job no longer runs: release its session (delete it if one-shot or asked to)."""
+        """The job no longer runs: release its session (delete it if one-shot or asked to). A kept
+        session's generation stays busy until its consumer settles the stream (`settle`): released
+        then, or first taken back to the tokens its client was handed (`_rollback`)."""
         rec = job.session
         self._uncount(job)
-        self._running.pop(rec.id, None)
-        if job.text and job.stream is not None:  # before the record is released or persisted
+        job.ended = True
+        if job.text and job.stream is not None and not job.undone:  # before the record is released or stored
             rec.utf8_tail = utf8_tail(job.carry + bytes(t & 0xFF for t in job.out))
         if rec.ephemeral or job.delete_after:
+            self._running.pop(rec.id, None)
+            self.delete_now(rec)
+        elif job.stream is None:
+            self._running.pop(rec.id, None)
+            self.sessions.release(rec)
+            self._persist(rec)  # idle: write through
+        elif job.settled:  # its client went away before the end
+            self._rollback(job)
+        else:
+            self._running.pop(rec.id, None)  # busy until its consumer settles (Stream.settle)
+
+    def _settled(self, job: Job, delivered: int, complete: bool) -> None:
+        """`settle`, on the engine thread: a complete stream's session (released already) is written
+        through; otherwise the generation is cancelled if it still runs (`_end` then takes it back) or
+        taken back now."""
+        if complete:
+            job.marks = job.base = None
+            if self.sessions.holds(job.session):
+                self._persist(job.session)
+            return
+        job.settled, job.keep = True, delivered
+        if job.ended:
+            self._rollback(job)
+        else:
+            job.stream.cancelled = True  # (it ends at its next step or prompt chunk)
+
+    def _rollback(self, job: Job) -> None:
+        """Take a kept session back to `job.keep` generated tokens, those its client was handed (the
+        generation has ended): the state row of the last mark at or before that count goes back into
+        the slot, and the tokens from the mark to the count are stepped again, one at a time through the
+        decode's `step` (`_prefill_run`, a chunk per engine iteration), so that the state is bit for bit
+        the one the generation had after them: the session is that of a turn that generated only
+        `keep` tokens. Its pending token, token count, seen set and unfinished character follow. Then it
+        is released and written through (`_turn_over`)."""
+        rec, k = job.session, job.keep
+        if not self.sessions.holds(rec):  # deleted (or evicted) while its stream was being delivered
+            self._running.pop(rec.id, None)
+            return
+        job.ingest, job.offset, job.targets = [], 0, []
+        if job.marks is not None and k < len(job.out):
+            base, (pos, row) = job.base, [m for m in job.marks if m[0] <= k][-1]
+            fed = [base.pending] + job.out  # after n generated tokens the state has taken in fed[:n]
+            self.pool.row(rec.slot).copy_(row)
+            seen = self.pool.seen[rec.slot]
+            seen.copy_(base.seen)
+            if k:
+                seen[torch.tensor(job.out[:k], device=seen.device)] = True
+            rec.pending, rec.n_tokens, rec.generated = fed[k], base.n_tokens + k, k
+            del job.out[k:]
+            job.ingest, job.marks = fed[pos:k], None
+            if job.text:
+                rec.utf8_tail = utf8_tail(job.carry + bytes(t & 0xFF for t in job.out))
+        if job.ingest:
+            self._running[rec.id] = job  # (busy: a delete meanwhile waits for the end)
+            self._prefilling.append(job)
+        else:
+            self._turn_over(job)
+
+    def _turn_over(self, job: Job) -> None:
+        """A settled turn is over (taken back): release its session and write it through, or delete it
+        if that was asked meanwhile."""
+        rec = job.session
+        self._running.pop(rec.id, None)
+        job.marks = job.base = None
+        if job.delete_after:
             self.delete_now(rec)
         else:
             self.sessions.release(rec)
-            self._persist(rec)  # idle: write through
+            self._persist(rec)
+
+    def _restore(self, job: Job) -> None:
+        """Put a kept session back as it was before this turn's input (cancelled during ingestion)."""
+        rec = job.session
+        row, was = job.saved
+        self.pool.row(rec.slot).copy_(row)
+        self.pool.seen[rec.slot].copy_(was.seen)
+        rec.pending, rec.n_tokens, rec.utf8_tail = was.pending, was.n_tokens, was.utf8_tail
+        job.saved = None
+
+    def _mark(self) -> None:
+        """Rollback points of the kept sessions in the decode batch: a copy of a row's state every
+        `capacity` generated tokens (its stream's; taken at the end of a decode stage, so at most a
+        decode block later), each dropped once its client has been handed a later one's tokens. A
+        rollback then re-steps fewer than a capacity and a decode block of tokens however long the
+        turn, and a turn holds a few rows: those from the last one its client passed to the newest
+        (the tokens in flight, its stream's queue and the frame being sent, span about two)."""
+        b = self.batch
+        for i, job in enumerate(b.rows):
+            if job is None or job.marks is None:
+                continue
+            marks, n = job.marks, len(job.out)
+            while len(marks) > 1 and marks[1][0] <= job.stream.delivered:
+                marks.pop(0)
+            if n - marks[-1][0] >= job.stream.capacity:
+                marks.append((n, b.state.select(self.pool.dim, i).clone()))
 
     def _abort_all(self, error: APIError) -> None:
         for job in list(self._running.values()):

@@ -519,7 +519,9 @@ def split(items: list) -> tuple[list[int], Finished | None]:
 
 
 async def collect(stream: Stream, request: Request | None = None) -> tuple[list[int], Finished]:
-    """Wait for a whole generation; a client that goes away (checked every 0.25 s) cancels it."""
+    """Wait for a whole generation; a client that goes away (checked every 0.25 s) cancels it, and a
+    kept session then keeps none of its tokens (nothing was handed to the client: `Stream.settle`).
+    The whole generation counts as delivered when it is returned (the response carries it all)."""
     ids: list[int] = []
     loop = asyncio.get_running_loop()
     next_check = loop.time() + 0.25
@@ -538,15 +540,16 @@ async def collect(stream: Stream, request: Request | None = None) -> tuple[list[
             got, final = split(items)
             ids += got
             if final is not None:
+                stream.deliver(len(ids))
                 return ids, final
-    except BaseException:
-        stream.cancel()
-        raise
+    finally:
+        stream.settle()  # (cancels the generation unless it is complete)
 
 
 async def events(stream: Stream) -> AsyncIterator[list]:
     """The stream's items in groups (whatever arrived together); cancels the generation if the
-    consumer stops early (a client disconnect cancels the response task)."""
+    consumer stops early (a client disconnect cancels the response task). The consumer counts what it
+    hands to its transport (`Stream.deliver`) and settles the stream when it is done (`Stream.settle`)."""
     finished = False
     try:
         while not finished:

@@ -140,6 +140,11 @@ class SessionTable:
         with self._lock:
             return self.store.get(session_id) is not None
 
+    def holds(self, record: SessionRecord) -> bool:
+        """Whether `record` is still this table's record of its session (not deleted or evicted since)."""
+        with self._lock:
+            return self.store.get(record.id) is record
+
     def records(self, model: str) -> list[SessionRecord]:
         """Every session of `model` (one-shot requests' included)."""
         with self._lock:

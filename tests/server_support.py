@@ -155,10 +155,10 @@ class RawWebSocket:
         out, self.buf = self.buf[:n], self.buf[n:]
         return out
 
-    def recv_json(self) -> dict:
-        """The next text frame (servers do not mask or fragment these small frames). A ping the
-        server sends meanwhile (uvicorn's keep-alive, every 20 s) is answered with a pong, as a
-        browser would, and skipped; so is a pong."""
+    def recv_frame(self) -> tuple[int, bytes]:
+        """The next data or close frame: (opcode, payload); 1 text, 2 binary, 8 close (servers do not
+        mask or fragment). A ping the server sends meanwhile (uvicorn's keep-alive, every 20 s) is
+        answered with a pong, as a browser would, and skipped; so is a pong."""
         import os
 
         while True:
@@ -175,10 +175,76 @@ class RawWebSocket:
                 pong = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
                 self.sock.sendall(bytes([0x8A, 0x80 | len(data)]) + mask + pong)
                 continue
-            if opcode == 0xA:
-                continue
-            assert opcode == 1, f"expected a text frame, got opcode {opcode}"
-            return json.loads(data)
+            if opcode != 0xA:
+                return opcode, data
+
+    def recv_json(self) -> dict:
+        """The next text frame, decoded."""
+        opcode, data = self.recv_frame()
+        assert opcode == 1, f"expected a text frame, got opcode {opcode}"
+        return json.loads(data)
+
+    def send_close(self) -> None:
+        """Start the closing handshake (code 1000). The server answers with its own close frame after
+        the frames it sent before, which `recv_frame` still returns."""
+        import os
+
+        mask = os.urandom(4)
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate((1000).to_bytes(2, "big")))
+        self.sock.sendall(bytes([0x88, 0x82]) + mask + payload)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class RawSSE:
+    """A POST whose `text/event-stream` answer is read on a plain socket, so a test controls when bytes
+    are read and can half-close the connection (`shutdown`) and still read what the server had sent."""
+
+    def __init__(self, port: int, path: str, body: dict, rcvbuf: int = 4096) -> None:
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port))
+        data = json.dumps(body).encode()
+        self.sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        self.buf = b""
+        while b"\r\n\r\n" not in self.buf:
+            self.buf += self._recv()
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
+        self.events_buf = b""
+
+    def _recv(self) -> bytes:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the server closed the connection")
+        return data
+
+    def event(self) -> dict:
+        """The next event's JSON (chunked transfer decoding; ConnectionError at the end of the stream)."""
+        while b"\n\n" not in self.events_buf:
+            while b"\r\n" not in self.buf:
+                self.buf += self._recv()
+            size, rest = self.buf.split(b"\r\n", 1)
+            n = int(size, 16)
+            if n == 0:
+                raise ConnectionError("the response ended")
+            while len(rest) < n + 2:
+                rest += self._recv()
+            self.events_buf += rest[:n]
+            self.buf = rest[n + 2 :]
+        event, self.events_buf = self.events_buf.split(b"\n\n", 1)
+        assert event.startswith(b"data: "), event
+        return json.loads(event[6:])
+
+    def shutdown(self) -> None:
+        """Half-close: the server sees the client go (end of file), and whatever it sent before is still
+        read by `event`."""
+        self.sock.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
         self.sock.close()

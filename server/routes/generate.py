@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from server import media
 from server.engine import Stream
@@ -37,6 +38,10 @@ router = APIRouter(tags=["generate"])
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+async def _settle(stream: Stream) -> None:
+    stream.settle()
+
+
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -48,30 +53,44 @@ def _sse_audio(frame, framer) -> str:
 
 
 async def _sse_generate(
-    stream: Stream, model: ServedModel, out: Output, gid: str, session_id: str | None
+    stream: Stream, model: ServedModel, out: Output, gid: str, session_id: str | None, request: Request
 ) -> AsyncIterator[str]:
     """Text: a token event per hand-over; audio: an audio event per frame of `frame_ms` (the last
-    one the rest); then the done event."""
+    one the rest); then the done event. An event's tokens count as delivered once Starlette's send of
+    it has returned on a connection still open (uvicorn drops what is sent after a disconnect); the
+    stream is settled when the done event is out or the client is gone (`Stream.settle`)."""
     framer = out.framer
-    async for items in events(stream):
-        try:
-            ids, final = split(items)
-        except APIError as err:
-            yield sse(err.frame())
-            return
-        if ids and framer is None:
-            yield sse({"type": "token", "ids": ids, "text": out.text_piece(ids)})
-        elif ids:
-            for frame in framer.feed(ids):
-                yield _sse_audio(frame, framer)
-        if final is not None:
-            if framer is not None:
-                if (last := framer.flush()) is not None:
-                    yield _sse_audio(last, framer)
-            elif rest := out.finish_text(final):
-                yield sse({"type": "token", "ids": [], "text": rest})
-            done = {"type": "done", "id": gid, "model": model.id, "finish_reason": final.finish_reason}
-            yield sse({**done, "usage": usage(final), "session_id": session_id})
+    try:
+        async for items in events(stream):
+            try:
+                ids, final = split(items)
+            except APIError as err:
+                yield sse(err.frame())
+                return
+            if ids and framer is None:
+                yield sse({"type": "token", "ids": ids, "text": out.text_piece(ids)})
+                if await request.is_disconnected():
+                    return
+                stream.deliver(len(ids))
+            elif ids:
+                for frame in framer.feed(ids):
+                    yield _sse_audio(frame, framer)
+                    if await request.is_disconnected():
+                        return
+                    stream.deliver(len(frame))
+            if final is not None:
+                if framer is not None:
+                    if (last := framer.flush()) is not None:
+                        yield _sse_audio(last, framer)
+                        if await request.is_disconnected():
+                            return
+                        stream.deliver(len(last))
+                elif rest := out.finish_text(final):
+                    yield sse({"type": "token", "ids": [], "text": rest})
+                done = {"type": "done", "id": gid, "model": model.id, "finish_reason": final.finish_reason}
+                yield sse({**done, "usage": usage(final), "session_id": session_id})
+    finally:
+        stream.settle()
 
 
 @router.post(
@@ -113,8 +132,10 @@ async def generate(req: GenerateRequest, request: Request):
     stream, job = start_generation(st, model, req.session_id, ids, params, req.max_new_tokens)
     gid, out = request_id(), Output(model, params, job=job, frame_ms=ms)
     if req.stream:
-        body = _sse_generate(stream, model, out, gid, req.session_id)
-        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        body = _sse_generate(stream, model, out, gid, req.session_id, request)
+        # (the background task settles a stream whose body never started: a client gone at once)
+        after = BackgroundTask(_settle, stream)
+        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS, background=after)
     tokens, final = await collect(stream, request)
     if wav:
         headers = {

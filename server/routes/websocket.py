@@ -225,7 +225,10 @@ class Connection:
             ) from None
 
     async def forward(self, stream: Stream, out: service.Output) -> None:
-        """Send a generation's frames; a slow reader blocks here, which pauses the session."""
+        """Send a generation's frames; a slow reader blocks here, which pauses the session. A frame's
+        tokens count as delivered once its send has returned (a send on a closed or closing socket
+        raises); the stream is settled after the done frame, or when the socket is gone
+        (`Stream.settle`: the session then keeps only the delivered tokens)."""
         model, framer = self.model, out.framer
         try:
             if framer is not None:
@@ -241,12 +244,13 @@ class Connection:
                     return
                 if ids and framer is None:
                     await self.send({"type": "token", "ids": ids, "text": out.text_piece(ids)})
+                    stream.deliver(len(ids))
                 elif ids:
-                    await self.send_frames(framer.feed(ids), framer, clock)
+                    await self.send_frames(framer.feed(ids), framer, clock, stream)
                 if final is not None:
                     if framer is not None:
                         if (last := framer.flush()) is not None:  # the last frame: the rest
-                            await self.send_frames([last], framer, clock)
+                            await self.send_frames([last], framer, clock, stream)
                         clock.end()
                     elif rest := out.finish_text(final):
                         await self.send({"type": "token", "ids": [], "text": rest})
@@ -256,17 +260,20 @@ class Connection:
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the socket is gone; events() cancelled the generation
         finally:
+            stream.settle()
             self.stream = None
 
-    async def send_frames(self, frames: list, framer, clock: service.FrameClock) -> None:
-        """One binary message per frame, each timed on the send side (Prometheus)."""
+    async def send_frames(self, frames: list, framer, clock: service.FrameClock, stream: Stream) -> None:
+        """One binary message per frame, each timed on the send side (Prometheus) and its samples
+        counted as delivered once sent."""
         for frame in frames:
             await self.ws.send_bytes(framer.encode(frame))
+            stream.deliver(len(frame))
             clock.sent(len(frame))
 
     async def close(self) -> None:
         if self.stream is not None:
-            self.stream.cancel()
+            self.stream.settle()  # (the pump may be cancelled before it ever ran)
         if self.pump is not None:
             self.pump.cancel()
         # While draining the whole table goes with the process (and deleting would be refused: 503).

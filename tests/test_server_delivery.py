@@ -1,0 +1,404 @@
+"""A kept session holds what its client was handed (README, "What a dropped turn keeps").
+
+A client that goes away in the middle of a streamed turn (WebSocket text and audio, SSE) leaves its
+session holding exactly the tokens the server handed to its connection: the count, the state bit for
+bit (equal to a turn that generated only those tokens), and what follows (one-shot generation on
+everything before). The clients here close gracefully (a WebSocket close frame, an HTTP half-close)
+and read to the end, so they see every frame the server sent before it noticed. A session whose
+stream is still being delivered is not idle: its TTL counts from its last frame.
+A cancel while the turn's input is being ingested stops between prompt chunks and takes the input
+back."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from server_support import RawSSE, RawWebSocket, ServerThread, reference, wait_for
+
+from model.sampling import SamplingParams
+from server.sessions import unpack_state
+
+TEXT, AUDIO = "tiny-text", "tiny-audio"
+PROMPT = "ROMEO:"
+
+
+def exported(client: httpx.Client, sid: str) -> tuple[dict, bytes]:
+    """A session's export: (header less its times, raw state)."""
+    r = client.get(f"/v1/sessions/{sid}/export")
+    assert r.status_code == 200, r.text
+    header, raw = unpack_state(r.content)
+    for when in ("created", "last_used"):
+        header.pop(when, None)
+    return header, raw
+
+
+def idle(client: httpx.Client, sid: str) -> dict:
+    assert wait_for(lambda: client.get(f"/v1/sessions/{sid}").json()["status"] == "idle", 10)
+    return client.get(f"/v1/sessions/{sid}").json()
+
+
+def new_session(client: httpx.Client, model: str, prompt: str | None = PROMPT) -> str:
+    body = {"model": model} | ({"prompt": prompt} if prompt is not None else {})
+    r = client.post("/v1/sessions", json=body)
+    assert r.status_code == 201, r.text
+    return r.json()["session_id"]
+
+
+def same_as_a_turn_of(
+    client: httpx.Client, sid: str, model: str, prompt: str | None, got: list[int], turn: dict
+):
+    """The session after a dropped turn is that of a turn that generated only `got` (same settings):
+    the same tokens, the same record, the same state bit for bit."""
+    twin = new_session(client, model, prompt)
+    r = client.post(
+        "/v1/generate", json={**turn, "model": model, "session_id": twin, "max_new_tokens": len(got)}
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == got
+    (h1, raw1), (h2, raw2) = exported(client, sid), exported(client, twin)
+    assert h1 == h2
+    assert raw1 == raw2, "the state after the dropped turn differs from a turn that generated only its tokens"
+    client.delete(f"/v1/sessions/{twin}")
+
+
+def continues_like_one_shot(client: httpx.Client, sid: str, got: list[int], model_dirs) -> None:
+    """What follows is one-shot generation on the prompt and the tokens the client got."""
+    body = {"model": TEXT, "session_id": sid, "max_new_tokens": 30, "seed": 2}
+    more = client.post("/v1/generate", json=body).json()["tokens"]
+    assert more == reference(model_dirs["text"], list(PROMPT.encode()) + got, SamplingParams(seed=2), 30)
+
+
+@pytest.fixture(scope="module")
+def slow_link(model_dirs):
+    """Both tiny models behind a 4 KiB kernel send buffer, so that a client that stops reading soon has
+    the server's buffers full, the route blocked in its send and the stream full (the engine paused)."""
+    from server import Settings
+
+    settings = Settings(
+        checkpoints=[str(model_dirs["text"]), str(model_dirs["audio"])],
+        stream_buffer=16,
+        max_new_tokens=100_000,
+        drain_timeout_s=1,
+    )
+    s = ServerThread(settings, send_buffer=4096).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def slow_client(slow_link):
+    with httpx.Client(base_url=slow_link.url, timeout=60) as c:
+        yield c
+
+
+def stalled(server: ServerThread, model: str, sid: str) -> bool:
+    """The turn on `sid` waits for its client: its stream is full (the route is blocked in a send, the
+    engine has paused the session), so the engine has tokens the client was not handed."""
+    job = server.state.models[model].engine._running.get(sid)
+    return job is not None and job.stream.room() <= 0
+
+
+TURN = {"max_new_tokens": 50_000, "seed": 1, "temperature": 1.0}
+
+
+def test_a_websocket_closed_mid_turn_leaves_its_session_with_exactly_the_tokens_it_was_sent(
+    slow_link, slow_client, model_dirs
+):
+    client = slow_client
+    sid = new_session(client, TEXT)
+    ws = RawWebSocket(slow_link.port)
+    ws.send_json({"type": "generate", "model": TEXT, "session_id": sid, **TURN})
+    assert ws.recv_json()["type"] == "session"
+    got: list[int] = []
+    while len(got) < 100:
+        m = ws.recv_json()
+        assert m["type"] == "token", m
+        got += m["ids"]
+    assert wait_for(lambda: stalled(slow_link, TEXT, sid), 30)
+    ws.send_close()
+    while True:  # every frame the server sent before it saw the close
+        opcode, data = ws.recv_frame()
+        if opcode == 8:
+            break
+        m = json.loads(data)
+        assert m["type"] == "token", m  # (no done frame: the turn was not over)
+        got += m["ids"]
+    ws.close()
+    info = idle(client, sid)
+    assert (info["generated"], info["tokens"]) == (len(got), len(PROMPT) + len(got))
+    same_as_a_turn_of(client, sid, TEXT, PROMPT, got, TURN)
+    continues_like_one_shot(client, sid, got, model_dirs)
+
+
+def test_an_sse_client_gone_mid_turn_leaves_its_session_with_exactly_the_tokens_it_was_sent(
+    slow_link, slow_client, model_dirs
+):
+    client = slow_client
+    sid = new_session(client, TEXT)
+    sse = RawSSE(slow_link.port, "/v1/generate", {"model": TEXT, "session_id": sid, "stream": True, **TURN})
+    got: list[int] = []
+    while len(got) < 100:
+        e = sse.event()
+        assert e["type"] == "token", e
+        got += e["ids"]
+    assert wait_for(lambda: stalled(slow_link, TEXT, sid), 30)
+    made = len(slow_link.state.models[TEXT].engine._running[sid].out)  # (paused: this stays put)
+    sse.shutdown()
+    try:
+        while True:  # every event the server sent before it saw the end of the request's side
+            e = sse.event()
+            assert e["type"] == "token", e
+            got += e["ids"]
+    except ConnectionError:
+        pass
+    sse.close()
+    assert len(got) <= made  # nothing made after the client went was sent to it
+    info = idle(client, sid)
+    assert (info["generated"], info["tokens"]) == (len(got), len(PROMPT) + len(got))
+    same_as_a_turn_of(client, sid, TEXT, PROMPT, got, TURN)
+    continues_like_one_shot(client, sid, got, model_dirs)
+
+
+def test_an_audio_websocket_closed_mid_turn_keeps_the_samples_of_the_frames_it_was_sent(
+    slow_link, slow_client
+):
+    client = slow_client
+    sid = new_session(client, AUDIO, prompt=None)
+    turn = {"max_new_tokens": 200_000, "seed": 3, "temperature": 1.0}
+    ws = RawWebSocket(slow_link.port)
+    ws.send_json({"type": "generate", "model": AUDIO, "session_id": sid, "audio_encoding": "mulaw", **turn})
+    assert ws.recv_json()["type"] == "session"
+    header = ws.recv_json()
+    assert header["type"] == "audio_header" and header["frame_samples"] == 160
+    got: list[int] = []
+    while len(got) < 160 * 30:  # 30 frames: past the first rollback point (250 ms = 2,000 samples)
+        opcode, data = ws.recv_frame()
+        assert opcode == 2
+        got += list(data)  # mulaw: one id per byte
+    assert wait_for(lambda: stalled(slow_link, AUDIO, sid), 60)
+    ws.send_close()
+    while (frame := ws.recv_frame())[0] != 8:
+        assert frame[0] == 2
+        got += list(frame[1])
+    ws.close()
+    info = idle(client, sid)
+    assert info["generated"] == len(got) < 200_000
+    assert info["tokens"] == 1 + len(got)  # the silence it started from, then the samples it was sent
+    same_as_a_turn_of(client, sid, AUDIO, None, got, turn)
+
+
+def test_cancel_while_the_prompt_is_ingested_stops_at_a_chunk_and_takes_the_prompt_back(server, client):
+    """A 30 s audio prompt (binary frames, then generate) and a cancel once its ingestion has begun: the
+    done frame comes within a few prompt chunks, not after the whole prompt, says cancelled with no
+    prompt tokens used, and the session is bit for bit what it was before the turn."""
+    engine = server.state.models[AUDIO].engine
+    samples = bytes((i * 7919) % 256 for i in range(30 * 8000))  # mulaw ids: 30 s at 8 kHz
+    ws = RawWebSocket(server.port)
+    ws.send_json({"type": "session", "model": AUDIO, "audio_encoding": "mulaw"})
+    sid = ws.recv_json()["session_id"]
+    ws.sock.sendall(_binary(samples[:4000]))  # a first input: the state to come back to is not empty
+    ws.send_json({"type": "append"})
+    assert ws.recv_json()["tokens"] == 4000
+    before = exported(client, sid)
+
+    for i in range(0, len(samples), 60_000):
+        ws.sock.sendall(_binary(samples[i : i + 60_000]))
+    ingested = engine.metrics.prefill_tokens._value.get()
+    ws.send_json({"type": "generate", "max_new_tokens": 100, "seed": 1})
+    assert wait_for(lambda: engine.metrics.prefill_tokens._value.get() > ingested, 10, 0.001)
+    t0 = time.perf_counter()
+    ws.send_json({"type": "cancel"})
+    while (m := ws.recv_json())["type"] not in ("done", "error"):
+        pass
+    cancel_s = time.perf_counter() - t0
+    assert m["type"] == "done" and m["finish_reason"] == "cancelled", m
+    assert m["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
+    assert exported(client, sid) == before
+
+    # the same prompt, ingested whole this time (an append): the time the cancel saved
+    for i in range(0, len(samples), 60_000):
+        ws.sock.sendall(_binary(samples[i : i + 60_000]))
+    t0 = time.perf_counter()
+    ws.send_json({"type": "append"})
+    assert ws.recv_json()["tokens"] == 4000 + len(samples)
+    whole_s = time.perf_counter() - t0
+    ws.close()
+    assert cancel_s < whole_s / 4, (cancel_s, whole_s)
+
+
+def _binary(data: bytes) -> bytes:
+    """One masked binary WebSocket frame (client to server)."""
+    import os
+
+    n, mask = len(data), os.urandom(4)
+    head = bytes([0x82]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big"))
+    key = np.resize(np.frombuffer(mask, np.uint8), n)
+    return head + mask + (np.frombuffer(data, np.uint8) ^ key).tobytes()
+
+
+# --- the idle timeout counts from the last frame ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def short_ttl(model_dirs):
+    """A text server whose sessions expire after 1 s idle, whose engine runs far ahead of a slow reader
+    (a large stream buffer) and whose sockets have a 4 KiB kernel send buffer."""
+    from server import Settings
+
+    settings = Settings(
+        checkpoints=[str(model_dirs["text"])],
+        session_ttl_s=1.0,
+        stream_buffer=1 << 16,
+        max_new_tokens=100_000,
+        drain_timeout_s=1,
+    )
+    s = ServerThread(settings, send_buffer=4096).start()
+    yield s
+    s.stop()
+
+
+N_SLOW = 30_000  # tokens: some 300 KB of frames, far more than the socket buffers hold
+
+
+def test_a_websocket_session_is_not_idle_while_its_frames_wait_for_a_slow_reader(short_ttl):
+    engine = short_ttl.state.models[TEXT].engine
+    ws = RawWebSocket(short_ttl.port)
+    ws.send_json({"type": "generate", "model": TEXT, "prompt": PROMPT, "max_new_tokens": N_SLOW, "seed": 1})
+    sid = ws.recv_json()["session_id"]
+    assert ws.recv_json()["type"] == "token"
+    # the engine is done long before the client reads on; the frames wait in the server's buffers
+    assert wait_for(lambda: engine.active_requests == 0, 30)
+    time.sleep(2.5)  # more than the TTL (and its housekeeping period) since the engine's last step
+    n = 0
+    while (m := ws.recv_json())["type"] == "token":
+        n += len(m["ids"])
+    assert m["type"] == "done" and m["usage"]["completion_tokens"] == N_SLOW, m
+    ws.send_json({"type": "generate", "max_new_tokens": 5, "seed": 1})  # at once: the session is there
+    first = ws.recv_json()
+    assert first["type"] == "token", first
+    while (m := ws.recv_json())["type"] == "token":
+        pass
+    assert m["type"] == "done" and m["session_id"] == sid
+    ws.close()
+
+
+def test_an_sse_session_is_not_idle_while_its_events_wait_for_a_slow_reader(short_ttl):
+    engine = short_ttl.state.models[TEXT].engine
+    with httpx.Client(base_url=short_ttl.url, timeout=30) as c:
+        sid = new_session(c, TEXT)
+        body = {"model": TEXT, "session_id": sid, "stream": True, "max_new_tokens": N_SLOW, "seed": 1}
+        sse = RawSSE(short_ttl.port, "/v1/generate", body)
+        assert sse.event()["type"] == "token"
+        assert wait_for(lambda: engine.active_requests == 0, 30)
+        time.sleep(2.5)
+        assert c.get(f"/v1/sessions/{sid}").json()["status"] == "busy"  # still being delivered
+        while (e := sse.event())["type"] == "token":
+            pass
+        assert e["type"] == "done" and e["usage"]["completion_tokens"] == N_SLOW
+        info = c.get(f"/v1/sessions/{sid}")
+        assert info.status_code == 200 and info.json()["tokens"] == len(PROMPT) + N_SLOW
+        sse.close()
+
+
+# --- the engine alone: what a rollback costs --------------------------------------------------------
+
+
+def test_a_rollback_restarts_from_a_recent_mark_not_from_the_start_of_the_turn(model_dirs):
+    """A long turn whose client goes away after 2,000 tokens re-steps at most about a stream's capacity
+    and a decode block of tokens (from the last rollback mark its client had been handed), not the
+    2,000, holds a few state rows meanwhile, and leaves the state of a turn that generated only what the
+    client got, bit for bit. The engine is run by hand, one loop iteration at a time."""
+    import asyncio
+
+    from model import load
+    from server import Settings
+    from server.engine import DECODE_BLOCK_MAX_STEPS, Engine, Job, Stream
+    from server.metrics import Metrics
+    from server.sessions import SessionRecord, SessionTable
+
+    rec = load(model_dirs["text"]).to_recurrent()
+    steps: list[int] = []
+
+    class Counting:  # the model, with its single steps counted (the decode runs native blocks)
+        def __getattr__(self, name):
+            return getattr(rec, name)
+
+        def step(self, tokens, state, out=None):
+            steps.append(tokens.shape[0])
+            return rec.step(tokens, state, out=out)
+
+    loop = asyncio.new_event_loop()
+    settings = Settings(max_sessions=4, stream_buffer=64)
+    sessions = SessionTable()
+    engine = Engine("m", Counting(), settings, sessions, Metrics().for_model("m"))
+    params = SamplingParams(temperature=1.0, seed=5)
+
+    def session(sid: str) -> SessionRecord:
+        s = SessionRecord(id=sid, model="m", slot=engine.pool.reserve(), busy=True)
+        sessions.add(s)
+        job = Job(s, list(PROMPT.encode()), fresh=True, future=concurrent.futures.Future())
+        engine.submit(job)
+        while not job.future.done():
+            engine._iterate()
+        s.busy = True  # claimed for the turn
+        return s
+
+    def take(stream: Stream) -> list:  # the engine's hand-overs, as the event loop gets them
+        loop.run_until_complete(asyncio.sleep(0))
+        items = []
+        while not stream.queue.empty():
+            items += loop.run_until_complete(stream.get())
+        return items
+
+    kept = session("kept")
+    stream = Stream(loop, settings.stream_buffer)
+    job = Job(kept, [], stream=stream, params=params, max_new_tokens=100_000)
+    engine.submit(job)
+    got: list[int] = []
+    rows = 0
+    while True:  # a client handed every token as it comes, up to the 2,000th or so
+        engine._iterate()
+        rows = max(rows, len(job.marks))
+        ids = [i for i in take(stream) if isinstance(i, int)]
+        if len(got) + len(ids) < 2000:
+            stream.deliver(len(ids))
+            got += ids
+            continue
+        # then it goes away in the middle of a frame's tokens (not at a mark: something to re-step)
+        marks = {n for n, _ in job.marks}
+        d = next(n for n in range(2000, len(got) + len(ids) + 1) if n not in marks)
+        stream.deliver(d - len(got))
+        got += ids[: d - len(got)]
+        break
+    for _ in range(5):
+        engine._iterate()
+    assert stream.room() <= 0 and len(job.out) > len(got)  # the engine had run ahead, then paused
+    steps.clear()
+    stream.settle()  # the route's end: the client was handed `got`
+    while kept.busy:
+        engine._iterate()
+    assert kept.generated == len(got) and kept.n_tokens == len(PROMPT) + len(got)
+    assert 0 < len(steps) <= settings.stream_buffer + DECODE_BLOCK_MAX_STEPS and set(steps) == {1}
+    assert rows <= 4
+
+    twin = session("twin")  # a turn that generates only what the client got
+    stream2 = Stream(loop, 1 << 20)
+    engine.submit(Job(twin, [], stream=stream2, params=params, max_new_tokens=len(got)))
+    twin_ids: list = []
+    while not twin_ids or isinstance(twin_ids[-1], int):
+        engine._iterate()
+        twin_ids += take(stream2)
+    assert twin_ids[:-1] == got
+    stream2.deliver(len(got))
+    stream2.settle()
+    engine._iterate()
+    assert torch.equal(engine.pool.row(kept.slot), engine.pool.row(twin.slot))
+    assert torch.equal(engine.pool.seen[kept.slot], engine.pool.seen[twin.slot])
+    assert (kept.pending, kept.n_tokens) == (twin.pending, twin.n_tokens)
+    loop.close()
