@@ -449,16 +449,16 @@ async def session_info(state: ServerState, session_id: str) -> dict:
     except StateRangeError as exc:
         raise invalid("session_id", f"{what}: {exc}") from None
     created = header.get("created") or 0.0
-    return {
-        "session_id": session_id,
-        "model": model.id,
-        "tokens": header["n_tokens"],
-        "state_bytes": model.state_bytes,
-        "status": "idle",
-        "generated": header.get("generated", 0),
-        "created": created,
-        "last_used": header.get("last_used") or created,
-    }
+    stored_rec = SessionRecord(  # not held here (no slot): only its info, as a held record gives it
+        id=session_id,
+        model=model.id,
+        slot=-1,
+        n_tokens=header["n_tokens"],
+        created=created,
+        last_used=header.get("last_used") or created,
+        generated=header.get("generated", 0),
+    )
+    return stored_rec.info(model.state_bytes)
 
 
 # --- generation ----------------------------------------------------------------------------------
