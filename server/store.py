@@ -300,13 +300,18 @@ class StoreWriter:
     def settle(self, session_id: str, timeout: float) -> None:
         """Wait (up to timeout) until no operation of `session_id` is queued or being applied: a restore
         then reads the version this replica's last write made, not one a write in flight replaces."""
+        self._wait(lambda: session_id not in self._pending and self._busy != session_id, timeout)
+
+    def _wait(self, done, timeout: float) -> bool:
+        """Wait until done() (called under the lock) is true (True), or timeout (False)."""
         deadline = time.monotonic() + timeout
         with self._cv:
-            while session_id in self._pending or self._busy == session_id:
+            while not done():
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return
+                    return False
                 self._cv.wait(min(left, 0.05))
+        return True
 
     @property
     def backlog(self) -> int:
@@ -315,14 +320,7 @@ class StoreWriter:
 
     def flush(self, timeout: float) -> bool:
         """Wait until every queued operation is applied (True), or timeout (False)."""
-        deadline = time.monotonic() + timeout
-        with self._cv:
-            while self._pending or self._busy is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cv.wait(min(left, 0.05))
-        return True
+        return self._wait(lambda: not self._pending and self._busy is None, timeout)
 
     def begin_final(self) -> None:
         """The shutdown flush starts: count its operations apart from the lifetime counts."""
