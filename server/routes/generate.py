@@ -67,25 +67,20 @@ async def _sse_generate(
             except APIError as err:
                 yield sse(err.frame())
                 return
+            carrying: list[tuple[str, int]] = []  # (event, the generated tokens it carries)
             if ids and framer is None:
-                yield sse({"type": "token", "ids": ids, "text": out.text_piece(ids)})
+                carrying.append((sse({"type": "token", "ids": ids, "text": out.text_piece(ids)}), len(ids)))
+            elif ids:
+                carrying += [(_sse_audio(frame, framer), len(frame)) for frame in framer.feed(ids)]
+            if final is not None and framer is not None and (last := framer.flush()) is not None:
+                carrying.append((_sse_audio(last, framer), len(last)))
+            for event, n in carrying:
+                yield event
                 if await request.is_disconnected():
                     return
-                stream.deliver(len(ids))
-            elif ids:
-                for frame in framer.feed(ids):
-                    yield _sse_audio(frame, framer)
-                    if await request.is_disconnected():
-                        return
-                    stream.deliver(len(frame))
+                stream.deliver(n)
             if final is not None:
-                if framer is not None:
-                    if (last := framer.flush()) is not None:
-                        yield _sse_audio(last, framer)
-                        if await request.is_disconnected():
-                            return
-                        stream.deliver(len(last))
-                elif rest := out.finish_text(final):
+                if framer is None and (rest := out.finish_text(final)):
                     yield sse({"type": "token", "ids": [], "text": rest})
                 done = {"type": "done", "id": gid, "model": model.id, "finish_reason": final.finish_reason}
                 yield sse({**done, "usage": usage(final), "session_id": session_id})
