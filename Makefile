@@ -53,7 +53,7 @@ OTHER_WIDTH_SKIP := not fft and not matmul and not 4096 and not s4_cflags and no
 	and not avx2_overlapping
 
 test: venv sysdeps lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 	vw=$$($(BIN)/python -c "from model import fused; print(24 - fused.library().ssm_prefill_width())") && \
 	  S4_CFLAGS="$$S4_CFLAGS -DS4_VW=$$vw" \
 	  $(BIN)/python -m pytest -q -k "$(OTHER_WIDTH_SKIP)" $(OTHER_WIDTH_TESTS)

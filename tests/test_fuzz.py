@@ -315,9 +315,9 @@ def _exchange(url: str, frames: list[tuple[str, str | bytes]]) -> tuple[list, in
                         got.append(ws.recv(timeout=0.02))
                 except TimeoutError:
                     pass
-            try:  # whatever is still running: let it end (max_new_tokens ≤ 64), briefly
+            try:  # whatever is still running: let it end (max_new_tokens ≤ 64: milliseconds), briefly
                 while True:
-                    got.append(ws.recv(timeout=0.3))
+                    got.append(ws.recv(timeout=0.1))
             except TimeoutError:
                 pass
         except ConnectionClosed as exc:

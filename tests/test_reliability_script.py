@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_a_short_soak_ends_with_no_error_and_no_slot_in_use(model_dirs, tmp_path):
     cmd = [sys.executable, "scripts/reliability.py", "soak", "--checkpoint", str(model_dirs["text"]),
-           "--duration-s", "12", "--sample-s", "4", "--warmup-s", "0", "--ttl-s", "1",
+           "--duration-s", "6", "--sample-s", "2", "--warmup-s", "0", "--ttl-s", "1",
            "--ws-users", "2", "--http-users", "2", "--out", str(tmp_path)]  # fmt: skip
     out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
