@@ -255,9 +255,8 @@ def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple
     if header["fingerprint"] != model.fingerprint:
         raise invalid(param, f"{what} was made by other weights than model {model_id}'s (fingerprint)")
     if header["shape"] != model.state_shape:
-        raise invalid(
-            param, f"{what}: state shape {header['shape']} does not match the model's {model.state_shape}"
-        )
+        shape = str(header["shape"])[:80]
+        raise invalid(param, f"{what}: state shape {shape} does not match the model's {model.state_shape}")
     V = model.config.vocab_size
     pending, n_tokens, seen = header["pending"], header["n_tokens"], header["seen"]
     if not (pending is None or (_is_int(pending) and 0 <= pending < V)):

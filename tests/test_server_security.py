@@ -2,6 +2,11 @@
 series without bound, stall the event loop that every other client shares, or get a 500. Each test
 replays an attack that worked before its fix."""
 
+import hashlib
+import json
+import struct
+import time
+
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,3 +31,23 @@ def test_a_path_a_trailing_slash_away_from_a_route_adds_no_metric_series(client)
     handlers = _handlers(client)
     assert not any("attack" in h or h.endswith("/generate/") for h in handlers), handlers
     assert "none" in handlers
+
+
+def _state_blob(header: dict) -> bytes:
+    """An exported state's format around `header` and no payload, with a valid checksum."""
+    head = json.dumps(header).encode()
+    body = struct.pack("<8sHI", b"S4STATE\n", 2, len(head)) + head
+    return body + hashlib.sha256(body).digest()
+
+
+def test_a_state_import_with_a_long_or_huge_shape_is_a_quick_422(client):
+    """The payload's length was checked against the product of the header's whole shape: 300 sizes of 2**62
+    made a product of 5,600 digits, which the error message could not print (a 500), and 40,000 made a
+    bignum product that held the event loop for 16 s. The product now stops once past the payload."""
+    for shape in ([2**62] * 300, [2**62] * 40_000, [10**4000, 10**4000], [1] * 40_000 + [2]):
+        t0 = time.monotonic()
+        r = client.post("/v1/sessions/import", content=_state_blob({"dtype": "float32", "shape": shape}),
+                        headers={"content-type": "application/octet-stream"})  # fmt: skip
+        assert r.status_code == 422 and r.json()["error"]["param"] == "state", (len(shape), r.text[:200])
+        assert "state payload is 0 bytes" in r.json()["error"]["message"]
+        assert len(r.text) < 1000 and time.monotonic() - t0 < 2.0
