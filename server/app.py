@@ -16,7 +16,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from prometheus_fastapi_instrumentator import Instrumentator
+from prometheus_fastapi_instrumentator.middleware import PrometheusInstrumentatorMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware import Middleware
 
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
 from server.body_limit import BodySizeLimit
@@ -30,6 +32,7 @@ log = logging.getLogger("server")
 
 
 DOCS_ASSETS = "/static-offline-docs"  # swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js, favicon
+ROUTE_MODULES = (health, openai, generate, sessions, websocket, demo)
 
 
 def _error_response(err: APIError, request: Request) -> JSONResponse:
@@ -75,7 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _http(request: Request, exc: StarletteHTTPException):
         return _error_response(APIError(exc.status_code, str(exc.detail)), request)
 
-    for module in (health, openai, generate, sessions, websocket, demo):
+    for module in ROUTE_MODULES:
         app.include_router(module.router)
     app.mount("/static", demo.static_files(), name="static")
     keys = APIKeys(settings.api_keys)
@@ -108,16 +111,40 @@ def instrument_http(app: FastAPI, registry) -> None:
     Content-Length). Its `http_requests_inprogress` is not enabled: that gauge goes to the global
     registry whatever `registry` says (trallnag/prometheus-fastapi-instrumentator#317, open), so a
     second app in the process would fail. `handler` is the route template
-    (`/v1/sessions/{session_id}`), or "none" for a path no route matches, so clients cannot add series.
-    Added last, so it is the outermost middleware: requests refused for an API key (401) or a body
-    too large (413) are counted too. Not counted: `UNCOUNTED_ROUTES`, WebSockets (the s4_* metrics
-    cover their generations) and what the connection guard refuses before any route (its own
-    `s4_connections_*` and `s4_requests_refused_total`)."""
+    (`/v1/sessions/{session_id}`), or "none" for a path no route matches, so clients cannot add series
+    (`RouteTemplateHandlers`). Added last, so it is the outermost middleware: requests refused for an
+    API key (401) or a body too large (413) are counted too. Not counted: `UNCOUNTED_ROUTES`, WebSockets
+    (the s4_* metrics cover their generations) and what the connection guard refuses before any route
+    (its own `s4_connections_*` and `s4_requests_refused_total`)."""
     Instrumentator(
         should_group_status_codes=False,
         excluded_handlers=[f"^{path}$" for path in UNCOUNTED_ROUTES],
         registry=registry,
     ).instrument(app)
+    added = app.user_middleware[0]  # the instrumentator's (add_middleware puts the newest first)
+    assert added.cls is PrometheusInstrumentatorMiddleware
+    templates = {getattr(r, "path", None) for r in app.routes}  # the app's own routes and mounts
+    templates |= {r.path for module in ROUTE_MODULES for r in module.router.routes}
+    app.user_middleware[0] = Middleware(
+        RouteTemplateHandlers, *added.args, templates=templates, **added.kwargs
+    )
+
+
+class RouteTemplateHandlers(PrometheusInstrumentatorMiddleware):
+    """The instrumentator's middleware with a `handler` label that is always a route's template or
+    "none". The library labels a path that matches no route but would after adding or removing a
+    trailing slash (Starlette's redirect) with the path itself, so `GET /v1/sessions/<anything>/`, with
+    or without a key, added series per request: memory and /metrics grew without bound."""
+
+    def __init__(self, app, *args, templates: set[str], **kwargs) -> None:
+        super().__init__(app, *args, **kwargs)
+        self.templates = frozenset(templates)
+
+    def _get_handler(self, request) -> tuple[str, bool]:
+        handler, templated = super()._get_handler(request)
+        if templated and handler not in self.templates:
+            return "none", False
+        return handler, templated
 
 
 IMPORT_PATH = "/v1/sessions/import"

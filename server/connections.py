@@ -332,6 +332,14 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
                 return
         super().send_receive_event_to_app()
 
+    async def send(self, message) -> None:  # type: ignore[override]
+        """uvicorn's send; a denial response (the API key check's HTTP 401) ends the handshake. uvicorn
+        does not mark it ended, so each refused handshake logged "ASGI callable returned without
+        completing handshake." as an ERROR: a client without a key could fill the logs with them."""
+        await super().send(message)
+        if message["type"] == "websocket.http.response.body" and not message.get("more_body", False):
+            self.handshake_complete = True
+
     def eof_received(self) -> None:
         self.gone()
         super().eof_received()

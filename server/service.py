@@ -108,12 +108,26 @@ def sampling_params(model: ServedModel, req: SamplingFields) -> SamplingParams:
     )
 
 
-def prompt_ids(
+async def read_prompt(
     state: ServerState, model: ServedModel, prompt: str | None, prompt_audio: str | None
 ) -> list[int]:
+    """A request's prompt as ids for `model` (media.prompt_ids with this server's limits; 413 or 422
+    naming the field). An audio file is decoded and resampled in a worker thread, not on the event loop:
+    a small compressed file can take seconds of CPU (100 KB of FLAC, 30 s at 384 kHz in 8 channels:
+    1.8 s), which held every other client's stream, and the probes, for as long."""
     limit, _ = prompt_limit(state, model)
     max_s = state.settings.max_audio_s
-    ids = media.prompt_ids(model.kind, model.sample_rate, prompt, prompt_audio, max_s, limit, model.codec)
+    args = (model.kind, model.sample_rate, prompt, prompt_audio, max_s, limit, model.codec)
+    if prompt_audio is None:
+        return media.prompt_ids(*args)
+    return await asyncio.to_thread(media.prompt_ids, *args)
+
+
+async def prompt_ids(
+    state: ServerState, model: ServedModel, prompt: str | None, prompt_audio: str | None
+) -> list[int]:
+    """`read_prompt`, then its length checked against the model's prompt limit (413 naming the field)."""
+    ids = await read_prompt(state, model, prompt, prompt_audio)
     check_prompt(state, ids, "prompt" if model.kind == "text" else "prompt_audio", model)
     return ids
 
@@ -255,9 +269,8 @@ def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple
     if header["fingerprint"] != model.fingerprint:
         raise invalid(param, f"{what} was made by other weights than model {model_id}'s (fingerprint)")
     if header["shape"] != model.state_shape:
-        raise invalid(
-            param, f"{what}: state shape {header['shape']} does not match the model's {model.state_shape}"
-        )
+        shape = str(header["shape"])[:80]
+        raise invalid(param, f"{what}: state shape {shape} does not match the model's {model.state_shape}")
     V = model.config.vocab_size
     pending, n_tokens, seen = header["pending"], header["n_tokens"], header["seen"]
     if not (pending is None or (_is_int(pending) and 0 <= pending < V)):

@@ -236,7 +236,8 @@ def pack_state(header: dict, state: bytes) -> bytes:
 
 
 def unpack_state(blob: bytes) -> tuple[dict, bytes]:
-    """Check magic, version, checksum, header and payload length; returns (header, state bytes)."""
+    """Check magic, version, checksum, header and payload length; returns (header, state bytes).
+    Raises StateFormatError (a ValueError) naming what is wrong, whatever the blob holds."""
     if len(blob) < _PREFIX.size + 32:
         raise StateFormatError(f"state blob is {len(blob)} bytes, too short to be an exported state")
     magic, version, head_len = _PREFIX.unpack_from(blob)
@@ -267,12 +268,15 @@ def unpack_state(blob: bytes) -> tuple[dict, bytes]:
             'writes little-endian float32 ("byteorder": "little")'
         )
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise StateFormatError(f"state shape {shape} is not a list of sizes")
+        raise StateFormatError(f"state shape {str(shape)[:80]} is not a list of sizes")
     want = 4
-    for d in shape:
-        want *= d
+    for d in shape:  # stopped once past the payload: the product of a long shape is a slow bignum,
+        want *= d  # and one of over 4,300 digits cannot even be written in the message (a 500)
+        if want > len(state):
+            break
     if len(state) != want:
-        raise StateFormatError(f"state payload is {len(state)} bytes, shape {shape} needs {want}")
+        needs = want if want < len(state) else f"more than {len(state)}"
+        raise StateFormatError(f"state payload is {len(state)} bytes, shape {str(shape)[:80]} needs {needs}")
     return header, state
 
 

@@ -1048,3 +1048,25 @@ def test_openai_error_objects_by_status():
         err = as_openai(APIError(status, "why", param=param))
         assert err.status == (400 if status == 422 else status)
         assert err.openai_body() == {"error": {"message": "why", "type": kind, "param": param, "code": code}}
+
+
+def test_an_answer_cannot_ask_for_more_than_a_bounded_number_of_logprobs(chat_server):
+    """64 echoed prompts of 8,192 bytes with logprobs 20 (a 0.5 MB request) made a 260 MB answer, held the
+    event loop for 23 s and the process's memory by 0.9 GiB; n × max_tokens × top_logprobs did the same
+    on both routes. Samples × token positions × (1 + k) is at most MAX_LOGPROB_VALUES (a 400 naming the
+    field, before anything is queued); a prompt scored at the server's length still fits."""
+    s, _ = chat_server
+    prompt = "to be, or not " * 585  # 8,190 bytes
+    chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "a"}], "logprobs": True}
+    big = [
+        ("/v1/completions", {"prompt": [prompt] * 2, "max_tokens": 0, "echo": True, "logprobs": 20}),
+        ("/v1/completions", {"prompt": "a", "max_tokens": 4096, "n": 4, "logprobs": 20}),
+        ("/v1/chat/completions", {**chat, "max_tokens": 4096, "n": 4, "top_logprobs": 20}),
+    ]
+    for (route, fields), param in zip(big, ("logprobs", "logprobs", "top_logprobs")):
+        r = httpx.post(s.url + route, json={"model": TEXT, **fields})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (route, r.text[:300])
+        assert "more than 262144 in one answer" in r.json()["error"]["message"]
+    scored = {"model": TEXT, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 20}
+    r = httpx.post(s.url + "/v1/completions", json=scored, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["top_logprobs"]) == 8190

@@ -4,8 +4,10 @@ refused before any session exists, and a browser can carry the key as a subproto
 
 import asyncio
 import json
+import logging
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -154,6 +156,19 @@ def test_websocket_handshake_without_a_valid_key_is_refused_before_any_session(k
         assert e.value.response.status_code == 401, kw
         assert json.loads(e.value.response.body)["error"]["message"] == "missing or invalid API key"
     assert metric(c, "s4_active_sessions", TEXT) == 0
+
+
+def test_a_refused_websocket_handshake_logs_no_error(keyed, caplog):
+    """uvicorn logged "ASGI callable returned without completing handshake." at ERROR for every handshake
+    the key check refused (its HTTP 401 is a denial response, which uvicorn did not count as an end of
+    the handshake): anyone could fill the logs with ERROR lines. The refusal is the access line only."""
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            with pytest.raises(InvalidStatus) as e:
+                asyncio.run(_open(keyed.ws_url, additional_headers={"X-API-Key": "wrong"}))
+            assert e.value.response.status_code == 401
+        time.sleep(0.2)  # (the server's thread logs after the client has its answer)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_websocket_key_by_header_or_by_subprotocol_never_echoed(keyed):

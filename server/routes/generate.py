@@ -121,7 +121,7 @@ async def generate(req: GenerateRequest, request: Request):
             f"model {model.id} answers {kinds} (or text/event-stream with stream: true); this request's "
             f"Accept: {accept}",
         )
-    ids = prompt_ids(st, model, req.prompt, req.prompt_audio)
+    ids = await prompt_ids(st, model, req.prompt, req.prompt_audio)
     if req.session_id is not None:
         await restore(st, req.session_id)
     stream, job = start_generation(st, model, req.session_id, ids, params, req.max_new_tokens)

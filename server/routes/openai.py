@@ -62,6 +62,7 @@ from server.state import ServerState
 
 router = APIRouter(tags=["openai"])
 MAX_SAMPLES = 64  # prompts × best_of in one request
+MAX_LOGPROB_VALUES = 2**18  # log-probabilities in one answer: each position's own and its top ones
 CHAT_DEFAULT_MAX_TOKENS = 256
 
 
@@ -96,6 +97,19 @@ class CharOffsets:
 def char_offsets(ids: list[int]) -> list[int]:
     offsets = CharOffsets()
     return [offsets.feed(t) for t in ids]
+
+
+def check_logprob_values(positions: int, k: int, param: str) -> None:
+    """Log-probabilities asked for `positions` token positions (samples × tokens), 1 + `k` each: at most
+    MAX_LOGPROB_VALUES, else a 400 naming `param`. Each is a JSON entry built on the event loop: 64 echoed
+    prompts of 8,192 bytes with logprobs 20 (a 0.5 MB request) made a 260 MB answer, held the event loop
+    for 23 s and the process's memory by 0.9 GiB."""
+    if positions * (1 + k) > MAX_LOGPROB_VALUES:
+        raise invalid(
+            param,
+            f"{param}: {positions} token positions × {1 + k} log-probabilities is more than "
+            f"{MAX_LOGPROB_VALUES} in one answer; ask for fewer top log-probabilities, tokens or samples",
+        )
 
 
 # --- translation: request fields → SamplingParams -------------------------------------------------
@@ -397,6 +411,9 @@ async def completions(req: CompletionRequest, request: Request):
         check_prompt(st, ids, "prompt", model)
     params = sampling(model, req, req.stop or [])
     lp = req.logprobs
+    if lp is not None:  # every sample's, best_of's too (they are ranked, then n returned)
+        echoed = sum(len(ids) for ids in prompts) if req.echo else 0
+        check_logprob_values(best_of * (echoed + len(prompts) * req.max_tokens), lp, "logprobs")
     internal = lp if lp is not None else (0 if best_of > req.n else None)
     params = replace(params, logprobs=internal, prompt_logprobs=lp if req.echo else None)
     runs = start_runs(st, model, prompts, best_of, params, req.max_tokens)
@@ -520,6 +537,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     check_prompt(st, ids, "messages", model)
     params = sampling(model, req, (req.stop or []) + model.chat.stop)
     k = (req.top_logprobs or 0) if req.logprobs else None
+    if k is not None:
+        check_logprob_values(req.n * max_tokens, k, "top_logprobs" if k else "logprobs")
     params = replace(params, logprobs=k)
     runs = start_runs(st, model, [ids], req.n, params, max_tokens)
     cid, created = request_id("chatcmpl"), now_s()

@@ -23,7 +23,7 @@ def _info(request: Request, rec) -> dict:
 async def create(req: SessionCreate, request: Request):
     st = state_of(request)
     model = st.model(req.model)
-    ids = service.prompt_ids(st, model, req.prompt, req.prompt_audio)
+    ids = await service.prompt_ids(st, model, req.prompt, req.prompt_audio)
     return _info(request, await service.create_session(st, model, ids))
 
 
@@ -80,7 +80,7 @@ async def append(session_id: str, req: SessionAppend, request: Request):
     st = state_of(request)
     await service.restore(st, session_id)
     model, _ = service.session_model(st, session_id)
-    ids = service.prompt_ids(st, model, req.prompt, req.prompt_audio)
+    ids = await service.prompt_ids(st, model, req.prompt, req.prompt_audio)
     return _info(request, await service.append(st, model, session_id, ids))
 
 

@@ -127,7 +127,7 @@ class Connection:
             service.check_new_tokens(self.st, msg.max_new_tokens, model=target)
             ms = service.frame_ms(target, msg.frame_ms)  # a text model refuses frame_ms
             params = service.sampling_params(target, msg)
-        ids = self.prompt(target, msg)
+        ids = await self.prompt(target, msg)
         await self.bind(msg, target)
         if isinstance(msg, WSAppend):
             rec = await service.append(self.st, self.model, self.session_id, ids)
@@ -190,12 +190,11 @@ class Connection:
             frame |= {"sample_rate": model.sample_rate, "encoding": self.encoding}
         await self.send(frame)
 
-    def prompt(self, m: ServedModel, msg: WSGenerate | WSAppend) -> list[int]:
+    async def prompt(self, m: ServedModel, msg: WSGenerate | WSAppend) -> list[int]:
         """The message's prompt ids for model m, after the audio samples buffered from binary frames
-        (the buffer is emptied); raises APIError (413 too long, 422 bad) naming the field."""
-        max_s = self.st.settings.max_audio_s
-        limit, _ = service.prompt_limit(self.st, m)  # text: checked before the prompt is converted
-        ids = media.prompt_ids(m.kind, m.sample_rate, msg.prompt, msg.prompt_audio, max_s, limit, m.codec)
+        (the buffer is emptied); raises APIError (413 too long, 422 bad) naming the field. An audio file
+        is decoded off the event loop (service.read_prompt)."""
+        ids = await service.read_prompt(self.st, m, msg.prompt, msg.prompt_audio)
         ids, self.audio_ids = self.audio_ids + ids, []
         service.check_prompt(self.st, ids, "prompt" if m.kind == "text" else "prompt_audio", m)
         return ids
