@@ -437,7 +437,7 @@ def main() -> None:
             "--out",
             default=str(ROOT / "scripts" / "results"),
             help="the folder for the result, NAME.json (default: scripts/results/, whose files are the "
-            "README's measured figures: pass a folder of your own to keep them)",
+            "measured figures of docs/reliability.md: pass a folder of your own to keep them)",
         )
         p.add_argument("--checkpoint", default=str(CHECKPOINT), help="a text model's checkpoint folder")
     args = parser.parse_args()

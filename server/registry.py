@@ -264,8 +264,8 @@ def load_model(
     if dtype != torch.float32 and device == "cpu":
         ops = str(rec.compute_dtype).removeprefix("torch.")
         log.warning(
-            "%s serves %s weights on CPU (%s): %s; a long prompt's parallel prefill computes in %s (README: "
-            "Conversion coverage and reduced precision)",
+            "%s serves %s weights on CPU (%s): %s; a long prompt's parallel prefill computes in %s (docs/"
+            "reliability.md: Conversion coverage and reduced precision)",
             name,
             wanted,
             settings.dtype_source(name),

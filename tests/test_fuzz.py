@@ -4,7 +4,7 @@ numbers, unknown types, binary garbage, oversized frames, messages out of order)
 with error frames or a proper close code, never a 5xx, leaks no session slot, and a bystander session
 generating all along continues exactly as the library says.
 
-CI runs the small sizes. The dedicated runs (numbers in README "Reliability"):
+CI runs the small sizes. The dedicated runs (numbers in docs/reliability.md, "Fuzzing"):
   S4_FUZZ_API_EXAMPLES=400 S4_FUZZ_WS_FRAMES=2000 S4_FUZZ_RESULTS=scripts/results \\
       .venv/bin/python -m pytest -q tests/test_fuzz.py
 """

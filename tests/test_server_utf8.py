@@ -5,7 +5,8 @@ the next (never U+FFFD for bytes a later token completes): WebSocket turns, HTTP
 continuation, cancel and max_new_tokens ending mid-character, stop sequences, fork, export/import.
 The byte sequences are found with the library (a near-uniform temperature, seeds searched) and the
 expected text is written out from them, so each case is the one it claims to be with the test model.
-The README's example runs on the shipped text-shakespeare (`test_the_readme_example_on_the_shipped_model`)."""
+The example of docs/reliability.md runs on the shipped text-shakespeare
+(`test_the_documented_example_on_the_shipped_model`)."""
 
 from __future__ import annotations
 
@@ -320,23 +321,23 @@ def test_an_audio_state_holds_no_text_bytes(client):
     assert client.post("/v1/sessions/import", content=pack_state(header, raw)).status_code == 201
 
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+EXAMPLE_PAGE = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 SHIPPED = Path(__file__).resolve().parent.parent / "checkpoints" / "text-shakespeare"
 
 
-def test_the_readme_example_on_the_shipped_model():
-    """The README's example, read from the README and run on the shipped text-shakespeare over HTTP: the
-    first turn's lead byte is held back (text ""), the second turn sends the whole character. (The
+def test_the_documented_example_on_the_shipped_model():
+    """The example of docs/reliability.md, read from that page and run on the shipped text-shakespeare over
+    HTTP: the first turn's lead byte is held back (text ""), the second turn sends the whole character. (The
     example it replaced, seeds 5 and 2, stopped holding when the sampler became counter-based.)"""
     from server import Settings
 
-    text = " ".join(README.read_text().split())
+    text = " ".join(EXAMPLE_PAGE.read_text().split())
     m = re.search(
         r'"caf", 1 token at T=50 seed (\d+) \(0x([0-9A-F]{2})\), then 2 tokens at T=50 seed (\d+) '
         r'\(0x([0-9A-F]{2}) 0x([0-9A-F]{2})\) on text-shakespeare now give `""` and `"([^"]+)"`',
         text,
     )
-    assert m, "the README's UTF-8 example is not in the expected words"
+    assert m, "the UTF-8 example of docs/reliability.md is not in the expected words"
     s1, b1, s2, c1, c2, want = m.groups()
     s = ServerThread(Settings(checkpoints=[str(SHIPPED)])).start()
     try:
