@@ -30,7 +30,13 @@ from server.logs import configure_logging  # noqa: E402
 from server.state import ServerState  # noqa: E402
 
 log = logging.getLogger("server")
-LIST_METAVARS = {"checkpoints": "DIR", "model_dtypes": "MODEL_ID=DTYPE", "api_keys": "KEY"}  # --help's names
+LIST_METAVARS = {
+    "checkpoints": "DIR",
+    "model_dtypes": "MODEL_ID=DTYPE",
+    "api_keys": "KEY",
+    "allowed_origins": "ORIGIN",
+    "allowed_hosts": "HOST",
+}  # --help's names
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:

@@ -25,6 +25,7 @@ from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.errors import APIError, error_body, validation_error
 from server.logs import add_request_ids
+from server.origin import OriginCheck, OriginPolicy
 from server.routes import demo, generate, health, openai, sessions, websocket
 from server.state import ServerState
 
@@ -87,6 +88,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(APIKeyMiddleware, keys=keys, on_refused=lambda kind: refused.labels(kind).inc())
         document_api_keys(app)
         log.info("API keys required (%d configured)", len(settings.api_keys))
+
+    # outside the key check: a foreign page's request is refused for its origin, key or none
+    policy = OriginPolicy(settings.host, settings.allowed_origins, settings.allowed_hosts)
+    refused_for = state.metrics.requests_refused
+    app.add_middleware(OriginCheck, policy=policy, on_refused=lambda reason: refused_for.labels(reason).inc())
 
     def body_limit(scope: dict) -> int:
         if scope.get("path") == IMPORT_PATH:  # a state blob's size is set by the model, not by the client

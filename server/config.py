@@ -13,6 +13,8 @@ from typing import Annotated, Literal, get_args
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from server.origin import normal_host_name, normal_origin
+
 REDIS_STORE_SCHEMES = ("redis://", "rediss://", "unix://")  # S4_SESSION_STORE values naming a Redis
 # the largest S4_SESSION_STORE_TTL_S: Redis takes expiry times up to ~9.2e15 s ahead (signed 64-bit ms)
 MAX_STORE_TTL_S = 10**9
@@ -237,6 +239,19 @@ class Settings(BaseSettings):
         "at start and added to S4_API_KEYS: for keys mounted as a secret (Docker, Kubernetes), kept out of "
         "the environment and of the command line, which `ps` shows",
     )
+    allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="browser origins besides the server's own that may call it (comma-separated, exact: "
+        "`https://app.example.com`; `*`: any, unsafe without API keys): a request carrying another "
+        "`Origin` (a WebSocket handshake from another site's page, `Origin: null`) is refused 403; "
+        "requests without one (curl, API clients) pass",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="host names besides loopback ones and IP addresses that requests may name in `Host` "
+        "(comma-separated, no port; `*`: any), against DNS rebinding: checked when S4_HOST is a loopback "
+        "address, or when this is set (else 403; the probes are exempt)",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="log level (probes and /metrics scrapes are logged at debug)"
     )
@@ -265,13 +280,34 @@ class Settings(BaseSettings):
             raise ValueError("must be 'memory' or a redis:// URL (redis://host:port/db)")
         return v
 
-    @field_validator("checkpoints", "api_keys", "model_dtypes", mode="before")
+    @field_validator(
+        "checkpoints", "api_keys", "model_dtypes", "allowed_origins", "allowed_hosts", mode="before"
+    )
     @classmethod
     def _split(cls, v):
         if isinstance(v, str):
             v = [v]
         if isinstance(v, list):  # the env var, and each --checkpoints value, may be comma-separated
             return [p.strip() for item in v for p in str(item).split(",") if p.strip()]
+        return v
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            if entry != "*" and normal_origin(entry) is None:
+                raise ValueError(
+                    f"{entry!r} is not an origin: scheme://host[:port] with no path, not even '/' "
+                    "(https://app.example.com), or *"
+                )
+        return v
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, v: list[str]) -> list[str]:
+        for entry in v:
+            if entry != "*" and normal_host_name(entry) is None:
+                raise ValueError(f"{entry!r} is not a host name: no port, no scheme (app.example.com), or *")
         return v
 
     @field_validator("model_dtypes")

@@ -36,7 +36,7 @@ CLOSE_REASONS = (
     "ws_invalid_utf8",
 )
 CONNECTION_REFUSALS = ("max_connections",)
-REQUEST_REFUSALS = ("body_too_large", "headers_too_large")
+REQUEST_REFUSALS = ("body_too_large", "headers_too_large", "foreign_origin", "foreign_host")
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -130,7 +130,9 @@ class Metrics:
         self.connections_refused = Counter("s4_connections_refused", "Connections refused when accepted: "
                                            "max_connections", ["reason"], registry=r)  # fmt: skip
         self.requests_refused = Counter("s4_requests_refused", "Requests refused before routing: "
-                                        "body_too_large, headers_too_large", ["reason"],
+                                        "body_too_large, headers_too_large; foreign_origin, foreign_host "
+                                        "(a browser's request from another site's page, a DNS-rebinding "
+                                        "Host: HTTP and WebSocket handshakes)", ["reason"],
                                         registry=r)  # fmt: skip
         self.generations = Counter("s4_generations", "Generations ended, by finish_reason: stop, length, "
                                    "cancelled (a client gone, a cancel, a drain's end)",

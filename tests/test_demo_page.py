@@ -714,6 +714,44 @@ def test_a_refused_websocket_blames_the_key_only_when_the_server_says_401(demo):
     assert d.page.input_value("#prompt") == "x"
 
 
+def test_another_sites_page_can_neither_open_the_websocket_nor_post_to_the_server(browser, server, limited):
+    """Cross-site WebSocket hijacking (server/origin.py): a page of another origin (one of the limited
+    server's, http://127.0.0.1:<its port>/healthz, which has no Content-Security-Policy) opens
+    ws://127.0.0.1:<port>/v1/stream and posts a generation as a form would; the browser sends its
+    Origin, and the server refuses both before any route: nothing is generated. The demo page,
+    same-origin, works (the tests above)."""
+
+    def counts() -> tuple[float, float]:
+        lines = httpx.get(server.url + "/metrics").text.splitlines()
+        return tuple(next(float(x.rsplit(" ", 1)[1]) for x in lines if x.startswith(name))
+                     for name in ('s4_requests_refused_total{reason="foreign_origin"}',
+                                  f's4_tokens_generated_total{{model="{TEXT}"}}'))  # fmt: skip
+
+    before = counts()
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(limited.url + "/healthz")
+    got = page.evaluate(
+        """async (url) => {
+          const ws = await new Promise((resolve) => {
+            const s = new WebSocket(url.replace("http:", "ws:") + "/v1/stream");
+            s.onopen = () => { s.send(JSON.stringify({type: "generate", model: "tiny-text", prompt: "a"}));
+                               resolve("open"); };
+            s.onerror = () => resolve("refused");
+          });
+          await fetch(url + "/v1/generate", {method: "POST", mode: "no-cors", headers: {"content-type":
+            "text/plain"}, body: JSON.stringify({model: "tiny-text", prompt: "a", max_new_tokens: 4})})
+            .catch(() => null);  // sent; its answer (JSON, opaque) is blocked from the page (ORB)
+          return ws;
+        }""",
+        server.url,
+    )
+    context.close()
+    assert got == "refused"
+    refused, tokens = counts()
+    assert refused - before[0] == 2 and tokens == before[1]
+
+
 def type_into(d: Demo, selector: str, text: str) -> None:
     """Type as a user does (fill refuses what a number field cannot hold, and "1e" is such)."""
     d.page.fill(selector, "")

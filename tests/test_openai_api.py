@@ -972,7 +972,7 @@ def test_openai_routes_answer_errors_in_openai_s_shape_and_the_client_raises_its
 
     for path in ("/v1/completions", "/v1/generate"):
         with socket.create_connection(("127.0.0.1", server.port)) as s:
-            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                       f"Content-Length: {1 << 40}\r\n\r\n".encode())  # fmt: skip
             head, _, body = read_until_closed(s).partition(b"\r\n\r\n")
         assert head.split()[1] == b"413", head

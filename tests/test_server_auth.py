@@ -190,7 +190,8 @@ def test_a_key_with_surrounding_whitespace_is_accepted_alike_by_headers_and_the_
 
     def status(header: str) -> int:  # (httpx refuses to send a padded header value: a raw request)
         with socket.create_connection(("127.0.0.1", keyed.port)) as s:
-            s.sendall(f"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{header}\r\n\r\n".encode())
+            s.sendall(f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{header}\r\n\r\n"
+                      .encode())  # fmt: skip
             return int(read_until_closed(s).split()[1])
 
     for padded in (f" {KEYS[0]}", f"{KEYS[0]} ", f"\t{KEYS[1]}  "):

@@ -65,7 +65,9 @@ def refused(url: str) -> float:
 
 
 def head(path: str, extra: str) -> bytes:
-    return f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}\r\n".encode()
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n{extra}\r\n".encode()
+    )
 
 
 def declared_only(port: int, path: str, length: int, timeout: float = 5.0) -> tuple[bytes, float]:
