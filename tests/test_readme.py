@@ -34,9 +34,10 @@ TALKS_TO_A_SERVER = re.compile(r"(^|\$\(|\|)\s*curl\s|websockets\.connect\(|Open
 FENCE = re.compile(r"^```(\w*)\s*$")
 
 
-def readme_blocks() -> list[tuple[int, str, str, bool]]:
-    """Every fenced block of the README: (first line number, language, code, marked as tested)."""
-    lines = README.read_text().splitlines()
+def readme_blocks(page: Path = README) -> list[tuple[int, str, str, bool]]:
+    """Every fenced block of the README (or another page): (first line number, language, code, marked as
+    tested)."""
+    lines = page.read_text().splitlines()
     out, i = [], 0
     while i < len(lines):
         m = FENCE.match(lines[i])
@@ -57,6 +58,14 @@ def test_every_example_that_talks_to_a_server_is_tested():
     untested = [line for line, lang, code, marked in readme_blocks()
                 if lang in ("bash", "python") and TALKS_TO_A_SERVER.search(code) and not marked]  # fmt: skip
     assert untested == [], f"README blocks at lines {untested} call a server but are not marked {MARK!r}"
+
+
+def test_no_page_of_docs_holds_a_server_example_this_test_would_not_run():
+    """Only the README's blocks are run: an example that talks to a server belongs there, marked."""
+    found = [f"{page.name}:{line}" for page in sorted((ROOT / "docs").glob("*.md"))
+             for line, lang, code, _ in readme_blocks(page)
+             if lang in ("bash", "python", "sh", "") and TALKS_TO_A_SERVER.search(code)]  # fmt: skip
+    assert found == [], f"docs/ blocks {found} call a server: move them to the README, marked {MARK!r}"
     assert {lang for _, lang, _ in TESTED} == {"bash", "python"} and len(TESTED) >= 3
 
 
