@@ -567,8 +567,10 @@ class Engine:
         decoding = [j for j in self.batch.rows if j is not None]
         self.batch.leave(decoding)
         for job in decoding + list(self._waiting):
-            self._finish(job, "cancelled")
+            self._finish(job, "cancelled")  # (one whose client went away is taken back: `_rollback`)
         self._waiting.clear()
+        while self._prefilling:  # those take-backs' tokens, re-stepped before the states are written
+            self._prefill_run(self._prefill())
         self._abort_all(APIError(503, "the server is shutting down"))
         if self.persist is not None:
             n = 0
