@@ -488,3 +488,62 @@ def test_a_client_gone_as_the_engine_stops_is_taken_back_before_its_state_is_wri
     assert not kept.busy and kept.generated == len(got)
     run.close()
     reference.close()
+
+
+def test_an_sse_event_read_just_before_the_client_closes_is_kept(server, client):
+    """The app called with uvicorn's ASGI behaviour played by hand: each event sent is read by the client
+    at once, and after its 50th token or so the client closes, its close read by the server in the next
+    loop pass (as a client that reads and hangs up at once, or uvloop's order of its I/O and callbacks,
+    gives). The session keeps every token of every event sent before the close: the last one included.
+    (The route asked Starlette's `is_disconnected` after each send, which waits a loop pass when the
+    client is still there: it read that close, and the last event's tokens, read by the client, were
+    not kept.)"""
+    import asyncio
+
+    sid = new_session(client, TEXT)
+    body = json.dumps(
+        {"model": TEXT, "session_id": sid, "stream": True, **TURN, "max_new_tokens": 4000}
+    ).encode()
+    loop = server.state.loop
+    read: list[int] = []
+
+    async def call() -> None:
+        gone, closed = False, asyncio.Event()
+        requested = False
+
+        def hang_up() -> None:
+            nonlocal gone
+            gone = True
+            closed.set()
+
+        async def receive() -> dict:  # uvicorn's: the body, then http.disconnect once the client is gone
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            if not gone:
+                await closed.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:  # uvicorn's: what is sent once the client is gone is dropped
+            if gone or message["type"] != "http.response.body":
+                return
+            for line in message["body"].decode().split("\n"):
+                if line.startswith("data: ") and json.loads(line[6:])["type"] == "token":
+                    read.extend(json.loads(line[6:])["ids"])
+            if len(read) >= 50:
+                loop.call_soon(hang_up)  # read by the client, which then closes
+
+        headers = [(b"content-type", b"application/json"), (b"accept", b"text/event-stream"),
+                   (b"content-length", str(len(body)).encode())]  # fmt: skip
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/generate", "raw_path": b"/v1/generate",
+                 "query_string": b"", "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
+                 "server": ("127.0.0.1", server.port), "state": {}}  # fmt: skip
+        await server.app(scope, receive, send)
+
+    asyncio.run_coroutine_threadsafe(call(), loop).result(60)
+    info = idle(client, sid)
+    assert len(read) >= 50
+    assert (info["generated"], info["tokens"]) == (len(read), len(PROMPT) + len(read))
+    client.delete(f"/v1/sessions/{sid}")
