@@ -395,6 +395,7 @@ class Engine:
         self._prefilling: list[Job] = []
         self._waiting: collections.deque[Job] = collections.deque()  # ready to decode
         self._running: dict[str, Job] = {}  # session id → its job
+        self._delivering: dict[str, Job] = {}  # session id → its turn, ended, until its route settles it
         self._settles: list[tuple[Job, int, bool]] = []  # from Stream.settle (guarded by _cv)
         self._outbox: list[tuple[Stream, Any]] = []
         self._stopping = False
@@ -561,7 +562,10 @@ class Engine:
         """The drain is over: prompts being ingested are finished (bounded by max_prompt_tokens, and
         it keeps each session's state consistent with its record; a cancelled turn's input is taken
         back instead), running generations end "cancelled" with their states back in their slots,
-        queued work is refused (503), and every session's state goes to the store."""
+        queued work is refused (503), and every session's state goes to the store. The connections are
+        closed by now (uvicorn closes them before the lifespan stops the engines): a kept session whose
+        turn was not settled keeps the tokens its client was handed (`_rollback`), as its route would
+        have had it, had its settle come before the stop."""
         while self._prefilling:
             self._prefill_run(self._prefill())
         decoding = [j for j in self.batch.rows if j is not None]
@@ -569,6 +573,8 @@ class Engine:
         for job in decoding + list(self._waiting):
             self._finish(job, "cancelled")  # (one whose client went away is taken back: `_rollback`)
         self._waiting.clear()
+        for job in list(self._delivering.values()):  # ended, not settled: the connections are closed by
+            self._settled(job, job.stream.delivered, False)  # now, so it keeps what its client was handed
         while self._prefilling:  # those take-backs' tokens, re-stepped before the states are written
             self._prefill_run(self._prefill())
         self._abort_all(APIError(503, "the server is shutting down"))
@@ -932,11 +938,14 @@ class Engine:
             self._rollback(job)
         else:
             self._running.pop(rec.id, None)  # busy until its consumer settles (Stream.settle)
+            self._delivering[rec.id] = job
 
     def _settled(self, job: Job, delivered: int, complete: bool) -> None:
         """`settle`, on the engine thread: a complete stream's session (released already) is written
         through; otherwise the generation is cancelled if it still runs (`_end` then takes it back) or
         taken back now."""
+        if self._delivering.get(job.session.id) is job:
+            del self._delivering[job.session.id]
         if complete:
             job.marks = job.base = None
             if self.sessions.holds(job.session):

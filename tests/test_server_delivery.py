@@ -547,3 +547,33 @@ def test_an_sse_event_read_just_before_the_client_closes_is_kept(server, client)
     assert len(read) >= 50
     assert (info["generated"], info["tokens"]) == (len(read), len(PROMPT) + len(read))
     client.delete(f"/v1/sessions/{sid}")
+
+
+def test_a_turn_still_being_delivered_when_the_engine_stops_is_stored_with_what_its_client_got(model_dirs):
+    """A turn over in the engine whose route has handed its client 25 of its 40 tokens and has not settled
+    it when the engine stops (a slow reader at shutdown: uvicorn closes the connections, and a cancelled
+    SSE response's stream is settled only once it is collected): the store gets the state of a turn that
+    generated those 25 tokens, not the engine's 40, and the session is not left busy."""
+    run = HandRun(model_dirs["text"], stream_buffer=64)
+    run.keep_written()
+    params = SamplingParams(temperature=1.0, seed=7)
+    kept = run.session("kept")
+    stream, job = run.turn(kept, params, 40)
+    items: list = []
+    while not items or isinstance(items[-1], int):
+        run.engine._iterate()
+        items += run.take(stream)
+    got = items[:25]
+    stream.deliver(len(got))  # and no settle before the stop
+    run.engine._stopping = True
+    assert run.engine._iterate() is False
+
+    n_tokens, pending, raw, seen = run.written["kept"]
+    reference = HandRun(model_dirs["text"], stream_buffer=64)
+    twin = reference.twin("twin", params, got)
+    raw_twin, seen_twin = reference.engine.read_slot(twin)
+    assert (n_tokens, pending, seen) == (twin.n_tokens, twin.pending, seen_twin)
+    assert raw == raw_twin, "the stored state holds tokens its client was not handed"
+    assert not kept.busy and kept.generated == len(got)
+    run.close()
+    reference.close()
