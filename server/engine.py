@@ -1098,7 +1098,11 @@ class Engine:
         return 1
 
     def _release(self, rec: SessionRecord) -> None:
-        """Forget a session here (record and slot); the store is left alone."""
+        """Forget a session here (record and slot); the store is left alone. A record the table no longer
+        holds has freed its slot already (deleted, evicted or dropped since the caller read it: a second
+        delete of the same session), and the slot, maybe another session's now, is not freed again."""
+        if not self.sessions.holds(rec):
+            return
         self.sessions.remove(rec.id)
         self.pool.release(rec.slot)
         self.metrics.active_sessions.set(self.pool.in_use)

@@ -3,8 +3,10 @@
 import hashlib
 import json
 import struct
+import threading
 
-from server_support import reference, sse_events
+import httpx
+from server_support import reference, sse_events, wait_for
 
 from model.sampling import SamplingParams
 from server import service
@@ -281,3 +283,28 @@ def test_generated_counts_the_last_generation_and_survives_export_fork_and_appen
     assert client.get(f"/v1/sessions/{sid}").json()["generated"] == 17
     _generate(client, sid, n=5)
     assert client.get(f"/v1/sessions/{sid}").json()["generated"] == 5
+
+
+def test_two_deletes_of_a_session_at_once_free_its_slot_once(client, server):
+    """Two DELETEs of one idle session that both find it before the engine deletes it (a client's retry,
+    or a socket's close and a DELETE): both answer 204 and the slot is freed once. (The second freed the
+    slot again, maybe another session's by then: two sessions could then share one state row.)"""
+
+    engine = server.state.models[TEXT].engine
+    in_use = engine.pool.in_use
+    sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "ab"}).json()["session_id"]
+    hold = threading.Event()
+    held = engine.call(lambda e: hold.wait(10))  # the engine waits: both deletes are queued behind this
+    codes: list[int] = []
+    url = f"{server.url}/v1/sessions/{sid}"
+    deletes = [threading.Thread(target=lambda: codes.append(httpx.delete(url, timeout=30).status_code))
+               for _ in range(2)]  # fmt: skip
+    for t in deletes:
+        t.start()
+    assert wait_for(lambda: engine.queued >= 2, 10)  # (the held call has left the queue)
+    hold.set()
+    for t in deletes:
+        t.join()
+    held.result(10)
+    assert codes == [204, 204]
+    assert engine.pool.in_use == in_use and len(set(engine.pool._free)) == len(engine.pool._free)
