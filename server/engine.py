@@ -66,7 +66,7 @@ from model.sampling import (
     uint64_bits,
 )
 from server.config import Settings
-from server.errors import APIError, over_capacity, unavailable
+from server.errors import APIError, not_found, over_capacity, unavailable
 from server.metrics import ModelMetrics, observe_many
 from server.sessions import SessionRecord, SessionTable, SlotPool
 
@@ -597,6 +597,14 @@ class Engine:
 
     def _start(self, job: Job) -> None:
         rec = job.session
+        if not self.sessions.holds(rec):  # deleted after its request claimed it: its slot is free
+            self._uncount(job)
+            job.ended = True
+            if job.stream is not None:
+                self._outbox.append((job.stream, Failed(_gone(rec))))
+            else:
+                job.future.set_exception(_gone(rec))
+            return
         if job.fresh:
             self.pool.clear(rec.slot)
         rec.has_state = True
@@ -1124,6 +1132,8 @@ class Engine:
             self.forget(rec.id)
 
     def fork(self, src: SessionRecord, dst: SessionRecord) -> SessionRecord:
+        if not self.sessions.holds(src):  # deleted after the fork claimed it
+            raise _gone(src)
         self.pool.copy(src.slot, dst.slot)
         dst.n_tokens, dst.pending, dst.has_state = src.n_tokens, src.pending, True
         dst.utf8_tail = src.utf8_tail
@@ -1141,6 +1151,12 @@ class Engine:
         x = torch.frombuffer(bytearray(state), dtype=torch.float32).reshape(self.pool.row(0).shape)
         self.rec.check_state(x.unsqueeze(self.pool.dim))
         return x
+
+    def export(self, rec: SessionRecord) -> tuple[bytes, list[int]]:
+        """A claimed session's `read_slot`; 404 if it was deleted after its claim (its slot is free)."""
+        if not self.sessions.holds(rec):
+            raise _gone(rec)
+        return self.read_slot(rec)
 
     def read_slot(self, rec: SessionRecord) -> tuple[bytes, list[int]]:
         """The slot's state as raw little-endian float32 bytes, and its seen token ids."""
@@ -1160,6 +1176,11 @@ class Engine:
         self.sessions.add(rec)
         self._persist(rec)
         return rec
+
+
+def _gone(rec: SessionRecord) -> APIError:
+    """What a request on a session deleted after its claim gets (a DELETE does not wait for the claim)."""
+    return not_found(f"no session {rec.id!r}", param="session_id")
 
 
 def _deliver(items: list[tuple[Stream, list]]) -> None:

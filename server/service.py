@@ -211,7 +211,7 @@ async def delete(state: ServerState, session_id: str) -> None:
 async def export_state(state: ServerState, session_id: str) -> bytes:
     model, _ = session_model(state, session_id)
     rec = claim(state, model, session_id)
-    raw, seen = await _engine_call(state, model, rec, lambda e: e.read_slot(rec))
+    raw, seen = await _engine_call(state, model, rec, lambda e: e.export(rec))
     return pack_state(model.state_header(rec, seen), raw)
 
 

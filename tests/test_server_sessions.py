@@ -308,3 +308,43 @@ def test_two_deletes_of_a_session_at_once_free_its_slot_once(client, server):
     held.result(10)
     assert codes == [204, 204]
     assert engine.pool.in_use == in_use and len(set(engine.pool._free)) == len(engine.pool._free)
+
+
+def test_a_request_that_claimed_a_session_just_before_its_delete_gets_404_and_no_slot(client, server):
+    """A DELETE does not wait for a claim: a generate, append, fork or export that claimed a session after
+    the DELETE read it, and reached the engine after it, is a 404 (the session is gone), not run on the
+    freed slot (maybe another session's by then: its turn would overwrite that session's state, a fork or
+    an export copy it out). Each is queued behind the delete while the engine is held."""
+    engine = server.state.models[TEXT].engine
+    in_use = engine.pool.in_use
+    requests = {
+        "generate": lambda sid: (
+            "POST",
+            "/v1/generate",
+            {"model": TEXT, "session_id": sid, "max_new_tokens": 5},
+        ),
+        "append": lambda sid: ("POST", f"/v1/sessions/{sid}/append", {"prompt": "cd"}),
+        "fork": lambda sid: ("POST", f"/v1/sessions/{sid}/fork", None),
+        "export": lambda sid: ("GET", f"/v1/sessions/{sid}/export", None),
+    }
+    for what, request in requests.items():
+        sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "ab"}).json()["session_id"]
+        hold = threading.Event()
+        held = engine.call(lambda e: hold.wait(10))
+        got: dict[str, int] = {}
+
+        def send(name: str, method: str, path: str, body: dict | None) -> None:
+            got[name] = httpx.request(method, server.url + path, json=body, timeout=30).status_code
+
+        threads = [threading.Thread(target=send, args=("delete", "DELETE", f"/v1/sessions/{sid}", None))]
+        threads[0].start()
+        assert wait_for(lambda: engine.queued >= 1, 10)  # the delete waits in the engine's queue
+        threads.append(threading.Thread(target=send, args=(what, *request(sid))))
+        threads[1].start()
+        assert wait_for(lambda: engine.queued >= 2, 10)  # and the request that claimed it after it
+        hold.set()
+        for t in threads:
+            t.join()
+        held.result(10)
+        assert got == {"delete": 204, what: 404}, what
+        assert engine.pool.in_use == in_use and len(set(engine.pool._free)) == len(engine.pool._free), what
