@@ -285,6 +285,20 @@ def test_generated_counts_the_last_generation_and_survives_export_fork_and_appen
     assert client.get(f"/v1/sessions/{sid}").json()["generated"] == 5
 
 
+def hold_engine(engine):
+    """An engine call that holds the engine thread until the returned event is set (the call is running,
+    out of the queue, when this returns): what is submitted meanwhile waits in the queue, in order."""
+    running, hold = threading.Event(), threading.Event()
+
+    def wait(e) -> None:
+        running.set()
+        hold.wait(10)
+
+    held = engine.call(wait)
+    assert running.wait(10)
+    return held, hold
+
+
 def test_two_deletes_of_a_session_at_once_free_its_slot_once(client, server):
     """Two DELETEs of one idle session that both find it before the engine deletes it (a client's retry,
     or a socket's close and a DELETE): both answer 204 and the slot is freed once. (The second freed the
@@ -293,15 +307,14 @@ def test_two_deletes_of_a_session_at_once_free_its_slot_once(client, server):
     engine = server.state.models[TEXT].engine
     in_use = engine.pool.in_use
     sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "ab"}).json()["session_id"]
-    hold = threading.Event()
-    held = engine.call(lambda e: hold.wait(10))  # the engine waits: both deletes are queued behind this
+    held, hold = hold_engine(engine)  # both deletes are queued behind this
     codes: list[int] = []
     url = f"{server.url}/v1/sessions/{sid}"
     deletes = [threading.Thread(target=lambda: codes.append(httpx.delete(url, timeout=30).status_code))
                for _ in range(2)]  # fmt: skip
     for t in deletes:
         t.start()
-    assert wait_for(lambda: engine.queued >= 2, 10)  # (the held call has left the queue)
+    assert wait_for(lambda: engine.queued >= 2, 10)
     hold.set()
     for t in deletes:
         t.join()
@@ -329,8 +342,7 @@ def test_a_request_that_claimed_a_session_just_before_its_delete_gets_404_and_no
     }
     for what, request in requests.items():
         sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "ab"}).json()["session_id"]
-        hold = threading.Event()
-        held = engine.call(lambda e: hold.wait(10))
+        held, hold = hold_engine(engine)
         got: dict[str, int] = {}
 
         def send(name: str, method: str, path: str, body: dict | None) -> None:
