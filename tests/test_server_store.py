@@ -416,6 +416,47 @@ def test_an_evicted_session_frees_its_slot_and_comes_back_from_the_store(model_d
         s.stop()
 
 
+def test_a_request_whose_session_is_evicted_during_its_version_check_restores_it(
+    model_dirs, redis_url, redis_db
+):
+    """The idle TTL's eviction (state written to the store, slot freed) landing while a request on the
+    session waits for its version check (one Redis call): the request restores the session from the store
+    and serves it, as for any evicted session. (It took the copy here for current, then found no session:
+    a 404, for a session the store holds; a socket was unbound.) Played by hand: the eviction runs inside
+    the store's version call, once per request; a generate, an export, then a GET."""
+    s = _replica(model_dirs, redis_url)
+    try:
+        engine = s.state.models[TEXT].engine
+        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "whether 'tis"}).json()[
+            "session_id"
+        ]
+        assert wait_for(lambda: _stored(redis_db, sid) is not None, 10)
+        version, evict = s.state.store.version, []
+
+        def version_then_evicted(session_id: str):
+            answer = version(session_id)
+            if evict:
+                evict.clear()
+                rec = s.state.sessions.get(session_id)
+                engine.call(lambda e: (e._persist(rec), e._release(rec))).result(10)  # what the TTL does
+            return answer
+
+        s.state.store.version = version_then_evicted
+        evict.append(True)
+        t1 = _generate(s.url, sid, None, 10, seed=2)
+        assert t1 == reference(model_dirs["text"], list(b"whether 'tis"), SamplingParams(seed=2), 10)
+        evict.append(True)
+        r = httpx.get(f"{s.url}/v1/sessions/{sid}/export")
+        assert r.status_code == 200, r.text
+        assert unpack_state(r.content)[0]["n_tokens"] == len("whether 'tis") + 10
+        evict.append(True)
+        r = httpx.get(f"{s.url}/v1/sessions/{sid}")
+        assert r.status_code == 200 and r.json()["tokens"] == len("whether 'tis") + 10, r.text
+        assert not evict and engine.pool.in_use == 0  # (the GET read the store: nothing restored)
+    finally:
+        s.stop()
+
+
 def test_a_socket_whose_session_was_evicted_continues_it_from_the_store(model_dirs, redis_url, redis_db):
     """A socket bound to a session that its TTL evicted to the store: the next turn on the socket restores
     it and continues it exactly (once a 404, as if it were gone)."""
