@@ -66,7 +66,7 @@ from model.sampling import (
     uint64_bits,
 )
 from server.config import Settings
-from server.errors import APIError, over_capacity, unavailable
+from server.errors import APIError, not_found, over_capacity, unavailable
 from server.metrics import ModelMetrics, observe_many
 from server.sessions import SessionRecord, SessionTable, SlotPool
 
@@ -395,6 +395,7 @@ class Engine:
         self._prefilling: list[Job] = []
         self._waiting: collections.deque[Job] = collections.deque()  # ready to decode
         self._running: dict[str, Job] = {}  # session id → its job
+        self._delivering: dict[str, Job] = {}  # session id → its turn, ended, until its route settles it
         self._settles: list[tuple[Job, int, bool]] = []  # from Stream.settle (guarded by _cv)
         self._outbox: list[tuple[Stream, Any]] = []
         self._stopping = False
@@ -561,14 +562,21 @@ class Engine:
         """The drain is over: prompts being ingested are finished (bounded by max_prompt_tokens, and
         it keeps each session's state consistent with its record; a cancelled turn's input is taken
         back instead), running generations end "cancelled" with their states back in their slots,
-        queued work is refused (503), and every session's state goes to the store."""
+        queued work is refused (503), and every session's state goes to the store. The connections are
+        closed by now (uvicorn closes them before the lifespan stops the engines): a kept session whose
+        turn was not settled keeps the tokens its client was handed (`_rollback`), as its route would
+        have had it, had its settle come before the stop."""
         while self._prefilling:
             self._prefill_run(self._prefill())
         decoding = [j for j in self.batch.rows if j is not None]
         self.batch.leave(decoding)
         for job in decoding + list(self._waiting):
-            self._finish(job, "cancelled")
+            self._finish(job, "cancelled")  # (one whose client went away is taken back: `_rollback`)
         self._waiting.clear()
+        for job in list(self._delivering.values()):  # ended, not settled: the connections are closed by
+            self._settled(job, job.stream.delivered, False)  # now, so it keeps what its client was handed
+        while self._prefilling:  # those take-backs' tokens, re-stepped before the states are written
+            self._prefill_run(self._prefill())
         self._abort_all(APIError(503, "the server is shutting down"))
         if self.persist is not None:
             n = 0
@@ -589,6 +597,14 @@ class Engine:
 
     def _start(self, job: Job) -> None:
         rec = job.session
+        if not self.sessions.holds(rec):  # deleted after its request claimed it: its slot is free
+            self._uncount(job)
+            job.ended = True
+            if job.stream is not None:
+                self._outbox.append((job.stream, Failed(_gone(rec))))
+            else:
+                job.future.set_exception(_gone(rec))
+            return
         if job.fresh:
             self.pool.clear(rec.slot)
         rec.has_state = True
@@ -930,11 +946,14 @@ class Engine:
             self._rollback(job)
         else:
             self._running.pop(rec.id, None)  # busy until its consumer settles (Stream.settle)
+            self._delivering[rec.id] = job
 
     def _settled(self, job: Job, delivered: int, complete: bool) -> None:
         """`settle`, on the engine thread: a complete stream's session (released already) is written
         through; otherwise the generation is cancelled if it still runs (`_end` then takes it back) or
         taken back now."""
+        if self._delivering.get(job.session.id) is job:
+            del self._delivering[job.session.id]
         if complete:
             job.marks = job.base = None
             if self.sessions.holds(job.session):
@@ -1087,7 +1106,11 @@ class Engine:
         return 1
 
     def _release(self, rec: SessionRecord) -> None:
-        """Forget a session here (record and slot); the store is left alone."""
+        """Forget a session here (record and slot); the store is left alone. A record the table no longer
+        holds has freed its slot already (deleted, evicted or dropped since the caller read it: a second
+        delete of the same session), and the slot, maybe another session's now, is not freed again."""
+        if not self.sessions.holds(rec):
+            return
         self.sessions.remove(rec.id)
         self.pool.release(rec.slot)
         self.metrics.active_sessions.set(self.pool.in_use)
@@ -1109,6 +1132,8 @@ class Engine:
             self.forget(rec.id)
 
     def fork(self, src: SessionRecord, dst: SessionRecord) -> SessionRecord:
+        if not self.sessions.holds(src):  # deleted after the fork claimed it
+            raise _gone(src)
         self.pool.copy(src.slot, dst.slot)
         dst.n_tokens, dst.pending, dst.has_state = src.n_tokens, src.pending, True
         dst.utf8_tail = src.utf8_tail
@@ -1126,6 +1151,12 @@ class Engine:
         x = torch.frombuffer(bytearray(state), dtype=torch.float32).reshape(self.pool.row(0).shape)
         self.rec.check_state(x.unsqueeze(self.pool.dim))
         return x
+
+    def export(self, rec: SessionRecord) -> tuple[bytes, list[int]]:
+        """A claimed session's `read_slot`; 404 if it was deleted after its claim (its slot is free)."""
+        if not self.sessions.holds(rec):
+            raise _gone(rec)
+        return self.read_slot(rec)
 
     def read_slot(self, rec: SessionRecord) -> tuple[bytes, list[int]]:
         """The slot's state as raw little-endian float32 bytes, and its seen token ids."""
@@ -1145,6 +1176,11 @@ class Engine:
         self.sessions.add(rec)
         self._persist(rec)
         return rec
+
+
+def _gone(rec: SessionRecord) -> APIError:
+    """What a request on a session deleted after its claim gets (a DELETE does not wait for the claim)."""
+    return not_found(f"no session {rec.id!r}", param="session_id")
 
 
 def _deliver(items: list[tuple[Stream, list]]) -> None:

@@ -225,7 +225,7 @@ async def delete(state: ServerState, session_id: str) -> None:
 async def export_state(state: ServerState, session_id: str) -> bytes:
     model, _ = session_model(state, session_id)
     rec = claim(state, model, session_id)
-    raw, seen = await _engine_call(state, model, rec, lambda e: e.read_slot(rec))
+    raw, seen = await _engine_call(state, model, rec, lambda e: e.export(rec))
     return pack_state(model.state_header(rec, seen), raw)
 
 
@@ -378,11 +378,13 @@ async def restore(state: ServerState, session_id: str) -> None:
 async def _is_current(state: ServerState, session_id: str) -> bool:
     """Whether this replica's copy of a session it holds is the latest: one Redis call (the stored
     version; README "Session store"). A busy session counts as current (its claim answers 409), and so
-    does every session when the store does not answer in time (the copy here serves; logged)."""
+    does every session when the store does not answer in time (the copy here serves; logged). A copy
+    this replica no longer holds when the answer comes (evicted to the store after its idle TTL
+    meanwhile) is not: the caller reads the store, as for a session never held here."""
     try:
         rec = state.sessions.get(session_id)
     except APIError:  # gone meanwhile
-        return True
+        return False
     if rec.busy:
         return True
     try:
@@ -390,17 +392,17 @@ async def _is_current(state: ServerState, session_id: str) -> bool:
     except StoreError as exc:
         state.metrics.store_ops.labels("error").inc()
         log.warning("session %s: %s; continuing with the copy held here", session_id, exc)
-        return True
-    return state.writer.is_current(session_id, stored)
+        return state.sessions.holds(rec)
+    return state.writer.is_current(session_id, stored) and state.sessions.holds(rec)
 
 
 async def _drop_copy(state: ServerState, session_id: str) -> bool:
     """Drop this replica's stale copy of a session (record, slot, unwritten state); False if a request
-    claimed it meanwhile."""
+    claimed it meanwhile (True if it is gone already: evicted meanwhile)."""
     try:
         rec = state.sessions.claim(session_id)
-    except APIError:
-        return False
+    except APIError as err:
+        return err.status == 404
     model = state.models[rec.model]
     try:
         fut = model.engine.call(lambda e: e.drop_copy(rec))

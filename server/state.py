@@ -172,13 +172,18 @@ class ServerState:
             )
             log.log(logging.INFO if ok else logging.ERROR, "session store: %s", report)
 
-    def _drop_stale(self, session_id: str) -> None:
+    def _drop_stale(self, session_id: str, expected: str) -> None:
         """The store refused this replica's write of a session (another replica went on with it): drop
         the copy here, so that its next request restores the stored state. A busy session stays (its
-        next write is refused too, and its next turn's version check reloads it)."""
+        next write is refused too, and its next turn's version check reloads it), and so does a copy
+        reloaded from the store since the write (it no longer builds on `expected`, the version the
+        write named)."""
         try:
             rec = self.sessions.claim(session_id)
         except APIError:  # gone already, or a request is running on it
+            return
+        if not self.writer.builds_on(session_id, expected):
+            self.sessions.release(rec)
             return
         model = self.models.get(rec.model)
         try:

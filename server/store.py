@@ -238,8 +238,9 @@ class StoreWriter:
     It also keeps the version of each session's state that this replica last read (`adopt`, at a
     restore) or wrote: every write names it (compare-and-set), and `is_current` tells whether a stored
     version is one of this replica's. A write the store refuses (another replica went on with the
-    session, or deleted it) is counted `stale`, logged, and `on_stale(session_id)` drops this replica's
-    copy, unless the copy was reloaded while the write was in flight."""
+    session, or deleted it) is counted `stale`, logged, and `on_stale(session_id, expected)` drops this
+    replica's copy if it still builds on `expected`, the version the refused write named (`builds_on`):
+    not if the copy was reloaded while the write was in flight, or since."""
 
     def __init__(self, store: StateStore, counter=None, on_stale=None, held=None) -> None:
         self.store = store
@@ -296,6 +297,12 @@ class StoreWriter:
                 self._versions.get(session_id, ""),
                 self._inflight if self._busy == session_id else None,
             )
+
+    def builds_on(self, session_id: str, version: str) -> bool:
+        """Whether this replica's copy of the session is still the one whose write named `version` (no
+        restore or reload since: `adopt`, `discard`)."""
+        with self._cv:
+            return self._versions.get(session_id, "") == version
 
     def settle(self, session_id: str, timeout: float) -> None:
         """Wait (up to timeout) until no operation of `session_id` is queued or being applied: a restore
@@ -396,7 +403,7 @@ class StoreWriter:
                 )
                 if not superseded and self._on_stale is not None:
                     try:
-                        self._on_stale(session_id)
+                        self._on_stale(session_id, expected)
                     except Exception:  # never the writer thread's end
                         log.exception("session %s: dropping the stale copy failed", session_id)
             if self._counter is not None:

@@ -306,7 +306,101 @@ def test_an_sse_session_is_not_idle_while_its_events_wait_for_a_slow_reader(shor
         sse.close()
 
 
-# --- the engine alone: what a rollback costs --------------------------------------------------------
+# --- the engine alone, run by hand one loop iteration at a time ------------------------------------
+
+
+class HandRun:
+    """An engine on the tiny text model that a test runs by hand (`engine._iterate()`), with an event
+    loop that only the test turns, and the states the engine hands to the store (`written`)."""
+
+    def __init__(self, model_dir, rec=None, **settings) -> None:
+        import asyncio
+
+        from model import load
+        from server import Settings
+        from server.engine import Engine
+        from server.metrics import Metrics
+        from server.sessions import SessionTable
+
+        self.loop = asyncio.new_event_loop()
+        self.settings = Settings(max_sessions=4, **settings)
+        self.sessions = SessionTable()
+        rec = rec if rec is not None else load(model_dir).to_recurrent()
+        self.engine = Engine("m", rec, self.settings, self.sessions, Metrics().for_model("m"))
+        self.written: dict[str, tuple[int, int | None, bytes, list[int]]] = {}
+
+    def keep_written(self) -> None:
+        """Write-through to `written` (session id → n_tokens, pending, raw state, seen), as to a store."""
+
+        def persist(r, raw: bytes, seen: list[int]) -> None:
+            self.written[r.id] = (r.n_tokens, r.pending, raw, seen)
+
+        self.engine.persist = persist
+
+    def session(self, sid: str):
+        """A kept session holding PROMPT, claimed for a turn."""
+        from server.engine import Job
+        from server.sessions import SessionRecord
+
+        s = SessionRecord(id=sid, model="m", slot=self.engine.pool.reserve(), busy=True)
+        self.sessions.add(s)
+        job = Job(s, list(PROMPT.encode()), fresh=True, future=concurrent.futures.Future())
+        self.engine.submit(job)
+        while not job.future.done():
+            self.engine._iterate()
+        s.busy = True  # claimed for the turn
+        return s
+
+    def turn(self, s, params: SamplingParams, n: int, capacity: int | None = None):
+        from server.engine import Job, Stream
+
+        stream = Stream(self.loop, capacity or self.settings.stream_buffer)
+        job = Job(s, [], stream=stream, params=params, max_new_tokens=n)
+        self.engine.submit(job)
+        return stream, job
+
+    def take(self, stream) -> list:
+        """The engine's hand-overs, as the event loop gets them."""
+        import asyncio
+
+        self.loop.run_until_complete(asyncio.sleep(0))
+        items = []
+        while not stream.queue.empty():
+            items += self.loop.run_until_complete(stream.get())
+        return items
+
+    def handed_until(self, stream, job, n: int) -> list[int]:
+        """A client handed every token as it comes, up to the n-th or so, where it goes away in the middle
+        of a frame's tokens (not at a rollback mark: something to re-step); the engine then runs ahead."""
+        got: list[int] = []
+        while True:
+            self.engine._iterate()
+            ids = [i for i in self.take(stream) if isinstance(i, int)]
+            if len(got) + len(ids) < n:
+                stream.deliver(len(ids))
+                got += ids
+                continue
+            marks = {m for m, _ in job.marks}
+            d = next(m for m in range(n, len(got) + len(ids) + 1) if m not in marks)
+            stream.deliver(d - len(got))
+            return got + ids[: d - len(got)]
+
+    def twin(self, sid: str, params: SamplingParams, got: list[int]):
+        """A session whose turn generated only `got` (a settled, complete stream), for comparison."""
+        twin = self.session(sid)
+        stream, _ = self.turn(twin, params, len(got), capacity=1 << 20)
+        ids: list = []
+        while not ids or isinstance(ids[-1], int):
+            self.engine._iterate()
+            ids += self.take(stream)
+        assert ids[:-1] == got
+        stream.deliver(len(got))
+        stream.settle()
+        self.engine._iterate()
+        return twin
+
+    def close(self) -> None:
+        self.loop.close()
 
 
 def test_a_rollback_restarts_from_a_recent_mark_not_from_the_start_of_the_turn(model_dirs):
@@ -314,13 +408,8 @@ def test_a_rollback_restarts_from_a_recent_mark_not_from_the_start_of_the_turn(m
     and a decode block of tokens (from the last rollback mark its client had been handed), not the
     2,000, holds a few state rows meanwhile, and leaves the state of a turn that generated only what the
     client got, bit for bit. The engine is run by hand, one loop iteration at a time."""
-    import asyncio
-
     from model import load
-    from server import Settings
-    from server.engine import DECODE_BLOCK_MAX_STEPS, Engine, Job, Stream
-    from server.metrics import Metrics
-    from server.sessions import SessionRecord, SessionTable
+    from server.engine import DECODE_BLOCK_MAX_STEPS
 
     rec = load(model_dirs["text"]).to_recurrent()
     steps: list[int] = []
@@ -333,39 +422,17 @@ def test_a_rollback_restarts_from_a_recent_mark_not_from_the_start_of_the_turn(m
             steps.append(tokens.shape[0])
             return rec.step(tokens, state, out=out)
 
-    loop = asyncio.new_event_loop()
-    settings = Settings(max_sessions=4, stream_buffer=64)
-    sessions = SessionTable()
-    engine = Engine("m", Counting(), settings, sessions, Metrics().for_model("m"))
+    run = HandRun(None, rec=Counting(), stream_buffer=64)
+    engine, settings = run.engine, run.settings
     params = SamplingParams(temperature=1.0, seed=5)
-
-    def session(sid: str) -> SessionRecord:
-        s = SessionRecord(id=sid, model="m", slot=engine.pool.reserve(), busy=True)
-        sessions.add(s)
-        job = Job(s, list(PROMPT.encode()), fresh=True, future=concurrent.futures.Future())
-        engine.submit(job)
-        while not job.future.done():
-            engine._iterate()
-        s.busy = True  # claimed for the turn
-        return s
-
-    def take(stream: Stream) -> list:  # the engine's hand-overs, as the event loop gets them
-        loop.run_until_complete(asyncio.sleep(0))
-        items = []
-        while not stream.queue.empty():
-            items += loop.run_until_complete(stream.get())
-        return items
-
-    kept = session("kept")
-    stream = Stream(loop, settings.stream_buffer)
-    job = Job(kept, [], stream=stream, params=params, max_new_tokens=100_000)
-    engine.submit(job)
-    got: list[int] = []
+    kept = run.session("kept")
+    stream, job = run.turn(kept, params, 100_000)
     rows = 0
+    got: list[int] = []
     while True:  # a client handed every token as it comes, up to the 2,000th or so
         engine._iterate()
         rows = max(rows, len(job.marks))
-        ids = [i for i in take(stream) if isinstance(i, int)]
+        ids = [i for i in run.take(stream) if isinstance(i, int)]
         if len(got) + len(ids) < 2000:
             stream.deliver(len(ids))
             got += ids
@@ -387,18 +454,126 @@ def test_a_rollback_restarts_from_a_recent_mark_not_from_the_start_of_the_turn(m
     assert 0 < len(steps) <= settings.stream_buffer + DECODE_BLOCK_MAX_STEPS and set(steps) == {1}
     assert rows <= 4
 
-    twin = session("twin")  # a turn that generates only what the client got
-    stream2 = Stream(loop, 1 << 20)
-    engine.submit(Job(twin, [], stream=stream2, params=params, max_new_tokens=len(got)))
-    twin_ids: list = []
-    while not twin_ids or isinstance(twin_ids[-1], int):
-        engine._iterate()
-        twin_ids += take(stream2)
-    assert twin_ids[:-1] == got
-    stream2.deliver(len(got))
-    stream2.settle()
-    engine._iterate()
+    twin = run.twin("twin", params, got)  # a turn that generates only what the client got
     assert torch.equal(engine.pool.row(kept.slot), engine.pool.row(twin.slot))
     assert torch.equal(engine.pool.seen[kept.slot], engine.pool.seen[twin.slot])
     assert (kept.pending, kept.n_tokens) == (twin.pending, twin.n_tokens)
-    loop.close()
+    run.close()
+
+
+def test_a_client_gone_as_the_engine_stops_is_taken_back_before_its_state_is_written(model_dirs):
+    """A client goes away mid-turn and the engine is stopped (shutdown) in the same loop iteration: the
+    stop ends the turn, and the take-back it starts (a mark's row, then tokens re-stepped) is completed
+    before every session's state is written to the store, which gets the state of a turn that generated
+    only what the client got, and the session is not left busy. (The re-stepping was left undone: the
+    store got the mark's state row with the record of the delivered count.)"""
+    run = HandRun(model_dirs["text"], stream_buffer=16)
+    run.keep_written()
+    params = SamplingParams(temperature=1.0, seed=5)
+    kept = run.session("kept")
+    stream, job = run.turn(kept, params, 100_000)
+    got = run.handed_until(stream, job, 40)
+    run.engine._iterate()  # the engine runs ahead of its client
+    assert len(job.out) > len(got)
+    stream.settle()  # the client is gone ...
+    run.engine._stopping = True  # ... and the shutdown stops the engine before its next iteration
+    assert run.engine._iterate() is False
+
+    n_tokens, pending, raw, seen = run.written["kept"]
+    reference = HandRun(model_dirs["text"], stream_buffer=16)
+    twin = reference.twin("twin", params, got)
+    raw_twin, seen_twin = reference.engine.read_slot(twin)
+    assert (n_tokens, pending, seen) == (twin.n_tokens, twin.pending, seen_twin)
+    assert raw == raw_twin, "the stored state is not that of a turn that generated only what the client got"
+    assert not kept.busy and kept.generated == len(got)
+    run.close()
+    reference.close()
+
+
+def test_an_sse_event_read_just_before_the_client_closes_is_kept(server, client):
+    """The app called with uvicorn's ASGI behaviour played by hand: each event sent is read by the client
+    at once, and after its 50th token or so the client closes, its close read by the server in the next
+    loop pass (as a client that reads and hangs up at once, or uvloop's order of its I/O and callbacks,
+    gives). The session keeps every token of every event sent before the close: the last one included.
+    (The route asked Starlette's `is_disconnected` after each send, which waits a loop pass when the
+    client is still there: it read that close, and the last event's tokens, read by the client, were
+    not kept.)"""
+    import asyncio
+
+    sid = new_session(client, TEXT)
+    body = json.dumps(
+        {"model": TEXT, "session_id": sid, "stream": True, **TURN, "max_new_tokens": 4000}
+    ).encode()
+    loop = server.state.loop
+    read: list[int] = []
+
+    async def call() -> None:
+        gone, closed = False, asyncio.Event()
+        requested = False
+
+        def hang_up() -> None:
+            nonlocal gone
+            gone = True
+            closed.set()
+
+        async def receive() -> dict:  # uvicorn's: the body, then http.disconnect once the client is gone
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            if not gone:
+                await closed.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:  # uvicorn's: what is sent once the client is gone is dropped
+            if gone or message["type"] != "http.response.body":
+                return
+            for line in message["body"].decode().split("\n"):
+                if line.startswith("data: ") and json.loads(line[6:])["type"] == "token":
+                    read.extend(json.loads(line[6:])["ids"])
+            if len(read) >= 50:
+                loop.call_soon(hang_up)  # read by the client, which then closes
+
+        headers = [(b"content-type", b"application/json"), (b"accept", b"text/event-stream"),
+                   (b"content-length", str(len(body)).encode())]  # fmt: skip
+        scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": "/v1/generate", "raw_path": b"/v1/generate",
+                 "query_string": b"", "root_path": "", "headers": headers, "client": ("127.0.0.1", 1),
+                 "server": ("127.0.0.1", server.port), "state": {}}  # fmt: skip
+        await server.app(scope, receive, send)
+
+    asyncio.run_coroutine_threadsafe(call(), loop).result(60)
+    info = idle(client, sid)
+    assert len(read) >= 50
+    assert (info["generated"], info["tokens"]) == (len(read), len(PROMPT) + len(read))
+    client.delete(f"/v1/sessions/{sid}")
+
+
+def test_a_turn_still_being_delivered_when_the_engine_stops_is_stored_with_what_its_client_got(model_dirs):
+    """A turn over in the engine whose route has handed its client 25 of its 40 tokens and has not settled
+    it when the engine stops (a slow reader at shutdown: uvicorn closes the connections, and a cancelled
+    SSE response's stream is settled only once it is collected): the store gets the state of a turn that
+    generated those 25 tokens, not the engine's 40, and the session is not left busy."""
+    run = HandRun(model_dirs["text"], stream_buffer=64)
+    run.keep_written()
+    params = SamplingParams(temperature=1.0, seed=7)
+    kept = run.session("kept")
+    stream, job = run.turn(kept, params, 40)
+    items: list = []
+    while not items or isinstance(items[-1], int):
+        run.engine._iterate()
+        items += run.take(stream)
+    got = items[:25]
+    stream.deliver(len(got))  # and no settle before the stop
+    run.engine._stopping = True
+    assert run.engine._iterate() is False
+
+    n_tokens, pending, raw, seen = run.written["kept"]
+    reference = HandRun(model_dirs["text"], stream_buffer=64)
+    twin = reference.twin("twin", params, got)
+    raw_twin, seen_twin = reference.engine.read_slot(twin)
+    assert (n_tokens, pending, seen) == (twin.n_tokens, twin.pending, seen_twin)
+    assert raw == raw_twin, "the stored state holds tokens its client was not handed"
+    assert not kept.busy and kept.generated == len(got)
+    run.close()
+    reference.close()

@@ -3,8 +3,10 @@
 import hashlib
 import json
 import struct
+import threading
 
-from server_support import reference, sse_events
+import httpx
+from server_support import reference, sse_events, wait_for
 
 from model.sampling import SamplingParams
 from server import service
@@ -281,3 +283,80 @@ def test_generated_counts_the_last_generation_and_survives_export_fork_and_appen
     assert client.get(f"/v1/sessions/{sid}").json()["generated"] == 17
     _generate(client, sid, n=5)
     assert client.get(f"/v1/sessions/{sid}").json()["generated"] == 5
+
+
+def hold_engine(engine):
+    """An engine call that holds the engine thread until the returned event is set (the call is running,
+    out of the queue, when this returns): what is submitted meanwhile waits in the queue, in order."""
+    running, hold = threading.Event(), threading.Event()
+
+    def wait(e) -> None:
+        running.set()
+        hold.wait(10)
+
+    held = engine.call(wait)
+    assert running.wait(10)
+    return held, hold
+
+
+def test_two_deletes_of_a_session_at_once_free_its_slot_once(client, server):
+    """Two DELETEs of one idle session that both find it before the engine deletes it (a client's retry,
+    or a socket's close and a DELETE): both answer 204 and the slot is freed once. (The second freed the
+    slot again, maybe another session's by then: two sessions could then share one state row.)"""
+
+    engine = server.state.models[TEXT].engine
+    in_use = engine.pool.in_use
+    sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "ab"}).json()["session_id"]
+    held, hold = hold_engine(engine)  # both deletes are queued behind this
+    codes: list[int] = []
+    url = f"{server.url}/v1/sessions/{sid}"
+    deletes = [threading.Thread(target=lambda: codes.append(httpx.delete(url, timeout=30).status_code))
+               for _ in range(2)]  # fmt: skip
+    for t in deletes:
+        t.start()
+    assert wait_for(lambda: engine.queued >= 2, 10)
+    hold.set()
+    for t in deletes:
+        t.join()
+    held.result(10)
+    assert codes == [204, 204]
+    assert engine.pool.in_use == in_use and len(set(engine.pool._free)) == len(engine.pool._free)
+
+
+def test_a_request_that_claimed_a_session_just_before_its_delete_gets_404_and_no_slot(client, server):
+    """A DELETE does not wait for a claim: a generate, append, fork or export that claimed a session after
+    the DELETE read it, and reached the engine after it, is a 404 (the session is gone), not run on the
+    freed slot (maybe another session's by then: its turn would overwrite that session's state, a fork or
+    an export copy it out). Each is queued behind the delete while the engine is held."""
+    engine = server.state.models[TEXT].engine
+    in_use = engine.pool.in_use
+    requests = {
+        "generate": lambda sid: (
+            "POST",
+            "/v1/generate",
+            {"model": TEXT, "session_id": sid, "max_new_tokens": 5},
+        ),
+        "append": lambda sid: ("POST", f"/v1/sessions/{sid}/append", {"prompt": "cd"}),
+        "fork": lambda sid: ("POST", f"/v1/sessions/{sid}/fork", None),
+        "export": lambda sid: ("GET", f"/v1/sessions/{sid}/export", None),
+    }
+    for what, request in requests.items():
+        sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "ab"}).json()["session_id"]
+        held, hold = hold_engine(engine)
+        got: dict[str, int] = {}
+
+        def send(name: str, method: str, path: str, body: dict | None) -> None:
+            got[name] = httpx.request(method, server.url + path, json=body, timeout=30).status_code
+
+        threads = [threading.Thread(target=send, args=("delete", "DELETE", f"/v1/sessions/{sid}", None))]
+        threads[0].start()
+        assert wait_for(lambda: engine.queued >= 1, 10)  # the delete waits in the engine's queue
+        threads.append(threading.Thread(target=send, args=(what, *request(sid))))
+        threads[1].start()
+        assert wait_for(lambda: engine.queued >= 2, 10)  # and the request that claimed it after it
+        hold.set()
+        for t in threads:
+            t.join()
+        held.result(10)
+        assert got == {"delete": 204, what: 404}, what
+        assert engine.pool.in_use == in_use and len(set(engine.pool._free)) == len(engine.pool._free), what

@@ -162,3 +162,35 @@ def test_sigterm_while_the_models_load_exits_0_within_seconds():
         assert "ready: serving" not in err and "Traceback" not in err, err
     finally:
         proc.kill()
+
+
+def test_a_websocket_bound_before_the_drain_starts_no_new_turn_while_it_drains(model_dirs):
+    """While the server drains, new requests get 503: also a generate, append or session message on a
+    WebSocket bound before the drain (it started another turn, which kept the drain busy and was cut at
+    its end), and the session is left as it was; the socket stays open for the turns to finish."""
+    import asyncio
+
+    from server_support import RawWebSocket, ServerThread
+
+    from server import Settings
+
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], drain_timeout_s=1)).start()
+    try:
+        ws = RawWebSocket(s.port)
+        ws.send_json(
+            {"type": "generate", "model": "tiny-text", "prompt": "to be", "max_new_tokens": 5, "seed": 1}
+        )
+        sid = ws.recv_json()["session_id"]
+        while (m := ws.recv_json())["type"] != "done":
+            pass
+        asyncio.run_coroutine_threadsafe(s.state.drain(), s.state.loop).result(10)  # nothing to wait for
+        for msg in ({"type": "generate", "max_new_tokens": 5, "seed": 1}, {"type": "append", "prompt": "x"},
+                    {"type": "session", "model": "tiny-text"}):  # fmt: skip
+            ws.send_json(msg)
+            m = ws.recv_json()
+            assert m["type"] == "error" and m["code"] == 503, (msg, m)
+        rec = s.state.sessions.get(sid)
+        assert (rec.n_tokens, rec.busy, s.state.models["tiny-text"].engine.active_requests) == (10, False, 0)
+        ws.close()
+    finally:
+        s.stop()

@@ -366,6 +366,47 @@ def test_a_write_from_an_old_copy_is_refused_counted_and_the_copy_dropped(
         b.stop()
 
 
+def test_a_stale_write_drops_the_old_copy_not_one_reloaded_since(model_dirs, redis_url, redis_db):
+    """A replica's write of its old copy is refused (another replica went on with the session); before
+    the writer has dropped that copy (its callback, after the write), a request on the session reloads it
+    from the store and runs a turn. The drop then leaves the reloaded copy alone: it was made from the
+    stored state, not from the copy that was refused. (It dropped whatever copy the replica held then: the
+    fresh one, whose next request restored it again, and any request on it meanwhile got a 404.)"""
+    import threading
+
+    a, b = _replica(model_dirs, redis_url), _replica(model_dirs, redis_url)
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
+            "session_id"
+        ]
+        assert wait_for(lambda: _stored(redis_db, sid) is not None, 10)
+        _generate(b.url, sid, None, 20, seed=2)  # b goes on with it: a holds an old copy
+        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == 26, 10)
+        writer, engine = a.state.writer, a.state.models[TEXT].engine
+        refused, go_on = threading.Event(), threading.Event()
+        drop = writer._on_stale
+
+        def drop_later(*args) -> None:  # the writer's callback, held until the reload below is done
+            refused.set()
+            go_on.wait(10)
+            drop(*args)
+
+        writer._on_stale = drop_later
+        rec = a.state.sessions.get(sid)
+        engine.call(lambda e: e._persist(rec)).result(10)  # what an eviction or the shutdown writes
+        assert refused.wait(10)
+        t = _generate(a.url, sid, None, 5, seed=3)  # reloads b's state here and runs a turn on it
+        go_on.set()
+        assert wait_for(lambda: writer.stale == 1 and writer.backlog == 0, 10)
+        time.sleep(0.2)  # (the drop, had it been made, goes through the engine's queue)
+        assert a.state.sessions.has(sid) and a.state.sessions.get(sid).n_tokens == 26 + 5
+        assert _metric(a.url, "restore") == 1  # one reload, for the turn: the copy it made is kept
+        assert len(t) == 5
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_session_info_reads_the_store_without_restoring_and_generated_moves_with_it(
     model_dirs, redis_url, redis_db
 ):
@@ -412,6 +453,47 @@ def test_an_evicted_session_frees_its_slot_and_comes_back_from_the_store(model_d
         assert _stored(redis_db, sid)["n_tokens"] == len("whether 'tis") + 10
         t2 = _generate(s.url, sid, None, 12, seed=3)  # restored on demand
         assert t2 == reference(model_dirs["text"], list(b"whether 'tis") + t1, SamplingParams(seed=3), 12)
+    finally:
+        s.stop()
+
+
+def test_a_request_whose_session_is_evicted_during_its_version_check_restores_it(
+    model_dirs, redis_url, redis_db
+):
+    """The idle TTL's eviction (state written to the store, slot freed) landing while a request on the
+    session waits for its version check (one Redis call): the request restores the session from the store
+    and serves it, as for any evicted session. (It took the copy here for current, then found no session:
+    a 404, for a session the store holds; a socket was unbound.) Played by hand: the eviction runs inside
+    the store's version call, once per request; a generate, an export, then a GET."""
+    s = _replica(model_dirs, redis_url)
+    try:
+        engine = s.state.models[TEXT].engine
+        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "whether 'tis"}).json()[
+            "session_id"
+        ]
+        assert wait_for(lambda: _stored(redis_db, sid) is not None, 10)
+        version, evict = s.state.store.version, []
+
+        def version_then_evicted(session_id: str):
+            answer = version(session_id)
+            if evict:
+                evict.clear()
+                rec = s.state.sessions.get(session_id)
+                engine.call(lambda e: (e._persist(rec), e._release(rec))).result(10)  # what the TTL does
+            return answer
+
+        s.state.store.version = version_then_evicted
+        evict.append(True)
+        t1 = _generate(s.url, sid, None, 10, seed=2)
+        assert t1 == reference(model_dirs["text"], list(b"whether 'tis"), SamplingParams(seed=2), 10)
+        evict.append(True)
+        r = httpx.get(f"{s.url}/v1/sessions/{sid}/export")
+        assert r.status_code == 200, r.text
+        assert unpack_state(r.content)[0]["n_tokens"] == len("whether 'tis") + 10
+        evict.append(True)
+        r = httpx.get(f"{s.url}/v1/sessions/{sid}")
+        assert r.status_code == 200 and r.json()["tokens"] == len("whether 'tis") + 10, r.text
+        assert not evict and engine.pool.in_use == 0  # (the GET read the store: nothing restored)
     finally:
         s.stop()
 

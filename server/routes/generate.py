@@ -42,6 +42,22 @@ async def _settle(stream: Stream) -> None:
     stream.settle()
 
 
+def _gone_now(request: Request) -> bool:
+    """Whether the server knows the client is gone, found without letting the event loop run: one step
+    of `receive`, which answers http.disconnect at once when it knows. (Starlette's `is_disconnected`
+    waits a loop pass when the client is there, and a close read meanwhile, after a send that reached
+    the transport, made that send look dropped: its tokens, which the client had read, were not kept.)
+    uvicorn drops a send only when it knows the client is gone, so right after a send this says whether
+    it was dropped."""
+    step = request.receive()
+    try:
+        step.send(None)
+    except StopIteration as answer:
+        return answer.value.get("type") == "http.disconnect"
+    step.close()  # it would have waited for a message: nothing known yet
+    return False
+
+
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -57,7 +73,8 @@ async def _sse_generate(
 ) -> AsyncIterator[str]:
     """Text: a token event per hand-over; audio: an audio event per frame of `frame_ms` (the last
     one the rest); then the done event. An event's tokens count as delivered once Starlette's send of
-    it has returned on a connection still open (uvicorn drops what is sent after a disconnect); the
+    it has returned on a connection still open (uvicorn drops what is sent after a disconnect:
+    `_gone_now`); the
     stream is settled when the done event is out or the client is gone (`Stream.settle`)."""
     framer = out.framer
     try:
@@ -76,7 +93,7 @@ async def _sse_generate(
                 carrying.append((_sse_audio(last, framer), len(last)))
             for event, n in carrying:
                 yield event
-                if await request.is_disconnected():
+                if _gone_now(request):  # (right after the send: whether uvicorn dropped it)
                     return
                 stream.deliver(n)
             if final is not None:

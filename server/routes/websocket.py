@@ -159,13 +159,15 @@ class Connection:
 
     def target(self, msg: WSSession | WSGenerate | WSAppend) -> ServedModel:
         """The model `msg` runs on: the bound one (the message may not name another model or session),
-        or on a first message the one it names (404 for an unknown id). Binds nothing."""
+        or on a first message the one it names (404 for an unknown id). Binds nothing. While the server
+        drains, a 503 (`ServerState.model`), as for any new request: a socket bound before the drain
+        starts no new turn either."""
         if self.session_id is not None:
             if msg.model is not None and msg.model != self.model.id:
                 raise invalid("model", f"this socket is bound to model {self.model.id}")
             if msg.session_id is not None and msg.session_id != self.session_id:
                 raise invalid("session_id", f"this socket is bound to session {self.session_id}")
-            return self.model
+            return self.st.model(self.model.id)
         if msg.model is None:
             raise invalid("model", "the socket's first message must name a model")
         return self.st.model(msg.model)
