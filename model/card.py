@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
             f"boilerplate stripped, UTF-8 bytes. Whole plays are held out: validation "
             f"{', '.join(dm['documents']['val'])}; test {', '.join(dm['documents']['test'])}.",
             "",
-            f"Bytes: train {dm['tokens']['train']:,} ({len(dm['documents']['train'])} plays), "
+            f"Bytes: train {dm['tokens']['train']:,} ({len(dm['documents']['train'])} texts), "
             f"val {dm['tokens']['val']:,}, test {dm['tokens']['test']:,}. Prepared with "
             "`python -m model.data text --out data/shakespeare`.",
         ]
