@@ -1,4 +1,4 @@
-"""A kept session holds what its client was handed (README, "What a dropped turn keeps").
+"""A kept session holds what its client was handed (docs/server.md, "What a dropped turn keeps").
 
 A client that goes away in the middle of a streamed turn (WebSocket text and audio, SSE) leaves its
 session holding exactly the tokens the server handed to its connection: the count, the state bit for
