@@ -91,8 +91,10 @@ def is_openai_path(path: str) -> bool:
 def as_openai(err: APIError) -> APIError:
     """The error as OpenAI's API gives it on an OpenAI-compatible route: a request it cannot take is a
     400 of type invalid_request_error there (the openai client raises BadRequestError; vLLM and
-    llama.cpp's servers do the same), where our own routes answer 422. Other statuses are unchanged."""
-    if err.status != 422:
+    llama.cpp's servers do the same), where our own routes answer 422; so is a prompt over the server's
+    limit (`prompt_too_long`: our 413), with OpenAI's code `context_length_exceeded`, the one clients
+    look for to shorten a prompt. Other statuses are unchanged."""
+    if err.status != 422 and not (err.status == 413 and err.openai_code == CONTEXT_LENGTH_EXCEEDED):
         return err
     return APIError(
         400,
@@ -123,6 +125,15 @@ def not_found(message: str, param: str | None = None) -> APIError:
 
 def too_large(message: str, param: str | None = None) -> APIError:
     return APIError(413, message, param=param)
+
+
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code for a prompt too long for the model
+
+
+def prompt_too_long(message: str, param: str) -> APIError:
+    """A prompt (or append) over the server's limit, naming its field: 413 on our routes, OpenAI's 400
+    `context_length_exceeded` on the OpenAI routes (`as_openai`)."""
+    return APIError(413, message, param=param, openai_code=CONTEXT_LENGTH_EXCEEDED)
 
 
 def over_capacity(message: str, retry_after: float = 1.0) -> APIError:

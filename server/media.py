@@ -15,7 +15,7 @@ import numpy as np
 
 from model.codecs import AudioTooLong, ByteTokenizer, MuLaw, read_audio, to_pcm16, wav_bytes
 from model.sampling import find_stop
-from server.errors import APIError, invalid, too_large
+from server.errors import APIError, invalid, prompt_too_long
 
 TEXT, MULAW = ByteTokenizer(), MuLaw()
 AUDIO_ENCODINGS = ("pcm16", "mulaw")  # WebSocket binary frames: s16le samples, or mu-law bytes (= ids)
@@ -57,7 +57,7 @@ def text_ids(text: str, param: str = "prompt", max_tokens: int | None = None) ->
     bytes; text that is not valid Unicode (a lone surrogate from JSON's "\\ud800") is a 422."""
 
     def too_long(n: int | str) -> APIError:
-        return too_large(f"{param} is {n} tokens; the limit is {max_tokens} (max_prompt_tokens)", param)
+        return prompt_too_long(f"{param} is {n} tokens; the limit is {max_tokens} (max_prompt_tokens)", param)
 
     if max_tokens is not None and len(text) > max_tokens:
         raise too_long(f"at least {len(text)}")
@@ -98,7 +98,7 @@ def prompt_ids(
     try:
         x, _ = read_audio(b64decode(prompt_audio, "prompt_audio"), sample_rate, max_audio_s)
     except AudioTooLong as exc:
-        raise too_large(f"prompt_audio: {exc} (max_audio_s)", "prompt_audio") from None
+        raise prompt_too_long(f"prompt_audio: {exc} (max_audio_s)", "prompt_audio") from None
     except ValueError as exc:
         raise invalid("prompt_audio", f"prompt_audio: {exc}") from None
     return codec.encode(x).tolist()

@@ -19,7 +19,7 @@ from model.recurrent import StateRangeError
 from model.sampling import SamplingParams
 from server import media
 from server.engine import Failed, Finished, Job, Stream
-from server.errors import APIError, invalid, not_found, too_large, unavailable
+from server.errors import APIError, invalid, not_found, prompt_too_long, unavailable
 from server.logs import generation_id
 from server.registry import ServedModel
 from server.schemas import DEFAULT_FRAME_MS, SamplingFields
@@ -76,7 +76,7 @@ def _what(state: ServerState, model: ServedModel | None, setting: str) -> str:
 def check_prompt(state: ServerState, tokens: list[int], param: str, model: ServedModel | None = None) -> None:
     limit, setting = prompt_limit(state, model)
     if len(tokens) > limit:
-        raise too_large(
+        raise prompt_too_long(
             f"{param} is {len(tokens)} tokens; the limit is {limit} ({_what(state, model, setting)})", param
         )
 

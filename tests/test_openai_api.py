@@ -1031,7 +1031,7 @@ def test_the_openai_routes_answer_406_to_an_accept_that_takes_neither_json_nor_t
 def test_openai_error_objects_by_status():
     """APIError.openai_body for each status the OpenAI routes can answer (a stream's error event too:
     `data: {"error": …}`, which the openai client raises as APIError)."""
-    from server.errors import APIError, as_openai
+    from server.errors import APIError, as_openai, prompt_too_long
 
     for status, param, kind, code in [
         (400, None, "invalid_request_error", None),
@@ -1039,7 +1039,7 @@ def test_openai_error_objects_by_status():
         (401, None, "invalid_request_error", "invalid_api_key"),
         (404, "model", "invalid_request_error", "model_not_found"),
         (406, None, "invalid_request_error", None),
-        (413, "prompt", "invalid_request_error", None),
+        (413, "prompt", "invalid_request_error", None),  # a body over the limit: OpenAI's status kept
         (415, None, "invalid_request_error", None),
         (429, None, "requests", "rate_limit_exceeded"),
         (500, None, "server_error", None),
@@ -1048,6 +1048,39 @@ def test_openai_error_objects_by_status():
         err = as_openai(APIError(status, "why", param=param))
         assert err.status == (400 if status == 422 else status)
         assert err.openai_body() == {"error": {"message": "why", "type": kind, "param": param, "code": code}}
+    err = as_openai(prompt_too_long("why", "messages"))  # a prompt over the limit: 413 on our routes
+    assert err.status == 400 and err.openai_body() == {
+        "error": {"message": "why", "type": "invalid_request_error", "param": "messages",
+                  "code": "context_length_exceeded"}
+    }  # fmt: skip
+
+
+def test_a_prompt_over_the_limit_is_openais_400_context_length_exceeded(oai, server, chat_server):
+    """OpenAI answers a prompt too long for the model with 400, code `context_length_exceeded` (what
+    clients look for to shorten it); these routes answered our 413 with a null code, which the openai
+    client raises as a bare APIStatusError. Every way a prompt arrives: text, token ids, chat messages;
+    our own routes keep the 413."""
+    limit = server.state.settings.max_prompt_tokens
+    chat, _ = chat_server
+    assert chat.state.settings.max_prompt_tokens == limit
+    too_long = [
+        (server, "/v1/completions", {"prompt": "a" * (limit + 1)}, "prompt"),
+        (server, "/v1/completions", {"prompt": [65] * (limit + 1)}, "prompt"),
+        (server, "/v1/completions", {"prompt": ["a", "é" * (limit // 2 + 1)]}, "prompt"),  # bytes count
+        (chat, "/v1/chat/completions", {"model": "tiny-chat", "messages": [{"role": "user",
+                                        "content": "a" * (limit + 1)}]}, "messages"),
+    ]  # fmt: skip
+    for s, route, body, param in too_long:
+        r = httpx.post(s.url + route, json={"model": TEXT, "max_tokens": 1, **body})
+        err = openai_error(r)
+        assert r.status_code == 400 and err["code"] == "context_length_exceeded", (route, r.text[:300])
+        assert err["param"] == param and err["type"] == "invalid_request_error", err
+        assert f"the limit is {limit}" in err["message"], err
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model=TEXT, prompt="a" * (limit + 1), max_tokens=1)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "prompt"
+    r = httpx.post(server.url + "/v1/generate", json={"model": TEXT, "prompt": "a" * (limit + 1)})
+    assert r.status_code == 413 and (r.json()["error"]["code"], r.json()["error"]["param"]) == (413, "prompt")
 
 
 def test_an_answer_cannot_ask_for_more_than_a_bounded_number_of_logprobs(chat_server):

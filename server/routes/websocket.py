@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from server import media, service
 from server.auth import SUBPROTOCOL
 from server.engine import Stream
-from server.errors import APIError, invalid, too_large, validation_error
+from server.errors import APIError, invalid, prompt_too_long, validation_error
 from server.registry import ServedModel
 from server.schemas import WSAppend, WSCancel, WSGenerate, WSMessage, WSSession
 from server.state import ServerState
@@ -214,7 +214,8 @@ class Connection:
         samples = len(data) if self.encoding == "mulaw" else len(data) // 2  # counted before converting
         try:
             if len(self.audio_ids) + samples > limit:
-                raise too_large(f"buffered audio prompt is longer than {limit} samples ({setting})", "audio")
+                what = f"buffered audio prompt is longer than {limit} samples ({setting})"
+                raise prompt_too_long(what, "audio")
             self.audio_ids += media.audio_frame_ids(data, self.encoding, self.model.codec)
         except APIError as err:
             self.audio_ids, self.refused_prompt = [], err
