@@ -204,8 +204,8 @@ class ModelInfo(BaseModel):
     state_bytes_per_session: int
     max_sessions: int
     max_prompt_tokens: int = Field(
-        description="the longest prompt (or append) in tokens, else 413: text S4_MAX_PROMPT_TOKENS, audio "
-        "S4_MAX_AUDIO_S × sample_rate samples"
+        description="the longest prompt (or append) in tokens, else 413 (on the OpenAI routes 400, code "
+        "context_length_exceeded): text S4_MAX_PROMPT_TOKENS, audio S4_MAX_AUDIO_S × sample_rate samples"
     )
     max_new_tokens: int = Field(
         description="the largest max_new_tokens: text S4_MAX_NEW_TOKENS, audio S4_MAX_AUDIO_S × sample_rate"
