@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
@@ -97,6 +98,12 @@ class ModelConfig:
     norm: str = "layer"  # sashimi: block norm, "layer" (LayerNorm) or "tln" (official scalar TransposedLN)
 
     def __post_init__(self):
+        for f in fields(self):  # numpy scalars (a sweep's np.int64, np.float32) as Python numbers
+            value = getattr(self, f.name)
+            if isinstance(value, list | tuple):
+                setattr(self, f.name, type(value)(_plain(v) for v in value))
+            else:
+                setattr(self, f.name, _plain(value))
         for name in ("vocab_size", "d_model", "n_layers"):
             _check_int(name, getattr(self, name), 1)
         _check_int("d_state", self.d_state, 2)
@@ -190,6 +197,14 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
         return cls(**d)
+
+
+def _plain(value):
+    """A numpy integer or float scalar as the Python int or float it holds (a config must read back from its
+    JSON); anything else (bool, int, float, str, numpy bool) as given, to be checked as it is."""
+    if isinstance(value, bool | int | float) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _check_int(name: str, value, least: int) -> None:

@@ -82,6 +82,24 @@ def test_a_bad_field_is_refused_naming_the_field_and_value(name, value, message)
         ModelConfig(**{**SMALL, name: value})
 
 
+def test_numpy_scalars_from_a_sweep_are_taken_as_the_python_numbers_they_hold():
+    """np.int64 (what numpy's and many tuners' integer choices are) was refused as "not an integer"; it is
+    the number it holds, and the config writes plain JSON. A numpy float in an integer field, or a numpy
+    bool, is still refused, as Python's are."""
+    import numpy as np
+
+    sweep = {"d_model": np.int64(8), "n_layers": np.int32(1), "dropout": np.float32(0.25),
+             "dt_max": np.float64(0.05), "arch": "sashimi", "pool": [np.int64(2), 2]}  # fmt: skip
+    cfg = ModelConfig(**{**SMALL, **sweep})
+    assert (cfg.d_model, cfg.n_layers, cfg.dropout, cfg.dt_max, cfg.pool) == (8, 1, 0.25, 0.05, [2, 2])
+    assert type(cfg.d_model) is int and type(cfg.dropout) is float and type(cfg.pool[0]) is int
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match=r"d_model must be an integer ≥ 1, got 8.0"):
+        ModelConfig(**{**SMALL, "d_model": np.float32(8)})
+    with pytest.raises(ValueError, match=r"tie_embeddings must be true or false"):
+        ModelConfig(**{**SMALL, "tie_embeddings": np.bool_(True)})
+
+
 @pytest.mark.parametrize(
     "fields_,message",
     [
