@@ -107,17 +107,20 @@ def test_a_full_queue_answers_429(tight, limited, monkeypatch):
     assert wait_for(lambda: engine.queued == 0 and engine.active_requests == 0, 5)
 
 
-def test_too_long_prompts_answer_413_everywhere(tight, limited):
+def test_too_long_prompts_are_refused_naming_the_prompt_everywhere(tight, limited):
+    """413 on our routes; on the OpenAI routes OpenAI's 400 with code context_length_exceeded."""
     long, ok = "x" * 65, "x" * 64
     sid = tight.post("/v1/sessions", json={"model": TEXT}).json()["session_id"]
-    for method, path, body, param in [
-        ("POST", "/v1/generate", {"model": TEXT, "prompt": long}, "prompt"),
-        ("POST", "/v1/completions", {"model": TEXT, "prompt": long}, "prompt"),
-        ("POST", "/v1/sessions", {"model": TEXT, "prompt": long}, "prompt"),
-        ("POST", f"/v1/sessions/{sid}/append", {"prompt": long}, "prompt"),
+    for method, path, body, status in [
+        ("POST", "/v1/generate", {"model": TEXT, "prompt": long}, 413),
+        ("POST", "/v1/completions", {"model": TEXT, "prompt": long}, 400),
+        ("POST", "/v1/sessions", {"model": TEXT, "prompt": long}, 413),
+        ("POST", f"/v1/sessions/{sid}/append", {"prompt": long}, 413),
     ]:
         r = tight.request(method, path, json=body)
-        assert r.status_code == 413 and r.json()["error"]["param"] == param, (path, r.text)
+        assert r.status_code == status and r.json()["error"]["param"] == "prompt", (path, r.text)
+        if status == 400:
+            assert r.json()["error"]["code"] == "context_length_exceeded", r.text
     assert tight.post(f"/v1/sessions/{sid}/append", json={"prompt": ok}).status_code == 200
     tight.delete(f"/v1/sessions/{sid}")
     err = _ws_error(limited.ws_url, {"type": "generate", "model": TEXT, "prompt": long})
