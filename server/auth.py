@@ -17,9 +17,8 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 
-from server.errors import APIError, error_body, is_openai_path
+from server.errors import APIError, is_openai_path, refuse
 
 EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/"})
 EXEMPT_PREFIXES = ("/static/",)
@@ -104,23 +103,8 @@ class APIKeyMiddleware:
             return
         if self.on_refused is not None:
             self.on_refused(scope["type"])
-        err = APIError(401, MESSAGE)  # OpenAI's shape on the OpenAI routes: invalid_api_key
-        body = json.dumps(error_body(err, scope.get("path", ""))[1]).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer"),
-        ]
-        if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": 401, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return
-        await receive()  # websocket.connect
-        if "websocket.http.response" in scope.get("extensions", {}):
-            await send({"type": "websocket.http.response.start", "status": 401, "headers": headers})
-            await send({"type": "websocket.http.response.body", "body": body})
-        else:  # a server without the denial extension answers 403
-            await send({"type": "websocket.close", "code": 1008, "reason": MESSAGE})
+        # OpenAI's shape on the OpenAI routes: invalid_api_key
+        await refuse(scope, receive, send, APIError(401, MESSAGE), ((b"www-authenticate", b"Bearer"),))
 
 
 def document_api_keys(app) -> None:

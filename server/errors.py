@@ -10,6 +10,7 @@ AuthenticationError, NotFoundError, RateLimitError, ...)."""
 
 from __future__ import annotations
 
+import json
 from http import HTTPStatus
 
 
@@ -113,6 +114,25 @@ def error_body(err: APIError, path: str) -> tuple[int, dict]:
         err = as_openai(err)
         return err.status, err.openai_body()
     return err.status, err.body()
+
+
+async def refuse(scope: dict, receive, send, err: APIError, headers: tuple = ()) -> None:
+    """An ASGI middleware's refusal of a request before any route: `err` as JSON (OpenAI's shape on the
+    OpenAI routes: `error_body`) with `headers` added; a WebSocket handshake gets it as an HTTP denial
+    response (before accept), or a close 1008 from a server without the denial extension."""
+    status, payload = error_body(err, scope.get("path", ""))
+    body = json.dumps(payload).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+    if scope["type"] == "http":
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        return
+    await receive()  # websocket.connect
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008, "reason": err.message[:120]})
 
 
 def invalid(param: str, message: str) -> APIError:

@@ -27,11 +27,10 @@ a WebSocket's an HTTP 403 before the handshake completes; each is counted in
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from collections.abc import Callable, Iterable
 
-from server.errors import APIError, error_body
+from server.errors import APIError, refuse
 
 HOST_EXEMPT_PATHS = frozenset({"/healthz", "/readyz"})  # probes: the kubelet's Host is the pod's IP
 DEFAULT_PORTS = {"http": "80", "https": "443"}
@@ -158,18 +157,7 @@ class OriginCheck:
         reason, err = refusal
         if self.on_refused is not None:
             self.on_refused(reason)
-        body = json.dumps(error_body(err, scope.get("path", ""))[1]).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        if scope["type"] == "http":
-            await send({"type": "http.response.start", "status": 403, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
-            return
-        await receive()  # websocket.connect
-        if "websocket.http.response" in scope.get("extensions", {}):
-            await send({"type": "websocket.http.response.start", "status": 403, "headers": headers})
-            await send({"type": "websocket.http.response.body", "body": body})
-        else:  # a server without the denial extension answers 403 to a close before accept
-            await send({"type": "websocket.close", "code": 1008, "reason": err.message[:120]})
+        await refuse(scope, receive, send, err)
 
     def refusal(self, scope: dict) -> tuple[str, APIError] | None:
         """(reason, error) when the request is refused, else None."""
