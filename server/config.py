@@ -209,6 +209,16 @@ class Settings(BaseSettings):
         "takes at most this long in all (a store that does not answer: the sessions not written by then "
         "are logged, and keep their last written state there)",
     )
+    session_store_write_wait_s: float = Field(
+        2.0,
+        ge=0,
+        le=60,
+        description="with a session store, a request that changes a session (create, append, fork, import, "
+        "delete, a turn on it) is answered once the change is in the store (HTTP answer, SSE done event, "
+        "WebSocket done or appended frame), so the next request finds it on any replica; a store slower "
+        "than this many seconds gets the answer sent anyway (logged). 0: answer at once, the write lands "
+        "after (a next request on another replica may then continue from the state before)",
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
     prefill_threads: int = Field(
         1,

@@ -119,6 +119,7 @@ class Stream:
         self.engine: Engine | None = None
         self.job: Job | None = None  # set by Engine.submit
         self._settled = False
+        self.queued_write: concurrent.futures.Future | None = None  # `Engine.settle`'s, for `service.landed`
         # when the params ask for them (engine thread appends, before the token or final event is
         # delivered): per generated token (logprob, top ids, top logprobs); per prompt token after
         # the first, the same
@@ -170,7 +171,7 @@ class Stream:
         complete = self.final_taken and self.delivered >= self.taken
         if not complete:
             self.cancel()
-        self.engine.settle(self.job, self.delivered, complete)
+        self.queued_write = self.engine.settle(self.job, self.delivered, complete)
 
 
 @dataclass
@@ -225,6 +226,7 @@ class Job:
     ended: bool = False  # the generation is over (its final event sent)
     settled: bool = False  # the consumer is done and `keep` is final (Stream.settle, not complete)
     keep: int = 0  # generated tokens the session keeps: those its client was handed
+    queued_write: concurrent.futures.Future | None = None  # resolved once a complete turn's write is queued
 
     @property
     def cancelled(self) -> bool:
@@ -458,22 +460,28 @@ class Engine:
             job.stream.engine, job.stream.job = self, job
         self._submit(job)
 
-    def settle(self, job: Job, delivered: int, complete: bool) -> None:
+    def settle(self, job: Job, delivered: int, complete: bool) -> concurrent.futures.Future | None:
         """(event loop; `Stream.settle`) The consumer of `job`'s stream is done, having handed `delivered`
         generated tokens to its client's transport; `complete`: all of them, up to the final event.
         A one-shot session has nothing to keep. A kept session that got everything is released now (idle
         from now: its TTL counts from its client's last frame, not from the engine's last step) and
         written through to the store by the engine; otherwise the engine cancels the generation (if it
         still runs) and takes the session back to `delivered` tokens (`_rollback`), then releases it.
-        Never refused: the session would stay busy."""
+        Never refused: the session would stay busy. Returns, for a complete turn when a store is
+        configured, a future that resolves once the engine has queued the session's write (then
+        `StoreWriter.landed` waits for it); None otherwise, and when the engine is stopping."""
         if job.session.ephemeral:
-            return
+            return None
+        queued = None
         with self._cv:  # (before the release: a next turn's job comes after this in the engine's order)
+            if complete and self.persist is not None and not self._stopping and self.crashed is None:
+                queued = job.queued_write = concurrent.futures.Future()
             self._settles.append((job, delivered, complete))
             self._block_interrupt.value = 1
             self._cv.notify()
         if complete:
             self.sessions.release(job.session)
+        return queued
 
     def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
         """Run fn(engine) on the engine thread (state copies: fork, export, import, delete)."""
@@ -958,6 +966,8 @@ class Engine:
             job.marks = job.base = None
             if self.sessions.holds(job.session):
                 self._persist(job.session)
+            if job.queued_write is not None and not job.queued_write.done():
+                job.queued_write.set_result(None)
             return
         job.settled, job.keep = True, delivered
         if job.ended:

@@ -25,7 +25,7 @@ disable_created_metrics()
 # The label values each labelled counter takes, exported at 0 from the start: a rate() over a series
 # that appears only at its first event misses that event, and an absent series reads as "no data"
 REJECTION_REASONS = ("sessions_full", "queue_full")
-STORE_OPS = ("write", "stale", "delete", "error", "restore", "reload")
+STORE_OPS = ("write", "stale", "delete", "error", "restore", "reload", "late")
 AUTH_TRANSPORTS = ("http", "websocket")
 CLOSE_REASONS = (
     "header_timeout",
@@ -109,7 +109,9 @@ class Metrics:
         self.rejections = Counter("s4_rejections", "Requests refused for capacity or limits",
                                   ["model", "reason"], registry=r)  # fmt: skip
         self.store_ops = Counter("s4_session_store_operations", "Session store writes, deletes, restores, "
-                                 "reloads of a stale copy, errors", ["op"], registry=r)  # fmt: skip
+                                 "reloads of a stale copy, errors; late: answers sent before their "
+                                 "session's write landed (S4_SESSION_STORE_WRITE_WAIT_S)", ["op"],
+                                 registry=r)  # fmt: skip
         self.verification_error = Gauge(
             "s4_verification_relative_error_ratio",
             "Relative error measured at load against float64 conv mode: the logits of the recurrent step and "

@@ -182,14 +182,48 @@ async def ingest(state: ServerState, model: ServedModel, rec: SessionRecord, ids
     return await asyncio.wrap_future(job.future)
 
 
+async def landed(state: ServerState, session_id: str | None, queued: concurrent.futures.Future | None = None):
+    """Wait until this replica's write of `session_id` (queued by the engine before it answered, or once
+    `queued` resolves: a turn's `Stream.settle`) is in the session store, so that the answer to a request
+    that changed the session comes after its state is where any replica reads it (README "Session
+    store"). At most `session_store_write_wait_s` in all (then logged, and the caller answers anyway);
+    nothing to wait for without a store, for a one-shot request (`session_id` None) or with a wait of 0."""
+    wait = state.settings.session_store_write_wait_s
+    if state.writer is None or session_id is None or wait <= 0:
+        return
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    try:
+        if queued is not None:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(queued)), wait)
+        done = state.writer.landed(session_id)
+        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), max(0.0, deadline - loop.time()))
+    except TimeoutError:
+        state.metrics.store_ops.labels("late").inc()
+        log.warning("session %s: its state was not in the session store within %g s "
+                    "(S4_SESSION_STORE_WRITE_WAIT_S); answering before it is", session_id, wait)  # fmt: skip
+
+
+async def turn_landed(state: ServerState, stream: Stream) -> None:
+    """Settle a stream whose every token its client was handed (`Stream.settle`) and wait for its
+    session's write (`landed`): what a route does before its done frame or event, or its answer."""
+    stream.settle()
+    if stream.queued_write is not None:
+        await landed(state, stream.job.session.id, stream.queued_write)
+
+
 async def create_session(state: ServerState, model: ServedModel, ids: list[int]) -> SessionRecord:
     rec = _new_record(state, model, ephemeral=False)
-    return await ingest(state, model, rec, ids, fresh=True)
+    rec = await ingest(state, model, rec, ids, fresh=True)
+    await landed(state, rec.id)
+    return rec
 
 
 async def append(state: ServerState, model: ServedModel, session_id: str, ids: list[int]) -> SessionRecord:
     rec = claim(state, model, session_id)
-    return await ingest(state, model, rec, ids, fresh=False)
+    rec = await ingest(state, model, rec, ids, fresh=False)
+    await landed(state, rec.id)
+    return rec
 
 
 async def _engine_call(state: ServerState, model: ServedModel, src: SessionRecord, fn):
@@ -211,15 +245,18 @@ async def fork(state: ServerState, session_id: str) -> SessionRecord:
         raise
     dst = SessionRecord(id=new_session_id(), model=model.id, slot=slot)
     try:
-        return await _engine_call(state, model, src, lambda e: e.fork(src, dst))
+        dst = await _engine_call(state, model, src, lambda e: e.fork(src, dst))
     except BaseException:
         model.engine.pool.release(slot)
         raise
+    await landed(state, dst.id)
+    return dst
 
 
 async def delete(state: ServerState, session_id: str) -> None:
     model, rec = session_model(state, session_id)
     await asyncio.wrap_future(model.engine.call(lambda e: e.delete_now(rec)))
+    await landed(state, session_id)
 
 
 async def export_state(state: ServerState, session_id: str) -> bytes:
@@ -343,7 +380,9 @@ async def _install(
 
 async def import_state(state: ServerState, blob: bytes) -> SessionRecord:
     model, header, raw = check_state(state, blob, "state", "the state")
-    return await _install(state, model, header, raw, "state", "the state")
+    rec = await _install(state, model, header, raw, "state", "the state")
+    await landed(state, rec.id)
+    return rec
 
 
 MAX_SESSION_ID = 128  # longer ids are never ours: not looked up in the store

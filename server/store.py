@@ -9,7 +9,9 @@ model id, config fingerprint and shape, raw float32 state, pending token, SHA-25
 Writes never block the engine thread: the engine reads the slot and hands (header, state) to a
 `StoreWriter`, whose thread packs and writes them. The writer keeps only the latest operation per
 session (a newer write replaces an unwritten older one; a delete replaces a pending write), so its
-backlog is bounded by the number of sessions and a delete is never undone by a late write.
+backlog is bounded by the number of sessions and a delete is never undone by a late write. The
+request that made a change waits for it on the event loop (`StoreWriter.landed`, `service.landed`), so
+its answer comes after the write has landed (`S4_SESSION_STORE_WRITE_WAIT_S` at most).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import secrets
 import threading
 import time
 import urllib.parse
+from concurrent.futures import Future
 from typing import Protocol
 
 from server.config import MAX_STORE_TTL_S, REDIS_STORE_SCHEMES
@@ -247,6 +250,8 @@ class StoreWriter:
         self._pending: dict[str, object] = {}  # session id → (header, state) or _DELETE; insertion order
         self._cv = threading.Condition()
         self._busy: str | None = None  # the session whose operation is being applied
+        self._waiting: dict[str, list[Future]] = {}  # session id → `landed` futures of its queued operation
+        self._waiting_busy: list[Future] = []  # those of the operation being applied
         self._inflight: str | None = None  # the version that operation writes
         self._superseded: set[str] = set()  # sessions reloaded (adopt, discard) while being written
         self._versions: dict[str, str] = {}  # session id → the version this replica last read or wrote
@@ -278,12 +283,30 @@ class StoreWriter:
             if self._busy == session_id:
                 self._superseded.add(session_id)
 
+    def landed(self, session_id: str) -> Future:
+        """A future that resolves once the operation of `session_id` queued or being applied now (or a
+        later one that replaces it) has been tried against the store, with its outcome: "write",
+        "stale" (refused: the store holds a newer state), "delete" or "error"; "dropped" when it is not
+        tried (`discard`, the end of the shutdown flush). Resolved already ("none") when there is none.
+        The write-through of a turn is queued before its request is answered (the engine thread), so a
+        route that waits on this answers once its session is in the store (README "Session store")."""
+        fut: Future = Future()
+        with self._cv:
+            if session_id in self._pending and not self._stopping:
+                self._waiting.setdefault(session_id, []).append(fut)
+            elif self._busy == session_id:
+                self._waiting_busy.append(fut)
+            else:
+                fut.set_result("none")
+        return fut
+
     def discard(self, session_id: str) -> None:
         """This replica drops its copy (the store holds a newer state): its unwritten state is not
         written, and its version is forgotten."""
         with self._cv:
             if self._pending.get(session_id) is not _DELETE:
-                self._pending.pop(session_id, None)
+                if self._pending.pop(session_id, None) is not None:
+                    _resolve(self._waiting.pop(session_id, ()), "dropped")
             self._versions.pop(session_id, None)
             if self._busy == session_id:
                 self._superseded.add(session_id)
@@ -343,6 +366,9 @@ class StoreWriter:
         with self._cv:
             unanswered, left = int(self._busy is not None), len(self._pending)
             self._pending.clear()
+            for futures in self._waiting.values():
+                _resolve(futures, "dropped")
+            self._waiting.clear()
             self._stopping = True
             self._cv.notify_all()
             final = self._final or {"write": self.written, "stale": self.stale, "delete": self.deleted,
@@ -362,6 +388,7 @@ class StoreWriter:
                 op = self._pending.pop(session_id)
                 expected = self._versions.get(session_id, "")
                 self._busy, self._inflight = session_id, new_version()
+                self._waiting_busy = self._waiting.pop(session_id, [])
                 self._superseded.discard(session_id)
                 version = self._inflight
             error = ""
@@ -388,6 +415,8 @@ class StoreWriter:
                     else:  # evicted or dropped here: a restore reads the version anew
                         self._versions.pop(session_id, None)
                 self._busy = self._inflight = None
+                _resolve(self._waiting_busy, done)
+                self._waiting_busy = []
                 counts = {"write": "written", "stale": "stale", "delete": "deleted", "error": "failed"}
                 setattr(self, counts[done], getattr(self, counts[done]) + 1)
                 if self._final is not None:
@@ -408,6 +437,12 @@ class StoreWriter:
                         log.exception("session %s: dropping the stale copy failed", session_id)
             if self._counter is not None:
                 self._counter.labels(done).inc()
+
+
+def _resolve(futures, outcome: str) -> None:
+    for fut in futures:
+        if not fut.done():
+            fut.set_result(outcome)
 
 
 def _report(final: dict, unanswered: int, left: int, timeout: float) -> str:

@@ -697,3 +697,143 @@ def test_python_m_server_exits_non_zero_before_listening_when_the_store_is_unrea
     assert out.returncode != 0
     assert f"session store {dead}: cannot connect" in out.stderr
     assert "Uvicorn running" not in out.stderr
+
+
+# --- a request that changes a session is answered once the change is in the store -----------------
+
+
+def test_landed_resolves_once_the_sessions_operation_is_tried_or_dropped():
+    """`StoreWriter.landed`: nothing queued → "none" at once; a queued write → its outcome once the
+    store has answered (a later write that replaces it answers for both); a dropped one → "dropped"."""
+    import threading
+
+    gate = threading.Event()
+
+    class Gated(MemoryStateStore):
+        def put(self, *args):
+            gate.wait(10)
+            return super().put(*args)
+
+    writer = StoreWriter(Gated())
+    header = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
+    assert writer.landed("a").result(0) == "none"
+    writer.write("a", header, b"\0\0\0\0")  # taken by the writer thread, which waits at the gate
+    assert wait_for(lambda: writer._busy == "a", 5)
+    first = writer.landed("a")
+    writer.write("a", {**header, "n_tokens": 2}, b"\0\0\0\0")  # queued behind it
+    second, third = writer.landed("a"), writer.landed("a")
+    writer.discard("a")  # the store holds a newer state: the queued write is not made
+    assert second.result(0) == third.result(0) == "dropped"
+    assert not first.done()  # still waiting for the store
+    gate.set()
+    assert first.result(5) == "write"
+    writer.write("b", header, b"\0\0\0\0")
+    assert writer.landed("b").result(5) == "write"
+    writer.delete("b")
+    assert writer.landed("b").result(5) in ("delete", "none")  # ("none": applied before the call)
+    writer.stop(5)
+
+
+def _slow_store(replica: ServerThread, delay_s: float) -> None:
+    """Every write and delete of `replica` to its store takes `delay_s` more (a slow or distant Redis)."""
+    store = replica.state.store
+    put, delete = store.put, store.delete
+
+    def slow_put(*args):
+        time.sleep(delay_s)
+        return put(*args)
+
+    def slow_delete(*args):
+        time.sleep(delay_s)
+        return delete(*args)
+
+    store.put, store.delete = slow_put, slow_delete
+
+
+def _ws_turn(ws, message: dict) -> list[dict]:
+    ws.send(json.dumps(message))
+    frames = [json.loads(ws.recv())]
+    while frames[-1]["type"] not in ("done", "appended", "error"):
+        frames.append(json.loads(ws.recv()))
+    return frames
+
+
+def test_every_answer_that_changes_a_session_comes_after_its_state_is_in_the_store(
+    model_dirs, redis_url, redis_db
+):
+    """With writes 0.4 s slow, each change is in Redis when its answer arrives, checked at once: create,
+    append, a turn (JSON, SSE, WebSocket done frame), a WebSocket append, fork, import and delete. So a
+    next request on any replica finds it: A creates, B runs a turn, A continues at once, from B's turn.
+    (Before, the write landed after the answer: A found its own copy current and continued from it, and
+    B's turn was lost, its write refused as stale.)"""
+    a, b = _replica(model_dirs, redis_url), _replica(model_dirs, redis_url)
+    _slow_store(b, 0.4)
+    try:
+        sid = httpx.post(b.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
+            "session_id"
+        ]
+        assert _stored(redis_db, sid)["n_tokens"] == 6  # create
+        r = httpx.post(f"{b.url}/v1/sessions/{sid}/append", json={"prompt": " O"})
+        assert r.status_code == 200 and _stored(redis_db, sid)["n_tokens"] == 8  # append
+        t1 = _generate(b.url, sid, None, 10, seed=1)
+        assert _stored(redis_db, sid)["n_tokens"] == 18  # a turn, JSON
+        body = {"model": TEXT, "session_id": sid, "max_new_tokens": 5, "seed": 2, "stream": True}
+        with httpx.stream("POST", b.url + "/v1/generate", json=body, timeout=60) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+            assert events[-1]["type"] == "done"
+            assert _stored(redis_db, sid)["n_tokens"] == 23  # a turn, SSE: at the done event
+        t2 = [i for e in events if e["type"] == "token" for i in e["ids"]]
+        with connect(b.ws_url) as ws:
+            frames = _ws_turn(ws, {"type": "generate", "model": TEXT, "session_id": sid, "max_new_tokens": 4,
+                                   "seed": 3})  # fmt: skip
+            assert frames[-1]["type"] == "done" and _stored(redis_db, sid)["n_tokens"] == 27  # WebSocket done
+            t3 = [i for f in frames if f["type"] == "token" for i in f["ids"]]
+            assert _ws_turn(ws, {"type": "append", "prompt": "!"})[-1]["type"] == "appended"
+            assert _stored(redis_db, sid)["n_tokens"] == 28  # WebSocket append
+        # the next request, on another replica, at once: it continues from all of that
+        t4 = _generate(a.url, sid, None, 6, seed=4)
+        history = list(b"ROMEO: O") + t1 + t2 + t3 + list(b"!")
+        assert t4 == reference(model_dirs["text"], history, SamplingParams(seed=4), 6)
+        assert _stored(redis_db, sid)["n_tokens"] == 34 and a.state.writer.stale == 0
+        # fork and import (on b): the new sessions are stored when they are answered
+        fork = httpx.post(f"{b.url}/v1/sessions/{sid}/fork").json()["session_id"]
+        assert _stored(redis_db, fork)["n_tokens"] == 34
+        blob = httpx.get(f"{a.url}/v1/sessions/{sid}/export").content
+        r = httpx.post(b.url + "/v1/sessions/import", content=blob,
+                       headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+        assert r.status_code == 201, r.text
+        assert _stored(redis_db, r.json()["session_id"])["n_tokens"] == 34
+        # delete: gone from the store when answered, so a replica holding a copy answers 404 at once
+        assert httpx.delete(f"{b.url}/v1/sessions/{sid}").status_code == 204
+        assert _stored(redis_db, sid) is None
+        assert httpx.post(a.url + "/v1/generate", json={"model": TEXT, "session_id": sid}).status_code == 404
+        assert _metric(b.url, "late") == 0
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_the_wait_for_the_store_is_bounded_and_can_be_turned_off(model_dirs, redis_url, redis_db, caplog):
+    """A store slower than S4_SESSION_STORE_WRITE_WAIT_S: the answer comes at the bound, counted
+    op="late" and logged; with 0 the answer comes at once and the write lands after (the old behaviour)."""
+    s = _replica(model_dirs, redis_url, session_store_write_wait_s=0.3)
+    off = _replica(model_dirs, redis_url, session_store_write_wait_s=0)
+    _slow_store(s, 1.5)
+    _slow_store(off, 1.5)
+    try:
+        with caplog.at_level("WARNING", logger="server.service"):
+            t0 = time.perf_counter()
+            r = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "KING:"})
+            took = time.perf_counter() - t0
+        assert r.status_code == 201 and 0.3 <= took < 1.4, took
+        sid = r.json()["session_id"]
+        assert _stored(redis_db, sid) is None and _metric(s.url, "late") == 1
+        assert f"session {sid}: its state was not in the session store within 0.3 s" in caplog.text
+        assert wait_for(lambda: _stored(redis_db, sid) is not None, 10)  # it lands later all the same
+        t0 = time.perf_counter()
+        r = httpx.post(off.url + "/v1/sessions", json={"model": TEXT, "prompt": "KING:"})
+        assert r.status_code == 201 and time.perf_counter() - t0 < 1.4
+        assert _stored(redis_db, r.json()["session_id"]) is None and _metric(off.url, "late") == 0
+    finally:
+        s.stop()
+        off.stop()

@@ -31,8 +31,10 @@ from server.service import (
     split,
     start_generation,
     state_of,
+    turn_landed,
     usage,
 )
+from server.state import ServerState
 
 router = APIRouter(tags=["generate"])
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -69,7 +71,13 @@ def _sse_audio(frame, framer) -> str:
 
 
 async def _sse_generate(
-    stream: Stream, model: ServedModel, out: Output, gid: str, session_id: str | None, request: Request
+    st: ServerState,
+    stream: Stream,
+    model: ServedModel,
+    out: Output,
+    gid: str,
+    session_id: str | None,
+    request: Request,
 ) -> AsyncIterator[str]:
     """Text: a token event per hand-over; audio: an audio event per frame of `frame_ms` (the last
     one the rest); then the done event. An event's tokens count as delivered once Starlette's send of
@@ -100,6 +108,7 @@ async def _sse_generate(
                 if framer is None and (rest := out.finish_text(final)):
                     yield sse({"type": "token", "ids": [], "text": rest})
                 done = {"type": "done", "id": gid, "model": model.id, "finish_reason": final.finish_reason}
+                await turn_landed(st, stream)  # (its state is in the store first)
                 yield sse({**done, "usage": usage(final), "session_id": session_id})
     finally:
         stream.settle()
@@ -144,11 +153,12 @@ async def generate(req: GenerateRequest, request: Request):
     stream, job = start_generation(st, model, req.session_id, ids, params, req.max_new_tokens)
     gid, out = request_id(), Output(model, params, job=job, frame_ms=ms)
     if req.stream:
-        body = _sse_generate(stream, model, out, gid, req.session_id, request)
+        body = _sse_generate(st, stream, model, out, gid, req.session_id, request)
         # (the background task settles a stream whose body never started: a client gone at once)
         after = BackgroundTask(_settle, stream)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS, background=after)
     tokens, final = await collect(stream, request)
+    await turn_landed(st, stream)
     if wav:
         headers = {
             "X-Generation-Id": gid,  # the JSON answer's "id" (X-Request-ID is the HTTP request's)

@@ -257,6 +257,7 @@ class Connection:
                     elif rest := out.finish_text(final):
                         await self.send({"type": "token", "ids": [], "text": rest})
                     reason, use = final.finish_reason, service.usage(final)
+                    await service.turn_landed(self.st, stream)  # (its state is in the store first)
                     await self.send({"type": "done", "finish_reason": reason, "usage": use,
                                      "session_id": self.session_id})  # fmt: skip
         except (WebSocketDisconnect, RuntimeError, OSError):
