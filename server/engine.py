@@ -415,6 +415,7 @@ class Engine:
         # set by the app when a session store is configured (engine thread calls them):
         self.persist: Callable[[SessionRecord, bytes, list[int]], None] | None = None  # write a state
         self.forget: Callable[[str], None] | None = None  # delete a stored state
+        self.let_go: Callable[[str], bool] | None = None  # the store holds this copy (StoreWriter.let_go)
         self._thread = threading.Thread(target=self._loop, name=f"engine-{model_id}", daemon=True)
 
     # --- called from the event loop ------------------------------------------------------------
@@ -587,10 +588,12 @@ class Engine:
             self._prefill_run(self._prefill())
         self._abort_all(APIError(503, "the server is shutting down"))
         if self.persist is not None:
-            n = 0
+            n = kept = 0
             for rec in self.sessions.records(self.model_id):
-                n += self._persist(rec)
-            log.info("model %s: %d session states written to the store", self.model_id, n)
+                written = self._persist_unless_stored(rec)
+                n, kept = n + (written == 1), kept + (written == 2)
+            log.info("model %s: %d session states written to the store (%d there already, unchanged)",
+                     self.model_id, n, kept)  # fmt: skip
         self._flush()
 
     def _uncount(self, job: Job | None) -> None:
@@ -1098,7 +1101,7 @@ class Engine:
         for rec in self.sessions.claim_expired(self.model_id, self.settings.session_ttl_s):
             if self.persist is not None:  # evicted: its slot is freed, its state stays in the store
                 log.info("session %s evicted to the store (idle > %g s)", rec.id, self.settings.session_ttl_s)
-                self._persist(rec)
+                self._persist_unless_stored(rec)
                 self._release(rec)
             else:
                 log.info("session %s expired (idle > %g s)", rec.id, self.settings.session_ttl_s)
@@ -1114,6 +1117,13 @@ class Engine:
         raw, seen = self.read_slot(rec)
         self.persist(rec, raw, seen)
         return 1
+
+    def _persist_unless_stored(self, rec: SessionRecord) -> int:
+        """`_persist` a copy this replica lets go of (eviction, shutdown), unless the store holds it
+        already (`let_go`): 1 written, 2 there already, 0 nothing to write."""
+        if self.let_go is not None and not rec.ephemeral and rec.has_state and self.let_go(rec.id):
+            return 2
+        return self._persist(rec)
 
     def _release(self, rec: SessionRecord) -> None:
         """Forget a session here (record and slot); the store is left alone. A record the table no longer

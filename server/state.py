@@ -93,6 +93,7 @@ class ServerState:
             for m in self.models.values():
                 m.engine.persist = _persister(m, self.writer)
                 m.engine.forget = self.writer.delete
+                m.engine.let_go = self.writer.let_go
         for m in self.models.values():
             m.engine.start()
         self.loaded = True

@@ -255,6 +255,7 @@ class StoreWriter:
         self._inflight: str | None = None  # the version that operation writes
         self._superseded: set[str] = set()  # sessions reloaded (adopt, discard) while being written
         self._versions: dict[str, str] = {}  # session id → the version this replica last read or wrote
+        self._landed: set[str] = set()  # sessions whose last operation was a write that landed, none since
         self._stopping = False
         self.written = self.deleted = self.failed = self.stale = 0
         self._final: dict | None = None  # the shutdown flush's counts (begin_final)
@@ -266,12 +267,14 @@ class StoreWriter:
 
     def write(self, session_id: str, header: dict, state: bytes) -> None:
         with self._cv:
+            self._landed.discard(session_id)
             self._pending.pop(session_id, None)  # move to the end: operations stay in order
             self._pending[session_id] = (header, state)
             self._cv.notify()
 
     def delete(self, session_id: str) -> None:
         with self._cv:
+            self._landed.discard(session_id)
             self._pending.pop(session_id, None)
             self._pending[session_id] = _DELETE
             self._cv.notify()
@@ -280,6 +283,7 @@ class StoreWriter:
         """This replica now holds the stored state of `version` (a restore): its writes build on it."""
         with self._cv:
             self._versions[session_id] = version
+            self._landed.discard(session_id)
             if self._busy == session_id:
                 self._superseded.add(session_id)
 
@@ -308,8 +312,26 @@ class StoreWriter:
                 if self._pending.pop(session_id, None) is not None:
                     _resolve(self._waiting.pop(session_id, ()), "dropped")
             self._versions.pop(session_id, None)
+            self._landed.discard(session_id)
             if self._busy == session_id:
                 self._superseded.add(session_id)
+
+    def let_go(self, session_id: str) -> bool:
+        """(engine thread) This replica is about to let go of its copy of a session (idle-TTL eviction,
+        shutdown). True when the store holds that copy already: its last write-through landed and no
+        operation came since (every change to a session is written through when it goes idle, so only a
+        failed or refused write leaves one unwritten); the copy is then not written again (at a rolling
+        restart the final flush wrote every session anew, and a copy that another replica had since gone
+        on from was refused and logged as stale), and its version is forgotten (a restore reads it
+        anew). False: the caller writes it (`write`)."""
+        with self._cv:
+            if session_id not in self._landed:
+                return False
+            self._landed.discard(session_id)
+            self._versions.pop(session_id, None)
+            if self._final is not None:
+                self._final["unchanged"] += 1
+            return True
 
     def is_current(self, session_id: str, stored: str | None) -> bool:
         """Whether `stored` (the store's version of the session, None: nothing stored) leaves this
@@ -355,7 +377,7 @@ class StoreWriter:
     def begin_final(self) -> None:
         """The shutdown flush starts: count its operations apart from the lifetime counts."""
         with self._cv:
-            self._final = {"write": 0, "stale": 0, "delete": 0, "error": 0, "first_error": ""}
+            self._final = {"write": 0, "stale": 0, "delete": 0, "error": 0, "first_error": "", "unchanged": 0}
 
     def stop(self, timeout: float) -> tuple[bool, str]:
         """Flush (up to `timeout` in all), then stop the thread and close the store. Returns (whether
@@ -364,7 +386,8 @@ class StoreWriter:
         deadline = time.monotonic() + timeout
         ok = self.flush(timeout)
         with self._cv:
-            unanswered, left = int(self._busy is not None), len(self._pending)
+            unanswered = int(self._busy is not None)  # (a session queued again while written counts once)
+            left = len(self._pending) - (self._busy in self._pending)
             self._pending.clear()
             for futures in self._waiting.values():
                 _resolve(futures, "dropped")
@@ -372,7 +395,7 @@ class StoreWriter:
             self._stopping = True
             self._cv.notify_all()
             final = self._final or {"write": self.written, "stale": self.stale, "delete": self.deleted,
-                                    "error": self.failed, "first_error": ""}  # fmt: skip
+                                    "error": self.failed, "first_error": "", "unchanged": 0}  # fmt: skip
         self._thread.join(max(0.0, deadline - time.monotonic()))
         self.store.close()
         return ok and not final["error"], _report(final, unanswered, left, timeout)
@@ -412,6 +435,8 @@ class StoreWriter:
                 elif done == "write" and not superseded:
                     if held or session_id in self._pending:
                         self._versions[session_id] = version
+                        if session_id not in self._pending:
+                            self._landed.add(session_id)
                     else:  # evicted or dropped here: a restore reads the version anew
                         self._versions.pop(session_id, None)
                 self._busy = self._inflight = None
@@ -459,4 +484,6 @@ def _report(final: dict, unanswered: int, left: int, timeout: float) -> str:
         line += f", {unanswered} without an answer and {left} not attempted when its {timeout:g} s were up"
     if deleted:
         line += f"; {deleted} deleted"
+    if final.get("unchanged"):
+        line += f"; {final['unchanged']} unchanged since their last write, not written again"
     return line

@@ -288,10 +288,11 @@ def test_a_session_resumes_on_another_replica_and_continues_identically(model_di
         assert httpx.get(f"{b.url}/v1/sessions/{sid}").status_code == 404
         assert httpx.get(f"{b.url}/v1/sessions/sess-unknown").status_code == 404
         assert 'op="restore"' in httpx.get(b.url + "/metrics").text
-        # a still holds its stale copy; its shutdown flush must not resurrect the deleted session
+        # a still holds its old copy; its shutdown flush must not resurrect the deleted session (the copy
+        # is as a wrote it, so it is not written again; before, the write was made and refused as stale)
         a.stop()
         assert _stored(redis_db, sid) is None
-        assert a.state.writer.stale == 1
+        assert a.state.writer.stale == 0 and a.state.writer.written == 2
     finally:
         a.stop()
         b.stop()
@@ -655,7 +656,11 @@ def test_the_shutdown_flush_skips_a_session_whose_creation_never_reached_the_eng
     s.state.sessions.add(never)  # as service._new_record does before the engine runs the job
     with caplog.at_level("INFO", logger="server"):
         s.stop()
-    assert "session store: final flush: 1 of 1 sessions written, 0 failed" in caplog.text
+    # (the real one is in the store as it is here: not written again)
+    flush = (
+        "session store: final flush: 0 of 0 sessions written, 0 failed; 1 unchanged since their last write"
+    )
+    assert flush in caplog.text
     assert _stored(redis_db, real)["n_tokens"] == len("arrows")
     assert _stored(redis_db, never.id) is None
 
@@ -668,11 +673,11 @@ def test_shutdown_with_an_unresponsive_store_ends_within_the_flush_timeout_and_s
     counts, "3 states written", as if all was well)."""
     proc, port = _redis_server(tmp_path)
     try:
-        s = _replica(model_dirs, f"redis://127.0.0.1:{port}/0", session_store_flush_timeout_s=2)
+        s = _replica(model_dirs, f"redis://127.0.0.1:{port}/0", session_store_flush_timeout_s=2,
+                     session_store_write_wait_s=0)  # fmt: skip
+        proc.send_signal(signal.SIGSTOP)  # (the sessions are made after: none is in the store)
         for p in ("one", "two", "three"):
             assert httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": p}).status_code == 201
-        assert s.state.writer.flush(10) and s.state.writer.written == 3
-        proc.send_signal(signal.SIGSTOP)
         with caplog.at_level("INFO", logger="server"):
             t0 = time.monotonic()
             s.stop()
@@ -837,3 +842,37 @@ def test_the_wait_for_the_store_is_bounded_and_can_be_turned_off(model_dirs, red
     finally:
         s.stop()
         off.stop()
+
+
+def test_a_copy_the_store_holds_already_is_not_written_again_at_eviction(
+    model_dirs, redis_url, redis_db, caplog
+):
+    """A → B, then A's idle TTL evicts its copy: that copy is as A wrote it (every change is written
+    through when the session goes idle), so nothing is written: no write refused as stale, no warning
+    (before, every session that had moved on to another replica logged one at its eviction there), and
+    A's next request on it restores B's state. A copy whose write failed is written at eviction."""
+    a, b = _replica(model_dirs, redis_url, session_ttl_s=0.6), _replica(model_dirs, redis_url)
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
+            "session_id"
+        ]
+        t1 = _generate(b.url, sid, None, 8, seed=1)
+        with caplog.at_level("INFO", logger="server"):
+            assert wait_for(lambda: not a.state.sessions.has(sid), 10)  # evicted
+            assert wait_for(lambda: a.state.writer.backlog == 0, 10)
+        assert a.state.writer.written == 1 and a.state.writer.stale == 0  # its create only
+        assert "the store holds a newer state" not in caplog.text
+        assert _stored(redis_db, sid)["n_tokens"] == 14
+        t2 = _generate(a.url, sid, None, 5, seed=2)  # restored from b's turn
+        assert t2 == reference(model_dirs["text"], list(b"ROMEO:") + t1, SamplingParams(seed=2), 5)
+        # a write that fails (the store down for a moment) leaves the copy unwritten: the eviction writes it
+        store, put = a.state.store, a.state.store.put
+        store.put = lambda *args: (_ for _ in ()).throw(StoreError("write failed", "down"))
+        _generate(a.url, sid, None, 3, seed=3)
+        assert a.state.writer.failed == 1 and _stored(redis_db, sid)["n_tokens"] == 19
+        store.put = put
+        assert wait_for(lambda: not a.state.sessions.has(sid) and a.state.writer.backlog == 0, 10)
+        assert _stored(redis_db, sid)["n_tokens"] == 22
+    finally:
+        a.stop()
+        b.stop()
