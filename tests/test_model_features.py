@@ -190,7 +190,9 @@ def c_tilde(Abar, Cbar, L):
 @pytest.mark.parametrize("kind,init", [("s4", "fout"), ("s4", "legt"), ("s4d", "diag-lin")])
 def test_unclamped_re_lambda_gives_the_exact_kernel_and_the_training_clamp_does_not(kind, init):
     """Official fout/legt layers hold Re Λ near 0 (1e-4 after the official inv_transform): with
-    re_lambda_max=None the float64 kernel equals the dense reference to 1e-10; the training clamp
+    re_lambda_max=None the float64 kernel equals the dense reference to 1e-12 × cond(I − Ā^L) (the
+    reference recovers C̄ from C̃ by solving with that matrix, whose condition number is 1.7 to 4,036
+    here; a flat 1e-10 failed on a Zen 3 VM's LAPACK at 1.18e-10 with cond 1,547); the training clamp
     (Re Λ ≤ −1e-2) would change it by far more than the serving tolerance."""
     torch.manual_seed(2)
     H, N, L = 3, 16, 256
@@ -206,11 +208,12 @@ def test_unclamped_re_lambda_gives_the_exact_kernel_and_the_training_clamp_does_
         P = s["P"][:, h] if kind == "s4" else torch.zeros(0, N // 2, dtype=C128)
         Abar, Bbar = full_system(s["Lambda"][h], P, s["B"][h], s["dt"][h], k.disc)
         # for S4 the stored C is C̃; for the reference take C̄ with C̃ = C̄(I − Ā^L)
-        Cbar = s["C"][h]
+        Cbar, cond = s["C"][h], 1.0
         if kind == "s4":
             Fm = torch.eye(N, dtype=C128) - torch.linalg.matrix_power(Abar, L)
             Cbar = torch.linalg.solve(Fm.T, torch.cat([s["C"][h], s["C"][h].conj()]))[: N // 2]
-        assert rel(K[h], dense_kernel(Abar, Bbar, Cbar, L)) <= 1e-10, h
+            cond = torch.linalg.cond(Fm).item()
+        assert rel(K[h], dense_kernel(Abar, Bbar, Cbar, L)) <= 1e-12 * max(cond, 10.0), (h, cond)
     k.re_lambda_max = -1e-2  # the training clamp, on the same parameters
     assert rel(k(dtype=F64, backend="torch").detach(), K) > 1e-3  # ≫ the 1e-5 import tolerance
 
