@@ -202,9 +202,14 @@ def test_step_equals_conv_over_the_trained_length_and_the_reference_beyond(train
 
 
 @pytest.mark.parametrize(
-    "kw", [dict(unet=True, norm="tln"), dict(kernel="s4d", init="legs"), dict(ff=0, expand=1)]
-)
+    "kw",
+    [dict(unet=True, norm="tln"), dict(unet=True, n_layers=2, pool=[2, 4]), dict(kernel="s4d", init="legs"),
+     dict(ff=0, expand=1)],
+    ids=["unet-tln", "unet-two-layers", "s4d", "no-ff"],
+)  # fmt: skip
 def test_step_and_prefill_equal_conv_for_the_variants(kw):
+    """unet-two-layers: each up block of a U-Net level steps its own S4 layer and adds its own skip (the
+    recurrence once stepped every up S4 block with the first one's layer)."""
     torch.manual_seed(2)
     net = make(l_max=256, **kw)
     train_a_few_steps(net, steps=3, L=256)
@@ -216,7 +221,9 @@ def test_step_and_prefill_equal_conv_for_the_variants(kw):
     stepped, s_state = step_all(rec, tokens, rec.init_state(2))
     pre, p_state = rec.prefill(tokens, rec.init_state(2))
     assert rel(stepped, conv) <= 1e-4 and rel(pre, conv) <= 1e-4
-    assert rel(p_state, s_state) <= 1e-5
+    # two float32 evaluation orders (the parallel prefill, 256 steps): ≤ 6e-6 through one (S4, FF) pair per
+    # level; through two pairs the states (|x| up to ~600) differ by 1.0–1.7e-5, unet or not (measured)
+    assert rel(p_state, s_state) <= (4e-5 if kw.get("n_layers") == 2 else 1e-5)
 
 
 def test_prefill_of_every_length_mod_16_leaves_the_stepped_state(trained_net):
