@@ -13,12 +13,20 @@ in it, and by the torch ops around the fused SSM steps ("…-torch-ops"), the on
 One torch thread for every model (a single-sample step is latency-bound; a second thread only adds
 contention on a shared CPU); samples/s = batch · steps / wall time over whole pooling periods.
 
-    python -m bench.sashimi [--quick]
+`--unet` runs another comparison (results sashimi_unet.json): the shape of checkpoints/audio-digits
+(d_model 64, 4 (S4, FF) pairs per level, pool [4, 4], expand 2, d_state 64; random weights) with unet on,
+stepped by the whole-network C step ("unet") and by the torch ops around the fused SSM steps
+("unet-torch-ops", the only path it had before), and decoded by the native decode block (blocks of 8
+steps with temperature sampling in C: "unet-block"); and the same shape without unet ("no-unet",
+"no-unet-block") for reference.
+
+    python -m bench.sashimi [--quick] [--unet]
 """
 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Any
 
@@ -220,8 +228,114 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     )
 
 
+UNET_NAME = "sashimi_unet"
+UNET_SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick: audio-digits' shape, or a tiny one
+    False: {"d_model": 64, "n_layers": 4, "d_state": 64, "l_max": 1024, "batches": [1, 8, 64], "periods": 6},
+    True: {"d_model": 16, "n_layers": 1, "d_state": 16, "l_max": 128, "batches": [1, 8], "periods": 2},
+}  # fmt: skip
+
+
+def time_blocks(rec, batch: int, steps: int) -> dict[str, Any]:
+    """Samples/s of the native decode block (bench.decode.Rows.blocks: blocks of 8 steps, temperature 1,
+    sampling in C) from the zero state, after one period of warm-up."""
+    from bench.decode import Rows  # noqa: PLC0415
+
+    rows = Rows(rec, batch)
+    rows.blocks(16, 8)
+    t0 = time.perf_counter()
+    rows.blocks(steps, 8)
+    wall = time.perf_counter() - t0
+    return {
+        "batch": batch,
+        "steps": steps,
+        "us_per_step": 1e6 * wall / steps,
+        "samples_per_s": batch * steps / wall,
+    }
+
+
+def run_unet(quick: bool) -> dict[str, Any]:
+    size = UNET_SIZES[quick]
+    shape = {k: size[k] for k in ("d_model", "n_layers", "d_state", "l_max")}
+    steps = 16 * size["periods"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    models: dict[str, Any] = {}
+    try:
+        for unet in (True, False):
+            torch.manual_seed(0)
+            net = build(_cfg(arch="sashimi", pool=[4, 4], unet=unet, **shape)).eval()
+            tag = "unet" if unet else "no-unet"
+            paths = [(tag, True)] + ([(f"{tag}-torch-ops", False)] if unet else [])
+            for name, c_step in paths:
+                rec = net.to_recurrent(fused_network=c_step)
+                assert (rec._net_step is not None) == c_step, name
+                info = {"num_params": net.num_params(), "unet": unet}
+                models[name] = {**info, "step": [time_steps(rec, b, steps) for b in size["batches"]]}
+                if c_step:
+                    models[f"{tag}-block"] = {
+                        **info,
+                        "step": [time_blocks(rec, b, steps) for b in size["batches"]],
+                    }
+    finally:
+        torch.set_num_threads(threads)
+    for name, m in models.items():
+        rows = (
+            f"B={r['batch']}: {r['us_per_step']:8.0f} µs/step {r['samples_per_s']:8.0f} samples/s"
+            for r in m["step"]
+        )
+        print(f"{name:16s} " + "  ".join(rows), flush=True)
+    ratios = {
+        f"b{r['batch']}": {
+            "c_step_vs_torch_ops": r["samples_per_s"] / t["samples_per_s"],
+            "block_vs_torch_ops": b["samples_per_s"] / t["samples_per_s"],
+            "unet_c_step_vs_no_unet": r["samples_per_s"] / n["samples_per_s"],
+        }
+        for r, t, b, n in zip(
+            models["unet"]["step"],
+            models["unet-torch-ops"]["step"],
+            models["unet-block"]["step"],
+            models["no-unet"]["step"],
+        )  # fmt: skip
+    }
+    print({k: {m: f"{v:.2f}" for m, v in r.items()} for k, r in ratios.items()}, flush=True)
+    return {
+        "description": "U-Net SaShiMi (audio-digits' shape with unet on, random weights): the whole-network "
+        "C step vs the torch ops around the fused SSM steps, and the native decode block (blocks of 8 steps, "
+        "sampling in C); the same shape without unet for reference (1 torch thread; `steps` steps after a "
+        "16-step warm-up)",
+        "config": {**shape, "pool": [4, 4], "expand": 2, "ff": 2},
+        "models": models,
+        "ratios": ratios,
+    }
+
+
+def plot_unet(data: dict[str, Any], quick: bool) -> None:
+    fig, (ax,) = subplots(1, width=8.0)
+    names = list(data["models"])
+    batches = [r["batch"] for r in data["models"][names[0]]["step"]]
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        ax.bar([j + i * width for j in range(len(batches))],
+               [r["samples_per_s"] for r in data["models"][n]["step"]], width, label=n)  # fmt: skip
+    ax.set_xticks(
+        [j + (len(names) - 1) * width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches]
+    )
+    ax.set_yscale("log")
+    ax.set_ylabel("samples/s (1 torch thread)")
+    ax.legend(fontsize="small")
+    save_figure(fig, UNET_NAME, quick, "U-Net SaShiMi: C step and native decode block vs the torch ops")
+
+
 def main(argv=None) -> None:
-    bench_main(argv, __doc__, NAME, run, plot)
+    unet = "--unet" in (sys.argv[1:] if argv is None else argv)
+
+    def arguments(parser) -> None:
+        parser.add_argument("--unet", action="store_true", help="the U-Net comparison (sashimi_unet.json)")
+
+    if unet:
+        bench_main(argv, __doc__, UNET_NAME, run_unet, plot_unet, arguments=arguments)
+    else:
+        bench_main(argv, __doc__, NAME, run, plot, arguments=arguments)
 
 
 if __name__ == "__main__":

@@ -484,6 +484,8 @@ class CLevel(ctypes.Structure):
         ("down_b", ctypes.c_void_p),
         ("up_t", ctypes.c_void_p),
         ("up_b", ctypes.c_void_p),
+        ("unet", ctypes.c_long),
+        ("down", CNetStack),
     ]
 
 
@@ -506,24 +508,23 @@ class CSaShiMi(ctypes.Structure):
 
 
 class SaShiMiStep:
-    """SaShiMi's whole recurrent step in one C call (ssm_step.c `sashimi_step`): embedding; per level the
-    DownPool buffer, on the level's last phase the DownPool linear, the coarser levels and the UpPool
-    linear; the skip, the level's (S4, FF) blocks (as NetStep's: norm, SSM step, GELU(y + D u),
-    GLU, residual; norm, up, GELU, down, residual) and the level's residual; final LayerNorm and
-    head. The same arithmetic as SaShiMiRecurrent.step's torch ops (sums in another order: logits agree
-    to float32 rounding), one row at a time, rows at any phases.
+    """SaShiMi's whole recurrent step in one C call (ssm_step.c `sashimi_step`): embedding; per level (with
+    unet = true first its down blocks, each output kept as a U-Net skip) the DownPool buffer, on the
+    level's last phase the DownPool linear, the coarser levels and the UpPool linear; the skip, the
+    level's (S4, FF) blocks (as NetStep's: norm, SSM step, GELU(y + D u), GLU, residual; norm, up, GELU,
+    down, residual) and the level's residual (unet: a down output added after each up block instead);
+    final LayerNorm and head. The same arithmetic as SaShiMiRecurrent.step's torch ops (sums in another
+    order: logits agree to float32 rounding), one row at a time, rows at any phases.
 
     Built from a SaShiMiRecurrent whose S4 layer forms hold fused pointers (`pad_fused_params`); the
     weights are read in place, the linear layers' from transposed copies made here. Block norms are
     LayerNorms or the official scalar TransposedLN (norm = "tln": imported official SaShiMi checkpoints).
-    Raises ValueError for a network it would not compute exactly (unet = true, LayerNorms with different
-    eps, a DPLR layer beyond the C limits, or any state-dict tensor it does not read), so the
-    caller keeps the torch ops."""
+    Raises ValueError for a network it would not compute exactly (LayerNorms with different eps, a DPLR
+    layer beyond the C limits, U-Net down and up blocks of different structure, or any state-dict tensor
+    it does not read), so the caller keeps the torch ops."""
 
     def __init__(self, lib, rec) -> None:
         net, cfg, layout = rec.net, rec.config, rec.layout
-        if cfg.unet:
-            raise ValueError("the SaShiMi C step does not implement unet=True")
         for form in rec.forms.values():
             if form.form == "dplr" and (form.M > MAX_MODES or form.Pr.shape[0] > MAX_RANK):
                 raise ValueError("a DPLR layer beyond the C step's limits (1024 modes, rank 4)")
@@ -563,6 +564,13 @@ class SaShiMiStep:
             prefix, blocks = ("center", net.center) if k == K else (f"up.{k}.blocks", net.up[k].blocks)
             lv.blocks, lv.F = stack(prefix, blocks)
             lv.H, lv.every = H, every
+            if k < K and cfg.unet:  # up block j adds the output of down block n − 1 − j: the same structure
+                down = net.down[k].blocks
+                if [type(b) for b in down] != [type(b) for b in blocks]:
+                    raise ValueError(f"U-Net level {k}: down and up blocks differ in structure")
+                lv.unet = 1
+                lv.down, F_down = stack(f"down.{k}.blocks", down)
+                lv.F = max(lv.F, F_down)
             if k < K:
                 lv.s, lv.Hn = rec.pool[k], net.widths[k + 1]
                 lv.dbuf, lv.ubuf = (

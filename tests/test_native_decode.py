@@ -45,12 +45,16 @@ PHILOX_KAT = [
 ]
 
 
-@pytest.fixture(scope="module", params=["s4", "s4d", "sashimi", "sashimi-tln", "s4-bfloat16", "s4d-float16"])
+MODELS = ["s4", "s4d", "sashimi", "sashimi-tln", "sashimi-unet", "s4-bfloat16", "s4d-float16"]
+
+
+@pytest.fixture(scope="module", params=MODELS)
 def rec(request):
     torch.manual_seed(0)
     if request.param.startswith("sashimi"):  # pools [4, 4]: rows at every phase, blocks across periods
         norm = "tln" if request.param == "sashimi-tln" else "layer"  # tln: the official SaShiMi's norm
-        net = build(ModelConfig(**SMALL, arch="sashimi", pool=[4, 4], norm=norm))
+        unet = request.param == "sashimi-unet"  # down blocks and U-Net skips (2 (S4, FF) pairs per level)
+        net = build(ModelConfig(**SMALL, arch="sashimi", pool=[4, 4], norm=norm, unet=unet))
         assert bool(scramble_transposed_lns(net)) == (norm == "tln")
         rec = net.to_recurrent()
     else:  # 16-bit weights: the same C step, their linear weights widened as they are read

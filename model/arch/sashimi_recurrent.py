@@ -179,10 +179,15 @@ class SaShiMiRecurrent:
             return bx + self._abs_linear(block.layer.out, g)[: bx.shape[0]]
         return bx + self._abs_linear(block.ff.down, self._abs_linear(block.ff.up, u))
 
-    def _blocks_bound(self, prefix: str, blocks, bx: torch.Tensor, skips: list | None = None) -> torch.Tensor:
+    def _blocks_bound(self, prefix: str, blocks, bx: torch.Tensor, skips: list | None = None,
+                      unet_up: bool = False) -> torch.Tensor:  # fmt: skip
+        """As `_step_blocks`: each block's output bound pushed on `skips`, or (unet_up) a popped skip's
+        bound added."""
         for i, blk in enumerate(blocks):
             bx = self._block_bound(f"{prefix}.{i}", blk, bx)
-            if skips is not None:
+            if unet_up:
+                bx = bx + skips.pop()
+            elif skips is not None:
                 skips.append(bx)
         return bx
 
@@ -204,9 +209,7 @@ class SaShiMiRecurrent:
         y = ub.amax(0) + skips.pop()
         blocks = net.up[k].blocks
         if self.config.unet:
-            for i in range(len(blocks)):
-                y = self._blocks_bound(f"up.{k}.blocks", blocks[i : i + 1], y) + skips.pop()
-            return y
+            return self._blocks_bound(f"up.{k}.blocks", blocks, y, skips, unet_up=True)
         return self._blocks_bound(f"up.{k}.blocks", blocks, y) + y
 
     def state_bound(self) -> torch.Tensor:
@@ -321,7 +324,9 @@ class SaShiMiRecurrent:
     # -----------------------------------------------------------------------------------------
     # step: one token per row; rows is None (all rows of st) or a LongTensor of rows of st
 
-    def _step_blocks(self, prefix, blocks, x, rows, st, skips=None):
+    def _step_blocks(self, prefix, blocks, x, rows, st, skips=None, unet_up=False):
+        """Blocks `prefix`.i in order on x (b, H). `skips`: each block's output is pushed on it (U-Net
+        down side), or with `unet_up` the last skip is popped and added to each block's output."""
         for i, blk in enumerate(blocks):
             name = f"{prefix}.{i}"
             if isinstance(blk, S4Block):
@@ -341,7 +346,9 @@ class SaShiMiRecurrent:
                 x = x + blk.layer.mix(y, u)
             else:
                 x = blk(x)
-            if skips is not None:
+            if unet_up:
+                x = x + skips.pop()
+            elif skips is not None:
                 skips.append(x)
         return x
 
@@ -371,9 +378,7 @@ class SaShiMiRecurrent:
         y = y + skips.pop()
         blocks = net.up[k].blocks
         if self.config.unet:
-            for i in range(len(blocks)):
-                y = self._step_blocks(f"up.{k}.blocks", blocks[i : i + 1], y, rows, st) + skips.pop()
-            return y
+            return self._step_blocks(f"up.{k}.blocks", blocks, y, rows, st, skips, unet_up=True)
         return self._step_blocks(f"up.{k}.blocks", blocks, y, rows, st) + y
 
     @torch.inference_mode()
@@ -398,8 +403,8 @@ class SaShiMiRecurrent:
         return logits, new if out is None else out.copy_(new)
 
     def decode_block_ready(self, batch: int) -> bool:
-        """Whether `decode_block` serves a batch (the whole-network C step: CPU, float32, unet = false,
-        LayerNorm or scalar TransposedLN blocks); any number of rows."""
+        """Whether `decode_block` serves a batch (the whole-network C step: CPU, float32, LayerNorm or
+        scalar TransposedLN blocks, unet or not); any number of rows."""
         return self._net_step is not None
 
     @torch.inference_mode()
@@ -410,7 +415,7 @@ class SaShiMiRecurrent:
         stepping it alone with `step` and `model.sampling.sample` (its settings, its CounterRNG).
         Raises ValueError when `decode_block_ready` is false, on a bad phase, or on bad arguments."""
         if not self.decode_block_ready(tokens.shape[0]):
-            raise ValueError("the native decode block needs the SaShiMi C step (CPU, float32, unet = false)")
+            raise ValueError("the native decode block needs the SaShiMi C step (CPU, float32, a C compiler)")
         self._check(tokens, state, 1)
         self.phases(state)
         return self._net_step.block(K, state, tokens, **rows)
@@ -418,7 +423,8 @@ class SaShiMiRecurrent:
     # -----------------------------------------------------------------------------------------
     # prefill: every row of st at the same phase tau
 
-    def _prefill_blocks(self, prefix, blocks, x, st, skips=None):
+    def _prefill_blocks(self, prefix, blocks, x, st, skips=None, unet_up=False):
+        """Blocks `prefix`.i in order on x (b, T, H); `skips` and `unet_up` as `_step_blocks`."""
         for i, blk in enumerate(blocks):
             name = f"{prefix}.{i}"
             if isinstance(blk, S4Block):
@@ -430,7 +436,9 @@ class SaShiMiRecurrent:
                 x = x + blk.layer.mix(y, u)
             else:
                 x = blk(x)
-            if skips is not None:
+            if unet_up:
+                x = x + skips.pop()
+            elif skips is not None:
                 skips.append(x)
         return x
 
@@ -460,9 +468,7 @@ class SaShiMiRecurrent:
         y = y + skips.pop()
         blocks = net.up[k].blocks
         if self.config.unet:
-            for i in range(len(blocks)):
-                y = self._prefill_blocks(f"up.{k}.blocks", blocks[i : i + 1], y, st) + skips.pop()
-            return y
+            return self._prefill_blocks(f"up.{k}.blocks", blocks, y, st, skips, unet_up=True)
         return self._prefill_blocks(f"up.{k}.blocks", blocks, y, st) + y
 
     @torch.inference_mode()

@@ -672,11 +672,9 @@ static int ssm_rows(const NetLayer *L, long H, long M, long n, const float *cons
     return 0;
 }
 
-/* The rest of a block for B rows once its SSM step has written y (B, H) from u = LN(x): y ← GELU(y + D u),
- * x += GLU(out(y)); then, with d_ff, x += down(GELU(up(LN(x)))). Scratch: o (B, 2H), f (B, d_ff); u and
- * y are overwritten. */
-static void block_rest(long B, long H, const NetLayer *L, float *x, float *u, float *y, float *o, float *f,
-                       float eps) {
+/* The rest of an S4 block for B rows once its SSM step has written y (B, H) from u = LN(x): y ← GELU(y + D u),
+ * x += GLU(out(y)). Scratch: o (B, 2H); y is overwritten. */
+static void s4_rest(long B, long H, const NetLayer *L, float *x, const float *u, float *y, float *o) {
     for (long r = 0; r < B; r++) { /* GELU(y + D u), exact (erf) form */
         float *yr = y + r * H;
         const float *ur = u + r * H;
@@ -693,23 +691,34 @@ static void block_rest(long B, long H, const NetLayer *L, float *x, float *u, fl
 #pragma omp simd
         for (long h = 0; h < H; h++) xr[h] += a[h] / (1.0f + expf(-g[h]));
     }
-    if (L->d_ff > 0) { /* the FF block: x += down(GELU(up(LN(x)))), exact (erf) GELU */
-        const long Fl = L->d_ff;
-        block_norm(L->norm, B, H, x, u, L->ff_ln_w, L->ff_ln_b, eps);
-        linear_tw(L->wfmt, B, H, Fl, u, L->up_t, L->up_b, f);
-        for (long r = 0; r < B; r++) {
-            float *fr = f + r * Fl;
+}
+
+/* The FF block of L (d_ff > 0) for B rows: x += down(GELU(up(LN(x)))), exact (erf) GELU. Scratch: u, y (B, H),
+ * f (B, d_ff). */
+static void ff_block(long B, long H, const NetLayer *L, float *x, float *u, float *y, float *f, float eps) {
+    const long Fl = L->d_ff;
+    block_norm(L->norm, B, H, x, u, L->ff_ln_w, L->ff_ln_b, eps);
+    linear_tw(L->wfmt, B, H, Fl, u, L->up_t, L->up_b, f);
+    for (long r = 0; r < B; r++) {
+        float *fr = f + r * Fl;
 #pragma omp simd
-            for (long n = 0; n < Fl; n++) fr[n] = 0.5f * fr[n] * (1.0f + erff(fr[n] * 0.70710678118654752f));
-        }
-        linear_tw(L->wfmt, B, Fl, H, f, L->down_t, L->down_b, y);
-        for (long r = 0; r < B; r++) {
-            float *xr = x + r * H;
-            const float *yr = y + r * H;
-#pragma omp simd
-            for (long h = 0; h < H; h++) xr[h] += yr[h];
-        }
+        for (long n = 0; n < Fl; n++) fr[n] = 0.5f * fr[n] * (1.0f + erff(fr[n] * 0.70710678118654752f));
     }
+    linear_tw(L->wfmt, B, Fl, H, f, L->down_t, L->down_b, y);
+    for (long r = 0; r < B; r++) {
+        float *xr = x + r * H;
+        const float *yr = y + r * H;
+#pragma omp simd
+        for (long h = 0; h < H; h++) xr[h] += yr[h];
+    }
+}
+
+/* The rest of a block for B rows once its SSM step has written y (B, H) from u = LN(x): s4_rest, then with
+ * d_ff the FF block. Scratch: o (B, 2H), f (B, d_ff); u and y are overwritten. */
+static void block_rest(long B, long H, const NetLayer *L, float *x, float *u, float *y, float *o, float *f,
+                       float eps) {
+    s4_rest(B, H, L, x, u, y, o);
+    if (L->d_ff > 0) ff_block(B, H, L, x, u, y, f, eps);
 }
 
 /* The rows rows[0 .. B − 1] of a batch of Btot (the state is (n_layers, Btot, H, 2, M)); row i's
@@ -1310,14 +1319,17 @@ long net_block(long K, long Btot, long H, long V, long n_layers, long M, const f
 }
 
 /* ------------------------------------------------------------------------------------------------
- * SaShiMi's whole step (model/arch/sashimi_recurrent.py: SaShiMiRecurrent.step, unet = false, LayerNorm
- * or scalar TransposedLN blocks: NetLayer.norm), one row at a time. A row's state is one float32 vector (its StateLayout): the phase (steps
- * taken mod prod(pool), an exact integer), each S4 block's modes (H, 2, M) at its offset, and each
- * level's DownPool and UpPool buffers (s, H). Level k < K, input x (H):
+ * SaShiMi's whole step (model/arch/sashimi_recurrent.py: SaShiMiRecurrent.step; LayerNorm or scalar
+ * TransposedLN blocks: NetLayer.norm), one row at a time. A row's state is one float32 vector (its
+ * StateLayout): the phase (steps taken mod prod(pool), an exact integer), each S4 block's modes (H, 2, M) at
+ * its offset, and each level's DownPool and UpPool buffers (s, H). Level k < K, input x (H):
+ *     unet:  x = down blocks(x), each block's output kept as a skip (skips: x_in, d_1, …, d_n = x)
  *     r = (phase / every) mod s;  dbuf[r] = x;  out = ubuf[r]  (read before a refill)
  *     r = s − 1:  coarse = W_down · fold(dbuf) + b  (fold: channel h·s + j = dbuf[j][h]);
  *                 c = level k + 1 (coarse);  ubuf[j][h] = (W_up · c + b)[h·s + j];  dbuf = 0
- *     out += x;  out = blocks(out) + out
+ *     out += x
+ *     unet:  up block j (S4 and FF blocks counted apart, j = 1 … n): out = block_j(out) + d_{n−j}  (d_0 = x_in)
+ *     else:  out = blocks(out) + out
  * and the center: out = blocks(x) + x. Then LayerNorm and head on level 0's output. The arithmetic is
  * the torch ops' (the blocks are net_rows' S4 + FF pairs); sums run in another order, so logits agree
  * to float32 rounding. The rows of a batch step together (the rows of a level that emit a coarse input go
@@ -1336,6 +1348,8 @@ typedef struct {
     NetStack blocks;          /* up.k.blocks, or the center's */
     const float *down_t, *down_b; /* (H·s, Hn): the DownPool linear, transposed */
     const float *up_t, *up_b;     /* (Hn, H·s): the UpPool linear, transposed */
+    long unet;                /* 1: down.k.blocks run before the DownPool, with U-Net skips */
+    NetStack down;            /* down.k.blocks (unet; the same structure as `blocks`) */
 } SLevel;
 
 typedef struct {
@@ -1351,22 +1365,45 @@ typedef struct {
  * rows 17.1k either way, the four-row tiles sharing the weight loads in one thread). */
 #define SASHIMI_PARALLEL_ROWS 4
 
-static long level_scratch(const SLevel *L) { return 6 * L->H + L->F + 2 * L->H * L->s + 2 * L->Hn; }
+/* The residual blocks of a stack, its S4 and FF blocks counted apart (the U-Net skips' count). */
+static long stack_outputs(const NetStack *S) {
+    long n = 0;
+    for (long l = 0; l < S->n; l++) n += S->layers[l].d_ff > 0 ? 2 : 1;
+    return n;
+}
 
-/* A level's blocks for n rows: X (n, H) updated in place; row i's block states in st[i]. */
+/* Per row: U, Y, Y0 (H), O (2H), F, Vf and Z (H·s), C and CO (Hn), and with unet the skips (outputs + 1, H). */
+static long level_scratch(const SLevel *L) {
+    return 6 * L->H + L->F + 2 * L->H * L->s + 2 * L->Hn + (L->unet ? (stack_outputs(&L->down) + 1) * L->H : 0);
+}
+
+/* A level's blocks for n rows: X (n, H) updated in place; row i's block states in st[i]. U-Net skips (n, H)
+ * each: with `push`, after each S4 or FF block X is copied to push[m] (m = 0, 1, …); with `pop`, after each
+ * block j the skip pop[n_pop − 1 − j] is added to X. */
 static int stack_rows(const NetStack *S, long H, long n, float *const *st, float *X, float *U, float *Y, float *O,
-                      float *F, float eps) {
+                      float *F, float eps, float *push, const float *pop, long n_pop) {
+    long m = 0;
     for (long l = 0; l < S->n; l++) {
         const NetLayer *L = S->layers + l;
         block_norm(L->norm, n, H, X, U, L->ln_w, L->ln_b, eps);
         for (long i0 = 0; i0 < n; i0 += SSM_ROWS) {
-            const long m = n - i0 < SSM_ROWS ? n - i0 : SSM_ROWS;
+            const long c = n - i0 < SSM_ROWS ? n - i0 : SSM_ROWS;
             float *xs[SSM_ROWS];
-            for (long i = 0; i < m; i++) xs[i] = st[i0 + i] + S->off[l];
-            int rc = ssm_rows(L, H, S->modes[l], m, (const float *const *)xs, xs, U + i0 * H, Y + i0 * H);
+            for (long i = 0; i < c; i++) xs[i] = st[i0 + i] + S->off[l];
+            int rc = ssm_rows(L, H, S->modes[l], c, (const float *const *)xs, xs, U + i0 * H, Y + i0 * H);
             if (rc) return rc;
         }
-        block_rest(n, H, L, X, U, Y, O, F, eps);
+        for (long part = 0; part < (L->d_ff > 0 ? 2 : 1); part++, m++) {
+            if (part == 0)
+                s4_rest(n, H, L, X, U, Y, O);
+            else
+                ff_block(n, H, L, X, U, Y, F, eps);
+            if (push) memcpy(push + m * n * H, X, sizeof(float) * (size_t)(n * H));
+            if (pop) {
+                const float *p = pop + (n_pop - 1 - m) * n * H;
+                for (long i = 0; i < n * H; i++) X[i] += p[i];
+            }
+        }
     }
     return 0;
 }
@@ -1381,13 +1418,22 @@ static int level_rows(const SNet *net, long k, long n, long cap, float **st, lon
     const long H = L->H, s = L->s;
     float *U = scratch, *Y = U + cap * H, *O = Y + cap * H, *F = O + cap * 2 * H, *Y0 = F + cap * L->F;
     float *Vf = Y0 + cap * H, *C = Vf + cap * H * s, *CO = C + cap * L->Hn, *Z = CO + cap * L->Hn;
-    float *next = Z + cap * H * s;
+    float *SK = Z + cap * H * s; /* unet: the skips (n_skip + 1, n, H): the level's input, each down output */
+    const long n_skip = L->unet ? stack_outputs(&L->down) : 0;
+    float *next = SK + (L->unet ? cap * (n_skip + 1) * H : 0);
     int rc = 0;
     if (k == net->K) {
         memcpy(OUT, X, sizeof(float) * (size_t)(n * H));
-        rc = stack_rows(&L->blocks, H, n, st, OUT, U, Y, O, F, net->eps);
+        rc = stack_rows(&L->blocks, H, n, st, OUT, U, Y, O, F, net->eps, NULL, NULL, 0);
         for (long i = 0; i < n * H; i++) OUT[i] += X[i];
         return rc;
+    }
+    if (L->unet) { /* the down blocks on the level's input: x = d_{n_skip}, the skips kept in SK */
+        memcpy(SK, X, sizeof(float) * (size_t)(n * H));
+        memcpy(Y0, X, sizeof(float) * (size_t)(n * H));
+        rc = stack_rows(&L->down, H, n, st, Y0, U, Y, O, F, net->eps, SK + n * H, NULL, 0);
+        if (rc) return rc;
+        X = SK + n_skip * n * H;
     }
     float **est = st + cap;
     long *etau = tau + cap, e = 0;
@@ -1420,8 +1466,10 @@ static int level_rows(const SNet *net, long k, long n, long cap, float **st, lon
         }
     }
     for (long i = 0; i < n * H; i++) OUT[i] += X[i];
+    if (L->unet) /* up block j adds skip n_skip − 1 − j: the down outputs in reverse, then the level's input */
+        return stack_rows(&L->blocks, H, n, st, OUT, U, Y, O, F, net->eps, NULL, SK, n_skip);
     memcpy(Y0, OUT, sizeof(float) * (size_t)(n * H));
-    rc = stack_rows(&L->blocks, H, n, st, OUT, U, Y, O, F, net->eps);
+    rc = stack_rows(&L->blocks, H, n, st, OUT, U, Y, O, F, net->eps, NULL, NULL, 0);
     for (long i = 0; i < n * H; i++) OUT[i] += Y0[i];
     return rc;
 }
