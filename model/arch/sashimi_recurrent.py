@@ -179,8 +179,11 @@ class SaShiMiRecurrent:
             return bx + self._abs_linear(block.layer.out, g)[: bx.shape[0]]
         return bx + self._abs_linear(block.ff.down, self._abs_linear(block.ff.up, u))
 
-    def _blocks_bound(self, prefix: str, blocks, bx: torch.Tensor, skips: list | None = None) -> torch.Tensor:
-        for i, blk in enumerate(blocks):
+    def _blocks_bound(
+        self, prefix: str, blocks, bx: torch.Tensor, skips: list | None = None, start: int = 0
+    ) -> torch.Tensor:
+        """`start`: the index of blocks[0] in its level (its name is prefix.start)."""
+        for i, blk in enumerate(blocks, start):
             bx = self._block_bound(f"{prefix}.{i}", blk, bx)
             if skips is not None:
                 skips.append(bx)
@@ -205,7 +208,7 @@ class SaShiMiRecurrent:
         blocks = net.up[k].blocks
         if self.config.unet:
             for i in range(len(blocks)):
-                y = self._blocks_bound(f"up.{k}.blocks", blocks[i : i + 1], y) + skips.pop()
+                y = self._blocks_bound(f"up.{k}.blocks", blocks[i : i + 1], y, start=i) + skips.pop()
             return y
         return self._blocks_bound(f"up.{k}.blocks", blocks, y) + y
 
@@ -321,8 +324,9 @@ class SaShiMiRecurrent:
     # -----------------------------------------------------------------------------------------
     # step: one token per row; rows is None (all rows of st) or a LongTensor of rows of st
 
-    def _step_blocks(self, prefix, blocks, x, rows, st, skips=None):
-        for i, blk in enumerate(blocks):
+    def _step_blocks(self, prefix, blocks, x, rows, st, skips=None, start=0):
+        """`start`: the index of blocks[0] in its level (its name is prefix.start)."""
+        for i, blk in enumerate(blocks, start):
             name = f"{prefix}.{i}"
             if isinstance(blk, S4Block):
                 u = blk.norm(x)
@@ -372,7 +376,7 @@ class SaShiMiRecurrent:
         blocks = net.up[k].blocks
         if self.config.unet:
             for i in range(len(blocks)):
-                y = self._step_blocks(f"up.{k}.blocks", blocks[i : i + 1], y, rows, st) + skips.pop()
+                y = self._step_blocks(f"up.{k}.blocks", blocks[i : i + 1], y, rows, st, start=i) + skips.pop()
             return y
         return self._step_blocks(f"up.{k}.blocks", blocks, y, rows, st) + y
 
@@ -418,8 +422,9 @@ class SaShiMiRecurrent:
     # -----------------------------------------------------------------------------------------
     # prefill: every row of st at the same phase tau
 
-    def _prefill_blocks(self, prefix, blocks, x, st, skips=None):
-        for i, blk in enumerate(blocks):
+    def _prefill_blocks(self, prefix, blocks, x, st, skips=None, start=0):
+        """`start`: the index of blocks[0] in its level (its name is prefix.start)."""
+        for i, blk in enumerate(blocks, start):
             name = f"{prefix}.{i}"
             if isinstance(blk, S4Block):
                 u = blk.norm(x)
@@ -461,7 +466,7 @@ class SaShiMiRecurrent:
         blocks = net.up[k].blocks
         if self.config.unet:
             for i in range(len(blocks)):
-                y = self._prefill_blocks(f"up.{k}.blocks", blocks[i : i + 1], y, st) + skips.pop()
+                y = self._prefill_blocks(f"up.{k}.blocks", blocks[i : i + 1], y, st, start=i) + skips.pop()
             return y
         return self._prefill_blocks(f"up.{k}.blocks", blocks, y, st) + y
 
