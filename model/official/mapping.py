@@ -19,6 +19,8 @@ Facts followed (state-spaces/s4 at e757cef):
   with bias (tied to the embedding when `tied`).
 - checkpoints/convert_v3_to_v4.py: version-3 names log_dt (H), inv_w_real/log_w_real, w_imag (= −A_imag),
   kernel.kernel.*, kernel.kernel.L, layer.kernel / layer.D one module up.
+- backbones/sashimi.py, backbones/unet.py (the U-Net SaShiMi, `_name_: unet`), modules/pool.py: see
+  map_sashimi.
 - models/s4/s4d.py (standalone S4D): Λ = −exp(log_A_real) + i·A_imag, B = 1, Δ = exp(log_dt), ZOH,
   output_linear = Conv1d(H, 2H, 1) + GLU.
 """
