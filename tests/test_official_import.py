@@ -43,6 +43,9 @@ CASES = {  # name: (source, config or None)
     "s4_legt": ("s4_legt.ckpt", None),  # rank 2, softplus Re Λ, n_ssm 4, no rescale
     # SaShiMi [4, 4] (make_sashimi_fixture.py): weight-normed pools, TransposedLN, l_kernel 64, 16, 4
     "sashimi_sc09": ("sashimi_sc09.ckpt", None),
+    # U-Net SaShiMi (backbones/unet.py, `_name_: unet`): the same shapes with 2 (S4, FF) pairs per level,
+    # blocks before each linear pool too, U-Net skips, n_ssm null; l_kernel 64, 16, 4, 16, 64 per level
+    "sashimi_sc09_unet": ("sashimi_sc09_unet.ckpt", None),
 }
 
 
@@ -247,6 +250,12 @@ REFUSALS = [  # (fixture, config path, value, message)
     ("sashimi_sc09.ckpt", ("model", "transposed"), False, r"model.transposed = False"),
     ("sashimi_sc09.ckpt", ("model", "prenorm"), False, r"model.prenorm = False"),
     ("sashimi_sc09.ckpt", ("model", "layer", "bidirectional"), True, r"bidirectional = True"),
+    ("sashimi_sc09.ckpt", ("model", "unet"), True, r"model.unet = True: not an option of the official sash"),
+    ("sashimi_sc09_unet.ckpt", ("model", "pool_mode"), "avg", r"model.pool_mode = 'avg': only the linear"),
+    ("sashimi_sc09_unet.ckpt", ("model", "cff"), 0, r"model.cff = 0 with model.ff = 2: our SaShiMi's center"),
+    ("sashimi_sc09_unet.ckpt", ("model", "prenorm"), False, r"model.prenorm = False"),
+    ("sashimi_sc09_unet.ckpt", ("model", "transposed"), False, r"model.transposed = False"),
+    ("sashimi_sc09_unet.ckpt", ("model", "center_layer"), {"_name_": "mha"}, r"model.center_layer"),
     ("s4_softplus.ckpt", ("model", "norm"), "batch", r"norm = 'batch'"),
     ("s4_softplus.ckpt", ("model", "residual"), "F", r"residual = 'F'"),
     ("s4_softplus.ckpt", ("task", "_name_"), "adaptivelm", r"task._name_ = 'adaptivelm'"),
@@ -312,13 +321,46 @@ def test_a_sashimi_import_consumes_every_tensor_and_folds_the_weight_norm():
         map_official(sd3, cfg3, kind)
 
 
-def test_convert_writes_a_servable_sashimi_checkpoint(tmp_path):
-    """model.convert → a checkpoint folder like any other: model.load gives a SaShiMi whose verified
-    recurrence reproduces the official recurrence, and its config streams official mu-law."""
-    convert(FIX / "sashimi_sc09.ckpt", tmp_path / "sc09", name="sc09")
+def test_a_unet_sashimi_import_maps_the_flat_layer_lists_and_consumes_every_tensor():
+    """backbones/unet.py keeps one flat list per side: d_layers = [level 0's 4 blocks, its pool, level 1's
+    4 blocks, its pool], u_layers = [coarsest UpPool, its 4 blocks, next UpPool, its 4 blocks]."""
+    sd, cfg, kind = _lightning("sashimi_sc09_unet.ckpt")
+    imp = map_official(sd, cfg, kind)
+    c = imp.config
+    assert (c["arch"], c["unet"], c["pool"], c["n_layers"], c["ff"], c["norm"], c["mulaw"]) == (
+        "sashimi", True, [4, 4], 2, 2, "tln", "s4",
+    )  # fmt: skip
+    assert c["l_kernel"] == [64, 64, 16, 16, 4, 4, 16, 16, 64, 64]  # down.0, down.1, center, up.1, up.0
+    t = imp.tensors
+    assert torch.equal(t["down.0.pool.linear.weight"], sd["model.d_layers.4.linear.weight"])  # no weight norm
+    assert torch.equal(t["down.1.pool.linear.bias"], sd["model.d_layers.9.linear.bias"])
+    assert torch.equal(t["up.1.pool.linear.weight"], sd["model.u_layers.0.linear.weight"])
+    assert torch.equal(t["up.0.pool.linear.weight"], sd["model.u_layers.5.linear.weight"])
+    assert torch.equal(t["down.1.blocks.2.layer.D"], sd["model.d_layers.7.layer.layer.D"][0])
+    assert torch.equal(t["up.0.blocks.3.ff.up.weight"], sd["model.u_layers.9.layer.ff.0.0.weight"])
+    assert torch.equal(t["center.3.norm.s"], sd["model.c_layers.3.norm.norm.s"])
+    assert "U-Net SaShiMi (official backbone unet)" in imp.notes[0]
+    sd2, cfg2, _ = _lightning("sashimi_sc09_unet.ckpt")
+    sd2["model.d_layers.4.linear.weight_g"] = torch.ones(16, 1)
+    with pytest.raises(Unsupported, match=r"d_layers\.4\.linear\.weight_g"):
+        map_official(sd2, cfg2, kind)
+    sd3, cfg3, _ = _lightning("sashimi_sc09_unet.ckpt")
+    del sd3["model.u_layers.6.layer.layer.kernel.P"]
+    with pytest.raises(Unsupported, match=r"u_layers\.6\.layer\.layer\.kernel\.P.*missing"):
+        map_official(sd3, cfg3, kind)
+
+
+@pytest.mark.parametrize(
+    ("name", "pool_key"), [("sashimi_sc09", "d_layers.0"), ("sashimi_sc09_unet", "d_layers.4")]
+)
+def test_convert_writes_a_servable_sashimi_checkpoint(tmp_path, name, pool_key):
+    """model.convert → a checkpoint folder like any other: model.load gives a SaShiMi (U-Net too) whose
+    verified recurrence reproduces the official recurrence, and its config streams official mu-law."""
+    convert(FIX / f"{name}.ckpt", tmp_path / "sc09", name="sc09")
     net = load(tmp_path / "sc09")
     assert net.config.arch == "sashimi" and net.config.mulaw == "s4"
-    ref = load_file(str(FIX / "sashimi_sc09.ref.safetensors"))
+    assert net.config.unet == name.endswith("unet")
+    ref = load_file(str(FIX / f"{name}.ref.safetensors"))
     rec = net.to_recurrent()
     logits, state = rec.prefill(ref["tokens"][:, :21], rec.init_state(2))  # then step from phase 5
     out = [logits]
@@ -326,7 +368,7 @@ def test_convert_writes_a_servable_sashimi_checkpoint(tmp_path):
         lt, state = rec.step(ref["tokens"][:, t], state)
         out.append(lt[:, None])
     assert rel(torch.cat(out, 1), ref["logits_step"]) <= 1e-5
-    assert "model.d_layers.0.linear" in (tmp_path / "sc09" / "README.md").read_text()
+    assert f"model.{pool_key}.linear" in (tmp_path / "sc09" / "README.md").read_text()
 
 
 def test_re_lambda_at_or_above_zero_is_refused_with_the_transform_named():
@@ -426,6 +468,10 @@ MISMATCHES = [
     ("sashimi_sc09.ckpt", ("model", "ff"), 4, "model.ff = 4", "2"),
     ("sashimi_sc09.ckpt", ("model", "n_layers"), 2, "model.n_layers = 2", "1"),
     ("sashimi_sc09.ckpt", ("model", "layer", "d_state"), 16, "d_state = 16", "8"),
+    ("sashimi_sc09_unet.ckpt", ("model", "n_layers"), 1, "model.n_layers = 1", "2"),
+    ("sashimi_sc09_unet.ckpt", ("model", "pool"), [2, 8], r"model.pool = \[2, 8\]", r"\[4, 4\]"),
+    ("sashimi_sc09_unet.ckpt", ("model", "expand"), 4, "model.expand = 4", "2"),
+    ("sashimi_sc09_unet.ckpt", ("model", "layer", "n_ssm"), 1, "n_ssm = 1", "8"),
     (
         "sashimi_sc09.ckpt",
         ("dataset", "bits"),

@@ -226,6 +226,26 @@ def test_step_and_prefill_equal_conv_for_the_variants(kw):
     assert rel(p_state, s_state) <= (4e-5 if kw.get("n_layers") == 2 else 1e-5)
 
 
+def test_unet_up_blocks_step_their_own_states_with_two_pairs_per_level():
+    """The U-Net up path runs its blocks one at a time (a skip added after each): each S4 block must
+    step its own state. Every up block stepped the state of the level's first (up.k.blocks.0), which an
+    (S4, FF) pair per level cannot show: two pairs refused to convert (step 2.7e-2 off the conv mode)."""
+    torch.manual_seed(4)
+    net = make(l_max=64, unet=True, norm="tln", n_layers=2).eval()
+    tokens = torch.randint(0, V, (2, 64))
+    with torch.no_grad():
+        conv = net(tokens)
+    rec = net.to_recurrent(fused_network=False)  # verified against conv mode (raised here before)
+    stepped, s_state = step_all(rec, tokens[:, :40], rec.init_state(2))
+    pre, p_state = rec.prefill(tokens[:, :21], rec.init_state(2))
+    pre2, p_state = rec.prefill(tokens[:, 21:40], p_state)
+    assert rel(stepped, conv[:, :40]) <= 1e-5 and rel(torch.cat([pre, pre2], 1), conv[:, :40]) <= 1e-5
+    for k in range(2):
+        first, second = (rec.layout.view(s_state, f"up.{k}.blocks.{i}.x") for i in (0, 2))
+        assert rel(rec.layout.view(p_state, f"up.{k}.blocks.2.x"), second) <= 1e-5
+        assert second.abs().max() > 0 and not torch.allclose(first, second)
+
+
 def test_prefill_of_every_length_mod_16_leaves_the_stepped_state(trained_net):
     rec = trained_net.to_recurrent()
     tokens = torch.randint(0, V, (1, 48))

@@ -14,6 +14,7 @@ import pytest
 from server_support import ServerThread, reference
 from websockets.asyncio.client import connect
 
+from model.codecs import MuLaw, to_pcm16
 from model.convert import CONVERTER_VERSION
 from model.sampling import SamplingParams
 from server.config import Settings
@@ -27,7 +28,7 @@ def official_server(tmp_path_factory):
     cache = tmp_path_factory.mktemp("convert-cache")
     settings = Settings(
         checkpoints=[f"bytes-lm={FIX / 's4_bytes.ckpt'}", str(FIX / "s4_bidirectional.ckpt"),
-                     str(FIX / "s4d_zoh.pt")],
+                     str(FIX / "s4d_zoh.pt"), f"sc09-unet={FIX / 'sashimi_sc09_unet.ckpt'}"],
         convert_cache=str(cache), device="cpu", max_sessions=8, torch_threads=1,
     )  # fmt: skip
     srv = ServerThread(settings).start()
@@ -58,6 +59,28 @@ def test_an_official_ckpt_is_converted_cached_and_streams_over_the_websocket(off
     ids, done = asyncio.run(main())
     assert done["type"] == "done", done
     assert ids == reference(folder, list(b"hello"), SamplingParams(seed=3), 12)
+
+
+def test_an_official_unet_sashimi_ckpt_is_converted_and_streams_official_mulaw(official_server):
+    """The official U-Net SaShiMi (backbone unet) converts at startup and serves as our SaShiMi with
+    unet true: a WebSocket audio stream equals the library reference of the converted folder."""
+    srv, _, _ = official_server
+    info = httpx.get(f"{srv.url}/v1/models/sc09-unet").json()
+    assert info["arch"] == "sashimi" and info["sample_rate"] == 16000
+    folder = srv.state.models["sc09-unet"].path
+    assert json.loads((folder / "config.json").read_text())["config"]["unet"] is True
+
+    async def main():
+        async with connect(srv.ws_url) as ws:
+            await ws.send(json.dumps({"type": "generate", "model": "sc09-unet", "max_new_tokens": 40,
+                                      "seed": 1, "audio_encoding": "pcm16"}))  # fmt: skip
+            out = b""
+            while not isinstance(m := await ws.recv(), str) or json.loads(m)["type"] != "done":
+                out += m if isinstance(m, bytes) else b""
+            return out
+
+    want = reference(folder, [128], SamplingParams(seed=1), 40)  # silence: 128, exactly 0.0
+    assert asyncio.run(main()) == to_pcm16(MuLaw("s4").decode(want))
 
 
 def test_refused_official_files_are_reported_by_name_and_the_others_still_serve(official_server):

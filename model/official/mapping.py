@@ -19,6 +19,8 @@ Facts followed (state-spaces/s4 at e757cef):
   with bias (tied to the embedding when `tied`).
 - checkpoints/convert_v3_to_v4.py: version-3 names log_dt (H), inv_w_real/log_w_real, w_imag (= −A_imag),
   kernel.kernel.*, kernel.kernel.L, layer.kernel / layer.D one module up.
+- backbones/sashimi.py, backbones/unet.py (the U-Net SaShiMi, `_name_: unet`), modules/pool.py: see
+  map_sashimi.
 - models/s4/s4d.py (standalone S4D): Λ = −exp(log_A_real) + i·A_imag, B = 1, Δ = exp(log_dt), ZOH,
   output_linear = Conv1d(H, 2H, 1) + GLU.
 """
@@ -671,11 +673,25 @@ def _fold_weight_norm(src: _Source, p: str, shape: tuple[int, int]) -> tuple[tor
     return g * v / v.norm(dim=1, keepdim=True), "weight norm folded: W = g·v/‖v‖ (per output row)"
 
 
-def _check_sashimi(m: dict) -> None:
+def _check_sashimi(m: dict, unet: bool) -> None:
+    """The backbone options of `_name_: sashimi` (backbones/sashimi.py) or `_name_: unet`
+    (backbones/unet.py, the U-Net SaShiMi); each one our SaShiMi cannot compute is refused by name."""
     w = "model"
     _expect(m, "prenorm", False, (True,), w, "post-norm blocks are not supported")
-    _expect(m, "interp", 0, (0,), w, "the interpolating SaShiMi variant is not supported")
-    _expect(m, "act_pool", None, (None,), w, "activations after the pools are not supported")
+    if unet:
+        _expect(m, "pool_mode", "linear", ("linear",), w, "only the linear pools (pool_mode 'linear') are "
+                "supported")  # fmt: skip
+        ff, cff = _opt(m, "ff", 2, w), _opt(m, "cff", 0, w)
+        if type(cff) is not int or (cff > 0) != bool(ff):
+            raise Unsupported(
+                f"model.cff = {cff!r} with model.ff = {ff!r}: our SaShiMi's center has FF blocks exactly "
+                "when the other levels do (the official center's, there when cff > 0, are ff wide)"
+            )
+    else:
+        _expect(m, "interp", 0, (0,), w, "the interpolating SaShiMi variant is not supported")
+        _expect(m, "act_pool", None, (None,), w, "activations after the pools are not supported")
+        _expect(m, "unet", False, (False,), w, "not an option of the official sashimi backbone (its U-Net "
+                "SaShiMi is the backbone `_name_: unet`, which this importer takes)")  # fmt: skip
     res = _opt(m, "residual", "R", w)
     if res not in (None, "R", "residual"):
         raise Unsupported(f"model.residual = {res!r}: only the plain residual 'R' is supported")
@@ -688,14 +704,14 @@ def _check_sashimi(m: dict) -> None:
 
 
 def _check_sashimi_shapes(sd: dict[str, torch.Tensor], m: dict, H: int) -> None:
-    """model.d_model, pool, expand, ff and n_layers against what the tensors imply: the DownPool
-    d_layers.k (widths H·expand^k → H·expand^(k+1), pool[k] steps folded in), the center's FF width and
-    its block count."""
+    """model.d_model, pool, expand, ff and n_layers against what the tensors imply: the DownPools
+    (the d_layers.i with a linear: every one in sashimi, each level's last in unet; widths
+    H·expand^k → H·expand^(k+1), pool[k] steps folded in), the center's FF width and its block count."""
     _agree("model.d_model", m.get("d_model", H), H)
-    K = len({mt.group(1) for k in sd if (mt := re.match(r"model\.d_layers\.(\d+)\.", k))})
+    pools = sorted({int(mt.group(1)) for k in sd if (mt := re.match(r"model\.d_layers\.(\d+)\.linear\.", k))})
     pool, expand, width = [], None, H
-    for k in range(K):
-        p = f"model.d_layers.{k}.linear."
+    for i in pools:
+        p = f"model.d_layers.{i}.linear."
         w = sd.get(p + "weight", sd.get(p + "weight_v"))
         if w is None or w.dim() != 2 or w.shape[0] % width or w.shape[1] % width:
             return  # left to the mapping's own shape checks
@@ -703,7 +719,7 @@ def _check_sashimi_shapes(sd: dict[str, torch.Tensor], m: dict, H: int) -> None:
         pool.append(w.shape[1] // width)
         width = w.shape[0]
     _agree("model.pool", m.get("pool"), pool)
-    if K:
+    if pools:
         _agree("model.expand", m.get("expand", 1), expand)
     c = sorted({int(mt.group(1)) for k in sd if (mt := re.match(r"model\.c_layers\.(\d+)\.", k))})
     up = sd.get("model.c_layers.1.layer.ff.0.0.weight")
@@ -714,16 +730,26 @@ def _check_sashimi_shapes(sd: dict[str, torch.Tensor], m: dict, H: int) -> None:
 
 def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None = None) -> Imported:
     """The official SaShiMi backbone under a Lightning module (model. / encoder.0 / decoder.0) → our
-    arch 'sashimi' (norm 'tln', not unet). Official module ↔ ours: d_layers.k ↔ down.k.pool (weight
-    norm folded), c_layers.i ↔ center.i, u_layers.j.0 ↔ up.(K−1−j).pool, u_layers.j.(1+i) ↔
-    up.(K−1−j).blocks.i, norm ↔ norm (LayerNorm), encoder.0 ↔ embed, decoder.0.output_transform ↔ head.
-    Each S4 layer keeps its own l_kernel (L, L/4, L/16 when layer.l_max is null). The tokens are
-    state-spaces/s4 mu-law (config mulaw 's4'); the audio is 16 kHz (SC09, YouTubeMix) unless
-    `sample_rate` says otherwise (_audio_format)."""
+    arch 'sashimi' (norm 'tln'), from either official backbone:
+
+    * `_name_: sashimi` (backbones/sashimi.py) → unet false. d_layers.k ↔ down.k.pool (weight norm
+      folded), c_layers.i ↔ center.i, u_layers.j.0 ↔ up.(K−1−j).pool, u_layers.j.(1+i) ↔
+      up.(K−1−j).blocks.i.
+    * `_name_: unet` (backbones/unet.py, the U-Net SaShiMi of configs/model/unet.yaml) → unet true.
+      Flat lists of B = n_layers·(2 if ff else 1) blocks and one pool per level: d_layers.(k(B+1) + i) ↔
+      down.k.blocks.i, d_layers.(k(B+1) + B) ↔ down.k.pool, c_layers.i ↔ center.i (its FF blocks
+      by cff), u_layers.(j(B+1)) ↔ up.(K−1−j).pool, u_layers.(j(B+1) + 1 + i) ↔ up.(K−1−j).blocks.i;
+      the pools are plain linear layers (DownLinearPool, UpLinearPool).
+
+    Both: norm ↔ norm (LayerNorm), encoder.0 ↔ embed, decoder.0.output_transform ↔ head. Each S4 layer
+    keeps its own l_kernel (its level's length when layer.l_max is null). The tokens are state-spaces/s4
+    mu-law (config mulaw 's4'); the audio is 16 kHz (SC09, YouTubeMix) unless `sample_rate` says
+    otherwise (_audio_format)."""
     notes: list[str] = []
     src = _Source(sd)
     m = cfg["model"]
-    _check_sashimi(m)
+    unet = m.get("_name_") == "unet"
+    _check_sashimi(m, unet)
     pool = _opt(m, "pool", [], "model")
     if not (isinstance(pool, list) and pool and all(type(x) is int for x in pool)):
         raise Unsupported(f"model.pool = {pool!r}: expected a list of strides")
@@ -793,20 +819,27 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
         for i in range(n_layers * per):
             block(f"{p}{offset + i}.", f"{q}{i}.", d, i % per == 0)
 
-    for k in range(K):
-        W, how = _fold_weight_norm(src, f"model.d_layers.{k}.linear.", (widths[k + 1], widths[k] * pool[k]))
+    nb = n_layers * (2 if ff else 1)  # blocks per level
+    for k in range(K):  # in the order of s4_block_names: down levels, center, up levels (coarsest first)
+        if unet:
+            level("model.d_layers.", f"down.{k}.blocks.", widths[k], k * (nb + 1))
+        p = f"model.d_layers.{k * (nb + 1) + nb if unet else k}.linear."
+        W, how = _fold_weight_norm(src, p, (widths[k + 1], widths[k] * pool[k]))
         tensors[f"down.{k}.pool.linear.weight"] = W
-        tensors[f"down.{k}.pool.linear.bias"] = src.take(f"model.d_layers.{k}.linear.bias", (widths[k + 1],))
-        mp.append((f"down.{k}.pool.linear", f"model.d_layers.{k}.linear", how))
+        tensors[f"down.{k}.pool.linear.bias"] = src.take(p + "bias", (widths[k + 1],))
+        mp.append((f"down.{k}.pool.linear", p[:-1], how))
     level("model.c_layers.", "center.", widths[K], 0)
     for j in range(K):
         k = K - 1 - j
-        p = f"model.u_layers.{j}.0.linear."
+        p = f"model.u_layers.{j * (nb + 1)}.linear." if unet else f"model.u_layers.{j}.0.linear."
         W, how = _fold_weight_norm(src, p, (widths[k] * pool[k], widths[k + 1]))
         tensors[f"up.{k}.pool.linear.weight"] = W
         tensors[f"up.{k}.pool.linear.bias"] = src.take(p + "bias", (widths[k] * pool[k],))
         mp.append((f"up.{k}.pool.linear", p[:-1], how))
-        level(f"model.u_layers.{j}.", f"up.{k}.blocks.", widths[k], 1)
+        if unet:
+            level("model.u_layers.", f"up.{k}.blocks.", widths[k], j * (nb + 1) + 1)
+        else:
+            level(f"model.u_layers.{j}.", f"up.{k}.blocks.", widths[k], 1)
     tensors["norm.weight"] = src.take("model.norm.weight", (H,))
     tensors["norm.bias"] = src.take("model.norm.bias", (H,))
     mp.append(("norm", "model.norm", "final LayerNorm"))
@@ -819,7 +852,7 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     ds = cfg.get("dataset") if isinstance(cfg.get("dataset"), dict) else {}
     rate, audio_note = _audio_format(ds, sample_rate)
     config = {
-        "arch": "sashimi", "pool": list(pool), "expand": expand, "ff": ff, "unet": False, "norm": "tln",
+        "arch": "sashimi", "pool": list(pool), "expand": expand, "ff": ff, "unet": unet, "norm": "tln",
         "vocab_size": int(V), "d_model": int(H), "n_layers": n_layers, "d_state": 2 * facts0["N2"],
         "kernel": kind, "init": "legs", "rank": max(1, facts0["rank"]), "disc": facts0["disc"],
         "l_max": int(l_max), "head_bias": True, "embed_scale": 1.0,
@@ -827,8 +860,8 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
         "re_lambda_max": None, "modality": "audio", "sample_rate": rate, "mulaw": "s4",
     }  # fmt: skip
     notes.append(
-        f"SaShiMi pool {pool}, expand {expand}, ff {ff}, {n_layers} (S4, FF) pairs per level; S4 blocks "
-        f"{names} with l_kernel {l_kernels}"
+        f"{'U-Net SaShiMi (official backbone unet)' if unet else 'SaShiMi'} pool {pool}, expand {expand}, "
+        f"ff {ff}, {n_layers} (S4, FF) pairs per level; S4 blocks {names} with l_kernel {l_kernels}"
     )
     notes.append(_kernel_note(kind, lc, facts0))
     notes.append(audio_note)
@@ -876,7 +909,7 @@ def map_official(
     elif (
         isinstance(cfg, dict)
         and isinstance(cfg.get("model"), dict)
-        and cfg["model"].get("_name_") == "sashimi"
+        and cfg["model"].get("_name_") in ("sashimi", "unet")
     ):
         imp = map_sashimi(sd, cfg, sample_rate)
     else:
