@@ -192,7 +192,8 @@ class Settings(BaseSettings):
     session_store: str = Field(
         "memory",
         description="memory (sessions live in this process only) or redis://host:port/db: session states are "
-        "written through on idle, TTL eviction and shutdown, and resume on any replica or after a restart",
+        "written through whenever a session changes (the answer waits for the write), and resume on any "
+        "replica or after a restart",
     )
     session_store_ttl_s: int = Field(
         86400,
