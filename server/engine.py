@@ -554,6 +554,8 @@ class Engine:
             else:
                 fn, fut = item
                 self._uncount(None)
+                if not fut.set_running_or_notify_cancel():  # its waiter gave it up: nobody reads the answer
+                    continue
                 try:
                     fut.set_result(fn(self))
                 except Exception as exc:
@@ -614,7 +616,7 @@ class Engine:
             if job.stream is not None:
                 self._outbox.append((job.stream, Failed(_gone(rec))))
             else:
-                job.future.set_exception(_gone(rec))
+                _answer(job.future, error=_gone(rec))
             return
         if job.fresh:
             self.pool.clear(rec.slot)
@@ -649,7 +651,7 @@ class Engine:
             self._turn_over(job)
         elif job.stream is None:
             self._end(job)
-            job.future.set_result(job.session)
+            _answer(job.future, job.session)
         elif job.max_new_tokens == 0:  # prompt log-probabilities only (echo)
             self._finish(job, "length")
         else:
@@ -969,8 +971,8 @@ class Engine:
             job.marks = job.base = None
             if self.sessions.holds(job.session):
                 self._persist(job.session)
-            if job.queued_write is not None and not job.queued_write.done():
-                job.queued_write.set_result(None)
+            if job.queued_write is not None:
+                _answer(job.queued_write)
             return
         job.settled, job.keep = True, delivered
         if job.ended:
@@ -1052,8 +1054,8 @@ class Engine:
         for job in list(self._running.values()):
             if job.stream is not None:
                 self._outbox.append((job.stream, Failed(error)))
-            elif job.future is not None and not job.future.done():
-                job.future.set_exception(error)
+            elif job.future is not None:
+                _answer(job.future, error=error)
             self._running.pop(job.session.id, None)
         with self._cv:
             pending = list(self._inbox)
@@ -1063,9 +1065,9 @@ class Engine:
                 if item.stream is not None:
                     self._outbox.append((item.stream, Failed(error)))
                 else:
-                    item.future.set_exception(error)
+                    _answer(item.future, error=error)
             else:
-                item[1].set_exception(error)
+                _answer(item[1], error=error)
 
     def _flush(self) -> None:
         """Deliver this iteration's events: one thread-safe callback per event loop, one list per
@@ -1196,6 +1198,21 @@ class Engine:
         self.sessions.add(rec)
         self._persist(rec)
         return rec
+
+
+def _answer(fut: concurrent.futures.Future, result=None, error: BaseException | None = None) -> None:
+    """Resolve an ingestion job's or control call's future, unless it is done already or its waiter gave
+    it up (cancelled: `service.engine_answer` never does; resolving a cancelled future raises, which on
+    this thread stopped the engine)."""
+    if fut.done():
+        return
+    try:
+        if error is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(error)
+    except concurrent.futures.InvalidStateError:  # cancelled meanwhile
+        pass
 
 
 def _gone(rec: SessionRecord) -> APIError:

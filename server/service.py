@@ -168,6 +168,25 @@ def session_model(state: ServerState, session_id: str) -> tuple[ServedModel, Ses
     return state.model(rec.model), rec
 
 
+async def engine_answer(fut: concurrent.futures.Future):
+    """The engine's answer to a job or call (`fut`): its result, or its exception raised. Cancelling the
+    waiter (uvicorn cancels what still runs when its graceful shutdown is over) does not cancel the
+    engine's work, which may be running already and whose effects (a record added, a slot written or
+    released) the caller's cleanup must know: a cancelled waiter waits for the answer all the same, then
+    raises CancelledError, and `fut` is done. (Awaiting `asyncio.wrap_future(fut)` cancelled `fut`; the
+    engine then raised resolving it and stopped: 503 to every request after.)"""
+    waiter = asyncio.wrap_future(fut)
+    cancelled = False
+    while not waiter.done():
+        try:
+            await asyncio.wait((waiter,))  # (never cancels `waiter`)
+        except asyncio.CancelledError:
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return waiter.result()
+
+
 async def ingest(state: ServerState, model: ServedModel, rec: SessionRecord, ids: list[int], fresh: bool):
     """Run an ingestion-only job on a claimed (or new) session and wait for it."""
     job = Job(rec, ids, fresh=fresh, future=concurrent.futures.Future())
@@ -179,7 +198,7 @@ async def ingest(state: ServerState, model: ServedModel, rec: SessionRecord, ids
         else:
             state.sessions.release(rec)
         raise
-    return await asyncio.wrap_future(job.future)
+    return await engine_answer(job.future)
 
 
 async def landed(state: ServerState, session_id: str | None, queued: concurrent.futures.Future | None = None):
@@ -229,7 +248,7 @@ async def append(state: ServerState, model: ServedModel, session_id: str, ids: l
 async def _engine_call(state: ServerState, model: ServedModel, src: SessionRecord, fn):
     """Run fn on the engine thread with `src` claimed; release it after."""
     try:
-        return await asyncio.wrap_future(model.engine.call(fn))
+        return await engine_answer(model.engine.call(fn))
     finally:
         state.sessions.release(src)
 
@@ -247,7 +266,8 @@ async def fork(state: ServerState, session_id: str) -> SessionRecord:
     try:
         dst = await _engine_call(state, model, src, lambda e: e.fork(src, dst))
     except BaseException:
-        model.engine.pool.release(slot)
+        if not state.sessions.holds(dst):  # (forked, its waiter cancelled: the slot is the new session's)
+            model.engine.pool.release(slot)
         raise
     await landed(state, dst.id)
     return dst
@@ -255,7 +275,7 @@ async def fork(state: ServerState, session_id: str) -> SessionRecord:
 
 async def delete(state: ServerState, session_id: str) -> None:
     model, rec = session_model(state, session_id)
-    await asyncio.wrap_future(model.engine.call(lambda e: e.delete_now(rec)))
+    await engine_answer(model.engine.call(lambda e: e.delete_now(rec)))
     await landed(state, session_id)
 
 
@@ -361,18 +381,23 @@ async def _install(
     after an error: the slot goes back to the pool whatever fails."""
     n_tokens, pending, utf8_tail, seen = (header[k] for k in ("n_tokens", "pending", "utf8_tail", "seen"))
     rec = _new_record(state, model, ephemeral=False, session_id=session_id)
+    fut: concurrent.futures.Future | None = None
     if session_id is not None:  # restored: the same session (an import is a new one)
         if header.get("created") is not None:
             rec.created = float(header["created"])
         rec.generated = header.get("generated", 0)
     try:
         rec.n_tokens, rec.pending, rec.utf8_tail = n_tokens, pending, utf8_tail
-        rec = await asyncio.wrap_future(model.engine.call(lambda e: e.write_slot(rec, raw, seen)))
+        fut = model.engine.call(lambda e: e.write_slot(rec, raw, seen))
+        rec = await engine_answer(fut)
     except StateRangeError as exc:
         _drop_record(state, model, rec)
         raise invalid(param, f"{what}: {exc}") from None
     except BaseException:
-        _drop_record(state, model, rec)
+        if fut is not None and fut.done() and fut.exception() is None:  # installed, its waiter cancelled
+            state.sessions.release(rec)
+        else:
+            _drop_record(state, model, rec)
         raise
     state.sessions.release(rec)
     return rec
@@ -452,7 +477,7 @@ async def _drop_copy(state: ServerState, session_id: str) -> bool:
              "reloading", session_id)  # fmt: skip
     state.metrics.store_ops.labels("reload").inc()
     state.writer.discard(session_id)
-    await asyncio.wrap_future(fut)
+    await engine_answer(fut)
     return True
 
 

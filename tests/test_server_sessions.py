@@ -4,8 +4,10 @@ import hashlib
 import json
 import struct
 import threading
+import time
 
 import httpx
+import pytest
 from server_support import reference, sse_events, wait_for
 
 from model.sampling import SamplingParams
@@ -360,3 +362,52 @@ def test_a_request_that_claimed_a_session_just_before_its_delete_gets_404_and_no
         held.result(10)
         assert got == {"delete": 204, what: 404}, what
         assert engine.pool.in_use == in_use and len(set(engine.pool._free)) == len(engine.pool._free), what
+
+
+def test_a_request_cancelled_while_it_waits_for_the_engine_leaves_the_engine_and_the_slots_sound(server):
+    """A request whose task is cancelled while its work waits in the engine's queue (what uvicorn does to
+    what still runs when its graceful shutdown is over): create, append, fork, import, delete. The engine
+    does the work all the same and its waiter waits for it before the cancellation goes on, so the engine
+    keeps serving and the session table and the slots agree (one distinct slot per record, none busy).
+    (Before, cancelling the waiter cancelled the engine's future: resolving it raised on the engine thread,
+    which stopped, and every request after got a 503; and, by reading the code, a fork or import cancelled
+    while the engine ran it freed the slot its new session then held.)"""
+    import asyncio
+    import concurrent.futures
+
+    st, engine = server.state, server.state.models[TEXT].engine
+    model = st.models[TEXT]
+    sid = httpx.post(server.url + "/v1/sessions", json={"model": TEXT, "prompt": "ab"}).json()["session_id"]
+    blob = httpx.get(f"{server.url}/v1/sessions/{sid}/export").content
+    gone = httpx.post(server.url + "/v1/sessions", json={"model": TEXT, "prompt": "x"}).json()["session_id"]
+    ops = {
+        "create": lambda: service.create_session(st, model, [65]),
+        "append": lambda: service.append(st, model, sid, [66]),
+        "fork": lambda: service.fork(st, sid),
+        "import": lambda: service.import_state(st, blob),
+        "delete": lambda: service.delete(st, gone),
+    }
+    for name, op in ops.items():
+        before = len(st.sessions.records(TEXT))
+        held, hold = hold_engine(engine)
+        request = asyncio.run_coroutine_threadsafe(op(), st.loop)
+        assert wait_for(lambda: engine.queued >= 1, 10), name
+        request.cancel()  # (the task is cancelled while it waits for the engine's answer)
+        time.sleep(0.05)
+        hold.set()
+        held.result(10)
+        with pytest.raises(concurrent.futures.CancelledError):
+            request.result(10)
+        # (the request's future is cancelled at once; its task ends once the engine has answered)
+        assert wait_for(lambda: engine.queued == 0 and not any(r.busy for r in st.sessions.records(TEXT)), 10)
+        time.sleep(0.05)
+        assert engine.crashed is None, name
+        recs = st.sessions.records(TEXT)
+        assert len(recs) == before + {"create": 1, "fork": 1, "import": 1, "delete": -1}.get(name, 0), name
+        assert len({r.slot for r in recs}) == len(recs) == engine.pool.in_use, name
+    info = httpx.get(f"{server.url}/v1/sessions/{sid}").json()
+    assert info["tokens"] == 3 and info["status"] == "idle"  # "ab" and the appended "B"
+    r = httpx.post(server.url + "/v1/generate", json={"model": TEXT, "session_id": sid, "max_new_tokens": 4})
+    assert r.status_code == 200 and len(r.json()["tokens"]) == 4
+    for rec in st.sessions.records(TEXT):  # (leave the module's server as it was)
+        assert httpx.delete(f"{server.url}/v1/sessions/{rec.id}").status_code == 204
