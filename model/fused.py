@@ -340,10 +340,11 @@ def fill_layer(lay: NetLayer, form, w: _Weights, s4: str, ff_norm: str | None = 
 
 class NetStep:
     """The whole network's recurrent step in one C call (`net_step`): embedding, every block
-    (LayerNorm, SSM step, GELU(y + D u), GLU output mixing, residual; then the FF block when d_ff > 0:
-    LayerNorm, up, exact GELU, down, residual), final LayerNorm and head
-    (with its bias when the model has one). The embedding table is read pre-multiplied by embed_scale
-    (the same float32 products as the torch forward).
+    (norm, SSM step, GELU(y + D u), GLU output mixing, residual; then the FF block when d_ff > 0:
+    norm, up, exact GELU, down, residual), final norm and head
+    (with its bias when the model has one). Norms: LayerNorms, or with norm "tln" the official scalar
+    TransposedLN (blocks and final norm: official `transposed: true` imports). The embedding table is
+    read pre-multiplied by embed_scale (the same float32 products as the torch forward).
 
     Weights in float32, bfloat16 or float16: the blocks' linear weights are read in their own dtype and
     widened exactly to float32 in registers (half the bytes per step for a 16-bit model); every other
@@ -364,7 +365,7 @@ class NetStep:
     CONFIG_FIELDS = frozenset({
         "vocab_size", "d_model", "n_layers", "d_state", "kernel", "init", "rank", "disc", "l_max",
         "dropout", "dt_min", "dt_max", "tie_embeddings", "cauchy_backend", "modality", "sample_rate",
-        "head_bias", "embed_scale", "re_lambda_max", "dt_tied", "l_kernel", "d_ff",
+        "head_bias", "embed_scale", "re_lambda_max", "dt_tied", "l_kernel", "d_ff", "norm",
     })  # fmt: skip
 
     def __init__(self, lib, net, forms) -> None:
@@ -378,12 +379,10 @@ class NetStep:
         self.M = max(f.M for f in forms)  # the state's modes (layers with fewer run zero-padded)
         if len(forms) != len(net.blocks):
             raise ValueError(f"{len(forms)} layer forms for {len(net.blocks)} blocks")
-        norms = [b.norm for b in net.blocks] + [b.ff_norm for b in net.blocks if b.ff_norm is not None]
-        norms.append(net.norm)
-        eps = {n.eps for n in norms}
-        if len(eps) != 1:
+        eps = {m.eps for m in net.modules() if isinstance(m, torch.nn.LayerNorm)}  # none: TransposedLNs only
+        if len(eps) > 1:
             raise ValueError("every LayerNorm must share one eps")
-        self.eps = ctypes.c_float(eps.pop())
+        self.eps = ctypes.c_float(eps.pop() if eps else 0.0)
         dtypes = {p.dtype for p in net.parameters()}
         if len(dtypes) != 1 or next(iter(dtypes)) not in WEIGHT_FORMATS:
             names = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_FORMATS)
@@ -397,16 +396,18 @@ class NetStep:
             ff = pre + "ff." if pre + "ff.up.weight" in w.tensors else None
             fill_layer(self.layers[i], form, w, pre, pre + "ff_norm.", ff, wfmt)
         embed = w.take("embed.weight").detach().float() * cfg.embed_scale
+        lnf_kind, lnf_w, lnf_b = _norm(w, "norm.")  # the final norm: LayerNorm, or TransposedLN (norm "tln")
+        self.lnf_kind = ctypes.c_long(lnf_kind)
         self.embed, self.lnf_w, self.lnf_b, self.head = (
-            ctypes.c_void_p(v)
-            for v in (w.ptr(embed), w.param("norm.weight"), w.param("norm.bias"), w.transposed("head.weight"))
+            ctypes.c_void_p(v) for v in (w.ptr(embed), lnf_w, lnf_b, w.transposed("head.weight"))
         )
         self.head_b = ctypes.c_void_p(w.param("head.bias") if "head.bias" in w.tensors else None)
         w.check_all_read("the whole-network step")
         self.n_layers = len(forms)
 
     def _weight_args(self) -> tuple:
-        return (self.embed, self.layers, self.lnf_w, self.lnf_b, self.head, self.head_b, self.eps)
+        lnf = (self.lnf_kind, self.lnf_w, self.lnf_b)
+        return (self.embed, self.layers, *lnf, self.head, self.head_b, self.eps)
 
     def _run(
         self, what: str, fn, dims: tuple[int, ...], tokens: torch.Tensor, *buffers: torch.Tensor | None

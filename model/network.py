@@ -13,6 +13,7 @@ from torch import nn
 from model.cauchy import BACKENDS
 from model.kernel import RE_LAMBDA_MAX, S4_INITS, S4D_INITS, SSMKernel
 from model.layer import S4Layer
+from model.norms import make_norm
 
 # An SSM override: maps the normalized block input (…, H) to the SSM output (…, H). The recurrent
 # form passes one per layer (step or prefill) instead of the convolution.
@@ -58,7 +59,9 @@ class ModelConfig:
     expand          sashimi: int in [1, 8], channels × expand at each coarser level.
     ff              sashimi: int in [0, 16], FF hidden size = ff × width (0: no FF blocks).
     unet            sashimi: bool, (S4, FF) blocks before each DownPool too, with U-Net skips.
-    norm            sashimi: "layer" (LayerNorm) or "tln" (official scalar TransposedLN).
+    norm            "layer" (LayerNorm) or "tln" (official scalar TransposedLN): the blocks' norm;
+                    isotropic: the final norm's too (official `transposed: true` backbones);
+                    sashimi: its final norm stays a LayerNorm (as the official SaShiMi's).
     """
 
     vocab_size: int = 256
@@ -95,7 +98,9 @@ class ModelConfig:
     expand: int = 2  # sashimi: channels × expand at each coarser level
     ff: int = 2  # sashimi: FF block hidden size = ff × width (0: no FF blocks)
     unet: bool = False  # sashimi: (S4, FF) blocks before each DownPool too, with U-Net skips
-    norm: str = "layer"  # sashimi: block norm, "layer" (LayerNorm) or "tln" (official scalar TransposedLN)
+    # the blocks' norm, "layer" (LayerNorm) or "tln" (official scalar TransposedLN); isotropic: the final
+    # norm's too (the official backbone builds both from one `norm` option)
+    norm: str = "layer"
 
     def __post_init__(self):
         for f in fields(self):  # numpy scalars (a sweep's np.int64, np.float32) as Python numbers
@@ -179,10 +184,9 @@ class ModelConfig:
         validate_fields(self)  # pool, expand, ff, norm: checked whatever the arch
         if self.arch == "sashimi":
             validate(self)
-        elif self.unet or self.norm != "layer":
+        elif self.unet:
             raise ValueError(
-                "unet and norm are options of arch 'sashimi' (isotropic: unet false, norm 'layer'), "
-                f"got unet={self.unet!r}, norm={self.norm!r}"
+                f"unet is an option of arch 'sashimi' (isotropic: unet false), got unet={self.unet!r}"
             )
 
     def to_dict(self) -> dict:
@@ -272,21 +276,22 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """x + dropout(S4Layer(LN(x))), then x + dropout(FF(LN(x))) when d_ff > 0.
+    """x + dropout(S4Layer(norm(x))), then x + dropout(FF(norm(x))) when d_ff > 0.
 
     As the official backbone's layer pattern [s4, ff]: two pre-norm residual blocks
-    (SequenceResidualBlock: norm → layer → dropout → add), each with its own LayerNorm (eps 1e-5)."""
+    (SequenceResidualBlock: norm → layer → dropout → add), each with its own norm: LayerNorm (eps 1e-5),
+    or with cfg.norm "tln" the scalar TransposedLN of official `transposed: true` backbones."""
 
     def __init__(self, cfg: ModelConfig, i: int = 0):
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.norm = make_norm(cfg.norm, cfg.d_model)
         l_kernel = cfg.l_max if cfg.l_kernel is None else cfg.l_kernel[i]
         self.layer = S4Layer(
             cfg.d_model, cfg.d_state, l_kernel, dropout=cfg.dropout, kind=cfg.kernel, init=cfg.init,
             rank=cfg.rank, disc=cfg.disc, dt_min=cfg.dt_min, dt_max=cfg.dt_max,
             backend=cfg.cauchy_backend, re_lambda_max=cfg.re_lambda_max, dt_tied=cfg.dt_tied,
         )  # fmt: skip
-        self.ff_norm = nn.LayerNorm(cfg.d_model) if cfg.d_ff else None
+        self.ff_norm = make_norm(cfg.norm, cfg.d_model) if cfg.d_ff else None
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout) if cfg.d_ff else None
         self.dropout = nn.Dropout(cfg.dropout)  # on each residual branch
 
@@ -307,7 +312,7 @@ class SequenceModel(nn.Module):
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
+        self.norm = make_norm(cfg.norm, cfg.d_model)  # the official backbone's final norm is the blocks' kind
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight

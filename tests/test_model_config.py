@@ -66,7 +66,7 @@ BAD = [
     ("pool", "44", r"pool must be a list of 1 to 4 strides, got '44'"),
     ("expand", 2.5, r"expand must be an integer in \[1, 8\], got 2.5"),
     ("ff", -1, r"ff must be an integer in \[0, 16\], got -1"),
-    ("unet", True, r"unet and norm are options of arch 'sashimi'.*got unet=True"),
+    ("unet", True, r"unet is an option of arch 'sashimi' \(isotropic: unet false\), got unet=True"),
     ("unet", "no", r"unet must be true or false, got 'no'"),
     ("norm", "batch", r"norm must be 'layer' or 'tln', got 'batch'"),
 ]

@@ -45,7 +45,8 @@ PHILOX_KAT = [
 ]
 
 
-MODELS = ["s4", "s4d", "sashimi", "sashimi-tln", "sashimi-unet", "s4-bfloat16", "s4d-float16"]
+# s4-tln: isotropic with the official scalar TransposedLN as block and final norm (transposed imports)
+MODELS = ["s4", "s4d", "s4-tln", "sashimi", "sashimi-tln", "sashimi-unet", "s4-bfloat16", "s4d-float16"]
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -56,6 +57,10 @@ def rec(request):
         unet = request.param == "sashimi-unet"  # down blocks and U-Net skips (2 (S4, FF) pairs per level)
         net = build(ModelConfig(**SMALL, arch="sashimi", pool=[4, 4], norm=norm, unet=unet))
         assert bool(scramble_transposed_lns(net)) == (norm == "tln")
+        rec = net.to_recurrent()
+    elif request.param == "s4-tln":
+        net = SequenceModel(ModelConfig(**SMALL, norm="tln", d_ff=32))
+        assert scramble_transposed_lns(net) == 2 * SMALL["n_layers"] + 1  # S4, FF blocks and final norm
         rec = net.to_recurrent()
     else:  # 16-bit weights: the same C step, their linear weights widened as they are read
         kernel, _, dtype = request.param.partition("-")

@@ -41,6 +41,9 @@ CASES = {  # name: (source, config or None)
     "s4_bytes": ("s4_bytes.ckpt", None),  # vocab 256, served in tests/test_server_official.py
     "s4d_transforms": ("s4d_transforms.ckpt", None),  # relu / softplus / sigmoid + dt_fast, bilinear, tied
     "s4_legt": ("s4_legt.ckpt", None),  # rank 2, softplus Re Λ, n_ssm 4, no rescale
+    # model.transposed true: scalar TransposedLN before every S4 and FF block and as the final norm (norm
+    # "tln"), m and s drawn away from 0 and 1; [s4, ffn], softplus Δ
+    "s4_transposed": ("s4_transposed.ckpt", None),
     # SaShiMi [4, 4] (make_sashimi_fixture.py): weight-normed pools, TransposedLN, l_kernel 64, 16, 4
     "sashimi_sc09": ("sashimi_sc09.ckpt", None),
     # U-Net SaShiMi (backbones/unet.py, `_name_: unet`): the same shapes with 2 (S4, FF) pairs per level,
@@ -126,7 +129,9 @@ def test_convert_cli_writes_a_checkpoint_with_a_model_card(tmp_path):
     assert "recurrent prefill + step logits (float32): max rel. error" in card  # the verification
 
 
-@pytest.mark.parametrize("fixture", ["s4_bytes.ckpt", "s4d_standalone.pt", "sashimi_sc09.ckpt"])
+@pytest.mark.parametrize(
+    "fixture", ["s4_bytes.ckpt", "s4d_standalone.pt", "sashimi_sc09.ckpt", "s4_transposed.ckpt"]
+)
 def test_converting_never_loads_keops_and_the_checkpoint_says_torch(tmp_path, fixture):
     """Converting (and so serving a .ckpt) needs no KeOps: an official import's config names the torch
     Cauchy kernel, and a conversion in a fresh process never imports pykeops (its first compile in a
@@ -242,7 +247,10 @@ REFUSALS = [  # (fixture, config path, value, message)
     ("s4_softplus.ckpt", ("model", "layer", 0, "dt_transform"), "tanh", r"dt_transform = 'tanh'"),
     ("s4_softplus.ckpt", ("model", "layer", 1, "activation"), "relu", r"activation = 'relu'"),
     ("s4_softplus.ckpt", ("model", "prenorm"), False, r"prenorm = False.*post-norm"),
-    ("s4_softplus.ckpt", ("model", "transposed"), True, r"transposed = True"),
+    ("s4_softplus.ckpt", ("model", "transposed"), "yes", r"model.transposed = 'yes': expected true or false"),
+    ("s4_transposed.ckpt", ("model", "norm"), {"_name_": "layer", "scalar": False}, r"\(scalar false\) is"),
+    ("s4_transposed.ckpt", ("model", "norm"), {"_name_": "layer", "eps": 1e-5}, r"eps.*with model.transp"),
+    ("s4_transposed.ckpt", ("model", "norm"), "batch", r"norm = 'batch' with model.transposed = True"),
     ("s4_softplus.ckpt", ("model", "bidirectional"), True, r"model.bidirectional = True"),
     ("s4_softplus.ckpt", ("model", "_name_"), "sashimi_standalone", r"_name_ = 'sashimi_standalone'"),
     ("sashimi_sc09.ckpt", ("model", "interp"), 2, r"model.interp = 2: the interpolating"),
@@ -348,6 +356,47 @@ def test_a_unet_sashimi_import_maps_the_flat_layer_lists_and_consumes_every_tens
     del sd3["model.u_layers.6.layer.layer.kernel.P"]
     with pytest.raises(Unsupported, match=r"u_layers\.6\.layer\.layer\.kernel\.P.*missing"):
         map_official(sd3, cfg3, kind)
+
+
+def test_a_transposed_import_maps_every_norm_to_the_scalar_transposed_ln():
+    """model.transposed: true → config norm "tln": each S4 and FF block's norm and the final norm take the
+    official TransposedLN's s and m (one value each); every tensor is consumed (a LayerNorm weight beside
+    them is refused by name). The fixture tells the norms' parameters apart: with the final norm's m and s
+    reset to 0 and 1, the conv logits miss the official ones by more than 1e-2."""
+    sd, cfg, kind = _lightning("s4_transposed.ckpt")
+    imp = map_official(sd, cfg, kind)
+    assert (imp.config["norm"], imp.config["d_ff"], imp.config["n_layers"]) == ("tln", 16, 2)
+    t = imp.tensors
+    for ours, theirs in (("blocks.1.norm.", "model.layers.2."), ("blocks.1.ff_norm.", "model.layers.3."),
+                         ("norm.", "model.")):  # fmt: skip
+        for n in ("s", "m"):
+            assert torch.equal(t[ours + n], sd[theirs + "norm.norm." + n]), (ours, n)
+    assert not any(k.endswith(("norm.weight", "norm.bias")) for k in t)
+    assert any("TransposedLN" in note for note in imp.notes)
+    ref = load_file(str(FIX / "s4_transposed.ref.safetensors"))
+    T0 = ref["logits_conv"].shape[1]
+    t["norm.m"], t["norm.s"] = torch.zeros(1), torch.ones(1)
+    with torch.no_grad():
+        assert rel(build(imp)(ref["tokens"][:, :T0]), ref["logits_conv"]) > 1e-2
+    sd2, cfg2, _ = _lightning("s4_transposed.ckpt")
+    sd2["model.layers.1.norm.norm.weight"] = torch.ones(8)
+    with pytest.raises(Unsupported, match=r"model\.layers\.1\.norm\.norm\.weight"):
+        map_official(sd2, cfg2, kind)
+
+
+def test_convert_writes_a_servable_transposed_checkpoint(tmp_path):
+    """model.convert → a checkpoint folder whose model.load gives norm "tln" (TransposedLN blocks and final
+    norm); its recurrence takes the whole-network C step and the native decode block, and its card says
+    where the norms came from."""
+    from model.norms import TransposedLN
+
+    convert(FIX / "s4_transposed.ckpt", tmp_path / "t", name="t")
+    net = load(tmp_path / "t")
+    assert net.config.norm == "tln" and isinstance(net.norm, TransposedLN)
+    rec = net.to_recurrent()
+    assert rec._net_step is not None and rec.decode_block_ready(1)
+    card = (tmp_path / "t" / "README.md").read_text()
+    assert "`norm` | `model.norm.norm` | final scalar TransposedLN" in card
 
 
 @pytest.mark.parametrize(
@@ -458,6 +507,8 @@ MISMATCHES = [
     ("s4_softplus.ckpt", ("task", "tied"), True, "task.tied = True", "False"),
     ("s4_softplus.ckpt", ("dataset", "n_tokens"), 20, "dataset.n_tokens = 20", "16"),
     ("s4_legt.ckpt", ("model", "layer", 0, "rank"), 1, "rank = 1", "2"),
+    ("s4_softplus.ckpt", ("model", "transposed"), True, "model.transposed = True", r"LayerNorms \(norm"),
+    ("s4_transposed.ckpt", ("model", "transposed"), False, "model.transposed = False", r"TransposedLNs \("),
     ("s4_legt.ckpt", ("model", "layer", 0, "n_ssm"), 2, "n_ssm = 2", "4"),
     ("s4d_transforms.ckpt", ("task", "tied"), False, "task.tied = False", "True"),
     ("s4d_zoh.pt", ("model", "layer", 0, "dt_tie"), True, "dt_tie = True", "False"),

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from numerics import real_system_with_eigenvalues, step_all
+from numerics import real_system_with_eigenvalues, scramble_transposed_lns, step_all
 
 from model import ModelConfig, SequenceModel, VerificationError
 from model.recurrent import DiagonalSSM, DPLRStep
@@ -281,6 +281,41 @@ def test_the_c_prefill_is_bit_identical_to_stepping_the_prompt(kernel, init, d_f
     logits, new = rec.prefill(tokens, state)
     assert torch.equal(logits, want) and torch.equal(new, stepped)
     assert ns.prefill(tokens[:, :0], state.clone()).shape == (B, 0, 32)
+
+
+@pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])
+def test_an_isotropic_model_with_transposed_lns_runs_every_step_path_as_its_conv_mode(kernel, init):
+    """norm "tln" (official `transposed: true` backbones): the scalar TransposedLN before each S4 and FF
+    block and as the final norm, its m and s drawn far from 0 and 1 so a path that drops one, or runs a
+    LayerNorm, differs. Against the float64 conv mode (≤ 1e-5 of the largest logit): the torch step and
+    the parallel prefill (no C), and the whole-network C step after the C prefill (logits of every
+    position and of the last); the C prefill equals stepping the prompt bit for bit; bfloat16 weights
+    convert and verify with the C step."""
+    cfg = dict(vocab_size=32, d_model=32, n_layers=2, d_state=16, l_max=64, d_ff=48, cauchy_backend="torch")
+    net = SequenceModel(ModelConfig(kernel=kernel, init=init, norm="tln", **cfg)).eval()
+    assert scramble_transposed_lns(net) == 5  # 2 S4 blocks, 2 FF blocks, the final norm
+    tokens = torch.randint(0, 32, (3, 80), generator=torch.Generator().manual_seed(1))  # past l_max
+    with torch.no_grad():
+        want = net.double()(tokens).float()
+    net.float()
+
+    def rel(got):
+        return float((got - want).abs().max() / want.abs().max())
+
+    torch_ops, c_step = net.to_recurrent(fused_step=False), net.to_recurrent()
+    assert torch_ops._net_step is None and c_step._net_step is not None
+    torch_ops.prefill_by_steps_max_tokens = 0  # the parallel prefill
+    first, state = torch_ops.prefill(tokens[:, :30], torch_ops.init_state(3))
+    rest, _ = step_all(torch_ops, tokens[:, 30:], state)
+    assert rel(torch.cat([first, rest], 1)) <= 1e-5
+    first, state = c_step.prefill(tokens[:, :30], c_step.init_state(3))  # the C prefill (≤ 30 tokens)
+    rest, _ = step_all(c_step, tokens[:, 30:], state)
+    assert rel(torch.cat([first, rest], 1)) <= 1e-5
+    stepped, s_want = step_all(c_step, tokens[:, :30], c_step.init_state(3))
+    assert torch.equal(first, stepped) and torch.equal(state, s_want)
+    last, _ = c_step.prefill(tokens[:, :30], c_step.init_state(3), logits="last")
+    assert torch.equal(last, first[:, -1:])
+    assert net.to_recurrent(dtype=torch.bfloat16)._net_step is not None  # verified against float64 conv
 
 
 def test_a_layer_with_fewer_modes_than_the_state_runs_the_fused_step_zero_padded():

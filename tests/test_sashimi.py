@@ -103,7 +103,7 @@ def test_config_validation_names_the_field():
         (dict(arch="sashimi", d_ff=64), "d_ff"),
         (dict(arch="sashimi", l_max=1000), "l_max"),  # not a multiple of 2·16
         (dict(unet=True), "unet"),  # isotropic
-        (dict(norm="tln"), "norm"),
+        (dict(norm="batch"), "norm"),  # isotropic too: "layer" or "tln"
         (dict(arch="sashimi", n_layers=1, l_kernel=[64]), "l_kernel"),
     ]
     for kw, field in cases:

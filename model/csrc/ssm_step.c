@@ -726,9 +726,9 @@ static void block_rest(long B, long H, const NetLayer *L, float *x, float *u, fl
  * whatever the other rows are (each output element's sums run in one fixed order), so a row's
  * logits and state do not depend on the batch around it. */
 static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_layers, long M,
-                    const long *tokens, const float *embed, const NetLayer *layers, const float *lnf_w,
-                    const float *lnf_b, const float *head_t, const float *head_b, float eps, const float *state,
-                    float *state_out, float *logits) {
+                    const long *tokens, const float *embed, const NetLayer *layers, long lnf_kind,
+                    const float *lnf_w, const float *lnf_b, const float *head_t, const float *head_b, float eps,
+                    const float *state, float *state_out, float *logits) {
     long F = 0; /* the widest feed-forward block */
     for (long l = 0; l < n_layers; l++)
         if (layers[l].d_ff > F) F = layers[l].d_ff;
@@ -758,7 +758,7 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
         if (rc == 0) block_rest(B, H, L, x, u, y, o, f, eps);
     }
     if (rc == 0) {
-        layer_norm(B, H, x, u, lnf_w, lnf_b, eps);
+        block_norm(lnf_kind, B, H, x, u, lnf_w, lnf_b, eps);
         linear_t(B, H, V, u, head_t, head_b, logits);
     }
     free(buf);
@@ -1116,6 +1116,7 @@ typedef struct {
     long H, V, n_layers, M;
     const float *embed;
     const NetLayer *layers;
+    long lnf_kind; /* the final norm's kind (NetLayer.norm's codes) */
     const float *lnf_w, *lnf_b, *head_t, *head_b;
     float eps;
     const float *src; /* the state read, or NULL: the state updated is read (in place) */
@@ -1124,16 +1125,16 @@ typedef struct {
 static int net_rows_fn(const void *ctx, long B, long Btot, const long *rows, const long *tok, float *state,
                        float *logits) {
     const NetArgs *n = ctx;
-    return net_rows(B, Btot, rows, n->H, n->V, n->n_layers, n->M, tok, n->embed, n->layers, n->lnf_w, n->lnf_b,
-                    n->head_t, n->head_b, n->eps, n->src ? n->src : state, state, logits);
+    return net_rows(B, Btot, rows, n->H, n->V, n->n_layers, n->M, tok, n->embed, n->layers, n->lnf_kind, n->lnf_w,
+                    n->lnf_b, n->head_t, n->head_b, n->eps, n->src ? n->src : state, state, logits);
 }
 
 /* Rows r0 .. r1 − 1 of net_prefill's B (their tokens, state rows and logits at their offsets in the whole
  * batch's), in the calling thread. */
 static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n_layers, long M, long head,
-                        long F, const long *tokens, const float *embed, const NetLayer *layers, const float *lnf_w,
-                        const float *lnf_b, const float *head_t, const float *head_b, float eps, float *state,
-                        float *logits) {
+                        long F, const long *tokens, const float *embed, const NetLayer *layers, long lnf_kind,
+                        const float *lnf_w, const float *lnf_b, const float *head_t, const float *head_b, float eps,
+                        float *state, float *logits) {
     const long n = r1 - r0, N = n * L;
     float *buf = malloc(sizeof(float) * (size_t)(N > 0 ? N : 1) * (size_t)(H * 5 + F));
     if (!buf) return -2;
@@ -1175,11 +1176,11 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
         block_rest(N, H, Ly, x, u, y, o, f, eps);
     }
     if (head == 0) { /* every position */
-        layer_norm(N, H, x, u, lnf_w, lnf_b, eps);
+        block_norm(lnf_kind, N, H, x, u, lnf_w, lnf_b, eps);
         linear_t(N, H, V, u, head_t, head_b, logits + r0 * L * V);
-    } else if (head == 1) { /* each row's last position; the norm over all rows as head 0 (layer_norm's bits
+    } else if (head == 1) { /* each row's last position; the norm over all rows as head 0 (the norm's bits
                                depend on how the compiler specialized the call: one row alone differed by an ulp) */
-        layer_norm(N, H, x, u, lnf_w, lnf_b, eps);
+        block_norm(lnf_kind, N, H, x, u, lnf_w, lnf_b, eps);
         for (long r = 0; r < n; r++)
             linear_t(1, H, V, u + (r * L + L - 1) * H, head_t, head_b, logits + (r0 + r) * V);
     }
@@ -1202,7 +1203,7 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
  * taking its share through the whole network with no barrier until the end; one row runs in the calling
  * thread. Returns 0, -1 (a DPLR layer over MAX_MODES modes or MAX_RANK) or -2 (out of memory). */
 int net_prefill(long B, long L, long H, long V, long n_layers, long M, long head, const long *tokens,
-                const float *embed, const NetLayer *layers, const float *lnf_w, const float *lnf_b,
+                const float *embed, const NetLayer *layers, long lnf_kind, const float *lnf_w, const float *lnf_b,
                 const float *head_t, const float *head_b, float eps, float *state, float *logits) {
     if (!ids_in_range(tokens, B * L, V)) return E_TOKEN_RANGE;
     long F = 0;
@@ -1212,23 +1213,23 @@ int net_prefill(long B, long L, long H, long V, long n_layers, long M, long head
     }
     const long nt = B >= 2 ? (omp_get_max_threads() < B ? omp_get_max_threads() : B) : 1;
     if (nt <= 1)
-        return prefill_rows(B, 0, B, L, H, V, n_layers, M, head, F, tokens, embed, layers, lnf_w, lnf_b, head_t,
-                            head_b, eps, state, logits);
+        return prefill_rows(B, 0, B, L, H, V, n_layers, M, head, F, tokens, embed, layers, lnf_kind, lnf_w, lnf_b,
+                            head_t, head_b, eps, state, logits);
     int rc = 0;
 #pragma omp parallel num_threads(nt) reduction(min : rc)
     {
         const long t = omp_get_thread_num(), k = omp_get_num_threads();
-        rc = prefill_rows(B, B * t / k, B * (t + 1) / k, L, H, V, n_layers, M, head, F, tokens, embed, layers, lnf_w,
-                          lnf_b, head_t, head_b, eps, state, logits);
+        rc = prefill_rows(B, B * t / k, B * (t + 1) / k, L, H, V, n_layers, M, head, F, tokens, embed, layers,
+                          lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, state, logits);
     }
     return rc;
 }
 
 /* The isotropic network's step: state (n_layers, B, H, 2, M) → state_out (may be state itself). */
 int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
-             const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
+             const NetLayer *layers, long lnf_kind, const float *lnf_w, const float *lnf_b, const float *head_t,
              const float *head_b, float eps, const float *state, float *state_out, float *logits) {
-    const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_w, lnf_b, head_t, head_b, eps, state};
+    const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, state};
     return step_all_rows(net_rows_fn, &n, NET_PARALLEL_ROWS, B, V, tokens, state_out, logits);
 }
 
@@ -1303,7 +1304,7 @@ static long decode_block(StepRowsFn step_rows, const void *ctx, long parallel_ro
 
 /* The decode block of the isotropic network (state (n_layers, Btot, H, 2, M)); arguments as above. */
 long net_block(long K, long Btot, long H, long V, long n_layers, long M, const float *embed,
-               const NetLayer *layers, const float *lnf_w, const float *lnf_b, const float *head_t,
+               const NetLayer *layers, long lnf_kind, const float *lnf_w, const float *lnf_b, const float *head_t,
                const float *head_b, float eps, float *state, long *tok, const double *temp, const long *top_k,
                const long *kind, const float *top_p, const float *min_p, const float *rep, const float *presence,
                const float *frequency, const float *bias, const unsigned char *pen_seen, float *counts,
@@ -1311,7 +1312,7 @@ long net_block(long K, long Btot, long H, long V, long n_layers, long M, const f
                const long *stop_off, const unsigned char *stop_data, unsigned char *hist, long hist_cap,
                long *hist_len, unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times,
                const int *interrupt, long group_rows, long group_steps) {
-    const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_w, lnf_b, head_t, head_b, eps, NULL};
+    const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, NULL};
     return decode_block(net_rows_fn, &n, NET_PARALLEL_ROWS, K, Btot, V, state, tok, temp, top_k, kind, top_p,
                         min_p, rep, presence, frequency, bias, pen_seen, counts, key, counter, limit, stop_first,
                         stop_off, stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out, stopped, times,

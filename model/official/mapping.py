@@ -13,7 +13,12 @@ Facts followed (state-spaces/s4 at e757cef):
   `l_kernel` buffer L (doubled in place when a longer input arrives); for S4D C is C̄, ZOH or bilinear.
 - modules/s4block.py + kernels/fftconv.py: y = GLU(Linear(GELU(K̄ ∗ u + D u))); D is (channels, H).
 - backbones/model.py, block.py: pre-norm residual blocks (LayerNorm, eps 1e-5), a final LayerNorm;
-  the layer list (e.g. [s4, ffn]) is repeated n_layers times, one residual block per entry.
+  the layer list (e.g. [s4, ffn]) is repeated n_layers times, one residual block per entry. `transposed`
+  only changes the layout, (B, H, L) instead of (B, L, H), and so the norm: nn/normalization.py
+  Normalization('layer', transposed=True) is TransposedLN (scalar by default: y = s/σ·(x − μ + m), one
+  mean and population σ over the channels, no ε), in every block and as the final norm; the layers'
+  own `transposed` is overwritten by the backbone's, their Linear (TransposedLinear in the FFN) weights
+  have nn.Linear's shapes and names.
 - modules/ffn.py: Linear(H, expand·H) → GELU → dropout → Linear(expand·H, H).
 - tasks/tasks.py LMTask: Embedding (encoder.0), × √d_model when `rescale` (default true), Linear decoder
   with bias (tied to the embedding when `tied`).
@@ -296,25 +301,54 @@ def map_ssm_kernel(
 # The official src/ pipeline: SequenceLightningModule (model. / encoder. / decoder.)
 
 
-def _check_backbone(m: dict) -> None:
+def _check_backbone(m: dict) -> str:
+    """The isotropic backbone's options; returns our norm: "layer" (LayerNorm) or, for a transposed
+    backbone, "tln" (the scalar TransposedLN its Normalization('layer') builds)."""
     w = "model"
     _expect(m, "_name_", "model", ("model",), w, "only the isotropic backbone (model) is supported")
     _expect(m, "prenorm", True, (True,), w, "post-norm blocks are not supported")
-    _expect(m, "transposed", False, (False,), w, "transposed backbones use TransposedLN, not supported")
+    _expect(m, "transposed", False, (False, True), w, "expected true or false")
+    transposed = _opt(m, "transposed", False, w)
     _expect(m, "bidirectional", False, (False,), w, "bidirectional backbones cannot run as a recurrence")
     res = _opt(m, "residual", "R", w)
     if not (res in ("R", "residual") or (isinstance(res, dict) and res.get("_name_") in ("R", "residual")
             and res.get("alpha", 1.0) == 1.0 and res.get("beta", 1.0) == 1.0)):  # fmt: skip
         raise Unsupported(f"model.residual = {res!r}: only the plain residual 'R' is supported")
     norm = _opt(m, "norm", "layer", w)
-    if not (norm == "layer" or (isinstance(norm, dict) and norm.get("_name_") == "layer"
-            and set(norm) <= {"_name_", "eps"} and norm.get("eps", LN_EPS) == LN_EPS)):  # fmt: skip
+    if transposed:  # TransposedLN(d, **norm's other keys): scalar (default True) is its only option
+        if isinstance(norm, dict) and norm.get("_name_") == "layer" and norm.get("scalar", True) is False:
+            raise Unsupported(
+                f"model.norm = {norm!r} with model.transposed = True: the per-channel TransposedLN "
+                "(scalar false) is not supported, only the scalar one (the default)"
+            )
+        if not (norm == "layer" or (isinstance(norm, dict) and norm.get("_name_") == "layer"
+                and set(norm) <= {"_name_", "scalar"})):  # fmt: skip
+            raise Unsupported(
+                f"model.norm = {norm!r} with model.transposed = True: only 'layer' (the scalar "
+                "TransposedLN) is supported"
+            )
+    elif not (norm == "layer" or (isinstance(norm, dict) and norm.get("_name_") == "layer"
+              and set(norm) <= {"_name_", "eps"} and norm.get("eps", LN_EPS) == LN_EPS)):  # fmt: skip
         raise Unsupported(f"model.norm = {norm!r}: only LayerNorm ('layer', eps 1e-5) is supported")
     pool = _opt(m, "pool", None, w)
     if pool is not None and not (
         isinstance(pool, dict) and pool.get("stride", 1) == 1 and pool.get("expand") is None
     ):
         raise Unsupported(f"model.pool = {pool!r}: pooling is not supported in the isotropic backbone")
+    return "tln" if transposed else "layer"
+
+
+def _agree_norm(sd: dict[str, torch.Tensor], norm: str) -> None:
+    """The norm the config implies (model.transposed) against the final norm's tensors: a LayerNorm has
+    model.norm.norm.weight, the scalar TransposedLN model.norm.norm.s."""
+    weights = {"model.norm.norm.weight": "layer", "model.norm.norm.s": "tln"}
+    found = {v for k, v in weights.items() if k in sd}
+    if len(found) == 1 and found != {norm}:
+        has = "LayerNorms (norm.norm.weight)" if "layer" in found else "TransposedLNs (norm.norm.s, m)"
+        raise ConfigMismatch(
+            f"model.transposed = {norm == 'tln'} in the config, but the weights have {has}: "
+            "the config does not belong to these weights?"
+        )
 
 
 def _check_s4_layer(lc: dict, where: str) -> str:
@@ -401,7 +435,8 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     m = cfg.get("model")
     if not isinstance(m, dict):
         raise Unsupported("config: no 'model' section")
-    _check_backbone(m)
+    norm = _check_backbone(m)
+    _agree_norm(sd, norm)
     layer_cfgs = m.get("layer")
     layer_cfgs = layer_cfgs if isinstance(layer_cfgs, list) else [layer_cfgs]
     if not layer_cfgs or not all(isinstance(x, dict) for x in layer_cfgs):
@@ -465,6 +500,14 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     mp += [("head.weight", hw, "decoder weight" + (" (tied to the embedding)" if tied else "")),
            ("head.bias", hw[: -len('weight')] + "bias", "decoder bias")]  # fmt: skip
 
+    def take_norm(ours: str, theirs: str, what: str, where: str = "") -> None:
+        """A LayerNorm's weight and bias (H,), or (transposed) the scalar TransposedLN's s and m (1,)."""
+        names, shape = (("s", "m"), (1,)) if norm == "tln" else (("weight", "bias"), (H,))
+        for n in names:
+            tensors[ours + n] = src.take(theirs + n, shape)
+        kind = "scalar TransposedLN (s, m: transposed backbone)" if norm == "tln" else "LayerNorm"
+        mp.append((ours[:-1], theirs[:-1], f"{what} {kind}{where}"))
+
     d_ff, kinds, l_kernels, facts0 = 0, set(), [], None
     dt_tied_all = True
     for i in range(n_layers):
@@ -497,20 +540,18 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
         tensors[q + "layer.D"] = D[0]
         tensors[q + "layer.out.weight"] = src.take(p + "layer.output_linear.0.weight", (2 * H, H))
         tensors[q + "layer.out.bias"] = src.take(p + "layer.output_linear.0.bias", (2 * H,))
-        tensors[q + "norm.weight"] = src.take(p + "norm.norm.weight", (H,))
-        tensors[q + "norm.bias"] = src.take(p + "norm.norm.bias", (H,))
         mp += [
             (q + "layer.D", p + "layer.layer.D", "D[0]"),
             (q + "layer.out", p + "layer.output_linear.0", "Linear(H, 2H) then GLU"),
-            (q + "norm", p + "norm.norm", "pre-norm LayerNorm"),
         ]
+        take_norm(q + "norm.", p + "norm.norm.", "pre-norm")
         if per == 2:
             f = f"model.layers.{j + 1}."
             fc = layer_cfgs[1]
             fw = "model.layer[1]"
             _expect(fc, "activation", "gelu", ("gelu",), fw, "only GELU is supported")
             _expect(fc, "d_output", None, (None, H), fw, "the FF block must map d_model to d_model")
-            _expect(fc, "transposed", False, (False,), fw, "transposed FF blocks are not supported")
+            # (its own `transposed` is overwritten by the backbone's, which only changes the layout)
             up = src.take(f + "layer.ff.0.0.weight")
             if up.dim() != 2 or up.shape[1] != H or (d_ff and up.shape[0] != d_ff):
                 raise Unsupported(f"{fw}: ff.0 weight has shape {list(up.shape)}")
@@ -525,16 +566,12 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
             tensors[q + "ff.up.bias"] = src.take(f + "layer.ff.0.0.bias", (d_ff,))
             tensors[q + "ff.down.weight"] = src.take(f + "layer.ff.2.weight", (H, d_ff))
             tensors[q + "ff.down.bias"] = src.take(f + "layer.ff.2.bias", (H,))
-            tensors[q + "ff_norm.weight"] = src.take(f + "norm.norm.weight", (H,))
-            tensors[q + "ff_norm.bias"] = src.take(f + "norm.norm.bias", (H,))
             mp += [
                 (q + "ff.up", f + "layer.ff.0.0", "Linear(H, expand·H), GELU"),
                 (q + "ff.down", f + "layer.ff.2", "Linear(expand·H, H)"),
-                (q + "ff_norm", f + "norm.norm", "pre-norm LayerNorm of the [s4, ffn] pattern's ffn block"),
             ]
-    tensors["norm.weight"] = src.take("model.norm.norm.weight", (H,))
-    tensors["norm.bias"] = src.take("model.norm.norm.bias", (H,))
-    mp.append(("norm", "model.norm.norm", "final LayerNorm"))
+            take_norm(q + "ff_norm.", f + "norm.norm.", "pre-norm", " of the [s4, ffn] pattern's ffn block")
+    take_norm("norm.", "model.norm.norm.", "final")
     left = src.leftovers()
     if left:
         raise Unsupported(f"state dict: tensors this importer does not understand: {left[:10]}")
@@ -557,6 +594,12 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
         "embed_scale": float(embed_scale), "l_kernel": l_kernels if kind == "s4" else None,
         "dt_tied": bool(dt_tied_all), "re_lambda_max": None,
     }  # fmt: skip
+    if norm == "tln":  # (absent for LayerNorms, our default: the config.json loads in older s4serve too)
+        config["norm"] = "tln"
+        notes.append(
+            "model.transposed = True: every norm (each block's and the final one) is the official scalar "
+            "TransposedLN, y = s/σ·(x − μ + m) over the channels (config norm 'tln')"
+        )
     config = _drop_defaults(config)
     notes.append(_kernel_note(kind, lc, facts0))
     return Imported(config, tensors, mp, notes)
