@@ -17,11 +17,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import re
+import secrets
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ import torch
 from model.checkpoint import _sha256, save
 from model.official.mapping import Imported, MissingConfig, Unsupported, map_official
 from model.official.reader import OfficialFormatError, config_origin, find_config, read_source
+
+log = logging.getLogger("model.convert")
 
 OFFICIAL_COMMIT = "e757cef"  # the state-spaces/s4 commit whose code the mapping follows
 SUFFIXES = (".ckpt", ".pt", ".pth")
@@ -62,14 +65,27 @@ def default_name(src: Path) -> str:
 
 
 def token_warning(dataset: str | None, vocab_size: int) -> str | None:
-    """Why a text model's ids may not be bytes: its official dataset numbers tokens by a vocabulary."""
-    if dataset not in VOCAB_DATASETS:
-        return None
-    return (
-        f"trained on dataset {dataset!r}, whose token ids are the official code's frequency-ordered "
-        f"vocabulary (vocab {vocab_size}), not UTF-8 bytes: the server's text routes send bytes as ids "
-        "(id = byte), so served as text it reads and writes garbage"
-    )
+    """Why a text model's ids may not be bytes: fewer than 256 of them (the server refuses such a text
+    model: its text routes send UTF-8 bytes as ids), or an official dataset that numbers tokens by a
+    vocabulary."""
+    reasons = []
+    if vocab_size < 256:
+        reasons.append(
+            f"vocab {vocab_size} < 256: the server's text routes send UTF-8 bytes as ids (id = byte), so "
+            "the server refuses to serve it; use it through the library (model.load) by its token ids"
+        )
+    if dataset in VOCAB_DATASETS:
+        reasons.append(
+            f"trained on dataset {dataset!r}, whose token ids are the official code's frequency-ordered "
+            f"vocabulary (vocab {vocab_size}), not UTF-8 bytes: the server's text routes send bytes as ids "
+            "(id = byte), so "
+            + (
+                "it would read and write garbage"
+                if vocab_size < 256
+                else "served as text it reads and writes garbage"
+            )
+        )
+    return "; ".join(reasons) or None
 
 
 def build(imp: Imported, dtype: torch.dtype = torch.float32):
@@ -219,6 +235,8 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
     ds = cfg.get("dataset") if isinstance(cfg, dict) else None
     dataset = ds.get("_name_") if isinstance(ds, dict) else None
     text = imp.config.get("modality", "text") == "text"
+    if text and sample_rate is not None:
+        raise ConvertError(f"{src}: --sample-rate is a SaShiMi (audio) import's option; this is a text model")
     warning = token_warning(dataset, imp.config["vocab_size"]) if text else None
     summary = {
         "from": "state-spaces/s4",
@@ -231,7 +249,7 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
         "verification": {k: v for k, v in ver.items() if k != "layers"},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = _new_folder(out.parent, f".{out.name}.tmp-")
     try:  # written beside OUT_DIR, then swapped in: an old OUT_DIR is replaced whole, never mixed
         save(net, tmp, extra={"name": name, "source": summary})
         card = model_card(name, src, sha, kind, imp, ver, summary["config_file"], warning)
@@ -272,9 +290,10 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
     cache = Path(cache_dir).expanduser()
     entry = cache / cache_key(src, config)
     if (entry / "config.json").is_file() and (entry / "model.safetensors").is_file():
+        _warn_tokens(src, entry)
         return entry
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
+    tmp = _new_folder(cache, ".tmp-")
     try:
         convert(src, tmp, config=config, name=name)
         try:
@@ -284,7 +303,33 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _warn_tokens(src, entry)
     return entry
+
+
+def _warn_tokens(src: Path, entry: Path) -> None:
+    """Log the conversion's token warning (`token_warning`) each time a cached entry is used, as the
+    command line prints it: a server given SRC directly says it too."""
+    try:
+        warning = json.loads((entry / "config.json").read_text())["source"]["warning"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if warning:
+        log.warning("%s: %s", src, warning)
+
+
+def _new_folder(parent: Path, prefix: str) -> Path:
+    """A new empty folder in `parent` with the process's umask applied, like any folder it makes
+    (tempfile.mkdtemp's are 0700: a converted checkpoint renamed from one could not be read by the
+    container's user, uid 10001, nor by any other)."""
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(6)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{parent}: no free temporary name")
 
 
 def main(argv: list[str] | None = None) -> int:

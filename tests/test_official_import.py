@@ -644,20 +644,69 @@ def test_an_existing_output_folder_is_refused_unless_force_and_then_replaced_who
         assert rel(load(out)(ref["tokens"]), ref["logits_step"]) <= 1e-5
     # the fixture's config says dataset wt103: its ids would be that vocabulary's, not bytes
     assert "warning:" in r.stderr and "dataset 'wt103'" in r.stderr and "not UTF-8 bytes" in r.stderr
-    assert "**Tokens:** trained on dataset 'wt103'" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "**Tokens:** trained on dataset 'wt103'" in card
+    # imag_transform "none" reads as its argument (the card said "Im Λ = −none(A_imag)")
+    assert "Im Λ = −A_imag;" in card and "Re Λ = −exp(A_real)" in card and "none(" not in card
     source = json.loads((out / "config.json").read_text())["source"]
     assert source["dataset"] == "wt103" and "frequency-ordered vocabulary" in source["warning"]
     convert(FIX / "s4_bytes.ckpt", tmp_path / "empty-is-fine")  # an empty or absent folder needs no --force
 
 
-def test_a_dataset_not_known_to_number_by_a_vocabulary_gets_no_token_warning(tmp_path):
+def test_a_dataset_not_known_to_number_by_a_vocabulary_gets_no_dataset_warning(tmp_path):
+    """No dataset warning for a dataset not known to number tokens by a vocabulary; this fixture's 16
+    tokens still get the warning that the server refuses a text model of fewer than 256 (byte) tokens
+    (it converted with a warning that it "writes garbage", and then the server refused it)."""
     sd, cfg, _ = read_source(FIX / "s4d_zoh.pt")
     cfg["dataset"] = {"_name_": "my_bytes", "l_max": 32}
     (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "m.pt").write_bytes((FIX / "s4d_zoh.pt").read_bytes())
     summary = convert(tmp_path / "m.pt", tmp_path / "out")
-    assert summary["dataset"] == "my_bytes" and summary["warning"] is None
-    assert "**Tokens:**" not in (tmp_path / "out" / "README.md").read_text()
+    assert summary["dataset"] == "my_bytes" and "dataset" not in summary["warning"]
+    assert (
+        summary["warning"].startswith("vocab 16 < 256: ")
+        and "the server refuses to serve it" in summary["warning"]
+    )
+    assert "**Tokens:** vocab 16 < 256" in (tmp_path / "out" / "README.md").read_text()
+    r = _run_convert(FIX / "s4_legt.ckpt", tmp_path / "legt")
+    assert r.returncode == 0 and "the server refuses to serve it" in r.stderr, r.stderr
+    # a byte-level model of a dataset not known to number tokens by a vocabulary: no warning at all
+    from model.convert import token_warning
+
+    assert token_warning("my_bytes", 256) is None and "wt103" in token_warning("wt103", 256)
+
+
+def test_a_converted_folder_is_made_with_the_umask_and_a_cached_conversion_warns_each_use(tmp_path, caplog):
+    """The output folder and the conversion cache's entries get the process's umask (0755 with 022), as
+    `save`'s files do: they were 0700 (tempfile.mkdtemp, renamed), so the container's user (uid 10001)
+    could not read a checkpoint converted on the host. A server given a .ckpt directly logs the token
+    warning the command line prints (it was only in the cached config.json), each time it is used."""
+    import os
+    import stat
+
+    from model.convert import convert_cached
+
+    old = os.umask(0o022)
+    try:
+        convert(FIX / "s4_bytes.ckpt", tmp_path / "out")
+        with caplog.at_level("WARNING", logger="model.convert"):
+            entry = convert_cached(FIX / "s4_bytes.ckpt", tmp_path / "cache")
+            again = convert_cached(FIX / "s4_bytes.ckpt", tmp_path / "cache")
+    finally:
+        os.umask(old)
+    assert again == entry
+    for folder in (tmp_path / "out", entry):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in folder.iterdir()), folder
+    warned = [r for r in caplog.records if "dataset 'wt103'" in r.getMessage()]
+    assert len(warned) == 2 and all(r.levelname == "WARNING" for r in warned)
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "cache").iterdir())
+
+
+def test_sample_rate_is_refused_for_a_text_import(tmp_path):
+    r = _run_convert(FIX / "s4_bytes.ckpt", tmp_path / "o", "--sample-rate", "8000")
+    assert r.returncode == 2 and "--sample-rate is a SaShiMi (audio) import's option" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
 
 
 def test_sashimi_audio_format_comes_from_the_dataset_or_sample_rate_and_the_card_says_which():

@@ -75,6 +75,11 @@ class Imported:
     notes: list[str] = field(default_factory=list)  # options read from the config, and their meaning
 
 
+def _applied(name: str, x: str) -> str:
+    """How `transform` with `name` reads applied to `x`, for a model card: "exp(A_real)", "A_imag"."""
+    return x if name == "none" else f"{name}({x})"
+
+
 def transform(x: torch.Tensor, name: str, option: str) -> torch.Tensor:
     """src/models/sequence/kernels/ssm.py param_transform, in float64."""
     x = x.double()
@@ -250,15 +255,17 @@ def map_ssm_kernel(
         if kind == "s4":
             raise Unsupported(f"{where}.dt_tie = False: untied Δ is supported for S4D (diag) only")
         out["log_dt"] = torch.log(dt)
-    how_dt = f"log Δ = log {dt_t}(inv_dt)" + (" (after sinh: dt_fast)" if opts.get("dt_fast") else "")
+    how_dt = f"log Δ = log {_applied(dt_t, 'inv_dt')}" + (
+        " (after sinh: dt_fast)" if opts.get("dt_fast") else ""
+    )
     mp += [
         ("kernel.log_dt", kp + "inv_dt", how_dt + ("" if dt_tied else ", one Δ per mode (untied)")),
         (
             "kernel.log_neg_re",
             kp + "A_real",
-            f"log(−Re Λ), Re Λ = −{re_t}(A_real); channel h ← SSM h mod {S}",
+            f"log(−Re Λ), Re Λ = −{_applied(re_t, 'A_real')}; channel h ← SSM h mod {S}",
         ),
-        ("kernel.im", kp + "A_imag", f"Im Λ = −{im_t}(A_imag); channel h ← SSM h mod {S}"),
+        ("kernel.im", kp + "A_imag", f"Im Λ = −{_applied(im_t, 'A_imag')}; channel h ← SSM h mod {S}"),
         ("kernel.B", kp + "B", f"B[0]; channel h ← SSM h mod {S}"),
     ]
     facts = {"N2": N2, "S": S, "disc": disc, "dt_tied": dt_tied, "rank": 0, "l_kernel": None,
