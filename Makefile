@@ -1,6 +1,6 @@
 # make test   : create .venv (torch from your pip index), install the project + dev tools, lint, run the tests
 #               (then the fused C library's tests again at the other vector width: OTHER_WIDTH_TESTS)
-# make test also installs espeak-ng, sox, chromium, redis-server, curl and jq (apt) when missing
+# make test also installs espeak-ng, sox, chromium, redis-server and curl (apt) when missing
 # make bench  : run every benchmark in bench/ (JSON + PNG in bench/results/)
 # make serve  : create .venv, install, serve the shipped checkpoints on 127.0.0.1:8000 (CPU, or CUDA)
 # make loadtest: locust sweep against a loopback server; report in loadtest/results/ (Markdown + PNG)
@@ -16,13 +16,13 @@ export KEOPS_CACHE_FOLDER ?= $(CURDIR)/.keops_cache
 # espeak-ng + sox synthesize the spoken-digit dataset (model.data audio; one test uses them);
 # chromium runs the demo page's browser tests (tests/test_demo_page.py, driven by playwright);
 # redis-server backs the session store tests (each test starts its own on a free loopback port);
-# curl and jq run the README's examples (tests/test_readme.py)
+# curl runs the README's examples (tests/test_readme.py)
 sysdeps:
 	@command -v espeak-ng >/dev/null && command -v sox >/dev/null && command -v chromium >/dev/null \
-	  && command -v redis-server >/dev/null && command -v curl >/dev/null && command -v jq >/dev/null || { \
+	  && command -v redis-server >/dev/null && command -v curl >/dev/null || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -qq && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox chromium redis-server curl jq; }
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox chromium redis-server curl; }
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

@@ -129,7 +129,7 @@ def wav_frames(path: Path) -> tuple[int, int]:
 
 @pytest.mark.parametrize("line,lang,code", TESTED, ids=[f"README.md:{t[0]}-{t[1]}" for t in TESTED])
 def test_readme_example_runs_verbatim(line, lang, code, sandbox):
-    for tool in ("curl", "jq") if lang == "bash" else ():
+    for tool in ("curl",) if lang == "bash" else ():
         assert shutil.which(tool), f"{tool} is needed by the README's examples (make sysdeps installs it)"
     r = run_block(lang, code, sandbox)
     assert r.returncode == 0, f"README.md:{line} ({lang}) failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
