@@ -120,6 +120,7 @@ class TrainConfig:
     threads: int = 0  # ≥ 0: torch intra-op threads per process (0: leave torch's default)
     out: str = "runs/default"  # the run folder
     export: str = ""  # where to save the final servable checkpoint ("" = don't)
+    init: str = ""  # a checkpoint folder (model.save, model.convert) to start from ("" = fresh weights)
     final_eval: bool = True  # score the whole validation and test splits at the end
 
     def __post_init__(self):
@@ -169,6 +170,9 @@ class TrainConfig:
         _require(_is_int(self.seed) and self.seed >= 0, k + "seed", self.seed, "an integer ≥ 0")
         _require(isinstance(self.out, str) and self.out != "", k + "out", self.out, "a folder path")
         _require(isinstance(self.export, str), k + "export", self.export, 'a folder path, or "" (no export)')
+        _require(
+            isinstance(self.init, str), k + "init", self.init, 'a checkpoint folder, or "" (fresh weights)'
+        )
         _require(isinstance(self.final_eval, bool), k + "final_eval", self.final_eval, "true or false")
 
 
@@ -478,6 +482,48 @@ def config_changes(before: dict, after: dict) -> dict[str, list]:
     return out
 
 
+def _init_from(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`train.init`: a checkpoint folder's model config and weights (checked as `model.load` checks
+    them: format, checksum, config); ConfigError naming train.init otherwise."""
+    from model.checkpoint import CheckpointError, load
+
+    try:
+        net = load(folder)
+    except (CheckpointError, OSError) as exc:
+        raise ConfigError(f"train.init {folder!r}: {exc}") from None
+    return net.config.to_dict(), {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _load_init(net: nn.Module, state: dict[str, torch.Tensor], folder: str, model_cfg: dict, data) -> None:
+    """Put `train.init`'s weights into the network built from its config and the [model] overrides: every
+    tensor, each of the same shape, else ConfigError naming what differs. The data's modality (and an
+    audio model's sample rate) must be the checkpoint's."""
+    where = f"train.init {folder!r}"
+    kind, have = ("audio" if data.kind == "audio" else "text"), model_cfg.get("modality", "text")
+    if have != kind:
+        raise ConfigError(f"{where}: a {have} model; the data is {kind}")
+    if kind == "audio" and model_cfg.get("sample_rate") != data.meta["sample_rate"]:
+        raise ConfigError(
+            f"{where}: a {model_cfg.get('sample_rate')} Hz model; the data is {data.meta['sample_rate']} Hz"
+        )
+    own = net.state_dict()
+    missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    shapes = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    if missing or extra or shapes:
+        if missing or extra:
+            what = f"missing {missing[:4]}" if missing else f"unexpected {extra[:4]}"
+        else:
+            k = shapes[0]
+            what = f"{k}: {list(state[k].shape)} in the checkpoint, {list(own[k].shape)} here"
+        raise ConfigError(
+            f"{where}: its weights do not fit the model its config and [model] describe ({what}); a "
+            "[model] key that changes a shape cannot override the checkpoint's"
+        )
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state[k])
+
+
 def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh: bool = False,
           dump_grads: str | None = None, stop_at: int = 0) -> dict:  # fmt: skip
     """Run (or resume) the training described by `cfg`; returns the final metrics.
@@ -508,6 +554,10 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
             f"data.seq_len must be < the training split's {len(train_split):,} tokens, got {dcfg.seq_len}"
         )
     model_cfg = dict(cfg.get("model", {}))
+    init_state = None
+    if tcfg.init:  # the checkpoint's model; [model] keys override its config (a shape too: refused below)
+        init_cfg, init_state = _init_from(tcfg.init)
+        model_cfg = {**init_cfg, **model_cfg}
     if data.kind == "audio":
         dcfg.seq_len = data.clip_len
         model_cfg.setdefault("modality", "audio")
@@ -515,6 +565,8 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
 
     torch.manual_seed(tcfg.seed)  # identical initial weights on every process
     net = build_model(model_cfg).to(device)
+    if init_state is not None:
+        _load_init(net, init_state, tcfg.init, model_cfg, data)
     groups = net.param_groups(tcfg.lr, tcfg.weight_decay, tcfg.ssm_lr)
     for g in groups:
         g["base_lr"] = g["lr"]

@@ -176,3 +176,42 @@ def test_a_resume_that_changes_the_config_rewrites_it_and_logs_the_change(text_d
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 12
     resumes = [r for r in read_log(tmp_path / "run") if r.get("resumed")]
     assert resumes == [{"step": 8, "resumed": True, "changed": {"train.steps": [8, 12]}}]
+
+
+def test_a_run_starts_from_a_checkpoint_with_train_init_and_refuses_one_that_does_not_fit(
+    text_data, tmp_path
+):
+    """`train.init` (a servable checkpoint folder: `model.save`'s or `model.convert`'s, e.g. an official
+    import to fine-tune) gives the run its model and weights; [model] keys override its config (dropout
+    here). The first step's loss is the checkpoint's own loss on that batch, far below a fresh model's;
+    a [model] key that changes a shape or a folder that is not a checkpoint is refused naming train.init,
+    before anything is trained."""
+    from model.data import Dataset
+    from model.train import ConfigError, DataConfig, loss_fn, step_batch
+
+    base = tiny_config(text_data, tmp_path / "base", steps=30, final_eval=False, export=str(tmp_path / "a"))
+    train(base)
+    tune = tmp_path / "tune"
+    cfg = tiny_config(text_data, tune, steps=3, final_eval=False, eval_every=0, init=str(tmp_path / "a"))
+    cfg["model"] = {"dropout": 0.0}
+    train(cfg)
+    first = [r for r in read_log(tmp_path / "tune") if "loss" in r][0]
+    net = load(tmp_path / "a").eval()  # its loss on the tuning run's first batch, without dropout
+    data, dcfg = Dataset(str(text_data)), DataConfig(**cfg["data"])
+    x, y = step_batch(data, data.split("train"), dcfg, 0, 0, 0, 1)
+    with torch.no_grad():
+        want = float(loss_fn(net, x, y))
+    assert first["loss"] == pytest.approx(want, rel=1e-5), (first, want)
+    fresh = [r for r in read_log(tmp_path / "base") if "loss" in r][0]["loss"]
+    assert first["loss"] < fresh - 1.0  # it starts where the checkpoint left off, not from scratch
+    saved = json.loads((tmp_path / "tune" / "config.json").read_text())
+    assert saved["train"]["init"] == str(tmp_path / "a")
+    bad = tiny_config(text_data, tmp_path / "bad", steps=1, init=str(tmp_path / "a"))  # d_model 32 → 48
+    bad["model"]["d_model"] = 48
+    with pytest.raises(ConfigError, match=r"train.init .*its weights do not fit.*in the checkpoint"):
+        train(bad)
+    bad["model"]["d_model"] = 32
+    bad["train"]["init"] = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=r"train.init .*nowhere"):
+        train(bad)
+    assert not (tmp_path / "bad").exists()

@@ -66,6 +66,7 @@ TRAIN_BAD = [
     ("out", "", "a folder path"),
     ("out", 3, "a folder path"),
     ("export", False, 'a folder path, or ""'),
+    ("init", 7, 'a checkpoint folder, or ""'),
     ("final_eval", "yes", "true or false"),
 ]
 DATA_BAD = [
