@@ -118,13 +118,7 @@ def time_steps(rec, batch: int, steps: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     for t in range(16, 16 + steps):
         _, state = rec.step(tokens[t], state, out=state)
-    wall = time.perf_counter() - t0
-    return {
-        "batch": batch,
-        "steps": steps,
-        "us_per_step": 1e6 * wall / steps,
-        "samples_per_s": batch * steps / wall,
-    }
+    return _rate(batch, steps, time.perf_counter() - t0)
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -235,6 +229,12 @@ UNET_SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick: audio-digits' shap
 }  # fmt: skip
 
 
+def _rate(batch: int, steps: int, wall: float) -> dict[str, Any]:
+    """A timing's figures: `steps` steps of `batch` rows in `wall` seconds."""
+    return {"batch": batch, "steps": steps, "us_per_step": 1e6 * wall / steps,
+            "samples_per_s": batch * steps / wall}  # fmt: skip
+
+
 def time_blocks(rec, batch: int, steps: int) -> dict[str, Any]:
     """Samples/s of the native decode block (bench.decode.Rows.blocks: blocks of 8 steps, temperature 1,
     sampling in C) from the zero state, after one period of warm-up."""
@@ -244,13 +244,7 @@ def time_blocks(rec, batch: int, steps: int) -> dict[str, Any]:
     rows.blocks(16, 8)
     t0 = time.perf_counter()
     rows.blocks(steps, 8)
-    wall = time.perf_counter() - t0
-    return {
-        "batch": batch,
-        "steps": steps,
-        "us_per_step": 1e6 * wall / steps,
-        "samples_per_s": batch * steps / wall,
-    }
+    return _rate(batch, steps, time.perf_counter() - t0)
 
 
 def run_unet(quick: bool) -> dict[str, Any]:
