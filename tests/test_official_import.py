@@ -319,14 +319,20 @@ def test_a_sashimi_import_consumes_every_tensor_and_folds_the_weight_norm():
     assert c["l_kernel"] == [4, 16, 64]  # center, up.1, up.0: L/16, L/4, L
     g, v = sd["model.d_layers.0.linear.weight_g"].double(), sd["model.d_layers.0.linear.weight_v"].double()
     assert rel(imp.tensors["down.0.pool.linear.weight"], g * v / v.norm(dim=1, keepdim=True)) <= 1e-15
-    sd2, cfg2, _ = _lightning("sashimi_sc09.ckpt")
-    sd2["model.u_layers.0.1.norm.norm.extra"] = torch.ones(1)
-    with pytest.raises(Unsupported, match="norm.norm.extra"):
-        map_official(sd2, cfg2, kind)
-    sd3, cfg3, _ = _lightning("sashimi_sc09.ckpt")
-    del sd3["model.u_layers.1.0.linear.weight_g"]
-    with pytest.raises(Unsupported, match=r"u_layers\.1\.0\.linear\.weight_g.*missing"):
-        map_official(sd3, cfg3, kind)
+    _refused_with("sashimi_sc09.ckpt", "model.u_layers.0.1.norm.norm.extra", torch.ones(1), "norm.norm.extra")
+    _refused_with("sashimi_sc09.ckpt", "model.u_layers.1.0.linear.weight_g", None,
+                  r"u_layers\.1\.0\.linear\.weight_g.*missing")  # fmt: skip
+
+
+def _refused_with(fixture: str, key: str, value: torch.Tensor | None, match: str) -> None:
+    """The fixture's state dict with `key` set to `value` (None: removed) is refused, naming it."""
+    sd, cfg, kind = _lightning(fixture)
+    if value is None:
+        del sd[key]
+    else:
+        sd[key] = value
+    with pytest.raises(Unsupported, match=match):
+        map_official(sd, cfg, kind)
 
 
 def test_a_unet_sashimi_import_maps_the_flat_layer_lists_and_consumes_every_tensor():
@@ -348,14 +354,13 @@ def test_a_unet_sashimi_import_maps_the_flat_layer_lists_and_consumes_every_tens
     assert torch.equal(t["up.0.blocks.3.ff.up.weight"], sd["model.u_layers.9.layer.ff.0.0.weight"])
     assert torch.equal(t["center.3.norm.s"], sd["model.c_layers.3.norm.norm.s"])
     assert "U-Net SaShiMi (official backbone unet)" in imp.notes[0]
-    sd2, cfg2, _ = _lightning("sashimi_sc09_unet.ckpt")
-    sd2["model.d_layers.4.linear.weight_g"] = torch.ones(16, 1)
-    with pytest.raises(Unsupported, match=r"d_layers\.4\.linear\.weight_g"):
-        map_official(sd2, cfg2, kind)
-    sd3, cfg3, _ = _lightning("sashimi_sc09_unet.ckpt")
-    del sd3["model.u_layers.6.layer.layer.kernel.P"]
-    with pytest.raises(Unsupported, match=r"u_layers\.6\.layer\.layer\.kernel\.P.*missing"):
-        map_official(sd3, cfg3, kind)
+    unet = "sashimi_sc09_unet.ckpt"
+    _refused_with(
+        unet, "model.d_layers.4.linear.weight_g", torch.ones(16, 1), r"d_layers\.4\.linear\.weight_g"
+    )
+    _refused_with(
+        unet, "model.u_layers.6.layer.layer.kernel.P", None, r"u_layers\.6\.layer\.layer\.kernel\.P.*missing"
+    )
 
 
 def test_a_transposed_import_maps_every_norm_to_the_scalar_transposed_ln():
