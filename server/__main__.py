@@ -53,8 +53,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         if typing.get_origin(ann) is list:
             metavar = LIST_METAVARS.get(name, "VALUE")
             parser.add_argument(flag, nargs="+", dest=name, default=None, metavar=metavar, help=help_)
-        elif ann is bool:  # the string as given: Settings parses it (1/0, true/false, yes/no, on/off)
-            parser.add_argument(flag, dest=name, default=None, metavar="BOOL", help=help_)
+        elif ann is bool:  # the string as given: Settings parses it (1/0, true/false, yes/no, on/off);
+            # a bare flag (`--require-all-models`, as the README's table lists it) means true
+            parser.add_argument(
+                flag, dest=name, nargs="?", const="true", default=None, metavar="BOOL", help=help_
+            )
         elif typing.get_origin(ann) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(ann), dest=name, default=None, help=help_)
         else:

@@ -60,6 +60,22 @@ def test_help_lists_every_setting_as_a_flag_with_its_env_var(capsys):
         assert parse_args(["--require-all-models", value]).require_all_models is want
     with pytest.raises(ValueError, match="cuda_graphs"):
         parse_args(["--cuda-graphs", "maybe"])
+    assert "--require-all-models [BOOL]" in out
+
+
+def test_a_bare_boolean_flag_means_true_and_a_value_still_works():
+    """Every boolean setting as a bare flag (the README's table lists them so) is true, before another flag
+    or at the end; `--flag false` / `--flag 1` still set it (once, a bare flag was "expected one
+    argument")."""
+    bools = [name for name, f in Settings.model_fields.items() if f.annotation is bool]
+    assert {"require_all_models", "cuda_graphs", "ws_compression"} <= set(bools)
+    for name in bools:
+        flag = "--" + name.replace("_", "-")
+        assert getattr(parse_args([flag]), name) is True
+        s = parse_args([flag, "--max-sessions", "3"])
+        assert getattr(s, name) is True and s.max_sessions == 3
+        assert getattr(parse_args([flag, "false"]), name) is False
+        assert getattr(parse_args([flag, "1"]), name) is True
     assert parse_args(["--model-dtypes", "a=bfloat16", "b=float16,c=float32"]).model_dtypes == [
         "a=bfloat16",
         "b=float16",
