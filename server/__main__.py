@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import contextvars  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -80,13 +81,21 @@ class GracefulServer(uvicorn.Server):
         self.drain_started = False
 
     def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+        """A Python signal handler runs in the context of whatever the main thread was running, often a
+        request's task: its log lines, and a task it starts, would carry that request's id (the
+        contextvars of server/logs.py). The signal and the drain are the server's, so they run in a
+        fresh context: their lines carry no request id."""
+        contextvars.Context().run(self._handle_exit, sig, frame)
+
+    def _handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
         loop = self.state.loop
         if self.drain_started or self.should_exit or loop is None:
             super().handle_exit(sig, frame)
             return
         self.drain_started = True
         log.info("%s: draining (up to %.0f s)", signal.Signals(sig).name, self.state.settings.drain_timeout_s)
-        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit()))
+        start = lambda: loop.create_task(self._drain_then_exit(), context=contextvars.Context())  # noqa: E731
+        loop.call_soon_threadsafe(start, context=contextvars.Context())
 
     def stop_now(self) -> None:
         """Stop without a drain (nothing to drain: nothing is served)."""
