@@ -146,7 +146,11 @@ def preflight(settings: Settings) -> list[str]:
         return problems
     if not settings.checkpoints:
         return ["no checkpoint to serve: S4_CHECKPOINTS (--checkpoints) names none"]
-    return [f"no checkpoint to serve: none of the default folders exists ({', '.join(settings.checkpoints)})"]
+    return [
+        f"no checkpoint to serve: none of the default folders ({', '.join(settings.checkpoints)}) exists in "
+        f"the current directory, {Path.cwd()} (they are relative to it: run from the repository's root), "
+        "and S4_CHECKPOINTS (--checkpoints) names no other checkpoint"
+    ]
 
 
 def convert_cache_problem(settings: Settings) -> str | None:

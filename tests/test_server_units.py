@@ -297,6 +297,18 @@ def test_no_checkpoint_to_serve_says_why(monkeypatch):
     assert "no checkpoint to serve: S4_CHECKPOINTS (--checkpoints) names none" in message, message
 
 
+def test_missing_default_checkpoints_name_the_current_directory_and_the_setting(monkeypatch, tmp_path):
+    """The default checkpoints are folders relative to the current directory: started elsewhere, the
+    message says so, names that directory and the setting that names other checkpoints (it said only
+    "none of the default folders exists": a fresh-user trial)."""
+    monkeypatch.delenv("S4_CHECKPOINTS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    message = _exit_message("--port", str(free_port()))
+    assert "no checkpoint to serve: none of the default folders (checkpoints/text-shakespeare" in message
+    assert f"exists in the current directory, {tmp_path} (they are relative to it" in message, message
+    assert "S4_CHECKPOINTS (--checkpoints)" in message
+
+
 def test_library_warnings_are_timestamped_log_lines(model_dirs):
     """A warning of the model library (here the fused CPU step's: S4_CFLAGS with unbalanced quotes, so
     the torch ops serve) is a log line of `python -m server`, timestamped like the others, not a bare
