@@ -14,7 +14,7 @@ import psutil
 import torch
 
 from model import VerificationError, load
-from model.checkpoint import WEIGHTS, CheckpointError, read_config
+from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, read_config
 from model.codecs import MuLaw
 from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
 from model.convert import ConvertError, MissingConfigError, convert_cached, default_name
@@ -203,8 +203,15 @@ def parse_entry(entry: str) -> tuple[str | None, Path]:
 def resolve_entry(entry: str, settings: Settings) -> tuple[str, Path]:
     """(model id, checkpoint folder) of an entry. An official state-spaces/s4 file (.ckpt, .pt) is
     converted into S4_CONVERT_CACHE/<its SHA-256>/ first, or found there from an earlier start.
-    Raises ConvertError (a ValueError) naming what is refused."""
+    Raises CheckpointError for a path that does not exist, ConvertError (a ValueError) naming what is
+    refused."""
     name, path = parse_entry(entry)
+    if not path.exists():  # before anything is looked for inside it ("PATH/config.json: missing" misled)
+        raise CheckpointError(
+            f"no such file or folder: {path} (an entry is a checkpoint folder, with {CONFIG} and {WEIGHTS}, "
+            f"or an official {' or '.join(sorted(OFFICIAL_SUFFIXES))} file; relative paths are from the "
+            "current directory)"
+        )
     if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
         model_id = name or default_name(path)
         try:

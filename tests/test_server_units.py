@@ -12,6 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from model.checkpoint import CheckpointError
 from server.__main__ import parse_args
 from server.config import Settings, default_text, settings_table
 from server.launch import free_port
@@ -307,6 +308,25 @@ def test_missing_default_checkpoints_name_the_current_directory_and_the_setting(
     assert "no checkpoint to serve: none of the default folders (checkpoints/text-shakespeare" in message
     assert f"exists in the current directory, {tmp_path} (they are relative to it" in message, message
     assert "S4_CHECKPOINTS (--checkpoints)" in message
+
+
+def test_a_checkpoint_path_that_does_not_exist_is_named_as_such(tmp_path):
+    """An entry whose file or folder does not exist: "no such file or folder: PATH", before python -m server
+    listens and in what /readyz reports, not "PATH/config.json: missing (a checkpoint is a folder ...)",
+    which misled for a mistyped .ckpt (a fresh-user trial)."""
+    from server.registry import resolve_entry
+
+    ckpt, folder = tmp_path / "nope.ckpt", tmp_path / "no-folder"
+    message = _exit_message("--port", str(free_port()), "--checkpoints", f"mine={ckpt}", str(folder))
+    assert (
+        f"checkpoint mine={ckpt}: no such file or folder: {ckpt} (an entry is a checkpoint folder" in message
+    )
+    assert f"checkpoint {folder}: no such file or folder: {folder} (" in message
+    assert "config.json: missing" not in message, message
+    with pytest.raises(CheckpointError, match="^no such file or folder: .*no-folder "):
+        resolve_entry(str(folder), Settings())
+    models, failed = load_models(Settings(checkpoints=[f"mine={ckpt}"]), SessionTable(), Metrics())
+    assert not models and failed["mine"].startswith(f"CheckpointError: no such file or folder: {ckpt} (")
 
 
 def test_library_warnings_are_timestamped_log_lines(model_dirs):
