@@ -103,6 +103,7 @@ class ServedModel:
             "chat": self.chat is not None,
             "kind": self.kind,
             "arch": c.arch,
+            "unet": c.unet,
             "sample_rate": self.sample_rate,
             "vocab_size": c.vocab_size,
             "n_layers": c.n_layers,
@@ -303,7 +304,8 @@ def load_model(
     forms = ", ".join(f"{r['form']} {r['rel_err']:.1e}" for r in rec.report)
     c = net.config
     if c.arch == "sashimi":  # SaShiMi: its levels' widths and blocks per level
-        shape = (f"SaShiMi {c.kernel}, pool {list(c.pool)}, widths {'/'.join(map(str, net.widths))}, "
+        shape = (f"SaShiMi {c.kernel}, pool {list(c.pool)}, unet {str(c.unet).lower()}, "
+                 f"widths {'/'.join(map(str, net.widths))}, "
                  f"{c.n_layers} {'(S4, FF) pairs' if c.ff else 'S4 blocks'} per level")  # fmt: skip
     else:
         shape = f"{c.kernel}, {c.n_layers} layers, d_model {c.d_model}"

@@ -196,6 +196,10 @@ class ModelInfo(BaseModel):
     chat: bool = Field(description="has a chat template (POST /v1/chat/completions)")
     kind: Literal["text", "audio"]
     arch: Literal["isotropic", "sashimi"] = Field(description="network shape (sashimi: n_layers per level)")
+    unet: bool = Field(
+        description="sashimi: a U-Net (blocks before each DownPool too, their outputs added on the way up); "
+        "false for isotropic"
+    )
     sample_rate: int | None
     vocab_size: int
     n_layers: int
