@@ -10,9 +10,9 @@ the socket stays usable; an oversized frame closes it with code 1009.
 
 The socket binds to one session on its first `session`, `generate` or `append` message: a new one
 (deleted when the socket closes) or an existing one (`session_id`, kept; `model` may be left out: the
-session's). A bound session that the idle
-TTL evicted comes back from the session store; one that is gone (deleted, or expired with no store) gets
-a 404 naming `session_id`, and the socket is unbound (`Connection.check_bound`).
+session's). A bound session that the idle TTL evicted comes back from the session store; one that is
+gone (deleted, or expired with no store) gets a 404 naming `session_id`, and the socket is unbound
+(`Connection.check_bound`).
 """
 
 from __future__ import annotations
