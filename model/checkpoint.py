@@ -57,6 +57,12 @@ def save(net, directory: str | Path, extra: dict | None = None) -> Path:
 def read_config(directory: str | Path) -> dict:
     """Parse and validate config.json; returns the whole metadata dict."""
     path = Path(directory) / CONFIG
+    if not Path(directory).exists():
+        raise CheckpointError(f"no such file or folder: {directory}")
+    if not Path(directory).is_dir():
+        raise CheckpointError(
+            f"{directory}: a file, not a checkpoint folder (one with {CONFIG} and {WEIGHTS})"
+        )
     if not path.is_file():
         raise CheckpointError(f"{path}: missing (a checkpoint is a folder with {CONFIG} and {WEIGHTS})")
     try:

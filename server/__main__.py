@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import contextvars  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
@@ -53,8 +54,11 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         if typing.get_origin(ann) is list:
             metavar = LIST_METAVARS.get(name, "VALUE")
             parser.add_argument(flag, nargs="+", dest=name, default=None, metavar=metavar, help=help_)
-        elif ann is bool:  # the string as given: Settings parses it (1/0, true/false, yes/no, on/off)
-            parser.add_argument(flag, dest=name, default=None, metavar="BOOL", help=help_)
+        elif ann is bool:  # the string as given: Settings parses it (1/0, true/false, yes/no, on/off);
+            # a bare flag (`--require-all-models`, as the README's table lists it) means true
+            parser.add_argument(
+                flag, dest=name, nargs="?", const="true", default=None, metavar="BOOL", help=help_
+            )
         elif typing.get_origin(ann) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(ann), dest=name, default=None, help=help_)
         else:
@@ -77,13 +81,21 @@ class GracefulServer(uvicorn.Server):
         self.drain_started = False
 
     def handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
+        """A Python signal handler runs in the context of whatever the main thread was running, often a
+        request's task: its log lines, and a task it starts, would carry that request's id (the
+        contextvars of server/logs.py). The signal and the drain are the server's, so they run in a
+        fresh context: their lines carry no request id."""
+        contextvars.Context().run(self._handle_exit, sig, frame)
+
+    def _handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
         loop = self.state.loop
         if self.drain_started or self.should_exit or loop is None:
             super().handle_exit(sig, frame)
             return
         self.drain_started = True
         log.info("%s: draining (up to %.0f s)", signal.Signals(sig).name, self.state.settings.drain_timeout_s)
-        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit()))
+        start = lambda: loop.create_task(self._drain_then_exit(), context=contextvars.Context())  # noqa: E731
+        loop.call_soon_threadsafe(start, context=contextvars.Context())
 
     def stop_now(self) -> None:
         """Stop without a drain (nothing to drain: nothing is served)."""
@@ -134,7 +146,11 @@ def preflight(settings: Settings) -> list[str]:
         return problems
     if not settings.checkpoints:
         return ["no checkpoint to serve: S4_CHECKPOINTS (--checkpoints) names none"]
-    return [f"no checkpoint to serve: none of the default folders exists ({', '.join(settings.checkpoints)})"]
+    return [
+        f"no checkpoint to serve: none of the default folders ({', '.join(settings.checkpoints)}) exists in "
+        f"the current directory, {Path.cwd()} (they are relative to it: run from the repository's root), "
+        "and S4_CHECKPOINTS (--checkpoints) names no other checkpoint"
+    ]
 
 
 def convert_cache_problem(settings: Settings) -> str | None:

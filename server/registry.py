@@ -14,7 +14,7 @@ import psutil
 import torch
 
 from model import VerificationError, load
-from model.checkpoint import WEIGHTS, CheckpointError, read_config
+from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, read_config
 from model.codecs import MuLaw
 from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
 from model.convert import ConvertError, MissingConfigError, convert_cached, default_name
@@ -103,6 +103,7 @@ class ServedModel:
             "chat": self.chat is not None,
             "kind": self.kind,
             "arch": c.arch,
+            "unet": c.unet,
             "sample_rate": self.sample_rate,
             "vocab_size": c.vocab_size,
             "n_layers": c.n_layers,
@@ -203,8 +204,15 @@ def parse_entry(entry: str) -> tuple[str | None, Path]:
 def resolve_entry(entry: str, settings: Settings) -> tuple[str, Path]:
     """(model id, checkpoint folder) of an entry. An official state-spaces/s4 file (.ckpt, .pt) is
     converted into S4_CONVERT_CACHE/<its SHA-256>/ first, or found there from an earlier start.
-    Raises ConvertError (a ValueError) naming what is refused."""
+    Raises CheckpointError for a path that does not exist, ConvertError (a ValueError) naming what is
+    refused."""
     name, path = parse_entry(entry)
+    if not path.exists():  # before anything is looked for inside it ("PATH/config.json: missing" misled)
+        raise CheckpointError(
+            f"no such file or folder: {path} (an entry is a checkpoint folder, with {CONFIG} and {WEIGHTS}, "
+            f"or an official {' or '.join(sorted(OFFICIAL_SUFFIXES))} file; relative paths are from the "
+            "current directory)"
+        )
     if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
         model_id = name or default_name(path)
         try:
@@ -296,7 +304,8 @@ def load_model(
     forms = ", ".join(f"{r['form']} {r['rel_err']:.1e}" for r in rec.report)
     c = net.config
     if c.arch == "sashimi":  # SaShiMi: its levels' widths and blocks per level
-        shape = (f"SaShiMi {c.kernel}, pool {list(c.pool)}, widths {'/'.join(map(str, net.widths))}, "
+        shape = (f"SaShiMi {c.kernel}, pool {list(c.pool)}, unet {str(c.unet).lower()}, "
+                 f"widths {'/'.join(map(str, net.widths))}, "
                  f"{c.n_layers} {'(S4, FF) pairs' if c.ff else 'S4 blocks'} per level")  # fmt: skip
     else:
         shape = f"{c.kernel}, {c.n_layers} layers, d_model {c.d_model}"

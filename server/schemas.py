@@ -152,7 +152,11 @@ class AudioStreamFields(Strict):
 
 
 class GenerateRequest(SamplingFields, InputFields, AudioStreamFields):
-    model: str = Field(description="model id (see GET /v1/models)")
+    model: str | None = Field(
+        None,
+        description="model id (see GET /v1/models); required unless session_id is given, whose model it is "
+        "then (naming another one is a 422)",
+    )
     session_id: str | None = Field(None, description="continue this session (its state is updated)")
     stream: bool = Field(False, description="Server-Sent Events: token events, then a done event")
 
@@ -192,6 +196,10 @@ class ModelInfo(BaseModel):
     chat: bool = Field(description="has a chat template (POST /v1/chat/completions)")
     kind: Literal["text", "audio"]
     arch: Literal["isotropic", "sashimi"] = Field(description="network shape (sashimi: n_layers per level)")
+    unet: bool = Field(
+        description="sashimi: a U-Net (blocks before each DownPool too, their outputs added on the way up); "
+        "false for isotropic"
+    )
     sample_rate: int | None
     vocab_size: int
     n_layers: int
@@ -524,23 +532,29 @@ class ChatCompletionResponse(BaseModel):
 # --- WebSocket control frames (client → server) ------------------------------------------------
 
 
+WS_MODEL = (
+    "binds the socket when it is not bound yet; a first message may leave it out when it names a "
+    "session_id: the session's model"
+)
+
+
 class WSSession(Strict):
     type: Literal["session"]
-    model: str
+    model: str | None = Field(None, description=WS_MODEL)
     session_id: str | None = Field(None, description="attach an existing session instead of a new one")
     audio_encoding: Literal["pcm16", "mulaw"] | None = Field(None, description="binary frames, both ways")
 
 
 class WSGenerate(SamplingFields, InputFields, AudioStreamFields):
     type: Literal["generate"]
-    model: str | None = Field(None, description="binds the socket when it is not bound yet")
+    model: str | None = Field(None, description=WS_MODEL)
     session_id: str | None = None
     audio_encoding: Literal["pcm16", "mulaw"] | None = None
 
 
 class WSAppend(InputFields):
     type: Literal["append"]
-    model: str | None = None
+    model: str | None = Field(None, description=WS_MODEL)
     session_id: str | None = None
     audio_encoding: Literal["pcm16", "mulaw"] | None = None
 

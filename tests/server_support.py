@@ -65,12 +65,14 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
 
 
 class ServerThread:
-    """A real uvicorn server on 127.0.0.1:<free port>, serving create_app(settings)."""
+    """A real uvicorn server on 127.0.0.1:<free port>, serving create_app(settings) (`graceful`: with
+    python -m server's drain on handle_exit)."""
 
-    def __init__(self, settings, send_buffer: int | None = None) -> None:
+    def __init__(self, settings, send_buffer: int | None = None, graceful: bool = False) -> None:
         import uvicorn
 
         from server import create_app
+        from server.__main__ import GracefulServer
         from server.connections import uvicorn_config
 
         self.app = create_app(settings)
@@ -81,7 +83,9 @@ class ServerThread:
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         config = uvicorn_config(self.app, settings, self.app.state.server.metrics, log_level="warning")
-        self.server = uvicorn.Server(config)
+        # graceful: python -m server's uvicorn, whose handle_exit drains first (signals are the main
+        # thread's: a test calls handle_exit itself)
+        self.server = GracefulServer(config, self.app.state.server) if graceful else uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     @property

@@ -78,8 +78,14 @@ def test_config_problems_are_named(tmp_path, net, edit, message):
 
 
 def test_missing_files_and_bad_json(tmp_path, net):
-    with pytest.raises(CheckpointError, match="config.json: missing"):
+    with pytest.raises(CheckpointError, match="^no such file or folder: .*nothing$"):
         load(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="empty/config.json: missing"):
+        load(tmp_path / "empty")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CheckpointError, match="a-file: a file, not a checkpoint folder"):
+        load(tmp_path / "a-file")
     d = save(net, tmp_path / "ck")
     (d / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):

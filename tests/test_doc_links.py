@@ -71,3 +71,13 @@ def test_every_relative_link_and_anchor_resolves(doc):
             elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
                 broken.append(f"{doc.name}:{n}: {target} (no such heading)")
     assert broken == [], "\n".join(broken)
+
+
+def test_the_server_pages_file_table_names_every_module_once():
+    """docs/server.md's file table: each server/ module (and routes/, static/) in exactly one row (auth.py
+    had two rows, with different words)."""
+    rows = [line for line in (ROOT / "docs" / "server.md").read_text().splitlines() if line.startswith("| `")]
+    named = Counter(name for row in rows for name in re.findall(r"`([^`]+)`", row.split("|")[1]))
+    assert [name for name, n in named.items() if n > 1] == []
+    modules = {p.name for p in (ROOT / "server").glob("*.py")} - {"__init__.py", "__main__.py"}
+    assert modules | {"routes/", "static/"} == set(named)

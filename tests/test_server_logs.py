@@ -3,6 +3,7 @@ id and the generation's in the log lines of its request, probes and scrapes at D
 S4_LOG_FORMAT=json (one JSON object per line). Found by a fresh-user trial: nothing tied a log line to
 a request, and the orchestrator's probes were most of the log."""
 
+import contextvars
 import json
 import logging
 import os
@@ -14,7 +15,10 @@ from pathlib import Path
 
 import httpx
 from asgi_correlation_id import correlation_id
+from server_support import ServerThread
+from websockets.sync.client import connect
 
+from server import Settings
 from server.launch import free_port
 from server.logs import TEXT_FORMAT, QuietProbes, RequestIds, TextFormatter, generation_id
 
@@ -105,3 +109,47 @@ def test_json_log_lines_carry_the_request_and_generation_ids(model_dirs):
     assert not [x for x in lines if "/readyz" in x["message"] or "/metrics" in x["message"]]
     assert any(x["logger"] == "server" and x["message"].startswith("ready: serving") for x in lines)
     assert not [x for x in lines if "color_message" in x]  # uvicorn's coloured copy of a message
+
+
+def test_the_drain_logs_no_request_id_though_the_signal_interrupts_an_open_websocket(model_dirs):
+    """A signal handler runs in the context of whatever the main thread was running, often an open
+    WebSocket's task: the SIGTERM line and the drain's lines are the server's and carry no request or
+    generation id (once: `INFO server [c492bd…]: SIGTERM: draining`, the id of an unrelated socket, and
+    the drain task inherited it). The signal is simulated: handle_exit called in the socket's context."""
+    settings = Settings(checkpoints=[str(model_dirs["text"])], drain_timeout_s=0.3, max_new_tokens=1_000_000)
+    s = ServerThread(settings, graceful=True).start()
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    handler.addFilter(RequestIds())  # as configure_logging's handler: the ids of the emitting context
+    logger = logging.getLogger("server")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        socket_id = "socket-req-7"  # the socket's X-Request-ID (asgi-correlation-id takes a client's)
+        with connect(s.ws_url, additional_headers={"X-Request-ID": socket_id}) as ws:
+            ws.send(
+                json.dumps({"type": "generate", "model": "tiny-text", "prompt": "a", "max_new_tokens": 10**6})
+            )
+            assert json.loads(ws.recv())["type"] == "session"
+            assert json.loads(ws.recv())["type"] == "token"  # the turn is running
+
+            def interrupted() -> None:  # what the main thread runs when the signal lands in the socket's task
+                correlation_id.set(socket_id)
+                generation_id.set("gen-of-the-socket")
+                s.server.handle_exit(signal.SIGTERM, None)
+
+            contextvars.copy_context().run(interrupted)
+            while (m := json.loads(ws.recv()))["type"] != "done":
+                pass
+            assert m["finish_reason"] == "cancelled"  # the drain timed out and cancelled the turn
+        s.thread.join(30)
+        assert not s.thread.is_alive()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        s.stop()
+    drain = [r for r in records if "draining" in r.getMessage() or "drain timeout" in r.getMessage()]
+    assert len(drain) == 2, [r.getMessage() for r in records]
+    assert [(r.request_id, r.generation_id) for r in drain] == [(None, None)] * 2

@@ -302,3 +302,28 @@ def test_a_sashimi_checkpoint_at_another_dtype_is_refused_by_name(sashimi_dir):
                         model_dtypes=[f"{TEXT}=float32"])  # fmt: skip
     models, failed = load_models(settings, SessionTable(), Metrics())
     assert failed == {} and models[TEXT].rec.dtype == torch.float32
+
+
+def test_a_sashimi_models_unet_flag_is_in_its_startup_line_and_in_v1_models(
+    client, sashimi_dir, tmp_path, caplog
+):
+    """Where the arch and pool are reported (the model's startup line, GET /v1/models), so is `unet`: a
+    SaShiMi U-Net (blocks before each DownPool, skips) and a plain one are told apart (once neither said)."""
+    from server.metrics import Metrics
+    from server.registry import load_models
+    from server.sessions import SessionTable
+
+    assert all(m["unet"] is False for m in client.get("/v1/models").json()["data"])  # isotropic ones
+    torch.manual_seed(4)
+    unet_dir = tmp_path / "tiny-unet"
+    save(build(ModelConfig(**SHAPE, kernel="s4d", unet=True)), unet_dir)
+    settings = Settings(checkpoints=[str(unet_dir), str(sashimi_dir)], max_sessions=2)
+    with caplog.at_level("INFO", logger="server.models"):
+        models, failed = load_models(settings, SessionTable(), Metrics())
+    assert not failed
+    assert (models["tiny-unet"].describe()["unet"], models[TEXT].describe()["unet"]) == (True, False)
+    assert "model tiny-unet: text SaShiMi s4d, pool [4, 4], unet true, widths" in caplog.text
+    assert f"model {TEXT}: text SaShiMi s4d, pool [4, 4], unet false, widths" in caplog.text
+    from server.schemas import ModelInfo
+
+    assert ModelInfo(**models["tiny-unet"].describe(), max_prompt_tokens=1, max_new_tokens=1).unet is True

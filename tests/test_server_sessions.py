@@ -234,6 +234,48 @@ def test_get_delete_and_unknown_sessions(client):
     client.delete(f"/v1/sessions/{audio_sid}")
 
 
+def test_a_request_continuing_a_session_may_leave_out_the_model_on_json_sse_and_wav(client, model_dirs):
+    """The session names the model: /v1/generate with a session_id and no model runs on the session's
+    model (JSON, SSE and raw WAV alike) and continues it exactly; an unknown session is a 404 naming
+    session_id, and a request with neither is a 422 naming model (once, every continuation had to name
+    its model again: 422 "model: Field required")."""
+    prompt = "to be, or not"
+    sid = _create(client, prompt)["session_id"]
+    r = client.post("/v1/generate", json={"session_id": sid, "max_new_tokens": 6, "seed": 3})
+    assert r.status_code == 200, r.text
+    t1 = r.json()["tokens"]
+    assert r.json()["model"] == TEXT and r.json()["session_id"] == sid
+    assert t1 == reference(model_dirs["text"], list(prompt.encode()), SamplingParams(seed=3), 6)
+    body = {"session_id": sid, "prompt": " to", "max_new_tokens": 5, "seed": 4, "stream": True}
+    with client.stream("POST", "/v1/generate", json=body) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    assert events[-1]["type"] == "done" and events[-1]["model"] == TEXT, events[-1]
+    t2 = [i for e in events if e["type"] == "token" for i in e["ids"]]
+    assert t2 == reference(
+        model_dirs["text"], list(prompt.encode()) + t1 + list(b" to"), SamplingParams(seed=4), 5
+    )
+    audio_sid = _create(client, model="tiny-audio")["session_id"]
+    body = {"session_id": audio_sid, "max_new_tokens": 40, "seed": 1}
+    r = client.post("/v1/generate", json=body, headers={"accept": "audio/wav"})
+    assert r.status_code == 200 and r.headers["content-type"] == "audio/wav", r.text
+    assert r.content[:4] == b"RIFF" and r.headers["x-completion-tokens"] == "40"
+    client.delete(f"/v1/sessions/{audio_sid}")
+    client.delete(f"/v1/sessions/{sid}")
+    r = client.post("/v1/generate", json={"session_id": "sess-unknown", "prompt": "x"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "session_id", r.text
+    r = client.post("/v1/generate", json={"session_id": sid, "prompt": "x"})  # deleted
+    assert r.status_code == 404 and r.json()["error"]["param"] == "session_id", r.text
+    r = client.post("/v1/generate", json={"prompt": "x"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "model", r.text
+    assert "session_id" in r.json()["error"]["message"]
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]
+    assert (
+        "model" not in schema.get("required", [])
+        and "session_id" in schema["properties"]["model"]["description"]
+    )
+
+
 def test_a_busy_session_answers_409_and_delete_cancels_its_request(client, server):
     engine = server.state.models[TEXT].engine
     sid = _create(client, "x")["session_id"]

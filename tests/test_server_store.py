@@ -89,8 +89,10 @@ def _replica(model_dirs, redis_url, **kw) -> ServerThread:
     return ServerThread(settings).start()
 
 
-def _generate(url: str, sid: str, prompt: str | None, n: int, seed: int) -> list[int]:
-    body = {"model": TEXT, "session_id": sid, "prompt": prompt, "max_new_tokens": n, "seed": seed}
+def _generate(
+    url: str, sid: str, prompt: str | None, n: int, seed: int, model: str | None = TEXT
+) -> list[int]:
+    body = {"model": model, "session_id": sid, "prompt": prompt, "max_new_tokens": n, "seed": seed}
     r = httpx.post(url + "/v1/generate", json=body, timeout=60)
     assert r.status_code == 200, r.text
     return r.json()["tokens"]
@@ -277,7 +279,7 @@ def test_a_session_resumes_on_another_replica_and_continues_identically(model_di
         # replica b has never seen the session: it reads it from the store
         info = httpx.get(f"{b.url}/v1/sessions/{sid}").json()
         assert info["session_id"] == sid and info["tokens"] == want_tokens
-        t2 = _generate(b.url, sid, " that is", 20, seed=9)
+        t2 = _generate(b.url, sid, " that is", 20, seed=9, model=None)  # the stored session names its model
         everything = list(prompt.encode()) + t1 + list(b" that is")
         assert t2 == reference(model_dirs["text"], everything, SamplingParams(seed=9), 20)
         # b wrote its turn through: the stored state is b's now
@@ -520,9 +522,21 @@ def test_a_socket_whose_session_was_evicted_continues_it_from_the_store(model_di
             frames = [json.loads(ws.recv())]
             while frames[-1]["type"] not in ("done", "error"):
                 frames.append(json.loads(ws.recv()))
+            assert frames[-1]["type"] == "done" and frames[-1]["session_id"] == sid, frames[-1]
+            t2 = [i for f in frames if f["type"] == "token" for i in f["ids"]]
+            assert t2 == reference(model_dirs["text"], list(b"to die") + t1, SamplingParams(seed=2), 7)
+            assert wait_for(lambda: not s.state.sessions.has(sid), 10)  # evicted again
+            with connect(s.ws_url) as other:  # a first message naming only the evicted session
+                other.send(
+                    json.dumps({"type": "generate", "session_id": sid, "max_new_tokens": 5, "seed": 3})
+                )
+                frames = [json.loads(other.recv())]
+                while frames[-1]["type"] not in ("done", "error"):
+                    frames.append(json.loads(other.recv()))
+        assert frames[0]["type"] == "session" and frames[0]["model"] == TEXT, frames[0]
         assert frames[-1]["type"] == "done" and frames[-1]["session_id"] == sid, frames[-1]
-        t2 = [i for f in frames if f["type"] == "token" for i in f["ids"]]
-        assert t2 == reference(model_dirs["text"], list(b"to die") + t1, SamplingParams(seed=2), 7)
+        t3 = [i for f in frames if f["type"] == "token" for i in f["ids"]]
+        assert t3 == reference(model_dirs["text"], list(b"to die") + t1 + t2, SamplingParams(seed=3), 5)
     finally:
         s.stop()
 

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from model.checkpoint import CheckpointError
 from server.__main__ import parse_args
 from server.config import Settings, default_text, settings_table
 from server.launch import free_port
@@ -60,6 +61,22 @@ def test_help_lists_every_setting_as_a_flag_with_its_env_var(capsys):
         assert parse_args(["--require-all-models", value]).require_all_models is want
     with pytest.raises(ValueError, match="cuda_graphs"):
         parse_args(["--cuda-graphs", "maybe"])
+    assert "--require-all-models [BOOL]" in out
+
+
+def test_a_bare_boolean_flag_means_true_and_a_value_still_works():
+    """Every boolean setting as a bare flag (the README's table lists them so) is true, before another flag
+    or at the end; `--flag false` / `--flag 1` still set it (once, a bare flag was "expected one
+    argument")."""
+    bools = [name for name, f in Settings.model_fields.items() if f.annotation is bool]
+    assert {"require_all_models", "cuda_graphs", "ws_compression"} <= set(bools)
+    for name in bools:
+        flag = "--" + name.replace("_", "-")
+        assert getattr(parse_args([flag]), name) is True
+        s = parse_args([flag, "--max-sessions", "3"])
+        assert getattr(s, name) is True and s.max_sessions == 3
+        assert getattr(parse_args([flag, "false"]), name) is False
+        assert getattr(parse_args([flag, "1"]), name) is True
     assert parse_args(["--model-dtypes", "a=bfloat16", "b=float16,c=float32"]).model_dtypes == [
         "a=bfloat16",
         "b=float16",
@@ -279,6 +296,37 @@ def test_no_checkpoint_to_serve_says_why(monkeypatch):
     monkeypatch.setenv("S4_CHECKPOINTS", "")
     message = _exit_message("--port", str(free_port()))
     assert "no checkpoint to serve: S4_CHECKPOINTS (--checkpoints) names none" in message, message
+
+
+def test_missing_default_checkpoints_name_the_current_directory_and_the_setting(monkeypatch, tmp_path):
+    """The default checkpoints are folders relative to the current directory: started elsewhere, the
+    message says so, names that directory and the setting that names other checkpoints (it said only
+    "none of the default folders exists": a fresh-user trial)."""
+    monkeypatch.delenv("S4_CHECKPOINTS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    message = _exit_message("--port", str(free_port()))
+    assert "no checkpoint to serve: none of the default folders (checkpoints/text-shakespeare" in message
+    assert f"exists in the current directory, {tmp_path} (they are relative to it" in message, message
+    assert "S4_CHECKPOINTS (--checkpoints)" in message
+
+
+def test_a_checkpoint_path_that_does_not_exist_is_named_as_such(tmp_path):
+    """An entry whose file or folder does not exist: "no such file or folder: PATH", before python -m server
+    listens and in what /readyz reports, not "PATH/config.json: missing (a checkpoint is a folder ...)",
+    which misled for a mistyped .ckpt (a fresh-user trial)."""
+    from server.registry import resolve_entry
+
+    ckpt, folder = tmp_path / "nope.ckpt", tmp_path / "no-folder"
+    message = _exit_message("--port", str(free_port()), "--checkpoints", f"mine={ckpt}", str(folder))
+    assert (
+        f"checkpoint mine={ckpt}: no such file or folder: {ckpt} (an entry is a checkpoint folder" in message
+    )
+    assert f"checkpoint {folder}: no such file or folder: {folder} (" in message
+    assert "config.json: missing" not in message, message
+    with pytest.raises(CheckpointError, match="^no such file or folder: .*no-folder "):
+        resolve_entry(str(folder), Settings())
+    models, failed = load_models(Settings(checkpoints=[f"mine={ckpt}"]), SessionTable(), Metrics())
+    assert not models and failed["mine"].startswith(f"CheckpointError: no such file or folder: {ckpt} (")
 
 
 def test_library_warnings_are_timestamped_log_lines(model_dirs):

@@ -269,6 +269,52 @@ def test_a_socket_whose_session_is_gone_says_so_and_binds_a_new_one(server, clie
     assert ids == reference(model_dirs["text"], list(b"or not"), SamplingParams(seed=5), 9)
 
 
+def test_a_first_message_naming_a_session_may_leave_out_the_model(server, client, model_dirs):
+    """A socket's first `session`, `generate` or `append` message with a session_id and no model binds to
+    that session and its model (once: "the socket's first message must name a model"); an unknown
+    session is a 404 naming session_id, a message with neither a 422 naming model, and a model that is
+    not the session's a 422 naming model; each of these leaves the socket unbound."""
+    prompt = "to be, or not"
+    sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": prompt}).json()["session_id"]
+
+    async def first(msg: dict) -> list[dict]:
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps(msg))
+            out = [json.loads(await ws.recv())]
+            if out[0]["type"] == "session" and msg["type"] != "session":
+                out.append(json.loads(await ws.recv()))
+                while out[-1]["type"] not in ("done", "error", "appended"):
+                    out.append(json.loads(await ws.recv()))
+            return out
+
+    async def main():
+        got = {}
+        got["session"] = await first({"type": "session", "session_id": sid})
+        got["append"] = await first({"type": "append", "session_id": sid, "prompt": " to"})
+        got["generate"] = await first({"type": "generate", "session_id": sid, "max_new_tokens": 6, "seed": 2})
+        got["unknown"] = await first({"type": "generate", "session_id": "sess-unknown", "prompt": "x"})
+        got["neither"] = await first({"type": "append", "prompt": "x"})
+        got["other"] = await first({"type": "session", "model": AUDIO, "session_id": sid})
+        return got
+
+    got = asyncio.run(main())
+    for kind in ("session", "append", "generate"):
+        bound = got[kind][0]
+        assert bound["type"] == "session" and (bound["session_id"], bound["model"]) == (sid, TEXT), got[kind]
+    assert got["append"][-1]["type"] == "appended" and got["append"][-1]["tokens"] == len(prompt) + 3
+    done = got["generate"][-1]
+    assert done["type"] == "done" and done["session_id"] == sid, done
+    ids = [i for f in got["generate"] if f["type"] == "token" for i in f["ids"]]
+    assert ids == reference(model_dirs["text"], list(b"to be, or not to"), SamplingParams(seed=2), 6)
+    refused = [got[k] for k in ("unknown", "neither", "other")]
+    assert [(f[0]["type"], f[0]["code"], f[0]["param"]) for f in refused] == [
+        ("error", 404, "session_id"), ("error", 422, "model"), ("error", 422, "model")
+    ]  # fmt: skip
+    assert "session_id" in got["neither"][0]["message"] and TEXT in got["other"][0]["message"]
+    assert client.get(f"/v1/sessions/{sid}").status_code == 200  # a socket that attached it keeps it
+    client.delete(f"/v1/sessions/{sid}")
+
+
 def test_the_websocket_script_piped_into_head_stops_quietly(server):
     """scripts/ws_generate.py whose stdout is closed mid-generation (`| head -c 5`) exits 1 with no
     traceback; the server is unaffected."""

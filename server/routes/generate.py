@@ -26,6 +26,7 @@ from server.service import (
     frame_ms,
     prompt_ids,
     request_id,
+    request_model,
     restore,
     sampling_params,
     split,
@@ -127,7 +128,7 @@ async def _sse_generate(
 )
 async def generate(req: GenerateRequest, request: Request):
     st = state_of(request)
-    model = st.model(req.model)
+    model = await request_model(st, req.model, req.session_id)
     params = sampling_params(model, req)
     ms = frame_ms(model, req.frame_ms)
     if req.frame_ms is not None and not req.stream:

@@ -9,9 +9,10 @@ Server → client: `session` (bound), `token` frames (text: ids + text), for aud
 the socket stays usable; an oversized frame closes it with code 1009.
 
 The socket binds to one session on its first `session`, `generate` or `append` message: a new one
-(deleted when the socket closes) or an existing one (`session_id`, kept). A bound session that the idle
-TTL evicted comes back from the session store; one that is gone (deleted, or expired with no store) gets
-a 404 naming `session_id`, and the socket is unbound (`Connection.check_bound`).
+(deleted when the socket closes) or an existing one (`session_id`, kept; `model` may be left out: the
+session's). A bound session that the idle TTL evicted comes back from the session store; one that is
+gone (deleted, or expired with no store) gets a 404 naming `session_id`, and the socket is unbound
+(`Connection.check_bound`).
 """
 
 from __future__ import annotations
@@ -118,11 +119,11 @@ class Connection:
         if self.session_id is not None:
             await self.check_bound()
         if isinstance(msg, WSSession):
-            await self.bind(msg, self.target(msg))
+            await self.bind(msg, await self.target(msg))
             return
         # everything about the message that needs no session is checked before one is bound, so a
         # refused first message leaves the socket as it was: no session, no model
-        target = self.target(msg)
+        target = await self.target(msg)
         if isinstance(msg, WSGenerate):
             service.check_new_tokens(self.st, msg.max_new_tokens, model=target)
             ms = service.frame_ms(target, msg.frame_ms)  # a text model refuses frame_ms
@@ -157,20 +158,23 @@ class Connection:
             param="session_id",
         )
 
-    def target(self, msg: WSSession | WSGenerate | WSAppend) -> ServedModel:
+    async def target(self, msg: WSSession | WSGenerate | WSAppend) -> ServedModel:
         """The model `msg` runs on: the bound one (the message may not name another model or session),
-        or on a first message the one it names (404 for an unknown id). Binds nothing. While the server
-        drains, a 503 (`ServerState.model`), as for any new request: a socket bound before the drain
-        starts no new turn either."""
+        or on a first message the one it names (404 for an unknown id) or, naming none, its session's
+        (`service.request_model`: restored from the session store if need be; 404 naming session_id
+        for an unknown one). Binds nothing. While the server drains, a 503 (`ServerState.model`), as
+        for any new request: a socket bound before the drain starts no new turn either."""
         if self.session_id is not None:
             if msg.model is not None and msg.model != self.model.id:
                 raise invalid("model", f"this socket is bound to model {self.model.id}")
             if msg.session_id is not None and msg.session_id != self.session_id:
                 raise invalid("session_id", f"this socket is bound to session {self.session_id}")
             return self.st.model(self.model.id)
-        if msg.model is None:
-            raise invalid("model", "the socket's first message must name a model")
-        return self.st.model(msg.model)
+        if msg.model is None and msg.session_id is None:
+            raise invalid(
+                "model", "the socket's first message must name a model, or a session_id to continue"
+            )
+        return await service.request_model(self.st, msg.model, msg.session_id)
 
     async def bind(self, msg: WSSession | WSGenerate | WSAppend, model: ServedModel) -> None:
         """Bind the socket to a session of `model` (`target(msg)`) unless it is bound already."""
