@@ -45,7 +45,16 @@ PHILOX_KAT = [
 ]
 
 
-MODELS = ["s4", "s4d", "sashimi", "sashimi-tln", "sashimi-unet", "s4-bfloat16", "s4d-float16"]
+MODELS = [
+    "s4",
+    "s4d",
+    "sashimi",
+    "sashimi-tln",
+    "sashimi-unet",
+    "sashimi-bfloat16",
+    "s4-bfloat16",
+    "s4d-float16",
+]
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -56,7 +65,7 @@ def rec(request):
         unet = request.param == "sashimi-unet"  # down blocks and U-Net skips (2 (S4, FF) pairs per level)
         net = build(ModelConfig(**SMALL, arch="sashimi", pool=[4, 4], norm=norm, unet=unet))
         assert bool(scramble_transposed_lns(net)) == (norm == "tln")
-        rec = net.to_recurrent()
+        rec = net.to_recurrent(dtype=torch.bfloat16 if request.param.endswith("bfloat16") else None)
     else:  # 16-bit weights: the same C step, their linear weights widened as they are read
         kernel, _, dtype = request.param.partition("-")
         net = SequenceModel(ModelConfig(**SMALL, kernel=kernel))
