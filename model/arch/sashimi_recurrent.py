@@ -429,8 +429,8 @@ class SaShiMiRecurrent:
         return logits, new if out is None else out.copy_(new)
 
     def decode_block_ready(self, batch: int) -> bool:
-        """Whether `decode_block` serves a batch (the whole-network C step: CPU, float32, LayerNorm or
-        scalar TransposedLN blocks, unet or not); any number of rows."""
+        """Whether `decode_block` serves a batch (the whole-network C step: CPU, float32, bfloat16 or
+        float16 weights, LayerNorm or scalar TransposedLN blocks, unet or not); any number of rows."""
         return self._net_step is not None
 
     @torch.inference_mode()
@@ -441,7 +441,9 @@ class SaShiMiRecurrent:
         stepping it alone with `step` and `model.sampling.sample` (its settings, its CounterRNG).
         Raises ValueError when `decode_block_ready` is false, on a bad phase, or on bad arguments."""
         if not self.decode_block_ready(tokens.shape[0]):
-            raise ValueError("the native decode block needs the SaShiMi C step (CPU, float32, a C compiler)")
+            raise ValueError(
+                "the native decode block needs the SaShiMi C step (CPU, 32- or 16-bit weights, a C compiler)"
+            )
         self._check(tokens, state, 1)
         self.phases(state)
         return self._net_step.block(K, state, tokens, **rows)
