@@ -17,6 +17,7 @@ import copy
 
 import pytest
 import torch
+from conftest import devices
 from test_sashimi import reference_logits
 
 from model import ModelConfig, VerificationError, build, fused, recurrent
@@ -62,7 +63,7 @@ def rounded(net, dtype: torch.dtype):
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+    return float((a.double().cpu() - b.double().cpu()).norm() / b.double().cpu().norm())
 
 
 def step_all(rec, tokens, state):
@@ -77,31 +78,33 @@ def tokens_(B: int = 3, T: int = L, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("device", devices())
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_16_bit_sashimi_steps_and_prefills_within_4u_of_float64_conv_mode(variant, dtype):
+def test_16_bit_sashimi_steps_and_prefills_within_4u_of_float64_conv_mode(variant, dtype, device):
     """Verified at its dtype (the report names it); the weights are 16-bit, the state float32, the
-    logits float32; the C step and the parallel prefill (split mid-block, rows continuing from the
-    state it left) are within 4u of float64 conv mode on the float32 weights, and at least 0.05u from it
-    (the 16-bit weights are really used: the float32 model is ~1e-6 away); the prefill's state is the
-    stepped one within the tolerance."""
+    logits float32; the step (the C step on CPU, the torch ops on CUDA) and the parallel prefill (split
+    mid-block, rows continuing from the state it left) are within 4u of float64 conv mode on the
+    float32 weights, and at least 0.05u from it (the 16-bit weights are really used: the float32 model
+    is ~1e-6 away); the prefill's state is the stepped one within the tolerance."""
     net = make(**VARIANTS[variant])
     tok = tokens_()
     want = reference_logits(net, tok)
     tol, u = LOGITS_TOL[dtype], UNIT_ROUNDOFF[dtype]
-    rec = net.to_recurrent(dtype=dtype)
+    rec = net.to_recurrent(dtype=dtype, device=device)
     name = str(dtype).removeprefix("torch.")
     v = rec.verification
     assert rec.dtype == dtype and v["dtype"] == name and v["tol"] == tol
     assert v["step_rel_err"] <= tol and v["prefill_rel_err"] <= tol
     assert all(p.dtype == dtype for p in rec.net.parameters())
-    assert rec._net_step is not None and rec.decode_block_ready(3)
+    assert (rec._net_step is not None and rec.decode_block_ready(3)) == (device == "cpu")  # CUDA: torch ops
+    tok = tok.to(device)
     stepped, s_step = step_all(rec, tok, rec.init_state(3))
     first, s = rec.prefill(tok[:, :37], rec.init_state(3))
     second, s_pref = rec.prefill(tok[:, 37:], s)
     prefilled = torch.cat([first, second], 1)
     for got, state in ((stepped, s_step), (prefilled, s_pref)):
-        assert got.dtype == torch.float32 and state.dtype == torch.float32
+        assert got.dtype == torch.float32 and state.dtype == torch.float32 and state.device.type == device
         assert state.shape == (3, rec.layout.numel)
         assert 0.05 * u <= rel(got, want) <= tol, f"{rel(got, want) / u:.2f}u"
     assert rel(s_pref, s_step) <= tol
@@ -145,7 +148,8 @@ def test_the_16_bit_sashimi_c_step_is_float64_arithmetic_on_the_16_bit_weights(v
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_the_torch_ops_compute_in_float32_where_the_cpu_has_no_16_bit_matmul(monkeypatch, dtype):
-    """The prefill (SaShiMi's has no C form) and the torch-op step (no C step built) of a 16-bit model:
+    """The prefill (SaShiMi's has no C form) and the torch-op step (no C step built; with the per-layer
+    fused SSM steps, or none: a CUDA device's path) of a 16-bit model:
     on a CPU without native 16-bit matmul they run a float32 copy of the 16-bit weights, float64
     arithmetic on those weights to float32 rounding (≤ 2e-5); where the CPU has it, in the dtype itself,
     ≥ 20x further and within 4u. Both CPUs are simulated here, so the test holds on either. Rows at
@@ -165,7 +169,9 @@ def test_the_torch_ops_compute_in_float32_where_the_cpu_has_no_16_bit_matmul(mon
         second, _ = rec.prefill(tok[:, 41:], s)
         rec._net_step = None  # the torch ops around the per-layer fused SSM steps
         stepped, _ = step_all(rec, tok, rec.init_state(3))
-        errs[native] = (rel(torch.cat([first, second], 1), want), rel(stepped, want))
+        rec._fused = None  # the torch ops throughout (a CUDA device's path)
+        torch_only, _ = step_all(rec, tok, rec.init_state(3))
+        errs[native] = (rel(torch.cat([first, second], 1), want), rel(stepped, want), rel(torch_only, want))
         # rows at phases 3, 0 and 7 prefilled together, each against itself alone
         starts = [rec.prefill(tok[r : r + 1, :n], rec.init_state(1))[1] for r, n in enumerate((3, 16, 7))]
         mixed, s_mixed = rec.prefill(tok[:, 50:70], torch.cat(starts))
