@@ -16,12 +16,20 @@ reads, and the logits' relative error over 256 tokens against float64 conv mode 
 weights (what the arithmetic adds) and on the float32 weights (what serving in 16 bits costs).
 Medians of `repeat` alternated rounds. JSON + PNG in bench/results (quick: bench/results/quick).
 
-    python -m bench.dtype [--quick]
+`--arch sashimi`: the same figures for the shipped SaShiMi audio model (`checkpoints/audio-digits`;
+quick: a tiny random SaShiMi), float32, bfloat16 and float16 as served now (no "before" variants: 16-bit
+SaShiMi was refused until 2026-12-02), to dtype_sashimi.json / .png. Its whole-network C step
+(fused.SaShiMiStep) reads the blocks' and pools' 16-bit linear weights as they are; its prefill is the
+torch ops (no C prefill), in the dtype where the CPU multiplies it natively.
+
+    python -m bench.dtype [--quick] [--arch sashimi]
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import functools
 import statistics
 import tempfile
 import time
@@ -33,7 +41,7 @@ import torch
 from bench.common import bench_main, cpu_isa, save_figure, subplots
 from bench.decode import Rows
 from bench.server import checkpoint
-from model import load, recurrent
+from model import ModelConfig, build, load, recurrent
 from model.layer import fft_conv
 
 NAME = "dtype"
@@ -43,12 +51,26 @@ SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
 }
 BLOCK_K = 32
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ARCHS = ("isotropic", "sashimi")
+SHIPPED_SASHIMI = Path(__file__).resolve().parent.parent / "checkpoints" / "audio-digits"
+SASHIMI_STANDIN = dict(arch="sashimi", vocab_size=256, d_model=16, n_layers=1, d_state=16, l_max=256,
+                       pool=[4, 4], modality="audio", sample_rate=8000, cauchy_backend="torch")  # fmt: skip
+
+
+def sashimi_checkpoint(quick: bool) -> tuple[Any, str]:
+    """The shipped SaShiMi audio model, or (quick, or where it is missing) a tiny random one."""
+    if SHIPPED_SASHIMI.exists() and not quick:
+        return load(SHIPPED_SASHIMI), "shipped checkpoint audio-digits (SaShiMi)"
+    torch.manual_seed(0)
+    return build(ModelConfig(**SASHIMI_STANDIN)).eval(), f"stand-in SaShiMi, random init: {SASHIMI_STANDIN}"
 
 
 def build_variants(net) -> dict[str, Any]:
-    """{variant: RecurrentModel}: each dtype as served now, and the 16-bit ones as before (no
-    whole-network C step; the torch ops in the dtype whatever the CPU)."""
+    """{variant: recurrent form}: each dtype as served now, and for the isotropic model the 16-bit ones
+    as before (no whole-network C step; the torch ops in the dtype whatever the CPU)."""
     out = {name: copy.deepcopy(net).to_recurrent(dtype=dt) for name, dt in DTYPES.items()}
+    if net.config.arch == "sashimi":
+        return out
     native = recurrent.native_matmul
     try:
         recurrent.native_matmul = lambda dtype, device: True  # the torch ops in the dtype, as before
@@ -87,12 +109,14 @@ def prefill_ms(rec, tokens: torch.Tensor) -> float:
 
 
 def linear_weight_bytes(rec) -> int:
-    """Bytes of linear weights (the blocks' and the head) one step reads: what the C step holds when the
-    model has it, else the torch modules' in their dtype."""
+    """Bytes of the weights one step reads besides the embedding table (of which it reads one row): what
+    the C step holds when the model has it (the linear layers packed 1-D by fused.pack_linear, in their
+    dtype, and the small float32 vectors: biases, norms, D), else the torch modules' linear weights in
+    their dtype. (Until 2026-12-02 this counted the C step's 2-D tensors, which since the packed layout
+    is the embedding alone: 0 after its subtraction.)"""
     if rec._net_step is not None:
-        return sum(t.numel() * t.element_size() for t in rec._net_step._weights.keep if t.dim() == 2) - (
-            rec.config.vocab_size * rec.config.d_model * 4  # the embedding table: one row per step
-        )
+        kept = [t for t in rec._net_step._weights.keep if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in kept if t.dim() == 1)
     return sum(
         m.weight.numel() * m.weight.element_size()
         for m in rec.net.modules()
@@ -111,6 +135,8 @@ def check_errors(net, recs: dict[str, Any], T: int) -> dict[str, dict[str, float
             for name, p in ref.named_parameters():
                 if ".kernel." not in name:
                     p.copy_(p.to(dtype).double())
+            if net.config.arch == "sashimi":  # its conv mode: each S4 kernel in float64 at its level's length
+                return ref(tokens)
             Ks = [k(T, dtype=torch.float64, backend="torch") for k in ref.kernels()]
             ssms = [lambda u, K=K: fft_conv(u.transpose(1, 2), K).transpose(1, 2) for K in Ks]
             return ref(tokens, ssms=ssms)
@@ -131,11 +157,14 @@ def check_errors(net, recs: dict[str, Any], T: int) -> dict[str, dict[str, float
     return out
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, arch: str = "isotropic") -> dict[str, Any]:
     sz = SIZES[quick]
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt, what = checkpoint(quick, Path(tmp))
-        net = load(ckpt)
+    if arch == "sashimi":
+        net, what = sashimi_checkpoint(quick)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt, what = checkpoint(quick, Path(tmp))
+            net = load(ckpt)
     recs = build_variants(net)
     names = list(recs)
     V = net.config.vocab_size
@@ -173,6 +202,7 @@ def run(quick: bool) -> dict[str, Any]:
         print(f"{n:16s} " + " ".join(f"{k} {v:.1f}" for k, v in m.items()), errors[n], flush=True)
     return {
         "model": what,
+        "arch": arch,
         "sizes": sz,
         "isa": cpu_isa(),
         "native_matmul": {n: recurrent.native_matmul(dt, torch.device("cpu")) for n, dt in DTYPES.items()},
@@ -208,11 +238,25 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     ax.set_yscale("log")
     ax.set_title("prompt ingestion ms, batch 1 (lower is better)")
     isa = ", ".join(data.get("isa", [])) or "?"
-    save_figure(fig, NAME, quick, title=f"{data['model']}: weights dtype on this CPU ({isa})")
+    save_figure(fig, results_name(data.get("arch", "isotropic")), quick,
+                title=f"{data['model']}: weights dtype on this CPU ({isa})")  # fmt: skip
+
+
+def results_name(arch: str) -> str:
+    """dtype (the isotropic text model) or dtype_<arch>."""
+    return NAME if arch == "isotropic" else f"{NAME}_{arch}"
+
+
+def add_arch(parser: argparse.ArgumentParser) -> None:
+    help_ = "the model: the shipped text model (isotropic) or the shipped SaShiMi audio model (sashimi)"
+    parser.add_argument("--arch", choices=ARCHS, default="isotropic", help=help_)
 
 
 def main(argv=None) -> None:
-    bench_main(argv, __doc__, NAME, run, plot)
+    pre = argparse.ArgumentParser(add_help=False)
+    add_arch(pre)
+    arch = pre.parse_known_args(argv)[0].arch  # (the results' name depends on it)
+    bench_main(argv, __doc__, results_name(arch), functools.partial(run, arch=arch), plot, arguments=add_arch)
 
 
 if __name__ == "__main__":

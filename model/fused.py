@@ -487,6 +487,7 @@ class CLevel(ctypes.Structure):
         ("up_b", ctypes.c_void_p),
         ("unet", ctypes.c_long),
         ("down", CNetStack),
+        ("wfmt", ctypes.c_long),  # the pool linears' weight format (WEIGHT_FORMATS)
     ]
 
 
@@ -517,6 +518,10 @@ class SaShiMiStep:
     final LayerNorm and head. The same arithmetic as SaShiMiRecurrent.step's torch ops (sums in another
     order: logits agree to float32 rounding), one row at a time, rows at any phases.
 
+    Weights in float32, bfloat16 or float16, as NetStep's: the blocks' and the pools' linear weights are
+    read in their own dtype and widened exactly to float32 in registers; the embedding, head, norms,
+    biases and D as exact float32 copies; the arithmetic is float32 whatever the weights' dtype.
+
     Built from a SaShiMiRecurrent whose S4 layer forms hold fused pointers (`pad_fused_params`); the
     weights are read in place, the linear layers' from transposed copies made here. Block norms are
     LayerNorms or the official scalar TransposedLN (norm = "tln": imported official SaShiMi checkpoints).
@@ -532,6 +537,12 @@ class SaShiMiStep:
         eps = {m.eps for m in net.modules() if isinstance(m, torch.nn.LayerNorm)}
         if len(eps) != 1:
             raise ValueError("every LayerNorm must share one eps")
+        dtypes = {p.dtype for p in net.parameters()}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in WEIGHT_FORMATS:
+            names = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_FORMATS)
+            got = sorted(map(str, dtypes))
+            raise ValueError(f"the SaShiMi C step takes {names} weights of one dtype, got {got}")
+        wfmt = WEIGHT_FORMATS[dtypes.pop()]
         self.lib, self.V, self.numel = lib, cfg.vocab_size, layout.numel
         w = self._weights = _Weights(net, lib.linear_panel_width())  # keeps what a pointer refers to
 
@@ -549,7 +560,7 @@ class SaShiMiStep:
             modes = (ctypes.c_long * len(pairs))()
             for j, (name, ff) in enumerate(pairs):
                 form = rec.forms[name]
-                fill_layer(layers[j], form, w, name + ".", ff and ff + ".norm.", ff and ff + ".ff.")
+                fill_layer(layers[j], form, w, name + ".", ff and ff + ".norm.", ff and ff + ".ff.", wfmt)
                 off[j], modes[j] = layout.slots[f"{name}.x"].offset, form.M
             widest = max((lay.d_ff for lay in layers), default=0)
             w.keep += [layers, off, modes]
@@ -573,17 +584,17 @@ class SaShiMiStep:
                 lv.down, F_down = stack(f"down.{k}.blocks", down)
                 lv.F = max(lv.F, F_down)
             if k < K:
-                lv.s, lv.Hn = rec.pool[k], net.widths[k + 1]
+                lv.s, lv.Hn, lv.wfmt = rec.pool[k], net.widths[k + 1], wfmt
                 lv.dbuf, lv.ubuf = (
                     layout.slots[f"down.{k}.buffer"].offset,
                     layout.slots[f"up.{k}.buffer"].offset,
                 )
                 lv.down_t, lv.down_b = (
-                    w.transposed(f"down.{k}.pool.linear.weight"),
+                    w.transposed_as(f"down.{k}.pool.linear.weight", wfmt),
                     w.param(f"down.{k}.pool.linear.bias"),
                 )
                 lv.up_t, lv.up_b = (
-                    w.transposed(f"up.{k}.pool.linear.weight"),
+                    w.transposed_as(f"up.{k}.pool.linear.weight", wfmt),
                     w.param(f"up.{k}.pool.linear.bias"),
                 )
                 every *= rec.pool[k]

@@ -61,7 +61,7 @@ class Settings(BaseSettings):
         default_factory=list,
         description="per-model dtype overriding S4_DTYPE: MODEL_ID=DTYPE entries (comma-separated), e.g. "
         "`text-shakespeare=bfloat16` with the default dtype float32, or `audio-digits=float32` with "
-        "S4_DTYPE=bfloat16 (SaShiMi models serve float32 only); an id that no checkpoint entry serves is "
+        "S4_DTYPE=bfloat16; an id that no checkpoint entry serves is "
         "listed in /readyz as not served",
     )
     require_all_models: bool = Field(

@@ -261,18 +261,12 @@ def load_model(
     name = model_id or path.name
     wanted = settings.dtype_for(name)
     dtype = getattr(torch, wanted)
-    if getattr(net.config, "arch", "isotropic") == "sashimi" and dtype != torch.float32:
-        raise CheckpointError(
-            f"arch 'sashimi' serves float32 weights only, asked for {wanted} by "
-            f"{settings.dtype_source(name)}; "
-            f"S4_MODEL_DTYPES={name}=float32 serves it in float32 beside models in other dtypes"
-        )
     rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=dtype)
     _check_stop(stop)
     if dtype != torch.float32 and device == "cpu":
         ops = str(rec.compute_dtype).removeprefix("torch.")
         log.warning(
-            "%s serves %s weights on CPU (%s): %s; a long prompt's parallel prefill computes in %s (docs/"
+            "%s serves %s weights on CPU (%s): %s; %s computes in %s (docs/"
             "reliability.md: Conversion coverage and reduced precision)",
             name,
             wanted,
@@ -281,6 +275,9 @@ def load_model(
             if rec.decode_block_ready(1)
             else f"no C step was built (no C compiler, or a layer over its limits): the torch ops in {ops} "
             "serve every step",
+            "its prefill (every prompt: SaShiMi has no C prefill)"
+            if net.config.arch == "sashimi"
+            else "a long prompt's parallel prefill",
             f"{ops} (this CPU multiplies {wanted} natively)"
             if ops == wanted
             else "float32 on widened weights (this CPU has no native 16-bit matmul)",

@@ -254,9 +254,12 @@ class RawSSE:
         self.sock.close()
 
 
-def reference(model_dir: Path, prompt: list[int], params: SamplingParams, n: int) -> list[int]:
-    """One-shot generation with the library alone: prefill the whole prompt, then sample and step."""
-    rec = _rec(model_dir)
+def reference(
+    model_dir: Path, prompt: list[int], params: SamplingParams, n: int, dtype: torch.dtype | None = None
+) -> list[int]:
+    """One-shot generation with the library alone: prefill the whole prompt, then sample and step (the
+    weights in `dtype`, default the checkpoint's)."""
+    rec = _rec(model_dir, dtype)
     logits, state = rec.prefill(torch.tensor([prompt]), rec.init_state(1))
     logits = logits[:, -1]
     gen = params.generator()
@@ -273,13 +276,13 @@ def reference(model_dir: Path, prompt: list[int], params: SamplingParams, n: int
     return out
 
 
-_RECS: dict[Path, object] = {}
+_RECS: dict[tuple, object] = {}
 
 
-def _rec(model_dir: Path):
-    if model_dir not in _RECS:
-        _RECS[model_dir] = load(model_dir).to_recurrent()
-    return _RECS[model_dir]
+def _rec(model_dir: Path, dtype: torch.dtype | None = None):
+    if (model_dir, dtype) not in _RECS:
+        _RECS[model_dir, dtype] = load(model_dir).to_recurrent(dtype=dtype)
+    return _RECS[model_dir, dtype]
 
 
 def sse_events(response: httpx.Response) -> list:

@@ -46,7 +46,17 @@ PHILOX_KAT = [
 
 
 # s4-tln: isotropic with the official scalar TransposedLN as block and final norm (transposed imports)
-MODELS = ["s4", "s4d", "s4-tln", "sashimi", "sashimi-tln", "sashimi-unet", "s4-bfloat16", "s4d-float16"]
+MODELS = [
+    "s4",
+    "s4d",
+    "s4-tln",
+    "sashimi",
+    "sashimi-tln",
+    "sashimi-unet",
+    "sashimi-bfloat16",
+    "s4-bfloat16",
+    "s4d-float16",
+]
 
 
 @pytest.fixture(scope="module", params=MODELS)
@@ -57,7 +67,7 @@ def rec(request):
         unet = request.param == "sashimi-unet"  # down blocks and U-Net skips (2 (S4, FF) pairs per level)
         net = build(ModelConfig(**SMALL, arch="sashimi", pool=[4, 4], norm=norm, unet=unet))
         assert bool(scramble_transposed_lns(net)) == (norm == "tln")
-        rec = net.to_recurrent()
+        rec = net.to_recurrent(dtype=torch.bfloat16 if request.param.endswith("bfloat16") else None)
     elif request.param == "s4-tln":
         net = SequenceModel(ModelConfig(**SMALL, norm="tln", d_ff=32))
         assert scramble_transposed_lns(net) == 2 * SMALL["n_layers"] + 1  # S4, FF blocks and final norm

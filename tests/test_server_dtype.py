@@ -1,9 +1,11 @@
-"""S4_DTYPE (issue #16, kind 4): the server serves half-precision weights, verified at load like every
-model (the dtype and the measured errors in /v1/models, /readyz and /metrics); states stay float32;
-an invalid value is refused at startup, naming the setting."""
+"""S4_DTYPE (issue #16, kind 4): the server serves half-precision weights, isotropic and SaShiMi models
+alike, verified at load like every model (the dtype and the measured errors in /v1/models, /readyz and
+/metrics); states stay float32; an invalid value is refused at startup, naming the setting."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -14,11 +16,13 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
-from server_support import ServerThread
+from server_support import ServerThread, reference
+from websockets.asyncio.client import connect
 
-from model import load
+from model import ModelConfig, build, save
+from model.codecs import MuLaw
 from model.recurrent import LOGITS_TOL
-from model.sampling import SamplingParams, sample
+from model.sampling import SamplingParams
 from server.config import Settings
 from server.metrics import Metrics
 from server.registry import load_models
@@ -26,60 +30,96 @@ from server.sessions import SessionTable
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = "tiny-text"
+SASHIMI = "tiny-sashimi-audio"
 
 
-def greedy(rec, prompt: list[int], n: int) -> list[int]:
-    """The library alone: prefill the prompt, then take the argmax and step, n times."""
-    logits, state = rec.prefill(torch.tensor([prompt]), rec.init_state(1))
-    logits, params, out = logits[:, -1], SamplingParams(temperature=0.0), []
-    for _ in range(n):
-        tok = sample(logits, [params], [params.generator()])
-        out.append(int(tok))
-        logits, state = rec.step(tok, state)
-    return out
-
-
-def verification_metrics(client: httpx.Client) -> dict[str, float]:
-    """check → value of s4_verification_relative_error_ratio{model="tiny-text", dtype="bfloat16"}."""
+def verification_metrics(client: httpx.Client, model: str) -> dict[str, float]:
+    """check → value of s4_verification_relative_error_ratio{model=model, dtype="bfloat16"}."""
     out = {}
     for family in text_string_to_metric_families(client.get("/metrics").text):
         for s in family.samples:
-            if s.name == "s4_verification_relative_error_ratio" and s.labels["model"] == TEXT:
+            if s.name == "s4_verification_relative_error_ratio" and s.labels["model"] == model:
                 assert s.labels["dtype"] == "bfloat16"
                 out[s.labels["check"]] = s.value
     return out
 
 
-def test_bfloat16_weights_are_verified_at_load_and_serve_a_request(model_dirs):
-    settings = Settings(
-        checkpoints=[str(model_dirs["text"])], dtype="bfloat16", max_sessions=4, drain_timeout_s=1
-    )
+@pytest.fixture(scope="module")
+def sashimi_audio_dir(tmp_path_factory) -> Path:
+    """A tiny 16 kHz audio SaShiMi (pool [4, 4], S4 kernels, LayerNorm blocks)."""
+    torch.manual_seed(7)
+    cfg = ModelConfig(arch="sashimi", vocab_size=256, d_model=16, n_layers=1, d_state=16, l_max=64,
+                      pool=[4, 4], modality="audio", sample_rate=16000, cauchy_backend="torch")  # fmt: skip
+    d = tmp_path_factory.mktemp("sashimi-half") / SASHIMI
+    save(build(cfg), d)
+    return d
+
+
+def ws_generate(url: str, body: dict) -> tuple[list[int], dict]:
+    """One generation over the WebSocket: the ids of its token frames (text) or binary mu-law frames
+    (audio), and the done frame."""
+
+    async def run():
+        async with connect(url) as ws:
+            await ws.send(json.dumps({"type": "generate", **body}))
+            ids: list[int] = []
+            while True:
+                m = await ws.recv()
+                if isinstance(m, bytes):
+                    ids += list(m)
+                elif (frame := json.loads(m))["type"] == "token":
+                    ids += frame["ids"]
+                elif frame["type"] in ("done", "error"):
+                    return ids, frame
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("kind", ["text", "sashimi-audio"])
+def test_bfloat16_weights_are_verified_at_load_and_serve_a_request(kind, model_dirs, sashimi_audio_dir):
+    """The isotropic text model and an audio SaShiMi: verified in bfloat16 at load (the dtype and the
+    errors in /v1/models, /readyz and /metrics), the weights bfloat16, the slots float32, and a sampled
+    request over HTTP and over the WebSocket gives the library's own bfloat16 generation (same seed)."""
+    if kind == "text":
+        path, model, prompt = model_dirs["text"], TEXT, b"to be, or"
+        body, ws_body = {"prompt": prompt.decode()}, {"prompt": prompt.decode()}
+    else:  # no prompt: an audio model starts from mu-law silence
+        path, model, prompt = sashimi_audio_dir, SASHIMI, bytes([MuLaw().silence])
+        body, ws_body = {}, {"audio_encoding": "mulaw"}
+    settings = Settings(checkpoints=[str(path)], dtype="bfloat16", max_sessions=4, drain_timeout_s=1)
     server = ServerThread(settings).start()
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
             info = client.get("/v1/models").json()["data"][0]
+            served = server.state.models[model]
             v, tol = info["verification"], LOGITS_TOL[torch.bfloat16]
-            assert info["dtype"] == v["dtype"] == "bfloat16" and v["logits_tol"] == tol and v["tokens"] == 256
+            assert info["dtype"] == v["dtype"] == "bfloat16" and v["logits_tol"] == tol
+            assert v["tokens"] == min(256, served.config.l_max)
             # bfloat16 really runs (errors of bfloat16's order, not float32's) and is within the tolerance
             assert 1e-4 < v["step_rel_err"] <= tol and 1e-4 < v["prefill_rel_err"] <= tol
-            assert len(v["kernel_rel_err"]) == 2 and max(v["kernel_rel_err"]) <= settings.verify_tolerance
+            layers = [r["layer"] for r in served.rec.report]
+            assert len(v["kernel_rel_err"]) == len(layers) == (2 if kind == "text" else 3)
+            assert max(v["kernel_rel_err"]) <= settings.verify_tolerance
             ready = client.get("/readyz").json()
-            assert ready["ready"] and ready["verification"][TEXT] == {
+            assert ready["ready"] and ready["verification"][model] == {
                 "dtype": "bfloat16", "tol": tol,
                 "step_rel_err": v["step_rel_err"], "prefill_rel_err": v["prefill_rel_err"],
             }  # fmt: skip
-            assert verification_metrics(client) == {
+            assert verification_metrics(client, model) == {
                 "step": v["step_rel_err"], "prefill": v["prefill_rel_err"],
-                "kernel_layer_0": v["kernel_rel_err"][0], "kernel_layer_1": v["kernel_rel_err"][1],
+                **{f"kernel_layer_{name}": e for name, e in zip(layers, v["kernel_rel_err"], strict=True)},
             }  # fmt: skip
-            served = server.state.models[TEXT]
             assert all(p.dtype == torch.bfloat16 for p in served.rec.net.parameters())
             assert served.engine.pool.state.dtype == torch.float32  # the slots hold float32 states
-            r = client.post("/v1/generate", json={"model": TEXT, "prompt": "to be, or", "max_new_tokens": 24,
-                                                  "temperature": 0})  # fmt: skip
+            want = reference(path, list(prompt), SamplingParams(seed=5), 24, dtype=torch.bfloat16)
+            assert len(set(want)) > 4  # (not one repeated token: the sampled ids carry the logits)
+            req = {"model": model, "max_new_tokens": 24, "seed": 5}
+            r = client.post("/v1/generate", json={**req, **body})
             assert r.status_code == 200, r.text
-            want = greedy(load(model_dirs["text"]).to_recurrent(dtype=torch.bfloat16), list(b"to be, or"), 24)
             assert r.json()["tokens"] == want
+            ids, done = ws_generate(server.ws_url, {**req, **ws_body})
+            assert done["type"] == "done", done
+            assert ids == want
     finally:
         server.stop()
 

@@ -287,21 +287,45 @@ def _stored_tokens(db, sid: str) -> int | None:
     return None if blob is None else unpack_state(blob)[0]["n_tokens"]
 
 
-def test_a_sashimi_checkpoint_at_another_dtype_is_refused_by_name(sashimi_dir):
-    from server.metrics import Metrics
-    from server.registry import load_models
-    from server.sessions import SessionTable
+def test_a_bfloat16_sashimi_server_exports_float32_states_that_import_into_either_dtype(sashimi_dir):
+    """S4_DTYPE=bfloat16 serves a SaShiMi checkpoint (refused by name before 2026-12-02), reported as
+    bfloat16; its sessions continue exactly like the library's bfloat16 generation. An export is the
+    same float32 StateLayout row a float32 server writes (header dtype float32, shape [numel]): it
+    imports into the bfloat16 server, continuing exactly like the session it came from, and into a
+    float32 server of the same checkpoint (states are float32 whatever the weights' dtype, and the
+    fingerprint names the weights, not the dtype they serve in), as an isotropic model's does."""
 
-    settings = Settings(checkpoints=[str(sashimi_dir)], max_sessions=2, dtype="bfloat16")
-    models, failed = load_models(settings, SessionTable(), Metrics())
-    assert models == {}
-    assert "arch 'sashimi' serves float32 weights only, asked for bfloat16 by S4_DTYPE" in failed[TEXT]
-    assert f"S4_MODEL_DTYPES={TEXT}=float32 serves it in float32" in failed[TEXT]  # the way out, named
-    # S4_MODEL_DTYPES keeps it in float32 while the rest of the process serves bfloat16
-    settings = Settings(checkpoints=[str(sashimi_dir)], max_sessions=2, dtype="bfloat16",
-                        model_dtypes=[f"{TEXT}=float32"])  # fmt: skip
-    models, failed = load_models(settings, SessionTable(), Metrics())
-    assert failed == {} and models[TEXT].rec.dtype == torch.float32
+    def start(**kw):
+        settings = Settings(checkpoints=[str(sashimi_dir)], max_sessions=8, drain_timeout_s=1, **kw)
+        return ServerThread(settings).start()
+
+    half, full = start(dtype="bfloat16"), start()
+    try:
+        info = httpx.get(half.url + "/v1/models/" + TEXT).json()
+        assert info["dtype"] == info["verification"]["dtype"] == "bfloat16"
+        rec = half.state.models[TEXT].rec
+        assert rec.dtype == torch.bfloat16 and 1e-4 < info["verification"]["step_rel_err"]  # bfloat16 runs
+        assert half.state.models[TEXT].engine.pool.state.dtype == torch.float32
+        first = CORPUS[:11].encode()  # phase 11 + the turns below: an odd phase with full buffers
+        sid = _create(half.url, first)
+        t1 = _generate(half.url, sid, b"", seed=1, n=5)
+        blob = httpx.get(f"{half.url}/v1/sessions/{sid}/export").content
+        header, raw = unpack_state(blob)
+        assert header["dtype"] == "float32" and header["shape"] == [rec.layout.numel]
+        assert len(raw) == rec.layout.numel * 4
+        r = httpx.post(half.url + "/v1/sessions/import", content=blob)
+        assert r.status_code == 201, r.text
+        base = list(first) + t1 + list(TURN)
+        params = SamplingParams(seed=7, temperature=1.0)
+        want = reference(sashimi_dir, base, params, N_NEW, dtype=torch.bfloat16)
+        for s in (sid, r.json()["session_id"]):
+            assert _generate(half.url, s, TURN, seed=7) == want
+        r = httpx.post(full.url + "/v1/sessions/import", content=blob)
+        assert r.status_code == 201, r.text
+        assert len(_generate(full.url, r.json()["session_id"], TURN, seed=7)) == N_NEW
+    finally:
+        half.stop()
+        full.stop()
 
 
 def test_a_sashimi_models_unet_flag_is_in_its_startup_line_and_in_v1_models(

@@ -16,6 +16,17 @@ Prefill is parallel at every level: conv (FFT) over the prompt at level 0, the D
 buffered inputs plus the new ones, the coarser levels over the complete blocks, the UpPool outputs
 read from [buffer, new coarse blocks] at the starting phase; each S4 layer's final state comes from
 its form's `prefill`. It leaves the exact state for any prompt length and any starting state.
+
+Precision: the policy of model/recurrent.py. Conversion is float64 and the state row stays float32
+whatever the weights' dtype (float32, bfloat16 or float16): SSM states, pool buffers (a 16-bit
+activation widens into them exactly) and the phase. The whole-network C step (fused.SaShiMiStep, every
+batch size) reads 16-bit linear weights (blocks and pools) as they are and computes in float32. The
+torch ops (the prefill, which has no C form; the step where no C step was built) run the embedding,
+norms, pools, FF and mixing linears and the head in `compute_dtype`: the weights' dtype where the
+device multiplies it natively (`recurrent.native_matmul`), else float32 on a copy of the 16-bit
+weights widened exactly; each SSM takes its input in float32 and hands its output back in that dtype;
+logits are float32. The whole network is verified at the served dtype within `LOGITS_TOL[dtype]` (4u
+for 16 bits) of float64 conv mode.
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ import numbers
 
 import torch
 
-from model import fused
+from model import fused, recurrent
 from model.arch.sashimi import S4Block, SaShiMi
 from model.network import check_token_ids
 from model.recurrent import (
@@ -54,10 +65,13 @@ class SaShiMiRecurrent:
     passed in untouched, unless `step(..., out=state)` asks for an in-place update. The batch is dim
     `batch_dim` = 0 of the state (the server's slot pool indexes rows there and never looks inside).
 
-    After conversion `report` holds one dict per S4 layer and `verification` the network check (as
-    RecurrentModel's): step and prefill of a probe against the float64 conv mode, within `logits_tol`
-    (default LOGITS_TOL[float32] = 1e-4). The weights serve in float32: `dtype` other than float32 (or
-    None) raises ValueError; a failed check raises VerificationError."""
+    `dtype`: the weights' dtype to serve in (default: the net's own), float32, bfloat16, float16 or
+    float64 (`LOGITS_TOL`), cast *after* the float64 conversion; the state stays float32 (module
+    docstring: Precision). After conversion `report` holds one dict per S4 layer and `verification` the
+    network check (as RecurrentModel's): step and prefill of a probe at the served dtype against the
+    float64 conv mode, within `logits_tol` (default LOGITS_TOL[dtype]: 1e-4 for float32, 4u for 16
+    bits). Raises ValueError for weights of mixed or unsupported dtypes, VerificationError when a check
+    fails (naming the dtype and the errors)."""
 
     batch_dim = 0
 
@@ -73,11 +87,14 @@ class SaShiMiRecurrent:
         fused_network=True,
     ):
         device = torch.device(device) if device is not None else next(net.parameters()).device
-        if dtype not in (None, torch.float32) or {p.dtype for p in net.parameters()} != {torch.float32}:
-            raise ValueError(
-                f"arch 'sashimi' serves float32 weights only, asked for {dtype or 'the net own'}"
-            )
-        self.dtype = torch.float32
+        dtypes = {p.dtype for p in net.parameters()}
+        if len(dtypes) != 1:
+            raise ValueError(f"the weights must share one dtype, got {sorted(map(str, dtypes))}")
+        dtype = dtype or dtypes.pop()
+        if dtype not in LOGITS_TOL:
+            names = ", ".join(str(d).removeprefix("torch.") for d in LOGITS_TOL)
+            raise ValueError(f"weights dtype must be one of {names}, got {dtype}")
+        self.dtype = dtype
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = cfg = net.config
         self.device = device
@@ -99,6 +116,11 @@ class SaShiMiRecurrent:
         for k, p in enumerate(self.pool):
             self.layout.add(f"down.{k}.buffer", (p, self.net.widths[k]))
             self.layout.add(f"up.{k}.buffer", (p, self.net.widths[k]))
+        self.net.to(dtype)  # after the float64 conversion; the SSM forms and the state stay float32
+        # the torch ops compute in the weights' dtype where the device multiplies it natively, else in
+        # float32 on a copy of the weights widened exactly (RecurrentModel.compute_dtype)
+        self.compute_dtype = dtype if recurrent.native_matmul(dtype, device) else torch.float32
+        self._net_ops = self.net if self.compute_dtype == dtype else copy.deepcopy(self.net).float()
         # on CPU each S4 layer's step is one fused C pass (model/fused.py) when it builds
         self._fused = fused.library() if (fused_step and device.type == "cpu") else None
         if self._fused is not None:
@@ -113,7 +135,7 @@ class SaShiMiRecurrent:
             except ValueError:
                 pass
         self._state_bound: torch.Tensor | None = None
-        tol_net = LOGITS_TOL[torch.float32] if logits_tol is None else logits_tol
+        tol_net = LOGITS_TOL[dtype] if logits_tol is None else logits_tol
         self.verification = self._verify_network(net, tol_net)
 
     def _verify_network(self, net: SaShiMi, tol: float) -> dict:
@@ -136,7 +158,8 @@ class SaShiMiRecurrent:
         first, state = self.prefill(tok[:, :cut], self.init_state(2))
         second, _ = self.prefill(tok[:, cut:], state)
         stepped, prefilled = torch.stack(stepped, 1), torch.cat([first, second], 1)
-        return logits_report("the recurrent SaShiMi network", "float32", stepped, prefilled, ref, tol)
+        name = str(self.dtype).removeprefix("torch.")
+        return logits_report(f"the recurrent SaShiMi network in {name}", name, stepped, prefilled, ref, tol)
 
     @property
     def state_shape(self) -> tuple[int, ...]:
@@ -319,26 +342,29 @@ class SaShiMiRecurrent:
         return (tau // math.prod(self.pool[:k])) % self.pool[k]
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.net.embed(tokens) * self.config.embed_scale
+        return self._net_ops.embed(tokens) * self.config.embed_scale  # (…, H_0) in compute_dtype
 
     # -----------------------------------------------------------------------------------------
     # step: one token per row; rows is None (all rows of st) or a LongTensor of rows of st
 
     def _step_blocks(self, prefix, blocks, x, rows, st, skips=None, unet_up=False):
-        """Blocks `prefix`.i in order on x (b, H). `skips`: each block's output is pushed on it (U-Net
-        down side), or with `unet_up` the last skip is popped and added to each block's output."""
+        """Blocks `prefix`.i in order on x (b, H) (compute_dtype). `skips`: each block's output is pushed
+        on it (U-Net down side), or with `unet_up` the last skip is popped and added to each block's
+        output. Each SSM steps in float32 (its input widened, its output rounded back to x's dtype)."""
         for i, blk in enumerate(blocks):
             name = f"{prefix}.{i}"
             if isinstance(blk, S4Block):
                 u = blk.norm(x)
+                u32 = u.float().contiguous()
                 xs = self.layout.view(st, f"{name}.x")
                 x0 = xs if rows is None else xs[rows]
                 if self._fused is not None:
-                    u, x0 = u.contiguous(), x0.contiguous()
-                    y, x1 = torch.empty_like(u), torch.empty_like(x0)
-                    self.forms[name].step_fused(self._fused, u, x0, x1, y)
+                    x0 = x0.contiguous()
+                    y, x1 = torch.empty_like(u32), torch.empty_like(x0)
+                    self.forms[name].step_fused(self._fused, u32, x0, x1, y)
                 else:
-                    y, x1 = self.forms[name].step(u, x0)
+                    y, x1 = self.forms[name].step(u32, x0)
+                y = y.to(x.dtype)
                 if rows is None:
                     xs.copy_(x1)
                 else:
@@ -354,7 +380,7 @@ class SaShiMiRecurrent:
 
     def _step_level(self, k: int, x: torch.Tensor, rows, tau: torch.Tensor, st: torch.Tensor):
         """Level k's input x (b, H_k) for rows at global phases tau (b,) → level k's output (b, H_k)."""
-        net = self.net
+        net = self._net_ops
         if k == len(self.pool):
             return self._step_blocks("center", net.center, x, rows, st) + x
         skips = [x]
@@ -364,16 +390,16 @@ class SaShiMiRecurrent:
         r = self._level_phase(tau, k)
         dbuf, ubuf = self.layout.view(st, f"down.{k}.buffer"), self.layout.view(st, f"up.{k}.buffer")
         idx = torch.arange(st.shape[0], device=st.device) if rows is None else rows
-        dbuf[idx, r] = x
-        y = ubuf[idx, r]  # this step's UpPool output, read before a refill
+        dbuf[idx, r] = x.to(dbuf.dtype)  # (a 16-bit activation widens exactly into the float32 state)
+        y = ubuf[idx, r].to(x.dtype)  # this step's UpPool output, read before a refill
         emit = r == s - 1
         if bool(emit.any()):
             sub = None if bool(emit.all()) else emit.nonzero()[:, 0]
             erows = rows if sub is None else idx[sub]
             eidx = idx if sub is None else erows
-            coarse = net.down[k].pool(dbuf[eidx])[:, 0]  # (b', H_{k+1})
+            coarse = net.down[k].pool(dbuf[eidx].to(x.dtype))[:, 0]  # (b', H_{k+1})
             c = self._step_level(k + 1, coarse, erows, tau if sub is None else tau[sub], st)
-            ubuf[eidx] = net.up[k].pool.blocks(c)  # the next `s` outputs
+            ubuf[eidx] = net.up[k].pool.blocks(c).to(ubuf.dtype)  # the next `s` outputs
             dbuf[eidx] = 0
         y = y + skips.pop()
         blocks = net.up[k].blocks
@@ -399,12 +425,12 @@ class SaShiMiRecurrent:
         new = state.contiguous().clone()
         y = self._step_level(0, self._embed(tokens), None, tau, new)
         self.layout.view(new, "phase")[:, 0] = ((tau + 1) % self.period).float()
-        logits = self.net.head(self.net.norm(y))
+        logits = self._net_ops.head(self._net_ops.norm(y)).float()
         return logits, new if out is None else out.copy_(new)
 
     def decode_block_ready(self, batch: int) -> bool:
-        """Whether `decode_block` serves a batch (the whole-network C step: CPU, float32, LayerNorm or
-        scalar TransposedLN blocks, unet or not); any number of rows."""
+        """Whether `decode_block` serves a batch (the whole-network C step: CPU, float32, bfloat16 or
+        float16 weights, LayerNorm or scalar TransposedLN blocks, unet or not); any number of rows."""
         return self._net_step is not None
 
     @torch.inference_mode()
@@ -415,7 +441,9 @@ class SaShiMiRecurrent:
         stepping it alone with `step` and `model.sampling.sample` (its settings, its CounterRNG).
         Raises ValueError when `decode_block_ready` is false, on a bad phase, or on bad arguments."""
         if not self.decode_block_ready(tokens.shape[0]):
-            raise ValueError("the native decode block needs the SaShiMi C step (CPU, float32, a C compiler)")
+            raise ValueError(
+                "the native decode block needs the SaShiMi C step (CPU, 32- or 16-bit weights, a C compiler)"
+            )
         self._check(tokens, state, 1)
         self.phases(state)
         return self._net_step.block(K, state, tokens, **rows)
@@ -443,8 +471,9 @@ class SaShiMiRecurrent:
         return x
 
     def _prefill_level(self, k: int, x: torch.Tensor, tau: int, st: torch.Tensor) -> torch.Tensor:
-        """Level k's inputs x (b, T_k, H_k), all rows at global phase tau → outputs (b, T_k, H_k)."""
-        net = self.net
+        """Level k's inputs x (b, T_k, H_k) (compute_dtype), all rows at global phase tau → outputs
+        (b, T_k, H_k)."""
+        net = self._net_ops
         if k == len(self.pool):
             return self._prefill_blocks("center", net.center, x, st) + x
         skips = [x]
@@ -453,15 +482,17 @@ class SaShiMiRecurrent:
         s, T = self.pool[k], x.shape[1]
         r = int(self._level_phase(tau, k))
         dbuf, ubuf = self.layout.view(st, f"down.{k}.buffer"), self.layout.view(st, f"up.{k}.buffer")
-        seq = torch.cat([dbuf[:, :r], x], dim=1)  # the current block's earlier inputs, then the new
+        seq = torch.cat(
+            [dbuf[:, :r].to(x.dtype), x], dim=1
+        )  # the current block's earlier inputs, then the new
         n = seq.shape[1] // s  # complete blocks: coarse steps taken now
         if n:
             c = self._prefill_level(k + 1, net.down[k].pool(seq[:, : n * s]), tau, st)
             new_blocks = net.up[k].pool.blocks(c)  # (b, n, s, H)
-            outs = torch.cat([ubuf, new_blocks.flatten(1, 2)], dim=1)
+            outs = torch.cat([ubuf.to(x.dtype), new_blocks.flatten(1, 2)], dim=1)
             ubuf.copy_(new_blocks[:, -1])
         else:
-            outs = ubuf.clone()
+            outs = ubuf.to(x.dtype, copy=True)
         y = outs[:, r : r + T]  # level-k step r + t of the current block reads entry r + t
         dbuf.zero_()
         dbuf[:, : seq.shape[1] - n * s] = seq[:, n * s :]
@@ -497,7 +528,9 @@ class SaShiMiRecurrent:
             y = self._prefill_level(0, self._embed(tokens[rows]), t0, st)
             self.layout.view(st, "phase")[:, 0] = float((t0 + T) % self.period)
             if out is not None:
-                out[rows] = self.net.head(self.net.norm(y if logits == "all" else y[:, -1:]))
+                out[rows] = self._net_ops.head(
+                    self._net_ops.norm(y if logits == "all" else y[:, -1:])
+                ).float()
             if not whole:
                 new[rows] = st
         return out, new

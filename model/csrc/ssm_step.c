@@ -1334,7 +1334,9 @@ long net_block(long K, long Btot, long H, long V, long n_layers, long M, const f
  * and the center: out = blocks(x) + x. Then LayerNorm and head on level 0's output. The arithmetic is
  * the torch ops' (the blocks are net_rows' S4 + FF pairs); sums run in another order, so logits agree
  * to float32 rounding. The rows of a batch step together (the rows of a level that emit a coarse input go
- * on together), with the linear layers in four-row tiles; a row's bits never depend on the other rows. */
+ * on together), with the linear layers in four-row tiles; a row's bits never depend on the other rows.
+ * A 16-bit network (bfloat16, float16) reads its blocks' and pools' linear weights in their own format
+ * (NetLayer.wfmt, SLevel.wfmt), widened exactly to float32; the arithmetic stays float32. */
 
 typedef struct {
     long n;                   /* blocks: an S4 block each, with its FF block when d_ff > 0 */
@@ -1347,10 +1349,13 @@ typedef struct {
     long every;               /* samples per step of this level: prod(pool[:k]) */
     long dbuf, ubuf;          /* row offsets of the DownPool and UpPool buffers (s, H) */
     NetStack blocks;          /* up.k.blocks, or the center's */
-    const float *down_t, *down_b; /* (H·s, Hn): the DownPool linear, transposed */
-    const float *up_t, *up_b;     /* (Hn, H·s): the UpPool linear, transposed */
+    const void *down_t;       /* (H·s, Hn): the DownPool linear, transposed (format wfmt) */
+    const float *down_b;
+    const void *up_t;         /* (Hn, H·s): the UpPool linear, transposed (format wfmt) */
+    const float *up_b;
     long unet;                /* 1: down.k.blocks run before the DownPool, with U-Net skips */
     NetStack down;            /* down.k.blocks (unet; the same structure as `blocks`) */
+    long wfmt;                /* the pool linears' weight format: W_F32, W_BF16 or W_F16 (as NetLayer's) */
 } SLevel;
 
 typedef struct {
@@ -1456,10 +1461,10 @@ static int level_rows(const SNet *net, long k, long n, long cap, float **st, lon
         }
     }
     if (e > 0) {
-        linear_t(e, H * s, L->Hn, Vf, L->down_t, L->down_b, C);
+        linear_tw(L->wfmt, e, H * s, L->Hn, Vf, L->down_t, L->down_b, C);
         rc = level_rows(net, k + 1, e, cap, est, etau, C, CO, next);
         if (rc) return rc;
-        linear_t(e, L->Hn, H * s, CO, L->up_t, L->up_b, Z);
+        linear_tw(L->wfmt, e, L->Hn, H * s, CO, L->up_t, L->up_b, Z);
         for (long i = 0; i < e; i++) {
             float *ubuf = est[i] + L->ubuf;
             for (long j = 0; j < s; j++)
