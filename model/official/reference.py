@@ -360,12 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    official = import_official(args.official)  # first: a checkout that does not import fails here
     # The official code's own process loads a checkpoint as the official code does (train.py through
     # Lightning, generate.py and checkpoints/convert_pl_to_pt.py by torch.load): the whole pickle.
     obj = torch.load(args.src, map_location="cpu", weights_only=False)
     ckpt = obj if isinstance(obj, dict) and "state_dict" in obj else None
     sd = ckpt["state_dict"] if ckpt is not None else obj
-    official = import_official(args.official)
     cfg = read_config(args.src, args.config, ckpt)
     if cfg is None:
         raise SystemExit(f"{args.src}: no config (a .pt needs its run's config.yaml: --config)")
@@ -396,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ref = references(lit, tokens, T0, T0)
     meta = {"source": args.src.name, "conv_tokens": T0, "tokens": T, "seed": args.seed, "vocab": V,
-            "trained_length": limit}  # fmt: skip
+            "trained_length": limit, "logits_step": "the official conv forward (s4d.py has no step)"
+            if standalone else "the official recurrence"}  # fmt: skip
     save_safetensors(ref, args.out, meta)
     print(json.dumps(meta))
     return 0
@@ -404,7 +405,6 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
-        sys.path.pop(
-            0
-        )  # this folder (mapping.py, reader.py) must not shadow anything the official code imports
+        # this folder (mapping.py, reader.py) must not shadow anything the official code imports
+        sys.path.pop(0)
     sys.exit(main())
