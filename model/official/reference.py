@@ -363,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     official = import_official(args.official)  # first: a checkout that does not import fails here
     # The official code's own process loads a checkpoint as the official code does (train.py through
     # Lightning, generate.py and checkpoints/convert_pl_to_pt.py by torch.load): the whole pickle.
-    obj = torch.load(args.src, map_location="cpu", weights_only=False)
+    try:
+        obj = torch.load(args.src, map_location="cpu", weights_only=False)
+    except TypeError:  # a torch before 1.13 has no weights_only (and loads the whole pickle)
+        obj = torch.load(args.src, map_location="cpu")
     ckpt = obj if isinstance(obj, dict) and "state_dict" in obj else None
     sd = ckpt["state_dict"] if ckpt is not None else obj
     cfg = read_config(args.src, args.config, ckpt)
