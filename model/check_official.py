@@ -207,6 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.reference is not None:
             if len(args.paths) != 1 or args.official or args.python:
                 raise UsageError("--reference takes CONVERTED_DIR only (no SRC, --official or --python)")
+            given = [f"--{k.replace('_', '-')}" for k in ("config", "tokens", "save_reference")
+                     if getattr(args, k) is not None] + (["--seed"] if args.seed != 0 else [])  # fmt: skip
+            if given:
+                raise UsageError(f"{', '.join(given)}: options of the official run, not of --reference")
             converted = args.paths[0]
             ref, meta = read_reference(args.reference)
             print(f"official outputs: {args.reference}")

@@ -117,6 +117,8 @@ def test_usage_errors_exit_2_saying_why(converted, tmp_path):
     assert rc == 2 and "not a loadable checkpoint folder" in err
     rc, _, err = run(FIX / "s4_bytes.ckpt", converted["s4_bytes"], "--reference", ref)
     assert rc == 2 and "--reference takes CONVERTED_DIR only" in err
+    rc, _, err = run(converted["s4_bytes"], "--reference", ref, "--tokens", "8", "--seed", "3")
+    assert rc == 2 and "--tokens, --seed: options of the official run, not of --reference" in err, err
     rc, _, err = run(FIX / "s4_bytes.ckpt", converted["s4_bytes"])
     assert rc == 2 and "--official S4_CHECKOUT --python PYTHON" in err
     rc, _, err = run(
