@@ -1,0 +1,256 @@
+"""Check a converted checkpoint against the official state-spaces/s4 code's own outputs.
+
+    python -m model.check_official SRC CONVERTED_DIR --official S4_CHECKOUT --python OFFICIAL_PYTHON
+        [--config CONFIG.yaml] [--tokens N] [--seed S] [--save-reference FILE]
+    python -m model.check_official CONVERTED_DIR --reference FILE
+
+`model.convert` verifies our conv and recurrent forms against each other; that cannot catch a wrong
+mapping. This runs the official code itself: a child process (OFFICIAL_PYTHON, the checkout on its
+path; model/official/reference.py) builds the official model from SRC's config, loads SRC, and writes
+its float64 outputs on seeded random tokens (the conv forward within the kernels' trained length, the
+official recurrence past it, each layer's kernel). Our process never imports the official code nor
+unpickles SRC: it reads the child's safetensors file, loads CONVERTED_DIR (model.load) and compares.
+`--reference FILE` compares against such a file made earlier (`--save-reference`), or a fixture's.
+
+Exit status: 0 when every max relative error (max |ours − official| / max |official|) is ≤ 1e-5 (as
+tests/test_official_import.py), 1 with the numbers when one is not, 2 on a usage error (a missing
+checkout or file, a python that does not run, the child failing: its stderr's tail is shown).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+TOL = 1e-5
+REFERENCE_SCRIPT = Path(__file__).resolve().parent / "official" / "reference.py"
+REQUIRED = ("tokens", "logits_conv", "logits_step")
+
+
+class UsageError(Exception):
+    """Exit 2: the check could not run (the message says why)."""
+
+
+def rel(ours: torch.Tensor, official: torch.Tensor) -> float:
+    a, b = ours.detach().double(), official.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def read_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A reference file: safetensors (no pickle) holding at least tokens, logits_conv, logits_step."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise UsageError(f"{path}: no such reference file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            ref = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            meta = f.metadata() or {}
+    except Exception as exc:  # safetensors' own errors (SafetensorError, OSError)
+        raise UsageError(f"{path}: not a readable safetensors file ({exc})") from None
+    missing = [k for k in REQUIRED if k not in ref]
+    if missing:
+        raise UsageError(f"{path}: not a reference file (missing {missing})")
+    return ref, meta
+
+
+@torch.no_grad()
+def compare(
+    net, ref: dict[str, torch.Tensor], step: str = "the official recurrence"
+) -> list[tuple[str, float]]:
+    """(what, max rel. error) of our model `net` against the official float64 outputs: conv logits in
+    float32 (as served) and float64, each SSM kernel in float64 (of the folder's float32 parameters, so
+    ~1e-7, not the 1e-12 of the unrounded import in tests/test_official_import.py), conv logits past
+    the trained length, and recurrent prefill + step (float32) on each step path here."""
+    tokens, official_conv, official_step = ref["tokens"], ref["logits_conv"], ref["logits_step"]
+    T0, T = official_conv.shape[1], tokens.shape[1]
+    V = net.config.vocab_size
+    if official_conv.shape[-1] != V or int(tokens.max()) >= V:
+        raise ValueError(
+            f"the official model's vocabulary is {official_conv.shape[-1]}, the converted model's {V}: "
+            "is CONVERTED_DIR this checkpoint's conversion?"
+        )
+    net = net.float().eval()
+    rows = [(f"conv logits, {T0} tokens (float32)", rel(net(tokens[:, :T0]), official_conv))]
+    net64 = copy.deepcopy(net).double()
+    rows.append((f"conv logits, {T0} tokens (float64)", rel(net64(tokens[:, :T0]), official_conv)))
+    kernels = [k for k in sorted(ref) if k.startswith("kernel.")]
+    ours = net64.kernels()
+    if kernels and len(kernels) == len(ours):
+        errs = []
+        for i, k in enumerate(ours):
+            want = ref[f"kernel.{i}"]
+            got = k(want.shape[1], dtype=torch.float64, backend="torch")
+            errs.append(rel(got, want) if got.shape == want.shape else float("inf"))
+        worst = max(range(len(errs)), key=errs.__getitem__)
+        rows.append((f"SSM kernels (float64; worst: layer {worst} of {len(errs)})", errs[worst]))
+    elif kernels:
+        rows.append((f"SSM kernels: the official model has {len(kernels)}, ours {len(ours)}", float("inf")))
+    rows.append((f"conv logits, {T} tokens, vs {step} (float32)", rel(net(tokens), official_step)))
+    n0 = max(1, T0 // 2)
+    for whole in (True, False):
+        rec = net.to_recurrent(fused_network=whole)  # float32, verified
+        if whole and rec._net_step is None:
+            continue  # no whole-network step here: the per-layer path below is the served one
+        logits, state = rec.prefill(tokens[:, :n0], rec.init_state(tokens.shape[0]))
+        out = [logits]
+        for t in range(n0, T):
+            lt, state = rec.step(tokens[:, t], state)
+            out.append(lt[:, None])
+        how = "whole-network step" if whole else "per-layer step"
+        rows.append(
+            (f"recurrent prefill {n0} + step to {T} (float32, {how})", rel(torch.cat(out, 1), official_step))
+        )
+    return rows
+
+
+def official_reference(src: Path, official: Path, python: str, out: Path, config: Path | None,
+                       tokens: int | None, seed: int) -> dict:  # fmt: skip
+    """Run model/official/reference.py under the official venv's python; its summary (JSON) line."""
+    from model.official.reader import find_config
+
+    if not src.is_file():
+        raise UsageError(f"{src}: no such checkpoint file")
+    if not (official / "src" / "models" / "sequence").is_dir():
+        raise UsageError(
+            f"--official {official}: not a checkout of state-spaces/s4 (no src/models/sequence/)"
+        )
+    if config is not None and not config.is_file():
+        raise UsageError(f"--config {config}: no such file")
+    if config is None and src.suffix != ".ckpt":
+        config = find_config(src)  # the file model.convert reads beside a .pt (its path only)
+    cmd = [python, str(REFERENCE_SCRIPT), str(src.resolve()), "--official", str(official.resolve()),
+           "--out", str(out), "--seed", str(seed)]  # fmt: skip
+    if config is not None:
+        cmd += ["--config", str(config.resolve())]
+    if tokens is not None:
+        cmd += ["--tokens", str(tokens)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=out.parent, check=False)
+    except OSError as exc:  # not found, not executable
+        raise UsageError(f"--python {python}: does not run ({exc})") from None
+    if r.returncode != 0 or not out.is_file():
+        tail = "\n".join(r.stderr.strip().splitlines()[-25:])
+        raise UsageError(f"the official code failed (exit {r.returncode}) under {python}:\n{tail}")
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def check(converted: Path, ref: dict[str, torch.Tensor], meta: dict) -> list[tuple[str, float]]:
+    from model.checkpoint import CheckpointError, load
+
+    try:
+        net = load(converted)
+    except (CheckpointError, OSError) as exc:
+        raise UsageError(f"{converted}: not a loadable checkpoint folder ({exc})") from None
+    return compare(net, ref, meta.get("logits_step", "the official recurrence"))
+
+
+def report(rows: list[tuple[str, float]], tol: float = TOL) -> bool:
+    width = max(len(what) for what, _ in rows)
+    ok = True
+    for what, err in rows:
+        good = err <= tol
+        ok &= good
+        print(f"  {what:{width}s}  {err:.2e}  {'ok' if good else f'FAIL (> {tol:.0e})'}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m model.check_official", description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="SRC CONVERTED_DIR",
+        help="the official checkpoint and its conversion (with --reference: CONVERTED_DIR only)",
+    )
+    ap.add_argument(
+        "--official", type=Path, help="a checkout of state-spaces/s4 (the commit SRC was trained with)"
+    )
+    ap.add_argument(
+        "--python", help="a python with the official code's dependencies (torch, einops, omegaconf)"
+    )
+    ap.add_argument(
+        "--config", type=Path, default=None, help="the run's config.yaml, as given to model.convert"
+    )
+    ap.add_argument(
+        "--tokens",
+        type=int,
+        default=None,
+        help="reference length (default 1.5 × the trained length; the official recurrence steps "
+        "token by token in Python: lower it for a quicker check)",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random tokens (default 0)")
+    ap.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="compare against this reference file instead of running the official code",
+    )
+    ap.add_argument(
+        "--save-reference",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="keep the official outputs in FILE (for a later --reference)",
+    )
+    args = ap.parse_args(argv)
+    try:
+        if args.reference is not None:
+            if len(args.paths) != 1 or args.official or args.python:
+                raise UsageError("--reference takes CONVERTED_DIR only (no SRC, --official or --python)")
+            given = [f"--{k.replace('_', '-')}" for k in ("config", "tokens", "save_reference")
+                     if getattr(args, k) is not None] + (["--seed"] if args.seed != 0 else [])  # fmt: skip
+            if given:
+                raise UsageError(f"{', '.join(given)}: options of the official run, not of --reference")
+            converted = args.paths[0]
+            ref, meta = read_reference(args.reference)
+            print(f"official outputs: {args.reference}")
+        else:
+            if len(args.paths) != 2 or not args.official or not args.python:
+                raise UsageError(
+                    "give SRC CONVERTED_DIR --official S4_CHECKOUT --python PYTHON (or --reference)"
+                )
+            if args.tokens is not None and args.tokens < 1:
+                raise UsageError(f"--tokens {args.tokens}: expected a positive number")
+            src, converted = args.paths
+            if not converted.is_dir():
+                raise UsageError(f"{converted}: no such folder (convert first: python -m model.convert)")
+            with tempfile.TemporaryDirectory(prefix="s4-check-") as tmp:
+                out = Path(tmp) / "official.safetensors"
+                meta = official_reference(
+                    src, args.official, args.python, out, args.config, args.tokens, args.seed
+                )
+                ref, _ = read_reference(out)
+                if args.save_reference is not None:
+                    args.save_reference.write_bytes(out.read_bytes())
+            print(
+                f"official outputs: {src} under {args.python}, checkout {args.official}: " + json.dumps(meta)
+            )
+        rows = check(converted, ref, meta)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # the shapes say the two models differ
+        print(f"FAIL: {exc}")
+        return 1
+    print(f"{converted} against the official outputs (max relative error, tolerance {TOL:.0e}):")
+    ok = report(rows)
+    print(
+        "ok: the conversion reproduces the official code"
+        if ok
+        else "FAIL: the conversion differs from the official code"
+    )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""`python -m model.check_official`: a converted checkpoint against the official code's own outputs.
+
+CI has no official checkout or venv, so the comparison half runs on the committed references
+(tests/fixtures/official/*.ref.safetensors, made by the official code in float64, the same layout the
+tool's child writes) through `--reference`; the child half (model/official/reference.py under the
+official venv) was run by hand on the fixtures (README, "Check a conversion against the official
+code"). Tolerance: 1e-5 max relative error, as tests/test_official_import.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import load, save
+from model.check_official import main
+from model.convert import convert
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "tests" / "fixtures" / "official"
+SOURCES = {  # fixture: its source file
+    "s4_bytes": "s4_bytes.ckpt",
+    "sashimi_sc09": "sashimi_sc09.ckpt",
+    "sashimi_sc09_unet": "sashimi_sc09_unet.ckpt",
+    "s4d_standalone": "s4d_standalone.pt",
+}
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as exc:  # argparse's own errors
+            rc = exc.code if isinstance(exc.code, int) else 1
+    return rc, out.getvalue(), err.getvalue()
+
+
+def errors(stdout: str) -> dict[str, float]:
+    """The report's rows: what → max rel. error."""
+    rows = re.findall(r"^  (.+?)\s+(\d\.\d\de[-+]\d\d|inf)  (?:ok|FAIL.*)$", stdout, re.M)
+    return {what: float(err) for what, err in rows}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("converted")
+    for name, src in SOURCES.items():
+        convert(FIX / src, base / name)
+    return {name: base / name for name in SOURCES}
+
+
+@pytest.mark.parametrize("name", list(SOURCES))
+def test_a_correct_conversion_passes_against_the_official_outputs(converted, name):
+    rc, out, err = run(converted[name], "--reference", FIX / f"{name}.ref.safetensors")
+    assert rc == 0, out + err
+    rows = errors(out)
+    # conv (float32 and float64), kernels, conv past the trained length, prefill + step (each step path)
+    assert len(rows) >= 5 and all(e <= 1e-5 for e in rows.values()), rows
+    assert any(what.startswith("recurrent prefill") for what in rows) and "SSM kernels" in out
+    assert out.rstrip().endswith("ok: the conversion reproduces the official code")
+
+
+def _perturbed(src: Path, dst: Path, key: str, change) -> Path:
+    net = load(src)
+    with torch.no_grad():
+        p = net.state_dict()[key]
+        p.copy_(change(p))
+    save(net, dst)
+    return dst
+
+
+WRONG = [  # (fixture, tensor, change, a row that must fail): mappings our own verification accepts
+    # Im Λ with the other sign (s4d.py's vs src's): conv == recurrent still, both wrong
+    ("s4_bytes", "blocks.0.layer.kernel.im", lambda p: -p, "conv logits, 64 tokens (float32)"),
+    ("s4_bytes", "head.bias", lambda p: p + 1e-3 * p.abs().max(), "conv logits, 64 tokens (float32)"),
+    ("sashimi_sc09", "center.0.layer.kernel.log_dt", lambda p: p + 0.01, "conv logits, 64 tokens (float32)"),
+    # C̄ 1e-4 off in one layer: the logits move by 3e-6 only (under 1e-5); the float64 kernels catch it
+    ("s4d_standalone", "blocks.1.layer.kernel.C", lambda p: p * (1 + 1e-4), "SSM kernels"),
+]
+
+
+@pytest.mark.parametrize(("name", "key", "change", "row"), WRONG, ids=[f"{w[0]}-{w[1]}" for w in WRONG])
+def test_a_conversion_with_one_weight_wrong_fails_with_the_numbers(
+    converted, tmp_path, name, key, change, row
+):
+    wrong = _perturbed(converted[name], tmp_path / "wrong", key, change)
+    rc, out, err = run(wrong, "--reference", FIX / f"{name}.ref.safetensors")
+    assert rc == 1, out + err
+    rows = errors(out)
+    assert len(rows) >= 5 and "FAIL (> 1e-05)" in out, rows
+    failed = [what for what, e in rows.items() if e > 1e-5]
+    assert any(what.startswith(row) for what in failed), rows  # the numbers are printed, this one fails
+    assert out.rstrip().endswith("FAIL: the conversion differs from the official code")
+
+
+def test_the_model_of_another_checkpoint_fails_naming_both_vocabularies(converted):
+    rc, out, _ = run(converted["s4d_standalone"], "--reference", FIX / "s4_bytes.ref.safetensors")
+    assert rc == 1 and "vocabulary is 256, the converted model's 16" in out, out
+
+
+def test_usage_errors_exit_2_saying_why(converted, tmp_path):
+    ref = FIX / "s4_bytes.ref.safetensors"
+    rc, _, err = run(converted["s4_bytes"], "--reference", tmp_path / "none.safetensors")
+    assert rc == 2 and "no such reference file" in err
+    (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
+    rc, _, err = run(converted["s4_bytes"], "--reference", tmp_path / "bad.safetensors")
+    assert rc == 2 and "not a readable safetensors file" in err
+    rc, _, err = run(tmp_path / "nowhere", "--reference", ref)
+    assert rc == 2 and "not a loadable checkpoint folder" in err
+    rc, _, err = run(FIX / "s4_bytes.ckpt", converted["s4_bytes"], "--reference", ref)
+    assert rc == 2 and "--reference takes CONVERTED_DIR only" in err
+    rc, _, err = run(converted["s4_bytes"], "--reference", ref, "--tokens", "8", "--seed", "3")
+    assert rc == 2 and "--tokens, --seed: options of the official run, not of --reference" in err, err
+    rc, _, err = run(FIX / "s4_bytes.ckpt", converted["s4_bytes"])
+    assert rc == 2 and "--official S4_CHECKOUT --python PYTHON" in err
+    rc, _, err = run(
+        FIX / "s4_bytes.ckpt", converted["s4_bytes"], "--official", tmp_path, "--python", "python3"
+    )
+    assert rc == 2 and "not a checkout of state-spaces/s4" in err
+
+
+def _fake_checkout(root: Path) -> Path:
+    """A folder laid out like a checkout whose code does not import (src/ is not a package here)."""
+    (root / "src" / "models" / "sequence").mkdir(parents=True)
+    return root
+
+
+def test_a_python_that_does_not_run_exits_2(converted, tmp_path):
+    co = _fake_checkout(tmp_path / "s4")
+    argv = (FIX / "s4_bytes.ckpt", converted["s4_bytes"], "--official", co)
+    rc, _, err = run(*argv, "--python", tmp_path / "no-such-python")
+    assert rc == 2 and "does not run" in err, err
+
+
+def test_the_child_failing_exits_2_with_its_stderr_tail(converted, tmp_path):
+    """The child (model/official/reference.py, here under this venv's python) imports the official code
+    before it loads the checkpoint: a checkout that does not import fails there, with its traceback."""
+    co = _fake_checkout(tmp_path / "s4")
+    rc, _, err = run(
+        FIX / "s4_bytes.ckpt", converted["s4_bytes"], "--official", co, "--python", sys.executable
+    )
+    assert rc == 2 and "the official code failed (exit 1)" in err, err
+    assert "ModuleNotFoundError" in err and "src.models" in err, err
+
+
+def test_the_childs_safetensors_writer_is_read_back_exactly(tmp_path):
+    """reference.py writes safetensors without the package (an official venv need not have it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ref_writer", ROOT / "model" / "official" / "reference.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "tokens": torch.randint(0, 256, (2, 7), generator=g),
+        "logits_conv": torch.randn(2, 5, 3, generator=g, dtype=torch.float64),
+        "kernel.0": torch.randn(4, 9, generator=g, dtype=torch.float64).t(),  # not contiguous
+        "empty": torch.zeros(0, 3, dtype=torch.float32),
+    }
+    mod.save_safetensors(tensors, tmp_path / "r.safetensors", {"tokens": 7, "source": "x.ckpt"})
+    back = load_file(str(tmp_path / "r.safetensors"))
+    assert set(back) == set(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "r.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"tokens": "7", "source": "x.ckpt"}
