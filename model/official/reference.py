@@ -1,8 +1,10 @@
 """The official state-spaces/s4 code's own outputs for a checkpoint, computed in the official code's venv.
 
 Run by `python -m model.check_official` as a child process with the user's official-venv python
-(never imported by our process: it imports the official `src` package and unpickles the checkpoint
-as the official code does), and imported by the fixture scripts under tests/fixtures/official/.
+(the server and the library never import it: its `main` imports the official `src` package and
+unpickles the checkpoint as the official code does; importing the module does neither, so
+tests/test_check_official.py imports it for its safetensors writer), and imported by the fixture
+scripts under tests/fixtures/official/.
 It may import only what that venv has: the standard library, torch, omegaconf and the official code
 (no safetensors: `save_safetensors` below writes the format itself).
 
