@@ -399,6 +399,14 @@ class Engine:
         self._running: dict[str, Job] = {}  # session id → its job
         self._delivering: dict[str, Job] = {}  # session id → its turn, ended, until its route settles it
         self._settles: list[tuple[Job, int, bool]] = []  # from Stream.settle (guarded by _cv)
+        # what `_admit` took from the inbox and from `_settles`, each kept here until it is handled, so that
+        # a crash meanwhile answers the rest (`_abort_all`) (engine thread)
+        self._admitting: collections.deque = collections.deque()
+        self._settling: collections.deque[tuple[Job, int, bool]] = collections.deque()
+        # the futures of ingest jobs and control calls not yet answered: any a crash leaves unanswered is
+        # answered as the thread ends (`_loop`), so no waiter waits for ever (a cancelled one included:
+        # `service.engine_answer`) (added under _cv, removed by their done callback)
+        self._unanswered: set[concurrent.futures.Future] = set()
         self._outbox: list[tuple[Stream, Any]] = []
         self._stopping = False
         self._cancel_running = False  # cancel_running() asked: every running generation ends (guarded by _cv)
@@ -450,6 +458,10 @@ class Engine:
                 )
             self._queued += 1
             self._inbox.append(item)
+            fut = item.future if isinstance(item, Job) else item[1]
+            if fut is not None:
+                self._unanswered.add(fut)
+                fut.add_done_callback(self._unanswered.discard)
             self.metrics.queue_depth.set(self._queued)
             self._block_interrupt.value = 1  # new work: a running native block ends after its round
             self._cv.notify()
@@ -507,6 +519,7 @@ class Engine:
     # --- engine thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        error = unavailable("the server is shutting down")
         try:
             while self._iterate():
                 pass
@@ -518,8 +531,14 @@ class Engine:
                     "see the server log and restart the server"
                 )
             self.metrics.engine_crashes.inc()
-            self._abort_all(APIError(500, f"engine of model {self.model_id} failed; see the server log"))
+            error = APIError(500, f"engine of model {self.model_id} failed; see the server log")
+            self._abort_all(error)
             self._flush()
+        finally:  # nobody answers after this: a job or call the crash caught half-way is answered now
+            with self._cv:
+                left = list(self._unanswered)
+            for fut in left:
+                _answer(fut, error=error)
 
     def _iterate(self) -> bool:
         """One iteration of the loop (the module docstring's four stages); False once stopped."""
@@ -541,25 +560,28 @@ class Engine:
         with self._cv:
             if not self._inbox and not self._settles and not self._has_work() and not self._stopping:
                 self._cv.wait(timeout=0.25)
-            items = list(self._inbox)
+            self._admitting.extend(self._inbox)
             self._inbox.clear()
-            settles, self._settles = self._settles, []
+            self._settling.extend(self._settles)
+            self._settles = []
             stopping, cancel = self._stopping, self._cancel_running
             self._cancel_running = False
-        for job, delivered, complete in settles:  # first: a next turn on the session may be in `items`
-            self._settled(job, delivered, complete)
-        for item in items:
+        while self._settling:  # first: a next turn on the session may be among the items
+            self._settled(*self._settling[0])
+            self._settling.popleft()  # (handled: a crash in it leaves it to `_abort_all`)
+        while self._admitting:
+            item = self._admitting[0]
             if isinstance(item, Job):
                 self._start(item)
             else:
                 fn, fut = item
                 self._uncount(None)
-                if not fut.set_running_or_notify_cancel():  # its waiter gave it up: nobody reads the answer
-                    continue
-                try:
-                    fut.set_result(fn(self))
-                except Exception as exc:
-                    fut.set_exception(exc)
+                if fut.set_running_or_notify_cancel():  # (else its waiter gave it up: nobody reads it)
+                    try:
+                        fut.set_result(fn(self))
+                    except Exception as exc:
+                        fut.set_exception(exc)
+            self._admitting.popleft()
         if cancel:
             for job in self._running.values():
                 if job.stream is not None:
@@ -1058,8 +1080,15 @@ class Engine:
                 _answer(job.future, error=error)
             self._running.pop(job.session.id, None)
         with self._cv:
-            pending = list(self._inbox)
+            pending = list(self._admitting) + list(self._inbox)  # (taken by a crashed `_admit`, then new)
             self._inbox.clear()
+            settles = list(self._settling) + self._settles
+            self._settles = []
+        self._admitting.clear()
+        self._settling.clear()
+        for job, _, _ in settles:  # its route waits for the write it would have queued: none comes
+            if job.queued_write is not None:
+                _answer(job.queued_write)
         for item in pending:
             if isinstance(item, Job):
                 if item.stream is not None:
