@@ -227,6 +227,7 @@ class Job:
     settled: bool = False  # the consumer is done and `keep` is final (Stream.settle, not complete)
     keep: int = 0  # generated tokens the session keeps: those its client was handed
     queued_write: concurrent.futures.Future | None = None  # resolved once a complete turn's write is queued
+    deleted: concurrent.futures.Future | None = None  # a DELETE meanwhile: resolved once the session is gone
 
     @property
     def cancelled(self) -> bool:
@@ -972,7 +973,7 @@ class Engine:
             rec.utf8_tail = utf8_tail(job.carry + bytes(t & 0xFF for t in job.out))
         if rec.ephemeral or job.delete_after:
             self._running.pop(rec.id, None)
-            self.delete_now(rec)
+            self._delete_after(job)
         elif job.stream is None:
             self._running.pop(rec.id, None)
             self.sessions.release(rec)
@@ -1013,6 +1014,8 @@ class Engine:
         rec, k = job.session, job.keep
         if not self.sessions.holds(rec):  # deleted (or evicted) while its stream was being delivered
             self._running.pop(rec.id, None)
+            if job.deleted is not None:
+                _answer(job.deleted)
             return
         job.ingest, job.offset, job.targets = [], 0, []
         if job.marks is not None and k < len(job.out):
@@ -1041,7 +1044,7 @@ class Engine:
         self._running.pop(rec.id, None)
         job.marks = job.base = None
         if job.delete_after:
-            self.delete_now(rec)
+            self._delete_after(job)
         else:
             self.sessions.release(rec)
             self._persist(rec)
@@ -1074,6 +1077,8 @@ class Engine:
 
     def _abort_all(self, error: APIError) -> None:
         for job in list(self._running.values()):
+            if job.deleted is not None:  # (no delete comes: its DELETE is answered)
+                _answer(job.deleted)
             if job.stream is not None:
                 self._outbox.append((job.stream, Failed(error)))
             elif job.future is not None:
@@ -1169,18 +1174,28 @@ class Engine:
 
     # --- control operations (run on the engine thread through `call`) --------------------------
 
-    def delete_now(self, rec: SessionRecord) -> None:
-        """Delete a session; a running request on it is cancelled first and the session goes
-        when that request ends."""
+    def delete_now(self, rec: SessionRecord) -> concurrent.futures.Future | None:
+        """Delete a session (its store delete queued: `forget`); None. A running request on it is
+        cancelled first and the session goes when that request ends: a future is returned then, resolved
+        once it has gone, which the DELETE's answer waits for (`service.delete`)."""
         job = self._running.get(rec.id)
         if job is not None:
             job.delete_after = True
             if job.stream is not None:
                 job.stream.cancelled = True
-            return
+            if job.deleted is None:
+                job.deleted = concurrent.futures.Future()
+            return job.deleted
         self._release(rec)
         if self.forget is not None and not rec.ephemeral:
             self.forget(rec.id)
+        return None
+
+    def _delete_after(self, job: Job) -> None:
+        """The request that a delete waited for is over: delete its session, and answer the DELETE."""
+        self.delete_now(job.session)
+        if job.deleted is not None:
+            _answer(job.deleted)
 
     def fork(self, src: SessionRecord, dst: SessionRecord) -> SessionRecord:
         if not self.sessions.holds(src):  # deleted after the fork claimed it

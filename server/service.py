@@ -221,10 +221,11 @@ async def ingest(state: ServerState, model: ServedModel, rec: SessionRecord, ids
 
 async def landed(state: ServerState, session_id: str | None, queued: concurrent.futures.Future | None = None):
     """Wait until this replica's write of `session_id` (queued by the engine before it answered, or once
-    `queued` resolves: a turn's `Stream.settle`) is in the session store, so that the answer to a request
-    that changed the session comes after its state is where any replica reads it (README "Session
-    store"). At most `session_store_write_wait_s` in all (then logged, and the caller answers anyway);
-    nothing to wait for without a store, for a one-shot request (`session_id` None) or with a wait of 0."""
+    `queued` resolves: a turn's `Stream.settle`, a delete waiting for the session's running request) is
+    in the session store, so that the answer to a request that changed the session comes after its state
+    is where any replica reads it (README "Session store"). At most `session_store_write_wait_s` in all
+    (then logged, and the caller answers anyway); nothing to wait for without a store, for a one-shot
+    request (`session_id` None) or with a wait of 0."""
     wait = state.settings.session_store_write_wait_s
     if state.writer is None or session_id is None or wait <= 0:
         return
@@ -293,8 +294,8 @@ async def fork(state: ServerState, session_id: str) -> SessionRecord:
 
 async def delete(state: ServerState, session_id: str) -> None:
     model, rec = session_model(state, session_id)
-    await engine_answer(model.engine.call(lambda e: e.delete_now(rec)))
-    await landed(state, session_id)
+    gone = await engine_answer(model.engine.call(lambda e: e.delete_now(rec)))  # (a future: a turn runs)
+    await landed(state, session_id, gone)
 
 
 async def export_state(state: ServerState, session_id: str) -> bytes:

@@ -890,3 +890,57 @@ def test_a_copy_the_store_holds_already_is_not_written_again_at_eviction(
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_delete_while_a_turn_runs_is_answered_once_the_store_has_deleted_the_session(
+    model_dirs, redis_url, redis_db
+):
+    """DELETE of a session whose turn is on the engine: the engine cancels the turn and deletes the session
+    when it ends; the DELETE's answer waits for that delete to land in the store (writes 0.4 s slow), as
+    for an idle session. (Before, it was answered at once: the store still held the session, so another
+    replica could restore it.)"""
+    import threading
+
+    b = _replica(model_dirs, redis_url)
+    _slow_store(b, 0.4)
+    engine = b.state.models[TEXT].engine
+    step, block = engine.rec.step, engine.rec.decode_block
+    entered, gate = threading.Event(), threading.Event()
+
+    def held(fn):
+        def run(*args, **kwargs):  # the turn's first step waits at the gate: its job stays on the engine
+            entered.set()
+            gate.wait(10)
+            return fn(*args, **kwargs)
+
+        return run
+
+    answers: dict[str, httpx.Response] = {}
+    try:
+        sid = httpx.post(b.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
+            "session_id"
+        ]
+        assert _stored(redis_db, sid)["n_tokens"] == 6
+        engine.rec.step, engine.rec.decode_block = held(step), held(block)
+        body = {"session_id": sid, "max_new_tokens": 50, "seed": 1}
+        turn = threading.Thread(
+            target=lambda: answers.update(turn=httpx.post(b.url + "/v1/generate", json=body))
+        )
+        turn.start()
+        assert entered.wait(10)  # the turn is in its first step
+        engine.rec.step, engine.rec.decode_block = step, block
+        delete = threading.Thread(
+            target=lambda: answers.update(delete=httpx.delete(f"{b.url}/v1/sessions/{sid}"))
+        )
+        delete.start()
+        assert wait_for(lambda: len(engine._inbox) == 1, 10)  # the DELETE's call waits for the engine
+        gate.set()
+        delete.join(10)
+        assert answers["delete"].status_code == 204
+        assert _stored(redis_db, sid) is None  # deleted in the store when answered
+        turn.join(10)
+        assert answers["turn"].status_code == 200 and answers["turn"].json()["finish_reason"] == "cancelled"
+        assert _metric(b.url, "late") == 0
+    finally:
+        gate.set()
+        b.stop()
