@@ -170,10 +170,12 @@ def session_model(state: ServerState, session_id: str) -> tuple[ServedModel, Ses
 
 async def request_model(state: ServerState, model_id: str | None, session_id: str | None) -> ServedModel:
     """The model a request runs on: the one it names (404 naming `model` if not served), or, when it
-    names none and continues a session, the session's, restored from the session store first if it is
-    not held here (404 naming `session_id` for a session in neither place). A model named beside a
-    session that is not the session's is refused where the session is claimed (`claim`: 422 naming
-    `model`). 503 while the models load or the server drains, as for any new request."""
+    names none and continues a session, the session's: the copy held here (a session's model never
+    changes: the caller's `restore` checks that copy is the latest, with the request's one version check),
+    or one restored from the session store first (404 naming `session_id` for a session in neither place).
+    A model named beside a session that is not the session's is refused where the session is claimed
+    (`claim`: 422 naming `model`). 503 while the models load or the server drains, as for any new
+    request."""
     if model_id is not None:
         return state.model(model_id)
     if session_id is None:
@@ -182,7 +184,8 @@ async def request_model(state: ServerState, model_id: str | None, session_id: st
         raise unavailable("the server is shutting down")
     if not state.loaded:
         raise unavailable("models are still loading")
-    await restore(state, session_id)
+    if not state.sessions.has(session_id):
+        await restore(state, session_id)
     return session_model(state, session_id)[0]
 
 

@@ -944,3 +944,36 @@ def test_a_delete_while_a_turn_runs_is_answered_once_the_store_has_deleted_the_s
     finally:
         gate.set()
         b.stop()
+
+
+def test_a_request_that_leaves_out_its_model_checks_its_held_session_once(model_dirs, redis_url, redis_db):
+    """A turn on a held session that names no model (HTTP and a WebSocket's first message) makes one version
+    check of the store, as one naming its model does (README "Checked before each request": one Redis
+    call). (Before, two: `service.request_model` restored the session to learn its model, then the route
+    restored it again.)"""
+    s = _replica(model_dirs, redis_url)
+    checks: list[str] = []
+    version = s.state.store.version
+
+    def counted(session_id: str):
+        checks.append(session_id)
+        return version(session_id)
+
+    s.state.store.version = counted
+    try:
+        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
+            "session_id"
+        ]
+        for model in (TEXT, None):
+            checks.clear()
+            _generate(s.url, sid, None, 2, seed=1, model=model)
+            assert checks == [sid], (model, checks)
+        for model in (TEXT, None):
+            checks.clear()
+            with connect(s.ws_url) as ws:
+                message = {"type": "generate", "session_id": sid, "max_new_tokens": 2, "seed": 1}
+                frames = _ws_turn(ws, message | ({"model": model} if model else {}))
+                assert frames[-1]["type"] == "done", frames
+            assert checks == [sid], (model, checks)
+    finally:
+        s.stop()
