@@ -425,6 +425,10 @@ class Engine:
         self.persist: Callable[[SessionRecord, bytes, list[int]], None] | None = None  # write a state
         self.forget: Callable[[str], None] | None = None  # delete a stored state
         self.let_go: Callable[[str], bool] | None = None  # the store holds this copy (StoreWriter.let_go)
+        # kept sessions a job has changed since their last `_persist` (engine thread): the store cannot hold
+        # such a copy, whatever `let_go` knows of the last write (a turn's write-through comes after its
+        # route settles it, and the session is idle from that settle: see `_persist_unless_stored`)
+        self._unwritten: set[str] = set()
         self._thread = threading.Thread(target=self._loop, name=f"engine-{model_id}", daemon=True)
 
     # --- called from the event loop ------------------------------------------------------------
@@ -645,6 +649,8 @@ class Engine:
             self.pool.clear(rec.slot)
         rec.has_state = True
         self._running[rec.id] = job
+        if not rec.ephemeral:
+            self._unwritten.add(rec.id)
         if job.stream is not None and not rec.ephemeral and job.tokens:  # a cancel may take the input back
             fields = Snapshot(self.pool.seen[rec.slot].clone(), rec.pending, rec.n_tokens, rec.utf8_tail)
             job.saved = (self.pool.row(rec.slot).clone(), fields)
@@ -1152,12 +1158,17 @@ class Engine:
             return 0
         raw, seen = self.read_slot(rec)
         self.persist(rec, raw, seen)
+        self._unwritten.discard(rec.id)
         return 1
 
     def _persist_unless_stored(self, rec: SessionRecord) -> int:
         """`_persist` a copy this replica lets go of (eviction, shutdown), unless the store holds it
-        already (`let_go`): 1 written, 2 there already, 0 nothing to write."""
-        if self.let_go is not None and not rec.ephemeral and rec.has_state and self.let_go(rec.id):
+        already (`let_go`): 1 written, 2 there already, 0 nothing to write. A copy changed since its last
+        write-through is written: an eviction can claim a session whose turn its route has just settled
+        (idle from then), before this thread has written that turn through (`_settled`)."""
+        if self.let_go is None or rec.ephemeral or not rec.has_state or rec.id in self._unwritten:
+            return self._persist(rec)
+        if self.let_go(rec.id):
             return 2
         return self._persist(rec)
 
@@ -1167,6 +1178,7 @@ class Engine:
         delete of the same session), and the slot, maybe another session's now, is not freed again."""
         if not self.sessions.holds(rec):
             return
+        self._unwritten.discard(rec.id)
         self.sessions.remove(rec.id)
         self.pool.release(rec.slot)
         self.metrics.active_sessions.set(self.pool.in_use)

@@ -977,3 +977,45 @@ def test_a_request_that_leaves_out_its_model_checks_its_held_session_once(model_
             assert checks == [sid], (model, checks)
     finally:
         s.stop()
+
+
+def test_a_turn_settled_as_its_session_is_evicted_is_written_at_the_eviction(model_dirs):
+    """The engine alone, turned by hand: a session's create has landed in the store, a turn changes it, and
+    its route settles it (the session is released on the event loop) just before the engine's TTL eviction
+    claims it, ahead of the engine's own write-through of that settle. The eviction writes the copy: it
+    changed since its last write. (Before, `StoreWriter.let_go` found the create's write landed and
+    nothing queued since, so the copy was let go unwritten, then the settle found no session to write:
+    the turn was lost, and its answer came after a wait for nothing.)"""
+    from test_server_delivery import PROMPT, HandRun
+
+    from server.engine import Finished
+
+    run = HandRun(model_dirs["text"])
+    engine, store = run.engine, MemoryStateStore()
+    writer = StoreWriter(store, held=run.sessions.has)
+
+    def persist(rec, raw: bytes, seen: list[int]) -> None:
+        header = {"model": "m", "shape": [len(raw) // 4], "dtype": "float32", "n_tokens": rec.n_tokens}
+        writer.write(rec.id, {**header, "pending": rec.pending, "seen": seen}, raw)
+
+    engine.persist, engine.let_go = persist, writer.let_go
+    try:
+        s = run.session("s")  # created (written through), claimed for a turn
+        assert writer.flush(5) and unpack_state(store.get("s")[0])[0]["n_tokens"] == len(PROMPT)
+        stream, _ = run.turn(s, SamplingParams(seed=1), 4)
+        items: list = []
+        while not items or not isinstance(items[-1], Finished):
+            engine._iterate()
+            items += run.take(stream)
+        stream.deliver(4)
+        stream.settle()  # (the event loop: the session is idle now, its write-through queued for the engine)
+        assert stream.queued_write is not None and not run.sessions.get("s").busy
+        s.last_used -= 2 * run.settings.session_ttl_s  # the engine's next housekeeping evicts it ...
+        engine._next_housekeeping = 0.0
+        engine._housekeeping()  # ... before its next admission takes the settle
+        assert not run.sessions.has("s")
+        engine._iterate()
+        assert stream.queued_write.done() and writer.flush(5)
+        assert unpack_state(store.get("s")[0])[0]["n_tokens"] == len(PROMPT) + 4
+    finally:
+        writer.stop(5)
