@@ -227,6 +227,7 @@ class Job:
     settled: bool = False  # the consumer is done and `keep` is final (Stream.settle, not complete)
     keep: int = 0  # generated tokens the session keeps: those its client was handed
     queued_write: concurrent.futures.Future | None = None  # resolved once a complete turn's write is queued
+    deleted: concurrent.futures.Future | None = None  # a DELETE meanwhile: resolved once the session is gone
 
     @property
     def cancelled(self) -> bool:
@@ -399,6 +400,14 @@ class Engine:
         self._running: dict[str, Job] = {}  # session id → its job
         self._delivering: dict[str, Job] = {}  # session id → its turn, ended, until its route settles it
         self._settles: list[tuple[Job, int, bool]] = []  # from Stream.settle (guarded by _cv)
+        # what `_admit` took from the inbox and from `_settles`, each kept here until it is handled, so that
+        # a crash meanwhile answers the rest (`_abort_all`) (engine thread)
+        self._admitting: collections.deque = collections.deque()
+        self._settling: collections.deque[tuple[Job, int, bool]] = collections.deque()
+        # the futures of ingest jobs and control calls not yet answered: any a crash leaves unanswered is
+        # answered as the thread ends (`_loop`), so no waiter waits for ever (a cancelled one included:
+        # `service.engine_answer`) (added under _cv, removed by their done callback)
+        self._unanswered: set[concurrent.futures.Future] = set()
         self._outbox: list[tuple[Stream, Any]] = []
         self._stopping = False
         self._cancel_running = False  # cancel_running() asked: every running generation ends (guarded by _cv)
@@ -416,6 +425,10 @@ class Engine:
         self.persist: Callable[[SessionRecord, bytes, list[int]], None] | None = None  # write a state
         self.forget: Callable[[str], None] | None = None  # delete a stored state
         self.let_go: Callable[[str], bool] | None = None  # the store holds this copy (StoreWriter.let_go)
+        # kept sessions a job has changed since their last `_persist` (engine thread): the store cannot hold
+        # such a copy, whatever `let_go` knows of the last write (a turn's write-through comes after its
+        # route settles it, and the session is idle from that settle: see `_persist_unless_stored`)
+        self._unwritten: set[str] = set()
         self._thread = threading.Thread(target=self._loop, name=f"engine-{model_id}", daemon=True)
 
     # --- called from the event loop ------------------------------------------------------------
@@ -450,6 +463,10 @@ class Engine:
                 )
             self._queued += 1
             self._inbox.append(item)
+            fut = item.future if isinstance(item, Job) else item[1]
+            if fut is not None:
+                self._unanswered.add(fut)
+                fut.add_done_callback(self._unanswered.discard)
             self.metrics.queue_depth.set(self._queued)
             self._block_interrupt.value = 1  # new work: a running native block ends after its round
             self._cv.notify()
@@ -507,6 +524,7 @@ class Engine:
     # --- engine thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        error = unavailable("the server is shutting down")
         try:
             while self._iterate():
                 pass
@@ -518,8 +536,14 @@ class Engine:
                     "see the server log and restart the server"
                 )
             self.metrics.engine_crashes.inc()
-            self._abort_all(APIError(500, f"engine of model {self.model_id} failed; see the server log"))
+            error = APIError(500, f"engine of model {self.model_id} failed; see the server log")
+            self._abort_all(error)
             self._flush()
+        finally:  # nobody answers after this: a job or call the crash caught half-way is answered now
+            with self._cv:
+                left = list(self._unanswered)
+            for fut in left:
+                _answer(fut, error=error)
 
     def _iterate(self) -> bool:
         """One iteration of the loop (the module docstring's four stages); False once stopped."""
@@ -541,25 +565,28 @@ class Engine:
         with self._cv:
             if not self._inbox and not self._settles and not self._has_work() and not self._stopping:
                 self._cv.wait(timeout=0.25)
-            items = list(self._inbox)
+            self._admitting.extend(self._inbox)
             self._inbox.clear()
-            settles, self._settles = self._settles, []
+            self._settling.extend(self._settles)
+            self._settles = []
             stopping, cancel = self._stopping, self._cancel_running
             self._cancel_running = False
-        for job, delivered, complete in settles:  # first: a next turn on the session may be in `items`
-            self._settled(job, delivered, complete)
-        for item in items:
+        while self._settling:  # first: a next turn on the session may be among the items
+            self._settled(*self._settling[0])
+            self._settling.popleft()  # (handled: a crash in it leaves it to `_abort_all`)
+        while self._admitting:
+            item = self._admitting[0]
             if isinstance(item, Job):
                 self._start(item)
             else:
                 fn, fut = item
                 self._uncount(None)
-                if not fut.set_running_or_notify_cancel():  # its waiter gave it up: nobody reads the answer
-                    continue
-                try:
-                    fut.set_result(fn(self))
-                except Exception as exc:
-                    fut.set_exception(exc)
+                if fut.set_running_or_notify_cancel():  # (else its waiter gave it up: nobody reads it)
+                    try:
+                        fut.set_result(fn(self))
+                    except Exception as exc:
+                        fut.set_exception(exc)
+            self._admitting.popleft()
         if cancel:
             for job in self._running.values():
                 if job.stream is not None:
@@ -622,6 +649,8 @@ class Engine:
             self.pool.clear(rec.slot)
         rec.has_state = True
         self._running[rec.id] = job
+        if not rec.ephemeral:
+            self._unwritten.add(rec.id)
         if job.stream is not None and not rec.ephemeral and job.tokens:  # a cancel may take the input back
             fields = Snapshot(self.pool.seen[rec.slot].clone(), rec.pending, rec.n_tokens, rec.utf8_tail)
             job.saved = (self.pool.row(rec.slot).clone(), fields)
@@ -950,7 +979,7 @@ class Engine:
             rec.utf8_tail = utf8_tail(job.carry + bytes(t & 0xFF for t in job.out))
         if rec.ephemeral or job.delete_after:
             self._running.pop(rec.id, None)
-            self.delete_now(rec)
+            self._delete_after(job)
         elif job.stream is None:
             self._running.pop(rec.id, None)
             self.sessions.release(rec)
@@ -991,6 +1020,8 @@ class Engine:
         rec, k = job.session, job.keep
         if not self.sessions.holds(rec):  # deleted (or evicted) while its stream was being delivered
             self._running.pop(rec.id, None)
+            if job.deleted is not None:
+                _answer(job.deleted)
             return
         job.ingest, job.offset, job.targets = [], 0, []
         if job.marks is not None and k < len(job.out):
@@ -1019,7 +1050,7 @@ class Engine:
         self._running.pop(rec.id, None)
         job.marks = job.base = None
         if job.delete_after:
-            self.delete_now(rec)
+            self._delete_after(job)
         else:
             self.sessions.release(rec)
             self._persist(rec)
@@ -1052,14 +1083,23 @@ class Engine:
 
     def _abort_all(self, error: APIError) -> None:
         for job in list(self._running.values()):
+            if job.deleted is not None:  # (no delete comes: its DELETE is answered)
+                _answer(job.deleted)
             if job.stream is not None:
                 self._outbox.append((job.stream, Failed(error)))
             elif job.future is not None:
                 _answer(job.future, error=error)
             self._running.pop(job.session.id, None)
         with self._cv:
-            pending = list(self._inbox)
+            pending = list(self._admitting) + list(self._inbox)  # (taken by a crashed `_admit`, then new)
             self._inbox.clear()
+            settles = list(self._settling) + self._settles
+            self._settles = []
+        self._admitting.clear()
+        self._settling.clear()
+        for job, _, _ in settles:  # its route waits for the write it would have queued: none comes
+            if job.queued_write is not None:
+                _answer(job.queued_write)
         for item in pending:
             if isinstance(item, Job):
                 if item.stream is not None:
@@ -1118,12 +1158,17 @@ class Engine:
             return 0
         raw, seen = self.read_slot(rec)
         self.persist(rec, raw, seen)
+        self._unwritten.discard(rec.id)
         return 1
 
     def _persist_unless_stored(self, rec: SessionRecord) -> int:
         """`_persist` a copy this replica lets go of (eviction, shutdown), unless the store holds it
-        already (`let_go`): 1 written, 2 there already, 0 nothing to write."""
-        if self.let_go is not None and not rec.ephemeral and rec.has_state and self.let_go(rec.id):
+        already (`let_go`): 1 written, 2 there already, 0 nothing to write. A copy changed since its last
+        write-through is written: an eviction can claim a session whose turn its route has just settled
+        (idle from then), before this thread has written that turn through (`_settled`)."""
+        if self.let_go is None or rec.ephemeral or not rec.has_state or rec.id in self._unwritten:
+            return self._persist(rec)
+        if self.let_go(rec.id):
             return 2
         return self._persist(rec)
 
@@ -1133,6 +1178,7 @@ class Engine:
         delete of the same session), and the slot, maybe another session's now, is not freed again."""
         if not self.sessions.holds(rec):
             return
+        self._unwritten.discard(rec.id)
         self.sessions.remove(rec.id)
         self.pool.release(rec.slot)
         self.metrics.active_sessions.set(self.pool.in_use)
@@ -1140,18 +1186,28 @@ class Engine:
 
     # --- control operations (run on the engine thread through `call`) --------------------------
 
-    def delete_now(self, rec: SessionRecord) -> None:
-        """Delete a session; a running request on it is cancelled first and the session goes
-        when that request ends."""
+    def delete_now(self, rec: SessionRecord) -> concurrent.futures.Future | None:
+        """Delete a session (its store delete queued: `forget`); None. A running request on it is
+        cancelled first and the session goes when that request ends: a future is returned then, resolved
+        once it has gone, which the DELETE's answer waits for (`service.delete`)."""
         job = self._running.get(rec.id)
         if job is not None:
             job.delete_after = True
             if job.stream is not None:
                 job.stream.cancelled = True
-            return
+            if job.deleted is None:
+                job.deleted = concurrent.futures.Future()
+            return job.deleted
         self._release(rec)
         if self.forget is not None and not rec.ephemeral:
             self.forget(rec.id)
+        return None
+
+    def _delete_after(self, job: Job) -> None:
+        """The request that a delete waited for is over: delete its session, and answer the DELETE."""
+        self.delete_now(job.session)
+        if job.deleted is not None:
+            _answer(job.deleted)
 
     def fork(self, src: SessionRecord, dst: SessionRecord) -> SessionRecord:
         if not self.sessions.holds(src):  # deleted after the fork claimed it

@@ -170,10 +170,12 @@ def session_model(state: ServerState, session_id: str) -> tuple[ServedModel, Ses
 
 async def request_model(state: ServerState, model_id: str | None, session_id: str | None) -> ServedModel:
     """The model a request runs on: the one it names (404 naming `model` if not served), or, when it
-    names none and continues a session, the session's, restored from the session store first if it is
-    not held here (404 naming `session_id` for a session in neither place). A model named beside a
-    session that is not the session's is refused where the session is claimed (`claim`: 422 naming
-    `model`). 503 while the models load or the server drains, as for any new request."""
+    names none and continues a session, the session's: the copy held here (a session's model never
+    changes: the caller's `restore` checks that copy is the latest, with the request's one version check),
+    or one restored from the session store first (404 naming `session_id` for a session in neither place).
+    A model named beside a session that is not the session's is refused where the session is claimed
+    (`claim`: 422 naming `model`). 503 while the models load or the server drains, as for any new
+    request."""
     if model_id is not None:
         return state.model(model_id)
     if session_id is None:
@@ -182,7 +184,8 @@ async def request_model(state: ServerState, model_id: str | None, session_id: st
         raise unavailable("the server is shutting down")
     if not state.loaded:
         raise unavailable("models are still loading")
-    await restore(state, session_id)
+    if not state.sessions.has(session_id):
+        await restore(state, session_id)
     return session_model(state, session_id)[0]
 
 
@@ -221,10 +224,11 @@ async def ingest(state: ServerState, model: ServedModel, rec: SessionRecord, ids
 
 async def landed(state: ServerState, session_id: str | None, queued: concurrent.futures.Future | None = None):
     """Wait until this replica's write of `session_id` (queued by the engine before it answered, or once
-    `queued` resolves: a turn's `Stream.settle`) is in the session store, so that the answer to a request
-    that changed the session comes after its state is where any replica reads it (README "Session
-    store"). At most `session_store_write_wait_s` in all (then logged, and the caller answers anyway);
-    nothing to wait for without a store, for a one-shot request (`session_id` None) or with a wait of 0."""
+    `queued` resolves: a turn's `Stream.settle`, a delete waiting for the session's running request) is
+    in the session store, so that the answer to a request that changed the session comes after its state
+    is where any replica reads it (README "Session store"). At most `session_store_write_wait_s` in all
+    (then logged, and the caller answers anyway); nothing to wait for without a store, for a one-shot
+    request (`session_id` None) or with a wait of 0."""
     wait = state.settings.session_store_write_wait_s
     if state.writer is None or session_id is None or wait <= 0:
         return
@@ -293,8 +297,8 @@ async def fork(state: ServerState, session_id: str) -> SessionRecord:
 
 async def delete(state: ServerState, session_id: str) -> None:
     model, rec = session_model(state, session_id)
-    await engine_answer(model.engine.call(lambda e: e.delete_now(rec)))
-    await landed(state, session_id)
+    gone = await engine_answer(model.engine.call(lambda e: e.delete_now(rec)))  # (a future: a turn runs)
+    await landed(state, session_id, gone)
 
 
 async def export_state(state: ServerState, session_id: str) -> bytes:

@@ -320,10 +320,11 @@ class StoreWriter:
         """(engine thread) This replica is about to let go of its copy of a session (idle-TTL eviction,
         shutdown). True when the store holds that copy already: its last write-through landed and no
         operation came since (every change to a session is written through when it goes idle, so only a
-        failed or refused write leaves one unwritten); the copy is then not written again (at a rolling
-        restart the final flush wrote every session anew, and a copy that another replica had since gone
-        on from was refused and logged as stale), and its version is forgotten (a restore reads it
-        anew). False: the caller writes it (`write`)."""
+        failed or refused write leaves one unwritten; the engine asks only for a copy no job has changed
+        since its last write-through: `Engine._persist_unless_stored`); the copy is then not written
+        again (at a rolling restart the final flush wrote every session anew, and a copy that another
+        replica had since gone on from was refused and logged as stale), and its version is forgotten (a
+        restore reads it anew). False: the caller writes it (`write`)."""
         with self._cv:
             if session_id not in self._landed:
                 return False

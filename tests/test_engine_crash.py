@@ -4,6 +4,7 @@ in an inbox nobody read, forever), /readyz says why, and the other models keep s
 import httpx
 from server_support import ServerThread
 
+from model.sampling import SamplingParams
 from server import Settings
 
 
@@ -42,3 +43,93 @@ def test_a_crashed_engine_refuses_with_503_instead_of_hanging_and_readyz_names_i
             assert 's4_engine_crashes_total{model="tiny-audio"} 0.0' in metrics
     finally:
         s.stop()
+
+
+# --- every future the engine hands out is answered when its thread dies ------------------------------
+
+
+def _engine(model_dirs):
+    """An engine on the tiny text model that the test runs on its own thread (`engine._loop()` returns
+    once the engine has crashed), with a store hook, and kept sessions "s", "t" and "u" on it."""
+    from test_server_delivery import HandRun
+
+    run = HandRun(model_dirs["text"])
+    run.engine.persist = lambda rec, raw, seen: None
+    for sid in "stu":
+        run.sessions.release(run.session(sid))
+    return run
+
+
+def _ingest(run, ids, sid="s"):
+    import concurrent.futures
+
+    from server.engine import Job
+
+    rec = run.sessions.claim(sid)
+    job = Job(rec, ids, future=concurrent.futures.Future())
+    run.engine.submit(job)
+    return job
+
+
+def test_a_crash_while_admitting_answers_the_work_admitted_with_it(model_dirs):
+    """A bug while one item of an admission is handled: the items taken with it (a control call, an ingest
+    job, a generation's stream) are answered with the crash's error. (Before, they were dropped: their
+    waiters, which a cancel no longer ends (`service.engine_answer`), waited for ever.)"""
+    from server.engine import Failed, Job, Stream
+
+    run = _engine(model_dirs)
+    engine, start = run.engine, run.engine._start
+
+    def broken_start(job):
+        if job.tokens == [1]:
+            raise RuntimeError("a bug while admitting")
+        start(job)
+
+    engine._start = broken_start
+    first = _ingest(run, [1])  # its admission raises
+    call = engine.call(lambda e: "done")
+    second = _ingest(run, [2], "t")
+    stream = Stream(run.loop, 4)
+    rec = run.sessions.claim("u")
+    engine.submit(Job(rec, [3], stream=stream, params=SamplingParams(seed=1), max_new_tokens=2))
+    engine._loop()  # (returns after the crash)
+    assert engine.crashed is not None
+    for fut in (first.future, call, second.future):
+        assert fut.done() and fut.exception().status == 500, fut
+    items = run.take(stream)
+    assert isinstance(items[-1], Failed) and items[-1].error.status == 500
+
+
+def test_a_crash_answers_the_settles_and_the_calls_it_was_handling(model_dirs):
+    """A bug while a turn is settled, or while a job's answer is on its way (the store hook raises): the
+    other settles' `queued_write` futures (a route waits on them before its done frame) and the job's own
+    future are answered. (Before, the route waited its whole S4_SESSION_STORE_WRITE_WAIT_S, and an ingest
+    whose record was handed to the store hook waited for ever.)"""
+    from server.engine import Job, Stream
+
+    run = _engine(model_dirs)
+    engine = run.engine
+    turns = []
+    for sid in "st":
+        rec = run.sessions.claim(sid)
+        job = Job(rec, [], stream=Stream(run.loop, 4), params=SamplingParams(seed=1), max_new_tokens=1)
+        turns.append(engine.settle(job, 0, True))
+    assert all(t is not None for t in turns)
+
+    def broken_settled(*args):
+        raise RuntimeError("a bug while settling")
+
+    engine._settled = broken_settled
+    engine._loop()
+    assert all(t.done() for t in turns)
+
+    run = _engine(model_dirs)
+    engine = run.engine
+
+    def broken_persist(rec, raw, seen):
+        raise RuntimeError("a bug in the store hook")
+
+    engine.persist = broken_persist
+    job = _ingest(run, [4, 5])
+    engine._loop()
+    assert job.future.done() and job.future.exception().status == 500

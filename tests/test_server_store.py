@@ -890,3 +890,132 @@ def test_a_copy_the_store_holds_already_is_not_written_again_at_eviction(
     finally:
         a.stop()
         b.stop()
+
+
+def test_a_delete_while_a_turn_runs_is_answered_once_the_store_has_deleted_the_session(
+    model_dirs, redis_url, redis_db
+):
+    """DELETE of a session whose turn is on the engine: the engine cancels the turn and deletes the session
+    when it ends; the DELETE's answer waits for that delete to land in the store (writes 0.4 s slow), as
+    for an idle session. (Before, it was answered at once: the store still held the session, so another
+    replica could restore it.)"""
+    import threading
+
+    b = _replica(model_dirs, redis_url)
+    _slow_store(b, 0.4)
+    engine = b.state.models[TEXT].engine
+    step, block = engine.rec.step, engine.rec.decode_block
+    entered, gate = threading.Event(), threading.Event()
+
+    def held(fn):
+        def run(*args, **kwargs):  # the turn's first step waits at the gate: its job stays on the engine
+            entered.set()
+            gate.wait(10)
+            return fn(*args, **kwargs)
+
+        return run
+
+    answers: dict[str, httpx.Response] = {}
+    try:
+        sid = httpx.post(b.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
+            "session_id"
+        ]
+        assert _stored(redis_db, sid)["n_tokens"] == 6
+        engine.rec.step, engine.rec.decode_block = held(step), held(block)
+        body = {"session_id": sid, "max_new_tokens": 50, "seed": 1}
+        turn = threading.Thread(
+            target=lambda: answers.update(turn=httpx.post(b.url + "/v1/generate", json=body))
+        )
+        turn.start()
+        assert entered.wait(10)  # the turn is in its first step
+        engine.rec.step, engine.rec.decode_block = step, block
+        delete = threading.Thread(
+            target=lambda: answers.update(delete=httpx.delete(f"{b.url}/v1/sessions/{sid}"))
+        )
+        delete.start()
+        assert wait_for(lambda: len(engine._inbox) == 1, 10)  # the DELETE's call waits for the engine
+        gate.set()
+        delete.join(10)
+        assert answers["delete"].status_code == 204
+        assert _stored(redis_db, sid) is None  # deleted in the store when answered
+        turn.join(10)
+        assert answers["turn"].status_code == 200 and answers["turn"].json()["finish_reason"] == "cancelled"
+        assert _metric(b.url, "late") == 0
+    finally:
+        gate.set()
+        b.stop()
+
+
+def test_a_request_that_leaves_out_its_model_checks_its_held_session_once(model_dirs, redis_url, redis_db):
+    """A turn on a held session that names no model (HTTP and a WebSocket's first message) makes one version
+    check of the store, as one naming its model does (README "Checked before each request": one Redis
+    call). (Before, two: `service.request_model` restored the session to learn its model, then the route
+    restored it again.)"""
+    s = _replica(model_dirs, redis_url)
+    checks: list[str] = []
+    version = s.state.store.version
+
+    def counted(session_id: str):
+        checks.append(session_id)
+        return version(session_id)
+
+    s.state.store.version = counted
+    try:
+        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
+            "session_id"
+        ]
+        for model in (TEXT, None):
+            checks.clear()
+            _generate(s.url, sid, None, 2, seed=1, model=model)
+            assert checks == [sid], (model, checks)
+        for model in (TEXT, None):
+            checks.clear()
+            with connect(s.ws_url) as ws:
+                message = {"type": "generate", "session_id": sid, "max_new_tokens": 2, "seed": 1}
+                frames = _ws_turn(ws, message | ({"model": model} if model else {}))
+                assert frames[-1]["type"] == "done", frames
+            assert checks == [sid], (model, checks)
+    finally:
+        s.stop()
+
+
+def test_a_turn_settled_as_its_session_is_evicted_is_written_at_the_eviction(model_dirs):
+    """The engine alone, turned by hand: a session's create has landed in the store, a turn changes it, and
+    its route settles it (the session is released on the event loop) just before the engine's TTL eviction
+    claims it, ahead of the engine's own write-through of that settle. The eviction writes the copy: it
+    changed since its last write. (Before, `StoreWriter.let_go` found the create's write landed and
+    nothing queued since, so the copy was let go unwritten, then the settle found no session to write:
+    the turn was lost, and its answer came after a wait for nothing.)"""
+    from test_server_delivery import PROMPT, HandRun
+
+    from server.engine import Finished
+
+    run = HandRun(model_dirs["text"])
+    engine, store = run.engine, MemoryStateStore()
+    writer = StoreWriter(store, held=run.sessions.has)
+
+    def persist(rec, raw: bytes, seen: list[int]) -> None:
+        header = {"model": "m", "shape": [len(raw) // 4], "dtype": "float32", "n_tokens": rec.n_tokens}
+        writer.write(rec.id, {**header, "pending": rec.pending, "seen": seen}, raw)
+
+    engine.persist, engine.let_go = persist, writer.let_go
+    try:
+        s = run.session("s")  # created (written through), claimed for a turn
+        assert writer.flush(5) and unpack_state(store.get("s")[0])[0]["n_tokens"] == len(PROMPT)
+        stream, _ = run.turn(s, SamplingParams(seed=1), 4)
+        items: list = []
+        while not items or not isinstance(items[-1], Finished):
+            engine._iterate()
+            items += run.take(stream)
+        stream.deliver(4)
+        stream.settle()  # (the event loop: the session is idle now, its write-through queued for the engine)
+        assert stream.queued_write is not None and not run.sessions.get("s").busy
+        s.last_used -= 2 * run.settings.session_ttl_s  # the engine's next housekeeping evicts it ...
+        engine._next_housekeeping = 0.0
+        engine._housekeeping()  # ... before its next admission takes the settle
+        assert not run.sessions.has("s")
+        engine._iterate()
+        assert stream.queued_write.done() and writer.flush(5)
+        assert unpack_state(store.get("s")[0])[0]["n_tokens"] == len(PROMPT) + 4
+    finally:
+        writer.stop(5)
