@@ -307,9 +307,16 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
     return entry
 
 
+_WARNED: set[Path] = set()  # cache entries whose token warning this process has logged
+
+
 def _warn_tokens(src: Path, entry: Path) -> None:
-    """Log the conversion's token warning (`token_warning`) each time a cached entry is used, as the
-    command line prints it: a server given SRC directly says it too."""
+    """Log the conversion's token warning (`token_warning`) once per process for each cache entry used,
+    as the command line prints it: a server given SRC directly says it too (once, though its start-up
+    check and its loader both resolve the entry)."""
+    if entry in _WARNED:
+        return
+    _WARNED.add(entry)
     try:
         warning = json.loads((entry / "config.json").read_text())["source"]["warning"]
     except (OSError, ValueError, KeyError, TypeError):

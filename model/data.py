@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.kind == "text":
         source = args.source or fetch_shakespeare(args.cache)
         meta = prepare_text(args.out, source)
-        summary = {s: f"{meta['tokens'][s]:,} bytes, {len(meta['documents'][s])} plays" for s in SPLITS}
+        summary = {s: f"{meta['tokens'][s]:,} bytes, {len(meta['documents'][s])} texts" for s in SPLITS}
         summary["held out"] = {s: meta["documents"][s] for s in ("val", "test")}
     else:
         for tool in ("espeak-ng", "sox"):

@@ -218,7 +218,8 @@ class Settings(BaseSettings):
         "delete, a turn on it) is answered once the change is in the store (HTTP answer, SSE done event, "
         "WebSocket done or appended frame), so the next request finds it on any replica; a store slower "
         "than this many seconds gets the answer sent anyway (logged). 0: answer at once, the write lands "
-        "after (a next request on another replica may then continue from the state before)",
+        "after (a next request on another replica may then continue from the state before, or be refused "
+        "409 while the replica it left still writes or reloads the session)",
     )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
     prefill_threads: int = Field(

@@ -100,7 +100,11 @@ class ServerState:
         if not self.models:
             self._nothing_to_serve("; ".join(f"{k}: {v}" for k, v in self.failed.items()) or "no checkpoint")
             return
-        log.info("ready: serving %s", ", ".join(self.models))
+        if self.failed and self.settings.require_all_models:  # /readyz answers 503 (routes/health.py)
+            log.warning("serving %s; not ready (S4_REQUIRE_ALL_MODELS): %s", ", ".join(self.models),
+                        "; ".join(f"{k}: {v}" for k, v in self.failed.items()))  # fmt: skip
+        else:
+            log.info("ready: serving %s", ", ".join(self.models))
 
     async def _in_loader_thread(self, fn, *args):
         """fn(*args) in a daemon thread (self.loader), awaited. Not asyncio.to_thread: asyncio.run waits at

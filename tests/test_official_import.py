@@ -685,7 +685,7 @@ def test_a_converted_folder_is_made_with_the_umask_and_a_cached_conversion_warns
     """The output folder and the conversion cache's entries get the process's umask (0755 with 022), as
     `save`'s files do: they were 0700 (tempfile.mkdtemp, renamed), so the container's user (uid 10001)
     could not read a checkpoint converted on the host. A server given a .ckpt directly logs the token
-    warning the command line prints (it was only in the cached config.json), each time it is used."""
+    warning the command line prints (it was only in the cached config.json), once a process."""
     import os
     import stat
 
@@ -704,7 +704,7 @@ def test_a_converted_folder_is_made_with_the_umask_and_a_cached_conversion_warns
         assert stat.S_IMODE(folder.stat().st_mode) == 0o755, folder
         assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in folder.iterdir()), folder
     warned = [r for r in caplog.records if "dataset 'wt103'" in r.getMessage()]
-    assert len(warned) == 2 and all(r.levelname == "WARNING" for r in warned)
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"  # once a process (the server resolves twice)
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "cache").iterdir())
 
 

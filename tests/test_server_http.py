@@ -62,6 +62,26 @@ def test_require_all_models_withholds_readiness_while_a_checkpoint_is_not_served
     assert client.get("/readyz").status_code == 200
 
 
+def test_a_server_that_requires_all_models_does_not_log_ready_when_one_failed(model_dirs, caplog):
+    """With S4_REQUIRE_ALL_MODELS and a checkpoint that failed, the start-up log says "not ready" and why,
+    as /readyz does (it said "ready: serving …" while /readyz answered 503)."""
+    from server import Settings
+
+    dirs = [str(model_dirs["text"]), str(model_dirs["broken"])]
+    with caplog.at_level("INFO", logger="server"):
+        s = ServerThread(Settings(checkpoints=dirs, max_sessions=2, require_all_models=True))
+        s.thread.start()
+        try:
+            assert wait_for(lambda: s.state.loaded, 120)
+            assert httpx.get(s.url + "/readyz").status_code == 503
+        finally:
+            s.stop()
+    lines = [r.getMessage() for r in caplog.records if r.name == "server"]
+    assert not any(m.startswith("ready: serving") for m in lines), lines
+    line = next(m for m in lines if "not ready (S4_REQUIRE_ALL_MODELS)" in m)
+    assert line.startswith(f"serving {TEXT}; not ready") and "broken: " in line
+
+
 def test_models_describe_kind_sizes_and_state_bytes(client, server):
     data = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
     assert set(data) == {TEXT, AUDIO}
