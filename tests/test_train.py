@@ -271,3 +271,41 @@ def test_train_init_of_another_modality_is_refused_with_an_article_that_fits():
     Audio.kind = "text"
     with pytest.raises(ConfigError, match=r"train.init 'x': an audio model; the data is text"):
         _load_init(None, {}, "x", {"modality": "audio"}, Audio())
+
+
+def test_train_inits_provenance_keeps_a_fine_tunes_chain_and_only_values_of_the_expected_kinds():
+    """init_provenance reads a checkpoint's config.json (the user's file): a fine-tune of a fine-tune keeps
+    the earlier run's record under training.init; a value of the wrong kind is dropped (None), not copied."""
+    from model.train import checked_init_record, init_provenance
+
+    earlier = {
+        "path": "ckpt/imp",
+        "weights_sha256": "cd" * 32,
+        "source": {"from": "state-spaces/s4", "file": "m.ckpt", "sha256": 7, "dataset": None},
+    }
+    meta = {
+        "weights_sha256": "ef" * 32,
+        "training": {
+            "config": {"data": {"path": "data/x"}},
+            "metrics": {"steps": 20, "test": {"bits_per_token": "low"}},
+            "init": earlier,
+        },
+    }
+    rec = init_provenance("ckpt/ft", meta)
+    assert rec == {
+        "path": "ckpt/ft",
+        "weights_sha256": "ef" * 32,
+        "training": {
+            "data": "data/x",
+            "steps": 20,
+            "test_bits_per_token": None,
+            "init": {
+                "path": "ckpt/imp",
+                "weights_sha256": "cd" * 32,
+                "source": {"from": "state-spaces/s4", "file": "m.ckpt", "sha256": None, "dataset": None},
+            },
+        },
+    }
+    assert checked_init_record(rec) == rec  # a record read back as written
+    assert checked_init_record({"path": 3}) is None
+    assert init_provenance("x", {"training": [], "source": "s"}) == {"path": "x", "weights_sha256": None}
