@@ -30,7 +30,7 @@ from model.codecs import MuLaw, wav_bytes
 from model.data import AUDIO_BOS, Dataset, marginal_entropy_bits, write_splits
 from model.quality import lexicon, voiced_share, word_share
 from model.sampling import SamplingParams, sample
-from model.train import evaluate
+from model.train import ConfigError, TrainConfig, checked_init_record, evaluate, run_configs, saved_init
 
 TEXT_PROMPTS = ["ROMEO.\n", "HAMLET.\nTo be, or not to be", "Enter the King and Queen.\n\nKING.\n"]
 
@@ -186,6 +186,36 @@ def training_command(run: Path) -> str:
     return f"python -m model.train {shlex.quote(str(run / 'config.json'))}"
 
 
+def optimizer_summary(tc: TrainConfig) -> str:
+    """The card's optimizer clause, from the resolved [train] table."""
+    ssm = f"SSM parameters {tc.ssm_lr}" if tc.ssm_lr else "SSM parameters frozen"
+    clip = f"gradient clip {tc.grad_clip}" if tc.grad_clip else "no gradient clipping"
+    return (f"AdamW lr {tc.lr} ({ssm}, no weight decay), weight decay {tc.weight_decay}, betas "
+            f"{tc.betas[0]}/{tc.betas[1]}, warmup {tc.warmup} + cosine to {tc.min_lr_ratio} × lr, "
+            f"{clip}")  # fmt: skip
+
+
+def provenance_text(rec: dict) -> str:
+    """A train.init record (model.train's `init_provenance`) as a sentence's tail: the folder, then
+    where its weights came from, following a fine-tune's own train.init."""
+    text = f"`{rec['path']}`"
+    if rec.get("weights_sha256"):
+        text += f" (weights SHA-256 {rec['weights_sha256'][:16]}…)"
+    src, tr = rec.get("source"), rec.get("training")
+    if src:
+        text += (f", an import of `{src.get('file')}` from {src.get('from')} (file SHA-256 "
+                 f"{(src.get('sha256') or '?')[:16]}…, dataset {src.get('dataset')})")  # fmt: skip
+    elif tr:
+        bits = tr.get("test_bits_per_token")
+        text += (f", a run of {tr.get('steps')} steps on `{tr.get('data')}`"
+                 + (f" (test {bits:.4f} bits/token)" if bits is not None else ""))  # fmt: skip
+        if tr.get("init"):
+            text += ", itself fine-tuned from " + provenance_text(tr["init"])
+    else:
+        text += ", with no record of where its weights came from"
+    return text
+
+
 def _fmt_s(s: float) -> str:
     return f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.2f} h"
 
@@ -217,15 +247,23 @@ def main(argv: list[str] | None = None) -> None:
     meta = json.loads((ckpt / CONFIG).read_text())
     train_cfg = json.loads((args.run / "config.json").read_text())
     metrics = json.loads((args.run / "metrics.json").read_text())
-    dcfg = train_cfg["data"]
-    data = Dataset(dcfg["path"])
+    try:
+        dc, tc = run_configs(train_cfg if isinstance(train_cfg, dict) else {})
+    except ConfigError as exc:
+        ap.error(f"--run {args.run}: config.json: {exc}")
+    training = meta.get("training")
+    init = training.get("init") if isinstance(training, dict) else None
+    init = checked_init_record(init, 0) if isinstance(init, dict) else None
+    if tc.init and init is None:  # an export without the record: the run's last/ may have it
+        init = saved_init(args.run) or {"path": tc.init}
+    data = Dataset(dc.path)
     net = load(ckpt)
     net.eval()
     rec = net.to_recurrent()
     cfg = net.config
-    seq_len = data.clip_len if data.kind == "audio" else dcfg.get("seq_len", 1024)
-    stride = dcfg.get("eval_stride", 0)
-    sl = write_eval_slice(ckpt, data, net, seq_len, dcfg.get("batch_size", 16), stride)
+    seq_len = data.clip_len if data.kind == "audio" else dc.seq_len
+    stride = dc.eval_stride
+    sl = write_eval_slice(ckpt, data, net, seq_len, dc.batch_size, stride)
     sl_data = Dataset(ckpt / "eval_slice")
     sl["recurrent_bits_per_token"] = recurrent_nll_bits(rec, sl_data, sl_data.split("test"), seq_len)
     meta["eval_slice"] = sl  # config.json is rewritten once, at the end
@@ -276,17 +314,15 @@ def main(argv: list[str] | None = None) -> None:
             f"test {dm['clips']['test']:,} ({dm['hours']} h in all). Prepared with "
             "`python -m model.data audio --out data/digits`.",
         ]
-    tr = train_cfg["train"]
     lines += [
         "",
         "## Training",
         "",
         f"Command: `{args.command or training_command(args.run)}`",
         "",
-        f"{metrics['steps']:,} steps of {dcfg['batch_size']} × {seq_len} tokens "
-        f"({metrics['tokens_seen']:,} tokens), AdamW lr {tr.get('lr')} (SSM parameters "
-        f"{tr.get('ssm_lr')}, no weight decay), weight decay {tr.get('weight_decay')}, warmup "
-        f"{tr.get('warmup')} + cosine, gradient clip {tr.get('grad_clip')}. "
+        *([f"Fine-tuned (`train.init`) from {provenance_text(init)}.", ""] if tc.init and init else []),
+        f"{metrics['steps']:,} steps of {dc.batch_size} × {seq_len} tokens "
+        f"({metrics['tokens_seen']:,} tokens), {optimizer_summary(tc)}. "
         f"Wall time {_fmt_s(metrics['train_wall_s'])} on {metrics['device']} "
         f"({metrics['threads']} torch thread(s), {metrics['processes']} process(es); "
         f"{cpu_model()}).",
@@ -325,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{metrics['threads']} thread(s); own context, batch and learning rate, chosen on validation: "
             f"{bm['steps']:,} steps of {bd.get('batch_size')} × {bd.get('seq_len')} bytes, lr "
             f"{bt.get('lr')}, warmup {bt.get('warmup')} (S4: {metrics['steps']:,} steps of "
-            f"{dcfg['batch_size']} × {seq_len}, lr {tr.get('lr')}, warmup {tr.get('warmup')}). It is "
+            f"{dc.batch_size} × {seq_len}, lr {tc.lr}, warmup {tc.warmup}). It is "
             f"evaluated like S4 but over its own context: windows of {bd.get('seq_len')} bytes hopping by "
             f"{int(bd.get('seq_len')) // 2}.",
             "",

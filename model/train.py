@@ -13,7 +13,9 @@ takes exactly the steps an uninterrupted run would. Everything the run writes li
     config.json    the config as run (rewritten when a resume changes it)
     log.jsonl      one JSON line per logged step / evaluation, and one per resume that changed the
                    config: {"step", "resumed": true, "changed": {"section.key": [old, new]}}
-    last/          the newest resumable state (weights, AdamW moments, step; safetensors + JSON)
+    last/          the newest resumable state (weights, AdamW moments, step; safetensors + JSON), and
+                   train.init's record (its model config, where its weights came from): a resume
+                   reads no train.init folder
     metrics.json   final validation and test metrics
 and, when [train].export is set, the trained model is saved there as a servable checkpoint.
 """
@@ -224,6 +226,16 @@ def _dataclass(cls, d: dict):
     if unknown := set(d) - known:
         raise ConfigError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
     return cls(**d)
+
+
+def run_configs(cfg: dict) -> tuple[DataConfig, TrainConfig]:
+    """A run config's [data] and [train] tables as model.train runs them: checked, every key left out at
+    its default. ConfigError for a bad value or a table that is not one."""
+    tables = {k: cfg.get(k, {}) for k in ("data", "train")}
+    for k, t in tables.items():
+        if not isinstance(t, dict):
+            raise ConfigError(f"config {k!r} must be a table of key = value, got {t!r}")
+    return _dataclass(DataConfig, tables["data"]), _dataclass(TrainConfig, tables["train"])
 
 
 def lr_scale(step: int, cfg: TrainConfig) -> float:
@@ -482,16 +494,79 @@ def config_changes(before: dict, after: dict) -> dict[str, list]:
     return out
 
 
-def _init_from(folder: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """`train.init`: a checkpoint folder's model config and weights (checked as `model.load` checks
-    them: format, checksum, config); ConfigError naming train.init otherwise."""
-    from model.checkpoint import CheckpointError, load
+def _init_from(folder: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """`train.init`: a checkpoint folder's model config, weights (checked as `model.load` checks them:
+    format, checksum, config) and provenance (`init_provenance`); ConfigError naming train.init otherwise."""
+    from model.checkpoint import CheckpointError, load, read_config
 
     try:
         net = load(folder)
+        meta = read_config(folder)
     except (CheckpointError, OSError) as exc:
         raise ConfigError(f"train.init {folder!r}: {exc}") from None
-    return net.config.to_dict(), {k: v.detach().clone() for k, v in net.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return net.config.to_dict(), state, init_provenance(folder, meta)
+
+
+def _text(v) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def init_provenance(folder: str, meta: dict) -> dict:
+    """Where a `train.init` checkpoint's weights came from, from its config.json `meta`: {"path",
+    "weights_sha256"} and, when it has one, "source" (an official import's from, file, sha256, dataset)
+    or "training" (its run's data, steps, test bits/token and the run's own "init", so a fine-tune of a
+    fine-tune keeps the chain). Only values of the expected kinds are kept (the file is the user's)."""
+    rec = {"path": folder, "weights_sha256": _text(meta.get("weights_sha256"))}
+    src = meta.get("source")
+    if isinstance(src, dict):
+        rec["source"] = {k: _text(src.get(k)) for k in ("from", "file", "sha256", "dataset")}
+    tr = meta.get("training")
+    if isinstance(tr, dict):
+        cfg = tr.get("config") if isinstance(tr.get("config"), dict) else {}
+        metrics = tr.get("metrics") if isinstance(tr.get("metrics"), dict) else {}
+        data = cfg.get("data") if isinstance(cfg.get("data"), dict) else {}
+        test = metrics.get("test") if isinstance(metrics.get("test"), dict) else {}
+        summary = {"data": data.get("path"), "steps": metrics.get("steps"),
+                   "test_bits_per_token": test.get("bits_per_token"), "init": tr.get("init")}  # fmt: skip
+        rec["training"] = _checked_training(summary, 0)
+    return rec
+
+
+def _checked_training(t: dict, depth: int) -> dict:
+    init, steps, bits = t.get("init"), t.get("steps"), t.get("test_bits_per_token")
+    return {
+        "data": _text(t.get("data")),
+        "steps": steps if _is_int(steps) else None,
+        "test_bits_per_token": bits if _is_number(bits) else None,
+        "init": checked_init_record(init, depth + 1) if isinstance(init, dict) and depth < 8 else None,
+    }
+
+
+def checked_init_record(rec: dict, depth: int = 0) -> dict | None:
+    """A provenance record as `init_provenance` writes it, read back from a file: the same keys, each of
+    its kind (None otherwise); None for one without a path."""
+    if not isinstance(rec.get("path"), str):
+        return None
+    out = {"path": rec["path"], "weights_sha256": _text(rec.get("weights_sha256"))}
+    if isinstance(rec.get("source"), dict):
+        out["source"] = {k: _text(rec["source"].get(k)) for k in ("from", "file", "sha256", "dataset")}
+    if isinstance(rec.get("training"), dict):
+        out["training"] = _checked_training(rec["training"], depth)
+    return out
+
+
+def saved_init(out: Path) -> dict | None:
+    """The `train.init` record a run's last/state.json keeps (path, provenance, the checkpoint's model
+    config), so a resume needs no train.init folder; None when it has none or it is not well formed."""
+    try:
+        rec = json.loads((out / "last" / "state.json").read_text()).get("init")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("model"), dict):
+        return None
+    checked = checked_init_record(rec, 0)
+    return None if checked is None else {**checked, "model": rec["model"]}
 
 
 def _load_init(net: nn.Module, state: dict[str, torch.Tensor], folder: str, model_cfg: dict, data) -> None:
@@ -501,7 +576,8 @@ def _load_init(net: nn.Module, state: dict[str, torch.Tensor], folder: str, mode
     where = f"train.init {folder!r}"
     kind, have = ("audio" if data.kind == "audio" else "text"), model_cfg.get("modality", "text")
     if have != kind:
-        raise ConfigError(f"{where}: a {have} model; the data is {kind}")
+        article = "an" if have[:1] in "aeiou" else "a"
+        raise ConfigError(f"{where}: {article} {have} model; the data is {kind}")
     if kind == "audio" and model_cfg.get("sample_rate") != data.meta["sample_rate"]:
         raise ConfigError(
             f"{where}: a {model_cfg.get('sample_rate')} Hz model; the data is {data.meta['sample_rate']} Hz"
@@ -533,8 +609,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     `stop_at` > 0: stop after that step as if interrupted (resume later by running again).
     Raises ConfigError for a wrong config (before anything is written or trained) and
     TrainingInterrupted on Ctrl-C."""
-    dcfg = _dataclass(DataConfig, cfg.get("data", {}))
-    tcfg = _dataclass(TrainConfig, cfg.get("train", {}))
+    dcfg, tcfg = run_configs(cfg)
     rank, world, device = setup_distributed()
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
@@ -554,10 +629,17 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
             f"data.seq_len must be < the training split's {len(train_split):,} tokens, got {dcfg.seq_len}"
         )
     model_cfg = dict(cfg.get("model", {}))
-    init_state = None
+    recover_last(out)
+    resuming = not fresh and (out / "last" / "state.json").is_file()
+    init_state, init = None, None  # train.init's weights (a fresh start only) and its record
     if tcfg.init:  # the checkpoint's model; [model] keys override its config (a shape too: refused below)
-        init_cfg, init_state = _init_from(tcfg.init)
-        model_cfg = {**init_cfg, **model_cfg}
+        saved = saved_init(out) if resuming else None
+        if saved is not None and saved["path"] == tcfg.init:  # a resume: the weights are last/'s
+            init = saved
+        else:
+            init_cfg, init_state, provenance = _init_from(tcfg.init)
+            init = {**provenance, "model": init_cfg}
+        model_cfg = {**init["model"], **model_cfg}
     if data.kind == "audio":
         dcfg.seq_len = data.clip_len
         model_cfg.setdefault("modality", "audio")
@@ -567,14 +649,14 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     net = build_model(model_cfg).to(device)
     if init_state is not None:
         _load_init(net, init_state, tcfg.init, model_cfg, data)
+    meta = {"config": cfg, **({"init": init} if init else {})}  # what last/state.json keeps besides the step
     groups = net.param_groups(tcfg.lr, tcfg.weight_decay, tcfg.ssm_lr)
     for g in groups:
         g["base_lr"] = g["lr"]
     opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tcfg.betas)
     start, wall_before = 0, 0.0
     changed = None  # a resume's config changes (e.g. train.steps re-planned), logged below
-    recover_last(out)
-    if not fresh and (out / "last" / "state.json").is_file():
+    if resuming:
         try:
             start, wall_before = load_state(out, net, opt, device)
         except (RuntimeError, ValueError, KeyError):  # another model (or optimizer groups) in `last`
@@ -657,7 +739,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
                 if main_proc:
                     elapsed = wall_before + time.perf_counter() - t_start
                     with sigint_deferred():  # (the message then names the step last/ holds)
-                        save_state(out, net, opt, step + 1, {"config": cfg, "elapsed_s": elapsed})
+                        save_state(out, net, opt, step + 1, {**meta, "elapsed_s": elapsed})
                         saved = step + 1
                 if world > 1:
                     dist.barrier()
@@ -670,7 +752,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     if end < tcfg.steps:
         if main_proc:
             if not (tcfg.ckpt_every and end % tcfg.ckpt_every == 0):  # else the loop just saved it
-                save_state(out, net, opt, end, {"config": cfg, "elapsed_s": wall})
+                save_state(out, net, opt, end, {**meta, "elapsed_s": wall})
             print(f"stopped after step {end}; run again to resume", file=sys.stderr)
         return metrics
     if main_proc:
@@ -691,7 +773,10 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
         if tcfg.export:
             from model.checkpoint import save
 
-            save(net, tcfg.export, extra={"training": {"config": cfg, "metrics": metrics}})
+            training = {"config": cfg, "metrics": metrics}
+            if init:  # where the weights came from (train.init may be gone by the time anyone asks)
+                training["init"] = {k: v for k, v in init.items() if k != "model"}
+            save(net, tcfg.export, extra={"training": training})
     if log:
         log.close()
     return metrics

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from model import load
-from model.train import TrainConfig, load_config, lr_scale, parse_value, train
+from model.train import ConfigError, TrainConfig, load_config, lr_scale, parse_value, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -187,7 +187,7 @@ def test_a_run_starts_from_a_checkpoint_with_train_init_and_refuses_one_that_doe
     a [model] key that changes a shape or a folder that is not a checkpoint is refused naming train.init,
     before anything is trained."""
     from model.data import Dataset
-    from model.train import ConfigError, DataConfig, loss_fn, step_batch
+    from model.train import DataConfig, loss_fn, step_batch
 
     base = tiny_config(text_data, tmp_path / "base", steps=30, final_eval=False, export=str(tmp_path / "a"))
     train(base)
@@ -215,3 +215,97 @@ def test_a_run_starts_from_a_checkpoint_with_train_init_and_refuses_one_that_doe
     with pytest.raises(ConfigError, match=r"train.init .*nowhere"):
         train(bad)
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_fine_tune_resumes_from_its_run_without_the_train_init_folder_with_identical_losses(
+    text_data, tmp_path
+):
+    """A fine-tune stopped at step 4 resumes from runs/NAME/last/ after its train.init folder is deleted
+    (the run keeps train.init's model config and provenance in last/state.json): the losses are an
+    uninterrupted fine-tune's, and the export's `training.init` still says where the weights came from."""
+    import shutil
+
+    base = tiny_config(text_data, tmp_path / "base", steps=6, eval_every=0, export=str(tmp_path / "a"))
+    base_metrics = train(base)
+    shutil.copytree(tmp_path / "a", tmp_path / "a2")
+    a_sha = json.loads((tmp_path / "a" / "config.json").read_text())["weights_sha256"]
+
+    def tune(name: str, init: Path) -> dict:
+        cfg = tiny_config(text_data, tmp_path / name, steps=8, ckpt_every=4, eval_every=0, final_eval=False,
+                          init=str(init), export=str(tmp_path / f"{name}-ckpt"))  # fmt: skip
+        cfg["model"] = {"dropout": 0.0}  # the checkpoint's model, one key overridden
+        return cfg
+
+    train(tune("whole", tmp_path / "a"))
+    parts = tune("parts", tmp_path / "a2")
+    train(parts, stop_at=4)
+    state = json.loads((tmp_path / "parts" / "last" / "state.json").read_text())
+    assert state["step"] == 4 and state["init"]["path"] == str(tmp_path / "a2")
+    assert state["init"]["model"]["d_model"] == 32
+    shutil.rmtree(tmp_path / "a2")
+    train(parts)  # resumes from last/: train.init is not read
+    a = [r for r in read_log(tmp_path / "whole") if "loss" in r]
+    b = [r for r in read_log(tmp_path / "parts") if "loss" in r]
+    assert [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6, abs=1e-7), ra["step"]
+    assert load(tmp_path / "parts-ckpt").config.dropout == 0.0
+    init = json.loads((tmp_path / "parts-ckpt" / "config.json").read_text())["training"]["init"]
+    want = {"data": str(text_data), "steps": 6, "test_bits_per_token": base_metrics["test"]["bits_per_token"],
+            "init": None}  # fmt: skip
+    assert init == {"path": str(tmp_path / "a2"), "weights_sha256": a_sha, "training": want}
+    fresh = tune("fresh", tmp_path / "a2")  # a fresh start (no last/) still needs the folder
+    with pytest.raises(ConfigError, match=r"train.init .*a2'"):
+        train(fresh)
+
+
+def test_train_init_of_another_modality_is_refused_with_an_article_that_fits():
+    from model.train import _load_init
+
+    class Audio:
+        kind = "audio"
+        meta = {"sample_rate": 8000}
+
+    with pytest.raises(ConfigError, match=r"train.init 'x': a text model; the data is audio"):
+        _load_init(None, {}, "x", {"modality": "text"}, Audio())
+    Audio.kind = "text"
+    with pytest.raises(ConfigError, match=r"train.init 'x': an audio model; the data is text"):
+        _load_init(None, {}, "x", {"modality": "audio"}, Audio())
+
+
+def test_train_inits_provenance_keeps_a_fine_tunes_chain_and_only_values_of_the_expected_kinds():
+    """init_provenance reads a checkpoint's config.json (the user's file): a fine-tune of a fine-tune keeps
+    the earlier run's record under training.init; a value of the wrong kind is dropped (None), not copied."""
+    from model.train import checked_init_record, init_provenance
+
+    earlier = {
+        "path": "ckpt/imp",
+        "weights_sha256": "cd" * 32,
+        "source": {"from": "state-spaces/s4", "file": "m.ckpt", "sha256": 7, "dataset": None},
+    }
+    meta = {
+        "weights_sha256": "ef" * 32,
+        "training": {
+            "config": {"data": {"path": "data/x"}},
+            "metrics": {"steps": 20, "test": {"bits_per_token": "low"}},
+            "init": earlier,
+        },
+    }
+    rec = init_provenance("ckpt/ft", meta)
+    assert rec == {
+        "path": "ckpt/ft",
+        "weights_sha256": "ef" * 32,
+        "training": {
+            "data": "data/x",
+            "steps": 20,
+            "test_bits_per_token": None,
+            "init": {
+                "path": "ckpt/imp",
+                "weights_sha256": "cd" * 32,
+                "source": {"from": "state-spaces/s4", "file": "m.ckpt", "sha256": None, "dataset": None},
+            },
+        },
+    }
+    assert checked_init_record(rec) == rec  # a record read back as written
+    assert checked_init_record({"path": 3}) is None
+    assert init_provenance("x", {"training": [], "source": "s"}) == {"path": "x", "weights_sha256": None}

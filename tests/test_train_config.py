@@ -235,6 +235,51 @@ def test_the_model_cards_command_trains_from_the_runs_config_json(text_data, tmp
         load_config(ckpt)
 
 
+def test_the_model_card_of_a_fine_tune_states_the_defaults_it_ran_with_and_where_its_weights_came_from(
+    text_data, tmp_path
+):
+    """A run that leaves out lr, ssm_lr, weight_decay and grad_clip ran with TrainConfig's defaults: the
+    card says those, not None. A fine-tune of an official import (a checkpoint with a `source` block)
+    says so in its export's `training.init` and in the card, with the import's file, SHA-256 and dataset."""
+    from model.card import main as card
+
+    train(
+        load_config(
+            tiny_toml(tmp_path / "b.toml", text_data, tmp_path / "base", export=str(tmp_path / "imp"))
+        )
+    )
+    meta = json.loads((tmp_path / "imp" / "config.json").read_text())
+    del meta["training"]  # as `model.convert` writes it: the import's provenance, no training block
+    meta["source"] = {"from": "state-spaces/s4", "file": "model.ckpt", "sha256": "ab" * 32,
+                      "dataset": "wt103", "kind": "lightning"}  # fmt: skip
+    (tmp_path / "imp" / "config.json").write_text(json.dumps(meta))
+    cfg = load_config(tiny_toml(tmp_path / "t.toml", text_data, tmp_path / "ft", steps=3, final_eval=True,
+                                init=str(tmp_path / "imp"), export=str(tmp_path / "ft-ckpt")))  # fmt: skip
+    del cfg["model"]  # the import's model
+    assert not {"lr", "ssm_lr", "weight_decay", "grad_clip"} & set(cfg["train"])
+    train(cfg)
+    init = json.loads((tmp_path / "ft-ckpt" / "config.json").read_text())["training"]["init"]
+    source = {"from": "state-spaces/s4", "file": "model.ckpt", "sha256": "ab" * 32, "dataset": "wt103"}
+    assert init == {"path": str(tmp_path / "imp"), "weights_sha256": meta["weights_sha256"], "source": source}
+    card([str(tmp_path / "ft-ckpt"), "--run", str(tmp_path / "ft")])
+    text = (tmp_path / "ft-ckpt" / "README.md").read_text()
+    training = text.split("## Training", 1)[1].split("## Quality", 1)[0]
+    assert "None" not in training, training
+    d = TrainConfig()
+    assert (
+        f"AdamW lr {d.lr} (SSM parameters {d.ssm_lr}, no weight decay), weight decay {d.weight_decay}"
+        in training
+    )
+    assert f"gradient clip {d.grad_clip}" in training
+    assert f"Fine-tuned (`train.init`) from `{tmp_path / 'imp'}`" in training
+    assert (
+        "an import of `model.ckpt` from state-spaces/s4 (file SHA-256 abababababababab…, dataset wt103)"
+        in training
+    )
+    kept = json.loads((tmp_path / "ft-ckpt" / "config.json").read_text())["training"]["init"]
+    assert kept == init  # the card rewrites config.json and keeps the record
+
+
 def test_a_save_cut_between_its_renames_leaves_the_previous_checkpoint_and_a_resume_finds_it(
     tmp_path, monkeypatch
 ):
