@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from model import load, save
 from model.check_official import main
@@ -101,9 +102,66 @@ def test_a_conversion_with_one_weight_wrong_fails_with_the_numbers(
     assert out.rstrip().endswith("FAIL: the conversion differs from the official code")
 
 
-def test_the_model_of_another_checkpoint_fails_naming_both_vocabularies(converted):
-    rc, out, _ = run(converted["s4d_standalone"], "--reference", FIX / "s4_bytes.ref.safetensors")
-    assert rc == 1 and "vocabulary is 256, the converted model's 16" in out, out
+def test_the_reference_files_metadata_and_lengths_are_in_the_header(converted):
+    """A fixture's reference carries only a `case`: its lengths are read from the tensors (s4_bytes's
+    was made at 80 tokens, not the default 96)."""
+    rc, out, err = run(converted["s4_bytes"], "--reference", FIX / "s4_bytes.ref.safetensors")
+    assert rc == 0, out + err
+    head = out.splitlines()[0]
+    assert head.startswith(f"official outputs: {FIX / 's4_bytes.ref.safetensors'}: {{"), head
+    meta = json.loads(head.split(": ", 2)[2])
+    assert meta == {"conv_tokens": 64, "tokens": 80, "case": "byte-level S4 LM (vocab 256)"}, meta
+
+
+def _reference_like(src: Path, dst: Path, metadata: dict | None = None, change=None) -> Path:
+    """A copy of a reference file with other metadata, or with `change` applied to its tensors."""
+    ref = load_file(str(src))
+    if change is not None:
+        change(ref)
+    save_file(ref, str(dst), metadata=metadata)
+    return dst
+
+
+def test_a_reference_of_another_vocabulary_cannot_check_exit_2(converted):
+    """Not FAIL (exit 1, a wrong mapping): the reference describes another model."""
+    rc, out, err = run(converted["s4d_standalone"], "--reference", FIX / "s4_bytes.ref.safetensors")
+    assert rc == 2 and "FAIL" not in out, out + err
+    assert "the reference is of another model (a vocabulary of 256; CONVERTED_DIR's is 16)" in err, err
+    assert "cannot check: " in err
+
+
+def test_a_reference_with_another_number_of_layers_cannot_check_exit_2(converted):
+    """Same vocabulary (256), 10 SSM layers in the U-Net reference, 3 in the plain SaShiMi."""
+    rc, out, err = run(converted["sashimi_sc09"], "--reference", FIX / "sashimi_sc09_unet.ref.safetensors")
+    assert rc == 2 and "FAIL" not in out, out + err
+    assert "another model (10 SSM kernels; CONVERTED_DIR has 3)" in err, err
+
+
+def test_a_reference_with_another_width_cannot_check_exit_2(converted, tmp_path):
+    def wider(ref):
+        ref["kernel.0"] = torch.cat([ref["kernel.0"], ref["kernel.0"]])  # (2H, L)
+
+    ref = _reference_like(FIX / "s4_bytes.ref.safetensors", tmp_path / "r.safetensors", change=wider)
+    rc, out, err = run(converted["s4_bytes"], "--reference", ref)
+    assert rc == 2 and "another model (SSM layer 0 has 16 channels; CONVERTED_DIR's has 8)" in err, err
+
+
+def test_a_reference_made_from_another_file_cannot_check_exit_2(converted, tmp_path):
+    """The reference's `source` / `sha256` against CONVERTED_DIR's config.json source: the SHA-256 decides
+    where both have one (a renamed copy is the same file), else the file name."""
+    source = json.loads((converted["s4_bytes"] / "config.json").read_text())["source"]
+    fix = FIX / "s4_bytes.ref.safetensors"
+    other = "cannot check: the reference is of another model (made from "
+    cases = [  # (metadata, exit status, what stderr says)
+        ({"source": "s4_bytes.ckpt", "sha256": source["sha256"]}, 0, ""),
+        ({"source": "renamed.ckpt", "sha256": source["sha256"]}, 0, ""),
+        ({"source": "s4_bytes.ckpt", "sha256": "0" * 64}, 2, f"{other}SHA-256 {'0' * 64}; CONVERTED_DIR"),
+        ({"source": "other.ckpt"}, 2, f"{other}other.ckpt; CONVERTED_DIR was converted from s4_bytes.ckpt)"),
+    ]
+    for i, (meta, want, says) in enumerate(cases):
+        ref = _reference_like(fix, tmp_path / f"r{i}.safetensors", meta)
+        rc, out, err = run(converted["s4_bytes"], "--reference", ref)
+        assert rc == want and says in err and "FAIL" not in out, (meta, out + err)
 
 
 def test_usage_errors_exit_2_saying_why(converted, tmp_path):
@@ -151,13 +209,67 @@ def test_the_child_failing_exits_2_with_its_stderr_tail(converted, tmp_path):
     assert "ModuleNotFoundError" in err and "src.models" in err, err
 
 
-def test_the_childs_safetensors_writer_is_read_back_exactly(tmp_path):
-    """reference.py writes safetensors without the package (an official venv need not have it)."""
+def _reference_module():
+    """model/official/reference.py, imported by path (it is the child's script, not part of the package's
+    imports; importing it imports neither the official code nor a checkpoint)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("ref_writer", ROOT / "model" / "official" / "reference.py")
+    spec = importlib.util.spec_from_file_location("ref_child", ROOT / "model" / "official" / "reference.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+FRAME = "the conv check takes the trained length, 64 tokens; the recurrence goes one pool frame, 16 tokens, "
+FRAME += "past it"
+LENGTHS = [  # (trained length, pools' product, --tokens) → (conv check, recurrence, what the line says)
+    (64, 1, None, 64, 96, None),  # default: 1.5 × the trained length
+    (64, 16, None, 64, 96, None),
+    (27, 1, None, 27, 40, None),
+    (64, 1, 10, 64, 65, "--tokens 10: raised to 65 (the conv check takes the trained length, 64 tokens;"),
+    (64, 1, 64, 64, 65, "--tokens 64: raised to 65"),  # exactly the trained length: nothing past it
+    (64, 1, 70, 64, 70, None),
+    (64, 16, 10, 64, 80, "--tokens 10: raised to 80"),
+    (64, 16, 70, 64, 80, f"--tokens 70: raised to 80 ({FRAME})"),  # exactly the trained length, rounded down
+    (64, 16, 96, 64, 96, None),
+    (64, 16, 100, 64, 112, "--tokens 100: rounded up to 112 (whole pool frames of 16 tokens)"),
+]
+
+
+@pytest.mark.parametrize(("limit", "P", "tokens", "T0", "T", "says"), LENGTHS)
+def test_tokens_never_shorten_the_conv_check_and_the_recurrence_goes_past_it(limit, P, tokens, T0, T, says):
+    """The child's lengths: the conv check at the whole trained length whatever --tokens says; the
+    recurrence at least one pool frame (one token) past it, in whole frames; a changed N said in a line."""
+    got_T0, got_T, note = _reference_module().reference_lengths(limit, P, tokens)
+    assert (got_T0, got_T) == (T0, T) and got_T % P == 0 and got_T >= T0 + P
+    assert (note is None) if says is None else (note is not None and note.startswith(says)), note
+
+
+def test_the_childs_note_on_the_tokens_is_printed_in_one_line(converted, tmp_path):
+    """The parent half of the live mode, with a stand-in for the official python that writes a fixture's
+    reference and the child's summary line with its note: the note is printed alone, before the header."""
+    co = _fake_checkout(tmp_path / "s4")
+    note = "--tokens 10: raised to 65 (the conv check takes the trained length, 64 tokens; ...)"
+    summary = json.dumps({"source": "s4_bytes.ckpt", "conv_tokens": 64, "tokens": 80, "note": note})
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done\n'
+        f'cp "{FIX / "s4_bytes.ref.safetensors"}" "$out"\n'
+        f"echo '{summary}'\n"
+    )
+    fake.chmod(0o755)
+    rc, out, err = run(FIX / "s4_bytes.ckpt", converted["s4_bytes"], "--official", co, "--python", fake,
+                       "--tokens", "10")  # fmt: skip
+    assert rc == 0, out + err
+    lines = out.splitlines()
+    assert lines[0] == note and out.count("raised to") == 1, out
+    assert lines[1].startswith("official outputs: ") and '"tokens": 80' in lines[1], out
+
+
+def test_the_childs_safetensors_writer_is_read_back_exactly(tmp_path):
+    """reference.py writes safetensors without the package (an official venv need not have it)."""
+    mod = _reference_module()
     g = torch.Generator().manual_seed(0)
     tensors = {
         "tokens": torch.randint(0, 256, (2, 7), generator=g),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import importlib
 import json
 import math
@@ -353,6 +354,32 @@ def trained_length(lit: nn.Module, cfg: dict, standalone: bool) -> int:
     return min(limits) if limits else 1024
 
 
+def reference_lengths(limit: int, P: int, tokens: int | None) -> tuple[int, int, str | None]:
+    """(T0, T, note): the conv check's length T0 (the trained length `limit`, whole frames of SaShiMi's
+    pool product P: never shortened by --tokens) and the recurrence's T (the --tokens asked, default
+    1.5 × limit; at least one frame past T0, so something past the trained length is checked; rounded up
+    to whole frames), and a line saying how an asked T was changed (None when it was not)."""
+    T0 = max(P, limit // P * P)
+    least = T0 + P
+    T = tokens if tokens is not None else limit + limit // 2
+    T = max(least, -(-T // P) * P)
+    if tokens is None or T == tokens:
+        return T0, T, None
+    frame = f"one pool frame, {P} tokens," if P > 1 else "one token"
+    if T == least and tokens < least:
+        why = f"the conv check takes the trained length, {T0} tokens; the recurrence goes {frame} past it"
+        return T0, T, f"--tokens {tokens}: raised to {T} ({why})"
+    return T0, T, f"--tokens {tokens}: rounded up to {T} (whole pool frames of {P} tokens)"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="The official code's float64 outputs for a checkpoint.")
     ap.add_argument("src", type=Path)
@@ -387,9 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     limit = trained_length(lit, cfg, standalone)
     pool = None if standalone else cfg["model"].get("pool")
     P = math.prod(pool) if isinstance(pool, list) else 1
-    T = args.tokens if args.tokens is not None else limit + limit // 2
-    T = max(P, T // P * P)  # SaShiMi's pools take whole frames
-    T0 = max(P, min(T, limit) // P * P)
+    T0, T, note = reference_lengths(limit, P, args.tokens)
     V = lit.decoder.out_features if standalone else vocab
     tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(args.seed))
     if standalone:  # s4d.py has no step(); its conv forward computes the kernel for the input length
@@ -400,11 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         ref = {k: v.contiguous() for k, v in ref.items()}
     else:
         ref = references(lit, tokens, T0, T0)
-    meta = {"source": args.src.name, "conv_tokens": T0, "tokens": T, "seed": args.seed, "vocab": V,
-            "trained_length": limit, "logits_step": "the official conv forward (s4d.py has no step)"
+    meta = {"source": args.src.name, "sha256": sha256(args.src), "conv_tokens": T0, "tokens": T,
+            "seed": args.seed, "vocab": V, "trained_length": limit,
+            "logits_step": "the official conv forward (s4d.py has no step)"
             if standalone else "the official recurrence"}  # fmt: skip
     save_safetensors(ref, args.out, meta)
-    print(json.dumps(meta))
+    print(json.dumps({**meta, "note": note} if note else meta))  # the note: for the check to print
     return 0
 
 
