@@ -26,7 +26,6 @@ import math
 import os
 import sys
 import time
-import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from bench.common import bench_main, fmt, save_figure, subplots
+from model.official.reference import install_standins
 
 NAME = "official"
 SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
@@ -46,29 +46,10 @@ SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
 OPTIONS: dict[str, str | None] = {"official": None}  # set by main() from --official or $S4_OFFICIAL_DIR
 
 
-def _standins() -> None:
-    """hydra (src.utils.config calls hydra.utils.get_method/get_class on dotted paths only) and
-    pytorch_lightning (src.utils.train uses rank_zero_only, a logging decorator)."""
-    hydra, hu = types.ModuleType("hydra"), types.ModuleType("hydra.utils")
-
-    def get(path):
-        mod, _, name = path.rpartition(".")
-        return getattr(importlib.import_module(mod), name)
-
-    hu.get_method = hu.get_class = get
-    hydra.utils = hu
-    pl, plu = types.ModuleType("pytorch_lightning"), types.ModuleType("pytorch_lightning.utilities")
-    plu.rank_zero_only = lambda fn: fn
-    pl.utilities = plu
-    for name, mod in (("hydra", hydra), ("hydra.utils", hu), ("pytorch_lightning", pl),
-                      ("pytorch_lightning.utilities", plu)):  # fmt: skip
-        sys.modules.setdefault(name, mod)
-
-
 def official_model(official: str, size: dict[str, Any]) -> tuple[nn.Module, dict]:
     """The official backbone + LM encoder/decoder (as tasks.LMTask builds them) and its config."""
     sys.path.insert(0, official)
-    _standins()
+    install_standins()  # (model/official/reference.py: importing it runs and unpickles nothing)
     import src.models.nn.utils as U
     from src import utils
     from src.models.sequence.kernels import ssm

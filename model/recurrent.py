@@ -736,6 +736,20 @@ def check_step_inputs(
                          f"device ({device_type})")  # fmt: skip
 
 
+def served_dtype(net: torch.nn.Module, dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype a recurrent form serves `net`'s weights in: `dtype`, or the weights' own (one for all of
+    them); ValueError for weights of mixed dtypes or a dtype without a verification tolerance
+    (`LOGITS_TOL`: float64, float32, bfloat16, float16)."""
+    dtypes = {p.dtype for p in net.parameters()}
+    if len(dtypes) != 1:
+        raise ValueError(f"the weights must share one dtype, got {sorted(map(str, dtypes))}")
+    dtype = dtype or dtypes.pop()
+    if dtype not in LOGITS_TOL:
+        names = ", ".join(str(d).removeprefix("torch.") for d in LOGITS_TOL)
+        raise ValueError(f"weights dtype must be one of {names}, got {dtype}")
+    return dtype
+
+
 class RecurrentModel:
     """Frozen recurrent form of a SequenceModel: init_state, parallel prefill, batched step.
 
@@ -773,14 +787,7 @@ class RecurrentModel:
         logits_tol: float | None = None,
     ):
         device = torch.device(device) if device is not None else next(net.parameters()).device
-        dtypes = {p.dtype for p in net.parameters()}
-        if len(dtypes) != 1:
-            raise ValueError(f"the weights must share one dtype, got {sorted(map(str, dtypes))}")
-        dtype = dtype or dtypes.pop()
-        if dtype not in LOGITS_TOL:
-            names = ", ".join(str(d).removeprefix("torch.") for d in LOGITS_TOL)
-            raise ValueError(f"weights dtype must be one of {names}, got {dtype}")
-        self.dtype = dtype
+        self.dtype = dtype = served_dtype(net, dtype)
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = net.config
         self.device = device

@@ -87,14 +87,7 @@ class SaShiMiRecurrent:
         fused_network=True,
     ):
         device = torch.device(device) if device is not None else next(net.parameters()).device
-        dtypes = {p.dtype for p in net.parameters()}
-        if len(dtypes) != 1:
-            raise ValueError(f"the weights must share one dtype, got {sorted(map(str, dtypes))}")
-        dtype = dtype or dtypes.pop()
-        if dtype not in LOGITS_TOL:
-            names = ", ".join(str(d).removeprefix("torch.") for d in LOGITS_TOL)
-            raise ValueError(f"weights dtype must be one of {names}, got {dtype}")
-        self.dtype = dtype
+        self.dtype = dtype = recurrent.served_dtype(net, dtype)
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = cfg = net.config
         self.device = device
