@@ -1,10 +1,10 @@
 """The official state-spaces/s4 code's own outputs for a checkpoint, computed in the official code's venv.
 
 Run by `python -m model.check_official` as a child process with the user's official-venv python
-(the server and the library never import it: its `main` imports the official `src` package and
-unpickles the checkpoint as the official code does; importing the module does neither, so
-tests/test_check_official.py imports it for its safetensors writer), and imported by the fixture
-scripts under tests/fixtures/official/.
+(the server and the library never import it: its `main` imports the official `src` package;
+importing the module does not, so tests/test_check_official.py imports it for its safetensors writer),
+and imported by the fixture scripts under tests/fixtures/official/. The checkpoint is never unpickled:
+`main` reads it with reader.py's safe loader, as model.convert does (`safe_load`).
 It may import only what that venv has: the standard library, torch, omegaconf and the official code
 (no safetensors: `save_safetensors` below writes the format itself).
 
@@ -380,6 +380,27 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def safe_load(src: Path):
+    """SRC read as model.convert reads it, never unpickled: reader.py's `safe_torch_load`
+    (torch.load(weights_only=True), the omegaconf nodes of a Lightning config rebuilt as plain dicts by
+    inert stand-ins). reader.py is loaded by its path, so the `model` package (and what it imports) is
+    not needed in the official venv; its torch must have torch.serialization.safe_globals (2.5+)."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location(
+        "s4serve_official_reader", Path(__file__).with_name("reader.py")
+    )
+    reader = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reader)
+    if not hasattr(torch.serialization, "safe_globals"):
+        raise SystemExit(f"torch {torch.__version__} in this venv has no torch.serialization.safe_globals: "
+                         "the safe loader needs torch 2.5 or later")  # fmt: skip
+    try:
+        return reader.safe_torch_load(src)
+    except reader.OfficialFormatError as exc:
+        raise SystemExit(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="The official code's float64 outputs for a checkpoint.")
     ap.add_argument("src", type=Path)
@@ -390,12 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     official = import_official(args.official)  # first: a checkout that does not import fails here
-    # The official code's own process loads a checkpoint as the official code does (train.py through
-    # Lightning, generate.py and checkpoints/convert_pl_to_pt.py by torch.load): the whole pickle.
-    try:
-        obj = torch.load(args.src, map_location="cpu", weights_only=False)
-    except TypeError:  # a torch before 1.13 has no weights_only (and loads the whole pickle)
-        obj = torch.load(args.src, map_location="cpu")
+    obj = safe_load(args.src)
     ckpt = obj if isinstance(obj, dict) and "state_dict" in obj else None
     sd = ckpt["state_dict"] if ckpt is not None else obj
     cfg = read_config(args.src, args.config, ckpt)
