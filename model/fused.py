@@ -338,6 +338,17 @@ def fill_layer(lay: NetLayer, form, w: _Weights, s4: str, ff_norm: str | None = 
         lay.down_t, lay.down_b = w.transposed_as(ff + "down.weight", wfmt), w.param(ff + "down.bias")
 
 
+def _weight_format(net: torch.nn.Module, what: str) -> int:
+    """The C code's format code of `net`'s weights (WEIGHT_FORMATS); ValueError naming `what` unless all
+    of them share one dtype it reads."""
+    dtypes = {p.dtype for p in net.parameters()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in WEIGHT_FORMATS:
+        names = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_FORMATS)
+        got = sorted(map(str, dtypes))
+        raise ValueError(f"{what} takes {names} weights of one dtype, got {got}")
+    return WEIGHT_FORMATS[dtypes.pop()]
+
+
 class NetStep:
     """The whole network's recurrent step in one C call (`net_step`): embedding, every block
     (norm, SSM step, GELU(y + D u), GLU output mixing, residual; then the FF block when d_ff > 0:
@@ -383,12 +394,7 @@ class NetStep:
         if len(eps) > 1:
             raise ValueError("every LayerNorm must share one eps")
         self.eps = ctypes.c_float(eps.pop() if eps else 0.0)
-        dtypes = {p.dtype for p in net.parameters()}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in WEIGHT_FORMATS:
-            names = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_FORMATS)
-            got = sorted(map(str, dtypes))
-            raise ValueError(f"the whole-network step takes {names} weights of one dtype, got {got}")
-        wfmt = WEIGHT_FORMATS[dtypes.pop()]
+        wfmt = _weight_format(net, "the whole-network step")
         w = self._weights = _Weights(net, lib.linear_panel_width())  # keeps every tensor a pointer refers to
         self.layers = (NetLayer * len(forms))()
         for i, form in enumerate(forms):
@@ -537,12 +543,7 @@ class SaShiMiStep:
         eps = {m.eps for m in net.modules() if isinstance(m, torch.nn.LayerNorm)}
         if len(eps) != 1:
             raise ValueError("every LayerNorm must share one eps")
-        dtypes = {p.dtype for p in net.parameters()}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in WEIGHT_FORMATS:
-            names = ", ".join(str(d).removeprefix("torch.") for d in WEIGHT_FORMATS)
-            got = sorted(map(str, dtypes))
-            raise ValueError(f"the SaShiMi C step takes {names} weights of one dtype, got {got}")
-        wfmt = WEIGHT_FORMATS[dtypes.pop()]
+        wfmt = _weight_format(net, "the SaShiMi C step")
         self.lib, self.V, self.numel = lib, cfg.vocab_size, layout.numel
         w = self._weights = _Weights(net, lib.linear_panel_width())  # keeps what a pointer refers to
 
