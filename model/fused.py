@@ -29,7 +29,8 @@ RESTYPES = {  # the library's entry points and their return types
     "sample_rows_full": ctypes.c_int, "net_block": ctypes.c_long, "philox_uniforms": None,
     "philox_blocks": None, "linear_rows": None, "sashimi_step": ctypes.c_int, "sashimi_block": ctypes.c_long,
     "net_prefill": ctypes.c_int, "ssm_prefill": ctypes.c_long, "ssm_prefill_width": ctypes.c_long,
-    "linear_panel_width": ctypes.c_long,
+    "linear_panel_width": ctypes.c_long, "split_step": ctypes.c_int, "step_split_min_weights": ctypes.c_long,
+    "step_split_state": None,
 }  # fmt: skip
 # -fno-math-errno lets the GELU / sigmoid loops call glibc's vector expf / erff (model/csrc/ssm_step.c)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
@@ -411,6 +412,14 @@ class NetStep:
         w.check_all_read("the whole-network step")
         self.n_layers = len(forms)
 
+    def splits(self, B: int) -> bool:
+        """Whether a step of B rows in the calling thread runs split over the OpenMP threads by channels
+        and columns (ssm_step.c `net_rows_split`: at most 4 rows, at least 2 threads in
+        `torch.get_num_threads()`, a network of ≥ `step_split_min_weights` linear weights); its logits and
+        state are bit for bit those of the single thread."""
+        dims = [ctypes.c_long(v) for v in (B, self.H, self.V, self.n_layers)]
+        return bool(self.lib.split_step(*dims, self.layers))
+
     def _weight_args(self) -> tuple:
         lnf = (self.lnf_kind, self.lnf_w, self.lnf_b)
         return (self.embed, self.layers, *lnf, self.head, self.head_b, self.eps)
@@ -630,6 +639,31 @@ class SaShiMiStep:
         return decode_block(
             lambda tail: self.lib.sashimi_block(*head, *tail), K, self.V, state, 0, tok, **rows
         )
+
+
+def step_split_min_weights(lib, value: int | None = None) -> int:
+    """The whole-network step's split threshold (`NetStep.splits`): a step of a few rows runs split over
+    the threads when the network's linear layers hold at least this many weights (default 2^18: smaller
+    networks step in a few µs, less than the barriers cost). Sets it to `value` (≥ 0; 0: always split)
+    when given; returns the value it had. Process-wide (the tests and bench.step set it)."""
+    if value is not None and value < 0:
+        raise ValueError(f"step_split_min_weights: value must be >= 0, got {value}")
+    return int(lib.step_split_min_weights(ctypes.c_long(-1 if value is None else value)))
+
+
+def step_split_state(
+    lib, delay_s: float | None = None, stall_s: float | None = None
+) -> tuple[float, float, float]:
+    """The split step's contention guard (ssm_step.c `split_record`): (the last pause, the time left before
+    steps of a few rows split again (≤ 0: they split), the stall threshold before this call), in seconds.
+    With `delay_s`, the next split step's last thread sleeps that long before its first barrier, as a
+    descheduled thread would; with `stall_s`, a barrier wait over it is a stall (default 2e-4; the tests
+    raise it to keep steps split on an oversubscribed machine). Process-wide."""
+    out = (ctypes.c_long * 3)()
+    delay = -1 if delay_s is None else round(delay_s * 1e9)
+    stall = -1 if stall_s is None else round(stall_s * 1e9)
+    lib.step_split_state(ctypes.c_long(delay), ctypes.c_long(stall), out)
+    return out[0] / 1e9, out[1] / 1e9, out[2] / 1e9
 
 
 def decode_block(

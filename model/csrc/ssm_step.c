@@ -284,6 +284,14 @@ int dplr_step(long B, long H, long M, long R, const float *x, float *xo, const f
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
+#include <sched.h>
+#include <time.h>
+
+static double monotonic_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
 
 #if defined(__GLIBC__) && defined(__x86_64__) && (__GLIBC__ > 2 || __GLIBC_MINOR__ >= 35)
 /* glibc's vector variants (libmvec; math.h declares them only under -ffast-math): the GELU and
@@ -534,12 +542,12 @@ static inline __attribute__((always_inline)) void lin_tile(const int fmt, const 
         for (long c = 0; c < C; c++) stv(out + i * N + n0 + LIN_VW * c, acc[i][c]);
 }
 
-/* the scalar columns n0 … N − 1 of R rows (Wt packed) */
+/* the scalar columns n0 … n1 − 1 of R rows (Wt packed) */
 static inline __attribute__((always_inline)) void lin_cols(const int fmt, const long R, long K, long N,
                                                            const float *x, const void *Wt, const float *bias,
-                                                           float *out, long n0) {
+                                                           float *out, long n0, long n1) {
     for (long i = 0; i < R; i++)
-        for (long n = n0; n < N; n++) {
+        for (long n = n0; n < n1; n++) {
             long st;
             const long at = pk_at(K, N, n, &st);
             float acc = bias ? bias[n] : 0.0f;
@@ -548,50 +556,65 @@ static inline __attribute__((always_inline)) void lin_cols(const int fmt, const 
         }
 }
 
-/* Bt rows (a multiple of R, a constant) over all N columns in groups of R: tiles of C vectors, then single
+/* Bt rows (a multiple of R, a constant) over the columns n0 … n1 − 1 in groups of R: scalar columns up to a
+ * multiple of LIN_VW, tiles of C vectors (within the full panels, whose rows are all LIN_P apart), then single
  * vectors, then scalar columns, each column tile for every group in turn (its panel's weights stay in L1/L2
  * for all the groups) */
 static inline __attribute__((always_inline)) void lin_rows(const int fmt, const long R, const long C, long Bt,
                                                            long K, long N, const float *x, const void *Wt,
-                                                           const float *bias, float *out) {
-    long n0 = 0;
-    for (; n0 + C * LIN_VW <= N; n0 += C * LIN_VW)
+                                                           const float *bias, float *out, long n0, long n1) {
+    const long full = N / LIN_P * LIN_P, a = (n0 + LIN_VW - 1) / LIN_VW * LIN_VW;
+    if (a > n0) { /* a vector starts at a multiple of LIN_VW (never across a panel's edge) */
+        lin_cols(fmt, Bt, K, N, x, Wt, bias, out, n0, a < n1 ? a : n1);
+        n0 = a;
+    }
+    for (; n0 + C * LIN_VW <= n1 && (C == 1 || n0 + C * LIN_VW <= full); n0 += C * LIN_VW)
         for (long r0 = 0; r0 < Bt; r0 += R) lin_tile(fmt, R, C, K, N, x + r0 * K, Wt, bias, out + r0 * N, n0);
-    for (; n0 + LIN_VW <= N; n0 += LIN_VW)
+    for (; n0 + LIN_VW <= n1; n0 += LIN_VW)
         for (long r0 = 0; r0 < Bt; r0 += R) lin_tile(fmt, R, 1, K, N, x + r0 * K, Wt, bias, out + r0 * N, n0);
-    lin_cols(fmt, Bt, K, N, x, Wt, bias, out, n0);
+    lin_cols(fmt, Bt, K, N, x, Wt, bias, out, n0, n1);
 }
 
 /* one row alone: 8 vectors of columns at a time (its weights stream from memory once, whatever the tile) */
 static inline __attribute__((always_inline)) void linear_row_f(const int fmt, long K, long N, const float *xr,
-                                                               const void *Wt, const float *bias, float *out) {
-    lin_rows(fmt, 1, 8, 1, K, N, xr, Wt, bias, out);
+                                                               const void *Wt, const float *bias, float *out,
+                                                               long n0, long n1) {
+    lin_rows(fmt, 1, 8, 1, K, N, xr, Wt, bias, out, n0, n1);
 }
 
+/* the columns n0 … n1 − 1 of out (B, N) = bias + x (B, K) · Wt (K, N), Wt packed */
 static inline __attribute__((always_inline)) void linear_t_f(const int fmt, long B, long K, long N, const float *x,
-                                                             const void *Wt, const float *bias, float *out) {
+                                                             const void *Wt, const float *bias, float *out,
+                                                             long n0, long n1) {
     long r = B - B % LIN_ROWS; /* the rows in full groups of LIN_ROWS, panel by panel */
-    lin_rows(fmt, LIN_ROWS, 2, r, K, N, x, Wt, bias, out);
+    lin_rows(fmt, LIN_ROWS, 2, r, K, N, x, Wt, bias, out, n0, n1);
 #if LIN_ROWS > 4
-    for (; r + 4 <= B; r += 4) lin_rows(fmt, 4, 4, 4, K, N, x + r * K, Wt, bias, out + r * N);
+    for (; r + 4 <= B; r += 4) lin_rows(fmt, 4, 4, 4, K, N, x + r * K, Wt, bias, out + r * N, n0, n1);
 #endif
-    for (; r < B; r++) linear_row_f(fmt, K, N, x + r * K, Wt, bias, out + r * N);
+    for (; r < B; r++) linear_row_f(fmt, K, N, x + r * K, Wt, bias, out + r * N, n0, n1);
 }
 
-/* out (B, N) = bias + x (B, K) · Wt (K, N) with Wt in format fmt (W_F32, W_BF16, W_F16): one specialized
- * copy of the tiles per format */
+/* The columns n0 … n1 − 1 of out (B, N) = bias + x (B, K) · Wt (K, N) with Wt in
+ * format fmt (W_F32, W_BF16, W_F16): one specialized copy of the tiles per format. Each element's bits do
+ * not depend on the column range that computed it. */
+static void linear_cols(long fmt, long B, long K, long N, const float *x, const void *Wt, const float *bias,
+                        float *out, long n0, long n1) {
+    if (fmt == W_BF16)
+        linear_t_f(W_BF16, B, K, N, x, Wt, bias, out, n0, n1);
+    else if (fmt == W_F16)
+        linear_t_f(W_F16, B, K, N, x, Wt, bias, out, n0, n1);
+    else
+        linear_t_f(W_F32, B, K, N, x, Wt, bias, out, n0, n1);
+}
+
+/* out (B, N) = bias + x (B, K) · Wt (K, N) with Wt in format fmt: all the columns */
 static void linear_tw(long fmt, long B, long K, long N, const float *x, const void *Wt, const float *bias,
                       float *out) {
-    if (fmt == W_BF16)
-        linear_t_f(W_BF16, B, K, N, x, Wt, bias, out);
-    else if (fmt == W_F16)
-        linear_t_f(W_F16, B, K, N, x, Wt, bias, out);
-    else
-        linear_t_f(W_F32, B, K, N, x, Wt, bias, out);
+    linear_cols(fmt, B, K, N, x, Wt, bias, out, 0, N);
 }
 
 static void linear_t(long B, long K, long N, const float *x, const float *Wt, const float *bias, float *out) {
-    linear_t_f(W_F32, B, K, N, x, Wt, bias, out);
+    linear_t_f(W_F32, B, K, N, x, Wt, bias, out, 0, N);
 }
 
 /* For bench.linear and the tests: out = x · Wt + bias, Wt packed (LIN_P panels) in format fmt (W_*), by the
@@ -672,25 +695,43 @@ static int ssm_rows(const NetLayer *L, long H, long M, long n, const float *cons
     return 0;
 }
 
+/* The position-wise elementwise ops, on n consecutive elements. Not inlined: the step of a few rows split
+ * over threads by channels (net_rows_split) runs them on slices, and the same machine code over the same
+ * elements keeps its bits those of the whole-row calls (a vectorized loop's lanes and its scalar rest call
+ * different expf / erff). */
+/* y ← GELU(y + d·u), exact (erf) form */
+static __attribute__((noinline)) void gelu_skip(long n, float *y, const float *u, const float *d) {
+#pragma omp simd
+    for (long h = 0; h < n; h++) {
+        const float z = y[h] + d[h] * u[h];
+        y[h] = 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
+    }
+}
+
+/* x ← x + a · sigmoid(g) (the GLU's residual) */
+static __attribute__((noinline)) void glu_add(long n, float *x, const float *a, const float *g) {
+#pragma omp simd
+    for (long h = 0; h < n; h++) x[h] += a[h] / (1.0f + expf(-g[h]));
+}
+
+/* f ← GELU(f), exact (erf) form */
+static __attribute__((noinline)) void gelu(long n, float *f) {
+#pragma omp simd
+    for (long h = 0; h < n; h++) f[h] = 0.5f * f[h] * (1.0f + erff(f[h] * 0.70710678118654752f));
+}
+
+/* x ← x + y */
+static inline void add_to(long n, float *x, const float *y) {
+#pragma omp simd
+    for (long h = 0; h < n; h++) x[h] += y[h];
+}
+
 /* The rest of an S4 block for B rows once its SSM step has written y (B, H) from u = LN(x): y ← GELU(y + D u),
  * x += GLU(out(y)). Scratch: o (B, 2H); y is overwritten. */
 static void s4_rest(long B, long H, const NetLayer *L, float *x, const float *u, float *y, float *o) {
-    for (long r = 0; r < B; r++) { /* GELU(y + D u), exact (erf) form */
-        float *yr = y + r * H;
-        const float *ur = u + r * H;
-#pragma omp simd
-        for (long h = 0; h < H; h++) {
-            const float z = yr[h] + L->d_skip[h] * ur[h];
-            yr[h] = 0.5f * z * (1.0f + erff(z * 0.70710678118654752f));
-        }
-    }
+    for (long r = 0; r < B; r++) gelu_skip(H, y + r * H, u + r * H, L->d_skip);
     linear_tw(L->wfmt, B, H, 2 * H, y, L->out_wt, L->out_b, o);
-    for (long r = 0; r < B; r++) { /* residual + GLU: a · sigmoid(g) */
-        float *xr = x + r * H;
-        const float *a = o + r * 2 * H, *g = a + H;
-#pragma omp simd
-        for (long h = 0; h < H; h++) xr[h] += a[h] / (1.0f + expf(-g[h]));
-    }
+    for (long r = 0; r < B; r++) glu_add(H, x + r * H, o + r * 2 * H, o + r * 2 * H + H);
 }
 
 /* The FF block of L (d_ff > 0) for B rows: x += down(GELU(up(LN(x)))), exact (erf) GELU. Scratch: u, y (B, H),
@@ -699,18 +740,9 @@ static void ff_block(long B, long H, const NetLayer *L, float *x, float *u, floa
     const long Fl = L->d_ff;
     block_norm(L->norm, B, H, x, u, L->ff_ln_w, L->ff_ln_b, eps);
     linear_tw(L->wfmt, B, H, Fl, u, L->up_t, L->up_b, f);
-    for (long r = 0; r < B; r++) {
-        float *fr = f + r * Fl;
-#pragma omp simd
-        for (long n = 0; n < Fl; n++) fr[n] = 0.5f * fr[n] * (1.0f + erff(fr[n] * 0.70710678118654752f));
-    }
+    for (long r = 0; r < B; r++) gelu(Fl, f + r * Fl);
     linear_tw(L->wfmt, B, Fl, H, f, L->down_t, L->down_b, y);
-    for (long r = 0; r < B; r++) {
-        float *xr = x + r * H;
-        const float *yr = y + r * H;
-#pragma omp simd
-        for (long h = 0; h < H; h++) xr[h] += yr[h];
-    }
+    for (long r = 0; r < B; r++) add_to(H, x + r * H, y + r * H);
 }
 
 /* The rest of a block for B rows once its SSM step has written y (B, H) from u = LN(x): s4_rest, then with
@@ -721,6 +753,264 @@ static void block_rest(long B, long H, const NetLayer *L, float *x, float *u, fl
     if (L->d_ff > 0) ff_block(B, H, L, x, u, y, f, eps);
 }
 
+/* The isotropic network's weights and shapes (net_step's arguments) */
+typedef struct {
+    long H, V, n_layers, M;
+    const float *embed;
+    const NetLayer *layers;
+    long lnf_kind; /* the final norm's kind (NetLayer.norm's codes) */
+    const float *lnf_w, *lnf_b, *head_t, *head_b;
+    float eps;
+    const float *src; /* the state read, or NULL: the state updated is read (in place) */
+} NetArgs;
+
+/* A step of a few rows (at most SPLIT_MAX_ROWS) split over the threads by channels and columns, each layer's
+ * work shared out, with a barrier where one thread's outputs become another's inputs. A batch of 8 rows or more
+ * gives each thread rows of its own instead (step_all_rows, decode_block), which never wait for each other;
+ * one or a few rows leave all but one core idle, and at batch 1 the step is bound by reading the weights
+ * (text-shakespeare's 7.9 MB a token, beyond a core's L2): split, each core reads only its part of every
+ * linear layer (contiguous panels), always the same part, so a model whose weights fit in the cores' L2
+ * caches together keeps them there across tokens. Each element is computed by the same expression as in
+ * net_rows (the linear tiles' columns and the SSM channels do not depend on the range computing them; the
+ * elementwise ops run the same non-inlined loops on slices that start at multiples of SPLIT_ALIGN), so a
+ * row's logits and state are bit for bit the single thread's.
+ * A barrier waits for the slowest thread: when another process takes a core, a thread descheduled mid-step
+ * holds the others for a time slice (a CPU-bound process beside it made the 2-thread step of a
+ * text-shakespeare-sized model 2.5-35x slower than one thread). So every barrier is timed, and a wait over
+ * SPLIT_STALL_S pauses splitting for a while (steps then run in the calling thread alone, bit for bit the
+ * same): the pause doubles from 10 ms at each stall up to 1 s (split_record), so a busy machine costs about
+ * one stall a second, and a machine that becomes quiet splits again within one pause. */
+
+#define SPLIT_MAX_ROWS 7
+/* The cuts between the threads' channels and columns: a multiple of LIN_P (a thread's columns are whole panels)
+ * and of the elementwise loops' vectors and unrolling (each element then takes the same lane of the same
+ * code as in the whole row: cuts at multiples of 4 changed the bits, the tests catch it) */
+#define SPLIT_ALIGN 64
+/* Split when the network's linear layers hold at least this many weights (smaller ones step in a few µs,
+ * where the barriers would cost more than they save); step_split_min_weights sets it (tests, bench). */
+static long split_min_weights = 1L << 18;
+
+/* The split's weight threshold: set to v when v ≥ 0 (0: split every step of a few rows when threads are
+ * free); returns the value it had. */
+long step_split_min_weights(long v) {
+    const long old = __atomic_load_n(&split_min_weights, __ATOMIC_RELAXED);
+    if (v >= 0) __atomic_store_n(&split_min_weights, v, __ATOMIC_RELAXED);
+    return old;
+}
+
+#define SPLIT_STALL_S 2e-4
+#define SPLIT_PAUSE_MIN_NS 10000000L   /* 10 ms */
+#define SPLIT_PAUSE_MAX_NS 1000000000L /* 1 s */
+static long split_resume_at = 0; /* monotonic ns before which steps do not split (0: never paused) */
+static long split_pause = 0;     /* the last pause (ns) */
+
+/* For the tests: the last thread of the next split step sleeps this long (ns) before its first barrier, as a
+ * descheduled thread would hold the others (0: never) */
+static long split_test_delay = 0;
+
+/* A barrier wait longer than this (ns) is a stall (SPLIT_STALL_S; the tests raise it to step split on an
+ * oversubscribed machine) */
+static long split_stall_ns = (long)(SPLIT_STALL_S * 1e9);
+
+/* The contention guard's state for the tests and the bench: out[0] the last pause (ns), out[1] the ns left
+ * before steps split again (≤ 0: they split), out[2] the stall threshold (ns) before this call; with
+ * delay_ns ≥ 0, the next split step's last thread sleeps that long before its first barrier; with
+ * stall_ns ≥ 0, the stall threshold becomes stall_ns. */
+void step_split_state(long delay_ns, long stall_ns, long *out) {
+    if (delay_ns >= 0) __atomic_store_n(&split_test_delay, delay_ns, __ATOMIC_RELAXED);
+    out[0] = __atomic_load_n(&split_pause, __ATOMIC_RELAXED);
+    out[1] = __atomic_load_n(&split_resume_at, __ATOMIC_RELAXED) - (long)(monotonic_s() * 1e9);
+    out[2] = stall_ns >= 0 ? __atomic_exchange_n(&split_stall_ns, stall_ns, __ATOMIC_RELAXED)
+                           : __atomic_load_n(&split_stall_ns, __ATOMIC_RELAXED);
+}
+
+/* whether a barrier wait of w seconds is a stall */
+static inline int split_stalled(double w) {
+    return w * 1e9 > (double)__atomic_load_n(&split_stall_ns, __ATOMIC_RELAXED);
+}
+
+/* After a split step whose longest barrier wait was `wait` seconds: on a stall, pause splitting for twice the
+ * last pause (at least the minimum, at most the maximum), or for the minimum when it has split for over the
+ * maximum pause since the last pause ended (a stall long after the last one starts again from the minimum). */
+static void split_record(double wait) {
+    if (!split_stalled(wait)) return;
+    const long now = (long)(monotonic_s() * 1e9);
+    long pause = __atomic_load_n(&split_pause, __ATOMIC_RELAXED);
+    if (now - __atomic_load_n(&split_resume_at, __ATOMIC_RELAXED) > SPLIT_PAUSE_MAX_NS || pause < SPLIT_PAUSE_MIN_NS)
+        pause = SPLIT_PAUSE_MIN_NS;
+    else
+        pause = 2 * pause < SPLIT_PAUSE_MAX_NS ? 2 * pause : SPLIT_PAUSE_MAX_NS;
+    __atomic_store_n(&split_pause, pause, __ATOMIC_RELAXED);
+    __atomic_store_n(&split_resume_at, now + pause, __ATOMIC_RELAXED);
+}
+
+/* A barrier for the threads of one split step, spinning: libgomp's own barrier sleeps on a futex under
+ * OMP_WAIT_POLICY=PASSIVE (how the server and the tests run, so that idle OpenMP threads leave the CPU to
+ * others), and a wake-up costs more than a layer's work. Sense-reversing: the last thread to arrive resets
+ * the count and flips the sense the others wait on. A wait past SPLIT_STALL_S yields the core at every
+ * check (a descheduled thread it waits for may be queued on it). Returns the wait in seconds. */
+typedef struct {
+    int count, sense;
+} SpinBarrier;
+
+static double spin_barrier(SpinBarrier *b, int *sense, long nthreads) {
+    const int s = !*sense;
+    *sense = s;
+    const double t0 = monotonic_s();
+    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == nthreads) {
+        __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&b->sense, s, __ATOMIC_RELEASE);
+        return monotonic_s() - t0;
+    }
+    for (long spins = 1; __atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != s; spins++) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+        if (spins % 1024 == 0 && monotonic_s() - t0 > SPLIT_STALL_S) sched_yield();
+    }
+    return monotonic_s() - t0;
+}
+
+/* [lo, hi): thread t's part of n items among nt, cut at multiples of SPLIT_ALIGN (the last part ends at n) */
+static inline void split_part(long n, long t, long nt, long *lo, long *hi) {
+    const long c0 = (n * t / nt + SPLIT_ALIGN / 2) / SPLIT_ALIGN * SPLIT_ALIGN;
+    const long c1 = (n * (t + 1) / nt + SPLIT_ALIGN / 2) / SPLIT_ALIGN * SPLIT_ALIGN;
+    *lo = c0 < n ? c0 : n;
+    *hi = t == nt - 1 ? n : (c1 < n ? c1 : n);
+}
+
+/* Whether net_rows splits a step of B rows over the threads (net_rows_split); exported for the tests */
+int split_step(long B, long H, long V, long n_layers, const NetLayer *layers) {
+    if (B < 1 || B > SPLIT_MAX_ROWS || omp_in_parallel() || omp_get_max_threads() < 2) return 0;
+    long w = H * V;
+    for (long l = 0; l < n_layers; l++) w += 2 * H * H + 2 * H * layers[l].d_ff;
+    if (w < __atomic_load_n(&split_min_weights, __ATOMIC_RELAXED)) return 0;
+    const long resume = __atomic_load_n(&split_resume_at, __ATOMIC_RELAXED);
+    return resume == 0 || (long)(monotonic_s() * 1e9) >= resume;
+}
+
+/* One split step's buffers for up to B rows: shared x, y (B, H), o (B, 2H), f (B, F); each thread's own u
+ * (B, H) (the norms run in every thread); the barrier. */
+typedef struct {
+    float *buf, *x, *y, *o, *f, *us;
+    SpinBarrier bar;
+    long stalled; /* set by a thread whose barrier wait passed SPLIT_STALL_S */
+} SplitTeam;
+
+/* SplitTeam's buffers for B rows of n and nt threads; 0, -1 (a DPLR layer that does not fit) or -2 (memory) */
+static int split_team_init(SplitTeam *s, const NetArgs *n, long B, long nt) {
+    long F = 0; /* the widest feed-forward block */
+    for (long l = 0; l < n->n_layers; l++) {
+        if (!layer_fits(n->layers + l, n->M)) return -1;
+        if (n->layers[l].d_ff > F) F = n->layers[l].d_ff;
+    }
+    const long H = n->H;
+    s->buf = malloc(sizeof(float) * (size_t)B * (size_t)(H * (4 + nt) + F));
+    if (!s->buf) return -2;
+    s->x = s->buf, s->y = s->x + B * H, s->o = s->y + B * H, s->f = s->o + B * 2 * H, s->us = s->f + B * F;
+    s->bar = (SpinBarrier){0, 0};
+    s->stalled = 0;
+    return 0;
+}
+
+/* x ← the embeddings of rows' tokens (B rows) */
+static void embed_rows(const NetArgs *n, long B, const long *rows, const long *tokens, float *x) {
+    for (long r = 0; r < B; r++) {
+        const float *e = n->embed + tokens[rows[r]] * n->H;
+        for (long h = 0; h < n->H; h++) x[r * n->H + h] = e[h];
+    }
+}
+
+/* Thread t of the k threads of a parallel region: its part of one step of B rows (rows[i] of a batch of
+ * Btot; x holds their embeddings, written before a barrier) from state to state_out (may be state), logits
+ * (B, V). Every thread of the region calls it; it ends with a barrier, after which the logits and the state
+ * are complete. *sense: the thread's barrier sense; *wait: its longest barrier wait (s). */
+static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long Btot, const long *rows,
+                            const float *state, float *state_out, float *logits, long t, long k, int *sense,
+                            double *wait) {
+    const long H = n->H, V = n->V, M = n->M;
+    float *x = s->x, *y = s->y, *o = s->o, *f = s->f, *u = s->us + t * B * H;
+    const long per_layer = Btot * H * 2 * M, row_size = H * 2 * M;
+    long h0, h1, v0, v1;
+    split_part(H, t, k, &h0, &h1);
+    split_part(V, t, k, &v0, &v1);
+/* a barrier whose wait counts toward this thread's longest */
+#define TIMED_BARRIER                                                                                        \
+    do {                                                                                                     \
+        const double w_ = spin_barrier(&s->bar, sense, k);                                                   \
+        if (w_ > *wait) *wait = w_;                                                                          \
+        if (split_stalled(w_)) __atomic_store_n(&s->stalled, 1, __ATOMIC_RELAXED);                           \
+    } while (0)
+    for (long l = 0; l < n->n_layers; l++) {
+        const NetLayer *L = n->layers + l;
+        block_norm(L->norm, B, H, x, u, L->ln_w, L->ln_b, n->eps);
+        for (long r0 = 0; r0 < B; r0 += SSM_ROWS) { /* this thread's channels h0 … h1 − 1 */
+            const long m = B - r0 < SSM_ROWS ? B - r0 : SSM_ROWS;
+            const float *xs[SSM_ROWS];
+            float *xo[SSM_ROWS];
+            for (long i = 0; i < m; i++) {
+                xs[i] = state + l * per_layer + rows[r0 + i] * row_size;
+                xo[i] = state_out + l * per_layer + rows[r0 + i] * row_size;
+            }
+            for (long h = h0; h < h1; h++) {
+                if (L->form == 0 && m > 1)
+                    diag_rows_channel(L, M, m, xs, xo, H, h, u + r0 * H, y + r0 * H);
+                else
+                    for (long i = 0; i < m; i++)
+                        y[(r0 + i) * H + h] = ssm_channel(L, H, M, h, xs[i] + h * 2 * M, xo[i] + h * 2 * M,
+                                                          u[(r0 + i) * H + h]);
+            }
+        }
+        for (long r = 0; r < B; r++) gelu_skip(h1 - h0, y + r * H + h0, u + r * H + h0, L->d_skip + h0);
+        if (l == 0 && t == k - 1 && k > 1) { /* a test's stand-in for a descheduled thread */
+            const long d = __atomic_exchange_n(&split_test_delay, 0, __ATOMIC_RELAXED);
+            if (d > 0) nanosleep(&(struct timespec){d / 1000000000L, d % 1000000000L}, NULL);
+        }
+        TIMED_BARRIER;
+        /* the output linear's columns h0 … h1 − 1 and H + h0 … H + h1 − 1: this thread's channels' GLU */
+        linear_cols(L->wfmt, B, H, 2 * H, y, L->out_wt, L->out_b, o, h0, h1);
+        linear_cols(L->wfmt, B, H, 2 * H, y, L->out_wt, L->out_b, o, H + h0, H + h1);
+        for (long r = 0; r < B; r++) glu_add(h1 - h0, x + r * H + h0, o + r * 2 * H + h0, o + r * 2 * H + H + h0);
+        TIMED_BARRIER;
+        if (L->d_ff > 0) {
+            const long Fl = L->d_ff;
+            long f0, f1;
+            split_part(Fl, t, k, &f0, &f1);
+            block_norm(L->norm, B, H, x, u, L->ff_ln_w, L->ff_ln_b, n->eps);
+            linear_cols(L->wfmt, B, H, Fl, u, L->up_t, L->up_b, f, f0, f1);
+            for (long r = 0; r < B; r++) gelu(f1 - f0, f + r * Fl + f0);
+            TIMED_BARRIER;
+            linear_cols(L->wfmt, B, Fl, H, f, L->down_t, L->down_b, y, h0, h1);
+            for (long r = 0; r < B; r++) add_to(h1 - h0, x + r * H + h0, y + r * H + h0);
+            TIMED_BARRIER;
+        }
+    }
+    block_norm(n->lnf_kind, B, H, x, u, n->lnf_w, n->lnf_b, n->eps);
+    linear_cols(W_F32, B, H, V, u, n->head_t, n->head_b, logits, v0, v1);
+    TIMED_BARRIER;
+#undef TIMED_BARRIER
+}
+
+/* One step of B rows split over omp_get_max_threads() threads (split_step said so): as net_rows. */
+static int net_rows_split(const NetArgs *n, long B, long Btot, const long *rows, const long *tokens,
+                          const float *state, float *state_out, float *logits) {
+    const long nt = omp_get_max_threads();
+    SplitTeam s;
+    const int rc = split_team_init(&s, n, B, nt);
+    if (rc) return rc;
+    embed_rows(n, B, rows, tokens, s.x);
+    double wait = 0.0; /* the longest barrier wait of any thread (s) */
+#pragma omp parallel num_threads(nt) reduction(max : wait)
+    {
+        int sense = 0;
+        split_team_step(&s, n, B, Btot, rows, state, state_out, logits, omp_get_thread_num(),
+                        omp_get_num_threads(), &sense, &wait);
+    }
+    split_record(wait);
+    free(s.buf);
+    return 0;
+}
+
 /* The rows rows[0 .. B − 1] of a batch of Btot (the state is (n_layers, Btot, H, 2, M)); row i's
  * token is tokens[rows[i]] and its logits go to logits + i * V. Every row's arithmetic is the same
  * whatever the other rows are (each output element's sums run in one fixed order), so a row's
@@ -729,6 +1019,10 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
                     const long *tokens, const float *embed, const NetLayer *layers, long lnf_kind,
                     const float *lnf_w, const float *lnf_b, const float *head_t, const float *head_b, float eps,
                     const float *state, float *state_out, float *logits) {
+    if (split_step(B, H, V, n_layers, layers)) {
+        const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, NULL};
+        return net_rows_split(&n, B, Btot, rows, tokens, state, state_out, logits);
+    }
     long F = 0; /* the widest feed-forward block */
     for (long l = 0; l < n_layers; l++)
         if (layers[l].d_ff > F) F = layers[l].d_ff;
@@ -1033,11 +1327,6 @@ void philox_uniforms(long n, const uint64_t *key, const uint64_t *counter, float
  * round (every block makes at least one round), so new work waits for about S steps.
  * Returns the number of steps run (≤ K; fewer when every row has stopped or on an interrupt; rows of
  * different threads may then have made different numbers), or < 0 on error. */
-static double monotonic_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static int sample_and_check(long B, const long *rows, long V, const float *logits, long k, long Btot, long *tok,
                             const SampleArgs *a, const uint64_t *key, uint64_t *counter, const long *stop_first,
@@ -1112,15 +1401,6 @@ static int step_all_rows(StepRowsFn step_rows, const void *ctx, long parallel_ro
  * batch: below this the parallel region costs more than it saves). */
 #define NET_PARALLEL_ROWS 8
 
-typedef struct {
-    long H, V, n_layers, M;
-    const float *embed;
-    const NetLayer *layers;
-    long lnf_kind; /* the final norm's kind (NetLayer.norm's codes) */
-    const float *lnf_w, *lnf_b, *head_t, *head_b;
-    float eps;
-    const float *src; /* the state read, or NULL: the state updated is read (in place) */
-} NetArgs;
 
 static int net_rows_fn(const void *ctx, long B, long Btot, const long *rows, const long *tok, float *state,
                        float *logits) {
@@ -1233,6 +1513,121 @@ int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, 
     return step_all_rows(net_rows_fn, &n, NET_PARALLEL_ROWS, B, V, tokens, state_out, logits);
 }
 
+/* What the threads of a decode block share (decode_block's arguments) */
+typedef struct {
+    StepRowsFn step_rows;
+    const void *ctx;
+    long K, Btot, V;
+    float *state;
+    long *tok;
+    const SampleArgs *args;
+    const uint64_t *key;
+    uint64_t *counter;
+    const long *limit, *stop_first, *stop_off;
+    const unsigned char *stop_data;
+    unsigned char *hist;
+    long hist_cap;
+    long *hist_len;
+    unsigned char *seen;
+    long *out_tok, *n_out, *stopped;
+    const int *interrupt;
+    long group_rows, group_steps;
+    double *tbuf; /* (threads, K): when each thread finished each step */
+} DecodeJob;
+
+/* Thread t of nt's share of a decode block's rows through steps k_start … K − 1; *steps_out: one past the
+ * last step it ran (0: none). Returns 0 or an error code. */
+static int decode_rows(const DecodeJob *j, long t, long nt, long k_start, long *steps_out) {
+    const long K = j->K, Btot = j->Btot, V = j->V;
+    const long lo = Btot * t / nt, hi = Btot * (t + 1) / nt, n = hi - lo;
+    long *rows = malloc(sizeof(long) * (size_t)(n > 0 ? n : 1));
+    float *logits = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * (size_t)V);
+    int rc = rows && logits ? 0 : -2;
+    long steps = 0;
+    /* a thread with at most G rows has one group: it checks the interrupt every step, as before */
+    const long G = j->group_rows > 0 && j->group_rows < n ? j->group_rows : (n > 0 ? n : 1);
+    const long S = G < n && j->group_steps > 0 ? j->group_steps : 1;
+    for (long k0 = k_start; k0 < K && rc == 0; k0 += S) { /* a round of S steps */
+        if (k0 > 0 && j->interrupt && __atomic_load_n(j->interrupt, __ATOMIC_RELAXED)) break;
+        const long k1 = k0 + S < K ? k0 + S : K;
+        for (long g = lo; g < hi && rc == 0; g += G) { /* each group of G rows through the round */
+            const long g1 = g + G < hi ? g + G : hi;
+            for (long k = k0; k < k1 && rc == 0; k++) {
+                long B = 0;
+                for (long r = g; r < g1; r++)
+                    if (!j->stopped[r] && j->n_out[r] < j->limit[r]) rows[B++] = r;
+                if (B == 0) break;
+                rc = j->step_rows(j->ctx, B, Btot, rows, j->tok, j->state, logits);
+                if (rc == 0) /* this thread's rows only: no other thread reads or writes them */
+                    rc = sample_and_check(B, rows, V, logits, k, Btot, j->tok, j->args, j->key, j->counter,
+                                          j->stop_first, j->stop_off, j->stop_data, j->hist, j->hist_cap,
+                                          j->hist_len, j->seen, j->out_tok, j->n_out, j->stopped);
+                j->tbuf[t * K + k] = monotonic_s(); /* step k is done when its last group is */
+                if (k + 1 > steps) steps = k + 1;
+            }
+        }
+        if (steps < k1) break; /* every row of this thread has stopped */
+    }
+    free(rows);
+    free(logits);
+    *steps_out = steps;
+    return rc;
+}
+
+/* A decode block of fewer than NET_PARALLEL_ROWS rows of the isotropic network with every step split over the
+ * threads (split_team_step), all K steps in one parallel region: the threads are woken once a block, not once
+ * a step (under OMP_WAIT_POLICY=PASSIVE a wake-up costs tens of µs). The first thread picks the rows and
+ * samples, the others wait for it at the barrier. A stall (a barrier wait over SPLIT_STALL_S) ends the region
+ * at the next step: *k_next is then that step, for the caller to go on in one thread; K otherwise. The rows'
+ * tokens and states are bit for bit those of decode_rows. Returns 0 or an error code. */
+static int decode_split(const DecodeJob *j, const NetArgs *n, long *steps_out, long *k_next) {
+    const long K = j->K, Btot = j->Btot, V = n->V, nt = omp_get_max_threads();
+    SplitTeam s;
+    int rc = split_team_init(&s, n, Btot, nt);
+    if (rc) return rc;
+    float *logits = malloc(sizeof(float) * (size_t)Btot * (size_t)V);
+    if (!logits) {
+        free(s.buf);
+        return -2;
+    }
+    long rows[SPLIT_MAX_ROWS], B = 0, steps = 0, next = K;
+    double wait = 0.0;
+#pragma omp parallel num_threads(nt) reduction(max : wait)
+    {
+        const long t = omp_get_thread_num(), k = omp_get_num_threads();
+        int sense = 0;
+        for (long step = 0; step < K; step++) {
+            if (t == 0) { /* this step's rows (none: the block ends) and their embeddings */
+                B = 0;
+                if (step > 0 && __atomic_load_n(&s.stalled, __ATOMIC_RELAXED))
+                    next = step; /* the rest in one thread */
+                else if (rc == 0 && !(step > 0 && j->interrupt && __atomic_load_n(j->interrupt, __ATOMIC_RELAXED)))
+                    for (long r = 0; r < Btot; r++)
+                        if (!j->stopped[r] && j->n_out[r] < j->limit[r]) rows[B++] = r;
+                embed_rows(n, B, rows, j->tok, s.x);
+            }
+            const double w = spin_barrier(&s.bar, &sense, k);
+            if (w > wait) wait = w;
+            if (split_stalled(w)) __atomic_store_n(&s.stalled, 1, __ATOMIC_RELAXED);
+            if (B == 0) break;
+            split_team_step(&s, n, B, Btot, rows, j->state, j->state, logits, t, k, &sense, &wait);
+            if (t == 0) {
+                rc = sample_and_check(B, rows, V, logits, step, Btot, j->tok, j->args, j->key, j->counter,
+                                      j->stop_first, j->stop_off, j->stop_data, j->hist, j->hist_cap, j->hist_len,
+                                      j->seen, j->out_tok, j->n_out, j->stopped);
+                j->tbuf[step] = monotonic_s();
+                steps = step + 1;
+            }
+        }
+    }
+    split_record(wait);
+    free(logits);
+    free(s.buf);
+    *steps_out = steps;
+    *k_next = rc == 0 ? next : K;
+    return rc;
+}
+
 static long decode_block(StepRowsFn step_rows, const void *ctx, long parallel_rows, long K, long Btot, long V,
                          float *state, long *tok,
                          const double *temp, const long *top_k, const long *kind, const float *top_p,
@@ -1250,47 +1645,35 @@ static long decode_block(StepRowsFn step_rows, const void *ctx, long parallel_ro
     if (!tbuf) return -2;
     for (long i = 0; i < nt_max * K; i++) tbuf[i] = 0.0;
     for (long r = 0; r < Btot; r++) n_out[r] = stopped[r] = 0;
+    const DecodeJob job = {step_rows, ctx, K, Btot, V, state, tok, &args, key, counter, limit, stop_first,
+                           stop_off, stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out, stopped,
+                           interrupt, group_rows, group_steps, tbuf};
     long steps = 0;
     int rc = 0;
-    /* Each thread takes a fixed share of the rows through all K steps on its own: rows never interact,
-     * so no thread waits for another between steps (a per-step barrier stalls whenever the machine is
-     * busy and one thread is descheduled). */
-#pragma omp parallel num_threads(nt_max) reduction(min : rc) reduction(max : steps)
-    {
-        const long nt = omp_get_num_threads(), t = omp_get_thread_num();
-        const long lo = Btot * t / nt, hi = Btot * (t + 1) / nt, n = hi - lo;
-        long *rows = malloc(sizeof(long) * (size_t)(n > 0 ? n : 1));
-        float *logits = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * (size_t)V);
-        int my_rc = rows && logits ? 0 : -2; /* (the reduction copies start at min's and max's identities) */
-        long my_steps = 0;
-        /* a thread with at most G rows has one group: it checks the interrupt every step, as before */
-        const long G = group_rows > 0 && group_rows < n ? group_rows : (n > 0 ? n : 1);
-        const long S = G < n && group_steps > 0 ? group_steps : 1;
-        for (long k0 = 0; k0 < K && my_rc == 0; k0 += S) { /* a round of S steps */
-            if (k0 > 0 && interrupt && __atomic_load_n(interrupt, __ATOMIC_RELAXED)) break;
-            const long k1 = k0 + S < K ? k0 + S : K;
-            for (long g = lo; g < hi && my_rc == 0; g += G) { /* each group of G rows through the round */
-                const long g1 = g + G < hi ? g + G : hi;
-                for (long k = k0; k < k1 && my_rc == 0; k++) {
-                    long B = 0;
-                    for (long r = g; r < g1; r++)
-                        if (!stopped[r] && n_out[r] < limit[r]) rows[B++] = r;
-                    if (B == 0) break;
-                    my_rc = step_rows(ctx, B, Btot, rows, tok, state, logits);
-                    if (my_rc == 0) /* this thread's rows only: no other thread reads or writes them */
-                        my_rc = sample_and_check(B, rows, V, logits, k, Btot, tok, &args, key, counter,
-                                                 stop_first, stop_off, stop_data, hist, hist_cap, hist_len, seen,
-                                                 out_tok, n_out, stopped);
-                    tbuf[t * K + k] = monotonic_s(); /* step k is done when its last group is */
-                    if (k + 1 > my_steps) my_steps = k + 1;
-                }
-            }
-            if (my_steps < k1) break; /* every row of this thread has stopped */
+    if (nt_max == 1) {
+        /* no parallel region around the rows: an isotropic network's block splits each step over the threads
+         * (decode_split) when split_step says so, else the steps run here (a region nested in a team of one
+         * starts new threads at each step: a text-shakespeare-sized block at batch 1 ran 3x slower split
+         * that way than alone) */
+        long next = 0; /* the first step left to decode_rows */
+        const NetArgs *n = ctx;
+        if (step_rows == net_rows_fn && n->src == NULL && split_step(Btot, n->H, n->V, n->n_layers, n->layers))
+            rc = decode_split(&job, n, &steps, &next);
+        if (rc == 0 && next < K) {
+            long more = 0;
+            rc = decode_rows(&job, 0, 1, next, &more);
+            if (more > steps) steps = more;
         }
-        free(rows);
-        free(logits);
-        rc = my_rc;
-        steps = my_steps;
+    } else {
+        /* Each thread takes a fixed share of the rows through all K steps on its own: rows never interact,
+         * so no thread waits for another between steps (a per-step barrier stalls whenever the machine is
+         * busy and one thread is descheduled). */
+#pragma omp parallel num_threads(nt_max) reduction(min : rc) reduction(max : steps)
+        {
+            long my_steps = 0; /* (the reduction copies start at min's and max's identities) */
+            rc = decode_rows(&job, omp_get_thread_num(), omp_get_num_threads(), 0, &my_steps);
+            steps = my_steps;
+        }
     }
     for (long k = 0; k < steps; k++) { /* step k is done when the last thread that ran it is */
         times[k] = k > 0 ? times[k - 1] : 0.0; /* and not before step k − 1 (a group whose rows all

@@ -1,0 +1,193 @@
+"""A step of a few rows split over the OpenMP threads by channels and columns (model/csrc/ssm_step.c
+`net_rows_split`, `decode_split`): its logits, states and sampled tokens are bit for bit those of one
+thread, for every layer kind, norm, weight dtype and shape (widths that are not multiples of the vector or
+the split alignment, three threads, an empty part), through `step` and the native decode block (rows that
+stop mid-block, a stall handing the block to one thread); the split is taken where it should be; and the
+contention guard pauses splitting after a stalled barrier, doubling the pause, then splits again."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from numerics import scramble_transposed_lns
+
+from model import ModelConfig, SequenceModel, fused
+from model.sampling import SamplingParams, row_settings, uint64_bits
+
+# H = 136: the threads' channel cut (a multiple of 64) leaves the GLU's gate half starting at 200, not a
+# multiple of the vector width; V = 130 and d_ff = 200 cut unevenly; three threads get an empty part of H
+BASE = dict(vocab_size=130, d_model=136, n_layers=2, d_state=16, l_max=64, cauchy_backend="torch")
+VARIANTS = {
+    "s4d-ff": dict(kernel="s4d", d_ff=200),
+    "s4-dplr": dict(kernel="s4"),
+    "s4-tln-ff": dict(kernel="s4", norm="tln", d_ff=64),
+    "s4d-ff-bfloat16": dict(kernel="s4d", d_ff=200),
+    "s4d-head-bias-float16": dict(kernel="s4d", head_bias=True),
+}
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = fused.library()
+    assert lib is not None, "the fused C library did not build"
+    return lib
+
+
+@pytest.fixture(autouse=True)
+def _threads_and_thresholds(lib):
+    """Every test forces the split on these small models, with no stalls (three threads on two cores stall
+    at every barrier: the guard would step them in one thread) unless it says otherwise; threads and
+    thresholds are restored after."""
+    threads = torch.get_num_threads()
+    old = fused.step_split_min_weights(lib, 0)
+    old_stall = fused.step_split_state(lib, stall_s=1e6)[2]
+    yield
+    fused.step_split_min_weights(lib, old)
+    fused.step_split_state(lib, stall_s=old_stall)
+    torch.set_num_threads(threads)
+
+
+def _wait_out_the_guard(lib) -> None:
+    """Sleep until the guard has not paused for over its 1 s maximum (a stall then starts from 10 ms)."""
+    left = fused.step_split_state(lib)[1]
+    if left > -1.05:
+        time.sleep(left + 1.05)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def rec(request):
+    torch.manual_seed(0)
+    net = SequenceModel(ModelConfig(**BASE, **VARIANTS[request.param]))
+    if "tln" in request.param:
+        assert scramble_transposed_lns(net) > 0
+    dtype = next((getattr(torch, d) for d in ("bfloat16", "float16") if request.param.endswith(d)), None)
+    rec = net.to_recurrent(dtype=dtype)
+    assert rec._net_step is not None
+    return rec
+
+
+def _steps(rec, B: int, threads: int, n: int = 6, in_place: bool = True):
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(B)
+    tok = torch.randint(0, BASE["vocab_size"], (n, B), generator=g)
+    state = rec.init_state(B)
+    logits = []
+    for i in range(n):
+        out, state = rec.step(tok[i], state, out=state if in_place else None)
+        logits.append(out.clone())
+    return torch.stack(logits), state.clone()
+
+
+@pytest.mark.parametrize("B", [1, 2, 5, 7])
+def test_a_split_step_is_bit_for_bit_the_single_threads(lib, rec, B):
+    _wait_out_the_guard(lib)
+    torch.set_num_threads(1)
+    assert not rec._net_step.splits(B)
+    want = _steps(rec, B, 1)
+    for threads in (2, 3):
+        torch.set_num_threads(threads)
+        assert rec._net_step.splits(B), (threads, B)
+        for in_place in (True, False):
+            got = _steps(rec, B, threads, in_place=in_place)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (threads, in_place)
+
+
+def _block(rec, B: int, threads: int, K: int = 12, stall_at_start: float = 0.0):
+    """One native decode block of B rows with different limits and a stop sequence (rows leave mid-block)."""
+    torch.set_num_threads(threads)
+    V = BASE["vocab_size"]
+    params = [SamplingParams(temperature=0.9, top_k=20 if r % 2 else 0, seed=7 + r) for r in range(B)]
+    settings = row_settings(params, V)
+    state = rec.init_state(B)
+    _, x = rec.prefill(torch.arange(B * 5).reshape(B, 5) % V, rec.init_state(B))
+    state.copy_(x)
+    tok = torch.arange(B, dtype=torch.long) + 3
+    limit = torch.tensor([K - (r % 3) * 4 for r in range(B)])
+    if stall_at_start:
+        fused.step_split_state(fused.library(), stall_at_start)
+    res = rec.decode_block(
+        K, state, tok, settings=settings, counts=None, key=uint64_bits([11 + r for r in range(B)]),
+        counter=torch.zeros(B, dtype=torch.long), limit=limit, stops=[[b"\x05"]] * B,
+        history=[b""] * B, seen=torch.zeros(B, V, dtype=torch.bool),
+    )  # fmt: skip
+    return res, state, tok
+
+
+@pytest.mark.parametrize("B", [1, 3, 7])
+def test_a_split_decode_block_gives_the_single_threads_tokens_and_states(lib, rec, B):
+    _wait_out_the_guard(lib)
+    want = _block(rec, B, 1)
+    assert B == 1 or want[0].n_out.min() < want[0].n_out.max()  # rows left the block at different steps
+    torch.set_num_threads(2)
+    assert rec._net_step.splits(B)
+    for threads in (2, 3):
+        got = _block(rec, B, threads)
+        assert got[0].steps == want[0].steps
+        for a, b in zip((got[0].tokens, got[0].n_out, got[0].stopped, got[1], got[2]),
+                        (want[0].tokens, want[0].n_out, want[0].stopped, want[1], want[2])):  # fmt: skip
+            assert torch.equal(a, b), threads
+
+
+def test_a_stall_mid_block_hands_the_rest_to_one_thread_with_the_same_results(lib, rec):
+    fused.step_split_state(lib, stall_s=2e-4)  # the default
+    _wait_out_the_guard(lib)
+    want = _block(rec, 3, 1)
+    got = _block(rec, 3, 2, stall_at_start=0.003)  # the helper thread sleeps 3 ms in the first step
+    pause, left, _ = fused.step_split_state(lib)
+    assert pause == pytest.approx(0.010) and left <= 0.010
+    assert got[0].steps == want[0].steps
+    for a, b in zip((got[0].tokens, got[0].n_out, got[1], got[2]),
+                    (want[0].tokens, want[0].n_out, want[1], want[2])):  # fmt: skip
+        assert torch.equal(a, b)
+
+
+def test_the_guard_pauses_after_a_stall_doubles_the_pause_then_splits_again(lib):
+    torch.manual_seed(0)
+    rec = SequenceModel(ModelConfig(**BASE, kernel="s4d")).to_recurrent()
+    torch.set_num_threads(2)
+    fused.step_split_state(lib, stall_s=2e-4)  # the default
+    _wait_out_the_guard(lib)
+    assert rec._net_step.splits(1)
+    want = _steps(rec, 1, 2, n=3)
+    fused.step_split_state(lib, 0.002)  # the next split step's helper thread stalls 2 ms
+    tok = torch.tensor([5])
+    rec.step(tok, rec.init_state(1))
+    pause, left, _ = fused.step_split_state(lib)
+    assert pause == pytest.approx(0.010) and left <= 0.010
+    assert torch.equal(_steps(rec, 1, 2, n=3)[0], want[0])  # paused or not, the same bits
+    time.sleep(max(left, 0) + 0.002)
+    assert rec._net_step.splits(1)  # the pause is over
+    fused.step_split_state(lib, 0.002)
+    rec.step(tok, rec.init_state(1))
+    pause, left, _ = fused.step_split_state(lib)
+    assert pause == pytest.approx(0.020) and left <= 0.020  # a stall soon after the last pause: doubled
+    for _ in range(8):  # the pause doubles up to 1 s
+        time.sleep(max(left, 0) + 0.002)
+        fused.step_split_state(lib, 0.002)
+        rec.step(tok, rec.init_state(1))
+        pause, left, _ = fused.step_split_state(lib)
+    assert pause == pytest.approx(1.0)
+    time.sleep(max(left, 0) + 1.05)  # split (or idle) for over the maximum since: the next stall starts over
+    fused.step_split_state(lib, 0.002)
+    rec.step(tok, rec.init_state(1))
+    assert fused.step_split_state(lib)[0] == pytest.approx(0.010)
+
+
+def test_which_steps_split_by_default(lib):
+    fused.step_split_min_weights(lib, 1 << 18)  # the default
+    assert fused.step_split_min_weights(lib) == 1 << 18
+    torch.manual_seed(0)
+    # text-shakespeare's width and FF blocks (2 of its 4 layers): 0.85 M linear weights
+    big = SequenceModel(ModelConfig(vocab_size=256, d_model=256, n_layers=2, d_state=8, l_max=32, d_ff=512,
+                                    kernel="s4d", cauchy_backend="torch")).to_recurrent()  # fmt: skip
+    small = SequenceModel(ModelConfig(**BASE, kernel="s4d")).to_recurrent()  # 55 k: a few µs a step
+    _wait_out_the_guard(lib)
+    torch.set_num_threads(2)
+    assert [big._net_step.splits(B) for B in (1, 4, 7, 8, 64)] == [True, True, True, False, False]
+    assert not small._net_step.splits(1)
+    torch.set_num_threads(1)
+    assert not big._net_step.splits(1)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        fused.step_split_min_weights(lib, -1)
