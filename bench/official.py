@@ -4,9 +4,11 @@ One S4 LM (4 layers, d_model 256, N 64, vocab 256, LegS, softplus Δ; random wei
 depend on them) is built by the official code itself, then imported with model.official (the same
 weights). Official: generate.py's path: `_setup_step()` on every module (its default mode, 'dense' for
 DPLR), `default_state`, and the prompt fed one token at a time through `step`. Ours: the imported
-checkpoint's verified RecurrentModel: parallel `prefill` of the prompt, then `step(out=state)`.
-Both decode greedily: a 1,024-token prompt, then 256 new tokens, at batch 1 and 16. Time to first
-token = prompt ingestion + the first new token's logits; decode tokens/s = batch × new tokens / time.
+checkpoint's verified RecurrentModel: parallel `prefill` of the prompt, then `step(out=state)` in a Python
+loop, and again with the native decode block (`decode_block`: the remaining tokens in one C call, as the
+server decodes on CPU; its tokens must equal the loop's). All decode greedily: a 1,024-token prompt, then
+256 new tokens, at batch 1 and 16. Time to first token = prompt ingestion + the first new token's logits;
+decode tokens/s = batch × new tokens / time.
 The JSON also gives how far the two paths' logits agree and whether they pick the same tokens.
 
 The official code is loaded from a local checkout named by `--official DIR` or $S4_OFFICIAL_DIR (with
@@ -131,6 +133,31 @@ def run_ours(rec, prompt: torch.Tensor, new: int) -> dict[str, Any]:
     return {"ttft_s": ttft, "decode_s": decode, "tokens": torch.stack(toks, 1), "first_logits": first}
 
 
+@torch.no_grad()
+def run_ours_block(rec, prompt: torch.Tensor, new: int) -> dict[str, Any]:
+    """The same greedy generation by the native decode block (what the server runs on CPU): the prefill,
+    then the new − 1 remaining tokens in one `decode_block` call (temperature 0: the first argmax, as
+    `argmax` picks; sampling, stop checks and the per-step loop in C)."""
+    from model.sampling import SamplingParams, row_settings, uint64_bits
+
+    B, V = prompt.shape[0], rec.config.vocab_size
+    t0 = time.perf_counter()
+    logits, state = rec.prefill(prompt, rec.init_state(B), logits="last")
+    tok = logits[:, -1].argmax(-1)
+    ttft = time.perf_counter() - t0
+    first = tok.clone()
+    t1 = time.perf_counter()
+    res = rec.decode_block(
+        new - 1, state, tok, settings=row_settings([SamplingParams(temperature=0.0)] * B, V), counts=None,
+        key=uint64_bits([0] * B), counter=torch.zeros(B, dtype=torch.long), limit=torch.full((B,), new - 1),
+        stops=[[]] * B, history=[b""] * B, seen=torch.zeros(B, V, dtype=torch.bool),
+    )  # fmt: skip
+    decode = time.perf_counter() - t1
+    if res.steps != new - 1:
+        raise RuntimeError(f"the decode block made {res.steps} of {new - 1} steps")
+    return {"ttft_s": ttft, "decode_s": decode, "tokens": torch.cat([first[:, None], res.tokens.T], 1)}
+
+
 def run(quick: bool) -> dict[str, Any]:
     from model.convert import build
     from model.official.mapping import map_official
@@ -144,18 +171,23 @@ def run(quick: bool) -> dict[str, Any]:
     for B in size["batches"]:
         prompt = torch.randint(0, size["V"], (B, size["prompt"]), generator=g)
         off, ours = run_official(lit, prompt, size["new"]), run_ours(rec, prompt, size["new"])
+        block = run_ours_block(rec, prompt, size["new"])
         diff = (ours["first_logits"] - off["first_logits"]).abs().max() / off["first_logits"].abs().max()
-        for impl, r in (("official", off), ("ours", ours)):
+        for impl, r in (("official", off), ("ours", ours), ("ours-block", block)):
             rows.append({
                 "impl": impl, "batch": B, "ttft_s": r["ttft_s"], "decode_s": r["decode_s"],
                 "decode_tokens_per_s": B * (size["new"] - 1) / r["decode_s"],
+                "decode_vs_official": off["decode_s"] / r["decode_s"],
             })  # fmt: skip
-        rows[-1]["first_logits_rel_diff_vs_official"] = float(diff)
-        rows[-1]["same_greedy_tokens_fraction"] = float((ours["tokens"] == off["tokens"]).float().mean())
+        rows[-2]["first_logits_rel_diff_vs_official"] = float(diff)
+        rows[-2]["same_greedy_tokens_fraction"] = float((ours["tokens"] == off["tokens"]).float().mean())
+        rows[-1]["same_tokens_as_step_loop"] = bool(torch.equal(block["tokens"], ours["tokens"]))
         print(
             f"batch {B}: TTFT official {fmt(off['ttft_s'])} s, ours {fmt(ours['ttft_s'])} s; decode tokens/s "
-            f"official {fmt(rows[-2]['decode_tokens_per_s'])}, ours {fmt(rows[-1]['decode_tokens_per_s'])}; "
-            f"logits rel. diff {diff:.1e}",
+            f"official {fmt(rows[-3]['decode_tokens_per_s'])}, ours: rec.step loop "
+            f"{fmt(rows[-2]['decode_tokens_per_s'])} ({rows[-2]['decode_vs_official']:.1f}x), native decode "
+            f"block {fmt(rows[-1]['decode_tokens_per_s'])} ({rows[-1]['decode_vs_official']:.1f}x, same "
+            f"tokens: {rows[-1]['same_tokens_as_step_loop']}); logits rel. diff {diff:.1e}",
             flush=True,
         )
     mode = "dense (the _setup_step default)"
@@ -165,11 +197,13 @@ def run(quick: bool) -> dict[str, Any]:
 def plot(data: dict[str, Any], quick: bool) -> None:
     fig, (a, b) = subplots(2, width=5.0)
     batches = data["size"]["batches"]
-    for impl, color, off in (("official", "tab:gray", -0.2), ("ours", "tab:blue", 0.2)):
+    impls = (("official", "tab:gray", -0.27), ("ours", "tab:blue", 0.0), ("ours-block", "tab:green", 0.27))
+    for impl, color, off in impls:
         r = [x for x in data["rows"] if x["impl"] == impl]
         xs = [i + off for i in range(len(batches))]
-        a.bar(xs, [x["ttft_s"] for x in r], width=0.4, color=color, label=impl)
-        b.bar(xs, [x["decode_tokens_per_s"] for x in r], width=0.4, color=color, label=impl)
+        label = {"ours": "ours: rec.step loop", "ours-block": "ours: native decode block"}.get(impl, impl)
+        a.bar(xs, [x["ttft_s"] for x in r], width=0.27, color=color, label=label)
+        b.bar(xs, [x["decode_tokens_per_s"] for x in r], width=0.27, color=color, label=label)
     for ax, ylabel in ((a, "time to first token (s)"), (b, "decode tokens/s")):
         ax.set_xticks(range(len(batches)), [f"batch {x}" for x in batches])
         ax.set_yscale("log")

@@ -656,7 +656,7 @@ def step_split_state(
 ) -> tuple[float, float, float]:
     """The split step's contention guard (ssm_step.c `split_record`): (the last pause, the time left before
     steps of a few rows split again (≤ 0: they split), the stall threshold before this call), in seconds.
-    With `delay_s`, the next split step's last thread sleeps that long before its first barrier, as a
+    With `delay_s`, the next split step's last thread sleeps that long before its second barrier, as a
     descheduled thread would; with `stall_s`, a barrier wait over it is a stall (default 2e-4; the tests
     raise it to keep steps split on an oversubscribed machine). Process-wide."""
     out = (ctypes.c_long * 3)()

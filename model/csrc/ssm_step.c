@@ -776,10 +776,12 @@ typedef struct {
  * row's logits and state are bit for bit the single thread's.
  * A barrier waits for the slowest thread: when another process takes a core, a thread descheduled mid-step
  * holds the others for a time slice (a CPU-bound process beside it made the 2-thread step of a
- * text-shakespeare-sized model 2.5-35x slower than one thread). So every barrier is timed, and a wait over
- * SPLIT_STALL_S pauses splitting for a while (steps then run in the calling thread alone, bit for bit the
- * same): the pause doubles from 10 ms at each stall up to 1 s (split_record), so a busy machine costs about
- * one stall a second, and a machine that becomes quiet splits again within one pause. */
+ * text-shakespeare-sized model 2.5-35x slower than one thread). So every barrier is timed: a wait over
+ * SPLIT_STALL_S is a stall, the stalls' time decays over ~100 ms, and past 20 ms of it splitting pauses
+ * (steps then run in the calling thread alone, bit for bit the same; a decode block hands its remaining steps
+ * to it): for 10 ms, doubling at each pause up to 1 s (split_record). A busy machine then costs about one
+ * stall a second; a rare stall (a VM's vCPU preempted by its host) pauses nothing; a machine that becomes
+ * quiet splits again within one pause. */
 
 #define SPLIT_MAX_ROWS 7
 /* The cuts between the threads' channels and columns: a multiple of LIN_P (a thread's columns are whole panels)
@@ -804,7 +806,7 @@ long step_split_min_weights(long v) {
 static long split_resume_at = 0; /* monotonic ns before which steps do not split (0: never paused) */
 static long split_pause = 0;     /* the last pause (ns) */
 
-/* For the tests: the last thread of the next split step sleeps this long (ns) before its first barrier, as a
+/* For the tests: the last thread of the next split step sleeps this long (ns) before its second barrier, as a
  * descheduled thread would hold the others (0: never) */
 static long split_test_delay = 0;
 
@@ -814,7 +816,7 @@ static long split_stall_ns = (long)(SPLIT_STALL_S * 1e9);
 
 /* The contention guard's state for the tests and the bench: out[0] the last pause (ns), out[1] the ns left
  * before steps split again (≤ 0: they split), out[2] the stall threshold (ns) before this call; with
- * delay_ns ≥ 0, the next split step's last thread sleeps that long before its first barrier; with
+ * delay_ns ≥ 0, the next split step's last thread sleeps that long before its second barrier; with
  * stall_ns ≥ 0, the stall threshold becomes stall_ns. */
 void step_split_state(long delay_ns, long stall_ns, long *out) {
     if (delay_ns >= 0) __atomic_store_n(&split_test_delay, delay_ns, __ATOMIC_RELAXED);
@@ -829,19 +831,43 @@ static inline int split_stalled(double w) {
     return w * 1e9 > (double)__atomic_load_n(&split_stall_ns, __ATOMIC_RELAXED);
 }
 
-/* After a split step whose longest barrier wait was `wait` seconds: on a stall, pause splitting for twice the
- * last pause (at least the minimum, at most the maximum), or for the minimum when it has split for over the
- * maximum pause since the last pause ended (a stall long after the last one starts again from the minimum). */
+/* The time lost to stalls, decaying with SPLIT_DEBT_TAU_NS: a stall now and then (a VM's vCPU preempted by its
+ * host for a millisecond, a few times a second on a quiet machine) costs less than the split saves and must
+ * not pause it; stalls every few milliseconds (a CPU-bound process beside it) pile up past SPLIT_DEBT_MAX_NS. */
+#define SPLIT_DEBT_TAU_NS 100000000L /* 100 ms */
+#define SPLIT_DEBT_MAX_NS 20000000L  /* 20 ms in the last ~100 ms */
+static long split_debt = 0, split_debt_at = 0;
+
+/* A barrier wait of `wait` seconds in a split step (any thread's): a stall adds to the debt; a debt past its
+ * maximum pauses splitting for twice the last pause (at least the minimum, at most the maximum), or for the
+ * minimum when steps have split for over the maximum pause since the last pause ended (contention that comes
+ * back long after starts again from the minimum), and clears the debt. */
 static void split_record(double wait) {
     if (!split_stalled(wait)) return;
     const long now = (long)(monotonic_s() * 1e9);
-    long pause = __atomic_load_n(&split_pause, __ATOMIC_RELAXED);
-    if (now - __atomic_load_n(&split_resume_at, __ATOMIC_RELAXED) > SPLIT_PAUSE_MAX_NS || pause < SPLIT_PAUSE_MIN_NS)
-        pause = SPLIT_PAUSE_MIN_NS;
-    else
-        pause = 2 * pause < SPLIT_PAUSE_MAX_NS ? 2 * pause : SPLIT_PAUSE_MAX_NS;
-    __atomic_store_n(&split_pause, pause, __ATOMIC_RELAXED);
-    __atomic_store_n(&split_resume_at, now + pause, __ATOMIC_RELAXED);
+    const long since = now - __atomic_load_n(&split_debt_at, __ATOMIC_RELAXED);
+    long debt = (long)((double)__atomic_load_n(&split_debt, __ATOMIC_RELAXED) *
+                       exp(-(double)(since > 0 ? since : 0) / (double)SPLIT_DEBT_TAU_NS)) +
+                (long)(wait * 1e9);
+    __atomic_store_n(&split_debt_at, now, __ATOMIC_RELAXED);
+    if (debt > SPLIT_DEBT_MAX_NS) {
+        long pause = __atomic_load_n(&split_pause, __ATOMIC_RELAXED);
+        if (now - __atomic_load_n(&split_resume_at, __ATOMIC_RELAXED) > SPLIT_PAUSE_MAX_NS ||
+            pause < SPLIT_PAUSE_MIN_NS)
+            pause = SPLIT_PAUSE_MIN_NS;
+        else
+            pause = 2 * pause < SPLIT_PAUSE_MAX_NS ? 2 * pause : SPLIT_PAUSE_MAX_NS;
+        __atomic_store_n(&split_pause, pause, __ATOMIC_RELAXED);
+        __atomic_store_n(&split_resume_at, now + pause, __ATOMIC_RELAXED);
+        debt = 0;
+    }
+    __atomic_store_n(&split_debt, debt, __ATOMIC_RELAXED);
+}
+
+/* Whether splitting is paused (split_record) */
+static inline int split_paused(void) {
+    const long resume = __atomic_load_n(&split_resume_at, __ATOMIC_RELAXED);
+    return resume != 0 && (long)(monotonic_s() * 1e9) < resume;
 }
 
 /* A barrier for the threads of one split step, spinning: libgomp's own barrier sleeps on a futex under
@@ -884,9 +910,7 @@ int split_step(long B, long H, long V, long n_layers, const NetLayer *layers) {
     if (B < 1 || B > SPLIT_MAX_ROWS || omp_in_parallel() || omp_get_max_threads() < 2) return 0;
     long w = H * V;
     for (long l = 0; l < n_layers; l++) w += 2 * H * H + 2 * H * layers[l].d_ff;
-    if (w < __atomic_load_n(&split_min_weights, __ATOMIC_RELAXED)) return 0;
-    const long resume = __atomic_load_n(&split_resume_at, __ATOMIC_RELAXED);
-    return resume == 0 || (long)(monotonic_s() * 1e9) >= resume;
+    return w >= __atomic_load_n(&split_min_weights, __ATOMIC_RELAXED) && !split_paused();
 }
 
 /* One split step's buffers for up to B rows: shared x, y (B, H), o (B, 2H), f (B, F); each thread's own u
@@ -894,7 +918,6 @@ int split_step(long B, long H, long V, long n_layers, const NetLayer *layers) {
 typedef struct {
     float *buf, *x, *y, *o, *f, *us;
     SpinBarrier bar;
-    long stalled; /* set by a thread whose barrier wait passed SPLIT_STALL_S */
 } SplitTeam;
 
 /* SplitTeam's buffers for B rows of n and nt threads; 0, -1 (a DPLR layer that does not fit) or -2 (memory) */
@@ -909,7 +932,6 @@ static int split_team_init(SplitTeam *s, const NetArgs *n, long B, long nt) {
     if (!s->buf) return -2;
     s->x = s->buf, s->y = s->x + B * H, s->o = s->y + B * H, s->f = s->o + B * 2 * H, s->us = s->f + B * F;
     s->bar = (SpinBarrier){0, 0};
-    s->stalled = 0;
     return 0;
 }
 
@@ -924,22 +946,25 @@ static void embed_rows(const NetArgs *n, long B, const long *rows, const long *t
 /* Thread t of the k threads of a parallel region: its part of one step of B rows (rows[i] of a batch of
  * Btot; x holds their embeddings, written before a barrier) from state to state_out (may be state), logits
  * (B, V). Every thread of the region calls it; it ends with a barrier, after which the logits and the state
- * are complete. *sense: the thread's barrier sense; *wait: its longest barrier wait (s). */
+ * are complete. *sense: the thread's barrier sense. Every barrier's wait goes to the guard (split_record),
+ * but the first when region_start: the region began with this step, so that wait includes the threads'
+ * wake-up (under OMP_WAIT_POLICY=PASSIVE, 0.1-1 ms on a VM whose idle vCPU halted), which is no stall. */
 static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long Btot, const long *rows,
                             const float *state, float *state_out, float *logits, long t, long k, int *sense,
-                            double *wait) {
+                            int region_start) {
     const long H = n->H, V = n->V, M = n->M;
     float *x = s->x, *y = s->y, *o = s->o, *f = s->f, *u = s->us + t * B * H;
     const long per_layer = Btot * H * 2 * M, row_size = H * 2 * M;
     long h0, h1, v0, v1;
     split_part(H, t, k, &h0, &h1);
     split_part(V, t, k, &v0, &v1);
-/* a barrier whose wait counts toward this thread's longest */
+    int waking = region_start;
+/* a barrier whose wait the guard sees (the region's first excepted) */
 #define TIMED_BARRIER                                                                                        \
     do {                                                                                                     \
         const double w_ = spin_barrier(&s->bar, sense, k);                                                   \
-        if (w_ > *wait) *wait = w_;                                                                          \
-        if (split_stalled(w_)) __atomic_store_n(&s->stalled, 1, __ATOMIC_RELAXED);                           \
+        if (!waking) split_record(w_);                                                                       \
+        waking = 0;                                                                                          \
     } while (0)
     for (long l = 0; l < n->n_layers; l++) {
         const NetLayer *L = n->layers + l;
@@ -962,15 +987,15 @@ static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long Btot, c
             }
         }
         for (long r = 0; r < B; r++) gelu_skip(h1 - h0, y + r * H + h0, u + r * H + h0, L->d_skip + h0);
-        if (l == 0 && t == k - 1 && k > 1) { /* a test's stand-in for a descheduled thread */
-            const long d = __atomic_exchange_n(&split_test_delay, 0, __ATOMIC_RELAXED);
-            if (d > 0) nanosleep(&(struct timespec){d / 1000000000L, d % 1000000000L}, NULL);
-        }
         TIMED_BARRIER;
         /* the output linear's columns h0 … h1 − 1 and H + h0 … H + h1 − 1: this thread's channels' GLU */
         linear_cols(L->wfmt, B, H, 2 * H, y, L->out_wt, L->out_b, o, h0, h1);
         linear_cols(L->wfmt, B, H, 2 * H, y, L->out_wt, L->out_b, o, H + h0, H + h1);
         for (long r = 0; r < B; r++) glu_add(h1 - h0, x + r * H + h0, o + r * 2 * H + h0, o + r * 2 * H + H + h0);
+        if (l == 0 && t == k - 1 && k > 1) { /* a test's stand-in for a descheduled thread */
+            const long d = __atomic_exchange_n(&split_test_delay, 0, __ATOMIC_RELAXED);
+            if (d > 0) nanosleep(&(struct timespec){d / 1000000000L, d % 1000000000L}, NULL);
+        }
         TIMED_BARRIER;
         if (L->d_ff > 0) {
             const long Fl = L->d_ff;
@@ -999,14 +1024,12 @@ static int net_rows_split(const NetArgs *n, long B, long Btot, const long *rows,
     const int rc = split_team_init(&s, n, B, nt);
     if (rc) return rc;
     embed_rows(n, B, rows, tokens, s.x);
-    double wait = 0.0; /* the longest barrier wait of any thread (s) */
-#pragma omp parallel num_threads(nt) reduction(max : wait)
+#pragma omp parallel num_threads(nt)
     {
         int sense = 0;
         split_team_step(&s, n, B, Btot, rows, state, state_out, logits, omp_get_thread_num(),
-                        omp_get_num_threads(), &sense, &wait);
+                        omp_get_num_threads(), &sense, 1);
     }
-    split_record(wait);
     free(s.buf);
     return 0;
 }
@@ -1577,7 +1600,7 @@ static int decode_rows(const DecodeJob *j, long t, long nt, long k_start, long *
 /* A decode block of fewer than NET_PARALLEL_ROWS rows of the isotropic network with every step split over the
  * threads (split_team_step), all K steps in one parallel region: the threads are woken once a block, not once
  * a step (under OMP_WAIT_POLICY=PASSIVE a wake-up costs tens of µs). The first thread picks the rows and
- * samples, the others wait for it at the barrier. A stall (a barrier wait over SPLIT_STALL_S) ends the region
+ * samples, the others wait for it at the barrier. A pause of the split (stalls: split_record) ends the region
  * at the next step: *k_next is then that step, for the caller to go on in one thread; K otherwise. The rows'
  * tokens and states are bit for bit those of decode_rows. Returns 0 or an error code. */
 static int decode_split(const DecodeJob *j, const NetArgs *n, long *steps_out, long *k_next) {
@@ -1591,15 +1614,14 @@ static int decode_split(const DecodeJob *j, const NetArgs *n, long *steps_out, l
         return -2;
     }
     long rows[SPLIT_MAX_ROWS], B = 0, steps = 0, next = K;
-    double wait = 0.0;
-#pragma omp parallel num_threads(nt) reduction(max : wait)
+#pragma omp parallel num_threads(nt)
     {
         const long t = omp_get_thread_num(), k = omp_get_num_threads();
         int sense = 0;
         for (long step = 0; step < K; step++) {
             if (t == 0) { /* this step's rows (none: the block ends) and their embeddings */
                 B = 0;
-                if (step > 0 && __atomic_load_n(&s.stalled, __ATOMIC_RELAXED))
+                if (step > 0 && split_paused())
                     next = step; /* the rest in one thread */
                 else if (rc == 0 && !(step > 0 && j->interrupt && __atomic_load_n(j->interrupt, __ATOMIC_RELAXED)))
                     for (long r = 0; r < Btot; r++)
@@ -1607,10 +1629,9 @@ static int decode_split(const DecodeJob *j, const NetArgs *n, long *steps_out, l
                 embed_rows(n, B, rows, j->tok, s.x);
             }
             const double w = spin_barrier(&s.bar, &sense, k);
-            if (w > wait) wait = w;
-            if (split_stalled(w)) __atomic_store_n(&s.stalled, 1, __ATOMIC_RELAXED);
+            if (step > 0) split_record(w); /* (step 0's wait: the threads' wake-up, split_team_step) */
             if (B == 0) break;
-            split_team_step(&s, n, B, Btot, rows, j->state, j->state, logits, t, k, &sense, &wait);
+            split_team_step(&s, n, B, Btot, rows, j->state, j->state, logits, t, k, &sense, 0);
             if (t == 0) {
                 rc = sample_and_check(B, rows, V, logits, step, Btot, j->tok, j->args, j->key, j->counter,
                                       j->stop_first, j->stop_off, j->stop_data, j->hist, j->hist_cap, j->hist_len,
@@ -1620,7 +1641,6 @@ static int decode_split(const DecodeJob *j, const NetArgs *n, long *steps_out, l
             }
         }
     }
-    split_record(wait);
     free(logits);
     free(s.buf);
     *steps_out = steps;

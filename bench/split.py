@@ -1,0 +1,156 @@
+"""The whole-network C step of a few rows split over the cores (model/csrc/ssm_step.c `net_rows_split`,
+`decode_split`) against one thread, side by side in one run: native decode blocks (K steps with plain
+sampling, what the server runs on CPU) at batch 1, 2, 4 and 7, with 1 OpenMP thread (the step as it ran
+before: a batch under 8 rows never left the calling thread) and with 2 (split); on a quiet machine and
+beside a CPU-bound process (a Python busy loop: the contention guard then pauses splitting after a stalled
+barrier). Rounds alternate the two settings; the JSON keeps every round, the table the median.
+
+Models: the shipped text-shakespeare checkpoint (4 × H = 256, FF blocks of 512, 7.9 MB of float32 weights
+a token) in float32 and bfloat16, and bench.official's shape (4 × H = 256 S4 blocks, no FF, random LegS
+init: the model the "vs the official dense step" figure is measured on). Run as the server runs:
+OMP_WAIT_POLICY=PASSIVE (idle OpenMP threads sleep), set before torch loads.
+
+    python -m bench.split [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as server/__main__.py: before torch loads libgomp
+
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+
+from bench.common import ROOT, bench_main, fmt, save_figure, subplots  # noqa: E402
+
+NAME = "split"
+TEXT = ROOT / "checkpoints/text-shakespeare"
+SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
+    False: {"batches": [1, 2, 4, 7], "K": 64, "rounds": 7, "busy_rounds": 15, "official_shape": {
+        "vocab_size": 256, "d_model": 256, "n_layers": 4, "d_state": 64, "l_max": 1024}},
+    True: {"batches": [1, 3], "K": 8, "rounds": 2, "busy_rounds": 2, "official_shape": {
+        "vocab_size": 64, "d_model": 64, "n_layers": 2, "d_state": 16, "l_max": 64}},
+}  # fmt: skip
+
+
+def models(quick: bool) -> list[tuple[str, Any]]:
+    """(name, RecurrentModel) for each model timed."""
+    from model import ModelConfig, SequenceModel, load
+
+    torch.manual_seed(0)
+    shape = SIZES[quick]["official_shape"]
+    out = [("official shape (S4, no FF), float32", SequenceModel(ModelConfig(
+        kernel="s4", cauchy_backend="torch", **shape)).to_recurrent())]  # fmt: skip
+    if not quick and (TEXT / "config.json").exists():
+        net = load(TEXT)
+        out.insert(0, ("text-shakespeare, float32", net.to_recurrent()))
+        out.insert(1, ("text-shakespeare, bfloat16", load(TEXT).to_recurrent(dtype=torch.bfloat16)))
+    return out
+
+
+def block_us(rec, B: int, K: int) -> float:
+    """µs per step of one native decode block of K steps at batch B (temperature 1, seeded)."""
+    from model.sampling import SamplingParams, row_settings, uint64_bits
+
+    V = rec.config.vocab_size
+    settings = row_settings([SamplingParams(temperature=1.0, seed=r) for r in range(B)], V)
+    state, tok = rec.init_state(B), torch.zeros(B, dtype=torch.long)
+    t0 = time.perf_counter()
+    res = rec.decode_block(
+        K, state, tok, settings=settings, counts=None, key=uint64_bits(list(range(B))),
+        counter=torch.zeros(B, dtype=torch.long), limit=torch.full((B,), K), stops=[[]] * B,
+        history=[b""] * B, seen=torch.zeros(B, V, dtype=torch.bool),
+    )  # fmt: skip
+    dt = time.perf_counter() - t0
+    if res.steps != K:
+        raise RuntimeError(f"decode block made {res.steps} of {K} steps")
+    return dt / K * 1e6
+
+
+def compare(rec, B: int, K: int, rounds: int) -> dict[str, list[float]]:
+    """Rounds alternating 1 and 2 threads: µs per step of each round."""
+    out: dict[str, list[float]] = {"1": [], "2": []}
+    threads = torch.get_num_threads()
+    try:
+        for i in range(rounds + 1):  # the first round warms up
+            for t in ("1", "2"):
+                torch.set_num_threads(int(t))
+                us = statistics.median(block_us(rec, B, K) for _ in range(5))
+                if i > 0:
+                    out[t].append(us)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def run(quick: bool) -> dict[str, Any]:
+    from model import fused
+
+    size = SIZES[quick]
+    lib = fused.library()
+    if lib is None:
+        raise SystemExit("bench.split needs the fused C library (a C compiler)")
+    if quick:  # the quick model is below the split's size threshold: split it anyway (a smoke test)
+        fused.step_split_min_weights(lib, 0)
+    rows = []
+    recs = models(quick)
+    for condition in ("quiet", "busy"):  # every quiet run first: a busy run leaves the guard paused up to 1 s
+        for name, rec in recs:
+            hog = None
+            if condition == "busy":
+                hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                time.sleep(0.5)
+            try:
+                for B in size["batches"] if condition == "quiet" else size["batches"][:1]:
+                    rounds = size["rounds"] if condition == "quiet" else size["busy_rounds"]
+                    r = compare(rec, B, size["K"], rounds)
+                    one, two = statistics.median(r["1"]), statistics.median(r["2"])
+                    rows.append({
+                        "model": name, "condition": condition, "batch": B, "K": size["K"],
+                        "us_per_step_1_thread": r["1"], "us_per_step_2_threads": r["2"],
+                        "median_us_1_thread": one, "median_us_2_threads": two, "speedup": one / two,
+                        "pause_s_after": fused.step_split_state(lib)[0],
+                    })  # fmt: skip
+                    print(f"{name}, {condition}, batch {B}: {fmt(one)} µs a step on 1 thread, {fmt(two)} "
+                          f"split over 2 ({one / two:.2f}x)", flush=True)  # fmt: skip
+            finally:
+                if hog is not None:
+                    hog.kill()
+                    hog.wait()
+    return {
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpus": os.cpu_count(),
+        "description": "native decode block µs per step (median of 5 blocks per round; rounds alternate 1 "
+        "and 2 threads); busy: beside a CPU-bound Python process", "rows": rows,
+    }  # fmt: skip
+
+
+def plot(data: dict[str, Any], quick: bool) -> None:
+    fig, (ax,) = subplots(1, width=8.0)
+    rows = data["rows"]
+    labels = [f"{r['model'].split(',')[0][:16]}\n{r['model'].split(', ')[-1]} b{r['batch']} {r['condition']}"
+              for r in rows]  # fmt: skip
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["median_us_1_thread"] for r in rows], width=0.4, label="1 thread")
+    ax.bar([x + 0.2 for x in xs], [r["median_us_2_threads"] for r in rows], width=0.4, label="split over 2")
+    for x, r in zip(xs, rows):
+        ax.text(x, max(r["median_us_1_thread"], r["median_us_2_threads"]), f"{r['speedup']:.2f}x",
+                ha="center", va="bottom", fontsize=7)  # fmt: skip
+    ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("µs per decode step (median)")
+    ax.legend()
+    save_figure(fig, NAME, quick, title="native decode block: one thread vs the step split over two cores")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    bench_main(argv, __doc__, NAME, run, plot)
+
+
+if __name__ == "__main__":
+    main()
