@@ -196,3 +196,23 @@ def test_which_steps_split_by_default(lib):
     assert not big._net_step.splits(1)
     with pytest.raises(ValueError, match="must be >= 0"):
         fused.step_split_min_weights(lib, -1)
+
+
+def test_a_stall_that_several_threads_wait_out_counts_once(lib):
+    """One descheduled thread holds every other thread of the team at the barrier: the stall is its time
+    once (the longest wait), not once per waiting thread (three threads made an 11 ms stall 22 ms of debt,
+    past the 20 ms that pauses: a single vCPU preemption paused splitting on a machine of 3+ cores)."""
+    torch.manual_seed(0)
+    rec = SequenceModel(ModelConfig(**BASE, kernel="s4d")).to_recurrent()
+    torch.set_num_threads(3)
+    fused.step_split_state(lib, stall_s=8e-3)  # the oversubscribed threads' own waits stay below it
+    for _ in range(3):  # (a second stall of the busy machine's own in the same step: try again)
+        _wait_out_the_guard(lib)
+        time.sleep(0.3)  # any earlier stalls' debt decays
+        assert rec._net_step.splits(1)
+        before, left_before, _ = fused.step_split_state(lib, 0.011)  # the last thread sleeps 11 ms: both
+        rec.step(torch.tensor([5]), rec.init_state(1))  # others wait it out
+        pause, left, _ = fused.step_split_state(lib)
+        if pause == before and left < left_before <= -1:  # no new pause (one sets the time left to ≥ 0)
+            break
+    assert pause == before and left < left_before <= -1

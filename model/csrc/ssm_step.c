@@ -281,6 +281,7 @@ int dplr_step(long B, long H, long M, long R, const float *x, float *xo, const f
  * in another order, so logits agree to float32 rounding. Called once per step instead of ~45 torch
  * ops, which dominate a small batch's step.
  */
+#include <limits.h>
 #include <math.h>
 #include <omp.h>
 #include <stdlib.h>
@@ -838,12 +839,19 @@ static inline int split_stalled(double w) {
 #define SPLIT_DEBT_MAX_NS 20000000L  /* 20 ms in the last ~100 ms */
 static long split_debt = 0, split_debt_at = 0;
 
-/* A barrier wait of `wait` seconds in a split step (any thread's): a stall adds to the debt; a debt past its
- * maximum pauses splitting for twice the last pause (at least the minimum, at most the maximum), or for the
- * minimum when steps have split for over the maximum pause since the last pause ended (contention that comes
- * back long after starts again from the minimum), and clears the debt. */
+/* Serializes split_record's read-modify-write of the guard's state: the steps of two Python threads (two
+ * parallel regions) may record at once, and two doublings of one pause, or a debt written back over another's,
+ * would make the pause depend on the interleaving. Taken only for a stall. */
+static int split_lock = 0;
+
+/* A barrier's stall of `wait` seconds in a split step (spin_barrier's longest wait, recorded once a barrier):
+ * a stall adds to the debt; a debt past its maximum pauses splitting for twice the last pause (at least the
+ * minimum, at most the maximum), or for the minimum when steps have split for over the maximum pause since
+ * the last pause ended (contention that comes back long after starts again from the minimum), and clears the
+ * debt. */
 static void split_record(double wait) {
     if (!split_stalled(wait)) return;
+    while (__atomic_test_and_set(&split_lock, __ATOMIC_ACQUIRE)) sched_yield();
     const long now = (long)(monotonic_s() * 1e9);
     const long since = now - __atomic_load_n(&split_debt_at, __ATOMIC_RELAXED);
     long debt = (long)((double)__atomic_load_n(&split_debt, __ATOMIC_RELAXED) *
@@ -862,6 +870,7 @@ static void split_record(double wait) {
         debt = 0;
     }
     __atomic_store_n(&split_debt, debt, __ATOMIC_RELAXED);
+    __atomic_clear(&split_lock, __ATOMIC_RELEASE);
 }
 
 /* Whether splitting is paused (split_record) */
@@ -874,19 +883,36 @@ static inline int split_paused(void) {
  * OMP_WAIT_POLICY=PASSIVE (how the server and the tests run, so that idle OpenMP threads leave the CPU to
  * others), and a wake-up costs more than a layer's work. Sense-reversing: the last thread to arrive resets
  * the count and flips the sense the others wait on. A wait past SPLIT_STALL_S yields the core at every
- * check (a descheduled thread it waits for may be queued on it). Returns the wait in seconds. */
+ * check (a descheduled thread it waits for may be queued on it). Returns the calling thread's own wait in
+ * seconds; *longest (when not NULL): in the last thread to arrive, the longest wait (from the first arrival
+ * to the last), 0 in the others, so that a stall every other thread waited out is recorded once, not once a
+ * waiting thread (with 3+ threads one 11 ms preemption made 22+ ms of debt, past SPLIT_DEBT_MAX_NS). */
 typedef struct {
     int count, sense;
+    long first; /* the earliest arrival (monotonic ns) at the current barrier; LONG_MAX: none yet */
 } SpinBarrier;
 
-static double spin_barrier(SpinBarrier *b, int *sense, long nthreads) {
+static double spin_barrier(SpinBarrier *b, int *sense, long nthreads, double *longest) {
     const int s = !*sense;
     *sense = s;
     const double t0 = monotonic_s();
-    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == nthreads) {
+    if (longest) {
+        *longest = 0.0;
+        const long t0_ns = (long)(t0 * 1e9);
+        long first = __atomic_load_n(&b->first, __ATOMIC_RELAXED);
+        while (t0_ns < first &&
+               !__atomic_compare_exchange_n(&b->first, &first, t0_ns, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+        }
+    }
+    if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == nthreads) { /* (sees every arrival's `first`) */
+        const double t1 = monotonic_s();
+        if (longest) {
+            *longest = t1 - (double)__atomic_load_n(&b->first, __ATOMIC_RELAXED) * 1e-9;
+            __atomic_store_n(&b->first, LONG_MAX, __ATOMIC_RELAXED);
+        }
         __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
         __atomic_store_n(&b->sense, s, __ATOMIC_RELEASE);
-        return monotonic_s() - t0;
+        return t1 - t0;
     }
     for (long spins = 1; __atomic_load_n(&b->sense, __ATOMIC_ACQUIRE) != s; spins++) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -931,7 +957,7 @@ static int split_team_init(SplitTeam *s, const NetArgs *n, long B, long nt) {
     s->buf = malloc(sizeof(float) * (size_t)B * (size_t)(H * (4 + nt) + F));
     if (!s->buf) return -2;
     s->x = s->buf, s->y = s->x + B * H, s->o = s->y + B * H, s->f = s->o + B * 2 * H, s->us = s->f + B * F;
-    s->bar = (SpinBarrier){0, 0};
+    s->bar = (SpinBarrier){0, 0, LONG_MAX};
     return 0;
 }
 
@@ -946,9 +972,10 @@ static void embed_rows(const NetArgs *n, long B, const long *rows, const long *t
 /* Thread t of the k threads of a parallel region: its part of one step of B rows (rows[i] of a batch of
  * Btot; x holds their embeddings, written before a barrier) from state to state_out (may be state), logits
  * (B, V). Every thread of the region calls it; it ends with a barrier, after which the logits and the state
- * are complete. *sense: the thread's barrier sense. Every barrier's wait goes to the guard (split_record),
- * but the first when region_start: the region began with this step, so that wait includes the threads'
- * wake-up (under OMP_WAIT_POLICY=PASSIVE, 0.1-1 ms on a VM whose idle vCPU halted), which is no stall. */
+ * are complete. *sense: the thread's barrier sense. Every barrier's longest wait goes to the guard once
+ * (split_record, from the last thread to arrive), but the first's when region_start: the region began with
+ * this step, so that wait includes the threads' wake-up (under OMP_WAIT_POLICY=PASSIVE, 0.1-1 ms on a VM
+ * whose idle vCPU halted), which is no stall. */
 static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long Btot, const long *rows,
                             const float *state, float *state_out, float *logits, long t, long k, int *sense,
                             int region_start) {
@@ -962,7 +989,8 @@ static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long Btot, c
 /* a barrier whose wait the guard sees (the region's first excepted) */
 #define TIMED_BARRIER                                                                                        \
     do {                                                                                                     \
-        const double w_ = spin_barrier(&s->bar, sense, k);                                                   \
+        double w_;                                                                                           \
+        spin_barrier(&s->bar, sense, k, &w_);                                                                \
         if (!waking) split_record(w_);                                                                       \
         waking = 0;                                                                                          \
     } while (0)
@@ -1628,7 +1656,7 @@ static int decode_split(const DecodeJob *j, const NetArgs *n, long *steps_out, l
                         if (!j->stopped[r] && j->n_out[r] < j->limit[r]) rows[B++] = r;
                 embed_rows(n, B, rows, j->tok, s.x);
             }
-            const double w = spin_barrier(&s.bar, &sense, k);
+            const double w = spin_barrier(&s.bar, &sense, k, NULL);
             if (step > 0) split_record(w); /* (step 0's wait: the threads' wake-up, split_team_step) */
             if (B == 0) break;
             split_team_step(&s, n, B, Btot, rows, j->state, j->state, logits, t, k, &sense, 0);
