@@ -216,3 +216,33 @@ def test_a_stall_that_several_threads_wait_out_counts_once(lib):
         if pause == before and left < left_before <= -1:  # no new pause (one sets the time left to ≥ 0)
             break
     assert pause == before and left < left_before <= -1
+
+
+def test_the_first_threads_sampling_in_a_split_decode_block_is_no_stall(lib):
+    """Between two steps of a split decode block the first thread samples while the others wait for it at
+    the barrier: that wait is the sampling's time (milliseconds with a large vocabulary and top-p), no
+    descheduled thread, and must not pause splitting."""
+    V = 100000  # its top-p sampling: ~25 ms a step on the Xeon VM, 5+ on any machine
+    torch.manual_seed(0)
+    rec = SequenceModel(ModelConfig(vocab_size=V, d_model=64, n_layers=1, d_state=8, l_max=32, kernel="s4d",
+                                    cauchy_backend="torch")).to_recurrent()  # fmt: skip
+    torch.set_num_threads(2)
+    fused.step_split_state(lib, stall_s=2e-3)
+    K = 8
+    settings = row_settings([SamplingParams(temperature=1.0, top_p=0.9, seed=1)], V)
+    for _ in range(3):  # (the busy machine's own stalls piling up past 20 ms in one block: try again)
+        _wait_out_the_guard(lib)
+        time.sleep(0.3)  # any earlier stalls' debt decays
+        assert rec._net_step.splits(1)
+        before, left_before, _ = fused.step_split_state(lib)
+        state, tok = rec.init_state(1), torch.tensor([3])
+        res = rec.decode_block(
+            K, state, tok, settings=settings, counts=None, key=uint64_bits([1]),
+            counter=torch.zeros(1, dtype=torch.long), limit=torch.tensor([K]), stops=[[]], history=[b""],
+            seen=torch.zeros(1, V, dtype=torch.bool),
+        )  # fmt: skip
+        assert res.steps == K
+        pause, left, _ = fused.step_split_state(lib)
+        if pause == before and left < left_before <= -1:  # no new pause
+            break
+    assert pause == before and left < left_before <= -1

@@ -1656,8 +1656,11 @@ static int decode_split(const DecodeJob *j, const NetArgs *n, long *steps_out, l
                         if (!j->stopped[r] && j->n_out[r] < j->limit[r]) rows[B++] = r;
                 embed_rows(n, B, rows, j->tok, s.x);
             }
+            /* the others wait here while the first thread samples (milliseconds with a large vocabulary and
+             * top-p): no stall; the first thread's own wait is the others' lateness (step 0's: their wake-up,
+             * split_team_step) */
             const double w = spin_barrier(&s.bar, &sense, k, NULL);
-            if (step > 0) split_record(w); /* (step 0's wait: the threads' wake-up, split_team_step) */
+            if (step > 0 && t == 0) split_record(w);
             if (B == 0) break;
             split_team_step(&s, n, B, Btot, rows, j->state, j->state, logits, t, k, &sense, 0);
             if (t == 0) {
