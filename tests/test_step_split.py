@@ -8,6 +8,7 @@ then splits again."""
 
 from __future__ import annotations
 
+import ctypes
 import time
 
 import pytest
@@ -246,3 +247,48 @@ def test_the_first_threads_sampling_in_a_split_decode_block_is_no_stall(lib):
         if pause == before and left < left_before <= -1:  # no new pause
             break
     assert pause == before and left < left_before <= -1
+
+
+def _interrupted_block(rec, B: int, threads: int, schedule, stall_at_start: float = 0.0):
+    """A decode block of B rows whose interrupt flag is set before the call, under `schedule`."""
+    torch.set_num_threads(threads)
+    V = BASE["vocab_size"]
+    params = [SamplingParams(temperature=0.9, seed=7 + r) for r in range(B)]
+    state, tok = rec.init_state(B), torch.arange(B) + 3
+    if stall_at_start:
+        fused.step_split_state(fused.library(), stall_at_start)
+    res = rec.decode_block(
+        16, state, tok, settings=row_settings(params, V), counts=None,
+        key=uint64_bits([11 + r for r in range(B)]), counter=torch.zeros(B, dtype=torch.long),
+        limit=torch.full((B,), 40), stops=[[]] * B, history=[b""] * B,
+        seen=torch.zeros(B, V, dtype=torch.bool), interrupt=ctypes.c_int(1), schedule=schedule,
+    )  # fmt: skip
+    return res, state, tok
+
+
+@pytest.mark.parametrize("schedule", [(2, 3), (1, 5), (0, 1), (8, 4)])
+def test_an_interrupted_split_block_makes_the_single_threads_round(lib, rec, schedule):
+    """The interrupt ends a block after its first round, group_steps steps when the schedule takes the rows
+    in more than one group: split (every step over the threads) as in one thread (it ended after one step)."""
+    _wait_out_the_guard(lib)
+    want = _interrupted_block(rec, 5, 1, schedule)
+    assert want[0].steps == (schedule[1] if 0 < schedule[0] < 5 else 1)
+    torch.set_num_threads(2)
+    assert rec._net_step.splits(5)
+    got = _interrupted_block(rec, 5, 2, schedule)
+    assert got[0].steps == want[0].steps and torch.equal(got[0].n_out, want[0].n_out)
+    assert torch.equal(got[0].tokens, want[0].tokens)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+def test_a_block_handed_to_one_thread_mid_round_finishes_the_round(lib, rec):
+    """A stall in the first step pauses the split: the rest of the block runs in one thread from step 1, and
+    an interrupt still ends it after the first round (3 steps), not at once (its first round started at 1)."""
+    fused.step_split_state(lib, stall_s=2e-4)  # the default
+    _wait_out_the_guard(lib)
+    want = _interrupted_block(rec, 5, 1, (2, 3))
+    got = _interrupted_block(rec, 5, 2, (2, 3), stall_at_start=0.03)
+    assert fused.step_split_state(lib)[0] == pytest.approx(0.010)  # (it paused)
+    assert got[0].steps == want[0].steps == 3 and torch.equal(got[0].n_out, want[0].n_out)
+    assert torch.equal(got[0].tokens, want[0].tokens)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])

@@ -1598,9 +1598,11 @@ static int decode_rows(const DecodeJob *j, long t, long nt, long k_start, long *
     /* a thread with at most G rows has one group: it checks the interrupt every step, as before */
     const long G = j->group_rows > 0 && j->group_rows < n ? j->group_rows : (n > 0 ? n : 1);
     const long S = G < n && j->group_steps > 0 ? j->group_steps : 1;
-    for (long k0 = k_start; k0 < K && rc == 0; k0 += S) { /* a round of S steps */
-        if (k0 > 0 && j->interrupt && __atomic_load_n(j->interrupt, __ATOMIC_RELAXED)) break;
-        const long k1 = k0 + S < K ? k0 + S : K;
+    /* rounds of S steps, from step 0 on (rounds 0 … S − 1, S … 2S − 1, …): a start mid-round (decode_split's
+     * hand-off) finishes that round first, and the interrupt is checked where it would be from step 0 */
+    for (long k0 = k_start, k1; k0 < K && rc == 0; k0 = k1) {
+        if (k0 > 0 && k0 % S == 0 && j->interrupt && __atomic_load_n(j->interrupt, __ATOMIC_RELAXED)) break;
+        k1 = (k0 / S + 1) * S < K ? (k0 / S + 1) * S : K;
         for (long g = lo; g < hi && rc == 0; g += G) { /* each group of G rows through the round */
             const long g1 = g + G < hi ? g + G : hi;
             for (long k = k0; k < k1 && rc == 0; k++) {
@@ -1642,6 +1644,10 @@ static int decode_split(const DecodeJob *j, const NetArgs *n, long *steps_out, l
         return -2;
     }
     long rows[SPLIT_MAX_ROWS], B = 0, steps = 0, next = K;
+    /* decode_rows' rounds for one thread of Btot rows: the interrupt ends the block where it would there,
+     * after a round of S steps (S > 1 when a schedule takes the rows in more than one group) */
+    const long G = j->group_rows > 0 && j->group_rows < Btot ? j->group_rows : Btot;
+    const long S = G < Btot && j->group_steps > 0 ? j->group_steps : 1;
 #pragma omp parallel num_threads(nt)
     {
         const long t = omp_get_thread_num(), k = omp_get_num_threads();
@@ -1651,7 +1657,8 @@ static int decode_split(const DecodeJob *j, const NetArgs *n, long *steps_out, l
                 B = 0;
                 if (step > 0 && split_paused())
                     next = step; /* the rest in one thread */
-                else if (rc == 0 && !(step > 0 && j->interrupt && __atomic_load_n(j->interrupt, __ATOMIC_RELAXED)))
+                else if (rc == 0 && !(step > 0 && step % S == 0 && j->interrupt &&
+                                      __atomic_load_n(j->interrupt, __ATOMIC_RELAXED)))
                     for (long r = 0; r < Btot; r++)
                         if (!j->stopped[r] && j->n_out[r] < j->limit[r]) rows[B++] = r;
                 embed_rows(n, B, rows, j->tok, s.x);
