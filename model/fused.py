@@ -414,7 +414,7 @@ class NetStep:
 
     def splits(self, B: int) -> bool:
         """Whether a step of B rows in the calling thread runs split over the OpenMP threads by channels
-        and columns (ssm_step.c `net_rows_split`: at most 4 rows, at least 2 threads in
+        and columns (ssm_step.c `net_rows_split`: at most 7 rows, at least 2 threads in
         `torch.get_num_threads()`, a network of ≥ `step_split_min_weights` linear weights); its logits and
         state are bit for bit those of the single thread."""
         dims = [ctypes.c_long(v) for v in (B, self.H, self.V, self.n_layers)]
