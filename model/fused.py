@@ -415,8 +415,9 @@ class NetStep:
     def splits(self, B: int) -> bool:
         """Whether a step of B rows in the calling thread runs split over the OpenMP threads by channels
         and columns (ssm_step.c `net_rows_split`: at most 7 rows, at least 2 threads in
-        `torch.get_num_threads()`, a network of ≥ `step_split_min_weights` linear weights); its logits and
-        state are bit for bit those of the single thread."""
+        `torch.get_num_threads()`, a network of ≥ `step_split_min_weights` linear weights, the contention
+        guard not pausing: `step_split_state`); its logits and state are bit for bit those of the single
+        thread."""
         dims = [ctypes.c_long(v) for v in (B, self.H, self.V, self.n_layers)]
         return bool(self.lib.split_step(*dims, self.layers))
 
