@@ -659,7 +659,11 @@ def step_split_state(
     steps of a few rows split again (≤ 0: they split), the stall threshold before this call), in seconds.
     With `delay_s`, the next split step's last thread sleeps that long before its second barrier, as a
     descheduled thread would; with `stall_s`, a barrier wait over it is a stall (default 2e-4; the tests
-    raise it to keep steps split on an oversubscribed machine). Process-wide."""
+    raise it to keep steps split on an oversubscribed machine). Process-wide. Raises ValueError for a
+    negative, non-finite or out-of-range (over 9e9 s: past a C long of nanoseconds) delay_s or stall_s."""
+    for name, v in (("delay_s", delay_s), ("stall_s", stall_s)):
+        if v is not None and not 0 <= v <= 9e9:  # (NaN fails too)
+            raise ValueError(f"step_split_state: {name} must be in [0, 9e9] seconds, got {v}")
     out = (ctypes.c_long * 3)()
     delay = -1 if delay_s is None else round(delay_s * 1e9)
     stall = -1 if stall_s is None else round(stall_s * 1e9)

@@ -199,6 +199,17 @@ def test_which_steps_split_by_default(lib):
         fused.step_split_min_weights(lib, -1)
 
 
+@pytest.mark.parametrize("bad", [-1e-3, float("nan"), float("inf"), 1e10])
+def test_a_bad_guard_setting_is_refused_not_wrapped(lib, bad):
+    """A negative delay or threshold was silently ignored (the C side's 'leave it'), one past a C long of
+    nanoseconds wrapped around (1e10 s: a negative threshold, ignored too)."""
+    old = fused.step_split_state(lib)[2]
+    for kw in ("delay_s", "stall_s"):
+        with pytest.raises(ValueError, match=kw):
+            fused.step_split_state(lib, **{kw: bad})
+    assert fused.step_split_state(lib)[2] == old
+
+
 def test_a_stall_that_several_threads_wait_out_counts_once(lib):
     """One descheduled thread holds every other thread of the team at the barrier: the stall is its time
     once (the longest wait), not once per waiting thread (three threads made an 11 ms stall 22 ms of debt,
