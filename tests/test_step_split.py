@@ -303,3 +303,39 @@ def test_a_block_handed_to_one_thread_mid_round_finishes_the_round(lib, rec):
     assert got[0].steps == want[0].steps == 3 and torch.equal(got[0].n_out, want[0].n_out)
     assert torch.equal(got[0].tokens, want[0].tokens)
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+# More shapes: H = 65 (the second thread's channels: one), V = 5 (the first thread's head columns: none),
+# tied embeddings with a head bias, a rank-2 DPLR layer (legt), and H·M ≥ 65536 (one thread steps the SSM
+# channels in its own `omp for` loop, ssm_step.c `split_channels`)
+MORE = {
+    "h65-v5-tied-bias": dict(d_model=65, vocab_size=5, d_state=8, kernel="s4d", tie_embeddings=True,
+                             head_bias=True, d_ff=33),
+    "dplr-legt-rank2": dict(d_model=100, vocab_size=77, d_state=8, kernel="s4", init="legt"),
+    "wide-state": dict(d_model=256, vocab_size=50, d_state=512, kernel="s4d", d_ff=96),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(MORE))
+def test_more_shapes_split_bit_for_bit(lib, name):
+    torch.manual_seed(0)
+    cfg = dict(n_layers=2, l_max=32, cauchy_backend="torch", **MORE[name])
+    rec = SequenceModel(ModelConfig(**cfg)).to_recurrent()
+    assert rec._net_step is not None
+    _wait_out_the_guard(lib)
+    V = cfg["vocab_size"]
+    for B in (1, 4, 7):
+        torch.set_num_threads(1)
+        g = torch.Generator().manual_seed(B)
+        tok = torch.randint(0, V, (3, B), generator=g)
+        runs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert rec._net_step.splits(B) == (threads > 1)
+            state, logits = rec.init_state(B), []
+            for i in range(3):
+                out, state = rec.step(tok[i], state, out=state)
+                logits.append(out.clone())
+            runs.append((torch.stack(logits), state.clone()))
+        for got in runs[1:]:
+            assert torch.equal(got[0], runs[0][0]) and torch.equal(got[1], runs[0][1]), (name, B)
