@@ -9,6 +9,7 @@ then splits again."""
 from __future__ import annotations
 
 import ctypes
+import threading
 import time
 
 import pytest
@@ -339,3 +340,27 @@ def test_more_shapes_split_bit_for_bit(lib, name):
             runs.append((torch.stack(logits), state.clone()))
         for got in runs[1:]:
             assert torch.equal(got[0], runs[0][0]) and torch.equal(got[1], runs[0][1]), (name, B)
+
+
+def test_two_python_threads_stepping_split_at_once_get_their_own_bits(lib, rec):
+    """Two parallel regions at once (two Python threads, each its own team and barrier): no deadlock, and
+    every step bit for bit the single thread's."""
+    want = {B: _steps(rec, B, 1, n=8) for B in (1, 3)}
+    got, errors = {}, []
+
+    def run(B: int, i: int) -> None:
+        try:
+            assert rec._net_step.splits(B) or fused.step_split_state(lib)[1] > 0
+            got[B, i] = _steps(rec, B, 2, n=8)
+        except Exception as e:  # (reported below)
+            errors.append(e)
+
+    torch.set_num_threads(2)
+    threads = [threading.Thread(target=run, args=(B, i)) for i in range(2) for B in (1, 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads) and not errors and len(got) == 4
+    for (B, _), (logits, state) in got.items():
+        assert torch.equal(logits, want[B][0]) and torch.equal(state, want[B][1])
