@@ -948,6 +948,15 @@ int split_step(long B, long H, long V, long n_layers, const NetLayer *layers) {
     return w >= __atomic_load_n(&split_min_weights, __ATOMIC_RELAXED) && !split_paused();
 }
 
+/* The n rows rows[0 … n − 1]'s states in a layer at `off` of (…, Btot, H, 2, M) state and state_out */
+static inline void row_states(const float *state, float *state_out, long off, const long *rows, long n,
+                              long row_size, const float **xs, float **xo) {
+    for (long i = 0; i < n; i++) {
+        xs[i] = state + off + rows[i] * row_size;
+        xo[i] = state_out + off + rows[i] * row_size;
+    }
+}
+
 /* One split step's buffers for up to B rows: shared x, y (B, H), o (B, 2H), f (B, F); each thread's own u
  * (B, H) (the norms run in every thread); the barrier. */
 typedef struct {
@@ -1008,10 +1017,7 @@ static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long Btot, c
             const long m = B - r0 < SSM_ROWS ? B - r0 : SSM_ROWS;
             const float *xs[SSM_ROWS];
             float *xo[SSM_ROWS];
-            for (long i = 0; i < m; i++) {
-                xs[i] = state + l * per_layer + rows[r0 + i] * row_size;
-                xo[i] = state_out + l * per_layer + rows[r0 + i] * row_size;
-            }
+            row_states(state, state_out, l * per_layer, rows + r0, m, row_size, xs, xo);
             for (long h = h0; h < h1; h++) {
                 if (L->form == 0 && m > 1)
                     diag_rows_channel(L, M, m, xs, xo, H, h, u + r0 * H, y + r0 * H);
@@ -1101,10 +1107,7 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
             const long n = B - r0 < SSM_ROWS ? B - r0 : SSM_ROWS;
             const float *xs[SSM_ROWS];
             float *xo[SSM_ROWS];
-            for (long i = 0; i < n; i++) {
-                xs[i] = state + l * per_layer + rows[r0 + i] * row_size;
-                xo[i] = state_out + l * per_layer + rows[r0 + i] * row_size;
-            }
+            row_states(state, state_out, l * per_layer, rows + r0, n, row_size, xs, xo);
             rc = ssm_rows(L, H, M, n, xs, xo, u + r0 * H, y + r0 * H);
         }
         if (rc == 0) block_rest(B, H, L, x, u, y, o, f, eps);
