@@ -381,13 +381,14 @@ def test_the_c_sampler_and_the_torch_sampler_draw_the_same_distribution(monkeypa
 def test_the_linear_row_tiles_equal_the_row_loop_bit_for_bit_and_float64_within_rounding(K, N):
     """The whole-network step's linear layers run in register tiles of 8 rows (AVX-512; else 4), then
     4, then rows alone, over column panels, single vectors and scalar columns (one weight load for the
-    tile's rows); each output element keeps the row loop's expression, so the results are identical for
-    every batch size: every mix of 8-, 4- and 1-row tiles, and N with vector and scalar tails."""
+    tile's rows), the last 2-7 rows as one tile padded with zero rows; each output element keeps the row
+    loop's expression, so the results are identical for every batch size: every mix of 8-, 4- and 1-row
+    tiles and padded tiles, and N with vector and scalar tails."""
     lib = fused.library()
     g = torch.Generator().manual_seed(K + N)
     Wt, bias = torch.randn(K, N, generator=g), torch.randn(N, generator=g)
     packed = fused.pack_linear(Wt, lib.linear_panel_width())
-    for B in (1, 3, 4, 5, 8, 11, 12, 13, 17):
+    for B in (1, 2, 3, 4, 5, 6, 7, 8, 11, 12, 13, 15, 17):
         x = torch.randn(B, K, generator=g)
         outs = [fused.linear_rows(lib, tiled, x, packed, N, bias) for tiled in (0, 1)]
         assert torch.equal(outs[0], outs[1]), B
@@ -409,7 +410,7 @@ def test_the_row_tiles_stay_bit_identical_when_built_for_older_x86(tmp_path, ext
     for K, N in [(7, 50), (18, 40), (256, 512)]:
         Wt, bias = torch.randn(K, N, generator=g), torch.randn(N, generator=g)
         packed = fused.pack_linear(Wt, lib.linear_panel_width())
-        for B in (1, 3, 4, 5, 8, 13):
+        for B in (1, 2, 3, 4, 5, 7, 8, 13):
             x = torch.randn(B, K, generator=g)
             outs = [fused.linear_rows(lib, tiled, x, packed, N, bias) for tiled in (0, 1)]
             assert torch.equal(outs[0], outs[1]), (extra, K, N, B)
