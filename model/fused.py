@@ -646,7 +646,7 @@ def step_split_min_weights(lib, value: int | None = None) -> int:
     """The whole-network step's split threshold (`NetStep.splits`): a step of a few rows runs split over
     the threads when the network's linear layers hold at least this many weights (default 2^18: smaller
     networks step in a few µs, less than the barriers cost). Sets it to `value` (≥ 0; 0: always split)
-    when given; returns the value it had. Process-wide (the tests and bench.step set it)."""
+    when given; returns the value it had. Process-wide (the tests and `bench.split --quick` set it)."""
     if value is not None and value < 0:
         raise ValueError(f"step_split_min_weights: value must be >= 0, got {value}")
     return int(lib.step_split_min_weights(ctypes.c_long(-1 if value is None else value)))
