@@ -13,6 +13,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch (OpenMP) thread for the test, the count restored after: single-sample steps are
+    latency-bound, and a second thread only contends on the shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _fused_build():
     """With $S4_CFLAGS set (make test's second pass builds the other vector width, -DS4_VW=…), the fused

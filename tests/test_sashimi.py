@@ -30,13 +30,7 @@ L_TRAINED, L_BEYOND = 1024, 4096
 V = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-sample steps are latency-bound: a second thread only contends on the shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (tests/conftest.py)
 
 
 def make(l_max=L_TRAINED, **kw) -> SaShiMi:
