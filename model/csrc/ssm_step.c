@@ -1005,11 +1005,11 @@ static int split_team_init(SplitTeam *s, const NetArgs *n, long B, long nt) {
     return 0;
 }
 
-/* x ← the embeddings of rows' tokens (B rows) */
-static void embed_rows(const NetArgs *n, long B, const long *rows, const long *tokens, float *x) {
+/* x (B, H) ← the embeddings (rows of `embed`, H wide) of tokens[rows[0 … B − 1]] */
+static void embed_rows(const float *embed, long H, long B, const long *rows, const long *tokens, float *x) {
     for (long r = 0; r < B; r++) {
-        const float *e = n->embed + tokens[rows[r]] * n->H;
-        for (long h = 0; h < n->H; h++) x[r * n->H + h] = e[h];
+        const float *e = embed + tokens[rows[r]] * H;
+        for (long h = 0; h < H; h++) x[r * H + h] = e[h];
     }
 }
 
@@ -1092,7 +1092,7 @@ static int net_rows_split(const NetArgs *n, long B, long Btot, const long *rows,
     SplitTeam s;
     const int rc = split_team_init(&s, n, B, nt);
     if (rc) return rc;
-    embed_rows(n, B, rows, tokens, s.x);
+    embed_rows(n->embed, n->H, B, rows, tokens, s.x);
 #pragma omp parallel num_threads(nt)
     {
         int sense = 0;
@@ -1122,10 +1122,7 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
     if (!buf) return -2;
     float *x = buf, *u = x + B * H, *y = u + B * H, *o = y + B * H; /* o: (B, 2H) */
     float *f = o + B * 2 * H;                                       /* f: (B, F) */
-    for (long r = 0; r < B; r++) {
-        const float *e = embed + tokens[rows[r]] * H;
-        for (long h = 0; h < H; h++) x[r * H + h] = e[h];
-    }
+    embed_rows(embed, H, B, rows, tokens, x);
     const long per_layer = Btot * H * 2 * M, row_size = H * 2 * M;
     int rc = 0;
     for (long l = 0; l < n_layers && rc == 0; l++) {
@@ -1699,7 +1696,7 @@ static int decode_split(const DecodeJob *j, const NetArgs *n, long *steps_out, l
                                       __atomic_load_n(j->interrupt, __ATOMIC_RELAXED)))
                     for (long r = 0; r < Btot; r++)
                         if (!j->stopped[r] && j->n_out[r] < j->limit[r]) rows[B++] = r;
-                embed_rows(n, B, rows, j->tok, s.x);
+                embed_rows(n->embed, n->H, B, rows, j->tok, s.x);
             }
             /* the others wait here while the first thread samples (milliseconds with a large vocabulary and
              * top-p): no stall; the first thread's own wait is the others' lateness (step 0's: their wake-up,
