@@ -1166,9 +1166,8 @@ class Engine:
         already (`let_go`): 1 written, 2 there already, 0 nothing to write. A copy changed since its last
         write-through is written: an eviction can claim a session whose turn its route has just settled
         (idle from then), before this thread has written that turn through (`_settled`)."""
-        if self.let_go is None or rec.ephemeral or not rec.has_state or rec.id in self._unwritten:
-            return self._persist(rec)
-        if self.let_go(rec.id):
+        unchanged = not rec.ephemeral and rec.has_state and rec.id not in self._unwritten
+        if unchanged and self.let_go is not None and self.let_go(rec.id):
             return 2
         return self._persist(rec)
 
