@@ -245,7 +245,7 @@ def ttft_under_load(rec, load: int, sz: dict, graphs: bool) -> dict[str, Any]:
     from server.engine import Engine, Job, Stream
     from server.metrics import Metrics
     from server.registry import use_cuda_graphs
-    from server.sessions import SessionRecord, SessionTable
+    from server.sessions import SessionTable
 
     settings = Settings(max_sessions=load + 2, max_batch_size=max(load + 1, 1), max_queued_requests=load + 8,
                         stream_buffer=256, cuda_graphs=graphs)  # fmt: skip
@@ -259,8 +259,7 @@ def ttft_under_load(rec, load: int, sz: dict, graphs: bool) -> dict[str, Any]:
 
         def submit(k: int, prompt: list[int], n: int) -> Stream:
             stream = Stream(loop, settings.stream_buffer)
-            slot = engine.pool.reserve()
-            session = SessionRecord(id=f"s{k}", model="bench", slot=slot, busy=True, ephemeral=True)
+            session = engine.new_session(f"s{k}", ephemeral=True)
             engine.submit(Job(session, prompt, fresh=True, stream=stream,
                               params=SamplingParams(temperature=1.0, seed=k), max_new_tokens=n))  # fmt: skip
             return stream

@@ -87,7 +87,7 @@ def engine_rate(rec, n: int, sz: dict) -> dict[str, float]:
     from server.config import Settings
     from server.engine import Engine, Job, Stream
     from server.metrics import Metrics
-    from server.sessions import SessionRecord, SessionTable
+    from server.sessions import SessionTable
 
     settings = Settings(
         max_sessions=n, max_batch_size=max(n, 1), max_queued_requests=n + 1, stream_buffer=256
@@ -102,19 +102,20 @@ def engine_rate(rec, n: int, sz: dict) -> dict[str, float]:
 
         async def one(k: int):
             stream = Stream(loop, settings.stream_buffer)
-            rec_ = SessionRecord(
-                id=f"s{k}", model="bench", slot=engine.pool.reserve(), busy=True, ephemeral=True
-            )
+            rec_ = engine.new_session(f"s{k}", ephemeral=True)
             prompt = [(k * 7 + i) % 256 for i in range(sz["prompt"])]
             engine.submit(Job(rec_, prompt, fresh=True, stream=stream, params=SamplingParams(seed=k),
                               max_new_tokens=sz["tokens"]))  # fmt: skip
-            first = True
+            first, made = True, 0
             while True:
                 items = await stream.get()
                 if first:
                     firsts.append(time.perf_counter() - t0)
                     first = False
+                made += sum(isinstance(x, int) for x in items)
                 if not isinstance(items[-1], int):
+                    if made != sz["tokens"]:  # (a failed job's stream ends early: no rate from it)
+                        raise RuntimeError(f"session {k} made {made} of {sz['tokens']} tokens: {items[-1]}")
                     return
 
         await asyncio.gather(*(one(k) for k in range(n)))

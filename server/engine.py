@@ -478,6 +478,17 @@ class Engine:
             job.stream.engine, job.stream.job = self, job
         self._submit(job)
 
+    def new_session(self, session_id: str, ephemeral: bool) -> SessionRecord:
+        """(any thread) A session of this engine's model in a slot reserved for it, busy (its first job is
+        about to be submitted) and added to the session table, as every Job's session must be: `_start`
+        drops a job whose session the table no longer holds (deleted after its request claimed it).
+        `ephemeral`: a one-shot request's session, deleted when its job ends. Raises APIError when
+        every slot is in use (429, with Retry-After; nothing is then reserved or added)."""
+        rec = SessionRecord(id=session_id, model=self.model_id, slot=self.pool.reserve(), busy=True,
+                            ephemeral=ephemeral)  # fmt: skip
+        self.sessions.add(rec)
+        return rec
+
     def settle(self, job: Job, delivered: int, complete: bool) -> concurrent.futures.Future | None:
         """(event loop; `Stream.settle`) The consumer of `job`'s stream is done, having handed `delivered`
         generated tokens to its client's transport; `complete`: all of them, up to the final event.

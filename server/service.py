@@ -139,14 +139,10 @@ def _new_record(
     state: ServerState, model: ServedModel, ephemeral: bool, session_id: str | None = None
 ) -> SessionRecord:
     try:
-        slot = model.engine.pool.reserve()
+        return model.engine.new_session(session_id or new_session_id(), ephemeral)
     except APIError:
         model.engine.metrics.reject("sessions_full")
         raise
-    sid = session_id or new_session_id()
-    rec = SessionRecord(id=sid, model=model.id, slot=slot, busy=True, ephemeral=ephemeral)
-    state.sessions.add(rec)
-    return rec
 
 
 def _drop_record(state: ServerState, model: ServedModel, rec: SessionRecord) -> None:

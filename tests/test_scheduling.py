@@ -72,9 +72,7 @@ class Driver:
 
     def generate(self, prompt: list[int], max_new: int, params: SamplingParams | None = None) -> Job:
         """A one-shot generation (its own ephemeral session), as the HTTP route submits it."""
-        rec = SessionRecord(id=f"s{next(self._ids)}", model="m", slot=self.engine.pool.reserve(), busy=True,
-                            ephemeral=True)  # fmt: skip
-        self.sessions.add(rec)
+        rec = self.engine.new_session(f"s{next(self._ids)}", ephemeral=True)
         params = params or SamplingParams(temperature=0)
         job = Job(rec, list(prompt), fresh=True, stream=Stream(self.loop, self.settings.stream_buffer),
                   params=params, max_new_tokens=max_new)  # fmt: skip
