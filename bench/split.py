@@ -3,7 +3,9 @@
 sampling, what the server runs on CPU) at batch 1, 2, 4 and 7, with 1 OpenMP thread (the step as it ran
 before: a batch under 8 rows never left the calling thread) and with 2 (split); on a quiet machine and
 beside a CPU-bound process (a Python busy loop: the contention guard then pauses splitting after a stalled
-barrier). Rounds alternate the two settings; the JSON keeps every round, the table the median.
+barrier). Rounds alternate the two settings; the JSON keeps every round, the table the median. Then the
+C prefill of one prompt of 32, 256 and 512 tokens (`net_prefill_split`: one row's prompt split by channels and
+columns the same way), 1 thread against 2, alternated.
 
 Models: the shipped text-shakespeare checkpoint (4 × H = 256, FF blocks of 512, 7.9 MB of float32 weights
 a token) in float32 and bfloat16, and bench.official's shape (4 × H = 256 S4 blocks, no FF, random LegS
@@ -34,9 +36,10 @@ NAME = "split"
 TEXT = ROOT / "checkpoints/text-shakespeare"
 SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
     False: {"batches": [1, 2, 4, 7], "K": 64, "rounds": 7, "busy_rounds": 15, "official_shape": {
-        "vocab_size": 256, "d_model": 256, "n_layers": 4, "d_state": 64, "l_max": 1024}},
+        "vocab_size": 256, "d_model": 256, "n_layers": 4, "d_state": 64, "l_max": 1024},
+        "prompts": [32, 256, 512]},
     True: {"batches": [1, 3], "K": 8, "rounds": 2, "busy_rounds": 2, "official_shape": {
-        "vocab_size": 64, "d_model": 64, "n_layers": 2, "d_state": 16, "l_max": 64}},
+        "vocab_size": 64, "d_model": 64, "n_layers": 2, "d_state": 16, "l_max": 64}, "prompts": [8, 40]},
 }  # fmt: skip
 
 
@@ -74,15 +77,24 @@ def block_us(rec, B: int, K: int) -> float:
     return dt / K * 1e6
 
 
-def compare(rec, B: int, K: int, rounds: int) -> dict[str, list[float]]:
-    """Rounds alternating 1 and 2 threads: µs per step of each round."""
+def prefill_us(rec, L: int) -> float:
+    """µs for the C prefill of one prompt of L tokens (one row, no logits: as the server ingests a prompt)."""
+    tokens = (torch.arange(L) * 7 % rec.config.vocab_size).reshape(1, L)
+    state = rec.init_state(1)
+    t0 = time.perf_counter()
+    rec._net_step.prefill(tokens, state, "none")
+    return (time.perf_counter() - t0) * 1e6
+
+
+def compare(timed, rounds: int) -> dict[str, list[float]]:
+    """Rounds alternating 1 and 2 threads: the median µs of 5 calls of timed() in each round."""
     out: dict[str, list[float]] = {"1": [], "2": []}
     threads = torch.get_num_threads()
     try:
         for i in range(rounds + 1):  # the first round warms up
             for t in ("1", "2"):
                 torch.set_num_threads(int(t))
-                us = statistics.median(block_us(rec, B, K) for _ in range(5))
+                us = statistics.median(timed() for _ in range(5))
                 if i > 0:
                     out[t].append(us)
     finally:
@@ -110,7 +122,7 @@ def run(quick: bool) -> dict[str, Any]:
             try:
                 for B in size["batches"] if condition == "quiet" else size["batches"][:1]:
                     rounds = size["rounds"] if condition == "quiet" else size["busy_rounds"]
-                    r = compare(rec, B, size["K"], rounds)
+                    r = compare(lambda: block_us(rec, B, size["K"]), rounds)
                     one, two = statistics.median(r["1"]), statistics.median(r["2"])
                     rows.append({
                         "model": name, "condition": condition, "batch": B, "K": size["K"],
@@ -124,15 +136,28 @@ def run(quick: bool) -> dict[str, Any]:
                 if hog is not None:
                     hog.kill()
                     hog.wait()
+    prefill = []
+    for name, rec in recs:  # one prompt (one row): split by channels and columns since net_prefill_split
+        for L in size["prompts"]:
+            r = compare(lambda: prefill_us(rec, L), size["rounds"])
+            one, two = statistics.median(r["1"]), statistics.median(r["2"])
+            prefill.append({
+                "model": name, "tokens": L, "us_1_thread": r["1"], "us_2_threads": r["2"],
+                "median_us_1_thread": one, "median_us_2_threads": two, "speedup": one / two,
+                "tokens_per_s_1_thread": L / one * 1e6, "tokens_per_s_2_threads": L / two * 1e6,
+            })  # fmt: skip
+            print(f"{name}, prefill of one prompt of {L} tokens: {fmt(one)} µs on 1 thread, {fmt(two)} split "
+                  f"over 2 ({one / two:.2f}x; {L / two * 1e6:,.0f} tokens/s)", flush=True)  # fmt: skip
     return {
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpus": os.cpu_count(),
         "description": "native decode block µs per step (median of 5 blocks per round; rounds alternate 1 "
-        "and 2 threads); busy: beside a CPU-bound Python process", "rows": rows,
+        "and 2 threads); busy: beside a CPU-bound Python process; prefill: the C prefill of one prompt "
+        "(no logits), µs per call, median of 5 per round", "rows": rows, "prefill": prefill,
     }  # fmt: skip
 
 
 def plot(data: dict[str, Any], quick: bool) -> None:
-    fig, (ax,) = subplots(1, width=8.0)
+    fig, (ax, bx) = subplots(2, width=8.0)
     rows = data["rows"]
     labels = [f"{r['model'].split(',')[0][:16]}\n{r['model'].split(', ')[-1]} b{r['batch']} {r['condition']}"
               for r in rows]  # fmt: skip
@@ -145,7 +170,19 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=6)
     ax.set_ylabel("µs per decode step (median)")
     ax.legend()
-    save_figure(fig, NAME, quick, title="native decode block: one thread vs the step split over two cores")
+    pre = data.get("prefill", [])
+    xs = range(len(pre))
+    bx.bar([x - 0.2 for x in xs], [r["tokens_per_s_1_thread"] for r in pre], width=0.4, label="1 thread")
+    bx.bar([x + 0.2 for x in xs], [r["tokens_per_s_2_threads"] for r in pre], width=0.4, label="split over 2")
+    for x, r in zip(xs, pre):
+        bx.text(x, max(r["tokens_per_s_1_thread"], r["tokens_per_s_2_threads"]), f"{r['speedup']:.2f}x",
+                ha="center", va="bottom", fontsize=7)  # fmt: skip
+    names = [f"{r['model'].split(',')[0][:16]}\n{r['model'].split(', ')[-1]} {r['tokens']} tok" for r in pre]
+    bx.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=6)
+    bx.set_ylabel("prompt tokens/s, one prompt (median)")
+    bx.legend()
+    title = "one thread vs split over two cores: decode step (left), one prompt's C prefill (right)"
+    save_figure(fig, NAME, quick, title=title)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

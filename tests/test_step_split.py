@@ -365,3 +365,74 @@ def test_two_python_threads_stepping_split_at_once_get_their_own_bits(lib, rec):
     assert not any(t.is_alive() for t in threads) and not errors and len(got) == 4
     for (B, _), (logits, state) in got.items():
         assert torch.equal(logits, want[B][0]) and torch.equal(state, want[B][1])
+
+
+def _prefill(rec, tokens: torch.Tensor, threads: int, logits: str, x0: torch.Tensor):
+    """The C prefill (fused.NetStep.prefill) of `tokens` (B, L) from state x0 with `threads` threads."""
+    torch.set_num_threads(threads)
+    state = x0.clone()
+    return rec._net_step.prefill(tokens, state, logits), state
+
+
+@pytest.mark.parametrize("L", [2, 5, 70])
+def test_a_split_prefill_of_one_row_is_bit_for_bit_the_single_threads_and_the_steps(lib, rec, L):
+    """One row's prompt split over the threads by channels and columns (ssm_step.c `net_prefill_split`): the
+    logits of every position, of the last, or none, and the state, bit for bit one thread's and those of
+    stepping the prompt token by token (from a nonzero state)."""
+    _wait_out_the_guard(lib)
+    g = torch.Generator().manual_seed(L)
+    tokens = torch.randint(0, BASE["vocab_size"], (1, L), generator=g)
+    x0 = (torch.randn(rec.init_state(1).shape, generator=g) * 0.1).to(rec.init_state(1).dtype)
+    torch.set_num_threads(1)
+    state, steps = x0.clone(), []
+    for i in range(L):
+        out, state = rec.step(tokens[:, i], state, out=state)
+        steps.append(out.clone())
+    steps = torch.stack(steps, dim=1)  # (1, L, V)
+    for head in ("all", "last", "none"):
+        want = _prefill(rec, tokens, 1, head, x0)
+        assert torch.equal(want[1], state)
+        expect = steps if head == "all" else steps[:, -1:]
+        assert want[0] is None if head == "none" else torch.equal(want[0], expect)
+        for threads in (2, 3):
+            torch.set_num_threads(threads)
+            assert rec._net_step.splits(1)
+            got = _prefill(rec, tokens, threads, head, x0)
+            assert torch.equal(got[1], want[1]), (head, threads)
+            assert got[0] is None if head == "none" else torch.equal(got[0], want[0]), (head, threads)
+
+
+def test_a_split_prefill_feeds_the_guard_and_runs_in_one_thread_while_paused(lib, rec):
+    """A stalled barrier in a split prefill counts toward the contention guard as a step's does (a 30 ms
+    stall pauses splitting for 10 ms), and a prefill while paused runs in one thread: the same bits."""
+    fused.step_split_state(lib, stall_s=2e-4)  # the default
+    _wait_out_the_guard(lib)
+    tokens = torch.arange(40).reshape(1, 40) % BASE["vocab_size"]
+    x0 = rec.init_state(1)
+    want = _prefill(rec, tokens, 1, "all", x0)
+    torch.set_num_threads(2)
+    fused.step_split_state(lib, 0.03)  # the split's last thread sleeps 30 ms before its second barrier
+    got = _prefill(rec, tokens, 2, "all", x0)
+    pause, left, _ = fused.step_split_state(lib)
+    assert pause == pytest.approx(0.010) and 0 < left <= 0.010  # (so this prefill was split)
+    assert not rec._net_step.splits(1)
+    paused = _prefill(rec, tokens, 2, "all", x0)
+    for run in (got, paused):
+        assert torch.equal(run[0], want[0]) and torch.equal(run[1], want[1])
+
+
+def test_a_prefill_of_several_rows_still_gives_each_thread_rows_of_its_own(lib, rec):
+    """Two rows or more: each thread takes whole rows (no barrier, no stall to record, ssm_step.c
+    `prefill_rows`), with each row's bits those of the row prefilled alone."""
+    fused.step_split_state(lib, stall_s=2e-4)
+    _wait_out_the_guard(lib)
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, BASE["vocab_size"], (3, 9), generator=g)
+    before = fused.step_split_state(lib, 0.03)[0]  # would stall a split team's barrier: none runs
+    both = _prefill(rec, tokens, 2, "last", rec.init_state(3))
+    pause, left, _ = fused.step_split_state(lib, 0)
+    assert pause == before and left < 0
+    for r in range(3):
+        alone = _prefill(rec, tokens[r : r + 1], 2, "last", rec.init_state(1))
+        assert torch.equal(alone[0], both[0][r : r + 1])
+        assert torch.equal(alone[1], both[1][:, r : r + 1])

@@ -1005,26 +1005,30 @@ static int split_team_init(SplitTeam *s, const NetArgs *n, long B, long nt) {
     return 0;
 }
 
-/* x (B, H) ← the embeddings (rows of `embed`, H wide) of tokens[rows[0 … B − 1]] */
+/* x (B, H) ← the embeddings (rows of `embed`, H wide) of tokens[rows[0 … B − 1]] (rows NULL: tokens[0 … B − 1]) */
 static void embed_rows(const float *embed, long H, long B, const long *rows, const long *tokens, float *x) {
     for (long r = 0; r < B; r++) {
-        const float *e = embed + tokens[rows[r]] * H;
+        const float *e = embed + tokens[rows ? rows[r] : r] * H;
         for (long h = 0; h < H; h++) x[r * H + h] = e[h];
     }
 }
 
 /* Thread t of the k threads of a parallel region: its part of one step of B rows (rows[i] of a batch of
  * Btot; x holds their embeddings, written before a barrier) from state to state_out (may be state), logits
- * (B, V). Every thread of the region calls it; it ends with a barrier, after which the logits and the state
- * are complete. *sense: the thread's barrier sense. Every barrier's longest wait goes to the guard once
- * (split_record, from the last thread to arrive), but the first's when region_start: the region began with
- * this step, so that wait includes the threads' wake-up (under OMP_WAIT_POLICY=PASSIVE, 0.1-1 ms on a VM
- * whose idle vCPU halted), which is no stall. */
-static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long Btot, const long *rows,
+ * (B, V); or, with L > 1, of the prompt ingestion of one row (B = 1) of L tokens (x: their embeddings, the
+ * state updated in place), as prefill_rows runs it, each channel's SSM through the L tokens in turn, with
+ * logits as net_prefill's `head` (0: (L, V), 1: the last token's (1, V), 2: none; a step: 0). Every position
+ * (row or token) is computed as net_rows / prefill_rows compute it, bit for bit. Every thread of the region
+ * calls it; it ends with a barrier, after which the logits and the state are complete. *sense: the thread's
+ * barrier sense. Every barrier's longest wait goes to the guard once (split_record, from the last thread to
+ * arrive), but the first's when region_start: the region began with this call, so that wait includes the
+ * threads' wake-up (under OMP_WAIT_POLICY=PASSIVE, 0.1-1 ms on a VM whose idle vCPU halted), which is no
+ * stall. */
+static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long L, long head, long Btot, const long *rows,
                             const float *state, float *state_out, float *logits, long t, long k, int *sense,
                             int region_start) {
-    const long H = n->H, V = n->V, M = n->M;
-    float *x = s->x, *y = s->y, *o = s->o, *f = s->f, *u = s->us + t * B * H;
+    const long H = n->H, V = n->V, M = n->M, P = B * L; /* positions: rows × tokens */
+    float *x = s->x, *y = s->y, *o = s->o, *f = s->f, *u = s->us + t * P * H;
     const long per_layer = Btot * H * 2 * M, row_size = H * 2 * M;
     long h0, h1, v0, v1;
     split_part(H, t, k, &h0, &h1);
@@ -1039,48 +1043,66 @@ static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long Btot, c
         waking = 0;                                                                                          \
     } while (0)
     for (long l = 0; l < n->n_layers; l++) {
-        const NetLayer *L = n->layers + l;
-        block_norm(L->norm, B, H, x, u, L->ln_w, L->ln_b, n->eps);
-        for (long r0 = 0; r0 < B; r0 += SSM_ROWS) { /* this thread's channels h0 … h1 − 1 */
+        const NetLayer *Ly = n->layers + l;
+        block_norm(Ly->norm, P, H, x, u, Ly->ln_w, Ly->ln_b, n->eps);
+        if (L > 1) { /* one row's L tokens through this thread's channels, each channel's tokens in turn */
+            float *xs = state_out + l * per_layer + rows[0] * row_size;
+            for (long h = h0; h < h1; h++) {
+                float *xh = xs + h * 2 * M;
+                const float *const *xc = (const float *const *)&xh;
+                const long ph = h * M;
+                const float *const *p = Ly->p;
+                for (long tk = 0; tk < L; tk++)
+                    if (Ly->form == 0) /* prefill_rows' call for one row */
+                        diag_channel_rows_n(1, M, xc, &xh, 0, L * H, tk * H + h, u, y, p[0] + ph, p[1] + ph,
+                                            p[2] + ph, p[3] + ph, p[4] + ph, p[5] + ph, p[6] + ph);
+                    else
+                        y[tk * H + h] = ssm_channel(Ly, H, M, h, xh, xh, u[tk * H + h]);
+            }
+        }
+        for (long r0 = 0; L == 1 && r0 < B; r0 += SSM_ROWS) { /* this thread's channels h0 … h1 − 1 */
             const long m = B - r0 < SSM_ROWS ? B - r0 : SSM_ROWS;
             const float *xs[SSM_ROWS];
             float *xo[SSM_ROWS];
             row_states(state, state_out, l * per_layer, rows + r0, m, row_size, xs, xo);
             for (long h = h0; h < h1; h++) {
-                if (L->form == 0 && m > 1)
-                    diag_rows_channel(L, M, m, xs, xo, H, h, u + r0 * H, y + r0 * H);
+                if (Ly->form == 0 && m > 1)
+                    diag_rows_channel(Ly, M, m, xs, xo, H, h, u + r0 * H, y + r0 * H);
                 else
                     for (long i = 0; i < m; i++)
-                        y[(r0 + i) * H + h] = ssm_channel(L, H, M, h, xs[i] + h * 2 * M, xo[i] + h * 2 * M,
+                        y[(r0 + i) * H + h] = ssm_channel(Ly, H, M, h, xs[i] + h * 2 * M, xo[i] + h * 2 * M,
                                                           u[(r0 + i) * H + h]);
             }
         }
-        for (long r = 0; r < B; r++) gelu_skip(h1 - h0, y + r * H + h0, u + r * H + h0, L->d_skip + h0);
+        for (long r = 0; r < P; r++) gelu_skip(h1 - h0, y + r * H + h0, u + r * H + h0, Ly->d_skip + h0);
         TIMED_BARRIER;
         /* the output linear's columns h0 … h1 − 1 and H + h0 … H + h1 − 1: this thread's channels' GLU */
-        linear_cols(L->wfmt, B, H, 2 * H, y, L->out_wt, L->out_b, o, h0, h1);
-        linear_cols(L->wfmt, B, H, 2 * H, y, L->out_wt, L->out_b, o, H + h0, H + h1);
-        for (long r = 0; r < B; r++) glu_add(h1 - h0, x + r * H + h0, o + r * 2 * H + h0, o + r * 2 * H + H + h0);
+        linear_cols(Ly->wfmt, P, H, 2 * H, y, Ly->out_wt, Ly->out_b, o, h0, h1);
+        linear_cols(Ly->wfmt, P, H, 2 * H, y, Ly->out_wt, Ly->out_b, o, H + h0, H + h1);
+        for (long r = 0; r < P; r++) glu_add(h1 - h0, x + r * H + h0, o + r * 2 * H + h0, o + r * 2 * H + H + h0);
         if (l == 0 && t == k - 1 && k > 1) { /* a test's stand-in for a descheduled thread */
             const long d = __atomic_exchange_n(&split_test_delay, 0, __ATOMIC_RELAXED);
             if (d > 0) nanosleep(&(struct timespec){d / 1000000000L, d % 1000000000L}, NULL);
         }
         TIMED_BARRIER;
-        if (L->d_ff > 0) {
-            const long Fl = L->d_ff;
+        if (Ly->d_ff > 0) {
+            const long Fl = Ly->d_ff;
             long f0, f1;
             split_part(Fl, t, k, &f0, &f1);
-            block_norm(L->norm, B, H, x, u, L->ff_ln_w, L->ff_ln_b, n->eps);
-            linear_cols(L->wfmt, B, H, Fl, u, L->up_t, L->up_b, f, f0, f1);
-            for (long r = 0; r < B; r++) gelu(f1 - f0, f + r * Fl + f0);
+            block_norm(Ly->norm, P, H, x, u, Ly->ff_ln_w, Ly->ff_ln_b, n->eps);
+            linear_cols(Ly->wfmt, P, H, Fl, u, Ly->up_t, Ly->up_b, f, f0, f1);
+            for (long r = 0; r < P; r++) gelu(f1 - f0, f + r * Fl + f0);
             TIMED_BARRIER;
-            linear_cols(L->wfmt, B, Fl, H, f, L->down_t, L->down_b, y, h0, h1);
-            for (long r = 0; r < B; r++) add_to(h1 - h0, x + r * H + h0, y + r * H + h0);
+            linear_cols(Ly->wfmt, P, Fl, H, f, Ly->down_t, Ly->down_b, y, h0, h1);
+            for (long r = 0; r < P; r++) add_to(h1 - h0, x + r * H + h0, y + r * H + h0);
             TIMED_BARRIER;
         }
     }
-    block_norm(n->lnf_kind, B, H, x, u, n->lnf_w, n->lnf_b, n->eps);
-    linear_cols(W_F32, B, H, V, u, n->head_t, n->head_b, logits, v0, v1);
+    if (head != 2) { /* the norm over every position, as net_rows and prefill_rows run it */
+        block_norm(n->lnf_kind, P, H, x, u, n->lnf_w, n->lnf_b, n->eps);
+        linear_cols(W_F32, head == 1 ? 1 : P, H, V, head == 1 ? u + (P - 1) * H : u, n->head_t, n->head_b, logits,
+                    v0, v1);
+    }
     TIMED_BARRIER;
 #undef TIMED_BARRIER
 }
@@ -1096,7 +1118,7 @@ static int net_rows_split(const NetArgs *n, long B, long Btot, const long *rows,
 #pragma omp parallel num_threads(nt)
     {
         int sense = 0;
-        split_team_step(&s, n, B, Btot, rows, state, state_out, logits, omp_get_thread_num(),
+        split_team_step(&s, n, B, 1, 0, Btot, rows, state, state_out, logits, omp_get_thread_num(),
                         omp_get_num_threads(), &sense, 1);
     }
     free(s.buf);
@@ -1506,10 +1528,7 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
     if (!buf) return -2;
     float *x = buf, *u = x + N * H, *y = u + N * H, *o = y + N * H; /* o: (N, 2H) */
     float *f = o + N * 2 * H;                                       /* f: (N, F) */
-    for (long i = 0; i < N; i++) {
-        const float *e = embed + tokens[r0 * L + i] * H;
-        for (long h = 0; h < H; h++) x[i * H + h] = e[h];
-    }
+    embed_rows(embed, H, N, NULL, tokens + r0 * L, x);
     const long per_layer = B * H * 2 * M;
     for (long l = 0; l < n_layers; l++) {
         const NetLayer *Ly = layers + l;
@@ -1554,6 +1573,28 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
     return 0;
 }
 
+/* One row's prompt of L tokens split over omp_get_max_threads() threads by channels and columns, as a step of a
+ * few rows (split_team_step; split_step said so: the same weight threshold and contention guard): the
+ * state (n_layers, 1, H, 2, M) updated in place and the logits as net_prefill's, bit for bit prefill_rows'.
+ * One row ran in the calling thread alone before, the other cores idle (a long prompt's chunks of 256 tokens,
+ * a short prompt arriving while others decode). */
+static int net_prefill_split(const NetArgs *n, long L, long head, const long *tokens, float *state,
+                             float *logits) {
+    const long nt = omp_get_max_threads(), row0 = 0;
+    SplitTeam s;
+    const int rc = split_team_init(&s, n, L, nt);
+    if (rc) return rc;
+    embed_rows(n->embed, n->H, L, NULL, tokens, s.x);
+#pragma omp parallel num_threads(nt)
+    {
+        int sense = 0;
+        split_team_step(&s, n, 1, L, head, 1, &row0, state, state, logits, omp_get_thread_num(),
+                        omp_get_num_threads(), &sense, 1);
+    }
+    free(s.buf);
+    return 0;
+}
+
 /* Prompt ingestion layer by layer in the recurrent form: B rows of L tokens each (tokens (B, L)), state
  * (n_layers, B, H, 2, M) updated in place, logits (B, L, V) of every position (head = 0), (B, 1, V) of
  * each row's last (head = 1, bit-identical to those rows of head 0) or none (head = 2: the final norm
@@ -1566,8 +1607,9 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
  * depend on the rows beside them), so the logits and the state are
  * bit-identical to stepping the prompt, at the cost of the linear layers batched over the prompt.
  * Rows never interact: from 2 rows on they are split between the threads (omp_get_max_threads()), each
- * taking its share through the whole network with no barrier until the end; one row runs in the calling
- * thread. Returns 0, -1 (a DPLR layer over MAX_MODES modes or MAX_RANK) or -2 (out of memory). */
+ * taking its share through the whole network with no barrier until the end; one row of several tokens is
+ * split over them by channels and columns where a step of one row would be (net_prefill_split), else runs in
+ * the calling thread. Returns 0, -1 (a DPLR layer over MAX_MODES modes or MAX_RANK) or -2 (out of memory). */
 int net_prefill(long B, long L, long H, long V, long n_layers, long M, long head, const long *tokens,
                 const float *embed, const NetLayer *layers, long lnf_kind, const float *lnf_w, const float *lnf_b,
                 const float *head_t, const float *head_b, float eps, float *state, float *logits) {
@@ -1576,6 +1618,10 @@ int net_prefill(long B, long L, long H, long V, long n_layers, long M, long head
     for (long l = 0; l < n_layers; l++) {
         if (!layer_fits(layers + l, M)) return -1;
         if (layers[l].d_ff > F) F = layers[l].d_ff;
+    }
+    if (B == 1 && L > 1 && split_step(1, H, V, n_layers, layers)) {
+        const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, NULL};
+        return net_prefill_split(&n, L, head, tokens, state, logits);
     }
     const long nt = B >= 2 ? (omp_get_max_threads() < B ? omp_get_max_threads() : B) : 1;
     if (nt <= 1)
@@ -1704,7 +1750,7 @@ static int decode_split(const DecodeJob *j, const NetArgs *n, long *steps_out, l
             const double w = spin_barrier(&s.bar, &sense, k, NULL);
             if (step > 0 && t == 0) split_record(w);
             if (B == 0) break;
-            split_team_step(&s, n, B, Btot, rows, j->state, j->state, logits, t, k, &sense, 0);
+            split_team_step(&s, n, B, 1, 0, Btot, rows, j->state, j->state, logits, t, k, &sense, 0);
             if (t == 0) {
                 rc = sample_and_check(B, rows, V, logits, step, Btot, j->tok, j->args, j->key, j->counter,
                                       j->stop_first, j->stop_off, j->stop_data, j->hist, j->hist_cap, j->hist_len,
