@@ -92,11 +92,19 @@ async def _generate(ws, prompt: str, max_new: int, seed: int, on_frame) -> None:
             raise RuntimeError(f"server error: {m}")
 
 
-async def _session(ws, model: str) -> None:
-    await ws.send(json.dumps({"type": "session", "model": model}))
-    m = json.loads(await ws.recv())
-    if m.get("type") == "error":
-        raise RuntimeError(f"server error: {m}")
+async def _session(ws, model: str, tries: int = 30) -> None:
+    """A new session on `ws`. A 429 is retried after its retry_after, as a client should: a round's sessions
+    can still be busy a moment after the round ended (their turns cut mid-generation are being taken back),
+    and the next round on the same server (the order reverses every round) found every slot in use."""
+    for _ in range(tries):
+        await ws.send(json.dumps({"type": "session", "model": model}))
+        m = json.loads(await ws.recv())
+        if m.get("type") != "error":
+            return
+        if m.get("code") != 429:
+            break
+        await asyncio.sleep(float(m.get("retry_after") or 1.0))
+    raise RuntimeError(f"server error: {m}")
 
 
 async def measure(
