@@ -4,8 +4,8 @@ sampling, what the server runs on CPU) at batch 1, 2, 4 and 7, with 1 OpenMP thr
 before: a batch under 8 rows never left the calling thread) and with 2 (split); on a quiet machine and
 beside a CPU-bound process (a Python busy loop: the contention guard then pauses splitting after a stalled
 barrier). Rounds alternate the two settings; the JSON keeps every round, the table the median. Then the
-C prefill of one prompt of 32, 256 and 512 tokens (`net_prefill_split`: one row's prompt split by channels and
-columns the same way), 1 thread against 2, alternated.
+C prefill of one prompt of 32, 256 and 512 tokens (`net_rows_split` with L > 1: one row's prompt split by
+channels and columns the same way), 1 thread against 2, alternated.
 
 Models: the shipped text-shakespeare checkpoint (4 × H = 256, FF blocks of 512, 7.9 MB of float32 weights
 a token) in float32 and bfloat16, and bench.official's shape (4 × H = 256 S4 blocks, no FF, random LegS
@@ -137,7 +137,7 @@ def run(quick: bool) -> dict[str, Any]:
                     hog.kill()
                     hog.wait()
     prefill = []
-    for name, rec in recs:  # one prompt (one row): split by channels and columns since net_prefill_split
+    for name, rec in recs:  # one prompt (one row): split by channels and columns (net_rows_split, L > 1)
         for L in size["prompts"]:
             r = compare(lambda: prefill_us(rec, L), size["rounds"])
             one, two = statistics.median(r["1"]), statistics.median(r["2"])
@@ -156,31 +156,28 @@ def run(quick: bool) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _bars(ax, rows: list[dict], key: str, labels: list[str], ylabel: str) -> None:
+    """1 thread against split over 2, side by side per row (key + "_1_thread" / "_2_threads"), with the
+    speed-up above each pair."""
+    xs = range(len(rows))
+    one, two = [r[key + "_1_thread"] for r in rows], [r[key + "_2_threads"] for r in rows]
+    ax.bar([x - 0.2 for x in xs], one, width=0.4, label="1 thread")
+    ax.bar([x + 0.2 for x in xs], two, width=0.4, label="split over 2")
+    for x, r, a, b in zip(xs, rows, one, two):
+        ax.text(x, max(a, b), f"{r['speedup']:.2f}x", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+
+
 def plot(data: dict[str, Any], quick: bool) -> None:
     fig, (ax, bx) = subplots(2, width=8.0)
-    rows = data["rows"]
-    labels = [f"{r['model'].split(',')[0][:16]}\n{r['model'].split(', ')[-1]} b{r['batch']} {r['condition']}"
-              for r in rows]  # fmt: skip
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r["median_us_1_thread"] for r in rows], width=0.4, label="1 thread")
-    ax.bar([x + 0.2 for x in xs], [r["median_us_2_threads"] for r in rows], width=0.4, label="split over 2")
-    for x, r in zip(xs, rows):
-        ax.text(x, max(r["median_us_1_thread"], r["median_us_2_threads"]), f"{r['speedup']:.2f}x",
-                ha="center", va="bottom", fontsize=7)  # fmt: skip
-    ax.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=6)
-    ax.set_ylabel("µs per decode step (median)")
-    ax.legend()
-    pre = data.get("prefill", [])
-    xs = range(len(pre))
-    bx.bar([x - 0.2 for x in xs], [r["tokens_per_s_1_thread"] for r in pre], width=0.4, label="1 thread")
-    bx.bar([x + 0.2 for x in xs], [r["tokens_per_s_2_threads"] for r in pre], width=0.4, label="split over 2")
-    for x, r in zip(xs, pre):
-        bx.text(x, max(r["tokens_per_s_1_thread"], r["tokens_per_s_2_threads"]), f"{r['speedup']:.2f}x",
-                ha="center", va="bottom", fontsize=7)  # fmt: skip
-    names = [f"{r['model'].split(',')[0][:16]}\n{r['model'].split(', ')[-1]} {r['tokens']} tok" for r in pre]
-    bx.set_xticks(list(xs), names, rotation=60, ha="right", fontsize=6)
-    bx.set_ylabel("prompt tokens/s, one prompt (median)")
-    bx.legend()
+    name = lambda r: f"{r['model'].split(',')[0][:16]}\n{r['model'].split(', ')[-1]}"  # noqa: E731
+    rows, pre = data["rows"], data.get("prefill", [])
+    _bars(ax, rows, "median_us", [f"{name(r)} b{r['batch']} {r['condition']}" for r in rows],
+          "µs per decode step (median)")  # fmt: skip
+    _bars(bx, pre, "tokens_per_s", [f"{name(r)} {r['tokens']} tok" for r in pre],
+          "prompt tokens/s, one prompt (median)")  # fmt: skip
     title = "one thread vs split over two cores: decode step (left), one prompt's C prefill (right)"
     save_figure(fig, NAME, quick, title=title)
 

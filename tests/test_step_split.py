@@ -376,9 +376,9 @@ def _prefill(rec, tokens: torch.Tensor, threads: int, logits: str, x0: torch.Ten
 
 @pytest.mark.parametrize("L", [2, 5, 70])
 def test_a_split_prefill_of_one_row_is_bit_for_bit_the_single_threads_and_the_steps(lib, rec, L):
-    """One row's prompt split over the threads by channels and columns (ssm_step.c `net_prefill_split`): the
-    logits of every position, of the last, or none, and the state, bit for bit one thread's and those of
-    stepping the prompt token by token (from a nonzero state)."""
+    """One row's prompt split over the threads by channels and columns (ssm_step.c `net_rows_split`, L > 1):
+    the logits of every position, of the last, or none, and the state, bit for bit one thread's and those
+    of stepping the prompt token by token (from a nonzero state)."""
     _wait_out_the_guard(lib)
     g = torch.Generator().manual_seed(L)
     tokens = torch.randint(0, BASE["vocab_size"], (1, L), generator=g)

@@ -1107,18 +1107,22 @@ static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long L, long
 #undef TIMED_BARRIER
 }
 
-/* One step of B rows split over omp_get_max_threads() threads (split_step said so): as net_rows. */
-static int net_rows_split(const NetArgs *n, long B, long Btot, const long *rows, const long *tokens,
-                          const float *state, float *state_out, float *logits) {
+/* One step of B rows split over omp_get_max_threads() threads (split_step said so): as net_rows. With L > 1,
+ * one row's prompt of L tokens (B = 1, rows = {0}, Btot = 1, tokens (L,), the state updated in place, logits
+ * as net_prefill's `head`): as prefill_rows, bit for bit. One row's prompt ran in the calling thread alone
+ * before, the other cores idle (a long prompt's chunks of 256 tokens, a short prompt arriving while others
+ * decode). */
+static int net_rows_split(const NetArgs *n, long B, long L, long head, long Btot, const long *rows,
+                          const long *tokens, const float *state, float *state_out, float *logits) {
     const long nt = omp_get_max_threads();
     SplitTeam s;
-    const int rc = split_team_init(&s, n, B, nt);
+    const int rc = split_team_init(&s, n, B * L, nt);
     if (rc) return rc;
-    embed_rows(n->embed, n->H, B, rows, tokens, s.x);
+    embed_rows(n->embed, n->H, B * L, L > 1 ? NULL : rows, tokens, s.x);
 #pragma omp parallel num_threads(nt)
     {
         int sense = 0;
-        split_team_step(&s, n, B, 1, 0, Btot, rows, state, state_out, logits, omp_get_thread_num(),
+        split_team_step(&s, n, B, L, head, Btot, rows, state, state_out, logits, omp_get_thread_num(),
                         omp_get_num_threads(), &sense, 1);
     }
     free(s.buf);
@@ -1135,7 +1139,7 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
                     const float *state, float *state_out, float *logits) {
     if (split_step(B, H, V, n_layers, layers)) {
         const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, NULL};
-        return net_rows_split(&n, B, Btot, rows, tokens, state, state_out, logits);
+        return net_rows_split(&n, B, 1, 0, Btot, rows, tokens, state, state_out, logits);
     }
     long F = 0; /* the widest feed-forward block */
     for (long l = 0; l < n_layers; l++)
@@ -1573,28 +1577,6 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
     return 0;
 }
 
-/* One row's prompt of L tokens split over omp_get_max_threads() threads by channels and columns, as a step of a
- * few rows (split_team_step; split_step said so: the same weight threshold and contention guard): the
- * state (n_layers, 1, H, 2, M) updated in place and the logits as net_prefill's, bit for bit prefill_rows'.
- * One row ran in the calling thread alone before, the other cores idle (a long prompt's chunks of 256 tokens,
- * a short prompt arriving while others decode). */
-static int net_prefill_split(const NetArgs *n, long L, long head, const long *tokens, float *state,
-                             float *logits) {
-    const long nt = omp_get_max_threads(), row0 = 0;
-    SplitTeam s;
-    const int rc = split_team_init(&s, n, L, nt);
-    if (rc) return rc;
-    embed_rows(n->embed, n->H, L, NULL, tokens, s.x);
-#pragma omp parallel num_threads(nt)
-    {
-        int sense = 0;
-        split_team_step(&s, n, 1, L, head, 1, &row0, state, state, logits, omp_get_thread_num(),
-                        omp_get_num_threads(), &sense, 1);
-    }
-    free(s.buf);
-    return 0;
-}
-
 /* Prompt ingestion layer by layer in the recurrent form: B rows of L tokens each (tokens (B, L)), state
  * (n_layers, B, H, 2, M) updated in place, logits (B, L, V) of every position (head = 0), (B, 1, V) of
  * each row's last (head = 1, bit-identical to those rows of head 0) or none (head = 2: the final norm
@@ -1608,7 +1590,7 @@ static int net_prefill_split(const NetArgs *n, long L, long head, const long *to
  * bit-identical to stepping the prompt, at the cost of the linear layers batched over the prompt.
  * Rows never interact: from 2 rows on they are split between the threads (omp_get_max_threads()), each
  * taking its share through the whole network with no barrier until the end; one row of several tokens is
- * split over them by channels and columns where a step of one row would be (net_prefill_split), else runs in
+ * split over them by channels and columns where a step of one row would be (net_rows_split), else runs in
  * the calling thread. Returns 0, -1 (a DPLR layer over MAX_MODES modes or MAX_RANK) or -2 (out of memory). */
 int net_prefill(long B, long L, long H, long V, long n_layers, long M, long head, const long *tokens,
                 const float *embed, const NetLayer *layers, long lnf_kind, const float *lnf_w, const float *lnf_b,
@@ -1621,7 +1603,8 @@ int net_prefill(long B, long L, long H, long V, long n_layers, long M, long head
     }
     if (B == 1 && L > 1 && split_step(1, H, V, n_layers, layers)) {
         const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, NULL};
-        return net_prefill_split(&n, L, head, tokens, state, logits);
+        const long row0 = 0;
+        return net_rows_split(&n, 1, L, head, 1, &row0, tokens, state, state, logits);
     }
     const long nt = B >= 2 ? (omp_get_max_threads() < B ? omp_get_max_threads() : B) : 1;
     if (nt <= 1)
