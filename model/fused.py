@@ -417,7 +417,7 @@ class NetStep:
         and columns (ssm_step.c `net_rows_split`: at most 7 rows, at least 2 threads in
         `torch.get_num_threads()`, a network of ≥ `step_split_min_weights` linear weights, the contention
         guard not pausing: `step_split_state`); its logits and state are bit for bit those of the single
-        thread."""
+        thread. `splits(1)` also says whether `prefill` of one row of several tokens runs split."""
         dims = [ctypes.c_long(v) for v in (B, self.H, self.V, self.n_layers)]
         return bool(self.lib.split_step(*dims, self.layers))
 
@@ -452,8 +452,10 @@ class NetStep:
         """tokens (B, L) int64, state (n_layers, B, H, 2, M) contiguous float32, updated in place → logits
         float32 (B, L, V) of every position ("all"), (B, min(L, 1), V) of the last ("last"), or None
         ("none": the final norm and head are skipped): ssm_step.c `net_prefill`, the prompt layer by layer
-        (the linear layers over all B·L positions at once), bit-identical to L calls of this step. Raises
-        ValueError when the C code fails (over its mode or rank limits, out of memory)."""
+        (the linear layers over all B·L positions at once), bit-identical to L calls of this step: rows
+        split between the OpenMP threads, one row (B = 1) split over them by channels and columns where
+        `splits(1)` says a step of one row would be (the same weight threshold and contention guard).
+        Raises ValueError when the C code fails (over its mode or rank limits, out of memory)."""
         B, L = tokens.shape
         tokens = tokens.contiguous().long()
         head = {"all": 0, "last": 1, "none": 2}[logits]

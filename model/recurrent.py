@@ -1070,8 +1070,9 @@ class RecurrentModel:
         run; a server ingesting a prompt needs only the state).
         On CPU, with the whole-network C step, a prompt of at most `prefill_by_steps_max_tokens`
         tokens takes its recurrent form layer by layer instead, `fused.NetStep.prefill`: faster there,
-        and bit-identical to stepping it, its rows split between the calling thread's OpenMP threads; the
-        two forms agree to float32 rounding. The parallel form runs with `prefill_threads` torch threads
+        and bit-identical to stepping it, its rows split between the calling thread's OpenMP threads (one
+        row's prompt split over them by channels and columns, as `step` splits a few rows); the two forms
+        agree to float32 rounding. The parallel form runs with `prefill_threads` torch threads
         in the calling thread (restored after), the SSMs in float32, in blocks of CHUNK tokens
         (`DiagonalSSM.prefill`). Raises ValueError for bad shapes or dtypes, an id outside the
         vocabulary or an unknown `logits`."""
