@@ -731,6 +731,27 @@ static int ssm_rows(const NetLayer *L, long H, long M, long n, const float *cons
     return 0;
 }
 
+/* Channel h of layer Ly through L tokens of k ≤ SSM_ROWS rows (a prompt's recurrence, in place): row i's channel
+ * state at xs[i] (2, M), its token t's input u[(i·L + t)·H + h] → y at the same index. A diagonal layer steps
+ * the k rows together (diag_channel_rows with row stride L·H), a DPLR layer row by row (ssm_channel): the calls
+ * of k·L steps, so the bits are stepping's. prefill_rows and the split prefill (split_team_step) share it. */
+static inline void ssm_channel_tokens(const NetLayer *Ly, long H, long M, long L, long k, float *const *xs, long h,
+                                      const float *u, float *y) {
+    if (Ly->form == 0) {
+        const float *const *p = Ly->p;
+        const long ph = h * M;
+        for (long t = 0; t < L; t++)
+            diag_channel_rows_n(k, M, (const float *const *)xs, xs, 0, L * H, t * H + h, u, y, p[0] + ph,
+                                p[1] + ph, p[2] + ph, p[3] + ph, p[4] + ph, p[5] + ph, p[6] + ph);
+    } else {
+        for (long i = 0; i < k; i++)
+            for (long t = 0; t < L; t++) {
+                const long j = (i * L + t) * H + h;
+                y[j] = ssm_channel(Ly, H, M, h, xs[i], xs[i], u[j]);
+            }
+    }
+}
+
 /* The position-wise elementwise ops, on n consecutive elements. Not inlined: the step of a few rows split
  * over threads by channels (net_rows_split) runs them on slices, and the same machine code over the same
  * elements keeps its bits those of the whole-row calls (a vectorized loop's lanes and its scalar rest call
@@ -1005,7 +1026,8 @@ static int split_team_init(SplitTeam *s, const NetArgs *n, long B, long nt) {
     return 0;
 }
 
-/* x (B, H) ← the embeddings (rows of `embed`, H wide) of tokens[rows[0 … B − 1]] (rows NULL: tokens[0 … B − 1]) */
+/* x (B, H) ← the embeddings (rows of `embed`, H wide) of tokens[rows[0 … B − 1]] (rows NULL:
+ * tokens[0 … B − 1]) */
 static void embed_rows(const float *embed, long H, long B, const long *rows, const long *tokens, float *x) {
     for (long r = 0; r < B; r++) {
         const float *e = embed + tokens[rows ? rows[r] : r] * H;
@@ -1024,9 +1046,9 @@ static void embed_rows(const float *embed, long H, long B, const long *rows, con
  * arrive), but the first's when region_start: the region began with this call, so that wait includes the
  * threads' wake-up (under OMP_WAIT_POLICY=PASSIVE, 0.1-1 ms on a VM whose idle vCPU halted), which is no
  * stall. */
-static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long L, long head, long Btot, const long *rows,
-                            const float *state, float *state_out, float *logits, long t, long k, int *sense,
-                            int region_start) {
+static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long L, long head, long Btot,
+                            const long *rows, const float *state, float *state_out, float *logits, long t, long k,
+                            int *sense, int region_start) {
     const long H = n->H, V = n->V, M = n->M, P = B * L; /* positions: rows × tokens */
     float *x = s->x, *y = s->y, *o = s->o, *f = s->f, *u = s->us + t * P * H;
     const long per_layer = Btot * H * 2 * M, row_size = H * 2 * M;
@@ -1045,35 +1067,26 @@ static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long L, long
     for (long l = 0; l < n->n_layers; l++) {
         const NetLayer *Ly = n->layers + l;
         block_norm(Ly->norm, P, H, x, u, Ly->ln_w, Ly->ln_b, n->eps);
-        if (L > 1) { /* one row's L tokens through this thread's channels, each channel's tokens in turn */
-            float *xs = state_out + l * per_layer + rows[0] * row_size;
+        if (L > 1) /* one row's L tokens through this thread's channels, as prefill_rows runs them */
             for (long h = h0; h < h1; h++) {
-                float *xh = xs + h * 2 * M;
-                const float *const *xc = (const float *const *)&xh;
-                const long ph = h * M;
-                const float *const *p = Ly->p;
-                for (long tk = 0; tk < L; tk++)
-                    if (Ly->form == 0) /* prefill_rows' call for one row */
-                        diag_channel_rows_n(1, M, xc, &xh, 0, L * H, tk * H + h, u, y, p[0] + ph, p[1] + ph,
-                                            p[2] + ph, p[3] + ph, p[4] + ph, p[5] + ph, p[6] + ph);
+                float *xh = state_out + l * per_layer + rows[0] * row_size + h * 2 * M;
+                ssm_channel_tokens(Ly, H, M, L, 1, &xh, h, u, y);
+            }
+        else
+            for (long r0 = 0; r0 < B; r0 += SSM_ROWS) { /* this thread's channels h0 … h1 − 1 */
+                const long m = B - r0 < SSM_ROWS ? B - r0 : SSM_ROWS;
+                const float *xs[SSM_ROWS];
+                float *xo[SSM_ROWS];
+                row_states(state, state_out, l * per_layer, rows + r0, m, row_size, xs, xo);
+                for (long h = h0; h < h1; h++) {
+                    if (Ly->form == 0 && m > 1)
+                        diag_rows_channel(Ly, M, m, xs, xo, H, h, u + r0 * H, y + r0 * H);
                     else
-                        y[tk * H + h] = ssm_channel(Ly, H, M, h, xh, xh, u[tk * H + h]);
+                        for (long i = 0; i < m; i++)
+                            y[(r0 + i) * H + h] = ssm_channel(Ly, H, M, h, xs[i] + h * 2 * M, xo[i] + h * 2 * M,
+                                                              u[(r0 + i) * H + h]);
+                }
             }
-        }
-        for (long r0 = 0; L == 1 && r0 < B; r0 += SSM_ROWS) { /* this thread's channels h0 … h1 − 1 */
-            const long m = B - r0 < SSM_ROWS ? B - r0 : SSM_ROWS;
-            const float *xs[SSM_ROWS];
-            float *xo[SSM_ROWS];
-            row_states(state, state_out, l * per_layer, rows + r0, m, row_size, xs, xo);
-            for (long h = h0; h < h1; h++) {
-                if (Ly->form == 0 && m > 1)
-                    diag_rows_channel(Ly, M, m, xs, xo, H, h, u + r0 * H, y + r0 * H);
-                else
-                    for (long i = 0; i < m; i++)
-                        y[(r0 + i) * H + h] = ssm_channel(Ly, H, M, h, xs[i] + h * 2 * M, xo[i] + h * 2 * M,
-                                                          u[(r0 + i) * H + h]);
-            }
-        }
         for (long r = 0; r < P; r++) gelu_skip(h1 - h0, y + r * H + h0, u + r * H + h0, Ly->d_skip + h0);
         TIMED_BARRIER;
         /* the output linear's columns h0 … h1 − 1 and H + h0 … H + h1 − 1: this thread's channels' GLU */
@@ -1537,31 +1550,14 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
     for (long l = 0; l < n_layers; l++) {
         const NetLayer *Ly = layers + l;
         block_norm(Ly->norm, N, H, x, u, Ly->ln_w, Ly->ln_b, eps);
-        if (Ly->form == 0) /* diagonal: SSM_ROWS rows at a time through each channel's L tokens */
-            for (long g = 0; g < n; g += SSM_ROWS) {
-                const long k = n - g < SSM_ROWS ? n - g : SSM_ROWS;
-                const float *const *p = Ly->p;
-                float *xs[SSM_ROWS];
-                for (long h = 0; h < H; h++) {
-                    for (long i = 0; i < k; i++) xs[i] = state + l * per_layer + ((r0 + g + i) * H + h) * 2 * M;
-                    const long ph = h * M;
-                    /* row i, token t: u[((g + i)·L + t)·H + h], as diag_channel_rows' row stride L·H */
-                    const float *const *xc = (const float *const *)xs;
-                    float *ug = u + g * L * H, *yg = y + g * L * H;
-                    for (long t = 0; t < L; t++)
-                        diag_channel_rows_n(k, M, xc, xs, 0, L * H, t * H + h, ug, yg, p[0] + ph, p[1] + ph,
-                                            p[2] + ph, p[3] + ph, p[4] + ph, p[5] + ph, p[6] + ph);
-                }
+        for (long g = 0; g < n; g += SSM_ROWS) { /* SSM_ROWS rows at a time through each channel's L tokens */
+            const long k = n - g < SSM_ROWS ? n - g : SSM_ROWS;
+            float *xs[SSM_ROWS];
+            for (long h = 0; h < H; h++) {
+                for (long i = 0; i < k; i++) xs[i] = state + l * per_layer + ((r0 + g + i) * H + h) * 2 * M;
+                ssm_channel_tokens(Ly, H, M, L, k, xs, h, u + g * L * H, y + g * L * H);
             }
-        else
-            for (long r = 0; r < n; r++)
-                for (long h = 0; h < H; h++) {
-                    float *xs = state + l * per_layer + ((r0 + r) * H + h) * 2 * M;
-                    for (long t = 0; t < L; t++) {
-                        const long i = (r * L + t) * H + h;
-                        y[i] = ssm_channel(Ly, H, M, h, xs, xs, u[i]);
-                    }
-                }
+        }
         block_rest(N, H, Ly, x, u, y, o, f, eps);
     }
     if (head == 0) { /* every position */
