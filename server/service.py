@@ -135,9 +135,7 @@ async def prompt_ids(
 # --- sessions ------------------------------------------------------------------------------------
 
 
-def _new_record(
-    state: ServerState, model: ServedModel, ephemeral: bool, session_id: str | None = None
-) -> SessionRecord:
+def _new_record(model: ServedModel, ephemeral: bool, session_id: str | None = None) -> SessionRecord:
     try:
         return model.engine.new_session(session_id or new_session_id(), ephemeral)
     except APIError:
@@ -250,7 +248,7 @@ async def turn_landed(state: ServerState, stream: Stream) -> None:
 
 
 async def create_session(state: ServerState, model: ServedModel, ids: list[int]) -> SessionRecord:
-    rec = _new_record(state, model, ephemeral=False)
+    rec = _new_record(model, ephemeral=False)
     rec = await ingest(state, model, rec, ids, fresh=True)
     await landed(state, rec.id)
     return rec
@@ -398,7 +396,7 @@ async def _install(
     values the model cannot reach (422 naming `param`). The header is `check_state`'s. Nothing is held
     after an error: the slot goes back to the pool whatever fails."""
     n_tokens, pending, utf8_tail, seen = (header[k] for k in ("n_tokens", "pending", "utf8_tail", "seen"))
-    rec = _new_record(state, model, ephemeral=False, session_id=session_id)
+    rec = _new_record(model, ephemeral=False, session_id=session_id)
     fut: concurrent.futures.Future | None = None
     if session_id is not None:  # restored: the same session (an import is a new one)
         if header.get("created") is not None:
@@ -577,7 +575,7 @@ def start_generation(
     A text session's unfinished character (`utf8_tail`) carries into this generation unless new
     input comes first; the job says so (`carry`) for the route's `Output`."""
     check_new_tokens(state, max_new_tokens, model=model)
-    rec = _new_record(state, model, ephemeral=True) if session_id is None else claim(state, model, session_id)
+    rec = _new_record(model, ephemeral=True) if session_id is None else claim(state, model, session_id)
     rec.generated = 0  # this request's count; export, fork and append leave the last generation's
     try:
         if not ids and rec.pending is None:
