@@ -24,6 +24,7 @@ from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
 from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.errors import APIError, error_body, validation_error
+from server.json_budget import json_content_type, route_budget
 from server.logs import add_request_ids
 from server.origin import OriginCheck, OriginPolicy
 from server.routes import demo, generate, health, openai, sessions, websocket
@@ -99,8 +100,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return max(settings.max_body_bytes, state.max_state_blob_bytes)
         return settings.max_body_bytes
 
-    too_large = state.metrics.requests_refused.labels("body_too_large")
-    app.add_middleware(BodySizeLimit, limit_for=body_limit, on_refused=too_large.inc)
+    def json_budget(scope: dict):
+        if scope.get("path") == IMPORT_PATH or not json_content_type(scope.get("headers", ())):
+            return None  # a state blob; a body FastAPI does not parse as JSON
+        return route_budget(scope.get("path", ""), settings.max_prompt_tokens)
+
+    refused_body = state.metrics.requests_refused
+    app.add_middleware(
+        BodySizeLimit,
+        limit_for=body_limit,
+        budget_for=json_budget,
+        on_refused=lambda reason: refused_body.labels(reason).inc(),
+    )
     instrument_http(app, state.metrics.registry)
     add_request_ids(app)  # last: the outermost, so every response carries X-Request-ID
     return app

@@ -9,10 +9,16 @@ the whole body first):
   time at most: uvicorn stops reading the socket beyond that until the app asks for more) and
   answered 413 as soon as the count passes the limit.
 
+A JSON body is also counted by its structure as it arrives (server/json_budget.py: separators,
+containers and object members outside strings) and answered 413 as soon as it holds more than a valid
+request to its route (`budget_for`), since parsing it would hold the GIL, and pause every stream, for
+as long as its count says.
+
 Either way the response says `Connection: close` and uvicorn closes the connection after it, so the
 rest of the body is never read. The app sees the refusal as a `BodyTooLarge` raised by `receive()`
 (an HTTPException: FastAPI re-raises it); whatever it sends after is dropped, since the 413 went out.
-Refusals are counted by `on_refused` (`s4_requests_refused_total{reason="body_too_large"}`).
+Refusals are counted by `on_refused(reason)` (`s4_requests_refused_total{reason="body_too_large"}`,
+`{reason="json_structure"}`).
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ from collections.abc import Callable
 from starlette.exceptions import HTTPException
 
 from server.errors import error_body, too_large
+from server.json_budget import JSONBudget, StructureCounter, over_budget_message
 
 
 class BodyTooLarge(HTTPException):
-    """Raised from `receive()` once the body is over the limit (the 413 has been sent by then)."""
+    """Raised from `receive()` once the body is over a limit (the 413 has been sent by then)."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than {limit} bytes (max_body_bytes)")
+    def __init__(self, message: str) -> None:
+        super().__init__(413, message)
 
 
 def declared_length(scope: dict) -> int | None:
@@ -44,10 +51,13 @@ def declared_length(scope: dict) -> int | None:
     return None
 
 
-def _response(limit: int, length: int | None, path: str) -> tuple[dict, dict]:
+def size_message(limit: int, length: int | None) -> str:
     got = f"{length} bytes" if length is not None else f"more than {limit} bytes"
-    err = too_large(f"the request body is {got}; the limit is {limit} bytes (max_body_bytes)")
-    body = json.dumps(error_body(err, path)[1]).encode()  # OpenAI's shape on the OpenAI routes
+    return f"the request body is {got}; the limit is {limit} bytes (max_body_bytes)"
+
+
+def _response(message: str, path: str) -> tuple[dict, dict]:
+    body = json.dumps(error_body(too_large(message), path)[1]).encode()  # OpenAI's shape on the OpenAI routes
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
@@ -60,10 +70,17 @@ def _response(limit: int, length: int | None, path: str) -> tuple[dict, dict]:
 
 
 class BodySizeLimit:
-    """ASGI middleware: HTTP request bodies of at most `limit_for(scope)` bytes (413 otherwise)."""
+    """ASGI middleware: HTTP request bodies of at most `limit_for(scope)` bytes, and JSON bodies within
+    `budget_for(scope)` (the budget and a note on what sets it, or None: not counted); 413 otherwise."""
 
-    def __init__(self, app, limit_for: Callable[[dict], int], on_refused: Callable[[], None] | None = None):
-        self.app, self.limit_for, self.on_refused = app, limit_for, on_refused
+    def __init__(
+        self,
+        app,
+        limit_for: Callable[[dict], int],
+        budget_for: Callable[[dict], tuple[JSONBudget, str] | None] = lambda scope: None,
+        on_refused: Callable[[str], None] | None = None,
+    ):
+        self.app, self.limit_for, self.budget_for, self.on_refused = app, limit_for, budget_for, on_refused
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -72,23 +89,30 @@ class BodySizeLimit:
         limit = self.limit_for(scope)
         length = declared_length(scope)
         if length is not None and length > limit:
-            await self._refuse(send, limit, length, scope)
+            await self._refuse(send, size_message(limit, length), "body_too_large", scope)
             return
+        budget = self.budget_for(scope)
+        counter = StructureCounter(budget[0]) if budget is not None else None
         received = 0
-        started = refused = False
+        started = False
+        refused: str | None = None  # the 413's message, once sent
 
         async def receive_counted():
             nonlocal received, refused
-            if refused:
-                raise BodyTooLarge(limit)
+            if refused is not None:
+                raise BodyTooLarge(refused)
             message = await receive()
             if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                received += len(chunk)
                 if received > limit:
-                    refused = True
+                    reason, refused = "body_too_large", size_message(limit, None)
+                elif counter is not None and (kind := counter.feed(chunk)) is not None:
+                    reason, refused = "json_structure", over_budget_message(kind, *budget)
+                if refused is not None:
                     if not started:
-                        await self._refuse(send, limit, None, scope)
-                    raise BodyTooLarge(limit)
+                        await self._refuse(send, refused, reason, scope)
+                    raise BodyTooLarge(refused)
             return message
 
         async def send_unless_refused(message) -> None:
@@ -102,12 +126,12 @@ class BodySizeLimit:
         try:
             await self.app(scope, receive_counted, send_unless_refused)
         except BodyTooLarge:
-            if not refused:
+            if refused is None:
                 raise
 
-    async def _refuse(self, send, limit: int, length: int | None, scope: dict) -> None:
+    async def _refuse(self, send, message: str, reason: str, scope: dict) -> None:
         if self.on_refused is not None:
-            self.on_refused()
-        start, body = _response(limit, length, scope.get("path", ""))
+            self.on_refused(reason)
+        start, body = _response(message, scope.get("path", ""))
         await send(start)
         await send(body)

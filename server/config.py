@@ -84,7 +84,10 @@ class Settings(BaseSettings):
         "frame handed to its client)",
     )
     max_prompt_tokens: int = Field(
-        8192, ge=1, description="text models: longest prompt (or append) in tokens (else 413)"
+        8192,
+        ge=1,
+        description="text models: longest prompt (or append) in tokens (else 413); a /v1/completions body "
+        "may hold 64 prompts of this many token ids",
     )
     max_new_tokens: int = Field(
         4096, ge=1, description="text models: largest max_new_tokens a request may ask for"
@@ -154,7 +157,8 @@ class Settings(BaseSettings):
         16 << 20,
         ge=1024,
         description="largest HTTP request body, counted as it arrives (else 413 and the connection is "
-        "closed); a session import may also be as large as the largest state blob + 1 MiB",
+        "closed); a session import may also be as large as the largest state blob + 1 MiB. A JSON body "
+        "is also counted by its structure: no more values of a kind than a valid request holds (else 413)",
     )
     max_header_bytes: int = Field(
         1 << 16, ge=1024, description="largest request line + headers (else 431 and the connection is closed)"

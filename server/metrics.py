@@ -36,7 +36,7 @@ CLOSE_REASONS = (
     "ws_invalid_utf8",
 )
 CONNECTION_REFUSALS = ("max_connections",)
-REQUEST_REFUSALS = ("body_too_large", "headers_too_large", "foreign_origin", "foreign_host")
+REQUEST_REFUSALS = ("body_too_large", "json_structure", "headers_too_large", "foreign_origin", "foreign_host")
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -132,7 +132,9 @@ class Metrics:
         self.connections_refused = Counter("s4_connections_refused", "Connections refused when accepted: "
                                            "max_connections", ["reason"], registry=r)  # fmt: skip
         self.requests_refused = Counter("s4_requests_refused", "Requests refused before routing: "
-                                        "body_too_large, headers_too_large; foreign_origin, foreign_host "
+                                        "body_too_large, json_structure (a JSON body holding more "
+                                        "elements, arrays or object members than a valid request to its "
+                                        "route can), headers_too_large; foreign_origin, foreign_host "
                                         "(a browser's request from another site's page, a DNS-rebinding "
                                         "Host: HTTP and WebSocket handshakes)", ["reason"],
                                         registry=r)  # fmt: skip

@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 
 from server.errors import busy, not_found, over_capacity
+from server.json_budget import SMALL, JSONBudget, StructureCounter
 
 
 @dataclass
@@ -225,6 +226,12 @@ READABLE_VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<8sHI")
 
 
+# What an export's header holds at most (registry.ServedModel.state_header): `seen` (≤ the vocabulary) and
+# `shape` are its only lists, `created` and `last_used` its only floats. A header is counted before it
+# is parsed (server/json_budget.py): parsing 16 MiB of numbers would hold the GIL, every stream paused.
+HEADER_BUDGET = JSONBudget(separators=SMALL, containers=16, members=64, floats=16)
+
+
 class StateFormatError(ValueError):
     """An imported state blob is corrupt, of another version, or for another model."""
 
@@ -252,8 +259,14 @@ def unpack_state(blob: bytes) -> tuple[dict, bytes]:
     if hashlib.sha256(body).digest() != digest:
         raise StateFormatError("state checksum mismatch (the blob is corrupt or truncated)")
     start = _PREFIX.size
+    head = body[start : start + head_len]
+    if (kind := StructureCounter(HEADER_BUDGET).feed(head)) is not None:
+        raise StateFormatError(
+            f"state header holds more JSON {kind} than an export's header can "
+            f"({HEADER_BUDGET.limit(kind)}); it was not parsed"
+        )
     try:
-        header = json.loads(body[start : start + head_len])
+        header = json.loads(head)
     except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, ints over 4300 digits, deep nesting
         raise StateFormatError(f"state header is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(header, dict):

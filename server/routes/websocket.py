@@ -27,7 +27,8 @@ from pydantic import ValidationError
 from server import media, service
 from server.auth import SUBPROTOCOL
 from server.engine import Stream
-from server.errors import APIError, invalid, prompt_too_long, validation_error
+from server.errors import APIError, invalid, prompt_too_long, too_large, validation_error
+from server.json_budget import over_budget_message, route_budget, text_over_budget
 from server.registry import ServedModel
 from server.schemas import WSAppend, WSCancel, WSGenerate, WSMessage, WSSession
 from server.state import ServerState
@@ -89,6 +90,9 @@ class Connection:
                 await self.send(err.frame())
 
     async def on_message(self, text: str) -> None:
+        budget, note = route_budget("/v1/stream", self.st.settings.max_prompt_tokens)
+        if (kind := text_over_budget(text, budget)) is not None:  # before parsing (server/json_budget.py)
+            raise too_large(over_budget_message(kind, budget, note, "the message"))
         try:
             msg = parse_message(text)
         except ValidationError as exc:

@@ -1,0 +1,159 @@
+"""How much JSON a request may make the server parse: its structure, counted as the body arrives.
+
+A body is parsed and validated on the event loop, mostly in C calls that hold the GIL (`json.loads`,
+pydantic-core): meanwhile no stream gets a frame, and the engine thread waits too. The cost is set by the
+number and kind of JSON values, not by the bytes (measured on the 2-core Zen 3 VM): 16 MiB of one
+string parses in 13 ms; 5.5 M token ids (16 MiB) in ~300 ms and as long again to validate; floats cost
+4× an integer; a million object members of distinct keys take 0.6 s, and arrays and objects more still
+(the cyclic GC scans them as they pile up). So every JSON body is counted, outside its strings, as
+uvicorn hands it over (64 KiB at a time), and refused 413 as soon as it holds more of a kind than a
+valid request to its route can (`route_budget`): before the rest is read, and before anything parses it.
+
+Four kinds are counted, each by its bytes outside strings: separators (`,`: an array's or object's
+elements but its first), containers (`[`, `{`), object members (`:`) and floats (`.`, `e`, `E`: a
+number with a fraction or an exponent; `true` and `false` count too). Inside strings nothing counts, so
+a long text prompt full of commas costs nothing against the budget (its length has its own limit). A
+byte is inside a string when an odd number of unescaped `"` precede it; a `"` is escaped when an odd
+run of `\\` precedes it. Where the body is not valid JSON this count and a parser may disagree only
+from the first invalid byte on (a `\\` outside a string, say), where the parser stops: the count is
+exact for every byte a parser reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from server.schemas import MAX_PROMPTS
+
+_QUOTE, _BACKSLASH = ord('"'), ord("\\")
+_COUNTED = {
+    "separators": (b",",),
+    "containers": (b"[", b"{"),
+    "members": (b":",),
+    "floats": (b".", b"e", b"E"),  # outside strings only in numbers, and in true and false
+}
+
+
+@dataclass(frozen=True)
+class JSONBudget:
+    """The most of each kind a body may hold outside strings (each ≥ 0)."""
+
+    separators: int  # ',': a list of n token ids has n - 1
+    containers: int  # '[' and '{'
+    members: int  # ':': object members (a request's fields count too)
+    floats: int  # '.', 'e', 'E': a number with a fraction or an exponent (1 or 2 each), true, false
+
+    def limit(self, kind: str) -> int:
+        return getattr(self, kind)
+
+
+def json_content_type(headers) -> bool:
+    """Whether FastAPI parses a body with these headers as JSON (fastapi/routing.py, strict content
+    type, its default): `application/json` or `application/*+json`, parameters allowed. `headers`: the
+    ASGI scope's list of (name, value) byte pairs."""
+    for name, value in headers:
+        if name == b"content-type":
+            mime = value.split(b";", 1)[0].strip().lower()
+            main, _, sub = mime.partition(b"/")
+            return main == b"application" and (sub == b"json" or sub.endswith(b"+json"))
+    return False
+
+
+class StructureCounter:
+    """Counts a JSON text's separators, containers, members and floats outside strings, fed in pieces of any
+    size (split anywhere, even inside an escape). `feed` returns the first kind over `budget`, or None.
+
+    Cost: a piece with no `"` and no `\\` is counted with `bytes.count` (base64 audio, token ids); one
+    with them in a few numpy passes (2-10 ms per MiB here, the most with dense escapes: under 1 ms
+    for a 64 KiB piece)."""
+
+    def __init__(self, budget: JSONBudget) -> None:
+        self.budget = budget
+        self.counts = dict.fromkeys(_COUNTED, 0)
+        self.in_string = False  # after the bytes fed so far
+        self.escape_pending = False  # they end in an odd run of backslashes: the next byte is escaped
+
+    def feed(self, piece: bytes) -> str | None:
+        if not piece:
+            return None
+        if _QUOTE not in piece and _BACKSLASH not in piece:
+            self.escape_pending = False
+            if not self.in_string:
+                for kind, chars in _COUNTED.items():
+                    self.counts[kind] += sum(piece.count(c) for c in chars)
+        else:
+            self._scan(np.frombuffer(piece, np.uint8))
+        for kind, n in self.counts.items():
+            if n > self.budget.limit(kind):
+                return kind
+        return None
+
+    def _scan(self, a: np.ndarray) -> None:
+        n = a.size
+        if self.escape_pending or _BACKSLASH in a:
+            # the run of backslashes ending at i: i - (the last non-backslash at or before i); a run
+            # that reaches the piece's start continues the last piece's (its parity: escape_pending)
+            idx = np.arange(n)
+            last_other = np.maximum.accumulate(np.where(a == _BACKSLASH, -1, idx))
+            odd_run = ((idx - last_other) + ((last_other < 0) & self.escape_pending)) & 1
+            escaped = np.empty(n, bool)
+            escaped[0] = self.escape_pending
+            escaped[1:] = odd_run[:-1]
+            quote = (a == _QUOTE) & ~escaped
+            self.escape_pending = bool(odd_run[-1])
+        else:
+            quote = a == _QUOTE
+        inside = np.cumsum(quote, dtype=np.int64)  # quotes up to byte i: odd (+ in_string) is inside
+        outside = ((inside + self.in_string) & 1) == 0  # (a quote's own parity is moot: it is not counted)
+        kinds = np.bincount(_KIND[a[outside]], minlength=len(_COUNTED) + 1)
+        for k, kind in enumerate(_COUNTED, start=1):
+            self.counts[kind] += int(kinds[k])
+        self.in_string = bool((int(inside[-1]) + self.in_string) & 1)
+
+
+_KIND = np.zeros(256, np.uint8)  # byte -> 1 + its kind's index in _COUNTED (0: not counted)
+for _k, _chars in enumerate(_COUNTED.values(), start=1):
+    for _c in _chars:
+        _KIND[_c[0]] = _k
+
+
+SMALL = 65_536  # of each kind, far more than any valid request holds (but /v1/completions' token ids)
+CONTAINERS = 16_384  # a valid request holds a few hundred arrays and objects at most (256 chat messages)
+
+
+def route_budget(path: str, max_prompt_tokens: int) -> tuple[JSONBudget, str]:
+    """What a JSON body to `path` may hold, and a note on why. Only /v1/completions takes token ids:
+    up to MAX_PROMPTS prompts of `max_prompt_tokens` ids each, so its separators may be that many more.
+    Parsed and validated at its budget (the defaults: 8,192 tokens), the costliest body holds the GIL
+    ~60 ms here (589,824 token ids, or as many strings); any other route's ~40 ms."""
+    if path == "/v1/completions":
+        n = MAX_PROMPTS * max_prompt_tokens
+        note = f"{MAX_PROMPTS} prompts of max_prompt_tokens ({max_prompt_tokens}) token ids: {n} + {SMALL}"
+        return JSONBudget(n + SMALL, CONTAINERS, SMALL, SMALL), note
+    return JSONBudget(SMALL, CONTAINERS, SMALL, SMALL), "only /v1/completions takes token ids"
+
+
+def text_over_budget(text: str, budget: JSONBudget) -> str | None:
+    """`StructureCounter.feed` for a whole text (a WebSocket message): the first kind over `budget`, or
+    None. Counted in strings too first (str.count), then exactly only if that count is over."""
+    naive = {kind: sum(text.count(c.decode()) for c in chars) for kind, chars in _COUNTED.items()}
+    if all(n <= budget.limit(kind) for kind, n in naive.items()):
+        return None
+    return StructureCounter(budget).feed(text.encode("utf-8", "surrogatepass"))
+
+
+def over_budget_message(
+    kind: str, budget: JSONBudget, route_note: str, what: str = "the request body"
+) -> str:
+    items = {
+        "separators": "array or object elements (',')",
+        "containers": "arrays and objects ('[', '{')",
+        "members": "object members (':')",
+        "floats": "numbers with a fraction or an exponent ('.', 'e', 'E'; true and false count too)",
+    }[kind]
+    return (
+        f"{what} holds more than {budget.limit(kind)} {items} outside strings, more than a valid request "
+        f"to this route holds ({route_note}); it was refused before it was parsed"
+    )

@@ -1,0 +1,356 @@
+"""A JSON body's structure is counted as it arrives and refused (413) past what a valid request to its
+route holds, before anything parses it (server/json_budget.py): parsing holds the GIL, and 5.5 M token
+ids in one body paused every stream for a second. The counter is checked against a byte-by-byte
+reference and against the parsed value; the server against every kind of costly body, on every JSON
+route and over WebSockets, at the budget's edge, and for what must never count (strings, non-JSON
+bodies)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+
+import httpx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from server_support import ServerThread, read_until_closed, reference
+from test_server_ws import turn
+from websockets.asyncio.client import connect
+
+from model.sampling import SamplingParams
+from server.json_budget import (
+    CONTAINERS,
+    SMALL,
+    JSONBudget,
+    StructureCounter,
+    json_content_type,
+    route_budget,
+    text_over_budget,
+)
+
+UNLIMITED = JSONBudget(10**12, 10**12, 10**12, 10**12)
+KINDS = ("separators", "containers", "members", "floats")
+JSON = {"content-type": "application/json"}
+MAX_PROMPT = 2048  # the server's max_prompt_tokens: /v1/completions' budget is 64 × 2048 + SMALL
+
+
+def byte_reference(text: bytes) -> dict[str, int]:
+    """The four counts, one byte at a time (a plain state machine: in a string, after a backslash)."""
+    counts = dict.fromkeys(KINDS, 0)
+    inside = escaped = False
+    for b in text:
+        if inside:
+            if escaped:
+                escaped = False
+            elif b == ord("\\"):
+                escaped = True
+            elif b == ord('"'):
+                inside = False
+        elif b == ord('"'):
+            inside = True
+        elif b == ord(","):
+            counts["separators"] += 1
+        elif b in b"[{":
+            counts["containers"] += 1
+        elif b == ord(":"):
+            counts["members"] += 1
+        elif b in b".eE":
+            counts["floats"] += 1
+    return counts
+
+
+def value_reference(value) -> dict[str, int]:
+    """The four counts from the parsed value: elements but the first of each container, containers,
+    object members, and the '.', 'e', 'E' of each number, true and false as json.dumps writes them."""
+    counts = dict.fromkeys(KINDS, 0)
+
+    def walk(v) -> None:
+        if isinstance(v, (list, dict)):
+            counts["containers"] += 1
+            counts["separators"] += max(len(v) - 1, 0)
+            if isinstance(v, dict):
+                counts["members"] += len(v)
+            for item in v.values() if isinstance(v, dict) else v:
+                walk(item)
+        elif isinstance(v, (bool, int, float)):
+            literal = json.dumps(v)
+            counts["floats"] += sum(literal.count(c) for c in ".eE")
+
+    walk(value)
+    return counts
+
+
+def feed_split(text: bytes, rng: random.Random, budget: JSONBudget = UNLIMITED) -> StructureCounter:
+    counter = StructureCounter(budget)
+    i = 0
+    while i < len(text):
+        j = i + rng.choice([1, 2, 3, 7, 64, 4096])
+        counter.feed(text[i:j])
+        i = j
+    return counter
+
+
+TRICKY = st.sampled_from(['"', "\\", "\\\\", '\\"', ",", ":", "[", "{", ".", "e", "E", "é", "\u2028", "\x01"])
+STRINGS = st.lists(st.one_of(TRICKY, st.text(max_size=4)), max_size=8).map("".join)
+SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    STRINGS,
+)
+VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(st.lists(inner, max_size=5), st.dictionaries(STRINGS, inner, max_size=5)),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(VALUES, st.booleans(), st.integers(0, 2**32))
+def test_the_count_is_the_parsed_values_and_the_byte_references_however_the_body_is_split(
+    value, ascii_, seed
+):
+    text = json.dumps(value, ensure_ascii=ascii_).encode()
+    assert json.loads(text) == value
+    counter = feed_split(text, random.Random(seed))
+    assert counter.counts == byte_reference(text) == value_reference(value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 2**32))
+def test_any_bytes_are_counted_as_the_byte_reference_counts_them(data, seed):
+    """Not JSON at all, odd runs of backslashes across a split included: the same counts."""
+    data = data.replace(b"\x00", b"\\")  # more escapes
+    assert feed_split(data, random.Random(seed)).counts == byte_reference(data)
+
+
+def test_feed_names_the_first_kind_over_its_budget_and_only_then():
+    budget = JSONBudget(separators=3, containers=2, members=1, floats=1)
+    counter = StructureCounter(budget)
+    assert counter.feed(b'{"a": [1, 2') is None
+    assert counter.feed(b", 3], ") is None  # 3 separators: at the budget
+    assert counter.feed(b'"b,[{:": 1.5') == "members"  # strings count nothing; the 2nd member does
+    for kind, text in [("separators", b"[1,2,3,4,5]"), ("containers", b"[[[]]]"), ("floats", b"[1.5, true]")]:
+        assert StructureCounter(budget).feed(text) == kind
+
+
+def test_a_whole_text_is_refused_as_the_counter_refuses_it():
+    budget = JSONBudget(separators=2, containers=10, members=10, floats=10)
+    assert text_over_budget('{"p": ",,,,,,,,,,,,"}', budget) is None  # commas only in a string
+    assert text_over_budget('{"p": [1, 2, 3, 4]}', budget) == "separators"
+    assert text_over_budget('{"p": "\\ud800,,,,"}', budget) is None  # a lone surrogate's escape: no error
+
+
+@pytest.mark.parametrize(
+    "value, parsed",
+    [
+        (b"application/json", True),
+        (b"Application/JSON; charset=utf-8", True),
+        (b"application/merge-patch+json", True),
+        (b"text/plain", False),
+        (b"application/octet-stream", False),
+        (b"text/json", False),
+        (None, False),  # FastAPI's strict content type: no header, no JSON
+    ],
+)
+def test_bodies_are_counted_exactly_when_fastapi_parses_them_as_json(value, parsed):
+    headers = [(b"host", b"x")] + ([(b"content-type", value)] if value is not None else [])
+    assert json_content_type(headers) is parsed
+
+
+# --- the server ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def srv(model_dirs):
+    from server import Settings
+
+    settings = Settings(
+        checkpoints=[str(model_dirs["text"]), str(model_dirs["audio"])],
+        max_prompt_tokens=MAX_PROMPT,
+        max_new_tokens=4096,
+        drain_timeout_s=1,
+    )
+    s = ServerThread(settings).start()
+    yield s
+    s.stop()
+
+
+def refusals(url: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith('s4_requests_refused_total{reason="json_structure"}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise KeyError("json_structure")
+
+
+def first_over(body: bytes, budget: JSONBudget) -> int:
+    """The length of the shortest prefix of `body` whose count is over `budget`."""
+    counter = StructureCounter(budget)
+    for i in range(len(body)):
+        if counter.feed(body[i : i + 1]) is not None:
+            return i + 1
+    raise AssertionError("never over the budget")
+
+
+def send_prefix(port: int, path: str, body: bytes, cut: int) -> bytes:
+    """Headers declaring all of `body`, then only body[:cut]; what the server answers (the rest is
+    never sent: a server that waited for the whole body to parse it would answer nothing)."""
+    head = f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    head += f"Content-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(head.encode() + body[:cut])
+        return read_until_closed(s, timeout=10)
+
+
+def body_of(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+N_OVER = SMALL + 10
+COMPLETIONS_N = 64 * MAX_PROMPT + SMALL + 10
+COSTLY = {  # every kind of costly body, on each JSON route; each holds a bit more than its budget
+    "token ids": ("/v1/completions", {"model": "tiny-text", "prompt": [7] * COMPLETIONS_N}),
+    "prompt lists": ("/v1/completions", {"model": "tiny-text", "prompt": [[7]] * (CONTAINERS + 10)}),
+    "logit_bias": ("/v1/completions", {"model": "tiny-text", "prompt": "a",
+                                       "logit_bias": {str(i): 1 for i in range(N_OVER)}}),
+    "floats": ("/v1/completions", {"model": "tiny-text", "prompt": "a", "stop": [0.5] * N_OVER}),
+    "chat parts": ("/v1/chat/completions", {"model": "tiny-text", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": ""}] * (CONTAINERS + 10)}]}),
+    "unknown field": ("/v1/generate", {"model": "tiny-text", "prompt": "a", "junk": [0] * N_OVER}),
+    "booleans": ("/v1/generate", {"model": "tiny-audio", "junk": [True] * N_OVER}),
+    "session": ("/v1/sessions", {"model": "tiny-text", "prompt": "a", "junk": [None] * N_OVER}),
+    "nested": ("/v1/generate", {"model": "tiny-text", "prompt": "a", "junk": [[[]]] * (CONTAINERS // 2 + 9)}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", list(COSTLY))
+def test_a_costly_body_is_refused_413_once_its_count_passes_the_budget_before_the_rest_arrives(srv, kind):
+    path, obj = COSTLY[kind]
+    body = body_of(obj) + b" " * (1 << 20)  # and a MiB the server must never wait for
+    budget, note = route_budget(path, MAX_PROMPT)
+    cut = first_over(body, budget)
+    before = refusals(srv.url)
+    response = send_prefix(srv.port, path, body, cut)
+    head, _, payload = response.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower(), response[:300]
+    error = json.loads(payload)["error"]
+    assert "refused before it was parsed" in error["message"] and note in error["message"], error
+    assert refusals(srv.url) - before == 1
+    over = StructureCounter(budget)
+    over.feed(body[:cut])
+    assert (
+        f"more than {budget.limit(next(k for k in KINDS if over.counts[k] > budget.limit(k)))} "
+        in error["message"]
+    )
+
+
+def test_at_the_budget_a_body_is_parsed_and_one_more_is_refused(srv):
+    """/v1/generate: 65,536 separators in all are parsed (422 naming the unknown field), 65,537 are not."""
+    for k, status in [(SMALL - 1, 422), (SMALL, 413)]:
+        obj = {"model": "tiny-text", "prompt": "a", "junk": [0] * k}  # 2 + k - 1 separators
+        assert byte_reference(body_of(obj))["separators"] == k + 1
+        r = httpx.post(
+            srv.url + "/v1/generate", content=body_of(obj), headers={"content-type": "application/json"}
+        )
+        assert r.status_code == status, r.text[:300]
+        if status == 422:
+            assert r.json()["error"]["param"] == "junk"
+
+
+def test_the_largest_valid_completions_request_is_served(srv):
+    """64 prompts of max_prompt_tokens token ids (131,072 ids: twice what other routes take) → 200."""
+    prompts = [[random.Random(i).randrange(32, 127) for _ in range(MAX_PROMPT)] for i in range(64)]
+    body = body_of({"model": "tiny-text", "prompt": prompts, "max_tokens": 1, "temperature": 0})
+    assert byte_reference(body)["separators"] > SMALL
+    r = httpx.post(srv.url + "/v1/completions", content=body, headers=JSON, timeout=300)
+    assert r.status_code == 200, r.text[:300]
+    assert len(r.json()["choices"]) == 64 and r.json()["usage"]["prompt_tokens"] == 64 * MAX_PROMPT
+
+
+def test_structure_inside_strings_never_counts(srv):
+    """Valid prompts whose bytes are ':', '[', '.' and 'e' (over the members', containers' and floats'
+    budgets many times, all inside strings) are served."""
+    for prompts in ([":" * MAX_PROMPT] * 40 + ["[" * MAX_PROMPT] * 24, [".e" * (MAX_PROMPT // 2)] * 64):
+        body = body_of({"model": "tiny-text", "prompt": prompts, "max_tokens": 1, "temperature": 0})
+        naive = {k: sum(body.count(c) for c in cs) for k, cs in [("members", b":"), ("containers", b"[{"),
+                                                                  ("floats", b".eE")]}  # fmt: skip
+        budget = route_budget("/v1/completions", MAX_PROMPT)[0]
+        assert any(n > budget.limit(k) for k, n in naive.items())
+        r = httpx.post(srv.url + "/v1/completions", content=body, headers=JSON, timeout=300)
+        assert r.status_code == 200, r.text[:300]
+
+
+def test_a_body_fastapi_does_not_read_as_json_is_not_counted(srv):
+    body = body_of({"model": "tiny-text", "prompt": "a", "junk": [0] * N_OVER})
+    r = httpx.post(srv.url + "/v1/generate", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 415, r.text[:300]  # not JSON to FastAPI (server/app.py): uncounted, not a 413
+
+
+def test_an_over_budget_websocket_message_is_an_error_frame_and_changes_no_other_stream(srv, model_dirs):
+    """One socket streams; another sends over-budget messages (token ids, nested arrays) between its
+    own turns: each is refused with a 413 error frame, the socket generates on, and the first
+    socket's tokens are the library's own for its seed."""
+    params = SamplingParams(temperature=1.0, seed=5)
+    want = reference(model_dirs["text"], list(b"to be"), params, 600)
+
+    async def main():
+        async with connect(srv.ws_url, max_size=None) as a, connect(srv.ws_url, max_size=None) as b:
+            await a.send(json.dumps({"type": "generate", "model": "tiny-text", "prompt": "to be",
+                                     "max_new_tokens": 600, "seed": 5}))  # fmt: skip
+            errors = []
+            for junk in ([0] * N_OVER, [[]] * (CONTAINERS + 1), [0.5] * N_OVER):
+                await b.send(
+                    json.dumps({"type": "generate", "model": "tiny-text", "prompt": "a", "junk": junk})
+                )
+                errors.append(json.loads(await b.recv()))
+            await b.send(
+                json.dumps({"type": "generate", "model": "tiny-text", "prompt": "a", "max_new_tokens": 3})
+            )
+            b_ids, _, b_done = await turn(b)
+            a_ids, _, a_done = await turn(a)
+            return errors, b_ids, b_done, a_ids, a_done
+
+    errors, b_ids, b_done, a_ids, a_done = asyncio.run(main())
+    budget = route_budget("/v1/stream", MAX_PROMPT)[0]
+    for e, kind in zip(errors, ["separators", "containers", "floats"], strict=True):
+        assert e["type"] == "error" and e["code"] == 413, e
+        assert f"the message holds more than {budget.limit(kind)} " in e["message"], e
+    assert b_done["type"] == "done" and len(b_ids) == 3
+    assert a_done["type"] == "done" and a_ids == want
+
+
+def test_the_budgets_grow_with_max_prompt_tokens_on_completions_only():
+    assert route_budget("/v1/completions", 8192)[0] == JSONBudget(64 * 8192 + SMALL, CONTAINERS, SMALL, SMALL)
+    for path in ("/v1/generate", "/v1/chat/completions", "/v1/sessions", "/v1/stream"):
+        assert (
+            route_budget(path, 8192)[0]
+            == route_budget(path, 10**6)[0]
+            == JSONBudget(SMALL, CONTAINERS, SMALL, SMALL)
+        )
+
+
+def test_a_state_import_header_is_counted_before_it_is_parsed(srv):
+    """The class's variant in a binary body: an import's JSON header (a real export's, with its checksum
+    recomputed) that holds more than an export's can is refused 422 naming `state` unparsed; one at
+    the budget is parsed (and refused for its shape)."""
+    from server.sessions import HEADER_BUDGET, pack_state, unpack_state
+
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        sid = c.post("/v1/sessions", json={"model": "tiny-text", "prompt": "to be"}).json()["session_id"]
+        header, raw = unpack_state(c.get(f"/v1/sessions/{sid}/export").content)
+        assert c.post("/v1/sessions/import", content=pack_state(header, raw)).status_code == 201
+        extra = (
+            HEADER_BUDGET.separators
+            - byte_reference(json.dumps(header, sort_keys=True).encode())["separators"]
+        )
+        for n, parsed in [(extra, True), (extra + 1, False)]:
+            blob = pack_state({**header, "shape": header["shape"] + [1] * n}, raw)  # the same product
+            r = c.post("/v1/sessions/import", content=blob)
+            error = r.json()["error"]
+            assert r.status_code == 422 and error["param"] == "state", r.text[:300]
+            assert ("was not parsed" not in error["message"]) is parsed, error["message"]
+            assert ("does not match" in error["message"]) is parsed, error["message"]
