@@ -31,7 +31,7 @@ from fastapi.responses import StreamingResponse
 from model.sampling import SamplingParams
 from server import media
 from server.engine import Failed, Finished, Stream
-from server.errors import APIError, as_openai, invalid
+from server.errors import APIError, as_openai, invalid, prompt_too_long
 from server.registry import ServedModel
 from server.routes.generate import SSE_HEADERS, sse
 from server.schemas import (
@@ -355,8 +355,8 @@ def chat_logprobs(entries: list[tuple]) -> dict:
 def completion_prompts(
     model: ServedModel, req: CompletionRequest, max_tokens: int | None = None
 ) -> tuple[list[list[int]], list[str]]:
-    """The prompt field as token-id lists and their texts (for echo); a text longer than `max_tokens`
-    is refused before it is converted (media.text_ids)."""
+    """The prompt field as token-id lists and their texts (for echo); a prompt longer than `max_tokens`
+    is refused (413 naming `prompt`) before it is converted or its ids are read (media.text_ids)."""
     p = req.prompt
     if isinstance(p, str) or isinstance(p[0], int):  # one prompt: a string, or token ids
         p = [p]
@@ -366,11 +366,17 @@ def completion_prompts(
         if isinstance(x, str):
             ids = media.text_ids(x, "prompt", max_tokens)
             texts.append(x)
-        else:
-            if any(t >= V for t in x):
+        else:  # its length first, then one C-speed pass each: the event loop waits for them
+            if max_tokens is not None and len(x) > max_tokens:
+                raise prompt_too_long(
+                    f"prompt is {len(x)} tokens; the limit is {max_tokens} (max_prompt_tokens)", "prompt"
+                )
+            top = max(x)
+            if top >= V:
                 raise invalid("prompt", f"prompt: token ids must be below the vocabulary size {V}")
             ids = list(x)
-            texts.append(bytes(t & 0xFF for t in ids).decode("utf-8", errors="replace"))
+            data = bytes(ids) if top < 256 else bytes(t & 0xFF for t in ids)
+            texts.append(data.decode("utf-8", errors="replace"))
         if not ids:
             raise invalid(
                 "prompt",
