@@ -246,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("not serving: " + "; ".join(problems))
     app = create_app(settings)
     state = app.state.server
+    state.freeze_gc = True
     raise_fd_limit(settings.max_connections)
     config = uvicorn_config(
         app,

@@ -8,6 +8,7 @@ bodies)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 import socket
@@ -358,6 +359,24 @@ def test_a_too_long_id_prompt_is_refused_by_its_length_before_its_ids_are_read(s
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
     r = httpx.post(srv.url + "/v1/completions", json={"model": "tiny-text", "prompt": [999] * MAX_PROMPT})
     assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"], r.text
+
+
+def test_python_m_server_freezes_what_startup_made_and_in_process_servers_do_not(model_dirs):
+    from server import Settings
+
+    before = gc.get_freeze_count()
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], drain_timeout_s=0))
+    s.state.freeze_gc = True  # as python -m server sets it
+    try:
+        s.start()
+        frozen = gc.get_freeze_count() - before
+    finally:
+        s.stop()
+        gc.unfreeze()  # the test process's own objects back under the GC
+    assert frozen > 1000, frozen
+    from server.state import ServerState
+
+    assert ServerState(Settings(checkpoints=[])).freeze_gc is False
 
 
 def test_the_budgets_grow_with_max_prompt_tokens_on_completions_only():
