@@ -1,7 +1,6 @@
 """Run every benchmark (kernel, step, linear, decode, dtype, train, train_speed, server, tail_latency,
-audio_streams, generation, memory), then print a markdown summary of the headline numbers and write it
-to bench/results/summary.md
-(bench/results/quick/summary.md with --quick).
+parse_stall, audio_streams, generation, memory), then print a markdown summary of the headline numbers
+and write it to bench/results/summary.md (bench/results/quick/summary.md with --quick).
 
     python -m bench.run_all [--quick] [--only kernel step ...] [--summary-only]
 """
@@ -19,7 +18,7 @@ from bench.common import MB, ROOT, fmt, read_results, results_dir
 
 BENCHMARKS = (
     "kernel", "step", "linear", "decode", "dtype", "train", "train_speed", "server", "tail_latency",
-    "audio_streams", "generation", "memory",
+    "parse_stall", "audio_streams", "generation", "memory",
 )  # fmt: skip
 
 
@@ -255,6 +254,25 @@ def tail_latency_section(d: dict[str, Any]) -> list[str]:
     return lines + _table(header, rows)
 
 
+def parse_stall_section(d: dict[str, Any]) -> list[str]:
+    servers = d["servers"]
+    lines = [
+        "## One request's JSON body: the longest pause of a stream while it is in flight (worst of "
+        f"{d['rounds']} rounds; status)",
+        "",
+    ]
+    kinds = list(next(iter(servers.values()))["kinds"])
+    rows = []
+    for k in kinds:
+        row = [k]
+        for s in servers.values():
+            runs = s["kinds"][k]
+            row.append(f"{fmt(max(r['max_gap_ms'] for r in runs))} ms ({runs[-1].get('status', '-')})")
+        rows.append(row)
+    header = ["body", *(f"{name} ({s['commit']})" for name, s in servers.items())]
+    return lines + _table(header, rows)
+
+
 def audio_streams_section(d: dict[str, Any]) -> list[str]:
     from bench.audio_streams import HEADER, table
 
@@ -331,6 +349,7 @@ def summary(quick: bool, status: dict[str, str] | None = None) -> str:
         "train_speed": train_speed_section,
         "server": server_section,
         "tail_latency": tail_latency_section,
+        "parse_stall": parse_stall_section,
         "audio_streams": audio_streams_section,
         "generation": generation_section,
         "memory": memory_section,

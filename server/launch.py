@@ -21,10 +21,15 @@ def free_port() -> int:
 
 
 def start_server(
-    flags: Sequence[str], timeout_s: float = 600.0, port: int | None = None, env: dict | None = None
+    flags: Sequence[str],
+    timeout_s: float = 600.0,
+    port: int | None = None,
+    env: dict | None = None,
+    cwd: Path | None = None,
 ) -> tuple[subprocess.Popen, str]:
     """`python -m server --host 127.0.0.1 --port <port, or a free one> --log-level warning *flags` →
-    (process, base URL) once ready; `env` is added to this process's environment (S4_* settings).
+    (process, base URL) once ready; `env` is added to this process's environment (S4_* settings);
+    `cwd`: the checkout whose server runs (default this one: a benchmark's A/B runs another).
     The process is killed and RuntimeError raised if it exits or times out first."""
     import httpx
 
@@ -32,7 +37,7 @@ def start_server(
     cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *flags]  # fmt: skip
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}  # spinning OpenMP threads stall a CPU
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
