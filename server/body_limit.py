@@ -10,9 +10,9 @@ the whole body first):
   answered 413 as soon as the count passes the limit.
 
 A JSON body is also counted by its structure as it arrives (server/json_budget.py: separators,
-containers and object members outside strings) and answered 413 as soon as it holds more than a valid
-request to its route (`budget_for`), since parsing it would hold the GIL, and pause every stream, for
-as long as its count says.
+containers, object members and floats outside strings) and answered 413 as soon as it holds more of a
+kind than a valid request to its route (`budget_for`), since parsing it would hold the GIL, and pause
+every stream, for as long as its count says.
 
 Either way the response says `Connection: close` and uvicorn closes the connection after it, so the
 rest of the body is never read. The app sees the refusal as a `BodyTooLarge` raised by `receive()`

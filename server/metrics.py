@@ -133,8 +133,9 @@ class Metrics:
                                            "max_connections", ["reason"], registry=r)  # fmt: skip
         self.requests_refused = Counter("s4_requests_refused", "Requests refused before routing: "
                                         "body_too_large, json_structure (a JSON body holding more "
-                                        "elements, arrays or object members than a valid request to its "
-                                        "route can), headers_too_large; foreign_origin, foreign_host "
+                                        "elements, arrays and objects, members or floats than a valid "
+                                        "request to its route can), headers_too_large; foreign_origin, "
+                                        "foreign_host "
                                         "(a browser's request from another site's page, a DNS-rebinding "
                                         "Host: HTTP and WebSocket handshakes)", ["reason"],
                                         registry=r)  # fmt: skip

@@ -359,8 +359,9 @@ class OpenAISampling(BaseModel):
     _one_stop = field_validator("stop", mode="before")(SamplingFields._one_stop.__func__)
 
 
-# Every collection a request may carry stops at its first bad item: a union member that fails on each of
-# half a million items otherwise reports each (3 s to build and sort, the event loop held).
+# A request's unbounded collections (the prompt's lists, chat messages and content parts) stop at their
+# first bad item: a union member that fails on each of half a million items otherwise reports each (3 s
+# to build and sort, the event loop held). The bounded ones (stop, logit_bias) fail on their length first.
 FAIL_FAST = Field(fail_fast=True)
 TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1), FAIL_FAST]
 

@@ -226,9 +226,9 @@ READABLE_VERSIONS = (1, 2)
 _PREFIX = struct.Struct("<8sHI")
 
 
-# What an export's header holds at most (registry.ServedModel.state_header): `seen` (≤ the vocabulary) and
-# `shape` are its only lists, `created` and `last_used` its only floats. A header is counted before it
-# is parsed (server/json_budget.py): parsing 16 MiB of numbers would hold the GIL, every stream paused.
+# What an export's header holds at most (registry.ServedModel.state_header): its lists are `seen` (≤ the
+# vocabulary: 65,536 ids at most), `shape` and `utf8_tail`, its floats `created` and `last_used`. A
+# header is counted before it is parsed (server/json_budget.py), as a JSON body is.
 HEADER_BUDGET = JSONBudget(separators=SMALL, containers=16, members=64, floats=16)
 
 
