@@ -71,13 +71,13 @@ def _response(message: str, path: str) -> tuple[dict, dict]:
 
 class BodySizeLimit:
     """ASGI middleware: HTTP request bodies of at most `limit_for(scope)` bytes, and JSON bodies within
-    `budget_for(scope)` (the budget and a note on what sets it, or None: not counted); 413 otherwise."""
+    `budget_for(scope)` (json_budget.route_budget's pair, or None: not counted); 413 otherwise."""
 
     def __init__(
         self,
         app,
         limit_for: Callable[[dict], int],
-        budget_for: Callable[[dict], tuple[JSONBudget, str] | None] = lambda scope: None,
+        budget_for: Callable[[dict], tuple[JSONBudget, str | None] | None] = lambda scope: None,
         on_refused: Callable[[str], None] | None = None,
     ):
         self.app, self.limit_for, self.budget_for, self.on_refused = app, limit_for, budget_for, on_refused
@@ -108,7 +108,7 @@ class BodySizeLimit:
                 if received > limit:
                     reason, refused = "body_too_large", size_message(limit, None)
                 elif counter is not None and (kind := counter.feed(chunk)) is not None:
-                    reason, refused = "json_structure", over_budget_message(kind, *budget)
+                    reason, refused = "json_structure", over_budget_message(kind, budget[0], budget[1])
                 if refused is not None:
                     if not started:
                         await self._refuse(send, refused, reason, scope)

@@ -157,8 +157,11 @@ class Settings(BaseSettings):
         16 << 20,
         ge=1024,
         description="largest HTTP request body, counted as it arrives (else 413 and the connection is "
-        "closed); a session import may also be as large as the largest state blob + 1 MiB. A JSON body "
-        "is also counted by its structure: no more values of a kind than a valid request holds (else 413)",
+        "closed); a session import may also be as large as the largest state blob + 1 MiB. A JSON body, "
+        "and a WebSocket message, is also counted outside its strings as it arrives: at most 65,536 array "
+        "or object elements, object members and numbers with a fraction or exponent, and 16,384 arrays "
+        "and objects, as no valid one holds more (/v1/completions: 64 x max_prompt_tokens more elements, "
+        "for token ids), else 413",
     )
     max_header_bytes: int = Field(
         1 << 16, ge=1024, description="largest request line + headers (else 431 and the connection is closed)"

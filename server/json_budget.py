@@ -28,11 +28,11 @@ import numpy as np
 from server.schemas import MAX_PROMPTS
 
 _QUOTE, _BACKSLASH = ord('"'), ord("\\")
-_COUNTED = {
-    "separators": (b",",),
-    "containers": (b"[", b"{"),
-    "members": (b":",),
+_COUNTED = {  # the most specific kind first: a refusal names the first kind over its budget
     "floats": (b".", b"e", b"E"),  # outside strings only in numbers, and in true and false
+    "members": (b":",),
+    "containers": (b"[", b"{"),
+    "separators": (b",",),
 }
 
 
@@ -123,16 +123,20 @@ SMALL = 65_536  # of each kind, far more than any valid request holds (but /v1/c
 CONTAINERS = 16_384  # a valid request holds a few hundred arrays and objects at most (256 chat messages)
 
 
-def route_budget(path: str, max_prompt_tokens: int) -> tuple[JSONBudget, str]:
-    """What a JSON body to `path` may hold, and a note on why. Only /v1/completions takes token ids:
-    up to MAX_PROMPTS prompts of `max_prompt_tokens` ids each, so its separators may be that many more.
-    Parsed and validated at its budget (the defaults: 8,192 tokens), the costliest body holds the GIL
-    ~60 ms here (589,824 token ids, or as many strings); any other route's ~40 ms."""
+def route_budget(path: str, max_prompt_tokens: int) -> tuple[JSONBudget, str | None]:
+    """What a JSON body to `path` may hold, and, on /v1/completions, what sets its separators (else
+    None). Only /v1/completions takes token ids: up to MAX_PROMPTS prompts of `max_prompt_tokens` ids
+    each, so its separators may be that many more. Parsed and validated at its budget (the defaults:
+    8,192 tokens), the costliest body holds the GIL ~60 ms here (589,824 token ids, or as many strings);
+    any other route's ~40 ms."""
     if path == "/v1/completions":
         n = MAX_PROMPTS * max_prompt_tokens
-        note = f"{MAX_PROMPTS} prompts of max_prompt_tokens ({max_prompt_tokens}) token ids: {n} + {SMALL}"
+        note = (
+            f"a valid /v1/completions body holds at most {MAX_PROMPTS} prompts of max_prompt_tokens "
+            f"({max_prompt_tokens}) token ids, {n}, + {SMALL}"
+        )
         return JSONBudget(n + SMALL, CONTAINERS, SMALL, SMALL), note
-    return JSONBudget(SMALL, CONTAINERS, SMALL, SMALL), "only /v1/completions takes token ids"
+    return JSONBudget(SMALL, CONTAINERS, SMALL, SMALL), None
 
 
 def text_over_budget(text: str, budget: JSONBudget) -> str | None:
@@ -145,15 +149,18 @@ def text_over_budget(text: str, budget: JSONBudget) -> str | None:
 
 
 def over_budget_message(
-    kind: str, budget: JSONBudget, route_note: str, what: str = "the request body"
+    kind: str, budget: JSONBudget, separators_note: str | None = None, what: str = "request body"
 ) -> str:
+    """The 413's message: `kind` over `budget`, in `what` ("request body", or "message" on a WebSocket);
+    `separators_note` (route_budget's) says what sets a route's larger separator budget."""
     items = {
         "separators": "array or object elements (',')",
         "containers": "arrays and objects ('[', '{')",
         "members": "object members (':')",
         "floats": "numbers with a fraction or an exponent ('.', 'e', 'E'; true and false count too)",
     }[kind]
+    why = separators_note if kind == "separators" and separators_note else f"more than any valid {what} holds"
     return (
-        f"{what} holds more than {budget.limit(kind)} {items} outside strings, more than a valid request "
-        f"to this route holds ({route_note}); it was refused before it was parsed"
+        f"the {what} holds more than {budget.limit(kind)} {items} outside strings ({why}); it was refused "
+        "before it was parsed"
     )

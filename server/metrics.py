@@ -132,9 +132,9 @@ class Metrics:
         self.connections_refused = Counter("s4_connections_refused", "Connections refused when accepted: "
                                            "max_connections", ["reason"], registry=r)  # fmt: skip
         self.requests_refused = Counter("s4_requests_refused", "Requests refused before routing: "
-                                        "body_too_large, json_structure (a JSON body holding more "
-                                        "elements, arrays and objects, members or floats than a valid "
-                                        "request to its route can), headers_too_large; foreign_origin, "
+                                        "body_too_large, json_structure (a JSON body, or a WebSocket "
+                                        "message, holding more elements, arrays and objects, members or "
+                                        "floats than a valid one can), headers_too_large; foreign_origin, "
                                         "foreign_host "
                                         "(a browser's request from another site's page, a DNS-rebinding "
                                         "Host: HTTP and WebSocket handshakes)", ["reason"],

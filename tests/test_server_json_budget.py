@@ -139,6 +139,16 @@ def test_feed_names_the_first_kind_over_its_budget_and_only_then():
         assert StructureCounter(budget).feed(text) == kind
 
 
+def test_the_more_specific_kind_is_named_when_two_pass_together():
+    """A float adds a separator and an object member does too: the refusal names the float or the
+    member (what the client sent), not the comma."""
+    budget = JSONBudget(separators=100, containers=100, members=100, floats=100)
+    assert StructureCounter(budget).feed(json.dumps([0.5] * 200).encode()) == "floats"
+    assert StructureCounter(budget).feed(json.dumps({str(i): 1 for i in range(200)}).encode()) == "members"
+    assert StructureCounter(budget).feed(json.dumps([[]] * 200).encode()) == "containers"
+    assert StructureCounter(budget).feed(json.dumps([1] * 200).encode()) == "separators"
+
+
 def test_a_whole_text_is_refused_as_the_counter_refuses_it():
     budget = JSONBudget(separators=2, containers=10, members=10, floats=10)
     assert text_over_budget('{"p": ",,,,,,,,,,,,"}', budget) is None  # commas only in a string
@@ -238,15 +248,14 @@ def test_a_costly_body_is_refused_413_once_its_count_passes_the_budget_before_th
     response = send_prefix(srv.port, path, body, cut)
     head, _, payload = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower(), response[:300]
-    error = json.loads(payload)["error"]
-    assert "refused before it was parsed" in error["message"] and note in error["message"], error
+    message = json.loads(payload)["error"]["message"]
     assert refusals(srv.url) - before == 1
     over = StructureCounter(budget)
     over.feed(body[:cut])
-    assert (
-        f"more than {budget.limit(next(k for k in KINDS if over.counts[k] > budget.limit(k)))} "
-        in error["message"]
-    )
+    (named,) = [k for k in KINDS if over.counts[k] > budget.limit(k)]  # (one byte passes one kind)
+    why = note if named == "separators" and note else "more than any valid request body holds"
+    assert f"the request body holds more than {budget.limit(named)} " in message, message
+    assert f"({why}); it was refused before it was parsed" in message, message
 
 
 def test_at_the_budget_a_body_is_parsed_and_one_more_is_refused(srv):
@@ -315,11 +324,14 @@ def test_an_over_budget_websocket_message_is_an_error_frame_and_changes_no_other
             a_ids, _, a_done = await turn(a)
             return errors, b_ids, b_done, a_ids, a_done
 
+    before = refusals(srv.url)
     errors, b_ids, b_done, a_ids, a_done = asyncio.run(main())
     budget = route_budget("/v1/stream", MAX_PROMPT)[0]
-    for e, kind in zip(errors, ["separators", "containers", "floats"], strict=True):
+    for e, kind in zip(errors, ["separators", "containers", "floats"], strict=True):  # floats: the kind named
         assert e["type"] == "error" and e["code"] == 413, e
         assert f"the message holds more than {budget.limit(kind)} " in e["message"], e
+        assert "(more than any valid message holds)" in e["message"], e
+    assert refusals(srv.url) - before == 3
     assert b_done["type"] == "done" and len(b_ids) == 3
     assert a_done["type"] == "done" and a_ids == want
 

@@ -90,9 +90,10 @@ class Connection:
                 await self.send(err.frame())
 
     async def on_message(self, text: str) -> None:
-        budget, note = route_budget("/v1/stream", self.st.settings.max_prompt_tokens)
+        budget, _ = route_budget("/v1/stream", self.st.settings.max_prompt_tokens)
         if (kind := text_over_budget(text, budget)) is not None:  # before parsing (server/json_budget.py)
-            raise too_large(over_budget_message(kind, budget, note, "the message"))
+            self.st.metrics.requests_refused.labels("json_structure").inc()
+            raise too_large(over_budget_message(kind, budget, what="message"))
         try:
             msg = parse_message(text)
         except ValidationError as exc:
