@@ -155,9 +155,14 @@ def test_the_guard_pauses_once_stalls_pile_up_doubles_the_pause_then_splits_agai
     assert rec._net_step.splits(1)
     want = _steps(rec, 1, 2, n=3)
     tok = torch.tensor([5])
-    before = fused.step_split_state(lib, 0.003)[0]  # a rare stall of 3 ms (a vCPU preempted) pauses nothing
-    rec.step(tok, rec.init_state(1))
-    pause, left, _ = fused.step_split_state(lib)
+    for _ in range(3):  # (the busy machine's own stalls piling up past 20 ms with it: try again)
+        _wait_out_the_guard(lib)
+        time.sleep(0.3)  # any earlier stalls' debt decays
+        before = fused.step_split_state(lib, 0.003)[0]  # a rare 3 ms stall (a vCPU preempted) pauses nothing
+        rec.step(tok, rec.init_state(1))
+        pause, left, _ = fused.step_split_state(lib)
+        if pause == before and left < 0 and rec._net_step.splits(1):
+            break
     assert pause == before and left < 0 and rec._net_step.splits(1)
     fused.step_split_state(lib, 0.03)  # the next split step's helper stalls 30 ms: past 20 ms of stalls
     rec.step(tok, rec.init_state(1))
