@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, bench_main, save_figure, subplots
+from bench.common import ROOT, _git, bench_main, save_figure, subplots
 
 NAME = "parse_stall"
 MODEL = "text-shakespeare"
@@ -124,8 +124,7 @@ def run(quick: bool, baseline_root: str | None = None, rounds: int = 2) -> dict[
     out: dict[str, Any] = {"rounds": rounds, "turn_tokens": TURN_TOKENS, "servers": {}}
     try:
         for name, root in roots.items():
-            git = ["git", "-C", str(root), "rev-parse", "--short", "HEAD"]
-            commit = subprocess.run(git, capture_output=True, text=True, check=False).stdout.strip()
+            commit = _git("-C", str(root), "rev-parse", "--short", "HEAD") or ""
             out["servers"][name] = {"root": str(root), "commit": commit, "kinds": {k: [] for k in kinds}}
         for r in range(rounds):
             order = list(servers) if r % 2 == 0 else list(reversed(servers))

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from server_support import ServerThread, read_until_closed, reference
+from test_server_slow_clients import counters
 from test_server_ws import turn
 from websockets.asyncio.client import connect
 
@@ -192,10 +193,7 @@ def srv(model_dirs):
 
 
 def refusals(url: str) -> float:
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith('s4_requests_refused_total{reason="json_structure"}'):
-            return float(line.rsplit(" ", 1)[1])
-    raise KeyError("json_structure")
+    return counters(url, "s4_requests_refused_total")["json_structure"]
 
 
 def first_over(body: bytes, budget: JSONBudget) -> int:

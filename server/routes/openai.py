@@ -31,7 +31,7 @@ from fastapi.responses import StreamingResponse
 from model.sampling import SamplingParams
 from server import media
 from server.engine import Failed, Finished, Stream
-from server.errors import APIError, as_openai, invalid, prompt_too_long
+from server.errors import APIError, as_openai, invalid
 from server.registry import ServedModel
 from server.routes.generate import SSE_HEADERS, sse
 from server.schemas import (
@@ -353,10 +353,12 @@ def chat_logprobs(entries: list[tuple]) -> dict:
 
 
 def completion_prompts(
-    model: ServedModel, req: CompletionRequest, max_tokens: int | None = None
+    st: ServerState, model: ServedModel, req: CompletionRequest
 ) -> tuple[list[list[int]], list[str]]:
-    """The prompt field as token-id lists and their texts (for echo); a prompt longer than `max_tokens`
-    is refused (413 naming `prompt`) before it is converted or its ids are read (media.text_ids)."""
+    """The prompt field as token-id lists and their texts (for echo); a prompt longer than the server's
+    limit is refused (413 naming `prompt`: service.check_prompt) before it is converted (media.text_ids)
+    or its ids are read."""
+    max_tokens = prompt_limit(st, model)[0]
     p = req.prompt
     if isinstance(p, str) or isinstance(p[0], int):  # one prompt: a string, or token ids
         p = [p]
@@ -367,10 +369,7 @@ def completion_prompts(
             ids = media.text_ids(x, "prompt", max_tokens)
             texts.append(x)
         else:  # its length first, then one C-speed pass each: the event loop waits for them
-            if max_tokens is not None and len(x) > max_tokens:
-                raise prompt_too_long(
-                    f"prompt is {len(x)} tokens; the limit is {max_tokens} (max_prompt_tokens)", "prompt"
-                )
+            check_prompt(st, x, "prompt", model)
             top = max(x)
             if top >= V:
                 raise invalid("prompt", f"prompt: token ids must be below the vocabulary size {V}")
@@ -408,13 +407,11 @@ async def completions(req: CompletionRequest, request: Request):
     if req.max_tokens == 0 and not req.echo:
         raise invalid("max_tokens", "max_tokens: 0 is only allowed with echo=true (to score the prompt)")
     check_new_tokens(st, req.max_tokens, "max_tokens", model)
-    prompts, texts = completion_prompts(model, req, prompt_limit(st, model)[0])
+    prompts, texts = completion_prompts(st, model, req)  # (each prompt's length checked)
     if len(prompts) * best_of > MAX_SAMPLES:
         raise invalid(
             "prompt", f"{len(prompts)} prompts × best_of {best_of} is more than {MAX_SAMPLES} samples"
         )
-    for ids in prompts:
-        check_prompt(st, ids, "prompt", model)
     params = sampling(model, req, req.stop or [])
     lp = req.logprobs
     if lp is not None:  # every sample's, best_of's too (they are ranked, then n returned)
