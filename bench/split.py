@@ -5,7 +5,11 @@ before: a batch under 8 rows never left the calling thread) and with 2 (split); 
 beside a CPU-bound process (a Python busy loop: the contention guard then pauses splitting after a stalled
 barrier). Rounds alternate the two settings; the JSON keeps every round, the table the median. Then the
 C prefill of one prompt of 32, 256 and 512 tokens (`net_rows_split` with L > 1: one row's prompt split by
-channels and columns the same way), 1 thread against 2, alternated.
+channels and columns the same way), 1 thread against 2, alternated. Last, the threaded decode block of 16
+and 64 rows (2 threads) with its rows' groups shared by the threads (`decode_shared`, the default) against
+each thread keeping its fixed share (the order before), alternated, on a quiet machine, beside a process that
+takes a quarter of a core (busy 1 ms, asleep 3 ms: about what the server's event loop and a local client
+take at 64 sessions) and beside a CPU-bound one.
 
 Models: the shipped text-shakespeare checkpoint (4 × H = 256, FF blocks of 512, 7.9 MB of float32 weights
 a token) in float32 and bfloat16, and bench.official's shape (4 × H = 256 S4 blocks, no FF, random LegS
@@ -37,9 +41,10 @@ TEXT = ROOT / "checkpoints/text-shakespeare"
 SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
     False: {"batches": [1, 2, 4, 7], "K": 64, "rounds": 7, "busy_rounds": 15, "official_shape": {
         "vocab_size": 256, "d_model": 256, "n_layers": 4, "d_state": 64, "l_max": 1024},
-        "prompts": [32, 256, 512]},
+        "prompts": [32, 256, 512], "shared_batches": [16, 64], "shared_K": 32, "shared_rounds": 7},
     True: {"batches": [1, 3], "K": 8, "rounds": 2, "busy_rounds": 2, "official_shape": {
-        "vocab_size": 64, "d_model": 64, "n_layers": 2, "d_state": 16, "l_max": 64}, "prompts": [8, 40]},
+        "vocab_size": 64, "d_model": 64, "n_layers": 2, "d_state": 16, "l_max": 64}, "prompts": [8, 40],
+        "shared_batches": [16], "shared_K": 8, "shared_rounds": 2},
 }  # fmt: skip
 
 
@@ -102,6 +107,60 @@ def compare(timed, rounds: int) -> dict[str, list[float]]:
     return out
 
 
+HOGS = {  # the processes beside the shared-groups comparison: a quarter of a core, and a whole one
+    "quiet": None,
+    "quarter core": "import time\nwhile True:\n    t = time.perf_counter()\n"
+    "    while time.perf_counter() - t < 1e-3: pass\n    time.sleep(3e-3)",
+    "busy": "while True: pass",
+}
+
+
+def shared_rows(lib, recs: list[tuple[str, Any]], size: dict) -> list[dict[str, Any]]:
+    """The threaded decode block (2 threads) with the groups shared against fixed shares, per condition
+    (HOGS) and batch: tokens/s, rounds alternating the two settings (median of 5 blocks a round)."""
+    from model import fused
+
+    name, rec = recs[0]  # the shipped model when there is one
+    out = []
+    threads, share = torch.get_num_threads(), fused.decode_block_state(lib)[1]
+    try:
+        torch.set_num_threads(2)
+        for condition, code in HOGS.items():
+            hog = None if code is None else subprocess.Popen([sys.executable, "-c", code])
+            time.sleep(0.3)
+            try:
+                for B in size["shared_batches"]:
+                    got: dict[str, list[float]] = {"fixed": [], "shared": []}
+                    for i in range(size["shared_rounds"] + 1):  # the first round warms up
+                        for how in ("fixed", "shared"):
+                            fused.decode_block_state(lib, share=how == "shared")
+                            us = statistics.median(block_us(rec, B, size["shared_K"]) for _ in range(5))
+                            if i > 0:
+                                got[how].append(B / us * 1e6)
+                    fixed, shared = statistics.median(got["fixed"]), statistics.median(got["shared"])
+                    out.append({
+                        "model": name, "condition": condition, "batch": B, "K": size["shared_K"],
+                        "tokens_per_s_fixed": got["fixed"], "tokens_per_s_shared": got["shared"],
+                        "median_tokens_per_s_fixed": fixed, "median_tokens_per_s_shared": shared,
+                        "shared_over_fixed": shared / fixed,
+                    })  # fmt: skip
+                    print(f"{name}, {condition}, batch {B}, 2 threads: {fixed:,.0f} tokens/s with fixed "
+                          f"shares, {shared:,.0f} with the groups shared ({shared / fixed:.2f}x)",
+                          flush=True)  # fmt: skip
+            finally:
+                if hog is not None:
+                    hog.kill()
+                    hog.wait()
+    finally:
+        torch.set_num_threads(threads)
+        fused.decode_block_state(lib, share=share)
+    for row in out:  # each condition against the quiet run of its setting: what the other process cost
+        quiet = next(r for r in out if r["condition"] == "quiet" and r["batch"] == row["batch"])
+        for how in ("fixed", "shared"):
+            row[f"{how}_of_quiet"] = row[f"median_tokens_per_s_{how}"] / quiet[f"median_tokens_per_s_{how}"]
+    return out
+
+
 def run(quick: bool) -> dict[str, Any]:
     from model import fused
 
@@ -137,6 +196,8 @@ def run(quick: bool) -> dict[str, Any]:
                     hog.kill()
                     hog.wait()
     prefill = []
+    left = fused.step_split_state(lib)[1]  # the busy runs' last pause: over before the prefill is timed
+    time.sleep(max(left, 0.0) + 0.05)
     for name, rec in recs:  # one prompt (one row): split by channels and columns (net_rows_split, L > 1)
         for L in size["prompts"]:
             r = compare(lambda: prefill_us(rec, L), size["rounds"])
@@ -148,8 +209,9 @@ def run(quick: bool) -> dict[str, Any]:
             })  # fmt: skip
             print(f"{name}, prefill of one prompt of {L} tokens: {fmt(one)} µs on 1 thread, {fmt(two)} split "
                   f"over 2 ({one / two:.2f}x; {L / two * 1e6:,.0f} tokens/s)", flush=True)  # fmt: skip
+    shared = shared_rows(lib, recs, size)
     return {
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpus": os.cpu_count(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpus": os.cpu_count(), "shared": shared,
         "description": "native decode block µs per step (median of 5 blocks per round; rounds alternate 1 "
         "and 2 threads); busy: beside a CPU-bound Python process; prefill: the C prefill of one prompt "
         "(no logits), µs per call, median of 5 per round", "rows": rows, "prefill": prefill,
@@ -171,14 +233,29 @@ def _bars(ax, rows: list[dict], key: str, labels: list[str], ylabel: str) -> Non
 
 
 def plot(data: dict[str, Any], quick: bool) -> None:
-    fig, (ax, bx) = subplots(2, width=8.0)
+    fig, (ax, bx, cx) = subplots(3, width=8.0)
     name = lambda r: f"{r['model'].split(',')[0][:16]}\n{r['model'].split(', ')[-1]}"  # noqa: E731
     rows, pre = data["rows"], data.get("prefill", [])
     _bars(ax, rows, "median_us", [f"{name(r)} b{r['batch']} {r['condition']}" for r in rows],
           "µs per decode step (median)")  # fmt: skip
     _bars(bx, pre, "tokens_per_s", [f"{name(r)} {r['tokens']} tok" for r in pre],
           "prompt tokens/s, one prompt (median)")  # fmt: skip
-    title = "one thread vs split over two cores: decode step (left), one prompt's C prefill (right)"
+    sh = data.get("shared", [])
+    xs = range(len(sh))
+    fixed = [r["median_tokens_per_s_fixed"] for r in sh]
+    shared = [r["median_tokens_per_s_shared"] for r in sh]
+    cx.bar([x - 0.2 for x in xs], fixed, width=0.4, label="fixed shares")
+    cx.bar([x + 0.2 for x in xs], shared, width=0.4, label="groups shared")
+    for x, r, a, b in zip(xs, sh, fixed, shared):
+        cx.text(x, max(a, b), f"{r['shared_over_fixed']:.2f}x", ha="center", va="bottom", fontsize=7)
+    labels = [f"b{r['batch']} {r['condition']}" for r in sh]
+    cx.set_xticks(list(xs), labels, rotation=60, ha="right", fontsize=6)
+    cx.set_ylabel("decode block tokens/s, 2 threads (median)")
+    cx.legend()
+    title = (
+        "one thread vs split over two cores: decode step (left), one prompt's C prefill (middle); "
+        "a 2-thread block's groups shared vs fixed shares (right)"
+    )
     save_figure(fig, NAME, quick, title=title)
 
 

@@ -30,12 +30,12 @@ RESTYPES = {  # the library's entry points and their return types
     "philox_blocks": None, "linear_rows": None, "sashimi_step": ctypes.c_int, "sashimi_block": ctypes.c_long,
     "net_prefill": ctypes.c_int, "ssm_prefill": ctypes.c_long, "ssm_prefill_width": ctypes.c_long,
     "linear_panel_width": ctypes.c_long, "split_step": ctypes.c_int, "step_split_min_weights": ctypes.c_long,
-    "step_split_state": None,
+    "step_split_state": None, "decode_block_state": None,
 }  # fmt: skip
 # -fno-math-errno lets the GELU / sigmoid loops call glibc's vector expf / erff (model/csrc/ssm_step.c)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
-# A decode block's order (ssm_step.c `decode_block`): rounds of BLOCK_SCHEDULE[1] steps, each thread taking
-# its rows BLOCK_SCHEDULE[0] at a time through a round (0: all at once, every step: the order before).
+# A decode block's order (ssm_step.c `decode_block`): groups of BLOCK_SCHEDULE[0] rows of a thread's share (0:
+# the share at once, every step: the order before), each taken through rounds of BLOCK_SCHEDULE[1] steps.
 BLOCK_SCHEDULE = (8, 4)
 
 
@@ -673,6 +673,22 @@ def step_split_state(
     return out[0] / 1e9, out[1] / 1e9, out[2] / 1e9
 
 
+def decode_block_state(lib, delay_s: float | None = None, share: bool | None = None) -> tuple[int, bool]:
+    """The threaded decode block's work sharing (ssm_step.c `decode_shared`): (the group rounds run by a
+    thread other than the one whose share of the rows they are, since the library was loaded; whether the
+    threads share the groups, before this call). With `share`, sharing is turned on (the default) or off
+    (each thread keeps its fixed share of the rows: the order before, for bench.split's side-by-side
+    runs); with `delay_s`, the first thread to start the next threaded block sleeps that long in its first
+    round, holding its group, as a descheduled thread would (the tests). Process-wide. Raises ValueError
+    for a delay_s outside [0, 9e9] seconds."""
+    if delay_s is not None and not 0 <= delay_s <= 9e9:  # (NaN fails too)
+        raise ValueError(f"decode_block_state: delay_s must be in [0, 9e9] seconds, got {delay_s}")
+    out = (ctypes.c_long * 2)()
+    delay = -1 if delay_s is None else round(delay_s * 1e9)
+    lib.decode_block_state(ctypes.c_long(delay), ctypes.c_long(-1 if share is None else int(share)), out)
+    return int(out[0]), bool(out[1])
+
+
 def decode_block(
     invoke,
     K: int,
@@ -703,11 +719,12 @@ def decode_block(
     uint64 bit patterns (the stream's key and its next index; counter is advanced in place); limit (B,)
     int64 ≥ 0; stops: per row, its stop sequences (bytes); history: per row, its output bytes so far
     (only the last longest-stop − 1 are read); seen (B, V) bool, set in place for every sampled token;
-    interrupt: a flag that, once set to nonzero by another thread, ends the block after the current
-    round of steps (at least one round is made); schedule: (group_rows, group_steps), the order in which
-    each thread steps its rows (ssm_step.c `decode_block`: rounds of group_steps steps, group_rows rows
-    at a time through a round; it changes no row's tokens or state), default `BLOCK_SCHEDULE`. Raises
-    ValueError on bad shapes or when the C step fails."""
+    interrupt: a flag that, once set to nonzero by another thread, ends each group of rows after its
+    current round of steps (each group makes at least one round; rows may then have made different numbers
+    of tokens); schedule: (group_rows, group_steps), the order in which the rows are stepped (ssm_step.c
+    `decode_block`: groups of group_rows rows of a thread's share, each through rounds of group_steps steps,
+    the groups shared by the threads; it changes no row's tokens or state), default `BLOCK_SCHEDULE`.
+    Raises ValueError on bad shapes or when the C step fails."""
     B = tok.shape[0]
     if (
         state.shape[batch_dim] != B

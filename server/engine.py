@@ -856,11 +856,11 @@ class Engine:
         step time, had cut audio stages into blocks of 8, 75, 45, 22, 8, 1 steps: 2026-11-30, 16 streams.) A
         block is 1 step while new work waits or a row has yet to make its first token (which then goes out at
         once, not after a whole block), and new work, a cancel or freed stream room that arrive during a block
-        end it after its current round (`wake` and `_submit` set the interrupt flag): one step when each
-        thread has at most 8 rows, else up to 4 (fused.BLOCK_SCHEDULE). The loop ends after a block in which a
-        row finished or filled its stream, when new work arrived, or after the model's most steps or its
-        hand-over period, or when less than DECODE_BLOCK_STEPS steps' time is left of that period (but not
-        before DECODE_BLOCK_STEPS steps)."""
+        end it after each group's current round (`wake` and `_submit` set the interrupt flag): one step when
+        each thread has at most 8 rows, else up to 4 steps of a group of 8 (fused.BLOCK_SCHEDULE). The loop
+        ends after a block in which a row finished or filled its stream, when new work arrived, or after the
+        model's most steps or its hand-over period, or when less than DECODE_BLOCK_STEPS steps' time is left
+        of that period (but not before DECODE_BLOCK_STEPS steps)."""
         b, steps = self.batch, 0
         while b.live and steps < self._max_steps:
             self._block_interrupt.value = 0  # before looking for work: nothing that arrives is missed

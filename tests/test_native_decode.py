@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import platform
+import threading
 
 import pytest
 import torch
@@ -324,6 +325,76 @@ def test_an_interrupt_ends_the_block_after_one_round_with_every_row_exact(rec, s
     for r in range(B):
         assert res.tokens[:, r].tolist() == ref[r][0], f"row {r}"
         assert torch.equal(rows(rec, state, slice(r, r + 1)), ref[r][1]), f"row {r}: state"
+
+
+@pytest.fixture
+def sharing():
+    """The threaded block's work sharing (process-wide: fused.decode_block_state) and the thread count,
+    restored after the test; yields the library."""
+    lib, threads = fused.library(), torch.get_num_threads()
+    before = fused.decode_block_state(lib)[1]
+    yield lib
+    fused.decode_block_state(lib, delay_s=0.0, share=before)
+    torch.set_num_threads(threads)
+
+
+LIMITS = [40, 1, 0, 17, 40, 33, 5, 40, 40, 2, 39, 40]  # 0: a hole (never steps)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_a_descheduled_threads_rows_are_taken_over_with_the_same_tokens_and_states(rec, sharing, threads):
+    """The threaded block's first thread to start sleeps 50 ms in its first round, holding its group, as a
+    descheduled thread would: the other threads take the rest of the groups (its own included) through
+    their rounds (rounds are taken over), and every row's tokens, state and seen set are still the one-step
+    loop's. With sharing off (each thread keeps its share of the rows: the order before) nothing is taken
+    over and the results are the same."""
+    torch.set_num_threads(threads)
+    B = len(PARAMS)  # groups of 2 rows through rounds of 3 steps: 6 rows (3 groups) a thread at 2 threads
+    state, tok = _prefilled(rec, B, seed=6)
+    seen = torch.rand(B, V, generator=torch.Generator().manual_seed(6)) < 0.2
+    ref = _one_step(rec, state, tok, PARAMS, LIMITS, seen)
+    for share in (True, False):
+        fused.decode_block_state(sharing, share=share)
+        before = fused.decode_block_state(sharing, delay_s=0.05)[0]
+        toks, new_state, new_seen, _ = _block(rec, state, tok, PARAMS, LIMITS, seen, K=40, schedule=(2, 3))
+        taken = fused.decode_block_state(sharing)[0] - before
+        assert (taken > 0) == share, (share, taken)
+        for r in range(B):
+            assert toks[r] == ref[r][0], f"share={share} row {r}"
+            assert torch.equal(rows(rec, new_state, slice(r, r + 1)), ref[r][1]), f"share={share} row {r}"
+            assert torch.equal(new_seen[r : r + 1], ref[r][2])
+
+
+def test_an_interrupt_mid_block_ends_each_group_after_its_round_with_every_row_exact(rec, sharing):
+    """The flag set 10 ms into a block whose first thread sleeps 100 ms holding a group: each group ends after
+    the round it is in (the sleeping thread's after its first), so rows end at different steps, each at a
+    round's end (3 steps) unless its limit came first, and each row's tokens and state are the one-step
+    loop's for as many tokens as it made."""
+    torch.set_num_threads(2)
+    fused.decode_block_state(sharing, share=True)
+    B = len(PARAMS)
+    state, tok = _prefilled(rec, B, seed=7)
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    gens = [p.generator() for p in PARAMS]
+    flag = ctypes.c_int(0)
+    setter = threading.Timer(0.01, lambda: setattr(flag, "value", 1))
+    x = state.clone()
+    fused.decode_block_state(sharing, delay_s=0.1)
+    setter.start()
+    res = rec.decode_block(
+        40, x, tok.clone(), settings=row_settings(PARAMS, V), counts=torch.zeros(B, V),
+        key=uint64_bits([g.key for g in gens]), counter=uint64_bits([g.counter for g in gens]),
+        limit=torch.tensor(LIMITS), stops=[[]] * B, history=[b""] * B, seen=seen.clone(), interrupt=flag,
+        schedule=(2, 3),
+    )  # fmt: skip
+    setter.join()
+    made = res.n_out.tolist()
+    assert all(n == lim or (n > 0 and n % 3 == 0) for n, lim in zip(made, LIMITS) if lim), made
+    assert any(n < lim for n, lim in zip(made, LIMITS)), made  # (at least the sleeping thread's group)
+    ref = _one_step(rec, state, tok, PARAMS, made, seen)
+    for r in range(B):
+        assert res.tokens[: made[r], r].tolist() == ref[r][0], f"row {r}"
+        assert torch.equal(rows(rec, x, slice(r, r + 1)), ref[r][1]), f"row {r}: state"
 
 
 @pytest.mark.parametrize("schedule", [(-1, 1), (8, 0)])

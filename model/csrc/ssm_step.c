@@ -1445,18 +1445,18 @@ void philox_uniforms(long n, const uint64_t *key, const uint64_t *counter, float
  * stopped[r] = 1 when a stop sequence ended it, times[k] CLOCK_MONOTONIC seconds after step k.
  * A row stops stepping at a stop or its limit: its state is then exactly the one-step path's (the
  * step of its last token applied, nothing after), and other rows' arithmetic does not depend on it.
- * parallel_rows: from this many rows on, the rows are split over the threads (each thread takes its
- * share through all K steps).
- * Schedule (group_rows G, group_steps S): the block runs in rounds of S steps; in a round each thread
- * takes its rows G at a time through the round's S steps before the next G, so a group's state stays
- * in cache for S steps instead of being reloaded from memory every step (from batch 64 the text
- * model's states, 0.27 MiB a row, spill this machine's last-level cache: bench.step). A thread with at
- * most G rows (or G ≤ 0) takes them all at once, one step per round (the order before). Rows never
- * interact, so the order changes no row's tokens or state, only when each is made.
- * interrupt (or NULL): when another thread sets *interrupt, each thread ends the block after its current
- * round (every block makes at least one round), so new work waits for about S steps.
+ * parallel_rows: from this many rows on, the rows are split over the threads.
+ * Schedule (group_rows G, group_steps S): each thread's share of the rows (Btot / threads) is cut into
+ * groups of G rows, and a group is taken through rounds of S steps, so its state stays in cache for S
+ * steps instead of being reloaded from memory every step (from batch 64 the text model's states, 0.27 MiB
+ * a row, spill this machine's last-level cache: bench.step). A share of at most G rows (or G ≤ 0) is one
+ * group, one step a round (the order before). The threads share the groups (decode_shared: the free group
+ * furthest behind next), so a descheduled thread holds up one group's round, not its whole share.
+ * Rows never interact, so the order changes no row's tokens or state, only when each is made.
+ * interrupt (or NULL): when another thread sets *interrupt, each group ends the block after its current
+ * round (a group that has made none makes one), so new work waits for about S steps of G rows.
  * Returns the number of steps run (≤ K; fewer when every row has stopped or on an interrupt; rows of
- * different threads may then have made different numbers), or < 0 on error. */
+ * different groups may then have made different numbers), or < 0 on error. */
 
 static int sample_and_check(long B, const long *rows, long V, const float *logits, long k, long Btot, long *tok,
                             const SampleArgs *a, const uint64_t *key, uint64_t *counter, const long *stop_first,
@@ -1651,8 +1651,8 @@ typedef struct {
     double *tbuf; /* (threads, K): when each thread finished each step */
 } DecodeJob;
 
-/* Thread t of nt's share of a decode block's rows through steps k_start … K − 1; *steps_out: one past the
- * last step it ran (0: none). Returns 0 or an error code. */
+/* Thread t of nt's share of a decode block's rows through steps k_start … K − 1, round by round (a block in
+ * one thread: nt = 1, t = 0); *steps_out: one past the last step it ran (0: none). Returns 0 or an error code. */
 static int decode_rows(const DecodeJob *j, long t, long nt, long k_start, long *steps_out) {
     const long K = j->K, Btot = j->Btot, V = j->V;
     const long lo = Btot * t / nt, hi = Btot * (t + 1) / nt, n = hi - lo;
@@ -1685,6 +1685,128 @@ static int decode_rows(const DecodeJob *j, long t, long nt, long k_start, long *
             }
         }
         if (steps < k1) break; /* every row of this thread has stopped */
+    }
+    free(rows);
+    free(logits);
+    *steps_out = steps;
+    return rc;
+}
+
+/* For the tests and bench.split: whether the threads of a decode block share its groups (1, the default) or each
+ * keeps its own (0: decode_rows' fixed shares, the order before); the first thread to start the next threaded
+ * block sleeps this long (ns) in its first round, holding that group, as a descheduled thread would (0: never);
+ * the group rounds
+ * run by another thread than their owner since the library was loaded. */
+static long block_share = 1, block_test_delay = 0, block_taken_over = 0;
+
+/* out[0]: the group rounds taken over so far; out[1]: the sharing setting before this call. With share ≥ 0 the
+ * sharing becomes share (0: off, else on); with delay_ns ≥ 0, the next threaded block's first thread to start
+ * sleeps delay_ns in its first round. */
+void decode_block_state(long delay_ns, long share, long *out) {
+    if (delay_ns >= 0) __atomic_store_n(&block_test_delay, delay_ns, __ATOMIC_RELAXED);
+    out[0] = __atomic_load_n(&block_taken_over, __ATOMIC_RELAXED);
+    out[1] = share >= 0 ? __atomic_exchange_n(&block_share, share != 0, __ATOMIC_RELAXED)
+                        : __atomic_load_n(&block_share, __ATOMIC_RELAXED);
+}
+
+/* The groups of a decode block's rows shared by its threads (decode_shared). Group i: rows [lo, hi), taken
+ * through rounds of S steps; k: its next step (a round's first while no thread holds it); busy: a thread holds
+ * it; done: every row of it has stopped. Guarded by lock (an atomic flag, held for a scan of the groups). */
+typedef struct {
+    long lo, hi, S, k, owner; /* owner: the thread decode_rows' schedule gives it */
+    int busy, done;
+} BlockGroup;
+
+typedef struct {
+    BlockGroup *g;
+    long n;
+    int lock, failed;
+} BlockGroups;
+
+/* The groups of decode_rows' schedule for nt threads: thread t's share [Btot t / nt, Btot (t + 1) / nt) in groups
+ * of G rows (one group, one step a round, when the share has at most G rows). Returns the count (≤ Btot). */
+static long block_groups(const DecodeJob *j, long nt, BlockGroup *out) {
+    long n = 0;
+    for (long t = 0; t < nt; t++) {
+        const long lo = j->Btot * t / nt, hi = j->Btot * (t + 1) / nt, m = hi - lo;
+        const long G = j->group_rows > 0 && j->group_rows < m ? j->group_rows : m;
+        const long S = G < m && j->group_steps > 0 ? j->group_steps : 1;
+        for (long g = lo; g < hi; g += G) out[n++] = (BlockGroup){g, g + G < hi ? g + G : hi, S, 0, t, 0, 0};
+    }
+    return n;
+}
+
+/* Thread t's part of a decode block whose threads share the groups of decode_rows' schedule: each thread takes
+ * the free group furthest behind (the lowest k, then the lowest index) through its next round, and so on until
+ * every group has made K steps or stopped. Nothing ties a group to a thread, so a thread that is descheduled (a
+ * busy machine) holds up one group's round, not its whole share of the block: the other threads take the rest.
+ * Each group still steps the rows it would in decode_rows, round by round, so every row's tokens and state are
+ * bit for bit the same. The interrupt ends each group after its current round (a group that has made none
+ * makes one); groups may then have made different numbers of steps. A thread that finds no free group while
+ * another holds one that will have rounds left waits for it (sched_yield). *steps_out: one past the last step
+ * this thread ran. Returns 0 or an error code. */
+static int decode_shared(const DecodeJob *j, BlockGroups *gs, long t, long nt, long *steps_out) {
+    const long K = j->K, Btot = j->Btot, V = j->V;
+    const int share = __atomic_load_n(&block_share, __ATOMIC_RELAXED) != 0;
+    /* the test's descheduled thread: the first to start, in its first round (which it starts at once) */
+    long delay = nt > 1 ? __atomic_exchange_n(&block_test_delay, 0, __ATOMIC_RELAXED) : 0;
+    long most = 1;
+    for (long i = 0; i < gs->n; i++)
+        if (gs->g[i].hi - gs->g[i].lo > most) most = gs->g[i].hi - gs->g[i].lo;
+    long *rows = malloc(sizeof(long) * (size_t)most);
+    float *logits = malloc(sizeof(float) * (size_t)most * (size_t)V);
+    int rc = rows && logits ? 0 : -2;
+    long steps = 0;
+    while (rc == 0) {
+        const int stop = j->interrupt && __atomic_load_n(j->interrupt, __ATOMIC_RELAXED);
+        long pick = -1;
+        int wait = 0;
+        while (__atomic_test_and_set(&gs->lock, __ATOMIC_ACQUIRE)) _mm_pause();
+        if (!__atomic_load_n(&gs->failed, __ATOMIC_RELAXED))
+            for (long i = 0; i < gs->n; i++) {
+                const BlockGroup *g = &gs->g[i];
+                if (g->done || g->k >= K || (stop && g->k > 0) || (!share && g->owner != t)) continue;
+                if (g->busy) /* its round may leave it more: wait for it unless the interrupt ends it */
+                    wait |= !stop;
+                else if (pick < 0 || g->k < gs->g[pick].k)
+                    pick = i;
+            }
+        if (pick >= 0) gs->g[pick].busy = 1;
+        __atomic_clear(&gs->lock, __ATOMIC_RELEASE);
+        if (pick < 0) {
+            if (!wait) break;
+            sched_yield();
+            continue;
+        }
+        BlockGroup *g = &gs->g[pick];
+        const long k0 = g->k, k1 = (k0 / g->S + 1) * g->S < K ? (k0 / g->S + 1) * g->S : K;
+        long k = k0;
+        for (; k < k1 && rc == 0; k++) {
+            long B = 0;
+            for (long r = g->lo; r < g->hi; r++)
+                if (!j->stopped[r] && j->n_out[r] < j->limit[r]) rows[B++] = r;
+            if (B == 0) break;
+            rc = j->step_rows(j->ctx, B, Btot, rows, j->tok, j->state, logits);
+            if (rc == 0) /* this group's rows only: no other thread reads or writes them */
+                rc = sample_and_check(B, rows, V, logits, k, Btot, j->tok, j->args, j->key, j->counter,
+                                      j->stop_first, j->stop_off, j->stop_data, j->hist, j->hist_cap, j->hist_len,
+                                      j->seen, j->out_tok, j->n_out, j->stopped);
+            if (delay > 0) {
+                const struct timespec ts = {delay / 1000000000L, delay % 1000000000L};
+                nanosleep(&ts, NULL);
+                delay = 0;
+            }
+            const double now = monotonic_s(); /* step k is done when its last group is */
+            if (now > j->tbuf[t * K + k]) j->tbuf[t * K + k] = now;
+            if (k + 1 > steps) steps = k + 1;
+        }
+        while (__atomic_test_and_set(&gs->lock, __ATOMIC_ACQUIRE)) _mm_pause();
+        g->done = k < k1; /* (every row stopped, or an error: nobody takes it again) */
+        g->k = k;
+        g->busy = 0;
+        if (rc != 0) gs->failed = 1;
+        if (g->owner != t) __atomic_add_fetch(&block_taken_over, 1, __ATOMIC_RELAXED);
+        __atomic_clear(&gs->lock, __ATOMIC_RELEASE);
     }
     free(rows);
     free(logits);
@@ -1788,15 +1910,23 @@ static long decode_block(StepRowsFn step_rows, const void *ctx, long parallel_ro
             if (more > steps) steps = more;
         }
     } else {
-        /* Each thread takes a fixed share of the rows through all K steps on its own: rows never interact,
-         * so no thread waits for another between steps (a per-step barrier stalls whenever the machine is
-         * busy and one thread is descheduled). */
+        /* The threads share the rows' groups (decode_shared): rows never interact, so no thread waits for
+         * another between steps (a per-step barrier stalls whenever the machine is busy and one thread is
+         * descheduled), and a descheduled thread's rows are taken on by the others. */
+        BlockGroups gs = {malloc(sizeof(BlockGroup) * (size_t)Btot), 0, 0, 0};
+        if (!gs.g) {
+            free(tbuf);
+            return -2;
+        }
 #pragma omp parallel num_threads(nt_max) reduction(min : rc) reduction(max : steps)
         {
             long my_steps = 0; /* (the reduction copies start at min's and max's identities) */
-            rc = decode_rows(&job, omp_get_thread_num(), omp_get_num_threads(), 0, &my_steps);
+#pragma omp single
+            gs.n = block_groups(&job, omp_get_num_threads(), gs.g);
+            rc = decode_shared(&job, &gs, omp_get_thread_num(), omp_get_num_threads(), &my_steps);
             steps = my_steps;
         }
+        free(gs.g);
     }
     for (long k = 0; k < steps; k++) { /* step k is done when the last thread that ran it is */
         times[k] = k > 0 ? times[k - 1] : 0.0; /* and not before step k − 1 (a group whose rows all
