@@ -492,15 +492,23 @@ def test_the_row_tiles_stay_bit_identical_when_built_for_older_x86(tmp_path, ext
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 target flags")
 @pytest.mark.parametrize(
     "extra",
-    [None, ("-mno-avx512f",), ("-mno-avx512f", "-mno-avx2", "-mno-fma")],
-    ids=["native_build", "own_flags_avx2", "own_flags_portable"],  # own_flags: not the width pass's build
+    [
+        None,
+        ("-mno-avx512f",),
+        ("-mno-avx512f", "-mno-avx2", "-mno-fma"),
+        ("-march=x86-64", "-Werror=implicit-function-declaration"),  # no x86 intrinsics header at all
+    ],
+    # own_flags: not the width pass's build
+    ids=["native_build", "own_flags_avx2", "own_flags_portable", "own_flags_baseline"],
 )
 def test_the_diagonal_step_with_a_partial_last_vector_is_exact_in_every_x86_build(tmp_path, extra):
     """A channel's last M mod 8 modes go through one partial vector: masked loads and stores with
     AVX-512VL or AVX2 (a run-time-size memcpy before, a libc call per load on AVX2: the text model's
     M = 35 made its batch-1 step 1.3x and its batch-8 step 2.2x slower there), a copy in the portable
     build. Every build: float64's values to float32 rounding, nothing written past a row's last mode
-    (the imaginary parts follow the real ones; a sentinel follows the buffer)."""
+    (the imaginary parts follow the real ones; a sentinel follows the buffer). The baseline x86-64 build
+    (no immintrin.h) compiles and loads: an intrinsic used outside the header's guard (the decode block's
+    spin lock once called _mm_pause) left an undefined symbol that failed the library's load)."""
     g = torch.Generator().manual_seed(11)
     if extra is None:  # the library the suite runs on (S4_CFLAGS included)
         lib = fused.library()

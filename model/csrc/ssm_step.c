@@ -1723,6 +1723,15 @@ typedef struct {
     int lock, failed;
 } BlockGroups;
 
+/* Takes gs->lock (held for a scan of the groups: spins). */
+static inline void block_groups_lock(BlockGroups *gs) {
+    while (__atomic_test_and_set(&gs->lock, __ATOMIC_ACQUIRE)) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+}
+
 /* The groups of decode_rows' schedule for nt threads: thread t's share [Btot t / nt, Btot (t + 1) / nt) in groups
  * of G rows (one group, one step a round, when the share has at most G rows). Returns the count (≤ Btot). */
 static long block_groups(const DecodeJob *j, long nt, BlockGroup *out) {
@@ -1761,7 +1770,7 @@ static int decode_shared(const DecodeJob *j, BlockGroups *gs, long t, long nt, l
         const int stop = j->interrupt && __atomic_load_n(j->interrupt, __ATOMIC_RELAXED);
         long pick = -1;
         int wait = 0;
-        while (__atomic_test_and_set(&gs->lock, __ATOMIC_ACQUIRE)) _mm_pause();
+        block_groups_lock(gs);
         if (!__atomic_load_n(&gs->failed, __ATOMIC_RELAXED))
             for (long i = 0; i < gs->n; i++) {
                 const BlockGroup *g = &gs->g[i];
@@ -1800,7 +1809,7 @@ static int decode_shared(const DecodeJob *j, BlockGroups *gs, long t, long nt, l
             if (now > j->tbuf[t * K + k]) j->tbuf[t * K + k] = now;
             if (k + 1 > steps) steps = k + 1;
         }
-        while (__atomic_test_and_set(&gs->lock, __ATOMIC_ACQUIRE)) _mm_pause();
+        block_groups_lock(gs);
         g->done = k < k1; /* (every row stopped, or an error: nobody takes it again) */
         g->k = k;
         g->busy = 0;
