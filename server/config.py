@@ -119,7 +119,7 @@ class Settings(BaseSettings):
         "`prefill_chunk_tokens`); shortest prompts first, a prompt passed over goes first next time",
     )
     decode_block_ms: float = Field(
-        20.0,
+        40.0,
         ge=0,
         le=100,
         description="the engine decodes 8 steps, or more (≤ 64) while within this time, "
