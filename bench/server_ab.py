@@ -1,0 +1,200 @@
+"""Two servers side by side: bench.server's steady WebSocket closed loop (`websocket_steady`: n sessions,
+32-token prompts, each sending its next turn as soon as the last is done) against server A and server B in
+turn, in alternated pairs (A B, B A, A B, ...), both up for the whole run, so that both see the same
+machine. On a shared VM one run of the loop swings by ±25 % within minutes, more than most changes worth
+measuring; only the ratio of side-by-side runs separates them. Each server differs by its environment
+(S4_* settings: `--a S4_DECODE_BLOCK_MS=20 --b S4_DECODE_BLOCK_MS=40`) and/or its checkout (`--b-root
+/path/to/another/checkout`, e.g. a `git worktree` of the commit before a change).
+
+Per run: tokens/s received in the window, the server process's CPU over the run (cores, from /proc, and
+µs per token: less noisy than tokens/s where other tenants steal time), TTFT p50 / p99. Reported: each
+pair's B ÷ A, the medians of each server's runs and their ratio, and how many pairs B was ahead in.
+
+    python -m bench.server_ab [--quick] [--a ENV ...] [--b ENV ...] [--a-root DIR] [--b-root DIR]
+                              [--pairs N] [--sessions N] [--seconds S]
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from bench.common import ROOT, _git, bench_main, save_figure, subplots  # noqa: E402
+from bench.server import SIZES, checkpoint, websocket_steady  # noqa: E402
+from server import launch  # noqa: E402
+
+NAME = "server_ab"
+DEFAULTS = {
+    False: {"pairs": 6, "sessions": 64, "seconds": 6.0},
+    True: {"pairs": 1, "sessions": 4, "seconds": 1.0},
+}
+ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+
+
+def parse_env(assignments: list[str] | None) -> dict[str, str]:
+    """["S4_X=1", "S4_Y=a b"] → {"S4_X": "1", "S4_Y": "a b"}. Raises ValueError naming a malformed one
+    (no "=", or a name that is not an environment variable's: capitals, digits, underscores)."""
+    env = {}
+    for item in assignments or []:
+        key, eq, value = item.partition("=")
+        if not eq or not ENV_NAME.fullmatch(key):
+            raise ValueError(f"{item!r} is not NAME=VALUE with NAME in capitals, digits and underscores")
+        env[key] = value
+    return env
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (/proc/PID/stat, Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(
+    quick: bool,
+    a: dict[str, str] | None = None,
+    b: dict[str, str] | None = None,
+    a_root: str | None = None,
+    b_root: str | None = None,
+    pairs: int | None = None,
+    sessions: int | None = None,
+    seconds: float | None = None,
+) -> dict[str, Any]:
+    d = DEFAULTS[quick]
+    pairs, sessions, seconds = pairs or d["pairs"], sessions or d["sessions"], seconds or d["seconds"]
+    sz = dict(SIZES[quick])
+    arms = {"A": (a or {}, Path(a_root).resolve() if a_root else ROOT),
+            "B": (b or {}, Path(b_root).resolve() if b_root else ROOT)}  # fmt: skip
+    out: dict[str, Any] = {
+        "sessions": sessions,
+        "seconds": seconds,
+        "pairs": pairs,
+        "sizes": sz,
+        "servers": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, what = checkpoint(quick, Path(tmp))
+        out["model"] = what
+        n = str(sessions)
+        flags = ["--checkpoints", str(ckpt), "--max-sessions", n, "--max-batch-size", n,
+                 "--max-queued-requests", str(sessions + 8)]  # fmt: skip
+        servers = {}
+        try:
+            for name, (env, root) in arms.items():
+                servers[name] = launch.start_server(flags, timeout_s=300, env=env, cwd=root)
+                commit = _git("-C", str(root), "rev-parse", "--short", "HEAD") or ""
+                out["servers"][name] = {"env": env, "root": str(root), "commit": commit, "runs": []}
+            for p in range(pairs):
+                for name in ("A", "B") if p % 2 == 0 else ("B", "A"):
+                    proc, url = servers[name]
+                    c0 = process_cpu_s(proc.pid)
+                    t0 = time.perf_counter()
+                    st = websocket_steady(url, ckpt.name, sessions, sz, seconds)
+                    cores = (process_cpu_s(proc.pid) - c0) / (time.perf_counter() - t0)
+                    tps = st["tokens_per_s"]
+                    got = {"tokens_per_s": tps, "server_cores": cores,
+                           "server_cpu_us_per_token": cores / tps * 1e6 if tps else None,
+                           "ttft_p50_ms": st["ttft_p50_ms"], "ttft_p99_ms": st["ttft_p99_ms"]}  # fmt: skip
+                    out["servers"][name]["runs"].append(got)
+                    us, p50, p99 = got["server_cpu_us_per_token"] or 0, st["ttft_p50_ms"], st["ttft_p99_ms"]
+                    print(f"pair {p} {name}: {tps:9.0f} tok/s  server {cores:.2f} cores ({us:.0f} µs/token)  "
+                          f"TTFT p50 {p50:.0f} p99 {p99:.0f} ms", flush=True)  # fmt: skip
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(30)
+    out["summary"] = summary(out)
+    s = out["summary"]
+    med, per = s["median_tokens_per_s"], ", ".join(f"{r:.2f}" for r in s["pair_ratios"])
+    print(f"B ÷ A: ratio of the medians {s['ratio_of_medians']:.3f} ({med['B']:.0f} / {med['A']:.0f} tok/s), "
+          f"per pair {per}; B ahead in {s['b_ahead']} of {len(s['pair_ratios'])}", flush=True)  # fmt: skip
+    return out
+
+
+def summary(data: dict[str, Any]) -> dict[str, Any]:
+    """Pair ratios (B ÷ A tokens/s, pair by pair), each server's medians and the ratio of the medians."""
+    runs = {name: s["runs"] for name, s in data["servers"].items()}
+    ratios = [
+        rb["tokens_per_s"] / ra["tokens_per_s"] for ra, rb in zip(runs["A"], runs["B"]) if ra["tokens_per_s"]
+    ]
+    med = {name: statistics.median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
+    cpu = {
+        name: statistics.median(r["server_cpu_us_per_token"] or 0.0 for r in rs) for name, rs in runs.items()
+    }
+    ttft = {name: statistics.median(r["ttft_p99_ms"] for r in rs) for name, rs in runs.items()}
+    return {
+        "pair_ratios": ratios,
+        "b_ahead": sum(r > 1 for r in ratios),
+        "median_tokens_per_s": med,
+        "ratio_of_medians": med["B"] / med["A"] if med["A"] else float("nan"),
+        "median_server_cpu_us_per_token": cpu,
+        "median_ttft_p99_ms": ttft,
+    }
+
+
+def plot(data: dict[str, Any], quick: bool) -> None:
+    fig, (ax1, ax2) = subplots(2, width=11, height=4.5)
+    for name, s in data["servers"].items():
+        label = f"{name}: {' '.join(f'{k}={v}' for k, v in s['env'].items()) or 'defaults'} ({s['commit']})"
+        xs = range(len(s["runs"]))
+        ax1.plot(xs, [r["tokens_per_s"] for r in s["runs"]], "o-", label=label)
+        ax2.plot(xs, [r["server_cpu_us_per_token"] or 0 for r in s["runs"]], "o-", label=label)
+    ax1.set(
+        xlabel="pair", ylabel="tokens/s received", title=f"{data['sessions']} sessions, steady closed loop"
+    )
+    ax2.set(xlabel="pair", ylabel="server CPU µs per token", title="Server CPU per token")
+    ax1.legend(fontsize=8)
+    ax2.legend(fontsize=8)
+    s = data["summary"]
+    title = (f"Two servers side by side: B ÷ A {s['ratio_of_medians']:.3f} (ratio of medians), B ahead in "
+             f"{s['b_ahead']} of {len(s['pair_ratios'])} pairs; {data['model']}")  # fmt: skip
+    save_figure(fig, NAME, quick, title=title)
+
+
+def main(argv=None) -> None:
+    options: dict[str, Any] = {}
+
+    def arguments(parser) -> None:
+        parser.add_argument(
+            "--a", nargs="*", metavar="NAME=VALUE", help="server A's environment (S4_* settings)"
+        )
+        parser.add_argument(
+            "--b", nargs="*", metavar="NAME=VALUE", help="server B's environment (S4_* settings)"
+        )
+        parser.add_argument("--a-root", help="the checkout server A runs from (default this one)")
+        parser.add_argument("--b-root", help="the checkout server B runs from (default this one)")
+        parser.add_argument("--pairs", type=int, help="alternated pairs of runs (default 6; --quick 1)")
+        parser.add_argument("--sessions", type=int, help="concurrent sessions (default 64; --quick 4)")
+        parser.add_argument("--seconds", type=float, help="each run's measured window (default 6; --quick 1)")
+
+    def configure(args) -> bool:
+        for flag, value in (
+            ("--pairs", args.pairs),
+            ("--sessions", args.sessions),
+            ("--seconds", args.seconds),
+        ):
+            if value is not None and not value > 0:
+                raise SystemExit(f"{flag} must be positive, got {value}")
+        for flag, root in (("--a-root", args.a_root), ("--b-root", args.b_root)):
+            if root is not None and not (Path(root) / "server" / "__main__.py").is_file():
+                raise SystemExit(f"{flag} {root} is not a checkout of this project (no server/__main__.py)")
+        try:
+            options.update(a=parse_env(args.a), b=parse_env(args.b))
+        except ValueError as exc:
+            raise SystemExit(f"--a/--b: {exc}") from None
+        options.update(a_root=args.a_root, b_root=args.b_root, pairs=args.pairs, sessions=args.sessions,
+                       seconds=args.seconds)  # fmt: skip
+        return True
+
+    bench_main(argv, __doc__, NAME, lambda quick: run(quick, **options), plot, arguments=arguments,
+               configure=configure)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

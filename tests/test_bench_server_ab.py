@@ -1,0 +1,111 @@
+"""bench.server_ab: two servers side by side (environment and/or checkout), the steady WebSocket loop against
+each in alternated pairs. The orchestration (which server gets which environment and checkout, the
+alternation, the summary's arithmetic) is checked with the servers and the loop stubbed; one quick run
+against two real servers checks the whole path."""
+
+import os
+
+import pytest
+
+from bench import server_ab
+from bench.common import ROOT
+
+
+def test_environment_assignments_are_parsed_and_malformed_ones_refused():
+    assert server_ab.parse_env(None) == {}
+    assert server_ab.parse_env(["S4_DECODE_BLOCK_MS=40", "S4_DTYPE=bfloat16", "X_1=a=b c"]) == {
+        "S4_DECODE_BLOCK_MS": "40",
+        "S4_DTYPE": "bfloat16",
+        "X_1": "a=b c",  # (the first "=" splits)
+    }
+    for bad in ("S4_DECODE_BLOCK_MS", "=1", "s4_lower=1", "S4-DASH=1", "1ST=x", " S4_X=1"):
+        with pytest.raises(ValueError, match="NAME=VALUE"):
+            server_ab.parse_env([bad])
+
+
+def test_each_server_gets_its_environment_and_checkout_and_the_pairs_alternate(monkeypatch, tmp_path):
+    started, order = [], []
+    rates = iter([1000.0, 1200.0, 1300.0, 900.0, 800.0, 1000.0])  # A, B, B, A, A, B: pairs 1.2, 1.0, 1.25
+
+    class Proc:
+        def __init__(self, pid):
+            self.pid = pid
+
+        def terminate(self):
+            started[self.pid]["stopped"] = True
+
+        def wait(self, timeout):
+            return 0
+
+    def start_server(flags, timeout_s, env, cwd):
+        started.append({"flags": flags, "env": env, "cwd": cwd, "stopped": False})
+        return Proc(len(started) - 1), f"http://127.0.0.1:{9000 + len(started)}"
+
+    def steady(url, model, n, sz, seconds):
+        order.append(url)
+        assert n == 3 and seconds == 0.5
+        return {"tokens_per_s": next(rates), "ttft_p50_ms": 5.0, "ttft_p99_ms": 9.0}
+
+    cpu = iter(range(0, 100, 1))  # each server's CPU seconds: +1 over each run
+    monkeypatch.setattr(server_ab.launch, "start_server", start_server)
+    monkeypatch.setattr(server_ab, "websocket_steady", steady)
+    monkeypatch.setattr(server_ab, "process_cpu_s", lambda pid: float(next(cpu)))
+    out = server_ab.run(
+        True, a={"S4_X": "1"}, b={"S4_X": "2"}, b_root=str(tmp_path), pairs=3, sessions=3, seconds=0.5
+    )
+
+    assert [s["env"] for s in started] == [{"S4_X": "1"}, {"S4_X": "2"}]
+    assert [s["cwd"] for s in started] == [ROOT, tmp_path.resolve()]
+    assert all(s["stopped"] for s in started)
+    assert all("--max-sessions" in s["flags"] and "3" in s["flags"] for s in started)
+    a, b = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
+    assert order == [a, b, b, a, a, b]  # A B, then B A, then A B
+    runs = {k: [r["tokens_per_s"] for r in out["servers"][k]["runs"]] for k in "AB"}
+    assert runs == {"A": [1000.0, 900.0, 800.0], "B": [1200.0, 1300.0, 1000.0]}
+    s = out["summary"]
+    assert s["pair_ratios"] == pytest.approx([1.2, 1300 / 900, 1.25])
+    assert s["b_ahead"] == 3
+    assert s["median_tokens_per_s"] == {"A": 900.0, "B": 1200.0}
+    assert s["ratio_of_medians"] == pytest.approx(1200 / 900)
+    for r in out["servers"]["A"]["runs"] + out["servers"]["B"]["runs"]:
+        assert r["server_cpu_us_per_token"] == pytest.approx(r["server_cores"] / r["tokens_per_s"] * 1e6)
+        assert r["server_cores"] > 0
+
+
+def test_a_quick_run_against_two_real_servers(tmp_path, monkeypatch):
+    monkeypatch.setattr(server_ab, "checkpoint", _tiny_checkpoint)
+    out = server_ab.run(True, b={"S4_DECODE_BLOCK_MS": "0"}, pairs=1, sessions=2, seconds=0.5)
+    assert out["servers"]["B"]["env"] == {"S4_DECODE_BLOCK_MS": "0"} and out["servers"]["A"]["env"] == {}
+    for k in "AB":
+        (r,) = out["servers"][k]["runs"]
+        assert r["tokens_per_s"] > 0 and r["server_cores"] > 0 and 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"]
+    s = out["summary"]
+    med = s["median_tokens_per_s"]
+    assert s["ratio_of_medians"] == pytest.approx(med["B"] / med["A"])
+    assert s["pair_ratios"] == pytest.approx([med["B"] / med["A"]])
+    assert s["median_server_cpu_us_per_token"]["A"] > 0 and s["median_server_cpu_us_per_token"]["B"] > 0
+
+
+def _tiny_checkpoint(quick, tmp):
+    import torch
+
+    from model import ModelConfig, SequenceModel, save
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=256, d_model=32, n_layers=2, d_state=8, l_max=64, kernel="s4d", cauchy_backend="torch"
+    )
+    save(SequenceModel(cfg), tmp / "tiny")
+    return tmp / "tiny", f"tiny stand-in: {cfg}"
+
+
+def test_the_cli_refuses_bad_options_before_starting_anything(capsys):
+    for argv, said in (
+        (["--pairs", "0"], "--pairs must be positive"),
+        (["--seconds", "-1"], "--seconds must be positive"),
+        (["--b-root", os.devnull], "is not a checkout of this project"),
+        (["--a", "lowercase=1"], "--a/--b"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            server_ab.main(argv)
+        assert said in str(stop.value), (argv, stop.value)
