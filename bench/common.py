@@ -9,6 +9,7 @@ which reports its result on one marked stdout line (see `child_main` and `run_ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
@@ -19,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,23 @@ def results_dir(quick: bool) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 # Timing
+
+BUSY_LOOP = "while True: pass"  # a CPU-bound process's code (`beside`)
+
+
+@contextlib.contextmanager
+def beside(code: str | None, settle_s: float) -> Iterator[None]:
+    """Run the block beside a Python process executing `code` (BUSY_LOOP: a whole core taken; None:
+    nothing beside it), after waiting `settle_s` seconds (the process's start-up, or a pause before a quiet
+    run). The process is killed and reaped when the block ends, however it ends."""
+    hog = None if code is None else subprocess.Popen([sys.executable, "-c", code])
+    try:
+        time.sleep(settle_s)
+        yield
+    finally:
+        if hog is not None:
+            hog.kill()
+            hog.wait()
 
 
 def time_samples(

@@ -47,7 +47,16 @@ from typing import Any
 
 import torch
 
-from bench.common import ROOT, machine_info, read_results, save_figure, subplots, write_results
+from bench.common import (
+    BUSY_LOOP,
+    ROOT,
+    beside,
+    machine_info,
+    read_results,
+    save_figure,
+    subplots,
+    write_results,
+)
 
 NAME = "prefill"
 CHECKPOINT = ROOT / "checkpoints" / "text-shakespeare"
@@ -187,18 +196,12 @@ def contention(L: int = 2048, rounds: int = 2) -> dict[str, Any]:
     out = []
     for _ in range(rounds):
         for busy in (False, True):
-            hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
-            try:
-                time.sleep(0.3)
+            with beside(BUSY_LOOP if busy else None, 0.3):
                 r: dict[str, Any] = {"busy": busy, "load_average": os.getloadavg()[0]}
                 for name, rec in impls.items():
                     st = rec.init_state(1)
                     r[name] = statistics.median(_timed(lambda: rec.prefill(tok, st)) for _ in range(3))
                 r["step"] = statistics.median(_timed(stepping) for _ in range(2))
-            finally:
-                if hog is not None:
-                    hog.kill()
-                    hog.wait()
             out.append(r)
             times = ", ".join(f"{k} {r[k] * 1e3:.0f} ms" for k in (*impls, "step"))
             print(f"busy process {busy}: {times}", flush=True)

@@ -26,15 +26,13 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as server/__main__.py: before torch loads libgomp
 
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
 
-from bench.common import ROOT, bench_main, fmt, save_figure, subplots  # noqa: E402
+from bench.common import BUSY_LOOP, ROOT, bench_main, beside, fmt, save_figure, subplots  # noqa: E402
 
 NAME = "split"
 TEXT = ROOT / "checkpoints/text-shakespeare"
@@ -111,7 +109,7 @@ HOGS = {  # the processes beside the shared-groups comparison: a quarter of a co
     "quiet": None,
     "quarter core": "import time\nwhile True:\n    t = time.perf_counter()\n"
     "    while time.perf_counter() - t < 1e-3: pass\n    time.sleep(3e-3)",
-    "busy": "while True: pass",
+    "busy": BUSY_LOOP,
 }
 
 
@@ -126,9 +124,7 @@ def shared_rows(lib, recs: list[tuple[str, Any]], size: dict) -> list[dict[str, 
     try:
         torch.set_num_threads(2)
         for condition, code in HOGS.items():
-            hog = None if code is None else subprocess.Popen([sys.executable, "-c", code])
-            time.sleep(0.3)
-            try:
+            with beside(code, 0.3):
                 for B in size["shared_batches"]:
                     got: dict[str, list[float]] = {"fixed": [], "shared": []}
                     for i in range(size["shared_rounds"] + 1):  # the first round warms up
@@ -147,10 +143,6 @@ def shared_rows(lib, recs: list[tuple[str, Any]], size: dict) -> list[dict[str, 
                     print(f"{name}, {condition}, batch {B}, 2 threads: {fixed:,.0f} tokens/s with fixed "
                           f"shares, {shared:,.0f} with the groups shared ({shared / fixed:.2f}x)",
                           flush=True)  # fmt: skip
-            finally:
-                if hog is not None:
-                    hog.kill()
-                    hog.wait()
     finally:
         torch.set_num_threads(threads)
         fused.decode_block_state(lib, share=share)
@@ -174,11 +166,7 @@ def run(quick: bool) -> dict[str, Any]:
     recs = models(quick)
     for condition in ("quiet", "busy"):  # every quiet run first: a busy run leaves the guard paused up to 1 s
         for name, rec in recs:
-            hog = None
-            if condition == "busy":
-                hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-                time.sleep(0.5)
-            try:
+            with beside(BUSY_LOOP, 0.5) if condition == "busy" else beside(None, 0):
                 for B in size["batches"] if condition == "quiet" else size["batches"][:1]:
                     rounds = size["rounds"] if condition == "quiet" else size["busy_rounds"]
                     r = compare(lambda: block_us(rec, B, size["K"]), rounds)
@@ -191,10 +179,6 @@ def run(quick: bool) -> dict[str, Any]:
                     })  # fmt: skip
                     print(f"{name}, {condition}, batch {B}: {fmt(one)} µs a step on 1 thread, {fmt(two)} "
                           f"split over 2 ({one / two:.2f}x)", flush=True)  # fmt: skip
-            finally:
-                if hog is not None:
-                    hog.kill()
-                    hog.wait()
     prefill = []
     left = fused.step_split_state(lib)[1]  # the busy runs' last pause: over before the prefill is timed
     time.sleep(max(left, 0.0) + 0.05)
