@@ -1651,6 +1651,37 @@ typedef struct {
     double *tbuf; /* (threads, K): when each thread finished each step */
 } DecodeJob;
 
+/* Rows [lo, hi) of a decode block (one group) through steps k0 … k1 − 1 in thread t, each step the group's
+ * live rows (not stopped, under their limit) stepped, sampled and checked together; tbuf[t K + k] and
+ * *steps (one past the last step run) updated. *delay_ns (or NULL): the test's descheduled thread sleeps
+ * that long after its first step, once. Returns the step it stopped at: k1, or the first at which every
+ * row of the group had stopped (or one past a step that failed: *rc). */
+static long group_round(const DecodeJob *j, long lo, long hi, long k0, long k1, long t, long *rows, float *logits,
+                        long *delay_ns, long *steps, int *rc) {
+    const long K = j->K, Btot = j->Btot, V = j->V;
+    long k = k0;
+    for (; k < k1 && *rc == 0; k++) {
+        long B = 0;
+        for (long r = lo; r < hi; r++)
+            if (!j->stopped[r] && j->n_out[r] < j->limit[r]) rows[B++] = r;
+        if (B == 0) break;
+        *rc = j->step_rows(j->ctx, B, Btot, rows, j->tok, j->state, logits);
+        if (*rc == 0) /* this group's rows only: no other thread reads or writes them */
+            *rc = sample_and_check(B, rows, V, logits, k, Btot, j->tok, j->args, j->key, j->counter, j->stop_first,
+                                   j->stop_off, j->stop_data, j->hist, j->hist_cap, j->hist_len, j->seen,
+                                   j->out_tok, j->n_out, j->stopped);
+        if (delay_ns && *delay_ns > 0) {
+            const struct timespec ts = {*delay_ns / 1000000000L, *delay_ns % 1000000000L};
+            nanosleep(&ts, NULL);
+            *delay_ns = 0;
+        }
+        const double now = monotonic_s(); /* step k is done when its last group is */
+        if (now > j->tbuf[t * K + k]) j->tbuf[t * K + k] = now;
+        if (k + 1 > *steps) *steps = k + 1;
+    }
+    return k;
+}
+
 /* Thread t of nt's share of a decode block's rows through steps k_start … K − 1, round by round (a block in
  * one thread: nt = 1, t = 0); *steps_out: one past the last step it ran (0: none). Returns 0 or an error code. */
 static int decode_rows(const DecodeJob *j, long t, long nt, long k_start, long *steps_out) {
@@ -1668,22 +1699,8 @@ static int decode_rows(const DecodeJob *j, long t, long nt, long k_start, long *
     for (long k0 = k_start, k1; k0 < K && rc == 0; k0 = k1) {
         if (k0 > 0 && k0 % S == 0 && j->interrupt && __atomic_load_n(j->interrupt, __ATOMIC_RELAXED)) break;
         k1 = (k0 / S + 1) * S < K ? (k0 / S + 1) * S : K;
-        for (long g = lo; g < hi && rc == 0; g += G) { /* each group of G rows through the round */
-            const long g1 = g + G < hi ? g + G : hi;
-            for (long k = k0; k < k1 && rc == 0; k++) {
-                long B = 0;
-                for (long r = g; r < g1; r++)
-                    if (!j->stopped[r] && j->n_out[r] < j->limit[r]) rows[B++] = r;
-                if (B == 0) break;
-                rc = j->step_rows(j->ctx, B, Btot, rows, j->tok, j->state, logits);
-                if (rc == 0) /* this thread's rows only: no other thread reads or writes them */
-                    rc = sample_and_check(B, rows, V, logits, k, Btot, j->tok, j->args, j->key, j->counter,
-                                          j->stop_first, j->stop_off, j->stop_data, j->hist, j->hist_cap,
-                                          j->hist_len, j->seen, j->out_tok, j->n_out, j->stopped);
-                j->tbuf[t * K + k] = monotonic_s(); /* step k is done when its last group is */
-                if (k + 1 > steps) steps = k + 1;
-            }
-        }
+        for (long g = lo; g < hi && rc == 0; g += G) /* each group of G rows through the round */
+            group_round(j, g, g + G < hi ? g + G : hi, k0, k1, t, rows, logits, NULL, &steps, &rc);
         if (steps < k1) break; /* every row of this thread has stopped */
     }
     free(rows);
@@ -1755,7 +1772,7 @@ static long block_groups(const DecodeJob *j, long nt, BlockGroup *out) {
  * another holds one that will have rounds left waits for it (sched_yield). *steps_out: one past the last step
  * this thread ran. Returns 0 or an error code. */
 static int decode_shared(const DecodeJob *j, BlockGroups *gs, long t, long nt, long *steps_out) {
-    const long K = j->K, Btot = j->Btot, V = j->V;
+    const long K = j->K, V = j->V;
     const int share = __atomic_load_n(&block_share, __ATOMIC_RELAXED) != 0;
     /* the test's descheduled thread: the first to start, in its first round (which it starts at once) */
     long delay = nt > 1 ? __atomic_exchange_n(&block_test_delay, 0, __ATOMIC_RELAXED) : 0;
@@ -1789,26 +1806,7 @@ static int decode_shared(const DecodeJob *j, BlockGroups *gs, long t, long nt, l
         }
         BlockGroup *g = &gs->g[pick];
         const long k0 = g->k, k1 = (k0 / g->S + 1) * g->S < K ? (k0 / g->S + 1) * g->S : K;
-        long k = k0;
-        for (; k < k1 && rc == 0; k++) {
-            long B = 0;
-            for (long r = g->lo; r < g->hi; r++)
-                if (!j->stopped[r] && j->n_out[r] < j->limit[r]) rows[B++] = r;
-            if (B == 0) break;
-            rc = j->step_rows(j->ctx, B, Btot, rows, j->tok, j->state, logits);
-            if (rc == 0) /* this group's rows only: no other thread reads or writes them */
-                rc = sample_and_check(B, rows, V, logits, k, Btot, j->tok, j->args, j->key, j->counter,
-                                      j->stop_first, j->stop_off, j->stop_data, j->hist, j->hist_cap, j->hist_len,
-                                      j->seen, j->out_tok, j->n_out, j->stopped);
-            if (delay > 0) {
-                const struct timespec ts = {delay / 1000000000L, delay % 1000000000L};
-                nanosleep(&ts, NULL);
-                delay = 0;
-            }
-            const double now = monotonic_s(); /* step k is done when its last group is */
-            if (now > j->tbuf[t * K + k]) j->tbuf[t * K + k] = now;
-            if (k + 1 > steps) steps = k + 1;
-        }
+        const long k = group_round(j, g->lo, g->hi, k0, k1, t, rows, logits, &delay, &steps, &rc);
         block_groups_lock(gs);
         g->done = k < k1; /* (every row stopped, or an error: nobody takes it again) */
         g->k = k;
