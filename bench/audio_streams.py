@@ -45,6 +45,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from bench.common import (  # noqa: E402
     ROOT,
+    cpu_seconds,
     fmt,
     log2_axis,
     read_results,
@@ -220,16 +221,6 @@ def delivery_cost(block: int, samples: int = 100_000, repeat: int = 3) -> dict[s
             best = min(best, time.perf_counter() - t0)
         out[name] = 1e6 * best / (len(blocks) * block)
     return out
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc; NaN elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return float("nan")
 
 
 def audio_model(url: str) -> tuple[str, int]:

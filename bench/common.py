@@ -44,6 +44,17 @@ def results_dir(quick: bool) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Timing
 
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
 BUSY_LOOP = "while True: pass"  # a CPU-bound process's code (`beside`)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench.common import ROOT, _git, bench_main, save_figure, subplots  # noqa: E402
+from bench.common import ROOT, _git, bench_main, cpu_seconds, save_figure, subplots  # noqa: E402
 from bench.server import SIZES, checkpoint, websocket_steady  # noqa: E402
 from server import launch  # noqa: E402
 
@@ -48,12 +48,6 @@ def parse_env(assignments: list[str] | None) -> dict[str, str]:
             raise ValueError(f"{item!r} is not NAME=VALUE with NAME in capitals, digits and underscores")
         env[key] = value
     return env
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far (/proc/PID/stat, Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run(
@@ -93,10 +87,10 @@ def run(
             for p in range(pairs):
                 for name in ("A", "B") if p % 2 == 0 else ("B", "A"):
                     proc, url = servers[name]
-                    c0 = process_cpu_s(proc.pid)
+                    c0 = cpu_seconds(proc.pid)
                     t0 = time.perf_counter()
                     st = websocket_steady(url, ckpt.name, sessions, sz, seconds)
-                    cores = (process_cpu_s(proc.pid) - c0) / (time.perf_counter() - t0)
+                    cores = (cpu_seconds(proc.pid) - c0) / (time.perf_counter() - t0)
                     tps = st["tokens_per_s"]
                     got = {"tokens_per_s": tps, "server_cores": cores,
                            "server_cpu_us_per_token": cores / tps * 1e6 if tps else None,

@@ -49,7 +49,7 @@ def test_each_server_gets_its_environment_and_checkout_and_the_pairs_alternate(m
     cpu = iter(range(0, 100, 1))  # each server's CPU seconds: +1 over each run
     monkeypatch.setattr(server_ab.launch, "start_server", start_server)
     monkeypatch.setattr(server_ab, "websocket_steady", steady)
-    monkeypatch.setattr(server_ab, "process_cpu_s", lambda pid: float(next(cpu)))
+    monkeypatch.setattr(server_ab, "cpu_seconds", lambda pid: float(next(cpu)))
     out = server_ab.run(
         True, a={"S4_X": "1"}, b={"S4_X": "2"}, b_root=str(tmp_path), pairs=3, sessions=3, seconds=0.5
     )
