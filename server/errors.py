@@ -168,6 +168,14 @@ def unavailable(message: str) -> APIError:
     return APIError(503, message, retry_after=5.0)
 
 
+def malformed_json(reason: str, pos: int | None = None) -> APIError:
+    """400 for a body or WebSocket message that is not JSON, in one wording on every route: Python's json
+    reason and the 0-based character where it stopped (`json.JSONDecodeError`'s msg and pos), e.g.
+    "malformed JSON: Expecting value at character 10"."""
+    where = f" at character {pos}" if isinstance(pos, int) else ""
+    return APIError(400, f"malformed JSON: {reason}{where}")
+
+
 def validation_error(errors: list[dict], content_type: str | None = None) -> APIError:
     """The first pydantic error as an APIError naming its field: 400 for malformed JSON; for the body as a
     whole, 415 when it was not sent as JSON (`content_type`, the request's header, is not
@@ -175,8 +183,9 @@ def validation_error(errors: list[dict], content_type: str | None = None) -> API
     a form) and 422 when it is missing; else 422."""
     e = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path")]
-    if e.get("type") == "json_invalid":
-        return APIError(400, f"malformed JSON: {e.get('ctx', {}).get('error', e.get('msg'))}")
+    if e.get("type") == "json_invalid":  # FastAPI's: loc ("body", the character where Python's json stopped)
+        pos = e.get("loc", ())[1:2]
+        return malformed_json(e.get("ctx", {}).get("error", e.get("msg")), pos[0] if pos else None)
     if tuple(e.get("loc", ())) == ("body",):  # the body itself, not one of its fields
         media = (content_type or "").split(";")[0].strip().lower()
         if e.get("type") == "missing":

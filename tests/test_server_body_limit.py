@@ -257,6 +257,39 @@ def test_a_prompt_with_a_lone_surrogate_is_refused_naming_it_on_every_route(clie
         assert json.loads(ws.recv(timeout=30))["type"] == "session"
 
 
+def test_malformed_json_is_one_400_with_the_reason_and_place_on_every_route(client, server):
+    """Every route that takes a JSON body, and the WebSocket, say the same for the same malformed text:
+    Python's json reason and the character where it stopped. The WebSocket said pydantic's "expected
+    ident at line 1 column 2" where HTTP said "Expecting value" with no place (a fresh-user trial)."""
+    from websockets.sync.client import connect
+
+    sid = client.post("/v1/sessions", json={"model": TEXT}).json()["session_id"]
+    routes = ["/v1/generate", "/v1/completions", "/v1/chat/completions", "/v1/sessions"]
+    routes.append(f"/v1/sessions/{sid}/append")
+    cases = [  # (text, what json.loads says): each reason's place computed here, not copied from the server
+        ('{"type": "generate", "model": ', "Expecting value"),
+        ('{"type" "generate"}', "Expecting ':' delimiter"),
+        ("{'type': 'generate'}", "Expecting property name enclosed in double quotes"),
+        ('{"type": "generate"} x', "Extra data"),
+    ]  # (an empty body is another refusal: 422, "the body is missing")
+    with connect(server.ws_url) as ws:
+        for text, reason in cases:
+            with pytest.raises(json.JSONDecodeError) as bad:
+                json.loads(text)
+            assert bad.value.msg == reason
+            want = f"malformed JSON: {reason} at character {bad.value.pos}"
+            for path in routes:
+                r = client.post(path, content=text.encode(), headers={"content-type": "application/json"})
+                got = (r.status_code, r.json()["error"]["message"], r.json()["error"]["param"])
+                assert got == (400, want, None), (path, text, r.text)
+            ws.send(text)
+            err = json.loads(ws.recv(timeout=30))
+            assert (err["type"], err["code"], err["message"]) == ("error", 400, want), err
+            assert "param" not in err, err  # (a frame names no field it does not have)
+        ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "ok", "max_new_tokens": 1}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "session"  # the socket serves on
+
+
 def _ws_close_code(url: str, message, compression: str | None) -> tuple[int, str, list[str]]:
     """The close code and reason after sending `message`, and the extensions the handshake agreed."""
     from websockets.asyncio.client import connect

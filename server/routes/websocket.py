@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from server import media, service
 from server.auth import SUBPROTOCOL
 from server.engine import Stream
-from server.errors import APIError, invalid, prompt_too_long, too_large, validation_error
+from server.errors import APIError, invalid, malformed_json, prompt_too_long, too_large, validation_error
 from server.json_budget import over_budget_message, route_budget, text_over_budget
 from server.registry import ServedModel
 from server.schemas import WSAppend, WSCancel, WSGenerate, WSMessage, WSSession
@@ -41,7 +41,8 @@ def parse_message(text: str) -> WSSession | WSGenerate | WSAppend | WSCancel:
     """A control frame, parsed as the HTTP routes parse a body: pydantic's JSON parser refuses a lone
     surrogate's escape ("\\ud800"), which JSON allows and Python's json takes, so such a message is
     parsed by Python's json and then validated, and the field that holds it is named (media.text_ids:
-    422 naming prompt) instead of "malformed JSON". Raises pydantic's ValidationError."""
+    422 naming prompt) instead of "malformed JSON". Raises pydantic's ValidationError, or for a message
+    that is not JSON the HTTP routes' 400 (errors.malformed_json: Python's json reason and where)."""
     try:
         return WSMessage.validate_json(text)
     except ValidationError as exc:
@@ -49,6 +50,8 @@ def parse_message(text: str) -> WSSession | WSGenerate | WSAppend | WSCancel:
             raise
         try:
             data = json.loads(text)
+        except json.JSONDecodeError as bad:
+            raise malformed_json(bad.msg, bad.pos) from None
         except (ValueError, RecursionError):
             raise exc from None
         return WSMessage.validate_python(data)
