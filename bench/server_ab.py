@@ -6,12 +6,16 @@ measuring; only the ratio of side-by-side runs separates them. Each server diffe
 (S4_* settings: `--a S4_DECODE_BLOCK_MS=20 --b S4_DECODE_BLOCK_MS=40`) and/or its checkout (`--b-root
 /path/to/another/checkout`, e.g. a `git worktree` of the commit before a change).
 
+The pairs are spread over rounds (`--rounds`, 2 by default): each round starts both servers, A first in
+even rounds and B first in odd ones, and stops them after its pairs, so that which server started second
+(it has trailed in 9 of 12 pairs of two A/A runs with one start, 2026-12-03) weighs on both alike.
+
 Per run: tokens/s received in the window, the server process's CPU over the run (cores, from /proc, and
 µs per token: less noisy than tokens/s where other tenants steal time), TTFT p50 / p99. Reported: each
 pair's B ÷ A, the medians of each server's runs and their ratio, and how many pairs B was ahead in.
 
     python -m bench.server_ab [--quick] [--a ENV ...] [--b ENV ...] [--a-root DIR] [--b-root DIR]
-                              [--pairs N] [--sessions N] [--seconds S]
+                              [--pairs N] [--rounds N] [--sessions N] [--seconds S]
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from server import launch  # noqa: E402
 
 NAME = "server_ab"
 DEFAULTS = {
-    False: {"pairs": 6, "sessions": 64, "seconds": 6.0},
-    True: {"pairs": 1, "sessions": 4, "seconds": 1.0},
+    False: {"pairs": 6, "rounds": 2, "sessions": 64, "seconds": 6.0},
+    True: {"pairs": 1, "rounds": 1, "sessions": 4, "seconds": 1.0},
 }
 ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
@@ -59,9 +63,15 @@ def run(
     pairs: int | None = None,
     sessions: int | None = None,
     seconds: float | None = None,
+    rounds: int | None = None,
 ) -> dict[str, Any]:
+    """The two servers' runs (each with its round and which server that round started first) and the
+    summary. Raises ValueError when there are fewer pairs than rounds."""
     d = DEFAULTS[quick]
     pairs, sessions, seconds = pairs or d["pairs"], sessions or d["sessions"], seconds or d["seconds"]
+    rounds = rounds or min(d["rounds"], pairs)
+    if rounds > pairs:
+        raise ValueError(f"{rounds} rounds need at least as many pairs, got {pairs}")
     sz = dict(SIZES[quick])
     arms = {"A": (a or {}, Path(a_root).resolve() if a_root else ROOT),
             "B": (b or {}, Path(b_root).resolve() if b_root else ROOT)}  # fmt: skip
@@ -69,6 +79,7 @@ def run(
         "sessions": sessions,
         "seconds": seconds,
         "pairs": pairs,
+        "rounds": rounds,
         "sizes": sz,
         "servers": {},
     }
@@ -78,37 +89,47 @@ def run(
         n = str(sessions)
         flags = ["--checkpoints", str(ckpt), "--max-sessions", n, "--max-batch-size", n,
                  "--max-queued-requests", str(sessions + 8)]  # fmt: skip
-        servers = {}
-        try:
-            for name, (env, root) in arms.items():
-                servers[name] = launch.start_server(flags, timeout_s=300, env=env, cwd=root)
-                commit = _git("-C", str(root), "rev-parse", "--short", "HEAD") or ""
-                out["servers"][name] = {"env": env, "root": str(root), "commit": commit, "runs": []}
-            for p in range(pairs):
-                for name in ("A", "B") if p % 2 == 0 else ("B", "A"):
-                    proc, url = servers[name]
-                    c0 = cpu_seconds(proc.pid)
-                    t0 = time.perf_counter()
-                    st = websocket_steady(url, ckpt.name, sessions, sz, seconds)
-                    cores = (cpu_seconds(proc.pid) - c0) / (time.perf_counter() - t0)
-                    tps = st["tokens_per_s"]
-                    got = {"tokens_per_s": tps, "server_cores": cores,
-                           "server_cpu_us_per_token": cores / tps * 1e6 if tps else None,
-                           "ttft_p50_ms": st["ttft_p50_ms"], "ttft_p99_ms": st["ttft_p99_ms"]}  # fmt: skip
-                    out["servers"][name]["runs"].append(got)
-                    us, p50, p99 = got["server_cpu_us_per_token"] or 0, st["ttft_p50_ms"], st["ttft_p99_ms"]
-                    print(f"pair {p} {name}: {tps:9.0f} tok/s  server {cores:.2f} cores ({us:.0f} µs/token)  "
-                          f"TTFT p50 {p50:.0f} p99 {p99:.0f} ms", flush=True)  # fmt: skip
-        finally:
-            for proc, _ in servers.values():
-                proc.terminate()
-                proc.wait(30)
+        for name, (env, root) in arms.items():
+            commit = _git("-C", str(root), "rev-parse", "--short", "HEAD") or ""
+            out["servers"][name] = {"env": env, "root": str(root), "commit": commit, "runs": []}
+        for r in range(rounds):
+            first = "A" if r % 2 == 0 else "B"
+            servers = {}
+            try:
+                for name in (first, "B" if first == "A" else "A"):
+                    env, root = arms[name]
+                    servers[name] = launch.start_server(flags, timeout_s=300, env=env, cwd=root)
+                for p in range(r * pairs // rounds, (r + 1) * pairs // rounds):
+                    for name in ("A", "B") if p % 2 == 0 else ("B", "A"):
+                        got = measure(servers[name], ckpt.name, sessions, sz, seconds,
+                                      label=f"round {r} ({first} started first) pair {p} {name}")  # fmt: skip
+                        out["servers"][name]["runs"].append({**got, "round": r, "started_first": first})
+            finally:
+                for proc, _ in servers.values():
+                    proc.terminate()
+                    proc.wait(30)
     out["summary"] = summary(out)
     s = out["summary"]
     med, per = s["median_tokens_per_s"], ", ".join(f"{r:.2f}" for r in s["pair_ratios"])
     print(f"B ÷ A: ratio of the medians {s['ratio_of_medians']:.3f} ({med['B']:.0f} / {med['A']:.0f} tok/s), "
-          f"per pair {per}; B ahead in {s['b_ahead']} of {len(s['pair_ratios'])}", flush=True)  # fmt: skip
+          f"per pair {per}; B ahead in {s['b_ahead']} of {len(s['pair_ratios'])} (by which server started "
+          f"first, B ahead / pairs: {s['b_ahead_by_first_started']})", flush=True)  # fmt: skip
     return out
+
+
+def measure(server, model: str, sessions: int, sz: dict, seconds: float, label: str) -> dict[str, Any]:
+    """One run of the steady loop against `server` (its process and URL), printed after `label`:
+    tokens/s, the process's CPU (cores, µs per token) and TTFT p50 / p99 (ms)."""
+    proc, url = server
+    c0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+    st = websocket_steady(url, model, sessions, sz, seconds)
+    cores = (cpu_seconds(proc.pid) - c0) / (time.perf_counter() - t0)
+    tps = st["tokens_per_s"]
+    us = cores / tps * 1e6 if tps else None
+    print(f"{label}: {tps:9.0f} tok/s  server {cores:.2f} cores ({us or 0:.0f} µs/token)  "
+          f"TTFT p50 {st['ttft_p50_ms']:.0f} p99 {st['ttft_p99_ms']:.0f} ms", flush=True)  # fmt: skip
+    return {"tokens_per_s": tps, "server_cores": cores, "server_cpu_us_per_token": us,
+            "ttft_p50_ms": st["ttft_p50_ms"], "ttft_p99_ms": st["ttft_p99_ms"]}  # fmt: skip
 
 
 def summary(data: dict[str, Any]) -> dict[str, Any]:
@@ -122,9 +143,15 @@ def summary(data: dict[str, Any]) -> dict[str, Any]:
         name: statistics.median(r["server_cpu_us_per_token"] or 0.0 for r in rs) for name, rs in runs.items()
     }
     ttft = {name: statistics.median(r["ttft_p99_ms"] for r in rs) for name, rs in runs.items()}
+    firsts = [ra.get("started_first") for ra in runs["A"]][: len(ratios)]
     return {
         "pair_ratios": ratios,
         "b_ahead": sum(r > 1 for r in ratios),
+        # B ahead in how many of the pairs whose round started A first, and B first: [ahead, pairs]
+        "b_ahead_by_first_started": {
+            first: [sum(r > 1 for r, f in zip(ratios, firsts) if f == first), firsts.count(first)]
+            for first in ("A", "B")
+        },
         "median_tokens_per_s": med,
         "ratio_of_medians": med["B"] / med["A"] if med["A"] else float("nan"),
         "median_server_cpu_us_per_token": cpu,
@@ -164,12 +191,19 @@ def main(argv=None) -> None:
         parser.add_argument("--a-root", help="the checkout server A runs from (default this one)")
         parser.add_argument("--b-root", help="the checkout server B runs from (default this one)")
         parser.add_argument("--pairs", type=int, help="alternated pairs of runs (default 6; --quick 1)")
+        parser.add_argument(
+            "--rounds",
+            type=int,
+            help="server starts the pairs are spread over, alternating which starts "
+            "first (default 2; --quick 1; at most --pairs)",
+        )
         parser.add_argument("--sessions", type=int, help="concurrent sessions (default 64; --quick 4)")
         parser.add_argument("--seconds", type=float, help="each run's measured window (default 6; --quick 1)")
 
     def configure(args) -> bool:
         for flag, value in (
             ("--pairs", args.pairs),
+            ("--rounds", args.rounds),
             ("--sessions", args.sessions),
             ("--seconds", args.seconds),
         ):
@@ -182,8 +216,10 @@ def main(argv=None) -> None:
             options.update(a=parse_env(args.a), b=parse_env(args.b))
         except ValueError as exc:
             raise SystemExit(f"--a/--b: {exc}") from None
+        if args.rounds is not None and args.rounds > (args.pairs or DEFAULTS[args.quick]["pairs"]):
+            raise SystemExit(f"--rounds {args.rounds} is more than the pairs to spread over them")
         options.update(a_root=args.a_root, b_root=args.b_root, pairs=args.pairs, sessions=args.sessions,
-                       seconds=args.seconds)  # fmt: skip
+                       seconds=args.seconds, rounds=args.rounds)  # fmt: skip
         return True
 
     bench_main(argv, __doc__, NAME, lambda quick: run(quick, **options), plot, arguments=arguments,

@@ -51,20 +51,30 @@ def test_each_server_gets_its_environment_and_checkout_and_the_pairs_alternate(m
     monkeypatch.setattr(server_ab, "websocket_steady", steady)
     monkeypatch.setattr(server_ab, "cpu_seconds", lambda pid: float(next(cpu)))
     out = server_ab.run(
-        True, a={"S4_X": "1"}, b={"S4_X": "2"}, b_root=str(tmp_path), pairs=3, sessions=3, seconds=0.5
+        True,
+        a={"S4_X": "1"},
+        b={"S4_X": "2"},
+        b_root=str(tmp_path),
+        pairs=3,
+        sessions=3,
+        seconds=0.5,
+        rounds=2,
     )
 
-    assert [s["env"] for s in started] == [{"S4_X": "1"}, {"S4_X": "2"}]
-    assert [s["cwd"] for s in started] == [ROOT, tmp_path.resolve()]
+    # round 0 starts A then B and runs pair 0; round 1 starts B then A and runs pairs 1 and 2
+    assert [s["env"] for s in started] == [{"S4_X": "1"}, {"S4_X": "2"}, {"S4_X": "2"}, {"S4_X": "1"}]
+    assert [s["cwd"] for s in started] == [ROOT, tmp_path.resolve(), tmp_path.resolve(), ROOT]
     assert all(s["stopped"] for s in started)
     assert all("--max-sessions" in s["flags"] and "3" in s["flags"] for s in started)
-    a, b = "http://127.0.0.1:9001", "http://127.0.0.1:9002"
-    assert order == [a, b, b, a, a, b]  # A B, then B A, then A B
+    a0, b0, b1, a1 = (f"http://127.0.0.1:{9001 + i}" for i in range(4))
+    assert order == [a0, b0, b1, a1, a1, b1]  # A B, then B A, then A B; each round on its own servers
+    assert [r["started_first"] for r in out["servers"]["A"]["runs"]] == ["A", "B", "B"]
+    assert [r["round"] for r in out["servers"]["B"]["runs"]] == [0, 1, 1]
     runs = {k: [r["tokens_per_s"] for r in out["servers"][k]["runs"]] for k in "AB"}
     assert runs == {"A": [1000.0, 900.0, 800.0], "B": [1200.0, 1300.0, 1000.0]}
     s = out["summary"]
     assert s["pair_ratios"] == pytest.approx([1.2, 1300 / 900, 1.25])
-    assert s["b_ahead"] == 3
+    assert s["b_ahead"] == 3 and s["b_ahead_by_first_started"] == {"A": [1, 1], "B": [2, 2]}
     assert s["median_tokens_per_s"] == {"A": 900.0, "B": 1200.0}
     assert s["ratio_of_medians"] == pytest.approx(1200 / 900)
     for r in out["servers"]["A"]["runs"] + out["servers"]["B"]["runs"]:
@@ -103,6 +113,8 @@ def test_the_cli_refuses_bad_options_before_starting_anything(capsys):
     for argv, said in (
         (["--pairs", "0"], "--pairs must be positive"),
         (["--seconds", "-1"], "--seconds must be positive"),
+        (["--rounds", "0"], "--rounds must be positive"),
+        (["--pairs", "2", "--rounds", "3"], "more than the pairs"),
         (["--b-root", os.devnull], "is not a checkout of this project"),
         (["--a", "lowercase=1"], "--a/--b"),
     ):
