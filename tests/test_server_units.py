@@ -194,6 +194,34 @@ def _histogram_lines(m: Metrics, name: str) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_blocks_inter_token_gaps_are_each_rows_token_to_token_times(seed):
+    """engine.Gaps (one np.diff per block, a view per row) gives, as a multiset, exactly the gaps of
+    each row's tokens in turn: for a row that had tokens before the block, from its last one (`before`)
+    to its first of the block, then token to token; for a row whose first token is in the block, token
+    to token only. Rows of 1 token, of every token of the block, and a block of one step included."""
+    import numpy as np
+
+    from server.engine import Gaps
+
+    rng = np.random.default_rng(seed)
+    for steps in (1, 2, 9, 64):
+        times = np.cumsum(rng.exponential(1e-3, steps)) + 100.0  # (steps,) seconds, rising
+        gaps, want = Gaps(times), []
+        for _ in range(20):
+            n = int(rng.integers(1, steps + 1))
+            if rng.random() < 0.5:  # tokens before the block: its last at `before`
+                before = 100.0 - rng.exponential(1e-3)
+                gaps.add(n, before)
+                want += [times[0] - before] + [times[i] - times[i - 1] for i in range(1, n)]
+            else:  # the row's first token is in this block
+                gaps.add(n)
+                want += [times[i] - times[i - 1] for i in range(1, n)]
+        assert gaps.empty == (not want)
+        assert sorted(gaps.values().tolist()) == sorted(want)  # the same float subtractions: exact
+    assert Gaps(np.array([1.0])).values().size == 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
 def test_observe_many_counts_like_observe_one_value_at_a_time(seed):
     """Bucket counts equal, the sum to rounding, for values on the bounds, between them, beyond the
     last finite bound, negative, zero, +inf and NaN (in no bucket, as observe)."""
