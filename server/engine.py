@@ -130,9 +130,12 @@ class Stream:
         return self.capacity - (self.sent - self.taken)
 
     def cancel(self) -> None:
-        """Stop the generation at its next step (called from the event loop)."""
+        """Stop the generation at its next step (called from the event loop). A one-shot request's slot
+        is then on its way back to the pool: `Engine.releasing` holds its job until it has ended."""
         self.cancelled = True
         if self.engine is not None:
+            if self.job is not None and self.job.session.ephemeral and not self.job.ended:
+                self.engine.expect_release(self.job)
             self.engine.wake()
 
     def _took(self, items: list) -> None:
@@ -429,6 +432,9 @@ class Engine:
         self.model_id, self.rec, self.settings, self.sessions = model_id, rec, settings, sessions
         self.metrics = metrics
         self.pool = SlotPool(rec.init_state(settings.max_sessions), rec.config.vocab_size, rec.batch_dim)
+        # slot releases under way (event loop only): objects with `ended`, true once the slot is back (a
+        # cancelled one-shot request's Job; a closed socket's delete, service.Release); service.wait_for_slots
+        self.releasing: set = set()
         self.batch = DecodeBatch(self.pool)
         self._inbox: collections.deque = collections.deque()
         self._cv = threading.Condition()
@@ -470,6 +476,13 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name=f"engine-{model_id}", daemon=True)
 
     # --- called from the event loop ------------------------------------------------------------
+
+    def expect_release(self, release) -> None:
+        """(event loop) A slot is on its way back: `release.ended` turns true once it is (`releasing`,
+        service.wait_for_slots). The releases that have ended are dropped here, so the set holds only
+        those under way."""
+        self.releasing = {r for r in self.releasing if not r.ended}
+        self.releasing.add(release)
 
     def start(self) -> None:
         self._thread.start()

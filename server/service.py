@@ -135,6 +135,33 @@ async def prompt_ids(
 # --- sessions ------------------------------------------------------------------------------------
 
 
+RELEASE_WAIT_S = 2.0  # how long a request at a full slot pool waits for slot releases already under way
+RELEASE_POLL_S = 0.005
+
+
+class Release:
+    """A slot release under way on the event loop: a session being deleted (`delete`: a closed socket's,
+    or a DELETE of a session whose turn must end first). In `Engine.releasing` until `ended`."""
+
+    ended = False
+
+
+async def wait_for_slots(model: ServedModel, n: int = 1) -> None:
+    """Before a request takes n new session slots: while fewer are free and slots are on their way back
+    (`Engine.releasing`: a closed socket's session being deleted, a one-shot generation whose client
+    left and that ends at its next step), wait for them, at most RELEASE_WAIT_S. A client that
+    reconnects or retries at once is then not refused (429) for a slot it has just given back
+    (docs/reliability.md, "Overload"). Returns at once when the slots are free or nothing is being
+    released; whoever reserves first then gets the slot, and a request that finds none still gets its 429."""
+    engine = model.engine
+    deadline = time.monotonic() + RELEASE_WAIT_S
+    while engine.pool.free < n:
+        engine.releasing = {r for r in engine.releasing if not r.ended}
+        if not engine.releasing or time.monotonic() >= deadline:
+            return
+        await asyncio.sleep(RELEASE_POLL_S)
+
+
 def _new_record(model: ServedModel, ephemeral: bool, session_id: str | None = None) -> SessionRecord:
     try:
         return model.engine.new_session(session_id or new_session_id(), ephemeral)
@@ -248,6 +275,7 @@ async def turn_landed(state: ServerState, stream: Stream) -> None:
 
 
 async def create_session(state: ServerState, model: ServedModel, ids: list[int]) -> SessionRecord:
+    await wait_for_slots(model)
     rec = _new_record(model, ephemeral=False)
     rec = await ingest(state, model, rec, ids, fresh=True)
     await landed(state, rec.id)
@@ -271,6 +299,7 @@ async def _engine_call(state: ServerState, model: ServedModel, src: SessionRecor
 
 async def fork(state: ServerState, session_id: str) -> SessionRecord:
     model, _ = session_model(state, session_id)
+    await wait_for_slots(model)
     src = claim(state, model, session_id)
     try:
         slot = model.engine.pool.reserve()
@@ -291,7 +320,12 @@ async def fork(state: ServerState, session_id: str) -> SessionRecord:
 
 async def delete(state: ServerState, session_id: str) -> None:
     model, rec = session_model(state, session_id)
-    gone = await engine_answer(model.engine.call(lambda e: e.delete_now(rec)))  # (a future: a turn runs)
+    release = Release()
+    model.engine.expect_release(release)  # (wait_for_slots: its slot is on its way back)
+    try:
+        gone = await engine_answer(model.engine.call(lambda e: e.delete_now(rec)))  # (a future: a turn runs)
+    finally:
+        release.ended = True
     await landed(state, session_id, gone)
 
 
@@ -396,6 +430,7 @@ async def _install(
     values the model cannot reach (422 naming `param`). The header is `check_state`'s. Nothing is held
     after an error: the slot goes back to the pool whatever fails."""
     n_tokens, pending, utf8_tail, seen = (header[k] for k in ("n_tokens", "pending", "utf8_tail", "seen"))
+    await wait_for_slots(model)
     rec = _new_record(model, ephemeral=False, session_id=session_id)
     fut: concurrent.futures.Future | None = None
     if session_id is not None:  # restored: the same session (an import is a new one)

@@ -189,6 +189,11 @@ class SlotPool:
         with self._lock:
             return self.capacity - len(self._free)
 
+    @property
+    def free(self) -> int:
+        with self._lock:
+            return len(self._free)
+
     # engine thread only -------------------------------------------------------------------------
 
     def row(self, slot: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ from server.service import (
     state_of,
     turn_landed,
     usage,
+    wait_for_slots,
 )
 from server.state import ServerState
 
@@ -151,6 +152,8 @@ async def generate(req: GenerateRequest, request: Request):
     ids = await prompt_ids(st, model, req.prompt, req.prompt_audio)
     if req.session_id is not None:
         await restore(st, req.session_id)
+    else:
+        await wait_for_slots(model)  # (a one-shot request's slot)
     stream, job = start_generation(st, model, req.session_id, ids, params, req.max_new_tokens)
     gid, out = request_id(), Output(model, params, job=job, frame_ms=ms)
     if req.stream:

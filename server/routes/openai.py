@@ -57,6 +57,7 @@ from server.service import (
     request_id,
     start_generation,
     state_of,
+    wait_for_slots,
 )
 from server.state import ServerState
 
@@ -419,6 +420,7 @@ async def completions(req: CompletionRequest, request: Request):
         check_logprob_values(best_of * (echoed + len(prompts) * req.max_tokens), lp, "logprobs")
     internal = lp if lp is not None else (0 if best_of > req.n else None)
     params = replace(params, logprobs=internal, prompt_logprobs=lp if req.echo else None)
+    await wait_for_slots(model, len(prompts) * best_of)
     runs = start_runs(st, model, prompts, best_of, params, req.max_tokens)
     cid, created = request_id("cmpl"), now_s()
     head = {"id": cid, "object": "text_completion", "created": created, "model": model.id}
@@ -543,6 +545,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     if k is not None:
         check_logprob_values(req.n * max_tokens, k, "top_logprobs" if k else "logprobs")
     params = replace(params, logprobs=k)
+    await wait_for_slots(model, req.n)
     runs = start_runs(st, model, [ids], req.n, params, max_tokens)
     cid, created = request_id("chatcmpl"), now_s()
     if req.stream:
