@@ -10,16 +10,23 @@ The pairs are spread over rounds (`--rounds`, 2 by default): each round starts b
 even rounds and B first in odd ones, and stops them after its pairs, so that which server started second
 (it has trailed in 9 of 12 pairs of two A/A runs with one start, 2026-12-03) weighs on both alike.
 
+`--workload audio` runs bench.audio_streams' concurrent streams instead (`--sessions` streams, 16 by
+default, each `--seconds` of audio, 4 by default, of `--checkpoint`, checkpoints/audio-digits-s4 by
+default, after a short warm-up at each server start): per run samples/s, the server's CPU µs per sample,
+the median stream's real-time factor and the first frame's p99.
+
 Per run: tokens/s received in the window, the server process's CPU over the run (cores, from /proc, and
 µs per token: less noisy than tokens/s where other tenants steal time), TTFT p50 / p99. Reported: each
 pair's B ÷ A, the medians of each server's runs and their ratio, and how many pairs B was ahead in.
 
     python -m bench.server_ab [--quick] [--a ENV ...] [--b ENV ...] [--a-root DIR] [--b-root DIR]
                               [--pairs N] [--rounds N] [--sessions N] [--seconds S]
+                              [--workload text|audio] [--checkpoint DIR]
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import statistics
@@ -30,15 +37,25 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from bench.audio_streams import WARMUP_S, audio_model, run_streams  # noqa: E402
 from bench.common import ROOT, _git, bench_main, cpu_seconds, save_figure, subplots  # noqa: E402
 from bench.server import SIZES, checkpoint, websocket_steady  # noqa: E402
 from server import launch  # noqa: E402
 
 NAME = "server_ab"
-DEFAULTS = {
-    False: {"pairs": 6, "rounds": 2, "sessions": 64, "seconds": 6.0},
-    True: {"pairs": 1, "rounds": 1, "sessions": 4, "seconds": 1.0},
+DEFAULTS = {  # (workload, quick) → pairs, rounds, sessions (audio: streams), seconds (audio: of audio each)
+    ("text", False): {"pairs": 6, "rounds": 2, "sessions": 64, "seconds": 6.0},
+    ("text", True): {"pairs": 1, "rounds": 1, "sessions": 4, "seconds": 1.0},
+    ("audio", False): {"pairs": 6, "rounds": 2, "sessions": 16, "seconds": 4.0},
+    ("audio", True): {"pairs": 1, "rounds": 1, "sessions": 2, "seconds": 0.25},
 }
+AUDIO_CHECKPOINT = ROOT / "checkpoints" / "audio-digits-s4"
+# each workload's keys: the rate compared, the server's CPU per unit, the latency p99 (ms), the unit's name
+KEYS = {
+    "text": {"rate": "tokens_per_s", "cpu": "server_cpu_us_per_token", "p99": "ttft_p99_ms", "unit": "token"},
+    "audio": {"rate": "samples_per_s", "cpu": "server_cpu_us_per_sample", "p99": "first_frame_p99_ms",
+              "unit": "sample"},
+}  # fmt: skip
 ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
 
 
@@ -64,10 +81,14 @@ def run(
     sessions: int | None = None,
     seconds: float | None = None,
     rounds: int | None = None,
+    workload: str = "text",
+    checkpoint_dir: str | None = None,
 ) -> dict[str, Any]:
     """The two servers' runs (each with its round and which server that round started first) and the
-    summary. Raises ValueError when there are fewer pairs than rounds."""
-    d = DEFAULTS[quick]
+    summary. Raises ValueError when there are fewer pairs than rounds, or for an unknown workload."""
+    if workload not in KEYS:
+        raise ValueError(f"workload {workload!r} is not one of {sorted(KEYS)}")
+    d = DEFAULTS[workload, quick]
     pairs, sessions, seconds = pairs or d["pairs"], sessions or d["sessions"], seconds or d["seconds"]
     rounds = rounds or min(d["rounds"], pairs)
     if rounds > pairs:
@@ -76,6 +97,7 @@ def run(
     arms = {"A": (a or {}, Path(a_root).resolve() if a_root else ROOT),
             "B": (b or {}, Path(b_root).resolve() if b_root else ROOT)}  # fmt: skip
     out: dict[str, Any] = {
+        "workload": workload,
         "sessions": sessions,
         "seconds": seconds,
         "pairs": pairs,
@@ -84,10 +106,14 @@ def run(
         "servers": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt, what = checkpoint(quick, Path(tmp))
+        if checkpoint_dir is not None or workload == "audio":
+            ckpt = Path(checkpoint_dir).resolve() if checkpoint_dir else AUDIO_CHECKPOINT
+            what = f"checkpoint {ckpt.name}"
+        else:
+            ckpt, what = checkpoint(quick, Path(tmp))
         out["model"] = what
         n = str(sessions)
-        flags = ["--checkpoints", str(ckpt), "--max-sessions", n, "--max-batch-size", n,
+        flags = ["--checkpoints", str(ckpt), "--max-sessions", str(sessions + 4), "--max-batch-size", n,
                  "--max-queued-requests", str(sessions + 8)]  # fmt: skip
         for name, (env, root) in arms.items():
             commit = _git("-C", str(root), "rev-parse", "--short", "HEAD") or ""
@@ -99,10 +125,15 @@ def run(
                 for name in (first, "B" if first == "A" else "A"):
                     env, root = arms[name]
                     servers[name] = launch.start_server(flags, timeout_s=300, env=env, cwd=root)
+                    if workload == "audio":
+                        measure_audio(servers[name], sessions, WARMUP_S, label=None)  # (warm-up)
                 for p in range(r * pairs // rounds, (r + 1) * pairs // rounds):
                     for name in ("A", "B") if p % 2 == 0 else ("B", "A"):
-                        got = measure(servers[name], ckpt.name, sessions, sz, seconds,
-                                      label=f"round {r} ({first} started first) pair {p} {name}")  # fmt: skip
+                        label = f"round {r} ({first} started first) pair {p} {name}"
+                        if workload == "audio":
+                            got = measure_audio(servers[name], sessions, seconds, label)
+                        else:
+                            got = measure(servers[name], ckpt.name, sessions, sz, seconds, label)
                         out["servers"][name]["runs"].append({**got, "round": r, "started_first": first})
             finally:
                 for proc, _ in servers.values():
@@ -110,8 +141,10 @@ def run(
                     proc.wait(30)
     out["summary"] = summary(out)
     s = out["summary"]
-    med, per = s["median_tokens_per_s"], ", ".join(f"{r:.2f}" for r in s["pair_ratios"])
-    print(f"B ÷ A: ratio of the medians {s['ratio_of_medians']:.3f} ({med['B']:.0f} / {med['A']:.0f} tok/s), "
+    k = KEYS[workload]
+    med, per = s[f"median_{k['rate']}"], ", ".join(f"{r:.2f}" for r in s["pair_ratios"])
+    print(f"B ÷ A: ratio of the medians {s['ratio_of_medians']:.3f} ({med['B']:.0f} / {med['A']:.0f} "
+          f"{k['unit']}s/s), "
           f"per pair {per}; B ahead in {s['b_ahead']} of {len(s['pair_ratios'])} (by which server started "
           f"first, B ahead / pairs: {s['b_ahead_by_first_started']})", flush=True)  # fmt: skip
     return out
@@ -132,17 +165,42 @@ def measure(server, model: str, sessions: int, sz: dict, seconds: float, label: 
             "ttft_p50_ms": st["ttft_p50_ms"], "ttft_p99_ms": st["ttft_p99_ms"]}  # fmt: skip
 
 
-def summary(data: dict[str, Any]) -> dict[str, Any]:
-    """Pair ratios (B ÷ A tokens/s, pair by pair), each server's medians and the ratio of the medians."""
-    runs = {name: s["runs"] for name, s in data["servers"].items()}
-    ratios = [
-        rb["tokens_per_s"] / ra["tokens_per_s"] for ra, rb in zip(runs["A"], runs["B"]) if ra["tokens_per_s"]
-    ]
-    med = {name: statistics.median(r["tokens_per_s"] for r in rs) for name, rs in runs.items()}
-    cpu = {
-        name: statistics.median(r["server_cpu_us_per_token"] or 0.0 for r in rs) for name, rs in runs.items()
+def measure_audio(server, streams: int, seconds: float, label: str | None) -> dict[str, Any]:
+    """One run of `streams` concurrent audio streams of `seconds` each (bench.audio_streams.run_streams)
+    against `server` (its process and URL), printed after `label` (None: a warm-up, not printed):
+    samples/s, the server process's CPU (cores over the run, µs per sample generated), the median
+    stream's real-time factor, the first frame's p99 and the jitter p99 (ms)."""
+    proc, url = server
+    model, rate = audio_model(url)
+    n = round(seconds * rate)
+    c0, t0 = cpu_seconds(proc.pid), time.perf_counter()
+    row = asyncio.run(run_streams(url.replace("http", "ws") + "/v1/stream", model, streams, n, None))
+    cpu, wall = cpu_seconds(proc.pid) - c0, time.perf_counter() - t0
+    got = {
+        "samples_per_s": row["samples_per_s"],
+        "server_cores": cpu / wall,
+        "server_cpu_us_per_sample": 1e6 * cpu / (streams * n),
+        "realtime_factor_median": row["realtime_factor_median"],
+        "first_frame_p99_ms": row["first_frame_ms_p99"],
+        "jitter_p99_ms": row["jitter_p99_ms"],
     }
-    ttft = {name: statistics.median(r["ttft_p99_ms"] for r in rs) for name, rs in runs.items()}
+    if label is not None:
+        sps, rtf, us = got["samples_per_s"], got["realtime_factor_median"], got["server_cpu_us_per_sample"]
+        cores, p99 = got["server_cores"], got["first_frame_p99_ms"]
+        print(f"{label}: {sps:9.0f} samples/s (RTF median {rtf:.2f})  server {cores:.2f} cores "
+              f"({us:.1f} µs/sample)  first frame p99 {p99:.0f} ms", flush=True)  # fmt: skip
+    return got
+
+
+def summary(data: dict[str, Any]) -> dict[str, Any]:
+    """Pair ratios (B ÷ A tokens/s, or samples/s for audio, pair by pair), each server's medians (rate,
+    CPU per unit, latency p99) and the ratio of the medians."""
+    k = KEYS[data.get("workload", "text")]
+    runs = {name: s["runs"] for name, s in data["servers"].items()}
+    ratios = [rb[k["rate"]] / ra[k["rate"]] for ra, rb in zip(runs["A"], runs["B"]) if ra[k["rate"]]]
+    med = {name: statistics.median(r[k["rate"]] for r in rs) for name, rs in runs.items()}
+    cpu = {name: statistics.median(r[k["cpu"]] or 0.0 for r in rs) for name, rs in runs.items()}
+    p99 = {name: statistics.median(r[k["p99"]] for r in rs) for name, rs in runs.items()}
     firsts = [ra.get("started_first") for ra in runs["A"]][: len(ratios)]
     return {
         "pair_ratios": ratios,
@@ -152,24 +210,26 @@ def summary(data: dict[str, Any]) -> dict[str, Any]:
             first: [sum(r > 1 for r, f in zip(ratios, firsts) if f == first), firsts.count(first)]
             for first in ("A", "B")
         },
-        "median_tokens_per_s": med,
+        f"median_{k['rate']}": med,
         "ratio_of_medians": med["B"] / med["A"] if med["A"] else float("nan"),
-        "median_server_cpu_us_per_token": cpu,
-        "median_ttft_p99_ms": ttft,
+        f"median_{k['cpu']}": cpu,
+        f"median_{k['p99']}": p99,
     }
 
 
 def plot(data: dict[str, Any], quick: bool) -> None:
+    workload = data.get("workload", "text")
+    k = KEYS[workload]
     fig, (ax1, ax2) = subplots(2, width=11, height=4.5)
     for name, s in data["servers"].items():
         label = f"{name}: {' '.join(f'{k}={v}' for k, v in s['env'].items()) or 'defaults'} ({s['commit']})"
         xs = range(len(s["runs"]))
-        ax1.plot(xs, [r["tokens_per_s"] for r in s["runs"]], "o-", label=label)
-        ax2.plot(xs, [r["server_cpu_us_per_token"] or 0 for r in s["runs"]], "o-", label=label)
-    ax1.set(
-        xlabel="pair", ylabel="tokens/s received", title=f"{data['sessions']} sessions, steady closed loop"
-    )
-    ax2.set(xlabel="pair", ylabel="server CPU µs per token", title="Server CPU per token")
+        ax1.plot(xs, [r[k["rate"]] for r in s["runs"]], "o-", label=label)
+        ax2.plot(xs, [r[k["cpu"]] or 0 for r in s["runs"]], "o-", label=label)
+    what = (f"{data['sessions']} sessions, steady closed loop" if workload == "text"
+            else f"{data['sessions']} audio streams of {data['seconds']:g} s")  # fmt: skip
+    ax1.set(xlabel="pair", ylabel=f"{k['unit']}s/s received", title=what)
+    ax2.set(xlabel="pair", ylabel=f"server CPU µs per {k['unit']}", title=f"Server CPU per {k['unit']}")
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=8)
     s = data["summary"]
@@ -197,8 +257,20 @@ def main(argv=None) -> None:
             help="server starts the pairs are spread over, alternating which starts "
             "first (default 2; --quick 1; at most --pairs)",
         )
-        parser.add_argument("--sessions", type=int, help="concurrent sessions (default 64; --quick 4)")
-        parser.add_argument("--seconds", type=float, help="each run's measured window (default 6; --quick 1)")
+        parser.add_argument(
+            "--sessions", type=int, help="concurrent sessions, or audio streams (default 64 / audio 16)"
+        )
+        parser.add_argument(
+            "--workload", choices=sorted(KEYS), default="text",
+            help="text: the steady WebSocket loop; audio: concurrent audio streams (bench.audio_streams)",
+        )  # fmt: skip
+        parser.add_argument(
+            "--checkpoint",
+            help="the checkpoint both serve (default: the shipped text model / audio-digits-s4)",
+        )
+        parser.add_argument(
+            "--seconds", type=float, help="each run's measured window (default 6), or audio per stream (4)"
+        )
 
     def configure(args) -> bool:
         for flag, value in (
@@ -216,10 +288,15 @@ def main(argv=None) -> None:
             options.update(a=parse_env(args.a), b=parse_env(args.b))
         except ValueError as exc:
             raise SystemExit(f"--a/--b: {exc}") from None
-        if args.rounds is not None and args.rounds > (args.pairs or DEFAULTS[args.quick]["pairs"]):
+        if args.checkpoint is not None and not (Path(args.checkpoint) / "config.json").is_file():
+            raise SystemExit(f"--checkpoint {args.checkpoint} is not a checkpoint folder (no config.json)")
+        if args.rounds is not None and args.rounds > (
+            args.pairs or DEFAULTS[args.workload, args.quick]["pairs"]
+        ):
             raise SystemExit(f"--rounds {args.rounds} is more than the pairs to spread over them")
         options.update(a_root=args.a_root, b_root=args.b_root, pairs=args.pairs, sessions=args.sessions,
-                       seconds=args.seconds, rounds=args.rounds)  # fmt: skip
+                       seconds=args.seconds, rounds=args.rounds, workload=args.workload,
+                       checkpoint_dir=args.checkpoint)  # fmt: skip
         return True
 
     bench_main(argv, __doc__, NAME, lambda quick: run(quick, **options), plot, arguments=arguments,

@@ -96,6 +96,55 @@ def test_a_quick_run_against_two_real_servers(tmp_path, monkeypatch):
     assert s["median_server_cpu_us_per_token"]["A"] > 0 and s["median_server_cpu_us_per_token"]["B"] > 0
 
 
+def test_the_audio_workload_measures_streams_and_compares_samples_per_second(monkeypatch, tmp_path):
+    """--workload audio: each server is warmed up once per start, then the pairs run the audio streams;
+    the summary compares samples/s (and reports CPU per sample and the first frame's p99)."""
+    calls = []
+    rates = iter([100.0, 150.0, 120.0, 90.0])  # A, B, then B, A: pairs 150 / 100 and 120 / 90
+
+    class Proc:
+        pid = 0
+
+        def terminate(self):
+            pass
+
+        def wait(self, timeout):
+            return 0
+
+    def start_server(flags, timeout_s, env, cwd):
+        assert flags[flags.index("--checkpoints") + 1] == str(tmp_path)
+        return Proc(), f"http://127.0.0.1:{9000 + len(calls)}"
+
+    def measure_audio(server, streams, seconds, label):
+        calls.append((streams, seconds, label))
+        rate = next(rates) if label is not None else 1.0
+        got = {"samples_per_s": rate, "server_cores": 1.0, "server_cpu_us_per_sample": 1e6 / rate}
+        return got | {"realtime_factor_median": rate / 8000, "first_frame_p99_ms": 30.0, "jitter_p99_ms": 5.0}
+
+    monkeypatch.setattr(server_ab.launch, "start_server", start_server)
+    monkeypatch.setattr(server_ab, "measure_audio", measure_audio)
+    (tmp_path / "config.json").write_text("{}")
+    out = server_ab.run(False, pairs=2, rounds=1, workload="audio", checkpoint_dir=str(tmp_path))
+    assert [c for c in calls if c[2] is None] == [(16, server_ab.WARMUP_S, None)] * 2  # one warm-up each
+    assert [(c[0], c[1]) for c in calls if c[2] is not None] == [(16, 4.0)] * 4  # the audio defaults
+    s = out["summary"]
+    assert out["workload"] == "audio" and s["pair_ratios"] == pytest.approx([1.5, 120 / 90])
+    assert s["median_samples_per_s"] == {"A": 95.0, "B": 135.0}
+    assert s["median_first_frame_p99_ms"] == {"A": 30.0, "B": 30.0}
+    assert s["median_server_cpu_us_per_sample"]["A"] == pytest.approx(1e6 / 95.0, rel=0.01)
+    with pytest.raises(ValueError, match="workload"):
+        server_ab.run(True, workload="video")
+
+
+def test_a_quick_audio_run_against_two_real_servers():
+    out = server_ab.run(True, b={"S4_AUDIO_DECODE_BLOCK_MS": "40"}, workload="audio")  # audio-digits-s4
+    for k in "AB":
+        (r,) = out["servers"][k]["runs"]
+        assert r["samples_per_s"] > 0 and r["server_cpu_us_per_sample"] > 0 and r["first_frame_p99_ms"] > 0
+    med = out["summary"]["median_samples_per_s"]
+    assert out["summary"]["ratio_of_medians"] == pytest.approx(med["B"] / med["A"])
+
+
 def _tiny_checkpoint(quick, tmp):
     import torch
 
@@ -116,6 +165,7 @@ def test_the_cli_refuses_bad_options_before_starting_anything(capsys):
         (["--rounds", "0"], "--rounds must be positive"),
         (["--pairs", "2", "--rounds", "3"], "more than the pairs"),
         (["--b-root", os.devnull], "is not a checkout of this project"),
+        (["--workload", "audio", "--checkpoint", os.devnull], "is not a checkpoint folder"),
         (["--a", "lowercase=1"], "--a/--b"),
     ):
         with pytest.raises(SystemExit) as stop:
