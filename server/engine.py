@@ -435,6 +435,7 @@ class Engine:
         # slot releases under way (event loop only): objects with `ended`, true once the slot is back (a
         # cancelled one-shot request's Job; a closed socket's delete, service.Release); service.wait_for_slots
         self.releasing: set = set()
+        self.slots_awaited = 0  # slots the requests waiting for those releases want (event loop only)
         self.batch = DecodeBatch(self.pool)
         self._inbox: collections.deque = collections.deque()
         self._cv = threading.Condition()

@@ -151,15 +151,27 @@ async def wait_for_slots(model: ServedModel, n: int = 1) -> None:
     (`Engine.releasing`: a closed socket's session being deleted, a one-shot generation whose client
     left and that ends at its next step), wait for them, at most RELEASE_WAIT_S. A client that
     reconnects or retries at once is then not refused (429) for a slot it has just given back
-    (docs/reliability.md, "Overload"). Returns at once when the slots are free or nothing is being
-    released; whoever reserves first then gets the slot, and a request that finds none still gets its 429."""
+    (docs/reliability.md, "Overload"). Returns at once when the slots are free, when nothing is being
+    released, or when the requests already waiting await as many slots as are free or on their way
+    back (`Engine.slots_awaited`: so the waiters, each polling every RELEASE_POLL_S, are never more than
+    the slots they can get). Whoever reserves first then gets a slot; one that finds none gets its 429."""
     engine = model.engine
     deadline = time.monotonic() + RELEASE_WAIT_S
-    while engine.pool.free < n:
-        engine.releasing = {r for r in engine.releasing if not r.ended}
-        if not engine.releasing or time.monotonic() >= deadline:
-            return
-        await asyncio.sleep(RELEASE_POLL_S)
+    waiting = False
+    try:
+        while (free := engine.pool.free) < n:
+            engine.releasing = {r for r in engine.releasing if not r.ended}
+            if not waiting:
+                if engine.slots_awaited + n > free + len(engine.releasing):
+                    return
+                engine.slots_awaited += n
+                waiting = True
+            if not engine.releasing or time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(RELEASE_POLL_S)
+    finally:
+        if waiting:
+            engine.slots_awaited -= n
 
 
 def _new_record(model: ServedModel, ephemeral: bool, session_id: str | None = None) -> SessionRecord:

@@ -33,15 +33,15 @@ def _engine(s: ServerThread):
     return s.state.models[TEXT].engine
 
 
-def _hold(engine, name: str, when=lambda *a: True) -> threading.Event:
-    """Make the engine's method `name` wait HOLD_S on the engine thread before running (when `when` of
+def _hold(engine, name: str, when=lambda *a: True, hold_s: float = HOLD_S) -> threading.Event:
+    """Make the engine's method `name` wait hold_s on the engine thread before running (when `when` of
     its arguments holds); the returned event is set once it has been entered."""
     entered, original = threading.Event(), getattr(engine, name)
 
     def held(*args):
         if when(*args):
             entered.set()
-            time.sleep(HOLD_S)
+            time.sleep(hold_s)
         return original(*args)
 
     setattr(engine, name, held)
@@ -137,3 +137,34 @@ def test_only_releases_under_way_are_kept(one_slot):
         assert wait_for(lambda: all(r.ended for r in list(engine.releasing)))
     assert len(engine.releasing) <= 1  # the last one (ended), not all six
     assert _ws_generate(one_slot.ws_url)["type"] == "done"  # the one slot serves: nothing held it
+
+
+def test_no_more_requests_wait_than_slots_are_coming_back(one_slot, monkeypatch):
+    """One slot on its way back (held 3 s), three requests at once: one waits and is served, the other
+    two are refused at once, not when the slot comes back (the waiters poll, so they are never more than
+    the slots they can get)."""
+    monkeypatch.setattr(service, "RELEASE_WAIT_S", 20.0)
+    engine = _engine(one_slot)
+    entered = _hold(engine, "delete_now", hold_s=3.0)
+    assert _ws_generate(one_slot.ws_url)["type"] == "done"
+    assert entered.wait(10) and engine.pool.free == 0
+    results: list[tuple[dict, float]] = []
+
+    def one() -> None:
+        t0 = time.monotonic()
+        msg = _ws_generate(one_slot.ws_url)
+        results.append((msg, time.monotonic() - t0))
+
+    threads = [threading.Thread(target=one) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    kinds = sorted(msg["type"] for msg, _ in results)
+    assert kinds == ["done", "error", "error"], results
+    for msg, took in results:
+        if msg["type"] == "error":
+            assert msg["code"] == 429 and took < 1.5, (msg, took)  # (the slot came back after ~3 s)
+        else:
+            assert took > 1.5, took  # it waited for the slot
+    assert engine.slots_awaited == 0
