@@ -135,6 +135,7 @@ async def prompt_ids(
 # --- sessions ------------------------------------------------------------------------------------
 
 
+DELETE_WAIT_S = 10.0  # how long a DELETE waits for the running request it cancelled to end
 RELEASE_WAIT_S = 2.0  # how long a request at a full slot pool waits for slot releases already under way
 RELEASE_POLL_S = 0.005
 
@@ -331,13 +332,27 @@ async def fork(state: ServerState, session_id: str) -> SessionRecord:
 
 
 async def delete(state: ServerState, session_id: str) -> None:
+    """Delete a session; answered once it is gone here (a running request on it is cancelled and the
+    session goes when that request ends, at its next step: waited for, at most DELETE_WAIT_S) and, with a
+    store, once the store has deleted it too (`landed`). Its slot is meanwhile on its way back
+    (`Engine.releasing`)."""
     model, rec = session_model(state, session_id)
     release = Release()
     model.engine.expect_release(release)  # (wait_for_slots: its slot is on its way back)
+    gone = None
     try:
         gone = await engine_answer(model.engine.call(lambda e: e.delete_now(rec)))  # (a future: a turn runs)
+        if gone is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(gone)), DELETE_WAIT_S)
+            except TimeoutError:
+                log.warning("session %s: its running request had not ended %g s after its delete; "
+                            "answering before it has", session_id, DELETE_WAIT_S)  # fmt: skip
     finally:
-        release.ended = True
+        if gone is None or gone.done():
+            release.ended = True
+        else:  # (the engine thread resolves `gone` once the session has gone)
+            gone.add_done_callback(lambda _: setattr(release, "ended", True))
     await landed(state, session_id, gone)
 
 

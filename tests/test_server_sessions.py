@@ -279,6 +279,7 @@ def test_a_request_continuing_a_session_may_leave_out_the_model_on_json_sse_and_
 def test_a_busy_session_answers_409_and_delete_cancels_its_request(client, server):
     engine = server.state.models[TEXT].engine
     sid = _create(client, "x")["session_id"]
+    in_use = engine.pool.in_use
     req = {"model": TEXT, "session_id": sid, "max_new_tokens": 4000, "seed": 1, "stream": True}
     with client.stream("POST", "/v1/generate", json=req) as r:
         lines = r.iter_lines()
@@ -293,6 +294,10 @@ def test_a_busy_session_answers_409_and_delete_cancels_its_request(client, serve
             r2 = call()
             assert r2.status_code == 409 and r2.json()["error"]["param"] == "session_id"
         assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+        # answered once the session is gone (its request cancelled and ended), not before: at once a 404,
+        # and its slot free (it was answered 204 while the session was still there, busy, without a store)
+        assert client.get(f"/v1/sessions/{sid}").status_code == 404
+        assert engine.pool.in_use == in_use - 1
         events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
     assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "cancelled"
     assert events[-1]["usage"]["completion_tokens"] < 4000

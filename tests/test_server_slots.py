@@ -77,6 +77,20 @@ def test_a_socket_reconnecting_at_once_gets_the_slot_its_closed_socket_gives_bac
         assert took < service.RELEASE_WAIT_S, took  # (waiting would take RELEASE_WAIT_S)
 
 
+def test_a_socket_closed_mid_turn_gives_its_slot_to_the_next_socket(one_slot):
+    """The socket's turn is cancelled when it closes, and its session goes when that turn ends (held
+    here): a socket opened meanwhile waits for the slot."""
+    engine = _engine(one_slot)
+    entered = _hold(engine, "_end", lambda job: job.cancelled)
+    with connect(one_slot.ws_url) as ws:
+        ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "to be", "max_new_tokens": 100_000}))
+        while json.loads(ws.recv(timeout=30))["type"] != "token":
+            pass
+    assert entered.wait(10)  # the cancelled turn is ending, held on the engine thread
+    assert engine.pool.free == 0
+    assert _ws_generate(one_slot.ws_url)["type"] == "done"
+
+
 @pytest.mark.parametrize("retry", ["/v1/generate", "/v1/completions", "/v1/sessions", "import", "ws"])
 def test_a_retry_right_after_a_one_shot_client_left_gets_its_slot(one_slot, retry):
     """An SSE client goes away mid-stream; its generation ends at the engine's next step (held here), and
