@@ -44,6 +44,7 @@ import uvicorn
 from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
 
 from server.errors import APIError
 
@@ -326,6 +327,8 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
                 b"".join(self.frames).decode()
             except UnicodeDecodeError as exc:
                 self.frames = []
+                if self.conn.state is not State.OPEN:  # the client's close came in the same read: it is
+                    return  # answered by the close event next (a close now raised InvalidState, an ERROR)
                 self.guard.count_closed("ws_invalid_utf8")  # (logs the one DEBUG line)
                 self.conn.send_close(1007, f"invalid UTF-8 in a text message: {exc.reason}")
                 self.handle_parser_exception()

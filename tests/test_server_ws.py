@@ -3,6 +3,7 @@ disconnect, bad frames, audio frames, backpressure."""
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -354,7 +355,7 @@ def test_a_text_message_that_is_not_utf8_closes_with_1007_and_logs_no_traceback(
             records.append(record)
 
     keep = Keep(logging.DEBUG)
-    loggers = [logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.error", "server")]
+    loggers = [logging.getLogger(name) for name in ("", "uvicorn", "uvicorn.error", "server", "asyncio")]
     for lg in loggers:
         lg.addHandler(keep)
 
@@ -378,6 +379,17 @@ def test_a_text_message_that_is_not_utf8_closes_with_1007_and_logs_no_traceback(
     try:
         for payload in ([b"\xff"], [b'{"type": "session", "model": "\xc3'], [b'{"a": "\xe2\x82', b'"}']):
             assert asyncio.run(main(payload)) == 1007, payload
+        # the message and the client's own close in one write (a fresh-user trial: the server's 1007 then
+        # raised InvalidState, an asyncio ERROR with a traceback, and the client got no close frame): the
+        # client's close is answered (1000 echoed), and nothing is counted or logged
+        raw = RawWebSocket(server.port)
+        mask = os.urandom(4)
+        bad = bytes(b ^ mask[i % 4] for i, b in enumerate(b"\xff"))
+        close = bytes(b ^ mask[i % 4] for i, b in enumerate((1000).to_bytes(2, "big")))
+        raw.sock.sendall(bytes([0x81, 0x81]) + mask + bad + bytes([0x88, 0x82]) + mask + close)
+        opcode, data = raw.recv_frame()
+        assert (opcode, int.from_bytes(data[:2], "big")) == (8, 1000), (opcode, data)
+        raw.close()
     finally:
         for lg in loggers:
             lg.removeHandler(keep)
