@@ -193,6 +193,41 @@ def _histogram_lines(m: Metrics, name: str) -> dict[str, float]:
     }
 
 
+def test_a_plain_request_whose_client_goes_is_cancelled_at_once_not_at_the_next_poll():
+    """service.collect awaits the client's disconnect beside the stream: a request whose client has gone,
+    with nothing generated yet, ends with 499 at once (it was noticed by a poll every 0.25 s, so a
+    client's retry at a full pool could find the slot still taken: a fresh-user trial). A client still
+    there gets the whole generation, and no task is left waiting either way."""
+    import asyncio
+
+    from server.engine import Finished, Stream
+    from server.errors import APIError
+    from server.service import collect
+
+    class Gone:  # a request whose client has gone
+        async def receive(self):
+            return {"type": "http.disconnect"}
+
+    class There:  # a request whose client waits for the answer
+        async def receive(self):
+            await asyncio.sleep(3600)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        with pytest.raises(APIError) as err:
+            await asyncio.wait_for(collect(Stream(loop, 8), Gone()), 0.2)  # (nothing ever arrives)
+        assert err.value.status == 499
+        stream = Stream(loop, 8)
+        stream.queue.put_nowait([1, 2])
+        stream.queue.put_nowait([3, Finished("length", 2, 3)])
+        ids, final = await asyncio.wait_for(collect(stream, There()), 5)
+        assert ids == [1, 2, 3] and final.finish_reason == "length"
+        await asyncio.sleep(0)  # (the cancelled tasks finish)
+        return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+    assert asyncio.run(main()) == []
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_blocks_inter_token_gaps_are_each_rows_token_to_token_times(seed):
     """engine.Gaps (one np.diff per block, a view per row) gives, as a multiset, exactly the gaps of
