@@ -23,7 +23,7 @@ from starlette.middleware import Middleware
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
 from server.body_limit import BodySizeLimit
 from server.config import Settings
-from server.errors import APIError, error_body, validation_error
+from server.errors import APIError, error_body, malformed_json, validation_error
 from server.json_budget import json_content_type, route_budget
 from server.logs import add_request_ids
 from server.origin import OriginCheck, OriginPolicy
@@ -78,6 +78,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        cause = exc.__cause__
+        if isinstance(cause, UnicodeDecodeError):  # FastAPI's "There was an error parsing the body": as
+            # malformed as any body that is not JSON, and said as the WebSocket says it (close 1007's reason)
+            err = malformed_json(f"invalid UTF-8 ({cause.reason}) at byte {cause.start}")
+            return _error_response(err, request)
         return _error_response(APIError(exc.status_code, str(exc.detail)), request)
 
     for module in ROUTE_MODULES:

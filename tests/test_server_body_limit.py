@@ -288,6 +288,16 @@ def test_malformed_json_is_one_400_with_the_reason_and_place_on_every_route(clie
             assert "param" not in err, err  # (a frame names no field it does not have)
         ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "ok", "max_new_tokens": 1}))
         assert json.loads(ws.recv(timeout=30))["type"] == "session"  # the socket serves on
+    # a body that is not UTF-8 is malformed too, said as the WebSocket's close 1007 says it (it was
+    # FastAPI's "There was an error parsing the body"; a fresh-user trial)
+    for body in (b'{"model": "\x80"}', b"\xc3"):
+        with pytest.raises(UnicodeDecodeError) as bad:
+            body.decode()
+        want = f"malformed JSON: invalid UTF-8 ({bad.value.reason}) at byte {bad.value.start}"
+        for path in routes:
+            r = client.post(path, content=body, headers={"content-type": "application/json"})
+            got = (r.status_code, r.json()["error"]["message"], r.json()["error"]["param"])
+            assert got == (400, want, None), (path, body, r.text)
 
 
 def _ws_close_code(url: str, message, compression: str | None) -> tuple[int, str, list[str]]:
