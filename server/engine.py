@@ -480,10 +480,15 @@ class Engine:
 
     def expect_release(self, release) -> None:
         """(event loop) A slot is on its way back: `release.ended` turns true once it is (`releasing`,
-        service.wait_for_slots). The releases that have ended are dropped here, so the set holds only
-        those under way."""
-        self.releasing = {r for r in self.releasing if not r.ended}
+        service.wait_for_slots)."""
+        self.releases_under_way()
         self.releasing.add(release)
+
+    def releases_under_way(self) -> int:
+        """(event loop) How many slots are on their way back; the releases that have ended are dropped
+        here, so `releasing` holds only those under way."""
+        self.releasing = {r for r in self.releasing if not r.ended}
+        return len(self.releasing)
 
     def start(self) -> None:
         self._thread.start()

@@ -161,13 +161,13 @@ async def wait_for_slots(model: ServedModel, n: int = 1) -> None:
     waiting = False
     try:
         while (free := engine.pool.free) < n:
-            engine.releasing = {r for r in engine.releasing if not r.ended}
+            coming = engine.releases_under_way()
             if not waiting:
-                if engine.slots_awaited + n > free + len(engine.releasing):
+                if engine.slots_awaited + n > free + coming:
                     return
                 engine.slots_awaited += n
                 waiting = True
-            if not engine.releasing or time.monotonic() >= deadline:
+            if not coming or time.monotonic() >= deadline:
                 return
             await asyncio.sleep(RELEASE_POLL_S)
     finally:

@@ -186,8 +186,7 @@ class SlotPool:
 
     @property
     def in_use(self) -> int:
-        with self._lock:
-            return self.capacity - len(self._free)
+        return self.capacity - self.free
 
     @property
     def free(self) -> int:
