@@ -10,6 +10,8 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 export KEOPS_CACHE_FOLDER ?= $(CURDIR)/.keops_cache
+# pytest-xdist workers for make test (tests/conftest.py: a module's tests on one worker, one KeOps cache each)
+TEST_WORKERS ?= 2
 
 .PHONY: venv sysdeps test lint bench serve loadtest container-smoke clean
 
@@ -55,10 +57,10 @@ OTHER_WIDTH_SKIP := not fft and not matmul and not 4096 and not s4_cflags and no
 	and not bad_guard
 
 test: venv sysdeps lint
-	$(BIN)/python -m pytest -q --durations=25
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadgroup
 	vw=$$($(BIN)/python -c "from model import fused; print(24 - fused.library().ssm_prefill_width())") && \
 	  S4_CFLAGS="$$S4_CFLAGS -DS4_VW=$$vw" \
-	  $(BIN)/python -m pytest -q -k "$(OTHER_WIDTH_SKIP)" $(OTHER_WIDTH_TESTS)
+	  $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -k "$(OTHER_WIDTH_SKIP)" $(OTHER_WIDTH_TESTS)
 
 bench: venv
 	$(BIN)/python -m bench.run_all

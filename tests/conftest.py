@@ -2,10 +2,38 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on a shared CPU
-os.environ.setdefault("KEOPS_CACHE_FOLDER", str(Path(__file__).resolve().parent.parent / ".keops_cache"))
+_keops_cache = os.environ.get("KEOPS_CACHE_FOLDER") or str(
+    Path(__file__).resolve().parents[1] / ".keops_cache"
+)
+# Under pytest-xdist (make test runs 2 workers) one KeOps cache per worker: KeOps writes a formula's source
+# and library in place, without a lock, so two workers compiling the same formula at once could load a
+# half-written library. The modules that compile most formulas share one worker (KEOPS_MODULES below), so
+# few formulas are compiled twice.
+_worker = os.environ.get("PYTEST_XDIST_WORKER")
+os.environ["KEOPS_CACHE_FOLDER"] = os.path.join(_keops_cache, _worker) if _worker else _keops_cache
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Modules that compile KeOps formulas of their own (gradients, the Vandermonde kernel, the official code's
+# kernels): one xdist group, so one worker compiles them.
+KEOPS_MODULES = {
+    "test_cauchy",
+    "test_kernel",
+    "test_official_import",
+    "test_model_config",
+    "test_train_config",
+}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """For pytest-xdist's `--dist loadgroup` (make test): each module's tests in one group, so they run on one
+    worker in order and a module-scoped fixture (a served model, a trained checkpoint) is made once; the
+    KEOPS_MODULES in one group. Runs before xdist reads the groups (tryfirst); without xdist, inert."""
+    for item in items:
+        stem = item.path.stem
+        item.add_marker(pytest.mark.xdist_group("keops" if stem in KEOPS_MODULES else stem))
 
 
 @pytest.fixture(autouse=True)
