@@ -1,6 +1,6 @@
 """Deadlines and a cap for client connections, against slow and idle clients (slowloris).
 
-uvicorn (0.54) closes an idle keep-alive connection after `timeout_keep_alive`, but only once it has
+uvicorn (0.53–0.55) closes an idle keep-alive connection after `timeout_keep_alive`, but only once it has
 sent a response: a connection that sends nothing, trickles its request line and headers, or sends
 headers and never its body stays open for ever (neither of its HTTP/1.1 protocols has a header or
 body timeout), and `limit_concurrency` answers 503 only once a request's headers are complete, so it
@@ -49,6 +49,30 @@ from websockets.protocol import State
 from server.errors import APIError
 
 log = logging.getLogger("server.connections")
+
+UVICORN_MIN = (0, 53)  # pyproject.toml's floor
+
+
+def check_uvicorn(version: str) -> None:
+    """Raise ImportError naming the installed uvicorn `version` ("major.minor[.patch]") and the floor when
+    it is older than UVICORN_MIN: the protocols below use internals of uvicorn's sans-I/O WebSocket protocol
+    that older releases lack or handle otherwise (measured 2026-12-03 with the server tests: 0.35–0.49 have
+    no `frames`, so every text message failed; 0.50–0.52 sent a refused handshake's response with two
+    Content-Length headers and did not pause a slow WebSocket reader; 0.53–0.55 pass). A version that does
+    not start with two integers (a development build) is not judged."""
+    try:
+        have = tuple(int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return
+    if len(have) == 2 and have < UVICORN_MIN:
+        need = ".".join(map(str, UVICORN_MIN))
+        raise ImportError(
+            f"the server needs uvicorn>={need} (server/connections.py extends its WebSocket protocol's "
+            f"internals); uvicorn {version} is installed: pip install 'uvicorn[standard]>={need}'"
+        )
+
+
+check_uvicorn(uvicorn.__version__)
 
 
 @dataclass

@@ -596,3 +596,25 @@ def test_a_state_pool_larger_than_memory_is_refused_naming_s4_max_sessions(model
     assert registry.available_memory(torch.device("cpu")) == 2_000_000
     (tmp_path / "memory.max").write_text("max\n")
     assert registry.available_memory(torch.device("cpu")) > 2_000_000
+
+
+def test_an_older_uvicorn_is_refused_at_import_with_the_floor_named():
+    """server/connections.py extends internals of uvicorn's WebSocket protocol that 0.35–0.52 lack or
+    handle otherwise (the server tests failed with each: check_uvicorn's docstring); the floor is the
+    pyproject's."""
+    import tomllib
+
+    import uvicorn
+
+    from server.connections import UVICORN_MIN, check_uvicorn
+
+    for old in ("0.35.0", "0.49.0", "0.52.4", "0.9.0"):
+        with pytest.raises(ImportError, match=rf"uvicorn>=0\.53 .*uvicorn {old} is installed"):
+            check_uvicorn(old)
+    for ok in ("0.53.0", "0.55.0", "0.100.1", "1.0", "0.60.0.dev1", "main"):
+        check_uvicorn(ok)
+    check_uvicorn(uvicorn.__version__)
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"]
+    floor = next(d for d in deps if d.startswith("uvicorn[standard]>="))
+    assert floor == "uvicorn[standard]>=" + ".".join(map(str, UVICORN_MIN)), floor
