@@ -2,18 +2,18 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on a shared CPU
-_keops_cache = os.environ.get("KEOPS_CACHE_FOLDER") or str(
-    Path(__file__).resolve().parents[1] / ".keops_cache"
-)
-# Under pytest-xdist (make test runs 2 workers) one KeOps cache per worker: KeOps writes a formula's source
-# and library in place, without a lock, so two workers compiling the same formula at once could load a
-# half-written library. The modules that compile most formulas share one worker (KEOPS_MODULES below), so
-# few formulas are compiled twice.
-_worker = os.environ.get("PYTEST_XDIST_WORKER")
-os.environ["KEOPS_CACHE_FOLDER"] = os.path.join(_keops_cache, _worker) if _worker else _keops_cache
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+from model.cauchy import keops_cache_folder  # noqa: E402
+
+# Under pytest-xdist (make test runs 2 workers) one KeOps cache per worker: KeOps writes a formula's source
+# and library in place, without a lock, so two workers compiling the same formula at once could load a
+# half-written library. The modules that compile most formulas share one worker (KEOPS_MODULES below), so
+# few formulas are compiled twice. Set in the environment for the subprocesses too (servers, training).
+_worker = os.environ.get("PYTEST_XDIST_WORKER")
+os.environ["KEOPS_CACHE_FOLDER"] = str(keops_cache_folder() / _worker if _worker else keops_cache_folder())
 
 # Modules that compile KeOps formulas of their own (gradients, the Vandermonde kernel, the official code's
 # kernels): one xdist group, so one worker compiles them.
