@@ -81,7 +81,8 @@ class Settings(BaseSettings):
         600.0,
         gt=0,
         description="an idle session is deleted after this many seconds (idle: no turn running, and its last "
-        "frame handed to its client)",
+        "frame handed to its client; a request naming the session restarts the count when it arrives, so the "
+        "TTL never takes a session between a request's check and its claim)",
     )
     max_prompt_tokens: int = Field(
         8192,

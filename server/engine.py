@@ -1209,15 +1209,21 @@ class Engine:
             return
         self._next_housekeeping = now + min(1.0, self.settings.session_ttl_s / 4)
         for rec in self.sessions.claim_expired(self.model_id, self.settings.session_ttl_s):
-            if self.persist is not None:  # evicted: its slot is freed, its state stays in the store
-                log.info("session %s evicted to the store (idle > %g s)", rec.id, self.settings.session_ttl_s)
-                self._persist_unless_stored(rec)
-                self._release(rec)
-            else:
-                log.info("session %s expired (idle > %g s)", rec.id, self.settings.session_ttl_s)
-                self.delete_now(rec)
+            self._expire(rec)
         self.metrics.active_sessions.set(self.pool.in_use)
         self.metrics.state_bytes.set(self.pool.in_use * self.pool.bytes_per_slot)
+
+    def _expire(self, rec: SessionRecord) -> None:
+        """End a session its idle TTL has claimed (`SessionTable.claim_expired`): with a store, evicted
+        (its state handed to the store writer, then its record and slot freed here); without one,
+        deleted."""
+        if self.persist is not None:  # evicted: its slot is freed, its state stays in the store
+            log.info("session %s evicted to the store (idle > %g s)", rec.id, self.settings.session_ttl_s)
+            self._persist_unless_stored(rec)
+            self._release(rec)
+        else:
+            log.info("session %s expired (idle > %g s)", rec.id, self.settings.session_ttl_s)
+            self.delete_now(rec)
 
     def _persist(self, rec: SessionRecord) -> int:
         """Hand a session's state to the store (when one is configured); 1 if it was. A session whose

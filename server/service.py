@@ -220,6 +220,12 @@ async def request_model(state: ServerState, model_id: str | None, session_id: st
         raise unavailable("models are still loading")
     if not state.sessions.has(session_id):
         await restore(state, session_id)
+    try:
+        return session_model(state, session_id)[0]
+    except APIError as err:  # (evicted to the store by its idle TTL just after `has`)
+        if err.status != 404 or state.store is None:
+            raise
+    await restore(state, session_id)
     return session_model(state, session_id)[0]
 
 
@@ -490,21 +496,28 @@ async def import_state(state: ServerState, blob: bytes) -> SessionRecord:
 
 MAX_SESSION_ID = 128  # longer ids are never ours: not looked up in the store
 SETTLE_TIMEOUT_S = 5.0  # a restore waits this long at most for this replica's write of the session
+EVICTION_WAIT_S = 5.0  # ... and this long at most for an eviction under way to free the copy here
 
 
 async def restore(state: ServerState, session_id: str) -> None:
-    """Bring a session this process does not hold back from the session store (written by another
-    replica, by this one before a restart, or evicted after its TTL). Nothing to do without a store;
-    a session held here whose stored version is not this replica's (another replica went on with it,
-    or deleted it) is dropped here first, and restored. A session in neither place stays unknown (the
-    caller's 404)."""
-    if state.store is None or len(session_id) > MAX_SESSION_ID:
+    """Make sure this process holds the latest copy of a session a request is about to claim: bring it
+    back from the session store if it is not held here (written by another replica, by this one before
+    a restart, or evicted after its TTL); a copy held here whose stored version is not this replica's
+    (another replica went on with it, or deleted it) is dropped first, and restored. A held copy is
+    marked used (`SessionTable.touch`), so that its idle TTL cannot evict or expire it between this call
+    and the caller's claim (a 404 for a session held a moment before); with a store, one whose eviction
+    is already under way is restored once that eviction has handed its state to the store writer. A
+    session in neither place stays unknown (the caller's 404); without a store, nothing is read."""
+    if len(session_id) > MAX_SESSION_ID:
         return
-    if state.sessions.has(session_id) and await _is_current(state, session_id):
+    if state.store is None:
+        state.sessions.touch(session_id)  # (one its TTL has claimed already expired: the caller's 404)
+        return
+    if await _held(state, session_id):
         return
     async with state.restoring:
         if state.sessions.has(session_id):  # held (current), or restored by a concurrent request meanwhile
-            if await _is_current(state, session_id) or not await _drop_copy(state, session_id):
+            if await _held(state, session_id) or not await _drop_copy(state, session_id):
                 return
         stored = await _read_stored(state, session_id, settle=True)
         if stored is None:
@@ -515,6 +528,23 @@ async def restore(state: ServerState, session_id: str) -> None:
             state, model, header, raw, "session_id", f"the stored state of session {session_id}", session_id
         )
         state.metrics.store_ops.labels("restore").inc()
+
+
+async def _held(state: ServerState, session_id: str) -> bool:
+    """Whether this replica holds the latest copy of a session (`_is_current`), marked used now
+    (`SessionTable.touch`). False for one its idle TTL claimed meanwhile, once that eviction is over
+    (waited for, at most EVICTION_WAIT_S): the caller then reads it from the store."""
+    if not (state.sessions.has(session_id) and await _is_current(state, session_id)):
+        return False
+    rec = state.sessions.touch(session_id)
+    if rec is None:
+        return False
+    if not rec.expiring:
+        return True
+    deadline = time.monotonic() + EVICTION_WAIT_S  # (the engine thread hands it over, then frees it)
+    while state.sessions.holds(rec) and time.monotonic() < deadline:
+        await asyncio.sleep(0.001)
+    return False
 
 
 async def _is_current(state: ServerState, session_id: str) -> bool:

@@ -1,0 +1,210 @@
+"""A request that names a held session is not beaten to it by the session's idle TTL. Every route that
+continues a session checks it is held (`service.restore`: with a session store, that this copy is the
+latest), then claims it; the TTL's sweep on the engine thread (`Engine._housekeeping`) could take it in
+between: evicted to the store or, without one, deleted, and the request got a 404 (or a 409 while the
+eviction ran) for a session it had found a moment before. `restore` now marks the session used
+(`SessionTable.touch`) and, with a store, waits out an eviction already under way and restores the
+session from the store.
+
+The window is made wide on purpose: the route's claim (`service.claim`) waits until the engine has run
+a sweep after the moment the untouched session's TTL ran out, so that without the touch every case
+below is a 404 (checked by reverting it). With the touch, the session is idle for at most
+(1 - IDLE_FRACTION) x TTL_S + one sweep period at its claim: under the TTL by ~0.6 s."""
+
+import json
+import time
+
+import httpx
+import pytest
+from server_support import ServerThread, reference, wait_for
+from test_server_store import _redis_server, _stored
+from websockets.sync.client import connect
+
+from model.sampling import SamplingParams
+from server import Settings, service
+
+TEXT = "tiny-text"
+TTL_S = 2.0  # the sweep runs every TTL_S / 4 = 0.5 s (and the engine wakes every 0.25 s when idle)
+IDLE_FRACTION = 0.7  # a request comes when its session has been idle this share of the TTL
+PROMPT = "whether 'tis"
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    proc, port = _redis_server(tmp_path_factory.mktemp("redis"))
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture(params=["store", "no-store"])
+def replica(request, model_dirs, redis_url):
+    store = {"session_store": redis_url} if request.param == "store" else {}
+    settings = Settings(checkpoints=[str(model_dirs["text"])], session_ttl_s=TTL_S, max_sessions=8,
+                        drain_timeout_s=1, **store)  # fmt: skip
+    s = ServerThread(settings).start()
+    yield s
+    s.stop()
+
+
+def _sweeps(monkeypatch, s: ServerThread) -> list[float]:
+    """The start times of the engine's TTL sweeps from now on (its housekeeping passes that ran, not
+    the calls it skipped as too early)."""
+    engine, starts = s.state.models[TEXT].engine, []
+    original = engine._housekeeping
+
+    def housekeeping():
+        before, t = engine._next_housekeeping, time.time()
+        original()
+        if engine._next_housekeeping != before:
+            starts.append(t)
+
+    monkeypatch.setattr(engine, "_housekeeping", housekeeping)
+    return starts
+
+
+def _claim_after_the_ttl(monkeypatch, s: ServerThread, sid: str) -> None:
+    """Make the next claim of `sid` wait (on the event loop, as a slow route would) until a TTL sweep has
+    run that would have taken the session had nothing used it since its last turn."""
+    rec = s.state.sessions.get(sid)
+    assert wait_for(lambda: not rec.busy, 10)
+    due, sweeps, claim = rec.last_used + TTL_S, _sweeps(monkeypatch, s), service.claim
+
+    def late_claim(state, model, session_id):
+        if session_id == sid:
+            assert wait_for(lambda: any(t > due for t in sweeps), 10, 0.005)
+            time.sleep(0.05)  # (that sweep's eviction or delete has ended)
+        return claim(state, model, session_id)
+
+    monkeypatch.setattr(service, "claim", late_claim)
+    assert wait_for(lambda: time.time() > rec.last_used + IDLE_FRACTION * TTL_S, 10, 0.01)
+
+
+def _ws_turn(ws, body: dict) -> list[dict]:
+    ws.send(json.dumps(body))
+    frames = [json.loads(ws.recv(timeout=30))]
+    while frames[-1]["type"] not in ("done", "error"):
+        frames.append(json.loads(ws.recv(timeout=30)))
+    return frames
+
+
+def _ids(frames: list[dict]) -> list[int]:
+    return [i for f in frames if f["type"] == "token" for i in f["ids"]]
+
+
+@pytest.mark.parametrize("route", ["generate", "append", "fork", "export", "websocket"])
+def test_a_session_named_before_its_ttl_runs_out_is_served_whenever_the_route_claims_it(
+    replica, monkeypatch, model_dirs, route
+):
+    s = replica
+    if route == "websocket":  # a socket bound to its session: its second turn
+        with connect(s.ws_url) as ws:
+            first = _ws_turn(ws, {"type": "generate", "model": TEXT, "prompt": PROMPT, "max_new_tokens": 4,
+                                  "seed": 1})  # fmt: skip
+            sid = first[0]["session_id"]
+            _claim_after_the_ttl(monkeypatch, s, sid)
+            frames = _ws_turn(ws, {"type": "generate", "max_new_tokens": 5, "seed": 2})
+        assert frames[-1]["type"] == "done" and frames[-1]["session_id"] == sid, frames[-1]
+        expected = reference(
+            model_dirs["text"], list(PROMPT.encode()) + _ids(first), SamplingParams(seed=2), 5
+        )
+        assert _ids(frames) == expected
+        return
+    sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": PROMPT}).json()["session_id"]
+    _claim_after_the_ttl(monkeypatch, s, sid)
+    if route == "generate":
+        r = httpx.post(
+            s.url + "/v1/generate", json={"session_id": sid, "max_new_tokens": 5, "seed": 2}, timeout=30
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens"] == reference(
+            model_dirs["text"], list(PROMPT.encode()), SamplingParams(seed=2), 5
+        )
+    elif route == "append":
+        r = httpx.post(f"{s.url}/v1/sessions/{sid}/append", json={"prompt": " be"}, timeout=30)
+        assert r.status_code == 200 and r.json()["tokens"] == len(PROMPT) + 3, r.text
+    elif route == "fork":
+        r = httpx.post(f"{s.url}/v1/sessions/{sid}/fork", timeout=30)
+        assert r.status_code == 201 and r.json()["tokens"] == len(PROMPT), r.text
+    else:
+        r = httpx.get(f"{s.url}/v1/sessions/{sid}/export", timeout=30)
+        assert r.status_code == 200, r.text
+    assert s.state.sessions.has(sid)  # served from the copy held here, not evicted
+
+
+def test_a_request_that_meets_its_sessions_eviction_under_way_restores_it_from_the_store(
+    model_dirs, redis_url, monkeypatch
+):
+    """The TTL's sweep claims the session just after the request's version check found the copy here
+    current, and hands it to the store a moment later: the request waits for that, restores the session
+    and serves it (it got a 409, the session being busy with its own eviction, or a 404)."""
+    settings = Settings(checkpoints=[str(model_dirs["text"])], session_store=redis_url, max_sessions=8,
+                        drain_timeout_s=1)  # fmt: skip
+    s = ServerThread(settings).start()
+    try:
+        engine = s.state.models[TEXT].engine
+        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": PROMPT}).json()["session_id"]
+        assert wait_for(lambda: _stored_n(redis_url, sid) == len(PROMPT), 10)
+        is_current, swept = service._is_current, []
+
+        async def current_then_swept(state, session_id):
+            answer = await is_current(state, session_id)
+            if answer and not swept:  # what the sweep does, with its eviction 0.3 s behind its claim
+                [rec] = state.sessions.claim_expired(TEXT, -1.0)
+                swept.append(engine.call(lambda e: (time.sleep(0.3), e._expire(rec))))
+            return answer
+
+        monkeypatch.setattr(service, "_is_current", current_then_swept)
+        r = httpx.post(
+            s.url + "/v1/generate", json={"session_id": sid, "max_new_tokens": 5, "seed": 2}, timeout=30
+        )
+        assert r.status_code == 200, r.text
+        assert swept and swept[0].done()
+        assert r.json()["tokens"] == reference(
+            model_dirs["text"], list(PROMPT.encode()), SamplingParams(seed=2), 5
+        )
+    finally:
+        s.stop()
+
+
+def test_a_request_naming_only_its_session_finds_its_model_after_an_eviction_between_two_reads(
+    model_dirs, redis_url, monkeypatch
+):
+    """A request that names a session and no model looks the model up in the session's record; a session
+    evicted to the store between the check that it is held and that look-up is restored (a 404)."""
+    settings = Settings(checkpoints=[str(model_dirs["text"])], session_store=redis_url, max_sessions=8,
+                        drain_timeout_s=1)  # fmt: skip
+    s = ServerThread(settings).start()
+    try:
+        engine = s.state.models[TEXT].engine
+        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": PROMPT}).json()["session_id"]
+        assert wait_for(lambda: _stored_n(redis_url, sid) == len(PROMPT), 10)
+        session_model, evicted = service.session_model, []
+
+        def evicted_then_looked_up(state, session_id):
+            if not evicted:
+                [rec] = state.sessions.claim_expired(TEXT, -1.0)
+                evicted.append(engine.call(lambda e: e._expire(rec)).result(10))
+            return session_model(state, session_id)
+
+        monkeypatch.setattr(service, "session_model", evicted_then_looked_up)
+        r = httpx.post(
+            s.url + "/v1/generate", json={"session_id": sid, "max_new_tokens": 5, "seed": 2}, timeout=30
+        )
+        assert evicted and r.status_code == 200, r.text
+        assert r.json()["tokens"] == reference(
+            model_dirs["text"], list(PROMPT.encode()), SamplingParams(seed=2), 5
+        )
+    finally:
+        s.stop()
+
+
+def _stored_n(redis_url: str, sid: str) -> int | None:
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    try:
+        header = _stored(r, sid)
+    finally:
+        r.close()
+    return None if header is None else header["n_tokens"]
