@@ -541,10 +541,16 @@ async def _held(state: ServerState, session_id: str) -> bool:
         return False
     if not rec.expiring:
         return True
-    deadline = time.monotonic() + EVICTION_WAIT_S  # (the engine thread hands it over, then frees it)
+    await _eviction_over(state, rec)
+    return False
+
+
+async def _eviction_over(state: ServerState, rec: SessionRecord) -> None:
+    """Wait (at most EVICTION_WAIT_S) for the eviction of a record its idle TTL has claimed to end: the
+    engine thread hands its state to the store writer, then frees the record and its slot."""
+    deadline = time.monotonic() + EVICTION_WAIT_S
     while state.sessions.holds(rec) and time.monotonic() < deadline:
         await asyncio.sleep(0.001)
-    return False
 
 
 async def _is_current(state: ServerState, session_id: str) -> bool:
@@ -617,16 +623,24 @@ async def _read_stored(
 async def session_info(state: ServerState, session_id: str) -> dict:
     """A session's info (GET /v1/sessions/{id}): the record here when this replica holds the latest copy,
     else the stored header, read without restoring it: no slot taken, no TTL (the store's or the
-    session's) or last_used refreshed, so a dashboard polling it keeps no session alive."""
-    held = state.sessions.has(session_id)
-    if (
-        state.store is None
-        or len(session_id) > MAX_SESSION_ID
-        or (held and await _is_current(state, session_id))
-    ):
+    session's) or last_used refreshed, so a dashboard polling it keeps no session alive. A copy here
+    that its idle TTL is evicting, or evicted since the version check, is read from the store once that
+    eviction's write has landed (it answered `busy`, or 404)."""
+    if state.store is None or len(session_id) > MAX_SESSION_ID:
         rec = state.sessions.get(session_id)
         return rec.info(state.models[rec.model].state_bytes)
-    stored = await _read_stored(state, session_id)
+    settle = False
+    if state.sessions.has(session_id) and await _is_current(state, session_id):
+        try:
+            rec = state.sessions.get(session_id)
+        except APIError:  # (evicted meanwhile)
+            rec = None
+        if rec is not None and not rec.expiring:
+            return rec.info(state.models[rec.model].state_bytes)
+        if rec is not None:
+            await _eviction_over(state, rec)
+        settle = True
+    stored = await _read_stored(state, session_id, settle=settle)
     if stored is None:  # (a copy held here of a session deleted elsewhere: a 404 too)
         raise not_found(f"no session {session_id!r}", param="session_id")
     model, header, raw, _ = stored

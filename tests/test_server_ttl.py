@@ -208,3 +208,44 @@ def _stored_n(redis_url: str, sid: str) -> int | None:
     finally:
         r.close()
     return None if header is None else header["n_tokens"]
+
+
+@pytest.mark.parametrize("eviction", ["under way", "over"])
+def test_session_info_of_a_copy_its_ttl_is_evicting_reads_the_store_once_the_eviction_lands(
+    model_dirs, redis_url, monkeypatch, eviction
+):
+    """GET /v1/sessions/{id} while the idle TTL's sweep evicts the copy here, just after the version check
+    found it current: the info is the stored session's, idle, once the eviction's write has landed. (It
+    said `busy` while the eviction ran, and 404 once it had freed the copy.)"""
+    settings = Settings(checkpoints=[str(model_dirs["text"])], session_store=redis_url, max_sessions=8,
+                        drain_timeout_s=1)  # fmt: skip
+    s = ServerThread(settings).start()
+    try:
+        engine = s.state.models[TEXT].engine
+        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": PROMPT}).json()["session_id"]
+        assert wait_for(lambda: _stored_n(redis_url, sid) == len(PROMPT), 10)
+        r = httpx.post(
+            s.url + "/v1/generate", json={"session_id": sid, "max_new_tokens": 5, "seed": 2}, timeout=30
+        )
+        assert r.status_code == 200, r.text  # (its write-through may still be queued: the eviction writes it)
+        is_current, swept = service._is_current, []
+
+        async def current_then_swept(state, session_id):
+            answer = await is_current(state, session_id)
+            if answer and not swept:
+                [rec] = state.sessions.claim_expired(TEXT, -1.0)
+                if eviction == "under way":
+                    swept.append(engine.call(lambda e: (time.sleep(0.3), e._expire(rec))))
+                else:
+                    swept.append(engine.call(lambda e: e._expire(rec)))
+                    swept[0].result(10)
+            return answer
+
+        monkeypatch.setattr(service, "_is_current", current_then_swept)
+        r = httpx.get(f"{s.url}/v1/sessions/{sid}", timeout=30)
+        assert r.status_code == 200, r.text
+        info = r.json()
+        assert (info["status"], info["tokens"], info["generated"]) == ("idle", len(PROMPT) + 5, 5), info
+        assert swept and swept[0].done() and not s.state.sessions.has(sid)  # read, not restored
+    finally:
+        s.stop()
