@@ -26,12 +26,16 @@ from typing import Any
 
 import torch
 
+from model.cauchy import keops_cache_folder
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 RESULT_MARKER = "@@BENCH_RESULT@@ "
 MB = 1 << 20
 
-os.environ.setdefault("KEOPS_CACHE_FOLDER", str(ROOT / ".keops_cache"))
+# the official code (bench.official) imports pykeops itself, which reads the variable: the same folder
+# as model.cauchy's kernels
+os.environ.setdefault("KEOPS_CACHE_FOLDER", str(keops_cache_folder()))
 
 
 def results_dir(quick: bool) -> Path:
