@@ -511,7 +511,9 @@ async def restore(state: ServerState, session_id: str) -> None:
     if len(session_id) > MAX_SESSION_ID:
         return
     if state.store is None:
-        state.sessions.touch(session_id)  # (one its TTL has claimed already expired: the caller's 404)
+        rec = state.sessions.touch(session_id)
+        if rec is not None and rec.expiring:  # its TTL ran out before this request: the caller's 404
+            await _eviction_over(state, rec)  # (not a 409 while the delete is under way)
         return
     if await _held(state, session_id):
         return
@@ -547,7 +549,8 @@ async def _held(state: ServerState, session_id: str) -> bool:
 
 async def _eviction_over(state: ServerState, rec: SessionRecord) -> None:
     """Wait (at most EVICTION_WAIT_S) for the eviction of a record its idle TTL has claimed to end: the
-    engine thread hands its state to the store writer, then frees the record and its slot."""
+    engine thread hands its state to the store writer (without a store: deletes it), then frees the
+    record and its slot."""
     deadline = time.monotonic() + EVICTION_WAIT_S
     while state.sessions.holds(rec) and time.monotonic() < deadline:
         await asyncio.sleep(0.001)

@@ -249,3 +249,29 @@ def test_session_info_of_a_copy_its_ttl_is_evicting_reads_the_store_once_the_evi
         assert swept and swept[0].done() and not s.state.sessions.has(sid)  # read, not restored
     finally:
         s.stop()
+
+
+def test_a_request_that_meets_its_sessions_expiry_under_way_without_a_store_gets_a_404_not_a_409(
+    model_dirs, monkeypatch
+):
+    """Without a store the idle TTL deletes a session. A request arriving as the sweep has claimed it (its
+    TTL ran out first; the delete 0.3 s behind here) waits for the delete and is told the session is gone
+    (404 naming session_id); it was told the session was busy (409)."""
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], max_sessions=8)).start()
+    try:
+        engine = s.state.models[TEXT].engine
+        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": PROMPT}).json()["session_id"]
+        restore, swept = service.restore, []
+
+        async def swept_then_restored(state, session_id):
+            if not swept:
+                [rec] = state.sessions.claim_expired(TEXT, -1.0)
+                swept.append(engine.call(lambda e: (time.sleep(0.3), e._expire(rec))))
+            return await restore(state, session_id)
+
+        monkeypatch.setattr(service, "restore", swept_then_restored)
+        r = httpx.post(f"{s.url}/v1/sessions/{sid}/append", json={"prompt": " be"}, timeout=30)
+        assert r.status_code == 404 and r.json()["error"]["param"] == "session_id", r.text
+        assert swept and swept[0].done() and not s.state.sessions.has(sid) and engine.pool.in_use == 0
+    finally:
+        s.stop()
