@@ -287,6 +287,11 @@ def main(argv: list[str] | None = None) -> None:
         *[f"| {k} | {v} |" for k, v in cfg.to_dict().items() if v is not None],
         f"| state per session | {rec.state_bytes_per_sequence:,} bytes (whatever the context length) |",
         f"| recurrent form per layer | {', '.join(r['form'] for r in rec.report)} |",
+        *[
+            f"| served sampling defaults (config.json `generation_config`) | {json.dumps(gc)} |"
+            for gc in [meta.get("generation_config")]
+            if gc
+        ],  # (kept: config.json is rewritten from meta)
         "",
         "## Data",
         "",

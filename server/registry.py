@@ -7,7 +7,7 @@ import logging
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
@@ -26,6 +26,7 @@ from server.chat import ChatTemplate
 from server.config import MODEL_ID, Settings
 from server.engine import Engine
 from server.metrics import Metrics
+from server.schemas import GenerationConfig
 from server.sessions import SessionTable, model_fingerprint
 
 log = logging.getLogger("server.models")
@@ -50,6 +51,7 @@ class ServedModel:
     fingerprint: str
     chat: ChatTemplate | None = None  # from config.json's chat_template (POST /v1/chat/completions)
     created: int = 0  # Unix time the weights file was written
+    generation: dict = field(default_factory=dict)  # config.json's generation_config (GenerationConfig)
 
     owned_by = "s4serve"
 
@@ -101,6 +103,7 @@ class ServedModel:
             "created": self.created,
             "owned_by": self.owned_by,
             "chat": self.chat is not None,
+            "generation_config": self.generation,  # sampling defaults for fields a request leaves out
             "kind": self.kind,
             "arch": c.arch,
             "unet": c.unet,
@@ -249,6 +252,7 @@ def load_model(
     t0 = time.perf_counter()
     meta = read_config(path)
     chat = ChatTemplate.from_config(meta)
+    generation = GenerationConfig.from_config(meta)
     net = load(path)
     _check_stop(stop)
     if net.config.modality == "text" and net.config.vocab_size < 256:
@@ -314,7 +318,7 @@ def load_model(
     )  # fmt: skip
     fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"))
     created = int((path / WEIGHTS).stat().st_mtime)
-    return ServedModel(model_id, path, net.config, rec, engine, fingerprint, chat, created)
+    return ServedModel(model_id, path, net.config, rec, engine, fingerprint, chat, created, generation)
 
 
 def load_models(

@@ -126,6 +126,45 @@ class SamplingFields(Strict):
         raise PydanticCustomError("list_type", "Input should be a string or an array of strings")
 
 
+GENERATION_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty")
+
+
+class GenerationConfig(Strict):
+    """A checkpoint's sampling defaults: `generation_config` in its config.json (the fields of Hugging
+    Face's generation_config.json that every route here takes), with the bounds of the requests' own
+    fields. A request that leaves a field out (or, on the OpenAI routes, sends it as null) samples with
+    the checkpoint's value; one that sends it, with its own. Fields the checkpoint leaves out keep the
+    API's defaults (temperature 1, top_k 0, top_p 1, repetition_penalty 1)."""
+
+    temperature: float | None = finite(None, ge=0, le=MAX_TEMPERATURE, description="as a request's")
+    top_k: int | None = count(None, description="as a request's (0: off)")
+    top_p: float | None = finite(None, gt=0, le=1, description="as a request's")
+    repetition_penalty: float | None = finite(None, gt=0, le=100, description="as a request's")
+
+    @classmethod
+    def from_config(cls, meta: dict) -> dict:
+        """The defaults a checkpoint's config.json metadata sets ({} without `generation_config`);
+        ValueError naming the field when it is not an object of these fields within their bounds."""
+        raw = meta.get("generation_config")
+        if raw is None:
+            return {}
+        try:
+            got = cls.model_validate(raw)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            where = ".".join(str(p) for p in ("generation_config", *e["loc"]))
+            hint = f" (it takes {', '.join(GENERATION_FIELDS)})" if e["type"] == "extra_forbidden" else ""
+            raise ValueError(f"{where}: {e['msg']}{hint}") from None
+        return got.model_dump(exclude_none=True)
+
+
+def with_defaults(defaults: dict, req: BaseModel) -> dict:
+    """The sampling fields of a request, each from the request if it set it, else from the checkpoint's
+    `defaults` (GenerationConfig), else the request model's own default."""
+    return {f: defaults[f] if f in defaults and f not in req.model_fields_set else getattr(req, f)
+            for f in GENERATION_FIELDS}  # fmt: skip
+
+
 class InputFields(Strict):
     prompt: str | None = Field(None, description="text prompt (text models)")
     prompt_audio: str | None = Field(
@@ -194,6 +233,10 @@ class ModelInfo(BaseModel):
     created: int = Field(description="Unix time the checkpoint's weights were written")
     owned_by: str
     chat: bool = Field(description="has a chat template (POST /v1/chat/completions)")
+    generation_config: GenerationConfig = Field(
+        description="the checkpoint's sampling defaults (config.json generation_config): what a request that "
+        "leaves the field out samples with; null: the API's default"
+    )
     kind: Literal["text", "audio"]
     arch: Literal["isotropic", "sashimi"] = Field(description="network shape (sashimi: n_layers per level)")
     unet: bool = Field(

@@ -22,7 +22,7 @@ from server.engine import Failed, Finished, Job, Stream
 from server.errors import APIError, invalid, not_found, prompt_too_long, unavailable
 from server.logs import generation_id
 from server.registry import ServedModel
-from server.schemas import DEFAULT_FRAME_MS, SamplingFields
+from server.schemas import DEFAULT_FRAME_MS, SamplingFields, with_defaults
 from server.sessions import (
     SessionRecord,
     StateFormatError,
@@ -99,10 +99,7 @@ def sampling_params(model: ServedModel, req: SamplingFields) -> SamplingParams:
     if req.stop and model.kind != "text":
         raise invalid("stop", "stop sequences apply to text models only")
     return SamplingParams(
-        temperature=req.temperature,
-        top_k=req.top_k,
-        top_p=req.top_p,
-        repetition_penalty=req.repetition_penalty,
+        **with_defaults(model.generation, req),  # temperature, top_k, top_p, repetition_penalty
         seed=req.seed if req.seed is not None else random_seed(),
         stop=[s.encode() for s in req.stop or []],
     )

@@ -935,3 +935,44 @@ def test_the_model_line_says_what_each_model_is(demo, client):
     d.page.select_option("#model", AUDIO)
     sound = d.page.text_content("#model-info")
     assert sound.startswith("audio: 8000 Hz mu-law samples (256 levels) · 2 S4 layers"), sound
+
+
+def test_a_chosen_model_fills_the_sampling_fields_with_its_checkpoints_defaults(
+    browser, model_dirs, tmp_path
+):
+    """A checkpoint's generation_config (its sampling defaults, which a request leaving the field out gets)
+    shows in the page's fields when its model is chosen; fields it does not set keep the page's values.
+    A text turn sent with them is the reference sample at those settings."""
+    import json
+
+    from server import Settings
+
+    dirs = []
+    for src, name, given in ((TEXT, "tiny-text-gc", {"temperature": 0.6, "top_k": 5}),
+                             (AUDIO, "tiny-audio-gc", {"temperature": 0.9})):  # fmt: skip
+        d = tmp_path / name
+        shutil.copytree(model_dirs[src.removeprefix("tiny-")], d)
+        meta = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps(meta | {"generation_config": given}))
+        dirs.append(str(d))
+    s = ServerThread(Settings(checkpoints=dirs, max_sessions=8)).start()
+    d = Demo(browser, s.url)
+    try:
+        d.wait_status("models served")
+        values = lambda *ids: [d.page.input_value(f"#{i}") for i in ids]  # noqa: E731
+        assert values("temperature", "top-k", "top-p") == ["0.6", "5", "1"]
+        d.page.select_option("#model", "tiny-audio-gc")
+        assert values("audio-temperature") == ["0.9"]
+        d.page.select_option("#model", "tiny-text-gc")
+        d.page.fill("#prompt", "to be")
+        d.page.fill("#max-new-tokens", "12")
+        d.page.fill("#seed", "4")
+        d.page.click("#send")
+        d.wait_status("Done")
+        got = d.page.text_content('#output .gen[data-turn="0"]')
+        want = reference(Path(dirs[0]), list(b"to be"), SamplingParams(temperature=0.6, top_k=5, seed=4), 12)
+        assert got == bytes(want).decode(errors="replace")
+        assert not d.errors, d.errors
+    finally:
+        d.context.close()
+        s.stop()

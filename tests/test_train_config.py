@@ -261,8 +261,13 @@ def test_the_model_card_of_a_fine_tune_states_the_defaults_it_ran_with_and_where
     init = json.loads((tmp_path / "ft-ckpt" / "config.json").read_text())["training"]["init"]
     source = {"from": "state-spaces/s4", "file": "model.ckpt", "sha256": "ab" * 32, "dataset": "wt103"}
     assert init == {"path": str(tmp_path / "imp"), "weights_sha256": meta["weights_sha256"], "source": source}
+    exported = json.loads((tmp_path / "ft-ckpt" / "config.json").read_text())  # sampling defaults set by hand
+    (tmp_path / "ft-ckpt" / "config.json").write_text(
+        json.dumps(exported | {"generation_config": {"top_k": 5}})
+    )
     card([str(tmp_path / "ft-ckpt"), "--run", str(tmp_path / "ft")])
     text = (tmp_path / "ft-ckpt" / "README.md").read_text()
+    assert '| served sampling defaults (config.json `generation_config`) | {"top_k": 5} |' in text
     training = text.split("## Training", 1)[1].split("## Quality", 1)[0]
     assert "None" not in training, training
     d = TrainConfig()
@@ -276,8 +281,9 @@ def test_the_model_card_of_a_fine_tune_states_the_defaults_it_ran_with_and_where
         "an import of `model.ckpt` from state-spaces/s4 (file SHA-256 abababababababab…, dataset wt103)"
         in training
     )
-    kept = json.loads((tmp_path / "ft-ckpt" / "config.json").read_text())["training"]["init"]
-    assert kept == init  # the card rewrites config.json and keeps the record
+    kept = json.loads((tmp_path / "ft-ckpt" / "config.json").read_text())
+    assert kept["training"]["init"] == init  # the card rewrites config.json and keeps the record
+    assert kept["generation_config"] == {"top_k": 5}  # ... and the sampling defaults
 
 
 def test_a_save_cut_between_its_renames_leaves_the_previous_checkpoint_and_a_resume_finds_it(

@@ -43,6 +43,7 @@ from server.schemas import (
     ModelInfo,
     ModelList,
     OpenAISampling,
+    with_defaults,
 )
 from server.service import (
     Output,
@@ -145,12 +146,13 @@ def sampling(model: ServedModel, req: OpenAISampling, stop: list[str]) -> Sampli
     bias = logit_bias(model, req.logit_bias)
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options", "stream_options is only allowed with stream=true")
-    top_k = 0 if req.top_k in (-1, 0) or req.top_k >= V else req.top_k
+    fields = with_defaults(model.generation, req)  # the checkpoint's defaults for fields left out
+    top_k = 0 if fields["top_k"] in (-1, 0) or fields["top_k"] >= V else fields["top_k"]
     return SamplingParams(
-        temperature=req.temperature,
+        temperature=fields["temperature"],
         top_k=top_k,
-        top_p=req.top_p,
-        repetition_penalty=req.repetition_penalty,
+        top_p=fields["top_p"],
+        repetition_penalty=fields["repetition_penalty"],
         seed=req.seed,
         stop=[s.encode() for s in stop],
         logit_bias=bias,

@@ -163,7 +163,20 @@
   function selectModel() {
     model = models.find((m) => m.id === $("model").value) || null;
     resetSession();
+    showDefaults(model);
     showModel();
+  }
+
+  // A model once chosen: the sampling fields show its checkpoint's defaults (generation_config), where it
+  // sets them; the others keep what they hold. (A refreshed list keeps what the user typed.)
+  function showDefaults(m) {
+    const given = m?.generation_config || {};
+    const fields = m?.kind === "audio"
+      ? { temperature: "audio-temperature" }
+      : { temperature: "temperature", top_k: "top-k", top_p: "top-p" };
+    for (const [key, id] of Object.entries(fields)) {
+      if (given[key] !== null && given[key] !== undefined) $(id).value = String(given[key]);
+    }
   }
 
   // What the model is, in words (GET /v1/models has no description or model card to link to).

@@ -1,0 +1,139 @@
+"""A checkpoint's sampling defaults: `generation_config` in its config.json (as Hugging Face's
+generation_config.json). A request that leaves a sampling field out samples with the checkpoint's value,
+on every route (HTTP, SSE, WebSocket, OpenAI completions and chat); one that sends the field samples with
+its own. A generation_config out of the requests' bounds keeps the checkpoint from being served, and
+/readyz says which field."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from server_support import ServerThread, reference, sse_events
+from websockets.sync.client import connect
+
+from model.sampling import SamplingParams
+from server import Settings
+from server.chat import ChatTemplate
+from server.schemas import GenerationConfig
+
+DEFAULTS = {"temperature": 0.5, "top_k": 7, "top_p": 0.9, "repetition_penalty": 1.3}
+PROMPT = "to be, or not"
+SHIPPED = json.loads(
+    (Path(__file__).resolve().parent.parent / "checkpoints/text-shakespeare/config.json").read_text()
+)
+
+
+@pytest.mark.parametrize(
+    "raw, where",
+    [
+        ([0.9], "generation_config: Input should be a valid dictionary or instance of GenerationConfig"),
+        ({"temperature": -0.1}, "generation_config.temperature: Input should be greater than or equal to 0"),
+        ({"temperature": 101}, "generation_config.temperature: Input should be less than or equal to 100"),
+        ({"temperature": math.nan}, "generation_config.temperature: Input should be a finite number"),
+        ({"temperature": "0.9"}, "generation_config.temperature: Input should be a valid number"),
+        ({"top_k": 1.5}, "generation_config.top_k: Input should be a valid integer"),
+        ({"top_k": -1}, "generation_config.top_k: Input should be greater than or equal to 0"),
+        ({"top_p": 0}, "generation_config.top_p: Input should be greater than 0"),
+        ({"repetition_penalty": 0}, "generation_config.repetition_penalty: Input should be greater than 0"),
+        (
+            {"do_sample": True},
+            "generation_config.do_sample: Extra inputs are not permitted (it takes temperature",
+        ),
+    ],
+)
+def test_a_generation_config_out_of_the_requests_bounds_is_refused_naming_the_field(raw, where):
+    with pytest.raises(ValueError) as err:
+        GenerationConfig.from_config({"generation_config": raw})
+    assert str(err.value).startswith(where), str(err.value)
+
+
+def test_the_fields_a_checkpoint_sets_are_its_defaults_and_none_is_none():
+    assert GenerationConfig.from_config({}) == {}
+    assert GenerationConfig.from_config({"generation_config": {"temperature": 1}}) == {"temperature": 1.0}
+    assert GenerationConfig.from_config({"generation_config": DEFAULTS}) == DEFAULTS
+
+
+@pytest.fixture(scope="module")
+def defaults_server(model_dirs, tmp_path_factory):
+    """tiny-text with DEFAULTS (and the shipped chat template), and one with a bad generation_config."""
+    root = tmp_path_factory.mktemp("generation")
+    dirs = {}
+    for name, generation in (("tiny-defaults", DEFAULTS), ("tiny-bad-defaults", {"temperature": -1})):
+        d = dirs[name] = root / name
+        shutil.copytree(model_dirs["text"], d)
+        meta = json.loads((d / "config.json").read_text())
+        meta |= {"generation_config": generation, "chat_template": SHIPPED["chat_template"], "chat_stop": []}
+        (d / "config.json").write_text(json.dumps(meta))
+    s = ServerThread(Settings(checkpoints=[str(d) for d in dirs.values()], max_sessions=8)).start()
+    yield s, dirs["tiny-defaults"]
+    s.stop()
+
+
+def _want(d, prompt: bytes, n: int, **params) -> list[int]:
+    return reference(d, list(prompt), SamplingParams(**params), n)
+
+
+def test_a_bad_generation_config_keeps_its_checkpoint_from_being_served_and_says_why(defaults_server):
+    s, _ = defaults_server
+    failed = httpx.get(s.url + "/readyz").json()["failed"]
+    assert (
+        "generation_config.temperature: Input should be greater than or equal to 0"
+        in failed["tiny-bad-defaults"]
+    )
+    models = {m["id"]: m for m in httpx.get(s.url + "/v1/models").json()["data"]}
+    assert "tiny-bad-defaults" not in models
+    assert {
+        k: v for k, v in models["tiny-defaults"]["generation_config"].items() if v is not None
+    } == DEFAULTS
+
+
+def test_a_request_that_leaves_the_fields_out_samples_with_the_checkpoints_defaults(defaults_server):
+    s, d = defaults_server
+    want = _want(d, PROMPT.encode(), 24, seed=5, **DEFAULTS)
+    assert want != _want(d, PROMPT.encode(), 24, seed=5)  # (the defaults change this sample)
+    body = {"model": "tiny-defaults", "prompt": PROMPT, "max_new_tokens": 24, "seed": 5}
+    r = httpx.post(s.url + "/v1/generate", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["tokens"] == want, r.text
+    with httpx.stream("POST", s.url + "/v1/generate", json=body | {"stream": True}, timeout=60) as r:
+        events = sse_events(r)
+    assert [i for e in events if isinstance(e, dict) for i in e.get("ids", [])] == want
+    with connect(s.ws_url) as ws:
+        ws.send(json.dumps({"type": "generate", **body}))
+        frames = [json.loads(ws.recv(timeout=30))]
+        while frames[-1]["type"] not in ("done", "error"):
+            frames.append(json.loads(ws.recv(timeout=30)))
+    assert frames[-1]["type"] == "done", frames[-1]
+    assert [i for f in frames if f["type"] == "token" for i in f["ids"]] == want
+    # OpenAI: left out, or sent as null (the openai client's "not given")
+    for extra in ({}, {"temperature": None, "top_p": None}):
+        openai_body = {"model": "tiny-defaults", "prompt": PROMPT, "max_tokens": 24, "seed": 5, **extra}
+        r = httpx.post(s.url + "/v1/completions", json=openai_body, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == bytes(want).decode(
+            errors="replace"
+        ), r.text
+    messages = [{"role": "user", "content": "Who's there?", "name": "Bernardo"}]
+    chat = {"model": "tiny-defaults", "messages": messages, "max_tokens": 24, "seed": 5}
+    r = httpx.post(s.url + "/v1/chat/completions", json=chat, timeout=60)
+    assert r.status_code == 200, r.text
+    rendered = ChatTemplate(SHIPPED["chat_template"], []).render(messages).encode()
+    reply = bytes(_want(d, rendered, 24, seed=5, **DEFAULTS)).decode(errors="replace")
+    assert r.json()["choices"][0]["message"]["content"] == reply
+
+
+def test_a_field_the_request_sends_overrides_the_checkpoints(defaults_server):
+    s, d = defaults_server
+    body = {"model": "tiny-defaults", "prompt": PROMPT, "max_new_tokens": 24, "seed": 5, "temperature": 1.0,
+            "top_k": 0}  # fmt: skip
+    want = _want(d, PROMPT.encode(), 24, seed=5, temperature=1.0, top_k=0, top_p=0.9, repetition_penalty=1.3)
+    assert want != _want(d, PROMPT.encode(), 24, seed=5, **DEFAULTS)
+    r = httpx.post(s.url + "/v1/generate", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["tokens"] == want, r.text
+    openai_body = {"model": "tiny-defaults", "prompt": PROMPT, "max_tokens": 24, "seed": 5,
+                   "temperature": 1.0, "top_k": -1}  # fmt: skip
+    r = httpx.post(s.url + "/v1/completions", json=openai_body, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == bytes(want).decode(errors="replace"), (
+        r.text
+    )
