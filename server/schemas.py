@@ -134,12 +134,17 @@ class GenerationConfig(Strict):
     Face's generation_config.json that every route here takes), with the bounds of the requests' own
     fields. A request that leaves a field out (or, on the OpenAI routes, sends it as null) samples with
     the checkpoint's value; one that sends it, with its own. Fields the checkpoint leaves out keep the
-    API's defaults (temperature 1, top_k 0, top_p 1, repetition_penalty 1)."""
+    API's defaults (temperature 1, top_k 0, top_p 1, repetition_penalty 1; max_new_tokens 64, on the
+    OpenAI routes max_tokens 16 and, for chat, 512). max_new_tokens is the length of a generation that
+    names none (`max_tokens` on the OpenAI routes), at most the server's limit."""
 
     temperature: float | None = finite(None, ge=0, le=MAX_TEMPERATURE, description="as a request's")
     top_k: int | None = count(None, description="as a request's (0: off)")
     top_p: float | None = finite(None, gt=0, le=1, description="as a request's")
     repetition_penalty: float | None = finite(None, gt=0, le=100, description="as a request's")
+    max_new_tokens: int | None = count(
+        None, ge=1, description="tokens generated when a request names none (at most the server's limit)"
+    )
 
     @classmethod
     def from_config(cls, meta: dict) -> dict:
@@ -153,7 +158,7 @@ class GenerationConfig(Strict):
         except ValidationError as exc:
             e = exc.errors()[0]
             where = ".".join(str(p) for p in ("generation_config", *e["loc"]))
-            hint = f" (it takes {', '.join(GENERATION_FIELDS)})" if e["type"] == "extra_forbidden" else ""
+            hint = f" (it takes {', '.join(cls.model_fields)})" if e["type"] == "extra_forbidden" else ""
             raise ValueError(f"{where}: {e['msg']}{hint}") from None
         return got.model_dump(exclude_none=True)
 

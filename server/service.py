@@ -67,6 +67,23 @@ def new_tokens_limit(state: ServerState, model: ServedModel | None) -> tuple[int
     return state.settings.max_new_tokens, "max_new_tokens"
 
 
+def new_tokens(state: ServerState, model: ServedModel, req, field: str = "max_new_tokens") -> int:
+    """How many tokens a request generates at most: its `field` if it set it, else its checkpoint's
+    default (config.json generation_config max_new_tokens, at most this server's limit), else the
+    request model's own default."""
+    value = getattr(req, field)
+    if field in req.model_fields_set and value is not None:
+        return value
+    return default_new_tokens(state, model, value)
+
+
+def default_new_tokens(state: ServerState, model: ServedModel, fallback: int) -> int:
+    """The checkpoint's max_new_tokens (generation_config), at most this server's limit; `fallback`
+    (the route's own default) when it sets none."""
+    n = model.generation.get("max_new_tokens")
+    return fallback if n is None else min(n, new_tokens_limit(state, model)[0])
+
+
 def _what(state: ServerState, model: ServedModel | None, setting: str) -> str:
     if setting == "max_audio_s":
         return f"{state.settings.max_audio_s:g} s at {model.sample_rate} Hz: max_audio_s"

@@ -948,8 +948,9 @@ def test_a_chosen_model_fills_the_sampling_fields_with_its_checkpoints_defaults(
     from server import Settings
 
     dirs = []
-    for src, name, given in ((TEXT, "tiny-text-gc", {"temperature": 0.6, "top_k": 5}),
-                             (AUDIO, "tiny-audio-gc", {"temperature": 0.9})):  # fmt: skip
+    given_text = {"temperature": 0.6, "top_k": 5, "max_new_tokens": 30}
+    given_audio = {"temperature": 0.9, "max_new_tokens": 800}
+    for src, name, given in ((TEXT, "tiny-text-gc", given_text), (AUDIO, "tiny-audio-gc", given_audio)):
         d = tmp_path / name
         shutil.copytree(model_dirs[src.removeprefix("tiny-")], d)
         meta = json.loads((d / "config.json").read_text())
@@ -960,9 +961,9 @@ def test_a_chosen_model_fills_the_sampling_fields_with_its_checkpoints_defaults(
     try:
         d.wait_status("models served")
         values = lambda *ids: [d.page.input_value(f"#{i}") for i in ids]  # noqa: E731
-        assert values("temperature", "top-k", "top-p") == ["0.6", "5", "1"]
+        assert values("temperature", "top-k", "top-p", "max-new-tokens") == ["0.6", "5", "1", "30"]
         d.page.select_option("#model", "tiny-audio-gc")
-        assert values("audio-temperature") == ["0.9"]
+        assert values("audio-temperature", "audio-samples") == ["0.9", "800"]
         d.page.select_option("#model", "tiny-text-gc")
         d.page.fill("#prompt", "to be")
         d.page.fill("#max-new-tokens", "12")

@@ -19,7 +19,8 @@ from server import Settings
 from server.chat import ChatTemplate
 from server.schemas import GenerationConfig
 
-DEFAULTS = {"temperature": 0.5, "top_k": 7, "top_p": 0.9, "repetition_penalty": 1.3}
+DEFAULTS = {"temperature": 0.5, "top_k": 7, "top_p": 0.9, "repetition_penalty": 1.3, "max_new_tokens": 24}
+SAMPLING = {k: v for k, v in DEFAULTS.items() if k != "max_new_tokens"}
 PROMPT = "to be, or not"
 SHIPPED = json.loads(
     (Path(__file__).resolve().parent.parent / "checkpoints/text-shakespeare/config.json").read_text()
@@ -38,6 +39,11 @@ SHIPPED = json.loads(
         ({"top_k": -1}, "generation_config.top_k: Input should be greater than or equal to 0"),
         ({"top_p": 0}, "generation_config.top_p: Input should be greater than 0"),
         ({"repetition_penalty": 0}, "generation_config.repetition_penalty: Input should be greater than 0"),
+        (
+            {"max_new_tokens": 0},
+            "generation_config.max_new_tokens: Input should be greater than or equal to 1",
+        ),
+        ({"max_new_tokens": 8000.0}, "generation_config.max_new_tokens: Input should be a valid integer"),
         (
             {"do_sample": True},
             "generation_config.do_sample: Extra inputs are not permitted (it takes temperature",
@@ -61,18 +67,24 @@ def defaults_server(model_dirs, tmp_path_factory):
     """tiny-text with DEFAULTS (and the shipped chat template), and one with a bad generation_config."""
     root = tmp_path_factory.mktemp("generation")
     dirs = {}
-    for name, generation in (("tiny-defaults", DEFAULTS), ("tiny-bad-defaults", {"temperature": -1})):
+    for name, generation in (
+        ("tiny-defaults", DEFAULTS),
+        ("tiny-bad-defaults", {"temperature": -1}),
+        ("tiny-long-defaults", {"max_new_tokens": 100_000}),  # above the server's limit: the limit
+    ):
         d = dirs[name] = root / name
         shutil.copytree(model_dirs["text"], d)
         meta = json.loads((d / "config.json").read_text())
         meta |= {"generation_config": generation, "chat_template": SHIPPED["chat_template"], "chat_stop": []}
         (d / "config.json").write_text(json.dumps(meta))
-    s = ServerThread(Settings(checkpoints=[str(d) for d in dirs.values()], max_sessions=8)).start()
+    s = ServerThread(
+        Settings(checkpoints=[str(d) for d in dirs.values()], max_sessions=8, max_new_tokens=300)
+    ).start()
     yield s, dirs["tiny-defaults"]
     s.stop()
 
 
-def _want(d, prompt: bytes, n: int, **params) -> list[int]:
+def _want(d, prompt: bytes, n: int, max_new_tokens: int | None = None, **params) -> list[int]:
     return reference(d, list(prompt), SamplingParams(**params), n)
 
 
@@ -92,9 +104,9 @@ def test_a_bad_generation_config_keeps_its_checkpoint_from_being_served_and_says
 
 def test_a_request_that_leaves_the_fields_out_samples_with_the_checkpoints_defaults(defaults_server):
     s, d = defaults_server
-    want = _want(d, PROMPT.encode(), 24, seed=5, **DEFAULTS)
+    want = _want(d, PROMPT.encode(), 24, seed=5, **SAMPLING)  # 24: the checkpoint's max_new_tokens
     assert want != _want(d, PROMPT.encode(), 24, seed=5)  # (the defaults change this sample)
-    body = {"model": "tiny-defaults", "prompt": PROMPT, "max_new_tokens": 24, "seed": 5}
+    body = {"model": "tiny-defaults", "prompt": PROMPT, "seed": 5}
     r = httpx.post(s.url + "/v1/generate", json=body, timeout=60)
     assert r.status_code == 200 and r.json()["tokens"] == want, r.text
     with httpx.stream("POST", s.url + "/v1/generate", json=body | {"stream": True}, timeout=60) as r:
@@ -108,18 +120,18 @@ def test_a_request_that_leaves_the_fields_out_samples_with_the_checkpoints_defau
     assert frames[-1]["type"] == "done", frames[-1]
     assert [i for f in frames if f["type"] == "token" for i in f["ids"]] == want
     # OpenAI: left out, or sent as null (the openai client's "not given")
-    for extra in ({}, {"temperature": None, "top_p": None}):
-        openai_body = {"model": "tiny-defaults", "prompt": PROMPT, "max_tokens": 24, "seed": 5, **extra}
+    for extra in ({}, {"temperature": None, "top_p": None, "max_tokens": None}):
+        openai_body = {"model": "tiny-defaults", "prompt": PROMPT, "seed": 5, **extra}
         r = httpx.post(s.url + "/v1/completions", json=openai_body, timeout=60)
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == bytes(want).decode(
             errors="replace"
         ), r.text
     messages = [{"role": "user", "content": "Who's there?", "name": "Bernardo"}]
-    chat = {"model": "tiny-defaults", "messages": messages, "max_tokens": 24, "seed": 5}
+    chat = {"model": "tiny-defaults", "messages": messages, "seed": 5}
     r = httpx.post(s.url + "/v1/chat/completions", json=chat, timeout=60)
     assert r.status_code == 200, r.text
     rendered = ChatTemplate(SHIPPED["chat_template"], []).render(messages).encode()
-    reply = bytes(_want(d, rendered, 24, seed=5, **DEFAULTS)).decode(errors="replace")
+    reply = bytes(_want(d, rendered, 24, seed=5, **SAMPLING)).decode(errors="replace")
     assert r.json()["choices"][0]["message"]["content"] == reply
 
 
@@ -128,7 +140,7 @@ def test_a_field_the_request_sends_overrides_the_checkpoints(defaults_server):
     body = {"model": "tiny-defaults", "prompt": PROMPT, "max_new_tokens": 24, "seed": 5, "temperature": 1.0,
             "top_k": 0}  # fmt: skip
     want = _want(d, PROMPT.encode(), 24, seed=5, temperature=1.0, top_k=0, top_p=0.9, repetition_penalty=1.3)
-    assert want != _want(d, PROMPT.encode(), 24, seed=5, **DEFAULTS)
+    assert want != _want(d, PROMPT.encode(), 24, seed=5, **SAMPLING)
     r = httpx.post(s.url + "/v1/generate", json=body, timeout=60)
     assert r.status_code == 200 and r.json()["tokens"] == want, r.text
     openai_body = {"model": "tiny-defaults", "prompt": PROMPT, "max_tokens": 24, "seed": 5,
@@ -137,3 +149,31 @@ def test_a_field_the_request_sends_overrides_the_checkpoints(defaults_server):
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == bytes(want).decode(errors="replace"), (
         r.text
     )
+
+
+def test_a_checkpoints_max_new_tokens_is_the_length_of_a_generation_that_names_none_within_the_limit(
+    defaults_server,
+):
+    s, _ = defaults_server
+
+    def n_tokens(body):
+        r = httpx.post(s.url + "/v1/generate", json={"prompt": PROMPT, "seed": 1, **body}, timeout=60)
+        assert r.status_code == 200, r.text
+        return len(r.json()["tokens"])
+
+    assert n_tokens({"model": "tiny-defaults"}) == 24
+    assert n_tokens({"model": "tiny-defaults", "max_new_tokens": 10}) == 10  # sent: the request's
+    assert n_tokens({"model": "tiny-long-defaults"}) == 300  # the server's limit (S4_MAX_NEW_TOKENS)
+    r = httpx.post(
+        s.url + "/v1/generate", json={"model": "tiny-long-defaults", "prompt": PROMPT, "max_new_tokens": 301}
+    )
+    assert r.status_code == 422 and r.json()["error"]["param"] == "max_new_tokens", r.text  # sent: checked
+    body = {"model": "tiny-long-defaults", "prompt": PROMPT, "seed": 1}
+    r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 300, r.text
+    with connect(s.ws_url) as ws:
+        ws.send(json.dumps({"type": "generate", "model": "tiny-defaults", "prompt": PROMPT, "seed": 1}))
+        frames = [json.loads(ws.recv(timeout=30))]
+        while frames[-1]["type"] not in ("done", "error"):
+            frames.append(json.loads(ws.recv(timeout=30)))
+    assert frames[-1]["type"] == "done" and frames[-1]["usage"]["completion_tokens"] == 24, frames[-1]

@@ -24,6 +24,7 @@ from server.service import (
     collect,
     events,
     frame_ms,
+    new_tokens,
     prompt_ids,
     request_id,
     request_model,
@@ -154,7 +155,8 @@ async def generate(req: GenerateRequest, request: Request):
         await restore(st, req.session_id)
     else:
         await wait_for_slots(model)  # (a one-shot request's slot)
-    stream, job = start_generation(st, model, req.session_id, ids, params, req.max_new_tokens)
+    n = new_tokens(st, model, req)  # (the checkpoint's default when the request names none)
+    stream, job = start_generation(st, model, req.session_id, ids, params, n)
     gid, out = request_id(), Output(model, params, job=job, frame_ms=ms)
     if req.stream:
         body = _sse_generate(st, stream, model, out, gid, req.session_id, request)

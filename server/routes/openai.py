@@ -50,7 +50,9 @@ from server.service import (
     check_new_tokens,
     check_prompt,
     collect,
+    default_new_tokens,
     events,
+    new_tokens,
     new_tokens_limit,
     now_s,
     prompt_limit,
@@ -407,9 +409,10 @@ async def completions(req: CompletionRequest, request: Request):
         raise invalid("best_of", f"best_of ({best_of}) must be at least n ({req.n})")
     if req.stream and best_of != req.n:
         raise invalid("best_of", "best_of cannot be streamed unless it equals n")
-    if req.max_tokens == 0 and not req.echo:
+    max_tokens = new_tokens(st, model, req, "max_tokens")  # (the checkpoint's default when left out)
+    if max_tokens == 0 and not req.echo:
         raise invalid("max_tokens", "max_tokens: 0 is only allowed with echo=true (to score the prompt)")
-    check_new_tokens(st, req.max_tokens, "max_tokens", model)
+    check_new_tokens(st, max_tokens, "max_tokens", model)
     prompts, texts = completion_prompts(st, model, req)  # (each prompt's length checked)
     if len(prompts) * best_of > MAX_SAMPLES:
         raise invalid(
@@ -419,11 +422,11 @@ async def completions(req: CompletionRequest, request: Request):
     lp = req.logprobs
     if lp is not None:  # every sample's, best_of's too (they are ranked, then n returned)
         echoed = sum(len(ids) for ids in prompts) if req.echo else 0
-        check_logprob_values(best_of * (echoed + len(prompts) * req.max_tokens), lp, "logprobs")
+        check_logprob_values(best_of * (echoed + len(prompts) * max_tokens), lp, "logprobs")
     internal = lp if lp is not None else (0 if best_of > req.n else None)
     params = replace(params, logprobs=internal, prompt_logprobs=lp if req.echo else None)
     await wait_for_slots(model, len(prompts) * best_of)
-    runs = start_runs(st, model, prompts, best_of, params, req.max_tokens)
+    runs = start_runs(st, model, prompts, best_of, params, max_tokens)
     cid, created = request_id("cmpl"), now_s()
     head = {"id": cid, "object": "text_completion", "created": created, "model": model.id}
     if req.stream:
@@ -534,7 +537,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     max_tokens = (
         req.max_completion_tokens
         or req.max_tokens
-        or min(CHAT_DEFAULT_MAX_TOKENS, st.settings.max_new_tokens)
+        or default_new_tokens(st, model, min(CHAT_DEFAULT_MAX_TOKENS, st.settings.max_new_tokens))
     )
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     check_new_tokens(st, max_tokens, param, model)

@@ -133,7 +133,8 @@ class Connection:
         # refused first message leaves the socket as it was: no session, no model
         target = await self.target(msg)
         if isinstance(msg, WSGenerate):
-            service.check_new_tokens(self.st, msg.max_new_tokens, model=target)
+            n = service.new_tokens(self.st, target, msg)  # (the checkpoint's default when it names none)
+            service.check_new_tokens(self.st, n, model=target)
             ms = service.frame_ms(target, msg.frame_ms)  # a text model refuses frame_ms
             params = service.sampling_params(target, msg)
         ids = await self.prompt(target, msg)
@@ -143,9 +144,7 @@ class Connection:
             await self.send({"type": "appended", "session_id": rec.id, "tokens": rec.n_tokens,
                              "usage": {"prompt_tokens": len(ids)}})  # fmt: skip
             return
-        stream, job = service.start_generation(
-            self.st, self.model, self.session_id, ids, params, msg.max_new_tokens
-        )
+        stream, job = service.start_generation(self.st, self.model, self.session_id, ids, params, n)
         self.stream = stream
         out = service.Output(self.model, params, self.encoding, job, ms)
         self.pump = asyncio.create_task(self.forward(stream, out))

@@ -172,8 +172,8 @@
   function showDefaults(m) {
     const given = m?.generation_config || {};
     const fields = m?.kind === "audio"
-      ? { temperature: "audio-temperature" }
-      : { temperature: "temperature", top_k: "top-k", top_p: "top-p" };
+      ? { temperature: "audio-temperature", max_new_tokens: "audio-samples" }
+      : { temperature: "temperature", top_k: "top-k", top_p: "top-p", max_new_tokens: "max-new-tokens" };
     for (const [key, id] of Object.entries(fields)) {
       if (given[key] !== null && given[key] !== undefined) $(id).value = String(given[key]);
     }
