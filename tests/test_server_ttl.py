@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 from server_support import ServerThread, reference, wait_for
-from test_server_store import _redis_server, _stored
+from test_server_store import _stored, redis_url  # noqa: F401  (a redis-server for this module)
 from websockets.sync.client import connect
 
 from model.sampling import SamplingParams
@@ -29,16 +29,8 @@ IDLE_FRACTION = 0.7  # a request comes when its session has been idle this share
 PROMPT = "whether 'tis"
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    proc, port = _redis_server(tmp_path_factory.mktemp("redis"))
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
-
-
 @pytest.fixture(params=["store", "no-store"])
-def replica(request, model_dirs, redis_url):
+def replica(request, model_dirs, redis_url):  # noqa: F811
     store = {"session_store": redis_url} if request.param == "store" else {}
     settings = Settings(checkpoints=[str(model_dirs["text"])], session_ttl_s=TTL_S, max_sessions=8,
                         drain_timeout_s=1, **store)  # fmt: skip
@@ -78,6 +70,30 @@ def _claim_after_the_ttl(monkeypatch, s: ServerThread, sid: str) -> None:
 
     monkeypatch.setattr(service, "claim", late_claim)
     assert wait_for(lambda: time.time() > rec.last_used + IDLE_FRACTION * TTL_S, 10, 0.01)
+
+
+@pytest.fixture
+def stored_session(model_dirs, redis_url):  # noqa: F811
+    """A server with the Redis store (no TTL sweep in the way: 600 s), and a session the store holds."""
+    settings = Settings(checkpoints=[str(model_dirs["text"])], session_store=redis_url, max_sessions=8,
+                        drain_timeout_s=1)  # fmt: skip
+    s = ServerThread(settings).start()
+    try:
+        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": PROMPT}).json()["session_id"]
+        assert wait_for(lambda: _stored_n(redis_url, sid) == len(PROMPT), 10)
+        yield s, s.state.models[TEXT].engine, sid
+    finally:
+        s.stop()
+
+
+def _generates_the_reference(s: ServerThread, sid: str, model_dirs) -> None:
+    """A 5-token turn on the session (no model named) is served, and continues it exactly."""
+    body = {"session_id": sid, "max_new_tokens": 5, "seed": 2}
+    r = httpx.post(s.url + "/v1/generate", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["tokens"] == reference(
+        model_dirs["text"], list(PROMPT.encode()), SamplingParams(seed=2), 5
+    )
 
 
 def _ws_turn(ws, body: dict) -> list[dict]:
@@ -133,76 +149,49 @@ def test_a_session_named_before_its_ttl_runs_out_is_served_whenever_the_route_cl
 
 
 def test_a_request_that_meets_its_sessions_eviction_under_way_restores_it_from_the_store(
-    model_dirs, redis_url, monkeypatch
+    stored_session, model_dirs, monkeypatch
 ):
     """The TTL's sweep claims the session just after the request's version check found the copy here
     current, and hands it to the store a moment later: the request waits for that, restores the session
     and serves it (it got a 409, the session being busy with its own eviction, or a 404)."""
-    settings = Settings(checkpoints=[str(model_dirs["text"])], session_store=redis_url, max_sessions=8,
-                        drain_timeout_s=1)  # fmt: skip
-    s = ServerThread(settings).start()
-    try:
-        engine = s.state.models[TEXT].engine
-        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": PROMPT}).json()["session_id"]
-        assert wait_for(lambda: _stored_n(redis_url, sid) == len(PROMPT), 10)
-        is_current, swept = service._is_current, []
+    s, engine, sid = stored_session
+    is_current, swept = service._is_current, []
 
-        async def current_then_swept(state, session_id):
-            answer = await is_current(state, session_id)
-            if answer and not swept:  # what the sweep does, with its eviction 0.3 s behind its claim
-                [rec] = state.sessions.claim_expired(TEXT, -1.0)
-                swept.append(engine.call(lambda e: (time.sleep(0.3), e._expire(rec))))
-            return answer
+    async def current_then_swept(state, session_id):
+        answer = await is_current(state, session_id)
+        if answer and not swept:  # what the sweep does, with its eviction 0.3 s behind its claim
+            [rec] = state.sessions.claim_expired(TEXT, -1.0)
+            swept.append(engine.call(lambda e: (time.sleep(0.3), e._expire(rec))))
+        return answer
 
-        monkeypatch.setattr(service, "_is_current", current_then_swept)
-        r = httpx.post(
-            s.url + "/v1/generate", json={"session_id": sid, "max_new_tokens": 5, "seed": 2}, timeout=30
-        )
-        assert r.status_code == 200, r.text
-        assert swept and swept[0].done()
-        assert r.json()["tokens"] == reference(
-            model_dirs["text"], list(PROMPT.encode()), SamplingParams(seed=2), 5
-        )
-    finally:
-        s.stop()
+    monkeypatch.setattr(service, "_is_current", current_then_swept)
+    _generates_the_reference(s, sid, model_dirs)
+    assert swept and swept[0].done()
 
 
 def test_a_request_naming_only_its_session_finds_its_model_after_an_eviction_between_two_reads(
-    model_dirs, redis_url, monkeypatch
+    stored_session, model_dirs, monkeypatch
 ):
     """A request that names a session and no model looks the model up in the session's record; a session
     evicted to the store between the check that it is held and that look-up is restored (a 404)."""
-    settings = Settings(checkpoints=[str(model_dirs["text"])], session_store=redis_url, max_sessions=8,
-                        drain_timeout_s=1)  # fmt: skip
-    s = ServerThread(settings).start()
-    try:
-        engine = s.state.models[TEXT].engine
-        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": PROMPT}).json()["session_id"]
-        assert wait_for(lambda: _stored_n(redis_url, sid) == len(PROMPT), 10)
-        session_model, evicted = service.session_model, []
+    s, engine, sid = stored_session
+    session_model, evicted = service.session_model, []
 
-        def evicted_then_looked_up(state, session_id):
-            if not evicted:
-                [rec] = state.sessions.claim_expired(TEXT, -1.0)
-                evicted.append(engine.call(lambda e: e._expire(rec)).result(10))
-            return session_model(state, session_id)
+    def evicted_then_looked_up(state, session_id):
+        if not evicted:
+            [rec] = state.sessions.claim_expired(TEXT, -1.0)
+            evicted.append(engine.call(lambda e: e._expire(rec)).result(10))
+        return session_model(state, session_id)
 
-        monkeypatch.setattr(service, "session_model", evicted_then_looked_up)
-        r = httpx.post(
-            s.url + "/v1/generate", json={"session_id": sid, "max_new_tokens": 5, "seed": 2}, timeout=30
-        )
-        assert evicted and r.status_code == 200, r.text
-        assert r.json()["tokens"] == reference(
-            model_dirs["text"], list(PROMPT.encode()), SamplingParams(seed=2), 5
-        )
-    finally:
-        s.stop()
+    monkeypatch.setattr(service, "session_model", evicted_then_looked_up)
+    _generates_the_reference(s, sid, model_dirs)
+    assert evicted
 
 
-def _stored_n(redis_url: str, sid: str) -> int | None:
+def _stored_n(url: str, sid: str) -> int | None:
     import redis
 
-    r = redis.Redis.from_url(redis_url)
+    r = redis.Redis.from_url(url)
     try:
         header = _stored(r, sid)
     finally:
@@ -212,43 +201,32 @@ def _stored_n(redis_url: str, sid: str) -> int | None:
 
 @pytest.mark.parametrize("eviction", ["under way", "over"])
 def test_session_info_of_a_copy_its_ttl_is_evicting_reads_the_store_once_the_eviction_lands(
-    model_dirs, redis_url, monkeypatch, eviction
+    stored_session, model_dirs, monkeypatch, eviction
 ):
     """GET /v1/sessions/{id} while the idle TTL's sweep evicts the copy here, just after the version check
     found it current: the info is the stored session's, idle, once the eviction's write has landed. (It
     said `busy` while the eviction ran, and 404 once it had freed the copy.)"""
-    settings = Settings(checkpoints=[str(model_dirs["text"])], session_store=redis_url, max_sessions=8,
-                        drain_timeout_s=1)  # fmt: skip
-    s = ServerThread(settings).start()
-    try:
-        engine = s.state.models[TEXT].engine
-        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": PROMPT}).json()["session_id"]
-        assert wait_for(lambda: _stored_n(redis_url, sid) == len(PROMPT), 10)
-        r = httpx.post(
-            s.url + "/v1/generate", json={"session_id": sid, "max_new_tokens": 5, "seed": 2}, timeout=30
-        )
-        assert r.status_code == 200, r.text  # (its write-through may still be queued: the eviction writes it)
-        is_current, swept = service._is_current, []
+    s, engine, sid = stored_session
+    _generates_the_reference(s, sid, model_dirs)  # (its write-through may still be queued: the eviction's)
+    is_current, swept = service._is_current, []
 
-        async def current_then_swept(state, session_id):
-            answer = await is_current(state, session_id)
-            if answer and not swept:
-                [rec] = state.sessions.claim_expired(TEXT, -1.0)
-                if eviction == "under way":
-                    swept.append(engine.call(lambda e: (time.sleep(0.3), e._expire(rec))))
-                else:
-                    swept.append(engine.call(lambda e: e._expire(rec)))
-                    swept[0].result(10)
-            return answer
+    async def current_then_swept(state, session_id):
+        answer = await is_current(state, session_id)
+        if answer and not swept:
+            [rec] = state.sessions.claim_expired(TEXT, -1.0)
+            if eviction == "under way":
+                swept.append(engine.call(lambda e: (time.sleep(0.3), e._expire(rec))))
+            else:
+                swept.append(engine.call(lambda e: e._expire(rec)))
+                swept[0].result(10)
+        return answer
 
-        monkeypatch.setattr(service, "_is_current", current_then_swept)
-        r = httpx.get(f"{s.url}/v1/sessions/{sid}", timeout=30)
-        assert r.status_code == 200, r.text
-        info = r.json()
-        assert (info["status"], info["tokens"], info["generated"]) == ("idle", len(PROMPT) + 5, 5), info
-        assert swept and swept[0].done() and not s.state.sessions.has(sid)  # read, not restored
-    finally:
-        s.stop()
+    monkeypatch.setattr(service, "_is_current", current_then_swept)
+    r = httpx.get(f"{s.url}/v1/sessions/{sid}", timeout=30)
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert (info["status"], info["tokens"], info["generated"]) == ("idle", len(PROMPT) + 5, 5), info
+    assert swept and swept[0].done() and not s.state.sessions.has(sid)  # read, not restored
 
 
 def test_a_request_that_meets_its_sessions_expiry_under_way_without_a_store_gets_a_404_not_a_409(
