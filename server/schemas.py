@@ -28,6 +28,10 @@ from server.config import Dtype
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 MAX_TEMPERATURE = 100.0  # the API's bound (the library takes any finite T ≥ 0)
+# on every field a checkpoint's generation_config may set (GenerationConfig)
+OR_CHECKPOINTS = (
+    "; left out: the model's generation_config value (GET /v1/models) if it sets one, else the default"
+)
 
 
 def finite(default: float, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
@@ -101,16 +105,24 @@ class Strict(BaseModel):
 
 
 class SamplingFields(Strict):
-    max_new_tokens: int = count(64, ge=1, description="tokens to generate at most (≤ the server's limit)")
+    max_new_tokens: int = count(
+        64, ge=1, description="tokens to generate at most (≤ the server's limit)" + OR_CHECKPOINTS
+    )
     temperature: float = finite(
         1.0,
         ge=0,
         le=MAX_TEMPERATURE,
-        description="0 → greedy; T > 0 samples softmax(z/T) (tiny T: the argmax)",
+        description="0 → greedy; T > 0 samples softmax(z/T) (tiny T: the argmax)" + OR_CHECKPOINTS,
     )
-    top_k: int = count(0, description="keep the k most likely tokens (0, or ≥ the vocabulary → off)")
-    top_p: float = finite(1.0, gt=0, le=1, description="nucleus mass (1 → off; tiny → the top token)")
-    repetition_penalty: float = finite(1.0, gt=0, le=100, description="CTRL-style penalty (1 → off)")
+    top_k: int = count(
+        0, description="keep the k most likely tokens (0, or ≥ the vocabulary → off)" + OR_CHECKPOINTS
+    )
+    top_p: float = finite(
+        1.0, gt=0, le=1, description="nucleus mass (1 → off; tiny → the top token)" + OR_CHECKPOINTS
+    )
+    repetition_penalty: float = finite(
+        1.0, gt=0, le=100, description="CTRL-style penalty (1 → off)" + OR_CHECKPOINTS
+    )
     seed: int | None = count(None, le=2**63 - 1, description="same seed + input + params → same tokens")
     stop: list[StopString] | None = Field(
         None, max_length=16, description="stop sequences (text models); the text ends before them"
@@ -135,7 +147,7 @@ class GenerationConfig(Strict):
     fields. A request that leaves a field out (or, on the OpenAI routes, sends it as null) samples with
     the checkpoint's value; one that sends it, with its own. Fields the checkpoint leaves out keep the
     API's defaults (temperature 1, top_k 0, top_p 1, repetition_penalty 1; max_new_tokens 64, on the
-    OpenAI routes max_tokens 16 and, for chat, 512). max_new_tokens is the length of a generation that
+    OpenAI routes max_tokens 16 and, for chat, 256). max_new_tokens is the length of a generation that
     names none (`max_tokens` on the OpenAI routes), at most the server's limit."""
 
     temperature: float | None = finite(None, ge=0, le=MAX_TEMPERATURE, description="as a request's")
@@ -238,9 +250,10 @@ class ModelInfo(BaseModel):
     created: int = Field(description="Unix time the checkpoint's weights were written")
     owned_by: str
     chat: bool = Field(description="has a chat template (POST /v1/chat/completions)")
-    generation_config: GenerationConfig = Field(
-        description="the checkpoint's sampling defaults (config.json generation_config): what a request that "
-        "leaves the field out samples with; null: the API's default"
+    generation_config: dict[str, float | int] = Field(
+        description="the checkpoint's sampling defaults (config.json generation_config: temperature, top_k, "
+        "top_p, repetition_penalty, max_new_tokens), only those it sets: what a request that leaves the "
+        "field out gets; a field not listed has the API's default"
     )
     kind: Literal["text", "audio"]
     arch: Literal["isotropic", "sashimi"] = Field(description="network shape (sashimi: n_layers per level)")
@@ -360,9 +373,9 @@ class OpenAISampling(BaseModel):
         ge=0,
         le=MAX_TEMPERATURE,
         **Finite,
-        description="0 → greedy; as /v1/generate (OpenAI documents ≤ 2)",
+        description="0 → greedy; as /v1/generate (OpenAI documents ≤ 2)" + OR_CHECKPOINTS,
     )
-    top_p: float = Field(1.0, gt=0, le=1, **Finite, description="nucleus mass (1 → off)")
+    top_p: float = Field(1.0, gt=0, le=1, **Finite, description="nucleus mass (1 → off)" + OR_CHECKPOINTS)
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="completions per prompt, each its own sample")
     seed: int | None = Field(
         None,
@@ -387,7 +400,10 @@ class OpenAISampling(BaseModel):
     user: str | None = Field(None, max_length=256, description="an end-user id; accepted, not used")
     # extensions (vLLM's names; `extra_body` in the openai client)
     top_k: int = Field(
-        0, ge=-1, le=2**31 - 1, description="extension: keep the k most likely (0 or -1 → off)"
+        0,
+        ge=-1,
+        le=2**31 - 1,
+        description="extension: keep the k most likely (0 or -1 → off)" + OR_CHECKPOINTS,
     )
     min_p: float = Field(
         0.0,
@@ -401,7 +417,7 @@ class OpenAISampling(BaseModel):
         ge=0.01,
         le=100,
         **Finite,
-        description="extension: CTRL-style penalty on tokens of prompt and output",
+        description="extension: CTRL-style penalty on tokens of prompt and output" + OR_CHECKPOINTS,
     )
 
     _one_stop = field_validator("stop", mode="before")(SamplingFields._one_stop.__func__)
@@ -424,7 +440,9 @@ class CompletionRequest(OpenAISampling):
     ] = Field(
         description=f"a string, a list of strings, token ids, or a list of token-id lists (≤ {MAX_PROMPTS})"
     )
-    max_tokens: int = Field(16, ge=0, description="tokens to generate at most per choice (0 only with echo)")
+    max_tokens: int = Field(
+        16, ge=0, description="tokens to generate at most per choice (0 only with echo)" + OR_CHECKPOINTS
+    )
     echo: bool = Field(False, description="return the prompt before the completion (and its logprobs)")
     logprobs: int | None = Field(
         None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of each token and of the k most likely"
@@ -510,7 +528,12 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(OpenAISampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256), FAIL_FAST]
-    max_completion_tokens: int | None = Field(None, ge=1, description="tokens to generate at most per choice")
+    max_completion_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="tokens to generate at most per choice; left out (with max_tokens): the model's "
+        "generation_config max_new_tokens (GET /v1/models) if it sets one, else 256",
+    )
     max_tokens: int | None = Field(None, ge=1, description="the older name of max_completion_tokens")
     logprobs: bool = Field(False, description="log-probabilities of each generated token")
     top_logprobs: int | None = Field(
