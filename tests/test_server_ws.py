@@ -173,6 +173,7 @@ def test_bad_frames_get_error_frames_and_the_socket_stays_usable(server):
                 "{not json",
                 json.dumps([1, 2]),
                 json.dumps({"type": "dance"}),
+                json.dumps({"model": TEXT, "prompt": "x"}),  # no type
                 json.dumps({"type": "generate", "model": TEXT, "prompt": "x", "temperature": "hot"}),
                 json.dumps({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": -1}),
                 json.dumps({"type": "generate", "model": TEXT, "prompt": "x", "bogus": 1}),
@@ -193,13 +194,16 @@ def test_bad_frames_get_error_frames_and_the_socket_stays_usable(server):
             return out
 
     out = asyncio.run(main())
-    codes = [(e["code"], e.get("param")) for e in out[:10]]
-    assert codes == [(400, None), (422, None), (422, "type"), (422, "temperature"), (422, "max_new_tokens"),
-                     (422, "bogus"), (422, "model"), (404, "model"), (422, "max_new_tokens"),
-                     (422, "audio")]  # fmt: skip
-    assert all(e["message"] for e in out[:10])
-    assert len(out[10][0]) == 4 and out[10][2]["type"] == "done"
-    assert out[11]["code"] == 422 and out[12]["param"] == "model"
+    codes = [(e["code"], e.get("param")) for e in out[:11]]
+    assert codes == [(400, None), (422, None), (422, "type"), (422, "type"), (422, "temperature"),
+                     (422, "max_new_tokens"), (422, "bogus"), (422, "model"), (404, "model"),
+                     (422, "max_new_tokens"), (422, "audio")]  # fmt: skip
+    assert all(e["message"] for e in out[:11])
+    assert (
+        out[3]["message"] == "type: Field required: a message's type is session, generate, append or cancel"
+    )
+    assert len(out[11][0]) == 4 and out[11][2]["type"] == "done"
+    assert out[12]["code"] == 422 and out[13]["param"] == "model"
 
 
 def test_a_refused_first_message_binds_no_session(server):

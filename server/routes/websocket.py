@@ -107,6 +107,8 @@ class Connection:
                     e["loc"] = loc[1:]
                 if e.get("type", "").startswith("union_tag"):
                     e["loc"] = ("type",)
+                if e.get("type") == "union_tag_not_found":  # (pydantic: "Unable to extract tag using ...")
+                    e["msg"] = "Field required: a message's type is session, generate, append or cancel"
             raise validation_error(errors) from None
         if isinstance(msg, (WSGenerate, WSAppend)) and self.refused_prompt is not None:
             self.refused_prompt, err = None, self.refused_prompt
