@@ -6,6 +6,7 @@ settings table is generated from the same descriptions (`settings_table`).
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Literal, get_args
@@ -349,6 +350,13 @@ class Settings(BaseSettings):
     def model_dtype_overrides(self) -> dict[str, str]:
         """S4_MODEL_DTYPES as {model id: dtype}."""
         return dict(e.split("=", 1) for e in self.model_dtypes)
+
+    def new_tokens_limit(self, sample_rate: int | None) -> tuple[int, str]:
+        """The largest max_new_tokens of a model (`sample_rate`: an audio model's, None for text) and the
+        setting that sets it: max_new_tokens, or for audio max_audio_s at the model's rate."""
+        if sample_rate is not None:
+            return math.floor(self.max_audio_s * sample_rate), "max_audio_s"
+        return self.max_new_tokens, "max_new_tokens"
 
     def dtype_for(self, model_id: str) -> str:
         """The dtype `model_id` serves in: its S4_MODEL_DTYPES entry, else S4_DTYPE."""

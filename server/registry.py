@@ -255,6 +255,14 @@ def load_model(
     generation = GenerationConfig.from_config(meta)
     net = load(path)
     _check_stop(stop)
+    audio_rate = net.config.sample_rate if net.config.modality == "audio" else None
+    limit, setting = settings.new_tokens_limit(audio_rate)
+    if (n := generation.get("max_new_tokens")) is not None and n > limit:
+        log.warning(
+            "%s: generation_config max_new_tokens %d is above this server's limit (%d, %s): a request that "
+            "names no length generates %d",
+            model_id or path.name, n, limit, setting, limit,
+        )  # fmt: skip
     if net.config.modality == "text" and net.config.vocab_size < 256:
         # text prompts arrive as UTF-8 bytes (ids 0-255): every byte must be a token of the model
         where = f"{source} (converted into {path})" if source else str(path)

@@ -62,9 +62,7 @@ def prompt_limit(state: ServerState, model: ServedModel | None) -> tuple[int, st
 
 def new_tokens_limit(state: ServerState, model: ServedModel | None) -> tuple[int, str]:
     """The largest max_new_tokens for `model` (None: a text model), and the setting that sets it."""
-    if model is not None and model.kind == "audio":
-        return math.floor(state.settings.max_audio_s * model.sample_rate), "max_audio_s"
-    return state.settings.max_new_tokens, "max_new_tokens"
+    return state.settings.new_tokens_limit(model.sample_rate if model is not None else None)
 
 
 def new_tokens(state: ServerState, model: ServedModel, req, field: str = "max_new_tokens") -> int:

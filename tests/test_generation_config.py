@@ -176,3 +176,18 @@ def test_a_checkpoints_max_new_tokens_is_the_length_of_a_generation_that_names_n
         while frames[-1]["type"] not in ("done", "error"):
             frames.append(json.loads(ws.recv(timeout=30)))
     assert frames[-1]["type"] == "done" and frames[-1]["usage"]["completion_tokens"] == 24, frames[-1]
+
+
+def test_a_default_length_above_the_servers_limit_is_said_at_load(model_dirs, tmp_path, caplog):
+    import logging
+
+    d = tmp_path / "tiny-long"
+    shutil.copytree(model_dirs["text"], d)
+    meta = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(meta | {"generation_config": {"max_new_tokens": 5000}}))
+    with caplog.at_level(logging.WARNING, logger="server.models"):
+        ServerThread(Settings(checkpoints=[str(d)], max_new_tokens=300)).start().stop()
+    assert (
+        "tiny-long: generation_config max_new_tokens 5000 is above this server's limit "
+        "(300, max_new_tokens): a request that names no length generates 300"
+    ) in caplog.text
