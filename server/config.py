@@ -351,11 +351,15 @@ class Settings(BaseSettings):
         """S4_MODEL_DTYPES as {model id: dtype}."""
         return dict(e.split("=", 1) for e in self.model_dtypes)
 
+    def audio_samples(self, sample_rate: int) -> int:
+        """max_audio_s in samples at `sample_rate`: an audio model's longest prompt and generation."""
+        return math.floor(self.max_audio_s * sample_rate)
+
     def new_tokens_limit(self, sample_rate: int | None) -> tuple[int, str]:
         """The largest max_new_tokens of a model (`sample_rate`: an audio model's, None for text) and the
         setting that sets it: max_new_tokens, or for audio max_audio_s at the model's rate."""
         if sample_rate is not None:
-            return math.floor(self.max_audio_s * sample_rate), "max_audio_s"
+            return self.audio_samples(sample_rate), "max_audio_s"
         return self.max_new_tokens, "max_new_tokens"
 
     def dtype_for(self, model_id: str) -> str:

@@ -255,14 +255,6 @@ def load_model(
     generation = GenerationConfig.from_config(meta)
     net = load(path)
     _check_stop(stop)
-    audio_rate = net.config.sample_rate if net.config.modality == "audio" else None
-    limit, setting = settings.new_tokens_limit(audio_rate)
-    if (n := generation.get("max_new_tokens")) is not None and n > limit:
-        log.warning(
-            "%s: generation_config max_new_tokens %d is above this server's limit (%d, %s): a request that "
-            "names no length generates %d",
-            model_id or path.name, n, limit, setting, limit,
-        )  # fmt: skip
     if net.config.modality == "text" and net.config.vocab_size < 256:
         # text prompts arrive as UTF-8 bytes (ids 0-255): every byte must be a token of the model
         where = f"{source} (converted into {path})" if source else str(path)
@@ -326,7 +318,15 @@ def load_model(
     )  # fmt: skip
     fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"))
     created = int((path / WEIGHTS).stat().st_mtime)
-    return ServedModel(model_id, path, net.config, rec, engine, fingerprint, chat, created, generation)
+    served = ServedModel(model_id, path, net.config, rec, engine, fingerprint, chat, created, generation)
+    limit, setting = settings.new_tokens_limit(served.sample_rate)
+    if (n := generation.get("max_new_tokens")) is not None and n > limit:
+        log.warning(
+            "%s: generation_config max_new_tokens %d is above this server's limit (%d, %s): a request that "
+            "names no length generates %d",
+            model_id, n, limit, setting, limit,
+        )  # fmt: skip
+    return served
 
 
 def load_models(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import math
 import secrets
 import time
 import uuid
@@ -56,7 +55,7 @@ def prompt_limit(state: ServerState, model: ServedModel | None) -> tuple[int, st
     """The longest prompt of `model` (None: a text model) in tokens, and the setting that sets it
     (audio: max_audio_s, in seconds at the model's rate)."""
     if model is not None and model.kind == "audio":
-        return math.floor(state.settings.max_audio_s * model.sample_rate), "max_audio_s"
+        return state.settings.audio_samples(model.sample_rate), "max_audio_s"
     return state.settings.max_prompt_tokens, "max_prompt_tokens"
 
 
