@@ -315,6 +315,21 @@ def read_until_closed(sock: socket.socket, timeout: float = 5.0) -> bytes:
     return got
 
 
+def ws_turn(ws, message: dict, timeout: float = 30) -> list[dict]:
+    """Send one control message on a (sync) WebSocket and read its frames up to the one that ends it:
+    `done`, `appended` or `error`."""
+    ws.send(json.dumps(message))
+    frames = [json.loads(ws.recv(timeout=timeout))]
+    while frames[-1]["type"] not in ("done", "appended", "error"):
+        frames.append(json.loads(ws.recv(timeout=timeout)))
+    return frames
+
+
+def token_ids(frames: list[dict]) -> list[int]:
+    """The generated ids of a turn's token frames (WebSocket) or events (SSE), in order."""
+    return [i for f in frames if f["type"] == "token" for i in f["ids"]]
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server_support import ServerThread, reference, sse_events
+from server_support import ServerThread, reference, sse_events, token_ids, ws_turn
 from websockets.sync.client import connect
 
 from model.sampling import SamplingParams
@@ -110,14 +110,11 @@ def test_a_request_that_leaves_the_fields_out_samples_with_the_checkpoints_defau
     assert r.status_code == 200 and r.json()["tokens"] == want, r.text
     with httpx.stream("POST", s.url + "/v1/generate", json=body | {"stream": True}, timeout=60) as r:
         events = sse_events(r)
-    assert [i for e in events if isinstance(e, dict) for i in e.get("ids", [])] == want
+    assert token_ids(events[:-1]) == want and events[-1]["type"] == "done"
     with connect(s.ws_url) as ws:
-        ws.send(json.dumps({"type": "generate", **body}))
-        frames = [json.loads(ws.recv(timeout=30))]
-        while frames[-1]["type"] not in ("done", "error"):
-            frames.append(json.loads(ws.recv(timeout=30)))
+        frames = ws_turn(ws, {"type": "generate", **body})
     assert frames[-1]["type"] == "done", frames[-1]
-    assert [i for f in frames if f["type"] == "token" for i in f["ids"]] == want
+    assert token_ids(frames) == want
     # OpenAI: left out, or sent as null (the openai client's "not given")
     for extra in ({}, {"temperature": None, "top_p": None, "max_tokens": None}):
         openai_body = {"model": "tiny-defaults", "prompt": PROMPT, "seed": 5, **extra}
@@ -171,10 +168,7 @@ def test_a_checkpoints_max_new_tokens_is_the_length_of_a_generation_that_names_n
     r = httpx.post(s.url + "/v1/completions", json=body, timeout=60)
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 300, r.text
     with connect(s.ws_url) as ws:
-        ws.send(json.dumps({"type": "generate", "model": "tiny-defaults", "prompt": PROMPT, "seed": 1}))
-        frames = [json.loads(ws.recv(timeout=30))]
-        while frames[-1]["type"] not in ("done", "error"):
-            frames.append(json.loads(ws.recv(timeout=30)))
+        frames = ws_turn(ws, {"type": "generate", "model": "tiny-defaults", "prompt": PROMPT, "seed": 1})
     assert frames[-1]["type"] == "done" and frames[-1]["usage"]["completion_tokens"] == 24, frames[-1]
 
 

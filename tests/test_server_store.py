@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 import torch
-from server_support import ServerThread, _rec, reference, wait_for
+from server_support import ServerThread, _rec, reference, wait_for, ws_turn
 from test_server_stop import ROOT, free_port, start_server
 from websockets.sync.client import connect
 
@@ -782,14 +782,6 @@ def _slow_store(replica: ServerThread, delay_s: float) -> None:
     store.put, store.delete = slow_put, slow_delete
 
 
-def _ws_turn(ws, message: dict) -> list[dict]:
-    ws.send(json.dumps(message))
-    frames = [json.loads(ws.recv())]
-    while frames[-1]["type"] not in ("done", "appended", "error"):
-        frames.append(json.loads(ws.recv()))
-    return frames
-
-
 def test_every_answer_that_changes_a_session_comes_after_its_state_is_in_the_store(
     model_dirs, redis_url, redis_db
 ):
@@ -816,11 +808,11 @@ def test_every_answer_that_changes_a_session_comes_after_its_state_is_in_the_sto
             assert _stored(redis_db, sid)["n_tokens"] == 23  # a turn, SSE: at the done event
         t2 = [i for e in events if e["type"] == "token" for i in e["ids"]]
         with connect(b.ws_url) as ws:
-            frames = _ws_turn(ws, {"type": "generate", "model": TEXT, "session_id": sid, "max_new_tokens": 4,
+            frames = ws_turn(ws, {"type": "generate", "model": TEXT, "session_id": sid, "max_new_tokens": 4,
                                    "seed": 3})  # fmt: skip
             assert frames[-1]["type"] == "done" and _stored(redis_db, sid)["n_tokens"] == 27  # WebSocket done
             t3 = [i for f in frames if f["type"] == "token" for i in f["ids"]]
-            assert _ws_turn(ws, {"type": "append", "prompt": "!"})[-1]["type"] == "appended"
+            assert ws_turn(ws, {"type": "append", "prompt": "!"})[-1]["type"] == "appended"
             assert _stored(redis_db, sid)["n_tokens"] == 28  # WebSocket append
         # the next request, on another replica, at once: it continues from all of that
         t4 = _generate(a.url, sid, None, 6, seed=4)
@@ -985,7 +977,7 @@ def test_a_request_that_leaves_out_its_model_checks_its_held_session_once(model_
             checks.clear()
             with connect(s.ws_url) as ws:
                 message = {"type": "generate", "session_id": sid, "max_new_tokens": 2, "seed": 1}
-                frames = _ws_turn(ws, message | ({"model": model} if model else {}))
+                frames = ws_turn(ws, message | ({"model": model} if model else {}))
                 assert frames[-1]["type"] == "done", frames
             assert checks == [sid], (model, checks)
     finally:

@@ -11,12 +11,11 @@ a sweep after the moment the untouched session's TTL ran out, so that without th
 below is a 404 (checked by reverting it). With the touch, the session is idle for at most
 (1 - IDLE_FRACTION) x TTL_S + one sweep period at its claim: under the TTL by ~0.6 s."""
 
-import json
 import time
 
 import httpx
 import pytest
-from server_support import ServerThread, reference, wait_for
+from server_support import ServerThread, reference, token_ids, wait_for, ws_turn
 from test_server_store import _stored, redis_url  # noqa: F401  (a redis-server for this module)
 from websockets.sync.client import connect
 
@@ -96,18 +95,6 @@ def _generates_the_reference(s: ServerThread, sid: str, model_dirs) -> None:
     )
 
 
-def _ws_turn(ws, body: dict) -> list[dict]:
-    ws.send(json.dumps(body))
-    frames = [json.loads(ws.recv(timeout=30))]
-    while frames[-1]["type"] not in ("done", "error"):
-        frames.append(json.loads(ws.recv(timeout=30)))
-    return frames
-
-
-def _ids(frames: list[dict]) -> list[int]:
-    return [i for f in frames if f["type"] == "token" for i in f["ids"]]
-
-
 @pytest.mark.parametrize("route", ["generate", "append", "fork", "export", "websocket"])
 def test_a_session_named_before_its_ttl_runs_out_is_served_whenever_the_route_claims_it(
     replica, monkeypatch, model_dirs, route
@@ -115,16 +102,16 @@ def test_a_session_named_before_its_ttl_runs_out_is_served_whenever_the_route_cl
     s = replica
     if route == "websocket":  # a socket bound to its session: its second turn
         with connect(s.ws_url) as ws:
-            first = _ws_turn(ws, {"type": "generate", "model": TEXT, "prompt": PROMPT, "max_new_tokens": 4,
+            first = ws_turn(ws, {"type": "generate", "model": TEXT, "prompt": PROMPT, "max_new_tokens": 4,
                                   "seed": 1})  # fmt: skip
             sid = first[0]["session_id"]
             _claim_after_the_ttl(monkeypatch, s, sid)
-            frames = _ws_turn(ws, {"type": "generate", "max_new_tokens": 5, "seed": 2})
+            frames = ws_turn(ws, {"type": "generate", "max_new_tokens": 5, "seed": 2})
         assert frames[-1]["type"] == "done" and frames[-1]["session_id"] == sid, frames[-1]
         expected = reference(
-            model_dirs["text"], list(PROMPT.encode()) + _ids(first), SamplingParams(seed=2), 5
+            model_dirs["text"], list(PROMPT.encode()) + token_ids(first), SamplingParams(seed=2), 5
         )
-        assert _ids(frames) == expected
+        assert token_ids(frames) == expected
         return
     sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": PROMPT}).json()["session_id"]
     _claim_after_the_ttl(monkeypatch, s, sid)
