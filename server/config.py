@@ -197,6 +197,13 @@ class Settings(BaseSettings):
         description="open client connections (HTTP and WebSocket) at most; one more is answered 503 and "
         "closed at once (keep it under `ulimit -n`)",
     )
+    max_connections_per_client: int = Field(
+        0,
+        ge=0,
+        description="open connections (HTTP and WebSocket) from one client at most: its IPv4 address, or its "
+        "IPv6 /64; one more is answered 429 and closed at once (0: no limit). The client is the socket's "
+        "peer: behind a reverse proxy every connection is the proxy's, so keep 0 and limit in the proxy",
+    )
     drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, wait this long for running requests")
     session_store: str = Field(
         "memory",

@@ -35,7 +35,7 @@ CLOSE_REASONS = (
     "send_timeout",
     "ws_invalid_utf8",
 )
-CONNECTION_REFUSALS = ("max_connections",)
+CONNECTION_REFUSALS = ("max_connections", "max_connections_per_client")
 REQUEST_REFUSALS = ("body_too_large", "json_structure", "headers_too_large", "foreign_origin", "foreign_host")
 FINISH_REASONS = ("stop", "length", "cancelled")
 
@@ -130,7 +130,8 @@ class Metrics:
                                           "message that is not UTF-8: ws_invalid_utf8 (close 1007)",
                                           ["reason"], registry=r)  # fmt: skip
         self.connections_refused = Counter("s4_connections_refused", "Connections refused when accepted: "
-                                           "max_connections", ["reason"], registry=r)  # fmt: skip
+                                           "max_connections (503), max_connections_per_client (429)",
+                                           ["reason"], registry=r)  # fmt: skip
         self.requests_refused = Counter("s4_requests_refused", "Requests refused before routing: "
                                         "body_too_large, json_structure (a JSON body, or a WebSocket "
                                         "message, holding more elements, arrays and objects, members or "
