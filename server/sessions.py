@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import struct
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -60,7 +60,9 @@ class SessionRecord:
 
 
 def new_session_id() -> str:
-    return "sess-" + uuid.uuid4().hex
+    """An id is "sess-" + 32 hex digits: 128 bits from the OS's CSPRNG (`secrets`). It is the capability that
+    reaches its session (README, API keys), so every bit is random (a uuid4 fixes 6 of its 128)."""
+    return "sess-" + secrets.token_hex(16)
 
 
 class SessionStore(Protocol):

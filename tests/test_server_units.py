@@ -1,6 +1,7 @@
 """Server pieces without a server: settings, text assembly, the state format, checkpoint loading."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -620,3 +621,17 @@ def test_an_older_uvicorn_is_refused_at_import_with_the_floor_named():
     deps = project["dependencies"]
     floor = next(d for d in deps if d.startswith("uvicorn[standard]>="))
     assert floor == "uvicorn[standard]>=" + ".".join(map(str, UVICORN_MIN)), floor
+
+
+def test_a_session_id_is_128_random_bits():
+    """A session id is the capability that reaches the session (README, API keys): "sess-" + 32 hex digits,
+    each of them random. Over 400 ids every digit takes at least 12 of its 16 values (a uniform digit
+    misses 5 with probability < 1e-60); a uuid4 would fix the version digit (always 4) and narrow the
+    variant digit to 8-b."""
+    from server.sessions import new_session_id
+
+    ids = [new_session_id() for _ in range(400)]
+    assert len(set(ids)) == 400
+    assert all(re.fullmatch(r"sess-[0-9a-f]{32}", i) for i in ids)
+    seen = [len({i[5 + k] for i in ids}) for k in range(32)]
+    assert min(seen) >= 12, seen
