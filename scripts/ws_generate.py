@@ -1,7 +1,8 @@
 """A WebSocket client for /v1/stream: one generation, text to stdout as it arrives (an audio model's
 samples: raw s16le bytes), the done frame (finish_reason, usage) to stderr as JSON. Exit status 1 on
-an error frame, or when stdout is closed before the generation ends (`| head`: no traceback). An empty
-prompt sends none (an audio model then starts from its silence).
+an error frame, a refused handshake (the server's status and message, e.g. 401 or a 429 at the
+per-client connection cap), or when stdout is closed before the generation ends (`| head`: no
+traceback). An empty prompt sends none (an audio model then starts from its silence).
 
     python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "ROMEO:" --max-new-tokens 200 --seed 1
     python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "" --model audio-digits > out.s16le
@@ -22,7 +23,17 @@ async def generate(
     url: str, prompt: str, model: str, max_new_tokens: int, seed: int | None, api_key: str | None = None
 ) -> int:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    async with websockets.connect(url, additional_headers=headers) as ws:
+    try:
+        ws = await websockets.connect(url, additional_headers=headers)
+    except websockets.exceptions.InvalidStatus as exc:  # the server refused the handshake: say why
+        r = exc.response
+        try:
+            why = json.loads(r.body or b"")["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            why = (r.body or b"").decode(errors="replace").strip()
+        print(f"refused: HTTP {r.status_code} {r.reason_phrase}: {why}", file=sys.stderr)
+        return 1
+    async with ws:
         msg = {"type": "generate", "model": model, "max_new_tokens": max_new_tokens, "seed": seed}
         await ws.send(json.dumps(msg | ({"prompt": prompt} if prompt else {})))
         async for frame in ws:

@@ -202,7 +202,9 @@ class Settings(BaseSettings):
         ge=0,
         description="open connections (HTTP and WebSocket) from one client at most: its IPv4 address, or its "
         "IPv6 /64; one more is answered 429 and closed at once (0: no limit). The client is the socket's "
-        "peer: behind a reverse proxy every connection is the proxy's, so keep 0 and limit in the proxy",
+        "peer: behind a reverse proxy, Docker's userland proxy or a NAT, many users share one address, so "
+        "keep 0 there and limit in the proxy. Leave room for a client's own parallelism: a browser opens "
+        "up to 6 connections to a host, an HTTP client's pool more, and retries add to them",
     )
     drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, wait this long for running requests")
     session_store: str = Field(

@@ -108,13 +108,16 @@ class ConnectionGuard:
         if self.requests_refused is not None:
             self.requests_refused.labels(reason).inc()
 
-    def count_refused(self, reason: str) -> None:
+    def count_refused(self, reason: str, client: str | None = None) -> None:
+        """Count a refused connection; log it as a warning at most once per WARN_EVERY_S, with the client
+        (`client_key`) it came from when the refusal is that client's."""
         now = time.monotonic()
         if now - self.last_warning >= WARN_EVERY_S:
             self.last_warning = now
-            log.warning("connection refused: %s (%d open; at most one warning per %.0f s, every refusal "
-                        "counted in s4_connections_refused_total)", reason, len(self.connections),
-                        WARN_EVERY_S)  # fmt: skip
+            who = f"client {client}, " if client else ""
+            log.warning("connection refused: %s (%s%d open in all; at most one warning per %.0f s, every "
+                        "refusal counted in s4_connections_refused_total)", reason, who,
+                        len(self.connections), WARN_EVERY_S)  # fmt: skip
         if self.refused is not None:
             self.refused.labels(reason).inc()
 
@@ -239,7 +242,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
             transport.close()
             return
         if client_over_limit(self, self.guard):
-            self.guard.count_refused("max_connections_per_client")
+            self.guard.count_refused("max_connections_per_client", self.client_key)
             limit = self.guard.max_connections_per_client
             msg = (f"too many open connections from this client: at most {limit} "
                    f"(max_connections_per_client); close one and try again")  # fmt: skip

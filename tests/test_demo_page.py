@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import time
 import tomllib
 import wave
 from fnmatch import fnmatch
@@ -426,6 +427,37 @@ def test_a_stopped_server_is_named_as_the_cause(browser, model_dirs):
         assert "API key" not in d.page.text_content("#status")
     finally:
         d.context.close()
+
+
+def test_a_client_at_its_connection_cap_is_told_so(browser, model_dirs):
+    """S4_MAX_CONNECTIONS_PER_CLIENT: a page whose address holds the cap (other sockets of this machine
+    here) cannot open its WebSocket; the status line gives the server's 429 message, not the key."""
+    import socket
+
+    from server import Settings
+
+    cap = 12  # the page's idle keep-alive connections are closed after 0.3 s: its diagnosis needs a new one
+    settings = Settings(
+        checkpoints=[str(model_dirs["text"])], max_connections_per_client=cap, keep_alive_timeout_s=0.3
+    )
+    s = ServerThread(settings).start()
+    d = Demo(browser, s.url)
+    held: list[socket.socket] = []
+    try:
+        d.wait_status("model served")
+        time.sleep(1.0)  # the page's keep-alive connections are closed (0.3 s)
+        held = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(cap)]
+        time.sleep(0.3)  # accepted
+        d.page.fill("#prompt", "x")
+        d.page.click("#send")
+        said = d.wait_status("WebSocket")
+        assert "(429)" in said and "max_connections_per_client" in said and "API key" not in said, said
+        assert d.page.input_value("#prompt") == "x"
+    finally:
+        for sock in held:
+            sock.close()
+        d.context.close()
+        s.stop()
 
 
 KEYS = ["first-key", "a?>b~ключ"]  # the second: UTF-8, and '-' in its base64url form

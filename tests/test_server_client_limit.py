@@ -6,12 +6,23 @@ an IPv4 address, an IPv6 /64); and the setting's range."""
 
 from __future__ import annotations
 
+import logging
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
 from pydantic import ValidationError
-from server_support import ServerThread, read_until_closed, reference, token_ids, wait_for, ws_turn
+from server_support import (
+    WS_GENERATE,
+    ServerThread,
+    read_until_closed,
+    reference,
+    token_ids,
+    wait_for,
+    ws_turn,
+)
 from websockets.sync.client import connect
 
 from model.sampling import SamplingParams
@@ -79,9 +90,10 @@ def capped(model_dirs):
 
 
 def test_one_client_over_its_cap_is_refused_429_others_are_served_and_sessions_undisturbed(
-    capped, model_dirs
+    capped, model_dirs, caplog
 ):
     s = capped
+    caplog.set_level(logging.WARNING, logger="server.connections")
     before = _refusals(s)
     # 127.0.0.1 holds the cap: a WebSocket (mid-session) and two idle HTTP connections
     with connect(s.ws_url, open_timeout=10) as ws:
@@ -101,6 +113,14 @@ def test_one_client_over_its_cap_is_refused_429_others_are_served_and_sessions_u
             assert got.startswith(b"HTTP/1.1 429 "), got[:80]
             assert b"retry-after: 1" in got.lower() and b"max_connections_per_client" in got, got
             extra.close()
+        # the README's WebSocket client says why, without a traceback
+        args = [sys.executable, str(WS_GENERATE), s.ws_url, "x", "--model", TEXT, "--max-new-tokens", "2"]
+        script = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
+        assert script.returncode == 1 and "Traceback" not in script.stderr, script.stderr
+        assert script.stderr.startswith(
+            "refused: HTTP 429 Too Many Requests: too many open connections "
+            "from this client: at most 3 (max_connections_per_client)"
+        ), script.stderr
         # another client (127.0.0.2) is served meanwhile
         other = _connect(s.port, "127.0.0.2")
         other.sendall(HEALTHZ)
@@ -113,7 +133,9 @@ def test_one_client_over_its_cap_is_refused_429_others_are_served_and_sessions_u
         assert token_ids(frames) == reference(model_dirs["text"], prompt, SamplingParams(seed=2), 5)
         for sock in idle:
             sock.close()
-    assert _refusals(s) - before == 2
+    assert _refusals(s) - before == 3
+    warned = [r.getMessage() for r in caplog.records if r.name == "server.connections"]
+    assert any("max_connections_per_client (client 127.0.0.1, " in m for m in warned), warned
     # the client closed its connections: it has its places back (the server sees the closes at once)
     assert wait_for(lambda: _served_from(s.port, "127.0.0.1", LIMIT), timeout=10)
 

@@ -512,7 +512,8 @@
   }
 
   // A browser does not say why a handshake failed. The same request over HTTP, with the same key, does:
-  // a 401 means the key; no answer means the server is down; anything else is not the key's fault.
+  // a 401 means the key; no answer means the server is down; a 429 says why in its body (this address
+  // holds as many connections as S4_MAX_CONNECTIONS_PER_CLIENT allows); anything else is not the key's fault.
   async function socketRefusal() {
     let r;
     try {
@@ -521,6 +522,10 @@
       return "the server does not answer (is it up?)";
     }
     if (r.status === 401) return "the server refused the API key (401): check the API key";
+    if (r.status === 429) {
+      const said = await r.json().then((b) => b.error.message, () => "too many requests");
+      return `the server refused it (429): ${said}`;
+    }
     return `the connection failed, though the server answers (HTTP ${r.status}): try again`;
   }
 
