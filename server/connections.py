@@ -143,13 +143,12 @@ def client_key(client: tuple[str, int] | None) -> str | None:
     return str(ip)
 
 
-def client_over_limit(protocol, guard: ConnectionGuard) -> bool:
-    """Sets `protocol.client_key` (of its peer); whether that client now holds more than
-    `max_connections_per_client` open connections, this one included (HTTP and WebSocket: an upgraded
-    connection is its WebSocket protocol, which keeps the key). One pass over uvicorn's own set of the
-    open connections, so nothing is counted twice or left counted, when the limit is set and more than
-    that many are open (at most `max_connections`: 1,000 open, 80-100 µs on this 2-core VM)."""
-    protocol.client_key = key = client_key(protocol.client)
+def client_over_limit(key: str | None, guard: ConnectionGuard) -> bool:
+    """Whether the client `key` (`client_key`) now holds more than `max_connections_per_client` open
+    connections, the one just accepted included (each protocol keeps its peer's key as `client_key`;
+    an upgraded connection is its WebSocket protocol, which keeps the same key). One pass over uvicorn's
+    own set of the open connections, so nothing is counted twice or left counted, when the limit is set
+    and more than that many are open (at most `max_connections`: 1,000 open, 80-100 µs on this 2-core VM)."""
     limit = guard.max_connections_per_client
     if limit <= 0 or key is None or len(guard.connections) <= limit:
         return False
@@ -241,7 +240,8 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
             transport.write(error_response(503, "too many open connections; try again", retry_after=1))
             transport.close()
             return
-        if client_over_limit(self, self.guard):
+        self.client_key = client_key(self.client)
+        if client_over_limit(self.client_key, self.guard):
             self.guard.count_refused("max_connections_per_client", self.client_key)
             limit = self.guard.max_connections_per_client
             msg = (f"too many open connections from this client: at most {limit} "
@@ -389,7 +389,7 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.client_key = client_key(self.client)  # (the HTTP protocol counted it at the accept)
+        self.client_key = client_key(self.client)  # (counted at the accept, by the HTTP protocol)
         self.deadline = self.loop.call_later(self.guard.ws_handshake_timeout_s, self._expired)
 
     def connection_lost(self, exc: Exception | None) -> None:
