@@ -194,14 +194,14 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         1000,
         ge=1,
-        description="open client connections (HTTP and WebSocket) at most; one more is answered 503 and "
-        "closed at once (keep it under `ulimit -n`)",
+        description="open client connections (HTTP and WebSocket) at most; one more is answered 503 at "
+        "once and closed (keep it under `ulimit -n`)",
     )
     max_connections_per_client: int = Field(
         0,
         ge=0,
         description="open connections (HTTP and WebSocket) from one client at most: its IPv4 address, or its "
-        "IPv6 /64; one more is answered 429 and closed at once (0: no limit). The client is the socket's "
+        "IPv6 /64; one more is answered 429 at once and closed (0: no limit). The client is the socket's "
         "peer: behind a reverse proxy, Docker's userland proxy or a NAT, many users share one address, so "
         "keep 0 there and limit in the proxy. Leave room for a client's own parallelism: a browser opens "
         "up to 6 connections to a host, an HTTP client's pool more, and retries add to them",

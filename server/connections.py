@@ -32,6 +32,16 @@ and its websockets (sans-I/O) protocol are subclassed, and `uvicorn_config` puts
   whole). The peer is the socket's: behind a reverse proxy every connection is the proxy's, so keep it
   0 there and limit in the proxy.
 
+- **lingering close**: a connection closed while its client may still be sending (a refusal at the
+  accept above, a 413 before the body is read, a 431, a 400) is not closed outright, which would leave
+  that input unread and make the kernel answer it with a TCP reset: a client still writing its body then
+  got ECONNRESET and, like Python's urllib, never read the response. Its write side is shut after the
+  response (FIN) and its input read and dropped until the client closes its side, for at most
+  `linger_timeout_s` (5 s) without input and `linger_time_s` (30 s) in all (RFC 9112, 9.6; nginx's
+  `lingering_close` with its defaults). A connection lingering counts as open (a descriptor), not against
+  its client's cap, and gives way to a new connection at `max_connections`; the deadlines above and the
+  shutdown close outright.
+
 Every close is counted in `s4_connections_closed_total{reason}` (the reasons: the four deadlines and
 `send_timeout`), every refusal in `s4_connections_refused_total{reason}`; `s4_connections_open` is the
 number open.
@@ -93,6 +103,8 @@ class ConnectionGuard:
     max_connections: int
     max_header_bytes: int = 1 << 16
     max_connections_per_client: int = 0  # 0: no limit
+    linger_timeout_s: float = 5.0  # a lingering close (Linger): ends after this long without input …
+    linger_time_s: float = 30.0  # … or this long in all (nginx's lingering_timeout and lingering_time)
     closed: Counter | None = None  # labels: reason
     refused: Counter | None = None  # labels: reason
     requests_refused: Counter | None = None  # labels: reason
@@ -148,13 +160,15 @@ def client_over_limit(key: str | None, guard: ConnectionGuard) -> bool:
     connections, the one just accepted included (each protocol keeps its peer's key as `client_key`;
     an upgraded connection is its WebSocket protocol, which keeps the same key). One pass over uvicorn's
     own set of the open connections, so nothing is counted twice or left counted, when the limit is set
-    and more than that many are open (at most `max_connections`: 1,000 open, 80-100 µs on this 2-core VM)."""
+    and more than that many are open (at most `max_connections`: 1,000 open, 80-100 µs on this 2-core VM).
+    A connection in a lingering close (`Linger`) is not counted: it is being closed, and a client that
+    keeps it open does so for at most `linger_time_s`."""
     limit = guard.max_connections_per_client
     if limit <= 0 or key is None or len(guard.connections) <= limit:
         return False
     n = 0
     for conn in guard.connections:
-        if getattr(conn, "client_key", None) == key:
+        if getattr(conn, "client_key", None) == key and getattr(conn, "lingering", None) is None:
             n += 1
             if n > limit:
                 return True
@@ -169,6 +183,58 @@ def error_response(status: int, message: str, retry_after: float | None = None) 
             b"content-length: %d\r\n" % len(body), b"connection: close\r\n"]  # fmt: skip
     head += [f"{k}: {v}\r\n".encode() for k, v in err.headers().items()]
     return b"".join(head) + b"\r\n" + body
+
+
+@dataclass
+class Linger:
+    """A lingering close under way (RFC 9112, 9.6, "Tear-down"): the response is out, the write side shut
+    (FIN after it), and what the client still sends is read and dropped, until it closes its side, or
+    `linger_timeout_s` passes without input, or `linger_time_s` in all (loop.time() seconds)."""
+
+    started: float
+    last: float  # the last input
+    dropped: int = 0  # bytes read and dropped
+    ended: bool = False
+    timer: asyncio.TimerHandle | None = None
+
+
+class LingeringTransport:
+    """The HTTP protocol's transport as uvicorn and this module see it: `close()` is the protocol's
+    `close_transport` (a lingering close when the client may still be sending), `is_closing()` is true
+    from then, and writes after it are dropped, as a closing transport's are; the rest is the transport's."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedHttpProtocol) -> None:
+        self._transport, self._protocol = transport, protocol
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._protocol.close_transport()
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering is not None or self._transport.is_closing()
+
+    def write(self, data) -> None:
+        if self._protocol.lingering is None:
+            self._transport.write(data)
+
+
+def make_room(guard: ConnectionGuard) -> bool:
+    """Whether one more connection may open under `max_connections` (the one just accepted, already in
+    uvicorn's set), after ending the oldest lingering close if that takes it back under: a lingering
+    connection is one being closed, so it gives way to a new one. One pass over the set, at the cap only."""
+    conns = guard.connections
+    if len(conns) <= guard.max_connections:
+        return True
+    closing = [c for c in conns if getattr(c, "lingering", None) is not None]
+    if len(conns) - sum(c.lingering.ended for c in closing) <= guard.max_connections:
+        return True  # (ended ones leave the set a loop pass later, at connection_lost)
+    waiting = [c for c in closing if not c.lingering.ended]
+    if not waiting:
+        return False
+    min(waiting, key=lambda c: c.lingering.started).end_linger()
+    return True
 
 
 class SendDeadline:
@@ -233,12 +299,16 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.send_deadline = SendDeadline(self, guard)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self.raw_transport = transport
+        self.lingering: Linger | None = None
+        self.refused = False  # answered at the accept, before anything of it was read
+        self.hard_close = False  # a deadline's or the shutdown's close: no lingering
+        self.lost = False
+        super().connection_made(LingeringTransport(transport, self))
         self.guard.connections = self.connections
-        if len(self.connections) > self.guard.max_connections:
+        if not make_room(self.guard):
             self.guard.count_refused("max_connections")
-            transport.write(error_response(503, "too many open connections; try again", retry_after=1))
-            transport.close()
+            self.refuse(error_response(503, "too many open connections; try again", retry_after=1))
             return
         self.client_key = client_key(self.client)
         if client_over_limit(self.client_key, self.guard):
@@ -246,19 +316,102 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
             limit = self.guard.max_connections_per_client
             msg = (f"too many open connections from this client: at most {limit} "
                    f"(max_connections_per_client); close one and try again")  # fmt: skip
-            transport.write(error_response(429, msg, retry_after=1))
-            transport.close()
+            self.refuse(error_response(429, msg, retry_after=1))
             return
         self._arm(self.guard.header_timeout_s, "header_timeout")
 
+    def refuse(self, response: bytes) -> None:
+        """Answer a connection at its accept and close it (lingering: its request may be on its way)."""
+        self.refused = True
+        self.transport.write(response)
+        self.transport.close()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self._disarm()
+        if self.lingering is not None:
+            self._stop_linger_timer()
+            self.lingering.ended = True
         self.send_deadline.resumed()
         super().connection_lost(exc)
 
     def eof_received(self) -> None:
+        if self.lingering is not None:  # the client closed its side: asyncio now closes ours (a FIN each
+            self._stop_linger_timer()  # way, nothing unread: no reset)
+            self.lingering.ended = True
+            return
         self.gone()
         super().eof_received()
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown: no lingering from here on, and a lingering close ends now."""
+        self.hard_close = True
+        if self.lingering is not None:
+            self.end_linger()
+            return
+        super().shutdown()
+
+    def _input_pending(self) -> bool:
+        """Whether the client may still be sending this connection's input: it was refused at the accept,
+        a request's headers or body are not all in, or pipelined requests wait."""
+        cycle = self.cycle
+        return (self.refused or self.partial_request or bool(self.pipeline)
+                or (cycle is not None and cycle.more_body))  # fmt: skip
+
+    def close_transport(self) -> None:
+        """Every close of this connection (uvicorn's after a `Connection: close` response, a 400, the
+        refusals here; `LingeringTransport.close`). While the client may still be sending (a 413 before
+        its body is read, a refusal at the accept, a 431), a plain close would leave its input unread,
+        so the kernel would answer with a TCP reset, and a client still writing its body would get
+        ECONNRESET and may never read the response (Python's urllib raised "Connection reset by peer"
+        instead of giving the 413). So the close lingers instead, as nginx's `lingering_close`, RFC 9112
+        9.6: the write side is shut after the response (FIN), input is read and dropped until the client
+        closes its side (`eof_received`), or `linger_timeout_s` without input, or `linger_time_s` in all.
+        A deadline's close (a slow client) and the shutdown's do not linger (`hard_close`)."""
+        raw = self.raw_transport
+        if self.lingering is not None or raw.is_closing():
+            return
+        if self.lost or self.hard_close or not self._input_pending() or not raw.can_write_eof():
+            raw.close()
+            return
+        self._disarm()
+        self._unset_keepalive_if_required()
+        now = self.loop.time()
+        self.lingering = Linger(started=now, last=now)
+        raw.write_eof()
+        raw.resume_reading()  # (uvicorn pauses reading while a body waits for the app)
+        self._linger_check()
+
+    def _linger_check(self) -> None:
+        lg = self.lingering
+        lg.timer = None
+        if lg.ended:
+            return
+        end = min(lg.started + self.guard.linger_time_s, lg.last + self.guard.linger_timeout_s)
+        if self.loop.time() >= end:
+            self.end_linger()
+        else:
+            lg.timer = self.loop.call_at(end, self._linger_check)
+
+    def _stop_linger_timer(self) -> None:
+        if self.lingering.timer is not None:
+            self.lingering.timer.cancel()
+            self.lingering.timer = None
+
+    def end_linger(self) -> None:
+        """End a lingering close now: a close when the response has gone out (input the kernel holds
+        unread may still draw a reset, as at nginx's lingering_time), an abort when the client has not
+        read all of it."""
+        lg = self.lingering
+        if lg is None or lg.ended:
+            return
+        self._stop_linger_timer()
+        lg.ended = True
+        raw = self.raw_transport
+        if raw.get_write_buffer_size():
+            raw.abort()
+        else:
+            raw.close()
 
     def gone(self) -> None:
         """The client is gone: it closed its side (FIN; asyncio then closes the transport, uvicorn keeps
@@ -276,6 +429,10 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         return self.cycle is not None and not self.cycle.response_complete
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering is not None:  # a lingering close: read and dropped
+            self.lingering.last = self.loop.time()
+            self.lingering.dropped += len(data)
+            return
         if not self._in_progress() and not self.partial_request:  # these bytes begin a request
             self.partial_request, self.header_bytes, self.header_tail = True, 0, b""
             if self.deadline is None:  # (a connection's first request: armed at the accept)
@@ -343,6 +500,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
     def handle_websocket_upgrade(self) -> None:
         self._disarm()  # the WebSocket protocol takes the connection over, with its own deadlines:
         self._unset_keepalive_if_required()  # no timer of this protocol may close it after
+        self.transport = self.raw_transport  # (and the transport itself: no lingering close)
         super().handle_websocket_upgrade()
 
     def timeout_keep_alive_handler(self) -> None:
@@ -363,6 +521,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.deadline = None
         if self.transport.is_closing():
             return
+        self.hard_close = True  # a slow client: its connection is not kept open to linger
         self.guard.count_closed(reason)
         cycle = self.cycle
         if reason == "header_timeout":

@@ -1,0 +1,265 @@
+"""A refusal sent while the client is still sending its request ends in a lingering close (RFC 9112, 9.6;
+server/connections.py `close_transport`): the response, then a FIN, the rest of the client's input read
+and dropped until it closes its side. Before, the connection was closed with that input unread, the kernel
+answered with a TCP reset, and a client still writing its body got ECONNRESET: Python's urllib raised
+"Connection reset by peer" instead of giving the 413. Every refusal that can come before the request is
+all in is checked (413 by Content-Length, chunked and JSON structure, 429 per client, 503 at the cap, 431,
+400); how long a lingering close lasts (the client's FIN, `linger_timeout_s` without input,
+`linger_time_s` in all); that it gives way at the connection cap, is not counted against its client, does
+not hold up a shutdown, and that a slow client's deadline close does not linger."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from server_support import ServerThread, wait_for
+
+from server import Settings
+
+TEXT = "tiny-text"
+BODY_LIMIT = 64 << 10
+PER_CLIENT = 2
+PIECE = b"a" * (64 << 10)
+SENT = 64  # pieces after the head: 4 MiB, far more than the socket buffers hold
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def guard_of(s: ServerThread):
+    return s.server.config.http.keywords["guard"]  # (server.connections.uvicorn_config's ConnectionGuard)
+
+
+def lingering(s: ServerThread, since: set | None = None) -> list:
+    """The server's connections in a lingering close (not counting those in `since`)."""
+    return [c for c in set(guard_of(s).connections) - (since or set()) if getattr(c, "lingering", None)]
+
+
+@pytest.fixture(scope="module")
+def srv(model_dirs):
+    settings = Settings(checkpoints=[str(model_dirs["text"])], max_body_bytes=BODY_LIMIT,
+                        max_connections_per_client=PER_CLIENT)  # fmt: skip
+    s = ServerThread(settings).start()
+    yield s
+    s.stop()
+
+
+def post_head(length: int | None = len(PIECE) * SENT) -> bytes:
+    """A /v1/generate request's head declaring `length` body bytes (None: chunked)."""
+    framing = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    head = "POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    return f"{head}{framing}\r\n\r\n".encode()
+
+
+def send_all_then_read(
+    sock: socket.socket, head: bytes, pieces: list[bytes], pause: float = 0.0
+) -> tuple[bytes, str]:
+    """Send `head`, wait `pause` seconds, send every piece, half-close, read until the server closes.
+    Returns (what the server sent, how it ended): "fin" (every byte sent, then the server's response
+    and its close) or "reset during send" / "reset during read" (ECONNRESET or EPIPE)."""
+    sock.settimeout(20)
+    got = b""
+    try:
+        sock.sendall(head)
+        time.sleep(pause)
+        for piece in pieces:
+            sock.sendall(piece)
+        sock.shutdown(socket.SHUT_WR)
+    except (ConnectionResetError, BrokenPipeError):
+        return read_rest(sock), "reset during send"
+    try:
+        while data := sock.recv(65536):
+            got += data
+    except ConnectionResetError:
+        return got, "reset during read"
+    return got, "fin"
+
+
+def read_rest(sock: socket.socket) -> bytes:
+    got = b""
+    try:
+        while data := sock.recv(65536):
+            got += data
+    except OSError:
+        pass
+    return got
+
+
+def chunked(pieces: list[bytes]) -> list[bytes]:
+    return [b"%x\r\n" % len(p) + p + b"\r\n" for p in pieces] + [b"0\r\n\r\n"]
+
+
+def json_junk() -> list[bytes]:
+    """A /v1/generate body whose `junk` list holds far more values than any valid request's budget."""
+    body = b'{"model": "tiny-text", "prompt": "a", "junk": [' + b"0," * (len(PIECE) * SENT // 2 - 40)
+    return [body[i : i + len(PIECE)] for i in range(0, len(body), len(PIECE))]
+
+
+REFUSALS = {  # what the client sends: (head, pieces) → the status it must read
+    "413 content-length": (lambda: (post_head(), [PIECE] * SENT), 413),
+    "413 chunked": (lambda: (post_head(length=None), chunked([PIECE] * SENT)), 413),
+    "413 json structure": (lambda: (post_head(length=sum(map(len, json_junk()))), json_junk()), 413),
+    "431 headers": (lambda: (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ", [PIECE] * SENT), 431),
+    "400 bad request": (lambda: (b"\x00\x01 not http\r\n", [PIECE] * SENT), 400),  # (parsed before the rest)
+}
+
+
+@pytest.mark.parametrize("kind", list(REFUSALS))
+def test_a_client_still_sending_when_refused_reads_the_response_and_no_reset(srv, kind):
+    make, status = REFUSALS[kind]
+    head, pieces = make()
+    with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+        got, how = send_all_then_read(sock, head, pieces, pause=0.2 if status == 400 else 0.0)
+    assert how == "fin", f"{kind}: {how}; read {got[:120]!r}"
+    assert got.startswith(b"HTTP/1.1 %d " % status), got[:200]
+    assert b"connection: close" in got.lower()
+    assert wait_for(lambda: not lingering(srv), timeout=5), "the client's FIN ends the lingering close"
+
+
+def test_a_client_over_its_cap_still_sending_reads_the_429(srv):
+    held = [socket.create_connection(("127.0.0.1", srv.port), source_address=("127.0.0.3", 0))
+            for _ in range(PER_CLIENT)]  # fmt: skip
+    try:
+        time.sleep(0.2)  # accepted
+        with socket.create_connection(("127.0.0.1", srv.port), source_address=("127.0.0.3", 0)) as sock:
+            got, how = send_all_then_read(sock, post_head(), [PIECE] * SENT)
+        assert how == "fin", f"{how}; read {got[:120]!r}"
+        assert got.startswith(b"HTTP/1.1 429 ") and b"max_connections_per_client" in got, got[:300]
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def urllib_post(url: str, data: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_pythons_urllib_gets_the_413_not_connection_reset_by_peer(srv):
+    """The issue's client: urllib sends the whole body before it reads the response (it raised URLError
+    [Errno 104] Connection reset by peer in 3 of 3 tries)."""
+    for _ in range(3):
+        status, body = urllib_post(srv.url + "/v1/generate", b" " * (8 << 20))
+        assert status == 413, body
+        assert body["error"]["message"] == (
+            f"the request body is {8 << 20} bytes; the limit is {BODY_LIMIT} bytes (max_body_bytes)"
+        )
+
+
+def test_a_lingering_close_ends_at_the_clients_fin_after_the_idle_timeout_or_in_all(srv):
+    guard = guard_of(srv)
+    old = guard.linger_timeout_s, guard.linger_time_s
+    guard.linger_timeout_s, guard.linger_time_s = 0.5, 2.0
+    try:
+        # a client that sends a refused request's head and part of its body, then nothing, socket open:
+        # closed linger_timeout_s after its last input
+        before = set(guard.connections)
+        quiet = socket.create_connection(("127.0.0.1", srv.port))
+        quiet.sendall(post_head() + PIECE)
+        assert wait_for(lambda: lingering(srv, before), timeout=5)
+        t0 = time.monotonic()
+        assert quiet.recv(12) == b"HTTP/1.1 413"
+        assert wait_for(lambda: not lingering(srv, before), timeout=5)
+        assert 0.3 <= time.monotonic() - t0 <= 2.0, time.monotonic() - t0
+        quiet.close()
+        # a client that trickles input for ever: closed linger_time_s after the close began
+        trickle = socket.create_connection(("127.0.0.1", srv.port))
+        trickle.sendall(post_head() + PIECE)
+        assert wait_for(lambda: lingering(srv, before), timeout=5)
+        t0 = time.monotonic()
+        ended = None
+        while time.monotonic() - t0 < 5:
+            try:
+                trickle.sendall(b"a")
+            except OSError:
+                pass
+            if ended is None and not lingering(srv, before):
+                ended = time.monotonic() - t0
+            time.sleep(0.1)
+        assert ended is not None and 1.6 <= ended <= 3.5, ended  # not at the 0.5 s idle timeout
+        trickle.close()
+        # a client that reads the response and closes: at once
+        done = socket.create_connection(("127.0.0.1", srv.port))
+        done.sendall(post_head() + PIECE)
+        assert done.recv(12) == b"HTTP/1.1 413"
+        done.close()
+        t0 = time.monotonic()
+        assert wait_for(lambda: not lingering(srv, before), timeout=5)
+        assert time.monotonic() - t0 < 0.4
+    finally:
+        guard.linger_timeout_s, guard.linger_time_s = old
+
+
+def test_a_lingering_connection_is_not_counted_against_its_client(srv):
+    """PER_CLIENT = 2 from 127.0.0.4: one held, one lingering after a 413 (its client keeps it open): a
+    second request is served, not refused 429."""
+    src = ("127.0.0.4", 0)
+    held = socket.create_connection(("127.0.0.1", srv.port), source_address=src)
+    refused = socket.create_connection(("127.0.0.1", srv.port), source_address=src)
+    try:
+        refused.sendall(post_head() + PIECE)
+        assert refused.recv(12) == b"HTTP/1.1 413"
+        with socket.create_connection(("127.0.0.1", srv.port), source_address=src) as sock:
+            sock.sendall(HEALTHZ)
+            assert sock.recv(12) == b"HTTP/1.1 200"
+    finally:
+        held.close()
+        refused.close()
+
+
+def test_at_the_connection_cap_a_lingering_close_gives_way_and_refusals_linger(model_dirs):
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], max_body_bytes=BODY_LIMIT,
+                              max_connections=2)).start()  # fmt: skip
+    try:
+        held = socket.create_connection(("127.0.0.1", s.port))
+        refused = socket.create_connection(("127.0.0.1", s.port))
+        refused.sendall(post_head() + PIECE)
+        assert refused.recv(12) == b"HTTP/1.1 413"
+        assert wait_for(lambda: len(lingering(s)) == 1)
+        # at the cap (held + the lingering one): a new connection ends the lingering close and is served
+        with socket.create_connection(("127.0.0.1", s.port)) as sock:
+            sock.sendall(HEALTHZ)
+            assert sock.recv(12) == b"HTTP/1.1 200"
+            assert wait_for(lambda: not lingering(s))
+            # the cap's own refusal, of a client still sending, lingers too
+            with socket.create_connection(("127.0.0.1", s.port)) as over:
+                got, how = send_all_then_read(over, post_head(), [PIECE] * SENT)
+            assert how == "fin" and got.startswith(b"HTTP/1.1 503 "), (how, got[:200])
+        held.close()
+        refused.close()
+    finally:
+        s.stop()
+
+
+def test_a_shutdown_ends_lingering_closes_at_once(model_dirs):
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], max_body_bytes=BODY_LIMIT)).start()
+    guard = guard_of(s)
+    guard.linger_timeout_s = guard.linger_time_s = 60.0
+    sock = socket.create_connection(("127.0.0.1", s.port))
+    sock.sendall(post_head() + PIECE)
+    assert sock.recv(12) == b"HTTP/1.1 413"
+    assert wait_for(lambda: len(lingering(s)) == 1)
+    t0 = time.monotonic()
+    s.stop()
+    assert not s.thread.is_alive() and time.monotonic() - t0 < 5, time.monotonic() - t0
+    sock.close()
+
+
+def test_a_slow_clients_deadline_close_does_not_linger(model_dirs):
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], header_timeout_s=0.5)).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+        assert sock.recv(12) == b"HTTP/1.1 408"
+        # closed outright: gone from the server's connections while the client still holds its socket
+        assert wait_for(lambda: not guard_of(s).connections, timeout=3)
+        sock.close()
+    finally:
+        s.stop()
