@@ -11,6 +11,7 @@ being compute-bound (a batch-1 step is dominated by per-op overhead, not FLOPs).
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -27,7 +28,6 @@ from bench.common import (
     timeit,
 )
 from model import ModelConfig, RecurrentModel, SequenceModel, fused
-from model.recurrent import NET_STEP_MAX_BATCH
 from model.sampling import SamplingParams, row_settings, uint64_bits
 
 NAME = "step"
@@ -223,7 +223,7 @@ def run(quick: bool) -> dict[str, Any]:
                     flush=True,
                 )
         # what rec.step runs: the faster in-place variant at each batch (the dispatch threshold is
-        # chosen from this benchmark: model/recurrent.py NET_STEP_MAX_BATCH)
+        # was chosen from this benchmark; since 2026-12-04 every batch steps in C: bench.big_batch)
         pairs = zip(
             _tag(variants["network-c"], "network-c"), _tag(variants["fused-inplace"], "fused-inplace")
         )
@@ -243,7 +243,7 @@ def run(quick: bool) -> dict[str, Any]:
                 ),
                 flush=True,
             )
-        rec.net_step_max_batch = NET_STEP_MAX_BATCH
+        rec.net_step_max_batch = sys.maxsize
         prefill = time_prefill(rec, cfg["prompt"])
         print(
             f"{kind:6s} prefill {prefill['prompt_tokens']} tokens: {prefill['prefill_s']:.3f} s vs "

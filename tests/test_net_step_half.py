@@ -246,10 +246,10 @@ def test_native_matmul_needs_the_16_bit_instructions_not_just_avx512(monkeypatch
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_a_16_bit_row_is_the_same_in_a_batch_beyond_the_float32_c_step_limit(monkeypatch, dtype):
-    """Beyond NET_STEP_MAX_BATCH (256) a float32 model's step takes the torch ops (sgemm: the same values
-    to float32 rounding). A 16-bit model's would round activations to 16 bits where the CPU multiplies
-    them natively, so its C step takes every batch: row 0 alone and in 300 rows, bit for bit, over 8
-    steps and a short prompt, even on a (simulated) CPU with native 16-bit matmul."""
+    """The torch ops around the fused SSM steps (the path of batches past 256 rows until 2026-12-04) would
+    round a 16-bit model's activations to 16 bits where the CPU multiplies them natively; the C step
+    takes every batch: row 0 alone and in 300 rows, bit for bit, over 8 steps and a short prompt, even on
+    a (simulated) CPU with native 16-bit matmul (float32: tests/test_big_batch.py)."""
     monkeypatch.setattr(recurrent, "native_matmul", lambda d, dev: True)
     rec = tiny("s4d", "diag-lin").to_recurrent(dtype=dtype)
     assert rec.compute_dtype == dtype and rec.net_step_max_batch > 300 and rec.decode_block_ready(300)

@@ -338,30 +338,6 @@ def test_a_layer_with_fewer_modes_than_the_state_runs_the_fused_step_zero_padded
     assert torch.equal(xo[..., M:], torch.zeros(2, H, 2, M_state - M))
 
 
-def test_the_large_batch_step_is_verified_at_load_too(monkeypatch):
-    """A float32 model on CPU steps up to net_step_max_batch rows in C and larger batches with the torch ops
-    around the fused SSM steps: the load-time network check steps the probe through both, so a fault in the
-    large-batch path alone is refused at load, naming it. A 16-bit model (C for every batch) and a model
-    without the C step have no second path (None)."""
-    from model import recurrent
-
-    torch.manual_seed(0)
-    net = SequenceModel(ModelConfig(vocab_size=64, d_model=16, n_layers=2, d_state=8, l_max=128,
-                                    cauchy_backend="torch", d_ff=32))  # fmt: skip
-    rec = net.to_recurrent()
-    assert rec._net_step is not None and 0 < rec.verification["large_batch_step_rel_err"] <= 1e-4
-    assert net.to_recurrent(dtype=torch.bfloat16).verification["large_batch_step_rel_err"] is None
-    assert net.to_recurrent(fused_network=False).verification["large_batch_step_rel_err"] is None
-    good = recurrent.RecurrentModel._step_fused
-
-    def faulty(self, tokens, state, out):  # the large-batch path forgets the state
-        return good(self, tokens, torch.zeros_like(state), out)
-
-    monkeypatch.setattr(recurrent.RecurrentModel, "_step_fused", faulty)
-    with pytest.raises(VerificationError, match=r"float32: its step for batches over 256 rows \(torch ops\)"):
-        net.to_recurrent()
-
-
 def _check_paths_against_stepping(form: DiagonalSSM) -> None:
     """The C step (rows sharing each vector's parameters) against the torch step from a random state, then
     the prefill from it, by the C pass (several channel groups: H a multiple of twice its vector width)
