@@ -32,15 +32,17 @@ and its websockets (sans-I/O) protocol are subclassed, and `uvicorn_config` puts
   whole). The peer is the socket's: behind a reverse proxy every connection is the proxy's, so keep it
   0 there and limit in the proxy.
 
-- **lingering close**: a connection closed while its client may still be sending (a refusal at the
-  accept above, a 413 before the body is read, a 431, a 400) is not closed outright, which would leave
-  that input unread and make the kernel answer it with a TCP reset: a client still writing its body then
-  got ECONNRESET and, like Python's urllib, never read the response. Its write side is shut after the
+- **lingering close**: a connection closed while its client may still be sending (the per-client 429
+  above, a 413 before the body is read, a 431, a 400) is not closed outright, which would leave that
+  input unread and make the kernel answer it with a TCP reset: a client still writing its body then got
+  ECONNRESET and, like Python's urllib, never read the response. Its write side is shut after the
   response (FIN) and its input read and dropped until the client closes its side, for at most
-  `linger_timeout_s` (5 s) without input and `linger_time_s` (30 s) in all (RFC 9112, 9.6; nginx's
-  `lingering_close` with its defaults). A connection lingering counts as open (a descriptor), not against
-  its client's cap, and gives way to a new connection at `max_connections`; the deadlines above and the
-  shutdown close outright.
+  `linger_timeout_s` (5 s) without input, `linger_time_s` (30 s) in all (RFC 9112, 9.6; nginx's
+  `lingering_close` with its defaults) and `linger_max_bytes` (64 MiB: what a refused request can make
+  the server read is bounded, as an accepted one's is by max_body_bytes). A connection lingering counts as
+  open (a descriptor), not against its client's cap, and gives way to a new connection at
+  `max_connections` (the oldest first, as many as that takes); the 503 at the cap, the deadlines above
+  and the shutdown close outright.
 
 Every close is counted in `s4_connections_closed_total{reason}` (the reasons: the four deadlines and
 `send_timeout`), every refusal in `s4_connections_refused_total{reason}`; `s4_connections_open` is the
@@ -104,7 +106,8 @@ class ConnectionGuard:
     max_header_bytes: int = 1 << 16
     max_connections_per_client: int = 0  # 0: no limit
     linger_timeout_s: float = 5.0  # a lingering close (Linger): ends after this long without input …
-    linger_time_s: float = 30.0  # … or this long in all (nginx's lingering_timeout and lingering_time)
+    linger_time_s: float = 30.0  # … or this long in all (nginx's lingering_timeout and lingering_time) …
+    linger_max_bytes: int = 64 << 20  # … or once it has dropped this much input
     closed: Counter | None = None  # labels: reason
     refused: Counter | None = None  # labels: reason
     requests_refused: Counter | None = None  # labels: reason
@@ -222,18 +225,28 @@ class LingeringTransport:
 
 def make_room(guard: ConnectionGuard) -> bool:
     """Whether one more connection may open under `max_connections` (the one just accepted, already in
-    uvicorn's set), after ending the oldest lingering close if that takes it back under: a lingering
-    connection is one being closed, so it gives way to a new one. One pass over the set, at the cap only."""
+    uvicorn's set), after ending as many lingering closes as that takes, the oldest first: a lingering
+    connection is one being closed, so it gives way to a new one. Connections whose transport is already
+    closing (they leave the set a loop pass later, at connection_lost) are not counted. False, and nothing
+    ended, when even ending every lingering close would not make room. One pass over the set, at the cap
+    only."""
     conns = guard.connections
     if len(conns) <= guard.max_connections:
         return True
-    closing = [c for c in conns if getattr(c, "lingering", None) is not None]
-    if len(conns) - sum(c.lingering.ended for c in closing) <= guard.max_connections:
-        return True  # (ended ones leave the set a loop pass later, at connection_lost)
-    waiting = [c for c in closing if not c.lingering.ended]
-    if not waiting:
+    n_open, waiting = 0, []
+    for conn in conns:
+        transport = getattr(conn, "raw_transport", None) or getattr(conn, "transport", None)
+        if transport is not None and transport.is_closing():
+            continue
+        n_open += 1
+        lingering = getattr(conn, "lingering", None)
+        if lingering is not None and not lingering.ended:
+            waiting.append(conn)
+    excess = n_open - guard.max_connections
+    if excess > len(waiting):
         return False
-    min(waiting, key=lambda c: c.lingering.started).end_linger()
+    for conn in sorted(waiting, key=lambda c: c.lingering.started)[: max(excess, 0)]:
+        conn.end_linger()
     return True
 
 
@@ -308,6 +321,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.guard.connections = self.connections
         if not make_room(self.guard):
             self.guard.count_refused("max_connections")
+            self.hard_close = True  # at the cap: no descriptor to spare for a lingering close
             self.refuse(error_response(503, "too many open connections; try again", retry_after=1))
             return
         self.client_key = client_key(self.client)
@@ -321,7 +335,8 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self._arm(self.guard.header_timeout_s, "header_timeout")
 
     def refuse(self, response: bytes) -> None:
-        """Answer a connection at its accept and close it (lingering: its request may be on its way)."""
+        """Answer a connection at its accept and close it (lingering, unless `hard_close`: its request may
+        be on its way)."""
         self.refused = True
         self.transport.write(response)
         self.transport.close()
@@ -366,8 +381,9 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         ECONNRESET and may never read the response (Python's urllib raised "Connection reset by peer"
         instead of giving the 413). So the close lingers instead, as nginx's `lingering_close`, RFC 9112
         9.6: the write side is shut after the response (FIN), input is read and dropped until the client
-        closes its side (`eof_received`), or `linger_timeout_s` without input, or `linger_time_s` in all.
-        A deadline's close (a slow client) and the shutdown's do not linger (`hard_close`)."""
+        closes its side (`eof_received`), or `linger_timeout_s` without input, `linger_time_s` in all, or
+        `linger_max_bytes` dropped. The 503 at the cap, a deadline's close (a slow client) and the
+        shutdown's do not linger (`hard_close`)."""
         raw = self.raw_transport
         if self.lingering is not None or raw.is_closing():
             return
@@ -429,9 +445,11 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         return self.cycle is not None and not self.cycle.response_complete
 
     def data_received(self, data: bytes) -> None:
-        if self.lingering is not None:  # a lingering close: read and dropped
+        if self.lingering is not None:  # a lingering close: read and dropped, up to linger_max_bytes
             self.lingering.last = self.loop.time()
             self.lingering.dropped += len(data)
+            if self.lingering.dropped > self.guard.linger_max_bytes:
+                self.end_linger()
             return
         if not self._in_progress() and not self.partial_request:  # these bytes begin a request
             self.partial_request, self.header_bytes, self.header_tail = True, 0, b""

@@ -375,8 +375,8 @@ class DecodeBatch:
 
     def native(self, rec: RecurrentModel) -> bool:
         """Whether `block` can run this batch: the model's native decode block serves it (CPU, the
-        whole-network C step: any number of rows) and no row asks for log-probabilities (every sampling setting
-        runs in the block's C sampler, with each row's counter-based stream)."""
+        whole-network C step: any number of rows) and no row asks for log-probabilities (every sampling
+        setting runs in the block's C sampler, with each row's counter-based stream)."""
         ready = getattr(rec, "decode_block_ready", None)
         if ready is None or not ready(len(self.rows)) or self.state.device.type != "cpu":
             return False
