@@ -480,6 +480,18 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.transport.close()
         return True
 
+    def send_400_response(self, msg: str) -> None:
+        """A request httptools cannot parse: uvicorn answered it in plain text ("Invalid HTTP request
+        received."), counted nothing and logged a WARNING for each (`UVICORN_INVALID_HTTP`: a client
+        could fill the logs with them, as with ws_invalid_utf8). Here our JSON error, one DEBUG line and
+        `s4_requests_refused_total{reason="invalid_http"}`; the close lingers, as the other refusals'."""
+        self._disarm()
+        self.guard.count_request_refused("invalid_http")
+        log.debug("request refused: invalid HTTP (%s)", msg)
+        text = "invalid HTTP request: its request line, a header or its body's framing could not be parsed"
+        self.transport.write(error_response(400, text))
+        self.transport.close()
+
     def on_message_begin(self) -> None:
         self.partial_request = True
         super().on_message_begin()
@@ -643,6 +655,17 @@ def raise_fd_limit(max_connections: int) -> None:
                     "S4_MAX_CONNECTIONS or raise the limit", max_connections, need, new)  # fmt: skip
 
 
+UVICORN_INVALID_HTTP = "Invalid HTTP request received."  # uvicorn's WARNING before send_400_response
+
+
+class _DropInvalidHttpWarning(logging.Filter):
+    """uvicorn logs UVICORN_INVALID_HTTP at WARNING for every request it cannot parse, before it calls
+    `send_400_response`, which counts it (`GuardedHttpProtocol.send_400_response`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != UVICORN_INVALID_HTTP
+
+
 def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
     """The uvicorn Config that serves `app` with `settings`' connection limits (what `python -m server`
     and the tests' server thread run); `metrics` (server.metrics.Metrics) counts closes and refusals."""
@@ -660,6 +683,9 @@ def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
     )
     if metrics is not None:
         metrics.connections_open.set_function(lambda: len(guard.connections))
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _DropInvalidHttpWarning) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(_DropInvalidHttpWarning())
     return uvicorn.Config(
         app,
         http=functools.partial(GuardedHttpProtocol, guard=guard),

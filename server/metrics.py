@@ -36,7 +36,8 @@ CLOSE_REASONS = (
     "ws_invalid_utf8",
 )
 CONNECTION_REFUSALS = ("max_connections", "max_connections_per_client")
-REQUEST_REFUSALS = ("body_too_large", "json_structure", "headers_too_large", "foreign_origin", "foreign_host")
+REQUEST_REFUSALS = ("body_too_large", "json_structure", "headers_too_large", "invalid_http", "foreign_origin",
+                    "foreign_host")  # fmt: skip
 FINISH_REASONS = ("stop", "length", "cancelled")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -135,7 +136,8 @@ class Metrics:
         self.requests_refused = Counter("s4_requests_refused", "Requests refused before routing: "
                                         "body_too_large, json_structure (a JSON body, or a WebSocket "
                                         "message, holding more elements, arrays and objects, members or "
-                                        "floats than a valid one can), headers_too_large; foreign_origin, "
+                                        "floats than a valid one can), headers_too_large, invalid_http "
+                                        "(unparsable, 400); foreign_origin, "
                                         "foreign_host "
                                         "(a browser's request from another site's page, a DNS-rebinding "
                                         "Host: HTTP and WebSocket handshakes)", ["reason"],

@@ -11,6 +11,7 @@ not hold up a shutdown, and that a slow client's deadline close does not linger.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 import urllib.error
@@ -320,3 +321,29 @@ def test_a_slow_clients_deadline_close_does_not_linger(model_dirs):
         sock.close()
     finally:
         s.stop()
+
+
+def test_an_unparsable_request_gets_our_json_400_counted_and_no_warning(srv):
+    """uvicorn answered it in plain text ("Invalid HTTP request received."), counted nothing and logged a
+    WARNING for each, so a client could fill the logs (a fresh-user trial noticed the plain text)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(handler)
+    registry = srv.state.metrics.registry
+    before = registry.get_sample_value("s4_requests_refused_total", {"reason": "invalid_http"})
+    try:
+        for bad in (b"\x00\x01 not http\r\n\r\n", b"POST /v1/generate HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+                    b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n"):  # fmt: skip
+            with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+                sock.sendall(bad)
+                got = read_rest(sock)
+            head, _, body = got.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head, got[:300]
+            assert json.loads(body)["error"]["message"].startswith("invalid HTTP request: "), body
+    finally:
+        uvicorn_log.removeHandler(handler)
+    after = registry.get_sample_value("s4_requests_refused_total", {"reason": "invalid_http"})
+    assert after - before == 3
+    assert not [r for r in records if r.levelno >= logging.WARNING], [r.getMessage() for r in records]
