@@ -656,14 +656,19 @@ def raise_fd_limit(max_connections: int) -> None:
 
 
 UVICORN_INVALID_HTTP = "Invalid HTTP request received."  # uvicorn's WARNING before send_400_response
+UVICORN_UPGRADE = "Unsupported upgrade request."  # uvicorn's WARNING for `Upgrade: h2c` (curl --http2) …
 
 
-class _DropInvalidHttpWarning(logging.Filter):
-    """uvicorn logs UVICORN_INVALID_HTTP at WARNING for every request it cannot parse, before it calls
-    `send_400_response`, which counts it (`GuardedHttpProtocol.send_400_response`)."""
+class _DropClientWarnings(logging.Filter):
+    """uvicorn logs a WARNING for every request it cannot parse (UVICORN_INVALID_HTTP, before it calls
+    `send_400_response`, which counts it: `GuardedHttpProtocol.send_400_response`) and for every request
+    asking to upgrade to anything but a WebSocket (UVICORN_UPGRADE: `curl --http2` on http:// sends
+    `Upgrade: h2c`; the request is then served over HTTP/1.1, as RFC 9110 7.8 allows). Either is a
+    client's doing, one line each, so a client could fill the logs: both are dropped (the first is
+    counted; the second is no fault)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg != UVICORN_INVALID_HTTP
+        return record.msg not in (UVICORN_INVALID_HTTP, UVICORN_UPGRADE)
 
 
 def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
@@ -684,8 +689,8 @@ def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
     if metrics is not None:
         metrics.connections_open.set_function(lambda: len(guard.connections))
     uvicorn_log = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _DropInvalidHttpWarning) for f in uvicorn_log.filters):
-        uvicorn_log.addFilter(_DropInvalidHttpWarning())
+    if not any(isinstance(f, _DropClientWarnings) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(_DropClientWarnings())
     return uvicorn.Config(
         app,
         http=functools.partial(GuardedHttpProtocol, guard=guard),

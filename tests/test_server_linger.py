@@ -17,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 
+import httpx
 import pytest
 from server_support import ServerThread, wait_for
 
@@ -346,4 +347,28 @@ def test_an_unparsable_request_gets_our_json_400_counted_and_no_warning(srv):
         uvicorn_log.removeHandler(handler)
     after = registry.get_sample_value("s4_requests_refused_total", {"reason": "invalid_http"})
     assert after - before == 3
+    assert not [r for r in records if r.levelno >= logging.WARNING], [r.getMessage() for r in records]
+
+
+def test_an_upgrade_to_something_else_is_served_over_http_1_1_without_a_warning(srv):
+    """`curl --http2` on http:// asks `Upgrade: h2c`: uvicorn serves it over HTTP/1.1 (right) and logged
+    "Unsupported upgrade request." at WARNING for each (a client could fill the logs)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(handler)
+    try:
+        for _ in range(3):
+            r = httpx.get(
+                srv.url + "/healthz",
+                headers={
+                    "Connection": "Upgrade, HTTP2-Settings",
+                    "Upgrade": "h2c",
+                    "HTTP2-Settings": "AAMAAABkAAQAAP__",
+                },
+            )
+            assert r.status_code == 200 and r.http_version == "HTTP/1.1"
+    finally:
+        uvicorn_log.removeHandler(handler)
     assert not [r for r in records if r.levelno >= logging.WARNING], [r.getMessage() for r in records]
