@@ -192,7 +192,8 @@ def error_response(status: int, message: str, retry_after: float | None = None) 
 class Linger:
     """A lingering close under way (RFC 9112, 9.6, "Tear-down"): the response is out, the write side shut
     (FIN after it), and what the client still sends is read and dropped, until it closes its side, or
-    `linger_timeout_s` passes without input, or `linger_time_s` in all (loop.time() seconds)."""
+    `linger_timeout_s` passes without input, `linger_time_s` in all (loop.time() seconds), or
+    `linger_max_bytes` have been dropped."""
 
     started: float
     last: float  # the last input
