@@ -222,8 +222,8 @@ def run(quick: bool) -> dict[str, Any]:
                     f"({100 * row['fraction_of_ceiling']:.2f}% of ceiling, n={row['steps_timed']})",
                     flush=True,
                 )
-        # what rec.step runs: the faster in-place variant at each batch (the dispatch threshold is
-        # was chosen from this benchmark; since 2026-12-04 every batch steps in C: bench.big_batch)
+        # the faster in-place variant at each batch (the dispatch threshold was chosen from this
+        # benchmark; since 2026-12-04 rec.step takes every batch in C: bench.big_batch)
         pairs = zip(
             _tag(variants["network-c"], "network-c"), _tag(variants["fused-inplace"], "fused-inplace")
         )

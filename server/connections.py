@@ -317,7 +317,6 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.lingering: Linger | None = None
         self.refused = False  # answered at the accept, before anything of it was read
         self.hard_close = False  # a deadline's or the shutdown's close: no lingering
-        self.lost = False
         super().connection_made(LingeringTransport(transport, self))
         self.guard.connections = self.connections
         if not make_room(self.guard):
@@ -343,18 +342,15 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
         self._disarm()
         if self.lingering is not None:
-            self._stop_linger_timer()
-            self.lingering.ended = True
+            self._linger_over()
         self.send_deadline.resumed()
         super().connection_lost(exc)
 
     def eof_received(self) -> None:
         if self.lingering is not None:  # the client closed its side: asyncio now closes ours (a FIN each
-            self._stop_linger_timer()  # way, nothing unread: no reset)
-            self.lingering.ended = True
+            self._linger_over()  # way, nothing unread: no reset)
             return
         self.gone()
         super().eof_received()
@@ -386,9 +382,9 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         `linger_max_bytes` dropped. The 503 at the cap, a deadline's close (a slow client) and the
         shutdown's do not linger (`hard_close`)."""
         raw = self.raw_transport
-        if self.lingering is not None or raw.is_closing():
+        if self.lingering is not None or raw.is_closing():  # (closing once connection_lost has come)
             return
-        if self.lost or self.hard_close or not self._input_pending() or not raw.can_write_eof():
+        if self.hard_close or not self._input_pending() or not raw.can_write_eof():
             raw.close()
             return
         self._disarm()
@@ -410,10 +406,13 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         else:
             lg.timer = self.loop.call_at(end, self._linger_check)
 
-    def _stop_linger_timer(self) -> None:
-        if self.lingering.timer is not None:
-            self.lingering.timer.cancel()
-            self.lingering.timer = None
+    def _linger_over(self) -> None:
+        """Mark the lingering close ended and cancel its timer."""
+        lg = self.lingering
+        lg.ended = True
+        if lg.timer is not None:
+            lg.timer.cancel()
+            lg.timer = None
 
     def end_linger(self) -> None:
         """End a lingering close now: a close when the response has gone out (input the kernel holds
@@ -422,8 +421,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         lg = self.lingering
         if lg is None or lg.ended:
             return
-        self._stop_linger_timer()
-        lg.ended = True
+        self._linger_over()
         raw = self.raw_transport
         if raw.get_write_buffer_size():
             raw.abort()

@@ -19,7 +19,7 @@ import urllib.request
 
 import httpx
 import pytest
-from server_support import ServerThread, wait_for
+from server_support import ServerThread, read_until_closed, wait_for
 
 from server import Settings
 
@@ -71,7 +71,7 @@ def send_all_then_read(
             sock.sendall(piece)
         sock.shutdown(socket.SHUT_WR)
     except (ConnectionResetError, BrokenPipeError):
-        return read_rest(sock), "reset during send"
+        return read_until_closed(sock), "reset during send"
     try:
         while data := sock.recv(65536):
             got += data
@@ -80,14 +80,17 @@ def send_all_then_read(
     return got, "fin"
 
 
-def read_rest(sock: socket.socket) -> bytes:
-    got = b""
-    try:
-        while data := sock.recv(65536):
-            got += data
-    except OSError:
-        pass
-    return got
+@pytest.fixture
+def uvicorn_records():
+    """What uvicorn's error logger records during a test (through a handler of its own: that logger does
+    not propagate to pytest's)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(handler)
+    yield records
+    uvicorn_log.removeHandler(handler)
 
 
 def chunked(pieces: list[bytes]) -> list[bytes]:
@@ -258,7 +261,7 @@ def test_at_the_connection_cap_lingering_closes_give_way_and_the_cap_holds(model
             sock.sendall(post_head(length=100) + b"[")
             time.sleep(0.02)  # accepted and judged
             peak = max(peak, open_count(s))
-        answers = [read_rest(sock)[:12] for sock in over]
+        answers = [read_until_closed(sock)[:12] for sock in over]
         assert answers == [b"HTTP/1.1 503"] * 40, answers
         assert peak <= cap + 1, peak
         assert not lingering(s)  # the 503s did not linger
@@ -324,51 +327,31 @@ def test_a_slow_clients_deadline_close_does_not_linger(model_dirs):
         s.stop()
 
 
-def test_an_unparsable_request_gets_our_json_400_counted_and_no_warning(srv):
+def test_an_unparsable_request_gets_our_json_400_counted_and_no_warning(srv, uvicorn_records):
     """uvicorn answered it in plain text ("Invalid HTTP request received."), counted nothing and logged a
     WARNING for each, so a client could fill the logs (a fresh-user trial noticed the plain text)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = records.append  # type: ignore[method-assign]
-    uvicorn_log = logging.getLogger("uvicorn.error")
-    uvicorn_log.addHandler(handler)
     registry = srv.state.metrics.registry
     before = registry.get_sample_value("s4_requests_refused_total", {"reason": "invalid_http"})
-    try:
-        for bad in (b"\x00\x01 not http\r\n\r\n", b"POST /v1/generate HTTP/1.1\r\nContent-Length: x\r\n\r\n",
-                    b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n"):  # fmt: skip
-            with socket.create_connection(("127.0.0.1", srv.port)) as sock:
-                sock.sendall(bad)
-                got = read_rest(sock)
-            head, _, body = got.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head, got[:300]
-            assert json.loads(body)["error"]["message"].startswith("invalid HTTP request: "), body
-    finally:
-        uvicorn_log.removeHandler(handler)
+    for bad in (b"\x00\x01 not http\r\n\r\n", b"POST /v1/generate HTTP/1.1\r\nContent-Length: x\r\n\r\n",
+                b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n"):  # fmt: skip
+        with socket.create_connection(("127.0.0.1", srv.port)) as sock:
+            sock.sendall(bad)
+            got = read_until_closed(sock)
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in head, got[:300]
+        assert json.loads(body)["error"]["message"].startswith("invalid HTTP request: "), body
     after = registry.get_sample_value("s4_requests_refused_total", {"reason": "invalid_http"})
     assert after - before == 3
-    assert not [r for r in records if r.levelno >= logging.WARNING], [r.getMessage() for r in records]
+    warned = [r.getMessage() for r in uvicorn_records if r.levelno >= logging.WARNING]
+    assert not warned, warned
 
 
-def test_an_upgrade_to_something_else_is_served_over_http_1_1_without_a_warning(srv):
+def test_an_upgrade_to_something_else_is_served_over_http_1_1_without_a_warning(srv, uvicorn_records):
     """`curl --http2` on http:// asks `Upgrade: h2c`: uvicorn serves it over HTTP/1.1 (right) and logged
     "Unsupported upgrade request." at WARNING for each (a client could fill the logs)."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = records.append  # type: ignore[method-assign]
-    uvicorn_log = logging.getLogger("uvicorn.error")
-    uvicorn_log.addHandler(handler)
-    try:
-        for _ in range(3):
-            r = httpx.get(
-                srv.url + "/healthz",
-                headers={
-                    "Connection": "Upgrade, HTTP2-Settings",
-                    "Upgrade": "h2c",
-                    "HTTP2-Settings": "AAMAAABkAAQAAP__",
-                },
-            )
-            assert r.status_code == 200 and r.http_version == "HTTP/1.1"
-    finally:
-        uvicorn_log.removeHandler(handler)
-    assert not [r for r in records if r.levelno >= logging.WARNING], [r.getMessage() for r in records]
+    h2c = {"Connection": "Upgrade, HTTP2-Settings", "Upgrade": "h2c", "HTTP2-Settings": "AAMAAABkAAQAAP__"}
+    for _ in range(3):
+        r = httpx.get(srv.url + "/healthz", headers=h2c)
+        assert r.status_code == 200 and r.http_version == "HTTP/1.1"
+    warned = [r.getMessage() for r in uvicorn_records if r.levelno >= logging.WARNING]
+    assert not warned, warned
