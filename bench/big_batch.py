@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 
-from bench.common import ROOT, bench_main, log2_axis, save_figure, subplots
+from bench.common import ROOT, bench_main, log2_axis, plain_block, save_figure, subplots
 from model import ModelConfig, SequenceModel, load
-from model.sampling import SamplingParams, row_settings, sample, uint64_bits
+from model.sampling import SamplingParams, sample
 
 NAME = "big_batch"
 SIZES: dict[bool, dict[str, Any]] = {
@@ -83,20 +83,12 @@ def _time_decode(rec, B: int, steps: int, block: bool) -> float:
     V = rec.config.vocab_size
     params = [SamplingParams(temperature=1.0, seed=r) for r in range(B)]
     state, tok = rec.init_state(B), torch.zeros(B, dtype=torch.long)
-    seen = torch.zeros(B, V, dtype=torch.bool)
     if block:
         rec.net_step_max_batch = sys.maxsize
-        settings = row_settings(params, V)
         t0 = time.perf_counter()
-        res = rec.decode_block(
-            steps, state, tok, settings=settings, counts=None, key=uint64_bits(list(range(B))),
-            counter=torch.zeros(B, dtype=torch.long), limit=torch.full((B,), steps), stops=[[]] * B,
-            history=[b""] * B, seen=seen,
-        )  # fmt: skip
-        dt = time.perf_counter() - t0
-        if res.steps != steps:
-            raise RuntimeError(f"decode block made {res.steps} of {steps} steps")
-        return B * steps / dt
+        plain_block(rec, steps, state, tok)
+        return B * steps / (time.perf_counter() - t0)
+    seen = torch.zeros(B, V, dtype=torch.bool)
     rec.net_step_max_batch = 0
     gens = [p.generator() for p in params]
     logits, _ = rec.step(tok, state, out=state)

@@ -380,6 +380,27 @@ def fmt(x: float | None, digits: int = 3) -> str:
 # Command line
 
 
+def plain_block(rec, K: int, state: torch.Tensor, tok: torch.Tensor, schedule=None):
+    """`rec.decode_block` of K steps for B = len(tok) rows with plain seeded sampling: temperature 1, row r's
+    seed r, no penalties, no stop sequences, each row's limit K (bench.step, bench.big_batch, bench.c_ab and
+    the tests time or compare this call). `state` and `tok` are updated in place; `schedule`: the block's row
+    order (None: fused.BLOCK_SCHEDULE). Returns the fused.BlockResult; raises RuntimeError when the block made
+    fewer than K steps."""
+    from model.sampling import SamplingParams, row_settings, uint64_bits
+
+    B, V = tok.shape[0], rec.config.vocab_size
+    params = [SamplingParams(temperature=1.0, seed=r) for r in range(B)]
+    extra = {} if schedule is None else {"schedule": schedule}
+    res = rec.decode_block(
+        K, state, tok, settings=row_settings(params, V), counts=None, key=uint64_bits(list(range(B))),
+        counter=torch.zeros(B, dtype=torch.long), limit=torch.full((B,), K), stops=[[]] * B,
+        history=[b""] * B, seen=torch.zeros(B, V, dtype=torch.bool), **extra,
+    )  # fmt: skip
+    if res.steps != K:
+        raise RuntimeError(f"decode block made {res.steps} of {K} steps")
+    return res
+
+
 def bench_main(
     argv: Sequence[str] | None,
     doc: str | None,

@@ -23,12 +23,12 @@ from bench.common import (
     copy_gbps_by_size,
     log2_axis,
     matmul_gflops_by_size,
+    plain_block,
     save_figure,
     subplots,
     timeit,
 )
 from model import ModelConfig, RecurrentModel, SequenceModel, fused
-from model.sampling import SamplingParams, row_settings, uint64_bits
 
 NAME = "step"
 # kind: (kernel, extra config). "s4d-ff" has the shipped text model's shape (diagonal layers of 32 modes
@@ -142,25 +142,14 @@ def time_blocks(rec: RecurrentModel, batch: int, repeat: int) -> dict[str, Any]:
     size in two row orders, alternated `repeat` times, best of each (the least disturbed): "every-step"
     (schedule (0, 1): every step takes all a thread's rows, as before) and "grouped" (the default
     fused.BLOCK_SCHEDULE: groups of rows through rounds of steps, the state kept in cache)."""
-    V = rec.config.vocab_size
-    params = [SamplingParams(temperature=1.0, seed=r) for r in range(batch)]
-    settings = row_settings(params, V)
     state, tok = rec.init_state(batch), torch.zeros(batch, dtype=torch.long)
-    seen = torch.zeros(batch, V, dtype=torch.bool)
-    counter = torch.zeros(batch, dtype=torch.long)
     orders = {"every-step": (0, 1), "grouped": fused.BLOCK_SCHEDULE}
     best = dict.fromkeys(orders, 0.0)
     for i in range(repeat + 1):  # the first round warms up
         for name, schedule in orders.items():
             t0 = time.perf_counter()
-            res = rec.decode_block(
-                BLOCK_K, state, tok, settings=settings, counts=None, key=uint64_bits(list(range(batch))),
-                counter=counter, limit=torch.full((batch,), BLOCK_K), stops=[[]] * batch,
-                history=[b""] * batch, seen=seen, schedule=schedule,
-            )  # fmt: skip
+            plain_block(rec, BLOCK_K, state, tok, schedule)
             dt = time.perf_counter() - t0
-            if res.steps != BLOCK_K:
-                raise RuntimeError(f"decode block made {res.steps} of {BLOCK_K} steps")
             if i > 0:
                 best[name] = max(best[name], batch * BLOCK_K / dt)
     return {"batch": batch, "tokens_per_s": best, "schedule": list(fused.BLOCK_SCHEDULE)}

@@ -17,8 +17,8 @@ import pytest
 import torch
 from server_support import ServerThread
 
+from bench.common import plain_block
 from model import ModelConfig, SequenceModel
-from model.sampling import SamplingParams, row_settings, uint64_bits
 from server import Settings
 
 B = 300  # past the old 256
@@ -75,14 +75,8 @@ def test_the_decode_block_serves_300_rows_with_row_0_as_alone(rec):
     K, V = 12, rec.config.vocab_size
 
     def block(n: int):
-        params = [SamplingParams(temperature=1.0, seed=r) for r in range(n)]
         state, tok = rec.init_state(n), torch.arange(n) % V
-        res = rec.decode_block(
-            K, state, tok, settings=row_settings(params, V), counts=None, key=uint64_bits(list(range(n))),
-            counter=torch.zeros(n, dtype=torch.long), limit=torch.full((n,), K), stops=[[]] * n,
-            history=[b""] * n, seen=torch.zeros(n, V, dtype=torch.bool),
-        )  # fmt: skip
-        assert res.steps == K
+        res = plain_block(rec, K, state, tok)  # row r: temperature 1, seed r; K steps or RuntimeError
         return res.tokens[:, 0], state[:, 0]
 
     (t1, s1), (tB, sB) = block(1), block(B)
