@@ -103,16 +103,16 @@ def _cpu_signature() -> str:
     return platform.machine() + _cpu_flags_line()
 
 
-def compile_library(out: Path, flags: Sequence[str] = FLAGS) -> None:
-    """Compile csrc/ssm_step.c with `flags` to the shared library `out` (written atomically: concurrent
-    builders never load a half-written file). Raises RuntimeError without a C compiler ($CC, cc, gcc) and
-    subprocess.CalledProcessError (its stderr the compiler's) when the build fails."""
+def compile_library(out: Path, flags: Sequence[str] = FLAGS, source: Path | None = None) -> None:
+    """Compile `source` (default csrc/ssm_step.c) with `flags` to the shared library `out` (written
+    atomically: concurrent builders never load a half-written file). Raises RuntimeError without a C compiler
+    ($CC, cc, gcc) and subprocess.CalledProcessError (its stderr the compiler's) when the build fails."""
     cc = compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) found")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    cmd = [cc, *flags, str(SOURCE), "-o", str(tmp), "-lm"]
+    cmd = [cc, *flags, str(source or SOURCE), "-o", str(tmp), "-lm"]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     tmp.replace(out)
 
@@ -125,6 +125,12 @@ def load_library(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def build_key(src: bytes, flags: Sequence[str]) -> str:
+    """The build cache's key for a library of C source `src` compiled with `flags` on this CPU
+    (-march=native): 16 hex digits of a SHA-256."""
+    return hashlib.sha256(src + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
+
+
 def library():
     """The loaded ctypes library, or None (after one warning) when it cannot be built."""
     if "lib" in _lib:
@@ -133,8 +139,7 @@ def library():
     try:
         src = SOURCE.read_bytes()
         flags = build_flags()
-        key = hashlib.sha256(src + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
-        out = build_folder() / f"ssm_step_{key}.so"
+        out = build_folder() / f"ssm_step_{build_key(src, flags)}.so"
         if not out.exists():
             compile_library(out, flags)
         lib = load_library(out)

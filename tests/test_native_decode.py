@@ -589,8 +589,8 @@ def test_a_wide_layers_channels_split_over_threads_give_the_same_bits_as_one_thr
     """A layer with H * M >= 65536 splits its channels over the threads when the step is not already in
     a parallel region (a batch below NET_PARALLEL_ROWS), and runs them in the calling thread inside one
     (a batch of 8 or more: each thread its own rows). Either way a row's logits and state are the same
-    bits: row 0 alone (one row: ssm_row, split), in 3 rows (ssm_rows, split) and in 9 (ssm_rows, each
-    thread's rows in that thread)."""
+    bits: row 0 alone (ssm_rows of one row, split), in 3 rows (split) and in 9 (each thread's rows in that
+    thread)."""
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=16, d_model=1024, n_layers=1, d_state=128, kernel="s4d", init="diag-lin",
                       l_max=16, d_ff=0, cauchy_backend="torch")  # fmt: skip

@@ -56,7 +56,38 @@ static inline void st8_part(float *p, f8 v, long n) {
 #endif
 }
 
-#define SSM_ROWS 8 /* rows whose diagonal SSM step shares one load of a channel's parameters */
+#define SSM_ROWS 8 /* rows whose SSM step (diagonal or DPLR) shares one load of a channel's parameters */
+#define DPLR_ROWS 4 /* of those, rows per dplr_channel_rows call: 8 spill its accumulators on AVX2 */
+
+/* a·b + c rounded once, lane by lane. The DPLR step writes its products-and-sums with it, so no bare product
+ * feeds a sum that the compiler might fuse (GCC contracts a·b + c by default, and which product of p·g + q·h
+ * it fuses can differ between two inlined copies of the same code: a row's bits would then depend on how many
+ * rows share the call). */
+static inline __attribute__((always_inline)) f8 fma8(f8 a, f8 b, f8 c) {
+#if defined(__FMA__)
+    return (f8)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    f8 r;
+    for (int j = 0; j < 8; j++) r[j] = __builtin_fmaf(a[j], b[j], c[j]);
+    return r;
+#endif
+}
+
+/* The first k ≤ 8 floats at p as a vector (zeros after), and the store of its first k lanes: a full vector when k
+ * is 8 (folded where k is a constant). */
+static inline __attribute__((always_inline)) f8 ldk(const float *p, long k) { return k == 8 ? ld8(p) : ld8_part(p, k); }
+static inline __attribute__((always_inline)) void stk(float *p, f8 v, long k) {
+    if (k == 8)
+        st8(p, v);
+    else
+        st8_part(p, v, k);
+}
+
+/* A vector's eight lanes summed in one fixed order (every channel's y and every Woodbury sum): a row's bits do not
+ * depend on which other rows share the call. */
+static inline __attribute__((always_inline)) float hsum8(f8 v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
 
 /* The step of 8 slots of the real block-diagonal form (recurrent.py: real_block_slots), coordinates vr, vi:
  * r = a vr − b vi + pbr u, im = s vi + b vr + pbi u (for a complex mode s = a: x' = μ x + b u, μ = a + i b;
@@ -157,10 +188,7 @@ diag_channel_rows(const long n, long M, const float *const *xs, float *const *xo
             st8_part(ni + m, im, k);
         }
     }
-    for (long i = 0; i < n; i++) {
-        const f8 v = acc[i];
-        y[i * H + h] = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-    }
+    for (long i = 0; i < n; i++) y[i * H + h] = hsum8(acc[i]);
 }
 
 /* diag_channel_rows with a compile-time row count where it is common (SSM_ROWS, 1: the row loops unrolled),
@@ -200,60 +228,164 @@ void diag_step(long B, long H, long M, const float *x, float *xo, const float *u
     }
 }
 
-/* One channel of one row of the exact bilinear DPLR step (inlined: called with constant M and R
- * for the common shape, so the loops unroll without remainder code). */
+/* The exact bilinear DPLR step (S4 paper, Section 3.3 and Appendix C.2: (I − Δ/2·A) x' = (I + Δ/2·A) x + ΔB u
+ * solved by Woodbury) of one channel for n ≤ DPLR_ROWS rows (row i: its channel state at xs[i] + off, M real
+ * parts then M imaginary parts, → xo[i] + off, which may alias it; input u[i·stride + at] → y[i·stride + at]).
+ * Parameters, already at the channel: dbr, dbi, dr, di, cr, ci (M each); the rank-R terms pr, pi, qr, qi at
+ * j·rs (j < R); minv (R, R). Two passes over the modes, 8 at a time (the M mod 8 rest as one partial vector:
+ * zeros beyond M add nothing):
+ *   1. g = D⁻¹(2x + ΔB u); xo ← g − x; s_j += Σ (Pr_j gr + Pi_j gi) in one vector accumulator per row and j;
+ *   2. t = M⁻¹ s; xo ← xo − Σⱼ Qⱼ tⱼ; y += Σ Re(c xo), again one vector accumulator per row.
+ * Each 8 modes' parameters are loaded once for the n rows (the diagonal step's row blocking,
+ * diag_channel_rows); a row's arithmetic does not depend on n, so its bits are those of the row alone. */
 static inline __attribute__((always_inline)) void
-dplr_row(long M, long R, long H, long h, const float *xr, const float *xi, float *nr, float *ni,
-         float uu, float *y, const float *dbr, const float *dbi, const float *dr, const float *di,
-         const float *pr, const float *pi, const float *minv, const float *qr, const float *qi,
-         const float *cr, const float *ci) {
-    const long o = h * M;
-    float s[MAX_RANK], t[MAX_RANK], gr[MAX_MODES], gi[MAX_MODES];
-#pragma omp simd
-    for (long m = 0; m < M; m++) {  /* g = D⁻¹ f */
-        const float fr = 2.0f * xr[m] + dbr[o + m] * uu, fi = 2.0f * xi[m] + dbi[o + m] * uu;
-        gr[m] = dr[o + m] * fr - di[o + m] * fi;
-        gi[m] = dr[o + m] * fi + di[o + m] * fr;
-    }
+dplr_pass1(const long n, long M, const long R, long m, long k, const float *const *xs, float *const *xo, long off,
+           const float *uu, f8 (*acc)[MAX_RANK], const float *dbr, const float *dbi, const float *dr, const float *di,
+           const float *pr, const float *pi, long rs) {
+    const f8 a = ldk(dbr + m, k), b = ldk(dbi + m, k), c = ldk(dr + m, k), d = ldk(di + m, k);
+    f8 p_r[MAX_RANK], p_i[MAX_RANK];
     for (long j = 0; j < R; j++) {
-        const float *a = pr + (j * H + h) * M, *b = pi + (j * H + h) * M;
-        float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-        for (long m = 0; m < M; m++) acc += a[m] * gr[m] + b[m] * gi[m];
-        s[j] = acc;
+        p_r[j] = ldk(pr + j * rs + m, k);
+        p_i[j] = ldk(pi + j * rs + m, k);
     }
-    for (long i = 0; i < R; i++) {
-        t[i] = 0.0f;
-        for (long j = 0; j < R; j++) t[i] += minv[(h * R + i) * R + j] * s[j];
+    for (long i = 0; i < n; i++) {
+        const float *xr = xs[i] + off;
+        float *nr = xo[i] + off;
+        const f8 vr = ldk(xr + m, k), vi = ldk(xr + M + m, k), ui = {uu[i], uu[i], uu[i], uu[i],
+                                                                     uu[i], uu[i], uu[i], uu[i]};
+        const f8 fr = fma8(a, ui, vr + vr), fi = fma8(b, ui, vi + vi);
+        const f8 gr = fma8(c, fr, -(d * fi)), gi = fma8(c, fi, d * fr);
+        for (long j = 0; j < R; j++) acc[i][j] = fma8(p_r[j], gr, fma8(p_i[j], gi, acc[i][j]));
+        stk(nr + m, gr - vr, k);
+        stk(nr + M + m, gi - vi, k);
     }
-#pragma omp simd
-    for (long m = 0; m < M; m++) {  /* x may alias xo: read x before writing */
-        nr[m] = gr[m] - xr[m];
-        ni[m] = gi[m] - xi[m];
-    }
-    for (long j = 0; j < R; j++) {
-        const float *a = qr + (j * H + h) * M, *b = qi + (j * H + h) * M, tj = t[j];
-#pragma omp simd
-        for (long m = 0; m < M; m++) {
-            nr[m] -= a[m] * tj;
-            ni[m] -= b[m] * tj;
-        }
-    }
-    float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-    for (long m = 0; m < M; m++) acc += cr[o + m] * nr[m] - ci[o + m] * ni[m];
-    *y = acc;
 }
 
-/* dplr_row for one channel, with its constants for the shipped shape (N = 64, rank 1) so it unrolls */
-static inline void dplr_channel(long M, long R, long H, long h, const float *xr, const float *xi, float *nr,
-                                float *ni, float uu, float *y, const float *dbr, const float *dbi, const float *dr,
-                                const float *di, const float *pr, const float *pi, const float *minv,
-                                const float *qr, const float *qi, const float *cr, const float *ci) {
-    if (M == 32 && R == 1)
-        dplr_row(32, 1, H, h, xr, xi, nr, ni, uu, y, dbr, dbi, dr, di, pr, pi, minv, qr, qi, cr, ci);
-    else
-        dplr_row(M, R, H, h, xr, xi, nr, ni, uu, y, dbr, dbi, dr, di, pr, pi, minv, qr, qi, cr, ci);
+static inline __attribute__((always_inline)) void
+dplr_pass2(const long n, long M, const long R, long m, long k, float *const *xo, long off, float (*t)[MAX_RANK],
+           f8 *acc, const float *qr, const float *qi, long rs, const float *cr, const float *ci) {
+    const f8 er = ldk(cr + m, k), ei = ldk(ci + m, k);
+    f8 q_r[MAX_RANK], q_i[MAX_RANK];
+    for (long j = 0; j < R; j++) {
+        q_r[j] = ldk(qr + j * rs + m, k);
+        q_i[j] = ldk(qi + j * rs + m, k);
+    }
+    for (long i = 0; i < n; i++) {
+        float *nr = xo[i] + off;
+        f8 wr = ldk(nr + m, k), wi = ldk(nr + M + m, k);
+        for (long j = 0; j < R; j++) {
+            const f8 tj = {-t[i][j], -t[i][j], -t[i][j], -t[i][j], -t[i][j], -t[i][j], -t[i][j], -t[i][j]};
+            wr = fma8(q_r[j], tj, wr);
+            wi = fma8(q_i[j], tj, wi);
+        }
+        acc[i] = fma8(er, wr, fma8(-ei, wi, acc[i]));
+        stk(nr + m, wr, k);
+        stk(nr + M + m, wi, k);
+    }
+}
+
+static inline __attribute__((always_inline)) void
+dplr_channel_rows(const long n, long M, const long R, const float *const *xs, float *const *xo, long off,
+                  long stride, long at, const float *u, float *y, const float *dbr, const float *dbi, const float *dr,
+                  const float *di, const float *pr, const float *pi, long rs, const float *minv, const float *qr,
+                  const float *qi, const float *cr, const float *ci) {
+    f8 acc[DPLR_ROWS][MAX_RANK], yacc[DPLR_ROWS];
+    float uu[DPLR_ROWS], t[DPLR_ROWS][MAX_RANK];
+    for (long i = 0; i < n; i++) {
+        uu[i] = u[i * stride + at];
+        yacc[i] = (f8){0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        for (long j = 0; j < R; j++) acc[i][j] = yacc[i];
+    }
+    long m = 0;
+    for (; m + 8 <= M; m += 8) dplr_pass1(n, M, R, m, 8, xs, xo, off, uu, acc, dbr, dbi, dr, di, pr, pi, rs);
+    if (m < M) dplr_pass1(n, M, R, m, M - m, xs, xo, off, uu, acc, dbr, dbi, dr, di, pr, pi, rs);
+    for (long i = 0; i < n; i++) { /* t = M⁻¹ s */
+        float s[MAX_RANK];
+        for (long j = 0; j < R; j++) s[j] = hsum8(acc[i][j]);
+        for (long r = 0; r < R; r++) {
+            t[i][r] = 0.0f;
+            for (long j = 0; j < R; j++) t[i][r] = __builtin_fmaf(minv[r * R + j], s[j], t[i][r]);
+        }
+    }
+    for (m = 0; m + 8 <= M; m += 8) dplr_pass2(n, M, R, m, 8, xo, off, t, yacc, qr, qi, rs, cr, ci);
+    if (m < M) dplr_pass2(n, M, R, m, M - m, xo, off, t, yacc, qr, qi, rs, cr, ci);
+    for (long i = 0; i < n; i++) y[i * stride + at] = hsum8(yacc[i]);
+}
+
+/* CALL(N_, M_, R_) with compile-time row counts, modes and rank where they are common (FULL or 1 row; 32 modes
+ * and rank 1, the official S4's defaults: the loops unroll and a row's state stays in registers; rank 2,
+ * HiPPO-LegT's), run-time ones otherwise: the same arithmetic either way. Taken once for a loop over channels
+ * or tokens, not inside it: the loop's code for every shape made the 1-row prompt of 32 modes 1.6x slower. */
+#define DPLR_DISPATCH(n_, FULL, M_, R_, CALL)                                                                 \
+    do {                                                                                                       \
+        if ((M_) == 32 && (R_) == 1) {                                                                         \
+            if ((n_) == (FULL))                                                                                \
+                CALL((FULL), 32, 1);                                                                           \
+            else if ((n_) == 1)                                                                                \
+                CALL(1, 32, 1);                                                                                \
+            else                                                                                               \
+                CALL((n_), 32, 1);                                                                             \
+        } else if ((R_) == 1) {                                                                                \
+            if ((n_) == (FULL))                                                                                \
+                CALL((FULL), (M_), 1);                                                                         \
+            else                                                                                               \
+                CALL((n_), (M_), 1);                                                                           \
+        } else if ((R_) == 2) {                                                                                \
+            if ((n_) == (FULL))                                                                                \
+                CALL((FULL), (M_), 2);                                                                         \
+            else                                                                                               \
+                CALL((n_), (M_), 2);                                                                           \
+        } else                                                                                                 \
+            CALL((n_), (M_), (R_));                                                                            \
+    } while (0)
+
+/* dplr_channel_rows of channel h of a layer of H channels (parameters p: dbr dbi dr di pr pi minv qr qi cr ci, in
+ * the layouts (H, M), (R, H, M) and (H, R, R)) for rows i0 … i0 + N_ − 1 of xs, xo, u, y (N_ ≤ DPLR_ROWS) */
+#define DPLR_AT(N_, M_, R_, h, i0, off, stride, at)                                                            \
+    dplr_channel_rows(N_, M_, R_, xs + (i0), xo + (i0), off, stride, at, u + (i0) * (stride),                  \
+                      y + (i0) * (stride), p[0] + (h) * (M_), p[1] + (h) * (M_), p[2] + (h) * (M_),            \
+                      p[3] + (h) * (M_), p[4] + (h) * (M_), p[5] + (h) * (M_), H * (M_),                       \
+                      p[6] + (h) * (R_) * (R_), p[7] + (h) * (M_), p[8] + (h) * (M_), p[9] + (h) * (M_),       \
+                      p[10] + (h) * (M_))
+
+/* Channel h of a DPLR layer (parameters p, as DPLR_AT's) through L tokens of k ≤ SSM_ROWS rows, in place: row i's
+ * layer state at xb[i] (H, 2, M), its token t's input u[(i·L + t)·H + h] → y at the same index (the calls of
+ * stepping each token). */
+static void dplr_channel_tokens(long k, long M, long R, float *const *xb, long L, long H, long h, const float *u,
+                                float *y, const float *const *p) {
+    const float *const *xs = (const float *const *)xb;
+    float *const *xo = xb;
+    for (long i0 = 0; i0 < k; i0 += DPLR_ROWS) {
+        const long n = k - i0 < DPLR_ROWS ? k - i0 : DPLR_ROWS;
+#define DPLR_TOKENS(N_, M_, R_)                                                                                \
+    for (long t = 0; t < L; t++) DPLR_AT(N_, M_, R_, h, i0, 2 * h * (M_), L * H, t * H + h)
+        DPLR_DISPATCH(n, DPLR_ROWS, M, R, DPLR_TOKENS);
+#undef DPLR_TOKENS
+    }
+}
+
+/* Channels h0 … h1 − 1 of a DPLR layer (parameters p, as DPLR_AT's) for n ≤ SSM_ROWS rows: row i's state xs[i]
+ * (H, 2, M) → xo[i] (may be xs[i]), u (n, H) → y (n, H); each channel's rows DPLR_ROWS at a time. */
+static void dplr_channels_rows(long n, long M, long R, const float *const *xs, float *const *xo, long H, long h0,
+                               long h1, const float *u, float *y, const float *const *p) {
+#define DPLR_CHANNELS(N_, M_, R_)                                                                              \
+    for (long h = h0; h < h1; h++)                                                                             \
+        for (long i0 = 0; i0 < (N_); i0 += DPLR_ROWS)                                                          \
+    DPLR_AT((N_) - i0 < DPLR_ROWS ? (N_) - i0 : DPLR_ROWS, M_, R_, h, i0, 2 * h * (M_), H, h)
+    DPLR_DISPATCH(n, SSM_ROWS, M, R, DPLR_CHANNELS);
+#undef DPLR_CHANNELS
+}
+
+/* One channel h of one row: its state xs1 (2, M) → xo1 (may be xs1), input uu → *y1; parameters p as DPLR_AT's. */
+static inline void dplr_channel(long M, long R, long H, long h, const float *xs1, float *xo1, float uu, float *y1,
+                                const float *const *p) {
+    const float *const *xs = &xs1;
+    float *const *xo = &xo1;
+    const float *u = &uu;
+    float *y = y1;
+#define DPLR_ONE(N_, M_, R_) DPLR_AT(N_, M_, R_, h, 0, 0, 1, 0)
+    DPLR_DISPATCH(1, 1, M, R, DPLR_ONE);
+#undef DPLR_ONE
 }
 
 /* Exact bilinear DPLR step: g = D⁻¹(2x + ΔB u), s = M⁻¹ Σ (Pr gr + Pi gi), x' = g − x − Σⱼ Qⱼ sⱼ,
@@ -263,13 +395,10 @@ int dplr_step(long B, long H, long M, long R, const float *x, float *xo, const f
               const float *pr, const float *pi, const float *minv, const float *qr,
               const float *qi, const float *cr, const float *ci) {
     if (M > MAX_MODES || R > MAX_RANK) return -1;
+    const float *const p[11] = {dbr, dbi, dr, di, pr, pi, minv, qr, qi, cr, ci};
 #pragma omp parallel for schedule(static) if (B * H * M >= 65536)
-    for (long bh = 0; bh < B * H; bh++) {
-        const long h = bh % H;
-        const float *xr = x + bh * 2 * M, *xi = xr + M;
-        float *nr = xo + bh * 2 * M, *ni = nr + M;
-        dplr_channel(M, R, H, h, xr, xi, nr, ni, u[bh], y + bh, dbr, dbi, dr, di, pr, pi, minv, qr, qi, cr, ci);
-    }
+    for (long bh = 0; bh < B * H; bh++)
+        dplr_channel(M, R, H, bh % H, x + bh * 2 * M, xo + bh * 2 * M, u[bh], y + bh, p);
     return 0;
 }
 
@@ -674,86 +803,62 @@ static inline int layer_fits(const NetLayer *L, long M) {
     return L->form == 0 || (M <= MAX_MODES && L->rank <= MAX_RANK);
 }
 
-/* One channel h of layer L for one token: its state xs (2, M) → xo (may be xs itself); returns its y. */
-static inline float ssm_channel(const NetLayer *L, long H, long M, long h, const float *xs, float *xo, float u) {
-    const float *const *p = L->p;
-    if (L->form == 0) {
-        const long o = h * M;
-        return diag_channel(M, xs, xo, u, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o, p[5] + o, p[6] + o);
-    }
-    float y;
-    dplr_channel(M, L->rank, H, h, xs, xs + M, xo, xo + M, u, &y, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7],
-                 p[8], p[9], p[10]);
-    return y;
-}
-
 /* Whether a layer's channels (H of M modes) are worth splitting over threads: big enough, and not already
  * inside a parallel region (a decode block or a prefill gives each thread its own rows). The test comes
  * before the parallel region, not in an `if` clause: entering a region with `if (0)`, or nested, still
  * starts a team of one in libgomp, which cost 5-7 % of audio-digits-s4's decode at 16 rows. */
 static inline int split_channels(long H, long M) { return H * M >= 65536 && !omp_in_parallel(); }
 
-/* One block's SSM step for one row: its state xs (H, 2, M) → xo (may be xs itself), u (H) → y (H); -1
- * when the layer does not fit (layer_fits). The step and net_prefill both go through ssm_channel: the
- * same bits. */
-static inline int ssm_row(const NetLayer *L, long H, long M, const float *xs, float *xo, const float *u, float *y) {
+/* Channels h0 … h1 − 1 of layer Ly (H channels of M modes; it fits: layer_fits) for n ≤ SSM_ROWS rows: row i's
+ * state xs[i] (H, 2, M) → xo[i] (may be xs[i]), u (n, H) → y (n, H). Each channel's rows together, each 8 modes'
+ * parameters loaded once for them (diag_channel_rows; dplr_channel_rows, DPLR_ROWS rows a call). A row's bits do
+ * not depend on n, h0 or h1: the step, the prefill by steps and the split step all come here or to
+ * ssm_channels_tokens, which makes the same calls. */
+static void ssm_channels(const NetLayer *Ly, long H, long M, long n, const float *const *xs, float *const *xo,
+                         long h0, long h1, const float *u, float *y) {
+    const float *const *p = Ly->p;
+    if (Ly->form != 0) {
+        dplr_channels_rows(n, M, Ly->rank, xs, xo, H, h0, h1, u, y, p);
+        return;
+    }
+    for (long h = h0; h < h1; h++) {
+        const long o = h * M;
+        diag_channel_rows_n(n, M, xs, xo, 2 * o, H, h, u, y, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o,
+                            p[5] + o, p[6] + o);
+    }
+}
+
+/* One block's SSM step for n ≤ SSM_ROWS rows (ssm_channels), its channels split over the threads when the layer
+ * is wide (split_channels). -1: layer_fits fails. */
+static int ssm_rows(const NetLayer *L, long H, long M, long n, const float *const *xs, float *const *xo,
+                    const float *u, float *y) {
     if (!layer_fits(L, M)) return -1;
     if (split_channels(H, M)) {
 #pragma omp parallel for schedule(static)
-        for (long h = 0; h < H; h++) y[h] = ssm_channel(L, H, M, h, xs + h * 2 * M, xo + h * 2 * M, u[h]);
+        for (long h = 0; h < H; h++) ssm_channels(L, H, M, n, xs, xo, h, h + 1, u, y);
     } else {
-        for (long h = 0; h < H; h++) y[h] = ssm_channel(L, H, M, h, xs + h * 2 * M, xo + h * 2 * M, u[h]);
+        ssm_channels(L, H, M, n, xs, xo, 0, H, u, y);
     }
     return 0;
 }
 
-/* channel h of a diagonal layer L for n rows (ssm_rows) */
-static inline __attribute__((always_inline)) void diag_rows_channel(const NetLayer *L, long M, long n,
-                                                                    const float *const *xs, float *const *xo,
-                                                                    long H, long h, const float *u, float *y) {
-    const float *const *p = L->p;
-    const long o = h * M;
-    diag_channel_rows_n(n, M, xs, xo, 2 * o, H, h, u, y, p[0] + o, p[1] + o, p[2] + o, p[3] + o, p[4] + o, p[5] + o,
-                        p[6] + o);
-}
-
-/* One block's SSM step for n ≤ SSM_ROWS rows: row i's state xs[i] (H, 2, M) → xo[i] (may be xs[i]),
- * u (n, H) → y (n, H). A diagonal layer steps the rows together, channel by channel (diag_channel_rows);
- * a DPLR layer row by row (ssm_row). Either way a row's bits are ssm_row's alone. -1: layer_fits fails. */
-static int ssm_rows(const NetLayer *L, long H, long M, long n, const float *const *xs, float *const *xo,
-                    const float *u, float *y) {
-    if (L->form != 0 || n == 1) {
-        for (long i = 0; i < n; i++)
-            if (ssm_row(L, H, M, xs[i], xo[i], u + i * H, y + i * H)) return -1;
-        return 0;
-    }
-    if (split_channels(H, M)) {
-#pragma omp parallel for schedule(static)
-        for (long h = 0; h < H; h++) diag_rows_channel(L, M, n, xs, xo, H, h, u, y);
-    } else {
-        for (long h = 0; h < H; h++) diag_rows_channel(L, M, n, xs, xo, H, h, u, y);
-    }
-    return 0;
-}
-
-/* Channel h of layer Ly through L tokens of k ≤ SSM_ROWS rows (a prompt's recurrence, in place): row i's channel
- * state at xs[i] (2, M), its token t's input u[(i·L + t)·H + h] → y at the same index. A diagonal layer steps
- * the k rows together (diag_channel_rows with row stride L·H), a DPLR layer row by row (ssm_channel): the calls
- * of k·L steps, so the bits are stepping's. prefill_rows and the split prefill (split_team_step) share it. */
-static inline void ssm_channel_tokens(const NetLayer *Ly, long H, long M, long L, long k, float *const *xs, long h,
-                                      const float *u, float *y) {
-    if (Ly->form == 0) {
-        const float *const *p = Ly->p;
-        const long ph = h * M;
+/* Channels h0 … h1 − 1 of layer Ly through L tokens of k ≤ SSM_ROWS rows (a prompt's recurrence, in place): row
+ * i's layer state at xb[i] (H, 2, M), its token t's input u[(i·L + t)·H + h] → y at the same index. The k rows
+ * step together, token by token (diag_channel_rows with row stride L·H; dplr_channel_tokens): the calls of
+ * stepping k·L times, so the bits are stepping's. prefill_rows and the split prefill (split_team_step) share
+ * it. */
+static inline void ssm_channels_tokens(const NetLayer *Ly, long H, long M, long L, long k, float *const *xb,
+                                       long h0, long h1, const float *u, float *y) {
+    const float *const *p = Ly->p;
+    for (long h = h0; h < h1; h++) {
+        if (Ly->form != 0) {
+            dplr_channel_tokens(k, M, Ly->rank, xb, L, H, h, u, y, p);
+            continue;
+        }
+        const long o = h * M;
         for (long t = 0; t < L; t++)
-            diag_channel_rows_n(k, M, (const float *const *)xs, xs, 0, L * H, t * H + h, u, y, p[0] + ph,
-                                p[1] + ph, p[2] + ph, p[3] + ph, p[4] + ph, p[5] + ph, p[6] + ph);
-    } else {
-        for (long i = 0; i < k; i++)
-            for (long t = 0; t < L; t++) {
-                const long j = (i * L + t) * H + h;
-                y[j] = ssm_channel(Ly, H, M, h, xs[i], xs[i], u[j]);
-            }
+            diag_channel_rows_n(k, M, (const float *const *)xb, xb, 2 * o, L * H, t * H + h, u, y, p[0] + o,
+                                p[1] + o, p[2] + o, p[3] + o, p[4] + o, p[5] + o, p[6] + o);
     }
 }
 
@@ -1072,25 +1177,16 @@ static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long L, long
     for (long l = 0; l < n->n_layers; l++) {
         const NetLayer *Ly = n->layers + l;
         block_norm(Ly->norm, P, H, x, u, Ly->ln_w, Ly->ln_b, n->eps);
-        if (L > 1) /* one row's L tokens through this thread's channels, as prefill_rows runs them */
-            for (long h = h0; h < h1; h++) {
-                float *xh = state_out + l * per_layer + rows[0] * row_size + h * 2 * M;
-                ssm_channel_tokens(Ly, H, M, L, 1, &xh, h, u, y);
-            }
-        else
+        if (L > 1) { /* one row's L tokens through this thread's channels, as prefill_rows runs them */
+            float *xb = state_out + l * per_layer + rows[0] * row_size;
+            ssm_channels_tokens(Ly, H, M, L, 1, &xb, h0, h1, u, y);
+        } else
             for (long r0 = 0; r0 < B; r0 += SSM_ROWS) { /* this thread's channels h0 … h1 − 1 */
                 const long m = B - r0 < SSM_ROWS ? B - r0 : SSM_ROWS;
                 const float *xs[SSM_ROWS];
                 float *xo[SSM_ROWS];
                 row_states(state, state_out, l * per_layer, rows + r0, m, row_size, xs, xo);
-                for (long h = h0; h < h1; h++) {
-                    if (Ly->form == 0 && m > 1)
-                        diag_rows_channel(Ly, M, m, xs, xo, H, h, u + r0 * H, y + r0 * H);
-                    else
-                        for (long i = 0; i < m; i++)
-                            y[(r0 + i) * H + h] = ssm_channel(Ly, H, M, h, xs[i] + h * 2 * M, xo[i] + h * 2 * M,
-                                                              u[(r0 + i) * H + h]);
-                }
+                ssm_channels(Ly, H, M, m, xs, xo, h0, h1, u + r0 * H, y + r0 * H);
             }
         for (long r = 0; r < P; r++) gelu_skip(h1 - h0, y + r * H + h0, u + r * H + h0, Ly->d_skip + h0);
         TIMED_BARRIER;
@@ -1557,11 +1653,9 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
         block_norm(Ly->norm, N, H, x, u, Ly->ln_w, Ly->ln_b, eps);
         for (long g = 0; g < n; g += SSM_ROWS) { /* SSM_ROWS rows at a time through each channel's L tokens */
             const long k = n - g < SSM_ROWS ? n - g : SSM_ROWS;
-            float *xs[SSM_ROWS];
-            for (long h = 0; h < H; h++) {
-                for (long i = 0; i < k; i++) xs[i] = state + l * per_layer + ((r0 + g + i) * H + h) * 2 * M;
-                ssm_channel_tokens(Ly, H, M, L, k, xs, h, u + g * L * H, y + g * L * H);
-            }
+            float *xb[SSM_ROWS];
+            for (long i = 0; i < k; i++) xb[i] = state + l * per_layer + (r0 + g + i) * H * 2 * M;
+            ssm_channels_tokens(Ly, H, M, L, k, xb, 0, H, u + g * L * H, y + g * L * H);
         }
         block_rest(N, H, Ly, x, u, y, o, f, eps);
     }
