@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from model import linalg
 from model.cauchy import cauchy, vandermonde
 from model.hippo import MEASURES, dplr
 
@@ -121,12 +122,12 @@ def c_tilde_for_length(
     A = dplr_real_matrix(Lambda, P)
     eye = torch.eye(2 * N2, dtype=A.dtype, device=A.device).expand_as(A)
     half = dt[:, None, None] / 2 * A
-    Abar = torch.linalg.solve(eye - half, eye + half)
+    Abar = linalg.solve(eye - half, eye + half)
     gamma = torch.cat([2 * C.real, -2 * C.imag], dim=-1)[..., None]  # (H, N, 1)
     if L_from == 0:  # C is C̄ itself (an official layer never run: its l_kernel buffer is 0)
         gamma_bar = gamma
     else:
-        gamma_bar = torch.linalg.solve((eye - torch.linalg.matrix_power(Abar, L_from)).mT, gamma)
+        gamma_bar = linalg.solve((eye - torch.linalg.matrix_power(Abar, L_from)).mT, gamma)
     gamma_new = ((eye - torch.linalg.matrix_power(Abar, L_to)).mT @ gamma_bar)[..., 0]
     return torch.complex(gamma_new[..., :N2], -gamma_new[..., N2:]) / 2
 

@@ -36,7 +36,7 @@ import sys
 
 import torch
 
-from model import fused
+from model import fused, linalg
 from model.kernel import SSMKernel, discretize
 from model.layer import fft_conv
 from model.network import check_token_dtype, check_token_ids
@@ -194,11 +194,11 @@ def s4_real_system(s: dict[str, torch.Tensor], L: int):
     beta = torch.cat([B.real, B.imag], dim=-1)
     gamma_t = torch.cat([2 * C.real, -2 * C.imag], dim=-1)  # y = 2 Re(C x)
     half = dt[:, None, None] / 2 * M
-    Abar = torch.linalg.solve(eye - half, eye + half)
-    Bbar = torch.linalg.solve(eye - half, (dt[:, None] * beta)[..., None])[..., 0]
+    Abar = linalg.solve(eye - half, eye + half)
+    Bbar = linalg.solve(eye - half, (dt[:, None] * beta)[..., None])[..., 0]
     # C̃ᵀ = C̄ᵀ (I − Ā^L)  ⇒  (I − Ā^L)ᵀ γ̄ = γ̃
     AL = torch.linalg.matrix_power(Abar, L)
-    gamma = torch.linalg.solve((eye - AL).transpose(-1, -2), gamma_t[..., None])[..., 0]
+    gamma = linalg.solve((eye - AL).transpose(-1, -2), gamma_t[..., None])[..., 0]
     return Abar, Bbar, gamma
 
 
@@ -207,7 +207,7 @@ def diagonalize(Abar: torch.Tensor, Bbar: torch.Tensor, gamma: torch.Tensor):
     y = 2 Re Σ c x. Conjugate pairs are kept once; a real eigenvalue is kept with half its c.
     Returns complex128 (H, M), zero-padded where channels have fewer modes."""
     mu, W = torch.linalg.eig(Abar)  # (H, N), (H, N, N)
-    b = torch.linalg.solve(W, Bbar.to(C128)[..., None])[..., 0]
+    b = linalg.solve(W, Bbar.to(C128)[..., None])[..., 0]
     c = (gamma.to(C128)[:, None, :] @ W)[:, 0]
     is_real = mu.imag == 0
     keep = (mu.imag > 0) | is_real
@@ -611,7 +611,7 @@ class DPLRStep:
         |ξ_n| ≤ u_max Σ_m |W_nm| |(W⁻¹B̄)_m| / (1 − |λ_m|) (triangle inequality; inf if some |λ_m| ≥ 1).
         u_max (H,) float64 → (H, 2, N/2) float64."""
         lam, W = torch.linalg.eig(self.Abar64)  # (H, N), (H, N, N)
-        bt = torch.linalg.solve(W, self.Bbar64.to(C128)[..., None])[..., 0].abs()  # (H, N)
+        bt = linalg.solve(W, self.Bbar64.to(C128)[..., None])[..., 0].abs()  # (H, N)
         amp = lam.abs()
         gain = torch.where(amp < 1, bt / (1 - amp).clamp(min=1e-300), torch.inf)
         gain = torch.where(bt == 0, 0.0, gain)
