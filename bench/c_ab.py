@@ -214,6 +214,15 @@ def _arguments(parser) -> None:
 
 
 def _configure(args) -> bool:
+    """--base must name a commit holding ssm_step.c in this checkout; else exit 1 saying so."""
+    probe = ["git", "-C", str(ROOT), "cat-file", "-e", f"{args.base}:{SOURCE}"]
+    try:
+        ok = subprocess.run(probe, check=False, capture_output=True).returncode == 0
+    except OSError:  # no git
+        ok = False
+    if not ok:
+        why = f"no {SOURCE} at that revision in {ROOT} (needs git and a checkout with that commit)"
+        raise SystemExit(f"bench.c_ab: --base {args.base!r}: {why}")
     _base["rev"] = args.base
     return True
 

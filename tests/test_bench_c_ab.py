@@ -40,3 +40,10 @@ def test_the_ab_benchmark_compares_every_figure_and_the_logits_of_the_two_librar
             assert m["logits_max_rel_diff"] < 1e-4, kind
         else:
             assert m["logits_max_rel_diff"] == 0.0, kind
+
+
+def test_a_base_that_is_not_a_commit_with_the_source_exits_saying_so():
+    from bench import c_ab
+
+    with pytest.raises(SystemExit, match=r"--base 'no-such-rev': no model/csrc/ssm_step.c at that revision"):
+        c_ab.main(["--base", "no-such-rev"])
