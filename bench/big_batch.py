@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from bench.common import ROOT, bench_main, log2_axis, plain_block, save_figure, subplots
+from bench.common import ROOT, bench_main, log2_axis, plain_block, save_figure, step_rate, subplots
 from model import ModelConfig, SequenceModel, load
 from model.sampling import SamplingParams, sample
 
@@ -68,14 +68,7 @@ def _models(quick: bool):
 def _time_steps(rec, B: int, steps: int, c: bool) -> float:
     """tokens/s of `steps` in-place steps of B rows, the C step or the torch ops."""
     rec.net_step_max_batch = sys.maxsize if c else 0
-    V = rec.config.vocab_size
-    tokens = torch.randint(0, V, (steps + 1, B), generator=torch.Generator().manual_seed(B))
-    state = rec.init_state(B)
-    rec.step(tokens[0], state, out=state)  # warm
-    t0 = time.perf_counter()
-    for t in range(1, steps + 1):
-        rec.step(tokens[t], state, out=state)
-    return B * steps / (time.perf_counter() - t0)
+    return step_rate(rec, B, steps)
 
 
 def _time_decode(rec, B: int, steps: int, block: bool) -> float:

@@ -34,7 +34,7 @@ import torch
 
 from bench import sashimi as bench_sashimi
 from bench import step as bench_step
-from bench.common import ROOT, bench_main, plain_block, save_figure, subplots
+from bench.common import ROOT, bench_main, plain_block, save_figure, step_rate, subplots
 from model import build, fused
 
 NAME = "c_ab"
@@ -122,17 +122,6 @@ def _net_step_on(rec, lib):
     return fused.NetStep(lib, rec.net, rec.layers)
 
 
-def _steps(rec, B: int, steps: int) -> float:
-    gen = torch.Generator().manual_seed(B)
-    tokens = torch.randint(0, rec.config.vocab_size, (steps + 1, B), generator=gen)
-    state = rec.init_state(B)
-    rec.step(tokens[0], state, out=state)  # warm
-    t0 = time.perf_counter()
-    for t in range(1, steps + 1):
-        rec.step(tokens[t], state, out=state)
-    return B * steps / (time.perf_counter() - t0)
-
-
 def _block(rec, B: int) -> float:
     state, tok = rec.init_state(B), torch.zeros(B, dtype=torch.long)
     plain_block(rec, bench_step.BLOCK_K, state, tok)  # warm
@@ -164,7 +153,7 @@ def run(quick: bool) -> dict[str, Any]:
         by_steps = getattr(rec, "prefill_by_steps_max_tokens", 0) >= cfg["prompt"]
         nets = {"tree": rec._net_step, "base": _net_step_on(rec, lib)}
         same = agreement(rec, nets)
-        measures = [(f"step {B}", lambda B=B: _steps(rec, B, cfg["steps"])) for B in cfg["step_batches"]]
+        measures = [(f"step {B}", lambda B=B: step_rate(rec, B, cfg["steps"])) for B in cfg["step_batches"]]
         measures += [(f"block {B}", lambda B=B: _block(rec, B)) for B in cfg["block_batches"]]
         if by_steps:
             measures += [(f"prefill {B}x{cfg['prompt']}", lambda B=B: _prefill(rec, B, cfg["prompt"]))

@@ -380,6 +380,19 @@ def fmt(x: float | None, digits: int = 3) -> str:
 # Command line
 
 
+def step_rate(rec, B: int, steps: int) -> float:
+    """tokens/s of `steps` in-place `rec.step` calls of B rows (fixed random tokens, seeded by B; one warm-up
+    step first)."""
+    gen = torch.Generator().manual_seed(B)
+    tokens = torch.randint(0, rec.config.vocab_size, (steps + 1, B), generator=gen)
+    state = rec.init_state(B)
+    rec.step(tokens[0], state, out=state)  # warm
+    t0 = time.perf_counter()
+    for t in range(1, steps + 1):
+        rec.step(tokens[t], state, out=state)
+    return B * steps / (time.perf_counter() - t0)
+
+
 def plain_block(rec, K: int, state: torch.Tensor, tok: torch.Tensor, schedule=None):
     """`rec.decode_block` of K steps for B = len(tok) rows with plain seeded sampling: temperature 1, row r's
     seed r, no penalties, no stop sequences, each row's limit K (bench.step, bench.big_batch, bench.c_ab and

@@ -95,23 +95,3 @@ def test_a_dplr_rows_bits_are_the_row_alone_in_the_step_the_decode_block_and_the
     want, s_want = _stepped(ref, tokens)
     assert float((together - want).norm() / want.norm()) <= 1e-5
     assert float((s_together - s_want).norm() / s_want.norm()) <= 1e-5
-
-
-def test_a_wide_dplr_layers_channels_split_over_threads_give_the_row_alones_bits():
-    """H·M ≥ 65536: a step of fewer rows than threads splits the layer's channels over them (ssm_rows, one
-    channel range each); a batch of more rows gives each thread its own rows instead. Row 0 alone (split),
-    in 3 rows (split) and among 9 (unsplit) has the same bits, step after step."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=16, d_model=1024, n_layers=1, d_state=128, kernel="s4", init="legs",
-                      l_max=16, d_ff=0, cauchy_backend="torch")  # fmt: skip
-    rec = SequenceModel(cfg).eval().to_recurrent()
-    assert rec.report[0]["form"] == "dplr" and rec.H * rec.M >= 65536, (rec.report, rec.H, rec.M)
-    assert rec._net_step is not None
-    tokens = torch.randint(0, 16, (9, 6), generator=torch.Generator().manual_seed(2))
-    states = {n: rec.init_state(n) for n in (1, 3, 9)}
-    for t in range(tokens.shape[1]):
-        logits = {}
-        for n, state in list(states.items()):
-            logits[n], states[n] = rec.step(tokens[:n, t], state)
-        assert torch.equal(logits[1], logits[3][:1]) and torch.equal(logits[1], logits[9][:1]), t
-    assert torch.equal(states[1], states[3][:, :1]) and torch.equal(states[1], states[9][:, :1])

@@ -585,17 +585,19 @@ def test_the_avx2_overlapping_last_vector_gives_the_masked_vectors_bits(tmp_path
     assert torch.equal(la, lb) and torch.equal(sa, sb)
 
 
-def test_a_wide_layers_channels_split_over_threads_give_the_same_bits_as_one_thread():
+@pytest.mark.parametrize("kernel,init,form", [("s4d", "diag-lin", "diagonal"), ("s4", "legs", "dplr")])
+def test_a_wide_layers_channels_split_over_threads_give_the_same_bits_as_one_thread(kernel, init, form):
     """A layer with H * M >= 65536 splits its channels over the threads when the step is not already in
     a parallel region (a batch below NET_PARALLEL_ROWS), and runs them in the calling thread inside one
     (a batch of 8 or more: each thread its own rows). Either way a row's logits and state are the same
     bits: row 0 alone (ssm_rows of one row, split), in 3 rows (split) and in 9 (each thread's rows in that
-    thread)."""
+    thread); for a diagonal layer and a DPLR one (randomly initialized S4: its rows DPLR_ROWS at a time)."""
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=16, d_model=1024, n_layers=1, d_state=128, kernel="s4d", init="diag-lin",
+    cfg = ModelConfig(vocab_size=16, d_model=1024, n_layers=1, d_state=128, kernel=kernel, init=init,
                       l_max=16, d_ff=0, cauchy_backend="torch")  # fmt: skip
     rec = SequenceModel(cfg).eval().to_recurrent()
     assert rec._net_step is not None and rec.H * rec.M >= 65536, (rec.H, rec.M)
+    assert rec.report[0]["form"] == form, rec.report
     tokens = torch.randint(0, 16, (9, 6), generator=torch.Generator().manual_seed(2))
     states = {n: rec.init_state(n) for n in (1, 3, 9)}
     for t in range(tokens.shape[1]):
