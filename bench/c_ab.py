@@ -84,7 +84,11 @@ def base_library(rev: str):
         folder.mkdir(parents=True, exist_ok=True)
         c_file.write_bytes(src)
         fused.compile_library(lib_file, flags, source=c_file)
-    return fused.load_library(lib_file), sha
+    try:
+        return fused.load_library(lib_file), sha
+    except AttributeError as exc:  # a function this tree's fused.py calls, missing at that revision
+        raise SystemExit(f"bench.c_ab: --base {rev!r} ({sha[:10]}): its C library lacks an entry point this "
+                         f"tree calls ({exc}); pick a later base") from None  # fmt: skip
 
 
 def agreement(rec, nets: dict, steps: int = 8, batch: int = 3) -> float:
@@ -174,21 +178,45 @@ def run(quick: bool) -> dict[str, Any]:
         models[kind] = {"forms": forms, "logits_max_rel_diff": same, "rows": rows}
     diff = ["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", SOURCE]
     dirty = subprocess.run(diff, check=False, capture_output=True).returncode != 0
+    tree_src = (ROOT / SOURCE).read_bytes()
+    base_src = subprocess.run(["git", "-C", str(ROOT), "show", f"{sha}:{SOURCE}"], check=True,
+                              capture_output=True).stdout  # fmt: skip
     return {
         "base": {"rev": _base["rev"], "sha": sha},
-        "tree": {"ssm_step_c_differs_from_HEAD": dirty},
+        "tree": {"ssm_step_c_differs_from_HEAD": dirty, "same_source_as_base": tree_src == base_src},
         "threads": torch.get_num_threads(),
         "config": cfg,
         "models": models,
     }
 
 
+def summary(data: dict[str, Any]) -> str:
+    """The run as text: per model its forms, the logits' difference, and per measure tokens/s and ratio."""
+    lines = [f"working tree vs {data['base']['rev']} ({data['base']['sha'][:10]}), best of "
+             f"{data['config']['rounds']} each, tokens/s:"]  # fmt: skip
+    if data["tree"].get("same_source_as_base"):
+        lines.append("  (ssm_step.c is the base's: both sides run the same code, so the ratios show only "
+                     "this machine's noise; name an older --base)")  # fmt: skip
+    for kind, m in data["models"].items():
+        diff = m["logits_max_rel_diff"]
+        lines.append(f"{kind} ({', '.join(m['forms'])} layers; logits max rel diff {diff:.1e})")
+        for r in m["rows"]:
+            t = r["tokens_per_s"]
+            base, tree = f"{t['base']:>9,.0f}", f"{t['tree']:>9,.0f}"
+            lines.append(f"  {r['what']:<16} base {base}  tree {tree}  ratio {r['ratio']:.2f}")
+    return "\n".join(lines)
+
+
 def plot(data: dict[str, Any], quick: bool) -> None:
+    print(summary(data))
     models = data["models"]
     fig, axes = subplots(ncols=max(len(models), 1))
+    top = 1.1 * max(r["ratio"] for m in models.values() for r in m["rows"])
     for ax, (kind, m) in zip(axes, models.items()):
         whats = [r["what"] for r in m["rows"]]
-        ax.barh(range(len(whats)), [r["ratio"] for r in m["rows"]])
+        bars = ax.barh(range(len(whats)), [r["ratio"] for r in m["rows"]])
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.set_xlim(0, max(top, 1.2))  # one scale for every panel
         ax.axvline(1.0, color="k", lw=0.8)
         ax.set_yticks(range(len(whats)), whats)
         ax.invert_yaxis()
@@ -204,9 +232,13 @@ def _arguments(parser) -> None:
 
 def _configure(args) -> bool:
     """--base must name a commit holding ssm_step.c in this checkout; else exit 1 saying so."""
-    probe = ["git", "-C", str(ROOT), "cat-file", "-e", f"{args.base}:{SOURCE}"]
+    git = ["git", "-C", str(ROOT)]
     try:
-        ok = subprocess.run(probe, check=False, capture_output=True).returncode == 0
+        ok = bool(args.base.strip()) and all(
+            subprocess.run(probe, check=False, capture_output=True).returncode == 0
+            for probe in ([*git, "rev-parse", "--verify", "--quiet", f"{args.base}^{{commit}}"],
+                          [*git, "cat-file", "-e", f"{args.base}:{SOURCE}"])
+        )  # fmt: skip
     except OSError:  # no git
         ok = False
     if not ok:

@@ -21,11 +21,13 @@ import torch
 def solve(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """X with A X = B, as `torch.linalg.solve(A, B)` for A (*, n, n) and B (*, n, k) (batch dims
     broadcast; any float or complex dtype the two share; differentiable), each system solved alone on CPU
-    (see the module docstring), batched elsewhere. Returns (*, n, k). Raises ValueError for A or B of fewer
-    than 2 dims, else as torch.linalg.solve (RuntimeError for a singular A or mismatched shapes)."""
-    if A.dim() < 2 or B.dim() < 2:
+    (see the module docstring), batched elsewhere. Returns (*, n, k). Right-hand sides are always matrices:
+    torch's batch-of-vectors form (B of shape A.shape[:-1]) is refused, write B[..., None]. Raises
+    ValueError for A or B of fewer than 2 dims or that form, else as torch.linalg.solve (RuntimeError for a
+    singular A or mismatched shapes)."""
+    if A.dim() < 2 or B.dim() < 2 or (B.dim() == A.dim() - 1 and B.shape == A.shape[:-1]):
         shapes = f"{tuple(A.shape)} and {tuple(B.shape)}"
-        raise ValueError(f"solve takes A (*, n, n) and B (*, n, k), got {shapes}")
+        raise ValueError(f"solve takes A (*, n, n) and B (*, n, k) (vectors as B[..., None]), got {shapes}")
     if A.device.type != "cpu" or A.dim() == 2 and B.dim() == 2:
         return torch.linalg.solve(A, B)
     batch = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])

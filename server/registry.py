@@ -309,7 +309,7 @@ def load_model(
                  f"widths {'/'.join(map(str, net.widths))}, "
                  f"{c.n_layers} {'(S4, FF) pairs' if c.ff else 'S4 blocks'} per level")  # fmt: skip
     else:
-        shape = f"{c.kernel}, {c.n_layers} layers, d_model {c.d_model}"
+        shape = f"{c.kernel}, {c.n_layers} layer{'s' if c.n_layers != 1 else ''}, d_model {c.d_model}"
     log.info(
         "model %s: %s %s, d_state %d; verified (%s; %s logits: step %.1e, prefill %.1e, tol %.1e); %d B "
         "state/session, %d slots; ready in %.1f s",

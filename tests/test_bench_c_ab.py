@@ -36,14 +36,34 @@ def test_the_ab_benchmark_compares_every_figure_and_the_logits_of_the_two_librar
         assert ("prefill 1x32" in whats) == (kind != "sashimi-official"), (kind, whats)
         for r in m["rows"]:
             assert all(v > 0 for v in r["tokens_per_s"].values()) and r["ratio"] > 0, (kind, r)
-        if data["tree"]["ssm_step_c_differs_from_HEAD"]:
-            assert m["logits_max_rel_diff"] < 1e-4, kind
-        else:
+        if data["tree"]["same_source_as_base"]:
             assert m["logits_max_rel_diff"] == 0.0, kind
+        else:
+            assert m["logits_max_rel_diff"] < 1e-4, kind
+    assert data["tree"]["same_source_as_base"] == (not data["tree"]["ssm_step_c_differs_from_HEAD"])
+    text = c_ab.summary(data)
+    assert f"({data['base']['sha'][:10]}), best of 2 each" in text and "s4 (dplr layers;" in text
+    assert ("both sides run the same code" in text) == data["tree"]["same_source_as_base"]
 
 
-def test_a_base_that_is_not_a_commit_with_the_source_exits_saying_so():
+@pytest.mark.parametrize("rev", ["no-such-rev", "", "HEAD:README.md"])
+def test_a_base_that_is_not_a_commit_with_the_source_exits_saying_so(rev):
+    """An unknown revision, an empty one (`git cat-file -e :path` would read the index) and a path."""
     from bench import c_ab
 
-    with pytest.raises(SystemExit, match=r"--base 'no-such-rev': no model/csrc/ssm_step.c at that revision"):
-        c_ab.main(["--base", "no-such-rev"])
+    with pytest.raises(SystemExit, match=rf"--base '{rev}': no model/csrc/ssm_step.c at that revision"):
+        c_ab.main(["--base", rev])
+
+
+def test_a_base_whose_library_lacks_an_entry_point_this_tree_calls_exits_saying_so(monkeypatch):
+    """A base from before an entry point fused.py needs (e.g. decode_block_state) was an AttributeError
+    traceback; now one line names the base and the missing symbol."""
+    from bench import c_ab
+
+    def missing(path):
+        raise AttributeError(f"{path}: undefined symbol: decode_block_state")
+
+    monkeypatch.setattr(fused, "load_library", missing)
+    want = r"--base 'HEAD' \(\w{10}\): its C library lacks an entry point this tree calls \(.*decode_block_st"
+    with pytest.raises(SystemExit, match=want):
+        c_ab.base_library("HEAD")

@@ -63,7 +63,7 @@ def test_solve_is_right_for_a_batch_of_large_systems_after_the_thread_count_was_
     assert float((A @ X - B).abs().max() / B.abs().max()) <= 1e-10
 
 
-def test_solve_is_differentiable_as_torchs_and_refuses_vectors():
+def test_solve_is_differentiable_as_torchs_and_refuses_vector_right_hand_sides():
     A, B = _systems(5, 6, 2, F64)
     A.requires_grad_(True)
     B.requires_grad_(True)
@@ -75,6 +75,8 @@ def test_solve_is_differentiable_as_torchs_and_refuses_vectors():
     torch.testing.assert_close(gb, B.grad, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match=r"got \(5, 6, 6\) and \(6,\)"):
         linalg.solve(A, B[0, :, 0])
+    with pytest.raises(ValueError, match=r"vectors as B\[\.\.\., None\]\), got \(5, 6, 6\) and \(5, 6\)"):
+        linalg.solve(A, B[..., 0])  # torch's batch-of-vectors form
 
 
 def test_an_s4_layer_with_a_large_state_converts_after_the_thread_count_was_set(threads_set):
