@@ -67,7 +67,8 @@ _base = {"rev": "HEAD"}
 
 def base_library(rev: str):
     """ssm_step.c at git revision `rev`, compiled with `fused.build_flags()` into the build cache's c_ab/
-    (reused while the source, the flags and the CPU are the same) and loaded; returns (library, full sha).
+    (reused while the source, the flags and the CPU are the same) and loaded; returns (library, full sha,
+    source bytes).
     Raises RuntimeError when git cannot show the file (not a git checkout, an unknown revision)."""
     git = ["git", "-C", str(ROOT)]
     try:
@@ -85,7 +86,7 @@ def base_library(rev: str):
         c_file.write_bytes(src)
         fused.compile_library(lib_file, flags, source=c_file)
     try:
-        return fused.load_library(lib_file), sha
+        return fused.load_library(lib_file), sha, src
     except AttributeError as exc:  # a function this tree's fused.py calls, missing at that revision
         raise SystemExit(f"bench.c_ab: --base {rev!r} ({sha[:10]}): its C library lacks an entry point this "
                          f"tree calls ({exc}); pick a later base") from None  # fmt: skip
@@ -145,7 +146,7 @@ def _prefill(rec, B: int, L: int) -> float:
 
 def run(quick: bool) -> dict[str, Any]:
     cfg = SIZES[quick]
-    lib, sha = base_library(_base["rev"])
+    lib, sha, base_src = base_library(_base["rev"])
     tree = fused.library()
     if tree is None:
         raise RuntimeError("the working tree's C library could not be built")
@@ -178,12 +179,10 @@ def run(quick: bool) -> dict[str, Any]:
         models[kind] = {"forms": forms, "logits_max_rel_diff": same, "rows": rows}
     diff = ["git", "-C", str(ROOT), "diff", "--quiet", "HEAD", "--", SOURCE]
     dirty = subprocess.run(diff, check=False, capture_output=True).returncode != 0
-    tree_src = (ROOT / SOURCE).read_bytes()
-    base_src = subprocess.run(["git", "-C", str(ROOT), "show", f"{sha}:{SOURCE}"], check=True,
-                              capture_output=True).stdout  # fmt: skip
+    same_source = fused.SOURCE.read_bytes() == base_src
     return {
         "base": {"rev": _base["rev"], "sha": sha},
-        "tree": {"ssm_step_c_differs_from_HEAD": dirty, "same_source_as_base": tree_src == base_src},
+        "tree": {"ssm_step_c_differs_from_HEAD": dirty, "same_source_as_base": same_source},
         "threads": torch.get_num_threads(),
         "config": cfg,
         "models": models,
