@@ -2,6 +2,7 @@
 
     python -m model.train configs/text-shakespeare.toml [section.key=value ...]
     torchrun --nproc_per_node 2 -m model.train CONFIG ...        # data parallel (gloo / NCCL)
+    python -m model.train CONFIG --time-budget 600                # as many steps as fit in ~600 s
 
 A config has three tables: [model] (ModelConfig fields), [data] (prepared dataset folder, sequence
 length, global batch size: DataConfig) and [train] (see TrainConfig); it is a TOML file, or the
@@ -12,7 +13,10 @@ deterministic: the batch and the dropout seed of step t depend only on (seed, t)
 takes exactly the steps an uninterrupted run would. Everything the run writes lives in [train].out:
     config.json    the config as run (rewritten when a resume changes it)
     log.jsonl      one JSON line per logged step / evaluation, and one per resume that changed the
-                   config: {"step", "resumed": true, "changed": {"section.key": [old, new]}}
+                   config: {"step", "resumed": true, "changed": {"section.key": [old, new]}}, and
+                   one for a --time-budget re-plan: {"step", "replanned": {"steps": [old, new]},
+                   "step_s", "time_budget_s", "exact"} (exact: made inside the warmup, so the
+                   schedule is the one a run planned for the new steps from the start would take)
     last/          the newest resumable state (weights, AdamW moments, step; safetensors + JSON), and
                    train.init's record (its model config, where its weights came from): a resume
                    reads no train.init folder
@@ -23,6 +27,7 @@ and, when [train].export is set, the trained model is saved there as a servable 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -600,13 +605,33 @@ def _load_init(net: nn.Module, state: dict[str, torch.Tensor], folder: str, mode
             v.copy_(state[k])
 
 
+def replan_steps(done: int, step_s: float, left_s: float) -> int:
+    """The run's new `train.steps` for a time budget: the steps taken plus as many more as fit in
+    `left_s` seconds at `step_s` seconds a step, less a `BUDGET_MARGIN` share for the periodic
+    validations and checkpoints and for drift; at least `done` (no more steps when none fit)."""
+    if not (step_s > 0 and math.isfinite(step_s)):
+        raise ValueError(f"step_s must be a finite number > 0, got {step_s}")
+    return done + max(0, int(max(0.0, left_s) * (1 - BUDGET_MARGIN) / step_s))
+
+
+BUDGET_WARM, BUDGET_TIMED = 3, 10  # --time-budget: steps not timed (allocator, FFT plans), then timed
+BUDGET_MARGIN = 0.04  # share of the remaining time left unplanned (validations, checkpoints, drift)
+
+
 def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh: bool = False,
-          dump_grads: str | None = None, stop_at: int = 0) -> dict:  # fmt: skip
+          dump_grads: str | None = None, stop_at: int = 0, time_budget: float = 0.0) -> dict:  # fmt: skip
     """Run (or resume) the training described by `cfg`; returns the final metrics.
 
     `dump_grads`: compute the first step's (all-reduced) gradient, write it as safetensors and
     stop — a debugging aid that also lets the tests compare data-parallel and single-process runs.
     `stop_at` > 0: stop after that step as if interrupted (resume later by running again).
+    `time_budget` > 0: seconds of training steps this call may take (the final evaluation and export
+    come after it). After BUDGET_WARM + BUDGET_TIMED steps the run re-plans `train.steps` once to
+    what fits (`replan_steps`, from the timed steps' mean; all processes agree on it), writes it into
+    `cfg` and the run's config.json (resume with that file) and logs {"replanned": …} in log.jsonl.
+    A re-plan inside the warmup leaves the schedule exactly that of a run planned for the new steps
+    from the start (the warmup does not depend on `steps`); later, the cosine is stretched from there.
+    If the deadline still comes first, the run stops there as `stop_at` would (resumable).
     Raises ConfigError for a wrong config (before anything is written or trained) and
     TrainingInterrupted on Ctrl-C."""
     dcfg, tcfg = run_configs(cfg)
@@ -698,8 +723,12 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     model.train()
     end = min(tcfg.steps, stop_at) if stop_at > 0 else tcfg.steps
     done = saved = start  # steps taken; the step out/last holds
+    deadline = t_start + time_budget if time_budget > 0 and dump_grads is None else None
+    timed_from = 0.0  # perf_counter when the timed steps of --time-budget began
     try:
-        for step in range(start, end):
+        for step in itertools.count(start):
+            if step >= end:
+                break
             t0 = time.perf_counter()
             scale = lr_scale(step, tcfg)
             for g in opt.param_groups:
@@ -719,6 +748,31 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
             done = step + 1
             loss_v = all_mean(loss.item(), device)
             dt = time.perf_counter() - t0
+            if deadline is not None:
+                now = time.perf_counter()
+                if done == start + BUDGET_WARM:
+                    timed_from = now
+                elif done == start + BUDGET_WARM + BUDGET_TIMED:  # the one re-plan
+                    step_s = all_mean((now - timed_from) / BUDGET_TIMED, device)
+                    new_steps = replan_steps(done, step_s, all_mean(deadline - now, device))
+                    before, tcfg.steps = tcfg.steps, max(new_steps, done)
+                    cfg.setdefault("train", {})["steps"] = tcfg.steps
+                    end = min(tcfg.steps, stop_at) if stop_at > 0 else tcfg.steps
+                    progress.total = tcfg.steps
+                    rec = {"step": done, "replanned": {"steps": [before, tcfg.steps]},
+                           "step_s": step_s, "time_budget_s": time_budget,
+                           "exact": done <= tcfg.warmup}  # fmt: skip
+                    if main_proc:
+                        (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+                        if log:
+                            log.write(json.dumps(rec) + "\n")
+                        where = out / "config.json"
+                        print(f"--time-budget {time_budget:g} s: {step_s:.3f} s a step, train.steps "
+                              f"{before} -> {tcfg.steps} (in {where})", file=sys.stderr)  # fmt: skip
+                if all_mean(float(now >= deadline), device) > 0 and done < end:  # over time: stop here
+                    end = done
+                    if main_proc:
+                        print(f"--time-budget {time_budget:g} s reached at step {done}", file=sys.stderr)
             progress.update(step, loss_v, tokens_per_step / dt)
             if log and ((step + 1) % tcfg.log_every == 0 or step == start):
                 # elapsed_s: training wall time across resumes
@@ -795,7 +849,17 @@ def main(argv: list[str] | None = None, build_model: Callable[[dict], nn.Module]
         metavar="STEP",
         help="stop after STEP (saving a resumable state), e.g. to train in time-boxed chunks",
     )
+    ap.add_argument(
+        "--time-budget",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="train for about SECONDS: re-plan train.steps once from the measured step time (written to "
+        "the run's config.json, which a resume then names) and stop at the deadline regardless",
+    )
     args = ap.parse_args(argv)
+    if not (math.isfinite(args.time_budget) and args.time_budget >= 0):
+        ap.error(f"--time-budget must be a finite number of seconds ≥ 0 (0: none), got {args.time_budget}")
     if args.stop_at < 0:
         ap.error(f"--stop-at must be ≥ 0 (0: run to train.steps), got {args.stop_at}")
     # A user's error (ConfigError) is one line on stderr and exit status 2, Ctrl-C one line and 130;
@@ -805,7 +869,8 @@ def main(argv: list[str] | None = None, build_model: Callable[[dict], nn.Module]
     try:
         cfg = load_config(args.config, args.overrides)
         out = (cfg.get("train") or {}).get("out", TrainConfig.out)
-        metrics = train(cfg, build_model, fresh=args.fresh, dump_grads=args.dump_grads, stop_at=args.stop_at)
+        metrics = train(cfg, build_model, fresh=args.fresh, dump_grads=args.dump_grads, stop_at=args.stop_at,
+                        time_budget=args.time_budget)  # fmt: skip
     except ConfigError as exc:
         status, line = 2, f"{ap.prog}: error: {exc}"
     except TrainingInterrupted as exc:

@@ -1,0 +1,95 @@
+"""`python -m model.train --time-budget S`: one re-plan of train.steps from the measured step time (exact
+inside the warmup), written to the run's config.json; a hard stop at the deadline, resumable."""
+
+import json
+import math
+
+import pytest
+from test_train import read_log, tiny_config
+
+import model.train as mt
+from model.train import (
+    BUDGET_MARGIN,
+    BUDGET_TIMED,
+    BUDGET_WARM,
+    TrainConfig,
+    lr_scale,
+    main,
+    replan_steps,
+    train,
+)
+
+
+def test_replan_steps_fits_the_remaining_time_less_the_margin():
+    assert replan_steps(13, 0.5, 100.0) == 13 + int(100 * (1 - BUDGET_MARGIN) / 0.5)  # 13 + 192
+    assert replan_steps(13, 2.0, 1.0) == 13  # not one more step fits
+    assert replan_steps(13, 0.5, -4.0) == 13  # already past the deadline
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="step_s"):
+            replan_steps(13, bad, 10.0)
+
+
+def test_a_replan_inside_the_warmup_is_the_schedule_of_a_run_planned_for_the_new_steps(text_data, tmp_path):
+    """The run is told 10,000 steps; the budget re-plans it at step 13 (inside the 50-step warmup) to
+    what fits, and every logged learning rate is then the one lr_scale gives for the new plan."""
+    out = tmp_path / "run"
+    cfg = tiny_config(text_data, out, steps=10_000, warmup=50, eval_every=0, ckpt_every=0, final_eval=False,
+                      export=str(tmp_path / "ckpt"))  # fmt: skip
+    train(cfg, time_budget=6.0)
+    log = read_log(out)
+    re = [r for r in log if "replanned" in r]
+    assert len(re) == 1
+    n_re = BUDGET_WARM + BUDGET_TIMED
+    new = re[0]["replanned"]["steps"][1]
+    assert re[0]["step"] == n_re and re[0]["replanned"]["steps"][0] == 10_000 and re[0]["exact"] is True
+    assert n_re <= new < 10_000 and re[0]["time_budget_s"] == 6.0 and re[0]["step_s"] > 0
+    assert cfg["train"]["steps"] == new
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == new  # what a resume names
+    steps = [r for r in log if "loss" in r]
+    # the run either finished the new plan (and exported) or met the deadline first (and stopped, saved)
+    finished = (tmp_path / "ckpt" / "config.json").is_file()
+    last = json.loads((out / "last" / "state.json").read_text())["step"]
+    assert steps[-1]["step"] == last and (last == new) == finished
+    plan = TrainConfig(**{**cfg["train"], "steps": new})
+    for r in steps:
+        want = cfg["train"]["lr"] * lr_scale(r["step"] - 1, plan)
+        assert r["lr"] == pytest.approx(want, rel=1e-12), r["step"]
+    if finished:
+        saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())["training"]
+        assert saved["config"]["train"]["steps"] == new and saved["metrics"]["steps"] == new
+
+
+def test_the_deadline_stops_the_run_resumably_whatever_the_plan(text_data, tmp_path, monkeypatch, capsys):
+    """A plan that cannot fit (the re-plan forced to 10^6 steps) still ends at the deadline: the state is
+    saved at the step reached, there is no export, and the re-planned config.json resumes it."""
+    monkeypatch.setattr(mt, "replan_steps", lambda done, step_s, left_s: 1_000_000)
+    out = tmp_path / "run"
+    cfg = tiny_config(text_data, out, steps=100, warmup=5, eval_every=0, ckpt_every=0, final_eval=False,
+                      export=str(tmp_path / "ckpt"))  # fmt: skip
+    assert train(cfg, time_budget=3.0) == {}
+    err = capsys.readouterr().err
+    assert "train.steps 100 -> 1000000" in err and "--time-budget 3 s reached at step" in err
+    reached = json.loads((out / "last" / "state.json").read_text())["step"]
+    assert BUDGET_WARM + BUDGET_TIMED <= reached < 1_000_000
+    assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(1, reached + 1))
+    assert not (tmp_path / "ckpt").exists()
+    resumed = json.loads((out / "config.json").read_text())
+    assert resumed["train"]["steps"] == 1_000_000
+    assert train(resumed, stop_at=reached + 2) == {}  # the resume continues from the step reached
+    assert json.loads((out / "last" / "state.json").read_text())["step"] == reached + 2
+    assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(1, reached + 3))
+
+
+def test_without_a_budget_nothing_is_replanned(text_data, tmp_path):
+    out = tmp_path / "run"
+    train(tiny_config(text_data, out, steps=16, eval_every=0, final_eval=False))
+    assert not [r for r in read_log(out) if "replanned" in r]
+    assert json.loads((out / "config.json").read_text())["train"]["steps"] == 16
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+def test_a_bad_time_budget_is_one_line_and_exit_status_2(tmp_path, capsys, value):
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "none.toml"), f"--time-budget={value}"])
+    assert exc.value.code == 2
+    assert "--time-budget" in capsys.readouterr().err
