@@ -137,7 +137,21 @@ def capture(rec, on: bool, max_batch: int) -> float | None:
 
 
 def modes(device: str) -> list[bool]:
-    return [True, False] if device == "cuda" else [False]  # no capture without CUDA
+    """Graphs off first: a capture that fails can leave the process's CUDA generator unusable (seen on an
+    H200: "Offset increment outside graph capture"), and the plain step's figures are measured by then."""
+    return [False, True] if device == "cuda" else [False]  # no capture without CUDA
+
+
+def captured(rec, graphs: bool, max_batch: int, where: dict[str, Any], key: str) -> bool:
+    """`capture` with its seconds in where[key]; a capture that raises is recorded in where['skipped']
+    (the mode is then not measured) instead of ending the section."""
+    try:
+        where[key] = capture(rec, graphs, max_batch)
+    except Exception as exc:  # noqa: BLE001  (recorded; the other mode's figures stand)
+        where.setdefault("capture_errors", []).append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+        rec.use_cuda_graphs(None)
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,7 +166,13 @@ def bench_step(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, An
         rec, info = load_rec("text", device, dtype, tmp)
         out["models"][dtype] = info
         for graphs in modes(device):
-            info[f"capture_s_graphs_{'on' if graphs else 'off'}"] = capture(rec, graphs, max(sz["batches"]))
+            if not captured(
+                rec, graphs, max(sz["batches"]), info, f"capture_s_graphs_{'on' if graphs else 'off'}"
+            ):
+                out["skipped"].append(
+                    f"{dtype} graphs={graphs}: the capture failed ({info['capture_errors'][-1]})"
+                )
+                continue
             for B in sz["batches"]:
                 if not budget.left():
                     out["skipped"].append(f"{dtype} graphs={graphs} batch {B}: time budget")
@@ -206,8 +226,13 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
     else:
         engine_ok = True
     for graphs in modes(device):
-        seconds = capture(rec, graphs, max(sz["batches"]))
-        out["model"][f"capture_s_graphs_{'on' if graphs else 'off'}"] = seconds
+        if not captured(
+            rec, graphs, max(sz["batches"]), out["model"], f"capture_s_graphs_{'on' if graphs else 'off'}"
+        ):
+            out["skipped"].append(
+                f"graphs={graphs}: the capture failed ({out['model']['capture_errors'][-1]})"
+            )
+            continue
         for B in sz["batches"]:
             if not budget.left():
                 out["skipped"].append(f"graphs={graphs} batch {B}: time budget")

@@ -90,7 +90,9 @@ class BucketedStep:
         self.eager_calls = 0  # batches above the largest bucket
 
     def _eager(self, buf: StepBuffers) -> torch.Tensor:
-        logits, _ = self.rec._step_eager(buf.tok, buf.state, out=buf.state)
+        # buf.tok holds ids `step` checked (or the padding's zeros); no check here: under capture the
+        # check's host sync is refused (cudaErrorStreamCaptureUnsupported, seen on an H200)
+        logits, _ = self.rec._step_eager(buf.tok, buf.state, out=buf.state, ids_checked=True)
         return logits
 
     @torch.inference_mode()

@@ -1016,14 +1016,18 @@ class RecurrentModel:
             return self._graphs(tokens, state, out)
         return self._step_eager(tokens, state, out)
 
-    def _step_eager(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None):
-        """`step` without the checks, as plain torch ops (or the C step on CPU)."""
+    def _step_eager(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None,
+                    ids_checked: bool = False):  # fmt: skip
+        """`step` without the shape checks, as plain torch ops (or the C step on CPU). The torch paths
+        check the ids (a host sync on CUDA) unless `ids_checked`: the CUDA graphs' capture and replay,
+        whose ids `step` checked before copying them in, must not synchronize."""
         contiguous_out = out is None or out.is_contiguous()
         if self._net_step is not None and contiguous_out and tokens.shape[0] <= self.net_step_max_batch:
             state = state.contiguous()
             new = torch.empty_like(state) if out is None else out
             return self._net_step(tokens, state, new), new  # (the C step checks the ids)
-        check_token_ids(tokens, self.config.vocab_size)
+        if not ids_checked:
+            check_token_ids(tokens, self.config.vocab_size)
         if self._fused is not None and contiguous_out:
             return self._step_fused(tokens, state, out)
         logits, new = self._step_torch(tokens, state)

@@ -140,6 +140,35 @@ def test_static_buffers_are_made_once_per_bucket_and_reused(rec):
     assert torch.equal(again, rec._step_eager(*padded(tok[:3], state[:, :3], 4), None)[0][:3])
 
 
+def test_the_bucket_step_checks_no_ids_itself_and_step_checks_them_once(rec, monkeypatch):
+    """On an H200 every capture failed: the bucket's eager step checked the ids (torch.aminmax, then int():
+    a host sync, which a capturing stream refuses). `step` checks the caller's ids once, before they are
+    copied into the bucket; the bucket's own step (warm-up, capture, replay) checks nothing. An id out of
+    range is still refused through the graphs path, the state untouched."""
+    import model.recurrent as mr
+
+    tok, state = reached_state(rec, 3)
+    calls = []
+    real = mr.check_token_ids
+    monkeypatch.setattr(mr, "check_token_ids", lambda t, V: (calls.append(t.shape[0]), real(t, V)))
+    step = BucketedStep(rec, (1, 2, 4), capture=False)
+    step.warm()
+    step(tok, state.clone())
+    assert calls == []  # warm-up and the bucket's step: no check (the C step checks in C, at no cost)
+    rec._graphs = step
+    try:
+        before = state.clone()
+        logits, _ = rec.step(tok, state.clone())
+        want = rec._step_eager(*padded(tok, state, 4), None)[0][:3]  # the bucket's batch: the same bits
+        assert torch.equal(logits, want)
+        assert calls == ([3] if rec._net_step is not None else [3, 4])  # step's (and the torch reference's)
+        with pytest.raises(ValueError, match="token id 256 at index \\[1\\]"):
+            rec.step(torch.tensor([1, 256, 2]), state)
+        assert torch.equal(state, before)
+    finally:
+        rec._graphs = None
+
+
 def test_a_batch_above_the_largest_bucket_runs_the_plain_step(rec):
     step = BucketedStep(rec, (1, 2, 4), capture=False)
     tok, state = reached_state(rec, 5)

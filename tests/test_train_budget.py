@@ -10,6 +10,7 @@ from test_train import read_log, tiny_config
 import model.train as mt
 from model.train import (
     BUDGET_MARGIN,
+    BUDGET_REPLAN_AT,
     BUDGET_TIMED,
     BUDGET_WARM,
     TrainConfig,
@@ -29,30 +30,40 @@ def test_replan_steps_fits_the_remaining_time_less_the_margin():
             replan_steps(13, bad, 10.0)
 
 
-def test_a_replan_inside_the_warmup_is_the_schedule_of_a_run_planned_for_the_new_steps(text_data, tmp_path):
-    """The run is told 10,000 steps; the budget re-plans it at step 13 (inside the 50-step warmup) to
-    what fits, and every logged learning rate is then the one lr_scale gives for the new plan."""
+def test_the_replans_set_each_steps_learning_rate_and_the_first_inside_the_warmup_is_exact(
+    text_data, tmp_path
+):
+    """The run is told 10,000 steps; the budget re-plans it at step 13 (inside the 50-step warmup, so
+    exactly: the schedule of a run planned for that many steps from the start) and again after each share
+    of the budget in BUDGET_REPLAN_AT. Every logged learning rate is lr_scale's under the plan in effect
+    at that step, config.json holds the last plan, and the run ends at it or at the deadline."""
     out = tmp_path / "run"
     cfg = tiny_config(text_data, out, steps=10_000, warmup=50, eval_every=0, ckpt_every=0, final_eval=False,
                       export=str(tmp_path / "ckpt"))  # fmt: skip
     train(cfg, time_budget=6.0)
     log = read_log(out)
     re = [r for r in log if "replanned" in r]
-    assert len(re) == 1
     n_re = BUDGET_WARM + BUDGET_TIMED
-    new = re[0]["replanned"]["steps"][1]
     assert re[0]["step"] == n_re and re[0]["replanned"]["steps"][0] == 10_000 and re[0]["exact"] is True
-    assert n_re <= new < 10_000 and re[0]["time_budget_s"] == 6.0 and re[0]["step_s"] > 0
-    assert cfg["train"]["steps"] == new
+    assert 1 <= len(re) <= 1 + len(BUDGET_REPLAN_AT)
+    assert all(r["time_budget_s"] == 6.0 and r["step_s"] > 0 for r in re)
+    for a, b in zip(re, re[1:]):  # a chain: each starts from the plan before it, later in the run
+        assert b["replanned"]["steps"][0] == a["replanned"]["steps"][1] and b["step"] > a["step"]
+        assert b["exact"] == (b["step"] <= 50)
+    new = re[-1]["replanned"]["steps"][1]
+    assert n_re <= new < 10_000 and cfg["train"]["steps"] == new
     assert json.loads((out / "config.json").read_text())["train"]["steps"] == new  # what a resume names
     steps = [r for r in log if "loss" in r]
-    # the run either finished the new plan (and exported) or met the deadline first (and stopped, saved)
+    # the run either finished the last plan (and exported) or met the deadline first (and stopped, saved)
     finished = (tmp_path / "ckpt" / "config.json").is_file()
     last = json.loads((out / "last" / "state.json").read_text())["step"]
     assert steps[-1]["step"] == last and (last == new) == finished
-    plan = TrainConfig(**{**cfg["train"], "steps": new})
-    for r in steps:
-        want = cfg["train"]["lr"] * lr_scale(r["step"] - 1, plan)
+    for r in steps:  # the plan in effect: the last re-plan made after fewer steps than this one's index
+        plan = 10_000
+        for p in re:
+            if p["step"] <= r["step"] - 1:
+                plan = p["replanned"]["steps"][1]
+        want = cfg["train"]["lr"] * lr_scale(r["step"] - 1, TrainConfig(**{**cfg["train"], "steps": plan}))
         assert r["lr"] == pytest.approx(want, rel=1e-12), r["step"]
     if finished:
         saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())["training"]
