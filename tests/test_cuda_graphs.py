@@ -294,3 +294,6 @@ def test_gpu_entry_points_answer_help_and_refuse_unknown_arguments_without_cuda(
     r = subprocess.run([str(ROOT / "scripts/gpu-check"), "--quik"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=60, check=False)  # fmt: skip
     assert r.returncode == 2 and "unknown argument --quik" in r.stderr
+    r = subprocess.run([str(ROOT / "scripts/gpu-check"), "--train"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=60, check=False)  # fmt: skip
+    assert r.returncode == 2 and "--train needs a config" in r.stderr
