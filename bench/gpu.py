@@ -8,7 +8,9 @@ under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
 2. **Audio streams at 16 kHz.** The shipped audio-digits-s4 weights (H = 128, 4 layers, N = 64; trained at
    8 kHz: a step costs the same whatever the rate, so it stands for a 16 kHz model of that shape), at
    batch B: steps/s of the bare step, and of the engine's whole per-step work (`DecodeBatch.step`: the
-   step, sampling with one generator per stream, the one host copy). A stream needs 16,000 steps/s, so
+   step, sampling with one generator per stream, the one host copy; on CUDA beside it the engine as it
+   sampled until 2026-12-04, `sample` per step instead of the `RowSampler` that keeps the rows' settings
+   on the device). A stream needs 16,000 steps/s, so
    the real-time factor is steps/s ÷ 16,000, and "streams at real time" is the largest B with factor ≥ 1.
    Beside it the memory-bandwidth bound: a step reads and writes each stream's float32 state (131 KB for
    this model: 32 slots a channel in the real block-diagonal form) at least once, so at most copy
@@ -244,6 +246,12 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
             if engine_ok:
                 batch = decode_batch(rec, B)
                 row["engine_steps_per_s"] = rate(lambda: batch.step(rec), sz["seconds"])
+                if (
+                    batch.device_sampler
+                ):  # beside it, the per-step `sample` the engine called until 2026-12-04
+                    before = decode_batch(rec, B)
+                    before.device_sampler = False
+                    row["engine_sample_per_step_steps_per_s"] = rate(lambda: before.step(rec), sz["seconds"])
             for what in ("step", "engine"):
                 if f"{what}_steps_per_s" in row:
                     row[f"{what}_rtf"] = row[f"{what}_steps_per_s"] / RATE

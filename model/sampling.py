@@ -151,6 +151,23 @@ def philox_uniform(key: int, n: int) -> float:
     return (w >> 8) * 2.0**-24
 
 
+def philox_uniforms_torch(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """`philox_uniform` of every (key, counter) pair in torch int64 ops on the tensors' device (no host
+    round trip: for a batch whose streams live on a GPU). keys, counters (B,) int64 holding uint64 bit
+    patterns (`uint64_bits`) → (B,) float32 in [0, 1), bit for bit the numbers of `philox_uniform` and
+    of the C sampler. The 32 × 32-bit products wrap in int64 and keep their low 64 bits, which are all
+    Philox uses (the high word through an arithmetic shift and a mask)."""
+    mask = _U32
+    c0, c1 = counters & mask, (counters >> 32) & mask
+    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
+    k0, k1 = keys & mask, (keys >> 32) & mask
+    for _ in range(10):
+        p0, p1 = c0 * PHILOX_M[0], c2 * PHILOX_M[1]
+        c0, c1, c2, c3 = ((p1 >> 32) & mask) ^ c1 ^ k0, p1 & mask, ((p0 >> 32) & mask) ^ c3 ^ k1, p0 & mask
+        k0, k1 = (k0 + PHILOX_W[0]) & mask, (k1 + PHILOX_W[1]) & mask
+    return (c0 >> 8).to(torch.float32) * 2.0**-24
+
+
 class CounterRNG:
     """A counter-based random stream: uniform number n is `philox_uniform(key, n)`, so the stream is
     a pure function of (key, index): it can be advanced in bulk (the C decode block draws the next
@@ -363,37 +380,151 @@ def row_settings(params: list[SamplingParams], V: int, seen: bool = True, counts
     )
 
 
-def _sample_torch(logits, params, generators, seen, counts) -> torch.Tensor:
+@dataclass
+class RowTensors:
+    """Per-row sampling settings as tensors on one device, and which optional steps any row needs
+    (decided on the host from the params: no device sync). Made by `row_tensors`."""
+
+    temperature: torch.Tensor  # (B,) float64; 0 for greedy rows is replaced by 1 (see `greedy`)
+    greedy: torch.Tensor  # (B,) bool
+    top_k: torch.Tensor  # (B,) int64, ≤ V
+    top_p: torch.Tensor  # (B,) float32
+    min_p: torch.Tensor  # (B,) float32
+    penalty: torch.Tensor  # (B,) float32 (repetition)
+    presence: torch.Tensor  # (B,) float32
+    frequency: torch.Tensor  # (B,) float32
+    bias: torch.Tensor | None  # (B, V) float32, or None when no row has a logit_bias
+    any_penalty: bool
+    any_counted: bool
+    any_filter: bool  # top-k or top-p
+    any_min_p: bool
+
+
+def row_tensors(params: list[SamplingParams], V: int, device: str | torch.device) -> RowTensors:
+    """The rows' settings for the torch sampler, made once (one host-to-device copy per tensor)."""
+    f32 = torch.float32
+    bias = None
+    if any(p.logit_bias for p in params):
+        bias = torch.zeros(len(params), V, dtype=f32)
+        for i, p in enumerate(params):
+            if p.logit_bias:
+                bias[i, torch.tensor(list(p.logit_bias), dtype=torch.long)] = torch.tensor(
+                    list(p.logit_bias.values()), dtype=f32
+                )
+        bias = bias.to(device)
+    temp = torch.tensor([p.temperature for p in params], dtype=torch.float64)
+    top_k = torch.tensor([min(p.top_k, V) for p in params], dtype=torch.long)
+    top_p, min_p, penalty = (torch.tensor([getattr(p, k) for p in params], dtype=f32)
+                             for k in ("top_p", "min_p", "repetition_penalty"))  # fmt: skip
+    return RowTensors(  # the flags from the float32 values the ops see (1 - 1e-9 rounds to 1: no filter)
+        temperature=torch.where(temp == 0, 1.0, temp).to(device),
+        greedy=(temp == 0).to(device),
+        top_k=top_k.to(device),
+        top_p=top_p.to(device),
+        min_p=min_p.to(device),
+        penalty=penalty.to(device),
+        presence=torch.tensor([p.presence_penalty for p in params], dtype=f32).to(device),
+        frequency=torch.tensor([p.frequency_penalty for p in params], dtype=f32).to(device),
+        bias=bias,
+        any_penalty=bool((penalty != 1).any()),
+        any_counted=any(p.counts_output for p in params),
+        any_filter=bool((top_k > 0).any() or (top_p < 1).any()),
+        any_min_p=bool((min_p > 0).any()),
+    )
+
+
+def sample_with(logits: torch.Tensor, rows: RowTensors, u: torch.Tensor, seen: torch.Tensor | None = None,
+                counts: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """The torch sampler's steps (see `sample`) for logits (B, V) float32 with the rows' settings
+    `rows` and one uniform per row `u` (B,) float32, all on one device → tokens (B,) int64 there.
+    No host sync: the optional steps are chosen by `rows`' host flags."""
     B, V = logits.shape
-    dev = logits.device
-    logits = apply_logit_bias(logits, params)
-    pen = torch.tensor([p.repetition_penalty for p in params], device=dev)
-    if seen is not None and bool((pen != 1).any()):
-        logits = apply_repetition_penalty(logits, seen, pen)
-    if counts is not None and any(p.counts_output for p in params):
-        presence = torch.tensor([p.presence_penalty for p in params], device=dev, dtype=logits.dtype)
-        frequency = torch.tensor([p.frequency_penalty for p in params], device=dev, dtype=logits.dtype)
-        logits = apply_presence_frequency(logits, counts.to(logits.dtype), presence, frequency)
+    if rows.bias is not None:
+        logits = logits + rows.bias
+    if seen is not None and rows.any_penalty:
+        logits = apply_repetition_penalty(logits, seen, rows.penalty)
+    if counts is not None and rows.any_counted:
+        logits = apply_presence_frequency(logits, counts.to(logits.dtype), rows.presence, rows.frequency)
     z = sanitize_logits(logits)
-    temp = torch.tensor([p.temperature for p in params], dtype=torch.float64, device=dev)
-    greedy = temp == 0
-    logits = scale_logits(z, torch.where(greedy, 1.0, temp))
-    top_k = torch.tensor([min(p.top_k, V) for p in params], device=dev)
-    top_p = torch.tensor([p.top_p for p in params], device=dev)
-    if bool((top_k > 0).any() or (top_p < 1).any()):  # ranked before the temperature (a huge T ties all)
-        logits = filter_logits(logits, top_k, top_p, rank_by=z)
-    min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=logits.dtype)
-    if bool((min_p > 0).any()):
-        logits = filter_min_p(logits, min_p)
+    logits = scale_logits(z, rows.temperature)
+    if rows.any_filter:  # ranked before the temperature (a huge T ties all)
+        logits = filter_logits(logits, rows.top_k, rows.top_p, rank_by=z)
+    if rows.any_min_p:
+        logits = filter_min_p(logits, rows.min_p)
     probs = logits.softmax(-1)
-    u = uniforms(generators).to(dev)
     cdf = probs.cumsum(-1)
     # the first token whose CDF reaches u · total and whose own probability adds to it (as the C
     # sampler): at u = 0 a leading zero-probability token is never drawn
     added = torch.diff(cdf, dim=-1, prepend=torch.zeros_like(cdf[:, :1])) > 0
     ok = (cdf >= (u * cdf[:, -1])[:, None]) & added
     drawn = torch.where(ok.any(-1), ok.int().argmax(-1), V - 1)
-    return torch.where(greedy, logits.argmax(-1), drawn) if B else drawn
+    return torch.where(rows.greedy, logits.argmax(-1), drawn) if B else drawn
+
+
+def _sample_torch(logits, params, generators, seen, counts) -> torch.Tensor:
+    rows = row_tensors(params, logits.shape[1], logits.device)
+    return sample_with(logits, rows, uniforms(generators).to(logits.device), seen, counts)
+
+
+class RowSampler:
+    """`sample` for a fixed set of rows whose settings stay on the device: they are copied there once
+    (`row_tensors`), and each step draws the rows' uniforms in one call from (key, counter) arrays
+    kept on the host (the C library's Philox, else `philox_uniforms_torch` there), advances the
+    counters there, and sends the uniforms over in one copy. So a step costs no per-row Python, no
+    host sync and one host-to-device copy before the tokens come back. The same tokens as `sample`
+    with the same generators, bit for bit: the same uniforms, the same torch ops.
+
+    (The uniforms are not drawn on the device: Philox's 10 rounds in torch ops are ~200 small kernels,
+    which cost more than the one copy; measured in `bench.sampler`.)
+
+    generators: one CounterRNG per row (a row listed twice is refused: its two draws would be one).
+    `sync()` writes the counters back into the generators; call it before the rows change or their
+    generators are used elsewhere. Raises TypeError for a generator that is not a CounterRNG, ValueError
+    for a length mismatch or a repeated generator."""
+
+    def __init__(self, params: list[SamplingParams], generators: list, V: int, device: str | torch.device):
+        if len(params) != len(generators):
+            raise ValueError(
+                f"one SamplingParams per generator: {len(params)} params, {len(generators)} generators"
+            )
+        if not all(isinstance(g, CounterRNG) for g in generators):
+            raise TypeError("RowSampler needs a CounterRNG per row (SamplingParams.generator)")
+        if len({id(g) for g in generators}) != len(generators):
+            raise ValueError("a generator appears in two rows: each row needs its own stream")
+        self.generators = list(generators)
+        self.device = torch.device(device)
+        self.rows = row_tensors(params, V, self.device)
+        self.keys = uint64_bits([g.key for g in generators])  # host, int64 bit patterns
+        self.counters = uint64_bits([g.counter for g in generators])
+        self.steps = 0  # draws since the last sync
+
+    def uniforms(self) -> torch.Tensor:
+        """The rows' next uniform numbers (B,) float32 on the host; advances the counters."""
+        lib = fused.library()
+        if lib is not None and len(self.generators):
+            u = fused.philox_uniforms(lib, self.keys, self.counters)
+        else:
+            u = philox_uniforms_torch(self.keys, self.counters)
+        self.counters += 1  # int64 wraps as uint64 does (2^64 draws are out of reach anyway)
+        self.steps += 1
+        return u
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None,
+                 counts: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """logits (B, V) of this sampler's B rows (any float dtype, on its device) → tokens (B,) int64."""
+        if logits.dim() != 2 or logits.shape[0] != len(self.generators):
+            raise ValueError(f"logits must be ({len(self.generators)}, V), got shape {tuple(logits.shape)}")
+        u = self.uniforms()
+        if self.device.type != "cpu":
+            u = u.pin_memory().to(self.device, non_blocking=True)
+        return sample_with(logits.float(), self.rows, u, seen, counts)
+
+    def sync(self) -> None:
+        """Each generator's counter := this sampler's (the draws made here count as its own)."""
+        if self.steps:
+            for g, c in zip(self.generators, self.counters.tolist()):
+                g.counter = c % 2**64
+            self.steps = 0
 
 
 def find_stop(output: bytes, stops: list[bytes], new: int) -> int | None:

@@ -58,6 +58,7 @@ from model.codecs import utf8_tail
 from model.recurrent import RecurrentModel
 from model.sampling import (
     CounterRNG,
+    RowSampler,
     SamplingParams,
     find_stop,
     row_settings,
@@ -283,6 +284,10 @@ class DecodeBatch:
         self.logprobs: dict[int, tuple[float, list[int], list[float]]] = {}  # of the last step, by row
         self.dummy = CounterRNG(0, device=pool.state.device)
         self._block_args: tuple | None = None  # `block`'s per-row arguments that last while the rows do
+        # `step`'s per-row settings, kept on the device while the rows do (RowSampler: the uniforms drawn
+        # there, no per-row Python a step); off on CPU, whose C sampler is faster
+        self.device_sampler = pool.state.device.type != "cpu"
+        self._step_args: tuple | None = None  # (RowSampler, params, counted rows, logprob rows)
 
     @property
     def live(self) -> int:
@@ -302,6 +307,7 @@ class DecodeBatch:
             s = torch.tensor([j.session.slot for j in jobs], device=self.tok.device)
             self.pool.put_rows(s, self.state.index_select(self.pool.dim, r))
             self.pool.seen.index_copy_(0, s, self.seen.index_select(0, r))
+        self._drop_step_args()
         for row in rows:
             self.rows[row] = None
         self._block_args = None
@@ -310,6 +316,7 @@ class DecodeBatch:
         """Bring the jobs' slots into the batch (holes first, then new rows)."""
         if not jobs:
             return
+        self._drop_step_args()
         dev = self.tok.device
         holes = [i for i, j in enumerate(self.rows) if j is None][: len(jobs)]
         fill, grow = jobs[: len(holes)], jobs[len(holes) :]
@@ -337,6 +344,7 @@ class DecodeBatch:
     def compact(self) -> None:
         holes = len(self.rows) - self.live
         if holes and (4 * holes >= len(self.rows)):
+            self._drop_step_args()
             keep = [i for i, j in enumerate(self.rows) if j is not None]
             k = torch.tensor(keep, dtype=torch.long, device=self.tok.device)
             self.state = self.state.index_select(self.pool.dim, k)  # a new contiguous tensor
@@ -344,26 +352,51 @@ class DecodeBatch:
             self.rows = [self.rows[i] for i in keep]
             self._block_args = None
 
+    def _drop_step_args(self) -> None:
+        """Forget `step`'s cached rows, first writing the device sampler's counters back to the jobs'
+        generators (the draws made there are theirs)."""
+        if self._step_args is not None:
+            self._step_args[0].sync()
+            self._step_args = None
+
+    def _row_args(self, V: int) -> tuple:
+        """(sampler or None, params, counted rows, logprob rows) of the current rows, made once while
+        they last (`device_sampler`), else every step."""
+        if self._step_args is not None:
+            return self._step_args
+        params = [GREEDY if j is None else j.params for j in self.rows]
+        counted = [i for i, j in enumerate(self.rows) if j is not None and j.counts is not None]
+        wants = [i for i, p in enumerate(params) if p.logprobs is not None]
+        gens = [CounterRNG(0) if j is None else j.generator for j in self.rows]  # holes: a stream each
+        if not (self.device_sampler and all(isinstance(g, CounterRNG) for g in gens)):
+            return None, params, counted, wants
+        self._step_args = (RowSampler(params, gens, V, self.tok.device), params, counted, wants)
+        return self._step_args
+
     def step(self, rec: RecurrentModel) -> list[int]:
         """One recurrent step of every row, in place; returns the sampled tokens (host ints). Rows
         that ask for log-probabilities get them in `self.logprobs` (row → (logprob, top ids, top
         logprobs)) from the same logits the sampler was given."""
         logits, _ = rec.step(self.tok, self.state, out=self.state)  # (R, V)
-        params = [GREEDY if j is None else j.params for j in self.rows]
-        gens = [self.dummy if j is None else j.generator for j in self.rows]
-        penalized = any(p.repetition_penalty != 1 for p in params)
-        counted = [i for i, j in enumerate(self.rows) if j is not None and j.counts is not None]
+        sampler, params, counted, wants = self._row_args(logits.shape[1])
+        penalized = (
+            any(p.repetition_penalty != 1 for p in params) if sampler is None else sampler.rows.any_penalty
+        )
         counts = None
         if counted:
             counts = torch.zeros(logits.shape, device=logits.device)  # float32 whatever the logits
             counts[counted] = torch.stack([self.rows[i].counts for i in counted])
-        new = sample(logits, params, gens, self.seen if penalized else None, counts)  # (R,) on the device
+        seen = self.seen if penalized else None
+        if sampler is None:
+            gens = [self.dummy if j is None else j.generator for j in self.rows]
+            new = sample(logits, params, gens, seen, counts)  # (R,) on the device
+        else:
+            new = sampler(logits, seen, counts)
         self.seen[torch.arange(len(self.rows), device=new.device), new] = True
         for i in counted:
             self.rows[i].counts[new[i]] += 1
         self.tok = new
         self.logprobs = {}
-        wants = [i for i, p in enumerate(params) if p.logprobs is not None]
         if wants:
             k = max(params[i].logprobs for i in wants)
             w = torch.tensor(wants, device=new.device)
@@ -391,6 +424,7 @@ class DecodeBatch:
         limits[row] tokens or at a stop sequence; holes get limit 0 and do not step; `interrupt`, once
         set, ends the block after the current round of steps). Advances each job's counter-based stream by the
         tokens it drew. Returns the fused.BlockResult."""
+        self._drop_step_args()  # (the generators' counters as `step` left them)
         rows = self.rows
         V = self.seen.shape[1]
         if self._block_args is None:  # the rows' settings, keys and stops: until a row joins or leaves
