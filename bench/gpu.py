@@ -4,7 +4,8 @@ under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
 1. **Step.** `RecurrentModel.step` of the shipped text model (4 layers, H = 256, N = 64, V = 256), in
    place, at batch 1, 2, 4, …, 1024: tokens/s with the graphs (`model/cuda_graphs.py`: copy in, replay,
    copy out) and with the plain torch ops; float32 and bfloat16 weights (`S4_DTYPE`; states float32);
-   with the graphs also the replay alone (what the copies in and out cost).
+   with the graphs also the replay alone (what the copies in and out cost); float32 also with the step
+   compiled by torch.compile and captured in the graphs (`S4_COMPILE_STEP`; rows "compiled": true).
 2. **Audio streams at 16 kHz.** The shipped audio-digits-s4 weights (H = 128, 4 layers, N = 64; trained at
    8 kHz: a step costs the same whatever the rate, so it stands for a 16 kHz model of that shape), at
    batch B: steps/s of the bare step, and of the engine's whole per-step work (`DecodeBatch.step`: the
@@ -167,28 +168,48 @@ def bench_step(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, An
             continue
         rec, info = load_rec("text", device, dtype, tmp)
         out["models"][dtype] = info
-        for graphs in modes(device):
-            if not captured(
-                rec, graphs, max(sz["batches"]), info, f"capture_s_graphs_{'on' if graphs else 'off'}"
-            ):
+        # (graphs, compiled): the torch.compile'd step (S4_COMPILE_STEP) last, float32 only (its compile
+        # takes a minute or more)
+        variants = [(g, False) for g in modes(device)] + (
+            [(True, True)] if device == "cuda" and dtype == "float32" else []
+        )
+        for graphs, compiled in variants:
+            key = f"capture_s_graphs_{'on' if graphs else 'off'}" + ("_compiled" if compiled else "")
+            if compiled:
+                if not budget.left():
+                    out["skipped"].append(f"{dtype} compiled: time budget")
+                    continue
+                rec.use_cuda_graphs(None)  # (else compile_step captures them again at once)
+                rec.compile_step(True)
+            if not captured(rec, graphs, max(sz["batches"]), info, key):
+                why = info["capture_errors"][-1]
                 out["skipped"].append(
-                    f"{dtype} graphs={graphs}: the capture failed ({info['capture_errors'][-1]})"
+                    f"{dtype} graphs={graphs} compiled={compiled}: the capture failed ({why})"
                 )
                 continue
             for B in sz["batches"]:
                 if not budget.left():
-                    out["skipped"].append(f"{dtype} graphs={graphs} batch {B}: time budget")
+                    out["skipped"].append(
+                        f"{dtype} graphs={graphs} compiled={compiled} batch {B}: time budget"
+                    )
                     continue
                 state = rec.init_state(B)
                 tok = torch.randint(0, rec.config.vocab_size, (B,), device=rec.device)
                 steps = rate(lambda: rec.step(tok, state, out=state), sz["seconds"])
-                row = {"dtype": dtype, "graphs": graphs, "batch": B, "steps_per_s": steps}
+                row = {
+                    "dtype": dtype,
+                    "graphs": graphs,
+                    "compiled": compiled,
+                    "batch": B,
+                    "steps_per_s": steps,
+                }
                 row |= {"tokens_per_s": B * steps, "us_per_step": 1e6 / steps}
                 if graphs:  # the replay alone, without the copies in and out of the static buffers
                     replay = rec._graphs.bucket(B).graph.replay
                     row["replay_only_us_per_step"] = 1e6 / rate(replay, sz["seconds"])
                 out["rows"].append(row)
         rec.use_cuda_graphs(None)  # frees the graphs' memory before the next model
+        rec.compile_step(False)
     return out
 
 
@@ -381,10 +402,13 @@ def run(quick: bool, device: str = "cuda") -> dict[str, Any]:
 
 def plot(data: dict[str, Any], quick: bool) -> None:
     fig, (a1, a2, a3) = subplots(3, width=5.5)
-    for r0 in ({"dtype": d, "graphs": g} for d in ("float32", "bfloat16") for g in (True, False)):
-        rows = [r for r in data["step"]["rows"] if r["dtype"] == r0["dtype"] and r["graphs"] == r0["graphs"]]
+    for d, g, c in [(d, g, False) for d in ("float32", "bfloat16") for g in (True, False)] + [
+        ("float32", True, True)
+    ]:
+        rows = [r for r in data["step"]["rows"]
+                if r["dtype"] == d and r["graphs"] == g and r.get("compiled", False) == c]  # fmt: skip
         if rows:
-            label = f"{r0['dtype']}, graphs {'on' if r0['graphs'] else 'off'}"
+            label = f"{d}, graphs {'on' if g else 'off'}" + (", torch.compile" if c else "")
             a1.plot([r["batch"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label=label)
     a1.set(yscale="log", xlabel="batch", ylabel="tokens/s", title="text model step (H = 256)")
     log2_axis(a1, data["sizes"]["batches"])

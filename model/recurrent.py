@@ -828,6 +828,7 @@ class RecurrentModel:
                 pass
         self._state_bound: torch.Tensor | None = None
         self._graphs = None  # model.cuda_graphs.BucketedStep, set by use_cuda_graphs
+        self._compiled_step = None  # torch.compile of _step_torch, set by compile_step
         # Every batch steps in C (fused.NetStep), which computes each row alone: a row's logits are then the
         # same bits whatever else is batched with it. The torch ops around the fused SSM steps (sgemm) agree
         # only to float32 rounding (5e-5 of the text model's logits at 300 rows), and a 16-bit model's
@@ -987,6 +988,22 @@ class RecurrentModel:
 
         return self._run(tokens, layer_ssm), torch.stack(new)
 
+    def compile_step(self, on: bool = True) -> None:
+        """Run the torch step (`_step_torch`, the path a CUDA device takes) through `torch.compile`
+        (Inductor; dynamic batch size: one compile for batch 1, one for the rest), or go back to the
+        plain ops (`on` False). Its elementwise ops are fused into a few kernels, where the plain step
+        launches hundreds (launch-bound on a GPU: 199 µs a graph replay at batch 1 on an H200,
+        2026-12-04). Compiles lazily, at the first step of each kind; call it before `use_cuda_graphs`,
+        whose warm-up runs then compile before the capture. The C steps on CPU are not affected."""
+        self._compiled_step = torch.compile(self._step_torch, dynamic=True) if on else None
+        if self._graphs is not None:  # its buckets hold the other step (captured): made again
+            from model.cuda_graphs import BucketedStep  # noqa: PLC0415
+
+            old, self._graphs = self._graphs, None
+            graphs = BucketedStep(self, old.buckets, capture=old.capture)
+            graphs.warm()
+            self._graphs = graphs
+
     def use_cuda_graphs(self, buckets: tuple[int, ...] | None) -> float:
         """Step through CUDA graphs, one per batch-size bucket (`model/cuda_graphs.py`), captured now;
         None goes back to the plain step. Returns the capture's seconds. Raises ValueError unless the
@@ -1030,7 +1047,7 @@ class RecurrentModel:
             check_token_ids(tokens, self.config.vocab_size)
         if self._fused is not None and contiguous_out:
             return self._step_fused(tokens, state, out)
-        logits, new = self._step_torch(tokens, state)
+        logits, new = (self._compiled_step or self._step_torch)(tokens, state)
         return logits, new if out is None else out.copy_(new)
 
     def decode_block_ready(self, batch: int) -> bool:

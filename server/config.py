@@ -77,6 +77,12 @@ class Settings(BaseSettings):
         "(1, 2, 4, … up to max_batch_size, at most 1024; a batch is padded up to its bucket), captured at "
         "load; 0 steps with plain torch ops. Ignored on CPU and for SaShiMi models",
     )
+    compile_step: bool = Field(
+        False,
+        description="on a CUDA device, run the decode step through torch.compile (Inductor, dynamic batch "
+        "size), compiled at load before the CUDA graphs are captured (a minute or more at start). Ignored "
+        "on CPU (the C step) and for SaShiMi models",
+    )
     max_sessions: int = Field(256, ge=1, description="state slots per model (sessions + one-shot requests)")
     session_ttl_s: float = Field(
         600.0,

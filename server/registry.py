@@ -179,6 +179,20 @@ def state_pool_problem(rec: RecurrentModel, settings: Settings, name: str) -> st
     )
 
 
+def compile_step(rec, settings: Settings, name: str) -> bool:
+    """`S4_COMPILE_STEP`: torch.compile the decode step (`RecurrentModel.compile_step`) when the model is on
+    a CUDA device and has the torch step (SaShiMi has not); True when set. The compile itself happens at
+    the first steps (the graphs' warm-up, or `warm_up`)."""
+    if not (settings.compile_step and rec.device.type == "cuda" and hasattr(rec, "compile_step")):
+        if settings.compile_step:
+            why = "not on a CUDA device" if rec.device.type != "cuda" else "no torch step to compile"
+            log.info("model %s: S4_COMPILE_STEP ignored (%s)", name, why)
+        return False
+    rec.compile_step(True)
+    log.info("model %s: the decode step runs through torch.compile (compiled at its first steps)", name)
+    return True
+
+
 def use_cuda_graphs(rec, settings: Settings, name: str) -> bool:
     """Capture the decode step's CUDA graphs (model/cuda_graphs.py) when the model is on a CUDA device,
     `S4_CUDA_GRAPHS` is on and the model has them (SaShiMi has not); True when captured. A capture that
@@ -288,6 +302,7 @@ def load_model(
         )
     if hasattr(rec, "prefill_threads"):  # RecurrentModel: its parallel prefill's torch threads
         rec.prefill_threads = settings.prefill_threads
+    compile_step(rec, settings, path.name)
     use_cuda_graphs(rec, settings, path.name)
     _check_stop(stop)
     warm_up(rec, min(8, settings.max_batch_size))
