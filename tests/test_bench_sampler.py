@@ -12,7 +12,7 @@ def test_quick_run_measures_both_variants_per_batch_and_plots(tmp_path, monkeypa
     data = json.loads((tmp_path / "sampler.json").read_text())
     assert [(r["device"], r["batch"]) for r in data["rows"]][:2] == [("cpu", 1), ("cpu", 64)]
     for r in data["rows"]:
-        for name in ("sample (torch ops)", "RowSampler"):
+        for name in ("sample (torch ops)", "RowSampler", "uniforms in torch ops"):
             assert r[name]["us_per_step"] > 0 and len(r[name]["samples_us"]) == data["sizes"]["repeat"]
         assert (
             r["ratio_before_over_after"]

@@ -100,3 +100,23 @@ def test_a_missing_dataset_names_the_command_that_prepares_it(tmp_path):
     msg = str(exc.value)
     assert f"python -m model.data audio --out {tmp_path / 'digits'}" in msg
     assert f"python -m model.data text --out {tmp_path / 'digits'}" in msg
+
+
+def test_the_text_command_refuses_a_missing_folder_or_one_without_the_held_out_plays_in_one_line(
+    tmp_path, capsys
+):
+    """Both were tracebacks (a fresh-user trial): now argparse's usage line and one error, exit 2."""
+    import pytest
+
+    from model.data import main
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a_gut.txt").write_text("hello world\n")
+    for source, want in (
+        (tmp_path / "none", "no such folder"),
+        (tmp_path / "src", "held-out plays not found"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["text", "--source", str(source), "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and want in err and "Traceback" not in err

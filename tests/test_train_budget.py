@@ -80,6 +80,8 @@ def test_the_deadline_stops_the_run_resumably_whatever_the_plan(text_data, tmp_p
     assert train(cfg, time_budget=3.0) == {}
     err = capsys.readouterr().err
     assert "train.steps 100 -> 1000000" in err and "--time-budget 3 s reached at step" in err
+    assert "nothing was exported" in err
+    assert f"resume the plan (train.steps 1000000) with `python -m model.train {out / 'config.json'}`" in err
     reached = json.loads((out / "last" / "state.json").read_text())["step"]
     assert BUDGET_WARM + BUDGET_TIMED <= reached < 1_000_000
     assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(1, reached + 1))
@@ -104,3 +106,22 @@ def test_a_bad_time_budget_is_one_line_and_exit_status_2(tmp_path, capsys, value
         main([str(tmp_path / "none.toml"), f"--time-budget={value}"])
     assert exc.value.code == 2
     assert "--time-budget" in capsys.readouterr().err
+
+
+def test_a_deadline_before_the_first_plan_says_no_plan_was_made(text_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = tiny_config(text_data, out, steps=500, eval_every=0, final_eval=False)
+    assert train(cfg, time_budget=1e-3) == {}  # over after the first step
+    err = capsys.readouterr().err
+    assert "reached at step 1," in err and "no plan was made" in err
+    assert f"{out / 'config.json'} still says train.steps 500" in err
+    assert json.loads((out / "last" / "state.json").read_text())["step"] == 1
+
+
+def test_options_may_come_before_or_after_the_overrides(text_data, tmp_path):
+    """`CONFIG --time-budget 8 train.steps=2` was refused ('unrecognized arguments'; a fresh-user trial)."""
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(tiny_config(text_data, tmp_path / "run", eval_every=0, final_eval=False)))
+    main([str(path), "--stop-at", "2", "train.steps=5", "--time-budget", "0"])
+    assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 5
