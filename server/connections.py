@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
+import itertools
 import json
 import logging
 import time
@@ -200,6 +201,17 @@ class Linger:
     dropped: int = 0  # bytes read and dropped
     ended: bool = False
     timer: asyncio.TimerHandle | None = None
+    # the order lingering closes began in: loop.time() ties within a millisecond under uvloop (libuv's
+    # cached clock), and "the oldest first" must still name one (a CI run ended the other of a tie)
+    seq: int = field(default_factory=lambda: next(_LINGER_SEQ))
+
+    @property
+    def age_key(self) -> tuple[float, int]:
+        """Sorts lingering closes oldest first, ties in the order they began."""
+        return (self.started, self.seq)
+
+
+_LINGER_SEQ = itertools.count()
 
 
 class LingeringTransport:
@@ -246,7 +258,7 @@ def make_room(guard: ConnectionGuard) -> bool:
     excess = n_open - guard.max_connections
     if excess > len(waiting):
         return False
-    for conn in sorted(waiting, key=lambda c: c.lingering.started)[: max(excess, 0)]:
+    for conn in sorted(waiting, key=lambda c: c.lingering.age_key)[: max(excess, 0)]:
         conn.end_linger()
     return True
 

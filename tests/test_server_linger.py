@@ -244,7 +244,7 @@ def test_at_the_connection_cap_lingering_closes_give_way_and_the_cap_holds(model
             assert refused.recv(12) == b"HTTP/1.1 413"
             socks.append(refused)
         assert wait_for(lambda: len(lingering(s)) == 2)
-        oldest = min(lingering(s), key=lambda c: c.lingering.started)
+        oldest = min(lingering(s), key=lambda c: c.lingering.age_key)  # (started ties: the first begun)
         # at the cap (2 held + 2 lingering): each new connection ends one lingering close, the oldest first
         for k in range(2):
             sock = socket.create_connection(("127.0.0.1", s.port))
@@ -355,3 +355,32 @@ def test_an_upgrade_to_something_else_is_served_over_http_1_1_without_a_warning(
         assert r.status_code == 200 and r.http_version == "HTTP/1.1"
     warned = [r.getMessage() for r in uvicorn_records if r.levelno >= logging.WARNING]
     assert not warned, warned
+
+
+def test_of_lingering_closes_begun_in_the_same_millisecond_the_first_begun_gives_way_first():
+    """uvloop's loop.time() is libuv's cached millisecond clock, so two 413s answered in one loop pass start
+    their lingering closes at the same time; "the oldest first" then took either (a CI run ended the other
+    of such a tie). make_room ends the first begun, whatever order the connection set iterates in."""
+    from types import SimpleNamespace
+
+    from server.connections import Linger, make_room
+
+    class Conn:
+        def __init__(self, linger):
+            self.lingering, self.transport, self.ended = (
+                linger,
+                SimpleNamespace(is_closing=lambda: False),
+                False,
+            )
+
+        def end_linger(self):
+            self.ended = True
+
+    first, second = Linger(started=7.0, last=7.0), Linger(started=7.0, last=7.0)
+    assert first.age_key < second.age_key
+    for order in ((0, 1), (1, 0)):
+        conns = [Conn(first), Conn(second)]
+        newcomer = Conn(None)
+        guard = SimpleNamespace(connections=[conns[i] for i in order] + [newcomer], max_connections=2)
+        assert make_room(guard)
+        assert [c.ended for c in conns] == [True, False]
