@@ -267,9 +267,7 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
             if engine_ok:
                 batch = decode_batch(rec, B)
                 row["engine_steps_per_s"] = rate(lambda: batch.step(rec), sz["seconds"])
-                if (
-                    batch.device_sampler
-                ):  # beside it, the per-step `sample` the engine called until 2026-12-04
+                if batch.device_sampler:  # beside it, the per-step `sample` of the engine until 2026-12-04
                     before = decode_batch(rec, B)
                     before.device_sampler = False
                     row["engine_sample_per_step_steps_per_s"] = rate(lambda: before.step(rec), sz["seconds"])

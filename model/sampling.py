@@ -271,17 +271,25 @@ def filter_logits(
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, NEG_INF))
 
 
+def bias_matrix(params: list[SamplingParams], V: int) -> torch.Tensor | None:
+    """The rows' logit_bias as a (B, V) float32 host tensor ({token id: bias} per row, 0 elsewhere), or
+    None when no row has one. Raises IndexError for an id ≥ V (the server refuses them by name)."""
+    if not any(p.logit_bias for p in params):
+        return None
+    bias = torch.zeros(len(params), V)
+    for i, p in enumerate(params):
+        if p.logit_bias:
+            bias[i, torch.tensor(list(p.logit_bias))] = torch.tensor(
+                list(p.logit_bias.values()), dtype=torch.float32
+            )
+    return bias
+
+
 def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """OpenAI's logit_bias: each row's {token id: bias} added to its logits (B, V). Ids ≥ V are the
     caller's error (the server refuses them by name)."""
-    if not any(p.logit_bias for p in params):
-        return logits
-    bias = torch.zeros_like(logits)
-    for i, p in enumerate(params):
-        if p.logit_bias:
-            ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
-            bias[i, ids] = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype, device=logits.device)
-    return logits + bias
+    bias = bias_matrix(params, logits.shape[-1])
+    return logits if bias is None else logits + bias.to(device=logits.device, dtype=logits.dtype)
 
 
 def apply_presence_frequency(
@@ -357,14 +365,6 @@ def row_settings(params: list[SamplingParams], V: int, seen: bool = True, counts
     round them (float32 tensors). `seen`/`counts`: whether those inputs will be given. Raises
     IndexError for a logit_bias id ≥ V, as the torch ops do."""
     f32 = torch.float32
-    bias = None
-    if any(p.logit_bias for p in params):
-        bias = torch.zeros(len(params), V)
-        for i, p in enumerate(params):
-            if p.logit_bias:
-                bias[i, torch.tensor(list(p.logit_bias))] = torch.tensor(
-                    list(p.logit_bias.values()), dtype=f32
-                )
     return fused.RowSettings(
         temperature=torch.tensor([p.temperature for p in params], dtype=torch.float64),
         top_k=torch.tensor([min(p.top_k, V) for p in params], dtype=torch.long),
@@ -374,7 +374,7 @@ def row_settings(params: list[SamplingParams], V: int, seen: bool = True, counts
         repetition_penalty=torch.tensor([p.repetition_penalty for p in params], dtype=f32),
         presence_penalty=torch.tensor([p.presence_penalty for p in params], dtype=f32),
         frequency_penalty=torch.tensor([p.frequency_penalty for p in params], dtype=f32),
-        bias=bias,
+        bias=bias_matrix(params, V),
         penalized=seen and any(p.repetition_penalty != 1 for p in params),
         counted=counts and any(p.counts_output for p in params),
     )
@@ -401,35 +401,25 @@ class RowTensors:
 
 
 def row_tensors(params: list[SamplingParams], V: int, device: str | torch.device) -> RowTensors:
-    """The rows' settings for the torch sampler, made once (one host-to-device copy per tensor)."""
-    f32 = torch.float32
-    bias = None
-    if any(p.logit_bias for p in params):
-        bias = torch.zeros(len(params), V, dtype=f32)
-        for i, p in enumerate(params):
-            if p.logit_bias:
-                bias[i, torch.tensor(list(p.logit_bias), dtype=torch.long)] = torch.tensor(
-                    list(p.logit_bias.values()), dtype=f32
-                )
-        bias = bias.to(device)
-    temp = torch.tensor([p.temperature for p in params], dtype=torch.float64)
-    top_k = torch.tensor([min(p.top_k, V) for p in params], dtype=torch.long)
-    top_p, min_p, penalty = (torch.tensor([getattr(p, k) for p in params], dtype=f32)
-                             for k in ("top_p", "min_p", "repetition_penalty"))  # fmt: skip
-    return RowTensors(  # the flags from the float32 values the ops see (1 - 1e-9 rounds to 1: no filter)
-        temperature=torch.where(temp == 0, 1.0, temp).to(device),
-        greedy=(temp == 0).to(device),
-        top_k=top_k.to(device),
-        top_p=top_p.to(device),
-        min_p=min_p.to(device),
-        penalty=penalty.to(device),
-        presence=torch.tensor([p.presence_penalty for p in params], dtype=f32).to(device),
-        frequency=torch.tensor([p.frequency_penalty for p in params], dtype=f32).to(device),
-        bias=bias,
-        any_penalty=bool((penalty != 1).any()),
-        any_counted=any(p.counts_output for p in params),
-        any_filter=bool((top_k > 0).any() or (top_p < 1).any()),
-        any_min_p=bool((min_p > 0).any()),
+    """The rows' settings for the torch sampler on `device`: `row_settings`' tensors (the C sampler's,
+    rounded as the torch ops round them), copied there once; the flags from those float32 values (a
+    top_p of 1 - 1e-9 rounds to 1: no filter, as the ops would find)."""
+    s = row_settings(params, V)
+    greedy = s.temperature == 0
+    return RowTensors(
+        temperature=torch.where(greedy, 1.0, s.temperature).to(device),
+        greedy=greedy.to(device),
+        top_k=s.top_k.to(device),
+        top_p=s.top_p.to(device),
+        min_p=s.min_p.to(device),
+        penalty=s.repetition_penalty.to(device),
+        presence=s.presence_penalty.to(device),
+        frequency=s.frequency_penalty.to(device),
+        bias=None if s.bias is None else s.bias.to(device),
+        any_penalty=bool((s.repetition_penalty != 1).any()),
+        any_counted=s.counted,
+        any_filter=bool((s.top_k > 0).any() or (s.top_p < 1).any()),
+        any_min_p=bool((s.min_p > 0).any()),
     )
 
 

@@ -726,13 +726,11 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     model.train()
     end = min(tcfg.steps, stop_at) if stop_at > 0 else tcfg.steps
     done = saved = start  # steps taken; the step out/last holds
-    deadline = t_start + time_budget if time_budget > 0 and dump_grads is None else None
+    budgeted = time_budget > 0 and dump_grads is None
     timed_from = 0.0  # perf_counter when the timed steps of --time-budget began
     k_replan = 0  # the next of BUDGET_REPLAN_AT
-    replanned, over_time = (
-        False,
-        False,
-    )  # whether --time-budget made a plan; whether its deadline stopped the run
+    replanned = False  # whether --time-budget made a plan
+    over_time = False  # whether its deadline stopped the run
     try:
         for step in itertools.count(start):
             if step >= end:
@@ -756,22 +754,21 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
             done = step + 1
             loss_v = all_mean(loss.item(), device)
             dt = time.perf_counter() - t0
-            if deadline is not None:
+            if budgeted:
                 now = time.perf_counter()
                 if done == start + BUDGET_WARM:
                     timed_from = now
-                first = done == start + BUDGET_WARM + BUDGET_TIMED
-                later = (done > start + BUDGET_WARM + BUDGET_TIMED and k_replan < len(BUDGET_REPLAN_AT)
-                         and all_mean(float(now >= t_start + BUDGET_REPLAN_AT[k_replan] * time_budget),
-                                      device) > 0)  # fmt: skip
-                if first or later:
-                    while k_replan < len(BUDGET_REPLAN_AT) and (
-                        now >= t_start + BUDGET_REPLAN_AT[k_replan] * time_budget
-                    ):
-                        k_replan += 1  # (a fraction the first re-plan already passed is not redone)
+                # one collective a step: every decision below is taken from the same elapsed time on
+                # every process (a process-local one could differ, and a collective one process skips
+                # while another calls it hangs both)
+                elapsed = all_mean(now - t_start, device)
+                passed = sum(elapsed >= f * time_budget for f in BUDGET_REPLAN_AT)  # shares of the budget
+                timed = done - start - BUDGET_WARM  # steps timed so far
+                if timed == BUDGET_TIMED or (timed > BUDGET_TIMED and passed > k_replan):
+                    k_replan = passed  # (a share the first re-plan already passed is not redone)
                     # the mean over every timed step so far: validations and contention included
-                    step_s = all_mean((now - timed_from) / (done - start - BUDGET_WARM), device)
-                    new_steps = replan_steps(done, step_s, all_mean(deadline - now, device))
+                    step_s = all_mean((now - timed_from) / timed, device)
+                    new_steps = replan_steps(done, step_s, time_budget - elapsed)
                     before, tcfg.steps = tcfg.steps, max(new_steps, done)
                     cfg.setdefault("train", {})["steps"] = tcfg.steps
                     end = min(tcfg.steps, stop_at) if stop_at > 0 else tcfg.steps
@@ -788,7 +785,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
                             where = out / "config.json"
                             print(f"--time-budget {time_budget:g} s: {step_s:.3f} s a step, train.steps "
                                   f"{before} -> {tcfg.steps} (in {where})", file=sys.stderr)  # fmt: skip
-                if all_mean(float(now >= deadline), device) > 0 and done < end:  # over time: stop here
+                if elapsed >= time_budget and done < end:  # over time: stop here
                     end, over_time = done, True
             progress.update(step, loss_v, tokens_per_step / dt)
             if log and ((step + 1) % tcfg.log_every == 0 or step == start):
