@@ -139,6 +139,16 @@ def capture(rec, on: bool, max_batch: int) -> float | None:
     return rec.use_cuda_graphs(bucket_sizes(max_batch))
 
 
+def triton_ok(rec) -> bool:
+    """Whether the model can step with the Triton kernel here: triton installed, a diagonal layer, and
+    a CUDA device (for `--device-cpu`: Triton's interpreter, and no C step, which serves first)."""
+    from model import triton_step
+
+    cpu_ok = triton_step.interpreting() and not rec.decode_block_ready(1)
+    diagonal = any(f.form == "diagonal" for f in rec.layers)
+    return triton_step.available() and diagonal and (rec.device.type == "cuda" or cpu_ok)
+
+
 def modes(device: str) -> list[bool]:
     """Graphs off first: a capture that fails can leave the process's CUDA generator unusable (seen on an
     H200: "Offset increment outside graph capture"), and the plain step's figures are measured by then."""
@@ -168,30 +178,29 @@ def bench_step(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, An
             continue
         rec, info = load_rec("text", device, dtype, tmp)
         out["models"][dtype] = info
-        # (graphs, compiled): the torch.compile'd step (S4_COMPILE_STEP) last, float32 only (its compile
-        # takes a minute or more)
-        variants = [(g, False) for g in modes(device)] + (
-            [(True, True)] if device == "cuda" and dtype == "float32" else []
-        )
-        for graphs, compiled in variants:
-            key = f"capture_s_graphs_{'on' if graphs else 'off'}" + ("_compiled" if compiled else "")
-            if compiled:
-                if not budget.left():
-                    out["skipped"].append(f"{dtype} compiled: time budget")
-                    continue
-                rec.use_cuda_graphs(None)  # (else compile_step captures them again at once)
-                rec.compile_step(True)
+        # (graphs, compiled, triton): the Triton step (model/triton_step.py, the CUDA default) and the
+        # torch ops it replaces, each with the graphs off and on; the torch.compile'd step (S4_COMPILE_STEP)
+        # last, float32 only (its compile takes a minute or more)
+        kernel = triton_ok(rec)
+        variants = [(g, False, t) for t in ([True, False] if kernel else [False]) for g in modes(device)]
+        variants += [(True, True, False)] if device == "cuda" and dtype == "float32" else []
+        for graphs, compiled, triton in variants:
+            what = f"{dtype} graphs={graphs} compiled={compiled} triton={triton}"
+            key = (f"capture_s_graphs_{'on' if graphs else 'off'}" + ("_compiled" if compiled else "")
+                   + ("_triton" if triton else ""))  # fmt: skip
+            if not budget.left():
+                out["skipped"].append(f"{what}: time budget")
+                continue
+            rec.use_cuda_graphs(None)  # (else the switches below capture them again at once)
+            if kernel:
+                rec.use_triton_step(triton)
+            rec.compile_step(compiled)
             if not captured(rec, graphs, max(sz["batches"]), info, key):
-                why = info["capture_errors"][-1]
-                out["skipped"].append(
-                    f"{dtype} graphs={graphs} compiled={compiled}: the capture failed ({why})"
-                )
+                out["skipped"].append(f"{what}: the capture failed ({info['capture_errors'][-1]})")
                 continue
             for B in sz["batches"]:
                 if not budget.left():
-                    out["skipped"].append(
-                        f"{dtype} graphs={graphs} compiled={compiled} batch {B}: time budget"
-                    )
+                    out["skipped"].append(f"{what} batch {B}: time budget")
                     continue
                 state = rec.init_state(B)
                 tok = torch.randint(0, rec.config.vocab_size, (B,), device=rec.device)
@@ -200,6 +209,7 @@ def bench_step(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, An
                     "dtype": dtype,
                     "graphs": graphs,
                     "compiled": compiled,
+                    "triton": triton,
                     "batch": B,
                     "steps_per_s": steps,
                 }
@@ -248,33 +258,22 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
         out["skipped"].append(f"engine step: server dependencies missing ({exc})")
     else:
         engine_ok = True
-    for graphs in modes(device):
-        if not captured(
-            rec, graphs, max(sz["batches"]), out["model"], f"capture_s_graphs_{'on' if graphs else 'off'}"
-        ):
-            out["skipped"].append(
-                f"graphs={graphs}: the capture failed ({out['model']['capture_errors'][-1]})"
-            )
-            continue
-        for B in sz["batches"]:
-            if not budget.left():
-                out["skipped"].append(f"graphs={graphs} batch {B}: time budget")
+    kernel = triton_ok(rec)
+    for triton in [True, False] if kernel else [False]:
+        for graphs in modes(device):
+            what = f"graphs={graphs} triton={triton}"
+            rec.use_cuda_graphs(None)
+            if kernel:
+                rec.use_triton_step(triton)
+            key = f"capture_s_graphs_{'on' if graphs else 'off'}" + ("_triton" if triton else "")
+            if not captured(rec, graphs, max(sz["batches"]), out["model"], key):
+                out["skipped"].append(f"{what}: the capture failed ({out['model']['capture_errors'][-1]})")
                 continue
-            state = rec.init_state(B)
-            tok = torch.randint(0, 256, (B,), device=rec.device)
-            steps = rate(lambda: rec.step(tok, state, out=state), sz["seconds"])
-            row = {"graphs": graphs, "batch": B, "step_steps_per_s": steps}
-            if engine_ok:
-                batch = decode_batch(rec, B)
-                row["engine_steps_per_s"] = rate(lambda: batch.step(rec), sz["seconds"])
-                if batch.device_sampler:  # beside it, the per-step `sample` of the engine until 2026-12-04
-                    before = decode_batch(rec, B)
-                    before.device_sampler = False
-                    row["engine_sample_per_step_steps_per_s"] = rate(lambda: before.step(rec), sz["seconds"])
-            for what in ("step", "engine"):
-                if f"{what}_steps_per_s" in row:
-                    row[f"{what}_rtf"] = row[f"{what}_steps_per_s"] / RATE
-            out["rows"].append(row)
+            for B in sz["batches"]:
+                if not budget.left():
+                    out["skipped"].append(f"{what} batch {B}: time budget")
+                    continue
+                out["rows"].append(audio_row(rec, B, graphs, triton, engine_ok, sz["seconds"]))
     rec.use_cuda_graphs(None)
     # The memory-bandwidth bound: a step reads and writes every stream's float32 state at least once, so
     # no batch holds more than (bytes/s the device copies) ÷ (2 × state bytes × 16,000) streams unless the
@@ -282,11 +281,34 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
     out["state_bytes_per_stream"] = nbytes = rec.state_bytes_per_sequence
     out["copy_bytes_per_s"] = bw = copy_bandwidth(rec.device, sz["seconds"])
     out["bandwidth_bound_streams"] = bw / (2 * nbytes * RATE)
-    for graphs in modes(device):
-        for what in ("step", "engine"):
-            ok = [r["batch"] for r in out["rows"] if r["graphs"] == graphs and r.get(f"{what}_rtf", 0) >= 1]
-            out[f"streams_at_real_time_{what}_graphs_{'on' if graphs else 'off'}"] = max(ok, default=0)
+    for triton in {r["triton"] for r in out["rows"]}:
+        for graphs in modes(device):
+            for what in ("step", "engine"):
+                mine = [r for r in out["rows"] if (r["graphs"], r["triton"]) == (graphs, triton)]
+                ok = [r["batch"] for r in mine if r.get(f"{what}_rtf", 0) >= 1]
+                key = f"streams_at_real_time_{what}_graphs_{'on' if graphs else 'off'}"
+                out[key + ("_triton" if triton else "")] = max(ok, default=0)
     return out
+
+
+def audio_row(rec, B: int, graphs: bool, triton: bool, engine_ok: bool, seconds: float) -> dict[str, Any]:
+    """One batch size of the audio section: the bare step's steps/s, and the engine's (with the per-step
+    `sample` beside it on CUDA), with their real-time factors."""
+    state = rec.init_state(B)
+    tok = torch.randint(0, 256, (B,), device=rec.device)
+    steps = rate(lambda: rec.step(tok, state, out=state), seconds)
+    row = {"graphs": graphs, "triton": triton, "batch": B, "step_steps_per_s": steps}
+    if engine_ok:
+        batch = decode_batch(rec, B)
+        row["engine_steps_per_s"] = rate(lambda: batch.step(rec), seconds)
+        if batch.device_sampler:  # beside it, the per-step `sample` of the engine until 2026-12-04
+            before = decode_batch(rec, B)
+            before.device_sampler = False
+            row["engine_sample_per_step_steps_per_s"] = rate(lambda: before.step(rec), seconds)
+    for what in ("step", "engine"):
+        if f"{what}_steps_per_s" in row:
+            row[f"{what}_rtf"] = row[f"{what}_steps_per_s"] / RATE
+    return row
 
 
 def ttft_under_load(rec, load: int, sz: dict, graphs: bool) -> dict[str, Any]:
@@ -400,22 +422,30 @@ def run(quick: bool, device: str = "cuda") -> dict[str, Any]:
 
 def plot(data: dict[str, Any], quick: bool) -> None:
     fig, (a1, a2, a3) = subplots(3, width=5.5)
-    for d, g, c in [(d, g, False) for d in ("float32", "bfloat16") for g in (True, False)] + [
-        ("float32", True, True)
-    ]:
-        rows = [r for r in data["step"]["rows"]
-                if r["dtype"] == d and r["graphs"] == g and r.get("compiled", False) == c]  # fmt: skip
-        if rows:
-            label = f"{d}, graphs {'on' if g else 'off'}" + (", torch.compile" if c else "")
-            a1.plot([r["batch"] for r in rows], [r["tokens_per_s"] for r in rows], "o-", label=label)
+
+    def kind(r):
+        return r["dtype"], r["graphs"], r.get("compiled", False), r.get("triton", False)
+
+    for d, g, c, t in sorted({kind(r) for r in data["step"]["rows"]}, reverse=True):
+        rows = [r for r in data["step"]["rows"] if kind(r) == (d, g, c, t)]
+        label = (
+            f"{d}, graphs {'on' if g else 'off'}"
+            + (", torch.compile" if c else "")
+            + (", Triton" if t else "")
+        )
+        a1.plot(
+            [r["batch"] for r in rows], [r["tokens_per_s"] for r in rows], "o-" if t else "s--", label=label
+        )
     a1.set(yscale="log", xlabel="batch", ylabel="tokens/s", title="text model step (H = 256)")
     log2_axis(a1, data["sizes"]["batches"])
-    for graphs in (True, False):
-        rows = [r for r in data["audio"]["rows"] if r["graphs"] == graphs]
+    for graphs, triton in sorted({(r["graphs"], r.get("triton", False)) for r in data["audio"]["rows"]},
+                                 reverse=True):  # fmt: skip
+        rows = [r for r in data["audio"]["rows"] if (r["graphs"], r.get("triton", False)) == (graphs, triton)]
         for what, style in (("step", "o-"), ("engine", "s--")):
             pts = [(r["batch"], r[f"{what}_rtf"]) for r in rows if f"{what}_rtf" in r]
             if pts:
-                a2.plot(*zip(*pts), style, label=f"{what}, graphs {'on' if graphs else 'off'}")
+                label = f"{what}, graphs {'on' if graphs else 'off'}" + (", Triton" if triton else "")
+                a2.plot(*zip(*pts), style, label=label)
     a2.axhline(1.0, color="k", lw=0.8)
     bound = data["audio"].get("bandwidth_bound_streams")
     if bound:

@@ -37,6 +37,7 @@ import sys
 import torch
 
 from model import fused, linalg
+from model import triton_step as triton_kernel
 from model.kernel import SSMKernel, discretize
 from model.layer import fft_conv
 from model.network import check_token_dtype, check_token_ids
@@ -763,8 +764,11 @@ class RecurrentModel:
     dtype to serve in (default: the net's own, which must be one dtype of `LOGITS_TOL`): the net's
     weights are cast to it *after* the float64 conversion; `logits_tol` the network check's tolerance
     (default `LOGITS_TOL[dtype]`); `fused_step`/`fused_network` allow the C step on CPU (not for
-    float64 weights for the whole-network one). After conversion `report` holds one dict per layer and
-    `verification` the network check: dtype, tokens, step_rel_err, prefill_rel_err, tol.
+    float64 weights for the whole-network one); `triton_step` steps the diagonal layers with the Triton
+    kernel (`model/triton_step.py`) where the C step does not run: None (default) on a CUDA device when
+    triton imports and `S4_TRITON_STEP` is not 0, True also on CPU under Triton's interpreter (tests).
+    After conversion `report` holds one dict per layer and `verification` the network check: dtype,
+    tokens, step_rel_err, prefill_rel_err, tol.
 
     Raises VerificationError when a layer or the network fails its check (the message names the layer
     or the dtype and the errors), ValueError for weights of mixed or unsupported dtypes.
@@ -782,6 +786,7 @@ class RecurrentModel:
         fused_network=True,
         dtype: torch.dtype | None = None,
         logits_tol: float | None = None,
+        triton_step: bool | None = None,
     ):
         device = torch.device(device) if device is not None else next(net.parameters()).device
         self.dtype = dtype = served_dtype(net, dtype)
@@ -826,6 +831,12 @@ class RecurrentModel:
                 self._net_step = fused.NetStep(self._fused, self.net, self.layers)
             except ValueError:  # something the C step does not compute (it names it): keep the torch ops
                 pass
+        if triton_step is None:
+            triton_step = triton_kernel.wanted(device)
+        if triton_step and not triton_kernel.available():
+            raise ValueError("triton_step=True needs the triton package")
+        # the diagonal layers' step as one Triton kernel each (the torch step's path: CUDA, or tests)
+        self._triton = bool(triton_step) and any(f.form == "diagonal" for f in self.layers)
         self._state_bound: torch.Tensor | None = None
         self._graphs = None  # model.cuda_graphs.BucketedStep, set by use_cuda_graphs
         self._compiled_step = None  # torch.compile of _step_torch, set by compile_step
@@ -978,6 +989,23 @@ class RecurrentModel:
 
         return self._run(tokens, layer_ssm), new
 
+    def _step_triton(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None):
+        """The torch step with each diagonal layer's SSM one Triton kernel that writes its next state
+        straight into `out` (or a new tensor): no padding, stacking or copying of the state. A DPLR layer
+        takes its torch step."""
+        new = torch.empty_like(state) if out is None else out
+
+        def layer_ssm(i, form, u):
+            if form.form != "diagonal":
+                y, x = form.step(u, state[i, ..., : form.M])
+                new[i].copy_(self._pad(x, 3))
+                return y
+            y = torch.empty_like(u)
+            triton_kernel.diag_step(form, u, state[i], new[i], y)
+            return y
+
+        return self._run(tokens, layer_ssm), new
+
     def _step_torch(self, tokens: torch.Tensor, state: torch.Tensor):
         new = []
 
@@ -996,6 +1024,20 @@ class RecurrentModel:
         2026-12-04). Compiles lazily, at the first step of each kind; call it before `use_cuda_graphs`,
         whose warm-up runs then compile before the capture. The C steps on CPU are not affected."""
         self._compiled_step = torch.compile(self._step_torch, dynamic=True) if on else None
+        self._recapture()
+
+    def use_triton_step(self, on: bool = True) -> None:
+        """Step the diagonal layers with the Triton kernel (`model/triton_step.py`; on, where the C step
+        does not run: CUDA, or CPU under Triton's interpreter) or with torch ops (off). The CUDA graphs, if
+        captured, are captured again. The kernel is on by default on CUDA (`S4_TRITON_STEP`); benchmarks
+        measure both. Raises ValueError for on without the triton package."""
+        if on and not triton_kernel.available():
+            raise ValueError("the Triton step needs the triton package")
+        self._triton = bool(on) and any(f.form == "diagonal" for f in self.layers)
+        self._recapture()
+
+    def _recapture(self) -> None:
+        """Capture the CUDA graphs again (after the step they replay changed), if any are captured."""
         if self._graphs is not None:  # its buckets hold the other step (captured): made again
             from model.cuda_graphs import BucketedStep  # noqa: PLC0415
 
@@ -1047,6 +1089,8 @@ class RecurrentModel:
             check_token_ids(tokens, self.config.vocab_size)
         if self._fused is not None and contiguous_out:
             return self._step_fused(tokens, state, out)
+        if self._triton and self._compiled_step is None and state.stride(-1) == 1 and contiguous_out:
+            return self._step_triton(tokens, state, out)
         logits, new = (self._compiled_step or self._step_torch)(tokens, state)
         return logits, new if out is None else out.copy_(new)
 

@@ -77,6 +77,15 @@ class Settings(BaseSettings):
         "(1, 2, 4, … up to max_batch_size, at most 1024; a batch is padded up to its bucket), captured at "
         "load; 0 steps with plain torch ops. Ignored on CPU and for SaShiMi models",
     )
+    triton_step: bool = Field(
+        True,
+        description="on a CUDA device, step each diagonal SSM layer (S4D, and S4 layers converted to "
+        "diagonal) of a batch with one Triton kernel that reads and writes its state once "
+        "(model/triton_step.py; verified against conv mode at load, as every step is), where the plain "
+        "step takes a dozen elementwise kernels a layer; needs the triton package (PyTorch's CUDA wheels "
+        "ship it). Ignored on CPU (the C step), and where triton is missing. With S4_COMPILE_STEP the "
+        "compiled torch step runs instead",
+    )
     compile_step: bool = Field(
         False,
         description="on a CUDA device, run the decode step through torch.compile (Inductor, dynamic batch "

@@ -14,6 +14,7 @@ import psutil
 import torch
 
 from model import VerificationError, load
+from model import triton_step as triton_kernel
 from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, read_config
 from model.codecs import MuLaw
 from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
@@ -279,7 +280,10 @@ def load_model(
     name = model_id or path.name
     wanted = settings.dtype_for(name)
     dtype = getattr(torch, wanted)
-    rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=dtype)
+    triton_step = settings.triton_step and torch.device(device).type == "cuda" and triton_kernel.available()
+    rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=dtype, triton_step=triton_step)
+    if triton_step:
+        log.info("model %s: its diagonal layers step with the Triton kernel (S4_TRITON_STEP)", name)
     _check_stop(stop)
     if dtype != torch.float32 and device == "cpu":
         ops = str(rec.compute_dtype).removeprefix("torch.")

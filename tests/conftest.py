@@ -8,6 +8,12 @@ import torch  # noqa: E402
 
 from model.cauchy import keops_cache_folder  # noqa: E402
 
+# Without CUDA, Triton kernels (model/triton_step.py) run in Triton's interpreter on CPU tensors. It must be
+# chosen before triton is imported (its library functions, tl.sum among them, are made then); nothing has
+# imported it yet (model/triton_step.py imports it at its first kernel call).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Under pytest-xdist (make test runs 2 workers) one KeOps cache per worker: KeOps writes a formula's source
 # and library in place, without a lock, so two workers compiling the same formula at once could load a
 # half-written library. The modules that compile most formulas share one worker (KEOPS_MODULES below), so

@@ -13,12 +13,13 @@ the unpadded batch, matmuls at another batch size may round differently: float32
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
 
-from model import ModelConfig, SequenceModel, save
+from model import ModelConfig, SequenceModel, load, save
 from model.cuda_graphs import bucket_sizes
 from model.recurrent import LOGITS_TOL
 
@@ -219,7 +220,7 @@ def test_the_compiled_step_through_the_graphs_matches_the_plain_step(kernel):
     states of 8 steps at batch 1, 5 and 64 (buckets 1, 8, 64; two compiles: batch 1 and the dynamic rest)
     within 1e-5 of the plain eager step (Inductor may order a sum differently), and greedy tokens equal."""
     net = tiny_net(kernel)
-    plain = net.to_recurrent(device="cuda")
+    plain = net.to_recurrent(device="cuda", triton_step=False)
     rec = net.to_recurrent(device="cuda")
     rec.compile_step(True)
     rec.use_cuda_graphs(bucket_sizes(64))
@@ -237,3 +238,60 @@ def test_the_compiled_step_through_the_graphs_matches_the_plain_step(kernel):
                 assert torch.equal(t_a, t_b)
     finally:
         rec.use_cuda_graphs(None)
+
+
+AUDIO = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+@pytest.mark.parametrize("name", ["s4d", "audio-digits-s4"])
+def test_the_triton_step_matches_the_torch_step_eager_and_through_the_graphs(name):
+    """The Triton step (model/triton_step.py, the CUDA default) against the plain torch step: 8 steps at
+    batch 1, 5, 64 (buckets) and 200 (past them: eager), graphs off then on; float32 within 1e-5 (FMA and
+    the sum's order differ), greedy tokens equal. audio-digits-s4: the shipped model (4 diagonal layers,
+    H = 128, 32 slots)."""
+    net = tiny_net("s4d") if name == "s4d" else load(AUDIO / name)
+    plain = net.to_recurrent(device="cuda", triton_step=False)
+    rec = net.to_recurrent(device="cuda", triton_step=True)
+    assert rec._triton and not plain._triton
+    try:
+        for buckets in (None, bucket_sizes(64)):
+            rec.use_cuda_graphs(buckets)
+            for n in (1, 5, 64, 200):
+                tok, state = reached_state(plain, n)
+                s_a, s_b = state.clone(), state.clone()
+                t_a, t_b = tok.clone(), tok.clone()
+                for _ in range(8):
+                    la, s_a = rec.step(t_a, s_a, out=s_a)
+                    lb, s_b = plain.step(t_b, s_b)
+                    torch.testing.assert_close(la, lb, **F32)
+                    torch.testing.assert_close(s_a, s_b, **F32)
+                    t_a, t_b = la.argmax(-1), lb.argmax(-1)
+                    assert torch.equal(t_a, t_b)
+    finally:
+        rec.use_cuda_graphs(None)
+
+
+def test_sashimi_on_cuda_steps_with_the_triton_kernel_as_with_torch_ops():
+    """The shipped SaShiMi (audio-digits) on CUDA: the Triton step (its top level's layers in place) against
+    the torch step, 3 rows at different pooling phases over 64 steps. The difference grows through its
+    levels' blocks and over the steps, so the test is on the whole: relative error (Frobenius norm) of
+    the logits and of the final state ≤ 1e-5. The same test on CPU with Triton's interpreter (the
+    same arithmetic, another order of the sum; no FMA): 4.4e-7 and 1.0e-7 (2026-12-04)."""
+    net = load(AUDIO / "audio-digits")
+    rec = net.to_recurrent(device="cuda", triton_step=True)
+    plain = net.to_recurrent(device="cuda", triton_step=False)
+    g = torch.Generator().manual_seed(0)
+    states = [plain.prefill(torch.randint(0, 256, (1, k), generator=g).cuda(), plain.init_state(1))[1]
+              for k in (5, 11)]  # fmt: skip
+    state = torch.cat([states[0], plain.init_state(1), states[1]])
+    tokens = torch.randint(0, 256, (3, 64), generator=g).cuda()
+    s_a, s_b, la, lb = state.clone(), state.clone(), [], []
+    for t in range(tokens.shape[1]):
+        a, s_a = rec.step(tokens[:, t], s_a)
+        b, s_b = plain.step(tokens[:, t], s_b)
+        la.append(a)
+        lb.append(b)
+    la, lb = torch.stack(la), torch.stack(lb)
+    rel_logits = float((la - lb).norm() / lb.norm())
+    rel_state = float((s_a - s_b).norm() / s_b.norm())
+    assert rel_logits <= 1e-5 and rel_state <= 1e-5, (rel_logits, rel_state)

@@ -38,6 +38,7 @@ import numbers
 import torch
 
 from model import fused, recurrent
+from model import triton_step as triton_kernel
 from model.arch.sashimi import S4Block, SaShiMi
 from model.network import check_token_ids
 from model.recurrent import (
@@ -70,8 +71,11 @@ class SaShiMiRecurrent:
     docstring: Precision). After conversion `report` holds one dict per S4 layer and `verification` the
     network check (as RecurrentModel's): step and prefill of a probe at the served dtype against the
     float64 conv mode, within `logits_tol` (default LOGITS_TOL[dtype]: 1e-4 for float32, 4u for 16
-    bits). Raises ValueError for weights of mixed or unsupported dtypes, VerificationError when a check
-    fails (naming the dtype and the errors)."""
+    bits). `triton_step`: each diagonal layer's step of a whole batch is one Triton kernel that updates the
+    state in place (`model/triton_step.py`; where the C step does not run): None (default) on a CUDA
+    device when triton imports and `S4_TRITON_STEP` is not 0, True also on CPU under Triton's
+    interpreter (tests). Raises ValueError for weights of mixed or unsupported dtypes, VerificationError
+    when a check fails (naming the dtype and the errors)."""
 
     batch_dim = 0
 
@@ -85,6 +89,7 @@ class SaShiMiRecurrent:
         dtype: torch.dtype | None = None,
         logits_tol: float | None = None,
         fused_network=True,
+        triton_step: bool | None = None,
     ):
         device = torch.device(device) if device is not None else next(net.parameters()).device
         self.dtype = dtype = recurrent.served_dtype(net, dtype)
@@ -127,9 +132,21 @@ class SaShiMiRecurrent:
                 self._net_step = fused.SaShiMiStep(self._fused, self)
             except ValueError:
                 pass
+        if triton_step is None:
+            triton_step = triton_kernel.wanted(device)
+        if triton_step and not triton_kernel.available():
+            raise ValueError("triton_step=True needs the triton package")
+        self._triton = bool(triton_step)
         self._state_bound: torch.Tensor | None = None
         tol_net = LOGITS_TOL[dtype] if logits_tol is None else logits_tol
         self.verification = self._verify_network(net, tol_net)
+
+    def use_triton_step(self, on: bool = True) -> None:
+        """Step the diagonal layers with the Triton kernel (on; where the C step does not run) or with
+        torch ops (off), as `RecurrentModel.use_triton_step`. Raises ValueError for on without triton."""
+        if on and not triton_kernel.available():
+            raise ValueError("the Triton step needs the triton package")
+        self._triton = bool(on)
 
     def _verify_network(self, net: SaShiMi, tol: float) -> dict:
         """Step 2 probe sequences (fixed seed) through every phase, and prefill them in two parts split
@@ -351,14 +368,20 @@ class SaShiMiRecurrent:
                 u32 = u.float().contiguous()
                 xs = self.layout.view(st, f"{name}.x")
                 x0 = xs if rows is None else xs[rows]
+                form = self.forms[name]
                 if self._fused is not None:
                     x0 = x0.contiguous()
                     y, x1 = torch.empty_like(u32), torch.empty_like(x0)
-                    self.forms[name].step_fused(self._fused, u32, x0, x1, y)
+                    form.step_fused(self._fused, u32, x0, x1, y)
+                elif self._triton and rows is None and form.form == "diagonal":
+                    y, x1 = torch.empty_like(u32), None  # the state's view stepped in place
+                    triton_kernel.diag_step(form, u32, xs, xs, y)
                 else:
-                    y, x1 = self.forms[name].step(u32, x0)
+                    y, x1 = form.step(u32, x0)
                 y = y.to(x.dtype)
-                if rows is None:
+                if x1 is None:
+                    pass
+                elif rows is None:
                     xs.copy_(x1)
                 else:
                     xs[rows] = x1

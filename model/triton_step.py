@@ -1,0 +1,145 @@
+"""The diagonal SSM's recurrent step as one Triton kernel: the GPU's counterpart of the fused C step.
+
+`DiagonalSSM.step` in torch ops is about a dozen elementwise kernels a layer, each reading and writing
+(B, H, M) floats, and the caller then pads, stacks and copies the new state: some twenty passes over the
+state a layer. On an H200 (2026-12-04, `bench.gpu`) the audio model's step was launch-bound at batch 1
+(199 µs a CUDA-graph replay) and traffic-bound at batch 1,024 (771 steps/s, where reading and writing the
+state once a step allows ~16k). This kernel reads each layer's state once and writes it once, in place
+when asked:
+
+    x₁' = p x₁ − m x₂ + b₁ u,   x₂' = m x₁ + s x₂ + b₂ u,   y = Σ (cr x₁' − ci x₂')
+
+over the M slots of each (row, channel) (`DiagonalSSM`: a slot's real 2 × 2 block [[p, −m], [m, s]] from
+`real_block_slots`). A program steps ROWS (row, channel) pairs, the slots on its other axis; slots past
+the layer's own M (a layer with fewer modes than the state) are written as zeros, as `_pad` does.
+
+The same kernel runs without a GPU in Triton's interpreter (numpy, on CPU tensors) when TRITON_INTERPRET=1
+is set before triton is imported (tests/conftest.py sets it where CUDA is absent): slow, but the tests
+check it there against a float64 reference (`tests/test_triton_step.py`), and CI runs them. On a GPU the
+compiled kernel runs (`tests/test_cuda.py`).
+
+Triton: https://triton-lang.org (the `triton` package; PyTorch's CUDA wheels ship it).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+# imported by the first kernel call (`_kernel`): 0.2 s, which only a GPU (or the tests) should pay
+triton = tl = None
+
+ROWS = 16  # (row, channel) pairs a program steps: 16 × 32 slots × 2 coordinates = 4 KiB of state read
+
+
+def available() -> bool:
+    """Whether the `triton` package is installed (the kernel can run: compiled on CUDA, interpreted on
+    CPU)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def wanted(device: torch.device | str) -> bool:
+    """Whether a model on `device` steps its diagonal layers with this kernel by default: a CUDA device,
+    triton importable and `S4_TRITON_STEP` not "0" (the server's setting, read here so that every way of
+    loading a model agrees)."""
+    on = os.environ.get("S4_TRITON_STEP", "1") != "0"
+    return torch.device(device).type == "cuda" and available() and on
+
+
+def _diag_step(x_ptr, xo_ptr, u_ptr, y_ptr, p_ptr, m_ptr, s_ptr, b1_ptr, b2_ptr, cr_ptr, ci_ptr,
+               n_pairs, H, M, M_state, sx_b, sx_h, sx_c, so_b, so_h, so_c, su_b, su_h, sy_b, sy_h,
+               ROWS: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """One program: (row, channel) pairs pid·ROWS … +ROWS, every slot of each (see the module docstring).
+    Pointers: x, xo (B, H, 2, M_state) float32 with strides (sx_b, sx_h, sx_c, 1) and (so_*), u, y (B, H)
+    float32; the parameters (H, M) float32 contiguous. Loads everything it reads before it stores, and
+    no two programs touch one pair: x and xo may be the same tensor."""
+    pid = tl.program_id(0)
+    r = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,) flat pair index b·H + h
+    rmask = r < n_pairs
+    b = r // H
+    h = r % H
+    j = tl.arange(0, BLOCK_M)  # (BLOCK_M,) slot
+    lm = rmask[:, None] & (j < M)[None, :]  # the layer's own slots
+    sm = rmask[:, None] & (j < M_state)[None, :]  # every slot of the state (the rest written as 0)
+    xo_ = (b * sx_b + h * sx_h)[:, None] + j[None, :]
+    x1 = tl.load(x_ptr + xo_, mask=lm, other=0.0)
+    x2 = tl.load(x_ptr + xo_ + sx_c, mask=lm, other=0.0)
+    po = (h * M)[:, None] + j[None, :]
+    p = tl.load(p_ptr + po, mask=lm, other=0.0)
+    m = tl.load(m_ptr + po, mask=lm, other=0.0)
+    s = tl.load(s_ptr + po, mask=lm, other=0.0)
+    b1 = tl.load(b1_ptr + po, mask=lm, other=0.0)
+    b2 = tl.load(b2_ptr + po, mask=lm, other=0.0)
+    cr = tl.load(cr_ptr + po, mask=lm, other=0.0)
+    ci = tl.load(ci_ptr + po, mask=lm, other=0.0)
+    u = tl.load(u_ptr + b * su_b + h * su_h, mask=rmask, other=0.0)[:, None]
+    n1 = p * x1 - m * x2 + b1 * u
+    n2 = s * x2 + m * x1 + b2 * u
+    y = tl.sum(cr * n1 - ci * n2, axis=1)
+    oo = (b * so_b + h * so_h)[:, None] + j[None, :]
+    tl.store(xo_ptr + oo, n1, mask=sm)
+    tl.store(xo_ptr + oo + so_c, n2, mask=sm)
+    tl.store(y_ptr + b * sy_b + h * sy_h, y, mask=rmask)
+
+
+@functools.cache
+def _kernel():
+    """The kernel: compiled for CUDA by triton.jit, or Triton's interpreter when TRITON_INTERPRET=1 was
+    set before triton was imported (its own library functions, tl.sum among them, are made then). Imports
+    triton (module globals: the kernel's body reads `tl` from them when it is compiled)."""
+    global triton, tl  # noqa: PLW0603
+    import triton as triton_mod  # noqa: PLC0415
+    import triton.language as tl_mod  # noqa: PLC0415
+
+    triton, tl = triton_mod, tl_mod
+    return triton.jit(_diag_step)
+
+
+def interpreting() -> bool:
+    """Whether triton runs kernels in its interpreter (TRITON_INTERPRET=1 at import): CPU tensors only."""
+    return available() and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def diag_step(form, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch.Tensor) -> None:
+    """One step of a `DiagonalSSM` (`form`: its float32 mur, mui, mus, br, bi, cr, ci, each (H, M) and
+    contiguous: p, m, s, b₁, b₂, cr, ci above) for a batch.
+
+    u (B, H) float32, the SSM's input; x (B, H, 2, M_state) float32 the slots' coordinates x₁, x₂,
+    M_state ≥ form.M (slots past form.M are read as 0 and written as 0), any batch stride, unit stride
+    on the slots; writes the next state into xo (x's shape; may be x itself) and the output into y (B, H)
+    float32. CUDA tensors run the compiled kernel, CPU tensors Triton's interpreter. Raises ValueError
+    for a shape, dtype, device or layout it does not take, RuntimeError when triton is not installed."""
+    if not available():
+        raise RuntimeError("the Triton step needs the triton package (pip install triton)")
+    B, H, two, Ms = x.shape
+    M = form.M
+    if two != 2 or H != form.H or Ms < M or xo.shape != x.shape or u.shape != (B, H) or y.shape != (B, H):
+        raise ValueError(
+            f"x {tuple(x.shape)}, xo {tuple(xo.shape)}, u {tuple(u.shape)}, y {tuple(y.shape)}: expected "
+            f"x and xo (B, {form.H}, 2, ≥ {M}), u and y (B, {form.H})"
+        )
+    params = (form.mur, form.mui, form.mus, form.br, form.bi, form.cr, form.ci)  # (H, M) each
+    ts = (x, xo, u, y, *params)
+    if any(t.dtype != torch.float32 for t in ts) or len({t.device for t in ts}) != 1:
+        raise ValueError("the Triton step takes float32 tensors on one device")
+    if x.stride(3) != 1 or xo.stride(3) != 1:
+        raise ValueError("x and xo need unit stride on the slots")
+    if (x.device.type == "cuda") == interpreting():
+        raise ValueError(
+            f"tensors on {x.device.type} with TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}: "
+            "the compiled kernel takes CUDA tensors, the interpreter (TRITON_INTERPRET=1 before triton is "
+            "imported) CPU tensors"
+        )
+    if not B:
+        return
+    kernel = _kernel()
+    block_m = triton.next_power_of_2(Ms)
+    grid = (triton.cdiv(B * H, ROWS),)
+    kernel[grid](
+        x, xo, u, y, *params, B * H, H, M, Ms,
+        *x.stride()[:3], *xo.stride()[:3], *u.stride(), *y.stride(),
+        ROWS=ROWS, BLOCK_M=block_m, enable_fp_fusion=True,
+    )  # fmt: skip
