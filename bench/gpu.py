@@ -4,11 +4,15 @@ under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
 1. **Step.** `RecurrentModel.step` of the shipped text model (4 layers, H = 256, N = 64, V = 256), in
    place, at batch 1, 2, 4, …, 1024: tokens/s with the graphs (`model/cuda_graphs.py`: copy in, replay,
    copy out) and with the plain torch ops; float32 and bfloat16 weights (`S4_DTYPE`; states float32);
-   with the graphs also the replay alone (what the copies in and out cost); float32 also with the step
-   compiled by torch.compile and captured in the graphs (`S4_COMPILE_STEP`; rows "compiled": true).
+   with the graphs also the replay alone (what the copies in and out cost) and the batch resident in its
+   bucket's buffer (`resident_state`: stepped in place, no copies; the engine's way since 2026-12-04);
+   each with the Triton step (`model/triton_step.py`, the CUDA default; rows "triton": true) and with
+   the torch ops it replaces; float32 also with the step compiled by torch.compile and captured in the
+   graphs (`S4_COMPILE_STEP`; rows "compiled": true).
 2. **Audio streams at 16 kHz.** The shipped audio-digits-s4 weights (H = 128, 4 layers, N = 64; trained at
    8 kHz: a step costs the same whatever the rate, so it stands for a 16 kHz model of that shape), at
-   batch B: steps/s of the bare step, and of the engine's whole per-step work (`DecodeBatch.step`: the
+   batch B, with the Triton step and with the torch ops: steps/s of the bare step (with the graphs also
+   resident: "step_resident"), and of the engine's whole per-step work (`DecodeBatch.step`: the
    step, sampling with one generator per stream, the one host copy; on CUDA beside it the engine as it
    sampled until 2026-12-04, `sample` per step instead of the `RowSampler` that keeps the rows' settings
    on the device). A stream needs 16,000 steps/s, so
@@ -217,6 +221,7 @@ def bench_step(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, An
                 if graphs:  # the replay alone, without the copies in and out of the static buffers
                     replay = rec._graphs.bucket(B).graph.replay
                     row["replay_only_us_per_step"] = 1e6 / rate(replay, sz["seconds"])
+                    row["resident_steps_per_s"] = resident_rate(rec, tok, state, sz["seconds"])
                 out["rows"].append(row)
         rec.use_cuda_graphs(None)  # frees the graphs' memory before the next model
         rec.compile_step(False)
@@ -283,7 +288,7 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
     out["bandwidth_bound_streams"] = bw / (2 * nbytes * RATE)
     for triton in {r["triton"] for r in out["rows"]}:
         for graphs in modes(device):
-            for what in ("step", "engine"):
+            for what in ("step", "step_resident", "engine"):
                 mine = [r for r in out["rows"] if (r["graphs"], r["triton"]) == (graphs, triton)]
                 ok = [r["batch"] for r in mine if r.get(f"{what}_rtf", 0) >= 1]
                 key = f"streams_at_real_time_{what}_graphs_{'on' if graphs else 'off'}"
@@ -298,6 +303,8 @@ def audio_row(rec, B: int, graphs: bool, triton: bool, engine_ok: bool, seconds:
     tok = torch.randint(0, 256, (B,), device=rec.device)
     steps = rate(lambda: rec.step(tok, state, out=state), seconds)
     row = {"graphs": graphs, "triton": triton, "batch": B, "step_steps_per_s": steps}
+    if graphs:
+        row["step_resident_steps_per_s"] = resident_rate(rec, tok, state, seconds)
     if engine_ok:
         batch = decode_batch(rec, B)
         row["engine_steps_per_s"] = rate(lambda: batch.step(rec), seconds)
@@ -305,10 +312,20 @@ def audio_row(rec, B: int, graphs: bool, triton: bool, engine_ok: bool, seconds:
             before = decode_batch(rec, B)
             before.device_sampler = False
             row["engine_sample_per_step_steps_per_s"] = rate(lambda: before.step(rec), seconds)
-    for what in ("step", "engine"):
+    for what in ("step", "step_resident", "engine"):
         if f"{what}_steps_per_s" in row:
             row[f"{what}_rtf"] = row[f"{what}_steps_per_s"] / RATE
     return row
+
+
+def resident_rate(rec, tok: torch.Tensor, state: torch.Tensor, seconds: float) -> float:
+    """Steps/s of the batch made resident in its bucket's buffer (`resident_state`: the graph replays on
+    it in place, no copies in or out; the engine's decode batch steps so since 2026-12-04)."""
+    view = rec.resident_state(state.clone())
+    try:
+        return rate(lambda: rec.step(tok, view, out=view), seconds)
+    finally:
+        rec._graphs.resident_bucket = None
 
 
 def ttft_under_load(rec, load: int, sz: dict, graphs: bool) -> dict[str, Any]:
@@ -441,7 +458,7 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     for graphs, triton in sorted({(r["graphs"], r.get("triton", False)) for r in data["audio"]["rows"]},
                                  reverse=True):  # fmt: skip
         rows = [r for r in data["audio"]["rows"] if (r["graphs"], r.get("triton", False)) == (graphs, triton)]
-        for what, style in (("step", "o-"), ("engine", "s--")):
+        for what, style in (("step", "o-"), ("step_resident", "^:"), ("engine", "s--")):
             pts = [(r["batch"], r[f"{what}_rtf"]) for r in rows if f"{what}_rtf" in r]
             if pts:
                 label = f"{what}, graphs {'on' if graphs else 'off'}" + (", Triton" if triton else "")

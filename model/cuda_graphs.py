@@ -14,6 +14,15 @@ LayerNorm, the linear layers, the SSM step, the head), so row i's result depends
 alone (`tests/test_cuda_graphs.py` checks it on CPU, `tests/test_cuda.py` on the captured graph).
 A batch above the largest bucket runs the plain (eager) step.
 
+**A resident batch.** The copies in and out move the whole state twice a step: at 1,024 rows of the audio
+model 4 × 134 MB, as much traffic as the Triton step itself. `resident(state)` moves a batch's state into
+its bucket's buffer once and returns the view rows 0..n−1 of it; a step given that view (with `out` the
+same view, as the engine steps) replays the graph on it in place, with no copies (with another `out`, or
+none, it runs the eager step: the view must then stay as it was). One batch is resident at
+a time (the engine's decode batch); while it is, another caller's batch of that bucket runs the eager step
+on its own tensors (the replay would overwrite the resident rows). `resident` of another size (the batch
+grew or was compacted) moves it to that size's bucket.
+
 The same class runs without CUDA (`capture=False`): the buckets, padding and static buffers, with the
 eager step in place of the replay. The CPU tests check that path bit for bit against the plain step.
 
@@ -87,7 +96,9 @@ class BucketedStep:
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {rec.device}")
         self.rec, self.buckets, self.capture = rec, tuple(buckets), capture
         self.buffers: dict[int, StepBuffers] = {}
-        self.eager_calls = 0  # batches above the largest bucket
+        self.eager_calls = 0  # batches above the largest bucket, or another batch of the resident bucket
+        self.resident_bucket: int | None = None  # the bucket whose buffer holds the resident batch
+        self.copied_calls = 0  # steps whose state was copied in and out (not resident)
 
     def _eager(self, buf: StepBuffers) -> torch.Tensor:
         # buf.tok holds ids `step` checked (or the padding's zeros); no check here: under capture the
@@ -131,6 +142,37 @@ class BucketedStep:
             self.bucket(b)
         return time.perf_counter() - t0
 
+    @staticmethod
+    def _is_rows_of(t: torch.Tensor | None, buf: StepBuffers, n: int) -> bool:
+        """Whether t is rows 0..n−1 of buf.state (the view `resident` returns)."""
+        return (
+            t is not None and t.data_ptr() == buf.state.data_ptr() and t.shape[1] == n
+            and t.stride() == buf.state.stride() and t.shape == buf.state[:, :n].shape
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def resident(self, state: torch.Tensor) -> torch.Tensor:
+        """The batch `state` (n_layers, n, H, 2, M) float32, 1 ≤ n ≤ the largest bucket, as rows 0..n−1 of
+        its bucket's buffer (copied there unless it is that view already; the rows past n zeroed): step it
+        with `out` the returned view and the graph replays on it in place. Makes it the one resident batch.
+        A batch above the largest bucket is returned as it is. Raises ValueError for n < 1."""
+        n = state.shape[1]
+        b = bucket_for(n, self.buckets)
+        if b is None:
+            self.resident_bucket = None
+            return state
+        buf = self.bucket(b)
+        if self.resident_bucket == b and self._is_rows_of(state, buf, n):
+            return state
+        view = buf.state[:, :n]
+        if state.data_ptr() != buf.state.data_ptr():
+            view.copy_(state)
+        else:  # a view of the buffer at other rows or another shape: through a copy
+            view.copy_(state.clone())
+        buf.state[:, n:].zero_()
+        self.resident_bucket = b
+        return view
+
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None):
         n = tokens.shape[0]
@@ -139,16 +181,27 @@ class BucketedStep:
             self.eager_calls += 1
             return self.rec._step_eager(tokens, state, out)
         buf = self.bucket(b)
+        # stepped in place in the buffer: the resident batch, asked to be updated in place (out=state; with
+        # another out the state passed in must stay as it was)
+        in_place = b == self.resident_bucket and out is state and self._is_rows_of(state, buf, n)
+        if b == self.resident_bucket and not in_place:  # the replay would overwrite the resident rows
+            self.eager_calls += 1
+            return self.rec._step_eager(tokens, state, out, ids_checked=True)
         buf.calls += 1
         buf.tok[:n].copy_(tokens)
-        buf.state[:, :n].copy_(state)
-        if b > n:  # padded rows: a zero state fed token 0 (finite, and row-wise isolated anyway)
+        if b > n:
             buf.tok[n:].zero_()
-            buf.state[:, n:].zero_()
+        if not in_place:
+            self.copied_calls += 1
+            buf.state[:, :n].copy_(state)
+            if b > n:  # padded rows: a zero state fed token 0 (finite, and row-wise isolated anyway)
+                buf.state[:, n:].zero_()
         if buf.graph is not None:
             buf.graph.replay()
         else:
             buf.logits = self._eager(buf)
+        if in_place:
+            return buf.logits[:n].clone(), state
         new = torch.empty_like(state) if out is None else out
         new.copy_(buf.state[:, :n])
         return buf.logits[:n].clone(), new

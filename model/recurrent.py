@@ -1060,6 +1060,19 @@ class RecurrentModel:
         self._graphs = graphs
         return seconds
 
+    def resident_state(self, state: torch.Tensor) -> torch.Tensor:
+        """With CUDA graphs (`use_cuda_graphs`), the batch `state` (n_layers, B, H, 2, M) moved into its
+        bucket's buffer (`BucketedStep.resident`): `step(tokens, view, out=view)` then replays the graph on
+        it in place, without copying the state in and out (what the engine's decode batch does every
+        step). Without graphs, or past the largest bucket (or for an empty batch), `state` itself. Raises
+        ValueError for a wrong shape or dtype."""
+        if self._graphs is None or state.dim() != 5 or not state.shape[1]:
+            return state
+        want = (len(self.layers), state.shape[1], self.H, 2, self.M)
+        if tuple(state.shape) != want or state.dtype != torch.float32:
+            raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
+        return self._graphs.resident(state)
+
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None):
         """tokens (B,) integer ids in 0 … V − 1 (int64; any integer dtype), state (n_layers, B, H, 2, M)

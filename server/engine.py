@@ -377,6 +377,10 @@ class DecodeBatch:
         """One recurrent step of every row, in place; returns the sampled tokens (host ints). Rows
         that ask for log-probabilities get them in `self.logprobs` (row → (logprob, top ids, top
         logprobs)) from the same logits the sampler was given."""
+        if hasattr(rec, "resident_state"):
+            # with CUDA graphs the rows live in their bucket's buffer and step there in place (a no-op
+            # unless the rows changed since: joined past the end, compacted)
+            self.state = rec.resident_state(self.state)
         logits, _ = rec.step(self.tok, self.state, out=self.state)  # (R, V)
         sampler, params, counted, wants = self._row_args(logits.shape[1])
         penalized = (

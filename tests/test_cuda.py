@@ -135,6 +135,30 @@ def test_buffers_are_static_and_a_batch_past_the_largest_bucket_runs_eager(rec):
     assert torch.equal(logits, want_logits) and torch.equal(new, want_state)
 
 
+def test_a_resident_batch_replays_its_graph_in_place_without_copies(rec):
+    """The engine's way (`resident_state`, then step(view, out=view)): 8 steps of 5 rows (bucket 8) replay
+    the graph on the bucket's buffer with no copy in or out, within float32 of the eager step of the
+    unpadded batch (which, the bucket being resident, is what a second caller's batch of 5 runs)."""
+    graphs = rec._graphs
+    tok, state = reached_state(rec, 5)
+    ref_tok, ref = tok.clone(), state.clone()
+    try:
+        view = rec.resident_state(state)
+        assert view.data_ptr() == graphs.buffers[8].state.data_ptr()
+        copied, replays = graphs.copied_calls, graphs.buffers[8].calls
+        for _ in range(8):
+            la, same = rec.step(tok, view, out=view)
+            lb, ref = rec.step(ref_tok, ref)
+            assert same is view
+            torch.testing.assert_close(la, lb, **F32)
+            torch.testing.assert_close(view, ref, **F32)
+            tok, ref_tok = la.argmax(-1), lb.argmax(-1)
+            assert torch.equal(tok, ref_tok)
+        assert graphs.copied_calls == copied and graphs.buffers[8].calls == replays + 8
+    finally:
+        graphs.resident_bucket = None
+
+
 def test_bfloat16_weights_through_the_graphs_stay_within_the_dtype_tolerance():
     """S4_DTYPE=bfloat16 on CUDA: weights bfloat16, states float32, the graph-stepped logits of 2
     sequences × 64 tokens within LOGITS_TOL[bfloat16] (4u, 1.6e-2) of float64 conv mode."""

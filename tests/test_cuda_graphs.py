@@ -169,6 +169,81 @@ def test_the_bucket_step_checks_no_ids_itself_and_step_checks_them_once(rec, mon
         rec._graphs = None
 
 
+def test_a_resident_batch_steps_in_place_in_its_buckets_buffer_without_copies(rec):
+    """`resident_state` moves a batch into its bucket's buffer once; stepped with out = that view it gives
+    the bits of the copying path (another BucketedStep, the same bucket) with no copy in or out. While it
+    is resident: another caller's batch of that bucket runs the eager step and leaves the resident rows
+    alone; a step of the view with out=None leaves the view as it was; grown past the bucket (the engine's
+    torch.cat) it moves to the next bucket, whose rows then hold it, and the old bucket copies again."""
+    step = BucketedStep(rec, bucket_sizes(8), capture=False)
+    copying = BucketedStep(rec, bucket_sizes(8), capture=False)
+    rec._graphs = step
+    try:
+        tok, state = reached_state(rec, 3)
+        ref = state.clone()
+        view = rec.resident_state(state)
+        assert view.data_ptr() == step.buffers[4].state.data_ptr() and step.resident_bucket == 4
+        assert torch.equal(view, state) and view.shape == state.shape
+        assert rec.resident_state(view) is view  # resident already: nothing moves
+        t_a, t_b = tok, tok
+        for _ in range(6):
+            la, same = rec.step(t_a, view, out=view)
+            lb, ref = copying(t_b, ref, out=ref)
+            assert same is view and torch.equal(la, lb) and torch.equal(view, ref)
+            t_a, t_b = la.argmax(-1), lb.argmax(-1)
+        assert step.copied_calls == 0 and copying.copied_calls == 6 and step.buffers[4].calls == 6
+        kept = view.clone()
+        tok2, other = reached_state(rec, 4, seed=3)
+        l2, s2 = rec.step(tok2, other)
+        assert step.eager_calls == 1 and torch.equal(view, kept)
+        want2 = rec._step_eager(tok2, other, None)
+        assert torch.equal(l2, want2[0]) and torch.equal(s2, want2[1])
+        l3, s3 = rec.step(t_a, view)
+        assert torch.equal(view, kept) and s3 is not view and step.eager_calls == 2
+        assert torch.equal(l3, rec._step_eager(t_a, kept, None)[0])  # the eager step ran
+        grown = torch.cat([view, other[:, :2]], dim=1)
+        moved = rec.resident_state(grown)
+        assert step.resident_bucket == 8 and moved.data_ptr() == step.buffers[8].state.data_ptr()
+        assert torch.equal(moved, grown) and bool((step.buffers[8].state[:, 5:] == 0).all())
+        rec.step(tok2, other.clone())
+        assert step.copied_calls == 1  # bucket 4 is no longer resident: copied in and out
+        with pytest.raises(ValueError, match="expected"):
+            rec.resident_state(torch.zeros(2, 3, 32, 2, 3))
+    finally:
+        rec._graphs = None
+
+
+def test_the_engines_decode_batch_steps_resident_and_samples_the_same_tokens(rec, monkeypatch):
+    """The engine's DecodeBatch makes its rows resident before each step: after a step its state is rows
+    of the bucket's buffer, nothing was copied in or out, and the sampled tokens (one seeded generator a
+    row) are those of the copying path. Rows joining past the end move it to the next bucket."""
+    from bench.gpu import decode_batch
+
+    def run(resident: bool) -> tuple[list, BucketedStep]:
+        rec._graphs = BucketedStep(rec, bucket_sizes(8), capture=False)
+        if not resident:
+            monkeypatch.setattr(rec, "resident_state", lambda s: s, raising=False)
+        try:
+            batch = decode_batch(rec, 3)
+            tokens = [batch.step(rec) for _ in range(5)]
+            if resident:
+                assert batch.state.data_ptr() == rec._graphs.buffers[4].state.data_ptr()
+            grown = decode_batch(rec, 2)
+            batch.join([j for j in grown.rows])  # 5 rows: bucket 8
+            tokens += [batch.step(rec) for _ in range(3)]
+            if resident:
+                assert batch.state.data_ptr() == rec._graphs.buffers[8].state.data_ptr()
+            return tokens, rec._graphs
+        finally:
+            rec._graphs = None
+            monkeypatch.undo()
+
+    resident, steps = run(True)
+    copied, copying = run(False)
+    assert steps.copied_calls == 0 and copying.copied_calls == 8
+    assert resident == copied and all(len(t) in (3, 5) for t in resident)
+
+
 def test_a_batch_above_the_largest_bucket_runs_the_plain_step(rec):
     step = BucketedStep(rec, (1, 2, 4), capture=False)
     tok, state = reached_state(rec, 5)
