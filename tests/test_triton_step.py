@@ -1,8 +1,9 @@
 """The diagonal SSM step as one Triton kernel (model/triton_step.py), the GPU's step, tested without a GPU.
 
-Here (no CUDA) the kernel runs in Triton's interpreter on CPU tensors (tests/conftest.py sets
-TRITON_INTERPRET=1 before triton is imported); on a GPU machine tests/test_cuda.py runs the compiled
-kernel. What is checked:
+Without CUDA the kernel runs in Triton's interpreter on CPU tensors (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported); where CUDA is, the same tests run the compiled kernel on
+CUDA tensors (marked `triton`: scripts/gpu-check runs them there), and tests/test_cuda.py compares it with
+the torch step on the shipped models. What is checked:
 - the kernel against the recurrence in float64 from the float64 slots (λ₁, λ₂, b, w of
   `real_block_slots`), not from the float32 copies it reads: batches that end mid-program, a state with
   more slots than the layer's (those written as 0 whatever was there), in place, a strided batch;
@@ -34,6 +35,9 @@ from model import ModelConfig, SequenceModel, build, triton_step
 from model.cuda_graphs import BucketedStep, bucket_sizes
 from model.recurrent import DiagonalSSM, DPLRStep, s4_real_system
 
+pytestmark = pytest.mark.triton
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel's tensors: compiled, or interpreted
 F64 = torch.float64
 U = 2.0**-24
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +55,7 @@ def _form(H: int = 8, n_complex: int = 5, n_real: int = 3, seed: int = 0) -> Dia
     b = torch.randn(H, mu.shape[1], generator=g, dtype=torch.complex128)
     c = torch.randn(H, mu.shape[1], generator=g, dtype=torch.complex128)
     b[:, n_complex:], c[:, n_complex:] = b[:, n_complex:].real, c[:, n_complex:].real  # real modes: real b, c
-    return DiagonalSSM(mu, b, c, "cpu")
+    return DiagonalSSM(mu, b, c, DEV)
 
 
 def _reference(form: DiagonalSSM, u: torch.Tensor, x: torch.Tensor):
@@ -89,15 +93,16 @@ def test_the_kernel_is_the_float64_recurrence_within_float32_rounding(B, extra_s
     H, M = form.H, form.M
     Ms = M + extra_slots
     g = torch.Generator().manual_seed(1)
-    big = torch.randn(B, 3, H, 2, Ms, generator=g) * 4
+    big = (torch.randn(B, 3, H, 2, Ms, generator=g) * 4).to(DEV)
     big[..., M:] = 0  # a state's slots past the layer's own hold 0
     x = big[:, 1] if strided else big[:, 1].contiguous()
-    u = torch.randn(B, H, generator=g) * 2
+    u = (torch.randn(B, H, generator=g) * 2).to(DEV)
     xin, around = x.clone(), big[:, [0, 2]].clone()
     xo = x if in_place else torch.full_like(x, float("nan"))
-    y = torch.full((B, H), float("nan"))
+    y = torch.full((B, H), float("nan"), device=DEV)
     triton_step.diag_step(form, u, x, xo, y)
-    y64, n1, n2, ey, e1, e2 = _reference(form, u, xin)
+    y64, n1, n2, ey, e1, e2 = (t.cpu() for t in _reference(form, u, xin))
+    y, xo = y.cpu(), xo.cpu()
     assert bool(((y.double() - y64).abs() <= ey).all()), (y.double() - y64).abs().max()
     assert bool(((xo[..., 0, :M].double() - n1).abs() <= e1).all())
     assert bool(((xo[..., 1, :M].double() - n2).abs() <= e2).all())
@@ -108,26 +113,27 @@ def test_the_kernel_is_the_float64_recurrence_within_float32_rounding(B, extra_s
 def test_a_rows_result_is_the_same_bits_alone_and_in_any_batch():
     form = _form(H=6, seed=3)
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(9, form.H, 2, form.M, generator=g)
-    u = torch.randn(9, form.H, generator=g)
-    xo, y = torch.empty_like(x), torch.empty(9, form.H)
+    x = torch.randn(9, form.H, 2, form.M, generator=g).to(DEV)
+    u = torch.randn(9, form.H, generator=g).to(DEV)
+    xo, y = torch.empty_like(x), torch.empty(9, form.H, device=DEV)
     triton_step.diag_step(form, u, x, xo, y)
     for i in (0, 4, 8):
-        xi, yi = torch.empty_like(x[i : i + 1]), torch.empty(1, form.H)
+        xi, yi = torch.empty_like(x[i : i + 1]), torch.empty(1, form.H, device=DEV)
         triton_step.diag_step(form, u[i : i + 1], x[i : i + 1], xi, yi)
         assert torch.equal(xi, xo[i : i + 1]) and torch.equal(yi, y[i : i + 1])
 
 
 def test_it_refuses_what_it_does_not_compute_and_an_empty_batch_is_a_no_op():
     form = _form(H=4)
-    x, u, y = torch.zeros(2, 4, 2, form.M), torch.zeros(2, 4), torch.zeros(2, 4)
+    x, u, y = (torch.zeros(*shape, device=DEV) for shape in ((2, 4, 2, form.M), (2, 4), (2, 4)))
     with pytest.raises(ValueError, match="float32"):
         triton_step.diag_step(form, u.double(), x, x, y)
     with pytest.raises(ValueError, match=r"expected"):
-        triton_step.diag_step(form, u, torch.zeros(2, 5, 2, form.M), torch.zeros(2, 5, 2, form.M), y)
+        wrong = torch.zeros(2, 5, 2, form.M, device=DEV)
+        triton_step.diag_step(form, u, wrong, wrong, y)
     with pytest.raises(ValueError, match=r"≥"):  # fewer slots than the layer has
         triton_step.diag_step(form, u, x[..., :-1], x[..., :-1], y)
-    strided = torch.zeros(2, 4, 2, 2 * form.M)[..., ::2]
+    strided = torch.zeros(2, 4, 2, 2 * form.M, device=DEV)[..., ::2]
     with pytest.raises(ValueError, match="unit stride"):
         triton_step.diag_step(form, u, strided, strided, y)
     triton_step.diag_step(form, u[:0], x[:0], x[:0], y[:0])
@@ -137,7 +143,7 @@ def _mixed(net: SequenceModel, s4: SequenceModel, **kw):
     """net's recurrent form (C step off) with layer 0's SSM the exact DPLR step (the fallback for
     ill-conditioned eigenvectors) of the S4 network `s4`'s layer 0 (same H, no more modes), the others as
     converted (diagonal)."""
-    rec = net.to_recurrent(fused_step=False, **kw)
+    rec = net.to_recurrent(device=DEV, fused_step=False, **kw)
     kernel = s4.kernels()[0]
     s = {k: v.detach().cpu() for k, v in kernel.ssm(F64).items()}
     rec.layers[0] = DPLRStep(s, *s4_real_system(s, kernel.L), rec.device)
@@ -172,11 +178,12 @@ def test_a_model_stepping_with_the_kernel_agrees_with_its_torch_step(nets, name,
         rec, plain = _mixed(net, nets["s4"], triton_step=True), _mixed(net, nets["s4"], triton_step=False)
         assert [f.form for f in rec.layers] == ["dplr", "diagonal", "diagonal"]
     else:
-        rec, plain = net.to_recurrent(fused_step=False, triton_step=True), net.to_recurrent(fused_step=False)
+        rec = net.to_recurrent(device=DEV, fused_step=False, triton_step=True)
+        plain = net.to_recurrent(device=DEV, fused_step=False, triton_step=False)
         assert calls, "the verification did not step through the kernel"
         assert rec.verification["step_rel_err"] <= rec.verification["tol"]
     assert rec._triton and not plain._triton and rec._fused is None
-    tokens = torch.randint(0, SMALL["vocab_size"], (3, 24))
+    tokens = torch.randint(0, SMALL["vocab_size"], (3, 24)).to(DEV)
     _, state = step_all(plain, tokens[:, :4], plain.init_state(3))
     calls.clear()
     a, sa = step_all(rec, tokens[:, 4:], state)
@@ -195,11 +202,11 @@ def test_a_model_stepping_with_the_kernel_agrees_with_its_torch_step(nets, name,
 def test_the_buckets_pad_and_copy_around_the_kernel_step(nets):
     """BucketedStep (the CUDA graphs' buffers; capture off here) over the kernel's step: every batch size
     gives the plain step's values (padded rows cannot reach real ones: the kernel is row-wise)."""
-    rec = nets["s4d-ff"].to_recurrent(fused_step=False, triton_step=True)
+    rec = nets["s4d-ff"].to_recurrent(device=DEV, fused_step=False, triton_step=True)
     buckets = BucketedStep(rec, bucket_sizes(8), capture=False)
     for n in (1, 3, 8, 11):
-        tok = torch.randint(0, SMALL["vocab_size"], (n,))
-        state = torch.randn(len(rec.layers), n, rec.H, 2, rec.M) * 0.1
+        tok = torch.randint(0, SMALL["vocab_size"], (n,)).to(DEV)
+        state = (torch.randn(len(rec.layers), n, rec.H, 2, rec.M) * 0.1).to(DEV)
         la, sa = buckets(tok, state)
         lb, sb = rec._step_eager(tok, state, None)
         torch.testing.assert_close(la, lb, **SAME)
@@ -217,13 +224,13 @@ def test_sashimi_steps_its_diagonal_layers_in_place_with_the_kernel(monkeypatch)
     cfg = dict(arch="sashimi", vocab_size=32, d_model=16, n_layers=1, d_state=8, l_max=64, kernel="s4d",
                init="legs", cauchy_backend="torch")  # fmt: skip
     net = build(ModelConfig(**cfg)).eval()
-    rec = net.to_recurrent(fused_step=False, triton_step=True)
-    plain = net.to_recurrent(fused_step=False)
+    rec = net.to_recurrent(device=DEV, fused_step=False, triton_step=True)
+    plain = net.to_recurrent(device=DEV, fused_step=False, triton_step=False)
     assert rec._triton and not plain._triton and {r["form"] for r in rec.report} == {"diagonal"}
-    _, s1 = plain.prefill(torch.randint(0, 32, (1, 5)), plain.init_state(1))
-    _, s2 = plain.prefill(torch.randint(0, 32, (1, 11)), plain.init_state(1))
+    _, s1 = plain.prefill(torch.randint(0, 32, (1, 5)).to(DEV), plain.init_state(1))
+    _, s2 = plain.prefill(torch.randint(0, 32, (1, 11)).to(DEV), plain.init_state(1))
     state = torch.cat([s1, plain.init_state(1), s2])
-    tokens = torch.randint(0, 32, (3, 40))
+    tokens = torch.randint(0, 32, (3, 40)).to(DEV)
     calls.clear()
     a, sa = step_all(rec, tokens, state)
     assert calls
