@@ -700,7 +700,12 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
                     f"{out} is already at step {start} (--stop-at {stop_at}): nothing done", file=sys.stderr
                 )
             return {}
-        if main_proc:
+        if main_proc and start >= tcfg.steps:  # (a --time-budget is then unused: no step is left to plan)
+            again = " and the export" if tcfg.export else ""
+            print(f"{out} already finished its train.steps {tcfg.steps} (at step {start}): nothing to train; "
+                  f"the final evaluation{again} run again (--fresh starts over, a larger train.steps "
+                  "continues)", file=sys.stderr)  # fmt: skip
+        elif main_proc:
             print(f"resuming {out} at step {start}", file=sys.stderr)
         if main_proc and dump_grads is None:
             before = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}

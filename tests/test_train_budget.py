@@ -3,6 +3,10 @@ inside the warmup), written to the run's config.json; a hard stop at the deadlin
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from test_train import read_log, tiny_config
@@ -19,6 +23,8 @@ from model.train import (
     replan_steps,
     train,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_replan_steps_fits_the_remaining_time_less_the_margin():
@@ -93,6 +99,21 @@ def test_the_deadline_stops_the_run_resumably_whatever_the_plan(text_data, tmp_p
     assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(1, reached + 3))
 
 
+def test_resuming_a_finished_run_says_so_and_plans_nothing(text_data, tmp_path, capsys):
+    """The same command again after a run finished (with or without --time-budget) trains nothing and
+    re-runs the final evaluation and export: it says so, instead of "resuming … at step N" alone."""
+    out = tmp_path / "run"
+    cfg = tiny_config(text_data, out, steps=4, eval_every=0, final_eval=False, export=str(tmp_path / "ckpt"))
+    train(cfg)
+    capsys.readouterr()
+    train(json.loads(json.dumps(cfg)), time_budget=30.0)
+    err = capsys.readouterr().err
+    assert f"{out} already finished its train.steps 4 (at step 4): nothing to train" in err
+    assert "the final evaluation and the export run again" in err and f"resuming {out}" not in err
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4]
+    assert not [r for r in read_log(out) if "replanned" in r]
+
+
 def test_without_a_budget_nothing_is_replanned(text_data, tmp_path):
     out = tmp_path / "run"
     train(tiny_config(text_data, out, steps=16, eval_every=0, final_eval=False))
@@ -125,3 +146,42 @@ def test_options_may_come_before_or_after_the_overrides(text_data, tmp_path):
     main([str(path), "--stop-at", "2", "train.steps=5", "--time-budget", "0"])
     assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 2
     assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["steps"] == 5
+
+
+def test_two_ddp_processes_take_every_budget_decision_together(text_data, tmp_path):
+    """Under torchrun (2 CPU processes, gloo) a --time-budget run re-plans and stops as one: every decision
+    is taken from the all-reduced elapsed time, so no process skips a collective the other calls. Here
+    process 1's clock runs fast: with decisions from each process's own clock (before 2026-12-04) the
+    two counted different shares of the budget as passed and one called an all-reduce the other did not
+    (the run then hung, or paired the wrong values). It exits 0 within the subprocess timeout; the log
+    (rank 0's) holds the first re-plan and later ones, every step once; and the run stopped at the
+    deadline, or finished the plan, with its state at the step reached."""
+    out = tmp_path / "run"
+    cfg = tiny_config(text_data, out, steps=100_000, eval_every=0, ckpt_every=0, final_eval=False)
+    cfg["model"]["dropout"] = 0.0
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    # process 1's clock runs 1.6x fast (a sitecustomize on its path): the processes' own clocks disagree on
+    # which shares of the budget have passed, which the step loop must not act on
+    skew = tmp_path / "skew"
+    skew.mkdir()
+    (skew / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    _clock = time.perf_counter\n"
+        "    _t0 = _clock()\n"
+        "    time.perf_counter = lambda: _t0 + 1.6 * (_clock() - _t0)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{skew}{os.pathsep}{ROOT}"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "model.train", str(path), "--time-budget", "6"]  # fmt: skip
+    run = subprocess.run(cmd, env=env, cwd=ROOT, timeout=120, capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr[-4000:]
+    log = read_log(out)
+    replans = [r for r in log if "replanned" in r]
+    assert len(replans) >= 2, replans  # the first (step 13) and at least one share of the budget
+    assert replans[0]["step"] == BUDGET_WARM + BUDGET_TIMED
+    reached = json.loads((out / "last" / "state.json").read_text())["step"]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, reached + 1))
+    plan = replans[-1]["replanned"]["steps"][1]
+    assert "--time-budget 6 s reached at step" in run.stderr or reached == plan, run.stderr[-2000:]
