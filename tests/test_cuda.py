@@ -53,6 +53,20 @@ def reached_state(rec, n: int, seed: int = 0):
     return torch.randint(0, 256, (n,), generator=g).cuda(), state
 
 
+def greedy_steps_agree(rec, plain, tok, state, steps: int = 8, in_place: bool = False) -> None:
+    """`steps` greedy steps of rec and plain from (tok, state): logits and states within float32 (F32) of
+    each other at every step, and the same tokens. rec steps in place (out=state) when `in_place`."""
+    s_a, s_b = state.clone(), state.clone()
+    t_a, t_b = tok.clone(), tok.clone()
+    for _ in range(steps):
+        la, s_a = rec.step(t_a, s_a, out=s_a if in_place else None)
+        lb, s_b = plain.step(t_b, s_b)
+        torch.testing.assert_close(la, lb, **F32)
+        torch.testing.assert_close(s_a, s_b, **F32)
+        t_a, t_b = la.argmax(-1), lb.argmax(-1)
+        assert torch.equal(t_a, t_b)
+
+
 def padded(tok, state, b):
     n = tok.shape[0]
     big = torch.zeros(state.shape[0], b, *state.shape[2:], device=state.device)
@@ -250,16 +264,7 @@ def test_the_compiled_step_through_the_graphs_matches_the_plain_step(kernel):
     rec.use_cuda_graphs(bucket_sizes(64))
     try:
         for n in (1, 5, 64):
-            tok, state = reached_state(rec, n)
-            s_a, s_b = state.clone(), state.clone()
-            t_a, t_b = tok.clone(), tok.clone()
-            for _ in range(8):
-                la, s_a = rec.step(t_a, s_a)
-                lb, s_b = plain.step(t_b, s_b)
-                torch.testing.assert_close(la, lb, **F32)
-                torch.testing.assert_close(s_a, s_b, **F32)
-                t_a, t_b = la.argmax(-1), lb.argmax(-1)
-                assert torch.equal(t_a, t_b)
+            greedy_steps_agree(rec, plain, *reached_state(rec, n))
     finally:
         rec.use_cuda_graphs(None)
 
@@ -281,16 +286,7 @@ def test_the_triton_step_matches_the_torch_step_eager_and_through_the_graphs(nam
         for buckets in (None, bucket_sizes(64)):
             rec.use_cuda_graphs(buckets)
             for n in (1, 5, 64, 200):
-                tok, state = reached_state(plain, n)
-                s_a, s_b = state.clone(), state.clone()
-                t_a, t_b = tok.clone(), tok.clone()
-                for _ in range(8):
-                    la, s_a = rec.step(t_a, s_a, out=s_a)
-                    lb, s_b = plain.step(t_b, s_b)
-                    torch.testing.assert_close(la, lb, **F32)
-                    torch.testing.assert_close(s_a, s_b, **F32)
-                    t_a, t_b = la.argmax(-1), lb.argmax(-1)
-                    assert torch.equal(t_a, t_b)
+                greedy_steps_agree(rec, plain, *reached_state(plain, n), in_place=True)
     finally:
         rec.use_cuda_graphs(None)
 
