@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import types
 
 import torch
 
@@ -43,10 +44,37 @@ def available() -> bool:
 
 def wanted(device: torch.device | str) -> bool:
     """Whether a model on `device` steps its diagonal layers with this kernel by default: a CUDA device,
-    triton importable and `S4_TRITON_STEP` not "0" (the server's setting, read here so that every way of
-    loading a model agrees)."""
+    triton importable, `S4_TRITON_STEP` not "0" (the server's setting, read here so that every way of
+    loading a model agrees), and the kernel runs there (`probe`)."""
     on = os.environ.get("S4_TRITON_STEP", "1") != "0"
-    return torch.device(device).type == "cuda" and available() and on
+    return torch.device(device).type == "cuda" and available() and on and probe(device) is None
+
+
+@functools.cache
+def _probe(device: str) -> str | None:
+    if not available():
+        return "the triton package is not installed"
+    try:  # one slot: x = (1, 0), p = s = 0.5, m = 0, b = (1, 0), c = (1, 0), u = 2 → x₁' = 2.5, y = 2.5
+        one = {"device": device, "dtype": torch.float32}
+        half, zero, unit = (torch.full((1, 1), v, **one) for v in (0.5, 0.0, 1.0))
+        form = types.SimpleNamespace(
+            H=1, M=1, mur=half, mui=zero, mus=half, br=unit, bi=zero, cr=unit, ci=zero
+        )
+        x = torch.tensor([[[[1.0], [0.0]]]], **one)
+        y = torch.zeros(1, 1, **one)
+        diag_step(form, torch.full((1, 1), 2.0, **one), x, x, y)
+        got = (float(y[0, 0]), float(x[0, 0, 0, 0]), float(x[0, 0, 1, 0]))
+    except Exception as exc:  # noqa: BLE001  (a capability probe: any failure means "not here")
+        first = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {first[0] if first else ''}".rstrip(": ")
+    return None if got == (2.5, 2.5, 0.0) else f"one step gave y, x₁', x₂' = {got}, not (2.5, 2.5, 0.0)"
+
+
+def probe(device: torch.device | str) -> str | None:
+    """Run the kernel once on `device` (one row, one channel, one slot) and check its result: None when
+    it runs and is right, else why not, in one line (the package missing; CUDA tensors without a GPU; a
+    compile failure, e.g. no C compiler for Triton's launcher). Once per device and process (cached)."""
+    return _probe(str(torch.device(device)))
 
 
 def _diag_step(x_ptr, xo_ptr, u_ptr, y_ptr, p_ptr, m_ptr, s_ptr, b1_ptr, b2_ptr, cr_ptr, ci_ptr,

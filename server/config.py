@@ -83,8 +83,9 @@ class Settings(BaseSettings):
         "diagonal) of a batch with one Triton kernel that reads and writes its state once "
         "(model/triton_step.py; verified against conv mode at load, as every step is), where the plain "
         "step takes a dozen elementwise kernels a layer; needs the triton package (PyTorch's CUDA wheels "
-        "ship it). Ignored on CPU (the C step), and where triton is missing. With S4_COMPILE_STEP the "
-        "compiled torch step runs instead",
+        "ship it). Ignored on CPU (the C step). At load one launch probes the kernel; where it does not run "
+        "(triton missing, no C compiler for Triton's launcher) a warning names why and the torch step "
+        "serves. With S4_COMPILE_STEP the compiled torch step runs instead",
     )
     compile_step: bool = Field(
         False,

@@ -180,6 +180,22 @@ def state_pool_problem(rec: RecurrentModel, settings: Settings, name: str) -> st
     )
 
 
+def use_triton_step(settings: Settings, device, name: str) -> bool:
+    """`S4_TRITON_STEP`: whether model `name` on `device` steps its diagonal layers with the Triton kernel
+    (model/triton_step.py): on a CUDA device, with the setting on, when the kernel runs there
+    (`triton_step.probe`); a kernel that does not run (no triton, no C compiler for its launcher, …) is
+    logged as a warning and the torch step serves."""
+    if not (settings.triton_step and torch.device(device).type == "cuda"):
+        return False
+    why = triton_kernel.probe(device)
+    if why is not None:
+        log.warning("model %s: S4_TRITON_STEP is on but the Triton kernel does not run here (%s): the torch "
+                    "step serves", name, why)  # fmt: skip
+        return False
+    log.info("model %s: its diagonal layers step with the Triton kernel (S4_TRITON_STEP)", name)
+    return True
+
+
 def compile_step(rec, settings: Settings, name: str) -> bool:
     """`S4_COMPILE_STEP`: torch.compile the decode step (`RecurrentModel.compile_step`) when the model is on
     a CUDA device and has the torch step (SaShiMi has not); True when set. The compile itself happens at
@@ -280,10 +296,8 @@ def load_model(
     name = model_id or path.name
     wanted = settings.dtype_for(name)
     dtype = getattr(torch, wanted)
-    triton_step = settings.triton_step and torch.device(device).type == "cuda" and triton_kernel.available()
+    triton_step = use_triton_step(settings, device, name)
     rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=dtype, triton_step=triton_step)
-    if triton_step:
-        log.info("model %s: its diagonal layers step with the Triton kernel (S4_TRITON_STEP)", name)
     _check_stop(stop)
     if dtype != torch.float32 and device == "cpu":
         ops = str(rec.compute_dtype).removeprefix("torch.")

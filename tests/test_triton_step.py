@@ -272,18 +272,60 @@ print(json.dumps(out))
         assert out[cc]["ld"] > 0 and out[cc]["st"] > 0, out
 
 
-def test_the_kernel_is_chosen_on_cuda_unless_turned_off(monkeypatch):
+def test_the_kernel_is_chosen_on_cuda_unless_turned_off_or_it_does_not_run_there(monkeypatch):
     monkeypatch.delenv("S4_TRITON_STEP", raising=False)
     assert triton_step.available()
+    monkeypatch.setattr(triton_step, "probe", lambda device: None)  # (this machine may have no GPU)
     assert triton_step.wanted("cuda") and triton_step.wanted(torch.device("cuda", 0))
     assert not triton_step.wanted("cpu")
     monkeypatch.setenv("S4_TRITON_STEP", "0")
     assert not triton_step.wanted("cuda")
-    # the CPU default: the C step, not the kernel (and never the kernel unless asked)
     monkeypatch.delenv("S4_TRITON_STEP")
+    monkeypatch.setattr(triton_step, "probe", lambda device: "RuntimeError: no C compiler")
+    assert not triton_step.wanted("cuda")
+    # the CPU default: the C step, not the kernel (and never the kernel unless asked)
     torch.manual_seed(0)
     rec = SequenceModel(ModelConfig(**SMALL, kernel="s4d")).to_recurrent()
     assert not rec._triton
+
+
+def test_the_probe_runs_the_kernel_once_and_names_what_failed(monkeypatch):
+    """`probe` launches the kernel on one slot and checks the value (None: it runs and is right); a
+    failure is one line naming the exception (Triton needs a C compiler for its launcher, which a slim
+    image may lack), or the wrong values."""
+    triton_step._probe.cache_clear()
+    try:
+        assert triton_step.probe(DEV) is None
+        triton_step._probe.cache_clear()
+
+        def broken():
+            raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.\nmore")
+
+        monkeypatch.setattr(triton_step, "_kernel", broken)
+        why = triton_step.probe(DEV)
+        assert why == "RuntimeError: Failed to find C compiler. Please specify via CC environment variable."
+        triton_step._probe.cache_clear()
+        monkeypatch.setattr(triton_step, "diag_step", lambda form, u, x, xo, y: y.fill_(7.0))
+        assert "one step gave y, x₁', x₂' = (7.0, 1.0, 0.0)" in triton_step.probe(DEV)
+    finally:
+        triton_step._probe.cache_clear()
+
+
+def test_the_server_uses_the_kernel_on_cuda_only_where_it_runs(monkeypatch, caplog):
+    """server.registry.use_triton_step: on with the setting on a CUDA device when the probe passes; a
+    failed probe is a warning naming why, and the torch step serves; never on CPU or with the setting
+    off."""
+    from server.config import Settings  # noqa: PLC0415
+    from server.registry import use_triton_step  # noqa: PLC0415
+
+    on, off = Settings(triton_step=True), Settings(triton_step=False)
+    monkeypatch.setattr(triton_step, "probe", lambda device: None)
+    assert use_triton_step(on, "cuda", "m") and not use_triton_step(off, "cuda", "m")
+    assert not use_triton_step(on, "cpu", "m")
+    monkeypatch.setattr(triton_step, "probe", lambda device: "RuntimeError: no C compiler")
+    with caplog.at_level("WARNING", logger="server.models"):
+        assert not use_triton_step(on, "cuda", "m")
+    assert "the Triton kernel does not run here (RuntimeError: no C compiler)" in caplog.text
 
 
 def test_the_server_setting_defaults_on_and_reads_s4_triton_step(monkeypatch):
