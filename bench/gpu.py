@@ -26,7 +26,7 @@ under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
    submission to its first token (prefill in chunks interleaved with the decode steps).
 
 Runs only where CUDA is (one line on stderr and exit status 1 elsewhere); bounded: a full run stops
-starting new measurements after BUDGET_S[quick] seconds (each section records what it skipped).
+starting new measurements after 240 s (60 s with --quick; each section records what it skipped).
 
     python -m bench.gpu [--quick]     # stops starting measurements after 240 s (--quick: 60 s)
     scripts/gpu-check                 # the CUDA tests, then this

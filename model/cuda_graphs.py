@@ -98,6 +98,7 @@ class BucketedStep:
         self.buffers: dict[int, StepBuffers] = {}
         self.eager_calls = 0  # batches above the largest bucket, or another batch of the resident bucket
         self.resident_bucket: int | None = None  # the bucket whose buffer holds the resident batch
+        self.resident_rows = 0  # its rows (0 … resident_rows − 1 of that buffer)
         self.copied_calls = 0  # steps whose state was copied in and out (not resident)
 
     def _eager(self, buf: StepBuffers) -> torch.Tensor:
@@ -162,15 +163,19 @@ class BucketedStep:
             self.resident_bucket = None
             return state
         buf = self.bucket(b)
-        if self.resident_bucket == b and self._is_rows_of(state, buf, n):
+        if self._is_rows_of(state, buf, n):  # rows 0 … n − 1 of the buffer already (resident, or shrunk)
+            if self.resident_bucket != b or self.resident_rows != n:
+                buf.state[:, n:].zero_()
+            self.resident_bucket, self.resident_rows = b, n
             return state
         view = buf.state[:, :n]
-        if state.data_ptr() != buf.state.data_ptr():
-            view.copy_(state)
-        else:  # a view of the buffer at other rows or another shape: through a copy
-            view.copy_(state.clone())
+        if state.untyped_storage().data_ptr() == buf.state.untyped_storage().data_ptr():
+            state = (
+                state.clone()
+            )  # other rows of the same buffer: a copy between overlapping rows, via a clone
+        view.copy_(state)
         buf.state[:, n:].zero_()
-        self.resident_bucket = b
+        self.resident_bucket, self.resident_rows = b, n
         return view
 
     @torch.inference_mode()
@@ -183,7 +188,12 @@ class BucketedStep:
         buf = self.bucket(b)
         # stepped in place in the buffer: the resident batch, asked to be updated in place (out=state; with
         # another out the state passed in must stay as it was)
-        in_place = b == self.resident_bucket and out is state and self._is_rows_of(state, buf, n)
+        in_place = (
+            b == self.resident_bucket
+            and n == self.resident_rows
+            and out is state
+            and self._is_rows_of(state, buf, n)
+        )
         if b == self.resident_bucket and not in_place:  # the replay would overwrite the resident rows
             self.eager_calls += 1
             return self.rec._step_eager(tokens, state, out, ids_checked=True)

@@ -766,7 +766,9 @@ class RecurrentModel:
     (default `LOGITS_TOL[dtype]`); `fused_step`/`fused_network` allow the C step on CPU (not for
     float64 weights for the whole-network one); `triton_step` steps the diagonal layers with the Triton
     kernel (`model/triton_step.py`) where the C step does not run: None (default) on a CUDA device when
-    triton imports and `S4_TRITON_STEP` is not 0, True also on CPU under Triton's interpreter (tests).
+    `S4_TRITON_STEP` is on and the kernel runs there (`triton_step.wanted`: triton installed, one launch
+    probed), True also on CPU under Triton's interpreter (tests); a model without a diagonal layer has
+    nothing for it and keeps the torch step (`triton_step_active` says which).
     After conversion `report` holds one dict per layer and `verification` the network check: dtype,
     tokens, step_rel_err, prefill_rel_err, tol.
 
@@ -833,8 +835,8 @@ class RecurrentModel:
                 pass
         if triton_step is None:
             triton_step = triton_kernel.wanted(device)
-        if triton_step and not triton_kernel.available():
-            raise ValueError("triton_step=True needs the triton package")
+        if triton_step:  # (asked for explicitly: a kernel that does not run here is an error, said now)
+            triton_kernel.require(device, "triton_step=True")
         # the diagonal layers' step as one Triton kernel each (the torch step's path: CUDA, or tests)
         self._triton = bool(triton_step) and any(f.form == "diagonal" for f in self.layers)
         self._state_bound: torch.Tensor | None = None
@@ -1030,11 +1032,18 @@ class RecurrentModel:
         """Step the diagonal layers with the Triton kernel (`model/triton_step.py`; on, where the C step
         does not run: CUDA, or CPU under Triton's interpreter) or with torch ops (off). The CUDA graphs, if
         captured, are captured again. The kernel is on by default on CUDA (`S4_TRITON_STEP`); benchmarks
-        measure both. Raises ValueError for on without the triton package."""
-        if on and not triton_kernel.available():
-            raise ValueError("the Triton step needs the triton package")
+        measure both. A model without a diagonal layer keeps the torch step (`triton_step_active` stays
+        False). Raises ValueError for on where the kernel does not run (`triton_step.probe`)."""
+        if on:
+            triton_kernel.require(self.device, "use_triton_step(True)")
         self._triton = bool(on) and any(f.form == "diagonal" for f in self.layers)
         self._recapture()
+
+    @property
+    def triton_step_active(self) -> bool:
+        """Whether the step runs the Triton kernel for the diagonal layers (`triton_step`,
+        `use_triton_step`; False for a model without a diagonal layer)."""
+        return self._triton
 
     def _recapture(self) -> None:
         """Capture the CUDA graphs again (after the step they replay changed), if any are captured."""
@@ -1064,11 +1073,13 @@ class RecurrentModel:
         """With CUDA graphs (`use_cuda_graphs`), the batch `state` (n_layers, B, H, 2, M) moved into its
         bucket's buffer (`BucketedStep.resident`): `step(tokens, view, out=view)` then replays the graph on
         it in place, without copying the state in and out (what the engine's decode batch does every
-        step). Without graphs, or past the largest bucket (or for an empty batch), `state` itself. Raises
-        ValueError for a wrong shape or dtype."""
-        if self._graphs is None or state.dim() != 5 or not state.shape[1]:
+        step). Without graphs, or past the largest bucket (or for an empty batch), `state` itself. With
+        graphs, raises ValueError for a wrong shape or dtype."""
+        if self._graphs is None:
             return state
-        want = (len(self.layers), state.shape[1], self.H, 2, self.M)
+        want = (len(self.layers), state.shape[1] if state.dim() == 5 else "B", self.H, 2, self.M)
+        if state.dim() == 5 and not state.shape[1]:
+            return state
         if tuple(state.shape) != want or state.dtype != torch.float32:
             raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
         return self._graphs.resident(state)

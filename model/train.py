@@ -700,11 +700,19 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
                     f"{out} is already at step {start} (--stop-at {stop_at}): nothing done", file=sys.stderr
                 )
             return {}
-        if main_proc and start >= tcfg.steps:  # (a --time-budget is then unused: no step is left to plan)
+        if start > tcfg.steps:  # e.g. the TOML again after a --time-budget plan trained past its steps
+            raise ConfigError(
+                f"{out} is at step {start}, past this config's train.steps {tcfg.steps} (a --time-budget "
+                f"plan or a larger train.steps trained it further): resume it with `python -m model.train "
+                f"{out / 'config.json'}` (its own plan), ask for train.steps={start} or more, or start over "
+                "with --fresh; nothing was changed"
+            )
+        if main_proc and start == tcfg.steps:  # (a --time-budget is then unused: no step is left to plan)
             again = " and the export" if tcfg.export else ""
-            print(f"{out} already finished its train.steps {tcfg.steps} (at step {start}): nothing to train; "
-                  f"the final evaluation{again} run again (--fresh starts over, a larger train.steps "
-                  "continues)", file=sys.stderr)  # fmt: skip
+            unused = f"; --time-budget {time_budget:g} is unused" if time_budget > 0 else ""
+            print(f"{out} already finished its train.steps {tcfg.steps}: nothing to train; the final "
+                  f"evaluation{again} run again (--fresh starts over, train.steps above {start} continues)"
+                  f"{unused}", file=sys.stderr)  # fmt: skip
         elif main_proc:
             print(f"resuming {out} at step {start}", file=sys.stderr)
         if main_proc and dump_grads is None:

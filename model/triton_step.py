@@ -14,7 +14,9 @@ over the M slots of each (row, channel) (`DiagonalSSM`: a slot's real 2 × 2 blo
 the layer's own M (a layer with fewer modes than the state) are written as zeros, as `_pad` does.
 
 The same kernel runs without a GPU in Triton's interpreter (numpy, on CPU tensors) when TRITON_INTERPRET=1
-is set before triton is imported (tests/conftest.py sets it where CUDA is absent): slow, but the tests
+is set before triton is imported (tests/conftest.py sets it where CUDA is absent; set after, triton's own
+functions fail with "Cannot call @triton.jit'd outside of the scope of a kernel"): slow (a shipped model's
+load-time verification takes minutes, against seconds for the torch step), but the tests
 check it there against a float64 reference (`tests/test_triton_step.py`), and CI runs them. On a GPU the
 compiled kernel runs (`tests/test_cuda.py`).
 
@@ -44,10 +46,22 @@ def available() -> bool:
 
 def wanted(device: torch.device | str) -> bool:
     """Whether a model on `device` steps its diagonal layers with this kernel by default: a CUDA device,
-    triton importable, `S4_TRITON_STEP` not "0" (the server's setting, read here so that every way of
-    loading a model agrees), and the kernel runs there (`probe`)."""
-    on = os.environ.get("S4_TRITON_STEP", "1") != "0"
-    return torch.device(device).type == "cuda" and available() and on and probe(device) is None
+    triton importable, `S4_TRITON_STEP` on (`setting_on`: the server's setting, read here as the server
+    reads it, so that every way of loading a model agrees), and the kernel runs there (`probe`)."""
+    return torch.device(device).type == "cuda" and setting_on() and available() and probe(device) is None
+
+
+FALSE, TRUE = {"0", "off", "f", "false", "n", "no"}, {"1", "on", "t", "true", "y", "yes"}  # pydantic's bools
+
+
+def setting_on() -> bool:
+    """`S4_TRITON_STEP` read as the server reads it (pydantic's booleans, any case; unset: on). Raises
+    ValueError for another value, naming the variable."""
+    raw = os.environ.get("S4_TRITON_STEP")
+    value = "1" if raw is None else raw.strip().lower()
+    if value not in FALSE | TRUE:
+        raise ValueError(f"S4_TRITON_STEP={raw!r}: expected a boolean (1/0, true/false, on/off, yes/no)")
+    return value in TRUE
 
 
 @functools.cache
@@ -68,6 +82,14 @@ def _probe(device: str) -> str | None:
         first = str(exc).strip().splitlines()
         return f"{type(exc).__name__}: {first[0] if first else ''}".rstrip(": ")
     return None if got == (2.5, 2.5, 0.0) else f"one step gave y, x₁', x₂' = {got}, not (2.5, 2.5, 0.0)"
+
+
+def require(device: torch.device | str, what: str) -> None:
+    """Raise ValueError naming `what` (the argument that asked for the kernel) and why, unless the kernel
+    runs on `device` (`probe`)."""
+    why = probe(device)
+    if why is not None:
+        raise ValueError(f"{what}: the Triton kernel does not run on {torch.device(device)}: {why}")
 
 
 def probe(device: torch.device | str) -> str | None:
@@ -156,8 +178,9 @@ def diag_step(form, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch
     if x.stride(3) != 1 or xo.stride(3) != 1:
         raise ValueError("x and xo need unit stride on the slots")
     if (x.device.type == "cuda") == interpreting():
+        interp = os.environ.get("TRITON_INTERPRET", "unset")
         raise ValueError(
-            f"tensors on {x.device.type} with TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}: "
+            f"tensors on {x.device.type} with TRITON_INTERPRET {interp}: "
             "the compiled kernel takes CUDA tensors, the interpreter (TRITON_INTERPRET=1 before triton is "
             "imported) CPU tensors"
         )

@@ -209,6 +209,19 @@ def test_a_resident_batch_steps_in_place_in_its_buckets_buffer_without_copies(re
         assert step.copied_calls == 1  # bucket 4 is no longer resident: copied in and out
         with pytest.raises(ValueError, match="expected"):
             rec.resident_state(torch.zeros(2, 3, 32, 2, 3))
+        with pytest.raises(ValueError, match="expected"):  # not (n_layers, B, H, 2, M) at all
+            rec.resident_state(torch.zeros(2, 3, 32))
+        # rows 1..6 of the resident bucket's own buffer: moved to rows 0..5 through a clone (the two overlap)
+        big = rec.resident_state(torch.cat([moved, other[:, :3]], dim=1))  # 8 rows, bucket 8
+        assert big.data_ptr() == step.buffers[8].state.data_ptr() and step.resident_rows == 8
+        want = big[:, 1:7].clone()
+        again = rec.resident_state(big[:, 1:7])
+        assert again.data_ptr() == big.data_ptr() and torch.equal(again, want) and step.resident_rows == 6
+        assert bool((step.buffers[8].state[:, 6:] == 0).all())
+        # shrunk in place (rows 0..4 of the resident 6): the rows past them are zeroed, as documented
+        shrunk = rec.resident_state(again[:, :5])
+        assert shrunk.data_ptr() == again.data_ptr() and step.resident_rows == 5
+        assert torch.equal(shrunk, want[:, :5]) and bool((step.buffers[8].state[:, 5:] == 0).all())
     finally:
         rec._graphs = None
 

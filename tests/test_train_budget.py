@@ -101,17 +101,25 @@ def test_the_deadline_stops_the_run_resumably_whatever_the_plan(text_data, tmp_p
 
 def test_resuming_a_finished_run_says_so_and_plans_nothing(text_data, tmp_path, capsys):
     """The same command again after a run finished (with or without --time-budget) trains nothing and
-    re-runs the final evaluation and export: it says so, instead of "resuming … at step N" alone."""
+    re-runs the final evaluation and export: it says so, instead of "resuming … at step N" alone. A config
+    whose train.steps is below the step reached (the TOML again after a --time-budget plan trained past
+    it) is refused, naming the ways on, and the run's config.json (the plan) is left as it was."""
     out = tmp_path / "run"
     cfg = tiny_config(text_data, out, steps=4, eval_every=0, final_eval=False, export=str(tmp_path / "ckpt"))
     train(cfg)
     capsys.readouterr()
     train(json.loads(json.dumps(cfg)), time_budget=30.0)
     err = capsys.readouterr().err
-    assert f"{out} already finished its train.steps 4 (at step 4): nothing to train" in err
+    assert f"{out} already finished its train.steps 4: nothing to train" in err
     assert "the final evaluation and the export run again" in err and f"resuming {out}" not in err
+    assert "train.steps above 4 continues); --time-budget 30 is unused" in err
     assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4]
     assert not [r for r in read_log(out) if "replanned" in r]
+    before = (out / "config.json").read_text()
+    with pytest.raises(mt.ConfigError, match=r"is at step 4, past this config's train.steps 3") as exc:
+        train({**cfg, "train": {**cfg["train"], "steps": 3}})
+    assert f"python -m model.train {out / 'config.json'}" in str(exc.value) and "--fresh" in str(exc.value)
+    assert (out / "config.json").read_text() == before
 
 
 def test_without_a_budget_nothing_is_replanned(text_data, tmp_path):

@@ -182,7 +182,7 @@ def test_a_model_stepping_with_the_kernel_agrees_with_its_torch_step(nets, name,
         plain = net.to_recurrent(device=DEV, fused_step=False, triton_step=False)
         assert calls, "the verification did not step through the kernel"
         assert rec.verification["step_rel_err"] <= rec.verification["tol"]
-    assert rec._triton and not plain._triton and rec._fused is None
+    assert rec.triton_step_active and not plain.triton_step_active and rec._fused is None
     tokens = torch.randint(0, SMALL["vocab_size"], (3, 24)).to(DEV)
     _, state = step_all(plain, tokens[:, :4], plain.init_state(3))
     calls.clear()
@@ -278,15 +278,35 @@ def test_the_kernel_is_chosen_on_cuda_unless_turned_off_or_it_does_not_run_there
     monkeypatch.setattr(triton_step, "probe", lambda device: None)  # (this machine may have no GPU)
     assert triton_step.wanted("cuda") and triton_step.wanted(torch.device("cuda", 0))
     assert not triton_step.wanted("cpu")
-    monkeypatch.setenv("S4_TRITON_STEP", "0")
-    assert not triton_step.wanted("cuda")
+    for off in ("0", "false", "No", " off "):  # as the server's setting parses them (pydantic's booleans)
+        monkeypatch.setenv("S4_TRITON_STEP", off)
+        assert not triton_step.wanted("cuda"), off
+    for on in ("1", "TRUE", "yes", "on"):
+        monkeypatch.setenv("S4_TRITON_STEP", on)
+        assert triton_step.wanted("cuda"), on
+    monkeypatch.setenv("S4_TRITON_STEP", "maybe")
+    with pytest.raises(ValueError, match="S4_TRITON_STEP='maybe': expected a boolean"):
+        triton_step.wanted("cuda")
     monkeypatch.delenv("S4_TRITON_STEP")
     monkeypatch.setattr(triton_step, "probe", lambda device: "RuntimeError: no C compiler")
     assert not triton_step.wanted("cuda")
     # the CPU default: the C step, not the kernel (and never the kernel unless asked)
     torch.manual_seed(0)
     rec = SequenceModel(ModelConfig(**SMALL, kernel="s4d")).to_recurrent()
-    assert not rec._triton
+    assert not rec._triton and not rec.triton_step_active
+    # asked for where it cannot run: an error at once, naming why (not from inside the verification)
+    with pytest.raises(ValueError, match=r"triton_step=True: the Triton kernel does not run on cpu: .*no C"):
+        SequenceModel(ModelConfig(**SMALL, kernel="s4d")).to_recurrent(triton_step=True)
+    with pytest.raises(ValueError, match=r"use_triton_step\(True\): the Triton kernel does not run"):
+        rec.use_triton_step(True)
+
+
+def test_a_model_without_a_diagonal_layer_keeps_the_torch_step_and_says_so(nets):
+    rec = nets["s4"].to_recurrent(device=DEV, fused_step=False, triton_step=True)
+    assert {f.form for f in rec.layers} == {"dplr"}, "the untrained S4 layers were expected to stay DPLR"
+    assert not rec.triton_step_active
+    rec.use_triton_step(True)
+    assert not rec.triton_step_active
 
 
 def test_the_probe_runs_the_kernel_once_and_names_what_failed(monkeypatch):

@@ -134,8 +134,8 @@ class SaShiMiRecurrent:
                 pass
         if triton_step is None:
             triton_step = triton_kernel.wanted(device)
-        if triton_step and not triton_kernel.available():
-            raise ValueError("triton_step=True needs the triton package")
+        if triton_step:  # (asked for explicitly: a kernel that does not run here is an error, said now)
+            triton_kernel.require(device, "triton_step=True")
         self._triton = bool(triton_step)
         self._state_bound: torch.Tensor | None = None
         tol_net = LOGITS_TOL[dtype] if logits_tol is None else logits_tol
@@ -143,10 +143,16 @@ class SaShiMiRecurrent:
 
     def use_triton_step(self, on: bool = True) -> None:
         """Step the diagonal layers with the Triton kernel (on; where the C step does not run) or with
-        torch ops (off), as `RecurrentModel.use_triton_step`. Raises ValueError for on without triton."""
-        if on and not triton_kernel.available():
-            raise ValueError("the Triton step needs the triton package")
+        torch ops (off), as `RecurrentModel.use_triton_step`. Raises ValueError for on where the kernel
+        does not run."""
+        if on:
+            triton_kernel.require(self.device, "use_triton_step(True)")
         self._triton = bool(on)
+
+    @property
+    def triton_step_active(self) -> bool:
+        """Whether the step runs the Triton kernel for some layer (on, and a diagonal layer to run it on)."""
+        return self._triton and any(f.form == "diagonal" for f in self.forms.values())
 
     def _verify_network(self, net: SaShiMi, tol: float) -> dict:
         """Step 2 probe sequences (fixed seed) through every phase, and prefill them in two parts split
