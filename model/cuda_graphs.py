@@ -169,11 +169,9 @@ class BucketedStep:
             self.resident_bucket, self.resident_rows = b, n
             return state
         view = buf.state[:, :n]
-        if state.untyped_storage().data_ptr() == buf.state.untyped_storage().data_ptr():
-            state = (
-                state.clone()
-            )  # other rows of the same buffer: a copy between overlapping rows, via a clone
-        view.copy_(state)
+        # other rows of the same buffer (they may overlap rows 0 … n − 1): copied through a clone
+        same_buffer = state.untyped_storage().data_ptr() == buf.state.untyped_storage().data_ptr()
+        view.copy_(state.clone() if same_buffer else state)
         buf.state[:, n:].zero_()
         self.resident_bucket, self.resident_rows = b, n
         return view

@@ -833,12 +833,9 @@ class RecurrentModel:
                 self._net_step = fused.NetStep(self._fused, self.net, self.layers)
             except ValueError:  # something the C step does not compute (it names it): keep the torch ops
                 pass
-        if triton_step is None:
-            triton_step = triton_kernel.wanted(device)
-        if triton_step:  # (asked for explicitly: a kernel that does not run here is an error, said now)
-            triton_kernel.require(device, "triton_step=True")
         # the diagonal layers' step as one Triton kernel each (the torch step's path: CUDA, or tests)
-        self._triton = bool(triton_step) and any(f.form == "diagonal" for f in self.layers)
+        diagonal = any(f.form == "diagonal" for f in self.layers)
+        self._triton = triton_kernel.resolve(triton_step, device) and diagonal
         self._state_bound: torch.Tensor | None = None
         self._graphs = None  # model.cuda_graphs.BucketedStep, set by use_cuda_graphs
         self._compiled_step = None  # torch.compile of _step_torch, set by compile_step

@@ -38,9 +38,10 @@ triton = tl = None
 ROWS = 16  # (row, channel) pairs a program steps: 16 × 32 slots × 2 coordinates = 4 KiB of state read
 
 
+@functools.cache
 def available() -> bool:
     """Whether the `triton` package is installed (the kernel can run: compiled on CUDA, interpreted on
-    CPU)."""
+    CPU). Looked up once a process: `diag_step` asks on every call, a layer's step."""
     return importlib.util.find_spec("triton") is not None
 
 
@@ -82,6 +83,17 @@ def _probe(device: str) -> str | None:
         first = str(exc).strip().splitlines()
         return f"{type(exc).__name__}: {first[0] if first else ''}".rstrip(": ")
     return None if got == (2.5, 2.5, 0.0) else f"one step gave y, x₁', x₂' = {got}, not (2.5, 2.5, 0.0)"
+
+
+def resolve(asked: bool | None, device: torch.device | str) -> bool:
+    """A model's `triton_step` argument → whether it steps with the kernel: None (the default) →
+    `wanted(device)`; True → True, where the kernel runs (else ValueError, `require`: asked for
+    explicitly, a kernel that does not run here is an error, said at once); False → False."""
+    if asked is None:
+        return wanted(device)
+    if asked:
+        require(device, "triton_step=True")
+    return bool(asked)
 
 
 def require(device: torch.device | str, what: str) -> None:

@@ -132,11 +132,7 @@ class SaShiMiRecurrent:
                 self._net_step = fused.SaShiMiStep(self._fused, self)
             except ValueError:
                 pass
-        if triton_step is None:
-            triton_step = triton_kernel.wanted(device)
-        if triton_step:  # (asked for explicitly: a kernel that does not run here is an error, said now)
-            triton_kernel.require(device, "triton_step=True")
-        self._triton = bool(triton_step)
+        self._triton = triton_kernel.resolve(triton_step, device)
         self._state_bound: torch.Tensor | None = None
         tol_net = LOGITS_TOL[dtype] if logits_tol is None else logits_tol
         self.verification = self._verify_network(net, tol_net)
