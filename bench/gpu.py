@@ -15,7 +15,9 @@ under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
    resident: "step_resident"), and of the engine's whole per-step work (`DecodeBatch.step`: the
    step, sampling with one generator per stream, the one host copy; on CUDA beside it the engine as it
    sampled until 2026-12-04, `sample` per step instead of the `RowSampler` that keeps the rows' settings
-   on the device). A stream needs 16,000 steps/s, so
+   on the device), and with the graphs of its decode blocks (`DecodeBatch.block`: BLOCK_K steps with their
+   sampling replayed as graphs, one host copy a block; "engine_block", with the first block's time, which
+   captures its graph). A stream needs 16,000 steps/s, so
    the real-time factor is steps/s ÷ 16,000, and "streams at real time" is the largest B with factor ≥ 1.
    Beside it the memory-bandwidth bound: a step reads and writes each stream's float32 state (131 KB for
    this model: 32 slots a channel in the real block-diagonal form) at least once, so at most copy
@@ -77,6 +79,7 @@ SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
 }
 BUDGET_S = {False: 240.0, True: 60.0}  # no new measurement starts after this (model loading included)
 MIN_STEPS = 10
+BLOCK_K = 256  # steps of one engine decode block in the audio section (an audio engine's longest block)
 ERRORS: list[str] = []  # sections that raised (recorded in the JSON; exit status 1)
 WAIT_S = 60.0  # TTFT: longest wait for any engine event before the run is declared stuck
 NO_CUDA = (
@@ -288,7 +291,7 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
     out["bandwidth_bound_streams"] = bw / (2 * nbytes * RATE)
     for triton in {r["triton"] for r in out["rows"]}:
         for graphs in modes(device):
-            for what in ("step", "step_resident", "engine"):
+            for what in ("step", "step_resident", "engine", "engine_block"):
                 mine = [r for r in out["rows"] if (r["graphs"], r["triton"]) == (graphs, triton)]
                 ok = [r["batch"] for r in mine if r.get(f"{what}_rtf", 0) >= 1]
                 key = f"streams_at_real_time_{what}_graphs_{'on' if graphs else 'off'}"
@@ -312,10 +315,30 @@ def audio_row(rec, B: int, graphs: bool, triton: bool, engine_ok: bool, seconds:
             before = decode_batch(rec, B)
             before.device_sampler = False
             row["engine_sample_per_step_steps_per_s"] = rate(lambda: before.step(rec), seconds)
-    for what in ("step", "step_resident", "engine"):
+        if graphs:
+            row.update(block_row(rec, B, seconds))
+    for what in ("step", "step_resident", "engine", "engine_block"):
         if f"{what}_steps_per_s" in row:
             row[f"{what}_rtf"] = row[f"{what}_steps_per_s"] / RATE
     return row
+
+
+def block_row(rec, B: int, seconds: float) -> dict[str, Any]:
+    """The engine's decode blocks with the graphs (`DecodeBatch.block`: BLOCK_K steps with their sampling
+    replayed as graphs of 64 steps, the tokens copied to the host once a block): steps/s, and the seconds
+    the capture of its graphs took (in the first, untimed, block)."""
+    batch = decode_batch(rec, B)
+    if not batch.native(rec):
+        return {}
+    limits = [1 << 40] * B
+    t0 = time.perf_counter()
+    batch.block(rec, BLOCK_K, limits)
+    first = time.perf_counter() - t0
+    steps = BLOCK_K * rate(lambda: batch.block(rec, BLOCK_K, limits), seconds, min_steps=3)
+    bb = rec._graphs.blocks.get(rec._graphs.resident_bucket)
+    rec._graphs.resident_bucket = None
+    return {"engine_block_steps_per_s": steps, "block_steps": BLOCK_K, "block_first_s": first,
+            "block_capture_s": None if bb is None else bb.capture_s}  # fmt: skip
 
 
 def resident_rate(rec, tok: torch.Tensor, state: torch.Tensor, seconds: float) -> float:
@@ -458,7 +481,12 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     for graphs, triton in sorted({(r["graphs"], r.get("triton", False)) for r in data["audio"]["rows"]},
                                  reverse=True):  # fmt: skip
         rows = [r for r in data["audio"]["rows"] if (r["graphs"], r.get("triton", False)) == (graphs, triton)]
-        for what, style in (("step", "o-"), ("step_resident", "^:"), ("engine", "s--")):
+        for what, style in (
+            ("step", "o-"),
+            ("step_resident", "^:"),
+            ("engine", "s--"),
+            ("engine_block", "d-."),
+        ):
             pts = [(r["batch"], r[f"{what}_rtf"]) for r in rows if f"{what}_rtf" in r]
             if pts:
                 label = f"{what}, graphs {'on' if graphs else 'off'}" + (", Triton" if triton else "")

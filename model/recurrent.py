@@ -1115,19 +1115,32 @@ class RecurrentModel:
         logits, new = (self._compiled_step or self._step_torch)(tokens, state)
         return logits, new if out is None else out.copy_(new)
 
-    def decode_block_ready(self, batch: int) -> bool:
-        """Whether `decode_block` serves a batch of this many rows (the whole-network C step: CPU,
-        float32, bfloat16 or float16 weights, at most `net_step_max_batch` rows)."""
+    def decode_block_ready(self, batch: int, stops: bool = False) -> bool:
+        """Whether `decode_block` serves a batch of this many rows: with CUDA graphs (`use_cuda_graphs`),
+        a batch within the largest bucket whose rows have no stop sequences (`stops`: whether some row
+        has them); else the whole-network C step (CPU, float32, bfloat16 or float16 weights, at most
+        `net_step_max_batch` rows, stop sequences included)."""
+        if self._graphs is not None:
+            return 1 <= batch <= self._graphs.buckets[-1] and not stops
         return self._net_step is not None and batch <= self.net_step_max_batch
 
     @torch.inference_mode()
     def decode_block(self, K: int, state: torch.Tensor, tokens: torch.Tensor, **rows) -> fused.BlockResult:
-        """Up to K steps with sampling and stop checks in one C call, the state (n_layers, B, H, 2, M)
+        """Up to K steps with sampling and stop checks in one call, the state (n_layers, B, H, 2, M)
         and the pending tokens (B,) updated in place: see fused.NetStep.block for the per-row
-        arguments and the result. Each row's tokens, state and seen set are exactly those of stepping
-        it alone with `step` and `model.sampling.sample` (its settings, its CounterRNG).
-        Raises ValueError when `decode_block_ready` is false or on bad arguments."""
-        if not self.decode_block_ready(tokens.shape[0]):
+        arguments and the result. On CPU one C call (`fused.NetStep.block`); with CUDA graphs the
+        bucket's decode-block graphs (`model.cuda_graphs.BucketedStep.decode_block`: every stepping row
+        makes the same number of tokens, no stop sequences). Each row's tokens, state and seen set are
+        exactly those of stepping it alone with `step` and `model.sampling.sample` (its settings, its
+        CounterRNG). Raises ValueError when `decode_block_ready` is false or on bad arguments."""
+        B = tokens.shape[0]
+        if self._graphs is not None:
+            if not self.decode_block_ready(B):
+                most = self._graphs.buckets[-1]
+                raise ValueError(f"the graphs' decode block holds 1 … {most} rows, got {B}")
+            self._check(tokens, state, 1)
+            return self._graphs.decode_block(K, state, tokens, **rows)
+        if not self.decode_block_ready(B):
             raise ValueError("the native decode block needs the whole-network C step (CPU, not float64)")
         self._check(tokens, state, 1)
         return self._net_step.block(K, state, tokens, **rows)

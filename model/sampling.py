@@ -404,7 +404,12 @@ def row_tensors(params: list[SamplingParams], V: int, device: str | torch.device
     """The rows' settings for the torch sampler on `device`: `row_settings`' tensors (the C sampler's,
     rounded as the torch ops round them), copied there once; the flags from those float32 values (a
     top_p of 1 - 1e-9 rounds to 1: no filter, as the ops would find)."""
-    s = row_settings(params, V)
+    return settings_tensors(row_settings(params, V), device)
+
+
+def settings_tensors(s, device: str | torch.device) -> RowTensors:
+    """`row_tensors` from the rows' settings as the C sampler reads them (`row_settings`, host tensors):
+    the same tensors on `device`, the same flags."""
     greedy = s.temperature == 0
     return RowTensors(
         temperature=torch.where(greedy, 1.0, s.temperature).to(device),

@@ -14,7 +14,10 @@ Each iteration of its loop:
      stream or is cancelled and no new work arrives. On CPU, when no row asks for log-probabilities
      and the whole-network C step serves the batch, DECODE_BLOCK_STEPS steps run as one native block
      (`DecodeBatch.block`: step, sample and stop checks in C, each row stopping on its own at its
-     limit or stop sequence), with the same results token for token;
+     limit or stop sequence), with the same results token for token; on CUDA with the graphs, when no
+     row asks for log-probabilities or has stop sequences, the block replays graphs of K steps with
+     their sampling (`model/cuda_graphs.py`: every row makes the block's K tokens, K at most the
+     smallest row's limit), also with the same results token for token;
   4. hand the new tokens to the event loop, one `call_soon_threadsafe` per iteration;
   5. ingest the other chunks picked in 2 (long prompts with more to go), so that a short prompt's first
      token, made in 3, does not wait for them. The iteration that makes a request's first token ends its
@@ -411,11 +414,13 @@ class DecodeBatch:
         return new.tolist()  # the one host copy per step (two more with logprobs)
 
     def native(self, rec: RecurrentModel) -> bool:
-        """Whether `block` can run this batch: the model's native decode block serves it (CPU, the
-        whole-network C step: any number of rows) and no row asks for log-probabilities (every sampling
-        setting runs in the block's C sampler, with each row's counter-based stream)."""
+        """Whether `block` can run this batch: the model's decode block serves it (on CPU the
+        whole-network C step: any number of rows; with CUDA graphs the bucket's block graphs: rows within
+        the largest bucket, none with stop sequences) and no row asks for log-probabilities (every
+        sampling setting runs in the block's sampler, with each row's counter-based stream)."""
         ready = getattr(rec, "decode_block_ready", None)
-        if ready is None or not ready(len(self.rows)) or self.state.device.type != "cpu":
+        stops = any(j is not None and j.stops for j in self.rows)
+        if ready is None or not ready(len(self.rows), stops=stops):
             return False
         return all(
             j is None or (j.params.logprobs is None and isinstance(j.generator, CounterRNG))
@@ -429,6 +434,8 @@ class DecodeBatch:
         set, ends the block after the current round of steps). Advances each job's counter-based stream by the
         tokens it drew. Returns the fused.BlockResult."""
         self._drop_step_args()  # (the generators' counters as `step` left them)
+        if hasattr(rec, "resident_state"):  # with CUDA graphs: stepped in place in the bucket's buffer
+            self.state = rec.resident_state(self.state)
         rows = self.rows
         V = self.seen.shape[1]
         if self._block_args is None:  # the rows' settings, keys and stops: until a row joins or leaves
@@ -955,7 +962,9 @@ class Engine:
         each thread has at most 8 rows, else up to 4 steps of a group of 8 (fused.BLOCK_SCHEDULE). The loop
         ends after a block in which a row finished or filled its stream, when new work arrived, or after the
         model's most steps or its hand-over period, or when less than DECODE_BLOCK_STEPS steps' time is left
-        of that period (but not before DECODE_BLOCK_STEPS steps)."""
+        of that period (but not before DECODE_BLOCK_STEPS steps). A block of the CUDA graphs
+        (`model/cuda_graphs.py`) runs to its end (no interrupt: new work waits at most one block, sized to
+        the time left) and makes the same number of tokens in every row, the smallest row's limit at most."""
         b, steps = self.batch, 0
         while b.live and steps < self._max_steps:
             self._block_interrupt.value = 0  # before looking for work: nothing that arrives is missed

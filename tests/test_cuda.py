@@ -224,8 +224,8 @@ def eager_greedy(rec, prompt: list[int], n: int) -> list[int]:
 
 def test_the_server_generates_on_cuda_through_the_graphs(cuda_server):
     """End to end on CUDA: the model is served with its graphs captured (buckets 1..8); 6 concurrent
-    greedy generations (one batch) each give the tokens of the eager library step, and a seeded sampled
-    request repeats itself."""
+    greedy generations (one batch, decoded in block graphs: K steps with their sampling) each give the
+    tokens of the eager library step, and a seeded sampled request repeats itself."""
     import concurrent.futures
 
     served = cuda_server.state.models["tiny-text"]
@@ -241,10 +241,13 @@ def test_the_server_generates_on_cuda_through_the_graphs(cuda_server):
             assert r.status_code == 200, r.text
             return r.json()["tokens"]
 
-        before = sum(buf.calls for buf in rec._graphs.buffers.values())
+        def blocks() -> int:  # decode blocks run through the block graphs (the engine's way with graphs)
+            return sum(bb.calls for bb in rec._graphs.blocks.values())
+
+        before = blocks()
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
             got = list(pool.map(gen, prompts))
-        assert sum(buf.calls for buf in rec._graphs.buffers.values()) > before  # decoded by replays
+        assert blocks() > before  # decoded by replays of the block graphs
         for p, tokens in zip(prompts, got):
             assert tokens == eager_greedy(rec, list(p.encode()), 40), p
         req = {"model": "tiny-text", "prompt": "to be", "max_new_tokens": 32, "seed": 11, "temperature": 0.9}
@@ -315,3 +318,26 @@ def test_sashimi_on_cuda_steps_with_the_triton_kernel_as_with_torch_ops():
     rel_logits = float((la - lb).norm() / lb.norm())
     rel_state = float((s_a - s_b).norm() / s_b.norm())
     assert rel_logits <= 1e-5 and rel_state <= 1e-5, (rel_logits, rel_state)
+
+
+@pytest.mark.parametrize("name", ["s4d", "audio-digits-s4"])
+@pytest.mark.parametrize("triton", [True, False])
+def test_the_captured_decode_block_gives_the_one_step_paths_tokens_and_states(name, triton):
+    """K steps with their sampling replayed as captured graphs (`BucketedStep.decode_block`) against the
+    GPU engine's one-step path (`step` through the same buckets' graphs, `RowSampler`): 9 rows with every
+    sampling setting (bucket 16) in blocks of 7 and 77 steps (graphs of 64, 8, 4, 1 back to back), 5 rows
+    of plain temperature in blocks of 200: the same tokens, states, seen sets and counts, bit for bit (the
+    same kernels on the same shapes). audio-digits-s4: the shipped model; with the Triton step and the
+    torch ops."""
+    from test_graph_block import LIMITS, MIXED, PLAIN, assert_blocks_are_the_one_step_path
+
+    net = tiny_net("s4d") if name == "s4d" else load(AUDIO / name)
+    rec = net.to_recurrent(device="cuda", triton_step=triton)
+    rec.use_cuda_graphs(bucket_sizes(16))
+    try:
+        for params, K in ((MIXED, 7), (MIXED, 77), (PLAIN, 200)):
+            assert_blocks_are_the_one_step_path(rec, params, LIMITS[len(params)], K)
+        assert all(bb.graphs for bb in rec._graphs.blocks.values())  # captured, and replayed
+        assert rec._graphs.eager_blocks == 0
+    finally:
+        rec.use_cuda_graphs(None)

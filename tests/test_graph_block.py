@@ -1,0 +1,294 @@
+"""The CUDA graphs' decode block (model/cuda_graphs.py `BucketedStep.decode_block`, reached through
+`RecurrentModel.decode_block` once `use_cuda_graphs` is on): K steps with their sampling recorded in one
+graph, tested without a GPU.
+
+Without CUDA the same class runs the block's ops as they are (`capture=False`): the bucket's buffers,
+the padding, the uniforms drawn beforehand, the sampler's ops and the seen sets and counts kept on the
+device. What is checked here, bit for bit, against the GPU engine's one-step path (the batch's `step`
+and `model.sampling.RowSampler`: the same torch sampler ops, one step at a time):
+- the tokens, states, seen sets and counts of every sampling setting, with greedy rows and padded
+  buckets, blocks longer than the largest graph (several graphs back to back), across blocks;
+- rows with limit 0 end as they began; the block makes min(K, the smallest live limit) tokens a row;
+- another batch resident in the bucket is left alone (the block runs on buffers of its own);
+- refusals (stop sequences, ids outside the vocabulary: nothing changed), and the engine's choice;
+- the server's answers with the block and with the one-step loop are the same.
+On a GPU, tests/test_cuda.py replays the captured graphs against the same reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model import ModelConfig, SequenceModel
+from model.cuda_graphs import BLOCK_STEPS, BucketedStep, block_pieces, bucket_sizes
+from model.sampling import RowSampler, SamplingParams, row_settings, uint64_bits
+
+TINY = dict(vocab_size=64, d_model=16, n_layers=2, d_state=8, l_max=128, cauchy_backend="torch")
+V = TINY["vocab_size"]
+FILTERS = [  # every optional step of the sampler, alone and together
+    {},
+    {"top_k": 5},
+    {"top_p": 0.8},
+    {"min_p": 0.1},
+    {"repetition_penalty": 1.5},
+    {"presence_penalty": 0.8, "frequency_penalty": 0.3},
+    {"logit_bias": {3: 5.0, 7: -100.0}},
+    {"top_k": 20, "top_p": 0.9, "min_p": 0.02, "repetition_penalty": 0.7, "frequency_penalty": -0.2},
+]
+MIXED = [SamplingParams(temperature=t, seed=s, **FILTERS[s % len(FILTERS)])
+         for s, t in enumerate([0.0, 0.7, 1.0, 1.3, 0.0, 0.9, 1.1, 0.8, 1.0])]  # fmt: skip
+PLAIN = [SamplingParams(temperature=0.9, seed=100 + s) for s in range(5)]  # the audio streams' case
+
+
+@pytest.fixture(scope="module", params=["c", "torch"])
+def rec(request):
+    """A tiny S4 model's recurrent form: 'c' its whole-network C step (each step of the block runs it),
+    'torch' the torch ops (the path a CUDA device captures)."""
+    torch.manual_seed(0)
+    net = SequenceModel(ModelConfig(**TINY, kernel="s4"))
+    fused = request.param == "c"
+    return net.to_recurrent(fused_step=fused, fused_network=fused)
+
+
+@pytest.fixture
+def graphs(rec):
+    """rec stepping through uncaptured graph buckets 1 … 16 (as `use_cuda_graphs` sets them on CUDA)."""
+    rec._graphs = BucketedStep(rec, bucket_sizes(16), capture=False)
+    try:
+        yield rec._graphs
+    finally:
+        rec._graphs = None
+
+
+def start(rec, B: int, seed: int = 1):
+    """B rows at different points of their sequences, their pending tokens and seen sets (on rec's
+    device)."""
+    g, n, dev = torch.Generator().manual_seed(seed), rec.config.vocab_size, rec.device
+    _, state = rec.prefill(torch.randint(0, n, (B, 9), generator=g).to(dev), rec.init_state(B))
+    tok = torch.randint(0, n, (B,), generator=g).to(dev)
+    seen = (torch.rand(B, n, generator=g) < 0.2).to(dev)
+    return state.contiguous(), tok, seen
+
+
+def one_step(rec, state, tok, seen, params, limits):
+    """The reference: the batch stepped one step at a time with `step` (through the same buckets: a
+    batch's matmuls round alike at one size, not across sizes) and a RowSampler on the rows' settings
+    (the GPU engine's one-step path); a row's tokens, state, seen set and counts are taken when it has
+    made limits[row] tokens."""
+    state, tok, seen = state.clone(), tok.clone(), seen.clone()
+    gens = [p.generator() for p in params]
+    n, dev, rows = rec.config.vocab_size, rec.device, torch.arange(len(params), device=rec.device)
+    sampler = RowSampler(params, gens, n, dev)
+    counts = torch.zeros(len(params), n, device=dev)
+    counted = any(p.counts_output for p in params)
+    done = {r: ([], state[:, r].clone(), seen[r].clone(), counts[r].clone())
+            for r, n in enumerate(limits) if not n}  # fmt: skip
+    toks = [[] for _ in params]
+    for _ in range(max(limits)):
+        logits, state = rec.step(tok, state)
+        tok = sampler(logits, seen if sampler.rows.any_penalty else None, counts if counted else None)
+        seen[rows, tok] = True
+        counts[rows, tok] += 1
+        for r, t in enumerate(tok.tolist()):
+            toks[r].append(t)
+            if len(toks[r]) == limits[r]:
+                done[r] = (list(toks[r]), state[:, r].clone(), seen[r].clone(), counts[r].clone())
+    return done
+
+
+def blocks(rec, state, tok, seen, params, limits, K):
+    """The block path, run in blocks of K steps until each row has its limit (as the engine runs it)."""
+    state, tok, seen = state.clone(), tok.clone(), seen.clone()
+    gens = [p.generator() for p in params]
+    settings = row_settings(params, rec.config.vocab_size)
+    counts = torch.zeros(len(params), rec.config.vocab_size)  # on the host, as the engine keeps them
+    toks = [[] for _ in params]
+    while left := [limits[r] - len(toks[r]) for r in range(len(params))]:
+        if not any(left):
+            break
+        counter = uint64_bits([g.counter for g in gens])
+        res = rec.decode_block(
+            K, state, tok, settings=settings, counts=counts, key=uint64_bits([g.key for g in gens]),
+            counter=counter, limit=torch.tensor(left), stops=[[] for _ in params],
+            history=[b""] * len(params), seen=seen,
+        )  # fmt: skip
+        live = [r for r, n in enumerate(left) if n]
+        assert res.steps == min(K, *(left[r] for r in live)) and res.tokens.shape == (res.steps, len(params))
+        assert res.n_out.tolist() == [res.steps if n else 0 for n in left]
+        assert bool((res.times[1:] >= res.times[:-1]).all()) and not bool(res.stopped.any())
+        for r, n in enumerate(res.n_out.tolist()):
+            toks[r] += res.tokens[:n, r].tolist()
+            gens[r].counter += n
+            assert int(counter[r]) == gens[r].counter  # advanced in place, as the native block does
+    return toks, state, seen, counts
+
+
+def assert_blocks_are_the_one_step_path(rec, params, limits, K) -> list[list[int]]:
+    """Blocks of K steps against `one_step`, bit for bit: each row's tokens, state, seen set and counts.
+    Returns the rows' tokens."""
+    state, tok, seen = start(rec, len(params))
+    ref = one_step(rec, state, tok, seen, params, limits)
+    toks, new_state, new_seen, counts = blocks(rec, state, tok, seen, params, limits, K)
+    for r in range(len(params)):
+        want_toks, want_state, want_seen, want_counts = ref[r]
+        assert toks[r] == want_toks and len(toks[r]) == limits[r], f"row {r}"
+        assert torch.equal(new_state[:, r], want_state), f"row {r}: state"
+        assert torch.equal(new_seen[r], want_seen), f"row {r}: seen"
+        if any(p.counts_output for p in params):
+            assert torch.equal(counts[r], want_counts.cpu()), f"row {r}: counts"
+    return toks
+
+
+LIMITS = {len(MIXED): [40, 1, 0, 17, 90, 33, 5, 40, 2], len(PLAIN): [90, 64, 90, 90, 77]}
+
+
+@pytest.mark.parametrize(("params", "K"), [(MIXED, 1), (MIXED, 7), (MIXED, 77), (PLAIN, 200)])
+def test_a_block_gives_the_one_step_paths_tokens_states_seen_sets_and_counts_bit_for_bit(
+    rec, graphs, params, K
+):
+    """9 rows (bucket 16: 7 padded rows) or 5 (bucket 8), limits from 0 to 90: blocks of 1, 7, 77 (graphs
+    of 64, 8, 4 and 1 steps back to back) and 200 steps."""
+    toks = assert_blocks_are_the_one_step_path(rec, params, LIMITS[len(params)], K)
+    assert graphs.copied_calls > 0 and graphs.blocks  # (not resident: copied in and out)
+    if params is MIXED:
+        assert all(toks[r] for r, p in enumerate(params) if p.temperature == 0 and LIMITS[len(params)][r])
+
+
+def test_a_block_is_a_sum_of_the_captured_sizes_largest_first():
+    assert BLOCK_STEPS == (1, 2, 4, 8, 16, 32, 64)
+    assert block_pieces(1) == [1] and block_pieces(77) == [64, 8, 4, 1]
+    assert block_pieces(200) == [64, 64, 64, 8]
+    assert all(sum(block_pieces(k)) == k for k in range(1, 300))
+
+
+def test_rows_with_limit_0_end_as_they_began_and_the_others_make_the_smallest_limit(rec, graphs):
+    state, tok, seen = start(rec, 4, seed=2)
+    counts = torch.rand(4, V).round()
+    before = [t.clone() for t in (state, tok, seen, counts)]
+    params = [SamplingParams(temperature=1.0, seed=s, presence_penalty=0.5) for s in range(4)]
+    counter = uint64_bits([7, 8, 9, 10])
+    res = rec.decode_block(
+        16, state, tok, settings=row_settings(params, V), counts=counts, key=uint64_bits([1, 2, 3, 4]),
+        counter=counter, limit=torch.tensor([0, 9, 5, 0]), stops=[[]] * 4, history=[b""] * 4, seen=seen,
+    )  # fmt: skip
+    assert res.steps == 5 and res.n_out.tolist() == [0, 5, 5, 0] and counter.tolist() == [7, 13, 14, 10]
+    for r in (0, 3):
+        assert torch.equal(state[:, r], before[0][:, r]) and int(tok[r]) == int(before[1][r])
+        assert torch.equal(seen[r], before[2][r]) and torch.equal(counts[r], before[3][r])
+    for r in (1, 2):
+        assert not torch.equal(state[:, r], before[0][:, r]) and int(tok[r]) == int(res.tokens[-1, r])
+        assert torch.equal(counts[r] - before[3][r], torch.bincount(res.tokens[:, r], minlength=V).float())
+        assert bool(seen[r][res.tokens[:, r]].all())
+    nothing = rec.decode_block(
+        4, state, tok, settings=row_settings(params, V), counts=counts, key=uint64_bits([1, 2, 3, 4]),
+        counter=counter, limit=torch.zeros(4, dtype=torch.long), stops=[[]] * 4, history=[b""] * 4, seen=seen,
+    )  # fmt: skip
+    assert nothing.steps == 0 and nothing.tokens.shape == (0, 4) and not nothing.n_out.any()
+
+
+def test_a_resident_batch_steps_in_place_and_another_batch_of_its_bucket_leaves_it_alone(rec, graphs):
+    """The engine's batch, resident in bucket 8, runs its blocks in the buffer (no copies); a block of
+    another batch of that bucket runs on buffers of its own: the resident rows are untouched and its
+    result is that of the same block run alone."""
+    state, tok, seen = start(rec, 5, seed=3)
+    view = rec.resident_state(state.clone())
+    args = dict(settings=row_settings(PLAIN, V), counts=None, stops=[[]] * 5, history=[b""] * 5)
+
+    def run(st, tk, sn):
+        return rec.decode_block(9, st, tk, key=uint64_bits(list(range(5))), counter=uint64_bits([0] * 5),
+                                limit=torch.full((5,), 9), seen=sn, **args)  # fmt: skip
+
+    res = run(view, tok.clone(), seen.clone())
+    assert graphs.copied_calls == 0 and view.data_ptr() == graphs.buffers[8].state.data_ptr()
+    kept = view.clone()
+    other_state, other_tok, other_seen = start(rec, 6, seed=4)
+    alone = BucketedStep(rec, bucket_sizes(16), capture=False)
+    want_state, want_tok, want_seen = other_state.clone(), other_tok.clone(), other_seen.clone()
+    six = dict(key=uint64_bits(list(range(6))), limit=torch.full((6,), 9), counts=None, stops=[[]] * 6,
+               history=[b""] * 6, settings=row_settings(PLAIN + PLAIN[:1], V))  # fmt: skip
+    other = rec.decode_block(9, other_state, other_tok, counter=uint64_bits([0] * 6), seen=other_seen, **six)
+    assert graphs.eager_blocks == 1 and torch.equal(view, kept)
+    want = alone.decode_block(9, want_state, want_tok, counter=uint64_bits([0] * 6), seen=want_seen, **six)
+    assert torch.equal(other.tokens, want.tokens) and torch.equal(other_state, want_state)
+    assert torch.equal(other_seen, want_seen) and res.steps == 9
+
+
+def test_stop_sequences_and_bad_ids_are_refused_and_change_nothing(rec, graphs):
+    state, tok, seen = start(rec, 3, seed=5)
+    tok[1] = V + 4
+    before = [t.clone() for t in (state, tok, seen)]
+    args = dict(settings=row_settings(PLAIN[:3], V), counts=None, key=uint64_bits([1, 2, 3]),
+                counter=uint64_bits([0, 0, 0]), history=[b""] * 3, seen=seen)  # fmt: skip
+    with pytest.raises(ValueError, match="no stop sequences"):
+        rec.decode_block(4, state, tok, limit=torch.tensor([4, 4, 4]), stops=[[], [b"x"], []], **args)
+    with pytest.raises(ValueError, match=f"token id {V + 4} at index \\[1\\]"):
+        rec.decode_block(4, state, tok, limit=torch.tensor([4, 4, 4]), stops=[[]] * 3, **args)
+    with pytest.raises(ValueError, match="K must be"):
+        rec.decode_block(0, state, tok, limit=torch.tensor([4, 4, 4]), stops=[[]] * 3, **args)
+    # the bad id is a row that does not step: the block runs
+    rec.decode_block(4, state, tok, limit=torch.tensor([4, 0, 4]), stops=[[]] * 3, **args)
+    assert int(tok[1]) == V + 4 and torch.equal(state[:, 1], before[0][:, 1])
+    assert rec.decode_block_ready(16) and not rec.decode_block_ready(17)
+    assert not rec.decode_block_ready(3, stops=True)
+
+
+def test_the_engine_takes_the_block_for_rows_without_stops_or_logprobs(rec, graphs):
+    from bench.gpu import decode_batch
+
+    batch = decode_batch(rec, 3)
+    assert batch.native(rec)
+    batch.rows[1].stops = [b"\n"]
+    assert not batch.native(rec)
+    batch.rows[1].stops = []
+    batch.rows[2].params = SamplingParams(logprobs=2)
+    assert not batch.native(rec)
+
+
+def test_the_server_answers_the_same_with_the_graph_block_and_with_the_one_step_loop(model_dirs, monkeypatch):
+    """Concurrent seeded requests, some with token limits that end rows mid-block and sampling filters: the
+    engine's graph blocks (graphs without capture on this CPU) and its one-step loop with the device
+    sampler (the GPU engine's two paths) answer each request identically, and the blocks did run."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from server_support import ServerThread
+
+    import server.registry
+    from server import Settings
+    from server.engine import DecodeBatch
+
+    def on(rec, settings, name):  # what use_cuda_graphs sets on CUDA, without the capture
+        rec._graphs = BucketedStep(rec, bucket_sizes(settings.max_batch_size), capture=False)
+        return True
+
+    init = DecodeBatch.__init__
+
+    def device_sampler(self, pool):  # the one-step loop as on CUDA: RowSampler, the torch ops
+        init(self, pool)
+        self.device_sampler = True
+
+    monkeypatch.setattr(server.registry, "use_cuda_graphs", on)
+    monkeypatch.setattr(DecodeBatch, "__init__", device_sampler)
+    reqs = [{"model": "tiny-text", "prompt": "to be, or not" * (1 + k % 3), "max_new_tokens": 20 + 7 * k,
+             "seed": k, "temperature": [0.0, 0.8, 1.2][k % 3],
+             **[{}, {"top_k": 20, "top_p": 0.9}, {"repetition_penalty": 1.3}][k // 3]}
+            for k in range(9)]  # fmt: skip
+    results = {}
+    native = DecodeBatch.native
+    for path in ("blocks", "one-step"):
+        s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])])).start()
+        rec = s.state.models["tiny-text"].engine.rec
+        assert isinstance(rec._graphs, BucketedStep)
+        if path == "one-step":
+            monkeypatch.setattr(DecodeBatch, "native", lambda self, rec: False)
+        try:
+            with httpx.Client(base_url=s.url, timeout=60) as c, ThreadPoolExecutor(9) as ex:
+                out = list(ex.map(lambda r: c.post("/v1/generate", json=r).json(), reqs))
+        finally:
+            monkeypatch.setattr(DecodeBatch, "native", native)
+            s.stop()
+        results[path] = [(o["tokens"], o["finish_reason"]) for o in out]
+        blocks_run = sum(bb.calls for bb in rec._graphs.blocks.values())
+        assert (blocks_run > 0) == (path == "blocks")
+    assert results["blocks"] == results["one-step"]
+    assert all(len(toks) == 20 + 7 * k for k, (toks, _) in enumerate(results["blocks"]))
