@@ -336,7 +336,7 @@ def block_row(rec, B: int, seconds: float) -> dict[str, Any]:
     first = time.perf_counter() - t0
     steps = BLOCK_K * rate(lambda: batch.block(rec, BLOCK_K, limits), seconds, min_steps=3)
     bb = rec._graphs.blocks.get(rec._graphs.resident_bucket)
-    rec._graphs.resident_bucket = None
+    rec._graphs.release()
     return {"engine_block_steps_per_s": steps, "block_steps": BLOCK_K, "block_first_s": first,
             "block_capture_s": None if bb is None else bb.capture_s}  # fmt: skip
 
@@ -348,7 +348,7 @@ def resident_rate(rec, tok: torch.Tensor, state: torch.Tensor, seconds: float) -
     try:
         return rate(lambda: rec.step(tok, view, out=view), seconds)
     finally:
-        rec._graphs.resident_bucket = None
+        rec._graphs.release()
 
 
 def ttft_under_load(rec, load: int, sz: dict, graphs: bool) -> dict[str, Any]:

@@ -230,6 +230,12 @@ class BucketedStep:
         self.resident_bucket, self.resident_rows = b, n
         return view
 
+    def release(self) -> None:
+        """End the resident batch's residency (if any): its bucket copies batches in and out again, and the
+        view `resident` returned must no longer be stepped (its rows are the buffer's, which the next
+        replay overwrites)."""
+        self.resident_bucket, self.resident_rows = None, 0
+
     @torch.inference_mode()
     def __call__(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None):
         n = tokens.shape[0]

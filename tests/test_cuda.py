@@ -170,7 +170,7 @@ def test_a_resident_batch_replays_its_graph_in_place_without_copies(rec):
             assert torch.equal(tok, ref_tok)
         assert graphs.copied_calls == copied and graphs.buffers[8].calls == replays + 8
     finally:
-        graphs.resident_bucket = None
+        graphs.release()
 
 
 def test_bfloat16_weights_through_the_graphs_stay_within_the_dtype_tolerance():

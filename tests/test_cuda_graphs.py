@@ -222,6 +222,12 @@ def test_a_resident_batch_steps_in_place_in_its_buckets_buffer_without_copies(re
         shrunk = rec.resident_state(again[:, :5])
         assert shrunk.data_ptr() == again.data_ptr() and step.resident_rows == 5
         assert torch.equal(shrunk, want[:, :5]) and bool((step.buffers[8].state[:, 5:] == 0).all())
+        # released: the bucket copies again, and its view is stepped as any other batch
+        step.release()
+        copied, kept = step.copied_calls, shrunk.clone()
+        rec.step(torch.zeros(5, dtype=torch.long), shrunk, out=shrunk)
+        assert step.resident_bucket is None and step.copied_calls == copied + 1
+        assert not torch.equal(shrunk, kept)  # stepped (in place through the copies)
     finally:
         rec._graphs = None
 
