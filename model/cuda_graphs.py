@@ -36,8 +36,14 @@ and counts, the token fed back; a block of k steps replays the graphs of k's bin
 and copies the k × n tokens to the host once. The uniforms are drawn on the host beforehand (the C
 Philox, about 11 ns a draw here: 3 ms for 256 steps of 1,024 rows) and sent over in one copy: the streams
 are pure functions of (key, index), so a row's tokens are those of `step` + `sample` with its generator,
-whatever else is in the batch. The sampler's optional steps (a logit bias, penalties, top-k/top-p,
-min-p) are chosen on the host, so each combination any row needs has its own graphs.
+whatever else is in the batch. Each row makes its own limit's tokens, as in the C block: the block runs
+as long as its longest row, in segments that end where a row reaches its limit; that row's tensors are
+kept there and put back at the end. The sampler's optional steps (a logit bias, penalties, top-k/top-p,
+min-p) are chosen on the host, so each combination any row needs has its own graphs: those of plain
+sampling (temperature, greedy) are captured by `warm` with the step's, every size for every bucket, the
+others at their first block (thread-local capture: another engine's thread may allocate meanwhile). A
+bucket's block graphs share one memory pool (they never run at once, and their results are copied into
+static tensors).
 
 Sampling per single step (`__call__`) stays outside the graph (`model.sampling.RowSampler`).
 """
@@ -55,6 +61,7 @@ from model.sampling import RowTensors, philox_uniforms_torch, sample_with, setti
 LARGEST_BUCKET = 1024
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture (cuBLAS handles, the allocator's pools)
 BLOCK_STEPS = (1, 2, 4, 8, 16, 32, 64)  # the decode-block graphs' step counts (a longer block: several)
+PLAIN = (False, False, False, False, False)  # `block_flags` of plain sampling (temperature, greedy)
 
 
 def bucket_sizes(max_batch: int, largest: int = LARGEST_BUCKET) -> tuple[int, ...]:
@@ -114,6 +121,8 @@ class BlockBuffers:
     graphs: dict = field(default_factory=dict)
     capture_s: float = 0.0  # wall time of its graphs' warm-up runs and captures, all together
     calls: int = 0
+    pool: object = None  # the memory pool its graphs share (none replays while another runs, and each
+    # writes its results into the static tensors above: its temporaries are dead after its replay)
 
 
 def block_flags(rows: RowTensors) -> tuple[bool, ...]:
@@ -170,7 +179,9 @@ class BucketedStep:
         if b not in self.buckets:
             raise ValueError(f"{b} is not one of the buckets {self.buckets}")
         dev = self.rec.device
-        buf = StepBuffers(torch.zeros(b, dtype=torch.long, device=dev), self.rec.init_state(b))
+        with torch.inference_mode(False):  # normal tensors: the engine's rows (resident views of them) are
+            # updated in place outside inference mode too (a joiner filling a hole)
+            buf = StepBuffers(torch.zeros(b, dtype=torch.long, device=dev), self.rec.init_state(b).clone())
         t0 = time.perf_counter()
         if self.capture:  # as in PyTorch's CUDA-graphs notes: warm up on a side stream, then capture
             with torch.cuda.device(dev):
@@ -190,11 +201,17 @@ class BucketedStep:
         self.buffers[b] = buf
         return buf
 
-    def warm(self) -> float:
-        """Make every bucket's buffers (capture every graph) now; returns the seconds it took."""
+    def warm(self, blocks: bool = True) -> float:
+        """Make every bucket's buffers (capture every graph) now, with `blocks` also each bucket's
+        decode-block graphs of every size for plain sampling (temperature or greedy: what audio streams
+        use; other sampler settings are captured at their first block); returns the seconds it took."""
         t0 = time.perf_counter()
         for b in self.buckets:
-            self.bucket(b)
+            buf = self.bucket(b)
+            if blocks and self.capture:
+                bb = self._block_buffers(b)
+                for k in BLOCK_STEPS:
+                    self._block_graph(buf, bb, k, PLAIN)
         return time.perf_counter() - t0
 
     @staticmethod
@@ -276,6 +293,13 @@ class BucketedStep:
 
     # --- decode blocks: K steps with their sampling in one graph -----------------------------------
 
+    def _block_buffers(self, b: int) -> BlockBuffers:
+        """Bucket b's decode-block buffers, made on first use."""
+        if b not in self.blocks:
+            self.blocks[b] = self._new_block_buffers(b)
+        return self.blocks[b]
+
+    @torch.inference_mode(False)
     def _new_block_buffers(self, b: int) -> BlockBuffers:
         dev, V = self.rec.device, self.rec.config.vocab_size
         f32 = torch.float32
@@ -343,7 +367,7 @@ class BucketedStep:
         if graph is not None:
             return graph
         t0 = time.perf_counter()
-        dev = self.rec.device
+        dev = buf.state.device
         with torch.cuda.device(dev):
             kept = [t.clone() for t in (buf.tok, buf.state, bb.seen, bb.counts, bb.out)]
             side = torch.cuda.Stream()
@@ -354,9 +378,12 @@ class BucketedStep:
             for t, old in zip((buf.tok, buf.state, bb.seen, bb.counts, bb.out), kept):
                 t.copy_(old)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: another model's engine thread may allocate meanwhile (a capture after load)
+            with torch.cuda.graph(graph, pool=bb.pool, capture_error_mode="thread_local"):
                 self._block_body(buf, bb, k, flags)
             torch.cuda.synchronize()
+            if bb.pool is None:
+                bb.pool = graph.pool()
         bb.graphs[(k, flags)] = graph
         bb.capture_s += time.perf_counter() - t0
         return graph
@@ -367,13 +394,14 @@ class BucketedStep:
                      limit: torch.Tensor, stops: list[list[bytes]], history: list[bytes], seen: torch.Tensor,
                      interrupt=None, schedule=None) -> fused.BlockResult:  # fmt: skip
         """`RecurrentModel.decode_block` through the bucket's block graphs: the same arguments and result as
-        the native block (`fused.decode_block`), with these differences. Every row with limit > 0 makes
-        the same number of tokens, min(K, the smallest such limit) (the native block runs each row to its
-        own limit): the engine's rows then all stop at a block's end. Rows with limit 0 make none and end
-        as they began (their state, pending token, seen set and counts are put back after the block). No
-        stop sequences (a row with one is refused: the engine steps such batches one step at a time);
-        `interrupt` and `schedule` are not used (a block's graphs run to their end); `times` are spread
-        evenly from the call to the block's end (the steps run on the device, unobserved).
+        the native block (`fused.decode_block`): each row makes min(K, limit[row]) tokens and ends as it
+        would have after them (state, pending token, seen set, counts; rows with limit 0 as they began).
+        The block runs as long as its longest row, in segments that end where a row reaches its limit
+        (that row's tensors are kept there and put back at the end, while it steps on with the others).
+        Differences: no stop sequences (a row with one is refused: the engine steps such batches one step
+        at a time); `interrupt` and `schedule` are not used (the graphs run to the block's end); `times`
+        are spread evenly over the block's steps (they run on the device, unobserved) and `setup_s` is the
+        time spent capturing graphs first.
 
         state (n_layers, B, H, 2, M) float32 (the batch made resident by `resident`: stepped in place;
         another tensor: copied in and out), tok (B,) int64 and seen (B, V) bool on the model's device,
@@ -383,21 +411,21 @@ class BucketedStep:
         stepping row outside the vocabulary (naming it; nothing is changed)."""
         from model.network import check_token_ids  # noqa: PLC0415
 
-        t0 = time.perf_counter()
         V, B = self.rec.config.vocab_size, tok.shape[0]
-        dev = self.rec.device
         b = bucket_for(B, self.buckets) if B else None
         if b is None:
             raise ValueError(f"decode block: {B} rows, the graphs' buckets hold 1 … {self.buckets[-1]}")
         if K < 1:
             raise ValueError(f"decode block: K must be ≥ 1, got {K}")
+        buf = self.bucket(b)
+        dev = buf.state.device  # (the tensors' own: cuda:0 where the model says cuda)
         shape = self.rec.state_shape
         want = (shape[0], B, *shape[1:])
-        if tuple(state.shape) != want or state.dtype != torch.float32:
-            raise ValueError(f"decode block: state must be {want} float32, got {tuple(state.shape)} "
-                             f"{state.dtype}")  # fmt: skip
-        if tok.dtype != torch.long or tok.device != state.device or state.device != dev:
-            raise ValueError("decode block: tok (B,) int64 and the state must be on the model's device")
+        if tuple(state.shape) != want or state.dtype != torch.float32 or state.device != dev:
+            raise ValueError(f"decode block: state must be {want} float32 on {dev}, got {tuple(state.shape)} "
+                             f"{state.dtype} on {state.device}")  # fmt: skip
+        if tok.shape != (B,) or tok.dtype != torch.long or tok.device != dev:
+            raise ValueError(f"decode block: tok must be ({B},) int64 on {dev}")
         if seen.shape != (B, V) or seen.dtype != torch.bool or seen.device != dev:
             raise ValueError(f"decode block: seen must be ({B}, {V}) bool on {dev}")
         for t in (key, counter, limit):
@@ -411,21 +439,23 @@ class BucketedStep:
         if any(stops):
             raise ValueError("decode block: the CUDA graphs' block runs no stop sequences (rows with them "
                              "step one step at a time)")  # fmt: skip
-        live = limit > 0
-        if not bool(live.any()):
+        if bool((limit < 0).any()):
+            raise ValueError("decode block: limits must be ≥ 0")
+        n_out = limit.clamp(max=K)
+        steps = int(n_out.max())
+        if not steps:
             none = torch.zeros(B, dtype=torch.long)
             return fused.BlockResult(
                 0, none.new_zeros(0, B), none, none.bool(), torch.zeros(0, dtype=torch.float64)
             )
-        steps = min(K, int(limit[live].min()))
-        live_dev = live.to(dev)
-        check_token_ids(torch.where(live_dev, tok, 0), V)
-        frozen = (~live).nonzero().flatten()
-        if len(frozen):  # put back after the block
-            fz = frozen.to(dev)
-            kept = (state.index_select(1, fz), tok.index_select(0, fz), seen.index_select(0, fz),
-                    None if counts is None else counts.index_select(0, frozen.to(counts.device)))  # fmt: skip
-        buf = self.bucket(b)
+        check_token_ids(torch.where(n_out.to(dev) > 0, tok, 0), V)
+        # the segments: a row that reaches its limit before the block's end is kept there (and put back)
+        ends = sorted(set(n_out.tolist()) - {steps})
+        plan, t = [], 0
+        for e in [*ends, steps]:
+            plan.append((block_pieces(e - t) if e > t else [], e))
+            t = e
+
         in_place = b == self.resident_bucket and B == self.resident_rows and self._is_rows_of(state, buf, B)
         if not in_place and b == self.resident_bucket:  # another batch lives in this bucket: on buffers of
             # its own, without graphs
@@ -433,19 +463,20 @@ class BucketedStep:
             buf = StepBuffers(torch.zeros_like(buf.tok), torch.zeros_like(buf.state))
             bb, graphs = self._new_block_buffers(b), False
         else:
-            if b not in self.blocks:
-                self.blocks[b] = self._new_block_buffers(b)
-            bb = self.blocks[b]
-            graphs = self.capture
+            bb, graphs = self._block_buffers(b), self.capture
+        flags = self._set_rows(bb, settings, B)
+        t_setup = time.perf_counter()
+        if graphs:  # captured before the block starts (a late capture: other sampler settings)
+            for k in {k for pieces, _ in plan for k in pieces}:
+                self._block_graph(buf, bb, k, flags)
+        t0 = time.perf_counter()
         if not in_place:
             self.copied_calls += 1
-            buf.state[:, :B].copy_(state)
+            same_buffer = state.untyped_storage().data_ptr() == buf.state.untyped_storage().data_ptr()
+            buf.state[:, :B].copy_(state.clone() if same_buffer else state)
             buf.state[:, B:].zero_()
-        flags = self._set_rows(bb, settings, B)
         buf.tok[:B].copy_(tok)
         buf.tok[B:].zero_()
-        if len(frozen):  # stepped and put back: fed token 0 (its own pending token need not be an id)
-            buf.tok.index_fill_(0, fz, 0)
         bb.seen[:B].copy_(seen)
         if settings.counted:
             bb.counts[:B].copy_(counts)
@@ -460,31 +491,37 @@ class BucketedStep:
         if dev.type == "cuda":
             u = u.pin_memory().to(dev, non_blocking=True)
         out = torch.empty(steps, B, dtype=torch.long, device=dev)
+        kept = []  # (rows, their state, pending token, seen rows, counts rows) where they reached their limit
         done = 0
-        for k in block_pieces(steps):
-            bb.u[:k, :B].copy_(u[done : done + k])
-            if graphs:
-                self._block_graph(buf, bb, k, flags).replay()
-            else:
-                self._block_body(buf, bb, k, flags)
-            out[done : done + k].copy_(bb.out[:k, :B])
-            done += k
+        for pieces, end in plan:
+            for k in pieces:
+                bb.u[:k, :B].copy_(u[done : done + k])
+                if graphs:
+                    self._block_graph(buf, bb, k, flags).replay()
+                else:
+                    self._block_body(buf, bb, k, flags)
+                out[done : done + k].copy_(bb.out[:k, :B])
+                done += k
+            if end < steps:
+                rows = (n_out == end).nonzero().flatten().to(dev)
+                kept.append((rows, buf.state.index_select(1, rows), buf.tok.index_select(0, rows),
+                             bb.seen.index_select(0, rows), bb.counts.index_select(0, rows)))  # fmt: skip
+                if end == 0:  # rows that do not step: fed token 0 meanwhile (their own need not be an id)
+                    buf.tok.index_fill_(0, rows, 0)
         bb.calls += 1
+        for rows, s_rows, t_rows, seen_rows, count_rows in kept:
+            buf.state.index_copy_(1, rows, s_rows)
+            buf.tok.index_copy_(0, rows, t_rows)
+            bb.seen.index_copy_(0, rows, seen_rows)
+            bb.counts.index_copy_(0, rows, count_rows)
         tok.copy_(buf.tok[:B])
         seen.copy_(bb.seen[:B])
         if settings.counted:
             counts.copy_(bb.counts[:B])
         if not in_place:
             state.copy_(buf.state[:, :B])
-        if len(frozen):
-            state.index_copy_(1, fz, kept[0])
-            tok.index_copy_(0, fz, kept[1])
-            seen.index_copy_(0, fz, kept[2])
-            if counts is not None:
-                counts.index_copy_(0, frozen.to(counts.device), kept[3])
         tokens = out.cpu()  # the one wait for the device
         t1 = time.perf_counter()
-        counter[live] += steps
-        n_out = torch.where(live, steps, 0)
+        counter += n_out
         times = t0 + (t1 - t0) * torch.arange(1, steps + 1, dtype=torch.float64) / steps
-        return fused.BlockResult(steps, tokens, n_out, torch.zeros(B, dtype=torch.bool), times)
+        return fused.BlockResult(steps, tokens, n_out, torch.zeros(B, dtype=torch.bool), times, t0 - t_setup)

@@ -191,13 +191,16 @@ class BlockResult:
     """What `NetStep.block` made: `steps` run; tokens (steps, B) int64 (row r's first n_out[r] are
     its tokens, in order); n_out (B,) int64; stopped (B,) bool (a stop sequence ended the row);
     times (steps,) float64 CLOCK_MONOTONIC seconds (time.perf_counter's clock on Linux) after each
-    step: when the last row that made step k had made it, and never before step k − 1's time."""
+    step: when the last row that made step k had made it, and never before step k − 1's time; setup_s:
+    seconds of the call before its first step that are not step time (the CUDA graphs' block: capturing
+    a graph it needs; 0 here)."""
 
     steps: int
     tokens: torch.Tensor
     n_out: torch.Tensor
     stopped: torch.Tensor
     times: torch.Tensor
+    setup_s: float = 0.0
 
 
 class NetLayer(ctypes.Structure):

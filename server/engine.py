@@ -16,8 +16,8 @@ Each iteration of its loop:
      (`DecodeBatch.block`: step, sample and stop checks in C, each row stopping on its own at its
      limit or stop sequence), with the same results token for token; on CUDA with the graphs, when no
      row asks for log-probabilities or has stop sequences, the block replays graphs of K steps with
-     their sampling (`model/cuda_graphs.py`: every row makes the block's K tokens, K at most the
-     smallest row's limit), also with the same results token for token;
+     their sampling (`model/cuda_graphs.py`: each row to its own limit), also with the same results
+     token for token;
   4. hand the new tokens to the event loop, one `call_soon_threadsafe` per iteration;
   5. ingest the other chunks picked in 2 (long prompts with more to go), so that a short prompt's first
      token, made in 3, does not wait for them. The iteration that makes a request's first token ends its
@@ -447,8 +447,8 @@ class DecodeBatch:
             self._block_args = (settings, counted, gens, key, stops, any(stops))
         settings, counted, gens, key, stops, any_stops = self._block_args
         counts = None
-        if settings.counted:
-            counts = torch.zeros(len(rows), V)
+        if settings.counted:  # where the rows' counts are (the device): the C block's CPU, the graphs' GPU
+            counts = torch.zeros(len(rows), V, device=self.seen.device)
             counts[counted] = torch.stack([rows[i].counts for i in counted])
         history = [b"" if j is None else bytes(j.out_bytes) for j in rows] if any_stops else [b""] * len(rows)
         res = rec.decode_block(
@@ -964,7 +964,7 @@ class Engine:
         model's most steps or its hand-over period, or when less than DECODE_BLOCK_STEPS steps' time is left
         of that period (but not before DECODE_BLOCK_STEPS steps). A block of the CUDA graphs
         (`model/cuda_graphs.py`) runs to its end (no interrupt: new work waits at most one block, sized to
-        the time left) and makes the same number of tokens in every row, the smallest row's limit at most."""
+        the time left); the time it spent capturing a graph first (`setup_s`) is not step time."""
         b, steps = self.batch, 0
         while b.live and steps < self._max_steps:
             self._block_interrupt.value = 0  # before looking for work: nothing that arrives is missed
@@ -996,7 +996,7 @@ class Engine:
                 # for the GIL after the call (while the event loop sends the last hand-over) does not
                 # count; not from the step times alone, which a thread with more than 8 rows stamps by
                 # groups through rounds of steps (fused.BLOCK_SCHEDULE), bunched at each round's end
-                per = max(float(times[-1]) - t0, 1e-9) / res.steps
+                per = max(float(times[-1]) - t0 - res.setup_s, 1e-9) / res.steps  # (setup: a graph's capture)
                 if est is None:  # measured afresh: at these rows
                     est, self._block_step_rows = per, rows
                 else:

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from model import ModelConfig, SequenceModel, load, save
-from model.cuda_graphs import bucket_sizes
+from model.cuda_graphs import BLOCK_STEPS, PLAIN, bucket_sizes
 from model.recurrent import LOGITS_TOL
 
 pytestmark = [
@@ -75,9 +75,14 @@ def padded(tok, state, b):
 
 
 def test_the_graphs_are_captured_for_every_bucket(rec):
+    """At `use_cuda_graphs`: each bucket's step graph, and its decode-block graphs of every size for plain
+    sampling (BLOCK_STEPS, sharing one memory pool)."""
     assert rec._graphs is not None and rec._graphs.capture
     assert sorted(rec._graphs.buffers) == list(bucket_sizes(64))
     assert all(buf.graph is not None for buf in rec._graphs.buffers.values())
+    assert sorted(rec._graphs.blocks) == list(bucket_sizes(64))
+    for bb in rec._graphs.blocks.values():
+        assert sorted(bb.graphs) == [(k, PLAIN) for k in BLOCK_STEPS] and bb.pool is not None
 
 
 @pytest.mark.parametrize("n", [1, 3, 8, 33, 64])
@@ -253,6 +258,23 @@ def test_the_server_generates_on_cuda_through_the_graphs(cuda_server):
         req = {"model": "tiny-text", "prompt": "to be", "max_new_tokens": 32, "seed": 11, "temperature": 0.9}
         first = c.post("/v1/generate", json=req).json()["tokens"]
         assert len(first) == 32 and c.post("/v1/generate", json=req).json()["tokens"] == first
+        # staggered: while a long generation decodes, short ones finish and others join their holes (the
+        # resident rows, written outside inference mode), with OpenAI's penalties (counts on the device);
+        # each seeded answer is the one it gives alone
+        pen = [{"model": "tiny-text", "prompt": "nymph", "max_tokens": 24, "seed": 30 + k, "temperature": 1.0,
+                "presence_penalty": 0.5, "frequency_penalty": 0.3} for k in range(4)]  # fmt: skip
+
+        def post(r) -> str:
+            resp = c.post("/v1/completions", json=r)
+            assert resp.status_code == 200, resp.text
+            return resp.json()["choices"][0]["text"]
+
+        alone = [post(r) for r in pen]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            long = pool.submit(lambda: c.post("/v1/generate", json={**req, "max_new_tokens": 400}).json())
+            waves = [list(pool.map(post, pen[:2])), list(pool.map(post, pen[2:]))]
+            assert len(long.result()["tokens"]) == 400
+        assert waves[0] + waves[1] == alone
 
 
 @pytest.mark.parametrize("kernel", ["s4", "s4d"])
@@ -324,19 +346,24 @@ def test_sashimi_on_cuda_steps_with_the_triton_kernel_as_with_torch_ops():
 def test_the_captured_decode_block_gives_the_one_step_paths_tokens_and_states(name, triton):
     """K steps with their sampling replayed as captured graphs (`BucketedStep.decode_block`) against the
     GPU engine's one-step path (`step` through the same buckets' graphs, `RowSampler`): 9 rows with every
-    sampling setting (bucket 16) in blocks of 77 steps (graphs of 64, 8, 4, 1 back to back), 5 rows of
-    plain temperature in blocks of 200: the same tokens, states, seen sets and counts, bit for bit (the
+    sampling setting (bucket 16) in blocks of 77 steps (graphs of 64, 8, 4, 1 back to back), 9 rows of
+    plain temperature in blocks of 200 (the same bucket, other graphs in its shared pool), limits 0 … 90
+    (rows kept where they reach theirs): the same tokens, states, seen sets and counts, bit for bit (the
     same kernels on the same shapes). A tiny S4D model with the Triton step and with the torch ops; the
     shipped audio-digits-s4 with the Triton step (the CUDA default)."""
-    from test_graph_block import LIMITS, MIXED, PLAIN, assert_blocks_are_the_one_step_path
+    from test_graph_block import LIMITS, MIXED, assert_blocks_are_the_one_step_path
+
+    from model.sampling import SamplingParams
+
+    plain = [SamplingParams(temperature=0.9, seed=200 + s) for s in range(9)]  # bucket 16, as MIXED
 
     net = tiny_net("s4d") if name == "s4d" else load(AUDIO / name)
     rec = net.to_recurrent(device="cuda", triton_step=triton)
     rec.use_cuda_graphs(bucket_sizes(16))
     try:
-        for params, K in ((MIXED, 77), (PLAIN, 200)):
+        for params, K in ((MIXED, 77), (plain, 200)):  # two sampler settings' graphs in one bucket
             assert_blocks_are_the_one_step_path(rec, params, LIMITS[len(params)], K)
-        assert all(bb.graphs for bb in rec._graphs.blocks.values())  # captured, and replayed
-        assert rec._graphs.eager_blocks == 0
+        flags = {f for k, f in rec._graphs.blocks[16].graphs}
+        assert len(flags) == 2 and rec._graphs.eager_blocks == 0
     finally:
         rec.use_cuda_graphs(None)
