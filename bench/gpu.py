@@ -143,7 +143,7 @@ def capture(rec, on: bool, max_batch: int) -> float | None:
     if not on or rec.device.type != "cuda":
         rec.use_cuda_graphs(None)
         return None
-    return rec.use_cuda_graphs(bucket_sizes(max_batch))
+    return rec.use_cuda_graphs(bucket_sizes(max_batch), blocks=False)  # (block graphs: at first use)
 
 
 def triton_ok(rec) -> bool:
@@ -283,6 +283,15 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
                     continue
                 out["rows"].append(audio_row(rec, B, graphs, triton, engine_ok, sz["seconds"]))
     rec.use_cuda_graphs(None)
+    if device == "cuda" and budget.left():  # what a server's load captures: the step's graphs and every
+        # bucket's plain-sampling block graphs (7 sizes)
+        from model.cuda_graphs import bucket_sizes  # noqa: PLC0415
+
+        try:
+            out["model"]["capture_s_with_blocks"] = rec.use_cuda_graphs(bucket_sizes(max(sz["batches"])))
+        except Exception as exc:  # noqa: BLE001  (recorded: the section goes on)
+            out["skipped"].append(f"capture with the block graphs failed: {type(exc).__name__}: {exc}")
+        rec.use_cuda_graphs(None)
     # The memory-bandwidth bound: a step reads and writes every stream's float32 state at least once, so
     # no batch holds more than (bytes/s the device copies) ÷ (2 × state bytes × 16,000) streams unless the
     # states stay on chip between steps.

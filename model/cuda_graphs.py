@@ -163,6 +163,7 @@ class BucketedStep:
         self.copied_calls = 0  # steps whose state was copied in and out (not resident)
         self.blocks: dict[int, BlockBuffers] = {}  # the decode blocks' buffers and graphs, by bucket
         self.eager_blocks = 0  # decode blocks run without graphs (another batch was resident in the bucket)
+        self.warmed_blocks = False  # `warm` captured the plain-sampling block graphs
 
     def _eager(self, buf: StepBuffers) -> torch.Tensor:
         # buf.tok holds ids `step` checked (or the padding's zeros); no check here: under capture the
@@ -206,6 +207,7 @@ class BucketedStep:
         decode-block graphs of every size for plain sampling (temperature or greedy: what audio streams
         use; other sampler settings are captured at their first block); returns the seconds it took."""
         t0 = time.perf_counter()
+        self.warmed_blocks = blocks
         for b in self.buckets:
             buf = self.bucket(b)
             if blocks and self.capture:

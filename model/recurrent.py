@@ -1049,20 +1049,21 @@ class RecurrentModel:
 
             old, self._graphs = self._graphs, None
             graphs = BucketedStep(self, old.buckets, capture=old.capture)
-            graphs.warm()
+            graphs.warm(blocks=old.warmed_blocks)
             self._graphs = graphs
 
-    def use_cuda_graphs(self, buckets: tuple[int, ...] | None) -> float:
-        """Step through CUDA graphs, one per batch-size bucket (`model/cuda_graphs.py`), captured now;
-        None goes back to the plain step. Returns the capture's seconds. Raises ValueError unless the
-        model is on a CUDA device."""
+    def use_cuda_graphs(self, buckets: tuple[int, ...] | None, blocks: bool = True) -> float:
+        """Step through CUDA graphs, one per batch-size bucket (`model/cuda_graphs.py`), captured now,
+        with `blocks` also the decode-block graphs of plain sampling (`BucketedStep.warm`; without, each is
+        captured at its first block); None goes back to the plain step. Returns the capture's seconds.
+        Raises ValueError unless the model is on a CUDA device."""
         if buckets is None:
             self._graphs = None
             return 0.0
         from model.cuda_graphs import BucketedStep  # noqa: PLC0415
 
         graphs = BucketedStep(self, tuple(buckets), capture=True)
-        seconds = graphs.warm()
+        seconds = graphs.warm(blocks=blocks)
         self._graphs = graphs
         return seconds
 

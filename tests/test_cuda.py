@@ -184,7 +184,7 @@ def test_bfloat16_weights_through_the_graphs_stay_within_the_dtype_tolerance():
     net = tiny_net("s4")
     rec = net.to_recurrent(device="cuda", dtype=torch.bfloat16)
     assert {p.dtype for p in rec.net.parameters()} == {torch.bfloat16}
-    rec.use_cuda_graphs(bucket_sizes(4))
+    rec.use_cuda_graphs(bucket_sizes(4), blocks=False)
     tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = copy.deepcopy(net).double()(tokens)  # (2, 64, V) float64 conv mode
@@ -286,7 +286,7 @@ def test_the_compiled_step_through_the_graphs_matches_the_plain_step(kernel):
     plain = net.to_recurrent(device="cuda", triton_step=False)
     rec = net.to_recurrent(device="cuda")
     rec.compile_step(True)
-    rec.use_cuda_graphs(bucket_sizes(64))
+    rec.use_cuda_graphs(bucket_sizes(64), blocks=False)
     try:
         for n in (1, 5, 64):
             greedy_steps_agree(rec, plain, *reached_state(rec, n))
@@ -309,7 +309,7 @@ def test_the_triton_step_matches_the_torch_step_eager_and_through_the_graphs(nam
     assert rec._triton and not plain._triton
     try:
         for buckets in (None, bucket_sizes(64)):
-            rec.use_cuda_graphs(buckets)
+            rec.use_cuda_graphs(buckets, blocks=False)
             for n in (1, 5, 64, 200):
                 greedy_steps_agree(rec, plain, *reached_state(plain, n), in_place=True)
     finally:
