@@ -50,6 +50,8 @@ Sampling per single step (`__call__`) stays outside the graph (`model.sampling.R
 
 from __future__ import annotations
 
+import logging
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -58,7 +60,12 @@ import torch
 from model import fused
 from model.sampling import RowTensors, philox_uniforms_torch, sample_with, settings_tensors
 
+log = logging.getLogger("model.cuda_graphs")
+
 LARGEST_BUCKET = 1024
+# One capture at a time in the process: torch's captures share one capture stream, and a capture's start
+# (empty_cache) asserts that none is under way (two models' engine threads could otherwise collide)
+CAPTURE_LOCK = threading.Lock()
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture (cuBLAS handles, the allocator's pools)
 BLOCK_STEPS = (1, 2, 4, 8, 16, 32, 64)  # the decode-block graphs' step counts (a longer block: several)
 PLAIN = (False, False, False, False, False)  # `block_flags` of plain sampling (temperature, greedy)
@@ -164,6 +171,8 @@ class BucketedStep:
         self.blocks: dict[int, BlockBuffers] = {}  # the decode blocks' buffers and graphs, by bucket
         self.eager_blocks = 0  # decode blocks run without graphs (another batch was resident in the bucket)
         self.warmed_blocks = False  # `warm` captured the plain-sampling block graphs
+        self.block_capture_error: str | None = None  # a block graph's capture failed: blocks run their ops
+        # without graphs from then on (logged once)
 
     def _eager(self, buf: StepBuffers) -> torch.Tensor:
         # buf.tok holds ids `step` checked (or the padding's zeros); no check here: under capture the
@@ -185,7 +194,7 @@ class BucketedStep:
             buf = StepBuffers(torch.zeros(b, dtype=torch.long, device=dev), self.rec.init_state(b).clone())
         t0 = time.perf_counter()
         if self.capture:  # as in PyTorch's CUDA-graphs notes: warm up on a side stream, then capture
-            with torch.cuda.device(dev):
+            with CAPTURE_LOCK, torch.cuda.device(dev):
                 side = torch.cuda.Stream()
                 side.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(side):
@@ -202,6 +211,7 @@ class BucketedStep:
         self.buffers[b] = buf
         return buf
 
+    @torch.inference_mode()
     def warm(self, blocks: bool = True) -> float:
         """Make every bucket's buffers (capture every graph) now, with `blocks` also each bucket's
         decode-block graphs of every size for plain sampling (temperature or greedy: what audio streams
@@ -364,26 +374,46 @@ class BucketedStep:
 
     def _block_graph(self, buf: StepBuffers, bb: BlockBuffers, k: int, flags: tuple[bool, ...]):
         """The graph of k steps with these sampler flags, captured on first use (one warm-up step first on
-        a side stream, the buffers it changes put back)."""
+        a side stream, the buffers it changes put back), or None once a capture has failed (then logged
+        once, with why: `block_capture_error`; the caller runs the block's ops without a graph, and the
+        buffers are as they were)."""
         graph = bb.graphs.get((k, flags))
-        if graph is not None:
+        if graph is not None or self.block_capture_error is not None:
             return graph
         t0 = time.perf_counter()
         dev = buf.state.device
-        with torch.cuda.device(dev):
-            kept = [t.clone() for t in (buf.tok, buf.state, bb.seen, bb.counts, bb.out)]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._block_body(buf, bb, 1, flags)
-            torch.cuda.current_stream().wait_stream(side)
-            for t, old in zip((buf.tok, buf.state, bb.seen, bb.counts, bb.out), kept):
-                t.copy_(old)
-            graph = torch.cuda.CUDAGraph()
-            # thread_local: another model's engine thread may allocate meanwhile (a capture after load)
-            with torch.cuda.graph(graph, pool=bb.pool, capture_error_mode="thread_local"):
-                self._block_body(buf, bb, k, flags)
-            torch.cuda.synchronize()
+        mine = (buf.tok, buf.state, bb.seen, bb.counts, bb.out)
+        with CAPTURE_LOCK, torch.cuda.device(dev):
+            kept = [t.clone() for t in mine]
+            try:
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    self._block_body(buf, bb, 1, flags)
+                torch.cuda.current_stream().wait_stream(side)
+                for t, old in zip(mine, kept):
+                    t.copy_(old)
+                graph = torch.cuda.CUDAGraph()
+                # thread_local: another model's engine thread may allocate meanwhile (a capture after load)
+                with torch.cuda.graph(graph, pool=bb.pool, capture_error_mode="thread_local"):
+                    self._block_body(buf, bb, k, flags)
+                torch.cuda.synchronize()
+            except RuntimeError as exc:  # (torch's CUDA errors and out of memory are RuntimeErrors)
+                # a capture that raised may leave its stream current: back to the device's default one
+                torch.cuda.set_stream(torch.cuda.default_stream(dev))
+                for t, old in zip(mine, kept):
+                    t.copy_(old)
+                torch.cuda.synchronize()
+                self.block_capture_error = f"{type(exc).__name__}: {exc}"
+                bb.capture_s += time.perf_counter() - t0
+                log.warning(
+                    "the decode-block graph of %d steps (sampler steps %s) was not captured: %s; "
+                    "decode blocks run their ops without graphs",
+                    k,
+                    flags,
+                    self.block_capture_error,
+                )
+                return None
             if bb.pool is None:
                 bb.pool = graph.pool()
         bb.graphs[(k, flags)] = graph
@@ -498,9 +528,10 @@ class BucketedStep:
         for pieces, end in plan:
             for k in pieces:
                 bb.u[:k, :B].copy_(u[done : done + k])
-                if graphs:
-                    self._block_graph(buf, bb, k, flags).replay()
-                else:
+                graph = self._block_graph(buf, bb, k, flags) if graphs else None
+                if graph is not None:
+                    graph.replay()
+                else:  # (without CUDA, or after a failed capture)
                     self._block_body(buf, bb, k, flags)
                 out[done : done + k].copy_(bb.out[:k, :B])
                 done += k

@@ -8,9 +8,10 @@ device. What is checked here, bit for bit, against the GPU engine's one-step pat
 and `model.sampling.RowSampler`: the same torch sampler ops, one step at a time):
 - the tokens, states, seen sets and counts of every sampling setting, with greedy rows and padded
   buckets, blocks longer than the largest graph (several graphs back to back), across blocks;
-- rows with limit 0 end as they began; the block makes min(K, the smallest live limit) tokens a row;
+- each row makes min(K, its limit) tokens and ends there (rows with limit 0 as they began);
 - another batch resident in the bucket is left alone (the block runs on buffers of its own);
 - refusals (stop sequences, ids outside the vocabulary: nothing changed), and the engine's choice;
+- a block whose graph is missing (a failed capture) runs the same ops without it;
 - the server's answers with the block and with the one-step loop are the same.
 On a GPU, tests/test_cuda.py replays the captured graphs against the same reference."""
 
@@ -242,6 +243,17 @@ def test_the_engine_takes_the_block_for_rows_without_stops_or_logprobs(rec, grap
     batch.rows[1].stops = []
     batch.rows[2].params = SamplingParams(logprobs=2)
     assert not batch.native(rec)
+
+
+def test_without_a_graph_a_block_runs_its_ops_as_they_are(rec, graphs, monkeypatch):
+    """Where a block graph is missing (its capture failed: `_block_graph` gives None), the block runs the
+    same ops without it, with the same tokens."""
+    asked = []
+    graphs.bucket(len(PLAIN) + 3)  # (bucket 8, made without a capture)
+    graphs.capture = True  # (as on CUDA; every block graph "fails")
+    monkeypatch.setattr(graphs, "_block_graph", lambda buf, bb, k, flags: asked.append(k))
+    assert_blocks_are_the_one_step_path(rec, PLAIN, LIMITS[len(PLAIN)], 77)
+    assert set(asked) == {64, 8, 4, 1} and graphs.eager_blocks == 0  # (64 + 8 + 4 + 1, then 8 + 4 + 1)
 
 
 def test_a_device_named_without_an_index_is_the_tensors_device(rec, graphs, monkeypatch):
