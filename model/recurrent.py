@@ -1116,14 +1116,19 @@ class RecurrentModel:
         logits, new = (self._compiled_step or self._step_torch)(tokens, state)
         return logits, new if out is None else out.copy_(new)
 
-    def decode_block_ready(self, batch: int, stops: bool = False) -> bool:
+    def decode_block_ready(self, batch: int) -> bool:
         """Whether `decode_block` serves a batch of this many rows: with CUDA graphs (`use_cuda_graphs`),
-        a batch within the largest bucket whose rows have no stop sequences (`stops`: whether some row
-        has them); else the whole-network C step (CPU, float32, bfloat16 or float16 weights, at most
-        `net_step_max_batch` rows, stop sequences included)."""
+        a batch within the largest bucket (rows without stop sequences: `decode_block_stops`); else the
+        whole-network C step (CPU, float32, bfloat16 or float16 weights, at most `net_step_max_batch`
+        rows)."""
         if self._graphs is not None:
-            return 1 <= batch <= self._graphs.buckets[-1] and not stops
+            return 1 <= batch <= self._graphs.buckets[-1]
         return self._net_step is not None and batch <= self.net_step_max_batch
+
+    @property
+    def decode_block_stops(self) -> bool:
+        """Whether `decode_block` runs rows with stop sequences (the C block; the CUDA graphs' does not)."""
+        return self._graphs is None
 
     @torch.inference_mode()
     def decode_block(self, K: int, state: torch.Tensor, tokens: torch.Tensor, **rows) -> fused.BlockResult:
@@ -1136,7 +1141,7 @@ class RecurrentModel:
         one-step path through the same bucket, whose matmuls round alike), with the graphs. Raises
         ValueError when `decode_block_ready` is false or on bad arguments."""
         B = tokens.shape[0]
-        if self._graphs is not None:
+        if self._graphs is not None:  # (rows with stop sequences: refused there)
             if not self.decode_block_ready(B):
                 most = self._graphs.buckets[-1]
                 raise ValueError(f"the graphs' decode block holds 1 … {most} rows, got {B}")

@@ -419,8 +419,9 @@ class DecodeBatch:
         the largest bucket, none with stop sequences) and no row asks for log-probabilities (every
         sampling setting runs in the block's sampler, with each row's counter-based stream)."""
         ready = getattr(rec, "decode_block_ready", None)
-        stops = any(j is not None and j.stops for j in self.rows)
-        if ready is None or not ready(len(self.rows), stops=stops):
+        if ready is None or not ready(len(self.rows)):
+            return False
+        if not getattr(rec, "decode_block_stops", True) and any(j is not None and j.stops for j in self.rows):
             return False
         return all(
             j is None or (j.params.logprobs is None and isinstance(j.generator, CounterRNG))

@@ -446,10 +446,9 @@ class SaShiMiRecurrent:
         logits = self._net_ops.head(self._net_ops.norm(y)).float()
         return logits, new if out is None else out.copy_(new)
 
-    def decode_block_ready(self, batch: int, stops: bool = False) -> bool:
+    def decode_block_ready(self, batch: int) -> bool:
         """Whether `decode_block` serves a batch (the whole-network C step: CPU, float32, bfloat16 or
-        float16 weights, LayerNorm or scalar TransposedLN blocks, unet or not); any number of rows, with
-        stop sequences or not (`stops`, as `RecurrentModel.decode_block_ready` takes it)."""
+        float16 weights, LayerNorm or scalar TransposedLN blocks, unet or not); any number of rows."""
         return self._net_step is not None
 
     @torch.inference_mode()
