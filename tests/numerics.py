@@ -41,3 +41,16 @@ def scramble_transposed_lns(net: torch.nn.Module, seed: int = 0) -> int:
             m.m.copy_(torch.rand(1, generator=g) * 2 - 1)
             m.s.copy_(torch.rand(1, generator=g) * 1.5 + 0.5)
     return len(norms)
+
+
+# every sampling setting (model.sampling.SamplingParams fields) the samplers handle, alone and together
+SAMPLING_FILTERS = [
+    {},
+    {"top_k": 5},
+    {"top_p": 0.8},
+    {"min_p": 0.1},
+    {"repetition_penalty": 1.5},
+    {"presence_penalty": 0.8, "frequency_penalty": 0.3},
+    {"logit_bias": {3: 5.0, 7: -100.0}},
+    {"top_k": 20, "top_p": 0.9, "min_p": 0.02, "repetition_penalty": 0.7, "frequency_penalty": -0.2},
+]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from numerics import SAMPLING_FILTERS as FILTERS
 
 from model import ModelConfig, SequenceModel
 from model.cuda_graphs import BLOCK_STEPS, BucketedStep, block_pieces, bucket_sizes
@@ -26,16 +27,6 @@ from model.sampling import RowSampler, SamplingParams, row_settings, uint64_bits
 
 TINY = dict(vocab_size=64, d_model=16, n_layers=2, d_state=8, l_max=128, cauchy_backend="torch")
 V = TINY["vocab_size"]
-FILTERS = [  # every optional step of the sampler, alone and together
-    {},
-    {"top_k": 5},
-    {"top_p": 0.8},
-    {"min_p": 0.1},
-    {"repetition_penalty": 1.5},
-    {"presence_penalty": 0.8, "frequency_penalty": 0.3},
-    {"logit_bias": {3: 5.0, 7: -100.0}},
-    {"top_k": 20, "top_p": 0.9, "min_p": 0.02, "repetition_penalty": 0.7, "frequency_penalty": -0.2},
-]
 MIXED = [SamplingParams(temperature=t, seed=s, **FILTERS[s % len(FILTERS)])
          for s, t in enumerate([0.0, 0.7, 1.0, 1.3, 0.0, 0.9, 1.1, 0.8, 1.0])]  # fmt: skip
 PLAIN = [SamplingParams(temperature=0.9, seed=100 + s) for s in range(5)]  # the audio streams' case

@@ -16,6 +16,7 @@ import threading
 
 import pytest
 import torch
+from numerics import SAMPLING_FILTERS as FILTERS
 from numerics import scramble_transposed_lns
 
 from model import ModelConfig, SequenceModel, build, fused
@@ -180,16 +181,6 @@ def _block(rec, state, tok, params, limits, seen, K, schedule=None):
     return toks, state, seen, stopped
 
 
-FILTERS = [  # every sampling setting the block's C sampler handles
-    {},
-    {"top_k": 5},
-    {"top_p": 0.8},
-    {"min_p": 0.1},
-    {"repetition_penalty": 1.5},
-    {"presence_penalty": 0.8, "frequency_penalty": 0.3},
-    {"logit_bias": {3: 5.0, 7: -100.0}},
-    {"top_k": 20, "top_p": 0.9, "min_p": 0.02, "repetition_penalty": 0.7, "frequency_penalty": -0.2},
-]
 PARAMS = [
     SamplingParams(temperature=t, seed=s, **FILTERS[s % len(FILTERS)])
     for s, t in enumerate([0.0, 0.7, 1.0, 1.3, 0.0, 0.9] * 2)
