@@ -22,7 +22,9 @@ under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
    Beside it the memory-bandwidth bound: a step reads and writes each stream's float32 state (131 KB for
    this model: 32 slots a channel in the real block-diagonal form) at least once, so at most copy
    bandwidth ÷ (2 × state bytes × 16,000) streams keep up (about 1,025 at the 4.3 TB/s an H200 copies)
-   unless states stay on chip between steps.
+   unless states stay on chip between steps. Beside it the shipped SaShiMi (audio-digits, the default
+   audio model, 8 kHz), which has no CUDA graphs: its eager torch step and engine step at 1 … 1,024
+   streams at mixed pooling phases ("sashimi").
 3. **Time to first token under load.** The engine (`server/engine.py`, no HTTP) with L sessions
    decoding the text model; one prompt of P tokens at a time arrives, and its TTFT is the time from
    submission to its first token (prefill in chunks interleaved with the decode steps).
@@ -284,6 +286,7 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
                     continue
                 out["rows"].append(audio_row(rec, B, graphs, triton, engine_ok, sz["seconds"]))
     rec.use_cuda_graphs(None)
+    out["sashimi"] = sashimi_rows(device, sz["seconds"], budget)
     if device == "cuda" and budget.left():  # what a server's load captures: the step's graphs and every
         # bucket's plain-sampling block graphs (7 sizes)
         from model.cuda_graphs import bucket_sizes  # noqa: PLC0415
@@ -331,6 +334,39 @@ def audio_row(rec, B: int, graphs: bool, triton: bool, engine_ok: bool, seconds:
         if f"{what}_steps_per_s" in row:
             row[f"{what}_rtf"] = row[f"{what}_steps_per_s"] / RATE
     return row
+
+
+def sashimi_rows(device: str, seconds: float, budget: Budget) -> dict[str, Any]:
+    """The shipped SaShiMi (checkpoints/audio-digits, the default audio model; 8 kHz), which has no CUDA
+    graphs: its torch step on the device (its C step only runs on CPU), the Triton kernel for the top
+    level, rows at mixed pooling phases (the sparse step picks the rows that pool, two host syncs a
+    step): steps/s of the bare step and of the engine's `DecodeBatch.step`, with the real-time factor at
+    8 kHz. What a GPU gives the default audio model, for the plan of a capturable (dense, masked) step."""
+    from model import load
+
+    path = ROOT / "checkpoints/audio-digits"
+    if not (path / "config.json").exists() or not budget.left():
+        return {"skipped": "no checkpoints/audio-digits" if budget.left() else "time budget"}
+    rec = load(path).to_recurrent(device=device)
+    out: dict[str, Any] = {"rate_hz": rec.config.sample_rate, "rows": []}
+    for B in (1, 16, 256, 1024):
+        if not budget.left():
+            out.setdefault("skipped_batches", []).append(B)
+            continue
+        state = rec.init_state(B)
+        rec.layout.view(state, "phase")[:, 0] = (torch.arange(B, device=state.device) % rec.period).float()
+        tok = torch.randint(0, 256, (B,), device=rec.device)
+        row = {"batch": B, "step_steps_per_s": rate(lambda: rec.step(tok, state, out=state), seconds)}
+        try:
+            batch = decode_batch(rec, B)
+            row["engine_steps_per_s"] = rate(lambda: batch.step(rec), seconds)
+        except ImportError:  # (the server's packages absent)
+            pass
+        for what in ("step", "engine"):
+            if f"{what}_steps_per_s" in row:
+                row[f"{what}_rtf"] = row[f"{what}_steps_per_s"] / out["rate_hz"]
+        out["rows"].append(row)
+    return out
 
 
 def block_row(rec, B: int, seconds: float) -> dict[str, Any]:
@@ -502,6 +538,10 @@ def plot(data: dict[str, Any], quick: bool) -> None:
             if pts:
                 label = f"{what}, graphs {'on' if graphs else 'off'}" + (", Triton" if triton else "")
                 a2.plot(*zip(*pts), style, label=label)
+    sash = [r for r in data["audio"].get("sashimi", {}).get("rows", []) if "engine_rtf" in r]
+    if sash:  # the default audio model (no graphs), at its own 8 kHz
+        label = "SaShiMi engine (8 kHz)"
+        a2.plot([r["batch"] for r in sash], [r["engine_rtf"] for r in sash], "x:", label=label)
     a2.axhline(1.0, color="k", lw=0.8)
     bound = data["audio"].get("bandwidth_bound_streams")
     if bound:
