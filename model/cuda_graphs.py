@@ -58,7 +58,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from model import fused
-from model.sampling import RowTensors, philox_uniforms_torch, sample_with, settings_tensors
+from model.sampling import RowTensors, earliest_stop, philox_uniforms_torch, sample_with, settings_tensors
 
 log = logging.getLogger("model.cuda_graphs")
 
@@ -426,21 +426,23 @@ class BucketedStep:
                      limit: torch.Tensor, stops: list[list[bytes]], history: list[bytes], seen: torch.Tensor,
                      interrupt=None, schedule=None) -> fused.BlockResult:  # fmt: skip
         """`RecurrentModel.decode_block` through the bucket's block graphs: the same arguments and result as
-        the native block (`fused.decode_block`): each row makes min(K, limit[row]) tokens and ends as it
-        would have after them (state, pending token, seen set, counts; rows with limit 0 as they began).
-        The block runs as long as its longest row, in segments that end where a row reaches its limit
-        (that row's tensors are kept there and put back at the end, while it steps on with the others).
-        Differences: no stop sequences (a row with one is refused: the engine steps such batches one step
-        at a time); `interrupt` and `schedule` are not used (the graphs run to the block's end); `times`
-        are spread evenly over the block's steps (they run on the device, unobserved) and `setup_s` is the
-        time spent capturing graphs first.
+        the native block (`fused.decode_block`): each row makes min(K, limit[row]) tokens, or stops at a
+        stop sequence (over the tokens' low bytes, after `history`), and ends as it would have after them
+        (state, pending token, seen set, counts; rows with limit 0 as they began). The block runs as long
+        as its longest row, in segments that end where a row reaches its limit (that row's tensors are
+        kept there and put back at the end, while it steps on with the others). Differences: a row with
+        stop sequences makes at most `model.sampling.earliest_stop` tokens a block (the fewest after which
+        one of its stops could end its output, from its history; the host then checks it), so a
+        one-byte stop's row makes one token a block; `interrupt` and `schedule` are not used (the graphs
+        run to the block's end); `times` are spread evenly over the block's steps (they run on the device,
+        unobserved) and `setup_s` is the time spent capturing graphs first.
 
         state (n_layers, B, H, 2, M) float32 (the batch made resident by `resident`: stepped in place;
         another tensor: copied in and out), tok (B,) int64 and seen (B, V) bool on the model's device,
         counts (B, V) float32 on any device, key, counter and limit (B,) int64 on the host; updated in
         place as the native block updates them (counter advanced by each row's tokens). B ≤ the largest
-        bucket. Raises ValueError on bad shapes, a row with stop sequences, or a pending token of a
-        stepping row outside the vocabulary (naming it; nothing is changed)."""
+        bucket. Raises ValueError on bad shapes or a pending token of a stepping row outside the
+        vocabulary (naming it; nothing is changed)."""
         from model.network import check_token_ids  # noqa: PLC0415
 
         V, B = self.rec.config.vocab_size, tok.shape[0]
@@ -468,12 +470,14 @@ class BucketedStep:
             raise ValueError(f"decode block: counts must be ({B}, {V}) float32")
         if len(stops) != B or len(history) != B:
             raise ValueError(f"decode block: stops and history need one entry per row ({B})")
-        if any(stops):
-            raise ValueError("decode block: the CUDA graphs' block runs no stop sequences (rows with them "
-                             "step one step at a time)")  # fmt: skip
         if bool((limit < 0).any()):
             raise ValueError("decode block: limits must be ≥ 0")
         n_out = limit.clamp(max=K)
+        for r, row_stops in enumerate(stops):  # a row with stop sequences steps up to where one could end
+            if row_stops and n_out[r]:
+                soonest = earliest_stop(history[r], row_stops)
+                if soonest is not None:
+                    n_out[r] = min(int(n_out[r]), soonest)
         steps = int(n_out.max())
         if not steps:
             none = torch.zeros(B, dtype=torch.long)
@@ -557,4 +561,9 @@ class BucketedStep:
         t1 = time.perf_counter()
         counter += n_out
         times = t0 + (t1 - t0) * torch.arange(1, steps + 1, dtype=torch.float64) / steps
-        return fused.BlockResult(steps, tokens, n_out, torch.zeros(B, dtype=torch.bool), times, t0 - t_setup)
+        stopped = torch.zeros(B, dtype=torch.bool)
+        for r, row_stops in enumerate(stops):  # (a stop can only end at a row's last token: see above)
+            if row_stops and n_out[r]:
+                made = history[r] + bytes(int(t) & 0xFF for t in tokens[: n_out[r], r])
+                stopped[r] = any(s and made.endswith(s) for s in row_stops)
+        return fused.BlockResult(steps, tokens, n_out, stopped, times, t0 - t_setup)

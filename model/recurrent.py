@@ -1118,30 +1118,24 @@ class RecurrentModel:
 
     def decode_block_ready(self, batch: int) -> bool:
         """Whether `decode_block` serves a batch of this many rows: with CUDA graphs (`use_cuda_graphs`),
-        a batch within the largest bucket (rows without stop sequences: `decode_block_stops`); else the
-        whole-network C step (CPU, float32, bfloat16 or float16 weights, at most `net_step_max_batch`
-        rows)."""
+        a batch within the largest bucket; else the whole-network C step (CPU, float32, bfloat16 or
+        float16 weights, at most `net_step_max_batch` rows)."""
         if self._graphs is not None:
             return 1 <= batch <= self._graphs.buckets[-1]
         return self._net_step is not None and batch <= self.net_step_max_batch
-
-    @property
-    def decode_block_stops(self) -> bool:
-        """Whether `decode_block` runs rows with stop sequences (the C block; the CUDA graphs' does not)."""
-        return self._graphs is None
 
     @torch.inference_mode()
     def decode_block(self, K: int, state: torch.Tensor, tokens: torch.Tensor, **rows) -> fused.BlockResult:
         """Up to K steps with sampling and stop checks in one call, the state (n_layers, B, H, 2, M)
         and the pending tokens (B,) updated in place: see fused.NetStep.block for the per-row
         arguments and the result. On CPU one C call (`fused.NetStep.block`); with CUDA graphs the
-        bucket's decode-block graphs (`model.cuda_graphs.BucketedStep.decode_block`: no stop
-        sequences). Each row's tokens, state and seen set are exactly those of stepping it with `step`
-        and `model.sampling.sample` (its settings, its CounterRNG): alone, on CPU; in its batch (the
-        one-step path through the same bucket, whose matmuls round alike), with the graphs. Raises
-        ValueError when `decode_block_ready` is false or on bad arguments."""
+        bucket's decode-block graphs (`model.cuda_graphs.BucketedStep.decode_block`: a row with stop
+        sequences makes fewer tokens a block). Each row's tokens, state and seen set are exactly those
+        of stepping it with `step` and `model.sampling.sample` (its settings, its CounterRNG): alone,
+        on CPU; in its batch (the one-step path through the same bucket, whose matmuls round alike),
+        with the graphs. Raises ValueError when `decode_block_ready` is false or on bad arguments."""
         B = tokens.shape[0]
-        if self._graphs is not None:  # (rows with stop sequences: refused there)
+        if self._graphs is not None:
             if not self.decode_block_ready(B):
                 most = self._graphs.buckets[-1]
                 raise ValueError(f"the graphs' decode block holds 1 … {most} rows, got {B}")

@@ -522,6 +522,20 @@ class RowSampler:
             self.steps = 0
 
 
+def earliest_stop(history: bytes, stops: list[bytes]) -> int | None:
+    """The fewest new bytes after which one of `stops` could end `history` + them: for a stop s of
+    length L, j < L new bytes can complete it only where history ends with s's first L − j bytes, and L
+    always can. None when no stop is non-empty. (A block that steps a row this many tokens at most can
+    only meet a stop at its last one: the CUDA graphs' decode block.)"""
+    best = None
+    for s in stops:
+        for j in range(1, len(s) + 1):
+            if j == len(s) or history.endswith(s[: len(s) - j]):
+                best = j if best is None else min(best, j)
+                break
+    return best
+
+
 def find_stop(output: bytes, stops: list[bytes], new: int) -> int | None:
     """Index where the first stop sequence starts in `output`, looking only at matches that end in
     the last `new` bytes (incremental check); None if no stop sequence has appeared."""

@@ -15,9 +15,9 @@ Each iteration of its loop:
      and the whole-network C step serves the batch, DECODE_BLOCK_STEPS steps run as one native block
      (`DecodeBatch.block`: step, sample and stop checks in C, each row stopping on its own at its
      limit or stop sequence), with the same results token for token; on CUDA with the graphs, when no
-     row asks for log-probabilities or has stop sequences, the block replays graphs of K steps with
-     their sampling (`model/cuda_graphs.py`: each row to its own limit), also with the same results
-     token for token;
+     row asks for log-probabilities, the block replays graphs of K steps with their sampling
+     (`model/cuda_graphs.py`: each row to its own limit; a row with stop sequences up to where one
+     could end, then checked), also with the same results token for token;
   4. hand the new tokens to the event loop, one `call_soon_threadsafe` per iteration;
   5. ingest the other chunks picked in 2 (long prompts with more to go), so that a short prompt's first
      token, made in 3, does not wait for them. The iteration that makes a request's first token ends its
@@ -416,12 +416,10 @@ class DecodeBatch:
     def native(self, rec: RecurrentModel) -> bool:
         """Whether `block` can run this batch: the model's decode block serves it (on CPU the
         whole-network C step: any number of rows; with CUDA graphs the bucket's block graphs: rows within
-        the largest bucket, none with stop sequences) and no row asks for log-probabilities (every
+        the largest bucket) and no row asks for log-probabilities (every
         sampling setting runs in the block's sampler, with each row's counter-based stream)."""
         ready = getattr(rec, "decode_block_ready", None)
         if ready is None or not ready(len(self.rows)):
-            return False
-        if not getattr(rec, "decode_block_stops", True) and any(j is not None and j.stops for j in self.rows):
             return False
         return all(
             j is None or (j.params.logprobs is None and isinstance(j.generator, CounterRNG))

@@ -353,7 +353,7 @@ def test_the_captured_decode_block_gives_the_one_step_paths_tokens_and_states(na
     and counts, bit for bit (the same kernels on the same shapes; the sampler's ops are row by row). A
     tiny S4D model with the Triton step and with the torch ops; the shipped audio-digits-s4 with the
     Triton step (the CUDA default)."""
-    from test_graph_block import LIMITS, MIXED, assert_blocks_are_the_one_step_path
+    from test_graph_block import LIMITS, MIXED, STOPS, assert_blocks_are_the_one_step_path
 
     from model.sampling import SamplingParams
 
@@ -365,6 +365,7 @@ def test_the_captured_decode_block_gives_the_one_step_paths_tokens_and_states(na
     try:
         for params, K in ((MIXED, 77), (plain, 200)):  # two sampler settings' graphs in one bucket
             assert_blocks_are_the_one_step_path(rec, params, LIMITS[len(params)], K)
+        assert_blocks_are_the_one_step_path(rec, STOPS, LIMITS[len(STOPS)], 64)  # rows with stop sequences
         flags = {f for k, f in rec._graphs.blocks[16].graphs}
         assert len(flags) == 2 and rec._graphs.eager_blocks == 0
     finally:

@@ -10,7 +10,8 @@ and `model.sampling.RowSampler`: the same torch sampler ops, one step at a time)
   buckets, blocks longer than the largest graph (several graphs back to back), across blocks;
 - each row makes min(K, its limit) tokens and ends there (rows with limit 0 as they began);
 - another batch resident in the bucket is left alone (the block runs on buffers of its own);
-- refusals (stop sequences, ids outside the vocabulary: nothing changed), and the engine's choice;
+- rows with stop sequences: stepped up to where one could end (`earliest_stop`), then checked;
+- refusals (ids outside the vocabulary: nothing changed), and the engine's choice;
 - a block whose graph is missing (a failed capture) runs the same ops without it;
 - the server's answers with the block and with the one-step loop are the same.
 On a GPU, tests/test_cuda.py replays the captured graphs against the same reference."""
@@ -23,13 +24,26 @@ from numerics import SAMPLING_FILTERS as FILTERS
 
 from model import ModelConfig, SequenceModel
 from model.cuda_graphs import BLOCK_STEPS, BucketedStep, block_pieces, bucket_sizes
-from model.sampling import RowSampler, SamplingParams, row_settings, uint64_bits
+from model.sampling import RowSampler, SamplingParams, earliest_stop, find_stop, row_settings, uint64_bits
 
 TINY = dict(vocab_size=64, d_model=16, n_layers=2, d_state=8, l_max=128, cauchy_backend="torch")
 V = TINY["vocab_size"]
 MIXED = [SamplingParams(temperature=t, seed=s, **FILTERS[s % len(FILTERS)])
          for s, t in enumerate([0.0, 0.7, 1.0, 1.3, 0.0, 0.9, 1.1, 0.8, 1.0])]  # fmt: skip
 PLAIN = [SamplingParams(temperature=0.9, seed=100 + s) for s in range(5)]  # the audio streams' case
+STOPS = [  # rows with stop sequences (low bytes < V: the tiny model's ids) beside rows without
+    SamplingParams(temperature=t, seed=50 + s, stop=stop, **FILTERS[s % len(FILTERS)])
+    for s, (t, stop) in enumerate(
+        [
+            (1.0, [bytes([7])]),
+            (0.9, []),
+            (1.2, [bytes([3, 9]), bytes([11])]),
+            (0.8, [bytes([1, 2, 3])]),
+            (1.0, []),
+            (1.1, [bytes([5]), bytes([60, 61])]),
+        ]
+    )
+]
 
 
 @pytest.fixture(scope="module", params=["c", "torch"])
@@ -82,35 +96,47 @@ def one_step(rec, state, tok, seen, params, limits):
         seen[rows, tok] = True
         counts[rows, tok] += 1
         for r, t in enumerate(tok.tolist()):
+            if r in done:
+                continue
             toks[r].append(t)
-            if len(toks[r]) == limits[r]:
+            ended = (
+                bool(params[r].stop)
+                and find_stop(bytes(v & 0xFF for v in toks[r]), params[r].stop, 1) is not None
+            )
+            if len(toks[r]) == limits[r] or ended:
                 done[r] = (list(toks[r]), state[:, r].clone(), seen[r].clone(), counts[r].clone())
     return done
 
 
 def blocks(rec, state, tok, seen, params, limits, K):
-    """The block path, run in blocks of K steps until each row has its limit (as the engine runs it)."""
+    """The block path, run in blocks of K steps until each row has its limit or has stopped (as the
+    engine runs it)."""
     state, tok, seen = state.clone(), tok.clone(), seen.clone()
     gens = [p.generator() for p in params]
     settings = row_settings(params, rec.config.vocab_size)
     counts = torch.zeros(len(params), rec.config.vocab_size)  # on the host, as the engine keeps them
     toks = [[] for _ in params]
-    while left := [limits[r] - len(toks[r]) for r in range(len(params))]:
-        if not any(left):
-            break
+    stopped = [False] * len(params)
+    while any(left := [0 if stopped[r] else limits[r] - len(toks[r]) for r in range(len(params))]):
         counter = uint64_bits([g.counter for g in gens])
+        history = [bytes(v & 0xFF for v in t) for t in toks]
         res = rec.decode_block(
             K, state, tok, settings=settings, counts=counts, key=uint64_bits([g.key for g in gens]),
-            counter=counter, limit=torch.tensor(left), stops=[[] for _ in params],
-            history=[b""] * len(params), seen=seen,
+            counter=counter, limit=torch.tensor(left), stops=[p.stop for p in params], history=history,
+            seen=seen,
         )  # fmt: skip
-        assert res.steps == min(K, max(left)) and res.tokens.shape == (res.steps, len(params))
-        assert res.n_out.tolist() == [min(n, K) for n in left]  # each row to its own limit, as the C block
-        assert bool((res.times[1:] >= res.times[:-1]).all()) and not bool(res.stopped.any())
-        for r, n in enumerate(res.n_out.tolist()):
+        n_out = res.n_out.tolist()
+        assert res.steps == max(n_out) and res.tokens.shape == (res.steps, len(params))
+        for r, p in enumerate(params):  # each row to its own limit, as the C block; a row with stop
+            # sequences to where one could end its output
+            soonest = earliest_stop(history[r], p.stop) if left[r] else None
+            assert n_out[r] == min(left[r], K, soonest or K), f"row {r}"
+        assert bool((res.times[1:] >= res.times[:-1]).all())
+        for r, n in enumerate(n_out):
             toks[r] += res.tokens[:n, r].tolist()
             gens[r].counter += n
             assert int(counter[r]) == gens[r].counter  # advanced in place, as the native block does
+            stopped[r] |= bool(res.stopped[r])
     return toks, state, seen, counts
 
 
@@ -122,7 +148,7 @@ def assert_blocks_are_the_one_step_path(rec, params, limits, K) -> list[list[int
     toks, new_state, new_seen, counts = blocks(rec, state, tok, seen, params, limits, K)
     for r in range(len(params)):
         want_toks, want_state, want_seen, want_counts = ref[r]
-        assert toks[r] == want_toks and len(toks[r]) == limits[r], f"row {r}"
+        assert toks[r] == want_toks and (len(toks[r]) == limits[r] or params[r].stop), f"row {r}"
         assert torch.equal(new_state[:, r], want_state), f"row {r}: state"
         assert torch.equal(new_seen[r], want_seen), f"row {r}: seen"
         if any(p.counts_output for p in params):
@@ -130,10 +156,14 @@ def assert_blocks_are_the_one_step_path(rec, params, limits, K) -> list[list[int
     return toks
 
 
-LIMITS = {len(MIXED): [40, 1, 0, 17, 90, 33, 5, 40, 2], len(PLAIN): [90, 64, 90, 90, 77]}
+LIMITS = {
+    len(MIXED): [40, 1, 0, 17, 90, 33, 5, 40, 2],
+    len(PLAIN): [90, 64, 90, 90, 77],
+    len(STOPS): [200] * 6,
+}
 
 
-@pytest.mark.parametrize(("params", "K"), [(MIXED, 1), (MIXED, 7), (MIXED, 77), (PLAIN, 200)])
+@pytest.mark.parametrize(("params", "K"), [(MIXED, 1), (MIXED, 7), (MIXED, 77), (PLAIN, 200), (STOPS, 64)])
 def test_a_block_gives_the_one_step_paths_tokens_states_seen_sets_and_counts_bit_for_bit(
     rec, graphs, params, K
 ):
@@ -143,6 +173,19 @@ def test_a_block_gives_the_one_step_paths_tokens_states_seen_sets_and_counts_bit
     assert graphs.copied_calls > 0 and graphs.blocks  # (not resident: copied in and out)
     if params is MIXED:
         assert all(toks[r] for r, p in enumerate(params) if p.temperature == 0 and LIMITS[len(params)][r])
+    if params is STOPS:  # three rows ended on a stop sequence (checked against the one-step path's)
+        assert [len(t) < 200 for t in toks] == [True, False, True, False, False, True]
+
+
+@pytest.mark.parametrize(
+    ("history", "stops", "want"),
+    [(b"", [b"ab"], 2), (b"xa", [b"ab"], 1), (b"xa", [b"abc"], 2), (b"ab", [b"abc", b"zz"], 1),
+     (b"zab", [b"abab"], 2), (b"q", [b"x"], 1), (b"q", [], None), (b"q", [b""], None)],
+)  # fmt: skip
+def test_a_stop_row_steps_to_the_first_token_where_one_of_its_stops_could_end(history, stops, want):
+    """`earliest_stop`: j < L new bytes end a stop of length L only after a history ending in its first
+    L − j bytes; the block steps a stop row that far, so a stop can only end at its last token."""
+    assert earliest_stop(history, stops) == want
 
 
 def test_a_block_is_a_sum_of_the_captured_sizes_largest_first():
@@ -205,14 +248,12 @@ def test_a_resident_batch_steps_in_place_and_another_batch_of_its_bucket_leaves_
     assert torch.equal(other_seen, want_seen) and res.steps == 9
 
 
-def test_stop_sequences_and_bad_ids_are_refused_and_change_nothing(rec, graphs):
+def test_bad_ids_are_refused_and_change_nothing(rec, graphs):
     state, tok, seen = start(rec, 3, seed=5)
     tok[1] = V + 4
     before = [t.clone() for t in (state, tok, seen)]
     args = dict(settings=row_settings(PLAIN[:3], V), counts=None, key=uint64_bits([1, 2, 3]),
                 counter=uint64_bits([0, 0, 0]), history=[b""] * 3, seen=seen)  # fmt: skip
-    with pytest.raises(ValueError, match="no stop sequences"):
-        rec.decode_block(4, state, tok, limit=torch.tensor([4, 4, 4]), stops=[[], [b"x"], []], **args)
     with pytest.raises(ValueError, match=f"token id {V + 4} at index \\[1\\]"):
         rec.decode_block(4, state, tok, limit=torch.tensor([4, 4, 4]), stops=[[]] * 3, **args)
     with pytest.raises(ValueError, match="K must be"):
@@ -220,19 +261,16 @@ def test_stop_sequences_and_bad_ids_are_refused_and_change_nothing(rec, graphs):
     # the bad id is a row that does not step: the block runs
     rec.decode_block(4, state, tok, limit=torch.tensor([4, 0, 4]), stops=[[]] * 3, **args)
     assert int(tok[1]) == V + 4 and torch.equal(state[:, 1], before[0][:, 1])
-    assert rec.decode_block_ready(16) and not rec.decode_block_ready(17) and not rec.decode_block_stops
-    rec._graphs = None
-    assert rec.decode_block_stops  # (the C block runs them)
+    assert rec.decode_block_ready(16) and not rec.decode_block_ready(17)
 
 
-def test_the_engine_takes_the_block_for_rows_without_stops_or_logprobs(rec, graphs):
+def test_the_engine_takes_the_block_for_rows_without_logprobs(rec, graphs):
     from bench.gpu import decode_batch
 
     batch = decode_batch(rec, 3)
     assert batch.native(rec)
     batch.rows[1].stops = [b"\n"]
-    assert not batch.native(rec)
-    batch.rows[1].stops = []
+    assert batch.native(rec)
     batch.rows[2].params = SamplingParams(logprobs=2)
     assert not batch.native(rec)
 
@@ -285,7 +323,7 @@ def test_a_joiner_fills_a_hole_of_the_resident_batch_and_both_paths_step_it(rec,
 
 
 def test_the_server_answers_the_same_with_the_graph_block_and_with_the_one_step_loop(model_dirs, monkeypatch):
-    """Concurrent seeded requests, some with token limits that end rows mid-block and sampling filters: the
+    """Concurrent seeded requests, with token limits that end rows mid-block, stop sequences, filters: the
     engine's graph blocks (graphs without capture on this CPU) and its one-step loop with the device
     sampler (the GPU engine's two paths) answer each request identically, and the blocks did run."""
     from concurrent.futures import ThreadPoolExecutor
@@ -310,7 +348,7 @@ def test_the_server_answers_the_same_with_the_graph_block_and_with_the_one_step_
     monkeypatch.setattr(server.registry, "use_cuda_graphs", on)
     monkeypatch.setattr(DecodeBatch, "__init__", device_sampler)
     reqs = [{"model": "tiny-text", "prompt": "to be, or not" * (1 + k % 3), "max_new_tokens": 20 + 7 * k,
-             "seed": k, "temperature": [0.0, 0.8, 1.2][k % 3],
+             "seed": k, "temperature": [0.0, 0.8, 1.2][k % 3], "stop": [[], ["e"], ["th", "o, "]][k % 3],
              **[{}, {"top_k": 20, "top_p": 0.9}, {"repetition_penalty": 1.3}][k // 3]}
             for k in range(9)]  # fmt: skip
     # OpenAI's penalties (the counts kept on the device), sent once the first wave has left holes
@@ -345,5 +383,5 @@ def test_the_server_answers_the_same_with_the_graph_block_and_with_the_one_step_
         blocks_run = sum(bb.calls for bb in rec._graphs.blocks.values())
         assert (blocks_run > 0) == (path == "blocks")
     assert results["blocks"] == results["one-step"]
-    assert [len(toks) for toks, _ in results["blocks"][:9]] == [20 + 7 * k for k in range(9)]
+    assert {reason for _, reason in results["blocks"][:9]} == {"stop", "length"}
     assert all(len(text) > 0 for text, _ in results["blocks"][9:])
