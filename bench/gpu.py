@@ -4,8 +4,10 @@ under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
 1. **Step.** `RecurrentModel.step` of the shipped text model (4 layers, H = 256, N = 64, V = 256), in
    place, at batch 1, 2, 4, …, 1024: tokens/s with the graphs (`model/cuda_graphs.py`: copy in, replay,
    copy out) and with the plain torch ops; float32 and bfloat16 weights (`S4_DTYPE`; states float32);
-   with the graphs also the replay alone (what the copies in and out cost) and the batch resident in its
-   bucket's buffer (`resident_state`: stepped in place, no copies; the engine's way since 2026-12-04);
+   with the graphs also the replay alone (what the copies in and out cost), the batch resident in its
+   bucket's buffer (`resident_state`: stepped in place, no copies; the engine's way since 2026-12-04) and,
+   float32, the engine's decode blocks in graphs ("engine_block_steps_per_s": BLOCK_K steps with their
+   sampling, one host copy a block);
    each with the Triton step (`model/triton_step.py`, the CUDA default; rows "triton": true) and with
    the torch ops it replaces; float32 also with the step compiled by torch.compile and captured in the
    graphs (`S4_COMPILE_STEP`; rows "compiled": true).
@@ -228,6 +230,11 @@ def bench_step(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, An
                     replay = rec._graphs.bucket(B).graph.replay
                     row["replay_only_us_per_step"] = 1e6 / rate(replay, sz["seconds"])
                     row["resident_steps_per_s"] = resident_rate(rec, tok, state, sz["seconds"])
+                    if dtype == "float32" and not compiled:  # the engine's decode blocks (tokens/s: × B)
+                        try:
+                            row.update(block_row(rec, B, sz["seconds"]))
+                        except ImportError as exc:  # (the server's packages absent)
+                            out["skipped"].append(f"{what} batch {B}: engine blocks ({exc})")
                 out["rows"].append(row)
         rec.use_cuda_graphs(None)  # frees the graphs' memory before the next model
         rec.compile_step(False)
