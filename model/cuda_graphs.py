@@ -58,7 +58,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from model import fused
-from model.sampling import RowTensors, earliest_stop, philox_uniforms_torch, sample_with, settings_tensors
+from model.sampling import RowTensors, counter_uniforms, earliest_stop, sample_with, settings_tensors
 
 log = logging.getLogger("model.cuda_graphs")
 
@@ -227,6 +227,15 @@ class BucketedStep:
         return time.perf_counter() - t0
 
     @staticmethod
+    def _load(buf: StepBuffers, state: torch.Tensor, n: int) -> None:
+        """Copy the batch `state` (n rows) into rows 0..n−1 of buf.state and zero the rows past them (padding:
+        a zero state fed token 0, finite, and row-wise isolated anyway). Other rows of that same buffer go
+        through a clone: they may overlap rows 0..n−1."""
+        same_buffer = state.untyped_storage().data_ptr() == buf.state.untyped_storage().data_ptr()
+        buf.state[:, :n].copy_(state.clone() if same_buffer else state)
+        buf.state[:, n:].zero_()
+
+    @staticmethod
     def _is_rows_of(t: torch.Tensor | None, buf: StepBuffers, n: int) -> bool:
         """Whether t is rows 0..n−1 of buf.state (the view `resident` returns)."""
         return (
@@ -251,13 +260,9 @@ class BucketedStep:
                 buf.state[:, n:].zero_()
             self.resident_bucket, self.resident_rows = b, n
             return state
-        view = buf.state[:, :n]
-        # other rows of the same buffer (they may overlap rows 0 … n − 1): copied through a clone
-        same_buffer = state.untyped_storage().data_ptr() == buf.state.untyped_storage().data_ptr()
-        view.copy_(state.clone() if same_buffer else state)
-        buf.state[:, n:].zero_()
+        self._load(buf, state, n)
         self.resident_bucket, self.resident_rows = b, n
-        return view
+        return buf.state[:, :n]
 
     def release(self) -> None:
         """End the resident batch's residency (if any): its bucket copies batches in and out again, and the
@@ -290,9 +295,7 @@ class BucketedStep:
             buf.tok[n:].zero_()
         if not in_place:
             self.copied_calls += 1
-            buf.state[:, :n].copy_(state)
-            if b > n:  # padded rows: a zero state fed token 0 (finite, and row-wise isolated anyway)
-                buf.state[:, n:].zero_()
+            self._load(buf, state, n)
         if buf.graph is not None:
             buf.graph.replay()
         else:
@@ -508,22 +511,15 @@ class BucketedStep:
         t0 = time.perf_counter()
         if not in_place:
             self.copied_calls += 1
-            same_buffer = state.untyped_storage().data_ptr() == buf.state.untyped_storage().data_ptr()
-            buf.state[:, :B].copy_(state.clone() if same_buffer else state)
-            buf.state[:, B:].zero_()
+            self._load(buf, state, B)
         buf.tok[:B].copy_(tok)
         buf.tok[B:].zero_()
         bb.seen[:B].copy_(seen)
         if settings.counted:
             bb.counts[:B].copy_(counts)
         # every row's uniforms for the block: stream key[r] at indices counter[r] … counter[r] + steps − 1
-        keys = key.expand(steps, B).contiguous()
         index = counter[None, :] + torch.arange(steps)[:, None]  # int64 wraps as uint64 does
-        lib = fused.library()
-        if lib is not None:
-            u = fused.philox_uniforms(lib, keys.flatten(), index.flatten()).view(steps, B)
-        else:
-            u = philox_uniforms_torch(keys, index)
+        u = counter_uniforms(key.expand(steps, B), index)
         if dev.type == "cuda":
             u = u.pin_memory().to(dev, non_blocking=True)
         out = torch.empty(steps, B, dtype=torch.long, device=dev)

@@ -168,6 +168,17 @@ def philox_uniforms_torch(keys: torch.Tensor, counters: torch.Tensor) -> torch.T
     return (c0 >> 8).to(torch.float32) * 2.0**-24
 
 
+def counter_uniforms(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """`philox_uniform` of every (key, counter) pair: keys and counters int64 holding uint64 bit patterns
+    (`uint64_bits`), of one shape, on the host → float32 of that shape, in one C call when the library is
+    built, else by `philox_uniforms_torch` (the same numbers, bit for bit)."""
+    lib = fused.library()
+    if lib is None or not keys.numel():
+        return philox_uniforms_torch(keys, counters)
+    flat = fused.philox_uniforms(lib, keys.contiguous().flatten(), counters.contiguous().flatten())
+    return flat.view(keys.shape)
+
+
 class CounterRNG:
     """A counter-based random stream: uniform number n is `philox_uniform(key, n)`, so the stream is
     a pure function of (key, index): it can be advanced in bulk (the C decode block draws the next
@@ -495,11 +506,7 @@ class RowSampler:
 
     def uniforms(self) -> torch.Tensor:
         """The rows' next uniform numbers (B,) float32 on the host; advances the counters."""
-        lib = fused.library()
-        if lib is not None and len(self.generators):
-            u = fused.philox_uniforms(lib, self.keys, self.counters)
-        else:
-            u = philox_uniforms_torch(self.keys, self.counters)
+        u = counter_uniforms(self.keys, self.counters)
         self.counters += 1  # int64 wraps as uint64 does (2^64 draws are out of reach anyway)
         self.steps += 1
         return u

@@ -376,14 +376,18 @@ class DecodeBatch:
         self._step_args = (RowSampler(params, gens, V, self.tok.device), params, counted, wants)
         return self._step_args
 
+    def _make_resident(self, rec: RecurrentModel) -> None:
+        """With CUDA graphs the rows live in their bucket's buffer and step (or run decode blocks) there in
+        place: moved there unless they are already (they change when rows join past the end or are
+        compacted). Without graphs, or for a model without them (SaShiMi), nothing moves."""
+        if hasattr(rec, "resident_state"):
+            self.state = rec.resident_state(self.state)
+
     def step(self, rec: RecurrentModel) -> list[int]:
         """One recurrent step of every row, in place; returns the sampled tokens (host ints). Rows
         that ask for log-probabilities get them in `self.logprobs` (row → (logprob, top ids, top
         logprobs)) from the same logits the sampler was given."""
-        if hasattr(rec, "resident_state"):
-            # with CUDA graphs the rows live in their bucket's buffer and step there in place (a no-op
-            # unless the rows changed since: joined past the end, compacted)
-            self.state = rec.resident_state(self.state)
+        self._make_resident(rec)
         logits, _ = rec.step(self.tok, self.state, out=self.state)  # (R, V)
         sampler, params, counted, wants = self._row_args(logits.shape[1])
         penalized = (
@@ -433,8 +437,7 @@ class DecodeBatch:
         set, ends the block after the current round of steps). Advances each job's counter-based stream by the
         tokens it drew. Returns the fused.BlockResult."""
         self._drop_step_args()  # (the generators' counters as `step` left them)
-        if hasattr(rec, "resident_state"):  # with CUDA graphs: stepped in place in the bucket's buffer
-            self.state = rec.resident_state(self.state)
+        self._make_resident(rec)
         rows = self.rows
         V = self.seen.shape[1]
         if self._block_args is None:  # the rows' settings, keys and stops: until a row joins or leaves

@@ -228,6 +228,11 @@ def test_a_resident_batch_steps_in_place_in_its_buckets_buffer_without_copies(re
         rec.step(torch.zeros(5, dtype=torch.long), shrunk, out=shrunk)
         assert step.resident_bucket is None and step.copied_calls == copied + 1
         assert not torch.equal(shrunk, kept)  # stepped (in place through the copies)
+        # a copying step of other rows of its bucket's own buffer (they overlap rows 0..4): through a clone
+        rows, five = step.buffers[8].state[:, 1:6], torch.arange(5)
+        want_logits, want_state = copying(five, rows.clone())  # (the same bucket: the same rounding)
+        got_logits, got_state = rec.step(five, rows)
+        assert torch.equal(got_logits, want_logits) and torch.equal(got_state, want_state)
     finally:
         rec._graphs = None
 
