@@ -6,7 +6,8 @@ the step is bound by launching them from Python. A CUDA graph records the step's
 replays them with one launch (PyTorch: `torch.cuda.CUDAGraph`, "CUDA Graphs" in the CUDA semantics notes).
 
 A graph replays fixed shapes at fixed addresses, so each bucket b (1, 2, 4, …, 1024) owns static buffers:
-tokens (b,), state (n_layers, b, H, 2, M) float32 and the logits (b, V) float32 the graph writes. A batch
+tokens (b,), state (n_layers, b, H, 2, M) float32 (a SaShiMi's (b, numel)) and the logits (b, V) float32
+the graph writes. A batch
 of n rows runs in the smallest bucket b ≥ n: its tokens and states are copied into rows 0..n−1, rows
 n..b−1 are zeroed (token 0, state 0), the graph is replayed, and rows 0..n−1 of the state and logits are
 copied out. Padded rows cannot change real rows: every op of the step is row-wise (the embedding,
@@ -46,6 +47,15 @@ bucket's block graphs share one memory pool (they never run at once, and their r
 static tensors).
 
 Sampling per single step (`__call__`) stays outside the graph (`model.sampling.RowSampler`).
+
+**SaShiMi** (`SaShiMiRecurrent`, whose state is (B, numel): the batch at dim `rec.batch_dim` = 0, where
+an isotropic model's is at dim 1) captures its dense step (`SaShiMiRecurrent._step_level`): its eager
+step picks on the host the rows that reach each coarser level (a sync a level, shapes that change every
+step), which a graph cannot record, so the graphs compute every level for every row and keep the state
+updates only of the rows that step there (`torch.where` on the SSM states and pool buffers; the Triton
+kernel writes the next state beside the old one). That costs the coarse levels' FLOPs at every step
+(about 7× the sparse step's for the shipped audio-digits) and no host sync; a stepping row's ops are
+the sparse step's.
 """
 
 from __future__ import annotations
@@ -103,7 +113,7 @@ class StepBuffers:
     """One bucket's static tensors (on the model's device) and, on CUDA, its captured graph."""
 
     tok: torch.Tensor  # (b,) int64
-    state: torch.Tensor  # (n_layers, b, H, 2, M) float32, stepped in place
+    state: torch.Tensor  # (n_layers, b, H, 2, M) float32 (SaShiMi: (b, numel)), stepped in place
     logits: torch.Tensor | None = None  # (b, V) float32, written by the step (the graph's own output)
     graph: torch.cuda.CUDAGraph | None = None
     capture_s: float = 0.0  # wall time of the warm-up runs and the capture
@@ -149,10 +159,12 @@ def block_pieces(k: int) -> list[int]:
 
 
 class BucketedStep:
-    """`RecurrentModel.step` through per-bucket static buffers, replayed as CUDA graphs when `capture`.
+    """`RecurrentModel.step` (or `SaShiMiRecurrent.step`) through per-bucket static buffers, replayed as
+    CUDA graphs when `capture`.
 
-    `__call__(tokens (n,), state (n_layers, n, H, 2, M) float32, out=None)` → (logits (n, V) float32, a
-    new tensor; the next state, in `out` when given, else a new tensor), like `RecurrentModel.step`.
+    `__call__(tokens (n,), state (n_layers, n, H, 2, M) float32 (a SaShiMi's (n, numel): rows at dim
+    `rec.batch_dim`), out=None)` → (logits (n, V) float32, a new tensor; the next state, in `out` when
+    given, else a new tensor), like `RecurrentModel.step`.
     Buffers (and graphs) are made on a bucket's first use, or all at once by `warm`. Not thread-safe:
     one caller (the engine thread) at a time. Raises ValueError when `capture` is asked on a model
     that is not on a CUDA device."""
@@ -163,6 +175,7 @@ class BucketedStep:
         if capture and rec.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {rec.device}")
         self.rec, self.buckets, self.capture = rec, tuple(buckets), capture
+        self.bd = rec.batch_dim  # the batch's dim in a state: 1 (RecurrentModel), 0 (SaShiMiRecurrent)
         self.buffers: dict[int, StepBuffers] = {}
         self.eager_calls = 0  # batches above the largest bucket, or another batch of the resident bucket
         self.resident_bucket: int | None = None  # the bucket whose buffer holds the resident batch
@@ -226,30 +239,33 @@ class BucketedStep:
                     self._block_graph(buf, bb, k, PLAIN)
         return time.perf_counter() - t0
 
-    @staticmethod
-    def _load(buf: StepBuffers, state: torch.Tensor, n: int) -> None:
+    def _rows(self, t: torch.Tensor, start: int, n: int) -> torch.Tensor:
+        """Rows start … start + n − 1 of a state (a view along the batch dim)."""
+        return t.narrow(self.bd, start, n)
+
+    def _load(self, buf: StepBuffers, state: torch.Tensor, n: int) -> None:
         """Copy the batch `state` (n rows) into rows 0..n−1 of buf.state and zero the rows past them (padding:
         a zero state fed token 0, finite, and row-wise isolated anyway). Other rows of that same buffer go
         through a clone: they may overlap rows 0..n−1."""
         same_buffer = state.untyped_storage().data_ptr() == buf.state.untyped_storage().data_ptr()
-        buf.state[:, :n].copy_(state.clone() if same_buffer else state)
-        buf.state[:, n:].zero_()
+        self._rows(buf.state, 0, n).copy_(state.clone() if same_buffer else state)
+        self._rows(buf.state, n, buf.tok.shape[0] - n).zero_()
 
-    @staticmethod
-    def _is_rows_of(t: torch.Tensor | None, buf: StepBuffers, n: int) -> bool:
+    def _is_rows_of(self, t: torch.Tensor | None, buf: StepBuffers, n: int) -> bool:
         """Whether t is rows 0..n−1 of buf.state (the view `resident` returns)."""
         return (
-            t is not None and t.data_ptr() == buf.state.data_ptr() and t.shape[1] == n
-            and t.stride() == buf.state.stride() and t.shape == buf.state[:, :n].shape
+            t is not None and t.data_ptr() == buf.state.data_ptr() and t.shape[self.bd] == n
+            and t.stride() == buf.state.stride() and t.shape == self._rows(buf.state, 0, n).shape
         )  # fmt: skip
 
     @torch.inference_mode()
     def resident(self, state: torch.Tensor) -> torch.Tensor:
-        """The batch `state` (n_layers, n, H, 2, M) float32, 1 ≤ n ≤ the largest bucket, as rows 0..n−1 of
-        its bucket's buffer (copied there unless it is that view already; the rows past n zeroed): step it
-        with `out` the returned view and the graph replays on it in place. Makes it the one resident batch.
+        """The batch `state` (n_layers, n, H, 2, M) float32 (SaShiMi: (n, numel)), 1 ≤ n ≤ the largest
+        bucket, as rows 0..n−1 of its bucket's buffer (copied there unless it is that view already; the
+        rows past n zeroed): step it with `out` the returned view and the graph replays on it in place.
+        Makes it the one resident batch.
         A batch above the largest bucket is returned as it is. Raises ValueError for n < 1."""
-        n = state.shape[1]
+        n = state.shape[self.bd]
         b = bucket_for(n, self.buckets)
         if b is None:
             self.resident_bucket = None
@@ -257,12 +273,12 @@ class BucketedStep:
         buf = self.bucket(b)
         if self._is_rows_of(state, buf, n):  # rows 0 … n − 1 of the buffer already (resident, or shrunk)
             if self.resident_bucket != b or self.resident_rows != n:
-                buf.state[:, n:].zero_()
+                self._rows(buf.state, n, b - n).zero_()
             self.resident_bucket, self.resident_rows = b, n
             return state
         self._load(buf, state, n)
         self.resident_bucket, self.resident_rows = b, n
-        return buf.state[:, :n]
+        return self._rows(buf.state, 0, n)
 
     def release(self) -> None:
         """End the resident batch's residency (if any): its bucket copies batches in and out again, and the
@@ -303,7 +319,7 @@ class BucketedStep:
         if in_place:
             return buf.logits[:n].clone(), state
         new = torch.empty_like(state) if out is None else out
-        new.copy_(buf.state[:, :n])
+        new.copy_(self._rows(buf.state, 0, n))
         return buf.logits[:n].clone(), new
 
     # --- decode blocks: K steps with their sampling in one graph -----------------------------------
@@ -440,11 +456,11 @@ class BucketedStep:
         run to the block's end); `times` are spread evenly over the block's steps (they run on the device,
         unobserved) and `setup_s` is the time spent capturing graphs first.
 
-        state (n_layers, B, H, 2, M) float32 (the batch made resident by `resident`: stepped in place;
-        another tensor: copied in and out), tok (B,) int64 and seen (B, V) bool on the model's device,
-        counts (B, V) float32 on any device, key, counter and limit (B,) int64 on the host; updated in
-        place as the native block updates them (counter advanced by each row's tokens). B ≤ the largest
-        bucket. Raises ValueError on bad shapes or a pending token of a stepping row outside the
+        state (n_layers, B, H, 2, M) float32 (SaShiMi: (B, numel); the batch made resident by `resident`:
+        stepped in place; another tensor: copied in and out), tok (B,) int64 and seen (B, V) bool on the
+        model's device, counts (B, V) float32 on any device, key, counter and limit (B,) int64 on the host;
+        updated in place as the native block updates them (counter advanced by each row's tokens). B ≤ the
+        largest bucket. Raises ValueError on bad shapes or a pending token of a stepping row outside the
         vocabulary (naming it; nothing is changed)."""
         from model.network import check_token_ids  # noqa: PLC0415
 
@@ -456,8 +472,9 @@ class BucketedStep:
             raise ValueError(f"decode block: K must be ≥ 1, got {K}")
         buf = self.bucket(b)
         dev = buf.state.device  # (the tensors' own: cuda:0 where the model says cuda)
-        shape = self.rec.state_shape
-        want = (shape[0], B, *shape[1:])
+        want = list(self.rec.state_shape)
+        want.insert(self.bd, B)
+        want = tuple(want)
         if tuple(state.shape) != want or state.dtype != torch.float32 or state.device != dev:
             raise ValueError(f"decode block: state must be {want} float32 on {dev}, got {tuple(state.shape)} "
                              f"{state.dtype} on {state.device}")  # fmt: skip
@@ -537,13 +554,13 @@ class BucketedStep:
                 done += k
             if end < steps:
                 rows = (n_out == end).nonzero().flatten().to(dev)
-                kept.append((rows, buf.state.index_select(1, rows), buf.tok.index_select(0, rows),
+                kept.append((rows, buf.state.index_select(self.bd, rows), buf.tok.index_select(0, rows),
                              bb.seen.index_select(0, rows), bb.counts.index_select(0, rows)))  # fmt: skip
                 if end == 0:  # rows that do not step: fed token 0 meanwhile (their own need not be an id)
                     buf.tok.index_fill_(0, rows, 0)
         bb.calls += 1
         for rows, s_rows, t_rows, seen_rows, count_rows in kept:
-            buf.state.index_copy_(1, rows, s_rows)
+            buf.state.index_copy_(self.bd, rows, s_rows)
             buf.tok.index_copy_(0, rows, t_rows)
             bb.seen.index_copy_(0, rows, seen_rows)
             bb.counts.index_copy_(0, rows, count_rows)
@@ -552,7 +569,7 @@ class BucketedStep:
         if settings.counted:
             counts.copy_(bb.counts[:B])
         if not in_place:
-            state.copy_(buf.state[:, :B])
+            state.copy_(self._rows(buf.state, 0, B))
         tokens = out.cpu()  # the one wait for the device
         t1 = time.perf_counter()
         counter += n_out
@@ -563,3 +580,51 @@ class BucketedStep:
                 made = history[r] + bytes(int(t) & 0xFF for t in tokens[: n_out[r], r])
                 stopped[r] = any(s and made.endswith(s) for s in row_stops)
         return fused.BlockResult(steps, tokens, n_out, stopped, times, t0 - t_setup)
+
+
+class GraphedModel:
+    """The CUDA-graph methods a recurrent form shares (`RecurrentModel`, `SaShiMiRecurrent`): it sets
+    `self._graphs = None` and has `device`, `batch_dim`, `state_shape`, `init_state`, `config.vocab_size`
+    and `_step_eager(tokens, state, out, ids_checked=False)`, which with `ids_checked` must not
+    synchronize with the host (it is what the graphs capture)."""
+
+    _graphs: BucketedStep | None
+
+    def use_cuda_graphs(self, buckets: tuple[int, ...] | None, blocks: bool = True) -> float:
+        """Step through CUDA graphs, one per batch-size bucket (`model/cuda_graphs.py`), captured now,
+        with `blocks` also the decode-block graphs of plain sampling (`BucketedStep.warm`; without, each is
+        captured at its first block); None goes back to the plain step. Returns the capture's seconds.
+        Raises ValueError unless the model is on a CUDA device."""
+        if buckets is None:
+            self._graphs = None
+            return 0.0
+        graphs = BucketedStep(self, tuple(buckets), capture=True)
+        seconds = graphs.warm(blocks=blocks)
+        self._graphs = graphs
+        return seconds
+
+    def _recapture(self) -> None:
+        """Capture the CUDA graphs again (after the step they replay changed), if any are captured."""
+        if self._graphs is not None:  # its buckets hold the other step (captured): made again
+            old, self._graphs = self._graphs, None
+            graphs = BucketedStep(self, old.buckets, capture=old.capture)
+            graphs.warm(blocks=old.warmed_blocks)
+            self._graphs = graphs
+
+    def resident_state(self, state: torch.Tensor) -> torch.Tensor:
+        """With CUDA graphs (`use_cuda_graphs`), the batch `state` (`state_shape` with the batch inserted
+        at dim `batch_dim`) moved into its bucket's buffer (`BucketedStep.resident`):
+        `step(tokens, view, out=view)` then replays the graph on it in place, without copying the state in
+        and out (what the engine's decode batch does every step). Without graphs, or past the largest
+        bucket (or for an empty batch), `state` itself. With graphs, raises ValueError for a wrong shape
+        or dtype."""
+        if self._graphs is None:
+            return state
+        bd, shape = self.batch_dim, list(self.state_shape)
+        rows = state.shape[bd] if state.dim() == len(shape) + 1 else "B"
+        if rows == 0:
+            return state
+        want = tuple(shape[:bd] + [rows] + shape[bd:])
+        if tuple(state.shape) != want or state.dtype != torch.float32:
+            raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
+        return self._graphs.resident(state)

@@ -38,6 +38,7 @@ import torch
 
 from model import fused, linalg
 from model import triton_step as triton_kernel
+from model.cuda_graphs import GraphedModel
 from model.kernel import SSMKernel, discretize
 from model.layer import fft_conv
 from model.network import check_token_dtype, check_token_ids
@@ -750,7 +751,7 @@ def served_dtype(net: torch.nn.Module, dtype: torch.dtype | None) -> torch.dtype
     return dtype
 
 
-class RecurrentModel:
+class RecurrentModel(GraphedModel):
     """Frozen recurrent form of a SequenceModel: init_state, parallel prefill, batched step.
 
     State: float32 tensor (n_layers, B, H, 2, M), the two real coordinates of M slots per channel
@@ -1041,46 +1042,6 @@ class RecurrentModel:
         """Whether the step runs the Triton kernel for the diagonal layers (`triton_step`,
         `use_triton_step`; False for a model without a diagonal layer)."""
         return self._triton
-
-    def _recapture(self) -> None:
-        """Capture the CUDA graphs again (after the step they replay changed), if any are captured."""
-        if self._graphs is not None:  # its buckets hold the other step (captured): made again
-            from model.cuda_graphs import BucketedStep  # noqa: PLC0415
-
-            old, self._graphs = self._graphs, None
-            graphs = BucketedStep(self, old.buckets, capture=old.capture)
-            graphs.warm(blocks=old.warmed_blocks)
-            self._graphs = graphs
-
-    def use_cuda_graphs(self, buckets: tuple[int, ...] | None, blocks: bool = True) -> float:
-        """Step through CUDA graphs, one per batch-size bucket (`model/cuda_graphs.py`), captured now,
-        with `blocks` also the decode-block graphs of plain sampling (`BucketedStep.warm`; without, each is
-        captured at its first block); None goes back to the plain step. Returns the capture's seconds.
-        Raises ValueError unless the model is on a CUDA device."""
-        if buckets is None:
-            self._graphs = None
-            return 0.0
-        from model.cuda_graphs import BucketedStep  # noqa: PLC0415
-
-        graphs = BucketedStep(self, tuple(buckets), capture=True)
-        seconds = graphs.warm(blocks=blocks)
-        self._graphs = graphs
-        return seconds
-
-    def resident_state(self, state: torch.Tensor) -> torch.Tensor:
-        """With CUDA graphs (`use_cuda_graphs`), the batch `state` (n_layers, B, H, 2, M) moved into its
-        bucket's buffer (`BucketedStep.resident`): `step(tokens, view, out=view)` then replays the graph on
-        it in place, without copying the state in and out (what the engine's decode batch does every
-        step). Without graphs, or past the largest bucket (or for an empty batch), `state` itself. With
-        graphs, raises ValueError for a wrong shape or dtype."""
-        if self._graphs is None:
-            return state
-        want = (len(self.layers), state.shape[1] if state.dim() == 5 else "B", self.H, 2, self.M)
-        if state.dim() == 5 and not state.shape[1]:
-            return state
-        if tuple(state.shape) != want or state.dtype != torch.float32:
-            raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
-        return self._graphs.resident(state)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None):
