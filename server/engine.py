@@ -379,7 +379,7 @@ class DecodeBatch:
     def _make_resident(self, rec: RecurrentModel) -> None:
         """With CUDA graphs the rows live in their bucket's buffer and step (or run decode blocks) there in
         place: moved there unless they are already (they change when rows join past the end or are
-        compacted). Without graphs, or for a model without them (SaShiMi), nothing moves."""
+        compacted). Without graphs nothing moves."""
         if hasattr(rec, "resident_state"):
             self.state = rec.resident_state(self.state)
 

@@ -212,7 +212,7 @@ def compile_step(rec, settings: Settings, name: str) -> bool:
 
 def use_cuda_graphs(rec, settings: Settings, name: str) -> bool:
     """Capture the decode step's CUDA graphs (model/cuda_graphs.py) when the model is on a CUDA device,
-    `S4_CUDA_GRAPHS` is on and the model has them (SaShiMi has not); True when captured. A capture that
+    `S4_CUDA_GRAPHS` is on (SaShiMi's graphs: its dense step); True when captured. A capture that
     fails (a RuntimeError from CUDA) is logged and the model serves with the plain torch step."""
     if not (settings.cuda_graphs and rec.device.type == "cuda" and hasattr(rec, "use_cuda_graphs")):
         return False

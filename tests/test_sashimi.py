@@ -334,7 +334,7 @@ def test_fused_and_torch_steps_agree_at_mixed_phases(trained, trained_net):
     assert rel(a, b) <= 2e-6 and rel(sa, sb) <= 2e-6
 
 
-@pytest.mark.parametrize(
+VARIANTS = pytest.mark.parametrize(
     "kw",
     [dict(), dict(kernel="s4d", init="legs"), dict(ff=0, expand=1), dict(pool=[2, 4, 2], l_max=256),
      dict(pool=[8], n_layers=2, tie_embeddings=True, head_bias=True), dict(norm="tln"),
@@ -345,6 +345,9 @@ def test_fused_and_torch_steps_agree_at_mixed_phases(trained, trained_net):
     ids=["s4", "s4d", "no-ff", "three-pools", "one-pool", "tln", "tln-s4d-no-ff",
          "unet", "unet-three-pools", "unet-one-pool-two-layers-tied", "unet-tln-no-ff"],
 )  # fmt: skip
+
+
+@VARIANTS
 def test_the_whole_network_c_step_equals_the_torch_ops_at_every_phase(kw):
     """The SaShiMi C step (fused.SaShiMiStep) against the torch ops (per-layer fused SSM steps, and
     plain torch), 3 rows at different phases over several pooling periods; and its step is the one the
@@ -373,6 +376,57 @@ def test_the_whole_network_c_step_equals_the_torch_ops_at_every_phase(kw):
         # float32 rounding in another summation order, over ~50 steps: 1e-5 is ~170 u (measured ≤ 4.4e-6)
         assert rel(a, b) <= 1e-5 and rel(sa, sb) <= state_tol
     assert torch.equal(whole.phases(sa), plain.phases(sb))
+
+
+@VARIANTS
+def test_the_dense_step_is_the_sparse_step_at_every_phase(kw):
+    """The dense step (`_step_eager(..., ids_checked=True)`: what the CUDA graphs capture; every row
+    computes every level, and the state updates of rows that do not step a level are masked out) against
+    the sparse torch step (each level steps only the rows that reach it), over 3 pooling periods:
+    - rows all at one phase: bit for bit (the same ops on the same rows), in place and into a new tensor;
+    - 4 rows at different phases, one of them reset to the initial state midway (a reused slot): within
+      float32 rounding (the coarse levels' matmuls see other batch sizes), and each row against the conv
+      mode of its own sequence."""
+    torch.manual_seed(3)
+    net = make(l_max=kw.pop("l_max", 128), **kw)
+    train_a_few_steps(net, steps=2, L=128)
+    scramble_transposed_lns(net)
+    net.eval()
+    rec = net.to_recurrent(fused_step=False, fused_network=False)
+    period = rec.period
+    T = 3 * period + 5
+    tokens = torch.randint(0, V, (4, T))
+    _, same = rec.prefill(torch.randint(0, V, (4, 5)), rec.init_state(4))
+    sparse, dense = same.clone(), same.clone()
+    for t in range(T):
+        want, sparse = rec.step(tokens[:, t], sparse)
+        if t % 2:
+            got, _ = rec._step_eager(tokens[:, t], dense, out=dense, ids_checked=True)
+        else:
+            got, dense = rec._step_eager(tokens[:, t], dense, ids_checked=True)
+        assert torch.equal(got, want) and torch.equal(dense, sparse), t
+    prompts = [torch.randint(0, V, (1, n)) for n in (0, period // 2 + 1, period - 1, period + 3)]
+    state = torch.cat([rec.prefill(p, rec.init_state(1))[1] for p in prompts])
+    sparse, dense, got, want, reset = state.clone(), state.clone(), [], [], period + 2
+    for t in range(T):
+        if t == reset:  # row 3 starts afresh at phase 0 while the others are mid-period
+            sparse, dense = (torch.cat([s[:3], rec.init_state(1)]) for s in (sparse, dense))
+        a, sparse = rec.step(tokens[:, t], sparse)
+        b, _ = rec._step_eager(tokens[:, t], dense, out=dense, ids_checked=True)
+        want.append(a)
+        got.append(b)
+    got, want = torch.stack(got, 1), torch.stack(want, 1)
+    # float32 rounding of other GEMM sizes over ~50 steps: measured ≤ 3e-6 (logits), 1.2e-6 (states)
+    assert rel(got, want) <= 1e-5 and rel(dense, sparse) <= (4e-5 if kw.get("unet") else 1e-5)
+    assert torch.equal(rec.phases(dense), rec.phases(sparse))
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            if i == 3:
+                conv = net(tokens[3:, reset:])
+                assert rel(got[3:, reset:], conv) <= 1e-4
+            else:
+                conv = net(torch.cat([p, tokens[i : i + 1]], 1))[:, p.shape[1] :]
+                assert rel(got[i : i + 1], conv) <= 1e-4, i
 
 
 def test_the_c_step_serves_unet_and_refuses_what_it_does_not_compute():

@@ -216,7 +216,7 @@ def test_the_buckets_pad_and_copy_around_the_kernel_step(nets):
 def test_sashimi_steps_its_diagonal_layers_in_place_with_the_kernel(monkeypatch):
     """SaShiMi (S4D layers) with the kernel against its torch step: 3 rows at different pooling phases
     over 40 steps (at the top level every row steps: the kernel updates the state's view in place; a
-    coarser level steps only the rows whose phase emits: the torch step)."""
+    coarser level steps only the rows whose phase emits: the torch step); and the dense step with it."""
     calls = []
     real = triton_step.diag_step
     monkeypatch.setattr(triton_step, "diag_step", lambda *a: calls.append(1) or real(*a))
@@ -237,6 +237,15 @@ def test_sashimi_steps_its_diagonal_layers_in_place_with_the_kernel(monkeypatch)
     b, sb = step_all(plain, tokens, state)
     torch.testing.assert_close(a, b, **SAME)
     torch.testing.assert_close(sa, sb, **SAME)
+    # the dense step (what the CUDA graphs capture): every level of every row, the kernel writing the next
+    # state beside the old one where a level steps only some rows (the others' kept by torch.where)
+    calls.clear()
+    dense, c = state.clone(), []
+    for t in range(tokens.shape[1]):
+        c.append(rec._step_eager(tokens[:, t], dense, out=dense, ids_checked=True)[0])
+    assert len(calls) == 3 * tokens.shape[1]  # every S4 layer every step
+    torch.testing.assert_close(torch.stack(c, 1), b, **SAME)
+    torch.testing.assert_close(dense, sb, **SAME)
 
 
 def test_the_kernel_compiles_for_hopper_and_ampere(tmp_path):

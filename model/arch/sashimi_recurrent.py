@@ -40,6 +40,7 @@ import torch
 from model import fused, recurrent
 from model import triton_step as triton_kernel
 from model.arch.sashimi import S4Block, SaShiMi
+from model.cuda_graphs import GraphedModel
 from model.network import check_token_ids
 from model.recurrent import (
     F64,
@@ -59,7 +60,7 @@ from model.recurrent import (
 from model.state_layout import StateLayout
 
 
-class SaShiMiRecurrent:
+class SaShiMiRecurrent(GraphedModel):
     """Frozen recurrent form of a SaShiMi network: init_state, parallel prefill, batched step.
 
     State: float32 (B, layout.numel); `step` and `prefill` return a new state and leave the one
@@ -133,6 +134,7 @@ class SaShiMiRecurrent:
             except ValueError:
                 pass
         self._triton = triton_kernel.resolve(triton_step, device)
+        self._graphs = None  # model.cuda_graphs.BucketedStep, set by use_cuda_graphs
         self._state_bound: torch.Tensor | None = None
         tol_net = LOGITS_TOL[dtype] if logits_tol is None else logits_tol
         self.verification = self._verify_network(net, tol_net)
@@ -144,6 +146,7 @@ class SaShiMiRecurrent:
         if on:
             triton_kernel.require(self.device, "use_triton_step(True)")
         self._triton = bool(on)
+        self._recapture()
 
     @property
     def triton_step_active(self) -> bool:
@@ -359,10 +362,11 @@ class SaShiMiRecurrent:
     # -----------------------------------------------------------------------------------------
     # step: one token per row; rows is None (all rows of st) or a LongTensor of rows of st
 
-    def _step_blocks(self, prefix, blocks, x, rows, st, skips=None, unet_up=False):
+    def _step_blocks(self, prefix, blocks, x, rows, st, skips=None, unet_up=False, mask=None):
         """Blocks `prefix`.i in order on x (b, H) (compute_dtype). `skips`: each block's output is pushed
         on it (U-Net down side), or with `unet_up` the last skip is popped and added to each block's
-        output. Each SSM steps in float32 (its input widened, its output rounded back to x's dtype)."""
+        output. Each SSM steps in float32 (its input widened, its output rounded back to x's dtype).
+        `mask` (b,) bool (with rows None, the dense step): only those rows' SSM states are updated."""
         for i, blk in enumerate(blocks):
             name = f"{prefix}.{i}"
             if isinstance(blk, S4Block):
@@ -376,13 +380,16 @@ class SaShiMiRecurrent:
                     y, x1 = torch.empty_like(u32), torch.empty_like(x0)
                     form.step_fused(self._fused, u32, x0, x1, y)
                 elif self._triton and rows is None and form.form == "diagonal":
-                    y, x1 = torch.empty_like(u32), None  # the state's view stepped in place
-                    triton_kernel.diag_step(form, u32, xs, xs, y)
+                    # the state's view stepped in place, or (masked) the next state beside it
+                    y, x1 = torch.empty_like(u32), None if mask is None else torch.empty_like(xs)
+                    triton_kernel.diag_step(form, u32, xs, xs if x1 is None else x1, y)
                 else:
                     y, x1 = form.step(u32, x0)
                 y = y.to(x.dtype)
                 if x1 is None:
                     pass
+                elif mask is not None:
+                    xs.copy_(torch.where(mask[:, None, None, None], x1, xs))
                 elif rows is None:
                     xs.copy_(x1)
                 else:
@@ -396,74 +403,125 @@ class SaShiMiRecurrent:
                 skips.append(x)
         return x
 
-    def _step_level(self, k: int, x: torch.Tensor, rows, tau: torch.Tensor, st: torch.Tensor):
-        """Level k's input x (b, H_k) for rows at global phases tau (b,) → level k's output (b, H_k)."""
+    def _step_level(self, k: int, x: torch.Tensor, rows, tau: torch.Tensor, st: torch.Tensor, mask=None,
+                    dense: bool = False):  # fmt: skip
+        """Level k's input x (b, H_k) for rows at global phases tau (b,) → level k's output (b, H_k).
+
+        Sparse (rows None: every row of st, or a LongTensor of them): each coarser level steps only the
+        rows that reach it this step (one host sync a level: which). `dense` (rows None): every row computes
+        every level, and only the rows that step there (`mask` (b,) bool, None at level 0: all) have their
+        states and pool buffers updated; the others' results are discarded (`torch.where`): no host sync
+        and fixed shapes, the step the CUDA graphs capture. A stepping row's ops are the sparse step's."""
         net = self._net_ops
         if k == len(self.pool):
-            return self._step_blocks("center", net.center, x, rows, st) + x
+            return self._step_blocks("center", net.center, x, rows, st, mask=mask) + x
         skips = [x]
         if self.config.unet:
-            x = self._step_blocks(f"down.{k}.blocks", net.down[k].blocks, x, rows, st, skips)
+            x = self._step_blocks(f"down.{k}.blocks", net.down[k].blocks, x, rows, st, skips, mask=mask)
         s = self.pool[k]
         r = self._level_phase(tau, k)
         dbuf, ubuf = self.layout.view(st, f"down.{k}.buffer"), self.layout.view(st, f"up.{k}.buffer")
-        idx = torch.arange(st.shape[0], device=st.device) if rows is None else rows
-        dbuf[idx, r] = x.to(dbuf.dtype)  # (a 16-bit activation widens exactly into the float32 state)
-        y = ubuf[idx, r].to(x.dtype)  # this step's UpPool output, read before a refill
-        emit = r == s - 1
-        if bool(emit.any()):
-            sub = None if bool(emit.all()) else emit.nonzero()[:, 0]
-            erows = rows if sub is None else idx[sub]
-            eidx = idx if sub is None else erows
-            coarse = net.down[k].pool(dbuf[eidx].to(x.dtype))[:, 0]  # (b', H_{k+1})
-            c = self._step_level(k + 1, coarse, erows, tau if sub is None else tau[sub], st)
-            ubuf[eidx] = net.up[k].pool.blocks(c).to(ubuf.dtype)  # the next `s` outputs
-            dbuf[eidx] = 0
+        if dense:
+            at = torch.arange(s, device=st.device) == r[:, None]  # (b, s): the buffer entry of this phase
+            emit = r == s - 1
+            if mask is not None:
+                at, emit = at & mask[:, None], emit & mask
+            y = ubuf.gather(1, r[:, None, None].expand(-1, 1, ubuf.shape[2]))[:, 0].to(x.dtype)
+            dbuf.copy_(torch.where(at[:, :, None], x[:, None].to(dbuf.dtype), dbuf))
+            coarse = net.down[k].pool(dbuf.to(x.dtype))[:, 0]  # (b, H_{k+1})
+            c = self._step_level(k + 1, coarse, None, tau, st, emit, dense=True)
+            fine = net.up[k].pool.blocks(c).to(ubuf.dtype)
+            ubuf.copy_(torch.where(emit[:, None, None], fine, ubuf))
+            dbuf.masked_fill_(emit[:, None, None], 0)
+        else:
+            idx = torch.arange(st.shape[0], device=st.device) if rows is None else rows
+            dbuf[idx, r] = x.to(dbuf.dtype)  # (a 16-bit activation widens exactly into the float32 state)
+            y = ubuf[idx, r].to(x.dtype)  # this step's UpPool output, read before a refill
+            emit = r == s - 1
+            if bool(emit.any()):
+                sub = None if bool(emit.all()) else emit.nonzero()[:, 0]
+                erows = rows if sub is None else idx[sub]
+                eidx = idx if sub is None else erows
+                coarse = net.down[k].pool(dbuf[eidx].to(x.dtype))[:, 0]  # (b', H_{k+1})
+                c = self._step_level(k + 1, coarse, erows, tau if sub is None else tau[sub], st)
+                ubuf[eidx] = net.up[k].pool.blocks(c).to(ubuf.dtype)  # the next `s` outputs
+                dbuf[eidx] = 0
         y = y + skips.pop()
         blocks = net.up[k].blocks
         if self.config.unet:
-            return self._step_blocks(f"up.{k}.blocks", blocks, y, rows, st, skips, unet_up=True)
-        return self._step_blocks(f"up.{k}.blocks", blocks, y, rows, st) + y
+            return self._step_blocks(f"up.{k}.blocks", blocks, y, rows, st, skips, unet_up=True, mask=mask)
+        return self._step_blocks(f"up.{k}.blocks", blocks, y, rows, st, mask=mask) + y
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None):
         """tokens (B,) integer ids in 0 … V − 1, state (B, numel) float32 → logits (B, V) float32 and the
-        next state: a new tensor, or written into `out` (which may be `state` itself). Raises ValueError
-        on a wrong shape or dtype, an id outside the vocabulary, or a phase counter that is not an
-        integer in [0, prod(pool))."""
+        next state: a new tensor, or written into `out` (which may be `state` itself). With
+        `use_cuda_graphs`, a batch within the largest bucket replays its bucket's graph (of the dense
+        step). Raises ValueError on a wrong shape or dtype, an id outside the vocabulary, or a phase
+        counter that is not an integer in [0, prod(pool))."""
         self._check(tokens, state, 1)
         if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
-        tau = self.phases(state)
+        self.phases(state)
+        if self._graphs is not None:
+            check_token_ids(tokens, self.config.vocab_size)
+            return self._graphs(tokens, state, out)
+        return self._step_eager(tokens, state, out)
+
+    def _step_eager(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None,
+                    ids_checked: bool = False):  # fmt: skip
+        """`step` without its checks (the phases' too): the whole-network C step where it was built, else
+        the torch ops. With `ids_checked` (the CUDA graphs' capture and replay: `step` checked the ids and
+        phases) the dense step (`_step_level`: no host sync, fixed shapes), in place when `out` is
+        `state`; else the sparse step (each level steps only its rows: fewer FLOPs, a host sync a level),
+        which checks the ids."""
         if self._net_step is not None:
             new = state.contiguous().clone() if out is None or not out.is_contiguous() else out.copy_(state)
             logits = self._net_step(tokens, new)  # (the C step checks the ids)
             return logits, new if out is None or new is out else out.copy_(new)
-        check_token_ids(tokens, self.config.vocab_size)
-        new = state.contiguous().clone()
-        y = self._step_level(0, self._embed(tokens), None, tau, new)
-        self.layout.view(new, "phase")[:, 0] = ((tau + 1) % self.period).float()
+        if not ids_checked:
+            check_token_ids(tokens, self.config.vocab_size)
+        if ids_checked and out is not None and out.is_contiguous():
+            new = out if out is state else out.copy_(state)
+        else:
+            new = state.contiguous().clone()
+        phase = self.layout.view(new, "phase")[:, 0]
+        tau = phase.long()
+        y = self._step_level(0, self._embed(tokens), None, tau, new, dense=ids_checked)
+        phase.copy_((tau + 1) % self.period)
         logits = self._net_ops.head(self._net_ops.norm(y)).float()
-        return logits, new if out is None else out.copy_(new)
+        return logits, new if out is None or new is out else out.copy_(new)
 
     def decode_block_ready(self, batch: int) -> bool:
-        """Whether `decode_block` serves a batch (the whole-network C step: CPU, float32, bfloat16 or
-        float16 weights, LayerNorm or scalar TransposedLN blocks, unet or not); any number of rows."""
+        """Whether `decode_block` serves a batch of this many rows: with CUDA graphs (`use_cuda_graphs`), a
+        batch within the largest bucket; else the whole-network C step (CPU, float32, bfloat16 or float16
+        weights, LayerNorm or scalar TransposedLN blocks, unet or not), any number of rows."""
+        if self._graphs is not None:
+            return 1 <= batch <= self._graphs.buckets[-1]
         return self._net_step is not None
 
     @torch.inference_mode()
     def decode_block(self, K: int, state: torch.Tensor, tokens: torch.Tensor, **rows) -> fused.BlockResult:
-        """Up to K steps with sampling and stop checks in one C call (ssm_step.c `sashimi_block`), the
-        state (B, numel) and the pending tokens (B,) updated in place: see fused.decode_block for the
-        per-row arguments and the result. Each row's tokens, state and seen set are exactly those of
-        stepping it alone with `step` and `model.sampling.sample` (its settings, its CounterRNG).
-        Raises ValueError when `decode_block_ready` is false, on a bad phase, or on bad arguments."""
-        if not self.decode_block_ready(tokens.shape[0]):
+        """Up to K steps with sampling and stop checks, the state (B, numel) and the pending tokens (B,)
+        updated in place: see fused.decode_block for the per-row arguments and the result. On CPU one C
+        call (ssm_step.c `sashimi_block`); with CUDA graphs the bucket's decode-block graphs of the dense
+        step (`model.cuda_graphs.BucketedStep.decode_block`: a row with stop sequences makes fewer tokens a
+        block). Each row's tokens, state and seen set are exactly those of stepping it with `step` and
+        `model.sampling.sample` (its settings, its CounterRNG): alone, on CPU; in its batch (the one-step
+        path through the same bucket), with the graphs. Raises ValueError when `decode_block_ready` is
+        false, on a bad phase, or on bad arguments."""
+        B = tokens.shape[0]
+        if not self.decode_block_ready(B):
+            if self._graphs is not None:
+                most = self._graphs.buckets[-1]
+                raise ValueError(f"the graphs' decode block holds 1 … {most} rows, got {B}")
             raise ValueError(
                 "the native decode block needs the SaShiMi C step (CPU, 32- or 16-bit weights, a C compiler)"
             )
         self._check(tokens, state, 1)
         self.phases(state)
+        if self._graphs is not None:
+            return self._graphs.decode_block(K, state, tokens, **rows)
         return self._net_step.block(K, state, tokens, **rows)
 
     # -----------------------------------------------------------------------------------------
