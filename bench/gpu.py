@@ -25,8 +25,9 @@ under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
    this model: 32 slots a channel in the real block-diagonal form) at least once, so at most copy
    bandwidth ÷ (2 × state bytes × 16,000) streams keep up (about 1,025 at the 4.3 TB/s an H200 copies)
    unless states stay on chip between steps. Beside it the shipped SaShiMi (audio-digits, the default
-   audio model, 8 kHz), which has no CUDA graphs: its eager torch step and engine step at 1 … 1,024
-   streams at mixed pooling phases ("sashimi").
+   audio model, 8 kHz) at 1 … 1,024 streams at mixed pooling phases ("sashimi"): its sparse torch step
+   and engine step (graphs off), and its dense step in graphs, resident, and its decode blocks in graphs
+   (graphs on).
 3. **Time to first token under load.** The engine (`server/engine.py`, no HTTP) with L sessions
    decoding the text model; one prompt of P tokens at a time arrives, and its TTFT is the time from
    submission to its first token (prefill in chunks interleaved with the decode steps).
@@ -242,7 +243,8 @@ def bench_step(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, An
 
 
 def decode_batch(rec, B: int):
-    """The engine's DecodeBatch with B streams joined (temperature-1 sampling, one seed each)."""
+    """The engine's DecodeBatch with B streams joined (temperature-1 sampling, one seed each; a SaShiMi's
+    at mixed pooling phases)."""
     from model.sampling import SamplingParams
     from server.engine import DecodeBatch, Job
     from server.sessions import SessionRecord, SlotPool
@@ -255,6 +257,7 @@ def decode_batch(rec, B: int):
         jobs.append(Job(session, [], params=params, generator=params.generator(rec.device)))
     batch = DecodeBatch(pool)
     batch.join(jobs)
+    mixed_phases(rec, batch.state)
     return batch
 
 
@@ -343,37 +346,61 @@ def audio_row(rec, B: int, graphs: bool, triton: bool, engine_ok: bool, seconds:
     return row
 
 
-def sashimi_rows(device: str, seconds: float, budget: Budget) -> dict[str, Any]:
-    """The shipped SaShiMi (checkpoints/audio-digits, the default audio model; 8 kHz), which has no CUDA
-    graphs: its torch step on the device (its C step only runs on CPU), the Triton kernel for the top
-    level, rows at mixed pooling phases (the sparse step picks the rows that pool, two host syncs a
-    step): steps/s of the bare step and of the engine's `DecodeBatch.step`, with the real-time factor at
-    8 kHz. What a GPU gives the default audio model, for the plan of a capturable (dense, masked) step."""
+def sashimi_rows(device: str, seconds: float, budget: Budget, batches=(1, 16, 256, 1024)) -> dict[str, Any]:
+    """The shipped SaShiMi (checkpoints/audio-digits, the default audio model; 8 kHz) on the device (its C
+    step only runs on CPU), the Triton kernel for its diagonal layers, rows at mixed pooling phases.
+    Graphs off: the sparse torch step (each coarser level steps the rows that reach it, picked on the
+    host: a sync a level every step). Graphs on: the dense step captured per bucket (every level of every
+    row, the updates of the rows that do not step there masked out: about 7× the sparse step's FLOPs for
+    this network, no host sync), resident, and the engine's decode blocks in graphs. Steps/s of the bare
+    step, of the engine's `DecodeBatch.step` and (graphs) of `DecodeBatch.block`, with the real-time
+    factor at 8 kHz."""
     from model import load
 
     path = ROOT / "checkpoints/audio-digits"
     if not (path / "config.json").exists() or not budget.left():
         return {"skipped": "no checkpoints/audio-digits" if budget.left() else "time budget"}
     rec = load(path).to_recurrent(device=device)
-    out: dict[str, Any] = {"rate_hz": rec.config.sample_rate, "rows": []}
-    for B in (1, 16, 256, 1024):
-        if not budget.left():
-            out.setdefault("skipped_batches", []).append(B)
+    out: dict[str, Any] = {"rate_hz": rec.config.sample_rate, "rows": [], "skipped": []}
+    for graphs in modes(device):
+        key = f"capture_s_graphs_{'on' if graphs else 'off'}"
+        if not captured(rec, graphs, max(batches), out, key):
+            out["skipped"].append(f"graphs={graphs}: the capture failed ({out['capture_errors'][-1]})")
             continue
-        state = rec.init_state(B)
-        rec.layout.view(state, "phase")[:, 0] = (torch.arange(B, device=state.device) % rec.period).float()
-        tok = torch.randint(0, 256, (B,), device=rec.device)
-        row = {"batch": B, "step_steps_per_s": rate(lambda: rec.step(tok, state, out=state), seconds)}
-        try:
-            batch = decode_batch(rec, B)
-            row["engine_steps_per_s"] = rate(lambda: batch.step(rec), seconds)
-        except ImportError:  # (the server's packages absent)
-            pass
-        for what in ("step", "engine"):
-            if f"{what}_steps_per_s" in row:
-                row[f"{what}_rtf"] = row[f"{what}_steps_per_s"] / out["rate_hz"]
-        out["rows"].append(row)
+        for B in batches:
+            if not budget.left():
+                out["skipped"].append(f"graphs={graphs} batch {B}: time budget")
+                continue
+            state = rec.init_state(B)
+            mixed_phases(rec, state)
+            tok = torch.randint(0, 256, (B,), device=rec.device)
+            row = {"graphs": graphs, "batch": B,
+                   "step_steps_per_s": rate(lambda: rec.step(tok, state, out=state), seconds)}  # fmt: skip
+            if graphs:
+                row["step_resident_steps_per_s"] = resident_rate(rec, tok, state, seconds)
+            try:
+                batch = decode_batch(rec, B)
+            except ImportError:  # (the server's packages absent)
+                batch = None
+            if batch is not None:
+                row["engine_steps_per_s"] = rate(lambda: batch.step(rec), seconds)
+                if graphs:
+                    row.update(block_row(rec, B, seconds))
+            for what in ("step", "step_resident", "engine", "engine_block"):
+                if f"{what}_steps_per_s" in row:
+                    row[f"{what}_rtf"] = row[f"{what}_steps_per_s"] / out["rate_hz"]
+            out["rows"].append(row)
+    rec.use_cuda_graphs(None)
     return out
+
+
+def mixed_phases(rec, state: torch.Tensor) -> None:
+    """A SaShiMi batch's rows at pooling phases 0, 1, …, period − 1, 0, … (as streams that started at
+    different times); other models' states are left as they are."""
+    if hasattr(rec, "period"):
+        with torch.inference_mode():
+            phase = rec.layout.view(state, "phase")[:, 0]
+            phase.copy_(torch.arange(state.shape[0], device=state.device) % rec.period)
 
 
 def block_row(rec, B: int, seconds: float) -> dict[str, Any]:
@@ -545,10 +572,13 @@ def plot(data: dict[str, Any], quick: bool) -> None:
             if pts:
                 label = f"{what}, graphs {'on' if graphs else 'off'}" + (", Triton" if triton else "")
                 a2.plot(*zip(*pts), style, label=label)
-    sash = [r for r in data["audio"].get("sashimi", {}).get("rows", []) if "engine_rtf" in r]
-    if sash:  # the default audio model (no graphs), at its own 8 kHz
-        label = "SaShiMi engine (8 kHz)"
-        a2.plot([r["batch"] for r in sash], [r["engine_rtf"] for r in sash], "x:", label=label)
+    sash = data["audio"].get("sashimi", {}).get("rows", [])
+    for graphs in (False, True):  # the default audio model at its own 8 kHz: the engine's best path
+        what = "engine_block" if graphs else "engine"
+        pts = [(r["batch"], r[f"{what}_rtf"]) for r in sash if r.get("graphs", False) == graphs
+               and f"{what}_rtf" in r]  # fmt: skip
+        if pts:
+            a2.plot(*zip(*pts), "x:" if graphs else "+:", label=f"SaShiMi {what} (8 kHz), graphs {graphs}")
     a2.axhline(1.0, color="k", lw=0.8)
     bound = data["audio"].get("bandwidth_bound_streams")
     if bound:

@@ -343,7 +343,47 @@ def test_sashimi_on_cuda_steps_with_the_triton_kernel_as_with_torch_ops():
     assert rel_logits <= 1e-5 and rel_state <= 1e-5, (rel_logits, rel_state)
 
 
-@pytest.mark.parametrize(("name", "triton"), [("s4d", True), ("s4d", False), ("audio-digits-s4", True)])
+@pytest.mark.parametrize("triton", [True, False])
+def test_sashimi_steps_through_the_graphs_of_its_dense_step(triton):
+    """The shipped SaShiMi (audio-digits) through its CUDA graphs (the dense step: every level of every
+    row, the updates of rows that do not step there masked out; captured per bucket) against its sparse
+    eager step (each level steps only its rows), rows at every pooling phase, batches 1, 5 and 64
+    (buckets; 5 padded to 8) and 200 (past them: eager), 40 steps (2.5 pooling periods), copied in and out
+    and resident: relative error (Frobenius norm) of the logits and the final state ≤ 1e-5 (other GEMM
+    sizes at the coarse levels; on CPU, torch ops, ≤ 3e-6 on tiny SaShiMis, `test_sashimi.py`), the
+    phases equal."""
+    net = load(AUDIO / "audio-digits")
+    rec = net.to_recurrent(device="cuda", triton_step=triton)
+    plain = net.to_recurrent(device="cuda", triton_step=triton)
+    rec.use_cuda_graphs(bucket_sizes(64), blocks=False)
+    g = torch.Generator().manual_seed(0)
+    try:
+        for n in (1, 5, 64, 200):
+            state = torch.cat([plain.prefill(torch.randint(0, 256, (1, 3 + k), generator=g).cuda(),
+                                             plain.init_state(1))[1] for k in range(n)])  # fmt: skip
+            tokens = torch.randint(0, 256, (n, 40), generator=g).cuda()
+            for resident in (False, True):
+                s_a = rec.resident_state(state.clone()) if resident else state.clone()
+                s_b, la, lb = state.clone(), [], []
+                for t in range(tokens.shape[1]):
+                    la.append(rec.step(tokens[:, t], s_a, out=s_a)[0])
+                    b, s_b = plain.step(tokens[:, t], s_b)
+                    lb.append(b)
+                la, lb = torch.stack(la), torch.stack(lb)
+                rel_logits = float((la - lb).norm() / lb.norm())
+                rel_state = float((s_a - s_b).norm() / s_b.norm())
+                assert rel_logits <= 1e-5 and rel_state <= 1e-5, (n, resident, rel_logits, rel_state)
+                assert torch.equal(rec.phases(s_a), plain.phases(s_b))
+                rec._graphs.release()
+        assert all(buf.graph is not None for buf in rec._graphs.buffers.values())
+        assert rec._graphs.eager_calls > 0  # (batch 200)
+    finally:
+        rec.use_cuda_graphs(None)
+
+
+@pytest.mark.parametrize(
+    ("name", "triton"), [("s4d", True), ("s4d", False), ("audio-digits-s4", True), ("audio-digits", True)]
+)
 def test_the_captured_decode_block_gives_the_one_step_paths_tokens_and_states(name, triton):
     """K steps with their sampling replayed as captured graphs (`BucketedStep.decode_block`) against the
     GPU engine's one-step path (`step` through the same buckets' graphs, `RowSampler`): 9 rows with every
@@ -352,7 +392,8 @@ def test_the_captured_decode_block_gives_the_one_step_paths_tokens_and_states(na
     its limit: graphs of 1 … 64 steps back to back, rows kept there): the same tokens, states, seen sets
     and counts, bit for bit (the same kernels on the same shapes; the sampler's ops are row by row). A
     tiny S4D model with the Triton step and with the torch ops; the shipped audio-digits-s4 with the
-    Triton step (the CUDA default)."""
+    Triton step (the CUDA default); the shipped SaShiMi (audio-digits: its dense step, rows at different
+    pooling phases) with the Triton step."""
     from test_graph_block import LIMITS, MIXED, STOPS, assert_blocks_are_the_one_step_path
 
     from model.sampling import SamplingParams
