@@ -52,10 +52,11 @@ Sampling per single step (`__call__`) stays outside the graph (`model.sampling.R
 an isotropic model's is at dim 1) captures its dense step (`SaShiMiRecurrent._step_level`): its eager
 step picks on the host the rows that reach each coarser level (a sync a level, shapes that change every
 step), which a graph cannot record, so the graphs compute every level for every row and keep the state
-updates only of the rows that step there (`torch.where` on the SSM states and pool buffers; the Triton
-kernel writes the next state beside the old one). That costs the coarse levels' FLOPs at every step
-(about 7× the sparse step's for the shipped audio-digits) and no host sync; a stepping row's ops are
-the sparse step's.
+updates only of the rows that step there (`torch.where` on the pool buffers and the torch step's SSM
+states; the Triton kernel takes the rows as a mask and neither reads nor writes the others' states, so
+the coarse levels' state traffic stays the sparse step's). That costs the coarse levels' FLOPs at every
+step (about 7× the sparse step's for the shipped audio-digits) and no host sync; a stepping row's ops
+are the sparse step's.
 """
 
 from __future__ import annotations

@@ -111,21 +111,25 @@ def probe(device: torch.device | str) -> str | None:
     return _probe(str(torch.device(device)))
 
 
-def _diag_step(x_ptr, xo_ptr, u_ptr, y_ptr, p_ptr, m_ptr, s_ptr, b1_ptr, b2_ptr, cr_ptr, ci_ptr,
+def _diag_step(x_ptr, xo_ptr, u_ptr, y_ptr, p_ptr, m_ptr, s_ptr, b1_ptr, b2_ptr, cr_ptr, ci_ptr, k_ptr,
                n_pairs, H, M, M_state, sx_b, sx_h, sx_c, so_b, so_h, so_c, su_b, su_h, sy_b, sy_h,
-               ROWS: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+               ROWS: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """One program: (row, channel) pairs pid·ROWS … +ROWS, every slot of each (see the module docstring).
     Pointers: x, xo (B, H, 2, M_state) float32 with strides (sx_b, sx_h, sx_c, 1) and (so_*), u, y (B, H)
-    float32; the parameters (H, M) float32 contiguous. Loads everything it reads before it stores, and
-    no two programs touch one pair: x and xo may be the same tensor."""
+    float32; the parameters (H, M) float32 contiguous; with MASKED, k (B,) uint8: rows with k = 0 are
+    neither read nor written (their y is 0). Loads everything it reads before it stores, and no two
+    programs touch one pair: x and xo may be the same tensor."""
     pid = tl.program_id(0)
     r = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,) flat pair index b·H + h
     rmask = r < n_pairs
     b = r // H
     h = r % H
+    smask = rmask  # the pairs whose state steps
+    if MASKED:
+        smask = rmask & (tl.load(k_ptr + b, mask=rmask, other=0) != 0)
     j = tl.arange(0, BLOCK_M)  # (BLOCK_M,) slot
-    lm = rmask[:, None] & (j < M)[None, :]  # the layer's own slots
-    sm = rmask[:, None] & (j < M_state)[None, :]  # every slot of the state (the rest written as 0)
+    lm = smask[:, None] & (j < M)[None, :]  # the layer's own slots
+    sm = smask[:, None] & (j < M_state)[None, :]  # every slot of the state (the rest written as 0)
     xo_ = (b * sx_b + h * sx_h)[:, None] + j[None, :]
     x1 = tl.load(x_ptr + xo_, mask=lm, other=0.0)
     x2 = tl.load(x_ptr + xo_ + sx_c, mask=lm, other=0.0)
@@ -137,7 +141,7 @@ def _diag_step(x_ptr, xo_ptr, u_ptr, y_ptr, p_ptr, m_ptr, s_ptr, b1_ptr, b2_ptr,
     b2 = tl.load(b2_ptr + po, mask=lm, other=0.0)
     cr = tl.load(cr_ptr + po, mask=lm, other=0.0)
     ci = tl.load(ci_ptr + po, mask=lm, other=0.0)
-    u = tl.load(u_ptr + b * su_b + h * su_h, mask=rmask, other=0.0)[:, None]
+    u = tl.load(u_ptr + b * su_b + h * su_h, mask=smask, other=0.0)[:, None]
     n1 = p * x1 - m * x2 + b1 * u
     n2 = s * x2 + m * x1 + b2 * u
     y = tl.sum(cr * n1 - ci * n2, axis=1)
@@ -165,15 +169,18 @@ def interpreting() -> bool:
     return available() and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def diag_step(form, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch.Tensor) -> None:
+def diag_step(form, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch.Tensor,
+              rows: torch.Tensor | None = None) -> None:  # fmt: skip
     """One step of a `DiagonalSSM` (`form`: its float32 mur, mui, mus, br, bi, cr, ci, each (H, M) and
     contiguous: p, m, s, b₁, b₂, cr, ci above) for a batch.
 
     u (B, H) float32, the SSM's input; x (B, H, 2, M_state) float32 the slots' coordinates x₁, x₂,
     M_state ≥ form.M (slots past form.M are read as 0 and written as 0), any batch stride, unit stride
     on the slots; writes the next state into xo (x's shape; may be x itself) and the output into y (B, H)
-    float32. CUDA tensors run the compiled kernel, CPU tensors Triton's interpreter. Raises ValueError
-    for a shape, dtype, device or layout it does not take, RuntimeError when triton is not installed."""
+    float32. `rows` (B,) bool (SaShiMi's dense step: the rows that step this layer): the other rows'
+    x and xo are neither read nor written (xo keeps what it held) and their y is 0. CUDA tensors run
+    the compiled kernel, CPU tensors Triton's interpreter. Raises ValueError for a shape, dtype, device
+    or layout it does not take, or a bad `rows`; RuntimeError when triton is not installed."""
     if not available():
         raise RuntimeError("the Triton step needs the triton package (pip install triton)")
     B, H, two, Ms = x.shape
@@ -187,6 +194,8 @@ def diag_step(form, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch
     ts = (x, xo, u, y, *params)
     if any(t.dtype != torch.float32 for t in ts) or len({t.device for t in ts}) != 1:
         raise ValueError("the Triton step takes float32 tensors on one device")
+    if rows is not None and (rows.shape != (B,) or rows.dtype != torch.bool or rows.device != x.device):
+        raise ValueError(f"rows must be ({B},) bool on {x.device}")
     if x.stride(3) != 1 or xo.stride(3) != 1:
         raise ValueError("x and xo need unit stride on the slots")
     if (x.device.type == "cuda") == interpreting():
@@ -202,7 +211,7 @@ def diag_step(form, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch
     block_m = triton.next_power_of_2(Ms)
     grid = (triton.cdiv(B * H, ROWS),)
     kernel[grid](
-        x, xo, u, y, *params, B * H, H, M, Ms,
+        x, xo, u, y, *params, x if rows is None else rows.view(torch.uint8), B * H, H, M, Ms,
         *x.stride()[:3], *xo.stride()[:3], *u.stride(), *y.stride(),
-        ROWS=ROWS, BLOCK_M=block_m, enable_fp_fusion=True,
+        ROWS=ROWS, BLOCK_M=block_m, MASKED=rows is not None, enable_fp_fusion=True,
     )  # fmt: skip

@@ -123,6 +123,34 @@ def test_a_rows_result_is_the_same_bits_alone_and_in_any_batch():
         assert torch.equal(xi, xo[i : i + 1]) and torch.equal(yi, y[i : i + 1])
 
 
+@pytest.mark.parametrize("in_place", [True, False])
+def test_a_row_mask_steps_its_rows_and_leaves_the_others_unread_and_unwritten(in_place):
+    """`rows` (SaShiMi's dense step: the rows that step a coarse level): those rows get the unmasked
+    kernel's bits; the others' xo keeps what it held (not even the slots past the layer's are written)
+    and their y is 0; their x is never read (NaN there changes nothing)."""
+    form = _form(H=6, seed=4)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, form.H, 2, form.M + 2, generator=g).to(DEV)
+    x[..., form.M :] = 0
+    u = torch.randn(9, form.H, generator=g).to(DEV)
+    rows = torch.tensor([True, False, False, True, True, False, True, False, True], device=DEV)
+    want_x, want_y = torch.empty_like(x), torch.empty(9, form.H, device=DEV)
+    triton_step.diag_step(form, u, x, want_x, want_y)
+    x[~rows] = float("nan")  # never read
+    held = torch.full_like(x, 7.0)
+    xo = x if in_place else held.clone()
+    y = torch.full((9, form.H), float("nan"), device=DEV)
+    before = xo.clone()
+    triton_step.diag_step(form, u, x, xo, y, rows)
+    assert torch.equal(xo[rows], want_x[rows]) and torch.equal(y[rows], want_y[rows])
+    assert torch.equal(xo[~rows].isnan(), before[~rows].isnan())  # (NaN ≠ NaN: compared by pattern)
+    assert torch.equal(xo[~rows].nan_to_num(), before[~rows].nan_to_num()) and bool((y[~rows] == 0).all())
+    with pytest.raises(ValueError, match="rows must be"):
+        triton_step.diag_step(form, u, x, xo, y, rows[:-1])
+    with pytest.raises(ValueError, match="rows must be"):
+        triton_step.diag_step(form, u, x, xo, y, rows.long())
+
+
 def test_it_refuses_what_it_does_not_compute_and_an_empty_batch_is_a_no_op():
     form = _form(H=4)
     x, u, y = (torch.zeros(*shape, device=DEV) for shape in ((2, 4, 2, form.M), (2, 4), (2, 4)))
@@ -237,8 +265,8 @@ def test_sashimi_steps_its_diagonal_layers_in_place_with_the_kernel(monkeypatch)
     b, sb = step_all(plain, tokens, state)
     torch.testing.assert_close(a, b, **SAME)
     torch.testing.assert_close(sa, sb, **SAME)
-    # the dense step (what the CUDA graphs capture): every level of every row, the kernel writing the next
-    # state beside the old one where a level steps only some rows (the others' kept by torch.where)
+    # the dense step (what the CUDA graphs capture): every level of every row, the kernel stepping in place
+    # only the rows that step the level (its row mask: the others' states neither read nor written)
     calls.clear()
     dense, c = state.clone(), []
     for t in range(tokens.shape[1]):
@@ -251,7 +279,8 @@ def test_sashimi_steps_its_diagonal_layers_in_place_with_the_kernel(monkeypatch)
 def test_the_kernel_compiles_for_hopper_and_ampere(tmp_path):
     """The compiled path the interpreter does not take: Triton lowers the kernel to PTX and ptxas (shipped
     in the triton wheel) assembles it for sm_90 and sm_80, in a subprocess without TRITON_INTERPRET (its
-    library functions must be the compiled ones). The loads of x are predicated global loads."""
+    library functions must be the compiled ones), without and with the row mask. The loads of x are
+    predicated global loads."""
     script = """
 import json, sys
 import triton, triton.language as tl
@@ -259,14 +288,16 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import model.triton_step as ts
 fn = ts._kernel()
-sig = {n: ("*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
-sig.update(ROWS="constexpr", BLOCK_M="constexpr")
+sig = {n: ("*u8" if n == "k_ptr" else "*fp32" if n.endswith("_ptr") else "i32") for n in fn.arg_names}
+sig.update(ROWS="constexpr", BLOCK_M="constexpr", MASKED="constexpr")
 out = {}
 for cc in (90, 80):
-    k = triton.compile(ASTSource(fn, sig, constexprs={"ROWS": ts.ROWS, "BLOCK_M": 32}),
-                       target=GPUTarget("cuda", cc, 32))
-    out[cc] = {"cubin": len(k.asm["cubin"]), "ld": k.asm["ptx"].count("ld.global"),
-               "st": k.asm["ptx"].count("st.global"), "target": f"sm_{cc}" in k.asm["ptx"]}
+    for masked in (False, True):
+        k = triton.compile(ASTSource(fn, sig, constexprs={"ROWS": ts.ROWS, "BLOCK_M": 32, "MASKED": masked}),
+                           target=GPUTarget("cuda", cc, 32))
+        out[f"{cc}{'m' if masked else ''}"] = {
+            "cubin": len(k.asm["cubin"]), "ld": k.asm["ptx"].count("ld.global"),
+            "st": k.asm["ptx"].count("st.global"), "target": f"sm_{cc}" in k.asm["ptx"]}
 print(json.dumps(out))
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -276,7 +307,7 @@ print(json.dumps(out))
     )
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    for cc in ("90", "80"):
+    for cc in ("90", "80", "90m", "80m"):  # (m: with the row mask, SaShiMi's dense step)
         assert out[cc]["cubin"] > 1000 and out[cc]["target"], out
         assert out[cc]["ld"] > 0 and out[cc]["st"] > 0, out
 

@@ -380,9 +380,9 @@ class SaShiMiRecurrent(GraphedModel):
                     y, x1 = torch.empty_like(u32), torch.empty_like(x0)
                     form.step_fused(self._fused, u32, x0, x1, y)
                 elif self._triton and rows is None and form.form == "diagonal":
-                    # the state's view stepped in place, or (masked) the next state beside it
-                    y, x1 = torch.empty_like(u32), None if mask is None else torch.empty_like(xs)
-                    triton_kernel.diag_step(form, u32, xs, xs if x1 is None else x1, y)
+                    # the state's view stepped in place (with a mask only its rows: the others untouched)
+                    y, x1 = torch.empty_like(u32), None
+                    triton_kernel.diag_step(form, u32, xs, xs, y, mask)
                 else:
                     y, x1 = form.step(u32, x0)
                 y = y.to(x.dtype)
