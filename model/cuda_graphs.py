@@ -37,14 +37,15 @@ and counts, the token fed back; a block of k steps replays the graphs of k's bin
 and copies the k × n tokens to the host once. The uniforms are drawn on the host beforehand (the C
 Philox, about 11 ns a draw here: 3 ms for 256 steps of 1,024 rows) and sent over in one copy: the streams
 are pure functions of (key, index), so a row's tokens are those of `step` + `sample` with its generator,
-whatever else is in the batch. Each row makes its own limit's tokens, as in the C block: the block runs
-as long as its longest row, in segments that end where a row reaches its limit; that row's tensors are
-kept there and put back at the end. The sampler's optional steps (a logit bias, penalties, top-k/top-p,
-min-p) are chosen on the host, so each combination any row needs has its own graphs: those of plain
-sampling (temperature, greedy) are captured by `warm` with the step's, every size for every bucket, the
-others at their first block (thread-local capture: another engine's thread may allocate meanwhile). A
-bucket's block graphs share one memory pool (they never run at once, and their results are copied into
-static tensors).
+whatever else is in the batch. Each row makes its own limit's tokens, as in the C block: the block runs as
+long as its longest row, in segments that end where a row reaches its limit; that row's tensors are kept
+there and put back at the end. A row's stop sequences are checked on the host after the block; one that
+met a stop early is stepped again from the block's start to it (the same tokens). The sampler's optional
+steps (a logit bias, penalties, top-k/top-p, min-p) are chosen on the host, so each combination any row
+needs has its own graphs: those of plain sampling (temperature, greedy) are captured by `warm` with the
+step's, every size for every bucket, the others at their first block (thread-local capture: another
+engine's thread may allocate meanwhile). A bucket's block graphs share one memory pool (they never run at
+once, and their results are copied into static tensors).
 
 Sampling per single step (`__call__`) stays outside the graph (`model.sampling.RowSampler`).
 
@@ -69,7 +70,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from model import fused
-from model.sampling import RowTensors, counter_uniforms, earliest_stop, sample_with, settings_tensors
+from model.sampling import RowTensors, counter_uniforms, first_stop_end, sample_with, settings_tensors
 
 log = logging.getLogger("model.cuda_graphs")
 
@@ -450,12 +451,13 @@ class BucketedStep:
         stop sequence (over the tokens' low bytes, after `history`), and ends as it would have after them
         (state, pending token, seen set, counts; rows with limit 0 as they began). The block runs as long
         as its longest row, in segments that end where a row reaches its limit (that row's tensors are
-        kept there and put back at the end, while it steps on with the others). Differences: a row with
-        stop sequences makes at most `model.sampling.earliest_stop` tokens a block (the fewest after which
-        one of its stops could end its output, from its history; the host then checks it), so a
-        one-byte stop's row makes one token a block; `interrupt` and `schedule` are not used (the graphs
-        run to the block's end); `times` are spread evenly over the block's steps (they run on the device,
-        unobserved) and `setup_s` is the time spent capturing graphs first.
+        kept there and put back at the end, while it steps on with the others). Stop sequences are checked
+        on the host after the block (`model.sampling.first_stop_end`): a row that met one before its last
+        token is put back as it began the block and stepped again to the stop, with the others kept (the
+        same bucket, graphs and uniforms: the same tokens), one more run of the graphs in a block where
+        a stop ends a row early. Differences: `interrupt` and `schedule` are not used (the graphs run to
+        the block's end); `times` are spread evenly over the block's steps (they run on the device,
+        unobserved) and `setup_s` is the time spent capturing graphs.
 
         state (n_layers, B, H, 2, M) float32 (SaShiMi: (B, numel); the batch made resident by `resident`:
         stepped in place; another tensor: copied in and out), tok (B,) int64 and seen (B, V) bool on the
@@ -494,11 +496,6 @@ class BucketedStep:
         if bool((limit < 0).any()):
             raise ValueError("decode block: limits must be ≥ 0")
         n_out = limit.clamp(max=K)
-        for r, row_stops in enumerate(stops):  # a row with stop sequences steps up to where one could end
-            if row_stops and n_out[r]:
-                soonest = earliest_stop(history[r], row_stops)
-                if soonest is not None:
-                    n_out[r] = min(int(n_out[r]), soonest)
         steps = int(n_out.max())
         if not steps:
             none = torch.zeros(B, dtype=torch.long)
@@ -506,12 +503,6 @@ class BucketedStep:
                 0, none.new_zeros(0, B), none, none.bool(), torch.zeros(0, dtype=torch.float64)
             )
         check_token_ids(torch.where(n_out.to(dev) > 0, tok, 0), V)
-        # the segments: a row that reaches its limit before the block's end is kept there (and put back)
-        ends = sorted(set(n_out.tolist()) - {steps})
-        plan, t = [], 0
-        for e in [*ends, steps]:
-            plan.append((block_pieces(e - t) if e > t else [], e))
-            t = e
 
         in_place = b == self.resident_bucket and B == self.resident_rows and self._is_rows_of(state, buf, B)
         if not in_place and b == self.resident_bucket:  # another batch lives in this bucket: on buffers of
@@ -522,10 +513,6 @@ class BucketedStep:
         else:
             bb, graphs = self._block_buffers(b), self.capture
         flags = self._set_rows(bb, settings, B)
-        t_setup = time.perf_counter()
-        if graphs:  # captured before the block starts (a late capture: other sampler settings)
-            for k in {k for pieces, _ in plan for k in pieces}:
-                self._block_graph(buf, bb, k, flags)
         t0 = time.perf_counter()
         if not in_place:
             self.copied_calls += 1
@@ -540,8 +527,76 @@ class BucketedStep:
         u = counter_uniforms(key.expand(steps, B), index)
         if dev.type == "cuda":
             u = u.pin_memory().to(dev, non_blocking=True)
+        # rows with stop sequences: their tensors as the block began (a row that meets a stop before its
+        # last token is stepped again from there to the stop)
+        stop_rows = [r for r, row_stops in enumerate(stops) if row_stops and n_out[r]]
+        if stop_rows:
+            at = torch.tensor(stop_rows, device=dev)
+            began = (buf.state.index_select(self.bd, at), buf.tok.index_select(0, at),
+                     bb.seen.index_select(0, at), bb.counts.index_select(0, at))  # fmt: skip
+        out, setup = self._run(buf, bb, graphs, flags, n_out, u, B)
+        tokens = out.cpu()  # the wait for the device
+        stopped = torch.zeros(B, dtype=torch.bool)
+        again = torch.zeros(B, dtype=torch.long)  # rows to step again, to their stop
+        for r in stop_rows:
+            made = bytes(int(t) & 0xFF for t in tokens[: n_out[r], r])
+            end = first_stop_end(history[r], made, stops[r])
+            if end is not None:
+                stopped[r] = True
+                if end < n_out[r]:
+                    again[r] = end
+        if bool(again.any()):  # back to where those rows began, and stepped again to their stop: the same
+            # bucket, graphs and uniforms (every op is row-wise), so the same tokens; the others kept
+            rows = again.nonzero().flatten()
+            pos = torch.tensor([stop_rows.index(r) for r in rows.tolist()], device=dev)
+            rows = rows.to(dev)
+            buf.state.index_copy_(self.bd, rows, began[0].index_select(self.bd, pos))
+            buf.tok.index_copy_(0, rows, began[1].index_select(0, pos))
+            bb.seen.index_copy_(0, rows, began[2].index_select(0, pos))
+            bb.counts.index_copy_(0, rows, began[3].index_select(0, pos))
+            redo, more = self._run(buf, bb, graphs, flags, again, u, B)
+            setup += more
+            n_out = torch.where(again > 0, again, n_out)
+            steps = int(n_out.max())
+            tokens = tokens[:steps].clone()
+            done = again > 0
+            tokens[: redo.shape[0], done] = redo.cpu()[:, done]
+        bb.calls += 1
+        tok.copy_(buf.tok[:B])
+        seen.copy_(bb.seen[:B])
+        if settings.counted:
+            counts.copy_(bb.counts[:B])
+        if not in_place:
+            state.copy_(self._rows(buf.state, 0, B))
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t1 = time.perf_counter()
+        counter += n_out
+        span = max(t1 - t0 - setup, 0.0)  # (captures are setup, not steps)
+        times = t0 + setup + span * torch.arange(1, steps + 1, dtype=torch.float64) / steps
+        return fused.BlockResult(steps, tokens, n_out, stopped, times, setup)
+
+    def _run(self, buf: StepBuffers, bb: BlockBuffers, graphs: bool, flags: tuple[bool, ...],
+             n_out: torch.Tensor, u: torch.Tensor, B: int) -> tuple[torch.Tensor, float]:  # fmt: skip
+        """Step the bucket's rows max(n_out) steps (graphs of those sizes captured first, unless they
+        are), sampled on u[i] at step i, row r keeping what it had after n_out[r] steps (segments that end
+        where a row reaches its count: its tensors kept there and put back at the end; rows with 0 are
+        fed token 0 meanwhile, their own need not be an id). Returns the tokens (steps, B) on the device
+        and the seconds spent capturing graphs."""
+        steps = int(n_out.max())
+        ends = sorted(set(n_out.tolist()) - {steps})
+        plan, t = [], 0
+        for e in [*ends, steps]:
+            plan.append((block_pieces(e - t) if e > t else [], e))
+            t = e
+        t_setup = time.perf_counter()
+        if graphs:  # captured before the steps start (a late capture: other sampler settings)
+            for k in {k for pieces, _ in plan for k in pieces}:
+                self._block_graph(buf, bb, k, flags)
+        setup = time.perf_counter() - t_setup
+        dev = buf.state.device
         out = torch.empty(steps, B, dtype=torch.long, device=dev)
-        kept = []  # (rows, their state, pending token, seen rows, counts rows) where they reached their limit
+        kept = []  # (rows, their state, pending token, seen rows, counts rows) where they reached their count
         done = 0
         for pieces, end in plan:
             for k in pieces:
@@ -557,30 +612,14 @@ class BucketedStep:
                 rows = (n_out == end).nonzero().flatten().to(dev)
                 kept.append((rows, buf.state.index_select(self.bd, rows), buf.tok.index_select(0, rows),
                              bb.seen.index_select(0, rows), bb.counts.index_select(0, rows)))  # fmt: skip
-                if end == 0:  # rows that do not step: fed token 0 meanwhile (their own need not be an id)
+                if end == 0:
                     buf.tok.index_fill_(0, rows, 0)
-        bb.calls += 1
         for rows, s_rows, t_rows, seen_rows, count_rows in kept:
             buf.state.index_copy_(self.bd, rows, s_rows)
             buf.tok.index_copy_(0, rows, t_rows)
             bb.seen.index_copy_(0, rows, seen_rows)
             bb.counts.index_copy_(0, rows, count_rows)
-        tok.copy_(buf.tok[:B])
-        seen.copy_(bb.seen[:B])
-        if settings.counted:
-            counts.copy_(bb.counts[:B])
-        if not in_place:
-            state.copy_(self._rows(buf.state, 0, B))
-        tokens = out.cpu()  # the one wait for the device
-        t1 = time.perf_counter()
-        counter += n_out
-        times = t0 + (t1 - t0) * torch.arange(1, steps + 1, dtype=torch.float64) / steps
-        stopped = torch.zeros(B, dtype=torch.bool)
-        for r, row_stops in enumerate(stops):  # (a stop can only end at a row's last token: see above)
-            if row_stops and n_out[r]:
-                made = history[r] + bytes(int(t) & 0xFF for t in tokens[: n_out[r], r])
-                stopped[r] = any(s and made.endswith(s) for s in row_stops)
-        return fused.BlockResult(steps, tokens, n_out, stopped, times, t0 - t_setup)
+        return out, setup
 
 
 class GraphedModel:

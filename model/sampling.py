@@ -529,17 +529,18 @@ class RowSampler:
             self.steps = 0
 
 
-def earliest_stop(history: bytes, stops: list[bytes]) -> int | None:
-    """The fewest new bytes after which one of `stops` could end `history` + them: for a stop s of
-    length L, j < L new bytes can complete it only where history ends with s's first L − j bytes, and L
-    always can. None when no stop is non-empty. (A block that steps a row this many tokens at most can
-    only meet a stop at its last one: the CUDA graphs' decode block.)"""
-    best = None
+def first_stop_end(history: bytes, new: bytes, stops: list[bytes]) -> int | None:
+    """The fewest of the `new` bytes after which `history` + them ends with one of `stops` (a match that
+    ends within `new`; empty stops never match), or None: where a row that checks its stops after every
+    token stops (`find_stop`). The CUDA graphs' decode block checks a row's block of tokens with it."""
+    output, best = history + new, None
     for s in stops:
-        for j in range(1, len(s) + 1):
-            if j == len(s) or history.endswith(s[: len(s) - j]):
-                best = j if best is None else min(best, j)
-                break
+        if not s:
+            continue
+        i = output.find(s, max(0, len(history) - len(s) + 1))
+        if i != -1:
+            end = i + len(s) - len(history)
+            best = end if best is None else min(best, end)
     return best
 
 

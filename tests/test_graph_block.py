@@ -10,7 +10,7 @@ and `model.sampling.RowSampler`: the same torch sampler ops, one step at a time)
   buckets, blocks longer than the largest graph (several graphs back to back), across blocks;
 - each row makes min(K, its limit) tokens and ends there (rows with limit 0 as they began);
 - another batch resident in the bucket is left alone (the block runs on buffers of its own);
-- rows with stop sequences: stepped up to where one could end (`earliest_stop`), then checked;
+- rows with stop sequences: checked after the block, those that met one early stepped again to it;
 - refusals (ids outside the vocabulary: nothing changed), and the engine's choice;
 - a block whose graph is missing (a failed capture) runs the same ops without it;
 - the server's answers with the block and with the one-step loop are the same.
@@ -24,7 +24,7 @@ from numerics import SAMPLING_FILTERS as FILTERS
 
 from model import ModelConfig, SequenceModel, build
 from model.cuda_graphs import BLOCK_STEPS, BucketedStep, block_pieces, bucket_sizes
-from model.sampling import RowSampler, SamplingParams, earliest_stop, find_stop, row_settings, uint64_bits
+from model.sampling import RowSampler, SamplingParams, find_stop, first_stop_end, row_settings, uint64_bits
 
 TINY = dict(vocab_size=64, d_model=16, n_layers=2, d_state=8, l_max=128, cauchy_backend="torch")
 V = TINY["vocab_size"]
@@ -138,10 +138,11 @@ def blocks(rec, state, tok, seen, params, limits, K):
         )  # fmt: skip
         n_out = res.n_out.tolist()
         assert res.steps == max(n_out) and res.tokens.shape == (res.steps, len(params))
-        for r, p in enumerate(params):  # each row to its own limit, as the C block; a row with stop
-            # sequences to where one could end its output
-            soonest = earliest_stop(history[r], p.stop) if left[r] else None
-            assert n_out[r] == min(left[r], K, soonest or K), f"row {r}"
+        for r, p in enumerate(params):  # each row to its own limit, as the C block, or to a stop sequence
+            made = bytes(v & 0xFF for v in res.tokens[: n_out[r], r].tolist())
+            end = first_stop_end(history[r], made, p.stop)
+            assert bool(res.stopped[r]) == (end is not None), f"row {r}"
+            assert n_out[r] == (min(left[r], K) if end is None else end), f"row {r}"
         assert bool((res.times[1:] >= res.times[:-1]).all())
         for r, n in enumerate(n_out):
             toks[r] += res.tokens[:n, r].tolist()
@@ -186,17 +187,28 @@ def test_a_block_gives_the_one_step_paths_tokens_states_seen_sets_and_counts_bit
         assert all(toks[r] for r, p in enumerate(params) if p.temperature == 0 and LIMITS[len(params)][r])
     if params is STOPS:  # three rows ended on a stop sequence (checked against the one-step path's)
         assert [len(t) < 200 for t in toks] == [True, False, True, False, False, True]
+        # in 4 blocks (64, 64, 64, 8 steps): a stop row makes the block's tokens up to its stop, not one
+        # token a block (2026-12-04: a one-byte stop's row made one token a block of up to 256 steps)
+        assert graphs.blocks[8].calls == 4
 
 
 @pytest.mark.parametrize(
-    ("history", "stops", "want"),
-    [(b"", [b"ab"], 2), (b"xa", [b"ab"], 1), (b"xa", [b"abc"], 2), (b"ab", [b"abc", b"zz"], 1),
-     (b"zab", [b"abab"], 2), (b"q", [b"x"], 1), (b"q", [], None), (b"q", [b""], None)],
+    ("history", "new", "stops", "want"),
+    [(b"", b"xaby", [b"ab"], 3), (b"xa", b"bab", [b"ab"], 1), (b"xa", b"bcab", [b"abc"], 2),
+     (b"ab", b"zzc", [b"abc", b"zz"], 2), (b"zab", b"ab", [b"abab"], 2), (b"q", b"yyx", [b"x", b"yy"], 2),
+     (b"ab", b"", [b"b"], None), (b"ab", b"cd", [b"b"], None), (b"q", b"q", [], None),
+     (b"q", b"q", [b""], None), (b"", b"aaa", [b"aa"], 2)],
 )  # fmt: skip
-def test_a_stop_row_steps_to_the_first_token_where_one_of_its_stops_could_end(history, stops, want):
-    """`earliest_stop`: j < L new bytes end a stop of length L only after a history ending in its first
-    L − j bytes; the block steps a stop row that far, so a stop can only end at its last token."""
-    assert earliest_stop(history, stops) == want
+def test_a_stop_ends_a_row_at_the_first_new_byte_that_completes_one(history, new, stops, want):
+    """`first_stop_end`: the fewest new bytes after which history + them ends with a stop (as a row that
+    checks after every token stops: `find_stop`); a stop wholly in the history does not count."""
+    assert first_stop_end(history, new, stops) == want
+    for e in range(1, len(new) + 1):  # the same answer as checking after every byte
+        if find_stop(history + new[:e], [s for s in stops if s], 1) is not None:
+            assert want == e
+            break
+    else:
+        assert want is None
 
 
 def test_a_block_is_a_sum_of_the_captured_sizes_largest_first():
