@@ -629,6 +629,7 @@ class GraphedModel:
     synchronize with the host (it is what the graphs capture)."""
 
     _graphs: BucketedStep | None
+    graphs_check: dict[str, float] | None = None  # the last `check_graphs` report
 
     def use_cuda_graphs(self, buckets: tuple[int, ...] | None, blocks: bool = True) -> float:
         """Step through CUDA graphs, one per batch-size bucket (`model/cuda_graphs.py`), captured now,
@@ -641,6 +642,7 @@ class GraphedModel:
         graphs = BucketedStep(self, tuple(buckets), capture=True)
         seconds = graphs.warm(blocks=blocks)
         self._graphs = graphs
+        self.check_graphs()
         return seconds
 
     def _recapture(self) -> None:
@@ -650,6 +652,49 @@ class GraphedModel:
             graphs = BucketedStep(self, old.buckets, capture=old.capture)
             graphs.warm(blocks=old.warmed_blocks)
             self._graphs = graphs
+            self.check_graphs()
+
+    @torch.inference_mode()
+    def check_graphs(self, rows: int = 5, tol: float | None = None) -> dict[str, float]:
+        """The graphs' step against the eager step (`_step_eager`, which conversion verified against the
+        float64 conv mode): `rows` rows after prompts of different lengths (a SaShiMi's at different
+        pooling phases), stepped through their bucket (copied in and out) and eagerly with the same random
+        tokens, 4 steps (a SaShiMi: two pooling periods + 3). Returns the relative errors (Frobenius) of
+        the logits and of the final states, also kept in `graphs_check`. Raises RuntimeError above `tol`
+        (default `LOGITS_TOL` of the served dtype; the graphs may round otherwise: other matmul shapes, a
+        SaShiMi's dense step), naming both errors: the server then serves with the plain step
+        (`server.registry.use_cuda_graphs`). Without graphs, {}."""
+        from model.recurrent import LOGITS_TOL  # noqa: PLC0415
+
+        if self._graphs is None:
+            return {}
+        rows = min(rows, self._graphs.buckets[-1])
+        V, dev = self.config.vocab_size, self.device
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, V, (1, 2 + 3 * r), generator=g).to(dev) for r in range(rows)]
+        state = torch.cat([self.prefill(p, self.init_state(1), logits="none")[1] for p in prompts],
+                          self.batch_dim)  # fmt: skip
+        steps = 2 * self.period + 3 if hasattr(self, "period") else 4
+        tokens = torch.randint(0, V, (steps, rows), generator=g).to(dev)
+        graphed, eager, la, lb = state.clone(), state.clone(), [], []
+        for t in range(steps):
+            la.append(self._graphs(tokens[t], graphed, out=graphed)[0])
+            lb.append(self._step_eager(tokens[t], eager, out=eager)[0])
+        la, lb = torch.stack(la).double(), torch.stack(lb).double()
+        report = {
+            "logits_rel_err": float((la - lb).norm() / lb.norm().clamp_min(1e-30)),
+            "state_rel_err": float(
+                (graphed.double() - eager.double()).norm() / eager.double().norm().clamp_min(1e-30)
+            ),
+        }
+        self.graphs_check = report
+        limit = LOGITS_TOL[self.dtype] if tol is None else tol
+        if not max(report.values()) <= limit:  # (NaN fails too)
+            raise RuntimeError(
+                f"the CUDA graphs' step differs from the eager step: logits {report['logits_rel_err']:.2e}, "
+                f"states {report['state_rel_err']:.2e} (relative; at most {limit:.1e})"
+            )
+        return report
 
     def resident_state(self, state: torch.Tensor) -> torch.Tensor:
         """With CUDA graphs (`use_cuda_graphs`), the batch `state` (`state_shape` with the batch inserted

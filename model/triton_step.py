@@ -194,8 +194,9 @@ def diag_step(form, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch
     ts = (x, xo, u, y, *params)
     if any(t.dtype != torch.float32 for t in ts) or len({t.device for t in ts}) != 1:
         raise ValueError("the Triton step takes float32 tensors on one device")
-    if rows is not None and (rows.shape != (B,) or rows.dtype != torch.bool or rows.device != x.device):
-        raise ValueError(f"rows must be ({B},) bool on {x.device}")
+    if rows is not None and (rows.shape != (B,) or rows.dtype != torch.bool or rows.device != x.device
+                             or rows.stride(0) != 1):  # fmt: skip
+        raise ValueError(f"rows must be ({B},) bool on {x.device}, unit stride")
     if x.stride(3) != 1 or xo.stride(3) != 1:
         raise ValueError("x and xo need unit stride on the slots")
     if (x.device.type == "cuda") == interpreting():

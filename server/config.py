@@ -75,7 +75,9 @@ class Settings(BaseSettings):
         True,
         description="on a CUDA device, replay the decode step as CUDA graphs, one per batch-size bucket "
         "(1, 2, 4, … up to max_batch_size, at most 1024; a batch is padded up to its bucket), captured at "
-        "load; 0 steps with plain torch ops. Ignored on CPU and for SaShiMi models",
+        "load and checked against the eager step (a capture that fails or differs is logged and the plain "
+        "step serves); SaShiMi models capture a dense step (every pooling level of every row, masked). "
+        "0 steps with plain torch ops. Ignored on CPU",
     )
     triton_step: bool = Field(
         True,

@@ -213,7 +213,8 @@ def compile_step(rec, settings: Settings, name: str) -> bool:
 def use_cuda_graphs(rec, settings: Settings, name: str) -> bool:
     """Capture the decode step's CUDA graphs (model/cuda_graphs.py) when the model is on a CUDA device,
     `S4_CUDA_GRAPHS` is on (SaShiMi's graphs: its dense step); True when captured. A capture that
-    fails (a RuntimeError from CUDA) is logged and the model serves with the plain torch step."""
+    fails (a RuntimeError from CUDA), or graphs whose step differs from the eager step
+    (`check_graphs`), are logged and the model serves with the plain torch step."""
     if not (settings.cuda_graphs and rec.device.type == "cuda" and hasattr(rec, "use_cuda_graphs")):
         return False
     buckets = bucket_sizes(min(settings.max_batch_size, LARGEST_BUCKET))
@@ -221,7 +222,12 @@ def use_cuda_graphs(rec, settings: Settings, name: str) -> bool:
         seconds = rec.use_cuda_graphs(buckets)
     except RuntimeError as exc:
         rec.use_cuda_graphs(None)
-        log.error("model %s: CUDA graph capture failed (%s); serving with the plain torch step", name, exc)
+        log.error(
+            "model %s: CUDA graphs not used: the capture failed or its step differs from the eager "
+            "step (%s); serving with the plain torch step",
+            name,
+            exc,
+        )
         return False
     log.info("model %s: CUDA graphs captured for batch buckets %s in %.2f s", name, buckets, seconds)
     return True

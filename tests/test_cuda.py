@@ -356,11 +356,14 @@ def test_sashimi_steps_through_the_graphs_of_its_dense_step(triton):
     rec = net.to_recurrent(device="cuda", triton_step=triton)
     plain = net.to_recurrent(device="cuda", triton_step=triton)
     rec.use_cuda_graphs(bucket_sizes(64), blocks=False)
+    assert max(rec.graphs_check.values()) <= 1e-5, rec.graphs_check  # (use_cuda_graphs' own check)
     g = torch.Generator().manual_seed(0)
     try:
         for n in (1, 5, 64, 200):
-            state = torch.cat([plain.prefill(torch.randint(0, 256, (1, 3 + k), generator=g).cuda(),
-                                             plain.init_state(1))[1] for k in range(n)])  # fmt: skip
+            lengths = [3 + k % 16 for k in range(n)]  # every pooling phase; prefilled by length
+            state = torch.cat([plain.prefill(torch.randint(0, 256, (lengths.count(L), L), generator=g).cuda(),
+                                             plain.init_state(lengths.count(L)))[1]
+                               for L in sorted(set(lengths))])  # fmt: skip
             tokens = torch.randint(0, 256, (n, 40), generator=g).cuda()
             for resident in (False, True):
                 s_a = rec.resident_state(state.clone()) if resident else state.clone()

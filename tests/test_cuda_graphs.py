@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import ModelConfig, SequenceModel
+from model import ModelConfig, SequenceModel, build
 from model.cuda_graphs import LARGEST_BUCKET, BucketedStep, bucket_for, bucket_sizes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -313,6 +313,82 @@ def test_the_registry_captures_nothing_on_cpu(rec):
     assert rec._graphs is None
 
 
+SASHIMI = dict(arch="sashimi", vocab_size=64, d_model=16, n_layers=1, d_state=8, l_max=128,
+               cauchy_backend="torch")  # fmt: skip
+
+
+def graph_model(kind: str):
+    """'s4-c' / 's4-torch': a tiny S4 model with its C step or its torch ops; 'sashimi*': a tiny SaShiMi
+    with its torch ops (the dense step, as CUDA captures it; '-unet-tln': U-Net, TransposedLN, S4D,
+    three pools)."""
+    torch.manual_seed(0)
+    if kind.startswith("sashimi"):
+        unet = dict(unet=True, norm="tln", kernel="s4d", init="legs", pool=[2, 2, 2])
+        extra = unet if "unet" in kind else {}
+        return build(ModelConfig(**{**SASHIMI, **extra})).to_recurrent(fused_step=False, fused_network=False)
+    fused = kind == "s4-c"
+    return SequenceModel(ModelConfig(**TINY, kernel="s4")).to_recurrent(fused_step=fused, fused_network=fused)
+
+
+@pytest.mark.parametrize("kind", ["s4-c", "s4-torch", "sashimi", "sashimi-unet-tln"])
+def test_the_graphs_are_checked_against_the_eager_step_and_refused_when_they_differ(kind, monkeypatch):
+    """`check_graphs` (run by `use_cuda_graphs` after the capture): the graphs' step of 5 rows at different
+    points (a SaShiMi's at different pooling phases; its dense step) against the eager step, within
+    float32 rounding here; a step that differs (here its logits scaled by 1.001) raises RuntimeError,
+    which the registry answers with the plain step."""
+    rec = graph_model(kind)
+    rec._graphs = BucketedStep(rec, bucket_sizes(8), capture=False)
+    report = rec.check_graphs()
+    assert rec.graphs_check is report and set(report) == {"logits_rel_err", "state_rel_err"}
+    assert max(report.values()) <= 1e-5, report  # (measured: 0 for the S4 steps, ≤ 2e-6 for SaShiMi)
+    real = rec._graphs._eager
+    monkeypatch.setattr(rec._graphs, "_eager", lambda buf: real(buf) * 1.001)
+    with pytest.raises(RuntimeError, match="differs from the eager step: logits 1.0"):
+        rec.check_graphs()
+    rec._graphs = None
+    assert rec.check_graphs() == {}
+
+
+def no_host_sync(monkeypatch) -> None:
+    """Make every tensor → Python conversion (the host syncs a CUDA graph's capture refuses) raise."""
+
+    def refuse(name):
+        def raise_(*args, **kwargs):
+            raise AssertionError(f"a host sync under capture: Tensor.{name}")
+
+        return raise_
+
+    names = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+    for name in names:
+        monkeypatch.setattr(torch.Tensor, name, refuse(name))
+    monkeypatch.setattr(torch, "nonzero", refuse("nonzero"))
+
+
+@pytest.mark.parametrize("kind", ["s4-torch", "sashimi", "sashimi-unet-tln"])
+def test_what_the_graphs_record_never_waits_for_the_host(kind, monkeypatch):
+    """A CUDA graph cannot record a host sync (`cudaErrorStreamCaptureUnsupported`, seen on an H200): the
+    step the graphs capture (a SaShiMi's dense step) and a decode block's body, with every sampler
+    option on among the rows (`SAMPLING_FILTERS`: bias, penalties, counts, top-k/top-p, min-p), run
+    here with every tensor → Python conversion made to raise."""
+    from numerics import SAMPLING_FILTERS
+
+    from model.sampling import SamplingParams, row_settings
+
+    rec = graph_model(kind)
+    V = rec.config.vocab_size
+    graphs = BucketedStep(rec, (8,), capture=False)
+    buf = graphs.bucket(8)
+    prompts = [torch.randint(0, V, (1, 3 + r)) for r in range(8)]
+    buf.state.copy_(torch.cat([rec.prefill(p, rec.init_state(1))[1] for p in prompts], rec.batch_dim))
+    params = [SamplingParams(temperature=1.0, seed=s, **SAMPLING_FILTERS[s]) for s in range(8)]
+    bb = graphs._block_buffers(8)
+    flags = graphs._set_rows(bb, row_settings(params, V), 8)
+    assert all(flags), flags
+    no_host_sync(monkeypatch)
+    graphs._eager(buf)
+    graphs._block_body(buf, bb, 2 * getattr(rec, "period", 2) + 1, flags)
+
+
 class CudaLikeModel:
     """What the registry sees of a CUDA model (its device and use_cuda_graphs), to check its choices on
     CPU: the buckets it asks for, and the fallback when the capture raises."""
@@ -350,7 +426,7 @@ def test_a_failed_capture_leaves_the_plain_step(caplog):
     with caplog.at_level("ERROR", logger="server.models"):
         assert use_cuda_graphs(m, Settings(max_batch_size=4), "m") is False
     assert m.calls == [(1, 2, 4), None]  # tried, then back to the plain step
-    assert "CUDA graph capture failed" in caplog.text and "plain torch step" in caplog.text
+    assert "CUDA graphs not used: the capture failed" in caplog.text and "plain torch step" in caplog.text
 
 
 def no_cuda_env() -> dict[str, str]:

@@ -383,7 +383,8 @@ def test_the_dense_step_is_the_sparse_step_at_every_phase(kw):
     """The dense step (`_step_eager(..., ids_checked=True)`: what the CUDA graphs capture; every row
     computes every level, and the state updates of rows that do not step a level are masked out) against
     the sparse torch step (each level steps only the rows that reach it), over 3 pooling periods:
-    - rows all at one phase: bit for bit (the same ops on the same rows), in place and into a new tensor;
+    - rows all at one phase: bit for bit (the same ops on the same rows), in place, and into a new
+      tensor or another one given (the state passed in left as it was);
     - 4 rows at different phases, one of them reset to the initial state midway (a reused slot): within
       float32 rounding (the coarse levels' matmuls see other batch sizes), and each row against the conv
       mode of its own sequence."""
@@ -400,10 +401,18 @@ def test_the_dense_step_is_the_sparse_step_at_every_phase(kw):
     sparse, dense = same.clone(), same.clone()
     for t in range(T):
         want, sparse = rec.step(tokens[:, t], sparse)
-        if t % 2:
+        before = dense.clone()
+        if t % 3 == 0:  # in place
             got, _ = rec._step_eager(tokens[:, t], dense, out=dense, ids_checked=True)
-        else:
+        elif t % 3 == 1:  # into a new tensor
+            old = dense
             got, dense = rec._step_eager(tokens[:, t], dense, ids_checked=True)
+            assert dense is not old and torch.equal(old, before)
+        else:  # into another tensor (the state passed in left as it was)
+            other = torch.empty_like(dense)
+            got, new = rec._step_eager(tokens[:, t], dense, out=other, ids_checked=True)
+            assert new is other and torch.equal(dense, before)
+            dense = new
         assert torch.equal(got, want) and torch.equal(dense, sparse), t
     prompts = [torch.randint(0, V, (1, n)) for n in (0, period // 2 + 1, period - 1, period + 3)]
     state = torch.cat([rec.prefill(p, rec.init_state(1))[1] for p in prompts])
@@ -518,6 +527,31 @@ def test_a_corrupt_phase_counter_or_shape_is_refused(trained_net):
             rec.prefill(tok[None], state)
     with pytest.raises(ValueError, match="state has shape"):
         rec.step(tok, torch.zeros(1, rec.layout.numel + 1))
+
+
+def test_with_graphs_a_corrupt_phase_or_an_id_outside_the_vocabulary_is_refused(trained_net):
+    """With CUDA graphs (here uncaptured) `step` checks the ids and phases with one wait for the device
+    (the dense step would gather a pool buffer at the phase: out of range on a GPU is a device fault), and
+    names what is wrong; the state is left as it was."""
+    from model.cuda_graphs import BucketedStep, bucket_sizes
+
+    rec = trained_net.to_recurrent(fused_step=False, fused_network=False)
+    rec._graphs = BucketedStep(rec, bucket_sizes(4), capture=False)
+    tok = torch.zeros(2, dtype=torch.long)
+    for bad in [16.0, -1.0, 2.5, float("nan"), float("inf")]:
+        state = rec.init_state(2)
+        rec.layout.view(state, "phase")[1, 0] = bad
+        before = state.clone()
+        with pytest.raises(ValueError, match="phase"):
+            rec.step(tok, state, out=state)
+        assert torch.equal(state.nan_to_num(), before.nan_to_num())
+    state = rec.init_state(2)
+    for bad_id in (V, -1):
+        with pytest.raises(ValueError, match=f"token id {bad_id} at index \\[1\\]"):
+            rec.step(torch.tensor([0, bad_id]), state, out=state)
+    assert torch.equal(state, rec.init_state(2))
+    logits, state = rec.step(tok, state, out=state)
+    assert logits.shape == (2, V) and rec.phases(state).tolist() == [1, 1]
 
 
 def test_conversion_refuses_an_unverifiable_layer(trained_net):

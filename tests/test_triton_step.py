@@ -149,6 +149,8 @@ def test_a_row_mask_steps_its_rows_and_leaves_the_others_unread_and_unwritten(in
         triton_step.diag_step(form, u, x, xo, y, rows[:-1])
     with pytest.raises(ValueError, match="rows must be"):
         triton_step.diag_step(form, u, x, xo, y, rows.long())
+    with pytest.raises(ValueError, match="unit stride"):  # (the kernel reads rows[b] at k_ptr + b)
+        triton_step.diag_step(form, u, x, xo, y, torch.stack([rows, rows], 1)[:, 0])
 
 
 def test_it_refuses_what_it_does_not_compute_and_an_empty_batch_is_a_no_op():

@@ -462,10 +462,14 @@ class SaShiMiRecurrent(GraphedModel):
         self._check(tokens, state, 1)
         if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
-        self.phases(state)
-        if self._graphs is not None:
-            check_token_ids(tokens, self.config.vocab_size)
+        if self._graphs is not None:  # the ids and phases checked with one wait for the device
+            V, tau = self.config.vocab_size, self.layout.view(state, "phase")[:, 0]
+            ok = (tau == tau.round()) & (tau >= 0) & (tau < self.period)  # (NaN and inf fail)
+            if not bool(ok.all() & (tokens >= 0).all() & (tokens < V).all()):
+                self.phases(state)  # (raise, naming what is wrong)
+                check_token_ids(tokens, V)
             return self._graphs(tokens, state, out)
+        self.phases(state)
         return self._step_eager(tokens, state, out)
 
     def _step_eager(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None,
