@@ -70,7 +70,14 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from model import fused
-from model.sampling import RowTensors, counter_uniforms, first_stop_end, sample_with, settings_tensors
+from model.sampling import (
+    MAX_LOGPROBS,
+    RowTensors,
+    counter_uniforms,
+    first_stop_end,
+    sample_with,
+    settings_tensors,
+)
 
 log = logging.getLogger("model.cuda_graphs")
 
@@ -80,7 +87,8 @@ LARGEST_BUCKET = 1024
 CAPTURE_LOCK = threading.Lock()
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture (cuBLAS handles, the allocator's pools)
 BLOCK_STEPS = (1, 2, 4, 8, 16, 32, 64)  # the decode-block graphs' step counts (a longer block: several)
-PLAIN = (False, False, False, False, False)  # `block_flags` of plain sampling (temperature, greedy)
+PLAIN = (False,) * 6  # a block graph's flags for plain sampling (temperature, greedy), no log-probabilities
+LOGPROBS_K = MAX_LOGPROBS  # the most likely tokens a block graph reports (at most V)
 
 
 def bucket_sizes(max_batch: int, largest: int = LARGEST_BUCKET) -> tuple[int, ...]:
@@ -142,6 +150,8 @@ class BlockBuffers:
     calls: int = 0
     pool: object = None  # the memory pool its graphs share (none replays while another runs, and each
     # writes its results into the static tensors above: its temporaries are dead after its replay)
+    lp: tuple | None = None  # log-probabilities, made at their first block: step i's chosen (max steps, b)
+    # float32, top ids (max steps, b, LOGPROBS_K) int64, top values (max steps, b, LOGPROBS_K) float32
 
 
 def block_flags(rows: RowTensors) -> tuple[bool, ...]:
@@ -378,14 +388,23 @@ class BucketedStep:
 
     def _block_body(self, buf: StepBuffers, bb: BlockBuffers, k: int, flags: tuple[bool, ...]) -> None:
         """k steps of the bucket on its buffers, each sampled (`sample_with` on bb.u[i]) and fed back: the
-        ops a block graph records (run as they are without capture). No host sync."""
-        has_bias, penalty, counted, filtered, min_p = flags
+        ops a block graph records (run as they are without capture). `flags`: the sampler's optional
+        steps (`block_flags`) and whether to write the log-probabilities into bb.lp (`token_logprobs`'s
+        ops). No host sync."""
+        has_bias, penalty, counted, filtered, min_p, logprobs = flags
         rows = replace(bb.rows, bias=bb.rows.bias if has_bias else None, any_penalty=penalty,
                        any_counted=counted, any_filter=filtered, any_min_p=min_p)  # fmt: skip
         for i in range(k):
             logits = self._eager(buf)
+            if logprobs:  # of the raw logits, before the sampler's steps (model.sampling.token_logprobs)
+                lp = logits.float().log_softmax(-1)
+                top_v, top_i = lp.topk(bb.lp[1].shape[2], dim=-1)
+                bb.lp[1][i].copy_(top_i)
+                bb.lp[2][i].copy_(top_v)
             new = sample_with(logits.float(), rows, bb.u[i], bb.seen if penalty else None,
                               bb.counts if counted else None)  # fmt: skip
+            if logprobs:
+                bb.lp[0][i].copy_(lp.gather(1, new[:, None])[:, 0])
             at = new[:, None]  # (plain scatters: one element a row, no host sync under capture)
             bb.seen.scatter_(1, at, bb.marks[:, None])
             if counted:
@@ -445,7 +464,7 @@ class BucketedStep:
     def decode_block(self, K: int, state: torch.Tensor, tok: torch.Tensor, *, settings: fused.RowSettings,
                      counts: torch.Tensor | None, key: torch.Tensor, counter: torch.Tensor,
                      limit: torch.Tensor, stops: list[list[bytes]], history: list[bytes], seen: torch.Tensor,
-                     interrupt=None, schedule=None) -> fused.BlockResult:  # fmt: skip
+                     interrupt=None, schedule=None, logprobs=None) -> fused.BlockResult:  # fmt: skip
         """`RecurrentModel.decode_block` through the bucket's block graphs: the same arguments and result as
         the native block (`fused.decode_block`): each row makes min(K, limit[row]) tokens, or stops at a
         stop sequence (over the tokens' low bytes, after `history`), and ends as it would have after them
@@ -457,7 +476,9 @@ class BucketedStep:
         same bucket, graphs and uniforms: the same tokens), one more run of the graphs in a block where
         a stop ends a row early. Differences: `interrupt` and `schedule` are not used (the graphs run to
         the block's end); `times` are spread evenly over the block's steps (they run on the device,
-        unobserved) and `setup_s` is the time spent capturing graphs.
+        unobserved) and `setup_s` is the time spent capturing graphs. `logprobs` (B,) int64, −1 or k ≥ 0
+        per row, as the native block's (`BlockResult.logprobs`; at most LOGPROBS_K = 20 a row; the same
+        torch ops as `model.sampling.token_logprobs`), in graphs of their own.
 
         state (n_layers, B, H, 2, M) float32 (SaShiMi: (B, numel); the batch made resident by `resident`:
         stepped in place; another tensor: copied in and out), tok (B,) int64 and seen (B, V) bool on the
@@ -495,6 +516,12 @@ class BucketedStep:
             raise ValueError(f"decode block: stops and history need one entry per row ({B})")
         if bool((limit < 0).any()):
             raise ValueError("decode block: limits must be ≥ 0")
+        if logprobs is not None and (logprobs.shape != (B,) or logprobs.dtype != torch.long
+                                     or bool((logprobs < -1).any())):  # fmt: skip
+            raise ValueError(f"decode block: logprobs must be ({B},) int64, −1 (none) or a count ≥ 0")
+        lp_k = logprobs if logprobs is not None and bool((logprobs >= 0).any()) else None
+        if lp_k is not None and int(lp_k.max()) > LOGPROBS_K:
+            raise ValueError(f"decode block: the graphs report at most {LOGPROBS_K} log-probabilities a row")
         n_out = limit.clamp(max=K)
         steps = int(n_out.max())
         if not steps:
@@ -512,7 +539,9 @@ class BucketedStep:
             bb, graphs = self._new_block_buffers(b), False
         else:
             bb, graphs = self._block_buffers(b), self.capture
-        flags = self._set_rows(bb, settings, B)
+        flags = (*self._set_rows(bb, settings, B), lp_k is not None)
+        if lp_k is not None and bb.lp is None:
+            self._lp_buffers(bb)
         t0 = time.perf_counter()
         if not in_place:
             self.copied_calls += 1
@@ -534,7 +563,7 @@ class BucketedStep:
             at = torch.tensor(stop_rows, device=dev)
             began = (buf.state.index_select(self.bd, at), buf.tok.index_select(0, at),
                      bb.seen.index_select(0, at), bb.counts.index_select(0, at))  # fmt: skip
-        out, setup = self._run(buf, bb, graphs, flags, n_out, u, B)
+        out, lp, setup = self._run(buf, bb, graphs, flags, n_out, u, B)
         tokens = out.cpu()  # the wait for the device
         stopped = torch.zeros(B, dtype=torch.bool)
         again = torch.zeros(B, dtype=torch.long)  # rows to step again, to their stop
@@ -554,7 +583,8 @@ class BucketedStep:
             buf.tok.index_copy_(0, rows, began[1].index_select(0, pos))
             bb.seen.index_copy_(0, rows, began[2].index_select(0, pos))
             bb.counts.index_copy_(0, rows, began[3].index_select(0, pos))
-            redo, more = self._run(buf, bb, graphs, flags, again, u, B)
+            redo, _, more = self._run(buf, bb, graphs, flags, again, u, B)  # (its log-probabilities: the
+            # first run's, the same bits)
             setup += more
             n_out = torch.where(again > 0, again, n_out)
             steps = int(n_out.max())
@@ -574,15 +604,26 @@ class BucketedStep:
         counter += n_out
         span = max(t1 - t0 - setup, 0.0)  # (captures are setup, not steps)
         times = t0 + setup + span * torch.arange(1, steps + 1, dtype=torch.float64) / steps
-        return fused.BlockResult(steps, tokens, n_out, stopped, times, setup)
+        if lp is not None:
+            kmax = min(int(lp_k.max()), self.rec.config.vocab_size)
+            lp = (lp[0][:steps].cpu(), lp[1][:steps, :, :kmax].cpu(), lp[2][:steps, :, :kmax].cpu())
+        return fused.BlockResult(steps, tokens, n_out, stopped, times, setup, lp)
+
+    @torch.inference_mode(False)
+    def _lp_buffers(self, bb: BlockBuffers) -> None:
+        """bb.lp, the block graphs' log-probability outputs (before their first capture)."""
+        steps, b = bb.u.shape
+        k, dev = min(LOGPROBS_K, self.rec.config.vocab_size), bb.u.device
+        bb.lp = (torch.zeros(steps, b, device=dev), torch.zeros(steps, b, k, dtype=torch.long, device=dev),
+                 torch.zeros(steps, b, k, device=dev))  # fmt: skip
 
     def _run(self, buf: StepBuffers, bb: BlockBuffers, graphs: bool, flags: tuple[bool, ...],
-             n_out: torch.Tensor, u: torch.Tensor, B: int) -> tuple[torch.Tensor, float]:  # fmt: skip
+             n_out: torch.Tensor, u: torch.Tensor, B: int):  # fmt: skip
         """Step the bucket's rows max(n_out) steps (graphs of those sizes captured first, unless they
         are), sampled on u[i] at step i, row r keeping what it had after n_out[r] steps (segments that end
         where a row reaches its count: its tensors kept there and put back at the end; rows with 0 are
-        fed token 0 meanwhile, their own need not be an id). Returns the tokens (steps, B) on the device
-        and the seconds spent capturing graphs."""
+        fed token 0 meanwhile, their own need not be an id). Returns the tokens (steps, B) on the device,
+        the log-probabilities (when flags[5]: bb.lp's, steps by B) and the seconds spent capturing graphs."""
         steps = int(n_out.max())
         ends = sorted(set(n_out.tolist()) - {steps})
         plan, t = [], 0
@@ -596,6 +637,8 @@ class BucketedStep:
         setup = time.perf_counter() - t_setup
         dev = buf.state.device
         out = torch.empty(steps, B, dtype=torch.long, device=dev)
+        lp = None if not flags[5] else tuple(torch.empty(steps, B, *t.shape[2:], dtype=t.dtype, device=dev)
+                                             for t in bb.lp)  # fmt: skip
         kept = []  # (rows, their state, pending token, seen rows, counts rows) where they reached their count
         done = 0
         for pieces, end in plan:
@@ -607,6 +650,8 @@ class BucketedStep:
                 else:  # (without CUDA, or after a failed capture)
                     self._block_body(buf, bb, k, flags)
                 out[done : done + k].copy_(bb.out[:k, :B])
+                for mine, theirs in zip(lp or (), bb.lp or ()):
+                    mine[done : done + k].copy_(theirs[:k, :B])
                 done += k
             if end < steps:
                 rows = (n_out == end).nonzero().flatten().to(dev)
@@ -619,7 +664,7 @@ class BucketedStep:
             buf.tok.index_copy_(0, rows, t_rows)
             bb.seen.index_copy_(0, rows, seen_rows)
             bb.counts.index_copy_(0, rows, count_rows)
-        return out, setup
+        return out, lp, setup
 
 
 class GraphedModel:

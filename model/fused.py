@@ -193,7 +193,11 @@ class BlockResult:
     times (steps,) float64 CLOCK_MONOTONIC seconds (time.perf_counter's clock on Linux) after each
     step: when the last row that made step k had made it, and never before step k − 1's time; setup_s:
     seconds of the call before its first step that are not step time (the CUDA graphs' block: capturing
-    a graph it needs; 0 here)."""
+    a graph it needs; 0 here); logprobs, when the block was asked for them (`decode_block`'s logprobs):
+    (chosen (steps, B) float32, top ids (steps, B, k) int64, top log-probabilities (steps, B, k) float32),
+    step i of row r as `model.sampling.token_logprobs` gives them for its token (the log_softmax of the raw
+    logits, the k most likely first; a row that asked for fewer than k has its first that many filled),
+    the rows that did not ask for them unset."""
 
     steps: int
     tokens: torch.Tensor
@@ -201,6 +205,7 @@ class BlockResult:
     stopped: torch.Tensor
     times: torch.Tensor
     setup_s: float = 0.0
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class NetLayer(ctypes.Structure):
@@ -715,6 +720,7 @@ def decode_block(
     seen: torch.Tensor,
     interrupt: ctypes.c_int | None = None,
     schedule: tuple[int, int] | None = None,
+    logprobs: torch.Tensor | None = None,
 ) -> BlockResult:
     """Check and marshal the per-row arguments of a native decode block (ssm_step.c `decode_block`), call
     `invoke(tail)` with the C arguments after the network's own (state, tok, the sampling settings, ...,
@@ -731,7 +737,10 @@ def decode_block(
     current round of steps (each group makes at least one round; rows may then have made different numbers
     of tokens); schedule: (group_rows, group_steps), the order in which the rows are stepped (ssm_step.c
     `decode_block`: groups of group_rows rows of a thread's share, each through rounds of group_steps steps,
-    the groups shared by the threads; it changes no row's tokens or state), default `BLOCK_SCHEDULE`.
+    the groups shared by the threads; it changes no row's tokens or state), default `BLOCK_SCHEDULE`;
+    logprobs: (B,) int64, per row −1 (none) or k ≥ 0: the log-probability of each sampled token and of
+    the k most likely (`BlockResult.logprobs`, from the raw logits the sampler was given; the normalizer
+    summed in double, so within float32 rounding of `token_logprobs`'s torch ops), None: for no row.
     Raises ValueError on bad shapes or when the C step fails."""
     B = tok.shape[0]
     if (
@@ -776,6 +785,7 @@ def decode_block(
     out_tok = torch.zeros(K, B, dtype=torch.long)
     n_out, stopped = torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
     times = torch.zeros(K, dtype=torch.float64)
+    lp_k, lp = logprob_buffers(logprobs, K, B, V)
 
     def p(t):
         return ctypes.c_void_p(t.data_ptr())
@@ -783,6 +793,9 @@ def decode_block(
     rows = [p(state), p(tok), *settings.pointers(seen, counts)]
     rows += [p(t) for t in (key, counter, limit, first_t, off_t, data_t, hist)]
     outs = [p(t) for t in (hist_len, seen, out_tok, n_out, stopped, times)]
+    kmax = 0 if lp is None else lp[1].shape[2]
+    outs += [ctypes.c_void_p(None if lp is None else lp_k.data_ptr()), ctypes.c_long(kmax)]
+    outs += [ctypes.c_void_p(None if lp is None else t.data_ptr()) for t in lp or (None, None, None)]
     flag = ctypes.c_void_p(None if interrupt is None else ctypes.addressof(interrupt))
     group_rows, group_steps = BLOCK_SCHEDULE if schedule is None else schedule
     if group_rows < 0 or group_steps < 1:
@@ -795,7 +808,25 @@ def decode_block(
         raise ValueError(
             f"fused decode block failed (code {steps}: > 1024 modes, rank > 4, or out of memory)"
         )
-    return BlockResult(int(steps), out_tok[:steps], n_out, stopped.bool(), times[:steps])
+    lp = None if lp is None else tuple(t[:steps] for t in lp)
+    return BlockResult(int(steps), out_tok[:steps], n_out, stopped.bool(), times[:steps], logprobs=lp)
+
+
+def logprob_buffers(logprobs: torch.Tensor | None, K: int, B: int, V: int):
+    """A decode block's log-probability request → (the rows' k (B,) int64 contiguous, or None; the outputs
+    (chosen (K, B) float32, ids (K, B, k) int64, values (K, B, k) float32) with k the largest asked (at
+    most V), or None when no row asks). Raises ValueError for a bad shape or dtype, or a k below −1."""
+    if logprobs is None:
+        return None, None
+    if logprobs.shape != (B,) or logprobs.dtype != torch.long or logprobs.device.type != "cpu":
+        raise ValueError(f"decode block: logprobs must be ({B},) int64 on the CPU")
+    if bool((logprobs < -1).any()):
+        raise ValueError("decode block: logprobs must be −1 (none) or a count ≥ 0")
+    if not bool((logprobs >= 0).any()):
+        return None, None
+    kmax = min(int(logprobs.max()), V)
+    out = (torch.zeros(K, B), torch.zeros(K, B, kmax, dtype=torch.long), torch.zeros(K, B, kmax))
+    return logprobs.contiguous(), out
 
 
 def philox_uniforms(lib, key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:

@@ -320,6 +320,10 @@ def filter_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+MAX_LOGPROBS = 20  # the most likely tokens an API request may ask for beside each token (OpenAI's limit);
+# what the decode blocks of the CUDA graphs report at most
+
+
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[list, list, list]:
     """Log-probabilities under the model: log_softmax of the raw logits (B, V) (before temperature,
     penalties, bias and filtering), of `tokens` (B,), and the k most likely per row. Returns host

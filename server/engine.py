@@ -60,6 +60,7 @@ import torch
 from model.codecs import utf8_tail
 from model.recurrent import RecurrentModel
 from model.sampling import (
+    MAX_LOGPROBS,
     CounterRNG,
     RowSampler,
     SamplingParams,
@@ -420,13 +421,14 @@ class DecodeBatch:
     def native(self, rec: RecurrentModel) -> bool:
         """Whether `block` can run this batch: the model's decode block serves it (on CPU the
         whole-network C step: any number of rows; with CUDA graphs the bucket's block graphs: rows within
-        the largest bucket) and no row asks for log-probabilities (every
-        sampling setting runs in the block's sampler, with each row's counter-based stream)."""
+        the largest bucket) and every row draws from a counter-based stream (every sampling setting runs
+        in the block's sampler) and asks for at most MAX_LOGPROBS log-probabilities a token (the block
+        reports them)."""
         ready = getattr(rec, "decode_block_ready", None)
         if ready is None or not ready(len(self.rows)):
             return False
         return all(
-            j is None or (j.params.logprobs is None and isinstance(j.generator, CounterRNG))
+            j is None or ((j.params.logprobs or 0) <= MAX_LOGPROBS and isinstance(j.generator, CounterRNG))
             for j in self.rows
         )
 
@@ -446,8 +448,10 @@ class DecodeBatch:
             gens = [self.dummy if j is None else j.generator for j in rows]
             stops = [[] if j is None else j.stops for j in rows]
             key = uint64_bits([g.key for g in gens])
-            self._block_args = (settings, counted, gens, key, stops, any(stops))
-        settings, counted, gens, key, stops, any_stops = self._block_args
+            asked = [-1 if j is None or j.params.logprobs is None else j.params.logprobs for j in rows]
+            lp = torch.tensor(asked, dtype=torch.long) if max(asked, default=-1) >= 0 else None
+            self._block_args = (settings, counted, gens, key, stops, any(stops), lp)
+        settings, counted, gens, key, stops, any_stops, lp = self._block_args
         counts = None
         if settings.counted:  # where the rows' counts are (the device): the C block's CPU, the graphs' GPU
             counts = torch.zeros(len(rows), V, device=self.seen.device)
@@ -456,7 +460,7 @@ class DecodeBatch:
         res = rec.decode_block(
             K, self.state, self.tok, settings=settings, counts=counts, key=key,
             counter=uint64_bits([g.counter for g in gens]), limit=torch.tensor(limits, dtype=torch.long),
-            stops=stops, history=history, seen=self.seen, interrupt=interrupt,
+            stops=stops, history=history, seen=self.seen, interrupt=interrupt, logprobs=lp,
         )  # fmt: skip
         for i in counted:
             rows[i].counts.copy_(counts[i])
@@ -1007,9 +1011,18 @@ class Engine:
             # the rows stepped at each step k: those that made more than k tokens
             observe_many(self.metrics.batch_size, (n_np[None, :] > np.arange(res.steps)[:, None]).sum(1))
             done, full, itl = [], False, Gaps(times)
+            asked = {}  # row → its (chosen, top ids, top values) by step, for the rows that asked
+            if res.logprobs is not None:
+                rows = [r for r, j in enumerate(b.rows) if j is not None and j.params.logprobs is not None]
+                picked = (t[:, rows].transpose(0, 1).tolist() for t in res.logprobs)  # (rows, steps, …)
+                asked = dict(zip(rows, zip(*picked)))
             for row, job in enumerate(b.rows):
                 if job is None or not n_out[row]:
                     continue
+                if row in asked:  # (before its tokens go out, as the one-step loop's)
+                    (chosen, top_i, top_v), k = asked[row], job.params.logprobs
+                    made = range(n_out[row])
+                    job.stream.logprobs += [(chosen[i], top_i[i][:k], top_v[i][:k]) for i in made]
                 if self._emit_many(job, tokens[row][: n_out[row]], times, stopped[row], itl):
                     done.append(job)
                 elif job.stream.room() <= 0 or job.cancelled:

@@ -24,6 +24,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from model.sampling import MAX_LOGPROBS
 from server.config import Dtype
 
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=64)]
@@ -346,7 +347,6 @@ OPENAI_ERROR_RESPONSES = {
 # refused by name (unknown fields too: extra="forbid"), never ignored. Extensions as vLLM names them.
 
 MAX_CHOICES = 16  # n and best_of
-MAX_LOGPROBS = 20
 MAX_PROMPTS = 64  # prompts in one completions request
 Finite = {"allow_inf_nan": False}
 

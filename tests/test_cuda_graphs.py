@@ -368,8 +368,8 @@ def no_host_sync(monkeypatch) -> None:
 def test_what_the_graphs_record_never_waits_for_the_host(kind, monkeypatch):
     """A CUDA graph cannot record a host sync (`cudaErrorStreamCaptureUnsupported`, seen on an H200): the
     step the graphs capture (a SaShiMi's dense step) and a decode block's body, with every sampler
-    option on among the rows (`SAMPLING_FILTERS`: bias, penalties, counts, top-k/top-p, min-p), run
-    here with every tensor → Python conversion made to raise."""
+    option on among the rows (`SAMPLING_FILTERS`: bias, penalties, counts, top-k/top-p, min-p) and the
+    log-probabilities, run here with every tensor → Python conversion made to raise."""
     from numerics import SAMPLING_FILTERS
 
     from model.sampling import SamplingParams, row_settings
@@ -382,8 +382,9 @@ def test_what_the_graphs_record_never_waits_for_the_host(kind, monkeypatch):
     buf.state.copy_(torch.cat([rec.prefill(p, rec.init_state(1))[1] for p in prompts], rec.batch_dim))
     params = [SamplingParams(temperature=1.0, seed=s, **SAMPLING_FILTERS[s]) for s in range(8)]
     bb = graphs._block_buffers(8)
-    flags = graphs._set_rows(bb, row_settings(params, V), 8)
+    flags = (*graphs._set_rows(bb, row_settings(params, V), 8), True)  # (and the log-probabilities)
     assert all(flags), flags
+    graphs._lp_buffers(bb)
     no_host_sync(monkeypatch)
     graphs._eager(buf)
     graphs._block_body(buf, bb, 2 * getattr(rec, "period", 2) + 1, flags)

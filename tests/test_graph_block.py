@@ -24,7 +24,15 @@ from numerics import SAMPLING_FILTERS as FILTERS
 
 from model import ModelConfig, SequenceModel, build
 from model.cuda_graphs import BLOCK_STEPS, BucketedStep, block_pieces, bucket_sizes
-from model.sampling import RowSampler, SamplingParams, find_stop, first_stop_end, row_settings, uint64_bits
+from model.sampling import (
+    RowSampler,
+    SamplingParams,
+    find_stop,
+    first_stop_end,
+    row_settings,
+    token_logprobs,
+    uint64_bits,
+)
 
 TINY = dict(vocab_size=64, d_model=16, n_layers=2, d_state=8, l_max=128, cauchy_backend="torch")
 V = TINY["vocab_size"]
@@ -87,46 +95,54 @@ def start(rec, B: int, seed: int = 1):
     return state.contiguous(), tok, seen
 
 
-def one_step(rec, state, tok, seen, params, limits):
+def one_step(rec, state, tok, seen, params, limits, asked=None):
     """The reference: the batch stepped one step at a time with `step` (through the same buckets: a
     batch's matmuls round alike at one size, not across sizes) and a RowSampler on the rows' settings
     (the GPU engine's one-step path); a row's tokens, state, seen set and counts are taken when it has
-    made limits[row] tokens."""
+    made limits[row] tokens, with the log-probabilities of its tokens (`token_logprobs`, as the engine's
+    `DecodeBatch.step`) when `asked` (per row −1 or k) asks."""
     state, tok, seen = state.clone(), tok.clone(), seen.clone()
     gens = [p.generator() for p in params]
     n, dev, rows = rec.config.vocab_size, rec.device, torch.arange(len(params), device=rec.device)
     sampler = RowSampler(params, gens, n, dev)
     counts = torch.zeros(len(params), n, device=dev)
     counted = any(p.counts_output for p in params)
-    done = {r: ([], row(rec, state, r).clone(), seen[r].clone(), counts[r].clone())
+    done = {r: ([], row(rec, state, r).clone(), seen[r].clone(), counts[r].clone(), [])
             for r, n in enumerate(limits) if not n}  # fmt: skip
-    toks = [[] for _ in params]
+    toks, lps = [[] for _ in params], [[] for _ in params]
     for _ in range(max(limits)):
         logits, state = rec.step(tok, state)
         tok = sampler(logits, seen if sampler.rows.any_penalty else None, counts if counted else None)
         seen[rows, tok] = True
         counts[rows, tok] += 1
+        if asked is not None:
+            chosen, top_i, top_v = token_logprobs(logits, tok, max(asked))
         for r, t in enumerate(tok.tolist()):
             if r in done:
                 continue
             toks[r].append(t)
+            if asked is not None and asked[r] >= 0:
+                lps[r].append((chosen[r], top_i[r][: asked[r]], top_v[r][: asked[r]]))
             ended = (
                 bool(params[r].stop)
                 and find_stop(bytes(v & 0xFF for v in toks[r]), params[r].stop, 1) is not None
             )
             if len(toks[r]) == limits[r] or ended:
-                done[r] = (list(toks[r]), row(rec, state, r).clone(), seen[r].clone(), counts[r].clone())
+                done[r] = (list(toks[r]), row(rec, state, r).clone(), seen[r].clone(), counts[r].clone(),
+                           lps[r])  # fmt: skip
     return done
 
 
-def blocks(rec, state, tok, seen, params, limits, K):
+def blocks(rec, state, tok, seen, params, limits, K, asked=None):
     """The block path, run in blocks of K steps until each row has its limit or has stopped (as the
-    engine runs it)."""
+    engine runs it); with `asked` (per row −1 or k) the log-probabilities of each row's tokens in
+    `blocks.logprobs` (as `one_step`'s)."""
     state, tok, seen = state.clone(), tok.clone(), seen.clone()
     gens = [p.generator() for p in params]
     settings = row_settings(params, rec.config.vocab_size)
     counts = torch.zeros(len(params), rec.config.vocab_size)  # on the host, as the engine keeps them
     toks = [[] for _ in params]
+    blocks.logprobs = lps = [[] for _ in params]
     stopped = [False] * len(params)
     while any(left := [0 if stopped[r] else limits[r] - len(toks[r]) for r in range(len(params))]):
         counter = uint64_bits([g.counter for g in gens])
@@ -134,9 +150,15 @@ def blocks(rec, state, tok, seen, params, limits, K):
         res = rec.decode_block(
             K, state, tok, settings=settings, counts=counts, key=uint64_bits([g.key for g in gens]),
             counter=counter, limit=torch.tensor(left), stops=[p.stop for p in params], history=history,
-            seen=seen,
+            seen=seen, logprobs=None if asked is None else torch.tensor(asked),
         )  # fmt: skip
         n_out = res.n_out.tolist()
+        if asked is not None:
+            chosen, top_i, top_v = res.logprobs
+            for r, k in enumerate(asked):
+                if k >= 0:
+                    lps[r] += [(float(chosen[i, r]), top_i[i, r, :k].tolist(), top_v[i, r, :k].tolist())
+                               for i in range(n_out[r])]  # fmt: skip
         assert res.steps == max(n_out) and res.tokens.shape == (res.steps, len(params))
         for r, p in enumerate(params):  # each row to its own limit, as the C block, or to a stop sequence
             made = bytes(v & 0xFF for v in res.tokens[: n_out[r], r].tolist())
@@ -159,7 +181,7 @@ def assert_blocks_are_the_one_step_path(rec, params, limits, K) -> list[list[int
     ref = one_step(rec, state, tok, seen, params, limits)
     toks, new_state, new_seen, counts = blocks(rec, state, tok, seen, params, limits, K)
     for r in range(len(params)):
-        want_toks, want_state, want_seen, want_counts = ref[r]
+        want_toks, want_state, want_seen, want_counts, _ = ref[r]
         assert toks[r] == want_toks and (len(toks[r]) == limits[r] or params[r].stop), f"row {r}"
         assert torch.equal(row(rec, new_state, r), want_state), f"row {r}: state"
         assert torch.equal(new_seen[r], want_seen), f"row {r}: seen"
@@ -190,6 +212,30 @@ def test_a_block_gives_the_one_step_paths_tokens_states_seen_sets_and_counts_bit
         # in 4 blocks (64, 64, 64, 8 steps): a stop row makes the block's tokens up to its stop, not one
         # token a block (2026-12-04: a one-byte stop's row made one token a block of up to 256 steps)
         assert graphs.blocks[8].calls == 4
+
+
+def test_a_block_reports_each_tokens_log_probabilities_as_the_one_step_path(rec, graphs):
+    """Rows that ask for log-probabilities (k = 0 … 20; the others none), with every sampling setting and
+    stop rows that end early (stepped again to their stop): each token's log_softmax of the raw logits
+    and the k most likely, bit for bit as `token_logprobs` gives the one-step path (the same torch ops
+    on the same logits), in graphs of their own; the tokens as without the request. More than
+    LOGPROBS_K = 20 is refused."""
+    params = MIXED[:6] + STOPS[:3]
+    asked = [3, -1, 0, 20, 5, -1, 1, 2, -1]
+    limits = [40, 17, 0, 33, 40, 5, 120, 120, 120]
+    state, tok, seen = start(rec, len(params), seed=7)
+    ref = one_step(rec, state, tok, seen, params, limits, asked)
+    toks, *_ = blocks(rec, state, tok, seen, params, limits, 16, asked)
+    got = blocks.logprobs
+    plain, *_ = blocks(rec, state, tok, seen, params, limits, 16)
+    assert toks == plain
+    for r in range(len(params)):
+        assert toks[r] == ref[r][0], f"row {r}"
+        assert got[r] == ref[r][4] and len(got[r]) == (len(toks[r]) if asked[r] >= 0 else 0), f"row {r}"
+    assert any(len(t) < n for t, n in zip(toks, limits))  # (a stop row ended early)
+    assert {f[5] for bb in graphs.blocks.values() for _, f in bb.graphs} <= {True, False}
+    with pytest.raises(ValueError, match="at most 20 log-probabilities"):
+        blocks(rec, state, tok, seen, params, limits, 16, [21] + asked[1:])
 
 
 @pytest.mark.parametrize(
@@ -287,14 +333,16 @@ def test_bad_ids_are_refused_and_change_nothing(rec, graphs):
     assert rec.decode_block_ready(16) and not rec.decode_block_ready(17)
 
 
-def test_the_engine_takes_the_block_for_rows_without_logprobs(rec, graphs):
+def test_the_engine_takes_the_block_for_rows_with_stops_and_up_to_20_logprobs(rec, graphs):
     from bench.gpu import decode_batch
 
     batch = decode_batch(rec, 3)
     assert batch.native(rec)
     batch.rows[1].stops = [b"\n"]
     assert batch.native(rec)
-    batch.rows[2].params = SamplingParams(logprobs=2)
+    batch.rows[2].params = SamplingParams(logprobs=20)
+    assert batch.native(rec)
+    batch.rows[2].params = SamplingParams(logprobs=21)  # (past the API's limit: a library caller's)
     assert not batch.native(rec)
 
 

@@ -28,6 +28,7 @@ from model.sampling import (
     philox_uniform,
     row_settings,
     sample,
+    token_logprobs,
     uint64_bits,
     uniforms,
 )
@@ -128,31 +129,38 @@ def _prefilled(rec, B: int, seed: int):
     return state.contiguous(), tok
 
 
-def _one_step(rec, state, tok, params, limits, seen):
+def _one_step(rec, state, tok, params, limits, seen, asked=None):
     """The reference: each row stepped and sampled alone (`step` + `sample`, its own CounterRNG, its
     seen set and generated-token counts as the engine keeps them), stopping at its limit or a stop
-    sequence. Returns per row (tokens, state, seen row)."""
+    sequence. Returns per row (tokens, state, seen row, log-probabilities: with `asked` (per row −1 or
+    k), `token_logprobs` of each token for the rows that ask)."""
     out = []
     for r, p in enumerate(params):
         x, t, gen = rows(rec, state, slice(r, r + 1)).clone(), tok[r : r + 1].clone(), p.generator()
-        s, counts, toks = seen[r : r + 1].clone(), torch.zeros(1, V), []
+        s, counts, toks, lps = seen[r : r + 1].clone(), torch.zeros(1, V), [], []
         while len(toks) < limits[r]:
             logits, x = rec.step(t, x)
             t = sample(logits, [p], [gen], s, counts if p.counts_output else None)
+            if asked is not None and asked[r] >= 0:
+                chosen, top_i, top_v = token_logprobs(logits, t, asked[r])
+                lps.append((chosen[0], top_i[0], top_v[0]))
             toks.append(int(t))
             s[0, t] = True
             counts[0, t] += 1
             if p.stop and find_stop(bytes(v & 0xFF for v in toks), p.stop, 1) is not None:
                 break
-        out.append((toks, x, s))
+        out.append((toks, x, s, lps))
     return out
 
 
-def _block(rec, state, tok, params, limits, seen, K, schedule=None):
+def _block(rec, state, tok, params, limits, seen, K, schedule=None, asked=None):
     """The block path, run in blocks of K steps until every row is done (as the engine does), in the
-    order `schedule` (fused.decode_block; None: the default)."""
+    order `schedule` (fused.decode_block; None: the default); with `asked` (per row −1 or k) the rows'
+    log-probabilities of each token in `_block.logprobs` (per row, as `_one_step`'s)."""
     state, tok, seen = state.clone(), tok.clone(), seen.clone()
     gens = [p.generator() for p in params]
+    lps = [[] for _ in params]
+    _block.logprobs = lps
     toks = [[] for _ in params]
     stopped = [False] * len(params)
     settings = row_settings(params, V)
@@ -165,11 +173,17 @@ def _block(rec, state, tok, params, limits, seen, K, schedule=None):
             K, state, tok, settings=settings, counts=counts, key=uint64_bits([g.key for g in gens]),
             counter=uint64_bits([g.counter for g in gens]), limit=torch.tensor(left),
             stops=[p.stop for p in params], history=[bytes(v & 0xFF for v in t) for t in toks], seen=seen,
-            schedule=schedule,
+            schedule=schedule, logprobs=None if asked is None else torch.tensor(asked),
         )  # fmt: skip
         assert 1 <= res.steps <= K and res.times.shape == (res.steps,)
         assert bool((res.times[1:] >= res.times[:-1]).all())
+        assert (res.logprobs is None) == (asked is None or max(asked) < 0)
         for r, n in enumerate(res.n_out.tolist()):
+            if res.logprobs is not None and asked[r] >= 0:
+                chosen, top_i, top_v = res.logprobs
+                k = asked[r]
+                lps[r] += [(float(chosen[i, r]), top_i[i, r, :k].tolist(), top_v[i, r, :k].tolist())
+                           for i in range(n)]  # fmt: skip
             toks[r] += res.tokens[:n, r].tolist()
             gens[r].counter += n
             stopped[r] |= bool(res.stopped[r])
@@ -209,6 +223,32 @@ def test_the_block_gives_the_one_step_paths_tokens_states_and_seen_sets_bit_for_
     assert torch.equal(rows(rec, new_state, 2), rows(rec, state, 2))  # the hole's state is untouched
     greedy = [r for r, p in enumerate(PARAMS) if p.temperature == 0]
     assert greedy and all(len(set(toks[r])) >= 1 for r in greedy)
+
+
+@pytest.mark.parametrize("schedule", [(0, 1), None])
+def test_the_block_reports_each_tokens_log_probabilities_as_the_one_step_path(rec, schedule):
+    """Rows that ask for log-probabilities (k = 0, 3, 5 and 20 most likely; the others none) get, for
+    each token of the block, the log_softmax of the raw logits at it and the k most likely, as
+    `token_logprobs` gives the one-step path: the same ids, the values within float32 rounding (the
+    normalizer is summed in double here, in float by torch; measured ≤ 5e-7 absolute); and the same
+    tokens and states as without the request."""
+    B = len(PARAMS)
+    state, tok = _prefilled(rec, B, seed=4)
+    seen = torch.rand(B, V, generator=torch.Generator().manual_seed(4)) < 0.2
+    limits = [20, 3, 0, 20, 11, 20, 5, 20, 20, 2, 19, 20]
+    asked = [3, -1, 5, 20, -1, 0, 5, -1, 3, 20, -1, 1]
+    ref = _one_step(rec, state, tok, PARAMS, limits, seen, asked)
+    toks, new_state, _, _ = _block(rec, state, tok, PARAMS, limits, seen, 7, schedule, asked)
+    got = _block.logprobs
+    plain_toks, plain_state, _, _ = _block(rec, state, tok, PARAMS, limits, seen, 7, schedule)
+    assert toks == plain_toks and torch.equal(new_state, plain_state)
+    for r in range(B):
+        assert toks[r] == ref[r][0], f"row {r}"
+        assert len(got[r]) == (limits[r] if asked[r] >= 0 else 0), f"row {r}"
+        for (c, ti, tv), (rc, rti, rtv) in zip(got[r], ref[r][3]):
+            assert ti == rti and len(ti) == min(asked[r], V), f"row {r}"
+            assert abs(c - rc) <= 2e-6 and all(abs(a - b) <= 2e-6 for a, b in zip(tv, rtv)), f"row {r}"
+            assert c <= 0 and tv == sorted(tv, reverse=True)
 
 
 def test_step_times_never_run_backwards_when_a_threads_last_group_stops_mid_round(rec):
@@ -635,6 +675,56 @@ def test_the_server_gives_the_same_tokens_and_finish_reasons_with_and_without_th
         assert bool(calls) == (path == "native")
     assert results["native"] == results["one-step"]
     assert {reason for _, reason in results["native"]} == {"stop", "length"}
+
+
+def test_requests_with_logprobs_decode_in_the_native_block_with_the_one_step_paths_answers(model_dirs):
+    """OpenAI completions asking for logprobs (0, 3 and 20 most likely; greedy and sampled, with a stop
+    sequence) beside requests that do not: the engine decodes them all in native blocks (a row asking
+    for logprobs used to send its whole batch to the one-step loop), with the one-step loop's tokens,
+    finish reasons and top ids, and its log-probabilities within float32 rounding (the C block sums the
+    normalizer in double)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from server_support import ServerThread
+
+    from server import Settings
+    from server.engine import DecodeBatch
+
+    reqs = [("/v1/completions", {"model": "tiny-text", "prompt": "to be, or not" * (1 + k % 2), "seed": k,
+             "max_tokens": 12 + 5 * k, "temperature": [0.0, 0.9][k % 2], "stop": [["e"], []][k % 2],
+             **({"logprobs": [0, 3, 20][k % 3]} if k % 4 else {})}) for k in range(6)]  # fmt: skip
+    results, native = {}, DecodeBatch.native
+    for path in ("native", "one-step"):
+        s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])])).start()
+        engine = s.state.models["tiny-text"].engine
+        asked = []
+        block = engine.rec.decode_block
+        engine.rec.decode_block = lambda *a, **kw: asked.append(kw["logprobs"] is not None) or block(*a, **kw)
+        if path == "one-step":
+            DecodeBatch.native = lambda self, rec: False
+        try:
+            with httpx.Client(base_url=s.url, timeout=60) as c, ThreadPoolExecutor(6) as ex:
+                out = list(ex.map(lambda r: c.post(r[0], json=r[1]), reqs))
+        finally:
+            DecodeBatch.native = native
+            s.stop()
+        assert all(o.status_code == 200 for o in out), [o.text for o in out]
+        results[path] = [o.json()["choices"][0] for o in out]
+        assert any(asked) if path == "native" else not asked
+    for got, want in zip(results["native"], results["one-step"]):
+        lp_got, lp_want = got.pop("logprobs"), want.pop("logprobs")
+        assert got == want  # text (or message) and finish reason
+        if lp_want is None:
+            assert lp_got is None
+            continue
+        # tokens, token_logprobs, top_logprobs ({token: logprob}, most likely first), text_offset
+        assert lp_got["tokens"] == lp_want["tokens"] and lp_got["text_offset"] == lp_want["text_offset"]
+        assert len(lp_want["tokens"]) > 0
+        for a, b in zip(lp_got["token_logprobs"], lp_want["token_logprobs"], strict=True):
+            assert abs(a - b) <= 2e-6
+        for a, b in zip(lp_got["top_logprobs"], lp_want["top_logprobs"], strict=True):
+            assert list(a) == list(b) and all(abs(a[t] - b[t]) <= 2e-6 for t in b)
 
 
 def _reference_probs(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor, counts: torch.Tensor):

@@ -1350,7 +1350,38 @@ typedef struct {
     const float *bias;          /* (B, V) or NULL */
     const unsigned char *seen;  /* (B, V) or NULL: no repetition penalty */
     float *counts;              /* (B, V) or NULL: no presence/frequency penalties */
+    /* the decode blocks' log-probabilities (sample_and_check): lp_k[r] < 0 none for row r, else the
+     * sampled token's and the lp_k[r] ≤ lp_kmax most likely; NULL lp_k: none for any row */
+    const long *lp_k;
+    long lp_kmax;
+    float *lp_chosen; /* (K, Btot) */
+    long *lp_ids;     /* (K, Btot, lp_kmax) */
+    float *lp_vals;   /* (K, Btot, lp_kmax) */
 } SampleArgs;
+
+/* Log-probabilities of one row's raw logits (model/sampling.py `token_logprobs`: log_softmax before
+ * temperature, penalties, bias and filters): of token t into *chosen, and of the k most likely (larger
+ * first, then the smaller id) into ids[0 .. k − 1], vals[0 .. k − 1]. The normalizer in double. */
+static void row_logprobs(long V, const float *lg, long t, long k, float *chosen, long *ids, float *vals) {
+    float m = -INFINITY;
+    for (long j = 0; j < V; j++)
+        if (lg[j] > m) m = lg[j];
+    double s = 0.0;
+    for (long j = 0; j < V; j++) s += exp((double)lg[j] - (double)m);
+    const double lse = (double)m + log(s);
+    *chosen = (float)((double)lg[t] - lse);
+    if (k > V) k = V;
+    for (long q = 0; q < k; q++) { /* the q-th largest: below the (q−1)-th in (value desc, id asc) order */
+        long best = -1;
+        for (long j = 0; j < V; j++) {
+            if (q > 0 && (lg[j] > lg[ids[q - 1]] || (lg[j] == lg[ids[q - 1]] && j <= ids[q - 1]))) continue;
+            if (best < 0 || lg[j] > lg[best]) best = j;
+        }
+        if (best < 0) break;
+        ids[q] = best;
+        vals[q] = (float)((double)lg[best] - lse);
+    }
+}
 
 static long sample_full(long V, const float *logits, const SampleArgs *a, long r, float u, float *z, float *w,
                         Ranked *rk) {
@@ -1563,6 +1594,11 @@ static int sample_and_check(long B, const long *rows, long V, const float *logit
     for (long i = 0; i < B; i++) {
         const long r = rows[i];
         const long t = sample_row(V, logits + i * V, a, r, philox_uniform(key[r], counter[r]), &sc);
+        if (a->lp_k && a->lp_k[r] >= 0) {
+            const long at = k * Btot + r;
+            row_logprobs(V, logits + i * V, t, a->lp_k[r] < a->lp_kmax ? a->lp_k[r] : a->lp_kmax,
+                         a->lp_chosen + at, a->lp_ids + at * a->lp_kmax, a->lp_vals + at * a->lp_kmax);
+        }
         counter[r]++;
         tok[r] = t;
         seen[r * V + t] = 1;
@@ -1982,10 +2018,12 @@ static long decode_block(StepRowsFn step_rows, const void *ctx, long parallel_ro
                          uint64_t *counter, const long *limit, const long *stop_first, const long *stop_off,
                          const unsigned char *stop_data, unsigned char *hist, long hist_cap, long *hist_len,
                          unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times,
+                         const long *lp_k, long lp_kmax, float *lp_chosen, long *lp_ids, float *lp_vals,
                          const int *interrupt, long group_rows, long group_steps) {
     for (long r = 0; r < Btot; r++) /* the rows that step: their pending token is fed first */
         if (limit[r] > 0 && (tok[r] < 0 || tok[r] >= V)) return E_TOKEN_RANGE;
-    const SampleArgs args = {temp, top_k, kind, top_p, min_p, rep, presence, frequency, bias, pen_seen, counts};
+    const SampleArgs args = {temp, top_k, kind, top_p, min_p, rep, presence, frequency, bias, pen_seen, counts,
+                             lp_k, lp_kmax, lp_chosen, lp_ids, lp_vals};
     const int nt_max = Btot >= parallel_rows ? omp_get_max_threads() : 1;
     double *tbuf = malloc(sizeof(double) * (size_t)nt_max * (size_t)(K > 0 ? K : 1));
     if (!tbuf) return -2;
@@ -2048,12 +2086,13 @@ long net_block(long K, long Btot, long H, long V, long n_layers, long M, const f
                const uint64_t *key, uint64_t *counter, const long *limit, const long *stop_first,
                const long *stop_off, const unsigned char *stop_data, unsigned char *hist, long hist_cap,
                long *hist_len, unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times,
+               const long *lp_k, long lp_kmax, float *lp_chosen, long *lp_ids, float *lp_vals,
                const int *interrupt, long group_rows, long group_steps) {
     const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, NULL};
     return decode_block(net_rows_fn, &n, NET_PARALLEL_ROWS, K, Btot, V, state, tok, temp, top_k, kind, top_p,
                         min_p, rep, presence, frequency, bias, pen_seen, counts, key, counter, limit, stop_first,
                         stop_off, stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out, stopped, times,
-                        interrupt, group_rows, group_steps);
+                        lp_k, lp_kmax, lp_chosen, lp_ids, lp_vals, interrupt, group_rows, group_steps);
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -2260,12 +2299,13 @@ long sashimi_block(const SNet *net, long K, long Btot, float *state, long *tok, 
                    const unsigned char *pen_seen, float *counts, const uint64_t *key, uint64_t *counter,
                    const long *limit, const long *stop_first, const long *stop_off, const unsigned char *stop_data,
                    unsigned char *hist, long hist_cap, long *hist_len, unsigned char *seen, long *out_tok,
-                   long *n_out, long *stopped, double *times, const int *interrupt, long group_rows,
+                   long *n_out, long *stopped, double *times, const long *lp_k, long lp_kmax,
+                   float *lp_chosen, long *lp_ids, float *lp_vals, const int *interrupt, long group_rows,
                    long group_steps) {
     return decode_block(sashimi_rows, net, SASHIMI_PARALLEL_ROWS, K, Btot, net->V, state, tok, temp, top_k, kind,
                         top_p, min_p, rep, presence, frequency, bias, pen_seen, counts, key, counter, limit,
                         stop_first, stop_off, stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out, stopped,
-                        times, interrupt, group_rows, group_steps);
+                        times, lp_k, lp_kmax, lp_chosen, lp_ids, lp_vals, interrupt, group_rows, group_steps);
 }
 
 /* ---------------------------------------------------------------------------------------------
