@@ -8,7 +8,10 @@ Two figures per batch size. "loop": the decode loop alone, in this thread (per s
 HTTP): n sessions submitted in a burst with a short prompt,
 plain temperature sampling (seeded), consumed by a local event loop; tokens/s = generated tokens ÷
 wall time of the burst (prefill of the short prompts included). The two paths alternate, `repeat`
-times each; the median and the best (least disturbed by other processes) are reported.
+times each; the median and the best (least disturbed by other processes) are reported. "with logprobs":
+the engine again with one of the n sessions asking for log-probabilities (logprobs=5): the native block
+reports them since 2026-12-04 (session 34); before, that one row sent the whole batch to the one-step
+loop, which is the other path measured.
 
     python -m bench.decode [--quick]
 """
@@ -119,12 +122,21 @@ def run(quick: bool) -> dict[str, Any]:
             row["best"] = {p: max(v) for p, v in got.items()}  # least disturbed by other processes
             row["best_speedup"] = row["best"]["native-block"] / row["best"]["one-step"]
             row["runs"] = got
+            lp: dict[str, list[float]] = {p: [] for p in PATHS}  # one of the n rows asks for logprobs
+            for _ in range(sz["repeat"]):
+                for path in PATHS:
+                    DecodeBatch.native = native if path == "native-block" else (lambda self, rec: False)
+                    lp[path].append(engine_rate(rec, n, sz, logprobs_rows=1)["tokens_per_s"])
+            wl = row["with_logprobs"] = {p: statistics.median(v) for p, v in lp.items()}
+            wl["speedup"] = wl["native-block"] / wl["one-step"]
             rows.append(row)
             print(f"batch {n:3d}: one-step {row['one-step']:9.0f} tok/s, native block "
                   f"{row['native-block']:9.0f} tok/s ({row['speedup']:.2f}x); best of {sz['repeat']}: "
                   f"{row['best']['one-step']:.0f} vs {row['best']['native-block']:.0f} "
                   f"({row['best_speedup']:.2f}x); loop alone, best of {sz['loop_repeat']}: "
-                  f"{loop['one-step']:.0f} vs {loop['native-block']:.0f} ({row['loop_speedup']:.2f}x)",
+                  f"{loop['one-step']:.0f} vs {loop['native-block']:.0f} ({row['loop_speedup']:.2f}x); "
+                  f"one row with logprobs: {row['with_logprobs']['one-step']:.0f} vs "
+                  f"{row['with_logprobs']['native-block']:.0f} ({row['with_logprobs']['speedup']:.2f}x)",
                   flush=True)  # fmt: skip
     finally:
         DecodeBatch.native = native

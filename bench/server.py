@@ -81,8 +81,9 @@ def raw_step_rate(rec, batch: int, repeat: int) -> float:
     return batch * repeat / (time.perf_counter() - t0)
 
 
-def engine_rate(rec, n: int, sz: dict) -> dict[str, float]:
-    """The engine with n sessions in a burst, consumed by a local event loop."""
+def engine_rate(rec, n: int, sz: dict, logprobs_rows: int = 0) -> dict[str, float]:
+    """The engine with n sessions in a burst, consumed by a local event loop; the first `logprobs_rows`
+    of them ask for the log-probabilities of each token and the 5 most likely (OpenAI's logprobs=5)."""
     from model.sampling import SamplingParams
     from server.config import Settings
     from server.engine import Engine, Job, Stream
@@ -104,7 +105,8 @@ def engine_rate(rec, n: int, sz: dict) -> dict[str, float]:
             stream = Stream(loop, settings.stream_buffer)
             rec_ = engine.new_session(f"s{k}", ephemeral=True)
             prompt = [(k * 7 + i) % 256 for i in range(sz["prompt"])]
-            engine.submit(Job(rec_, prompt, fresh=True, stream=stream, params=SamplingParams(seed=k),
+            params = SamplingParams(seed=k, logprobs=5 if k < logprobs_rows else None)
+            engine.submit(Job(rec_, prompt, fresh=True, stream=stream, params=params,
                               max_new_tokens=sz["tokens"]))  # fmt: skip
             first, made = True, 0
             while True:

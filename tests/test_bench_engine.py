@@ -29,8 +29,8 @@ def rec():
 
 def test_bench_server_engine_rate_serves_every_session_of_both_bursts(rec):
     sz = {"prompt": 8, "tokens": 5}
-    for n in (1, 3):
-        out = server.engine_rate(rec, n, sz)
+    for n, lp in ((1, 0), (3, 0), (3, 1)):  # (lp: rows asking for log-probabilities, bench.decode's case)
+        out = server.engine_rate(rec, n, sz, logprobs_rows=lp)
         assert out["tokens_per_s"] == pytest.approx(n * 5 / out["wall_s"])
         assert out["wall_s"] > 0 and 0 < out["ttft_p50_ms"] <= out["ttft_p99_ms"] < 1e3 * out["wall_s"]
 
