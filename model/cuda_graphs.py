@@ -198,6 +198,8 @@ class BucketedStep:
         self.warmed_blocks = False  # `warm` captured the plain-sampling block graphs
         self.block_capture_error: str | None = None  # a block graph's capture failed: blocks run their ops
         # without graphs from then on (logged once)
+        self.reruns = 0  # decode blocks whose stop rows were stepped again to their stop
+        self.rerun_mismatches = 0  # ... whose second run made other tokens (logged; none expected)
 
     def _eager(self, buf: StepBuffers) -> torch.Tensor:
         # buf.tok holds ids `step` checked (or the padding's zeros); no check here: under capture the
@@ -576,6 +578,7 @@ class BucketedStep:
                     again[r] = end
         if bool(again.any()):  # back to where those rows began, and stepped again to their stop: the same
             # bucket, graphs and uniforms (every op is row-wise), so the same tokens; the others kept
+            self.reruns += 1
             rows = again.nonzero().flatten()
             pos = torch.tensor([stop_rows.index(r) for r in rows.tolist()], device=dev)
             rows = rows.to(dev)
@@ -583,14 +586,24 @@ class BucketedStep:
             buf.tok.index_copy_(0, rows, began[1].index_select(0, pos))
             bb.seen.index_copy_(0, rows, began[2].index_select(0, pos))
             bb.counts.index_copy_(0, rows, began[3].index_select(0, pos))
-            redo, _, more = self._run(buf, bb, graphs, flags, again, u, B)  # (its log-probabilities: the
-            # first run's, the same bits)
+            redo, redo_lp, more = self._run(buf, bb, graphs, flags, again, u, B)
             setup += more
             n_out = torch.where(again > 0, again, n_out)
             steps = int(n_out.max())
-            tokens = tokens[:steps].clone()
-            done = again > 0
-            tokens[: redo.shape[0], done] = redo.cpu()[:, done]
+            done, redo = again > 0, redo.cpu()
+            tokens, n = tokens[:steps].clone(), redo.shape[0]
+            if not torch.equal(redo[:, done], tokens[:n, done]):  # (not seen: the same ops on the same rows)
+                self.rerun_mismatches += 1
+                log.warning("a decode block's rows stepped again to their stop made other tokens than the "
+                            "first time; their second run's tokens stand")  # fmt: skip
+            tokens[:n, done] = redo[:, done]
+            for r in done.nonzero().flatten().tolist():  # (what the tokens that stand end on)
+                made = bytes(int(t) & 0xFF for t in tokens[: n_out[r], r])
+                stopped[r] = first_stop_end(history[r], made, stops[r]) is not None
+            if lp is not None:  # the rows' second run's, with their tokens
+                lp = tuple(t[:steps].clone() for t in lp)
+                for mine, theirs in zip(lp, redo_lp):
+                    mine[:n, done.to(dev)] = theirs[:, done.to(dev)]
         bb.calls += 1
         tok.copy_(buf.tok[:B])
         seen.copy_(bb.seen[:B])

@@ -1087,14 +1087,14 @@ class RecurrentModel(GraphedModel):
 
     @torch.inference_mode()
     def decode_block(self, K: int, state: torch.Tensor, tokens: torch.Tensor, **rows) -> fused.BlockResult:
-        """Up to K steps with sampling and stop checks in one call, the state (n_layers, B, H, 2, M)
-        and the pending tokens (B,) updated in place: see fused.NetStep.block for the per-row
-        arguments and the result. On CPU one C call (`fused.NetStep.block`); with CUDA graphs the
-        bucket's decode-block graphs (`model.cuda_graphs.BucketedStep.decode_block`: a row with stop
-        sequences makes fewer tokens a block). Each row's tokens, state and seen set are exactly those
-        of stepping it with `step` and `model.sampling.sample` (its settings, its CounterRNG): alone,
-        on CPU; in its batch (the one-step path through the same bucket, whose matmuls round alike),
-        with the graphs. Raises ValueError when `decode_block_ready` is false or on bad arguments."""
+        """Up to K steps with sampling and stop checks in one call, the state (n_layers, B, H, 2, M) and the
+        pending tokens (B,) updated in place: see fused.NetStep.block for the per-row arguments and the
+        result. On CPU one C call (`fused.NetStep.block`); with CUDA graphs the bucket's decode-block graphs
+        (`model.cuda_graphs.BucketedStep.decode_block`: stop sequences checked after the block, a row that met
+        one stepped again to it). Each row's tokens, state and seen set are exactly those of stepping it with
+        `step` and `model.sampling.sample` (its settings, its CounterRNG): alone, on CPU; in its batch (the
+        one-step path through the same bucket, whose matmuls round alike), with the graphs. Raises ValueError
+        when `decode_block_ready` is false or on bad arguments."""
         B = tokens.shape[0]
         if self._graphs is not None:
             if not self.decode_block_ready(B):

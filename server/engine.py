@@ -11,13 +11,13 @@ Each iteration of its loop:
      with one generator per request, and one copy of the new tokens to the host; repeated (up to
      DECODE_BLOCK_STEPS steps, more while within `decode_block_ms`, `audio_decode_block_ms` for an
      audio model) while no row finishes, fills its
-     stream or is cancelled and no new work arrives. On CPU, when no row asks for log-probabilities
-     and the whole-network C step serves the batch, DECODE_BLOCK_STEPS steps run as one native block
-     (`DecodeBatch.block`: step, sample and stop checks in C, each row stopping on its own at its
-     limit or stop sequence), with the same results token for token; on CUDA with the graphs, when no
-     row asks for log-probabilities, the block replays graphs of K steps with their sampling
-     (`model/cuda_graphs.py`: each row to its own limit; a row with stop sequences up to where one
-     could end, then checked), also with the same results token for token;
+     stream or is cancelled and no new work arrives. On CPU, when the whole-network C step serves the
+     batch, DECODE_BLOCK_STEPS steps run as one native block (`DecodeBatch.block`: step, sample,
+     log-probabilities for the rows that ask and stop checks in C, each row stopping on its own at its
+     limit or stop sequence), with the same results token for token; on CUDA with the graphs the block
+     replays graphs of K steps with their sampling (`model/cuda_graphs.py`: each row to its own limit;
+     stop sequences checked after the block, a row that met one stepped again to it), also with the
+     same results token for token;
   4. hand the new tokens to the event loop, one `call_soon_threadsafe` per iteration;
   5. ingest the other chunks picked in 2 (long prompts with more to go), so that a short prompt's first
      token, made in 3, does not wait for them. The iteration that makes a request's first token ends its
@@ -1013,9 +1013,9 @@ class Engine:
             done, full, itl = [], False, Gaps(times)
             asked = {}  # row → its (chosen, top ids, top values) by step, for the rows that asked
             if res.logprobs is not None:
-                rows = [r for r, j in enumerate(b.rows) if j is not None and j.params.logprobs is not None]
-                picked = (t[:, rows].transpose(0, 1).tolist() for t in res.logprobs)  # (rows, steps, …)
-                asked = dict(zip(rows, zip(*picked)))
+                lp_rows = [r for r, j in enumerate(b.rows) if j is not None and j.params.logprobs is not None]
+                picked = (t[:, lp_rows].transpose(0, 1).tolist() for t in res.logprobs)  # (rows, steps, …)
+                asked = dict(zip(lp_rows, zip(*picked)))
             for row, job in enumerate(b.rows):
                 if job is None or not n_out[row]:
                     continue

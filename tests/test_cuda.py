@@ -416,6 +416,23 @@ def test_the_captured_decode_block_gives_the_one_step_paths_tokens_and_states(na
         rec.use_cuda_graphs(None)
 
 
+@pytest.mark.parametrize("name", ["s4d", "audio-digits"])
+def test_the_captured_decode_block_reports_the_one_step_paths_log_probabilities(name):
+    """Log-probabilities from the captured block graphs (their own graphs: log_softmax, topk, gather on the
+    raw logits) against `token_logprobs` of the one-step path through the same buckets, bit for bit, with
+    stop rows stepped again to their stop: tests/test_graph_block.py's check, captured; a tiny S4D model
+    and the shipped SaShiMi."""
+    from test_graph_block import assert_logprobs_are_the_one_step_paths
+
+    rec = (tiny_net("s4d") if name == "s4d" else load(AUDIO / name)).to_recurrent(device="cuda")
+    rec.use_cuda_graphs(bucket_sizes(16), blocks=False)
+    try:
+        assert_logprobs_are_the_one_step_paths(rec)
+        assert any(flags[5] for bb in rec._graphs.blocks.values() for _, flags in bb.graphs)
+    finally:
+        rec.use_cuda_graphs(None)
+
+
 def test_a_failed_block_capture_is_logged_and_blocks_run_without_graphs(monkeypatch, caplog):
     """A block graph whose capture raises (here the sampler, made to fail while capturing) leaves the step's
     graphs captured, the current stream the default one, a warning naming why, and blocks that run their

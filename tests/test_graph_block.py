@@ -210,8 +210,9 @@ def test_a_block_gives_the_one_step_paths_tokens_states_seen_sets_and_counts_bit
     if params is STOPS:  # three rows ended on a stop sequence (checked against the one-step path's)
         assert [len(t) < 200 for t in toks] == [True, False, True, False, False, True]
         # in 4 blocks (64, 64, 64, 8 steps): a stop row makes the block's tokens up to its stop, not one
-        # token a block (2026-12-04: a one-byte stop's row made one token a block of up to 256 steps)
-        assert graphs.blocks[8].calls == 4
+        # token a block (2026-12-04: a one-byte stop's row made one token a block of up to 256 steps);
+        # the rows that met a stop mid-block were stepped again to it, with the same tokens
+        assert graphs.blocks[8].calls == 4 and graphs.reruns > 0 and graphs.rerun_mismatches == 0
 
 
 def test_a_block_reports_each_tokens_log_probabilities_as_the_one_step_path(rec, graphs):
@@ -219,12 +220,18 @@ def test_a_block_reports_each_tokens_log_probabilities_as_the_one_step_path(rec,
     stop rows that end early (stepped again to their stop): each token's log_softmax of the raw logits
     and the k most likely, bit for bit as `token_logprobs` gives the one-step path (the same torch ops
     on the same logits), in graphs of their own; the tokens as without the request. More than
-    LOGPROBS_K = 20 is refused."""
+    LOGPROBS_K = 20 is refused. (tests/test_cuda.py: the same with the captured graphs.)"""
+    assert_logprobs_are_the_one_step_paths(rec)
+
+
+def assert_logprobs_are_the_one_step_paths(rec) -> None:
+    """The check of the test above, for rec with graphs (uncaptured here, captured on CUDA)."""
     params = MIXED[:6] + STOPS[:3]
     asked = [3, -1, 0, 20, 5, -1, 1, 2, -1]
     limits = [40, 17, 0, 33, 40, 5, 120, 120, 120]
     state, tok, seen = start(rec, len(params), seed=7)
     ref = one_step(rec, state, tok, seen, params, limits, asked)
+    reruns = rec._graphs.reruns
     toks, *_ = blocks(rec, state, tok, seen, params, limits, 16, asked)
     got = blocks.logprobs
     plain, *_ = blocks(rec, state, tok, seen, params, limits, 16)
@@ -232,10 +239,37 @@ def test_a_block_reports_each_tokens_log_probabilities_as_the_one_step_path(rec,
     for r in range(len(params)):
         assert toks[r] == ref[r][0], f"row {r}"
         assert got[r] == ref[r][4] and len(got[r]) == (len(toks[r]) if asked[r] >= 0 else 0), f"row {r}"
-    assert any(len(t) < n for t, n in zip(toks, limits))  # (a stop row ended early)
-    assert {f[5] for bb in graphs.blocks.values() for _, f in bb.graphs} <= {True, False}
+    assert rec._graphs.reruns > reruns and rec._graphs.rerun_mismatches == 0  # (stop rows stepped again)
     with pytest.raises(ValueError, match="at most 20 log-probabilities"):
         blocks(rec, state, tok, seen, params, limits, 16, [21] + asked[1:])
+
+
+def test_a_rerun_that_makes_other_tokens_is_logged_and_its_tokens_stand(rec, graphs, monkeypatch, caplog):
+    """Not expected (the same ops on the same rows), but if the second run of the rows that met a stop
+    made other tokens (here its uniforms are changed), that is logged and counted, its tokens stand,
+    and `stopped` says whether they end on a stop."""
+    real = BucketedStep._run
+    calls = []
+
+    def run(self, buf, bb, graphs_, flags, n_out, u, B):
+        calls.append(1)
+        return real(self, buf, bb, graphs_, flags, n_out, 1 - u if len(calls) % 2 == 0 else u, B)
+
+    monkeypatch.setattr(BucketedStep, "_run", run)
+    params = [SamplingParams(temperature=1.5, seed=s, stop=[bytes([s % 8])]) for s in range(6)]
+    state, tok, seen = start(rec, 6, seed=3)
+    with caplog.at_level("WARNING", logger="model.cuda_graphs"):
+        for _ in range(4):
+            res = rec.decode_block(
+                64, state, tok, settings=row_settings(params, V), counts=None,
+                key=uint64_bits(list(range(6))), counter=uint64_bits([0] * 6), limit=torch.full((6,), 64),
+                stops=[p.stop for p in params], history=[b""] * 6, seen=seen,
+            )  # fmt: skip
+            for r, p in enumerate(params):
+                made = bytes(int(t) & 0xFF for t in res.tokens[: res.n_out[r], r])
+                assert bool(res.stopped[r]) == (first_stop_end(b"", made, p.stop) is not None), r
+                assert int(tok[r]) == int(res.tokens[res.n_out[r] - 1, r])
+    assert graphs.rerun_mismatches > 0 and "made other tokens than the first time" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -251,6 +251,38 @@ def test_the_block_reports_each_tokens_log_probabilities_as_the_one_step_path(re
             assert c <= 0 and tv == sorted(tv, reverse=True)
 
 
+def test_the_block_ranks_tied_and_nan_logits_as_torch_topk_does_with_ids_distinct():
+    """A model whose logits are its head's bias (head weights 0): tied logits rank the smaller id first;
+    a NaN logit ranks above every number (torch.topk's order), its log-probabilities NaN; the ids are
+    always distinct; k = 0 gives the chosen token's alone and k > V all V."""
+    torch.manual_seed(0)
+    net = SequenceModel(ModelConfig(**{**SMALL, "head_bias": True}))
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.fill_(1.0)
+        net.head.bias[[9, 5, 3]] = 2.0
+    rec = net.to_recurrent()
+    args = dict(settings=row_settings([SamplingParams(seed=1)] * 3, V), counts=None,
+                key=uint64_bits([1, 2, 3]), counter=uint64_bits([0, 0, 0]), limit=torch.tensor([2, 2, 2]),
+                stops=[[]] * 3, history=[b""] * 3)  # fmt: skip
+    state, tok = rec.init_state(3).contiguous(), torch.zeros(3, dtype=torch.long)
+    res = rec.decode_block(2, state, tok, seen=torch.zeros(3, V, dtype=torch.bool),
+                           logprobs=torch.tensor([5, 0, 2 * V]), **args)  # fmt: skip
+    chosen, ids, vals = res.logprobs
+    lse = torch.logsumexp(net.head.bias.detach().double(), 0)
+    assert ids.shape == (2, 3, V) and ids[:, 0, :5].tolist() == [[3, 5, 9, 0, 1]] * 2
+    assert torch.allclose(vals[:, 0, :5].double(), net.head.bias.detach().double()[ids[:, 0, :5]] - lse)
+    assert torch.allclose(chosen.double(), net.head.bias.detach().double()[res.tokens] - lse)
+    assert sorted(ids[0, 2].tolist()) == list(range(V)) and ids[0, 2, :3].tolist() == [3, 5, 9]
+    with torch.no_grad():  # the bias the C step reads in place, after conversion: a NaN logit, which no
+        rec.net.head.bias[7] = float("nan")  # verified model makes
+    res = rec.decode_block(2, state, tok, seen=torch.zeros(3, V, dtype=torch.bool),
+                           logprobs=torch.tensor([5, 0, 2 * V]), **args)  # fmt: skip
+    chosen, ids, vals = res.logprobs
+    assert ids[:, 0, :4].tolist() == [[7, 3, 5, 9]] * 2 and bool(vals[:, 0, :5].isnan().all())
+    assert sorted(ids[0, 2].tolist()) == list(range(V)) and bool(chosen.isnan().all())
+
+
 def test_step_times_never_run_backwards_when_a_threads_last_group_stops_mid_round(rec):
     """Groups of 2 rows through rounds of 3 steps (12 rows: 6 a thread on 2 threads, 12 on one): each
     thread's last group stops after the round's first step, so that step's latest stamp is that group's

@@ -507,13 +507,13 @@ class SaShiMiRecurrent(GraphedModel):
     @torch.inference_mode()
     def decode_block(self, K: int, state: torch.Tensor, tokens: torch.Tensor, **rows) -> fused.BlockResult:
         """Up to K steps with sampling and stop checks, the state (B, numel) and the pending tokens (B,)
-        updated in place: see fused.decode_block for the per-row arguments and the result. On CPU one C
-        call (ssm_step.c `sashimi_block`); with CUDA graphs the bucket's decode-block graphs of the dense
-        step (`model.cuda_graphs.BucketedStep.decode_block`: a row with stop sequences makes fewer tokens a
-        block). Each row's tokens, state and seen set are exactly those of stepping it with `step` and
-        `model.sampling.sample` (its settings, its CounterRNG): alone, on CPU; in its batch (the one-step
-        path through the same bucket), with the graphs. Raises ValueError when `decode_block_ready` is
-        false, on a bad phase, or on bad arguments."""
+        updated in place: see fused.decode_block for the per-row arguments and the result. On CPU one C call
+        (ssm_step.c `sashimi_block`); with CUDA graphs the bucket's decode-block graphs of the dense step
+        (`model.cuda_graphs.BucketedStep.decode_block`: stop sequences checked after the block, a row that met
+        one stepped again to it). Each row's tokens, state and seen set are exactly those of stepping it with
+        `step` and `model.sampling.sample` (its settings, its CounterRNG): alone, on CPU; in its batch (the
+        one-step path through the same bucket), with the graphs. Raises ValueError when `decode_block_ready`
+        is false, on a bad phase, or on bad arguments."""
         B = tokens.shape[0]
         if not self.decode_block_ready(B):
             if self._graphs is not None:

@@ -1360,27 +1360,29 @@ typedef struct {
 } SampleArgs;
 
 /* Log-probabilities of one row's raw logits (model/sampling.py `token_logprobs`: log_softmax before
- * temperature, penalties, bias and filters): of token t into *chosen, and of the k most likely (larger
- * first, then the smaller id) into ids[0 .. k − 1], vals[0 .. k − 1]. The normalizer in double. */
+ * temperature, penalties, bias and filters): of token t into *chosen, and of the k most likely into
+ * ids[0 .. k − 1], vals[0 .. k − 1], larger first (NaN above every number, as torch.topk ranks it; ties:
+ * the smaller id first), found in one pass over a sorted list of k. The normalizer in double. */
+static inline float lp_rank(float v) { return isnan(v) ? INFINITY : v; }
+
 static void row_logprobs(long V, const float *lg, long t, long k, float *chosen, long *ids, float *vals) {
     float m = -INFINITY;
     for (long j = 0; j < V; j++)
         if (lg[j] > m) m = lg[j];
     double s = 0.0;
     for (long j = 0; j < V; j++) s += exp((double)lg[j] - (double)m);
-    const double lse = (double)m + log(s);
+    const double lse = (double)m + log(s); /* (NaN when a logit is) */
     *chosen = (float)((double)lg[t] - lse);
     if (k > V) k = V;
-    for (long q = 0; q < k; q++) { /* the q-th largest: below the (q−1)-th in (value desc, id asc) order */
-        long best = -1;
-        for (long j = 0; j < V; j++) {
-            if (q > 0 && (lg[j] > lg[ids[q - 1]] || (lg[j] == lg[ids[q - 1]] && j <= ids[q - 1]))) continue;
-            if (best < 0 || lg[j] > lg[best]) best = j;
-        }
-        if (best < 0) break;
-        ids[q] = best;
-        vals[q] = (float)((double)lg[best] - lse);
+    long n = 0;
+    for (long j = 0; j < V && k > 0; j++) {
+        const float key = lp_rank(lg[j]);
+        if (n == k && !(key > lp_rank(lg[ids[k - 1]]))) continue;
+        long q = n < k ? n++ : k - 1; /* (full: the last one goes) */
+        for (; q > 0 && key > lp_rank(lg[ids[q - 1]]); q--) ids[q] = ids[q - 1];
+        ids[q] = j;
     }
+    for (long q = 0; q < n; q++) vals[q] = (float)((double)lg[ids[q]] - lse);
 }
 
 static long sample_full(long V, const float *logits, const SampleArgs *a, long r, float u, float *z, float *w,
