@@ -13,6 +13,7 @@ the unpadded batch, matmuls at another batch size may round differently: float32
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import httpx
@@ -317,15 +318,20 @@ def test_the_triton_step_matches_the_torch_step_eager_and_through_the_graphs(nam
         rec.use_cuda_graphs(None)
 
 
+@functools.cache
+def shipped_sashimi(triton: bool):
+    """The shipped SaShiMi (audio-digits) converted on CUDA once per Triton setting, for the tests below
+    (each turns its graphs off when done)."""
+    return load(AUDIO / "audio-digits").to_recurrent(device="cuda", triton_step=triton)
+
+
 def test_sashimi_on_cuda_steps_with_the_triton_kernel_as_with_torch_ops():
     """The shipped SaShiMi (audio-digits) on CUDA: the Triton step (its top level's layers in place) against
     the torch step, 3 rows at different pooling phases over 64 steps. The difference grows through its
     levels' blocks and over the steps, so the test is on the whole: relative error (Frobenius norm) of
     the logits and of the final state ≤ 1e-5. The same test on CPU with Triton's interpreter (the
     same arithmetic, another order of the sum; no FMA): 4.4e-7 and 1.0e-7 (2026-12-04)."""
-    net = load(AUDIO / "audio-digits")
-    rec = net.to_recurrent(device="cuda", triton_step=True)
-    plain = net.to_recurrent(device="cuda", triton_step=False)
+    rec, plain = shipped_sashimi(True), shipped_sashimi(False)
     g = torch.Generator().manual_seed(0)
     states = [plain.prefill(torch.randint(0, 256, (1, k), generator=g).cuda(), plain.init_state(1))[1]
               for k in (5, 11)]  # fmt: skip
@@ -352,31 +358,28 @@ def test_sashimi_steps_through_the_graphs_of_its_dense_step(triton):
     and resident: relative error (Frobenius norm) of the logits and the final state ≤ 1e-5 (other GEMM
     sizes at the coarse levels; on CPU, torch ops, ≤ 3e-6 on tiny SaShiMis, `test_sashimi.py`), the
     phases equal."""
-    net = load(AUDIO / "audio-digits")
-    rec = net.to_recurrent(device="cuda", triton_step=triton)
-    plain = net.to_recurrent(device="cuda", triton_step=triton)
+    rec = shipped_sashimi(triton)
     rec.use_cuda_graphs(bucket_sizes(64), blocks=False)
     assert max(rec.graphs_check.values()) <= 1e-5, rec.graphs_check  # (use_cuda_graphs' own check)
     g = torch.Generator().manual_seed(0)
     try:
         for n in (1, 5, 64, 200):
             lengths = [3 + k % 16 for k in range(n)]  # every pooling phase; prefilled by length
-            state = torch.cat([plain.prefill(torch.randint(0, 256, (lengths.count(L), L), generator=g).cuda(),
-                                             plain.init_state(lengths.count(L)))[1]
+            state = torch.cat([rec.prefill(torch.randint(0, 256, (lengths.count(L), L), generator=g).cuda(),
+                                           rec.init_state(lengths.count(L)))[1]
                                for L in sorted(set(lengths))])  # fmt: skip
             tokens = torch.randint(0, 256, (n, 40), generator=g).cuda()
             for resident in (False, True):
                 s_a = rec.resident_state(state.clone()) if resident else state.clone()
                 s_b, la, lb = state.clone(), [], []
-                for t in range(tokens.shape[1]):
+                for t in range(tokens.shape[1]):  # graphs, and the sparse eager step (`_step_eager`)
                     la.append(rec.step(tokens[:, t], s_a, out=s_a)[0])
-                    b, s_b = plain.step(tokens[:, t], s_b)
-                    lb.append(b)
+                    lb.append(rec._step_eager(tokens[:, t], s_b, out=s_b)[0])
                 la, lb = torch.stack(la), torch.stack(lb)
                 rel_logits = float((la - lb).norm() / lb.norm())
                 rel_state = float((s_a - s_b).norm() / s_b.norm())
                 assert rel_logits <= 1e-5 and rel_state <= 1e-5, (n, resident, rel_logits, rel_state)
-                assert torch.equal(rec.phases(s_a), plain.phases(s_b))
+                assert torch.equal(rec.phases(s_a), rec.phases(s_b))
                 rec._graphs.release()
         assert all(buf.graph is not None for buf in rec._graphs.buffers.values())
         assert rec._graphs.eager_calls > 0  # (batch 200)
@@ -403,8 +406,11 @@ def test_the_captured_decode_block_gives_the_one_step_paths_tokens_and_states(na
 
     plain = [SamplingParams(temperature=0.9, seed=200 + s) for s in range(9)]  # bucket 16, as MIXED
 
-    net = tiny_net("s4d") if name == "s4d" else load(AUDIO / name)
-    rec = net.to_recurrent(device="cuda", triton_step=triton)
+    if name == "audio-digits":
+        rec = shipped_sashimi(triton)
+    else:
+        net = tiny_net("s4d") if name == "s4d" else load(AUDIO / name)
+        rec = net.to_recurrent(device="cuda", triton_step=triton)
     rec.use_cuda_graphs(bucket_sizes(16))
     try:
         for params, K in ((MIXED, 77), (plain, 200)):  # two sampler settings' graphs in one bucket
@@ -424,7 +430,7 @@ def test_the_captured_decode_block_reports_the_one_step_paths_log_probabilities(
     and the shipped SaShiMi."""
     from test_graph_block import assert_logprobs_are_the_one_step_paths
 
-    rec = (tiny_net("s4d") if name == "s4d" else load(AUDIO / name)).to_recurrent(device="cuda")
+    rec = tiny_net("s4d").to_recurrent(device="cuda") if name == "s4d" else shipped_sashimi(True)
     rec.use_cuda_graphs(bucket_sizes(16), blocks=False)
     try:
         assert_logprobs_are_the_one_step_paths(rec)
