@@ -693,15 +693,24 @@ class GraphedModel:
         """Step through CUDA graphs, one per batch-size bucket (`model/cuda_graphs.py`), captured now,
         with `blocks` also the decode-block graphs of plain sampling (`BucketedStep.warm`; without, each is
         captured at its first block); None goes back to the plain step. Returns the capture's seconds.
-        Raises ValueError unless the model is on a CUDA device."""
+        Raises ValueError unless the model is on a CUDA device; RuntimeError when a capture fails or the
+        graphs' step differs from the eager step (`check_graphs`; the plain step then stays)."""
         if buckets is None:
             self._graphs = None
             return 0.0
         graphs = BucketedStep(self, tuple(buckets), capture=True)
         seconds = graphs.warm(blocks=blocks)
         self._graphs = graphs
-        self.check_graphs()
+        self._checked_graphs()
         return seconds
+
+    def _checked_graphs(self) -> None:
+        """`check_graphs`; graphs that fail it are dropped (the plain step serves) before it raises."""
+        try:
+            self.check_graphs()
+        except RuntimeError:
+            self._graphs = None
+            raise
 
     def _recapture(self) -> None:
         """Capture the CUDA graphs again (after the step they replay changed), if any are captured."""
@@ -710,7 +719,7 @@ class GraphedModel:
             graphs = BucketedStep(self, old.buckets, capture=old.capture)
             graphs.warm(blocks=old.warmed_blocks)
             self._graphs = graphs
-            self.check_graphs()
+            self._checked_graphs()
 
     @torch.inference_mode()
     def check_graphs(self, rows: int = 5, tol: float | None = None) -> dict[str, float]:
