@@ -566,7 +566,18 @@ class BucketedStep:
             began = (buf.state.index_select(self.bd, at), buf.tok.index_select(0, at),
                      bb.seen.index_select(0, at), bb.counts.index_select(0, at))  # fmt: skip
         out, lp, setup = self._run(buf, bb, graphs, flags, n_out, u, B)
-        tokens = out.cpu()  # the wait for the device
+
+        def finish():  # the rows' tensors out of the bucket (queued on the device)
+            tok.copy_(buf.tok[:B])
+            seen.copy_(bb.seen[:B])
+            if settings.counted:
+                counts.copy_(bb.counts[:B])
+            if not in_place:
+                state.copy_(self._rows(buf.state, 0, B))
+
+        if not stop_rows:
+            finish()
+        tokens = out.cpu()  # the wait for the device (without stop rows the only one)
         stopped = torch.zeros(B, dtype=torch.bool)
         again = torch.zeros(B, dtype=torch.long)  # rows to step again, to their stop
         for r in stop_rows:
@@ -605,14 +616,10 @@ class BucketedStep:
                 for mine, theirs in zip(lp, redo_lp):
                     mine[:n, done.to(dev)] = theirs[:, done.to(dev)]
         bb.calls += 1
-        tok.copy_(buf.tok[:B])
-        seen.copy_(bb.seen[:B])
-        if settings.counted:
-            counts.copy_(bb.counts[:B])
-        if not in_place:
-            state.copy_(self._rows(buf.state, 0, B))
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        if stop_rows:
+            finish()
+            if dev.type == "cuda":  # (the block's end, for its times)
+                torch.cuda.synchronize(dev)
         t1 = time.perf_counter()
         counter += n_out
         span = max(t1 - t0 - setup, 0.0)  # (captures are setup, not steps)
