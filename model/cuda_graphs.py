@@ -89,6 +89,13 @@ WARMUP_RUNS = 2  # eager runs on a side stream before a capture (cuBLAS handles,
 BLOCK_STEPS = (1, 2, 4, 8, 16, 32, 64)  # the decode-block graphs' step counts (a longer block: several)
 PLAIN = (False,) * 6  # a block graph's flags for plain sampling (temperature, greedy), no log-probabilities
 LOGPROBS_K = MAX_LOGPROBS  # the most likely tokens a block graph reports (at most V)
+# the sampler settings of a bucket's rows past a block's batch (`RowTensors` fields: value, dtype): greedy,
+# no filter or penalty (their tokens are ignored)
+PAD_ROW = {
+    "temperature": (1.0, torch.float64), "greedy": (True, torch.bool), "top_k": (0, torch.long),
+    "top_p": (1.0, torch.float32), "min_p": (0.0, torch.float32), "penalty": (1.0, torch.float32),
+    "presence": (0.0, torch.float32), "frequency": (0.0, torch.float32),
+}  # fmt: skip
 
 
 def bucket_sizes(max_batch: int, largest: int = LARGEST_BUCKET) -> tuple[int, ...]:
@@ -348,15 +355,9 @@ class BucketedStep:
     def _new_block_buffers(self, b: int) -> BlockBuffers:
         dev, V = self.rec.device, self.rec.config.vocab_size
         f32 = torch.float32
+        pad = {name: torch.full((b,), v, dtype=dtype, device=dev) for name, (v, dtype) in PAD_ROW.items()}
         rows = RowTensors(
-            temperature=torch.ones(b, dtype=torch.float64, device=dev),
-            greedy=torch.ones(b, dtype=torch.bool, device=dev),
-            top_k=torch.zeros(b, dtype=torch.long, device=dev),
-            top_p=torch.ones(b, dtype=f32, device=dev),
-            min_p=torch.zeros(b, dtype=f32, device=dev),
-            penalty=torch.ones(b, dtype=f32, device=dev),
-            presence=torch.zeros(b, dtype=f32, device=dev),
-            frequency=torch.zeros(b, dtype=f32, device=dev),
+            **pad,
             bias=torch.zeros(b, V, dtype=f32, device=dev),
             any_penalty=False, any_counted=False, any_filter=False, any_min_p=False,
         )  # fmt: skip
@@ -377,11 +378,10 @@ class BucketedStep:
         there already (the same RowSettings: the engine keeps one while its rows last); their flags."""
         if settings is not bb.source:
             new = settings_tensors(settings, bb.marks.device)
-            names = ("temperature", "greedy", "top_k", "top_p", "min_p", "penalty", "presence", "frequency")
-            for name in names:
+            for name, (value, _) in PAD_ROW.items():
                 mine = getattr(bb.rows, name)
                 mine[:B].copy_(getattr(new, name))
-                mine[B:].fill_(1 if name in ("temperature", "greedy", "top_p", "penalty") else 0)
+                mine[B:].fill_(value)
             bb.rows.bias.zero_()
             if new.bias is not None:
                 bb.rows.bias[:B].copy_(new.bias)
