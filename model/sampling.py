@@ -203,14 +203,13 @@ def uint64_bits(values: list[int]) -> torch.Tensor:
 
 def uniforms(generators: list) -> torch.Tensor:
     """One uniform number from each generator (a CounterRNG or a torch.Generator), (B,) float32 on
-    the CPU; the counter-based ones in one C call when the library is built."""
-    lib = fused.library() if generators and all(isinstance(g, CounterRNG) for g in generators) else None
-    if lib is not None:
+    the CPU; counter-based ones alone by `counter_uniforms` (one C call when the library is built)."""
+    if generators and all(isinstance(g, CounterRNG) for g in generators):
         counters = []
         for g in generators:  # in order: a generator listed twice gives two successive numbers
             counters.append(g.counter)
             g.counter += 1
-        return fused.philox_uniforms(lib, uint64_bits([g.key for g in generators]), uint64_bits(counters))
+        return counter_uniforms(uint64_bits([g.key for g in generators]), uint64_bits(counters))
     return torch.tensor(
         [
             g.uniform() if isinstance(g, CounterRNG) else float(torch.rand((), generator=g, device=g.device))
