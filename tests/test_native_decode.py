@@ -17,7 +17,7 @@ import threading
 import pytest
 import torch
 from numerics import SAMPLING_FILTERS as FILTERS
-from numerics import scramble_transposed_lns
+from numerics import same_top_logprobs, scramble_transposed_lns
 
 from model import ModelConfig, SequenceModel, build, fused
 from model.sampling import (
@@ -230,8 +230,8 @@ def test_the_block_reports_each_tokens_log_probabilities_as_the_one_step_path(re
     """Rows that ask for log-probabilities (k = 0, 3, 5 and 20 most likely; the others none) get, for
     each token of the block, the log_softmax of the raw logits at it and the k most likely, as
     `token_logprobs` gives the one-step path: the same ids, the values within float32 rounding (the
-    normalizer is summed in double here, in float by torch; measured ≤ 5e-7 absolute); and the same
-    tokens and states as without the request."""
+    normalizer is summed in double here, in float by torch; measured ≤ 5e-7 absolute; tied values in
+    either order: `same_top_logprobs`); and the same tokens and states as without the request."""
     B = len(PARAMS)
     state, tok = _prefilled(rec, B, seed=4)
     seen = torch.rand(B, V, generator=torch.Generator().manual_seed(4)) < 0.2
@@ -246,9 +246,20 @@ def test_the_block_reports_each_tokens_log_probabilities_as_the_one_step_path(re
         assert toks[r] == ref[r][0], f"row {r}"
         assert len(got[r]) == (limits[r] if asked[r] >= 0 else 0), f"row {r}"
         for (c, ti, tv), (rc, rti, rtv) in zip(got[r], ref[r][3]):
-            assert ti == rti and len(ti) == min(asked[r], V), f"row {r}"
-            assert abs(c - rc) <= 2e-6 and all(abs(a - b) <= 2e-6 for a, b in zip(tv, rtv)), f"row {r}"
-            assert c <= 0 and tv == sorted(tv, reverse=True)
+            assert len(ti) == min(asked[r], V) and same_top_logprobs(ti, tv, rti, rtv, 2e-6), f"row {r}"
+            assert abs(c - rc) <= 2e-6 and c <= 0 and tv == sorted(tv, reverse=True), f"row {r}"
+
+
+def test_top_logprobs_agree_up_to_the_order_of_ties_only():
+    ids, vals = [4, 2, 9], [-1.0, -2.0, -2.0]
+    assert same_top_logprobs(ids, vals, [4, 2, 9], vals, 1e-6)
+    assert same_top_logprobs([4, 9, 2], vals, ids, vals, 1e-6)  # a tie in the other order
+    assert same_top_logprobs([4, 2, 7], vals, ids, vals, 1e-6)  # 7 ties with the k-th place
+    assert not same_top_logprobs([2, 4, 9], vals, ids, vals, 1e-6)  # no tie: another order
+    assert not same_top_logprobs([4, 2, 2], vals, ids, vals, 1e-6)  # an id twice
+    assert not same_top_logprobs(ids, [-1.0, -2.0, -2.1], ids, vals, 1e-6)  # a value off
+    assert not same_top_logprobs([4, 7, 9], [-1.0, -2.0, -2.5], ids, [-1.0, -2.0, -2.5], 1e-6)
+    assert not same_top_logprobs(ids[:2], vals[:2], ids, vals, 1e-6)
 
 
 def test_the_block_ranks_tied_and_nan_logits_as_torch_topk_does_with_ids_distinct():
@@ -756,7 +767,7 @@ def test_requests_with_logprobs_decode_in_the_native_block_with_the_one_step_pat
         for a, b in zip(lp_got["token_logprobs"], lp_want["token_logprobs"], strict=True):
             assert abs(a - b) <= 2e-6
         for a, b in zip(lp_got["top_logprobs"], lp_want["top_logprobs"], strict=True):
-            assert list(a) == list(b) and all(abs(a[t] - b[t]) <= 2e-6 for t in b)
+            assert same_top_logprobs(list(a), list(a.values()), list(b), list(b.values()), 2e-6)
 
 
 def _reference_probs(logits: torch.Tensor, p: SamplingParams, seen: torch.Tensor, counts: torch.Tensor):
