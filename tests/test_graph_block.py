@@ -242,6 +242,8 @@ def assert_logprobs_are_the_one_step_paths(rec) -> None:
     assert rec._graphs.reruns > reruns and rec._graphs.rerun_mismatches == 0  # (stop rows stepped again)
     with pytest.raises(ValueError, match="at most 20 log-probabilities"):
         blocks(rec, state, tok, seen, params, limits, 16, [21] + asked[1:])
+    with pytest.raises(ValueError, match="logprobs must be"):
+        blocks(rec, state, tok, seen, params, limits, 16, [-2] + asked[1:])
 
 
 def test_a_rerun_that_makes_other_tokens_is_logged_and_its_tokens_stand(rec, graphs, monkeypatch, caplog):

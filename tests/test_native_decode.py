@@ -827,6 +827,25 @@ def _block_args(rec, B: int, tok: torch.Tensor, **change) -> dict:
     return {**args, **change}
 
 
+def test_a_bad_logprobs_request_is_refused_and_none_asked_reports_none(rec):
+    """decode_block's logprobs: (B,) int64 on the CPU with every entry −1 or ≥ 0, else a ValueError that
+    names it (the state untouched); all −1 reports nothing; all 0 the chosen tokens' alone."""
+    B = 3
+    state, tok = _prefilled(rec, B, seed=5)
+    before = state.clone()
+    for bad in (torch.tensor([0, -2, 1]), torch.tensor([1, 2]), torch.tensor([1.0, 2.0, 3.0])):
+        with pytest.raises(ValueError, match="logprobs must be"):
+            rec.decode_block(4, state, tok.clone(), logprobs=bad, **_block_args(rec, B, tok))
+        assert torch.equal(state, before)
+    res = rec.decode_block(4, state.clone(), tok.clone(), logprobs=torch.full((B,), -1),
+                           **_block_args(rec, B, tok))  # fmt: skip
+    assert res.logprobs is None
+    res = rec.decode_block(4, state.clone(), tok.clone(), logprobs=torch.zeros(B, dtype=torch.long),
+                           **_block_args(rec, B, tok))  # fmt: skip
+    chosen, ids, vals = res.logprobs
+    assert chosen.shape == (4, B) and ids.shape == vals.shape == (4, B, 0) and bool((chosen < 0).all())
+
+
 @pytest.mark.parametrize("path", ["c", "torch"])
 def test_token_ids_outside_the_vocabulary_are_refused_by_every_entry_point_and_change_nothing(rec, path):
     """An id < 0 or ≥ V given to step (in place too), prefill (short: the C recurrent form; long: the
