@@ -202,6 +202,43 @@ def test_bfloat16_weights_through_the_graphs_stay_within_the_dtype_tolerance():
     assert rec.verification["step_rel_err"] <= LOGITS_TOL[torch.bfloat16]
 
 
+def test_a_bfloat16_sashimi_through_its_graphs_stays_within_the_dtype_tolerance():
+    """A SaShiMi served in bfloat16 on CUDA (its torch ops in bfloat16, states float32; no CUDA test ran a
+    16-bit SaShiMi before): verified at load, and its dense step through the graphs, 3 rows at different
+    pooling phases (prompts of 5, 10 and 19 tokens) for 40 steps, within LOGITS_TOL[bfloat16] (4u,
+    1.6e-2) of float64 conv mode of each row's sequence; `check_graphs` within it too."""
+    from model import build
+
+    torch.manual_seed(6)
+    cfg = dict(arch="sashimi", vocab_size=256, d_model=32, n_layers=1, d_state=16, l_max=256,
+               cauchy_backend="torch")  # fmt: skip
+    net = build(ModelConfig(**cfg)).eval()
+    rec = net.to_recurrent(device="cuda", dtype=torch.bfloat16)
+    assert rec.verification["dtype"] == "bfloat16"
+    assert rec.verification["step_rel_err"] <= LOGITS_TOL[torch.bfloat16]
+    rec.use_cuda_graphs(bucket_sizes(4), blocks=False)
+    try:
+        assert max(rec.graphs_check.values()) <= LOGITS_TOL[torch.bfloat16], rec.graphs_check
+        g = torch.Generator().manual_seed(6)
+        prompts = [torch.randint(0, 256, (1, n), generator=g) for n in (5, 10, 19)]
+        state = torch.cat([rec.prefill(p.cuda(), rec.init_state(1))[1] for p in prompts])
+        tokens = torch.randint(0, 256, (3, 40), generator=g)
+        stepped = []
+        for t in range(40):
+            logits, state = rec.step(tokens[:, t].cuda(), state, out=state)
+            stepped.append(logits)
+        assert rec._graphs.buffers[4].calls >= 40
+        got = torch.stack(stepped, 1).double().cpu()
+        with torch.no_grad():
+            net64 = copy.deepcopy(net).double()
+            for i, p in enumerate(prompts):
+                ref = net64(torch.cat([p, tokens[i : i + 1]], 1))[:, p.shape[1] :]
+                err = float((got[i : i + 1] - ref).norm() / ref.norm())
+                assert err <= LOGITS_TOL[torch.bfloat16], (i, err)
+    finally:
+        rec.use_cuda_graphs(None)
+
+
 @pytest.fixture(scope="module")
 def cuda_server(tmp_path_factory):
     from server_support import ServerThread, make_text_model
