@@ -169,10 +169,13 @@ def modes(device: str) -> list[bool]:
 
 
 def captured(rec, graphs: bool, max_batch: int, where: dict[str, Any], key: str) -> bool:
-    """`capture` with its seconds in where[key]; a capture that raises is recorded in where['skipped']
-    (the mode is then not measured) instead of ending the section."""
+    """`capture` with its seconds in where[key] (and `check_graphs`' relative errors in where[key_check]);
+    a capture that raises is recorded in where['skipped'] (the mode is then not measured) instead of
+    ending the section."""
     try:
         where[key] = capture(rec, graphs, max_batch)
+        if graphs and rec.graphs_check:  # the graphs' step against the eager step (`check_graphs`)
+            where[key + "_check"] = rec.graphs_check
     except Exception as exc:  # noqa: BLE001  (recorded; the other mode's figures stand)
         where.setdefault("capture_errors", []).append(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
         rec.use_cuda_graphs(None)
