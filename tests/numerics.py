@@ -71,3 +71,11 @@ def same_top_logprobs(ids: list, vals: list[float], want_ids: list, want_vals: l
     ref = dict(zip(want_ids, want_vals))
     places = zip(ids, want_ids, want_vals)
     return all(i == w or abs(ref.get(i, want_vals[-1]) - v) <= tol for i, w, v in places)
+
+
+def block_row_logprobs(res, r: int, k: int) -> list[tuple[float, list[int], list[float]]]:
+    """Row r's log-probabilities from a decode block's result (`BlockResult.logprobs`), one entry
+    (chosen, top k ids, top k values) for each of its n_out[r] tokens, as the engine appends them."""
+    chosen, top_i, top_v = res.logprobs
+    return [(float(chosen[i, r]), top_i[i, r, :k].tolist(), top_v[i, r, :k].tolist())
+            for i in range(int(res.n_out[r]))]  # fmt: skip

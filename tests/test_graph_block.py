@@ -21,6 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 from numerics import SAMPLING_FILTERS as FILTERS
+from numerics import block_row_logprobs
 
 from model import ModelConfig, SequenceModel, build
 from model.cuda_graphs import BLOCK_STEPS, BucketedStep, block_pieces, bucket_sizes
@@ -133,16 +134,15 @@ def one_step(rec, state, tok, seen, params, limits, asked=None):
     return done
 
 
-def blocks(rec, state, tok, seen, params, limits, K, asked=None):
+def blocks(rec, state, tok, seen, params, limits, K, asked=None, logprobs=None):
     """The block path, run in blocks of K steps until each row has its limit or has stopped (as the
-    engine runs it); with `asked` (per row −1 or k) the log-probabilities of each row's tokens in
-    `blocks.logprobs` (as `one_step`'s)."""
+    engine runs it); with `asked` (per row −1 or k) the log-probabilities of each row's tokens appended
+    to `logprobs` (a list per row, as `one_step`'s)."""
     state, tok, seen = state.clone(), tok.clone(), seen.clone()
     gens = [p.generator() for p in params]
     settings = row_settings(params, rec.config.vocab_size)
     counts = torch.zeros(len(params), rec.config.vocab_size)  # on the host, as the engine keeps them
     toks = [[] for _ in params]
-    blocks.logprobs = lps = [[] for _ in params]
     stopped = [False] * len(params)
     while any(left := [0 if stopped[r] else limits[r] - len(toks[r]) for r in range(len(params))]):
         counter = uint64_bits([g.counter for g in gens])
@@ -154,11 +154,9 @@ def blocks(rec, state, tok, seen, params, limits, K, asked=None):
         )  # fmt: skip
         n_out = res.n_out.tolist()
         if asked is not None:
-            chosen, top_i, top_v = res.logprobs
             for r, k in enumerate(asked):
                 if k >= 0:
-                    lps[r] += [(float(chosen[i, r]), top_i[i, r, :k].tolist(), top_v[i, r, :k].tolist())
-                               for i in range(n_out[r])]  # fmt: skip
+                    logprobs[r] += block_row_logprobs(res, r, k)
         assert res.steps == max(n_out) and res.tokens.shape == (res.steps, len(params))
         for r, p in enumerate(params):  # each row to its own limit, as the C block, or to a stop sequence
             made = bytes(v & 0xFF for v in res.tokens[: n_out[r], r].tolist())
@@ -232,8 +230,8 @@ def assert_logprobs_are_the_one_step_paths(rec) -> None:
     state, tok, seen = start(rec, len(params), seed=7)
     ref = one_step(rec, state, tok, seen, params, limits, asked)
     reruns = rec._graphs.reruns
-    toks, *_ = blocks(rec, state, tok, seen, params, limits, 16, asked)
-    got = blocks.logprobs
+    got = [[] for _ in params]
+    toks, *_ = blocks(rec, state, tok, seen, params, limits, 16, asked, got)
     plain, *_ = blocks(rec, state, tok, seen, params, limits, 16)
     assert toks == plain
     for r in range(len(params)):

@@ -17,7 +17,7 @@ import threading
 import pytest
 import torch
 from numerics import SAMPLING_FILTERS as FILTERS
-from numerics import same_top_logprobs, scramble_transposed_lns
+from numerics import block_row_logprobs, same_top_logprobs, scramble_transposed_lns
 
 from model import ModelConfig, SequenceModel, build, fused
 from model.sampling import (
@@ -153,14 +153,12 @@ def _one_step(rec, state, tok, params, limits, seen, asked=None):
     return out
 
 
-def _block(rec, state, tok, params, limits, seen, K, schedule=None, asked=None):
+def _block(rec, state, tok, params, limits, seen, K, schedule=None, asked=None, logprobs=None):
     """The block path, run in blocks of K steps until every row is done (as the engine does), in the
     order `schedule` (fused.decode_block; None: the default); with `asked` (per row −1 or k) the rows'
-    log-probabilities of each token in `_block.logprobs` (per row, as `_one_step`'s)."""
+    log-probabilities of each token appended to `logprobs` (a list per row, as `_one_step`'s)."""
     state, tok, seen = state.clone(), tok.clone(), seen.clone()
     gens = [p.generator() for p in params]
-    lps = [[] for _ in params]
-    _block.logprobs = lps
     toks = [[] for _ in params]
     stopped = [False] * len(params)
     settings = row_settings(params, V)
@@ -180,10 +178,7 @@ def _block(rec, state, tok, params, limits, seen, K, schedule=None, asked=None):
         assert (res.logprobs is None) == (asked is None or max(asked) < 0)
         for r, n in enumerate(res.n_out.tolist()):
             if res.logprobs is not None and asked[r] >= 0:
-                chosen, top_i, top_v = res.logprobs
-                k = asked[r]
-                lps[r] += [(float(chosen[i, r]), top_i[i, r, :k].tolist(), top_v[i, r, :k].tolist())
-                           for i in range(n)]  # fmt: skip
+                logprobs[r] += block_row_logprobs(res, r, asked[r])
             toks[r] += res.tokens[:n, r].tolist()
             gens[r].counter += n
             stopped[r] |= bool(res.stopped[r])
@@ -238,8 +233,8 @@ def test_the_block_reports_each_tokens_log_probabilities_as_the_one_step_path(re
     limits = [20, 3, 0, 20, 11, 20, 5, 20, 20, 2, 19, 20]
     asked = [3, -1, 5, 20, -1, 0, 5, -1, 3, 20, -1, 1]
     ref = _one_step(rec, state, tok, PARAMS, limits, seen, asked)
-    toks, new_state, _, _ = _block(rec, state, tok, PARAMS, limits, seen, 7, schedule, asked)
-    got = _block.logprobs
+    got = [[] for _ in PARAMS]
+    toks, new_state, _, _ = _block(rec, state, tok, PARAMS, limits, seen, 7, schedule, asked, got)
     plain_toks, plain_state, _, _ = _block(rec, state, tok, PARAMS, limits, seen, 7, schedule)
     assert toks == plain_toks and torch.equal(new_state, plain_state)
     for r in range(B):
