@@ -341,12 +341,16 @@ class SaShiMiRecurrent(GraphedModel):
     def phases(self, state: torch.Tensor) -> torch.Tensor:
         """The phase counters (B,) long; raises ValueError unless each is an integer in [0, prod(pool))."""
         tau = self.layout.view(state, "phase")[:, 0]
-        ok = torch.isfinite(tau) & (tau == tau.round()) & (tau >= 0) & (tau < self.period)
-        if not bool(ok.all()):
+        if not bool(self._phases_ok(tau)):
             raise ValueError(
                 f"state: phase counter must be an integer in [0, {self.period}), got {tau.tolist()}"
             )
         return tau.long()
+
+    def _phases_ok(self, tau: torch.Tensor) -> torch.Tensor:
+        """Whether every phase counter of tau (B,) float32 is an integer in [0, prod(pool)): a 0-dim bool
+        tensor on tau's device (no wait for it; NaN and inf fail)."""
+        return ((tau == tau.round()) & (tau >= 0) & (tau < self.period)).all()
 
     def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):
         want = (tokens.shape[0] if tokens.dim() else 0, self.layout.numel)
@@ -464,8 +468,7 @@ class SaShiMiRecurrent(GraphedModel):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
         if self._graphs is not None:  # the ids and phases checked with one wait for the device
             V, tau = self.config.vocab_size, self.layout.view(state, "phase")[:, 0]
-            ok = (tau == tau.round()) & (tau >= 0) & (tau < self.period)  # (NaN and inf fail)
-            if not bool(ok.all() & (tokens >= 0).all() & (tokens < V).all()):
+            if not bool(self._phases_ok(tau) & (tokens >= 0).all() & (tokens < V).all()):
                 self.phases(state)  # (raise, naming what is wrong)
                 check_token_ids(tokens, V)
             return self._graphs(tokens, state, out)
