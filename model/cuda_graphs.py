@@ -562,9 +562,7 @@ class BucketedStep:
         # last token is stepped again from there to the stop)
         stop_rows = [r for r, row_stops in enumerate(stops) if row_stops and n_out[r]]
         if stop_rows:
-            at = torch.tensor(stop_rows, device=dev)
-            began = (buf.state.index_select(self.bd, at), buf.tok.index_select(0, at),
-                     bb.seen.index_select(0, at), bb.counts.index_select(0, at))  # fmt: skip
+            began = self._take(self._row_tensors(buf, bb), torch.tensor(stop_rows, device=dev))
         out, lp, setup = self._run(buf, bb, graphs, flags, n_out, u, B)
 
         def finish():  # the rows' tensors out of the bucket (queued on the device)
@@ -592,11 +590,7 @@ class BucketedStep:
             self.reruns += 1
             rows = again.nonzero().flatten()
             pos = torch.tensor([stop_rows.index(r) for r in rows.tolist()], device=dev)
-            rows = rows.to(dev)
-            buf.state.index_copy_(self.bd, rows, began[0].index_select(self.bd, pos))
-            buf.tok.index_copy_(0, rows, began[1].index_select(0, pos))
-            bb.seen.index_copy_(0, rows, began[2].index_select(0, pos))
-            bb.counts.index_copy_(0, rows, began[3].index_select(0, pos))
+            self._put(buf, bb, rows.to(dev), self._take(began, pos))
             redo, redo_lp, more = self._run(buf, bb, graphs, flags, again, u, B)
             setup += more
             n_out = torch.where(again > 0, again, n_out)
@@ -659,7 +653,7 @@ class BucketedStep:
         out = torch.empty(steps, B, dtype=torch.long, device=dev)
         lp = None if not flags[5] else tuple(torch.empty(steps, B, *t.shape[2:], dtype=t.dtype, device=dev)
                                              for t in bb.lp)  # fmt: skip
-        kept = []  # (rows, their state, pending token, seen rows, counts rows) where they reached their count
+        kept = []  # (rows, `_take` of them) where they reached their count
         done = 0
         for pieces, end in plan:
             for k in pieces:
@@ -675,16 +669,29 @@ class BucketedStep:
                 done += k
             if end < steps:
                 rows = (n_out == end).nonzero().flatten().to(dev)
-                kept.append((rows, buf.state.index_select(self.bd, rows), buf.tok.index_select(0, rows),
-                             bb.seen.index_select(0, rows), bb.counts.index_select(0, rows)))  # fmt: skip
+                kept.append((rows, self._take(self._row_tensors(buf, bb), rows)))
                 if end == 0:
                     buf.tok.index_fill_(0, rows, 0)
-        for rows, s_rows, t_rows, seen_rows, count_rows in kept:
-            buf.state.index_copy_(self.bd, rows, s_rows)
-            buf.tok.index_copy_(0, rows, t_rows)
-            bb.seen.index_copy_(0, rows, seen_rows)
-            bb.counts.index_copy_(0, rows, count_rows)
+        for rows, taken in kept:
+            self._put(buf, bb, rows, taken)
         return out, lp, setup
+
+    @staticmethod
+    def _row_tensors(buf: StepBuffers, bb: BlockBuffers) -> tuple:
+        """A bucket's per-row block tensors: (state, pending tokens, seen sets, counts)."""
+        return buf.state, buf.tok, bb.seen, bb.counts
+
+    def _take(self, tensors: tuple, rows: torch.Tensor) -> tuple:
+        """Copies of `rows` of (state, pending tokens, seen sets, counts) (`_row_tensors`, or another
+        `_take`: its rows by position); the state's along its batch dim."""
+        state, tok, seen, counts = tensors
+        return (state.index_select(self.bd, rows), tok.index_select(0, rows), seen.index_select(0, rows),
+                counts.index_select(0, rows))  # fmt: skip
+
+    def _put(self, buf: StepBuffers, bb: BlockBuffers, rows: torch.Tensor, taken: tuple) -> None:
+        """Put back what `_take` copied, into the bucket's buffers at `rows`."""
+        for mine, theirs in zip(self._row_tensors(buf, bb), taken):
+            mine.index_copy_(self.bd if mine is buf.state else 0, rows, theirs)
 
 
 class GraphedModel:
