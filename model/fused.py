@@ -788,14 +788,12 @@ def decode_block(
     lp_k, lp = logprob_buffers(logprobs, K, B, V)
 
     def p(t):
-        return ctypes.c_void_p(t.data_ptr())
+        return ctypes.c_void_p(None if t is None else t.data_ptr())
 
     rows = [p(state), p(tok), *settings.pointers(seen, counts)]
     rows += [p(t) for t in (key, counter, limit, first_t, off_t, data_t, hist)]
     outs = [p(t) for t in (hist_len, seen, out_tok, n_out, stopped, times)]
-    kmax = 0 if lp is None else lp[1].shape[2]
-    outs += [ctypes.c_void_p(None if lp is None else lp_k.data_ptr()), ctypes.c_long(kmax)]
-    outs += [ctypes.c_void_p(None if lp is None else t.data_ptr()) for t in lp or (None, None, None)]
+    outs += [p(lp_k), ctypes.c_long(0 if lp is None else lp[1].shape[2]), *map(p, lp or (None,) * 3)]
     flag = ctypes.c_void_p(None if interrupt is None else ctypes.addressof(interrupt))
     group_rows, group_steps = BLOCK_SCHEDULE if schedule is None else schedule
     if group_rows < 0 or group_steps < 1:
