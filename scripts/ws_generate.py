@@ -2,10 +2,12 @@
 samples: raw s16le bytes), the done frame (finish_reason, usage) to stderr as JSON. Exit status 1 on
 an error frame, a refused handshake (the server's status and message, e.g. 401 or a 429 at the
 per-client connection cap), or when stdout is closed before the generation ends (`| head`: no
-traceback). An empty prompt sends none (an audio model then starts from its silence).
+traceback). An empty prompt sends none (an audio model then starts from its silence). Without
+--max-new-tokens (or --seed) the request names none, so the model's default applies: its checkpoint's
+`generation_config` (one second of audio for audio-digits), else the API's 64.
 
     python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "ROMEO:" --max-new-tokens 200 --seed 1
-    python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "" --model audio-digits > out.s16le
+    python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "" --model audio-digits > out.s16le  # 1 s
 
 With API keys on the server, pass `--api-key KEY` or set S4_API_KEY (sent as `Authorization: Bearer`).
 """
@@ -20,7 +22,12 @@ import websockets
 
 
 async def generate(
-    url: str, prompt: str, model: str, max_new_tokens: int, seed: int | None, api_key: str | None = None
+    url: str,
+    prompt: str,
+    model: str,
+    max_new_tokens: int | None,
+    seed: int | None,
+    api_key: str | None = None,
 ) -> int:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
@@ -34,8 +41,9 @@ async def generate(
         print(f"refused: HTTP {r.status_code} {r.reason_phrase}: {why}", file=sys.stderr)
         return 1
     async with ws:
-        msg = {"type": "generate", "model": model, "max_new_tokens": max_new_tokens, "seed": seed}
-        await ws.send(json.dumps(msg | ({"prompt": prompt} if prompt else {})))
+        given = {"prompt": prompt, "max_new_tokens": max_new_tokens, "seed": seed}
+        msg = {"type": "generate", "model": model} | {k: v for k, v in given.items() if v not in (None, "")}
+        await ws.send(json.dumps(msg))
         async for frame in ws:
             if isinstance(frame, bytes):  # an audio model's samples
                 sys.stdout.buffer.write(frame)
@@ -55,7 +63,7 @@ if __name__ == "__main__":
     p.add_argument("url")
     p.add_argument("prompt")
     p.add_argument("--model", default="text-shakespeare")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, help="default: the model's (its generation_config, else 64)")
     p.add_argument("--seed", type=int)
     p.add_argument("--api-key", default=os.environ.get("S4_API_KEY"), help="default: $S4_API_KEY")
     a = p.parse_args()

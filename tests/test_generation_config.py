@@ -7,11 +7,13 @@ its own. A generation_config out of the requests' bounds keeps the checkpoint fr
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from server_support import ServerThread, reference, sse_events, token_ids, ws_turn
+from server_support import WS_GENERATE, ServerThread, reference, sse_events, token_ids, ws_turn
 from websockets.sync.client import connect
 
 from model.sampling import SamplingParams
@@ -129,6 +131,20 @@ def test_a_request_that_leaves_the_fields_out_samples_with_the_checkpoints_defau
     rendered = ChatTemplate(SHIPPED["chat_template"], []).render(messages).encode()
     reply = bytes(_want(d, rendered, 24, seed=5, **SAMPLING)).decode(errors="replace")
     assert r.json()["choices"][0]["message"]["content"] == reply
+
+
+def test_the_websocket_script_without_a_length_gets_the_checkpoints_default(defaults_server):
+    """scripts/ws_generate.py names no max_new_tokens unless given one (it sent 200 whatever the model:
+    25 ms of audio-digits, whose default is one second), so the checkpoint's (24 here) applies."""
+    s, d = defaults_server
+    want = _want(d, PROMPT.encode(), 24, seed=5, **SAMPLING)
+    for extra, n in (([], 24), (["--max-new-tokens", "7"], 7)):
+        args = [sys.executable, str(WS_GENERATE), s.ws_url, PROMPT, "--model", "tiny-defaults", "--seed", "5"]
+        p = subprocess.run(args + extra, check=False, capture_output=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        done = json.loads(p.stderr.decode().strip().splitlines()[-1])
+        assert done["type"] == "done" and done["usage"]["completion_tokens"] == n, done
+        assert p.stdout == bytes(want[:n]).decode(errors="replace").encode()
 
 
 def test_a_field_the_request_sends_overrides_the_checkpoints(defaults_server):
