@@ -23,12 +23,11 @@ Refusals are counted by `on_refused(reason)` (`s4_requests_refused_total{reason=
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 
-from server.errors import error_body, too_large
+from server.errors import error_body, json_bytes, too_large
 from server.json_budget import JSONBudget, StructureCounter, over_budget_message
 
 
@@ -57,7 +56,7 @@ def size_message(limit: int, length: int | None) -> str:
 
 
 def _response(message: str, path: str) -> tuple[dict, dict]:
-    body = json.dumps(error_body(too_large(message), path)[1]).encode()  # OpenAI's shape on the OpenAI routes
+    body = json_bytes(error_body(too_large(message), path)[1])  # OpenAI's shape on the OpenAI routes
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

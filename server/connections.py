@@ -55,7 +55,6 @@ import asyncio
 import functools
 import ipaddress
 import itertools
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -66,7 +65,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
-from server.errors import APIError
+from server.errors import APIError, json_bytes
 
 log = logging.getLogger("server.connections")
 
@@ -182,7 +181,7 @@ def client_over_limit(key: str | None, guard: ConnectionGuard) -> bool:
 def error_response(status: int, message: str, retry_after: float | None = None) -> bytes:
     """A whole HTTP/1.1 response with our JSON error body and `Connection: close`."""
     err = APIError(status, message, retry_after=retry_after)
-    body = json.dumps(err.body()).encode()
+    body = json_bytes(err.body())
     head = [STATUS_LINE[status], b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body), b"connection: close\r\n"]  # fmt: skip
     head += [f"{k}: {v}\r\n".encode() for k, v in err.headers().items()]

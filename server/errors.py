@@ -107,6 +107,12 @@ def as_openai(err: APIError) -> APIError:
     )
 
 
+def json_bytes(payload: dict) -> bytes:
+    """A JSON body as the routes' JSONResponse renders one (Starlette's `JSONResponse.render`: compact,
+    UTF-8, no NaN), for the answers written below the routes (middlewares, a refused connection)."""
+    return json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
 def error_body(err: APIError, path: str) -> tuple[int, dict]:
     """(status, JSON body) of `err` answered on `path`: OpenAI's status and shape on the OpenAI routes
     (`as_openai`, `APIError.openai_body`), ours elsewhere (`APIError.body`)."""
@@ -121,7 +127,7 @@ async def refuse(scope: dict, receive, send, err: APIError, headers: tuple = ())
     OpenAI routes: `error_body`) with `headers` added; a WebSocket handshake gets it as an HTTP denial
     response (before accept), or a close 1008 from a server without the denial extension."""
     status, payload = error_body(err, scope.get("path", ""))
-    body = json.dumps(payload).encode()
+    body = json_bytes(payload)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
     if scope["type"] == "http":
         await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -11,6 +11,7 @@ import time
 
 import httpx
 import pytest
+from fastapi.responses import JSONResponse
 from server_support import WS_GENERATE, ServerThread, metric
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
@@ -58,6 +59,8 @@ def test_every_api_route_refuses_a_missing_or_wrong_key_with_the_same_401(keyed)
             assert r.status_code == 401, (method, path, headers, r.status_code)
             assert r.headers["www-authenticate"] == "Bearer"
             refusals.append((is_openai_path(path), r.json()))
+            # the bytes a route's JSONResponse writes (they were json.dumps' spaced ones: a fresh-user trial)
+            assert r.content == JSONResponse(r.json()).body, r.content
     # one message whatever was wrong: a prober learns nothing about which part failed; on the OpenAI
     # routes in OpenAI's shape (the openai client's AuthenticationError, code invalid_api_key)
     ours = {"code": 401, "type": "unauthorized", "message": "missing or invalid API key", "param": None}

@@ -635,3 +635,17 @@ def test_a_session_id_is_128_random_bits():
     assert all(re.fullmatch(r"sess-[0-9a-f]{32}", i) for i in ids)
     seen = [len({i[5 + k] for i in ids}) for k in range(32)]
     assert min(seen) >= 12, seen
+
+
+def test_the_middlewares_json_bytes_are_a_routes():
+    """server.errors.json_bytes renders as Starlette's JSONResponse: compact, UTF-8 (not \\u escapes);
+    NaN refused as there."""
+    from fastapi.responses import JSONResponse
+
+    from server.errors import json_bytes
+
+    payload = {"error": {"code": 413, "message": "1 … 64 rows, ≥ 1 “quoted”", "param": None, "n": [1, 2.5]}}
+    assert json_bytes(payload) == JSONResponse(payload).body
+    assert b" " not in json_bytes({"a": [1, 2], "b": {"c": None}})
+    with pytest.raises(ValueError):
+        json_bytes({"x": float("nan")})
