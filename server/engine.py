@@ -29,6 +29,12 @@ batch in place. A request's tokens go through a bounded `Stream`; when its consu
 the stream is full, the session leaves the batch (paused) until there is room again. Nothing is
 dropped and nothing is buffered without bound.
 
+A model whose rows step cheapest at one phase of a period (`align_period` > 1: a SaShiMi's prod(pool),
+its step sparse) has its decode batch kept at one phase: a row whose phase differs waits, without
+stepping, until the batch's phase comes round to its own (at most period − 1 steps; the block before
+is sized to end there), so each coarser level runs once a period for all rows together. A row's tokens
+do not depend on when it joins (every row steps as if alone), only its first token's time.
+
 While a prompt is being ingested the decode stage runs one step per iteration, so a long prompt costs
 the decoding sessions about one chunk's prefill per token, not its whole prefill.
 
@@ -517,6 +523,11 @@ class Engine:
         native_max = AUDIO_DECODE_BLOCK_NATIVE_MAX_STEPS if audio else DECODE_BLOCK_NATIVE_MAX_STEPS
         self._native_max_steps = native_max
         self._block_interrupt = ctypes.c_int(0)  # set by other threads: a native block ends after its round
+        # rows at one phase of the model's period step cheapest together (`align_period`, a SaShiMi's
+        # prod(pool)): the decode batch is kept at one phase, a row at another waits until the batch's
+        # phase comes round to its own (`_decode`); 1: no preference
+        self._period = int(getattr(rec, "align_period", 1))
+        self._phase_wait: int | None = None  # steps until a row held for its phase can join (None: none held)
         # set by the app when a session store is configured (engine thread calls them):
         self.persist: Callable[[SessionRecord, bytes, list[int]], None] | None = None  # write a state
         self.forget: Callable[[str], None] | None = None  # delete a stored state
@@ -898,18 +909,29 @@ class Engine:
                 self._finish(job, "cancelled")
             else:
                 self._waiting.appendleft(job)  # paused: first to rejoin
+        target = self._align() if self._period > 1 else None
+        phase = self._waiting_phases() if self._period > 1 else {}
         joining, keep = [], collections.deque()
         free = self.settings.max_batch_size - b.live
+        held = []  # distances (steps) to the batch's phase of the jobs held only for their phase
         while self._waiting:
             job = self._waiting.popleft()
             if job.cancelled:
                 self._finish(job, "cancelled")
             elif len(joining) < free and job.stream.room() > 0:
+                if target is None and phase:  # an empty batch: its phase is its first joiner's
+                    target = phase[id(job)]
+                if phase and phase[id(job)] != target:
+                    held.append((phase[id(job)] - target) % self._period)
+                    keep.append(job)
+                    continue
                 self._uncount(job)  # decoding now
                 joining.append(job)
             else:
+                held.append(0)  # (waits for room or a place: not for its phase)
                 keep.append(job)
         self._waiting = keep
+        self._phase_wait = min(held) if held and min(held) > 0 else None
         b.join(joining)
         b.compact()
         # DECODE_BLOCK_STEPS steps, or more while within decode_block_ms (at most
@@ -945,6 +967,33 @@ class Engine:
             if k >= DECODE_BLOCK_STEPS and now >= t_end:
                 return
 
+    def _align(self) -> int | None:
+        """The decode batch's phase (of `self._period`): the one most of its live rows are at (ties: the
+        smaller); a row at another (one whose stream filled mid-block and had room again by this
+        iteration: it stopped stepping while the others went on) leaves, first to rejoin, in phase. None
+        for an empty batch."""
+        b = self.batch
+        live = [i for i, j in enumerate(b.rows) if j is not None]
+        if not live:
+            return None
+        idx = torch.tensor(live, device=b.state.device)
+        phases = self.rec.phases(b.state.index_select(self.pool.dim, idx)).tolist()
+        counts = collections.Counter(phases)
+        target = max(counts, key=lambda p: (counts[p], -p))
+        out = [b.rows[i] for i, p in zip(live, phases) if p != target]
+        if out:
+            b.leave(out)
+            self._waiting.extendleft(reversed(out))
+        return target
+
+    def _waiting_phases(self) -> dict[int, int]:
+        """id(job) → the phase of its session's state, for the jobs waiting to decode."""
+        jobs = [j for j in self._waiting if not j.cancelled]
+        if not jobs:
+            return {}
+        slots = torch.tensor([j.session.slot for j in jobs], device=self.pool.state.device)
+        return dict(zip(map(id, jobs), self.rec.phases(self.pool.rows(slots)).tolist()))
+
     def _retire(self, done: list[Job]) -> None:
         """Take the jobs that finished in a decode step or block out of the batch and finish each,
         with "stop" when it ended on a stop sequence, else "length"."""
@@ -972,12 +1021,16 @@ class Engine:
         (`model/cuda_graphs.py`) runs to its end (no interrupt: new work waits at most one block, sized to
         the time left); the time it spent capturing a graph first (`setup_s`) is not step time."""
         b, steps = self.batch, 0
+        held = self._phase_wait  # every waiting job waits for its phase only, the nearest this far away
         while b.live and steps < self._max_steps:
             self._block_interrupt.value = 0  # before looking for work: nothing that arrives is missed
             rows, est = b.live, self._block_step_s
             if est is not None and not self._block_step_rows / 2 <= rows <= 2 * self._block_step_rows:
                 est = None  # measured at under half or over twice these rows: measure again, in a short block
-            pending = bool(self._inbox or self._waiting or self._prefilling)
+            to_phase = None if held is None else (held - steps) % self._period
+            if to_phase == 0:
+                return  # a held job's phase has come round: it joins now
+            pending = bool(self._inbox or self._prefilling or (self._waiting and held is None))
             first = any(j is not None and not j.out for j in b.rows)  # a request's first token
             if pending or first:
                 K = 1
@@ -986,7 +1039,7 @@ class Engine:
             else:  # the steps that fit before the hand-over, at least the stage's first DECODE_BLOCK_STEPS
                 fit = int((t_end - time.perf_counter()) / est)
                 K = max(1, DECODE_BLOCK_STEPS - steps, min(self._native_max_steps, fit))
-            K = min(K, self._max_steps - steps)
+            K = min(K, self._max_steps - steps, to_phase or K)
             limits = [
                 0 if j is None else max(0, min(j.max_new_tokens - len(j.out), j.stream.room()))
                 for j in b.rows
@@ -1033,7 +1086,7 @@ class Engine:
                 self._retire(done)
             if done or full or pending or first or not res.steps:
                 return
-            if self._inbox or self._waiting or self._prefilling:
+            if self._inbox or self._prefilling or (self._waiting and held is None):
                 return
             if steps >= DECODE_BLOCK_STEPS and (
                 est is None or t_end - time.perf_counter() < DECODE_BLOCK_STEPS * est

@@ -83,23 +83,44 @@ def test_the_server_serves_sashimi_with_its_state_layout(srv):
     assert srv.state.models[TEXT].engine.pool.state.shape == (48, rec.layout.numel)
 
 
-def test_every_phase_alone_and_in_one_mixed_batch_equals_the_reference(srv, sashimi_dir):
+@pytest.mark.parametrize("batching", ["aligned", "mixed"])
+def test_every_phase_alone_and_in_one_batch_equals_the_reference(srv, sashimi_dir, batching):
     """Sessions at phases 1..16 (mod 16: all of them) take the same turn alone, then all at once: the
-    prefill group holds 16 equal-length chunks at 16 phases, the decode batch 16 rows at 16 phases."""
+    prefill group holds 16 equal-length chunks at 16 phases. "aligned" (the engine's default for a
+    SaShiMi stepped sparsely, `align_period` 16): each row waits until the decode batch's phase comes
+    round to its own, so every step's rows share one phase and the batch makes N_NEW + 15 steps.
+    "mixed" (the engine told the model has no preference, as with CUDA graphs): the decode batch holds
+    16 rows at 16 phases from the first step. The same tokens either way."""
     firsts = [CORPUS[:n].encode() for n in range(1, 17)]
     want = [_want(sashimi_dir, f, seed=10 + i) for i, f in enumerate(firsts)]
-    alone = [_generate(srv.url, _create(srv.url, f), TURN, seed=10 + i) for i, f in enumerate(firsts)]
+    solo = [_create(srv.url, f) for f in firsts]
+    alone = [_generate(srv.url, sid, TURN, seed=10 + i) for i, sid in enumerate(solo)]
     assert alone == want
     sids = [_create(srv.url, f) for f in firsts]
     rec = srv.state.models[TEXT].rec
+    engine = srv.state.models[TEXT].engine
+    assert engine._period == 16 and rec.align_period == 16
     phases_seen: list[int] = []  # distinct pooling phases among the rows of each prefill call
-    prefill = rec.prefill
+    stepped: list[int] = []  # ... among the rows each decode call steps
+    prefill, step, block = rec.prefill, rec.step, rec.decode_block
 
     def counting_prefill(tokens, state, **kw):
         phases_seen.append(len(set(rec.phases(state).tolist())))
         return prefill(tokens, state, **kw)
 
-    rec.prefill = counting_prefill  # the engine thread calls rec.prefill: observe it, change nothing
+    def counting_step(tokens, state, **kw):
+        stepped.append(len(set(rec.phases(state).tolist())))
+        return step(tokens, state, **kw)
+
+    def counting_block(K, state, tokens, **kw):
+        rows = (kw["limit"] > 0).nonzero().flatten()
+        stepped.append(len(set(rec.phases(state[rows]).tolist())))
+        return block(K, state, tokens, **kw)
+
+    # the engine thread calls these: observe them, change nothing
+    rec.prefill, rec.step, rec.decode_block = counting_prefill, counting_step, counting_block
+    if batching == "mixed":
+        engine._period = 1
     client = httpx.Client(base_url=srv.url)
     steps_before = metric(client, "s4_decode_batch_size_count", TEXT)
     rows_before = metric(client, "s4_decode_batch_size_sum", TEXT)
@@ -110,22 +131,92 @@ def test_every_phase_alone_and_in_one_mixed_batch_equals_the_reference(srv, sash
 
     # hold the engine thread while the 16 requests queue up, so that it admits them in one go (one
     # prefill group, one decode batch) however slowly the requests arrive on a loaded machine
-    engine, gate = srv.state.models[TEXT].engine, threading.Event()
+    gate = threading.Event()
     held = engine.call(lambda e: gate.wait(60))
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sids))]
-    for t in threads:
-        t.start()
-    assert wait_for(lambda: engine.queued >= len(sids), 60), engine.queued
-    gate.set()
-    held.result(60)
-    for t in threads:
-        t.join(120)
-    del rec.prefill
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(sids))]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: engine.queued >= len(sids), 60), engine.queued
+        gate.set()
+        held.result(60)
+        for t in threads:
+            t.join(120)
+    finally:
+        del rec.prefill, rec.step, rec.decode_block
+        engine._period = 16
+        for sid in solo + sids:  # (the module's server has 48 slots)
+            httpx.delete(f"{srv.url}/v1/sessions/{sid}")
     assert got == want
     assert max(phases_seen) == 16, f"prefill calls saw {phases_seen} phases: no mixed-phase group"
     steps = metric(client, "s4_decode_batch_size_count", TEXT) - steps_before
     rows = metric(client, "s4_decode_batch_size_sum", TEXT) - rows_before
-    assert rows == 16 * N_NEW and steps == N_NEW, f"{steps} steps for {rows} rows: not one mixed batch"
+    assert rows == 16 * N_NEW
+    if batching == "mixed":
+        assert steps == N_NEW and max(stepped) == 16, f"{steps} steps, {stepped} phases: not one mixed batch"
+    else:  # each row joined as the batch's phase came round to its own: 15 steps more, one phase a call
+        assert steps == N_NEW + 15 and set(stepped) == {1}, (steps, stepped)
+
+
+def test_rows_out_of_phase_leave_and_rejoin_in_phase_and_a_block_ends_where_one_can_join(srv, sashimi_dir):
+    """Three sessions at phases 5 apart decode in one mixed batch (the engine told the model has no
+    preference); after its first decode call it aligns: the rows not at the batch's phase
+    leave and wait, each decode block while one waits is sized to end where the batch's phase comes
+    round to a waiting row's (≤ 15 steps), every call after that steps rows of one phase, and each
+    session's tokens are those of its sequence alone."""
+    n = 400
+    firsts = [CORPUS[:k].encode() for k in (1, 6, 11)]
+    want = [reference(sashimi_dir, list(f + TURN), SamplingParams(seed=30 + i, temperature=1.0), n)
+            for i, f in enumerate(firsts)]  # fmt: skip
+    sids = [_create(srv.url, f) for f in firsts]
+    rec, engine = srv.state.models[TEXT].rec, srv.state.models[TEXT].engine
+    calls: list[tuple[int, int, int]] = []  # (K, phases among the stepping rows, jobs waiting)
+    step, block = rec.step, rec.decode_block
+
+    def observe(K, state, rows):
+        calls.append((K, len(set(rec.phases(state[rows]).tolist())), len(engine._waiting)))
+        if len(calls) == 1:  # (the engine thread: its next iteration aligns)
+            engine._period = 16
+
+    def counting_step(tokens, state, **kw):
+        observe(1, state, torch.arange(state.shape[0]))
+        return step(tokens, state, **kw)
+
+    def counting_block(K, state, tokens, **kw):
+        observe(K, state, (kw["limit"] > 0).nonzero().flatten())
+        return block(K, state, tokens, **kw)
+
+    got: list = [None] * 3
+
+    def run(i):
+        got[i] = _generate(srv.url, sids[i], TURN, seed=30 + i, n=n)
+
+    gate = threading.Event()
+    held = engine.call(lambda e: gate.wait(60))
+    try:
+        engine._period = 1  # (the engine thread waits on the gate)
+        rec.step, rec.decode_block = counting_step, counting_block
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: engine.queued >= 3, 60), engine.queued
+        gate.set()
+        held.result(60)
+        for t in threads:
+            t.join(120)
+    finally:
+        del rec.step, rec.decode_block
+        engine._period = 16
+        for sid in sids:
+            httpx.delete(f"{srv.url}/v1/sessions/{sid}")
+    assert got == want
+    # one mixed batch first (its first tokens: a block of 1 step); from the next iteration, the two rows
+    # not at the batch's phase have left and wait, in blocks that end where one can join (5 steps
+    # apart), and every call steps rows of one phase
+    assert calls[0] == (1, 3, 0), calls
+    assert calls[1][1:] == (1, 2) and all(ph == 1 for _, ph, _ in calls[1:]), calls
+    waiting = [K for K, _, w in calls if w]
+    assert len(waiting) >= 2 and max(waiting) <= 15, calls
 
 
 def test_fork_and_export_import_continue_identically(srv, sashimi_dir):

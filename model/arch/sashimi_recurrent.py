@@ -338,6 +338,18 @@ class SaShiMiRecurrent(GraphedModel):
             raise ValueError(f"batch_size must be an int ≥ 0, got {batch_size!r}")
         return torch.zeros(batch_size, self.layout.numel, device=self.device)
 
+    @property
+    def align_period(self) -> int:
+        """Rows whose phases (`phases`) are equal step cheapest together, and a row's phase advances by 1
+        mod this period each step: the period prod(pool), which a server batching rows (server/engine.py)
+        uses to keep a decode batch's rows at one phase. Stepped sparsely (the C step, the eager torch
+        step), a batch at one phase runs each coarser level on one step of its period for all rows at
+        once; at mixed phases on nearly every step for a few rows, each time streaming that level's
+        weights again: the shipped audio-digits at 16 rows takes 2.0× as long a step at mixed phases on
+        one thread of the 2-core VM (`bench.sashimi --phases`). 1 (no preference) with CUDA graphs, whose
+        dense step costs the same at any phases."""
+        return self.period if self._graphs is None else 1
+
     def phases(self, state: torch.Tensor) -> torch.Tensor:
         """The phase counters (B,) long; raises ValueError unless each is an integer in [0, prod(pool))."""
         tau = self.layout.view(state, "phase")[:, 0]
