@@ -26,7 +26,7 @@ the CPU with the server: read the figures as a lower bound. Another checkpoint's
 beside the default's, as results/audio_streams-DIRNAME.json and .png.
 
     python -m bench.audio_streams [--quick] [--checkpoint DIR] [--streams 1 2 4 ...] [--seconds S]
-                                  [--frame-ms MS] [--replot]
+                                  [--frame-ms MS] [--spread-ms MS] [--replot]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import statistics
 import time
 from collections.abc import Sequence
@@ -103,8 +104,13 @@ def stream_stats(
     return out
 
 
-async def run_streams(ws_url: str, model: str, n: int, samples: int, frame_ms: int | None) -> dict[str, Any]:
-    """n concurrent streams of `samples` samples each, started together once all are bound."""
+async def run_streams(
+    ws_url: str, model: str, n: int, samples: int, frame_ms: int | None, spread_s: float = 0.0
+) -> dict[str, Any]:
+    """n concurrent streams of `samples` samples each, started together once all are bound; with
+    `spread_s`, stream k sends its request that long times a number of its own in [0, 1) later (seeded
+    by k: the same offsets every run), as streams that arrive at any time do (a SaShiMi's rows then come
+    at any pooling phase)."""
     from websockets.asyncio.client import connect
 
     go = asyncio.Event()
@@ -121,6 +127,8 @@ async def run_streams(ws_url: str, model: str, n: int, samples: int, frame_ms: i
             rate = bound["sample_rate"]
             ready += 1
             await go.wait()
+            if spread_s:
+                await asyncio.sleep(spread_s * random.Random(k).random())
             req = {"type": "generate", "max_new_tokens": samples, "seed": k}
             if frame_ms is not None:
                 req["frame_ms"] = frame_ms
@@ -234,7 +242,14 @@ def audio_model(url: str) -> tuple[str, int]:
     return audio[0]
 
 
-def run(quick: bool, checkpoint: Path, streams: Sequence[int], seconds: float, frame_ms: int | None) -> dict:
+def run(
+    quick: bool,
+    checkpoint: Path,
+    streams: Sequence[int],
+    seconds: float,
+    frame_ms: int | None,
+    spread_ms: float = 0.0,
+) -> dict:
     delivery = {str(b): delivery_cost(b) for b in (8, 25, 64)}
     for b, d in delivery.items():
         ratio = d["per_token"] / d["per_block"]
@@ -251,7 +266,7 @@ def run(quick: bool, checkpoint: Path, streams: Sequence[int], seconds: float, f
         for n in streams:
             asyncio.run(run_streams(ws_url, model, n, round(WARMUP_S * rate), frame_ms))  # warm-up
             cpu0 = cpu_seconds(proc.pid)
-            row = asyncio.run(run_streams(ws_url, model, n, round(seconds * rate), frame_ms))
+            row = asyncio.run(run_streams(ws_url, model, n, round(seconds * rate), frame_ms, spread_ms / 1e3))
             row["server_cpu_us_per_sample"] = (
                 1e6 * (cpu_seconds(proc.pid) - cpu0) / (n * round(seconds * rate))
             )
@@ -272,7 +287,13 @@ def run(quick: bool, checkpoint: Path, streams: Sequence[int], seconds: float, f
     return {
         "model": model,
         "checkpoint": str(checkpoint),
-        "sizes": {"streams": list(streams), "seconds": seconds, "frame_ms": frame_ms, "quick": quick},
+        "sizes": {
+            "streams": list(streams),
+            "seconds": seconds,
+            "frame_ms": frame_ms,
+            "quick": quick,
+            "spread_ms": spread_ms,
+        },  # fmt: skip
         "results": rows,
         "delivery_us_per_sample": delivery,
         "goals": {"streams_at_real_time": 16},
@@ -341,6 +362,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--frame-ms", type=int, help="frame_ms of each request (default 20; 0: do not send it)"
     )
+    parser.add_argument(
+        "--spread-ms", type=float, default=0.0,
+        help="each stream starts a seeded random delay in [0, this) after all are bound (streams that "
+        "arrive at any time; default 0: together)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     # another checkpoint's figures go beside the default one's, not over them
     name = (
@@ -356,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sz = SIZES[args.quick]
         frame_ms = sz["frame_ms"] if args.frame_ms is None else (args.frame_ms or None)
         streams, seconds = args.streams or sz["streams"], args.seconds or sz["seconds"]
-        result = run(args.quick, args.checkpoint, streams, seconds, frame_ms)
+        result = run(args.quick, args.checkpoint, streams, seconds, frame_ms, args.spread_ms)
         data = write_results(name, result, args.quick)
     plot(data, args.quick, name)
     print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER))

@@ -20,7 +20,11 @@ stepped by the whole-network C step ("unet") and by the torch ops around the fus
 steps with temperature sampling in C: "unet-block"); and the same shape without unet ("no-unet",
 "no-unet-block") for reference.
 
-    python -m bench.sashimi [--quick] [--unet]
+`--phases` (results sashimi_phases.json): the shipped audio-digits with its rows all at one pooling phase
+against rows at every phase of its period, `rec.step` and the native decode block: what the server's
+phase alignment (server/engine.py, `align_period`) buys.
+
+    python -m bench.sashimi [--quick] [--unet | --phases]
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any
 
 import torch
 
-from bench.common import bench_main, save_figure, subplots
+from bench.common import ROOT, bench_main, save_figure, subplots
 from bench.step import flops_per_token
 from model import ModelConfig, build
 
@@ -320,14 +324,105 @@ def plot_unet(data: dict[str, Any], quick: bool) -> None:
     save_figure(fig, UNET_NAME, quick, "U-Net SaShiMi: C step and native decode block vs the torch ops")
 
 
+PHASES_NAME = "sashimi_phases"
+PHASES_SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
+    False: {"batches": [1, 8, 16, 64], "periods": 20, "rounds": 3, "block": 32},
+    True: {"batches": [1, 16], "periods": 2, "rounds": 1, "block": 8},
+}
+
+
+def phase_rows(rec, batch: int, mixed: bool):
+    """bench.decode.Rows of `batch` rows from the zero state, row r stepped r mod period times alone first
+    when `mixed` (every phase of the period among the rows), else none (all at one phase)."""
+    from bench.decode import Rows  # noqa: PLC0415
+
+    rows = Rows(rec, batch)
+    if mixed:
+        for r in range(batch):
+            st, tok = rows.state[r : r + 1].clone(), torch.zeros(1, dtype=torch.long)
+            for _ in range(r % rec.period):
+                rec.step(tok, st, out=st)
+            rows.state[r] = st[0]
+    return rows
+
+
+def run_phases(quick: bool) -> dict[str, Any]:
+    """The shipped audio-digits (checkpoints/audio-digits) with its rows at one phase vs at every phase of
+    its period: `rec.step` and the native decode block (what the server runs), alternated in rounds."""
+    from model import load  # noqa: PLC0415
+
+    size = PHASES_SIZES[quick]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rec = load(ROOT / "checkpoints" / "audio-digits").to_recurrent()
+        steps = rec.period * size["periods"]
+        times: dict[tuple[str, int, str], list[float]] = {}
+        for _ in range(size["rounds"]):
+            for B in size["batches"]:
+                for mixed in (False, True):
+                    kind = "mixed" if mixed else "aligned"
+                    rows = phase_rows(rec, B, mixed)
+                    tok = torch.zeros(B, dtype=torch.long)
+                    rec.step(tok, rows.state.clone())  # (warm)
+                    st = rows.state.clone()
+                    t0 = time.perf_counter()
+                    for _ in range(steps):
+                        rec.step(tok, st, out=st)
+                    times.setdefault(("step", B, kind), []).append(time.perf_counter() - t0)
+                    rows.blocks(rec.period, size["block"])  # (warm)
+                    t0 = time.perf_counter()
+                    rows.blocks(steps, size["block"])
+                    times.setdefault(("block", B, kind), []).append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    out = []
+    for path in ("step", "block"):
+        for B in size["batches"]:
+            row: dict[str, Any] = {"path": path, "batch": B}
+            for kind in ("aligned", "mixed"):
+                wall = sorted(times[(path, B, kind)])[len(times[(path, B, kind)]) // 2]
+                row[kind] = {**_rate(B, steps, wall), "walls_s": times[(path, B, kind)]}
+            row["aligned_over_mixed"] = row["aligned"]["samples_per_s"] / row["mixed"]["samples_per_s"]
+            out.append(row)
+            a, m = row["aligned"]["samples_per_s"], row["mixed"]["samples_per_s"]
+            print(f"{path:5s} B={B:3d}: aligned {a:8.0f}, mixed {m:8.0f} samples/s ({a / m:.2f}x)")
+    return {
+        "description": "checkpoints/audio-digits (SaShiMi, pool [4, 4]): rows at one pooling phase vs at "
+        "every phase of the period, rec.step and the native decode block (temperature 1, blocks of "
+        "`block` steps), 1 torch thread, the median of `rounds` alternated rounds of `steps` steps",
+        "sizes": size,
+        "steps": steps,
+        "rows": out,
+    }
+
+
+def plot_phases(data: dict[str, Any], quick: bool) -> None:
+    fig, axes = subplots(2)
+    for ax, path in zip(axes, ("step", "block")):
+        rs = [r for r in data["rows"] if r["path"] == path]
+        xs = range(len(rs))
+        for i, kind in enumerate(("aligned", "mixed")):
+            ax.bar([x + (i - 0.5) * 0.4 for x in xs], [r[kind]["samples_per_s"] for r in rs], 0.4, label=kind)
+        ax.set_xticks(list(xs), [f"{r['batch']} rows" for r in rs])
+        ax.set_ylabel("samples/s (1 thread)")
+        ax.set_title("rec.step" if path == "step" else "native decode block")
+        ax.legend()
+    save_figure(fig, PHASES_NAME, quick, "audio-digits (SaShiMi): rows at one pooling phase vs every phase")
+
+
 def main(argv=None) -> None:
-    unet = "--unet" in (sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
 
     def arguments(parser) -> None:
         parser.add_argument("--unet", action="store_true", help="the U-Net comparison (sashimi_unet.json)")
+        parser.add_argument("--phases", action="store_true",
+                            help="rows at one phase vs every phase (sashimi_phases.json)")  # fmt: skip
 
-    if unet:
+    if "--unet" in args:
         bench_main(argv, __doc__, UNET_NAME, run_unet, plot_unet, arguments=arguments)
+    elif "--phases" in args:
+        bench_main(argv, __doc__, PHASES_NAME, run_phases, plot_phases, arguments=arguments)
     else:
         bench_main(argv, __doc__, NAME, run, plot, arguments=arguments)
 

@@ -12,7 +12,8 @@ even rounds and B first in odd ones, and stops them after its pairs, so that whi
 
 `--workload audio` runs bench.audio_streams' concurrent streams instead (`--sessions` streams, 16 by
 default, each `--seconds` of audio, 4 by default, of `--checkpoint`, checkpoints/audio-digits-s4 by
-default, after a short warm-up at each server start): per run samples/s, the server's CPU µs per sample,
+default, after a short warm-up at each server start; `--spread-ms`: their starts spread over that long,
+as streams that arrive at any time): per run samples/s, the server's CPU µs per sample,
 the median stream's real-time factor and the first frame's p99.
 
 Per run: tokens/s received in the window, the server process's CPU over the run (cores, from /proc, and
@@ -21,7 +22,7 @@ pair's B ÷ A, the medians of each server's runs and their ratio, and how many p
 
     python -m bench.server_ab [--quick] [--a ENV ...] [--b ENV ...] [--a-root DIR] [--b-root DIR]
                               [--pairs N] [--rounds N] [--sessions N] [--seconds S]
-                              [--workload text|audio] [--checkpoint DIR]
+                              [--workload text|audio] [--checkpoint DIR] [--spread-ms MS]
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def run(
     rounds: int | None = None,
     workload: str = "text",
     checkpoint_dir: str | None = None,
+    spread_ms: float = 0.0,
 ) -> dict[str, Any]:
     """The two servers' runs (each with its round and which server that round started first) and the
     summary. Raises ValueError when there are fewer pairs than rounds, or for an unknown workload."""
@@ -102,6 +104,7 @@ def run(
         "seconds": seconds,
         "pairs": pairs,
         "rounds": rounds,
+        "spread_ms": spread_ms,
         "sizes": sz,
         "servers": {},
     }
@@ -131,7 +134,7 @@ def run(
                     for name in ("A", "B") if p % 2 == 0 else ("B", "A"):
                         label = f"round {r} ({first} started first) pair {p} {name}"
                         if workload == "audio":
-                            got = measure_audio(servers[name], sessions, seconds, label)
+                            got = measure_audio(servers[name], sessions, seconds, label, spread_ms / 1e3)
                         else:
                             got = measure(servers[name], ckpt.name, sessions, sz, seconds, label)
                         out["servers"][name]["runs"].append({**got, "round": r, "started_first": first})
@@ -165,16 +168,20 @@ def measure(server, model: str, sessions: int, sz: dict, seconds: float, label: 
             "ttft_p50_ms": st["ttft_p50_ms"], "ttft_p99_ms": st["ttft_p99_ms"]}  # fmt: skip
 
 
-def measure_audio(server, streams: int, seconds: float, label: str | None) -> dict[str, Any]:
-    """One run of `streams` concurrent audio streams of `seconds` each (bench.audio_streams.run_streams)
-    against `server` (its process and URL), printed after `label` (None: a warm-up, not printed):
+def measure_audio(
+    server, streams: int, seconds: float, label: str | None, spread_s: float = 0.0
+) -> dict[str, Any]:
+    """One run of `streams` concurrent audio streams of `seconds` each (bench.audio_streams.run_streams,
+    their starts spread over `spread_s`) against `server` (its process and URL), printed after `label`
+    (None: a warm-up, not printed):
     samples/s, the server process's CPU (cores over the run, µs per sample generated), the median
     stream's real-time factor, the first frame's p99 and the jitter p99 (ms)."""
     proc, url = server
     model, rate = audio_model(url)
     n = round(seconds * rate)
     c0, t0 = cpu_seconds(proc.pid), time.perf_counter()
-    row = asyncio.run(run_streams(url.replace("http", "ws") + "/v1/stream", model, streams, n, None))
+    ws_url = url.replace("http", "ws") + "/v1/stream"
+    row = asyncio.run(run_streams(ws_url, model, streams, n, None, spread_s))
     cpu, wall = cpu_seconds(proc.pid) - c0, time.perf_counter() - t0
     got = {
         "samples_per_s": row["samples_per_s"],
@@ -271,6 +278,11 @@ def main(argv=None) -> None:
         parser.add_argument(
             "--seconds", type=float, help="each run's measured window (default 6), or audio per stream (4)"
         )
+        parser.add_argument(
+            "--spread-ms", type=float, default=0.0,
+            help="audio: each stream starts a seeded random delay in [0, this) after the others are bound "
+            "(streams that arrive at any time; default 0: together)",
+        )  # fmt: skip
 
     def configure(args) -> bool:
         for flag, value in (
@@ -296,7 +308,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"--rounds {args.rounds} is more than the pairs to spread over them")
         options.update(a_root=args.a_root, b_root=args.b_root, pairs=args.pairs, sessions=args.sessions,
                        seconds=args.seconds, rounds=args.rounds, workload=args.workload,
-                       checkpoint_dir=args.checkpoint)  # fmt: skip
+                       checkpoint_dir=args.checkpoint, spread_ms=args.spread_ms)  # fmt: skip
         return True
 
     bench_main(argv, __doc__, NAME, lambda quick: run(quick, **options), plot, arguments=arguments,

@@ -297,3 +297,16 @@ def test_the_benchmark_client_reads_concurrent_streams(server):
     assert [s["samples"] for s in row["per_stream"]] == [500] * 3
     assert all(s["frames"] == 7 and s["frame_samples_max"] == 80 for s in row["per_stream"])
     assert row["samples_per_s"] > 0 and 0 <= row["realtime_share"] <= 1
+
+
+def test_the_benchmark_client_spreads_the_starts_when_asked(server):
+    """spread_s: stream k sends its request spread_s × Random(k).random() after the others are bound, so
+    the run lasts at least the largest offset (here 1.9 s; 300 samples take a fraction of that)."""
+    import random
+
+    from bench.audio_streams import run_streams
+
+    offsets = [2.0 * random.Random(k).random() for k in range(3)]
+    row = asyncio.run(run_streams(server.ws_url, AUDIO, 3, 300, 10, spread_s=2.0))
+    assert [s["samples"] for s in row["per_stream"]] == [300] * 3
+    assert row["wall_s"] >= max(offsets) > 1.5

@@ -115,7 +115,8 @@ def test_the_audio_workload_measures_streams_and_compares_samples_per_second(mon
         assert flags[flags.index("--checkpoints") + 1] == str(tmp_path)
         return Proc(), f"http://127.0.0.1:{9000 + len(calls)}"
 
-    def measure_audio(server, streams, seconds, label):
+    def measure_audio(server, streams, seconds, label, spread_s=0.0):
+        assert spread_s == (0.05 if label is not None else 0.0)  # (the warm-up starts them together)
         calls.append((streams, seconds, label))
         rate = next(rates) if label is not None else 1.0
         got = {"samples_per_s": rate, "server_cores": 1.0, "server_cpu_us_per_sample": 1e6 / rate}
@@ -124,10 +125,13 @@ def test_the_audio_workload_measures_streams_and_compares_samples_per_second(mon
     monkeypatch.setattr(server_ab.launch, "start_server", start_server)
     monkeypatch.setattr(server_ab, "measure_audio", measure_audio)
     (tmp_path / "config.json").write_text("{}")
-    out = server_ab.run(False, pairs=2, rounds=1, workload="audio", checkpoint_dir=str(tmp_path))
+    out = server_ab.run(
+        False, pairs=2, rounds=1, workload="audio", checkpoint_dir=str(tmp_path), spread_ms=50
+    )
     assert [c for c in calls if c[2] is None] == [(16, server_ab.WARMUP_S, None)] * 2  # one warm-up each
     assert [(c[0], c[1]) for c in calls if c[2] is not None] == [(16, 4.0)] * 4  # the audio defaults
     s = out["summary"]
+    assert out["spread_ms"] == 50
     assert out["workload"] == "audio" and s["pair_ratios"] == pytest.approx([1.5, 120 / 90])
     assert s["median_samples_per_s"] == {"A": 95.0, "B": 135.0}
     assert s["median_first_frame_p99_ms"] == {"A": 30.0, "B": 30.0}
