@@ -345,9 +345,9 @@ class SaShiMiRecurrent(GraphedModel):
         uses to keep a decode batch's rows at one phase. Stepped sparsely (the C step, the eager torch
         step), a batch at one phase runs each coarser level on one step of its period for all rows at
         once; at mixed phases on nearly every step for a few rows, each time streaming that level's
-        weights again: the shipped audio-digits at 16 rows takes 2.0× as long a step at mixed phases on
-        one thread of the 2-core VM (`bench.sashimi --phases`). 1 (no preference) with CUDA graphs, whose
-        dense step costs the same at any phases."""
+        weights again: the shipped audio-digits at 16 rows makes 2.2× the samples/s at one phase with
+        `step`, 2.4× with the native decode block, on one thread of the 2-core VM (`bench.sashimi
+        --phases`). 1 (no preference) with CUDA graphs, whose dense step costs the same at any phases."""
         return self.period if self._graphs is None else 1
 
     def phases(self, state: torch.Tensor) -> torch.Tensor:
