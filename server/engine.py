@@ -32,8 +32,11 @@ dropped and nothing is buffered without bound.
 A model whose rows step cheapest at one phase of a period (`align_period` > 1: a SaShiMi's prod(pool),
 its step sparse) has its decode batch kept at one phase: a row whose phase differs waits, without
 stepping, until the batch's phase comes round to its own (at most period − 1 steps; the block before
-is sized to end there), so each coarser level runs once a period for all rows together. A row's tokens
-do not depend on when it joins (every row steps as if alone), only its first token's time.
+is sized to end there; a held job keeps its place in the batch), so each coarser level runs once a
+period for all rows together. Not while prompts are being ingested (the decode stage then runs one step
+per iteration: a wait would be iterations); the batch is aligned after, its rows at another phase
+leaving to rejoin in phase. A row's tokens do not depend on when it joins (every row steps as if
+alone), only its first token's time.
 
 While a prompt is being ingested the decode stage runs one step per iteration, so a long prompt costs
 the decoding sessions about one chunk's prefill per token, not its whole prefill.
@@ -909,16 +912,19 @@ class Engine:
                 self._finish(job, "cancelled")
             else:
                 self._waiting.appendleft(job)  # paused: first to rejoin
-        target = self._align() if self._period > 1 else None
-        phase = self._waiting_phases() if self._period > 1 else {}
-        joining, keep = [], collections.deque()
+        # not while prompts are ingested: the decode stage then runs one step per iteration, so a wait
+        # of 15 steps would be 15 iterations with a prefill chunk each (the batch is aligned after)
+        align = self._period > 1 and not self._prefilling
+        target = self._align() if align else None
         free = self.settings.max_batch_size - b.live
+        phase = self._waiting_phases() if align and free > 0 else {}
+        joining, keep = [], collections.deque()
         held = []  # distances (steps) to the batch's phase of the jobs held only for their phase
         while self._waiting:
             job = self._waiting.popleft()
             if job.cancelled:
                 self._finish(job, "cancelled")
-            elif len(joining) < free and job.stream.room() > 0:
+            elif len(joining) + len(held) < free and job.stream.room() > 0:  # a held job keeps its place
                 if target is None and phase:  # an empty batch: its phase is its first joiner's
                     target = phase[id(job)]
                 if phase and phase[id(job)] != target:
@@ -927,11 +933,12 @@ class Engine:
                     continue
                 self._uncount(job)  # decoding now
                 joining.append(job)
-            else:
-                held.append(0)  # (waits for room or a place: not for its phase)
+            else:  # (waits for room or a place: not for its phase)
                 keep.append(job)
         self._waiting = keep
-        self._phase_wait = min(held) if held and min(held) > 0 else None
+        # the native stage ends where the nearest held job can join, unless another waits for room or a
+        # place (then, as before, one step per block)
+        self._phase_wait = min(held) if held and len(held) == len(keep) else None
         b.join(joining)
         b.compact()
         # DECODE_BLOCK_STEPS steps, or more while within decode_block_ms (at most
@@ -976,8 +983,7 @@ class Engine:
         live = [i for i, j in enumerate(b.rows) if j is not None]
         if not live:
             return None
-        idx = torch.tensor(live, device=b.state.device)
-        phases = self.rec.phases(b.state.index_select(self.pool.dim, idx)).tolist()
+        phases = self.rec.row_phases(b.state, torch.tensor(live, device=b.state.device))
         counts = collections.Counter(phases)
         target = max(counts, key=lambda p: (counts[p], -p))
         out = [b.rows[i] for i, p in zip(live, phases) if p != target]
@@ -992,7 +998,7 @@ class Engine:
         if not jobs:
             return {}
         slots = torch.tensor([j.session.slot for j in jobs], device=self.pool.state.device)
-        return dict(zip(map(id, jobs), self.rec.phases(self.pool.rows(slots)).tolist()))
+        return dict(zip(map(id, jobs), self.rec.row_phases(self.pool.state, slots)))
 
     def _retire(self, done: list[Job]) -> None:
         """Take the jobs that finished in a decode step or block out of the batch and finish each,
@@ -1063,7 +1069,7 @@ class Engine:
                 self._block_step_s = est
             # the rows stepped at each step k: those that made more than k tokens
             observe_many(self.metrics.batch_size, (n_np[None, :] > np.arange(res.steps)[:, None]).sum(1))
-            done, full, itl = [], False, Gaps(times)
+            done, full, behind, itl = [], False, False, Gaps(times)
             asked = {}  # row → its (chosen, top ids, top values) by step, for the rows that asked
             if res.logprobs is not None:
                 lp_rows = [r for r, j in enumerate(b.rows) if j is not None and j.params.logprobs is not None]
@@ -1080,11 +1086,14 @@ class Engine:
                     done.append(job)
                 elif job.stream.room() <= 0 or job.cancelled:
                     full = True
+                elif n_out[row] < res.steps and self._period > 1:  # stopped at its room, which its
+                    # client freed since: out of the batch's phase, so the stage ends and `_align` regroups
+                    behind = True
             if not itl.empty:
                 observe_many(self.metrics.itl, itl.values())
             if done:
                 self._retire(done)
-            if done or full or pending or first or not res.steps:
+            if done or full or behind or pending or first or not res.steps:
                 return
             if self._inbox or self._prefilling or (self._waiting and held is None):
                 return

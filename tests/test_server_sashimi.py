@@ -8,6 +8,7 @@ the concatenated input (server_support.reference), in the fused C step and in th
 
 import struct
 import threading
+import time
 
 import httpx
 import pytest
@@ -162,8 +163,8 @@ def test_rows_out_of_phase_leave_and_rejoin_in_phase_and_a_block_ends_where_one_
     """Three sessions at phases 5 apart decode in one mixed batch (the engine told the model has no
     preference); after its first decode call it aligns: the rows not at the batch's phase
     leave and wait, each decode block while one waits is sized to end where the batch's phase comes
-    round to a waiting row's (≤ 15 steps), every call after that steps rows of one phase, and each
-    session's tokens are those of its sequence alone."""
+    round to a waiting row's, every call after that steps rows of one phase, and each session's tokens
+    are those of its sequence alone."""
     n = 400
     firsts = [CORPUS[:k].encode() for k in (1, 6, 11)]
     want = [reference(sashimi_dir, list(f + TURN), SamplingParams(seed=30 + i, temperature=1.0), n)
@@ -215,8 +216,54 @@ def test_rows_out_of_phase_leave_and_rejoin_in_phase_and_a_block_ends_where_one_
     # apart), and every call steps rows of one phase
     assert calls[0] == (1, 3, 0), calls
     assert calls[1][1:] == (1, 2) and all(ph == 1 for _, ph, _ in calls[1:]), calls
-    waiting = [K for K, _, w in calls if w]
-    assert len(waiting) >= 2 and max(waiting) <= 15, calls
+    # their phases after the first token: 7, 12 and 1 (15 at the start, + 0, 5, 10 prompt tokens, + the
+    # turn's 7, + 1); the batch takes 1 (a tie: the smaller), so blocks of 6 and 5 steps end at the joins
+    assert [K for K, _, w in calls if w] == [6, 5], calls
+
+
+def test_a_job_held_for_its_phase_keeps_its_place_in_a_full_batch(sashimi_dir):
+    """max_batch_size 2, one row decoding (A) and 16 jobs at the 16 phases queued in order behind one
+    place: each waits for its phase (≤ 15 steps) in that place, so they decode in the order they came
+    (a job at the batch's phase used to take the place of the one before it, which then waited for another:
+    without bound under load), each with its tokens alone."""
+    settings = Settings(checkpoints=[str(sashimi_dir)], max_sessions=24, max_batch_size=2, drain_timeout_s=1)
+    srv = ServerThread(settings).start()
+    firsts = [CORPUS[:k].encode() for k in range(1, 17)]  # every phase
+    n = 20
+    want = [reference(sashimi_dir, list(f + TURN), SamplingParams(seed=50 + i, temperature=1.0), n)
+            for i, f in enumerate(firsts)]  # fmt: skip
+    try:
+        engine = srv.state.models[TEXT].engine
+        a = _create(srv.url, CORPUS[:1].encode())
+        sids = [_create(srv.url, f) for f in firsts]
+        ended: dict[int, float] = {}
+        got: dict[int, list[int]] = {}
+
+        def run(i, sid, n, seed):
+            got[i] = _generate(srv.url, sid, TURN, seed=seed, n=n)
+            ended[i] = time.perf_counter()
+
+        ta = threading.Thread(target=run, args=(-1, a, 4000, 1))
+        ta.start()
+        assert wait_for(lambda: engine.batch.live == 1, 60)
+        gate, started = threading.Event(), threading.Event()
+        held = engine.call(lambda e: (started.set(), gate.wait(60)))
+        assert started.wait(60)
+        threads = []
+        for i, sid in enumerate(sids):  # queued one after another: the engine takes them in this order
+            threads.append(threading.Thread(target=run, args=(i, sid, n, 50 + i)))
+            threads[-1].start()
+            assert wait_for(lambda i=i: engine.queued >= i + 1, 60)
+        gate.set()
+        held.result(60)
+        for t in threads:
+            t.join(120)
+        assert ta.is_alive(), "A ended before the 16: it did not keep the other place"
+        ta.join(120)
+    finally:
+        srv.stop()
+    assert [got[i] for i in range(16)] == want
+    assert sorted(range(16), key=ended.__getitem__) == list(range(16)), ended
 
 
 def test_fork_and_export_import_continue_identically(srv, sashimi_dir):

@@ -350,6 +350,11 @@ class SaShiMiRecurrent(GraphedModel):
         --phases`). 1 (no preference) with CUDA graphs, whose dense step costs the same at any phases."""
         return self.period if self._graphs is None else 1
 
+    def row_phases(self, state: torch.Tensor, rows: torch.Tensor) -> list[int]:
+        """The phase counters of `rows` (R,) int64 of state (N, numel), reading only the phase column (a
+        server's rows, which the step wrote: not checked; `phases` checks)."""
+        return self.layout.view(state, "phase")[rows, 0].long().tolist()
+
     def phases(self, state: torch.Tensor) -> torch.Tensor:
         """The phase counters (B,) long; raises ValueError unless each is an integer in [0, prod(pool))."""
         tau = self.layout.view(state, "phase")[:, 0]
