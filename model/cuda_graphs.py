@@ -478,9 +478,10 @@ class BucketedStep:
         same bucket, graphs and uniforms: the same tokens), one more run of the graphs in a block where
         a stop ends a row early. Differences: `interrupt` and `schedule` are not used (the graphs run to
         the block's end); `times` are spread evenly over the block's steps (they run on the device,
-        unobserved) and `setup_s` is the time spent capturing graphs. `logprobs` (B,) int64, −1 or k ≥ 0
-        per row, as the native block's (`BlockResult.logprobs`; at most LOGPROBS_K = 20 a row; the same
-        torch ops as `model.sampling.token_logprobs`), in graphs of their own.
+        unobserved) and `setup_s` is the time spent capturing graphs. `logprobs` (B,) int64 on the host, −1
+        or k ≥ 0 per row, checked as the native block's (`fused.logprob_request`): `BlockResult.logprobs`,
+        at most LOGPROBS_K = 20 a row, by the same torch ops as `model.sampling.token_logprobs`, in graphs
+        of their own.
 
         state (n_layers, B, H, 2, M) float32 (SaShiMi: (B, numel); the batch made resident by `resident`:
         stepped in place; another tensor: copied in and out), tok (B,) int64 and seen (B, V) bool on the
@@ -518,10 +519,7 @@ class BucketedStep:
             raise ValueError(f"decode block: stops and history need one entry per row ({B})")
         if bool((limit < 0).any()):
             raise ValueError("decode block: limits must be ≥ 0")
-        if logprobs is not None and (logprobs.shape != (B,) or logprobs.dtype != torch.long
-                                     or bool((logprobs < -1).any())):  # fmt: skip
-            raise ValueError(f"decode block: logprobs must be ({B},) int64, −1 (none) or a count ≥ 0")
-        lp_k = logprobs if logprobs is not None and bool((logprobs >= 0).any()) else None
+        lp_k = fused.logprob_request(logprobs, B)
         if lp_k is not None and int(lp_k.max()) > LOGPROBS_K:
             raise ValueError(f"decode block: the graphs report at most {LOGPROBS_K} log-probabilities a row")
         n_out = limit.clamp(max=K)

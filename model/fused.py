@@ -810,21 +810,29 @@ def decode_block(
     return BlockResult(int(steps), out_tok[:steps], n_out, stopped.bool(), times[:steps], logprobs=lp)
 
 
-def logprob_buffers(logprobs: torch.Tensor | None, K: int, B: int, V: int):
-    """A decode block's log-probability request → (the rows' k (B,) int64 contiguous, or None; the outputs
-    (chosen (K, B) float32, ids (K, B, k) int64, values (K, B, k) float32) with k the largest asked (at
-    most V), or None when no row asks). Raises ValueError for a bad shape or dtype, or a k below −1."""
+def logprob_request(logprobs: torch.Tensor | None, B: int) -> torch.Tensor | None:
+    """A decode block's `logprobs` argument (the C block's and the CUDA graphs' alike) checked: (B,) int64
+    on the CPU, each row −1 (none) or k ≥ 0. Returns it contiguous when a row asks, else None (None given,
+    or every row −1). Raises ValueError naming logprobs otherwise."""
     if logprobs is None:
-        return None, None
+        return None
     if logprobs.shape != (B,) or logprobs.dtype != torch.long or logprobs.device.type != "cpu":
         raise ValueError(f"decode block: logprobs must be ({B},) int64 on the CPU")
     if bool((logprobs < -1).any()):
         raise ValueError("decode block: logprobs must be −1 (none) or a count ≥ 0")
-    if not bool((logprobs >= 0).any()):
+    return logprobs.contiguous() if bool((logprobs >= 0).any()) else None
+
+
+def logprob_buffers(logprobs: torch.Tensor | None, K: int, B: int, V: int):
+    """A decode block's log-probability request → (the rows' k (B,) int64 contiguous, or None; the outputs
+    (chosen (K, B) float32, ids (K, B, k) int64, values (K, B, k) float32) with k the largest asked (at
+    most V), or None when no row asks). Raises ValueError as `logprob_request`."""
+    logprobs = logprob_request(logprobs, B)
+    if logprobs is None:
         return None, None
     kmax = min(int(logprobs.max()), V)
     out = (torch.zeros(K, B), torch.zeros(K, B, kmax, dtype=torch.long), torch.zeros(K, B, kmax))
-    return logprobs.contiguous(), out
+    return logprobs, out
 
 
 def philox_uniforms(lib, key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
