@@ -74,6 +74,22 @@ def _want(sashimi_dir, first: bytes, seed: int) -> list[int]:
     return reference(sashimi_dir, list(first + TURN), SamplingParams(seed=seed, temperature=1.0), N_NEW)
 
 
+def _watch_decode(rec, observe) -> None:
+    """Wrap rec.step and rec.decode_block (the engine thread calls them) so that each call first reports
+    observe(K, state, the rows it steps), changing nothing; `del rec.step, rec.decode_block` undoes it."""
+    step, block = rec.step, rec.decode_block
+
+    def watched_step(tokens, state, **kw):
+        observe(1, state, torch.arange(state.shape[0]))
+        return step(tokens, state, **kw)
+
+    def watched_block(K, state, tokens, **kw):
+        observe(K, state, (kw["limit"] > 0).nonzero().flatten())
+        return block(K, state, tokens, **kw)
+
+    rec.step, rec.decode_block = watched_step, watched_block
+
+
 def test_the_server_serves_sashimi_with_its_state_layout(srv):
     info = httpx.get(srv.url + "/v1/models/" + TEXT).json()
     rec = srv.state.models[TEXT].rec
@@ -103,23 +119,15 @@ def test_every_phase_alone_and_in_one_batch_equals_the_reference(srv, sashimi_di
     assert engine._period == 16 and rec.align_period == 16
     phases_seen: list[int] = []  # distinct pooling phases among the rows of each prefill call
     stepped: list[int] = []  # ... among the rows each decode call steps
-    prefill, step, block = rec.prefill, rec.step, rec.decode_block
+    prefill = rec.prefill
 
     def counting_prefill(tokens, state, **kw):
         phases_seen.append(len(set(rec.phases(state).tolist())))
         return prefill(tokens, state, **kw)
 
-    def counting_step(tokens, state, **kw):
-        stepped.append(len(set(rec.phases(state).tolist())))
-        return step(tokens, state, **kw)
-
-    def counting_block(K, state, tokens, **kw):
-        rows = (kw["limit"] > 0).nonzero().flatten()
-        stepped.append(len(set(rec.phases(state[rows]).tolist())))
-        return block(K, state, tokens, **kw)
-
     # the engine thread calls these: observe them, change nothing
-    rec.prefill, rec.step, rec.decode_block = counting_prefill, counting_step, counting_block
+    rec.prefill = counting_prefill
+    _watch_decode(rec, lambda K, state, rows: stepped.append(len(set(rec.phases(state[rows]).tolist()))))
     if batching == "mixed":
         engine._period = 1
     client = httpx.Client(base_url=srv.url)
@@ -172,20 +180,11 @@ def test_rows_out_of_phase_leave_and_rejoin_in_phase_and_a_block_ends_where_one_
     sids = [_create(srv.url, f) for f in firsts]
     rec, engine = srv.state.models[TEXT].rec, srv.state.models[TEXT].engine
     calls: list[tuple[int, int, int]] = []  # (K, phases among the stepping rows, jobs waiting)
-    step, block = rec.step, rec.decode_block
 
     def observe(K, state, rows):
         calls.append((K, len(set(rec.phases(state[rows]).tolist())), len(engine._waiting)))
         if len(calls) == 1:  # (the engine thread: its next iteration aligns)
             engine._period = 16
-
-    def counting_step(tokens, state, **kw):
-        observe(1, state, torch.arange(state.shape[0]))
-        return step(tokens, state, **kw)
-
-    def counting_block(K, state, tokens, **kw):
-        observe(K, state, (kw["limit"] > 0).nonzero().flatten())
-        return block(K, state, tokens, **kw)
 
     got: list = [None] * 3
 
@@ -196,7 +195,7 @@ def test_rows_out_of_phase_leave_and_rejoin_in_phase_and_a_block_ends_where_one_
     held = engine.call(lambda e: gate.wait(60))
     try:
         engine._period = 1  # (the engine thread waits on the gate)
-        rec.step, rec.decode_block = counting_step, counting_block
+        _watch_decode(rec, observe)
         threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
         for t in threads:
             t.start()
