@@ -976,8 +976,8 @@ class Engine:
 
     def _align(self) -> int | None:
         """The decode batch's phase (of `self._period`): the one most of its live rows are at (ties: the
-        smaller); a row at another (one whose stream filled mid-block and had room again by this
-        iteration: it stopped stepping while the others went on) leaves, first to rejoin, in phase. None
+        smaller); a row at another (one that joined while prompts were ingested, or whose stream filled
+        mid-block: it stopped stepping while the others went on) leaves, first to rejoin, in phase. None
         for an empty batch."""
         b = self.batch
         live = [i for i, j in enumerate(b.rows) if j is not None]
