@@ -53,8 +53,9 @@ class Recorder:
 
 
 class Driver:
-    """An engine run by hand: `tick()` is one iteration of its loop. Streams are drained after each tick
-    (a job's tokens in `out(job)`, its final event in `final(job)`, None before)."""
+    """An engine run by hand: `tick()` is one iteration of its loop. Streams are drained after each tick,
+    but those of the jobs in `paused` (a job's tokens in `out(job)`, its final event in `final(job)`, None
+    before)."""
 
     def __init__(self, rec, **settings) -> None:
         self.loop = asyncio.new_event_loop()
@@ -69,6 +70,7 @@ class Driver:
         self._final: dict[Stream, Finished] = {}
         self.ticks = 0
         self._ids = itertools.count()
+        self.paused: list[Job] = []  # jobs whose streams `tick` leaves alone (a client not reading)
 
     def generate(self, prompt: list[int], max_new: int, params: SamplingParams | None = None) -> Job:
         """A one-shot generation (its own ephemeral session), as the HTTP route submits it."""
@@ -92,16 +94,21 @@ class Driver:
             self.events.append(("iteration",))
             assert self.engine._iterate()
             self.ticks += 1
-            self.loop.run_until_complete(asyncio.sleep(0))  # deliver the hand-over
             for job in self.jobs:
-                while not job.stream.queue.empty():
-                    items = job.stream.queue.get_nowait()  # one hand-over: ids, then maybe the final
-                    job.stream._took(items)
-                    for item in items:
-                        if isinstance(item, int):
-                            self._out[job.stream].append(item)
-                        else:
-                            self._final[job.stream] = item
+                if job not in self.paused:
+                    self.drain(job)
+
+    def drain(self, job: Job) -> None:
+        """Take what the job's stream holds, as its consumer on the event loop would."""
+        self.loop.run_until_complete(asyncio.sleep(0))  # deliver the hand-overs
+        while not job.stream.queue.empty():
+            items = job.stream.queue.get_nowait()  # one hand-over: ids, then maybe the final
+            job.stream._took(items)
+            for item in items:
+                if isinstance(item, int):
+                    self._out[job.stream].append(item)
+                else:
+                    self._final[job.stream] = item
 
     def until(self, done, limit: int = 500) -> int:
         """Tick until done() holds (at most `limit` ticks); the ticks it took."""
