@@ -1,9 +1,9 @@
 """Run the standard benchmarks (kernel, step, linear, decode, dtype, train, train_speed, server,
 tail_latency, parse_stall, audio_streams, generation, memory), then print a markdown summary of the headline
 numbers and write it to bench/results/summary.md (bench/results/quick/summary.md with --quick). The A/B
-and study benchmarks (prefill, sashimi, big_batch, split, sampler, c_ab, state_precision, text_baseline,
-official, gpu, server_ab) each answer one question against a baseline or a revision and run on their own
-(README.md, "Performance").
+and study benchmarks (prefill, sashimi, big_batch, split, sampler, c_ab, state_precision, prefix_cache,
+text_baseline, official, gpu, server_ab) each answer one question against a baseline or a revision and
+run on their own (README.md, "Performance").
 
     python -m bench.run_all [--quick] [--only kernel step ...] [--summary-only]
 """

@@ -138,6 +138,15 @@ class Settings(BaseSettings):
         description="prompt tokens ingested per engine iteration, between two decode steps (at least "
         "`prefill_chunk_tokens`); shortest prompts first, a prompt passed over goes first next time",
     )
+    prefix_cache_mb: float = Field(
+        64.0,
+        ge=0,
+        le=1 << 20,
+        description="per model, MiB of device memory for the states after prompt prefixes (at each "
+        "`prefill_chunk_tokens` boundary and at a prompt's end; least recently used first out): a new "
+        "session's prompt (one-shot requests and OpenAI routes included) starts from the longest stored "
+        "prefix and ingests only the rest, reported as usage.prompt_tokens_details.cached_tokens; 0: off",
+    )
     decode_block_ms: float = Field(
         40.0,
         ge=0,

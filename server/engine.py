@@ -82,6 +82,7 @@ from model.sampling import (
 from server.config import Settings
 from server.errors import APIError, not_found, over_capacity, unavailable
 from server.metrics import ModelMetrics, observe_many
+from server.prefix_cache import PrefixCache, boundary_keys
 from server.sessions import SessionRecord, SessionTable, SlotPool
 
 log = logging.getLogger("server.engine")
@@ -105,6 +106,7 @@ class Finished:
     prompt_tokens: int
     completion_tokens: int
     stop_at: int | None = None  # index in the generated tokens where the stop sequence starts
+    cached_tokens: int = 0  # prompt tokens whose state came from the prefix cache (server/prefix_cache.py)
 
 
 @dataclass
@@ -234,6 +236,8 @@ class Job:
     last_emit: float = 0.0
     delete_after: bool = False
     passed_over: int = 0  # prefill iterations in a row that had no room for this job's next chunk
+    prefix_keys: dict[int, bytes] | None = None  # a new session's prompt: its prefixes' cache keys by length
+    cached: int = 0  # tokens of `ingest` whose state came from the prefix cache
     queued: bool = True  # counted in the engine's queue depth (until it decodes or ends)
     # taking a turn back (kept sessions' generations; engine thread)
     saved: tuple[torch.Tensor, Snapshot] | None = None  # (state row, fields) before the turn's input
@@ -492,6 +496,8 @@ class Engine:
         self.model_id, self.rec, self.settings, self.sessions = model_id, rec, settings, sessions
         self.metrics = metrics
         self.pool = SlotPool(rec.init_state(settings.max_sessions), rec.config.vocab_size, rec.batch_dim)
+        budget = int(settings.prefix_cache_mb * (1 << 20))
+        self.prefix_cache = PrefixCache(budget, self.pool.bytes_per_slot) if budget else None
         # slot releases under way (event loop only): objects with `ended`, true once the slot is back (a
         # cancelled one-shot request's Job; a closed socket's delete, service.Release); service.wait_for_slots
         self.releasing: set = set()
@@ -789,6 +795,9 @@ class Engine:
             job.saved = (self.pool.row(rec.slot).clone(), fields)
         # the state holds every token but the pending one: feed the old pending token and all
         # new tokens but the last, which becomes the new pending token
+        # a session at its initial state (a new one, or one created empty: a WebSocket's first turn): the
+        # state after its input is a function of the input alone, which the prefix cache keys by
+        new = job.fresh or (rec.n_tokens == 0 and not bool(self.pool.row(rec.slot).any()))
         if job.tokens:
             rec.utf8_tail = b""  # input (whole characters) follows: a held character can never complete
             job.ingest = ([rec.pending] if rec.pending is not None else []) + job.tokens[:-1]
@@ -803,10 +812,24 @@ class Engine:
                 job.counts = torch.zeros(self.pool.seen.shape[1], device=self.pool.state.device)
             if job.params.prompt_logprobs is not None and job.ingest:
                 job.targets = job.ingest[1:] + [rec.pending]
-        if job.ingest:
+        if new and job.ingest and self.prefix_cache is not None:
+            self._cached_prefix(job)
+        if job.offset < len(job.ingest):
             self._prefilling.append(job)
         else:
             self._ingested(job)
+
+    def _cached_prefix(self, job: Job) -> None:
+        """The input of a session at its initial state: its prefixes' keys, for `_prefill_run` to store the
+        states at them, and (unless it wants the prompt's log-probabilities, which need the logits of every
+        position) its state from the longest stored prefix, whose tokens are then not ingested."""
+        job.prefix_keys = boundary_keys(job.ingest, self.settings.prefill_chunk_tokens)
+        self.metrics.prefix_cache_queries.inc(len(job.ingest))
+        hit = None if job.targets else self.prefix_cache.longest(job.prefix_keys, len(job.ingest))
+        if hit is not None:
+            job.offset = job.cached = hit[0]
+            self.pool.put_rows(torch.tensor([job.session.slot], device=self.pool.state.device), hit[1])
+            self.metrics.prefix_cache_hits.inc(hit[0])
 
     def _ingested(self, job: Job) -> None:
         if job.ended:  # a rollback's tokens are re-stepped
@@ -890,6 +913,7 @@ class Engine:
             want = "all" if any(job.targets for job, _ in group) else "none"
             logits, x = self.rec.prefill(toks, self.pool.rows(slots), logits=want)
             self.pool.put_rows(slots, x)
+            self._store_prefixes(group, x)
             for g, (job, piece) in enumerate(group):
                 if job.targets:  # prompt log-probabilities: position i predicts the token after it
                     k = job.params.prompt_logprobs
@@ -902,6 +926,18 @@ class Engine:
                 self._prefilling.remove(job)
                 self._ingested(job)
         self.metrics.prefill_tokens.inc(used)
+
+    def _store_prefixes(self, group: list[tuple[Job, list[int]]], x: torch.Tensor) -> None:
+        """Store in the prefix cache the states (x's rows, in `group`'s order) of the jobs whose chunk
+        ends at one of their prompt's keyed prefixes."""
+        if self.prefix_cache is None:
+            return
+        dim = self.pool.dim
+        for g, (job, piece) in enumerate(group):
+            key = None if job.prefix_keys is None else job.prefix_keys.get(job.offset + len(piece))
+            if key is not None:
+                self.prefix_cache.put(key, x.narrow(dim, g, 1))
+        self.metrics.prefix_cache_bytes.set(self.prefix_cache.bytes)
 
     def _decode(self) -> None:
         b = self.batch
@@ -1155,7 +1191,8 @@ class Engine:
         if reason == "stop":
             stop_at = find_stop(bytes(job.out_bytes), job.stops, len(job.out_bytes))
         prompt = 0 if job.undone else len(job.tokens)  # (cancelled during ingestion: the input not applied)
-        self._outbox.append((job.stream, Finished(reason, prompt, len(job.out), stop_at)))
+        cached = 0 if job.undone else job.cached
+        self._outbox.append((job.stream, Finished(reason, prompt, len(job.out), stop_at, cached)))
         self.metrics.e2e.observe(time.perf_counter() - job.submitted)
         self.metrics.finished[reason].inc()
         self._end(job)

@@ -97,6 +97,12 @@ class Metrics:
             m, registry=r, buckets=RTF_BUCKETS,
         )  # fmt: skip
         self.prefill_tokens = Counter("s4_prompt_tokens_ingested", "Prompt tokens prefilled", m, registry=r)
+        self.prefix_cache_queries = Counter("s4_prefix_cache_query_tokens", "Prompt tokens of new sessions "
+                                            "looked up in the prefix cache", m, registry=r)  # fmt: skip
+        self.prefix_cache_hits = Counter("s4_prefix_cache_hit_tokens", "Prompt tokens whose state came from "
+                                         "the prefix cache (not ingested)", m, registry=r)  # fmt: skip
+        self.prefix_cache_bytes = Gauge("s4_prefix_cache_bytes", "Bytes of state held by the prefix cache", m,
+                                        registry=r)  # fmt: skip
         self.active_sessions = Gauge("s4_active_sessions", "State slots in use (sessions + one-shot)", m,
                                      registry=r)  # fmt: skip
         self.state_bytes = Gauge("s4_state_resident_bytes", "Bytes of state held by slots in use", m,
@@ -174,6 +180,9 @@ class ModelMetrics:
             self.audio_frame_interval = m.audio_frame_interval.labels(model)
             self.audio_realtime_factor = m.audio_realtime_factor.labels(model)
         self.prefill_tokens = m.prefill_tokens.labels(model)
+        self.prefix_cache_queries = m.prefix_cache_queries.labels(model)
+        self.prefix_cache_hits = m.prefix_cache_hits.labels(model)
+        self.prefix_cache_bytes = m.prefix_cache_bytes.labels(model)
         self.active_sessions, self.state_bytes = m.active_sessions.labels(model), m.state_bytes.labels(model)
         self.pool_bytes, self.queue_depth = m.pool_bytes.labels(model), m.queue_depth.labels(model)
         self.engine_crashes = m.engine_crashes.labels(model)

@@ -218,9 +218,16 @@ class GenerateRequest(SamplingFields, InputFields, AudioStreamFields):
     stream: bool = Field(False, description="Server-Sent Events: token events, then a done event")
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(
+        description="prompt tokens whose state came from the prefix cache, not ingested (S4_PREFIX_CACHE_MB)"
+    )
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class GenerateResponse(BaseModel):
@@ -572,6 +579,7 @@ class CompletionUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
 class CompletionResponse(BaseModel):

@@ -858,7 +858,13 @@ class Output:
 
 
 def usage(final: Finished) -> dict:
-    return {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens}
+    """A generation's usage, OpenAI's fields: prompt_tokens_details.cached_tokens counts the prompt tokens
+    whose state came from the prefix cache."""
+    return {
+        "prompt_tokens": final.prompt_tokens,
+        "completion_tokens": final.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": final.cached_tokens},
+    }
 
 
 def now_s() -> int:

@@ -104,7 +104,11 @@ def test_websocket_binary_frames_in_and_out_at_16_khz(srv, audio_dir):
     assert [len(f) for f in frames] == [640, 640, 640, 80]
     want = reference(audio_dir, prompt, SamplingParams(seed=3), 1000)
     assert b"".join(frames) == to_pcm16(MU.decode(want))
-    assert done["usage"] == {"prompt_tokens": 700, "completion_tokens": 1000}
+    assert done["usage"] == {
+        "prompt_tokens": 700,
+        "completion_tokens": 1000,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 def test_wav_output_and_prompts_at_other_rates_resampled_to_16_khz(srv, audio_dir):

@@ -298,7 +298,8 @@ def test_a_recorded_prompt_is_sent_to_the_session(demo):
     d.page.fill("#audio-samples", "100")
     d.page.click("#audio-generate")
     d.wait_status("Done: length, 100 samples")
-    assert d.js("s4demo.lastDone.usage") == {"prompt_tokens": samples, "completion_tokens": 100}
+    done = {"prompt_tokens": samples, "completion_tokens": 100, "prompt_tokens_details": {"cached_tokens": 0}}
+    assert d.js("s4demo.lastDone.usage") == done
     assert d.errors == []
 
 
@@ -936,7 +937,11 @@ def test_a_file_that_cannot_be_decoded_unloads_the_previous_prompt(demo, tmp_pat
     d.page.fill("#audio-samples", "100")
     d.page.click("#audio-generate")
     d.wait_status("Done: length, 100 samples")
-    assert d.js("s4demo.lastDone.usage") == {"prompt_tokens": 1, "completion_tokens": 100}  # the silence
+    assert d.js("s4demo.lastDone.usage") == {
+        "prompt_tokens": 1,
+        "completion_tokens": 100,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }  # the silence
 
 
 def test_keyboard_focus_follows_generate_and_cancel_and_the_output_is_a_named_region(browser, limited):

@@ -27,7 +27,11 @@ def test_audio_without_a_prompt_starts_from_silence_over_http_wav_and_sse(client
     want = reference(model_dirs["audio"], SILENCE, SamplingParams(seed=5), 300)
     req = {"model": AUDIO, "max_new_tokens": 300, "seed": 5}
     body = client.post("/v1/generate", json=req).json()
-    assert body["tokens"] == want and body["usage"] == {"prompt_tokens": 1, "completion_tokens": 300}
+    assert body["tokens"] == want and body["usage"] == {
+        "prompt_tokens": 1,
+        "completion_tokens": 300,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     raw = client.post("/v1/generate", json=req, headers={"Accept": "audio/wav"})
     assert raw.status_code == 200 and raw.headers["x-prompt-tokens"] == "1"
     with wave.open(io.BytesIO(raw.content)) as w:
@@ -75,7 +79,11 @@ def test_audio_without_a_prompt_starts_from_silence_over_the_websocket(server, m
             return list(got), done
 
     ids, done = asyncio.run(run())
-    assert done["type"] == "done" and done["usage"] == {"prompt_tokens": 1, "completion_tokens": 200}
+    assert done["type"] == "done" and done["usage"] == {
+        "prompt_tokens": 1,
+        "completion_tokens": 200,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert ids == want
 
 
@@ -188,5 +196,9 @@ def test_a_nan_or_infinite_prompt_sample_is_refused_on_every_route_that_takes_au
     for err in errors:
         assert err["type"] == "error" and err["code"] == 422, err
         refused(err)
-    assert done["type"] == "done" and done["usage"] == {"prompt_tokens": 1, "completion_tokens": 3}
+    assert done["type"] == "done" and done["usage"] == {
+        "prompt_tokens": 1,
+        "completion_tokens": 3,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     client.delete(f"/v1/sessions/{sid}")

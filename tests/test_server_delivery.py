@@ -218,7 +218,11 @@ def test_cancel_while_the_prompt_is_ingested_stops_at_a_chunk_and_takes_the_prom
         pass
     cancel_s = time.perf_counter() - t0
     assert m["type"] == "done" and m["finish_reason"] == "cancelled", m
-    assert m["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
+    assert m["usage"] == {
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert exported(client, sid) == before
 
     # the same prompt, ingested whole this time (an append): the time the cancel saved

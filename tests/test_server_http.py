@@ -103,7 +103,11 @@ def test_generate_equals_the_library_one_shot(client, model_dirs):
     assert body["tokens"] == want
     assert body["text"] == bytes(want).decode("utf-8", errors="replace")
     assert body["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 48}
+    assert body["usage"] == {
+        "prompt_tokens": 9,
+        "completion_tokens": 48,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert client.post("/v1/generate", json=req).json()["tokens"] == want  # same seed, same tokens
 
 
@@ -117,7 +121,9 @@ def test_sse_streams_the_same_tokens_then_a_done_event(client):
     assert tokens == whole["tokens"]
     assert "".join(e["text"] for e in events if e["type"] == "token") == whole["text"]
     assert events[-1]["type"] == "done" and events[-1]["finish_reason"] == "length"
-    assert events[-1]["usage"] == whole["usage"]
+    # the same prompt a second time: its state after all but its last token comes from the prefix cache
+    cached = {"cached_tokens": len("whether") - 1}
+    assert events[-1]["usage"] == {**whole["usage"], "prompt_tokens_details": cached}
 
 
 def test_stop_sequence_ends_the_text_before_it(client, model_dirs):
@@ -147,7 +153,12 @@ def test_completions_are_openai_shaped_json_and_stream(client):
     r = client.post("/v1/completions", json=req).json()
     assert r["object"] == "text_completion" and r["id"].startswith("cmpl-")
     assert r["choices"][0]["text"] == ours["text"] and r["choices"][0]["finish_reason"] == "length"
-    assert r["usage"] == {"prompt_tokens": 12, "completion_tokens": 30, "total_tokens": 42}
+    assert r["usage"] == {  # (the prompt was ingested just before: all but its last token from the cache)
+        "prompt_tokens": 12,
+        "completion_tokens": 30,
+        "total_tokens": 42,
+        "prompt_tokens_details": {"cached_tokens": 11},
+    }
     with client.stream("POST", "/v1/completions", json={**req, "stream": True}) as s:
         events = sse_events(s)
     assert events[-1] == "[DONE]"

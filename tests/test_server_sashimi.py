@@ -217,7 +217,8 @@ def test_rows_out_of_phase_leave_and_rejoin_in_phase_and_a_block_ends_where_one_
     assert calls[1][1:] == (1, 2) and all(ph == 1 for _, ph, _ in calls[1:]), calls
     # their phases after the first token: 7, 12 and 1 (15 at the start, + 0, 5, 10 prompt tokens, + the
     # turn's 7, + 1); the batch takes 1 (a tie: the smaller), so blocks of 6 and 5 steps end at the joins
-    assert [K for K, _, w in calls if w] == [6, 5], calls
+    # (later, a row whose client falls behind by a stream's room waits again: on a loaded machine)
+    assert [K for K, _, w in calls if w][:2] == [6, 5], calls
 
 
 def test_a_job_held_for_its_phase_keeps_its_place_in_a_full_batch(sashimi_dir):

@@ -437,7 +437,11 @@ def test_audio_prompt_and_output_as_binary_frames(server, model_dirs):
                       "frame_ms": 20, "frame_samples": 160}  # fmt: skip
     want = reference(model_dirs["audio"], prompt, SamplingParams(seed=3), 40)
     assert list(data) == want  # mu-law frames are the token ids themselves
-    assert done["usage"] == {"prompt_tokens": 300, "completion_tokens": 40}
+    assert done["usage"] == {
+        "prompt_tokens": 300,
+        "completion_tokens": 40,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert header2["encoding"] == "pcm16"
     want2 = reference(model_dirs["audio"], prompt + want, SamplingParams(seed=4), 20)
     assert pcm == to_pcm16(mu.decode(want2))
@@ -519,7 +523,11 @@ def test_a_refused_audio_prompt_refuses_its_turn_and_the_frames_after_it(server,
             f"this {kind} is refused" in refused["message"] and "Send the prompt again" in refused["message"]
         )
         assert out[f"tokens-{kind}"] == out["tokens0"] == 0  # no hidden turn
-    assert out["done"]["usage"] == {"prompt_tokens": 200, "completion_tokens": 8}
+    assert out["done"]["usage"] == {
+        "prompt_tokens": 200,
+        "completion_tokens": 8,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert list(out["data"]) == reference(model_dirs["audio"], prompt, SamplingParams(seed=2), 8)
 
 

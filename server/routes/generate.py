@@ -171,6 +171,7 @@ async def generate(req: GenerateRequest, request: Request):
             "X-Finish-Reason": final.finish_reason,
             "X-Prompt-Tokens": str(final.prompt_tokens),
             "X-Completion-Tokens": str(final.completion_tokens),
+            "X-Cached-Tokens": str(final.cached_tokens),
         }
         return Response(
             media.wav(tokens, model.sample_rate, model.codec), media_type="audio/wav", headers=headers

@@ -306,10 +306,15 @@ def finish_reason(final: Finished) -> str:
 
 
 def usage(prompts: list[list[int]], runs: list[Run]) -> dict:
-    """Prompt tokens once per prompt; completion tokens of every sample (best_of's unreturned too)."""
+    """Prompt tokens once per prompt; completion tokens of every sample (best_of's unreturned too); cached
+    tokens once per prompt, the fewest any of its samples started from (each sample ingests its prompt:
+    those arriving together are ingested together, before any is cached)."""
     p = sum(len(ids) for ids in prompts)
     c = sum(r.final.completion_tokens for r in runs if r.final is not None)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    cached = [min((r.final.cached_tokens for r in runs if r.prompt == i and r.final is not None), default=0)
+              for i in range(len(prompts))]  # fmt: skip
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c,
+            "prompt_tokens_details": {"cached_tokens": sum(cached)}}  # fmt: skip
 
 
 # --- log-probability entries ------------------------------------------------------------------------

@@ -1,0 +1,343 @@
+"""The prefix cache (server/prefix_cache.py): its keys and eviction, the engine starting a new session's
+prompt from the longest stored prefix (driven by hand, tests/test_scheduling.py's Driver), and the usage
+and metrics the routes report.
+
+The cache restores the state that ingestion computed at a chunk boundary, and the rest of the prompt is
+ingested from that boundary as before, so a hit must give the very tokens the same request gets with the
+cache off (seeded sampling at temperature 1: any change in the state shows up within a few tokens). The
+float64 conv-mode check of chunked ingestion itself is tests/test_scheduling.py's."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import pytest
+import torch
+from conftest import devices
+from server_support import (
+    CORPUS,
+    ServerThread,
+    make_audio_model,
+    make_text_model,
+    metric,
+    reference,
+    sse_events,
+)
+from test_scheduling import Driver, prompt_of
+from test_server_sashimi import make_text_sashimi
+
+from model import save
+from model.sampling import SamplingParams
+from server import Settings
+from server.__main__ import main as server_main
+from server.engine import Job, Stream
+from server.prefix_cache import PrefixCache, boundary_keys
+from server.sessions import pack_state, unpack_state
+
+CHUNK = 64
+
+
+# --- keys and the cache alone -------------------------------------------------------------------------
+
+
+def test_keys_name_every_whole_chunk_and_the_end_and_only_equal_prefixes_share_them():
+    p = prompt_of(3 * CHUNK + 5, 1)
+    keys = boundary_keys(p, CHUNK)
+    assert sorted(keys) == [CHUNK, 2 * CHUNK, 3 * CHUNK, 3 * CHUNK + 5]
+    assert sorted(boundary_keys(p[: 2 * CHUNK], CHUNK)) == [CHUNK, 2 * CHUNK]  # the end on a boundary: once
+    other = p[: 2 * CHUNK] + prompt_of(CHUNK + 5, 2)  # the same first 2 chunks, then others
+    k2 = boundary_keys(other, CHUNK)
+    assert k2[CHUNK] == keys[CHUNK] and k2[2 * CHUNK] == keys[2 * CHUNK]
+    assert k2[3 * CHUNK] != keys[3 * CHUNK] and k2[3 * CHUNK + 5] != keys[3 * CHUNK + 5]
+    changed = list(p)
+    changed[0] += 1  # one token early on changes every key after it
+    assert all(a != b for a, b in zip(boundary_keys(changed, CHUNK).values(), keys.values()))
+    assert boundary_keys([], CHUNK) == {}
+    assert boundary_keys([0] * 10, 100)[10] != boundary_keys([0] * 11, 100)[11]
+    assert boundary_keys([1, 256], 2)[2] != boundary_keys([256, 1], 2)[2]  # (not a byte per token)
+    with pytest.raises(ValueError, match="chunk"):
+        boundary_keys(p, 0)
+
+
+def test_the_cache_keeps_the_most_recently_used_rows_within_its_budget_and_copies_them():
+    row = torch.zeros(1, 8)  # 32 bytes
+    cache = PrefixCache(budget_bytes=3 * 32 + 31, row_bytes=32)
+    assert cache.capacity == 3
+    for i in range(3):
+        cache.put(bytes([i]), row + i)
+    assert cache.longest({1: b"\x00"}, 1)[1][0, 0] == 0  # 0 used: 1 is now the least recently used
+    cache.put(b"\x03", row + 3)
+    assert cache.entries == 3 and cache.bytes == 96
+    assert cache.longest({1: b"\x01"}, 1) is None
+    assert [cache.longest({1: bytes([i])}, 1)[1][0, 0].item() for i in (0, 2, 3)] == [0, 2, 3]
+    # the longest stored prefix within the bound
+    assert cache.longest({5: b"\x00", 9: b"\x02", 12: b"\x03"}, 11)[0] == 9
+    assert cache.longest({5: b"\x07"}, 11) is None
+    mine = row + 5
+    cache.put(b"\x05", mine)
+    mine += 1  # the caller's tensor, reused: the stored row is a copy
+    assert cache.longest({1: b"\x05"}, 1)[1][0, 0] == 5
+    with pytest.raises(ValueError, match="16 bytes"):
+        cache.put(b"\x09", torch.zeros(1, 4))
+    nothing = PrefixCache(budget_bytes=31, row_bytes=32)  # under one row: keeps nothing
+    nothing.put(b"\x00", row)
+    assert nothing.entries == 0
+
+
+# --- the engine --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rec():
+    return make_text_model().eval().to_recurrent()
+
+
+def generation(d: Driver, prompt: list[int], seed: int, n: int = 40, **params):
+    """(tokens, Finished, the prefill calls' (rows, length)) of one generation run to its end."""
+    job = d.generate(prompt, max_new=n, params=SamplingParams(seed=seed, temperature=1.0, **params))
+    start = len(d.events)
+    d.until(lambda: d.final(job))
+    return d.out(job), d.final(job), [e[1:] for e in d.events[start:] if e[0] == "prefill"]
+
+
+def driver(rec, **settings) -> Driver:
+    return Driver(rec, prefill_chunk_tokens=CHUNK, prefill_token_budget=CHUNK, **settings)
+
+
+MODELS = {  # name → (the network, the served weights' dtype)
+    "isotropic": (make_text_model, None),
+    "isotropic-bfloat16": (make_text_model, torch.bfloat16),
+    "sashimi": (make_text_sashimi, None),
+    "audio": (make_audio_model, None),
+}
+
+
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("model", list(MODELS))
+def test_a_prompt_starts_from_its_longest_stored_prefix_with_the_tokens_of_the_cache_off(model, device):
+    """A 3-chunk prompt, then: itself (all of it cached: nothing ingested), a prompt sharing its first 2
+    chunks (ingested from there), one sharing 1.5 chunks (from the first boundary), one sharing no whole
+    chunk (all of it). Each gets the tokens it gets from an engine without a cache, and its usage counts
+    the tokens it did not ingest; the metrics count those looked up and those found. Every kind of model
+    (a SaShiMi's pooling phase and buffers are in the cached row; an audio model's prompt is samples;
+    bfloat16 weights keep a float32 state) and every device."""
+    make, dtype = MODELS[model]
+    rec = make().eval().to_recurrent(device=device, dtype=dtype)
+    p = prompt_of(3 * CHUNK + 10, 1)
+    prompts = [p, p, p[: 2 * CHUNK] + prompt_of(20, 2), p[: CHUNK + 32] + prompt_of(40, 3), prompt_of(50, 4)]
+    cold = driver(rec, prefix_cache_mb=0)
+    assert cold.engine.prefix_cache is None
+    want = [generation(cold, q, seed=10 + i) for i, q in enumerate(prompts)]
+    cold.close()
+    d = driver(rec)
+    got = [generation(d, q, seed=10 + i) for i, q in enumerate(prompts)]
+    for (w, _, _), (g, _, _) in zip(want, got):
+        assert g == w
+    cached = [f.cached_tokens for _, f, _ in got]
+    assert cached == [0, len(p) - 1, 2 * CHUNK, CHUNK, 0]
+    assert [f.prompt_tokens for _, f, _ in got] == [len(q) for q in prompts]
+    # what each ingested: from its cached prefix on, in the same fixed chunks
+    assert got[0][2] == want[0][2] == [(1, CHUNK)] * 3 + [(1, 9)]
+    assert got[1][2] == [] and got[2][2] == [(1, 19)] and got[3][2] == [(1, CHUNK), (1, 7)]
+    assert got[4][2] == want[4][2] == [(1, 49)]
+    m = d.engine.metrics
+    assert m.prefix_cache_queries._value.get() == sum(len(q) - 1 for q in prompts)
+    assert m.prefix_cache_hits._value.get() == sum(cached)
+    assert m.prefill_tokens._value.get() == sum(len(q) - 1 for q in prompts) - sum(cached)
+    d.close()
+
+
+def test_prompt_logprobs_ingest_the_whole_prompt_and_a_continued_session_looks_nothing_up(rec):
+    """A request for the prompt's log-probabilities needs every position's logits: it is ingested whole,
+    with the cache's prefixes stored all the same (the next request hits them). A session that already
+    holds tokens (a later turn) is not a new prompt: nothing is looked up or stored."""
+    d = driver(rec)
+    p = prompt_of(2 * CHUNK + 3, 5)
+    _, first, calls = generation(d, p, seed=1, prompt_logprobs=2)
+    assert first.cached_tokens == 0 and calls == [(1, CHUNK), (1, CHUNK), (1, 2)]
+    _, again, calls = generation(d, p, seed=1, prompt_logprobs=2)
+    assert again.cached_tokens == 0 and calls == [(1, CHUNK), (1, CHUNK), (1, 2)]
+    _, hit, calls = generation(d, p, seed=1)
+    assert hit.cached_tokens == len(p) - 1 and calls == []
+    entries = d.engine.prefix_cache.entries
+    job = d.generate(p, max_new=3)  # a one-shot session's first turn: a new prompt
+    d.until(lambda: d.final(job))
+    assert d.final(job).cached_tokens == len(p) - 1
+    assert d.engine.prefix_cache.entries == entries
+    d.close()
+
+
+def test_the_cache_stays_within_its_budget_least_recently_used_out(rec):
+    """A budget of 2.5 rows holds 2: of three prompts' end states the first is evicted by the third; the
+    bytes gauge reports what is held."""
+    d = driver(rec, prefix_cache_mb=1)
+    row_bytes = d.engine.pool.bytes_per_slot
+    d.close()
+    mb = 2.5 * row_bytes / (1 << 20)
+    d = driver(rec, prefix_cache_mb=mb)
+    assert d.engine.prefix_cache.capacity == 2
+    prompts = [prompt_of(30, 10 + i) for i in range(3)]  # under one chunk: one key each, the end
+    for q in prompts:
+        generation(d, q, seed=0, n=2)
+    assert d.engine.metrics.prefix_cache_bytes._value.get() == 2 * row_bytes
+    assert [generation(d, q, seed=0, n=2)[1].cached_tokens for q in prompts[::-1]] == [29, 29, 0]
+    d.close()
+
+
+def session_turns(d: Driver, first: list[int], turn: list[int], seed: int) -> tuple[list[int], int]:
+    """A kept session created with `first` (an ingest-only job, as POST /v1/sessions), then a generation
+    turn with `turn` on it: (the turn's tokens, its cached tokens)."""
+    rec = d.engine.new_session(f"kept{len(d.jobs)}", ephemeral=False)
+    created = concurrent.futures.Future()
+    d.engine.submit(Job(rec, list(first), fresh=True, future=created))
+    d.until(created.done)
+    rec = d.engine.sessions.claim(rec.id)
+    job = Job(rec, list(turn), stream=Stream(d.loop, d.settings.stream_buffer),
+              params=SamplingParams(seed=seed, temperature=1.0), max_new_tokens=20)  # fmt: skip
+    d.engine.submit(job)
+    d.jobs.append(job)
+    d._out[job.stream] = []
+    d.until(lambda: d.final(job))
+    return d.out(job), d.final(job).cached_tokens
+
+
+def test_a_later_turn_of_a_session_is_not_a_prompt_and_looks_nothing_up(rec):
+    """A one-shot prompt P stores the state after P's first tokens. A kept session's later turn feeds the
+    session's pending token and the turn's tokens, which can be exactly those tokens, but after the
+    session's history: it must not start from P's state. Its tokens are those of a cache-off engine,
+    and nothing is counted as cached; the session's first prompt does start from the cache."""
+    first = prompt_of(2 * CHUNK + 7, 20)
+    turn = prompt_of(CHUNK + 9, 21)
+    p = [first[-1]] + turn  # ingested as P[:-1] = [first's last token] + turn[:-1]: the turn's very tokens
+    cold = driver(rec, prefix_cache_mb=0)
+    want = session_turns(cold, first, turn, seed=4)
+    cold.close()
+    d = driver(rec)
+    generation(d, p, seed=0, n=2)
+    generation(d, first, seed=0, n=2)
+    hits = d.engine.metrics.prefix_cache_hits._value.get()
+    got = session_turns(d, first, turn, seed=4)
+    assert got == (want[0], 0)
+    # the session's creation started from `first`'s whole prompt; its turn looked nothing up
+    assert d.engine.metrics.prefix_cache_hits._value.get() - hits == len(first) - 1
+    d.close()
+
+
+# --- through the server ------------------------------------------------------------------------------
+
+
+def test_the_routes_report_cached_tokens_and_the_tokens_do_not_change(tmp_path):
+    """/v1/generate (JSON and SSE) and the OpenAI completions (n = 2: the fewest cached among a prompt's
+    samples) report usage.prompt_tokens_details.cached_tokens; a request's tokens are those of the
+    library's one-shot generation whether its prefix came from the cache or not; the metrics count the
+    cached tokens; a session created with a prompt starts from the cache, and so does the first turn of
+    one created empty (a WebSocket's), not its next."""
+    torch.manual_seed(0)
+    d = tmp_path / "tiny-text"
+    save(make_text_model(), d)
+    settings = Settings(checkpoints=[str(d)], prefill_chunk_tokens=CHUNK, prefill_token_budget=CHUNK)
+    srv = ServerThread(settings).start()
+    doc = (CORPUS * 4)[: 2 * CHUNK + 30]
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+
+            def gen(prompt: str, seed: int, stream: bool = False) -> tuple[list[int], dict]:
+                body = {"model": "tiny-text", "prompt": prompt, "max_new_tokens": 12, "seed": seed,
+                        "temperature": 1.0, "stream": stream}  # fmt: skip
+                if not stream:
+                    r = c.post("/v1/generate", json=body)
+                    assert r.status_code == 200, r.text
+                    return r.json()["tokens"], r.json()["usage"]
+                with c.stream("POST", "/v1/generate", json=body) as r:
+                    events = sse_events(r)
+                return [t for e in events if e["type"] == "token" for t in e["ids"]], events[-1]["usage"]
+
+            hits0 = metric(c, "s4_prefix_cache_hit_tokens_total", "tiny-text")
+            first, u1 = gen(doc + " Q1?", 1)
+            again, u2 = gen(doc + " Q2?", 2, stream=True)
+            for prompt, seed, toks in ((doc + " Q1?", 1, first), (doc + " Q2?", 2, again)):
+                assert toks == reference(
+                    d, list(prompt.encode()), SamplingParams(seed=seed, temperature=1.0), 12
+                )
+            assert u1["prompt_tokens_details"] == {"cached_tokens": 0}
+            assert u2["prompt_tokens_details"] == {"cached_tokens": 2 * CHUNK}
+            r = c.post("/v1/completions", json={"model": "tiny-text", "prompt": doc + " Q3?", "max_tokens": 4,
+                                                "n": 2, "seed": 3})  # fmt: skip
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 2 * CHUNK}
+            s = c.post("/v1/sessions", json={"model": "tiny-text", "prompt": doc + " Q1?"})
+            assert s.status_code == 201, s.text
+            # a session created empty (as a WebSocket's is): its first turn is a prompt from the start
+            sid = c.post("/v1/sessions", json={"model": "tiny-text"}).json()["session_id"]
+            body = {"model": "tiny-text", "session_id": sid, "prompt": doc + " Q4?", "max_new_tokens": 5,
+                    "seed": 4, "temperature": 1.0}  # fmt: skip
+            r = c.post("/v1/generate", json=body).json()
+            params = SamplingParams(seed=4, temperature=1.0)
+            assert r["tokens"] == reference(d, list((doc + " Q4?").encode()), params, 5)
+            assert r["usage"]["prompt_tokens_details"] == {"cached_tokens": 2 * CHUNK}
+            # its next turn has a history: nothing looked up
+            body = {**body, "prompt": doc}
+            usage = c.post("/v1/generate", json=body).json()["usage"]
+            assert usage["prompt_tokens_details"]["cached_tokens"] == 0
+            # Q2's 2 chunks, the session's whole prompt (Q1's, all but its last token), Q4's 2 chunks (the
+            # empty session's first turn) and Q3's 2 samples: 2
+            # chunks each, or for the second the first's whole prompt when the first was ingested before the
+            # second was admitted (the usage counts the fewer)
+            hits = metric(c, "s4_prefix_cache_hit_tokens_total", "tiny-text") - hits0
+            base = 2 * CHUNK + (len(doc) + 3) + 2 * CHUNK + 2 * CHUNK
+            assert hits in (base + 2 * CHUNK, base + len(doc) + 3), hits
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", str((1 << 20) + 1), "lots"])
+def test_a_prefix_cache_size_out_of_range_is_refused_by_name(value, monkeypatch, capsys):
+    with pytest.raises(ValueError, match="prefix_cache_mb"):
+        Settings(prefix_cache_mb=value)
+    monkeypatch.setenv("S4_PREFIX_CACHE_MB", value)
+    with pytest.raises(SystemExit, match="invalid settings: .*PREFIX_CACHE_MB"):
+        server_main([])
+    monkeypatch.delenv("S4_PREFIX_CACHE_MB")
+    with pytest.raises(SystemExit) as refused:  # (argparse refuses a flag that is no number: on stderr)
+        server_main(["--prefix-cache-mb", value])
+    assert "PREFIX_CACHE_MB" in str(refused.value) or "--prefix-cache-mb" in capsys.readouterr().err
+
+
+def test_an_imported_state_that_counts_no_tokens_is_not_taken_for_a_new_session(tmp_path):
+    """A session imported with `n_tokens` 0 and no pending token, but a state that is not the initial one
+    (an export whose header was edited; the import checks the state's range, not its history): its first
+    turn must start from that state, not from a stored prefix. Its tokens are those a server without the
+    cache gives for the same import and turn."""
+    torch.manual_seed(0)
+    d = tmp_path / "tiny-text"
+    save(make_text_model(), d)
+    doc = (CORPUS * 4)[: 2 * CHUNK + 30]
+    got = []
+    for mb in (64, 0):
+        settings = Settings(checkpoints=[str(d)], prefill_chunk_tokens=CHUNK, prefill_token_budget=CHUNK,
+                            prefix_cache_mb=mb)  # fmt: skip
+        srv = ServerThread(settings).start()
+        try:
+            with httpx.Client(base_url=srv.url, timeout=60) as c:
+                if mb:  # prefixes of the turn's prompt stored
+                    assert (
+                        c.post(
+                            "/v1/generate", json={"model": "tiny-text", "prompt": doc + " Q0?"}
+                        ).status_code
+                        == 200
+                    )
+                sid = c.post("/v1/sessions", json={"model": "tiny-text", "prompt": CORPUS}).json()[
+                    "session_id"
+                ]
+                header, raw = unpack_state(c.get(f"/v1/sessions/{sid}/export").content)
+                header.update(n_tokens=0, pending=None)
+                r = c.post("/v1/sessions/import", content=pack_state(header, raw))
+                assert r.status_code == 201, r.text
+                body = {"model": "tiny-text", "session_id": r.json()["session_id"], "prompt": doc + " Q1?",
+                        "max_new_tokens": 12, "seed": 1, "temperature": 1.0}  # fmt: skip
+                r = c.post("/v1/generate", json=body).json()
+                got.append((r["tokens"], r["usage"]["prompt_tokens_details"]["cached_tokens"]))
+        finally:
+            srv.stop()
+    assert got[0] == got[1] and got[0][1] == 0
