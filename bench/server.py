@@ -90,9 +90,9 @@ def engine_rate(rec, n: int, sz: dict, logprobs_rows: int = 0) -> dict[str, floa
     from server.metrics import Metrics
     from server.sessions import SessionTable
 
-    settings = Settings(
-        max_sessions=n, max_batch_size=max(n, 1), max_queued_requests=n + 1, stream_buffer=256
-    )
+    # (no prefix cache: its warm-up and its runs send the same prompts)
+    settings = Settings(max_sessions=n, max_batch_size=max(n, 1), max_queued_requests=n + 1,
+                        stream_buffer=256, prefix_cache_mb=0)  # fmt: skip
     engine = Engine("bench", rec, settings, SessionTable(), Metrics().for_model("bench"))
     engine.start()
 
@@ -140,9 +140,11 @@ def _pcts(name: str, xs: list[float]) -> dict[str, float]:
 
 
 def start_server(ckpt: Path, max_sessions: int) -> tuple[subprocess.Popen, str]:
+    # (no prefix cache: every prompt is ingested, as before it existed, though runs repeat prompts)
     return launch.start_server(["--checkpoints", str(ckpt), "--max-sessions", str(max_sessions),
                                 "--max-batch-size", str(max_sessions),
-                                "--max-queued-requests", str(max_sessions + 8)], timeout_s=300)  # fmt: skip
+                                "--max-queued-requests", str(max_sessions + 8)], timeout_s=300,
+                               env={"S4_PREFIX_CACHE_MB": "0"})  # fmt: skip
 
 
 def websocket_rate(url: str, model: str, n: int, sz: dict) -> dict[str, float]:

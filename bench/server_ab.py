@@ -127,6 +127,9 @@ def run(
             try:
                 for name in (first, "B" if first == "A" else "A"):
                     env, root = arms[name]
+                    # the prefix cache off unless an arm sets it (runs repeat prompts; an older
+                    # checkout has none, and ignores the variable)
+                    env = {"S4_PREFIX_CACHE_MB": "0", **env}
                     servers[name] = launch.start_server(flags, timeout_s=300, env=env, cwd=root)
                     if workload == "audio":
                         measure_audio(servers[name], sessions, WARMUP_S, label=None)  # (warm-up)

@@ -240,9 +240,10 @@ def run(quick: bool) -> dict[str, Any]:
     servers = {}
     try:
         for name, cfg in CONFIGS.items():
+            # (no prefix cache: every round sends the same long prompt, to be ingested each time)
             flags = ["--checkpoints", str(SHIPPED), "--max-sessions", "128", "--max-batch-size", "128",
-                     "--max-queued-requests", "136",
-                     "--max-prompt-tokens", str(sz["long_prompt"])]  # fmt: skip
+                     "--max-queued-requests", "136", "--max-prompt-tokens", str(sz["long_prompt"]),
+                     "--prefix-cache-mb", "0"]  # fmt: skip
             for k, v in cfg.items():
                 flags += [f"--{k.replace('_', '-')}", str(v)]
             servers[name] = launch.start_server(flags, timeout_s=300)

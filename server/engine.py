@@ -496,8 +496,8 @@ class Engine:
         self.model_id, self.rec, self.settings, self.sessions = model_id, rec, settings, sessions
         self.metrics = metrics
         self.pool = SlotPool(rec.init_state(settings.max_sessions), rec.config.vocab_size, rec.batch_dim)
-        budget = int(settings.prefix_cache_mb * (1 << 20))
-        self.prefix_cache = PrefixCache(budget, self.pool.bytes_per_slot) if budget else None
+        cache = PrefixCache(int(settings.prefix_cache_mb * (1 << 20)), self.pool.bytes_per_slot)
+        self.prefix_cache = cache if cache.capacity else None  # (a budget under one row: off)
         # slot releases under way (event loop only): objects with `ended`, true once the slot is back (a
         # cancelled one-shot request's Job; a closed socket's delete, service.Release); service.wait_for_slots
         self.releasing: set = set()
@@ -797,8 +797,11 @@ class Engine:
         # new tokens but the last, which becomes the new pending token
         # a session at its initial state (a new one, or one created empty: a WebSocket's first turn): the
         # state after its input is a function of the input alone, which the prefix cache keys by
-        new = job.fresh or (rec.n_tokens == 0 and not bool(self.pool.row(rec.slot).any()))
+        new = self.prefix_cache is not None and (
+            job.fresh or (rec.n_tokens == 0 and not bool(self.pool.row(rec.slot).any()))
+        )
         if job.tokens:
+            rec.cached = 0
             rec.utf8_tail = b""  # input (whole characters) follows: a held character can never complete
             job.ingest = ([rec.pending] if rec.pending is not None else []) + job.tokens[:-1]
             rec.pending = job.tokens[-1]
@@ -812,7 +815,7 @@ class Engine:
                 job.counts = torch.zeros(self.pool.seen.shape[1], device=self.pool.state.device)
             if job.params.prompt_logprobs is not None and job.ingest:
                 job.targets = job.ingest[1:] + [rec.pending]
-        if new and job.ingest and self.prefix_cache is not None:
+        if new and job.ingest:
             self._cached_prefix(job)
         if job.offset < len(job.ingest):
             self._prefilling.append(job)
@@ -824,10 +827,12 @@ class Engine:
         states at them, and (unless it wants the prompt's log-probabilities, which need the logits of every
         position) its state from the longest stored prefix, whose tokens are then not ingested."""
         job.prefix_keys = boundary_keys(job.ingest, self.settings.prefill_chunk_tokens)
+        if job.targets:
+            return
         self.metrics.prefix_cache_queries.inc(len(job.ingest))
-        hit = None if job.targets else self.prefix_cache.longest(job.prefix_keys, len(job.ingest))
+        hit = self.prefix_cache.longest(job.prefix_keys, len(job.ingest))
         if hit is not None:
-            job.offset = job.cached = hit[0]
+            job.offset = job.cached = job.session.cached = hit[0]
             self.pool.put_rows(torch.tensor([job.session.slot], device=self.pool.state.device), hit[1])
             self.metrics.prefix_cache_hits.inc(hit[0])
 
@@ -935,8 +940,17 @@ class Engine:
         dim = self.pool.dim
         for g, (job, piece) in enumerate(group):
             key = None if job.prefix_keys is None else job.prefix_keys.get(job.offset + len(piece))
-            if key is not None:
+            if key is None:
+                continue
+            try:
                 self.prefix_cache.put(key, x.narrow(dim, g, 1))
+            except RuntimeError as exc:  # torch.OutOfMemoryError; on CPU "... can't allocate memory ..."
+                if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
+                    raise
+                kept = self.prefix_cache.shrink()
+                log.warning("model %s: out of memory for the prefix cache: it keeps %d rows from now on (%s)",
+                            self.model_id, kept, type(exc).__name__)  # fmt: skip
+                break
         self.metrics.prefix_cache_bytes.set(self.prefix_cache.bytes)
 
     def _decode(self) -> None:

@@ -69,13 +69,17 @@ class PrefixCache:
 
     def longest(self, keys: dict[int, bytes], within: int) -> tuple[int, torch.Tensor] | None:
         """The longest stored prefix among `keys` ({length: key}) no longer than `within` tokens, as
-        (length, row), made the most recently used; None when none is stored."""
-        for length in sorted((n for n in keys if n <= within), reverse=True):
-            row = self._rows.get(keys[length])
-            if row is not None:
-                self._rows.move_to_end(keys[length])
-                return length, row
-        return None
+        (length, row); None when none is stored. It and the stored shorter prefixes of `keys` become the
+        most recently used (the longest last), so a prefix that many prompts share stays while it is used
+        (vLLM touches every block of a hit's chain)."""
+        lengths = sorted(n for n in keys if n <= within)
+        hit = next((n for n in reversed(lengths) if keys[n] in self._rows), None)
+        if hit is None:
+            return None
+        for n in lengths:
+            if n <= hit and keys[n] in self._rows:
+                self._rows.move_to_end(keys[n])
+        return hit, self._rows[keys[hit]]
 
     def put(self, key: bytes, row: torch.Tensor) -> None:
         """Store a copy of `row` under `key` (or refresh it as the most recently used), evicting the least
@@ -91,6 +95,14 @@ class PrefixCache:
         while len(self._rows) >= self.capacity:
             self._rows.popitem(last=False)
         self._rows[key] = row.clone()
+
+    def shrink(self) -> int:
+        """After an allocation failed: hold at most the rows held now, less one (at least none), from now
+        on, the least recently used dropped. Returns the new capacity."""
+        self.capacity = max(len(self._rows) - 1, 0)
+        while len(self._rows) > self.capacity:
+            self._rows.popitem(last=False)
+        return self.capacity
 
     def clear(self) -> None:
         self._rows.clear()

@@ -165,18 +165,28 @@ def available_memory(device: torch.device) -> int:
 
 
 def state_pool_problem(rec: RecurrentModel, settings: Settings, name: str) -> str | None:
-    """Why the model's state slot pool (S4_MAX_SESSIONS rows of its state, and of its seen-token set) does
-    not fit in the memory available, checked before it is allocated (a raw allocator error named no
+    """Why the model's state slot pool (S4_MAX_SESSIONS rows of its state, and of its seen-token set) and
+    its prefix cache (S4_PREFIX_CACHE_MB, in whole state rows, allocated as prompts are ingested) do not
+    fit in the memory available, checked before the pool is allocated (a raw allocator error named no
     setting: a fresh-user trial); else None."""
     per_slot = rec.state_bytes_per_sequence + rec.config.vocab_size  # the state, and `seen` (one bool per id)
+    row = rec.state_bytes_per_sequence
+    cache = int(settings.prefix_cache_mb * (1 << 20)) // row * row
     device = torch.device(rec.device)
-    need, free = settings.max_sessions * per_slot, available_memory(device)
-    if need <= free:
+    pool, free = settings.max_sessions * per_slot, available_memory(device)
+    if pool + cache <= free:
         return None
+    if pool > free:
+        return (
+            f"S4_MAX_SESSIONS={settings.max_sessions}: model {name}'s state pool needs {pool:,} bytes "
+            f"({settings.max_sessions:,} sessions x {per_slot:,} bytes), more than the {free:,} bytes of "
+            f"{device.type} memory available; at most {max(free, 0) // per_slot:,} sessions fit"
+        )
     return (
-        f"S4_MAX_SESSIONS={settings.max_sessions}: model {name}'s state pool needs {need:,} bytes "
-        f"({settings.max_sessions:,} sessions x {per_slot:,} bytes), more than the {free:,} bytes of "
-        f"{device.type} memory available; at most {max(free, 0) // per_slot:,} sessions fit"
+        f"S4_PREFIX_CACHE_MB={settings.prefix_cache_mb:g}: model {name}'s prefix cache ({cache:,} bytes) and "
+        f"state pool ({pool:,} bytes: S4_MAX_SESSIONS={settings.max_sessions:,}) need more than the {free:,} "
+        f"bytes of {device.type} memory available; at most {max(free - pool, 0) / (1 << 20):.1f} MiB "
+        "fit beside the pool"
     )
 
 

@@ -325,6 +325,20 @@ def ws_turn(ws, message: dict, timeout: float = 30) -> list[dict]:
     return frames
 
 
+def check_usage(usage: dict, prompt: int, completion: int | None) -> None:
+    """A usage object's prompt and completion tokens exactly (`completion` None: an append's, which has
+    none), and its prompt_tokens_details.cached_tokens any count the prefix cache can give, 0 up to all but
+    the prompt's last token: the cache holds what earlier requests to the same server ingested, which
+    depends on the order the tests ran in (tests/test_prefix_cache.py checks the counts)."""
+    want = {"prompt_tokens", "prompt_tokens_details"} | (
+        set() if completion is None else {"completion_tokens"}
+    )
+    assert set(usage) == want, usage
+    assert usage["prompt_tokens"] == prompt and usage.get("completion_tokens") == completion, usage
+    assert set(usage["prompt_tokens_details"]) == {"cached_tokens"}, usage
+    assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] <= max(prompt - 1, 0), usage
+
+
 def token_ids(frames: list[dict]) -> list[int]:
     """The generated ids of a turn's token frames (WebSocket) or events (SSE), in order."""
     return [i for f in frames if f["type"] == "token" for i in f["ids"]]

@@ -53,7 +53,7 @@ def test_each_server_gets_its_environment_and_checkout_and_the_pairs_alternate(m
     out = server_ab.run(
         True,
         a={"S4_X": "1"},
-        b={"S4_X": "2"},
+        b={"S4_X": "2", "S4_PREFIX_CACHE_MB": "64"},
         b_root=str(tmp_path),
         pairs=3,
         sessions=3,
@@ -62,7 +62,9 @@ def test_each_server_gets_its_environment_and_checkout_and_the_pairs_alternate(m
     )
 
     # round 0 starts A then B and runs pair 0; round 1 starts B then A and runs pairs 1 and 2
-    assert [s["env"] for s in started] == [{"S4_X": "1"}, {"S4_X": "2"}, {"S4_X": "2"}, {"S4_X": "1"}]
+    # (the prefix cache off unless the arm sets it: the runs repeat their prompts)
+    a_env, b_env = {"S4_X": "1", "S4_PREFIX_CACHE_MB": "0"}, {"S4_X": "2", "S4_PREFIX_CACHE_MB": "64"}
+    assert [s["env"] for s in started] == [a_env, b_env, b_env, a_env]
     assert [s["cwd"] for s in started] == [ROOT, tmp_path.resolve(), tmp_path.resolve(), ROOT]
     assert all(s["stopped"] for s in started)
     assert all("--max-sessions" in s["flags"] and "3" in s["flags"] for s in started)

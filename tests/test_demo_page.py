@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import Page, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
-from server_support import ServerThread, reference, wait_for
+from server_support import ServerThread, check_usage, reference, wait_for
 
 from model.codecs import MuLaw, to_pcm16, wav_bytes
 from model.sampling import SamplingParams
@@ -298,8 +298,7 @@ def test_a_recorded_prompt_is_sent_to_the_session(demo):
     d.page.fill("#audio-samples", "100")
     d.page.click("#audio-generate")
     d.wait_status("Done: length, 100 samples")
-    done = {"prompt_tokens": samples, "completion_tokens": 100, "prompt_tokens_details": {"cached_tokens": 0}}
-    assert d.js("s4demo.lastDone.usage") == done
+    check_usage(d.js("s4demo.lastDone.usage"), samples, 100)
     assert d.errors == []
 
 

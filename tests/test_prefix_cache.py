@@ -23,9 +23,11 @@ from server_support import (
     metric,
     reference,
     sse_events,
+    ws_turn,
 )
 from test_scheduling import Driver, prompt_of
 from test_server_sashimi import make_text_sashimi
+from websockets.sync.client import connect
 
 from model import save
 from model.sampling import SamplingParams
@@ -83,6 +85,20 @@ def test_the_cache_keeps_the_most_recently_used_rows_within_its_budget_and_copie
     nothing = PrefixCache(budget_bytes=31, row_bytes=32)  # under one row: keeps nothing
     nothing.put(b"\x00", row)
     assert nothing.entries == 0
+
+
+def test_a_hit_keeps_the_shorter_prefixes_of_its_prompt_too():
+    """A hit refreshes the stored shorter prefixes of the same prompt with it (vLLM touches a hit's whole
+    chain), so a prefix that many prompts share is not evicted before rarer longer ones."""
+    cache = PrefixCache(budget_bytes=3 * 32, row_bytes=32)
+    row = torch.zeros(1, 8)
+    cache.put(b"short", row)  # the shared first chunk
+    cache.put(b"long", row)  # one prompt's 2 chunks
+    cache.put(b"other", row)
+    assert cache.longest({64: b"short", 128: b"long"}, 128)[0] == 128
+    cache.put(b"new", row)  # evicts the least recently used: "other", not "short"
+    assert cache.longest({64: b"short"}, 64) is not None and cache.longest({64: b"other"}, 64) is None
+    assert cache.shrink() == 2 and cache.entries == 2 and cache.longest({64: b"long"}, 64) is None
 
 
 # --- the engine --------------------------------------------------------------------------------------
@@ -158,8 +174,10 @@ def test_prompt_logprobs_ingest_the_whole_prompt_and_a_continued_session_looks_n
     assert first.cached_tokens == 0 and calls == [(1, CHUNK), (1, CHUNK), (1, 2)]
     _, again, calls = generation(d, p, seed=1, prompt_logprobs=2)
     assert again.cached_tokens == 0 and calls == [(1, CHUNK), (1, CHUNK), (1, 2)]
+    assert d.engine.metrics.prefix_cache_queries._value.get() == 0  # (not looked up)
     _, hit, calls = generation(d, p, seed=1)
     assert hit.cached_tokens == len(p) - 1 and calls == []
+    assert d.engine.metrics.prefix_cache_queries._value.get() == len(p) - 1
     entries = d.engine.prefix_cache.entries
     job = d.generate(p, max_new=3)  # a one-shot session's first turn: a new prompt
     d.until(lambda: d.final(job))
@@ -276,16 +294,22 @@ def test_the_routes_report_cached_tokens_and_the_tokens_do_not_change(tmp_path):
             params = SamplingParams(seed=4, temperature=1.0)
             assert r["tokens"] == reference(d, list((doc + " Q4?").encode()), params, 5)
             assert r["usage"]["prompt_tokens_details"] == {"cached_tokens": 2 * CHUNK}
+            # a WebSocket whose first message is an append: its session is empty, its prompt a new one
+            with connect(srv.ws_url) as ws:
+                frames = ws_turn(ws, {"type": "append", "model": "tiny-text", "prompt": doc + " Q5?"})
+            assert frames[-1]["type"] == "appended", frames
+            assert frames[-1]["usage"] == {"prompt_tokens": len(doc) + 4,
+                                           "prompt_tokens_details": {"cached_tokens": 2 * CHUNK}}  # fmt: skip
             # its next turn has a history: nothing looked up
             body = {**body, "prompt": doc}
             usage = c.post("/v1/generate", json=body).json()["usage"]
             assert usage["prompt_tokens_details"]["cached_tokens"] == 0
-            # Q2's 2 chunks, the session's whole prompt (Q1's, all but its last token), Q4's 2 chunks (the
-            # empty session's first turn) and Q3's 2 samples: 2
+            # Q2's 2 chunks, the session's whole prompt (Q1's, all but its last token), Q4's and Q5's 2 chunks
+            # (the empty sessions' first inputs) and Q3's 2 samples: 2
             # chunks each, or for the second the first's whole prompt when the first was ingested before the
             # second was admitted (the usage counts the fewer)
             hits = metric(c, "s4_prefix_cache_hit_tokens_total", "tiny-text") - hits0
-            base = 2 * CHUNK + (len(doc) + 3) + 2 * CHUNK + 2 * CHUNK
+            base = 2 * CHUNK + (len(doc) + 3) + 2 * CHUNK + 2 * CHUNK + 2 * CHUNK
             assert hits in (base + 2 * CHUNK, base + len(doc) + 3), hits
     finally:
         srv.stop()
@@ -341,3 +365,65 @@ def test_an_imported_state_that_counts_no_tokens_is_not_taken_for_a_new_session(
         finally:
             srv.stop()
     assert got[0] == got[1] and got[0][1] == 0
+
+
+def test_the_cache_budget_is_checked_at_load_beside_the_pool_and_a_budget_under_one_row_is_off(
+    rec, model_dirs, monkeypatch
+):
+    """S4_PREFIX_CACHE_MB counts in the memory check made before the pool is allocated (its rows are
+    allocated as prompts are ingested: an allocator error there would stop the engine), naming the setting
+    when the pool fits without it; a budget under one state row keeps nothing, so the cache is off."""
+    from server import registry
+    from server.metrics import Metrics
+    from server.registry import load_models
+    from server.sessions import SessionTable
+
+    free = 50 << 20  # 50 MiB available
+    monkeypatch.setattr(registry, "available_memory", lambda device: free)
+    settings = Settings(checkpoints=[str(model_dirs["text"])], max_sessions=4, prefix_cache_mb=64)
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    (why,) = failed.values()
+    assert not models and why.startswith("ValueError: S4_PREFIX_CACHE_MB=64: model tiny-text's prefix cache ")
+    assert "MiB fit beside the pool" in why
+    settings = Settings(checkpoints=[str(model_dirs["text"])], max_sessions=4, prefix_cache_mb=32)
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert not failed and models["tiny-text"].engine.prefix_cache.capacity > 0
+    d = driver(rec, prefix_cache_mb=d_row_mb(rec) * 0.9)
+    assert d.engine.prefix_cache is None
+    generation(d, prompt_of(2 * CHUNK + 3, 1), seed=0, n=2)
+    assert d.engine.metrics.prefix_cache_queries._value.get() == 0
+    d.close()
+
+
+def d_row_mb(rec) -> float:
+    d = driver(rec)
+    row = d.engine.pool.bytes_per_slot
+    d.close()
+    return row / (1 << 20)
+
+
+def test_an_allocation_that_fails_shrinks_the_cache_and_the_engine_goes_on(rec, monkeypatch, caplog):
+    """A state row the cache cannot allocate (the device full) is not stored: the cache keeps one row
+    fewer than it held from then on, a warning says so, and the request is served as without it."""
+    d = driver(rec)
+    cache = d.engine.prefix_cache
+    generation(d, prompt_of(CHUNK + 3, 1), seed=0, n=2)  # 2 rows: the chunk and the end
+    assert cache.entries == 2
+    put = cache.put
+
+    def full(key, row):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 KiB")
+
+    monkeypatch.setattr(cache, "put", full)
+    p = prompt_of(CHUNK - 10, 2)  # one key: its end
+    with caplog.at_level("WARNING", logger="server.engine"):
+        toks, final, _ = generation(d, p, seed=3)
+    assert final.finish_reason == "length" and cache.capacity == 1 and cache.entries == 1
+    assert "out of memory for the prefix cache: it keeps 1 rows" in caplog.text
+    cold = driver(rec, prefix_cache_mb=0)
+    assert toks == generation(cold, p, seed=3)[0]
+    cold.close()
+    monkeypatch.setattr(cache, "put", put)
+    generation(d, prompt_of(CHUNK + 7, 3), seed=0, n=2)
+    assert cache.entries == 1  # (within its new capacity)
+    d.close()

@@ -143,8 +143,9 @@ class Connection:
         await self.bind(msg, target)
         if isinstance(msg, WSAppend):
             rec = await service.append(self.st, self.model, self.session_id, ids)
+            usage = {"prompt_tokens": len(ids), "prompt_tokens_details": {"cached_tokens": rec.cached}}
             await self.send({"type": "appended", "session_id": rec.id, "tokens": rec.n_tokens,
-                             "usage": {"prompt_tokens": len(ids)}})  # fmt: skip
+                             "usage": usage})  # fmt: skip
             return
         stream, job = service.start_generation(self.st, self.model, self.session_id, ids, params, n)
         self.stream = stream
