@@ -11,6 +11,7 @@ README block that talks to a server (curl, websockets.connect, OpenAI) must carr
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import re
@@ -144,5 +145,8 @@ def test_readme_example_runs_verbatim(line, lang, code, sandbox):
         assert "'type': 'done'" in out and "'finish_reason': 'length'" in out
     for name in re.findall(r"> (\w+\.wav)", code):  # every WAV an example writes: 1 s at 8 kHz
         assert wav_frames(work / name) == (8000, 8000), name
+    if "prompt_tokens_details" in code:  # the prefix cache's example: a miss, then the document's chunks
+        usages = [ast.literal_eval(line) for line in out.splitlines()]
+        assert [u["prompt_tokens_details"]["cached_tokens"] for u in usages] == [0, 1536], out
     if "s4state" in code:
         assert (work / "juliet.s4state").read_bytes()[:4] and '"session_id"' in out.splitlines()[-1]
