@@ -33,7 +33,9 @@ MAX_PREFILL_TOKENS = 1 << 20  # the largest prefill chunk / per-iteration budget
 class Settings(BaseSettings):
     """Everything an operator may set. Limits are per model unless said otherwise."""
 
-    model_config = SettingsConfigDict(env_prefix="S4_", extra="forbid")
+    # (no setting takes NaN or an infinity: refused as "a finite number", where NaN was said to be above a
+    # bound and an infinite timeout was accepted)
+    model_config = SettingsConfigDict(env_prefix="S4_", extra="forbid", allow_inf_nan=False)
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")

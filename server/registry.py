@@ -183,10 +183,10 @@ def state_pool_problem(rec: RecurrentModel, settings: Settings, name: str) -> st
             f"{device.type} memory available; at most {max(free, 0) // per_slot:,} sessions fit"
         )
     return (
-        f"S4_PREFIX_CACHE_MB={settings.prefix_cache_mb:g}: model {name}'s prefix cache ({cache:,} bytes) and "
-        f"state pool ({pool:,} bytes: S4_MAX_SESSIONS={settings.max_sessions:,}) need more than the {free:,} "
-        f"bytes of {device.type} memory available; at most {max(free - pool, 0) / (1 << 20):.1f} MiB "
-        "fit beside the pool"
+        f"S4_PREFIX_CACHE_MB={settings.prefix_cache_mb:.12g}: model {name}'s prefix cache ({cache:,} bytes) "
+        f"and state pool ({pool:,} bytes: S4_MAX_SESSIONS={settings.max_sessions:,}) need more than the "
+        f"{free:,} bytes of {device.type} memory available; at most {max(free - pool, 0) / (1 << 20):.1f} "
+        "MiB fit beside the pool"
     )
 
 
@@ -359,11 +359,13 @@ def load_model(
                  f"{c.n_layers} {'(S4, FF) pairs' if c.ff else 'S4 blocks'} per level")  # fmt: skip
     else:
         shape = f"{c.kernel}, {c.n_layers} layer{'s' if c.n_layers != 1 else ''}, d_model {c.d_model}"
+    cache = engine.prefix_cache  # (None: off, or a budget under one state row)
+    cached = "off" if cache is None else f"{cache.capacity} rows"
     log.info(
         "model %s: %s %s, d_state %d; verified (%s; %s logits: step %.1e, prefill %.1e, tol %.1e); %d B "
-        "state/session, %d slots; ready in %.1f s",
+        "state/session, %d slots, prefix cache %s; ready in %.1f s",
         model_id, c.modality, shape, c.d_state, forms, v["dtype"], v["step_rel_err"], v["prefill_rel_err"],
-        v["tol"], rec.state_bytes_per_sequence, settings.max_sessions, time.perf_counter() - t0,
+        v["tol"], rec.state_bytes_per_sequence, settings.max_sessions, cached, time.perf_counter() - t0,
     )  # fmt: skip
     fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"))
     created = int((path / WEIGHTS).stat().st_mtime)

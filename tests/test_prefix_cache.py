@@ -368,11 +368,12 @@ def test_an_imported_state_that_counts_no_tokens_is_not_taken_for_a_new_session(
 
 
 def test_the_cache_budget_is_checked_at_load_beside_the_pool_and_a_budget_under_one_row_is_off(
-    rec, model_dirs, monkeypatch
+    rec, model_dirs, monkeypatch, caplog
 ):
     """S4_PREFIX_CACHE_MB counts in the memory check made before the pool is allocated (its rows are
     allocated as prompts are ingested: an allocator error there would stop the engine), naming the setting
-    when the pool fits without it; a budget under one state row keeps nothing, so the cache is off."""
+    as it was set when the pool fits without it; the model's start-up line says how many rows the cache
+    holds, or that it is off; a budget under one state row keeps nothing, so the cache is off."""
     from server import registry
     from server.metrics import Metrics
     from server.registry import load_models
@@ -380,14 +381,21 @@ def test_the_cache_budget_is_checked_at_load_beside_the_pool_and_a_budget_under_
 
     free = 50 << 20  # 50 MiB available
     monkeypatch.setattr(registry, "available_memory", lambda device: free)
-    settings = Settings(checkpoints=[str(model_dirs["text"])], max_sessions=4, prefix_cache_mb=64)
+    settings = Settings(checkpoints=[str(model_dirs["text"])], max_sessions=4, prefix_cache_mb=1048575.5)
     models, failed = load_models(settings, SessionTable(), Metrics())
     (why,) = failed.values()
-    assert not models and why.startswith("ValueError: S4_PREFIX_CACHE_MB=64: model tiny-text's prefix cache ")
+    assert not models and why.startswith(
+        "ValueError: S4_PREFIX_CACHE_MB=1048575.5: model tiny-text's prefix cache "
+    )
     assert "MiB fit beside the pool" in why
-    settings = Settings(checkpoints=[str(model_dirs["text"])], max_sessions=4, prefix_cache_mb=32)
-    models, failed = load_models(settings, SessionTable(), Metrics())
-    assert not failed and models["tiny-text"].engine.prefix_cache.capacity > 0
+    for mb in (32, 0):
+        settings = Settings(checkpoints=[str(model_dirs["text"])], max_sessions=4, prefix_cache_mb=mb)
+        with caplog.at_level("INFO", logger="server.models"):
+            models, failed = load_models(settings, SessionTable(), Metrics())
+        cache = models["tiny-text"].engine.prefix_cache
+        assert not failed and (cache.capacity == 32 * 2**20 // models["tiny-text"].engine.pool.bytes_per_slot
+                               if mb else cache is None)  # fmt: skip
+        assert f"slots, prefix cache {f'{cache.capacity} rows' if mb else 'off'}; ready in" in caplog.text
     d = driver(rec, prefix_cache_mb=d_row_mb(rec) * 0.9)
     assert d.engine.prefix_cache is None
     generation(d, prompt_of(2 * CHUNK + 3, 1), seed=0, n=2)

@@ -649,3 +649,18 @@ def test_the_middlewares_json_bytes_are_a_routes():
     assert b" " not in json_bytes({"a": [1, 2], "b": {"c": None}})
     with pytest.raises(ValueError):
         json_bytes({"x": float("nan")})
+
+
+FLOAT_SETTINGS = [name for name, f in Settings.model_fields.items() if f.annotation in (float, float | None)]
+
+
+@pytest.mark.parametrize("name", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_no_setting_takes_nan_or_an_infinity(name, value, monkeypatch):
+    """Every float setting refuses NaN and ±infinity as "a finite number", by name: NaN was refused as
+    above or below a bound (whichever the field had), and an infinite timeout (S4_DRAIN_TIMEOUT_S,
+    S4_HEADER_TIMEOUT_S, S4_SESSION_TTL_S, …) was accepted."""
+    assert len(FLOAT_SETTINGS) >= 15, FLOAT_SETTINGS
+    monkeypatch.setenv(f"S4_{name.upper()}", value)
+    with pytest.raises(ValueError, match=f"(?s){name}.*finite number"):
+        Settings()
