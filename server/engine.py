@@ -801,7 +801,6 @@ class Engine:
             job.fresh or (rec.n_tokens == 0 and not bool(self.pool.row(rec.slot).any()))
         )
         if job.tokens:
-            rec.cached = 0
             rec.utf8_tail = b""  # input (whole characters) follows: a held character can never complete
             job.ingest = ([rec.pending] if rec.pending is not None else []) + job.tokens[:-1]
             rec.pending = job.tokens[-1]
@@ -832,7 +831,7 @@ class Engine:
         self.metrics.prefix_cache_queries.inc(len(job.ingest))
         hit = self.prefix_cache.longest(job.prefix_keys, len(job.ingest))
         if hit is not None:
-            job.offset = job.cached = job.session.cached = hit[0]
+            job.offset = job.cached = hit[0]
             self.pool.put_rows(torch.tensor([job.session.slot], device=self.pool.state.device), hit[1])
             self.metrics.prefix_cache_hits.inc(hit[0])
 

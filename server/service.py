@@ -259,8 +259,11 @@ async def engine_answer(fut: concurrent.futures.Future):
     return waiter.result()
 
 
-async def ingest(state: ServerState, model: ServedModel, rec: SessionRecord, ids: list[int], fresh: bool):
-    """Run an ingestion-only job on a claimed (or new) session and wait for it."""
+async def ingest(
+    state: ServerState, model: ServedModel, rec: SessionRecord, ids: list[int], fresh: bool
+) -> tuple[SessionRecord, int]:
+    """Run an ingestion-only job on a claimed (or new) session and wait for it: the session, and how many
+    of the input's tokens had their state from the prefix cache."""
     job = Job(rec, ids, fresh=fresh, future=concurrent.futures.Future())
     try:
         model.engine.submit(job)
@@ -270,7 +273,7 @@ async def ingest(state: ServerState, model: ServedModel, rec: SessionRecord, ids
         else:
             state.sessions.release(rec)
         raise
-    return await engine_answer(job.future)
+    return await engine_answer(job.future), job.cached
 
 
 async def landed(state: ServerState, session_id: str | None, queued: concurrent.futures.Future | None = None):
@@ -304,19 +307,31 @@ async def turn_landed(state: ServerState, stream: Stream) -> None:
         await landed(state, stream.job.session.id, stream.queued_write)
 
 
-async def create_session(state: ServerState, model: ServedModel, ids: list[int]) -> SessionRecord:
+async def create_session(
+    state: ServerState, model: ServedModel, ids: list[int]
+) -> tuple[SessionRecord, dict]:
+    """A new session holding `ids`: its record, and the input's usage (`input_usage`)."""
     await wait_for_slots(model)
     rec = _new_record(model, ephemeral=False)
-    rec = await ingest(state, model, rec, ids, fresh=True)
+    rec, cached = await ingest(state, model, rec, ids, fresh=True)
     await landed(state, rec.id)
-    return rec
+    return rec, input_usage(ids, cached)
 
 
-async def append(state: ServerState, model: ServedModel, session_id: str, ids: list[int]) -> SessionRecord:
+async def append(
+    state: ServerState, model: ServedModel, session_id: str, ids: list[int]
+) -> tuple[SessionRecord, dict]:
+    """Feed `ids` to a session: its record, and the input's usage (`input_usage`)."""
     rec = claim(state, model, session_id)
-    rec = await ingest(state, model, rec, ids, fresh=False)
+    rec, cached = await ingest(state, model, rec, ids, fresh=False)
     await landed(state, rec.id)
-    return rec
+    return rec, input_usage(ids, cached)
+
+
+def input_usage(ids: list[int], cached: int) -> dict:
+    """An input's usage, OpenAI's fields: its tokens, and those whose state came from the prefix cache (a
+    session's first input only)."""
+    return {"prompt_tokens": len(ids), "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 async def _engine_call(state: ServerState, model: ServedModel, src: SessionRecord, fn):

@@ -286,6 +286,21 @@ def test_the_routes_report_cached_tokens_and_the_tokens_do_not_change(tmp_path):
             assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 2 * CHUNK}
             s = c.post("/v1/sessions", json={"model": "tiny-text", "prompt": doc + " Q1?"})
             assert s.status_code == 201, s.text
+            got_usage = s.json()["usage"]
+            assert got_usage == {
+                "prompt_tokens": len(doc) + 4,
+                "prompt_tokens_details": {"cached_tokens": len(doc) + 3},
+            }
+            assert "usage" not in c.get(f"/v1/sessions/{s.json()['session_id']}").json()  # (info alone)
+            # an HTTP append: the first input of a session created empty looks up; the next does not
+            empty = c.post("/v1/sessions", json={"model": "tiny-text"})
+            nothing = {"prompt_tokens": 0, "prompt_tokens_details": {"cached_tokens": 0}}
+            assert empty.json()["usage"] == nothing
+            url = f"/v1/sessions/{empty.json()['session_id']}/append"
+            for cached in (2 * CHUNK, 0):
+                a = c.post(url, json={"prompt": doc + " Q6?"})
+                assert a.status_code == 200, a.text
+                assert a.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": cached}
             # a session created empty (as a WebSocket's is): its first turn is a prompt from the start
             sid = c.post("/v1/sessions", json={"model": "tiny-text"}).json()["session_id"]
             body = {"model": "tiny-text", "session_id": sid, "prompt": doc + " Q4?", "max_new_tokens": 5,
@@ -304,12 +319,12 @@ def test_the_routes_report_cached_tokens_and_the_tokens_do_not_change(tmp_path):
             body = {**body, "prompt": doc}
             usage = c.post("/v1/generate", json=body).json()["usage"]
             assert usage["prompt_tokens_details"]["cached_tokens"] == 0
-            # Q2's 2 chunks, the session's whole prompt (Q1's, all but its last token), Q4's and Q5's 2 chunks
-            # (the empty sessions' first inputs) and Q3's 2 samples: 2
+            # Q2's 2 chunks, the session's whole prompt (Q1's, all but its last token), Q6's, Q4's and Q5's 2
+            # chunks (the empty sessions' first inputs) and Q3's 2 samples: 2
             # chunks each, or for the second the first's whole prompt when the first was ingested before the
             # second was admitted (the usage counts the fewer)
             hits = metric(c, "s4_prefix_cache_hit_tokens_total", "tiny-text") - hits0
-            base = 2 * CHUNK + (len(doc) + 3) + 2 * CHUNK + 2 * CHUNK + 2 * CHUNK
+            base = 2 * CHUNK + (len(doc) + 3) + 2 * CHUNK + 2 * CHUNK + 2 * CHUNK + 2 * CHUNK
             assert hits in (base + 2 * CHUNK, base + len(doc) + 3), hits
     finally:
         srv.stop()

@@ -12,6 +12,8 @@ from server.service import state_of
 
 router = APIRouter(prefix="/v1/sessions", tags=["sessions"], responses=ERROR_RESPONSES)  # on every route
 STATE_TYPE = "application/octet-stream"
+# a session's info; `usage` only where an answer sets it (create, append), not as null elsewhere
+INFO = {"response_model": SessionInfo, "response_model_exclude_unset": True}
 
 
 def _info(request: Request, rec) -> dict:
@@ -19,18 +21,19 @@ def _info(request: Request, rec) -> dict:
     return rec.info(st.models[rec.model].state_bytes)
 
 
-@router.post("", status_code=201, response_model=SessionInfo, summary="Create a session")
+@router.post("", status_code=201, **INFO, summary="Create a session")
 async def create(req: SessionCreate, request: Request):
     st = state_of(request)
     model = st.model(req.model)
     ids = await service.prompt_ids(st, model, req.prompt, req.prompt_audio)
-    return _info(request, await service.create_session(st, model, ids))
+    rec, usage = await service.create_session(st, model, ids)
+    return {**_info(request, rec), "usage": usage}
 
 
 STATE_BODY = {"content": {STATE_TYPE: {"schema": {"type": "string", "format": "binary"}}}, "required": True}
 
 
-@router.post("/import", status_code=201, response_model=SessionInfo,
+@router.post("/import", status_code=201, **INFO,
              openapi_extra={"requestBody": STATE_BODY},
              summary="A new session from an exported state (application/octet-stream body; another "
                      "content-type is a 415)")  # fmt: skip
@@ -54,7 +57,7 @@ async def import_(request: Request):
     return _info(request, await service.import_state(st, bytes(blob)))
 
 
-@router.get("/{session_id}", response_model=SessionInfo, summary="A session's info")
+@router.get("/{session_id}", **INFO, summary="A session's info")
 async def get(session_id: str, request: Request):
     return await service.session_info(state_of(request), session_id)
 
@@ -67,21 +70,22 @@ async def delete(session_id: str, request: Request) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{session_id}/fork", status_code=201, response_model=SessionInfo,
+@router.post("/{session_id}/fork", status_code=201, **INFO,
              summary="A new session with a copy of this one's state")  # fmt: skip
 async def fork(session_id: str, request: Request):
     await service.restore(state_of(request), session_id)
     return _info(request, await service.fork(state_of(request), session_id))
 
 
-@router.post("/{session_id}/append", response_model=SessionInfo,
+@router.post("/{session_id}/append", **INFO,
              summary="Feed more input to a session without generating")  # fmt: skip
 async def append(session_id: str, req: SessionAppend, request: Request):
     st = state_of(request)
     await service.restore(st, session_id)
     model, _ = service.session_model(st, session_id)
     ids = await service.prompt_ids(st, model, req.prompt, req.prompt_audio)
-    return _info(request, await service.append(st, model, session_id, ids))
+    rec, usage = await service.append(st, model, session_id, ids)
+    return {**_info(request, rec), "usage": usage}
 
 
 @router.get("/{session_id}/export", responses={200: {"content": {STATE_TYPE: {}}}},

@@ -142,8 +142,7 @@ class Connection:
         ids = await self.prompt(target, msg)
         await self.bind(msg, target)
         if isinstance(msg, WSAppend):
-            rec = await service.append(self.st, self.model, self.session_id, ids)
-            usage = {"prompt_tokens": len(ids), "prompt_tokens_details": {"cached_tokens": rec.cached}}
+            rec, usage = await service.append(self.st, self.model, self.session_id, ids)
             await self.send({"type": "appended", "session_id": rec.id, "tokens": rec.n_tokens,
                              "usage": usage})  # fmt: skip
             return
@@ -198,7 +197,7 @@ class Connection:
             if rec.model != model.id:
                 raise invalid("model", f"session {rec.id} belongs to model {rec.model!r}")
         else:
-            rec = await service.create_session(self.st, model, [])
+            rec, _ = await service.create_session(self.st, model, [])
             self.owns_session = True
         self.model, self.session_id = model, rec.id
         frame = {"type": "session", "session_id": rec.id, "model": model.id, "kind": model.kind}
