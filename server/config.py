@@ -389,6 +389,10 @@ class Settings(BaseSettings):
         """S4_MODEL_DTYPES as {model id: dtype}."""
         return dict(e.split("=", 1) for e in self.model_dtypes)
 
+    def prefix_cache_rows(self, row_bytes: int) -> int:
+        """The state rows of `row_bytes` bytes that prefix_cache_mb holds, whole (0: the cache is off)."""
+        return int(self.prefix_cache_mb * (1 << 20)) // row_bytes
+
     def audio_samples(self, sample_rate: int) -> int:
         """max_audio_s in samples at `sample_rate`: an audio model's longest prompt and generation."""
         return math.floor(self.max_audio_s * sample_rate)

@@ -496,8 +496,8 @@ class Engine:
         self.model_id, self.rec, self.settings, self.sessions = model_id, rec, settings, sessions
         self.metrics = metrics
         self.pool = SlotPool(rec.init_state(settings.max_sessions), rec.config.vocab_size, rec.batch_dim)
-        cache = PrefixCache(int(settings.prefix_cache_mb * (1 << 20)), self.pool.bytes_per_slot)
-        self.prefix_cache = cache if cache.capacity else None  # (a budget under one row: off)
+        rows = settings.prefix_cache_rows(self.pool.bytes_per_slot)
+        self.prefix_cache = PrefixCache(rows, self.pool.bytes_per_slot) if rows else None
         # slot releases under way (event loop only): objects with `ended`, true once the slot is back (a
         # cancelled one-shot request's Job; a closed socket's delete, service.Release); service.wait_for_slots
         self.releasing: set = set()

@@ -46,17 +46,16 @@ def boundary_keys(tokens: Sequence[int], chunk: int) -> dict[int, bytes]:
 
 
 class PrefixCache:
-    """State rows by prefix key, least recently used first out, within `budget_bytes`.
+    """At most `capacity` state rows by prefix key, least recently used first out.
 
     Rows are stored as given (a copy: the caller's tensor may be reused), on their device; every row of
-    one cache has `row_bytes` bytes (one slot of the engine's pool). A budget under one row keeps
-    nothing. Counters: `entries`, `bytes`."""
+    one cache has `row_bytes` bytes (one slot of the engine's pool). A capacity of 0 keeps nothing.
+    Counters: `entries`, `bytes`."""
 
-    def __init__(self, budget_bytes: int, row_bytes: int) -> None:
-        if budget_bytes < 0 or row_bytes < 1:
-            raise ValueError(f"budget_bytes must be ≥ 0 and row_bytes ≥ 1, got {budget_bytes}, {row_bytes}")
-        self.budget_bytes, self.row_bytes = budget_bytes, row_bytes
-        self.capacity = budget_bytes // row_bytes  # rows it can hold
+    def __init__(self, capacity: int, row_bytes: int) -> None:
+        if capacity < 0 or row_bytes < 1:
+            raise ValueError(f"capacity must be ≥ 0 and row_bytes ≥ 1, got {capacity}, {row_bytes}")
+        self.capacity, self.row_bytes = capacity, row_bytes
         self._rows: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
 
     @property
@@ -103,6 +102,3 @@ class PrefixCache:
         while len(self._rows) > self.capacity:
             self._rows.popitem(last=False)
         return self.capacity
-
-    def clear(self) -> None:
-        self._rows.clear()

@@ -171,7 +171,7 @@ def state_pool_problem(rec: RecurrentModel, settings: Settings, name: str) -> st
     setting: a fresh-user trial); else None."""
     per_slot = rec.state_bytes_per_sequence + rec.config.vocab_size  # the state, and `seen` (one bool per id)
     row = rec.state_bytes_per_sequence
-    cache = int(settings.prefix_cache_mb * (1 << 20)) // row * row
+    cache = settings.prefix_cache_rows(row) * row
     device = torch.device(rec.device)
     pool, free = settings.max_sessions * per_slot, available_memory(device)
     if pool + cache <= free:

@@ -62,10 +62,9 @@ def test_keys_name_every_whole_chunk_and_the_end_and_only_equal_prefixes_share_t
         boundary_keys(p, 0)
 
 
-def test_the_cache_keeps_the_most_recently_used_rows_within_its_budget_and_copies_them():
+def test_the_cache_keeps_the_most_recently_used_rows_within_its_capacity_and_copies_them():
     row = torch.zeros(1, 8)  # 32 bytes
-    cache = PrefixCache(budget_bytes=3 * 32 + 31, row_bytes=32)
-    assert cache.capacity == 3
+    cache = PrefixCache(capacity=3, row_bytes=32)
     for i in range(3):
         cache.put(bytes([i]), row + i)
     assert cache.longest({1: b"\x00"}, 1)[1][0, 0] == 0  # 0 used: 1 is now the least recently used
@@ -82,7 +81,7 @@ def test_the_cache_keeps_the_most_recently_used_rows_within_its_budget_and_copie
     assert cache.longest({1: b"\x05"}, 1)[1][0, 0] == 5
     with pytest.raises(ValueError, match="16 bytes"):
         cache.put(b"\x09", torch.zeros(1, 4))
-    nothing = PrefixCache(budget_bytes=31, row_bytes=32)  # under one row: keeps nothing
+    nothing = PrefixCache(capacity=0, row_bytes=32)  # keeps nothing
     nothing.put(b"\x00", row)
     assert nothing.entries == 0
 
@@ -90,7 +89,7 @@ def test_the_cache_keeps_the_most_recently_used_rows_within_its_budget_and_copie
 def test_a_hit_keeps_the_shorter_prefixes_of_its_prompt_too():
     """A hit refreshes the stored shorter prefixes of the same prompt with it (vLLM touches a hit's whole
     chain), so a prefix that many prompts share is not evicted before rarer longer ones."""
-    cache = PrefixCache(budget_bytes=3 * 32, row_bytes=32)
+    cache = PrefixCache(capacity=3, row_bytes=32)
     row = torch.zeros(1, 8)
     cache.put(b"short", row)  # the shared first chunk
     cache.put(b"long", row)  # one prompt's 2 chunks
@@ -211,11 +210,8 @@ def session_turns(d: Driver, first: list[int], turn: list[int], seed: int) -> tu
     d.engine.submit(Job(rec, list(first), fresh=True, future=created))
     d.until(created.done)
     rec = d.engine.sessions.claim(rec.id)
-    job = Job(rec, list(turn), stream=Stream(d.loop, d.settings.stream_buffer),
-              params=SamplingParams(seed=seed, temperature=1.0), max_new_tokens=20)  # fmt: skip
-    d.engine.submit(job)
-    d.jobs.append(job)
-    d._out[job.stream] = []
+    job = d.submit(Job(rec, list(turn), stream=Stream(d.loop, d.settings.stream_buffer),
+                       params=SamplingParams(seed=seed, temperature=1.0), max_new_tokens=20))  # fmt: skip
     d.until(lambda: d.final(job))
     return d.out(job), d.final(job).cached_tokens
 

@@ -78,6 +78,10 @@ class Driver:
         params = params or SamplingParams(temperature=0)
         job = Job(rec, list(prompt), fresh=True, stream=Stream(self.loop, self.settings.stream_buffer),
                   params=params, max_new_tokens=max_new)  # fmt: skip
+        return self.submit(job)
+
+    def submit(self, job: Job) -> Job:
+        """Submit a generation's job (its stream's tokens then in `out(job)`)."""
         self.engine.submit(job)
         self.jobs.append(job)
         self._out[job.stream] = []
