@@ -12,7 +12,16 @@ prefixes: a miss, as A), then `--requests` more alternated (B restores the longe
 document's whole 256-token chunks, and ingests the rest). Reported per length: the median latency of
 each, B ÷ A, and the cached tokens B's usage reported.
 
-    python -m bench.prefix_cache [--quick] [--requests N]
+Then which rows stay when the budget is short (`documents`): `--documents` documents (12 of 8,000
+tokens: 32 rows each, 384 in all, beyond the default budget's 256 rows of the shipped model; the quick
+run's 3 of 600 tokens in a budget of 4 rows), each asked a new short question in turn, `--rounds`
+rounds (4), with every chunk's row kept (A: S4_PREFIX_CACHE_RETENTION_INTERVAL = the chunk, least
+recently used eviction alone, as before kept and spare rows) and with the default (B: only a prompt's
+last whole chunk and its junction kept, the other rows spare), each request sent to both servers in
+turn. Reported: the share of prompt tokens each served from its cache, and its median time to the first
+token in the rounds after the first.
+
+    python -m bench.prefix_cache [--quick] [--requests N] [--documents N] [--rounds N]
 """
 
 from __future__ import annotations
@@ -31,12 +40,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from bench.common import bench_main, save_figure, subplots  # noqa: E402
 from bench.server import checkpoint  # noqa: E402
 from bench.tail_latency import long_text  # noqa: E402
+from model import load  # noqa: E402
 from server import launch  # noqa: E402
+from server.config import Settings  # noqa: E402
 
 NAME = "prefix_cache"
 LENGTHS = {False: (1024, 4096, 8000), True: (64, 300)}
 REQUESTS = {False: 16, True: 3}
 ARMS = {"A": {"S4_PREFIX_CACHE_MB": "0"}, "B": {}}  # B: the default budget
+DOCUMENTS = {False: (12, 8000, 4), True: (3, 600, 2)}  # documents, their tokens, rounds
+QUICK_ROWS = 4  # the quick run's budget, in state rows
 
 
 def one(client: httpx.Client, model: str, prompt: str) -> tuple[float, dict]:
@@ -95,8 +108,64 @@ def run(quick: bool, requests: int | None = None) -> dict[str, Any]:
     return out
 
 
+def row_bytes(ckpt: Path) -> int:
+    """Bytes of one session's state (a pool slot, a prefix cache row) of the model at `ckpt`."""
+    state = load(ckpt).eval().to_recurrent().init_state(1)
+    return state.numel() * state.element_size()
+
+
+def documents(quick: bool, n_docs: int | None = None, rounds: int | None = None) -> dict[str, Any]:
+    """Many documents, each asked a short question in turn, in a budget shorter than all their rows:
+    every chunk kept (A) against the default retention (B). See the module docstring."""
+    d0, length, r0 = DOCUMENTS[quick]
+    n_docs, rounds = n_docs or d0, rounds or r0
+    out: dict[str, Any] = {"documents": n_docs, "tokens": length, "rounds": rounds}
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt, what = checkpoint(quick, Path(tmp))
+        out["model"] = what
+        mb = (QUICK_ROWS + 0.5) * row_bytes(ckpt) / (1 << 20)
+        budget = {"S4_PREFIX_CACHE_MB": f"{mb:.6f}"} if quick else {}
+        chunk = str(Settings().prefill_chunk_tokens)
+        arms = {"A": {**budget, "S4_PREFIX_CACHE_RETENTION_INTERVAL": chunk}, "B": budget}
+        servers = {}
+        try:
+            for name, env in arms.items():
+                servers[name] = launch.start_server(["--checkpoints", str(ckpt)], timeout_s=300, env=env)
+            clients = {name: httpx.Client(base_url=url, timeout=300) for name, (_, url) in servers.items()}
+            text = long_text((n_docs + 1) * length)
+            docs = [f"Doc {k}:\n{text[k * length : (k + 1) * length]}"[:length] for k in range(n_docs + 1)]
+            for name in arms:  # warm-up: a document no round asks, so that neither pays a first prefill
+                one(clients[name], ckpt.name, docs[-1] + "\nQ0: who?\nA:")
+            runs = {name: {"ms": [], "cached": [], "prompt": []} for name in arms}
+            for r in range(rounds):
+                for k, doc in enumerate(docs[:-1]):
+                    for name in ("A", "B") if (r * n_docs + k) % 2 == 0 else ("B", "A"):
+                        question = f"\nQ{r + 1}: what of line {r + 1}?\nA:"
+                        t, usage = one(clients[name], ckpt.name, doc + question)
+                        runs[name]["ms"].append(t)
+                        runs[name]["cached"].append(usage["prompt_tokens_details"]["cached_tokens"])
+                        runs[name]["prompt"].append(usage["prompt_tokens"])
+            for run_ in runs.values():
+                later = run_["ms"][n_docs:]
+                run_["cached_share"] = sum(run_["cached"]) / sum(run_["prompt"])
+                run_["hits"] = sum(c > 0 for c in run_["cached"])
+                run_["later_median_ms"] = statistics.median(later) if later else None
+            out["arms"] = runs
+            a, b = runs["A"], runs["B"]
+            print(f"{n_docs} documents of {length} tokens, {rounds} rounds: prompt tokens from the cache "
+                  f"{a['cached_share']:.0%} with every chunk kept, {b['cached_share']:.0%} with the default "
+                  f"({a['hits']} / {b['hits']} hits of {n_docs * rounds}); time to first token after the "
+                  f"first round {a['later_median_ms']:.1f} / {b['later_median_ms']:.1f} ms",
+                  flush=True)  # fmt: skip
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(30)
+    return out
+
+
 def plot(data: dict[str, Any], quick: bool) -> None:
-    fig, (ax,) = subplots(1, width=7)
+    fig, (ax, ax2) = subplots(2, width=7)
     lengths = list(data["lengths"])
     x = range(len(lengths))
     for k, (name, label) in enumerate((("A", "prefix cache off"), ("B", "prefix cache on"))):
@@ -107,7 +176,17 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     ax.set_ylabel("time to first token, median (ms)")
     ax.set_yscale("log")
     ax.legend()
-    save_figure(fig, NAME, quick, f"Prefix cache: {data['model']}, {data['requests']} requests a length")
+    ax.set_title(f"{data['requests']} requests a length")
+    doc = data["documents"]
+    arms = doc["arms"]
+    for name, label in (("A", "every chunk's row kept"), ("B", "default: kept and spare rows")):
+        ax2.plot(range(1, len(arms[name]["ms"]) + 1), arms[name]["ms"], "o-", ms=3, label=label)
+    ax2.set_xlabel(f"request ({doc['documents']} documents in turn, {doc['rounds']} rounds)")
+    ax2.set_ylabel("time to first token (ms)")
+    ax2.set_yscale("log")
+    ax2.legend()
+    ax2.set_title(f"budget shorter than the documents' {doc['tokens']}-token rows")
+    save_figure(fig, NAME, quick, f"Prefix cache: {data['model']}")
 
 
 def main(argv=None) -> None:
@@ -115,15 +194,22 @@ def main(argv=None) -> None:
 
     def arguments(p):
         p.add_argument("--requests", type=int, default=None, help="alternated requests per length and server")
+        p.add_argument("--documents", type=int, default=None, help="documents asked in turn (12; quick 3)")
+        p.add_argument("--rounds", type=int, default=None, help="questions to each document (4; quick 2)")
 
     def configure(args) -> bool:
-        if args.requests is not None and args.requests < 1:
-            raise SystemExit("--requests must be ≥ 1")
-        opts["requests"] = args.requests
+        for flag in ("requests", "documents", "rounds"):
+            value = getattr(args, flag)
+            if value is not None and value < 1:
+                raise SystemExit(f"--{flag} must be ≥ 1")
+            opts[flag] = value
         return True
 
-    bench_main(argv, __doc__, NAME, lambda quick: run(quick, opts["requests"]), plot,
-               arguments=arguments, configure=configure)  # fmt: skip
+    def both(quick: bool) -> dict[str, Any]:
+        out = run(quick, opts["requests"])
+        return {**out, "documents": documents(quick, opts["documents"], opts["rounds"])}
+
+    bench_main(argv, __doc__, NAME, both, plot, arguments=arguments, configure=configure)
 
 
 if __name__ == "__main__":

@@ -144,10 +144,21 @@ class Settings(BaseSettings):
         64.0,
         ge=0,
         le=1 << 20,
-        description="per model, MiB of device memory for the states after prompt prefixes (at each "
-        "`prefill_chunk_tokens` boundary and at a prompt's end; least recently used first out): a new "
-        "session's prompt (one-shot requests and OpenAI routes included) starts from the longest stored "
-        "prefix and ingests only the rest, reported as usage.prompt_tokens_details.cached_tokens; 0: off",
+        description="per model, MiB of device memory for the states after prompt prefixes (at "
+        "`prefill_chunk_tokens` boundaries and at a prompt's end; spare rows out before kept ones, least "
+        "recently used first: see `prefix_cache_retention_interval`): a new session's prompt (one-shot "
+        "requests and OpenAI routes included) starts from the longest stored prefix and ingests only the "
+        "rest, reported as usage.prompt_tokens_details.cached_tokens; 0: off",
+    )
+    prefix_cache_retention_interval: int = Field(
+        0,
+        ge=0,
+        le=MAX_PREFILL_TOKENS,
+        description="tokens, a multiple of `prefill_chunk_tokens`: the prefix cache keeps a prompt's state "
+        "after each multiple of this many tokens, as it keeps the state after its last whole chunk and "
+        "where it diverges from an earlier prompt; its other states are spare, stored while there is room "
+        "and out first (vLLM's prefix_cache_retention_interval). 0: none by length; "
+        "`prefill_chunk_tokens`: every chunk's kept",
     )
     decode_block_ms: float = Field(
         40.0,
@@ -443,6 +454,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"S4_PREFILL_TOKEN_BUDGET ({self.prefill_token_budget}) must be at least "
                 f"S4_PREFILL_CHUNK_TOKENS ({self.prefill_chunk_tokens}): one chunk per engine iteration"
+            )
+        if self.prefix_cache_retention_interval % self.prefill_chunk_tokens:
+            raise ValueError(
+                f"S4_PREFIX_CACHE_RETENTION_INTERVAL ({self.prefix_cache_retention_interval}) must be a "
+                f"multiple of S4_PREFILL_CHUNK_TOKENS ({self.prefill_chunk_tokens}), or 0: the states are "
+                "stored at chunk boundaries"
             )
         return self
 

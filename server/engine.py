@@ -237,6 +237,7 @@ class Job:
     delete_after: bool = False
     passed_over: int = 0  # prefill iterations in a row that had no room for this job's next chunk
     prefix_keys: dict[int, bytes] | None = None  # a new session's prompt: its prefixes' cache keys by length
+    prefix_keep: set[int] = field(default_factory=set)  # of those, the lengths stored as kept rows
     cached: int = 0  # tokens of `ingest` whose state came from the prefix cache
     queued: bool = True  # counted in the engine's queue depth (until it decodes or ends)
     # taking a turn back (kept sessions' generations; engine thread)
@@ -497,7 +498,10 @@ class Engine:
         self.metrics = metrics
         self.pool = SlotPool(rec.init_state(settings.max_sessions), rec.config.vocab_size, rec.batch_dim)
         rows = settings.prefix_cache_rows(self.pool.bytes_per_slot)
-        self.prefix_cache = PrefixCache(rows, self.pool.bytes_per_slot) if rows else None
+        self.prefix_cache = None
+        if rows:
+            chunk, interval = settings.prefill_chunk_tokens, settings.prefix_cache_retention_interval
+            self.prefix_cache = PrefixCache(rows, self.pool.bytes_per_slot, chunk, interval)
         # slot releases under way (event loop only): objects with `ended`, true once the slot is back (a
         # cancelled one-shot request's Job; a closed socket's delete, service.Release); service.wait_for_slots
         self.releasing: set = set()
@@ -826,6 +830,7 @@ class Engine:
         states at them, and (unless it wants the prompt's log-probabilities, which need the logits of every
         position) its state from the longest stored prefix, whose tokens are then not ingested."""
         job.prefix_keys = boundary_keys(job.ingest, self.settings.prefill_chunk_tokens)
+        job.prefix_keep = self.prefix_cache.plan(job.prefix_keys)
         if job.targets:
             return
         self.metrics.prefix_cache_queries.inc(len(job.ingest))
@@ -933,16 +938,17 @@ class Engine:
 
     def _store_prefixes(self, group: list[tuple[Job, list[int]]], x: torch.Tensor) -> None:
         """Store in the prefix cache the states (x's rows, in `group`'s order) of the jobs whose chunk
-        ends at one of their prompt's keyed prefixes."""
+        ends at one of their prompt's keyed prefixes, as kept or spare rows (`PrefixCache.plan`)."""
         if self.prefix_cache is None:
             return
         dim = self.pool.dim
         for g, (job, piece) in enumerate(group):
-            key = None if job.prefix_keys is None else job.prefix_keys.get(job.offset + len(piece))
+            end = job.offset + len(piece)
+            key = None if job.prefix_keys is None else job.prefix_keys.get(end)
             if key is None:
                 continue
             try:
-                self.prefix_cache.put(key, x.narrow(dim, g, 1))
+                self.prefix_cache.put(key, x.narrow(dim, g, 1), keep=end in job.prefix_keep)
             except RuntimeError as exc:  # torch.OutOfMemoryError; on CPU "... can't allocate memory ..."
                 if not isinstance(exc, torch.OutOfMemoryError) and "allocate" not in str(exc):
                     raise

@@ -13,6 +13,22 @@ prefix and ingests only the rest. The state a hit restores is the one ingestion 
 boundary, so a hit changes only which rows share a batched prefill call (as load does), never what
 is computed.
 
+Which rows stay when memory is short (vLLM's `prefix_cache_retention_interval` and Marconi, Pan et
+al. 2024, "Marconi: Prefix Caching for the Era of Hybrid LLMs", followed): a Transformer's cached prefix
+needs every block before it, so vLLM keeps them all; here one row serves a hit by itself, and a 64k-token
+prompt would leave 256 rows, the whole default budget, of which a later prompt uses one. So a prompt's
+rows are of two kinds:
+- **kept**: the row after its last whole chunk (what the next turn of a conversation, which resends
+  this prompt and more, or another question after the same document, starts from), after each multiple
+  of `interval` tokens (`S4_PREFIX_CACHE_RETENTION_INTERVAL`; 0: none), and at its junction: the
+  longest of its prefixes that an earlier prompt also ingested (a key is remembered, 16 bytes, long after
+  its row is gone), where prompts that share a document or preamble diverge, or its whole input when
+  it was seen before (a retry); and any row that served a hit;
+- **spare**: every other row (the other chunk boundaries; the whole input, which only the very same
+  prompt can use), stored while there is room, evicted before any kept row and never evicting one.
+  A prefix shared by a second prompt is then found if memory allowed its spare row to stay, and by the
+  third prompt whenever kept rows have room (the second kept its junction).
+
 Keys: BLAKE2b (128-bit) of the prefix's token ids (int64, little-endian), one running hash over a
 prompt's chunks. One cache per engine: per model, with its dtype, device and chunk size. The
 engine thread alone uses it.
@@ -45,60 +61,120 @@ def boundary_keys(tokens: Sequence[int], chunk: int) -> dict[int, bytes]:
     return keys
 
 
+SEEN_KEYS = 1 << 16  # prefix keys remembered for junctions (16 bytes each; 16M tokens at 256 a chunk)
+
+
 class PrefixCache:
-    """At most `capacity` state rows by prefix key, least recently used first out.
+    """At most `capacity` state rows by prefix key: kept rows and spare ones (module docstring), each kind
+    least recently used first out, spare rows before any kept one.
 
     Rows are stored as given (a copy: the caller's tensor may be reused), on their device; every row of
     one cache has `row_bytes` bytes (one slot of the engine's pool). A capacity of 0 keeps nothing.
-    Counters: `entries`, `bytes`."""
+    `chunk`: the keys' chunk (`boundary_keys`); `interval` (tokens, ≥ 0, a multiple of `chunk`):
+    prefixes whose length is a multiple of it are kept (0: none by length).
+    `seen_keys`: how many prefix keys are remembered for junctions, least recently seen out.
+    Counters: `entries` (`kept` + `spare`), `bytes`. Raises ValueError for a size out of range."""
 
-    def __init__(self, capacity: int, row_bytes: int) -> None:
-        if capacity < 0 or row_bytes < 1:
-            raise ValueError(f"capacity must be ≥ 0 and row_bytes ≥ 1, got {capacity}, {row_bytes}")
-        self.capacity, self.row_bytes = capacity, row_bytes
-        self._rows: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
+    def __init__(
+        self, capacity: int, row_bytes: int, chunk: int, interval: int = 0, seen_keys: int = SEEN_KEYS
+    ) -> None:
+        if capacity < 0 or min(row_bytes, chunk, seen_keys) < 1 or interval < 0 or interval % chunk:
+            raise ValueError(
+                "capacity ≥ 0, row_bytes, chunk and seen_keys ≥ 1 and an interval ≥ 0 that is a multiple of "
+                f"the chunk, got {capacity}, {row_bytes}, {chunk}, {seen_keys} and {interval}"
+            )
+        self.capacity, self.row_bytes, self.chunk, self.interval = capacity, row_bytes, chunk, interval
+        self.seen_keys = seen_keys
+        self._kept: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
+        self._spare: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
     @property
     def entries(self) -> int:
-        return len(self._rows)
+        return len(self._kept) + len(self._spare)
+
+    @property
+    def kept(self) -> int:
+        return len(self._kept)
+
+    @property
+    def spare(self) -> int:
+        return len(self._spare)
+
+    def plan(self, keys: dict[int, bytes]) -> set[int]:
+        """The prefix lengths among a prompt's `keys` ({length: key}, `boundary_keys` with this cache's
+        chunk) whose rows are to be kept: the longest multiple of the chunk (its last whole chunk), the
+        multiples of `interval`, and the junction (the longest whose key an earlier prompt's plan saw).
+        Then remembers all of `keys` as seen. Empty for no keys."""
+        lengths = sorted(keys)
+        keep = set([n for n in lengths if n % self.chunk == 0][-1:])
+        if self.interval:
+            keep.update(n for n in lengths if n % self.interval == 0)
+        junction = next((n for n in reversed(lengths) if keys[n] in self._seen), None)
+        if junction is not None:
+            keep.add(junction)
+        for n in lengths:
+            self._seen[keys[n]] = None
+            self._seen.move_to_end(keys[n])
+        while len(self._seen) > self.seen_keys:
+            self._seen.popitem(last=False)
+        return keep
 
     @property
     def bytes(self) -> int:
-        return len(self._rows) * self.row_bytes
+        return self.entries * self.row_bytes
 
     def longest(self, keys: dict[int, bytes], within: int) -> tuple[int, torch.Tensor] | None:
         """The longest stored prefix among `keys` ({length: key}) no longer than `within` tokens, as
         (length, row); None when none is stored. It and the stored shorter prefixes of `keys` become the
         most recently used (the longest last), so a prefix that many prompts share stays while it is used
-        (vLLM touches every block of a hit's chain)."""
+        (vLLM touches every block of a hit's chain); a spare row that served the hit becomes kept."""
         lengths = sorted(n for n in keys if n <= within)
-        hit = next((n for n in reversed(lengths) if keys[n] in self._rows), None)
+        hit = next((n for n in reversed(lengths) if keys[n] in self._kept or keys[n] in self._spare), None)
         if hit is None:
             return None
         for n in lengths:
-            if n <= hit and keys[n] in self._rows:
-                self._rows.move_to_end(keys[n])
-        return hit, self._rows[keys[hit]]
+            if n <= hit:
+                for rows in (self._kept, self._spare):
+                    if keys[n] in rows:
+                        rows.move_to_end(keys[n])
+        if keys[hit] in self._spare:  # a prefix that two prompts share: kept from now on
+            self._kept[keys[hit]] = self._spare.pop(keys[hit])
+        return hit, self._kept[keys[hit]]
 
-    def put(self, key: bytes, row: torch.Tensor) -> None:
-        """Store a copy of `row` under `key` (or refresh it as the most recently used), evicting the least
-        recently used rows beyond the capacity."""
+    def put(self, key: bytes, row: torch.Tensor, keep: bool = True) -> None:
+        """Store a copy of `row` under `key` as a kept row (`keep`) or a spare one, or refresh the row
+        stored under it as the most recently used (a spare row asked to be kept becomes kept). Beyond the
+        capacity the least recently used spare row goes, else (only for a kept row) the least recently
+        used kept one; a spare row that would evict a kept one is not stored. Raises ValueError for a row
+        of another size than `row_bytes`."""
         if self.capacity == 0:
             return
-        if key in self._rows:
-            self._rows.move_to_end(key)
+        if key in self._kept:
+            self._kept.move_to_end(key)
+            return
+        if key in self._spare:
+            if keep:
+                self._kept[key] = self._spare.pop(key)
+            else:
+                self._spare.move_to_end(key)
             return
         size = row.numel() * row.element_size()
         if size != self.row_bytes:
             raise ValueError(f"a row of {size} bytes in a cache of {self.row_bytes}-byte rows")
-        while len(self._rows) >= self.capacity:
-            self._rows.popitem(last=False)
-        self._rows[key] = row.clone()
+        while self.entries >= self.capacity:
+            if self._spare:
+                self._spare.popitem(last=False)
+            elif keep:
+                self._kept.popitem(last=False)
+            else:
+                return
+        (self._kept if keep else self._spare)[key] = row.clone()
 
     def shrink(self) -> int:
         """After an allocation failed: hold at most the rows held now, less one (at least none), from now
-        on, the least recently used dropped. Returns the new capacity."""
-        self.capacity = max(len(self._rows) - 1, 0)
-        while len(self._rows) > self.capacity:
-            self._rows.popitem(last=False)
+        on, spare rows dropped first, each kind's least recently used first. Returns the new capacity."""
+        self.capacity = max(self.entries - 1, 0)
+        while self.entries > self.capacity:
+            (self._spare if self._spare else self._kept).popitem(last=False)
         return self.capacity

@@ -18,3 +18,21 @@ def test_a_quick_run_times_both_servers_and_the_cached_one_reports_its_whole_chu
 def test_the_cli_refuses_a_request_count_under_one():
     with pytest.raises(SystemExit, match="--requests"):
         prefix_cache.main(["--quick", "--requests", "0"])
+
+
+def test_documents_in_a_short_budget_are_found_only_where_spare_rows_go_first():
+    """3 documents of 600 tokens asked in turn, a budget of 4 rows: with every chunk's row kept their 6
+    rows (2 chunks each) evict each other and no question finds its document; by default each keeps
+    its last whole chunk only (3 rows), and every question after the first finds its 512 tokens."""
+    out = prefix_cache.documents(True)
+    a, b = out["arms"]["A"], out["arms"]["B"]
+    assert a["prompt"] == b["prompt"] == [623] * 6
+    assert a["cached"] == [0] * 6 and a["hits"] == 0 and a["cached_share"] == 0
+    assert b["cached"] == [0] * 3 + [512] * 3 and b["hits"] == 3
+    assert b["cached_share"] == pytest.approx(3 * 512 / (6 * 623))
+
+
+@pytest.mark.parametrize("flag", ["--documents", "--rounds"])
+def test_the_cli_refuses_document_and_round_counts_under_one(flag):
+    with pytest.raises(SystemExit, match=flag):
+        prefix_cache.main(["--quick", flag, "0"])

@@ -64,7 +64,7 @@ def test_keys_name_every_whole_chunk_and_the_end_and_only_equal_prefixes_share_t
 
 def test_the_cache_keeps_the_most_recently_used_rows_within_its_capacity_and_copies_them():
     row = torch.zeros(1, 8)  # 32 bytes
-    cache = PrefixCache(capacity=3, row_bytes=32)
+    cache = PrefixCache(capacity=3, row_bytes=32, chunk=1)
     for i in range(3):
         cache.put(bytes([i]), row + i)
     assert cache.longest({1: b"\x00"}, 1)[1][0, 0] == 0  # 0 used: 1 is now the least recently used
@@ -81,7 +81,7 @@ def test_the_cache_keeps_the_most_recently_used_rows_within_its_capacity_and_cop
     assert cache.longest({1: b"\x05"}, 1)[1][0, 0] == 5
     with pytest.raises(ValueError, match="16 bytes"):
         cache.put(b"\x09", torch.zeros(1, 4))
-    nothing = PrefixCache(capacity=0, row_bytes=32)  # keeps nothing
+    nothing = PrefixCache(capacity=0, row_bytes=32, chunk=1)  # keeps nothing
     nothing.put(b"\x00", row)
     assert nothing.entries == 0
 
@@ -89,7 +89,7 @@ def test_the_cache_keeps_the_most_recently_used_rows_within_its_capacity_and_cop
 def test_a_hit_keeps_the_shorter_prefixes_of_its_prompt_too():
     """A hit refreshes the stored shorter prefixes of the same prompt with it (vLLM touches a hit's whole
     chain), so a prefix that many prompts share is not evicted before rarer longer ones."""
-    cache = PrefixCache(capacity=3, row_bytes=32)
+    cache = PrefixCache(capacity=3, row_bytes=32, chunk=1)
     row = torch.zeros(1, 8)
     cache.put(b"short", row)  # the shared first chunk
     cache.put(b"long", row)  # one prompt's 2 chunks
@@ -98,6 +98,58 @@ def test_a_hit_keeps_the_shorter_prefixes_of_its_prompt_too():
     cache.put(b"new", row)  # evicts the least recently used: "other", not "short"
     assert cache.longest({64: b"short"}, 64) is not None and cache.longest({64: b"other"}, 64) is None
     assert cache.shrink() == 2 and cache.entries == 2 and cache.longest({64: b"long"}, 64) is None
+
+
+def test_a_prompts_plan_keeps_its_end_its_last_whole_chunk_its_junction_and_the_interval_multiples():
+    """Of a prompt's prefixes, kept rows are its last whole chunk, the longest prefix an earlier prompt
+    also passed (its junction: its whole input, for a prompt seen before), and each multiple of the
+    retention interval; its whole input is otherwise spare. All its keys are remembered for later
+    junctions, within `seen_keys`, least recently seen out."""
+    C = CHUNK
+    cache = PrefixCache(capacity=8, row_bytes=32, chunk=C)
+    p = prompt_of(10 * C + 5, 1)
+    keys = boundary_keys(p, C)
+    assert cache.plan(keys) == {10 * C}  # nothing seen before: no junction
+    q = p[: 4 * C + 7] + prompt_of(3 * C, 2)  # 4 whole chunks of p, then its own: 7 chunks and 7 tokens
+    assert cache.plan(boundary_keys(q, C)) == {4 * C, 7 * C}
+    assert cache.plan(keys) == {10 * C, 10 * C + 5}  # p again: its junction is its end
+    assert cache.plan(boundary_keys(p[: 3 * C], C)) == {3 * C}  # its end a whole chunk
+    assert cache.plan({}) == set() and cache.plan(boundary_keys(p[:5], C)) == set()  # under one chunk
+    assert PrefixCache(8, 32, C, interval=4 * C).plan(keys) == {4 * C, 8 * C, 10 * C}
+    assert PrefixCache(8, 32, C, interval=C).plan(keys) == set(keys) - {10 * C + 5}  # every chunk
+    r = p[:C] + prompt_of(3 * C, 3)
+    for seen, want in ((2, {4 * C}), (8, {C, 4 * C})):
+        remembering = PrefixCache(capacity=8, row_bytes=32, chunk=C, seen_keys=seen)
+        remembering.plan(boundary_keys(p[: C + 5], C))  # p's keys at C and C + 5
+        remembering.plan(boundary_keys(prompt_of(2 * C, 4), C))  # 2 keys more: with 2 remembered, p's go
+        assert remembering.plan(boundary_keys(r, C)) == want  # the junction at C, if remembered
+    for interval in (-C, C // 2):
+        with pytest.raises(ValueError, match="interval"):
+            PrefixCache(8, 32, C, interval=interval)
+
+
+def test_spare_rows_go_first_never_evict_a_kept_row_and_become_kept_when_they_serve_a_hit():
+    row = torch.zeros(1, 8)  # 32 bytes
+    cache = PrefixCache(capacity=3, row_bytes=32, chunk=1)
+    cache.put(b"k1", row)
+    for i in (1, 2, 3):  # full at the third: the least recently used spare row goes
+        cache.put(b"s%d" % i, row + i, keep=False)
+    assert (cache.kept, cache.spare) == (1, 2) and cache.longest({1: b"s1"}, 1) is None
+    cache.put(b"k2", row)
+    cache.put(b"k3", row)  # kept rows evict the spare ones first
+    assert (cache.kept, cache.spare) == (3, 0) and cache.longest({1: b"k1"}, 1) is not None
+    cache.put(b"s4", row, keep=False)  # a spare row never evicts a kept one: not stored
+    assert (cache.kept, cache.spare) == (3, 0) and cache.longest({1: b"s4"}, 1) is None
+    cache.put(b"k4", row)  # a kept row evicts the least recently used kept row (k2: k1 was just used)
+    assert cache.longest({1: b"k2"}, 1) is None and cache.kept == 3
+    c = PrefixCache(capacity=3, row_bytes=32, chunk=1)
+    for key in (b"a", b"b", b"c"):
+        c.put(key, row, keep=False)
+    assert c.longest({1: b"a", 2: b"b"}, 2)[0] == 2 and (c.kept, c.spare) == (1, 2)  # the hit's row: kept
+    c.put(b"c", row)  # stored again as kept: kept (no copy)
+    assert (c.kept, c.spare) == (2, 1)
+    assert c.shrink() == 2 and (c.kept, c.spare) == (2, 0)  # spare rows out first
+    assert c.shrink() == 1 and c.kept == 1 and c.bytes == 32
 
 
 # --- the engine --------------------------------------------------------------------------------------
@@ -200,6 +252,40 @@ def test_the_cache_stays_within_its_budget_least_recently_used_out(rec):
     assert d.engine.metrics.prefix_cache_bytes._value.get() == 2 * row_bytes
     assert [generation(d, q, seed=0, n=2)[1].cached_tokens for q in prompts[::-1]] == [29, 29, 0]
     d.close()
+
+
+def test_a_long_prompt_leaves_other_prompts_kept_rows_and_a_shared_document_is_kept_at_its_junction(rec):
+    """A cache of 4 rows. Prompt A (2 chunks and 9 tokens ingested) keeps its last whole chunk; a long
+    prompt's 8 chunks go through as spare rows but its last, and evict none of A's kept row, so a prompt
+    that shares A's 2 chunks starts from them. With every chunk kept (S4_PREFIX_CACHE_RETENTION_INTERVAL
+    = the chunk: least recently used eviction alone) the long prompt evicts them.
+
+    A document of 2 chunks asked three long questions (3 chunks each): the first keeps its 4th chunk and
+    leaves the document's chunks spare. With room (the default budget) the second starts from the
+    document's spare row; in 3 rows, the first's own rows evicted it, and the second passes the first's
+    keys up to the document's end, its junction, and keeps that row: the third starts from it. Every
+    prompt's tokens are those of an engine without the cache."""
+    C, row_mb = CHUNK, d_row_mb(rec)
+    a = prompt_of(2 * C + 10, 1)
+    doc = prompt_of(2 * C, 5)
+    runs = {  # name → (prompts, {(rows, interval): the cached tokens of each})
+        "long": ([a, prompt_of(8 * C + 5, 2), a[: 2 * C] + prompt_of(20, 3)],
+                 {(4, 0): [0, 0, 2 * C], (4, C): [0, 0, 0]}),
+        "document": ([doc + prompt_of(3 * C, 6 + i) for i in range(3)],
+                     {(3, 0): [0, 0, 2 * C], (None, 0): [0, 2 * C, 2 * C]}),
+    }  # fmt: skip
+    for name, (prompts, expected) in runs.items():
+        cold = driver(rec, prefix_cache_mb=0)
+        want = [generation(cold, q, seed=i)[0] for i, q in enumerate(prompts)]
+        cold.close()
+        for (rows, interval), cached in expected.items():
+            mb = {} if rows is None else {"prefix_cache_mb": (rows + 0.5) * row_mb}
+            d = driver(rec, prefix_cache_retention_interval=interval, **mb)
+            assert rows is None or d.engine.prefix_cache.capacity == rows
+            got = [generation(d, q, seed=i) for i, q in enumerate(prompts)]
+            assert [g[0] for g in got] == want, (name, rows, interval)
+            assert [g[1].cached_tokens for g in got] == cached, (name, rows, interval)
+            d.close()
 
 
 def session_turns(d: Driver, first: list[int], turn: list[int], seed: int) -> tuple[list[int], int]:
@@ -339,6 +425,19 @@ def test_a_prefix_cache_size_out_of_range_is_refused_by_name(value, monkeypatch,
     assert "PREFIX_CACHE_MB" in str(refused.value) or "--prefix-cache-mb" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-1", "100", "lots", "1.5"])
+def test_a_retention_interval_that_is_no_whole_number_of_chunks_is_refused_by_name(value, monkeypatch):
+    with pytest.raises(ValueError, match="prefix_cache_retention_interval|PREFIX_CACHE_RETENTION_INTERVAL"):
+        Settings(prefix_cache_retention_interval=value)
+    monkeypatch.setenv("S4_PREFIX_CACHE_RETENTION_INTERVAL", value)
+    with pytest.raises(SystemExit, match="invalid settings: .*PREFIX_CACHE_RETENTION_INTERVAL"):
+        server_main([])
+    ok = Settings(prefix_cache_retention_interval=512, prefill_chunk_tokens=128)
+    assert ok.prefix_cache_retention_interval == 512
+    with pytest.raises(ValueError, match=r"INTERVAL \(512\) must be a multiple of S4_PREFILL_CHUNK_TOKENS"):
+        Settings(prefix_cache_retention_interval=512, prefill_chunk_tokens=96, prefill_token_budget=96)
+
+
 def test_an_imported_state_that_counts_no_tokens_is_not_taken_for_a_new_session(tmp_path):
     """A session imported with `n_tokens` 0 and no pending token, but a state that is not the initial one
     (an export whose header was edited; the import checks the state's range, not its history): its first
@@ -430,7 +529,7 @@ def test_an_allocation_that_fails_shrinks_the_cache_and_the_engine_goes_on(rec, 
     assert cache.entries == 2
     put = cache.put
 
-    def full(key, row):
+    def full(key, row, keep=True):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 KiB")
 
     monkeypatch.setattr(cache, "put", full)
