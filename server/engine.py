@@ -238,6 +238,7 @@ class Job:
     passed_over: int = 0  # prefill iterations in a row that had no room for this job's next chunk
     prefix_keys: dict[int, bytes] | None = None  # a new session's prompt: its prefixes' cache keys by length
     prefix_keep: set[int] = field(default_factory=set)  # of those, the lengths stored as kept rows
+    following: Job | None = None  # a job ingesting the very same input for a new session (`_cached_prefix`)
     cached: int = 0  # tokens of `ingest` whose state came from the prefix cache
     queued: bool = True  # counted in the engine's queue depth (until it decodes or ends)
     # taking a turn back (kept sessions' generations; engine thread)
@@ -828,7 +829,10 @@ class Engine:
     def _cached_prefix(self, job: Job) -> None:
         """The input of a session at its initial state: its prefixes' keys, for `_prefill_run` to store the
         states at them, and (unless it wants the prompt's log-probabilities, which need the logits of every
-        position) its state from the longest stored prefix, whose tokens are then not ingested."""
+        position) its state from the longest stored prefix, whose tokens are then not ingested. If another
+        new session's job is ingesting the very same input (the samples of one prompt: OpenAI's `n` and
+        `best_of`; identical requests at once), this job follows it: it waits, ingesting nothing, and
+        takes a copy of its state when it is done (`_share_ingested`)."""
         job.prefix_keys = boundary_keys(job.ingest, self.settings.prefill_chunk_tokens)
         job.prefix_keep = self.prefix_cache.plan(job.prefix_keys)
         if job.targets:
@@ -839,6 +843,29 @@ class Engine:
             job.offset = job.cached = hit[0]
             self.pool.put_rows(torch.tensor([job.session.slot], device=self.pool.state.device), hit[1])
             self.metrics.prefix_cache_hits.inc(hit[0])
+        end = len(job.ingest)
+        if job.offset < end:
+            key = job.prefix_keys[end]
+            job.following = next((j for j in self._prefilling if j.following is None and not j.cancelled
+                                  and not j.ended and len(j.ingest) == end and j.prefix_keys is not None
+                                  and j.prefix_keys.get(end) == key), None)  # fmt: skip
+
+    def _share_ingested(self, leader: Job) -> None:
+        """`leader`'s input is ingested: the jobs following it (`_cached_prefix`) take a copy of its state
+        (before it decodes a step) and go on as if they had ingested it, their input counted as cached."""
+        followers = [j for j in self._prefilling if j.following is leader]
+        if not followers:
+            return
+        dev = self.pool.state.device
+        slots = torch.tensor([j.session.slot for j in followers], device=dev)
+        source = torch.tensor([leader.session.slot] * len(followers), device=dev)
+        self.pool.put_rows(slots, self.pool.rows(source))
+        for job in followers:
+            self._prefilling.remove(job)
+            self.metrics.prefix_cache_hits.inc(len(job.ingest) - job.offset)
+            job.offset = job.cached = len(job.ingest)
+            job.following = None
+            self._ingested(job)
 
     def _ingested(self, job: Job) -> None:
         if job.ended:  # a rollback's tokens are re-stepped
@@ -879,7 +906,10 @@ class Engine:
         def priority(j: Job) -> tuple:  # passed over most, then fewest tokens left, then oldest
             return -j.passed_over, len(j.ingest) - j.offset, j.submitted
 
-        order = sorted(self._prefilling, key=priority)
+        for job in self._prefilling:
+            if job.following is not None and job.following not in self._prefilling:  # its leader cancelled
+                job.following = None
+        order = sorted((j for j in self._prefilling if j.following is None), key=priority)
         picked: list[tuple[Job, list[int]]] = []
         used = 0
         for job in order:
@@ -933,6 +963,7 @@ class Engine:
             job.offset += len(piece)
             if job.offset == len(job.ingest):
                 self._prefilling.remove(job)
+                self._share_ingested(job)
                 self._ingested(job)
         self.metrics.prefill_tokens.inc(used)
 

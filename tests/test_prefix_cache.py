@@ -288,6 +288,58 @@ def test_a_long_prompt_leaves_other_prompts_kept_rows_and_a_shared_document_is_k
             d.close()
 
 
+def test_the_samples_of_one_prompt_ingest_it_once_and_the_others_take_a_copy_of_its_state(rec):
+    """Jobs with the very same new input admitted together (OpenAI's n and best_of; identical requests at
+    once): the first ingests it, the others follow it: they run no prefill of their own, take its state
+    when it is done and count their input as cached, and each gets the tokens it gets from an engine
+    without the cache. A prompt that extends it and one that asks for its prompt's log-probabilities
+    (which need every position's logits) ingest their own."""
+    p = prompt_of(3 * CHUNK + 10, 1)
+    longer = p + prompt_of(5, 2)
+    specs = [(p, 1, {}), (p, 2, {}), (p, 3, {}), (longer, 4, {}), (p, 5, {"prompt_logprobs": 1})]
+    cold = driver(rec, prefix_cache_mb=0)
+    want = [generation(cold, q, seed, n=20, **kw)[0] for q, seed, kw in specs]
+    cold.close()
+    assert len({tuple(w) for w in want}) == len(want)  # (distinct seeds: distinct samples)
+    d = driver(rec)
+    jobs = [d.generate(q, max_new=20, params=SamplingParams(seed=seed, temperature=1.0, **kw))
+            for q, seed, kw in specs]  # fmt: skip
+    d.tick()  # admitted together
+    assert [j.following for j in jobs] == [None, jobs[0], jobs[0], None, None]
+    d.until(lambda: all(d.final(j) for j in jobs))
+    assert [d.out(j) for j in jobs] == want
+    n = len(p) - 1
+    assert [d.final(j).cached_tokens for j in jobs] == [0, n, n, 0, 0]
+    m = d.engine.metrics
+    assert m.prefill_tokens._value.get() == 2 * n + len(longer) - 1  # p twice (once with its logprobs)
+    assert m.prefix_cache_hits._value.get() == 2 * n
+    assert all(j.following is None for j in jobs)
+    d.close()
+
+
+def test_a_cancelled_follower_ends_alone_and_a_cancelled_leaders_followers_ingest_their_own(rec):
+    """Three samples of one prompt: the first ingests it, two follow. One follower's client goes away:
+    it ends "cancelled" while it waits. Then the leader's client goes away mid-prompt: the follower left
+    ingests the prompt itself, and its tokens are those of an engine without the cache."""
+    p = prompt_of(4 * CHUNK + 10, 3)
+    cold = driver(rec, prefix_cache_mb=0)
+    want = generation(cold, p, seed=2, n=20)[0]
+    cold.close()
+    d = driver(rec)
+    lead, f1, f2 = (d.generate(p, 20, SamplingParams(seed=s, temperature=1.0)) for s in (1, 2, 3))
+    d.tick()
+    assert f1.following is lead and f2.following is lead and lead.offset == CHUNK
+    f2.stream.cancel()
+    d.tick()
+    assert d.final(f2).finish_reason == "cancelled" and lead.offset == 2 * CHUNK and f1.offset == 0
+    lead.stream.cancel()
+    d.until(lambda: d.final(f1) and d.final(lead))
+    assert d.final(lead).finish_reason == "cancelled" and d.final(f1).finish_reason == "length"
+    assert d.out(f1) == want and d.final(f1).cached_tokens == 0
+    assert d.engine.pool.in_use == 0  # every one-shot slot back
+    d.close()
+
+
 def session_turns(d: Driver, first: list[int], turn: list[int], seed: int) -> tuple[list[int], int]:
     """A kept session created with `first` (an ingest-only job, as POST /v1/sessions), then a generation
     turn with `turn` on it: (the turn's tokens, its cached tokens)."""
