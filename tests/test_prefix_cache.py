@@ -288,12 +288,16 @@ def test_a_long_prompt_leaves_other_prompts_kept_rows_and_a_shared_document_is_k
             d.close()
 
 
-def test_the_samples_of_one_prompt_ingest_it_once_and_the_others_take_a_copy_of_its_state(rec):
+@pytest.mark.parametrize("model", list(MODELS))
+def test_the_samples_of_one_prompt_ingest_it_once_and_the_others_take_a_copy_of_its_state(model):
     """Jobs with the very same new input admitted together (OpenAI's n and best_of; identical requests at
     once): the first ingests it, the others follow it: they run no prefill of their own, take its state
     when it is done and count their input as cached, and each gets the tokens it gets from an engine
     without the cache. A prompt that extends it and one that asks for its prompt's log-probabilities
-    (which need every position's logits) ingest their own."""
+    (which need every position's logits) ingest their own. Every kind of model (a SaShiMi's row holds
+    its pooling phase and buffers; bfloat16 weights; an audio model's input is samples)."""
+    make, dtype = MODELS[model]
+    rec = make().eval().to_recurrent(dtype=dtype)
     p = prompt_of(3 * CHUNK + 10, 1)
     longer = p + prompt_of(5, 2)
     specs = [(p, 1, {}), (p, 2, {}), (p, 3, {}), (longer, 4, {}), (p, 5, {"prompt_logprobs": 1})]
@@ -314,6 +318,38 @@ def test_the_samples_of_one_prompt_ingest_it_once_and_the_others_take_a_copy_of_
     assert m.prefill_tokens._value.get() == 2 * n + len(longer) - 1  # p twice (once with its logprobs)
     assert m.prefix_cache_hits._value.get() == 2 * n
     assert all(j.following is None for j in jobs)
+    d.close()
+
+
+def test_sessions_created_with_one_prompt_at_once_follow_and_hold_the_state_of_one_created_alone(rec):
+    """POST /v1/sessions with a prompt is an ingest-only job: two created at once with a generation of
+    the same prompt follow it, and each session then holds bit for bit the state a session created
+    alone on an engine without the cache holds (and the same `seen` tokens and pending token)."""
+    p = prompt_of(2 * CHUNK + 20, 7)
+
+    names = iter(range(10))
+
+    def create(d: Driver) -> tuple[concurrent.futures.Future, object]:
+        rec_ = d.engine.new_session(f"kept{next(names)}", ephemeral=False)
+        done = concurrent.futures.Future()
+        d.engine.submit(Job(rec_, list(p), fresh=True, future=done))
+        return done, rec_
+
+    cold = driver(rec, prefix_cache_mb=0)
+    done, alone = create(cold)
+    cold.until(done.done)
+    pool = cold.engine.pool
+    want = (pool.row(alone.slot).clone(), pool.seen[alone.slot].clone(), alone.pending)
+    cold.close()
+    d = driver(rec)
+    lead = d.generate(p, 5, SamplingParams(seed=1, temperature=1.0))
+    created = [create(d) for _ in range(2)]
+    d.until(lambda: all(f.done() for f, _ in created) and d.final(lead))
+    for _, r in created:
+        assert torch.equal(d.engine.pool.row(r.slot), want[0])
+        assert torch.equal(d.engine.pool.seen[r.slot], want[1])
+        assert (r.pending, r.n_tokens) == (want[2], len(p))
+    assert d.engine.metrics.prefill_tokens._value.get() == len(p) - 1  # the generation's ingestion alone
     d.close()
 
 
