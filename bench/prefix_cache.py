@@ -12,9 +12,10 @@ prefixes: a miss, as A), then `--requests` more alternated (B restores the longe
 document's whole 256-token chunks, and ingests the rest). Reported per length: the median latency of
 each, B ÷ A, and the cached tokens B's usage reported.
 
-Then `samples`: n = 8 samples of one prompt (POST /v1/completions, max_tokens 1), a new document of
-8,000 tokens each time (nothing stored), 4 requests to each server alternated after a warm-up: with the
-cache on, the first sample ingests the prompt and the other 7 take a copy of its state.
+Then prompts that arrive `together` and share a new document of 8,000 tokens (nothing stored), 4
+times to each server alternated after a warm-up: `samples`, n = 8 samples of one prompt (POST
+/v1/completions, max_tokens 1); `questions`, 8 requests sent at once, the document and a question each.
+With the cache on, the first ingests the document and the other 7 wait and start from its state.
 
 Then which rows stay when the budget is short (`documents`): `--documents` documents (12 of 8,000
 tokens: 32 rows each, 384 in all, beyond the default budget's 256 rows of the shipped model; the quick
@@ -30,6 +31,7 @@ token in the rounds after the first.
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import statistics
 import tempfile
@@ -54,7 +56,7 @@ REQUESTS = {False: 16, True: 3}
 ARMS = {"A": {"S4_PREFIX_CACHE_MB": "0"}, "B": {}}  # B: the default budget
 DOCUMENTS = {False: (12, 8000, 4), True: (3, 600, 2)}  # documents, their tokens, rounds
 QUICK_ROWS = 4  # the quick run's budget, in state rows
-SAMPLES = {False: (8, 8000, 4), True: (3, 300, 1)}  # n, the prompt's tokens, requests
+TOGETHER = {False: (8, 8000, 4), True: (3, 300, 1)}  # n, the document's tokens, requests
 
 
 def one(client: httpx.Client, model: str, prompt: str) -> tuple[float, dict]:
@@ -106,7 +108,7 @@ def run(quick: bool, requests: int | None = None) -> dict[str, Any]:
                       f"({med['A'] / med['B']:.1f}x faster; cached {statistics.median(cached):.0f} tokens); "
                       f"the document's first request {first['A']:.1f} / {first['B']:.1f} ms",
                       flush=True)  # fmt: skip
-            out["samples"] = samples(quick, urls, model)
+            out["together"] = together(quick, urls, model)
         finally:
             for proc, _ in servers.values():
                 proc.terminate()
@@ -114,24 +116,44 @@ def run(quick: bool, requests: int | None = None) -> dict[str, Any]:
     return out
 
 
-def samples(quick: bool, clients: dict[str, httpx.Client], model: str) -> dict[str, Any]:
-    """`n` samples of one prompt (POST /v1/completions, max_tokens 1), a new document each time, so that
-    nothing is stored: with the cache on, the first sample ingests it and the others copy its state."""
-    n, length, requests = SAMPLES[quick]
-    text = long_text((requests + 1) * length)
-    ms: dict[str, list[float]] = {"A": [], "B": []}
-    for i in range(requests + 1):  # the first: a warm-up of each server at this many rows and this length
-        prompt = f"Sampled {i}:\n{text[i * length : (i + 1) * length]}"[:length]
-        for name in ("A", "B") if i % 2 else ("B", "A"):
-            body = {"model": model, "prompt": prompt, "n": n, "max_tokens": 1, "seed": 0}
-            t0 = time.perf_counter()
-            clients[name].post("/v1/completions", json=body).raise_for_status()
-            if i:
-                ms[name].append((time.perf_counter() - t0) * 1e3)
-    med = {k: statistics.median(v) for k, v in ms.items()}
-    print(f"{n} samples of a {length}-token prompt: cache off {med['A']:.1f} ms, on {med['B']:.1f} ms "
-          f"({med['A'] / med['B']:.1f}x faster)", flush=True)  # fmt: skip
-    return {"n": n, "tokens": length, "ms": ms, "median_ms": med, "b_over_a": med["B"] / med["A"]}
+def together(quick: bool, clients: dict[str, httpx.Client], model: str) -> dict[str, Any]:
+    """Prompts that arrive together and share their start, a new document each time (nothing stored):
+    `samples`, n samples of one prompt (POST /v1/completions, max_tokens 1); `questions`, n requests at
+    once (POST /v1/generate from n threads, max_new_tokens 1), each the document and its own question.
+    With the cache on, the first ingests the document and the others start from the state it stored.
+    Latency: of the request (`samples`), of the last answer (`questions`)."""
+    n, length, requests = TOGETHER[quick]
+    text = long_text(2 * (requests + 1) * length)
+    out: dict[str, Any] = {"n": n, "tokens": length}
+    pool = concurrent.futures.ThreadPoolExecutor(n)
+
+    def samples(client: httpx.Client, doc: str) -> None:
+        body = {"model": model, "prompt": doc, "n": n, "max_tokens": 1, "seed": 0}
+        client.post("/v1/completions", json=body).raise_for_status()
+
+    def questions(client: httpx.Client, doc: str) -> None:
+        asked = [pool.submit(one, client, model, doc + f"\nQ{q}: what of line {q}?\nA:") for q in range(n)]
+        for f in asked:
+            f.result()
+
+    try:
+        for w, (name_, send) in enumerate((("samples", samples), ("questions", questions))):
+            ms: dict[str, list[float]] = {"A": [], "B": []}
+            for i in range(requests + 1):  # the first: a warm-up of each server at this many rows and length
+                k = w * (requests + 1) + i
+                doc = f"Together {k}:\n{text[k * length : (k + 1) * length]}"[:length]
+                for name in ("A", "B") if i % 2 else ("B", "A"):
+                    t0 = time.perf_counter()
+                    send(clients[name], doc)
+                    if i:
+                        ms[name].append((time.perf_counter() - t0) * 1e3)
+            med = {k: statistics.median(v) for k, v in ms.items()}
+            out[name_] = {"ms": ms, "median_ms": med, "b_over_a": med["B"] / med["A"]}
+            print(f"{n} {name_} of a {length}-token document together: cache off {med['A']:.1f} ms, on "
+                  f"{med['B']:.1f} ms ({med['A'] / med['B']:.1f}x faster)", flush=True)  # fmt: skip
+    finally:
+        pool.shutdown()
+    return out
 
 
 def row_bytes(ckpt: Path) -> int:
@@ -212,11 +234,15 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     ax2.set_yscale("log")
     ax2.legend()
     ax2.set_title(f"budget shorter than the documents' {doc['tokens']}-token rows")
-    smp = data["samples"]
-    ax3.bar(["prefix cache off", "prefix cache on"], [smp["median_ms"]["A"], smp["median_ms"]["B"]],
-            color=["C0", "C1"])  # fmt: skip
-    ax3.set_ylabel("latency of the request, median (ms)")
-    ax3.set_title(f"n = {smp['n']} samples of a {smp['tokens']}-token prompt")
+    tog = data["together"]
+    kinds = ("samples", "questions")
+    for k, (name, label) in enumerate((("A", "prefix cache off"), ("B", "prefix cache on"))):
+        ax3.bar([i + (k - 0.5) * 0.4 for i in range(2)], [tog[w]["median_ms"][name] for w in kinds],
+                width=0.4, label=label)  # fmt: skip
+    ax3.set_xticks([0, 1], [f"n = {tog['n']} samples of a prompt", f"{tog['n']} questions at once"])
+    ax3.set_ylabel("latency, median (ms)")
+    ax3.set_title(f"prompts together, a new {tog['tokens']}-token document")
+    ax3.legend()
     save_figure(fig, NAME, quick, f"Prefix cache: {data['model']}")
 
 

@@ -238,7 +238,8 @@ class Job:
     passed_over: int = 0  # prefill iterations in a row that had no room for this job's next chunk
     prefix_keys: dict[int, bytes] | None = None  # a new session's prompt: its prefixes' cache keys by length
     prefix_keep: set[int] = field(default_factory=set)  # of those, the lengths stored as kept rows
-    following: Job | None = None  # a job ingesting the very same input for a new session (`_cached_prefix`)
+    following: Job | None = None  # another new session's job, ingesting the first `follow_to` tokens of
+    follow_to: int = 0  # this one's input too: this one waits for their state (`Engine._cached_prefix`)
     cached: int = 0  # tokens of `ingest` whose state came from the prefix cache
     queued: bool = True  # counted in the engine's queue depth (until it decodes or ends)
     # taking a turn back (kept sessions' generations; engine thread)
@@ -830,41 +831,43 @@ class Engine:
         """The input of a session at its initial state: its prefixes' keys, for `_prefill_run` to store the
         states at them, and (unless it wants the prompt's log-probabilities, which need the logits of every
         position) its state from the longest stored prefix, whose tokens are then not ingested. If another
-        new session's job is ingesting the very same input (the samples of one prompt: OpenAI's `n` and
-        `best_of`; identical requests at once), this job follows it: it waits, ingesting nothing, and
-        takes a copy of its state when it is done (`_share_ingested`)."""
-        job.prefix_keys = boundary_keys(job.ingest, self.settings.prefill_chunk_tokens)
-        job.prefix_keep = self.prefix_cache.plan(job.prefix_keys)
+        new session's job is ingesting a longer prefix of it right now (the samples of one prompt: OpenAI's
+        `n` and `best_of`; questions after one document sent at once), this job follows that one to their
+        longest common keyed prefix: it ingests nothing until the other has stored its state there (as a
+        kept row), then starts from the cache (`_resume`)."""
+        job.prefix_keys = keys = boundary_keys(job.ingest, self.settings.prefill_chunk_tokens)
+        job.prefix_keep = self.prefix_cache.plan(keys)
         if job.targets:
             return
         self.metrics.prefix_cache_queries.inc(len(job.ingest))
-        hit = self.prefix_cache.longest(job.prefix_keys, len(job.ingest))
+        hit = self.prefix_cache.longest(keys, len(job.ingest))
         if hit is not None:
             job.offset = job.cached = hit[0]
             self.pool.put_rows(torch.tensor([job.session.slot], device=self.pool.state.device), hit[1])
             self.metrics.prefix_cache_hits.inc(hit[0])
-        end = len(job.ingest)
-        if job.offset < end:
-            key = job.prefix_keys[end]
-            job.following = next((j for j in self._prefilling if j.following is None and not j.cancelled
-                                  and not j.ended and len(j.ingest) == end and j.prefix_keys is not None
-                                  and j.prefix_keys.get(end) == key), None)  # fmt: skip
+        best, lengths = job.offset, sorted(keys, reverse=True)
+        for lead in self._prefilling:
+            if lead.following is not None or lead.cancelled or lead.ended or lead.prefix_keys is None:
+                continue
+            common = next((n for n in lengths if max(best, lead.offset) < n <= len(lead.ingest)
+                           and lead.prefix_keys.get(n) == keys[n]), None)  # fmt: skip
+            if common is not None:
+                job.following, job.follow_to, best = lead, common, common
+        if job.following is not None:
+            job.following.prefix_keep.add(job.follow_to)
 
-    def _share_ingested(self, leader: Job) -> None:
-        """`leader`'s input is ingested: the jobs following it (`_cached_prefix`) take a copy of its state
-        (before it decodes a step) and go on as if they had ingested it, their input counted as cached."""
-        followers = [j for j in self._prefilling if j.following is leader]
-        if not followers:
-            return
-        dev = self.pool.state.device
-        slots = torch.tensor([j.session.slot for j in followers], device=dev)
-        source = torch.tensor([leader.session.slot] * len(followers), device=dev)
-        self.pool.put_rows(slots, self.pool.rows(source))
-        for job in followers:
+    def _resume(self, job: Job) -> None:
+        """A job that followed another (`_cached_prefix`), which has now passed their common prefix (or
+        stopped): from the longest stored prefix of its input, if longer than what it holds; a job whose
+        whole input was stored goes on to decode."""
+        job.following = None
+        hit = self.prefix_cache.longest(job.prefix_keys, len(job.ingest))
+        if hit is not None and hit[0] > job.offset:
+            self.metrics.prefix_cache_hits.inc(hit[0] - job.offset)
+            job.offset = job.cached = hit[0]
+            self.pool.put_rows(torch.tensor([job.session.slot], device=self.pool.state.device), hit[1])
+        if job.offset == len(job.ingest):
             self._prefilling.remove(job)
-            self.metrics.prefix_cache_hits.inc(len(job.ingest) - job.offset)
-            job.offset = job.cached = len(job.ingest)
-            job.following = None
             self._ingested(job)
 
     def _ingested(self, job: Job) -> None:
@@ -906,9 +909,10 @@ class Engine:
         def priority(j: Job) -> tuple:  # passed over most, then fewest tokens left, then oldest
             return -j.passed_over, len(j.ingest) - j.offset, j.submitted
 
-        for job in self._prefilling:
-            if job.following is not None and job.following not in self._prefilling:  # its leader cancelled
-                job.following = None
+        for job in list(self._prefilling):  # followers whose leader passed their common prefix, or stopped
+            lead = job.following
+            if lead is not None and (lead not in self._prefilling or lead.offset >= job.follow_to):
+                self._resume(job)
         order = sorted((j for j in self._prefilling if j.following is None), key=priority)
         picked: list[tuple[Job, list[int]]] = []
         used = 0
@@ -963,7 +967,6 @@ class Engine:
             job.offset += len(piece)
             if job.offset == len(job.ingest):
                 self._prefilling.remove(job)
-                self._share_ingested(job)
                 self._ingested(job)
         self.metrics.prefill_tokens.inc(used)
 

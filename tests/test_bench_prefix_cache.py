@@ -5,7 +5,7 @@ import pytest
 from bench import prefix_cache
 
 
-def test_a_quick_run_times_both_servers_and_the_cached_one_reports_its_whole_chunks_and_samples():
+def test_a_quick_run_times_both_servers_and_the_cached_one_reports_its_whole_chunks_and_prompts_together():
     out = prefix_cache.run(True, requests=2)
     assert list(out["lengths"]) == ["64", "300"]
     for L, r in out["lengths"].items():
@@ -13,9 +13,11 @@ def test_a_quick_run_times_both_servers_and_the_cached_one_reports_its_whole_chu
         # the stand-in's chunks are the server's default 256 tokens: none whole in 64, one in 300
         assert r["cached_tokens"] == [0 if L == "64" else 256] * 2
         assert r["b_over_a"] == pytest.approx(r["median_ms"]["B"] / r["median_ms"]["A"])
-    smp = out["samples"]  # 3 samples of a new 300-token prompt, 1 request to each
-    assert (smp["n"], smp["tokens"]) == (3, 300) and [len(v) for v in smp["ms"].values()] == [1, 1]
-    assert smp["b_over_a"] == pytest.approx(smp["median_ms"]["B"] / smp["median_ms"]["A"])
+    tog = out["together"]  # 3 samples of a new 300-token prompt, then 3 questions at once, 1 time to each
+    assert (tog["n"], tog["tokens"]) == (3, 300)
+    for w in ("samples", "questions"):
+        assert [len(v) for v in tog[w]["ms"].values()] == [1, 1]
+        assert tog[w]["b_over_a"] == pytest.approx(tog[w]["median_ms"]["B"] / tog[w]["median_ms"]["A"])
 
 
 def test_the_cli_refuses_a_request_count_under_one():

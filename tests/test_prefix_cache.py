@@ -289,18 +289,26 @@ def test_a_long_prompt_leaves_other_prompts_kept_rows_and_a_shared_document_is_k
 
 
 @pytest.mark.parametrize("model", list(MODELS))
-def test_the_samples_of_one_prompt_ingest_it_once_and_the_others_take_a_copy_of_its_state(model):
-    """Jobs with the very same new input admitted together (OpenAI's n and best_of; identical requests at
-    once): the first ingests it, the others follow it: they run no prefill of their own, take its state
-    when it is done and count their input as cached, and each gets the tokens it gets from an engine
-    without the cache. A prompt that extends it and one that asks for its prompt's log-probabilities
-    (which need every position's logits) ingest their own. Every kind of model (a SaShiMi's row holds
-    its pooling phase and buffers; bfloat16 weights; an audio model's input is samples)."""
+def test_prompts_admitted_together_ingest_their_common_prefix_once(model):
+    """New sessions' prompts admitted at once: the first ingests its input; the same input again (OpenAI's
+    n and best_of), and prompts that share its first chunks (questions after one document sent at once),
+    follow it: they ingest nothing until it has stored its state at their longest common keyed prefix,
+    then start from there, counted as cached. Each gets the tokens it gets from an engine without the
+    cache. One that asks for its prompt's log-probabilities (which need every position's logits) ingests
+    its own. Every kind of model (a SaShiMi's row holds its pooling phase and buffers; bfloat16 weights;
+    an audio model's input is samples)."""
     make, dtype = MODELS[model]
     rec = make().eval().to_recurrent(dtype=dtype)
     p = prompt_of(3 * CHUNK + 10, 1)
-    longer = p + prompt_of(5, 2)
-    specs = [(p, 1, {}), (p, 2, {}), (p, 3, {}), (longer, 4, {}), (p, 5, {"prompt_logprobs": 1})]
+    longer, forked = p + prompt_of(5, 2), p[: 2 * CHUNK] + prompt_of(30, 3)
+    specs = [
+        (p, 1, {}),
+        (p, 2, {}),
+        (p, 3, {}),
+        (longer, 4, {}),
+        (p, 5, {"prompt_logprobs": 1}),
+        (forked, 6, {}),
+    ]
     cold = driver(rec, prefix_cache_mb=0)
     want = [generation(cold, q, seed, n=20, **kw)[0] for q, seed, kw in specs]
     cold.close()
@@ -309,14 +317,21 @@ def test_the_samples_of_one_prompt_ingest_it_once_and_the_others_take_a_copy_of_
     jobs = [d.generate(q, max_new=20, params=SamplingParams(seed=seed, temperature=1.0, **kw))
             for q, seed, kw in specs]  # fmt: skip
     d.tick()  # admitted together
-    assert [j.following for j in jobs] == [None, jobs[0], jobs[0], None, None]
+    n = len(p) - 1
+    lead = jobs[0]
+    assert [j.following for j in jobs] == [None, lead, lead, lead, None, lead]
+    assert [j.follow_to for j in jobs] == [0, n, n, 3 * CHUNK, 0, 2 * CHUNK]
+    assert {2 * CHUNK, 3 * CHUNK, n} <= lead.prefix_keep  # (stored as kept rows)
     d.until(lambda: all(d.final(j) for j in jobs))
     assert [d.out(j) for j in jobs] == want
-    n = len(p) - 1
-    assert [d.final(j).cached_tokens for j in jobs] == [0, n, n, 0, 0]
+    cached = [0, n, n, 3 * CHUNK, 0, 2 * CHUNK]
+    assert [d.final(j).cached_tokens for j in jobs] == cached
     m = d.engine.metrics
-    assert m.prefill_tokens._value.get() == 2 * n + len(longer) - 1  # p twice (once with its logprobs)
-    assert m.prefix_cache_hits._value.get() == 2 * n
+    # p twice (once with its log-probabilities), then what `longer` and `forked` add
+    assert m.prefill_tokens._value.get() == 2 * n + (len(longer) - 1 - 3 * CHUNK) + (
+        len(forked) - 1 - 2 * CHUNK
+    )
+    assert m.prefix_cache_hits._value.get() == sum(cached)
     assert all(j.following is None for j in jobs)
     d.close()
 
@@ -353,10 +368,11 @@ def test_sessions_created_with_one_prompt_at_once_follow_and_hold_the_state_of_o
     d.close()
 
 
-def test_a_cancelled_follower_ends_alone_and_a_cancelled_leaders_followers_ingest_their_own(rec):
+def test_a_cancelled_follower_ends_alone_and_a_cancelled_leaders_follower_goes_on_from_its_chunks(rec):
     """Three samples of one prompt: the first ingests it, two follow. One follower's client goes away:
-    it ends "cancelled" while it waits. Then the leader's client goes away mid-prompt: the follower left
-    ingests the prompt itself, and its tokens are those of an engine without the cache."""
+    it ends "cancelled" while it waits. Then the leader's client goes away after 2 chunks: the follower
+    left starts from the state the leader stored after them and ingests the rest itself, and its tokens
+    are those of an engine without the cache."""
     p = prompt_of(4 * CHUNK + 10, 3)
     cold = driver(rec, prefix_cache_mb=0)
     want = generation(cold, p, seed=2, n=20)[0]
@@ -371,7 +387,7 @@ def test_a_cancelled_follower_ends_alone_and_a_cancelled_leaders_followers_inges
     lead.stream.cancel()
     d.until(lambda: d.final(f1) and d.final(lead))
     assert d.final(lead).finish_reason == "cancelled" and d.final(f1).finish_reason == "length"
-    assert d.out(f1) == want and d.final(f1).cached_tokens == 0
+    assert d.out(f1) == want and d.final(f1).cached_tokens == 2 * CHUNK
     assert d.engine.pool.in_use == 0  # every one-shot slot back
     d.close()
 
