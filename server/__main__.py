@@ -225,8 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = parse_args(argv)
     except ValidationError as exc:  # an S4_* variable or a flag Settings parses: name both, not its value
-        names = [f"{setting_names(str(e['loc'][0]))}: {e['msg']}" if e["loc"] else e["msg"]
-                 for e in exc.errors()]  # fmt: skip
+        msgs = [(e["loc"], e["msg"].removeprefix("Value error, ")) for e in exc.errors()]  # (pydantic's)
+        names = [f"{setting_names(str(loc[0]))}: {msg}" if loc else msg  # (a check across settings names its)
+                 for loc, msg in msgs]  # fmt: skip
         sys.exit("not serving: invalid settings: " + "; ".join(names))
     configure_logging(settings.log_level, settings.log_format)
     # the library's warnings (the fused CPU step or KeOps unavailable: torch ops instead) as log lines,

@@ -145,7 +145,8 @@ class Settings(BaseSettings):
         ge=0,
         le=1 << 20,
         description="per model, MiB of device memory for the states after prompt prefixes (at "
-        "`prefill_chunk_tokens` boundaries and at a prompt's end; spare rows out before kept ones, least "
+        "`prefill_chunk_tokens` boundaries and after a prompt's ingested tokens, all but its last; spare "
+        "rows out before kept ones, least "
         "recently used first: see `prefix_cache_retention_interval`): a new session's prompt (one-shot "
         "requests and OpenAI routes included) starts from the longest stored prefix and ingests only the "
         "rest, reported as usage.prompt_tokens_details.cached_tokens; 0: off",
@@ -158,7 +159,7 @@ class Settings(BaseSettings):
         "after each multiple of this many tokens, as it keeps the state after its last whole chunk and "
         "where it diverges from an earlier prompt; its other states are spare, stored while there is room "
         "and out first (vLLM's prefix_cache_retention_interval). 0: none by length; "
-        "`prefill_chunk_tokens`: every chunk's kept",
+        "`prefill_chunk_tokens`: every chunk's row kept",
     )
     decode_block_ms: float = Field(
         40.0,
@@ -452,14 +453,16 @@ class Settings(BaseSettings):
     def _prefill_budget(self) -> Settings:
         if self.prefill_token_budget < self.prefill_chunk_tokens:
             raise ValueError(
-                f"S4_PREFILL_TOKEN_BUDGET ({self.prefill_token_budget}) must be at least "
-                f"S4_PREFILL_CHUNK_TOKENS ({self.prefill_chunk_tokens}): one chunk per engine iteration"
+                f"S4_PREFILL_TOKEN_BUDGET (--prefill-token-budget) = {self.prefill_token_budget} must be at "
+                f"least S4_PREFILL_CHUNK_TOKENS (--prefill-chunk-tokens) = {self.prefill_chunk_tokens}: one "
+                "chunk per engine iteration"
             )
         if self.prefix_cache_retention_interval % self.prefill_chunk_tokens:
             raise ValueError(
-                f"S4_PREFIX_CACHE_RETENTION_INTERVAL ({self.prefix_cache_retention_interval}) must be a "
-                f"multiple of S4_PREFILL_CHUNK_TOKENS ({self.prefill_chunk_tokens}), or 0: the states are "
-                "stored at chunk boundaries"
+                "S4_PREFIX_CACHE_RETENTION_INTERVAL (--prefix-cache-retention-interval) = "
+                f"{self.prefix_cache_retention_interval} must be a multiple of S4_PREFILL_CHUNK_TOKENS "
+                f"(--prefill-chunk-tokens) = {self.prefill_chunk_tokens}, or 0: the states are stored at "
+                "chunk boundaries"
             )
         return self
 

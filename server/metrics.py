@@ -97,10 +97,13 @@ class Metrics:
             m, registry=r, buckets=RTF_BUCKETS,
         )  # fmt: skip
         self.prefill_tokens = Counter("s4_prompt_tokens_ingested", "Prompt tokens prefilled", m, registry=r)
-        self.prefix_cache_queries = Counter("s4_prefix_cache_query_tokens", "Prompt tokens of new sessions "
-                                            "looked up in the prefix cache", m, registry=r)  # fmt: skip
-        self.prefix_cache_hits = Counter("s4_prefix_cache_hit_tokens", "Prompt tokens whose state came from "
-                                         "the prefix cache (not ingested)", m, registry=r)  # fmt: skip
+        self.prefix_cache_queries = Counter("s4_prefix_cache_query_tokens", "Ingested prompt tokens (all but "
+                                            "each prompt's last) of new sessions looked up in the prefix "
+                                            "cache, one count per sample", m, registry=r)  # fmt: skip
+        self.prefix_cache_hits = Counter("s4_prefix_cache_hit_tokens", "Of those, tokens whose state came "
+                                         "from the prefix cache (not ingested), stored by an earlier prompt "
+                                         "or by one ingested at the same time (the samples of one prompt)",
+                                         m, registry=r)  # fmt: skip
         self.prefix_cache_bytes = Gauge("s4_prefix_cache_bytes", "Bytes of state held by the prefix cache", m,
                                         registry=r)  # fmt: skip
         self.active_sessions = Gauge("s4_active_sessions", "State slots in use (sessions + one-shot)", m,

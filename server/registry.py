@@ -361,6 +361,8 @@ def load_model(
         shape = f"{c.kernel}, {c.n_layers} layer{'s' if c.n_layers != 1 else ''}, d_model {c.d_model}"
     cache = engine.prefix_cache  # (None: off, or a budget under one state row)
     cached = "off" if cache is None else f"{cache.capacity} rows"
+    if cache is not None and cache.interval:
+        cached += f", a row kept every {cache.interval} tokens"
     log.info(
         "model %s: %s %s, d_state %d; verified (%s; %s logits: step %.1e, prefill %.1e, tol %.1e); %d B "
         "state/session, %d slots, prefix cache %s; ready in %.1f s",

@@ -332,7 +332,7 @@ def test_a_device_that_cannot_be_used_stops_the_server_before_it_listens(model_d
         with pytest.raises(ValueError, match="must be auto, cpu, cuda or cuda:N"):
             Settings(device=device)
     monkeypatch.setenv("S4_DEVICE", "gpu")
-    assert "invalid settings: S4_DEVICE (--device): Value error, must be auto, cpu" in _exit_message(*ckpt)
+    assert "invalid settings: S4_DEVICE (--device): must be auto, cpu" in _exit_message(*ckpt)
     monkeypatch.delenv("S4_DEVICE")
     if not torch.cuda.is_available():  # a CPU build of torch (CI's), or a CUDA build without a GPU (PyPI's)
         why = "this torch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
