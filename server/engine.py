@@ -901,6 +901,7 @@ class Engine:
         for job in list(self._prefilling):
             if job.cancelled and not job.ended:  # stop now (a rollback's re-stepping always completes)
                 self._prefilling.remove(job)
+                job.following = None  # (a follower: it holds no reference to the job it waited on)
                 if job.saved is not None:  # a kept session: back to its state before the turn
                     self._restore(job)
                 job.undone = True  # (a one-shot session is deleted: its slot freed)

@@ -9,6 +9,7 @@ float64 conv-mode check of chunked ingestion itself is tests/test_scheduling.py'
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 
 import httpx
@@ -389,6 +390,57 @@ def test_a_cancelled_follower_ends_alone_and_a_cancelled_leaders_follower_goes_o
     assert d.final(lead).finish_reason == "cancelled" and d.final(f1).finish_reason == "length"
     assert d.out(f1) == want and d.final(f1).cached_tokens == 2 * CHUNK
     assert d.engine.pool.in_use == 0  # every one-shot slot back
+    d.close()
+
+
+@pytest.mark.parametrize("scenario", range(4))
+def test_random_arrivals_cancels_and_shared_prefixes_give_the_tokens_of_the_cache_off(rec, scenario):
+    """Randomized, with a fixed seed per scenario: prompts drawn from 3 documents (a document, a document and
+    a suffix, an earlier prompt again) arrive a few an engine iteration, in a cache of 3 to 6 rows (every
+    chunk kept or not), and some clients go away at random moments. Each request that ends "length" has
+    the tokens its prompt and seed get alone from an engine without the cache; every request ends; then no
+    slot is in use, no job waits on another, nothing is left to ingest and the cache is within its
+    capacity, its counters consistent with the usage reported."""
+    gen = torch.Generator().manual_seed(100 + scenario)
+
+    def rand(lo: int, hi: int) -> int:  # [lo, hi]
+        return int(torch.randint(lo, hi + 1, (), generator=gen))
+
+    docs = [prompt_of(rand(CHUNK, 4 * CHUNK), 200 + 10 * scenario + k) for k in range(3)]
+    rows, interval = rand(3, 6), [0, CHUNK][scenario % 2]
+    d = driver(rec, prefix_cache_mb=(rows + 0.5) * d_row_mb(rec), prefix_cache_retention_interval=interval)
+    cold = driver(rec, prefix_cache_mb=0)
+    want: dict[tuple, list[int]] = {}
+    sent: list[tuple[Job, list[int], int]] = []
+    for tick in range(60):
+        for _ in range(rand(0, 3) if tick < 40 else 0):
+            kind = rand(0, 2)
+            if kind == 2 and sent:
+                prompt = sent[rand(0, len(sent) - 1)][1]  # an earlier prompt again
+            else:
+                prompt = docs[rand(0, 2)] + (prompt_of(rand(1, 2 * CHUNK), rand(0, 10**6)) if kind else [])
+            seed = rand(0, 3)
+            job = d.generate(prompt, max_new=6, params=SamplingParams(seed=seed, temperature=1.0))
+            sent.append((job, prompt, seed))
+        live = [j for j, _, _ in sent if d.final(j) is None and not j.cancelled]
+        if live and rand(0, 5) == 0:
+            live[rand(0, len(live) - 1)].stream.cancel()
+        d.tick()
+    d.until(lambda: all(d.final(j) for j, _, _ in sent))
+    ended = collections.Counter(d.final(j).finish_reason for j, _, _ in sent)
+    assert set(ended) <= {"length", "cancelled"} and ended["length"] >= len(sent) // 2, ended
+    for job, prompt, seed in sent:
+        if d.final(job).finish_reason == "length":
+            if (tuple(prompt), seed) not in want:
+                want[tuple(prompt), seed] = generation(cold, prompt, seed, n=6)[0]
+            assert d.out(job) == want[tuple(prompt), seed]
+    cache, eng = d.engine.prefix_cache, d.engine
+    assert d.engine.pool.in_use == 0 and not eng._prefilling and all(j.following is None for j, _, _ in sent)
+    assert cache.capacity == rows and cache.entries <= rows and cache.bytes == cache.entries * cache.row_bytes
+    hits = eng.metrics.prefix_cache_hits._value.get()
+    assert hits >= sum(d.final(j).cached_tokens for j, _, _ in sent if d.final(j).finish_reason == "length")
+    assert eng.metrics.prefix_cache_queries._value.get() <= sum(len(p) - 1 for _, p, _ in sent)
+    cold.close()
     d.close()
 
 
