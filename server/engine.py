@@ -846,8 +846,11 @@ class Engine:
             self.pool.put_rows(torch.tensor([job.session.slot], device=self.pool.state.device), hit[1])
             self.metrics.prefix_cache_hits.inc(hit[0])
         best, lengths = job.offset, sorted(keys, reverse=True)
+        first = lengths[-1]  # a prompt that shares a keyed prefix with this one shares its shortest
         for lead in self._prefilling:
             if lead.following is not None or lead.cancelled or lead.ended or lead.prefix_keys is None:
+                continue
+            if lead.prefix_keys.get(first) != keys[first]:  # (O(1) for each unrelated prompt)
                 continue
             common = next((n for n in lengths if max(best, lead.offset) < n <= len(lead.ingest)
                            and lead.prefix_keys.get(n) == keys[n]), None)  # fmt: skip
