@@ -831,10 +831,10 @@ class Engine:
         """The input of a session at its initial state: its prefixes' keys, for `_prefill_run` to store the
         states at them, and (unless it wants the prompt's log-probabilities, which need the logits of every
         position) its state from the longest stored prefix, whose tokens are then not ingested. If another
-        new session's job is ingesting a longer prefix of it right now (the samples of one prompt: OpenAI's
-        `n` and `best_of`; questions after one document sent at once), this job follows that one to their
-        longest common keyed prefix: it ingests nothing until the other has stored its state there (as a
-        kept row), then starts from the cache (`_resume`)."""
+        new session's job being ingested right now shares a keyed prefix with it that it has not passed
+        yet (the samples of one prompt: OpenAI's `n` and `best_of`; questions after one document sent at
+        once), this job follows that one to their longest such prefix: it ingests nothing until the other
+        has stored its state there (as a kept row), then starts from the cache (`_resume`)."""
         job.prefix_keys = keys = boundary_keys(job.ingest, self.settings.prefill_chunk_tokens)
         job.prefix_keep = self.prefix_cache.plan(keys)
         if job.targets:
