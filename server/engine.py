@@ -845,6 +845,7 @@ class Engine:
             job.offset = job.cached = hit[0]
             self.pool.put_rows(torch.tensor([job.session.slot], device=self.pool.state.device), hit[1])
             self.metrics.prefix_cache_hits.inc(hit[0])
+            self._cache_gauges()  # (a spare row that hits becomes kept)
         best, lengths = job.offset, sorted(keys, reverse=True)
         first = lengths[-1]  # a prompt that shares a keyed prefix with this one shares its shortest
         for lead in self._prefilling:
@@ -869,6 +870,7 @@ class Engine:
             self.metrics.prefix_cache_hits.inc(hit[0] - job.offset)
             job.offset = job.cached = hit[0]
             self.pool.put_rows(torch.tensor([job.session.slot], device=self.pool.state.device), hit[1])
+            self._cache_gauges()
         if job.offset == len(job.ingest):
             self._prefilling.remove(job)
             self._ingested(job)
@@ -994,7 +996,14 @@ class Engine:
                 log.warning("model %s: out of memory for the prefix cache: it keeps %d rows from now on (%s)",
                             self.model_id, kept, type(exc).__name__)  # fmt: skip
                 break
-        self.metrics.prefix_cache_bytes.set(self.prefix_cache.bytes)
+        self._cache_gauges()
+
+    def _cache_gauges(self) -> None:
+        """The prefix cache's bytes and rows by kind, as held now (after rows are stored or a hit)."""
+        cache, m = self.prefix_cache, self.metrics
+        m.prefix_cache_bytes.set(cache.bytes)
+        m.prefix_cache_rows["kept"].set(cache.kept)
+        m.prefix_cache_rows["spare"].set(cache.spare)
 
     def _decode(self) -> None:
         b = self.batch

@@ -106,6 +106,10 @@ class Metrics:
                                          m, registry=r)  # fmt: skip
         self.prefix_cache_bytes = Gauge("s4_prefix_cache_bytes", "Bytes of state held by the prefix cache", m,
                                         registry=r)  # fmt: skip
+        self.prefix_cache_rows = Gauge("s4_prefix_cache_rows", "State rows held by the prefix cache, by "
+                                       "kind: kept (a prompt's last whole chunk, junctions, rows that "
+                                       "served a hit) or spare (evicted first)", ["model", "kind"],
+                                       registry=r)  # fmt: skip
         self.active_sessions = Gauge("s4_active_sessions", "State slots in use (sessions + one-shot)", m,
                                      registry=r)  # fmt: skip
         self.state_bytes = Gauge("s4_state_resident_bytes", "Bytes of state held by slots in use", m,
@@ -186,6 +190,7 @@ class ModelMetrics:
         self.prefix_cache_queries = m.prefix_cache_queries.labels(model)
         self.prefix_cache_hits = m.prefix_cache_hits.labels(model)
         self.prefix_cache_bytes = m.prefix_cache_bytes.labels(model)
+        self.prefix_cache_rows = {kind: m.prefix_cache_rows.labels(model, kind) for kind in ("kept", "spare")}
         self.active_sessions, self.state_bytes = m.active_sessions.labels(model), m.state_bytes.labels(model)
         self.pool_bytes, self.queue_depth = m.pool_bytes.labels(model), m.queue_depth.labels(model)
         self.engine_crashes = m.engine_crashes.labels(model)

@@ -286,6 +286,8 @@ def test_a_long_prompt_leaves_other_prompts_kept_rows_and_a_shared_document_is_k
             got = [generation(d, q, seed=i) for i, q in enumerate(prompts)]
             assert [g[0] for g in got] == want, (name, rows, interval)
             assert [g[1].cached_tokens for g in got] == cached, (name, rows, interval)
+            gauges = {k: g._value.get() for k, g in d.engine.metrics.prefix_cache_rows.items()}
+            assert gauges == {"kept": d.engine.prefix_cache.kept, "spare": d.engine.prefix_cache.spare}
             d.close()
 
 
@@ -558,12 +560,18 @@ def test_the_routes_report_cached_tokens_and_the_tokens_do_not_change(tmp_path):
             usage = c.post("/v1/generate", json=body).json()["usage"]
             assert usage["prompt_tokens_details"]["cached_tokens"] == 0
             # Q2's 2 chunks, the session's whole prompt (Q1's, all but its last token), Q6's, Q4's and Q5's 2
-            # chunks (the empty sessions' first inputs) and Q3's 2 samples: 2
-            # chunks each, or for the second the first's whole prompt when the first was ingested before the
-            # second was admitted (the usage counts the fewer)
+            # chunks (the empty sessions' first inputs) and Q3's 2 samples: the first's 2 chunks, the
+            # second's whole prompt (it follows the first, or finds its end stored; the usage counts the
+            # fewer)
             hits = metric(c, "s4_prefix_cache_hit_tokens_total", "tiny-text") - hits0
             base = 2 * CHUNK + (len(doc) + 3) + 2 * CHUNK + 2 * CHUNK + 2 * CHUNK + 2 * CHUNK
-            assert hits in (base + 2 * CHUNK, base + len(doc) + 3), hits
+            assert hits == base + len(doc) + 3, hits
+            rows = {line.split('kind="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                    for line in c.get("/metrics").text.splitlines()
+                    if line.startswith("s4_prefix_cache_rows{") and 'model="tiny-text"' in line}  # fmt: skip
+            assert set(rows) == {"kept", "spare"} and rows["kept"] >= 1 and rows["spare"] >= 1, rows
+            row_bytes = metric(c, "s4_prefix_cache_bytes", "tiny-text") / (rows["kept"] + rows["spare"])
+            assert row_bytes == int(row_bytes) and row_bytes > 0
     finally:
         srv.stop()
 

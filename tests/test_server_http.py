@@ -307,6 +307,9 @@ def test_metrics_follow_prometheus_conventions_and_every_known_series_is_there_f
         audio_models = {x.labels["model"] for x in families["s4_audio_stream_realtime_ratio"].samples}
         assert audio_models == {AUDIO}
         assert {x.labels["model"] for x in families["s4_state_resident_bytes"].samples} == {TEXT, AUDIO}
+        rows = {(x.labels["model"], x.labels["kind"]): x.value
+                for x in families["s4_prefix_cache_rows"].samples}  # fmt: skip
+        assert rows == {(m, kind): 0 for m in (TEXT, AUDIO) for kind in ("kept", "spare")}
         r = httpx.post(s.url + "/v1/generate", json={"model": TEXT, "prompt": "a", "max_new_tokens": 3})
         assert r.json()["finish_reason"] == "length"
         after = {x.labels["finish_reason"]: x.value
