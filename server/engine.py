@@ -831,10 +831,11 @@ class Engine:
         """The input of a session at its initial state: its prefixes' keys, for `_prefill_run` to store the
         states at them, and (unless it wants the prompt's log-probabilities, which need the logits of every
         position) its state from the longest stored prefix, whose tokens are then not ingested. If another
-        new session's job being ingested right now shares a keyed prefix with it that it has not passed
-        yet (the samples of one prompt: OpenAI's `n` and `best_of`; questions after one document sent at
-        once), this job follows that one to their longest such prefix: it ingests nothing until the other
-        has stored its state there (as a kept row), then starts from the cache (`_resume`)."""
+        new session's job being ingested right now (or waiting, itself a follower) shares a keyed prefix
+        with it that it has not passed yet (the samples of one prompt: OpenAI's `n` and `best_of`;
+        questions after one document sent at once), this job follows that one to their longest such
+        prefix: it ingests nothing until the other has stored its state there (as a kept row), then starts
+        from the cache (`_resume`)."""
         job.prefix_keys = keys = boundary_keys(job.ingest, self.settings.prefill_chunk_tokens)
         job.prefix_keep = self.prefix_cache.plan(keys)
         if job.targets:
@@ -848,8 +849,8 @@ class Engine:
             self._cache_gauges()  # (a spare row that hits becomes kept)
         best, lengths = job.offset, sorted(keys, reverse=True)
         first = lengths[-1]  # a prompt that shares a keyed prefix with this one shares its shortest
-        for lead in self._prefilling:
-            if lead.following is not None or lead.cancelled or lead.ended or lead.prefix_keys is None:
+        for lead in self._prefilling:  # (a follower too: jobs follow earlier ones only, so no cycle)
+            if lead.cancelled or lead.ended or lead.prefix_keys is None:
                 continue
             if lead.prefix_keys.get(first) != keys[first]:  # (O(1) for each unrelated prompt)
                 continue

@@ -295,11 +295,12 @@ def test_a_long_prompt_leaves_other_prompts_kept_rows_and_a_shared_document_is_k
 def test_prompts_admitted_together_ingest_their_common_prefix_once(model):
     """New sessions' prompts admitted at once: the first ingests its input; the same input again (OpenAI's
     n and best_of), and prompts that share its first chunks (questions after one document sent at once),
-    follow it: they ingest nothing until it has stored its state at their longest common keyed prefix,
-    then start from there, counted as cached. Each gets the tokens it gets from an engine without the
-    cache. One that asks for its prompt's log-probabilities (which need every position's logits) ingests
-    its own. Every kind of model (a SaShiMi's row holds its pooling phase and buffers; bfloat16 weights;
-    an audio model's input is samples)."""
+    follow it (or a prompt that follows it, when that one shares more): they ingest nothing until it has
+    stored its state at their longest common keyed prefix, then start from there, counted as cached.
+    Each gets the tokens it gets from an engine without the cache. One that asks for its prompt's
+    log-probabilities (which need every position's logits) ingests its own. Every kind of model (a
+    SaShiMi's row holds its pooling phase and buffers; bfloat16 weights; an audio model's input is
+    samples)."""
     make, dtype = MODELS[model]
     rec = make().eval().to_recurrent(dtype=dtype)
     p = prompt_of(3 * CHUNK + 10, 1)
@@ -311,6 +312,7 @@ def test_prompts_admitted_together_ingest_their_common_prefix_once(model):
         (longer, 4, {}),
         (p, 5, {"prompt_logprobs": 1}),
         (forked, 6, {}),
+        (forked, 7, {}),  # follows the one before, itself a follower, to its whole input
     ]
     cold = driver(rec, prefix_cache_mb=0)
     want = [generation(cold, q, seed, n=20, **kw)[0] for q, seed, kw in specs]
@@ -322,15 +324,16 @@ def test_prompts_admitted_together_ingest_their_common_prefix_once(model):
     d.tick()  # admitted together
     n = len(p) - 1
     lead = jobs[0]
-    assert [j.following for j in jobs] == [None, lead, lead, lead, None, lead]
-    assert [j.follow_to for j in jobs] == [0, n, n, 3 * CHUNK, 0, 2 * CHUNK]
+    f = len(forked) - 1
+    assert [j.following for j in jobs] == [None, lead, lead, lead, None, lead, jobs[5]]
+    assert [j.follow_to for j in jobs] == [0, n, n, 3 * CHUNK, 0, 2 * CHUNK, f]
     assert {2 * CHUNK, 3 * CHUNK, n} <= lead.prefix_keep  # (stored as kept rows)
     d.until(lambda: all(d.final(j) for j in jobs))
     assert [d.out(j) for j in jobs] == want
-    cached = [0, n, n, 3 * CHUNK, 0, 2 * CHUNK]
+    cached = [0, n, n, 3 * CHUNK, 0, 2 * CHUNK, f]
     assert [d.final(j).cached_tokens for j in jobs] == cached
     m = d.engine.metrics
-    # p twice (once with its log-probabilities), then what `longer` and `forked` add
+    # p twice (once with its log-probabilities), then what `longer` and `forked` (once) add
     assert m.prefill_tokens._value.get() == 2 * n + (len(longer) - 1 - 3 * CHUNK) + (
         len(forked) - 1 - 2 * CHUNK
     )
