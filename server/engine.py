@@ -841,13 +841,8 @@ class Engine:
         if job.targets:
             return
         self.metrics.prefix_cache_queries.inc(len(job.ingest))
-        hit = self.prefix_cache.longest(keys, len(job.ingest))
-        if hit is not None:
-            job.offset = job.cached = hit[0]
-            self.pool.put_rows(torch.tensor([job.session.slot], device=self.pool.state.device), hit[1])
-            self.metrics.prefix_cache_hits.inc(hit[0])
-            self._cache_gauges()  # (a spare row that hits becomes kept)
-        best, lengths = job.offset, sorted(keys, reverse=True)
+        stored = self.prefix_cache.longest(keys, len(job.ingest), use=False)
+        best, lengths = (0 if stored is None else stored[0]), sorted(keys, reverse=True)
         first = lengths[-1]  # a prompt that shares a keyed prefix with this one shares its shortest
         for lead in self._prefilling:  # (a follower too: jobs follow earlier ones only, so no cycle)
             if lead.cancelled or lead.ended or lead.prefix_keys is None:
@@ -858,21 +853,23 @@ class Engine:
                            and lead.prefix_keys.get(n) == keys[n]), None)  # fmt: skip
             if common is not None:
                 job.following, job.follow_to, best = lead, common, common
-        if job.following is not None:
+        if job.following is not None:  # (the stored prefix, shorter, is neither used nor kept)
             job.following.prefix_keep.add(job.follow_to)
+        elif stored is not None:
+            self._resume(job)
 
     def _resume(self, job: Job) -> None:
-        """A job that followed another (`_cached_prefix`), which has now passed their common prefix (or
-        stopped): from the longest stored prefix of its input, if longer than what it holds; a job whose
-        whole input was stored goes on to decode."""
+        """A new session's job starts from the longest stored prefix of its input, if longer than what it
+        holds: at admission (`_cached_prefix`), or once the job it followed has passed their common
+        prefix (or stopped). A job in `_prefilling` whose whole input was stored goes on to decode."""
         job.following = None
         hit = self.prefix_cache.longest(job.prefix_keys, len(job.ingest))
         if hit is not None and hit[0] > job.offset:
             self.metrics.prefix_cache_hits.inc(hit[0] - job.offset)
             job.offset = job.cached = hit[0]
             self.pool.put_rows(torch.tensor([job.session.slot], device=self.pool.state.device), hit[1])
-            self._cache_gauges()
-        if job.offset == len(job.ingest):
+            self._cache_gauges()  # (a spare row that serves a hit becomes kept)
+        if job.offset == len(job.ingest) and job in self._prefilling:
             self._prefilling.remove(job)
             self._ingested(job)
 

@@ -124,15 +124,20 @@ class PrefixCache:
     def bytes(self) -> int:
         return self.entries * self.row_bytes
 
-    def longest(self, keys: dict[int, bytes], within: int) -> tuple[int, torch.Tensor] | None:
+    def longest(
+        self, keys: dict[int, bytes], within: int, use: bool = True
+    ) -> tuple[int, torch.Tensor] | None:
         """The longest stored prefix among `keys` ({length: key}) no longer than `within` tokens, as
-        (length, row); None when none is stored. It and the stored shorter prefixes of `keys` become the
-        most recently used (the longest last), so a prefix that many prompts share stays while it is used
-        (vLLM touches every block of a hit's chain); a spare row that served the hit becomes kept."""
+        (length, row); None when none is stored. When the caller starts from it (`use`), it and the stored
+        shorter prefixes of `keys` become the most recently used (the longest last), so a prefix that many
+        prompts share stays while it is used (vLLM touches every block of a hit's chain), and a spare row
+        that served the hit becomes kept; `use=False` only looks."""
         lengths = sorted(n for n in keys if n <= within)
         hit = next((n for n in reversed(lengths) if keys[n] in self._kept or keys[n] in self._spare), None)
         if hit is None:
             return None
+        if not use:
+            return hit, self._kept.get(keys[hit], self._spare.get(keys[hit]))
         for n in lengths:
             if n <= hit:
                 for rows in (self._kept, self._spare):

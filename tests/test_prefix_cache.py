@@ -146,6 +146,12 @@ def test_spare_rows_go_first_never_evict_a_kept_row_and_become_kept_when_they_se
     c = PrefixCache(capacity=3, row_bytes=32, chunk=1)
     for key in (b"a", b"b", b"c"):
         c.put(key, row, keep=False)
+    assert c.longest({1: b"a"}, 1, use=False)[0] == 1 and (c.kept, c.spare) == (0, 3)  # a look only
+    c.put(b"d", row, keep=False)  # ... which did not refresh "a": it goes first
+    assert c.longest({1: b"a"}, 1) is None
+    c = PrefixCache(capacity=3, row_bytes=32, chunk=1)
+    for key in (b"a", b"b", b"c"):
+        c.put(key, row, keep=False)
     assert c.longest({1: b"a", 2: b"b"}, 2)[0] == 2 and (c.kept, c.spare) == (1, 2)  # the hit's row: kept
     c.put(b"c", row)  # stored again as kept: kept (no copy)
     assert (c.kept, c.spare) == (2, 1)
@@ -339,6 +345,33 @@ def test_prompts_admitted_together_ingest_their_common_prefix_once(model):
     )
     assert m.prefix_cache_hits._value.get() == sum(cached)
     assert all(j.following is None for j in jobs)
+    d.close()
+
+
+def test_a_prompt_that_arrives_mid_document_follows_without_keeping_the_row_it_passes(rec):
+    """B arrives while A, the same document (4 chunks) with another question, has ingested 2 chunks: B's
+    longest stored prefix is A's spare row after 2 chunks, but A shares more with it, so B follows A to
+    the document's end and starts there. The row it only looked at stays spare: the cache keeps one row
+    (the document's end: A's last whole chunk, B's junction), not the row after 2 chunks too (a fresh
+    user's trial counted such extra kept rows). Both get the tokens of an engine without the cache."""
+    doc = prompt_of(4 * CHUNK, 8)
+    a, b = doc + prompt_of(20, 9), doc + prompt_of(20, 10)
+    cold = driver(rec, prefix_cache_mb=0)
+    want = [generation(cold, q, seed=s, n=10)[0] for q, s in ((a, 1), (b, 2))]
+    cold.close()
+    d = driver(rec)
+    ja = d.generate(a, 10, SamplingParams(seed=1, temperature=1.0))
+    d.tick(2)
+    assert ja.offset == 2 * CHUNK and (d.engine.prefix_cache.kept, d.engine.prefix_cache.spare) == (0, 2)
+    jb = d.generate(b, 10, SamplingParams(seed=2, temperature=1.0))
+    d.tick()
+    assert jb.following is ja and jb.follow_to == 4 * CHUNK and jb.offset == 0
+    d.until(lambda: d.final(ja) and d.final(jb))
+    assert [d.out(ja), d.out(jb)] == want
+    assert [d.final(ja).cached_tokens, d.final(jb).cached_tokens] == [0, 4 * CHUNK]
+    cache = d.engine.prefix_cache
+    assert (cache.kept, cache.spare) == (1, 5)  # spare: 1, 2 and 3 chunks, both ends
+    assert d.engine.metrics.prefix_cache_hits._value.get() == 4 * CHUNK
     d.close()
 
 
