@@ -913,9 +913,11 @@ class Engine:
         def priority(j: Job) -> tuple:  # passed over most, then fewest tokens left, then oldest
             return -j.passed_over, len(j.ingest) - j.offset, j.submitted
 
-        for job in list(self._prefilling):  # followers whose leader passed their common prefix, or stopped
+        # followers whose leader passed their common prefix, or stopped: a leader leaves `_prefilling` only
+        # ingested (its offset at its end) or cancelled (`undone`, above), so no search of the list per row
+        for job in list(self._prefilling):
             lead = job.following
-            if lead is not None and (lead not in self._prefilling or lead.offset >= job.follow_to):
+            if lead is not None and (lead.undone or lead.offset >= job.follow_to):
                 self._resume(job)
         order = sorted((j for j in self._prefilling if j.following is None), key=priority)
         picked: list[tuple[Job, list[int]]] = []
