@@ -32,10 +32,12 @@ token in the rounds after the first.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,25 @@ def one(client: httpx.Client, model: str, prompt: str) -> tuple[float, dict]:
     return ms, r.json()["usage"]
 
 
+@contextlib.contextmanager
+def servers(ckpt: Path, arms: dict[str, dict[str, str]]) -> Iterator[dict[str, httpx.Client]]:
+    """One server of `ckpt` per arm (name → its S4_* environment), all up together; a client on an open
+    connection to each. Stopped (and the clients closed) on the way out."""
+    started: dict[str, tuple] = {}
+    clients: dict[str, httpx.Client] = {}
+    try:
+        for name, env in arms.items():
+            started[name] = launch.start_server(["--checkpoints", str(ckpt)], timeout_s=300, env=env)
+            clients[name] = httpx.Client(base_url=started[name][1], timeout=300)
+        yield clients
+    finally:
+        for client in clients.values():
+            client.close()
+        for proc, _ in started.values():
+            proc.terminate()
+            proc.wait(30)
+
+
 def run(quick: bool, requests: int | None = None) -> dict[str, Any]:
     n = requests or REQUESTS[quick]
     out: dict[str, Any] = {"requests": n, "lengths": {}}
@@ -77,11 +98,7 @@ def run(quick: bool, requests: int | None = None) -> dict[str, Any]:
         ckpt, what = checkpoint(quick, Path(tmp))
         model = ckpt.name
         out["model"] = what
-        servers = {}
-        try:
-            for name, env in ARMS.items():
-                servers[name] = launch.start_server(["--checkpoints", str(ckpt)], timeout_s=300, env=env)
-            urls = {name: httpx.Client(base_url=url, timeout=300) for name, (_, url) in servers.items()}
+        with servers(ckpt, ARMS) as urls:
             text = long_text(3 * max(LENGTHS[quick]))
             for L in LENGTHS[quick]:
                 # (headed by their length: no document shares a chunk with another length's)
@@ -109,10 +126,6 @@ def run(quick: bool, requests: int | None = None) -> dict[str, Any]:
                       f"the document's first request {first['A']:.1f} / {first['B']:.1f} ms",
                       flush=True)  # fmt: skip
             out["together"] = together(quick, urls, model)
-        finally:
-            for proc, _ in servers.values():
-                proc.terminate()
-                proc.wait(30)
     return out
 
 
@@ -175,11 +188,7 @@ def documents(quick: bool, n_docs: int | None = None, rounds: int | None = None)
         budget = {"S4_PREFIX_CACHE_MB": f"{mb:.6f}"} if quick else {}
         chunk = str(Settings().prefill_chunk_tokens)
         arms = {"A": {**budget, "S4_PREFIX_CACHE_RETENTION_INTERVAL": chunk}, "B": budget}
-        servers = {}
-        try:
-            for name, env in arms.items():
-                servers[name] = launch.start_server(["--checkpoints", str(ckpt)], timeout_s=300, env=env)
-            clients = {name: httpx.Client(base_url=url, timeout=300) for name, (_, url) in servers.items()}
+        with servers(ckpt, arms) as clients:
             text = long_text((n_docs + 1) * length)
             docs = [f"Doc {k}:\n{text[k * length : (k + 1) * length]}"[:length] for k in range(n_docs + 1)]
             for name in arms:  # warm-up: a document no round asks, so that neither pays a first prefill
@@ -205,10 +214,6 @@ def documents(quick: bool, n_docs: int | None = None, rounds: int | None = None)
                   f"({a['hits']} / {b['hits']} hits of {n_docs * rounds}); time to first token after the "
                   f"first round {a['later_median_ms']:.1f} / {b['later_median_ms']:.1f} ms",
                   flush=True)  # fmt: skip
-        finally:
-            for proc, _ in servers.values():
-                proc.terminate()
-                proc.wait(30)
     return out
 
 
