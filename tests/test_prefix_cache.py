@@ -10,7 +10,6 @@ float64 conv-mode check of chunked ingestion itself is tests/test_scheduling.py'
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 
 import httpx
 import pytest
@@ -380,24 +379,15 @@ def test_sessions_created_with_one_prompt_at_once_follow_and_hold_the_state_of_o
     the same prompt follow it, and each session then holds bit for bit the state a session created
     alone on an engine without the cache holds (and the same `seen` tokens and pending token)."""
     p = prompt_of(2 * CHUNK + 20, 7)
-
-    names = iter(range(10))
-
-    def create(d: Driver) -> tuple[concurrent.futures.Future, object]:
-        rec_ = d.engine.new_session(f"kept{next(names)}", ephemeral=False)
-        done = concurrent.futures.Future()
-        d.engine.submit(Job(rec_, list(p), fresh=True, future=done))
-        return done, rec_
-
     cold = driver(rec, prefix_cache_mb=0)
-    done, alone = create(cold)
+    done, alone = cold.create(p)
     cold.until(done.done)
     pool = cold.engine.pool
     want = (pool.row(alone.slot).clone(), pool.seen[alone.slot].clone(), alone.pending)
     cold.close()
     d = driver(rec)
     lead = d.generate(p, 5, SamplingParams(seed=1, temperature=1.0))
-    created = [create(d) for _ in range(2)]
+    created = [d.create(p) for _ in range(2)]
     d.until(lambda: all(f.done() for f, _ in created) and d.final(lead))
     for _, r in created:
         assert torch.equal(d.engine.pool.row(r.slot), want[0])
@@ -485,9 +475,7 @@ def test_random_arrivals_cancels_and_shared_prefixes_give_the_tokens_of_the_cach
 def session_turns(d: Driver, first: list[int], turn: list[int], seed: int) -> tuple[list[int], int]:
     """A kept session created with `first` (an ingest-only job, as POST /v1/sessions), then a generation
     turn with `turn` on it: (the turn's tokens, its cached tokens)."""
-    rec = d.engine.new_session(f"kept{len(d.jobs)}", ephemeral=False)
-    created = concurrent.futures.Future()
-    d.engine.submit(Job(rec, list(first), fresh=True, future=created))
+    created, rec = d.create(first)
     d.until(created.done)
     rec = d.engine.sessions.claim(rec.id)
     job = d.submit(Job(rec, list(turn), stream=Stream(d.loop, d.settings.stream_buffer),

@@ -80,6 +80,14 @@ class Driver:
                   params=params, max_new_tokens=max_new)  # fmt: skip
         return self.submit(job)
 
+    def create(self, prompt: list[int]) -> tuple[concurrent.futures.Future, SessionRecord]:
+        """A kept session created with `prompt` (an ingestion-only job, as POST /v1/sessions submits it):
+        the job's future, done once the prompt is ingested, and the session's record."""
+        rec = self.engine.new_session(f"k{next(self._ids)}", ephemeral=False)
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self.engine.submit(Job(rec, list(prompt), fresh=True, future=done))
+        return done, rec
+
     def submit(self, job: Job) -> Job:
         """Submit a generation's job (its stream's tokens then in `out(job)`)."""
         self.engine.submit(job)
@@ -347,11 +355,8 @@ def test_chunked_ingestion_equals_one_call_prefill_and_float64_conv_mode(ref_mod
 
     # the state an ingestion-only job leaves (a session created with the prompt)
     d = Driver(rec, prefill_chunk_tokens=chunk, prefill_token_budget=max(chunk, 512))
-    rec_ = SessionRecord(id="kept", model="m", slot=d.engine.pool.reserve(), busy=True)
-    d.sessions.add(rec_)
-    job = Job(rec_, prompt, fresh=True, future=concurrent.futures.Future())
-    d.engine.submit(job)
-    d.until(job.future.done)
+    done, rec_ = d.create(prompt)
+    d.until(done.done)
     got = d.engine.pool.row(rec_.slot)
     _, want = rec.prefill(torch.tensor([prompt[:-1]]), rec.init_state(1))
     assert float((got - want[:, 0]).norm() / want.norm()) <= STATE_TOL
