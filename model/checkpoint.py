@@ -38,7 +38,7 @@ def save(net, directory: str | Path, extra: dict | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     if net.config.tie_embeddings:
-        state.pop("head.weight")  # shared with embed.weight; restored by construction
+        state.pop("head.weight", None)  # shared with embed.weight; restored by construction
     save_file(state, str(d / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     meta = {
         "format": FORMAT,
@@ -108,7 +108,7 @@ def load(directory: str | Path, device: str | torch.device = "cpu"):
     net = build(cfg)
     expected = net.state_dict()
     if cfg.tie_embeddings:
-        expected.pop("head.weight")
+        expected.pop("head.weight", None)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(

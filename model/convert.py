@@ -100,10 +100,10 @@ def build(imp: Imported, dtype: torch.dtype = torch.float32):
     net = build_net(cfg).to(dtype)
     expected = net.state_dict()
     if cfg.tie_embeddings:
-        expected.pop("head.weight")
+        expected.pop("head.weight", None)
     tensors = dict(imp.tensors)
     if cfg.tie_embeddings:
-        tensors.pop("head.weight")
+        tensors.pop("head.weight", None)
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ConvertError(f"mapping does not fill our model exactly (missing {missing}, unexpected {extra})")

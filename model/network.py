@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Callable
@@ -42,10 +43,12 @@ class ModelConfig:
                     at rfft bins of an even length; odd lengths belong to `l_kernel`.
     l_kernel        None or one int in [1, 2**20] per S4 layer (odd allowed): each layer's own length of
                     S4's C̃ = C̄(I − Ā^L) (imported official models); None: l_max for every layer.
-    d_ff            int ≥ 0: feed-forward hidden size after each S4 layer (0: none; isotropic only).
+    d_ff            int ≥ 0: feed-forward hidden size after each S4 layer (0: none; isotropic only); or a
+                    list of n_layers such ints, one per block (official layer patterns such as
+                    [s4, s4, ffn]: 0 for the first S4 layer of each repeat).
     dropout         float in [0, 1): dropout probability (S4 output, FF hidden, residual branches).
     dt_min, dt_max  floats, 0 < dt_min ≤ dt_max: the range of the log-uniform initial step size Δ.
-    tie_embeddings  bool: the output head shares the embedding matrix.
+    tie_embeddings  bool: the output head shares the embedding matrix (adaptive: its tables).
     head_bias       bool: the output head has a bias (official checkpoints do).
     re_lambda_max   negative float or None: Re Λ is clamped ≤ it (None: no clamp, for imported models).
     dt_tied         bool: False gives S4D one Δ per mode, (H, N/2); S4 requires True.
@@ -62,6 +65,14 @@ class ModelConfig:
     norm            "layer" (LayerNorm) or "tln" (official scalar TransposedLN): the blocks' norm;
                     isotropic: the final norm's too (official `transposed: true` backbones);
                     sashimi: its final norm stays a LayerNorm (as the official SaShiMi's).
+    cutoffs         None, or strictly increasing ints in (0, vocab_size): an adaptive input embedding
+                    and adaptive softmax head over these shards (model/adaptive.py; isotropic only).
+                    The head's "logits" are then the full log-probabilities.
+    div_val         int ≥ 1, with cutoffs: shard i's embedding width is d_model / div_val^i (1: one
+                    table, no projections); d_model must be divisible by div_val^(len(cutoffs)).
+    tie_projs       None, or with cutoffs and div_val > 1 one bool per shard (len(cutoffs) + 1): the
+                    head's projection of that shard is the embedding's (official tie_projs, whose
+                    first entry is always false). None: none tied.
     """
 
     vocab_size: int = 256
@@ -101,6 +112,11 @@ class ModelConfig:
     # the blocks' norm, "layer" (LayerNorm) or "tln" (official scalar TransposedLN); isotropic: the final
     # norm's too (the official backbone builds both from one `norm` option)
     norm: str = "layer"
+    # adaptive input and softmax (model/adaptive.py): the vocabulary's shard bounds, the width divisor
+    # and which shards' head projections are the embedding's
+    cutoffs: list[int] | None = None
+    div_val: int = 1
+    tie_projs: list[bool] | None = None
 
     def __post_init__(self):
         for f in fields(self):  # numpy scalars (a sweep's np.int64, np.float32) as Python numbers
@@ -149,7 +165,15 @@ class ModelConfig:
             if not (ints and len(lk) == n_kernels):
                 raise ValueError(f"l_kernel must be null or {self.n_layers} integers in [1, 2**20]: {lk!r}")
             self.l_kernel = list(lk)
-        _check_int("d_ff", self.d_ff, 0)
+        if isinstance(self.d_ff, list | tuple):
+            if len(self.d_ff) != self.n_layers or not all(type(d) is int and d >= 0 for d in self.d_ff):
+                raise ValueError(
+                    f"d_ff must be an integer ≥ 0 or a list of {self.n_layers} (n_layers) of them, "
+                    f"got {self.d_ff!r}"
+                )
+            self.d_ff = list(self.d_ff)
+        else:
+            _check_int("d_ff", self.d_ff, 0)
         _check_number("dropout", self.dropout)
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
@@ -179,6 +203,7 @@ class ModelConfig:
             _check_int("sample_rate", self.sample_rate, 1)
         _check_choice("mulaw", self.mulaw, ("s4serve", "s4"))
         _check_choice("arch", self.arch, ("isotropic", "sashimi"))
+        self._check_adaptive()
         from model.arch.sashimi import validate, validate_fields  # noqa: PLC0415
 
         validate_fields(self)  # pool, expand, ff, norm: checked whatever the arch
@@ -188,6 +213,53 @@ class ModelConfig:
             raise ValueError(
                 f"unet is an option of arch 'sashimi' (isotropic: unet false), got unet={self.unet!r}"
             )
+
+    def block_d_ff(self, i: int) -> int:
+        """Block i's feed-forward hidden size (0: no FF block)."""
+        return self.d_ff[i] if isinstance(self.d_ff, list) else self.d_ff
+
+    def _check_adaptive(self) -> None:
+        c = self.cutoffs
+        _check_int("div_val", self.div_val, 1)
+        if c is None:
+            if self.div_val != 1 or self.tie_projs is not None:
+                raise ValueError(
+                    "div_val and tie_projs need cutoffs (an adaptive softmax), "
+                    f"got div_val={self.div_val!r}, "
+                    f"tie_projs={self.tie_projs!r}"
+                )
+            return
+        V = self.vocab_size
+        ok = isinstance(c, list | tuple) and len(c) >= 1 and all(type(x) is int for x in c)
+        if not (ok and all(a < b for a, b in itertools.pairwise([0, *c, V]))):
+            raise ValueError(
+                f"cutoffs must be null or strictly increasing integers in (0, vocab_size {V}), got {c!r}"
+            )
+        self.cutoffs = list(c)
+        if not self.head_bias:
+            raise ValueError("head_bias must be true with cutoffs (the adaptive softmax has biases)")
+        if self.arch != "isotropic":
+            raise ValueError(
+                f"cutoffs (an adaptive softmax) are an option of arch 'isotropic', not {self.arch!r}"
+            )
+        if self.d_model % self.div_val ** len(c):
+            raise ValueError(
+                f"d_model {self.d_model} must be divisible by div_val^{len(c)} = {self.div_val ** len(c)} "
+                "(the last shard's embedding width)"
+            )
+        t = self.tie_projs
+        if t is not None:
+            if self.div_val == 1:
+                raise ValueError(
+                    f"tie_projs needs div_val > 1 (with div_val 1 there are no projections), got {t!r}"
+                )
+            if not (
+                isinstance(t, list | tuple) and len(t) == len(c) + 1 and all(isinstance(x, bool) for x in t)
+            ):
+                raise ValueError(
+                    f"tie_projs must be null or {len(c) + 1} booleans (one per shard), got {t!r}"
+                )
+            self.tie_projs = list(t)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -276,7 +348,7 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """x + dropout(S4Layer(norm(x))), then x + dropout(FF(norm(x))) when d_ff > 0.
+    """x + dropout(S4Layer(norm(x))), then x + dropout(FF(norm(x))) when its d_ff > 0.
 
     As the official backbone's layer pattern [s4, ff]: two pre-norm residual blocks
     (SequenceResidualBlock: norm → layer → dropout → add), each with its own norm: LayerNorm (eps 1e-5),
@@ -291,8 +363,9 @@ class Block(nn.Module):
             rank=cfg.rank, disc=cfg.disc, dt_min=cfg.dt_min, dt_max=cfg.dt_max,
             backend=cfg.cauchy_backend, re_lambda_max=cfg.re_lambda_max, dt_tied=cfg.dt_tied,
         )  # fmt: skip
-        self.ff_norm = make_norm(cfg.norm, cfg.d_model) if cfg.d_ff else None
-        self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout) if cfg.d_ff else None
+        d_ff = cfg.block_d_ff(i)
+        self.ff_norm = make_norm(cfg.norm, cfg.d_model) if d_ff else None
+        self.ff = FeedForward(cfg.d_model, d_ff, cfg.dropout) if d_ff else None
         self.dropout = nn.Dropout(cfg.dropout)  # on each residual branch
 
     def forward(self, x: torch.Tensor, ssm: SSMFn | None = None) -> torch.Tensor:
@@ -310,9 +383,16 @@ class SequenceModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = make_norm(cfg.norm, cfg.d_model)  # the official backbone's final norm is the blocks' kind
+        if cfg.cutoffs is not None:  # adaptive input and softmax; the head returns log-probabilities
+            from model.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax  # noqa: PLC0415
+
+            self.embed = AdaptiveEmbedding(cfg.vocab_size, cfg.d_model, cfg.cutoffs, cfg.div_val)
+            self.head = AdaptiveLogSoftmax(cfg.vocab_size, cfg.d_model, cfg.cutoffs, cfg.div_val,
+                                           cfg.tie_embeddings, cfg.tie_projs, self.embed)  # fmt: skip
+            return
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight

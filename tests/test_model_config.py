@@ -69,6 +69,16 @@ BAD = [
     ("unet", True, r"unet is an option of arch 'sashimi' \(isotropic: unet false\), got unet=True"),
     ("unet", "no", r"unet must be true or false, got 'no'"),
     ("norm", "batch", r"norm must be 'layer' or 'tln', got 'batch'"),
+    ("d_ff", [8, 8], r"d_ff must be an integer ≥ 0 or a list of 1 \(n_layers\) of them, got \[8, 8\]"),
+    (
+        "cutoffs",
+        [16],
+        r"cutoffs must be null or strictly increasing integers in \(0, vocab_size 16\), got \[16\]",
+    ),
+    ("cutoffs", "8", r"cutoffs must be null or strictly increasing integers .*, got '8'"),
+    ("div_val", 2, r"div_val and tie_projs need cutoffs \(an adaptive softmax\), got div_val=2"),
+    ("div_val", 0.5, r"div_val must be an integer ≥ 1, got 0.5"),
+    ("tie_projs", [True], r"div_val and tie_projs need cutoffs .*tie_projs=\[True\]"),
 ]
 
 

@@ -49,6 +49,12 @@ CASES = {  # name: (source, config or None)
     # U-Net SaShiMi (backbones/unet.py, `_name_: unet`): the same shapes with 2 (S4, FF) pairs per level,
     # blocks before each linear pool too, U-Net skips, n_ssm null; l_kernel 64, 16, 4, 16, 64 per level
     "sashimi_sc09_unet": ("sashimi_sc09_unet.ckpt", None),
+    # the WikiText-103 recipe scaled down: layer pattern [s4, s4, ffn] (blocks alternately without and with
+    # an FF block) and task adaptivelm (adaptive input and softmax, div_val 2, tied weights and tail
+    # projections); the logits are the official compute_logits' log-probabilities
+    "s4_wt103": ("s4_wt103.ckpt", None),
+    # adaptivelm with div_val 1 (one table, no projections) and untied output weights; [s4, ffn, s4], S4D
+    "s4d_adaptive": ("s4d_adaptive.ckpt", None),
 }
 
 
@@ -92,14 +98,15 @@ def test_imported_conv_mode_past_the_trained_length_equals_the_official_recurren
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_imported_recurrent_prefill_and_step_equal_the_official_recurrence(name):
-    """Both CPU step paths: the whole-network C step (SaShiMi's too, TransposedLN blocks included) and
-    the torch ops around each layer's fused SSM step."""
+    """Both CPU step paths: the whole-network C step (SaShiMi's too, TransposedLN blocks included, and
+    blocks without an FF block) and the torch ops around each layer's fused SSM step. An adaptive
+    softmax is not in the C step: those models take the torch ops either way."""
     ref = load_file(str(FIX / f"{name}.ref.safetensors"))
     tokens = ref["tokens"]
     net = build(imported(name))
     for whole in (True, False):
         rec = net.to_recurrent(fused_network=whole)  # float32, verified
-        assert (rec._net_step is not None) == whole, name
+        assert (rec._net_step is not None) == (whole and net.config.cutoffs is None), name
         n0 = 7  # prefill a prompt, then step token by token past the trained length
         logits, state = rec.prefill(tokens[:, :n0], rec.init_state(tokens.shape[0]))
         out = [logits]
@@ -266,7 +273,12 @@ REFUSALS = [  # (fixture, config path, value, message)
     ("sashimi_sc09_unet.ckpt", ("model", "center_layer"), {"_name_": "mha"}, r"model.center_layer"),
     ("s4_softplus.ckpt", ("model", "norm"), "batch", r"norm = 'batch'"),
     ("s4_softplus.ckpt", ("model", "residual"), "F", r"residual = 'F'"),
-    ("s4_softplus.ckpt", ("task", "_name_"), "adaptivelm", r"task._name_ = 'adaptivelm'"),
+    ("s4_softplus.ckpt", ("task", "_name_"), "mlm", r"task._name_ = 'mlm'.*only the 'lm' and 'adaptivelm'"),
+    ("s4_wt103.ckpt", ("model", "layer", 0, "_name_"), "ffn", r"every ffn layer must come right after an s4"),
+    ("s4_wt103.ckpt", ("task", "cutoffs"), None, r"task.cutoffs = None: expected a list"),
+    ("s4_wt103.ckpt", ("task", "div_val"), 0, r"task.div_val = 0: expected an integer ≥ 1"),
+    ("s4_wt103.ckpt", ("task", "tie_projs"), [True], r"task.tie_projs = \[True\]: expected a bool or 3"),
+    ("s4_wt103.ckpt", ("model", "d_model"), None, r"model.d_model = None: an adaptivelm import needs"),
     ("s4_softplus.ckpt", ("encoder",), "position", r"encoder = 'position'"),
     ("s4_softplus.ckpt", ("decoder",), {"_name_": "sequence", "mode": "pool"}, r"decoder = .*pool"),
     ("s4d_zoh.pt", ("model", "layer", 0, "disc"), "dss", r"disc = 'dss'"),
@@ -510,6 +522,31 @@ MISMATCHES = [
     ("s4_softplus.ckpt", ("model", "layer", 0, "mode"), "diag", "mode = 'diag'", "a DPLR kernel"),
     ("s4_softplus.ckpt", ("model", "layer", 1, "expand"), 4, r"expand = 4 in the config \(d_ff", "d_ff = 16"),
     ("s4_softplus.ckpt", ("task", "tied"), True, "task.tied = True", "False"),
+    (
+        "s4_wt103.ckpt",
+        ("task", "cutoffs"),
+        [8, 16],
+        r"task.cutoffs = \[8, 16\]",
+        r"loss.cluster_weight of shape",
+    ),
+    (
+        "s4_wt103.ckpt",
+        ("task", "cutoffs"),
+        [8, 16, 80],
+        r"task.cutoffs = \[8, 16, 80\]",
+        "a vocabulary of 64",
+    ),
+    ("s4_wt103.ckpt", ("task", "div_val"), 4, r"task.div_val = 4", r"encoder.0.emb_layers.1.weight of shape"),
+    ("s4_wt103.ckpt", ("task", "tie_weights"), False, "task.tie_weights = False", "True"),
+    (
+        "s4_wt103.ckpt",
+        ("task", "tie_projs"),
+        [False, True, True],
+        r"task.tie_projs = \[False",
+        "no loss.out_proj",
+    ),
+    ("s4d_adaptive.ckpt", ("task", "tie_weights"), True, "task.tie_weights = True", "False"),
+    ("s4_wt103.ckpt", ("model", "n_layers"), 3, "model.n_layers = 3", "2"),
     ("s4_softplus.ckpt", ("dataset", "n_tokens"), 20, "dataset.n_tokens = 20", "16"),
     ("s4_legt.ckpt", ("model", "layer", 0, "rank"), 1, "rank = 1", "2"),
     ("s4_softplus.ckpt", ("model", "transposed"), True, "model.transposed = True", r"LayerNorms \(norm"),
@@ -621,7 +658,8 @@ def test_an_isotropic_model_of_another_task_is_refused_not_served_as_a_text_lm(t
     cfg["task"] = {"_name_": task, "loss": "cross_entropy"} if task else None
     cfg["encoder"], cfg["decoder"] = "embedding", {"_name_": "sequence", "mode": "last"}
     with pytest.raises(
-        Unsupported, match=rf"task._name_ = {task!r} \(decoder mode 'last'\): only the 'lm' task"
+        Unsupported,
+        match=rf"task._name_ = {task!r} \(decoder mode 'last'\): only the 'lm' and 'adaptivelm' tasks",
     ):
         map_official(sd, cfg, kind)
     torch.save(sd, tmp_path / "copying.pt")

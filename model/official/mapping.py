@@ -22,6 +22,10 @@ Facts followed (state-spaces/s4 at e757cef):
 - modules/ffn.py: Linear(H, expand·H) → GELU → dropout → Linear(expand·H, H).
 - tasks/tasks.py LMTask: Embedding (encoder.0), × √d_model when `rescale` (default true), Linear decoder
   with bias (tied to the embedding when `tied`).
+- tasks/tasks.py AdaptiveLMTask + nn/adaptive_softmax.py (the WikiText-103 pipeline): AdaptiveEmbedding
+  (encoder.0: emb_layers.i, emb_projs.i; × √d_model inside) and ProjectedAdaptiveLogSoftmax (train.py
+  registers it twice, loss. and loss_val.; its shared_out_projs are the embedding's projections), whose
+  compute_logits (generate.py) gives the log-probabilities; see map_adaptive.
 - checkpoints/convert_v3_to_v4.py: version-3 names log_dt (H), inv_w_real/log_w_real, w_imag (= −A_imag),
   kernel.kernel.*, kernel.kernel.L, layer.kernel / layer.D one module up.
 - backbones/sashimi.py, backbones/unet.py (the U-Net SaShiMi, `_name_: unet`), modules/pool.py: see
@@ -399,17 +403,37 @@ def _agree_kernel(sd: dict[str, torch.Tensor], lc: dict, where: str) -> None:
         )
 
 
-def _weights_pattern(sd: dict[str, torch.Tensor], n_blocks: int) -> list[str]:
-    """The layer pattern the residual blocks model.layers.{j} hold: 's4' (an SSM kernel) or 'ffn'
-    (layer.ff), shortened to its repeating unit ([s4], [s4, ffn]) when there is one."""
+def _weights_kinds(sd: dict[str, torch.Tensor], n_blocks: int) -> list[str]:
+    """The kind of each residual block model.layers.{j}: 's4' (an SSM kernel) or 'ffn' (layer.ff)."""
     kinds = []
     for j in range(n_blocks):
         p = f"model.layers.{j}.layer."
         kinds.append("ffn" if any(k.startswith(p + "ff.") for k in sd) else "s4")
-    for per in (1, 2):
-        if n_blocks % per == 0 and kinds == kinds[:per] * (n_blocks // per):
-            return kinds[:per]
     return kinds
+
+
+def _repeating_unit(kinds: list[str]) -> list[str]:
+    """The shortest list whose repeats make `kinds` ([s4, ffn] for [s4, ffn, s4, ffn])."""
+    n = len(kinds)
+    return next(kinds[:per] for per in range(1, n + 1) if n % per == 0 and kinds == kinds[:per] * (n // per))
+
+
+def _pattern_units(names: list[str]) -> list[tuple[int, int | None]]:
+    """The layer pattern as our blocks: (pattern index of an S4 layer, index of the FF layer right after
+    it, or None). Every FF layer must follow an S4 layer that has no other; else Unsupported."""
+    units: list[tuple[int, int | None]] = []
+    for i, n in enumerate(names):
+        if n == "s4":
+            units.append((i, None))
+        elif units and units[-1][1] is None and names[i - 1] == "s4":
+            units[-1] = (units[-1][0], i)
+        else:
+            raise Unsupported(
+                f"model.layer = {names}: every ffn layer must come right after an s4 layer (our blocks "
+                "are an "
+                "S4 layer with an optional feed-forward block after it)"
+            )
+    return units
 
 
 def _check_vocab(cfg: dict, V: int) -> None:
@@ -426,6 +450,151 @@ def _check_vocab(cfg: dict, V: int) -> None:
                 f"dataset.bits = {ds['bits']} in the config (vocab {1 << ds['bits']}), but the weights have "
                 f"vocab {V}: the config does not belong to these weights?"
             )
+
+
+def _tie_projs(task: dict, n_clusters: int) -> list[bool]:
+    """The official tie_projs as AdaptiveLogSoftmax reads it: a bool for every cluster, or a list of one
+    per cluster; the head's own projection (shard 0) is never tied. Returns one bool per shard."""
+    t = task.get("tie_projs")
+    t = [t] * n_clusters if isinstance(t, bool) else t
+    if not (isinstance(t, list) and len(t) == n_clusters and all(isinstance(x, bool) for x in t)):
+        raise Unsupported(
+            f"task.tie_projs = {task.get('tie_projs')!r}: expected a bool or {n_clusters} of them"
+        )
+    return [False, *t]
+
+
+def map_adaptive(src: _Source, task: dict, H: int, tensors: dict, mp: list, notes: list) -> tuple[int, dict]:
+    """The adaptivelm task's AdaptiveEmbedding (encoder.0) and ProjectedAdaptiveLogSoftmax (loss., and
+    the same module again as loss_val.) → our model/adaptive.py modules (embed., head.); returns the
+    vocabulary size and the config fields (cutoffs, div_val, tie_embeddings, tie_projs).
+
+    Facts (nn/adaptive_softmax.py, tasks.py AdaptiveLMTask at e757cef): shards [c_i, c_{i+1}) with the
+    cutoffs and V; div_val 1: one embedding table (V, d_model), no projections (d_proj = d_embed in the
+    task), the output weight and bias one (V, ·) each, sliced per shard; div_val > 1: per shard a table
+    (n_i, d_model / div_val^i) and a projection emb_projs.i (d_model, d_i), the output's shard weights
+    the tables (tie_weights) or out_layers_weights.i, its projections out_projs.i or, where tie_projs,
+    the embedding's (loss.shared_out_projs.i, the same tensors). The embedding is scaled by √d_model
+    (emb_scale = d_proj^0.5) inside the module: our embed_scale."""
+    where = "task"
+    cutoffs = task.get("cutoffs")
+    if not (isinstance(cutoffs, list) and cutoffs and all(type(c) is int for c in cutoffs)):
+        raise Unsupported(f"task.cutoffs = {cutoffs!r}: expected a list of token ids")
+    div_val = _opt(task, "div_val", 1, where)
+    if type(div_val) is not int or div_val < 1:
+        raise Unsupported(f"task.div_val = {div_val!r}: expected an integer ≥ 1")
+    tie_weights = _opt(task, "tie_weights", True, where)
+    if not isinstance(tie_weights, bool):
+        raise Unsupported(f"task.tie_weights = {tie_weights!r}: expected true or false")
+    n_clusters = len(cutoffs)
+    cw = src.take("loss.cluster_weight")
+    if tuple(cw.shape) != (n_clusters, H):
+        raise ConfigMismatch(
+            f"task.cutoffs = {cutoffs} in the config ({n_clusters} tail clusters), but the weights have "
+            f"loss.cluster_weight of shape {list(cw.shape)}: the config does not belong to these weights?"
+        )
+    tensors["head.cluster_weight"] = cw
+    tensors["head.cluster_bias"] = src.take("loss.cluster_bias", (n_clusters,))
+    mp.append(("head.cluster_{weight,bias}", "loss.cluster_{weight,bias}", "the head's tail-cluster entries"))
+    if div_val == 1:
+        table = src.take("encoder.0.emb_layers.0.weight")
+        V = table.shape[0]
+        if tuple(table.shape) != (V, H):
+            raise Unsupported(
+                f"encoder.0.emb_layers.0.weight has shape {list(table.shape)}, expected [V, {H}]"
+            )
+    else:
+        tables = [src.take(f"encoder.0.emb_layers.{i}.weight") for i in range(n_clusters + 1)]
+        V = sum(t.shape[0] for t in tables)
+    ends = [0, *cutoffs, V]
+    if not all(a < b for a, b in zip(ends[:-1], ends[1:], strict=True)):
+        raise ConfigMismatch(
+            f"task.cutoffs = {cutoffs} in the config, but the weights have a vocabulary of {V} tokens: the "
+            "cutoffs must increase within it: the config does not belong to these weights?"
+        )
+    sizes = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)]
+    widths = [H // div_val**i for i in range(n_clusters + 1)] if div_val > 1 else [H]
+    if div_val == 1:
+        tensors["embed.layers.0.weight"] = table
+        mp.append(
+            ("embed.layers.0.weight", "encoder.0.emb_layers.0.weight", "the token embedding (div_val 1)")
+        )
+        tie = None
+        bias = src.take("loss.out_layers_biases.0", (V,))
+        for i, (lo, hi) in enumerate(zip(ends[:-1], ends[1:], strict=True)):
+            tensors[f"head.biases.{i}"] = bias[lo:hi].clone()
+        mp.append(("head.biases.*", "loss.out_layers_biases.0", "the output bias, split at the cutoffs"))
+        if src.has("loss.out_layers_weights.0") != (not tie_weights):
+            _agree("task.tie_weights", tie_weights, not src.has("loss.out_layers_weights.0"))
+        if not tie_weights:
+            w = src.take("loss.out_layers_weights.0", (V, H))
+            for i, (lo, hi) in enumerate(zip(ends[:-1], ends[1:], strict=True)):
+                tensors[f"head.weights.{i}"] = w[lo:hi].clone()
+            mp.append(
+                ("head.weights.*", "loss.out_layers_weights.0", "the output weight, split at the cutoffs")
+            )
+        for k in list(src.sd):
+            if k.startswith(("encoder.0.emb_projs.", "loss.out_projs.", "loss.shared_out_projs.")):
+                raise Unsupported(
+                    f"{k}: div_val 1 with projections (d_proj ≠ d_embed) is not the adaptivelm task's"
+                )
+    else:
+        tie = _tie_projs(task, n_clusters)
+        for i, (t, n, d) in enumerate(zip(tables, sizes, widths, strict=True)):
+            if tuple(t.shape) != (n, d):
+                raise ConfigMismatch(
+                    f"task.cutoffs = {cutoffs}, task.div_val = {div_val} in the config (shard {i}: {n} "
+                    "tokens of "
+                    f"width {d}), but the weights have encoder.0.emb_layers.{i}.weight of shape "
+                    f"{list(t.shape)}: the config does not belong to these weights?"
+                )
+            tensors[f"embed.layers.{i}.weight"] = t
+            proj = src.take(f"encoder.0.emb_projs.{i}", (H, d))
+            tensors[f"embed.projs.{i}"] = proj
+            tensors[f"head.biases.{i}"] = src.take(f"loss.out_layers_biases.{i}", (n,))
+            if src.has(f"loss.shared_out_projs.{i}"):  # the same ParameterList as emb_projs, registered twice
+                if not torch.equal(src.take(f"loss.shared_out_projs.{i}", (H, d)), proj):
+                    raise Unsupported(f"loss.shared_out_projs.{i} differs from encoder.0.emb_projs.{i}")
+            if src.has(f"loss.out_projs.{i}") == tie[i]:
+                raise ConfigMismatch(
+                    f"task.tie_projs = {task.get('tie_projs')!r} in the config (shard {i}: "
+                    f"{'the embedding' if tie[i] else 'its own'} projection), but the weights have "
+                    f"{'a' if tie[i] else 'no'} loss.out_projs.{i}: the config does not belong to these "
+                    "weights?"
+                )
+            if not tie[i]:
+                tensors[f"head.projs.{i}"] = src.take(f"loss.out_projs.{i}", (H, d))
+            if src.has(f"loss.out_layers_weights.{i}") == tie_weights:
+                _agree("task.tie_weights", tie_weights, not src.has(f"loss.out_layers_weights.{i}"))
+            if not tie_weights:
+                tensors[f"head.weights.{i}"] = src.take(f"loss.out_layers_weights.{i}", (n, d))
+        mp += [
+            (
+                "embed.layers.*.weight",
+                "encoder.0.emb_layers.*.weight",
+                f"the shards' tables, widths {widths}",
+            ),
+            ("embed.projs.*", "encoder.0.emb_projs.*", "the shards' projections to d_model"),
+            ("head.biases.*", "loss.out_layers_biases.*", "the shards' output biases"),
+            ("head.projs.*", "loss.out_projs.*", f"the untied output projections (tie_projs {tie})"),
+        ]
+        if not tie_weights:
+            mp.append(("head.weights.*", "loss.out_layers_weights.*", "the shards' output weights (untied)"))
+    for k in [k for k in src.sd if k.startswith("loss_val.")]:  # train.py registers the loss twice
+        twin = "loss." + k.removeprefix("loss_val.")
+        if not (src.has(twin) and torch.equal(src.sd[twin], src.take(k))):
+            raise Unsupported(f"{k}: not the same tensor as {twin} (loss_val is another module?)")
+    notes.append(
+        f"task 'adaptivelm': adaptive input and softmax, cutoffs {cutoffs}, div_val {div_val}, shard widths "
+        f"{widths}, tie_weights {tie_weights}"
+        + (f", tie_projs {tie}" if tie else "")
+        + f"; the embedding × √d_model = {math.sqrt(H):.6g}; the head returns log-probabilities "
+        "(compute_logits)"
+    )
+    extra = {"cutoffs": list(cutoffs), "div_val": div_val, "tie_embeddings": tie_weights}
+    if tie is not None and any(tie):
+        extra["tie_projs"] = tie
+    return V, extra
 
 
 def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
@@ -452,39 +621,35 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     for i, n in enumerate(names):
         if n not in ("s4", "ffn"):
             raise Unsupported(f"model.layer[{i}]._name_ = {n!r}: only 's4' and 'ffn' layers are supported")
-    if names not in (["s4"], ["s4", "ffn"]):
-        raise Unsupported(f"model.layer = {names}: only the patterns [s4] and [s4, ffn] are supported")
+    units = _pattern_units(names)
 
     idx = sorted({int(mt.group(1)) for k in sd if (mt := re.match(r"model\.layers\.(\d+)\.", k))})
     if not idx or idx != list(range(len(idx))):
         raise Unsupported(f"state dict: model.layers indices {idx[:8]} are not 0..n-1")
-    _agree("model.layer", names, _weights_pattern(sd, len(idx)))
     per = len(names)
-    n_layers = len(idx) // per
+    block_kinds = _weights_kinds(sd, len(idx))
+    if len(idx) % per or block_kinds != names * (len(idx) // per):
+        _agree("model.layer", names, _repeating_unit(block_kinds))
+        raise ConfigMismatch(
+            f"model.layer = {names} in the config, but the weights' {len(idx)} residual blocks are "
+            f"{block_kinds}: "
+            "the config does not belong to these weights?"
+        )
+    n_repeats = len(idx) // per
     if "n_layers" in m:
-        _agree("model.n_layers", _opt(m, "n_layers", None, "model"), n_layers)
+        _agree("model.n_layers", _opt(m, "n_layers", None, "model"), n_repeats)
 
-    emb = src.take("encoder.0.weight")
-    V, H = emb.shape
-    if "d_model" in m:
-        _agree("model.d_model", _opt(m, "d_model", None, "model"), H)
-    _check_vocab(cfg, V)
-    _agree_kernel(sd, layer_cfgs[0], "model.layer[0]")
-    tensors: dict[str, torch.Tensor] = {"embed.weight": emb}
-    mp = [("embed.weight", "encoder.0.weight", "the token embedding")]
     task = cfg.get("task") if isinstance(cfg.get("task"), dict) else {}
     tname = task.get("_name_")
-    if tname != "lm":
+    if tname not in ("lm", "adaptivelm"):
         dec = cfg.get("decoder")
         mode = dec.get("mode", "last") if isinstance(dec, dict) else None
         raise Unsupported(
-            f"task._name_ = {tname!r} (decoder mode {mode!r}): only the 'lm' task is served as a language "
-            "model (its decoder gives the next token's logits at every position); other tasks (synthetic "
-            "copying, classification) map a sequence to other targets"
+            f"task._name_ = {tname!r} (decoder mode {mode!r}): only the 'lm' and 'adaptivelm' tasks are "
+            "served as "
+            "language models (their decoder gives the next token's logits at every position); other tasks "
+            "(synthetic copying, classification) map a sequence to other targets"
         )
-    rescale = bool(task.get("rescale", True))
-    embed_scale = math.sqrt(H) if rescale else 1.0
-    notes.append(f"task {tname!r}: rescale = {rescale} → embed_scale {embed_scale:.6g}")
     for k, where in ((cfg.get("encoder"), "encoder"), (m.get("encoder"), "model.encoder")):
         if k not in (None, [], "embedding") and not (isinstance(k, dict) and k.get("_name_") == "embedding"):
             raise Unsupported(f"{where} = {k!r}: only a token embedding encoder is supported")
@@ -496,16 +661,44 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     ):  # fmt: skip
         raise Unsupported(f"decoder = {dec!r}: only a per-token Linear decoder is supported")
     head_keys = [k for k in sd if k.startswith("decoder.") and k.endswith(".weight")]
-    if len(head_keys) != 1:
-        raise Unsupported(f"decoder: expected one Linear, found weights {head_keys}")
-    hw = head_keys[0]
-    head_w = src.take(hw, (V, H))
-    head_b = src.take(hw[: -len("weight")] + "bias", (V,))
-    tied = bool(task.get("tied", False))
-    _agree("task.tied", tied, bool(torch.equal(head_w, emb)))
-    tensors["head.weight"], tensors["head.bias"] = head_w, head_b
-    mp += [("head.weight", hw, "decoder weight" + (" (tied to the embedding)" if tied else "")),
-           ("head.bias", hw[: -len('weight')] + "bias", "decoder bias")]  # fmt: skip
+    tensors: dict[str, torch.Tensor] = {}
+    mp: list[tuple[str, str, str]] = []
+    if tname == "adaptivelm":
+        if head_keys:
+            raise Unsupported(
+                f"task adaptivelm: its softmax is the decoder, but the state dict has {head_keys}"
+            )
+        H = _opt(m, "d_model", None, "model")
+        if type(H) is not int:
+            raise Unsupported(f"model.d_model = {H!r}: an adaptivelm import needs the width in the config")
+        V, extra = map_adaptive(src, task, H, tensors, mp, notes)
+        _check_vocab(cfg, V)
+        embed_scale = math.sqrt(H)
+    else:
+        emb = src.take("encoder.0.weight")
+        V, H = emb.shape
+        if "d_model" in m:
+            _agree("model.d_model", _opt(m, "d_model", None, "model"), H)
+        _check_vocab(cfg, V)
+        tensors["embed.weight"] = emb
+        mp.append(("embed.weight", "encoder.0.weight", "the token embedding"))
+        rescale = bool(task.get("rescale", True))
+        embed_scale = math.sqrt(H) if rescale else 1.0
+        notes.append(f"task {tname!r}: rescale = {rescale} → embed_scale {embed_scale:.6g}")
+        if len(head_keys) != 1:
+            raise Unsupported(f"decoder: expected one Linear, found weights {head_keys}")
+        hw = head_keys[0]
+        head_w = src.take(hw, (V, H))
+        head_b = src.take(hw[: -len("weight")] + "bias", (V,))
+        tied = bool(task.get("tied", False))
+        _agree("task.tied", tied, bool(torch.equal(head_w, emb)))
+        tensors["head.weight"], tensors["head.bias"] = head_w, head_b
+        mp += [("head.weight", hw, "decoder weight" + (" (tied to the embedding)" if tied else "")),
+               ("head.bias", hw[: -len('weight')] + "bias", "decoder bias")]  # fmt: skip
+        extra = {"tie_embeddings": tied}
+    for k, lc in enumerate(layer_cfgs):
+        if names[k] == "s4":
+            _agree_kernel(sd, lc, f"model.layer[{k}]")
 
     def take_norm(ours: str, theirs: str, what: str, where: str = "") -> None:
         """A LayerNorm's weight and bias (H,), or (transposed) the scalar TransposedLN's s and m (1,)."""
@@ -515,13 +708,13 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
         kind = "scalar TransposedLN (s, m: transposed backbone)" if norm == "tln" else "LayerNorm"
         mp.append((ours[:-1], theirs[:-1], f"{what} {kind}{where}"))
 
-    d_ff, kinds, l_kernels, facts0 = 0, set(), [], None
+    d_ffs, kinds, l_kernels, facts0 = [], set(), [], None
     dt_tied_all = True
-    for i in range(n_layers):
-        j = i * per
+    for i, (r, (si, fi)) in enumerate((r, u) for r in range(n_repeats) for u in units):
+        j = r * per + si
         p = f"model.layers.{j}."
-        lc = layer_cfgs[0]
-        where = "model.layer[0]"
+        lc = layer_cfgs[si]
+        where = f"model.layer[{si}]"
         kind = _check_s4_layer(lc, where)
         kinds.add(kind)
         kp = p + "layer.layer.kernel."
@@ -552,32 +745,35 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
             (q + "layer.out", p + "layer.output_linear.0", "Linear(H, 2H) then GLU"),
         ]
         take_norm(q + "norm.", p + "norm.norm.", "pre-norm")
-        if per == 2:
-            f = f"model.layers.{j + 1}."
-            fc = layer_cfgs[1]
-            fw = "model.layer[1]"
-            _expect(fc, "activation", "gelu", ("gelu",), fw, "only GELU is supported")
-            _expect(fc, "d_output", None, (None, H), fw, "the FF block must map d_model to d_model")
-            # (its own `transposed` is overwritten by the backbone's, which only changes the layout)
-            up = src.take(f + "layer.ff.0.0.weight")
-            if up.dim() != 2 or up.shape[1] != H or (d_ff and up.shape[0] != d_ff):
-                raise Unsupported(f"{fw}: ff.0 weight has shape {list(up.shape)}")
-            d_ff = up.shape[0]
-            expand = _opt(fc, "expand", 2, fw)  # ffn.py: d_inner = int(expand · d_model)
-            if not isinstance(expand, int | float) or int(expand * H) != d_ff:
-                raise ConfigMismatch(
-                    f"{fw}.expand = {expand!r} in the config (d_ff = expand × d_model {H}), but the "
-                    f"weights have d_ff = {d_ff}: the config does not belong to these weights?"
-                )
-            tensors[q + "ff.up.weight"] = up
-            tensors[q + "ff.up.bias"] = src.take(f + "layer.ff.0.0.bias", (d_ff,))
-            tensors[q + "ff.down.weight"] = src.take(f + "layer.ff.2.weight", (H, d_ff))
-            tensors[q + "ff.down.bias"] = src.take(f + "layer.ff.2.bias", (H,))
-            mp += [
-                (q + "ff.up", f + "layer.ff.0.0", "Linear(H, expand·H), GELU"),
-                (q + "ff.down", f + "layer.ff.2", "Linear(expand·H, H)"),
-            ]
-            take_norm(q + "ff_norm.", f + "norm.norm.", "pre-norm", " of the [s4, ffn] pattern's ffn block")
+        if fi is None:
+            d_ffs.append(0)
+            continue
+        f = f"model.layers.{r * per + fi}."
+        fc = layer_cfgs[fi]
+        fw = f"model.layer[{fi}]"
+        _expect(fc, "activation", "gelu", ("gelu",), fw, "only GELU is supported")
+        _expect(fc, "d_output", None, (None, H), fw, "the FF block must map d_model to d_model")
+        # (its own `transposed` is overwritten by the backbone's, which only changes the layout)
+        up = src.take(f + "layer.ff.0.0.weight")
+        if up.dim() != 2 or up.shape[1] != H:
+            raise Unsupported(f"{fw}: ff.0 weight has shape {list(up.shape)}")
+        d_ff = up.shape[0]
+        expand = _opt(fc, "expand", 2, fw)  # ffn.py: d_inner = int(expand · d_model)
+        if not isinstance(expand, int | float) or int(expand * H) != d_ff:
+            raise ConfigMismatch(
+                f"{fw}.expand = {expand!r} in the config (d_ff = expand × d_model {H}), but the "
+                f"weights have d_ff = {d_ff}: the config does not belong to these weights?"
+            )
+        d_ffs.append(int(d_ff))
+        tensors[q + "ff.up.weight"] = up
+        tensors[q + "ff.up.bias"] = src.take(f + "layer.ff.0.0.bias", (d_ff,))
+        tensors[q + "ff.down.weight"] = src.take(f + "layer.ff.2.weight", (H, d_ff))
+        tensors[q + "ff.down.bias"] = src.take(f + "layer.ff.2.bias", (H,))
+        mp += [
+            (q + "ff.up", f + "layer.ff.0.0", "Linear(H, expand·H), GELU"),
+            (q + "ff.down", f + "layer.ff.2", "Linear(expand·H, H)"),
+        ]
+        take_norm(q + "ff_norm.", f + "norm.norm.", "pre-norm", f" of the pattern's ffn block {fw}")
     take_norm("norm.", "model.norm.norm.", "final")
     left = src.leftovers()
     if left:
@@ -595,11 +791,11 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
         )
     l_max += l_max % 2  # ours is even; it is the verification length, the kernels use l_kernel
     config = {
-        "vocab_size": int(V), "d_model": int(H), "n_layers": n_layers, "d_state": 2 * facts0["N2"],
+        "vocab_size": int(V), "d_model": int(H), "n_layers": len(d_ffs), "d_state": 2 * facts0["N2"],
         "kernel": kind, "init": "legs", "rank": max(1, facts0["rank"]), "disc": facts0["disc"],
-        "l_max": int(l_max), "d_ff": int(d_ff), "tie_embeddings": tied, "head_bias": True,
+        "l_max": int(l_max), "d_ff": d_ffs[0] if len(set(d_ffs)) == 1 else d_ffs, "head_bias": True,
         "embed_scale": float(embed_scale), "l_kernel": l_kernels if kind == "s4" else None,
-        "dt_tied": bool(dt_tied_all), "re_lambda_max": None,
+        "dt_tied": bool(dt_tied_all), "re_lambda_max": None, **extra,
     }  # fmt: skip
     if norm == "tln":  # (absent for LayerNorms, our default: the config.json loads in older s4serve too)
         config["norm"] = "tln"

@@ -94,8 +94,11 @@ class Scalar(nn.Module):  # src/tasks/tasks.py:Scalar (tasks.py imports the data
 
 
 class LMLit(nn.Module):
-    """The official SequenceLightningModule's module tree for the LM task (train.py + tasks.LMTask):
-    model., encoder. (Embedding ×√d_model when rescale), decoder. (Linear, tied or not)."""
+    """The official SequenceLightningModule's module tree for the LM tasks (train.py + tasks.py):
+    model., encoder. (task lm: Embedding ×√d_model when rescale; task adaptivelm: the official
+    AdaptiveEmbedding), decoder. (lm: Linear, tied or not; adaptivelm: the sequence decoder without
+    d_output, an identity) and, for adaptivelm, loss. and loss_val. (one ProjectedAdaptiveLogSoftmax
+    under both names, as train.py registers it), whose compute_logits gives the logits (generate.py)."""
 
     def __init__(self, cfg: dict, official: types.SimpleNamespace, vocab: int):
         super().__init__()
@@ -106,6 +109,23 @@ class LMLit(nn.Module):
         self.model = official.utils.instantiate(official.registry.model, model_cfg)
         task = cfg.get("task") or {}
         H = self.model.d_model
+        self.vocab = vocab
+        self.adaptive = task.get("_name_") == "adaptivelm"
+        if self.adaptive:  # tasks.AdaptiveLMTask (tasks.py imports the dataset stack: built here alike)
+            A = importlib.import_module("src.models.nn.adaptive_softmax")
+            enc = A.AdaptiveEmbedding(vocab, H, H, cutoffs=task["cutoffs"], div_val=task.get("div_val", 1),
+                                      init_scale=task.get("init_scale", 1.0))  # fmt: skip
+            weights = [m.weight for m in enc.emb_layers] if task.get("tie_weights", True) else None
+            loss = A.ProjectedAdaptiveLogSoftmax(
+                vocab, self.model.d_output, self.model.d_output, task["cutoffs"],
+                div_val=task.get("div_val", 1),
+                tie_projs=task.get("tie_projs"), out_projs=enc.emb_projs, out_layers_weights=weights,
+                bias_scale=task.get("bias_scale", 0.0),
+            )  # fmt: skip
+            self.encoder = U.PassthroughSequential(enc, U.PassthroughSequential())
+            self.decoder = U.PassthroughSequential(U.PassthroughSequential(), U.PassthroughSequential())
+            self.loss, self.loss_val = loss, loss
+            return
         emb = nn.Embedding(vocab, H)
         nn.init.normal_(emb.weight, mean=0, std=H**-0.5)
         scale = Scalar(math.sqrt(H)) if task.get("rescale", True) else None
@@ -115,11 +135,16 @@ class LMLit(nn.Module):
             dec.weight = self.encoder[0].weight
         self.decoder = U.PassthroughSequential(U.PassthroughSequential(), dec)
 
+    def _logits(self, x):
+        x, _ = self.decoder(x)
+        if not self.adaptive:
+            return x
+        return self.loss.compute_logits(x).view(*x.shape[:-1], self.vocab)
+
     def forward(self, x):
         x, _ = self.encoder(x)
         x, _ = self.model(x)
-        x, _ = self.decoder(x)
-        return x
+        return self._logits(x)
 
     @torch.no_grad()
     def recurrence(self, tokens):
@@ -131,9 +156,16 @@ class LMLit(nn.Module):
         for t in range(tokens.shape[1]):
             x, _ = self.encoder(tokens[:, t])
             x, state = self.model.step(x, state=state)
-            x, _ = self.decoder(x)
-            out.append(x)
+            out.append(self._logits(x))
         return torch.stack(out, 1)
+
+
+def lm_vocab(sd: dict) -> int:
+    """The vocabulary size of an LM task's state dict: the embedding's rows (task lm), or the adaptive
+    softmax's output biases' total (task adaptivelm)."""
+    if "encoder.0.weight" in sd:
+        return sd["encoder.0.weight"].shape[0]
+    return sum(v.numel() for k, v in sd.items() if k.startswith("loss.out_layers_biases."))
 
 
 class SequenceDecoderParams(nn.Module):
@@ -421,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     if standalone:
         lit = standalone_model(args.official, cfg)
     else:
-        vocab = sd["encoder.0.weight"].shape[0]
+        vocab = lm_vocab(sd)
         name = cfg["model"].get("_name_")
         lit = (SashimiLit if name in ("sashimi", "unet") else LMLit)(cfg, official, vocab)
     no_extensions()
