@@ -1,6 +1,7 @@
 """Convert a checkpoint trained with the official state-spaces/s4 code into an s4serve checkpoint.
 
     python -m model.convert SRC OUT_DIR [--config CONFIG.yaml] [--name NAME] [--force] [--sample-rate HZ]
+        [--vocab DATA_DIR_OR_SYMBOLS_FILE]
 
 SRC is a Lightning `.ckpt` of the official training script (its config inside), a `.pt` state dict
 (checkpoints/convert_pl_to_pt.py output) with the run's config.yaml (--config, or SRC.yaml /
@@ -8,7 +9,9 @@ config.yaml / .hydra/config.yaml beside it), or a state dict of the standalone m
 with a JSON description (SRC.json, or --config). Nothing is unpickled (model.official.reader).
 
 OUT_DIR gets model.safetensors + config.json (model.checkpoint.save) and a README.md model card with
-the source's SHA-256, the mapping used and the verification errors. Anything the official model does
+the source's SHA-256, the mapping used and the verification errors; with --vocab, the word vocabulary
+of an official LM dataset (model/vocab.py: built from its data folder as the official code builds it,
+or read from a symbols file) as vocab.txt. Anything the official model does
 that ours cannot express exactly is refused: exit status 2 and a message naming the option and value.
 """
 
@@ -30,6 +33,8 @@ import torch
 from model.checkpoint import _sha256, save
 from model.official.mapping import Imported, MissingConfig, Unsupported, map_official
 from model.official.reader import OfficialFormatError, config_origin, find_config, read_source
+from model.vocab import DATASETS as VOCAB_BUILDS
+from model.vocab import VOCAB_FILE, VocabError, WordVocab
 
 log = logging.getLogger("model.convert")
 
@@ -116,6 +121,31 @@ def build(imp: Imported, dtype: torch.dtype = torch.float32):
     return net.eval()
 
 
+def _word_vocab(src: Path, vocab, dataset: str | None, V: int, text: bool) -> WordVocab | None:
+    """--vocab's WordVocab (None without it); ConvertError unless it is a text model's and has V words."""
+    if vocab is None:
+        return None
+    if not text:
+        raise ConvertError(f"{src}: --vocab is a text model's option; this is an audio model")
+    try:
+        if Path(vocab).is_dir():
+            if dataset not in VOCAB_BUILDS:
+                raise ConvertError(
+                    f"{src}: --vocab {vocab} is a data folder, but the dataset {dataset!r} is not one whose "
+                    f"vocabulary is built from its files ({sorted(VOCAB_BUILDS)}); give a symbols file"
+                )
+            words = WordVocab.from_dataset(vocab, dataset)
+        else:
+            words = WordVocab.read(vocab, lower_case=VOCAB_BUILDS.get(dataset, ((), False))[1])
+    except VocabError as exc:
+        raise ConvertError(f"--vocab: {exc}") from None
+    if len(words) != V:
+        raise ConvertError(
+            f"--vocab {vocab}: {len(words)} words, but the model's vocabulary has {V}: not this model's data?"
+        )
+    return words
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-300))
 
@@ -149,7 +179,7 @@ def verify(imp: Imported, net, tol: float = 1e-4, seed: int = 0) -> dict:
 
 def model_card(
     name: str, src: Path, sha: str, kind: str, imp: Imported, ver: dict, config_file: str | None,
-    warning: str | None = None,
+    warning: str | None = None, vocab: str | None = None,
 ) -> str:  # fmt: skip
     c = imp.config
     lines = [
@@ -178,6 +208,15 @@ def model_card(
             if warning
             else []
         ),
+        *(
+            [
+                f"**Vocabulary:** {vocab}; `model.vocab.load_vocab(folder)` encodes text to its ids and "
+                "decodes them (WikiText's conventions: a newline is `<eos>`, words are space-separated).",
+                "",
+            ]
+            if vocab
+            else []
+        ),
         "## Verification",
         "",
         f"On {ver['tokens']} fixed tokens, against the float64 evaluation of the imported parameters:",
@@ -201,10 +240,13 @@ def model_card(
 
 
 def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = None, name: str | None = None,
-            tol: float = 1e-4, force: bool = False, sample_rate: int | None = None) -> dict:  # fmt: skip
+            tol: float = 1e-4, force: bool = False, sample_rate: int | None = None,
+            vocab: str | Path | None = None) -> dict:  # fmt: skip
     """SRC → OUT_DIR (model.safetensors, config.json, README.md). Returns the summary written to
     config.json's "source" ("warning": why its ids may not be bytes, or None). An existing OUT_DIR that
-    is not empty is replaced only with `force` (whole: nothing of it is left). Raises ConvertError
+    is not empty is replaced only with `force` (whole: nothing of it is left). `vocab`: the dataset's data
+    folder (its word vocabulary built as the official code builds it for the config's dataset: wt103,
+    wt2, ptb) or a symbols file (one per line), written as vocab.txt. Raises ConvertError
     (unreadable, refused, OUT_DIR not empty, or failed verification; MissingConfigError for a .pt
     without its config)."""
     from model.recurrent import VerificationError
@@ -238,6 +280,7 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
     if text and sample_rate is not None:
         raise ConvertError(f"{src}: --sample-rate is a SaShiMi (audio) import's option; this is a text model")
     warning = token_warning(dataset, imp.config["vocab_size"]) if text else None
+    words = _word_vocab(src, vocab, dataset, imp.config["vocab_size"], text)
     summary = {
         "from": "state-spaces/s4",
         "file": src.name,
@@ -251,8 +294,19 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = _new_folder(out.parent, f".{out.name}.tmp-")
     try:  # written beside OUT_DIR, then swapped in: an old OUT_DIR is replaced whole, never mixed
-        save(net, tmp, extra={"name": name, "source": summary})
-        card = model_card(name, src, sha, kind, imp, ver, summary["config_file"], warning)
+        extra = {"name": name, "source": summary}
+        if words is not None:
+            extra["vocab"] = {**words.describe(), "sha256": words.write(tmp / VOCAB_FILE)}
+            how = (
+                "read from"
+                if Path(vocab).is_file()
+                else f"built as the official code builds {dataset}'s from"
+            )
+            summary["vocab"] = f"`{VOCAB_FILE}`, {len(words)} words ({how} `{vocab}`)"
+        save(net, tmp, extra=extra)
+        card = model_card(
+            name, src, sha, kind, imp, ver, summary["config_file"], warning, summary.get("vocab")
+        )
         (tmp / "README.md").write_text(card)
         if out.is_dir():
             shutil.rmtree(out)
@@ -349,13 +403,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="replace OUT_DIR when it exists and is not empty")
     rate_help = "a SaShiMi import's audio rate (default: its dataset's; 16000 when unknown)"
     ap.add_argument("--sample-rate", type=int, default=None, metavar="HZ", help=rate_help)
+    vocab_help = (
+        "a word-level LM's vocabulary: the dataset's data folder (built as the official code builds it: "
+        "wt103, wt2, ptb) or a symbols file, one per line; written as vocab.txt"
+    )
+    ap.add_argument("--vocab", type=Path, default=None, metavar="DATA_DIR_OR_FILE", help=vocab_help)
     args = ap.parse_args(argv)
     if args.sample_rate is not None and not 1000 <= args.sample_rate <= 384000:
         print(f"error: --sample-rate = {args.sample_rate}: expected 1000 to 384000 Hz", file=sys.stderr)
         return 2
     try:
         summary = convert(args.src, args.out_dir, args.config, args.name, force=args.force,
-                          sample_rate=args.sample_rate)  # fmt: skip
+                          sample_rate=args.sample_rate, vocab=args.vocab)  # fmt: skip
     except (ConvertError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,149 @@
+"""Word vocabularies (model/vocab.py) against the official code's own: tests/fixtures/official/vocab.json
+holds the official Vocab's idx2sym for the WikiText-103 and PTB settings of lm.py on a small corpus
+(wt103_data/, written by make_fixtures.py) and its encode_file ids of test.txt; the converter's --vocab
+writes the vocabulary into a checkpoint folder, and load_vocab reads it back, checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from model.vocab import VocabError, WordVocab, load_vocab
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT / "tests" / "fixtures" / "official"
+DATA = FIX / "wt103_data"
+REF = json.loads((FIX / "vocab.json").read_text())
+
+
+@pytest.mark.parametrize("dataset", ["wt103", "ptb"])
+def test_the_vocabulary_is_the_official_one_symbol_for_symbol(dataset):
+    assert WordVocab.from_dataset(DATA, dataset).symbols == REF[dataset]["idx2sym"]
+
+
+def test_the_corpus_has_count_ties_so_the_order_among_them_is_checked():
+    counts = Counter((DATA / "train.txt").read_text().split())
+    ties = Counter(counts.values())
+    assert max(ties.values()) >= 3, ties
+
+
+@pytest.mark.parametrize("dataset", ["wt103", "ptb"])
+def test_encoding_a_file_gives_the_official_ids(dataset):
+    """The official encode_file: each line's words, then <eos> (every line of the file ends with one)."""
+    vocab = WordVocab.from_dataset(DATA, dataset)
+    assert vocab.encode((DATA / "test.txt").read_text()) == REF[dataset]["test_ids"]
+
+
+def test_decoding_reads_as_wikitext_and_encoding_it_gives_the_ids_back():
+    vocab = WordVocab.from_dataset(DATA, "wt103")
+    text = (DATA / "test.txt").read_text()
+    ids = vocab.encode(text)
+    assert vocab.decode(ids) == "".join(
+        "".join(" " + w for w in ln.split()) + "\n" for ln in text.splitlines()
+    )
+    assert vocab.encode(vocab.decode(ids)) == ids
+    every = list(range(len(vocab)))
+    assert vocab.encode(vocab.decode(every)) == every
+
+
+def test_an_unknown_word_is_unk_when_the_vocabulary_has_it_else_refused_by_name():
+    vocab = WordVocab.from_dataset(DATA, "wt103")
+    assert vocab.encode("w1 zebra") == [vocab.index["w1"], vocab.index["<unk>"]]
+    no_unk = WordVocab([s for s in vocab.symbols if s != "<unk>"])
+    with pytest.raises(VocabError, match=r"word 'zebra' is not in the vocabulary \(which has no '<unk>'"):
+        no_unk.encode("w1 zebra")
+
+
+def test_ptb_lower_cases_its_input():
+    vocab = WordVocab.from_dataset(DATA, "ptb")
+    assert vocab.encode("The THE the") == [vocab.index["the"]] * 3
+
+
+@pytest.mark.parametrize(
+    ("symbols", "message"),
+    [
+        ([], "at least one symbol"),
+        (["<eos>", "a", "a"], r"symbol 'a' appears twice"),
+        (["<eos>", "a b"], r"symbol 'a b': symbols are non-empty and hold no whitespace"),
+        (["a", "b"], r"no '<eos>' symbol"),
+    ],
+)
+def test_a_bad_symbol_list_is_refused(symbols, message):
+    with pytest.raises(VocabError, match=message):
+        WordVocab(symbols)
+
+
+def test_a_symbols_file_reads_the_first_field_of_each_line(tmp_path):
+    (tmp_path / "v.txt").write_text("<eos> 10\nthe 5\n\nof\n")
+    assert WordVocab.read(tmp_path / "v.txt").symbols == ["<eos>", "the", "of"]
+
+
+def _convert(tmp_path, *extra):
+    out = tmp_path / "ck"
+    r = subprocess.run(
+        [sys.executable, "-m", "model.convert", str(FIX / "s4_wt103.ckpt"), str(out), *map(str, extra)],
+        check=False, capture_output=True, text=True, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    return r, out
+
+
+def test_convert_writes_the_vocabulary_built_from_the_data_folder_and_load_vocab_reads_it(tmp_path):
+    r, out = _convert(tmp_path, "--vocab", DATA)
+    assert r.returncode == 0, r.stderr
+    vocab = load_vocab(out)
+    assert vocab.symbols == REF["wt103"]["idx2sym"]
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["vocab"]["size"] == 64 and meta["vocab"]["unk"] == "<unk>"
+    assert (
+        "`vocab.txt`, 64 words (built as the official code builds wt103's" in (out / "README.md").read_text()
+    )
+    (out / "vocab.txt").write_text((out / "vocab.txt").read_text().replace("w2", "w2x"))
+    with pytest.raises(VocabError, match="checksum mismatch"):
+        load_vocab(out)
+
+
+def test_convert_reads_a_symbols_file_and_refuses_one_of_another_size(tmp_path):
+    (tmp_path / "symbols.txt").write_text("".join(s + "\n" for s in REF["wt103"]["idx2sym"]))
+    r, out = _convert(tmp_path, "--vocab", tmp_path / "symbols.txt")
+    assert r.returncode == 0, r.stderr
+    assert load_vocab(out).symbols == REF["wt103"]["idx2sym"]
+    (tmp_path / "short.txt").write_text("".join(s + "\n" for s in REF["wt103"]["idx2sym"][:60]))
+    r, out = _convert(tmp_path / "b", "--vocab", tmp_path / "short.txt")
+    assert r.returncode == 2 and "60 words, but the model's vocabulary has 64" in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_a_checkpoint_without_a_vocabulary_has_none():
+    assert load_vocab(ROOT / "checkpoints" / "text-shakespeare") is None
+
+
+def test_the_readme_word_level_example_runs_verbatim(tmp_path):
+    """The README's two blocks after the `tests/test_vocab.py` marker: the conversion, then the library
+    generating words (its folder /tmp/s4-wt103-tiny moved under tmp_path)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("<!-- tested: tests/test_vocab.py"))
+    blocks, i = [], start
+    while len(blocks) < 2:
+        i = next(k for k in range(i, len(lines)) if lines[k].startswith("```") and len(lines[k]) > 3)
+        j = next(k for k in range(i + 1, len(lines)) if lines[k] == "```")
+        blocks.append(
+            (lines[i][3:], "\n".join(lines[i + 1 : j]).replace("/tmp/s4-wt103-tiny", str(tmp_path / "w")))
+        )
+        i = j + 1
+    (bash, convert), (python, generate) = blocks
+    assert (bash, python) == ("bash", "python")
+    convert = convert.replace(".venv/bin/python", sys.executable)
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", convert], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-c", generate], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    text = r.stdout[:-1]  # (print's newline)
+    vocab = load_vocab(tmp_path / "w")
+    assert len(vocab.encode(text)) == 20 and set(text.split()) <= set(vocab.symbols), text
