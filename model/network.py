@@ -383,16 +383,21 @@ class SequenceModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
-        self.norm = make_norm(cfg.norm, cfg.d_model)  # the official backbone's final norm is the blocks' kind
+        # (built in this order, embedding first: a seed gives the same initial weights as it always has)
         if cfg.cutoffs is not None:  # adaptive input and softmax; the head returns log-probabilities
-            from model.adaptive import AdaptiveEmbedding, AdaptiveLogSoftmax  # noqa: PLC0415
+            from model.adaptive import AdaptiveEmbedding  # noqa: PLC0415
 
             self.embed = AdaptiveEmbedding(cfg.vocab_size, cfg.d_model, cfg.cutoffs, cfg.div_val)
+        else:
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = make_norm(cfg.norm, cfg.d_model)  # the official backbone's final norm is the blocks' kind
+        if cfg.cutoffs is not None:
+            from model.adaptive import AdaptiveLogSoftmax  # noqa: PLC0415
+
             self.head = AdaptiveLogSoftmax(cfg.vocab_size, cfg.d_model, cfg.cutoffs, cfg.div_val,
                                            cfg.tie_embeddings, cfg.tie_projs, self.embed)  # fmt: skip
             return
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.head_bias)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
