@@ -281,6 +281,8 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
         raise ConvertError(f"{src}: --sample-rate is a SaShiMi (audio) import's option; this is a text model")
     warning = token_warning(dataset, imp.config["vocab_size"]) if text else None
     words = _word_vocab(src, vocab, dataset, imp.config["vocab_size"], text)
+    if words is not None:  # its ids are served through the vocabulary: the token warning no longer holds
+        warning = None
     summary = {
         "from": "state-spaces/s4",
         "file": src.name,

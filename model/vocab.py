@@ -56,6 +56,7 @@ class WordVocab:
         self.lower_case, self.eos, self.unk = lower_case, eos, unk
         self.eos_id = self.index[eos]
         self.unk_id = self.index.get(unk)
+        self._bytes = [self.piece(i).encode("utf-8") for i in range(len(self.symbols))]
 
     def __len__(self) -> int:
         return len(self.symbols)
@@ -132,6 +133,12 @@ class WordVocab:
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.piece(i) for i in ids)
+
+    def token_bytes(self, ids: Iterable[int]) -> bytes:
+        """The UTF-8 bytes of the tokens' text (`decode(ids).encode()`, from a table): what the server
+        matches stop sequences against and streams as text."""
+        b = self._bytes
+        return b"".join(b[i] for i in ids)
 
 
 def load_vocab(folder: str | Path) -> WordVocab | None:

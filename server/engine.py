@@ -85,6 +85,12 @@ from server.metrics import ModelMetrics, observe_many
 from server.prefix_cache import PrefixCache, boundary_keys
 from server.sessions import SessionRecord, SessionTable, SlotPool
 
+
+def _id_bytes(ids) -> bytes:
+    """Byte-level text: each token id is its byte."""
+    return bytes(t & 0xFF for t in ids)
+
+
 log = logging.getLogger("server.engine")
 
 GREEDY = SamplingParams(temperature=0.0)  # what the holes of a decode batch "sample"
@@ -105,8 +111,11 @@ class Finished:
     finish_reason: str  # "stop" | "length" | "cancelled"
     prompt_tokens: int
     completion_tokens: int
-    stop_at: int | None = None  # index in the generated tokens where the stop sequence starts
+    # where the stop sequence starts: in the generated text's UTF-8 bytes (the text ends there), and the
+    # generated tokens wholly before it (the same for byte-level text; a word's text may hold its start)
+    stop_at: int | None = None
     cached_tokens: int = 0  # prompt tokens whose state came from the prefix cache (server/prefix_cache.py)
+    stop_token: int | None = None
 
 
 @dataclass
@@ -304,6 +313,7 @@ class DecodeBatch:
         self.logprobs: dict[int, tuple[float, list[int], list[float]]] = {}  # of the last step, by row
         self.dummy = CounterRNG(0, device=pool.state.device)
         self._block_args: tuple | None = None  # `block`'s per-row arguments that last while the rows do
+        self.stops_in_blocks = True  # False (a word vocabulary): rows with stop sequences take `step`
         # `step`'s per-row settings, kept on the device while the rows do (RowSampler: the uniforms drawn
         # there, no per-row Python a step); off on CPU, whose C sampler is faster
         self.device_sampler = pool.state.device.type != "cpu"
@@ -438,13 +448,19 @@ class DecodeBatch:
         """Whether `block` can run this batch: the model's decode block serves it (on CPU the
         whole-network C step: any number of rows; with CUDA graphs the bucket's block graphs: rows within
         the largest bucket) and every row draws from a counter-based stream (every sampling setting runs
-        in the block's sampler) and asks for at most MAX_LOGPROBS log-probabilities a token (the block
-        reports them)."""
+        in the block's sampler), asks for at most MAX_LOGPROBS log-probabilities a token (the block
+        reports them) and has no stop sequence unless the ids are the text's bytes (`stops_in_blocks`:
+        the blocks match stops on the ids)."""
         ready = getattr(rec, "decode_block_ready", None)
         if ready is None or not ready(len(self.rows)):
             return False
         return all(
-            j is None or ((j.params.logprobs or 0) <= MAX_LOGPROBS and isinstance(j.generator, CounterRNG))
+            j is None
+            or (
+                (j.params.logprobs or 0) <= MAX_LOGPROBS
+                and isinstance(j.generator, CounterRNG)
+                and (self.stops_in_blocks or not j.stops)
+            )
             for j in self.rows
         )
 
@@ -495,9 +511,14 @@ class Engine:
         settings: Settings,
         sessions: SessionTable,
         metrics: ModelMetrics,
+        token_bytes: Callable[[list[int]], bytes] | None = None,
     ) -> None:
+        """token_bytes: a text model's ids → the UTF-8 bytes of their text, which stop sequences are
+        matched against (a word vocabulary's, model.vocab.WordVocab.token_bytes); None: the ids are the
+        bytes (byte-level text; audio has no stop sequences)."""
         self.model_id, self.rec, self.settings, self.sessions = model_id, rec, settings, sessions
         self.metrics = metrics
+        self.token_bytes = token_bytes or _id_bytes
         self.pool = SlotPool(rec.init_state(settings.max_sessions), rec.config.vocab_size, rec.batch_dim)
         rows = settings.prefix_cache_rows(self.pool.bytes_per_slot)
         self.prefix_cache = None
@@ -509,6 +530,7 @@ class Engine:
         self.releasing: set = set()
         self.slots_awaited = 0  # slots the requests waiting for those releases want (event loop only)
         self.batch = DecodeBatch(self.pool)
+        self.batch.stops_in_blocks = token_bytes is None  # the native blocks match stops on the ids as bytes
         self._inbox: collections.deque = collections.deque()
         self._cv = threading.Condition()
         self._queued = 0  # admitted jobs not yet decoding or done (guarded by _cv)
@@ -1224,7 +1246,7 @@ class Engine:
         job.last_emit = float(times[n - 1])
         m.tokens.inc(n)
         if job.stops:
-            job.out_bytes += bytes(t & 0xFF for t in toks)
+            job.out_bytes += self.token_bytes(toks)
         return stopped or len(job.out) >= job.max_new_tokens
 
     def _stop_at(self, job: Job) -> int | None:
@@ -1248,17 +1270,23 @@ class Engine:
         if len(job.out) >= job.max_new_tokens:
             return True
         if job.stops:
-            job.out_bytes.append(tok & 0xFF)
-            return find_stop(job.out_bytes, job.stops, 1) is not None
+            piece = self.token_bytes([tok])
+            job.out_bytes += piece
+            return find_stop(job.out_bytes, job.stops, len(piece)) is not None
         return False
 
     def _finish(self, job: Job, reason: str) -> None:
-        stop_at = None
+        stop_at = stop_token = None
         if reason == "stop":
             stop_at = find_stop(bytes(job.out_bytes), job.stops, len(job.out_bytes))
+            stop_token = stop_at
+            if self.token_bytes is not _id_bytes and stop_at is not None:  # the token the stop starts in
+                end, stop_token = 0, 0
+                while (end := end + len(self.token_bytes([job.out[stop_token]]))) <= stop_at:
+                    stop_token += 1
         prompt = 0 if job.undone else len(job.tokens)  # (cancelled during ingestion: the input not applied)
         cached = 0 if job.undone else job.cached
-        self._outbox.append((job.stream, Finished(reason, prompt, len(job.out), stop_at, cached)))
+        self._outbox.append((job.stream, Finished(reason, prompt, len(job.out), stop_at, cached, stop_token)))
         self.metrics.e2e.observe(time.perf_counter() - job.submitted)
         self.metrics.finished[reason].inc()
         self._end(job)
@@ -1271,7 +1299,7 @@ class Engine:
         self._uncount(job)
         job.ended = True
         if job.text and job.stream is not None and not job.undone:  # before the record is released or stored
-            rec.utf8_tail = utf8_tail(job.carry + bytes(t & 0xFF for t in job.out))
+            rec.utf8_tail = utf8_tail(job.carry + self.token_bytes(job.out))
         if rec.ephemeral or job.delete_after:
             self._running.pop(rec.id, None)
             self._delete_after(job)
@@ -1331,7 +1359,7 @@ class Engine:
             del job.out[k:]
             job.ingest, job.marks = fed[pos:k], None
             if job.text:
-                rec.utf8_tail = utf8_tail(job.carry + bytes(t & 0xFF for t in job.out))
+                rec.utf8_tail = utf8_tail(job.carry + self.token_bytes(job.out))
         if job.ingest:
             self._running[rec.id] = job  # (busy: a delete meanwhile waits for the end)
             self._prefilling.append(job)

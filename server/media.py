@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import functools
 
 import numpy as np
 
 from model.codecs import AudioTooLong, ByteTokenizer, MuLaw, read_audio, to_pcm16, wav_bytes
 from model.sampling import find_stop
+from model.vocab import VocabError, WordVocab
 from server.errors import APIError, invalid, prompt_too_long
 
 TEXT, MULAW = ByteTokenizer(), MuLaw()
@@ -51,23 +53,34 @@ def accepts(accept: str | None, media_type: str, any_type: bool = True) -> bool:
     return False
 
 
-def text_ids(text: str, param: str = "prompt", max_tokens: int | None = None) -> list[int]:
-    """A text prompt as token ids (UTF-8 bytes). One longer than `max_tokens` is a 413 naming `param`,
-    found before it is converted: by its length in characters (each is at least one byte), then in
-    bytes; text that is not valid Unicode (a lone surrogate from JSON's "\\ud800") is a 422."""
+def text_ids(
+    text: str, param: str = "prompt", max_tokens: int | None = None, vocab: WordVocab | None = None
+) -> list[int]:
+    """A text prompt as token ids: UTF-8 bytes, or with a word `vocab` its words (model.vocab: `<eos>`
+    for each newline; a word it lacks is `<unk>`, or a 422 naming `param` and the word when it has
+    none). One longer than `max_tokens` is a 413 naming `param`, found before it is converted for bytes
+    (by its length in characters, each at least one byte, then in bytes); text that is not valid
+    Unicode (a lone surrogate from JSON's "\\ud800") is a 422."""
 
     def too_long(n: int | str) -> APIError:
         return prompt_too_long(f"{param} is {n} tokens; the limit is {max_tokens} (max_prompt_tokens)", param)
 
-    if max_tokens is not None and len(text) > max_tokens:
+    if vocab is None and max_tokens is not None and len(text) > max_tokens:
         raise too_long(f"at least {len(text)}")
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise invalid(param, f"{param} is not valid Unicode text: {exc.reason}") from None
-    if max_tokens is not None and len(data) > max_tokens:
-        raise too_long(len(data))
-    return list(data)
+    if vocab is not None:
+        try:
+            ids = vocab.encode(text)
+        except VocabError as exc:
+            raise invalid(param, f"{param}: {exc}") from None
+    else:
+        ids = list(data)
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise too_long(len(ids))
+    return ids
 
 
 def prompt_ids(
@@ -78,6 +91,7 @@ def prompt_ids(
     max_audio_s: float | None = None,
     max_tokens: int | None = None,
     codec: MuLaw = MULAW,
+    vocab: WordVocab | None = None,
 ) -> list[int]:
     """A request's prompt as token ids for a model of this kind (422 naming the wrong field); audio is
     encoded by the model's `codec` (its mu-law convention).
@@ -90,7 +104,7 @@ def prompt_ids(
     if kind == "text":
         if prompt_audio is not None:
             raise invalid("prompt_audio", "this is a text model: send `prompt` (a string)")
-        return text_ids(prompt or "", "prompt", max_tokens)
+        return text_ids(prompt or "", "prompt", max_tokens, vocab)
     if prompt is not None:
         raise invalid("prompt", "this is an audio model: send `prompt_audio` (a base64 audio file)")
     if prompt_audio is None:
@@ -193,11 +207,14 @@ class TextAssembler:
     complete, and so is any tail that could be the start of a stop sequence, so the pieces always
     add up to the final text (which ends before the stop sequence)."""
 
-    def __init__(self, stops: list[bytes], carry: bytes = b"", ends: bool = True) -> None:
+    def __init__(self, stops: list[bytes], carry: bytes = b"", ends: bool = True, token_bytes=None) -> None:
         """carry: an unfinished character from the session's earlier output (its first bytes);
         ends: `finish` ends the text (U+FFFD for an unfinished character) rather than holding it back
-        for a later generation on the same session. A stop sequence always ends the text."""
+        for a later generation on the same session. A stop sequence always ends the text. token_bytes:
+        ids → the UTF-8 bytes of their text (a word vocabulary's); None: each id is its byte."""
         self.stops = [s for s in stops if s]
+        self.token_bytes = token_bytes
+        self.ends_at: list[int] = []  # (word tokens) each token's end in buf
         self.buf = bytearray()
         self.emitted = 0
         self.decoder = TEXT.stream_decoder(carry)
@@ -221,7 +238,12 @@ class TextAssembler:
         return piece
 
     def feed(self, ids: list[int]) -> str:
-        self.buf.extend(i & 0xFF for i in ids)
+        if self.token_bytes is None:
+            self.buf.extend(i & 0xFF for i in ids)
+        else:
+            for i in ids:
+                self.buf += self.token_bytes([i])
+                self.ends_at.append(len(self.buf))
         end = len(self.buf) - self._held()
         stop = find_stop(bytes(self.buf), self.stops, len(ids) + max((len(s) for s in self.stops), default=0))
         return self._emit(end if stop is None else min(end, stop))
@@ -237,3 +259,9 @@ class TextAssembler:
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    def tokens_emitted(self) -> int:
+        """Tokens whose text has all been emitted."""
+        if self.token_bytes is None:
+            return self.emitted
+        return bisect.bisect_right(self.ends_at, self.emitted)

@@ -23,6 +23,7 @@ from model.cuda_graphs import LARGEST_BUCKET, bucket_sizes
 from model.network import ModelConfig
 from model.recurrent import RecurrentModel
 from model.sampling import SamplingParams, sample
+from model.vocab import VocabError, WordVocab, load_vocab
 from server.chat import ChatTemplate
 from server.config import MODEL_ID, Settings
 from server.engine import Engine
@@ -53,8 +54,13 @@ class ServedModel:
     chat: ChatTemplate | None = None  # from config.json's chat_template (POST /v1/chat/completions)
     created: int = 0  # Unix time the weights file was written
     generation: dict = field(default_factory=dict)  # config.json's generation_config (GenerationConfig)
+    vocab: WordVocab | None = None  # a word-level text model's vocabulary (vocab.txt); None: UTF-8 bytes
 
     owned_by = "s4serve"
+
+    def token_bytes(self, ids) -> bytes:
+        """A text model's tokens as the UTF-8 bytes of their text: byte ids themselves, or the words'."""
+        return self.vocab.token_bytes(ids) if self.vocab is not None else bytes(t & 0xFF for t in ids)
 
     @property
     def kind(self) -> str:
@@ -110,6 +116,7 @@ class ServedModel:
             "unet": c.unet,
             "sample_rate": self.sample_rate,
             "vocab_size": c.vocab_size,
+            "tokens": "audio" if self.kind == "audio" else "bytes" if self.vocab is None else "words",
             "n_layers": c.n_layers,
             "d_model": c.d_model,
             "d_state": c.d_state,
@@ -302,12 +309,19 @@ def load_model(
     generation = GenerationConfig.from_config(meta)
     net = load(path)
     _check_stop(stop)
-    if net.config.modality == "text" and net.config.vocab_size < 256:
+    where = f"{source} (converted into {path})" if source else str(path)
+    try:
+        vocab = load_vocab(path) if net.config.modality == "text" else None
+    except VocabError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    if vocab is not None and len(vocab) != net.config.vocab_size:
+        raise CheckpointError(f"{where}: vocab.txt has {len(vocab)} words, the model {net.config.vocab_size}")
+    if net.config.modality == "text" and vocab is None and net.config.vocab_size < 256:
         # text prompts arrive as UTF-8 bytes (ids 0-255): every byte must be a token of the model
-        where = f"{source} (converted into {path})" if source else str(path)
         raise CheckpointError(
             f"{where}: a text model must have vocab_size >= 256 (byte tokens), "
-            f"this one has {net.config.vocab_size}"
+            f"this one has {net.config.vocab_size} (a word-level model needs its vocab.txt: python -m "
+            "model.convert --vocab)"
         )
     name = model_id or path.name
     wanted = settings.dtype_for(name)
@@ -345,7 +359,7 @@ def load_model(
     if problem := state_pool_problem(rec, settings, model_id):
         raise ValueError(problem)
     mm = metrics.for_model(model_id, audio=rec.config.modality == "audio")
-    engine = Engine(model_id, rec, settings, sessions, mm)
+    engine = Engine(model_id, rec, settings, sessions, mm, None if vocab is None else vocab.token_bytes)
     mm.pool_bytes.set(engine.pool.capacity * engine.pool.bytes_per_slot)
     v = rec.verification
     checks = [("step", v["step_rel_err"]), ("prefill", v["prefill_rel_err"])]
@@ -371,7 +385,9 @@ def load_model(
     )  # fmt: skip
     fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"))
     created = int((path / WEIGHTS).stat().st_mtime)
-    served = ServedModel(model_id, path, net.config, rec, engine, fingerprint, chat, created, generation)
+    served = ServedModel(
+        model_id, path, net.config, rec, engine, fingerprint, chat, created, generation, vocab
+    )
     limit, setting = settings.new_tokens_limit(served.sample_rate)
     if (n := generation.get("max_new_tokens")) is not None and n > limit:
         log.warning(

@@ -271,6 +271,11 @@ class ModelInfo(BaseModel):
     )
     sample_rate: int | None
     vocab_size: int
+    tokens: Literal["bytes", "words", "audio"] = Field(
+        description="what a token is: a UTF-8 byte (text), a word of the checkpoint's vocab.txt (a "
+        "word-level text model: a newline is <eos>, a word's text is a space and the word), or an 8-bit "
+        "mu-law sample"
+    )
     n_layers: int
     d_model: int
     d_state: int

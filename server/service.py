@@ -128,7 +128,7 @@ async def read_prompt(
     1.8 s), which held every other client's stream, and the probes, for as long."""
     limit, _ = prompt_limit(state, model)
     max_s = state.settings.max_audio_s
-    args = (model.kind, model.sample_rate, prompt, prompt_audio, max_s, limit, model.codec)
+    args = (model.kind, model.sample_rate, prompt, prompt_audio, max_s, limit, model.codec, model.vocab)
     if prompt_audio is None:
         return media.prompt_ids(*args)
     return await asyncio.to_thread(media.prompt_ids, *args)
@@ -859,7 +859,10 @@ class Output:
     ):
         self.kind, self.encoding, self.codec = model.kind, encoding, model.codec
         carry, ends = (job.carry, job.session.ephemeral) if job is not None else (b"", True)
-        self.text = media.TextAssembler(params.stop, carry, ends) if model.kind == "text" else None
+        self.text = None
+        if model.kind == "text":
+            token_bytes = None if model.vocab is None else model.vocab.token_bytes
+            self.text = media.TextAssembler(params.stop, carry, ends, token_bytes)
         self.framer, self.frame_ms = None, frame_ms or DEFAULT_FRAME_MS
         if model.kind == "audio":
             n = media.frame_samples(self.frame_ms, model.sample_rate)

@@ -29,6 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from model.sampling import SamplingParams
+from model.vocab import WordVocab
 from server import media
 from server.engine import Failed, Finished, Stream
 from server.errors import APIError, as_openai, invalid
@@ -77,10 +78,18 @@ def choice_seed(seed: int, i: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{i}".encode()).digest()[:8], "big") >> 1
 
 
-def token_str(t: int) -> str:
+def token_str(t: int, vocab: WordVocab | None = None) -> str:
     """A token as OpenAI spells tokens: the character for an ASCII byte, "bytes:\\xNN" for another
-    byte, "token:N" for an id past the bytes (a model with a larger vocabulary)."""
+    byte, "token:N" for an id past the bytes (a model with a larger vocabulary); with a word vocabulary
+    the word's text (" the", "\\n" for <eos>)."""
+    if vocab is not None:
+        return vocab.piece(t)
     return chr(t) if t < 128 else f"bytes:\\x{t:02x}" if t < 256 else f"token:{t}"
+
+
+def token_utf8(t: int, vocab: WordVocab | None = None) -> list[int]:
+    """A token's UTF-8 bytes (chat logprobs' `bytes`): the byte itself, or the word's text's."""
+    return [t] if vocab is None else list(vocab.token_bytes([t]))
 
 
 class CharOffsets:
@@ -88,18 +97,22 @@ class CharOffsets:
     (UTF-8 with errors replaced, as the returned text): both bytes of "é" get the index of "é", and
     each invalid byte that becomes U+FFFD the index of its U+FFFD."""
 
-    def __init__(self) -> None:
+    def __init__(self, vocab: WordVocab | None = None) -> None:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.chars = 0  # characters decoded so far
+        self.vocab = vocab  # word tokens: each starts a piece of whole characters
 
     def feed(self, t: int) -> int:
+        if self.vocab is not None:
+            self.chars += len(self.vocab.piece(t))
+            return self.chars - len(self.vocab.piece(t))
         self.chars += len(self.decoder.decode(bytes([t & 0xFF])))
         pending = len(self.decoder.getstate()[0])  # this byte is still held: it starts the next character
         return self.chars if pending else self.chars - 1
 
 
-def char_offsets(ids: list[int]) -> list[int]:
-    offsets = CharOffsets()
+def char_offsets(ids: list[int], vocab: WordVocab | None = None) -> list[int]:
+    offsets = CharOffsets(vocab)
     return [offsets.feed(t) for t in ids]
 
 
@@ -194,12 +207,16 @@ class Run:
     ids: list[int]  # the prompt's token ids
     stream: Stream
     out: Output
+    vocab: WordVocab | None = None  # a word-level model's (its tokens' text and offsets)
     tokens: list[int] = field(default_factory=list)
     final: Finished | None = None
     echoed: bool = False  # (streaming) the prompt has been sent
     lp_sent: int = 0  # (streaming) generated tokens whose logprobs have been sent
     offsets: list[int] = field(default_factory=list)  # character offset of each generated token
     char_offsets: CharOffsets = field(default_factory=CharOffsets)
+
+    def __post_init__(self) -> None:
+        self.char_offsets = CharOffsets(self.vocab)
 
     def offsets_to(self, end: int) -> list[int]:
         """Character offsets of generated tokens [0, end), computed once each."""
@@ -208,8 +225,8 @@ class Run:
 
     def kept(self) -> int:
         """Generated tokens in the returned text (those before a stop sequence)."""
-        if self.final is not None and self.final.stop_at is not None:
-            return self.final.stop_at
+        if self.final is not None and self.final.stop_token is not None:
+            return self.final.stop_token
         return len(self.tokens)
 
     def advance(self, items: list) -> tuple[str, Finished | None, int]:
@@ -222,7 +239,7 @@ class Run:
         if final is not None:
             self.final = final
             text += self.out.finish_text(final)
-        released = self.kept() if final is not None else min(self.out.text.emitted, len(self.tokens))
+        released = self.kept() if final is not None else min(self.out.text.tokens_emitted(), len(self.tokens))
         return text, final, released
 
     def mean_logprob(self) -> float:
@@ -255,7 +272,7 @@ def start_runs(
                 seed = random_seed() if params.seed is None else choice_seed(params.seed, i)
                 pi = replace(params, seed=seed)
                 stream, job = start_generation(st, model, None, ids, pi, max_tokens)
-                runs.append(Run(p, ids, stream, Output(model, pi, job=job)))
+                runs.append(Run(p, ids, stream, Output(model, pi, job=job), model.vocab))
     except BaseException:
         for r in runs:
             r.stream.cancel()
@@ -323,7 +340,7 @@ def usage(prompts: list[list[int]], runs: list[Run]) -> dict:
 
 
 def prompt_entries(run: Run, k: int) -> list[tuple]:
-    offsets = char_offsets(run.ids)
+    offsets = char_offsets(run.ids, run.vocab)
     out = [(run.ids[0], None, None, 0)]
     for t, off, (lp, ti, tv) in zip(run.ids[1:], offsets[1:], run.stream.prompt_logprobs):
         out.append((t, lp, list(zip(ti, tv))[:k], off))
@@ -340,20 +357,20 @@ def generated_entries(run: Run, start: int, end: int, base: int) -> list[tuple]:
     return out
 
 
-def completion_logprobs(entries: list[tuple]) -> dict:
+def completion_logprobs(entries: list[tuple], vocab: WordVocab | None = None) -> dict:
     return {
-        "tokens": [token_str(t) for t, _, _, _ in entries],
+        "tokens": [token_str(t, vocab) for t, _, _, _ in entries],
         "token_logprobs": [lp for _, lp, _, _ in entries],
         "top_logprobs": [
-            None if top is None else {token_str(i): v for i, v in top} for _, _, top, _ in entries
+            None if top is None else {token_str(i, vocab): v for i, v in top} for _, _, top, _ in entries
         ],
         "text_offset": [off for _, _, _, off in entries],
     }
 
 
-def chat_logprobs(entries: list[tuple]) -> dict:
+def chat_logprobs(entries: list[tuple], vocab: WordVocab | None = None) -> dict:
     def one(t: int, lp: float) -> dict:
-        return {"token": token_str(t), "logprob": lp, "bytes": [t]}
+        return {"token": token_str(t, vocab), "logprob": lp, "bytes": token_utf8(t, vocab)}
 
     return {
         "content": [{**one(t, lp), "top_logprobs": [one(i, v) for i, v in top]} for t, lp, top, _ in entries]
@@ -377,15 +394,16 @@ def completion_prompts(
     out, texts = [], []
     for x in p:
         if isinstance(x, str):
-            ids = media.text_ids(x, "prompt", max_tokens)
-            texts.append(x)
+            ids = media.text_ids(x, "prompt", max_tokens, model.vocab)
+            # (echo: a word model's prompt as its words read back, which its logprobs' offsets index)
+            texts.append(x if model.vocab is None else model.vocab.decode(ids))
         else:  # its length first, then one C-speed pass each: the event loop waits for them
             check_prompt(st, x, "prompt", model)
             top = max(x)
             if top >= V:
                 raise invalid("prompt", f"prompt: token ids must be below the vocabulary size {V}")
             ids = list(x)
-            data = bytes(ids) if top < 256 else bytes(t & 0xFF for t in ids)
+            data = bytes(ids) if top < 256 and model.vocab is None else model.token_bytes(ids)
             texts.append(data.decode("utf-8", errors="replace"))
         if not ids:
             raise invalid(
@@ -456,7 +474,7 @@ async def completions(req: CompletionRequest, request: Request):
                 {
                     "text": text,
                     "index": len(choices),
-                    "logprobs": completion_logprobs(entries) if lp is not None else None,
+                    "logprobs": completion_logprobs(entries, r.vocab) if lp is not None else None,
                     "finish_reason": finish_reason(r.final),
                 }
             )
@@ -487,7 +505,7 @@ async def _stream_completions(runs, prompts, texts, req: CompletionRequest, head
             choice = {
                 "text": text,
                 "index": index[id(run)],
-                "logprobs": completion_logprobs(entries) if lp is not None else None,
+                "logprobs": completion_logprobs(entries, run.vocab) if lp is not None else None,
                 "finish_reason": None if final is None else finish_reason(final),
             }
             yield sse({**head, "choices": [choice], **extra})
@@ -549,7 +567,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     check_new_tokens(st, max_tokens, param, model)
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs", "top_logprobs needs logprobs=true")
-    ids = media.text_ids(prompt, "messages", prompt_limit(st, model)[0])
+    ids = media.text_ids(prompt, "messages", prompt_limit(st, model)[0], model.vocab)
     check_prompt(st, ids, "messages", model)
     params = sampling(model, req, (req.stop or []) + model.chat.stop)
     k = (req.top_logprobs or 0) if req.logprobs else None
@@ -569,7 +587,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         {
             "index": i,
             "message": {"role": "assistant", "content": r.out.text.text},
-            "logprobs": chat_logprobs(generated_entries(r, 0, r.kept(), 0)) if req.logprobs else None,
+            "logprobs": chat_logprobs(generated_entries(r, 0, r.kept(), 0), r.vocab)
+            if req.logprobs
+            else None,
             "finish_reason": finish_reason(r.final),
         }
         for i, r in enumerate(runs)
@@ -603,7 +623,7 @@ async def _stream_chat(runs: list[Run], prompts, logprobs: bool, head: dict, inc
             choice = {
                 "index": index[id(run)],
                 "delta": {"content": text} if text else {},
-                "logprobs": chat_logprobs(entries) if logprobs else None,
+                "logprobs": chat_logprobs(entries, run.vocab) if logprobs else None,
                 "finish_reason": None if final is None else finish_reason(final),
             }
             yield sse({**head, "choices": [choice], **extra})

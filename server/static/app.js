@@ -184,9 +184,11 @@
     const what =
       m.kind === "audio"
         ? `audio: ${m.sample_rate} Hz mu-law samples (${m.vocab_size} levels)`
-        : m.vocab_size === 256
-          ? "text: UTF-8 bytes (a vocabulary of 256)"
-          : `text: a vocabulary of ${m.vocab_size} tokens`;
+        : m.tokens === "words"
+          ? `text: words (a vocabulary of ${m.vocab_size}; a newline is <eos>)`
+          : m.vocab_size === 256
+            ? "text: UTF-8 bytes (a vocabulary of 256)"
+            : `text: a vocabulary of ${m.vocab_size} tokens`;
     const net =
       m.arch === "sashimi"
         ? `SaShiMi: a U-Net of S4 blocks over several time resolutions (${m.n_layers} at each)`
@@ -486,8 +488,12 @@
     out.append(p, g);
     const record = { prompt, text: "", ids: 0, done: null };
     demo.turns.push(record);
-    const promptBytes = new TextEncoder().encode(prompt).length;
-    beginTurn("text", promptBytes, promptBytes ? `${promptBytes} bytes` : "");
+    // the prompt's tokens as the server counts them: its UTF-8 bytes, or a word model's words and newlines
+    const words = model.tokens === "words";
+    const promptTokens = words
+      ? prompt.split("\n").reduce((n, line) => n + 1 + line.split(/\s+/).filter(Boolean).length, -1)
+      : new TextEncoder().encode(prompt).length;
+    beginTurn("text", promptTokens, promptTokens ? `${promptTokens} ${words ? "words" : "bytes"}` : "");
     turn.textNode = g.firstChild;
     turn.spans = [p, g];
     turn.record = record;

@@ -1,0 +1,158 @@
+"""A word-level text model served through its vocabulary (a checkpoint with vocab.txt, model/vocab.py):
+prompts are encoded into its words, output streams as the words' text, stop sequences match that text
+(also across and inside words), logprobs name the words and their character offsets, and every id
+equals the library's sampling of the same checkpoint.
+
+Two models: the official scaled-down WikiText-103 recipe converted with its vocabulary (adaptive
+softmax: the torch step), and a plain-head stand-in with the same vocabulary, which the whole-network
+C step and its native decode blocks serve; those blocks match stop sequences on ids as bytes, so rows
+with stop sequences must take the one-step loop (a byte match of "\\n" would stop at id 10)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from server_support import ServerThread, reference, sse_events
+from websockets.asyncio.client import connect
+
+from model import checkpoint
+from model.convert import convert
+from model.network import ModelConfig, SequenceModel
+from model.sampling import SamplingParams
+from model.vocab import VOCAB_FILE, WordVocab, load_vocab
+from server.config import Settings
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "official"
+DATA = FIX / "wt103_data"
+PROMPT = " = w1 w2 zebra\n The"  # "zebra" is not a word of it: <unk>
+
+
+def plain_word_model(folder: Path) -> Path:
+    """A 64-word model with a plain Linear head (the C step serves it), with the wt103 fixture's vocab."""
+    torch.manual_seed(7)
+    net = SequenceModel(ModelConfig(vocab_size=64, d_model=16, n_layers=2, d_state=8, l_max=32, d_ff=32,
+                                    head_bias=True, cauchy_backend="torch")).eval()  # fmt: skip
+    with torch.no_grad():
+        net.head.weight.mul_(4)  # a peakier distribution than at initialization
+    vocab = WordVocab.from_dataset(DATA, "wt103")
+    folder.mkdir(parents=True)
+    sha = vocab.write(folder / VOCAB_FILE)
+    return checkpoint.save(net, folder, extra={"vocab": {**vocab.describe(), "sha256": sha}})
+
+
+@pytest.fixture(scope="module")
+def words(tmp_path_factory):
+    root = tmp_path_factory.mktemp("words")
+    convert(FIX / "s4_wt103.ckpt", root / "wt103", vocab=DATA)
+    folders = {"wt103": root / "wt103", "plain": plain_word_model(root / "plain")}
+    settings = Settings(checkpoints=[f"{k}={v}" for k, v in folders.items()], device="cpu", max_sessions=8,
+                        torch_threads=1, max_prompt_tokens=12)  # fmt: skip
+    srv = ServerThread(settings).start()
+    yield srv, folders
+    srv.stop()
+
+
+def test_the_models_say_their_tokens_are_words_and_the_plain_one_runs_the_native_blocks(words):
+    srv, _ = words
+    for name in ("wt103", "plain"):
+        info = httpx.get(f"{srv.url}/v1/models/{name}").json()
+        assert info["tokens"] == "words" and info["vocab_size"] == 64, info
+    assert srv.state.models["plain"].rec.decode_block_ready(1)
+    assert not srv.state.models["wt103"].rec.decode_block_ready(1)
+
+
+@pytest.mark.parametrize("name", ["wt103", "plain"])
+def test_a_websocket_stream_is_the_library_s_words_and_their_text(words, name):
+    srv, folders = words
+    vocab = load_vocab(folders[name])
+
+    async def main():
+        async with connect(srv.ws_url) as ws:
+            msg = {"type": "generate", "model": name, "prompt": PROMPT, "max_new_tokens": 30, "seed": 3}
+            await ws.send(json.dumps(msg))
+            ids, text = [], ""
+            while True:
+                m = json.loads(await ws.recv())
+                if m["type"] == "token":
+                    ids, text = ids + m["ids"], text + m["text"]
+                elif m["type"] in ("done", "error"):
+                    return ids, text, m
+
+    ids, text, done = asyncio.run(main())
+    assert done["type"] == "done" and done["usage"]["prompt_tokens"] == 6, done
+    assert ids == reference(folders[name], vocab.encode(PROMPT), SamplingParams(seed=3), 30)
+    assert text == vocab.decode(ids)
+
+
+@pytest.mark.parametrize("name", ["wt103", "plain"])
+@pytest.mark.parametrize("stop", ["\n", "2 w", "w1"])
+def test_stop_sequences_match_the_words_text_at_and_across_word_boundaries(words, name, stop):
+    """The text ends where the stop sequence starts (inside a word's text too), the generation at the
+    token that completes it; without the stop the same seed gives the same tokens up to there."""
+    srv, folders = words
+    vocab = load_vocab(folders[name])
+    ids = vocab.encode(PROMPT)
+    for seed in range(50):  # the first seed whose 60 tokens hold the stop sequence
+        free = reference(folders[name], ids, SamplingParams(seed=seed), 60)
+        if (at := (full := vocab.decode(free)).find(stop)) >= 0:
+            break
+    assert at >= 0, stop
+    ends, n = 0, 0
+    while ends < at + len(stop):  # tokens up to the one that completes the stop sequence
+        ends, n = ends + len(vocab.piece(free[n])), n + 1
+    body = {"model": name, "prompt": PROMPT, "max_new_tokens": 60, "seed": seed, "stop": [stop]}
+    r = httpx.post(f"{srv.url}/v1/generate", json=body, timeout=60).json()
+    assert r["finish_reason"] == "stop" and r["tokens"] == free[:n], (r, free)
+    assert r["text"] == full[:at]
+
+
+@pytest.mark.parametrize("name", ["wt103", "plain"])
+def test_completions_logprobs_name_the_words_at_their_character_offsets(words, name):
+    srv, folders = words
+    vocab = load_vocab(folders[name])
+    body = {"model": name, "prompt": PROMPT, "max_tokens": 8, "seed": 2, "logprobs": 3, "echo": True}
+    choice = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    lp, text = choice["logprobs"], choice["text"]
+    ids = vocab.encode(PROMPT) + reference(folders[name], vocab.encode(PROMPT), SamplingParams(seed=2), 8)
+    assert lp["tokens"] == [vocab.piece(i) for i in ids]
+    assert text == vocab.decode(ids)  # (the prompt as its words read back: "zebra" is <unk>)
+    for token, offset in zip(lp["tokens"], lp["text_offset"], strict=True):
+        assert text[offset : offset + len(token)] == token
+    assert all(set(top) <= {vocab.piece(i) for i in range(64)} for top in lp["top_logprobs"][1:])
+
+
+def test_a_prompt_is_limited_in_words_not_characters(words):
+    srv, _ = words
+    long_words = "w1 " * 12 + "w2"  # 13 words, 38 characters
+    r = httpx.post(f"{srv.url}/v1/generate", json={"model": "wt103", "prompt": long_words}, timeout=60)
+    assert r.status_code == 413 and "prompt is 13 tokens" in r.text, r.text
+    spaced = "w1" + " " * 30 + "w2"  # 2 words in 32 characters: under the limit of 12 tokens
+    r = httpx.post(f"{srv.url}/v1/generate", json={"model": "wt103", "prompt": spaced, "max_new_tokens": 2},
+                   timeout=60)  # fmt: skip
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 2, r.text
+
+
+@pytest.mark.parametrize("name", ["wt103", "plain"])
+def test_streamed_completions_release_whole_words_with_their_logprobs(words, name):
+    """SSE: the chunks' text adds up to the answer's, and each chunk's logprobs name exactly the words
+    whose text it released (a stop sequence's possible start is held back until it is decided)."""
+    srv, folders = words
+    vocab = load_vocab(folders[name])
+    body = {"model": name, "prompt": PROMPT, "max_tokens": 20, "seed": 4, "logprobs": 1, "stop": ["w0 w"]}
+    whole = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    with httpx.stream("POST", f"{srv.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        chunks = [e for e in sse_events(r) if e != "[DONE]"]
+    text = "".join(c["choices"][0]["text"] for c in chunks)
+    tokens = [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
+    assert text == whole["text"] and tokens == whole["logprobs"]["tokens"]
+    assert tokens == [vocab.piece(i) for i in vocab.encode(whole["text"])][: len(tokens)]
+    sent_text, sent_tokens = "", ""
+    for c in chunks:  # a word's logprobs go out with (or after) its whole text, never before
+        sent_text += c["choices"][0]["text"]
+        sent_tokens += "".join(c["choices"][0]["logprobs"]["tokens"])
+        assert sent_text.startswith(sent_tokens), (sent_text, sent_tokens)
