@@ -11,15 +11,13 @@ float32 recurrent form 1e-5 relative (as every conversion check)."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import json
 import math
 
 import pytest
 import torch
-from server_support import ServerThread, reference
-from websockets.asyncio.client import connect
+from server_support import ServerThread, reference, token_ids, ws_turn
+from websockets.sync.client import connect
 
 from model import checkpoint
 from model.network import ModelConfig, SequenceModel
@@ -237,22 +235,12 @@ def test_a_served_adaptive_model_streams_the_library_s_tokens(tmp_path):
     )
     srv.start()
     try:
-
-        async def main():
-            async with connect(srv.ws_url) as ws:
-                await ws.send(json.dumps({"type": "generate", "model": "words", "prompt": "hello",
-                                          "max_new_tokens": 16, "seed": 3}))  # fmt: skip
-                ids = []
-                while True:
-                    m = json.loads(await ws.recv())
-                    if m["type"] == "token":
-                        ids += m["ids"]
-                    elif m["type"] in ("done", "error"):
-                        return ids, m
-
-        ids, done = asyncio.run(main())
+        with connect(srv.ws_url) as ws:
+            msg = {"type": "generate", "model": "words", "prompt": "hello", "max_new_tokens": 16, "seed": 3}
+            frames = ws_turn(ws, msg)
     finally:
         srv.stop()
+    ids, done = token_ids(frames), frames[-1]
     assert done["type"] == "done", done
     assert ids == reference(folder, list(b"hello"), SamplingParams(seed=3), 16)
     assert max(ids) >= 100, ids  # words of the tail shards were sampled too

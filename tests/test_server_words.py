@@ -10,15 +10,13 @@ with stop sequences must take the one-step loop (a byte match of "\\n" would sto
 
 from __future__ import annotations
 
-import asyncio
-import json
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from server_support import ServerThread, reference, sse_events
-from websockets.asyncio.client import connect
+from server_support import ServerThread, reference, sse_events, token_ids, ws_turn
+from websockets.sync.client import connect
 
 from model import checkpoint
 from model.convert import convert
@@ -71,19 +69,12 @@ def test_a_websocket_stream_is_the_library_s_words_and_their_text(words, name):
     srv, folders = words
     vocab = load_vocab(folders[name])
 
-    async def main():
-        async with connect(srv.ws_url) as ws:
-            msg = {"type": "generate", "model": name, "prompt": PROMPT, "max_new_tokens": 30, "seed": 3}
-            await ws.send(json.dumps(msg))
-            ids, text = [], ""
-            while True:
-                m = json.loads(await ws.recv())
-                if m["type"] == "token":
-                    ids, text = ids + m["ids"], text + m["text"]
-                elif m["type"] in ("done", "error"):
-                    return ids, text, m
-
-    ids, text, done = asyncio.run(main())
+    with connect(srv.ws_url) as ws:
+        frames = ws_turn(
+            ws, {"type": "generate", "model": name, "prompt": PROMPT, "max_new_tokens": 30, "seed": 3}
+        )
+    ids, done = token_ids(frames), frames[-1]
+    text = "".join(f["text"] for f in frames if f["type"] == "token")
     assert done["type"] == "done" and done["usage"]["prompt_tokens"] == 6, done
     assert ids == reference(folders[name], vocab.encode(PROMPT), SamplingParams(seed=3), 30)
     assert text == vocab.decode(ids)
