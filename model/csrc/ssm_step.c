@@ -1409,11 +1409,52 @@ static void select_top(Ranked *rk, long n, long c) {
     }
 }
 
-/* A vocabulary larger than rank_all_max ranks only its top candidates for top-k / top-p (select_top, then
- * qsort of those), not all V (267,735 words: a full qsort took 46 ms a row); smaller ones sort all V, as
- * always. A variable, not a constant, so that the tests can compare both rankings on one vocabulary. */
+/* A vocabulary larger than rank_all_max is not ranked whole for top-k / top-p (267,735 words: a full qsort
+ * took 46 ms a row): top-k selects its k (select_top) and sorts those; top-p alone finds its cut by
+ * buckets (top_p_by_buckets). Smaller vocabularies sort all V, as always. A variable, not a constant, so
+ * that the tests can compare both on one vocabulary. */
 long rank_all_max = 4096;
-#define RANK_FIRST 1024
+#define P_BUCKETS 4096
+
+/* top-p alone over a large vocabulary, in O(V): the tokens fall into P_BUCKETS buckets of equal width of
+ * the sanitized logit z (bucket 0 holds the top; a bucket never ranks before a higher one), each
+ * bucket's probability mass is summed, and the cut's bucket, the first whose mass with the buckets'
+ * before it reaches top_p, alone is sorted (ranked_desc: z, then the smaller id). Keeps what the whole
+ * ranking keeps: every token whose mass ranked before it is < top_p, and the top token; only the sums'
+ * order differs (by bucket, in index order), a rounding's difference at the cut. s: the scaled logits
+ * (−inf where z is), filtered in place; rk: scratch for the cut's bucket. */
+static void top_p_by_buckets(long V, double top_p, const float *z, float *s, double top, Ranked *rk) {
+    double low = top;
+    for (long v = 0; v < V; v++)
+        if (z[v] != -INFINITY && z[v] < low) low = z[v];
+    const double scale = top > low ? (P_BUCKETS - 1) / (top - low) : 0.0;
+    double mass[P_BUCKETS] = {0}, total = 0.0;
+    for (long v = 0; v < V; v++) {
+        if (z[v] == -INFINITY) continue;
+        const double e = exp((double)s[v]);
+        total += e;
+        mass[(long)((top - (double)z[v]) * scale)] += e;
+    }
+    long cut = 0;
+    double before = 0.0; /* the mass ranked before bucket `cut` */
+    while (cut < P_BUCKETS - 1 && before + mass[cut] / total < top_p) before += mass[cut++] / total;
+    long n = 0;
+    for (long v = 0; v < V; v++) {
+        if (z[v] == -INFINITY) continue; /* (s is −inf already) */
+        const long b = (long)((top - (double)z[v]) * scale);
+        if (b > cut)
+            s[v] = -INFINITY;
+        else if (b == cut)
+            rk[n++] = (Ranked){z[v], v};
+    }
+    qsort(rk, (size_t)n, sizeof(Ranked), ranked_desc);
+    for (long j = 0; j < n; j++) {
+        const long v = rk[j].i;
+        const double p = exp((double)s[v]) / total;
+        if ((cut > 0 || j > 0) && before >= top_p) s[v] = -INFINITY; /* (the top token always stays) */
+        before += p;
+    }
+}
 
 static long sample_full(long V, const float *logits, const SampleArgs *a, long r, float u, float *z, float *w,
                         Ranked *rk) {
@@ -1471,29 +1512,20 @@ static long sample_full(long V, const float *logits, const SampleArgs *a, long r
         s[v] = z[v] == top ? 0.0f : z[v] == -INFINITY ? -INFINITY : (float)(((double)z[v] - top) / T);
     const long k = a->top_k[r] > 0 && a->top_k[r] < V ? a->top_k[r] : V;
     const double top_p = a->top_p[r];
-    if (k < V || top_p < 1.0) {
+    if (V > rank_all_max && k == V && top_p < 1.0) { /* top-p alone: by buckets of the ranking, in O(V) */
+        top_p_by_buckets(V, top_p, z, s, top, rk);
+    } else if (k < V || top_p < 1.0) {
         for (long v = 0; v < V; v++) rk[v] = (Ranked){z[v], v};
-        /* m: how many of the ranking are sorted; every token ranked at m or later is dropped (it is past
-         * the top k, or the mass ranked before it reaches top_p). Small vocabularies sort all V. */
+        /* m: how many of the ranking are sorted; every token ranked at m or later is dropped (past the
+         * top k). Small vocabularies sort all V. */
         long m = V;
         double total = 0.0;
         if (V > rank_all_max && k < V) { /* the top k, then only those sorted: the same sums, in order */
             select_top(rk, V, k);
             m = k;
         }
-        if (V > rank_all_max && k == V) { /* top-p alone: the normalizer over all V, in index order */
-            for (long v = 0; v < V; v++) total += exp((double)s[v]);
-            for (m = RANK_FIRST;; m = m * 4 < V ? m * 4 : V) { /* sorted prefixes until top_p's cut is in one */
-                select_top(rk, V, m);
-                qsort(rk, (size_t)m, sizeof(Ranked), ranked_desc);
-                double mass = 0.0;
-                for (long j = 0; j < m; j++) mass += exp((double)s[rk[j].i]) / total;
-                if (m == V || mass >= top_p) break;
-            }
-        } else {
-            qsort(rk, (size_t)m, sizeof(Ranked), ranked_desc);
-            for (long j = 0; j < k; j++) total += exp((double)s[rk[j].i]); /* s of the top-ranked is 0 */
-        }
+        qsort(rk, (size_t)m, sizeof(Ranked), ranked_desc);
+        for (long j = 0; j < k; j++) total += exp((double)s[rk[j].i]); /* s of the top-ranked is 0 */
         double before = 0.0;
         for (long j = 0; j < m; j++) { /* (past m: unsorted, dropped below) */
             const long v = rk[j].i;
