@@ -665,15 +665,26 @@ class DPLRStep:
 
 
 def impulse_response(form, L: int) -> torch.Tensor:
-    """Run the float32 step on a unit impulse for L steps → the recurrent kernel (H, L)."""
+    """Run the float32 step on a unit impulse for L steps → the recurrent kernel (H, L).
+
+    On the CPU, denormal floats are flushed to zero while it runs (`torch.set_flush_denormal`, this
+    thread; off again after): with no input after the first step the state decays through them (|λ|^t
+    below 1.2e-38), where x86 arithmetic is several times slower (one S4-LegS layer of the official
+    WikiText-103 recipe, H 1,024 over 8,192 steps: 9.1 s, 1.3 s flushed); the response changes by some
+    1e-35 of the kernel's scale, which the verification compares to 1e-4."""
     H, dev = form.H, form.cr.device
     x = torch.zeros(1, H, 2, form.M, device=dev)
     u = torch.ones(1, H, device=dev)
     out = []
-    for _ in range(L):
-        y, x = form.step(u, x)
-        out.append(y[0])
-        u = torch.zeros_like(u)
+    flushed = dev.type == "cpu" and torch.set_flush_denormal(True)
+    try:
+        for _ in range(L):
+            y, x = form.step(u, x)
+            out.append(y[0])
+            u = torch.zeros_like(u)
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
     return torch.stack(out, dim=1)
 
 

@@ -434,3 +434,30 @@ def test_real_modes_of_an_s4d_layer_share_slots():
     got = impulse_response(form, T).double()
     assert float((got - want).abs().max() / want.abs().max()) < 1e-5
     _check_paths_against_stepping(form)
+
+
+def test_the_impulse_response_runs_through_denormals_flushed_and_leaves_them_on_after():
+    """The verification's impulse response decays through float32 denormals (|λ|^t < 1.2e-38, on x86
+    several times slower), flushed to zero while it runs: within 1e-34 of the kernel's scale of the
+    unflushed response (4e-36 here), and denormals work again afterwards (the mode is restored)."""
+    from model.recurrent import impulse_response
+
+    g = torch.Generator().manual_seed(3)
+    H, M, T = 8, 4, 2500
+    mu = (0.9 + 0.05 * torch.rand(H, M, generator=g, dtype=torch.float64)) * torch.exp(
+        1j * torch.rand(H, M, generator=g, dtype=torch.float64)
+    )
+    b, c = (torch.randn(H, M, generator=g, dtype=torch.complex128) for _ in range(2))
+    form = DiagonalSSM(mu, b, c, torch.device("cpu"))
+    got = impulse_response(form, T)
+    tiny = torch.tensor([1e-40]) * torch.tensor([1.0])
+    assert float(tiny) > 0  # (denormals are not flushed any more)
+    assert float(got[:, -1].abs().max()) == 0.0  # 0.95^2500 ≈ 1e-56: flushed on the way
+    y, x, want = None, torch.zeros(1, H, 2, form.M), []  # the same steps with denormals kept
+    u = torch.ones(1, H)
+    for _ in range(T):
+        y, x = form.step(u, x)
+        want.append(y[0])
+        u = torch.zeros_like(u)
+    want = torch.stack(want, 1)
+    assert float((got - want).abs().max()) <= 1e-34 * float(want.abs().max())
