@@ -238,6 +238,7 @@ class TextAssembler:
         return piece
 
     def feed(self, ids: list[int]) -> str:
+        start = len(self.buf)
         if self.token_bytes is None:
             self.buf.extend(i & 0xFF for i in ids)
         else:
@@ -245,7 +246,9 @@ class TextAssembler:
                 self.buf += self.token_bytes([i])
                 self.ends_at.append(len(self.buf))
         end = len(self.buf) - self._held()
-        stop = find_stop(bytes(self.buf), self.stops, len(ids) + max((len(s) for s in self.stops), default=0))
+        # a stop that ends in the new bytes (a word's text is several: counting tokens missed a stop that
+        # starts early in a long word, and its text went out)
+        stop = find_stop(bytes(self.buf), self.stops, len(self.buf) - start)
         return self._emit(end if stop is None else min(end, stop))
 
     def finish(self, stop_at: int | None) -> str:

@@ -81,7 +81,7 @@ def test_a_websocket_stream_is_the_library_s_words_and_their_text(words, name):
 
 
 @pytest.mark.parametrize("name", ["wt103", "plain"])
-@pytest.mark.parametrize("stop", ["\n", "2 w", "w1"])
+@pytest.mark.parametrize("stop", ["\n", "2 w", "w1", " ", "\n w"])
 def test_stop_sequences_match_the_words_text_at_and_across_word_boundaries(words, name, stop):
     """The text ends where the stop sequence starts (inside a word's text too), the generation at the
     token that completes it; without the stop the same seed gives the same tokens up to there."""
@@ -147,3 +147,37 @@ def test_streamed_completions_release_whole_words_with_their_logprobs(words, nam
         sent_text += c["choices"][0]["text"]
         sent_tokens += "".join(c["choices"][0]["logprobs"]["tokens"])
         assert sent_text.startswith(sent_tokens), (sent_text, sent_tokens)
+
+
+def test_a_stop_early_in_a_long_word_ends_the_text_before_it(words):
+    """A stop that starts near the beginning of a word's text: " Valkyria" (forced by logit_bias) with
+    the stop "Val" ends the text at " ", with " Val" at "" (the streamed text too). (The text assembler
+    looked for stops a token count of bytes back, and a long word's start slipped out: its whole text
+    went out, finish_reason "stop".)"""
+    srv, folders = words
+    vocab = load_vocab(folders["wt103"])
+    bias = {str(vocab.index["Valkyria"]): 100}
+    for stop, want in (("Val", " "), (" Val", ""), ("kyr", " Val")):
+        body = {
+            "model": "wt103",
+            "prompt": "w2 w0",
+            "max_tokens": 5,
+            "seed": 2,
+            "logit_bias": bias,
+            "stop": [stop],
+        }
+        choice = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+        assert (choice["text"], choice["finish_reason"]) == (want, "stop"), (stop, choice)
+        with httpx.stream(
+            "POST", f"{srv.url}/v1/completions", json={**body, "stream": True}, timeout=60
+        ) as r:
+            chunks = [e for e in sse_events(r) if e != "[DONE]"]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == want, (stop, chunks)
+
+
+def test_an_empty_prompt_is_refused_in_words(words):
+    srv, _ = words
+    r = httpx.post(
+        f"{srv.url}/v1/completions", json={"model": "wt103", "prompt": "  ", "max_tokens": 3}, timeout=60
+    )
+    assert r.status_code == 400 and "send at least one word" in r.text, r.text

@@ -406,9 +406,11 @@ def completion_prompts(
             data = bytes(ids) if top < 256 and model.vocab is None else model.token_bytes(ids)
             texts.append(data.decode("utf-8", errors="replace"))
         if not ids:
+            unit = "byte" if model.vocab is None else "word"
             raise invalid(
                 "prompt",
-                "prompt is empty: this byte-level model has no start-of-text token; send at least one byte",
+                f"prompt is empty: this {unit}-level model has no start-of-text token; send at least one "
+                f"{unit}",
             )
         out.append(ids)
     return out, texts
