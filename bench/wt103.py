@@ -19,8 +19,8 @@ sampler over the 267,735 words (`model.sampling.sample`: plain, and top-p 0.9; o
 over the whole vocabulary, p ∝ rank^−1.1, the shape of unigram word frequencies, a heavier tail than a
 trained LM's next-word distribution, whose smallest set of mass 0.9 holds about 25,000 words; and on
 this random model's own, nearly flat); the parallel prefill
-of 1,024 tokens at batch 1. JSON + PNG in bench/results (quick: a model 8× narrower, fewer repeats, in
-bench/results/quick).
+of 1,024 tokens at batch 1. JSON + PNG in bench/results (quick, a smoke test of this code: a model of
+the same pattern, 8× narrower, 4 S4 layers, 20,000 words, in bench/results/quick).
 
     python -m bench.wt103 [--quick]
 """
@@ -41,12 +41,13 @@ BATCHES = (1, 4, 16)
 
 
 def recipe(quick: bool) -> ModelConfig:
-    """The s4-wt103 shapes (quick: d_model 128, l_max 1024, the same vocabulary and cutoffs)."""
-    H = 128 if quick else 1024
+    """The s4-wt103 shapes (quick, a smoke test: 2 repeats of the pattern, d_model 128, l_max 512, 20,000
+    words in the same proportions of cutoffs)."""
+    H, repeats, L = (128, 2, 512) if quick else (1024, 16, 8192)
+    V, cutoffs = (20_000, [1_494, 2_988, 14_945]) if quick else (267_735, [19_997, 39_997, 199_997])
     return ModelConfig(
-        vocab_size=267735, d_model=H, n_layers=32, d_state=64, kernel="s4", init="legs",
-        l_max=1024 if quick else 8192,
-        d_ff=[0, 4 * H] * 16, head_bias=True, cutoffs=[19997, 39997, 199997], div_val=4, tie_embeddings=True,
+        vocab_size=V, d_model=H, n_layers=2 * repeats, d_state=64, kernel="s4", init="legs", l_max=L,
+        d_ff=[0, 4 * H] * repeats, head_bias=True, cutoffs=cutoffs, div_val=4, tie_embeddings=True,
         tie_projs=[False, True, True, True], embed_scale=H**0.5, re_lambda_max=None, cauchy_backend="torch",
     )  # fmt: skip
 
