@@ -40,7 +40,9 @@ def plain_word_model(folder: Path) -> Path:
     vocab = WordVocab.from_dataset(DATA, "wt103")
     folder.mkdir(parents=True)
     sha = vocab.write(folder / VOCAB_FILE)
-    return checkpoint.save(net, folder, extra={"vocab": {**vocab.describe(), "sha256": sha}})
+    chat = "{% for m in messages %}{{ m.content }}\n{% endfor %}{% if add_generation_prompt %} ={% endif %}"
+    extra = {"vocab": {**vocab.describe(), "sha256": sha}, "chat_template": chat, "chat_stop": ["\n"]}
+    return checkpoint.save(net, folder, extra=extra)
 
 
 @pytest.fixture(scope="module")
@@ -181,3 +183,23 @@ def test_an_empty_prompt_is_refused_in_words(words):
         f"{srv.url}/v1/completions", json={"model": "wt103", "prompt": "  ", "max_tokens": 3}, timeout=60
     )
     assert r.status_code == 400 and "send at least one word" in r.text, r.text
+
+
+def test_chat_renders_its_template_into_words_and_stops_at_its_end_of_line(words):
+    """The plain word model's chat template puts each message on a line and starts the answer with " =":
+    the prompt is those words (<eos> per line), the answer the library's words up to the template's
+    stop (a newline), with the chat logprobs' bytes the words' UTF-8."""
+    srv, folders = words
+    vocab = load_vocab(folders["plain"])
+    messages = [{"role": "user", "content": "w1 w2"}, {"role": "user", "content": "The"}]
+    body = {"model": "plain", "messages": messages, "max_tokens": 40, "seed": 1, "logprobs": True}
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60).json()
+    ids = vocab.encode("w1 w2\nThe\n =")
+    assert r["usage"]["prompt_tokens"] == len(ids) == 6, r
+    free = reference(folders["plain"], ids, SamplingParams(seed=1), 40)
+    text = vocab.decode(free)
+    content = r["choices"][0]["message"]["content"]
+    assert content == text.split("\n")[0], (content, text)
+    entries = r["choices"][0]["logprobs"]["content"]
+    assert "".join(e["token"] for e in entries) == content
+    assert all(bytes(e["bytes"]).decode() == e["token"] for e in entries)
