@@ -18,6 +18,7 @@ and the word, so decoded text reads as WikiText's raw files (" The game began ..
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -145,8 +146,6 @@ def load_vocab(folder: str | Path) -> WordVocab | None:
     """The word vocabulary a checkpoint folder carries (config.json `vocab`, written by `python -m
     model.convert ... --vocab`), or None when it has none (byte-level text, audio). Raises VocabError
     when the entry, the file or its checksum is wrong."""
-    import json  # noqa: PLC0415
-
     folder = Path(folder)
     try:
         entry = json.loads((folder / "config.json").read_text()).get("vocab")

@@ -59,8 +59,9 @@ class ServedModel:
     owned_by = "s4serve"
 
     def token_bytes(self, ids) -> bytes:
-        """A text model's tokens as the UTF-8 bytes of their text: byte ids themselves, or the words'."""
-        return self.vocab.token_bytes(ids) if self.vocab is not None else bytes(t & 0xFF for t in ids)
+        """A text model's tokens as the UTF-8 bytes of their text: byte ids themselves, or the words' (the
+        engine's, which matches stop sequences against them)."""
+        return self.engine.token_bytes(ids)
 
     @property
     def kind(self) -> str:

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from model.adaptive import shard_bounds, shard_widths
+
 TRANSFORMS = ("none", "exp", "relu", "sigmoid", "softplus")
 # src/dataloaders/audio.py: the quantized-audio datasets (vocab 2^bits); sample rates of the official data
 # (qautoaudio: YouTubeMix, Beethoven; their rate is the files')
@@ -425,13 +427,12 @@ def _pattern_units(names: list[str]) -> list[tuple[int, int | None]]:
     for i, n in enumerate(names):
         if n == "s4":
             units.append((i, None))
-        elif units and units[-1][1] is None and names[i - 1] == "s4":
+        elif i > 0 and names[i - 1] == "s4":  # (that s4's unit has no FF layer yet)
             units[-1] = (units[-1][0], i)
         else:
             raise Unsupported(
                 f"model.layer = {names}: every ffn layer must come right after an s4 layer (our blocks "
-                "are an "
-                "S4 layer with an optional feed-forward block after it)"
+                "are an S4 layer with an optional feed-forward block after it)"
             )
     return units
 
@@ -512,8 +513,9 @@ def map_adaptive(src: _Source, task: dict, H: int, tensors: dict, mp: list, note
             f"task.cutoffs = {cutoffs} in the config, but the weights have a vocabulary of {V} tokens: the "
             "cutoffs must increase within it: the config does not belong to these weights?"
         )
-    sizes = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)]
-    widths = [H // div_val**i for i in range(n_clusters + 1)] if div_val > 1 else [H]
+    bounds = shard_bounds(V, cutoffs)
+    sizes = [hi - lo for lo, hi in bounds]
+    widths = shard_widths(H, n_clusters + 1, div_val) if div_val > 1 else [H]
     if div_val == 1:
         tensors["embed.layers.0.weight"] = table
         mp.append(
@@ -521,14 +523,13 @@ def map_adaptive(src: _Source, task: dict, H: int, tensors: dict, mp: list, note
         )
         tie = None
         bias = src.take("loss.out_layers_biases.0", (V,))
-        for i, (lo, hi) in enumerate(zip(ends[:-1], ends[1:], strict=True)):
+        for i, (lo, hi) in enumerate(bounds):
             tensors[f"head.biases.{i}"] = bias[lo:hi].clone()
         mp.append(("head.biases.*", "loss.out_layers_biases.0", "the output bias, split at the cutoffs"))
-        if src.has("loss.out_layers_weights.0") != (not tie_weights):
-            _agree("task.tie_weights", tie_weights, not src.has("loss.out_layers_weights.0"))
+        _agree("task.tie_weights", tie_weights, not src.has("loss.out_layers_weights.0"))
         if not tie_weights:
             w = src.take("loss.out_layers_weights.0", (V, H))
-            for i, (lo, hi) in enumerate(zip(ends[:-1], ends[1:], strict=True)):
+            for i, (lo, hi) in enumerate(bounds):
                 tensors[f"head.weights.{i}"] = w[lo:hi].clone()
             mp.append(
                 ("head.weights.*", "loss.out_layers_weights.0", "the output weight, split at the cutoffs")
@@ -544,8 +545,7 @@ def map_adaptive(src: _Source, task: dict, H: int, tensors: dict, mp: list, note
             if tuple(t.shape) != (n, d):
                 raise ConfigMismatch(
                     f"task.cutoffs = {cutoffs}, task.div_val = {div_val} in the config (shard {i}: {n} "
-                    "tokens of "
-                    f"width {d}), but the weights have encoder.0.emb_layers.{i}.weight of shape "
+                    f"tokens of width {d}), but the weights have encoder.0.emb_layers.{i}.weight of shape "
                     f"{list(t.shape)}: the config does not belong to these weights?"
                 )
             tensors[f"embed.layers.{i}.weight"] = t
@@ -564,8 +564,7 @@ def map_adaptive(src: _Source, task: dict, H: int, tensors: dict, mp: list, note
                 )
             if not tie[i]:
                 tensors[f"head.projs.{i}"] = src.take(f"loss.out_projs.{i}", (H, d))
-            if src.has(f"loss.out_layers_weights.{i}") == tie_weights:
-                _agree("task.tie_weights", tie_weights, not src.has(f"loss.out_layers_weights.{i}"))
+            _agree("task.tie_weights", tie_weights, not src.has(f"loss.out_layers_weights.{i}"))
             if not tie_weights:
                 tensors[f"head.weights.{i}"] = src.take(f"loss.out_layers_weights.{i}", (n, d))
         mp += [

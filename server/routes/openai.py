@@ -104,8 +104,8 @@ class CharOffsets:
 
     def feed(self, t: int) -> int:
         if self.vocab is not None:
-            self.chars += len(self.vocab.piece(t))
-            return self.chars - len(self.vocab.piece(t))
+            start, self.chars = self.chars, self.chars + len(self.vocab.piece(t))
+            return start
         self.chars += len(self.decoder.decode(bytes([t & 0xFF])))
         pending = len(self.decoder.getstate()[0])  # this byte is still held: it starts the next character
         return self.chars if pending else self.chars - 1
@@ -213,7 +213,7 @@ class Run:
     echoed: bool = False  # (streaming) the prompt has been sent
     lp_sent: int = 0  # (streaming) generated tokens whose logprobs have been sent
     offsets: list[int] = field(default_factory=list)  # character offset of each generated token
-    char_offsets: CharOffsets = field(default_factory=CharOffsets)
+    char_offsets: CharOffsets = field(init=False)
 
     def __post_init__(self) -> None:
         self.char_offsets = CharOffsets(self.vocab)
