@@ -55,18 +55,24 @@ FROM base
 LABEL org.opencontainers.image.title="s4serve" \
       org.opencontainers.image.description="S4 state-space models served as verified recurrences (HTTP, SSE, WebSocket)" \
       org.opencontainers.image.licenses="Apache-2.0"
-RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin s4
+# the user, and its cache folder (S4_RECURRENT_CACHE, S4_CONVERT_CACHE) made here so that a named volume
+# mounted on it starts owned by the user (README, "Docker")
+RUN useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin s4 \
+    && install -d -o s4 -g s4 /home/s4/.cache /home/s4/.cache/s4serve
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/s4serve /opt/s4serve
 WORKDIR /opt/s4serve
 # Every setting is an S4_* variable (README, "Configuration"); these differ from `make serve`:
 # listen on all interfaces, and build the fused step where a read-only root still lets us write.
+# The caches are the user's (HOME is /home/s4), named here whatever HOME a runtime sets for a numeric USER.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     S4_HOST=0.0.0.0 \
     S4_PORT=8000 \
-    S4_BUILD_CACHE=/tmp/s4serve-build
+    S4_BUILD_CACHE=/tmp/s4serve-build \
+    S4_RECURRENT_CACHE=/home/s4/.cache/s4serve/recurrent \
+    S4_CONVERT_CACHE=/home/s4/.cache/s4serve/convert
 USER 10001:10001
 EXPOSE 8000
 # /readyz: 503 while the models load and while draining. Loading the shipped models takes seconds.

@@ -39,6 +39,7 @@ import torch
 from model import fused, linalg
 from model import triton_step as triton_kernel
 from model.cuda_graphs import GraphedModel
+from model.form_cache import FormCache, layer_key
 from model.kernel import SSMKernel, discretize
 from model.layer import fft_conv
 from model.network import check_token_dtype, check_token_ids
@@ -688,45 +689,94 @@ def impulse_response(form, L: int) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
-def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None = None):
-    """Convert one trained SSMKernel to a verified step form; returns (form, report, K) with K (H, kernel.L)
-    the float64 conv kernel (verified against over its first `verify_len` taps). Raises VerificationError
+def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None = None,
+                   cache: FormCache | None = None):  # fmt: skip
+    """Convert one trained SSMKernel to a verified step form; returns (form, report, K): report
+    {"form", "rel_err", "modes", "cached"}, K (H, min(kernel.L, VERIFY_TOKENS)) float64 the conv kernel's
+    first taps (the network check's reference; the form was verified against the whole kernel over its
+    first `verify_len` taps, default kernel.L). With `cache`, a layer converted before with the same SSM
+    parameters and settings is read from it (`model.form_cache`: its form rebuilt from the stored modes,
+    the check's result and K as stored), and a new conversion is written to it. Raises VerificationError
     when no form passes (non-finite parameters, or every form's error above `tol`), never another error."""
     L = verify_len or kernel.L
     s = {k: v.detach().cpu() for k, v in kernel.ssm(F64).items()}
+    bad = [k for k, v in s.items() if not bool(v.isfinite().all())]
+    if bad:
+        raise VerificationError(f"non-finite SSM parameters: {', '.join(bad)}")
+    taps = min(kernel.L, VERIFY_TOKENS)
+    key = None if cache is None else layer_key(kernel, s, device, tol, L)
+    if key is not None and (entry := cache.read(key)) is not None:
+        try:
+            return _cached_form(kernel, s, device, taps, *entry)
+        except (KeyError, ValueError, RuntimeError) as exc:
+            cache.reject(key, str(exc))
     with torch.no_grad():
-        bad = [k for k, v in s.items() if not bool(v.isfinite().all())]
-        if bad:
-            raise VerificationError(f"non-finite SSM parameters: {', '.join(bad)}")
         K_full = kernel(kernel.L, dtype=F64, backend="torch").detach().cpu()  # float64 reference
         K_conv = K_full[:, :L]
         if not bool(K_conv.isfinite().all()):
             raise VerificationError(f"the float64 conv kernel over L={L} is not finite")
         if kernel.kind == "s4":
             real = functools.cache(lambda: s4_real_system(s, kernel.L))
-            tries = [
-                ("diagonal", lambda: DiagonalSSM(*diagonalize(*real()), device)),
-                ("dplr", lambda: DPLRStep(s, *real(), device)),
-            ]
+            tries = [("diagonal", lambda: diagonalize(*real())), ("dplr", real)]
         else:
             Lam, dt = s["Lambda"], s["dt"] if s["dt"].dim() == 2 else s["dt"][:, None]  # Δ untied: (H, N2)
             mu, Bbar = discretize(Lam * dt, s["B"] * dt, kernel.disc)
-            tries = [("diagonal", lambda: DiagonalSSM(mu, Bbar, s["C"], device))]
+            tries = [("diagonal", lambda: (mu, Bbar, s["C"]))]
         errors = []
-        for name, make in tries:
+        for name, system in tries:
             try:  # e.g. eigenvectors too ill-conditioned to solve with: the next form
-                form = make()
+                args = system()
+                form = _make_form(name, s, args, device)
             except (RuntimeError, ValueError) as exc:
                 errors.append(f"{name}: {type(exc).__name__}: {exc}")
                 continue
             err = _rel_err(impulse_response(form, L).cpu(), K_conv)
             errors.append(f"{name}: {err:.2e}")
             if err <= tol:
-                return form, {"form": form.form, "rel_err": err, "modes": form.M}, K_full
+                K = K_full[:, :taps].clone()  # (not a view: the whole kernel is freed)
+                report = {"form": form.form, "rel_err": err, "modes": form.M}
+                if cache is not None:
+                    # (safetensors has no complex128: the modes as float64 (H, M, 2) real pairs)
+                    modes = zip(("mu", "b", "c"), args, strict=True)
+                    stored = {k: torch.view_as_real(v) for k, v in modes} if name == "diagonal" else {}
+                    cache.write(key, name, report, {"K": K, **stored})
+                return form, {**report, "cached": False}, K
     raise VerificationError(
         f"recurrent form does not reproduce the conv kernel within rel. err {tol:g} over L={L} "
         f"({', '.join(errors)})"
     )
+
+
+def _make_form(name: str, s: dict[str, torch.Tensor], args: tuple, device):
+    """A step form from its float64 system: "diagonal" (μ, b, c) or "dplr" (Ā, B̄, γ̄ of `s4_real_system`)."""
+    return DiagonalSSM(*args, device) if name == "diagonal" else DPLRStep(s, *args, device)
+
+
+def _cached_form(kernel: SSMKernel, s: dict[str, torch.Tensor], device, taps: int, name: str, report: dict,
+                 tensors: dict[str, torch.Tensor]):  # fmt: skip
+    """(form, report, K) from a cache entry, checked against the layer's shapes (ValueError, KeyError)."""
+    H = s["Lambda"].shape[0]
+    K = tensors["K"]
+    if K.dtype != F64 or tuple(K.shape) != (H, taps) or not bool(K.isfinite().all()):
+        raise ValueError(f"its kernel taps are {K.dtype}{list(K.shape)}, the layer needs "
+                         f"float64[{H}, {taps}]")  # fmt: skip
+    if name == "diagonal":
+        pairs = [tensors[k] for k in ("mu", "b", "c")]
+        shapes = {(a.dtype, tuple(a.shape)) for a in pairs}
+        a = pairs[0]
+        if len(shapes) != 1 or a.dtype != F64 or a.dim() != 3 or a.shape[0] != H or a.shape[2] != 2:
+            raise ValueError(f"its modes are {sorted(map(str, shapes))}, not float64 ({H}, M, 2) each")
+        args = tuple(torch.view_as_complex(a) for a in pairs)
+        if not all(bool(a.isfinite().all()) for a in args):
+            raise ValueError("its modes are not finite")
+    elif name == "dplr" and kernel.kind == "s4":
+        args = s4_real_system(s, kernel.L)
+    else:
+        raise ValueError(f"form {name!r} is not one a {kernel.kind} layer converts to")
+    form = _make_form(name, s, args, device)
+    if form.form != report.get("form"):
+        raise ValueError(f"its report names form {report.get('form')!r}, the entry {name!r}")
+    return form, {**report, "cached": True}, K
 
 
 # ---------------------------------------------------------------------------------------------
@@ -780,9 +830,11 @@ class RecurrentModel(GraphedModel):
     kernel (`model/triton_step.py`) where the C step does not run: None (default) on a CUDA device when
     `S4_TRITON_STEP` is on and the kernel runs there (`triton_step.wanted`: triton installed, one launch
     probed), True also on CPU under Triton's interpreter (tests); a model without a diagonal layer has
-    nothing for it and keeps the torch step (`triton_step_active` says which).
-    After conversion `report` holds one dict per layer and `verification` the network check: dtype,
-    tokens, step_rel_err, prefill_rel_err, tol.
+    nothing for it and keeps the torch step (`triton_step_active` says which); `cache` a
+    `model.form_cache.FormCache` the layers' verified forms are read from and written to (None: none).
+    After conversion `report` holds one dict per layer (form, rel_err, modes, cached: whether it came from
+    `cache`) and `verification` the network check, run whatever the cache held: dtype, tokens,
+    step_rel_err, prefill_rel_err, tol.
 
     Raises VerificationError when a layer or the network fails its check (the message names the layer
     or the dtype and the errors), ValueError for weights of mixed or unsupported dtypes.
@@ -801,6 +853,7 @@ class RecurrentModel(GraphedModel):
         dtype: torch.dtype | None = None,
         logits_tol: float | None = None,
         triton_step: bool | None = None,
+        cache: FormCache | None = None,
     ):
         device = torch.device(device) if device is not None else next(net.parameters()).device
         self.dtype = dtype = served_dtype(net, dtype)
@@ -811,7 +864,7 @@ class RecurrentModel(GraphedModel):
         self.layers, self.report, kernels64 = [], [], []
         for i, kernel in enumerate(self.net.kernels()):
             try:
-                form, rep, K = convert_kernel(kernel, device, tol, verify_len)
+                form, rep, K = convert_kernel(kernel, device, tol, verify_len, cache)
             except VerificationError as exc:
                 raise VerificationError(f"layer {i}: {exc}") from None
             self.layers.append(form)

@@ -51,6 +51,14 @@ class Settings(BaseSettings):
         description="where official checkpoints are converted to, one folder per source SHA-256 and "
         "converter version (reused)",
     )
+    recurrent_cache: str = Field(
+        "~/.cache/s4serve/recurrent",
+        description="where each S4 layer's verified recurrent form is kept (a safetensors file per layer, "
+        "keyed by the SHA-256 of its SSM parameters, the conversion's settings and the torch and converter "
+        "versions): a restart reads them instead of converting again (the whole network's check against "
+        "conv mode runs at every start); a folder that cannot be written is logged and the layers are "
+        "converted at every start; empty: off",
+    )
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     verify_tolerance: float = Field(
         1e-4, gt=0, description="max relative error of the recurrent form against the conv kernel"

@@ -133,6 +133,14 @@ class Metrics:
             ["model", "dtype", "check"],
             registry=r,
         )
+        self.load_seconds = Gauge("s4_model_load_seconds", "Seconds a model's load at start took: convert "
+                                  "(its layers' recurrent forms and the network check against conv mode) and "
+                                  "total (from reading the checkpoint to a warmed-up engine)",
+                                  ["model", "phase"], registry=r)  # fmt: skip
+        self.recurrent_form_layers = Gauge("s4_recurrent_form_layers", "A model's S4 layers by where their "
+                                           "verified recurrent form came from at load: cache "
+                                           "(S4_RECURRENT_CACHE) or converted", ["model", "source"],
+                                           registry=r)  # fmt: skip
         self.auth_failures = Counter("s4_auth_failures", "Requests and WebSocket handshakes refused for a "
                                      "missing or invalid API key", ["transport"], registry=r)  # fmt: skip
         # Connections and request bodies (server/connections.py, server/body_limit.py)

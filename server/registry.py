@@ -20,6 +20,7 @@ from model.codecs import MuLaw
 from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
 from model.convert import ConvertError, MissingConfigError, convert_cached, default_name
 from model.cuda_graphs import LARGEST_BUCKET, bucket_sizes
+from model.form_cache import FormCache, to_recurrent
 from model.network import ModelConfig
 from model.recurrent import RecurrentModel
 from model.sampling import SamplingParams, sample
@@ -299,11 +300,13 @@ def load_model(
     model_id: str | None = None,
     source: Path | None = None,
     stop: threading.Event | None = None,
+    cache: FormCache | None = None,
 ) -> ServedModel:
     """Checkpoint → verified recurrent form → warmed-up engine (not yet started). `source`: the official
-    file `path` was converted from (named in the errors). Raises CheckpointError or VerificationError
-    with the reason, LoadingStopped when `stop` is set between two steps (load, convert and verify, CUDA
-    graphs, warm-up)."""
+    file `path` was converted from (named in the errors); `cache`: the layers' verified forms are read from
+    it and written to it (`model.form_cache`). Raises CheckpointError or VerificationError with the
+    reason, LoadingStopped when `stop` is set between two steps (load, convert and verify, CUDA graphs,
+    warm-up)."""
     t0 = time.perf_counter()
     meta = read_config(path)
     chat = ChatTemplate.from_config(meta)
@@ -328,7 +331,10 @@ def load_model(
     wanted = settings.dtype_for(name)
     dtype = getattr(torch, wanted)
     triton_step = use_triton_step(settings, device, name)
-    rec = net.to_recurrent(device=device, tol=settings.verify_tolerance, dtype=dtype, triton_step=triton_step)
+    t_convert = time.perf_counter()
+    rec = to_recurrent(net, cache, device=device, tol=settings.verify_tolerance, dtype=dtype,
+                       triton_step=triton_step)  # fmt: skip
+    t_convert = time.perf_counter() - t_convert
     _check_stop(stop)
     if dtype != torch.float32 and device == "cpu":
         ops = str(rec.compute_dtype).removeprefix("torch.")
@@ -367,6 +373,13 @@ def load_model(
     for check, err in checks + [(f"kernel_layer_{r['layer']}", r["rel_err"]) for r in rec.report]:
         metrics.verification_error.labels(model_id, v["dtype"], check).set(err)
     forms = ", ".join(f"{r['form']} {r['rel_err']:.1e}" for r in rec.report)
+    cached = sum(r["cached"] for r in rec.report)
+    metrics.recurrent_form_layers.labels(model_id, "cache").set(cached)
+    metrics.recurrent_form_layers.labels(model_id, "converted").set(len(rec.report) - cached)
+    metrics.load_seconds.labels(model_id, "convert").set(t_convert)
+    converted = "no cache"
+    if cache is not None:
+        converted = f"{cached} of {len(rec.report)} layers from the recurrent-form cache"
     c = net.config
     if c.arch == "sashimi":  # SaShiMi: its levels' widths and blocks per level
         shape = (f"SaShiMi {c.kernel}, pool {list(c.pool)}, unet {str(c.unet).lower()}, "
@@ -374,16 +387,18 @@ def load_model(
                  f"{c.n_layers} {'(S4, FF) pairs' if c.ff else 'S4 blocks'} per level")  # fmt: skip
     else:
         shape = f"{c.kernel}, {c.n_layers} layer{'s' if c.n_layers != 1 else ''}, d_model {c.d_model}"
-    cache = engine.prefix_cache  # (None: off, or a budget under one state row)
-    cached = "off" if cache is None else f"{cache.capacity} rows"
-    if cache is not None and cache.interval:
-        cached += f", a row kept every {cache.interval} tokens"
+    prefix = engine.prefix_cache  # (None: off, or a budget under one state row)
+    kept = "off" if prefix is None else f"{prefix.capacity} rows"
+    if prefix is not None and prefix.interval:
+        kept += f", a row kept every {prefix.interval} tokens"
     log.info(
-        "model %s: %s %s, d_state %d; verified (%s; %s logits: step %.1e, prefill %.1e, tol %.1e); %d B "
-        "state/session, %d slots, prefix cache %s; ready in %.1f s",
-        model_id, c.modality, shape, c.d_state, forms, v["dtype"], v["step_rel_err"], v["prefill_rel_err"],
-        v["tol"], rec.state_bytes_per_sequence, settings.max_sessions, cached, time.perf_counter() - t0,
+        "model %s: %s %s, d_state %d; converted in %.1f s (%s), verified (%s; %s logits: step %.1e, prefill "
+        "%.1e, tol %.1e); %d B state/session, %d slots, prefix cache %s; ready in %.1f s",
+        model_id, c.modality, shape, c.d_state, t_convert, converted, forms, v["dtype"], v["step_rel_err"],
+        v["prefill_rel_err"], v["tol"], rec.state_bytes_per_sequence, settings.max_sessions, kept,
+        time.perf_counter() - t0,
     )  # fmt: skip
+    metrics.load_seconds.labels(model_id, "total").set(time.perf_counter() - t0)
     fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"))
     created = int((path / WEIGHTS).stat().st_mtime)
     served = ServedModel(
@@ -412,6 +427,7 @@ def load_models(
     sys.setswitchinterval(settings.gil_switch_ms / 1e3)
     models: dict[str, ServedModel] = {}
     failed: dict[str, str] = {}
+    cache = FormCache(settings.recurrent_cache) if settings.recurrent_cache else None
     for entry in settings.checkpoints:
         name, path = parse_entry(entry)
         if stop is not None and stop.is_set():
@@ -428,7 +444,8 @@ def load_models(
         try:
             model_id, folder = resolve_entry(entry, settings)
             source = path if folder != path else None
-            models[model_id] = load_model(folder, settings, sessions, metrics, device, model_id, source, stop)
+            models[model_id] = load_model(folder, settings, sessions, metrics, device, model_id, source, stop,
+                                          cache)  # fmt: skip
         except LoadingStopped:
             log.info("stopping: checkpoint %s and those after it not loaded", entry)
             break

@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on a shared CPU
@@ -20,6 +23,13 @@ if not torch.cuda.is_available():
 # few formulas are compiled twice. Set in the environment for the subprocesses too (servers, training).
 _worker = os.environ.get("PYTEST_XDIST_WORKER")
 os.environ["KEOPS_CACHE_FOLDER"] = str(keops_cache_folder() / _worker if _worker else keops_cache_folder())
+
+# Servers started by the tests (in this process or as subprocesses) keep their layers' recurrent forms in a
+# folder of this run, never in the user's ~/.cache: the first server of a model converts it, later ones read
+# it (tests/test_form_cache.py checks that both give the same bits).
+_form_cache = tempfile.mkdtemp(prefix="s4-recurrent-cache-")
+atexit.register(shutil.rmtree, _form_cache, ignore_errors=True)
+os.environ["S4_RECURRENT_CACHE"] = _form_cache
 
 # Modules that compile KeOps formulas of their own (gradients, the Vandermonde kernel, the official code's
 # kernels): one xdist group, so one worker compiles them.

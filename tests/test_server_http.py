@@ -310,6 +310,16 @@ def test_metrics_follow_prometheus_conventions_and_every_known_series_is_there_f
         rows = {(x.labels["model"], x.labels["kind"]): x.value
                 for x in families["s4_prefix_cache_rows"].samples}  # fmt: skip
         assert rows == {(m, kind): 0 for m in (TEXT, AUDIO) for kind in ("kept", "spare")}
+        # each model's load: its layers by where their recurrent form came from, and the seconds it took
+        forms = {(x.labels["model"], x.labels["source"]): x.value
+                 for x in families["s4_recurrent_form_layers"].samples}  # fmt: skip
+        assert forms.keys() == {(m, src) for m in (TEXT, AUDIO) for src in ("cache", "converted")}
+        for m in (TEXT, AUDIO):
+            assert forms[m, "cache"] + forms[m, "converted"] == 2  # (TINY: 2 layers)
+        load = {(x.labels["model"], x.labels["phase"]): x.value
+                for x in families["s4_model_load_seconds"].samples}  # fmt: skip
+        assert load.keys() == {(m, p) for m in (TEXT, AUDIO) for p in ("convert", "total")}
+        assert all(0 < load[m, "convert"] < load[m, "total"] for m in (TEXT, AUDIO))
         r = httpx.post(s.url + "/v1/generate", json={"model": TEXT, "prompt": "a", "max_new_tokens": 3})
         assert r.json()["finish_reason"] == "length"
         after = {x.labels["finish_reason"]: x.value

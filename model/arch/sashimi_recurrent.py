@@ -41,6 +41,8 @@ from model import fused, recurrent
 from model import triton_step as triton_kernel
 from model.arch.sashimi import S4Block, SaShiMi
 from model.cuda_graphs import GraphedModel
+from model.form_cache import FormCache
+from model.layer import fft_conv
 from model.network import check_token_ids
 from model.recurrent import (
     F64,
@@ -75,8 +77,10 @@ class SaShiMiRecurrent(GraphedModel):
     bits). `triton_step`: each diagonal layer's step of a whole batch is one Triton kernel that updates the
     state in place (`model/triton_step.py`; where the C step does not run): None (default) on a CUDA
     device when triton imports and `S4_TRITON_STEP` is not 0, True also on CPU under Triton's
-    interpreter (tests). Raises ValueError for weights of mixed or unsupported dtypes, VerificationError
-    when a check fails (naming the dtype and the errors)."""
+    interpreter (tests). `cache`: a `model.form_cache.FormCache` the layers' verified forms are read from
+    and written to, as RecurrentModel's (the network check runs whatever it held). Raises ValueError for
+    weights of mixed or unsupported dtypes, VerificationError when a check fails (naming the dtype and the
+    errors)."""
 
     batch_dim = 0
 
@@ -91,6 +95,7 @@ class SaShiMiRecurrent(GraphedModel):
         logits_tol: float | None = None,
         fused_network=True,
         triton_step: bool | None = None,
+        cache: FormCache | None = None,
     ):
         device = torch.device(device) if device is not None else next(net.parameters()).device
         self.dtype = dtype = recurrent.served_dtype(net, dtype)
@@ -102,11 +107,11 @@ class SaShiMiRecurrent(GraphedModel):
         self.period = math.prod(self.pool)
         self.layout = StateLayout()
         self.layout.add("phase", (1,))
-        self.forms, self.report = {}, []
+        self.forms, self.report, kernels64 = {}, [], {}
         for name, level, block in self.net.named_s4_blocks():
             L = None if verify_len is None else -(-verify_len // math.prod(self.pool[:level]))
             try:
-                form, rep = convert_kernel(block.layer.kernel, device, tol, L)[:2]  # (form, report, …)
+                form, rep, kernels64[name] = convert_kernel(block.layer.kernel, device, tol, L, cache)
             except VerificationError as exc:
                 raise VerificationError(f"layer {name}: {exc}") from None
             self.forms[name] = form
@@ -137,7 +142,7 @@ class SaShiMiRecurrent(GraphedModel):
         self._graphs = None  # model.cuda_graphs.BucketedStep, set by use_cuda_graphs
         self._state_bound: torch.Tensor | None = None
         tol_net = LOGITS_TOL[dtype] if logits_tol is None else logits_tol
-        self.verification = self._verify_network(net, tol_net)
+        self.verification = self._verify_network(net, kernels64, tol_net)
 
     def use_triton_step(self, on: bool = True) -> None:
         """Step the diagonal layers with the Triton kernel (on; where the C step does not run) or with
@@ -153,16 +158,28 @@ class SaShiMiRecurrent(GraphedModel):
         """Whether the step runs the Triton kernel for some layer (on, and a diagonal layer to run it on)."""
         return self._triton and any(f.form == "diagonal" for f in self.forms.values())
 
-    def _verify_network(self, net: SaShiMi, tol: float) -> dict:
+    def _verify_network(self, net: SaShiMi, kernels64: dict[str, torch.Tensor], tol: float) -> dict:
         """Step 2 probe sequences (fixed seed) through every phase, and prefill them in two parts split
         off the pooling period (the second starts mid-block); compare the logits with the conv mode of
-        `net` in float64 (CPU). Raises VerificationError above `tol`."""
+        `net` in float64 (CPU), each S4 layer convolving with its float64 kernel's first taps from
+        `convert_kernel` (its kernel at the length needed where they are fewer). Raises
+        VerificationError above `tol`."""
         T = min(VERIFY_TOKENS, self.config.l_max)
         gen = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, self.config.vocab_size, (2, T), generator=gen)
         ref_net = copy.deepcopy(net).to("cpu", F64).eval()
+        blocks = {name: block for name, _, block in ref_net.named_s4_blocks()}
+
+        def conv(name: str):
+            def ssm(u: torch.Tensor) -> torch.Tensor:  # u (B, n, H) float64
+                n, K = u.shape[1], kernels64[name]
+                K = K[:, :n] if K.shape[1] >= n else blocks[name].layer.kernel(n, dtype=F64, backend="torch")
+                return fft_conv(u.transpose(1, 2), K).transpose(1, 2)
+
+            return ssm
+
         with torch.no_grad():
-            ref = ref_net(tokens)
+            ref = ref_net(tokens, ssms={name: conv(name) for name in blocks})
         del ref_net
         tok = tokens.to(self.device)
         state, stepped = self.init_state(2), []

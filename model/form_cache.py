@@ -1,0 +1,210 @@
+"""The recurrent-form cache: each S4 layer's verified step form kept on disk, so a restart does not convert
+it again.
+
+`model.recurrent.convert_kernel` turns a trained layer into its step form and verifies it: the float64 conv
+kernel over the trained length L (Cauchy + Woodbury for S4), the real N×N system and its
+eigendecomposition, and the float32 step's impulse response over L compared with that kernel. For the
+official WikiText-103 recipe (H 1,024, N 64, L 8,192) that is about 6 s a layer on a 2-core CPU, half of
+it the kernel: most of the 4.5 minutes its 32 layers took at every server start (bench.wt103).
+
+What conversion produces depends only on the layer's SSM parameters and on the conversion's settings, so
+an entry is keyed by the SHA-256 (`layer_key`) of:
+  * `FORMAT_VERSION` (the entry's layout), the SHA-256 of the converting code's source
+    (`converter_digest`: an upgrade or an edit that touches it converts again), torch's version, and the
+    device the impulse response ran on (its type, and a CUDA device's name);
+  * the tolerance and the verified length;
+  * the kernel's kind, discretization, rank and trained length L;
+  * every tensor of `kernel.ssm(float64)` (Λ, P, B, C, Δ): its name, dtype, shape and bytes.
+A checkpoint whose weights change in any SSM parameter misses on that layer; its other layers still hit.
+
+An entry is one safetensors file, `<key>.safetensors` (nothing is ever unpickled): the tensors
+`model.recurrent` gives it (a diagonal form's modes, the float64 kernel's first taps: the network check's
+reference) and, in its metadata, the form's name, its verification report, the key, and the SHA-256 of the
+tensors (name, dtype, shape, bytes), checked at every read. An entry that cannot be read, or whose
+metadata or checksum does not match, is a miss: logged once, converted again, and written anew. Entries
+are written to a temporary file and renamed, so a crash leaves no partial entry, and two processes that
+convert the same layer both write the same bytes. The folder is never pruned (about 3.6 MB a layer for that
+recipe: 115 MB for its 32 layers); delete it, or any entry, at any time.
+
+Only the layer's own check is cached. The network check (`RecurrentModel.verification`,
+`SaShiMiRecurrent.verification`: a probe stepped and prefilled at the served dtype against float64 conv
+mode of the live weights) runs at every load, hit or miss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import secrets
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+log = logging.getLogger("model.form_cache")
+
+FORMAT = "s4-recurrent-form"
+FORMAT_VERSION = 1  # the entry's layout (what the converting code computes is in the key by its source)
+SUFFIX = ".safetensors"
+
+
+class FormCache:
+    """The entries of one folder (created on first write; `~` expanded). `hits` and `misses` count the
+    reads of this object. Reading and writing never raise for the folder or an entry (an unusable folder
+    is logged once, and the layer converted as if there were no cache)."""
+
+    def __init__(self, folder: str | Path, reading: bool = True):
+        """reading=False: every read is a miss (entries are only written: `to_recurrent`'s second try)."""
+        self.folder = Path(folder).expanduser()
+        self.reading = reading
+        self.hits = self.misses = 0
+        self._write_failed = False
+
+    def __repr__(self) -> str:
+        return f"FormCache({str(self.folder)!r})"
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}{SUFFIX}"
+
+    def read(self, key: str) -> tuple[str, dict, dict[str, torch.Tensor]] | None:
+        """The entry under `key` → (form name, report, tensors on CPU), or None (a miss: no entry, or one
+        not usable, which is logged)."""
+        path = self.path(key)
+        if not self.reading or not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                # (copies: a tensor read from the file may sit at an offset that a complex view of it,
+                # which needs 16-byte alignment, cannot use; one such view crashed in indexing)
+                tensors = {name: f.get_tensor(name).clone() for name in f.keys()}  # noqa: SIM118
+            if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
+                raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} entry")
+            if meta.get("key") != key:
+                raise ValueError("its key is another's")
+            if meta.get("tensors_sha256") != tensors_sha256(tensors):
+                raise ValueError("checksum mismatch (the file was changed or damaged)")
+            form, report = meta["form"], json.loads(meta["report"])
+            if not isinstance(report, dict):
+                raise ValueError("its report is not an object")
+        except (SafetensorError, OSError, ValueError, KeyError) as exc:
+            self.reject(key, str(exc))
+            return None
+        self.hits += 1
+        return form, report, tensors
+
+    def reject(self, key: str, why: str) -> None:
+        """Count the read of `key` as a miss and log why its entry is not used (it is written anew)."""
+        self.misses += 1
+        log.warning("%s: not used (%s); the layer is converted again", self.path(key), why)
+
+    def write(self, key: str, form: str, report: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Store an entry (tensors: contiguous CPU tensors; report: JSON-serializable). A folder that cannot
+        be written is logged once per object; nothing is raised."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        meta = {
+            "format": FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "key": key,
+            "form": form,
+            "report": json.dumps(report),
+            "tensors_sha256": tensors_sha256(tensors),
+        }
+        tmp = self.folder / f".tmp-{secrets.token_hex(6)}{SUFFIX}"
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(tmp), metadata=meta)
+            tmp.chmod(0o644)  # safetensors writes 0600; another uid may serve from the same folder
+            os.replace(tmp, self.path(key))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if not self._write_failed:
+                self._write_failed = True
+                log.warning("recurrent-form cache %s cannot be written (%s): layers are converted at every "
+                            "start", self.folder, exc.strerror or exc)  # fmt: skip
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the tensors in name order: each one's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(_bytes(t))
+    return h.hexdigest()
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    if t.is_complex():
+        t = torch.view_as_real(t.resolve_conj()).contiguous()
+    return t.numpy().tobytes()
+
+
+# the modules whose code computes what an entry holds: the kernel (Cauchy, Woodbury), the float64 linear
+# algebra, the forms and their verification, and this module (the key and the layout)
+CONVERTER_MODULES = ("model.kernel", "model.cauchy", "model.linalg", "model.recurrent", "model.form_cache")
+
+
+@functools.cache
+def converter_digest() -> str:
+    """SHA-256 of the source of `CONVERTER_MODULES`: any change to the code that converts (an upgrade, a
+    local edit) is a new key, so no entry made by other code is ever read."""
+    h = hashlib.sha256()
+    for name in CONVERTER_MODULES:
+        origin = importlib.util.find_spec(name).origin
+        h.update(f"{name}|".encode())
+        h.update(Path(origin).read_bytes())
+    return h.hexdigest()
+
+
+def layer_key(kernel, s: dict[str, torch.Tensor], device, tol: float, verify_len: int) -> str:
+    """The key of a layer's conversion: SHA-256 of what it depends on (module docstring). `kernel`: an
+    `SSMKernel`; `s`: its `ssm(torch.float64)` on CPU."""
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else ""
+    head = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "converter": converter_digest(),
+        "torch": torch.__version__,
+        "device": dev.type,
+        "device_name": name,
+        "tol": float(tol).hex(),
+        "verify_len": int(verify_len),
+        "kind": kernel.kind,
+        "disc": kernel.disc,
+        "rank": int(kernel.rank),
+        "L": int(kernel.L),
+    }
+    h = hashlib.sha256(json.dumps(head, sort_keys=True).encode())
+    h.update(tensors_sha256(s).encode())
+    return h.hexdigest()
+
+
+def to_recurrent(net, cache: FormCache | None, **kwargs):
+    """`net.to_recurrent(cache=cache, **kwargs)` (RecurrentModel or SaShiMiRecurrent). When the network
+    check fails on a model some of whose layers were read from `cache`, the model is converted once more
+    without reading it (its entries rewritten), so an entry that is wrong in a way its checksum cannot see
+    (written by other code under the same versions, or by hand) costs one conversion, never the model.
+    Raises what `to_recurrent` raises."""
+    from model.recurrent import VerificationError  # noqa: PLC0415 (model.recurrent imports this module)
+
+    if cache is None:
+        return net.to_recurrent(**kwargs)
+    hits = cache.hits
+    try:
+        return net.to_recurrent(cache=cache, **kwargs)
+    except VerificationError as exc:
+        if cache.hits == hits:
+            raise
+        log.warning("%s; %d of its layers came from the recurrent-form cache %s: converting them again",
+                    exc, cache.hits - hits, cache.folder)  # fmt: skip
+        return net.to_recurrent(cache=FormCache(cache.folder, reading=False), **kwargs)

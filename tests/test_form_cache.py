@@ -1,0 +1,302 @@
+"""The recurrent-form cache (model/form_cache.py): a layer read from it is the layer converted, bit for bit;
+its key changes with everything the conversion depends on; an entry that is damaged, another's, or wrong is
+never served; the server reads it at a restart and says so."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model.arch.sashimi import SaShiMi
+from model.form_cache import FormCache, layer_key, tensors_sha256, to_recurrent
+from model.network import ModelConfig, SequenceModel
+from model.recurrent import VERIFY_TOKENS, VerificationError
+
+F64 = torch.float64
+
+
+def trained(net):
+    """`net` with its SSM parameters moved off their initialization, as training moves them (an S4 layer at
+    its exact HiPPO initialization may not diagonalize; moved, every one here does)."""
+    with torch.no_grad():
+        for k in net.kernels():
+            for name in ("log_neg_re", "im", "P", "B"):
+                if hasattr(k, name):
+                    getattr(k, name).add_(0.05 * torch.randn_like(getattr(k, name)))
+    return net
+
+
+def s4_model(kernel: str = "s4", init: str = "legs") -> SequenceModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, d_state=16, kernel=kernel, init=init, l_max=512,
+                      d_ff=64, cauchy_backend="torch")  # fmt: skip
+    return trained(SequenceModel(cfg).eval())
+
+
+def sashimi_model() -> SaShiMi:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="sashimi", vocab_size=64, d_model=16, n_layers=1, d_state=8, l_max=128, pool=[4],
+                      cauchy_backend="torch")  # fmt: skip
+    return trained(SaShiMi(cfg).eval())
+
+
+MODELS = {
+    "s4-diagonal": s4_model,
+    "s4d": lambda: s4_model(kernel="s4d", init="diag-lin"),
+    # s4/legt at its initialization does not diagonalize within the tolerance: the DPLR step serves
+    "s4-dplr": lambda: SequenceModel(
+        ModelConfig(
+            vocab_size=64,
+            d_model=32,
+            n_layers=2,
+            d_state=16,
+            kernel="s4",
+            init="legt",
+            l_max=256,
+            cauchy_backend="torch",
+        )
+    ).eval(),  # fmt: skip
+    "sashimi": sashimi_model,
+}
+
+
+def state_tensors(form) -> list[torch.Tensor]:
+    """Every tensor a form steps and prefills with (its C tables where the C prefill serves)."""
+    out = list(form._fused_params)
+    out += [t for t in (form._prefill_c or ()) if isinstance(t, torch.Tensor)]
+    out += [getattr(form, n) for n in ("in_tab", "out_tab", "conv_tab", "Kf", "pow_bin")
+            if isinstance(getattr(form, n, None), torch.Tensor)]  # fmt: skip
+    return out + list(getattr(form, "A_bin_t", []))
+
+
+def forms_of(rec) -> list:
+    return list(rec.forms.values()) if hasattr(rec, "forms") else rec.layers
+
+
+def assert_same_model(a, b) -> None:
+    """Two recurrent forms of one network: every layer's tensors, the verification, and the logits and state
+    of a stepped and a prefilled sequence, bit for bit."""
+    for fa, fb in zip(forms_of(a), forms_of(b), strict=True):
+        assert fa.form == fb.form and fa.M == fb.M
+        ta, tb = state_tensors(fa), state_tensors(fb)
+        assert len(ta) == len(tb) and all(torch.equal(x, y) for x, y in zip(ta, tb, strict=True))
+    assert a.verification == b.verification
+    assert [{k: v for k, v in r.items() if k != "cached"} for r in a.report] == [
+        {k: v for k, v in r.items() if k != "cached"} for r in b.report
+    ]
+    tokens = torch.randint(0, 64, (2, 40), generator=torch.Generator().manual_seed(3))
+    for rec in (a, b):
+        rec.prefill_by_steps_max_tokens = 0  # the parallel prefill
+    (la, sa), (lb, sb) = a.prefill(tokens, a.init_state(2)), b.prefill(tokens, b.init_state(2))
+    assert torch.equal(la, lb) and torch.equal(sa, sb)
+    (la, sa), (lb, sb) = a.step(tokens[:, 0], sa), b.step(tokens[:, 0], sb)
+    assert torch.equal(la, lb) and torch.equal(sa, sb)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_a_layer_read_from_the_cache_is_the_layer_converted_bit_for_bit(name, tmp_path):
+    """Each model kind: converted without a cache, into a cache (a miss per layer, one entry each), and from
+    it (a hit per layer). The three recurrent forms are the same: every step and prefill table, the network
+    check's figures (it ran again on the hit, against float64 conv mode with the cached taps), the logits."""
+    net = MODELS[name]()
+    plain = net.to_recurrent()
+    cache = FormCache(tmp_path / "cache")
+    first = net.to_recurrent(cache=cache)
+    n = len(first.report)
+    assert (cache.hits, cache.misses) == (0, n) and not any(r["cached"] for r in first.report)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == n
+    second = net.to_recurrent(cache=cache)
+    assert (cache.hits, cache.misses) == (n, n) and all(r["cached"] for r in second.report)
+    forms = [r["form"] for r in second.report]
+    assert forms == [r["form"] for r in plain.report]
+    assert set(forms) == ({"dplr"} if name == "s4-dplr" else {"diagonal"})
+    assert_same_model(plain, first)
+    assert_same_model(plain, second)
+
+
+def test_an_entry_holds_the_modes_and_the_kernel_taps_with_a_checksum_and_no_pickle(tmp_path):
+    net = s4_model()
+    cache = FormCache(tmp_path)
+    rec = net.to_recurrent(cache=cache)
+    kernel = net.kernels()[0]
+    s = {k: v.detach().cpu() for k, v in kernel.ssm(F64).items()}
+    path = cache.path(layer_key(kernel, s, "cpu", 1e-4, kernel.L))
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert meta["form"] == "diagonal" and meta["key"] == path.stem
+    report = {k: v for k, v in rec.report[0].items() if k not in ("cached", "layer")}
+    assert json.loads(meta["report"]) == report
+    assert meta["tensors_sha256"] == tensors_sha256(tensors)
+    # K: the float64 conv kernel's first taps, as conv mode computes them now
+    with torch.no_grad():
+        want = kernel(kernel.L, dtype=F64, backend="torch")[:, :VERIFY_TOKENS]
+    assert tensors["K"].dtype == F64 and torch.equal(tensors["K"], want)
+    shapes = {k: (v.dtype, *v.shape) for k, v in tensors.items() if k != "K"}  # (H, modes, real pairs)
+    assert shapes.keys() == {"mu", "b", "c"} and len(set(shapes.values())) == 1
+    dtype, H, modes, pair = shapes["mu"]
+    assert (dtype, H, pair) == (F64, 32, 2) and modes >= rec.report[0]["modes"]  # (2 real modes share a slot)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_the_key_changes_with_every_input_of_the_conversion_and_only_the_changed_layer_misses(tmp_path):
+    net = s4_model()
+    cache = FormCache(tmp_path)
+    net.to_recurrent(cache=cache)
+    kernel = net.kernels()[1]
+    s = {k: v.detach().cpu() for k, v in kernel.ssm(F64).items()}
+    key = layer_key(kernel, s, "cpu", 1e-4, kernel.L)
+    assert key == layer_key(kernel, {k: v.clone() for k, v in s.items()}, "cpu", 1e-4, kernel.L)
+    others = {layer_key(kernel, s, "cpu", 2e-4, kernel.L), layer_key(kernel, s, "cpu", 1e-4, kernel.L // 2),
+              layer_key(kernel, s, "meta", 1e-4, kernel.L)}  # fmt: skip
+    for name in s:  # one element of one parameter, by one part in 1e12
+        t = {k: v.clone() for k, v in s.items()}
+        t[name][(0,) * t[name].dim()] *= 1 + 1e-12
+        others.add(layer_key(kernel, t, "cpu", 1e-4, kernel.L))
+    assert key not in others and len(others) == 3 + len(s)
+    # a checkpoint whose second layer changed: its first layer hits, its second converts
+    with torch.no_grad():
+        kernel.B.view(-1)[0] += 1e-6
+    hits, misses = cache.hits, cache.misses
+    rec = net.to_recurrent(cache=cache)
+    assert [r["cached"] for r in rec.report] == [True, False]
+    assert (cache.hits - hits, cache.misses - misses) == (1, 1)
+    assert_same_model(rec, net.to_recurrent())
+    rec = net.to_recurrent(cache=cache, tol=2e-4)  # another tolerance: every layer converts
+    assert not any(r["cached"] for r in rec.report)
+
+
+def _entries(folder):
+    return sorted(folder.glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("damage", ["a flipped byte", "truncated", "another layer's", "not safetensors"])
+def test_a_damaged_or_foreign_entry_is_logged_converted_again_and_rewritten(damage, tmp_path, caplog):
+    net = s4_model()
+    cache = FormCache(tmp_path)
+    plain = net.to_recurrent(cache=cache)
+    first, second = _entries(tmp_path)
+    data = first.read_bytes()
+    if damage == "a flipped byte":
+        first.write_bytes(data[:-100] + bytes([data[-100] ^ 0x10]) + data[-99:])  # inside the last tensor
+        why = "checksum mismatch"
+    elif damage == "truncated":
+        first.write_bytes(data[: len(data) // 2])
+        why = "not used"
+    elif damage == "another layer's":
+        first.write_bytes(second.read_bytes())
+        why = "its key is another's"
+    else:
+        first.write_bytes(b"\x00" * 64)
+        why = "not used"
+    with caplog.at_level(logging.WARNING, logger="model.form_cache"):
+        rec = net.to_recurrent(cache=cache)
+    assert sum(not r["cached"] for r in rec.report) == 1
+    assert any(why in m and first.name in m for m in caplog.messages), caplog.messages
+    assert_same_model(plain, rec)
+    again = net.to_recurrent(cache=cache)  # rewritten: every layer hits again
+    assert all(r["cached"] for r in again.report)
+
+
+def _rewrite(path, change) -> None:
+    """Rewrite an entry with `change` applied to its tensors and a checksum that matches them."""
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
+    change(tensors)
+    save_file(tensors, str(path), metadata={**meta, "tensors_sha256": tensors_sha256(tensors)})
+
+
+@pytest.mark.parametrize("arch", ["s4-diagonal", "sashimi"])
+def test_a_wrong_entry_with_a_valid_checksum_fails_the_network_check_and_to_recurrent_converts_again(
+    arch, tmp_path, caplog
+):
+    """The modes of every entry moved by 1 % (as an entry written by other code would be): the network check,
+    which runs at every load, refuses the model; form_cache.to_recurrent (what the server calls) then
+    converts without reading the cache, and rewrites it."""
+    net = MODELS[arch]()
+    cache = FormCache(tmp_path)
+    plain = net.to_recurrent(cache=cache)
+
+    def scale(t):
+        t["mu"] *= 0.99
+
+    for path in _entries(tmp_path):
+        _rewrite(path, scale)
+    with pytest.raises(VerificationError, match="does not reproduce"):
+        net.to_recurrent(cache=cache)
+    with caplog.at_level(logging.WARNING, logger="model.form_cache"):
+        rec = to_recurrent(net, cache)
+    assert not any(r["cached"] for r in rec.report)
+    assert any("came from the recurrent-form cache" in m for m in caplog.messages), caplog.messages
+    assert_same_model(plain, rec)
+    assert all(r["cached"] for r in to_recurrent(net, cache).report)  # the entries were rewritten
+
+
+def test_entries_of_the_wrong_shape_are_refused_naming_what_is_wrong(tmp_path, caplog):
+    net = s4_model()
+    cache = FormCache(tmp_path)
+    net.to_recurrent(cache=cache)
+    first, second = _entries(tmp_path)
+    _rewrite(first, lambda t: t.update(K=t["K"][:, :-1].clone()))
+    _rewrite(second, lambda t: t.update(c=t["c"][:, :-1].clone()))
+    with caplog.at_level(logging.WARNING, logger="model.form_cache"):
+        rec = net.to_recurrent(cache=cache)
+    assert not any(r["cached"] for r in rec.report)
+    text = "\n".join(caplog.messages)
+    assert "its kernel taps are torch.float64[32, 255], the layer needs float64[32, 256]" in text
+    assert "its modes are" in text and "not float64 (32, M, 2) each" in text
+
+
+def test_a_cache_that_cannot_be_written_is_logged_once_and_the_model_converts(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    cache = FormCache(blocker / "cache")
+    with caplog.at_level(logging.WARNING, logger="model.form_cache"):
+        rec = s4_model().to_recurrent(cache=cache)
+    assert not any(r["cached"] for r in rec.report) and cache.misses == 2
+    assert sum("cannot be written" in m for m in caplog.messages) == 1, caplog.messages
+
+
+def test_the_server_reads_the_cache_at_a_restart_and_reports_it(tmp_path, caplog):
+    """Two starts of a server on one checkpoint and one cache folder: the first converts every layer, the
+    second reads every one; the log line, the metrics and the generated tokens say so."""
+    from model.checkpoint import save  # noqa: PLC0415
+    from server.config import Settings  # noqa: PLC0415
+    from server.metrics import Metrics  # noqa: PLC0415
+    from server.registry import load_models  # noqa: PLC0415
+    from server.sessions import SessionTable  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, d_state=16, l_max=512, cauchy_backend="torch")
+    folder = save(SequenceModel(cfg).eval(), tmp_path / "m")
+    settings = Settings(checkpoints=[str(folder)], recurrent_cache=str(tmp_path / "cache"), max_sessions=2,
+                        torch_threads=1)  # fmt: skip
+    runs = []
+    for _ in range(2):
+        metrics = Metrics()
+        with caplog.at_level(logging.INFO, logger="server.models"):
+            caplog.clear()
+            models, failed = load_models(settings, SessionTable(), metrics)
+        assert failed == {}
+        rec = models["m"].rec
+        line = next(m for m in caplog.messages if m.startswith("model m:"))
+        gauge = metrics.recurrent_form_layers
+        layers = [gauge.labels("m", src)._value.get() for src in ("cache", "converted")]
+        runs.append((line, *layers))
+        assert metrics.load_seconds.labels("m", "convert")._value.get() > 0
+        runs[-1] += (rec,)
+    (line1, hit1, conv1, rec1), (line2, hit2, conv2, rec2) = runs
+    assert "(0 of 2 layers from the recurrent-form cache)" in line1 and (hit1, conv1) == (0, 2)
+    assert "(2 of 2 layers from the recurrent-form cache)" in line2 and (hit2, conv2) == (2, 0)
+    assert_same_model(rec1, rec2)
+    off = Settings(checkpoints=[str(folder)], recurrent_cache="", max_sessions=2, torch_threads=1)
+    with caplog.at_level(logging.INFO, logger="server.models"):
+        caplog.clear()
+        models, _ = load_models(off, SessionTable(), Metrics())
+    assert "(no cache)" in next(m for m in caplog.messages if m.startswith("model m:"))
+    assert_same_model(rec1, models["m"].rec)
