@@ -360,18 +360,21 @@ def real_block_slots(mu: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
     lam1, lam2 = (torch.zeros(H, M, dtype=C128) for _ in range(2))
     bb, ww = (torch.zeros(H, 2, M, dtype=F64) for _ in range(2))
     is_cplx = torch.zeros(H, M, dtype=torch.bool)
-    for h in range(H):
-        k = cplx[h].nonzero()[:, 0]
-        n = len(k)
-        lam1[h, :n] = lam2[h, :n] = mu[h, k]
-        bb[h, 0, :n], bb[h, 1, :n] = b[h, k].real, b[h, k].imag
-        ww[h, 0, :n], ww[h, 1, :n] = (2 * c[h, k]).real, -(2 * c[h, k]).imag
-        is_cplx[h, :n] = True
-        r = real[h].nonzero()[:, 0]
-        for i, m in enumerate(r.tolist()):  # real modes: coordinate i % 2 of slot n + i // 2
-            j, q = n + i // 2, i % 2
-            (lam1 if q == 0 else lam2)[h, j] = mu[h, m].real
-            bb[h, q, j], ww[h, q, j] = b_real[h, m], w_real[h, m]
+    # a channel's complex modes fill its first slots in their order; its real modes follow, the i-th real
+    # one at coordinate i % 2 of slot n + i // 2 (n: the channel's complex modes). All channels at once
+    # (a loop over channels took 0.1 s a layer at H = 1,024).
+    hc, mc = cplx.nonzero(as_tuple=True)
+    jc = (cplx.cumsum(-1) - 1)[hc, mc]
+    lam1[hc, jc] = lam2[hc, jc] = mu[hc, mc]
+    bb[hc, 0, jc], bb[hc, 1, jc] = b[hc, mc].real, b[hc, mc].imag
+    ww[hc, 0, jc], ww[hc, 1, jc] = (2 * c[hc, mc]).real, -(2 * c[hc, mc]).imag
+    is_cplx[hc, jc] = True
+    hr, mr = real.nonzero(as_tuple=True)
+    i = (real.cumsum(-1) - 1)[hr, mr]
+    jr, q = cplx.sum(-1)[hr] + i // 2, i % 2
+    for lam, on in ((lam1, q == 0), (lam2, q == 1)):
+        lam[hr[on], jr[on]] = mu[hr[on], mr[on]].real.to(C128)
+    bb[hr, q, jr], ww[hr, q, jr] = b_real[hr, mr], w_real[hr, mr]
     return lam1, lam2, bb, ww, is_cplx
 
 

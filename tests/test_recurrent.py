@@ -413,6 +413,53 @@ def test_the_real_block_slots_hold_an_n_dimensional_system_in_n_over_2_slots(pai
     _check_paths_against_stepping(form)
 
 
+def _real_block_slots_by_channel(mu, b, c):
+    """real_block_slots as written before it packed every channel at once: one channel at a time, its complex
+    modes in order, then its real modes two to a slot (the reference of the test below)."""
+    H = mu.shape[0]
+    cplx = mu.imag != 0
+    real = (mu.imag == 0) & ((mu != 0) | (b * c != 0))
+    rot = torch.where(b.abs() > 0, b.conj() / b.abs().clamp(min=1e-300), torch.ones_like(b))
+    b_real, w_real = (b * rot).real, 2 * (c / rot).real
+    M = max(int((cplx.sum(-1) + (real.sum(-1) + 1) // 2).max()), 1)
+    lam1, lam2 = (torch.zeros(H, M, dtype=torch.complex128) for _ in range(2))
+    bb, ww = (torch.zeros(H, 2, M, dtype=torch.float64) for _ in range(2))
+    is_cplx = torch.zeros(H, M, dtype=torch.bool)
+    for h in range(H):
+        k = cplx[h].nonzero()[:, 0]
+        n = len(k)
+        lam1[h, :n] = lam2[h, :n] = mu[h, k]
+        bb[h, 0, :n], bb[h, 1, :n] = b[h, k].real, b[h, k].imag
+        ww[h, 0, :n], ww[h, 1, :n] = (2 * c[h, k]).real, -(2 * c[h, k]).imag
+        is_cplx[h, :n] = True
+        for i, m in enumerate(real[h].nonzero()[:, 0].tolist()):
+            j, q = n + i // 2, i % 2
+            (lam1 if q == 0 else lam2)[h, j] = mu[h, m].real
+            bb[h, q, j], ww[h, q, j] = b_real[h, m], w_real[h, m]
+    return lam1, lam2, bb, ww, is_cplx
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_real_block_slots_packs_every_channel_as_one_channel_at_a_time_does(seed):
+    """Channels with different mixes of complex, real, zero (a one-step delay) and padded modes, in random
+    order: the slots packed for all channels at once equal, bit for bit, the per-channel packing."""
+    from model.recurrent import real_block_slots
+
+    g = torch.Generator().manual_seed(seed)
+    H, Mc = 37, 12
+    kind = torch.randint(0, 4, (H, Mc), generator=g)  # 0 complex, 1 real, 2 zero μ with b·c ≠ 0, 3 padding
+    mu = torch.complex(torch.rand(H, Mc, generator=g, dtype=torch.float64) * 2 - 1,
+                       torch.rand(H, Mc, generator=g, dtype=torch.float64) + 0.1)  # fmt: skip
+    mu = torch.where(kind == 1, mu.real.to(torch.complex128), mu)
+    mu = torch.where(kind >= 2, torch.zeros_like(mu), mu)
+    b, c = (torch.randn(H, Mc, generator=g, dtype=torch.complex128) for _ in range(2))
+    b, c = (torch.where(kind == 3, torch.zeros_like(t), t) for t in (b, c))
+    got, want = real_block_slots(mu, b, c), _real_block_slots_by_channel(mu, b, c)
+    for x, y in zip(got, want, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+    assert got[0].shape[1] >= 6  # (some channel needs several slots of each kind)
+
+
 def test_real_modes_of_an_s4d_layer_share_slots():
     """S4D with real eigenvalues (μ real, b and c complex, y = 2 Re Σ c x), one of them exactly 0 (a
     one-step delay: K_0 only): each real mode is 1-dimensional (b rotated to |b|, c·b kept), so Mc of
