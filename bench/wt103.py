@@ -11,30 +11,41 @@ exact LegS initialization at N = 64 does not, and its DPLR step took 15 minutes 
 the 32 layers (the run was stopped). So the SSM parameters are moved off their initialization first
 (+ 0.05 · N(0, 1) on log(−Re Λ), Im Λ, P and B, as the official fixtures do to stand in for training).
 
-Measured, in one process: building the model, `to_recurrent` (the conversion and its verification
-against float64 conv mode), the peak RSS after each; the recurrent step's tokens/s at batch 1, 4 and 16
-(the torch ops around each layer's fused SSM step: the C whole-network step does not compute an
-adaptive head) and the adaptive log-softmax alone on the same rows (its share of the step); the
-sampler over the 267,735 words (`model.sampling.sample`: plain, and top-p 0.9; on logits of Zipf's law
-over the whole vocabulary, p ∝ rank^−1.1, the shape of unigram word frequencies, a heavier tail than a
-trained LM's next-word distribution, whose smallest set of mass 0.9 holds about 25,000 words; and on
-this random model's own, nearly flat); the parallel prefill
-of 1,024 tokens at batch 1. JSON + PNG in bench/results (quick, a smoke test of this code: a model of
-the same pattern, 8× narrower, 4 S4 layers, 20,000 words, in bench/results/quick).
+Measured, in one process: building the model, `to_recurrent` (the conversion and its verification against
+float64 conv mode), the peak RSS after each; `to_recurrent` again from the recurrent-form cache the first
+one wrote (model/form_cache.py; the network check runs again); the recurrent step's tokens/s at batch 1, 4
+and 16 (the torch ops around each layer's fused SSM step: the C whole-network step does not compute an
+adaptive head) and the adaptive log-softmax alone on the same rows (its share of the step); the sampler over
+the 267,735 words (`model.sampling.sample`: plain, and top-p 0.9; on logits of Zipf's law over the whole
+vocabulary, p ∝ rank^−1.1, the shape of unigram word frequencies, a heavier tail than a trained LM's
+next-word distribution, whose smallest set of mass 0.9 holds about 25,000 words; and on this random model's
+own, nearly flat); the parallel prefill of 1,024 tokens at batch 1; and a server restart: the model saved as
+a checkpoint and loaded by `server.registry.load_models` from that cache. JSON + PNG in bench/results
+(quick, a smoke test of this code: a model of the same pattern, 8× narrower, 4 S4 layers, 20,000 words, in
+bench/results/quick).
 
     python -m bench.wt103 [--quick]
 """
 
 from __future__ import annotations
 
+import gc
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from bench.common import bench_main, peak_rss_bytes, save_figure, subplots, time_samples
+from model.checkpoint import save
+from model.form_cache import FormCache
 from model.network import ModelConfig, SequenceModel
 from model.sampling import SamplingParams, sample
+from server.config import Settings
+from server.metrics import Metrics
+from server.registry import load_models
+from server.sessions import SessionTable
 
 NAME = "wt103"
 BATCHES = (1, 4, 16)
@@ -64,6 +75,17 @@ def median_s(fn, repeat: int) -> float:
 
 
 def run(quick: bool) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-wt103-") as folder:
+        out, net = measure(quick, Path(folder))
+        gc.collect()  # (measure's recurrent form is gone: the server builds its own)
+        out["server_restart"] = server_restart(net, Path(folder))
+    out["rss_end_mb"] = peak_rss_bytes() / 2**20
+    return out
+
+
+def measure(quick: bool, folder: Path) -> tuple[dict[str, Any], SequenceModel]:
+    """The figures of the model itself (module docstring), and the model; `folder`: where the
+    recurrent-form cache is kept (folder/forms)."""
     torch.manual_seed(0)
     repeat = 3 if quick else 7
     out: dict[str, Any] = {"threads": torch.get_num_threads()}
@@ -79,15 +101,26 @@ def run(quick: bool) -> dict[str, Any]:
     out["params"] = net.num_params()
     out["weights_mb"] = sum(p.numel() * p.element_size() for p in net.parameters()) / 2**20
     out["rss_after_build_mb"] = peak_rss_bytes() / 2**20
+    cache = FormCache(folder / "forms")
     t0 = time.perf_counter()
-    rec = net.to_recurrent()
+    rec = net.to_recurrent(cache=cache)  # every layer converted (and written to the cache)
     out["to_recurrent_s"] = time.perf_counter() - t0
     out["rss_after_convert_mb"] = peak_rss_bytes() / 2**20
     out["verification"] = {k: v for k, v in rec.verification.items() if isinstance(v, int | float | str)}
+    out["form_cache_mb"] = sum(f.stat().st_size for f in cache.folder.iterdir()) / 2**20
+    del rec
+    gc.collect()
+    t0 = time.perf_counter()
+    rec = net.to_recurrent(cache=cache)  # a restart: every layer read from the cache
+    out["to_recurrent_cached_s"] = time.perf_counter() - t0
+    out["cached_layers"] = sum(r["cached"] for r in rec.report)
+    out["verification_cached"] = {k: v for k, v in rec.verification.items()
+                                  if isinstance(v, int | float | str)}  # fmt: skip
     out["state_bytes_per_session"] = rec.state_bytes_per_sequence
-    print(f"bench.wt103: {out['params'] / 1e6:.1f} M params, built in {out['build_s']:.1f} s, converted and "
-          f"verified in {out['to_recurrent_s']:.1f} s, peak RSS {out['rss_after_convert_mb']:.0f} MiB",
-          flush=True)  # fmt: skip
+    print(f"bench.wt103: {out['params'] / 1e6:.1f} M params, built in {out['build_s']:.1f} s, converted "
+          f"and verified in {out['to_recurrent_s']:.1f} s (peak RSS {out['rss_after_convert_mb']:.0f} MiB); "
+          f"from the recurrent-form cache ({out['cached_layers']} of {len(rec.report)} layers, "
+          f"{out['form_cache_mb']:.0f} MiB) in {out['to_recurrent_cached_s']:.1f} s", flush=True)  # fmt: skip
     gen = torch.Generator().manual_seed(1)
     steps = []
     for B in BATCHES:
@@ -118,8 +151,31 @@ def run(quick: bool) -> dict[str, Any]:
     tokens = torch.randint(0, cfg.vocab_size, (1, L), generator=gen)
     prefill_s = median_s(lambda: rec.prefill(tokens, rec.init_state(1), logits="last"), max(3, repeat // 2))
     out["prefill"] = {"tokens": L, "s": prefill_s, "tokens_per_s": L / prefill_s}
-    out["rss_end_mb"] = peak_rss_bytes() / 2**20
     print(f"bench.wt103: prefill {L} tokens in {prefill_s:.2f} s ({L / prefill_s:.0f} tokens/s)", flush=True)
+    return out, net
+
+
+def server_restart(net: SequenceModel, folder: Path) -> dict[str, Any]:
+    """A server's load of the model saved as a checkpoint, its layers in the recurrent-form cache (a
+    restart): `load_models`, what `python -m server` runs before it listens (the checkpoint read and its
+    SHA-256 checked, the recurrent form, the warm-up, the engine), and its phases as the server reports
+    them (s4_model_load_seconds)."""
+    save(net, folder / "wt103")
+    settings = Settings(checkpoints=[str(folder / "wt103")], recurrent_cache=str(folder / "forms"),
+                        max_sessions=4, torch_threads=torch.get_num_threads())  # fmt: skip
+    metrics = Metrics()
+    t0 = time.perf_counter()
+    models, failed = load_models(settings, SessionTable(), metrics)
+    wall = time.perf_counter() - t0
+    if failed:
+        raise RuntimeError(f"the server did not load the model: {failed}")
+    report = models["wt103"].rec.report
+    out = {"load_s": wall, "cached_layers": sum(r["cached"] for r in report), "layers": len(report)}
+    for phase in ("convert", "total"):
+        out[f"{phase}_s"] = metrics.load_seconds.labels("wt103", phase)._value.get()
+    print(f"bench.wt103: a server restart loads it in {wall:.1f} s ({out['cached_layers']} of {len(report)} "
+          f"layers from the recurrent-form cache; their forms and the network check "
+          f"{out['convert_s']:.1f} s)", flush=True)  # fmt: skip
     return out
 
 

@@ -72,9 +72,10 @@ class FormCache:
     def path(self, key: str) -> Path:
         return self.folder / f"{key}{SUFFIX}"
 
-    def read(self, key: str) -> tuple[str, dict, dict[str, torch.Tensor]] | None:
-        """The entry under `key` → (form name, report, tensors on CPU), or None (a miss: no entry, or one
-        not usable, which is logged)."""
+    def read(self, key: str, build):
+        """The entry under `key`, made into what the caller needs by `build(form name, report, tensors on
+        CPU)`, which raises KeyError, ValueError or RuntimeError for an entry that does not fit (a shape
+        the layer does not have); or None: a miss (no entry, or one not usable, which is logged)."""
         path = self.path(key)
         if not self.reading or not path.is_file():
             self.misses += 1
@@ -94,16 +95,13 @@ class FormCache:
             form, report = meta["form"], json.loads(meta["report"])
             if not isinstance(report, dict):
                 raise ValueError("its report is not an object")
-        except (SafetensorError, OSError, ValueError, KeyError) as exc:
-            self.reject(key, str(exc))
+            made = build(form, report, tensors)
+        except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:
+            self.misses += 1
+            log.warning("%s: not used (%s); the layer is converted again", path, exc)
             return None
         self.hits += 1
-        return form, report, tensors
-
-    def reject(self, key: str, why: str) -> None:
-        """Count the read of `key` as a miss and log why its entry is not used (it is written anew)."""
-        self.misses += 1
-        log.warning("%s: not used (%s); the layer is converted again", self.path(key), why)
+        return made
 
     def write(self, key: str, form: str, report: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Store an entry (tensors: contiguous CPU tensors; report: JSON-serializable). A folder that cannot

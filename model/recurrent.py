@@ -708,11 +708,10 @@ def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None
         raise VerificationError(f"non-finite SSM parameters: {', '.join(bad)}")
     taps = min(kernel.L, VERIFY_TOKENS)
     key = None if cache is None else layer_key(kernel, s, device, tol, L)
-    if key is not None and (entry := cache.read(key)) is not None:
-        try:
-            return _cached_form(kernel, s, device, taps, *entry)
-        except (KeyError, ValueError, RuntimeError) as exc:
-            cache.reject(key, str(exc))
+    if key is not None:
+        made = cache.read(key, functools.partial(_cached_form, kernel, s, device, taps))
+        if made is not None:
+            return made
     with torch.no_grad():
         K_full = kernel(kernel.L, dtype=F64, backend="torch").detach().cpu()  # float64 reference
         K_conv = K_full[:, :L]
@@ -757,7 +756,8 @@ def _make_form(name: str, s: dict[str, torch.Tensor], args: tuple, device):
 
 def _cached_form(kernel: SSMKernel, s: dict[str, torch.Tensor], device, taps: int, name: str, report: dict,
                  tensors: dict[str, torch.Tensor]):  # fmt: skip
-    """(form, report, K) from a cache entry, checked against the layer's shapes (ValueError, KeyError)."""
+    """(form, report, K) from a cache entry, checked against the layer's shapes (ValueError, KeyError;
+    RuntimeError from the DPLR form's float64 system)."""
     H = s["Lambda"].shape[0]
     K = tensors["K"]
     if K.dtype != F64 or tuple(K.shape) != (H, taps) or not bool(K.isfinite().all()):

@@ -16,6 +16,9 @@ def test_quick_run_measures_the_conversion_the_steps_the_sampler_and_the_prefill
     assert cfg.cutoffs is not None and cfg.d_ff == [0, 512, 0, 512]
     assert data["params"] > 0 and data["to_recurrent_s"] > 0
     assert data["verification"]["step_rel_err"] <= data["verification"]["tol"]
+    # the restart from the recurrent-form cache: every layer read, the same network check's figures
+    assert data["cached_layers"] == cfg.n_layers and data["verification_cached"] == data["verification"]
+    assert data["to_recurrent_cached_s"] > 0 and data["form_cache_mb"] > 0
     assert [r["batch"] for r in data["steps"]] == list(wt103.BATCHES)
     for r in data["steps"]:
         assert 0 < r["head_ms"] < r["step_ms"]  # the head is part of the step

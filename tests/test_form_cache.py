@@ -244,9 +244,11 @@ def test_entries_of_the_wrong_shape_are_refused_naming_what_is_wrong(tmp_path, c
     first, second = _entries(tmp_path)
     _rewrite(first, lambda t: t.update(K=t["K"][:, :-1].clone()))
     _rewrite(second, lambda t: t.update(c=t["c"][:, :-1].clone()))
+    hits, misses = cache.hits, cache.misses
     with caplog.at_level(logging.WARNING, logger="model.form_cache"):
         rec = net.to_recurrent(cache=cache)
     assert not any(r["cached"] for r in rec.report)
+    assert (cache.hits - hits, cache.misses - misses) == (0, 2)  # (a misfit entry is a miss, not a hit)
     text = "\n".join(caplog.messages)
     assert "its kernel taps are torch.float64[32, 255], the layer needs float64[32, 256]" in text
     assert "its modes are" in text and "not float64 (32, M, 2) each" in text
