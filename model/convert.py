@@ -89,6 +89,8 @@ def token_warning(dataset: str | None, vocab_size: int) -> str | None:
                 if vocab_size < 256
                 else "served as text it reads and writes garbage"
             )
+            + "; give it its vocabulary (--vocab; for a server given the file itself, the symbols file "
+            "beside it as vocab.txt: python -m model.vocab)"
         )
     return "; ".join(reasons) or None
 
@@ -326,32 +328,49 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
 CONVERTER_VERSION = 2
 
 
-def cache_key(src: Path, config: Path | None) -> str:
-    """The cache entry of a source: its SHA-256 (and its separate config file's, when there is one), then
-    `-v` CONVERTER_VERSION."""
+def cache_key(src: Path, config: Path | None, vocab: Path | None = None) -> str:
+    """The cache entry of a source: its SHA-256 (and its separate config file's, and its vocabulary's,
+    when there are), then `-v` CONVERTER_VERSION."""
     key = _sha256(src)
     if config is not None:
         key += "-" + hashlib.sha256(Path(config).read_bytes()).hexdigest()[:16]
+    if vocab is not None:
+        key += "-w" + hashlib.sha256(Path(vocab).read_bytes()).hexdigest()[:16]
     return f"{key}-v{CONVERTER_VERSION}"
+
+
+def find_vocab(src: Path) -> Path | None:
+    """The word vocabulary served with an official file: a symbols file named vocab.txt beside it (one word
+    per line, in id order, as the official `vocab_file`; `python -m model.vocab` writes one from a dataset's
+    folder), else None."""
+    path = Path(src).parent / VOCAB_FILE
+    return path if path.is_file() else None
 
 
 def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | None = None,
                    name: str | None = None) -> Path:  # fmt: skip
     """Convert SRC once into CACHE/<sha256>/ and return that folder (reused while the source's bytes,
-    and its config's, are unchanged). Written to a temporary folder and renamed, so a crash never
-    leaves a half-written entry."""
+    and its config's and vocabulary's, are unchanged), with the vocabulary beside it (`find_vocab`) when
+    there is one. Written to a temporary folder and renamed, so a crash never leaves a half-written
+    entry."""
     src = Path(src)
     if config is None and src.suffix != ".ckpt":
         config = find_config(src)
+    vocab = find_vocab(src)
     cache = Path(cache_dir).expanduser()
-    entry = cache / cache_key(src, config)
+    entry = cache / cache_key(src, config, vocab)
     if (entry / "config.json").is_file() and (entry / "model.safetensors").is_file():
         _warn_tokens(src, entry)
         return entry
     cache.mkdir(parents=True, exist_ok=True)
     tmp = _new_folder(cache, ".tmp-")
     try:
-        convert(src, tmp, config=config, name=name)
+        try:
+            convert(src, tmp, config=config, name=name, vocab=vocab)
+        except ConvertError as exc:
+            if vocab is None or "--vocab" not in str(exc):
+                raise
+            raise ConvertError(f"{vocab}, beside {src.name}, is read as its vocabulary: {exc}") from None
         try:
             os.replace(tmp, entry)
         except OSError:  # another process made it first

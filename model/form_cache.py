@@ -20,15 +20,20 @@ A checkpoint whose weights change in any SSM parameter misses on that layer; its
 An entry is one safetensors file, `<key>.safetensors` (nothing is ever unpickled): the tensors
 `model.recurrent` gives it (a diagonal form's modes, the float64 kernel's first taps: the network check's
 reference) and, in its metadata, the form's name, its verification report, the key, and the SHA-256 of the
-tensors (name, dtype, shape, bytes), checked at every read. An entry that cannot be read, or whose
-metadata or checksum does not match, is a miss: logged once, converted again, and written anew. Entries
-are written to a temporary file and renamed, so a crash leaves no partial entry, and two processes that
-convert the same layer both write the same bytes. The folder is never pruned (about 3.6 MB a layer for that
-recipe: 115 MB for its 32 layers); delete it, or any entry, at any time.
+tensors (name, dtype, shape, bytes), checked at every read. At a read `model.recurrent` also checks the
+entry against the layer: its shapes, and its kernel taps against the layer's own computed by brute force
+from the live parameters (`dense_taps`: dense powers of the state matrix, 0.6 s a layer of that recipe). An
+entry that cannot be read, or whose metadata, checksum, shapes or taps do not match, is a miss: logged,
+converted again, and written anew. Entries are written to a temporary file and renamed, so a crash leaves no
+partial entry, and two processes that convert the same layer both write the same tensors. The folder is
+never pruned (about 3.6 MB a layer for that recipe: 115 MB for its 32 layers); delete it, or any entry, at
+any time.
 
-Only the layer's own check is cached. The network check (`RecurrentModel.verification`,
-`SaShiMiRecurrent.verification`: a probe stepped and prefilled at the served dtype against float64 conv
-mode of the live weights) runs at every load, hit or miss.
+Only the layer's own check is cached (its impulse response over L is not run again for an entry read). The
+network check (`RecurrentModel.verification`, `SaShiMiRecurrent.verification`: a probe stepped and
+prefilled at the served dtype against float64 conv mode of the live weights, each layer convolving with
+its taps, checked as above) runs at every load, hit or miss; a model that fails it with layers read from
+the cache is converted again without it by `to_recurrent` (what the server calls).
 """
 
 from __future__ import annotations
@@ -121,13 +126,16 @@ class FormCache:
             save_file(tensors, str(tmp), metadata=meta)
             tmp.chmod(0o644)  # safetensors writes 0600; another uid may serve from the same folder
             os.replace(tmp, self.path(key))
-        except OSError as exc:
+        except (OSError, SafetensorError) as exc:  # (safetensors reports a read-only folder as the latter)
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
             if not self._write_failed:
                 self._write_failed = True
+                why = getattr(exc, "strerror", None) or exc
+                if self.folder.is_file():
+                    why = "a file is there, not a folder"
                 log.warning("recurrent-form cache %s cannot be written (%s): layers are converted at every "
-                            "start", self.folder, exc.strerror or exc)  # fmt: skip
+                            "start", self.folder, why)  # fmt: skip
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -190,9 +198,10 @@ def layer_key(kernel, s: dict[str, torch.Tensor], device, tol: float, verify_len
 def to_recurrent(net, cache: FormCache | None, **kwargs):
     """`net.to_recurrent(cache=cache, **kwargs)` (RecurrentModel or SaShiMiRecurrent). When the network
     check fails on a model some of whose layers were read from `cache`, the model is converted once more
-    without reading it (its entries rewritten), so an entry that is wrong in a way its checksum cannot see
-    (written by other code under the same versions, or by hand) costs one conversion, never the model.
-    Raises what `to_recurrent` raises."""
+    without reading it (its entries rewritten): an entry whose modes are wrong though its checksum and its
+    taps are right (written by other code under the same versions, or by hand) costs one conversion, not
+    the model. (`net.to_recurrent(cache=...)` itself raises VerificationError then.) Raises what
+    `to_recurrent` raises."""
     from model.recurrent import VerificationError  # noqa: PLC0415 (model.recurrent imports this module)
 
     if cache is None:

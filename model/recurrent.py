@@ -721,8 +721,7 @@ def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None
             real = functools.cache(lambda: s4_real_system(s, kernel.L))
             tries = [("diagonal", lambda: diagonalize(*real())), ("dplr", real)]
         else:
-            Lam, dt = s["Lambda"], s["dt"] if s["dt"].dim() == 2 else s["dt"][:, None]  # Δ untied: (H, N2)
-            mu, Bbar = discretize(Lam * dt, s["B"] * dt, kernel.disc)
+            mu, Bbar = s4d_modes(s, kernel.disc)
             tries = [("diagonal", lambda: (mu, Bbar, s["C"]))]
         errors = []
         for name, system in tries:
@@ -749,6 +748,32 @@ def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None
     )
 
 
+def s4d_modes(s: dict[str, torch.Tensor], disc: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """An S4D layer's discretized modes μ, B̄ (H, N/2) complex128 from its `ssm(float64)` (Δ tied or
+    untied)."""
+    Lam, dt = s["Lambda"], s["dt"] if s["dt"].dim() == 2 else s["dt"][:, None]  # Δ untied: (H, N2)
+    return discretize(Lam * dt, s["B"] * dt, disc)
+
+
+def dense_taps(kernel: SSMKernel, s: dict[str, torch.Tensor], n: int, real: tuple | None = None):
+    """A layer's kernel K_0 … K_{n−1} (H, n) float64 by brute force from its parameters `s` (its
+    `ssm(float64)`), without the Cauchy kernel: S4, γ̄ᵀ Āᵗ B̄ by dense matrix-vector products of its real
+    system (`s4_real_system`, or `real` when already made); S4D, 2 Re Σ C B̄ μᵗ. Within 4e-14 of the
+    Cauchy kernel's taps in float64 (S4 legs, legt, fout; S4D lin, inv)."""
+    if kernel.kind == "s4":
+        Abar, Bbar, gamma = real if real is not None else s4_real_system(s, kernel.L)
+        out, v = [], Bbar
+        for _ in range(n):
+            out.append((gamma * v).sum(-1))
+            v = (Abar @ v[..., None])[..., 0]
+        return torch.stack(out, 1)
+    mu, Bbar = s4d_modes(s, kernel.disc)
+    return 2 * ((s["C"] * Bbar)[..., None] * mu[..., None] ** torch.arange(n, dtype=F64)).sum(1).real
+
+
+CACHED_TAPS_TOL = 1e-9  # a cache entry's kernel taps against `dense_taps` of the live weights
+
+
 def _make_form(name: str, s: dict[str, torch.Tensor], args: tuple, device):
     """A step form from its float64 system: "diagonal" (μ, b, c) or "dplr" (Ā, B̄, γ̄ of `s4_real_system`)."""
     return DiagonalSSM(*args, device) if name == "diagonal" else DPLRStep(s, *args, device)
@@ -756,13 +781,19 @@ def _make_form(name: str, s: dict[str, torch.Tensor], args: tuple, device):
 
 def _cached_form(kernel: SSMKernel, s: dict[str, torch.Tensor], device, taps: int, name: str, report: dict,
                  tensors: dict[str, torch.Tensor]):  # fmt: skip
-    """(form, report, K) from a cache entry, checked against the layer's shapes (ValueError, KeyError;
-    RuntimeError from the DPLR form's float64 system)."""
+    """(form, report, K) from a cache entry, checked against the layer: its shapes, and its kernel taps
+    (the network check's reference) against `dense_taps` of the live parameters, within
+    CACHED_TAPS_TOL. Raises ValueError or KeyError for an entry that does not fit, RuntimeError from the
+    float64 system."""
     H = s["Lambda"].shape[0]
     K = tensors["K"]
     if K.dtype != F64 or tuple(K.shape) != (H, taps) or not bool(K.isfinite().all()):
         raise ValueError(f"its kernel taps are {K.dtype}{list(K.shape)}, the layer needs "
                          f"float64[{H}, {taps}]")  # fmt: skip
+    real = s4_real_system(s, kernel.L) if kernel.kind == "s4" else None
+    if not (err := _rel_err(K, dense_taps(kernel, s, taps, real))) <= CACHED_TAPS_TOL:
+        raise ValueError(f"its kernel taps are {err:.1e} (relative) from the layer's own, by dense powers of "
+                         f"its state matrix (allowed {CACHED_TAPS_TOL:g})")  # fmt: skip
     if name == "diagonal":
         pairs = [tensors[k] for k in ("mu", "b", "c")]
         shapes = {(a.dtype, tuple(a.shape)) for a in pairs}
@@ -773,7 +804,7 @@ def _cached_form(kernel: SSMKernel, s: dict[str, torch.Tensor], device, taps: in
         if not all(bool(a.isfinite().all()) for a in args):
             raise ValueError("its modes are not finite")
     elif name == "dplr" and kernel.kind == "s4":
-        args = s4_real_system(s, kernel.L)
+        args = real
     else:
         raise ValueError(f"form {name!r} is not one a {kernel.kind} layer converts to")
     form = _make_form(name, s, args, device)

@@ -168,3 +168,28 @@ def load_vocab(folder: str | Path) -> WordVocab | None:
     if len(vocab) != entry.get("size"):
         raise VocabError(f"{path}: {len(vocab)} symbols, config.json says {entry.get('size')}")
     return vocab
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m model.vocab DATA_DIR DATASET OUT: the symbols file of DATASET's vocabulary (wt103, wt2,
+    ptb) built from its data folder as the official code builds it, one word per line in id order (what
+    `WordVocab.read`, `model.convert --vocab` and a server given an official file with `vocab.txt` beside
+    it read). Exit status 2 with the reason for a folder or dataset it cannot build from."""
+    import argparse  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(prog="python -m model.vocab", description=main.__doc__.split("\n")[0])
+    ap.add_argument("data_dir", help="the dataset's folder, as the official code reads it (train.txt, ...)")
+    ap.add_argument("dataset", choices=sorted(DATASETS), help="the official dataset's name (its _name_)")
+    ap.add_argument("out", help="the symbols file to write (vocab.txt beside an official .ckpt serves it)")
+    args = ap.parse_args(argv)
+    try:
+        vocab = WordVocab.from_dataset(args.data_dir, args.dataset)
+    except (VocabError, OSError) as exc:
+        ap.error(str(exc))
+    sha = vocab.write(args.out)
+    print(f"{args.out}: {len(vocab)} words of {args.dataset} (sha256 {sha})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

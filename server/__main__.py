@@ -128,15 +128,17 @@ def preflight(settings: Settings) -> list[str]:
             store.close()
     except StoreError as exc:
         return [str(exc)]
-    from server.registry import parse_entry, resolve_entry  # noqa: PLC0415
+    from server.registry import parse_entry, resolve_entry, served_vocab  # noqa: PLC0415
 
     usable = 0
     for entry in settings.checkpoints:
-        if not parse_entry(entry)[1].exists() and settings.uses_default_checkpoints():
+        source = parse_entry(entry)[1]
+        if not source.exists() and settings.uses_default_checkpoints():
             continue  # the default list names checkpoints that may not be trained yet
         try:
             _, path = resolve_entry(entry, settings)  # an official .ckpt/.pt is converted (and cached) here
-            load(path)
+            net = load(path)
+            served_vocab(path, net.config, source if path != source else None)
             usable += 1
         except (CheckpointError, ValueError, OSError) as exc:
             problems.append(f"checkpoint {entry}: {exc}")

@@ -291,6 +291,38 @@ def model_id_of(entry: str) -> str:
     return name or (default_name(path) if path.suffix in OFFICIAL_SUFFIXES else path.name)
 
 
+def served_vocab(path: Path, config: ModelConfig, source: Path | None = None) -> WordVocab | None:
+    """The word vocabulary a text model is served through (its folder's vocab.txt), or None: its ids are
+    UTF-8 bytes (or it is an audio model). `source`: the official file it was
+    converted from (named in the errors). Raises CheckpointError for a vocabulary that is wrong or of
+    another size, and for a text model without one whose ids cannot be bytes (fewer than 256). A model
+    converted from an official dataset that numbers tokens by a vocabulary (WikiText, PTB, …) without it is
+    served as bytes, with the conversion's warning (`model.convert.token_warning`: the dataset's name alone
+    does not prove its ids are not bytes)."""
+    where = f"{source} (converted into {path})" if source else str(path)
+    if config.modality != "text":
+        return None
+    try:
+        vocab = load_vocab(path)
+    except VocabError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    if vocab is not None:
+        if len(vocab) != config.vocab_size:
+            raise CheckpointError(f"{where}: vocab.txt has {len(vocab)} words, the model {config.vocab_size}")
+        return vocab
+    fix = (
+        f"put its vocabulary's symbols file beside {source.name} as vocab.txt (python -m model.vocab "
+        f"DATA_DIR DATASET {source.parent / 'vocab.txt'})" if source is not None
+        else "convert it with its vocabulary (python -m model.convert SRC OUT --vocab DATA_DIR_OR_FILE)"
+    )  # fmt: skip
+    if config.vocab_size < 256:  # text prompts arrive as UTF-8 bytes (ids 0-255): each must be a token
+        raise CheckpointError(
+            f"{where}: a text model must have vocab_size >= 256 (byte tokens), this one has "
+            f"{config.vocab_size} (a word-level model needs its vocabulary: {fix})"
+        )
+    return None
+
+
 def load_model(
     path: Path,
     settings: Settings,
@@ -313,20 +345,7 @@ def load_model(
     generation = GenerationConfig.from_config(meta)
     net = load(path)
     _check_stop(stop)
-    where = f"{source} (converted into {path})" if source else str(path)
-    try:
-        vocab = load_vocab(path) if net.config.modality == "text" else None
-    except VocabError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
-    if vocab is not None and len(vocab) != net.config.vocab_size:
-        raise CheckpointError(f"{where}: vocab.txt has {len(vocab)} words, the model {net.config.vocab_size}")
-    if net.config.modality == "text" and vocab is None and net.config.vocab_size < 256:
-        # text prompts arrive as UTF-8 bytes (ids 0-255): every byte must be a token of the model
-        raise CheckpointError(
-            f"{where}: a text model must have vocab_size >= 256 (byte tokens), "
-            f"this one has {net.config.vocab_size} (a word-level model needs its vocab.txt: python -m "
-            "model.convert --vocab)"
-        )
+    vocab = served_vocab(path, net.config, source)
     name = model_id or path.name
     wanted = settings.dtype_for(name)
     dtype = getattr(torch, wanted)
@@ -377,7 +396,7 @@ def load_model(
     metrics.recurrent_form_layers.labels(model_id, "cache").set(cached)
     metrics.recurrent_form_layers.labels(model_id, "converted").set(len(rec.report) - cached)
     metrics.load_seconds.labels(model_id, "convert").set(t_convert)
-    converted = "no cache"
+    converted = "recurrent-form cache off"
     if cache is not None:
         converted = f"{cached} of {len(rec.report)} layers from the recurrent-form cache"
     c = net.config
@@ -427,7 +446,9 @@ def load_models(
     sys.setswitchinterval(settings.gil_switch_ms / 1e3)
     models: dict[str, ServedModel] = {}
     failed: dict[str, str] = {}
-    cache = FormCache(settings.recurrent_cache) if settings.recurrent_cache else None
+    folder = settings.recurrent_cache.strip()
+    cache = FormCache(folder) if folder else None
+    log.info("recurrent-form cache: %s", cache.folder if cache else "off (S4_RECURRENT_CACHE is empty)")
     for entry in settings.checkpoints:
         name, path = parse_entry(entry)
         if stop is not None and stop.is_set():

@@ -237,6 +237,69 @@ def test_a_wrong_entry_with_a_valid_checksum_fails_the_network_check_and_to_recu
     assert all(r["cached"] for r in to_recurrent(net, cache).report)  # the entries were rewritten
 
 
+@pytest.mark.parametrize("arch", ["s4-diagonal", "s4-dplr", "s4d", "sashimi"])
+def test_an_entry_wrong_in_modes_and_taps_alike_is_refused_by_the_layer_s_own_taps(arch, tmp_path, caplog):
+    """An entry whose output scale c and kernel taps K are both ×1.5, with a checksum that matches (what a
+    fresh-user trial wrote by hand: the network check, which convolves with the cached taps, passed it, and
+    the logits were 13 % off): the taps are checked against the layer's own by dense powers of its state
+    matrix, so each such entry is a miss, logged, and the model converted is the model."""
+    net = MODELS[arch]()
+    cache = FormCache(tmp_path)
+    plain = net.to_recurrent(cache=cache)
+
+    def scale(t):
+        t["K"] *= 1.5
+        if "c" in t:  # (a DPLR entry holds its taps only)
+            t["c"] *= 1.5
+
+    for path in _entries(tmp_path):
+        _rewrite(path, scale)
+    with caplog.at_level(logging.WARNING, logger="model.form_cache"):
+        rec = net.to_recurrent(cache=cache)  # no VerificationError: every entry is refused before
+    assert not any(r["cached"] for r in rec.report)
+    refused = [m for m in caplog.messages if "from the layer's own, by dense powers of its state matrix" in m]
+    assert len(refused) == len(rec.report), caplog.messages
+    assert_same_model(plain, rec)
+
+
+def test_the_taps_by_dense_powers_are_the_cauchy_kernel_s_in_float64():
+    """model.recurrent.dense_taps, the check of a cache entry's taps, against the float64 conv kernel (Cauchy
+    + Woodbury for S4, Vandermonde for S4D) of several inits, within 1e-12 (CACHED_TAPS_TOL is 1e-9)."""
+    from model.recurrent import CACHED_TAPS_TOL, dense_taps  # noqa: PLC0415
+
+    for kernel_kind, init, d_state in [("s4", "legs", 64), ("s4", "legt", 16), ("s4", "fout", 32),
+                                       ("s4d", "diag-lin", 64), ("s4d", "diag-inv", 16)]:  # fmt: skip
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=64, d_model=16, n_layers=1, d_state=d_state, kernel=kernel_kind,
+                          init=init, l_max=1024, cauchy_backend="torch")  # fmt: skip
+        net = SequenceModel(cfg)
+        k = net.kernels()[0]
+        s = {name: t.detach() for name, t in k.ssm(F64).items()}
+        with torch.no_grad():
+            want = k(k.L, dtype=F64, backend="torch")[:, :VERIFY_TOKENS]
+        got = dense_taps(k, s, VERIFY_TOKENS)
+        assert float((got - want).norm() / want.norm()) < 1e-12 < CACHED_TAPS_TOL, (kernel_kind, init)
+
+
+def test_a_folder_safetensors_cannot_write_is_logged_once_and_the_model_converts(tmp_path, caplog,
+                                                                                monkeypatch):  # fmt: skip
+    """safetensors reports a read-only folder (a volume mounted :ro, chmod 555 for the server's user) as a
+    SafetensorError, not an OSError: it stopped a fresh-user trial's server from serving anything."""
+    from safetensors import SafetensorError  # noqa: PLC0415
+
+    from model import form_cache  # noqa: PLC0415
+
+    def read_only(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: Read-only file system (os error 30)")
+
+    monkeypatch.setattr(form_cache, "save_file", read_only)
+    cache = FormCache(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="model.form_cache"):
+        rec = s4_model().to_recurrent(cache=cache)
+    assert not any(r["cached"] for r in rec.report) and not list(tmp_path.iterdir())
+    assert sum("cannot be written" in m and "Read-only file system" in m for m in caplog.messages) == 1
+
+
 def test_entries_of_the_wrong_shape_are_refused_naming_what_is_wrong(tmp_path, caplog):
     net = s4_model()
     cache = FormCache(tmp_path)
@@ -300,5 +363,6 @@ def test_the_server_reads_the_cache_at_a_restart_and_reports_it(tmp_path, caplog
     with caplog.at_level(logging.INFO, logger="server.models"):
         caplog.clear()
         models, _ = load_models(off, SessionTable(), Metrics())
-    assert "(no cache)" in next(m for m in caplog.messages if m.startswith("model m:"))
+    assert "(recurrent-form cache off)" in next(m for m in caplog.messages if m.startswith("model m:"))
+    assert "recurrent-form cache: off (S4_RECURRENT_CACHE is empty)" in caplog.messages
     assert_same_model(rec1, models["m"].rec)

@@ -203,3 +203,66 @@ def test_chat_renders_its_template_into_words_and_stops_at_its_end_of_line(words
     entries = r["choices"][0]["logprobs"]["content"]
     assert "".join(e["token"] for e in entries) == content
     assert all(bytes(e["bytes"]).decode() == e["token"] for e in entries)
+
+
+def test_an_official_file_served_directly_reads_the_vocab_txt_beside_it(words, tmp_path, caplog):
+    """S4_CHECKPOINTS naming the official .ckpt itself, with the symbols file `python -m model.vocab` writes
+    beside it as vocab.txt: converted with that vocabulary (a cache entry of its own), served as words, the
+    same checkpoint as `model.convert --vocab DATA` makes. Without vocab.txt this 64-word model is refused
+    (its ids cannot be bytes), and both the refusal and the conversion's warning say how to give it its
+    words; a vocab.txt of another size is refused, named."""
+    import logging  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    from model.vocab import main as vocab_main  # noqa: PLC0415
+    from server.metrics import Metrics  # noqa: PLC0415
+    from server.registry import load_models  # noqa: PLC0415
+    from server.sessions import SessionTable  # noqa: PLC0415
+
+    _, folders = words
+    run = tmp_path / "run"
+    run.mkdir()
+    src = run / "s4_wt103.ckpt"
+    shutil.copy(FIX / "s4_wt103.ckpt", src)
+
+    def serve():
+        settings = Settings(checkpoints=[f"wt103={src}"], convert_cache=str(tmp_path / "cache"), device="cpu",
+                            max_sessions=2, torch_threads=1)  # fmt: skip
+        with caplog.at_level(logging.WARNING):
+            caplog.clear()
+            return load_models(settings, SessionTable(), Metrics())
+
+    models, failed = serve()  # no vocab.txt: refused, and the refusal and the warning name the fix
+    assert models == {} and "vocab_size >= 256" in failed["wt103"]
+    assert (
+        f"put its vocabulary's symbols file beside s4_wt103.ckpt as vocab.txt (python -m model.vocab "
+        f"DATA_DIR DATASET {run / VOCAB_FILE})" in failed["wt103"]
+    )
+    assert any("garbage" in m and "beside it as vocab.txt" in m for m in caplog.messages), caplog.messages
+    assert vocab_main([str(DATA), "wt103", str(run / VOCAB_FILE)]) == 0
+    models, failed = serve()
+    assert failed == {}
+    served = models["wt103"]
+    assert served.vocab is not None and served.vocab.symbols == load_vocab(folders["wt103"]).symbols
+    assert (served.path / VOCAB_FILE).read_bytes() == (folders["wt103"] / VOCAB_FILE).read_bytes()
+    a, b = (load_file(f / "model.safetensors") for f in (served.path, folders["wt103"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # an entry with the vocabulary, one without
+    (run / VOCAB_FILE).write_text("<eos>\n" + "".join(f"w{i}\n" for i in range(9)))  # 10; the model has 64
+    models, failed = serve()
+    assert models == {}
+    assert f"{run / VOCAB_FILE}, beside s4_wt103.ckpt, is read as its vocabulary" in failed["wt103"]
+    assert "10 words, but the model's vocabulary has 64" in failed["wt103"]
+
+
+def test_model_vocab_writes_the_official_code_s_symbols_file_and_names_a_bad_folder(tmp_path, capsys):
+    from model.vocab import main as vocab_main  # noqa: PLC0415
+
+    assert vocab_main([str(DATA), "wt103", str(tmp_path / "vocab.txt")]) == 0
+    assert WordVocab.read(tmp_path / "vocab.txt").symbols == WordVocab.from_dataset(DATA, "wt103").symbols
+    assert "64 words of wt103" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        vocab_main([str(tmp_path / "nowhere"), "wt103", str(tmp_path / "v.txt")])
+    assert exc.value.code == 2 and "nowhere/train.txt" in capsys.readouterr().err
