@@ -25,9 +25,10 @@ entry against the layer: its shapes, and its kernel taps against the layer's own
 from the live parameters (`dense_taps`: dense powers of the state matrix, 0.6 s a layer of that recipe). An
 entry that cannot be read, or whose metadata, checksum, shapes or taps do not match, is a miss: logged,
 converted again, and written anew. Entries are written to a temporary file and renamed, so a crash leaves no
-partial entry, and two processes that convert the same layer both write the same tensors. The folder is
-never pruned (about 3.6 MB a layer for that recipe: 115 MB for its 32 layers); delete it, or any entry, at
-any time.
+partial entry, and two processes that convert the same layer both write the same tensors. The server
+never prunes the folder (about 3.6 MB a layer for that recipe: 115 MB for its 32 layers); `python -m
+model.form_cache [FOLDER] [--prune]` (`scan`, `main`) tells current entries from stale ones (another
+converter or torch: never read again) and deletes the latter. Deleting any entry is safe at any time.
 
 Only the layer's own check is cached (its impulse response over L is not run again for an entry read). The
 network check (`RecurrentModel.verification`, `SaShiMiRecurrent.verification`: a probe stepped and
@@ -46,6 +47,7 @@ import json
 import logging
 import os
 import secrets
+import time
 from pathlib import Path
 
 import torch
@@ -119,6 +121,8 @@ class FormCache:
             "form": form,
             "report": json.dumps(report),
             "tensors_sha256": tensors_sha256(tensors),
+            "converter": converter_digest(),  # (in the key too; here so `scan` can tell stale entries)
+            "torch": torch.__version__,
         }
         tmp = self.folder / f".tmp-{secrets.token_hex(6)}{SUFFIX}"
         try:
@@ -215,3 +219,73 @@ def to_recurrent(net, cache: FormCache | None, **kwargs):
         log.warning("%s; %d of its layers came from the recurrent-form cache %s: converting them again",
                     exc, cache.hits - hits, cache.folder)  # fmt: skip
         return net.to_recurrent(cache=FormCache(cache.folder, reading=False), **kwargs)
+
+
+TMP_AGE_S = 3600  # a temporary file older than this is a crashed write's (a write takes well under a second)
+
+
+def scan(folder: str | Path, now: float | None = None) -> list[tuple[Path, str, int]]:
+    """Every file of a cache folder as (path, status, bytes), status one of: "current" (an entry this
+    installation reads: its converter and torch), "stale" (written by another converter, torch or layout:
+    never read again here), "damaged" (unreadable, or its tensors' checksum does not match), "partial" (a
+    write's temporary file older than TMP_AGE_S, left by a crash), "writing" (a younger one), "other" (not
+    the cache's). A folder that does not exist has none."""
+    folder, now = Path(folder).expanduser(), time.time() if now is None else now
+    out = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        size = path.stat().st_size
+        if path.name.startswith(".tmp-") and path.name.endswith(SUFFIX):
+            out.append((path, "partial" if now - path.stat().st_mtime > TMP_AGE_S else "writing", size))
+        elif not path.is_file() or path.suffix != SUFFIX:
+            out.append((path, "other", size))
+        else:
+            out.append((path, _status(path), size))
+    return out
+
+
+def _status(path: Path) -> str:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name).clone() for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError):
+        return "damaged"
+    if meta.get("format") != FORMAT:
+        return "other"
+    if meta.get("format_version") != str(FORMAT_VERSION) or meta.get("key") != path.stem:
+        return "stale" if meta.get("key") == path.stem else "damaged"
+    if meta.get("tensors_sha256") != tensors_sha256(tensors):
+        return "damaged"
+    current = meta.get("converter") == converter_digest() and meta.get("torch") == torch.__version__
+    return "current" if current else "stale"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m model.form_cache [FOLDER] [--prune]: what a recurrent-form cache holds (entries this
+    installation reads, stale ones of another converter or torch, damaged ones, crashed writes), and with
+    --prune deletes all but the current ones and the writes in progress. FOLDER: default
+    $S4_RECURRENT_CACHE, else ~/.cache/s4serve/recurrent."""
+    import argparse  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(prog="python -m model.form_cache", description=main.__doc__.split("\n")[0])
+    default = os.environ.get("S4_RECURRENT_CACHE", "").strip() or "~/.cache/s4serve/recurrent"
+    ap.add_argument("folder", nargs="?", default=default, help=f"the cache folder (default: {default})")
+    ap.add_argument("--prune", action="store_true", help="delete stale and damaged entries, crashed writes")
+    args = ap.parse_args(argv)
+    files = scan(args.folder)
+    by: dict[str, list[int]] = {}
+    for _, status, size in files:
+        by.setdefault(status, []).append(size)
+    print(f"{Path(args.folder).expanduser()}: " + (", ".join(
+        f"{len(sizes)} {status} ({sum(sizes) / 2**20:.1f} MiB)" for status, sizes in sorted(by.items())
+    ) or "empty"))  # fmt: skip
+    if args.prune:
+        gone = [(p, s, n) for p, s, n in files if s in ("stale", "damaged", "partial")]
+        for path, _, _ in gone:
+            path.unlink(missing_ok=True)
+        print(f"pruned {len(gone)} files ({sum(n for _, _, n in gone) / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

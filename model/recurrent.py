@@ -33,16 +33,19 @@ import ctypes
 import functools
 import numbers
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
 from model import fused, linalg
 from model import triton_step as triton_kernel
 from model.cuda_graphs import GraphedModel
-from model.form_cache import FormCache, layer_key
 from model.kernel import SSMKernel, discretize
 from model.layer import fft_conv
 from model.network import check_token_dtype, check_token_ids
+
+if TYPE_CHECKING:  # (imported where used: `python -m model.form_cache` runs that module as __main__)
+    from model.form_cache import FormCache
 
 F64, C64, C128 = torch.float64, torch.complex64, torch.complex128
 # prefill block T (a power of 2): per layer, float32 tables of T rows (μ^t b, c̃ μ^{t+1}, Ā^t B̄, …) and the
@@ -707,8 +710,11 @@ def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None
     if bad:
         raise VerificationError(f"non-finite SSM parameters: {', '.join(bad)}")
     taps = min(kernel.L, VERIFY_TOKENS)
-    key = None if cache is None else layer_key(kernel, s, device, tol, L)
-    if key is not None:
+    key = None
+    if cache is not None:
+        from model.form_cache import layer_key  # noqa: PLC0415
+
+        key = layer_key(kernel, s, device, tol, L)
         made = cache.read(key, functools.partial(_cached_form, kernel, s, device, taps))
         if made is not None:
             return made

@@ -366,3 +366,42 @@ def test_the_server_reads_the_cache_at_a_restart_and_reports_it(tmp_path, caplog
     assert "(recurrent-form cache off)" in next(m for m in caplog.messages if m.startswith("model m:"))
     assert "recurrent-form cache: off (S4_RECURRENT_CACHE is empty)" in caplog.messages
     assert_same_model(rec1, models["m"].rec)
+
+
+def test_the_command_lists_what_a_folder_holds_and_prunes_all_but_current_entries(tmp_path, capsys):
+    """python -m model.form_cache FOLDER [--prune]: a model's entries are current; an entry of another torch
+    (its metadata says so) is stale, a truncated one damaged, a write's temporary file partial once older than
+    TMP_AGE_S (else being written), a file of something else other. --prune deletes the stale, damaged and
+    partial ones only, and the model still loads every layer from what is left."""
+    import os  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from model import form_cache  # noqa: PLC0415
+
+    net = s4_model()
+    cache = FormCache(tmp_path)
+    net.to_recurrent(cache=cache)  # 2 current entries
+    first, second = _entries(tmp_path)
+    stale, damaged = tmp_path / ("a" * 64 + ".safetensors"), tmp_path / ("b" * 64 + ".safetensors")
+    stale.write_bytes(first.read_bytes())
+    with safe_open(str(stale), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(stale), metadata={**meta, "key": stale.stem, "torch": "1.0.0"})
+    damaged.write_bytes(second.read_bytes()[:1000])
+    old, young = tmp_path / ".tmp-000000000000.safetensors", tmp_path / ".tmp-111111111111.safetensors"
+    for path in (old, young):
+        path.write_bytes(b"\0" * 10)
+    os.utime(old, (time.time() - 2 * form_cache.TMP_AGE_S,) * 2)
+    (tmp_path / "notes.txt").write_text("mine")
+    status = {path.name: s for path, s, _ in form_cache.scan(tmp_path)}
+    assert status == {first.name: "current", second.name: "current", stale.name: "stale",
+                      damaged.name: "damaged", old.name: "partial", young.name: "writing",
+                      "notes.txt": "other"}  # fmt: skip
+    assert form_cache.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2 current (" in out and "1 stale (" in out and "1 damaged (" in out and "1 partial (" in out
+    assert form_cache.main([str(tmp_path), "--prune"]) == 0
+    assert "pruned 3 files" in capsys.readouterr().out
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted([first.name, second.name, young.name, "notes.txt"])
+    assert all(r["cached"] for r in net.to_recurrent(cache=FormCache(tmp_path)).report)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -41,7 +42,6 @@ from model import fused, recurrent
 from model import triton_step as triton_kernel
 from model.arch.sashimi import S4Block, SaShiMi
 from model.cuda_graphs import GraphedModel
-from model.form_cache import FormCache
 from model.layer import fft_conv
 from model.network import check_token_ids
 from model.recurrent import (
@@ -60,6 +60,9 @@ from model.recurrent import (
     pad_fused_params,
 )
 from model.state_layout import StateLayout
+
+if TYPE_CHECKING:
+    from model.form_cache import FormCache
 
 
 class SaShiMiRecurrent(GraphedModel):
