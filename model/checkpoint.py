@@ -39,7 +39,10 @@ def save(net, directory: str | Path, extra: dict | None = None) -> Path:
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     if net.config.tie_embeddings:
         state.pop("head.weight", None)  # shared with embed.weight; restored by construction
-    save_file(state, str(d / WEIGHTS), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    # one metadata key: safetensors writes a map's keys in a random order, and the file's SHA-256 is the
+    # model's identity (weights_sha256: sessions are exported and imported by it), so two saves of the same
+    # weights must be the same bytes (with two keys, 2 of 12 saves differed)
+    save_file(state, str(d / WEIGHTS), metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

@@ -126,3 +126,30 @@ def test_saved_files_are_readable_by_other_users_whatever_the_umask(tmp_path, ne
     for name in ("model.safetensors", "config.json"):
         assert stat.S_IMODE((tmp_path / "ck" / name).stat().st_mode) == 0o644, name
     assert load(tmp_path / "ck").config == net.config
+
+
+def test_two_saves_of_the_same_weights_are_the_same_bytes(tmp_path, net):
+    """weights_sha256 is a model's identity (a session exported from one server imports into another serving
+    the same weights by it), so saving is deterministic. The safetensors metadata was a map of two keys,
+    which safetensors writes in a random order: 2 of 12 saves differed; and two conversions of one official
+    file got different SHA-256s, so a session of one replica was refused by another (a fresh-user trial)."""
+    shas = set()
+    for i in range(12):
+        save(net, tmp_path / str(i))
+        shas.add(json.loads((tmp_path / str(i) / "config.json").read_text())["weights_sha256"])
+    assert len(shas) == 1
+    assert len({(tmp_path / str(i) / "model.safetensors").read_bytes() for i in range(12)}) == 1
+
+
+def test_two_conversions_of_one_official_file_are_the_same_checkpoint(tmp_path):
+    from pathlib import Path  # noqa: PLC0415
+
+    from model.convert import convert  # noqa: PLC0415
+
+    src = Path(__file__).resolve().parent / "fixtures" / "official" / "s4_bytes.ckpt"
+    metas = []
+    for i in range(4):
+        convert(src, tmp_path / str(i))
+        metas.append(json.loads((tmp_path / str(i) / "config.json").read_text()))
+    assert len({m["weights_sha256"] for m in metas}) == 1
+    assert len({(tmp_path / str(i) / "model.safetensors").read_bytes() for i in range(4)}) == 1
