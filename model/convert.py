@@ -34,7 +34,7 @@ from model.checkpoint import _sha256, save
 from model.official.mapping import Imported, MissingConfig, Unsupported, map_official
 from model.official.reader import OfficialFormatError, config_origin, find_config, read_source
 from model.vocab import DATASETS as VOCAB_BUILDS
-from model.vocab import VOCAB_FILE, VocabError, WordVocab
+from model.vocab import VOCAB_FILE, VocabError, WordVocab, load_vocab
 
 log = logging.getLogger("model.convert")
 
@@ -77,8 +77,10 @@ def token_warning(dataset: str | None, vocab_size: int) -> str | None:
     if vocab_size < 256:
         reasons.append(
             f"vocab {vocab_size} < 256: the server's text routes send UTF-8 bytes as ids (id = byte), so "
-            "the server refuses to serve it; use it through the library (model.load) by its token ids"
-        )
+            "the server refuses to serve it "
+            + ("without its vocabulary" if dataset in VOCAB_DATASETS else "; use it through the library "
+               "(model.load) by its token ids")
+        )  # fmt: skip
     if dataset in VOCAB_DATASETS:
         reasons.append(
             f"trained on dataset {dataset!r}, whose token ids are the official code's frequency-ordered "
@@ -352,16 +354,19 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
     """Convert SRC once into CACHE/<sha256>/ and return that folder (reused while the source's bytes,
     and its config's and vocabulary's, are unchanged), with the vocabulary beside it (`find_vocab`) when
     there is one. Written to a temporary folder and renamed, so a crash never leaves a half-written
-    entry."""
+    entry; an entry changed since (its weights' or vocabulary's checksum) is logged and converted again."""
     src = Path(src)
     if config is None and src.suffix != ".ckpt":
         config = find_config(src)
     vocab = find_vocab(src)
     cache = Path(cache_dir).expanduser()
     entry = cache / cache_key(src, config, vocab)
-    if (entry / "config.json").is_file() and (entry / "model.safetensors").is_file():
-        _warn_tokens(src, entry)
-        return entry
+    if entry.exists():
+        if (damage := _entry_damage(entry)) is None:
+            _warn_tokens(src, entry)
+            return entry
+        log.warning("%s: %s; converting %s again", entry, damage, src)
+        shutil.rmtree(entry, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = _new_folder(cache, ".tmp-")
     try:
@@ -398,6 +403,19 @@ def _warn_tokens(src: Path, entry: Path) -> None:
         return
     if warning:
         log.warning("%s: %s", src, warning)
+
+
+def _entry_damage(entry: Path) -> str | None:
+    """What is wrong with a conversion cache entry (its weights or vocab.txt changed since it was written:
+    their SHA-256 against config.json's), or None."""
+    try:
+        meta = json.loads((entry / "config.json").read_text())
+        if _sha256(entry / "model.safetensors") != meta.get("weights_sha256"):
+            return "its weights' checksum does not match"
+        load_vocab(entry)  # (None without one; VocabError for a vocab.txt changed or missing)
+    except (OSError, ValueError, AttributeError, VocabError) as exc:
+        return f"unusable ({exc})"
+    return None
 
 
 def _new_folder(parent: Path, prefix: str) -> Path:

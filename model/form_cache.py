@@ -233,9 +233,15 @@ def scan(folder: str | Path, now: float | None = None) -> list[tuple[Path, str, 
     folder, now = Path(folder).expanduser(), time.time() if now is None else now
     out = []
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
-        size = path.stat().st_size
+        try:
+            st = path.stat()
+        except OSError:  # a dangling link, or a temporary file renamed meanwhile
+            if path.is_symlink():
+                out.append((path, "other", 0))
+            continue
+        size = st.st_size
         if path.name.startswith(".tmp-") and path.name.endswith(SUFFIX):
-            out.append((path, "partial" if now - path.stat().st_mtime > TMP_AGE_S else "writing", size))
+            out.append((path, "partial" if now - st.st_mtime > TMP_AGE_S else "writing", size))
         elif not path.is_file() or path.suffix != SUFFIX:
             out.append((path, "other", size))
         else:
@@ -267,23 +273,31 @@ def main(argv: list[str] | None = None) -> int:
     $S4_RECURRENT_CACHE, else ~/.cache/s4serve/recurrent."""
     import argparse  # noqa: PLC0415
 
-    ap = argparse.ArgumentParser(prog="python -m model.form_cache", description=main.__doc__.split("\n")[0])
+    about = " ".join(main.__doc__.split("\n\n")[0].split())
+    ap = argparse.ArgumentParser(prog="python -m model.form_cache", description=about)
     default = os.environ.get("S4_RECURRENT_CACHE", "").strip() or "~/.cache/s4serve/recurrent"
     ap.add_argument("folder", nargs="?", default=default, help=f"the cache folder (default: {default})")
     ap.add_argument("--prune", action="store_true", help="delete stale and damaged entries, crashed writes")
     args = ap.parse_args(argv)
-    files = scan(args.folder)
+    folder = Path(args.folder).expanduser()
+    if not folder.is_dir():
+        ap.error(f"{folder}: " + ("a file, not a folder" if folder.exists() else "no such folder"))
+    files = scan(folder)
     by: dict[str, list[int]] = {}
     for _, status, size in files:
         by.setdefault(status, []).append(size)
-    print(f"{Path(args.folder).expanduser()}: " + (", ".join(
-        f"{len(sizes)} {status} ({sum(sizes) / 2**20:.1f} MiB)" for status, sizes in sorted(by.items())
+    print(f"{folder}: " + (", ".join(
+        f"{len(sizes)} {status} ({sum(sizes) / 2**10:.0f} KiB)" for status, sizes in sorted(by.items())
     ) or "empty"))  # fmt: skip
+    for path, status, _ in files:
+        if status not in ("current", "writing"):
+            print(f"  {status}: {path.name}")
     if args.prune:
         gone = [(p, s, n) for p, s, n in files if s in ("stale", "damaged", "partial")]
         for path, _, _ in gone:
             path.unlink(missing_ok=True)
-        print(f"pruned {len(gone)} files ({sum(n for _, _, n in gone) / 2**20:.1f} MiB)")
+        freed = sum(n for _, _, n in gone) / 2**10
+        print(f"pruned {len(gone)} files ({freed:.0f} KiB); files not of the cache are left")
     return 0
 
 

@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     it read). Exit status 2 with the reason for a folder or dataset it cannot build from."""
     import argparse  # noqa: PLC0415
 
-    ap = argparse.ArgumentParser(prog="python -m model.vocab", description=main.__doc__.split("\n")[0])
+    about = " ".join(main.__doc__.split("\n\n")[0].split())
+    ap = argparse.ArgumentParser(prog="python -m model.vocab", description=about)
     ap.add_argument("data_dir", help="the dataset's folder, as the official code reads it (train.txt, ...)")
     ap.add_argument("dataset", choices=sorted(DATASETS), help="the official dataset's name (its _name_)")
     ap.add_argument("out", help="the symbols file to write (vocab.txt beside an official .ckpt serves it)")
@@ -186,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         vocab = WordVocab.from_dataset(args.data_dir, args.dataset)
     except (VocabError, OSError) as exc:
         ap.error(str(exc))
-    sha = vocab.write(args.out)
+    try:
+        sha = vocab.write(args.out)
+    except OSError as exc:
+        ap.error(f"{args.out}: cannot write it ({exc.strerror or exc})")
     print(f"{args.out}: {len(vocab)} words of {args.dataset} (sha256 {sha})")
     return 0
 

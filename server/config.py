@@ -48,8 +48,9 @@ class Settings(BaseSettings):
     )
     convert_cache: str = Field(
         "~/.cache/s4serve/convert",
-        description="where official checkpoints are converted to, one folder per source SHA-256 and "
-        "converter version (reused)",
+        description="where official checkpoints are converted to, one folder per SHA-256 of the source "
+        "(and of its config and its vocab.txt, when beside it) and converter version (reused; an entry "
+        "changed since is converted again)",
     )
     recurrent_cache: str = Field(
         "~/.cache/s4serve/recurrent",

@@ -393,15 +393,23 @@ def test_the_command_lists_what_a_folder_holds_and_prunes_all_but_current_entrie
         path.write_bytes(b"\0" * 10)
     os.utime(old, (time.time() - 2 * form_cache.TMP_AGE_S,) * 2)
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     status = {path.name: s for path, s, _ in form_cache.scan(tmp_path)}
     assert status == {first.name: "current", second.name: "current", stale.name: "stale",
                       damaged.name: "damaged", old.name: "partial", young.name: "writing",
-                      "notes.txt": "other"}  # fmt: skip
+                      "notes.txt": "other", "dangling": "other"}  # fmt: skip
     assert form_cache.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "2 current (" in out and "1 stale (" in out and "1 damaged (" in out and "1 partial (" in out
+    for name, s in status.items():  # each file that is not a current entry or a write in progress, named
+        assert (f"  {s}: {name}" in out) == (s not in ("current", "writing")), name
     assert form_cache.main([str(tmp_path), "--prune"]) == 0
     assert "pruned 3 files" in capsys.readouterr().out
     left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == sorted([first.name, second.name, young.name, "notes.txt"])
+    assert left == sorted([first.name, second.name, young.name, "notes.txt", "dangling"])
     assert all(r["cached"] for r in net.to_recurrent(cache=FormCache(tmp_path)).report)
+    for name, why in [("none", "no such folder"), ("notes.txt", "a file, not a folder")]:
+        folder = tmp_path / name
+        with pytest.raises(SystemExit) as exc:
+            form_cache.main([str(folder)])
+        assert exc.value.code == 2 and why in capsys.readouterr().err

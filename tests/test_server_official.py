@@ -14,6 +14,7 @@ import pytest
 from server_support import ServerThread, reference
 from websockets.asyncio.client import connect
 
+from model.checkpoint import load
 from model.codecs import MuLaw, to_pcm16
 from model.convert import CONVERTER_VERSION
 from model.sampling import SamplingParams
@@ -101,6 +102,36 @@ def test_the_cache_is_reused_while_the_source_is_unchanged(official_server):
     assert model_id == "bytes-lm" and again == ("s4_bytes", folder)
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
     assert [p.name for p in cache.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+@pytest.mark.parametrize("damage", ["weights truncated", "weights missing", "vocab.txt edited"])
+def test_a_damaged_cache_entry_is_logged_and_converted_again(tmp_path, damage, caplog):
+    """A conversion cache entry changed after it was written (a fresh-user trial truncated its weights: the
+    server then stopped with `checksum mismatch` at every start): logged, converted again, served."""
+    import logging  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    from model.vocab import main as vocab_main  # noqa: PLC0415
+
+    src = tmp_path / "run" / "s4_wt103.ckpt"
+    src.parent.mkdir()
+    shutil.copy(FIX / "s4_wt103.ckpt", src)
+    assert vocab_main([str(FIX / "wt103_data"), "wt103", str(src.parent / "vocab.txt")]) == 0
+    settings = Settings(convert_cache=str(tmp_path / "cache"))
+    _, folder = resolve_entry(str(src), settings)
+    weights = folder / "model.safetensors"
+    good = weights.read_bytes()
+    if damage == "weights truncated":
+        weights.write_bytes(good[: len(good) // 2])
+    elif damage == "weights missing":
+        weights.unlink()
+    else:
+        (folder / "vocab.txt").write_text((folder / "vocab.txt").read_text().replace("<unk>", "<UNK>"))
+    with caplog.at_level(logging.WARNING, logger="model.convert"):
+        _, again = resolve_entry(str(src), settings)
+    assert again == folder and weights.read_bytes() == good  # (conversions are the same bytes)
+    assert any(str(folder) in m and "converting" in m for m in caplog.messages), caplog.messages
+    load(folder)  # the checkpoint's own checks pass
 
 
 def test_entries_name_a_model_with_name_equals_path():

@@ -266,3 +266,7 @@ def test_model_vocab_writes_the_official_code_s_symbols_file_and_names_a_bad_fol
     with pytest.raises(SystemExit) as exc:
         vocab_main([str(tmp_path / "nowhere"), "wt103", str(tmp_path / "v.txt")])
     assert exc.value.code == 2 and "nowhere/train.txt" in capsys.readouterr().err
+    for out in (tmp_path / "no" / "such" / "vocab.txt", tmp_path):  # a folder missing, a folder
+        with pytest.raises(SystemExit) as exc:
+            vocab_main([str(DATA), "wt103", str(out)])
+        assert exc.value.code == 2 and f"{out}: cannot write it" in capsys.readouterr().err
