@@ -171,8 +171,9 @@ def load_vocab(folder: str | Path) -> WordVocab | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m model.vocab DATA_DIR DATASET OUT: the symbols file of DATASET's vocabulary (wt103, wt2,
-    ptb) built from its data folder as the official code builds it, one word per line in id order (what
+    """python -m model.vocab DATA_DIR DATASET_OR_CKPT OUT: the symbols file of a dataset's vocabulary (wt103,
+    wt2, ptb; or the one a run's .ckpt was trained on, read from its config) built from its data folder as
+    the official code builds it, one word per line in id order (what
     `WordVocab.read`, `model.convert --vocab` and a server given an official file with `vocab.txt` beside
     it read). Exit status 2 with the reason for a folder or dataset it cannot build from."""
     import argparse  # noqa: PLC0415
@@ -180,18 +181,35 @@ def main(argv: list[str] | None = None) -> int:
     about = " ".join(main.__doc__.split("\n\n")[0].split())
     ap = argparse.ArgumentParser(prog="python -m model.vocab", description=about)
     ap.add_argument("data_dir", help="the dataset's folder, as the official code reads it (train.txt, ...)")
-    ap.add_argument("dataset", choices=sorted(DATASETS), help="the official dataset's name (its _name_)")
+    names = ", ".join(sorted(DATASETS))
+    ap.add_argument("dataset", help=f"the official dataset's name ({names}), or the run's .ckpt or .pt, "
+                    "whose config names it (dataset._name_): no other dataset's is taken")  # fmt: skip
     ap.add_argument("out", help="the symbols file to write (vocab.txt beside an official .ckpt serves it)")
     args = ap.parse_args(argv)
+    dataset = args.dataset
+    if Path(dataset).is_file():  # the run's checkpoint: the dataset its config names
+        from model.official.reader import OfficialFormatError, read_source  # noqa: PLC0415
+
+        try:
+            cfg = read_source(dataset)[1]
+        except (OfficialFormatError, OSError) as exc:
+            ap.error(f"{dataset}: cannot read its config ({exc})")
+        ds = (cfg or {}).get("dataset")
+        dataset = ds.get("_name_") if isinstance(ds, dict) else None
+        if dataset not in DATASETS:
+            ap.error(f"{args.dataset}: its config names dataset {dataset!r}, not one whose word vocabulary "
+                     f"is built here ({names})")  # fmt: skip
+    elif dataset not in DATASETS:
+        ap.error(f"dataset {dataset!r}: not a file, nor one of {names}")
     try:
-        vocab = WordVocab.from_dataset(args.data_dir, args.dataset)
+        vocab = WordVocab.from_dataset(args.data_dir, dataset)
     except (VocabError, OSError) as exc:
         ap.error(str(exc))
     try:
         sha = vocab.write(args.out)
     except OSError as exc:
         ap.error(f"{args.out}: cannot write it ({exc.strerror or exc})")
-    print(f"{args.out}: {len(vocab)} words of {args.dataset} (sha256 {sha})")
+    print(f"{args.out}: {len(vocab)} words of {dataset} (sha256 {sha})")
     return 0
 
 

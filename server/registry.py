@@ -312,7 +312,7 @@ def served_vocab(path: Path, config: ModelConfig, source: Path | None = None) ->
         return vocab
     fix = (
         f"put its vocabulary's symbols file beside {source.name} as vocab.txt (python -m model.vocab "
-        f"DATA_DIR DATASET {source.parent / 'vocab.txt'})" if source is not None
+        f"DATA_DIR {source} {source.parent / 'vocab.txt'})" if source is not None
         else "convert it with its vocabulary (python -m model.convert SRC OUT --vocab DATA_DIR_OR_FILE)"
     )  # fmt: skip
     if config.vocab_size < 256:  # text prompts arrive as UTF-8 bytes (ids 0-255): each must be a token

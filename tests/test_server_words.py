@@ -238,7 +238,7 @@ def test_an_official_file_served_directly_reads_the_vocab_txt_beside_it(words, t
     assert models == {} and "vocab_size >= 256" in failed["wt103"]
     assert (
         f"put its vocabulary's symbols file beside s4_wt103.ckpt as vocab.txt (python -m model.vocab "
-        f"DATA_DIR DATASET {run / VOCAB_FILE})" in failed["wt103"]
+        f"DATA_DIR {src} {run / VOCAB_FILE})" in failed["wt103"]
     )
     assert any("garbage" in m and "beside it as vocab.txt" in m for m in caplog.messages), caplog.messages
     assert vocab_main([str(DATA), "wt103", str(run / VOCAB_FILE)]) == 0
@@ -266,6 +266,15 @@ def test_model_vocab_writes_the_official_code_s_symbols_file_and_names_a_bad_fol
     with pytest.raises(SystemExit) as exc:
         vocab_main([str(tmp_path / "nowhere"), "wt103", str(tmp_path / "v.txt")])
     assert exc.value.code == 2 and "nowhere/train.txt" in capsys.readouterr().err
+    # the run's checkpoint instead of the dataset's name: the dataset its config names (the fixture: wt103)
+    assert vocab_main([str(DATA), str(FIX / "s4_wt103.ckpt"), str(tmp_path / "from-ckpt.txt")]) == 0
+    assert (tmp_path / "from-ckpt.txt").read_bytes() == (tmp_path / "vocab.txt").read_bytes()
+    capsys.readouterr()
+    for what, why in [(str(FIX / "s4d_standalone.pt"), "its config names dataset None, not one whose"),
+                      ("wt9", "dataset 'wt9': not a file, nor one of ptb, wt103, wt2")]:  # fmt: skip
+        with pytest.raises(SystemExit) as exc:
+            vocab_main([str(DATA), what, str(tmp_path / "v.txt")])
+        assert exc.value.code == 2 and why in capsys.readouterr().err
     for out in (tmp_path / "no" / "such" / "vocab.txt", tmp_path):  # a folder missing, a folder
         with pytest.raises(SystemExit) as exc:
             vocab_main([str(DATA), "wt103", str(out)])
