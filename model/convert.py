@@ -32,7 +32,7 @@ import torch
 
 from model.checkpoint import _sha256, save
 from model.official.mapping import Imported, MissingConfig, Unsupported, map_official
-from model.official.reader import OfficialFormatError, config_origin, find_config, read_source
+from model.official.reader import OfficialFormatError, config_origin, dataset_name, find_config, read_source
 from model.vocab import DATASETS as VOCAB_BUILDS
 from model.vocab import VOCAB_FILE, VocabError, WordVocab, load_vocab
 
@@ -278,8 +278,7 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
         raise ConvertError(f"{src}: verification failed: {exc}") from None
     sha = _sha256(src)
     name = name or default_name(src)
-    ds = cfg.get("dataset") if isinstance(cfg, dict) else None
-    dataset = ds.get("_name_") if isinstance(ds, dict) else None
+    dataset = dataset_name(cfg)
     text = imp.config.get("modality", "text") == "text"
     if text and sample_rate is not None:
         raise ConvertError(f"{src}: --sample-rate is a SaShiMi (audio) import's option; this is a text model")
@@ -405,13 +404,23 @@ def _warn_tokens(src: Path, entry: Path) -> None:
         log.warning("%s: %s", src, warning)
 
 
+# weights files this process has found intact, as (path, mtime, size, SHA-256): a server resolves each
+# entry twice at a start (its preflight, then the load), and hashing 1 GB of weights takes seconds
+_INTACT: set[tuple[Path, int, int, str]] = set()
+
+
 def _entry_damage(entry: Path) -> str | None:
     """What is wrong with a conversion cache entry (its weights or vocab.txt changed since it was written:
     their SHA-256 against config.json's), or None."""
     try:
         meta = json.loads((entry / "config.json").read_text())
-        if _sha256(entry / "model.safetensors") != meta.get("weights_sha256"):
-            return "its weights' checksum does not match"
+        weights = entry / "model.safetensors"
+        st = weights.stat()
+        mark = (weights, st.st_mtime_ns, st.st_size, meta.get("weights_sha256"))
+        if mark not in _INTACT:
+            if _sha256(weights) != meta.get("weights_sha256"):
+                return "its weights' checksum does not match"
+            _INTACT.add(mark)
         load_vocab(entry)  # (None without one; VocabError for a vocab.txt changed or missing)
     except (OSError, ValueError, AttributeError, VocabError) as exc:
         return f"unusable ({exc})"

@@ -88,11 +88,7 @@ class FormCache:
             self.misses += 1
             return None
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                # (copies: a tensor read from the file may sit at an offset that a complex view of it,
-                # which needs 16-byte alignment, cannot use; one such view crashed in indexing)
-                tensors = {name: f.get_tensor(name).clone() for name in f.keys()}  # noqa: SIM118
+            meta, tensors = _open(path)
             if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
                 raise ValueError(f"not a {FORMAT} v{FORMAT_VERSION} entry")
             if meta.get("key") != key:
@@ -140,6 +136,14 @@ class FormCache:
                     why = "a file is there, not a folder"
                 log.warning("recurrent-form cache %s cannot be written (%s): layers are converted at every "
                             "start", self.folder, why)  # fmt: skip
+
+
+def _open(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An entry's metadata and tensors (on CPU). Raises SafetensorError or OSError."""
+    with safe_open(str(path), framework="pt") as f:
+        # (copies: a tensor read from the file may sit at an offset that a complex view of it, which needs
+        # 16-byte alignment, cannot use; one such view crashed in indexing)
+        return f.metadata() or {}, {name: f.get_tensor(name).clone() for name in f.keys()}  # noqa: SIM118
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -251,9 +255,7 @@ def scan(folder: str | Path, now: float | None = None) -> list[tuple[Path, str, 
 
 def _status(path: Path) -> str:
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name).clone() for name in f.keys()}  # noqa: SIM118
+        meta, tensors = _open(path)
     except (SafetensorError, OSError, ValueError):
         return "damaged"
     if meta.get("format") != FORMAT:

@@ -188,14 +188,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     dataset = args.dataset
     if Path(dataset).is_file():  # the run's checkpoint: the dataset its config names
-        from model.official.reader import OfficialFormatError, read_source  # noqa: PLC0415
+        from model.official.reader import OfficialFormatError, dataset_name, read_source  # noqa: PLC0415
 
         try:
-            cfg = read_source(dataset)[1]
+            dataset = dataset_name(read_source(dataset)[1])
         except (OfficialFormatError, OSError) as exc:
             ap.error(f"{dataset}: cannot read its config ({exc})")
-        ds = (cfg or {}).get("dataset")
-        dataset = ds.get("_name_") if isinstance(ds, dict) else None
         if dataset not in DATASETS:
             ap.error(f"{args.dataset}: its config names dataset {dataset!r}, not one whose word vocabulary "
                      f"is built here ({names})")  # fmt: skip

@@ -293,9 +293,9 @@ def model_id_of(entry: str) -> str:
 
 def served_vocab(path: Path, config: ModelConfig, source: Path | None = None) -> WordVocab | None:
     """The word vocabulary a text model is served through (its folder's vocab.txt), or None: its ids are
-    UTF-8 bytes (or it is an audio model). `source`: the official file it was
-    converted from (named in the errors). Raises CheckpointError for a vocabulary that is wrong or of
-    another size, and for a text model without one whose ids cannot be bytes (fewer than 256). A model
+    UTF-8 bytes (or it is an audio model). `source`: the official file it was converted from (named in
+    the errors). Raises CheckpointError for a vocabulary that is wrong or of another size, and for a text
+    model without one whose ids cannot be bytes (fewer than 256). A model
     converted from an official dataset that numbers tokens by a vocabulary (WikiText, PTB, …) without it is
     served as bytes, with the conversion's warning (`model.convert.token_warning`: the dataset's name alone
     does not prove its ids are not bytes)."""
@@ -310,12 +310,12 @@ def served_vocab(path: Path, config: ModelConfig, source: Path | None = None) ->
         if len(vocab) != config.vocab_size:
             raise CheckpointError(f"{where}: vocab.txt has {len(vocab)} words, the model {config.vocab_size}")
         return vocab
-    fix = (
-        f"put its vocabulary's symbols file beside {source.name} as vocab.txt (python -m model.vocab "
-        f"DATA_DIR {source} {source.parent / 'vocab.txt'})" if source is not None
-        else "convert it with its vocabulary (python -m model.convert SRC OUT --vocab DATA_DIR_OR_FILE)"
-    )  # fmt: skip
     if config.vocab_size < 256:  # text prompts arrive as UTF-8 bytes (ids 0-255): each must be a token
+        fix = (
+            f"put its vocabulary's symbols file beside {source.name} as vocab.txt (python -m model.vocab "
+            f"DATA_DIR {source} {source.parent / 'vocab.txt'})" if source is not None
+            else "convert it with its vocabulary (python -m model.convert SRC OUT --vocab DATA_DIR_OR_FILE)"
+        )  # fmt: skip
         raise CheckpointError(
             f"{where}: a text model must have vocab_size >= 256 (byte tokens), this one has "
             f"{config.vocab_size} (a word-level model needs its vocabulary: {fix})"

@@ -134,6 +134,21 @@ def test_a_damaged_cache_entry_is_logged_and_converted_again(tmp_path, damage, c
     load(folder)  # the checkpoint's own checks pass
 
 
+def test_an_intact_cache_entry_s_weights_are_hashed_once_per_process(tmp_path, monkeypatch):
+    """A server resolves each entry twice at a start (preflight, then the load): the second finds the
+    weights intact by their file's mtime and size, without hashing them again (seconds for 1 GB)."""
+    from model import convert as convert_module  # noqa: PLC0415
+
+    settings = Settings(convert_cache=str(tmp_path / "cache"))
+    _, folder = resolve_entry(str(FIX / "s4_bytes.ckpt"), settings)  # converted
+    hashed = []
+    real = convert_module._sha256
+    monkeypatch.setattr(convert_module, "_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+    for _ in range(3):
+        assert resolve_entry(str(FIX / "s4_bytes.ckpt"), settings)[1] == folder
+    assert hashed.count("model.safetensors") == 1 and hashed.count("s4_bytes.ckpt") == 3
+
+
 def test_entries_name_a_model_with_name_equals_path():
     assert parse_entry("mine=/x/y.ckpt") == ("mine", Path("/x/y.ckpt"))
     assert parse_entry("/x/a=b.ckpt") == (None, Path("/x/a=b.ckpt"))

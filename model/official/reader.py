@@ -172,6 +172,12 @@ def _resolve(cfg: dict, value: Any, root: dict, depth: int = 0) -> Any:
     return _resolve(cfg, node, root, depth + 1)
 
 
+def dataset_name(cfg: dict | None) -> str | None:
+    """The official dataset a run's (resolved) config names, its `dataset._name_`, or None."""
+    ds = cfg.get("dataset") if isinstance(cfg, dict) else None
+    return ds.get("_name_") if isinstance(ds, dict) else None
+
+
 def resolve_config(cfg: dict) -> dict:
     return _resolve(cfg, cfg, cfg)
 
