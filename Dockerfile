@@ -63,14 +63,16 @@ COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/s4serve /opt/s4serve
 WORKDIR /opt/s4serve
 # Every setting is an S4_* variable (README, "Configuration"); these differ from `make serve`:
-# listen on all interfaces, and build the fused step where a read-only root still lets us write.
-# The caches are the user's (HOME is /home/s4), named here whatever HOME a runtime sets for a numeric USER.
+# listen on all interfaces; the caches are the user's (HOME is /home/s4), named here whatever HOME a
+# runtime sets for a numeric USER. The fused step is compiled into the cache folder too, so that a volume
+# there keeps it across restarts; where that folder cannot be written (a read-only root, no volume) it is
+# compiled into /tmp/s4serve-build instead (model/fused.py), which needs /tmp writable and exec.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     S4_HOST=0.0.0.0 \
     S4_PORT=8000 \
-    S4_BUILD_CACHE=/tmp/s4serve-build \
+    S4_BUILD_CACHE=/home/s4/.cache/s4serve/build \
     S4_RECURRENT_CACHE=/home/s4/.cache/s4serve/recurrent \
     S4_CONVERT_CACHE=/home/s4/.cache/s4serve/convert
 USER 10001:10001

@@ -8,11 +8,13 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import hashlib
+import logging
 import os
 import platform
 import shlex
 import shutil
 import subprocess
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +26,7 @@ from model.network import token_range_error
 SOURCE = Path(__file__).parent / "csrc" / "ssm_step.c"
 MAX_MODES, MAX_RANK = 1024, 4  # the DPLR step's limits (MAX_MODES, MAX_RANK in ssm_step.c)
 _lib: dict[str, object] = {}
+log = logging.getLogger("model.fused")
 RESTYPES = {  # the library's entry points and their return types
     "diag_step": None, "dplr_step": ctypes.c_int, "net_step": ctypes.c_int, "sample_rows": None,
     "sample_rows_full": ctypes.c_int, "net_block": ctypes.c_long, "philox_uniforms": None,
@@ -51,6 +54,52 @@ def build_folder() -> Path:
     return Path(os.environ.get("S4_BUILD_CACHE", Path(__file__).resolve().parent.parent / ".build_cache"))
 
 
+def fallback_folder() -> Path:
+    """Where the library is compiled when `build_folder()` cannot be written: <temp dir>/s4serve-build
+    (the image's S4_BUILD_CACHE is on its cache volume; without one its read-only root leaves /tmp)."""
+    return Path(tempfile.gettempdir()) / "s4serve-build"
+
+
+def _folder_problem(folder: Path, name: str) -> str | None:
+    """Why the library `name` cannot be loaded from `folder` (compiled there first where it is not there
+    yet): a noexec mount, or a folder that cannot be made or written; None when it can. Makes the folder."""
+    if on_noexec_mount(folder):
+        return "is on a file system mounted noexec"
+    if (folder / name).is_file():
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"cannot be made ({exc.strerror or exc})"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "cannot be written" + (" (a read-only file system)" if _read_only(folder) else "")
+    return None
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def library_folder(name: str) -> tuple[Path | None, list[str]]:
+    """The folder the library file `name` is loaded from: `build_folder()` where it can be (the library
+    there, or a folder that can be written, on an exec mount), else `fallback_folder()`; None where
+    neither can. And why each folder passed over could not serve, one line each ("S4_BUILD_CACHE =
+    /x is on a file system mounted noexec")."""
+    primary = "S4_BUILD_CACHE" if "S4_BUILD_CACHE" in os.environ else "S4_BUILD_CACHE (unset: the default)"
+    folders = {build_folder(): primary}
+    folders.setdefault(fallback_folder(), "the fallback")
+    why = []
+    for folder, where in folders.items():
+        problem = _folder_problem(folder, name)
+        if problem is None:
+            return folder, why
+        why.append(f"{where} = {folder} {problem}")
+    return None, why
+
+
 def compiler() -> str | None:
     """The C compiler the build uses: $CC, else cc or gcc on PATH; None when there is none."""
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -69,18 +118,29 @@ def on_noexec_mount(folder: Path) -> bool:
         return False
 
 
+def library_name() -> str:
+    """The library's file name for this source, `build_flags()` and CPU (`build_key`). Raises OSError
+    (the source unreadable) or ValueError (S4_CFLAGS with unbalanced quotes)."""
+    return f"ssm_step_{build_key(SOURCE.read_bytes(), build_flags())}.so"
+
+
 def build_cache_problem() -> str | None:
-    """Why the fused step could not be loaded from the build cache (a noexec mount), with the fix; None
-    when there is no such problem (or no C compiler, which the torch ops stand in for anyway)."""
-    folder = build_folder()
-    if compiler() is None or not on_noexec_mount(folder):
+    """Why the fused step could not be compiled and loaded in any folder (`library_folder`: S4_BUILD_CACHE,
+    then the fallback in the temp dir, each on a noexec mount or not writable), with the fix; None when
+    one can serve (or there is no C compiler, which the torch ops stand in for anyway)."""
+    if compiler() is None:
         return None
-    where = "S4_BUILD_CACHE" if "S4_BUILD_CACHE" in os.environ else "S4_BUILD_CACHE (unset: the default)"
+    try:
+        folder, why = library_folder(library_name())
+    except (OSError, ValueError):
+        return None  # (library() warns with the cause)
+    if folder is not None:
+        return None
     return (
-        f"{where} = {folder} is on a file system mounted noexec: the fused C step compiled there cannot be "
-        "loaded, and decoding would run on torch ops, several times slower; mount it with exec (compose: "
-        "tmpfs entry /tmp:exec; docker or podman run: --tmpfs /tmp:exec) or point S4_BUILD_CACHE at a "
-        "writable folder on an exec mount"
+        f"{'; '.join(why)}: the fused C step cannot be compiled and loaded, and decoding would run on torch "
+        "ops, several times slower; mount it with exec (compose: tmpfs entry /tmp:exec; docker or podman "
+        "run: --tmpfs /tmp:exec), or point S4_BUILD_CACHE at a writable folder on an exec mount (the "
+        "image's is on its cache volume, /home/s4/.cache/s4serve)"
     )
 
 
@@ -137,12 +197,24 @@ def library():
         return _lib["lib"]
     lib = None
     try:
-        src = SOURCE.read_bytes()
-        flags = build_flags()
-        out = build_folder() / f"ssm_step_{build_key(src, flags)}.so"
-        if not out.exists():
+        name, flags = library_name(), build_flags()
+        folder, why = library_folder(name)
+        if folder is None:
+            raise OSError("; ".join(why))
+        if why:
+            log.info("%s: the fused C step is compiled and loaded in %s", "; ".join(why), folder)
+        out = folder / name
+        compiled = not out.exists()
+        if compiled:
             compile_library(out, flags)
-        lib = load_library(out)
+        try:
+            lib = load_library(out)
+        except OSError as exc:  # a damaged file kept from an earlier start (a persistent folder): once more
+            if compiled:
+                raise
+            log.warning("%s cannot be loaded (%s): compiling it again", out, exc)
+            compile_library(out, flags)
+            lib = load_library(out)
     except (OSError, RuntimeError, ValueError, subprocess.CalledProcessError) as exc:
         detail = build_cache_problem() or getattr(exc, "stderr", "") or exc
         warnings.warn(f"fused CPU step unavailable ({detail}); using torch ops", RuntimeWarning, stacklevel=2)

@@ -155,8 +155,19 @@ def test_kubernetes_deployment_and_service_agree_on_port_probes_and_user():
     drain = float(env.get("S4_DRAIN_TIMEOUT_S", Settings.model_fields["drain_timeout_s"].default))
     assert pod["terminationGracePeriodSeconds"] >= pre_stop + stop_takes_at_most(drain) + 5
     assert c["securityContext"]["readOnlyRootFilesystem"]
-    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
-    assert env_of(final_stage())["S4_BUILD_CACHE"].startswith("/tmp/")
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # the fused step's fallback folder
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert_the_image_caches_on(mounts["cache"])
+
+
+def assert_the_image_caches_on(mount: str) -> None:
+    """The image's S4_RECURRENT_CACHE, S4_CONVERT_CACHE and S4_BUILD_CACHE lie under `mount` (a volume
+    there keeps the layers' forms, the conversions and the compiled fused step across restarts), and
+    without one the fused step falls back to /tmp (no TMPDIR in the image: model.fused.fallback_folder)."""
+    env = env_of(final_stage())
+    for name in ("S4_RECURRENT_CACHE", "S4_CONVERT_CACHE", "S4_BUILD_CACHE"):
+        assert Path(env[name]).parent == Path(mount), (name, env[name], mount)
+    assert "TMPDIR" not in env
 
 
 @pytest.mark.parametrize("command", ["make serve", "make test"])
@@ -169,7 +180,8 @@ def test_readme_opens_with_the_two_commands_and_the_generated_settings_table(com
 
 
 def test_the_build_cache_tmpfs_is_exec_in_compose_and_in_the_container_smoke_test():
-    """S4_BUILD_CACHE (/tmp/...) holds the fused step's compiled library, which must be loaded from there:
+    """The fused step's compiled library is loaded from S4_BUILD_CACHE, on the cache volume, or without
+    one (a read-only root) from /tmp, which must let it be loaded:
     Docker and podman mount a tmpfs noexec unless its options say exec (compose's bare `- /tmp` cost ~7x
     the decode speed: a fresh-user trial). scripts/container-smoke mounts /tmp with compose's own entry
     (the line that reads it, run here), so a noexec entry there fails the smoke test too."""
@@ -177,7 +189,8 @@ def test_the_build_cache_tmpfs_is_exec_in_compose_and_in_the_container_smoke_tes
     (entry,) = [t for t in compose["services"]["s4serve"]["tmpfs"] if t.split(":")[0] == "/tmp"]
     options = entry.partition(":")[2].split(",")
     assert "exec" in options and "noexec" not in options
-    assert env_of(final_stage())["S4_BUILD_CACHE"].startswith("/tmp/")
+    (volume,) = compose["services"]["s4serve"]["volumes"]
+    assert_the_image_caches_on(volume.split(":")[1])
     script = (ROOT / "scripts" / "container-smoke").read_text()
     subprocess.run(["bash", "-n", str(ROOT / "scripts" / "container-smoke")], check=True)
     (line,) = [line for line in script.splitlines() if line.startswith("TMPFS=")]

@@ -1,6 +1,9 @@
 """The recurrent form reproduces conv mode: logits, prefill, states; verification and fallback."""
 
+import logging
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -208,6 +211,75 @@ def test_s4_cflags_reach_the_build_and_its_cache_key(monkeypatch, tmp_path):
         monkeypatch.setenv("S4_CFLAGS", bad)
         with pytest.warns(RuntimeWarning, match="fused CPU step unavailable"):
             assert fused.library() is None
+
+
+def test_the_fused_step_is_built_where_it_can_be_and_a_damaged_build_is_compiled_again(
+    monkeypatch, tmp_path, caplog
+):
+    """The image keeps S4_BUILD_CACHE on its cache volume, so a restart loads the library compiled at the
+    first start (some 5 s of a container's restart). Where that folder cannot be made or written (the
+    image's read-only root without the volume) the library is compiled into the temp dir's fallback, and
+    the log says why; a library already in S4_BUILD_CACHE is loaded from it even where it cannot be
+    written; a damaged one (a file cut short on a volume) is compiled again; where neither folder can
+    serve, build_cache_problem names both (the server stops on it) and library() warns. (Compiling is a
+    copy of this process's library here: the choice of folder is under test, not the compiler.)"""
+    from model import fused
+
+    built = Path(fused.library()._name)
+    name = fused.library_name()
+    compiles = []
+
+    def compile_copy(out, flags=fused.FLAGS, source=None):
+        compiles.append(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(built, out.with_suffix(".tmp"))
+        out.with_suffix(".tmp").replace(out)  # (a new file, as compile_library writes it)
+
+    def load(cache, fallback):
+        monkeypatch.setenv("S4_BUILD_CACHE", str(cache))
+        monkeypatch.setattr(fused, "fallback_folder", lambda: fallback)
+        monkeypatch.setattr(fused, "_lib", {})
+        compiles.clear()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="model.fused"):
+            return fused.library()
+
+    monkeypatch.setattr(fused, "compile_library", compile_copy)
+    (tmp_path / "a-file").write_text("")
+    blocked = tmp_path / "a-file" / "build"  # cannot be made: its parent is a file
+    assert load(blocked, tmp_path / "tmp") is not None and compiles == [tmp_path / "tmp" / name]
+    moved = f"S4_BUILD_CACHE = {blocked} cannot be made (Not a directory): the fused C step is compiled"
+    assert any(m == f"{moved} and loaded in {tmp_path / 'tmp'}" for m in caplog.messages), caplog.messages
+    assert fused.build_cache_problem() is None
+
+    volume = tmp_path / "volume"
+    assert load(volume, tmp_path / "tmp2") is not None and compiles == [volume / name]
+    assert not caplog.messages
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: not str(p).startswith(str(volume)) and real_access(p, mode)
+    )
+    assert load(volume, tmp_path / "tmp2") is not None and compiles == []  # kept: loaded, not compiled
+    monkeypatch.setattr(os, "access", real_access)
+
+    damaged = tmp_path / "volume2"  # (another path: dlopen would hand back this process's copy by its name)
+    damaged.mkdir()
+    (damaged / name).write_bytes(b"\x7fELF cut short")
+    assert load(damaged, tmp_path / "tmp2") is not None and compiles == [damaged / name]
+    assert (damaged / name).read_bytes() == built.read_bytes()
+    assert any(m.startswith(f"{damaged / name} cannot be loaded (") and m.endswith("compiling it again")
+               for m in caplog.messages)  # fmt: skip
+    (tmp_path / "another-file").write_text("")
+    also_blocked = tmp_path / "another-file" / "s4serve-build"
+    monkeypatch.setenv("S4_BUILD_CACHE", str(blocked))
+    monkeypatch.setattr(fused, "fallback_folder", lambda: also_blocked)
+    problem = fused.build_cache_problem()
+    assert problem.startswith(f"S4_BUILD_CACHE = {blocked} cannot be made (Not a directory); the fallback = "
+                              f"{also_blocked} cannot be made (Not a directory): the fused C step cannot be "
+                              "compiled and loaded")  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="fused CPU step unavailable"):
+        assert load(blocked, also_blocked) is None
+    assert compiles == []
 
 
 @pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])

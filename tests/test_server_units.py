@@ -550,8 +550,11 @@ def test_a_build_cache_on_a_noexec_mount_stops_the_server_naming_s4_build_cache(
 
     monkeypatch.setattr(os, "statvfs", NoExec)
     monkeypatch.setenv("S4_BUILD_CACHE", str(cache))
+    fallback = tmp_path / "noexec-tmp" / "s4serve-build"  # (the temp dir's fallback: noexec too here)
+    monkeypatch.setattr(fused, "fallback_folder", lambda: fallback)
     message = _exit_message("--checkpoints", str(model_dirs["text"]), "--port", str(free_port()))
-    assert message.startswith(f"not serving: S4_BUILD_CACHE = {cache} is on a file system mounted noexec")
+    assert message.startswith(f"not serving: S4_BUILD_CACHE = {cache} is on a file system mounted noexec; "
+                              f"the fallback = {fallback} is on a file system mounted noexec: ")  # fmt: skip
     assert "/tmp:exec" in message and "\n" not in message
     monkeypatch.setattr(fused, "_lib", {})
     monkeypatch.setattr(fused, "compile_library", lambda out, flags: None)  # built; its load then fails
