@@ -22,7 +22,7 @@ An entry is one safetensors file, `<key>.safetensors` (nothing is ever unpickled
 reference) and, in its metadata, the form's name, its verification report, the key, and the SHA-256 of the
 tensors (name, dtype, shape, bytes), checked at every read. At a read `model.recurrent` also checks the
 entry against the layer: its shapes, and its kernel taps against the layer's own computed by brute force
-from the live parameters (`dense_taps`: dense powers of the state matrix, 0.6 s a layer of that recipe). An
+from the live parameters (`dense_taps`: dense powers of the state matrix, 0.4 s a layer of that recipe). An
 entry that cannot be read, or whose metadata, checksum, shapes or taps do not match, is a miss: logged,
 converted again, and written anew. Entries are written to a temporary file and renamed, so a crash leaves no
 partial entry, and two processes that convert the same layer both write the same tensors. The server
@@ -31,10 +31,11 @@ model.form_cache [FOLDER] [--prune]` (`scan`, `main`) tells current entries from
 converter or torch: never read again) and deletes the latter. Deleting any entry is safe at any time.
 
 Only the layer's own check is cached (its impulse response over L is not run again for an entry read). The
-network check (`RecurrentModel.verification`, `SaShiMiRecurrent.verification`: a probe stepped and
-prefilled at the served dtype against float64 conv mode of the live weights, each layer convolving with
-its taps, checked as above) runs at every load, hit or miss; a model that fails it with layers read from
-the cache is converted again without it by `to_recurrent` (what the server calls).
+network check (`RecurrentModel.verification`, `SaShiMiRecurrent.verification`: a probe prefilled and
+stepped, also from the state its first part's prefill left, at the served dtype against float64 conv mode
+of the live weights, each layer convolving with its taps, checked as above) runs at every load, hit or
+miss; a model that fails it with layers read from the cache is converted again without it by
+`to_recurrent` (what the server calls).
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -98,6 +99,31 @@ def test_verification_failure_raises_clear_error():
     net = make("s4d", "diag-lin", l_max=256)
     with pytest.raises(VerificationError, match=r"layer 0: .*rel\. err 1e-12 over L=256"):
         net.to_recurrent(tol=1e-12)
+
+
+def test_the_network_check_decodes_from_the_state_a_prefill_leaves(monkeypatch):
+    """A prefill whose state only it can read (here: the two coordinates of every slot swapped in the state
+    it returns, and swapped back in the state it takes) reproduces conv mode when prompts are prefilled
+    after prompts, but not when decoding goes on from a prompt. The network check steps half its probe
+    from the state the first half's prefill left, so it refuses such a model (stepping the probe only from
+    the zero state, as before 2026-12-05, passed it); the same model unpatched passes."""
+    from model.recurrent import RecurrentModel  # noqa: PLC0415
+
+    net = make("s4d", "diag-lin", l_max=256)
+    ok = net.to_recurrent().verification
+    assert ok["step_rel_err"] < 1e-5 and ok["prefill_rel_err"] < 1e-5, ok
+    prefill = RecurrentModel.prefill
+
+    def swapped(self, tokens, state, logits="all"):
+        out, state = prefill(self, tokens, state.flip(-2), logits)
+        return out, state.flip(-2)
+
+    monkeypatch.setattr(RecurrentModel, "prefill", swapped)
+    errs = r"\(step (\S+), prefill (\S+)\)"
+    with pytest.raises(VerificationError, match=errs) as err:
+        net.to_recurrent()
+    step_err, prefill_err = (float(x) for x in re.search(errs, str(err.value)).groups())
+    assert step_err > 1e-2 and prefill_err < 1e-5, str(err.value)
 
 
 def test_state_is_constant_size_and_inputs_are_not_modified():

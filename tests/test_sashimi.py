@@ -9,6 +9,7 @@ reference: the same network in float64 with each S4 convolution's kernel γ̄ᵀ
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -557,6 +558,36 @@ def test_with_graphs_a_corrupt_phase_or_an_id_outside_the_vocabulary_is_refused(
 def test_conversion_refuses_an_unverifiable_layer(trained_net):
     with pytest.raises(VerificationError, match="layer center.0"):
         trained_net.to_recurrent(tol=1e-14)
+
+
+def test_the_network_check_decodes_mid_block_from_the_state_a_prefill_leaves(trained_net, monkeypatch):
+    """A prefill whose state only it can read (every SSM state's two coordinates swapped in the state it
+    returns, and swapped back in the state it takes) reproduces conv mode prompt after prompt, but not
+    when decoding goes on from a prompt; the network check steps the probe's second part from the state
+    its first part's prefill left (mid-block), so it refuses such a model, and passes it unpatched."""
+    from model.arch.sashimi_recurrent import SaShiMiRecurrent  # noqa: PLC0415
+
+    ok = trained_net.to_recurrent().verification
+    assert ok["step_rel_err"] < 1e-5 and ok["prefill_rel_err"] < 1e-5, ok
+    prefill = SaShiMiRecurrent.prefill
+
+    def swap(rec, state):
+        state = state.clone()
+        for name in rec.forms:
+            x = rec.layout.view(state, f"{name}.x")
+            x.copy_(x.flip(-2))
+        return state
+
+    def swapped(self, tokens, state, logits="all"):
+        out, state = prefill(self, tokens, swap(self, state), logits)
+        return out, swap(self, state)
+
+    monkeypatch.setattr(SaShiMiRecurrent, "prefill", swapped)
+    errs = r"\(step (\S+), prefill (\S+)\)"
+    with pytest.raises(VerificationError, match=errs) as err:
+        trained_net.to_recurrent()
+    step_err, prefill_err = (float(x) for x in re.search(errs, str(err.value)).groups())
+    assert step_err > 1e-2 and prefill_err < 1e-5, str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,8 +162,10 @@ class SaShiMiRecurrent(GraphedModel):
         return self._triton and any(f.form == "diagonal" for f in self.forms.values())
 
     def _verify_network(self, net: SaShiMi, kernels64: dict[str, torch.Tensor], tol: float) -> dict:
-        """Step 2 probe sequences (fixed seed) through every phase, and prefill them in two parts split
-        off the pooling period (the second starts mid-block); compare the logits with the conv mode of
+        """Prefill 2 probe sequences (fixed seed) in two parts split off the pooling period (the second
+        starts mid-block), and step them: their first part from the zero state (through every phase),
+        their second from the state the first part's prefill left (in one batch of 4 rows while both
+        step); compare the logits with the conv mode of
         `net` in float64 (CPU), each S4 layer convolving with its float64 kernel's first taps from
         `convert_kernel` (its kernel at the length needed where they are fewer). Raises
         VerificationError above `tol`."""
@@ -185,14 +187,23 @@ class SaShiMiRecurrent(GraphedModel):
             ref = ref_net(tokens, ssms={name: conv(name) for name in blocks})
         del ref_net
         tok = tokens.to(self.device)
-        state, stepped = self.init_state(2), []
-        for t in range(T):
-            logits, state = self.step(tok[:, t], state)
-            stepped.append(logits)
         cut = T // 2 + self.period // 2 + 1  # not a multiple of the period
-        first, state = self.prefill(tok[:, :cut], self.init_state(2))
-        second, _ = self.prefill(tok[:, cut:], state)
-        stepped, prefilled = torch.stack(stepped, 1), torch.cat([first, second], 1)
+        first, mid = self.prefill(tok[:, :cut], self.init_state(2))
+        second, _ = self.prefill(tok[:, cut:], mid)
+        # stepped: the first `cut` tokens from the zero state (through every phase), and in the same batch
+        # the rest from the state the first prefill left, mid-block (decoding after a prompt)
+        n = max(T - cut, 0)  # (cut ≥ T for a probe shorter than 1.5 periods: then the first part is all)
+        state, head, tail = torch.cat([self.init_state(2), mid]), [], []
+        for t in range(n):
+            logits, state = self.step(torch.cat([tok[:, t], tok[:, cut + t]]), state)
+            head.append(logits[:2])
+            tail.append(logits[2:])
+        state = state[:2]
+        for t in range(n, min(cut, T)):
+            logits, state = self.step(tok[:, t], state)
+            head.append(logits)
+        stepped = torch.cat([torch.stack(x, 1) for x in (head, tail) if x], 1)
+        prefilled = torch.cat([first, second], 1)
         name = str(self.dtype).removeprefix("torch.")
         return logits_report(f"the recurrent SaShiMi network in {name}", name, stepped, prefilled, ref, tol)
 
