@@ -88,16 +88,20 @@ def library_folder(name: str) -> tuple[Path | None, list[str]]:
     there, or a folder that can be written, on an exec mount), else `fallback_folder()`; None where
     neither can. And why each folder passed over could not serve, one line each ("S4_BUILD_CACHE =
     /x is on a file system mounted noexec")."""
-    primary = "S4_BUILD_CACHE" if "S4_BUILD_CACHE" in os.environ else "S4_BUILD_CACHE (unset: the default)"
-    folders = {build_folder(): primary}
-    folders.setdefault(fallback_folder(), "the fallback")
-    why = []
-    for folder, where in folders.items():
-        problem = _folder_problem(folder, name)
-        if problem is None:
-            return folder, why
-        why.append(f"{where} = {folder} {problem}")
-    return None, why
+    folder = build_folder()
+    if (problem := _folder_problem(folder, name)) is None:
+        return folder, []
+    where = "S4_BUILD_CACHE" if "S4_BUILD_CACHE" in os.environ else "S4_BUILD_CACHE (unset: the default)"
+    why = [f"{where} = {folder} {problem}"]
+    try:
+        fallback = fallback_folder()
+    except OSError:  # tempfile found no writable temp dir (TMPDIR, /tmp, /var/tmp, the working directory)
+        return None, [*why, "the fallback: no temporary folder can be written (TMPDIR, /tmp, /var/tmp)"]
+    if fallback == folder:
+        return None, why
+    if (problem := _folder_problem(fallback, name)) is None:
+        return fallback, why
+    return None, [*why, f"the fallback = {fallback} {problem}"]
 
 
 def compiler() -> str | None:

@@ -307,6 +307,15 @@ def test_the_fused_step_is_built_where_it_can_be_and_a_damaged_build_is_compiled
         assert load(blocked, also_blocked) is None
     assert compiles == []
 
+    def no_temp_dir():  # tempfile.gettempdir() where no temporary folder can be written
+        raise FileNotFoundError("No usable temporary directory found in ['/tmp', '/var/tmp', '/usr/tmp']")
+
+    monkeypatch.setattr(fused, "fallback_folder", no_temp_dir)
+    assert fused.build_cache_problem().startswith(
+        f"S4_BUILD_CACHE = {blocked} cannot be made (Not a directory); the fallback: no temporary folder can "
+        "be written (TMPDIR, /tmp, /var/tmp): the fused C step cannot be compiled and loaded"
+    )
+
 
 @pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])
 @pytest.mark.parametrize("d_ff", [0, 48])  # the shipped text model has FF blocks, audio-digits-s4 none
