@@ -226,15 +226,18 @@ def to_recurrent(net, cache: FormCache | None, **kwargs):
         return net.to_recurrent(cache=FormCache(cache.folder, reading=False), **kwargs)
 
 
+STATUSES = ("current", "stale", "damaged", "partial", "writing", "other")  # `scan`'s
 TMP_AGE_S = 3600  # a temporary file older than this is a crashed write's (a write takes well under a second)
 
 
-def scan(folder: str | Path, now: float | None = None) -> list[tuple[Path, str, int]]:
+def scan(folder: str | Path, now: float | None = None, verify: bool = True) -> list[tuple[Path, str, int]]:
     """Every file of a cache folder as (path, status, bytes), status one of: "current" (an entry this
     installation reads: its converter and torch), "stale" (written by another converter, torch or layout:
     never read again here), "damaged" (unreadable, or its tensors' checksum does not match), "partial" (a
     write's temporary file older than TMP_AGE_S, left by a crash), "writing" (a younger one), "other" (not
-    the cache's). A folder that does not exist has none."""
+    the cache's). A folder that does not exist has none. verify=False reads each entry's header only
+    (milliseconds for a folder, where the checksums read every byte): a file cut short is still damaged
+    (safetensors checks the header's offsets against its size), one changed in place is not."""
     folder, now = Path(folder).expanduser(), time.time() if now is None else now
     out = []
     for path in sorted(folder.iterdir()) if folder.is_dir() else []:
@@ -250,23 +253,47 @@ def scan(folder: str | Path, now: float | None = None) -> list[tuple[Path, str, 
         elif not path.is_file() or path.suffix != SUFFIX:
             out.append((path, "other", size))
         else:
-            out.append((path, _status(path), size))
+            out.append((path, _status(path, verify), size))
     return out
 
 
-def _status(path: Path) -> str:
+def _status(path: Path, verify: bool = True) -> str:
     try:
-        meta, tensors = _open(path)
+        if verify:
+            meta, tensors = _open(path)
+        else:
+            with safe_open(str(path), framework="pt") as f:
+                meta, tensors = f.metadata() or {}, None
     except (SafetensorError, OSError, ValueError):
         return "damaged"
     if meta.get("format") != FORMAT:
         return "other"
     if meta.get("format_version") != str(FORMAT_VERSION) or meta.get("key") != path.stem:
         return "stale" if meta.get("key") == path.stem else "damaged"
-    if meta.get("tensors_sha256") != tensors_sha256(tensors):
+    if tensors is not None and meta.get("tensors_sha256") != tensors_sha256(tensors):
         return "damaged"
     current = meta.get("converter") == converter_digest() and meta.get("torch") == torch.__version__
     return "current" if current else "stale"
+
+
+def summary(folder: str | Path) -> tuple[dict[str, tuple[int, int]], str]:
+    """What a cache folder holds by status (`scan`, headers only): {status: (files, bytes)}, and one line
+    for a log: "2 current entries (7.3 MB)", then what is not current, with the command that deletes it
+    ("; 4 stale (14.6 MB: another converter or torch, never read here); `python -m model.form_cache FOLDER
+    --prune` deletes them")."""
+    folder = Path(folder).expanduser()
+    by: dict[str, tuple[int, int]] = {}
+    for _, status, size in scan(folder, verify=False):
+        n, total = by.get(status, (0, 0))
+        by[status] = (n + 1, total + size)
+    n, size = by.get("current", (0, 0))
+    line = f"{n} current entries ({size / 1e6:.1f} MB)"
+    why = {"stale": "another converter or torch, never read here", "damaged": "unreadable",
+           "partial": "crashed writes"}  # fmt: skip
+    left = [f"{by[s][0]} {s} ({by[s][1] / 1e6:.1f} MB: {w})" for s, w in why.items() if s in by]
+    if left:
+        line += f"; {', '.join(left)}: `python -m model.form_cache {folder} --prune` deletes them"
+    return by, line
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -141,6 +141,11 @@ class Metrics:
                                            "verified recurrent form came from at load: cache "
                                            "(S4_RECURRENT_CACHE) or converted", ["model", "source"],
                                            registry=r)  # fmt: skip
+        self.recurrent_cache_bytes = Gauge("s4_recurrent_cache_bytes", "Bytes in the recurrent-form cache "
+                                           "(S4_RECURRENT_CACHE) after the models loaded, by status: current "
+                                           "(read by this server), stale (another converter or torch: never "
+                                           "read here), damaged, partial (crashed writes), writing, other",
+                                           ["status"], registry=r)  # fmt: skip
         self.auth_failures = Counter("s4_auth_failures", "Requests and WebSocket handshakes refused for a "
                                      "missing or invalid API key", ["transport"], registry=r)  # fmt: skip
         # Connections and request bodies (server/connections.py, server/body_limit.py)

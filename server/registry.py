@@ -20,7 +20,8 @@ from model.codecs import MuLaw
 from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
 from model.convert import ConvertError, MissingConfigError, convert_cached, default_name
 from model.cuda_graphs import LARGEST_BUCKET, bucket_sizes
-from model.form_cache import FormCache, to_recurrent
+from model.form_cache import STATUSES, FormCache, to_recurrent
+from model.form_cache import summary as form_cache_summary
 from model.network import ModelConfig
 from model.recurrent import RecurrentModel
 from model.sampling import SamplingParams, sample
@@ -476,6 +477,11 @@ def load_models(
                 exc, (CheckpointError, VerificationError, ValueError, OSError, RuntimeError)
             )
             log.error("checkpoint %s not served: %s", entry, failed[model_id], exc_info=not expected)
+    if cache is not None:
+        by, line = form_cache_summary(cache.folder)
+        log.info("recurrent-form cache %s: %s", cache.folder, line)
+        for status in STATUSES:
+            metrics.recurrent_cache_bytes.labels(status).set(by.get(status, (0, 0))[1])
     for model_id in settings.model_dtype_overrides():
         if model_id not in models and model_id not in failed:
             failed[model_id] = f"S4_MODEL_DTYPES names {model_id!r}, which no S4_CHECKPOINTS entry serves"

@@ -368,6 +368,59 @@ def test_the_server_reads_the_cache_at_a_restart_and_reports_it(tmp_path, caplog
     assert_same_model(rec1, models["m"].rec)
 
 
+def test_the_server_reports_what_the_cache_holds_and_how_to_prune_it(tmp_path, caplog):
+    """After loading, the server logs what its recurrent-form cache holds (entries it reads; stale ones, of
+    another converter or torch, which it never reads and an upgrade leaves behind; crashed writes) with the
+    command that deletes the latter, and exports the bytes of each as s4_recurrent_cache_bytes{status}."""
+    import os  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from model import form_cache  # noqa: PLC0415
+    from model.checkpoint import save  # noqa: PLC0415
+    from server.config import Settings  # noqa: PLC0415
+    from server.metrics import Metrics  # noqa: PLC0415
+    from server.registry import load_models  # noqa: PLC0415
+    from server.sessions import SessionTable  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, d_state=16, l_max=512, cauchy_backend="torch")
+    folder, cache = save(SequenceModel(cfg).eval(), tmp_path / "m"), tmp_path / "cache"
+    settings = Settings(
+        checkpoints=[str(folder)], recurrent_cache=str(cache), max_sessions=2, torch_threads=1
+    )
+
+    def start() -> tuple[str, dict[str, float]]:
+        metrics = Metrics()
+        with caplog.at_level(logging.INFO, logger="server.models"):
+            caplog.clear()
+            assert load_models(settings, SessionTable(), metrics)[1] == {}
+        line = next(m for m in caplog.messages if m.startswith(f"recurrent-form cache {cache}: "))
+        gauge = metrics.recurrent_cache_bytes
+        return line, {st: gauge.labels(st)._value.get() for st in form_cache.STATUSES}
+
+    line, got = start()
+    entries = _entries(cache)
+    size = sum(p.stat().st_size for p in entries)
+    assert line == f"recurrent-form cache {cache}: 2 current entries ({size / 1e6:.1f} MB)"
+    assert got == {**dict.fromkeys(form_cache.STATUSES, 0.0), "current": size}
+    stale = cache / ("a" * 64 + ".safetensors")  # an entry of another torch, as an upgrade leaves them
+    with safe_open(str(entries[0]), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
+    save_file(tensors, str(stale), metadata={**meta, "key": stale.stem, "torch": "1.0.0"})
+    crashed = cache / ".tmp-000000000000.safetensors"
+    crashed.write_bytes(b"\0" * 10)
+    os.utime(crashed, (time.time() - 2 * form_cache.TMP_AGE_S,) * 2)
+    line, got = start()
+    mb = stale.stat().st_size / 1e6
+    assert line == (
+        f"recurrent-form cache {cache}: 2 current entries ({size / 1e6:.1f} MB); 1 stale ({mb:.1f} MB: "
+        "another converter or torch, never read here), 1 partial (0.0 MB: crashed writes): `python -m "
+        f"model.form_cache {cache} --prune` deletes them"
+    )
+    assert got == {**dict.fromkeys(form_cache.STATUSES, 0.0), "current": size, "stale": stale.stat().st_size,
+                   "partial": 10}  # fmt: skip
+
+
 def test_the_command_lists_what_a_folder_holds_and_prunes_all_but_current_entries(tmp_path, capsys):
     """python -m model.form_cache FOLDER [--prune]: a model's entries are current; an entry of another torch
     (its metadata says so) is stale, a truncated one damaged, a write's temporary file partial once older than

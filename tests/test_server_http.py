@@ -10,6 +10,7 @@ import numpy as np
 from server_support import ServerThread, b64, check_usage, metric, reference, sse_events, wait_for
 
 from model.codecs import MuLaw, read_wav, wav_bytes
+from model.form_cache import STATUSES
 from model.sampling import SamplingParams
 
 TEXT, AUDIO = "tiny-text", "tiny-audio"
@@ -316,6 +317,9 @@ def test_metrics_follow_prometheus_conventions_and_every_known_series_is_there_f
         assert forms.keys() == {(m, src) for m in (TEXT, AUDIO) for src in ("cache", "converted")}
         for m in (TEXT, AUDIO):
             assert forms[m, "cache"] + forms[m, "converted"] == 2  # (TINY: 2 layers)
+        # what the recurrent-form cache (on: tests/conftest.py's S4_RECURRENT_CACHE) holds after the load
+        held = {x.labels["status"]: x.value for x in families["s4_recurrent_cache_bytes"].samples}
+        assert held.keys() == set(STATUSES) and held["current"] > 0, held
         load = {(x.labels["model"], x.labels["phase"]): x.value
                 for x in families["s4_model_load_seconds"].samples}  # fmt: skip
         assert load.keys() == {(m, p) for m in (TEXT, AUDIO) for p in ("convert", "total")}
