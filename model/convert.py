@@ -77,8 +77,8 @@ def token_warning(dataset: str | None, vocab_size: int) -> str | None:
     if vocab_size < 256:
         reasons.append(
             f"vocab {vocab_size} < 256: the server's text routes send UTF-8 bytes as ids (id = byte), so "
-            "the server refuses to serve it "
-            + ("without its vocabulary" if dataset in VOCAB_DATASETS else "; use it through the library "
+            "the server refuses to serve it"
+            + (" without its vocabulary" if dataset in VOCAB_DATASETS else "; use it through the library "
                "(model.load) by its token ids")
         )  # fmt: skip
     if dataset in VOCAB_DATASETS:

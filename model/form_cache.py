@@ -327,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         for path, _, _ in gone:
             path.unlink(missing_ok=True)
         freed = sum(n for _, _, n in gone) / 2**10
-        print(f"pruned {len(gone)} files ({freed:.0f} KiB); files not of the cache are left")
+        print(f"pruned {len(gone)} file{'' if len(gone) == 1 else 's'} ({freed:.0f} KiB); files not of the "
+              "cache are left")  # fmt: skip
     return 0
 
 

@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -207,7 +208,7 @@ def library():
             raise OSError("; ".join(why))
         if why:
             log.info("%s: the fused C step is compiled and loaded in %s", "; ".join(why), folder)
-        out = folder / name
+        out, t0 = folder / name, time.perf_counter()
         compiled = not out.exists()
         if compiled:
             compile_library(out, flags)
@@ -218,7 +219,9 @@ def library():
                 raise
             log.warning("%s cannot be loaded (%s): compiling it again", out, exc)
             compile_library(out, flags)
-            lib = load_library(out)
+            lib, compiled = load_library(out), True
+        how = f"compiled in {time.perf_counter() - t0:.1f} s into" if compiled else "loaded from"
+        log.info("the fused C step: %s %s", how, out)
     except (OSError, RuntimeError, ValueError, subprocess.CalledProcessError) as exc:
         detail = build_cache_problem() or getattr(exc, "stderr", "") or exc
         warnings.warn(f"fused CPU step unavailable ({detail}); using torch ops", RuntimeWarning, stacklevel=2)

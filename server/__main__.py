@@ -116,9 +116,10 @@ def preflight(settings: Settings) -> list[str]:
     from server.store import StoreError, open_store  # noqa: PLC0415
 
     n = len(settings.checkpoints)
-    log.info("checking the settings' device, port, session store and %d checkpoints", n)
+    what = f"{n} checkpoint" + ("" if n == 1 else "s")
+    log.info("checking the settings' device, port, session store and %s", what)
     for problem in (settings.device_problem(), port_problem(settings.host, settings.port),
-                    convert_cache_problem(settings), build_cache_problem(settings)):  # fmt: skip
+                    build_cache_problem(settings)):  # fmt: skip
         if problem:
             return [problem]
     problems = []
@@ -153,25 +154,6 @@ def preflight(settings: Settings) -> list[str]:
         f"the current directory, {Path.cwd()} (they are relative to it: run from the repository's root), "
         "and S4_CHECKPOINTS (--checkpoints) names no other checkpoint"
     ]
-
-
-def convert_cache_problem(settings: Settings) -> str | None:
-    """Why S4_CONVERT_CACHE cannot hold conversions (a path that is not a folder, or one that cannot be
-    made), when an entry is an official .ckpt/.pt that would be converted there; else None."""
-    from model.convert import SUFFIXES  # noqa: PLC0415
-    from server.registry import parse_entry  # noqa: PLC0415
-
-    if not any(parse_entry(e)[1].suffix in SUFFIXES for e in settings.checkpoints):
-        return None
-    cache = Path(settings.convert_cache).expanduser()
-    where = f"S4_CONVERT_CACHE (--convert-cache) = {settings.convert_cache}"
-    if cache.exists() and not cache.is_dir():
-        return f"{where}: not a folder (a file is there); point it at a folder for the converted checkpoints"
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        return f"{where}: cannot make the folder ({exc.strerror or exc})"
-    return None
 
 
 def build_cache_problem(settings: Settings) -> str | None:

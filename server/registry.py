@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from model import VerificationError, load
+from model import VerificationError, fused, load
 from model import triton_step as triton_kernel
 from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, read_config
 from model.codecs import MuLaw
@@ -265,7 +265,8 @@ def resolve_entry(entry: str, settings: Settings) -> tuple[str, Path]:
     """(model id, checkpoint folder) of an entry. An official state-spaces/s4 file (.ckpt, .pt) is
     converted into S4_CONVERT_CACHE/<its SHA-256>/ first, or found there from an earlier start.
     Raises CheckpointError for a path that does not exist, ConvertError (a ValueError) naming what is
-    refused."""
+    refused (an S4_CONVERT_CACHE that cannot hold the conversion too: that entry is not served, the
+    others are)."""
     name, path = parse_entry(entry)
     if not path.exists():  # before anything is looked for inside it ("PATH/config.json: missing" misled)
         raise CheckpointError(
@@ -275,6 +276,8 @@ def resolve_entry(entry: str, settings: Settings) -> tuple[str, Path]:
         )
     if path.is_file() and path.suffix in OFFICIAL_SUFFIXES:
         model_id = name or default_name(path)
+        if problem := convert_cache_problem(settings.convert_cache):
+            raise ConvertError(problem)
         try:
             return model_id, convert_cached(path, settings.convert_cache, name=model_id)
         except MissingConfigError as exc:  # the converter's advice (--config) is no option of the server
@@ -284,6 +287,19 @@ def resolve_entry(entry: str, settings: Settings) -> tuple[str, Path]:
                 "--config CONFIG.yaml) and serve OUT"
             ) from None
     return name or path.name, path
+
+
+def convert_cache_problem(folder: str) -> str | None:
+    """Why S4_CONVERT_CACHE = `folder` cannot hold an official checkpoint's conversion (a file is there, or
+    the folder cannot be made), naming the setting; None when it can (the folder made)."""
+    cache, where = Path(folder).expanduser(), f"S4_CONVERT_CACHE (--convert-cache) = {folder}"
+    if cache.exists() and not cache.is_dir():
+        return f"{where}: not a folder (a file is there); point it at a folder for the converted checkpoints"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return f"{where}: cannot make the folder ({exc.strerror or exc})"
+    return None
 
 
 def model_id_of(entry: str) -> str:
@@ -317,6 +333,15 @@ def served_vocab(path: Path, config: ModelConfig, source: Path | None = None) ->
             f"DATA_DIR {source} {source.parent / 'vocab.txt'})" if source is not None
             else "convert it with its vocabulary (python -m model.convert SRC OUT --vocab DATA_DIR_OR_FILE)"
         )  # fmt: skip
+        others = [] if source is None else sorted(
+            p.name for p in source.parent.iterdir() if p.suffix in OFFICIAL_SUFFIXES and p != source
+        )  # fmt: skip
+        if others:  # a vocab.txt there is every official file's of that folder
+            named = f"{len(others)} other{'' if len(others) == 1 else 's'}: " + ", ".join(others[:3])
+            fix += (
+                f"; that vocab.txt would be read for every official file of {source.parent} ({named}"
+                f"{', …' if len(others) > 3 else ''}), so give {source.name} a folder of its own first"
+            )
         raise CheckpointError(
             f"{where}: a text model must have vocab_size >= 256 (byte tokens), this one has "
             f"{config.vocab_size} (a word-level model needs its vocabulary: {fix})"
@@ -447,6 +472,8 @@ def load_models(
     sys.setswitchinterval(settings.gil_switch_ms / 1e3)
     models: dict[str, ServedModel] = {}
     failed: dict[str, str] = {}
+    if device == "cpu":  # built (or loaded) here, so that no model's load time counts its compilation
+        fused.library()
     folder = settings.recurrent_cache.strip()
     cache = FormCache(folder) if folder else None
     log.info("recurrent-form cache: %s", cache.folder if cache else "off (S4_RECURRENT_CACHE is empty)")

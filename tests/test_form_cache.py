@@ -368,6 +368,32 @@ def test_the_server_reads_the_cache_at_a_restart_and_reports_it(tmp_path, caplog
     assert_same_model(rec1, models["m"].rec)
 
 
+def test_the_server_builds_the_fused_step_before_it_times_any_model_s_load(tmp_path, monkeypatch):
+    """The first model's "converted in … s" (and s4_model_load_seconds{phase="convert"}) counted the fused
+    C step's compilation, 5–6 s at a start without a build (a fresh-user trial took a 7.2 s load from the
+    cache for a slow cache): the server builds or loads the library before the first model."""
+    from model import fused  # noqa: PLC0415
+    from model.checkpoint import save  # noqa: PLC0415
+    from server import registry  # noqa: PLC0415
+    from server.config import Settings  # noqa: PLC0415
+    from server.metrics import Metrics  # noqa: PLC0415
+    from server.sessions import SessionTable  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=256, d_model=32, n_layers=2, d_state=16, l_max=512, cauchy_backend="torch")
+    folder = save(SequenceModel(cfg).eval(), tmp_path / "m")
+    calls = []
+    library, load_model = fused.library, registry.load_model
+    monkeypatch.setattr(fused, "library", lambda: calls.append("library") or library())
+    monkeypatch.setattr(
+        registry, "load_model", lambda *a, **k: calls.append("load_model") or load_model(*a, **k)
+    )
+    settings = Settings(checkpoints=[str(folder)], recurrent_cache="", max_sessions=2, torch_threads=1)
+    models, failed = registry.load_models(settings, SessionTable(), Metrics())
+    assert failed == {} and list(models) == ["m"]
+    assert calls[0] == "library" and calls.index("load_model") > 0, calls
+
+
 def test_the_server_reports_what_the_cache_holds_and_how_to_prune_it(tmp_path, caplog):
     """After loading, the server logs what its recurrent-form cache holds (entries it reads; stale ones, of
     another converter or torch, which it never reads and an upgrade leaves behind; crashed writes) with the

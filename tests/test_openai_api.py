@@ -470,6 +470,9 @@ def test_unsupported_fields_are_refused_by_name(oai, server):
         r = post(server, "/v1/completions", {"model": TEXT, "prompt": "a", **extra})
         assert r.status_code == 400, (extra, r.text)
         assert r.json()["error"]["param"].split(".")[0] == param, (extra, r.text)
+    for extra, what in [({"n": 2}, "33 prompts × n 2"), ({"best_of": 2}, "33 prompts × best_of 2")]:
+        r = post(server, "/v1/completions", {"model": TEXT, "prompt": ["a"] * 33, **extra})
+        assert r.json()["error"]["message"].startswith(f"{what} is more than 64 samples"), r.text  # (as sent)
     with pytest.raises(openai.BadRequestError) as e:
         oai.completions.create(model=TEXT, prompt="a", suffix="b")
     assert "suffix" in e.value.message

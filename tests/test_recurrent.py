@@ -280,12 +280,14 @@ def test_the_fused_step_is_built_where_it_can_be_and_a_damaged_build_is_compiled
 
     volume = tmp_path / "volume"
     assert load(volume, tmp_path / "tmp2") is not None and compiles == [volume / name]
-    assert not caplog.messages
+    assert len(caplog.messages) == 1 and caplog.messages[0].startswith("the fused C step: compiled in ")
+    assert caplog.messages[0].endswith(f" s into {volume / name}")
     real_access = os.access
     monkeypatch.setattr(
         os, "access", lambda p, mode: not str(p).startswith(str(volume)) and real_access(p, mode)
     )
     assert load(volume, tmp_path / "tmp2") is not None and compiles == []  # kept: loaded, not compiled
+    assert caplog.messages == [f"the fused C step: loaded from {volume / name}"]
     monkeypatch.setattr(os, "access", real_access)
 
     damaged = tmp_path / "volume2"  # (another path: dlopen would hand back this process's copy by its name)

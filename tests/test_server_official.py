@@ -214,12 +214,31 @@ def test_a_lightning_last_ckpt_serves_under_its_run_folders_name(tmp_path):
     assert model_id_of(str(FIX / "s4_bytes.ckpt")) == "s4_bytes"
 
 
-def test_a_convert_cache_that_is_a_file_stops_the_server_naming_the_setting(tmp_path):
+def test_a_convert_cache_that_cannot_hold_conversions_refuses_the_official_entries_only(tmp_path, model_dirs):
+    """An S4_CONVERT_CACHE that is a file, or under one: each official entry is refused naming the setting;
+    with nothing else to serve the server stops before it listens (preflight's problems), and a checkpoint
+    folder beside them is still served (the whole server stopped for the official entry's folder: a
+    fresh-user trial)."""
     from server.__main__ import preflight
+    from server.metrics import Metrics
+    from server.registry import load_models
+    from server.sessions import SessionTable
 
     cache = tmp_path / "cachefile"
     cache.write_text("")
-    settings = Settings(checkpoints=[str(FIX / "s4_bytes.ckpt")], convert_cache=str(cache), port=0)
-    problems = preflight(settings)
-    assert problems == [f"S4_CONVERT_CACHE (--convert-cache) = {cache}: not a folder (a file is there); "
-                        "point it at a folder for the converted checkpoints"]  # fmt: skip
+    ckpt = str(FIX / "s4_bytes.ckpt")
+    for folder, why in [(cache, "not a folder (a file is there); point it at a folder for the converted "
+                                "checkpoints"),
+                        (cache / "cc", "cannot make the folder (Not a directory)")]:  # fmt: skip
+        settings = Settings(checkpoints=[ckpt], convert_cache=str(folder), port=0)
+        assert preflight(settings) == [
+            f"checkpoint {ckpt}: S4_CONVERT_CACHE (--convert-cache) = {folder}: {why}"
+        ]
+    text = str(model_dirs["text"])
+    both = Settings(checkpoints=[ckpt, text], convert_cache=str(cache / "cc"), port=0, max_sessions=2,
+                    recurrent_cache="", torch_threads=1)  # fmt: skip
+    assert preflight(both) == []
+    models, failed = load_models(both, SessionTable(), Metrics())
+    assert list(models) == [Path(text).name]
+    why = "cannot make the folder (Not a directory)"
+    assert failed == {"s4_bytes": f"ConvertError: S4_CONVERT_CACHE (--convert-cache) = {cache / 'cc'}: {why}"}

@@ -241,6 +241,14 @@ def test_an_official_file_served_directly_reads_the_vocab_txt_beside_it(words, t
         f"DATA_DIR {src} {run / VOCAB_FILE})" in failed["wt103"]
     )
     assert any("garbage" in m and "beside it as vocab.txt" in m for m in caplog.messages), caplog.messages
+    assert "would be read for every official file" not in failed["wt103"]  # alone in its folder
+    shutil.copy(FIX / "s4_bytes.ckpt", run / "other.ckpt")  # (a fresh-user trial wrote vocab.txt into a
+    models, failed = serve()  # folder of several official files, and the others were refused for it)
+    assert (
+        f"; that vocab.txt would be read for every official file of {run} (1 other: other.ckpt), so give "
+        "s4_wt103.ckpt a folder of its own first" in failed["wt103"]
+    )
+    (run / "other.ckpt").unlink()
     assert vocab_main([str(DATA), "wt103", str(run / VOCAB_FILE)]) == 0
     models, failed = serve()
     assert failed == {}

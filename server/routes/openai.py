@@ -441,9 +441,8 @@ async def completions(req: CompletionRequest, request: Request):
     check_new_tokens(st, max_tokens, "max_tokens", model)
     prompts, texts = completion_prompts(st, model, req)  # (each prompt's length checked)
     if len(prompts) * best_of > MAX_SAMPLES:
-        raise invalid(
-            "prompt", f"{len(prompts)} prompts × best_of {best_of} is more than {MAX_SAMPLES} samples"
-        )
+        per = f"best_of {best_of}" if req.best_of is not None else f"n {req.n}"
+        raise invalid("prompt", f"{len(prompts)} prompts × {per} is more than {MAX_SAMPLES} samples")
     params = sampling(model, req, req.stop or [])
     lp = req.logprobs
     if lp is not None:  # every sample's, best_of's too (they are ranked, then n returned)
