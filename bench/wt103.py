@@ -14,8 +14,10 @@ the 32 layers (the run was stopped). So the SSM parameters are moved off their i
 Measured, in one process: building the model, `to_recurrent` (the conversion and its verification against
 float64 conv mode), the peak RSS after each; `to_recurrent` again from the recurrent-form cache the first
 one wrote (model/form_cache.py; the network check runs again); the recurrent step's tokens/s at batch 1, 4
-and 16 (the torch ops around each layer's fused SSM step: the C whole-network step does not compute an
-adaptive head) and the adaptive log-softmax alone on the same rows (its share of the step); the sampler over
+and 16 (the C whole-network step's body, blocks and final norm, between the torch adaptive embedding and
+softmax; and, alternated with it in the same run, the torch ops around each layer's fused SSM step, which
+these models took before 2026-12-05) and the adaptive log-softmax alone on the same rows (its share of the
+step); the sampler over
 the 267,735 words (`model.sampling.sample`: plain, and top-p 0.9; on logits of Zipf's law over the whole
 vocabulary, p ∝ rank^−1.1, the shape of unigram word frequencies, a heavier tail than a trained LM's
 next-word distribution, whose smallest set of mass 0.9 holds about 25,000 words; and on this random model's
@@ -126,12 +128,22 @@ def measure(quick: bool, folder: Path) -> tuple[dict[str, Any], SequenceModel]:
     for B in BATCHES:
         tok = torch.randint(0, cfg.vocab_size, (B,), generator=gen)
         state = rec.init_state(B)
-        step_s = median_s(lambda tok=tok, state=state: rec.step(tok, state), repeat)
+        both = {}
+        for _ in range(2):  # alternated: the C body, then the torch ops (net_step_max_batch 0), twice
+            for path, most in (("c", rec.net_step_max_batch), ("torch", 0)):
+                rec.net_step_max_batch, keep = most, rec.net_step_max_batch
+                try:
+                    t = median_s(lambda tok=tok, state=state: rec.step(tok, state), repeat)
+                finally:
+                    rec.net_step_max_batch = keep
+                both[path] = min(both.get(path, t), t)
+        step_s = both["c"]
         h = torch.randn(B, cfg.d_model, generator=gen)
         with torch.no_grad():
             head_s = median_s(lambda h=h: rec._net_ops.head(h), repeat)
         seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool)
-        row = {"batch": B, "step_ms": 1e3 * step_s, "tokens_per_s": B / step_s, "head_ms": 1e3 * head_s}
+        row = {"batch": B, "step_ms": 1e3 * step_s, "tokens_per_s": B / step_s, "head_ms": 1e3 * head_s,
+               "step_torch_ops_ms": 1e3 * both["torch"], "c_body": rec._net_step is not None}  # fmt: skip
         shapes = {"flat": rec.step(tok, state)[0], "zipf": zipf_logits(B, cfg.vocab_size, gen)}
         for shape, logits in shapes.items():
             for label, p in (("plain", SamplingParams(seed=0)), ("top_p", SamplingParams(seed=0, top_p=0.9))):
@@ -141,7 +153,8 @@ def measure(quick: bool, folder: Path) -> tuple[dict[str, Any], SequenceModel]:
                     lambda logits=logits, params=params, gens=gens: sample(logits, params, gens, seen), repeat
                 )
         steps.append(row)
-        print(f"bench.wt103: batch {B}: step {row['step_ms']:.1f} ms ({row['tokens_per_s']:.1f} tokens/s), "
+        print(f"bench.wt103: batch {B}: step {row['step_ms']:.1f} ms ({row['tokens_per_s']:.1f} tokens/s; "
+              f"the torch ops' {row['step_torch_ops_ms']:.1f} ms), "
               f"head {row['head_ms']:.1f} ms; sampling plain / top-p 0.9: "
               f"{row['sample_plain_zipf_ms']:.1f} / {row['sample_top_p_zipf_ms']:.1f} ms (Zipf logits), "
               f"{row['sample_plain_flat_ms']:.1f} / {row['sample_top_p_flat_ms']:.1f} ms (this random "

@@ -472,14 +472,23 @@ class NetStep:
         "head_bias", "embed_scale", "re_lambda_max", "dt_tied", "l_kernel", "d_ff", "norm",
     })  # fmt: skip
 
-    def __init__(self, lib, net, forms) -> None:
+    # what the body alone leaves to the caller (the adaptive input embedding and softmax: `body`)
+    BODY_FIELDS = frozenset({"cutoffs", "div_val", "tie_projs"})
+
+    def __init__(self, lib, net, forms, body: bool = False) -> None:
+        """body: the blocks and the final norm only, for a model whose embedding and head the caller runs
+        (an adaptive input and softmax, `cutoffs`): `__call__` and `prefill` then take the embedded inputs
+        (…, H) float32 in place of token ids and return the final-normed hidden state (…, H) in place of
+        logits; `block` (which samples from logits) is refused."""
         cfg = net.config
         defaults = type(cfg)()
+        allowed = self.CONFIG_FIELDS | (self.BODY_FIELDS if body else frozenset())
         for f in dataclasses.fields(cfg):
             value = getattr(cfg, f.name)
-            if f.name not in self.CONFIG_FIELDS and value != getattr(defaults, f.name):
+            if f.name not in allowed and value != getattr(defaults, f.name):
                 raise ValueError(f"the whole-network step does not implement {f.name}={value!r}")
-        self.lib, self.H, self.V = lib, cfg.d_model, cfg.vocab_size
+        self.body = body
+        self.lib, self.H, self.V = lib, cfg.d_model, cfg.d_model if body else cfg.vocab_size
         self.M = max(f.M for f in forms)  # the state's modes (layers with fewer run zero-padded)
         if len(forms) != len(net.blocks):
             raise ValueError(f"{len(forms)} layer forms for {len(net.blocks)} blocks")
@@ -494,13 +503,17 @@ class NetStep:
             pre = f"blocks.{i}."
             ff = pre + "ff." if pre + "ff.up.weight" in w.tensors else None
             fill_layer(self.layers[i], form, w, pre, pre + "ff_norm.", ff, wfmt)
-        embed = w.take("embed.weight").detach().float() * cfg.embed_scale
         lnf_kind, lnf_w, lnf_b = _norm(w, "norm.")  # the final norm: LayerNorm, or TransposedLN (norm "tln")
         self.lnf_kind = ctypes.c_long(lnf_kind)
-        self.embed, self.lnf_w, self.lnf_b, self.head = (
-            ctypes.c_void_p(v) for v in (w.ptr(embed), lnf_w, lnf_b, w.transposed("head.weight"))
-        )
-        self.head_b = ctypes.c_void_p(w.param("head.bias") if "head.bias" in w.tensors else None)
+        self.lnf_w, self.lnf_b = ctypes.c_void_p(lnf_w), ctypes.c_void_p(lnf_b)
+        if body:  # the caller's embedding and head (their tensors its own): no table, no head (NULL)
+            w.read |= {k for k in w.tensors if k.startswith(("embed.", "head."))}
+            self.embed = self.head = self.head_b = ctypes.c_void_p(None)
+        else:
+            embed = w.take("embed.weight").detach().float() * cfg.embed_scale
+            self.embed = ctypes.c_void_p(w.ptr(embed))
+            self.head = ctypes.c_void_p(w.transposed("head.weight"))
+            self.head_b = ctypes.c_void_p(w.param("head.bias") if "head.bias" in w.tensors else None)
         w.check_all_read("the whole-network step")
         self.n_layers = len(forms)
 
@@ -513,16 +526,28 @@ class NetStep:
         dims = [ctypes.c_long(v) for v in (B, self.H, self.V, self.n_layers)]
         return bool(self.lib.split_step(*dims, self.layers))
 
-    def _weight_args(self) -> tuple:
+    def _weight_args(self, inputs: torch.Tensor | None = None) -> tuple:
         lnf = (self.lnf_kind, self.lnf_w, self.lnf_b)
-        return (self.embed, self.layers, *lnf, self.head, self.head_b, self.eps)
+        embed = self.embed if inputs is None else ctypes.c_void_p(inputs.data_ptr())
+        return (embed, self.layers, *lnf, self.head, self.head_b, self.eps)
+
+    def _inputs(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """The body's inputs: float32 (…, H) of `dim` dims, contiguous (a copy where they are not)."""
+        if not self.body:
+            raise ValueError("embedded inputs are the body's (NetStep(body=True)); this step takes token ids")
+        if x.dim() != dim or x.shape[-1] != self.H or x.device.type != "cpu":
+            raise ValueError(f"the body takes CPU inputs (…, {self.H}) of {dim} dims, got {tuple(x.shape)}")
+        return x.float().contiguous()
 
     def _run(
         self, what: str, fn, dims: tuple[int, ...], tokens: torch.Tensor, *buffers: torch.Tensor | None
     ) -> None:
         """fn(dims…, tokens, the weights…, buffers…) for `net_step` and `net_prefill`; ValueError naming
-        `what` on a nonzero code."""
-        args = [ctypes.c_long(v) for v in dims] + [ctypes.c_void_p(tokens.data_ptr()), *self._weight_args()]
+        `what` on a nonzero code. The body (`body`): `tokens` are the embedded inputs, passed as the
+        embedding with no token ids."""
+        ids, inputs = (None, tokens) if self.body else (tokens, None)
+        head = [ctypes.c_long(v) for v in dims] + [ctypes.c_void_p(None if ids is None else ids.data_ptr())]
+        args = head + list(self._weight_args(inputs))
         rc = fn(*args, *(ctypes.c_void_p(None if t is None else t.data_ptr()) for t in buffers))
         if rc == TOKEN_RANGE:
             raise token_range_error(tokens, self.V)
@@ -533,8 +558,9 @@ class NetStep:
 
     def __call__(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """tokens (B,) int64, state and out (n_layers, B, H, 2, M) contiguous float32 (out may be
-        state) → logits (B, V)."""
-        tokens = tokens.contiguous().long()
+        state) → logits (B, V). The body: tokens are the embedded inputs (B, H) → the final-normed hidden
+        state (B, H)."""
+        tokens = self._inputs(tokens, 2) if self.body else tokens.contiguous().long()
         logits = torch.empty(tokens.shape[0], self.V)
         dims = (tokens.shape[0], self.H, self.V, self.n_layers, self.M)
         self._run("step", self.lib.net_step, dims, tokens, state, out, logits)
@@ -547,9 +573,10 @@ class NetStep:
         (the linear layers over all B·L positions at once), bit-identical to L calls of this step: rows
         split between the OpenMP threads, one row (B = 1) split over them by channels and columns where
         `splits(1)` says a step of one row would be (the same weight threshold and contention guard).
-        Raises ValueError when the C code fails (over its mode or rank limits, out of memory)."""
-        B, L = tokens.shape
-        tokens = tokens.contiguous().long()
+        Raises ValueError when the C code fails (over its mode or rank limits, out of memory). The body:
+        tokens are the embedded inputs (B, L, H), and hidden states (…, H) come back in place of logits."""
+        B, L = tokens.shape[:2]
+        tokens = self._inputs(tokens, 3) if self.body else tokens.contiguous().long()
         head = {"all": 0, "last": 1, "none": 2}[logits]
         out = None if head == 2 else torch.empty(B, L if head == 0 else min(L, 1), self.V)
         if B * L:
@@ -562,7 +589,10 @@ class NetStep:
         sampling (the C sampler of model/sampling.py `sample`) with each row's counter-based stream →
         stop checks, per row, until the row has made limit[r] tokens or a stop sequence (over the
         tokens' low bytes) ends. state (n_layers, B, H, 2, M) float32 contiguous, updated in place;
-        the other arguments: `decode_block`. Raises ValueError on bad shapes or when the C step fails."""
+        the other arguments: `decode_block`. Raises ValueError on bad shapes or when the C step fails, and
+        for the body (it has no logits to sample from)."""
+        if self.body:
+            raise ValueError("the body's step has no head to sample from: step it and run the head")
         head = [ctypes.c_long(v) for v in (K, tok.shape[0], self.H, self.V, self.n_layers, self.M)]
         head += self._weight_args()
         return decode_block(lambda tail: self.lib.net_block(*head, *tail), K, self.V, state, 1, tok, **rows)

@@ -958,10 +958,14 @@ class RecurrentModel(GraphedModel):
         # Small batches: the whole network's step in one C call (model/fused.py: NetStep), for float32,
         # bfloat16 and float16 weights (computing in float32); larger batches (and float64 weights) run
         # the torch ops around the fused SSM steps.
+        # A model with an adaptive input and softmax (the official WikiText-103 recipe's) steps its body
+        # there (NetStep(body=True): the blocks and the final norm) between its torch embedding and head:
+        # 1.7-2.4x the torch ops around the fused SSM steps at batch 1-4 (their linear layers).
         self._net_step = None
         if self._fused is not None and fused_network and dtype in fused.WEIGHT_FORMATS:
             try:
-                self._net_step = fused.NetStep(self._fused, self.net, self.layers)
+                body = self.config.cutoffs is not None
+                self._net_step = fused.NetStep(self._fused, self.net, self.layers, body=body)
             except ValueError:  # something the C step does not compute (it names it): keep the torch ops
                 pass
         # the diagonal layers' step as one Triton kernel each (the torch step's path: CUDA, or tests)
@@ -1202,6 +1206,9 @@ class RecurrentModel(GraphedModel):
         if self._net_step is not None and contiguous_out and tokens.shape[0] <= self.net_step_max_batch:
             state = state.contiguous()
             new = torch.empty_like(state) if out is None else out
+            if self._net_step.body:  # the embedding and the head in torch around the C body
+                check_token_ids(tokens, self.config.vocab_size)
+                return self._head(self._net_step(self._embed(tokens), state, new)), new
             return self._net_step(tokens, state, new), new  # (the C step checks the ids)
         if not ids_checked:
             check_token_ids(tokens, self.config.vocab_size)
@@ -1212,13 +1219,24 @@ class RecurrentModel(GraphedModel):
         logits, new = (self._compiled_step or self._step_torch)(tokens, state)
         return logits, new if out is None else out.copy_(new)
 
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The torch embedding of ids (checked), as SequenceModel.forward scales it: (…, H) float32."""
+        return (self._net_ops.embed(tokens) * self.config.embed_scale).float()
+
+    def _head(self, hidden: torch.Tensor | None) -> torch.Tensor | None:
+        """The torch head (the adaptive softmax's log-probabilities) of final-normed hidden states (…, H)
+        float32, in the weights' dtype: (…, V) float32."""
+        if hidden is None:
+            return None
+        return self._net_ops.head(hidden.to(self.compute_dtype)).float()
+
     def decode_block_ready(self, batch: int) -> bool:
         """Whether `decode_block` serves a batch of this many rows: with CUDA graphs (`use_cuda_graphs`),
         a batch within the largest bucket; else the whole-network C step (CPU, float32, bfloat16 or
         float16 weights, at most `net_step_max_batch` rows)."""
         if self._graphs is not None:
             return 1 <= batch <= self._graphs.buckets[-1]
-        return self._net_step is not None and batch <= self.net_step_max_batch
+        return self._net_step is not None and not self._net_step.body and batch <= self.net_step_max_batch
 
     @torch.inference_mode()
     def decode_block(self, K: int, state: torch.Tensor, tokens: torch.Tensor, **rows) -> fused.BlockResult:
@@ -1267,6 +1285,9 @@ class RecurrentModel(GraphedModel):
             # a short prompt: the recurrent form layer by layer in C (fused.NetStep.prefill: bit-identical
             # to L steps) costs less than the parallel form's fixed cost
             new = state.contiguous().clone()
+            if self._net_step.body:
+                check_token_ids(tokens, self.config.vocab_size)
+                return self._head(self._net_step.prefill(self._embed(tokens), new, logits)), new
             return self._net_step.prefill(tokens, new, logits), new  # (the C prefill checks the ids)
         check_token_ids(tokens, self.config.vocab_size)
         threads = torch.get_num_threads()  # a per-thread setting (OpenMP): other threads keep theirs

@@ -155,14 +155,14 @@ def test_tied_tensors_are_stored_once_and_the_tie_survives_copies_and_checkpoint
 @pytest.mark.parametrize("name", ["div2-tied", "div1-untied"])
 def test_the_recurrent_form_of_an_adaptive_model_equals_conv_mode(name):
     """Verified at conversion (its logits against the float64 conv mode), then prefill + step past l_max;
-    the C whole-network step does not compute an adaptive head, so the torch ops run (either setting)."""
+    the C whole-network step runs the body (blocks, final norm) between the torch embedding and head."""
     net = drawn(config(**VARIANTS[name]))
     tokens = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = net.double()(tokens)
     net = net.float()
     rec = net.to_recurrent()
-    assert rec._net_step is None
+    assert rec._net_step is not None and rec._net_step.body and not rec.decode_block_ready(2)
     logits, state = rec.prefill(tokens[:, :7], rec.init_state(2))
     out = [logits]
     for t in range(7, 48):
@@ -244,3 +244,60 @@ def test_a_served_adaptive_model_streams_the_library_s_tokens(tmp_path):
     assert done["type"] == "done", done
     assert ids == reference(folder, list(b"hello"), SamplingParams(seed=3), 16)
     assert max(ids) >= 100, ids  # words of the tail shards were sampled too
+
+
+@pytest.mark.parametrize("name", ["div2-tied", "div1-untied"])
+@pytest.mark.parametrize("split", [False, True])
+def test_the_body_of_an_adaptive_model_steps_in_c_between_the_torch_embedding_and_head(name, split):
+    """The official WikiText-103 recipe's adaptive input and softmax are not in the C step; its body is
+    (fused.NetStep(body=True): the blocks and the final norm, fed the torch embedding, the torch adaptive
+    softmax run on its final-normed hidden state): against the torch ops around the fused SSM steps
+    (fused_network=False) the log-probabilities and the state agree within float32 rounding (1e-5 of their
+    scale) over 12 steps at 1, 3 and 9 rows (9: rows split between the threads), with the few-rows step
+    split over the threads by channels or not; a short prompt's prefill through the body leaves the state
+    and log-probabilities of stepping it within 1e-6 (not bit for bit: the torch embedding's and head's
+    matmuls round (B, L, H) apart from (B, H)). The native decode block (which samples from the C step's
+    logits) is not offered, and ids outside the vocabulary are refused as the torch ops refuse them."""
+    from model import fused  # noqa: PLC0415
+
+    lib = fused.library()
+    net = drawn(config(**VARIANTS[name], n_layers=3, d_ff=[32, 0, 48]))
+    body, torch_ops = net.to_recurrent(), net.to_recurrent(fused_network=False)
+    assert body._net_step is not None and body._net_step.body and torch_ops._net_step is None
+    assert body.verification["step_rel_err"] <= 1e-5, body.verification
+    old = fused.step_split_min_weights(lib, 0 if split else 1 << 40)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert body._net_step.splits(1) == split or torch.get_num_threads() < 2
+        gen = torch.Generator().manual_seed(5)
+        for B in (1, 3, 9):
+            tokens = torch.randint(0, 64, (B, 12), generator=gen)
+            sa, sb = body.init_state(B), torch_ops.init_state(B)
+            for t in range(12):
+                la, sa = body.step(tokens[:, t], sa)
+                lb, sb = torch_ops.step(tokens[:, t], sb)
+                assert la.shape == lb.shape == (B, 64)
+                assert float((la - lb).abs().max()) <= 1e-5 * float(lb.abs().max()), (B, t)
+            assert float((sa - sb).abs().max()) <= 1e-5 * float(sb.abs().max()), B
+            assert not body.decode_block_ready(B)
+            # a short prompt: the body's C prefill against the steps (logits "all", "last", none)
+            stepped, st = [], body.init_state(B)
+            for t in range(12):
+                lt, st = body.step(tokens[:, t], st)
+                stepped.append(lt)
+            for kind in ("all", "last", "none"):
+                got, gs = body.prefill(tokens, body.init_state(B), logits=kind)
+                assert float((gs - st).abs().max()) <= 1e-6 * float(st.abs().max()), (B, kind)
+                want = {"all": torch.stack(stepped, 1), "last": stepped[-1][:, None], "none": None}[kind]
+                if want is None:
+                    assert got is None
+                else:  # (the torch head over (B, L, H) rounds its matmuls apart from (B, H)'s)
+                    assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max()), (B, kind)
+    finally:
+        fused.step_split_min_weights(lib, old)
+        torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="outside"):
+        body.step(torch.tensor([64]), body.init_state(1))
+    with pytest.raises(ValueError, match="no head to sample from"):
+        body._net_step.block(1, body.init_state(1), torch.tensor([0]))

@@ -408,7 +408,10 @@ int dplr_step(long B, long H, long M, long R, const float *x, float *xo, const f
  * with d_ff, norm → up → GELU → down → residual] → LayerNorm → head (its bias may be NULL).
  * The same arithmetic as the torch modules (LayerNorm with biased variance, exact erf GELU, GLU = a · sigmoid(g)); sums run
  * in another order, so logits agree to float32 rounding. Called once per step instead of ~45 torch
- * ops, which dominate a small batch's step.
+ * ops, which dominate a small batch's step. The body alone for a model whose embedding and head the caller
+ * computes (the adaptive input and softmax of the official WikiText-103 recipe): net_step and net_prefill
+ * with tokens NULL read their inputs from `embed` (one row per position) and with head_t NULL write the
+ * final-normed hidden state as the "logits" (V = H).
  */
 #include <limits.h>
 #include <math.h>
@@ -1137,12 +1140,33 @@ static int split_team_init(SplitTeam *s, const NetArgs *n, long B, long nt) {
 }
 
 /* x (B, H) ← the embeddings (rows of `embed`, H wide) of tokens[rows[0 … B − 1]] (rows NULL:
- * tokens[0 … B − 1]) */
+ * tokens[0 … B − 1]). tokens NULL: `embed` holds the inputs themselves, one row per position (a caller that
+ * embeds in its own way: the adaptive input embedding), row rows[i] (or i) for position i. */
 static void embed_rows(const float *embed, long H, long B, const long *rows, const long *tokens, float *x) {
     for (long r = 0; r < B; r++) {
-        const float *e = embed + tokens[rows ? rows[r] : r] * H;
+        const long i = rows ? rows[r] : r;
+        const float *e = embed + (tokens ? tokens[i] : i) * H;
         for (long h = 0; h < H; h++) x[r * H + h] = e[h];
     }
+}
+
+/* The head of P positions: logits (P, V) = u (P, H) · head_t + head_b, columns [v0, v1). head_t NULL (a
+ * caller computing its own head: the adaptive softmax): the final-normed u itself (V = H). */
+static void head_cols(long P, long H, long V, const float *u, const float *head_t, const float *head_b,
+                      float *logits, long v0, long v1) {
+    if (head_t) {
+        linear_cols(W_F32, P, H, V, u, head_t, head_b, logits, v0, v1);
+        return;
+    }
+    for (long r = 0; r < P; r++) memcpy(logits + r * V + v0, u + r * H + v0, sizeof(float) * (size_t)(v1 - v0));
+}
+
+static void head_rows(long P, long H, long V, const float *u, const float *head_t, const float *head_b,
+                      float *logits) {
+    if (head_t)
+        linear_t(P, H, V, u, head_t, head_b, logits);
+    else
+        memcpy(logits, u, sizeof(float) * (size_t)P * (size_t)H);
 }
 
 /* Thread t of the k threads of a parallel region: its part of one step of B rows (rows[i] of a batch of
@@ -1214,8 +1238,7 @@ static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long L, long
     }
     if (head != 2) { /* the norm over every position, as net_rows and prefill_rows run it */
         block_norm(n->lnf_kind, P, H, x, u, n->lnf_w, n->lnf_b, n->eps);
-        linear_cols(W_F32, head == 1 ? 1 : P, H, V, head == 1 ? u + (P - 1) * H : u, n->head_t, n->head_b, logits,
-                    v0, v1);
+        head_cols(head == 1 ? 1 : P, H, V, head == 1 ? u + (P - 1) * H : u, n->head_t, n->head_b, logits, v0, v1);
     }
     TIMED_BARRIER;
 #undef TIMED_BARRIER
@@ -1279,7 +1302,7 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
     }
     if (rc == 0) {
         block_norm(lnf_kind, B, H, x, u, lnf_w, lnf_b, eps);
-        linear_t(B, H, V, u, head_t, head_b, logits);
+        head_rows(B, H, V, u, head_t, head_b, logits);
     }
     free(buf);
     return rc;
@@ -1727,7 +1750,7 @@ static int ids_in_range(const long *ids, long n, long V) {
  * layers; the per-layer parallel loops then run serially inside each thread). */
 static int step_all_rows(StepRowsFn step_rows, const void *ctx, long parallel_rows, long B, long V,
                          const long *tokens, float *state, float *logits) {
-    if (!ids_in_range(tokens, B, V)) return E_TOKEN_RANGE;
+    if (tokens && !ids_in_range(tokens, B, V)) return E_TOKEN_RANGE;
     long *rows = malloc(sizeof(long) * (size_t)(B > 0 ? B : 1));
     if (!rows) return -2;
     for (long r = 0; r < B; r++) rows[r] = r;
@@ -1769,7 +1792,7 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
     if (!buf) return -2;
     float *x = buf, *u = x + N * H, *y = u + N * H, *o = y + N * H; /* o: (N, 2H) */
     float *f = o + N * 2 * H;                                       /* f: (N, F) */
-    embed_rows(embed, H, N, NULL, tokens + r0 * L, x);
+    embed_rows(tokens ? embed : embed + r0 * L * H, H, N, NULL, tokens ? tokens + r0 * L : NULL, x);
     const long per_layer = B * H * 2 * M;
     for (long l = 0; l < n_layers; l++) {
         const NetLayer *Ly = layers + l;
@@ -1784,12 +1807,12 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
     }
     if (head == 0) { /* every position */
         block_norm(lnf_kind, N, H, x, u, lnf_w, lnf_b, eps);
-        linear_t(N, H, V, u, head_t, head_b, logits + r0 * L * V);
+        head_rows(N, H, V, u, head_t, head_b, logits + r0 * L * V);
     } else if (head == 1) { /* each row's last position; the norm over all rows as head 0 (the norm's bits
                                depend on how the compiler specialized the call: one row alone differed by an ulp) */
         block_norm(lnf_kind, N, H, x, u, lnf_w, lnf_b, eps);
         for (long r = 0; r < n; r++)
-            linear_t(1, H, V, u + (r * L + L - 1) * H, head_t, head_b, logits + (r0 + r) * V);
+            head_rows(1, H, V, u + (r * L + L - 1) * H, head_t, head_b, logits + (r0 + r) * V);
     }
     free(buf);
     return 0;
@@ -1813,7 +1836,7 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
 int net_prefill(long B, long L, long H, long V, long n_layers, long M, long head, const long *tokens,
                 const float *embed, const NetLayer *layers, long lnf_kind, const float *lnf_w, const float *lnf_b,
                 const float *head_t, const float *head_b, float eps, float *state, float *logits) {
-    if (!ids_in_range(tokens, B * L, V)) return E_TOKEN_RANGE;
+    if (tokens && !ids_in_range(tokens, B * L, V)) return E_TOKEN_RANGE;
     long F = 0;
     for (long l = 0; l < n_layers; l++) {
         if (!layer_fits(layers + l, M)) return -1;
