@@ -79,3 +79,20 @@ def block_row_logprobs(res, r: int, k: int) -> list[tuple[float, list[int], list
     chosen, top_i, top_v = res.logprobs
     return [(float(chosen[i, r]), top_i[i, r, :k].tolist(), top_v[i, r, :k].tolist())
             for i in range(int(res.n_out[r]))]  # fmt: skip
+
+
+def assert_refused_for_its_step_alone(convert) -> None:
+    """`convert()` (a to_recurrent) raises the network check's VerificationError, whose message "(step X,
+    prefill Y)" gives the stepped probe's error over 1e-2 and the prefilled one's under 1e-5: a fault that
+    only decoding after a prompt shows."""
+    import re  # noqa: PLC0415
+
+    import pytest  # noqa: PLC0415
+
+    from model import VerificationError  # noqa: PLC0415
+
+    errs = r"\(step (\S+), prefill (\S+)\)"
+    with pytest.raises(VerificationError, match=errs) as err:
+        convert()
+    step_err, prefill_err = (float(x) for x in re.search(errs, str(err.value)).groups())
+    assert step_err > 1e-2 and prefill_err < 1e-5, str(err.value)
