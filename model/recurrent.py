@@ -1270,10 +1270,12 @@ class RecurrentModel(GraphedModel):
         tokens takes its recurrent form layer by layer instead, `fused.NetStep.prefill`: faster there,
         and bit-identical to stepping it, its rows split between the calling thread's OpenMP threads (one
         row's prompt split over them by channels and columns, as `step` splits a few rows); the two forms
-        agree to float32 rounding. The parallel form runs with `prefill_threads` torch threads
-        in the calling thread (restored after), the SSMs in float32, in blocks of CHUNK tokens
-        (`DiagonalSSM.prefill`). Raises ValueError for bad shapes or dtypes, an id outside the
-        vocabulary or an unknown `logits`."""
+        agree to float32 rounding. (A model with an adaptive input and softmax prefills its body there,
+        between its torch embedding and head, whose matmuls round a prompt's (B, L, H) apart from a step's
+        (B, H): within float32 rounding of stepping it, not bit for bit.) The parallel form runs with
+        `prefill_threads` torch threads in the calling thread (restored after), the SSMs in float32, in
+        blocks of CHUNK tokens (`DiagonalSSM.prefill`). Raises ValueError for bad shapes or dtypes, an id
+        outside the vocabulary or an unknown `logits`."""
         self._check(tokens, state, 2)
         check_logits_kind(logits)
         B, L = tokens.shape
