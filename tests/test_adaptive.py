@@ -301,3 +301,24 @@ def test_the_body_of_an_adaptive_model_steps_in_c_between_the_torch_embedding_an
         body.step(torch.tensor([64]), body.init_state(1))
     with pytest.raises(ValueError, match="no head to sample from"):
         body._net_step.block(1, body.init_state(1), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_c_body_of_an_adaptive_model_serves_16_bit_weights_verified(dtype):
+    """A 16-bit adaptive model steps its body in C too (its linear weights read in their dtype, the
+    arithmetic float32), verified at load within the dtype's tolerance (4u); against the torch ops, which
+    round every activation to 16 bits, within that tolerance."""
+    from model.recurrent import LOGITS_TOL  # noqa: PLC0415
+
+    net = drawn(config(**VARIANTS["div2-tied"], n_layers=3, d_ff=[32, 0, 48]))
+    body, torch_ops = net.to_recurrent(dtype=dtype), net.to_recurrent(dtype=dtype, fused_network=False)
+    assert body._net_step is not None and body._net_step.body and torch_ops._net_step is None
+    tol = LOGITS_TOL[dtype]
+    assert body.verification["dtype"] == str(dtype).removeprefix("torch.")
+    assert body.verification["step_rel_err"] <= tol and body.verification["prefill_rel_err"] <= tol
+    tokens = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(6))
+    sa, sb = body.init_state(3), torch_ops.init_state(3)
+    for t in range(8):
+        la, sa = body.step(tokens[:, t], sa)
+        lb, sb = torch_ops.step(tokens[:, t], sb)
+        assert float((la - lb).norm() / lb.norm()) <= tol, t
