@@ -26,6 +26,7 @@ import re
 import secrets
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -360,13 +361,17 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
     vocab = find_vocab(src)
     cache = Path(cache_dir).expanduser()
     entry = cache / cache_key(src, config, vocab)
+    words = f", its vocabulary {vocab}" if vocab is not None else ""
     if entry.exists():
         if (damage := _entry_damage(entry)) is None:
+            _log_once(entry, "%s: its conversion (converter v%d%s) read from %s", src, CONVERTER_VERSION,
+                      words, entry)  # fmt: skip
             _warn_tokens(src, entry)
             return entry
         log.warning("%s: %s; converting %s again", entry, damage, src)
         shutil.rmtree(entry, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     tmp = _new_folder(cache, ".tmp-")
     try:
         try:
@@ -382,11 +387,22 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    _log_once(entry, "%s: converted (converter v%d%s) and verified in %.1f s into %s (its model card: "
+              "README.md there)", src, CONVERTER_VERSION, words, time.perf_counter() - t0, entry)  # fmt: skip
     _warn_tokens(src, entry)
     return entry
 
 
+_LOGGED: set[Path] = set()  # cache entries whose conversion or reuse this process has logged
 _WARNED: set[Path] = set()  # cache entries whose token warning this process has logged
+
+
+def _log_once(entry: Path, *args) -> None:
+    """log.info(*args) once per process for a cache entry (a server resolves each entry twice at a start:
+    its checks, then its load)."""
+    if entry not in _LOGGED:
+        _LOGGED.add(entry)
+        log.info(*args)
 
 
 def _warn_tokens(src: Path, entry: Path) -> None:

@@ -349,6 +349,20 @@ def served_vocab(path: Path, config: ModelConfig, source: Path | None = None) ->
     return None
 
 
+def step_path(rec) -> str:
+    """How a recurrent model's decode step runs, for its log line: the whole network in C with native
+    decode blocks (CPU), its body in C between a torch embedding and head (an adaptive input and softmax:
+    one step at a time), CUDA graphs, or torch ops (around the C SSM steps on CPU)."""
+    net_step = getattr(rec, "_net_step", None)
+    if net_step is not None:
+        if getattr(net_step, "body", False):
+            return "in C, the body between the torch embedding and head (one at a time)"
+        return "in C, the whole network (native decode blocks)"
+    if getattr(rec, "_graphs", None) is not None:
+        return "by CUDA graphs"
+    return "by torch ops" + (" around the C SSM steps" if getattr(rec, "_fused", None) is not None else "")
+
+
 def load_model(
     path: Path,
     settings: Settings,
@@ -438,10 +452,10 @@ def load_model(
         kept += f", a row kept every {prefix.interval} tokens"
     log.info(
         "model %s: %s %s, d_state %d; converted in %.1f s (%s), verified (%s; %s logits: step %.1e, prefill "
-        "%.1e, tol %.1e); %d B state/session, %d slots, prefix cache %s; ready in %.1f s",
+        "%.1e, tol %.1e); steps %s; %d B state/session, %d slots, prefix cache %s; ready in %.1f s",
         model_id, c.modality, shape, c.d_state, t_convert, converted, forms, v["dtype"], v["step_rel_err"],
-        v["prefill_rel_err"], v["tol"], rec.state_bytes_per_sequence, settings.max_sessions, kept,
-        time.perf_counter() - t0,
+        v["prefill_rel_err"], v["tol"], step_path(rec), rec.state_bytes_per_sequence, settings.max_sessions,
+        kept, time.perf_counter() - t0,
     )  # fmt: skip
     metrics.load_seconds.labels(model_id, "total").set(time.perf_counter() - t0)
     fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"))

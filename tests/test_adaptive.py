@@ -265,6 +265,10 @@ def test_the_body_of_an_adaptive_model_steps_in_c_between_the_torch_embedding_an
     body, torch_ops = net.to_recurrent(), net.to_recurrent(fused_network=False)
     assert body._net_step is not None and body._net_step.body and torch_ops._net_step is None
     assert body.verification["step_rel_err"] <= 1e-5, body.verification
+    from server.registry import step_path  # noqa: PLC0415 (the server's log line says which)
+
+    assert step_path(body) == "in C, the body between the torch embedding and head (one at a time)"
+    assert step_path(torch_ops) == "by torch ops around the C SSM steps"
     old = fused.step_split_min_weights(lib, 0 if split else 1 << 40)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -242,3 +242,39 @@ def test_a_convert_cache_that_cannot_hold_conversions_refuses_the_official_entri
     assert list(models) == [Path(text).name]
     why = "cannot make the folder (Not a directory)"
     assert failed == {"s4_bytes": f"ConvertError: S4_CONVERT_CACHE (--convert-cache) = {cache / 'cc'}: {why}"}
+
+
+def test_the_log_says_how_an_official_file_was_converted_or_read_and_how_its_model_steps(
+    tmp_path, caplog, monkeypatch
+):
+    """Serving an official file, the log said nothing of its conversion, nor of its reuse from
+    S4_CONVERT_CACHE at a restart, nor how the model's step runs (a fresh-user trial): one line each, once
+    per process (a server resolves each entry twice at a start), and the model's line names its step."""
+    import logging
+
+    from model import convert
+    from server.metrics import Metrics
+    from server.registry import load_models
+    from server.sessions import SessionTable
+
+    ckpt, cache = FIX / "s4_bytes.ckpt", tmp_path / "cc"
+    settings = Settings(checkpoints=[str(ckpt)], convert_cache=str(cache), recurrent_cache="", max_sessions=2,
+                        torch_threads=1)  # fmt: skip
+
+    def start() -> tuple[list[str], str]:
+        monkeypatch.setattr(convert, "_LOGGED", set())  # (a new process)
+        with caplog.at_level(logging.INFO):
+            caplog.clear()
+            assert load_models(settings, SessionTable(), Metrics())[1] == {}
+            resolve_entry(str(ckpt), settings)  # (a second resolution: no second line)
+        said = [m for m in caplog.messages if m.startswith(f"{ckpt}: ") and "conver" in m]
+        return said, next(m for m in caplog.messages if m.startswith("model s4_bytes: "))
+
+    said, line = start()
+    (entry,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+    assert len(said) == 1, said
+    assert said[0].startswith(f"{ckpt}: converted (converter v{CONVERTER_VERSION}) and verified in ")
+    assert said[0].endswith(f" s into {entry} (its model card: README.md there)")
+    assert "; steps in C, the whole network (native decode blocks); " in line
+    said, _ = start()
+    assert said == [f"{ckpt}: its conversion (converter v{CONVERTER_VERSION}) read from {entry}"]
