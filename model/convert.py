@@ -364,9 +364,8 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
     words = f", its vocabulary {vocab}" if vocab is not None else ""
     if entry.exists():
         if (damage := _entry_damage(entry)) is None:
-            _log_once(entry, "%s: its conversion (converter v%d%s) read from %s", src, CONVERTER_VERSION,
-                      words, entry)  # fmt: skip
-            _warn_tokens(src, entry)
+            _report(src, entry, "%s: its conversion (converter v%d%s) read from %s", src, CONVERTER_VERSION,
+                    words, entry)  # fmt: skip
             return entry
         log.warning("%s: %s; converting %s again", entry, damage, src)
         shutil.rmtree(entry, ignore_errors=True)
@@ -387,31 +386,22 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _log_once(entry, "%s: converted (converter v%d%s) and verified in %.1f s into %s (its model card: "
-              "README.md there)", src, CONVERTER_VERSION, words, time.perf_counter() - t0, entry)  # fmt: skip
-    _warn_tokens(src, entry)
+    _report(src, entry, "%s: converted (converter v%d%s) and verified in %.1f s into %s (its model card: "
+            "README.md there)", src, CONVERTER_VERSION, words, time.perf_counter() - t0, entry)  # fmt: skip
     return entry
 
 
-_LOGGED: set[Path] = set()  # cache entries whose conversion or reuse this process has logged
-_WARNED: set[Path] = set()  # cache entries whose token warning this process has logged
+_REPORTED: set[Path] = set()  # cache entries whose conversion or reuse this process has logged
 
 
-def _log_once(entry: Path, *args) -> None:
-    """log.info(*args) once per process for a cache entry (a server resolves each entry twice at a start:
-    its checks, then its load)."""
-    if entry not in _LOGGED:
-        _LOGGED.add(entry)
-        log.info(*args)
-
-
-def _warn_tokens(src: Path, entry: Path) -> None:
-    """Log the conversion's token warning (`token_warning`) once per process for each cache entry used,
-    as the command line prints it: a server given SRC directly says it too (once, though its start-up
-    check and its loader both resolve the entry)."""
-    if entry in _WARNED:
+def _report(src: Path, entry: Path, *args) -> None:
+    """Once per process for each cache entry used (a server resolves each entry twice at a start: its
+    checks, then its load): log.info(*args), then the conversion's token warning (`token_warning`), as the
+    command line prints it, so a server given SRC directly says it too."""
+    if entry in _REPORTED:
         return
-    _WARNED.add(entry)
+    _REPORTED.add(entry)
+    log.info(*args)
     try:
         warning = json.loads((entry / "config.json").read_text())["source"]["warning"]
     except (OSError, ValueError, KeyError, TypeError):

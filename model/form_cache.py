@@ -276,16 +276,22 @@ def _status(path: Path, verify: bool = True) -> str:
     return "current" if current else "stale"
 
 
+def tally(files: list[tuple[Path, str, int]]) -> dict[str, tuple[int, int]]:
+    """`scan`'s files by status: {status: (files, bytes)}."""
+    by: dict[str, tuple[int, int]] = {}
+    for _, status, size in files:
+        n, total = by.get(status, (0, 0))
+        by[status] = (n + 1, total + size)
+    return by
+
+
 def summary(folder: str | Path) -> tuple[dict[str, tuple[int, int]], str]:
     """What a cache folder holds by status (`scan`, headers only): {status: (files, bytes)}, and one line
     for a log: "2 current entries (7.3 MB)", then what is not current, with the command that deletes it
     ("; 4 stale (14.6 MB: another converter or torch, never read here); `python -m model.form_cache FOLDER
     --prune` deletes them")."""
     folder = Path(folder).expanduser()
-    by: dict[str, tuple[int, int]] = {}
-    for _, status, size in scan(folder, verify=False):
-        n, total = by.get(status, (0, 0))
-        by[status] = (n + 1, total + size)
+    by = tally(scan(folder, verify=False))
     n, size = by.get("current", (0, 0))
     line = f"{n} current entries ({size / 1e6:.1f} MB)"
     why = {"stale": "another converter or torch, never read here", "damaged": "unreadable",
@@ -313,11 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     if not folder.is_dir():
         ap.error(f"{folder}: " + ("a file, not a folder" if folder.exists() else "no such folder"))
     files = scan(folder)
-    by: dict[str, list[int]] = {}
-    for _, status, size in files:
-        by.setdefault(status, []).append(size)
     print(f"{folder}: " + (", ".join(
-        f"{len(sizes)} {status} ({sum(sizes) / 2**10:.0f} KiB)" for status, sizes in sorted(by.items())
+        f"{n} {status} ({size / 2**10:.0f} KiB)" for status, (n, size) in sorted(tally(files).items())
     ) or "empty"))  # fmt: skip
     for path, status, _ in files:
         if status not in ("current", "writing"):

@@ -73,15 +73,8 @@ def _folder_problem(folder: Path, name: str) -> str | None:
     except OSError as exc:
         return f"cannot be made ({exc.strerror or exc})"
     if not os.access(folder, os.W_OK | os.X_OK):
-        return "cannot be written" + (" (a read-only file system)" if _read_only(folder) else "")
+        return "cannot be written" + (" (a read-only file system)" if _mounted(folder, os.ST_RDONLY) else "")
     return None
-
-
-def _read_only(folder: Path) -> bool:
-    try:
-        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
 
 
 def library_folder(name: str) -> tuple[Path | None, list[str]]:
@@ -114,19 +107,25 @@ def on_noexec_mount(folder: Path) -> bool:
     """True when `folder` (or, while it does not exist yet, its nearest existing parent) is on a file
     system mounted noexec: a library compiled there cannot be loaded ("failed to map segment from shared
     object"). Docker and podman mount a `--tmpfs` (and compose's `tmpfs:`) noexec unless told `exec`."""
+    return _mounted(folder, os.ST_NOEXEC)
+
+
+def _mounted(folder: Path, flag: int) -> bool:
+    """Whether the file system of `folder` (or, while it does not exist yet, of its nearest existing
+    parent) is mounted with `flag` (os.ST_NOEXEC, os.ST_RDONLY); False where statvfs cannot say."""
     folder = Path(folder).absolute()
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     try:
-        return bool(os.statvfs(folder).f_flag & os.ST_NOEXEC)
+        return bool(os.statvfs(folder).f_flag & flag)
     except OSError:
         return False
 
 
-def library_name() -> str:
-    """The library's file name for this source, `build_flags()` and CPU (`build_key`). Raises OSError
-    (the source unreadable) or ValueError (S4_CFLAGS with unbalanced quotes)."""
-    return f"ssm_step_{build_key(SOURCE.read_bytes(), build_flags())}.so"
+def library_name(flags: Sequence[str] | None = None) -> str:
+    """The library's file name for this source, `flags` (default `build_flags()`) and CPU (`build_key`).
+    Raises OSError (the source unreadable) or ValueError (S4_CFLAGS with unbalanced quotes)."""
+    return f"ssm_step_{build_key(SOURCE.read_bytes(), build_flags() if flags is None else flags)}.so"
 
 
 def build_cache_problem() -> str | None:
@@ -202,7 +201,8 @@ def library():
         return _lib["lib"]
     lib = None
     try:
-        name, flags = library_name(), build_flags()
+        flags = build_flags()
+        name = library_name(flags)
         folder, why = library_folder(name)
         if folder is None:
             raise OSError("; ".join(why))

@@ -1207,7 +1207,6 @@ class RecurrentModel(GraphedModel):
             state = state.contiguous()
             new = torch.empty_like(state) if out is None else out
             if self._net_step.body:  # the embedding and the head in torch around the C body
-                check_token_ids(tokens, self.config.vocab_size)
                 return self._head(self._net_step(self._embed(tokens), state, new)), new
             return self._net_step(tokens, state, new), new  # (the C step checks the ids)
         if not ids_checked:
@@ -1220,7 +1219,9 @@ class RecurrentModel(GraphedModel):
         return logits, new if out is None else out.copy_(new)
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The torch embedding of ids (checked), as SequenceModel.forward scales it: (…, H) float32."""
+        """The torch embedding of ids (checked: ValueError for one outside the vocabulary), as
+        SequenceModel.forward scales it: (…, H) float32."""
+        check_token_ids(tokens, self.config.vocab_size)
         return (self._net_ops.embed(tokens) * self.config.embed_scale).float()
 
     def _head(self, hidden: torch.Tensor | None) -> torch.Tensor | None:
@@ -1288,7 +1289,6 @@ class RecurrentModel(GraphedModel):
             # to L steps) costs less than the parallel form's fixed cost
             new = state.contiguous().clone()
             if self._net_step.body:
-                check_token_ids(tokens, self.config.vocab_size)
                 return self._head(self._net_step.prefill(self._embed(tokens), new, logits)), new
             return self._net_step.prefill(tokens, new, logits), new  # (the C prefill checks the ids)
         check_token_ids(tokens, self.config.vocab_size)

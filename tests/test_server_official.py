@@ -262,7 +262,7 @@ def test_the_log_says_how_an_official_file_was_converted_or_read_and_how_its_mod
                         torch_threads=1)  # fmt: skip
 
     def start() -> tuple[list[str], str]:
-        monkeypatch.setattr(convert, "_LOGGED", set())  # (a new process)
+        monkeypatch.setattr(convert, "_REPORTED", set())  # (a new process)
         with caplog.at_level(logging.INFO):
             caplog.clear()
             assert load_models(settings, SessionTable(), Metrics())[1] == {}
