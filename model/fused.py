@@ -189,10 +189,29 @@ def load_library(path: Path) -> ctypes.CDLL:
     return lib
 
 
+def compiler_signature() -> str:
+    """The C compiler `compiler()` names and the first line of its `--version` ("none" without one; the
+    path alone where it does not answer): part of the build key, so a library another compiler built into a
+    shared S4_BUILD_CACHE (an image with a newer gcc on the same volume) is not loaded for this one's.
+    Asked once a process."""
+    if "cc" not in _lib:
+        cc, line = compiler(), ""
+        if cc is not None:
+            try:
+                ask = [cc, "--version"]
+                out = subprocess.run(ask, check=False, capture_output=True, text=True, timeout=30).stdout
+                line = out.splitlines()[0] if out else ""
+            except (OSError, subprocess.SubprocessError):
+                pass
+        _lib["cc"] = f"{cc}: {line}" if cc is not None else "none"
+    return _lib["cc"]
+
+
 def build_key(src: bytes, flags: Sequence[str]) -> str:
-    """The build cache's key for a library of C source `src` compiled with `flags` on this CPU
-    (-march=native): 16 hex digits of a SHA-256."""
-    return hashlib.sha256(src + " ".join(flags).encode() + _cpu_signature().encode()).hexdigest()[:16]
+    """The build cache's key for a library of C source `src` compiled with `flags` by this compiler
+    (`compiler_signature`) on this CPU (-march=native): 16 hex digits of a SHA-256."""
+    salt = " ".join(flags) + _cpu_signature() + compiler_signature()
+    return hashlib.sha256(src + salt.encode()).hexdigest()[:16]
 
 
 def library():

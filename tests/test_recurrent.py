@@ -215,6 +215,37 @@ def test_fused_step_falls_back_to_torch_with_a_warning(monkeypatch):
     assert torch.isfinite(logits).all()
 
 
+def test_the_build_key_names_the_compiler_and_its_version(monkeypatch, tmp_path):
+    """A library another compiler built into a shared S4_BUILD_CACHE (an image with a newer gcc on the same
+    volume) is another file, never loaded for this one's: the key hashes the compiler's path and the first
+    line of its --version (asked once a process); without a compiler it says "none"."""
+    from model import fused
+
+    def fake_cc(name: str, version: str) -> Path:
+        cc = tmp_path / name
+        cc.write_text(f"#!/bin/sh\necho '{version}'\necho 'Copyright line'\n")
+        cc.chmod(0o755)
+        return cc
+
+    names = {}
+    versions = ("gcc (Debian 12.2.0-14) 12.2.0", "gcc (Debian 13.1.0-1) 13.1.0")
+    for name, version in zip(("gcc-a", "gcc-b"), versions, strict=True):
+        monkeypatch.setattr(fused, "_lib", {})
+        monkeypatch.setenv("CC", str(fake_cc(name, version)))
+        assert fused.compiler_signature() == f"{tmp_path / name}: {version}"
+        names[name] = fused.library_name()
+    monkeypatch.setattr(fused, "_lib", {})
+    monkeypatch.setenv("CC", str(fake_cc("gcc-a", versions[0])))
+    assert fused.library_name() == names["gcc-a"] != names["gcc-b"]  # the same compiler: the same file
+    fake_cc("gcc-a", "gcc (Debian 12.3.0-1) 12.3.0")  # upgraded in place, same path: read once a process
+    assert fused.library_name() == names["gcc-a"]
+    monkeypatch.setattr(fused, "_lib", {})
+    assert fused.library_name() != names["gcc-a"]  # a new process asks again
+    monkeypatch.setattr(fused, "_lib", {})
+    monkeypatch.setattr(fused, "compiler", lambda: None)
+    assert fused.compiler_signature() == "none"
+
+
 def test_s4_cflags_reach_the_build_and_its_cache_key(monkeypatch, tmp_path):
     """$S4_CFLAGS is split as a shell would (quotes kept together) and appended to the build's flags; the
     library built with them is another file in the cache (a build with other flags is never reused), and
