@@ -14,10 +14,12 @@ the 32 layers (the run was stopped). So the SSM parameters are moved off their i
 Measured, in one process: building the model, `to_recurrent` (the conversion and its verification against
 float64 conv mode), the peak RSS after each; `to_recurrent` again from the recurrent-form cache the first
 one wrote (model/form_cache.py; the network check runs again); the recurrent step's tokens/s at batch 1, 4
-and 16 (the C whole-network step's body, blocks and final norm, between the torch adaptive embedding and
-softmax; and, alternated with it in the same run, the torch ops around each layer's fused SSM step, which
-these models took before 2026-12-05) and the adaptive log-softmax alone on the same rows (its share of the
-step); the sampler over
+and 16 (the C whole-network step, its adaptive input and softmax included; and, alternated with it in the
+same run, the torch ops around each layer's fused SSM step, which these models took before 2026-12-05),
+the C adaptive log-softmax alone on the same rows (its share of the step) and the torch module's; decoding
+16 tokens a row with plain sampling, by the native decode block (ssm_step.c: step, sample and stop checks in
+one C call, which these models have had since 2026-12-05) and by the one-step loop (`step`, then
+`model.sampling.sample`), alternated; the sampler over
 the 267,735 words (`model.sampling.sample`: plain, and top-p 0.9; on logits of Zipf's law over the whole
 vocabulary, p ∝ rank^−1.1, the shape of unigram word frequencies, a heavier tail than a trained LM's
 next-word distribution, whose smallest set of mass 0.9 holds about 25,000 words; and on this random model's
@@ -43,7 +45,7 @@ from bench.common import bench_main, peak_rss_bytes, save_figure, subplots, time
 from model.checkpoint import save
 from model.form_cache import FormCache
 from model.network import ModelConfig, SequenceModel
-from model.sampling import SamplingParams, sample
+from model.sampling import SamplingParams, row_settings, sample, uint64_bits
 from server.config import Settings
 from server.metrics import Metrics
 from server.registry import load_models
@@ -74,6 +76,29 @@ def zipf_logits(B: int, V: int, gen: torch.Generator, s: float = 1.1) -> torch.T
 
 def median_s(fn, repeat: int) -> float:
     return float(sorted(time_samples(fn, repeat=repeat, warmup=1))[repeat // 2])
+
+
+def decode(rec, state: torch.Tensor, tok: torch.Tensor, K: int, native: bool) -> list[list[int]]:
+    """K tokens a row from `state` (not modified) with plain sampling (seed r for row r): by the native decode
+    block (one call) or by the one-step loop (`step`, then `sample`); each row's tokens."""
+    B, V = tok.shape[0], rec.config.vocab_size
+    params = [SamplingParams(seed=r) for r in range(B)]
+    gens = [p.generator() for p in params]
+    state, tok, seen = state.clone(), tok.clone(), torch.zeros(B, V, dtype=torch.bool)
+    if native:
+        key, counter = uint64_bits([g.key for g in gens]), uint64_bits([g.counter for g in gens])
+        res = rec.decode_block(
+            K, state, tok, settings=row_settings(params, V), counts=None, key=key, counter=counter,
+            limit=torch.full((B,), K), stops=[[]] * B, history=[b""] * B, seen=seen,
+        )  # fmt: skip
+        return res.tokens[: res.steps].t().tolist()
+    out = []
+    for _ in range(K):
+        logits, state = rec.step(tok, state, out=state)
+        tok = sample(logits, params, gens, seen)
+        seen[torch.arange(B), tok] = True
+        out.append(tok.tolist())
+    return [list(r) for r in zip(*out, strict=True)]
 
 
 def run(quick: bool) -> dict[str, Any]:
@@ -129,7 +154,7 @@ def measure(quick: bool, folder: Path) -> tuple[dict[str, Any], SequenceModel]:
         tok = torch.randint(0, cfg.vocab_size, (B,), generator=gen)
         state = rec.init_state(B)
         both = {}
-        for _ in range(2):  # alternated: the C body, then the torch ops (net_step_max_batch 0), twice
+        for _ in range(2):  # alternated: the C step, then the torch ops (net_step_max_batch 0), twice
             for path, most in (("c", rec.net_step_max_batch), ("torch", 0)):
                 rec.net_step_max_batch, keep = most, rec.net_step_max_batch
                 try:
@@ -139,11 +164,22 @@ def measure(quick: bool, folder: Path) -> tuple[dict[str, Any], SequenceModel]:
                 both[path] = min(both.get(path, t), t)
         step_s = both["c"]
         h = torch.randn(B, cfg.d_model, generator=gen)
+        head_s = median_s(lambda h=h: rec._net_step.adaptive_logprobs(h), repeat)
         with torch.no_grad():
-            head_s = median_s(lambda h=h: rec._net_ops.head(h), repeat)
+            head_torch_s = median_s(lambda h=h: rec._net_ops.head(h), repeat)
+        K, dec = 16, {}
+        for _ in range(2):  # alternated: the native decode block, then the one-step loop, twice
+            for native in (True, False):
+                run_k = lambda native=native, tok=tok, state=state: decode(rec, state, tok, K, native)  # noqa: E731
+                t = median_s(run_k, 3)
+                dec[native] = min(dec.get(native, t), t)
+        same = decode(rec, state, tok, K, True) == decode(rec, state, tok, K, False)
         seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool)
         row = {"batch": B, "step_ms": 1e3 * step_s, "tokens_per_s": B / step_s, "head_ms": 1e3 * head_s,
-               "step_torch_ops_ms": 1e3 * both["torch"], "c_body": rec._net_step is not None}  # fmt: skip
+               "head_torch_ms": 1e3 * head_torch_s, "step_torch_ops_ms": 1e3 * both["torch"],
+               "c_step": rec._net_step is not None and rec._net_step.adaptive is not None,
+               "decode_tokens": K, "block_tokens_per_s": B * K / dec[True],
+               "loop_tokens_per_s": B * K / dec[False], "block_same_tokens": same}  # fmt: skip
         shapes = {"flat": rec.step(tok, state)[0], "zipf": zipf_logits(B, cfg.vocab_size, gen)}
         for shape, logits in shapes.items():
             for label, p in (("plain", SamplingParams(seed=0)), ("top_p", SamplingParams(seed=0, top_p=0.9))):
@@ -154,8 +190,10 @@ def measure(quick: bool, folder: Path) -> tuple[dict[str, Any], SequenceModel]:
                 )
         steps.append(row)
         print(f"bench.wt103: batch {B}: step {row['step_ms']:.1f} ms ({row['tokens_per_s']:.1f} tokens/s; "
-              f"the torch ops' {row['step_torch_ops_ms']:.1f} ms), "
-              f"head {row['head_ms']:.1f} ms; sampling plain / top-p 0.9: "
+              f"the torch ops' {row['step_torch_ops_ms']:.1f} ms), head {row['head_ms']:.1f} ms (torch's "
+              f"{row['head_torch_ms']:.1f} ms); decoding {K} tokens a row: the native block "
+              f"{row['block_tokens_per_s']:.1f} tokens/s, the one-step loop {row['loop_tokens_per_s']:.1f} "
+              f"(the same tokens: {same}); sampling plain / top-p 0.9: "
               f"{row['sample_plain_zipf_ms']:.1f} / {row['sample_top_p_zipf_ms']:.1f} ms (Zipf logits), "
               f"{row['sample_plain_flat_ms']:.1f} / {row['sample_top_p_flat_ms']:.1f} ms (this random "
               "model's, nearly flat)", flush=True)  # fmt: skip

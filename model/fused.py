@@ -34,7 +34,8 @@ RESTYPES = {  # the library's entry points and their return types
     "philox_blocks": None, "linear_rows": None, "sashimi_step": ctypes.c_int, "sashimi_block": ctypes.c_long,
     "net_prefill": ctypes.c_int, "ssm_prefill": ctypes.c_long, "ssm_prefill_width": ctypes.c_long,
     "linear_panel_width": ctypes.c_long, "split_step": ctypes.c_int, "step_split_min_weights": ctypes.c_long,
-    "step_split_state": None, "decode_block_state": None,
+    "step_split_state": None, "decode_block_state": None, "adaptive_logprobs": ctypes.c_int,
+    "adaptive_embeddings": ctypes.c_int,
 }  # fmt: skip
 # -fno-math-errno lets the GELU / sigmoid loops call glibc's vector expf / erff (model/csrc/ssm_step.c)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
@@ -330,6 +331,28 @@ class NetLayer(ctypes.Structure):
     ]
 
 
+class CAdaptive(ctypes.Structure):
+    """ssm_step.c: struct Adaptive (the adaptive input embedding and softmax, model/adaptive.py)."""
+
+    _fields_ = [
+        ("n_in", ctypes.c_long),
+        ("in_lo", ctypes.c_void_p),
+        ("in_d", ctypes.c_void_p),
+        ("table", ctypes.c_void_p),
+        ("in_proj", ctypes.c_void_p),
+        ("scale", ctypes.c_float),
+        ("n", ctypes.c_long),
+        ("lo", ctypes.c_void_p),
+        ("d", ctypes.c_void_p),
+        ("proj", ctypes.c_void_p),
+        ("w", ctypes.c_void_p),
+        ("b", ctypes.c_void_p),
+        ("cw", ctypes.c_void_p),
+        ("cb", ctypes.c_void_p),
+        ("wfmt", ctypes.c_long),
+    ]
+
+
 # ssm_step.c's linear weight formats (W_F32, W_BF16, W_F16): a 16-bit weight is widened exactly to float32
 # as it is loaded, so the products and sums are float32 whatever the format
 WEIGHT_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -396,14 +419,24 @@ class _Weights:
         """A linear layer's weight (out, in) as its (in, out) transpose packed (pack_linear): in the
         weights' own 16-bit dtype when `fmt` is a 16-bit WEIGHT_FORMATS code (the tensor must have that
         dtype), else float32."""
-        t = self.take(name).detach()
+        return self.packed(self.take(name).t(), fmt, name)
+
+    def packed(self, Wt: torch.Tensor, fmt: int, name: str) -> int:
+        """Wt (K, N), a linear map x · Wt, packed (pack_linear) in format `fmt` (as `transposed_as`)."""
+        t = Wt.detach()
         if fmt == WEIGHT_FORMATS[torch.float32]:
             t = t.float()
         elif WEIGHT_FORMATS.get(t.dtype) != fmt:
             raise ValueError(f"{name} is {t.dtype}, not weight format {fmt}")
-        t = pack_linear(t.t(), self.panel)
+        t = pack_linear(t, self.panel)
         self.keep.append(t)
         return t.data_ptr()
+
+    def array(self, ctype, values: list) -> int:
+        """A C array of `values` (ctype: ctypes.c_long, ctypes.c_void_p), kept alive here; its address."""
+        arr = (ctype * max(len(values), 1))(*values)
+        self.keep.append(arr)
+        return ctypes.addressof(arr)
 
     def check_all_read(self, what: str) -> None:
         unread = sorted(set(self.tensors) - self.read)
@@ -450,6 +483,49 @@ def fill_layer(lay: NetLayer, form, w: _Weights, s4: str, ff_norm: str | None = 
         lay.down_t, lay.down_b = w.transposed_as(ff + "down.weight", wfmt), w.param(ff + "down.bias")
 
 
+def _adaptive(w: _Weights, net, wfmt: int) -> CAdaptive:
+    """`net`'s adaptive input embedding and softmax (model/adaptive.py) as ssm_step.c's struct Adaptive: the
+    embedding's tables read as float32 (in place; a copy for 16-bit weights), its projections and the
+    softmax's projections, output weights and cluster entries packed in the blocks' weight format `wfmt`
+    (copies: the WikiText-103 recipe's softmax, 36.9 M weights, takes 148 MB more in float32); every tensor
+    marked read, tied ones (`tie_weights`, `tie_projs`) as the embedding's."""
+    emb, head, V = net.embed, net.head, net.config.vocab_size
+    c = CAdaptive()
+    n_in = len(emb.bounds)
+    c.n_in = n_in
+    c.in_lo = w.array(ctypes.c_long, [lo for lo, _ in emb.bounds] + [V])
+    c.in_d = w.array(ctypes.c_long, [t.weight.shape[1] for t in emb.layers])
+    c.table = w.array(ctypes.c_void_p, [w.param(f"embed.layers.{i}.weight") for i in range(n_in)])
+    projs = [w.transposed_as(f"embed.projs.{i}", wfmt) if len(emb.projs) else None for i in range(n_in)]
+    c.in_proj = w.array(ctypes.c_void_p, projs)
+    c.scale = net.config.embed_scale
+    n = len(head.bounds)
+    c.n = n
+    c.lo = w.array(ctypes.c_long, [lo for lo, _ in head.bounds] + [V])
+    c.d = w.array(ctypes.c_long, [head.shard(i)[0].shape[1] for i in range(n)])
+    outs, projs = [], []
+    for i in range(n):
+        weight, proj = head.shard(i)
+        if not head.tie_weights:
+            name = f"head.weights.{i}"
+        else:
+            name = f"embed.layers.{i if head.div_val > 1 else 0}.weight"
+        w.read.add(name)
+        outs.append(w.packed(weight.t(), wfmt, name))  # W_iᵀ (d_i, n_i): the shard's logits h · W_iᵀ + b_i
+        if proj is not None:  # hidden · P_i, P_i (H, d_i)
+            name = f"embed.projs.{i}" if head.tie_projs[i] else f"head.projs.{i}"
+            w.read.add(name)
+            proj = w.packed(proj, wfmt, name)
+        projs.append(proj)
+    c.w, c.proj = w.array(ctypes.c_void_p, outs), w.array(ctypes.c_void_p, projs)
+    c.b = w.array(ctypes.c_void_p, [w.param(f"head.biases.{i}") for i in range(n)])
+    c.cb = w.param("head.cluster_bias")
+    c.cw = w.transposed_as("head.cluster_weight", wfmt) if n > 1 else None
+    w.read.add("head.cluster_weight")
+    c.wfmt = wfmt
+    return c
+
+
 def _weight_format(net: torch.nn.Module, what: str) -> int:
     """The C code's format code of `net`'s weights (WEIGHT_FORMATS); ValueError naming `what` unless all
     of them share one dtype it reads."""
@@ -467,7 +543,11 @@ class NetStep:
     norm, up, exact GELU, down, residual), final norm and head
     (with its bias when the model has one). Norms: LayerNorms, or with norm "tln" the official scalar
     TransposedLN (blocks and final norm: official `transposed: true` imports). The embedding table is
-    read pre-multiplied by embed_scale (the same float32 products as the torch forward).
+    read pre-multiplied by embed_scale (the same float32 products as the torch forward). A model with
+    `cutoffs` (the official WikiText-103 recipe's adaptive input and softmax, model/adaptive.py) has them
+    computed here too (ssm_step.c struct Adaptive): its logits are the softmax's log-probabilities, each
+    row's computed alone (the same bits whatever the batch around it or the threads), within float32
+    rounding of the torch module's.
 
     Weights in float32, bfloat16 or float16: the blocks' linear weights are read in their own dtype and
     widened exactly to float32 in registers (half the bytes per step for a 16-bit model); every other
@@ -491,23 +571,18 @@ class NetStep:
         "head_bias", "embed_scale", "re_lambda_max", "dt_tied", "l_kernel", "d_ff", "norm",
     })  # fmt: skip
 
-    # what the body alone leaves to the caller (the adaptive input embedding and softmax: `body`)
-    BODY_FIELDS = frozenset({"cutoffs", "div_val", "tie_projs"})
+    # the adaptive input embedding and softmax (model/adaptive.py: ssm_step.c's struct Adaptive)
+    ADAPTIVE_FIELDS = frozenset({"cutoffs", "div_val", "tie_projs"})
 
-    def __init__(self, lib, net, forms, body: bool = False) -> None:
-        """body: the blocks and the final norm only, for a model whose embedding and head the caller runs
-        (an adaptive input and softmax, `cutoffs`): `__call__` and `prefill` then take the embedded inputs
-        (…, H) float32 in place of token ids and return the final-normed hidden state (…, H) in place of
-        logits; `block` (which samples from logits) is refused."""
+    def __init__(self, lib, net, forms) -> None:
         cfg = net.config
         defaults = type(cfg)()
-        allowed = self.CONFIG_FIELDS | (self.BODY_FIELDS if body else frozenset())
+        allowed = self.CONFIG_FIELDS | self.ADAPTIVE_FIELDS
         for f in dataclasses.fields(cfg):
             value = getattr(cfg, f.name)
             if f.name not in allowed and value != getattr(defaults, f.name):
                 raise ValueError(f"the whole-network step does not implement {f.name}={value!r}")
-        self.body = body
-        self.lib, self.H, self.V = lib, cfg.d_model, cfg.d_model if body else cfg.vocab_size
+        self.lib, self.H, self.V = lib, cfg.d_model, cfg.vocab_size
         self.M = max(f.M for f in forms)  # the state's modes (layers with fewer run zero-padded)
         if len(forms) != len(net.blocks):
             raise ValueError(f"{len(forms)} layer forms for {len(net.blocks)} blocks")
@@ -525,8 +600,9 @@ class NetStep:
         lnf_kind, lnf_w, lnf_b = _norm(w, "norm.")  # the final norm: LayerNorm, or TransposedLN (norm "tln")
         self.lnf_kind = ctypes.c_long(lnf_kind)
         self.lnf_w, self.lnf_b = ctypes.c_void_p(lnf_w), ctypes.c_void_p(lnf_b)
-        if body:  # the caller's embedding and head (their tensors its own): no table, no head (NULL)
-            w.read |= {k for k in w.tensors if k.startswith(("embed.", "head."))}
+        self.adaptive = None  # ssm_step.c's struct Adaptive (CAdaptive), for a model with cutoffs
+        if cfg.cutoffs is not None:  # the adaptive input and softmax (no table, no plain head: NULL)
+            self.adaptive = _adaptive(w, net, wfmt)
             self.embed = self.head = self.head_b = ctypes.c_void_p(None)
         else:
             embed = w.take("embed.weight").detach().float() * cfg.embed_scale
@@ -545,28 +621,18 @@ class NetStep:
         dims = [ctypes.c_long(v) for v in (B, self.H, self.V, self.n_layers)]
         return bool(self.lib.split_step(*dims, self.layers))
 
-    def _weight_args(self, inputs: torch.Tensor | None = None) -> tuple:
+    def _weight_args(self) -> tuple:
         lnf = (self.lnf_kind, self.lnf_w, self.lnf_b)
-        embed = self.embed if inputs is None else ctypes.c_void_p(inputs.data_ptr())
-        return (embed, self.layers, *lnf, self.head, self.head_b, self.eps)
-
-    def _inputs(self, x: torch.Tensor, dim: int) -> torch.Tensor:
-        """The body's inputs: float32 (…, H) of `dim` dims, contiguous (a copy where they are not)."""
-        if not self.body:
-            raise ValueError("embedded inputs are the body's (NetStep(body=True)); this step takes token ids")
-        if x.dim() != dim or x.shape[-1] != self.H or x.device.type != "cpu":
-            raise ValueError(f"the body takes CPU inputs (…, {self.H}) of {dim} dims, got {tuple(x.shape)}")
-        return x.float().contiguous()
+        ad = ctypes.c_void_p(None if self.adaptive is None else ctypes.addressof(self.adaptive))
+        return (self.embed, self.layers, *lnf, self.head, self.head_b, ad, self.eps)
 
     def _run(
         self, what: str, fn, dims: tuple[int, ...], tokens: torch.Tensor, *buffers: torch.Tensor | None
     ) -> None:
         """fn(dims…, tokens, the weights…, buffers…) for `net_step` and `net_prefill`; ValueError naming
-        `what` on a nonzero code. The body (`body`): `tokens` are the embedded inputs, passed as the
-        embedding with no token ids."""
-        ids, inputs = (None, tokens) if self.body else (tokens, None)
-        head = [ctypes.c_long(v) for v in dims] + [ctypes.c_void_p(None if ids is None else ids.data_ptr())]
-        args = head + list(self._weight_args(inputs))
+        `what` on a nonzero code."""
+        head = [ctypes.c_long(v) for v in dims] + [ctypes.c_void_p(tokens.data_ptr())]
+        args = head + list(self._weight_args())
         rc = fn(*args, *(ctypes.c_void_p(None if t is None else t.data_ptr()) for t in buffers))
         if rc == TOKEN_RANGE:
             raise token_range_error(tokens, self.V)
@@ -577,9 +643,8 @@ class NetStep:
 
     def __call__(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """tokens (B,) int64, state and out (n_layers, B, H, 2, M) contiguous float32 (out may be
-        state) → logits (B, V). The body: tokens are the embedded inputs (B, H) → the final-normed hidden
-        state (B, H)."""
-        tokens = self._inputs(tokens, 2) if self.body else tokens.contiguous().long()
+        state) → logits (B, V)."""
+        tokens = tokens.contiguous().long()
         logits = torch.empty(tokens.shape[0], self.V)
         dims = (tokens.shape[0], self.H, self.V, self.n_layers, self.M)
         self._run("step", self.lib.net_step, dims, tokens, state, out, logits)
@@ -592,10 +657,9 @@ class NetStep:
         (the linear layers over all B·L positions at once), bit-identical to L calls of this step: rows
         split between the OpenMP threads, one row (B = 1) split over them by channels and columns where
         `splits(1)` says a step of one row would be (the same weight threshold and contention guard).
-        Raises ValueError when the C code fails (over its mode or rank limits, out of memory). The body:
-        tokens are the embedded inputs (B, L, H), and hidden states (…, H) come back in place of logits."""
-        B, L = tokens.shape[:2]
-        tokens = self._inputs(tokens, 3) if self.body else tokens.contiguous().long()
+        Raises ValueError when the C code fails (over its mode or rank limits, out of memory)."""
+        B, L = tokens.shape
+        tokens = tokens.contiguous().long()
         head = {"all": 0, "last": 1, "none": 2}[logits]
         out = None if head == 2 else torch.empty(B, L if head == 0 else min(L, 1), self.V)
         if B * L:
@@ -603,15 +667,41 @@ class NetStep:
             self._run("prefill", self.lib.net_prefill, dims, tokens, state, out)
         return out
 
+    def adaptive_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The adaptive softmax as this step computes it (a model with `cutoffs`): final-normed hidden states
+        (P, H) float32 → log-probabilities (P, V) float32, each row's alone (tests, bench.wt103)."""
+        h = hidden.float().contiguous()
+        if self.adaptive is None or h.dim() != 2 or h.shape[1] != self.H:
+            raise ValueError(f"adaptive_logprobs takes (P, {self.H}) hidden states of a model with cutoffs")
+        out = torch.empty(h.shape[0], self.V)
+        dims = [ctypes.c_long(v) for v in (h.shape[0], self.H, self.V)]
+        rc = self.lib.adaptive_logprobs(ctypes.byref(self.adaptive), *dims, *_ptrs(h, out))
+        if rc != 0:
+            raise ValueError(f"adaptive_logprobs failed (code {rc}: out of memory)")
+        return out
+
+    def adaptive_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The adaptive input embedding as this step computes it, embed_scale applied: ids (P,) → (P, H)
+        float32 (tests). Raises ValueError for an id outside the vocabulary."""
+        ids = tokens.contiguous().long()
+        if self.adaptive is None or ids.dim() != 1:
+            raise ValueError("adaptive_embeddings takes (P,) ids of a model with cutoffs")
+        out = torch.empty(ids.shape[0], self.H)
+        dims = [ctypes.c_long(v) for v in (ids.shape[0], self.H)]
+        rc = self.lib.adaptive_embeddings(ctypes.byref(self.adaptive), *dims, ctypes.c_void_p(ids.data_ptr()),
+                                          *_ptrs(out))  # fmt: skip
+        if rc == TOKEN_RANGE:
+            raise token_range_error(ids, self.V)
+        if rc != 0:
+            raise ValueError(f"adaptive_embeddings failed (code {rc}: out of memory)")
+        return out
+
     def block(self, K: int, state: torch.Tensor, tok: torch.Tensor, **rows) -> BlockResult:
         """Up to K decode steps of the whole batch in one C call (ssm_step.c `net_block`): step →
         sampling (the C sampler of model/sampling.py `sample`) with each row's counter-based stream →
         stop checks, per row, until the row has made limit[r] tokens or a stop sequence (over the
         tokens' low bytes) ends. state (n_layers, B, H, 2, M) float32 contiguous, updated in place;
-        the other arguments: `decode_block`. Raises ValueError on bad shapes or when the C step fails, and
-        for the body (it has no logits to sample from)."""
-        if self.body:
-            raise ValueError("the body's step has no head to sample from: step it and run the head")
+        the other arguments: `decode_block`. Raises ValueError on bad shapes or when the C step fails."""
         head = [ctypes.c_long(v) for v in (K, tok.shape[0], self.H, self.V, self.n_layers, self.M)]
         head += self._weight_args()
         return decode_block(lambda tail: self.lib.net_block(*head, *tail), K, self.V, state, 1, tok, **rows)
@@ -775,6 +865,35 @@ class SaShiMiStep:
         if rc != 0:
             raise ValueError(f"SaShiMi C step failed (code {rc}: out of memory)")
         return logits
+
+    def adaptive_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The adaptive softmax as this step computes it (a model with `cutoffs`): final-normed hidden states
+        (P, H) float32 → log-probabilities (P, V) float32, each row's alone (tests, bench.wt103)."""
+        h = hidden.float().contiguous()
+        if self.adaptive is None or h.dim() != 2 or h.shape[1] != self.H:
+            raise ValueError(f"adaptive_logprobs takes (P, {self.H}) hidden states of a model with cutoffs")
+        out = torch.empty(h.shape[0], self.V)
+        dims = [ctypes.c_long(v) for v in (h.shape[0], self.H, self.V)]
+        rc = self.lib.adaptive_logprobs(ctypes.byref(self.adaptive), *dims, *_ptrs(h, out))
+        if rc != 0:
+            raise ValueError(f"adaptive_logprobs failed (code {rc}: out of memory)")
+        return out
+
+    def adaptive_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The adaptive input embedding as this step computes it, embed_scale applied: ids (P,) → (P, H)
+        float32 (tests). Raises ValueError for an id outside the vocabulary."""
+        ids = tokens.contiguous().long()
+        if self.adaptive is None or ids.dim() != 1:
+            raise ValueError("adaptive_embeddings takes (P,) ids of a model with cutoffs")
+        out = torch.empty(ids.shape[0], self.H)
+        dims = [ctypes.c_long(v) for v in (ids.shape[0], self.H)]
+        rc = self.lib.adaptive_embeddings(ctypes.byref(self.adaptive), *dims, ctypes.c_void_p(ids.data_ptr()),
+                                          *_ptrs(out))  # fmt: skip
+        if rc == TOKEN_RANGE:
+            raise token_range_error(ids, self.V)
+        if rc != 0:
+            raise ValueError(f"adaptive_embeddings failed (code {rc}: out of memory)")
+        return out
 
     def block(self, K: int, state: torch.Tensor, tok: torch.Tensor, **rows) -> BlockResult:
         """Up to K decode steps in one C call (ssm_step.c `sashimi_block`); state (B, numel) float32

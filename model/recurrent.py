@@ -958,14 +958,13 @@ class RecurrentModel(GraphedModel):
         # Small batches: the whole network's step in one C call (model/fused.py: NetStep), for float32,
         # bfloat16 and float16 weights (computing in float32); larger batches (and float64 weights) run
         # the torch ops around the fused SSM steps.
-        # A model with an adaptive input and softmax (the official WikiText-103 recipe's) steps its body
-        # there (NetStep(body=True): the blocks and the final norm) between its torch embedding and head:
-        # 1.7-2.4x the torch ops around the fused SSM steps at batch 1-4 (their linear layers).
+        # A model with an adaptive input and softmax (the official WikiText-103 recipe's) computes them
+        # there too (ssm_step.c struct Adaptive): each row's log-probabilities alone, so they are batch
+        # invariant, and the native decode block samples from them.
         self._net_step = None
         if self._fused is not None and fused_network and dtype in fused.WEIGHT_FORMATS:
             try:
-                body = self.config.cutoffs is not None
-                self._net_step = fused.NetStep(self._fused, self.net, self.layers, body=body)
+                self._net_step = fused.NetStep(self._fused, self.net, self.layers)
             except ValueError:  # something the C step does not compute (it names it): keep the torch ops
                 pass
         # the diagonal layers' step as one Triton kernel each (the torch step's path: CUDA, or tests)
@@ -1206,8 +1205,6 @@ class RecurrentModel(GraphedModel):
         if self._net_step is not None and contiguous_out and tokens.shape[0] <= self.net_step_max_batch:
             state = state.contiguous()
             new = torch.empty_like(state) if out is None else out
-            if self._net_step.body:  # the embedding and the head in torch around the C body
-                return self._head(self._net_step(self._embed(tokens), state, new)), new
             return self._net_step(tokens, state, new), new  # (the C step checks the ids)
         if not ids_checked:
             check_token_ids(tokens, self.config.vocab_size)
@@ -1218,26 +1215,13 @@ class RecurrentModel(GraphedModel):
         logits, new = (self._compiled_step or self._step_torch)(tokens, state)
         return logits, new if out is None else out.copy_(new)
 
-    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The torch embedding of ids (checked: ValueError for one outside the vocabulary), as
-        SequenceModel.forward scales it: (…, H) float32."""
-        check_token_ids(tokens, self.config.vocab_size)
-        return (self._net_ops.embed(tokens) * self.config.embed_scale).float()
-
-    def _head(self, hidden: torch.Tensor | None) -> torch.Tensor | None:
-        """The torch head (the adaptive softmax's log-probabilities) of final-normed hidden states (…, H)
-        float32, in the weights' dtype: (…, V) float32."""
-        if hidden is None:
-            return None
-        return self._net_ops.head(hidden.to(self.compute_dtype)).float()
-
     def decode_block_ready(self, batch: int) -> bool:
         """Whether `decode_block` serves a batch of this many rows: with CUDA graphs (`use_cuda_graphs`),
         a batch within the largest bucket; else the whole-network C step (CPU, float32, bfloat16 or
         float16 weights, at most `net_step_max_batch` rows)."""
         if self._graphs is not None:
             return 1 <= batch <= self._graphs.buckets[-1]
-        return self._net_step is not None and not self._net_step.body and batch <= self.net_step_max_batch
+        return self._net_step is not None and batch <= self.net_step_max_batch
 
     @torch.inference_mode()
     def decode_block(self, K: int, state: torch.Tensor, tokens: torch.Tensor, **rows) -> fused.BlockResult:
@@ -1271,9 +1255,7 @@ class RecurrentModel(GraphedModel):
         tokens takes its recurrent form layer by layer instead, `fused.NetStep.prefill`: faster there,
         and bit-identical to stepping it, its rows split between the calling thread's OpenMP threads (one
         row's prompt split over them by channels and columns, as `step` splits a few rows); the two forms
-        agree to float32 rounding. (A model with an adaptive input and softmax prefills its body there,
-        between its torch embedding and head, whose matmuls round a prompt's (B, L, H) apart from a step's
-        (B, H): within float32 rounding of stepping it, not bit for bit.) The parallel form runs with
+        agree to float32 rounding. The parallel form runs with
         `prefill_threads` torch threads in the calling thread (restored after), the SSMs in float32, in
         blocks of CHUNK tokens (`DiagonalSSM.prefill`). Raises ValueError for bad shapes or dtypes, an id
         outside the vocabulary or an unknown `logits`."""
@@ -1288,8 +1270,6 @@ class RecurrentModel(GraphedModel):
             # a short prompt: the recurrent form layer by layer in C (fused.NetStep.prefill: bit-identical
             # to L steps) costs less than the parallel form's fixed cost
             new = state.contiguous().clone()
-            if self._net_step.body:
-                return self._head(self._net_step.prefill(self._embed(tokens), new, logits)), new
             return self._net_step.prefill(tokens, new, logits), new  # (the C prefill checks the ids)
         check_token_ids(tokens, self.config.vocab_size)
         threads = torch.get_num_threads()  # a per-thread setting (OpenMP): other threads keep theirs

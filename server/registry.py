@@ -351,12 +351,12 @@ def served_vocab(path: Path, config: ModelConfig, source: Path | None = None) ->
 
 def step_path(rec) -> str:
     """How a recurrent model's decode step runs, for its log line: the whole network in C with native
-    decode blocks (CPU), its body in C between a torch embedding and head (an adaptive input and softmax:
-    one step at a time), CUDA graphs, or torch ops (around the C SSM steps on CPU)."""
+    decode blocks (CPU; an adaptive input and softmax included), CUDA graphs, or torch ops (around the C
+    SSM steps on CPU)."""
     net_step = getattr(rec, "_net_step", None)
     if net_step is not None:
-        if getattr(net_step, "body", False):
-            return "in C, the body between the torch embedding and head (one at a time)"
+        if getattr(net_step, "adaptive", None) is not None:
+            return "in C, the whole network and its adaptive softmax (native decode blocks)"
         return "in C, the whole network (native decode blocks)"
     if getattr(rec, "_graphs", None) is not None:
         return "by CUDA graphs"

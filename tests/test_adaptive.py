@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -133,6 +134,35 @@ def test_the_adaptive_embedding_equals_its_shard_lookup_token_by_token(name):
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))
+def test_the_c_steps_adaptive_softmax_and_embedding_equal_the_formulas_in_float64(name):
+    """ssm_step.c's adaptive softmax and input embedding (struct Adaptive, as the whole-network step computes
+    them) against the float64 formulas above, word by word and token by token: within 1e-6 of the
+    log-probabilities' scale and 5e-7 of the embeddings' (float32 rounding over sums of 8-16 products and a
+    log-sum-exp: 1.6e-7 and 8.9e-8 measured); each row's values are the same bits alone and among 7 others.
+    Ids outside are refused."""
+    net = drawn(config(**VARIANTS[name], embed_scale=1.5))
+    step = net.to_recurrent()._net_step
+    net64 = copy.deepcopy(net).double()
+    h = torch.randn(7, 16, generator=torch.Generator().manual_seed(2))
+    got = step.adaptive_logprobs(h)
+    assert got.shape == (7, 64)
+    for r in range(7):
+        with torch.no_grad():
+            want = logprobs_word_by_word(net64, h[r].double())
+        assert float((got[r].double() - want).abs().max()) <= 1e-6 * float(want.abs().max()), (name, r)
+        assert torch.equal(step.adaptive_logprobs(h[r : r + 1])[0], got[r])
+    tokens = [0, 9, 10, 19, 20, 39, 40, 63, 5, 33, 32]
+    emb = step.adaptive_embeddings(torch.tensor(tokens))
+    with torch.no_grad():
+        want = 1.5 * embedding_token_by_token(net64, tokens)
+    assert float((emb.double() - want).abs().max()) <= 5e-7 * float(want.abs().max()), name
+    assert torch.equal(step.adaptive_embeddings(torch.tensor(tokens[3:4]))[0], emb[3])
+    for bad in (64, -1):
+        with pytest.raises(ValueError, match="outside"):
+            step.adaptive_embeddings(torch.tensor([1, bad]))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_tied_tensors_are_stored_once_and_the_tie_survives_copies_and_checkpoints(name, tmp_path):
     cfg = config(**VARIANTS[name])
     net = drawn(cfg)
@@ -155,14 +185,14 @@ def test_tied_tensors_are_stored_once_and_the_tie_survives_copies_and_checkpoint
 @pytest.mark.parametrize("name", ["div2-tied", "div1-untied"])
 def test_the_recurrent_form_of_an_adaptive_model_equals_conv_mode(name):
     """Verified at conversion (its logits against the float64 conv mode), then prefill + step past l_max;
-    the C whole-network step runs the body (blocks, final norm) between the torch embedding and head."""
+    the C whole-network step computes its adaptive input and softmax; the native decode block is offered."""
     net = drawn(config(**VARIANTS[name]))
     tokens = torch.randint(0, 64, (2, 48), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = net.double()(tokens)
     net = net.float()
     rec = net.to_recurrent()
-    assert rec._net_step is not None and rec._net_step.body and not rec.decode_block_ready(2)
+    assert rec._net_step is not None and rec._net_step.adaptive is not None and rec.decode_block_ready(2)
     logits, state = rec.prefill(tokens[:, :7], rec.init_state(2))
     out = [logits]
     for t in range(7, 48):
@@ -246,83 +276,99 @@ def test_a_served_adaptive_model_streams_the_library_s_tokens(tmp_path):
     assert max(ids) >= 100, ids  # words of the tail shards were sampled too
 
 
-@pytest.mark.parametrize("name", ["div2-tied", "div1-untied"])
+def _stepped(rec, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position's logits (B, L, V) and the final state of stepping `tokens` (B, L) one at a time."""
+    state, out = rec.init_state(tokens.shape[0]), []
+    for t in range(tokens.shape[1]):
+        logits, state = rec.step(tokens[:, t], state)
+        out.append(logits)
+    return torch.stack(out, 1), state
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
 @pytest.mark.parametrize("split", [False, True])
-def test_the_body_of_an_adaptive_model_steps_in_c_between_the_torch_embedding_and_head(name, split):
-    """The official WikiText-103 recipe's adaptive input and softmax are not in the C step; its body is
-    (fused.NetStep(body=True): the blocks and the final norm, fed the torch embedding, the torch adaptive
-    softmax run on its final-normed hidden state): against the torch ops around the fused SSM steps
-    (fused_network=False) the log-probabilities and the state agree within float32 rounding (1e-5 of their
-    scale) over 12 steps at 1, 3 and 9 rows (9: rows split between the threads), with the few-rows step
-    split over the threads by channels or not; a short prompt's prefill through the body leaves the state
-    and log-probabilities of stepping it within 1e-6 (not bit for bit: the torch embedding's and head's
-    matmuls round (B, L, H) apart from (B, H)). The native decode block (which samples from the C step's
-    logits) is not offered, and ids outside the vocabulary are refused as the torch ops refuse them."""
+def test_the_adaptive_input_and_softmax_run_in_the_c_step_each_row_alone(name, split):
+    """The official WikiText-103 recipe's adaptive input and softmax are computed in the whole-network C step
+    (ssm_step.c struct Adaptive), every variant of the options (shards, div_val, tied tables and projections):
+    - against the torch ops around the fused SSM steps (fused_network=False), whose module is checked against
+      the formula word by word in float64 above, the log-probabilities and the state agree within float32
+      rounding (1e-5 of their scale) over 12 steps at 1, 3 and 9 rows (9: rows split between the threads);
+    - each row's log-probabilities and state are bit for bit those of the row stepped alone, with the few-rows
+      step split over the threads by channels and columns or not (the softmax's normalizers by whole shards),
+      and the split gives the single thread's bits;
+    - a short prompt's prefill (logits "all", "last", none) is bit for bit its steps;
+    - the native decode block is offered (tests/test_native_decode.py runs its every test on such a model);
+      ids outside the vocabulary are refused as the torch ops refuse them."""
     from model import fused  # noqa: PLC0415
 
     lib = fused.library()
     net = drawn(config(**VARIANTS[name], n_layers=3, d_ff=[32, 0, 48]))
-    body, torch_ops = net.to_recurrent(), net.to_recurrent(fused_network=False)
-    assert body._net_step is not None and body._net_step.body and torch_ops._net_step is None
-    assert body.verification["step_rel_err"] <= 1e-5, body.verification
+    c_step, torch_ops = net.to_recurrent(), net.to_recurrent(fused_network=False)
+    assert c_step._net_step.adaptive is not None and torch_ops._net_step is None
+    assert c_step.verification["step_rel_err"] <= 1e-5, c_step.verification
     from server.registry import step_path  # noqa: PLC0415 (the server's log line says which)
 
-    assert step_path(body) == "in C, the body between the torch embedding and head (one at a time)"
+    assert step_path(c_step) == "in C, the whole network and its adaptive softmax (native decode blocks)"
     assert step_path(torch_ops) == "by torch ops around the C SSM steps"
-    old = fused.step_split_min_weights(lib, 0 if split else 1 << 40)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    old = fused.step_split_min_weights(lib, 0 if split else 1 << 40)
+    old_stall = fused.step_split_state(lib, stall_s=1e6)[2]  # no stalls: a loaded machine keeps splitting
+    left = fused.step_split_state(lib)[1]  # (a pause from an earlier test waited out)
+    time.sleep(max(left, 0.0) + 0.01)
     try:
-        assert body._net_step.splits(1) == split or torch.get_num_threads() < 2
+        assert c_step._net_step.splits(1) == split or torch.get_num_threads() < 2
         gen = torch.Generator().manual_seed(5)
         for B in (1, 3, 9):
             tokens = torch.randint(0, 64, (B, 12), generator=gen)
-            sa, sb = body.init_state(B), torch_ops.init_state(B)
-            for t in range(12):
-                la, sa = body.step(tokens[:, t], sa)
-                lb, sb = torch_ops.step(tokens[:, t], sb)
-                assert la.shape == lb.shape == (B, 64)
-                assert float((la - lb).abs().max()) <= 1e-5 * float(lb.abs().max()), (B, t)
-            assert float((sa - sb).abs().max()) <= 1e-5 * float(sb.abs().max()), B
-            assert not body.decode_block_ready(B)
-            # a short prompt: the body's C prefill against the steps (logits "all", "last", none)
-            stepped, st = [], body.init_state(B)
-            for t in range(12):
-                lt, st = body.step(tokens[:, t], st)
-                stepped.append(lt)
-            for kind in ("all", "last", "none"):
-                got, gs = body.prefill(tokens, body.init_state(B), logits=kind)
-                assert float((gs - st).abs().max()) <= 1e-6 * float(st.abs().max()), (B, kind)
-                want = {"all": torch.stack(stepped, 1), "last": stepped[-1][:, None], "none": None}[kind]
-                if want is None:
-                    assert got is None
-                else:  # (the torch head over (B, L, H) rounds its matmuls apart from (B, H)'s)
-                    assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max()), (B, kind)
+            got, state = _stepped(c_step, tokens)
+            want, want_state = _stepped(torch_ops, tokens)
+            assert got.shape == want.shape == (B, 12, 64)
+            assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), B
+            assert float((state - want_state).abs().max()) <= 1e-5 * float(want_state.abs().max()), B
+            assert torch.allclose(got.exp().sum(-1), torch.ones(B, 12), atol=1e-5)
+            for r in {0, B - 1}:  # a row alone: the same bits
+                alone, alone_state = _stepped(c_step, tokens[r : r + 1])
+                assert torch.equal(alone[0], got[r]), (B, r)
+                assert torch.equal(alone_state, state[:, r : r + 1]), (B, r)
+            fused.step_split_min_weights(lib, 1 << 40 if split else 0)  # the other way: the same bits
+            other, other_state = _stepped(c_step, tokens)
+            fused.step_split_min_weights(lib, 0 if split else 1 << 40)
+            assert torch.equal(other, got) and torch.equal(other_state, state), B
+            assert c_step.decode_block_ready(B)
+            for kind in ("all", "last", "none"):  # a short prompt's C prefill: bit for bit its steps
+                logits, st = c_step.prefill(tokens, c_step.init_state(B), logits=kind)
+                assert torch.equal(st, state), (B, kind)
+                expect = {"all": got, "last": got[:, -1:], "none": None}[kind]
+                assert (logits is None) if expect is None else torch.equal(logits, expect), (B, kind)
     finally:
         fused.step_split_min_weights(lib, old)
+        fused.step_split_state(lib, stall_s=old_stall)
         torch.set_num_threads(threads)
-    with pytest.raises(ValueError, match="outside"):
-        body.step(torch.tensor([64]), body.init_state(1))
-    with pytest.raises(ValueError, match="no head to sample from"):
-        body._net_step.block(1, body.init_state(1), torch.tensor([0]))
+    for bad in (64, -1):
+        with pytest.raises(ValueError, match="outside"):
+            c_step.step(torch.tensor([bad]), c_step.init_state(1))
+        with pytest.raises(ValueError, match="outside"):
+            c_step.prefill(torch.tensor([[1, bad]]), c_step.init_state(1))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_the_c_body_of_an_adaptive_model_serves_16_bit_weights_verified(dtype):
-    """A 16-bit adaptive model steps its body in C too (its linear weights read in their dtype, the
-    arithmetic float32), verified at load within the dtype's tolerance (4u); against the torch ops, which
-    round every activation to 16 bits, within that tolerance."""
+def test_the_c_step_of_an_adaptive_model_serves_16_bit_weights_verified(dtype):
+    """A 16-bit adaptive model steps in C too, its adaptive input and softmax included (its linear weights
+    and the softmax's packed weights read in their dtype, the tables as float32 copies, the arithmetic
+    float32), verified at load within the dtype's tolerance (4u); against the torch ops, which round every
+    activation to 16 bits, within that tolerance."""
     from model.recurrent import LOGITS_TOL  # noqa: PLC0415
 
     net = drawn(config(**VARIANTS["div2-tied"], n_layers=3, d_ff=[32, 0, 48]))
-    body, torch_ops = net.to_recurrent(dtype=dtype), net.to_recurrent(dtype=dtype, fused_network=False)
-    assert body._net_step is not None and body._net_step.body and torch_ops._net_step is None
+    c_step, torch_ops = net.to_recurrent(dtype=dtype), net.to_recurrent(dtype=dtype, fused_network=False)
+    assert c_step._net_step.adaptive is not None and torch_ops._net_step is None
     tol = LOGITS_TOL[dtype]
-    assert body.verification["dtype"] == str(dtype).removeprefix("torch.")
-    assert body.verification["step_rel_err"] <= tol and body.verification["prefill_rel_err"] <= tol
+    assert c_step.verification["dtype"] == str(dtype).removeprefix("torch.")
+    assert c_step.verification["step_rel_err"] <= tol and c_step.verification["prefill_rel_err"] <= tol
     tokens = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(6))
-    sa, sb = body.init_state(3), torch_ops.init_state(3)
+    sa, sb = c_step.init_state(3), torch_ops.init_state(3)
     for t in range(8):
-        la, sa = body.step(tokens[:, t], sa)
+        la, sa = c_step.step(tokens[:, t], sa)
         lb, sb = torch_ops.step(tokens[:, t], sb)
         assert float((la - lb).norm() / lb.norm()) <= tol, t

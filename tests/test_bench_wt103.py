@@ -21,7 +21,9 @@ def test_quick_run_measures_the_conversion_the_steps_the_sampler_and_the_prefill
     assert data["to_recurrent_cached_s"] > 0 and data["form_cache_mb"] > 0
     assert [r["batch"] for r in data["steps"]] == list(wt103.BATCHES)
     for r in data["steps"]:
-        assert 0 < r["head_ms"] < r["step_ms"]  # the head is part of the step
+        assert 0 < r["head_ms"] < r["step_ms"] and r["head_torch_ms"] > 0  # the head is part of the step
+        assert r["c_step"] and r["block_same_tokens"]  # the block's tokens are the one-step loop's
+        assert r["block_tokens_per_s"] > 0 and r["loop_tokens_per_s"] > 0 and r["decode_tokens"] == 16
         for shape in ("zipf", "flat"):
             assert r[f"sample_plain_{shape}_ms"] > 0 and r[f"sample_top_p_{shape}_ms"] > 0
     assert data["prefill"]["tokens"] == 128 and data["prefill"]["tokens_per_s"] > 0

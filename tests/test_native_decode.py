@@ -59,6 +59,7 @@ MODELS = [
     "sashimi-bfloat16",
     "s4-bfloat16",
     "s4d-float16",
+    "s4-adaptive",
 ]
 
 
@@ -71,6 +72,15 @@ def rec(request):
         net = build(ModelConfig(**SMALL, arch="sashimi", pool=[4, 4], norm=norm, unet=unet))
         assert bool(scramble_transposed_lns(net)) == (norm == "tln")
         rec = net.to_recurrent(dtype=torch.bfloat16 if request.param.endswith("bfloat16") else None)
+    elif request.param == "s4-adaptive":  # the adaptive input and softmax (the WikiText-103 recipe's), in C
+        adaptive = {"cutoffs": [10, 30], "div_val": 2, "tie_projs": [False, True, True], "head_bias": True}
+        cfg = ModelConfig(**SMALL, **adaptive, tie_embeddings=True)
+        net = SequenceModel(cfg)
+        with torch.no_grad():  # the head's zero-initialized cluster entries drawn too
+            net.head.cluster_weight.normal_(0.0, 0.5)
+            net.head.cluster_bias.normal_(0.0, 0.5)
+        rec = net.to_recurrent()
+        assert rec._net_step.adaptive is not None
     elif request.param == "s4-tln":
         net = SequenceModel(ModelConfig(**SMALL, norm="tln", d_ff=32))
         assert scramble_transposed_lns(net) == 2 * SMALL["n_layers"] + 1  # S4, FF blocks and final norm

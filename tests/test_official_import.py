@@ -99,16 +99,16 @@ def test_imported_conv_mode_past_the_trained_length_equals_the_official_recurren
 @pytest.mark.parametrize("name", list(CASES))
 def test_imported_recurrent_prefill_and_step_equal_the_official_recurrence(name):
     """Both CPU step paths: the whole-network C step (SaShiMi's too, TransposedLN blocks included, and
-    blocks without an FF block) and the torch ops around each layer's fused SSM step. An adaptive input
-    and softmax are not in the C step: those models step their body there (NetStep(body=True)), between
-    the torch embedding and head, against the official recurrence as the others."""
+    blocks without an FF block, an adaptive input and softmax computed in it) and the torch ops around each
+    layer's fused SSM step."""
     ref = load_file(str(FIX / f"{name}.ref.safetensors"))
     tokens = ref["tokens"]
     net = build(imported(name))
     for whole in (True, False):
         rec = net.to_recurrent(fused_network=whole)  # float32, verified
         assert (rec._net_step is not None) == whole, name
-        assert not whole or getattr(rec._net_step, "body", False) == (net.config.cutoffs is not None), name
+        adaptive = getattr(rec._net_step, "adaptive", None) is not None
+        assert not whole or adaptive == (net.config.cutoffs is not None), name
         n0 = 7  # prefill a prompt, then step token by token past the trained length
         logits, state = rec.prefill(tokens[:, :n0], rec.init_state(tokens.shape[0]))
         out = [logits]

@@ -408,10 +408,9 @@ int dplr_step(long B, long H, long M, long R, const float *x, float *xo, const f
  * with d_ff, norm → up → GELU → down → residual] → LayerNorm → head (its bias may be NULL).
  * The same arithmetic as the torch modules (LayerNorm with biased variance, exact erf GELU, GLU = a · sigmoid(g)); sums run
  * in another order, so logits agree to float32 rounding. Called once per step instead of ~45 torch
- * ops, which dominate a small batch's step. The body alone for a model whose embedding and head the caller
- * computes (the adaptive input and softmax of the official WikiText-103 recipe): net_step and net_prefill
- * with tokens NULL read their inputs from `embed` (one row per position) and with head_t NULL write the
- * final-normed hidden state as the "logits" (V = H).
+ * ops, which dominate a small batch's step. A model with an adaptive input and softmax (the official
+ * WikiText-103 recipe's: struct Adaptive, below) computes them in place of the table and the head: its
+ * "logits" are the softmax's log-probabilities.
  */
 #include <limits.h>
 #include <math.h>
@@ -627,11 +626,11 @@ static inline long pk_at(long K, long N, long n, long *stride) {
     return F * K * LIN_P + (n - F * LIN_P);
 }
 
-/* out[i, n0 + c·VW + j] for the rows i < R (row i at x + i·K, out + i·N) and vectors c < C (R, C and fmt
+/* out[i, n0 + c·VW + j] for the rows i < R (row i at x + i·K, out + i·ldo) and vectors c < C (R, C and fmt
  * constants at every call, so the tile unrolls into registers); Wt packed */
 static inline __attribute__((always_inline)) void lin_tile(const int fmt, const long R, const long C, long K,
                                                            long N, const float *x, const void *Wt,
-                                                           const float *bias, float *out, long n0) {
+                                                           const float *bias, float *out, long ldo, long n0) {
     fv acc[LIN_ROWS][8];
     const char *w[8]; /* vector c's weights at row k = 0, and the bytes from one row to the next: the same for
                          every vector of a tile (a tile of C > 1 vectors starts on a panel and lies in the full
@@ -673,20 +672,20 @@ static inline __attribute__((always_inline)) void lin_tile(const int fmt, const 
         }
     }
     for (long i = 0; i < R; i++)
-        for (long c = 0; c < C; c++) stv(out + i * N + n0 + LIN_VW * c, acc[i][c]);
+        for (long c = 0; c < C; c++) stv(out + i * ldo + n0 + LIN_VW * c, acc[i][c]);
 }
 
-/* the scalar columns n0 … n1 − 1 of R rows (Wt packed) */
+/* the scalar columns n0 … n1 − 1 of R rows (Wt packed; out's rows ldo apart) */
 static inline __attribute__((always_inline)) void lin_cols(const int fmt, const long R, long K, long N,
                                                            const float *x, const void *Wt, const float *bias,
-                                                           float *out, long n0, long n1) {
+                                                           float *out, long ldo, long n0, long n1) {
     for (long i = 0; i < R; i++)
         for (long n = n0; n < n1; n++) {
             long st;
             const long at = pk_at(K, N, n, &st);
             float acc = bias ? bias[n] : 0.0f;
             for (long k = 0; k < K; k++) acc = __builtin_fmaf(x[i * K + k], w_at(fmt, Wt, at + k * st), acc);
-            out[i * N + n] = acc;
+            out[i * ldo + n] = acc;
         }
 }
 
@@ -696,24 +695,25 @@ static inline __attribute__((always_inline)) void lin_cols(const int fmt, const 
  * for all the groups) */
 static inline __attribute__((always_inline)) void lin_rows(const int fmt, const long R, const long C, long Bt,
                                                            long K, long N, const float *x, const void *Wt,
-                                                           const float *bias, float *out, long n0, long n1) {
+                                                           const float *bias, float *out, long ldo, long n0,
+                                                           long n1) {
     const long full = N / LIN_P * LIN_P, a = (n0 + LIN_VW - 1) / LIN_VW * LIN_VW;
     if (a > n0) { /* a vector starts at a multiple of LIN_VW (never across a panel's edge) */
-        lin_cols(fmt, Bt, K, N, x, Wt, bias, out, n0, a < n1 ? a : n1);
+        lin_cols(fmt, Bt, K, N, x, Wt, bias, out, ldo, n0, a < n1 ? a : n1);
         n0 = a;
     }
     for (; n0 + C * LIN_VW <= n1 && (C == 1 || n0 + C * LIN_VW <= full); n0 += C * LIN_VW)
-        for (long r0 = 0; r0 < Bt; r0 += R) lin_tile(fmt, R, C, K, N, x + r0 * K, Wt, bias, out + r0 * N, n0);
+        for (long r0 = 0; r0 < Bt; r0 += R) lin_tile(fmt, R, C, K, N, x + r0 * K, Wt, bias, out + r0 * ldo, ldo, n0);
     for (; n0 + LIN_VW <= n1; n0 += LIN_VW)
-        for (long r0 = 0; r0 < Bt; r0 += R) lin_tile(fmt, R, 1, K, N, x + r0 * K, Wt, bias, out + r0 * N, n0);
-    lin_cols(fmt, Bt, K, N, x, Wt, bias, out, n0, n1);
+        for (long r0 = 0; r0 < Bt; r0 += R) lin_tile(fmt, R, 1, K, N, x + r0 * K, Wt, bias, out + r0 * ldo, ldo, n0);
+    lin_cols(fmt, Bt, K, N, x, Wt, bias, out, ldo, n0, n1);
 }
 
 /* one row alone: 8 vectors of columns at a time (its weights stream from memory once, whatever the tile) */
 static inline __attribute__((always_inline)) void linear_row_f(const int fmt, long K, long N, const float *xr,
                                                                const void *Wt, const float *bias, float *out,
-                                                               long n0, long n1) {
-    lin_rows(fmt, 1, 8, 1, K, N, xr, Wt, bias, out, n0, n1);
+                                                               long ldo, long n0, long n1) {
+    lin_rows(fmt, 1, 8, 1, K, N, xr, Wt, bias, out, ldo, n0, n1);
 }
 
 /* the columns n0 … n1 − 1 of out (B, N) = bias + x (B, K) · Wt (K, N), Wt packed */
@@ -734,9 +734,9 @@ static void linear_cols(long fmt, long B, long K, long N, const float *x, const 
 
 static inline __attribute__((always_inline)) void linear_t_f(const int fmt, long B, long K, long N, const float *x,
                                                              const void *Wt, const float *bias, float *out,
-                                                             long n0, long n1) {
+                                                             long ldo, long n0, long n1) {
     long r = B - B % LIN_ROWS; /* the rows in full groups of LIN_ROWS, panel by panel */
-    lin_rows(fmt, LIN_ROWS, 2, r, K, N, x, Wt, bias, out, n0, n1);
+    lin_rows(fmt, LIN_ROWS, 2, r, K, N, x, Wt, bias, out, ldo, n0, n1);
     const long rest = B - r;
     if (rest >= 2 && n1 > n0) {
         /* 2 … LIN_ROWS − 1 rows left: one tile of 4 (or LIN_ROWS) rows, zeros below them, reads the weights
@@ -755,29 +755,35 @@ static inline __attribute__((always_inline)) void linear_t_f(const int fmt, long
                                   AVX2: text-shakespeare's 2-row step cost more than its 4-row one) */
                 linear_cols(fmt, R, K, N, xp, Wt, bias, op, n0, n1);
             else
-                lin_rows(fmt, 4, 4, 4, K, N, xp, Wt, bias, op, n0, n1);
+                lin_rows(fmt, 4, 4, 4, K, N, xp, Wt, bias, op, N, n0, n1);
             for (long i = 0; i < rest; i++)
-                memcpy(out + (r + i) * N + n0, op + i * N + n0, sizeof(float) * (size_t)(n1 - n0));
+                memcpy(out + (r + i) * ldo + n0, op + i * N + n0, sizeof(float) * (size_t)(n1 - n0));
             return;
         }
     }
 #if LIN_ROWS > 4
-    for (; r + 4 <= B; r += 4) lin_rows(fmt, 4, 4, 4, K, N, x + r * K, Wt, bias, out + r * N, n0, n1);
+    for (; r + 4 <= B; r += 4) lin_rows(fmt, 4, 4, 4, K, N, x + r * K, Wt, bias, out + r * ldo, ldo, n0, n1);
 #endif
-    for (; r < B; r++) linear_row_f(fmt, K, N, x + r * K, Wt, bias, out + r * N, n0, n1);
+    for (; r < B; r++) linear_row_f(fmt, K, N, x + r * K, Wt, bias, out + r * ldo, ldo, n0, n1);
 }
 
 /* The columns n0 … n1 − 1 of out (B, N) = bias + x (B, K) · Wt (K, N) with Wt in
  * format fmt (W_F32, W_BF16, W_F16): one specialized copy of the tiles per format. Each element's bits do
  * not depend on the column range that computed it. */
+static void linear_cols_ld(long fmt, long B, long K, long N, const float *x, const void *Wt, const float *bias,
+                           float *out, long ldo, long n0, long n1) {
+    if (fmt == W_BF16)
+        linear_t_f(W_BF16, B, K, N, x, Wt, bias, out, ldo, n0, n1);
+    else if (fmt == W_F16)
+        linear_t_f(W_F16, B, K, N, x, Wt, bias, out, ldo, n0, n1);
+    else
+        linear_t_f(W_F32, B, K, N, x, Wt, bias, out, ldo, n0, n1);
+}
+
+/* the same, out (B, N) with its rows N apart */
 static void linear_cols(long fmt, long B, long K, long N, const float *x, const void *Wt, const float *bias,
                         float *out, long n0, long n1) {
-    if (fmt == W_BF16)
-        linear_t_f(W_BF16, B, K, N, x, Wt, bias, out, n0, n1);
-    else if (fmt == W_F16)
-        linear_t_f(W_F16, B, K, N, x, Wt, bias, out, n0, n1);
-    else
-        linear_t_f(W_F32, B, K, N, x, Wt, bias, out, n0, n1);
+    linear_cols_ld(fmt, B, K, N, x, Wt, bias, out, N, n0, n1);
 }
 
 /* out (B, N) = bias + x (B, K) · Wt (K, N) with Wt in format fmt: all the columns */
@@ -787,7 +793,7 @@ static void linear_tw(long fmt, long B, long K, long N, const float *x, const vo
 }
 
 static void linear_t(long B, long K, long N, const float *x, const float *Wt, const float *bias, float *out) {
-    linear_t_f(W_F32, B, K, N, x, Wt, bias, out, 0, N);
+    linear_t_f(W_F32, B, K, N, x, Wt, bias, out, N, 0, N);
 }
 
 /* For bench.linear and the tests: out = x · Wt + bias, Wt packed (LIN_P panels) in format fmt (W_*), by the
@@ -923,6 +929,8 @@ static void block_rest(long B, long H, const NetLayer *L, float *x, float *u, fl
     if (L->d_ff > 0) ff_block(B, H, L, x, u, y, f, eps);
 }
 
+typedef struct Adaptive Adaptive; /* the adaptive input and softmax (below) */
+
 /* The isotropic network's weights and shapes (net_step's arguments) */
 typedef struct {
     long H, V, n_layers, M;
@@ -932,6 +940,7 @@ typedef struct {
     const float *lnf_w, *lnf_b, *head_t, *head_b;
     float eps;
     const float *src; /* the state read, or NULL: the state updated is read (in place) */
+    const Adaptive *ad; /* the adaptive input and softmax in place of embed and head_t / head_b, or NULL */
 } NetArgs;
 
 /* A step of a few rows (at most SPLIT_MAX_ROWS) split over the threads by channels and columns, each layer's
@@ -1108,6 +1117,179 @@ int split_step(long B, long H, long V, long n_layers, const NetLayer *layers) {
     return w >= __atomic_load_n(&split_min_weights, __ATOMIC_RELAXED) && !split_paused();
 }
 
+/* ------------------------------------------------------------------------------------------------
+ * The adaptive input embedding and softmax (model/adaptive.py; Baevski & Auli 2019, Grave et al. 2017; the
+ * official WikiText-103 recipe's `adaptivelm` task, whose layout this follows): the vocabulary is cut into
+ * shards of frequency-ordered ids. Input: a token of shard i is row id − lo_i of that shard's table (d_i wide),
+ * projected to H by P_i (e = row · P_iᵀ; none when d_i = H and there is no projection), times embed_scale.
+ * Output: a head log-softmax over shard 0's words and one entry per tail cluster, of the hidden state
+ * projected by P_0; a word of tail shard i has log p = log p_head(cluster i) + log p_i(word), p_i a softmax
+ * over its shard of the hidden state projected by P_i; tail shard i's cluster is the head's column −i. The
+ * embedding's shards and the softmax's may differ (div_val 1: one table, no projection, the softmax's shards
+ * still cut). Every element's arithmetic is a row's alone (the linear tiles, and one function for each
+ * shard's normalizer over a whole row), so a row's log-probabilities do not depend on the batch around it
+ * or on the threads that computed them. */
+struct Adaptive {
+    long n_in;                  /* the embedding's shards */
+    const long *in_lo, *in_d;   /* their n_in + 1 bounds, their widths */
+    const float *const *table;  /* shard i's table (n_i, in_d[i]), float32 */
+    const void *const *in_proj; /* (in_d[i], H) packed (format wfmt): e = row · P_iᵀ; NULL: none (in_d[i] = H) */
+    float scale;                /* embed_scale, after the projection */
+    long n;                     /* the softmax's shards: shard 0, then the tail clusters */
+    const long *lo, *d;         /* their n + 1 bounds, their widths */
+    const void *const *proj;    /* (H, d[i]) packed: hidden · P_i; NULL: none (d[i] = H) */
+    const void *const *w;       /* (d[i], n_i) packed: W_iᵀ */
+    const float *const *b;      /* (n_i) */
+    const void *cw;             /* (d[0], n − 1) packed: the head's cluster entries, transposed */
+    const float *cb;            /* (n − 1) */
+    long wfmt;                  /* the packed weights' format (W_F32, W_BF16, W_F16) */
+};
+
+/* the scratch floats an adaptive head of P positions needs: the projected hidden states (P, Σ d_i), the
+ * cluster logits (P, n − 1) and each row's shard normalizers (P, n, 2) */
+static long adaptive_scratch(const Adaptive *a, long P) {
+    long d = 0;
+    for (long i = 0; i < a->n; i++) d += a->d[i];
+    return P * (d + a->n - 1 + 2 * a->n);
+}
+
+/* x (P, H) ← the adaptive embeddings of tokens[rows[0 … P − 1]] (rows NULL: tokens[0 … P − 1]), ids in
+ * range (checked by the callers): shard by shard, the shard's table rows gathered and projected together.
+ * 0, or -2 out of memory. */
+static int adaptive_embed(const Adaptive *a, long H, long P, const long *rows, const long *tokens, float *x) {
+    long dmax = 0;
+    for (long i = 0; i < a->n_in; i++) dmax = a->in_d[i] > dmax ? a->in_d[i] : dmax;
+    float *buf = malloc(sizeof(float) * (size_t)(P > 0 ? P : 1) * (size_t)(dmax + H));
+    long *pos = malloc(sizeof(long) * (size_t)(P > 0 ? P : 1));
+    if (!buf || !pos) {
+        free(buf);
+        free(pos);
+        return -2;
+    }
+    float *e = buf + P * dmax;
+    for (long i = 0; i < a->n_in; i++) {
+        const long lo = a->in_lo[i], hi = a->in_lo[i + 1], d = a->in_d[i];
+        long m = 0;
+        for (long r = 0; r < P; r++) {
+            const long id = tokens[rows ? rows[r] : r];
+            if (id >= lo && id < hi) {
+                memcpy(buf + m * d, a->table[i] + (id - lo) * d, sizeof(float) * (size_t)d);
+                pos[m++] = r;
+            }
+        }
+        if (m == 0) continue;
+        const float *src = buf;
+        if (a->in_proj[i]) {
+            linear_cols(a->wfmt, m, d, H, buf, a->in_proj[i], NULL, e, 0, H);
+            src = e;
+        }
+        for (long j = 0; j < m; j++)
+            for (long h = 0; h < H; h++) x[pos[j] * H + h] = src[j * H + h] * a->scale;
+    }
+    free(buf);
+    free(pos);
+    return 0;
+}
+
+/* The largest of z[0 … n − 1] (NaN skipped), −inf for none; 8 lanes, then across them */
+static float max_of(long n, const float *z) {
+    float m[8] = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    long v = 0;
+    for (; v + 8 <= n; v += 8)
+        for (int j = 0; j < 8; j++) m[j] = z[v + j] > m[j] ? z[v + j] : m[j];
+    for (; v < n; v++) m[0] = z[v] > m[0] ? z[v] : m[0];
+    float r = m[0];
+    for (int j = 1; j < 8; j++) r = m[j] > r ? m[j] : r;
+    return r;
+}
+
+/* Σ exp(z[v] − mx) over v < n: expf over chunks (glibc's vector expf), summed in double over 8 lanes in a
+ * fixed order */
+static double sum_exp(long n, const float *z, float mx) {
+    float e[512];
+    double acc[8] = {0};
+    for (long v0 = 0; v0 < n; v0 += 512) {
+        const long c = n - v0 < 512 ? n - v0 : 512;
+        for (long v = 0; v < c; v++) e[v] = expf(z[v0 + v] - mx);
+        long v = 0;
+        for (; v + 8 <= c; v += 8)
+            for (int j = 0; j < 8; j++) acc[j] += (double)e[v + j];
+        for (; v < c; v++) acc[0] += (double)e[v];
+    }
+    double s = 0.0;
+    for (int j = 0; j < 8; j++) s += acc[j];
+    return s;
+}
+
+/* Phase `phase` (0 … 3) of the adaptive head of P positions u (P, H) for thread t of k (k = 1: the whole
+ * phase), logits (P, V) written in place; hp, cz, nm: the scratch (adaptive_scratch). Each phase reads only
+ * what the earlier ones wrote, so threads run them with a barrier between:
+ *   0: each shard's projected hidden state (its columns split between the threads) → hp;
+ *   1: each shard's logits z (columns split) into its columns of `logits`, the cluster logits → cz;
+ *   2: each row's normalizers of shard i (threads take whole shards: i mod k = t): max m_i and
+ *      ls_i = log Σ exp(z − m_i), shard 0's over its words and the cluster entries together → nm;
+ *   3: log p (columns split): shard 0's z − m_0 − ls_0; tail shard i's (z − m_i − ls_i) + (c_i − m_0 − ls_0),
+ *      c_i its cluster's logit (the head's column −i). */
+static void adaptive_phase(const Adaptive *a, long phase, long P, long H, long V, const float *u, float *logits,
+                           float *hp, float *cz, float *nm, long t, long k) {
+    const long n = a->n, nc = n - 1;
+    float *h = hp;
+    for (long i = 0; i < n; i++) {
+        const long lo = a->lo[i], ni = a->lo[i + 1] - lo, di = a->d[i];
+        const float *hi = a->proj[i] ? h : u; /* shard i's input (P, d_i) */
+        long c0, c1;
+        if (phase == 0 && a->proj[i]) {
+            split_part(di, t, k, &c0, &c1);
+            if (c1 > c0) linear_cols(a->wfmt, P, H, di, u, a->proj[i], NULL, h, c0, c1);
+        } else if (phase == 1) {
+            split_part(ni, t, k, &c0, &c1);
+            if (c1 > c0) linear_cols_ld(a->wfmt, P, di, ni, hi, a->w[i], a->b[i], logits + lo, V, c0, c1);
+            if (i == 0 && nc > 0) {
+                split_part(nc, t, k, &c0, &c1);
+                if (c1 > c0) linear_cols(a->wfmt, P, di, nc, hi, a->cw, a->cb, cz, c0, c1);
+            }
+        } else if (phase == 2 && i % k == t) {
+            for (long r = 0; r < P; r++) {
+                const float *z = logits + r * V + lo;
+                float mx = max_of(ni, z);
+                if (i == 0 && nc > 0) {
+                    const float mc = max_of(nc, cz + r * nc);
+                    mx = mc > mx ? mc : mx;
+                }
+                double sum = sum_exp(ni, z, mx);
+                if (i == 0 && nc > 0) sum += sum_exp(nc, cz + r * nc, mx);
+                nm[(r * n + i) * 2] = mx;
+                nm[(r * n + i) * 2 + 1] = (float)log(sum);
+            }
+        } else if (phase == 3) {
+            split_part(ni, t, k, &c0, &c1);
+            for (long r = 0; r < P; r++) {
+                float *z = logits + r * V + lo;
+                const float mx = nm[(r * n + i) * 2], ls = nm[(r * n + i) * 2 + 1];
+                if (i == 0) {
+                    for (long v = c0; v < c1; v++) z[v] = (z[v] - mx) - ls;
+                } else {
+                    const float cl = (cz[r * nc + nc - i] - nm[r * n * 2]) - nm[r * n * 2 + 1];
+                    for (long v = c0; v < c1; v++) z[v] = cl + ((z[v] - mx) - ls);
+                }
+            }
+        }
+        if (a->proj[i]) h += P * di;
+    }
+}
+
+/* The adaptive head of P positions in the calling thread (its four phases in turn); 0, or -2 out of memory. */
+static int adaptive_head(const Adaptive *a, long P, long H, long V, const float *u, float *logits) {
+    float *buf = malloc(sizeof(float) * (size_t)(adaptive_scratch(a, P) > 0 ? adaptive_scratch(a, P) : 1));
+    if (!buf) return -2;
+    long d = 0;
+    for (long i = 0; i < a->n; i++) d += a->d[i];
+    float *cz = buf + P * d, *nm = cz + P * (a->n - 1);
+    for (long phase = 0; phase < 4; phase++) adaptive_phase(a, phase, P, H, V, u, logits, buf, cz, nm, 0, 1);
+    free(buf);
+    return 0;
+}
+
 /* The n rows rows[0 … n − 1]'s states in a layer at `off` of (…, Btot, H, 2, M) state and state_out */
 static inline void row_states(const float *state, float *state_out, long off, const long *rows, long n,
                               long row_size, const float **xs, float **xo) {
@@ -1118,9 +1300,9 @@ static inline void row_states(const float *state, float *state_out, long off, co
 }
 
 /* One split step's buffers for up to B rows: shared x, y (B, H), o (B, 2H), f (B, F); each thread's own u
- * (B, H) (the norms run in every thread); the barrier. */
+ * (B, H) (the norms run in every thread); an adaptive head's scratch (adaptive_scratch); the barrier. */
 typedef struct {
-    float *buf, *x, *y, *o, *f, *us;
+    float *buf, *x, *y, *o, *f, *us, *ad;
     SpinBarrier bar;
 } SplitTeam;
 
@@ -1131,42 +1313,45 @@ static int split_team_init(SplitTeam *s, const NetArgs *n, long B, long nt) {
         if (!layer_fits(n->layers + l, n->M)) return -1;
         if (n->layers[l].d_ff > F) F = n->layers[l].d_ff;
     }
-    const long H = n->H;
-    s->buf = malloc(sizeof(float) * (size_t)B * (size_t)(H * (4 + nt) + F));
+    const long H = n->H, A = n->ad ? adaptive_scratch(n->ad, B) : 0;
+    s->buf = malloc(sizeof(float) * ((size_t)B * (size_t)(H * (4 + nt) + F) + (size_t)A));
     if (!s->buf) return -2;
     s->x = s->buf, s->y = s->x + B * H, s->o = s->y + B * H, s->f = s->o + B * 2 * H, s->us = s->f + B * F;
+    s->ad = s->us + nt * B * H; /* the adaptive head's scratch (adaptive_phase: hp, then cz, nm) */
     s->bar = (SpinBarrier){0, 0, LONG_MAX};
     return 0;
 }
 
 /* x (B, H) ← the embeddings (rows of `embed`, H wide) of tokens[rows[0 … B − 1]] (rows NULL:
- * tokens[0 … B − 1]). tokens NULL: `embed` holds the inputs themselves, one row per position (a caller that
- * embeds in its own way: the adaptive input embedding), row rows[i] (or i) for position i. */
+ * tokens[0 … B − 1]) */
 static void embed_rows(const float *embed, long H, long B, const long *rows, const long *tokens, float *x) {
     for (long r = 0; r < B; r++) {
-        const long i = rows ? rows[r] : r;
-        const float *e = embed + (tokens ? tokens[i] : i) * H;
+        const float *e = embed + tokens[rows ? rows[r] : r] * H;
         for (long h = 0; h < H; h++) x[r * H + h] = e[h];
     }
 }
 
-/* The head of P positions: logits (P, V) = u (P, H) · head_t + head_b, columns [v0, v1). head_t NULL (a
- * caller computing its own head: the adaptive softmax): the final-normed u itself (V = H). */
+/* The head of P positions: logits (P, V) = u (P, H) · head_t + head_b, columns [v0, v1) */
 static void head_cols(long P, long H, long V, const float *u, const float *head_t, const float *head_b,
                       float *logits, long v0, long v1) {
-    if (head_t) {
-        linear_cols(W_F32, P, H, V, u, head_t, head_b, logits, v0, v1);
-        return;
-    }
-    for (long r = 0; r < P; r++) memcpy(logits + r * V + v0, u + r * H + v0, sizeof(float) * (size_t)(v1 - v0));
+    linear_cols(W_F32, P, H, V, u, head_t, head_b, logits, v0, v1);
 }
 
-static void head_rows(long P, long H, long V, const float *u, const float *head_t, const float *head_b,
-                      float *logits) {
-    if (head_t)
-        linear_t(P, H, V, u, head_t, head_b, logits);
-    else
-        memcpy(logits, u, sizeof(float) * (size_t)P * (size_t)H);
+/* x (B, H) ← the positions' embeddings: the adaptive input (ad), else embed_rows; 0 or -2 */
+static int net_embed(const float *embed, const Adaptive *ad, long H, long B, const long *rows, const long *tokens,
+                     float *x) {
+    if (ad) return adaptive_embed(ad, H, B, rows, tokens, x);
+    embed_rows(embed, H, B, rows, tokens, x);
+    return 0;
+}
+
+/* logits (P, V) of the final-normed u (P, H): the adaptive softmax's log-probabilities (ad), else
+ * u · head_t + head_b; 0 or -2 */
+static int net_head(const Adaptive *ad, long P, long H, long V, const float *u, const float *head_t,
+                    const float *head_b, float *logits) {
+    if (ad) return adaptive_head(ad, P, H, V, u, logits);
+    linear_t(P, H, V, u, head_t, head_b, logits);
+    return 0;
 }
 
 /* Thread t of the k threads of a parallel region: its part of one step of B rows (rows[i] of a batch of
@@ -1238,7 +1423,18 @@ static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long L, long
     }
     if (head != 2) { /* the norm over every position, as net_rows and prefill_rows run it */
         block_norm(n->lnf_kind, P, H, x, u, n->lnf_w, n->lnf_b, n->eps);
-        head_cols(head == 1 ? 1 : P, H, V, head == 1 ? u + (P - 1) * H : u, n->head_t, n->head_b, logits, v0, v1);
+        const long Ph = head == 1 ? 1 : P;
+        const float *uh = head == 1 ? u + (P - 1) * H : u;
+        if (n->ad) { /* its phases, a barrier between (each thread's columns; the normalizers by whole shards) */
+            long d = 0;
+            for (long i = 0; i < n->ad->n; i++) d += n->ad->d[i];
+            float *cz = s->ad + Ph * d, *nm = cz + Ph * (n->ad->n - 1);
+            for (long phase = 0; phase < 4; phase++) {
+                adaptive_phase(n->ad, phase, Ph, H, V, uh, logits, s->ad, cz, nm, t, k);
+                if (phase < 3) TIMED_BARRIER;
+            }
+        } else
+            head_cols(Ph, H, V, uh, n->head_t, n->head_b, logits, v0, v1);
     }
     TIMED_BARRIER;
 #undef TIMED_BARRIER
@@ -1255,7 +1451,10 @@ static int net_rows_split(const NetArgs *n, long B, long L, long head, long Btot
     SplitTeam s;
     const int rc = split_team_init(&s, n, B * L, nt);
     if (rc) return rc;
-    embed_rows(n->embed, n->H, B * L, L > 1 ? NULL : rows, tokens, s.x);
+    if (net_embed(n->embed, n->ad, n->H, B * L, L > 1 ? NULL : rows, tokens, s.x)) {
+        free(s.buf);
+        return -2;
+    }
 #pragma omp parallel num_threads(nt)
     {
         int sense = 0;
@@ -1272,10 +1471,10 @@ static int net_rows_split(const NetArgs *n, long B, long L, long head, long Btot
  * logits and state do not depend on the batch around it. */
 static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_layers, long M,
                     const long *tokens, const float *embed, const NetLayer *layers, long lnf_kind,
-                    const float *lnf_w, const float *lnf_b, const float *head_t, const float *head_b, float eps,
-                    const float *state, float *state_out, float *logits) {
+                    const float *lnf_w, const float *lnf_b, const float *head_t, const float *head_b,
+                    const Adaptive *ad, float eps, const float *state, float *state_out, float *logits) {
     if (split_step(B, H, V, n_layers, layers)) {
-        const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, NULL};
+        const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, NULL, ad};
         return net_rows_split(&n, B, 1, 0, Btot, rows, tokens, state, state_out, logits);
     }
     long F = 0; /* the widest feed-forward block */
@@ -1285,9 +1484,8 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
     if (!buf) return -2;
     float *x = buf, *u = x + B * H, *y = u + B * H, *o = y + B * H; /* o: (B, 2H) */
     float *f = o + B * 2 * H;                                       /* f: (B, F) */
-    embed_rows(embed, H, B, rows, tokens, x);
+    int rc = net_embed(embed, ad, H, B, rows, tokens, x);
     const long per_layer = Btot * H * 2 * M, row_size = H * 2 * M;
-    int rc = 0;
     for (long l = 0; l < n_layers && rc == 0; l++) {
         const NetLayer *L = layers + l;
         block_norm(L->norm, B, H, x, u, L->ln_w, L->ln_b, eps);
@@ -1302,7 +1500,7 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
     }
     if (rc == 0) {
         block_norm(lnf_kind, B, H, x, u, lnf_w, lnf_b, eps);
-        head_rows(B, H, V, u, head_t, head_b, logits);
+        rc = net_head(ad, B, H, V, u, head_t, head_b, logits);
     }
     free(buf);
     return rc;
@@ -1778,21 +1976,24 @@ static int net_rows_fn(const void *ctx, long B, long Btot, const long *rows, con
                        float *logits) {
     const NetArgs *n = ctx;
     return net_rows(B, Btot, rows, n->H, n->V, n->n_layers, n->M, tok, n->embed, n->layers, n->lnf_kind, n->lnf_w,
-                    n->lnf_b, n->head_t, n->head_b, n->eps, n->src ? n->src : state, state, logits);
+                    n->lnf_b, n->head_t, n->head_b, n->ad, n->eps, n->src ? n->src : state, state, logits);
 }
 
 /* Rows r0 .. r1 − 1 of net_prefill's B (their tokens, state rows and logits at their offsets in the whole
  * batch's), in the calling thread. */
 static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n_layers, long M, long head,
                         long F, const long *tokens, const float *embed, const NetLayer *layers, long lnf_kind,
-                        const float *lnf_w, const float *lnf_b, const float *head_t, const float *head_b, float eps,
-                        float *state, float *logits) {
+                        const float *lnf_w, const float *lnf_b, const float *head_t, const float *head_b,
+                        const Adaptive *ad, float eps, float *state, float *logits) {
     const long n = r1 - r0, N = n * L;
     float *buf = malloc(sizeof(float) * (size_t)(N > 0 ? N : 1) * (size_t)(H * 5 + F));
     if (!buf) return -2;
     float *x = buf, *u = x + N * H, *y = u + N * H, *o = y + N * H; /* o: (N, 2H) */
     float *f = o + N * 2 * H;                                       /* f: (N, F) */
-    embed_rows(tokens ? embed : embed + r0 * L * H, H, N, NULL, tokens ? tokens + r0 * L : NULL, x);
+    if (net_embed(embed, ad, H, N, NULL, tokens + r0 * L, x)) {
+        free(buf);
+        return -2;
+    }
     const long per_layer = B * H * 2 * M;
     for (long l = 0; l < n_layers; l++) {
         const NetLayer *Ly = layers + l;
@@ -1805,17 +2006,20 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
         }
         block_rest(N, H, Ly, x, u, y, o, f, eps);
     }
+    int rc = 0;
     if (head == 0) { /* every position */
         block_norm(lnf_kind, N, H, x, u, lnf_w, lnf_b, eps);
-        head_rows(N, H, V, u, head_t, head_b, logits + r0 * L * V);
+        rc = net_head(ad, N, H, V, u, head_t, head_b, logits + r0 * L * V);
     } else if (head == 1) { /* each row's last position; the norm over all rows as head 0 (the norm's bits
-                               depend on how the compiler specialized the call: one row alone differed by an ulp) */
+                               depend on how the compiler specialized the call: one row alone differed by an ulp),
+                               the last positions gathered into y for one head over them (a row's bits are its
+                               own: the head's weights read once for the rows, not once a row) */
         block_norm(lnf_kind, N, H, x, u, lnf_w, lnf_b, eps);
-        for (long r = 0; r < n; r++)
-            head_rows(1, H, V, u + (r * L + L - 1) * H, head_t, head_b, logits + (r0 + r) * V);
+        for (long r = 0; r < n; r++) memcpy(y + r * H, u + (r * L + L - 1) * H, sizeof(float) * (size_t)H);
+        rc = net_head(ad, n, H, V, y, head_t, head_b, logits + r0 * V);
     }
     free(buf);
-    return 0;
+    return rc;
 }
 
 /* Prompt ingestion layer by layer in the recurrent form: B rows of L tokens each (tokens (B, L)), state
@@ -1835,37 +2039,52 @@ static int prefill_rows(long B, long r0, long r1, long L, long H, long V, long n
  * the calling thread. Returns 0, -1 (a DPLR layer over MAX_MODES modes or MAX_RANK) or -2 (out of memory). */
 int net_prefill(long B, long L, long H, long V, long n_layers, long M, long head, const long *tokens,
                 const float *embed, const NetLayer *layers, long lnf_kind, const float *lnf_w, const float *lnf_b,
-                const float *head_t, const float *head_b, float eps, float *state, float *logits) {
-    if (tokens && !ids_in_range(tokens, B * L, V)) return E_TOKEN_RANGE;
+                const float *head_t, const float *head_b, const Adaptive *ad, float eps, float *state,
+                float *logits) {
+    if (!ids_in_range(tokens, B * L, V)) return E_TOKEN_RANGE;
     long F = 0;
     for (long l = 0; l < n_layers; l++) {
         if (!layer_fits(layers + l, M)) return -1;
         if (layers[l].d_ff > F) F = layers[l].d_ff;
     }
     if (B == 1 && L > 1 && split_step(1, H, V, n_layers, layers)) {
-        const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, NULL};
+        const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, NULL, ad};
         const long row0 = 0;
         return net_rows_split(&n, 1, L, head, 1, &row0, tokens, state, state, logits);
     }
     const long nt = B >= 2 ? (omp_get_max_threads() < B ? omp_get_max_threads() : B) : 1;
     if (nt <= 1)
         return prefill_rows(B, 0, B, L, H, V, n_layers, M, head, F, tokens, embed, layers, lnf_kind, lnf_w, lnf_b,
-                            head_t, head_b, eps, state, logits);
+                            head_t, head_b, ad, eps, state, logits);
     int rc = 0;
 #pragma omp parallel num_threads(nt) reduction(min : rc)
     {
         const long t = omp_get_thread_num(), k = omp_get_num_threads();
         rc = prefill_rows(B, B * t / k, B * (t + 1) / k, L, H, V, n_layers, M, head, F, tokens, embed, layers,
-                          lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, state, logits);
+                          lnf_kind, lnf_w, lnf_b, head_t, head_b, ad, eps, state, logits);
     }
     return rc;
+}
+
+/* For the tests and bench.wt103: the adaptive softmax's log-probabilities (P, V) of final-normed hidden states
+ * u (P, H), and the adaptive embeddings x (P, H) of ids tokens (P,) (each in [0, V), else E_TOKEN_RANGE), as
+ * the step computes them; 0, or -2 out of memory. */
+int adaptive_logprobs(const Adaptive *a, long P, long H, long V, const float *u, float *logits) {
+    return adaptive_head(a, P, H, V, u, logits);
+}
+
+int adaptive_embeddings(const Adaptive *a, long P, long H, const long *tokens, float *x) {
+    for (long r = 0; r < P; r++)
+        if (tokens[r] < 0 || tokens[r] >= a->in_lo[a->n_in]) return E_TOKEN_RANGE;
+    return adaptive_embed(a, H, P, NULL, tokens, x);
 }
 
 /* The isotropic network's step: state (n_layers, B, H, 2, M) → state_out (may be state itself). */
 int net_step(long B, long H, long V, long n_layers, long M, const long *tokens, const float *embed,
              const NetLayer *layers, long lnf_kind, const float *lnf_w, const float *lnf_b, const float *head_t,
-             const float *head_b, float eps, const float *state, float *state_out, float *logits) {
-    const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, state};
+             const float *head_b, const Adaptive *ad, float eps, const float *state, float *state_out,
+             float *logits) {
+    const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, state, ad};
     return step_all_rows(net_rows_fn, &n, NET_PARALLEL_ROWS, B, V, tokens, state_out, logits);
 }
 
@@ -2095,7 +2314,7 @@ static int decode_split(const DecodeJob *j, const NetArgs *n, long *steps_out, l
                                       __atomic_load_n(j->interrupt, __ATOMIC_RELAXED)))
                     for (long r = 0; r < Btot; r++)
                         if (!j->stopped[r] && j->n_out[r] < j->limit[r]) rows[B++] = r;
-                embed_rows(n->embed, n->H, B, rows, j->tok, s.x);
+                if (net_embed(n->embed, n->ad, n->H, B, rows, j->tok, s.x)) rc = -2, B = 0;
             }
             /* the others wait here while the first thread samples (milliseconds with a large vocabulary and
              * top-p): no stall; the first thread's own wait is the others' lateness (step 0's: their wake-up,
@@ -2190,7 +2409,8 @@ static long decode_block(StepRowsFn step_rows, const void *ctx, long parallel_ro
 /* The decode block of the isotropic network (state (n_layers, Btot, H, 2, M)); arguments as above. */
 long net_block(long K, long Btot, long H, long V, long n_layers, long M, const float *embed,
                const NetLayer *layers, long lnf_kind, const float *lnf_w, const float *lnf_b, const float *head_t,
-               const float *head_b, float eps, float *state, long *tok, const double *temp, const long *top_k,
+               const float *head_b, const Adaptive *ad, float eps, float *state, long *tok, const double *temp,
+               const long *top_k,
                const long *kind, const float *top_p, const float *min_p, const float *rep, const float *presence,
                const float *frequency, const float *bias, const unsigned char *pen_seen, float *counts,
                const uint64_t *key, uint64_t *counter, const long *limit, const long *stop_first,
@@ -2198,7 +2418,7 @@ long net_block(long K, long Btot, long H, long V, long n_layers, long M, const f
                long *hist_len, unsigned char *seen, long *out_tok, long *n_out, long *stopped, double *times,
                const long *lp_k, long lp_kmax, float *lp_chosen, long *lp_ids, float *lp_vals,
                const int *interrupt, long group_rows, long group_steps) {
-    const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, NULL};
+    const NetArgs n = {H, V, n_layers, M, embed, layers, lnf_kind, lnf_w, lnf_b, head_t, head_b, eps, NULL, ad};
     return decode_block(net_rows_fn, &n, NET_PARALLEL_ROWS, K, Btot, V, state, tok, temp, top_k, kind, top_p,
                         min_p, rep, presence, frequency, bias, pen_seen, counts, key, counter, limit, stop_first,
                         stop_off, stop_data, hist, hist_cap, hist_len, seen, out_tok, n_out, stopped, times,
