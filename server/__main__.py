@@ -6,6 +6,20 @@ Settings come from S4_* environment variables, then these flags (one per setting
 from __future__ import annotations
 
 import os
+import signal
+import sys
+
+
+def _stop_while_starting(sig: int, frame) -> None:
+    """SIGTERM or SIGINT while the modules are imported (torch: a second or more), before logging is set up:
+    one line on stderr and exit 0, as a stop before listening does (`_stop_before_serving`), not a silent
+    143 or a KeyboardInterrupt traceback."""
+    sys.stderr.write(f"python -m server: {signal.Signals(sig).name} while starting: not serving\n")
+    raise SystemExit(0)
+
+
+for _sig in (signal.SIGTERM, signal.SIGINT):  # replaced by main()'s handlers, then uvicorn's
+    signal.signal(_sig, _stop_while_starting)
 
 # Idle OpenMP threads must sleep, not spin: on a shared or small CPU spinning threads stall the
 # engine (a tiny model's step goes from 0.5 ms to 20 ms). Set before torch is imported.
@@ -14,9 +28,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import contextvars  # noqa: E402
 import logging  # noqa: E402
-import signal  # noqa: E402
 import socket  # noqa: E402
-import sys  # noqa: E402
 import types  # noqa: E402
 import typing  # noqa: E402
 from pathlib import Path  # noqa: E402

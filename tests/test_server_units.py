@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -524,6 +525,25 @@ def test_a_stop_while_the_checks_run_exits_0_at_once(tmp_path):
         assert proc.wait(30) == 0
         err = proc.stderr.read()
         assert "SIGTERM before listening: not serving" in err and "Traceback" not in err, err
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_while_the_modules_are_imported_exits_0_with_a_line(sig):
+    """SIGTERM (or Ctrl-C) in the first second of a start, while torch and the server's modules are imported
+    and before logging is set up (a rolling update or a crash loop's restart can send it then): one line on
+    stderr and exit 0, not a silent 143 (the default handler's death by the signal) or a KeyboardInterrupt
+    traceback. Sent 0.25 s after the start: `import torch` alone takes longer."""
+    cmd = [sys.executable, "-m", "server", "--port", str(free_port())]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.25)
+        proc.send_signal(sig)
+        assert proc.wait(30) == 0
+        err = proc.stderr.read()
+        assert f"python -m server: {sig.name} while starting: not serving" in err, err
+        assert "Traceback" not in err, err
     finally:
         proc.kill()
 
