@@ -12,7 +12,8 @@ Ctrl-C prints one line (the step reached, the step saved) and exits with 130. Ru
 deterministic: the batch and the dropout seed of step t depend only on (seed, t), so a resumed run
 takes exactly the steps an uninterrupted run would. Everything the run writes lives in [train].out:
     config.json    the config as run (rewritten when a resume changes it)
-    log.jsonl      one JSON line per logged step / evaluation, and one per resume that changed the
+    log.jsonl      one JSON line per logged step / evaluation (a resume drops the lines past the step it
+                   resumes from, which it logs again), and one per resume that changed the
                    config: {"step", "resumed": true, "changed": {"section.key": [old, new]}}, and
                    one for a --time-budget re-plan: {"step", "replanned": {"steps": [old, new]},
                    "step_s", "time_budget_s", "exact"} (exact: made inside the warmup, so the
@@ -229,7 +230,10 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
 def _dataclass(cls, d: dict):
     known = {f.name for f in fields(cls)}
     if unknown := set(d) - known:
-        raise ConfigError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+        section = {"TrainConfig": "train", "DataConfig": "data"}.get(cls.__name__, cls.__name__)
+        raise ConfigError(
+            f"{section}: unknown config fields: {sorted(unknown)} (help({cls.__name__}) lists them)"
+        )
     return cls(**d)
 
 
@@ -509,8 +513,16 @@ def _init_from(folder: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
         meta = read_config(folder)
     except (CheckpointError, OSError) as exc:
         raise ConfigError(f"train.init {folder!r}: {exc}") from None
+    if isinstance(meta.get("vocab"), dict):  # (model.data writes UTF-8 bytes and mu-law codes only)
+        raise ConfigError(
+            f"train.init {folder!r}: a word-level model (its vocab.txt); training data here is bytes or audio"
+        )
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     return net.config.to_dict(), state, init_provenance(folder, meta)
+
+
+# config.json's serving settings, kept from `train.init` into a fine-tune's export (the server checks them)
+SERVING_KEYS = ("chat_template", "chat_stop", "generation_config")
 
 
 def _text(v) -> str | None:
@@ -521,8 +533,12 @@ def init_provenance(folder: str, meta: dict) -> dict:
     """Where a `train.init` checkpoint's weights came from, from its config.json `meta`: {"path",
     "weights_sha256"} and, when it has one, "source" (an official import's from, file, sha256, dataset)
     or "training" (its run's data, steps, test bits/token and the run's own "init", so a fine-tune of a
-    fine-tune keeps the chain). Only values of the expected kinds are kept (the file is the user's)."""
+    fine-tune keeps the chain), and "serving": its SERVING_KEYS, which the export keeps. Only values of the
+    expected kinds are kept (the file is the user's)."""
     rec = {"path": folder, "weights_sha256": _text(meta.get("weights_sha256"))}
+    serving = {k: meta[k] for k in SERVING_KEYS if k in meta}
+    if serving:
+        rec["serving"] = serving
     src = meta.get("source")
     if isinstance(src, dict):
         rec["source"] = {k: _text(src.get(k)) for k in ("from", "file", "sha256", "dataset")}
@@ -558,6 +574,8 @@ def checked_init_record(rec: dict, depth: int = 0) -> dict | None:
         out["source"] = {k: _text(rec["source"].get(k)) for k in ("from", "file", "sha256", "dataset")}
     if isinstance(rec.get("training"), dict):
         out["training"] = _checked_training(rec["training"], depth)
+    if isinstance(rec.get("serving"), dict):
+        out["serving"] = {k: v for k, v in rec["serving"].items() if k in SERVING_KEYS}
     return out
 
 
@@ -574,19 +592,77 @@ def saved_init(out: Path) -> dict | None:
     return None if checked is None else {**checked, "model": rec["model"]}
 
 
-def _load_init(net: nn.Module, state: dict[str, torch.Tensor], folder: str, model_cfg: dict, data) -> None:
-    """Put `train.init`'s weights into the network built from its config and the [model] overrides: every
-    tensor, each of the same shape, else ConfigError naming what differs. The data's modality (and an
-    audio model's sample rate) must be the checkpoint's."""
-    where = f"train.init {folder!r}"
-    kind, have = ("audio" if data.kind == "audio" else "text"), model_cfg.get("modality", "text")
+def check_model_fits_data(model_cfg, data, where: str) -> None:
+    """ConfigError, before anything is trained or written, unless the model (`model_cfg`: its ModelConfig,
+    or a dict) can be trained on `data`: its modality is the data's, an audio model's sample rate the data's,
+    and its vocabulary holds every token id of the data's splits. `where` names the setting at fault
+    (`model.modality`, or `train.init '…'` for a checkpoint's own config)."""
+    get = model_cfg.get if isinstance(model_cfg, dict) else lambda k, d=None: getattr(model_cfg, k, d)
+    kind, have = ("audio" if data.kind == "audio" else "text"), get("modality", "text")
     if have != kind:
         article = "an" if have[:1] in "aeiou" else "a"
-        raise ConfigError(f"{where}: {article} {have} model; the data is {kind}")
-    if kind == "audio" and model_cfg.get("sample_rate") != data.meta["sample_rate"]:
         raise ConfigError(
-            f"{where}: a {model_cfg.get('sample_rate')} Hz model; the data is {data.meta['sample_rate']} Hz"
+            f"{where or 'model.modality'}: {article} {have} model; the data ({data.path}) is {kind}"
         )
+    if kind == "audio" and get("sample_rate") != data.meta["sample_rate"]:
+        raise ConfigError(f"{where or 'model.sample_rate'}: a {get('sample_rate')} Hz model; the data "
+                          f"({data.path}) is {data.meta['sample_rate']} Hz")  # fmt: skip
+    V = get("vocab_size")
+    top = max(
+        (int(data.split(name).max()) for name in ("train", "val", "test") if data.split(name).size),
+        default=-1,
+    )
+    if isinstance(V, int) and top >= V:
+        raise ConfigError(f"{where or 'model.vocab_size'}: {V} token ids (0 … {V - 1}); the data "
+                          f"({data.path}) holds ids up to {top}")  # fmt: skip
+
+
+def trim_log(path: Path, start: int) -> None:
+    """A resume at step `start`: drop log.jsonl's step and validation lines past it (the interrupted run
+    logged them after its last saved state; the resumed run logs those steps again, the same values), so the
+    log reads as one run's. Resume and re-plan lines are kept; a line that is not JSON is kept as it is.
+    Rewritten atomically."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        past = isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > start
+        if not past or "resumed" in rec or "replanned" in rec:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+
+
+def check_export_folder(export: Path, out: Path) -> None:
+    """ConfigError, before anything is trained or written, when `train.export` already holds a checkpoint
+    that another run wrote, or none did (a shipped, converted or copied model: config.json without this
+    run's `training.config.train.out`): the export would replace it. A folder this run (`train.out`)
+    exported before, or one without a config.json, is written over."""
+    if not (export / "config.json").is_file():
+        return
+    try:
+        prior = json.loads((export / "config.json").read_text())["training"]["config"]["train"]["out"]
+    except (OSError, ValueError, KeyError, TypeError):
+        prior = None
+    if isinstance(prior, str) and Path(prior).resolve() == out.resolve():
+        return
+    who = (f"the export of another run (train.out {prior!r})" if isinstance(prior, str)
+           else "a checkpoint no training run wrote (shipped, converted or copied)")  # fmt: skip
+    raise ConfigError(
+        f"train.export {str(export)!r} holds {who}: this run (train.out {str(out)!r}) would replace it; "
+        "export elsewhere (train.export=runs/NAME/export) or remove that folder first"
+    )
+
+
+def _load_init(net: nn.Module, state: dict[str, torch.Tensor], folder: str) -> None:
+    """Put `train.init`'s weights into the network built from its config and the [model] overrides: every
+    tensor, each of the same shape, else ConfigError naming what differs."""
+    where = f"train.init {folder!r}"
     own = net.state_dict()
     missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     shapes = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
@@ -647,6 +723,8 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
         )
     out = Path(tcfg.out)
     main_proc = rank == 0
+    if tcfg.export:
+        check_export_folder(Path(tcfg.export), out)
     try:
         data = Dataset(dcfg.path)
     except FileNotFoundError as exc:
@@ -674,9 +752,24 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
         model_cfg.setdefault("sample_rate", data.meta["sample_rate"])
 
     torch.manual_seed(tcfg.seed)  # identical initial weights on every process
-    net = build_model(model_cfg).to(device)
+    try:
+        net = build_model(model_cfg).to(device)
+    except ConfigError as exc:
+        if not init:
+            raise
+        keys = ", ".join(sorted(cfg.get("model", {}))) or "none"
+        raise ConfigError(
+            f"train.init {tcfg.init!r}: its model config with the [model] table's keys ({keys}) over it "
+            f"is not a model ({exc}); a [model] key that changes a shape cannot override the checkpoint's: "
+            "leave the [model] table out (a shipped config's describes its own model), or keep keys such "
+            "as dropout"
+        ) from None
+    # (train.init's own config named when the [model] table does not set the key at fault)
+    check_model_fits_data(
+        getattr(net, "config", model_cfg), data, f"train.init {tcfg.init!r}" if init else ""
+    )
     if init_state is not None:
-        _load_init(net, init_state, tcfg.init, model_cfg, data)
+        _load_init(net, init_state, tcfg.init)
     meta = {"config": cfg, **({"init": init} if init else {})}  # what last/state.json keeps besides the step
     groups = net.param_groups(tcfg.lr, tcfg.weight_decay, tcfg.ssm_lr)
     for g in groups:
@@ -730,6 +823,8 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
         print(f"{n_params:,} parameters, {world} process(es) on {device}, data {data.kind}: "
               f"{describe_split(data, train_split)}", file=sys.stderr)  # fmt: skip
 
+    if main_proc and dump_grads is None and start > 0:
+        trim_log(out / "log.jsonl", start)
     log = (out / "log.jsonl").open("a") if main_proc and dump_grads is None else None
     if log is not None and changed:
         log.write(json.dumps({"step": start, "resumed": True, "changed": changed}) + "\n")
@@ -864,9 +959,13 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
             from model.checkpoint import save
 
             training = {"config": cfg, "metrics": metrics}
+            serving = {}
             if init:  # where the weights came from (train.init may be gone by the time anyone asks)
-                training["init"] = {k: v for k, v in init.items() if k != "model"}
-            save(net, tcfg.export, extra={"training": training})
+                training["init"] = {k: v for k, v in init.items() if k not in ("model", "serving")}
+                serving = init.get("serving") or {}
+            save(net, tcfg.export, extra={"training": training, **serving})
+            if serving and main_proc:
+                print(f"{tcfg.export}: keeps train.init's {', '.join(serving)}", file=sys.stderr)
     if log:
         log.close()
     return metrics

@@ -387,6 +387,10 @@ def load_model(
     _check_stop(stop)
     vocab = served_vocab(path, net.config, source)
     name = model_id or path.name
+    src = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    if vocab is None and source is None and isinstance(src.get("warning"), str):  # (an official file
+        # served directly: model.convert logged its warning)
+        log.warning("model %s (%s): %s", name, path, src["warning"])
     wanted = settings.dtype_for(name)
     dtype = getattr(torch, wanted)
     triton_step = use_triton_step(settings, device, name)

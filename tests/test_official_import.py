@@ -746,6 +746,19 @@ def test_a_converted_folder_is_made_with_the_umask_and_a_cached_conversion_warns
     warned = [r for r in caplog.records if "dataset 'wt103'" in r.getMessage()]
     assert len(warned) == 1 and warned[0].levelname == "WARNING"  # once a process (the server resolves twice)
     assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "cache").iterdir())
+    # the converted folder served as bytes: the server logs the conversion's warning too (it said nothing)
+    from server.config import Settings
+    from server.metrics import Metrics
+    from server.registry import load_models
+    from server.sessions import SessionTable
+
+    caplog.clear()
+    settings = Settings(checkpoints=[str(tmp_path / "out")], max_sessions=2, recurrent_cache="")
+    with caplog.at_level("WARNING", logger="server.models"):
+        models, failed = load_models(settings, SessionTable(), Metrics())
+    assert not failed and "out" in models  # (engines built, not started)
+    said = [r.getMessage() for r in caplog.records if r.name == "server.models"]
+    assert any(f"model out ({tmp_path / 'out'}): " in m and "dataset 'wt103'" in m for m in said), said
 
 
 def test_sample_rate_is_refused_for_a_text_import(tmp_path):

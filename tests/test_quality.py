@@ -106,3 +106,14 @@ def test_median_hnr_is_the_tone_to_noise_ratio(snr_db):
     if snr_db <= 5:
         assert r["harmonic_share"] == 0.0
     assert voiced_share([np.zeros(SR)], SR)["hnr_db_median"] is None
+
+
+def test_a_cards_samples_show_control_characters_as_their_pictures():
+    """A weak model writes ESC and other C0 bytes: the card shows each as its Unicode control picture
+    (U+2400 + code, DEL U+2421), so no terminal acts on it and grep reads the card as text; newlines,
+    tabs and every other character are kept."""
+    from model.card import shown
+
+    assert shown("a\x1b[0m\nb\tc\x7f\x00\r é") == "a\u241b[0m\nb\tc\u2421\u2400\u240d é"
+    assert all(shown(chr(c)) == chr(0x2400 + c) for c in range(32) if chr(c) not in "\n\t")
+    assert shown("plain text, ok") == "plain text, ok"

@@ -58,11 +58,19 @@ def test_resume_continues_at_the_right_step_with_identical_losses(text_data, tmp
     train(parts, stop_at=6)  # interrupted after step 6; the state saved there is resumed
     state = json.loads((tmp_path / "parts" / "last" / "state.json").read_text())
     assert state["step"] == 6
+    # a run killed after logging steps past its last save: the resume drops those lines (it logs the
+    # steps again), keeping a re-plan line and one that is not JSON
+    with (tmp_path / "parts" / "log.jsonl").open("a") as f:
+        f.write('{"step": 7, "loss": 9.0}\n{"step": 8, "val": {}}\n{"step": 7, "replanned": {}}\nnot json\n')
     train(parts)
     a = [r for r in read_log(tmp_path / "whole") if "loss" in r]
-    b = [r for r in read_log(tmp_path / "parts") if "loss" in r]
+    lines = (tmp_path / "parts" / "log.jsonl").read_text().splitlines()
+    assert "not json" in lines and '{"step": 7, "replanned": {}}' in lines
+    b = [json.loads(x) for x in lines if x != "not json"]
+    assert not any(r.get("val") == {} for r in b)
+    b = [r for r in b if "loss" in r]
     assert [r["step"] for r in b] == list(range(1, 13))
-    assert not any(r.get("resumed") for r in read_log(tmp_path / "parts"))  # the same config: no record
+    assert not any(r.get("resumed") for r in b)  # the same config: no record
     wall = [r["elapsed_s"] for r in b]  # training wall time, counted across the resume
     assert all(w1 < w2 for w1, w2 in zip(wall, wall[1:])), wall
     assert wall[6] > state["elapsed_s"]  # the resumed process adds to the state's time
@@ -259,18 +267,27 @@ def test_a_fine_tune_resumes_from_its_run_without_the_train_init_folder_with_ide
         train(fresh)
 
 
-def test_train_init_of_another_modality_is_refused_with_an_article_that_fits():
-    from model.train import _load_init
+def test_a_model_of_another_modality_is_refused_with_an_article_that_fits():
+    """check_model_fits_data names train.init for a checkpoint's config, else the [model] key at fault."""
+    import numpy as np
+
+    from model.train import check_model_fits_data
 
     class Audio:
-        kind = "audio"
+        kind, path = "audio", "d"
         meta = {"sample_rate": 8000}
 
-    with pytest.raises(ConfigError, match=r"train.init 'x': a text model; the data is audio"):
-        _load_init(None, {}, "x", {"modality": "text"}, Audio())
+        def split(self, name):
+            return np.zeros(4, dtype=np.uint8)
+
+    with pytest.raises(ConfigError, match=r"train.init 'x': a text model; the data \(d\) is audio"):
+        check_model_fits_data({"modality": "text"}, Audio(), "train.init 'x'")
+    with pytest.raises(ConfigError, match=r"model.sample_rate: a 16000 Hz model; the data \(d\) is 8000 Hz"):
+        check_model_fits_data({"modality": "audio", "sample_rate": 16000}, Audio(), "")
     Audio.kind = "text"
-    with pytest.raises(ConfigError, match=r"train.init 'x': an audio model; the data is text"):
-        _load_init(None, {}, "x", {"modality": "audio"}, Audio())
+    with pytest.raises(ConfigError, match=r"model.modality: an audio model; the data \(d\) is text"):
+        check_model_fits_data({"modality": "audio"}, Audio(), "")
+    check_model_fits_data({"modality": "text", "vocab_size": 1}, Audio(), "")  # (ids 0 only: fits)
 
 
 def test_train_inits_provenance_keeps_a_fine_tunes_chain_and_only_values_of_the_expected_kinds():

@@ -119,10 +119,14 @@ CLI_ERRORS = [
     (["model.cauchy_backend=keopz"], "model.cauchy_backend must be one of ['auto', 'keops', 'torch'], got"),
     (["data.batch_size=0"], "data.batch_size must be an integer ≥ 1 (sequences per step, all processes"),
     (["data.seq_len=100000"], "data.seq_len must be < the training split's "),
-    (["train.stepz=3"], "unknown TrainConfig fields: ['stepz']"),
+    (["train.stepz=3"], "train: unknown config fields: ['stepz'] (help(TrainConfig) lists them)"),
+    (["data.pth=x"], "data: unknown config fields: ['pth'] (help(DataConfig) lists them)"),
     (["optim.lr=1"], "unknown config tables: ['optim']"),
     (["steps=3"], "override 'steps=3' must look like section.key=value"),
     (["data.path=/nonexistent/data"], "data.path '/nonexistent/data': /nonexistent/data/meta.json: missing"),
+    # the model must fit the data (an audio config on text data trained silently, and exported, before)
+    (["model.modality=audio", "model.sample_rate=8000"], "model.modality: an audio model; the data ("),
+    (["model.vocab_size=100"], "model.vocab_size: 100 token ids (0 … 99); the data ("),
 ]
 
 
@@ -137,6 +141,87 @@ def test_a_user_error_is_one_line_and_exit_status_2_before_anything_is_written(
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(PROG + message), err
     assert not (tmp_path / "run").exists()  # refused up front: no run folder, no untrained export
+
+
+def test_an_export_never_replaces_a_checkpoint_another_run_or_none_wrote(text_data, tmp_path, capsys):
+    """train.export over a folder holding a checkpoint no run wrote (a shipped, converted or copied model),
+    or another run's export, is refused before anything is trained or written, naming train.export (the
+    shipped audio configs exported into checkpoints/: a run of them replaced the shipped model); the same
+    run's own export is written over when it runs again."""
+    from model.checkpoint import save
+    from model.network import ModelConfig, SequenceModel
+
+    shipped = tmp_path / "shipped"
+    save(SequenceModel(ModelConfig(vocab_size=256, d_model=16, n_layers=1, d_state=8, l_max=32)), shipped)
+    before = (shipped / "model.safetensors").read_bytes()
+    cfg = tiny_toml(tmp_path / "c.toml", text_data, tmp_path / "run", export=str(shipped))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(cfg)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"{PROG}train.export {str(shipped)!r} holds a checkpoint no training run wrote"), (
+        err
+    )
+    assert (shipped / "model.safetensors").read_bytes() == before and not (tmp_path / "run").exists()
+    own = tmp_path / "own"
+    cfg = tiny_toml(tmp_path / "c.toml", text_data, tmp_path / "run", export=str(own))
+    main([str(cfg)])
+    main([str(cfg), "--fresh"])  # the same run again: its own export, written over
+    assert json.loads((own / "config.json").read_text())["training"]["config"]["train"]["out"] == str(
+        tmp_path / "run"
+    )
+    other = tiny_toml(tmp_path / "o.toml", text_data, tmp_path / "other", export=str(own))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([str(other)])
+    err = capsys.readouterr().err
+    assert f"holds the export of another run (train.out {str(tmp_path / 'run')!r})" in err, err
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_fine_tune_names_train_init_and_keeps_its_serving_settings(text_data, tmp_path, capsys):
+    """With train.init, a [model] table whose keys make the checkpoint's config no model (a shipped config's
+    own [model], n_layers over the checkpoint's per-layer l_kernel) is refused naming train.init and the
+    keys; a word-level checkpoint (vocab.txt) is refused (the data here is bytes); the export keeps the
+    checkpoint's chat_template, chat_stop and generation_config, and says so."""
+    from model.checkpoint import save
+    from model.network import ModelConfig, SequenceModel
+
+    base = tmp_path / "base"
+    net = SequenceModel(ModelConfig(vocab_size=256, d_model=16, n_layers=2, d_state=8, l_max=32,
+                                    l_kernel=[32, 32], cauchy_backend="torch"))  # fmt: skip
+    serving = {"chat_template": "{{ messages[0]['content'] }}", "chat_stop": ["\n\n"],
+               "generation_config": {"temperature": 0.8}}  # fmt: skip
+    save(net, base, extra=serving)
+    cfg = tiny_toml(
+        tmp_path / "c.toml", text_data, tmp_path / "run", init=str(base), export=str(tmp_path / "ft")
+    )
+    with pytest.raises(SystemExit) as exit_:
+        main([str(cfg), "model.n_layers=3"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1, err
+    assert f"train.init {str(base)!r}: its model config with the [model] table's keys (" in err, err
+    assert "n_layers" in err and "leave the [model] table out" in err and not (tmp_path / "run").exists()
+    text = cfg.read_text().split("[data]")  # the TOML without its [model] table
+    cfg.write_text("[data]" + text[1])
+    main([str(cfg)])
+    err = capsys.readouterr().err
+    assert "keeps train.init's chat_template, chat_stop, generation_config" in err, err
+    meta = json.loads((tmp_path / "ft" / "config.json").read_text())
+    assert {k: meta[k] for k in serving} == serving and meta["training"]["init"]["path"] == str(base)
+    assert "serving" not in meta["training"]["init"]
+    words = tmp_path / "words"
+    save(net, words, extra={"vocab": {"kind": "words", "file": "vocab.txt", "size": 256}})
+    with pytest.raises(SystemExit):
+        main(
+            [
+                str(cfg),
+                f"train.init={words}",
+                f"train.out={tmp_path / 'w'}",
+                f"train.export={tmp_path / 'wx'}",
+            ]
+        )
+    assert "a word-level model (its vocab.txt)" in capsys.readouterr().err
 
 
 def test_a_config_file_that_is_not_there_or_not_toml_is_one_line(tmp_path, capsys):
