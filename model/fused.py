@@ -366,8 +366,11 @@ def pack_linear(Wt: torch.Tensor, panel: int) -> torch.Tensor:
     stream that stays in L1/L2 while the tiles of every row group use it."""
     K, N = Wt.shape
     F = N // panel
-    full = Wt[:, : F * panel].reshape(K, F, panel).transpose(0, 1).reshape(-1)
-    return torch.cat([full, Wt[:, F * panel :].reshape(-1)]).contiguous()
+    out = torch.empty(K * N, dtype=Wt.dtype)  # written in place: no transient copies of Wt (the WikiText-103
+    # recipe's adaptive softmax packs an 82 MB matrix; three copies of it raised the load's peak RSS)
+    out[: F * K * panel].view(F, K, panel).copy_(Wt[:, : F * panel].unflatten(1, (F, panel)).transpose(0, 1))
+    out[F * K * panel :].view(K, N - F * panel).copy_(Wt[:, F * panel :])
+    return out
 
 
 def linear_rows(
@@ -865,35 +868,6 @@ class SaShiMiStep:
         if rc != 0:
             raise ValueError(f"SaShiMi C step failed (code {rc}: out of memory)")
         return logits
-
-    def adaptive_logprobs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The adaptive softmax as this step computes it (a model with `cutoffs`): final-normed hidden states
-        (P, H) float32 → log-probabilities (P, V) float32, each row's alone (tests, bench.wt103)."""
-        h = hidden.float().contiguous()
-        if self.adaptive is None or h.dim() != 2 or h.shape[1] != self.H:
-            raise ValueError(f"adaptive_logprobs takes (P, {self.H}) hidden states of a model with cutoffs")
-        out = torch.empty(h.shape[0], self.V)
-        dims = [ctypes.c_long(v) for v in (h.shape[0], self.H, self.V)]
-        rc = self.lib.adaptive_logprobs(ctypes.byref(self.adaptive), *dims, *_ptrs(h, out))
-        if rc != 0:
-            raise ValueError(f"adaptive_logprobs failed (code {rc}: out of memory)")
-        return out
-
-    def adaptive_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The adaptive input embedding as this step computes it, embed_scale applied: ids (P,) → (P, H)
-        float32 (tests). Raises ValueError for an id outside the vocabulary."""
-        ids = tokens.contiguous().long()
-        if self.adaptive is None or ids.dim() != 1:
-            raise ValueError("adaptive_embeddings takes (P,) ids of a model with cutoffs")
-        out = torch.empty(ids.shape[0], self.H)
-        dims = [ctypes.c_long(v) for v in (ids.shape[0], self.H)]
-        rc = self.lib.adaptive_embeddings(ctypes.byref(self.adaptive), *dims, ctypes.c_void_p(ids.data_ptr()),
-                                          *_ptrs(out))  # fmt: skip
-        if rc == TOKEN_RANGE:
-            raise token_range_error(ids, self.V)
-        if rc != 0:
-            raise ValueError(f"adaptive_embeddings failed (code {rc}: out of memory)")
-        return out
 
     def block(self, K: int, state: torch.Tensor, tok: torch.Tensor, **rows) -> BlockResult:
         """Up to K decode steps in one C call (ssm_step.c `sashimi_block`); state (B, numel) float32

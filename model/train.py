@@ -681,17 +681,33 @@ def _load_init(net: nn.Module, state: dict[str, torch.Tensor], folder: str) -> N
             v.copy_(state[k])
 
 
-def replan_steps(done: int, step_s: float, left_s: float) -> int:
+def replan_steps(done: int, step_s: float, left_s: float, eval_every: int = 0, eval_s: float = 0.0) -> int:
     """The run's new `train.steps` for a time budget: the steps taken plus as many more as fit in
-    `left_s` seconds at `step_s` seconds a step, less a `BUDGET_MARGIN` share for the periodic
-    validations and checkpoints and for drift; at least `done` (no more steps when none fit)."""
+    `left_s` seconds at `step_s` seconds a step (checkpoints included) and `eval_s` seconds a validation
+    (every `eval_every` steps and one at the plan's last step, counted for the steps planned: a plan made
+    late in the budget would otherwise miss the validations left in it), less a `BUDGET_MARGIN` share for
+    drift; at least `done` (no more steps when none fit)."""
     if not (step_s > 0 and math.isfinite(step_s)):
         raise ValueError(f"step_s must be a finite number > 0, got {step_s}")
-    return done + max(0, int(max(0.0, left_s) * (1 - BUDGET_MARGIN) / step_s))
+    room = max(0.0, left_s) * (1 - BUDGET_MARGIN)
+
+    def cost(n: int) -> float:
+        if n == 0:
+            return 0.0
+        evals = (done + n) // eval_every - done // eval_every if eval_every else 0
+        if eval_every and (done + n) % eval_every:  # the plan's last step validates too
+            evals += 1
+        return n * step_s + evals * eval_s
+
+    lo, hi = 0, int(room / step_s)  # the most that fit: cost(lo) <= room (cost grows with n)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= room else (lo, mid - 1)
+    return done + lo
 
 
 BUDGET_WARM, BUDGET_TIMED = 3, 10  # --time-budget: steps not timed (allocator, FFT plans), then timed
-BUDGET_MARGIN = 0.04  # share of the remaining time left unplanned (validations, checkpoints, drift)
+BUDGET_MARGIN = 0.04  # share of the remaining time left unplanned (drift)
 BUDGET_REPLAN_AT = (0.25, 0.5, 0.75, 0.9)  # shares of the budget after which the plan is made again
 
 
@@ -836,6 +852,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     done = saved = start  # steps taken; the step out/last holds
     budgeted = time_budget > 0 and dump_grads is None
     timed_from = 0.0  # perf_counter when the timed steps of --time-budget began
+    eval_timed, eval_last = 0.0, 0.0  # validations' seconds since then, the last one's (the main process)
     k_replan = 0  # the next of BUDGET_REPLAN_AT
     replanned = False  # whether --time-budget made a plan
     over_time = False  # whether its deadline stopped the run
@@ -874,9 +891,13 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
                 timed = done - start - BUDGET_WARM  # steps timed so far
                 if timed == BUDGET_TIMED or (timed > BUDGET_TIMED and passed > k_replan):
                     k_replan = passed  # (a share the first re-plan already passed is not redone)
-                    # the mean over every timed step so far: validations and contention included
-                    step_s = all_mean((now - timed_from) / timed, device)
-                    new_steps = replan_steps(done, step_s, time_budget - elapsed)
+                    # the mean over every timed step so far, contention and checkpoints included, the
+                    # validations (the main process's; the others wait for it) counted apart
+                    evals = all_mean(world * eval_timed if main_proc else 0.0, device)
+                    one_eval = all_mean(world * eval_last if main_proc else 0.0, device)
+                    step_s = all_mean((now - timed_from) / timed, device) - evals / timed
+                    step_s = max(step_s, 1e-9)
+                    new_steps = replan_steps(done, step_s, time_budget - elapsed, tcfg.eval_every, one_eval)
                     before, tcfg.steps = tcfg.steps, max(new_steps, done)
                     cfg.setdefault("train", {})["steps"] = tcfg.steps
                     end = min(tcfg.steps, stop_at) if stop_at > 0 else tcfg.steps
@@ -905,8 +926,12 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
                 log.flush()
             last = step + 1 == tcfg.steps
             if tcfg.eval_every and ((step + 1) % tcfg.eval_every == 0 or last) and main_proc:
+                t_eval = time.perf_counter()
                 ev = evaluate(net, data, val_split, dcfg.seq_len, dcfg.batch_size, dcfg.eval_stride,
                               tcfg.eval_tokens, device)  # fmt: skip
+                eval_last = time.perf_counter() - t_eval
+                if timed_from:
+                    eval_timed += eval_last
                 progress.validated(step, ev)
                 if log:
                     log.write(json.dumps({"step": step + 1, "val": ev}) + "\n")

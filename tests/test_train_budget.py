@@ -36,6 +36,18 @@ def test_replan_steps_fits_the_remaining_time_less_the_margin():
             replan_steps(13, bad, 10.0)
 
 
+def test_replan_steps_counts_the_validations_left_in_the_plan():
+    """A plan of n more steps costs n·step_s plus eval_s for each validation in it: one every eval_every steps
+    and one at its last step (a trial's plan made at step 1,429 of a 15 s budget missed the validation at
+    1,500 and met the deadline 5 steps short, with no export). Room: 100 s less the 4 % margin = 96 s."""
+    # from step 0, 1 s a step, a 5 s validation every 10 steps: 61 steps = 61 s + 7 validations (10, …, 60,
+    # and the last at 61) = 96 s; 62 would be 97 s
+    assert replan_steps(0, 1.0, 100.0, 10, 5.0) == 61
+    assert replan_steps(5, 1.0, 100.0, 10, 5.0) == 5 + 61  # validations at 10, …, 60 and the last (66)
+    assert replan_steps(0, 1.0, 100.0, 10, 0.0) == replan_steps(0, 1.0, 100.0) == 96
+    assert replan_steps(0, 1.0, 4.0, 10, 5.0) == 0  # one step and its validation do not fit
+
+
 def test_the_replans_set_each_steps_learning_rate_and_the_first_inside_the_warmup_is_exact(
     text_data, tmp_path
 ):
@@ -79,7 +91,7 @@ def test_the_replans_set_each_steps_learning_rate_and_the_first_inside_the_warmu
 def test_the_deadline_stops_the_run_resumably_whatever_the_plan(text_data, tmp_path, monkeypatch, capsys):
     """A plan that cannot fit (the re-plan forced to 10^6 steps) still ends at the deadline: the state is
     saved at the step reached, there is no export, and the re-planned config.json resumes it."""
-    monkeypatch.setattr(mt, "replan_steps", lambda done, step_s, left_s: 1_000_000)
+    monkeypatch.setattr(mt, "replan_steps", lambda done, step_s, left_s, *evals: 1_000_000)
     out = tmp_path / "run"
     cfg = tiny_config(text_data, out, steps=100, warmup=5, eval_every=0, ckpt_every=0, final_eval=False,
                       export=str(tmp_path / "ckpt"))  # fmt: skip
