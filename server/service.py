@@ -412,7 +412,7 @@ def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple
     (`STATE_FIELDS`), then that this server serves its model with the same weights and shapes. 422
     naming `param` otherwise."""
     try:
-        header, raw = unpack_state(blob)
+        header, raw = unpack_state(blob, max((m.config.vocab_size for m in state.models.values()), default=0))
     except StateFormatError as exc:
         raise invalid(param, f"{what}: {exc}") from None
     version = state_version(blob)

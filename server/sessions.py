@@ -247,9 +247,12 @@ _PREFIX = struct.Struct("<8sHI")
 
 
 # What an export's header holds at most (registry.ServedModel.state_header): its lists are `seen` (≤ the
-# vocabulary: 65,536 ids at most), `shape` and `utf8_tail`, its floats `created` and `last_used`. A
-# header is counted before it is parsed (server/json_budget.py), as a JSON body is.
-HEADER_BUDGET = JSONBudget(separators=SMALL, containers=16, members=64, floats=16)
+# vocabulary: at most `max_seen` ids, the largest vocabulary served), `shape` and `utf8_tail`, its floats
+# `created` and `last_used`. A header is counted before it is parsed (server/json_budget.py), as a JSON body
+# is. (The separators were capped at 65,536: a word-level session that had seen more distinct words, which
+# a 267,735-word model's reaches, was exported, and refused at its import or its resume from Redis.)
+def header_budget(max_seen: int = 0) -> JSONBudget:
+    return JSONBudget(separators=SMALL + max_seen, containers=16, members=64, floats=16)
 
 
 class StateFormatError(ValueError):
@@ -262,8 +265,9 @@ def pack_state(header: dict, state: bytes) -> bytes:
     return body + hashlib.sha256(body).digest()
 
 
-def unpack_state(blob: bytes) -> tuple[dict, bytes]:
-    """Check magic, version, checksum, header and payload length; returns (header, state bytes).
+def unpack_state(blob: bytes, max_seen: int = 0) -> tuple[dict, bytes]:
+    """Check magic, version, checksum, header and payload length; returns (header, state bytes). `max_seen`:
+    the most ids a header's `seen` list may hold beyond SMALL (the largest vocabulary served).
     Raises StateFormatError (a ValueError) naming what is wrong, whatever the blob holds."""
     if len(blob) < _PREFIX.size + 32:
         raise StateFormatError(f"state blob is {len(blob)} bytes, too short to be an exported state")
@@ -280,10 +284,11 @@ def unpack_state(blob: bytes) -> tuple[dict, bytes]:
         raise StateFormatError("state checksum mismatch (the blob is corrupt or truncated)")
     start = _PREFIX.size
     head = body[start : start + head_len]
-    if (kind := StructureCounter(HEADER_BUDGET).feed(head)) is not None:
+    budget = header_budget(max_seen)
+    if (kind := StructureCounter(budget).feed(head)) is not None:
         raise StateFormatError(
             f"state header holds more JSON {kind} than an export's header can "
-            f"({HEADER_BUDGET.limit(kind)}); it was not parsed"
+            f"({budget.limit(kind)}); it was not parsed"
         )
     try:
         header = json.loads(head)

@@ -402,15 +402,18 @@ def test_the_budgets_grow_with_max_prompt_tokens_on_completions_only():
 def test_a_state_import_header_is_counted_before_it_is_parsed(srv):
     """The class's variant in a binary body: an import's JSON header (a real export's, with its checksum
     recomputed) that holds more than an export's can is refused 422 naming `state` unparsed; one at
-    the budget is parsed (and refused for its shape)."""
-    from server.sessions import HEADER_BUDGET, pack_state, unpack_state
+    the budget (SMALL + the largest vocabulary served: a `seen` list may hold every id) is parsed (and
+    refused for its shape)."""
+    from server.sessions import header_budget, pack_state, unpack_state
+
+    most = max(m.config.vocab_size for m in srv.state.models.values())
 
     with httpx.Client(base_url=srv.url, timeout=60) as c:
         sid = c.post("/v1/sessions", json={"model": "tiny-text", "prompt": "to be"}).json()["session_id"]
         header, raw = unpack_state(c.get(f"/v1/sessions/{sid}/export").content)
         assert c.post("/v1/sessions/import", content=pack_state(header, raw)).status_code == 201
         extra = (
-            HEADER_BUDGET.separators
+            header_budget(most).separators
             - byte_reference(json.dumps(header, sort_keys=True).encode())["separators"]
         )
         for n, parsed in [(extra, True), (extra + 1, False)]:
@@ -420,3 +423,21 @@ def test_a_state_import_header_is_counted_before_it_is_parsed(srv):
             assert r.status_code == 422 and error["param"] == "state", r.text[:300]
             assert ("was not parsed" not in error["message"]) is parsed, error["message"]
             assert ("does not match" in error["message"]) is parsed, error["message"]
+
+
+def test_a_word_level_sessions_seen_list_may_hold_more_than_65536_ids():
+    """A session of a model with a large vocabulary (the WikiText-103 recipe's 267,735 words) can have seen
+    more than 65,536 distinct ids (a weak model's random words reach it within ~75,000 tokens): its export
+    is read back whole when the largest vocabulary served allows it (the budget was 65,536 separators
+    whatever the model: such a session was exported, then refused at its import or its resume from Redis),
+    and still refused unparsed beyond it."""
+    from server.sessions import StateFormatError, pack_state, unpack_state
+
+    header = {"dtype": "float32", "shape": [2], "seen": list(range(70_000)), "model": "m"}
+    blob = pack_state(header, b"\0" * 8)
+    with pytest.raises(StateFormatError, match="it was not parsed"):
+        unpack_state(blob)
+    got, raw = unpack_state(blob, 70_000)
+    assert got["seen"] == list(range(70_000)) and raw == b"\0" * 8
+    with pytest.raises(StateFormatError, match="it was not parsed"):
+        unpack_state(pack_state({**header, "seen": list(range(70_000 + 65_536 + 1))}, b"\0" * 8), 70_000)
