@@ -85,12 +85,12 @@ def token_warning(dataset: str | None, vocab_size: int) -> str | None:
     if dataset in VOCAB_DATASETS:
         reasons.append(
             f"trained on dataset {dataset!r}, whose token ids are the official code's frequency-ordered "
-            f"vocabulary (vocab {vocab_size}), not UTF-8 bytes: the server's text routes send bytes as ids "
-            "(id = byte), so "
+            f"vocabulary (vocab {vocab_size}), not UTF-8 bytes"
             + (
-                "it would read and write garbage"
+                ""  # (the reason before says how the server reads ids)
                 if vocab_size < 256
-                else "served as text it reads and writes garbage"
+                else ": the server's text routes send bytes as ids (id = byte), so served as text it reads "
+                "and writes garbage"
             )
             + "; give it its vocabulary (--vocab; for a server given the file itself, the symbols file "
             "beside it as vocab.txt: python -m model.vocab)"

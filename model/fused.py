@@ -35,7 +35,7 @@ RESTYPES = {  # the library's entry points and their return types
     "net_prefill": ctypes.c_int, "ssm_prefill": ctypes.c_long, "ssm_prefill_width": ctypes.c_long,
     "linear_panel_width": ctypes.c_long, "split_step": ctypes.c_int, "step_split_min_weights": ctypes.c_long,
     "step_split_state": None, "decode_block_state": None, "adaptive_logprobs": ctypes.c_int,
-    "adaptive_embeddings": ctypes.c_int,
+    "adaptive_embeddings": ctypes.c_int, "logprobs_rows": None,
 }  # fmt: skip
 # -fno-math-errno lets the GELU / sigmoid loops call glibc's vector expf / erff (model/csrc/ssm_step.c)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
@@ -961,7 +961,8 @@ def decode_block(
     the groups shared by the threads; it changes no row's tokens or state), default `BLOCK_SCHEDULE`;
     logprobs: (B,) int64, per row −1 (none) or k ≥ 0: the log-probability of each sampled token and of
     the k most likely (`BlockResult.logprobs`, from the raw logits the sampler was given; the normalizer
-    summed in double, so within float32 rounding of `token_logprobs`'s torch ops), None: for no row.
+    summed in double: `model.sampling.token_logprobs` on the CPU runs this computation, the same bits; torch's
+    ops agree within float32 rounding), None: for no row.
     Raises ValueError on bad shapes or when the C step fails."""
     B = tok.shape[0]
     if (
@@ -1137,6 +1138,23 @@ def sample_rows_full(lib, logits: torch.Tensor, settings: RowSettings, seen, cou
     if rc != 0:
         raise MemoryError("the C sampler could not allocate its scratch")
     return out
+
+
+def logprobs_rows(lib, logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[list, list, list]:
+    """ssm_step.c `logprobs_rows`, the decode block's log-probabilities: logits (B, V) float32 contiguous
+    CPU, tokens (B,) ids in [0, V), k ≥ 0 → host lists chosen (B,), top ids (B, min(k, V)) and values, most
+    likely first (ties: the smaller id first). Raises ValueError for an id outside [0, V)."""
+    B, V = logits.shape
+    ids = tokens.to(torch.long).contiguous()
+    if ids.shape != (B,) or (B and (int(ids.min()) < 0 or int(ids.max()) >= V)):
+        raise ValueError(f"tokens must be ({B},) ids in [0, {V})")
+    k = min(k, V)
+    chosen, top_i, top_v = torch.empty(B), torch.empty(B, k, dtype=torch.long), torch.empty(B, k)
+    lg, ch, tv = _ptrs(logits, chosen, top_v)
+    dims = [ctypes.c_long(v) for v in (B, V)]
+    lib.logprobs_rows(*dims, lg, ctypes.c_void_p(ids.data_ptr()), ctypes.c_long(k), ch,
+                      ctypes.c_void_p(top_i.data_ptr()), tv)  # fmt: skip
+    return chosen.tolist(), top_i.tolist(), top_v.tolist()
 
 
 def sample_rows(lib, logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

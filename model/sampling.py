@@ -326,7 +326,21 @@ MAX_LOGPROBS = 20  # the most likely tokens an API request may ask for beside ea
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[list, list, list]:
     """Log-probabilities under the model: log_softmax of the raw logits (B, V) (before temperature,
     penalties, bias and filtering), of `tokens` (B,), and the k most likely per row. Returns host
-    lists: chosen (B,) floats, top ids (B, k) and top log-probabilities (B, k), most likely first."""
+    lists: chosen (B,) floats, top ids (B, k) and top log-probabilities (B, k), most likely first.
+    On the CPU with the C library: the native decode block's own computation (`fused.logprobs_rows`: the
+    normalizer in double, ties the smaller id first), so a row's log-probabilities are the same bits
+    whether it decoded in a block or step by step (a word-level model's rows with stop sequences take
+    steps, and take the batch with them); elsewhere torch's log_softmax and topk (float32 rounding apart,
+    ties in any order)."""
+    lib = fused.library() if logits.device.type == "cpu" and logits.shape[0] else None
+    if lib is not None:
+        return fused.logprobs_rows(lib, logits.float().contiguous(), tokens, k)
+    return token_logprobs_torch(logits, tokens, k)
+
+
+def token_logprobs_torch(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple[list, list, list]:
+    """`token_logprobs` by torch's log_softmax and topk, on any device: the CUDA graphs' decode block
+    computes these ops (model/cuda_graphs.py)."""
     lp = logits.float().log_softmax(-1)
     chosen = lp.gather(-1, tokens[:, None].to(lp.device))[:, 0]
     if k > 0:

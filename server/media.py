@@ -100,7 +100,8 @@ def prompt_ids(
     by its length in characters (each is at least one UTF-8 byte, one token), then in bytes.
     Audio: `prompt_audio` is a base64 audio file (any format libsndfile reads), resampled to the
     model's rate; a file longer than `max_audio_s` (its header's frames / sample rate, checked before
-    it is decoded) is a 413. No prompt gives no ids (the engine's caller starts from silence)."""
+    it is decoded) is a 413; an empty string a 422. No prompt, or a file of no samples, gives no ids (the
+    engine's caller starts from silence)."""
     if kind == "text":
         if prompt_audio is not None:
             raise invalid("prompt_audio", "this is a text model: send `prompt` (a string)")
@@ -109,8 +110,11 @@ def prompt_ids(
         raise invalid("prompt", "this is an audio model: send `prompt_audio` (a base64 audio file)")
     if prompt_audio is None:
         return []
+    data = b64decode(prompt_audio, "prompt_audio")
+    if not data:  # (libsndfile's answer, "Format not recognised", did not say it was empty)
+        raise invalid("prompt_audio", "prompt_audio is empty: send a base64 audio file, or leave it out")
     try:
-        x, _ = read_audio(b64decode(prompt_audio, "prompt_audio"), sample_rate, max_audio_s)
+        x, _ = read_audio(data, sample_rate, max_audio_s)
     except AudioTooLong as exc:
         raise prompt_too_long(f"prompt_audio: {exc} (max_audio_s)", "prompt_audio") from None
     except ValueError as exc:

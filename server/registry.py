@@ -457,7 +457,8 @@ def load_model(
     log.info(
         "model %s: %s %s, d_state %d; converted in %.1f s (%s), verified (%s; %s logits: step %.1e, prefill "
         "%.1e, tol %.1e); steps %s; %d B state/session, %d slots, prefix cache %s; ready in %.1f s",
-        model_id, c.modality, shape, c.d_state, t_convert, converted, forms, v["dtype"], v["step_rel_err"],
+        model_id, c.modality + (f" at {c.sample_rate} Hz" if c.modality == "audio" else ""), shape, c.d_state,
+        t_convert, converted, forms, v["dtype"], v["step_rel_err"],
         v["prefill_rel_err"], v["tol"], step_path(rec), rec.state_bytes_per_sequence, settings.max_sessions,
         kept, time.perf_counter() - t0,
     )  # fmt: skip

@@ -202,11 +202,25 @@ def test_frame_ms_where_it_means_nothing_is_refused_naming_it(client, server):
             err = json.loads(await ws.recv())
             await ws.send(json.dumps({"type": "session", "model": AUDIO, "frame_ms": 20}))  # a generate field
             err2 = json.loads(await ws.recv())
-            return err, err2
+            # audio_encoding for a text model: refused as frame_ms is (a trial found it taken silently),
+            # binding nothing; the socket then binds the text model
+            session = {"type": "session", "model": TEXT, "audio_encoding": "pcm16"}
+            for msg in (
+                session,
+                {"type": "generate", "model": TEXT, "prompt": "a", "audio_encoding": "mulaw"},
+            ):
+                await ws.send(json.dumps(msg))
+                err3 = json.loads(await ws.recv())
+                assert err3["type"] == "error" and err3["code"] == 422, err3
+                assert err3["param"] == "audio_encoding" and "audio models only" in err3["message"], err3
+            await ws.send(json.dumps({"type": "session", "model": TEXT}))
+            bound = json.loads(await ws.recv())
+            return err, err2, bound
 
-    err, err2 = asyncio.run(text_ws())
+    err, err2, bound = asyncio.run(text_ws())
     assert err["type"] == "error" and err["code"] == 422 and err["param"] == "frame_ms"
     assert err2["type"] == "error" and err2["code"] == 422 and err2["param"] == "frame_ms"
+    assert bound["type"] == "session" and bound["model"] == TEXT
 
 
 def test_a_bad_frame_ms_gets_an_error_frame_and_never_touches_another_session(server, model_dirs):

@@ -31,7 +31,7 @@ from model.sampling import (
     find_stop,
     first_stop_end,
     row_settings,
-    token_logprobs,
+    token_logprobs_torch,
     uint64_bits,
 )
 
@@ -100,8 +100,8 @@ def one_step(rec, state, tok, seen, params, limits, asked=None):
     """The reference: the batch stepped one step at a time with `step` (through the same buckets: a
     batch's matmuls round alike at one size, not across sizes) and a RowSampler on the rows' settings
     (the GPU engine's one-step path); a row's tokens, state, seen set and counts are taken when it has
-    made limits[row] tokens, with the log-probabilities of its tokens (`token_logprobs`, as the engine's
-    `DecodeBatch.step`) when `asked` (per row −1 or k) asks."""
+    made limits[row] tokens, with the log-probabilities of its tokens (`token_logprobs_torch`, as the GPU
+    engine's `DecodeBatch.step`) when `asked` (per row −1 or k) asks."""
     state, tok, seen = state.clone(), tok.clone(), seen.clone()
     gens = [p.generator() for p in params]
     n, dev, rows = rec.config.vocab_size, rec.device, torch.arange(len(params), device=rec.device)
@@ -117,7 +117,7 @@ def one_step(rec, state, tok, seen, params, limits, asked=None):
         seen[rows, tok] = True
         counts[rows, tok] += 1
         if asked is not None:
-            chosen, top_i, top_v = token_logprobs(logits, tok, max(asked))
+            chosen, top_i, top_v = token_logprobs_torch(logits, tok, max(asked))
         for r, t in enumerate(tok.tolist()):
             if r in done:
                 continue
@@ -216,7 +216,7 @@ def test_a_block_gives_the_one_step_paths_tokens_states_seen_sets_and_counts_bit
 def test_a_block_reports_each_tokens_log_probabilities_as_the_one_step_path(rec, graphs):
     """Rows that ask for log-probabilities (k = 0 … 20; the others none), with every sampling setting and
     stop rows that end early (stepped again to their stop): each token's log_softmax of the raw logits
-    and the k most likely, bit for bit as `token_logprobs` gives the one-step path (the same torch ops
+    and the k most likely, bit for bit as `token_logprobs_torch` gives the one-step path (the same torch ops
     on the same logits), in graphs of their own; the tokens as without the request. More than
     LOGPROBS_K = 20 is refused. (tests/test_cuda.py: the same with the captured graphs.)"""
     assert_logprobs_are_the_one_step_paths(rec)

@@ -234,9 +234,11 @@ def test_the_block_gives_the_one_step_paths_tokens_states_and_seen_sets_bit_for_
 def test_the_block_reports_each_tokens_log_probabilities_as_the_one_step_path(rec, schedule):
     """Rows that ask for log-probabilities (k = 0, 3, 5 and 20 most likely; the others none) get, for
     each token of the block, the log_softmax of the raw logits at it and the k most likely, as
-    `token_logprobs` gives the one-step path: the same ids, the values within float32 rounding (the
-    normalizer is summed in double here, in float by torch; measured ≤ 5e-7 absolute; tied values in
-    either order: `same_top_logprobs`); and the same tokens and states as without the request."""
+    `token_logprobs` gives the one-step path: on the CPU the same bits, ties in the same order (it runs the
+    block's own C computation: a word-level model's rows with stop sequences step one at a time and take
+    their batch with them, and their log-probabilities moved in the last bit, a trial found); and the same
+    tokens and states as without the request. (torch's log_softmax, the path elsewhere, agrees within
+    float32 rounding: `same_top_logprobs`, 2e-6.)"""
     B = len(PARAMS)
     state, tok = _prefilled(rec, B, seed=4)
     seen = torch.rand(B, V, generator=torch.Generator().manual_seed(4)) < 0.2
@@ -251,8 +253,17 @@ def test_the_block_reports_each_tokens_log_probabilities_as_the_one_step_path(re
         assert toks[r] == ref[r][0], f"row {r}"
         assert len(got[r]) == (limits[r] if asked[r] >= 0 else 0), f"row {r}"
         for (c, ti, tv), (rc, rti, rtv) in zip(got[r], ref[r][3]):
-            assert len(ti) == min(asked[r], V) and same_top_logprobs(ti, tv, rti, rtv, 2e-6), f"row {r}"
-            assert abs(c - rc) <= 2e-6 and c <= 0 and tv == sorted(tv, reverse=True), f"row {r}"
+            assert len(ti) == min(asked[r], V) and (ti, tv, c) == (rti, rtv, rc), f"row {r}"
+            assert c <= 0 and tv == sorted(tv, reverse=True), f"row {r}"
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(9))
+    tokens = torch.arange(6)
+    with torch.no_grad():
+        lp = logits.log_softmax(-1)
+        tv, ti = lp.topk(5, dim=-1)
+    chosen, c_ids, c_vals = token_logprobs(logits, tokens, 5)
+    for r in range(6):
+        assert same_top_logprobs(c_ids[r], c_vals[r], ti[r].tolist(), tv[r].tolist(), 2e-6)
+        assert abs(chosen[r] - float(lp[r, r])) <= 2e-6
 
 
 def test_top_logprobs_agree_up_to_the_order_of_ties_only():

@@ -129,8 +129,9 @@ def test_prompt_formats_and_rates_reach_the_model_resampled(client, model_dirs):
         (wav_bytes(np.zeros(8000 * 31), 8000), 413, "31.000 s long; the limit is 30 s"),
         (b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(30), 422, "prompt_audio: "),
         (b"OggS" + bytes(60), 422, "not an audio file"),
+        (b"", 422, "prompt_audio is empty"),  # (libsndfile's "Format not recognised" said nothing of it)
     ],
-    ids=["too-long", "bad-header", "not-audio"],
+    ids=["too-long", "bad-header", "not-audio", "empty"],
 )
 def test_bad_or_long_prompt_audio_is_refused_naming_the_field(client, prompt_audio, status, needle):
     r = client.post(

@@ -687,3 +687,16 @@ def test_no_setting_takes_nan_or_an_infinity(name, value, monkeypatch):
     monkeypatch.setenv(f"S4_{name.upper()}", value)
     with pytest.raises(ValueError, match=f"(?s){name}.*finite number"):
         Settings()
+
+
+def test_a_models_load_line_says_an_audio_models_sample_rate(model_dirs, caplog):
+    """The start-up line of each model says what it is; an audio model's, its sample rate (a fresh-user
+    trial served an official SaShiMi .ckpt, whose rate is assumed from its dataset, and the log never said
+    which)."""
+    settings = Settings(checkpoints=[str(model_dirs[k]) for k in ("text", "audio")], max_sessions=2)
+    with caplog.at_level("INFO", logger="server.models"):
+        models, failed = load_models(settings, SessionTable(), Metrics())
+    assert not failed and set(models) == {"tiny-text", "tiny-audio"}
+    lines = [r.getMessage() for r in caplog.records if r.name == "server.models"]
+    assert any(m.startswith("model tiny-audio: audio at 8000 Hz s4d, ") for m in lines), lines
+    assert any(m.startswith("model tiny-text: text ") for m in lines), lines

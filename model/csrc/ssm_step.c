@@ -1606,6 +1606,15 @@ static void row_logprobs(long V, const float *lg, long t, long k, float *chosen,
     for (long q = 0; q < n; q++) vals[q] = (float)((double)lg[ids[q]] - lse);
 }
 
+/* For model/sampling.py token_logprobs on the CPU: row_logprobs of each row r of logits (B, V) at token
+ * tokens[r] (each in [0, V)), its k most likely (ids (B, k), vals (B, k); k ≤ V): the one-step path's
+ * log-probabilities then are the decode block's, bit for bit. */
+void logprobs_rows(long B, long V, const float *logits, const long *tokens, long k, float *chosen, long *ids,
+                   float *vals) {
+    for (long r = 0; r < B; r++)
+        row_logprobs(V, logits + r * V, tokens[r], k, chosen + r, ids + r * k, vals + r * k);
+}
+
 /* Partial selection (quickselect, Hoare partition, median of three): reorder rk[0 .. n − 1] so that its
  * first c entries are the c first in ranked_desc order (in no particular order among themselves). */
 static void select_top(Ranked *rk, long n, long c) {

@@ -186,8 +186,13 @@ class Connection:
         return await service.request_model(self.st, msg.model, msg.session_id)
 
     async def bind(self, msg: WSSession | WSGenerate | WSAppend, model: ServedModel) -> None:
-        """Bind the socket to a session of `model` (`target(msg)`) unless it is bound already."""
+        """Bind the socket to a session of `model` (`target(msg)`) unless it is bound already. An
+        `audio_encoding` for a text model is a 422 naming it, as `frame_ms` is (it was taken silently)."""
         if msg.audio_encoding is not None:
+            if model.kind != "audio":
+                raise invalid(
+                    "audio_encoding", f"audio_encoding applies to audio models only; {model.id} is text"
+                )
             self.encoding = msg.audio_encoding
         if self.session_id is not None:
             return
