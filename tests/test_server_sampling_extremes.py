@@ -36,7 +36,8 @@ def prompt_ids(model: str) -> list[int]:
 
 def _ws(server, model: str, body: dict):
     with connect(server.ws_url) as ws:
-        ws.send(json.dumps({"type": "generate", **body, "audio_encoding": "mulaw"}))  # binary frames = ids
+        audio = {} if model == TEXT else {"audio_encoding": "mulaw"}  # binary frames = ids (text: a 422)
+        ws.send(json.dumps({"type": "generate", **body, **audio}))
         ids: list[int] = []
         while True:
             m = ws.recv()
