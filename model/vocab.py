@@ -118,6 +118,12 @@ class WordVocab:
             )
         return i
 
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of `text` (as `encode` splits it) that the vocabulary lacks, in order: each is read as
+        `<unk>` (a literal `<unk>` in the text is the symbol, not unknown)."""
+        fold = str.lower if self.lower_case else str
+        return [w for w in text.split() if fold(w) not in self.index]
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`: its words (split on whitespace), `<eos>` for each newline."""
         lines = text.split("\n")

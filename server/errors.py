@@ -80,7 +80,8 @@ class APIError(Exception):
 
 OPENAI_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}  # OpenAI's `code` by status
 
-OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models")  # errors as OpenAI's API gives them
+# errors as OpenAI's API gives them (and vLLM's /tokenize and /detokenize, which answer in its shape)
+OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize")
 
 
 def is_openai_path(path: str) -> bool:

@@ -294,6 +294,37 @@ class ModelInfo(BaseModel):
     )
 
 
+class TokenizeRequest(Strict):
+    """vLLM's /tokenize: how a text model reads a prompt, without generating."""
+
+    model: str = Field(description="a served text model's id")
+    prompt: str = Field(description="read as every text route reads a prompt: UTF-8 bytes, or a word-level "
+                        "model's words (split at whitespace, `<eos>` for each newline)")  # fmt: skip
+    return_token_strs: bool = Field(False, description="also each token as OpenAI's logprobs spell it")
+
+
+class TokenizeResponse(BaseModel):
+    count: int = Field(description="the prompt's tokens")
+    max_model_len: int = Field(description="the longest prompt this server takes (max_prompt_tokens)")
+    tokens: list[int]
+    token_strs: list[str] | None = Field(description="each token's text (return_token_strs), else null")
+    unknown_words: list[str] = Field(
+        description="a word-level model's: the prompt's words its vocabulary lacks, in order, each read as "
+        "`<unk>` (the text routes do not say so); [] for a byte-level model"
+    )
+
+
+class DetokenizeRequest(Strict):
+    """vLLM's /detokenize: token ids back to text."""
+
+    model: str = Field(description="a served text model's id")
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(description="token ids, each below the vocabulary size")
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str = Field(description="the ids' text (bytes decoded as UTF-8, invalid sequences as U+FFFD)")
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelInfo]

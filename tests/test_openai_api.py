@@ -1106,3 +1106,40 @@ def test_an_answer_cannot_ask_for_more_than_a_bounded_number_of_logprobs(chat_se
     scored = {"model": TEXT, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 20}
     r = httpx.post(s.url + "/v1/completions", json=scored, timeout=60)
     assert r.status_code == 200 and len(r.json()["choices"][0]["logprobs"]["top_logprobs"]) == 8190
+
+
+def test_tokenize_and_detokenize_read_and_write_text_as_the_text_routes_do(server):
+    """vLLM's /tokenize and /detokenize on a byte-level model: the prompt's UTF-8 bytes as ids (the text
+    routes' reading), their OpenAI spellings with return_token_strs, no unknown words, this server's prompt
+    limit as max_model_len; a longer prompt is the completions route's 400 (context_length_exceeded). Ids
+    back to text; bad input is a 400 in OpenAI's shape naming the field, for an audio model too."""
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        r = c.post("/tokenize", json={"model": TEXT, "prompt": "héllo\n", "return_token_strs": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["tokens"] == list("héllo\n".encode()) and body["count"] == 7
+        assert body["token_strs"] == ["h", "bytes:\\xc3", "bytes:\\xa9", "l", "l", "o", "\n"]
+        limit = server.state.settings.max_prompt_tokens
+        assert body["unknown_words"] == [] and body["max_model_len"] == limit
+        assert c.post("/tokenize", json={"model": TEXT, "prompt": "ab"}).json()["token_strs"] is None
+        r = c.post("/detokenize", json={"model": TEXT, "tokens": body["tokens"]})
+        assert r.status_code == 200 and r.json() == {"prompt": "héllo\n"}
+        assert c.post("/detokenize", json={"model": TEXT, "tokens": [0xC3]}).json()["prompt"] == "\ufffd"
+        r = c.post("/tokenize", json={"model": TEXT, "prompt": "x" * (limit + 1)})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+        V = server.state.models[TEXT].config.vocab_size
+        for path, body, param in [
+            ("/tokenize", {"model": AUDIO, "prompt": "a"}, "model"),
+            ("/tokenize", {"model": TEXT}, "prompt"),
+            ("/tokenize", {"model": TEXT, "prompt": 5}, "prompt"),
+            ("/tokenize", {"model": TEXT, "prompt": "a", "extra": 1}, "extra"),
+            ("/detokenize", {"model": TEXT, "tokens": [V]}, "tokens"),
+            ("/detokenize", {"model": TEXT, "tokens": [-1]}, "tokens.0"),
+            ("/detokenize", {"model": TEXT, "tokens": ["a"]}, "tokens.0"),
+        ]:
+            r = c.post(path, json=body)
+            err = r.json()["error"]
+            assert r.status_code == 400 and err["type"] == "invalid_request_error", (path, body, r.text)
+            assert err["param"] == param, (path, body, err)
+        r = c.post("/tokenize", json={"model": "nope", "prompt": "a"})
+        assert r.status_code == 404 and r.json()["error"]["param"] == "model"

@@ -146,6 +146,27 @@ def test_log_probabilities_are_the_same_alone_and_beside_rows_with_stop_sequence
     assert batched["top_logprobs"] == alone["top_logprobs"]
 
 
+@pytest.mark.parametrize("name", ["wt103", "plain"])
+def test_tokenize_names_the_words_the_vocabulary_lacks(words, name):
+    """/tokenize (vLLM's) reads a prompt into a word model's words as every text route does, and names the
+    words its vocabulary lacks, which those routes read as `<unk>` without saying so ("zebra" here; "the."
+    is another, WikiText writing "the ."); /detokenize writes the ids back as the routes write them."""
+    srv, folders = words
+    vocab = load_vocab(folders[name])
+    prompt = PROMPT + " the. the ."
+    r = httpx.post(f"{srv.url}/tokenize", json={"model": name, "prompt": prompt, "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == vocab.encode(prompt) and body["count"] == len(body["tokens"])
+    assert body["token_strs"] == [vocab.piece(i) for i in body["tokens"]]
+    assert body["unknown_words"] == ["zebra", "the."] and body["max_model_len"] == 12
+    assert vocab.unk_id in body["tokens"]
+    back = httpx.post(f"{srv.url}/detokenize", json={"model": name, "tokens": body["tokens"]}).json()
+    assert back["prompt"] == "".join(vocab.piece(i) for i in body["tokens"])
+    r = httpx.post(f"{srv.url}/tokenize", json={"model": name, "prompt": " w1" * 13})  # 13 words > 12
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+
+
 def test_a_prompt_is_limited_in_words_not_characters(words):
     srv, _ = words
     long_words = "w1 " * 12 + "w2"  # 13 words, 38 characters

@@ -41,9 +41,13 @@ from server.schemas import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ModelInfo,
     ModelList,
     OpenAISampling,
+    TokenizeRequest,
+    TokenizeResponse,
     with_defaults,
 )
 from server.service import (
@@ -667,3 +671,44 @@ async def models(request: Request) -> dict:
 async def retrieve_model(model_id: str, request: Request) -> dict:
     st = state_of(request)
     return _describe(st, st.model(model_id))
+
+
+@router.post(
+    "/tokenize",
+    response_model=TokenizeResponse,
+    summary="vLLM's /tokenize: a text model's reading of a prompt (its token ids; a word-level model's "
+    "unknown words)",
+    responses={k: v for k, v in OPENAI_ERROR_RESPONSES.items() if k != 429},
+)
+async def tokenize(req: TokenizeRequest, request: Request) -> dict:
+    """The prompt's ids as every text route reads it (`media.text_ids`), a longer one than
+    max_prompt_tokens refused as the completions route refuses it (400, context_length_exceeded); with a
+    word vocabulary the words it lacks, which the text routes read as `<unk>` without saying so."""
+    st = state_of(request)
+    model = text_model(st, req.model)
+    limit = prompt_limit(st, model)[0]
+    ids = media.text_ids(req.prompt, "prompt", limit, model.vocab)
+    return {
+        "count": len(ids),
+        "max_model_len": limit,
+        "tokens": ids,
+        "token_strs": [token_str(t, model.vocab) for t in ids] if req.return_token_strs else None,
+        "unknown_words": [] if model.vocab is None else model.vocab.unknown_words(req.prompt),
+    }
+
+
+@router.post(
+    "/detokenize",
+    response_model=DetokenizeResponse,
+    summary="vLLM's /detokenize: token ids back to a text model's text",
+    responses={k: v for k, v in OPENAI_ERROR_RESPONSES.items() if k != 429},
+)
+async def detokenize(req: DetokenizeRequest, request: Request) -> dict:
+    """The ids' text as the text routes write it (bytes decoded as UTF-8, a word model's words); an id at or
+    past the vocabulary size is a 400 naming `tokens`."""
+    st = state_of(request)
+    model = text_model(st, req.model)
+    V = model.config.vocab_size
+    if req.tokens and max(req.tokens) >= V:
+        raise invalid("tokens", f"tokens: ids must be below the vocabulary size {V}, got {max(req.tokens)}")
+    return {"prompt": model.token_bytes(req.tokens).decode("utf-8", errors="replace")}  # (as the text routes)
