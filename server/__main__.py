@@ -13,9 +13,12 @@ import sys
 def _stop_while_starting(sig: int, frame) -> None:
     """SIGTERM or SIGINT while the modules are imported (torch: a second or more), before logging is set up:
     one line on stderr and exit 0, as a stop before listening does (`_stop_before_serving`), not a silent
-    143 or a KeyboardInterrupt traceback."""
+    143 or a KeyboardInterrupt traceback. By os._exit: nothing is open yet, and a SystemExit raised into
+    an import can be swallowed (a bare `except:` around an optional import, a finalizer running at that
+    moment): CI saw a start go on past the signal until its test timed out."""
     sys.stderr.write(f"python -m server: {signal.Signals(sig).name} while starting: not serving\n")
-    raise SystemExit(0)
+    sys.stderr.flush()
+    os._exit(0)
 
 
 for _sig in (signal.SIGTERM, signal.SIGINT):  # replaced by main()'s handlers, then uvicorn's
@@ -231,12 +234,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.captureWarnings(True)
     for name in unknown_env(os.environ):
         log.warning("%s is not a setting (a typo? `python -m server --help` lists them): ignored", name)
-    previous = {sig: signal.signal(sig, _stop_before_serving) for sig in (signal.SIGTERM, signal.SIGINT)}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop_before_serving)
     try:
         problems = preflight(settings)
-    finally:  # (uvicorn installs its own handlers when it starts)
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    finally:  # Python's own handlers (not the import phase's): uvicorn installs its own when it starts, and
+        # puts these back when it stops
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if problems:
         for p in problems:
             log.error("%s", p)
