@@ -592,11 +592,12 @@ def saved_init(out: Path) -> dict | None:
     return None if checked is None else {**checked, "model": rec["model"]}
 
 
-def check_model_fits_data(model_cfg, data, where: str) -> None:
+def check_model_fits_data(model_cfg, data, where: str, splits: list | None = None) -> None:
     """ConfigError, before anything is trained or written, unless the model (`model_cfg`: its ModelConfig,
     or a dict) can be trained on `data`: its modality is the data's, an audio model's sample rate the data's,
     and its vocabulary holds every token id of the data's splits. `where` names the setting at fault
-    (`model.modality`, or `train.init '…'` for a checkpoint's own config)."""
+    (`model.modality`, or `train.init '…'` for a checkpoint's own config). `splits`: the data's token
+    arrays, where the caller has read them (default: its train, val and test splits, each read once)."""
     get = model_cfg.get if isinstance(model_cfg, dict) else lambda k, d=None: getattr(model_cfg, k, d)
     kind, have = ("audio" if data.kind == "audio" else "text"), get("modality", "text")
     if have != kind:
@@ -608,10 +609,8 @@ def check_model_fits_data(model_cfg, data, where: str) -> None:
         raise ConfigError(f"{where or 'model.sample_rate'}: a {get('sample_rate')} Hz model; the data "
                           f"({data.path}) is {data.meta['sample_rate']} Hz")  # fmt: skip
     V = get("vocab_size")
-    top = max(
-        (int(data.split(name).max()) for name in ("train", "val", "test") if data.split(name).size),
-        default=-1,
-    )
+    arrays = splits if splits is not None else [data.split(name) for name in ("train", "val", "test")]
+    top = max((int(a.max()) for a in arrays if a.size), default=-1)
     if isinstance(V, int) and top >= V:
         raise ConfigError(f"{where or 'model.vocab_size'}: {V} token ids (0 … {V - 1}); the data "
                           f"({data.path}) holds ids up to {top}")  # fmt: skip
@@ -781,9 +780,9 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
             "as dropout"
         ) from None
     # (train.init's own config named when the [model] table does not set the key at fault)
-    check_model_fits_data(
-        getattr(net, "config", model_cfg), data, f"train.init {tcfg.init!r}" if init else ""
-    )
+    at_fault = f"train.init {tcfg.init!r}" if init else ""
+    splits = [train_split, val_split, data.split("test")]  # (the two read above, not read again)
+    check_model_fits_data(getattr(net, "config", model_cfg), data, at_fault, splits)
     if init_state is not None:
         _load_init(net, init_state, tcfg.init)
     meta = {"config": cfg, **({"init": init} if init else {})}  # what last/state.json keeps besides the step

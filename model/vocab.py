@@ -109,9 +109,12 @@ class WordVocab:
         return {"kind": "words", "file": VOCAB_FILE, "size": len(self), "lower_case": self.lower_case,
                 "eos": self.eos, "unk": self.unk if self.unk_id is not None else None}  # fmt: skip
 
+    def _key(self, word: str) -> str:
+        """The symbol a word is looked up as (lower-cased for a lower_case vocabulary: PTB's)."""
+        return word.lower() if self.lower_case else word
+
     def word_id(self, word: str) -> int:
-        w = word.lower() if self.lower_case else word
-        i = self.index.get(w, self.unk_id)
+        i = self.index.get(self._key(word), self.unk_id)
         if i is None:
             raise VocabError(
                 f"word {word[:40]!r} is not in the vocabulary (which has no {self.unk!r} symbol)"
@@ -121,8 +124,7 @@ class WordVocab:
     def unknown_words(self, text: str) -> list[str]:
         """The words of `text` (as `encode` splits it) that the vocabulary lacks, in order: each is read as
         `<unk>` (a literal `<unk>` in the text is the symbol, not unknown)."""
-        fold = str.lower if self.lower_case else str
-        return [w for w in text.split() if fold(w) not in self.index]
+        return [w for w in text.split() if self._key(w) not in self.index]
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`: its words (split on whitespace), `<eos>` for each newline."""

@@ -1146,11 +1146,18 @@ struct Adaptive {
 };
 
 /* the scratch floats an adaptive head of P positions needs: the projected hidden states (P, Σ d_i), the
- * cluster logits (P, n − 1) and each row's shard normalizers (P, n, 2) */
+ * cluster logits (P, n − 1) and each row's shard normalizers (P, n, 2), in that order (adaptive_parts) */
 static long adaptive_scratch(const Adaptive *a, long P) {
     long d = 0;
     for (long i = 0; i < a->n; i++) d += a->d[i];
     return P * (d + a->n - 1 + 2 * a->n);
+}
+
+/* The cluster logits *cz and the normalizers *nm in an adaptive head's scratch `buf` of P positions (the
+ * projected hidden states start at buf) */
+static void adaptive_parts(const Adaptive *a, long P, float *buf, float **cz, float **nm) {
+    *nm = buf + adaptive_scratch(a, P) - P * 2 * a->n;
+    *cz = *nm - P * (a->n - 1);
 }
 
 /* x (P, H) ← the adaptive embeddings of tokens[rows[0 … P − 1]] (rows NULL: tokens[0 … P − 1]), ids in
@@ -1280,11 +1287,10 @@ static void adaptive_phase(const Adaptive *a, long phase, long P, long H, long V
 
 /* The adaptive head of P positions in the calling thread (its four phases in turn); 0, or -2 out of memory. */
 static int adaptive_head(const Adaptive *a, long P, long H, long V, const float *u, float *logits) {
-    float *buf = malloc(sizeof(float) * (size_t)(adaptive_scratch(a, P) > 0 ? adaptive_scratch(a, P) : 1));
+    const long A = adaptive_scratch(a, P);
+    float *buf = malloc(sizeof(float) * (size_t)(A > 0 ? A : 1)), *cz, *nm;
     if (!buf) return -2;
-    long d = 0;
-    for (long i = 0; i < a->n; i++) d += a->d[i];
-    float *cz = buf + P * d, *nm = cz + P * (a->n - 1);
+    adaptive_parts(a, P, buf, &cz, &nm);
     for (long phase = 0; phase < 4; phase++) adaptive_phase(a, phase, P, H, V, u, logits, buf, cz, nm, 0, 1);
     free(buf);
     return 0;
@@ -1426,9 +1432,8 @@ static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long L, long
         const long Ph = head == 1 ? 1 : P;
         const float *uh = head == 1 ? u + (P - 1) * H : u;
         if (n->ad) { /* its phases, a barrier between (each thread's columns; the normalizers by whole shards) */
-            long d = 0;
-            for (long i = 0; i < n->ad->n; i++) d += n->ad->d[i];
-            float *cz = s->ad + Ph * d, *nm = cz + Ph * (n->ad->n - 1);
+            float *cz, *nm;
+            adaptive_parts(n->ad, Ph, s->ad, &cz, &nm);
             for (long phase = 0; phase < 4; phase++) {
                 adaptive_phase(n->ad, phase, Ph, H, V, uh, logits, s->ad, cz, nm, t, k);
                 if (phase < 3) TIMED_BARRIER;

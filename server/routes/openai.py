@@ -673,12 +673,15 @@ async def retrieve_model(model_id: str, request: Request) -> dict:
     return _describe(st, st.model(model_id))
 
 
+TOKENIZE_ERRORS = {k: v for k, v in OPENAI_ERROR_RESPONSES.items() if k != 429}  # (no slot is taken)
+
+
 @router.post(
     "/tokenize",
     response_model=TokenizeResponse,
     summary="vLLM's /tokenize: a text model's reading of a prompt (its token ids; a word-level model's "
     "unknown words)",
-    responses={k: v for k, v in OPENAI_ERROR_RESPONSES.items() if k != 429},
+    responses=TOKENIZE_ERRORS,
 )
 async def tokenize(req: TokenizeRequest, request: Request) -> dict:
     """The prompt's ids as every text route reads it (`media.text_ids`), a longer one than
@@ -701,7 +704,7 @@ async def tokenize(req: TokenizeRequest, request: Request) -> dict:
     "/detokenize",
     response_model=DetokenizeResponse,
     summary="vLLM's /detokenize: token ids back to a text model's text",
-    responses={k: v for k, v in OPENAI_ERROR_RESPONSES.items() if k != 429},
+    responses=TOKENIZE_ERRORS,
 )
 async def detokenize(req: DetokenizeRequest, request: Request) -> dict:
     """The ids' text as the text routes write it (bytes decoded as UTF-8, a word model's words); an id at or
