@@ -1,10 +1,12 @@
 """A WebSocket client for /v1/stream: one generation, text to stdout as it arrives (an audio model's
 samples: raw s16le bytes), the done frame (finish_reason, usage) to stderr as JSON. Exit status 1 on
 an error frame, a refused handshake (the server's status and message, e.g. 401 or a 429 at the
-per-client connection cap), or when stdout is closed before the generation ends (`| head`: no
-traceback). An empty prompt sends none (an audio model then starts from its silence). Without
---max-new-tokens (or --seed) the request names none, so the model's default applies: its checkpoint's
-`generation_config` (one second of audio for audio-digits), else the API's 64.
+per-client connection cap), a server that cannot be reached, a connection closed before the done
+frame (its close code and reason: 1012 when the server stopped), or when stdout is closed before the
+generation ends (`| head`); one line on stderr, no traceback. An empty prompt sends none (an audio
+model then starts from its silence). Without --max-new-tokens (or --seed) the request names none, so
+the model's default applies: its checkpoint's `generation_config` (one second of audio for
+audio-digits), else the API's 64.
 
     python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "ROMEO:" --max-new-tokens 200 --seed 1
     python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "" --model audio-digits > out.s16le  # 1 s
@@ -40,6 +42,23 @@ async def generate(
             why = (r.body or b"").decode(errors="replace").strip()
         print(f"refused: HTTP {r.status_code} {r.reason_phrase}: {why}", file=sys.stderr)
         return 1
+    except (OSError, TimeoutError, websockets.exceptions.InvalidHandshake) as exc:
+        print(f"cannot connect to {url}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return await _stream(ws, prompt, model, max_new_tokens, seed)
+    except websockets.exceptions.ConnectionClosed as exc:  # (1012: the server is stopping or restarting)
+        close = exc.rcvd
+        why = (
+            f"code {close.code}" + (f" ({close.reason})" if close.reason else "")
+            if close
+            else "no close frame"
+        )
+        print(f"the connection closed before the done frame: {why}", file=sys.stderr)
+        return 1
+
+
+async def _stream(ws, prompt: str, model: str, max_new_tokens: int | None, seed: int | None) -> int:
     async with ws:
         given = {"prompt": prompt, "max_new_tokens": max_new_tokens, "seed": seed}
         msg = {"type": "generate", "model": model} | {k: v for k, v in given.items() if v not in (None, "")}

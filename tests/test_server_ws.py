@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 from server_support import WS_GENERATE, RawWebSocket, check_usage, metric, reference, wait_for
+from test_server_stop import free_port
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
@@ -331,6 +332,34 @@ def test_the_websocket_script_piped_into_head_stops_quietly(server):
     err = p.stderr.read().decode()
     assert p.wait(timeout=60) == 1 and "Traceback" not in err and "Error" not in err, err
     assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_the_websocket_script_says_why_a_connection_ended_without_a_traceback(tmp_path):
+    """scripts/ws_generate.py against a server that closes with 1012 (stopping) before the done frame, and
+    against a port where nothing listens: exit 1, one line saying why, no traceback (a fresh-user trial
+    saw a ConnectionClosedError traceback at a server's second SIGTERM)."""
+    import websockets
+
+    async def closes(ws):
+        await ws.recv()
+        await ws.send(json.dumps({"type": "token", "text": "a"}))
+        await ws.close(1012, "service restart")
+
+    async def serve_once() -> tuple[int, str]:
+        async with websockets.serve(closes, "127.0.0.1", 0) as srv:
+            port = srv.sockets[0].getsockname()[1]
+            args = [sys.executable, str(WS_GENERATE), f"ws://127.0.0.1:{port}/v1/stream", "x"]
+            p = await asyncio.create_subprocess_exec(*args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            out, err = await asyncio.wait_for(p.communicate(), 60)
+            return p.returncode, out.decode() + "|" + err.decode()
+
+    code, got = asyncio.run(serve_once())
+    assert (code, got) == (1, "a|the connection closed before the done frame: code 1012 (service restart)\n")
+    port = free_port()
+    r = subprocess.run([sys.executable, str(WS_GENERATE), f"ws://127.0.0.1:{port}/v1/stream", "x"],
+                       check=False, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1 and r.stderr.startswith(f"cannot connect to ws://127.0.0.1:{port}/v1/stream: ")
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
 
 
 def test_oversized_frame_closes_with_1009_and_the_server_lives(server):
