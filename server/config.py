@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Literal, get_args
 
@@ -106,13 +107,19 @@ class Settings(BaseSettings):
         "size), compiled at load before the CUDA graphs are captured (a minute or more at start). Ignored "
         "on CPU (the C step) and for SaShiMi models",
     )
-    max_sessions: int = Field(256, ge=1, description="state slots per model (sessions + one-shot requests)")
+    max_sessions: int = Field(
+        256,
+        ge=1,
+        description="state slots per model (sessions + one-shot requests); with a session store, a request "
+        "that finds none free evicts the idle sessions used least recently to it",
+    )
     session_ttl_s: float = Field(
         600.0,
         gt=0,
-        description="an idle session is deleted after this many seconds (idle: no turn running, and its last "
-        "frame handed to its client; a request naming the session restarts the count when it arrives, so the "
-        "TTL never takes a session between a request's check and its claim)",
+        description="an idle session is deleted (with a session store: evicted to it) after this many "
+        "seconds (idle: no turn running, and its last frame handed to its client; a request naming the "
+        "session restarts the count when it arrives, so the TTL never takes a session between a request's "
+        "check and its claim)",
     )
     max_prompt_tokens: int = Field(
         8192,
@@ -358,6 +365,16 @@ class Settings(BaseSettings):
     def _store(cls, v: str) -> str:
         if v != "memory" and not v.startswith(REDIS_STORE_SCHEMES):
             raise ValueError("must be 'memory' or a redis:// URL (redis://host:port/db)")
+        if v.startswith(("redis://", "rediss://")):  # (redis-py reads /abc as db 0 and /1/2 as db 12)
+            parts = urllib.parse.urlsplit(v)
+            dbs = urllib.parse.parse_qs(parts.query).get("db", [])
+            if re.fullmatch(r"/?([0-9]{1,5})?", parts.path) is None:
+                raise ValueError(f"the database in the URL's path must be a number (redis://host:port/N), "
+                                 f"not {parts.path!r}")  # fmt: skip
+            if any(re.fullmatch(r"[0-9]{1,5}", d) is None for d in dbs) or len(dbs) > 1:
+                raise ValueError(f"the URL's db parameter must be one number, not {dbs!r}")
+            if dbs and parts.path.strip("/"):
+                raise ValueError("the URL names its database twice (its path and its db parameter): give one")
         return v
 
     @field_validator(

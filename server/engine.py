@@ -566,7 +566,7 @@ class Engine:
         self._period = int(getattr(rec, "align_period", 1))
         self._phase_wait: int | None = None  # steps until a row held for its phase can join (None: none held)
         # set by the app when a session store is configured (engine thread calls them):
-        self.persist: Callable[[SessionRecord, bytes, list[int]], None] | None = None  # write a state
+        self.persist: Callable[..., None] | None = None  # (rec, raw, seen[, only_if_missing]): write a state
         self.forget: Callable[[str], None] | None = None  # delete a stored state
         self.let_go: Callable[[str], bool] | None = None  # the store holds this copy (StoreWriter.let_go)
         # kept sessions a job has changed since their last `_persist` (engine thread): the store cannot hold
@@ -788,8 +788,9 @@ class Engine:
             for rec in self.sessions.records(self.model_id):
                 written = self._persist_unless_stored(rec)
                 n, kept = n + (written == 1), kept + (written == 2)
-            log.info("model %s: %d session states written to the store (%d there already, unchanged)",
-                     self.model_id, n, kept)  # fmt: skip
+            log.info("model %s: %d session states handed to the store writer, and %d unchanged since their "
+                     "last write (written only where the store no longer holds them)", self.model_id, n,
+                     kept)  # fmt: skip
         self._flush()
 
     def _uncount(self, job: Job | None) -> None:
@@ -1465,6 +1466,9 @@ class Engine:
         self._next_housekeeping = now + min(1.0, self.settings.session_ttl_s / 4)
         for rec in self.sessions.claim_expired(self.model_id, self.settings.session_ttl_s):
             self._expire(rec)
+        self._set_slot_gauges()
+
+    def _set_slot_gauges(self) -> None:
         self.metrics.active_sessions.set(self.pool.in_use)
         self.metrics.state_bytes.set(self.pool.in_use * self.pool.bytes_per_slot)
 
@@ -1476,28 +1480,50 @@ class Engine:
             log.info("session %s evicted to the store (idle > %g s)", rec.id, self.settings.session_ttl_s)
             self._persist_unless_stored(rec)
             self._release(rec)
+            self.metrics.evictions["idle_ttl"].inc()
         else:
             log.info("session %s expired (idle > %g s)", rec.id, self.settings.session_ttl_s)
             self.delete_now(rec)
 
-    def _persist(self, rec: SessionRecord) -> int:
+    def evict_for_room(self, n: int) -> int:
+        """(engine thread, `call`) With a session store, evict the n idle sessions unused the longest to
+        it, as their idle TTL would (`_expire`), so that a request needing n slots gets them instead of a
+        429: their states are in the store, and a later request on one restores it. Without a store,
+        nothing (a session's only copy is here). Returns how many were evicted."""
+        if self.persist is None or n <= 0:
+            return 0
+        recs = self.sessions.claim_least_recent(self.model_id, n)
+        for rec in recs:
+            log.info("session %s evicted to the store (used least recently, for a request's slot)", rec.id)
+            self._persist_unless_stored(rec)
+            self._release(rec)
+            self.metrics.evictions["slots_full"].inc()
+        self._set_slot_gauges()
+        return len(recs)
+
+    def _persist(self, rec: SessionRecord, only_if_missing: bool = False) -> int:
         """Hand a session's state to the store (when one is configured); 1 if it was. A session whose
-        creation never reached the engine (refused at shutdown: its client got the error) is not."""
+        creation never reached the engine (refused at shutdown: its client got the error) is not.
+        `only_if_missing`: the store writer writes it only where the store holds no version of it."""
         if self.persist is None or rec.ephemeral or not rec.has_state:
             return 0
         raw, seen = self.read_slot(rec)
-        self.persist(rec, raw, seen)
+        if only_if_missing:
+            self.persist(rec, raw, seen, only_if_missing=True)
+        else:
+            self.persist(rec, raw, seen)
         self._unwritten.discard(rec.id)
         return 1
 
     def _persist_unless_stored(self, rec: SessionRecord) -> int:
-        """`_persist` a copy this replica lets go of (eviction, shutdown), unless the store holds it
-        already (`let_go`): 1 written, 2 there already, 0 nothing to write. A copy changed since its last
+        """`_persist` a copy this replica lets go of (eviction, shutdown); one the store holds already
+        (`let_go`) only if the store has lost it: 1 written, 2 handed over to be written only if missing,
+        0 nothing to write. A copy changed since its last
         write-through is written: an eviction can claim a session whose turn its route has just settled
         (idle from then), before this thread has written that turn through (`_settled`)."""
         unchanged = not rec.ephemeral and rec.has_state and rec.id not in self._unwritten
         if unchanged and self.let_go is not None and self.let_go(rec.id):
-            return 2
+            return 2 * self._persist(rec, only_if_missing=True)
         return self._persist(rec)
 
     def _release(self, rec: SessionRecord) -> None:

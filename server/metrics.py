@@ -25,7 +25,8 @@ disable_created_metrics()
 # The label values each labelled counter takes, exported at 0 from the start: a rate() over a series
 # that appears only at its first event misses that event, and an absent series reads as "no data"
 REJECTION_REASONS = ("sessions_full", "queue_full")
-STORE_OPS = ("write", "stale", "delete", "error", "restore", "reload", "late")
+EVICTION_REASONS = ("idle_ttl", "slots_full")
+STORE_OPS = ("write", "stale", "delete", "error", "restore", "reload", "late", "unchanged")
 AUTH_TRANSPORTS = ("http", "websocket")
 CLOSE_REASONS = (
     "header_timeout",
@@ -114,6 +115,10 @@ class Metrics:
                                      registry=r)  # fmt: skip
         self.state_bytes = Gauge("s4_state_resident_bytes", "Bytes of state held by slots in use", m,
                                  registry=r)  # fmt: skip
+        self.evictions = Counter("s4_session_evictions", "Sessions evicted to the session store: idle_ttl "
+                                 "(idle longer than S4_SESSION_TTL_S), slots_full (the least recently used "
+                                 "idle sessions, when a request needs a slot and none is free)",
+                                 ["model", "reason"], registry=r)  # fmt: skip
         self.pool_bytes = Gauge("s4_state_pool_bytes", "Bytes preallocated for the state slot pool", m,
                                 registry=r)  # fmt: skip
         self.queue_depth = Gauge("s4_queue_depth", "Requests admitted but not yet decoding", m, registry=r)
@@ -122,10 +127,12 @@ class Metrics:
                                       registry=r)  # fmt: skip
         self.rejections = Counter("s4_rejections", "Requests refused for capacity or limits",
                                   ["model", "reason"], registry=r)  # fmt: skip
-        self.store_ops = Counter("s4_session_store_operations", "Session store writes, deletes, restores, "
-                                 "reloads of a stale copy, errors; late: answers sent before their "
-                                 "session's write landed (S4_SESSION_STORE_WRITE_WAIT_S)", ["op"],
-                                 registry=r)  # fmt: skip
+        self.store_ops = Counter("s4_session_store_operations", "Session store writes, deletes (a failed one "
+                                 "counts an error at each try), restores, reloads of a stale copy (each "
+                                 "followed by its restore, counted too), errors; unchanged: a copy let go "
+                                 "of unchanged since its last write, found still stored (not written); "
+                                 "late: answers sent before their session's write landed "
+                                 "(S4_SESSION_STORE_WRITE_WAIT_S)", ["op"], registry=r)  # fmt: skip
         self.verification_error = Gauge(
             "s4_verification_relative_error_ratio",
             "Relative error measured at load against float64 conv mode: the logits of the recurrent step and "
@@ -207,6 +214,7 @@ class ModelMetrics:
         self.active_sessions, self.state_bytes = m.active_sessions.labels(model), m.state_bytes.labels(model)
         self.pool_bytes, self.queue_depth = m.pool_bytes.labels(model), m.queue_depth.labels(model)
         self.engine_crashes = m.engine_crashes.labels(model)
+        self.evictions = {r: m.evictions.labels(model, r) for r in EVICTION_REASONS}
         self._rejections, self._model = m.rejections, model
         for reason in REJECTION_REASONS:
             m.rejections.labels(model, reason)

@@ -166,7 +166,16 @@ async def wait_for_slots(model: ServedModel, n: int = 1) -> None:
     (docs/reliability.md, "Overload"). Returns at once when the slots are free, when nothing is being
     released, or when the requests already waiting await as many slots as are free or on their way
     back (`Engine.slots_awaited`: so the waiters, each polling every RELEASE_POLL_S, are never more than
-    the slots they can get). Whoever reserves first then gets a slot; one that finds none gets its 429."""
+    the slots they can get). Whoever reserves first then gets a slot; one that finds none gets its 429.
+    With a session store, the slots still missing after that are made by evicting the idle sessions
+    unused the longest to the store (`Engine.evict_for_room`)."""
+    await _wait_for_releases(model, n)
+    engine = model.engine
+    if engine.persist is not None and (short := n - engine.pool.free) > 0:
+        await engine_answer(engine.call(lambda e: e.evict_for_room(short)))
+
+
+async def _wait_for_releases(model: ServedModel, n: int) -> None:
     engine = model.engine
     deadline = time.monotonic() + RELEASE_WAIT_S
     waiting = False
@@ -276,27 +285,33 @@ async def ingest(
     return await engine_answer(job.future), job.cached
 
 
-async def landed(state: ServerState, session_id: str | None, queued: concurrent.futures.Future | None = None):
+async def landed(
+    state: ServerState, session_id: str | None, queued: concurrent.futures.Future | None = None
+) -> str | None:
     """Wait until this replica's write of `session_id` (queued by the engine before it answered, or once
     `queued` resolves: a turn's `Stream.settle`, a delete waiting for the session's running request) is
     in the session store, so that the answer to a request that changed the session comes after its state
     is where any replica reads it (README "Session store"). At most `session_store_write_wait_s` in all
-    (then logged, and the caller answers anyway); nothing to wait for without a store, for a one-shot
-    request (`session_id` None) or with a wait of 0."""
+    (then logged, and the caller answers anyway: "late"); nothing to wait for (None) without a store, for
+    a one-shot request (`session_id` None) or with a wait of 0. Else the operation's outcome
+    (`StoreWriter.landed`: "write", "delete", "error", ...)."""
     wait = state.settings.session_store_write_wait_s
     if state.writer is None or session_id is None or wait <= 0:
-        return
+        return None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     try:
         if queued is not None:
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(queued)), wait)
         done = state.writer.landed(session_id)
-        await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(done)), max(0.0, deadline - loop.time()))
+        return await asyncio.wait_for(
+            asyncio.shield(asyncio.wrap_future(done)), max(0.0, deadline - loop.time())
+        )
     except TimeoutError:
         state.metrics.store_ops.labels("late").inc()
         log.warning("session %s: its state was not in the session store within %g s "
                     "(S4_SESSION_STORE_WRITE_WAIT_S); answering before it is", session_id, wait)  # fmt: skip
+        return "late"
 
 
 async def turn_landed(state: ServerState, stream: Stream) -> None:
@@ -367,7 +382,12 @@ async def delete(state: ServerState, session_id: str) -> None:
     """Delete a session; answered once it is gone here (a running request on it is cancelled and the
     session goes when that request ends, at its next step: waited for, at most DELETE_WAIT_S) and, with a
     store, once the store has deleted it too (`landed`). Its slot is meanwhile on its way back
-    (`Engine.releasing`)."""
+    (`Engine.releasing`). A delete the store could not make (unreachable) is a 503: the session is gone
+    here, and the store writer tries the store's delete again until it lands, meanwhile another replica
+    can still serve the session; the client's next DELETE of it waits for that try (204 once it lands)."""
+    if state.writer is not None and not state.sessions.has(session_id) and state.writer.deleting(session_id):
+        await _store_deleted(state, session_id, await landed(state, session_id))  # (a retried DELETE)
+        return
     model, rec = session_model(state, session_id)
     release = Release()
     model.engine.expect_release(release)  # (wait_for_slots: its slot is on its way back)
@@ -385,7 +405,18 @@ async def delete(state: ServerState, session_id: str) -> None:
             release.ended = True
         else:  # (the engine thread resolves `gone` once the session has gone)
             gone.add_done_callback(lambda _: setattr(release, "ended", True))
-    await landed(state, session_id, gone)
+    await _store_deleted(state, session_id, await landed(state, session_id, gone))
+
+
+async def _store_deleted(state: ServerState, session_id: str, outcome: str | None) -> None:
+    """The answer to a delete whose store operation ended `outcome` (`landed`): 503 when the store could
+    not delete the session (the writer tries again), else nothing (204)."""
+    if outcome == "error":
+        raise unavailable(
+            f"session {session_id}: deleted on this replica, but the session store could not delete it yet "
+            "(it is tried again until it lands; until then another replica can still serve the session): "
+            "send the DELETE again to wait for it"
+        )
 
 
 async def export_state(state: ServerState, session_id: str) -> bytes:
@@ -630,6 +661,9 @@ async def _read_stored(
     """A session's stored state, checked like an import (422 naming `session_id`), and its version; None
     if the store has none; 503 if it cannot be read. `settle`: first let this replica's queued write of
     the session (its eviction's) land, so that the version read is the latest."""
+
+    if state.writer.deleting(session_id):  # deleted here, not yet in the store: not to be brought back
+        return None
 
     def read():
         if settle:

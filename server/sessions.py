@@ -140,6 +140,16 @@ class SessionTable:
                     out.append(rec)
         return out
 
+    def claim_least_recent(self, model: str, n: int) -> list[SessionRecord]:
+        """Claim the n idle sessions of `model` unused the longest (for eviction to the session store when
+        its slots run out), as `claim_expired` claims them; fewer if fewer are idle."""
+        with self._lock:
+            idle = [r for r in self.store.values() if r.model == model and not r.busy and not r.ephemeral]
+            out = sorted(idle, key=lambda r: r.last_used)[: max(0, n)]
+            for rec in out:
+                rec.busy = rec.expiring = True
+        return out
+
     def touch(self, session_id: str) -> SessionRecord | None:
         """A request naming a held session is on its way to claim it: mark the session used now
         (`last_used`), so that its idle TTL (`claim_expired`) cannot take it before that claim. Returns

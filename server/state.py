@@ -211,7 +211,7 @@ CANCEL_GRACE_S = 1.0  # after the drain timeout: for running generations to end 
 def _persister(model: ServedModel, writer: StoreWriter):
     """The engine's write-through hook for `model` (runs on its engine thread; never blocks)."""
 
-    def persist(rec, raw: bytes, seen: list[int]) -> None:
-        writer.write(rec.id, model.state_header(rec, seen), raw)
+    def persist(rec, raw: bytes, seen: list[int], only_if_missing: bool = False) -> None:
+        writer.write(rec.id, model.state_header(rec, seen), raw, only_if_missing)
 
     return persist

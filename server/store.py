@@ -11,7 +11,9 @@ Writes never block the engine thread: the engine reads the slot and hands (heade
 session (a newer write replaces an unwritten older one; a delete replaces a pending write), so its
 backlog is bounded by the number of sessions and a delete is never undone by a late write. The
 request that made a change waits for it on the event loop (`StoreWriter.landed`, `service.landed`), so
-its answer comes after the write has landed (`S4_SESSION_STORE_WRITE_WAIT_S` at most).
+its answer comes after the write has landed (`S4_SESSION_STORE_WRITE_WAIT_S` at most). A delete the store
+could not make is tried again until it lands (backing off to DELETE_RETRY_MAX_S), and meanwhile this
+replica reads the session as deleted: its copy is gone here, and the store's must not bring it back.
 """
 
 from __future__ import annotations
@@ -187,9 +189,10 @@ class RedisStateStore:
         try:
             return fn()
         except self._errors as exc:
-            raise StoreError(
-                f"session store {self.url}: {reason} ({exc})", f"{reason} ({type(exc).__name__})"
-            ) from None
+            kind, detail = type(exc).__name__, str(exc)
+            if kind == "AuthenticationError" and "***" not in self.url:  # (redis-py: "HELLO must be called")
+                detail = "the Redis server requires a password: give it in the URL, redis://:PASSWORD@host/db"
+            raise StoreError(f"session store {self.url}: {reason} ({detail})", f"{reason} ({kind})") from None
 
     def put(self, session_id: str, blob: bytes, expected: str, version: str) -> bool:
         keys = [KEY_PREFIX + session_id]
@@ -233,6 +236,8 @@ def open_store(spec: str, ttl_s: int) -> StateStore | None:
 
 
 _DELETE = object()
+DELETE_RETRY_S = 0.5  # a failed delete is tried again after this, then twice as long each time ...
+DELETE_RETRY_MAX_S = 10.0  # ... up to this
 
 
 class StoreWriter:
@@ -243,13 +248,21 @@ class StoreWriter:
     version is one of this replica's. A write the store refuses (another replica went on with the
     session, or deleted it) is counted `stale`, logged, and `on_stale(session_id, expected)` drops this
     replica's copy if it still builds on `expected`, the version the refused write named (`builds_on`):
-    not if the copy was reloaded while the write was in flight, or since."""
+    not if the copy was reloaded while the write was in flight, or since.
+
+    A copy this replica lets go of unchanged since its last write (`let_go`) is written "only if missing":
+    the writer asks the store for the session's version and writes it only when the store has none (its
+    TTL ran out, or it lost the data: a restart without persistence, a flush), so an unchanged copy is
+    not written again (refused as stale where another replica went on with it) and is not lost either.
+    A delete the store could not make is tried again until it lands (`deleting`)."""
 
     def __init__(self, store: StateStore, counter=None, on_stale=None, held=None) -> None:
         self.store = store
-        self._pending: dict[str, object] = {}  # session id → (header, state) or _DELETE; insertion order
+        self._pending: dict[str, object] = {}  # id → (header, state, only_if_missing) or _DELETE; in order
+        self._retry: dict[str, tuple[float, int]] = {}  # id → (when, tries so far) of a delete that failed
         self._cv = threading.Condition()
         self._busy: str | None = None  # the session whose operation is being applied
+        self._busy_op: object = None  # that operation
         self._waiting: dict[str, list[Future]] = {}  # session id → `landed` futures of its queued operation
         self._waiting_busy: list[Future] = []  # those of the operation being applied
         self._inflight: str | None = None  # the version that operation writes
@@ -257,27 +270,41 @@ class StoreWriter:
         self._versions: dict[str, str] = {}  # session id → the version this replica last read or wrote
         self._landed: set[str] = set()  # sessions whose last operation was a write that landed, none since
         self._stopping = False
-        self.written = self.deleted = self.failed = self.stale = 0
+        self.written = self.deleted = self.failed = self.stale = self.unchanged = 0
         self._final: dict | None = None  # the shutdown flush's counts (begin_final)
-        self._counter = counter  # a Prometheus counter labelled by op (write, stale, delete, error)
+        self._counter = counter  # a Prometheus counter by op (write, stale, delete, error, unchanged)
         self._on_stale = on_stale  # session id → drop this replica's copy (any thread)
         self._held = held  # session id → is it held here (its version is kept only while it is)
         self._thread = threading.Thread(target=self._loop, name="session-store", daemon=True)
         self._thread.start()
 
-    def write(self, session_id: str, header: dict, state: bytes) -> None:
+    def write(self, session_id: str, header: dict, state: bytes, only_if_missing: bool = False) -> None:
+        """Queue a write of the session's state (`only_if_missing`: only if the store holds no version of
+        it, for a copy `let_go` says is unchanged since its last write)."""
         with self._cv:
             self._landed.discard(session_id)
+            self._retry.pop(session_id, None)
             self._pending.pop(session_id, None)  # move to the end: operations stay in order
-            self._pending[session_id] = (header, state)
+            self._pending[session_id] = (header, state, only_if_missing)
             self._cv.notify()
 
     def delete(self, session_id: str) -> None:
         with self._cv:
             self._landed.discard(session_id)
+            self._retry.pop(session_id, None)
             self._pending.pop(session_id, None)
             self._pending[session_id] = _DELETE
             self._cv.notify()
+
+    def deleting(self, session_id: str) -> bool:
+        """Whether a delete of the session is queued, being applied, or waiting to be tried again after
+        the store failed it: this replica then reads the session as deleted, whatever the store holds."""
+        with self._cv:
+            return (
+                session_id in self._retry
+                or self._pending.get(session_id) is _DELETE
+                or (self._busy == session_id and self._busy_op is _DELETE)
+            )
 
     def adopt(self, session_id: str, version: str) -> None:
         """This replica now holds the stored state of `version` (a restore): its writes build on it."""
@@ -296,6 +323,10 @@ class StoreWriter:
         route that waits on this answers once its session is in the store (README "Session store")."""
         fut: Future = Future()
         with self._cv:
+            if session_id in self._retry and not self._stopping:  # a failed delete: tried again now
+                del self._retry[session_id]
+                self._pending[session_id] = _DELETE
+                self._cv.notify()
             if session_id in self._pending and not self._stopping:
                 self._waiting.setdefault(session_id, []).append(fut)
             elif self._busy == session_id:
@@ -318,20 +349,18 @@ class StoreWriter:
 
     def let_go(self, session_id: str) -> bool:
         """(engine thread) This replica is about to let go of its copy of a session (idle-TTL eviction,
-        shutdown). True when the store holds that copy already: its last write-through landed and no
+        shutdown). True when that copy is the one its last write-through stored: it landed and no
         operation came since (every change to a session is written through when it goes idle, so only a
         failed or refused write leaves one unwritten; the engine asks only for a copy no job has changed
-        since its last write-through: `Engine._persist_unless_stored`); the copy is then not written
-        again (at a rolling restart the final flush wrote every session anew, and a copy that another
-        replica had since gone on from was refused and logged as stale), and its version is forgotten (a
-        restore reads it anew). False: the caller writes it (`write`)."""
+        since its last write-through: `Engine._persist_unless_stored`); the caller then writes it only if
+        missing (`write(..., only_if_missing=True)`: at a rolling restart the final flush wrote every
+        session anew, and a copy that another replica had since gone on from was refused and logged as
+        stale), and its version is forgotten (a restore reads it anew). False: the caller writes it."""
         with self._cv:
             if session_id not in self._landed:
                 return False
             self._landed.discard(session_id)
             self._versions.pop(session_id, None)
-            if self._final is not None:
-                self._final["unchanged"] += 1
             return True
 
     def is_current(self, session_id: str, stored: str | None) -> bool:
@@ -368,17 +397,24 @@ class StoreWriter:
 
     @property
     def backlog(self) -> int:
+        """Operations queued or being applied (a failed delete waiting to be tried again included)."""
         with self._cv:
-            return len(self._pending) + (self._busy is not None)
+            return len(self._pending) + len(self._retry) + (self._busy is not None)
 
     def flush(self, timeout: float) -> bool:
         """Wait until every queued operation is applied (True), or timeout (False)."""
         return self._wait(lambda: not self._pending and self._busy is None, timeout)
 
     def begin_final(self) -> None:
-        """The shutdown flush starts: count its operations apart from the lifetime counts."""
+        """The shutdown flush starts: count its operations apart from the lifetime counts; the deletes
+        waiting to be tried again are tried now, once more."""
         with self._cv:
-            self._final = {"write": 0, "stale": 0, "delete": 0, "error": 0, "first_error": "", "unchanged": 0}
+            self._final = {"write": 0, "stale": 0, "delete": 0, "error": 0, "first_error": "", "unchanged": 0,
+                           "missing": 0}  # fmt: skip
+            for session_id in self._retry:
+                self._pending.setdefault(session_id, _DELETE)
+            self._retry.clear()
+            self._cv.notify()
 
     def stop(self, timeout: float) -> tuple[bool, str]:
         """Flush (up to `timeout` in all), then stop the thread and close the store. Returns (whether
@@ -395,38 +431,77 @@ class StoreWriter:
             self._waiting.clear()
             self._stopping = True
             self._cv.notify_all()
+            left += len(self._retry)
+            self._retry.clear()
             final = self._final or {"write": self.written, "stale": self.stale, "delete": self.deleted,
-                                    "error": self.failed, "first_error": "", "unchanged": 0}  # fmt: skip
+                                    "error": self.failed, "first_error": "", "unchanged": self.unchanged,
+                                    "missing": 0}  # fmt: skip
         self._thread.join(max(0.0, deadline - time.monotonic()))
         self.store.close()
         return ok and not final["error"], _report(final, unanswered, left, timeout)
 
+    def _due_retries(self) -> float | None:
+        """(under _cv) Queue the failed deletes whose time has come; the seconds until the next one."""
+        now, wait = time.monotonic(), None
+        for session_id, (when, _) in list(self._retry.items()):
+            if when <= now:
+                self._pending.setdefault(session_id, _DELETE)
+            else:
+                wait = when - now if wait is None else min(wait, when - now)
+        return wait
+
+    def _apply(self, session_id: str, op, tries: int, expected: str, version: str) -> tuple[str, str, bool]:
+        """Apply one operation to the store (writer thread, not under _cv): (its outcome, the error's text
+        or "", whether it wrote a copy let go of unchanged that the store no longer held)."""
+        try:
+            if op is _DELETE:
+                self.store.delete(session_id)
+                if tries:
+                    log.info("session %s: its delete landed in the session store at try %d", session_id,
+                             tries + 1)  # fmt: skip
+                return "delete", "", False
+            header, state, only_if_missing = op
+            if only_if_missing and self.store.version(session_id) is not None:
+                return "unchanged", "", False  # (this copy, another replica's newer one, or a tombstone)
+            ok = self.store.put(session_id, pack_state(header, state), expected, version)
+            if ok and only_if_missing:
+                log.info("session %s: unchanged since its last write, but no longer in the session store "
+                         "(its TTL ran out, or the store lost it): written again", session_id)  # fmt: skip
+            return ("write" if ok else "stale"), "", ok and only_if_missing
+        except Exception as exc:  # the store is down (or a bug): the session lives on in memory
+            if op is not _DELETE:
+                log.warning("session %s not persisted: %s", session_id, exc)
+            elif self._final is not None or self._stopping:
+                log.warning("session %s: the session store did not delete it: %s", session_id, exc)
+            else:  # its copy is gone here: the store's must go too, or another replica serves it
+                delay = min(DELETE_RETRY_S * 2**tries, DELETE_RETRY_MAX_S)
+                with self._cv:
+                    if session_id not in self._pending:  # (no later operation replaced it)
+                        self._retry[session_id] = (time.monotonic() + delay, tries + 1)
+                (log.warning if tries == 0 else log.debug)(
+                    "session %s: the session store did not delete it (%s); trying again in %g s, and until "
+                    "it lands", session_id, exc, delay)  # fmt: skip
+            return "error", str(exc), False
+
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._pending and not self._stopping:
-                    self._cv.wait()
+                while not self._stopping:
+                    wait = self._due_retries()
+                    if self._pending:
+                        break
+                    self._cv.wait(wait)
                 if not self._pending:
                     return
                 session_id = next(iter(self._pending))
                 op = self._pending.pop(session_id)
+                tries = self._retry.pop(session_id, (0.0, 0))[1] if op is _DELETE else 0
                 expected = self._versions.get(session_id, "")
-                self._busy, self._inflight = session_id, new_version()
+                self._busy, self._busy_op, self._inflight = session_id, op, new_version()
                 self._waiting_busy = self._waiting.pop(session_id, [])
                 self._superseded.discard(session_id)
                 version = self._inflight
-            error = ""
-            try:
-                if op is _DELETE:
-                    self.store.delete(session_id)
-                    done = "delete"
-                else:
-                    header, state = op
-                    ok = self.store.put(session_id, pack_state(header, state), expected, version)
-                    done = "write" if ok else "stale"
-            except Exception as exc:  # the store is down (or a bug): the session lives on in memory
-                done, error = "error", str(exc)
-                log.warning("session %s not persisted: %s", session_id, exc)
+            done, error, missing = self._apply(session_id, op, tries, expected, version)
             held = done == "write" and (self._held is None or self._held(session_id))  # (not under _cv)
             with self._cv:
                 superseded = session_id in self._superseded
@@ -440,13 +515,15 @@ class StoreWriter:
                             self._landed.add(session_id)
                     else:  # evicted or dropped here: a restore reads the version anew
                         self._versions.pop(session_id, None)
-                self._busy = self._inflight = None
+                self._busy = self._busy_op = self._inflight = None
                 _resolve(self._waiting_busy, done)
                 self._waiting_busy = []
-                counts = {"write": "written", "stale": "stale", "delete": "deleted", "error": "failed"}
+                counts = {"write": "written", "stale": "stale", "delete": "deleted", "error": "failed",
+                          "unchanged": "unchanged"}  # fmt: skip
                 setattr(self, counts[done], getattr(self, counts[done]) + 1)
                 if self._final is not None:
                     self._final[done] += 1
+                    self._final["missing"] += missing
                     self._final["first_error"] = self._final["first_error"] or error
                 self._cv.notify_all()
             if done == "stale":
@@ -476,7 +553,10 @@ def _report(final: dict, unanswered: int, left: int, timeout: float) -> str:
     deadline; `left`: operations not attempted)."""
     written, failed, stale, deleted = final["write"], final["error"], final["stale"], final["delete"]
     total = written + failed + stale + unanswered + left
-    line = f"final flush: {written} of {total} sessions written, {failed} failed"
+    line = f"final flush: {written} of {total} sessions written"
+    if final.get("missing"):
+        line += f" ({final['missing']} of them unchanged since their last write but no longer in the store)"
+    line += f", {failed} failed"
     if failed:
         line += f" (first: {final['first_error']})"
     if stale:
@@ -486,5 +566,5 @@ def _report(final: dict, unanswered: int, left: int, timeout: float) -> str:
     if deleted:
         line += f"; {deleted} deleted"
     if final.get("unchanged"):
-        line += f"; {final['unchanged']} unchanged since their last write, not written again"
+        line += f"; {final['unchanged']} unchanged since their last write and still stored, not written again"
     return line

@@ -85,8 +85,8 @@ def _stored(redis_db, sid: str) -> dict | None:
 
 
 def _replica(model_dirs, redis_url, **kw) -> ServerThread:
-    settings = Settings(checkpoints=[str(model_dirs["text"])], session_store=redis_url, max_sessions=8,
-                        drain_timeout_s=1, **kw)  # fmt: skip
+    settings = Settings(checkpoints=[str(model_dirs["text"])], session_store=redis_url,
+                        **{"max_sessions": 8, "drain_timeout_s": 1, **kw})  # fmt: skip
     return ServerThread(settings).start()
 
 
@@ -232,6 +232,35 @@ def test_open_store_refuses_unknown_specs_and_unreachable_redis():
 
 
 @pytest.mark.parametrize(
+    "url, error",
+    [
+        (
+            "redis://h:6379/abc",
+            "the database in the URL's path must be a number (redis://host:port/N), not '/abc'",
+        ),
+        ("redis://h:6379/1/2", "must be a number (redis://host:port/N), not '/1/2'"),  # (redis-py: db 12)
+        ("redis://:pw@h:6379/0?db=x", "the URL's db parameter must be one number, not ['x']"),
+        ("redis://h:6379/?db=1&db=2", "the URL's db parameter must be one number, not ['1', '2']"),
+        ("rediss://h:6379/3?db=4", "the URL names its database twice"),
+    ],
+)
+def test_a_store_url_names_its_database_as_a_number_once(url, error):
+    """redis-py reads a path that is not a number as db 0 and /1/2 as db 12, silently: refused at start,
+    naming S4_SESSION_STORE's field. The forms redis-py documents are accepted."""
+    with pytest.raises(ValueError, match="session_store") as exc:
+        Settings(session_store=url)
+    assert error in str(exc.value)
+    for ok in (
+        "redis://h",
+        "redis://h:6379/",
+        "redis://:pw@h:6379/15",
+        "redis://h/?db=3",
+        "unix:///r.sock?db=2",
+    ):
+        assert Settings(session_store=ok).session_store == ok
+
+
+@pytest.mark.parametrize(
     "url, shown",
     [
         ("redis://:s3cret@10.0.0.5:6379/0", "redis://:***@10.0.0.5:6379/0"),
@@ -258,6 +287,10 @@ def test_a_store_password_reaches_no_client_and_no_log(model_dirs, caplog, tmp_p
         with pytest.raises(StoreError) as wrong:
             RedisStateStore(f"redis://:wrong{secret}@127.0.0.1:{port}/0", 60)
         assert secret not in str(wrong.value) and ":***@" in str(wrong.value)
+        with pytest.raises(StoreError) as none:  # (redis-py says "HELLO must be called with the client ...")
+            RedisStateStore(f"redis://127.0.0.1:{port}/0", 60)
+        assert "cannot connect (the Redis server requires a password: give it in the URL" in str(none.value)
+        assert none.value.public == "cannot connect (AuthenticationError)"
         s = _replica(model_dirs, url)
         try:
             proc.send_signal(signal.SIGSTOP)  # unreachable: reads time out
@@ -1024,3 +1057,218 @@ def test_a_turn_settled_as_its_session_is_evicted_is_written_at_the_eviction(mod
         assert unpack_state(store.get("s")[0])[0]["n_tokens"] == len(PROMPT) + 4
     finally:
         writer.stop(5)
+
+
+class _DownStore(MemoryStateStore):
+    """A store whose deletes fail (the store unreachable) while `down` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down, self.deletes = threading.Event(), 0
+
+    def delete(self, session_id: str) -> None:
+        self.deletes += 1
+        if self.down.is_set():
+            raise StoreError("delete failed (Connection refused)", "delete failed (ConnectionError)")
+        super().delete(session_id)
+
+
+def test_a_delete_the_store_failed_is_tried_again_until_it_lands(monkeypatch):
+    """StoreWriter: a failed delete resolves its waiters "error" and is tried again, backing off, until
+    it lands; meanwhile `deleting` says so (the replica reads the session as deleted), a new `landed` on it
+    tries it at once, and the shutdown flush tries it once more. (A fresh-user trial: a DELETE while Redis
+    was down answered 204, the delete was dropped, and the session came back when Redis did.)"""
+    import server.store as store_module
+
+    monkeypatch.setattr(store_module, "DELETE_RETRY_S", 0.05)
+    header = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
+    store = _DownStore()
+    writer = StoreWriter(store)
+    writer.write("a", header, b"\0\0\0\0")
+    assert writer.landed("a").result(5) == "write"
+    store.down.set()
+    writer.delete("a")
+    assert writer.landed("a").result(5) == "error"
+    assert writer.deleting("a") and store.version("a") != TOMBSTONE
+    assert wait_for(lambda: store.deletes >= 3, 5)  # tried again, 0.05 s then 0.1 s later
+    assert writer.deleting("a") and writer.backlog == 1
+    store.down.clear()
+    assert wait_for(lambda: not writer.deleting("a"), 5)  # the next try (≤ 0.4 s) lands
+    assert store.version("a") == TOMBSTONE and writer.backlog == 0
+
+    monkeypatch.setattr(store_module, "DELETE_RETRY_S", 30.0)  # a client's DELETE again does not wait 30 s
+    writer.write("b", header, b"\0\0\0\0")
+    store.down.set()
+    writer.delete("b")
+    assert writer.landed("b").result(5) == "error"
+    store.down.clear()
+    t0 = time.monotonic()
+    assert writer.landed("b").result(5) == "delete" and time.monotonic() - t0 < 2
+    assert store.version("b") == TOMBSTONE and not writer.deleting("b")
+
+    writer.write("c", header, b"\0\0\0\0")
+    store.down.set()
+    writer.delete("c")
+    assert writer.landed("c").result(5) == "error"
+    store.down.clear()
+    writer.begin_final()  # the shutdown flush tries the waiting delete once more
+    ok, report = writer.stop(5)
+    assert ok and store.version("c") == TOMBSTONE, report
+    assert report == "final flush: 0 of 0 sessions written, 0 failed; 1 deleted", report
+
+
+def test_a_delete_the_store_cannot_make_is_a_503_and_the_session_stays_deleted(
+    model_dirs, redis_url, redis_db
+):
+    """DELETE while the store fails deletes: 503 saying so (not 204), the session is gone on this
+    replica (404, not restored from the store's copy), another DELETE answers 503 again while the store is
+    down, and 204 once its try lands; the store then holds the tombstone, so no replica serves it."""
+    a, b = _replica(model_dirs, redis_url), _replica(model_dirs, redis_url)
+    store, delete = a.state.store, a.state.store.delete
+    down = threading.Event()
+
+    def failing_delete(session_id):
+        if down.is_set():
+            raise StoreError("delete failed (Connection refused)", "delete failed (ConnectionError)")
+        delete(session_id)
+
+    store.delete = failing_delete
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
+            "session_id"
+        ]
+        _generate(a.url, sid, None, 4, seed=1)
+        down.set()
+        r = httpx.delete(f"{a.url}/v1/sessions/{sid}")
+        assert r.status_code == 503, r.text
+        assert "the session store could not delete it" in r.json()["error"]["message"]
+        assert _stored(redis_db, sid)["n_tokens"] == 10  # still there: B can serve it meanwhile
+        for route in ("", "/export"):
+            assert httpx.get(f"{a.url}/v1/sessions/{sid}{route}").status_code == 404
+        r = httpx.post(a.url + "/v1/generate", json={"session_id": sid, "max_new_tokens": 2})
+        assert r.status_code == 404, r.text
+        assert httpx.delete(f"{a.url}/v1/sessions/{sid}").status_code == 503
+        down.clear()
+        assert httpx.delete(f"{a.url}/v1/sessions/{sid}").status_code == 204
+        assert _stored(redis_db, sid) is None
+        assert redis_db.hget(KEY_PREFIX + sid, "v") == TOMBSTONE.encode()
+        assert httpx.get(f"{b.url}/v1/sessions/{sid}").status_code == 404
+        assert httpx.delete(f"{a.url}/v1/sessions/{sid}").status_code == 404  # gone everywhere now
+    finally:
+        down.clear()
+        a.stop()
+        b.stop()
+
+
+def test_a_copy_let_go_unchanged_is_written_again_where_the_store_lost_it(
+    model_dirs, redis_url, redis_db, caplog
+):
+    """A session unchanged since its last write is not written again at its eviction or at the shutdown
+    flush, unless the store no longer holds it (Redis restarted without persistence, a flush): then it is,
+    and the flush's line says how many. (A fresh-user trial: after Redis restarted empty, the shutdown
+    said "256 there already, unchanged" and those sessions were lost.)"""
+    a = _replica(model_dirs, redis_url, session_ttl_s=0.6)
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
+            "session_id"
+        ]
+        redis_db.flushdb()  # the store loses it
+        with caplog.at_level("INFO", logger="server"):
+            assert wait_for(lambda: not a.state.sessions.has(sid) and a.state.writer.backlog == 0, 10)
+        assert _stored(redis_db, sid)["n_tokens"] == 6  # written again at the eviction
+        assert "no longer in the session store" in caplog.text
+        assert a.state.writer.written == 2 and a.state.writer.unchanged == 0
+    finally:
+        a.stop()
+    b = _replica(model_dirs, redis_url)
+    try:
+        kept, lost = (
+            httpx.post(b.url + "/v1/sessions", json={"model": TEXT, "prompt": p}).json()["session_id"]
+            for p in ("ROMEO:", "JULIET:")
+        )
+        redis_db.delete(KEY_PREFIX + lost)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="server"):
+            b.stop()
+        assert _stored(redis_db, lost)["n_tokens"] == 7 and _stored(redis_db, kept)["n_tokens"] == 6
+        assert (
+            "final flush: 1 of 1 sessions written (1 of them unchanged since their last write but no longer "
+            "in the store), 0 failed; 1 unchanged since their last write and still stored, not written again"
+        ) in caplog.text, caplog.text
+    finally:
+        b.stop()
+
+
+def _evictions(url: str, reason: str) -> float:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(f's4_session_evictions_total{{model="{TEXT}",reason="{reason}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError(f"no reason={reason} series")
+
+
+def test_a_full_pool_evicts_its_least_recently_used_idle_sessions_to_the_store(
+    model_dirs, redis_url, redis_db
+):
+    """With a store, a request that finds every slot taken by idle sessions evicts the one used least
+    recently to the store instead of answering 429, and a later request on that one restores it and
+    continues it exactly; a pool whose slots are all busy still answers 429, and without a store a full
+    pool is a 429 as before. (A fresh-user trial: two replicas' pools filled with idle sessions whose
+    states were all in Redis, and every create was a 429.)"""
+    a = _replica(model_dirs, redis_url, max_sessions=3)
+    try:
+        sids = []
+        for i in range(3):
+            sids.append(
+                httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": f"S{i}:"}).json()[
+                    "session_id"
+                ]
+            )
+        _generate(a.url, sids[0], None, 4, seed=1)  # sids[1] is now the least recently used
+        r = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "NEW:"})
+        assert r.status_code == 201, r.text
+        assert not a.state.sessions.has(sids[1]) and all(a.state.sessions.has(s) for s in (sids[0], sids[2]))
+        assert _stored(redis_db, sids[1])["n_tokens"] == 3 and _evictions(a.url, "slots_full") == 1
+        assert _evictions(a.url, "idle_ttl") == 0
+        # a one-shot request evicts too (sids[2], now the least recently used; its slot is free again
+        # after it), and the evicted session comes back exactly
+        r = httpx.post(a.url + "/v1/generate", json={"model": TEXT, "prompt": "x", "max_new_tokens": 2})
+        assert r.status_code == 200, r.text
+        got = _generate(a.url, sids[1], None, 6, seed=7)
+        assert got == reference(model_dirs["text"], list(b"S1:"), SamplingParams(seed=7), 6)
+        assert _evictions(a.url, "slots_full") == 2 and not a.state.sessions.has(sids[2])
+        assert _stored(redis_db, sids[2])["n_tokens"] == 3
+    finally:
+        a.stop()
+
+    alone = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], max_sessions=2)).start()
+    try:
+        for _ in range(2):
+            assert (
+                httpx.post(alone.url + "/v1/sessions", json={"model": TEXT, "prompt": "x"}).status_code == 201
+            )
+        r = httpx.post(alone.url + "/v1/sessions", json={"model": TEXT, "prompt": "x"})
+        assert r.status_code == 429 and "session slots are in use" in r.text, r.text
+        assert _evictions(alone.url, "slots_full") == 0
+    finally:
+        alone.stop()
+
+
+def test_claim_least_recent_takes_idle_kept_sessions_of_the_model_oldest_first():
+    """`SessionTable.claim_least_recent`: the idle sessions of the model, least recently used first, each
+    marked busy and expiring (as the idle TTL claims them); a busy session, a one-shot request's record and
+    another model's session are never taken, so a pool of busy slots still answers 429."""
+    from server.sessions import SessionTable
+
+    table = SessionTable()
+    recs = {}
+    for i, (model, used, busy, ephemeral) in enumerate(
+        [("m", 5.0, False, False), ("m", 1.0, True, False), ("m", 2.0, False, True), ("m", 3.0, False, False),
+         ("other", 0.5, False, False), ("m", 4.0, False, False)]
+    ):  # fmt: skip
+        rec = SessionRecord(id=f"s{i}", model=model, slot=i, last_used=used, busy=busy, ephemeral=ephemeral)
+        table.add(rec)
+        recs[rec.id] = rec
+    got = table.claim_least_recent("m", 2)
+    assert [r.id for r in got] == ["s3", "s5"] and all(r.busy and r.expiring for r in got)
+    assert [r.id for r in table.claim_least_recent("m", 5)] == ["s0"]  # the rest are busy or one-shot
+    assert table.claim_least_recent("m", 1) == [] and not recs["s4"].busy
