@@ -12,8 +12,15 @@ official recurrence past it, each layer's kernel). Our process never imports the
 unpickles SRC: it reads the child's safetensors file, loads CONVERTED_DIR (model.load) and compares.
 `--reference FILE` compares against such a file made earlier (`--save-reference`), or a fixture's.
 
-Exit status: 0 when every max relative error (max |ours − official| / max |official|) is ≤ 1e-5 (as
-tests/test_official_import.py), 1 with the numbers when one is not, 2 on a usage error (a missing
+Exit status: 0 when every max relative error (max |ours − official| / max |official|) is within its
+row's tolerance, 1 with the numbers when one is not: 1e-5 (as tests/test_official_import.py) for the
+mapping, which the conv logits (float32 and float64) and the float64 kernels check; 1e-4 for the
+recurrence (prefill + step, float64 and float32), the bound the server verifies its step by at load
+(LOGITS_TOL): an S4 (DPLR) layer's recurrent form is its diagonalization where that reproduces the conv
+kernel within that bound, and a trained LegS matrix is far from normal, so its eigenvectors cost digits
+(a small model trained by the official train.py: each layer's diagonal form 1.4e-5 from its kernel, the
+recurrence's logits 1.0e-5 from the official recurrence in float64 as in float32; a fresh-user trial),
+while a wrong mapping moves the logits by far more (and fails the conv rows); 2 on a usage error (a missing
 checkout or file, a python that does not run, the child failing: its stderr's tail is shown) or when the
 reference is of another model (another vocabulary, number of SSM layers or width, or source file).
 """
@@ -31,6 +38,7 @@ from pathlib import Path
 import torch
 
 TOL = 1e-5
+STEP_TOL = 1e-4  # the recurrence's rows: LOGITS_TOL of float32 and float64 (the module's docstring)
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "official" / "reference.py"
 REQUIRED = ("tokens", "logits_conv", "logits_step")
 
@@ -72,11 +80,12 @@ def read_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 @torch.no_grad()
 def compare(
     net, ref: dict[str, torch.Tensor], step: str = "the official recurrence"
-) -> list[tuple[str, float]]:
-    """(what, max rel. error) of our model `net` against the official float64 outputs: conv logits in
-    float32 (as served) and float64, each SSM kernel in float64 (of the folder's float32 parameters, so
-    ~1e-7, not the 1e-12 of the unrounded import in tests/test_official_import.py), conv logits past
-    the trained length, and recurrent prefill + step (float32) on each step path here."""
+) -> list[tuple[str, float, float]]:
+    """(what, max rel. error, tolerance) of our model `net` against the official float64 outputs: conv
+    logits in float32 (as served) and float64, each SSM kernel in float64 (of the folder's float32
+    parameters, so ~1e-7, not the 1e-12 of the unrounded import in tests/test_official_import.py), conv
+    logits past the trained length, and recurrent prefill + step in float64 (the per-layer step) and in
+    float32 (each step path here), both to STEP_TOL."""
     tokens, official_conv, official_step = ref["tokens"], ref["logits_conv"], ref["logits_step"]
     T0, T = official_conv.shape[1], tokens.shape[1]
     V = net.config.vocab_size
@@ -91,9 +100,9 @@ def compare(
     if any(a != b for a, b in widths):
         i = next(i for i, (a, b) in enumerate(widths) if a != b)
         raise OtherModel(f"SSM layer {i} has {widths[i][0]} channels; CONVERTED_DIR's has {widths[i][1]}")
-    rows = [(f"conv logits, {T0} tokens (float32)", rel(net(tokens[:, :T0]), official_conv))]
+    rows = [(f"conv logits, {T0} tokens (float32)", rel(net(tokens[:, :T0]), official_conv), TOL)]
     net64 = copy.deepcopy(net).double()
-    rows.append((f"conv logits, {T0} tokens (float64)", rel(net64(tokens[:, :T0]), official_conv)))
+    rows.append((f"conv logits, {T0} tokens (float64)", rel(net64(tokens[:, :T0]), official_conv), TOL))
     ours = net64.kernels()
     if kernels:
         errs = []
@@ -102,11 +111,11 @@ def compare(
             got = k(want.shape[1], dtype=torch.float64, backend="torch")
             errs.append(rel(got, want) if got.shape == want.shape else float("inf"))
         worst = max(range(len(errs)), key=errs.__getitem__)
-        rows.append((f"SSM kernels (float64; worst: layer {worst} of {len(errs)})", errs[worst]))
-    rows.append((f"conv logits, {T} tokens, vs {step} (float32)", rel(net(tokens), official_step)))
+        rows.append((f"SSM kernels (float64; worst: layer {worst} of {len(errs)})", errs[worst], TOL))
+    rows.append((f"conv logits, {T} tokens, vs {step} (float32)", rel(net(tokens), official_step), TOL))
     n0 = max(1, T0 // 2)
-    for whole in (True, False):
-        rec = net.to_recurrent(fused_network=whole)  # float32, verified
+    for model, whole in ((net64, False), (net, True), (net, False)):
+        rec = model.to_recurrent(fused_network=whole)  # verified
         if whole and rec._net_step is None:
             continue  # no whole-network step here: the per-layer path below is the served one
         logits, state = rec.prefill(tokens[:, :n0], rec.init_state(tokens.shape[0]))
@@ -115,9 +124,9 @@ def compare(
             lt, state = rec.step(tokens[:, t], state)
             out.append(lt[:, None])
         how = "whole-network step" if whole else "per-layer step"
-        rows.append(
-            (f"recurrent prefill {n0} + step to {T} (float32, {how})", rel(torch.cat(out, 1), official_step))
-        )
+        dtype = "float64" if model is net64 else "float32"
+        got = rel(torch.cat(out, 1), official_step)
+        rows.append((f"recurrent prefill {n0} + step to {T} ({dtype}, {how})", got, STEP_TOL))
     return rows
 
 
@@ -171,7 +180,7 @@ def same_source(converted: Path, meta: dict) -> None:
             return
 
 
-def check(converted: Path, ref: dict[str, torch.Tensor], meta: dict) -> list[tuple[str, float]]:
+def check(converted: Path, ref: dict[str, torch.Tensor], meta: dict) -> list[tuple[str, float, float]]:
     from model.checkpoint import CheckpointError, load
 
     try:
@@ -191,10 +200,11 @@ def describe(ref: dict[str, torch.Tensor], meta: dict) -> str:
     return json.dumps({**head, **lengths, **{k: v for k, v in values.items() if k not in lengths}})
 
 
-def report(rows: list[tuple[str, float]], tol: float = TOL) -> bool:
-    width = max(len(what) for what, _ in rows)
+def report(rows: list[tuple[str, float, float]]) -> bool:
+    """Print each row (what, error, its tolerance); whether every error is within its tolerance."""
+    width = max(len(what) for what, _, _ in rows)
     ok = True
-    for what, err in rows:
+    for what, err, tol in rows:
         good = err <= tol
         ok &= good
         print(f"  {what:{width}s}  {err:.2e}  {'ok' if good else f'FAIL (> {tol:.0e})'}")
@@ -282,7 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{converted} against the official outputs (max relative error, tolerance {TOL:.0e}):")
+    print(
+        f"{converted} against the official outputs (max relative error; tolerance {TOL:.0e}, the "
+        f"recurrence {STEP_TOL:.0e}):"
+    )
     ok = report(rows)
     print(
         "ok: the conversion reproduces the official code"

@@ -60,9 +60,27 @@ class MissingConfigError(ConvertError):
         self.reason = reason
 
 
+def monitored(src: Path) -> tuple[Path, tuple[str, ...]] | None:
+    """For the best checkpoint the official ModelCheckpoint keeps (`filename: ${train.monitor}`, e.g.
+    RUN/checkpoints/val/loss.ckpt: the monitor's slash makes a subfolder of checkpoints/): the run's
+    checkpoints/ folder and the monitor's parts (("val", "loss")); None for any other file."""
+    path = Path(src).resolve()
+    for up in (2, 3):  # checkpoints/val/loss.ckpt, or a monitor of two slashes
+        if len(path.parents) > up and path.parents[up - 1].name == "checkpoints":
+            folder = path.parents[up - 1]
+            return folder, path.relative_to(folder).with_suffix("").parts
+    return None
+
+
 def default_name(src: Path) -> str:
     """A source's model name: its stem, or for Lightning's `last.ckpt` (and a `last.pt` made from it) the
-    run folder's name (RUN/checkpoints/last.ckpt → RUN), so that two runs do not both serve as 'last'."""
+    run folder's name (RUN/checkpoints/last.ckpt → RUN), so that two runs do not both serve as 'last'; for
+    the official best checkpoint (`monitored`) the run's name and the monitor's (RUN/checkpoints/val/loss.ckpt
+    → RUN-val-loss), so that it is neither 'loss' nor the same name as another run's."""
+    if (best := monitored(src)) is not None:
+        run, parts = best[0].parent.name, best[1]
+        name = "-".join((run, *parts))
+        return name if re.fullmatch(r"[A-Za-z0-9._=-]+", name) and run else src.stem
     if src.stem != "last":
         return src.stem
     folder = src.resolve().parent
@@ -74,14 +92,16 @@ def token_warning(dataset: str | None, vocab_size: int) -> str | None:
     """Why a text model's ids may not be bytes: fewer than 256 of them (the server refuses such a text
     model: its text routes send UTF-8 bytes as ids), or an official dataset that numbers tokens by a
     vocabulary."""
+    from model.vocab import DATASETS as WORD_DATASETS
+
+    words = dataset in WORD_DATASETS  # a vocabulary --vocab builds (or reads) for the server
+    library = "use it through the library (model.load) by its token ids"
     reasons = []
     if vocab_size < 256:
         reasons.append(
             f"vocab {vocab_size} < 256: the server's text routes send UTF-8 bytes as ids (id = byte), so "
-            "the server refuses to serve it"
-            + (" without its vocabulary" if dataset in VOCAB_DATASETS else "; use it through the library "
-               "(model.load) by its token ids")
-        )  # fmt: skip
+            "the server refuses to serve it" + (" without its vocabulary" if words else f"; {library}")
+        )
     if dataset in VOCAB_DATASETS:
         reasons.append(
             f"trained on dataset {dataset!r}, whose token ids are the official code's frequency-ordered "
@@ -92,8 +112,13 @@ def token_warning(dataset: str | None, vocab_size: int) -> str | None:
                 else ": the server's text routes send bytes as ids (id = byte), so served as text it reads "
                 "and writes garbage"
             )
-            + "; give it its vocabulary (--vocab; for a server given the file itself, the symbols file "
-            "beside it as vocab.txt: python -m model.vocab)"
+            + (
+                "; give it its vocabulary (--vocab; for a server given the file itself, the symbols file "
+                "beside it as vocab.txt: python -m model.vocab)"
+                if words
+                else f"; the server reads only the word vocabularies of {', '.join(sorted(WORD_DATASETS))} "
+                f"(--vocab), not {dataset}'s" + ("" if vocab_size < 256 else f": {library}")
+            )
         )
     return "; ".join(reasons) or None
 
@@ -272,6 +297,13 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
         ) from None
     except Unsupported as exc:
         raise ConvertError(f"{src}: {exc}") from None
+    ema = (cfg.get("train") or {}).get("ema") if isinstance(cfg, dict) else None
+    if isinstance(ema, (int, float)) and not isinstance(ema, bool) and ema > 0:
+        imp.notes.append(
+            f"train.ema = {ema:g}: the run also kept an exponential moving average of its weights (in its "
+            "optimizer's state; its /ema validation metrics are that average's); converted are the weights "
+            "of state_dict, the ones the official load_from_checkpoint loads"
+        )
     net = build(imp)
     try:
         ver = verify(imp, net, tol)
@@ -295,6 +327,7 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
         "config_file": config_origin(src, config, kind),
         "dataset": dataset,
         "warning": warning,
+        "ema": ema if isinstance(ema, (int, float)) and not isinstance(ema, bool) and ema > 0 else None,
         "verification": {k: v for k, v in ver.items() if k != "layers"},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -344,9 +377,14 @@ def cache_key(src: Path, config: Path | None, vocab: Path | None = None) -> str:
 def find_vocab(src: Path) -> Path | None:
     """The word vocabulary served with an official file: a symbols file named vocab.txt beside it (one word
     per line, in id order, as the official `vocab_file`; `python -m model.vocab` writes one from a dataset's
-    folder), else None."""
+    folder), or for the official best checkpoint (RUN/checkpoints/val/loss.ckpt, `monitored`) in the
+    run's checkpoints/ folder, beside its last.ckpt; else None."""
     path = Path(src).parent / VOCAB_FILE
-    return path if path.is_file() else None
+    if path.is_file():
+        return path
+    best = monitored(src)
+    path = best[0] / VOCAB_FILE if best is not None else None
+    return path if path is not None and path.is_file() else None
 
 
 def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | None = None,
@@ -378,7 +416,8 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
         except ConvertError as exc:
             if vocab is None or "--vocab" not in str(exc):
                 raise
-            raise ConvertError(f"{vocab}, beside {src.name}, is read as its vocabulary: {exc}") from None
+            where = "beside" if vocab.parent == src.parent else "in the run's checkpoints folder of"
+            raise ConvertError(f"{vocab}, {where} {src.name}, is read as its vocabulary: {exc}") from None
         try:
             os.replace(tmp, entry)
         except OSError:  # another process made it first
@@ -474,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if summary["warning"]:
         print(f"warning: {args.src}: {summary['warning']}", file=sys.stderr)
+    if summary["ema"]:
+        print(f"note: {args.src}: the run kept an exponential moving average of its weights (train.ema = "
+              f"{summary['ema']:g}); converted are the weights of its state_dict, not that average (the "
+              "model card says so)", file=sys.stderr)  # fmt: skip
     v = summary["verification"]
     print(
         f"wrote {args.out_dir} (source sha256 {summary['sha256'][:16]}…; conv rel. err "

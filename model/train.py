@@ -507,6 +507,7 @@ def _init_from(folder: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """`train.init`: a checkpoint folder's model config, weights (checked as `model.load` checks them:
     format, checksum, config) and provenance (`init_provenance`); ConfigError naming train.init otherwise."""
     from model.checkpoint import CheckpointError, load, read_config
+    from model.convert import VOCAB_DATASETS
 
     try:
         net = load(folder)
@@ -516,6 +517,14 @@ def _init_from(folder: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
     if isinstance(meta.get("vocab"), dict):  # (model.data writes UTF-8 bytes and mu-law codes only)
         raise ConfigError(
             f"train.init {folder!r}: a word-level model (its vocab.txt); training data here is bytes or audio"
+        )
+    source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
+    if source.get("warning") and source.get("dataset") in VOCAB_DATASETS:  # converted without its --vocab
+        raise ConfigError(
+            f"train.init {folder!r}: converted from an official model trained on {source['dataset']!r}, "
+            "whose token ids are the official code's vocabulary (by frequency), not UTF-8 bytes (its "
+            "conversion's warning); training data here is bytes or audio, so the run would read its ids as "
+            "other tokens"
         )
     state = {k: v.detach().clone() for k, v in net.state_dict().items()}
     return net.config.to_dict(), state, init_provenance(folder, meta)

@@ -18,13 +18,14 @@ from model import triton_step as triton_kernel
 from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, read_config
 from model.codecs import MuLaw
 from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
-from model.convert import ConvertError, MissingConfigError, convert_cached, default_name
+from model.convert import VOCAB_DATASETS, ConvertError, MissingConfigError, convert_cached, default_name
 from model.cuda_graphs import LARGEST_BUCKET, bucket_sizes
 from model.form_cache import STATUSES, FormCache, to_recurrent
 from model.form_cache import summary as form_cache_summary
 from model.network import ModelConfig
 from model.recurrent import RecurrentModel
 from model.sampling import SamplingParams, sample
+from model.vocab import DATASETS as WORD_DATASETS
 from model.vocab import VocabError, WordVocab, load_vocab
 from server.chat import ChatTemplate
 from server.config import MODEL_ID, Settings
@@ -328,6 +329,14 @@ def served_vocab(path: Path, config: ModelConfig, source: Path | None = None) ->
             raise CheckpointError(f"{where}: vocab.txt has {len(vocab)} words, the model {config.vocab_size}")
         return vocab
     if config.vocab_size < 256:  # text prompts arrive as UTF-8 bytes (ids 0-255): each must be a token
+        dataset = (read_config(path).get("source") or {}).get("dataset")
+        if dataset in VOCAB_DATASETS and dataset not in WORD_DATASETS:  # (enwik8, text8, lm1b)
+            raise CheckpointError(
+                f"{where}: a text model must have vocab_size >= 256 (byte tokens), this one has "
+                f"{config.vocab_size}: its ids are the official {dataset!r} vocabulary's, which the server "
+                f"does not read (only the word vocabularies of {', '.join(sorted(WORD_DATASETS))}); use it "
+                "through the library (model.load) by its token ids"
+            )
         fix = (
             f"put its vocabulary's symbols file beside {source.name} as vocab.txt (python -m model.vocab "
             f"DATA_DIR {source} {source.parent / 'vocab.txt'})" if source is not None

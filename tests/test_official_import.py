@@ -815,3 +815,32 @@ def test_a_long_loader_message_is_cut_at_a_sentence_never_inside_a_word():
     msg = "First sentence here. " * 30
     assert _clean_cut(msg) == ("First sentence here. " * 19).rstrip()
     assert _clean_cut("word " * 100).endswith("word …") and _clean_cut("short") == "short"
+
+
+def test_a_run_with_an_ema_of_its_weights_converts_its_state_dict_and_says_so(tmp_path):
+    """A run trained with train.ema > 0 kept an exponential moving average of its weights in its
+    optimizer's state: the conversion takes the state_dict's weights (what the official load_from_checkpoint
+    loads; the same tensors as without EMA) and says so on stderr, in the card and in config.json's source
+    (a fresh-user trial found the EMA dropped without a word)."""
+    import json
+    import shutil
+
+    shutil.copy(FIX / "s4_v3.pt", tmp_path / "run.pt")
+    cfg = (FIX / "s4_v3.yaml").read_text()
+    assert "  ema: 0.0\n" in cfg
+    (tmp_path / "run.yaml").write_text(cfg.replace("  ema: 0.0\n", "  ema: 0.999\n"))
+    args = [sys.executable, "-m", "model.convert", str(tmp_path / "run.pt"), str(tmp_path / "out")]
+    r = subprocess.run(args, check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "the run kept an exponential moving average of its weights (train.ema = 0.999)" in r.stderr
+    assert (
+        "train.ema = 0.999: the run also kept an exponential moving average"
+        in (tmp_path / "out" / "README.md").read_text()
+    )
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["source"]["ema"] == 0.999
+    plain = tmp_path / "plain"
+    convert(FIX / "s4_v3.pt", plain)
+    a, b = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "out", plain))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((plain / "config.json").read_text())["source"]["ema"] is None
+    assert "exponential moving average" not in (plain / "README.md").read_text()

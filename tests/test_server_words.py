@@ -315,6 +315,38 @@ def test_an_official_file_served_directly_reads_the_vocab_txt_beside_it(words, t
     assert "10 words, but the model's vocabulary has 64" in failed["wt103"]
 
 
+def test_the_official_best_checkpoint_serves_under_its_run_and_monitor_with_the_runs_vocab(words, tmp_path):
+    """The best checkpoint the official ModelCheckpoint keeps, RUN/checkpoints/val/loss.ckpt (its filename
+    is the monitor, `val/loss`): served as RUN-val-loss (it was 'loss', and two runs' best files collided),
+    with the vocab.txt of the run's checkpoints/ folder, beside last.ckpt (it looked in val/ only and served
+    the word model as bytes: a fresh-user trial of official train.py runs)."""
+    import shutil  # noqa: PLC0415
+
+    from model.convert import default_name, find_vocab  # noqa: PLC0415
+    from server.metrics import Metrics  # noqa: PLC0415
+    from server.registry import load_models, model_id_of  # noqa: PLC0415
+    from server.sessions import SessionTable  # noqa: PLC0415
+
+    _, folders = words
+    for run in ("run-a", "run-b"):
+        (tmp_path / run / "checkpoints" / "val").mkdir(parents=True)
+        shutil.copy(FIX / "s4_wt103.ckpt", tmp_path / run / "checkpoints" / "val" / "loss.ckpt")
+        shutil.copy(FIX / "s4_wt103.ckpt", tmp_path / run / "checkpoints" / "last.ckpt")
+    best = tmp_path / "run-a" / "checkpoints" / "val" / "loss.ckpt"
+    assert model_id_of(str(best)) == "run-a-val-loss" and default_name(best) == "run-a-val-loss"
+    assert model_id_of(str(tmp_path / "run-b" / "checkpoints" / "val" / "loss.ckpt")) == "run-b-val-loss"
+    assert model_id_of(str(tmp_path / "run-a" / "checkpoints" / "last.ckpt")) == "run-a"  # as before
+    assert default_name(FIX / "s4_wt103.ckpt") == "s4_wt103"
+    assert find_vocab(best) is None
+    shutil.copy(folders["wt103"] / VOCAB_FILE, tmp_path / "run-a" / "checkpoints" / VOCAB_FILE)
+    assert find_vocab(best) == tmp_path / "run-a" / "checkpoints" / VOCAB_FILE
+    settings = Settings(checkpoints=[str(best)], convert_cache=str(tmp_path / "cache"), device="cpu",
+                        max_sessions=2, torch_threads=1)  # fmt: skip
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert failed == {} and list(models) == ["run-a-val-loss"]
+    assert models["run-a-val-loss"].vocab.symbols == load_vocab(folders["wt103"]).symbols
+
+
 def test_model_vocab_writes_the_official_code_s_symbols_file_and_names_a_bad_folder(tmp_path, capsys):
     from model.vocab import main as vocab_main  # noqa: PLC0415
 
@@ -337,3 +369,23 @@ def test_model_vocab_writes_the_official_code_s_symbols_file_and_names_a_bad_fol
         with pytest.raises(SystemExit) as exc:
             vocab_main([str(DATA), "wt103", str(out)])
         assert exc.value.code == 2 and f"{out}: cannot write it" in capsys.readouterr().err
+
+
+def test_a_model_of_a_vocabulary_the_server_cannot_read_is_told_to_use_the_library(tmp_path):
+    """An official enwik8 model (trainpy_enwik.ckpt, 68 frequency-ordered symbols): the conversion's
+    warning and the server's refusal say that the server reads only the word vocabularies (wt103, wt2,
+    ptb) and that the model is used through the library, instead of pointing at --vocab and model.vocab,
+    which both refuse enwik8 (a fresh-user trial followed each hint to an exit 2)."""
+    from server.metrics import Metrics  # noqa: PLC0415
+    from server.registry import load_models  # noqa: PLC0415
+    from server.sessions import SessionTable  # noqa: PLC0415
+
+    summary = convert(FIX / "trainpy_enwik.ckpt", tmp_path / "conv")
+    warning = summary["warning"]
+    assert "the server reads only the word vocabularies of ptb, wt103, wt2 (--vocab), not enwik8's" in warning
+    assert "use it through the library (model.load) by its token ids" in warning
+    assert "--vocab;" not in warning and "python -m model.vocab" not in warning
+    settings = Settings(checkpoints=[str(tmp_path / "conv")], device="cpu", max_sessions=2, torch_threads=1)
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert models == {} and "its ids are the official 'enwik8' vocabulary's" in failed["conv"], failed
+    assert "through the library (model.load)" in failed["conv"] and "model.vocab" not in failed["conv"]

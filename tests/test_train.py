@@ -326,3 +326,21 @@ def test_train_inits_provenance_keeps_a_fine_tunes_chain_and_only_values_of_the_
     assert checked_init_record(rec) == rec  # a record read back as written
     assert checked_init_record({"path": 3}) is None
     assert init_provenance("x", {"training": [], "source": "s"}) == {"path": "x", "weights_sha256": None}
+
+
+def test_train_init_refuses_an_official_model_converted_without_its_vocabulary(text_data, tmp_path):
+    """An official model trained on a dataset that numbers tokens by a vocabulary (WikiText, PTB, enwik8,
+    ...), converted without --vocab (its config.json's source.warning says its ids may not be bytes), is
+    refused as train.init before anything is trained: the data here is UTF-8 bytes, so its ids would be
+    read as other tokens (a fresh-user trial fine-tuned such a wt103 model on bytes, exit 0, no warning)."""
+    from model.convert import convert
+
+    src = Path(__file__).resolve().parent / "fixtures" / "official" / "trainpy_enwik.ckpt"
+    convert(src, tmp_path / "conv")
+    meta = json.loads((tmp_path / "conv" / "config.json").read_text())
+    assert meta["source"]["dataset"] == "enwik8" and meta["source"]["warning"]
+    cfg = tiny_config(text_data, tmp_path / "tune", steps=1, init=str(tmp_path / "conv"))
+    cfg.pop("model", None)
+    with pytest.raises(ConfigError, match=r"train.init .*trained on 'enwik8'.*not UTF-8 bytes"):
+        train(cfg)
+    assert not (tmp_path / "tune").exists()

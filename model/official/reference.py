@@ -93,6 +93,28 @@ class Scalar(nn.Module):  # src/tasks/tasks.py:Scalar (tasks.py imports the data
         return x * self.c
 
 
+def _as_list(x) -> list:
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _lm_decoders(decoders: list, d_model: int) -> list[nn.Module]:
+    """The official decoders an LM run's config names before the task's Linear, as train.py instantiates
+    them for an LM dataset (no d_output, no l_output): `sequence` (a SequenceDecoder that keeps the whole
+    sequence: no parameters) and `id`; any other is refused by name."""
+    D = importlib.import_module("src.tasks.decoders")
+    out = []
+    for d in decoders:
+        name = d if isinstance(d, str) else d.get("_name_")
+        args = {} if isinstance(d, str) else {k: v for k, v in d.items() if k != "_name_"}
+        if name == "sequence" and args.get("d_output") is None and args.get("l_output") is None:
+            out.append(D.SequenceDecoder(d_model, **args))
+        elif name == "id":
+            out.append(nn.Identity())
+        else:
+            raise NotImplementedError(f"the LM reference builds the decoders sequence and id only, not {d!r}")
+    return out
+
+
 class LMLit(nn.Module):
     """The official SequenceLightningModule's module tree for the LM tasks (train.py + tasks.py):
     model., encoder. (task lm: Embedding ×√d_model when rescale; task adaptivelm: the official
@@ -104,6 +126,7 @@ class LMLit(nn.Module):
         super().__init__()
         U = official.U
         model_cfg = copy.deepcopy(cfg["model"])
+        decoders = [d for d in _as_list(model_cfg.get("decoder")) + _as_list(cfg.get("decoder")) if d]
         for key in ("encoder", "decoder"):  # train.py pops them (they would join the task's; refused)
             model_cfg.pop(key, None)
         self.model = official.utils.instantiate(official.registry.model, model_cfg)
@@ -133,7 +156,11 @@ class LMLit(nn.Module):
         dec = nn.Linear(self.model.d_output, vocab)
         if task.get("tied", False):
             dec.weight = self.encoder[0].weight
-        self.decoder = U.PassthroughSequential(U.PassthroughSequential(), dec)
+        # train.py's decoder: the config's decoders (model.decoder, then decoder), then the task's Linear, in
+        # one flattened PassthroughSequential; the LM pipelines' `decoder: sequence` (an LM dataset has no
+        # d_output or l_output: a parameterless SequenceDecoder, the whole sequence through) puts the Linear
+        # at decoder.1
+        self.decoder = U.PassthroughSequential(U.PassthroughSequential(*_lm_decoders(decoders, H)), dec)
 
     def _logits(self, x):
         x, _ = self.decoder(x)
