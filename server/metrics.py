@@ -188,6 +188,21 @@ class Metrics:
             for value in values:
                 counter.labels(value)
 
+    def add_store_gauges(self, backlog) -> None:
+        """The session store's gauges, exported only where one is configured (a 0 would read as a store
+        down): `store_up`, set by each operation's outcome, and the writer's backlog (`backlog()`, read at
+        each scrape)."""
+        self.store_up = Gauge("s4_session_store_up", "1 when the session store's last operation (a read, a "
+                              "version check, a write or a delete) succeeded, 0 when it failed",
+                              registry=self.registry)  # fmt: skip
+        self.store_up.set(1)  # (the server starts only once the store answered its ping)
+        queued = Gauge(
+            "s4_session_store_backlog",
+            "Session store operations queued or being applied (failed deletes waiting to be tried again too)",
+            registry=self.registry,
+        )
+        queued.set_function(backlog)
+
     def for_model(self, model: str, audio: bool = False) -> ModelMetrics:
         """The metrics of one model, each series exported from now on (the audio ones for an audio
         model only)."""

@@ -629,8 +629,12 @@ async def _is_current(state: ServerState, session_id: str) -> bool:
         stored = await asyncio.to_thread(state.store.version, session_id)
     except StoreError as exc:
         state.metrics.store_ops.labels("error").inc()
-        log.warning("session %s: %s; continuing with the copy held here", session_id, exc)
+        state.writer.answered(False)
+        state.writer.errors.log(
+            logging.WARNING, "session %s: %s; continuing with the copy held here", session_id, exc
+        )
         return state.sessions.holds(rec)
+    state.writer.answered(True)
     return state.writer.is_current(session_id, stored) and state.sessions.holds(rec)
 
 
@@ -674,8 +678,10 @@ async def _read_stored(
         got = await asyncio.to_thread(read)
     except StoreError as exc:
         state.metrics.store_ops.labels("error").inc()
-        log.error("session %s: %s", session_id, exc)
+        state.writer.answered(False)
+        state.writer.errors.log(logging.ERROR, "session %s: %s", session_id, exc)
         raise unavailable(f"session {session_id}: the session store cannot be read ({exc.public})") from None
+    state.writer.answered(True)
     if got is None:
         return None
     blob, version = got

@@ -89,8 +89,13 @@ class ServerState:
             return
         self.models, self.failed = models, failed
         if self.store is not None:
+            self.metrics.add_store_gauges(lambda: self.writer.backlog if self.writer is not None else 0)
             self.writer = StoreWriter(
-                self.store, self.metrics.store_ops, on_stale=self._drop_stale, held=self.sessions.has
+                self.store,
+                self.metrics.store_ops,
+                on_stale=self._drop_stale,
+                held=self.sessions.has,
+                up=self.metrics.store_up,
             )
             for m in self.models.values():
                 m.engine.persist = _persister(m, self.writer)

@@ -235,6 +235,30 @@ def open_store(spec: str, ttl_s: int) -> StateStore | None:
     raise ValueError(f"session_store must be 'memory' or a redis:// URL, not {redact_url(spec)!r}")
 
 
+class ThrottledLog:
+    """One logger line per `interval` seconds at most for a recurring condition, the session store
+    unreachable, whose every request and every write otherwise logs a line of its own (a fresh-user trial:
+    683 lines in 12 s from 4 clients); the first line after a quiet spell says how many were left out. The
+    Prometheus counters still count each error. One per server (`StoreWriter.errors`)."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.logger, self.interval = logger, interval
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._skipped = 0
+
+    def log(self, level: int, msg: str, *args) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                self._skipped += 1
+                return
+            skipped, self._skipped, self._next = self._skipped, 0, now + self.interval
+        if skipped:
+            msg += f" ({skipped} more session store error line{'s' * (skipped != 1)} left out before it)"
+        self.logger.log(level, msg, *args)
+
+
 _DELETE = object()
 DELETE_RETRY_S = 0.5  # a failed delete is tried again after this, then twice as long each time ...
 DELETE_RETRY_MAX_S = 10.0  # ... up to this
@@ -256,7 +280,7 @@ class StoreWriter:
     not written again (refused as stale where another replica went on with it) and is not lost either.
     A delete the store could not make is tried again until it lands (`deleting`)."""
 
-    def __init__(self, store: StateStore, counter=None, on_stale=None, held=None) -> None:
+    def __init__(self, store: StateStore, counter=None, on_stale=None, held=None, up=None) -> None:
         self.store = store
         self._pending: dict[str, object] = {}  # id → (header, state, only_if_missing) or _DELETE; in order
         self._retry: dict[str, tuple[float, int]] = {}  # id → (when, tries so far) of a delete that failed
@@ -275,6 +299,8 @@ class StoreWriter:
         self._counter = counter  # a Prometheus counter by op (write, stale, delete, error, unchanged)
         self._on_stale = on_stale  # session id → drop this replica's copy (any thread)
         self._held = held  # session id → is it held here (its version is kept only while it is)
+        self.errors = ThrottledLog(log)  # the store's errors, here and in the routes (service.py)
+        self.up = up  # a Prometheus gauge: 1 after an operation the store answered, 0 after one it failed
         self._thread = threading.Thread(target=self._loop, name="session-store", daemon=True)
         self._thread.start()
 
@@ -440,6 +466,11 @@ class StoreWriter:
         self.store.close()
         return ok and not final["error"], _report(final, unanswered, left, timeout)
 
+    def answered(self, ok: bool) -> None:
+        """Record whether the store answered an operation (`up`): the writer's, or a route's read."""
+        if self.up is not None:
+            self.up.set(int(ok))
+
     def _due_retries(self) -> float | None:
         """(under _cv) Queue the failed deletes whose time has come; the seconds until the next one."""
         now, wait = time.monotonic(), None
@@ -470,7 +501,7 @@ class StoreWriter:
             return ("write" if ok else "stale"), "", ok and only_if_missing
         except Exception as exc:  # the store is down (or a bug): the session lives on in memory
             if op is not _DELETE:
-                log.warning("session %s not persisted: %s", session_id, exc)
+                self.errors.log(logging.WARNING, "session %s not persisted: %s", session_id, exc)
             elif self._final is not None or self._stopping:
                 log.warning("session %s: the session store did not delete it: %s", session_id, exc)
             else:  # its copy is gone here: the store's must go too, or another replica serves it
@@ -478,9 +509,11 @@ class StoreWriter:
                 with self._cv:
                     if session_id not in self._pending:  # (no later operation replaced it)
                         self._retry[session_id] = (time.monotonic() + delay, tries + 1)
-                (log.warning if tries == 0 else log.debug)(
-                    "session %s: the session store did not delete it (%s); trying again in %g s, and until "
-                    "it lands", session_id, exc, delay)  # fmt: skip
+                why = "session %s: the store did not delete it (%s); trying again in %g s, until it lands"
+                if tries == 0:
+                    self.errors.log(logging.WARNING, why, session_id, exc, delay)
+                else:
+                    log.debug(why, session_id, exc, delay)
             return "error", str(exc), False
 
     def _loop(self) -> None:
@@ -540,6 +573,7 @@ class StoreWriter:
                         log.exception("session %s: dropping the stale copy failed", session_id)
             if self._counter is not None:
                 self._counter.labels(done).inc()
+            self.answered(done != "error")
 
 
 def _resolve(futures, outcome: str) -> None:

@@ -1272,3 +1272,89 @@ def test_claim_least_recent_takes_idle_kept_sessions_of_the_model_oldest_first()
     assert [r.id for r in got] == ["s3", "s5"] and all(r.busy and r.expiring for r in got)
     assert [r.id for r in table.claim_least_recent("m", 5)] == ["s0"]  # the rest are busy or one-shot
     assert table.claim_least_recent("m", 1) == [] and not recs["s4"].busy
+
+
+def test_session_store_errors_are_logged_once_per_interval_saying_how_many_were_left_out(caplog):
+    """ThrottledLog: while the store is down every request and write logs an error (a fresh-user trial:
+    683 lines in 12 s from 4 clients); one line per interval at most, the next one says how many were left
+    out. A writer whose every write fails logs one line for 20 failures; the counter counts all 20."""
+    import logging
+
+    from server.store import ThrottledLog
+
+    logger = logging.getLogger("server.store.test")
+    throttled = ThrottledLog(logger, interval=0.3)
+    with caplog.at_level(logging.INFO, logger="server.store"):
+        for i in range(5):
+            throttled.log(logging.WARNING, "session %s: down", f"s{i}")
+        assert [r.getMessage() for r in caplog.records] == ["session s0: down"]
+        time.sleep(0.35)
+        throttled.log(logging.ERROR, "session %s: down", "s5")
+        assert caplog.records[-1].getMessage() == (
+            "session s5: down (4 more session store error lines left out before it)"
+        )
+        assert caplog.records[-1].levelno == logging.ERROR
+
+    class Down(MemoryStateStore):
+        def put(self, *args):
+            raise StoreError("write failed (Connection refused)", "write failed (ConnectionError)")
+
+    header = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
+    writer = StoreWriter(Down())
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="server.store"):
+        for i in range(20):
+            writer.write(f"w{i}", header, b"\0\0\0\0")
+        assert writer.flush(10)
+    assert writer.failed == 20
+    assert [r.getMessage() for r in caplog.records if "not persisted" in r.getMessage()] == [
+        "session w0 not persisted: write failed (Connection refused)"
+    ]
+    writer.stop(5)
+
+
+def _gauge(url: str, name: str) -> float | None:
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return None
+
+
+def test_the_store_gauges_say_whether_it_answers_and_what_is_queued(model_dirs, redis_url, redis_db):
+    """s4_session_store_up: 1 after an operation the store answered, 0 after one it failed (a route's read
+    here, then a write), 1 again once it answers; s4_session_store_backlog: the writer's queue, a failed
+    delete waiting to be tried again included. Neither series exists without a store (a 0 would read as
+    a store down)."""
+    a = _replica(model_dirs, redis_url)
+    store = a.state.store
+    get, delete = store.get, store.delete
+
+    def down(*args):
+        raise StoreError("read failed (Connection refused)", "read failed (ConnectionError)")
+
+    try:
+        assert _gauge(a.url, "s4_session_store_up") == 1 and _gauge(a.url, "s4_session_store_backlog") == 0
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
+            "session_id"
+        ]
+        store.get = down
+        assert httpx.get(f"{a.url}/v1/sessions/sess-elsewhere").status_code == 503
+        assert _gauge(a.url, "s4_session_store_up") == 0
+        store.get = get
+        assert httpx.get(f"{a.url}/v1/sessions/sess-elsewhere").status_code == 404
+        assert _gauge(a.url, "s4_session_store_up") == 1
+        store.delete = down
+        assert httpx.delete(f"{a.url}/v1/sessions/{sid}").status_code == 503
+        assert _gauge(a.url, "s4_session_store_up") == 0 and _gauge(a.url, "s4_session_store_backlog") == 1
+        store.delete = delete
+        assert httpx.delete(f"{a.url}/v1/sessions/{sid}").status_code == 204
+        assert _gauge(a.url, "s4_session_store_up") == 1 and _gauge(a.url, "s4_session_store_backlog") == 0
+    finally:
+        store.get, store.delete = get, delete
+        a.stop()
+    alone = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], max_sessions=2)).start()
+    try:
+        assert _gauge(alone.url, "s4_session_store_up") is None
+        assert _gauge(alone.url, "s4_session_store_backlog") is None
+    finally:
+        alone.stop()
