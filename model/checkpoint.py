@@ -88,10 +88,12 @@ def read_config(directory: str | Path) -> dict:
 
 def load(directory: str | Path, device: str | torch.device = "cpu"):
     """Load a network saved by `save`, of the class its config's `arch` names (SequenceModel or
-    SaShiMi); raises CheckpointError naming any problem."""
+    SaShiMi); raises CheckpointError naming any problem of the checkpoint, ValueError for a device this
+    process cannot use (`model.network.usable_device`)."""
     from model.arch import build  # noqa: PLC0415
-    from model.network import ModelConfig  # noqa: PLC0415
+    from model.network import ModelConfig, usable_device  # noqa: PLC0415
 
+    device = usable_device(device)
     d = Path(directory)
     meta = read_config(d)
     try:

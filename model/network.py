@@ -298,11 +298,35 @@ def _check_choice(name: str, value, allowed: tuple) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
-def check_token_dtype(tokens: torch.Tensor) -> None:
-    """Raise ValueError unless `tokens` holds integer ids (any integer dtype; a float or bool tensor
-    would be truncated or read as 0/1 without a word)."""
+def usable_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device this process can put tensors on. Raises ValueError naming it for a name
+    torch does not know ("gpu"), a CUDA device where torch has none (a CPU build, no GPU), or a CUDA
+    index past the devices present (torch raised its own AssertionError or RuntimeError deep in the
+    first copy, or listed every device type it knows)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device {device!r}: not a torch device (cpu, cuda, cuda:N, ...)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: this torch sees no CUDA device (torch.cuda.is_available() "
+                             f"is False; torch {torch.__version__})")  # fmt: skip
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return dev
+
+
+def check_token_dtype(tokens: torch.Tensor) -> torch.Tensor:
+    """`tokens` as ids every path indexes by: int64 or int32 as given, another integer dtype (uint8, int8,
+    int16, the unsigned ones) as int64 (torch's embedding takes int64 and int32 only: uint8 bytes failed
+    deep in it on the parallel prefill, conv mode, SaShiMi and float64 paths). Raises ValueError unless
+    `tokens` is a tensor of integer ids (a float or bool tensor would be truncated or read as 0/1 without
+    a word; a list or an array is not a tensor)."""
+    if not isinstance(tokens, torch.Tensor):
+        raise ValueError(f"tokens must be a torch tensor of integer ids, got {type(tokens).__name__}")
     if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
         raise ValueError(f"tokens must be integer token ids (int64), got {tokens.dtype}")
+    return tokens if tokens.dtype in (torch.int64, torch.int32) else tokens.long()
 
 
 def token_range_error(tokens: torch.Tensor, V: int) -> ValueError:
@@ -324,13 +348,14 @@ def check_token_ids(tokens: torch.Tensor, V: int) -> None:
             raise token_range_error(tokens, V)
 
 
-def check_conv_tokens(tokens: torch.Tensor, V: int) -> None:
-    """Raise ValueError unless `tokens` is a (B, L) integer tensor, L ≥ 1, of ids in 0 … V − 1 (conv
-    mode's input: an empty length has no kernel)."""
+def check_conv_tokens(tokens: torch.Tensor, V: int) -> torch.Tensor:
+    """`tokens` as ids (`check_token_dtype`); ValueError unless it is a (B, L) integer tensor, L ≥ 1, of ids
+    in 0 … V − 1 (conv mode's input: an empty length has no kernel)."""
+    tokens = check_token_dtype(tokens)
     if tokens.dim() != 2 or tokens.shape[1] == 0:
         raise ValueError(f"tokens must be (B, L) with L ≥ 1, got shape {tuple(tokens.shape)}")
-    check_token_dtype(tokens)
     check_token_ids(tokens, V)
+    return tokens
 
 
 class FeedForward(nn.Module):
@@ -409,7 +434,7 @@ class SequenceModel(nn.Module):
         final norm and head are not run). Raises ValueError for another shape, a float or bool tensor,
         or an id outside the vocabulary."""
         if ssms is None:
-            check_conv_tokens(tokens, self.config.vocab_size)
+            tokens = check_conv_tokens(tokens, self.config.vocab_size)
         x = self.embed(tokens) * self.config.embed_scale  # (B, L, H)
         for i, block in enumerate(self.blocks):
             x = block(x, None if ssms is None else ssms[i])

@@ -42,7 +42,7 @@ from model import triton_step as triton_kernel
 from model.cuda_graphs import GraphedModel
 from model.kernel import SSMKernel, discretize
 from model.layer import fft_conv
-from model.network import check_token_dtype, check_token_ids
+from model.network import check_token_dtype, check_token_ids, usable_device
 
 if TYPE_CHECKING:  # (imported where used: `python -m model.form_cache` runs that module as __main__)
     from model.form_cache import FormCache
@@ -850,27 +850,45 @@ def _cached_form(kernel: SSMKernel, s: dict[str, torch.Tensor], device, taps: in
 
 def check_step_inputs(
     tokens: torch.Tensor, ndim: int, state: torch.Tensor, want: tuple[int, ...], device_type: str
-) -> None:
+) -> torch.Tensor:
     """The recurrent forms' input contract (RecurrentModel, SaShiMiRecurrent): `ndim`-dimensional integer
-    tokens, a float32 state of shape `want`, both on the model's device type. Raises ValueError naming
-    what is wrong (the ids' range is checked where they are embedded)."""
+    tokens, a float32 state of shape `want`, both on the model's device type. Returns the tokens as ids
+    (`check_token_dtype`: int64 or int32). Raises ValueError naming what is wrong (the ids' range is
+    checked where they are embedded)."""
+    tokens = check_token_dtype(tokens)
     if tokens.dim() != ndim:
         raise ValueError(f"tokens must have {ndim} dims, got shape {tuple(tokens.shape)}")
-    check_token_dtype(tokens)
+    if not isinstance(state, torch.Tensor):
+        raise ValueError(f"state must be a float32 tensor, got {type(state).__name__}")
     if tuple(state.shape) != want or state.dtype != torch.float32:
         raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
     if tokens.device.type != device_type or state.device.type != device_type:
         raise ValueError(f"tokens ({tokens.device}) and state ({state.device}) must be on the model's "
                          f"device ({device_type})")  # fmt: skip
+    return tokens
+
+
+def form_device(net: torch.nn.Module, device, tol: float, logits_tol: float | None) -> torch.device:
+    """A recurrent form's arguments checked before any work (RecurrentModel, SaShiMiRecurrent): the device
+    (`usable_device`; None: the weights' own), and its tolerances, each a finite relative error > 0 (a NaN
+    or negative `tol` failed every layer's verification, read as a model that does not convert). Raises
+    ValueError naming the argument."""
+    for name, value in (("tol", tol), ("logits_tol", logits_tol)):
+        if value is not None and not (isinstance(value, numbers.Real) and 0 < value < float("inf")):
+            raise ValueError(f"{name} must be a finite relative error > 0, got {value!r}")
+    return usable_device(device) if device is not None else next(net.parameters()).device
 
 
 def served_dtype(net: torch.nn.Module, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype a recurrent form serves `net`'s weights in: `dtype`, or the weights' own (one for all of
     them); ValueError for weights of mixed dtypes or a dtype without a verification tolerance
-    (`LOGITS_TOL`: float64, float32, bfloat16, float16)."""
+    (`LOGITS_TOL`: float64, float32, bfloat16, float16). `dtype` may be named ("bfloat16")."""
     dtypes = {p.dtype for p in net.parameters()}
     if len(dtypes) != 1:
         raise ValueError(f"the weights must share one dtype, got {sorted(map(str, dtypes))}")
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        dtype = named if isinstance(named, torch.dtype) else dtype
     dtype = dtype or dtypes.pop()
     if dtype not in LOGITS_TOL:
         names = ", ".join(str(d).removeprefix("torch.") for d in LOGITS_TOL)
@@ -921,7 +939,7 @@ class RecurrentModel(GraphedModel):
         triton_step: bool | None = None,
         cache: FormCache | None = None,
     ):
-        device = torch.device(device) if device is not None else next(net.parameters()).device
+        device = form_device(net, device, tol, logits_tol)
         self.dtype = dtype = served_dtype(net, dtype)
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = net.config
@@ -1089,9 +1107,11 @@ class RecurrentModel(GraphedModel):
             raise ValueError(f"batch_size must be an int ≥ 0, got {batch_size!r}")
         return torch.zeros(len(self.layers), batch_size, self.H, 2, self.M, device=self.device)
 
-    def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):
+    def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int) -> torch.Tensor:
+        """`check_step_inputs` for this model's state shape: the tokens as ids (int64 or int32)."""
+        tokens = check_token_dtype(tokens)
         want = (len(self.layers), tokens.shape[0] if tokens.dim() else 0, self.H, 2, self.M)
-        check_step_inputs(tokens, ndim, state, want, self._device_type)
+        return check_step_inputs(tokens, ndim, state, want, self._device_type)
 
     def _pad(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Zero-pad the mode axis of one layer's state up to M (layers may keep fewer modes)."""
@@ -1188,9 +1208,10 @@ class RecurrentModel(GraphedModel):
         may be `state` itself: an in-place update that allocates nothing). With `use_cuda_graphs`, a
         batch within the largest bucket replays its bucket's graph. Raises ValueError for a wrong shape
         or dtype, or an id outside the vocabulary (naming it; the state is then unchanged)."""
-        self._check(tokens, state, 1)
+        tokens = self._check(tokens, state, 1)
         if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
+            raise ValueError(f"out has shape {tuple(out.shape)} {out.dtype}, expected {tuple(state.shape)} "
+                             f"{state.dtype}")  # fmt: skip
         if self._graphs is not None:
             check_token_ids(tokens, self.config.vocab_size)
             return self._graphs(tokens, state, out)
@@ -1238,11 +1259,11 @@ class RecurrentModel(GraphedModel):
             if not self.decode_block_ready(B):
                 most = self._graphs.buckets[-1]
                 raise ValueError(f"the graphs' decode block holds 1 … {most} rows, got {B}")
-            self._check(tokens, state, 1)
+            tokens = self._check(tokens, state, 1)
             return self._graphs.decode_block(K, state, tokens, **rows)
         if not self.decode_block_ready(B):
             raise ValueError("the native decode block needs the whole-network C step (CPU, not float64)")
-        self._check(tokens, state, 1)
+        tokens = self._check(tokens, state, 1)
         return self._net_step.block(K, state, tokens, **rows)
 
     @torch.inference_mode()
@@ -1259,7 +1280,7 @@ class RecurrentModel(GraphedModel):
         `prefill_threads` torch threads in the calling thread (restored after), the SSMs in float32, in
         blocks of CHUNK tokens (`DiagonalSSM.prefill`). Raises ValueError for bad shapes or dtypes, an id
         outside the vocabulary or an unknown `logits`."""
-        self._check(tokens, state, 2)
+        tokens = self._check(tokens, state, 2)
         check_logits_kind(logits)
         B, L = tokens.shape
         if (

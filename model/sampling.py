@@ -103,6 +103,9 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, check_number(name, getattr(self, name), ge=0, integer=True))
+        if isinstance(self.stop, (str, bytes)) or not all(isinstance(s, bytes) for s in self.stop):
+            raise ValueError(f"stop must be a list of bytes (each a run of token ids), got {self.stop!r}")
+        self.stop = list(self.stop)
 
     def plain(self, vocab_size: int) -> bool:
         """Temperature sampling alone (what the fused C sampler does); anything else → the torch path."""
@@ -368,7 +371,8 @@ def sample(
     block's sampler; elsewhere, or without the C library, the torch ops. Every row draws exactly one
     uniform from its own generator, so a row's token does not depend on the other rows, and a seed
     reproduces a sequence whatever the batch. Raises ValueError unless logits is 2-D with one entry of
-    `params` and of `generators` per row, and `seen`/`counts`, when given, are (B, V)."""
+    `params` and of `generators` (CounterRNG or torch.Generator) per row, each row's logit_bias ids are
+    below V, and `seen`/`counts`, when given, are (B, V)."""
     if logits.dim() != 2:
         raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")
     B, V = logits.shape
@@ -378,6 +382,13 @@ def sample(
     for name, t in (("seen", seen), ("counts", counts)):
         if t is not None and tuple(t.shape) != (B, V):
             raise ValueError(f"{name} must be (B, V) = ({B}, {V}), got {tuple(t.shape)}")
+    for i, (p, g) in enumerate(zip(params, generators, strict=True)):
+        if not isinstance(g, (CounterRNG, torch.Generator)):
+            raise ValueError(f"generators[{i}] must be a CounterRNG (SamplingParams.generator) or a "
+                             f"torch.Generator, got {type(g).__name__}")  # fmt: skip
+        if p.logit_bias and max(p.logit_bias) >= V:
+            raise ValueError(f"params[{i}].logit_bias names token id {max(p.logit_bias)}: the vocabulary has "
+                             f"{V} (ids 0 … {V - 1})")  # fmt: skip
     logits = logits.float()
     lib = fused.library() if logits.device.type == "cpu" and B else None
     if lib is None:

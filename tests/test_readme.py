@@ -96,6 +96,8 @@ def sandbox(readme_server, tmp_path) -> dict:
     home, site, work = tmp_path / "home", tmp_path / "site", tmp_path / "work"
     for d in (home, site, work):
         d.mkdir()
+    (work / "checkpoints").mkdir()  # the examples that load a shipped checkpoint name it from the repository
+    (work / "checkpoints" / "text-shakespeare").symlink_to(ROOT / "checkpoints" / "text-shakespeare")
     port = readme_server.port
     (home / ".curlrc").write_text(
         f"connect-to = localhost:8000:127.0.0.1:{port}\n"

@@ -239,7 +239,7 @@ class SaShiMi(nn.Module):
         """tokens (B, L) integer ids in 0 … V − 1, L ≥ 1 → logits (B, L, V), at any L (each S4 kernel is
         computed for its level's length). `ssms`: {S4Block name: replacement of its convolution} (e.g. a
         float64 reference). Raises ValueError as `SequenceModel.forward` does."""
-        check_conv_tokens(tokens, self.config.vocab_size)
+        tokens = check_conv_tokens(tokens, self.config.vocab_size)
         B, L = tokens.shape
         Lp = -(-L // self.period) * self.period
         x = self.embed(F.pad(tokens, (0, Lp - L))) * self.config.embed_scale  # (B, Lp, H)

@@ -43,7 +43,7 @@ from model import triton_step as triton_kernel
 from model.arch.sashimi import S4Block, SaShiMi
 from model.cuda_graphs import GraphedModel
 from model.layer import fft_conv
-from model.network import check_token_ids
+from model.network import check_token_dtype, check_token_ids
 from model.recurrent import (
     F64,
     LOGITS_TOL,
@@ -100,7 +100,7 @@ class SaShiMiRecurrent(GraphedModel):
         triton_step: bool | None = None,
         cache: FormCache | None = None,
     ):
-        device = torch.device(device) if device is not None else next(net.parameters()).device
+        device = recurrent.form_device(net, device, tol, logits_tol)
         self.dtype = dtype = recurrent.served_dtype(net, dtype)
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = cfg = net.config
@@ -400,9 +400,11 @@ class SaShiMiRecurrent(GraphedModel):
         tensor on tau's device (no wait for it; NaN and inf fail)."""
         return ((tau == tau.round()) & (tau >= 0) & (tau < self.period)).all()
 
-    def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int):
+    def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int) -> torch.Tensor:
+        """`check_step_inputs` for this model's state shape: the tokens as ids (int64 or int32)."""
+        tokens = check_token_dtype(tokens)
         want = (tokens.shape[0] if tokens.dim() else 0, self.layout.numel)
-        check_step_inputs(tokens, ndim, state, want, self._device_type)
+        return check_step_inputs(tokens, ndim, state, want, self._device_type)
 
     def _level_phase(self, tau, k: int):
         """Inputs already in DownPool k's buffer (level k's phase) at global phase tau."""
@@ -511,9 +513,10 @@ class SaShiMiRecurrent(GraphedModel):
         `use_cuda_graphs`, a batch within the largest bucket replays its bucket's graph (of the dense
         step). Raises ValueError on a wrong shape or dtype, an id outside the vocabulary, or a phase
         counter that is not an integer in [0, prod(pool))."""
-        self._check(tokens, state, 1)
+        tokens = self._check(tokens, state, 1)
         if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(state.shape)}")
+            raise ValueError(f"out has shape {tuple(out.shape)} {out.dtype}, expected {tuple(state.shape)} "
+                             f"{state.dtype}")  # fmt: skip
         if self._graphs is not None:  # the ids and phases checked with one wait for the device
             V, tau = self.config.vocab_size, self.layout.view(state, "phase")[:, 0]
             if not bool(self._phases_ok(tau) & (tokens >= 0).all() & (tokens < V).all()):
@@ -573,7 +576,7 @@ class SaShiMiRecurrent(GraphedModel):
             raise ValueError(
                 "the native decode block needs the SaShiMi C step (CPU, 32- or 16-bit weights, a C compiler)"
             )
-        self._check(tokens, state, 1)
+        tokens = self._check(tokens, state, 1)
         self.phases(state)
         if self._graphs is not None:
             return self._graphs.decode_block(K, state, tokens, **rows)
@@ -640,7 +643,7 @@ class SaShiMiRecurrent(GraphedModel):
         run in groups of equal phase). `logits` as `RecurrentModel.prefill`: "all" (B, T, V), "last"
         (B, min(T, 1), V) or "none" (None). Raises ValueError for bad shapes or dtypes, an id outside
         the vocabulary or an unknown `logits`."""
-        self._check(tokens, state, 2)
+        tokens = self._check(tokens, state, 2)
         check_logits_kind(logits)
         check_token_ids(tokens, self.config.vocab_size)
         B, T = tokens.shape

@@ -1,0 +1,111 @@
+"""The library's inputs, as a user calls it from Python (a fresh-user trial of the library): token ids of
+every integer dtype on every path, and arguments it cannot use refused by name (ValueError) before any
+work, instead of torch's errors from deep inside (or a verification "failure" for a NaN tolerance)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model import ModelConfig, build, load
+from model.sampling import SamplingParams, sample
+
+V = 64
+INT_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64]
+
+
+def _net(arch: str):
+    extra = {"arch": "sashimi", "pool": [4, 4]} if arch == "sashimi" else {}
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=V, d_model=16, n_layers=2, d_state=8, l_max=64, cauchy_backend="torch", **extra
+    )
+    return build(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["isotropic", "sashimi"])
+def test_token_ids_of_every_integer_dtype_give_the_int64_results_on_every_path(arch):
+    """uint8 (bytes: `torch.frombuffer`, `np.fromfile`), int8, int16, int32 and int64 ids, the same values:
+    conv mode, the recurrent step, a short prefill (the C path), a long one (past 512 tokens: the parallel
+    torch path), and a float64 recurrent form's step and prefill all give the int64 results bit for bit.
+    (Before, uint8/int8/int16 failed in torch's embedding on conv mode, the long prefill, SaShiMi's prefill
+    and every float64 path: "Expected tensor for argument #1 'indices' to have one of the following scalar
+    types: Long, Int".)"""
+    net = _net(arch)
+    rec, rec64 = net.to_recurrent(), net.to_recurrent(dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, V, (2, 600), generator=g)  # (< 128: int8 holds them too)
+
+    def run(t):
+        out = [net(t[:, :64])]
+        for r in (rec, rec64):
+            s = r.init_state(2)
+            out.append(r.prefill(t[:, :32], s)[0])
+            out.append(r.prefill(t, s)[0])
+            out.append(r.step(t[:, 0], s)[0])
+        return out
+
+    want = run(ids)
+    for dtype in INT_DTYPES[:-1]:
+        got = run(ids.to(dtype))
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), dtype
+    with pytest.raises(ValueError, match=r"token id 200 at index \[0, 0\] is outside the vocabulary"):
+        net(torch.tensor([[200, 1]], dtype=torch.uint8))  # the range check still sees the values
+
+
+@pytest.mark.parametrize("arch", ["isotropic", "sashimi"])
+def test_arguments_the_library_cannot_use_are_refused_by_name(arch, tmp_path):
+    """A list or an array of ids, an `out` of another dtype, a tolerance that is NaN, negative or
+    infinite, a device torch does not know or has not got: ValueErrors naming them (an AttributeError,
+    "out has shape S, expected S", a VerificationError "within rel. err nan", torch's AssertionError 8
+    frames deep). A dtype may be named as a string."""
+    from model import save
+
+    net = _net(arch)
+    rec = net.to_recurrent()
+    s = rec.init_state(1)
+    for bad in ([3], np.array([3])):
+        with pytest.raises(ValueError, match="tokens must be a torch tensor of integer ids, got"):
+            rec.step(bad, s)
+    with pytest.raises(ValueError, match=r"out has shape .* torch.float64, expected .* torch.float32"):
+        rec.step(torch.tensor([3]), s, out=s.double())
+    for tol in (float("nan"), -1.0, 0.0, float("inf")):
+        with pytest.raises(ValueError, match=r"tol must be a finite relative error > 0, got"):
+            net.to_recurrent(tol=tol)
+    with pytest.raises(ValueError, match=r"logits_tol must be a finite relative error > 0"):
+        net.to_recurrent(logits_tol=float("nan"))
+    assert net.to_recurrent(dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="weights dtype must be one of .*, got torch.int8"):
+        net.to_recurrent(dtype="int8")
+    save(net, tmp_path / "ck")
+    with pytest.raises(ValueError, match=r"device 'gpu': not a torch device \(cpu, cuda, cuda:N, ...\)"):
+        load(tmp_path / "ck", device="gpu")
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        with pytest.raises(ValueError, match=f"device 'cuda:{n}': there are {n} CUDA devices"):
+            net.to_recurrent(device=f"cuda:{n}")
+    else:
+        for call in (lambda: load(tmp_path / "ck", device="cuda"), lambda: net.to_recurrent(device="cuda")):
+            with pytest.raises(ValueError, match=r"device 'cuda': this torch sees no CUDA device"):
+                call()
+
+
+def test_sampling_arguments_are_checked_by_name():
+    """SamplingParams.stop must be a list of bytes (a str was accepted, and find_stop raised TypeError
+    later); sample() names a logit_bias id past the vocabulary (an IndexError from inside) and a generator
+    that is not one (an AttributeError)."""
+    for stop in ("\n", b"\n", ["\n"]):
+        with pytest.raises(ValueError, match="stop must be a list of bytes"):
+            SamplingParams(stop=stop)
+    assert SamplingParams(stop=(b"\n",)).stop == [b"\n"]
+    logits = torch.zeros(1, V)
+    p = SamplingParams(seed=1, logit_bias={V: 1.0})
+    with pytest.raises(
+        ValueError, match=rf"params\[0\].logit_bias names token id {V}: the vocabulary has {V}"
+    ):
+        sample(logits, [p], [p.generator()])
+    p = SamplingParams(seed=1)
+    with pytest.raises(ValueError, match=r"generators\[0\] must be a CounterRNG .* got NoneType"):
+        sample(logits, [p], [None])
+    assert 0 <= int(sample(logits, [p], [p.generator()])[0]) < V
