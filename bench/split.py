@@ -9,7 +9,10 @@ channels and columns the same way), 1 thread against 2, alternated. Last, the th
 and 64 rows (2 threads) with its rows' groups shared by the threads (`decode_shared`, the default) against
 each thread keeping its fixed share (the order before), alternated, on a quiet machine, beside a process that
 takes a quarter of a core (busy 1 ms, asleep 3 ms: about what the server's event loop and a local client
-take at 64 sessions) and beside a CPU-bound one.
+take at 64 sessions) and beside a CPU-bound one. And the library's `rec.step` of a batch of 16 rows (each
+thread stepping its own rows: `step_all_rows`), 1 thread against 2, quiet and beside a CPU-bound process,
+whose stalls the contention guard has paused since 2026-12-05 (before, 2 threads ran 7.5x slower than 1
+beside a busy loop).
 
 Models: the shipped text-shakespeare checkpoint (4 × H = 256, FF blocks of 512, 7.9 MB of float32 weights
 a token) in float32 and bfloat16, and bench.official's shape (4 × H = 256 S4 blocks, no FF, random LegS
@@ -39,10 +42,11 @@ TEXT = ROOT / "checkpoints/text-shakespeare"
 SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
     False: {"batches": [1, 2, 4, 7], "K": 64, "rounds": 7, "busy_rounds": 15, "official_shape": {
         "vocab_size": 256, "d_model": 256, "n_layers": 4, "d_state": 64, "l_max": 1024},
-        "prompts": [32, 256, 512], "shared_batches": [16, 64], "shared_K": 32, "shared_rounds": 7},
+        "prompts": [32, 256, 512], "shared_batches": [16, 64], "shared_K": 32, "shared_rounds": 7,
+        "step_batches": [16, 64], "step_n": 50},
     True: {"batches": [1, 3], "K": 8, "rounds": 2, "busy_rounds": 2, "official_shape": {
         "vocab_size": 64, "d_model": 64, "n_layers": 2, "d_state": 16, "l_max": 64}, "prompts": [8, 40],
-        "shared_batches": [16], "shared_K": 8, "shared_rounds": 2},
+        "shared_batches": [16], "shared_K": 8, "shared_rounds": 2, "step_batches": [16], "step_n": 5},
 }  # fmt: skip
 
 
@@ -78,6 +82,39 @@ def block_us(rec, B: int, K: int) -> float:
     if res.steps != K:
         raise RuntimeError(f"decode block made {res.steps} of {K} steps")
     return dt / K * 1e6
+
+
+def step_us(rec, B: int, n: int) -> float:
+    """µs per `rec.step` of B rows, over n steps (the library's step: one C call a token for the batch)."""
+    state, tok = rec.init_state(B), torch.arange(B) % rec.config.vocab_size
+    t0 = time.perf_counter()
+    for _ in range(n):
+        _, state = rec.step(tok, state)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def batch_steps(lib, recs: list[tuple[str, Any]], size: dict) -> list[dict[str, Any]]:
+    """`rec.step` of a batch split by rows, 1 thread against 2, quiet then beside a CPU-bound process."""
+    from model import fused
+
+    out = []
+    for condition in ("quiet", "busy"):
+        time.sleep(max(fused.step_split_state(lib)[1], 0.0) + 0.05)  # (a pause left by earlier runs)
+        for name, rec in recs[:1]:  # text-shakespeare, float32
+            with beside(BUSY_LOOP, 0.5) if condition == "busy" else beside(None, 0):
+                for B in size["step_batches"]:
+                    rounds = size["rounds"] if condition == "quiet" else size["busy_rounds"]
+                    r = compare(lambda: step_us(rec, B, size["step_n"]), rounds)
+                    one, two = statistics.median(r["1"]), statistics.median(r["2"])
+                    out.append({
+                        "model": name, "condition": condition, "batch": B,
+                        "us_per_step_1_thread": r["1"], "us_per_step_2_threads": r["2"],
+                        "median_us_1_thread": one, "median_us_2_threads": two, "speedup": one / two,
+                        "tokens_per_s_2_threads": B / two * 1e6,
+                    })  # fmt: skip
+                    print(f"{name}, {condition}, rec.step of {B} rows: {fmt(one)} µs on 1 thread, {fmt(two)} "
+                          f"on 2 ({one / two:.2f}x; {B / two * 1e6:,.0f} tokens/s)", flush=True)  # fmt: skip
+    return out
 
 
 def prefill_us(rec, L: int) -> float:
@@ -194,7 +231,9 @@ def run(quick: bool) -> dict[str, Any]:
             print(f"{name}, prefill of one prompt of {L} tokens: {fmt(one)} µs on 1 thread, {fmt(two)} split "
                   f"over 2 ({one / two:.2f}x; {L / two * 1e6:,.0f} tokens/s)", flush=True)  # fmt: skip
     shared = shared_rows(lib, recs, size)
+    steps = batch_steps(lib, recs, size)
     return {
+        "batch_steps": steps,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "cpus": os.cpu_count(), "shared": shared,
         "description": "native decode block µs per step (median of 5 blocks per round; rounds alternate 1 "
         "and 2 threads); busy: beside a CPU-bound Python process; prefill: the C prefill of one prompt "

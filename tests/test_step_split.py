@@ -16,7 +16,7 @@ import pytest
 import torch
 from numerics import scramble_transposed_lns
 
-from model import ModelConfig, SequenceModel, fused
+from model import ModelConfig, SequenceModel, build, fused
 from model.sampling import SamplingParams, row_settings, uint64_bits
 
 # H = 136: the threads' channel cut (a multiple of 64) leaves the GLU's gate half starting at 200, not a
@@ -456,3 +456,37 @@ def test_a_prefill_of_several_rows_still_gives_each_thread_rows_of_its_own(lib, 
         alone = _prefill(rec, tokens[r : r + 1], 2, "last", rec.init_state(1))
         assert torch.equal(alone[0], both[0][r : r + 1])
         assert torch.equal(alone[1], both[1][:, r : r + 1])
+
+
+@pytest.mark.parametrize("arch", ["isotropic", "sashimi"])
+def test_a_batch_split_by_rows_feeds_the_guard_and_steps_in_one_thread_while_it_pauses(lib, arch):
+    """A batch of 8 rows or more (4 for SaShiMi) steps each thread's rows alone, and the step ends when its
+    last thread does: a thread held 30 ms (a stand-in for one descheduled by a CPU-bound process beside
+    it) is a stall the guard records, and past its 20 ms the split pauses (10 ms), the batch then stepping
+    in the calling thread, the same bits. (Without it a busy loop beside the 2-thread step of 16 rows of
+    text-shakespeare made it 7.5x slower than one thread: a fresh-user trial.) A short imbalance pauses
+    nothing."""
+    torch.manual_seed(0)
+    extra = {"arch": "sashimi", "pool": [4, 4], "d_ff": 0} if arch == "sashimi" else {"kernel": "s4d"}
+    rec = build(ModelConfig(**BASE, **extra)).to_recurrent()
+    torch.set_num_threads(2)
+    B = 16
+    tokens = torch.randint(0, BASE["vocab_size"], (B,))
+    want = rec.step(tokens, rec.init_state(B))
+    fused.step_split_state(lib, stall_s=2e-4)  # the default
+    for _ in range(3):  # (the busy machine's own stalls piling up past 20 ms with it: try again)
+        _wait_out_the_guard(lib)
+        time.sleep(0.3)  # any earlier stalls' debt decays
+        before = fused.step_split_state(lib, 0.003)[0]  # a rare 3 ms stall: no pause
+        rec.step(tokens, rec.init_state(B))
+        pause, left, _ = fused.step_split_state(lib)
+        if pause == before and left < 0:
+            break
+    assert pause == before and left < 0
+    fused.step_split_state(lib, 0.03)  # the next batch step's last thread ends 30 ms late
+    got = rec.step(tokens, rec.init_state(B))
+    pause, left, _ = fused.step_split_state(lib)
+    assert pause == pytest.approx(0.010) and 0 < left <= 0.010
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    got = rec.step(tokens, rec.init_state(B))  # paused: in the calling thread, the same bits
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
