@@ -298,7 +298,8 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
     except Unsupported as exc:
         raise ConvertError(f"{src}: {exc}") from None
     ema = (cfg.get("train") or {}).get("ema") if isinstance(cfg, dict) else None
-    if isinstance(ema, (int, float)) and not isinstance(ema, bool) and ema > 0:
+    ema = ema if isinstance(ema, (int, float)) and not isinstance(ema, bool) and ema > 0 else None
+    if ema is not None:
         imp.notes.append(
             f"train.ema = {ema:g}: the run also kept an exponential moving average of its weights (in its "
             "optimizer's state; its /ema validation metrics are that average's); converted are the weights "
@@ -327,7 +328,7 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
         "config_file": config_origin(src, config, kind),
         "dataset": dataset,
         "warning": warning,
-        "ema": ema if isinstance(ema, (int, float)) and not isinstance(ema, bool) and ema > 0 else None,
+        "ema": ema,
         "verification": {k: v for k, v in ver.items() if k != "layers"},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -379,12 +380,11 @@ def find_vocab(src: Path) -> Path | None:
     per line, in id order, as the official `vocab_file`; `python -m model.vocab` writes one from a dataset's
     folder), or for the official best checkpoint (RUN/checkpoints/val/loss.ckpt, `monitored`) in the
     run's checkpoints/ folder, beside its last.ckpt; else None."""
-    path = Path(src).parent / VOCAB_FILE
-    if path.is_file():
-        return path
     best = monitored(src)
-    path = best[0] / VOCAB_FILE if best is not None else None
-    return path if path is not None and path.is_file() else None
+    for folder in (Path(src).parent, *((best[0],) if best is not None else ())):
+        if (folder / VOCAB_FILE).is_file():
+            return folder / VOCAB_FILE
+    return None
 
 
 def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | None = None,

@@ -850,12 +850,11 @@ def _cached_form(kernel: SSMKernel, s: dict[str, torch.Tensor], device, taps: in
 
 def check_step_inputs(
     tokens: torch.Tensor, ndim: int, state: torch.Tensor, want: tuple[int, ...], device_type: str
-) -> torch.Tensor:
-    """The recurrent forms' input contract (RecurrentModel, SaShiMiRecurrent): `ndim`-dimensional integer
-    tokens, a float32 state of shape `want`, both on the model's device type. Returns the tokens as ids
-    (`check_token_dtype`: int64 or int32). Raises ValueError naming what is wrong (the ids' range is
-    checked where they are embedded)."""
-    tokens = check_token_dtype(tokens)
+) -> None:
+    """The recurrent forms' input contract (RecurrentModel, SaShiMiRecurrent): `ndim`-dimensional tokens
+    (integer ids as `check_token_dtype` returns them), a float32 state of shape `want`, both on the
+    model's device type. Raises ValueError naming what is wrong (the ids' range is checked where they are
+    embedded)."""
     if tokens.dim() != ndim:
         raise ValueError(f"tokens must have {ndim} dims, got shape {tuple(tokens.shape)}")
     if not isinstance(state, torch.Tensor):
@@ -865,7 +864,6 @@ def check_step_inputs(
     if tokens.device.type != device_type or state.device.type != device_type:
         raise ValueError(f"tokens ({tokens.device}) and state ({state.device}) must be on the model's "
                          f"device ({device_type})")  # fmt: skip
-    return tokens
 
 
 def form_device(net: torch.nn.Module, device, tol: float, logits_tol: float | None) -> torch.device:
@@ -1111,7 +1109,8 @@ class RecurrentModel(GraphedModel):
         """`check_step_inputs` for this model's state shape: the tokens as ids (int64 or int32)."""
         tokens = check_token_dtype(tokens)
         want = (len(self.layers), tokens.shape[0] if tokens.dim() else 0, self.H, 2, self.M)
-        return check_step_inputs(tokens, ndim, state, want, self._device_type)
+        check_step_inputs(tokens, ndim, state, want, self._device_type)
+        return tokens
 
     def _pad(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """Zero-pad the mode axis of one layer's state up to M (layers may keep fewer modes)."""

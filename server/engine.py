@@ -1477,10 +1477,7 @@ class Engine:
         (its state handed to the store writer, then its record and slot freed here); without one,
         deleted."""
         if self.persist is not None:  # evicted: its slot is freed, its state stays in the store
-            log.info("session %s evicted to the store (idle > %g s)", rec.id, self.settings.session_ttl_s)
-            self._persist_unless_stored(rec)
-            self._release(rec)
-            self.metrics.evictions["idle_ttl"].inc()
+            self._evict(rec, "idle_ttl", f"idle > {self.settings.session_ttl_s:g} s")
         else:
             log.info("session %s expired (idle > %g s)", rec.id, self.settings.session_ttl_s)
             self.delete_now(rec)
@@ -1494,12 +1491,17 @@ class Engine:
             return 0
         recs = self.sessions.claim_least_recent(self.model_id, n)
         for rec in recs:
-            log.info("session %s evicted to the store (used least recently, for a request's slot)", rec.id)
-            self._persist_unless_stored(rec)
-            self._release(rec)
-            self.metrics.evictions["slots_full"].inc()
+            self._evict(rec, "slots_full", "used least recently, for a request's slot")
         self._set_slot_gauges()
         return len(recs)
+
+    def _evict(self, rec: SessionRecord, reason: str, why: str) -> None:
+        """Evict a claimed session to the store: its state handed to the writer, its record and slot freed
+        here, counted by `reason` (EVICTION_REASONS) and logged with `why`."""
+        log.info("session %s evicted to the store (%s)", rec.id, why)
+        self._persist_unless_stored(rec)
+        self._release(rec)
+        self.metrics.evictions[reason].inc()
 
     def _persist(self, rec: SessionRecord, only_if_missing: bool = False) -> int:
         """Hand a session's state to the store (when one is configured); 1 if it was. A session whose

@@ -628,14 +628,20 @@ async def _is_current(state: ServerState, session_id: str) -> bool:
     try:
         stored = await asyncio.to_thread(state.store.version, session_id)
     except StoreError as exc:
-        state.metrics.store_ops.labels("error").inc()
-        state.writer.answered(False)
-        state.writer.errors.log(
-            logging.WARNING, "session %s: %s; continuing with the copy held here", session_id, exc
+        _store_failed(
+            state, logging.WARNING, "session %s: %s; continuing with the copy held here", session_id, exc
         )
         return state.sessions.holds(rec)
     state.writer.answered(True)
     return state.writer.is_current(session_id, stored) and state.sessions.holds(rec)
+
+
+def _store_failed(state: ServerState, level: int, msg: str, *args) -> None:
+    """A route's read of the session store failed: counted (`op="error"`), the store marked down
+    (`s4_session_store_up`), logged at most once an interval (`StoreWriter.errors`)."""
+    state.metrics.store_ops.labels("error").inc()
+    state.writer.answered(False)
+    state.writer.errors.log(level, msg, *args)
 
 
 async def _drop_copy(state: ServerState, session_id: str) -> bool:
@@ -677,9 +683,7 @@ async def _read_stored(
     try:
         got = await asyncio.to_thread(read)
     except StoreError as exc:
-        state.metrics.store_ops.labels("error").inc()
-        state.writer.answered(False)
-        state.writer.errors.log(logging.ERROR, "session %s: %s", session_id, exc)
+        _store_failed(state, logging.ERROR, "session %s: %s", session_id, exc)
         raise unavailable(f"session {session_id}: the session store cannot be read ({exc.public})") from None
     state.writer.answered(True)
     if got is None:

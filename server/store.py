@@ -283,7 +283,8 @@ class StoreWriter:
     def __init__(self, store: StateStore, counter=None, on_stale=None, held=None, up=None) -> None:
         self.store = store
         self._pending: dict[str, object] = {}  # id → (header, state, only_if_missing) or _DELETE; in order
-        self._retry: dict[str, tuple[float, int]] = {}  # id → (when, tries so far) of a delete that failed
+        self._retry: dict[str, float] = {}  # id → when a delete the store failed is tried again (not pending)
+        self._tries: dict[str, int] = {}  # id → the tries so far of such a delete (waiting or queued again)
         self._cv = threading.Condition()
         self._busy: str | None = None  # the session whose operation is being applied
         self._busy_op: object = None  # that operation
@@ -307,19 +308,25 @@ class StoreWriter:
     def write(self, session_id: str, header: dict, state: bytes, only_if_missing: bool = False) -> None:
         """Queue a write of the session's state (`only_if_missing`: only if the store holds no version of
         it, for a copy `let_go` says is unchanged since its last write)."""
-        with self._cv:
-            self._landed.discard(session_id)
-            self._retry.pop(session_id, None)
-            self._pending.pop(session_id, None)  # move to the end: operations stay in order
-            self._pending[session_id] = (header, state, only_if_missing)
-            self._cv.notify()
+        self._queue(session_id, (header, state, only_if_missing))
 
     def delete(self, session_id: str) -> None:
+        self._queue(session_id, _DELETE)
+
+    def _queue(self, session_id: str, op) -> None:
+        """Queue `op` for the session at the end, in place of any it had (a failed delete's tries too)."""
         with self._cv:
             self._landed.discard(session_id)
             self._retry.pop(session_id, None)
-            self._pending.pop(session_id, None)
-            self._pending[session_id] = _DELETE
+            self._tries.pop(session_id, None)
+            self._pending.pop(session_id, None)  # move to the end: operations stay in order
+            self._pending[session_id] = op
+            self._cv.notify()
+
+    def _retry_now(self, session_id: str) -> None:
+        """(under _cv) Queue a failed delete waiting for its next try now (its tries kept)."""
+        if self._retry.pop(session_id, None) is not None:
+            self._pending.setdefault(session_id, _DELETE)
             self._cv.notify()
 
     def deleting(self, session_id: str) -> bool:
@@ -349,10 +356,8 @@ class StoreWriter:
         route that waits on this answers once its session is in the store (README "Session store")."""
         fut: Future = Future()
         with self._cv:
-            if session_id in self._retry and not self._stopping:  # a failed delete: tried again now
-                del self._retry[session_id]
-                self._pending[session_id] = _DELETE
-                self._cv.notify()
+            if not self._stopping:
+                self._retry_now(session_id)  # (a failed delete: tried again now)
             if session_id in self._pending and not self._stopping:
                 self._waiting.setdefault(session_id, []).append(fut)
             elif self._busy == session_id:
@@ -437,10 +442,8 @@ class StoreWriter:
         with self._cv:
             self._final = {"write": 0, "stale": 0, "delete": 0, "error": 0, "first_error": "", "unchanged": 0,
                            "missing": 0}  # fmt: skip
-            for session_id in self._retry:
-                self._pending.setdefault(session_id, _DELETE)
-            self._retry.clear()
-            self._cv.notify()
+            for session_id in list(self._retry):
+                self._retry_now(session_id)
 
     def stop(self, timeout: float) -> tuple[bool, str]:
         """Flush (up to `timeout` in all), then stop the thread and close the store. Returns (whether
@@ -474,9 +477,9 @@ class StoreWriter:
     def _due_retries(self) -> float | None:
         """(under _cv) Queue the failed deletes whose time has come; the seconds until the next one."""
         now, wait = time.monotonic(), None
-        for session_id, (when, _) in list(self._retry.items()):
+        for session_id, when in list(self._retry.items()):
             if when <= now:
-                self._pending.setdefault(session_id, _DELETE)
+                self._retry_now(session_id)
             else:
                 wait = when - now if wait is None else min(wait, when - now)
         return wait
@@ -508,7 +511,7 @@ class StoreWriter:
                 delay = min(DELETE_RETRY_S * 2**tries, DELETE_RETRY_MAX_S)
                 with self._cv:
                     if session_id not in self._pending:  # (no later operation replaced it)
-                        self._retry[session_id] = (time.monotonic() + delay, tries + 1)
+                        self._retry[session_id], self._tries[session_id] = time.monotonic() + delay, tries + 1
                 why = "session %s: the store did not delete it (%s); trying again in %g s, until it lands"
                 if tries == 0:
                     self.errors.log(logging.WARNING, why, session_id, exc, delay)
@@ -528,7 +531,7 @@ class StoreWriter:
                     return
                 session_id = next(iter(self._pending))
                 op = self._pending.pop(session_id)
-                tries = self._retry.pop(session_id, (0.0, 0))[1] if op is _DELETE else 0
+                tries = self._tries.pop(session_id, 0) if op is _DELETE else 0
                 expected = self._versions.get(session_id, "")
                 self._busy, self._busy_op, self._inflight = session_id, op, new_version()
                 self._waiting_busy = self._waiting.pop(session_id, [])

@@ -346,11 +346,18 @@ def test_a_session_resumes_on_another_replica_and_continues_identically(model_di
         b.stop()
 
 
-def _metric(url: str, op: str) -> float:
+def _series(url: str, series: str) -> float | None:
+    """The value of one series of the server's /metrics (its name with its labels), or None."""
     for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(f's4_session_store_operations_total{{op="{op}"}}'):
+        if line.startswith(series + " "):
             return float(line.split()[-1])
-    raise AssertionError(f"no op={op} series")
+    return None
+
+
+def _metric(url: str, op: str) -> float:
+    value = _series(url, f's4_session_store_operations_total{{op="{op}"}}')
+    assert value is not None, f"no op={op} series"
+    return value
 
 
 def test_a_replica_with_an_old_copy_continues_from_the_newer_stored_state(model_dirs, redis_url, redis_db):
@@ -1200,10 +1207,9 @@ def test_a_copy_let_go_unchanged_is_written_again_where_the_store_lost_it(
 
 
 def _evictions(url: str, reason: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(f's4_session_evictions_total{{model="{TEXT}",reason="{reason}"}}'):
-            return float(line.split()[-1])
-    raise AssertionError(f"no reason={reason} series")
+    value = _series(url, f's4_session_evictions_total{{model="{TEXT}",reason="{reason}"}}')
+    assert value is not None, f"no reason={reason} series"
+    return value
 
 
 def test_a_full_pool_evicts_its_least_recently_used_idle_sessions_to_the_store(
@@ -1313,13 +1319,6 @@ def test_session_store_errors_are_logged_once_per_interval_saying_how_many_were_
     writer.stop(5)
 
 
-def _gauge(url: str, name: str) -> float | None:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    return None
-
-
 def test_the_store_gauges_say_whether_it_answers_and_what_is_queued(model_dirs, redis_url, redis_db):
     """s4_session_store_up: 1 after an operation the store answered, 0 after one it failed (a route's read
     here, then a write), 1 again once it answers; s4_session_store_backlog: the writer's queue, a failed
@@ -1333,28 +1332,28 @@ def test_the_store_gauges_say_whether_it_answers_and_what_is_queued(model_dirs, 
         raise StoreError("read failed (Connection refused)", "read failed (ConnectionError)")
 
     try:
-        assert _gauge(a.url, "s4_session_store_up") == 1 and _gauge(a.url, "s4_session_store_backlog") == 0
+        assert _series(a.url, "s4_session_store_up") == 1 and _series(a.url, "s4_session_store_backlog") == 0
         sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
             "session_id"
         ]
         store.get = down
         assert httpx.get(f"{a.url}/v1/sessions/sess-elsewhere").status_code == 503
-        assert _gauge(a.url, "s4_session_store_up") == 0
+        assert _series(a.url, "s4_session_store_up") == 0
         store.get = get
         assert httpx.get(f"{a.url}/v1/sessions/sess-elsewhere").status_code == 404
-        assert _gauge(a.url, "s4_session_store_up") == 1
+        assert _series(a.url, "s4_session_store_up") == 1
         store.delete = down
         assert httpx.delete(f"{a.url}/v1/sessions/{sid}").status_code == 503
-        assert _gauge(a.url, "s4_session_store_up") == 0 and _gauge(a.url, "s4_session_store_backlog") == 1
+        assert _series(a.url, "s4_session_store_up") == 0 and _series(a.url, "s4_session_store_backlog") == 1
         store.delete = delete
         assert httpx.delete(f"{a.url}/v1/sessions/{sid}").status_code == 204
-        assert _gauge(a.url, "s4_session_store_up") == 1 and _gauge(a.url, "s4_session_store_backlog") == 0
+        assert _series(a.url, "s4_session_store_up") == 1 and _series(a.url, "s4_session_store_backlog") == 0
     finally:
         store.get, store.delete = get, delete
         a.stop()
     alone = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], max_sessions=2)).start()
     try:
-        assert _gauge(alone.url, "s4_session_store_up") is None
-        assert _gauge(alone.url, "s4_session_store_backlog") is None
+        assert _series(alone.url, "s4_session_store_up") is None
+        assert _series(alone.url, "s4_session_store_backlog") is None
     finally:
         alone.stop()

@@ -404,7 +404,8 @@ class SaShiMiRecurrent(GraphedModel):
         """`check_step_inputs` for this model's state shape: the tokens as ids (int64 or int32)."""
         tokens = check_token_dtype(tokens)
         want = (tokens.shape[0] if tokens.dim() else 0, self.layout.numel)
-        return check_step_inputs(tokens, ndim, state, want, self._device_type)
+        check_step_inputs(tokens, ndim, state, want, self._device_type)
+        return tokens
 
     def _level_phase(self, tau, k: int):
         """Inputs already in DownPool k's buffer (level k's phase) at global phase tau."""

@@ -990,6 +990,12 @@ static long split_pause = 0;     /* the last pause (ns) */
  * before it ends (0: never) */
 static long split_test_delay = 0;
 
+/* Sleep split_test_delay, once (the tests' stand-in for a descheduled thread) */
+static void split_test_hold(void) {
+    const long d = __atomic_exchange_n(&split_test_delay, 0, __ATOMIC_RELAXED);
+    if (d > 0) nanosleep(&(struct timespec){d / 1000000000L, d % 1000000000L}, NULL);
+}
+
 /* A barrier wait longer than this (ns) is a stall (SPLIT_STALL_S; the tests raise it to step split on an
  * oversubscribed machine) */
 static long split_stall_ns = (long)(SPLIT_STALL_S * 1e9);
@@ -1410,10 +1416,7 @@ static void split_team_step(SplitTeam *s, const NetArgs *n, long B, long L, long
         linear_cols(Ly->wfmt, P, H, 2 * H, y, Ly->out_wt, Ly->out_b, o, h0, h1);
         linear_cols(Ly->wfmt, P, H, 2 * H, y, Ly->out_wt, Ly->out_b, o, H + h0, H + h1);
         for (long r = 0; r < P; r++) glu_add(h1 - h0, x + r * H + h0, o + r * 2 * H + h0, o + r * 2 * H + H + h0);
-        if (l == 0 && t == k - 1 && k > 1) { /* a test's stand-in for a descheduled thread */
-            const long d = __atomic_exchange_n(&split_test_delay, 0, __ATOMIC_RELAXED);
-            if (d > 0) nanosleep(&(struct timespec){d / 1000000000L, d % 1000000000L}, NULL);
-        }
+        if (l == 0 && t == k - 1 && k > 1) split_test_hold(); /* a test's stand-in for a descheduled thread */
         TIMED_BARRIER;
         if (Ly->d_ff > 0) {
             const long Fl = Ly->d_ff;
@@ -1965,18 +1968,15 @@ static int ids_in_range(const long *ids, long n, long V) {
  * for it, so the spread between the threads' ends goes to the split step's contention guard (split_record),
  * and while it pauses splitting the rows step in the calling thread alone (bit for bit the same: a row's
  * bits do not depend on the others). Without the guard a busy loop beside a 2-thread step of 16 rows of
- * text-shakespeare made it 7.5x slower than one thread (3.4k against 25.7k tokens/s; a fresh-user trial). */
+ * text-shakespeare ran it at 0.18-0.40x of one thread with OpenMP's wait policy unset (a fresh-user trial;
+ * bench.split's batch_steps). */
 static int step_all_rows(StepRowsFn step_rows, const void *ctx, long parallel_rows, long B, long V,
                          const long *tokens, float *state, float *logits) {
     if (tokens && !ids_in_range(tokens, B, V)) return E_TOKEN_RANGE;
     long *rows = malloc(sizeof(long) * (size_t)(B > 0 ? B : 1));
+    if (!rows) return -2;
     const int nt_max = omp_get_max_threads();
-    double *ends = malloc(sizeof(double) * (size_t)(nt_max > 0 ? nt_max : 1));
-    if (!rows || !ends) {
-        free(rows);
-        free(ends);
-        return -2;
-    }
+    double ends[nt_max > 0 ? nt_max : 1]; /* each thread's end (monotonic s) */
     for (long r = 0; r < B; r++) rows[r] = r;
     int rc = 0, team = 1;
     if (B < parallel_rows || nt_max < 2 || split_paused()) {
@@ -1988,10 +1988,7 @@ static int step_all_rows(StepRowsFn step_rows, const void *ctx, long parallel_ro
             const long nt = omp_get_num_threads(), t = omp_get_thread_num();
             const long lo = B * t / nt, hi = B * (t + 1) / nt;
             if (hi > lo) rc = step_rows(ctx, hi - lo, B, rows + lo, tokens, state, logits + lo * V);
-            if (t == nt - 1 && nt > 1) { /* a test's stand-in for a descheduled thread (step_split_state) */
-                const long d = __atomic_exchange_n(&split_test_delay, 0, __ATOMIC_RELAXED);
-                if (d > 0) nanosleep(&(struct timespec){d / 1000000000L, d % 1000000000L}, NULL);
-            }
+            if (t == nt - 1 && nt > 1) split_test_hold(); /* a test's stand-in for a descheduled thread */
             ends[t] = monotonic_s();
             if (t == 0) team = (int)nt;
         }
@@ -2008,7 +2005,6 @@ static int step_all_rows(StepRowsFn step_rows, const void *ctx, long parallel_ro
         }
     }
     free(rows);
-    free(ends);
     return rc;
 }
 
