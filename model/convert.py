@@ -9,10 +9,11 @@ config.yaml / .hydra/config.yaml beside it), or a state dict of the standalone m
 with a JSON description (SRC.json, or --config). Nothing is unpickled (model.official.reader).
 
 OUT_DIR gets model.safetensors + config.json (model.checkpoint.save) and a README.md model card with
-the source's SHA-256, the mapping used and the verification errors; with --vocab, the word vocabulary
-of an official LM dataset (model/vocab.py: built from its data folder as the official code builds it,
-or read from a symbols file) as vocab.txt. Anything the official model does
-that ours cannot express exactly is refused: exit status 2 and a message naming the option and value.
+the source's SHA-256, the mapping used and the verification errors; with --vocab, the vocabulary of an
+official LM dataset (model/vocab.py: WikiText's and PTB's words, enwik8's bytes, text8's characters;
+built from its data folder as the official code builds it, or read from a symbols file) as vocab.txt.
+Anything the official model does that ours cannot express exactly is refused: exit status 2 and a message
+naming the option and value.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from model.checkpoint import _sha256, save
 from model.official.mapping import Imported, MissingConfig, Unsupported, map_official
 from model.official.reader import OfficialFormatError, config_origin, dataset_name, find_config, read_source
 from model.vocab import DATASETS as VOCAB_BUILDS
-from model.vocab import VOCAB_FILE, VocabError, WordVocab, load_vocab
+from model.vocab import VOCAB_FILE, VOCABS, Vocab, VocabError, load_vocab
 
 log = logging.getLogger("model.convert")
 
@@ -92,9 +93,7 @@ def token_warning(dataset: str | None, vocab_size: int) -> str | None:
     """Why a text model's ids may not be bytes: fewer than 256 of them (the server refuses such a text
     model: its text routes send UTF-8 bytes as ids), or an official dataset that numbers tokens by a
     vocabulary."""
-    from model.vocab import DATASETS as WORD_DATASETS
-
-    words = dataset in WORD_DATASETS  # a vocabulary --vocab builds (or reads) for the server
+    words = dataset in VOCAB_BUILDS  # a vocabulary --vocab builds (or reads) for the server
     library = "use it through the library (model.load) by its token ids"
     reasons = []
     if vocab_size < 256:
@@ -116,7 +115,7 @@ def token_warning(dataset: str | None, vocab_size: int) -> str | None:
                 "; give it its vocabulary (--vocab; for a server given the file itself, the symbols file "
                 "beside it as vocab.txt: python -m model.vocab)"
                 if words
-                else f"; the server reads only the word vocabularies of {', '.join(sorted(WORD_DATASETS))} "
+                else f"; the server reads only the vocabularies of {', '.join(sorted(VOCAB_BUILDS))} "
                 f"(--vocab), not {dataset}'s" + ("" if vocab_size < 256 else f": {library}")
             )
         )
@@ -151,8 +150,10 @@ def build(imp: Imported, dtype: torch.dtype = torch.float32):
     return net.eval()
 
 
-def _word_vocab(src: Path, vocab, dataset: str | None, V: int, text: bool) -> WordVocab | None:
-    """--vocab's WordVocab (None without it); ConvertError unless it is a text model's and has V words."""
+def _vocab(src: Path, vocab, dataset: str | None, V: int, text: bool) -> Vocab | None:
+    """--vocab's vocabulary (None without it): built from a data folder as the official code builds the
+    dataset's (`model.vocab.DATASETS`), or read from a symbols file as the dataset's kind of symbol (words
+    for a dataset not listed there); ConvertError unless it is a text model's and has V symbols."""
     if vocab is None:
         return None
     if not text:
@@ -164,14 +165,16 @@ def _word_vocab(src: Path, vocab, dataset: str | None, V: int, text: bool) -> Wo
                     f"{src}: --vocab {vocab} is a data folder, but the dataset {dataset!r} is not one whose "
                     f"vocabulary is built from its files ({sorted(VOCAB_BUILDS)}); give a symbols file"
                 )
-            words = WordVocab.from_dataset(vocab, dataset)
+            words = Vocab.from_dataset(vocab, dataset)
         else:
-            words = WordVocab.read(vocab, lower_case=VOCAB_BUILDS.get(dataset, ((), False))[1])
+            _, lower, kind = VOCAB_BUILDS.get(dataset, ((), False, "words"))
+            words = VOCABS[kind].read(vocab, lower_case=lower)
     except VocabError as exc:
         raise ConvertError(f"--vocab: {exc}") from None
     if len(words) != V:
         raise ConvertError(
-            f"--vocab {vocab}: {len(words)} words, but the model's vocabulary has {V}: not this model's data?"
+            f"--vocab {vocab}: {len(words)} {words.unit}s, but the model's vocabulary has {V}: not this "
+            "model's data?"
         )
     return words
 
@@ -241,7 +244,8 @@ def model_card(
         *(
             [
                 f"**Vocabulary:** {vocab}; `model.vocab.load_vocab(folder)` encodes text to its ids and "
-                "decodes them (WikiText's conventions: a newline is `<eos>`, words are space-separated).",
+                "decodes them as the official data were written (model/vocab.py: WikiText's words with "
+                "`<eos>` for a newline, enwik8's bytes, text8's characters).",
                 "",
             ]
             if vocab
@@ -275,8 +279,8 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
     """SRC → OUT_DIR (model.safetensors, config.json, README.md). Returns the summary written to
     config.json's "source" ("warning": why its ids may not be bytes, or None). An existing OUT_DIR that
     is not empty is replaced only with `force` (whole: nothing of it is left). `vocab`: the dataset's data
-    folder (its word vocabulary built as the official code builds it for the config's dataset: wt103,
-    wt2, ptb) or a symbols file (one per line), written as vocab.txt. Raises ConvertError
+    folder (its vocabulary built as the official code builds it for the config's dataset: wt103, wt2,
+    ptb, enwik8, text8) or a symbols file (one per line), written as vocab.txt. Raises ConvertError
     (unreadable, refused, OUT_DIR not empty, or failed verification; MissingConfigError for a .pt
     without its config)."""
     from model.recurrent import VerificationError
@@ -317,7 +321,7 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
     if text and sample_rate is not None:
         raise ConvertError(f"{src}: --sample-rate is a SaShiMi (audio) import's option; this is a text model")
     warning = token_warning(dataset, imp.config["vocab_size"]) if text else None
-    words = _word_vocab(src, vocab, dataset, imp.config["vocab_size"], text)
+    words = _vocab(src, vocab, dataset, imp.config["vocab_size"], text)
     if words is not None:  # its ids are served through the vocabulary: the token warning no longer holds
         warning = None
     summary = {
@@ -342,7 +346,7 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
                 if Path(vocab).is_file()
                 else f"built as the official code builds {dataset}'s from"
             )
-            summary["vocab"] = f"`{VOCAB_FILE}`, {len(words)} words ({how} `{vocab}`)"
+            summary["vocab"] = f"`{VOCAB_FILE}`, {len(words)} {words.unit}s ({how} `{vocab}`)"
         save(net, tmp, extra=extra)
         card = model_card(
             name, src, sha, kind, imp, ver, summary["config_file"], warning, summary.get("vocab")
@@ -376,7 +380,7 @@ def cache_key(src: Path, config: Path | None, vocab: Path | None = None) -> str:
 
 
 def find_vocab(src: Path) -> Path | None:
-    """The word vocabulary served with an official file: a symbols file named vocab.txt beside it (one word
+    """The vocabulary served with an official file: a symbols file named vocab.txt beside it (one symbol
     per line, in id order, as the official `vocab_file`; `python -m model.vocab` writes one from a dataset's
     folder), or for the official best checkpoint (RUN/checkpoints/val/loss.ckpt, `monitored`) in the
     run's checkpoints/ folder, beside its last.ckpt; else None."""

@@ -516,7 +516,8 @@ def _init_from(folder: str) -> tuple[dict, dict[str, torch.Tensor], dict]:
         raise ConfigError(f"train.init {folder!r}: {exc}") from None
     if isinstance(meta.get("vocab"), dict):  # (model.data writes UTF-8 bytes and mu-law codes only)
         raise ConfigError(
-            f"train.init {folder!r}: a word-level model (its vocab.txt); training data here is bytes or audio"
+            f"train.init {folder!r}: a model of a vocabulary (its vocab.txt: {meta['vocab'].get('kind')}); "
+            "training data here is bytes or audio"
         )
     source = meta.get("source") if isinstance(meta.get("source"), dict) else {}
     if source.get("warning") and source.get("dataset") in VOCAB_DATASETS:  # converted without its --vocab

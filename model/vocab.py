@@ -1,18 +1,33 @@
-"""Word vocabularies as the official state-spaces/s4 LM datasets number them (WikiText-2/103, PTB).
+"""Vocabularies as the official state-spaces/s4 LM datasets number tokens (WikiText, PTB, enwik8, text8).
 
 The official code (src/dataloaders/utils/vocabulary.py `Vocab`, src/dataloaders/lm.py; read for facts,
 not copied) builds the vocabulary from the corpus, not the checkpoint: its special symbols first
-(`<eos>`), then every symbol of the counted files by decreasing count, ties in the order first seen
-(`Counter.most_common`). A line is tokenized by `line.strip().split()` (lower-cased for PTB), and
-each line of a file ends with `<eos>` when encoded. WikiText-103 counts train.txt only; WikiText-2 and
-PTB count train, valid and test. A vocabulary can also be read from a symbols file, one per line (the
-official `vocab_file` format: the first whitespace-separated field of each line).
+(`<eos>` for the word datasets, none for enwik8 and text8), then every symbol of the counted files by
+decreasing count, ties in the order first seen (`Counter.most_common`). A line is tokenized by
+`line.strip().split()`, lower-cased for PTB and for enwik8 and text8 (whose `vocab_kwargs = {}` keep the
+`Vocab` default, lower_case=True); a word dataset's line ends with `<eos>` when encoded, enwik8's and
+text8's with nothing (`add_eos=False`). WikiText-103 counts train.txt only; the others train, valid and
+test. A vocabulary can also be read from a symbols file, one per line (the official `vocab_file` format:
+the first whitespace-separated field of each line).
 
-Text ↔ ids here follows those conventions: `encode` splits the text into lines and words, each
-newline is `<eos>`; an unknown word is `<unk>` when the vocabulary has that symbol (WikiText's own
-convention), else a ValueError naming it. `piece(i)` is a token's text: "\\n" for `<eos>`, else a space
-and the word, so decoded text reads as WikiText's raw files (" The game began ... \\n") and
-`encode(decode(ids)) == ids` for every id.
+Three kinds of token, by dataset (config.json's `vocab.kind`):
+
+- **words** (wt103, wt2, ptb), `WordVocab`: `encode` splits the text into lines and words, each newline
+  is `<eos>`; an unknown word is `<unk>` when the vocabulary has that symbol (WikiText's own convention),
+  else a VocabError naming it. `piece(i)` is a token's text: "\\n" for `<eos>`, else a space and the word,
+  so decoded text reads as WikiText's raw files (" The game began ... \\n") and `encode(decode(ids)) ==
+  ids` for every id.
+- **bytes** (enwik8), `ByteVocab`: Transformer-XL's prep_enwik8.py, which the official code's data
+  folder follows, writes each byte of the corpus as its decimal number, space-separated, and a newline byte
+  as a line break, which the tokenizer's split drops: the symbols are byte values ("101"), numbered by
+  frequency, and the model never saw a newline. `encode` reads the text's UTF-8 bytes, each as its symbol's
+  id; a newline is dropped when the vocabulary lacks it (as the training data lost them), any other byte
+  it lacks is a VocabError naming the character. A token's text is its byte (part of a character, for
+  non-ASCII text).
+- **chars** (text8), `CharVocab`: prep_text8.py writes each character, a space as "_", space-separated:
+  the symbols are characters. `encode` lower-cases the text (the `Vocab` default), reads a space as "_"
+  and drops any other whitespace (which the tokenizer's split drops from the data); a character the
+  vocabulary lacks is a VocabError naming it. A token's text is its character, " " for "_".
 """
 
 from __future__ import annotations
@@ -25,11 +40,14 @@ from pathlib import Path
 
 EOS, UNK = "<eos>", "<unk>"
 VOCAB_FILE = "vocab.txt"
-# the official datasets' vocabularies (lm.py): files counted, lower-casing, special symbols
+# the official datasets' vocabularies (lm.py): files counted, lower-casing, the kind of symbol
+ALL_SPLITS = ("train.txt", "valid.txt", "test.txt")
 DATASETS = {
-    "wt103": (("train.txt",), False),
-    "wt2": (("train.txt", "valid.txt", "test.txt"), False),
-    "ptb": (("train.txt", "valid.txt", "test.txt"), True),
+    "wt103": (("train.txt",), False, "words"),
+    "wt2": (ALL_SPLITS, False, "words"),
+    "ptb": (ALL_SPLITS, True, "words"),
+    "enwik8": (ALL_SPLITS, True, "bytes"),
+    "text8": (ALL_SPLITS, True, "chars"),
 }
 
 
@@ -37,11 +55,35 @@ class VocabError(ValueError):
     """A vocabulary file or corpus that cannot be read, or text it cannot encode."""
 
 
-class WordVocab:
-    """symbols[i] is token i's word (no whitespace inside a symbol). `eos` must be a symbol; `unk` is
-    used for unknown words when it is one. Raises VocabError for an empty or duplicated symbol list."""
+def count_symbols(paths: Iterable[str | Path], lower_case: bool, special: Iterable[str] = ()) -> list[str]:
+    """The official Vocab(special, lower_case).count_file(path) for each path in order, then build_vocab()
+    (min_freq 0, no max_size): the specials, then the counted symbols by `Counter.most_common()` (by
+    decreasing count, ties in the order first seen). Raises VocabError for a file it cannot read."""
+    counter: Counter[str] = Counter()
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    line = line.strip()
+                    counter.update((line.lower() if lower_case else line).split())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise VocabError(f"{path}: cannot read the corpus ({exc})") from None
+    symbols = list(dict.fromkeys(special))
+    seen = set(symbols)
+    return symbols + [s for s, _ in counter.most_common() if s not in seen]
 
-    def __init__(self, symbols: list[str], lower_case: bool = False, eos: str = EOS, unk: str = UNK):
+
+class Vocab:
+    """What the three kinds share: `symbols[i]` is token i's symbol (non-empty, no whitespace, each once;
+    else VocabError), `token_bytes` (ids → the UTF-8 bytes of their text, from a table), `decode`, the
+    symbols file (`read`, `write`) and config.json's entry (`describe`). Subclasses set `kind`, `unit`
+    (what one token is, in messages) and `_bytes` (each token's bytes)."""
+
+    kind = ""
+    unit = ""
+    _bytes: list[bytes]
+
+    def __init__(self, symbols: list[str], lower_case: bool = False) -> None:
         if not symbols:
             raise VocabError("a vocabulary needs at least one symbol")
         self.symbols = list(symbols)
@@ -52,44 +94,30 @@ class WordVocab:
         bad = next((s for s in self.symbols if not s or any(c.isspace() for c in s)), None)
         if bad is not None:
             raise VocabError(f"symbol {bad!r}: symbols are non-empty and hold no whitespace")
-        if eos not in self.index:
-            raise VocabError(f"the vocabulary has no {eos!r} symbol (the end of a line)")
-        self.lower_case, self.eos, self.unk = lower_case, eos, unk
-        self.eos_id = self.index[eos]
-        self.unk_id = self.index.get(unk)
-        self._bytes = [self.piece(i).encode("utf-8") for i in range(len(self.symbols))]
+        self.lower_case = lower_case
 
     def __len__(self) -> int:
         return len(self.symbols)
 
     @classmethod
-    def from_corpus(cls, paths: Iterable[str | Path], lower_case: bool = False, special=(EOS,)) -> WordVocab:
-        """The official Vocab(special, lower_case).count_file(path) for each path in order, then
-        build_vocab() (min_freq 0, no max_size): the specials, then most_common()."""
-        counter: Counter[str] = Counter()
-        for path in paths:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    for line in f:
-                        line = line.strip()
-                        counter.update((line.lower() if lower_case else line).split())
-            except (OSError, UnicodeDecodeError) as exc:
-                raise VocabError(f"{path}: cannot read the corpus ({exc})") from None
-        symbols = list(dict.fromkeys(special))
-        seen = set(symbols)
-        symbols += [s for s, _ in counter.most_common() if s not in seen]
-        return cls(symbols, lower_case=lower_case)
+    def from_corpus(cls, paths: Iterable[str | Path], lower_case: bool = False, special=()) -> Vocab:
+        """This kind's vocabulary of the counted files (`count_symbols`)."""
+        return cls(count_symbols(paths, lower_case, special), lower_case=lower_case)
 
     @classmethod
-    def from_dataset(cls, data_dir: str | Path, dataset: str) -> WordVocab:
-        """The vocabulary the official code builds for `dataset` (wt103, wt2, ptb) from its data folder."""
+    def from_dataset(cls, data_dir: str | Path, dataset: str) -> Vocab:
+        """The vocabulary the official code builds for `dataset` (`DATASETS`: wt103, wt2, ptb, enwik8,
+        text8) from its data folder, of that dataset's kind. Raises VocabError for another dataset (or one
+        of another kind than this class's), or a folder whose files cannot be read."""
         if dataset not in DATASETS:
-            raise VocabError(f"dataset {dataset!r}: a word vocabulary is built for {sorted(DATASETS)} only")
-        files, lower = DATASETS[dataset]
-        return cls.from_corpus([Path(data_dir) / f for f in files], lower_case=lower)
+            raise VocabError(f"dataset {dataset!r}: a vocabulary is built for {sorted(DATASETS)} only")
+        files, lower, kind = DATASETS[dataset]
+        if cls is not Vocab and cls.kind != kind:
+            raise VocabError(f"dataset {dataset!r}: its tokens are {kind}, not {cls.kind}")
+        return VOCABS[kind].from_corpus([Path(data_dir) / f for f in files], lower_case=lower)
 
     @classmethod
-    def read(cls, path: str | Path, lower_case: bool = False) -> WordVocab:
+    def read(cls, path: str | Path, lower_case: bool = False) -> Vocab:
         """A symbols file: the first whitespace-separated field of each non-blank line is the next symbol
         (the official vocab_file format; our checkpoints' vocab.txt)."""
         try:
@@ -106,8 +134,121 @@ class WordVocab:
 
     def describe(self) -> dict:
         """The config.json entry (`vocab`) that says how to read the symbols file back."""
-        return {"kind": "words", "file": VOCAB_FILE, "size": len(self), "lower_case": self.lower_case,
-                "eos": self.eos, "unk": self.unk if self.unk_id is not None else None}  # fmt: skip
+        return {"kind": self.kind, "file": VOCAB_FILE, "size": len(self), "lower_case": self.lower_case}
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The words of `text` read as `<unk>`: none (only a word vocabulary has one)."""
+        return []
+
+    def token_bytes(self, ids: Iterable[int]) -> bytes:
+        """The UTF-8 bytes of the tokens' text (from a table): what the server matches stop sequences
+        against and streams as text."""
+        b = self._bytes
+        return b"".join(b[i] for i in ids)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """The tokens' text (U+FFFD for a byte that does not complete a character)."""
+        return self.token_bytes(ids).decode("utf-8", errors="replace")
+
+
+def _refuse(unit: str, missing: list[str], more: str = "") -> VocabError:
+    named = ", ".join(repr(c) for c in missing[:8]) + (", …" if len(missing) > 8 else "")
+    return VocabError(f"{unit} {named} {'is' if len(missing) == 1 else 'are'} not in the vocabulary{more}")
+
+
+class ByteVocab(Vocab):
+    """enwik8's: each symbol a byte value in decimal ("0".."255", as prep_enwik8.py writes them), token i
+    the byte `byte_of[i]` (see the module's docstring). Raises VocabError for another symbol."""
+
+    kind, unit = "bytes", "byte"
+
+    def __init__(self, symbols: list[str], lower_case: bool = True) -> None:
+        super().__init__(symbols, lower_case)
+        bad = next((s for s in self.symbols if not (s.isdecimal() and s == str(int(s)))), None)
+        bad = bad or next((s for s in self.symbols if int(s) > 255), None)
+        if bad is not None:
+            raise VocabError(f"symbol {bad!r}: an enwik8 symbol is a byte value, 0 to 255, in decimal")
+        self.byte_of = [int(s) for s in self.symbols]
+        self._bytes = [bytes([b]) for b in self.byte_of]
+        self._table = bytearray(256)  # byte → id (ids < 256: one byte each)
+        for i, b in enumerate(self.byte_of):
+            self._table[b] = i
+        lacking = bytes(sorted(set(range(256)) - set(self.byte_of)))
+        self._dropped = b"\n" if 10 in lacking else b""  # a newline the data never had: dropped
+        self._lacking = lacking.replace(b"\n", b"")
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`'s UTF-8 bytes (a newline dropped when not a symbol). Raises VocabError
+        naming the characters whose bytes are not symbols (and UnicodeEncodeError for a lone surrogate)."""
+        data = text.encode("utf-8")
+        if data.translate(None, self._lacking) != data:
+            missing = [c for c in dict.fromkeys(text) if c.encode("utf-8").translate(None, self._lacking) !=
+                       c.encode("utf-8")]  # fmt: skip
+            raise _refuse("character" if len(missing) == 1 else "characters", missing,
+                          " (enwik8's: a byte the model was not trained on)")  # fmt: skip
+        return list(data.translate(self._table, self._dropped))
+
+    def piece(self, i: int) -> str:
+        """Token i's text: its byte as a character when ASCII, else U+FFFD (a part of a character)."""
+        return self._bytes[i].decode("utf-8", errors="replace")
+
+
+class CharVocab(Vocab):
+    """text8's: each symbol one character, "_" a space (see the module's docstring). Raises VocabError for
+    a symbol of more than one character."""
+
+    kind, unit = "chars", "character"
+
+    def __init__(self, symbols: list[str], lower_case: bool = True) -> None:
+        super().__init__(symbols, lower_case)
+        bad = next((s for s in self.symbols if len(s) != 1), None)
+        if bad is not None:
+            raise VocabError(f"symbol {bad!r}: a text8 symbol is one character")
+        self._bytes = [self.piece(i).encode("utf-8") for i in range(len(self.symbols))]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`'s characters (lower-cased when `lower_case`; a space as "_"; other whitespace
+        dropped). Raises VocabError naming the characters the vocabulary lacks."""
+        if self.lower_case:
+            text = text.lower()
+        index = self.index
+        chars = ["_" if c == " " else c for c in text if c == " " or not c.isspace()]
+        missing = [c for c in dict.fromkeys(chars) if c not in index]
+        if missing:
+            raise _refuse("character" if len(missing) == 1 else "characters", missing)
+        return [index[c] for c in chars]
+
+    def piece(self, i: int) -> str:
+        """Token i's text: its character, " " for "_"."""
+        s = self.symbols[i]
+        return " " if s == "_" else s
+
+
+class WordVocab(Vocab):
+    """symbols[i] is token i's word (no whitespace inside a symbol). `eos` must be a symbol; `unk` is
+    used for unknown words when it is one. Raises VocabError for an empty or duplicated symbol list."""
+
+    kind, unit = "words", "word"
+
+    def __init__(self, symbols: list[str], lower_case: bool = False, eos: str = EOS, unk: str = UNK):
+        super().__init__(symbols, lower_case)
+        if eos not in self.index:
+            raise VocabError(f"the vocabulary has no {eos!r} symbol (the end of a line)")
+        self.eos, self.unk = eos, unk
+        self.eos_id = self.index[eos]
+        self.unk_id = self.index.get(unk)
+        self._bytes = [self.piece(i).encode("utf-8") for i in range(len(self.symbols))]
+
+    @classmethod
+    def from_corpus(cls, paths: Iterable[str | Path], lower_case: bool = False, special=(EOS,)) -> WordVocab:
+        """The word datasets' specials: `<eos>` first."""
+        return cls(count_symbols(paths, lower_case, special), lower_case=lower_case)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "eos": self.eos, "unk": self.unk if self.unk_id is not None else None}
 
     def _key(self, word: str) -> str:
         """The symbol a word is looked up as (lower-cased for a lower_case vocabulary: PTB's)."""
@@ -140,20 +281,14 @@ class WordVocab:
         """Token i's text: "\\n" for `<eos>`, else " " + its word."""
         return "\n" if i == self.eos_id else " " + self.symbols[i]
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return "".join(self.piece(i) for i in ids)
 
-    def token_bytes(self, ids: Iterable[int]) -> bytes:
-        """The UTF-8 bytes of the tokens' text (`decode(ids).encode()`, from a table): what the server
-        matches stop sequences against and streams as text."""
-        b = self._bytes
-        return b"".join(b[i] for i in ids)
+VOCABS: dict[str, type[Vocab]] = {"words": WordVocab, "bytes": ByteVocab, "chars": CharVocab}
 
 
-def load_vocab(folder: str | Path) -> WordVocab | None:
-    """The word vocabulary a checkpoint folder carries (config.json `vocab`, written by `python -m
-    model.convert ... --vocab`), or None when it has none (byte-level text, audio). Raises VocabError
-    when the entry, the file or its checksum is wrong."""
+def load_vocab(folder: str | Path) -> Vocab | None:
+    """The vocabulary a checkpoint folder carries (config.json `vocab`, written by `python -m
+    model.convert ... --vocab`): a WordVocab, ByteVocab or CharVocab by its `kind`; None when it has none
+    (byte-level text, audio). Raises VocabError when the entry, the file or its checksum is wrong."""
     folder = Path(folder)
     try:
         entry = json.loads((folder / "config.json").read_text()).get("vocab")
@@ -161,9 +296,10 @@ def load_vocab(folder: str | Path) -> WordVocab | None:
         raise VocabError(f"{folder / 'config.json'}: unreadable ({exc})") from None
     if entry is None:
         return None
-    if not (isinstance(entry, dict) and entry.get("kind") == "words" and entry.get("file") == VOCAB_FILE):
+    if not (isinstance(entry, dict) and entry.get("kind") in VOCABS and entry.get("file") == VOCAB_FILE):
         raise VocabError(
-            f"{folder / 'config.json'}: vocab entry {entry!r} is not a word vocabulary in {VOCAB_FILE}"
+            f"{folder / 'config.json'}: vocab entry {entry!r} is not a vocabulary ({', '.join(VOCABS)}) in "
+            f"{VOCAB_FILE}"
         )
     path = folder / VOCAB_FILE
     try:
@@ -172,7 +308,7 @@ def load_vocab(folder: str | Path) -> WordVocab | None:
         raise VocabError(f"{path}: missing or unreadable ({exc})") from None
     if entry.get("sha256") != hashlib.sha256(data).hexdigest():
         raise VocabError(f"{path}: checksum mismatch (changed after the conversion?)")
-    vocab = WordVocab.read(path, lower_case=bool(entry.get("lower_case")))
+    vocab = VOCABS[entry["kind"]].read(path, lower_case=bool(entry.get("lower_case")))
     if len(vocab) != entry.get("size"):
         raise VocabError(f"{path}: {len(vocab)} symbols, config.json says {entry.get('size')}")
     return vocab
@@ -180,10 +316,10 @@ def load_vocab(folder: str | Path) -> WordVocab | None:
 
 def main(argv: list[str] | None = None) -> int:
     """python -m model.vocab DATA_DIR DATASET_OR_CKPT OUT: the symbols file of a dataset's vocabulary (wt103,
-    wt2, ptb; or the one a run's .ckpt was trained on, read from its config) built from its data folder as
-    the official code builds it, one word per line in id order (what
-    `WordVocab.read`, `model.convert --vocab` and a server given an official file with `vocab.txt` beside
-    it read). Exit status 2 with the reason for a folder or dataset it cannot build from."""
+    wt2, ptb, enwik8, text8; or the one a run's .ckpt was trained on, read from its config) built from its
+    data folder as the official code builds it, one symbol per line in id order (what `model.convert
+    --vocab` and a server given an official file with `vocab.txt` beside it read). Exit status 2 with the
+    reason for a folder or dataset it cannot build from."""
     import argparse  # noqa: PLC0415
 
     about = " ".join(main.__doc__.split("\n\n")[0].split())
@@ -203,19 +339,19 @@ def main(argv: list[str] | None = None) -> int:
         except (OfficialFormatError, OSError) as exc:
             ap.error(f"{dataset}: cannot read its config ({exc})")
         if dataset not in DATASETS:
-            ap.error(f"{args.dataset}: its config names dataset {dataset!r}, not one whose word vocabulary "
-                     f"is built here ({names})")  # fmt: skip
+            ap.error(f"{args.dataset}: its config names dataset {dataset!r}, not one whose vocabulary is "
+                     f"built here ({names})")  # fmt: skip
     elif dataset not in DATASETS:
         ap.error(f"dataset {dataset!r}: not a file, nor one of {names}")
     try:
-        vocab = WordVocab.from_dataset(args.data_dir, dataset)
+        vocab = Vocab.from_dataset(args.data_dir, dataset)
     except (VocabError, OSError) as exc:
         ap.error(str(exc))
     try:
         sha = vocab.write(args.out)
     except OSError as exc:
         ap.error(f"{args.out}: cannot write it ({exc.strerror or exc})")
-    print(f"{args.out}: {len(vocab)} words of {dataset} (sha256 {sha})")
+    print(f"{args.out}: {len(vocab)} {vocab.unit}s of {dataset} (sha256 {sha})")
     return 0
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from model.codecs import AudioTooLong, ByteTokenizer, MuLaw, read_audio, to_pcm16, wav_bytes
 from model.sampling import find_stop
-from model.vocab import VocabError, WordVocab
+from model.vocab import Vocab, VocabError
 from server.errors import APIError, invalid, prompt_too_long
 
 TEXT, MULAW = ByteTokenizer(), MuLaw()
@@ -54,11 +54,12 @@ def accepts(accept: str | None, media_type: str, any_type: bool = True) -> bool:
 
 
 def text_ids(
-    text: str, param: str = "prompt", max_tokens: int | None = None, vocab: WordVocab | None = None
+    text: str, param: str = "prompt", max_tokens: int | None = None, vocab: Vocab | None = None
 ) -> list[int]:
-    """A text prompt as token ids: UTF-8 bytes, or with a word `vocab` its words (model.vocab: `<eos>`
-    for each newline; a word it lacks is `<unk>`, or a 422 naming `param` and the word when it has
-    none). One longer than `max_tokens` is a 413 naming `param`, found before it is converted for bytes
+    """A text prompt as token ids: UTF-8 bytes, or with a `vocab` as it reads text (model.vocab: a word
+    vocabulary's words, `<eos>` for each newline, a word it lacks `<unk>`; enwik8's bytes, text8's
+    characters); what it cannot read is a 422 naming `param` and the word or characters. One longer
+    than `max_tokens` is a 413 naming `param`, found before it is converted for bytes
     (by its length in characters, each at least one byte, then in bytes); text that is not valid
     Unicode (a lone surrogate from JSON's "\\ud800") is a 422."""
 
@@ -91,7 +92,7 @@ def prompt_ids(
     max_audio_s: float | None = None,
     max_tokens: int | None = None,
     codec: MuLaw = MULAW,
-    vocab: WordVocab | None = None,
+    vocab: Vocab | None = None,
 ) -> list[int]:
     """A request's prompt as token ids for a model of this kind (422 naming the wrong field); audio is
     encoded by the model's `codec` (its mu-law convention).
@@ -215,7 +216,7 @@ class TextAssembler:
         """carry: an unfinished character from the session's earlier output (its first bytes);
         ends: `finish` ends the text (U+FFFD for an unfinished character) rather than holding it back
         for a later generation on the same session. A stop sequence always ends the text. token_bytes:
-        ids → the UTF-8 bytes of their text (a word vocabulary's); None: each id is its byte."""
+        ids → the UTF-8 bytes of their text (a vocabulary's); None: each id is its byte."""
         self.stops = [s for s in stops if s]
         self.token_bytes = token_bytes
         self.ends_at: list[int] = []  # (word tokens) each token's end in buf

@@ -25,8 +25,8 @@ from model.form_cache import summary as form_cache_summary
 from model.network import ModelConfig
 from model.recurrent import RecurrentModel
 from model.sampling import SamplingParams, sample
-from model.vocab import DATASETS as WORD_DATASETS
-from model.vocab import VocabError, WordVocab, load_vocab
+from model.vocab import DATASETS as VOCAB_BUILDS
+from model.vocab import Vocab, VocabError, load_vocab
 from server.chat import ChatTemplate
 from server.config import MODEL_ID, Settings
 from server.engine import Engine
@@ -46,6 +46,10 @@ def _check_stop(stop: threading.Event | None) -> None:
         raise LoadingStopped
 
 
+# /v1/models' `tokens` for a model served through a vocabulary, by its kind (model.vocab.VOCABS)
+TOKENS = {"words": "words", "bytes": "vocab_bytes", "chars": "characters"}
+
+
 @dataclass
 class ServedModel:
     id: str
@@ -57,13 +61,14 @@ class ServedModel:
     chat: ChatTemplate | None = None  # from config.json's chat_template (POST /v1/chat/completions)
     created: int = 0  # Unix time the weights file was written
     generation: dict = field(default_factory=dict)  # config.json's generation_config (GenerationConfig)
-    vocab: WordVocab | None = None  # a word-level text model's vocabulary (vocab.txt); None: UTF-8 bytes
+    vocab: Vocab | None = None  # a text model's vocabulary (vocab.txt: words, enwik8's bytes, text8's
+    # characters); None: its ids are UTF-8 bytes
 
     owned_by = "s4serve"
 
     def token_bytes(self, ids) -> bytes:
-        """A text model's tokens as the UTF-8 bytes of their text: byte ids themselves, or the words' (the
-        engine's, which matches stop sequences against them)."""
+        """A text model's tokens as the UTF-8 bytes of their text: byte ids themselves, or their symbols'
+        text (the engine's, which matches stop sequences against them)."""
         return self.engine.token_bytes(ids)
 
     @property
@@ -120,7 +125,7 @@ class ServedModel:
             "unet": c.unet,
             "sample_rate": self.sample_rate,
             "vocab_size": c.vocab_size,
-            "tokens": "audio" if self.kind == "audio" else "bytes" if self.vocab is None else "words",
+            "tokens": "audio" if self.kind == "audio" else TOKENS[self.vocab.kind] if self.vocab else "bytes",
             "n_layers": c.n_layers,
             "d_model": c.d_model,
             "d_state": c.d_state,
@@ -309,8 +314,8 @@ def model_id_of(entry: str) -> str:
     return name or (default_name(path) if path.suffix in OFFICIAL_SUFFIXES else path.name)
 
 
-def served_vocab(path: Path, config: ModelConfig, source: Path | None = None) -> WordVocab | None:
-    """The word vocabulary a text model is served through (its folder's vocab.txt), or None: its ids are
+def served_vocab(path: Path, config: ModelConfig, source: Path | None = None) -> Vocab | None:
+    """The vocabulary a text model is served through (its folder's vocab.txt), or None: its ids are
     UTF-8 bytes (or it is an audio model). `source`: the official file it was converted from (named in
     the errors). Raises CheckpointError for a vocabulary that is wrong or of another size, and for a text
     model without one whose ids cannot be bytes (fewer than 256). A model
@@ -330,11 +335,11 @@ def served_vocab(path: Path, config: ModelConfig, source: Path | None = None) ->
         return vocab
     if config.vocab_size < 256:  # text prompts arrive as UTF-8 bytes (ids 0-255): each must be a token
         dataset = (read_config(path).get("source") or {}).get("dataset")
-        if dataset in VOCAB_DATASETS and dataset not in WORD_DATASETS:  # (enwik8, text8, lm1b)
+        if dataset in VOCAB_DATASETS and dataset not in VOCAB_BUILDS:  # (lm1b)
             raise CheckpointError(
                 f"{where}: a text model must have vocab_size >= 256 (byte tokens), this one has "
                 f"{config.vocab_size}: its ids are the official {dataset!r} vocabulary's, which the server "
-                f"does not read (only the word vocabularies of {', '.join(sorted(WORD_DATASETS))}); use it "
+                f"does not read (only the vocabularies of {', '.join(sorted(VOCAB_BUILDS))}); use it "
                 "through the library (model.load) by its token ids"
             )
         fix = (
@@ -353,7 +358,8 @@ def served_vocab(path: Path, config: ModelConfig, source: Path | None = None) ->
             )
         raise CheckpointError(
             f"{where}: a text model must have vocab_size >= 256 (byte tokens), this one has "
-            f"{config.vocab_size} (a word-level model needs its vocabulary: {fix})"
+            f"{config.vocab_size} (a model of a vocabulary, words or enwik8's or text8's symbols, needs it: "
+            f"{fix})"
         )
     return None
 

@@ -271,10 +271,12 @@ class ModelInfo(BaseModel):
     )
     sample_rate: int | None
     vocab_size: int
-    tokens: Literal["bytes", "words", "audio"] = Field(
-        description="what a token is: a UTF-8 byte (text), a word of the checkpoint's vocab.txt (a "
-        "word-level text model: a newline is <eos>, a word's text is a space and the word), or an 8-bit "
-        "mu-law sample"
+    tokens: Literal["bytes", "words", "vocab_bytes", "characters", "audio"] = Field(
+        description="what a token is: a UTF-8 byte (text; id = byte), a word of the checkpoint's vocab.txt "
+        "(a word-level text model: a newline is <eos>, a word's text is a space and the word), a UTF-8 byte "
+        "numbered by vocab.txt (an official enwik8 model: a newline, which its data lacked, is dropped from "
+        "prompts), a character of vocab.txt (an official text8 model: prompts lower-cased, a space is its "
+        "'_'), or an 8-bit mu-law sample"
     )
     n_layers: int
     d_model: int

@@ -360,8 +360,9 @@ def test_model_vocab_writes_the_official_code_s_symbols_file_and_names_a_bad_fol
     assert vocab_main([str(DATA), str(FIX / "s4_wt103.ckpt"), str(tmp_path / "from-ckpt.txt")]) == 0
     assert (tmp_path / "from-ckpt.txt").read_bytes() == (tmp_path / "vocab.txt").read_bytes()
     capsys.readouterr()
+    five = "enwik8, ptb, text8, wt103, wt2"
     for what, why in [(str(FIX / "s4d_standalone.pt"), "its config names dataset None, not one whose"),
-                      ("wt9", "dataset 'wt9': not a file, nor one of ptb, wt103, wt2")]:  # fmt: skip
+                      ("wt9", f"dataset 'wt9': not a file, nor one of {five}")]:  # fmt: skip
         with pytest.raises(SystemExit) as exc:
             vocab_main([str(DATA), what, str(tmp_path / "v.txt")])
         assert exc.value.code == 2 and why in capsys.readouterr().err
@@ -371,21 +372,31 @@ def test_model_vocab_writes_the_official_code_s_symbols_file_and_names_a_bad_fol
         assert exc.value.code == 2 and f"{out}: cannot write it" in capsys.readouterr().err
 
 
-def test_a_model_of_a_vocabulary_the_server_cannot_read_is_told_to_use_the_library(tmp_path):
-    """An official enwik8 model (trainpy_enwik.ckpt, 68 frequency-ordered symbols): the conversion's
-    warning and the server's refusal say that the server reads only the word vocabularies (wt103, wt2,
-    ptb) and that the model is used through the library, instead of pointing at --vocab and model.vocab,
-    which both refuse enwik8 (a fresh-user trial followed each hint to an exit 2)."""
+def test_an_enwik8_model_without_its_vocabulary_is_told_how_to_get_it(tmp_path):
+    """An official enwik8 model (trainpy_enwik.ckpt, 68 frequency-ordered byte symbols) converted without
+    --vocab: the conversion's warning points at --vocab and model.vocab, which build enwik8's vocabulary
+    (tests/test_server_chars.py serves it), and the server refuses it with the same advice."""
     from server.metrics import Metrics  # noqa: PLC0415
     from server.registry import load_models  # noqa: PLC0415
     from server.sessions import SessionTable  # noqa: PLC0415
 
     summary = convert(FIX / "trainpy_enwik.ckpt", tmp_path / "conv")
     warning = summary["warning"]
-    assert "the server reads only the word vocabularies of ptb, wt103, wt2 (--vocab), not enwik8's" in warning
-    assert "use it through the library (model.load) by its token ids" in warning
-    assert "--vocab;" not in warning and "python -m model.vocab" not in warning
+    assert "trained on dataset 'enwik8', whose token ids are the official code's frequency-ordered" in warning
+    assert "give it its vocabulary (--vocab; for a server given the file itself, the symbols file" in warning
+    assert "python -m model.vocab" in warning and "through the library" not in warning
     settings = Settings(checkpoints=[str(tmp_path / "conv")], device="cpu", max_sessions=2, torch_threads=1)
     models, failed = load_models(settings, SessionTable(), Metrics())
-    assert models == {} and "its ids are the official 'enwik8' vocabulary's" in failed["conv"], failed
-    assert "through the library (model.load)" in failed["conv"] and "model.vocab" not in failed["conv"]
+    assert models == {} and "this one has 68 (a model of a vocabulary" in failed["conv"], failed
+    assert "--vocab DATA_DIR_OR_FILE" in failed["conv"]
+
+
+def test_an_lm1b_model_is_told_to_use_the_library():
+    """lm1b's vocabulary (read from its own vocab_file, with <S> and <UNK>) is not built here: the
+    conversion's warning says the server reads only the five others and sends it to the library."""
+    from model.convert import token_warning  # noqa: PLC0415
+
+    warning = token_warning("lm1b", 793471)
+    five = "enwik8, ptb, text8, wt103, wt2"
+    assert f"the server reads only the vocabularies of {five} (--vocab), not lm1b's" in warning
+    assert "use it through the library (model.load) by its token ids" in warning

@@ -221,7 +221,7 @@ def test_a_fine_tune_names_train_init_and_keeps_its_serving_settings(text_data, 
                 f"train.export={tmp_path / 'wx'}",
             ]
         )
-    assert "a word-level model (its vocab.txt)" in capsys.readouterr().err
+    assert "a model of a vocabulary (its vocab.txt: words)" in capsys.readouterr().err
 
 
 def test_a_config_file_that_is_not_there_or_not_toml_is_one_line(tmp_path, capsys):

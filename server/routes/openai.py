@@ -29,7 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from model.sampling import SamplingParams
-from model.vocab import WordVocab
+from model.vocab import ByteVocab, Vocab
 from server import media
 from server.engine import Failed, Finished, Stream
 from server.errors import APIError, as_openai, invalid
@@ -82,17 +82,20 @@ def choice_seed(seed: int, i: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{i}".encode()).digest()[:8], "big") >> 1
 
 
-def token_str(t: int, vocab: WordVocab | None = None) -> str:
+def token_str(t: int, vocab: Vocab | None = None) -> str:
     """A token as OpenAI spells tokens: the character for an ASCII byte, "bytes:\\xNN" for another
-    byte, "token:N" for an id past the bytes (a model with a larger vocabulary); with a word vocabulary
-    the word's text (" the", "\\n" for <eos>)."""
-    if vocab is not None:
+    byte, "token:N" for an id past the bytes (a model with a larger vocabulary); a byte vocabulary's
+    (enwik8's) token as its byte; with a word or character vocabulary its text (" the", "\\n" for
+    <eos>; text8's "a", " ")."""
+    if isinstance(vocab, ByteVocab):
+        t = vocab.byte_of[t]
+    elif vocab is not None:
         return vocab.piece(t)
     return chr(t) if t < 128 else f"bytes:\\x{t:02x}" if t < 256 else f"token:{t}"
 
 
-def token_utf8(t: int, vocab: WordVocab | None = None) -> list[int]:
-    """A token's UTF-8 bytes (chat logprobs' `bytes`): the byte itself, or the word's text's."""
+def token_utf8(t: int, vocab: Vocab | None = None) -> list[int]:
+    """A token's UTF-8 bytes (chat logprobs' `bytes`): the byte itself, or its symbol's text's."""
     return [t] if vocab is None else list(vocab.token_bytes([t]))
 
 
@@ -101,21 +104,25 @@ class CharOffsets:
     (UTF-8 with errors replaced, as the returned text): both bytes of "é" get the index of "é", and
     each invalid byte that becomes U+FFFD the index of its U+FFFD."""
 
-    def __init__(self, vocab: WordVocab | None = None) -> None:
+    def __init__(self, vocab: Vocab | None = None) -> None:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.chars = 0  # characters decoded so far
-        self.vocab = vocab  # word tokens: each starts a piece of whole characters
+        # word and character tokens: each is a piece of whole characters; a byte vocabulary's: its byte
+        self.vocab = None if isinstance(vocab, ByteVocab) else vocab
+        self.byte_of = vocab.byte_of if isinstance(vocab, ByteVocab) else None
 
     def feed(self, t: int) -> int:
         if self.vocab is not None:
             start, self.chars = self.chars, self.chars + len(self.vocab.piece(t))
             return start
+        if self.byte_of is not None:
+            t = self.byte_of[t]
         self.chars += len(self.decoder.decode(bytes([t & 0xFF])))
         pending = len(self.decoder.getstate()[0])  # this byte is still held: it starts the next character
         return self.chars if pending else self.chars - 1
 
 
-def char_offsets(ids: list[int], vocab: WordVocab | None = None) -> list[int]:
+def char_offsets(ids: list[int], vocab: Vocab | None = None) -> list[int]:
     offsets = CharOffsets(vocab)
     return [offsets.feed(t) for t in ids]
 
@@ -211,7 +218,7 @@ class Run:
     ids: list[int]  # the prompt's token ids
     stream: Stream
     out: Output
-    vocab: WordVocab | None = None  # a word-level model's (its tokens' text and offsets)
+    vocab: Vocab | None = None  # a model's vocabulary (its tokens' text and offsets)
     tokens: list[int] = field(default_factory=list)
     final: Finished | None = None
     echoed: bool = False  # (streaming) the prompt has been sent
@@ -361,7 +368,7 @@ def generated_entries(run: Run, start: int, end: int, base: int) -> list[tuple]:
     return out
 
 
-def completion_logprobs(entries: list[tuple], vocab: WordVocab | None = None) -> dict:
+def completion_logprobs(entries: list[tuple], vocab: Vocab | None = None) -> dict:
     return {
         "tokens": [token_str(t, vocab) for t, _, _, _ in entries],
         "token_logprobs": [lp for _, lp, _, _ in entries],
@@ -372,7 +379,7 @@ def completion_logprobs(entries: list[tuple], vocab: WordVocab | None = None) ->
     }
 
 
-def chat_logprobs(entries: list[tuple], vocab: WordVocab | None = None) -> dict:
+def chat_logprobs(entries: list[tuple], vocab: Vocab | None = None) -> dict:
     def one(t: int, lp: float) -> dict:
         return {"token": token_str(t, vocab), "logprob": lp, "bytes": token_utf8(t, vocab)}
 
@@ -410,7 +417,7 @@ def completion_prompts(
             data = bytes(ids) if top < 256 and model.vocab is None else model.token_bytes(ids)
             texts.append(data.decode("utf-8", errors="replace"))
         if not ids:
-            unit = "byte" if model.vocab is None else "word"
+            unit = "byte" if model.vocab is None else model.vocab.unit
             raise invalid(
                 "prompt",
                 f"prompt is empty: this {unit}-level model has no start-of-text token; send at least one "

@@ -1,0 +1,218 @@
+"""Official enwik8 and text8 models served through their vocabularies (model/vocab.py ByteVocab, CharVocab):
+prompts are read as the official data were written (enwik8: UTF-8 bytes by their symbols, a newline
+dropped; text8: lower-cased characters, a space as "_"), output streams as those bytes' or characters'
+text, and every id equals the library's sampling of the same checkpoint.
+
+Three models: the real train.py run (trainpy_enwik.ckpt, Hamlet in enwik8's format, 68 byte symbols)
+converted with its symbols file; make_fixtures.py's enwik8 model (33 symbols, among them the bytes of
+two- and three-byte characters, so its output holds partial and invalid UTF-8) converted with --vocab
+DATA_DIR; and its text8 model (28 characters) served as the official file itself with the vocab.txt that
+`python -m model.vocab` writes beside it."""
+
+from __future__ import annotations
+
+import codecs
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from server_support import ServerThread, reference, sse_events, token_ids, ws_turn
+from websockets.sync.client import connect
+
+from model.convert import convert
+from model.sampling import SamplingParams
+from model.vocab import ByteVocab, CharVocab, Vocab, load_vocab
+from model.vocab import main as vocab_main
+from server.config import Settings
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "official"
+PROMPTS = {"hamlet": "To be, or not\nto be", "enwik8": "The sea\nCafé — ", "text8": "The Café\tnaïve "}
+NAMES = list(PROMPTS)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chars")
+    convert(FIX / "trainpy_enwik.ckpt", root / "hamlet", vocab=FIX / "trainpy_enwik.vocab.txt")
+    convert(FIX / "s4_enwik8.ckpt", root / "enwik8", vocab=FIX / "enwik8_data")
+    (root / "text8").mkdir()
+    shutil.copy(FIX / "s4_text8.ckpt", root / "text8" / "s4_text8.ckpt")
+    assert vocab_main([str(FIX / "text8_data"), str(root / "text8" / "s4_text8.ckpt"),
+                       str(root / "text8" / "vocab.txt")]) == 0  # fmt: skip
+    entries = {
+        "hamlet": root / "hamlet",
+        "enwik8": root / "enwik8",
+        "text8": root / "text8" / "s4_text8.ckpt",
+    }
+    settings = Settings(checkpoints=[f"{k}={v}" for k, v in entries.items()], device="cpu", max_sessions=8,
+                        torch_threads=1, convert_cache=str(root / "cache"))  # fmt: skip
+    srv = ServerThread(settings).start()
+    folders = {name: srv.state.models[name].path for name in NAMES}
+    yield srv, folders
+    srv.stop()
+
+
+def vocab_of(served, name) -> Vocab:
+    return load_vocab(served[1][name])
+
+
+def token_spelling(vocab: Vocab, i: int) -> str:
+    """OpenAI's spelling of token i: a byte token's byte as the character when ASCII, else "bytes:\\xNN";
+    a character token's text."""
+    if isinstance(vocab, ByteVocab):
+        b = vocab.byte_of[i]
+        return chr(b) if b < 128 else f"bytes:\\x{b:02x}"
+    return vocab.piece(i)
+
+
+def test_the_models_say_what_their_tokens_are(served):
+    srv, _ = served
+    for name, tokens, size in (("hamlet", "vocab_bytes", 68), ("enwik8", "vocab_bytes", 33),
+                               ("text8", "characters", 28)):  # fmt: skip
+        info = httpx.get(f"{srv.url}/v1/models/{name}").json()
+        assert (info["tokens"], info["vocab_size"]) == (tokens, size), info
+    assert isinstance(vocab_of(served, "hamlet"), ByteVocab) and isinstance(
+        vocab_of(served, "text8"), CharVocab
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_websocket_stream_is_the_library_s_tokens_and_their_text(served, name):
+    """The prompt is read as the data were written (hamlet's and enwik8's newline dropped; text8 lower-cased,
+    its tab dropped), the ids are the library's, and the streamed text is their bytes' UTF-8 (a character
+    split across tokens arrives whole; an unfinished one at the turn's end is held for the session's next
+    turn)."""
+    srv, folders = served
+    vocab = vocab_of(served, name)
+    prompt = PROMPTS[name]
+    with connect(srv.ws_url) as ws:
+        frames = ws_turn(
+            ws, {"type": "generate", "model": name, "prompt": prompt, "max_new_tokens": 40, "seed": 3}
+        )
+    ids, done = token_ids(frames), frames[-1]
+    text = "".join(f["text"] for f in frames if f["type"] == "token")
+    assert done["type"] == "done" and done["usage"]["prompt_tokens"] == len(vocab.encode(prompt)), done
+    assert len(vocab.encode(prompt)) == {"hamlet": 18, "enwik8": 17, "text8": 14}[name]
+    assert ids == reference(folders[name], vocab.encode(prompt), SamplingParams(seed=3), 40)
+    held = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(vocab.token_bytes(ids))
+    assert text == held, (text, vocab.decode(ids), held)
+
+
+def test_the_enwik8_model_s_output_has_characters_split_across_tokens(served):
+    """(What makes the stream test above check the holding back: its ids include the lead byte of a
+    multi-byte character, 0xC3 or 0xE2, and its continuation bytes.)"""
+    srv, folders = served
+    vocab = vocab_of(served, "enwik8")
+    ids = reference(folders["enwik8"], vocab.encode(PROMPTS["enwik8"]), SamplingParams(seed=3), 40)
+    data = vocab.token_bytes(ids)
+    assert any(b >= 0xC0 for b in data) and any(0x80 <= b < 0xC0 for b in data), data
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_completions_logprobs_spell_each_token_at_its_character(served, name):
+    """Echoed prompt and generated tokens: a byte token is spelled as OpenAI spells bytes (the character
+    when ASCII, else "bytes:\\xNN"), a character token as its text; each offset is the index in the text
+    of the character its (first) byte belongs to; the top alternatives are tokens of the vocabulary."""
+    srv, folders = served
+    vocab = vocab_of(served, name)
+    prompt = PROMPTS[name]
+    body = {"model": name, "prompt": prompt, "max_tokens": 12, "seed": 2, "logprobs": 3, "echo": True}
+    choice = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    lp, text = choice["logprobs"], choice["text"]
+    ids = vocab.encode(prompt) + reference(folders[name], vocab.encode(prompt), SamplingParams(seed=2), 12)
+    spell = [token_spelling(vocab, i) for i in ids]
+    if isinstance(vocab, ByteVocab):
+        starts = [len(vocab.token_bytes(ids[:k]).decode("utf-8", errors="ignore")) for k in range(len(ids))]
+    else:
+        starts = [len(vocab.decode(ids[:k])) for k in range(len(ids))]
+    assert lp["tokens"] == spell and text == vocab.decode(ids)
+    n = len(vocab.encode(prompt))  # the prompt's offsets (valid UTF-8: `ignore` drops only a split character)
+    assert lp["text_offset"][:n] == starts[:n], (lp["text_offset"], starts)
+    for token, offset in zip(lp["tokens"], lp["text_offset"], strict=True):
+        if not token.startswith("bytes:"):
+            assert text[offset : offset + len(token)] == token
+    every = {token_spelling(vocab, i) for i in range(len(vocab))}
+    assert all(set(top) <= every for top in lp["top_logprobs"][1:]) and len(every) == len(vocab)
+
+
+STOPS = [("hamlet", "e "), ("enwik8", "é"), ("enwik8", "Ω"), ("enwik8", "\u2bfc"), ("text8", "e "),
+         ("text8", "ï")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "stop"), STOPS)
+def test_stop_sequences_match_the_text_across_tokens(served, name, stop):
+    """The text ends where the stop sequence starts, the generation at the token that completes it (for
+    "é" and "Ω", two byte tokens, for "\u2bfc" three); without the stop the same seed gives the same tokens
+    up to there."""
+    srv, folders = served
+    vocab = vocab_of(served, name)
+    ids = vocab.encode(PROMPTS[name])
+    for seed in range(200):  # the first seed whose 60 tokens hold the stop sequence
+        free = reference(folders[name], ids, SamplingParams(seed=seed), 60)
+        if (at := (full := vocab.token_bytes(free)).find(stop.encode())) >= 0:
+            break
+    assert at >= 0, stop
+    n = next(k for k in range(len(free) + 1) if len(vocab.token_bytes(free[:k])) >= at + len(stop.encode()))
+    body = {"model": name, "prompt": PROMPTS[name], "max_new_tokens": 60, "seed": seed, "stop": [stop]}
+    r = httpx.post(f"{srv.url}/v1/generate", json=body, timeout=60).json()
+    assert r["finish_reason"] == "stop" and r["tokens"] == free[:n], (r, free)
+    assert r["text"] == full[:at].decode("utf-8", errors="replace")
+    streamed = {
+        "model": name,
+        "prompt": PROMPTS[name],
+        "max_tokens": 60,
+        "seed": seed,
+        "stop": [stop],
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{srv.url}/v1/completions", json=streamed, timeout=60) as s:
+        chunks = [e for e in sse_events(s) if e != "[DONE]"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == r["text"]
+
+
+@pytest.mark.parametrize(
+    ("name", "prompt", "named"),
+    [
+        ("hamlet", "To be é", "character 'é' is not in the vocabulary"),
+        ("enwik8", "the x and 日", "characters 'x', 'd', '日' are not in the vocabulary"),
+        ("text8", "Yes, x", "characters 'y', 'x' are not in the vocabulary"),
+    ],
+)
+def test_a_character_the_vocabulary_lacks_is_refused_by_name_on_every_route(served, name, prompt, named):
+    srv, _ = served
+    vocab = vocab_of(served, name)
+    with pytest.raises(ValueError, match=named):
+        vocab.encode(prompt)
+    for path, body, status in (
+        ("/v1/generate", {"model": name, "prompt": prompt, "max_new_tokens": 2}, 422),
+        ("/v1/completions", {"model": name, "prompt": prompt, "max_tokens": 2}, 400),
+        ("/tokenize", {"model": name, "prompt": prompt}, 400),
+    ):
+        r = httpx.post(f"{srv.url}{path}", json=body, timeout=60)
+        assert r.status_code == status and f"prompt: {named}" in r.text, (path, r.text)
+    with connect(srv.ws_url) as ws:
+        frames = ws_turn(ws, {"type": "generate", "model": name, "prompt": prompt, "max_new_tokens": 2})
+        assert frames[-1]["type"] == "error" and named in frames[-1]["message"], frames
+        ok = ws_turn(ws, {"type": "generate", "model": name, "prompt": PROMPTS[name], "max_new_tokens": 2})
+        assert ok[-1]["type"] == "done", ok
+
+
+def test_tokenize_and_detokenize_read_and_write_as_the_text_routes(served):
+    srv, _ = served
+    for name in NAMES:
+        vocab = vocab_of(served, name)
+        body = {"model": name, "prompt": PROMPTS[name], "return_token_strs": True}
+        r = httpx.post(f"{srv.url}/tokenize", json=body).json()
+        assert r["tokens"] == vocab.encode(PROMPTS[name]) and r["unknown_words"] == [], r
+        back = httpx.post(f"{srv.url}/detokenize", json={"model": name, "tokens": r["tokens"]}).json()
+        assert back["prompt"] == vocab.decode(r["tokens"]), back
+
+
+def test_a_prompt_of_only_dropped_characters_is_refused_as_empty(served):
+    srv, _ = served
+    for name, prompt, unit in (("enwik8", "\n\n", "byte"), ("text8", "\t\n", "character")):
+        r = httpx.post(f"{srv.url}/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 400 and f"this {unit}-level model" in r.text and f"one {unit}" in r.text, (
+            r.text
+        )

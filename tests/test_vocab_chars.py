@@ -1,0 +1,143 @@
+"""enwik8's byte and text8's character vocabularies (model/vocab.py ByteVocab, CharVocab) against the
+official code's own: tests/fixtures/official/vocab_chars.json holds the official Vocab's idx2sym with lm.py's
+EnWik8 / Text8 settings on a small corpus written in Transformer-XL's prep formats (enwik8_data/,
+text8_data/, by make_fixtures.py: upper case, two- and three-byte characters, tabs, newlines, count ties)
+and its encode_file ids of test.txt; trainpy_enwik.vocab.txt is the official Vocab of the real
+train.py run's data (trainpy_enwik.md)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from model.convert import convert
+from model.vocab import ByteVocab, CharVocab, Vocab, VocabError, WordVocab, load_vocab
+from model.vocab import main as vocab_main
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "official"
+REF = json.loads((FIX / "vocab_chars.json").read_text(encoding="utf-8"))
+KIND = {"enwik8": ByteVocab, "text8": CharVocab}
+
+
+def raw(dataset: str, split: str = "test") -> str:
+    """A split's raw text, as the prep script kept it beside its tokenized file."""
+    return (FIX / f"{dataset}_data" / f"{split}.raw").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("dataset", ["enwik8", "text8"])
+def test_the_vocabulary_is_the_official_one_symbol_for_symbol(dataset):
+    vocab = Vocab.from_dataset(FIX / f"{dataset}_data", dataset)
+    assert type(vocab) is KIND[dataset] and vocab.symbols == REF[dataset]["idx2sym"]
+    assert KIND[dataset].from_dataset(FIX / f"{dataset}_data", dataset).symbols == vocab.symbols
+
+
+@pytest.mark.parametrize("dataset", ["enwik8", "text8"])
+def test_the_corpus_has_count_ties_and_what_the_readers_must_handle(dataset):
+    counts = Counter((FIX / f"{dataset}_data" / "train.txt").read_text(encoding="utf-8").split())
+    assert max(Counter(counts.values()).values()) >= 2, counts
+    text = raw(dataset)
+    assert {"\n", "\t", "é", "—"} <= set(text) and any(c.isupper() for c in text)
+
+
+@pytest.mark.parametrize("dataset", ["enwik8", "text8"])
+def test_the_raw_text_encodes_to_the_official_ids_of_its_prepared_file(dataset):
+    """Our reading of the raw text equals the official tokenizer's reading of the prep script's file: a
+    newline (enwik8), or any whitespace but a space (text8), is dropped as the data lost it; text8 is
+    lower-cased and its space is "_"."""
+    vocab = Vocab.from_dataset(FIX / f"{dataset}_data", dataset)
+    assert vocab.encode(raw(dataset)) == REF[dataset]["test_ids"]
+
+
+def test_enwik8_decodes_to_the_bytes_and_text8_to_the_characters_the_data_kept():
+    enwik8 = Vocab.from_dataset(FIX / "enwik8_data", "enwik8")
+    text = raw("enwik8")
+    assert enwik8.decode(REF["enwik8"]["test_ids"]) == text.replace("\n", "")
+    assert enwik8.token_bytes(REF["enwik8"]["test_ids"]) == text.replace("\n", "").encode("utf-8")
+    assert [enwik8.byte_of[i] for i in enwik8.encode("é")] == [0xC3, 0xA9]
+    assert enwik8.decode(enwik8.encode("é")[:1]) == "\ufffd"  # a part of a character
+    text8 = Vocab.from_dataset(FIX / "text8_data", "text8")
+    dropped = "".join(c for c in raw("text8").lower() if c == " " or not c.isspace())
+    assert text8.decode(REF["text8"]["test_ids"]) == dropped
+    assert text8.piece(text8.index["_"]) == " " and text8.encode("The Sea") == text8.encode("the\tsea\n")[
+        :3
+    ] + [text8.index["_"]] + text8.encode("sea")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "text", "named"),
+    [
+        ("enwik8", "the sea x", "character 'x' is not in the vocabulary"),
+        ("enwik8", "~ the ü 日", "characters '~', '日' are not in the vocabulary"),  # ü: both its bytes are
+        ("text8", "the sea, x", "character 'x' is not in the vocabulary"),
+        ("text8", "Zz~Y", "characters '~', 'y' are not in the vocabulary"),  # (lower-cased first)
+    ],
+)
+def test_a_character_the_vocabulary_lacks_is_refused_by_name(dataset, text, named):
+    vocab = Vocab.from_dataset(FIX / f"{dataset}_data", dataset)
+    with pytest.raises(VocabError, match=named):
+        vocab.encode(text)
+
+
+def test_a_newline_is_dropped_only_when_the_vocabulary_lacks_it():
+    lacking = ByteVocab(["32", "97"])
+    assert lacking.encode("a\na \n") == [1, 1, 0]
+    having = ByteVocab(["32", "97", "10"])  # data prepared otherwise: the newline is a symbol
+    assert having.encode("a\na \n") == [1, 2, 1, 0, 2]
+    with pytest.raises(VocabError, match="character '\\\\t' is not"):
+        lacking.encode("a\ta")
+
+
+@pytest.mark.parametrize(
+    ("cls", "symbols", "message"),
+    [
+        (ByteVocab, ["32", "256"], "symbol '256': an enwik8 symbol is a byte value, 0 to 255"),
+        (ByteVocab, ["32", "07"], "symbol '07': an enwik8 symbol is a byte value"),
+        (ByteVocab, ["a"], "symbol 'a': an enwik8 symbol is a byte value"),
+        (ByteVocab, ["32", "32"], "symbol '32' appears twice"),
+        (CharVocab, ["a", "bc"], "symbol 'bc': a text8 symbol is one character"),
+        (CharVocab, [], "at least one symbol"),
+    ],
+)
+def test_a_bad_symbol_list_is_refused(cls, symbols, message):
+    with pytest.raises(VocabError, match=message):
+        cls(symbols)
+
+
+def test_a_dataset_of_another_kind_is_refused_by_the_class():
+    with pytest.raises(VocabError, match="dataset 'enwik8': its tokens are bytes, not words"):
+        WordVocab.from_dataset(FIX / "enwik8_data", "enwik8")
+    with pytest.raises(VocabError, match="dataset 'lm1b': a vocabulary is built for"):
+        Vocab.from_dataset(FIX / "enwik8_data", "lm1b")
+
+
+@pytest.mark.parametrize("dataset", ["enwik8", "text8"])
+def test_convert_builds_the_vocabulary_from_the_data_folder_and_load_vocab_reads_it(dataset, tmp_path):
+    summary = convert(FIX / f"s4_{dataset}.ckpt", tmp_path / "m", vocab=FIX / f"{dataset}_data")
+    assert summary["warning"] is None and f"{len(REF[dataset]['idx2sym'])} " in summary["vocab"]
+    vocab = load_vocab(tmp_path / "m")
+    assert type(vocab) is KIND[dataset] and vocab.symbols == REF[dataset]["idx2sym"] and vocab.lower_case
+    entry = json.loads((tmp_path / "m" / "config.json").read_text())["vocab"]
+    assert entry["kind"] == {"enwik8": "bytes", "text8": "chars"}[dataset]
+
+
+def test_the_real_runs_symbols_file_is_read_as_enwik8_bytes(tmp_path):
+    """trainpy_enwik.ckpt names dataset enwik8: --vocab FILE reads the symbols as byte values."""
+    summary = convert(FIX / "trainpy_enwik.ckpt", tmp_path / "m", vocab=FIX / "trainpy_enwik.vocab.txt")
+    assert summary["warning"] is None and "68 bytes (read from" in summary["vocab"]
+    vocab = load_vocab(tmp_path / "m")
+    assert (
+        isinstance(vocab, ByteVocab)
+        and vocab.decode(vocab.encode("To be, or not\nto be")) == "To be, or notto be"
+    )
+
+
+def test_model_vocab_writes_enwik8_and_text8_symbols_files(tmp_path, capsys):
+    assert vocab_main([str(FIX / "text8_data"), str(FIX / "s4_text8.ckpt"), str(tmp_path / "t.txt")]) == 0
+    assert f"{len(REF['text8']['idx2sym'])} characters of text8" in capsys.readouterr().out
+    assert CharVocab.read(tmp_path / "t.txt").symbols == REF["text8"]["idx2sym"]
+    assert vocab_main([str(FIX / "enwik8_data"), "enwik8", str(tmp_path / "e.txt")]) == 0
+    assert f"{len(REF['enwik8']['idx2sym'])} bytes of enwik8" in capsys.readouterr().out
+    assert ByteVocab.read(tmp_path / "e.txt").symbols == REF["enwik8"]["idx2sym"]
