@@ -154,9 +154,11 @@ class Vocab:
         return self.token_bytes(ids).decode("utf-8", errors="replace")
 
 
-def _refuse(unit: str, missing: list[str], more: str = "") -> VocabError:
+def _refuse(missing: list[str], more: str = "") -> VocabError:
+    """The error naming the characters (the first 8) a byte or character vocabulary cannot read."""
     named = ", ".join(repr(c) for c in missing[:8]) + (", …" if len(missing) > 8 else "")
-    return VocabError(f"{unit} {named} {'is' if len(missing) == 1 else 'are'} not in the vocabulary{more}")
+    which = f"character {named} is" if len(missing) == 1 else f"characters {named} are"
+    return VocabError(f"{which} not in the vocabulary{more}")
 
 
 class ByteVocab(Vocab):
@@ -176,19 +178,17 @@ class ByteVocab(Vocab):
         self._table = bytearray(256)  # byte → id (ids < 256: one byte each)
         for i, b in enumerate(self.byte_of):
             self._table[b] = i
-        lacking = bytes(sorted(set(range(256)) - set(self.byte_of)))
+        lacking = set(range(256)) - set(self.byte_of)
         self._dropped = b"\n" if 10 in lacking else b""  # a newline the data never had: dropped
-        self._lacking = lacking.replace(b"\n", b"")
+        self._lacking = lacking - {10}
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`'s UTF-8 bytes (a newline dropped when not a symbol). Raises VocabError
         naming the characters whose bytes are not symbols (and UnicodeEncodeError for a lone surrogate)."""
         data = text.encode("utf-8")
-        if data.translate(None, self._lacking) != data:
-            missing = [c for c in dict.fromkeys(text) if c.encode("utf-8").translate(None, self._lacking) !=
-                       c.encode("utf-8")]  # fmt: skip
-            raise _refuse("character" if len(missing) == 1 else "characters", missing,
-                          " (enwik8's: a byte the model was not trained on)")  # fmt: skip
+        if not self._lacking.isdisjoint(data):
+            missing = [c for c in dict.fromkeys(text) if not self._lacking.isdisjoint(c.encode("utf-8"))]
+            raise _refuse(missing, " (enwik8's: a byte the model was not trained on)")
         return list(data.translate(self._table, self._dropped))
 
     def piece(self, i: int) -> str:
@@ -218,7 +218,7 @@ class CharVocab(Vocab):
         chars = ["_" if c == " " else c for c in text if c == " " or not c.isspace()]
         missing = [c for c in dict.fromkeys(chars) if c not in index]
         if missing:
-            raise _refuse("character" if len(missing) == 1 else "characters", missing)
+            raise _refuse(missing)
         return [index[c] for c in chars]
 
     def piece(self, i: int) -> str:

@@ -300,8 +300,9 @@ class TokenizeRequest(Strict):
     """vLLM's /tokenize: how a text model reads a prompt, without generating."""
 
     model: str = Field(description="a served text model's id")
-    prompt: str = Field(description="read as every text route reads a prompt: UTF-8 bytes, or a word-level "
-                        "model's words (split at whitespace, `<eos>` for each newline)")  # fmt: skip
+    prompt: str = Field(description="read as every text route reads a prompt: UTF-8 bytes, a word-level "
+                        "model's words (split at whitespace, `<eos>` for each newline), an enwik8 model's "
+                        "bytes or a text8 model's characters (model/vocab.py)")  # fmt: skip
     return_token_strs: bool = Field(False, description="also each token as OpenAI's logprobs spell it")
 
 
@@ -312,7 +313,8 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = Field(description="each token's text (return_token_strs), else null")
     unknown_words: list[str] = Field(
         description="a word-level model's: the prompt's words its vocabulary lacks, in order, each read as "
-        "`<unk>` (the text routes do not say so); [] for a byte-level model"
+        "`<unk>` (the text routes do not say so); [] for any other model (an enwik8 or text8 model refuses a "
+        "character its vocabulary lacks, naming it)"
     )
 
 
