@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from readme_support import blocks_after
 
 from model.vocab import VocabError, WordVocab, load_vocab
 
@@ -125,17 +126,9 @@ def test_a_checkpoint_without_a_vocabulary_has_none():
 def test_the_readme_word_level_example_runs_verbatim(tmp_path):
     """The README's two blocks after the `tests/test_vocab.py` marker: the conversion, then the library
     generating words (its folder /tmp/s4-wt103-tiny moved under tmp_path)."""
-    lines = (ROOT / "README.md").read_text().splitlines()
-    start = next(i for i, ln in enumerate(lines) if ln.startswith("<!-- tested: tests/test_vocab.py"))
-    blocks, i = [], start
-    while len(blocks) < 2:
-        i = next(k for k in range(i, len(lines)) if lines[k].startswith("```") and len(lines[k]) > 3)
-        j = next(k for k in range(i + 1, len(lines)) if lines[k] == "```")
-        blocks.append(
-            (lines[i][3:], "\n".join(lines[i + 1 : j]).replace("/tmp/s4-wt103-tiny", str(tmp_path / "w")))
-        )
-        i = j + 1
-    (bash, convert), (python, generate) = blocks
+    blocks = blocks_after("<!-- tested: tests/test_vocab.py", 2)
+    (bash, convert), (python, generate) = [(lang, code.replace("/tmp/s4-wt103-tiny", str(tmp_path / "w")))
+                                           for lang, code in blocks]  # fmt: skip
     assert (bash, python) == ("bash", "python")
     convert = convert.replace(".venv/bin/python", sys.executable)
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", convert], cwd=ROOT, capture_output=True, text=True,
