@@ -166,6 +166,8 @@ def _vocab(src: Path, vocab, dataset: str | None, V: int, text: bool) -> Vocab |
                     f"vocabulary is built from its files ({sorted(VOCAB_BUILDS)}); give a symbols file"
                 )
             words = Vocab.from_dataset(vocab, dataset)
+            if words.warning:
+                log.warning("--vocab %s: %s", vocab, words.warning)
         else:
             _, lower, kind = VOCAB_BUILDS.get(dataset, ((), False, "words"))
             words = VOCABS[kind].read(vocab, lower_case=lower)
@@ -341,12 +343,10 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
         extra = {"name": name, "source": summary}
         if words is not None:
             extra["vocab"] = {**words.describe(), "sha256": words.write(tmp / VOCAB_FILE)}
-            how = (
-                "read from"
-                if Path(vocab).is_file()
-                else f"built as the official code builds {dataset}'s from"
-            )
-            summary["vocab"] = f"`{VOCAB_FILE}`, {len(words)} {words.unit}s ({how} `{vocab}`)"
+            how = f"read from `{vocab}`" if Path(vocab).is_file() else f"{dataset}'s, {words.origin}"
+            summary["vocab"] = f"`{VOCAB_FILE}`, {len(words)} {words.unit}s ({how})"
+            if words.warning:
+                summary["vocab"] += f"; warning: {words.warning}"
         save(net, tmp, extra=extra)
         card = model_card(
             name, src, sha, kind, imp, ver, summary["config_file"], warning, summary.get("vocab")

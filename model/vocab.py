@@ -25,9 +25,11 @@ Three kinds of token, by dataset (config.json's `vocab.kind`):
   it lacks is a VocabError naming the character. A token's text is its byte (part of a character, for
   non-ASCII text).
 - **chars** (text8), `CharVocab`: prep_text8.py writes each character, a space as "_", space-separated:
-  the symbols are characters. `encode` lower-cases the text (the `Vocab` default), reads a space as "_"
-  and drops any other whitespace (which the tokenizer's split drops from the data); a character the
-  vocabulary lacks is a VocabError naming it. A token's text is its character, " " for "_".
+  the symbols are characters. text8 itself is lower-case a-z and single spaces (every other character of
+  its Wikipedia source made a space), so `encode` lower-cases the text (the `Vocab` default) and reads any
+  whitespace as "_"; a character the vocabulary lacks is a VocabError naming it, a literal "_" too (it is
+  the data's writing of a space, not a character of the text). A token's text is its character, " " for
+  "_".
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from pathlib import Path
 
 EOS, UNK = "<eos>", "<unk>"
 VOCAB_FILE = "vocab.txt"
+CACHE_FILE = "cache.pt"  # the official LM datasets' cache in their data folder (lm.py `_save_to_cache`)
 # the official datasets' vocabularies (lm.py): files counted, lower-casing, the kind of symbol
 ALL_SPLITS = ("train.txt", "valid.txt", "test.txt")
 DATASETS = {
@@ -82,6 +85,8 @@ class Vocab:
     kind = ""
     unit = ""
     _bytes: list[bytes]
+    origin = ""  # how `from_dataset` got it (the official cache.pt, or the text files)
+    warning: str | None = None  # `from_dataset`: the text files disagree with the cache.pt used
 
     def __init__(self, symbols: list[str], lower_case: bool = False) -> None:
         if not symbols:
@@ -106,15 +111,47 @@ class Vocab:
 
     @classmethod
     def from_dataset(cls, data_dir: str | Path, dataset: str) -> Vocab:
-        """The vocabulary the official code builds for `dataset` (`DATASETS`: wt103, wt2, ptb, enwik8,
-        text8) from its data folder, of that dataset's kind. Raises VocabError for another dataset (or one
-        of another kind than this class's), or a folder whose files cannot be read."""
+        """The vocabulary the official code trains on for `dataset` (`DATASETS`: wt103, wt2, ptb, enwik8,
+        text8) with this data folder, of that dataset's kind: the one cached in DATA_DIR/cache.pt when that
+        file exists (lm.py reads it instead of the text files whenever it is there; read inertly,
+        `model.official.reader.read_vocab_cache`), else built from the text files as the official code
+        builds it. `origin` says which; `warning` is set when both exist and disagree (the text files
+        edited after the cache was written: the cache's is used, as the official code would). Raises
+        VocabError for another dataset (or one of another kind than this class's), a cache.pt that is not
+        the official one, or a folder whose files cannot be read."""
         if dataset not in DATASETS:
             raise VocabError(f"dataset {dataset!r}: a vocabulary is built for {sorted(DATASETS)} only")
         files, lower, kind = DATASETS[dataset]
         if cls is not Vocab and cls.kind != kind:
             raise VocabError(f"dataset {dataset!r}: its tokens are {kind}, not {cls.kind}")
-        return VOCABS[kind].from_corpus([Path(data_dir) / f for f in files], lower_case=lower)
+        folder = Path(data_dir)
+        paths = [folder / f for f in files]
+        cache = folder / CACHE_FILE
+        if not cache.is_file():
+            vocab = VOCABS[kind].from_corpus(paths, lower_case=lower)
+            vocab.origin = f"built from {', '.join(files)} of {folder}, as the official code builds it"
+            return vocab
+        from model.official.reader import OfficialFormatError, read_vocab_cache  # noqa: PLC0415
+
+        try:
+            vocab = VOCABS[kind](read_vocab_cache(cache), lower_case=lower)
+        except OfficialFormatError as exc:
+            raise VocabError(f"{exc}; the official code would read its vocabulary from it (move it away to "
+                             "build the vocabulary from the text files)") from None  # fmt: skip
+        vocab.origin = f"read from {cache}, the official code's cache of it (which its runs train on)"
+        if all(p.is_file() for p in paths):
+            try:
+                built = VOCABS[kind].from_corpus(paths, lower_case=lower).symbols
+            except VocabError:
+                built = []
+            if built != vocab.symbols:
+                other = "numbered otherwise" if len(built) == len(vocab) else f"{len(built)} symbols"
+                vocab.warning = (
+                    f"{', '.join(files)} of {folder} give another vocabulary ({other}) than its {CACHE_FILE} "
+                    f"({len(vocab)} symbols), which the official code reads instead of them whenever it "
+                    f"exists: {CACHE_FILE}'s is used (the text files were changed after it was written?)"
+                )
+        return vocab
 
     @classmethod
     def read(cls, path: str | Path, lower_case: bool = False) -> Vocab:
@@ -141,6 +178,10 @@ class Vocab:
 
     def unknown_words(self, text: str) -> list[str]:
         """The words of `text` read as `<unk>`: none (only a word vocabulary has one)."""
+        return []
+
+    def dropped(self, text: str) -> list[str]:
+        """The characters of `text` that `encode` drops, in order: none (only enwik8's newlines are)."""
         return []
 
     def token_bytes(self, ids: Iterable[int]) -> bytes:
@@ -188,8 +229,19 @@ class ByteVocab(Vocab):
         data = text.encode("utf-8")
         if not self._lacking.isdisjoint(data):
             missing = [c for c in dict.fromkeys(text) if not self._lacking.isdisjoint(c.encode("utf-8"))]
-            raise _refuse(missing, " (enwik8's: a byte the model was not trained on)")
-        return list(data.translate(self._table, self._dropped))
+            raise _refuse(missing, " (an enwik8 model reads a character as its UTF-8 bytes, and these hold a "
+                          "byte its data never had)")  # fmt: skip
+        ids = list(data.translate(self._table, self._dropped))
+        if data and not ids:
+            raise VocabError(
+                "it holds only newlines, which this enwik8 model drops (its data had none: the prep script "
+                "wrote each as a line break, which the official tokenizer dropped); send another character"
+            )
+        return ids
+
+    def dropped(self, text: str) -> list[str]:
+        """The newlines of `text` when the vocabulary lacks the newline byte (`encode` drops them)."""
+        return ["\n"] * text.count("\n") if self._dropped else []
 
     def piece(self, i: int) -> str:
         """Token i's text: its byte as a character when ASCII, else U+FFFD (a part of a character)."""
@@ -210,16 +262,25 @@ class CharVocab(Vocab):
         self._bytes = [self.piece(i).encode("utf-8") for i in range(len(self.symbols))]
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`'s characters (lower-cased when `lower_case`; a space as "_"; other whitespace
-        dropped). Raises VocabError naming the characters the vocabulary lacks."""
-        if self.lower_case:
-            text = text.lower()
-        index = self.index
-        chars = ["_" if c == " " else c for c in text if c == " " or not c.isspace()]
-        missing = [c for c in dict.fromkeys(chars) if c not in index]
+        """Token ids of `text`'s characters (lower-cased when `lower_case`; any whitespace read as "_").
+        Raises VocabError naming the characters the vocabulary lacks (a literal "_" among them)."""
+        index, space = self.index, self.index.get("_")
+        ids: list[int] = []
+        missing: dict[str, None] = {}
+        for c in text:
+            if c.isspace() and space is not None:
+                ids.append(space)
+                continue
+            for d in c.lower() if self.lower_case else c:  # ("İ" lower-cases to two characters)
+                i = index.get(d)
+                if i is None or d == "_" or d.isspace():
+                    missing[c] = None
+                else:
+                    ids.append(i)
         if missing:
-            raise _refuse(missing)
-        return [index[c] for c in chars]
+            why = " (text8 writes a space as '_': send a space)" if "_" in missing else ""
+            raise _refuse(list(missing), why)
+        return ids
 
     def piece(self, i: int) -> str:
         """Token i's text: its character, " " for "_"."""
@@ -321,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     --vocab` and a server given an official file with `vocab.txt` beside it read). Exit status 2 with the
     reason for a folder or dataset it cannot build from."""
     import argparse  # noqa: PLC0415
+    import sys  # noqa: PLC0415
 
     about = " ".join(main.__doc__.split("\n\n")[0].split())
     ap = argparse.ArgumentParser(prog="python -m model.vocab", description=about)
@@ -351,7 +413,9 @@ def main(argv: list[str] | None = None) -> int:
         sha = vocab.write(args.out)
     except OSError as exc:
         ap.error(f"{args.out}: cannot write it ({exc.strerror or exc})")
-    print(f"{args.out}: {len(vocab)} {vocab.unit}s of {dataset} (sha256 {sha})")
+    if vocab.warning:
+        print(f"warning: {vocab.warning}", file=sys.stderr)
+    print(f"{args.out}: {len(vocab)} {vocab.unit}s of {dataset}, {vocab.origin} (sha256 {sha})")
     return 0
 
 

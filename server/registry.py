@@ -292,7 +292,20 @@ def resolve_entry(entry: str, settings: Settings) -> tuple[str, Path]:
                 f"config.yaml or {path.stem}.yaml, or convert it first (python -m model.convert {path} OUT "
                 "--config CONFIG.yaml) and serve OUT"
             ) from None
+    if path.is_dir() and not (path / CONFIG).exists() and (found := official_files(path)):
+        raise CheckpointError(
+            f"{path}: no {CONFIG}: not a checkpoint folder, but it holds official checkpoints: name the file "
+            f"({', '.join(str(f) for f in found[:3])}{', …' if len(found) > 3 else ''}), which the server "
+            "converts"
+        )
     return name or path.name, path
+
+
+def official_files(folder: Path) -> list[Path]:
+    """The official checkpoints of a run folder (FOLDER/checkpoints/**, else FOLDER/*), last.ckpt first."""
+    found = sorted(p for p in (folder / "checkpoints").rglob("*") if p.suffix in OFFICIAL_SUFFIXES)
+    found = found or sorted(p for p in folder.iterdir() if p.suffix in OFFICIAL_SUFFIXES and p.is_file())
+    return sorted(found, key=lambda p: p.name != "last.ckpt")
 
 
 def convert_cache_problem(folder: str) -> str | None:

@@ -316,6 +316,11 @@ class TokenizeResponse(BaseModel):
         "`<unk>` (the text routes do not say so); [] for any other model (an enwik8 or text8 model refuses a "
         "character its vocabulary lacks, naming it)"
     )
+    dropped: list[str] = Field(
+        description="the prompt's characters the model's vocabulary drops, in order: an enwik8 model's "
+        "newlines (its data had none: the prep script made each a line break, which the official tokenizer "
+        "dropped); [] for any other model"
+    )
 
 
 class DetokenizeRequest(Strict):

@@ -1,7 +1,7 @@
 """Official enwik8 and text8 models served through their vocabularies (model/vocab.py ByteVocab, CharVocab):
 prompts are read as the official data were written (enwik8: UTF-8 bytes by their symbols, a newline
-dropped; text8: lower-cased characters, a space as "_"), output streams as those bytes' or characters'
-text, and every id equals the library's sampling of the same checkpoint.
+dropped; text8: lower-cased characters, any whitespace its space "_"), output streams as those bytes' or
+characters' text, and every id equals the library's sampling of the same checkpoint.
 
 Three models: the real train.py run (trainpy_enwik.ckpt, Hamlet in enwik8's format, 68 byte symbols)
 converted with its symbols file; make_fixtures.py's enwik8 model (33 symbols, among them the bytes of
@@ -80,7 +80,7 @@ def test_the_models_say_what_their_tokens_are(served):
 @pytest.mark.parametrize("name", NAMES)
 def test_a_websocket_stream_is_the_library_s_tokens_and_their_text(served, name):
     """The prompt is read as the data were written (hamlet's and enwik8's newline dropped; text8 lower-cased,
-    its tab dropped), the ids are the library's, and the streamed text is their bytes' UTF-8 (a character
+    its tab a space), the ids are the library's, and the streamed text is their bytes' UTF-8 (a character
     split across tokens arrives whole; an unfinished one at the turn's end is held for the session's next
     turn)."""
     srv, folders = served
@@ -93,7 +93,7 @@ def test_a_websocket_stream_is_the_library_s_tokens_and_their_text(served, name)
     ids, done = token_ids(frames), frames[-1]
     text = "".join(f["text"] for f in frames if f["type"] == "token")
     assert done["type"] == "done" and done["usage"]["prompt_tokens"] == len(vocab.encode(prompt)), done
-    assert len(vocab.encode(prompt)) == {"hamlet": 18, "enwik8": 17, "text8": 14}[name]
+    assert len(vocab.encode(prompt)) == {"hamlet": 18, "enwik8": 17, "text8": 15}[name]
     assert ids == reference(folders[name], vocab.encode(prompt), SamplingParams(seed=3), 40)
     held = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(vocab.token_bytes(ids))
     assert text == held, (text, vocab.decode(ids), held)
@@ -176,7 +176,7 @@ def test_stop_sequences_match_the_text_across_tokens(served, name, stop):
     [
         ("hamlet", "To be é", "character 'é' is not in the vocabulary"),
         ("enwik8", "the x and 日", "characters 'x', 'd', '日' are not in the vocabulary"),
-        ("text8", "Yes, x", "characters 'y', 'x' are not in the vocabulary"),
+        ("text8", "Yes, x", "characters 'Y', 'x' are not in the vocabulary"),
     ],
 )
 def test_a_character_the_vocabulary_lacks_is_refused_by_name_on_every_route(served, name, prompt, named):
@@ -199,20 +199,51 @@ def test_a_character_the_vocabulary_lacks_is_refused_by_name_on_every_route(serv
 
 
 def test_tokenize_and_detokenize_read_and_write_as_the_text_routes(served):
+    """/tokenize reads as every text route does and lists the characters the vocabulary dropped (enwik8's
+    newlines); /detokenize writes the ids back as the routes write them."""
     srv, _ = served
     for name in NAMES:
         vocab = vocab_of(served, name)
         body = {"model": name, "prompt": PROMPTS[name], "return_token_strs": True}
         r = httpx.post(f"{srv.url}/tokenize", json=body).json()
         assert r["tokens"] == vocab.encode(PROMPTS[name]) and r["unknown_words"] == [], r
+        assert r["dropped"] == (["\n"] if name != "text8" else []), r
         back = httpx.post(f"{srv.url}/detokenize", json={"model": name, "tokens": r["tokens"]}).json()
         assert back["prompt"] == vocab.decode(r["tokens"]), back
 
 
-def test_a_prompt_of_only_dropped_characters_is_refused_as_empty(served):
+def test_a_prompt_of_newlines_only_is_refused_on_an_enwik8_model_saying_why(served):
+    """Every text route refuses it (422, 400 on the OpenAI routes) rather than calling it empty, and a
+    session is not created from it; to a text8 model the same newlines are spaces."""
     srv, _ = served
-    for name, prompt, unit in (("enwik8", "\n\n", "byte"), ("text8", "\t\n", "character")):
-        r = httpx.post(f"{srv.url}/v1/completions", json={"model": name, "prompt": prompt, "max_tokens": 2})
-        assert r.status_code == 400 and f"this {unit}-level model" in r.text and f"one {unit}" in r.text, (
-            r.text
-        )
+    why = "prompt: it holds only newlines, which this enwik8 model drops"
+    for path, body, status in (
+        ("/v1/completions", {"model": "enwik8", "prompt": "\n\n", "max_tokens": 2}, 400),
+        ("/v1/generate", {"model": "enwik8", "prompt": "\n", "max_new_tokens": 2}, 422),
+        ("/v1/sessions", {"model": "enwik8", "prompt": "\n"}, 422),
+        ("/tokenize", {"model": "hamlet", "prompt": "\n"}, 400),
+    ):
+        r = httpx.post(f"{srv.url}{path}", json=body, timeout=60)
+        assert r.status_code == status and why in r.text, (path, r.text)
+    r = httpx.post(f"{srv.url}/tokenize", json={"model": "text8", "prompt": "\t\n"}).json()
+    assert r["tokens"] == [load_vocab(served[1]["text8"]).index["_"]] * 2, r
+
+
+def test_an_official_run_folder_is_told_to_name_its_checkpoint(tmp_path):
+    """S4_CHECKPOINTS naming the run's folder (a trial's: the server said "config.json: missing", the
+    converter names the file to give): refused naming its official checkpoints, last.ckpt first."""
+    from model.checkpoint import CheckpointError  # noqa: PLC0415
+    from server.registry import resolve_entry  # noqa: PLC0415
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "val").mkdir(parents=True)
+    for f in ("checkpoints/val/loss.ckpt", "checkpoints/last.ckpt"):
+        shutil.copy(FIX / "trainpy_enwik.ckpt", run / f)
+    settings = Settings(checkpoints=[str(run)], device="cpu", convert_cache=str(tmp_path / "cache"))
+    with pytest.raises(CheckpointError) as exc:
+        resolve_entry(str(run), settings)
+    assert (
+        f"{run}: no config.json: not a checkpoint folder, but it holds official checkpoints: name the file "
+        f"({run / 'checkpoints' / 'last.ckpt'}, {run / 'checkpoints' / 'val' / 'loss.ckpt'})"
+        in str(exc.value)
+    )

@@ -1,7 +1,8 @@
 """enwik8's byte and text8's character vocabularies (model/vocab.py ByteVocab, CharVocab) against the
 official code's own: tests/fixtures/official/vocab_chars.json holds the official Vocab's idx2sym with lm.py's
 EnWik8 / Text8 settings on a small corpus written in Transformer-XL's prep formats (enwik8_data/,
-text8_data/, by make_fixtures.py: upper case, two- and three-byte characters, tabs, newlines, count ties)
+text8_data/, by make_fixtures.py: upper case, two- and three-byte characters, count ties; tabs and newlines
+in enwik8's, made spaces in text8's as text8 itself was made)
 and its encode_file ids of test.txt; trainpy_enwik.vocab.txt is the official Vocab of the real
 train.py run's data (trainpy_enwik.md)."""
 
@@ -42,14 +43,17 @@ def test_the_corpus_has_count_ties_and_what_the_readers_must_handle(dataset):
     counts = Counter((FIX / f"{dataset}_data" / "train.txt").read_text(encoding="utf-8").split())
     assert max(Counter(counts.values()).values()) >= 2, counts
     text = raw(dataset)
-    assert {"\n", "\t", "é", "—"} <= set(text) and any(c.isupper() for c in text)
+    assert {"é", "—"} <= set(text) and any(c.isupper() for c in text) and "  " in text
+    if dataset == "enwik8":
+        assert {"\n", "\t"} <= set(text)
+    else:
+        assert not any(c.isspace() and c != " " for c in text)
 
 
 @pytest.mark.parametrize("dataset", ["enwik8", "text8"])
 def test_the_raw_text_encodes_to_the_official_ids_of_its_prepared_file(dataset):
-    """Our reading of the raw text equals the official tokenizer's reading of the prep script's file: a
-    newline (enwik8), or any whitespace but a space (text8), is dropped as the data lost it; text8 is
-    lower-cased and its space is "_"."""
+    """Our reading of the raw text equals the official tokenizer's reading of the prep script's file: an
+    enwik8 newline is dropped as the data lost it; text8 is lower-cased and its space is "_"."""
     vocab = Vocab.from_dataset(FIX / f"{dataset}_data", dataset)
     assert vocab.encode(raw(dataset)) == REF[dataset]["test_ids"]
 
@@ -62,11 +66,32 @@ def test_enwik8_decodes_to_the_bytes_and_text8_to_the_characters_the_data_kept()
     assert [enwik8.byte_of[i] for i in enwik8.encode("é")] == [0xC3, 0xA9]
     assert enwik8.decode(enwik8.encode("é")[:1]) == "\ufffd"  # a part of a character
     text8 = Vocab.from_dataset(FIX / "text8_data", "text8")
-    dropped = "".join(c for c in raw("text8").lower() if c == " " or not c.isspace())
-    assert text8.decode(REF["text8"]["test_ids"]) == dropped
-    assert text8.piece(text8.index["_"]) == " " and text8.encode("The Sea") == text8.encode("the\tsea\n")[
-        :3
-    ] + [text8.index["_"]] + text8.encode("sea")
+    assert text8.decode(REF["text8"]["test_ids"]) == raw("text8").lower()
+    assert text8.piece(text8.index["_"]) == " "
+
+
+def test_text8_reads_any_whitespace_as_its_space_and_refuses_a_literal_underscore():
+    """text8 is a-z and single spaces (its source's every other character made a space), so a tab, a
+    newline or a no-break space in a prompt is the space "_"; a literal "_" is not a character of the
+    text (only the data's writing of a space): refused, saying so. A character that lower-cases to two
+    (U+0130) is named itself, not the combining dot it leaves."""
+    text8 = Vocab.from_dataset(FIX / "text8_data", "text8")
+    assert text8.encode("The\tsea\nnot\u00a0to") == text8.encode("the sea not to")
+    assert text8.encode("the sea not to").count(text8.index["_"]) == 3 and text8.dropped("a\nb") == []
+    with pytest.raises(
+        VocabError, match="character '_' is not in the vocabulary \\(text8 writes a space as '_'"
+    ):
+        text8.encode("to_be")
+    with pytest.raises(VocabError, match="^character 'İ' is not in the vocabulary$"):
+        text8.encode("TO BE İ")
+
+
+def test_an_enwik8_prompt_of_newlines_only_is_refused_saying_why():
+    enwik8 = Vocab.from_dataset(FIX / "enwik8_data", "enwik8")
+    assert enwik8.dropped("a\nb\n") == ["\n", "\n"] and enwik8.encode("a\nb\n") == enwik8.encode("ab")
+    with pytest.raises(VocabError, match="it holds only newlines, which this enwik8 model drops"):
+        enwik8.encode("\n\n")
+    assert enwik8.encode("") == []
 
 
 @pytest.mark.parametrize(
@@ -75,7 +100,7 @@ def test_enwik8_decodes_to_the_bytes_and_text8_to_the_characters_the_data_kept()
         ("enwik8", "the sea x", "character 'x' is not in the vocabulary"),
         ("enwik8", "~ the ü 日", "characters '~', '日' are not in the vocabulary"),  # ü: both its bytes are
         ("text8", "the sea, x", "character 'x' is not in the vocabulary"),
-        ("text8", "Zz~Y", "characters '~', 'y' are not in the vocabulary"),  # (lower-cased first)
+        ("text8", "Zz~Y", "characters '~', 'Y' are not in the vocabulary"),  # (lower-cased first)
     ],
 )
 def test_a_character_the_vocabulary_lacks_is_refused_by_name(dataset, text, named):
@@ -166,3 +191,53 @@ def test_the_readme_enwik8_example_runs_verbatim(tmp_path):
     text = r.stdout[:-1].decode("utf-8")  # (print's newline; the run's bytes are all ASCII)
     vocab = load_vocab(tmp_path / "h")
     assert len(vocab.encode(text)) == 40 and vocab.decode(vocab.encode(text)) == text, text
+
+
+def test_the_official_cache_pt_is_the_vocabulary_and_edited_text_files_are_warned_of(tmp_path, capsys):
+    """stale_cache/: the official code's cache.pt of enwik8_data (written by the official Vocab and
+    torch.save, as lm.py caches a dataset) beside text files edited after it: the official code trains on
+    the cache's vocabulary, so that one is used (read inertly), with a warning that the files disagree;
+    the cache alone gives it without one. `model.vocab` prints the warning, `--vocab` logs it and puts it
+    in the card's vocabulary line."""
+    stale = FIX / "stale_cache"
+    vocab = Vocab.from_dataset(stale, "enwik8")
+    assert vocab.symbols == REF["enwik8"]["idx2sym"] and "cache.pt" in vocab.origin
+    assert vocab.warning.startswith(f"train.txt, valid.txt, test.txt of {stale} give another vocabulary (")
+    assert "than its cache.pt (33 symbols), which the official code reads instead of them" in vocab.warning
+    built = ByteVocab.from_corpus(
+        [stale / f for f in ("train.txt", "valid.txt", "test.txt")], lower_case=True
+    )
+    assert built.symbols != vocab.symbols  # (the edit matters)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "cache.pt").write_bytes((stale / "cache.pt").read_bytes())
+    vocab = Vocab.from_dataset(alone, "enwik8")
+    assert vocab.symbols == REF["enwik8"]["idx2sym"] and vocab.warning is None
+    assert vocab_main([str(stale), "enwik8", str(tmp_path / "v.txt")]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: train.txt, valid.txt, test.txt of") and "cache.pt" in out
+    summary = convert(FIX / "s4_enwik8.ckpt", tmp_path / "m", vocab=stale)
+    assert (
+        f"read from {stale / 'cache.pt'}" in summary["vocab"] and "; warning: train.txt" in summary["vocab"]
+    )
+    assert load_vocab(tmp_path / "m").symbols == REF["enwik8"]["idx2sym"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"idx2sym": ["a"]}, "not the official dataset cache (vocab, train, valid, test)"),
+        (
+            (__import__("argparse").Namespace(idx2sym=["a"]),),
+            "it holds argparse.Namespace, which is not allowed",
+        ),
+    ],
+)
+def test_a_cache_pt_that_is_not_the_official_one_is_refused_naming_it(tmp_path, content, message):
+    import torch  # noqa: PLC0415
+
+    torch.save(content, tmp_path / "cache.pt")
+    with pytest.raises(VocabError) as exc:
+        Vocab.from_dataset(tmp_path, "text8")
+    assert str(exc.value).startswith(f"{tmp_path / 'cache.pt'}: ") and message in str(exc.value)
+    assert "(move it away to build the vocabulary from the text files)" in str(exc.value)

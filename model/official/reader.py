@@ -150,6 +150,33 @@ def safe_torch_load(path: str | Path) -> Any:
     return to_plain(obj)
 
 
+class _CachedVocab(_Node):
+    """Stand-in for the official src.dataloaders.utils.vocabulary.Vocab pickled in a data folder's cache.pt:
+    its __dict__ only (idx2sym, sym2idx, counter, ...); no method of it is ever called."""
+
+
+def read_vocab_cache(path: str | Path) -> list[str]:
+    """The symbols (`idx2sym`, in id order) of the vocabulary the official LM datasets cache in their data
+    folder (src/dataloaders/lm.py `_save_to_cache`: torch.save((vocab, train, valid, test), cache.pt)),
+    which the official code trains on whenever that file exists. Read with torch.load(weights_only=True,
+    mmap=True): the Vocab object is an inert stand-in (`_CachedVocab`), its token tensors are mapped, not
+    read. Raises OfficialFormatError for a file that is not such a cache (or holds any other class)."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals([(_CachedVocab, "src.dataloaders.utils.vocabulary.Vocab")]):
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # the unpickler's own errors, as safe_torch_load's
+        msg = str(exc)
+        m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"unrecognized function ([^\s]+)", msg)
+        what = f"it holds {m.group(1)}, which is not allowed" if m else _clean_cut(msg.splitlines()[0])
+        raise OfficialFormatError(f"{path}: refused by the safe loader: {what}") from None
+    vocab = obj[0] if isinstance(obj, tuple) and obj else None
+    symbols = vocab.__dict__.get("idx2sym") if isinstance(vocab, _CachedVocab) else None
+    if not (isinstance(symbols, list) and all(isinstance(x, str) for x in symbols)):
+        raise OfficialFormatError(f"{path}: not the official dataset cache (vocab, train, valid, test)")
+    return symbols
+
+
 def _resolve(cfg: dict, value: Any, root: dict, depth: int = 0) -> Any:
     """Resolve the simple interpolations the official configs use: ${a.b} and ${oc.select:a.b,default}.
     Anything else stays an unresolved string (and is refused if an option we need holds it)."""

@@ -704,6 +704,7 @@ async def tokenize(req: TokenizeRequest, request: Request) -> dict:
         "tokens": ids,
         "token_strs": [token_str(t, model.vocab) for t in ids] if req.return_token_strs else None,
         "unknown_words": [] if model.vocab is None else model.vocab.unknown_words(req.prompt),
+        "dropped": [] if model.vocab is None else model.vocab.dropped(req.prompt),
     }
 
 
