@@ -302,9 +302,10 @@ def resolve_entry(entry: str, settings: Settings) -> tuple[str, Path]:
 
 
 def official_files(folder: Path) -> list[Path]:
-    """The official checkpoints of a run folder (FOLDER/checkpoints/**, else FOLDER/*), last.ckpt first."""
-    found = sorted(p for p in (folder / "checkpoints").rglob("*") if p.suffix in OFFICIAL_SUFFIXES)
-    found = found or sorted(p for p in folder.iterdir() if p.suffix in OFFICIAL_SUFFIXES and p.is_file())
+    """The Lightning checkpoints (.ckpt) of an official run folder (FOLDER/checkpoints/**, else FOLDER/*),
+    last.ckpt first. (Not a .pt: a folder of one is as likely a torch.save pickle, which is refused.)"""
+    found = sorted(p for p in (folder / "checkpoints").rglob("*.ckpt") if p.is_file())
+    found = found or sorted(p for p in folder.glob("*.ckpt") if p.is_file())
     return sorted(found, key=lambda p: p.name != "last.ckpt")
 
 
