@@ -8,6 +8,7 @@ go to tests/artifacts/ (gitignored; CI can keep them) and to pytest's tmp path.
 
 from __future__ import annotations
 
+import codecs
 import io
 import shutil
 import time
@@ -1010,6 +1011,44 @@ def test_a_chosen_model_fills_the_sampling_fields_with_its_checkpoints_defaults(
         want = reference(Path(dirs[0]), list(b"to be"), SamplingParams(temperature=0.6, top_k=5, seed=4), 12)
         assert got == bytes(want).decode(errors="replace")
         assert not d.errors, d.errors
+    finally:
+        d.context.close()
+        s.stop()
+
+
+def test_an_enwik8_and_a_text8_model_say_what_their_tokens_are_and_stream_their_text(browser, tmp_path):
+    """Official enwik8 and text8 models served through their vocabularies (tests/test_server_chars.py):
+    the model line says what a token is, and a turn's text is the library's tokens' text (the prompt read
+    as the server reads it: enwik8's newline dropped, text8 lower-cased)."""
+    from model.convert import convert  # noqa: PLC0415
+    from model.vocab import load_vocab  # noqa: PLC0415
+    from server import Settings  # noqa: PLC0415
+
+    fix = ROOT / "tests" / "fixtures" / "official"
+    convert(fix / "trainpy_enwik.ckpt", tmp_path / "hamlet", vocab=fix / "trainpy_enwik.vocab.txt")
+    convert(fix / "s4_text8.ckpt", tmp_path / "text8", vocab=fix / "text8_data")
+    s = ServerThread(Settings(checkpoints=[str(tmp_path / "hamlet"), str(tmp_path / "text8")])).start()
+    d = Demo(browser, s.url)
+    try:
+        d.wait_status("models served")
+        for name, line, prompt in (
+            ("hamlet", "text: enwik8's UTF-8 bytes (a vocabulary of 68; newlines dropped)", "To be,\nor not"),
+            (
+                "text8",
+                "text: text8's characters (a vocabulary of 28; lower case, any whitespace a space)",
+                "The Sea",
+            ),
+        ):
+            d.page.select_option("#model", name)
+            assert d.page.text_content("#model-info").startswith(line), d.page.text_content("#model-info")
+            vocab = load_vocab(tmp_path / name)
+            ids = reference(tmp_path / name, vocab.encode(prompt), SamplingParams(seed=5), 30)
+            got = generate_text(d, prompt, 30, seed=5)
+            assert got == codecs.getincrementaldecoder("utf-8")(errors="replace").decode(
+                vocab.token_bytes(ids)
+            )
+            assert d.js("s4demo.lastDone.usage")["prompt_tokens"] == len(vocab.encode(prompt))
+        assert d.errors == []
     finally:
         d.context.close()
         s.stop()

@@ -186,7 +186,11 @@
         ? `audio: ${m.sample_rate} Hz mu-law samples (${m.vocab_size} levels)`
         : m.tokens === "words"
           ? `text: words (a vocabulary of ${m.vocab_size}; a newline is <eos>)`
-          : m.vocab_size === 256
+          : m.tokens === "vocab_bytes"
+            ? `text: enwik8's UTF-8 bytes (a vocabulary of ${m.vocab_size}; newlines dropped)`
+            : m.tokens === "characters"
+              ? `text: text8's characters (a vocabulary of ${m.vocab_size}; lower case, any whitespace a space)`
+              : m.vocab_size === 256
             ? "text: UTF-8 bytes (a vocabulary of 256)"
             : `text: a vocabulary of ${m.vocab_size} tokens`;
     const net =
@@ -488,12 +492,17 @@
     out.append(p, g);
     const record = { prompt, text: "", ids: 0, done: null };
     demo.turns.push(record);
-    // the prompt's tokens as the server counts them: its UTF-8 bytes, or a word model's words and newlines
+    // the prompt's tokens as the server counts them: its UTF-8 bytes (an enwik8 model's without newlines),
+    // a word model's words and newlines, or a text8 model's characters
     const words = model.tokens === "words";
+    const chars = model.tokens === "characters";
     const promptTokens = words
       ? prompt.split("\n").reduce((n, line) => n + 1 + line.split(/\s+/).filter(Boolean).length, -1)
-      : new TextEncoder().encode(prompt).length;
-    beginTurn("text", promptTokens, promptTokens ? `${promptTokens} ${words ? "words" : "bytes"}` : "");
+      : chars
+        ? [...prompt].length
+        : new TextEncoder().encode(model.tokens === "vocab_bytes" ? prompt.replaceAll("\n", "") : prompt).length;
+    const unit = words ? "words" : chars ? "characters" : "bytes";
+    beginTurn("text", promptTokens, promptTokens ? `${promptTokens} ${unit}` : "");
     turn.textNode = g.firstChild;
     turn.spans = [p, g];
     turn.record = record;
