@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -19,3 +21,21 @@ def blocks_after(marker: str, n: int) -> list[tuple[str, str]]:
         blocks.append((lines[i][3:], "\n".join(lines[i + 1 : j])))
         i = j + 1
     return blocks
+
+
+def run_convert_then_python(marker: str, folder: str, to: Path) -> bytes:
+    """Run the two blocks after `marker` (a bash conversion, then a python program) verbatim from the
+    project root, the README's output `folder` moved to `to` and `.venv/bin/python` this interpreter; each
+    must exit 0. Returns the program's stdout (bytes)."""
+    (bash, convert), (python, generate) = [(lang, code.replace(folder, str(to)))
+                                           for lang, code in blocks_after(marker, 2)]  # fmt: skip
+    assert (bash, python) == ("bash", "python")
+    root = README.parent
+    convert = convert.replace(".venv/bin/python", sys.executable)
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", convert], cwd=root, capture_output=True, text=True,
+                       timeout=600, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-c", generate], cwd=root, capture_output=True, timeout=600,
+                       check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return r.stdout

@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from readme_support import blocks_after
+from readme_support import run_convert_then_python
 
 from model.vocab import VocabError, WordVocab, load_vocab
 
@@ -124,17 +124,7 @@ def test_a_checkpoint_without_a_vocabulary_has_none():
 def test_the_readme_word_level_example_runs_verbatim(tmp_path):
     """The README's two blocks after the `tests/test_vocab.py` marker: the conversion, then the library
     generating words (its folder /tmp/s4-wt103-tiny moved under tmp_path)."""
-    blocks = blocks_after("<!-- tested: tests/test_vocab.py", 2)
-    (bash, convert), (python, generate) = [(lang, code.replace("/tmp/s4-wt103-tiny", str(tmp_path / "w")))
-                                           for lang, code in blocks]  # fmt: skip
-    assert (bash, python) == ("bash", "python")
-    convert = convert.replace(".venv/bin/python", sys.executable)
-    r = subprocess.run(["bash", "-euo", "pipefail", "-c", convert], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-c", generate], cwd=ROOT, capture_output=True, text=True,
-                       timeout=600, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    text = r.stdout[:-1]  # (print's newline)
+    out = run_convert_then_python("<!-- tested: tests/test_vocab.py", "/tmp/s4-wt103-tiny", tmp_path / "w")
+    text = out.decode("utf-8")[:-1]  # (print's newline)
     vocab = load_vocab(tmp_path / "w")
     assert len(vocab.encode(text)) == 20 and set(text.split()) <= set(vocab.symbols), text

@@ -9,13 +9,11 @@ train.py run's data (trainpy_enwik.md)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from readme_support import blocks_after
+from readme_support import run_convert_then_python
 
 from model.convert import convert
 from model.vocab import ByteVocab, CharVocab, Vocab, VocabError, WordVocab, load_vocab
@@ -175,20 +173,8 @@ def test_the_readme_enwik8_example_runs_verbatim(tmp_path):
     """The README's two blocks after the `tests/test_vocab_chars.py` marker: the conversion with the run's
     symbols file, then the library generating 40 bytes (its folder /tmp/s4-hamlet moved under tmp_path),
     which read back as the same 40 ids."""
-    blocks = blocks_after("<!-- tested: tests/test_vocab_chars.py", 2)
-    (bash, convert_cmd), (python, generate) = [(lang, code.replace("/tmp/s4-hamlet", str(tmp_path / "h")))
-                                               for lang, code in blocks]  # fmt: skip
-    assert (bash, python) == ("bash", "python")
-    root = FIX.parents[2]
-    convert_cmd = convert_cmd.replace(".venv/bin/python", sys.executable)
-    r = subprocess.run(["bash", "-euo", "pipefail", "-c", convert_cmd], cwd=root, capture_output=True,
-                       text=True, timeout=600, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    r = subprocess.run(
-        [sys.executable, "-c", generate], cwd=root, capture_output=True, timeout=600, check=False
-    )
-    assert r.returncode == 0, r.stderr
-    text = r.stdout[:-1].decode("utf-8")  # (print's newline; the run's bytes are all ASCII)
+    out = run_convert_then_python("<!-- tested: tests/test_vocab_chars.py", "/tmp/s4-hamlet", tmp_path / "h")
+    text = out[:-1].decode("utf-8")  # (print's newline; the run's bytes are all ASCII)
     vocab = load_vocab(tmp_path / "h")
     assert len(vocab.encode(text)) == 40 and vocab.decode(vocab.encode(text)) == text, text
 

@@ -143,11 +143,16 @@ def safe_torch_load(path: str | Path) -> Any:
         with torch.serialization.safe_globals(OMEGACONF_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as exc:  # the unpickler's own errors: UnpicklingError, RuntimeError, ...
-        msg = str(exc)
-        m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"unrecognized function ([^\s]+)", msg)
-        what = f"it holds {m.group(1)}, which is not allowed" if m else _clean_cut(msg.splitlines()[0])
-        raise OfficialFormatError(f"{path}: refused by the safe loader: {what}") from None
+        raise _refused(path, exc) from None
     return to_plain(obj)
+
+
+def _refused(path: Path, exc: Exception) -> OfficialFormatError:
+    """The safe loader's refusal of `path`, naming the global it holds when that was the reason."""
+    msg = str(exc)
+    m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"unrecognized function ([^\s]+)", msg)
+    what = f"it holds {m.group(1)}, which is not allowed" if m else _clean_cut(msg.splitlines()[0])
+    return OfficialFormatError(f"{path}: refused by the safe loader: {what}")
 
 
 class _CachedVocab(_Node):
@@ -166,10 +171,7 @@ def read_vocab_cache(path: str | Path) -> list[str]:
         with torch.serialization.safe_globals([(_CachedVocab, "src.dataloaders.utils.vocabulary.Vocab")]):
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # the unpickler's own errors, as safe_torch_load's
-        msg = str(exc)
-        m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"unrecognized function ([^\s]+)", msg)
-        what = f"it holds {m.group(1)}, which is not allowed" if m else _clean_cut(msg.splitlines()[0])
-        raise OfficialFormatError(f"{path}: refused by the safe loader: {what}") from None
+        raise _refused(path, exc) from None
     vocab = obj[0] if isinstance(obj, tuple) and obj else None
     symbols = vocab.__dict__.get("idx2sym") if isinstance(vocab, _CachedVocab) else None
     if not (isinstance(symbols, list) and all(isinstance(x, str) for x in symbols)):
