@@ -24,10 +24,13 @@ under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
    Beside it the memory-bandwidth bound: a step reads and writes each stream's float32 state (131 KB for
    this model: 32 slots a channel in the real block-diagonal form) at least once, so at most copy
    bandwidth ÷ (2 × state bytes × 16,000) streams keep up (about 1,025 at the 4.3 TB/s an H200 copies)
-   unless states stay on chip between steps. Beside it the shipped SaShiMi (audio-digits, the default
-   audio model, 8 kHz) at 1 … 1,024 streams at mixed pooling phases ("sashimi"): its sparse torch step
-   and engine step (graphs off), and its dense step in graphs, resident, and its decode blocks in graphs
-   (graphs on).
+   unless states stay on chip between steps. Also the same with the states stored in float16
+   (`S4_STATE_DTYPE`, `use_state_dtype`; rows "state_dtype": "float16", keys ending "_float16"), half
+   the bytes a step moves, so twice that bound ("bandwidth_bound_streams_float16"), with the Triton step
+   where it runs (it reads and writes the 16-bit state itself). Beside it the shipped SaShiMi
+   (audio-digits, the default audio model, 8 kHz) at 1 … 1,024 streams at mixed pooling phases
+   ("sashimi"): its sparse torch step and engine step (graphs off), and its dense step in graphs,
+   resident, and its decode blocks in graphs (graphs on).
 3. **Time to first token under load.** The engine (`server/engine.py`, no HTTP) with L sessions
    decoding the text model; one prompt of P tokens at a time arrives, and its TTFT is the time from
    submission to its first token (prefill in chunks interleaved with the decode steps).
@@ -258,7 +261,7 @@ def decode_batch(rec, B: int):
         session = SessionRecord(id=f"s{k}", model="bench", slot=pool.reserve(), pending=128)
         params = SamplingParams(temperature=1.0, seed=k)
         jobs.append(Job(session, [], params=params, generator=params.generator(rec.device)))
-    batch = DecodeBatch(pool)
+    batch = DecodeBatch(pool, rec.state_dtype)
     batch.join(jobs)
     mixed_phases(rec, batch.state)
     return batch
@@ -283,13 +286,23 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
     else:
         engine_ok = True
     kernel = triton_ok(rec)
-    for triton in [True, False] if kernel else [False]:
+    # float32 states with and without the Triton step; a float16 state (S4_STATE_DTYPE) with the best step
+    variants = [(t, "float32") for t in ([True, False] if kernel else [False])] + [(kernel, "float16")]
+    for triton, state_dtype in variants:
         for graphs in modes(device):
-            what = f"graphs={graphs} triton={triton}"
+            what = f"graphs={graphs} triton={triton} state={state_dtype}"
             rec.use_cuda_graphs(None)
             if kernel:
                 rec.use_triton_step(triton)
-            key = f"capture_s_graphs_{'on' if graphs else 'off'}" + ("_triton" if triton else "")
+            try:
+                check = rec.use_state_dtype(state_dtype)
+            except Exception as exc:  # noqa: BLE001  (recorded: the float32 figures stand)
+                out["skipped"].append(f"{what}: {type(exc).__name__}: {exc}")
+                continue
+            if check:
+                out["model"]["state_float16_check"] = check
+            key = (f"capture_s_graphs_{'on' if graphs else 'off'}" + ("_triton" if triton else "")
+                   + ("_float16" if state_dtype == "float16" else ""))  # fmt: skip
             if not captured(rec, graphs, max(sz["batches"]), out["model"], key):
                 out["skipped"].append(f"{what}: the capture failed ({out['model']['capture_errors'][-1]})")
                 continue
@@ -297,8 +310,10 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
                 if not budget.left():
                     out["skipped"].append(f"{what} batch {B}: time budget")
                     continue
-                out["rows"].append(audio_row(rec, B, graphs, triton, engine_ok, sz["seconds"]))
+                row = audio_row(rec, B, graphs, triton, engine_ok, sz["seconds"])
+                out["rows"].append({**row, "state_dtype": state_dtype})
     rec.use_cuda_graphs(None)
+    rec.use_state_dtype("float32")
     out["sashimi"] = sashimi_rows(device, sz["seconds"], budget)
     if device == "cuda" and budget.left():  # what a server's load captures: the step's graphs and every
         # bucket's plain-sampling block graphs (7 sizes)
@@ -315,20 +330,23 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
     out["state_bytes_per_stream"] = nbytes = rec.state_bytes_per_sequence
     out["copy_bytes_per_s"] = bw = copy_bandwidth(rec.device, sz["seconds"])
     out["bandwidth_bound_streams"] = bw / (2 * nbytes * RATE)
-    for triton in {r["triton"] for r in out["rows"]}:
+    out["bandwidth_bound_streams_float16"] = bw / (nbytes * RATE)  # (half the bytes a state)
+    for triton, state_dtype in {(r["triton"], r["state_dtype"]) for r in out["rows"]}:
         for graphs in modes(device):
             for what in ("step", "step_resident", "engine", "engine_block"):
-                mine = [r for r in out["rows"] if (r["graphs"], r["triton"]) == (graphs, triton)]
+                want = (graphs, triton, state_dtype)
+                mine = [r for r in out["rows"] if (r["graphs"], r["triton"], r["state_dtype"]) == want]
                 ok = [r["batch"] for r in mine if r.get(f"{what}_rtf", 0) >= 1]
                 key = f"streams_at_real_time_{what}_graphs_{'on' if graphs else 'off'}"
-                out[key + ("_triton" if triton else "")] = max(ok, default=0)
+                key += ("_triton" if triton else "") + ("_float16" if state_dtype == "float16" else "")
+                out[key] = max(ok, default=0)
     return out
 
 
 def audio_row(rec, B: int, graphs: bool, triton: bool, engine_ok: bool, seconds: float) -> dict[str, Any]:
     """One batch size of the audio section: the bare step's steps/s, and the engine's (with the per-step
-    `sample` beside it on CUDA), with their real-time factors."""
-    state = rec.init_state(B)
+    `sample` beside it on CUDA), with their real-time factors; the states in the model's `state_dtype`."""
+    state = rec.init_state(B).to(rec.state_dtype)
     tok = torch.randint(0, 256, (B,), device=rec.device)
     steps = rate(lambda: rec.step(tok, state, out=state), seconds)
     row = {"graphs": graphs, "triton": triton, "batch": B, "step_steps_per_s": steps}
@@ -562,9 +580,12 @@ def plot(data: dict[str, Any], quick: bool) -> None:
         )
     a1.set(yscale="log", xlabel="batch", ylabel="tokens/s", title="text model step (H = 256)")
     log2_axis(a1, data["sizes"]["batches"])
-    for graphs, triton in sorted({(r["graphs"], r.get("triton", False)) for r in data["audio"]["rows"]},
-                                 reverse=True):  # fmt: skip
-        rows = [r for r in data["audio"]["rows"] if (r["graphs"], r.get("triton", False)) == (graphs, triton)]
+
+    def audio_kind(r):
+        return r["graphs"], r.get("triton", False), r.get("state_dtype", "float32")
+
+    for graphs, triton, sd in sorted({audio_kind(r) for r in data["audio"]["rows"]}, reverse=True):
+        rows = [r for r in data["audio"]["rows"] if audio_kind(r) == (graphs, triton, sd)]
         for what, style in (
             ("step", "o-"),
             ("step_resident", "^:"),
@@ -574,7 +595,7 @@ def plot(data: dict[str, Any], quick: bool) -> None:
             pts = [(r["batch"], r[f"{what}_rtf"]) for r in rows if f"{what}_rtf" in r]
             if pts:
                 label = f"{what}, graphs {'on' if graphs else 'off'}" + (", Triton" if triton else "")
-                a2.plot(*zip(*pts), style, label=label)
+                a2.plot(*zip(*pts), style, label=label + (", float16 state" if sd == "float16" else ""))
     sash = data["audio"].get("sashimi", {}).get("rows", [])
     for graphs in (False, True):  # the default audio model at its own 8 kHz: the engine's best path
         what = "engine_block" if graphs else "engine"
@@ -586,6 +607,9 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     bound = data["audio"].get("bandwidth_bound_streams")
     if bound:
         a2.axvline(bound, color="gray", ls=":", label=f"bandwidth bound {bound:,.0f} streams")
+    bound16 = data["audio"].get("bandwidth_bound_streams_float16")
+    if bound16:
+        a2.axvline(bound16, color="gray", ls="--", label=f"float16 state: {bound16:,.0f} streams")
     a2.set(yscale="log", xlabel="concurrent streams", ylabel="real-time factor (steps/s ÷ 16,000)",
            title="audio at 16 kHz (H = 128)")  # fmt: skip
     log2_axis(a2, data["sizes"]["batches"])

@@ -6,14 +6,14 @@ the step is bound by launching them from Python. A CUDA graph records the step's
 replays them with one launch (PyTorch: `torch.cuda.CUDAGraph`, "CUDA Graphs" in the CUDA semantics notes).
 
 A graph replays fixed shapes at fixed addresses, so each bucket b (1, 2, 4, …, 1024) owns static buffers:
-tokens (b,), state (n_layers, b, H, 2, M) float32 (a SaShiMi's (b, numel)) and the logits (b, V) float32
-the graph writes. A batch
-of n rows runs in the smallest bucket b ≥ n: its tokens and states are copied into rows 0..n−1, rows
-n..b−1 are zeroed (token 0, state 0), the graph is replayed, and rows 0..n−1 of the state and logits are
-copied out. Padded rows cannot change real rows: every op of the step is row-wise (the embedding,
-LayerNorm, the linear layers, the SSM step, the head), so row i's result depends on row i's inputs
-alone (`tests/test_cuda_graphs.py` checks it on CPU, `tests/test_cuda.py` on the captured graph).
-A batch above the largest bucket runs the plain (eager) step.
+tokens (b,), state (n_layers, b, H, 2, M) in the model's `state_dtype` (float32, or float16:
+`use_state_dtype`; a SaShiMi's (b, numel)) and the logits (b, V) float32 the graph writes; a state of
+another dtype steps eagerly. A batch of n rows runs in the smallest bucket b ≥ n: its tokens and states are
+copied into rows 0..n−1, rows n..b−1 are zeroed (token 0, state 0), the graph is replayed, and rows 0..n−1
+of the state and logits are copied out. Padded rows cannot change real rows: every op of the step is
+row-wise (the embedding, LayerNorm, the linear layers, the SSM step, the head), so row i's result depends on
+row i's inputs alone (`tests/test_cuda_graphs.py` checks it on CPU, `tests/test_cuda.py` on the captured
+graph). A batch above the largest bucket runs the plain (eager) step.
 
 **A resident batch.** The copies in and out move the whole state twice a step: at 1,024 rows of the audio
 model 4 × 134 MB, as much traffic as the Triton step itself. `resident(state)` moves a batch's state into
@@ -82,6 +82,7 @@ from model.sampling import (
 log = logging.getLogger("model.cuda_graphs")
 
 LARGEST_BUCKET = 1024
+STATE16_ROWS, STATE16_STEPS = 4, 256  # `check_state_dtype`'s probe
 # One capture at a time in the process: torch's captures share one capture stream, and a capture's start
 # (empty_cache) asserts that none is under way (two models' engine threads could otherwise collide)
 CAPTURE_LOCK = threading.Lock()
@@ -194,6 +195,7 @@ class BucketedStep:
         if capture and rec.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {rec.device}")
         self.rec, self.buckets, self.capture = rec, tuple(buckets), capture
+        self.state_dtype = rec.state_dtype  # the buffers' (`GraphedModel.use_state_dtype`)
         self.bd = rec.batch_dim  # the batch's dim in a state: 1 (RecurrentModel), 0 (SaShiMiRecurrent)
         self.buffers: dict[int, StepBuffers] = {}
         self.eager_calls = 0  # batches above the largest bucket, or another batch of the resident bucket
@@ -225,7 +227,8 @@ class BucketedStep:
         dev = self.rec.device
         with torch.inference_mode(False):  # normal tensors: the engine's rows (resident views of them) are
             # updated in place outside inference mode too (a joiner filling a hole)
-            buf = StepBuffers(torch.zeros(b, dtype=torch.long, device=dev), self.rec.init_state(b).clone())
+            buf = StepBuffers(torch.zeros(b, dtype=torch.long, device=dev),
+                              self.rec.init_state(b).to(self.state_dtype).clone())  # fmt: skip
         t0 = time.perf_counter()
         if self.capture:  # as in PyTorch's CUDA-graphs notes: warm up on a side stream, then capture
             with CAPTURE_LOCK, torch.cuda.device(dev):
@@ -311,9 +314,10 @@ class BucketedStep:
     def __call__(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None):
         n = tokens.shape[0]
         b = bucket_for(n, self.buckets) if n else None
-        if b is None:  # empty, or above the largest bucket
+        if b is None or state.dtype != self.state_dtype:  # empty, above the largest bucket, or a state of
+            # another dtype than the buffers' (copied in and out, it would be rounded otherwise)
             self.eager_calls += 1
-            return self.rec._step_eager(tokens, state, out)
+            return self.rec._step_eager(tokens, state, out, ids_checked=b is not None)
         buf = self.bucket(b)
         # stepped in place in the buffer: the resident batch, asked to be updated in place (out=state; with
         # another out the state passed in must stay as it was)
@@ -502,8 +506,9 @@ class BucketedStep:
         want = list(self.rec.state_shape)
         want.insert(self.bd, B)
         want = tuple(want)
-        if tuple(state.shape) != want or state.dtype != torch.float32 or state.device != dev:
-            raise ValueError(f"decode block: state must be {want} float32 on {dev}, got {tuple(state.shape)} "
+        if tuple(state.shape) != want or state.dtype != self.state_dtype or state.device != dev:
+            name = str(self.state_dtype).removeprefix("torch.")
+            raise ValueError(f"decode block: state must be {want} {name} on {dev}, got {tuple(state.shape)} "
                              f"{state.dtype} on {state.device}")  # fmt: skip
         if tok.shape != (B,) or tok.dtype != torch.long or tok.device != dev:
             raise ValueError(f"decode block: tok must be ({B},) int64 on {dev}")
@@ -700,6 +705,104 @@ class GraphedModel:
 
     _graphs: BucketedStep | None
     graphs_check: dict[str, float] | None = None  # the last `check_graphs` report
+    # the dtype a decode batch stores its states in (`use_state_dtype`): the graphs' buffers, the server's
+    # decode batch; `init_state`, sessions and prefill keep float32
+    state_dtype: torch.dtype = torch.float32
+    state_dtype_check: dict | None = None  # the last `check_state_dtype` report
+
+    def _half_step(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None,
+                   ids_checked: bool = False):  # fmt: skip
+        """The step of a float16 state on a path that steps float32 (the C steps, the torch ops): widened
+        exactly, stepped (`_step_eager`), the next state rounded to nearest even into `out` (else a new
+        float16 tensor). No host sync of its own (the graphs capture it)."""
+        logits, new = self._step_eager(tokens, state.float(), None, ids_checked)
+        return logits, new.to(state.dtype) if out is None else out.copy_(new)
+
+    def _state16_problem(self) -> str | None:
+        """Why this model's state cannot be stored in float16 (None when it can); SaShiMi adds its phase."""
+        return None
+
+    @torch.inference_mode()
+    def check_state_dtype(self, dtype: torch.dtype = torch.float16, rows: int = STATE16_ROWS,
+                          steps: int = STATE16_STEPS) -> dict:  # fmt: skip
+        """The step with the state stored in `dtype` (float16; bfloat16, which `use_state_dtype` refuses,
+        for comparison) against the float32 step (which conversion verified
+        against the float64 conv mode): `rows` rows after prompts of different lengths (fixed seed; a
+        SaShiMi's at different pooling phases), then `steps` random tokens stepped eagerly twice, the
+        state kept float32 and stored in `dtype`. Returns {"dtype", "rows", "steps", "logits_rel_err"
+        (Frobenius, all positions), "tv_mean" and "tv_max" (the total variation ½ Σ|p − p₃₂| between the
+        next-token distributions, over the positions), "argmax_differs" (share of positions whose most
+        likely token differs), "state_max_abs" (the float32 run's largest |state|),
+        "state_bound_max" (`state_bound`'s largest finite entry), "bound_over" (entries whose bound
+        exceeds float16's largest value, 65,504: their stored value could overflow, which the probe's
+        values did not), "tol"}, also kept in `state_dtype_check`."""
+        from model.recurrent import FLOAT16_MAX, STATE16_TOL  # noqa: PLC0415
+
+        if dtype not in (torch.float16, torch.bfloat16):
+            raise ValueError(f"check_state_dtype compares a 16-bit state (float16, bfloat16), got {dtype}")
+        V, dev = self.config.vocab_size, self.device
+        g = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, V, (1, 2 + 3 * r), generator=g).to(dev) for r in range(rows)]
+        s32 = torch.cat([self.prefill(p, self.init_state(1), logits="none")[1] for p in prompts],
+                        self.batch_dim)  # fmt: skip
+        s16 = s32.to(dtype)
+        tokens = torch.randint(0, V, (steps, rows), generator=g).to(dev)
+        peak = s32.abs().max()
+        la, lb = [], []
+        for t in range(steps):
+            la.append(self._step_eager(tokens[t], s32, out=s32)[0].double())
+            lb.append(self._step_eager(tokens[t], s16, out=s16)[0].double())
+            peak = torch.maximum(peak, s32.abs().max())
+        la, lb = torch.stack(la), torch.stack(lb)  # (steps, rows, V)
+        tv = 0.5 * (torch.softmax(lb, -1) - torch.softmax(la, -1)).abs().sum(-1)  # (steps, rows)
+        bound = self.state_bound()
+        finite = bound[torch.isfinite(bound)]
+        report = {
+            "dtype": str(dtype).removeprefix("torch."), "rows": rows, "steps": steps,
+            "logits_rel_err": float((lb - la).norm() / la.norm().clamp_min(1e-30)),
+            "tv_mean": float(tv.mean()), "tv_max": float(tv.max()),
+            "argmax_differs": float((la.argmax(-1) != lb.argmax(-1)).double().mean()),
+            "state_max_abs": float(peak), "state_bound_max": float(finite.max()) if finite.numel() else 0.0,
+            "bound_over": int((bound > FLOAT16_MAX).sum()), "tol": STATE16_TOL,
+        }  # fmt: skip
+        self.state_dtype_check = report
+        return report
+
+    def use_state_dtype(self, dtype: torch.dtype | str) -> dict:
+        """Store the decode batch's states in `dtype`: torch.float32 (the default) or torch.float16 (or
+        their names). A float16 state halves the bytes a step moves (a GPU step is bound by them at large
+        batches): each step widens it exactly, computes in float32 and rounds the next state to float16
+        (`step`; the Triton kernel does it as it loads and stores). The graphs' buffers take the dtype
+        (captured again, if captured). `init_state`, `prefill` and the server's sessions stay float32; a
+        state of either dtype may be stepped whatever this says. float16 is checked first
+        (`check_state_dtype`) and returns its report ({} for float32).
+        Raises ValueError for another dtype, or where float16 cannot hold the state (a SaShiMi whose
+        phase counter passes 2,048); VerificationError when the float16 step's next-token distributions
+        are more than STATE16_TOL from the float32 step's (mean total variation) or its probe's state
+        overflowed float16 (the model keeps its state dtype)."""
+        from model.recurrent import FLOAT16_MAX, STATE_DTYPES, VerificationError  # noqa: PLC0415
+
+        if isinstance(dtype, str):
+            named = getattr(torch, dtype.removeprefix("torch."), None)
+            dtype = named if isinstance(named, torch.dtype) else dtype
+        if dtype not in STATE_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in STATE_DTYPES)
+            raise ValueError(f"state dtype must be one of {names}, got {dtype}")
+        report: dict = {}
+        if dtype != torch.float32:
+            if problem := self._state16_problem():
+                raise ValueError(f"a float16 state cannot hold this model's state: {problem}")
+            report = self.check_state_dtype(dtype)
+            if not report["tv_mean"] <= report["tol"] or report["state_max_abs"] > FLOAT16_MAX:
+                raise VerificationError(
+                    f"the step with a float16 state differs from the float32 step: next-token distributions "
+                    f"{report['tv_mean']:.2e} apart (mean total variation; at most {report['tol']:.1e}), "
+                    f"largest |state| {report['state_max_abs']:.4g} (float16 holds up to {FLOAT16_MAX:.0f})"
+                )
+        if dtype != self.state_dtype:
+            self.state_dtype = dtype
+            self._recapture()
+        return report
 
     def use_cuda_graphs(self, buckets: tuple[int, ...] | None, blocks: bool = True) -> float:
         """Step through CUDA graphs, one per batch-size bucket (`model/cuda_graphs.py`), captured now,
@@ -736,13 +839,13 @@ class GraphedModel:
     @torch.inference_mode()
     def check_graphs(self, rows: int = 5, tol: float | None = None) -> dict[str, float]:
         """The graphs' step against the eager step (`_step_eager`, which conversion verified against the
-        float64 conv mode): `rows` rows after prompts of different lengths (a SaShiMi's at different
-        pooling phases), stepped through their bucket (copied in and out) and eagerly with the same random
-        tokens, 4 steps (a SaShiMi: two pooling periods + 3). Returns the relative errors (Frobenius) of
-        the logits and of the final states, also kept in `graphs_check`. Raises RuntimeError above `tol`
-        (default `LOGITS_TOL` of the served dtype; the graphs may round otherwise: other matmul shapes, a
-        SaShiMi's dense step), naming both errors: the server then serves with the plain step
-        (`server.registry.use_cuda_graphs`). Without graphs, {}."""
+        float64 conv mode): `rows` rows after prompts of different lengths (a SaShiMi's at different pooling
+        phases; in `state_dtype`), stepped through their bucket (copied in and out) and eagerly with the same
+        random tokens, 4 steps (a SaShiMi: two pooling periods + 3). Returns the relative errors (Frobenius)
+        of the logits and of the final states, also kept in `graphs_check`. Raises RuntimeError above `tol`
+        (default `LOGITS_TOL` of the served dtype, at least float16's with a float16 `state_dtype`; the graphs
+        may round otherwise: other matmul shapes, a SaShiMi's dense step), naming both errors: the server then
+        serves with the plain step (`server.registry.use_cuda_graphs`). Without graphs, {}."""
         from model.recurrent import LOGITS_TOL  # noqa: PLC0415
 
         if self._graphs is None:
@@ -752,7 +855,7 @@ class GraphedModel:
         g = torch.Generator().manual_seed(0)
         prompts = [torch.randint(0, V, (1, 2 + 3 * r), generator=g).to(dev) for r in range(rows)]
         state = torch.cat([self.prefill(p, self.init_state(1), logits="none")[1] for p in prompts],
-                          self.batch_dim)  # fmt: skip
+                          self.batch_dim).to(self.state_dtype)  # fmt: skip
         steps = 2 * self.period + 3 if hasattr(self, "period") else 4
         tokens = torch.randint(0, V, (steps, rows), generator=g).to(dev)
         graphed, eager, la, lb = state.clone(), state.clone(), [], []
@@ -768,6 +871,9 @@ class GraphedModel:
         }
         self.graphs_check = report
         limit = LOGITS_TOL[self.dtype] if tol is None else tol
+        if tol is None and self.state_dtype == torch.float16:  # two paths whose float32 results differ in
+            # the last bit may round a state entry to neighbouring float16 values (2⁻¹¹ relative apart)
+            limit = max(limit, LOGITS_TOL[torch.float16])
         if not max(report.values()) <= limit:  # (NaN fails too)
             raise RuntimeError(
                 f"the CUDA graphs' step differs from the eager step: logits {report['logits_rel_err']:.2e}, "
@@ -789,6 +895,8 @@ class GraphedModel:
         if rows == 0:
             return state
         want = tuple(shape[:bd] + [rows] + shape[bd:])
-        if tuple(state.shape) != want or state.dtype != torch.float32:
-            raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
+        if tuple(state.shape) != want or state.dtype != self.state_dtype:
+            name = str(self.state_dtype).removeprefix("torch.")
+            raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} {name} "
+                             "(the state dtype, `use_state_dtype`)")  # fmt: skip
         return self._graphs.resident(state)

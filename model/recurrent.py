@@ -112,6 +112,22 @@ class StateRangeError(ValueError):
     a value is NaN or infinite, or exceeds the bound of `RecurrentModel.state_bound`."""
 
 
+# The dtypes a state may be stored in. float32 everywhere (conversion verifies it against the float64 conv
+# mode); float16 as an opt-in for a GPU's decode batch (`GraphedModel.use_state_dtype`): the step widens
+# it exactly, computes in float32 and rounds the next state to float16, so a step moves half the bytes.
+# bench.state_precision measured the cost on the shipped models' held-out data (2026-12-04): +0.01 % bits
+# a token (text), +0.35-0.53 % (audio).
+STATE_DTYPES = (torch.float32, torch.float16)
+# `GraphedModel.use_state_dtype`'s check: the mean total variation between the next-token distributions
+# of a float16 state's step and the float32 step's, over its probe (4 rows, 256 random tokens). Measured
+# 2026-12-06 on the shipped models: float16 0.0022 (audio-digits), 0.0052 (audio-digits-s4), 0.0083
+# (text-shakespeare); a bfloat16 state 0.018, 0.046 and 0.067 (what the check is there to refuse).
+STATE16_TOL = 0.015
+FLOAT16_MAX = 65504.0  # float16's largest finite value: a state that could exceed it is not stored so
+BFLOAT16_STATE = (
+    "a bfloat16 state loses 0.6-2.4 bits a token on the shipped models, its 8-bit mantissa cannot follow "
+    "the slowest modes' decay (bench.state_precision); float16 is the 16-bit state"
+)
 STATE_BOUND_SLACK = 1.01  # float32 rounding of the step and prefill stays far below 1 % of the bound
 
 
@@ -852,18 +868,28 @@ def check_step_inputs(
     tokens: torch.Tensor, ndim: int, state: torch.Tensor, want: tuple[int, ...], device_type: str
 ) -> None:
     """The recurrent forms' input contract (RecurrentModel, SaShiMiRecurrent): `ndim`-dimensional tokens
-    (integer ids as `check_token_dtype` returns them), a float32 state of shape `want`, both on the
-    model's device type. Raises ValueError naming what is wrong (the ids' range is checked where they are
-    embedded)."""
+    (integer ids as `check_token_dtype` returns them), a state of shape `want` in one of `STATE_DTYPES`
+    (float32; float16, a state stored at 16 bits: `GraphedModel.use_state_dtype`), both on the model's
+    device type. Raises ValueError naming what is wrong (the ids' range is checked where they are
+    embedded; a bfloat16 state is refused saying why)."""
     if tokens.dim() != ndim:
         raise ValueError(f"tokens must have {ndim} dims, got shape {tuple(tokens.shape)}")
     if not isinstance(state, torch.Tensor):
         raise ValueError(f"state must be a float32 tensor, got {type(state).__name__}")
-    if tuple(state.shape) != want or state.dtype != torch.float32:
-        raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32")
+    if tuple(state.shape) != want or state.dtype not in STATE_DTYPES:
+        why = f" ({BFLOAT16_STATE})" if state.dtype == torch.bfloat16 else ""
+        raise ValueError(f"state has shape {tuple(state.shape)} {state.dtype}, expected {want} float32 (or "
+                         f"float16){why}")  # fmt: skip
     if tokens.device.type != device_type or state.device.type != device_type:
         raise ValueError(f"tokens ({tokens.device}) and state ({state.device}) must be on the model's "
                          f"device ({device_type})")  # fmt: skip
+
+
+def check_native_block_state(state: torch.Tensor) -> None:
+    """The C decode block's state must be float32 (it steps it in place in C); ValueError otherwise."""
+    if state.dtype != torch.float32:
+        raise ValueError(f"the native decode block steps float32 states, got {state.dtype}: a float16 state "
+                         "steps through `step` or the CUDA graphs' decode blocks")  # fmt: skip
 
 
 def form_device(net: torch.nn.Module, device, tol: float, logits_tol: float | None) -> torch.device:
@@ -901,7 +927,9 @@ class RecurrentModel(GraphedModel):
     (a complex mode's real and imaginary parts, or two real modes: `real_block_slots`); constant size
     whatever the context length. `step` and `prefill` return a new state and leave the one passed in
     untouched, unless `step(..., out=state)` asks for an in-place update. Logits are float32 whatever the
-    weights' dtype.
+    weights' dtype. `step` and `prefill` also take a state stored in float16 (half the bytes; each step
+    computes in float32 from its widening and rounds the next state): `use_state_dtype` checks it against
+    the float32 step and makes it the decode batch's (the CUDA graphs' buffers, the server's).
 
     Args: `tol` the per-layer kernel tolerance (relative error of the float32 step's impulse response
     against the float64 kernel over `verify_len`, default the trained length); `dtype` the weights'
@@ -1153,8 +1181,8 @@ class RecurrentModel(GraphedModel):
         new = torch.empty_like(state) if out is None else out
 
         def layer_ssm(i, form, u):
-            if form.form != "diagonal":
-                y, x = form.step(u, state[i, ..., : form.M])
+            if form.form != "diagonal":  # (a float16 state widened for it; the copy rounds it back)
+                y, x = form.step(u, state[i, ..., : form.M].float())
                 new[i].copy_(self._pad(x, 3))
                 return y
             y = torch.empty_like(u)
@@ -1204,9 +1232,13 @@ class RecurrentModel(GraphedModel):
     def step(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None):
         """tokens (B,) integer ids in 0 … V − 1 (int64; any integer dtype), state (n_layers, B, H, 2, M)
         float32 → logits (B, V) float32 and the next state: a new tensor, or written into `out` (which
-        may be `state` itself: an in-place update that allocates nothing). With `use_cuda_graphs`, a
-        batch within the largest bucket replays its bucket's graph. Raises ValueError for a wrong shape
-        or dtype, or an id outside the vocabulary (naming it; the state is then unchanged)."""
+        may be `state` itself: an in-place update that allocates nothing). A float16 state (stored at 16
+        bits, `use_state_dtype`) is stepped in float32 from its exact widening and the next state rounded
+        to float16 (the Triton kernel reads and writes it so; the other steps widen, step and round); out
+        has the state's dtype. With `use_cuda_graphs`, a batch within the largest bucket replays its
+        bucket's graph (a state of the graphs' `state_dtype`; another steps eagerly). Raises ValueError
+        for a wrong shape or dtype, or an id outside the vocabulary (naming it; the state is then
+        unchanged)."""
         tokens = self._check(tokens, state, 1)
         if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
             raise ValueError(f"out has shape {tuple(out.shape)} {out.dtype}, expected {tuple(state.shape)} "
@@ -1222,6 +1254,14 @@ class RecurrentModel(GraphedModel):
         check the ids (a host sync on CUDA) unless `ids_checked`: the CUDA graphs' capture and replay,
         whose ids `step` checked before copying them in, must not synchronize."""
         contiguous_out = out is None or out.is_contiguous()
+        if state.dtype != torch.float32:  # a state stored at 16 bits (`use_state_dtype`; the C steps only
+            # ever see float32)
+            native = self._triton and self._compiled_step is None and state.stride(-1) == 1
+            if state.dtype == torch.float16 and native and contiguous_out:
+                if not ids_checked:
+                    check_token_ids(tokens, self.config.vocab_size)
+                return self._step_triton(tokens, state, out)  # (the kernel reads and writes it as it is)
+            return self._half_step(tokens, state, out, ids_checked)
         if self._net_step is not None and contiguous_out and tokens.shape[0] <= self.net_step_max_batch:
             state = state.contiguous()
             new = torch.empty_like(state) if out is None else out
@@ -1263,12 +1303,14 @@ class RecurrentModel(GraphedModel):
         if not self.decode_block_ready(B):
             raise ValueError("the native decode block needs the whole-network C step (CPU, not float64)")
         tokens = self._check(tokens, state, 1)
+        check_native_block_state(state)
         return self._net_step.block(K, state, tokens, **rows)
 
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, state: torch.Tensor, logits: str = "all"):
         """tokens (B, L) integer ids in 0 … V − 1 → logits and the state after the last token, parallel
-        over L (state as `step`'s, not modified). `logits`: "all"
+        over L (state as `step`'s, not modified; a float16 state is prefilled from its exact widening and
+        the state after the prompt rounded to float16). `logits`: "all"
         (B, L, V) float32, "last" (B, min(L, 1), V) (the next token's), or "none" (None: the head is not
         run; a server ingesting a prompt needs only the state).
         On CPU, with the whole-network C step, a prompt of at most `prefill_by_steps_max_tokens`
@@ -1281,6 +1323,10 @@ class RecurrentModel(GraphedModel):
         outside the vocabulary or an unknown `logits`."""
         tokens = self._check(tokens, state, 2)
         check_logits_kind(logits)
+        if state.dtype == torch.float16:  # a state stored at 16 bits: prefilled from its exact widening,
+            # the state after the prompt rounded back
+            out, new = self.prefill(tokens, state.float(), logits)
+            return out, new.to(state.dtype)
         B, L = tokens.shape
         if (
             self._net_step is not None

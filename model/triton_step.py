@@ -115,10 +115,12 @@ def _diag_step(x_ptr, xo_ptr, u_ptr, y_ptr, p_ptr, m_ptr, s_ptr, b1_ptr, b2_ptr,
                n_pairs, H, M, M_state, sx_b, sx_h, sx_c, so_b, so_h, so_c, su_b, su_h, sy_b, sy_h,
                ROWS: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """One program: (row, channel) pairs pid·ROWS … +ROWS, every slot of each (see the module docstring).
-    Pointers: x, xo (B, H, 2, M_state) float32 with strides (sx_b, sx_h, sx_c, 1) and (so_*), u, y (B, H)
-    float32; the parameters (H, M) float32 contiguous; with MASKED, k (B,) uint8: rows with k = 0 are
-    neither read nor written (their y is 0). Loads everything it reads before it stores, and no two
-    programs touch one pair: x and xo may be the same tensor."""
+    Pointers: x, xo (B, H, 2, M_state) float32 or float16 (a 16-bit state: read widened exactly, the
+    arithmetic float32, the next state rounded to nearest even as it is stored) with strides
+    (sx_b, sx_h, sx_c, 1) and (so_*), u, y (B, H) float32; the parameters (H, M) float32 contiguous;
+    with MASKED, k (B,) uint8: rows with k = 0 are neither read nor written (their y is 0). Loads
+    everything it reads before it stores, and no two programs touch one pair: x and xo may be the same
+    tensor."""
     pid = tl.program_id(0)
     r = pid * ROWS + tl.arange(0, ROWS)  # (ROWS,) flat pair index b·H + h
     rmask = r < n_pairs
@@ -131,8 +133,8 @@ def _diag_step(x_ptr, xo_ptr, u_ptr, y_ptr, p_ptr, m_ptr, s_ptr, b1_ptr, b2_ptr,
     lm = smask[:, None] & (j < M)[None, :]  # the layer's own slots
     sm = smask[:, None] & (j < M_state)[None, :]  # every slot of the state (the rest written as 0)
     xo_ = (b * sx_b + h * sx_h)[:, None] + j[None, :]
-    x1 = tl.load(x_ptr + xo_, mask=lm, other=0.0)
-    x2 = tl.load(x_ptr + xo_ + sx_c, mask=lm, other=0.0)
+    x1 = tl.load(x_ptr + xo_, mask=lm, other=0.0).to(tl.float32)
+    x2 = tl.load(x_ptr + xo_ + sx_c, mask=lm, other=0.0).to(tl.float32)
     po = (h * M)[:, None] + j[None, :]
     p = tl.load(p_ptr + po, mask=lm, other=0.0)
     m = tl.load(m_ptr + po, mask=lm, other=0.0)
@@ -146,8 +148,8 @@ def _diag_step(x_ptr, xo_ptr, u_ptr, y_ptr, p_ptr, m_ptr, s_ptr, b1_ptr, b2_ptr,
     n2 = s * x2 + m * x1 + b2 * u
     y = tl.sum(cr * n1 - ci * n2, axis=1)
     oo = (b * so_b + h * so_h)[:, None] + j[None, :]
-    tl.store(xo_ptr + oo, n1, mask=sm)
-    tl.store(xo_ptr + oo + so_c, n2, mask=sm)
+    tl.store(xo_ptr + oo, n1.to(xo_ptr.dtype.element_ty), mask=sm)
+    tl.store(xo_ptr + oo + so_c, n2.to(xo_ptr.dtype.element_ty), mask=sm)
     tl.store(y_ptr + b * sy_b + h * sy_h, y, mask=rmask)
 
 
@@ -177,7 +179,10 @@ def diag_step(form, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch
     u (B, H) float32, the SSM's input; x (B, H, 2, M_state) float32 the slots' coordinates x₁, x₂,
     M_state ≥ form.M (slots past form.M are read as 0 and written as 0), any batch stride, unit stride
     on the slots; writes the next state into xo (x's shape; may be x itself) and the output into y (B, H)
-    float32. `rows` (B,) bool (SaShiMi's dense step: the rows that step this layer): the other rows'
+    float32. x and xo may instead both be float16 (a state stored at 16 bits, `use_state_dtype`): read
+    widened exactly, stepped in float32 and rounded to nearest even as stored, so the result is the
+    float32 kernel's on x widened, then rounded (half the state's bytes moved).
+    `rows` (B,) bool (SaShiMi's dense step: the rows that step this layer): the other rows'
     x and xo are neither read nor written (xo keeps what it held) and their y is 0. CUDA tensors run
     the compiled kernel, CPU tensors Triton's interpreter. Raises ValueError for a shape, dtype, device
     or layout it does not take, or a bad `rows`; RuntimeError when triton is not installed."""
@@ -192,8 +197,11 @@ def diag_step(form, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch
         )
     params = (form.mur, form.mui, form.mus, form.br, form.bi, form.cr, form.ci)  # (H, M) each
     ts = (x, xo, u, y, *params)
-    if any(t.dtype != torch.float32 for t in ts) or len({t.device for t in ts}) != 1:
+    if len({t.device for t in ts}) != 1 or any(t.dtype != torch.float32 for t in (u, y, *params)):
         raise ValueError("the Triton step takes float32 tensors on one device")
+    if x.dtype not in (torch.float32, torch.float16) or xo.dtype != x.dtype:
+        raise ValueError(f"the Triton step's state x and xo must both be float32 or both float16, got "
+                         f"{x.dtype} and {xo.dtype}")  # fmt: skip
     if rows is not None and (rows.shape != (B,) or rows.dtype != torch.bool or rows.device != x.device
                              or rows.stride(0) != 1):  # fmt: skip
         raise ValueError(f"rows must be ({B},) bool on {x.device}, unit stride")

@@ -300,13 +300,15 @@ class DecodeBatch:
     seen sets (R, V) on the device, one row per session. Rows may be at different points of their
     sequences (a SaShiMi row's pooling phase included): the model steps each row as if alone. A leaving
     session leaves a hole (stepped but ignored) that the next joiner fills in place; holes are
-    compacted away once they are a quarter of the rows."""
+    compacted away once they are a quarter of the rows. The states are kept in `state_dtype` (the
+    model's, `use_state_dtype`: float16 rounds a joining row's float32 state, and a leaving row's widens
+    back exactly), the pool's in float32."""
 
-    def __init__(self, pool: SlotPool) -> None:
+    def __init__(self, pool: SlotPool, state_dtype: torch.dtype = torch.float32) -> None:
         self.pool = pool
         shape = list(pool.state.shape)
         shape[pool.dim] = 0
-        self.state = pool.state.new_zeros(shape)
+        self.state = pool.state.new_zeros(shape, dtype=state_dtype)
         self.tok = torch.zeros(0, dtype=torch.long, device=pool.state.device)
         self.seen = pool.seen.new_zeros((0, pool.seen.shape[1]))
         self.rows: list[Job | None] = []
@@ -358,14 +360,14 @@ class DecodeBatch:
                     self.seen[i].copy_(self.pool.seen[j.session.slot])
             else:
                 s = torch.tensor([j.session.slot for j in fill], device=dev)
-                self.state.index_copy_(self.pool.dim, r, self.pool.rows(s))
+                self.state.index_copy_(self.pool.dim, r, self.pool.rows(s).to(self.state.dtype))
                 self.seen.index_copy_(0, r, self.pool.seen.index_select(0, s))
             self.tok.index_copy_(0, r, torch.tensor([j.session.pending for j in fill], device=dev))
             for i, j in zip(holes, fill):
                 self.rows[i] = j
         if grow:
             s = torch.tensor([j.session.slot for j in grow], device=dev)
-            self.state = torch.cat([self.state, self.pool.rows(s)], dim=self.pool.dim)
+            self.state = torch.cat([self.state, self.pool.rows(s).to(self.state.dtype)], dim=self.pool.dim)
             self.seen = torch.cat([self.seen, self.pool.seen.index_select(0, s)])
             self.tok = torch.cat([self.tok, torch.tensor([j.session.pending for j in grow], device=dev)])
             self.rows += grow
@@ -529,7 +531,7 @@ class Engine:
         # cancelled one-shot request's Job; a closed socket's delete, service.Release); service.wait_for_slots
         self.releasing: set = set()
         self.slots_awaited = 0  # slots the requests waiting for those releases want (event loop only)
-        self.batch = DecodeBatch(self.pool)
+        self.batch = DecodeBatch(self.pool, getattr(rec, "state_dtype", torch.float32))
         self.batch.stops_in_blocks = token_bytes is None  # the native blocks match stops on the ids as bytes
         self._inbox: collections.deque = collections.deque()
         self._cv = threading.Condition()
@@ -972,8 +974,8 @@ class Engine:
         for (length, steps), group in groups.items():
             slots = torch.tensor([j.session.slot for j, _ in group], device=dev)
             toks = torch.tensor([p for _, p in group], device=dev)  # (G, L)
-            if steps:
-                x = self.pool.rows(slots)
+            if steps:  # (in the decode batch's state dtype: a float16 state rounds at every step there)
+                x = self.pool.rows(slots).to(self.batch.state.dtype)
                 for t in range(length):
                     self.rec.step(toks[:, t], x, out=x)
                 self.pool.put_rows(slots, x)

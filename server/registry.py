@@ -132,6 +132,7 @@ class ServedModel:
             "kernel": c.kernel,
             "layer_forms": [r["form"] for r in self.rec.report],
             "dtype": self.rec.verification["dtype"],
+            "state_dtype": str(self.rec.state_dtype).removeprefix("torch."),
             "verification": verification(self.rec),
             "state_bytes_per_session": self.state_bytes,
             "max_sessions": self.engine.pool.capacity,
@@ -149,6 +150,8 @@ def verification(rec: RecurrentModel) -> dict:
         "prefill_rel_err": v["prefill_rel_err"],
         "logits_tol": v["tol"],
         "kernel_rel_err": [r["rel_err"] for r in rec.report],
+        # S4_STATE_DTYPE=float16: its check against the float32 step (`use_state_dtype`), else None
+        "state_dtype_check": rec.state_dtype_check if rec.state_dtype != torch.float32 else None,
     }
 
 
@@ -233,6 +236,34 @@ def compile_step(rec, settings: Settings, name: str) -> bool:
         return False
     rec.compile_step(True)
     log.info("model %s: the decode step runs through torch.compile (compiled at its first steps)", name)
+    return True
+
+
+def use_state_dtype(rec, settings: Settings, name: str) -> bool:
+    """`S4_STATE_DTYPE=float16`: the decode batch's states stored in float16 (`use_state_dtype`, checked
+    against the float32 step first) when the model is on a CUDA device; True when they are. A model
+    whose check fails is logged as an error and keeps float32 states; on CPU the setting is logged as
+    ignored (the C step keeps float32). Call it before `use_cuda_graphs` (the buffers take the dtype)."""
+    if settings.state_dtype == "float32":
+        return False
+    if rec.device.type != "cuda":
+        log.info("model %s: S4_STATE_DTYPE=%s ignored on CPU (the C step keeps float32 states)", name,
+                 settings.state_dtype)  # fmt: skip
+        return False
+    try:
+        r = rec.use_state_dtype(settings.state_dtype)
+    except (ValueError, VerificationError) as exc:
+        log.error("model %s: S4_STATE_DTYPE=%s not used (%s); its states stay float32", name,
+                  settings.state_dtype, exc)  # fmt: skip
+        return False
+    over = ""
+    if r["bound_over"]:
+        over = (f"; its sound state bound ({r['state_bound_max']:.3g}) passes float16's range in "
+                f"{r['bound_over']} entries, which the probe's values did not reach")  # fmt: skip
+    log.info("model %s: decode states stored in %s (S4_STATE_DTYPE): next-token distributions %.1e from "
+             "the float32 step's (mean total variation, %d rows × %d random tokens; at most %.1e), largest "
+             "|state| %.3g%s", name, r["dtype"], r["tv_mean"], r["rows"], r["steps"], r["tol"],
+             r["state_max_abs"], over)  # fmt: skip
     return True
 
 
@@ -450,6 +481,7 @@ def load_model(
     if hasattr(rec, "prefill_threads"):  # RecurrentModel: its parallel prefill's torch threads
         rec.prefill_threads = settings.prefill_threads
     compile_step(rec, settings, path.name)
+    use_state_dtype(rec, settings, path.name)
     use_cuda_graphs(rec, settings, path.name)
     _check_stop(stop)
     warm_up(rec, min(8, settings.max_batch_size))

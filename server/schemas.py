@@ -250,6 +250,13 @@ class Verification(BaseModel):
     prefill_rel_err: float = Field(description="logits of the parallel prefill (two halves) over the probe")
     logits_tol: float = Field(description="the tolerance both met (LOGITS_TOL of the dtype)")
     kernel_rel_err: list[float] = Field(description="per layer: the step's impulse response vs the kernel")
+    state_dtype_check: dict[str, float | int | str] | None = Field(
+        None,
+        description="S4_STATE_DTYPE=float16 on CUDA: the float16 step against the float32 step over its "
+        "probe (dtype, rows, steps, tv_mean and tv_max: total variation between their next-token "
+        "distributions, logits_rel_err, argmax_differs, state_max_abs, state_bound_max, bound_over, tol: "
+        "the tv_mean it met); null with float32 states",
+    )
 
 
 class ModelInfo(BaseModel):
@@ -284,6 +291,9 @@ class ModelInfo(BaseModel):
     kernel: str
     layer_forms: list[str] = Field(description="per S4 layer: diagonal or dplr (the verified step form)")
     dtype: Dtype = Field(description="the served weights' dtype")
+    state_dtype: Literal["float32", "float16"] = Field(
+        description="the dtype the decode batch stores states in (S4_STATE_DTYPE; sessions stay float32)"
+    )
     verification: Verification
     state_bytes_per_session: int
     max_sessions: int

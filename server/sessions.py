@@ -230,8 +230,9 @@ class SlotPool:
         return self.state.index_select(self.dim, slots)
 
     def put_rows(self, slots: torch.Tensor, states: torch.Tensor) -> None:
-        """Write a batch of states (rows on dim `dim`) into `slots`."""
-        self.state.index_copy_(self.dim, slots, states)
+        """Write a batch of states (rows on dim `dim`) into `slots` (a decode batch's float16 states widen
+        exactly)."""
+        self.state.index_copy_(self.dim, slots, states.to(self.state.dtype))
 
     def clear(self, slot: int) -> None:
         self.row(slot).zero_()

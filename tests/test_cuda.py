@@ -459,6 +459,46 @@ def test_the_captured_decode_block_gives_the_one_step_paths_tokens_and_states(na
         rec.use_cuda_graphs(None)
 
 
+@pytest.mark.parametrize("name", ["audio-digits-s4", "audio-digits"])
+def test_a_float16_state_passes_its_check_and_the_captured_graphs_step_it_as_the_one_step_path(name):
+    """S4_STATE_DTYPE=float16 on CUDA, the shipped audio models with the Triton step: `use_state_dtype`
+    passes its check (within STATE16_TOL of the float32 step); the captured graphs' buffers are float16; a
+    resident float16 batch replays as the same batch copied in and out of its bucket (bit for bit); the
+    captured decode blocks give the one-step path's tokens, float16 states and seen sets bit for bit."""
+    from test_graph_block import PLAIN as PLAIN_ROWS
+    from test_graph_block import blocks, one_step, row, start
+
+    from model.recurrent import STATE16_TOL
+
+    if name == "audio-digits":
+        rec = shipped_sashimi(True)
+    else:
+        rec = load(AUDIO / name).to_recurrent(device="cuda", triton_step=True)
+    try:
+        report = rec.use_state_dtype("float16")
+        assert report["tv_mean"] <= STATE16_TOL and rec.state_dtype == torch.float16
+        rec.use_cuda_graphs(bucket_sizes(16))
+        assert rec._graphs.buffers[8].state.dtype == torch.float16
+        state, tok, seen = start(rec, len(PLAIN_ROWS))
+        state = state.half()
+        copied = state.clone()  # copied in and out of bucket 8, then the same rows resident there
+        want = [rec.step(tok, copied, out=copied)[0] for _ in range(6)]
+        view = rec.resident_state(state.clone())
+        for t in range(6):
+            assert torch.equal(rec.step(tok, view, out=view)[0], want[t]), f"step {t}"
+        assert torch.equal(view, copied) and view.dtype == torch.float16
+        rec._graphs.release()
+        limits = [90, 64, 0, 90, 77]
+        ref = one_step(rec, state, tok, seen, PLAIN_ROWS, limits)
+        toks, new_state, new_seen, _ = blocks(rec, state, tok, seen, PLAIN_ROWS, limits, 64)
+        for r in range(len(PLAIN_ROWS)):
+            assert toks[r] == ref[r][0] and torch.equal(row(rec, new_state, r), ref[r][1]), f"row {r}"
+            assert torch.equal(new_seen[r], ref[r][2]), f"row {r}"
+    finally:
+        rec.use_cuda_graphs(None)
+        rec.use_state_dtype("float32")
+
+
 @pytest.mark.parametrize("name", ["s4d", "audio-digits"])
 def test_the_captured_decode_block_reports_the_one_step_paths_log_probabilities(name):
     """Log-probabilities from the captured block graphs (their own graphs: log_softmax, topk, gather on the

@@ -464,8 +464,8 @@ def test_the_server_answers_the_same_with_the_graph_block_and_with_the_one_step_
 
     init = DecodeBatch.__init__
 
-    def device_sampler(self, pool):  # the one-step loop as on CUDA: RowSampler, the torch ops
-        init(self, pool)
+    def device_sampler(self, pool, *args):  # the one-step loop as on CUDA: RowSampler, the torch ops
+        init(self, pool, *args)
         self.device_sampler = True
 
     monkeypatch.setattr(server.registry, "use_cuda_graphs", on)

@@ -86,7 +86,9 @@ def test_bfloat16_weights_are_verified_at_load_and_serve_a_request(kind, model_d
     else:  # no prompt: an audio model starts from mu-law silence
         path, model, prompt = sashimi_audio_dir, SASHIMI, bytes([MuLaw().silence])
         body, ws_body = {}, {"audio_encoding": "mulaw"}
-    settings = Settings(checkpoints=[str(path)], dtype="bfloat16", max_sessions=4, drain_timeout_s=1)
+    # (S4_STATE_DTYPE=float16 is a GPU setting: ignored on CPU, the states stay float32)
+    settings = Settings(checkpoints=[str(path)], dtype="bfloat16", max_sessions=4, drain_timeout_s=1,
+                        state_dtype="float16")  # fmt: skip
     server = ServerThread(settings).start()
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:
@@ -111,6 +113,8 @@ def test_bfloat16_weights_are_verified_at_load_and_serve_a_request(kind, model_d
             }  # fmt: skip
             assert all(p.dtype == torch.bfloat16 for p in served.rec.net.parameters())
             assert served.engine.pool.state.dtype == torch.float32  # the slots hold float32 states
+            assert served.engine.batch.state.dtype == torch.float32 == served.rec.state_dtype
+            assert info["state_dtype"] == "float32" and v["state_dtype_check"] is None
             want = reference(path, list(prompt), SamplingParams(seed=5), 24, dtype=torch.bfloat16)
             assert len(set(want)) > 4  # (not one repeated token: the sampled ids carry the logits)
             req = {"model": model, "max_new_tokens": 24, "seed": 5}

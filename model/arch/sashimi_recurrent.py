@@ -17,15 +17,15 @@ buffered inputs plus the new ones, the coarser levels over the complete blocks, 
 read from [buffer, new coarse blocks] at the starting phase; each S4 layer's final state comes from
 its form's `prefill`. It leaves the exact state for any prompt length and any starting state.
 
-Precision: the policy of model/recurrent.py. Conversion is float64 and the state row stays float32
-whatever the weights' dtype (float32, bfloat16 or float16): SSM states, pool buffers (a 16-bit
-activation widens into them exactly) and the phase. The whole-network C step (fused.SaShiMiStep, every
-batch size) reads 16-bit linear weights (blocks and pools) as they are and computes in float32. The
-torch ops (the prefill, which has no C form; the step where no C step was built) run the embedding,
-norms, pools, FF and mixing linears and the head in `compute_dtype`: the weights' dtype where the
-device multiplies it natively (`recurrent.native_matmul`), else float32 on a copy of the 16-bit
-weights widened exactly; each SSM takes its input in float32 and hands its output back in that dtype;
-logits are float32. The whole network is verified at the served dtype within `LOGITS_TOL[dtype]` (4u
+Precision: the policy of model/recurrent.py (a float16 state row too: `use_state_dtype`, its phase counter
+exact). Conversion is float64 and the state row stays float32 whatever the weights' dtype (float32, bfloat16
+or float16): SSM states, pool buffers (a 16-bit activation widens into them exactly) and the phase. The
+whole-network C step (fused.SaShiMiStep, every batch size) reads 16-bit linear weights (blocks and pools) as
+they are and computes in float32. The torch ops (the prefill, which has no C form; the step where no C step
+was built) run the embedding, norms, pools, FF and mixing linears and the head in `compute_dtype`: the
+weights' dtype where the device multiplies it natively (`recurrent.native_matmul`), else float32 on a copy of
+the 16-bit weights widened exactly; each SSM takes its input in float32 and hands its output back in that
+dtype; logits are float32. The whole network is verified at the served dtype within `LOGITS_TOL[dtype]` (4u
 for 16 bits) of float64 conv mode.
 """
 
@@ -52,6 +52,7 @@ from model.recurrent import (
     StateRangeError,
     VerificationError,
     check_logits_kind,
+    check_native_block_state,
     check_step_inputs,
     convert_kernel,
     float32_str,
@@ -381,6 +382,15 @@ class SaShiMiRecurrent(GraphedModel):
         --phases`). 1 (no preference) with CUDA graphs, whose dense step costs the same at any phases."""
         return self.period if self._graphs is None else 1
 
+    def _state16_problem(self) -> str | None:
+        """float16 holds the phase counter exactly only below 2,049 (11-bit significand)."""
+        if self.period > 2048:
+            return (
+                f"its phase counter runs to prod(pool) − 1 = {self.period - 1}, past 2,048, float16's "
+                "last exact integer step"
+            )
+        return None
+
     def row_phases(self, state: torch.Tensor, rows: torch.Tensor) -> list[int]:
         """The phase counters of `rows` (R,) int64 of state (N, numel), reading only the phase column (a
         server's rows, which the step wrote: not checked; `phases` checks)."""
@@ -533,7 +543,11 @@ class SaShiMiRecurrent(GraphedModel):
         the torch ops. With `ids_checked` (the CUDA graphs' capture and replay: `step` checked the ids and
         phases) the dense step (`_step_level`: no host sync, fixed shapes), in place when `out` is
         `state`; else the sparse step (each level steps only its rows: fewer FLOPs, a host sync a level),
-        which checks the ids."""
+        which checks the ids. A float16 state (`use_state_dtype`) is stepped from its exact widening, the
+        next state rounded to float16 (the phase counter too, exactly: an integer below prod(pool), which
+        `use_state_dtype` keeps ≤ 2,048)."""
+        if state.dtype != torch.float32:  # (the C step only ever sees float32)
+            return self._half_step(tokens, state, out, ids_checked)
         if self._net_step is not None:
             new = state.contiguous().clone() if out is None or not out.is_contiguous() else out.copy_(state)
             logits = self._net_step(tokens, new)  # (the C step checks the ids)
@@ -581,6 +595,7 @@ class SaShiMiRecurrent(GraphedModel):
         self.phases(state)
         if self._graphs is not None:
             return self._graphs.decode_block(K, state, tokens, **rows)
+        check_native_block_state(state)
         return self._net_step.block(K, state, tokens, **rows)
 
     # -----------------------------------------------------------------------------------------
@@ -646,6 +661,9 @@ class SaShiMiRecurrent(GraphedModel):
         the vocabulary or an unknown `logits`."""
         tokens = self._check(tokens, state, 2)
         check_logits_kind(logits)
+        if state.dtype == torch.float16:  # as RecurrentModel.prefill: from its widening, rounded back
+            out, new = self.prefill(tokens, state.float(), logits)
+            return out, new.to(state.dtype)
         check_token_ids(tokens, self.config.vocab_size)
         B, T = tokens.shape
         new = state.contiguous().clone()

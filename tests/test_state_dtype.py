@@ -1,0 +1,308 @@
+"""A state stored in float16 (`GraphedModel.use_state_dtype`, S4_STATE_DTYPE), on every path that steps one.
+
+The definition: a step of a float16 state is the float32 step of its exact widening, the next state rounded
+to nearest even (`Tensor.to(torch.float16)`); prefill likewise. Checked bit for bit against that definition
+(the same model's float32 step, then rounding) on each path: the C steps (CPU: widened around them), the
+torch ops, the Triton kernel (which reads and writes the 16-bit state itself: here in Triton's interpreter,
+on a GPU compiled, marked `triton`), a SaShiMi (its phase counter exact), the CUDA graphs' buckets, resident
+batch and decode blocks (capture off: the ops a GPU captures), the engine's decode batch and its rollback
+re-steps. The served path equals `bench.state_precision`'s emulation, whose bits-per-token figures the docs
+quote, exactly. The load-time check passes float16 and fails a bfloat16 state on the shipped
+audio-digits-s4 (so it can fail); the refusals name what is wrong; the server's setting is read, and
+ignored on CPU with a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from test_graph_block import PLAIN, blocks, one_step, row, start
+from test_triton_step import _form
+
+from model import ModelConfig, SequenceModel, VerificationError, build, load, triton_step
+from model.cuda_graphs import BucketedStep, bucket_sizes
+
+ROOT = Path(__file__).resolve().parents[1]
+F16 = torch.float16
+TINY = dict(vocab_size=64, d_model=16, n_layers=2, d_state=8, l_max=128, cauchy_backend="torch")
+V = TINY["vocab_size"]
+SASHIMI = {**TINY, "arch": "sashimi", "n_layers": 1, "pool": [2, 4], "kernel": "s4d", "init": "legs"}
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernel's tensors
+
+
+def form_of(kind: str):
+    """A tiny model's recurrent form on one path: "c" the C steps, "torch" the torch ops, "triton" the
+    Triton kernel for its diagonal layers (an S4D model; the interpreter on CPU), "sashimi" a tiny
+    SaShiMi's torch ops (period 8)."""
+    torch.manual_seed(0)
+    if kind == "sashimi":
+        return build(ModelConfig(**SASHIMI)).to_recurrent(fused_step=False, fused_network=False)
+    net = SequenceModel(ModelConfig(**TINY, kernel="s4d" if kind == "triton" else "s4"))
+    if kind == "triton":
+        return net.to_recurrent(device=DEV, fused_step=False, triton_step=True)
+    return net.to_recurrent(fused_step=kind == "c", fused_network=kind == "c")
+
+
+@pytest.fixture(scope="module", params=["c", "torch", pytest.param("triton", marks=pytest.mark.triton),
+                                        "sashimi"])  # fmt: skip
+def rec(request):
+    return form_of(request.param)
+
+
+def defined_step(rec, tok, state16):
+    """The definition: the float32 step of the widened state, the next state rounded to float16."""
+    logits, new = rec.step(tok, state16.float())
+    return logits, new.to(F16)
+
+
+def test_a_float16_state_steps_as_its_float32_widening_rounded_bit_for_bit(rec):
+    """30 steps of 4 rows (at different points of their sequences; a SaShiMi's at different pooling
+    phases), out=None and in place, against `defined_step`: the same logits and states, bit for bit.
+    The state passed in is untouched with out=None; a SaShiMi's phase counter stays an exact integer."""
+    state, tok, _ = start(rec, 4)
+    mine = state.to(F16)
+    ref, kept = mine.clone(), mine.clone()
+    logits, new = rec.step(tok, mine)
+    assert new.dtype == F16 and torch.equal(mine, kept)  # (out=None: a new tensor)
+    g = torch.Generator().manual_seed(3)
+    for t in range(30):
+        la, same = rec.step(tok, mine, out=mine)
+        lb, ref = defined_step(rec, tok, ref)
+        assert same is mine and torch.equal(la, lb) and torch.equal(mine, ref), f"step {t}"
+        tok = torch.randint(0, V, (4,), generator=g).to(rec.device)
+    if hasattr(rec, "layout"):
+        assert rec.phases(mine).tolist() == [(9 + r + 30) % rec.period for r in range(4)]
+
+
+def test_a_float16_prefill_is_the_widened_prefill_rounded(rec):
+    state, _, _ = start(rec, 3)
+    tokens = torch.randint(0, V, (3, 21), generator=torch.Generator().manual_seed(5)).to(rec.device)
+    la, sa = rec.prefill(tokens, state.to(F16))
+    lb, sb = rec.prefill(tokens, state.to(F16).float())
+    assert sa.dtype == F16 and torch.equal(la, lb) and torch.equal(sa, sb.to(F16))
+
+
+@pytest.mark.triton
+def test_the_kernel_reads_and_writes_a_float16_state_as_the_float32_kernel_on_its_widening():
+    """`diag_step` on float16 x, xo: the float32 kernel's result on x widened, rounded to nearest even, bit
+    for bit (y too), out of place and in place, with more slots than the layer's (written as 0)."""
+    form = _form(H=8)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(5, 8, 2, form.M + 3, generator=g) * 30).to(F16).to(DEV)
+    x[..., form.M :] = 7  # (slots past the layer's: written as 0)
+    u = torch.randn(5, 8, generator=g).to(DEV)
+    y32, x32 = torch.empty_like(u), torch.empty(x.shape, device=DEV)
+    triton_step.diag_step(form, u, x.float(), x32, y32)
+    y16, x16 = torch.empty_like(u), torch.empty_like(x)
+    triton_step.diag_step(form, u, x, x16, y16)
+    assert x16.dtype == F16 and torch.equal(x16, x32.to(F16)) and torch.equal(y16, y32)
+    assert bool((x16[..., form.M :] == 0).all())
+    triton_step.diag_step(form, u, x, x, y16)  # in place
+    assert torch.equal(x, x32.to(F16))
+    with pytest.raises(ValueError, match="must both be float32 or both float16"):
+        triton_step.diag_step(form, u, x, x32, y16)
+    with pytest.raises(ValueError, match="must both be float32 or both float16"):
+        triton_step.diag_step(form, u, x.bfloat16(), x.bfloat16(), y16)
+
+
+def test_what_a_float16_state_cannot_take_is_refused_by_name():
+    rec = form_of("c")
+    state, tok, seen = start(rec, 2)
+    with pytest.raises(ValueError, match="bfloat16 state loses 0.6-2.4 bits"):
+        rec.step(tok, state.bfloat16())
+    with pytest.raises(ValueError, match="expected .* float32 \\(or float16\\)"):
+        rec.step(tok, state.double())
+    with pytest.raises(ValueError, match="out has shape"):  # out in another dtype than the state
+        rec.step(tok, state.to(F16), out=state.clone())
+    with pytest.raises(ValueError, match="native decode block steps float32 states"):
+        rec.decode_block(2, state.to(F16), tok, settings=None, counts=None, key=None, counter=None,
+                         limit=None, stops=[], history=[], seen=seen)  # fmt: skip
+    with pytest.raises(ValueError, match="state dtype must be one of float32, float16, got torch.bfloat16"):
+        rec.use_state_dtype("bfloat16")
+    with pytest.raises(ValueError, match="16-bit state"):
+        rec.check_state_dtype(torch.float32)
+    sashimi = form_of("sashimi")
+    sashimi.period = 4096  # (a SaShiMi whose pooling factors multiply past 2,048)
+    with pytest.raises(ValueError, match="phase counter runs to prod\\(pool\\) − 1 = 4095"):
+        sashimi.use_state_dtype(F16)
+    assert sashimi.state_dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def audio():
+    """The shipped audio-digits-s4 (the model of the GPU streams goal) on this machine's step."""
+    return load(ROOT / "checkpoints/audio-digits-s4").to_recurrent()
+
+
+def test_the_load_check_passes_a_float16_state_and_fails_a_bfloat16_one(audio, monkeypatch):
+    """`check_state_dtype` on the shipped audio-digits-s4: float16 within STATE16_TOL (the mean total
+    variation of its next-token distributions from the float32 step's), bfloat16 above it (the check can
+    fail); `use_state_dtype` then raises VerificationError when the check fails, the model keeping float32."""
+    from model import recurrent
+
+    f16 = audio.check_state_dtype(F16)
+    bf16 = audio.check_state_dtype(torch.bfloat16)
+    assert f16["tv_mean"] <= recurrent.STATE16_TOL < bf16["tv_mean"], (f16, bf16)
+    assert f16["bound_over"] == 0 and f16["state_max_abs"] < f16["state_bound_max"] < recurrent.FLOAT16_MAX
+    assert audio.use_state_dtype("float16") == audio.state_dtype_check and audio.state_dtype == F16
+    assert audio.use_state_dtype(torch.float32) == {} and audio.state_dtype == torch.float32
+    monkeypatch.setattr(recurrent, "STATE16_TOL", f16["tv_mean"] / 2)
+    with pytest.raises(VerificationError, match="mean total variation; at most"):
+        audio.use_state_dtype(F16)
+    assert audio.state_dtype == torch.float32
+
+
+def test_the_served_float16_state_is_bench_state_precisions_emulation_exactly(audio):
+    """bench.state_precision measured a float16 state by rounding a float32 state after every step; the
+    served float16 state gives the same log-probabilities, bit for bit (so its figures are the served
+    path's)."""
+    from bench.state_precision import eval_batch, teacher_forced
+
+    x, y = eval_batch(ROOT / "checkpoints/audio-digits-s4", {"rows": 2, "tokens": 300})
+    want = teacher_forced(audio, x, y, F16)
+    state, got = audio.init_state(2).to(F16), []
+    for t in range(x.shape[1]):
+        logits, state = audio.step(x[:, t].contiguous(), state, out=state)
+        got.append(torch.log_softmax(logits.double(), -1))
+    assert torch.equal(torch.stack(got, 1), want["logp"])
+
+
+@pytest.mark.parametrize("kind", ["torch", pytest.param("triton", marks=pytest.mark.triton), "sashimi"])
+def test_the_graphs_buffers_take_the_state_dtype_and_step_it_as_defined(kind):
+    """With a float16 state dtype the buckets' buffers are float16: a resident batch steps in place as
+    `defined_step` (bit for bit; no copies), a copied float16 batch likewise, and a float32 batch runs
+    the eager float32 step (not rounded through the buffers)."""
+    rec = form_of(kind)
+    rec.use_state_dtype(F16)
+    rec._graphs = BucketedStep(rec, bucket_sizes(8), capture=False)
+    try:
+        state, tok, _ = start(rec, 3)
+        view = rec.resident_state(state.to(F16))
+        assert view.dtype == F16 and rec._graphs.buffers[4].state.dtype == F16
+        ref = state.to(F16)
+        for _ in range(5):
+            la, _ = rec.step(tok, view, out=view)
+            lb, ref = defined_step(rec, tok, ref)
+            assert torch.equal(la, lb) and torch.equal(view, ref)
+        assert rec._graphs.copied_calls == 0
+        rec._graphs.release()
+        before = view.clone()
+        _, got = rec.step(tok, before.clone())  # (copied through the buffer, which `view` shares)
+        assert torch.equal(got, defined_step(rec, tok, before)[1]) and rec._graphs.copied_calls == 1
+        eager = rec._graphs.eager_calls
+        l32, s32 = rec.step(tok, state)
+        assert s32.dtype == torch.float32 and rec._graphs.eager_calls == eager + 1
+        assert torch.equal(s32, rec._step_eager(tok, state, None, ids_checked=True)[1])  # (step checked them)
+        with pytest.raises(ValueError, match="expected .* float16 \\(the state dtype"):
+            rec.resident_state(state)
+    finally:
+        rec._graphs = None
+
+
+@pytest.mark.parametrize("kind", ["torch", "sashimi"])
+def test_a_decode_block_of_float16_states_gives_the_one_step_paths_tokens_and_states(kind):
+    """The graphs' decode block (capture off) on a float16 batch against the one-step path of the same
+    float16 batch (`step` through the same buckets + `RowSampler`): each row's tokens, state and seen set
+    bit for bit; a float32 state is refused there, naming the state dtype."""
+    rec = form_of(kind)
+    rec.use_state_dtype(F16)
+    rec._graphs = BucketedStep(rec, bucket_sizes(8), capture=False)
+    try:
+        state, tok, seen = start(rec, len(PLAIN))
+        state = state.to(F16)
+        limits = [30, 12, 30, 0, 25]
+        ref = one_step(rec, state, tok, seen, PLAIN, limits)
+        toks, new_state, new_seen, _ = blocks(rec, state, tok, seen, PLAIN, limits, 7)
+        assert new_state.dtype == F16
+        for r in range(len(PLAIN)):
+            assert toks[r] == ref[r][0] and torch.equal(row(rec, new_state, r), ref[r][1]), f"row {r}"
+            assert torch.equal(new_seen[r], ref[r][2])
+        with pytest.raises(ValueError, match="state must be .* float16"):
+            blocks(rec, state.float(), tok, seen, PLAIN, limits, 7)
+    finally:
+        rec._graphs = None
+
+
+def test_the_engines_decode_batch_keeps_float16_rows_and_the_pool_float32():
+    """DecodeBatch with a float16 state dtype: joining rows are rounded from the pool's float32 rows, the
+    batch steps resident in the float16 buffers (the same tokens as without the graphs), leaving rows widen
+    back into the pool exactly, and a rollback's re-steps round at every step as the decode did."""
+    from bench.gpu import decode_batch
+
+    rec = form_of("torch")
+    rec.use_state_dtype(F16)
+
+    def run(graphs: bool):
+        rec._graphs = BucketedStep(rec, bucket_sizes(8), capture=False) if graphs else None
+        try:
+            batch = decode_batch(rec, 3)
+            batch.tok.fill_(3)  # (decode_batch's pending token 128 is past this model's 64 ids)
+            assert batch.state.dtype == F16 and batch.pool.state.dtype == torch.float32
+            made = [batch.step(rec) for _ in range(6)]
+            rows, gone = batch.state.clone(), batch.rows[1]
+            batch.leave([gone])
+            return made, rows, batch.pool.row(gone.session.slot).clone()
+        finally:
+            rec._graphs = None
+
+    a, rows_a, slot_a = run(True)
+    b, rows_b, slot_b = run(False)
+    assert a == b and torch.equal(rows_a, rows_b)
+    assert slot_a.dtype == torch.float32 and torch.equal(slot_a, rows_a.select(1, 1).float())
+
+
+def test_the_engine_re_steps_a_taken_back_turn_in_the_decode_batchs_state_dtype():
+    """`_prefill_run` of a rollback (`job.ended`): the tokens are stepped with the state in the decode
+    batch's dtype, so a float16 batch's re-steps round at every step, as its decode did."""
+    from bench.gpu import decode_batch
+
+    rec = form_of("torch")
+    rec.use_state_dtype(F16)
+    batch = decode_batch(rec, 1)
+    start_row = batch.pool.row(batch.rows[0].session.slot).clone()
+    steps = []
+    real = rec.step
+    rec.step = lambda tok, x, out=None: steps.append(x.dtype) or real(tok, x, out=out)
+    try:
+        from server.engine import Engine
+
+        metrics = type("M", (), {"prefill_tokens": _Count()})()
+        fake = type("E", (), {"batch": batch, "pool": batch.pool, "rec": rec, "prefix_cache": None,
+                              "_prefilling": [], "metrics": metrics})()  # fmt: skip
+        job = batch.rows[0]
+        job.ended, job.ingest, job.offset, job.targets = True, [5, 6, 7], 0, []
+        fake._prefilling.append(job)
+        fake._ingested = lambda j: None
+        Engine._prefill_run(fake, [(job, [5, 6, 7])])
+    finally:
+        del rec.step
+    assert steps == [F16] * 3
+    x = start_row[:, None].to(F16)
+    for t in (5, 6, 7):
+        _, x = real(torch.tensor([t]), x)
+    assert torch.equal(batch.pool.row(job.session.slot), x[:, 0].float())
+
+
+class _Count:
+    def inc(self, n):
+        self.n = n
+
+
+def test_the_server_setting_is_read_refused_by_name_and_ignored_on_cpu(monkeypatch, caplog):
+    from server.config import Settings
+    from server.registry import use_state_dtype
+
+    monkeypatch.setenv("S4_STATE_DTYPE", "float16")
+    settings = Settings()
+    assert settings.state_dtype == "float16" and Settings(state_dtype="float32").state_dtype == "float32"
+    rec = form_of("c")
+    with caplog.at_level(logging.INFO, logger="server.models"):
+        assert use_state_dtype(rec, settings, "tiny") is False
+    assert "S4_STATE_DTYPE=float16 ignored on CPU (the C step keeps float32 states)" in caplog.text
+    assert rec.state_dtype == torch.float32
+    monkeypatch.setenv("S4_STATE_DTYPE", "bfloat16")
+    with pytest.raises(Exception, match="state_dtype"):
+        Settings()
