@@ -14,7 +14,11 @@ ignored on CPU with a log line.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -106,6 +110,41 @@ def test_the_kernel_reads_and_writes_a_float16_state_as_the_float32_kernel_on_it
         triton_step.diag_step(form, u, x, x32, y16)
     with pytest.raises(ValueError, match="must both be float32 or both float16"):
         triton_step.diag_step(form, u, x.bfloat16(), x.bfloat16(), y16)
+
+
+@pytest.mark.triton
+def test_the_kernel_for_a_float16_state_compiles_with_16_bit_loads_and_stores_rounding_to_nearest_even(
+    tmp_path,
+):
+    """The compiled path (what a GPU runs; the interpreter above runs numpy): Triton lowers the kernel with
+    float16 x and xo pointers to PTX and ptxas assembles it for sm_90 (the H100/H200), in a subprocess
+    without TRITON_INTERPRET. The state is loaded and stored 16 bits at a time (ld/st.global.b16), widened
+    by cvt.f32.f16 (exact) and rounded by cvt.rn.f16.f32 (to nearest even, as `Tensor.to(float16)`)."""
+    script = """
+import json, re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+import model.triton_step as ts
+fn = ts._kernel()
+sig = {n: "*u8" if n == "k_ptr" else "*fp16" if n in ("x_ptr", "xo_ptr") else "*fp32" if n.endswith("_ptr")
+       else "i32" for n in fn.arg_names}
+sig.update(ROWS="constexpr", BLOCK_M="constexpr", MASKED="constexpr")
+k = triton.compile(ASTSource(fn, sig, constexprs={"ROWS": ts.ROWS, "BLOCK_M": 32, "MASKED": False}),
+                   target=GPUTarget("cuda", 90, 32))
+ptx = k.asm["ptx"]
+print(json.dumps({"cubin": len(k.asm["cubin"]), "sm_90": "sm_90" in ptx,
+                  "ops": sorted(set(re.findall(r"(?:cvt|ld\\.global|st\\.global)\\.[a-z0-9.]+", ptx)))}))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(ROOT))
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["cubin"] > 1000 and out["sm_90"], out
+    assert {"ld.global.b16", "st.global.b16", "cvt.f32.f16", "cvt.rn.f16.f32"} <= set(out["ops"]), out
 
 
 def test_what_a_float16_state_cannot_take_is_refused_by_name():
