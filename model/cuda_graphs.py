@@ -182,7 +182,7 @@ class BucketedStep:
     """`RecurrentModel.step` (or `SaShiMiRecurrent.step`) through per-bucket static buffers, replayed as
     CUDA graphs when `capture`.
 
-    `__call__(tokens (n,), state (n_layers, n, H, 2, M) float32 (a SaShiMi's (n, numel): rows at dim
+    `__call__(tokens (n,), state (n_layers, n, H, 2, M) in `state_dtype` (a SaShiMi's (n, numel): rows at dim
     `rec.batch_dim`), out=None)` → (logits (n, V) float32, a new tensor; the next state, in `out` when
     given, else a new tensor), like `RecurrentModel.step`.
     Buffers (and graphs) are made on a bucket's first use, or all at once by `warm`. Not thread-safe:
@@ -284,11 +284,11 @@ class BucketedStep:
 
     @torch.inference_mode()
     def resident(self, state: torch.Tensor) -> torch.Tensor:
-        """The batch `state` (n_layers, n, H, 2, M) float32 (SaShiMi: (n, numel)), 1 ≤ n ≤ the largest
-        bucket, as rows 0..n−1 of its bucket's buffer (copied there unless it is that view already; the
-        rows past n zeroed): step it with `out` the returned view and the graph replays on it in place.
-        Makes it the one resident batch.
-        A batch above the largest bucket is returned as it is. Raises ValueError for n < 1."""
+        """The batch `state` (n_layers, n, H, 2, M) in `state_dtype` (SaShiMi: (n, numel)), 1 ≤ n ≤ the
+        largest bucket, as rows 0..n−1 of its bucket's buffer (copied there unless it is that view already;
+        the rows past n zeroed): step it with `out` the returned view and the graph replays on it in place.
+        Makes it the one resident batch. A batch above the largest bucket is returned as it is. Raises
+        ValueError for n < 1."""
         n = state.shape[self.bd]
         b = bucket_for(n, self.buckets)
         if b is None:
@@ -487,11 +487,11 @@ class BucketedStep:
         at most LOGPROBS_K = 20 a row, by the same torch ops as `model.sampling.token_logprobs`, in graphs
         of their own.
 
-        state (n_layers, B, H, 2, M) float32 (SaShiMi: (B, numel); the batch made resident by `resident`:
-        stepped in place; another tensor: copied in and out), tok (B,) int64 and seen (B, V) bool on the
-        model's device, counts (B, V) float32 on any device, key, counter and limit (B,) int64 on the host;
-        updated in place as the native block updates them (counter advanced by each row's tokens). B ≤ the
-        largest bucket. Raises ValueError on bad shapes or a pending token of a stepping row outside the
+        state (n_layers, B, H, 2, M) in `state_dtype` (SaShiMi: (B, numel); the batch made resident by
+        `resident`: stepped in place; another tensor: copied in and out), tok (B,) int64 and seen (B, V) bool
+        on the model's device, counts (B, V) float32 on any device, key, counter and limit (B,) int64 on the
+        host; updated in place as the native block updates them (counter advanced by each row's tokens). B ≤
+        the largest bucket. Raises ValueError on bad shapes or a pending token of a stepping row outside the
         vocabulary (naming it; nothing is changed)."""
         from model.network import check_token_ids  # noqa: PLC0415
 
@@ -718,6 +718,13 @@ class GraphedModel:
         logits, new = self._step_eager(tokens, state.float(), None, ids_checked)
         return logits, new.to(state.dtype) if out is None else out.copy_(new)
 
+    @property
+    def state16_native(self) -> bool:
+        """Whether the step reads and writes a float16 state at 16 bits itself (RecurrentModel: diagonal
+        layers with the Triton kernel); here False: a float16 state is widened, stepped in float32 and
+        rounded (`_half_step`), the same definition with more bytes moved."""
+        return False
+
     def _state16_problem(self) -> str | None:
         """Why this model's state cannot be stored in float16 (None when it can); SaShiMi adds its phase."""
         return None
@@ -800,8 +807,12 @@ class GraphedModel:
                     f"largest |state| {report['state_max_abs']:.4g} (float16 holds up to {FLOAT16_MAX:.0f})"
                 )
         if dtype != self.state_dtype:
-            self.state_dtype = dtype
-            self._recapture()
+            old, self.state_dtype = self.state_dtype, dtype
+            try:
+                self._recapture()
+            except RuntimeError:  # (the graphs failed their check and were dropped: the plain step serves)
+                self.state_dtype = old
+                raise
         return report
 
     def use_cuda_graphs(self, buckets: tuple[int, ...] | None, blocks: bool = True) -> float:

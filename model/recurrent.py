@@ -1255,9 +1255,8 @@ class RecurrentModel(GraphedModel):
         whose ids `step` checked before copying them in, must not synchronize."""
         contiguous_out = out is None or out.is_contiguous()
         if state.dtype != torch.float32:  # a state stored at 16 bits (`use_state_dtype`; the C steps only
-            # ever see float32)
-            native = self._triton and self._compiled_step is None and state.stride(-1) == 1
-            if state.dtype == torch.float16 and native and contiguous_out:
+            # ever see float32): the Triton kernel reads and writes it where it is the float32 state's path
+            if state.dtype == torch.float16 and self._triton_path(state, contiguous_out):
                 if not ids_checked:
                     check_token_ids(tokens, self.config.vocab_size)
                 return self._step_triton(tokens, state, out)  # (the kernel reads and writes it as it is)
@@ -1270,18 +1269,34 @@ class RecurrentModel(GraphedModel):
             check_token_ids(tokens, self.config.vocab_size)
         if self._fused is not None and contiguous_out:
             return self._step_fused(tokens, state, out)
-        if self._triton and self._compiled_step is None and state.stride(-1) == 1 and contiguous_out:
+        if self._triton_path(state, contiguous_out):
             return self._step_triton(tokens, state, out)
         logits, new = (self._compiled_step or self._step_torch)(tokens, state)
         return logits, new if out is None else out.copy_(new)
 
+    def _triton_path(self, state: torch.Tensor, contiguous_out: bool) -> bool:
+        """Whether `_step_eager` steps this state with the Triton kernel (no C SSM step, no compiled step,
+        unit stride on the slots, a contiguous `out`)."""
+        ok = self._triton and self._fused is None and self._compiled_step is None
+        return ok and state.stride(-1) == 1 and contiguous_out
+
+    @property
+    def state16_native(self) -> bool:
+        """Whether a float16 state is read and written at 16 bits by the step itself: every layer diagonal
+        and stepped by the Triton kernel (not compiled). Elsewhere (a DPLR layer, the torch or C step)
+        it is widened, stepped and rounded around the float32 step: the same definition, more bytes."""
+        ok = self._triton and self._fused is None and self._compiled_step is None
+        return ok and all(f.form == "diagonal" for f in self.layers)
+
     def decode_block_ready(self, batch: int) -> bool:
         """Whether `decode_block` serves a batch of this many rows: with CUDA graphs (`use_cuda_graphs`),
         a batch within the largest bucket; else the whole-network C step (CPU, float32, bfloat16 or
-        float16 weights, at most `net_step_max_batch` rows)."""
+        float16 weights, at most `net_step_max_batch` rows), for float32 states only (`state_dtype`: a
+        float16 decode batch steps one step at a time there)."""
         if self._graphs is not None:
             return 1 <= batch <= self._graphs.buckets[-1]
-        return self._net_step is not None and batch <= self.net_step_max_batch
+        f32 = self.state_dtype == torch.float32
+        return self._net_step is not None and batch <= self.net_step_max_batch and f32
 
     @torch.inference_mode()
     def decode_block(self, K: int, state: torch.Tensor, tokens: torch.Tensor, **rows) -> fused.BlockResult:

@@ -105,12 +105,14 @@ class Settings(BaseSettings):
     state_dtype: Literal["float32", "float16"] = Field(
         "float32",
         description="on a CUDA device, the dtype the decode batch stores its states in: float16 halves the "
-        "bytes a step moves (bound by them at large batches), each step computing in float32 from the "
-        "widened state and rounding the next state to float16 (+0.0002 bits a token on the shipped text "
-        "model's held-out data, +0.008 and +0.010 on the audio models': bench.state_precision). Checked at "
-        "load against the float32 step (next-token distributions within a mean total variation of "
-        "0.015); a model that fails is logged and keeps float32. Sessions, exports and prefill stay "
-        "float32. Ignored on CPU (the C step keeps float32 states)",
+        "bytes a step moves (bound by them at large batches) for a model whose layers are all diagonal and "
+        "step with the Triton kernel (others, SaShiMi among them, keep float32: a warning says why), each "
+        "step computing in float32 from the widened state and rounding the next state to float16 (+0.0002 "
+        "bits a token on the shipped text model's held-out data, +0.008 on audio-digits-s4's: "
+        "bench.state_precision). Checked at load against the float32 step over a probe of random tokens "
+        "(next-token distributions within a mean total variation of 0.015); a model that fails is logged "
+        "and keeps float32. Sessions, exports and prefill stay float32. Ignored on CPU (the C step keeps "
+        "float32 states)",
     )
     compile_step: bool = Field(
         False,

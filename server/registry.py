@@ -241,14 +241,23 @@ def compile_step(rec, settings: Settings, name: str) -> bool:
 
 def use_state_dtype(rec, settings: Settings, name: str) -> bool:
     """`S4_STATE_DTYPE=float16`: the decode batch's states stored in float16 (`use_state_dtype`, checked
-    against the float32 step first) when the model is on a CUDA device; True when they are. A model
-    whose check fails is logged as an error and keeps float32 states; on CPU the setting is logged as
+    against the float32 step first) when the model is on a CUDA device and its step reads and writes
+    them at 16 bits (`state16_native`: diagonal layers with the Triton kernel); True when they are. A
+    model whose check fails is logged as an error, one without a 16-bit step (a DPLR layer, SaShiMi,
+    S4_COMPILE_STEP, no Triton) as a warning, and both keep float32 states (widened and rounded around
+    the float32 step, a 16-bit state would move more bytes, not fewer); on CPU the setting is logged as
     ignored (the C step keeps float32). Call it before `use_cuda_graphs` (the buffers take the dtype)."""
     if settings.state_dtype == "float32":
         return False
     if rec.device.type != "cuda":
         log.info("model %s: S4_STATE_DTYPE=%s ignored on CPU (the C step keeps float32 states)", name,
                  settings.state_dtype)  # fmt: skip
+        return False
+    if not getattr(rec, "state16_native", False):
+        log.warning("model %s: S4_STATE_DTYPE=%s not used: its step has no 16-bit path (the Triton kernel "
+                    "steps diagonal layers, not with S4_COMPILE_STEP, and not SaShiMi's), so a 16-bit state "
+                    "would be widened and rounded around the float32 step, moving more bytes, not fewer; "
+                    "its states stay float32", name, settings.state_dtype)  # fmt: skip
         return False
     try:
         r = rec.use_state_dtype(settings.state_dtype)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_graph_block import PLAIN, blocks, one_step, row, start
-from test_triton_step import _form
+from test_triton_step import SMALL, _form, _mixed
 
 from model import ModelConfig, SequenceModel, VerificationError, build, load, triton_step
 from model.cuda_graphs import BucketedStep, bucket_sizes
@@ -40,8 +40,12 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton kernel's tens
 def form_of(kind: str):
     """A tiny model's recurrent form on one path: "c" the C steps, "torch" the torch ops, "triton" the
     Triton kernel for its diagonal layers (an S4D model; the interpreter on CPU), "sashimi" a tiny
-    SaShiMi's torch ops (period 8)."""
+    SaShiMi's torch ops (period 8), "mixed" the Triton kernel with layer 0 a DPLR step (widened and rounded
+    around its torch step)."""
     torch.manual_seed(0)
+    if kind == "mixed":
+        s4d = SequenceModel(ModelConfig(**{**SMALL, "n_layers": 3}, kernel="s4d"))
+        return _mixed(s4d, SequenceModel(ModelConfig(**SMALL, kernel="s4")), triton_step=True)
     if kind == "sashimi":
         return build(ModelConfig(**SASHIMI)).to_recurrent(fused_step=False, fused_network=False)
     net = SequenceModel(ModelConfig(**TINY, kernel="s4d" if kind == "triton" else "s4"))
@@ -50,8 +54,10 @@ def form_of(kind: str):
     return net.to_recurrent(fused_step=kind == "c", fused_network=kind == "c")
 
 
-@pytest.fixture(scope="module", params=["c", "torch", pytest.param("triton", marks=pytest.mark.triton),
-                                        "sashimi"])  # fmt: skip
+PATHS = ["c", "torch", *(pytest.param(k, marks=pytest.mark.triton) for k in ("triton", "mixed")), "sashimi"]
+
+
+@pytest.fixture(scope="module", params=PATHS)
 def rec(request):
     return form_of(request.param)
 
@@ -71,19 +77,25 @@ def test_a_float16_state_steps_as_its_float32_widening_rounded_bit_for_bit(rec):
     ref, kept = mine.clone(), mine.clone()
     logits, new = rec.step(tok, mine)
     assert new.dtype == F16 and torch.equal(mine, kept)  # (out=None: a new tensor)
+    n = rec.config.vocab_size
     g = torch.Generator().manual_seed(3)
     for t in range(30):
         la, same = rec.step(tok, mine, out=mine)
         lb, ref = defined_step(rec, tok, ref)
         assert same is mine and torch.equal(la, lb) and torch.equal(mine, ref), f"step {t}"
-        tok = torch.randint(0, V, (4,), generator=g).to(rec.device)
+        tok = torch.randint(0, n, (4,), generator=g).to(rec.device)
+    kept = mine.clone()
+    with pytest.raises(ValueError, match=str(n)):  # an id outside the vocabulary: refused, nothing changed
+        rec.step(torch.full((4,), n, device=rec.device), mine, out=mine)
+    assert torch.equal(mine, kept)
     if hasattr(rec, "layout"):
         assert rec.phases(mine).tolist() == [(9 + r + 30) % rec.period for r in range(4)]
 
 
 def test_a_float16_prefill_is_the_widened_prefill_rounded(rec):
     state, _, _ = start(rec, 3)
-    tokens = torch.randint(0, V, (3, 21), generator=torch.Generator().manual_seed(5)).to(rec.device)
+    n = rec.config.vocab_size
+    tokens = torch.randint(0, n, (3, 21), generator=torch.Generator().manual_seed(5)).to(rec.device)
     la, sa = rec.prefill(tokens, state.to(F16))
     lb, sb = rec.prefill(tokens, state.to(F16).float())
     assert sa.dtype == F16 and torch.equal(la, lb) and torch.equal(sa, sb.to(F16))
@@ -164,8 +176,10 @@ def test_what_a_float16_state_cannot_take_is_refused_by_name():
     with pytest.raises(ValueError, match="16-bit state"):
         rec.check_state_dtype(torch.float32)
     sashimi = form_of("sashimi")
-    sashimi.period = 4096  # (a SaShiMi whose pooling factors multiply past 2,048)
-    with pytest.raises(ValueError, match="phase counter runs to prod\\(pool\\) − 1 = 4095"):
+    sashimi.period = 2049  # (its last phase, 2,048, is float16's last exact integer step: allowed)
+    assert sashimi._state16_problem() is None
+    sashimi.period = 2050  # (pooling factors that multiply past that)
+    with pytest.raises(ValueError, match="phase counter runs to prod\\(pool\\) − 1 = 2049"):
         sashimi.use_state_dtype(F16)
     assert sashimi.state_dtype == torch.float32
 
@@ -263,6 +277,64 @@ def test_a_decode_block_of_float16_states_gives_the_one_step_paths_tokens_and_st
             blocks(rec, state.float(), tok, seen, PLAIN, limits, 7)
     finally:
         rec._graphs = None
+
+
+def test_without_graphs_a_float16_batch_steps_one_step_at_a_time_and_only_the_triton_step_is_native():
+    """The C decode block takes float32 states only: with a float16 state dtype and no graphs,
+    `decode_block_ready` says no, so the engine's batch is not `native` and steps one step at a time (as
+    defined). `state16_native`: only a model whose layers all step with the Triton kernel reads and writes
+    the 16-bit state itself (the server applies the setting to those alone)."""
+    from bench.gpu import decode_batch
+
+    rec = form_of("c")
+    assert rec.decode_block_ready(3) and not rec.state16_native
+    rec.use_state_dtype(F16)
+    assert not rec.decode_block_ready(3)
+    batch = decode_batch(rec, 3)
+    batch.tok.fill_(3)
+    assert batch.state.dtype == F16 and not batch.native(rec)
+    ref = batch.state.clone()
+    tokens = batch.tok.clone()
+    batch.step(rec)
+    assert torch.equal(batch.state, defined_step(rec, tokens, ref)[1])
+    rec.use_state_dtype("float32")
+    assert rec.decode_block_ready(3)
+    assert not form_of("sashimi").state16_native and not form_of("torch").state16_native
+
+
+@pytest.mark.triton
+def test_state16_native_is_the_triton_step_of_all_diagonal_layers():
+    assert form_of("triton").state16_native and not form_of("mixed").state16_native
+
+
+def test_the_registry_applies_the_setting_only_where_the_step_reads_16_bits(caplog):
+    """On a CUDA device: a model without a 16-bit step is warned about and keeps float32; one whose check
+    fails is logged as an error and keeps float32; one that passes is logged with its check's figures."""
+    from types import SimpleNamespace
+
+    from server.config import Settings
+    from server.registry import use_state_dtype
+
+    settings = Settings(state_dtype="float16")
+    cuda = torch.device("cuda")
+    report = {"dtype": "float16", "tv_mean": 0.004, "rows": 4, "steps": 256, "tol": 0.015,
+              "state_max_abs": 120.0, "bound_over": 0, "state_bound_max": 3800.0}  # fmt: skip
+
+    def failing(dtype):
+        raise VerificationError("the step with a float16 state differs")
+
+    with caplog.at_level(logging.INFO, logger="server.models"):
+        assert not use_state_dtype(SimpleNamespace(device=cuda, state16_native=False), settings, "dplr")
+        assert not use_state_dtype(SimpleNamespace(device=cuda, state16_native=True,
+                                                   use_state_dtype=failing), settings, "bad")  # fmt: skip
+        assert use_state_dtype(SimpleNamespace(device=cuda, state16_native=True,
+                                               use_state_dtype=lambda d: report), settings, "ok")  # fmt: skip
+        assert not use_state_dtype(SimpleNamespace(device=cuda), Settings(), "default")  # float32: nothing
+    lines = {r.getMessage().split(":")[0]: (r.levelname, r.getMessage()) for r in caplog.records}
+    assert lines["model dplr"][0] == "WARNING" and "has no 16-bit path" in lines["model dplr"][1]
+    assert lines["model bad"][0] == "ERROR" and "differs); its states stay float32" in lines["model bad"][1]
+    assert lines["model ok"][0] == "INFO" and "next-token distributions 4.0e-03" in lines["model ok"][1]
+    assert "model default" not in lines
 
 
 def test_the_engines_decode_batch_keeps_float16_rows_and_the_pool_float32():

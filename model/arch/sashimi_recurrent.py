@@ -384,7 +384,7 @@ class SaShiMiRecurrent(GraphedModel):
 
     def _state16_problem(self) -> str | None:
         """float16 holds the phase counter exactly only below 2,049 (11-bit significand)."""
-        if self.period > 2048:
+        if self.period - 1 > 2048:
             return (
                 f"its phase counter runs to prod(pool) − 1 = {self.period - 1}, past 2,048, float16's "
                 "last exact integer step"
@@ -568,10 +568,11 @@ class SaShiMiRecurrent(GraphedModel):
     def decode_block_ready(self, batch: int) -> bool:
         """Whether `decode_block` serves a batch of this many rows: with CUDA graphs (`use_cuda_graphs`), a
         batch within the largest bucket; else the whole-network C step (CPU, float32, bfloat16 or float16
-        weights, LayerNorm or scalar TransposedLN blocks, unet or not), any number of rows."""
+        weights, LayerNorm or scalar TransposedLN blocks, unet or not), any number of rows, for float32
+        states only (`state_dtype`)."""
         if self._graphs is not None:
             return 1 <= batch <= self._graphs.buckets[-1]
-        return self._net_step is not None
+        return self._net_step is not None and self.state_dtype == torch.float32
 
     @torch.inference_mode()
     def decode_block(self, K: int, state: torch.Tensor, tokens: torch.Tensor, **rows) -> fused.BlockResult:
