@@ -14,17 +14,13 @@ ignored on CPU with a log line.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from test_graph_block import PLAIN, blocks, one_step, row, start
-from test_triton_step import SMALL, _form, _mixed
+from test_triton_step import SMALL, _form, _mixed, compiled_in_a_subprocess
 
 from model import ModelConfig, SequenceModel, VerificationError, build, load, triton_step
 from model.cuda_graphs import BucketedStep, bucket_sizes
@@ -148,13 +144,7 @@ ptx = k.asm["ptx"]
 print(json.dumps({"cubin": len(k.asm["cubin"]), "sm_90": "sm_90" in ptx,
                   "ops": sorted(set(re.findall(r"(?:cvt|ld\\.global|st\\.global)\\.[a-z0-9.]+", ptx)))}))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(ROOT))
-    run = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = compiled_in_a_subprocess(script, tmp_path)
     assert out["cubin"] > 1000 and out["sm_90"], out
     assert {"ld.global.b16", "st.global.b16", "cvt.f32.f16", "cvt.rn.f16.f32"} <= set(out["ops"]), out
 

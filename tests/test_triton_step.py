@@ -278,6 +278,19 @@ def test_sashimi_steps_its_diagonal_layers_in_place_with_the_kernel(monkeypatch)
     torch.testing.assert_close(dense, sb, **SAME)
 
 
+def compiled_in_a_subprocess(script: str, tmp_path: Path) -> dict:
+    """Run `script` (which compiles the kernel with triton.compile and prints one JSON line) in a Python
+    without TRITON_INTERPRET (the compiled path's library functions), its Triton cache in tmp_path, FMA
+    fusion on as the served kernel has it; its JSON. Fails the test with the script's stderr."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(ROOT))
+    run = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def test_the_kernel_compiles_for_hopper_and_ampere(tmp_path):
     """The compiled path the interpreter does not take: Triton lowers the kernel to PTX and ptxas (shipped
     in the triton wheel) assembles it for sm_90 and sm_80, in a subprocess without TRITON_INTERPRET (its
@@ -302,13 +315,7 @@ for cc in (90, 80):
             "st": k.asm["ptx"].count("st.global"), "target": f"sm_{cc}" in k.asm["ptx"]}
 print(json.dumps(out))
 """
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1", PYTHONPATH=str(ROOT))
-    run = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, check=False
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
+    out = compiled_in_a_subprocess(script, tmp_path)
     for cc in ("90", "80", "90m", "80m"):  # (m: with the row mask, SaShiMi's dense step)
         assert out[cc]["cubin"] > 1000 and out[cc]["target"], out
         assert out[cc]["ld"] > 0 and out[cc]["st"] > 0, out
