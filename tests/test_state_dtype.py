@@ -215,26 +215,35 @@ def test_the_served_float16_state_is_bench_state_precisions_emulation_exactly(au
 
 @pytest.mark.parametrize("kind", ["torch", pytest.param("triton", marks=pytest.mark.triton), "sashimi"])
 def test_the_graphs_buffers_take_the_state_dtype_and_step_it_as_defined(kind):
-    """With a float16 state dtype the buckets' buffers are float16: a resident batch steps in place as
-    `defined_step` (bit for bit; no copies), a copied float16 batch likewise, and a float32 batch runs
-    the eager float32 step (not rounded through the buffers)."""
+    """With a float16 state dtype the buckets' buffers are float16: a resident batch steps in place as the
+    definition (the float32 step of the widened rows through the same bucket size, float32 buffers of their
+    own: the same matmul shapes, so bit for bit on a GPU too; then rounded), with no copies; a copied
+    float16 batch likewise; and a float32 batch runs the eager float32 step (not rounded through the
+    buffers)."""
     rec = form_of(kind)
+    ref_graphs = BucketedStep(rec, bucket_sizes(8), capture=False)  # (made while the state dtype is float32)
+
+    def defined(tok, x16):
+        logits, new = ref_graphs(tok, x16.float())
+        return logits, new.to(F16)
+
     rec.use_state_dtype(F16)
     rec._graphs = BucketedStep(rec, bucket_sizes(8), capture=False)
     try:
         state, tok, _ = start(rec, 3)
         view = rec.resident_state(state.to(F16))
         assert view.dtype == F16 and rec._graphs.buffers[4].state.dtype == F16
+        assert ref_graphs.state_dtype == torch.float32
         ref = state.to(F16)
         for _ in range(5):
             la, _ = rec.step(tok, view, out=view)
-            lb, ref = defined_step(rec, tok, ref)
+            lb, ref = defined(tok, ref)
             assert torch.equal(la, lb) and torch.equal(view, ref)
-        assert rec._graphs.copied_calls == 0
+        assert rec._graphs.copied_calls == 0 and ref_graphs.copied_calls == 5
         rec._graphs.release()
         before = view.clone()
         _, got = rec.step(tok, before.clone())  # (copied through the buffer, which `view` shares)
-        assert torch.equal(got, defined_step(rec, tok, before)[1]) and rec._graphs.copied_calls == 1
+        assert torch.equal(got, defined(tok, before)[1]) and rec._graphs.copied_calls == 1
         eager = rec._graphs.eager_calls
         l32, s32 = rec.step(tok, state)
         assert s32.dtype == torch.float32 and rec._graphs.eager_calls == eager + 1
