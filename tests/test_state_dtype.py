@@ -364,6 +364,42 @@ def test_the_engines_decode_batch_keeps_float16_rows_and_the_pool_float32():
     assert slot_a.dtype == torch.float32 and torch.equal(slot_a, rows_a.select(1, 1).float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F16])
+def test_rows_move_between_pool_and_batch_alike_by_row_copies_and_by_index_kernels(dtype):
+    """DecodeBatch moves rows to and from the pool by one copy each on CPU and by index kernels on a GPU
+    (`row_copies`); the index path, run here on CPU, gives the same batch and pool bit for bit: rows
+    growing the batch (cat), leaving (put_rows: a float16 row widened exactly), and a joiner filling the
+    hole (index_copy_: rounded)."""
+    from bench.gpu import decode_batch
+    from model.sampling import SamplingParams
+    from server.engine import Job
+    from server.sessions import SessionRecord
+
+    rec = form_of("torch")
+    rec.use_state_dtype(dtype)
+
+    def run(row_copies: bool):
+        batch = decode_batch(rec, 3)
+        batch.row_copies = row_copies
+        batch.tok.fill_(3)
+        for _ in range(4):
+            batch.step(rec)
+        gone = batch.rows[1]
+        batch.leave([gone])
+        left = batch.pool.row(gone.session.slot).clone()
+        batch.pool.row(gone.session.slot).mul_(1.0 + 2.0**-15)  # (a float32 row float16 must round)
+        p = SamplingParams(temperature=1.0, seed=9)
+        session = SessionRecord(id="x", model="bench", slot=gone.session.slot, pending=5)
+        batch.join([Job(session, [], params=p, generator=p.generator())])
+        batch.step(rec)
+        return left, batch.state.clone(), batch.pool.state.clone(), batch.seen.clone()
+
+    a, b = run(True), run(False)
+    assert a[1].dtype == dtype and a[0].dtype == torch.float32
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+
+
 def test_the_engine_re_steps_a_taken_back_turn_in_the_decode_batchs_state_dtype():
     """`_prefill_run` of a rollback (`job.ended`): the tokens are stepped with the state in the decode
     batch's dtype, so a float16 batch's re-steps round at every step, as its decode did."""
