@@ -452,3 +452,86 @@ def test_the_server_setting_is_read_refused_by_name_and_ignored_on_cpu(monkeypat
     monkeypatch.setenv("S4_STATE_DTYPE", "bfloat16")
     with pytest.raises(Exception, match="state_dtype"):
         Settings()
+
+
+def test_a_float16_server_answers_alike_through_blocks_and_one_steps_and_its_sessions_carry_over(
+    model_dirs, monkeypatch
+):
+    """The server as S4_STATE_DTYPE=float16 runs it on a GPU, on this CPU: the setting applied (its check
+    passed), the graphs uncaptured (float16 buffers), and the GPU engine's two paths, the graph blocks and
+    the one-step loop with the device sampler. Concurrent seeded requests (stops, filters, a penalty)
+    answer identically on both paths; /v1/models reports float16 and its check. A session continues after
+    export and import, and after a fork, exactly as the original: the pool keeps float32 rows holding
+    float16 values, so rejoining the batch rounds nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from server_support import ServerThread
+
+    import server.registry
+    from model import recurrent
+    from server import Settings
+    from server.engine import DecodeBatch
+
+    def state16(rec, settings, name):  # what the registry does on CUDA for a model with a 16-bit step
+        return bool(rec.use_state_dtype("float16"))
+
+    def graphs(rec, settings, name):  # what use_cuda_graphs sets on CUDA, without the capture
+        rec._graphs = BucketedStep(rec, bucket_sizes(settings.max_batch_size), capture=False)
+        return True
+
+    init = DecodeBatch.__init__
+
+    def device_sampler(self, pool, *args):  # the one-step loop as on CUDA: RowSampler, the torch ops
+        init(self, pool, *args)
+        self.device_sampler = True
+
+    monkeypatch.setattr(server.registry, "use_state_dtype", state16)
+    monkeypatch.setattr(server.registry, "use_cuda_graphs", graphs)
+    monkeypatch.setattr(DecodeBatch, "__init__", device_sampler)
+    reqs = [{"model": "tiny-text", "prompt": "to be, or not" * (1 + k % 3), "max_new_tokens": 15 + 9 * k,
+             "seed": k, "temperature": [0.0, 0.8, 1.2][k % 3], "stop": [[], ["e"], ["th"]][k % 3],
+             **[{}, {"top_k": 20, "top_p": 0.9}, {"repetition_penalty": 1.3}][k // 2 % 3]}
+            for k in range(6)]  # fmt: skip
+
+    def post(c, r):
+        resp = c.post("/v1/generate", json=r)
+        assert resp.status_code == 200, resp.text
+        return resp.json()["tokens"], resp.json()["finish_reason"]
+
+    def turn(c, sid, seed):
+        r = c.post("/v1/generate", json={"model": "tiny-text", "session_id": sid, "max_new_tokens": 12,
+                                         "seed": seed, "temperature": 1.0})  # fmt: skip
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    results = {}
+    native = DecodeBatch.native
+    for path in ("blocks", "one-step"):
+        s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])])).start()
+        engine = s.state.models["tiny-text"].engine
+        assert engine.rec.state_dtype == F16 and engine.batch.state.dtype == F16
+        assert engine.rec._graphs.state_dtype == F16 and engine.pool.state.dtype == torch.float32
+        if path == "one-step":
+            monkeypatch.setattr(DecodeBatch, "native", lambda self, rec: False)
+        try:
+            with httpx.Client(base_url=s.url, timeout=60) as c, ThreadPoolExecutor(6) as ex:
+                info = c.get("/v1/models").json()["data"][0]
+                check = info["verification"]["state_dtype_check"]
+                assert info["state_dtype"] == "float16" and check["tv_mean"] <= recurrent.STATE16_TOL
+                results[path] = list(ex.map(lambda r: post(c, r), reqs))
+                sid = c.post("/v1/sessions", json={"model": "tiny-text", "prompt": "the slings"}).json()
+                sid = sid["session_id"]
+                turn(c, sid, 1)
+                blob = c.get(f"/v1/sessions/{sid}/export").content
+                imported = c.post("/v1/sessions/import", content=blob).json()["session_id"]
+                fork = c.post(f"/v1/sessions/{sid}/fork").json()["session_id"]
+                after = [turn(c, x, 2) for x in (sid, imported, fork)]
+                assert after[0] == after[1] == after[2] and len(after[0]) == 12
+        finally:
+            monkeypatch.setattr(DecodeBatch, "native", native)
+            s.stop()
+        blocks_run = sum(bb.calls for bb in engine.rec._graphs.blocks.values())
+        assert (blocks_run > 0) == (path == "blocks")
+    assert results["blocks"] == results["one-step"]
+    assert {reason for _, reason in results["blocks"]} == {"stop", "length"}
