@@ -302,8 +302,7 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
                 continue
             if check:
                 out["model"]["state_float16_check"] = check
-            key = (f"capture_s_graphs_{'on' if graphs else 'off'}" + ("_triton" if triton else "")
-                   + ("_float16" if state_dtype == "float16" else ""))  # fmt: skip
+            key = f"capture_s_graphs_{'on' if graphs else 'off'}" + variant_suffix(triton, state_dtype)
             if not captured(rec, graphs, max(sz["batches"]), out["model"], key):
                 out["skipped"].append(f"{what}: the capture failed ({out['model']['capture_errors'][-1]})")
                 continue
@@ -339,9 +338,14 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
                 mine = [r for r in out["rows"] if (r["graphs"], r["triton"], r["state_dtype"]) == want]
                 ok = [r["batch"] for r in mine if r.get(f"{what}_rtf", 0) >= 1]
                 key = f"streams_at_real_time_{what}_graphs_{'on' if graphs else 'off'}"
-                key += ("_triton" if triton else "") + ("_float16" if state_dtype == "float16" else "")
-                out[key] = max(ok, default=0)
+                out[key + variant_suffix(triton, state_dtype)] = max(ok, default=0)
     return out
+
+
+def variant_suffix(triton: bool, state_dtype: str) -> str:
+    """The audio section's key suffix of a variant: "_triton" for the Triton step, "_float16" for a float16
+    state (float32 with the torch ops: none)."""
+    return ("_triton" if triton else "") + ("_float16" if state_dtype == "float16" else "")
 
 
 def audio_row(rec, B: int, graphs: bool, triton: bool, engine_ok: bool, seconds: float) -> dict[str, Any]:

@@ -710,6 +710,20 @@ class GraphedModel:
     state_dtype: torch.dtype = torch.float32
     state_dtype_check: dict | None = None  # the last `check_state_dtype` report
 
+    def _probe_state(self, rows: int, g: torch.Generator) -> torch.Tensor:
+        """The float32 states of `rows` random prompts of 2, 5, 8, … tokens from `g` (a SaShiMi's rows at
+        different pooling phases), prefilled and stacked on `batch_dim`: the checks' starting batch."""
+        V, dev = self.config.vocab_size, self.device
+        prompts = [torch.randint(0, V, (1, 2 + 3 * r), generator=g).to(dev) for r in range(rows)]
+        return torch.cat([self.prefill(p, self.init_state(1), logits="none")[1] for p in prompts],
+                         self.batch_dim)  # fmt: skip
+
+    def _half_prefill(self, tokens: torch.Tensor, state: torch.Tensor, logits: str):
+        """`prefill` of a float16 state: from its exact widening, the state after the prompt rounded back
+        to float16 (the definition `_half_step` follows for a step)."""
+        out, new = self.prefill(tokens, state.float(), logits)
+        return out, new.to(state.dtype)
+
     def _half_step(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None,
                    ids_checked: bool = False):  # fmt: skip
         """The step of a float16 state on a path that steps float32 (the C steps, the torch ops): widened
@@ -749,9 +763,7 @@ class GraphedModel:
             raise ValueError(f"check_state_dtype compares a 16-bit state (float16, bfloat16), got {dtype}")
         V, dev = self.config.vocab_size, self.device
         g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(0, V, (1, 2 + 3 * r), generator=g).to(dev) for r in range(rows)]
-        s32 = torch.cat([self.prefill(p, self.init_state(1), logits="none")[1] for p in prompts],
-                        self.batch_dim)  # fmt: skip
+        s32 = self._probe_state(rows, g)
         s16 = s32.to(dtype)
         tokens = torch.randint(0, V, (steps, rows), generator=g).to(dev)
         peak = s32.abs().max()
@@ -787,11 +799,9 @@ class GraphedModel:
         phase counter passes 2,048); VerificationError when the float16 step's next-token distributions
         are more than STATE16_TOL from the float32 step's (mean total variation) or its probe's state
         overflowed float16 (the model keeps its state dtype)."""
-        from model.recurrent import FLOAT16_MAX, STATE_DTYPES, VerificationError  # noqa: PLC0415
+        from model.recurrent import FLOAT16_MAX, STATE_DTYPES, VerificationError, named_dtype  # noqa: PLC0415
 
-        if isinstance(dtype, str):
-            named = getattr(torch, dtype.removeprefix("torch."), None)
-            dtype = named if isinstance(named, torch.dtype) else dtype
+        dtype = named_dtype(dtype)
         if dtype not in STATE_DTYPES:
             names = ", ".join(str(d).removeprefix("torch.") for d in STATE_DTYPES)
             raise ValueError(f"state dtype must be one of {names}, got {dtype}")
@@ -864,9 +874,7 @@ class GraphedModel:
         rows = min(rows, self._graphs.buckets[-1])
         V, dev = self.config.vocab_size, self.device
         g = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(0, V, (1, 2 + 3 * r), generator=g).to(dev) for r in range(rows)]
-        state = torch.cat([self.prefill(p, self.init_state(1), logits="none")[1] for p in prompts],
-                          self.batch_dim).to(self.state_dtype)  # fmt: skip
+        state = self._probe_state(rows, g).to(self.state_dtype)
         steps = 2 * self.period + 3 if hasattr(self, "period") else 4
         tokens = torch.randint(0, V, (steps, rows), generator=g).to(dev)
         graphed, eager, la, lb = state.clone(), state.clone(), [], []

@@ -903,6 +903,15 @@ def form_device(net: torch.nn.Module, device, tol: float, logits_tol: float | No
     return usable_device(device) if device is not None else next(net.parameters()).device
 
 
+def named_dtype(dtype):
+    """`dtype` with a name ("bfloat16", "torch.float16") read as the torch.dtype it names; anything else
+    (a torch.dtype, None, an unknown name) as it is, for the caller's own check to name."""
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        return named if isinstance(named, torch.dtype) else dtype
+    return dtype
+
+
 def served_dtype(net: torch.nn.Module, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype a recurrent form serves `net`'s weights in: `dtype`, or the weights' own (one for all of
     them); ValueError for weights of mixed dtypes or a dtype without a verification tolerance
@@ -910,10 +919,7 @@ def served_dtype(net: torch.nn.Module, dtype: torch.dtype | None) -> torch.dtype
     dtypes = {p.dtype for p in net.parameters()}
     if len(dtypes) != 1:
         raise ValueError(f"the weights must share one dtype, got {sorted(map(str, dtypes))}")
-    if isinstance(dtype, str):
-        named = getattr(torch, dtype.removeprefix("torch."), None)
-        dtype = named if isinstance(named, torch.dtype) else dtype
-    dtype = dtype or dtypes.pop()
+    dtype = named_dtype(dtype) or dtypes.pop()
     if dtype not in LOGITS_TOL:
         names = ", ".join(str(d).removeprefix("torch.") for d in LOGITS_TOL)
         raise ValueError(f"weights dtype must be one of {names}, got {dtype}")
@@ -1274,19 +1280,22 @@ class RecurrentModel(GraphedModel):
         logits, new = (self._compiled_step or self._step_torch)(tokens, state)
         return logits, new if out is None else out.copy_(new)
 
+    @property
+    def _triton_steps(self) -> bool:
+        """Whether the step's diagonal layers take the Triton kernel: on, no C SSM step, no compiled step."""
+        return self._triton and self._fused is None and self._compiled_step is None
+
     def _triton_path(self, state: torch.Tensor, contiguous_out: bool) -> bool:
-        """Whether `_step_eager` steps this state with the Triton kernel (no C SSM step, no compiled step,
-        unit stride on the slots, a contiguous `out`)."""
-        ok = self._triton and self._fused is None and self._compiled_step is None
-        return ok and state.stride(-1) == 1 and contiguous_out
+        """Whether `_step_eager` steps this state with the Triton kernel (`_triton_steps`, unit stride on
+        the slots, a contiguous `out`)."""
+        return self._triton_steps and state.stride(-1) == 1 and contiguous_out
 
     @property
     def state16_native(self) -> bool:
         """Whether a float16 state is read and written at 16 bits by the step itself: every layer diagonal
         and stepped by the Triton kernel (not compiled). Elsewhere (a DPLR layer, the torch or C step)
         it is widened, stepped and rounded around the float32 step: the same definition, more bytes."""
-        ok = self._triton and self._fused is None and self._compiled_step is None
-        return ok and all(f.form == "diagonal" for f in self.layers)
+        return self._triton_steps and all(f.form == "diagonal" for f in self.layers)
 
     def decode_block_ready(self, batch: int) -> bool:
         """Whether `decode_block` serves a batch of this many rows: with CUDA graphs (`use_cuda_graphs`),
@@ -1338,10 +1347,8 @@ class RecurrentModel(GraphedModel):
         outside the vocabulary or an unknown `logits`."""
         tokens = self._check(tokens, state, 2)
         check_logits_kind(logits)
-        if state.dtype == torch.float16:  # a state stored at 16 bits: prefilled from its exact widening,
-            # the state after the prompt rounded back
-            out, new = self.prefill(tokens, state.float(), logits)
-            return out, new.to(state.dtype)
+        if state.dtype == torch.float16:  # a state stored at 16 bits
+            return self._half_prefill(tokens, state, logits)
         B, L = tokens.shape
         if (
             self._net_step is not None

@@ -427,6 +427,29 @@ def test_a_joiner_fills_a_hole_of_the_resident_batch_and_both_paths_step_it(rec,
     assert res.n_out.tolist() == [4, 4, 4] and len(batch.step(rec)) == 3
 
 
+def serve_as_on_a_gpu(monkeypatch, torch_ops: bool = False) -> None:
+    """Make a server started on this CPU run the GPU engine's paths: the graphs `use_cuda_graphs` sets on
+    CUDA, without the capture (with `torch_ops` the C step off: the torch ops, a SaShiMi's dense step in
+    the graphs, as on CUDA), and the one-step loop's device sampler (RowSampler, the torch ops)."""
+    import server.registry
+    from server.engine import DecodeBatch
+
+    def on(rec, settings, name):
+        if torch_ops:
+            rec._net_step = rec._fused = None
+        rec._graphs = BucketedStep(rec, bucket_sizes(settings.max_batch_size), capture=False)
+        return True
+
+    init = DecodeBatch.__init__
+
+    def device_sampler(self, pool, *args):
+        init(self, pool, *args)
+        self.device_sampler = True
+
+    monkeypatch.setattr(server.registry, "use_cuda_graphs", on)
+    monkeypatch.setattr(DecodeBatch, "__init__", device_sampler)
+
+
 @pytest.mark.parametrize("arch", ["s4", "sashimi"])
 def test_the_server_answers_the_same_with_the_graph_block_and_with_the_one_step_loop(
     arch, model_dirs, tmp_path, monkeypatch
@@ -442,7 +465,6 @@ def test_the_server_answers_the_same_with_the_graph_block_and_with_the_one_step_
     import httpx
     from server_support import ServerThread
 
-    import server.registry
     from model import save
     from server import Settings
     from server.engine import DecodeBatch
@@ -456,20 +478,7 @@ def test_the_server_answers_the_same_with_the_graph_block_and_with_the_one_step_
             net.head.bias[list(b"eth o,")] += 4.0
         save(net, ckpt)
 
-    def on(rec, settings, name):  # what use_cuda_graphs sets on CUDA, without the capture
-        if arch == "sashimi":  # the torch ops, as on CUDA (the dense step in the graphs)
-            rec._net_step = rec._fused = None
-        rec._graphs = BucketedStep(rec, bucket_sizes(settings.max_batch_size), capture=False)
-        return True
-
-    init = DecodeBatch.__init__
-
-    def device_sampler(self, pool, *args):  # the one-step loop as on CUDA: RowSampler, the torch ops
-        init(self, pool, *args)
-        self.device_sampler = True
-
-    monkeypatch.setattr(server.registry, "use_cuda_graphs", on)
-    monkeypatch.setattr(DecodeBatch, "__init__", device_sampler)
+    serve_as_on_a_gpu(monkeypatch, torch_ops=arch == "sashimi")
     reqs = [{"model": "tiny-text", "prompt": "to be, or not" * (1 + k % 3), "max_new_tokens": 20 + 7 * k,
              "seed": k, "temperature": [0.0, 0.8, 1.2][k % 3], "stop": [[], ["e"], ["th", "o, "]][k % 3],
              **[{}, {"top_k": 20, "top_p": 0.9}, {"repetition_penalty": 1.3}][k // 3]}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_graph_block import PLAIN, blocks, one_step, row, start
+from test_graph_block import PLAIN, blocks, one_step, row, serve_as_on_a_gpu, start
 from test_triton_step import SMALL, _form, _mixed, compiled_in_a_subprocess
 
 from model import ModelConfig, SequenceModel, VerificationError, build, load, triton_step
@@ -476,19 +476,8 @@ def test_a_float16_server_answers_alike_through_blocks_and_one_steps_and_its_ses
     def state16(rec, settings, name):  # what the registry does on CUDA for a model with a 16-bit step
         return bool(rec.use_state_dtype("float16"))
 
-    def graphs(rec, settings, name):  # what use_cuda_graphs sets on CUDA, without the capture
-        rec._graphs = BucketedStep(rec, bucket_sizes(settings.max_batch_size), capture=False)
-        return True
-
-    init = DecodeBatch.__init__
-
-    def device_sampler(self, pool, *args):  # the one-step loop as on CUDA: RowSampler, the torch ops
-        init(self, pool, *args)
-        self.device_sampler = True
-
     monkeypatch.setattr(server.registry, "use_state_dtype", state16)
-    monkeypatch.setattr(server.registry, "use_cuda_graphs", graphs)
-    monkeypatch.setattr(DecodeBatch, "__init__", device_sampler)
+    serve_as_on_a_gpu(monkeypatch)  # (the graphs made after the setting: float16 buffers)
     reqs = [{"model": "tiny-text", "prompt": "to be, or not" * (1 + k % 3), "max_new_tokens": 15 + 9 * k,
              "seed": k, "temperature": [0.0, 0.8, 1.2][k % 3], "stop": [[], ["e"], ["th"]][k % 3],
              **[{}, {"top_k": 20, "top_p": 0.9}, {"repetition_penalty": 1.3}][k // 2 % 3]}

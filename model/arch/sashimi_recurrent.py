@@ -662,9 +662,8 @@ class SaShiMiRecurrent(GraphedModel):
         the vocabulary or an unknown `logits`."""
         tokens = self._check(tokens, state, 2)
         check_logits_kind(logits)
-        if state.dtype == torch.float16:  # as RecurrentModel.prefill: from its widening, rounded back
-            out, new = self.prefill(tokens, state.float(), logits)
-            return out, new.to(state.dtype)
+        if state.dtype == torch.float16:  # a state stored at 16 bits
+            return self._half_prefill(tokens, state, logits)
         check_token_ids(tokens, self.config.vocab_size)
         B, T = tokens.shape
         new = state.contiguous().clone()
