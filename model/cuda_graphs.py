@@ -743,6 +743,13 @@ class GraphedModel:
         """Why this model's state cannot be stored in float16 (None when it can); SaShiMi adds its phase."""
         return None
 
+    def state16_bound(self) -> torch.Tensor:
+        """`state_bound` for a state stored in float16, its roundings fed back (RecurrentModel derives
+        one); here none is: inf wherever `state_bound` is not 0 (a SaShiMi's pool buffers carry rounded
+        values into the blocks above them, which its bound does not follow)."""
+        b = self.state_bound()
+        return torch.where(b == 0, 0.0, torch.inf)
+
     @torch.inference_mode()
     def check_state_dtype(self, dtype: torch.dtype = torch.float16, rows: int = STATE16_ROWS,
                           steps: int = STATE16_STEPS) -> dict:  # fmt: skip
@@ -754,9 +761,10 @@ class GraphedModel:
         (Frobenius, all positions), "tv_mean" and "tv_max" (the total variation ½ Σ|p − p₃₂| between the
         next-token distributions, over the positions), "argmax_differs" (share of positions whose most
         likely token differs), "state_max_abs" (the float32 run's largest |state|),
-        "state_bound_max" (`state_bound`'s largest finite entry), "bound_over" (entries whose bound
-        exceeds float16's largest value, 65,504: their stored value could overflow, which the probe's
-        values did not), "tol"}, also kept in `state_dtype_check`."""
+        "state_bound_max" (`state16_bound`'s largest finite entry: the largest |value| a float16 state can
+        take, its roundings included), "bound_over" (entries whose float16 bound exceeds float16's largest
+        value, 65,504, inf included: their stored value is not proven not to overflow), "tol"}, also kept in
+        `state_dtype_check`."""
         from model.recurrent import FLOAT16_MAX, STATE16_TOL  # noqa: PLC0415
 
         if dtype not in (torch.float16, torch.bfloat16):
@@ -774,7 +782,7 @@ class GraphedModel:
             peak = torch.maximum(peak, s32.abs().max())
         la, lb = torch.stack(la), torch.stack(lb)  # (steps, rows, V)
         tv = 0.5 * (torch.softmax(lb, -1) - torch.softmax(la, -1)).abs().sum(-1)  # (steps, rows)
-        bound = self.state_bound()
+        bound = self.state16_bound()
         finite = bound[torch.isfinite(bound)]
         report = {
             "dtype": str(dtype).removeprefix("torch."), "rows": rows, "steps": steps,
@@ -787,18 +795,21 @@ class GraphedModel:
         self.state_dtype_check = report
         return report
 
-    def use_state_dtype(self, dtype: torch.dtype | str) -> dict:
+    def use_state_dtype(self, dtype: torch.dtype | str, proven: bool = True) -> dict:
         """Store the decode batch's states in `dtype`: torch.float32 (the default) or torch.float16 (or
         their names). A float16 state halves the bytes a step moves (a GPU step is bound by them at large
         batches): each step widens it exactly, computes in float32 and rounds the next state to float16
         (`step`; the Triton kernel does it as it loads and stores). The graphs' buffers take the dtype
         (captured again, if captured). `init_state`, `prefill` and the server's sessions stay float32; a
         state of either dtype may be stepped whatever this says. float16 is checked first
-        (`check_state_dtype`) and returns its report ({} for float32).
-        Raises ValueError for another dtype, or where float16 cannot hold the state (a SaShiMi whose
-        phase counter passes 2,048); VerificationError when the float16 step's next-token distributions
-        are more than STATE16_TOL from the float32 step's (mean total variation) or its probe's state
-        overflowed float16 (the model keeps its state dtype)."""
+        (`check_state_dtype`) and returns its report ({} for float32). `proven` (the default): float16 only
+        where no state the model can reach overflows it, every rounding included (`state16_bound` within
+        65,504: the diagonal layers of a pre-norm model); False: on the probe's values alone (a model whose
+        bound is loose or not derived: a DPLR layer, SaShiMi), where a far larger state would give inf.
+        Raises ValueError for another dtype, where float16 cannot hold the state (a SaShiMi whose phase
+        counter passes 2,048) or, `proven`, where its bound passes float16's range; VerificationError when
+        the float16 step's next-token distributions are more than STATE16_TOL from the float32 step's (mean
+        total variation) or its probe's state overflowed float16 (the model keeps its state dtype)."""
         from model.recurrent import FLOAT16_MAX, STATE_DTYPES, VerificationError, named_dtype  # noqa: PLC0415
 
         dtype = named_dtype(dtype)
@@ -809,6 +820,14 @@ class GraphedModel:
         if dtype != torch.float32:
             if problem := self._state16_problem():
                 raise ValueError(f"a float16 state cannot hold this model's state: {problem}")
+            bound = self.state16_bound()
+            if proven and bool((bound > FLOAT16_MAX).any()):
+                top, over = float(bound.max()), int((bound > FLOAT16_MAX).sum())
+                raise ValueError(
+                    f"a float16 state is not proven to hold this model's state: {over} "
+                    f"of its entries may reach past float16's {FLOAT16_MAX:.0f} (largest bound {top:.4g}, "
+                    "every rounding included; proven=False applies it on the probe's values alone)"
+                )
             report = self.check_state_dtype(dtype)
             if not report["tv_mean"] <= report["tol"] or report["state_max_abs"] > FLOAT16_MAX:
                 raise VerificationError(

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import functools
+import math
 import numbers
 import sys
 from typing import TYPE_CHECKING
@@ -109,7 +110,7 @@ class VerificationError(RuntimeError):
 
 class StateRangeError(ValueError):
     """A state offered to the model (an import, a stored session) is not one the model can reach:
-    a value is NaN or infinite, or exceeds the bound of `RecurrentModel.state_bound`."""
+    a value is NaN or infinite, or exceeds the bound of `RecurrentModel.state_limit`."""
 
 
 # The dtypes a state may be stored in. float32 everywhere (conversion verifies it against the float64 conv
@@ -124,6 +125,12 @@ STATE_DTYPES = (torch.float32, torch.float16)
 # (text-shakespeare); a bfloat16 state 0.018, 0.046 and 0.067 (what the check is there to refuse).
 STATE16_TOL = 0.015
 FLOAT16_MAX = 65504.0  # float16's largest finite value: a state that could exceed it is not stored so
+# How a float16 state's stored coordinate can differ from the exact update's (`DiagonalSSM.state_bound`): the
+# float32 update v = μ x + b u (three roundings: ≤ √2·3·2⁻²⁴ (|μ||x| + |b||u|) < 2⁻²¹ of it, by Cauchy-Schwarz
+# on the 2×2 block), then rounded to nearest float16: relative error ≤ 2⁻¹¹ in float16's normal range,
+# absolute ≤ 2⁻²⁵ (half the subnormal spacing) below it. Together |x̃'| ≤ (1 + ρ)(|μ||x̃| + |b||u|) + δ per
+# coordinate, with ρ = 2⁻¹¹ + 2⁻²⁰ ≥ (1 + 2⁻¹¹)(1 + 2⁻²¹) − 1 and δ = 2⁻²⁵ (√2 δ for a complex slot's |x̃|).
+STATE16_ROUNDING = (2.0**-11 + 2.0**-20, 2.0**-25)
 BFLOAT16_STATE = (
     "a bfloat16 state loses 0.6-2.4 bits a token on the shipped models, its 8-bit mantissa cannot follow "
     "the slowest modes' decay (bench.state_precision); float16 is the 16-bit state"
@@ -499,15 +506,23 @@ class DiagonalSSM:
         """`step` in one C pass (CPU): writes x' into xo and y into y."""
         fused.diag_step(lib, x, xo, u, y, self._fused_ptrs)
 
-    def state_bound(self, u_max: torch.Tensor) -> torch.Tensor:
+    def state_bound(self, u_max: torch.Tensor, rounding: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
         """Largest |x₁|, |x₂| any input with |u_h| ≤ u_max[h] can drive the state to, from x = 0: a
         complex slot's |x| ≤ Σ_j |μ|^j |b| u_max = |b| u_max / (1 − |μ|), a real coordinate's
         |b_q| u_max / (1 − |λ_q|) (inf where |λ| ≥ 1 and b ≠ 0; 0 where b = 0).
+        With `rounding` = (ρ, δ), the state stored after each step with |x̃'| ≤ (1 + ρ)(|μ||x̃| + |b||u|) + δ
+        (STATE16_ROUNDING: a float16 state), every rounding taken at its worst and fed back through the
+        recurrence: ((1 + ρ)|b| u_max + δ) / (1 − (1 + ρ)|μ|) (√2 δ for a complex slot; inf where
+        (1 + ρ)|μ| ≥ 1). A state that starts within it stays within it: the bound is a fixed point.
         u_max (H,) float64 → (H, 2, M) float64."""
+        rel, floor = rounding
         bmag = torch.where(self.is_cplx[:, None], self.b64.norm(dim=1, keepdim=True), self.b64.abs())
-        amp = torch.stack([lam.abs() for lam in self.lam64], dim=1)  # (H, 2, M)
-        gain = torch.where(amp < 1, bmag / (1 - amp).clamp(min=1e-300), torch.inf)
-        return torch.where(bmag == 0, 0.0, gain * u_max[:, None, None])
+        amp = torch.stack([lam.abs() for lam in self.lam64], dim=1) * (1 + rel)  # (H, 2, M)
+        reach = (1 + rel) * bmag * u_max[:, None, None] + torch.where(
+            self.is_cplx[:, None], math.sqrt(2) * floor, floor
+        )
+        gain = torch.where(amp < 1, reach / (1 - amp).clamp(min=1e-300), torch.inf)
+        return torch.where(bmag == 0, 0.0, gain)
 
     def _mu_pow(self, n: int) -> torch.Tensor:
         """λ₁ⁿ, λ₂ⁿ (2, H, M) complex64 for 0 ≤ n < 2^MU_POW_BITS: the product of the tabulated λ^{2^k} over
@@ -648,10 +663,12 @@ class DPLRStep:
         ni = ni - (self.Qi * s).sum(1)
         return (self.cr * nr - self.ci * ni).sum(-1), torch.stack([nr, ni], dim=-2)
 
-    def state_bound(self, u_max: torch.Tensor) -> torch.Tensor:
+    def state_bound(self, u_max: torch.Tensor, rounding: tuple[float, float] = (0.0, 0.0)) -> torch.Tensor:
         """Largest |Re x|, |Im x| any input with |u_h| ≤ u_max[h] can drive the state to, from ξ = 0:
         with Ā = W diag(λ) W⁻¹, ξ_n = Σ_j Σ_m W_nm λ_m^j (W⁻¹B̄)_m u ⇒
         |ξ_n| ≤ u_max Σ_m |W_nm| |(W⁻¹B̄)_m| / (1 − |λ_m|) (triangle inequality; inf if some |λ_m| ≥ 1).
+        A `rounding` other than (0, 0) (a state rounded after every step, `DiagonalSSM.state_bound`) gives
+        inf wherever the bound is not 0: W couples the coordinates' roundings, and no bound is derived.
         u_max (H,) float64 → (H, 2, N/2) float64."""
         lam, W = torch.linalg.eig(self.Abar64)  # (H, N), (H, N, N)
         bt = linalg.solve(W, self.Bbar64.to(C128)[..., None])[..., 0].abs()  # (H, N)
@@ -661,6 +678,8 @@ class DPLRStep:
         terms = torch.where(W.abs() == 0, 0.0, W.abs() * gain[:, None, :])  # (H, N, N), no 0·inf
         bound = terms.sum(-1)
         bound = torch.where(bound == 0, 0.0, bound * u_max[:, None])  # (H, N)
+        if rounding != (0.0, 0.0):
+            bound = torch.where(bound == 0, 0.0, torch.inf)
         return bound.unflatten(-1, (2, self.M))
 
     def step_fused(self, lib, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch.Tensor) -> None:
@@ -1021,6 +1040,7 @@ class RecurrentModel(GraphedModel):
         diagonal = any(f.form == "diagonal" for f in self.layers)
         self._triton = triton_kernel.resolve(triton_step, device) and diagonal
         self._state_bound: torch.Tensor | None = None
+        self._state16_bound: torch.Tensor | None = None
         self._graphs = None  # model.cuda_graphs.BucketedStep, set by use_cuda_graphs
         self._compiled_step = None  # torch.compile of _step_torch, set by compile_step
         # Every batch steps in C (fused.NetStep), which computes each row alone: a row's logits are then the
@@ -1104,9 +1124,35 @@ class RecurrentModel(GraphedModel):
             self._state_bound = torch.stack(parts)
         return self._state_bound
 
+    def state16_bound(self) -> torch.Tensor:
+        """(n_layers, H, 2, M) float64: `state_bound` for a state stored in float16 (a decode batch after
+        `use_state_dtype(float16)`): each step's rounding (STATE16_ROUNDING) at its worst, fed back through
+        each mode's recurrence (`DiagonalSSM.state_bound`; inf for a DPLR layer's nonzero entries, where
+        none is derived), and at least a float32 state's limit (`state_bound` × STATE_BOUND_SLACK, a
+        session's state joining the batch) rounded up by ρ. Computed once, in float64, on the CPU."""
+        if self._state16_bound is None:
+            rel, floor = STATE16_ROUNDING
+            parts = []
+            for i, form in enumerate(self.layers):
+                b = form.state_bound(self.ssm_input_bound(i), STATE16_ROUNDING)
+                parts.append(torch.nn.functional.pad(b, (0, self.M - b.shape[-1])))
+            joined = self.state_bound() * STATE_BOUND_SLACK * (1 + rel) + floor
+            self._state16_bound = torch.maximum(
+                torch.stack(parts), torch.where(self.state_bound() == 0, 0.0, joined)
+            )
+        return self._state16_bound
+
+    def state_limit(self) -> torch.Tensor:
+        """(n_layers, H, 2, M) float64: the largest |value| `check_state` lets a state hold: `state_bound` ×
+        STATE_BOUND_SLACK (the float32 step's and prefill's rounding), or with float16 decode states
+        (`state_dtype`) at least `state16_bound`: a session decoded in float16 can be stored and restored."""
+        limit = self.state_bound() * STATE_BOUND_SLACK
+        return torch.maximum(limit, self.state16_bound()) if self.state_dtype == torch.float16 else limit
+
     def check_state(self, state: torch.Tensor) -> None:
         """Raise StateRangeError unless state (n_layers, B, H, 2, M) float32 is one the model can
-        produce: every value finite and within `state_bound()` × STATE_BOUND_SLACK. Checks each row
+        produce: every value finite and within `state_limit()` (`state_bound()` × STATE_BOUND_SLACK, with
+        float16 decode states at least `state16_bound()`). Checks each row
         on its own; the message names the first offending entry."""
         want = (len(self.layers), self.H, 2, self.M)
         if state.dim() != 5 or tuple(state.shape[:1] + state.shape[2:]) != want:
@@ -1120,7 +1166,7 @@ class RecurrentModel(GraphedModel):
                 f"state holds {int(bad.sum())} NaN or infinite values "
                 f"(first at layer {idx[0]}, row {idx[1]}, channel {idx[2]})"
             )
-        limit = (self.state_bound() * STATE_BOUND_SLACK).float()[:, None]  # (n_layers, 1, H, 2, M)
+        limit = self.state_limit().float()[:, None]  # (n_layers, 1, H, 2, M)
         over = x.abs() > limit
         if bool(over.any()):
             i, r, h, part, m = over.nonzero()[0].tolist()

@@ -254,8 +254,9 @@ class Verification(BaseModel):
         None,
         description="S4_STATE_DTYPE=float16 on CUDA: the float16 step against the float32 step over its "
         "probe (dtype, rows, steps, tv_mean and tv_max: total variation between their next-token "
-        "distributions, logits_rel_err, argmax_differs, state_max_abs, state_bound_max, bound_over, tol: "
-        "the tv_mean it met); null with float32 states",
+        "distributions, logits_rel_err, argmax_differs, state_max_abs; state_bound_max: the largest |value| "
+        "a float16 state can take on any input, every rounding included, under float16's 65504; bound_over: "
+        "entries past it, 0; tol: the tv_mean it met); null with float32 states",
     )
 
 

@@ -475,7 +475,7 @@ def test_a_float16_state_passes_its_check_and_the_captured_graphs_step_it_as_the
     else:
         rec = load(AUDIO / name).to_recurrent(device="cuda", triton_step=True)
     try:
-        report = rec.use_state_dtype("float16")
+        report = rec.use_state_dtype("float16", proven=name != "audio-digits")  # (SaShiMi: no bound)
         assert report["tv_mean"] <= STATE16_TOL and rec.state_dtype == torch.float16
         rec.use_cuda_graphs(bucket_sizes(16))
         assert rec._graphs.buffers[8].state.dtype == torch.float16

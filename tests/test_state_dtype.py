@@ -9,7 +9,10 @@ batch and decode blocks (capture off: the ops a GPU captures), the engine's deco
 re-steps. The served path equals `bench.state_precision`'s emulation, whose bits-per-token figures the docs
 quote, exactly. The load-time check passes float16 and fails a bfloat16 state on the shipped
 audio-digits-s4 (so it can fail); the refusals name what is wrong; the server's setting is read, and
-ignored on CPU with a log line.
+ignored on CPU with a log line. The float16 bound (`state16_bound`, every rounding at its worst) is the
+fixed point of its worst-case recurrence, holds a float16 state driven at its worst, and decides where
+float16 applies (`proven`); the tiny DPLR and SaShiMi models here have none, so the tests of the step's
+definition apply it with `proven=False`.
 """
 
 from __future__ import annotations
@@ -198,6 +201,116 @@ def test_the_load_check_passes_a_float16_state_and_fails_a_bfloat16_one(audio, m
     assert audio.state_dtype == torch.float32
 
 
+def test_the_float16_bound_is_the_fixed_point_of_every_rounding_at_its_worst():
+    """`DiagonalSSM.state_bound` with STATE16_ROUNDING (ρ, δ): the limit of the worst-case recurrence
+    m ← (1 + ρ)(|μ| m + |b| u) + δ (√2 δ for a complex slot), iterated in float64 from 0, per coordinate;
+    (0, 0) gives the float32 bound; a mode with (1 + ρ)|μ| ≥ 1, finite without rounding, has none (inf);
+    a DPLR form derives none (inf wherever its bound is not 0)."""
+    from numerics import real_system_with_eigenvalues
+
+    from model.recurrent import STATE16_ROUNDING, DiagonalSSM, diagonalize
+
+    rho, delta = STATE16_ROUNDING
+    slow = 1 - 2.0**-12  # (1 + ρ)·slow > 1: the roundings alone could grow it
+    Abar, Bbar, gamma = real_system_with_eigenvalues(3, [(0.99, 0.3), (slow, 2.0)], [0.95, -0.5], seed=3)
+    form = DiagonalSSM(*diagonalize(Abar, Bbar, gamma), torch.device("cpu"))
+    u = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    plain, b16 = form.state_bound(u), form.state_bound(u, STATE16_ROUNDING)
+    amp = torch.stack([lam.abs() for lam in form.lam64], dim=1)
+    bmag = torch.where(form.is_cplx[:, None], form.b64.norm(dim=1, keepdim=True), form.b64.abs())
+    floor = torch.where(form.is_cplx[:, None], 2**0.5 * delta, delta).expand_as(amp)
+    m = torch.zeros_like(amp)
+    for _ in range(5_000):  # (the fastest of the finite modes converges to 1e-12 in ~2,600)
+        m = (1 + rho) * (amp * m + bmag * u[:, None, None]) + floor
+    stuck = (1 + rho) * amp >= 1
+    assert (
+        bool(stuck.any()) and bool(torch.isinf(b16[stuck]).all()) and bool(torch.isfinite(plain[stuck]).all())
+    )
+    torch.testing.assert_close(b16[~stuck], m[~stuck], rtol=1e-9, atol=0)
+    assert bool((b16[~stuck] > plain[~stuck] * (1 + rho)).all())  # every rounding costs something
+    torch.testing.assert_close(
+        form.state_bound(u, (0.0, 0.0)), (bmag / (1 - amp)) * u[:, None, None], rtol=1e-12, atol=0
+    )
+    dplr = form_of("c").layers[0]
+    assert dplr.form == "dplr"
+    ones = torch.ones(dplr.H, dtype=torch.float64)
+    d32, d16 = dplr.state_bound(ones), dplr.state_bound(ones, STATE16_ROUNDING)
+    assert (
+        bool(torch.isfinite(d32).all())
+        and bool(torch.isinf(d16[d32 > 0]).all())
+        and bool((d16[d32 == 0] == 0).all())
+    )
+
+
+def test_a_float16_state_driven_at_its_worst_stays_within_its_bound(audio):
+    """The shipped audio-digits-s4's layer 0, its float16 state stepped as defined (float32 step of the
+    widening, rounded to nearest even) for 4,000 steps at |u| = the SSM input bound, each channel's signs
+    those that drive its slowest mode's coordinate 1 to its ℓ1 gain at the last step: every entry stays
+    within `state16_bound` at every step, and the driven coordinates reach at least 0.25 of the float32
+    bound (the drive works: 0.30 of it at least, median 0.61, 2026-12-06; some entry passed the float32
+    bound itself by 0.03 %, within 1 % of its float16 bound). The model's float16 bound is under float16's
+    65,504 (so the server applies the setting, proven) and at least the float32 limit."""
+    from model.recurrent import FLOAT16_MAX, STATE_BOUND_SLACK
+
+    form, T = audio.layers[0], 4_000
+    U = audio.ssm_input_bound(0)
+    b16, plain = audio.state16_bound(), audio.state_bound()
+    assert float(b16.max()) < FLOAT16_MAX and bool((b16 >= plain * STATE_BOUND_SLACK).all())
+    amp = form.lam64[0].abs()  # (H, M): coordinate 1's eigenvalue
+    slot = torch.where(form.b64[:, 0].abs() > 0, amp, -1.0).argmax(-1)  # (H,) each channel's slowest
+    H = form.H
+    A = form.block_powers(torch.arange(T - 1, -1, -1, dtype=torch.float64))[
+        torch.arange(H), slot
+    ]  # (H, T, 2, 2)
+    b = form.b64[torch.arange(H), :, slot]  # (H, 2)
+    signs = torch.sign((A @ b[:, None, :, None])[..., 0, 0])  # (H, T)
+    x = torch.zeros(1, H, 2, form.M, dtype=F16)
+    limit = b16[0].double()
+    worst = 0.0
+    for t in range(T):
+        _, new = form.step((signs[:, t] * U).float()[None], x.float())
+        x = new.to(F16)
+        worst = max(worst, float((x[0].double().abs() / limit.clamp_min(1e-300)).max()))
+    assert worst <= 1.0, worst
+    reached = x[0, torch.arange(H), 0, slot].double().abs()
+    assert bool((reached >= 0.25 * plain[0, torch.arange(H), 0, slot]).all()), (
+        reached / plain[0, torch.arange(H), 0, slot]
+    )
+
+
+def test_float16_is_applied_only_where_its_bound_is_proven_unless_asked(audio):
+    """`use_state_dtype(float16)` refuses a model whose float16 bound passes 65,504 (a DPLR layer has
+    none: inf), naming the count and the bound, the model keeping float32; `proven=False` applies it on
+    the probe alone. A state within the float16 bound but past the float32 limit passes `check_state`
+    while the model decodes in float16 (a session decoded so can be stored and restored), not otherwise."""
+    from model.recurrent import FLOAT16_MAX, STATE_BOUND_SLACK, StateRangeError
+
+    dplr = form_of("c")
+    with pytest.raises(
+        ValueError, match=r"not proven .* entries may reach past float16's 65504 \(largest bound inf"
+    ):
+        dplr.use_state_dtype(F16)
+    assert dplr.state_dtype == torch.float32
+    assert dplr.use_state_dtype(F16, proven=False)["bound_over"] > 0 and dplr.state_dtype == F16
+    dplr.use_state_dtype("float32")
+    b16, plain = audio.state16_bound(), audio.state_bound() * STATE_BOUND_SLACK
+    i = (b16 - plain).flatten().argmax()
+    idx = [int(k) for k in torch.unravel_index(i, b16.shape)]
+    assert float(b16.flatten()[i]) > float(plain.flatten()[i]) * 1.5 and float(b16.max()) < FLOAT16_MAX
+    x = audio.init_state(1)
+    x[idx[0], 0, idx[1], idx[2], idx[3]] = float(plain.flatten()[i]) * 1.2  # float16's, not float32's
+    with pytest.raises(StateRangeError, match="exceeds"):
+        audio.check_state(x)
+    audio.use_state_dtype(F16)
+    try:
+        audio.check_state(x)
+        x[idx[0], 0, idx[1], idx[2], idx[3]] = float(b16.flatten()[i]) * 1.001
+        with pytest.raises(StateRangeError, match="exceeds"):
+            audio.check_state(x)
+    finally:
+        audio.use_state_dtype("float32")
+
+
 def test_the_served_float16_state_is_bench_state_precisions_emulation_exactly(audio):
     """bench.state_precision measured a float16 state by rounding a float32 state after every step; the
     served float16 state gives the same log-probabilities, bit for bit (so its figures are the served
@@ -227,7 +340,7 @@ def test_the_graphs_buffers_take_the_state_dtype_and_step_it_as_defined(kind):
         logits, new = ref_graphs(tok, x16.float())
         return logits, new.to(F16)
 
-    rec.use_state_dtype(F16)
+    rec.use_state_dtype(F16, proven=False)
     rec._graphs = BucketedStep(rec, bucket_sizes(8), capture=False)
     try:
         state, tok, _ = start(rec, 3)
@@ -260,7 +373,7 @@ def test_a_decode_block_of_float16_states_gives_the_one_step_paths_tokens_and_st
     float16 batch (`step` through the same buckets + `RowSampler`): each row's tokens, state and seen set
     bit for bit; a float32 state is refused there, naming the state dtype."""
     rec = form_of(kind)
-    rec.use_state_dtype(F16)
+    rec.use_state_dtype(F16, proven=False)
     rec._graphs = BucketedStep(rec, bucket_sizes(8), capture=False)
     try:
         state, tok, seen = start(rec, len(PLAIN))
@@ -287,7 +400,7 @@ def test_without_graphs_a_float16_batch_steps_one_step_at_a_time_and_only_the_tr
 
     rec = form_of("c")
     assert rec.decode_block_ready(3) and not rec.state16_native
-    rec.use_state_dtype(F16)
+    rec.use_state_dtype(F16, proven=False)
     assert not rec.decode_block_ready(3)
     batch = decode_batch(rec, 3)
     batch.tok.fill_(3)
@@ -308,7 +421,8 @@ def test_state16_native_is_the_triton_step_of_all_diagonal_layers():
 
 def test_the_registry_applies_the_setting_only_where_the_step_reads_16_bits(caplog):
     """On a CUDA device: a model without a 16-bit step is warned about and keeps float32; one whose check
-    fails is logged as an error and keeps float32; one that passes is logged with its check's figures."""
+    fails, or whose float16 bound is not proven, is logged as an error and keeps float32; one that passes
+    is logged with its check's figures and its float16 bound."""
     from types import SimpleNamespace
 
     from server.config import Settings
@@ -322,17 +436,25 @@ def test_the_registry_applies_the_setting_only_where_the_step_reads_16_bits(capl
     def failing(dtype):
         raise VerificationError("the step with a float16 state differs")
 
+    def unproven(dtype):  # (what `use_state_dtype` raises for a bound past float16's range)
+        raise ValueError("a float16 state is not proven to hold this model's state: 3 of its entries")
+
     with caplog.at_level(logging.INFO, logger="server.models"):
         assert not use_state_dtype(SimpleNamespace(device=cuda, state16_native=False), settings, "dplr")
         assert not use_state_dtype(SimpleNamespace(device=cuda, state16_native=True,
                                                    use_state_dtype=failing), settings, "bad")  # fmt: skip
+        assert not use_state_dtype(SimpleNamespace(device=cuda, state16_native=True,
+                                                   use_state_dtype=unproven), settings, "loose")  # fmt: skip
         assert use_state_dtype(SimpleNamespace(device=cuda, state16_native=True,
                                                use_state_dtype=lambda d: report), settings, "ok")  # fmt: skip
         assert not use_state_dtype(SimpleNamespace(device=cuda), Settings(), "default")  # float32: nothing
     lines = {r.getMessage().split(":")[0]: (r.levelname, r.getMessage()) for r in caplog.records}
     assert lines["model dplr"][0] == "WARNING" and "has no 16-bit path" in lines["model dplr"][1]
     assert lines["model bad"][0] == "ERROR" and "differs); its states stay float32" in lines["model bad"][1]
+    assert lines["model loose"][0] == "ERROR" and "not proven" in lines["model loose"][1]
+    assert "its states stay float32" in lines["model loose"][1]
     assert lines["model ok"][0] == "INFO" and "next-token distributions 4.0e-03" in lines["model ok"][1]
+    assert "at most 3800 on any input (every rounding included" in lines["model ok"][1]
     assert "model default" not in lines
 
 
@@ -343,7 +465,7 @@ def test_the_engines_decode_batch_keeps_float16_rows_and_the_pool_float32():
     from bench.gpu import decode_batch
 
     rec = form_of("torch")
-    rec.use_state_dtype(F16)
+    rec.use_state_dtype(F16, proven=False)
 
     def run(graphs: bool):
         rec._graphs = BucketedStep(rec, bucket_sizes(8), capture=False) if graphs else None
@@ -376,7 +498,7 @@ def test_rows_move_between_pool_and_batch_alike_by_row_copies_and_by_index_kerne
     from server.sessions import SessionRecord
 
     rec = form_of("torch")
-    rec.use_state_dtype(dtype)
+    rec.use_state_dtype(dtype, proven=False)
 
     def run(row_copies: bool):
         batch = decode_batch(rec, 3)
@@ -406,7 +528,7 @@ def test_the_engine_re_steps_a_taken_back_turn_in_the_decode_batchs_state_dtype(
     from bench.gpu import decode_batch
 
     rec = form_of("torch")
-    rec.use_state_dtype(F16)
+    rec.use_state_dtype(F16, proven=False)
     batch = decode_batch(rec, 1)
     start_row = batch.pool.row(batch.rows[0].session.slot).clone()
     steps = []
@@ -474,7 +596,7 @@ def test_a_float16_server_answers_alike_through_blocks_and_one_steps_and_its_ses
     from server.engine import DecodeBatch
 
     def state16(rec, settings, name):  # what the registry does on CUDA for a model with a 16-bit step
-        return bool(rec.use_state_dtype("float16"))
+        return bool(rec.use_state_dtype("float16", proven=False))
 
     monkeypatch.setattr(server.registry, "use_state_dtype", state16)
     serve_as_on_a_gpu(monkeypatch)  # (the graphs made after the setting: float16 buffers)
