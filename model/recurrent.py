@@ -1041,6 +1041,7 @@ class RecurrentModel(GraphedModel):
         self._triton = triton_kernel.resolve(triton_step, device) and diagonal
         self._state_bound: torch.Tensor | None = None
         self._state16_bound: torch.Tensor | None = None
+        self._state_limit: torch.Tensor | None = None
         self._graphs = None  # model.cuda_graphs.BucketedStep, set by use_cuda_graphs
         self._compiled_step = None  # torch.compile of _step_torch, set by compile_step
         # Every batch steps in C (fused.NetStep), which computes each row alone: a row's logits are then the
@@ -1143,16 +1144,19 @@ class RecurrentModel(GraphedModel):
         return self._state16_bound
 
     def state_limit(self) -> torch.Tensor:
-        """(n_layers, H, 2, M) float64: the largest |value| `check_state` lets a state hold: `state_bound` ×
-        STATE_BOUND_SLACK (the float32 step's and prefill's rounding), or with float16 decode states
-        (`state_dtype`) at least `state16_bound`: a session decoded in float16 can be stored and restored."""
-        limit = self.state_bound() * STATE_BOUND_SLACK
-        return torch.maximum(limit, self.state16_bound()) if self.state_dtype == torch.float16 else limit
+        """(n_layers, H, 2, M) float64: the largest |value| `check_state` lets a state hold: what a float32
+        state reaches (`state_bound` × STATE_BOUND_SLACK, the float32 step's and prefill's rounding) or,
+        where it is derived, a float16 state (`state16_bound`): a session decoded with S4_STATE_DTYPE=float16
+        is stored and restored on any server of the model. Computed once."""
+        if self._state_limit is None:
+            limit, b16 = self.state_bound() * STATE_BOUND_SLACK, self.state16_bound()
+            self._state_limit = torch.where(torch.isfinite(b16), torch.maximum(limit, b16), limit)
+        return self._state_limit
 
     def check_state(self, state: torch.Tensor) -> None:
         """Raise StateRangeError unless state (n_layers, B, H, 2, M) float32 is one the model can
-        produce: every value finite and within `state_limit()` (`state_bound()` × STATE_BOUND_SLACK, with
-        float16 decode states at least `state16_bound()`). Checks each row
+        produce: every value finite and within `state_limit()` (`state_bound()` × STATE_BOUND_SLACK, or
+        `state16_bound()` where derived). Checks each row
         on its own; the message names the first offending entry."""
         want = (len(self.layers), self.H, 2, self.M)
         if state.dim() != 5 or tuple(state.shape[:1] + state.shape[2:]) != want:

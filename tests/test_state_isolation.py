@@ -1,7 +1,8 @@
 """Session isolation against states from outside (issue: public bug reports, kind 2).
 
 (a) Every state that enters a slot is validated: finite, and within the largest value the model can
-    reach from the zero state (RecurrentModel.state_bound). (b) No decision for a batch is taken from
+    reach from the zero state (RecurrentModel.state_limit: its float32 state_bound, or its float16 one
+    where derived). (b) No decision for a batch is taken from
     one row's data: a poisoned row (NaN, inf, huge) leaves every other row bit-identical, in prefill
     (parallel and stepped), in the step (whole-network C step, fused per-layer step, torch ops) and in
     the engine's decode batch.
@@ -161,7 +162,7 @@ def test_check_state_refuses_non_finite_and_out_of_range_values_naming_the_entry
     rec = recs["s4"]
     _, x = rec.prefill(torch.randint(0, 64, (2, 40)), rec.init_state(2))
     x = x.clone()
-    limit = rec.state_bound().float() * STATE_BOUND_SLACK
+    limit = rec.state_limit().float()
     for value, words in [
         (float("nan"), "NaN or infinite"),
         (float("inf"), "NaN or infinite"),
@@ -194,7 +195,7 @@ def test_a_value_just_over_its_bound_prints_digits_that_tell_the_two_apart(recs)
     """A value one float32 step past its bound was written "-54.2178 ... exceeds 54.2178" (6 digits);
     the message now gives each number in the fewest digits that read back as its float32."""
     rec = recs["s4d"]
-    limit = rec.state_bound().float() * STATE_BOUND_SLACK
+    limit = rec.state_limit().float()
     x = rec.init_state(1)
     over = torch.nextafter(limit[1, 3, 0, 1], torch.tensor(float("inf")))
     x[1, 0, 3, 0, 1] = -over
@@ -297,7 +298,7 @@ def test_import_refuses_states_the_model_cannot_reach_with_422_naming_state(clie
     sid = _create(client, "to sleep, perchance to dream")
     header, x = _export(client, sid)
     rec = server.state.models[TEXT].engine.rec
-    limit = (rec.state_bound().float() * STATE_BOUND_SLACK).flatten()
+    limit = rec.state_limit().float().flatten()
     assert _import(client, header, x).status_code == 201  # the export itself is fine
     pool = server.state.models[TEXT].engine.pool
     in_use = pool.in_use
@@ -485,7 +486,7 @@ def test_property_any_blob_is_a_valid_state_or_a_clear_refusal(small_blob, data)
     except StateRangeError:
         return
     assert bool(torch.isfinite(state).all())
-    assert bool((state.abs() <= rec.state_bound().float() * STATE_BOUND_SLACK).all())
+    assert bool((state.abs() <= rec.state_limit().float()).all())
 
 
 def test_json_bodies_with_huge_integers_or_deep_nesting_get_4xx_on_every_json_route(client):
