@@ -29,6 +29,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
+ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(vocab_size=256, d_model=32, n_layers=2, d_state=16, l_max=256, cauchy_backend="torch")
 SAME = dict(rtol=1e-6, atol=1e-6)  # graph replay vs eager, same shapes
 F32 = dict(rtol=1e-5, atol=1e-5)  # another batch size
@@ -314,6 +315,86 @@ def test_the_server_generates_on_cuda_through_the_graphs(cuda_server):
         # (not compared with the requests alone: batch 1 and batch 2-4 may round a logit apart, cuBLAS and
         # the scans choosing their kernels by shape, and one flipped draw changes the rest)
         assert all(waves[0] + waves[1]) and blocks() > before
+
+
+@pytest.fixture(scope="module")
+def cuda_server16():
+    """The shipped text-shakespeare served on CUDA as a user would ask for the float16 state:
+    S4_STATE_DTYPE=float16, graphs captured (buckets 1..8), the Triton step."""
+    from server_support import ServerThread
+
+    from server import Settings
+
+    settings = Settings(checkpoints=[str(ROOT / "checkpoints/text-shakespeare")], device="cuda",
+                        cuda_graphs=True, state_dtype="float16", max_sessions=16, max_batch_size=8,
+                        drain_timeout_s=1)  # fmt: skip
+    s = ServerThread(settings).start()
+    yield s
+    s.stop()
+
+
+def test_a_server_with_float16_states_decodes_as_the_library_and_restores_its_sessions(cuda_server16):
+    """End to end on CUDA with S4_STATE_DTYPE=float16: the setting applied (proven bound, check passed,
+    float16 graph buffers, the Triton step reading 16 bits); /v1/models reports it; 6 concurrent greedy
+    generations, decoded in block graphs, give the tokens of the library's eager step of a float16 state
+    in the server's order (the prompt but its last token prefilled in float32 and rounded as the row joins
+    the batch; the last token the first decode step; each step's next state rounded); a session decoded
+    in float16 continues identically after export and import (its state within `state_limit`) and after a
+    fork."""
+    import concurrent.futures
+
+    from model.recurrent import FLOAT16_MAX, STATE16_TOL
+
+    rec = cuda_server16.state.models["text-shakespeare"].rec
+    assert rec.state_dtype == torch.float16 and rec.state16_native and rec._graphs is not None
+    assert rec._graphs.buffers[8].state.dtype == torch.float16
+
+    def eager16(prompt: list[int], n: int) -> list[int]:  # (the server's order: see the docstring)
+        _, state = rec.prefill(torch.tensor([prompt[:-1]], device="cuda"), rec.init_state(1))
+        state, tok, out = state.to(torch.float16), torch.tensor(prompt[-1:], device="cuda"), []
+        for _ in range(n):
+            logits, state = rec._step_eager(tok, state, None)
+            assert state.dtype == torch.float16
+            tok = logits.argmax(-1)
+            out.append(int(tok))
+        return out
+
+    prompts = ["ROMEO:\n", "To be, or", "KING HENRY", "What light", "Now is the", "O, what a"]
+    with httpx.Client(base_url=cuda_server16.url, timeout=120) as c:
+        info = c.get("/v1/models").json()["data"][0]
+        check = info["verification"]["state_dtype_check"]
+        assert info["state_dtype"] == "float16" and check["tv_mean"] <= STATE16_TOL
+        assert check["bound_over"] == 0 and check["state_max_abs"] < check["state_bound_max"] < FLOAT16_MAX
+
+        def gen(p: str) -> list[int]:
+            r = c.post("/v1/generate", json={"model": "text-shakespeare", "prompt": p, "max_new_tokens": 40,
+                                             "temperature": 0})  # fmt: skip
+            assert r.status_code == 200, r.text
+            return r.json()["tokens"]
+
+        before = sum(bb.calls for bb in rec._graphs.blocks.values())
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(gen, prompts))
+        assert sum(bb.calls for bb in rec._graphs.blocks.values()) > before
+        for p, tokens in zip(prompts, got):
+            assert tokens == eager16(list(p.encode()), 40), p
+
+        def turn(sid: str, seed: int) -> list[int]:
+            req = {"model": "text-shakespeare", "session_id": sid, "max_new_tokens": 24, "seed": seed,
+                   "temperature": 1.0}  # fmt: skip
+            r = c.post("/v1/generate", json=req)
+            assert r.status_code == 200, r.text
+            return r.json()["tokens"]
+
+        sid = c.post("/v1/sessions", json={"model": "text-shakespeare", "prompt": "JULIET:\n"}).json()
+        sid = sid["session_id"]
+        turn(sid, 1)
+        blob = c.get(f"/v1/sessions/{sid}/export").content
+        r = c.post("/v1/sessions/import", content=blob)
+        assert r.status_code == 201, r.text
+        fork = c.post(f"/v1/sessions/{sid}/fork").json()["session_id"]
+        after = [turn(x, 2) for x in (sid, r.json()["session_id"], fork)]
+        assert after[0] == after[1] == after[2] and len(after[0]) == 24
 
 
 @pytest.mark.parametrize("kernel", ["s4", "s4d"])
