@@ -1129,13 +1129,15 @@ class RecurrentModel(GraphedModel):
         """(n_layers, H, 2, M) float64: `state_bound` for a state stored in float16 (a decode batch after
         `use_state_dtype(float16)`): each step's rounding (STATE16_ROUNDING) at its worst, fed back through
         each mode's recurrence (`DiagonalSSM.state_bound`; inf for a DPLR layer's nonzero entries, where
-        none is derived), and at least a float32 state's limit (`state_bound` × STATE_BOUND_SLACK, a
-        session's state joining the batch) rounded up by ρ. Computed once, in float64, on the CPU."""
+        none is derived), for an SSM input up to its bound × STATE_BOUND_SLACK (the LayerNorm's output as
+        computed may pass the exact bound by its own rounding: float32's, or ≤ 2⁻⁸ of it in a bfloat16
+        model), and at least a float32 state's limit (`state_bound` × STATE_BOUND_SLACK, a session's state
+        joining the batch) rounded up by ρ. Computed once, in float64, on the CPU."""
         if self._state16_bound is None:
             rel, floor = STATE16_ROUNDING
             parts = []
-            for i, form in enumerate(self.layers):
-                b = form.state_bound(self.ssm_input_bound(i), STATE16_ROUNDING)
+            for i, form in enumerate(self.layers):  # (the input's own rounding within the slack, below)
+                b = form.state_bound(self.ssm_input_bound(i) * STATE_BOUND_SLACK, STATE16_ROUNDING)
                 parts.append(torch.nn.functional.pad(b, (0, self.M - b.shape[-1])))
             joined = self.state_bound() * STATE_BOUND_SLACK * (1 + rel) + floor
             self._state16_bound = torch.maximum(
