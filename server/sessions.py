@@ -318,14 +318,16 @@ def unpack_state(blob: bytes, max_seen: int = 0) -> tuple[dict, bytes]:
         )
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise StateFormatError(f"state shape {str(shape)[:80]} is not a list of sizes")
-    want = 4
-    for d in shape:  # stopped once past the payload: the product of a long shape is a slow bignum,
-        want *= d  # and one of over 4,300 digits cannot even be written in the message (a 500)
+    want, exact = (0, True) if 0 in shape else (4, True)
+    for i, d in enumerate(shape if want else ()):  # stopped once past the payload: the product of a long
+        want *= d  # shape is a slow bignum, and one of over 4,300 digits cannot even be written (a 500)
         if want > len(state):
+            exact = i == len(shape) - 1
             break
     if len(state) != want:
-        needs = want if want < len(state) else f"more than {len(state)}"
-        raise StateFormatError(f"state payload is {len(state)} bytes, shape {str(shape)[:80]} needs {needs}")
+        needs = want if exact else f"more than {len(state)}"
+        raise StateFormatError(f"state payload is {len(state)} bytes, shape {str(shape)[:80]} of float32 "
+                               f"values needs {needs} bytes")  # fmt: skip
     return header, state
 
 

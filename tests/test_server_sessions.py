@@ -115,6 +115,11 @@ def test_import_refuses_corrupt_or_foreign_states_with_422(client):
         assert r.status_code == 422, (needle, r.text)
         assert needle.split()[0] in r.json()["error"]["message"], (needle, r.json())
         assert r.json()["error"]["param"] == "state"
+    for shape, short, needs in (([1, 4], 8, "16"), ([4, 1], 8, "more than 8"), ([1, 2], 12, "8")):
+        r = imp(pack_state({**header, "shape": shape}, state[:short]))  # a payload unlike its shape
+        assert r.status_code == 422 and r.json()["error"]["param"] == "state"
+        want = f"payload is {short} bytes, shape {shape} of float32 values needs {needs} bytes"
+        assert want in r.json()["error"]["message"], r.json()
     assert imp(blob).status_code == 201  # the untouched blob still imports
 
 
