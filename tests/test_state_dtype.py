@@ -590,6 +590,7 @@ def test_a_float16_server_answers_alike_through_blocks_and_one_steps_and_its_ses
     from concurrent.futures import ThreadPoolExecutor
 
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
     from server_support import ServerThread
 
     import server.registry
@@ -632,6 +633,11 @@ def test_a_float16_server_answers_alike_through_blocks_and_one_steps_and_its_ses
                 info = c.get("/v1/models").json()["data"][0]
                 check = info["verification"]["state_dtype_check"]
                 assert info["state_dtype"] == "float16" and check["tv_mean"] <= recurrent.STATE16_TOL
+                families = text_string_to_metric_families(c.get("/metrics").text)
+                gauge = [(x.labels["model"], x.value) for f in families for x in f.samples
+                         if x.name == "s4_verification_relative_error_ratio"
+                         and x.labels["check"] == "state_float16"]  # fmt: skip
+                assert gauge == [("tiny-text", check["logits_rel_err"])]
                 results[path] = list(ex.map(lambda r: post(c, r), reqs))
                 sid = c.post("/v1/sessions", json={"model": "tiny-text", "prompt": "the slings"}).json()
                 sid = sid["session_id"]
