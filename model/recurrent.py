@@ -1158,8 +1158,8 @@ class RecurrentModel(GraphedModel):
     def check_state(self, state: torch.Tensor) -> None:
         """Raise StateRangeError unless state (n_layers, B, H, 2, M) float32 is one the model can
         produce: every value finite and within `state_limit()` (`state_bound()` × STATE_BOUND_SLACK, or
-        `state16_bound()` where derived). Checks each row
-        on its own; the message names the first offending entry."""
+        `state16_bound()` where derived). Checks each row on its own; the message names the first offending
+        entry."""
         want = (len(self.layers), self.H, 2, self.M)
         if state.dim() != 5 or tuple(state.shape[:1] + state.shape[2:]) != want:
             raise StateRangeError(f"state has shape {tuple(state.shape)}, expected (n_layers, B, H, 2, M) = "

@@ -505,10 +505,9 @@ def load_model(
     for check, err in checks + [(f"kernel_layer_{r['layer']}", r["rel_err"]) for r in rec.report]:
         metrics.verification_error.labels(model_id, v["dtype"], check).set(err)
     if getattr(rec, "state_dtype", torch.float32) != torch.float32:  # S4_STATE_DTYPE=float16 applied
-        r = rec.state_dtype_check
-        metrics.verification_error.labels(model_id, v["dtype"], "state_" + r["dtype"]).set(
-            r["logits_rel_err"]
-        )
+        sc = rec.state_dtype_check
+        gauge = metrics.verification_error.labels(model_id, v["dtype"], f"state_{sc['dtype']}")
+        gauge.set(sc["logits_rel_err"])
     forms = ", ".join(f"{r['form']} {r['rel_err']:.1e}" for r in rec.report)
     cached = sum(r["cached"] for r in rec.report)
     metrics.recurrent_form_layers.labels(model_id, "cache").set(cached)
