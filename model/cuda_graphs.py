@@ -822,11 +822,19 @@ class GraphedModel:
                 raise ValueError(f"a float16 state cannot hold this model's state: {problem}")
             bound = self.state16_bound()
             if proven and bool((bound > FLOAT16_MAX).any()):
-                top, over = float(bound.max()), int((bound > FLOAT16_MAX).sum())
+                unbounded, finite = int(torch.isinf(bound).sum()), bound[torch.isfinite(bound)]
+                over = int((finite > FLOAT16_MAX).sum())
+                why = []
+                if unbounded:
+                    why.append(f"{unbounded} entries have no float16 bound (a mode too slow for float16's "
+                               "rounding, (1 + 2⁻¹¹)|λ| ≥ 1, or a layer none is derived for: DPLR, "
+                               "SaShiMi)")  # fmt: skip
+                if over:
+                    why.append(f"{over} entries may reach past float16's {FLOAT16_MAX:.0f} (the largest "
+                               f"{float(finite.max()):.4g})")  # fmt: skip
                 raise ValueError(
-                    f"a float16 state is not proven to hold this model's state: {over} "
-                    f"of its entries may reach past float16's {FLOAT16_MAX:.0f} (largest bound {top:.4g}, "
-                    "every rounding included; proven=False applies it on the probe's values alone)"
+                    f"a float16 state is not proven to hold this model's state: {'; '.join(why)}; every "
+                    "rounding included (`state16_bound`); proven=False applies it on the probe's values alone"
                 )
             report = self.check_state_dtype(dtype)
             if not report["tv_mean"] <= report["tol"] or report["state_max_abs"] > FLOAT16_MAX:

@@ -288,9 +288,23 @@ def test_float16_is_applied_only_where_its_bound_is_proven_unless_asked(audio):
 
     dplr = form_of("c")
     with pytest.raises(
-        ValueError, match=r"not proven .* entries may reach past float16's 65504 \(largest bound inf"
+        ValueError, match=r"not proven .*: \d+ entries have no float16 bound \(a mode too slow"
     ):
         dplr.use_state_dtype(F16)
+    # an S4D model with dt = 1e-4: |λ| = exp(-0.5e-4), too slow for float16's rounding (1 + 2⁻¹¹ past 1)
+    slow = SequenceModel(ModelConfig(**TINY, kernel="s4d", dt_min=1e-4, dt_max=1e-4)).to_recurrent()
+    assert all(f.form == "diagonal" for f in slow.layers)
+    assert bool(torch.isinf(slow.state16_bound()).any()) and bool(torch.isfinite(slow.state_bound()).all())
+    with pytest.raises(ValueError, match=r"entries have no float16 bound \(a mode too slow") as err:
+        slow.use_state_dtype(F16)
+    assert "may reach past" not in str(err.value) and slow.state_dtype == torch.float32
+    fast = SequenceModel(ModelConfig(**TINY, kernel="s4d")).to_recurrent()  # a finite bound, made too large
+    fast.ssm_input_bound = lambda i: torch.full((fast.H,), 1e6, dtype=torch.float64)
+    with pytest.raises(
+        ValueError, match=r"\d+ entries may reach past float16's 65504 \(the largest \d"
+    ) as err:
+        fast.use_state_dtype(F16)
+    assert "no float16 bound" not in str(err.value) and fast.state_dtype == torch.float32
     assert dplr.state_dtype == torch.float32
     assert dplr.use_state_dtype(F16, proven=False)["bound_over"] > 0 and dplr.state_dtype == F16
     dplr.use_state_dtype("float32")
