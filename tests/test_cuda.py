@@ -255,24 +255,37 @@ def cuda_server(tmp_path_factory):
     s.stop()
 
 
-def eager_greedy(rec, prompt: list[int], n: int) -> list[int]:
-    """The library alone on the same device, without the graphs, in the server's order: the prompt but its
-    last token prefilled (float32), the state stored in the model's `state_dtype` as the row joins the
-    decode batch (float16: rounded), the last token the first greedy step, each next state stored so."""
+# A served greedy token may be another than the eager argmax only where two logits nearly tie: the graphs
+# step the batch at a bucket's shape (other matmul kernels than the eager batch of 1), and a float16 state
+# rounds such a difference to its 2⁻¹¹ (top-two margins of 5e-4 occur in 40 text-shakespeare tokens).
+NEAR_TIE = {torch.float32: 1e-4, torch.float16: 1e-2}  # of the logits' spread (max − min)
+
+
+def served_greedy_agrees(rec, prompt: list[int], served: list[int]) -> int:
+    """A served greedy generation against the library alone on the same device, without the graphs, in the
+    server's order: the prompt but its last token prefilled (float32), the state stored in the model's
+    `state_dtype` as the row joins the decode batch (float16: rounded), the last token the first step,
+    each next state stored so; stepped on the served tokens. Each served token is the eager argmax or
+    within NEAR_TIE of the eager maximum; returns how many are the argmax."""
     _, state = rec.prefill(torch.tensor([prompt[:-1]], device="cuda"), rec.init_state(1))
-    state, tok, out = state.to(rec.state_dtype), torch.tensor(prompt[-1:], device="cuda"), []
-    for _ in range(n):
+    state, tok, exact = state.to(rec.state_dtype), torch.tensor(prompt[-1:], device="cuda"), 0
+    for t, want in enumerate(served):
         logits, state = rec._step_eager(tok, state, None)
         assert state.dtype == rec.state_dtype
-        tok = logits.argmax(-1)
-        out.append(int(tok))
-    return out
+        z = logits[0].double()
+        top, spread = float(z.max()), float(z.max() - z.min())
+        gap = (top - float(z[want])) / spread
+        assert gap <= NEAR_TIE[rec.state_dtype], (t, want, int(z.argmax()), gap)
+        exact += int(z.argmax()) == want
+        tok = torch.tensor([want], device="cuda")
+    return exact
 
 
 def test_the_server_generates_on_cuda_through_the_graphs(cuda_server):
     """End to end on CUDA: the model is served with its graphs captured (buckets 1..8); 6 concurrent
     greedy generations (one batch, decoded in block graphs: K steps with their sampling) each give the
-    tokens of the eager library step, and a seeded sampled request repeats itself."""
+    tokens of the eager library step (`served_greedy_agrees`: another only at a near-tie, 95 % the same),
+    and a seeded sampled request repeats itself."""
     import concurrent.futures
 
     served = cuda_server.state.models["tiny-text"]
@@ -295,8 +308,8 @@ def test_the_server_generates_on_cuda_through_the_graphs(cuda_server):
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
             got = list(pool.map(gen, prompts))
         assert blocks() > before  # decoded by replays of the block graphs
-        for p, tokens in zip(prompts, got):
-            assert tokens == eager_greedy(rec, list(p.encode()), 40), p
+        exact = [served_greedy_agrees(rec, list(p.encode()), tokens) for p, tokens in zip(prompts, got)]
+        assert all(len(t) == 40 for t in got) and sum(exact) >= 0.95 * 40 * len(prompts), exact
         req = {"model": "tiny-text", "prompt": "to be", "max_new_tokens": 32, "seed": 11, "temperature": 0.9}
         first = c.post("/v1/generate", json=req).json()["tokens"]
         assert len(first) == 32 and c.post("/v1/generate", json=req).json()["tokens"] == first
@@ -340,8 +353,9 @@ def test_a_server_with_float16_states_decodes_as_the_library_and_restores_its_se
     """End to end on CUDA with S4_STATE_DTYPE=float16: the setting applied (proven bound, check passed,
     float16 graph buffers, the Triton step reading 16 bits); /v1/models reports it; 6 concurrent greedy
     generations, decoded in block graphs, give the tokens of the library's eager step of a float16 state
-    in the server's order (`eager_greedy`: prefilling the whole prompt instead diverged at a 0.002-logit
-    near-tie in a dry run on CPU, the state rounded at another point); a session decoded
+    in the server's order (`served_greedy_agrees`: another only at a near-tie, 95 % the same; prefilling the
+    whole prompt instead diverged at a 0.002-logit near-tie in a dry run on CPU, the state rounded at another
+    point); a session decoded
     in float16 continues identically after export and import (its state within `state_limit`) and after a
     fork."""
     import concurrent.futures
@@ -369,8 +383,8 @@ def test_a_server_with_float16_states_decodes_as_the_library_and_restores_its_se
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
             got = list(pool.map(gen, prompts))
         assert sum(bb.calls for bb in rec._graphs.blocks.values()) > before
-        for p, tokens in zip(prompts, got):
-            assert tokens == eager_greedy(rec, list(p.encode()), 40), p
+        exact = [served_greedy_agrees(rec, list(p.encode()), tokens) for p, tokens in zip(prompts, got)]
+        assert all(len(t) == 40 for t in got) and sum(exact) >= 0.95 * 40 * len(prompts), exact
 
         def turn(sid: str, seed: int) -> list[int]:
             req = {"model": "text-shakespeare", "session_id": sid, "max_new_tokens": 24, "seed": seed,
