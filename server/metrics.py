@@ -27,6 +27,7 @@ disable_created_metrics()
 REJECTION_REASONS = ("sessions_full", "queue_full")
 EVICTION_REASONS = ("idle_ttl", "slots_full")
 STORE_OPS = ("write", "stale", "delete", "error", "restore", "reload", "late", "unchanged")
+STORE_ERROR_OPS = ("write", "delete", "read")  # what a failed session store operation did
 AUTH_TRANSPORTS = ("http", "websocket")
 CLOSE_REASONS = (
     "header_timeout",
@@ -133,6 +134,11 @@ class Metrics:
                                  "of unchanged since its last write, found still stored (not written); "
                                  "late: answers sent before their session's write landed "
                                  "(S4_SESSION_STORE_WRITE_WAIT_S)", ["op"], registry=r)  # fmt: skip
+        self.store_errors = Counter("s4_session_store_errors", "Session store operations that failed (each "
+                                    "also counted as op=error in s4_session_store_operations), by what they "
+                                    "did: write (a state, or the check that an unchanged one is still "
+                                    "stored), delete, read (a route's read of a state or of its version)",
+                                    ["op"], registry=r)  # fmt: skip
         self.verification_error = Gauge(
             "s4_verification_relative_error_ratio",
             "Relative error measured at load against float64 conv mode: the logits of the recurrent step and "
@@ -181,6 +187,7 @@ class Metrics:
                                    ["model", "finish_reason"], registry=r)  # fmt: skip
         for counter, values in [
             (self.store_ops, STORE_OPS),
+            (self.store_errors, STORE_ERROR_OPS),
             (self.auth_failures, AUTH_TRANSPORTS),
             (self.connections_closed, CLOSE_REASONS),
             (self.connections_refused, CONNECTION_REFUSALS),

@@ -637,9 +637,11 @@ async def _is_current(state: ServerState, session_id: str) -> bool:
 
 
 def _store_failed(state: ServerState, level: int, msg: str, *args) -> None:
-    """A route's read of the session store failed: counted (`op="error"`), the store marked down
-    (`s4_session_store_up`), logged at most once an interval (`StoreWriter.errors`)."""
+    """A route's read of the session store failed: counted (`op="error"`, and `op="read"` among the
+    store's errors), the store marked down (`s4_session_store_up`), logged at most once an interval
+    (`StoreWriter.errors`)."""
     state.metrics.store_ops.labels("error").inc()
+    state.metrics.store_errors.labels("read").inc()
     state.writer.answered(False)
     state.writer.errors.log(level, msg, *args)
 

@@ -96,6 +96,7 @@ class ServerState:
                 on_stale=self._drop_stale,
                 held=self.sessions.has,
                 up=self.metrics.store_up,
+                error_counter=self.metrics.store_errors,
             )
             for m in self.models.values():
                 m.engine.persist = _persister(m, self.writer)

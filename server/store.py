@@ -280,7 +280,8 @@ class StoreWriter:
     not written again (refused as stale where another replica went on with it) and is not lost either.
     A delete the store could not make is tried again until it lands (`deleting`)."""
 
-    def __init__(self, store: StateStore, counter=None, on_stale=None, held=None, up=None) -> None:
+    def __init__(self, store: StateStore, counter=None, on_stale=None, held=None, up=None,
+                 error_counter=None) -> None:  # fmt: skip
         self.store = store
         self._pending: dict[str, object] = {}  # id → (header, state, only_if_missing) or _DELETE; in order
         self._retry: dict[str, float] = {}  # id → when a delete the store failed is tried again (not pending)
@@ -298,6 +299,7 @@ class StoreWriter:
         self.written = self.deleted = self.failed = self.stale = self.unchanged = 0
         self._final: dict | None = None  # the shutdown flush's counts (begin_final)
         self._counter = counter  # a Prometheus counter by op (write, stale, delete, error, unchanged)
+        self._error_counter = error_counter  # a Prometheus counter of failures by op (write, delete)
         self._on_stale = on_stale  # session id → drop this replica's copy (any thread)
         self._held = held  # session id → is it held here (its version is kept only while it is)
         self.errors = ThrottledLog(log)  # the store's errors, here and in the routes (service.py)
@@ -576,6 +578,8 @@ class StoreWriter:
                         log.exception("session %s: dropping the stale copy failed", session_id)
             if self._counter is not None:
                 self._counter.labels(done).inc()
+            if done == "error" and self._error_counter is not None:
+                self._error_counter.labels("delete" if op is _DELETE else "write").inc()
             self.answered(done != "error")
 
 

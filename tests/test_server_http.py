@@ -298,6 +298,7 @@ def test_metrics_follow_prometheus_conventions_and_every_known_series_is_there_f
                     and all(x.labels.get(k) == v for k, v in fixed.items()) and x.value == 0}  # fmt: skip
 
         assert labels("s4_session_store_operations", "op") == set(metrics.STORE_OPS)
+        assert labels("s4_session_store_errors", "op") == set(metrics.STORE_ERROR_OPS)
         assert labels("s4_auth_failures", "transport") == set(metrics.AUTH_TRANSPORTS)
         assert labels("s4_connections_closed", "reason") == set(metrics.CLOSE_REASONS)
         assert labels("s4_connections_refused", "reason") == set(metrics.CONNECTION_REFUSALS)

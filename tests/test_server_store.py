@@ -20,6 +20,7 @@ from websockets.sync.client import connect
 
 from model.sampling import SamplingParams
 from server import Settings
+from server.metrics import STORE_ERROR_OPS, Metrics
 from server.sessions import SessionRecord, pack_state, unpack_state
 from server.store import (
     KEY_PREFIX,
@@ -302,6 +303,10 @@ def test_a_store_password_reaches_no_client_and_no_log(model_dirs, caplog, tmp_p
         finally:
             s.stop()
         assert r.status_code == 503 and "session store cannot be read" in r.text, r.text
+        read_errors = s.state.metrics.registry.get_sample_value(
+            "s4_session_store_errors_total", {"op": "read"}
+        )
+        assert read_errors >= 1, read_errors
         assert secret not in r.text and "127.0.0.1" not in r.text and str(port) not in r.text
         logged = caplog.text
         assert f"redis://:***@127.0.0.1:{port}/0" in logged and secret not in logged
@@ -1080,6 +1085,34 @@ class _DownStore(MemoryStateStore):
         super().delete(session_id)
 
 
+def test_a_failed_write_counts_as_a_store_error_of_op_write():
+    """`s4_session_store_errors{op}` says what a failed operation did: a write the store refused to take
+    counts op="write" (and op="error" among the operations), nothing else; the next write lands."""
+    header = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
+    store, metrics = MemoryStateStore(), Metrics()
+    writer = StoreWriter(store, metrics.store_ops, error_counter=metrics.store_errors)
+    real_put = store.put
+
+    def down(*args, **kwargs):
+        raise StoreError("write failed (Connection refused)", "write failed (ConnectionError)")
+
+    store.put = down
+    writer.write("w", header, b"\0\0\0\0")
+    assert writer.landed("w").result(5) == "error"
+    count = metrics.registry.get_sample_value
+    assert {op: count("s4_session_store_errors_total", {"op": op}) for op in STORE_ERROR_OPS} == {
+        "write": 1,
+        "delete": 0,
+        "read": 0,
+    }
+    assert count("s4_session_store_operations_total", {"op": "error"}) == 1
+    store.put = real_put
+    writer.write("w", header, b"\0\0\0\0")
+    assert writer.landed("w").result(5) == "write"
+    assert count("s4_session_store_errors_total", {"op": "write"}) == 1
+    writer.stop(5)
+
+
 def test_a_delete_the_store_failed_is_tried_again_until_it_lands(monkeypatch):
     """StoreWriter: a failed delete resolves its waiters "error" and is tried again, backing off, until
     it lands; meanwhile `deleting` says so (the replica reads the session as deleted), a new `landed` on it
@@ -1090,12 +1123,17 @@ def test_a_delete_the_store_failed_is_tried_again_until_it_lands(monkeypatch):
     monkeypatch.setattr(store_module, "DELETE_RETRY_S", 0.05)
     header = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
     store = _DownStore()
-    writer = StoreWriter(store)
+    metrics = Metrics()
+    writer = StoreWriter(store, metrics.store_ops, error_counter=metrics.store_errors)
     writer.write("a", header, b"\0\0\0\0")
     assert writer.landed("a").result(5) == "write"
     store.down.set()
     writer.delete("a")
     assert writer.landed("a").result(5) == "error"
+    errors = {op: metrics.registry.get_sample_value("s4_session_store_errors_total", {"op": op})
+              for op in STORE_ERROR_OPS}  # fmt: skip
+    assert errors["delete"] >= 1 and errors["write"] == errors["read"] == 0, errors
+    assert metrics.registry.get_sample_value("s4_session_store_operations_total", {"op": "error"}) >= 1
     assert writer.deleting("a") and store.version("a") != TOMBSTONE
     assert wait_for(lambda: store.deletes >= 3, 5)  # tried again, 0.05 s then 0.1 s later
     assert writer.deleting("a") and writer.backlog == 1
