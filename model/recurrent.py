@@ -1139,10 +1139,9 @@ class RecurrentModel(GraphedModel):
             for i, form in enumerate(self.layers):  # (the input's own rounding within the slack, below)
                 b = form.state_bound(self.ssm_input_bound(i) * STATE_BOUND_SLACK, STATE16_ROUNDING)
                 parts.append(torch.nn.functional.pad(b, (0, self.M - b.shape[-1])))
-            joined = self.state_bound() * STATE_BOUND_SLACK * (1 + rel) + floor
-            self._state16_bound = torch.maximum(
-                torch.stack(parts), torch.where(self.state_bound() == 0, 0.0, joined)
-            )
+            plain = self.state_bound()
+            joined = torch.where(plain == 0, 0.0, plain * STATE_BOUND_SLACK * (1 + rel) + floor)
+            self._state16_bound = torch.maximum(torch.stack(parts), joined)
         return self._state16_bound
 
     def state_limit(self) -> torch.Tensor:
@@ -1150,9 +1149,9 @@ class RecurrentModel(GraphedModel):
         state reaches (`state_bound` × STATE_BOUND_SLACK, the float32 step's and prefill's rounding) or,
         where it is derived, a float16 state (`state16_bound`): a session decoded with S4_STATE_DTYPE=float16
         is stored and restored on any server of the model. Computed once."""
-        if self._state_limit is None:
-            limit, b16 = self.state_bound() * STATE_BOUND_SLACK, self.state16_bound()
-            self._state_limit = torch.where(torch.isfinite(b16), torch.maximum(limit, b16), limit)
+        if self._state_limit is None:  # (a finite float16 bound is at least the float32 limit: its `joined`)
+            b16 = self.state16_bound()
+            self._state_limit = torch.where(torch.isfinite(b16), b16, self.state_bound() * STATE_BOUND_SLACK)
         return self._state_limit
 
     def check_state(self, state: torch.Tensor) -> None:

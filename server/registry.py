@@ -489,7 +489,7 @@ def load_model(
     if hasattr(rec, "prefill_threads"):  # RecurrentModel: its parallel prefill's torch threads
         rec.prefill_threads = settings.prefill_threads
     compile_step(rec, settings, path.name)
-    use_state_dtype(rec, settings, path.name)
+    state16 = use_state_dtype(rec, settings, path.name)
     use_cuda_graphs(rec, settings, path.name)
     _check_stop(stop)
     warm_up(rec, min(8, settings.max_batch_size))
@@ -504,7 +504,7 @@ def load_model(
     checks = [("step", v["step_rel_err"]), ("prefill", v["prefill_rel_err"])]
     for check, err in checks + [(f"kernel_layer_{r['layer']}", r["rel_err"]) for r in rec.report]:
         metrics.verification_error.labels(model_id, v["dtype"], check).set(err)
-    if getattr(rec, "state_dtype", torch.float32) != torch.float32:  # S4_STATE_DTYPE=float16 applied
+    if state16:  # S4_STATE_DTYPE=float16 applied: its check against the float32 step
         sc = rec.state_dtype_check
         gauge = metrics.verification_error.labels(model_id, v["dtype"], f"state_{sc['dtype']}")
         gauge.set(sc["logits_rel_err"])

@@ -318,7 +318,7 @@ def unpack_state(blob: bytes, max_seen: int = 0) -> tuple[dict, bytes]:
         )
     if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise StateFormatError(f"state shape {str(shape)[:80]} is not a list of sizes")
-    want, exact = (0, True) if 0 in shape else (4, True)
+    want, exact = (0 if 0 in shape else 4), True
     for i, d in enumerate(shape if want else ()):  # stopped once past the payload: the product of a long
         want *= d  # shape is a slow bignum, and one of over 4,300 digits cannot even be written (a 500)
         if want > len(state):

@@ -34,6 +34,8 @@ from server.store import (
 )
 
 TEXT = "tiny-text"
+# a one-float state's header, for StoreWriter tests on their own (no model behind it)
+HEADER = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
 
 
 def _redis_server(workdir, password: str = "") -> tuple[subprocess.Popen, int]:
@@ -106,7 +108,7 @@ def _generate(
 def test_writer_keeps_the_latest_operation_per_session_and_a_delete_is_not_undone():
     store = MemoryStateStore()
     writer = StoreWriter(store)
-    header = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
+    header = dict(HEADER)
     for i in range(50):
         writer.write("a", {**header, "n_tokens": i}, b"\0\0\0\0")
     writer.write("b", header, b"\0\0\0\0")
@@ -167,7 +169,7 @@ def test_the_final_flush_reports_its_own_result_and_ends_by_its_timeout():
     """Shutdown with a store that does not answer: the flush ends at its timeout, whatever is left, and
     its line counts this flush (written, failed with the first error, not attempted), not the writer's
     lifetime. (A fresh-user trial: 14.2 s to exit, and the log said "3 states written".)"""
-    header = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
+    header = dict(HEADER)
     good = StoreWriter(MemoryStateStore())
     good.write("old", header, b"\0\0\0\0")
     assert good.flush(5)
@@ -792,7 +794,7 @@ def test_landed_resolves_once_the_sessions_operation_is_tried_or_dropped():
             return super().put(*args)
 
     writer = StoreWriter(Gated())
-    header = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
+    header = dict(HEADER)
     assert writer.landed("a").result(0) == "none"
     writer.write("a", header, b"\0\0\0\0")  # taken by the writer thread, which waits at the gate
     assert wait_for(lambda: writer._busy == "a", 5)
@@ -1088,7 +1090,7 @@ class _DownStore(MemoryStateStore):
 def test_a_failed_write_counts_as_a_store_error_of_op_write():
     """`s4_session_store_errors{op}` says what a failed operation did: a write the store refused to take
     counts op="write" (and op="error" among the operations), nothing else; the next write lands."""
-    header = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
+    header = dict(HEADER)
     store, metrics = MemoryStateStore(), Metrics()
     writer = StoreWriter(store, metrics.store_ops, error_counter=metrics.store_errors)
     real_put = store.put
@@ -1121,7 +1123,7 @@ def test_a_delete_the_store_failed_is_tried_again_until_it_lands(monkeypatch):
     import server.store as store_module
 
     monkeypatch.setattr(store_module, "DELETE_RETRY_S", 0.05)
-    header = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
+    header = dict(HEADER)
     store = _DownStore()
     metrics = Metrics()
     writer = StoreWriter(store, metrics.store_ops, error_counter=metrics.store_errors)
@@ -1343,7 +1345,7 @@ def test_session_store_errors_are_logged_once_per_interval_saying_how_many_were_
         def put(self, *args):
             raise StoreError("write failed (Connection refused)", "write failed (ConnectionError)")
 
-    header = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
+    header = dict(HEADER)
     writer = StoreWriter(Down())
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="server.store"):
