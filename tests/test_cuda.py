@@ -55,18 +55,39 @@ def reached_state(rec, n: int, seed: int = 0):
     return torch.randint(0, 256, (n,), generator=g).cuda(), state
 
 
+# A greedy token from one path may be another than the other path's argmax only where two logits nearly
+# tie: the graphs step the batch at a bucket's shape (other matmul kernels than the eager batch), and a
+# float16 state rounds such a difference to its 2⁻¹¹ (top-two margins of 5e-4 occur in 40 text-shakespeare
+# tokens; the smooth logits of mu-law audio put neighbouring values closer still).
+NEAR_TIE = {torch.float32: 1e-4, torch.float16: 1e-2}  # of the logits' spread (max − min)
+
+
+def near_argmax(logits: torch.Tensor, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> int:
+    """Assert each row's token is the argmax of its `logits` (B, V) or within NEAR_TIE[dtype] of the row's
+    maximum (relative to the row's spread); returns how many rows are the argmax. A greedy run compared
+    step by step with another feeds both the same token (teacher-forced), so one near-tie cannot fork the
+    runs, and a wrong token still fails here: one past NEAR_TIE."""
+    z, tokens = logits.double(), tokens.reshape(-1, 1).to(logits.device)
+    top = z.amax(-1)
+    gap = (top - z.gather(-1, tokens)[:, 0]) / (top - z.amin(-1))
+    bad = (gap > NEAR_TIE[dtype]).nonzero()
+    assert bad.numel() == 0, [(int(r), int(tokens[r]), int(z[r].argmax()), float(gap[r])) for r in bad[:, 0]]
+    return int((z.argmax(-1) == tokens[:, 0]).sum())
+
+
 def greedy_steps_agree(rec, plain, tok, state, steps: int = 8, in_place: bool = False) -> None:
     """`steps` greedy steps of rec and plain from (tok, state): logits and states within float32 (F32) of
-    each other at every step, and the same tokens. rec steps in place (out=state) when `in_place`."""
+    each other at every step; rec's greedy tokens, fed to both, are plain's argmax or a near-tie
+    (`near_argmax`). rec steps in place (out=state) when `in_place`."""
     s_a, s_b = state.clone(), state.clone()
-    t_a, t_b = tok.clone(), tok.clone()
+    t = tok.clone()
     for _ in range(steps):
-        la, s_a = rec.step(t_a, s_a, out=s_a if in_place else None)
-        lb, s_b = plain.step(t_b, s_b)
+        la, s_a = rec.step(t, s_a, out=s_a if in_place else None)
+        lb, s_b = plain.step(t, s_b)
         torch.testing.assert_close(la, lb, **F32)
         torch.testing.assert_close(s_a, s_b, **F32)
-        t_a, t_b = la.argmax(-1), lb.argmax(-1)
-        assert torch.equal(t_a, t_b)
+        t = la.argmax(-1)
+        near_argmax(lb, t)
 
 
 def padded(tok, state, b):
@@ -104,17 +125,21 @@ def test_graph_step_equals_the_eager_step(rec, n):
 
 
 def test_greedy_decoding_through_the_graphs_gives_the_eager_tokens(rec):
-    """32 greedy steps of 5 rows (bucket 8), in place as the engine steps: the same tokens."""
+    """32 greedy steps of 5 rows (bucket 8), in place as the engine steps, then the eager step of the 5 rows
+    teacher-forced on the graphs' tokens: each is the eager argmax or a near-tie (`near_argmax`), and
+    95 % are the argmax."""
     tok, state = reached_state(rec, 5, seed=3)
-    runs = []
-    for graphs in (True, False):
-        t, s, out = tok.clone(), state.clone(), []
-        for _ in range(32):
-            logits, _ = rec.step(t, s, out=s) if graphs else rec._step_eager(t, s, s)
-            t = logits.argmax(-1)
-            out.append(t)
-        runs.append(torch.stack(out, 1).tolist())
-    assert runs[0] == runs[1]
+    t, s, served = tok.clone(), state.clone(), []
+    for _ in range(32):
+        logits, _ = rec.step(t, s, out=s)
+        t = logits.argmax(-1)
+        served.append(t)
+    t, s, exact = tok.clone(), state.clone(), 0
+    for want in served:
+        logits, _ = rec._step_eager(t, s, s)
+        exact += near_argmax(logits, want)
+        t = want
+    assert exact >= 0.95 * 5 * 32, exact
 
 
 def test_padded_rows_of_a_graph_cannot_change_real_rows(rec):
@@ -162,19 +187,19 @@ def test_a_resident_batch_replays_its_graph_in_place_without_copies(rec):
     unpadded batch (which, the bucket being resident, is what a second caller's batch of 5 runs)."""
     graphs = rec._graphs
     tok, state = reached_state(rec, 5)
-    ref_tok, ref = tok.clone(), state.clone()
+    ref = state.clone()
     try:
         view = rec.resident_state(state)
         assert view.data_ptr() == graphs.buffers[8].state.data_ptr()
         copied, replays = graphs.copied_calls, graphs.buffers[8].calls
         for _ in range(8):
             la, same = rec.step(tok, view, out=view)
-            lb, ref = rec.step(ref_tok, ref)
+            lb, ref = rec.step(tok, ref)
             assert same is view
             torch.testing.assert_close(la, lb, **F32)
             torch.testing.assert_close(view, ref, **F32)
-            tok, ref_tok = la.argmax(-1), lb.argmax(-1)
-            assert torch.equal(tok, ref_tok)
+            tok = la.argmax(-1)  # fed to both (`near_argmax`)
+            near_argmax(lb, tok)
         assert graphs.copied_calls == copied and graphs.buffers[8].calls == replays + 8
     finally:
         graphs.release()
@@ -255,12 +280,6 @@ def cuda_server(tmp_path_factory):
     s.stop()
 
 
-# A served greedy token may be another than the eager argmax only where two logits nearly tie: the graphs
-# step the batch at a bucket's shape (other matmul kernels than the eager batch of 1), and a float16 state
-# rounds such a difference to its 2⁻¹¹ (top-two margins of 5e-4 occur in 40 text-shakespeare tokens).
-NEAR_TIE = {torch.float32: 1e-4, torch.float16: 1e-2}  # of the logits' spread (max − min)
-
-
 def served_greedy_agrees(rec, prompt: list[int], served: list[int]) -> int:
     """A served greedy generation against the library alone on the same device, without the graphs, in the
     server's order: the prompt but its last token prefilled (float32), the state stored in the model's
@@ -269,15 +288,11 @@ def served_greedy_agrees(rec, prompt: list[int], served: list[int]) -> int:
     within NEAR_TIE of the eager maximum; returns how many are the argmax."""
     _, state = rec.prefill(torch.tensor([prompt[:-1]], device="cuda"), rec.init_state(1))
     state, tok, exact = state.to(rec.state_dtype), torch.tensor(prompt[-1:], device="cuda"), 0
-    for t, want in enumerate(served):
+    for want in served:
         logits, state = rec._step_eager(tok, state, None)
         assert state.dtype == rec.state_dtype
-        z = logits[0].double()
-        top, spread = float(z.max()), float(z.max() - z.min())
-        gap = (top - float(z[want])) / spread
-        assert gap <= NEAR_TIE[rec.state_dtype], (t, want, int(z.argmax()), gap)
-        exact += int(z.argmax()) == want
         tok = torch.tensor([want], device="cuda")
+        exact += near_argmax(logits, tok, rec.state_dtype)
     return exact
 
 
