@@ -109,9 +109,12 @@ class Settings(BaseSettings):
         "step with the Triton kernel (others, SaShiMi among them, keep float32: a warning says why), each "
         "step computing in float32 from the widened state and rounding the next state to float16 (+0.0002 "
         "bits a token on the shipped text model's held-out data, +0.008 on audio-digits-s4's: "
-        "bench.state_precision). Checked at load against the float32 step over a probe of random tokens "
-        "(next-token distributions within a mean total variation of 0.015); a model that fails is logged "
-        "and keeps float32. Sessions, exports and prefill stay float32. Ignored on CPU (the C step keeps "
+        "bench.state_precision). Applied only where proven not to overflow: the largest value any input "
+        "can drive a state to, every float16 rounding fed back (state16_bound), within float16's 65,504 "
+        "(6,688 for text-shakespeare, 6,452 for audio-digits-s4; a model with a mode too slow for "
+        "float16's rounding has none); and checked at load against the float32 step over a probe of random "
+        "tokens (next-token distributions within a mean total variation of 0.015). A model that fails "
+        "either is logged as an error and keeps float32. Sessions, exports and prefill stay float32. Ignored on CPU (the C step keeps "
         "float32 states)",
     )
     compile_step: bool = Field(
