@@ -114,8 +114,8 @@ class Settings(BaseSettings):
         "(6,688 for text-shakespeare, 6,452 for audio-digits-s4; a model with a mode too slow for "
         "float16's rounding has none); and checked at load against the float32 step over a probe of random "
         "tokens (next-token distributions within a mean total variation of 0.015). A model that fails "
-        "either is logged as an error and keeps float32. Sessions, exports and prefill stay float32. Ignored on CPU (the C step keeps "
-        "float32 states)",
+        "either is logged as an error and keeps float32. Sessions, exports and prefill stay float32. "
+        "Ignored on CPU (the C step keeps float32 states)",
     )
     compile_step: bool = Field(
         False,
