@@ -14,9 +14,15 @@ containers, object members and floats outside strings) and answered 413 as soon 
 kind than a valid request to its route (`budget_for`), since parsing it would hold the GIL, and pause
 every stream, for as long as its count says.
 
+A JSON body must be UTF-8 (RFC 8259 §8.1). Python's json, which FastAPI parses bodies with, also reads
+UTF-16 and UTF-32 (by a BOM or by NUL bytes among the first four: `json.detect_encoding`), and the
+structure count, which reads bytes as UTF-8, does not hold for them (in UTF-16 "∀" is the bytes 0x00 0x22,
+and 0x22 is '"': nothing after it would be counted). So a JSON body whose first four bytes say another
+encoding is answered 400 `malformed JSON: ... not UTF-8` once they have arrived, before anything parses it.
+
 Either way the response says `Connection: close` and uvicorn closes the connection after it, so the
-rest of the body is never read. The app sees the refusal as a `BodyTooLarge` raised by `receive()`
-(an HTTPException: FastAPI re-raises it); whatever it sends after is dropped, since the 413 went out.
+rest of the body is never read. The app sees the refusal as a `BodyRefused` raised by `receive()`
+(an HTTPException: FastAPI re-raises it); whatever it sends after is dropped, since the refusal went out.
 Refusals are counted by `on_refused(reason)` (`s4_requests_refused_total{reason="body_too_large"}`,
 `{reason="json_structure"}`).
 """
@@ -27,15 +33,16 @@ from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 
-from server.errors import error_body, json_bytes, too_large
-from server.json_budget import JSONBudget, StructureCounter, over_budget_message
+from server.errors import APIError, error_body, json_bytes, malformed_json, too_large
+from server.json_budget import JSONBudget, StructureCounter, not_utf8, over_budget_message
 
 
-class BodyTooLarge(HTTPException):
-    """Raised from `receive()` once the body is over a limit (the 413 has been sent by then)."""
+class BodyRefused(HTTPException):
+    """Raised from `receive()` once the body is refused: over a limit (413), or a JSON body that is not
+    UTF-8 (400); the response has been sent by then."""
 
-    def __init__(self, message: str) -> None:
-        super().__init__(413, message)
+    def __init__(self, message: str, status: int = 413) -> None:
+        super().__init__(status, message)
 
 
 def declared_length(scope: dict) -> int | None:
@@ -55,22 +62,23 @@ def size_message(limit: int, length: int | None) -> str:
     return f"the request body is {got}; the limit is {limit} bytes (max_body_bytes)"
 
 
-def _response(message: str, path: str) -> tuple[dict, dict]:
-    body = json_bytes(error_body(too_large(message), path)[1])  # OpenAI's shape on the OpenAI routes
+def _response(err: APIError, path: str) -> tuple[dict, dict]:
+    body = json_bytes(error_body(err, path)[1])  # OpenAI's shape on the OpenAI routes
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
         (b"connection", b"close"),
     ]
     return (
-        {"type": "http.response.start", "status": 413, "headers": headers},
+        {"type": "http.response.start", "status": err.status, "headers": headers},
         {"type": "http.response.body", "body": body},
     )
 
 
 class BodySizeLimit:
     """ASGI middleware: HTTP request bodies of at most `limit_for(scope)` bytes, and JSON bodies within
-    `budget_for(scope)` (json_budget.route_budget's pair, or None: not counted); 413 otherwise."""
+    `budget_for(scope)` (json_budget.route_budget's pair, or None: not counted); 413 otherwise. A counted
+    body that is not UTF-8 is a 400."""
 
     def __init__(
         self,
@@ -88,49 +96,58 @@ class BodySizeLimit:
         limit = self.limit_for(scope)
         length = declared_length(scope)
         if length is not None and length > limit:
-            await self._refuse(send, size_message(limit, length), "body_too_large", scope)
+            await self._refuse(send, too_large(size_message(limit, length)), "body_too_large", scope)
             return
         budget = self.budget_for(scope)
         counter = StructureCounter(budget[0]) if budget is not None else None
         received = 0
+        head = b""  # a counted body's first 4 bytes: its encoding (json_budget.not_utf8)
         started = False
-        refused: str | None = None  # the 413's message, once sent
+        refused: APIError | None = None  # the refusal, once sent
 
         async def receive_counted():
-            nonlocal received, refused
+            nonlocal received, refused, head
             if refused is not None:
-                raise BodyTooLarge(refused)
+                raise BodyRefused(refused.message, refused.status)
             message = await receive()
             if message["type"] == "http.request":
                 chunk = message.get("body", b"")
                 received += len(chunk)
-                if received > limit:
-                    reason, refused = "body_too_large", size_message(limit, None)
-                elif counter is not None and (kind := counter.feed(chunk)) is not None:
-                    reason, refused = "json_structure", over_budget_message(kind, budget[0], budget[1])
+                reason = None  # (a body that is not UTF-8 is malformed, not refused for size: not counted)
+                if counter is not None and len(head) < 4:
+                    head += chunk[: 4 - len(head)]
+                    if (len(head) == 4 or not message.get("more_body", False)) and (enc := not_utf8(head)):
+                        refused = malformed_json(
+                            f"the body is {enc.upper()}, not UTF-8 (a JSON body must be UTF-8: RFC 8259 8.1)"
+                        )
+                if refused is None and received > limit:
+                    reason, refused = "body_too_large", too_large(size_message(limit, None))
+                elif refused is None and counter is not None and (kind := counter.feed(chunk)) is not None:
+                    reason = "json_structure"
+                    refused = too_large(over_budget_message(kind, budget[0], budget[1]))
                 if refused is not None:
                     if not started:
                         await self._refuse(send, refused, reason, scope)
-                    raise BodyTooLarge(refused)
+                    raise BodyRefused(refused.message, refused.status)
             return message
 
         async def send_unless_refused(message) -> None:
             nonlocal started
-            if refused:
-                return  # the 413 went out instead
+            if refused is not None:
+                return  # the refusal went out instead
             if message["type"] == "http.response.start":
                 started = True
             await send(message)
 
         try:
             await self.app(scope, receive_counted, send_unless_refused)
-        except BodyTooLarge:
+        except BodyRefused:
             if refused is None:
                 raise
 
-    async def _refuse(self, send, message: str, reason: str, scope: dict) -> None:
-        if self.on_refused is not None:
+    async def _refuse(self, send, err: APIError, reason: str | None, scope: dict) -> None:
+        if self.on_refused is not None and reason is not None:
             self.on_refused(reason)
-        start, body = _response(message, scope.get("path", ""))
+        start, body = _response(err, scope.get("path", ""))
         await send(start)
         await send(body)

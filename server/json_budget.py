@@ -21,6 +21,7 @@ exact for every byte a parser reads.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,15 @@ def json_content_type(headers) -> bool:
             main, _, sub = mime.partition(b"/")
             return main == b"application" and (sub == b"json" or sub.endswith(b"+json"))
     return False
+
+
+def not_utf8(head: bytes) -> str | None:
+    """The encoding Python's json reads a body in, by its first bytes `head` (`json.detect_encoding`: a
+    UTF-16 or UTF-32 BOM, or NUL bytes among the first four), when it is not UTF-8 ("utf-16-le", ...), else
+    None (a UTF-8 BOM included). JSON bodies must be UTF-8 (RFC 8259 8.1), and `StructureCounter` reads
+    UTF-8 bytes: in UTF-16 a quote's byte 0x22 is also half of other characters ("∀" is 0x00 0x22)."""
+    enc = json.detect_encoding(head)
+    return None if enc in ("utf-8", "utf-8-sig") else enc
 
 
 class StructureCounter:

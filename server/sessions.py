@@ -301,8 +301,8 @@ def unpack_state(blob: bytes, max_seen: int = 0) -> tuple[dict, bytes]:
             f"state header holds more JSON {kind} than an export's header can "
             f"({budget.limit(kind)}); it was not parsed"
         )
-    try:
-        header = json.loads(head)
+    try:  # decoded as UTF-8 first: json.loads of bytes also reads UTF-16 and UTF-32, which the count above
+        header = json.loads(head.decode("utf-8"))  # (UTF-8 bytes) does not hold for (json_budget.not_utf8)
     except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, ints over 4300 digits, deep nesting
         raise StateFormatError(f"state header is not valid JSON ({type(exc).__name__})") from None
     if not isinstance(header, dict):

@@ -298,6 +298,58 @@ def test_a_body_fastapi_does_not_read_as_json_is_not_counted(srv):
     assert r.status_code == 415, r.text[:300]  # not JSON to FastAPI (server/app.py): uncounted, not a 413
 
 
+# Python's json (FastAPI's body parser) reads UTF-16 and UTF-32 too, by a BOM or by NUL bytes among a
+# body's first four; the name it detects each encoding by, as the 400 gives it
+NOT_UTF8 = {"utf-16": "UTF-16", "utf-16-le": "UTF-16-LE", "utf-16-be": "UTF-16-BE", "utf-32": "UTF-32",
+            "utf-32-le": "UTF-32-LE", "utf-32-be": "UTF-32-BE"}  # fmt: skip
+
+
+@pytest.mark.parametrize("encoding", list(NOT_UTF8))
+def test_a_body_in_utf16_or_utf32_is_a_400_from_its_first_bytes_on_every_json_route(srv, encoding):
+    """A JSON body must be UTF-8 (RFC 8259 8.1), and the count reads UTF-8 bytes. A UTF-16 body whose
+    prompt is "∀" (0x00 0x22: 0x22 is '"') had the counter inside a string from there on, so 2.8 M empty
+    lists after it went uncounted and were parsed (422 after 0.74 s of a held event loop; 3 at once
+    stalled every stream 3.1 s: a helper's audit). Now any body whose first four bytes say UTF-16 or
+    UTF-32 is a 400 naming the encoding, answered from those bytes with the rest never sent, on every JSON
+    route; it is not a structure refusal (s4_requests_refused_total unchanged). A UTF-8 BOM is read."""
+    attack = {"model": "tiny-text", "prompt": "\u2200", "stop": [[]] * (CONTAINERS + 10)}
+    body = json.dumps(attack, ensure_ascii=False).encode(encoding) + " ".encode(encoding) * (1 << 18)
+    want = f"malformed JSON: the body is {NOT_UTF8[encoding]}, not UTF-8"
+    before = refusals(srv.url)
+    for path in ("/v1/generate", "/v1/completions", "/v1/chat/completions", "/v1/sessions"):
+        response = send_prefix(srv.port, path, body, 4)  # its first 4 bytes of ~1 MiB
+        head, _, payload = response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"connection: close" in head.lower(), response[:300]
+        error = json.loads(payload)["error"]
+        assert error["message"].startswith(want) and error["param"] is None, error
+        small = json.dumps({"model": "tiny-text", "prompt": "a"}).encode(encoding)  # whole, and valid
+        r = httpx.post(srv.url + path, content=small, headers=JSON)
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith(want), r.text[:300]
+    assert refusals(srv.url) == before
+    bom = b"\xef\xbb\xbf" + body_of({"model": "tiny-text", "prompt": "a", "max_new_tokens": 1})
+    assert httpx.post(srv.url + "/v1/generate", content=bom, headers=JSON).status_code == 200
+
+
+def test_a_state_import_header_is_read_as_utf8_only():
+    """The same class in an import's header, which is counted as UTF-8 bytes before json.loads parses it:
+    a header in UTF-16 or UTF-32 (its checksum right; json.loads read it) is refused as not valid JSON (as
+    UTF-8 its NUL bytes are not JSON); the same header in UTF-8 is read."""
+    import hashlib
+
+    from server.sessions import _PREFIX, MAGIC, STATE_VERSION, StateFormatError, unpack_state
+
+    header = {"dtype": "float32", "shape": [2], "seen": [], "model": "m", "prompt": "\u2200"}
+    for encoding, ok in (("utf-8", True), ("utf-16-le", False), ("utf-16", False), ("utf-32", False)):
+        head = json.dumps(header, ensure_ascii=False).encode(encoding)
+        body = _PREFIX.pack(MAGIC, STATE_VERSION, len(head)) + head + b"\0" * 8
+        blob = body + hashlib.sha256(body).digest()
+        if ok:
+            assert unpack_state(blob)[0] == header
+        else:
+            with pytest.raises(StateFormatError, match=r"state header is not valid JSON \("):
+                unpack_state(blob)
+
+
 def test_an_over_budget_websocket_message_is_an_error_frame_and_changes_no_other_stream(srv, model_dirs):
     """One socket streams; another sends over-budget messages (token ids, nested arrays) between its
     own turns: each is refused with a 413 error frame, the socket generates on, and the first
