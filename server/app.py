@@ -23,7 +23,7 @@ from starlette.middleware import Middleware
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
 from server.body_limit import BodySizeLimit
 from server.config import Settings
-from server.errors import APIError, error_body, malformed_json, validation_error
+from server.errors import APIError, error_body, json_limit_reason, malformed_json, validation_error
 from server.json_budget import json_content_type, route_budget
 from server.logs import add_request_ids
 from server.origin import OriginCheck, OriginPolicy
@@ -82,6 +82,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if isinstance(cause, UnicodeDecodeError):  # FastAPI's "There was an error parsing the body": as
             # malformed as any body that is not JSON, and said as the WebSocket says it (close 1007's reason)
             err = malformed_json(f"invalid UTF-8 ({cause.reason}) at byte {cause.start}")
+            return _error_response(err, request)
+        if isinstance(cause, (RecursionError, ValueError)):  # Python's json past its own limits (nesting,
+            # an integer's digits): said as the WebSocket's parser (pydantic's) says it
+            err = malformed_json(json_limit_reason(cause))
             return _error_response(err, request)
         return _error_response(APIError(exc.status_code, str(exc.detail)), request)
 

@@ -11,6 +11,7 @@ AuthenticationError, NotFoundError, RateLimitError, ...)."""
 from __future__ import annotations
 
 import json
+import sys
 from http import HTTPStatus
 
 
@@ -181,6 +182,17 @@ def malformed_json(reason: str, pos: int | None = None) -> APIError:
     "malformed JSON: Expecting value at character 10"."""
     where = f" at character {pos}" if isinstance(pos, int) else ""
     return APIError(400, f"malformed JSON: {reason}{where}")
+
+
+def json_limit_reason(exc: BaseException) -> str:
+    """Why Python's json refused a body or message that the grammar allows: nested deeper than its
+    recursion limit allows (RecursionError), or an integer of more digits than it converts (4,300 by
+    default: `sys.get_int_max_str_digits`, a ValueError)."""
+    if isinstance(exc, RecursionError):
+        return "recursion limit exceeded (arrays and objects nested too deeply)"
+    if "integer string conversion" in str(exc):
+        return f"number out of range (an integer of more than {sys.get_int_max_str_digits()} digits)"
+    return f"{type(exc).__name__}: {exc}"[:200]
 
 
 def validation_error(errors: list[dict], content_type: str | None = None) -> APIError:

@@ -9,6 +9,7 @@ import io
 import json
 import select
 import socket
+import sys
 import time
 import wave
 from pathlib import Path
@@ -298,6 +299,46 @@ def test_malformed_json_is_one_400_with_the_reason_and_place_on_every_route(clie
             r = client.post(path, content=body, headers={"content-type": "application/json"})
             got = (r.status_code, r.json()["error"]["message"], r.json()["error"]["param"])
             assert got == (400, want, None), (path, body, r.text)
+
+
+def test_json_past_pythons_own_limits_is_a_400_that_says_so_on_every_route_and_the_websocket(client, server):
+    """JSON the grammar allows but Python's json does not take: arrays nested deeper than its recursion
+    limit, an integer of more digits than it converts (sys.get_int_max_str_digits). The HTTP routes said
+    FastAPI's "There was an error parsing the body" (no reason), the WebSocket pydantic's "recursion limit
+    exceeded at line 1 column 267" (a helper's audit). Now one 400 with one reason everywhere; the
+    socket serves on."""
+    from websockets.sync.client import connect
+
+    sid = client.post("/v1/sessions", json={"model": TEXT}).json()["session_id"]
+    routes = ["/v1/generate", "/v1/completions", "/v1/chat/completions", "/v1/sessions"]
+    routes.append(f"/v1/sessions/{sid}/append")
+    digits = sys.get_int_max_str_digits()
+    cases = []
+    for depth in (1_500, 3_000, 16_000):  # (deeper than json's recursion limit; within the budget's 16,384)
+        cases.append(
+            (f'{{"model": "{TEXT}", "prompt": "a", "stop": {"[" * depth}{"]" * depth}}}', "recursion")
+        )
+    cases.append((f'{{"model": "{TEXT}", "prompt": "a", "seed": {"9" * (digits + 1)}}}', "digits"))
+    want = {
+        "recursion": "malformed JSON: recursion limit exceeded (arrays and objects nested too deeply)",
+        "digits": f"malformed JSON: number out of range (an integer of more than {digits} digits)",
+    }
+    for text, kind in cases:  # each case is what the test says it is: json.loads fails so
+        with pytest.raises(RecursionError if kind == "recursion" else ValueError) as exc:
+            json.loads(text)
+        assert not isinstance(exc.value, json.JSONDecodeError)
+    with connect(server.ws_url, max_size=None) as ws:
+        for text, kind in cases:
+            for path in routes:
+                r = client.post(path, content=text.encode(), headers={"content-type": "application/json"})
+                got = (r.status_code, r.json()["error"]["message"], r.json()["error"]["param"])
+                assert got == (400, want[kind], None), (path, kind, r.text[:300])
+            ws.send(text)
+            err = json.loads(ws.recv(timeout=30))
+            assert (err["type"], err["code"], err["message"]) == ("error", 400, want[kind]), err
+        ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "ok", "max_new_tokens": 1}))
+        assert json.loads(ws.recv(timeout=30))["type"] == "session"  # the socket serves on
+    client.delete(f"/v1/sessions/{sid}")
 
 
 def _ws_close_code(url: str, message, compression: str | None) -> tuple[int, str, list[str]]:

@@ -27,7 +27,15 @@ from pydantic import ValidationError
 from server import media, service
 from server.auth import SUBPROTOCOL
 from server.engine import Stream
-from server.errors import APIError, invalid, malformed_json, prompt_too_long, too_large, validation_error
+from server.errors import (
+    APIError,
+    invalid,
+    json_limit_reason,
+    malformed_json,
+    prompt_too_long,
+    too_large,
+    validation_error,
+)
 from server.json_budget import over_budget_message, route_budget, text_over_budget
 from server.registry import ServedModel
 from server.schemas import WSAppend, WSCancel, WSGenerate, WSMessage, WSSession
@@ -52,8 +60,8 @@ def parse_message(text: str) -> WSSession | WSGenerate | WSAppend | WSCancel:
             data = json.loads(text)
         except json.JSONDecodeError as bad:
             raise malformed_json(bad.msg, bad.pos) from None
-        except (ValueError, RecursionError):
-            raise exc from None
+        except (ValueError, RecursionError) as limit:  # (nesting, an integer's digits: as the HTTP routes)
+            raise malformed_json(json_limit_reason(limit)) from None
         return WSMessage.validate_python(data)
 
 
