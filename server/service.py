@@ -429,6 +429,7 @@ async def export_state(state: ServerState, session_id: str) -> bytes:
 MAX_STATE_TOKENS = 2**53 - 1  # a token count JSON clients read exactly (IEEE double integers)
 
 
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false are not numbers
 
@@ -740,6 +741,23 @@ async def session_info(state: ServerState, session_id: str) -> dict:
 # --- generation ----------------------------------------------------------------------------------
 
 
+NO_INPUT = "prompt is empty and there is no session input to continue from"
+
+
+def check_input(state: ServerState, model: ServedModel, session_id: str | None, ids: list[int]) -> None:
+    """422 naming `prompt` when a generation on `model` would have no input: a text model, no prompt ids,
+    and no session (or one with no pending token). `start_generation` refuses the same; this says so
+    before anything else is done (a WebSocket's first message binds nothing when it is refused)."""
+    if model.kind != "text" or ids:
+        return
+    try:
+        rec = state.sessions.get(session_id) if session_id is not None else None
+    except APIError:
+        return  # an unknown session: its 404 comes where it is looked up
+    if rec is None or rec.pending is None:
+        raise invalid("prompt", NO_INPUT)
+
+
 def start_generation(
     state: ServerState,
     model: ServedModel,
@@ -763,7 +781,7 @@ def start_generation(
             if model.kind != "text":
                 ids = [model.codec.silence]
             else:
-                raise invalid("prompt", "prompt is empty and there is no session input to continue from")
+                raise invalid("prompt", NO_INPUT)
         stream = Stream(state.loop, stream_capacity(state.settings, model))
         text = model.kind == "text"
         carry = rec.utf8_tail if text and not ids and not rec.ephemeral else b""

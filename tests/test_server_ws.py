@@ -209,8 +209,9 @@ def test_bad_frames_get_error_frames_and_the_socket_stays_usable(server):
 
 def test_a_refused_first_message_binds_no_session(server):
     """A first generate or append that is refused (prompt too long, bad audio, a field the model does not
-    take) gets its error frame and no session frame, and leaves the socket unbound: it can still bind to
-    another model. Once bound, a refused message keeps the binding."""
+    take, no input to generate from: an empty text prompt on a new or empty session) gets its error frame
+    and no session frame, and leaves the socket unbound: it can still bind to another model. Once bound,
+    a refused message keeps the binding."""
     long_text = "x" * (server.state.settings.max_prompt_tokens + 1)
     refused = [
         ({"type": "generate", "model": TEXT, "prompt": long_text}, 413, "prompt"),
@@ -218,12 +219,21 @@ def test_a_refused_first_message_binds_no_session(server):
         ({"type": "generate", "model": AUDIO, "prompt_audio": "UklGRmp1bms="}, 422, "prompt_audio"),
         ({"type": "generate", "model": AUDIO, "stop": ["a"]}, 422, "stop"),
         ({"type": "generate", "model": TEXT, "prompt": "x", "frame_ms": 20}, 422, "frame_ms"),
+        # nothing to generate from (a helper's audit: these sent a session frame, then the error, and
+        # bound the socket to a new session of the text model)
+        ({"type": "generate", "model": TEXT, "prompt": "", "max_new_tokens": 3}, 422, "prompt"),
+        ({"type": "generate", "model": TEXT}, 422, "prompt"),
+        ({"type": "generate", "session_id": "EMPTY", "prompt": ""}, 422, "prompt"),
     ]
+
+    empty = httpx.post(f"{server.url}/v1/sessions", json={"model": TEXT}).json()["session_id"]  # no input
 
     async def main():
         async with connect(server.ws_url) as ws:
             errors = []
             for msg, _, _ in refused:
+                if msg.get("session_id") == "EMPTY":
+                    msg = {**msg, "session_id": empty}
                 await ws.send(json.dumps(msg))
                 errors.append(await frame(ws, "error"))  # not a session frame first
             await ws.send(json.dumps({"type": "generate", "model": AUDIO, "max_new_tokens": 4}))

@@ -148,6 +148,8 @@ class Connection:
             ms = service.frame_ms(target, msg.frame_ms)  # a text model refuses frame_ms
             params = service.sampling_params(target, msg)
         ids = await self.prompt(target, msg)
+        if isinstance(msg, WSGenerate):  # (an empty text prompt on a new or empty session: nothing to do)
+            service.check_input(self.st, target, self.session_id or msg.session_id, ids)
         await self.bind(msg, target)
         if isinstance(msg, WSAppend):
             rec, usage = await service.append(self.st, self.model, self.session_id, ids)
