@@ -338,6 +338,11 @@ async def append(
 ) -> tuple[SessionRecord, dict]:
     """Feed `ids` to a session: its record, and the input's usage (`input_usage`)."""
     rec = claim(state, model, session_id)
+    try:
+        check_room(rec, len(ids))
+    except APIError:
+        state.sessions.release(rec)
+        raise
     rec, cached = await ingest(state, model, rec, ids, fresh=False)
     await landed(state, rec.id)
     return rec, input_usage(ids, cached)
@@ -428,6 +433,17 @@ async def export_state(state: ServerState, session_id: str) -> bytes:
 
 MAX_STATE_TOKENS = 2**53 - 1  # a token count JSON clients read exactly (IEEE double integers)
 
+
+def check_room(rec: SessionRecord, adds: int) -> None:
+    """422 naming session_id when `adds` more tokens could take the session's count past MAX_STATE_TOKENS,
+    which an import reads: a session's export must import again. (Only an import can start a count near
+    it: a session decoding a million tokens a second would take 285 years to get there.)"""
+    if rec.n_tokens + adds > MAX_STATE_TOKENS:
+        raise invalid(
+            "session_id",
+            f"session {rec.id} holds {rec.n_tokens} tokens; this turn could add {adds}, past "
+            f"{MAX_STATE_TOKENS}, the most a session counts (an integer JSON reads exactly)",
+        )
 
 
 def _is_int(v) -> bool:
@@ -782,6 +798,7 @@ def start_generation(
                 ids = [model.codec.silence]
             else:
                 raise invalid("prompt", NO_INPUT)
+        check_room(rec, len(ids) + max_new_tokens)
         stream = Stream(state.loop, stream_capacity(state.settings, model))
         text = model.kind == "text"
         carry = rec.utf8_tail if text and not ids and not rec.ephemeral else b""

@@ -185,6 +185,40 @@ def test_an_import_refuses_a_header_that_contradicts_itself_or_the_payload(clien
         client.delete(f"/v1/sessions/{s}")
 
 
+def test_a_session_counted_near_the_most_takes_no_turn_past_it_and_its_export_imports(client, server):
+    """An import may count up to MAX_STATE_TOKENS (2^53 - 1) tokens. One imported 5 under it took a
+    20-token generation to 2^53 + 14, and its own export was then refused on import ("not a token count":
+    a helper's audit). Now a turn that could pass the most (prompt + max_new_tokens, or an append) is a
+    422 naming session_id, before anything is stepped or a slot held; one that fits reaches it exactly,
+    and that export imports."""
+    top = service.MAX_STATE_TOKENS
+    sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "to be, or not"}).json()["session_id"]
+    header, raw = unpack_state(client.get(f"/v1/sessions/{sid}/export").content)
+    r = client.post("/v1/sessions/import", content=pack_state({**header, "n_tokens": top - 5}, raw))
+    assert r.status_code == 201, r.text
+    near = r.json()["session_id"]
+    engine = server.state.models[TEXT].engine
+    in_use = engine.pool.in_use
+    for path, body in [
+        ("/v1/generate", {"session_id": near, "max_new_tokens": 6}),
+        ("/v1/generate", {"session_id": near, "prompt": "ab", "max_new_tokens": 4, "stream": True}),
+        (f"/v1/sessions/{near}/append", {"prompt": "abcdef"}),
+    ]:
+        r = client.post(path, json=body)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "session_id", (path, body, r.text)
+        assert f"holds {top - 5} tokens" in r.json()["error"]["message"], r.text
+    assert engine.pool.in_use == in_use
+    assert client.get(f"/v1/sessions/{near}").json()["tokens"] == top - 5  # untouched
+    r = client.post("/v1/generate", json={"session_id": near, "max_new_tokens": 5, "temperature": 0})
+    assert r.status_code == 200 and len(r.json()["tokens"]) == 5, r.text
+    blob = client.get(f"/v1/sessions/{near}/export").content
+    assert unpack_state(blob)[0]["n_tokens"] == top
+    r = client.post("/v1/sessions/import", content=blob)
+    assert r.status_code == 201, r.text
+    for s in (sid, near, r.json()["session_id"]):
+        client.delete(f"/v1/sessions/{s}")
+
+
 def test_an_import_is_sent_as_octet_stream_or_untyped_else_415(client):
     """The body is the exported binary: content-type application/octet-stream (or none, as httpx's
     content= sends it). application/json, a form (curl --data-binary without -H) or text is a 415, as
