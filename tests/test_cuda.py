@@ -75,17 +75,27 @@ def near_argmax(logits: torch.Tensor, tokens: torch.Tensor, dtype: torch.dtype =
     return int((z.argmax(-1) == tokens[:, 0]).sum())
 
 
+def at_scale(b: torch.Tensor) -> dict:
+    """F32's tolerance for another evaluation of the same float32 arithmetic (another order of a sum, FMA
+    contraction): rtol 1e-5, and atol 1e-5 of the largest |value| of the reference `b` rather than an
+    absolute 1e-5. A state entry near 0 is the difference of products near the largest values (50-100
+    in audio-digits-s4), and the compiled Triton kernel contracts p·x₁ − m·x₂ + b·u into FMAs where the
+    torch step rounds each product: emulated in float64 on that model, FMA against the torch step is 4-10×
+    an element-wise 1e-5 + 1e-5·|value| at the first step, and 0.15-0.45 of this (rows 1, 64, 200)."""
+    return dict(rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
 def greedy_steps_agree(rec, plain, tok, state, steps: int = 8, in_place: bool = False) -> None:
-    """`steps` greedy steps of rec and plain from (tok, state): logits and states within float32 (F32) of
-    each other at every step; rec's greedy tokens, fed to both, are plain's argmax or a near-tie
+    """`steps` greedy steps of rec and plain from (tok, state): logits and states within float32 of each
+    other at every step (`at_scale`); rec's greedy tokens, fed to both, are plain's argmax or a near-tie
     (`near_argmax`). rec steps in place (out=state) when `in_place`."""
     s_a, s_b = state.clone(), state.clone()
     t = tok.clone()
     for _ in range(steps):
         la, s_a = rec.step(t, s_a, out=s_a if in_place else None)
         lb, s_b = plain.step(t, s_b)
-        torch.testing.assert_close(la, lb, **F32)
-        torch.testing.assert_close(s_a, s_b, **F32)
+        torch.testing.assert_close(la, lb, **at_scale(lb))
+        torch.testing.assert_close(s_a, s_b, **at_scale(s_b))
         t = la.argmax(-1)
         near_argmax(lb, t)
 
