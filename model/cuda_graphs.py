@@ -239,7 +239,9 @@ class BucketedStep:
                         self._eager(buf)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):  # its own memory pool; the logits live there
+                # its own memory pool; the logits live there. thread_local, as a block's capture: another
+                # model's engine thread may allocate meanwhile (a bucket captured at its first use)
+                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                     buf.logits = self._eager(buf)
                 buf.graph = graph
                 torch.cuda.synchronize()
@@ -615,8 +617,10 @@ class BucketedStep:
         bb.calls += 1
         if stop_rows:
             finish()
-            if dev.type == "cuda":  # (the block's end, for its times)
-                torch.cuda.synchronize(dev)
+            if dev.type == "cuda":  # (the block's end, for its times: this stream's, not the device's, which
+                # is invalid while another model's engine thread captures a graph, CUDA's "prohibited
+                # operations": it would fail here and invalidate that capture)
+                torch.cuda.current_stream(dev).synchronize()
         t1 = time.perf_counter()
         counter += n_out
         span = max(t1 - t0 - setup, 0.0)  # (captures are setup, not steps)
