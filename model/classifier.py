@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.codecs import MuLaw
+from model.codecs import audio_codec
 from model.data import DIGITS, Dataset
 
 CONFIG = "config.json"
@@ -161,7 +161,7 @@ def labelled_clips(data: Dataset, split: str) -> tuple[torch.Tensor, torch.Tenso
     codes = data.split(split).reshape(-1, data.clip_len)
     if len(codes) != len(clips_meta):
         raise ValueError(f"{data.path}: {len(codes)} {split} clips but {len(clips_meta)} labels")
-    x = torch.from_numpy(MuLaw().decode(codes).astype(np.float32))
+    x = torch.from_numpy(data.codec.decode(codes).astype(np.float32))
     y = torch.tensor([DIGITS.index(c["digit"]) for c in clips_meta])
     return x, y
 
@@ -324,7 +324,7 @@ def _score(args) -> dict:
     rec = net.to_recurrent()
     t0 = time.perf_counter()
     outs = generate(rec, [[AUDIO_BOS]] * args.samples, ccfg["clip_len"], params)
-    mu = MuLaw(cfg.mulaw)
+    mu = audio_codec(cfg.quantization, cfg.mulaw)
     gen = as_batch([mu.decode(np.array(o)) for o in outs])
     sampling = {k: getattr(params, k) for k in ("temperature", "top_k", "top_p", "min_p")}
     res = {"checkpoint": str(args.checkpoint), **sampling, "seed": args.seed,

@@ -1,5 +1,5 @@
-"""Tokenizers: UTF-8 bytes for text, 8-bit mu-law for audio (256 tokens each); audio files in (any
-format libsndfile reads, through `soundfile`) and WAV out."""
+"""Tokenizers: UTF-8 bytes for text, 8-bit mu-law or linear quantization for audio (256 tokens each);
+audio files in (any format libsndfile reads, through `soundfile`) and WAV out."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ class MuLaw:
 
     decode then encode gives every id back in "s4serve"; in "s4" ids 129 … 255 come back one lower (its
     decode gives a bin's lower edge, which its 0.01 margin quantizes into the bin below), as in the
-    official code. Raises ValueError for another convention."""
+    official code. Raises ValueError for another convention. (`Linear8`: the official linear quantization.)"""
 
     vocab_size = 256
     mu = 255
@@ -67,6 +67,13 @@ class MuLaw:
         if convention not in MULAW_CONVENTIONS:
             raise ValueError(f"mu-law convention must be one of {MULAW_CONVENTIONS}, got {convention!r}")
         self.convention = convention
+        self.name = f"mu-law {convention}"  # (a codec's name: `Linear8.name` is "linear")
+
+    def __eq__(self, other) -> bool:  # codecs are values: equal by name, hashable (a cache's key)
+        return isinstance(other, MuLaw | Linear8) and other.name == self.name
+
+    def __hash__(self) -> int:
+        return hash(self.name)
 
     def encode(self, x) -> np.ndarray:
         """Samples (any shape, floats; clipped to [-1, 1]) → int64 ids 0 … 255. Raises ValueError for
@@ -81,11 +88,7 @@ class MuLaw:
     def decode(self, ids) -> np.ndarray:
         """Ids 0 … 255 (any shape, integers) → float32 samples in [-1, 1]. Raises ValueError for an id
         outside 0 … 255 or not an integer."""
-        q = np.asarray(ids, dtype=np.float64)
-        bad = ~((q >= 0) & (q <= 255) & (q == np.floor(q)))
-        if bad.any():
-            i = tuple(int(k) for k in np.argwhere(bad)[0])
-            raise ValueError(f"mu-law id {float(q[i]):g} at index {list(i)} is not an integer in 0 … 255")
+        q = checked_ids(ids, "mu-law")
         f = q / 128 - 1 if self.convention == "s4" else 2 * q / self.mu - 1
         return (np.sign(f) * np.expm1(np.abs(f) * math.log1p(self.mu)) / self.mu).astype(np.float32)
 
@@ -98,6 +101,62 @@ class MuLaw:
         starts with this code as its first input (model/data.py, AUDIO_BOS), and silence-padded clips
         end with it, so a generation from [silence] is the model's unconditional start."""
         return int(self.encode(0.0))
+
+
+class Linear8:
+    """8-bit linear quantization as state-spaces/s4 trains on it (src/dataloaders/audio.py `quantize` /
+    `dequantize` / `linear_decode`, `dataset.quantization: linear`: the official Beethoven SaShiMi's):
+    float samples in [-1, 1] ↔ ids 0..255, q = floor((x + 1)/2 · (256 − 0.01) + 0.005), decoded
+    x = q/128 − 1 (so 128 is exactly 0.0, and 255 decodes to 127/128). (Its per-clip min-max scaling to
+    [0, 1] before quantizing is a dataset step, not part of the code of one sample: not applied, as for
+    `MuLaw`.) decode then encode gives ids 0 … 128 back and 129 … 255 one lower (q/128 − 1 is a bin's
+    lower edge, which the 0.01 margin quantizes into the bin below), as the official formulas do. The same
+    interface as MuLaw: `encode`, `decode`, `silence`, `vocab_size`, and `name` ("linear")."""
+
+    vocab_size = 256
+    name = "linear"
+    __eq__, __hash__ = MuLaw.__eq__, MuLaw.__hash__
+
+    def encode(self, x) -> np.ndarray:
+        """Samples (any shape, floats; clipped to [-1, 1]) → int64 ids 0 … 255. Raises ValueError for
+        NaN or infinite samples."""
+        x = np.clip(finite_samples(x), -1.0, 1.0).astype(np.float32)  # (float32 arithmetic, as the official
+        f = (x + np.float32(1)) / np.float32(2)  # code's on its float32 audio: the same code at a bin's edge)
+        q = np.floor(f * np.float32(256 - 0.01) + np.float32(0.01 / 2))
+        return np.clip(q, 0, 255).astype(np.int64)
+
+    def decode(self, ids) -> np.ndarray:
+        """Ids 0 … 255 (any shape, integers) → float32 samples in [-1, 127/128]. Raises ValueError for an id
+        outside 0 … 255 or not an integer."""
+        return (checked_ids(ids, "linear") / 128 - 1).astype(np.float32)
+
+    @property
+    def silence(self) -> int:
+        """The code of the sample 0.0, 128 (the official `q_zero`), which decodes to exactly 0.0."""
+        return int(self.encode(0.0))
+
+
+QUANTIZATIONS = ("mu-law", "linear")  # the official dataset.quantization names
+
+
+def audio_codec(quantization: str = "mu-law", mulaw: str = "s4serve") -> MuLaw | Linear8:
+    """The codec of an audio model's tokens (ModelConfig `quantization`, and for mu-law its `mulaw`
+    convention). Raises ValueError for another quantization or convention."""
+    if quantization == "linear":
+        return Linear8()
+    if quantization != "mu-law":
+        raise ValueError(f"audio quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+    return MuLaw(mulaw)
+
+
+def checked_ids(ids, what: str) -> np.ndarray:
+    """Ids as float64, each an integer in 0 … 255; raises ValueError naming the first that is not."""
+    q = np.asarray(ids, dtype=np.float64)
+    bad = ~((q >= 0) & (q <= 255) & (q == np.floor(q)))
+    if bad.any():
+        i = tuple(int(k) for k in np.argwhere(bad)[0])
+        raise ValueError(f"{what} id {float(q[i]):g} at index {list(i)} is not an integer in 0 … 255")
+    return q
 
 
 def finite_samples(x) -> np.ndarray:

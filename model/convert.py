@@ -234,7 +234,8 @@ def model_card(
         if c.get("arch", "isotropic") == "isotropic"
         else f"| model | SaShiMi pool {c['pool']}, expand {c['expand']}, ff {c['ff']}, {c['kernel']}, "
         f"{c['n_layers']} (S4, FF) pairs per level, d_model {c['d_model']}, d_state {c['d_state']}, "
-        f"vocab {c['vocab_size']}, {c['sample_rate']} Hz audio, mu-law {c['mulaw']!r} |",
+        f"vocab {c['vocab_size']}, {c['sample_rate']} Hz audio, "
+        + ("8-bit linear |" if c.get("quantization") == "linear" else f"mu-law {c['mulaw']!r} |"),
         f"| embed_scale | {c['embed_scale']:.6g} |",
         f"| l_kernel per layer | {c.get('l_kernel')} |",
         "",

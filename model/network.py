@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from model.cauchy import BACKENDS
+from model.codecs import QUANTIZATIONS
 from model.kernel import RE_LAMBDA_MAX, S4_INITS, S4D_INITS, SSMKernel
 from model.layer import S4Layer
 from model.norms import make_norm
@@ -56,6 +57,8 @@ class ModelConfig:
     cauchy_backend  "auto" (keops when it works), "keops" or "torch".
     modality        "text" or "audio" (metadata for serving).
     sample_rate     None or int ≥ 1: Hz, audio only (None for text).
+    quantization    audio tokens' quantization: "mu-law" or "linear" (8-bit linear as state-spaces/s4's
+                    `dataset.quantization: linear`, the official Beethoven SaShiMi's; model.codecs.Linear8).
     mulaw           audio tokens' mu-law convention: "s4serve" (2q/255 − 1) or "s4" (official SaShiMi).
     arch            "isotropic" (SequenceModel) or "sashimi" (model/arch/sashimi.py).
     pool            sashimi: list of 1–4 ints in [2, 64], each DownPool's stride.
@@ -99,8 +102,10 @@ class ModelConfig:
     cauchy_backend: str = "auto"  # auto (keops when it works), keops, torch
     modality: str = "text"  # text | audio (metadata for serving)
     sample_rate: int | None = None  # audio only
-    # audio only: the tokens' mu-law convention (model/codecs.py MuLaw): "s4serve" (ours, 2q/255 − 1)
-    # or "s4" (state-spaces/s4's, zero at 128, q/128 − 1: official SaShiMi checkpoints)
+    # audio only: the tokens' quantization, "mu-law" or "linear" (model/codecs.py audio_codec; linear as
+    # state-spaces/s4's, the official Beethoven SaShiMi's); mu-law's convention (MuLaw): "s4serve" (ours,
+    # 2q/255 − 1) or "s4" (state-spaces/s4's, zero at 128, q/128 − 1: official SaShiMi checkpoints)
+    quantization: str = "mu-law"
     mulaw: str = "s4serve"
     # the architecture (model/arch): "isotropic" (SequenceModel) or "sashimi" (model/arch/sashimi.py:
     # n_layers (S4, FF) block pairs per level; pool, expand, ff, unet as in the SaShiMi paper)
@@ -201,6 +206,7 @@ class ModelConfig:
         _check_choice("modality", self.modality, ("text", "audio"))
         if self.sample_rate is not None:
             _check_int("sample_rate", self.sample_rate, 1)
+        _check_choice("quantization", self.quantization, QUANTIZATIONS)
         _check_choice("mulaw", self.mulaw, ("s4serve", "s4"))
         _check_choice("arch", self.arch, ("isotropic", "sashimi"))
         self._check_adaptive()
@@ -262,7 +268,11 @@ class ModelConfig:
             self.tie_projs = list(t)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Every field, but those of OMIT_AT_DEFAULT at their default: a model saved (or converted) again
+        writes the config.json the version before wrote, so its fingerprint, and its sessions' exports,
+        hold."""
+        d = asdict(self)
+        return {k: v for k, v in d.items() if not (k in OMIT_AT_DEFAULT and v == OMIT_AT_DEFAULT[k])}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
@@ -273,6 +283,11 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown config fields: {sorted(unknown)}")
         return cls(**d)
+
+
+# fields added after checkpoints were first written, with the value every earlier checkpoint means:
+# `to_dict` leaves them out at it (model_fingerprint hashes config.json as written)
+OMIT_AT_DEFAULT = {"quantization": "mu-law"}
 
 
 def _plain(value):

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.data import Dataset
+from model.codecs import audio_codec
+from model.data import Dataset, meta_codec
 
 
 class ConfigError(ValueError):
@@ -618,6 +619,18 @@ def check_model_fits_data(model_cfg, data, where: str, splits: list | None = Non
     if kind == "audio" and get("sample_rate") != data.meta["sample_rate"]:
         raise ConfigError(f"{where or 'model.sample_rate'}: a {get('sample_rate')} Hz model; the data "
                           f"({data.path}) is {data.meta['sample_rate']} Hz")  # fmt: skip
+    if kind == "audio":  # the same code for the same sound: an official SaShiMi's ids are not ours
+        try:
+            codec = audio_codec(get("quantization", "mu-law"), get("mulaw", "s4serve"))
+        except ValueError:
+            codec = None  # (a bad value: the model's own check names it)
+        ours = meta_codec(data.meta)
+        if codec is not None and codec != ours:
+            raise ConfigError(
+                f"{where or 'model.quantization'}: the model's audio tokens are {codec.name}; the data "
+                f"({data.path}) is {ours.name} (prepare it in the model's: python -m model.data audio "
+                f"--quantization {get('quantization', 'mu-law')} --mulaw {get('mulaw', 's4serve')})"
+            )
     V = get("vocab_size")
     arrays = splits if splits is not None else [data.split(name) for name in ("train", "val", "test")]
     top = max((int(a.max()) for a in arrays if a.size), default=-1)

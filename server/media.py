@@ -14,13 +14,14 @@ import functools
 
 import numpy as np
 
-from model.codecs import AudioTooLong, ByteTokenizer, MuLaw, read_audio, to_pcm16, wav_bytes
+from model.codecs import AudioTooLong, ByteTokenizer, Linear8, MuLaw, read_audio, to_pcm16, wav_bytes
 from model.sampling import find_stop
 from model.vocab import Vocab, VocabError
 from server.errors import APIError, invalid, prompt_too_long
 
 TEXT, MULAW = ByteTokenizer(), MuLaw()
 AUDIO_ENCODINGS = ("pcm16", "mulaw")  # WebSocket binary frames: s16le samples, or mu-law bytes (= ids)
+Codec = MuLaw | Linear8  # an audio model's (model.codecs.audio_codec)
 
 
 def b64decode(data: str, param: str) -> bytes:
@@ -91,11 +92,11 @@ def prompt_ids(
     prompt_audio: str | None,
     max_audio_s: float | None = None,
     max_tokens: int | None = None,
-    codec: MuLaw = MULAW,
+    codec: Codec = MULAW,
     vocab: Vocab | None = None,
 ) -> list[int]:
     """A request's prompt as token ids for a model of this kind (422 naming the wrong field); audio is
-    encoded by the model's `codec` (its mu-law convention).
+    encoded by the model's `codec` (its quantization, and mu-law's convention).
 
     Text: a prompt longer than `max_tokens` is a 413 naming it, found before it is converted to ids:
     by its length in characters (each is at least one UTF-8 byte, one token), then in bytes.
@@ -123,8 +124,9 @@ def prompt_ids(
     return codec.encode(x).tolist()
 
 
-def audio_frame_ids(data: bytes, encoding: str, codec: MuLaw = MULAW) -> list[int]:
-    """A binary WebSocket frame of prompt samples → mu-law ids (mulaw frames are the ids themselves)."""
+def audio_frame_ids(data: bytes, encoding: str, codec: Codec = MULAW) -> list[int]:
+    """A binary WebSocket frame of prompt samples → the model's ids (mulaw frames are the ids themselves: a
+    mu-law model's, `check_encoding`)."""
     if encoding == "mulaw":
         return list(data)
     if len(data) % 2:
@@ -134,20 +136,26 @@ def audio_frame_ids(data: bytes, encoding: str, codec: MuLaw = MULAW) -> list[in
 
 
 @functools.cache
-def _pcm16_table(convention: str) -> np.ndarray:
-    """(256,) little-endian int16: the pcm16 sample of each mu-law id in `convention`, computed once by
-    the per-sample path (to_pcm16 of MuLaw.decode), so a lookup is bit-identical to it."""
-    table = np.frombuffer(to_pcm16(MuLaw(convention).decode(np.arange(256))), dtype="<i2")
+def pcm16_table(codec: Codec = MULAW) -> np.ndarray:
+    """(256,) little-endian int16: the pcm16 sample of each id of `codec` (a mu-law convention or linear),
+    computed once per codec by the per-sample path (to_pcm16 of its decode), so a lookup is bit-identical
+    to it."""
+    table = np.frombuffer(to_pcm16(codec.decode(np.arange(256))), dtype="<i2")
     table.flags.writeable = False
     return table
 
 
-def pcm16_table(codec: MuLaw = MULAW) -> np.ndarray:
-    """The (256,) `<i2` lookup table mu-law id → s16le sample for the codec's convention."""
-    return _pcm16_table(codec.convention)
+def check_encoding(encoding: str, codec: Codec, model_id: str) -> None:
+    """422 naming audio_encoding for `mulaw` frames (the ids as bytes) from or to a model whose ids are not
+    mu-law: a client would read linear ids as mu-law."""
+    if encoding == "mulaw" and isinstance(codec, Linear8):
+        raise invalid(
+            "audio_encoding",
+            f"model {model_id}'s audio tokens are 8-bit linear (quantization linear), not mu-law: use pcm16",
+        )
 
 
-def audio_bytes(ids, encoding: str, codec: MuLaw = MULAW) -> bytes:
+def audio_bytes(ids, encoding: str, codec: Codec = MULAW) -> bytes:
     """Generated ids (a list or an integer array of values 0..255) → the client's binary encoding:
     `mulaw` the ids as bytes, `pcm16` s16le samples by a table lookup (one numpy gather)."""
     x = np.asarray(ids, dtype=np.uint8)
@@ -168,7 +176,7 @@ class AudioFramer:
     block; `flush` gives the last, shorter frame. No per-sample Python: ids are gathered into one
     uint8 array per block and encoded by `audio_bytes` per frame. Holds fewer than `samples` ids."""
 
-    def __init__(self, samples: int, encoding: str = "pcm16", codec: MuLaw = MULAW) -> None:
+    def __init__(self, samples: int, encoding: str = "pcm16", codec: Codec = MULAW) -> None:
         if samples < 1:
             raise ValueError(f"a frame holds at least one sample, got {samples}")
         self.samples, self.encoding, self.codec = samples, encoding, codec
@@ -203,7 +211,7 @@ class AudioFramer:
         return audio_bytes(frame, self.encoding, self.codec)
 
 
-def wav(ids: list[int], sample_rate: int, codec: MuLaw = MULAW) -> bytes:
+def wav(ids: list[int], sample_rate: int, codec: Codec = MULAW) -> bytes:
     return wav_bytes(codec.decode(ids), sample_rate)
 
 

@@ -284,7 +284,13 @@ class ModelInfo(BaseModel):
         "(a word-level text model: a newline is <eos>, a word's text is a space and the word), a UTF-8 byte "
         "numbered by vocab.txt (an official enwik8 model: a newline, which its data lacked, is dropped from "
         "prompts), a character of vocab.txt (an official text8 model: prompts lower-cased, a space is its "
-        "'_'), or an 8-bit mu-law sample"
+        "'_'), or an 8-bit audio sample (audio_codec)"
+    )
+    audio_codec: Literal["mu-law s4serve", "mu-law s4", "linear"] | None = Field(
+        description="audio: the samples' 8-bit code, what `mulaw` WebSocket frames hold: mu-law in our "
+        "convention (s4serve: 2q/255 - 1), mu-law in state-spaces/s4's (s4: q/128 - 1, official SaShiMi "
+        "models), or state-spaces/s4's linear quantization (q/128 - 1 without companding, the official "
+        "Beethoven SaShiMi's; such a model sends no mulaw frames); null for text"
     )
     n_layers: int
     d_model: int

@@ -27,6 +27,7 @@ from server import Settings, media
 AUDIO = "tiny-sashimi-16k"
 OFFICIAL = "tiny-sashimi-16k-s4mulaw"
 SC09 = "sc09-official"  # tests/fixtures/official/sashimi_sc09.ckpt, made with the official code
+BEETHOVEN = "beethoven-official"  # sashimi_beethoven.ckpt: the same on the Beethoven data (8-bit linear)
 RATE = 16000
 MU = MuLaw()
 
@@ -60,8 +61,10 @@ def official_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def srv(audio_dir, official_dir, tmp_path_factory):
-    sc09 = Path(__file__).resolve().parent / "fixtures" / "official" / "sashimi_sc09.ckpt"
-    checkpoints = [str(audio_dir), str(official_dir), f"{SC09}={sc09}"]  # the last converted at startup
+    fix = Path(__file__).resolve().parent / "fixtures" / "official"
+    # the official .ckpt files are converted at startup
+    checkpoints = [str(audio_dir), str(official_dir), f"{SC09}={fix / 'sashimi_sc09.ckpt'}",
+                   f"{BEETHOVEN}={fix / 'sashimi_beethoven.ckpt'}"]  # fmt: skip
     settings = Settings(checkpoints=checkpoints, max_sessions=8, max_audio_s=2.0,
                         convert_cache=str(tmp_path_factory.mktemp("convert-cache")))  # fmt: skip
     s = ServerThread(settings).start()
@@ -194,6 +197,51 @@ def test_a_model_with_the_official_mulaw_convention_streams_in_it(srv, official_
         assert w.getframerate() == RATE and w.readframes(w.getnframes()) == to_pcm16(
             s4.decode(body["tokens"])
         )
+
+
+def test_an_official_beethoven_sashimi_streams_its_linear_quantization(srv):
+    """The official Beethoven SaShiMi's tokens are 8-bit linear (once refused at conversion): served from
+    its .ckpt, prompts are encoded and outputs decoded by Linear8 (state-spaces/s4's quantize /
+    linear_decode), over WebSocket pcm16 frames and an HTTP WAV, from silence (its code 128, 0.0) and
+    after a prompt; `mulaw` frames (the ids as mu-law bytes) are refused naming audio_encoding, before
+    the socket binds."""
+    import httpx
+
+    from model.codecs import Linear8
+
+    lin, folder = Linear8(), srv.state.models[BEETHOVEN].path
+    assert srv.state.models[BEETHOVEN].config.quantization == "linear"
+    codecs = {
+        m: httpx.get(f"{srv.url}/v1/models/{m}").json()["audio_codec"] for m in (BEETHOVEN, SC09, AUDIO)
+    }
+    assert codecs == {BEETHOVEN: "linear", SC09: "mu-law s4", AUDIO: "mu-law s4serve"}
+    pcm_in = to_pcm16(tone(400, RATE))
+    prompt = lin.encode(np.frombuffer(pcm_in, "<i2") / 32768).tolist()
+    assert prompt != MuLaw("s4").encode(np.frombuffer(pcm_in, "<i2") / 32768).tolist()
+
+    async def main():
+        async with connect(srv.ws_url) as ws:
+            await ws.send(json.dumps({"type": "session", "model": BEETHOVEN, "audio_encoding": "mulaw"}))
+            refused = json.loads(await ws.recv())
+            await ws.send(json.dumps({"type": "session", "model": BEETHOVEN, "audio_encoding": "pcm16"}))
+            bound = json.loads(await ws.recv())
+            await ws.send(pcm_in)
+            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 150, "seed": 3}))
+            await ws.recv()  # audio_header
+            out = b""
+            while isinstance(m := await ws.recv(), bytes):
+                out += m
+            return refused, bound, out
+
+    refused, bound, out = run(main())
+    assert (refused["type"], refused["code"], refused["param"]) == ("error", 422, "audio_encoding"), refused
+    assert "8-bit linear" in refused["message"] and bound["type"] == "session"
+    assert out == to_pcm16(lin.decode(reference(folder, prompt, SamplingParams(seed=3), 150)))
+    r = httpx.post(srv.url + "/v1/generate", json={"model": BEETHOVEN, "max_new_tokens": 100, "seed": 4})
+    body = r.json()
+    assert body["tokens"] == reference(folder, [128], SamplingParams(seed=4), 100)
+    with wave.open(io.BytesIO(base64.b64decode(body["audio"]))) as w:
+        assert w.readframes(w.getnframes()) == to_pcm16(lin.decode(body["tokens"]))
 
 
 def test_an_official_sashimi_checkpoint_is_converted_and_streams_official_mulaw(srv):

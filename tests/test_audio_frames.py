@@ -18,7 +18,7 @@ import pytest
 from server_support import metric, reference, sse_events
 from websockets.asyncio.client import connect
 
-from model.codecs import MuLaw, to_pcm16
+from model.codecs import MuLaw, audio_codec, to_pcm16
 from model.sampling import SamplingParams
 from server import media
 
@@ -32,7 +32,10 @@ def per_sample_pcm16(ids, codec: MuLaw) -> bytes:
 
 
 def mulaw_float64(q: int, convention: str) -> float:
-    """An independent scalar float64 mu-law expansion (the formulas of model/codecs.py's docstring)."""
+    """An independent scalar float64 expansion (the formulas of model/codecs.py's docstrings): mu-law in
+    its convention, or ("linear") state-spaces/s4's linear dequantization q/128 − 1."""
+    if convention == "linear":
+        return q / 128 - 1
     f = q / 128 - 1 if convention == "s4" else 2 * q / 255 - 1
     return math.copysign(math.expm1(abs(f) * math.log1p(255)) / 255, f)
 
@@ -40,9 +43,9 @@ def mulaw_float64(q: int, convention: str) -> float:
 # --- the lookup table and the framer ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("convention", ["s4serve", "s4"])
+@pytest.mark.parametrize("convention", ["s4serve", "s4", "linear"])
 def test_the_pcm16_table_is_the_per_sample_path_bit_for_bit(convention):
-    codec = MuLaw(convention)
+    codec = audio_codec("linear") if convention == "linear" else MuLaw(convention)  # (a table per codec)
     table = media.pcm16_table(codec)
     assert table.dtype == np.dtype("<i2") and table.shape == (256,)
     assert table.tobytes() == per_sample_pcm16(range(256), codec)  # each id alone: bit-identical

@@ -1,5 +1,7 @@
 """Tokenizers and the sampler."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,40 @@ def test_mulaw_round_trip_of_the_official_convention_is_one_lower_above_128_as_d
     m, q = MuLaw("s4"), np.arange(256)
     back = m.encode(m.decode(q))
     assert (back[:129] == q[:129]).all() and (back[129:] == q[129:] - 1).all()
+
+
+def test_the_linear_codec_is_state_spaces_s4s_own_quantization():
+    """Linear8 against the official functions' own outputs (tests/fixtures/official/make_codec_fixture.py
+    ran `quantize`, `linear_decode` and `q_zero` from the official src/dataloaders/audio.py): every id of
+    21,543 samples (a grid, the decoded values and the bins' edges with their float32 neighbours) exactly,
+    as float32 arithmetic gives it (float64 gives 268 of them another id); every decoded id exactly; the
+    silence is q_zero, 128, exactly 0.0. decode then encode: 0 … 128 back, 129 … 255 one lower, as the
+    official formulas. Codecs are values (equal by name, hashable); another quantization is refused."""
+    from safetensors.torch import load_file
+
+    from model.codecs import Linear8, audio_codec
+
+    ref = load_file(str(Path(__file__).parent / "fixtures" / "official" / "audio_codecs.ref.safetensors"))
+    lin = Linear8()
+    np.testing.assert_array_equal(lin.encode(ref["x"].numpy()), ref["quantize_f01"].numpy())
+    x64 = ref["x"].numpy().astype(np.float64)
+    in64 = np.clip(np.floor((x64 + 1) / 2 * (256 - 0.01) + 0.005), 0, 255)
+    assert (in64 != ref["quantize_f01"].numpy()).sum() > 100  # (so the float32 arithmetic matters)
+    decoded = lin.decode(ref["ids"].numpy())
+    assert decoded.dtype == np.float32
+    np.testing.assert_array_equal(decoded, ref["linear_decode"].numpy())
+    assert lin.silence == int(ref["q_zero"][0]) == 128 and lin.decode([128])[0] == 0.0
+    q = np.arange(256)
+    back = lin.encode(lin.decode(q))
+    assert (back[:129] == q[:129]).all() and (back[129:] == q[129:] - 1).all()
+    assert audio_codec("linear") == lin and audio_codec("mu-law", "s4") == MuLaw("s4") != lin
+    assert len({audio_codec("linear"), lin, MuLaw(), MuLaw("s4serve"), MuLaw("s4")}) == 3
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        audio_codec("a-law")
+    with pytest.raises(ValueError, match=r"linear id 256 at index \[1\]"):
+        lin.decode([0, 256])
+    with pytest.raises(ValueError, match="not finite"):
+        lin.encode([0.0, float("nan")])
 
 
 def test_codecs_refuse_values_without_a_code():

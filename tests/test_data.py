@@ -87,6 +87,30 @@ def test_prepare_audio_splits_by_voice(tmp_path):
     assert 1.0 < marginal_entropy_bits(ds.split("test")) < 8.0
 
 
+def test_audio_is_prepared_in_the_codec_a_model_to_fine_tune_has(tmp_path):
+    """`--quantization linear` (an official Beethoven SaShiMi's code) or `--mulaw s4`: the same clips' ids
+    in that codec, recorded in meta.json (Dataset.codec), which training compares with the model's; ours,
+    the default, writes meta.json as before (no `quantization` key). The same sound either way: decoded,
+    the linear and our mu-law clips differ by at most a linear step (1/128) and a mu-law half-step (sox
+    dithers, so two preparations' samples differ by a 16-bit step or so)."""
+    from model.codecs import Linear8, MuLaw
+
+    kw = dict(sample_rate=8000, seconds=0.5, accents=["en-us"], variants=["f1", "m1", "m3"], workers=2)
+    ours = prepare_audio(tmp_path / "mu", **kw)
+    lin_meta = prepare_audio(tmp_path / "lin", quantization="linear", **kw)
+    s4_meta = prepare_audio(tmp_path / "s4", mulaw="s4", **kw)
+    assert "quantization" not in ours and ours["encoding"] == "mu-law 8-bit"
+    assert (lin_meta["quantization"], lin_meta["encoding"]) == ("linear", "linear 8-bit")
+    assert (s4_meta["mulaw"], s4_meta["encoding"]) == ("s4", "mu-law s4 8-bit")
+    mu, lin, s4 = Dataset(tmp_path / "mu"), Dataset(tmp_path / "lin"), Dataset(tmp_path / "s4")
+    assert (mu.codec, lin.codec, s4.codec) == (MuLaw(), Linear8(), MuLaw("s4"))
+    a = mu.codec.decode(mu.split("train")).astype(np.float64)
+    b = lin.codec.decode(lin.split("train")).astype(np.float64)
+    step = np.abs(np.diff(MuLaw().decode(np.arange(256)).astype(np.float64)))
+    assert np.abs(a - b).max() <= 1 / 128 + step.max() / 2 + 1e-6
+    assert Linear8().silence == MuLaw().silence == MuLaw("s4").silence == 128  # (every clip's BOS)
+
+
 def test_marginal_entropy():
     assert marginal_entropy_bits(np.arange(256, dtype=np.uint8).repeat(3)) == pytest.approx(8.0)
     assert marginal_entropy_bits(np.full(100, 7, dtype=np.uint8)) == 0.0

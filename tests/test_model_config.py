@@ -61,6 +61,7 @@ BAD = [
     ("sample_rate", 8000.0, r"sample_rate must be an integer ≥ 1, got 8000.0"),
     ("sample_rate", 0, r"sample_rate must be an integer ≥ 1, got 0"),
     ("mulaw", "alaw", r"mulaw must be one of \['s4serve', 's4'\], got 'alaw'"),
+    ("quantization", "a-law", r"quantization must be one of \['mu-law', 'linear'\], got 'a-law'"),
     ("arch", "unet", r"arch must be one of \['isotropic', 'sashimi'\], got 'unet'"),
     ("pool", [4, 1], r"pool strides must be integers in \[2, 64\], got \[4, 1\]"),
     ("pool", "44", r"pool must be a list of 1 to 4 strides, got '44'"),
@@ -184,3 +185,17 @@ def test_conv_mode_refuses_tokens_it_cannot_embed_naming_the_problem(arch):
         with pytest.raises(ValueError, match=what):
             net(bad)
     assert net(torch.tensor([[0, 63, 5]])).shape == (1, 3, 64)
+
+
+def test_a_field_added_later_is_left_out_at_its_default_so_fingerprints_hold():
+    """`quantization` (2026-12-06) at its default, mu-law, is not written: a model saved or converted again
+    (an official checkpoint re-converted into an empty convert cache) writes the config.json the version
+    before wrote, every other field included (model_fingerprint hashes it: sessions exported before still
+    import); "linear" is written and reads back."""
+    shipped = json.loads((ROOT / "checkpoints/audio-digits-s4/config.json").read_text())["config"]
+    again = ModelConfig.from_dict(shipped).to_dict()
+    assert set(again) == {f.name for f in fields(ModelConfig)} - {"quantization"}
+    assert {k: again[k] for k in shipped} == shipped
+    lin = ModelConfig(modality="audio", sample_rate=16000, quantization="linear")
+    assert lin.to_dict()["quantization"] == "linear"
+    assert ModelConfig.from_dict(json.loads(json.dumps(lin.to_dict()))) == lin

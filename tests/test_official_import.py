@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from model import load
 from model.convert import ConvertError, build, convert
-from model.official.mapping import ConfigMismatch, Unsupported, map_official
+from model.official.mapping import ConfigMismatch, Unsupported, _audio_format, map_official
 from model.official.reader import OfficialFormatError, read_source, safe_torch_load
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +49,8 @@ CASES = {  # name: (source, config or None)
     # U-Net SaShiMi (backbones/unet.py, `_name_: unet`): the same shapes with 2 (S4, FF) pairs per level,
     # blocks before each linear pool too, U-Net skips, n_ssm null; l_kernel 64, 16, 4, 16, 64 per level
     "sashimi_sc09_unet": ("sashimi_sc09_unet.ckpt", None),
+    # the sashimi_sc09 shapes on the official Beethoven data's config: 8-bit linear quantization
+    "sashimi_beethoven": ("sashimi_beethoven.ckpt", None),
     # the WikiText-103 recipe scaled down: layer pattern [s4, s4, ffn] (blocks alternately without and with
     # an FF block) and task adaptivelm (adaptive input and softmax, div_val 2, tied weights and tail
     # projections); the logits are the official compute_logits' log-probabilities
@@ -776,9 +778,38 @@ def test_sashimi_audio_format_comes_from_the_dataset_or_sample_rate_and_the_card
     cfg["dataset"] = {"_name_": "enwik8"}
     notes = "\n".join(map_official(sd, copy.deepcopy(cfg), kind).notes)
     assert "16 kHz audio is ASSUMED" in notes and "mu-law ASSUMED" in notes and "sc09-style task" in notes
-    cfg["dataset"] = {"_name_": "qautoaudio", "quantization": "linear", "bits": 8}
-    with pytest.raises(Unsupported, match="dataset.quantization = 'linear': only mu-law"):
+    cfg["dataset"] = {"_name_": "qautoaudio", "quantization": "a-law", "bits": 8}
+    with pytest.raises(Unsupported, match="dataset.quantization = 'a-law': served are 'mu-law' and 'linear'"):
         map_official(sd, cfg, kind)
+    with pytest.raises(Unsupported, match="dataset.bits = 16: served are 8-bit"):  # (a 16-bit model's own
+        _audio_format({"_name_": "qautoaudio", "quantization": "linear", "bits": 16}, None)  # vocabulary)
+
+
+def test_an_official_beethoven_sashimi_imports_as_linear_and_others_as_before(tmp_path):
+    """The official Beethoven SaShiMi's data are 8-bit linear (configs/dataset/beethoven.yaml), once
+    refused ("only mu-law"): its import says quantization "linear" (config.json and the card), decodes by
+    model.codecs.Linear8; a mu-law import's config.json is what it was (no `quantization` key: the
+    default, left out, so its fingerprint and its sessions' exports hold)."""
+    from model.codecs import Linear8
+
+    imp = imported("sashimi_beethoven")
+    assert imp.config["quantization"] == "linear"
+    assert "8-bit linear ('linear' in the config)" in "\n".join(imp.notes)
+    assert "quantization" not in imported("sashimi_sc09").config
+    r = _run_convert(FIX / "sashimi_beethoven.ckpt", tmp_path / "b")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert cfg["config"]["quantization"] == "linear"
+    assert isinstance(audio_codec_of(load(tmp_path / "b").config), Linear8)
+    r = _run_convert(FIX / "sashimi_sc09.ckpt", tmp_path / "s")
+    assert r.returncode == 0, r.stderr
+    assert "quantization" not in json.loads((tmp_path / "s" / "config.json").read_text())["config"]
+
+
+def audio_codec_of(config):
+    from model.codecs import audio_codec
+
+    return audio_codec(config.quantization, config.mulaw)
 
 
 def test_the_card_names_dt_fast_among_the_options_read():

@@ -284,6 +284,23 @@ def test_a_model_of_another_modality_is_refused_with_an_article_that_fits():
         check_model_fits_data({"modality": "text"}, Audio(), "train.init 'x'")
     with pytest.raises(ConfigError, match=r"model.sample_rate: a 16000 Hz model; the data \(d\) is 8000 Hz"):
         check_model_fits_data({"modality": "audio", "sample_rate": 16000}, Audio(), "")
+    # the same code for the same sound: an official SaShiMi (linear, or mu-law "s4") is not fine-tuned on
+    # ids of our mu-law (what meta.json without `quantization` means), nor ours on theirs
+    said = "train.init 'x': the model's audio tokens are {}; the data \\(d\\) is {} .*--quantization"
+    for model, data_meta, codecs in [
+        ({"quantization": "linear"}, {}, ("linear", "mu-law s4serve")),
+        ({"mulaw": "s4"}, {}, ("mu-law s4", "mu-law s4serve")),
+        ({}, {"quantization": "linear"}, ("mu-law s4serve", "linear")),
+    ]:
+        Audio.meta = {"sample_rate": 8000, **data_meta}
+        with pytest.raises(ConfigError, match=said.format(*codecs)):
+            cfg = {"modality": "audio", "sample_rate": 8000, **model}
+            check_model_fits_data(cfg, Audio(), "train.init 'x'")
+    Audio.meta = {"sample_rate": 8000, "quantization": "linear"}
+    check_model_fits_data({"modality": "audio", "sample_rate": 8000, "quantization": "linear"}, Audio(), "")
+    Audio.meta = {"sample_rate": 8000, "mulaw": "s4"}
+    check_model_fits_data({"modality": "audio", "sample_rate": 8000, "mulaw": "s4"}, Audio(), "")
+    Audio.meta = {"sample_rate": 8000}
     Audio.kind = "text"
     with pytest.raises(ConfigError, match=r"model.modality: an audio model; the data \(d\) is text"):
         check_model_fits_data({"modality": "audio"}, Audio(), "")

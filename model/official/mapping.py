@@ -1095,7 +1095,7 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     l_max = max(l_kernels)
     l_max = -(-l_max // (2 * P)) * 2 * P  # a multiple of 2·prod(pool): the verification length
     ds = cfg.get("dataset") if isinstance(cfg.get("dataset"), dict) else {}
-    rate, audio_note = _audio_format(ds, sample_rate)
+    rate, quant, audio_note = _audio_format(ds, sample_rate)
     config = {
         "arch": "sashimi", "pool": list(pool), "expand": expand, "ff": ff, "unet": unet, "norm": "tln",
         "vocab_size": int(V), "d_model": int(H), "n_layers": n_layers, "d_state": 2 * facts0["N2"],
@@ -1103,6 +1103,7 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
         "l_max": int(l_max), "head_bias": True, "embed_scale": 1.0,
         "l_kernel": l_kernels if kind == "s4" else None, "dt_tied": bool(facts0["dt_tied"]),
         "re_lambda_max": None, "modality": "audio", "sample_rate": rate, "mulaw": "s4",
+        **({"quantization": quant} if quant != "mu-law" else {}),  # (mu-law: the default, as before)
     }  # fmt: skip
     notes.append(
         f"{'U-Net SaShiMi (official backbone unet)' if unet else 'SaShiMi'} pool {pool}, expand {expand}, "
@@ -1113,27 +1114,46 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     return Imported(_drop_defaults(config), tensors, mp, notes)
 
 
-def _audio_format(ds: dict, sample_rate: int | None) -> tuple[int, str]:
-    """(sample rate, card note) of a SaShiMi import. The tokens are state-spaces/s4 mu-law
-    (dataset.quantization 'mu-law'; another quantization is refused); the rate is `sample_rate` when
-    given, else the official data's rate for its dataset name, else 16 kHz, assumed (and said so)."""
-    name, quant = ds.get("_name_"), ds.get("quantization")
-    if quant not in (None, "mu-law"):
-        raise Unsupported(f"dataset.quantization = {quant!r}: only mu-law audio ('mu-law') is served")
+def _audio_format(ds: dict, sample_rate: int | None) -> tuple[int, str, str]:
+    """(sample rate, quantization, card note) of a SaShiMi import. The tokens are state-spaces/s4's 8-bit
+    mu-law or linear quantization (dataset.quantization 'mu-law', assumed when absent, or 'linear', the
+    official Beethoven SaShiMi's; dataset.bits, when given, 8; anything else is refused); the rate is
+    `sample_rate` when given, else the official data's rate for its dataset name, else 16 kHz, assumed
+    (and said so)."""
+    name, quant, bits = ds.get("_name_"), ds.get("quantization"), ds.get("bits", 8)
+    if quant not in (None, "mu-law", "linear"):
+        raise Unsupported(
+            f"dataset.quantization = {quant!r}: served are 'mu-law' and 'linear' (state-spaces/s4's)"
+        )
+    if bits != 8 or isinstance(bits, bool):
+        raise Unsupported(f"dataset.bits = {bits!r}: served are 8-bit audio tokens (256 of them)")
     law = (
-        "mu-law ('mu-law' in the config)"
+        f"{'8-bit linear' if quant == 'linear' else 'mu-law'} ({quant!r} in the config)"
         if quant
         else "mu-law ASSUMED (no dataset.quantization in the config)"
     )
+    quant = quant or "mu-law"
     if sample_rate is not None:
-        return sample_rate, f"dataset {name!r}: {sample_rate} Hz audio (--sample-rate), state-spaces/s4 {law}"
+        return (
+            sample_rate,
+            quant,
+            f"dataset {name!r}: {sample_rate} Hz audio (--sample-rate), state-spaces/s4 {law}",
+        )
     if AUDIO_DATASETS.get(name):
         rate = AUDIO_DATASETS[name]
-        return rate, f"dataset {name!r}: {rate // 1000} kHz audio (the official {name} data's rate), {law}"
-    return 16000, (
-        f"dataset {name!r}: not an official audio set of known rate, so 16 kHz audio is ASSUMED "
-        f"(--sample-rate sets it), state-spaces/s4 {law}; SaShiMi imports expect the sc09-style task "
-        "(quantized audio samples as tokens)"
+        return (
+            rate,
+            quant,
+            f"dataset {name!r}: {rate // 1000} kHz audio (the official {name} data's rate), {law}",
+        )
+    return (
+        16000,
+        quant,
+        (
+            f"dataset {name!r}: not an official audio set of known rate, so 16 kHz audio is ASSUMED "
+            f"(--sample-rate sets it), state-spaces/s4 {law}; SaShiMi imports expect the sc09-style task "
+            "(quantized audio samples as tokens)"
+        ),
     )
 
 

@@ -203,6 +203,7 @@ class Connection:
                 raise invalid(
                     "audio_encoding", f"audio_encoding applies to audio models only; {model.id} is text"
                 )
+            media.check_encoding(msg.audio_encoding, model.codec, model.id)
             self.encoding = msg.audio_encoding
         if self.session_id is not None:
             return
