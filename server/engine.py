@@ -84,6 +84,7 @@ from server.errors import APIError, not_found, over_capacity, unavailable
 from server.metrics import ModelMetrics, observe_many
 from server.prefix_cache import PrefixCache, boundary_keys
 from server.sessions import SessionRecord, SessionTable, SlotPool
+from server.store import ThrottledLog
 
 
 def _id_bytes(ids) -> bytes:
@@ -92,6 +93,7 @@ def _id_bytes(ids) -> bytes:
 
 
 log = logging.getLogger("server.engine")
+_kept_log = ThrottledLog(log)  # sessions kept, not evicted, while the store fails (`Engine._kept`)
 
 GREEDY = SamplingParams(temperature=0.0)  # what the holes of a decode batch "sample"
 DECODE_BLOCK_STEPS = 8  # decode steps between two admissions / hand-overs: at least this many unless ...
@@ -574,6 +576,8 @@ class Engine:
         self.persist: Callable[..., None] | None = None  # (rec, raw, seen[, only_if_missing]): write a state
         self.forget: Callable[[str], None] | None = None  # delete a stored state
         self.let_go: Callable[[str], bool] | None = None  # the store holds this copy (StoreWriter.let_go)
+        self.may_evict: Callable[[str], bool] | None = None  # StoreWriter.may_evict
+        self.slots_evicting = 0  # (event loop) slots evictions under way free for their requesters
         # kept sessions a job has changed since their last `_persist` (engine thread): the store cannot hold
         # such a copy, whatever `let_go` knows of the last write (a turn's write-through comes after its
         # route settles it, and the session is idle from that settle: see `_persist_unless_stored`)
@@ -1482,6 +1486,8 @@ class Engine:
         (its state handed to the store writer, then its record and slot freed here); without one,
         deleted."""
         if self.persist is not None:  # evicted: its slot is freed, its state stays in the store
+            if self._kept(rec):
+                return
             self._evict(rec, "idle_ttl", f"idle > {self.settings.session_ttl_s:g} s")
         else:
             log.info("session %s expired (idle > %g s)", rec.id, self.settings.session_ttl_s)
@@ -1494,11 +1500,24 @@ class Engine:
         nothing (a session's only copy is here). Returns how many were evicted."""
         if self.persist is None or n <= 0:
             return 0
-        recs = self.sessions.claim_least_recent(self.model_id, n)
+        recs = [rec for rec in self.sessions.claim_least_recent(self.model_id, n) if not self._kept(rec)]
         for rec in recs:
             self._evict(rec, "slots_full", "used least recently, for a request's slot")
         self._set_slot_gauges()
         return len(recs)
+
+    def _kept(self, rec: SessionRecord) -> bool:
+        """A claimed session that may not be evicted (`StoreWriter.may_evict`: the store fails, and its copy
+        here is not known to be stored) is kept: its write handed to the writer again (it lands once the
+        store answers, and a later eviction finds the copy stored), its claim released (its idle TTL counts
+        again from now). True when kept."""
+        if self.may_evict is None or self.may_evict(rec.id):
+            return False
+        self._persist(rec)
+        self.sessions.unclaim(rec)
+        _kept_log.log(logging.WARNING, "session %s kept in memory, not evicted: the session store is failing "
+                      "and its latest state is not known to be stored", rec.id)  # fmt: skip
+        return True
 
     def _evict(self, rec: SessionRecord, reason: str, why: str) -> None:
         """Evict a claimed session to the store: its state handed to the writer, its record and slot freed

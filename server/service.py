@@ -168,11 +168,18 @@ async def wait_for_slots(model: ServedModel, n: int = 1) -> None:
     back (`Engine.slots_awaited`: so the waiters, each polling every RELEASE_POLL_S, are never more than
     the slots they can get). Whoever reserves first then gets a slot; one that finds none gets its 429.
     With a session store, the slots still missing after that are made by evicting the idle sessions
-    unused the longest to the store (`Engine.evict_for_room`)."""
+    unused the longest to the store (`Engine.evict_for_room`). Slots an eviction under way frees are
+    its requester's (`Engine.slots_evicting`): a request arriving meanwhile counts them as taken and
+    evicts for itself (it counted them free and took them, and the requester got a 429 though idle
+    sessions were left: a helper's audit, 2-3 of 8 concurrent creates on a full pool)."""
     await _wait_for_releases(model, n)
     engine = model.engine
-    if engine.persist is not None and (short := n - engine.pool.free) > 0:
-        await engine_answer(engine.call(lambda e: e.evict_for_room(short)))
+    if engine.persist is not None and (short := n - max(0, engine.pool.free - engine.slots_evicting)) > 0:
+        engine.slots_evicting += short
+        try:
+            await engine_answer(engine.call(lambda e: e.evict_for_room(short)))
+        finally:
+            engine.slots_evicting -= short
 
 
 async def _wait_for_releases(model: ServedModel, n: int) -> None:

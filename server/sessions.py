@@ -125,6 +125,13 @@ class SessionTable:
         with self._lock:
             rec.busy, rec.last_used = False, time.time()
 
+    def unclaim(self, rec: SessionRecord) -> None:
+        """Give back a claim of `claim_expired` or `claim_least_recent` (a session kept, not evicted): idle
+        again, its TTL counted from now."""
+        with self._lock:
+            rec.busy = rec.expiring = False
+            rec.last_used = time.time()
+
     def remove(self, session_id: str) -> None:
         with self._lock:
             self.store.delete(session_id)

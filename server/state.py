@@ -102,6 +102,7 @@ class ServerState:
                 m.engine.persist = _persister(m, self.writer)
                 m.engine.forget = self.writer.delete
                 m.engine.let_go = self.writer.let_go
+                m.engine.may_evict = self.writer.may_evict
         if self.freeze_gc:
             # what startup made (modules, models, the state pool) lives as long as the process: out of
             # the cyclic GC's sight, a full collection (which a request that allocates much sets off)

@@ -66,10 +66,12 @@ def redact_url(url: str) -> str:
 
 
 class StateStore(Protocol):
-    """Session id → (exported state blob, version). Every write names the version its writer last read
-    or wrote (compare-and-set): a replica whose copy is older than the stored one is refused (False)."""
+    """Session id → (exported state blob, version). Every write names the versions its writer may have
+    stored (compare-and-set): the one it last read or wrote ("" for none), and those of its writes whose
+    outcome it could not know (a timeout: such a write may land later). A write whose stored version is
+    not among them (a replica whose copy is older than the stored one) is refused (False)."""
 
-    def put(self, session_id: str, blob: bytes, expected: str, version: str) -> bool: ...
+    def put(self, session_id: str, blob: bytes, expected: str | tuple[str, ...], version: str) -> bool: ...
     def get(self, session_id: str) -> tuple[bytes, str] | None: ...
     def version(self, session_id: str) -> str | None: ...
     def delete(self, session_id: str) -> None: ...
@@ -78,7 +80,13 @@ class StateStore(Protocol):
 
 
 # A deleted session's version: no writer ever expects it, so every later write of the session is refused.
+MAYBE_KEPT = 16  # per session, the latest versions of writes whose outcome is unknown (StoreWriter._maybe)
 TOMBSTONE = "deleted"
+
+
+def _versions(expected: str | tuple[str, ...]) -> tuple[str, ...]:
+    """A write's expected versions: one ("" for none), or several."""
+    return (expected,) if isinstance(expected, str) else tuple(expected)
 
 
 def new_version() -> str:
@@ -94,10 +102,10 @@ class MemoryStateStore:
         self._versions: dict[str, str] = {}
         self._lock = threading.Lock()
 
-    def put(self, session_id: str, blob: bytes, expected: str, version: str) -> bool:
+    def put(self, session_id: str, blob: bytes, expected: str | tuple[str, ...], version: str) -> bool:
         with self._lock:
             stored = self._versions.get(session_id)
-            if stored is not None and stored != expected:
+            if stored is not None and stored not in _versions(expected):
                 return False
             self._blobs[session_id], self._versions[session_id] = blob, version
             return True
@@ -134,7 +142,13 @@ _PUT_LUA = """
 local t = redis.call('TYPE', KEYS[1]).ok
 if t == 'hash' then
   local v = redis.call('HGET', KEYS[1], 'v')
-  if v and v ~= ARGV[2] then return 0 end
+  if v then
+    local ok = false
+    for e in string.gmatch(ARGV[2], '%S+') do
+      if e == v then ok = true end
+    end
+    if not ok then return 0 end
+  end
 elseif t ~= 'none' then
   redis.call('DEL', KEYS[1])
 end
@@ -194,9 +208,9 @@ class RedisStateStore:
                 detail = "the Redis server requires a password: give it in the URL, redis://:PASSWORD@host/db"
             raise StoreError(f"session store {self.url}: {reason} ({detail})", f"{reason} ({kind})") from None
 
-    def put(self, session_id: str, blob: bytes, expected: str, version: str) -> bool:
+    def put(self, session_id: str, blob: bytes, expected: str | tuple[str, ...], version: str) -> bool:
         keys = [KEY_PREFIX + session_id]
-        args = [blob, expected, version, self.ttl_ms]
+        args = [blob, " ".join(v for v in _versions(expected) if v), version, self.ttl_ms]  # (hex: no space)
         return bool(self._call("write failed", lambda: self._put(keys=keys, args=args)))
 
     def get(self, session_id: str) -> tuple[bytes, str] | None:
@@ -294,7 +308,13 @@ class StoreWriter:
         self._inflight: str | None = None  # the version that operation writes
         self._superseded: set[str] = set()  # sessions reloaded (adopt, discard) while being written
         self._versions: dict[str, str] = {}  # session id → the version this replica last read or wrote
+        # session id → the versions of its writes since whose outcome is unknown (an error: a timed-out
+        # write may still land, after a Redis stall): each later write accepts them as well, `is_current`
+        # counts them as this replica's (else a late landing read as another replica's reloaded the older
+        # state, and the turns written since were lost)
+        self._maybe: dict[str, list[str]] = {}
         self._landed: set[str] = set()  # sessions whose last operation was a write that landed, none since
+        self._answering = True  # whether the store answered the last operation (`answered`, `may_evict`)
         self._stopping = False
         self.written = self.deleted = self.failed = self.stale = self.unchanged = 0
         self._final: dict | None = None  # the shutdown flush's counts (begin_final)
@@ -345,6 +365,7 @@ class StoreWriter:
         """This replica now holds the stored state of `version` (a restore): its writes build on it."""
         with self._cv:
             self._versions[session_id] = version
+            self._maybe.pop(session_id, None)
             self._landed.discard(session_id)
             if self._busy == session_id:
                 self._superseded.add(session_id)
@@ -376,6 +397,7 @@ class StoreWriter:
                 if self._pending.pop(session_id, None) is not None:
                     _resolve(self._waiting.pop(session_id, ()), "dropped")
             self._versions.pop(session_id, None)
+            self._maybe.pop(session_id, None)
             self._landed.discard(session_id)
             if self._busy == session_id:
                 self._superseded.add(session_id)
@@ -399,11 +421,12 @@ class StoreWriter:
     def is_current(self, session_id: str, stored: str | None) -> bool:
         """Whether `stored` (the store's version of the session, None: nothing stored) leaves this
         replica's copy the latest: nothing stored (new, expired or evicted), or a version this replica
-        last read or wrote, or is writing now."""
+        last read or wrote, or is writing now, or wrote without learning the outcome (`_maybe`)."""
         with self._cv:
             return stored is None or stored in (
                 self._versions.get(session_id, ""),
                 self._inflight if self._busy == session_id else None,
+                *self._maybe.get(session_id, ()),
             )
 
     def builds_on(self, session_id: str, version: str) -> bool:
@@ -473,8 +496,19 @@ class StoreWriter:
 
     def answered(self, ok: bool) -> None:
         """Record whether the store answered an operation (`up`): the writer's, or a route's read."""
+        self._answering = ok
         if self.up is not None:
             self.up.set(int(ok))
+
+    def may_evict(self, session_id: str) -> bool:
+        """(engine thread) Whether this replica may let go of its copy of the session (idle-TTL or
+        slots-full eviction): the store holds that copy (its last write landed and nothing came since:
+        `_landed`), or the store answered the last operation, so the eviction's write should land. False
+        while the store fails and the copy is not known to be stored: it is then the only one, and stays
+        here (the README: while the store is down, sessions live on in memory). An eviction let a failing
+        store's write go and freed the copy: the session came back from the store older, or not at all."""
+        with self._cv:
+            return session_id in self._landed or self._answering
 
     def _due_retries(self) -> float | None:
         """(under _cv) Queue the failed deletes whose time has come; the seconds until the next one."""
@@ -486,7 +520,8 @@ class StoreWriter:
                 wait = when - now if wait is None else min(wait, when - now)
         return wait
 
-    def _apply(self, session_id: str, op, tries: int, expected: str, version: str) -> tuple[str, str, bool]:
+    def _apply(self, session_id: str, op, tries: int, expected: tuple[str, ...], version: str
+               ) -> tuple[str, str, bool]:  # fmt: skip
         """Apply one operation to the store (writer thread, not under _cv): (its outcome, the error's text
         or "", whether it wrote a copy let go of unchanged that the store no longer held)."""
         try:
@@ -534,7 +569,7 @@ class StoreWriter:
                 session_id = next(iter(self._pending))
                 op = self._pending.pop(session_id)
                 tries = self._tries.pop(session_id, 0) if op is _DELETE else 0
-                expected = self._versions.get(session_id, "")
+                expected = (self._versions.get(session_id, ""), *self._maybe.get(session_id, ()))
                 self._busy, self._busy_op, self._inflight = session_id, op, new_version()
                 self._waiting_busy = self._waiting.pop(session_id, [])
                 self._superseded.discard(session_id)
@@ -544,6 +579,10 @@ class StoreWriter:
             with self._cv:
                 superseded = session_id in self._superseded
                 self._superseded.discard(session_id)
+                if done in ("write", "delete", "stale"):  # (the outcome is known: earlier unknown ones are
+                    self._maybe.pop(session_id, None)  # settled, a late landing now refused by the store)
+                elif done == "error" and op is not _DELETE and not superseded:  # (it may land yet)
+                    self._maybe[session_id] = [*self._maybe.get(session_id, ()), version][-MAYBE_KEPT:]
                 if done == "delete":
                     self._versions.pop(session_id, None)
                 elif done == "write" and not superseded:
@@ -573,7 +612,7 @@ class StoreWriter:
                 )
                 if not superseded and self._on_stale is not None:
                     try:
-                        self._on_stale(session_id, expected)
+                        self._on_stale(session_id, expected[0])  # (the version it last read or wrote)
                     except Exception:  # never the writer thread's end
                         log.exception("session %s: dropping the stale copy failed", session_id)
             if self._counter is not None:

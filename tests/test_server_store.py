@@ -3,6 +3,7 @@ server shuts down, and a session resumes on another replica or after `kill -9` +
 exactly like one-shot generation on everything before it. Corrupt or foreign stored states are refused
 with a clear error. Each test module runs its own `redis-server` on a free loopback port."""
 
+import concurrent.futures
 import json
 import shutil
 import signal
@@ -908,6 +909,163 @@ def test_the_wait_for_the_store_is_bounded_and_can_be_turned_off(model_dirs, red
     finally:
         s.stop()
         off.stop()
+
+
+class _UncertainStore(MemoryStateStore):
+    """A store whose next write (`mode`) times out as a stalled Redis's does: "landed" stores it, then
+    raises (Redis ran the command after the client gave up); "late" raises and keeps it (`held`) to be
+    applied later (Redis runs it when it resumes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mode, self.held = None, []
+
+    def put(self, session_id, blob, expected, version) -> bool:
+        mode, self.mode = self.mode, None
+        if mode == "late":
+            self.held.append((session_id, blob, expected, version))
+        elif mode == "landed":
+            super().put(session_id, blob, expected, version)
+        if mode is not None:
+            raise StoreError(
+                "write failed (Timeout reading from 127.0.0.1:6390)", "write failed (TimeoutError)"
+            )
+        return super().put(session_id, blob, expected, version)
+
+
+def test_a_write_whose_outcome_was_unknown_neither_loses_the_next_turn_nor_overwrites_it():
+    """A write that timed out may have landed, or land later (a helper's audit: after a 5 s Redis stall
+    the writer kept its older expected version, so the next turn's write was refused as stale, the
+    replica read the timed-out write as another replica's and reloaded it: a turn lost, silently). Its
+    version is now accepted by the next write and counted as this replica's (`is_current`); a late
+    landing after that next write is refused by the compare-and-set, so it cannot overwrite it."""
+    header, state = dict(HEADER), b"\0\0\0\0"
+    store = _UncertainStore()
+    writer = StoreWriter(store)
+    try:
+        writer.write("s", header, state)
+        assert writer.landed("s").result(5) == "write"
+        first = store.version("s")
+        store.mode = "landed"  # turn 1's write lands, but its answer never comes
+        writer.write("s", {**header, "n_tokens": 2}, state)
+        assert writer.landed("s").result(5) == "error"
+        assert store.version("s") != first and writer.is_current("s", store.version("s"))
+        writer.write("s", {**header, "n_tokens": 3}, state)  # turn 2: written, not refused as stale
+        assert writer.landed("s").result(5) == "write" and writer.stale == 0
+        assert unpack_state(store.get("s")[0])[0]["n_tokens"] == 3
+        store.mode = "late"  # turn 3's write is held back by the stalled store
+        writer.write("s", {**header, "n_tokens": 4}, state)
+        assert writer.landed("s").result(5) == "error"
+        writer.write("s", {**header, "n_tokens": 5}, state)  # turn 4
+        assert writer.landed("s").result(5) == "write" and writer.stale == 0
+        assert not store.put(*store.held.pop())  # turn 3's write lands late: refused, turn 4 stays
+        assert unpack_state(store.get("s")[0])[0]["n_tokens"] == 5 and writer.is_current(
+            "s", store.version("s")
+        )
+    finally:
+        writer.stop(5)
+
+
+def test_redis_compare_and_set_accepts_any_of_the_versions_a_write_names(redis_url, redis_db):
+    """The write script takes several expected versions (the last read or written and those of writes
+    whose outcome was unknown): the stored one among them is accepted, none of them refused."""
+    store = RedisStateStore(redis_url, 60)
+    assert store.put("m", b"one", "", "e1") and store.put("m", b"two", ("e1",), "e2")
+    assert not store.put("m", b"old", ("e1", "e0"), "e3") and store.get("m") == (b"two", "e2")
+    assert store.put("m", b"three", ("e1", "e9", "e2"), "e4") and store.get("m") == (b"three", "e4")
+    assert not store.put("m", b"none", ("",), "e5") and not store.put("m", b"none", (), "e6")
+    store.delete("m")
+    assert not store.put("m", b"late", ("e4", "e3"), "e7") and store.version("m") == TOMBSTONE
+    store.close()
+
+
+def test_while_the_store_fails_an_idle_session_is_kept_in_memory_not_evicted_without_its_state(
+    model_dirs, redis_url, redis_db, caplog
+):
+    """A session whose latest turn the store failed to take is not evicted while the store fails (a
+    helper's audit: Redis at maxmemory, the idle TTL evicted the copy, the eviction's write failed too, and
+    the session came back from the store a turn older, or as a 404 for one never stored): it stays here,
+    its write handed over again at each TTL, and it serves on from memory; once the store answers, that
+    write lands and the next TTL evicts it, stored whole."""
+    a = _replica(model_dirs, redis_url, session_ttl_s=0.5)
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
+            "session_id"
+        ]
+        store, put = a.state.store, a.state.store.put
+        store.put = lambda *args: (_ for _ in ()).throw(StoreError("write failed (OOM)", "write failed"))
+        t1 = _generate(a.url, sid, None, 6, seed=1)
+        with caplog.at_level("WARNING", logger="server"):
+            time.sleep(2.0)  # four TTLs
+        assert a.state.sessions.has(sid), "evicted without its state"
+        assert "kept in memory, not evicted" in caplog.text
+        assert _stored(redis_db, sid)["n_tokens"] == 6  # the store has only the create
+        t2 = _generate(a.url, sid, None, 4, seed=2)  # served from memory, whole
+        want = list(b"ROMEO:") + t1
+        assert t2 == reference(model_dirs["text"], want, SamplingParams(seed=2), 4)
+        store.put = put
+        assert wait_for(lambda: not a.state.sessions.has(sid) and a.state.writer.backlog == 0, 10)
+        assert _stored(redis_db, sid)["n_tokens"] == 16
+    finally:
+        a.stop()
+
+
+def test_a_slot_an_eviction_frees_goes_to_the_request_it_was_made_for():
+    """With a store, a request on a full pool evicts an idle session for its slot; a second request that
+    arrives while that eviction is under way (its slot free already, its answer not yet back on the event
+    loop) evicts one of its own instead of taking that slot, and both get one (a helper's audit: 2-3 of 8
+    concurrent creates got 429, slots freed for others taken). The race laid out step by step:
+    `service.wait_for_slots` against a stand-in engine whose calls this test answers."""
+    import asyncio
+    import types
+
+    from server import service
+
+    pool, calls = types.SimpleNamespace(free=0), []
+
+    class Engine:
+        persist, slots_evicting, slots_awaited = object(), 0, 0
+        pool_ = pool
+
+        def releases_under_way(self) -> int:
+            return 0
+
+        def call(self, fn):
+            fut = concurrent.futures.Future()
+            calls.append((fn, fut))
+            return fut
+
+        def evict_for_room(self, n: int) -> int:
+            pool.free += n
+            return n
+
+    engine = Engine()
+    engine.pool = pool
+    model = types.SimpleNamespace(engine=engine)
+
+    async def take() -> int:
+        await service.wait_for_slots(model, 1)
+        if pool.free < 1:
+            return 429
+        pool.free -= 1  # (a reservation: synchronous, right after the wait, as every route's)
+        return 201
+
+    async def main():
+        first = asyncio.create_task(take())
+        while not calls:
+            await asyncio.sleep(0)
+        fn, fut = calls[0]
+        freed = fn(engine)  # the engine has evicted for the first request: its slot is free
+        second = asyncio.create_task(take())  # ... and a second request comes before that answer
+        for _ in range(10):
+            await asyncio.sleep(0)
+        for fn2, fut2 in calls[1:]:  # the second request's own eviction, if it asked for one
+            fut2.set_result(fn2(engine))
+        fut.set_result(freed)
+        return await first, await second, len(calls)
+
+    assert asyncio.run(main()) == (201, 201, 2)
+    assert engine.slots_evicting == 0 and pool.free == 0
 
 
 def test_a_copy_the_store_holds_already_is_not_written_again_at_eviction(
