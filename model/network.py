@@ -171,10 +171,11 @@ class ModelConfig:
                 raise ValueError(f"l_kernel must be null or {self.n_layers} integers in [1, 2**20]: {lk!r}")
             self.l_kernel = list(lk)
         if isinstance(self.d_ff, list | tuple):
-            if len(self.d_ff) != self.n_layers or not all(type(d) is int and d >= 0 for d in self.d_ff):
+            ok = all(type(d) is int and 0 <= d <= MAX_SIZE["d_ff"] for d in self.d_ff)
+            if len(self.d_ff) != self.n_layers or not ok:
                 raise ValueError(
-                    f"d_ff must be an integer ≥ 0 or a list of {self.n_layers} (n_layers) of them, "
-                    f"got {self.d_ff!r}"
+                    f"d_ff must be an integer ≥ 0 (at most {MAX_SIZE['d_ff']:,}) or a list of "
+                    f"{self.n_layers} (n_layers) of them, got {self.d_ff!r}"
                 )
             self.d_ff = list(self.d_ff)
         else:
@@ -298,9 +299,20 @@ def _plain(value):
     return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
+# the most each size may be: beyond any trained S4 model (the official WikiText-103 recipe: vocab 267,735,
+# d_model 1,024, 16 layers, l_max 8,192; SaShiMi's YouTubeMix 131,072 samples), and bounds on what a
+# config.json from outside makes `load` allocate before it compares the weights' shapes (d_model 10**9 was
+# a 64 GB allocation, 10**400 an overflow deep in torch, n_layers 10**7 a hang: a helper's audit)
+MAX_SIZE = {"vocab_size": 2**22, "d_model": 2**15, "n_layers": 2**10, "d_state": 2**12, "l_max": 2**20,
+            "d_ff": 2**17, "sample_rate": 384_000}  # fmt: skip
+
+
 def _check_int(name: str, value, least: int) -> None:
     if type(value) is not int or value < least:  # bool is not an int here; neither is 16.0
         raise ValueError(f"{name} must be an integer ≥ {least}, got {value!r}")
+    most = MAX_SIZE.get(name)
+    if most is not None and value > most:
+        raise ValueError(f"{name} must be an integer ≤ {most:,}, got {value!r}")
 
 
 def _check_number(name: str, value) -> None:

@@ -237,8 +237,11 @@ def test_blocks_without_a_feed_forward_block_run_in_the_whole_network_c_step():
         ({"cutoffs": [10], "tie_projs": [False, True]}, r"tie_projs needs div_val > 1"),
         ({"cutoffs": [10], "div_val": 2, "tie_projs": [True]}, r"tie_projs must be null or 2 booleans"),
         ({"cutoffs": [10], "head_bias": False}, r"head_bias must be true with cutoffs"),
-        ({"d_ff": [0, 32, 0]}, r"d_ff must be an integer ≥ 0 or a list of 2 \(n_layers\)"),
-        ({"d_ff": [0, -1]}, r"d_ff must be an integer ≥ 0 or a list"),
+        (
+            {"d_ff": [0, 32, 0]},
+            r"d_ff must be an integer ≥ 0 \(at most 131,072\) or a list of 2 \(n_layers\)",
+        ),
+        ({"d_ff": [0, -1]}, r"d_ff must be an integer ≥ 0 \(at most 131,072\) or a list"),
     ],
 )
 def test_bad_adaptive_and_d_ff_options_are_refused_naming_the_field(fields, message):
