@@ -228,6 +228,51 @@ def test_a_torch_zip_with_a_code_global_is_refused_naming_it(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("value", ["abc", [1, 2], float("inf"), 10**12, 3.7, True, 0])
+def test_a_bad_dataset_l_max_is_refused_by_name(value):
+    """dataset.l_max sets the S4D layers' length where model.layer.l_max is null; int() of it gave a
+    traceback ("abc", a list, inf), an allocation error (10**12), or a silent 4 for 3.7 and 2 for true."""
+    sd, cfg, kind = read_source(FIX / "s4d_zoh.pt")
+    for layer in (
+        cfg["model"]["layer"] if isinstance(cfg["model"]["layer"], list) else [cfg["model"]["layer"]]
+    ):
+        layer["l_max"] = None
+    cfg.setdefault("dataset", {})["l_max"] = value
+    with pytest.raises(
+        Unsupported, match=r"dataset.l_max = .*: expected an integer in \[1, 1,048,576\] or null"
+    ):
+        map_official(sd, copy.deepcopy(cfg), kind)
+    cfg["dataset"]["l_max"] = 96
+    assert map_official(sd, cfg, kind).config["l_max"] == 96
+
+
+def test_shared_references_that_expand_past_the_budget_are_refused_not_copied_out(tmp_path):
+    """A pickle's memo (a .ckpt) and YAML's anchors (a config) let a small file name one object many
+    times; copied out, 9 levels of 9 shared references are 387 million values: model.convert, and a
+    server converting an S4_CHECKPOINTS entry at start-up, were held for minutes and gigabytes (a helper's
+    audit: killed at 60 s and 3.4 GB from a 1.8 kB .ckpt). Now each copy stops at MAX_NODES values with an
+    OfficialFormatError, and the converter exits non-zero saying so; a real config is far within it."""
+    from model.official.reader import MAX_NODES
+
+    bomb = ["x"] * 9
+    for _ in range(9):
+        bomb = [bomb] * 9
+    src = tmp_path / "dag.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "hyper_parameters": {"bomb": bomb}}, src)
+    assert src.stat().st_size < 4096
+    with pytest.raises(OfficialFormatError, match=f"expands to more than {MAX_NODES:,} values"):
+        read_source(src)
+    r = _run_convert(src, tmp_path / "out")
+    assert r.returncode != 0 and "expands to more than" in r.stderr, r.stderr
+    lines = ["base: &a0 [x, x, x, x, x, x, x, x, x]"]  # YAML aliases: 9 levels of 9
+    lines += [f"l{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    config = yaml.safe_load((FIX / "s4_v3.yaml").read_text())
+    (tmp_path / "bomb.yaml").write_text(yaml.safe_dump(config) + "\n".join(lines) + "\n")
+    with pytest.raises(OfficialFormatError, match="the config expands to more than"):
+        read_source(FIX / "s4_v3.pt", tmp_path / "bomb.yaml")
+    assert read_source(FIX / "s4_v3.pt")[1]["model"]  # (the fixture's own config: read as before)
+
+
 # ---------------------------------------------------------------------------------------------
 # Refusals: exit non-zero naming the option and its value
 

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from model.adaptive import shard_bounds, shard_widths
+from model.network import MAX_SIZE
 
 TRANSFORMS = ("none", "exp", "relu", "sigmoid", "softplus")
 # src/dataloaders/audio.py: the quantized-audio datasets (vocab 2^bits); sample rates of the official data
@@ -785,9 +786,7 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     if kind == "s4":
         l_max = l_max if isinstance(l_max, int) and l_max > 0 else max(l_kernels)
     elif not (isinstance(l_max, int) and l_max > 0):
-        l_max = (
-            int(cfg.get("dataset", {}).get("l_max") or 1024) if isinstance(cfg.get("dataset"), dict) else 1024
-        )
+        l_max = _dataset_l_max(cfg)
     l_max += l_max % 2  # ours is even; it is the verification length, the kernels use l_kernel
     config = {
         "vocab_size": int(V), "d_model": int(H), "n_layers": len(d_ffs), "d_state": 2 * facts0["N2"],
@@ -1112,6 +1111,21 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     notes.append(_kernel_note(kind, lc, facts0))
     notes.append(audio_note)
     return Imported(_drop_defaults(config), tensors, mp, notes)
+
+
+def _dataset_l_max(cfg: dict) -> int:
+    """The S4D layers' length where model.layer.l_max is null: dataset.l_max, else 1024. Raises Unsupported
+    unless it is an integer in [1, MAX_SIZE["l_max"]] or null (int() took "abc" as a traceback, 3.7 as 3 and
+    true as 1, silently: a helper's audit)."""
+    ds = cfg.get("dataset")
+    v = ds.get("l_max") if isinstance(ds, dict) else None
+    if v is None:
+        return 1024
+    most = MAX_SIZE["l_max"]
+    if type(v) is not int or not 1 <= v <= most:
+        raise Unsupported(f"dataset.l_max = {v!r}: expected an integer in [1, {most:,}] or null (the S4D "
+                          "layers' length, their model.layer.l_max being null)")  # fmt: skip
+    return v
 
 
 def _audio_format(ds: dict, sample_rate: int | None) -> tuple[int, str, str]:

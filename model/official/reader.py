@@ -91,21 +91,51 @@ OMEGACONF_GLOBALS: list[tuple[Any, str]] = [
 ]
 
 
-def to_plain(obj: Any) -> Any:  # noqa: PLR0911
-    """Stand-in omegaconf nodes → plain dicts, lists and values (interpolations stay strings)."""
+MAX_NODES = 1_000_000  # values a checkpoint's or a config's tree may expand to (an official one: thousands)
+
+
+class _Budget:
+    """Counts the values a tree copy makes: a pickle's memo, or YAML's anchors and aliases, let a small
+    file name one object many times over, and a copy expands each reference (9 levels of 9 shared
+    references: 387 million values from a 1.8 kB file, `model.convert` and a server's start-up held for
+    minutes and gigabytes: a helper's audit). Raises OfficialFormatError past MAX_NODES."""
+
+    def __init__(self, what: str) -> None:
+        self.left, self.what = MAX_NODES, what
+
+    def take(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise OfficialFormatError(
+                f"{self.what} expands to more than {MAX_NODES:,} values (shared references copied out): "
+                "not an official run's"
+            )
+
+
+def to_plain(obj: Any, budget: _Budget | None = None) -> Any:  # noqa: PLR0911
+    """Stand-in omegaconf nodes → plain dicts, lists and values (interpolations stay strings). Raises
+    OfficialFormatError past MAX_NODES values (`_Budget`), or for a tree nested deeper than Python's
+    recursion limit."""
+    if budget is None:
+        budget = _Budget("the checkpoint's content")
+        try:
+            return to_plain(obj, budget)
+        except RecursionError:
+            raise OfficialFormatError("the checkpoint's content is nested too deeply") from None
+    budget.take()
     if isinstance(obj, (_DictConfig, _ListConfig)):
         content = obj.__dict__.get("_content")
         if isinstance(content, dict):
-            return {str(k): to_plain(v) for k, v in content.items()}
+            return {str(k): to_plain(v, budget) for k, v in content.items()}
         if isinstance(content, list):
-            return [to_plain(v) for v in content]
+            return [to_plain(v, budget) for v in content]
         return content  # None (a null container), or a string: '???' (missing) or an interpolation
     if isinstance(obj, _AnyNode):
-        return to_plain(obj.__dict__.get("_val"))
+        return to_plain(obj.__dict__.get("_val"), budget)
     if isinstance(obj, dict):
-        return {k: to_plain(v) for k, v in obj.items()}
+        return {k: to_plain(v, budget) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
+        return [to_plain(v, budget) for v in obj]
     if isinstance(obj, _Node | _TypeName):
         raise OfficialFormatError(f"unexpected omegaconf object {type(obj).__name__} in the config")
     return obj
@@ -179,13 +209,14 @@ def read_vocab_cache(path: str | Path) -> list[str]:
     return symbols
 
 
-def _resolve(cfg: dict, value: Any, root: dict, depth: int = 0) -> Any:
+def _resolve(cfg: dict, value: Any, root: dict, depth: int, budget: _Budget) -> Any:
     """Resolve the simple interpolations the official configs use: ${a.b} and ${oc.select:a.b,default}.
     Anything else stays an unresolved string (and is refused if an option we need holds it)."""
+    budget.take()
     if isinstance(value, dict):
-        return {k: _resolve(cfg, v, root, depth) for k, v in value.items()}
+        return {k: _resolve(cfg, v, root, depth, budget) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve(cfg, v, root, depth) for v in value]
+        return [_resolve(cfg, v, root, depth, budget) for v in value]
     if not (isinstance(value, str) and value.startswith("${") and value.endswith("}")) or depth > 8:
         return value
     inner = value[2:-1]
@@ -198,7 +229,7 @@ def _resolve(cfg: dict, value: Any, root: dict, depth: int = 0) -> Any:
         if not isinstance(node, dict) or part not in node:
             return default
         node = node[part]
-    return _resolve(cfg, node, root, depth + 1)
+    return _resolve(cfg, node, root, depth + 1, budget)
 
 
 def dataset_name(cfg: dict | None) -> str | None:
@@ -208,7 +239,12 @@ def dataset_name(cfg: dict | None) -> str | None:
 
 
 def resolve_config(cfg: dict) -> dict:
-    return _resolve(cfg, cfg, cfg)
+    """`cfg` with its interpolations resolved (`_resolve`), copied out. Raises OfficialFormatError past
+    MAX_NODES values (YAML aliases, interpolations of large subtrees) or for a tree nested too deeply."""
+    try:
+        return _resolve(cfg, cfg, cfg, 0, _Budget("the config"))
+    except RecursionError:
+        raise OfficialFormatError("the config is nested too deeply") from None
 
 
 def read_yaml(path: str | Path) -> dict:
