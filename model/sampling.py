@@ -18,6 +18,8 @@ import torch
 
 from model import fused
 
+F32_MAX = float(torch.finfo(torch.float32).max)  # a penalty the float32 sampler can hold
+
 
 def check_number(
     name: str,
@@ -93,8 +95,10 @@ class SamplingParams:
         self.repetition_penalty = check_number("repetition_penalty", self.repetition_penalty, gt=0)
         if self.seed is not None:
             self.seed = check_number("seed", self.seed, ge=0, le=2**63 - 1, integer=True)
-        self.presence_penalty = check_number("presence_penalty", self.presence_penalty)
-        self.frequency_penalty = check_number("frequency_penalty", self.frequency_penalty)
+        # (float32's range: the sampler holds them in float32, where 1e39 was inf, and 0 × inf a NaN for
+        # every token not yet generated: the row went uniform, the penalised tokens included)
+        for name in ("presence_penalty", "frequency_penalty"):
+            setattr(self, name, check_number(name, getattr(self, name), ge=-F32_MAX, le=F32_MAX))
         self.min_p = check_number("min_p", self.min_p, ge=0, le=1)
         self.logit_bias = {
             check_number("logit_bias (a token id)", t, ge=0, integer=True): check_number("logit_bias", b)

@@ -161,3 +161,24 @@ def test_greedy_tiny_temperature_and_top_k_1_give_the_argmax(path, batch, top1):
             assert int(out[r]) == int(torch.nonzero(z[r] == top)[0]), (r, p)  # argmax: the first maximum
         elif p.top_k == 1 or gap / p.temperature > 100:
             assert z[r][out[r]] == top, (r, p)  # a maximum (tied maxima share the mass)
+
+
+@pytest.mark.parametrize("path", ["c", "torch"])
+@pytest.mark.parametrize("field", ["presence_penalty", "frequency_penalty"])
+def test_a_penalty_past_float32_is_refused_and_one_within_it_excludes_the_penalised_token(path, field):
+    """The sampler holds penalties in float32: 1e39 became inf there, 0 × inf a NaN for every token not
+    yet generated, and the row went uniform, the penalised token included (a helper's audit: token 0
+    drawn 43 times in 400). Past float32's largest value a penalty is now refused naming it; at 1e38 the
+    penalised token (generated once, the most likely) is never drawn and the rest keep their order."""
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: 1e39})
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: -1e39})
+    logits = torch.tensor([[5.0, 4, 0, -1, -2, -3, -4, -5]]).repeat(400, 1)
+    counts = torch.zeros(400, 8)
+    counts[:, 0] = 1
+    params = [SamplingParams(**{field: 1e38}, seed=s) for s in range(400)]
+    with with_path(path):
+        out = sample(logits, params, [p.generator() for p in params], counts=counts)
+    drawn = torch.bincount(out, minlength=8)
+    assert drawn[0] == 0 and drawn[1] > drawn[2] > 0, drawn
