@@ -74,7 +74,34 @@ def read_reference(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     missing = [k for k in REQUIRED if k not in ref]
     if missing:
         raise UsageError(f"{path}: not a reference file (missing {missing})")
+    why = _reference_problem(ref)
+    if why is not None:  # (each was a traceback deep in compare, with exit 1: "the conversion differs")
+        raise UsageError(f"{path}: not a reference file ({why})")
     return ref, meta
+
+
+def _reference_problem(ref: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with a reference's tensors, or None: tokens (B, T) of integers ≥ 0, B and T ≥ 1;
+    logits_step (B, T, V) and logits_conv (B, T0, V), T0 ≤ T, floating and V ≥ 1; each kernel.i 2-D
+    floating."""
+    tokens, conv, step = ref["tokens"], ref["logits_conv"], ref["logits_step"]
+    if tokens.dim() != 2 or tokens.is_floating_point() or tokens.dtype == torch.bool or 0 in tokens.shape:
+        return f"tokens must be (batch, length) integers, got {tokens.dtype}{list(tokens.shape)}"
+    if int(tokens.min()) < 0:
+        return f"tokens must be ≥ 0, got {int(tokens.min())}"
+    B, T = tokens.shape
+    for name, t in (("logits_step", step), ("logits_conv", conv)):
+        if t.dim() != 3 or not t.is_floating_point() or t.shape[0] != B or t.shape[2] < 1:
+            return f"{name} must be ({B}, length, vocab) floats, got {t.dtype}{list(t.shape)}"
+    if step.shape[1] != T or not 1 <= conv.shape[1] <= T or conv.shape[2] != step.shape[2]:
+        return (
+            f"logits_step {list(step.shape)} and logits_conv {list(conv.shape)} do not fit tokens "
+            f"{list(tokens.shape)} (logits_step: each token; logits_conv: the first 1 to {T})"
+        )
+    bad = [
+        k for k, v in ref.items() if k.startswith("kernel.") and (v.dim() != 2 or not v.is_floating_point())
+    ]
+    return f"{bad[0]} must be (channels, length) floats" if bad else None
 
 
 @torch.no_grad()
@@ -195,7 +222,8 @@ def describe(ref: dict[str, torch.Tensor], meta: dict) -> str:
     """A reference file's metadata for the header, with its lengths read from the tensors when the
     metadata leaves them out (the fixtures' files carry only a `case`)."""
     lengths = {"conv_tokens": ref["logits_conv"].shape[1], "tokens": ref["tokens"].shape[1]}
-    values = {k: int(v) if v.isdigit() else v for k, v in meta.items()}  # safetensors keeps strings
+    values = {k: int(v) if v.isascii() and v.isdigit() else v for k, v in meta.items()}  # (strings; "²" is
+    # a digit to str.isdigit, not to int)
     head = {k: values.pop(k) for k in ("source", "sha256") if k in values}
     return json.dumps({**head, **lengths, **{k: v for k, v in values.items() if k not in lengths}})
 

@@ -149,6 +149,41 @@ def test_a_reference_with_another_width_cannot_check_exit_2(converted, tmp_path)
     assert rc == 2 and "another model (SSM layer 0 has 16 channels; CONVERTED_DIR's has 8)" in err, err
 
 
+def _set(key, value):
+    def change(ref):
+        ref[key] = value(ref)
+
+    return change
+
+
+MALFORMED = [  # (the change to s4_bytes's reference, what the error names)
+    (_set("tokens", lambda r: r["tokens"][:, :0]), "tokens must be (batch, length) integers"),
+    (_set("tokens", lambda r: r["tokens"].double()), "tokens must be (batch, length) integers"),
+    (_set("tokens", lambda r: r["tokens"][0]), "tokens must be (batch, length) integers"),
+    (_set("tokens", lambda r: r["tokens"] - 1000), "tokens must be ≥ 0"),
+    (_set("logits_step", lambda r: r["logits_step"][:, :-3].contiguous()), "do not fit tokens"),
+    (_set("logits_conv", lambda r: torch.cat([r["logits_step"], r["logits_step"][:, :2]], 1)), "do not fit"),
+    (_set("logits_conv", lambda r: r["logits_conv"][0]), "logits_conv must be (2, length, vocab) floats"),
+    (_set("kernel.0", lambda r: r["kernel.0"][0]), "kernel.0 must be (channels, length) floats"),
+]
+
+
+@pytest.mark.parametrize(("change", "words"), MALFORMED, ids=[w for _, w in MALFORMED])
+def test_a_malformed_reference_is_a_usage_error_exit_2_not_a_failed_conversion(converted, tmp_path, change,
+                                                                               words):  # fmt: skip
+    """Exit 1 says the conversion differs from the official code: a reference file whose tensors do not
+    fit one another (empty, float, 1-D or negative tokens; logits of another length) gave a traceback deep
+    in the comparison with exit 1 (a helper's audit). Now exit 2 naming what is wrong, and a metadata
+    value that str.isdigit takes but int() does not ("²") is shown as it is."""
+    ref = _reference_like(FIX / "s4_bytes.ref.safetensors", tmp_path / "r.safetensors", change=change)
+    rc, out, err = run(converted["s4_bytes"], "--reference", ref)
+    assert rc == 2 and "FAIL" not in out, out + err
+    assert f"{ref}: not a reference file (" in err and words in err, err
+    sup = _reference_like(FIX / "s4_bytes.ref.safetensors", tmp_path / "sup.safetensors", {"case": "²"})
+    rc, out, err = run(converted["s4_bytes"], "--reference", sup)
+    assert rc == 0 and r'"case": "\u00b2"' in out.splitlines()[0], out + err
+
+
 def test_a_reference_made_from_another_file_cannot_check_exit_2(converted, tmp_path):
     """The reference's `source` / `sha256` against CONVERTED_DIR's config.json source: the SHA-256 decides
     where both have one (a renamed copy is the same file), else the file name."""
