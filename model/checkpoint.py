@@ -31,29 +31,60 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+RESERVED = ("format", "format_version", "config", "weights_sha256", "num_params")  # save() writes these
+
+
 def save(net, directory: str | Path, extra: dict | None = None) -> Path:
     """Write `net` (any `model.build` network) to directory/{model.safetensors, config.json}, both mode
-    0644 whatever the umask (safetensors writes its file 0600: through a private temporary file)."""
+    0644 whatever the umask (safetensors writes its file 0600: through a private temporary file).
+
+    Floating weights are stored float32, what `load` reads: a bfloat16 or float16 network's exactly (it
+    wrote files load refused). `extra`: more top-level config.json fields, JSON values, none of RESERVED.
+    Everything is checked before a file is touched, and each file is written beside its name and moved
+    over it, so a refused save leaves a checkpoint already in `directory` as it was (an `extra` that was
+    not JSON failed after the weights were replaced: the old checkpoint's checksum no longer matched).
+    Raises ValueError for non-finite weights, a reserved or non-JSON `extra`."""
     d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    state = {}
+    for k, v in net.state_dict().items():
+        v = v.detach().cpu()
+        if v.is_floating_point():
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"tensor {k!r} holds non-finite values: not saved (load would refuse it)")
+            v = v.float()
+        state[k] = v.contiguous()
     if net.config.tie_embeddings:
         state.pop("head.weight", None)  # shared with embed.weight; restored by construction
+    clash = sorted(set(extra or {}) & set(RESERVED))
+    if clash:
+        raise ValueError(f"extra config.json fields {clash} are save()'s own ({', '.join(RESERVED)})")
+    try:
+        extra_text = json.dumps(extra or {}, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"extra config.json fields must be JSON values: {exc}") from None
+    d.mkdir(parents=True, exist_ok=True)
     # one metadata key: safetensors writes a map's keys in a random order, and the file's SHA-256 is the
     # model's identity (weights_sha256: sessions are exported and imported by it), so two saves of the same
     # weights must be the same bytes (with two keys, 2 of 12 saves differed)
-    save_file(state, str(d / WEIGHTS), metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "config": net.config.to_dict(),
-        "weights_sha256": _sha256(d / WEIGHTS),
-        "num_params": net.num_params(),
-        **(extra or {}),
-    }
-    (d / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    for name in (WEIGHTS, CONFIG):
-        (d / name).chmod(FILE_MODE)
+    weights, config = d / f".{WEIGHTS}.saving", d / f".{CONFIG}.saving"
+    try:
+        save_file(state, str(weights), metadata={"format": f"{FORMAT}/{FORMAT_VERSION}"})
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "config": net.config.to_dict(),
+            "weights_sha256": _sha256(weights),
+            "num_params": net.num_params(),
+            **json.loads(extra_text),
+        }
+        config.write_text(json.dumps(meta, indent=2) + "\n")
+        for path in (weights, config):
+            path.chmod(FILE_MODE)
+        weights.replace(d / WEIGHTS)
+        config.replace(d / CONFIG)
+    finally:
+        for path in (weights, config):
+            path.unlink(missing_ok=True)
     return d
 
 
@@ -70,7 +101,7 @@ def read_config(directory: str | Path) -> dict:
         raise CheckpointError(f"{path}: missing (a checkpoint is a folder with {CONFIG} and {WEIGHTS})")
     try:
         meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, integers of over 4,300 digits, nesting
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: expected a JSON object, got {type(meta).__name__}")

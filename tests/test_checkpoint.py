@@ -1,5 +1,6 @@
 """save → load round trips exactly; every kind of broken checkpoint fails with a named problem."""
 
+import copy
 import json
 
 import pytest
@@ -153,3 +154,52 @@ def test_two_conversions_of_one_official_file_are_the_same_checkpoint(tmp_path):
         metas.append(json.loads((tmp_path / str(i) / "config.json").read_text()))
     assert len({m["weights_sha256"] for m in metas}) == 1
     assert len({(tmp_path / str(i) / "model.safetensors").read_bytes() for i in range(4)}) == 1
+
+
+def test_a_refused_save_leaves_the_checkpoint_there_as_it_was(tmp_path, net):
+    """save() checks everything before it touches a file and moves each file over its name (a helper's
+    audit: an `extra` that was not JSON failed after model.safetensors was replaced, and the checkpoint
+    already there no longer loaded, its checksum mismatched): an `extra` that is not JSON or names a
+    field save() writes, or a network with a NaN weight, is a ValueError and leaves the folder's files as
+    they were, and no temporary file behind."""
+    d = save(net, tmp_path / "ck")
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    bad = copy.deepcopy(net)
+    with torch.no_grad():
+        next(bad.parameters()).view(-1)[0] = float("nan")
+    for call, words in [
+        (lambda: save(net, d, extra={"note": object()}), "must be JSON values"),
+        (
+            lambda: save(net, d, extra={"weights_sha256": "0" * 64}),
+            r"\['weights_sha256'\] are save\(\)'s own",
+        ),
+        (lambda: save(net, d, extra={"x": float("nan")}), "must be JSON values"),
+        (lambda: save(bad, d), "holds non-finite values: not saved"),
+    ]:
+        with pytest.raises(ValueError, match=words):
+            call()
+        assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    load(d)
+
+
+def test_a_16_bit_network_is_saved_as_float32_exactly_and_loads(tmp_path, net):
+    """load() reads float32 weights; a bfloat16 or float16 network's save wrote files it refused. Now its
+    weights are stored float32, each value exactly."""
+    for dtype in (torch.bfloat16, torch.float16):
+        half = copy.deepcopy(net).to(dtype)
+        back = load(save(half, tmp_path / str(dtype)))
+        for (k, a), b in zip(half.state_dict().items(), back.state_dict().values(), strict=True):
+            assert b.dtype == torch.float32 and torch.equal(a.float(), b), k
+
+
+def test_a_config_json_past_pythons_json_limits_is_a_checkpoint_error(tmp_path, net):
+    """Nesting deeper than json's recursion limit, or an integer of over 4,300 digits, in config.json: a
+    CheckpointError naming the file (a bare RecursionError / ValueError before)."""
+    d = save(net, tmp_path / "ck")
+    meta = json.loads((d / "config.json").read_text())
+    for text in ('{"a": ' + "[" * 5000 + "]" * 5000 + "}", '{"a": ' + "9" * 5000 + "}"):
+        (d / "config.json").write_text(text)
+        with pytest.raises(CheckpointError, match=r"config.json: not valid JSON"):
+            load(d)
+    (d / "config.json").write_text(json.dumps(meta))
+    load(d)
