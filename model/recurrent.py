@@ -757,7 +757,7 @@ def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None
     parameters and settings is read from it (`model.form_cache`: its form rebuilt from the stored modes,
     the check's result and K as stored), and a new conversion is written to it. Raises VerificationError
     when no form passes (non-finite parameters, or every form's error above `tol`), never another error."""
-    L = verify_len or kernel.L
+    L = min(verify_len, kernel.L) if verify_len else kernel.L  # (a layer has kernel.L taps)
     s = {k: v.detach().cpu() for k, v in kernel.ssm(F64).items()}
     bad = [k for k, v in s.items() if not bool(v.isfinite().all())]
     if bad:
@@ -911,14 +911,20 @@ def check_native_block_state(state: torch.Tensor) -> None:
                          "steps through `step` or the CUDA graphs' decode blocks")  # fmt: skip
 
 
-def form_device(net: torch.nn.Module, device, tol: float, logits_tol: float | None) -> torch.device:
+def form_device(net: torch.nn.Module, device, tol: float, logits_tol: float | None,
+                verify_len: int | None = None) -> torch.device:  # fmt: skip
     """A recurrent form's arguments checked before any work (RecurrentModel, SaShiMiRecurrent): the device
-    (`usable_device`; None: the weights' own), and its tolerances, each a finite relative error > 0 (a NaN
-    or negative `tol` failed every layer's verification, read as a model that does not convert). Raises
-    ValueError naming the argument."""
+    (`usable_device`; None: the weights' own), its tolerances, each a finite relative error > 0 (a NaN
+    or negative `tol` failed every layer's verification, read as a model that does not convert; True was
+    taken as 1.0), and `verify_len`, None or an integer in [1, l_max] (-5, 3.5, l_max + 1 failed deep in
+    the check; 10**9 ran a Python loop of as many steps). Raises ValueError naming the argument."""
     for name, value in (("tol", tol), ("logits_tol", logits_tol)):
-        if value is not None and not (isinstance(value, numbers.Real) and 0 < value < float("inf")):
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value < float("inf")
+        if value is not None and not ok:
             raise ValueError(f"{name} must be a finite relative error > 0, got {value!r}")
+    l_max = net.config.l_max
+    if verify_len is not None and not (type(verify_len) is int and 1 <= verify_len <= l_max):
+        raise ValueError(f"verify_len must be null or an integer in [1, l_max = {l_max}], got {verify_len!r}")
     return usable_device(device) if device is not None else next(net.parameters()).device
 
 
@@ -990,7 +996,7 @@ class RecurrentModel(GraphedModel):
         triton_step: bool | None = None,
         cache: FormCache | None = None,
     ):
-        device = form_device(net, device, tol, logits_tol)
+        device = form_device(net, device, tol, logits_tol, verify_len)
         self.dtype = dtype = served_dtype(net, dtype)
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = net.config

@@ -70,9 +70,14 @@ def test_arguments_the_library_cannot_use_are_refused_by_name(arch, tmp_path):
             rec.step(bad, s)
     with pytest.raises(ValueError, match=r"out has shape .* torch.float64, expected .* torch.float32"):
         rec.step(torch.tensor([3]), s, out=s.double())
-    for tol in (float("nan"), -1.0, 0.0, float("inf")):
+    for tol in (float("nan"), -1.0, 0.0, float("inf"), True):  # (True was taken as 1.0)
         with pytest.raises(ValueError, match=r"tol must be a finite relative error > 0, got"):
             net.to_recurrent(tol=tol)
+    # verify_len: -5, 3.5 and l_max + 1 failed deep in the check, 10**9 looped for as many steps
+    for n in (-5, 0, 3.5, True, net.config.l_max + 1, 10**9):
+        with pytest.raises(ValueError, match=r"verify_len must be null or an integer in \[1, l_max = "):
+            net.to_recurrent(verify_len=n)
+    assert net.to_recurrent(verify_len=net.config.l_max // 2).verification["dtype"] == "float32"
     with pytest.raises(ValueError, match=r"logits_tol must be a finite relative error > 0"):
         net.to_recurrent(logits_tol=float("nan"))
     assert net.to_recurrent(dtype="bfloat16").dtype == torch.bfloat16

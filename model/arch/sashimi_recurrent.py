@@ -101,7 +101,7 @@ class SaShiMiRecurrent(GraphedModel):
         triton_step: bool | None = None,
         cache: FormCache | None = None,
     ):
-        device = recurrent.form_device(net, device, tol, logits_tol)
+        device = recurrent.form_device(net, device, tol, logits_tol, verify_len)
         self.dtype = dtype = recurrent.served_dtype(net, dtype)
         self.net = copy.deepcopy(net).to(device).eval().requires_grad_(False)
         self.config = cfg = net.config
