@@ -501,8 +501,7 @@ class BucketedStep:
         b = bucket_for(B, self.buckets) if B else None
         if b is None:
             raise ValueError(f"decode block: {B} rows, the graphs' buckets hold 1 … {self.buckets[-1]}")
-        if K < 1:
-            raise ValueError(f"decode block: K must be ≥ 1, got {K}")
+        fused.check_block_args(K, limit)
         buf = self.bucket(b)
         dev = buf.state.device  # (the tensors' own: cuda:0 where the model says cuda)
         want = list(self.rec.state_shape)

@@ -705,6 +705,7 @@ class NetStep:
         stop checks, per row, until the row has made limit[r] tokens or a stop sequence (over the
         tokens' low bytes) ends. state (n_layers, B, H, 2, M) float32 contiguous, updated in place;
         the other arguments: `decode_block`. Raises ValueError on bad shapes or when the C step fails."""
+        check_block_args(K, rows.get("limit", torch.zeros(0, dtype=torch.long)))
         head = [ctypes.c_long(v) for v in (K, tok.shape[0], self.H, self.V, self.n_layers, self.M)]
         head += self._weight_args()
         return decode_block(lambda tail: self.lib.net_block(*head, *tail), K, self.V, state, 1, tok, **rows)
@@ -872,6 +873,7 @@ class SaShiMiStep:
     def block(self, K: int, state: torch.Tensor, tok: torch.Tensor, **rows) -> BlockResult:
         """Up to K decode steps in one C call (ssm_step.c `sashimi_block`); state (B, numel) float32
         contiguous, updated in place; the other arguments: `decode_block`."""
+        check_block_args(K, rows.get("limit", torch.zeros(0, dtype=torch.long)))
         head = (ctypes.byref(self.c), ctypes.c_long(K), ctypes.c_long(tok.shape[0]))
         return decode_block(
             lambda tail: self.lib.sashimi_block(*head, *tail), K, self.V, state, 0, tok, **rows
@@ -923,6 +925,20 @@ def decode_block_state(lib, delay_s: float | None = None, share: bool | None = N
     return int(out[0]), bool(out[1])
 
 
+MAX_BLOCK_STEPS = 1 << 16  # a decode block's K at most (its token buffer: K × rows int64)
+
+
+def check_block_args(K, limit: torch.Tensor) -> None:
+    """A decode block's K, an integer in [1, MAX_BLOCK_STEPS], and its rows' limits, each ≥ 0 (K = -1
+    was a RuntimeError, 2**40 a terabyte allocation, 2.5 a TypeError, and a negative limit was read as 0:
+    a helper's audit). Raises ValueError naming them."""
+    if type(K) is not int or not 1 <= K <= MAX_BLOCK_STEPS:
+        raise ValueError(f"decode block: K must be an integer in [1, {MAX_BLOCK_STEPS}], got {K!r}")
+    if isinstance(limit, torch.Tensor) and limit.numel() and int(limit.min()) < 0:  # (else: decode_block's
+        # own shape check names it)
+        raise ValueError(f"decode block: each row's limit must be ≥ 0, got {int(limit.min())}")
+
+
 def decode_block(
     invoke,
     K: int,
@@ -963,7 +979,8 @@ def decode_block(
     the k most likely (`BlockResult.logprobs`, from the raw logits the sampler was given; the normalizer
     summed in double: `model.sampling.token_logprobs` on the CPU runs this computation, the same bits; torch's
     ops agree within float32 rounding), None: for no row.
-    Raises ValueError on bad shapes or when the C step fails."""
+    Raises ValueError on bad shapes, a K or a limit out of range (`check_block_args`), or when the C step
+    fails."""
     B = tok.shape[0]
     if (
         state.shape[batch_dim] != B
@@ -976,6 +993,7 @@ def decode_block(
     for t in (tok, key, counter, limit):  # (the sampling settings' tensors: settings.check below)
         if t.shape != (B,) or t.dtype != torch.long or not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError(f"decode block: expected ({B},) {torch.long} contiguous CPU tensors")
+    check_block_args(K, limit)
     if not seen.is_contiguous():
         raise ValueError("decode block: seen must be contiguous")
     settings.check(B, V)

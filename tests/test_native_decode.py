@@ -843,6 +843,23 @@ def _block_args(rec, B: int, tok: torch.Tensor, **change) -> dict:
     return {**args, **change}
 
 
+def test_a_block_of_steps_or_limits_out_of_range_is_refused_and_changes_nothing(rec):
+    """decode_block's K, an integer in [1, MAX_BLOCK_STEPS], and each row's limit ≥ 0: K = -1 was a
+    RuntimeError, 2**40 a terabyte allocation, 2.5 a TypeError, and a negative limit was read as 0 (a
+    helper's audit). Each is now a ValueError naming it, the state and tokens untouched."""
+    from model.fused import MAX_BLOCK_STEPS
+
+    B = 3
+    state, tok = _prefilled(rec, B, seed=6)
+    before = (state.clone(), tok.clone())
+    for K in (-1, 0, 2.5, True, MAX_BLOCK_STEPS + 1, 2**40):
+        with pytest.raises(ValueError, match=rf"K must be an integer in \[1, {MAX_BLOCK_STEPS}\], got"):
+            rec.decode_block(K, state, tok, **_block_args(rec, B, tok))
+    with pytest.raises(ValueError, match=r"each row's limit must be ≥ 0, got -2"):
+        rec.decode_block(4, state, tok, **_block_args(rec, B, tok, limit=torch.tensor([4, -2, 4])))
+    assert torch.equal(state, before[0]) and torch.equal(tok, before[1])
+
+
 def test_a_bad_logprobs_request_is_refused_and_none_asked_reports_none(rec):
     """decode_block's logprobs: (B,) int64 on the CPU with every entry −1 or ≥ 0, else a ValueError that
     names it (the state untouched); all −1 reports nothing; all 0 the chosen tokens' alone."""
