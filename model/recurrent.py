@@ -1192,8 +1192,9 @@ class RecurrentModel(GraphedModel):
         imaginary parts; its conjugate is implied) or two of its real modes (`real_block_slots`), so an
         N-dimensional real system takes M = N/2 slots; a DPLR layer's N/2 complex modes; a layer with
         fewer slots than the widest is zero-padded. Its size does not depend on the context length."""
-        if not isinstance(batch_size, numbers.Integral) or batch_size < 0:
-            raise ValueError(f"batch_size must be an int ≥ 0, got {batch_size!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 0:
+            raise ValueError(f"batch_size must be an int ≥ 0, got {batch_size!r}")  # (True was 1 row, or a
+            # TypeError in SaShiMi's)
         return torch.zeros(len(self.layers), batch_size, self.H, 2, self.M, device=self.device)
 
     def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int) -> torch.Tensor:

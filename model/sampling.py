@@ -377,8 +377,8 @@ def sample(
     reproduces a sequence whatever the batch. Raises ValueError unless logits is 2-D with one entry of
     `params` and of `generators` (CounterRNG or torch.Generator) per row, each row's logit_bias ids are
     below V, and `seen`/`counts`, when given, are (B, V)."""
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be (B, V), got shape {tuple(logits.shape)}")
+    if logits.dim() != 2 or logits.shape[1] == 0:  # (V = 0 gave token 0, outside [0, V))
+        raise ValueError(f"logits must be (B, V) with V ≥ 1, got shape {tuple(logits.shape)}")
     B, V = logits.shape
     if len(params) != B or len(generators) != B:
         raise ValueError(f"one SamplingParams and one generator per row: {B} rows, got {len(params)} params "

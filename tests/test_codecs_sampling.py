@@ -146,6 +146,15 @@ def test_greedy_top_k1_and_tiny_top_p_pick_the_argmax():
     assert torch.equal(out, logits.argmax(-1))
 
 
+def test_sample_refuses_logits_of_no_token():
+    """(B, 0) logits have no token to draw: sample returned token 0, outside its own promise [0, V) (a
+    helper's audit); a ValueError now, and an empty batch (0, V) still gives no tokens."""
+    p = SamplingParams(seed=1)
+    with pytest.raises(ValueError, match=r"logits must be \(B, V\) with V ≥ 1, got shape \(2, 0\)"):
+        sample(torch.zeros(2, 0), [p, p], [p.generator(), p.generator()])
+    assert sample(torch.zeros(0, 5), [], []).shape == (0,)
+
+
 def test_filter_keeps_top_k_and_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
     out = filter_logits(logits, torch.tensor([2, 0]), torch.tensor([1.0, 0.7]))

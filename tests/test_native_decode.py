@@ -918,7 +918,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_every_entry_point_and_c
     # a state elsewhere than the model (its pointer handed to C would be another device's)
     with pytest.raises(ValueError, match="must be on the model's device"):
         rec.step(torch.tensor([1, 2, 3]), rec.init_state(B).to("meta"))
-    for n in (-1, 2.0):
+    for n in (-1, 2.0, True):  # (True was one row here, a TypeError in a SaShiMi)
         with pytest.raises(ValueError, match="batch_size must be an int"):
             rec.init_state(n)
 

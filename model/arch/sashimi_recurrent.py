@@ -366,8 +366,9 @@ class SaShiMiRecurrent(GraphedModel):
 
     def init_state(self, batch_size: int) -> torch.Tensor:
         """Zeros (batch_size, layout.numel) float32: phase 0, empty buffers, zero SSM states."""
-        if not isinstance(batch_size, numbers.Integral) or batch_size < 0:
-            raise ValueError(f"batch_size must be an int ≥ 0, got {batch_size!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 0:
+            raise ValueError(f"batch_size must be an int ≥ 0, got {batch_size!r}")  # (True was 1 row, or a
+            # TypeError in SaShiMi's)
         return torch.zeros(batch_size, self.layout.numel, device=self.device)
 
     @property
