@@ -420,6 +420,16 @@ async def delete(state: ServerState, session_id: str) -> None:
     await _store_deleted(state, session_id, await landed(state, session_id, gone))
 
 
+async def delete_unread(state: ServerState, session_id: str) -> None:
+    """Delete a session whose stored state cannot be restored here (corrupt, made by other weights, of
+    another model: the 422 of `restore`), unread: its tombstone written (`StoreWriter.delete`), answered
+    as `delete` is once that lands (503 if the store could not). A DELETE of such a session was refused
+    with that 422, so the client could not delete it, and it stayed until the store's TTL (a day by
+    default): a helper's audit."""
+    state.writer.delete(session_id)
+    await _store_deleted(state, session_id, await landed(state, session_id))
+
+
 async def _store_deleted(state: ServerState, session_id: str, outcome: str | None) -> None:
     """The answer to a delete whose store operation ended `outcome` (`landed`): 503 when the store could
     not delete the session (the writer tries again), else nothing (204)."""

@@ -634,6 +634,14 @@ def test_a_corrupt_or_foreign_stored_state_is_refused_with_a_clear_error(model_d
             assert frame["type"] == "error" and frame["code"] == 422 and "checksum" in frame["message"]
         assert s.state.models[TEXT].engine.pool.in_use == 1  # nothing was installed; sid is still fine
         assert _generate(s.url, sid, None, 3, seed=1)
+        # such a session can still be deleted (its DELETE was the same 422: it stayed for the store's TTL,
+        # a helper's audit): unread, its tombstone written; then it is gone for every route
+        for key in cases:
+            r = httpx.delete(f"{s.url}/v1/sessions/{key}")
+            assert r.status_code == 204, (key, r.text)
+            assert redis_db.hget(KEY_PREFIX + key, "v") == TOMBSTONE.encode()
+            assert httpx.get(f"{s.url}/v1/sessions/{key}").status_code == 404
+        assert httpx.delete(f"{s.url}/v1/sessions/sess-never-was").status_code == 404
     finally:
         s.stop()
 

@@ -65,8 +65,18 @@ async def get(session_id: str, request: Request):
 @router.delete("/{session_id}", status_code=204,
                summary="Delete a session (a running request on it is cancelled)")  # fmt: skip
 async def delete(session_id: str, request: Request) -> Response:
-    await service.restore(state_of(request), session_id)
-    await service.delete(state_of(request), session_id)
+    st = state_of(request)
+    try:
+        await service.restore(st, session_id)
+    except APIError as err:  # a stored state this server cannot read (corrupt, other weights, another model)
+        if err.status != 422 or st.writer is None:
+            raise
+        if st.sessions.has(session_id):
+            await service.delete(st, session_id)
+        else:
+            await service.delete_unread(st, session_id)
+    else:
+        await service.delete(st, session_id)
     return Response(status_code=204)
 
 
