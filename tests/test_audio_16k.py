@@ -78,6 +78,18 @@ def run(coro):
         return pool.submit(asyncio.run, coro).result()
 
 
+async def pcm_turn(ws, pcm_in: bytes, n: int, seed: int) -> bytes:
+    """On a socket bound with pcm16 frames: send `pcm_in` as the prompt, generate n samples, and return
+    the binary frames' bytes (after the audio_header, until the done frame)."""
+    await ws.send(pcm_in)
+    await ws.send(json.dumps({"type": "generate", "max_new_tokens": n, "seed": seed}))
+    await ws.recv()  # audio_header
+    out = b""
+    while isinstance(m := await ws.recv(), bytes):
+        out += m
+    return out
+
+
 def tone(n: int, rate: int, hz: float = 440.0) -> np.ndarray:
     return 0.4 * np.sin(2 * np.pi * hz * np.arange(n) / rate)
 
@@ -179,13 +191,7 @@ def test_a_model_with_the_official_mulaw_convention_streams_in_it(srv, official_
         async with connect(srv.ws_url) as ws:
             await ws.send(json.dumps({"type": "session", "model": OFFICIAL, "audio_encoding": "pcm16"}))
             await ws.recv()
-            await ws.send(pcm_in)
-            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 200, "seed": 2}))
-            await ws.recv()  # audio_header
-            out = b""
-            while isinstance(m := await ws.recv(), bytes):
-                out += m
-            return out
+            return await pcm_turn(ws, pcm_in, 200, seed=2)
 
     out = run(main())
     want = reference(official_dir, prompt, SamplingParams(seed=2), 200)
@@ -225,13 +231,7 @@ def test_an_official_beethoven_sashimi_streams_its_linear_quantization(srv):
             refused = json.loads(await ws.recv())
             await ws.send(json.dumps({"type": "session", "model": BEETHOVEN, "audio_encoding": "pcm16"}))
             bound = json.loads(await ws.recv())
-            await ws.send(pcm_in)
-            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 150, "seed": 3}))
-            await ws.recv()  # audio_header
-            out = b""
-            while isinstance(m := await ws.recv(), bytes):
-                out += m
-            return refused, bound, out
+            return refused, bound, await pcm_turn(ws, pcm_in, 150, seed=3)
 
     refused, bound, out = run(main())
     assert (refused["type"], refused["code"], refused["param"]) == ("error", 422, "audio_encoding"), refused
