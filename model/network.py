@@ -27,7 +27,9 @@ class ModelConfig:
     """The shape and options of a model: saved as `config` in a checkpoint's config.json, the [model]
     table of a training config. Every field is checked on construction (`__post_init__`): a bad value
     raises ValueError naming the field and the value (types included: 16.5 is not an integer, "yes"
-    not a boolean). Lengths are in tokens (bytes, or mu-law samples); times Δ in sampling steps.
+    not a boolean). Lengths are in tokens (bytes, or mu-law samples); times Δ in sampling steps. Each
+    size has an upper bound too (`MAX_SIZE`: vocab_size 2^22, d_model 2^15, n_layers 2^10, d_state 2^12,
+    l_max 2^20, d_ff 2^17, sample_rate 384,000), beyond any trained S4 model.
 
     vocab_size      int ≥ 1: tokens (256 for bytes and 8-bit mu-law).
     d_model         int ≥ 1: H, channels (independent SSMs) per layer; sashimi: level 0's width.
