@@ -113,6 +113,14 @@ class StateRangeError(ValueError):
     a value is NaN or infinite, or exceeds the bound of `RecurrentModel.state_limit`."""
 
 
+def check_state_kind(state) -> None:
+    """StateRangeError unless `state` is a float32 or float16 tensor (the states `step` takes): a float64
+    or int64 state passed `check_state` and `step` then refused it; a list was an AttributeError."""
+    if not isinstance(state, torch.Tensor) or state.dtype not in STATE_DTYPES:
+        kind = f"a {state.dtype} tensor" if isinstance(state, torch.Tensor) else type(state).__name__
+        raise StateRangeError(f"state must be a float32 (or float16) tensor, got {kind}")
+
+
 # The dtypes a state may be stored in. float32 everywhere (conversion verifies it against the float64 conv
 # mode); float16 as an opt-in for a GPU's decode batch (`GraphedModel.use_state_dtype`): the step widens
 # it exactly, computes in float32 and rounds the next state to float16, so a step moves half the bytes.
@@ -1165,6 +1173,7 @@ class RecurrentModel(GraphedModel):
         produce: every value finite and within `state_limit()` (`state_bound()` × STATE_BOUND_SLACK, or
         `state16_bound()` where derived). Checks each row on its own; the message names the first offending
         entry."""
+        check_state_kind(state)
         want = (len(self.layers), self.H, 2, self.M)
         if state.dim() != 5 or tuple(state.shape[:1] + state.shape[2:]) != want:
             raise StateRangeError(f"state has shape {tuple(state.shape)}, expected (n_layers, B, H, 2, M) = "

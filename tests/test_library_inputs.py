@@ -73,6 +73,14 @@ def test_arguments_the_library_cannot_use_are_refused_by_name(arch, tmp_path):
     for tol in (float("nan"), -1.0, 0.0, float("inf"), True):  # (True was taken as 1.0)
         with pytest.raises(ValueError, match=r"tol must be a finite relative error > 0, got"):
             net.to_recurrent(tol=tol)
+    # check_state takes the states step takes: a float64 or int64 one passed it and step refused it, a
+    # list was an AttributeError
+    from model.recurrent import StateRangeError
+
+    for bad in (s.double(), s.long(), [1]):
+        with pytest.raises(StateRangeError, match=r"state must be a float32 \(or float16\) tensor, got"):
+            rec.check_state(bad)
+    rec.check_state(s)
     # verify_len: -5, 3.5 and l_max + 1 failed deep in the check, 10**9 looped for as many steps
     for n in (-5, 0, 3.5, True, net.config.l_max + 1, 10**9):
         with pytest.raises(ValueError, match=r"verify_len must be null or an integer in \[1, l_max = "):

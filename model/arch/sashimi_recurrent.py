@@ -312,6 +312,7 @@ class SaShiMiRecurrent(GraphedModel):
         or after their level's phase exactly 0 (they are filled one per level step and cleared when the
         block is pooled); every value within `state_bound()` × STATE_BOUND_SLACK (inf: finiteness
         only). Checks each row on its own; the message names the first offending part and row."""
+        recurrent.check_state_kind(state)
         if state.dim() != 2 or state.shape[1] != self.layout.numel:
             raise StateRangeError(
                 f"state has shape {tuple(state.shape)}, expected (B, layout.numel) = (B, {self.layout.numel})"
