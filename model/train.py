@@ -603,6 +603,28 @@ def saved_init(out: Path) -> dict | None:
     return None if checked is None else {**checked, "model": rec["model"]}
 
 
+# what a checkpoint's tokens mean: a [model] key may not change them under train.init (its weights were
+# trained on them; the refusal of another code than the data's was passed by relabelling the model)
+KEPT_FORMAT = ("modality", "sample_rate", "quantization", "mulaw")
+
+
+def check_kept_format(init: str, init_cfg: dict, overrides: dict) -> None:
+    """ConfigError naming train.init when a [model] key (`overrides`) changes what the checkpoint's tokens
+    mean (KEPT_FORMAT: modality, sample rate, audio quantization, mu-law convention) from its config
+    (`init_cfg`, a field absent there at ModelConfig's default)."""
+    from model.network import ModelConfig  # noqa: PLC0415
+
+    defaults = {f.name: f.default for f in fields(ModelConfig)}
+    for key in KEPT_FORMAT:
+        if key in overrides and overrides[key] != init_cfg.get(key, defaults[key]):
+            raise ConfigError(
+                f"train.init {init!r}: [model] {key} = {overrides[key]!r} would relabel the checkpoint's "
+                f"{key} ({init_cfg.get(key, defaults[key])!r}), which its weights were trained on: leave it "
+                "out (prepare the data in the checkpoint's format instead: python -m model.data audio "
+                "--sample-rate, --quantization, --mulaw)"
+            )
+
+
 def check_model_fits_data(model_cfg, data, where: str, splits: list | None = None) -> None:
     """ConfigError, before anything is trained or written, unless the model (`model_cfg`: its ModelConfig,
     or a dict) can be trained on `data`: its modality is the data's, an audio model's sample rate the data's,
@@ -626,10 +648,14 @@ def check_model_fits_data(model_cfg, data, where: str, splits: list | None = Non
             codec = None  # (a bad value: the model's own check names it)
         ours = meta_codec(data.meta)
         if codec is not None and codec != ours:
+            quant = get("quantization", "mu-law")
+            flags = f"--quantization {quant}" + (
+                f" --mulaw {get('mulaw', 's4serve')}" if quant == "mu-law" else ""
+            )
             raise ConfigError(
                 f"{where or 'model.quantization'}: the model's audio tokens are {codec.name}; the data "
                 f"({data.path}) is {ours.name} (prepare it in the model's: python -m model.data audio "
-                f"--quantization {get('quantization', 'mu-law')} --mulaw {get('mulaw', 's4serve')})"
+                f"{flags} --sample-rate {get('sample_rate')})"
             )
     V = get("vocab_size")
     arrays = splits if splits is not None else [data.split(name) for name in ("train", "val", "test")]
@@ -783,6 +809,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
         else:
             init_cfg, init_state, provenance = _init_from(tcfg.init)
             init = {**provenance, "model": init_cfg}
+        check_kept_format(tcfg.init, init["model"], model_cfg)
         model_cfg = {**init["model"], **model_cfg}
     if data.kind == "audio":
         dcfg.seq_len = data.clip_len

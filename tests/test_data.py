@@ -101,6 +101,7 @@ def test_audio_is_prepared_in_the_codec_a_model_to_fine_tune_has(tmp_path):
     s4_meta = prepare_audio(tmp_path / "s4", mulaw="s4", **kw)
     assert "quantization" not in ours and ours["encoding"] == "mu-law 8-bit"
     assert (lin_meta["quantization"], lin_meta["encoding"]) == ("linear", "linear 8-bit")
+    assert "mulaw" not in lin_meta  # (a mu-law convention means nothing for linear ids)
     assert (s4_meta["mulaw"], s4_meta["encoding"]) == ("s4", "mu-law s4 8-bit")
     mu, lin, s4 = Dataset(tmp_path / "mu"), Dataset(tmp_path / "lin"), Dataset(tmp_path / "s4")
     assert (mu.codec, lin.codec, s4.codec) == (MuLaw(), Linear8(), MuLaw("s4"))

@@ -840,6 +840,12 @@ def test_an_official_beethoven_sashimi_imports_as_linear_and_others_as_before(tm
     imp = imported("sashimi_beethoven")
     assert imp.config["quantization"] == "linear"
     assert "8-bit linear ('linear' in the config)" in "\n".join(imp.notes)
+    # its data's rate is known by its path (it was "16 kHz audio is ASSUMED": a fresh user's trial)
+    assert imp.config["sample_rate"] == 16000
+    assert (
+        "dataset 'qautoaudio' at 'beethoven': 16 kHz audio (the official beethoven data's rate)"
+        in "\n".join(imp.notes)
+    )
     assert "quantization" not in imported("sashimi_sc09").config
     r = _run_convert(FIX / "sashimi_beethoven.ckpt", tmp_path / "b")
     assert r.returncode == 0, r.stderr

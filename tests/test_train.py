@@ -307,6 +307,27 @@ def test_a_model_of_another_modality_is_refused_with_an_article_that_fits():
     check_model_fits_data({"modality": "text", "vocab_size": 1}, Audio(), "")  # (ids 0 only: fits)
 
 
+def test_a_model_key_may_not_relabel_what_a_checkpoints_tokens_mean():
+    """Under train.init, a [model] key that changes the checkpoint's modality, sample rate, quantization or
+    mu-law convention is refused naming it (a fresh user's trial: `model.quantization=linear` passed the
+    refusal of another code than the data's, and exported mu-law weights labelled linear); keys that keep
+    them (or other keys) pass, a field absent from the checkpoint's config being at its default."""
+    from model.train import check_kept_format
+
+    ck = {"modality": "audio", "sample_rate": 8000}  # (quantization and mulaw absent: mu-law, s4serve)
+    for key, value in [
+        ("quantization", "linear"),
+        ("mulaw", "s4"),
+        ("sample_rate", 16000),
+        ("modality", "text"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"train.init 'ck': \[model\] {key} = {value!r} would relabel"):
+            check_kept_format("ck", ck, {key: value})
+    check_kept_format(
+        "ck", ck, {"quantization": "mu-law", "mulaw": "s4serve", "sample_rate": 8000, "dropout": 0.1}
+    )
+
+
 def test_train_inits_provenance_keeps_a_fine_tunes_chain_and_only_values_of_the_expected_kinds():
     """init_provenance reads a checkpoint's config.json (the user's file): a fine-tune of a fine-tune keeps
     the earlier run's record under training.init; a value of the wrong kind is dropped (None), not copied."""

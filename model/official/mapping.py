@@ -49,6 +49,7 @@ from model.network import MAX_SIZE
 TRANSFORMS = ("none", "exp", "relu", "sigmoid", "softplus")
 # src/dataloaders/audio.py: the quantized-audio datasets (vocab 2^bits); sample rates of the official data
 # (qautoaudio: YouTubeMix, Beethoven; their rate is the files')
+QAUTOAUDIO_RATES = {"beethoven": 16000, "youtube_mix": 16000}  # qautoaudio's official data, by its path
 AUDIO_DATASETS = {"sc09": 16000, "qautoaudio": None, "maestro": 16000, "ljspeech": 16000, "music": 16000}
 LN_EPS = 1e-5
 
@@ -1160,6 +1161,11 @@ def _audio_format(ds: dict, sample_rate: int | None) -> tuple[int, str, str]:
             quant,
             f"dataset {name!r}: {rate // 1000} kHz audio (the official {name} data's rate), {law}",
         )
+    path = ds.get("path")
+    if name == "qautoaudio" and path in QAUTOAUDIO_RATES:  # configs/dataset/beethoven.yaml, youtubemix.yaml
+        rate = QAUTOAUDIO_RATES[path]
+        note = f"dataset {name!r} at {path!r}: {rate // 1000} kHz audio (the official {path} data's rate)"
+        return rate, quant, f"{note}, {law}"
     return (
         16000,
         quant,
