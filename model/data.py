@@ -335,6 +335,9 @@ def main(argv: list[str] | None = None) -> None:
         summary = {s: f"{meta['clips'][s]:,} clips, {len(meta['variants'][s])} variants" for s in SPLITS}
         summary["held-out variants"] = {s: meta["variants"][s] for s in ("val", "test")}
         summary["hours"] = meta["hours"]
+        summary["codec"] = f"{meta['encoding']} at {meta['sample_rate']} Hz"
+        cut = meta["clips_cut"]
+        summary["clips cut"] = f"{cut} (not silent at their first or last sample: --seconds too short)"
     print(json.dumps(summary, indent=1))
 
 
