@@ -308,7 +308,8 @@ class Settings(BaseSettings):
         description="with a session store, a request that changes a session (create, append, fork, import, "
         "delete, a turn on it) is answered once the change is in the store (HTTP answer, SSE done event, "
         "WebSocket done or appended frame), so the next request finds it on any replica; a store slower "
-        "than this many seconds gets the answer sent anyway (logged). 0: answer at once, the write lands "
+        "than this many seconds gets the answer sent anyway (logged), but a delete is then a 503 (sent "
+        "again, it waits for the store's delete). 0: answer at once, the write lands "
         "after (a next request on another replica may then continue from the state before, or be refused "
         "409 while the replica it left still writes or reloads the session)",
     )

@@ -432,7 +432,16 @@ async def delete_unread(state: ServerState, session_id: str) -> None:
 
 async def _store_deleted(state: ServerState, session_id: str, outcome: str | None) -> None:
     """The answer to a delete whose store operation ended `outcome` (`landed`): 503 when the store could
-    not delete the session (the writer tries again), else nothing (204)."""
+    not delete the session (the writer tries again), or had not answered within S4_SESSION_STORE_WRITE_WAIT_S
+    ("late": a hung Redis; it was a 204 before the delete had landed, a helper's audit), else nothing
+    (204)."""
+    if outcome == "late":
+        raise unavailable(
+            f"session {session_id}: deleted on this replica, but the session store had not deleted it within "
+            f"{state.settings.session_store_write_wait_s:g} s (S4_SESSION_STORE_WRITE_WAIT_S; it is applied "
+            "when the store answers, and tried again until it lands; until then another replica can still "
+            "serve the session): send the DELETE again to wait for it"
+        )
     if outcome == "error":
         raise unavailable(
             f"session {session_id}: deleted on this replica, but the session store could not delete it yet "

@@ -1330,6 +1330,42 @@ def test_a_delete_the_store_failed_is_tried_again_until_it_lands(monkeypatch):
     assert report == "final flush: 0 of 0 sessions written, 0 failed; 1 deleted", report
 
 
+def test_a_delete_the_store_has_not_answered_in_time_is_a_503_then_a_204_once_it_lands(
+    model_dirs, redis_url, redis_db
+):
+    """DELETE while Redis hangs (SIGSTOP): the store's delete had not landed when the wait ran out, and the
+    answer was 204 all the same (a helper's audit). Now a 503 saying it had not been deleted within
+    S4_SESSION_STORE_WRITE_WAIT_S; the session is gone here (404); a DELETE waiting as the store answers
+    is a 204, the store holds the tombstone, and a DELETE after that is a 404."""
+    a = _replica(model_dirs, redis_url, session_store_write_wait_s=0.5)
+    store, delete = a.state.store, a.state.store.delete
+    hang = threading.Event()
+
+    def hanging_delete(session_id):
+        hang.wait(10)
+        delete(session_id)
+
+    store.delete = hanging_delete
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
+            "session_id"
+        ]
+        r = httpx.delete(f"{a.url}/v1/sessions/{sid}")
+        assert r.status_code == 503, r.text
+        assert "had not deleted it within 0.5 s" in r.json()["error"]["message"]
+        assert httpx.get(f"{a.url}/v1/sessions/{sid}").status_code == 404
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a DELETE waiting as the store answers
+            again = pool.submit(httpx.delete, f"{a.url}/v1/sessions/{sid}")
+            assert wait_for(lambda: len(a.state.writer._waiting_busy) == 2, 10)  # (the first and it wait)
+            hang.set()
+            assert again.result().status_code == 204
+        assert redis_db.hget(KEY_PREFIX + sid, "v") == TOMBSTONE.encode()
+        assert httpx.delete(f"{a.url}/v1/sessions/{sid}").status_code == 404  # gone everywhere now
+    finally:
+        hang.set()
+        a.stop()
+
+
 def test_a_delete_the_store_cannot_make_is_a_503_and_the_session_stays_deleted(
     model_dirs, redis_url, redis_db
 ):
