@@ -80,6 +80,8 @@ class StateStore(Protocol):
 
 
 # A deleted session's version: no writer ever expects it, so every later write of the session is refused.
+PROBE_S = 5.0  # after a failed operation, the writer asks the store again this often while idle
+PROBE_KEY = "__probe__"  # the key it asks the version of (no session has this id)
 MAYBE_KEPT = 16  # per session, the latest versions of writes whose outcome is unknown (StoreWriter._maybe)
 TOMBSTONE = "deleted"
 
@@ -314,7 +316,10 @@ class StoreWriter:
         # state, and the turns written since were lost)
         self._maybe: dict[str, list[str]] = {}
         self._landed: set[str] = set()  # sessions whose last operation was a write that landed, none since
-        self._answering = True  # whether the store answered the last operation (`answered`, `may_evict`)
+        self._answering = True  # whether the store answered the last operation (`answered`: gauge, probes)
+        self._writes_ok = True  # whether the writer's last write or delete landed (`may_evict`: a store at
+        # maxmemory answers reads and refuses writes)
+        self._probed = 0.0  # when the idle writer last asked a failing store (`_probe`)
         self._stopping = False
         self.written = self.deleted = self.failed = self.stale = self.unchanged = 0
         self._final: dict | None = None  # the shutdown flush's counts (begin_final)
@@ -494,6 +499,17 @@ class StoreWriter:
         self.store.close()
         return ok and not final["error"], _report(final, unanswered, left, timeout)
 
+    def _probe(self) -> None:
+        """(writer thread) After a failed operation, with nothing else to do: one version read, so that
+        `s4_session_store_up` learns the store answers again on a replica that makes no operation of its own
+        (it said down until one did: a helper's audit). (`may_evict` waits for a write that lands.)"""
+        try:
+            self.store.version(PROBE_KEY)
+        except Exception:  # (still down: the next probe in PROBE_S)
+            self.answered(False)
+        else:
+            self.answered(True)
+
     def answered(self, ok: bool) -> None:
         """Record whether the store answered an operation (`up`): the writer's, or a route's read."""
         self._answering = ok
@@ -503,12 +519,13 @@ class StoreWriter:
     def may_evict(self, session_id: str) -> bool:
         """(engine thread) Whether this replica may let go of its copy of the session (idle-TTL or
         slots-full eviction): the store holds that copy (its last write landed and nothing came since:
-        `_landed`), or the store answered the last operation, so the eviction's write should land. False
-        while the store fails and the copy is not known to be stored: it is then the only one, and stays
-        here (the README: while the store is down, sessions live on in memory). An eviction let a failing
-        store's write go and freed the copy: the session came back from the store older, or not at all."""
+        `_landed`), or the writer's last write or delete landed, so the eviction's write should too. False
+        while the store fails writes and the copy is not known to be stored: it is then the only one, and
+        stays here (the README: while the store is down, sessions live on in memory). An eviction let a
+        failing store's write go and freed the copy: the session came back from the store older, or not at
+        all. (Reads do not count: Redis at maxmemory answers them and refuses writes.)"""
         with self._cv:
-            return session_id in self._landed or self._answering
+            return session_id in self._landed or self._writes_ok
 
     def _due_retries(self) -> float | None:
         """(under _cv) Queue the failed deletes whose time has come; the seconds until the next one."""
@@ -558,14 +575,31 @@ class StoreWriter:
 
     def _loop(self) -> None:
         while True:
+            probe = False
             with self._cv:
                 while not self._stopping:
                     wait = self._due_retries()
                     if self._pending:
                         break
+                    if not self._answering:  # (the store failed last: ask it again every PROBE_S)
+                        due = self._probed + PROBE_S - time.monotonic()
+                        if due <= 0:
+                            probe = True
+                            break
+                        wait = due if wait is None else min(wait, due)
                     self._cv.wait(wait)
-                if not self._pending:
+                if probe:
+                    self._probed = time.monotonic()
+                elif not self._pending:
                     return
+            if probe:
+                self._probe()
+                continue
+            with self._cv:
+                if not self._pending:  # (emptied meanwhile: stop(), or discard())
+                    if self._stopping:
+                        return
+                    continue
                 session_id = next(iter(self._pending))
                 op = self._pending.pop(session_id)
                 tries = self._tries.pop(session_id, 0) if op is _DELETE else 0
@@ -620,6 +654,8 @@ class StoreWriter:
             if done == "error" and self._error_counter is not None:
                 self._error_counter.labels("delete" if op is _DELETE else "write").inc()
             self.answered(done != "error")
+            if done in ("write", "stale", "delete", "error"):  # (tried to write or delete; not "unchanged")
+                self._writes_ok = done != "error"
 
 
 def _resolve(futures, outcome: str) -> None:

@@ -1281,6 +1281,44 @@ def test_a_failed_write_counts_as_a_store_error_of_op_write():
     writer.stop(5)
 
 
+def test_an_idle_writer_asks_a_failing_store_again_so_up_comes_back_without_a_request(monkeypatch):
+    """After a failed operation the idle writer reads a version every PROBE_S: s4_session_store_up learns
+    that the store answers again on a replica that makes no operation of its own (it said down until one
+    did: a helper's audit). may_evict waits for a write that lands: a store at maxmemory answers reads."""
+    import server.store
+
+    monkeypatch.setattr(server.store, "PROBE_S", 0.05)
+    store, metrics = _DownStore(), Metrics()
+    metrics.add_store_gauges(lambda: 0)
+    writer = StoreWriter(store, metrics.store_ops, up=metrics.store_up)
+    real_put, real_version = store.put, store.version
+
+    def down_put(*args):
+        raise StoreError("write failed (Connection refused)", "write failed (ConnectionError)")
+
+    def version(session_id):
+        if store.down.is_set():
+            raise StoreError("version check failed (Connection refused)", "down")
+        return real_version(session_id)
+
+    store.put, store.version = down_put, version
+    up = lambda: metrics.registry.get_sample_value("s4_session_store_up")  # noqa: E731
+    try:
+        store.down.set()
+        writer.write("w", dict(HEADER), b"\0\0\0\0")
+        assert writer.landed("w").result(5) == "error"
+        time.sleep(0.2)  # probes while down: still 0
+        assert up() == 0 and not writer.may_evict("w")
+        store.down.clear()  # reads answer again, writes still fail (Redis at maxmemory)
+        assert wait_for(lambda: up() == 1, 5)
+        assert not writer.may_evict("w")  # (its write has not landed: the copy here is the only one)
+        store.put = real_put
+        writer.write("w", dict(HEADER), b"\0\0\0\0")
+        assert writer.landed("w").result(5) == "write" and writer.may_evict("w")
+    finally:
+        writer.stop(5)
+
+
 def test_a_delete_the_store_failed_is_tried_again_until_it_lands(monkeypatch):
     """StoreWriter: a failed delete resolves its waiters "error" and is tried again, backing off, until
     it lands; meanwhile `deleting` says so (the replica reads the session as deleted), a new `landed` on it
