@@ -80,10 +80,10 @@ class StateStore(Protocol):
 
 
 # A deleted session's version: no writer ever expects it, so every later write of the session is refused.
+TOMBSTONE = "deleted"
 PROBE_S = 5.0  # after a failed operation, the writer asks the store again this often while idle
 PROBE_KEY = "__probe__"  # the key it asks the version of (no session has this id)
 MAYBE_KEPT = 16  # per session, the latest versions of writes whose outcome is unknown (StoreWriter._maybe)
-TOMBSTONE = "deleted"
 
 
 def _versions(expected: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -592,22 +592,18 @@ class StoreWriter:
                     self._probed = time.monotonic()
                 elif not self._pending:
                     return
+                else:
+                    session_id = next(iter(self._pending))
+                    op = self._pending.pop(session_id)
+                    tries = self._tries.pop(session_id, 0) if op is _DELETE else 0
+                    expected = (self._versions.get(session_id, ""), *self._maybe.get(session_id, ()))
+                    self._busy, self._busy_op, self._inflight = session_id, op, new_version()
+                    self._waiting_busy = self._waiting.pop(session_id, [])
+                    self._superseded.discard(session_id)
+                    version = self._inflight
             if probe:
                 self._probe()
                 continue
-            with self._cv:
-                if not self._pending:  # (emptied meanwhile: stop(), or discard())
-                    if self._stopping:
-                        return
-                    continue
-                session_id = next(iter(self._pending))
-                op = self._pending.pop(session_id)
-                tries = self._tries.pop(session_id, 0) if op is _DELETE else 0
-                expected = (self._versions.get(session_id, ""), *self._maybe.get(session_id, ()))
-                self._busy, self._busy_op, self._inflight = session_id, op, new_version()
-                self._waiting_busy = self._waiting.pop(session_id, [])
-                self._superseded.discard(session_id)
-                version = self._inflight
             done, error, missing = self._apply(session_id, op, tries, expected, version)
             held = done == "write" and (self._held is None or self._held(session_id))  # (not under _cv)
             with self._cv:

@@ -71,12 +71,10 @@ async def delete(session_id: str, request: Request) -> Response:
     except APIError as err:  # a stored state this server cannot read (corrupt, other weights, another model)
         if err.status != 422 or st.writer is None:
             raise
-        if st.sessions.has(session_id):
-            await service.delete(st, session_id)
-        else:
+        if not st.sessions.has(session_id):  # (a copy held here is deleted as any other)
             await service.delete_unread(st, session_id)
-    else:
-        await service.delete(st, session_id)
+            return Response(status_code=204)
+    await service.delete(st, session_id)
     return Response(status_code=204)
 
 
