@@ -705,10 +705,12 @@ class NetStep:
         stop checks, per row, until the row has made limit[r] tokens or a stop sequence (over the
         tokens' low bytes) ends. state (n_layers, B, H, 2, M) float32 contiguous, updated in place;
         the other arguments: `decode_block`. Raises ValueError on bad shapes or when the C step fails."""
-        check_block_args(K, rows.get("limit", torch.zeros(0, dtype=torch.long)))
-        head = [ctypes.c_long(v) for v in (K, tok.shape[0], self.H, self.V, self.n_layers, self.M)]
-        head += self._weight_args()
-        return decode_block(lambda tail: self.lib.net_block(*head, *tail), K, self.V, state, 1, tok, **rows)
+
+        def invoke(tail):  # (after decode_block's checks: K among them)
+            head = [ctypes.c_long(v) for v in (K, tok.shape[0], self.H, self.V, self.n_layers, self.M)]
+            return self.lib.net_block(*head, *self._weight_args(), *tail)
+
+        return decode_block(invoke, K, self.V, state, 1, tok, **rows)
 
 
 class CNetStack(ctypes.Structure):
@@ -873,11 +875,12 @@ class SaShiMiStep:
     def block(self, K: int, state: torch.Tensor, tok: torch.Tensor, **rows) -> BlockResult:
         """Up to K decode steps in one C call (ssm_step.c `sashimi_block`); state (B, numel) float32
         contiguous, updated in place; the other arguments: `decode_block`."""
-        check_block_args(K, rows.get("limit", torch.zeros(0, dtype=torch.long)))
-        head = (ctypes.byref(self.c), ctypes.c_long(K), ctypes.c_long(tok.shape[0]))
-        return decode_block(
-            lambda tail: self.lib.sashimi_block(*head, *tail), K, self.V, state, 0, tok, **rows
-        )
+
+        def invoke(tail):  # (after decode_block's checks: K among them)
+            return self.lib.sashimi_block(ctypes.byref(self.c), ctypes.c_long(K), ctypes.c_long(tok.shape[0]),
+                                          *tail)  # fmt: skip
+
+        return decode_block(invoke, K, self.V, state, 0, tok, **rows)
 
 
 def step_split_min_weights(lib, value: int | None = None) -> int:
