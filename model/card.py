@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from model.checkpoint import CONFIG, load
-from model.codecs import audio_codec, wav_bytes
+from model.codecs import wav_bytes
 from model.data import AUDIO_BOS, Dataset, marginal_entropy_bits, write_splits
 from model.quality import lexicon, voiced_share, word_share
 from model.sampling import SamplingParams, sample
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         for old in samples.glob("generated_*.wav"):
             old.unlink()
         samples.mkdir(exist_ok=True)
-        mu = audio_codec(cfg.quantization, cfg.mulaw)  # the model's own codec
+        mu = cfg.codec  # the model's own
         gen = [mu.decode(np.array(o)) for o in outs]
         clips = []
         for i, x in enumerate(gen[:WAVS_KEPT]):

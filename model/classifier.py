@@ -42,7 +42,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.codecs import audio_codec
 from model.data import DIGITS, Dataset
 
 CONFIG = "config.json"
@@ -324,7 +323,7 @@ def _score(args) -> dict:
     rec = net.to_recurrent()
     t0 = time.perf_counter()
     outs = generate(rec, [[AUDIO_BOS]] * args.samples, ccfg["clip_len"], params)
-    mu = audio_codec(cfg.quantization, cfg.mulaw)
+    mu = cfg.codec
     gen = as_batch([mu.decode(np.array(o)) for o in outs])
     sampling = {k: getattr(params, k) for k in ("temperature", "top_k", "top_p", "min_p")}
     res = {"checkpoint": str(args.checkpoint), **sampling, "seed": args.seed,

@@ -70,7 +70,7 @@ class MuLaw:
         self.name = f"mu-law {convention}"  # (a codec's name: `Linear8.name` is "linear")
 
     def __eq__(self, other) -> bool:  # codecs are values: equal by name, hashable (a cache's key)
-        return isinstance(other, MuLaw | Linear8) and other.name == self.name
+        return isinstance(other, AudioCodec) and other.name == self.name
 
     def __hash__(self) -> int:
         return hash(self.name)
@@ -137,9 +137,10 @@ class Linear8:
 
 
 QUANTIZATIONS = ("mu-law", "linear")  # the official dataset.quantization names
+AudioCodec = MuLaw | Linear8  # an audio model's codec (`audio_codec`)
 
 
-def audio_codec(quantization: str = "mu-law", mulaw: str = "s4serve") -> MuLaw | Linear8:
+def audio_codec(quantization: str = "mu-law", mulaw: str = "s4serve") -> AudioCodec:
     """The codec of an audio model's tokens (ModelConfig `quantization`, and for mu-law its `mulaw`
     convention). Raises ValueError for another quantization or convention."""
     if quantization == "linear":

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from model.cauchy import BACKENDS
-from model.codecs import QUANTIZATIONS
+from model.codecs import MULAW_CONVENTIONS, QUANTIZATIONS, AudioCodec, audio_codec
 from model.kernel import RE_LAMBDA_MAX, S4_INITS, S4D_INITS, SSMKernel
 from model.layer import S4Layer
 from model.norms import make_norm
@@ -210,7 +210,7 @@ class ModelConfig:
         if self.sample_rate is not None:
             _check_int("sample_rate", self.sample_rate, 1)
         _check_choice("quantization", self.quantization, QUANTIZATIONS)
-        _check_choice("mulaw", self.mulaw, ("s4serve", "s4"))
+        _check_choice("mulaw", self.mulaw, MULAW_CONVENTIONS)
         _check_choice("arch", self.arch, ("isotropic", "sashimi"))
         self._check_adaptive()
         from model.arch.sashimi import validate, validate_fields  # noqa: PLC0415
@@ -269,6 +269,11 @@ class ModelConfig:
                     f"tie_projs must be null or {len(c) + 1} booleans (one per shard), got {t!r}"
                 )
             self.tie_projs = list(t)
+
+    @property
+    def codec(self) -> AudioCodec:
+        """The audio tokens' codec (model.codecs.audio_codec of `quantization` and `mulaw`)."""
+        return audio_codec(self.quantization, self.mulaw)
 
     def to_dict(self) -> dict:
         """Every field, but those of OMIT_AT_DEFAULT at their default: a model saved (or converted) again

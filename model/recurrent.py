@@ -113,6 +113,13 @@ class StateRangeError(ValueError):
     a value is NaN or infinite, or exceeds the bound of `RecurrentModel.state_limit`."""
 
 
+def check_batch_size(batch_size) -> None:
+    """`init_state`'s argument (RecurrentModel, SaShiMiRecurrent): an int ≥ 0, not a bool (True was one
+    row here, a TypeError in a SaShiMi). Raises ValueError."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 0:
+        raise ValueError(f"batch_size must be an int ≥ 0, got {batch_size!r}")
+
+
 def check_state_kind(state) -> None:
     """StateRangeError unless `state` is a float32 or float16 tensor (the states `step` takes): a float64
     or int64 state passed `check_state` and `step` then refused it; a list was an AttributeError."""
@@ -1201,9 +1208,7 @@ class RecurrentModel(GraphedModel):
         imaginary parts; its conjugate is implied) or two of its real modes (`real_block_slots`), so an
         N-dimensional real system takes M = N/2 slots; a DPLR layer's N/2 complex modes; a layer with
         fewer slots than the widest is zero-padded. Its size does not depend on the context length."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 0:
-            raise ValueError(f"batch_size must be an int ≥ 0, got {batch_size!r}")  # (True was 1 row, or a
-            # TypeError in SaShiMi's)
+        check_batch_size(batch_size)
         return torch.zeros(len(self.layers), batch_size, self.H, 2, self.M, device=self.device)
 
     def _check(self, tokens: torch.Tensor, state: torch.Tensor, ndim: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ import functools
 
 import numpy as np
 
+from model.codecs import AudioCodec as Codec
 from model.codecs import AudioTooLong, ByteTokenizer, Linear8, MuLaw, read_audio, to_pcm16, wav_bytes
 from model.sampling import find_stop
 from model.vocab import Vocab, VocabError
@@ -21,7 +22,6 @@ from server.errors import APIError, invalid, prompt_too_long
 
 TEXT, MULAW = ByteTokenizer(), MuLaw()
 AUDIO_ENCODINGS = ("pcm16", "mulaw")  # WebSocket binary frames: s16le samples, or mu-law bytes (= ids)
-Codec = MuLaw | Linear8  # an audio model's (model.codecs.audio_codec)
 
 
 def b64decode(data: str, param: str) -> bytes:

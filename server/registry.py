@@ -16,7 +16,7 @@ import torch
 from model import VerificationError, fused, load
 from model import triton_step as triton_kernel
 from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, read_config
-from model.codecs import Linear8, MuLaw, audio_codec
+from model.codecs import AudioCodec
 from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
 from model.convert import VOCAB_DATASETS, ConvertError, MissingConfigError, convert_cached, default_name
 from model.cuda_graphs import LARGEST_BUCKET, bucket_sizes
@@ -80,9 +80,9 @@ class ServedModel:
         return self.config.sample_rate if self.kind == "audio" else None
 
     @property
-    def codec(self) -> MuLaw | Linear8:
-        """The audio tokens' codec (config `quantization`, and for mu-law its `mulaw` convention)."""
-        return audio_codec(self.config.quantization, self.config.mulaw)
+    def codec(self) -> AudioCodec:
+        """The audio tokens' codec (`ModelConfig.codec`)."""
+        return self.config.codec
 
     @property
     def state_bytes(self) -> int:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 from typing import TYPE_CHECKING
 
 import torch
@@ -367,9 +366,7 @@ class SaShiMiRecurrent(GraphedModel):
 
     def init_state(self, batch_size: int) -> torch.Tensor:
         """Zeros (batch_size, layout.numel) float32: phase 0, empty buffers, zero SSM states."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 0:
-            raise ValueError(f"batch_size must be an int ≥ 0, got {batch_size!r}")  # (True was 1 row, or a
-            # TypeError in SaShiMi's)
+        recurrent.check_batch_size(batch_size)
         return torch.zeros(batch_size, self.layout.numel, device=self.device)
 
     @property
