@@ -12,6 +12,7 @@ import wave
 import numpy as np
 import soundfile
 import soxr
+import torch
 
 
 class ByteTokenizer:
@@ -53,12 +54,17 @@ class MuLaw:
     * "s4serve" (ours, the default): q = floor((f + 1)/2 · 255 + 1/2), dequantized f = 2q/255 − 1.
     * "s4" (state-spaces/s4, src/dataloaders/audio.py `mu_law_encode`/`mu_law_decode`, which official
       SC09 and YouTubeMix SaShiMi checkpoints were trained on): q = floor((f + 1)/2 · (256 − 0.01) +
-      0.005), dequantized f = q/128 − 1, so 128 is exactly 0.0. (Its per-clip min-max scaling before
-      companding is a dataset step, not part of the code of one sample: not applied.)
+      0.005) with f computed from |x + 1e-8|, dequantized f = q/128 − 1, so 128 is exactly 0.0. Both run in
+      float32 torch arithmetic, operation for operation as the official code runs on its float32 audio, so
+      every id and decoded sample is the official code's (float64 arithmetic gave another id to 191 of the
+      2^24 24-bit PCM values, none of the 16-bit ones, and decoded 68 of the 256 ids 1 ulp away). (Its
+      per-clip min-max scaling before companding is a dataset step, not part of the code of one sample:
+      not applied.)
 
-    decode then encode gives every id back in "s4serve"; in "s4" ids 129 … 255 come back one lower (its
-    decode gives a bin's lower edge, which its 0.01 margin quantizes into the bin below), as in the
-    official code. Raises ValueError for another convention. (`Linear8`: the official linear quantization.)"""
+    decode then encode gives every id back in "s4serve"; in "s4" ids 0 … 129 come back and 130 … 255 one
+    lower (its decode gives a bin's lower edge, which its 0.01 margin quantizes into the bin below; 129's
+    edge rounds the other way in float32), as in the official code. Raises ValueError for another
+    convention. (`Linear8`: the official linear quantization.)"""
 
     vocab_size = 256
     mu = 255
@@ -78,18 +84,24 @@ class MuLaw:
     def encode(self, x) -> np.ndarray:
         """Samples (any shape, floats; clipped to [-1, 1]) → int64 ids 0 … 255. Raises ValueError for
         NaN or infinite samples."""
-        x = finite_samples(x)
-        x = np.clip(x, -1.0, 1.0)
+        x = np.clip(finite_samples(x), -1.0, 1.0)
+        if self.convention == "s4":  # float32, in the official operations' order (see the class docstring)
+            t = torch.tensor(x.astype(np.float32))  # (a copy, whatever x's strides and shape)
+            mu = torch.tensor(float(self.mu))
+            f = torch.sign(t) * (torch.log1p(mu * torch.abs(t + 1e-8)) / torch.log1p(mu))
+            q = ((f + 1) / 2) * (256 - 0.01) + 0.01 / 2
+            return np.clip(q.long().numpy(), 0, 255)  # (.long() truncates: q ≥ 0.005 here)
         f = np.sign(x) * np.log1p(self.mu * np.abs(x)) / math.log1p(self.mu)
-        if self.convention == "s4":
-            return np.clip(np.floor((f + 1) / 2 * (256 - 0.01) + 0.005), 0, 255).astype(np.int64)
         return np.floor((f + 1) / 2 * self.mu + 0.5).astype(np.int64)
 
     def decode(self, ids) -> np.ndarray:
         """Ids 0 … 255 (any shape, integers) → float32 samples in [-1, 1]. Raises ValueError for an id
         outside 0 … 255 or not an integer."""
         q = checked_ids(ids, "mu-law")
-        f = q / 128 - 1 if self.convention == "s4" else 2 * q / self.mu - 1
+        if self.convention == "s4":  # float32, as the official mu_law_decode: sign(f)·(256^|f| − 1)/255
+            f = torch.from_numpy(q).float() / 128 - 1
+            return (torch.sign(f) * ((self.mu + 1) ** torch.abs(f) - 1) / self.mu).numpy()
+        f = 2 * q / self.mu - 1
         return (np.sign(f) * np.expm1(np.abs(f) * math.log1p(self.mu)) / self.mu).astype(np.float32)
 
     @property

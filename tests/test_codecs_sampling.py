@@ -42,25 +42,30 @@ def test_mulaw_round_trip_and_error_bound():
     assert err.max() < 0.035 and err[np.abs(x) < 0.01].max() < 2.5e-4
 
 
-def test_mulaw_official_convention_equals_state_spaces_s4():
-    """MuLaw("s4") against state-spaces/s4's src/dataloaders/audio.py (quantize / dequantize /
-    mu_law_decode, written out here in torch as there; without its per-clip min-max scaling)."""
+def test_mulaw_official_convention_is_state_spaces_s4s_own_companding():
+    """MuLaw("s4") against the official functions' own outputs (make_codec_fixture.py ran `mu_law_encode`,
+    its per-clip min-max scaling made the identity, and `mu_law_decode` from the official
+    src/dataloaders/audio.py): every id of 21,556 samples (a grid, the mu-law bins' edges and decoded
+    values with their float32 neighbours, tiny samples where its `+ 1e-8` acts) exactly, and every
+    decoded id exactly, as float32 arithmetic in the official order gives them (float64 gives over 100 of
+    the ids, and over 10 of the decoded values, another value). 128 is the silence and decodes to 0.0."""
+    from safetensors.torch import load_file
 
-    def official_encode(x: torch.Tensor) -> torch.Tensor:
-        mu = torch.tensor(255)
-        enc = torch.sign(x) * (torch.log1p(mu * torch.abs(x + 1e-8)) / torch.log1p(mu))
-        return (((enc + 1) / 2) * (256 - 0.01) + 0.01 / 2).long()
-
-    def official_decode(q: torch.Tensor) -> torch.Tensor:
-        x = q.float() / 128 - 1
-        return torch.sign(x) * ((1 + 255) ** torch.abs(x) - 1) / 255
-
-    m = MuLaw("s4")
-    x = np.concatenate([np.linspace(-1, 1, 20001), [0.0, 1e-6, -1e-6, 0.5, -0.5]])
-    got, want = m.encode(x), official_encode(torch.tensor(x, dtype=torch.float64)).numpy()
-    assert (np.abs(got - want) <= 1).all() and (got != want).mean() < 1e-3  # float rounding at edges
-    q = np.arange(256)
-    np.testing.assert_allclose(m.decode(q), official_decode(torch.tensor(q)).numpy(), rtol=0, atol=2e-6)
+    ref = load_file(str(Path(__file__).parent / "fixtures" / "official" / "audio_codecs.ref.safetensors"))
+    m, x, want = MuLaw("s4"), ref["mx"].numpy(), ref["mu_law_encode_mx"].numpy()
+    got = m.encode(x)
+    assert got.dtype == np.int64
+    np.testing.assert_array_equal(got, want)
+    x64 = x.astype(np.float64)  # the same formulas in float64: the arithmetic matters at the edges
+    f64 = np.sign(x64) * np.log1p(255 * np.abs(x64)) / np.log1p(255)
+    assert (np.floor((f64 + 1) / 2 * (256 - 0.01) + 0.005) != want).sum() > 100
+    q = ref["ids"].numpy()
+    decoded = m.decode(q)
+    assert decoded.dtype == np.float32
+    np.testing.assert_array_equal(decoded, ref["mu_law_decode"].numpy())
+    d64 = (np.sign(q / 128 - 1) * np.expm1(np.abs(q / 128 - 1) * np.log1p(255)) / 255).astype(np.float32)
+    assert (d64 != ref["mu_law_decode"].numpy()).sum() > 10
+    assert m.encode(np.zeros((2, 3))[:, ::-1]).shape == (2, 3) and int(m.encode(0.0)) == 128  # any shape
     assert m.silence == 128 and m.decode([128])[0] == 0.0 and MuLaw().decode([128])[0] > 0
     # ours is unchanged: 2q/255 − 1
     np.testing.assert_allclose(MuLaw().decode(q), MuLaw("s4serve").decode(q))
@@ -68,12 +73,17 @@ def test_mulaw_official_convention_equals_state_spaces_s4():
         MuLaw("alaw")
 
 
-def test_mulaw_round_trip_of_the_official_convention_is_one_lower_above_128_as_documented():
-    """decode then encode in "s4": ids 0 … 128 come back, 129 … 255 one lower (the official formulas: a
-    bin's lower edge quantized with the 0.01 margin), as MuLaw's docstring says."""
+def test_mulaw_round_trip_of_the_official_convention_is_the_official_codes():
+    """decode then encode in "s4" is the official functions' own round trip (the fixture's): ids 0 … 129
+    come back, 130 … 255 one lower (a bin's lower edge quantized with the 0.01 margin; 129's edge rounds
+    up in float32), as MuLaw's docstring says."""
+    from safetensors.torch import load_file
+
+    ref = load_file(str(Path(__file__).parent / "fixtures" / "official" / "audio_codecs.ref.safetensors"))
     m, q = MuLaw("s4"), np.arange(256)
     back = m.encode(m.decode(q))
-    assert (back[:129] == q[:129]).all() and (back[129:] == q[129:] - 1).all()
+    np.testing.assert_array_equal(back, ref["mu_law_round_trip"].numpy())
+    assert (back[:130] == q[:130]).all() and (back[130:] == q[130:] - 1).all()
 
 
 def test_the_linear_codec_is_state_spaces_s4s_own_quantization():
