@@ -11,8 +11,12 @@ valid request to its route can (`route_budget`): before the rest is read, and be
 
 Four kinds are counted, each by its bytes outside strings: separators (`,`: an array's or object's
 elements but its first), containers (`[`, `{`), object members (`:`) and floats (`.`, `e`, `E`: a
-number with a fraction or an exponent; `true` and `false` count too). Inside strings nothing counts, so
-a long text prompt full of commas costs nothing against the budget (its length has its own limit). A
+number with a fraction or an exponent; `true` and `false` count too); and the nesting depth, the most
+arrays and objects open at once (`[`, `{` open one, `]`, `}` close one): MAX_DEPTH = 32, where a valid
+request nests 5 deep at most (a chat message's content parts). A fixed limit far inside Python's
+recursion limit (about 1,000 levels, which set json's refusal before), so it does not depend on the
+interpreter. Inside strings nothing counts, so a long text prompt full of commas costs nothing against
+the budget (its length has its own limit). A
 byte is inside a string when an odd number of unescaped `"` precede it; a `"` is escaped when an odd
 run of `\\` precedes it. Where the body is not valid JSON this count and a parser may disagree only
 from the first invalid byte on (a `\\` outside a string, say), where the parser stops: the count is
@@ -37,6 +41,9 @@ _COUNTED = {  # the most specific kind first: a refusal names the first kind ove
 }
 
 
+MAX_DEPTH = 32  # arrays and objects nested in one another (a valid request: 5 at most)
+
+
 @dataclass(frozen=True)
 class JSONBudget:
     """The most of each kind a body may hold outside strings (each ≥ 0)."""
@@ -45,6 +52,7 @@ class JSONBudget:
     containers: int  # '[' and '{'
     members: int  # ':': object members (a request's fields count too)
     floats: int  # '.', 'e', 'E': a number with a fraction or an exponent (1 or 2 each), true, false
+    depth: int = MAX_DEPTH  # arrays and objects open at once
 
     def limit(self, kind: str) -> int:
         return getattr(self, kind)
@@ -81,7 +89,8 @@ class StructureCounter:
 
     def __init__(self, budget: JSONBudget) -> None:
         self.budget = budget
-        self.counts = dict.fromkeys(_COUNTED, 0)
+        self.counts = {"depth": 0} | dict.fromkeys(_COUNTED, 0)  # depth: the deepest so far (named first)
+        self.depth = 0  # arrays and objects open after the bytes fed so far
         self.in_string = False  # after the bytes fed so far
         self.escape_pending = False  # they end in an odd run of backslashes: the next byte is escaped
 
@@ -93,6 +102,10 @@ class StructureCounter:
             if not self.in_string:
                 for kind, chars in _COUNTED.items():
                     self.counts[kind] += sum(piece.count(c) for c in chars)
+                if b"[" in piece or b"{" in piece:
+                    self._nest(np.frombuffer(piece, np.uint8))
+                else:  # (only closes: the depth falls, its maximum stands)
+                    self.depth -= piece.count(b"]") + piece.count(b"}")
         else:
             self._scan(np.frombuffer(piece, np.uint8))
         for kind, n in self.counts.items():
@@ -117,16 +130,28 @@ class StructureCounter:
             quote = a == _QUOTE
         inside = np.cumsum(quote, dtype=np.int64)  # quotes up to byte i: odd (+ in_string) is inside
         outside = ((inside + self.in_string) & 1) == 0  # (a quote's own parity is moot: it is not counted)
-        kinds = np.bincount(_KIND[a[outside]], minlength=len(_COUNTED) + 1)
+        out = a[outside]
+        kinds = np.bincount(_KIND[out], minlength=len(_COUNTED) + 1)
         for k, kind in enumerate(_COUNTED, start=1):
             self.counts[kind] += int(kinds[k])
+        self._nest(out)
         self.in_string = bool((int(inside[-1]) + self.in_string) & 1)
+
+    def _nest(self, out: np.ndarray) -> None:
+        """Follow the depth through `out`, bytes outside strings."""
+        step = _NEST[out]
+        if step.any():
+            depth = self.depth + np.cumsum(step, dtype=np.int64)
+            self.counts["depth"] = max(self.counts["depth"], int(depth.max()))
+            self.depth = int(depth[-1])
 
 
 _KIND = np.zeros(256, np.uint8)  # byte -> 1 + its kind's index in _COUNTED (0: not counted)
 for _k, _chars in enumerate(_COUNTED.values(), start=1):
     for _c in _chars:
         _KIND[_c[0]] = _k
+_NEST = np.zeros(256, np.int8)  # byte -> +1 opens an array or object, -1 closes one
+_NEST[[ord("["), ord("{")]], _NEST[[ord("]"), ord("}")]] = 1, -1
 
 
 SMALL = 65_536  # of each kind, far more than any valid request holds (but /v1/completions' token ids)
@@ -153,6 +178,7 @@ def text_over_budget(text: str, budget: JSONBudget) -> str | None:
     """`StructureCounter.feed` for a whole text (a WebSocket message): the first kind over `budget`, or
     None. Counted in strings too first (str.count), then exactly only if that count is over."""
     naive = {kind: sum(text.count(c.decode()) for c in chars) for kind, chars in _COUNTED.items()}
+    naive["depth"] = naive["containers"]  # (at most every one open at once)
     if all(n <= budget.limit(kind) for kind, n in naive.items()):
         return None
     return StructureCounter(budget).feed(text.encode("utf-8", "surrogatepass"))
@@ -164,6 +190,7 @@ def over_budget_message(
     """The 413's message: `kind` over `budget`, in `what` ("request body", or "message" on a WebSocket);
     `separators_note` (route_budget's) says what sets a route's larger separator budget."""
     items = {
+        "depth": "levels of arrays and objects nested in one another",
         "separators": "array or object elements (',')",
         "containers": "arrays and objects ('[', '{')",
         "members": "object members (':')",

@@ -301,41 +301,64 @@ def test_malformed_json_is_one_400_with_the_reason_and_place_on_every_route(clie
             assert got == (400, want, None), (path, body, r.text)
 
 
-def test_json_past_pythons_own_limits_is_a_400_that_says_so_on_every_route_and_the_websocket(client, server):
-    """JSON the grammar allows but Python's json does not take: arrays nested deeper than its recursion
-    limit, an integer of more digits than it converts (sys.get_int_max_str_digits). The HTTP routes said
-    FastAPI's "There was an error parsing the body" (no reason), the WebSocket pydantic's "recursion limit
-    exceeded at line 1 column 267" (a helper's audit). Now one 400 with one reason everywhere; the
-    socket serves on."""
+def test_json_nested_past_max_depth_is_a_413_and_past_pythons_digits_a_400_on_every_route_and_the_websocket(
+    client, server
+):
+    """JSON the grammar allows but no valid request holds, or Python's json does not take.
+
+    Nesting: arrays nested deeper than json's recursion limit were a 400 from RecursionError, at a depth set
+    by the interpreter. Before that, the HTTP routes said FastAPI's "There was an error parsing the body" (no
+    reason), the WebSocket pydantic's "recursion limit exceeded at line 1 column 267" (a helper's audit).
+    Now nesting past json_budget.MAX_DEPTH (32) is refused 413 by the structure count before anything
+    parses it, on every route and the socket; 32 deep is parsed (a 422 naming the field it does not fit).
+    An integer of more digits than json converts (sys.get_int_max_str_digits) is one 400 with one reason
+    everywhere. The socket serves on."""
     from websockets.sync.client import connect
+
+    from server.json_budget import MAX_DEPTH
 
     sid = client.post("/v1/sessions", json={"model": TEXT}).json()["session_id"]
     routes = ["/v1/generate", "/v1/completions", "/v1/chat/completions", "/v1/sessions"]
     routes.append(f"/v1/sessions/{sid}/append")
     digits = sys.get_int_max_str_digits()
-    cases = []
-    for depth in (1_500, 3_000, 16_000):  # (deeper than json's recursion limit; within the budget's 16,384)
-        cases.append(
-            (f'{{"model": "{TEXT}", "prompt": "a", "stop": {"[" * depth}{"]" * depth}}}', "recursion")
-        )
+
+    def nested(depth: int) -> str:  # the body's own object is one level: `stop` holds depth - 1
+        return f'{{"model": "{TEXT}", "prompt": "a", "stop": {"[" * (depth - 1)}{"]" * (depth - 1)}}}'
+
+    cases = [(nested(d), "depth") for d in (MAX_DEPTH + 1, 1_500, 16_000)]  # (1,500: past json's recursion)
     cases.append((f'{{"model": "{TEXT}", "prompt": "a", "seed": {"9" * (digits + 1)}}}', "digits"))
+    depth_msg = (
+        f"holds more than {MAX_DEPTH} levels of arrays and objects nested in one another outside strings"
+    )
     want = {
-        "recursion": "malformed JSON: recursion limit exceeded (arrays and objects nested too deeply)",
-        "digits": f"malformed JSON: number out of range (an integer of more than {digits} digits)",
+        "depth": (413, depth_msg),
+        "digits": (400, f"malformed JSON: number out of range (an integer of more than {digits} digits)"),
     }
-    for text, kind in cases:  # each case is what the test says it is: json.loads fails so
-        with pytest.raises(RecursionError if kind == "recursion" else ValueError) as exc:
-            json.loads(text)
-        assert not isinstance(exc.value, json.JSONDecodeError)
+    with pytest.raises(RecursionError):  # (what json did with the deepest)
+        json.loads(cases[1][0])
+    with pytest.raises(ValueError) as exc:
+        json.loads(cases[-1][0])
+    assert not isinstance(exc.value, json.JSONDecodeError)
     with connect(server.ws_url, max_size=None) as ws:
         for text, kind in cases:
+            status, message = want[kind]
             for path in routes:
                 r = client.post(path, content=text.encode(), headers={"content-type": "application/json"})
-                got = (r.status_code, r.json()["error"]["message"], r.json()["error"]["param"])
-                assert got == (400, want[kind], None), (path, kind, r.text[:300])
+                assert r.status_code == status and message in r.json()["error"]["message"], (
+                    path,
+                    r.text[:300],
+                )
             ws.send(text)
             err = json.loads(ws.recv(timeout=30))
-            assert (err["type"], err["code"], err["message"]) == ("error", 400, want[kind]), err
+            assert (err["type"], err["code"]) == ("error", status) and message in err["message"], err
+        for path in routes[:3]:  # at MAX_DEPTH the body is parsed: `stop` is refused by its schema
+            r = client.post(
+                path, content=nested(MAX_DEPTH).encode(), headers={"content-type": "application/json"}
+            )
+            assert r.status_code in (400, 422) and "stop" in r.text and "levels" not in r.text, (
+                path,
+                r.text[:300],
+            )
         ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "ok", "max_new_tokens": 1}))
         assert json.loads(ws.recv(timeout=30))["type"] == "session"  # the socket serves on
     client.delete(f"/v1/sessions/{sid}")

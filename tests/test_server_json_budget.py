@@ -25,24 +25,28 @@ from websockets.asyncio.client import connect
 from model.sampling import SamplingParams
 from server.json_budget import (
     CONTAINERS,
+    MAX_DEPTH,
     SMALL,
     JSONBudget,
     StructureCounter,
     json_content_type,
+    over_budget_message,
     route_budget,
     text_over_budget,
 )
 
-UNLIMITED = JSONBudget(10**12, 10**12, 10**12, 10**12)
-KINDS = ("separators", "containers", "members", "floats")
+UNLIMITED = JSONBudget(10**12, 10**12, 10**12, 10**12, depth=10**12)
+KINDS = ("depth", "separators", "containers", "members", "floats")
 JSON = {"content-type": "application/json"}
 MAX_PROMPT = 2048  # the server's max_prompt_tokens: /v1/completions' budget is 64 × 2048 + SMALL
 
 
 def byte_reference(text: bytes) -> dict[str, int]:
-    """The four counts, one byte at a time (a plain state machine: in a string, after a backslash)."""
+    """The four counts and the deepest nesting, one byte at a time (a plain state machine: in a string,
+    after a backslash; the depth open)."""
     counts = dict.fromkeys(KINDS, 0)
     inside = escaped = False
+    depth = 0
     for b in text:
         if inside:
             if escaped:
@@ -57,6 +61,10 @@ def byte_reference(text: bytes) -> dict[str, int]:
             counts["separators"] += 1
         elif b in b"[{":
             counts["containers"] += 1
+            depth += 1
+            counts["depth"] = max(counts["depth"], depth)
+        elif b in b"]}":
+            depth -= 1
         elif b == ord(":"):
             counts["members"] += 1
         elif b in b".eE":
@@ -66,17 +74,19 @@ def byte_reference(text: bytes) -> dict[str, int]:
 
 def value_reference(value) -> dict[str, int]:
     """The four counts from the parsed value: elements but the first of each container, containers,
-    object members, and the '.', 'e', 'E' of each number, true and false as json.dumps writes them."""
+    object members, and the '.', 'e', 'E' of each number, true and false as json.dumps writes them; and
+    the most containers nested in one another."""
     counts = dict.fromkeys(KINDS, 0)
 
-    def walk(v) -> None:
+    def walk(v, depth: int = 0) -> None:
         if isinstance(v, (list, dict)):
+            counts["depth"] = max(counts["depth"], depth + 1)
             counts["containers"] += 1
             counts["separators"] += max(len(v) - 1, 0)
             if isinstance(v, dict):
                 counts["members"] += len(v)
             for item in v.values() if isinstance(v, dict) else v:
-                walk(item)
+                walk(item, depth + 1)
         elif isinstance(v, (bool, int, float)):
             literal = json.dumps(v)
             counts["floats"] += sum(literal.count(c) for c in ".eE")
@@ -148,6 +158,41 @@ def test_the_more_specific_kind_is_named_when_two_pass_together():
     assert StructureCounter(budget).feed(json.dumps({str(i): 1 for i in range(200)}).encode()) == "members"
     assert StructureCounter(budget).feed(json.dumps([[]] * 200).encode()) == "containers"
     assert StructureCounter(budget).feed(json.dumps([1] * 200).encode()) == "separators"
+
+
+def test_nesting_past_max_depth_is_named_wherever_the_body_is_split_and_only_outside_strings():
+    """MAX_DEPTH (32) arrays and objects nested in one another pass, 33 do not, whatever the pieces (one
+    byte at a time; pieces with and without quotes take the counter's two paths); brackets inside strings
+    open nothing; closing lowers the depth, so many shallow containers pass; depth is named before
+    containers when both pass on one byte (the more specific)."""
+    assert MAX_DEPTH == 32 and JSONBudget(1, 1, 1, 1).depth == MAX_DEPTH
+    budget = JSONBudget(10**6, 10**6, 10**6, 10**6)
+    for n, want in [(MAX_DEPTH, None), (MAX_DEPTH + 1, "depth")]:
+        for text in (
+            "[" * n + "]" * n,
+            '{"a": ' * n + "1" + "}" * n,
+            '[{"p": ' * (n // 2) + '"["' + "}]" * (n // 2),
+        ):
+            if text.startswith("[{") and n % 2:
+                text = "[" + text + "]"  # (an odd depth)
+            data = text.encode()
+            assert byte_reference(data)["depth"] == n and json.loads(data) is not None
+            assert StructureCounter(budget).feed(data) == want, (n, text[:20])
+            one = StructureCounter(budget)
+            assert [k for k in (one.feed(data[i : i + 1]) for i in range(len(data))) if k][:1] == (
+                [want] if want else []
+            )
+            assert text_over_budget(text, budget) == want
+    wide = ("[" + "[[]]," * 5000 + "[]]").encode()  # 10,002 containers, 3 deep
+    counter = feed_split(wide, random.Random(0), budget)
+    assert counter.counts["depth"] == 3 and counter.depth == 0
+    assert StructureCounter(budget).feed(b'{"p": "' + b"[" * 100 + b'"}') is None  # in a string
+    both = JSONBudget(10**6, MAX_DEPTH, 10**6, 10**6)
+    assert StructureCounter(both).feed(b"[" * (MAX_DEPTH + 1)) == "depth"
+    msg = over_budget_message("depth", budget)
+    assert msg.startswith(
+        "the request body holds more than 32 levels of arrays and objects nested in one another"
+    )
 
 
 def test_a_whole_text_is_refused_as_the_counter_refuses_it():
