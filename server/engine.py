@@ -1277,13 +1277,12 @@ class Engine:
             m.itl.observe(now - job.last_emit)
         job.last_emit = now
         m.tokens.inc()
-        if len(job.out) >= job.max_new_tokens:
-            return True
-        if job.stops:
+        if job.stops:  # (before the length: a stop the last token completes is a stop, as in a native block)
             piece = self.token_bytes([tok])
             job.out_bytes += piece
-            return find_stop(job.out_bytes, job.stops, len(piece)) is not None
-        return False
+            if find_stop(job.out_bytes, job.stops, len(piece)) is not None:
+                return True
+        return len(job.out) >= job.max_new_tokens
 
     def _finish(self, job: Job, reason: str) -> None:
         stop_at = stop_token = None

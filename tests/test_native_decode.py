@@ -736,6 +736,55 @@ def test_the_server_gives_the_same_tokens_and_finish_reasons_with_and_without_th
     assert {reason for _, reason in results["native"]} == {"stop", "length"}
 
 
+def test_a_stop_the_last_allowed_token_completes_is_a_stop_on_both_paths(model_dirs):
+    """A stop sequence completed by the very token that reaches max_new_tokens ends the generation as a
+    stop: finish_reason "stop", the text cut where the stop starts, as with room to spare. The one-step
+    loop (a CUDA device without graphs, a word vocabulary) checked the token limit before the stop and
+    answered "length" with the stop in the text (a helper's audit: ROMEO's "The shadow" with max 10);
+    the native block was right. For each of 3 seeds, the stop is the 2 bytes the n-th token ends (their
+    first occurrence in the library's own generation), at max_new_tokens n and n + 5, on both paths."""
+    import httpx
+    from server_support import ServerThread, reference
+
+    from model.sampling import SamplingParams
+    from server import Settings
+    from server.engine import DecodeBatch
+
+    prompt = "to be, or not"
+    cases = []
+    for seed in range(200):
+        free = reference(
+            model_dirs["text"], list(prompt.encode()), SamplingParams(temperature=0.8, seed=seed), 24
+        )
+        for n in range(8, 24):
+            stop = bytes(free[n - 2 : n])
+            if all(32 <= b < 127 for b in stop) and bytes(free).find(stop) == n - 2:
+                cases.append(
+                    (seed, n, stop.decode(), free[:n], bytes(free[: n - 2]).decode("utf-8", "replace"))
+                )
+                break
+        if len(cases) == 3:
+            break
+    assert len(cases) == 3
+    native = DecodeBatch.native
+    for path in ("native", "one-step"):
+        s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])])).start()
+        if path == "one-step":
+            DecodeBatch.native = lambda self, rec: False
+        try:
+            with httpx.Client(base_url=s.url, timeout=60) as c:
+                for seed, n, stop, tokens, text in cases:
+                    for limit in (n, n + 5):
+                        body = {"model": "tiny-text", "prompt": prompt, "temperature": 0.8, "seed": seed,
+                                "max_new_tokens": limit, "stop": [stop]}  # fmt: skip
+                        r = c.post("/v1/generate", json=body).json()
+                        got = (r["finish_reason"], r["tokens"], r["text"])
+                        assert got == ("stop", tokens, text), (path, seed, n, limit, stop, r)
+        finally:
+            DecodeBatch.native = native
+            s.stop()
+
+
 def test_requests_with_logprobs_decode_in_the_native_block_with_the_one_step_paths_answers(model_dirs):
     """OpenAI completions asking for logprobs (0, 3 and 20 most likely; greedy and sampled, with a stop
     sequence) beside requests that do not: the engine decodes them all in native blocks (a row asking

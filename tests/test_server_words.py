@@ -84,9 +84,12 @@ def test_a_websocket_stream_is_the_library_s_words_and_their_text(words, name):
 
 @pytest.mark.parametrize("name", ["wt103", "plain"])
 @pytest.mark.parametrize("stop", ["\n", "2 w", "w1", " ", "\n w"])
-def test_stop_sequences_match_the_words_text_at_and_across_word_boundaries(words, name, stop):
+@pytest.mark.parametrize("room", [True, False])
+def test_stop_sequences_match_the_words_text_at_and_across_word_boundaries(words, name, stop, room):
     """The text ends where the stop sequence starts (inside a word's text too), the generation at the
-    token that completes it; without the stop the same seed gives the same tokens up to there."""
+    token that completes it; without the stop the same seed gives the same tokens up to there. The same
+    when that token is the last max_new_tokens allows (`room` False): a word model's stops run in the
+    one-step loop, which answered "length" with the stop in the text then (a helper's audit)."""
     srv, folders = words
     vocab = load_vocab(folders[name])
     ids = vocab.encode(PROMPT)
@@ -98,7 +101,13 @@ def test_stop_sequences_match_the_words_text_at_and_across_word_boundaries(words
     ends, n = 0, 0
     while ends < at + len(stop):  # tokens up to the one that completes the stop sequence
         ends, n = ends + len(vocab.piece(free[n])), n + 1
-    body = {"model": name, "prompt": PROMPT, "max_new_tokens": 60, "seed": seed, "stop": [stop]}
+    body = {
+        "model": name,
+        "prompt": PROMPT,
+        "max_new_tokens": 60 if room else n,
+        "seed": seed,
+        "stop": [stop],
+    }
     r = httpx.post(f"{srv.url}/v1/generate", json=body, timeout=60).json()
     assert r["finish_reason"] == "stop" and r["tokens"] == free[:n], (r, free)
     assert r["text"] == full[:at]
