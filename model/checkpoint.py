@@ -7,11 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.nn.modules.module import (
+    register_module_buffer_registration_hook,
+    register_module_parameter_registration_hook,
+)
 
 FILE_MODE = 0o644  # a served checkpoint is read by another uid (the image's 10001, a mounted volume)
 FORMAT = "s4-checkpoint"
@@ -21,6 +27,50 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or does not match its config."""
+
+
+# The network `load` builds from config.json is allocated before its tensors' shapes can be compared with
+# the weights file's (the HiPPO initialization needs real values: no meta-device build). Sizes within
+# ModelConfig's MAX_SIZE bounds can still describe terabytes (d_model 2^15, d_ff 2^17, n_layers 2^10)
+# beside a small weights file, so while it builds, every parameter and buffer a module registers is
+# counted and the build stops once they pass BUILD_FACTOR × the file's tensors + BUILD_SLACK bytes: a
+# tensor is counted as it is registered, which for a Linear layer is before its initialization writes
+# (touches) its pages. A network `save` wrote registers exactly its file's tensors (a tied head once
+# more, the embedding's size), so the bound is never near for a checkpoint that matches its config.
+BUILD_FACTOR, BUILD_SLACK = 2, 64 << 20
+_build = threading.local()  # .limit (bytes) while `build_budget` is on in this thread, .total, .seen
+
+
+class BuildOverBudget(MemoryError):
+    """The network being built registered more parameter and buffer bytes than `build_budget` allows."""
+
+
+def _count(module, name, tensor):
+    limit = getattr(_build, "limit", None)
+    if limit is None or tensor is None or tensor.is_meta or id(tensor) in _build.seen:
+        return None
+    _build.seen.add(id(tensor))
+    _build.total += tensor.nelement() * tensor.element_size()
+    if _build.total > limit:
+        raise BuildOverBudget(f"{_build.total:,} bytes of parameters and buffers, over {limit:,}")
+    return None
+
+
+register_module_parameter_registration_hook(_count)
+register_module_buffer_registration_hook(_count)
+
+
+@contextmanager
+def build_budget(limit: int):
+    """While on (in this thread only): modules constructed may register at most `limit` bytes of
+    parameters and buffers in all (each tensor counted once); the registration past it raises
+    BuildOverBudget. Yields a function returning the bytes counted so far."""
+    _build.limit, _build.total, _build.seen = limit, 0, set()
+    try:
+        yield lambda: _build.total
+    finally:
+        _build.limit = None
+        _build.seen = set()
 
 
 def _sha256(path: Path) -> str:
@@ -141,7 +191,18 @@ def load(directory: str | Path, device: str | torch.device = "cpu"):
         state = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{wpath}: unreadable safetensors file ({exc})") from None
-    net = build(cfg)
+    have = sum(v.nelement() * v.element_size() for v in state.values())
+    limit = BUILD_FACTOR * have + BUILD_SLACK
+    try:
+        with build_budget(limit):
+            net = build(cfg)
+    except (MemoryError, RuntimeError) as exc:  # BuildOverBudget; or one tensor torch could not allocate
+        if not isinstance(exc, MemoryError) and "allocate" not in str(exc):
+            raise
+        raise CheckpointError(
+            f"{d / CONFIG}: its config describes a network larger than its weights file allows "
+            f"({exc}; the file holds {have:,} bytes of tensors): not built"
+        ) from None
     expected = net.state_dict()
     if cfg.tie_embeddings:
         expected.pop("head.weight", None)

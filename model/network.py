@@ -309,7 +309,8 @@ def _plain(value):
 # the most each size may be: beyond any trained S4 model (the official WikiText-103 recipe: vocab 267,735,
 # d_model 1,024, 16 layers, l_max 8,192; SaShiMi's YouTubeMix 131,072 samples), and bounds on what a
 # config.json from outside makes `load` allocate before it compares the weights' shapes (d_model 10**9 was
-# a 64 GB allocation, 10**400 an overflow deep in torch, n_layers 10**7 a hang: a helper's audit)
+# a 64 GB allocation, 10**400 an overflow deep in torch, n_layers 10**7 a hang: a helper's audit; within
+# them, `load` stops a build past its weights file's size: model.checkpoint.build_budget)
 MAX_SIZE = {"vocab_size": 2**22, "d_model": 2**15, "n_layers": 2**10, "d_state": 2**12, "l_max": 2**20,
             "d_ff": 2**17, "sample_rate": 384_000}  # fmt: skip
 

@@ -108,3 +108,80 @@ def test_python_m_server_exits_non_zero_before_listening_when_no_checkpoint_load
     assert "pickled/config.json: missing" in err
     assert "Uvicorn running" not in err and "Application startup" not in err  # it never listened
     assert not marker.exists()
+
+
+_INFLATE = """
+import json, resource, sys
+from pathlib import Path
+from model import load
+from model.checkpoint import CheckpointError
+d = Path(sys.argv[1])
+meta = json.loads((d / "config.json").read_text())
+meta["config"].update(json.loads(sys.argv[2]))
+(d / "config.json").write_text(json.dumps(meta))
+try:
+    load(d)
+    out = "loaded"
+except CheckpointError as exc:
+    out = str(exc)
+print(json.dumps({"error": out, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+@pytest.mark.parametrize(
+    "arch, sizes",
+    [
+        ("s4", {"d_model": 2**15, "d_ff": 2**17}),  # one Linear of 2^32 floats (16 GiB)
+        ("s4", {"d_model": 2048, "n_layers": 2**10}),  # ~64 MiB a layer, 1,024 of them
+        ("s4", {"vocab_size": 2**22, "d_model": 2**15}),  # a 512 GiB embedding: no allocation is possible
+        ("sashimi", {"d_model": 4096, "n_layers": 2**9}),
+    ],
+    ids=["wide", "deep", "vocab", "sashimi"],
+)
+def test_a_config_describing_a_network_far_larger_than_its_weights_is_refused_before_it_is_built(
+    tmp_path, arch, sizes
+):
+    """config.json sizes within ModelConfig's MAX_SIZE bounds beside a small weights file (a helper's
+    audit: `load` allocated the whole network before comparing shapes): load stops building once the
+    registered parameters and buffers pass 2 × the file's tensors + 64 MiB, or when torch cannot allocate
+    one, and raises CheckpointError naming config.json. Measured in a fresh process: its peak RSS stays
+    under 1.5 GiB (the interpreter, torch and the refused layer's work, not the network)."""
+    from model import build
+
+    common = {"d_state": 8, "l_max": 64, "cauchy_backend": "torch"}
+    small = {"s4": ModelConfig(vocab_size=40, d_model=16, n_layers=2, **common),
+             "sashimi": ModelConfig(arch="sashimi", vocab_size=256, d_model=8, n_layers=1, pool=[2], expand=2,
+                                    modality="audio", sample_rate=8000, **common)}[arch]  # fmt: skip
+    d = save(build(small).eval(), tmp_path / "ck")
+    r = subprocess.run([sys.executable, "-c", _INFLATE, str(d), json.dumps(sizes)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (
+        "config.json: its config describes a network larger than its weights file allows" in got["error"]
+    ), got
+    assert got["peak_kib"] < 1.5 * 2**20, got
+
+
+def test_every_shipped_checkpoint_registers_no_more_than_its_weights_file_holds():
+    """The bound's other side: building each shipped network registers exactly the bytes of its weights
+    file's tensors (plus a tied head's, once, before it is tied), far inside the build budget."""
+    from safetensors.torch import load_file
+
+    from model import build
+    from model.checkpoint import build_budget
+
+    for cfg_path in sorted((ROOT / "checkpoints").glob("*/config.json")):
+        meta = json.loads(cfg_path.read_text())
+        if "config" not in meta:
+            continue  # (the digit classifier: its own format)
+        cfg = ModelConfig.from_dict(meta["config"])
+        have = sum(
+            v.nelement() * v.element_size()
+            for v in load_file(str(cfg_path.parent / "model.safetensors")).values()
+        )
+        with build_budget(10 * have) as counted:
+            build(cfg)
+            total = counted()
+        head = cfg.vocab_size * cfg.d_model * 4 if cfg.tie_embeddings else 0
+        assert total == have + head, (cfg_path, total, have)
