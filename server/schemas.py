@@ -227,6 +227,7 @@ class PromptTokensDetails(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    total_tokens: int = Field(description="prompt_tokens + completion_tokens")
     prompt_tokens_details: PromptTokensDetails
 
 

@@ -983,11 +983,13 @@ class Output:
 
 
 def usage(final: Finished) -> dict:
-    """A generation's usage, OpenAI's fields: prompt_tokens_details.cached_tokens counts the prompt tokens
-    whose state came from the prefix cache."""
+    """A generation's usage, OpenAI's fields: total_tokens = prompt_tokens + completion_tokens (as on the
+    OpenAI routes), prompt_tokens_details.cached_tokens counts the prompt tokens whose state came from the
+    prefix cache."""
     return {
         "prompt_tokens": final.prompt_tokens,
         "completion_tokens": final.completion_tokens,
+        "total_tokens": final.prompt_tokens + final.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": final.cached_tokens},
     }
 

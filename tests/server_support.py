@@ -331,10 +331,11 @@ def check_usage(usage: dict, prompt: int, completion: int | None) -> None:
     the prompt's last token: the cache holds what earlier requests to the same server ingested, which
     depends on the order the tests ran in (tests/test_prefix_cache.py checks the counts)."""
     want = {"prompt_tokens", "prompt_tokens_details"} | (
-        set() if completion is None else {"completion_tokens"}
+        set() if completion is None else {"completion_tokens", "total_tokens"}
     )
     assert set(usage) == want, usage
     assert usage["prompt_tokens"] == prompt and usage.get("completion_tokens") == completion, usage
+    assert completion is None or usage["total_tokens"] == prompt + completion, usage
     assert set(usage["prompt_tokens_details"]) == {"cached_tokens"}, usage
     assert 0 <= usage["prompt_tokens_details"]["cached_tokens"] <= max(prompt - 1, 0), usage
 

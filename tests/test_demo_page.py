@@ -940,6 +940,7 @@ def test_a_file_that_cannot_be_decoded_unloads_the_previous_prompt(demo, tmp_pat
     assert d.js("s4demo.lastDone.usage") == {
         "prompt_tokens": 1,
         "completion_tokens": 100,
+        "total_tokens": 101,
         "prompt_tokens_details": {"cached_tokens": 0},
     }  # the silence
 

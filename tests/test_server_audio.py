@@ -30,6 +30,7 @@ def test_audio_without_a_prompt_starts_from_silence_over_http_wav_and_sse(client
     assert body["tokens"] == want and body["usage"] == {
         "prompt_tokens": 1,
         "completion_tokens": 300,
+        "total_tokens": 301,
         "prompt_tokens_details": {"cached_tokens": 0},
     }
     raw = client.post("/v1/generate", json=req, headers={"Accept": "audio/wav"})
@@ -82,6 +83,7 @@ def test_audio_without_a_prompt_starts_from_silence_over_the_websocket(server, m
     assert done["type"] == "done" and done["usage"] == {
         "prompt_tokens": 1,
         "completion_tokens": 200,
+        "total_tokens": 201,
         "prompt_tokens_details": {"cached_tokens": 0},
     }
     assert ids == want
@@ -200,6 +202,7 @@ def test_a_nan_or_infinite_prompt_sample_is_refused_on_every_route_that_takes_au
     assert done["type"] == "done" and done["usage"] == {
         "prompt_tokens": 1,
         "completion_tokens": 3,
+        "total_tokens": 4,
         "prompt_tokens_details": {"cached_tokens": 0},
     }
     client.delete(f"/v1/sessions/{sid}")

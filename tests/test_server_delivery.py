@@ -221,6 +221,7 @@ def test_cancel_while_the_prompt_is_ingested_stops_at_a_chunk_and_takes_the_prom
     assert m["usage"] == {
         "prompt_tokens": 0,
         "completion_tokens": 0,
+        "total_tokens": 0,
         "prompt_tokens_details": {"cached_tokens": 0},
     }
     assert exported(client, sid) == before
