@@ -567,11 +567,13 @@ class NetStep:
     silently dropped; the caller then keeps the torch ops."""
 
     # config fields whose every value this step computes exactly (kernel-only fields reach it through
-    # the converted layer forms; dropout is inactive in the frozen eval copy)
+    # the converted layer forms; dropout is inactive in the frozen eval copy; the audio codec's fields,
+    # mulaw and quantization, say what the tokens mean, not how the network computes)
     CONFIG_FIELDS = frozenset({
         "vocab_size", "d_model", "n_layers", "d_state", "kernel", "init", "rank", "disc", "l_max",
         "dropout", "dt_min", "dt_max", "tie_embeddings", "cauchy_backend", "modality", "sample_rate",
-        "head_bias", "embed_scale", "re_lambda_max", "dt_tied", "l_kernel", "d_ff", "norm",
+        "head_bias", "embed_scale", "re_lambda_max", "dt_tied", "l_kernel", "d_ff", "norm", "mulaw",
+        "quantization",
     })  # fmt: skip
 
     # the adaptive input embedding and softmax (model/adaptive.py: ssm_step.c's struct Adaptive)

@@ -158,6 +158,11 @@ def preflight(settings: Settings) -> list[str]:
             usable += 1
         except (CheckpointError, ValueError, OSError) as exc:
             problems.append(f"checkpoint {entry}: {exc}")
+        except Exception as exc:  # a fault of the converter or loader on this entry (a TypeError in the
+            # mapping once stopped the whole start, a good checkpoint beside it included): this entry is not
+            # served, as load_models would have it; its traceback in the log
+            log.error("checkpoint %s: %s: %s", entry, type(exc).__name__, exc, exc_info=True)
+            problems.append(f"checkpoint {entry}: {type(exc).__name__}: {exc}")
     if usable:
         return []
     if problems:

@@ -57,6 +57,12 @@ CASES = {  # name: (source, config or None)
     "s4_wt103": ("s4_wt103.ckpt", None),
     # adaptivelm with div_val 1 (one table, no projections) and untied output weights; [s4, ffn, s4], S4D
     "s4d_adaptive": ("s4d_adaptive.ckpt", None),
+    # the sashimi_sc09 shapes with S4D layers (mode diag, ZOH, l_max null): its import crashed (max() of the
+    # layers' kernel lengths, None for S4D: a helper's audit)
+    "sashimi_s4d": ("sashimi_s4d.ckpt", None),
+    # the isotropic backbone under the sc09 task: an audio model that is not a SaShiMi (refused before as
+    # "other tasks map a sequence to other targets")
+    "s4_sc09": ("s4_sc09.ckpt", None),
 }
 
 
@@ -322,7 +328,12 @@ REFUSALS = [  # (fixture, config path, value, message)
     ("sashimi_sc09_unet.ckpt", ("model", "center_layer"), {"_name_": "mha"}, r"model.center_layer"),
     ("s4_softplus.ckpt", ("model", "norm"), "batch", r"norm = 'batch'"),
     ("s4_softplus.ckpt", ("model", "residual"), "F", r"residual = 'F'"),
-    ("s4_softplus.ckpt", ("task", "_name_"), "mlm", r"task._name_ = 'mlm'.*only the 'lm' and 'adaptivelm'"),
+    (
+        "s4_softplus.ckpt",
+        ("task", "_name_"),
+        "mlm",
+        r"task._name_ = 'mlm'.*served are the 'lm' and 'adaptivelm' tasks",
+    ),
     ("s4_wt103.ckpt", ("model", "layer", 0, "_name_"), "ffn", r"every ffn layer must come right after an s4"),
     ("s4_wt103.ckpt", ("task", "cutoffs"), None, r"task.cutoffs = None: expected a list"),
     ("s4_wt103.ckpt", ("task", "div_val"), 0, r"task.div_val = 0: expected an integer ≥ 1"),
@@ -330,6 +341,12 @@ REFUSALS = [  # (fixture, config path, value, message)
     ("s4_wt103.ckpt", ("model", "d_model"), None, r"model.d_model = None: an adaptivelm import needs"),
     ("s4_softplus.ckpt", ("encoder",), "position", r"encoder = 'position'"),
     ("s4_softplus.ckpt", ("decoder",), {"_name_": "sequence", "mode": "pool"}, r"decoder = .*pool"),
+    # a SaShiMi's decoder was not read: mode sum (a cumulative sum over positions) was served as per-token
+    ("sashimi_sc09.ckpt", ("decoder",), {"_name_": "sequence", "mode": "sum"}, r"decoder = .*sum"),
+    ("sashimi_sc09.ckpt", ("model", "norm"), {"_name_": "layer", "scalar": False}, r"model.norm = .*scalar"),
+    ("s4_softplus.ckpt", ("model", "n_repeat"), 0, r"model.n_repeat = 0: expected an integer ≥ 1"),
+    ("s4_softplus.ckpt", ("model", "n_repeat"), 3, r"model.n_layers × model.n_repeat = 2 × 3 in the config"),
+    ("sashimi_sc09.ckpt", ("task", "_name_"), "lm", r"task._name_ = 'lm': SaShiMi imports expect"),
     ("s4d_zoh.pt", ("model", "layer", 0, "disc"), "dss", r"disc = 'dss'"),
     ("s4d_zoh.pt", ("model", "layer", 0, "is_real"), True, r"is_real = True"),
 ]
@@ -702,13 +719,14 @@ def test_the_config_read_is_named_in_config_json_and_the_card(tmp_path, src, con
 @pytest.mark.parametrize("task", ["base", "multiclass_classification", None])
 def test_an_isotropic_model_of_another_task_is_refused_not_served_as_a_text_lm(tmp_path, task):
     """experiment=synthetic/s4-copying (task 'base', decoder mode 'last') converted as a text LM with
-    exit 0; its outputs are the copy targets, not next-token logits."""
+    exit 0; its outputs are the copy targets, not next-token logits. (On an audio dataset the same task is
+    the sc09-style one, next-sample logits: s4_sc09 imports.)"""
     sd, cfg, kind = _lightning()
     cfg["task"] = {"_name_": task, "loss": "cross_entropy"} if task else None
     cfg["encoder"], cfg["decoder"] = "embedding", {"_name_": "sequence", "mode": "last"}
     with pytest.raises(
         Unsupported,
-        match=rf"task._name_ = {task!r} \(decoder mode 'last'\): only the 'lm' and 'adaptivelm' tasks",
+        match=rf"task._name_ = {task!r} \(decoder mode 'last'\) on dataset 'wt103': served are the 'lm' and",
     ):
         map_official(sd, cfg, kind)
     torch.save(sd, tmp_path / "copying.pt")
@@ -861,6 +879,87 @@ def audio_codec_of(config):
     from model.codecs import audio_codec
 
     return audio_codec(config.quantization, config.mulaw)
+
+
+def test_an_audio_datasets_own_default_quantization_is_read_when_the_config_leaves_it_out():
+    """dataset.quantization left out: the official dataset class's default (init_defaults), not mu-law for
+    all: qautoaudio's is linear (a helper's audit: such a model was served through mu-law, samples up to
+    0.51 off), sc09's, maestro's and ljspeech's mu-law; a dataset whose default is not in the checkout
+    (music) is mu-law, assumed and said so."""
+    sd, cfg, kind = _lightning("sashimi_beethoven.ckpt")
+    del cfg["dataset"]["quantization"]
+    imp = map_official(sd, copy.deepcopy(cfg), kind)
+    assert imp.config["quantization"] == "linear"
+    assert (
+        "8-bit linear (no dataset.quantization in the config: the official qautoaudio dataset's default)"
+        in ("\n".join(imp.notes))
+    )
+    for name, quant in (("sc09", "mu-law"), ("maestro", "mu-law"), ("ljspeech", "mu-law"), ("music", None)):
+        rate, got, note = _audio_format({"_name_": name}, None)
+        assert got == "mu-law" and rate == 16000, (name, got)
+        assert ("mu-law ASSUMED" in note) == (quant is None), (name, note)
+
+
+def test_n_repeat_multiplies_the_blocks_as_the_official_backbone_does():
+    """The official backbone builds layer × n_layers × n_repeat blocks (its pool, every n_repeat blocks,
+    being the identity at stride 1): n_layers 1 with n_repeat 2 is n_layers 2's module tree (checked with
+    the official code: the same 41 tensors and shapes), so the s4_softplus weights under that config import
+    exactly as under their own. It was refused as "n_layers = 2 in the config, but the weights have 4"
+    (a helper's audit)."""
+    sd, cfg, kind = _lightning()
+    want = map_official(dict(sd), copy.deepcopy(cfg), kind)
+    cfg["model"]["n_layers"], cfg["model"]["n_repeat"] = 1, 2
+    got = map_official(sd, cfg, kind)
+    assert got.config == want.config and got.tensors.keys() == want.tensors.keys()
+    assert all(torch.equal(got.tensors[k], want.tensors[k]) for k in want.tensors)
+
+
+def test_a_pattern_of_s4_and_s4d_layers_is_refused_as_mixed_not_as_a_foreign_config():
+    """[s4, s4 mode diag] (made by the official code): each layer's kernel kind is read from its own blocks'
+    P, so the refusal says what is wrong (one kernel kind per model), not that the config does not belong
+    to the weights (a helper's audit)."""
+    sd, cfg, kind = _lightning("s4_mixed.ckpt")
+    with pytest.raises(Unsupported, match="S4 and S4D layers mixed in one model") as exc:
+        map_official(sd, cfg, kind)
+    assert not isinstance(exc.value, ConfigMismatch)
+    cfg["model"]["layer"][1]["mode"] = "nplr"  # a config that does not match the weights still says so
+    with pytest.raises(
+        ConfigMismatch, match=r"model.layer\[1\].mode = 'nplr' in the config, but the weights"
+    ):
+        map_official(sd, cfg, kind)
+
+
+def test_forms_the_official_code_accepts_convert_as_their_plain_equivalents():
+    """A SaShiMi's residual as a dict ({_name_: R}) and its norm as {_name_: layer, scalar: true} (the
+    defaults spelled out; refused before with messages that contradicted them), and an adaptivelm's
+    tie_projs with more entries than clusters (the official code reads the first n_clusters: the recipe's
+    3 under 2 cutoffs) convert exactly as the plain forms."""
+    sd, cfg, kind = _lightning("sashimi_sc09.ckpt")
+    want = map_official(dict(sd), copy.deepcopy(cfg), kind)
+    cfg["model"]["residual"] = {"_name_": "R"}
+    cfg["model"]["norm"] = {"_name_": "layer", "scalar": True}
+    got = map_official(sd, cfg, kind)
+    assert got.config == want.config and all(torch.equal(got.tensors[k], v) for k, v in want.tensors.items())
+    sd, cfg, kind = _lightning("s4_wt103.ckpt")
+    want = map_official(dict(sd), copy.deepcopy(cfg), kind)
+    ties = cfg["task"]["tie_projs"]
+    ties = [ties] * 3 if isinstance(ties, bool) else ties
+    cfg["task"]["tie_projs"] = [*ties, False, True]
+    got = map_official(sd, cfg, kind)
+    assert got.config == want.config and all(torch.equal(got.tensors[k], v) for k, v in want.tensors.items())
+
+
+def test_an_isotropic_audio_model_imports_as_an_audio_model_of_its_dataset():
+    """s4_sc09 (the isotropic backbone under the sc09 task): an audio model at the sc09 data's rate in the
+    official mu-law convention, no √H rescale (the sc09 task's encoder is the plain embedding), the head the
+    SequenceDecoder's output_transform; a SaShiMi S4D import keeps no kernel lengths."""
+    c = imported("s4_sc09").config
+    assert (c.get("arch", "s4"), c["modality"], c["sample_rate"], c["mulaw"], c["embed_scale"]) == (
+        "s4", "audio", 16000, "s4", 1.0,
+    )  # fmt: skip
+    assert "quantization" not in c and c["vocab_size"] == 256
+    c = imported("sashimi_s4d").config
+    assert (c["arch"], c["kernel"], c.get("l_kernel")) == ("sashimi", "s4d", None)
 
 
 def test_the_card_names_dt_fast_among_the_options_read():

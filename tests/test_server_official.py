@@ -29,7 +29,8 @@ def official_server(tmp_path_factory):
     cache = tmp_path_factory.mktemp("convert-cache")
     settings = Settings(
         checkpoints=[f"bytes-lm={FIX / 's4_bytes.ckpt'}", str(FIX / "s4_bidirectional.ckpt"),
-                     str(FIX / "s4d_zoh.pt"), f"sc09-unet={FIX / 'sashimi_sc09_unet.ckpt'}"],
+                     str(FIX / "s4d_zoh.pt"), f"sc09-unet={FIX / 'sashimi_sc09_unet.ckpt'}",
+                     f"sc09-s4d={FIX / 'sashimi_s4d.ckpt'}", f"sc09-iso={FIX / 's4_sc09.ckpt'}"],
         convert_cache=str(cache), device="cpu", max_sessions=8, torch_threads=1,
     )  # fmt: skip
     srv = ServerThread(settings).start()
@@ -62,18 +63,23 @@ def test_an_official_ckpt_is_converted_cached_and_streams_over_the_websocket(off
     assert ids == reference(folder, list(b"hello"), SamplingParams(seed=3), 12)
 
 
-def test_an_official_unet_sashimi_ckpt_is_converted_and_streams_official_mulaw(official_server):
-    """The official U-Net SaShiMi (backbone unet) converts at startup and serves as our SaShiMi with
-    unet true: a WebSocket audio stream equals the library reference of the converted folder."""
+@pytest.mark.parametrize(
+    ("model", "arch", "unet"),
+    [("sc09-unet", "sashimi", True), ("sc09-s4d", "sashimi", False), ("sc09-iso", "isotropic", False)],
+)
+def test_official_audio_ckpts_are_converted_and_stream_official_mulaw(official_server, model, arch, unet):
+    """The official U-Net SaShiMi (backbone unet), a SaShiMi of S4D layers and the isotropic backbone under
+    the sc09 task convert at startup and serve as our SaShiMi (unet true or false) or isotropic audio model:
+    a WebSocket audio stream equals the library reference of the converted folder."""
     srv, _, _ = official_server
-    info = httpx.get(f"{srv.url}/v1/models/sc09-unet").json()
-    assert info["arch"] == "sashimi" and info["sample_rate"] == 16000
-    folder = srv.state.models["sc09-unet"].path
-    assert json.loads((folder / "config.json").read_text())["config"]["unet"] is True
+    info = httpx.get(f"{srv.url}/v1/models/{model}").json()
+    assert info["arch"] == arch and info["sample_rate"] == 16000, info
+    folder = srv.state.models[model].path
+    assert json.loads((folder / "config.json").read_text())["config"].get("unet") is unet
 
     async def main():
         async with connect(srv.ws_url) as ws:
-            await ws.send(json.dumps({"type": "generate", "model": "sc09-unet", "max_new_tokens": 40,
+            await ws.send(json.dumps({"type": "generate", "model": model, "max_new_tokens": 40,
                                       "seed": 1, "audio_encoding": "pcm16"}))  # fmt: skip
             out = b""
             while not isinstance(m := await ws.recv(), str) or json.loads(m)["type"] != "done":
@@ -278,3 +284,32 @@ def test_the_log_says_how_an_official_file_was_converted_or_read_and_how_its_mod
     assert "; steps in C, the whole network (native decode blocks); " in line
     said, _ = start()
     assert said == [f"{ckpt}: its conversion (converter v{CONVERTER_VERSION}) read from {entry}"]
+
+
+def test_a_converter_fault_on_one_entry_leaves_the_others_served(tmp_path, model_dirs, monkeypatch):
+    """An unexpected exception while converting one official entry (a TypeError in the mapping: a SaShiMi
+    with S4D layers, a helper's audit) stopped the whole start with a traceback, a good checkpoint beside it
+    included: preflight caught only the refusals it expected. Now that entry is a problem like any refusal
+    (its type and message), the others are served, and with nothing else to serve the start stops with it
+    listed."""
+    from server import registry
+    from server.__main__ import preflight
+    from server.metrics import Metrics
+    from server.registry import load_models
+    from server.sessions import SessionTable
+
+    def broken(path, *a, **kw):
+        raise TypeError("'>' not supported between instances of 'NoneType' and 'NoneType'")
+
+    monkeypatch.setattr(registry, "convert_cached", broken)
+    ckpt, text = str(FIX / "s4_bytes.ckpt"), str(model_dirs["text"])
+    alone = Settings(checkpoints=[ckpt], convert_cache=str(tmp_path / "cc"), port=0)
+    assert preflight(alone) == [
+        f"checkpoint {ckpt}: TypeError: '>' not supported between instances of 'NoneType' and 'NoneType'"
+    ]
+    both = Settings(checkpoints=[ckpt, text], convert_cache=str(tmp_path / "cc"), port=0, max_sessions=2,
+                    recurrent_cache="", torch_threads=1)  # fmt: skip
+    assert preflight(both) == []
+    models, failed = load_models(both, SessionTable(), Metrics())
+    assert list(models) == [Path(text).name] and list(failed) == ["s4_bytes"]
+    assert failed["s4_bytes"].startswith("TypeError: '>' not supported")

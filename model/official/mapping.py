@@ -51,6 +51,11 @@ TRANSFORMS = ("none", "exp", "relu", "sigmoid", "softplus")
 # (qautoaudio: YouTubeMix, Beethoven; their rate is the files')
 QAUTOAUDIO_RATES = {"beethoven": 16000, "youtube_mix": 16000}  # qautoaudio's official data, by its path
 AUDIO_DATASETS = {"sc09": 16000, "qautoaudio": None, "maestro": 16000, "ljspeech": 16000, "music": 16000}
+# dataset.quantization when a config leaves it out: the dataset class's init_defaults (src/dataloaders/
+# audio.py; qautoaudio's is linear, where "mu-law" was assumed: a helper's audit); music's is not in the
+# checkout (deprecated): mu-law, assumed and said so
+DEFAULT_QUANTIZATION = {"sc09": "mu-law", "qautoaudio": "linear", "maestro": "mu-law", "ljspeech": "mu-law"}
+AUDIO_TASKS = ("multiclass_classification", "base", None)  # the sc09-style task (sashimi-sc09.yaml)
 LN_EPS = 1e-5
 
 
@@ -316,6 +321,29 @@ def map_ssm_kernel(
 # The official src/ pipeline: SequenceLightningModule (model. / encoder. / decoder.)
 
 
+def _plain_residual(res) -> bool:
+    """Whether model.residual is the plain residual x + f(x): 'R' (or 'residual'), as a name or a dict
+    with alpha = beta = 1."""
+    return res in ("R", "residual") or (
+        isinstance(res, dict) and res.get("_name_") in ("R", "residual")
+        and res.get("alpha", 1.0) == 1.0 and res.get("beta", 1.0) == 1.0
+    )  # fmt: skip
+
+
+def _check_decoder(cfg: dict) -> None:
+    """The task's decoder: none, or a `sequence` decoder (src/tasks/decoders.py SequenceDecoder) that keeps
+    every position (no l_output, no lengths, mode last or first: the modes that do not mix positions).
+    Its `sum` (a cumulative sum over positions), `pool` and `ragged` modes are refused by name (a SaShiMi's
+    was ignored, and served logits 1.01 off in relative terms: a helper's audit)."""
+    dec = cfg.get("decoder")
+    if dec not in (None, []) and not (
+        (dec == "sequence" or (isinstance(dec, dict) and dec.get("_name_") == "sequence"))
+        and (not isinstance(dec, dict) or (dec.get("l_output") is None and not dec.get("use_lengths", False)
+             and dec.get("mode", "last") in ("last", "first")))
+    ):  # fmt: skip
+        raise Unsupported(f"decoder = {dec!r}: only a per-token Linear decoder is supported")
+
+
 def _check_backbone(m: dict) -> str:
     """The isotropic backbone's options; returns our norm: "layer" (LayerNorm) or, for a transposed
     backbone, "tln" (the scalar TransposedLN its Normalization('layer') builds)."""
@@ -326,9 +354,11 @@ def _check_backbone(m: dict) -> str:
     transposed = _opt(m, "transposed", False, w)
     _expect(m, "bidirectional", False, (False,), w, "bidirectional backbones cannot run as a recurrence")
     res = _opt(m, "residual", "R", w)
-    if not (res in ("R", "residual") or (isinstance(res, dict) and res.get("_name_") in ("R", "residual")
-            and res.get("alpha", 1.0) == 1.0 and res.get("beta", 1.0) == 1.0)):  # fmt: skip
+    if not _plain_residual(res):
         raise Unsupported(f"model.residual = {res!r}: only the plain residual 'R' is supported")
+    n_repeat = _opt(m, "n_repeat", 1, w)
+    if type(n_repeat) is not int or n_repeat < 1:
+        raise Unsupported(f"model.n_repeat = {n_repeat!r}: expected an integer ≥ 1")
     norm = _opt(m, "norm", "layer", w)
     if transposed:  # TransposedLN(d, **norm's other keys): scalar (default True) is its only option
         if isinstance(norm, dict) and norm.get("_name_") == "layer" and norm.get("scalar", True) is False:
@@ -395,9 +425,16 @@ def _check_s4_layer(lc: dict, where: str) -> str:
     )
 
 
-def _agree_kernel(sd: dict[str, torch.Tensor], lc: dict, where: str) -> None:
-    """The config's kernel (mode nplr/dplr or diag) against the weights': a DPLR kernel has a P."""
-    has_p = any(k.startswith("model.") and k.endswith(".layer.layer.kernel.P") for k in sd)
+def _agree_kernel(sd: dict[str, torch.Tensor], lc: dict, where: str, blocks: list[str] | None = None) -> None:
+    """The config's kernel (mode nplr/dplr or diag) against the weights': a DPLR kernel has a P. `blocks`:
+    the key prefixes of the blocks this layer config builds ("model.layers.3."); None: every block (a
+    SaShiMi's one layer config). (Looking in every block made a pattern of S4 and S4D layers a "config does
+    not belong to these weights" for its S4D layer: a helper's audit.)"""
+    has_p = any(
+        k.endswith(".layer.layer.kernel.P")
+        and (k.startswith(tuple(blocks)) if blocks else k.startswith("model."))
+        for k in sd
+    )
     if _check_s4_layer(lc, where) != ("s4" if has_p else "s4d"):
         mode = lc.get("mode") or lc.get("kernel")
         weights = "a DPLR kernel (P: mode nplr/dplr)" if has_p else "a diagonal kernel (no P: mode diag)"
@@ -460,11 +497,12 @@ def _tie_projs(task: dict, n_clusters: int) -> list[bool]:
     per cluster; the head's own projection (shard 0) is never tied. Returns one bool per shard."""
     t = task.get("tie_projs")
     t = [t] * n_clusters if isinstance(t, bool) else t
-    if not (isinstance(t, list) and len(t) == n_clusters and all(isinstance(x, bool) for x in t)):
+    if not (isinstance(t, list) and len(t) >= n_clusters and all(isinstance(x, bool) for x in t)):
         raise Unsupported(
-            f"task.tie_projs = {task.get('tie_projs')!r}: expected a bool or {n_clusters} of them"
+            f"task.tie_projs = {task.get('tie_projs')!r}: expected a bool or {n_clusters} of them (one per "
+            "cluster; the official code reads the first that many and ignores the rest)"
         )
-    return [False, *t]
+    return [False, *t[:n_clusters]]  # (the recipe's 3 with 2 cutoffs: the official code uses the first 2)
 
 
 def map_adaptive(src: _Source, task: dict, H: int, tensors: dict, mp: list, notes: list) -> tuple[int, dict]:
@@ -598,8 +636,11 @@ def map_adaptive(src: _Source, task: dict, H: int, tensors: dict, mp: list, note
     return V, extra
 
 
-def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
-    """A state dict of the official SequenceLightningModule (keys model. / encoder. / decoder.)."""
+def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None, sample_rate: int | None = None) -> Imported:
+    """A state dict of the official SequenceLightningModule (keys model. / encoder. / decoder.) around the
+    isotropic backbone: a language model (task lm, adaptivelm), or an audio model (the sc09-style task,
+    multiclass over quantized samples at every position, on an official audio dataset; `sample_rate` as
+    for map_sashimi)."""
     notes: list[str] = []
     if cfg is None:
         raise MissingConfig(
@@ -637,30 +678,35 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
             "the config does not belong to these weights?"
         )
     n_repeats = len(idx) // per
-    if "n_layers" in m:
-        _agree("model.n_layers", _opt(m, "n_layers", None, "model"), n_repeats)
+    if "n_layers" in m:  # the official backbone builds layer × n_layers × n_repeat blocks (its pool, every
+        # n_repeat blocks, is the identity here: stride 1, no expand)
+        n_layers, n_rep = _opt(m, "n_layers", None, "model"), _opt(m, "n_repeat", 1, "model")
+        if n_rep == 1:
+            _agree("model.n_layers", n_layers, n_repeats)
+        elif type(n_layers) is not int or n_layers * n_rep != n_repeats:
+            raise ConfigMismatch(
+                f"model.n_layers × model.n_repeat = {n_layers!r} × {n_rep} in the config, but the weights "
+                f"have {n_repeats} repeats of the layer pattern: the config does not belong to these weights?"
+            )
 
     task = cfg.get("task") if isinstance(cfg.get("task"), dict) else {}
     tname = task.get("_name_")
-    if tname not in ("lm", "adaptivelm"):
+    ds = cfg.get("dataset") if isinstance(cfg.get("dataset"), dict) else {}
+    audio = tname in AUDIO_TASKS and ds.get("_name_") in AUDIO_DATASETS
+    if tname not in ("lm", "adaptivelm") and not audio:
         dec = cfg.get("decoder")
         mode = dec.get("mode", "last") if isinstance(dec, dict) else None
         raise Unsupported(
-            f"task._name_ = {tname!r} (decoder mode {mode!r}): only the 'lm' and 'adaptivelm' tasks are "
-            "served as "
-            "language models (their decoder gives the next token's logits at every position); other tasks "
-            "(synthetic copying, classification) map a sequence to other targets"
+            f"task._name_ = {tname!r} (decoder mode {mode!r}) on dataset {ds.get('_name_')!r}: served are "
+            "the 'lm' and 'adaptivelm' tasks (language models: their decoder gives the next token's logits "
+            "at every position) and the sc09-style task on an audio dataset (next-sample logits at every "
+            f"position: {', '.join(sorted(AUDIO_DATASETS))}); other tasks (synthetic copying, "
+            "classification) map a sequence to other targets"
         )
     for k, where in ((cfg.get("encoder"), "encoder"), (m.get("encoder"), "model.encoder")):
         if k not in (None, [], "embedding") and not (isinstance(k, dict) and k.get("_name_") == "embedding"):
             raise Unsupported(f"{where} = {k!r}: only a token embedding encoder is supported")
-    dec = cfg.get("decoder")
-    if dec not in (None, []) and not (
-        (dec == "sequence" or (isinstance(dec, dict) and dec.get("_name_") == "sequence"))
-        and (not isinstance(dec, dict) or (dec.get("l_output") is None and not dec.get("use_lengths", False)
-             and dec.get("mode", "last") in ("last", "first")))
-    ):  # fmt: skip
-        raise Unsupported(f"decoder = {dec!r}: only a per-token Linear decoder is supported")
+    _check_decoder(cfg)
     head_keys = [k for k in sd if k.startswith("decoder.") and k.endswith(".weight")]
     tensors: dict[str, torch.Tensor] = {}
     mp: list[tuple[str, str, str]] = []
@@ -683,7 +729,7 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
         _check_vocab(cfg, V)
         tensors["embed.weight"] = emb
         mp.append(("embed.weight", "encoder.0.weight", "the token embedding"))
-        rescale = bool(task.get("rescale", True))
+        rescale = bool(task.get("rescale", True)) and not audio  # (LMTask's √H; the sc09 task has none)
         embed_scale = math.sqrt(H) if rescale else 1.0
         notes.append(f"task {tname!r}: rescale = {rescale} → embed_scale {embed_scale:.6g}")
         if len(head_keys) != 1:
@@ -691,15 +737,22 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
         hw = head_keys[0]
         head_w = src.take(hw, (V, H))
         head_b = src.take(hw[: -len("weight")] + "bias", (V,))
-        tied = bool(task.get("tied", False))
+        tied = bool(task.get("tied", False)) and not audio
         _agree("task.tied", tied, bool(torch.equal(head_w, emb)))
         tensors["head.weight"], tensors["head.bias"] = head_w, head_b
         mp += [("head.weight", hw, "decoder weight" + (" (tied to the embedding)" if tied else "")),
                ("head.bias", hw[: -len('weight')] + "bias", "decoder bias")]  # fmt: skip
         extra = {"tie_embeddings": tied}
+        if audio:
+            rate, quant, audio_note = _audio_format(ds, sample_rate)
+            extra |= {"modality": "audio", "sample_rate": rate, "mulaw": "s4"}
+            extra |= {"quantization": quant} if quant != "mu-law" else {}  # (mu-law: the default)
+            notes.append(audio_note)
     for k, lc in enumerate(layer_cfgs):
         if names[k] == "s4":
-            _agree_kernel(sd, lc, f"model.layer[{k}]")
+            _agree_kernel(
+                sd, lc, f"model.layer[{k}]", [f"model.layers.{r * per + k}." for r in range(n_repeats)]
+            )
 
     def take_norm(ours: str, theirs: str, what: str, where: str = "") -> None:
         """A LayerNorm's weight and bias (H,), or (transposed) the scalar TransposedLN's s and m (1,)."""
@@ -718,6 +771,10 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
         where = f"model.layer[{si}]"
         kind = _check_s4_layer(lc, where)
         kinds.add(kind)
+        if len(kinds) > 1:  # (before the facts' check below, which S4 and S4D layers always fail)
+            raise Unsupported(
+                f"{where}: S4 and S4D layers mixed in one model (our model has one kernel kind, `kernel`)"
+            )
         kp = p + "layer.layer.kernel."
         opts = dict(lc)
         for k2, v2 in implied.get(kp, {}).items():
@@ -779,8 +836,6 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None) -> Imported:
     left = src.leftovers()
     if left:
         raise Unsupported(f"state dict: tensors this importer does not understand: {left[:10]}")
-    if len(kinds) != 1:
-        raise Unsupported("model.layer: S4 and S4D layers mixed in one model")
     kind = kinds.pop()
     lc = layer_cfgs[0]
     l_max = lc.get("l_max")
@@ -938,11 +993,15 @@ def _check_sashimi(m: dict, unet: bool) -> None:
         _expect(m, "unet", False, (False,), w, "not an option of the official sashimi backbone (its U-Net "
                 "SaShiMi is the backbone `_name_: unet`, which this importer takes)")  # fmt: skip
     res = _opt(m, "residual", "R", w)
-    if res not in (None, "R", "residual"):
+    if res is not None and not _plain_residual(res):
         raise Unsupported(f"model.residual = {res!r}: only the plain residual 'R' is supported")
     norm = _opt(m, "norm", None, w)
-    if norm != "layer" and not (isinstance(norm, dict) and norm.get("_name_") == "layer" and len(norm) == 1):
-        raise Unsupported(f"model.norm = {norm!r}: only 'layer' (TransposedLN when transposed) is supported")
+    scalar_ln = isinstance(norm, dict) and norm.get("_name_") == "layer" and set(norm) <= {"_name_", "scalar"}
+    if norm != "layer" and not (scalar_ln and norm.get("scalar", True) is True):
+        raise Unsupported(
+            f"model.norm = {norm!r}: only 'layer' (the scalar TransposedLN, SaShiMi's blocks being "
+            "transposed) is supported"
+        )
     if not m.get("transposed", True):
         raise Unsupported("model.transposed = False: SaShiMi's blocks then use LayerNorm; only the official "
                           "default (transposed, scalar TransposedLN) is supported")  # fmt: skip
@@ -1011,11 +1070,12 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     V, H = emb.shape
     _check_sashimi_shapes(sd, m, H)
     _check_vocab(cfg, V)
+    _check_decoder(cfg)
     _agree_kernel(sd, lc, "model.layer")
     tensors: dict[str, torch.Tensor] = {"embed.weight": emb}
     mp = [("embed.weight", "encoder.0.weight", "the token embedding (no rescale: classification task)")]
     task = cfg.get("task") or {}
-    if task.get("_name_") not in ("multiclass_classification", "base", None):
+    if task.get("_name_") not in AUDIO_TASKS:
         raise Unsupported(f"task._name_ = {task.get('_name_')!r}: SaShiMi imports expect the sc09-style task")
     hw = "decoder.0.output_transform."
     tensors["head.weight"], tensors["head.bias"] = (
@@ -1092,7 +1152,10 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     if left:
         raise Unsupported(f"state dict: tensors this importer does not understand: {left[:10]}")
     P = math.prod(pool)
-    l_max = max(l_kernels)
+    if kind == "s4":
+        l_max = max(l_kernels)
+    else:  # S4D layers keep no kernel length (a helper's audit: max() of their None crashed the import)
+        l_max = lc.get("l_max") if type(lc.get("l_max")) is int and lc["l_max"] > 0 else _dataset_l_max(cfg)
     l_max = -(-l_max // (2 * P)) * 2 * P  # a multiple of 2·prod(pool): the verification length
     ds = cfg.get("dataset") if isinstance(cfg.get("dataset"), dict) else {}
     rate, quant, audio_note = _audio_format(ds, sample_rate)
@@ -1130,24 +1193,28 @@ def _dataset_l_max(cfg: dict) -> int:
 
 
 def _audio_format(ds: dict, sample_rate: int | None) -> tuple[int, str, str]:
-    """(sample rate, quantization, card note) of a SaShiMi import. The tokens are state-spaces/s4's 8-bit
-    mu-law or linear quantization (dataset.quantization 'mu-law', assumed when absent, or 'linear', the
-    official Beethoven SaShiMi's; dataset.bits, when given, 8; anything else is refused); the rate is
+    """(sample rate, quantization, card note) of an audio import. The tokens are state-spaces/s4's 8-bit
+    mu-law or linear quantization (dataset.quantization 'mu-law' or 'linear', the official Beethoven
+    SaShiMi's; when absent, the dataset's official default, DEFAULT_QUANTIZATION, else mu-law, assumed and
+    said so; dataset.bits, when given, 8; anything else is refused); the rate is
     `sample_rate` when given, else the official data's rate for its dataset name, else 16 kHz, assumed
     (and said so)."""
     name, quant, bits = ds.get("_name_"), ds.get("quantization"), ds.get("bits", 8)
+    default = DEFAULT_QUANTIZATION.get(name)
     if quant not in (None, "mu-law", "linear"):
         raise Unsupported(
             f"dataset.quantization = {quant!r}: served are 'mu-law' and 'linear' (state-spaces/s4's)"
         )
     if bits != 8 or isinstance(bits, bool):
         raise Unsupported(f"dataset.bits = {bits!r}: served are 8-bit audio tokens (256 of them)")
-    law = (
-        f"{'8-bit linear' if quant == 'linear' else 'mu-law'} ({quant!r} in the config)"
-        if quant
-        else "mu-law ASSUMED (no dataset.quantization in the config)"
-    )
-    quant = quant or "mu-law"
+    if quant:
+        law = f"{'8-bit linear' if quant == 'linear' else 'mu-law'} ({quant!r} in the config)"
+    elif default:
+        kind = "8-bit linear" if default == "linear" else "mu-law"
+        law = f"{kind} (no dataset.quantization in the config: the official {name} dataset's default)"
+    else:
+        law = "mu-law ASSUMED (no dataset.quantization in the config)"
+    quant = quant or default or "mu-law"
     if sample_rate is not None:
         return (
             sample_rate,
@@ -1198,6 +1265,6 @@ def map_official(
     ):
         imp = map_sashimi(sd, cfg, sample_rate)
     else:
-        imp = map_lightning(sd, cfg)
+        imp = map_lightning(sd, cfg, sample_rate)
     imp.config["cauchy_backend"] = "torch"
     return imp

@@ -204,8 +204,9 @@ class SequenceDecoderParams(nn.Module):
 
 
 class SashimiLit(nn.Module):
-    """The sc09-style task around a SaShiMi or U-Net SaShiMi backbone: encoder.0 (Embedding), model.,
-    decoder.0.output_transform (Linear at every position)."""
+    """The sc09-style task around a SaShiMi or U-Net SaShiMi backbone, or the isotropic one (an audio
+    model of the sc09 task): encoder.0 (Embedding), model., decoder.0.output_transform (Linear at every
+    position)."""
 
     def __init__(self, cfg: dict, official: types.SimpleNamespace, vocab: int):
         super().__init__()
@@ -481,8 +482,9 @@ def main(argv: list[str] | None = None) -> int:
         lit = standalone_model(args.official, cfg)
     else:
         vocab = lm_vocab(sd)
-        name = cfg["model"].get("_name_")
-        lit = (SashimiLit if name in ("sashimi", "unet") else LMLit)(cfg, official, vocab)
+        lm = (cfg.get("task") or {}).get("_name_") in ("lm", "adaptivelm")
+        lm = lm and cfg["model"].get("_name_") not in ("sashimi", "unet")
+        lit = (LMLit if lm else SashimiLit)(cfg, official, vocab)
     no_extensions()
     lit.load_state_dict(sd, strict=True)
     lit = lit.double().eval()
