@@ -121,7 +121,7 @@ def synthesize_clip(word: str, voice: str, speed: int, pitch: int, sample_rate: 
             check=True, capture_output=True,
         )  # fmt: skip
         subprocess.run(
-            ["sox", str(raw), "-r", str(sample_rate), "-c", "1", "-b", "16", str(wav),
+            ["sox", "-R", str(raw), "-r", str(sample_rate), "-c", "1", "-b", "16", str(wav),
              "silence", "1", "0.01", "0.5%", "reverse", "silence", "1", "0.01", "0.5%", "reverse",
              "norm", "-1"],
             check=True, capture_output=True,

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -66,6 +67,15 @@ class TrainingInterrupted(Exception):
     def __init__(self, step: int, saved: int, out: Path):
         super().__init__(f"interrupted after step {step}")
         self.done, self.saved, self.out = step, saved, out
+
+
+class Diverged(Exception):
+    """The loss or the gradient norm of step `step` is not finite: the step is not taken and nothing is
+    saved after it (out/last keeps `saved`, the last good state). The CLI prints one line and exits 1."""
+
+    def __init__(self, step: int, saved: int, out: Path, loss: float, gnorm: float):
+        super().__init__(f"step {step}: loss {loss}, gradient norm {gnorm}")
+        self.step, self.saved, self.out, self.loss, self.gnorm = step, saved, out, loss, gnorm
 
 
 def _is_int(v) -> bool:
@@ -95,10 +105,10 @@ class DataConfig:
         _require(isinstance(self.path, str) and self.path != "", "data.path", self.path, "a folder path")
         _require(_is_int(self.seq_len) and self.seq_len >= 1, "data.seq_len", self.seq_len, "an integer ≥ 1")
         _require(
-            _is_int(self.batch_size) and self.batch_size >= 1,
+            _is_int(self.batch_size) and 1 <= self.batch_size <= MAX_BATCH,
             "data.batch_size",
             self.batch_size,
-            "an integer ≥ 1 (sequences per step, all processes together)",
+            f"an integer in [1, {MAX_BATCH:,}] (sequences per step, all processes together)",
         )
         _require(
             _is_int(self.eval_stride) and 0 <= self.eval_stride <= self.seq_len,
@@ -106,6 +116,12 @@ class DataConfig:
             self.eval_stride,
             f"an integer in [0, data.seq_len = {self.seq_len}] (0: seq_len // 2)",
         )
+
+
+# bounds beyond any run, checked with the rest (each crashed late before: a seed of 10^14 overflowed the
+# dropout seed's 64 bits at the first step, 100,000 threads was a SIGSEGV, a batch of 10^20 a traceback and
+# 10^8 an unbounded allocation: a helper's audit)
+MAX_SEED, MAX_THREADS, MAX_BATCH = 2**32 - 1, 1024, 65_536
 
 
 @dataclass
@@ -173,10 +189,12 @@ class TrainConfig:
         for name, allowed in zero_means.items():
             v = getattr(self, name)
             _require(_is_int(v) and v >= 0, k + name, v, f"an integer ≥ 1, or 0 ({allowed})")
+        _require(self.threads <= MAX_THREADS, k + "threads", self.threads, f"at most {MAX_THREADS}")
         _require(
             _is_int(self.log_every) and self.log_every >= 1, k + "log_every", self.log_every, "an integer ≥ 1"
         )
-        _require(_is_int(self.seed) and self.seed >= 0, k + "seed", self.seed, "an integer ≥ 0")
+        _require(_is_int(self.seed) and 0 <= self.seed <= MAX_SEED, k + "seed", self.seed,
+                 f"an integer in [0, 2^32 − 1 = {MAX_SEED}]")  # fmt: skip
         _require(isinstance(self.out, str) and self.out != "", k + "out", self.out, "a folder path")
         _require(isinstance(self.export, str), k + "export", self.export, 'a folder path, or "" (no export)')
         _require(
@@ -199,9 +217,13 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> dict:
     for an unreadable file, a bad override or an unknown table."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"config {str(path)!r}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config {str(path)!r}: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     try:
         cfg = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
@@ -359,6 +381,24 @@ def evaluate(net: nn.Module, data: Dataset, split: np.ndarray, seq_len: int, bat
 # Resumable state: safetensors for tensors, JSON for the rest (nothing is pickled)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's entries') data to the disk (a power loss then leaves it whole)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, obj) -> None:
+    """`obj` as JSON in `path`, atomically: written beside it, synced, moved over it (a run's config.json
+    written in place and cut short, by a crash or a full disk, failed every later resume)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
 def save_state(out: Path, net: nn.Module, opt: torch.optim.Optimizer, step: int, meta: dict) -> None:
     """Write the weights, AdamW moments and `step` to `out`/last, never leaving it missing or half
     written: written to last.tmp, then last → last.old, last.tmp → last, last.old removed. A crash or
@@ -379,11 +419,14 @@ def save_state(out: Path, net: nn.Module, opt: torch.optim.Optimizer, step: int,
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     state = {"step": step, "param_groups": sd["param_groups"], "scalars": scalars, **meta}
     (tmp / "state.json").write_text(json.dumps(state, indent=1) + "\n")
+    for f in (*tmp.iterdir(), tmp):  # on the disk before the renames make it `last`
+        _fsync(f)
     final, old = out / "last", out / "last.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
     tmp.rename(final)
+    _fsync(out)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -413,7 +456,12 @@ def recover_last(out: Path) -> None:
 
 
 def load_state(out: Path, net: nn.Module, opt: torch.optim.Optimizer, device) -> tuple[int, float]:
-    """Restore `out/last` into net and opt; returns (step to continue from, wall seconds so far)."""
+    """Restore `out/last` into net and opt; returns (step to continue from, wall seconds so far). The
+    optimizer's moments and step counts are last/'s; its hyperparameters (each group's peak lr, weight
+    decay, betas) stay those `opt` was built with, this run's config: a resume that changes train.lr,
+    ssm_lr, weight_decay or betas applies them (the saved groups' values were restored over them, while
+    the log and the export said the new ones: a helper's audit)."""
+    hyper = [{k: g[k] for k in ("base_lr", "weight_decay", "betas")} for g in opt.param_groups]
     d = out / "last"
     state = json.loads((d / "state.json").read_text())
     net.load_state_dict({k: v.to(device) for k, v in load_file(str(d / "model.safetensors")).items()})
@@ -425,6 +473,8 @@ def load_state(out: Path, net: nn.Module, opt: torch.optim.Optimizer, device) ->
         pid, name = key.split(".", 1)
         per_param.setdefault(int(pid), {})[name] = v
     opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    for g, h in zip(opt.param_groups, hyper, strict=True):
+        g.update(h)
     return int(state["step"]), float(state.get("elapsed_s", 0.0))
 
 
@@ -625,6 +675,27 @@ def check_kept_format(init: str, init_cfg: dict, overrides: dict) -> None:
             )
 
 
+def check_splits(data, dcfg, tcfg, train_split: np.ndarray, val_split: np.ndarray) -> None:
+    """ConfigError, before anything is trained or written, when a split is too small for what the run does
+    with it: the training split (a clip, for audio), the validation split when the run validates
+    (train.eval_every, train.final_eval) and the test split when it scores it at the end (train.final_eval):
+    2 tokens (one prediction) or 1 clip. They failed with tracebacks at the first validation, or after the
+    whole run (a helper's audit)."""
+    unit, least = ("clips", 1) if data.kind == "audio" else ("tokens", 2)
+    uses = [("train", train_split, "it trains on it")]
+    if tcfg.eval_every or tcfg.final_eval:
+        uses.append(("val", val_split, "train.eval_every or train.final_eval validates on it"))
+    if tcfg.final_eval:
+        uses.append(("test", data.split("test"), "train.final_eval scores it"))
+    for name, split, why in uses:
+        if len(split) < least:
+            raise ConfigError(
+                f"data.path {dcfg.path!r}: its {name} split has {len(split)} {unit}, fewer than the {least} "
+                f"{why} needs (prepare more data; validation and the final scores can be turned off: "
+                "train.eval_every=0, train.final_eval=false)"
+            )
+
+
 def check_model_fits_data(model_cfg, data, where: str, splits: list | None = None) -> None:
     """ConfigError, before anything is trained or written, unless the model (`model_cfg`: its ModelConfig,
     or a dict) can be trained on `data`: its modality is the data's, an audio model's sample rate the data's,
@@ -684,6 +755,47 @@ def trim_log(path: Path, start: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
+
+
+RUN_ENTRIES = frozenset({"config.json", "config.json.tmp", "log.jsonl", "metrics.json", "metrics.json.tmp",
+                         "last", "last.tmp", "last.old"})  # fmt: skip
+
+
+def check_out_folder(out: Path) -> None:
+    """ConfigError unless `train.out` may be emptied for a fresh start: missing, empty, or a training run's
+    folder (RUN_ENTRIES, and exports this run wrote there). A fresh start deleted whatever folder it
+    named: a dataset's, a shipped checkpoint's, a folder of notes (a helper's audit)."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"train.out {str(out)!r} is a file, not a folder")
+    foreign = []
+    for entry in sorted(out.iterdir()):
+        if entry.name in RUN_ENTRIES:
+            continue
+        try:
+            check_export_folder(entry, out)  # a folder this run exported to is the run's own
+            own = entry.is_dir() and (entry / "config.json").is_file()
+        except ConfigError:
+            own = False
+        if not own:
+            foreign.append(entry.name)
+    cfg = out / "config.json"
+    try:
+        run_cfg = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        checkpoint = not isinstance(run_cfg, dict) or "format" in run_cfg or "kind" in run_cfg
+    except (OSError, ValueError):
+        checkpoint = False  # (a run's config.json cut short: still the run's)
+    if foreign or checkpoint:
+        what = (
+            f"holds {', '.join(foreign[:5])}{', …' if len(foreign) > 5 else ''}"
+            if foreign
+            else ("is a checkpoint folder (its config.json is a model's)")
+        )
+        raise ConfigError(
+            f"train.out {str(out)!r} {what}: not a training run's folder, which a fresh start empties; name "
+            "a new or empty folder (train.out=runs/NAME), or move those files away"
+        )
 
 
 def check_export_folder(export: Path, out: Path) -> None:
@@ -794,17 +906,30 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     except FileNotFoundError as exc:
         raise ConfigError(f"data.path {dcfg.path!r}: {exc}") from None
     train_split, val_split = data.split("train"), data.split("val")
-    if data.kind != "audio" and len(train_split) < dcfg.seq_len + 1:
+    if data.kind != "audio" and len(train_split) < dcfg.seq_len + 2:  # (one window start at least)
         raise ConfigError(
-            f"data.seq_len must be < the training split's {len(train_split):,} tokens, got {dcfg.seq_len}"
+            f"data.seq_len must be ≤ the training split's {len(train_split):,} tokens − 2, got {dcfg.seq_len}"
         )
+    check_splits(data, dcfg, tcfg, train_split, val_split)
     model_cfg = dict(cfg.get("model", {}))
     recover_last(out)
     resuming = not fresh and (out / "last" / "state.json").is_file()
     init_state, init = None, None  # train.init's weights (a fresh start only) and its record
+    saved = saved_init(out) if resuming else None
+    same = (
+        (Path(saved["path"]).resolve() == Path(tcfg.init).resolve())
+        if saved and tcfg.init
+        else (not saved and not tcfg.init)
+    )
+    if resuming and not same:  # (the weights are last/'s either way)
+        was = f"train.init {saved['path']!r}" if saved else "fresh weights (no train.init)"
+        raise ConfigError(
+            f"train.init {tcfg.init!r}: {out} was started from {was}, and a resume goes on from its last/: "
+            "its weights descend from that start whatever train.init says now (the export would name the "
+            "other checkpoint as its origin); leave train.init as it was, or start over with --fresh"
+        )
     if tcfg.init:  # the checkpoint's model; [model] keys override its config (a shape too: refused below)
-        saved = saved_init(out) if resuming else None
-        if saved is not None and saved["path"] == tcfg.init:  # a resume: the weights are last/'s
+        if saved is not None:  # a resume: the weights are last/'s
             init = saved
         else:
             init_cfg, init_state, provenance = _init_from(tcfg.init)
@@ -845,8 +970,19 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     if resuming:
         try:
             start, wall_before = load_state(out, net, opt, device)
+        except (SafetensorError, OSError) as exc:  # (before ValueError: a JSONDecodeError is one too)
+            raise ConfigError(
+                f"{out / 'last'} cannot be read ({type(exc).__name__}: {exc}): restore it, or start over "
+                "with --fresh"
+            ) from None
         except (RuntimeError, ValueError, KeyError):  # another model (or optimizer groups) in `last`
-            saved_cfg = json.loads((out / "last" / "state.json").read_text()).get("config") or {}
+            try:
+                saved_cfg = json.loads((out / "last" / "state.json").read_text()).get("config") or {}
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{out / 'last' / 'state.json'} cannot be read ({exc}): restore it, or start over with "
+                    "--fresh"
+                ) from None
             diff = {k: v for k, v in config_changes(saved_cfg, cfg).items() if k.startswith("model")}
             what = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in diff.items()) or "its tensors differ"
             raise ConfigError(
@@ -874,14 +1010,18 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
         elif main_proc:
             print(f"resuming {out} at step {start}", file=sys.stderr)
         if main_proc and dump_grads is None:
-            before = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+            try:
+                before = json.loads((out / "config.json").read_text())
+            except (OSError, ValueError):  # missing, or cut short by a crash: written again
+                before = {}
             changed = config_changes(before, cfg)
             if changed:
-                (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+                write_json(out / "config.json", cfg)
     elif main_proc and dump_grads is None:
+        check_out_folder(out)
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+        write_json(out / "config.json", cfg)
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     n_params = sum(p.numel() for p in net.parameters())
     if main_proc and start == 0 and dump_grads is None:
@@ -924,9 +1064,12 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
                     save_file(grads, dump_grads)
                 return {"loss": all_mean(loss.item(), device)}
             gnorm = float(nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip or math.inf))  # 0: off
+            loss_v = all_mean(loss.item(), device)  # (the same on every process, as gnorm: one decision)
+            if not (math.isfinite(loss_v) and math.isfinite(gnorm)):  # diverged: not stepped, not saved
+                progress.close()
+                raise Diverged(step + 1, saved, out, loss_v, gnorm)
             opt.step()
             done = step + 1
-            loss_v = all_mean(loss.item(), device)
             dt = time.perf_counter() - t0
             if budgeted:
                 now = time.perf_counter()
@@ -956,7 +1099,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
                            "exact": done <= tcfg.warmup}  # fmt: skip
                     replanned = True
                     if main_proc:
-                        (out / "config.json").write_text(json.dumps(cfg, indent=1) + "\n")
+                        write_json(out / "config.json", cfg)
                         if log:
                             log.write(json.dumps(rec) + "\n")
                         if tcfg.steps != before:  # (a plan that stays is logged, not printed)
@@ -966,7 +1109,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
                 if elapsed >= time_budget and done < end:  # over time: stop here
                     end, over_time = done, True
             progress.update(step, loss_v, tokens_per_step / dt)
-            if log and ((step + 1) % tcfg.log_every == 0 or step == start):
+            if log and ((step + 1) % tcfg.log_every == 0 or step == 0):  # (a resume's log reads as one run's)
                 # elapsed_s: training wall time across resumes
                 rec = {"step": step + 1, "loss": loss_v, "lr": tcfg.lr * scale, "grad_norm": gnorm,
                        "tok_s": tokens_per_step / dt,
@@ -1028,7 +1171,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
             for split in ("val", "test"):
                 metrics[split] = evaluate(net, data, data.split(split), dcfg.seq_len, dcfg.batch_size,
                                           dcfg.eval_stride, 0, device)  # fmt: skip
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+        write_json(out / "metrics.json", metrics)
         if tcfg.export:
             from model.checkpoint import save
 
@@ -1066,7 +1209,8 @@ def main(argv: list[str] | None = None, build_model: Callable[[dict], nn.Module]
         help="train for about SECONDS of steps (the final evaluation and export come after): train.steps "
         "is replaced by a plan made from the measured step time after 13 steps and again at 25/50/75/90 %% "
         "of the budget (written to the run's config.json: resume with that file), and the run stops at the "
-        "deadline regardless (resumable, not exported); a run shorter than 13 steps ignores it",
+        "deadline regardless (resumable, not exported); a run that ends within 13 steps is not re-planned, "
+        "but still stops at the deadline",
     )
     args = ap.parse_intermixed_args(argv)  # options before or after the section.key=value overrides
     if not (math.isfinite(args.time_budget) and args.time_budget >= 0):
@@ -1087,6 +1231,17 @@ def main(argv: list[str] | None = None, build_model: Callable[[dict], nn.Module]
     except TrainingInterrupted as exc:
         where = f"{exc.out}/last holds step {exc.saved}" if exc.saved else "nothing was saved yet"
         status, line = 130, f"interrupted after step {exc.done}; {where}: the same command resumes from there"
+    except Diverged as exc:
+        where = (f"{exc.out}/last holds step {exc.saved}, the last good state (nothing was saved after it)"
+                 if exc.saved else "nothing was saved")  # fmt: skip
+        status, line = (
+            1,
+            (
+                f"{ap.prog}: error: training diverged at step {exc.step} (loss {exc.loss}, gradient norm "
+                f"{exc.gnorm}): the step was not taken; {where}; lower train.lr (or set train.grad_clip), "
+                "then resume or start over with --fresh"
+            ),
+        )
     except KeyboardInterrupt:
         status, line = 130, f"interrupted; the same command resumes from {out}/last if it was saved"
     finally:

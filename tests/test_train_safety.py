@@ -1,0 +1,200 @@
+"""The trainer's edges a helper's audit found faults at (2026-12-06): a resume that changes the optimizer's
+settings, a fresh start's folder, divergence, splits too small, train.init changed on resume, values past
+their bounds, unreadable run state. Each test failed on the code before its fix."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import read_log, tiny_config
+
+from model.train import ConfigError, Diverged, load_config, main, train
+
+
+def _run(text_data, out, **kw):
+    return tiny_config(
+        text_data, out, **{"steps": 8, "ckpt_every": 4, "final_eval": False, "eval_every": 0, **kw}
+    )
+
+
+def test_a_resume_applies_a_changed_lr_weight_decay_and_betas(text_data, tmp_path):
+    """Resumed with train.lr, ssm_lr, weight_decay and betas changed: the optimizer's groups take them (they
+    kept the saved values while the log and config.json said the new ones), and the run differs from the
+    unchanged resume; the unchanged resume is the uninterrupted run, bit for bit."""
+    for name in ("same", "changed", "whole"):
+        train(_run(text_data, tmp_path / name), stop_at=0 if name == "whole" else 4)
+    train(_run(text_data, tmp_path / "same"))
+    new = {"lr": 3e-2, "ssm_lr": 2e-3, "weight_decay": 0.3, "betas": [0.5, 0.6]}
+    train(_run(text_data, tmp_path / "changed", **new))
+    groups = json.loads((tmp_path / "changed" / "last" / "state.json").read_text())["param_groups"]
+    by_name = {g["name"]: g for g in groups}
+    assert {tuple(g["betas"]) for g in groups} == {(0.5, 0.6)}
+    ssm = [g for n, g in by_name.items() if "ssm" in n]
+    assert ssm and all(g["base_lr"] == 2e-3 for g in ssm)
+    assert all(g["base_lr"] == 3e-2 for n, g in by_name.items() if "ssm" not in n)
+    assert {g["weight_decay"] for g in groups} <= {0.0, 0.3} and any(g["weight_decay"] == 0.3 for g in groups)
+    w = {n: load_file(str(tmp_path / n / "last" / "model.safetensors")) for n in ("same", "changed", "whole")}
+    assert all(torch.equal(w["same"][k], w["whole"][k]) for k in w["whole"])
+    assert any(not torch.equal(w["changed"][k], w["whole"][k]) for k in w["whole"])
+    whole = {r["step"]: r["lr"] for r in read_log(tmp_path / "whole") if "lr" in r}
+    lrs = {r["step"]: r["lr"] for r in read_log(tmp_path / "changed") if "lr" in r and r["step"] > 4}
+    assert len(lrs) == 4 and all(lr == pytest.approx(3 * whole[k]) for k, lr in lrs.items())  # 3e-2 / 1e-2
+
+
+@pytest.mark.parametrize("kind", ["notes", "dataset", "checkpoint", "file"])
+def test_a_fresh_start_refuses_to_empty_a_folder_that_is_not_a_runs(text_data, tmp_path, kind):
+    """A fresh start emptied whatever train.out named (a folder of notes, the dataset, a shipped checkpoint);
+    it is refused now, naming what is there, and nothing is deleted; a run's own folder (and an empty one)
+    is started over as before."""
+    out = tmp_path / "target"
+    if kind == "notes":
+        out.mkdir()
+        (out / "notes.txt").write_text("keep")
+    elif kind == "dataset":
+        shutil.copytree(text_data, out)
+    elif kind == "checkpoint":
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps({"format": "s4-checkpoint", "config": {}}))
+    else:
+        out.write_text("a file")
+    before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    with pytest.raises(ConfigError, match="train.out .*(not a training run's folder|is a file)"):
+        train(_run(text_data, out), fresh=True)
+    assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before
+    run = tmp_path / "run"
+    train(_run(text_data, run), stop_at=2)
+    (run / "export").mkdir()  # the run's own export inside it is the run's too
+    (run / "export" / "config.json").write_text(
+        json.dumps({"training": {"config": {"train": {"out": str(run)}}}})
+    )
+    train(_run(text_data, run), fresh=True, stop_at=2)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    train(_run(text_data, empty), stop_at=2)
+
+
+def test_divergence_stops_the_run_before_the_step_and_keeps_the_last_good_state(text_data, tmp_path, capsys):
+    """lr 1e20: the loss turns NaN within a few steps. The run stops at the first non-finite loss or
+    gradient norm, before taking that step and before saving anything after it (it trained on, overwrote
+    last/ with NaN weights and wrote bare NaN into its JSON logs); the CLI says so in one line, exit 1."""
+    cfg = _run(text_data, tmp_path / "run", lr=1e20, ssm_lr=1e20, grad_clip=0.0)
+    cfg["train"]["ckpt_every"] = 1
+    with pytest.raises(Diverged) as exc:
+        train(cfg)
+    d = exc.value
+    assert d.step >= 2 and d.saved == d.step - 1 and not (math.isfinite(d.loss) and math.isfinite(d.gnorm))
+    state = json.loads((tmp_path / "run" / "last" / "state.json").read_text())
+    assert state["step"] == d.saved
+    weights = load_file(str(tmp_path / "run" / "last" / "model.safetensors"))
+    assert all(bool(torch.isfinite(v).all()) for v in weights.values())
+    for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in the log"))
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({**cfg, "train": {**cfg["train"], "out": str(tmp_path / "cli")}}))
+    with pytest.raises(SystemExit) as code:
+        main([str(path)])
+    assert code.value.code == 1
+    err = capsys.readouterr().err
+    assert "training diverged at step" in err and "the step was not taken" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("split, n", [("val", 0), ("val", 1), ("test", 0), ("train", 65)])
+def test_splits_too_small_for_the_run_are_refused_before_it_starts(text_data, tmp_path, split, n):
+    """An empty or one-token validation or test split failed with a traceback at the first validation or
+    after the whole run; a training split of seq_len + 1 tokens passed the check and failed in the sampler
+    ("65 tokens, fewer than seq_len + 1 = 65"). Each is a ConfigError naming the split, before training."""
+    data = tmp_path / "data"
+    shutil.copytree(text_data, data)
+    tokens = np.fromfile(data / f"{split}.bin", dtype=np.uint8)[:n]
+    tokens.tofile(data / f"{split}.bin")
+    meta = json.loads((data / "meta.json").read_text())
+    meta.setdefault("tokens", {})[split] = n
+    (data / "meta.json").write_text(json.dumps(meta))
+    cfg = _run(data, tmp_path / "run", eval_every=4)
+    cfg["train"]["final_eval"] = True
+    want = "data.seq_len must be ≤ the training split's 65 tokens − 2" if split == "train" else (
+        f"its {split} split has {n} tokens, fewer than the 2")  # fmt: skip
+    with pytest.raises(ConfigError, match=want):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_may_not_change_train_init(text_data, tmp_path):
+    """A run resumes from its own last/: a train.init changed, added or removed on resume was taken, and the
+    export named a checkpoint its weights do not descend from. Refused now; the same train.init resumes."""
+    from model import save
+    from model.train import build_s4
+
+    base = tmp_path / "base"
+    save(build_s4(tiny_config(text_data, tmp_path)["model"]), base)
+    other = tmp_path / "other"
+    shutil.copytree(base, other)
+    cfg = _run(text_data, tmp_path / "ft", init=str(base))
+    cfg.pop("model")
+    train(cfg, stop_at=2)
+    for init in (str(other), ""):
+        with pytest.raises(ConfigError, match=r"a resume goes on from its last/.*leave train.init as it was"):
+            train({**cfg, "train": {**cfg["train"], "init": init}})
+    plain = _run(text_data, tmp_path / "plain")
+    train(plain, stop_at=2)
+    with pytest.raises(ConfigError, match="was started from fresh weights"):
+        train({**plain, "model": {}, "train": {**plain["train"], "init": str(base)}})
+    train(cfg)  # the same train.init: resumes
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("train.seed", 2**32, r"train.seed .*2\^32 − 1"),
+        ("train.seed", 10**14, r"train.seed"),
+        ("train.threads", 100_000, "train.threads .*at most 1024"),
+        ("data.batch_size", 10**20, r"data.batch_size .*\[1, 65,536\]"),
+        ("data.batch_size", 10**8, "data.batch_size"),
+    ],
+)
+def test_values_past_their_bounds_are_refused_when_the_config_is_read(tmp_path, key, value, message):
+    """They crashed late: a seed of 10^14 overflowed the dropout seed at the first step, 100,000 threads was
+    a SIGSEGV, a batch of 10^20 a traceback and 10^8 an unbounded allocation."""
+    from model.train import run_configs
+
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nsteps = 1\n")
+    with pytest.raises(ConfigError, match=message):
+        run_configs(load_config(path, [f"{key}={value}"]))
+
+
+def test_a_binary_config_and_unreadable_run_state_are_clear_errors(text_data, tmp_path):
+    """A config that is not UTF-8 was a UnicodeDecodeError traceback; a run whose last/ is corrupt was a
+    SafetensorError or JSONDecodeError traceback; a run config.json cut short failed every resume. Now
+    ConfigErrors naming the file, and a cut config.json is written again."""
+    path = tmp_path / "c.toml"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(path)
+    run = tmp_path / "run"
+    cfg = _run(text_data, run)
+    train(cfg, stop_at=4)
+    (run / "config.json").write_text("")  # cut short
+    train(cfg, stop_at=6)
+    assert json.loads((run / "config.json").read_text())["train"]["out"] == str(run)
+    for name, content in (("model.safetensors", b"junk"), ("state.json", b"{")):
+        broken = tmp_path / f"broken-{name}"
+        shutil.copytree(run, broken)
+        (broken / "last" / name).write_bytes(content)
+        with pytest.raises(ConfigError, match=r"last.*cannot be read"):
+            train({**cfg, "train": {**cfg["train"], "out": str(broken)}})
+
+
+def test_a_resumed_runs_log_reads_as_the_uninterrupted_runs(text_data, tmp_path):
+    """With log_every 4, a run stopped at 3 and at 6 logs the lines an uninterrupted run logs (each resume
+    logged an extra line at its first step)."""
+    for name, stops in (("whole", [0]), ("parts", [3, 6, 0])):
+        for stop in stops:
+            train({**_run(text_data, tmp_path / name), "train": {**_run(text_data, tmp_path / name)["train"],
+                                                                 "log_every": 4}}, stop_at=stop)  # fmt: skip
+    steps = {n: [r["step"] for r in read_log(tmp_path / n) if "loss" in r] for n in ("whole", "parts")}
+    assert steps["whole"] == [1, 4, 8] and steps["parts"] == steps["whole"]
