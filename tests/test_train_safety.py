@@ -198,3 +198,27 @@ def test_a_resumed_runs_log_reads_as_the_uninterrupted_runs(text_data, tmp_path)
                                                                  "log_every": 4}}, stop_at=stop)  # fmt: skip
     steps = {n: [r["step"] for r in read_log(tmp_path / n) if "loss" in r] for n in ("whole", "parts")}
     assert steps["whole"] == [1, 4, 8] and steps["parts"] == steps["whole"]
+
+
+@pytest.mark.parametrize("damage", ["cut", "kind", "missing", "meta"])
+def test_a_damaged_dataset_folder_is_refused_naming_the_file(text_data, tmp_path, damage):
+    """A train.bin cut to 1,000 bytes trained silently (meta.json's byte counts were never compared), a kind
+    "txt" was read as text, a missing test.bin and an invalid meta.json were tracebacks."""
+    data = tmp_path / "data"
+    shutil.copytree(text_data, data)
+    meta = json.loads((data / "meta.json").read_text())
+    if damage == "cut":
+        (data / "train.bin").write_bytes((data / "train.bin").read_bytes()[:1000])
+        want = r"train.bin: 1,000 bytes, where meta.json records"
+    elif damage == "kind":
+        (data / "meta.json").write_text(json.dumps({**meta, "kind": "txt"}))
+        want = "kind 'txt', not 'text' or 'audio'"
+    elif damage == "missing":
+        (data / "test.bin").unlink()
+        want = r"test.bin: missing"
+    else:
+        (data / "meta.json").write_text("{")
+        want = "meta.json: not readable JSON"
+    with pytest.raises(ConfigError, match=f"data.path .*{want}"):
+        train(_run(data, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
