@@ -757,6 +757,19 @@ def trim_log(path: Path, start: int) -> None:
     tmp.replace(path)
 
 
+def check_writable(flag: str, folder: Path) -> None:
+    """ConfigError naming `flag` unless `folder` can be made and written to: the nearest part of it that
+    exists is a folder this process may write (an export to /proc/x failed with a traceback after the
+    whole run, a train.out under a file at its first write: a helper's audit)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{flag} {str(folder)!r}: {probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {str(folder)!r}: {probe} is not writable by this process")
+
+
 RUN_ENTRIES = frozenset({"config.json", "config.json.tmp", "log.jsonl", "metrics.json", "metrics.json.tmp",
                          "last", "last.tmp", "last.old"})  # fmt: skip
 
@@ -901,6 +914,9 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     main_proc = rank == 0
     if tcfg.export:
         check_export_folder(Path(tcfg.export), out)
+    for flag, where in (("train.out", out), ("train.export", tcfg.export), ("--dump-grads", dump_grads)):
+        if where and main_proc:
+            check_writable(flag, Path(where) if flag != "--dump-grads" else Path(where).parent)
     try:
         data = Dataset(dcfg.path)
         train_split, val_split = data.split("train"), data.split("val")
@@ -1021,8 +1037,11 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     elif main_proc and dump_grads is None:
         check_out_folder(out)
         shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        write_json(out / "config.json", cfg)
+        try:
+            out.mkdir(parents=True)
+            write_json(out / "config.json", cfg)
+        except OSError as exc:
+            raise ConfigError(f"train.out {str(out)!r}: cannot write it ({exc.strerror or exc})") from None
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     n_params = sum(p.numel() for p in net.parameters())
     if main_proc and start == 0 and dump_grads is None:

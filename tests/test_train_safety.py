@@ -222,3 +222,22 @@ def test_a_damaged_dataset_folder_is_refused_naming_the_file(text_data, tmp_path
     with pytest.raises(ConfigError, match=f"data.path .*{want}"):
         train(_run(data, tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["train.out", "train.export", "--dump-grads"])
+def test_an_unwritable_output_is_refused_before_training(text_data, tmp_path, flag):
+    """An export under a file (or /proc) failed with a traceback after the whole run and its final
+    evaluation; a train.out or --dump-grads there at their first write. Refused first, naming the flag."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    cfg = _run(text_data, tmp_path / "run")
+    dump = None
+    if flag == "train.out":
+        cfg["train"]["out"] = str(blocker / "run")
+    elif flag == "train.export":
+        cfg["train"]["export"] = str(blocker / "export")
+    else:
+        dump = str(blocker / "grads.safetensors")
+    with pytest.raises(ConfigError, match=f"{flag} .*a-file is a file, not a folder"):
+        train(cfg, dump_grads=dump)
+    assert not (tmp_path / "run").exists()
