@@ -169,8 +169,9 @@ def read_config(directory: str | Path) -> dict:
 
 def load(directory: str | Path, device: str | torch.device = "cpu"):
     """Load a network saved by `save`, of the class its config's `arch` names (SequenceModel or
-    SaShiMi); raises CheckpointError naming any problem of the checkpoint, ValueError for a device this
-    process cannot use (`model.network.usable_device`)."""
+    SaShiMi), float32, on `device`, in eval mode (dropout off: `net(tokens)` is deterministic; `.train()`
+    to train it; it was returned in training mode); raises CheckpointError naming any problem of the
+    checkpoint, ValueError for a device this process cannot use (`model.network.usable_device`)."""
     from model.arch import build  # noqa: PLC0415
     from model.network import ModelConfig, usable_device  # noqa: PLC0415
 
@@ -220,4 +221,4 @@ def load(directory: str | Path, device: str | torch.device = "cpu"):
         if v.is_floating_point() and not torch.isfinite(v).all():
             raise CheckpointError(f"{wpath}: tensor {k!r} has non-finite values")
     net.load_state_dict(state, strict=not cfg.tie_embeddings)
-    return net.to(device)
+    return net.to(device).eval()

@@ -16,7 +16,8 @@ import torch
 
 
 class ByteTokenizer:
-    """Text ↔ UTF-8 byte ids (vocab 256). Decoding never fails: invalid bytes become U+FFFD."""
+    """Text ↔ UTF-8 byte ids (vocab 256). Decoding any byte ids succeeds: bytes that are not valid UTF-8
+    become U+FFFD."""
 
     vocab_size = 256
 
@@ -24,7 +25,14 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def decode(self, ids) -> str:
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        """Byte ids → text (U+FFFD for invalid UTF-8). Raises ValueError for an id that is not an integer
+        in 0 … 255 (1.5 was read as 1)."""
+        out = bytearray()
+        for i in ids:
+            if int(i) != i or not 0 <= int(i) <= 255:
+                raise ValueError(f"byte id {i!r} is not an integer in 0 … 255")
+            out.append(int(i))
+        return out.decode("utf-8", errors="replace")
 
     def stream_decoder(self, pending: bytes = b""):
         """Incremental decoder: feed(bytes) → the text completed so far (multi-byte chars held back).
@@ -244,12 +252,19 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     that. Decoding goes block by block into one mono buffer of the declared length, so a header
     cannot make it allocate more than that.
 
-    Samples beyond ±1 (a float file's) are clipped; a NaN or infinite one is refused.
+    Samples beyond ±1 (a float file's, or a resampler's overshoot at a full-scale edge: a square wave's
+    went to 1.2) are clipped; a NaN or infinite one is refused.
 
-    Raises ValueError (not an audio file, or a header field out of range: the message names it),
+    Raises ValueError (not an audio file, a header field out of range: the message names it, or a
+    `target_rate` that is not an integer in the same range),
     AudioTooLong (a ValueError) for a file longer than `max_seconds`, or NonFiniteAudio (a ValueError)
     for a NaN or infinite sample.
     """
+    if target_rate is not None and not (
+        isinstance(target_rate, int | np.integer) and MIN_SAMPLE_RATE <= target_rate <= MAX_SAMPLE_RATE
+    ):
+        raise ValueError(f"target_rate: {target_rate!r} Hz is not an integer in [{MIN_SAMPLE_RATE}, "
+                         f"{MAX_SAMPLE_RATE}]")  # fmt: skip
     try:
         f = soundfile.SoundFile(io.BytesIO(data))
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
@@ -289,7 +304,8 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     x = np.clip(x[:n], -1.0, 1.0)  # float files may hold |x| > 1
     if target_rate is None or target_rate == rate or n == 0:
         return x, target_rate or rate
-    return soxr.resample(x, rate, target_rate, quality="HQ").astype(np.float32, copy=False), target_rate
+    y = soxr.resample(x, rate, target_rate, quality="HQ").astype(np.float32, copy=False)
+    return np.clip(y, -1.0, 1.0, out=y), target_rate  # (band-limited overshoot past ±1)
 
 
 def read_wav(data: bytes) -> tuple[np.ndarray, int]:

@@ -16,7 +16,16 @@ _F64 = torch.float64
 
 
 def transition(measure: str, N: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense HiPPO (A, B) for `measure`: A (N, N) and B (N,), float64."""
+    """Dense HiPPO (A, B) for `measure`: A (N, N) and B (N,), float64.
+
+    legs, legt, lagt: the HiPPO paper's operators (Gu, Dao, Ermon, Rudra, Ré, "HiPPO: Recurrent Memory with
+    Optimal Polynomial Projections", NeurIPS 2020), negated and scaled as state-spaces/s4's
+    src/models/hippo/hippo.py `transition` (legt on a window of length 2, ×1/2; lagt shifted by I/2).
+    fout: a translated Fourier basis (1, cos 2πkt, sin 2πkt, … on a unit window) in the form A = J − BBᵀ/2
+    of "How to Train Your HiPPO" (Gu, Johnson, Timalsina, Rudra, Ré, ICLR 2023), as written here; it is
+    not state-spaces/s4's transition('fourier') (their eigenvalues differ): an imported model's Λ, P, B
+    are mapped as trained, so only models initialized here use this one. Raises ValueError for another
+    measure."""
     n = torch.arange(N, dtype=_F64)
     r = (2 * n + 1).sqrt()
     row, col = n[:, None], n[None, :]
@@ -52,7 +61,9 @@ def transition(measure: str, N: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def rank_correction(measure: str, N: int, rank: int = 1) -> torch.Tensor:
-    """Low-rank P (N, rank) with A + P Pᵀ normal (its symmetric part a multiple of I)."""
+    """Low-rank P (N, rank), float64, with A + P Pᵀ normal (its symmetric part a multiple of I): the
+    values of state-spaces/s4's `rank_correction`. Raises ValueError for another measure, or a rank below
+    the measure's (legt needs 2)."""
     n = torch.arange(N, dtype=_F64)
     if measure == "legs":
         P = (n + 0.5).sqrt()[:, None]
@@ -102,7 +113,8 @@ def nplr(measure: str, N: int, rank: int = 1):
     """NPLR form of HiPPO: (Λ, P, B, V) with A = V diag(Λ) Vᴴ − P Pᵀ, all float64/complex128.
 
     Λ (N,) complex, P (N, rank) real, B (N,) real, V (N, N) unitary. Columns N/2.. of V and entries
-    N/2.. of Λ are the conjugates of the first N/2 (conjugate symmetry).
+    N/2.. of Λ are the conjugates of the first N/2 (conjugate symmetry). S4 paper, Theorem 1 (Gu, Goel,
+    Ré, ICLR 2022). Raises ValueError for another measure, a rank below its own or an odd N.
     """
     A, B = transition(measure, N)
     P = rank_correction(measure, N, rank)
@@ -118,7 +130,8 @@ def nplr(measure: str, N: int, rank: int = 1):
 
 def dplr(measure: str, N: int, rank: int = 1):
     """Half-size diagonal-plus-low-rank form used by the S4 kernel (conjugate symmetry):
-    Λ (N/2,), P̃ = V_hᴴ P (rank, N/2), B̃ = V_hᴴ B (N/2,), V_h (N, N/2), all complex128."""
+    Λ (N/2,), P̃ = V_hᴴ P (rank, N/2), B̃ = V_hᴴ B (N/2,), V_h (N, N/2), all complex128. Raises ValueError
+    as `nplr`."""
     Lambda, P, B, V = nplr(measure, N, rank)
     Vh = V[:, : N // 2]
     Pc, Bc = P.to(torch.complex128), B.to(torch.complex128)

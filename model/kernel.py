@@ -1,4 +1,7 @@
-"""SSM convolution kernels K̄ ∈ R^{H×L}: S4 (DPLR, Algorithm 1 of the S4 paper) and S4D (diagonal).
+"""SSM convolution kernels K̄ ∈ R^{H×L}: S4 (DPLR, Algorithm 1 of the S4 paper: Gu, Goel, Ré,
+"Efficiently Modeling Long Sequences with Structured State Spaces", ICLR 2022) and S4D (diagonal: Gu,
+Gupta, Goel, Ré, "On the Parameterization and Initialization of Diagonal State Space Models", NeurIPS
+2022).
 
 Each equation is a small function; the modules only own parameters and call them. Computing a
 kernel never modifies a parameter (the trained C̃ is converted to C̄ only by recurrent.py, on copies).
@@ -33,13 +36,15 @@ RE_LAMBDA_MAX = -1e-2
 
 
 def discretize_bilinear(dtA: torch.Tensor, dtB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """μ = (1 + ΔΛ/2)/(1 − ΔΛ/2), B̄ = ΔB/(1 − ΔΛ/2) (inputs are ΔΛ and ΔB)."""
+    """μ = (1 + ΔΛ/2)/(1 − ΔΛ/2), B̄ = ΔB/(1 − ΔΛ/2) (inputs are ΔΛ and ΔB, complex tensors of any one
+    shape, or broadcastable; outputs of their dtype): the bilinear (Tustin) transform, S4 paper eq. (3)."""
     denom = 1 - dtA / 2
     return (1 + dtA / 2) / denom, dtB / denom
 
 
 def discretize_zoh(dtA: torch.Tensor, dtB: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """μ = exp(ΔΛ), B̄ = (exp(ΔΛ) − 1)/(ΔΛ) · ΔB."""
+    """μ = exp(ΔΛ), B̄ = (exp(ΔΛ) − 1)/(ΔΛ) · ΔB (zero-order hold; S4D paper, section 2; inputs ΔΛ and ΔB,
+    complex tensors of any one shape, or broadcastable; outputs of their dtype)."""
     mu = torch.exp(dtA)
     return mu, (mu - 1) / dtA * dtB
 
@@ -50,7 +55,8 @@ def discretize_zoh(dtA: torch.Tensor, dtB: torch.Tensor) -> tuple[torch.Tensor, 
 
 def woodbury(k: torch.Tensor, rank: int) -> torch.Tensor:
     """k00 − k01 (I + k11)⁻¹ k10 for the stacked Cauchy sums k ((1+r)², ...) ordered row-major
-    over (left ∈ [C̃, P̄₁..P̄ᵣ]) × (right ∈ [B, P₁..Pᵣ])."""
+    over (left ∈ [C̃, P̄₁..P̄ᵣ]) × (right ∈ [B, P₁..Pᵣ]): the Woodbury identity of the S4 paper's
+    Algorithm 1 (step 3), for rank r 1 or 2. Raises ValueError for another rank."""
     if rank == 1:  # unbind: its backward is one stack, where each index's would zero-fill all of k
         k00, k01, k10, k11 = k.unbind(0)
         return k00 - k01 * k10 / (1 + k11)
@@ -74,7 +80,9 @@ def s4_kernel(
     L: int,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """K̄ (H, L) of the bilinear-discretized DPLR SSM A = Λ − P Pᴴ (Algorithm 1)."""
+    """K̄ (H, L) of the bilinear-discretized DPLR SSM A = Λ − P Pᴴ (S4 paper, Algorithm 1), real, of dt's
+    dtype (the inputs complex of the matching precision; shapes as annotated). Raises ValueError for an
+    odd L or a rank other than 1 or 2."""
     if L % 2:
         raise ValueError(f"S4 kernel length must be even, got {L}")
     rank = P.shape[0]
@@ -145,7 +153,8 @@ def s4d_kernel(
     disc: str = "zoh",
     backend: str = "auto",
 ) -> torch.Tensor:
-    """K̄_l = 2 Re Σₙ Cₙ B̄ₙ μₙˡ (H, L) for the diagonal SSM, ZOH or bilinear."""
+    """K̄_l = 2 Re Σₙ Cₙ B̄ₙ μₙˡ (H, L), real of the inputs' precision, for the diagonal SSM, ZOH or bilinear
+    (S4D paper: the Vandermonde kernel). Raises ValueError for another `disc`."""
     dt = dt[:, None] if dt.dim() == 1 else dt  # (H, 1) or (H, N2)
     mu, Bbar = discretize(Lambda * dt, B * dt, disc)
     log_mu = Lambda * dt if disc == "zoh" else torch.log(mu)
@@ -153,6 +162,7 @@ def s4d_kernel(
 
 
 def discretize(dtA, dtB, disc: str):
+    """(μ, B̄) by `disc`, "zoh" or "bilinear"; raises ValueError for another."""
     if disc == "zoh":
         return discretize_zoh(dtA, dtB)
     if disc == "bilinear":
@@ -165,13 +175,16 @@ def discretize(dtA, dtB, disc: str):
 
 
 def init_dt(H: int, dt_min: float = 1e-3, dt_max: float = 1e-1, generator=None, modes: int = 0):
-    """log Δ ~ U[log dt_min, log dt_max] per channel (H,), or per channel and mode (H, modes) if modes."""
+    """log Δ ~ U[log dt_min, log dt_max] per channel (H,), or per channel and mode (H, modes) if modes;
+    float64, Δ in sampling steps (the S4 paper's initialization, section 4; S4D paper, section 4)."""
     u = torch.rand(*((H, modes) if modes else (H,)), dtype=torch.float64, generator=generator)
     return math.log(dt_min) + u * (math.log(dt_max) - math.log(dt_min))
 
 
 def init_ssm(init: str, H: int, N: int, rank: int, generator=None):
-    """(Λ, P, B, C) in complex128: Λ (H, N2), P (r, H, N2), B (H, N2), C (H, N2)."""
+    """(Λ, P, B, C) in complex128: Λ (H, N2), P (r, H, N2), B (H, N2), C (H, N2). `init`: a HiPPO measure
+    (hippo.dplr, S4), "diag-lin" or "diag-inv" (the S4D paper's S4D-Lin and S4D-Inv, section 4.1); C is
+    complex normal of unit variance. Raises ValueError for another init, or a rank below the measure's."""
     N2 = N // 2
     if init in MEASURES:
         Lambda, P, B, _ = dplr(init, N, rank)
@@ -263,7 +276,8 @@ class SSMKernel(nn.Module):
             self.P = _real(P)
 
     def ssm(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        """The SSM as complex tensors (differentiable, never in-place): Λ, P, B, C, dt."""
+        """The SSM (differentiable, never in-place): Λ, B, C (H, N2) and, for S4, P (r, H, N2), complex of
+        `dtype`'s precision; dt (H,), or (H, N2) untied, real of `dtype`."""
         real = dtype
         neg_re = torch.exp(self.log_neg_re.to(real))
         re = -(neg_re if self.re_lambda_max is None else neg_re.clamp(min=-self.re_lambda_max))
@@ -284,9 +298,11 @@ class SSMKernel(nn.Module):
         recurrence at any length.
 
         S4: C is C̃ for the generating function of length self.L (a layer's own l_kernel, odd allowed).
-        For an even L ≤ self.L the kernel is computed at self.L and truncated (the training path, fast
-        and differentiable); otherwise C̃ is first rewritten for an even length L' ≥ L (float64,
-        `c_tilde_for_length`) and the kernel computed at L'."""
+        When self.L is even and L ≤ self.L (L odd too) the kernel is computed at self.L and truncated (the
+        training path, fast and differentiable); otherwise (L > self.L, or an odd self.L) C̃ is first
+        rewritten for the even length L' = max(L, self.L) rounded up to even (float64,
+        `c_tilde_for_length`) and the kernel computed at L'. Returns real (H, L) of `dtype`. Raises
+        ValueError for L < 1."""
         L = self.L if L is None else L
         if L < 1:
             raise ValueError(f"kernel length must be positive, got {L}")

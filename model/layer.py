@@ -42,9 +42,10 @@ class _CausalFFTConv(torch.autograd.Function):
 
 
 def fft_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """Causal convolution y_t = Σ_{j≤t} K_j u_{t−j}: u (B, H, L), K (H, L) → (B, H, L), in u's dtype,
-    along the last axis (any broadcastable leading shapes). Half precision is transformed in float32:
-    torch has no bfloat16 FFT, nor a float16 one on CPU."""
+    """Causal convolution y_t = Σ_{j≤t} K_j u_{t−j}: u (B, H, L), K (H, L) → (B, H, L), along the last
+    axis (any broadcastable leading shapes), by FFT of size 2L (no wrap-around). The result has the
+    promoted dtype of u and K (S4Layer casts K to u's first), but a 16-bit u gives u's dtype: half
+    precision is transformed in float32, torch having no bfloat16 FFT, nor a float16 one on CPU."""
     if u.dtype in (torch.float16, torch.bfloat16):
         return fft_conv(u.float(), K.float()).to(u.dtype)
     return _CausalFFTConv.apply(u, K)

@@ -466,8 +466,11 @@ class SequenceModel(nn.Module):
         """tokens (B, L) integer ids in 0 … V − 1, L ≥ 1 → logits (B, L, V) in conv mode, at any L (each
         layer's kernel is computed for the length given); with `ssms` (the recurrent form's layers), any
         leading shape, unchecked. logits="last": the last position's only, (B, 1, V); "none": None (the
-        final norm and head are not run). Raises ValueError for another shape, a float or bool tensor,
-        or an id outside the vocabulary."""
+        final norm and head are not run). The logits' dtype is the weights'. Raises ValueError for another
+        shape, a float or bool tensor, an id outside the vocabulary, or another `logits` (one was read as
+        "last", where RecurrentModel.prefill refused it)."""
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f'logits must be "all", "last" or "none", got {logits!r}')
         if ssms is None:
             tokens = check_conv_tokens(tokens, self.config.vocab_size)
         x = self.embed(tokens) * self.config.embed_scale  # (B, L, H)

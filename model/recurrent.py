@@ -1176,7 +1176,7 @@ class RecurrentModel(GraphedModel):
         return self._state_limit
 
     def check_state(self, state: torch.Tensor) -> None:
-        """Raise StateRangeError unless state (n_layers, B, H, 2, M) float32 is one the model can
+        """Raise StateRangeError unless state (n_layers, B, H, 2, M) float32 (or float16) is one the model can
         produce: every value finite and within `state_limit()` (`state_bound()` × STATE_BOUND_SLACK, or
         `state16_bound()` where derived). Checks each row on its own; the message names the first offending
         entry."""

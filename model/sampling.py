@@ -190,14 +190,19 @@ class CounterRNG:
     """A counter-based random stream: uniform number n is `philox_uniform(key, n)`, so the stream is
     a pure function of (key, index): it can be advanced in bulk (the C decode block draws the next
     numbers itself and the caller adds how many it used to `counter`). `device`: where `sample` puts
-    the numbers (they are computed on the host)."""
+    the numbers (they are computed on the host). Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel
+    random numbers: as easy as 1, 2, 3", SC 2011). Raises ValueError unless key and counter are integers
+    in [0, 2^64) (a float key failed later, at the first draw)."""
 
     def __init__(self, key: int, counter: int = 0, device: str | torch.device = "cpu") -> None:
-        if not (0 <= key < 2**64 and 0 <= counter < 2**64):
-            raise ValueError(f"key and counter must be in [0, 2**64), got {key}, {counter}")
+        ints = all(hasattr(v, "__index__") and not isinstance(v, bool) for v in (key, counter))
+        if not (ints and 0 <= key < 2**64 and 0 <= counter < 2**64):
+            raise ValueError(f"key and counter must be integers in [0, 2**64), got {key!r}, {counter!r}")
+        key, counter = key.__index__(), counter.__index__()
         self.key, self.counter, self.device = key, counter, torch.device(device)
 
     def uniform(self) -> float:
+        """The next number, a float in [0, 1), and the counter advanced by one."""
         u = philox_uniform(self.key, self.counter)
         self.counter += 1
         return u

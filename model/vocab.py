@@ -191,8 +191,14 @@ class Vocab:
         return b"".join(b[i] for i in ids)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """The tokens' text (U+FFFD for a byte that does not complete a character)."""
-        return self.token_bytes(ids).decode("utf-8", errors="replace")
+        """The tokens' text (U+FFFD for a byte that does not complete a character). Raises VocabError (a
+        ValueError) for an id that is not an integer in 0 … len − 1 (a negative one read a symbol from the
+        end: a helper's audit)."""
+        ids, n = list(ids), len(self._bytes)
+        for i in ids:
+            if int(i) != i or not 0 <= int(i) < n:
+                raise VocabError(f"token id {i!r} is not an integer in 0 … {n - 1} (the vocabulary's ids)")
+        return self.token_bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 def _refuse(missing: list[str], more: str = "") -> VocabError:

@@ -98,8 +98,9 @@ def prompt_ids(
     """A request's prompt as token ids for a model of this kind (422 naming the wrong field); audio is
     encoded by the model's `codec` (its quantization, and mu-law's convention).
 
-    Text: a prompt longer than `max_tokens` is a 413 naming it, found before it is converted to ids:
-    by its length in characters (each is at least one UTF-8 byte, one token), then in bytes.
+    Text: a prompt longer than `max_tokens` is a 413 naming it; byte tokens are counted before the prompt
+    is converted to ids (its length in characters, each at least one UTF-8 byte, one token, then in
+    bytes), a vocabulary's words or symbols after it is encoded (`text_ids`).
     Audio: `prompt_audio` is a base64 audio file (any format libsndfile reads), resampled to the
     model's rate; a file longer than `max_audio_s` (its header's frames / sample rate, checked before
     it is decoded) is a 413; an empty string a 422. No prompt, or a file of no samples, gives no ids (the

@@ -122,3 +122,54 @@ def test_sampling_arguments_are_checked_by_name():
     with pytest.raises(ValueError, match=r"generators\[0\] must be a CounterRNG .* got NoneType"):
         sample(logits, [p], [None])
     assert 0 <= int(sample(logits, [p], [p.generator()])[0]) < V
+
+
+def test_library_calls_a_docstring_audit_found_lax_refuse_or_behave_as_documented(tmp_path):
+    """A helper's docstring audit (2026-12-06) found these where the code did not do what its docstring
+    said: `load` returned a network in training mode (its dropout made `net(tokens)` random);
+    SequenceModel.forward read an unknown `logits` as "last"; ByteTokenizer.decode read 1.5 as byte 1;
+    Vocab.decode read a negative id from the end of the vocabulary; CounterRNG took a float key and failed
+    at the first draw; read_audio returned a resampler's overshoot past ±1 and passed any target_rate to
+    soxr."""
+    import io
+    import wave
+
+    from model.codecs import ByteTokenizer, read_audio
+    from model.sampling import CounterRNG
+    from model.vocab import VocabError, WordVocab
+
+    cfg = ModelConfig(vocab_size=16, d_model=8, n_layers=1, d_state=4, l_max=16, dropout=0.5,
+                      cauchy_backend="torch")  # fmt: skip
+    from model import save
+
+    save(build(cfg), tmp_path / "ck")
+    net = load(tmp_path / "ck")
+    tokens = torch.randint(0, 16, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert net.training is False
+    assert torch.equal(net(tokens), net(tokens))  # dropout 0.5 is off
+    with pytest.raises(ValueError, match='logits must be "all", "last" or "none"'):
+        net(tokens, logits="bogus")
+    for bad in ([1.5], [300], [-1]):
+        with pytest.raises(ValueError, match="is not an integer in 0 … 255"):
+            ByteTokenizer().decode(bad)
+    assert ByteTokenizer().decode([104, 0xFF, np.int64(105)]) == "h\ufffdi"
+    vocab = WordVocab(["<eos>", "a", "b"])
+    assert vocab.decode([1, 2]) == " a b"
+    for bad in ([-1], [3], [1.5]):
+        with pytest.raises(VocabError, match="is not an integer in 0 … 2"):
+            vocab.decode(bad)
+    with pytest.raises(ValueError, match="integers in"):
+        CounterRNG(1.5)
+    assert CounterRNG(np.int64(3)).uniform() == CounterRNG(3).uniform()
+    # a full-scale 440 Hz square wave at 16 kHz, resampled to 8 kHz: soxr's overshoot went to 1.2
+    t = np.arange(16000) / 16000
+    square = np.where(np.sin(2 * np.pi * 440 * t) >= 0, 32767, -32767).astype("<i2")
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+        w.writeframes(square.tobytes())
+    y, rate = read_audio(buf.getvalue(), target_rate=8000)
+    assert rate == 8000 and np.abs(y).max() <= 1.0 and np.abs(y).max() > 0.99
+    for bad in (0, -5, 1.5, 10**9):
+        with pytest.raises(ValueError, match="target_rate"):
+            read_audio(buf.getvalue(), target_rate=bad)
