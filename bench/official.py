@@ -223,17 +223,25 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
 
 def _configure(args: argparse.Namespace) -> bool:
     """The checkout from --official, else OPTIONS["official"], else $S4_OFFICIAL_DIR; False (skip, with a
-    line saying why) when there is none or the official code's own dependencies are missing."""
+    line saying why) when there is none or the official code's own dependencies are missing. Given
+    --official, either is an error instead (exit 2): the benchmark asked for cannot run (it said "skipped"
+    and exited 0: a fresh user's trial)."""
     OPTIONS["official"] = args.official or OPTIONS["official"] or os.environ.get("S4_OFFICIAL_DIR")
+    why = None
     if not OPTIONS["official"] or not (Path(OPTIONS["official"]) / "src" / "models").is_dir():
-        print("bench.official: skipped (no official state-spaces/s4 checkout: pass --official DIR or set "
-              "S4_OFFICIAL_DIR)")  # fmt: skip
-        return False
-    missing = [m for m in ("einops", "scipy", "rich") if importlib.util.find_spec(m) is None]
-    if missing:
-        print(f"bench.official: skipped (the official code needs {', '.join(missing)}: pip install them)")
-        return False
-    return True
+        why = "no official state-spaces/s4 checkout: pass --official DIR or set S4_OFFICIAL_DIR"
+    elif missing := [m for m in ("einops", "scipy", "rich") if importlib.util.find_spec(m) is None]:
+        why = (
+            f"the official code is imported into this python, which lacks {', '.join(missing)}: install "
+            "them here (pip install einops scipy rich) or put a folder holding them on PYTHONPATH"
+        )
+    if why is None:
+        return True
+    if args.official:
+        print(f"bench.official: error: {why}", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"bench.official: skipped ({why})")
+    return False
 
 
 def main(argv: Sequence[str] | None = None) -> None:

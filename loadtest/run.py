@@ -3,7 +3,7 @@ of concurrencies with a bounded duration each, collect the CSVs and write a repo
 
     python -m loadtest                        # the full sweep (≈ 5 min), report in loadtest/results/
     python -m loadtest --quick                # tiny stand-in models, 4 s per level → loadtest/results/quick/
-    python -m loadtest --host http://127.0.0.1:8000 --scenarios text-ws --users 1 8 32
+    python -m loadtest --host http://127.0.0.1:8000 --scenarios text-ws --users 1 8 32   # → results/partial/
     python -m loadtest --replot               # rebuild the report from loadtest/results/loadtest.json
 
 Scenarios (each a list of locust user classes from loadtest/locustfile.py and a user sweep):
@@ -506,6 +506,16 @@ def machine() -> dict[str, Any]:
         }
 
 
+def report_folder(args: argparse.Namespace) -> Path:
+    """--out, else loadtest/results/ for the full sweep, results/quick/ with --quick, and results/partial/
+    for a run of other scenarios, users, levels or server than the full sweep's (one rewrote the committed
+    report, dropping the scenarios it did not run: a fresh user's trial)."""
+    if args.out:
+        return args.out
+    partial = args.host or args.users or args.seconds or set(args.scenarios) != set(SCENARIOS)
+    return HERE / "results" / ("quick" if args.quick else "partial" if partial and not args.replot else "")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -519,13 +529,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--audio-samples", type=int, default=4000)
     parser.add_argument("--audio-prompt-samples", type=int, default=400)
     parser.add_argument("--quick", action="store_true", help="tiny stand-in models, short levels")
-    parser.add_argument("--out", type=Path, help="report folder (default loadtest/results[/quick])")
+    parser.add_argument("--out", type=Path, help="report folder (default loadtest/results/ for the full "
+                        "sweep, results/quick/ with --quick, results/partial/ for any other)")  # fmt: skip
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for python -m server")
     parser.add_argument(
         "--replot", action="store_true", help="rebuild report.md and the PNGs from loadtest.json"
     )
     args = parser.parse_args(argv)
-    out = args.out or (HERE / "results" / ("quick" if args.quick else ""))
+    out = report_folder(args)
     out.mkdir(parents=True, exist_ok=True)
     if args.replot:
         data = json.loads((out / "loadtest.json").read_text())

@@ -254,9 +254,18 @@ def main(argv: list[str] | None = None) -> None:
     if not 1 <= args.audio_samples <= 256:
         ap.error(f"--audio-samples must be in [1, 256], got {args.audio_samples}")
     ckpt = args.checkpoint
-    meta = json.loads((ckpt / CONFIG).read_text())
-    train_cfg = json.loads((args.run / "config.json").read_text())
-    metrics = json.loads((args.run / "metrics.json").read_text())
+    try:
+        meta = json.loads((ckpt / CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        ap.error(f"{ckpt}: no readable {CONFIG} ({exc})")
+    try:
+        train_cfg = json.loads((args.run / "config.json").read_text())
+        metrics = json.loads((args.run / "metrics.json").read_text())
+    except (OSError, ValueError) as exc:
+        ap.error(f"--run {args.run}: not a finished run's folder ({exc})")
+    if not isinstance(metrics, dict) or not all(isinstance(metrics.get(k), dict) for k in ("val", "test")):
+        ap.error(f"--run {args.run}: its metrics.json has no final validation and test scores (the run "
+                 "had train.final_eval = false): run it again with train.final_eval=true")  # fmt: skip
     try:
         dc, tc = run_configs(train_cfg if isinstance(train_cfg, dict) else {})
     except ConfigError as exc:

@@ -976,7 +976,12 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     splits = [train_split, val_split, data.split("test")]  # (the two read above, not read again)
     check_model_fits_data(getattr(net, "config", model_cfg), data, at_fault, splits)
     if init_state is not None:
-        _load_init(net, init_state, tcfg.init)
+        try:
+            _load_init(net, init_state, tcfg.init)
+        except ConfigError as exc:  # name the [model] keys that differ from the checkpoint's config
+            diff = {k: v for k, v in cfg.get("model", {}).items() if init["model"].get(k, v) != v}
+            keys = ", ".join(f"{k} = {v!r} (the checkpoint's {init['model'][k]!r})" for k, v in diff.items())
+            raise ConfigError(f"{exc}: [model] {keys}" if keys else str(exc)) from None
     meta = {"config": cfg, **({"init": init} if init else {})}  # what last/state.json keeps besides the step
     groups = net.param_groups(tcfg.lr, tcfg.weight_decay, tcfg.ssm_lr)
     for g in groups:

@@ -1,0 +1,108 @@
+"""What a fresh user's run of every README command found (2026-12-06): a model card of a run without final
+scores, a partial load test over the committed report, bench.official "skipped" with exit 0 when asked
+for, a fine-tune's shape refusal that named tensors, not the [model] keys. Each failed before its fix."""
+
+import argparse
+import json
+import shutil
+
+import pytest
+from test_train import tiny_config
+
+from model.train import ConfigError, train
+
+
+def test_a_card_of_a_run_without_final_scores_is_one_line_not_a_traceback(text_data, tmp_path, capsys):
+    """`model.card CKPT --run RUN` after a run with train.final_eval = false: a KeyError traceback; now
+    argparse's one line (exit 2) saying how to get the scores."""
+    from model.card import main
+
+    run = tmp_path / "run"
+    cfg = tiny_config(text_data, run, steps=2, final_eval=False, eval_every=0, export=str(tmp_path / "ck"))
+    train(cfg)
+    assert "test" not in json.loads((run / "metrics.json").read_text())
+    with pytest.raises(SystemExit) as exc:
+        main([str(tmp_path / "ck"), "--run", str(run)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "no final validation and test scores" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "argv, folder",
+    [
+        ([], ""),
+        (["--quick"], "quick"),
+        (["--host", "http://127.0.0.1:8000", "--scenarios", "text-ws", "--users", "1", "8", "64"], "partial"),
+        (["--scenarios", "audio"], "partial"),
+        (["--users", "1", "2"], "partial"),
+        (["--seconds", "3"], "partial"),
+        (["--replot"], ""),
+        (["--scenarios", "text-ws", "--out", "OUT"], "OUT"),
+    ],
+)
+def test_a_partial_load_test_reports_apart_from_the_full_sweep(argv, folder):
+    """The README's `loadtest --host … --scenarios text-ws --users 1 8 64` rewrote the committed
+    loadtest/results/report.md, dropping its audio and mixed sections and CSVs; a run of anything but the
+    full sweep now reports in loadtest/results/partial/ (ignored by git) unless --out says otherwise."""
+    from loadtest.run import HERE, SCENARIOS, report_folder
+
+    ns = argparse.Namespace(out=None, host=None, users=None, seconds=None, scenarios=list(SCENARIOS),
+                            quick=False, replot=False)  # fmt: skip
+    i = 0
+    while i < len(argv):
+        key = argv[i][2:]
+        vals = []
+        while i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            vals.append(argv[i + 1])
+            i += 1
+        i += 1
+        if key in ("quick", "replot"):
+            setattr(ns, key, True)
+        elif key in ("users", "scenarios"):
+            setattr(ns, key, [int(v) for v in vals] if key == "users" else vals)
+        else:
+            setattr(ns, key, vals[0] if key != "seconds" else float(vals[0]))
+    if ns.out:
+        assert report_folder(ns) == "OUT"
+    else:
+        assert report_folder(ns) == HERE / "results" / folder
+
+
+def test_bench_official_asked_for_without_its_dependencies_or_checkout_exits_2(tmp_path, capsys, monkeypatch):
+    """Given --official, a missing checkout or a python without einops, scipy and rich said "skipped" and
+    exited 0; now exit 2 naming what is missing. Without --official (the whole benchmark suite) it still
+    skips."""
+    import importlib.util
+
+    from bench import official
+
+    monkeypatch.delenv("S4_OFFICIAL_DIR", raising=False)
+    monkeypatch.setitem(official.OPTIONS, "official", None)
+    with pytest.raises(SystemExit) as exc:
+        official._configure(argparse.Namespace(official=str(tmp_path)))
+    assert exc.value.code == 2 and "no official state-spaces/s4 checkout" in capsys.readouterr().err
+    (tmp_path / "src" / "models").mkdir(parents=True)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m: None if m == "einops" else real(m))
+    monkeypatch.setitem(official.OPTIONS, "official", None)
+    with pytest.raises(SystemExit) as exc:
+        official._configure(argparse.Namespace(official=str(tmp_path)))
+    assert exc.value.code == 2 and "lacks einops" in capsys.readouterr().err
+    monkeypatch.setitem(official.OPTIONS, "official", None)
+    assert official._configure(argparse.Namespace(official=None)) is False
+    assert "skipped (no official" in capsys.readouterr().out
+
+
+def test_a_fine_tunes_shape_refusal_names_the_model_keys_that_differ(text_data, tmp_path):
+    """train.init with a [model] key that changes a tensor's shape (d_ff) but builds: the refusal named the
+    tensors only; it names the key, its value and the checkpoint's."""
+    from model import save
+    from model.train import build_s4
+
+    base = tmp_path / "base"
+    save(build_s4(tiny_config(text_data, tmp_path)["model"]), base)
+    cfg = tiny_config(text_data, tmp_path / "ft", steps=2, init=str(base))
+    cfg["model"] = {"d_ff": 48, "dropout": 0.0}
+    with pytest.raises(ConfigError, match=r"\[model\] d_ff = 48 \(the checkpoint's 0\)"):
+        train(cfg)
+    shutil.rmtree(tmp_path / "ft", ignore_errors=True)
