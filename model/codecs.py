@@ -27,12 +27,8 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         """Byte ids → text (U+FFFD for invalid UTF-8). Raises ValueError for an id that is not an integer
         in 0 … 255 (1.5 was read as 1)."""
-        out = bytearray()
-        for i in ids:
-            if int(i) != i or not 0 <= int(i) <= 255:
-                raise ValueError(f"byte id {i!r} is not an integer in 0 … 255")
-            out.append(int(i))
-        return out.decode("utf-8", errors="replace")
+        ids = ids if hasattr(ids, "__len__") else list(ids)
+        return bytes(checked_ids(ids, "byte").astype(np.uint8)).decode("utf-8", errors="replace")
 
     def stream_decoder(self, pending: bytes = b""):
         """Incremental decoder: feed(bytes) → the text completed so far (multi-byte chars held back).
@@ -170,13 +166,14 @@ def audio_codec(quantization: str = "mu-law", mulaw: str = "s4serve") -> AudioCo
     return MuLaw(mulaw)
 
 
-def checked_ids(ids, what: str) -> np.ndarray:
-    """Ids as float64, each an integer in 0 … 255; raises ValueError naming the first that is not."""
+def checked_ids(ids, what: str, n: int = 256) -> np.ndarray:
+    """Ids (any shape) as float64, each an integer in 0 … n − 1; raises ValueError naming the first that is
+    not (`what`: whose ids, "mu-law", "byte", ...)."""
     q = np.asarray(ids, dtype=np.float64)
-    bad = ~((q >= 0) & (q <= 255) & (q == np.floor(q)))
+    bad = ~((q >= 0) & (q <= n - 1) & (q == np.floor(q)))
     if bad.any():
         i = tuple(int(k) for k in np.argwhere(bad)[0])
-        raise ValueError(f"{what} id {float(q[i]):g} at index {list(i)} is not an integer in 0 … 255")
+        raise ValueError(f"{what} id {float(q[i]):g} at index {list(i)} is not an integer in 0 … {n - 1}")
     return q
 
 

@@ -398,10 +398,11 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             if not given:
                 ap.error(f"{flag}: name at least one (leave the flag out for all)")
-            unknown = sorted(set(given) - set(known()))
+            names = known()  # (espeak-ng asked once)
+            unknown = sorted(set(given) - set(names))
             if unknown:
                 which = ("`espeak-ng --voices=variant` lists them, without !v/" if flag == "--variants"
-                         else f"the English ones: {known()}")  # fmt: skip
+                         else f"the English ones: {names}")  # fmt: skip
                 ap.error(f"{flag}: espeak-ng does not know {unknown} (it would speak in its default voice); "
                          f"{which}")  # fmt: skip
         if args.variants is not None and len(set(args.variants)) < 3:

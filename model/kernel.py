@@ -161,10 +161,10 @@ def s4d_kernel(
     """K̄_l = 2 Re Σₙ Cₙ B̄ₙ μₙˡ (H, L), real of the inputs' precision, for the diagonal SSM, ZOH or bilinear
     (S4D paper: the Vandermonde kernel). Raises ValueError for another `disc`."""
     dt = dt[:, None] if dt.dim() == 1 else dt  # (H, 1) or (H, N2)
-    mu, Bbar = discretize(Lambda * dt, B * dt, disc)
+    dtA = Lambda * dt
+    _, Bbar = discretize(dtA, B * dt, disc)
     # log μ: ΔΛ (ZOH), or 2 atanh(ΔΛ/2) = log((1 + ΔΛ/2)/(1 − ΔΛ/2)) (bilinear), not log of the rounded μ,
     # whose error grew with l (2.2e-4 at N = 256, L = 4096 in float32)
-    dtA = Lambda * dt
     log_mu = dtA if disc == "zoh" else 2 * torch.atanh(dtA / 2)
     return vandermonde(C * Bbar, log_mu, L, backend=backend)
 

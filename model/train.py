@@ -675,18 +675,24 @@ def check_kept_format(init: str, init_cfg: dict, overrides: dict) -> None:
             )
 
 
-def check_splits(data, dcfg, tcfg, train_split: np.ndarray, val_split: np.ndarray) -> None:
+def check_splits(
+    data, dcfg, tcfg, train_split: np.ndarray, val_split: np.ndarray, test_split: np.ndarray
+) -> None:
     """ConfigError, before anything is trained or written, when a split is too small for what the run does
-    with it: the training split (a clip, for audio), the validation split when the run validates
-    (train.eval_every, train.final_eval) and the test split when it scores it at the end (train.final_eval):
-    2 tokens (one prediction) or 1 clip. They failed with tracebacks at the first validation, or after the
-    whole run (a helper's audit)."""
+    with it: the training split (text: seq_len + 2 tokens, one window start at least; audio: a clip), the
+    validation split when the run validates (train.eval_every, train.final_eval) and the test split when it
+    scores it at the end (train.final_eval): 2 tokens (one prediction) or 1 clip. They failed with
+    tracebacks at the first validation, or after the whole run (a helper's audit)."""
+    if data.kind != "audio" and len(train_split) < dcfg.seq_len + 2:
+        raise ConfigError(
+            f"data.seq_len must be ≤ the training split's {len(train_split):,} tokens − 2, got {dcfg.seq_len}"
+        )
     unit, least = ("clips", 1) if data.kind == "audio" else ("tokens", 2)
-    uses = [("train", train_split, "it trains on it")]
+    uses = [("train", train_split, "it trains on it")] if data.kind == "audio" else []  # (text: above)
     if tcfg.eval_every or tcfg.final_eval:
         uses.append(("val", val_split, "train.eval_every or train.final_eval validates on it"))
     if tcfg.final_eval:
-        uses.append(("test", data.split("test"), "train.final_eval scores it"))
+        uses.append(("test", test_split, "train.final_eval scores it"))
     for name, split, why in uses:
         if len(split) < least:
             raise ConfigError(
@@ -914,20 +920,17 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     main_proc = rank == 0
     if tcfg.export:
         check_export_folder(Path(tcfg.export), out)
-    for flag, where in (("train.out", out), ("train.export", tcfg.export), ("--dump-grads", dump_grads)):
-        if where and main_proc:
-            check_writable(flag, Path(where) if flag != "--dump-grads" else Path(where).parent)
+    folders = (("train.out", out), ("train.export", tcfg.export and Path(tcfg.export)),
+               ("--dump-grads", dump_grads and Path(dump_grads).parent))  # fmt: skip
+    for flag, folder in folders:
+        if folder and main_proc:
+            check_writable(flag, folder)
     try:
         data = Dataset(dcfg.path)
-        train_split, val_split = data.split("train"), data.split("val")
-        data.split("test")  # (checked now: it is scored only at the end)
+        train_split, val_split, test_split = (data.split(name) for name in ("train", "val", "test"))
     except (FileNotFoundError, DatasetError) as exc:
         raise ConfigError(f"data.path {dcfg.path!r}: {exc}") from None
-    if data.kind != "audio" and len(train_split) < dcfg.seq_len + 2:  # (one window start at least)
-        raise ConfigError(
-            f"data.seq_len must be ≤ the training split's {len(train_split):,} tokens − 2, got {dcfg.seq_len}"
-        )
-    check_splits(data, dcfg, tcfg, train_split, val_split)
+    check_splits(data, dcfg, tcfg, train_split, val_split, test_split)
     model_cfg = dict(cfg.get("model", {}))
     recover_last(out)
     resuming = not fresh and (out / "last" / "state.json").is_file()
@@ -973,7 +976,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
         ) from None
     # (train.init's own config named when the [model] table does not set the key at fault)
     at_fault = f"train.init {tcfg.init!r}" if init else ""
-    splits = [train_split, val_split, data.split("test")]  # (the two read above, not read again)
+    splits = [train_split, val_split, test_split]
     check_model_fits_data(getattr(net, "config", model_cfg), data, at_fault, splits)
     if init_state is not None:
         try:
@@ -1193,9 +1196,9 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
             "threads": torch.get_num_threads(),
         }
         if tcfg.final_eval:
-            for split in ("val", "test"):
-                metrics[split] = evaluate(net, data, data.split(split), dcfg.seq_len, dcfg.batch_size,
-                                          dcfg.eval_stride, 0, device)  # fmt: skip
+            for split, arr in (("val", val_split), ("test", test_split)):  # (read once, at the start)
+                metrics[split] = evaluate(net, data, arr, dcfg.seq_len, dcfg.batch_size, dcfg.eval_stride, 0,
+                                          device)  # fmt: skip
         write_json(out / "metrics.json", metrics)
         if tcfg.export:
             from model.checkpoint import save

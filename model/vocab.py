@@ -40,6 +40,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from model.codecs import checked_ids
+
 EOS, UNK = "<eos>", "<unk>"
 VOCAB_FILE = "vocab.txt"
 CACHE_FILE = "cache.pt"  # the official LM datasets' cache in their data folder (lm.py `_save_to_cache`)
@@ -194,11 +196,11 @@ class Vocab:
         """The tokens' text (U+FFFD for a byte that does not complete a character). Raises VocabError (a
         ValueError) for an id that is not an integer in 0 … len − 1 (a negative one read a symbol from the
         end: a helper's audit)."""
-        ids, n = list(ids), len(self._bytes)
-        for i in ids:
-            if int(i) != i or not 0 <= int(i) < n:
-                raise VocabError(f"token id {i!r} is not an integer in 0 … {n - 1} (the vocabulary's ids)")
-        return self.token_bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        try:
+            q = checked_ids(ids if hasattr(ids, "__len__") else list(ids), "token", len(self._bytes))
+        except ValueError as exc:
+            raise VocabError(f"{exc} (the vocabulary's ids)") from None
+        return self.token_bytes(int(i) for i in q).decode("utf-8", errors="replace")
 
 
 def _refuse(missing: list[str], more: str = "") -> VocabError:

@@ -744,9 +744,8 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None, sample_rate: in
                ("head.bias", hw[: -len('weight')] + "bias", "decoder bias")]  # fmt: skip
         extra = {"tie_embeddings": tied}
         if audio:
-            rate, quant, audio_note = _audio_format(ds, sample_rate)
-            extra |= {"modality": "audio", "sample_rate": rate, "mulaw": "s4"}
-            extra |= {"quantization": quant} if quant != "mu-law" else {}  # (mu-law: the default)
+            fields, audio_note = _audio_fields(ds, sample_rate)
+            extra |= fields
             notes.append(audio_note)
     for k, lc in enumerate(layer_cfgs):
         if names[k] == "s4":
@@ -838,11 +837,10 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None, sample_rate: in
         raise Unsupported(f"state dict: tensors this importer does not understand: {left[:10]}")
     kind = kinds.pop()
     lc = layer_cfgs[0]
-    l_max = lc.get("l_max")
     if kind == "s4":
-        l_max = l_max if isinstance(l_max, int) and l_max > 0 else max(l_kernels)
-    elif not (isinstance(l_max, int) and l_max > 0):
-        l_max = _dataset_l_max(cfg)
+        l_max = lc.get("l_max") if _positive_int(lc.get("l_max")) else max(l_kernels)
+    else:
+        l_max = _s4d_length(lc, cfg)
     l_max += l_max % 2  # ours is even; it is the verification length, the kernels use l_kernel
     config = {
         "vocab_size": int(V), "d_model": int(H), "n_layers": len(d_ffs), "d_state": 2 * facts0["N2"],
@@ -1155,18 +1153,17 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     if kind == "s4":
         l_max = max(l_kernels)
     else:  # S4D layers keep no kernel length (a helper's audit: max() of their None crashed the import)
-        l_max = lc.get("l_max") if type(lc.get("l_max")) is int and lc["l_max"] > 0 else _dataset_l_max(cfg)
+        l_max = _s4d_length(lc, cfg)
     l_max = -(-l_max // (2 * P)) * 2 * P  # a multiple of 2·prod(pool): the verification length
-    ds = cfg.get("dataset") if isinstance(cfg.get("dataset"), dict) else {}
-    rate, quant, audio_note = _audio_format(ds, sample_rate)
+    audio, audio_note = _audio_fields(cfg.get("dataset") if isinstance(cfg.get("dataset"), dict) else {},
+                                      sample_rate)  # fmt: skip
     config = {
         "arch": "sashimi", "pool": list(pool), "expand": expand, "ff": ff, "unet": unet, "norm": "tln",
         "vocab_size": int(V), "d_model": int(H), "n_layers": n_layers, "d_state": 2 * facts0["N2"],
         "kernel": kind, "init": "legs", "rank": max(1, facts0["rank"]), "disc": facts0["disc"],
         "l_max": int(l_max), "head_bias": True, "embed_scale": 1.0,
         "l_kernel": l_kernels if kind == "s4" else None, "dt_tied": bool(facts0["dt_tied"]),
-        "re_lambda_max": None, "modality": "audio", "sample_rate": rate, "mulaw": "s4",
-        **({"quantization": quant} if quant != "mu-law" else {}),  # (mu-law: the default, as before)
+        "re_lambda_max": None, **audio,
     }  # fmt: skip
     notes.append(
         f"{'U-Net SaShiMi (official backbone unet)' if unet else 'SaShiMi'} pool {pool}, expand {expand}, "
@@ -1175,6 +1172,25 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     notes.append(_kernel_note(kind, lc, facts0))
     notes.append(audio_note)
     return Imported(_drop_defaults(config), tensors, mp, notes)
+
+
+def _positive_int(v) -> bool:
+    return type(v) is int and v > 0  # (not a bool: true is no length)
+
+
+def _s4d_length(lc: dict, cfg: dict) -> int:
+    """An S4D layer's length (it keeps no kernel length of its own, unlike a DPLR layer's l_kernel): its
+    model.layer.l_max, else the dataset's (`_dataset_l_max`)."""
+    return lc["l_max"] if _positive_int(lc.get("l_max")) else _dataset_l_max(cfg)
+
+
+def _audio_fields(ds: dict, sample_rate: int | None) -> tuple[dict, str]:
+    """An audio import's config fields (modality, sample_rate, the official mu-law convention "s4", and
+    quantization where it is not mu-law, the default, left out as before) and its card note, from the
+    dataset config `ds` (`_audio_format`)."""
+    rate, quant, note = _audio_format(ds, sample_rate)
+    fields = {"modality": "audio", "sample_rate": rate, "mulaw": "s4"}
+    return fields | ({"quantization": quant} if quant != "mu-law" else {}), note
 
 
 def _dataset_l_max(cfg: dict) -> int:
