@@ -90,7 +90,7 @@ class MuLaw:
         NaN or infinite samples."""
         x = np.clip(finite_samples(x), -1.0, 1.0)
         if self.convention == "s4":  # float32, in the official operations' order (see the class docstring)
-            t = torch.tensor(x.astype(np.float32))  # (a copy, whatever x's strides and shape)
+            t = torch.from_numpy(np.asarray(x, dtype=np.float32))  # (np.clip made a fresh array: one cast)
             mu = torch.tensor(float(self.mu))
             f = torch.sign(t) * (torch.log1p(mu * torch.abs(t + 1e-8)) / torch.log1p(mu))
             q = ((f + 1) / 2) * (256 - 0.01) + 0.01 / 2
