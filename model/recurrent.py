@@ -853,7 +853,13 @@ def dense_taps(kernel: SSMKernel, s: dict[str, torch.Tensor], n: int, real: tupl
     return 2 * ((s["C"] * Bbar)[..., None] * mu[..., None] ** torch.arange(n, dtype=F64)).sum(1).real
 
 
-CACHED_TAPS_TOL = 1e-9  # a cache entry's kernel taps against `dense_taps` of the live weights
+# A cache entry's kernel taps against `dense_taps` of the live weights (relative). The two are independent
+# float64 computations, and the Cauchy kernel loses digits as Δ → 0: 1e-14 at the default Δ ≥ 1e-3, but
+# 3e-10 (fout) at Δ ∈ [1e-5, 1e-4] and 1.6e-8 at Δ ∈ [1e-6, 1e-5] (fout; legs, legt 8e-11). 1e-9 made such a
+# model miss at every start. 1e-6 still refuses any entry not converted from these weights (those are
+# O(1) off) and is 100× below the conversion's own tolerance (1e-4), against which the network check then
+# runs with these taps.
+CACHED_TAPS_TOL = 1e-6
 
 
 def _make_form(name: str, s: dict[str, torch.Tensor], args: tuple, device):
