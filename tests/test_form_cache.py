@@ -285,6 +285,25 @@ def test_the_taps_by_dense_powers_are_the_cauchy_kernel_s_in_float64():
         assert float((got - want).norm() / want.norm()) < 1e-12 < CACHED_TAPS_TOL, (kernel_kind, init)
 
 
+@pytest.mark.parametrize("init", ["legs", "legt", "fout"])
+def test_the_float64_kernel_stays_within_the_taps_check_at_small_steps(init):
+    """The README's float64 figures by Δ range (the first 256 taps, N 64, L 1,024): within 1e-10 of dense
+    powers down to Δ = 1e-4, and within CACHED_TAPS_TOL (1e-6, with room: 1.6e-8 measured for fout) at Δ
+    in [1e-6, 1e-5], where the Cauchy kernel loses digits (a tenth of it asserted)."""
+    from model.kernel import SSMKernel  # noqa: PLC0415
+    from model.recurrent import CACHED_TAPS_TOL, dense_taps  # noqa: PLC0415
+
+    for dt_min, dt_max, bound in [(1e-4, 1e-3, 1e-10), (1e-6, 1e-5, CACHED_TAPS_TOL / 10)]:
+        torch.manual_seed(0)
+        k = SSMKernel(16, 64, 1024, kind="s4", init=init, dt_min=dt_min, dt_max=dt_max, backend="torch")
+        with torch.no_grad():
+            s = {name: t.detach() for name, t in k.ssm(F64).items()}
+            want = dense_taps(k, s, VERIFY_TOKENS)
+            got = k(k.L, dtype=F64, backend="torch")[:, :VERIFY_TOKENS]
+        err = float((got - want).norm() / want.norm())
+        assert err <= bound, (init, dt_min, err)
+
+
 def test_a_folder_safetensors_cannot_write_is_logged_once_and_the_model_converts(tmp_path, caplog,
                                                                                 monkeypatch):  # fmt: skip
     """safetensors reports a read-only folder (a volume mounted :ro, chmod 555 for the server's user) as a
