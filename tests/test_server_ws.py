@@ -563,6 +563,61 @@ def test_a_refused_audio_prompt_refuses_its_turn_and_the_frames_after_it(server,
     assert list(out["data"]) == reference(model_dirs["audio"], prompt, SamplingParams(seed=2), 8)
 
 
+def test_a_refused_turn_discards_its_buffered_audio_prompt_and_says_so(server, client, model_dirs):
+    """Audio prompt samples buffered from binary frames, then the generate or append that would use them
+    refused: a bad setting (422), a generation running (409), the socket's session gone (404). Some of
+    these kept the buffer and others dropped it, and a client could not tell which. Worse, after the 404
+    (which unbinds the socket) the kept samples became the prompt of the next session the socket started,
+    even a text model's: a hidden turn of mu-law ids read as bytes. Now every refusal discards them and
+    its message says how many; the next turn runs on exactly what is sent for it."""
+    mu = MuLaw()
+    prompt = mu.encode(0.4 * np.sin(np.arange(200) / 4.0)).tolist()
+
+    async def main():
+        out = {}
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "session", "model": AUDIO, "audio_encoding": "mulaw"}))
+            sid = (await frame(ws, "session"))["session_id"]
+            await ws.send(bytes(prompt[:150]))
+            await ws.send(json.dumps({"type": "generate", "temperature": -1}))
+            out["bad-setting"] = await frame(ws, "error")
+            await ws.send(bytes(prompt[:30]))
+            await ws.send(json.dumps({"type": "append"}))
+            out["appended"] = await frame(ws, "appended")  # the 30 samples alone
+            # a generation running: the next turn's frames, then its generate too early (409)
+            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 400, "seed": 1}))
+            await frame(ws, "audio_header")
+            await ws.send(bytes(prompt[:50]))
+            await ws.send(json.dumps({"type": "append"}))
+            while isinstance(m := await ws.recv(), bytes) or json.loads(m)["type"] != "error":
+                pass
+            out["running"] = json.loads(m)
+            while isinstance(m := await ws.recv(), bytes):
+                pass
+            assert json.loads(m)["type"] == "done"
+            out["tokens"] = client.get(f"/v1/sessions/{sid}").json()["tokens"]
+            # the session gone: its frames must not become the next (text) session's prompt
+            await ws.send(bytes(prompt[:70]))
+            assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+            await ws.send(json.dumps({"type": "append"}))
+            out["gone"] = await frame(ws, "error")
+            msg = {"type": "generate", "model": TEXT, "prompt": "or not", "max_new_tokens": 9, "seed": 5}
+            await ws.send(json.dumps(msg))
+            await frame(ws, "session")
+            out["ids"], _, out["done"] = await turn(ws)
+        return out
+
+    out = asyncio.run(main())
+    for key, code, n in (("bad-setting", 422, 150), ("running", 409, 50), ("gone", 404, 70)):
+        err = out[key]
+        assert err["code"] == code, err
+        assert f"the {n} audio prompt samples buffered" in err["message"] and "discarded" in err["message"]
+    assert out["appended"]["tokens"] == 30
+    assert out["tokens"] == 30 + 400  # the 50 samples sent during the generation were not appended
+    check_usage(out["done"]["usage"], 6, 9)
+    assert out["ids"] == reference(model_dirs["text"], list(b"or not"), SamplingParams(seed=5), 9)
+
+
 def test_a_slow_reader_pauses_its_session_and_loses_nothing(limited, model_dirs):
     """The limited server's sockets have a 4 KiB send buffer, so a reader that stops reading blocks
     the server's send within a few thousand tokens (fewer bytes a token when the engine's decode

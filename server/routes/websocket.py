@@ -65,6 +65,16 @@ def parse_message(text: str) -> WSSession | WSGenerate | WSAppend | WSCancel:
         return WSMessage.validate_python(data)
 
 
+def turn_message(text: str) -> bool:
+    """Whether a refused control frame is a `generate` or `append` (the messages that use the buffered audio
+    prompt), read from its JSON whatever else is wrong with it; False for text that is not JSON."""
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("type") in ("generate", "append")
+
+
 class Connection:
     def __init__(self, ws: WebSocket, st: ServerState) -> None:
         self.ws, self.st = ws, st
@@ -101,6 +111,21 @@ class Connection:
                 await self.send(err.frame())
 
     async def on_message(self, text: str) -> None:
+        """One control frame. A `generate` or `append` that is refused, for any reason, discards the audio
+        prompt buffered for it from binary frames (its error says so): the client sends it again with the
+        next one. It had been kept by some refusals (a bad setting, a 409, the session gone: then a new
+        session, even a text model's, started with those samples as its prompt, a hidden turn) and
+        discarded by others, and a client could not tell which."""
+        try:
+            await self.handle(text)
+        except APIError as err:
+            if self.audio_ids and turn_message(text):
+                n, self.audio_ids = len(self.audio_ids), []
+                raise APIError(err.status, f"{err.message} (the {n} audio prompt samples buffered for it are "
+                               "discarded: send them again)", param=err.param) from None  # fmt: skip
+            raise
+
+    async def handle(self, text: str) -> None:
         budget, _ = route_budget("/v1/stream", self.st.settings.max_prompt_tokens)
         if (kind := text_over_budget(text, budget)) is not None:  # before parsing (server/json_budget.py)
             self.st.metrics.requests_refused.labels("json_structure").inc()
@@ -153,11 +178,12 @@ class Connection:
         await self.bind(msg, target)
         if isinstance(msg, WSAppend):
             rec, usage = await service.append(self.st, self.model, self.session_id, ids)
+            self.audio_ids = []
             await self.send({"type": "appended", "session_id": rec.id, "tokens": rec.n_tokens,
                              "usage": usage})  # fmt: skip
             return
         stream, job = service.start_generation(self.st, self.model, self.session_id, ids, params, n)
-        self.stream = stream
+        self.stream, self.audio_ids = stream, []
         out = service.Output(self.model, params, self.encoding, job, ms)
         self.pump = asyncio.create_task(self.forward(stream, out))
 
@@ -169,11 +195,15 @@ class Connection:
         if self.st.sessions.has(self.session_id):
             return
         sid, ttl = self.session_id, self.st.settings.session_ttl_s
+        # unbound as a new socket is: no model, and no audio prompt or encoding of the one that was bound
         self.model, self.session_id, self.owns_session = None, None, False
+        n = len(self.audio_ids)
+        self.audio_ids, self.encoding, self.refused_prompt = [], "pcm16", None
         raise APIError(
             404,
             f"this socket's session {sid} is gone: it was deleted, or it expired after {ttl:g} s idle "
-            "(S4_SESSION_TTL_S). The socket is unbound: a message naming a model starts a new session",
+            "(S4_SESSION_TTL_S). The socket is unbound: a message naming a model starts a new session"
+            + (f" (the {n} audio prompt samples buffered are discarded: send them again)" if n else ""),
             param="session_id",
         )
 
@@ -223,10 +253,11 @@ class Connection:
 
     async def prompt(self, m: ServedModel, msg: WSGenerate | WSAppend) -> list[int]:
         """The message's prompt ids for model m, after the audio samples buffered from binary frames
-        (the buffer is emptied); raises APIError (413 too long, 422 bad) naming the field. An audio file
-        is decoded off the event loop (service.read_prompt)."""
+        (emptied by `handle` once the turn starts, and by `on_message` when it is refused); raises
+        APIError (413 too long, 422 bad) naming the field. An audio file is decoded off the event loop
+        (service.read_prompt)."""
         ids = await service.read_prompt(self.st, m, msg.prompt, msg.prompt_audio)
-        ids, self.audio_ids = self.audio_ids + ids, []
+        ids = self.audio_ids + ids  # (the buffer is emptied once the turn starts: `handle`)
         service.check_prompt(self.st, ids, "prompt" if m.kind == "text" else "prompt_audio", m)
         return ids
 
