@@ -344,9 +344,10 @@ def test_refused_requests_are_shown_on_the_page_and_the_session_goes_on(demo):
     d.page.click("#send")
     d.wait_status("Done: length, 20 tokens")
     first = d.js("s4demo.turns[0]")
-    # a request the server refuses (more tokens than its limit, 4096, which the page does not know): its
-    # error frame is shown, its prompt goes back in the box (to fix a setting and send again), and the
-    # session goes on
+    # a request the server refuses (more tokens than its limit, 4096, which the page here does not know, as
+    # from a server that does not list it): its error frame is shown, its prompt goes back in the box (to
+    # fix a setting and send again), and the session goes on
+    d.js("document.getElementById('max-new-tokens').max = ''")
     d.page.fill("#prompt", " more")
     d.page.fill("#max-new-tokens", "5000")
     d.page.click("#send")
@@ -973,6 +974,13 @@ def test_the_model_line_says_what_each_model_is(demo, client):
     d.page.select_option("#model", AUDIO)
     sound = d.page.text_content("#model-info")
     assert sound.startswith("audio: 8000 Hz mu-law samples (256 levels) · 2 S4 layers"), sound
+    # a linearly quantized model (an official Beethoven SaShiMi) had been described as mu-law too
+    linear = lambda body: body | {"data": [m | {"audio_codec": "linear"} for m in body["data"]]}  # noqa: E731
+    d.page.route("**/v1/models", lambda route: route.fulfill(json=linear(route.fetch().json())))
+    d.page.click("#load-models")
+    d.wait_status("models served")
+    sound = d.page.text_content("#model-info")
+    assert sound.startswith("audio: 8000 Hz linearly quantized samples (256 levels)"), sound
 
 
 def test_a_chosen_model_fills_the_sampling_fields_with_its_checkpoints_defaults(
@@ -1053,3 +1061,191 @@ def test_an_enwik8_and_a_text8_model_say_what_their_tokens_are_and_stream_their_
     finally:
         d.context.close()
         s.stop()
+
+
+def test_a_refused_audio_session_shows_its_own_error_and_keeps_the_prompt(browser, model_dirs, tmp_path):
+    """On a new socket the page sent `session`, the prompt's frames and `generate` together: when the
+    session was refused (every slot in use: 429; the model gone: 404; still loading: 503) the frames' and
+    the generate's own refusals (422 "bind an audio model first", "must name a model") came after it, and
+    the status line ended on the last, which said nothing useful. Now the page waits for the session's
+    answer before it sends a frame: the 429 is what it shows, the prompt stays loaded, and once a slot is
+    free the next Generate sends it."""
+    from server import Settings
+
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["audio"])], max_sessions=1)).start()
+    d = Demo(browser, s.url)
+    try:
+        d.wait_status("model served")
+        held = httpx.post(f"{s.url}/v1/sessions", json={"model": AUDIO}).json()["session_id"]
+        wav = tmp_path / "prompt.wav"
+        wav.write_bytes(wav_bytes(0.4 * np.sin(np.arange(400) / 5.0), 8000))
+        d.page.set_input_files("#audio-file", str(wav))
+        d.wait_status("Prompt loaded")
+        d.page.fill("#audio-samples", "50")
+        d.page.click("#audio-generate")
+        said = d.wait_status("Error 429")
+        assert "session slots are in use" in said and "must name a model" not in said, said
+        d.page.wait_for_timeout(300)  # (nothing else arrives to replace it)
+        assert d.page.text_content("#status") == said
+        assert d.page.text_content("#prompt-info").startswith("prompt: 400 samples")
+        assert not d.page.is_disabled("#audio-generate")
+        assert httpx.delete(f"{s.url}/v1/sessions/{held}").status_code == 204
+        d.page.click("#audio-generate")
+        d.wait_status("Done: length, 50 samples")
+        assert d.js("s4demo.lastDone.usage")["prompt_tokens"] == 400
+        assert d.errors == [], d.errors
+    finally:
+        d.context.close()
+        s.stop()
+
+
+def test_an_audio_prompt_refused_with_its_turn_is_loaded_again(demo, server, tmp_path):
+    """The socket's session deleted (or expired) between turns: the next turn's prompt was sent and the
+    generate refused (404), and the page had already dropped the prompt, said the next generation would
+    continue the session (there was none) and, on the audio panel, that "the text above" was not part of
+    the new one. The server discards the frames of a refused turn, so the page loads the prompt again, and
+    the next Generate starts a new session from it."""
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    d.page.fill("#audio-samples", "40")
+    d.page.click("#audio-generate")
+    d.wait_status("Done: length, 40 samples")
+    sid = d.js("s4demo.sessionId")
+    assert httpx.delete(f"{server.url}/v1/sessions/{sid}").status_code == 204
+    wav = tmp_path / "prompt.wav"
+    wav.write_bytes(wav_bytes(0.4 * np.sin(np.arange(300) / 5.0), 8000))
+    d.page.set_input_files("#audio-file", str(wav))
+    d.wait_status("Prompt loaded")
+    d.page.click("#audio-generate")
+    said = d.wait_status("expired")
+    assert "audio generated before" in said and "text above" not in said, said
+    assert d.page.text_content("#prompt-info").startswith("prompt: 300 samples")
+    d.page.fill("#audio-seed", "3")
+    d.page.click("#audio-generate")
+    d.wait_status("Done: length, 40 samples")
+    assert d.js("s4demo.lastDone.usage")["prompt_tokens"] == 300
+    assert d.js("s4demo.sessionId") not in (None, sid)
+    assert d.errors == [], d.errors
+
+
+def test_a_text_prompt_over_the_server_limit_is_not_sent(browser, limited):
+    """The page checked an audio prompt against max_prompt_tokens but sent any text prompt: one over the
+    server's frame limit closed the socket (1009), which deleted the session and its context. Now it is
+    refused beside nothing sent, and it stays in the box; one at the limit is sent."""
+    d = Demo(browser, limited.url)
+    try:
+        d.wait_status("model served")
+        limit = d.js("fetch('v1/models').then(r => r.json()).then(b => b.data[0].max_prompt_tokens)")
+        d.page.fill("#prompt", "é" * (limit // 2) + "x")  # limit + 1 bytes
+        d.page.click("#send")
+        said = d.wait_status("Not sent")
+        assert f"the prompt is {limit + 1} bytes, more than this server takes in one turn ({limit})" in said
+        assert d.page.input_value("#prompt") == "é" * (limit // 2) + "x"
+        assert d.js("[s4demo.turns.length, s4demo.sessionId]") == [0, None]
+        d.page.fill("#prompt", "x" * limit)
+        d.page.fill("#max-new-tokens", "3")
+        d.page.click("#send")
+        d.wait_status("Done: length, 3 tokens")
+        assert d.errors == [], d.errors
+    finally:
+        d.context.close()
+
+
+def test_the_session_panel_says_none_once_the_server_closes_the_socket(browser, model_dirs):
+    """A server stopping gracefully closes an idle socket (1012): the status said the next turn starts a
+    new session, while the Session panel still named the dead session and its context."""
+    from server import Settings
+
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])])).start()
+    d = Demo(browser, s.url)
+    try:
+        d.wait_status("model served")
+        generate_text(d, "to be", 4, seed=1)
+        assert d.page.text_content("#session-id").startswith("sess-")
+        s.stop()
+        d.wait_status("The connection closed")
+        assert d.page.text_content("#session-id") == "none"
+        assert d.page.text_content("#context") == "0 tokens"
+    finally:
+        d.context.close()
+
+
+def test_a_model_without_defaults_shows_the_pages_own_not_the_last_models(browser, model_dirs, tmp_path):
+    """Fields a model's generation_config leaves out had kept the previous model's defaults: audio-digits
+    (temperature 0.9, 8,000 samples) then audio-digits-s4 (none) showed 0.9 and 8,000, so the same model
+    and seed sent different settings by click history. They now show the page's defaults, unless the user
+    typed in them since the last model was chosen."""
+    import json
+
+    from server import Settings
+
+    d_gc = tmp_path / "tiny-audio-gc"
+    shutil.copytree(model_dirs["audio"], d_gc)
+    meta = json.loads((d_gc / "config.json").read_text())
+    given = {"temperature": 0.9, "max_new_tokens": 800}
+    (d_gc / "config.json").write_text(json.dumps(meta | {"generation_config": given}))
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["audio"]), str(d_gc)])).start()
+    d = Demo(browser, s.url)
+    try:
+        d.wait_status("models served")
+        values = lambda: [d.page.input_value("#audio-temperature"), d.page.input_value("#audio-samples")]  # noqa: E731
+        d.page.select_option("#model", AUDIO)
+        assert values() == ["1", "4000"]  # the page's own
+        d.page.select_option("#model", "tiny-audio-gc")
+        assert values() == ["0.9", "800"]
+        d.page.select_option("#model", AUDIO)
+        assert values() == ["1", "4000"]  # not the last model's
+        d.page.fill("#audio-temperature", "0.5")  # typed: kept by a model that does not set it
+        d.page.select_option("#model", "tiny-audio-gc")
+        d.page.select_option("#model", AUDIO)
+        assert values() == ["1", "4000"]  # (the gc model's 0.9 replaced what was typed)
+        d.page.fill("#audio-temperature", "0.5")
+        d.page.select_option("#model", AUDIO)  # (the same model: no change event) ...
+        d.js("document.getElementById('model').dispatchEvent(new Event('change'))")  # ... chosen again
+        assert values() == ["0.5", "4000"]
+        assert d.errors == [], d.errors
+    finally:
+        d.context.close()
+        s.stop()
+
+
+def test_audio_still_queued_after_its_turn_can_be_stopped(demo):
+    """A model faster than real time leaves most of its audio to play after the done frame, and Cancel was
+    disabled then: only New session or another model (both end the session) silenced it. Between turns the
+    audio panel's Cancel reads "Stop playback" while audio is queued, and stops it."""
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    d.page.fill("#audio-samples", "80000")  # 10 s at 8 kHz: the tiny model makes it in well under that
+    d.page.click("#audio-generate")
+    d.wait_status("Done: length, 80000 samples")
+    assert d.js("s4demo.sourcesQueued()") > 0
+    assert d.page.text_content("#audio-cancel") == "Stop playback" and d.page.is_enabled("#audio-cancel")
+    d.page.click("#audio-cancel")
+    d.wait_status("Playback stopped")
+    played = d.js("s4demo.samplesPlayed")
+    assert d.js("s4demo.sourcesQueued()") == 0 and played < 80000
+    assert d.page.text_content("#audio-cancel") == "Cancel" and d.page.is_disabled("#audio-cancel")
+    d.page.wait_for_timeout(300)
+    assert d.js("s4demo.samplesPlayed") == played  # nothing more played
+    assert d.errors == [], d.errors
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("#top-p", "0", "top-p: Value must be greater than 0."),
+    ("#max-new-tokens", "5000", "max new tokens: Value must be less than or equal to 4096."),
+    ("#max-new-tokens", "99999999999999999999", "max new tokens: Value must be less than or equal to 4096."),
+])  # fmt: skip
+def test_the_fields_hold_the_servers_bounds(demo, field, value, message):
+    """top-p 0 (min 0 in the page, > 0 at the server) and max new tokens above the server's limit
+    (GET /v1/models: 4,096 here) went out and came back as 422s: now they are named beside the field and
+    nothing is sent."""
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", TEXT)
+    d.page.fill(field, value)
+    d.page.click("#send")
+    said = d.wait_status("Not sent")
+    assert said == f"Not sent: {message}", said
+    assert d.js("[s4demo.turns.length, s4demo.sessionId]") == [0, None]

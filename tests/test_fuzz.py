@@ -221,8 +221,8 @@ def test_without_a_valid_key_every_operation_but_the_probes_is_401(fuzz_server):
         connect(fuzz_server.ws_url, open_timeout=10).close()
     assert refused.value.response.status_code == 401
     with connect(fuzz_server.ws_url, additional_headers=HEADERS) as ws:  # and with the key it opens
-        ws.send(json.dumps({"type": "cancel"}))
-        assert json.loads(ws.recv(10))["code"] == 409
+        ws.send(json.dumps({"type": "append"}))  # (no model named: the socket's answer, a 422)
+        assert json.loads(ws.recv(10))["code"] == 422
 
 
 # --- WebSocket frames -------------------------------------------------------------------------------

@@ -131,16 +131,18 @@ def test_cancel_stops_the_generation_and_the_socket_stays_usable(server):
             await frame(ws, "token")
             await ws.send(json.dumps({"type": "cancel"}))
             _, _, done = await turn(ws)
+            # a cancel after the done frame (one that crossed it) is a no-op, answered by nothing: the next
+            # frame is the next turn's (a 409 had answered it, which a client read as its generate's refusal)
             await ws.send(json.dumps({"type": "cancel"}))
-            nothing = await frame(ws, "error")
             await ws.send(json.dumps({"type": "generate", "prompt": "y", "max_new_tokens": 5, "seed": 1}))
+            first = json.loads(await ws.recv())
             again = await turn(ws)
-            return done, nothing, again
+            return done, first, again
 
-    done, nothing, (ids, _, done2) = asyncio.run(main())
+    done, first, (ids, _, done2) = asyncio.run(main())
     assert done["finish_reason"] == "cancelled" and done["usage"]["completion_tokens"] < 4000
-    assert nothing["code"] == 409
-    assert len(ids) == 5 and done2["finish_reason"] == "length"
+    assert first["type"] == "token", first
+    assert len(first["ids"]) + len(ids) == 5 and done2["finish_reason"] == "length"
 
 
 def test_disconnect_mid_generation_frees_the_slot(server):
@@ -508,7 +510,6 @@ def test_a_refused_audio_prompt_refuses_its_turn_and_the_frames_after_it(server,
                 for _ in range(3):  # the rest of the client's prompt: discarded, no error frame each
                     await ws.send(bytes([9]) * chunk)
                 await ws.send(json.dumps({"type": "cancel"}))  # another control message: still refused after
-                out[f"cancel-{kind}"] = json.loads(await ws.recv())
                 extra = {"max_new_tokens": 5, "seed": 1} if kind == "generate" else {}
                 await ws.send(json.dumps({"type": kind, **extra}))
                 out[f"refused-{kind}"] = json.loads(await ws.recv())
@@ -553,7 +554,6 @@ def test_a_refused_audio_prompt_refuses_its_turn_and_the_frames_after_it(server,
         over, refused = out[f"over-{kind}"], out[f"refused-{kind}"]
         assert over["type"] == "error" and over["code"] == 413 and over["param"] == "audio", over
         assert "the whole prompt is refused" in over["message"]
-        assert out[f"cancel-{kind}"]["code"] == 409  # (nothing running)
         assert refused["type"] == "error" and refused["code"] == 413 and refused["param"] == "audio", refused
         assert (
             f"this {kind} is refused" in refused["message"] and "Send the prompt again" in refused["message"]
@@ -616,6 +616,90 @@ def test_a_refused_turn_discards_its_buffered_audio_prompt_and_says_so(server, c
     assert out["tokens"] == 30 + 400  # the 50 samples sent during the generation were not appended
     check_usage(out["done"]["usage"], 6, 9)
     assert out["ids"] == reference(model_dirs["text"], list(b"or not"), SamplingParams(seed=5), 9)
+
+
+def test_a_first_turn_refused_after_binding_binds_nothing(server, client, model_dirs):
+    """A socket's first generate or append naming a session that another socket is generating on: its
+    409 came after a `session` frame, and the socket stayed bound to that session, so its next message
+    naming another session or model was refused ("this socket is bound to session ..."), against the
+    README's "a first message that is refused binds nothing". Now the 409 comes alone and the socket is
+    as new."""
+    sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "to be"}).json()["session_id"]
+
+    async def main():
+        out = {}
+        async with connect(server.ws_url) as a, connect(server.ws_url) as b:
+            await a.send(
+                json.dumps({"type": "generate", "session_id": sid, "max_new_tokens": 4000, "seed": 1})
+            )
+            await frame(a, "session")
+            await frame(a, "token")
+            for kind in ("generate", "append"):
+                await b.send(json.dumps({"type": kind, "session_id": sid, "prompt": " or"}))
+                out[kind] = json.loads(await b.recv())
+            msg = {"type": "generate", "model": TEXT, "prompt": "or not", "max_new_tokens": 7, "seed": 5}
+            await b.send(json.dumps(msg))
+            out["bound"] = await frame(b, "session")
+            out["ids"], _, out["done"] = await turn(b)
+            await a.send(json.dumps({"type": "cancel"}))
+            await turn(a)
+        return out
+
+    out = asyncio.run(main())
+    for kind in ("generate", "append"):
+        assert out[kind]["type"] == "error" and out[kind]["code"] == 409, out[kind]
+    assert out["bound"]["session_id"] != sid and out["done"]["finish_reason"] == "length"
+    assert out["ids"] == reference(model_dirs["text"], list(b"or not"), SamplingParams(seed=5), 7)
+    assert client.get(f"/v1/sessions/{sid}").status_code == 200  # (not deleted by the refused socket)
+    client.delete(f"/v1/sessions/{sid}")
+
+
+def test_every_session_message_is_answered_and_a_refused_one_changes_nothing(server):
+    """A `session` message on a bound socket got no frame at all (a client waiting for the reply hung),
+    while its audio_encoding changed the socket's silently. Now each is answered with the session frame,
+    its encoding as it now is; a refused one (another model) changes nothing."""
+
+    async def main():
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "session", "model": AUDIO}))
+            first = await frame(ws, "session")
+            await ws.send(json.dumps({"type": "session"}))
+            again = await frame(ws, "session")
+            await ws.send(json.dumps({"type": "session", "audio_encoding": "mulaw"}))
+            mulaw = await frame(ws, "session")
+            await ws.send(json.dumps({"type": "session", "model": TEXT, "audio_encoding": "pcm16"}))
+            refused = await frame(ws, "error")
+            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 5, "seed": 1}))
+            header = await frame(ws, "audio_header")
+            return first, again, mulaw, refused, header
+
+    first, again, mulaw, refused, header = asyncio.run(main())
+    assert first["encoding"] == "pcm16" and again == first
+    assert mulaw == first | {"encoding": "mulaw"}
+    assert refused["code"] == 422 and refused["param"] == "model"
+    assert header["encoding"] == "mulaw"
+
+
+def test_a_socket_whose_own_session_expired_closes_without_a_warning(server, client, caplog):
+    """The socket's own session gone (the TTL's documented path; deleted here) when the socket closes: the
+    close's delete found nothing, and logged a WARNING for each such socket."""
+    import logging
+
+    async def main():
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": 2}))
+            sid = (await frame(ws, "session"))["session_id"]
+            await turn(ws)
+            assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+        return sid
+
+    with caplog.at_level(logging.DEBUG, logger="server.ws"):
+        sid = asyncio.run(main())
+        wait_for(lambda: any(sid in r.getMessage() for r in caplog.records), timeout=10)
+    said = [r for r in caplog.records if sid in r.getMessage()]
+    assert said and all(r.levelno == logging.DEBUG for r in said), [
+        (r.levelname, r.getMessage()) for r in said
+    ]
 
 
 def test_a_slow_reader_pauses_its_session_and_loses_nothing(limited, model_dirs):

@@ -153,16 +153,23 @@ class Connection:
                 param="audio",
             )
         if isinstance(msg, WSCancel):
-            if self.stream is None:
-                raise APIError(409, "no generation is running on this socket")
-            self.stream.cancel()
+            # With nothing running a cancel is a no-op, answered by nothing: it crossed its turn's done
+            # frame on the way (a client cannot avoid that race). A 409 had answered it, and a client that
+            # had sent its next generate meanwhile read that error as the generate's refusal (error frames
+            # name no request) while the generate ran on unseen (a helper's audit: 9 turns in 150).
+            if self.stream is not None:
+                self.stream.cancel()
             return
         if self.pump is not None and not self.pump.done():
             raise APIError(409, "a generation is running on this socket: wait for its done frame, or cancel")
         if self.session_id is not None:
             await self.check_bound()
         if isinstance(msg, WSSession):
-            await self.bind(msg, await self.target(msg))
+            target = await self.target(msg)
+            encoding = self.encoding_for(msg, target)
+            await self.bind(msg, target)
+            self.encoding = encoding
+            await self.send(self.session_frame())  # (on a bound socket too: the reply a client waits for)
             return
         # everything about the message that needs no session is checked before one is bound, so a
         # refused first message leaves the socket as it was: no session, no model
@@ -175,15 +182,26 @@ class Connection:
         ids = await self.prompt(target, msg)
         if isinstance(msg, WSGenerate):  # (an empty text prompt on a new or empty session: nothing to do)
             service.check_input(self.st, target, self.session_id or msg.session_id, ids)
+        encoding = self.encoding_for(msg, target)
+        binds = self.session_id is None
         await self.bind(msg, target)
+        try:  # a first message refused here (the session busy: 409; the queue full: 429) binds nothing
+            if isinstance(msg, WSAppend):
+                rec, usage = await service.append(self.st, self.model, self.session_id, ids)
+            else:
+                stream, job = service.start_generation(self.st, self.model, self.session_id, ids, params, n)
+        except APIError:
+            if binds:
+                await self.unbind()
+            raise
+        self.encoding, self.audio_ids = encoding, []
+        if binds:
+            await self.send(self.session_frame())
         if isinstance(msg, WSAppend):
-            rec, usage = await service.append(self.st, self.model, self.session_id, ids)
-            self.audio_ids = []
             await self.send({"type": "appended", "session_id": rec.id, "tokens": rec.n_tokens,
                              "usage": usage})  # fmt: skip
             return
-        stream, job = service.start_generation(self.st, self.model, self.session_id, ids, params, n)
-        self.stream, self.audio_ids = stream, []
+        self.stream = stream
         out = service.Output(self.model, params, self.encoding, job, ms)
         self.pump = asyncio.create_task(self.forward(stream, out))
 
@@ -225,16 +243,39 @@ class Connection:
             )
         return await service.request_model(self.st, msg.model, msg.session_id)
 
+    def encoding_for(self, msg: WSSession | WSGenerate | WSAppend, model: ServedModel) -> str:
+        """The socket's audio encoding once `msg` is taken (set by the caller only then: a refused message
+        changes nothing). An `audio_encoding` for a text model is a 422 naming it, as `frame_ms` is (it
+        was taken silently)."""
+        if msg.audio_encoding is None:
+            return self.encoding
+        if model.kind != "audio":
+            raise invalid(
+                "audio_encoding", f"audio_encoding applies to audio models only; {model.id} is text"
+            )
+        media.check_encoding(msg.audio_encoding, model.codec, model.id)
+        return msg.audio_encoding
+
+    def session_frame(self) -> dict:
+        """The `session` frame: the bound session, its model and, for audio, the rate and encoding."""
+        model = self.model
+        frame = {"type": "session", "session_id": self.session_id, "model": model.id, "kind": model.kind}
+        if model.kind == "audio":
+            frame |= {"sample_rate": model.sample_rate, "encoding": self.encoding}
+        return frame
+
+    async def unbind(self) -> None:
+        """Undo `bind` for a first message refused after it: the session it made is deleted, one it
+        named is left as it is, and the socket is as new."""
+        sid, owned = self.session_id, self.owns_session
+        self.model, self.session_id, self.owns_session = None, None, False
+        if owned:
+            await self.delete_quietly(sid)
+
     async def bind(self, msg: WSSession | WSGenerate | WSAppend, model: ServedModel) -> None:
-        """Bind the socket to a session of `model` (`target(msg)`) unless it is bound already. An
-        `audio_encoding` for a text model is a 422 naming it, as `frame_ms` is (it was taken silently)."""
-        if msg.audio_encoding is not None:
-            if model.kind != "audio":
-                raise invalid(
-                    "audio_encoding", f"audio_encoding applies to audio models only; {model.id} is text"
-                )
-            media.check_encoding(msg.audio_encoding, model.codec, model.id)
-            self.encoding = msg.audio_encoding
+        """Bind the socket to a session of `model` (`target(msg)`) unless it is bound already: the one
+        `msg` names, or a new one (deleted when the socket closes). The caller sends the `session` frame
+        (`session_frame`) once the message is taken."""
         if self.session_id is not None:
             return
         if msg.session_id is not None:
@@ -246,10 +287,6 @@ class Connection:
             rec, _ = await service.create_session(self.st, model, [])
             self.owns_session = True
         self.model, self.session_id = model, rec.id
-        frame = {"type": "session", "session_id": rec.id, "model": model.id, "kind": model.kind}
-        if model.kind == "audio":
-            frame |= {"sample_rate": model.sample_rate, "encoding": self.encoding}
-        await self.send(frame)
 
     async def prompt(self, m: ServedModel, msg: WSGenerate | WSAppend) -> list[int]:
         """The message's prompt ids for model m, after the audio samples buffered from binary frames
@@ -341,12 +378,17 @@ class Connection:
             self.pump.cancel()
         # While draining the whole table goes with the process (and deleting would be refused: 503).
         if self.owns_session and self.session_id is not None and not self.st.draining:
-            try:
-                await service.delete(self.st, self.session_id)
-            except APIError as err:  # it will expire instead
-                log.warning(
-                    "could not delete session %s of a closed socket: %s", self.session_id, err.message
-                )
+            await self.delete_quietly(self.session_id)
+
+    async def delete_quietly(self, sid: str) -> None:
+        """Delete the socket's own session. One already gone (it expired while the socket sat idle: the
+        documented TTL path, which had logged a warning at every such close) is not news; any other
+        refusal is logged, and the session expires instead."""
+        try:
+            await service.delete(self.st, sid)
+        except APIError as err:
+            level = logging.DEBUG if err.status == 404 else logging.WARNING
+            log.log(level, "could not delete session %s of a closed socket: %s", sid, err.message)
 
 
 @router.websocket("/v1/stream")

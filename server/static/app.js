@@ -26,7 +26,6 @@
   let conn = null; // {ws, opened, bound, dropped}
   let turn = null; // the running generation
   let contextTokens = 0;
-  let cancelSent = false; // a cancel that crosses the generation's done frame gets a 409: not an error
   let starting = false; // a turn is waiting for its socket to open
   let epoch = 0; // bumped by every new session: work begun for an older one (a decode, a mic) is dropped
 
@@ -91,7 +90,11 @@
     const bad = [];
     for (const [key, id] of Object.entries(fields)) {
       const el = $(id);
-      const why = el.checkValidity() ? "" : el.validity.badInput ? "not a number" : el.validationMessage;
+      let why = el.checkValidity() ? "" : el.validity.badInput ? "not a number" : el.validationMessage;
+      // an exclusive lower bound (top-p > 0), which min= cannot say
+      if (!why && el.dataset.gt !== undefined && el.value.trim() !== "" && !(Number(el.value) > Number(el.dataset.gt))) {
+        why = `Value must be greater than ${el.dataset.gt}.`;
+      }
       fieldError(el, why);
       if (why) bad.push(el);
       else if (el.value.trim() !== "") values[key] = Number(el.value);
@@ -168,14 +171,20 @@
   }
 
   // A model once chosen: the sampling fields show its checkpoint's defaults (generation_config), where it
-  // sets them; the others keep what they hold. (A refreshed list keeps what the user typed.)
+  // sets them; the others hold what the user typed in them, or else the page's own defaults (another
+  // model's defaults had stayed: the same model and seed then sent different settings by click history).
+  // (A refreshed list keeps what the user typed.)
   function showDefaults(m) {
     const given = m?.generation_config || {};
     const fields = m?.kind === "audio"
       ? { temperature: "audio-temperature", max_new_tokens: "audio-samples" }
       : { temperature: "temperature", top_k: "top-k", top_p: "top-p", max_new_tokens: "max-new-tokens" };
     for (const [key, id] of Object.entries(fields)) {
-      if (given[key] !== null && given[key] !== undefined) $(id).value = String(given[key]);
+      const el = $(id);
+      if (given[key] !== null && given[key] !== undefined) {
+        el.value = String(given[key]);
+        delete el.dataset.edited; // (the model's value now, not the user's)
+      } else if (!el.dataset.edited) el.value = el.defaultValue;
     }
   }
 
@@ -183,7 +192,8 @@
   function describeModel(m) {
     const what =
       m.kind === "audio"
-        ? `audio: ${m.sample_rate} Hz mu-law samples (${m.vocab_size} levels)`
+        ? `audio: ${m.sample_rate} Hz ${m.audio_codec === "linear" ? "linearly quantized" : "mu-law"} samples ` +
+          `(${m.vocab_size} levels)`
         : m.tokens === "words"
           ? `text: words (a vocabulary of ${m.vocab_size}; a newline is <eos>)`
           : m.tokens === "vocab_bytes"
@@ -202,6 +212,9 @@
   }
 
   function showModel() {
+    // the server's limit on a generation's length, checked beside the field before anything is sent
+    $("max-new-tokens").max = model?.kind === "text" && model.max_new_tokens ? String(model.max_new_tokens) : "";
+    $("audio-samples").max = model?.kind === "audio" && model.max_new_tokens ? String(model.max_new_tokens) : "";
     $("text-panel").hidden = model?.kind !== "text";
     $("audio-panel").hidden = model?.kind !== "audio";
     $("rate-label").textContent = model?.kind === "audio" ? "samples/s" : "tokens/s";
@@ -242,8 +255,14 @@
         contextTokens = 0;
         const why = `The connection closed (code ${ev.code}${ev.reason ? `: ${ev.reason}` : ""}); ` +
           "the next turn starts a new session.";
+        c.binding?.reject(Object.assign(new Error(why), { closed: true }));
+        c.binding = null;
+        if (!audio.prompt) $("prompt-info").textContent = "no prompt: starts from the model's silence";
         if (turn && turn.conn === c) endTurn(why, true);
-        else status(why, true);
+        else {
+          status(why, true);
+          showStats(); // (the panel had kept showing the dead session)
+        }
       };
     });
     ws.onmessage = (ev) => onFrame(c, ev.data);
@@ -258,6 +277,8 @@
     const c = conn;
     conn = null;
     c.dropped = true;
+    c.binding?.reject(Object.assign(new Error("dropped"), { closed: true })); // (bindAudio: not an error)
+    c.binding = null;
     if (c.opened) c.ws.close(1000, "new session");
     else c.reject(Object.assign(new Error("dropped"), { conn: c }));
   }
@@ -297,6 +318,8 @@
       c.bound = true;
       demo.sessionId = f.session_id;
       showStats();
+      c.binding?.resolve();
+      c.binding = null;
     } else if (turn?.refused) {
       onRefusedTurnFrame(f);
     } else if (f.type === "error") {
@@ -307,12 +330,15 @@
         demo.sessionId = null;
         contextTokens = 0;
         said = "This session expired (it sat idle longer than the server keeps sessions) or was deleted. " +
-          "Send again to start a new, empty session (the text above is not part of it).";
+          "Send again to start a new, empty session " +
+          `(the ${turn?.kind === "audio" ? "audio generated before" : "text above"} is not part of it).`;
       }
-      if (f.code === 413 && turn?.kind === "audio" && turn.promptSent && !turn.generated) {
-        refuseTurn(c, f);
-      } else if (!turn && cancelSent && f.code === 409) cancelSent = false;
-      else if (turn) endTurn(said, true);
+      if (c.binding) {
+        c.binding.reject(Object.assign(new Error(said), { frame: f })); // the session message's refusal
+        c.binding = null;
+      } else if (f.code === 413 && turn?.kind === "audio" && turn.promptSent && !turn.generated) {
+        refuseTurn(f);
+      } else if (turn) endTurn(said, true);
       else status(said, true);
     } else if (!turn) {
       // frames of a generation we stopped waiting for
@@ -339,21 +365,19 @@
   }
 
   // An audio prompt over the server's limit (max_audio_s) is refused (413) as its binary frames arrive,
-  // and the page has sent its generate message already. The turn ends once that message is answered:
-  // refused too (an error), or started from what was left (a done frame, after the cancel sent here), or
-  // the cancel's own 409 (nothing was running). Nothing of such a generation is played or kept.
-  function refuseTurn(c, f) {
+  // and the page has sent its generate message already. The server discards the frames after it and
+  // refuses that generate too: the turn ends on that answer (a done frame, from an older server that ran
+  // it, is not played or kept).
+  function refuseTurn(f) {
     turn.refused = `Error ${f.code}: ${f.message}. The prompt was not used: choose a shorter one.`;
     turn.muted = true;
     stopPlayback();
     status(`${turn.refused} Ending the turn…`, true);
-    c.ws.send(JSON.stringify({ type: "cancel" }));
-    cancelSent = true;
   }
 
   function onRefusedTurnFrame(f) {
     if (f.type === "done") finishTurn(f, turn.refused, true);
-    else if (f.type === "error" && f.code !== 413) endTurn(turn.refused, true);
+    else if (f.type === "error") endTurn(turn.refused, true);
   }
 
   // Follow the text as it streams, unless the reader scrolled up (above where the page last put
@@ -415,7 +439,7 @@
 
   // promptLabel: what the server ingests before the first output ("2.5 s of audio"), or "" for none.
   function beginTurn(kind, promptTokens, promptLabel) {
-    cancelSent = false;
+    stopPlaybackButton(false);
     turn = {
       kind, conn, promptTokens, generated: 0, firstAt: null, firstCount: 0,
       contextBefore: contextTokens, unit: kind === "text" ? "tokens" : "samples",
@@ -431,6 +455,11 @@
 
   function endTurn(message, isError) {
     if (turn?.kind === "audio") finishAudio();
+    if (turn?.kind === "audio" && isError && turn.prompt && !turn.generated && !turn.refused && !audio.prompt) {
+      // refused before any sample (the session gone, busy, a bad setting, the socket closed): the server
+      // discarded the prompt with it, so it is loaded again for the next Generate (unless another was)
+      showPrompt(turn.prompt);
+    }
     if (turn?.kind === "text" && isError && !turn.record.ids) {
       // refused before it started: its prompt is not part of the session, so not in the transcript;
       // it goes back in the box (unless something else was typed meanwhile), to fix and send again
@@ -444,12 +473,20 @@
     $("send").disabled = $("audio-generate").disabled = false;
     $("cancel").disabled = $("audio-cancel").disabled = true;
     $("load-models").disabled = false;
+    stopPlaybackButton(audio.sources.size > 0); // audio still queued (a model faster than real time)
     if (focusOnStop && !go.closest("[hidden]")) go.focus();
     if (message) status(message, isError);
     showStats();
   }
 
   function cancel() {
+    if (!turn && audio.sources.size) {
+      // after the turn: the audio button stops what is still queued for playback
+      stopPlayback();
+      stopPlaybackButton(false);
+      status("Playback stopped.");
+      return;
+    }
     if (!turn || !conn) return;
     if (turn.refused) {
       endTurn(turn.refused, true); // the server's answer never came: do not wait for it
@@ -460,7 +497,6 @@
       stopPlayback();
     }
     conn.ws.send(JSON.stringify({ type: "cancel" }));
-    cancelSent = true;
     turn.cancelling = true;
     status(turn.firstAt === null && turn.promptTokens
       ? "Cancelling… (the server may finish ingesting the prompt first)"
@@ -477,6 +513,24 @@
     );
     if (!settings) return;
     const prompt = $("prompt").value;
+    // the prompt's tokens as the server counts them: its UTF-8 bytes (an enwik8 model's without newlines),
+    // a word model's words and newlines, or a text8 model's characters
+    const words = model.tokens === "words";
+    const chars = model.tokens === "characters";
+    const promptTokens = words
+      ? prompt.split("\n").reduce((n, line) => n + 1 + line.split(/\s+/).filter(Boolean).length, -1)
+      : chars
+        ? [...prompt].length
+        : new TextEncoder().encode(model.tokens === "vocab_bytes" ? prompt.replaceAll("\n", "") : prompt).length;
+    const unit = words ? "words" : chars ? "characters" : "bytes";
+    const limit = model.max_prompt_tokens;
+    if (limit && promptTokens > limit) {
+      // not sent: the server would refuse it (413), or close the socket on a message over its frame limit
+      // (1009), which ended the session and lost its context; the prompt stays in the box
+      status(`Not sent: the prompt is ${promptTokens} ${unit}, more than this server takes in one turn ` +
+        `(${limit}): shorten it, or send it in parts.`, true);
+      return;
+    }
     const msg = { type: "generate", prompt, ...settings.values };
     const c = await opened();
     if (!c) return;
@@ -492,16 +546,6 @@
     out.append(p, g);
     const record = { prompt, text: "", ids: 0, done: null };
     demo.turns.push(record);
-    // the prompt's tokens as the server counts them: its UTF-8 bytes (an enwik8 model's without newlines),
-    // a word model's words and newlines, or a text8 model's characters
-    const words = model.tokens === "words";
-    const chars = model.tokens === "characters";
-    const promptTokens = words
-      ? prompt.split("\n").reduce((n, line) => n + 1 + line.split(/\s+/).filter(Boolean).length, -1)
-      : chars
-        ? [...prompt].length
-        : new TextEncoder().encode(model.tokens === "vocab_bytes" ? prompt.replaceAll("\n", "") : prompt).length;
-    const unit = words ? "words" : chars ? "characters" : "bytes";
     beginTurn("text", promptTokens, promptTokens ? `${promptTokens} ${unit}` : "");
     turn.textNode = g.firstChild;
     turn.spans = [p, g];
@@ -560,6 +604,15 @@
       src.stop();
     }
     audio.sources.clear();
+    if (!turn) stopPlaybackButton(false);
+  }
+
+  // Between turns the audio panel's Cancel button reads "Stop playback" while generated audio is still
+  // queued (a model several times faster than real time leaves most of it to play after its done frame).
+  function stopPlaybackButton(on) {
+    const b = $("audio-cancel");
+    b.textContent = on ? "Stop playback" : "Cancel";
+    if (!turn) b.disabled = !on;
   }
 
   function resetAudio() {
@@ -615,9 +668,14 @@
       return;
     }
     if (started !== epoch) return; // another model or a new session meanwhile
+    showPrompt(pcm);
+    status(loaded);
+  }
+
+  function showPrompt(pcm) {
+    const rate = model.sample_rate;
     audio.prompt = pcm;
     $("prompt-info").textContent = `prompt: ${pcm.length} samples (${(pcm.length / rate).toFixed(2)} s at ${rate} Hz)`;
-    status(loaded);
   }
 
   async function onPromptFile() {
@@ -695,23 +753,46 @@
         `(${s(limit)} s, ${limit} samples): choose a shorter one.`, true);
       return;
     }
+    stopPlayback(); // the last turn's audio still queued (and "Stop playback" with it): a new one starts
     audioContext();
     const c = await opened();
     if (!c) return;
-    if (!c.bound) c.ws.send(JSON.stringify({ type: "session", model: model.id, audio_encoding: "pcm16" }));
+    if (!c.bound && !(await bindAudio(c))) return;
     // without a prompt a new session starts from the model's silence (the server's one-token prompt)
     const prompt = audio.prompt;
     if (prompt) {
       // binary frames of s16le prompt samples, in chunks well under the server's frame limit
       for (let i = 0; i < prompt.length; i += 8192) c.ws.send(prompt.slice(i, i + 8192).buffer);
-      clearPrompt(); // it is part of the session now
+      clearPrompt(); // it is part of the session now (loaded again if the turn is refused: endTurn)
     }
     resetAudio();
     audio.expected = settings.values.max_new_tokens || 0;
     const seconds = prompt ? `${(prompt.length / model.sample_rate).toFixed(1)} s of audio` : "";
     beginTurn("audio", prompt ? prompt.length : 0, seconds);
     turn.promptSent = !!prompt;
+    turn.prompt = prompt;
     c.ws.send(messageJSON({ type: "generate", audio_encoding: "pcm16", ...settings.values }, settings.seed));
+  }
+
+  // A new socket's session, bound before any prompt frame is sent: binary frames need a bound socket,
+  // and a refused session message (all session slots in use, the model gone, still loading) is the
+  // error to show; sent together, the frames' and the generate's own refusals (422 "bind an audio model
+  // first", "must name a model") had come after it and replaced it in the status line.
+  async function bindAudio(c) {
+    const started = epoch;
+    starting = true;
+    try {
+      await new Promise((resolve, reject) => {
+        c.binding = { resolve, reject };
+        c.ws.send(JSON.stringify({ type: "session", model: model.id, audio_encoding: "pcm16" }));
+      });
+      return started === epoch && conn === c;
+    } catch (err) {
+      if (started === epoch && !err.closed) status(err.message, true);
+      return false;
+    } finally {
+      starting = false;
+    }
   }
 
   function startPlayback(rate) {
@@ -771,6 +852,7 @@
       audio.sources.delete(src);
       demo.samplesPlayed += n;
       showAudioInfo();
+      if (!turn && !audio.sources.size) stopPlaybackButton(false); // played out
     };
     audio.sources.add(src);
     if (!audio.started) audio.nextTime = ctx.currentTime + 0.25;
@@ -850,7 +932,10 @@
     note.id = `${el.id}-error`;
     el.after(note);
     el.setAttribute("aria-describedby", note.id);
-    el.addEventListener("input", () => fieldError(el, ""));
+    el.addEventListener("input", () => {
+      fieldError(el, "");
+      el.dataset.edited = "1"; // typed by the user: another model's choice keeps it (showDefaults)
+    });
   }
   $("server-form").addEventListener("submit", (ev) => {
     ev.preventDefault();
