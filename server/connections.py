@@ -576,6 +576,17 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.transport.close()
 
 
+def last_pong(data: bytes) -> bytes | None:
+    """The last frame of `data` when it holds only a server's pong frames (unmasked, FIN, ≤ 125 bytes of
+    payload: RFC 6455 5.5), b"" for none, None when it holds anything else."""
+    i, last = 0, b""
+    while i < len(data):
+        if data[i] != 0x8A or i + 1 >= len(data) or data[i + 1] > 125 or i + 2 + data[i + 1] > len(data):
+            return None
+        last, i = data[i : i + 2 + data[i + 1]], i + 2 + data[i + 1]
+    return last
+
+
 class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
     """uvicorn's websockets (sans-I/O) protocol with a handshake deadline. Messages are bounded by
     uvicorn's `ws_max_size` (fragments and per-message-deflate output included: close 1009)."""
@@ -585,6 +596,30 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
         self.guard = guard
         self.deadline: asyncio.TimerHandle | None = None
         self.send_deadline = SendDeadline(self, guard)
+        self.held_pong = b""  # the latest ping's answer, while the client reads nothing (handle_ping)
+
+    def handle_ping(self) -> None:
+        """Answer the latest ping of a read (RFC 6455, 5.5.3: an endpoint may answer only the most recent
+        ping), at once, or while the client reads nothing (the write buffer over its high-water mark:
+        asyncio's pause_writing) once it reads again. uvicorn wrote every pong at once, outside flow
+        control, so a client that sent pings and never read grew the server's memory without bound (two
+        such clients: +840 MB in 30 s, a helper's audit) until the send deadline, if ever."""
+        out = b"".join(
+            self.conn.data_to_send()
+        )  # (a read's pings are answered at its first: the rest get b"")
+        last = last_pong(out)
+        if last is None:  # not only pongs (a close's answer, say): as uvicorn
+            self.transport.write(out)
+        elif last and self.writable.is_set():  # the latest ping of the read (5.5.3 too)
+            self.transport.write(last)
+        elif last:
+            self.held_pong = last
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.held_pong and not self.transport.is_closing():
+            pong, self.held_pong = self.held_pong, b""
+            self.transport.write(pong)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)

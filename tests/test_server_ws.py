@@ -702,6 +702,42 @@ def test_a_socket_whose_own_session_expired_closes_without_a_warning(server, cli
     ]
 
 
+def test_a_ping_flood_is_answered_by_the_latest_ping_of_each_read(limited):
+    """uvicorn wrote every pong at once, outside flow control: a client that sent pings and never read grew
+    the server's write buffer by each ping's answer (two such clients: +840 MB in 30 s, a helper's audit).
+    Now only the latest ping of each read is answered (RFC 6455 5.5.3), and while the client reads nothing
+    that answer waits for it: 20,000 pings of 125 bytes (2.5 MB of answers before) get a few hundred pongs
+    at most, the last one the last ping's, and the socket still serves a turn after them."""
+    import os
+    import struct
+
+    ws = RawWebSocket(limited.port)
+    mask = os.urandom(4)
+    n = 20_000
+    frames = []
+    for i in range(n):
+        payload = struct.pack(">I", i) + bytes(121)
+        frames.append(
+            bytes([0x89, 0x80 | 125]) + mask + bytes(b ^ mask[j % 4] for j, b in enumerate(payload))
+        )
+    ws.sock.sendall(b"".join(frames))
+    time.sleep(1.0)  # (read by the server meanwhile, while the client reads nothing)
+    ws.send_json({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": 3, "seed": 1})
+    pongs, last, opcode, data = 0, None, None, b""
+    while opcode != 1 or json.loads(data)["type"] != "done":
+        b0, b1 = ws._read(2)
+        size = b1 & 0x7F
+        if size == 126:
+            size = int.from_bytes(ws._read(2), "big")
+        data = ws._read(size)
+        opcode = b0 & 0x0F
+        if opcode == 0xA:
+            pongs, last = pongs + 1, struct.unpack(">I", data[:4])[0]
+    ws.close()
+    assert last == n - 1
+    assert 1 <= pongs <= n // 40, pongs
+
+
 def test_a_slow_reader_pauses_its_session_and_loses_nothing(limited, model_dirs):
     """The limited server's sockets have a 4 KiB send buffer, so a reader that stops reading blocks
     the server's send within a few thousand tokens (fewer bytes a token when the engine's decode
