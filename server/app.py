@@ -11,7 +11,7 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
@@ -23,7 +23,15 @@ from starlette.middleware import Middleware
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
 from server.body_limit import BodySizeLimit
 from server.config import Settings
-from server.errors import APIError, error_body, json_limit_reason, malformed_json, validation_error
+from server.errors import (
+    APIError,
+    error_body,
+    json_limit_reason,
+    malformed_json,
+    not_found,
+    refuse,
+    validation_error,
+)
 from server.json_budget import json_content_type, route_budget
 from server.logs import add_request_ids
 from server.origin import OriginCheck, OriginPolicy
@@ -91,6 +99,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     for module in ROUTE_MODULES:
         app.include_router(module.router)
+
+    @app.websocket("/{path:path}")
+    async def _no_such_socket(ws: WebSocket, path: str) -> None:
+        """A WebSocket handshake to any other path: a 404 in the error shape, naming the path and
+        /v1/stream (Starlette's default was an empty 403, read as a refused key or origin)."""
+        err = not_found(f"no WebSocket at {ws.scope.get('path', '')!r}: the stream is at /v1/stream")
+        await refuse(ws.scope, ws.receive, ws.send, err)
+
     app.mount("/static", demo.static_files(), name="static")
     keys = APIKeys(settings.api_keys)
     if keys.enabled:

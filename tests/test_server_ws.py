@@ -738,6 +738,21 @@ def test_a_ping_flood_is_answered_by_the_latest_ping_of_each_read(limited):
     assert 1 <= pongs <= n // 40, pongs
 
 
+@pytest.mark.parametrize("path", ["/v1/stream/", "//v1/stream", "/nope", "/v1/generate", "/static/app.js"])
+def test_a_websocket_to_another_path_is_a_404_naming_it(server, path):
+    """Starlette refused a WebSocket handshake to a path with no WebSocket route with an empty 403, which
+    reads as a refused key or origin; now a 404 in the error shape names the path and /v1/stream."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect as sync_connect
+
+    with pytest.raises(InvalidStatus) as refused:
+        sync_connect(f"ws://127.0.0.1:{server.port}{path}", open_timeout=10).close()
+    r = refused.value.response
+    assert r.status_code == 404
+    err = json.loads(bytes(r.body))["error"]
+    assert err["code"] == 404 and err["message"] == f"no WebSocket at {path!r}: the stream is at /v1/stream"
+
+
 def test_a_slow_reader_pauses_its_session_and_loses_nothing(limited, model_dirs):
     """The limited server's sockets have a 4 KiB send buffer, so a reader that stops reading blocks
     the server's send within a few thousand tokens (fewer bytes a token when the engine's decode
