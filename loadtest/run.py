@@ -125,6 +125,10 @@ def served_models(url: str) -> dict[str, dict]:
 # One level: locust headless, then its CSV + exact-latency JSON
 
 
+class LevelError(RuntimeError):
+    """A level whose locust run did not produce its statistics (the message is one line)."""
+
+
 def run_level(url: str, classes: list[str], users: int, seconds: float, prefix: Path, opts: dict) -> dict:
     """Run locust headless at `users` users for `seconds` (stats reset once all are spawned)."""
     latency = prefix.with_suffix(".latency.json")
@@ -158,6 +162,13 @@ def run_level(url: str, classes: list[str], users: int, seconds: float, prefix: 
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=seconds + 120)
     wall = time.perf_counter() - t0
+    stats = Path(f"{prefix}_stats.csv")
+    if proc.returncode not in (0, 1) or not stats.exists():  # 1: some requests failed (counted below)
+        tail = " | ".join(line.strip() for line in proc.stderr.strip().splitlines()[-3:] if line.strip())
+        raise LevelError(
+            f"locust failed at {users} users (exit code {proc.returncode}"
+            f"{'' if stats.exists() else ', no ' + stats.name}): {tail or 'no stderr'}"
+        )
     level = summarize(prefix, latency)
     level.update(
         users=users,
@@ -508,26 +519,54 @@ def machine() -> dict[str, Any]:
 
 def report_folder(args: argparse.Namespace) -> Path:
     """--out, else loadtest/results/ for the full sweep, results/quick/ with --quick, and results/partial/
-    for a run of other scenarios, users, levels or server than the full sweep's (one rewrote the committed
-    report, dropping the scenarios it did not run: a fresh user's trial)."""
+    for a run with any option other than the full sweep's defaults (scenarios, users, levels, tokens,
+    turns, audio sizes, server flags or --host: one rewrote the committed report, dropping the scenarios
+    it did not run: a fresh user's trial)."""
     if args.out:
         return args.out
-    partial = args.host or args.users or args.seconds or set(args.scenarios) != set(SCENARIOS)
+    defaults = build_parser()
+    partial = any(
+        getattr(args, dest) != defaults.get_default(dest)
+        for dest in vars(args)
+        if dest not in ("quick", "out", "replot", "scenarios")
+    ) or set(args.scenarios) != set(SCENARIOS)
     return HERE / "results" / ("quick" if args.quick else "partial" if partial and not args.replot else "")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def _ranged(kind: type, lo: float, hi: float, lo_open: bool = False):
+    """An argparse type: a `kind` number within [lo, hi] (or (lo, hi] with lo_open)."""
+
+    def parse(text: str):
+        try:
+            x = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not (x > lo if lo_open else x >= lo) or not x <= hi:  # NaN fails both
+            left = "(" if lo_open else "["
+            raise argparse.ArgumentTypeError(f"{text} is out of range {left}{lo:g}, {hi:g}]")
+        return x
+
+    return parse
+
+
+MAX_USERS = 1024  # the server gets max(256, 2 × users) session slots; locust on one core tops out far below
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--host", help="target a running server (default: start one on loopback)")
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
-    parser.add_argument("--users", nargs="+", type=int, help="override every scenario's user sweep")
-    parser.add_argument("--seconds", type=float, help="per level (default 20, --quick 4)")
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--audio-samples", type=int, default=4000)
-    parser.add_argument("--audio-prompt-samples", type=int, default=400)
+    parser.add_argument("--users", nargs="+", type=_ranged(int, 1, MAX_USERS),
+                        help=f"override every scenario's user sweep (1..{MAX_USERS})")  # fmt: skip
+    parser.add_argument("--seconds", type=_ranged(float, 0, 3600, lo_open=True),
+                        help="per level, > 0 and ≤ 3600 (default 20, --quick 4)")  # fmt: skip
+    parser.add_argument("--new-tokens", type=_ranged(int, 1, 100_000), default=64)
+    parser.add_argument("--turns", type=_ranged(int, 1, 10_000), default=4)
+    parser.add_argument("--audio-samples", type=_ranged(int, 1, 10_000_000), default=4000)
+    parser.add_argument("--audio-prompt-samples", type=_ranged(int, 0, 10_000_000), default=400)
     parser.add_argument("--quick", action="store_true", help="tiny stand-in models, short levels")
     parser.add_argument("--out", type=Path, help="report folder (default loadtest/results/ for the full "
                         "sweep, results/quick/ with --quick, results/partial/ for any other)")  # fmt: skip
@@ -535,6 +574,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--replot", action="store_true", help="rebuild report.md and the PNGs from loadtest.json"
     )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     out = report_folder(args)
     out.mkdir(parents=True, exist_ok=True)
@@ -543,7 +587,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         plot(data, out)
         print(report(data, out))
         return
-    seconds = args.seconds or (4.0 if args.quick else 20.0)
+    seconds = args.seconds if args.seconds is not None else (4.0 if args.quick else 20.0)
     opts = {
         "new_tokens": args.new_tokens,
         "turns": args.turns,
@@ -551,22 +595,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         "audio_prompt_samples": args.audio_prompt_samples,
     }
     sweeps = {s: args.users or SCENARIOS[s]["quick_users" if args.quick else "users"] for s in args.scenarios}
-    csv_dir = out / "csv"
-    shutil.rmtree(csv_dir, ignore_errors=True)
-    csv_dir.mkdir()
-    import locust
+    from importlib.metadata import version  # importing locust would monkey-patch this process (gevent)
 
     data: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "command": "python -m loadtest " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "locust_version": locust.__version__,
+        "locust_version": version("locust"),
         "seconds": seconds,
         "options": opts,
         "scenarios": {},
     }
     proc = None
     with tempfile.TemporaryDirectory() as tmp:
+        # levels write here until the first one succeeds; only then is the old csv/ replaced
+        csv_dir = Path(tmp) / "csv"
+        csv_dir.mkdir()
         if args.host:
             url, data["models"] = (
                 args.host.rstrip("/"),
@@ -577,7 +621,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"starting the server: {data['models']}", flush=True)
             proc, url = start_server(ckpts, max(max(v) for v in sweeps.values()), args.server_arg)
         try:
-            models = served_models(url)
+            try:
+                models = served_models(url)
+            except Exception as e:  # noqa: BLE001  (connection refused, timeout, not an s4 server)
+                where = f"--host {url}" if args.host else f"the server started at {url}"
+                why = " ".join(f"{type(e).__name__}: {e}".split())
+                sys.exit(f"loadtest: error: cannot read {url}/v1/models ({where}): {why}")
             data["served"] = models
             for name, users in sweeps.items():
                 classes = SCENARIOS[name]["classes"]
@@ -588,7 +637,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                     continue
                 levels = data["scenarios"][name] = []
                 for u in users:
-                    lv = run_level(url, classes, u, seconds, csv_dir / f"{name}-{u}", opts)
+                    try:
+                        lv = run_level(url, classes, u, seconds, csv_dir / f"{name}-{u}", opts)
+                    except LevelError as e:
+                        sys.exit(f"loadtest: error: {name}: {e}")
+                    if csv_dir != out / "csv":  # the first level succeeded: replace the old CSVs
+                        shutil.rmtree(out / "csv", ignore_errors=True)
+                        csv_dir = Path(shutil.move(csv_dir, out / "csv"))
                     levels.append(lv)
                     kinds = ", ".join(
                         f"{k} {_f(d['tokens_per_s'])} tok/s ttft p99 {_f(d.get('ttft_p99_ms'))} ms "

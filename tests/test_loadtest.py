@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from loadtest.run import read_stats, summarize, text_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,3 +88,127 @@ def test_the_audio_goal_needs_every_turn_in_real_time_as_its_label_says():
     assert goals(data)[line].startswith("2 streams in real time (not met)")
     data = {"scenarios": {"audio": [point(2, 1.3, 1.4), point(4, 1.01, 1.07)]}}
     assert goals(data)[line].startswith("4 streams in real time (met)")
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI checks: bad numbers are argparse errors, failures are one line, the old CSVs survive them
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--users", "0"),
+        ("--users", "-1"),
+        ("--users", "100000"),
+        ("--seconds", "-1"),
+        ("--seconds", "0"),
+        ("--seconds", "nan"),
+        ("--new-tokens", "0"),
+        ("--turns", "0"),
+        ("--audio-samples", "-5"),
+        ("--audio-prompt-samples", "-1"),
+    ],
+)
+def test_out_of_range_numbers_are_argparse_errors_before_anything_starts(flag, value, tmp_path, capsys):
+    """`--users 0` or `--seconds -1` started a server, then died on locust's missing CSV (a traceback);
+    `--seconds 0` silently became the default 20 s."""
+    from loadtest.run import main
+
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit) as e:
+        main(["--quick", "--scenarios", "text-ws", flag, value, "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert flag in err and "error" in err
+    assert not out.exists()
+
+
+def test_an_unreachable_host_is_a_one_line_error_and_keeps_the_old_csvs(tmp_path):
+    from loadtest.run import main
+
+    out = tmp_path / "report"
+    (out / "csv").mkdir(parents=True)
+    (out / "csv" / "text-ws-1_stats.csv").write_text("old\n")
+    host = f"http://127.0.0.1:{_free_port()}"
+    argv = ["--host", host, "--scenarios", "text-ws", "--users", "1", "--seconds", "1", "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    msg = str(e.value.code)
+    assert "\n" not in msg and "--host" in msg and host in msg
+    assert (out / "csv" / "text-ws-1_stats.csv").read_text() == "old\n"
+    assert not (out / "loadtest.json").exists()
+
+
+def test_a_failed_locust_run_is_a_one_line_error_naming_its_stderr_and_keeps_the_old_csvs(
+    tmp_path, monkeypatch
+):
+    """locust's exit code was read only after its (absent) CSV: a FileNotFoundError traceback, and the
+    previous run's csv/ folder was already deleted."""
+    from loadtest import run
+
+    out = tmp_path / "report"
+    (out / "csv").mkdir(parents=True)
+    (out / "csv" / "text-ws-1_stats.csv").write_text("old\n")
+    monkeypatch.setattr(run, "LOCUSTFILE", tmp_path / "no_such_locustfile.py")  # locust itself fails
+    monkeypatch.setattr(run, "served_models", lambda url: {"text-shakespeare": {}})
+    argv = ["--host", "http://127.0.0.1:9", "--scenarios", "text-ws", "--users", "1", "--seconds", "1"]
+    with pytest.raises(SystemExit) as e:
+        run.main([*argv, "--out", str(out)])
+    msg = str(e.value.code)
+    assert "\n" not in msg and "locust failed at 1 users" in msg and "no_such_locustfile" in msg
+    assert (out / "csv" / "text-ws-1_stats.csv").read_text() == "old\n"
+    assert not (out / "loadtest.json").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def _folder(argv, monkeypatch):
+    from loadtest import run
+
+    seen, real = [], getattr(run.report_folder, "__wrapped__", run.report_folder)
+
+    def spy(args):
+        seen.append(real(args))
+        raise _Stop
+
+    spy.__wrapped__ = real
+    monkeypatch.setattr(run, "report_folder", spy)
+    with pytest.raises(_Stop):
+        run.main(argv)
+    return seen[0].relative_to(ROOT / "loadtest" / "results").as_posix()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--new-tokens", "8"],
+        ["--turns", "1"],
+        ["--audio-samples", "800"],
+        ["--audio-prompt-samples", "0"],
+        ["--server-arg=--max-batch=4"],
+        ["--seconds", "5"],
+        ["--users", "1"],
+        ["--host", "http://127.0.0.1:8000"],
+        ["--scenarios", "audio"],
+    ],
+)
+def test_a_run_with_any_non_default_option_never_writes_over_the_full_report(argv, monkeypatch):
+    """report_folder counted only host/users/seconds/scenarios as partial: `--new-tokens 8` wrote over
+    the committed full sweep's report."""
+    assert _folder(argv, monkeypatch) == "partial"
+
+
+def test_the_full_and_quick_runs_keep_their_folders(monkeypatch):
+    assert _folder([], monkeypatch) == "."
+    assert _folder(["--scenarios", "mixed", "audio", "text-ws"], monkeypatch) == "."
+    assert _folder(["--quick", "--new-tokens", "8"], monkeypatch) == "quick"
