@@ -317,13 +317,18 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _shown(path: Path) -> Path:
+    """`path` relative to the checkout when inside it (a test's results folder is elsewhere)."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def write_results(name: str, data: dict[str, Any], quick: bool = False) -> dict[str, Any]:
     """Write results/NAME.json (results/quick/NAME.json for --quick) with machine info added;
     returns what was written."""
     path = results_dir(quick) / f"{name}.json"
     payload = {"benchmark": name, "quick": quick, "machine": machine_info(), **data}
     path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {_shown(path)}")
     return payload
 
 
@@ -358,7 +363,7 @@ def save_figure(fig: Any, name: str, quick: bool = False, title: str | None = No
     path = results_dir(quick) / f"{name}.png"
     fig.savefig(path, dpi=120)
     _pyplot().close(fig)
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {_shown(path)}")
     return path
 
 

@@ -147,6 +147,23 @@ def start_server(ckpt: Path, max_sessions: int) -> tuple[subprocess.Popen, str]:
                                env={"S4_PREFIX_CACHE_MB": "0"})  # fmt: skip
 
 
+def error_text(frame: dict) -> str:
+    """An error frame in one line: its status code and message (or the whole frame)."""
+    code, msg = frame.get("code"), frame.get("message") or frame.get("detail")
+    text = f"{code} {msg}" if code is not None and msg is not None else json.dumps(frame)
+    return " ".join(str(text).split())
+
+
+def check_errors(result: dict, what: str) -> dict:
+    """`result` of websocket_rate / websocket_steady, or SystemExit naming the first error frame: a run
+    whose requests were refused measures nothing (it printed 0 tok/s and exited 0)."""
+    if result.get("errors"):
+        raise SystemExit(
+            f"{what}: {result['errors']} error frames from the server; first: {result['first_error']}"
+        )
+    return result
+
+
 def websocket_rate(url: str, model: str, n: int, sz: dict) -> dict[str, float]:
     from websockets.asyncio.client import connect
 
@@ -157,6 +174,7 @@ def websocket_rate(url: str, model: str, n: int, sz: dict) -> dict[str, float]:
         ready = 0
         ttfts: list[float] = []
         counts: list[int] = []
+        errors: list[str] = []
 
         async def one(k: int):
             nonlocal ready
@@ -177,6 +195,8 @@ def websocket_rate(url: str, model: str, n: int, sz: dict) -> dict[str, float]:
                             ttfts.append(time.perf_counter() - t0)
                         got += len(m["ids"])
                     elif m["type"] in ("done", "error"):
+                        if m["type"] == "error":
+                            errors.append(error_text(m))
                         counts.append(got)
                         return
 
@@ -191,6 +211,8 @@ def websocket_rate(url: str, model: str, n: int, sz: dict) -> dict[str, float]:
             "tokens_per_s": sum(counts) / wall,
             "wall_s": wall,
             "tokens": sum(counts),
+            "errors": len(errors),
+            "first_error": errors[0] if errors else None,
             **_pcts("ttft", ttfts),
         }
 
@@ -209,6 +231,7 @@ def websocket_steady(url: str, model: str, n: int, sz: dict, seconds: float) -> 
 
     async def run() -> dict[str, float]:
         ttfts: list[float] = []
+        errors: list[str] = []
         tokens = 0
         t_begin = time.perf_counter()
         window = [t_begin + seconds, t_begin + 2 * seconds]  # [start, end) of the measured window
@@ -235,11 +258,14 @@ def websocket_steady(url: str, model: str, n: int, sz: dict, seconds: float) -> 
                             if window[0] <= now < window[1]:
                                 tokens += len(m["ids"])
                         elif m["type"] in ("done", "error"):
+                            if m["type"] == "error":
+                                errors.append(error_text(m))
                             break
                     turn += 1
 
         await asyncio.gather(*(one(k) for k in range(n)))
-        return {"tokens_per_s": tokens / seconds, "requests_timed": len(ttfts), **_pcts("ttft", ttfts)}
+        return {"tokens_per_s": tokens / seconds, "requests_timed": len(ttfts), "errors": len(errors),
+                "first_error": errors[0] if errors else None, **_pcts("ttft", ttfts)}  # fmt: skip
 
     return asyncio.run(run())
 
@@ -261,14 +287,17 @@ def run(quick: bool) -> dict[str, Any]:
         proc, url = start_server(ckpt, max(sz["sessions"]))
         try:
             for row in rows:
-                row["websocket"] = websocket_rate(url, ckpt.name, row["sessions"], sz)
+                row["websocket"] = check_errors(
+                    websocket_rate(url, ckpt.name, row["sessions"], sz), "bench.server: websocket"
+                )
                 w = row["websocket"]
                 w["fraction_of_engine"] = w["tokens_per_s"] / row["engine"]["tokens_per_s"]
                 print(f"{row['sessions']:4d} sessions: websocket {w['tokens_per_s']:9.0f} tok/s "
                       f"({w['fraction_of_engine']:.2f} of engine), ttft p50 {w['ttft_p50_ms']:.1f} "
                       f"p99 {w['ttft_p99_ms']:.1f} ms", flush=True)  # fmt: skip
-                st = row["websocket_steady"] = websocket_steady(
-                    url, ckpt.name, row["sessions"], sz, sz["steady_s"]
+                st = row["websocket_steady"] = check_errors(
+                    websocket_steady(url, ckpt.name, row["sessions"], sz, sz["steady_s"]),
+                    "bench.server: websocket steady",
                 )
                 st["fraction_of_engine"] = st["tokens_per_s"] / row["engine"]["tokens_per_s"]
                 print(f"{row['sessions']:4d} sessions, steady: websocket {st['tokens_per_s']:9.0f} tok/s "
@@ -278,8 +307,13 @@ def run(quick: bool) -> dict[str, Any]:
             if GOAL_SESSIONS in sz["sessions"]:
                 runs = {
                     "engine": lambda: engine_rate(rec, GOAL_SESSIONS, sz),
-                    "burst": lambda: websocket_rate(url, ckpt.name, GOAL_SESSIONS, sz),
-                    "steady": lambda: websocket_steady(url, ckpt.name, GOAL_SESSIONS, sz, sz["steady_s"]),
+                    "burst": lambda: check_errors(
+                        websocket_rate(url, ckpt.name, GOAL_SESSIONS, sz), "bench.server: websocket"
+                    ),
+                    "steady": lambda: check_errors(
+                        websocket_steady(url, ckpt.name, GOAL_SESSIONS, sz, sz["steady_s"]),
+                        "bench.server: websocket steady",
+                    ),
                 }
                 for i in range(sz["goal_repeats"]):  # odd repeats in the reverse order (no position bias)
                     got = {name: runs[name]() for name in (runs if i % 2 == 0 else reversed(runs))}

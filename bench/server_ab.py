@@ -164,11 +164,14 @@ def measure(server, model: str, sessions: int, sz: dict, seconds: float, label: 
     st = websocket_steady(url, model, sessions, sz, seconds)
     cores = (cpu_seconds(proc.pid) - c0) / (time.perf_counter() - t0)
     tps = st["tokens_per_s"]
-    us = cores / tps * 1e6 if tps else None
-    print(f"{label}: {tps:9.0f} tok/s  server {cores:.2f} cores ({us or 0:.0f} µs/token)  "
-          f"TTFT p50 {st['ttft_p50_ms']:.0f} p99 {st['ttft_p99_ms']:.0f} ms", flush=True)  # fmt: skip
+    us = cores / tps * 1e6 if tps else None  # no tokens: no cost per token (None, not 0)
+    errs = f"  {st['errors']} ERROR FRAMES (first: {st['first_error']})" if st.get("errors") else ""
+    print(f"{label}: {tps:9.0f} tok/s  server {cores:.2f} cores ({'—' if us is None else f'{us:.0f}'} "
+          f"µs/token)  TTFT p50 {st['ttft_p50_ms']:.0f} p99 {st['ttft_p99_ms']:.0f} ms{errs}",
+          flush=True)  # fmt: skip
     return {"tokens_per_s": tps, "server_cores": cores, "server_cpu_us_per_token": us,
-            "ttft_p50_ms": st["ttft_p50_ms"], "ttft_p99_ms": st["ttft_p99_ms"]}  # fmt: skip
+            "ttft_p50_ms": st["ttft_p50_ms"], "ttft_p99_ms": st["ttft_p99_ms"],
+            "errors": st.get("errors", 0), "first_error": st.get("first_error")}  # fmt: skip
 
 
 def measure_audio(
@@ -202,6 +205,10 @@ def measure_audio(
     return got
 
 
+def _median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
 def summary(data: dict[str, Any]) -> dict[str, Any]:
     """Pair ratios (B ÷ A tokens/s, or samples/s for audio, pair by pair), each server's medians (rate,
     CPU per unit, latency p99) and the ratio of the medians."""
@@ -209,10 +216,16 @@ def summary(data: dict[str, Any]) -> dict[str, Any]:
     runs = {name: s["runs"] for name, s in data["servers"].items()}
     ratios = [rb[k["rate"]] / ra[k["rate"]] for ra, rb in zip(runs["A"], runs["B"]) if ra[k["rate"]]]
     med = {name: statistics.median(r[k["rate"]] for r in rs) for name, rs in runs.items()}
-    cpu = {name: statistics.median(r[k["cpu"]] or 0.0 for r in rs) for name, rs in runs.items()}
+    cpu = {name: _median([r[k["cpu"]] for r in rs if r[k["cpu"]] is not None]) for name, rs in runs.items()}
     p99 = {name: statistics.median(r[k["p99"]] for r in rs) for name, rs in runs.items()}
     firsts = [ra.get("started_first") for ra in runs["A"]][: len(ratios)]
+    errors = {name: sum(r.get("errors", 0) for r in rs) for name, rs in runs.items()}
+    first_error = next((f"{name}: {r['first_error']}" for name, rs in runs.items() for r in rs
+                        if r.get("errors")), None)  # fmt: skip
     return {
+        # error frames the servers answered (a refused request measures nothing: the run fails)
+        "errors": errors,
+        "first_error": first_error,
         "pair_ratios": ratios,
         "b_ahead": sum(r > 1 for r in ratios),
         # B ahead in how many of the pairs whose round started A first, and B first: [ahead, pairs]
@@ -235,7 +248,8 @@ def plot(data: dict[str, Any], quick: bool) -> None:
         label = f"{name}: {' '.join(f'{k}={v}' for k, v in s['env'].items()) or 'defaults'} ({s['commit']})"
         xs = range(len(s["runs"]))
         ax1.plot(xs, [r[k["rate"]] for r in s["runs"]], "o-", label=label)
-        ax2.plot(xs, [r[k["cpu"]] or 0 for r in s["runs"]], "o-", label=label)
+        ax2.plot(xs, [float("nan") if r[k["cpu"]] is None else r[k["cpu"]] for r in s["runs"]], "o-",
+                 label=label)  # fmt: skip
     what = (f"{data['sessions']} sessions, steady closed loop" if workload == "text"
             else f"{data['sessions']} audio streams of {data['seconds']:g} s")  # fmt: skip
     ax1.set(xlabel="pair", ylabel=f"{k['unit']}s/s received", title=what)
@@ -314,8 +328,19 @@ def main(argv=None) -> None:
                        checkpoint_dir=args.checkpoint, spread_ms=args.spread_ms)  # fmt: skip
         return True
 
-    bench_main(argv, __doc__, NAME, lambda quick: run(quick, **options), plot, arguments=arguments,
-               configure=configure)  # fmt: skip
+    got: dict[str, Any] = {}
+
+    def measured(quick: bool) -> dict[str, Any]:
+        got["data"] = run(quick, **options)
+        return got["data"]
+
+    bench_main(argv, __doc__, NAME, measured, plot, arguments=arguments, configure=configure)
+    s = got.get("data", {}).get("summary", {})
+    if any((s.get("errors") or {}).values()):  # (written and plotted first, to be looked at)
+        n = ", ".join(f"{name} {c}" for name, c in s["errors"].items())
+        raise SystemExit(
+            f"bench.server_ab: the servers answered error frames ({n}); first: {s['first_error']}"
+        )
 
 
 if __name__ == "__main__":

@@ -177,3 +177,25 @@ def test_the_cli_refuses_bad_options_before_starting_anything(capsys):
         with pytest.raises(SystemExit) as stop:
             server_ab.main(argv)
         assert said in str(stop.value), (argv, stop.value)
+
+
+def test_error_frames_are_counted_recorded_and_fail_the_run(tmp_path, monkeypatch):
+    """`--b S4_MAX_NEW_TOKENS=8`: every B request got a 422 error frame, read like "done": the run
+    printed B 0 tok/s, B ÷ A 0.000, wrote the JSON and exited 0."""
+    import json
+
+    import bench.common
+
+    monkeypatch.setattr(server_ab, "checkpoint", _tiny_checkpoint)
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        server_ab.main(["--quick", "--b", "S4_MAX_NEW_TOKENS=8", "--sessions", "2", "--seconds", "0.5"])
+    msg = str(stop.value.code)
+    assert "\n" not in msg and "error frames" in msg and "422" in msg and "B: 422" in msg, msg
+    data = json.loads((tmp_path / "quick" / "server_ab.json").read_text())
+    s = data["summary"]
+    assert s["errors"]["A"] == 0 and s["errors"]["B"] > 0 and s["first_error"].startswith("B: 422")
+    (a,), (b,) = data["servers"]["A"]["runs"], data["servers"]["B"]["runs"]
+    assert a["errors"] == 0 and a["tokens_per_s"] > 0 and a["server_cpu_us_per_token"] > 0
+    assert b["errors"] > 0 and b["tokens_per_s"] == 0 and b["server_cpu_us_per_token"] is None
+    assert s["median_server_cpu_us_per_token"]["B"] is None  # (was 0 µs/token)
