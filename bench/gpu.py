@@ -467,7 +467,9 @@ def resident_rate(rec, tok: torch.Tensor, state: torch.Tensor, seconds: float) -
 
 def ttft_under_load(rec, load: int, sz: dict, graphs: bool) -> dict[str, Any]:
     """`load` sessions decode (sampling, endless) while `trials` prompts of sz['prompt'] tokens arrive
-    one after another; each prompt's time to first token."""
+    one after another; each prompt's time to first token, and `graphs_captured`: whether the step ran
+    with CUDA graphs. With `graphs` and a capture that failed, only {"graphs_captured": False} (not run:
+    it would run eager under the graphs' label)."""
     from model.sampling import SamplingParams
     from server.config import Settings
     from server.engine import Engine, Job, Stream
@@ -477,7 +479,14 @@ def ttft_under_load(rec, load: int, sz: dict, graphs: bool) -> dict[str, Any]:
 
     settings = Settings(max_sessions=load + 2, max_batch_size=max(load + 1, 1), max_queued_requests=load + 8,
                         stream_buffer=256, cuda_graphs=graphs)  # fmt: skip
-    use_cuda_graphs(rec, settings, "bench") if graphs else rec.use_cuda_graphs(None)
+    if graphs:
+        # False when the capture failed (the model then serves eager): such a row would be labelled
+        # "graphs" while it ran without them; it is not measured
+        if not use_cuda_graphs(rec, settings, "bench"):
+            rec.use_cuda_graphs(None)
+            return {"graphs_captured": False}
+    else:
+        rec.use_cuda_graphs(None)
     engine = Engine("bench", rec, settings, SessionTable(), Metrics().for_model("bench"))
     engine.start()
     P = sz["prompt"]
@@ -523,8 +532,9 @@ def ttft_under_load(rec, load: int, sz: dict, graphs: bool) -> dict[str, Any]:
         for s in streams:
             s.cancel()
         await asyncio.wait_for(asyncio.gather(*tasks), WAIT_S)
-        return {"ttft_ms": [1e3 * x for x in ttfts], "ttft_p50_ms": 1e3 * statistics.median(ttfts),
-                "ttft_max_ms": 1e3 * max(ttfts), "load_tokens_per_s": decoded}  # fmt: skip
+        return {"graphs_captured": graphs, "ttft_ms": [1e3 * x for x in ttfts],
+                "ttft_p50_ms": 1e3 * statistics.median(ttfts), "ttft_max_ms": 1e3 * max(ttfts),
+                "load_tokens_per_s": decoded}  # fmt: skip
 
     try:
         return asyncio.run(run())
@@ -546,7 +556,11 @@ def bench_ttft(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, An
             if not budget.left():
                 out["skipped"].append(f"graphs={graphs} load {load}: time budget")
                 continue
-            out["rows"].append({"graphs": graphs, "load": load, **ttft_under_load(rec, load, sz, graphs)})
+            row = {"graphs": graphs, "load": load, **ttft_under_load(rec, load, sz, graphs)}
+            if graphs and not row["graphs_captured"]:
+                out["skipped"].append(f"graphs=True load {load}: the CUDA graphs' capture failed (eager)")
+                continue
+            out["rows"].append(row)
     return out
 
 

@@ -42,6 +42,26 @@ def test_bench_gpu_ttft_under_load_runs_on_cpu(rec, load):
     assert (out["load_tokens_per_s"] > 0) == (load > 0)
 
 
+def test_bench_gpu_ttft_rows_say_whether_the_graphs_were_captured(rec, monkeypatch, tmp_path):
+    """bench.gpu ignored use_cuda_graphs' answer (False: the capture failed, the model runs eager), so a
+    TTFT row could say "graphs": true of an eager run. A failed capture is now a skip note, not a row."""
+    import server.registry
+
+    sz = {"prompt": 12, "trials": 2, "loads": [0]}
+    assert gpu.ttft_under_load(rec, 0, sz, graphs=True) == {"graphs_captured": False}  # (CPU: refused)
+    monkeypatch.setattr(server.registry, "use_cuda_graphs", lambda rec, settings, name: True)
+    out = gpu.ttft_under_load(rec, 0, sz, graphs=True)
+    assert out["graphs_captured"] is True and len(out["ttft_ms"]) == 2
+    assert gpu.ttft_under_load(rec, 0, sz, graphs=False)["graphs_captured"] is False
+
+    monkeypatch.setattr(server.registry, "use_cuda_graphs", lambda rec, settings, name: False)
+    monkeypatch.setattr(gpu, "modes", lambda device: [False, True])  # as on CUDA
+    monkeypatch.setattr(gpu, "load_rec", lambda kind, device, dtype, tmp: (rec, "tiny"))
+    out = gpu.bench_ttft(sz, "cpu", gpu.Budget(600), tmp_path)
+    assert [(r["graphs"], r["graphs_captured"]) for r in out["rows"]] == [(False, False)]
+    assert out["skipped"] == ["graphs=True load 0: the CUDA graphs' capture failed (eager)"]
+
+
 def test_new_session_registers_a_busy_session_and_refuses_by_429_when_full(rec):
     settings = Settings(max_sessions=2, max_batch_size=2, max_queued_requests=4)
     table = SessionTable()
