@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, _git, bench_main, save_figure, subplots
+from bench.common import ROOT, _git, bench_main, ranged, save_figure, subplots
 
 NAME = "parse_stall"
 MODEL = "text-shakespeare"
@@ -168,7 +168,12 @@ def main(argv=None) -> None:
 
     def arguments(parser) -> None:
         parser.add_argument("--baseline-root", help="a checkout to run a second server from (A/B)")
-        parser.add_argument("--rounds", type=int, default=2, help="rounds (each measures every server)")
+        parser.add_argument(
+            "--rounds",
+            type=ranged(int, 1),
+            default=2,
+            help="rounds, ≥ 1 (each measures every server; default 2; --quick always runs 1)",
+        )
 
     def configure(args) -> bool:
         options.update(baseline_root=args.baseline_root, rounds=args.rounds)
