@@ -45,7 +45,7 @@ import httpx
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench.common import bench_main, save_figure, subplots  # noqa: E402
+from bench.common import bench_main, ranged, save_figure, subplots  # noqa: E402
 from bench.server import checkpoint  # noqa: E402
 from bench.tail_latency import long_text  # noqa: E402
 from model import load  # noqa: E402
@@ -180,6 +180,8 @@ def documents(quick: bool, n_docs: int | None = None, rounds: int | None = None)
     every chunk kept (A) against the default retention (B). See the module docstring."""
     d0, length, r0 = DOCUMENTS[quick]
     n_docs, rounds = n_docs or d0, rounds or r0
+    if rounds < 2:  # (the figure is the time to first token in the rounds after the first)
+        raise ValueError(f"documents need at least 2 rounds, got {rounds}")
     out: dict[str, Any] = {"documents": n_docs, "tokens": length, "rounds": rounds}
     with tempfile.TemporaryDirectory() as tmp:
         ckpt, what = checkpoint(quick, Path(tmp))
@@ -255,16 +257,16 @@ def main(argv=None) -> None:
     opts: dict[str, Any] = {}
 
     def arguments(p):
-        p.add_argument("--requests", type=int, default=None, help="alternated requests per length and server")
-        p.add_argument("--documents", type=int, default=None, help="documents asked in turn (12; quick 3)")
-        p.add_argument("--rounds", type=int, default=None, help="questions to each document (4; quick 2)")
+        p.add_argument("--requests", type=ranged(int, 1), default=None,
+                       help="alternated requests per length and server, ≥ 1")  # fmt: skip
+        p.add_argument("--documents", type=ranged(int, 1), default=None,
+                       help="documents asked in turn, ≥ 1 (12; quick 3)")  # fmt: skip
+        p.add_argument("--rounds", type=ranged(int, 2), default=None,
+                       help="questions to each document, ≥ 2: the figure is the rounds after the first "
+                       "(4; quick 2)")  # fmt: skip
 
     def configure(args) -> bool:
-        for flag in ("requests", "documents", "rounds"):
-            value = getattr(args, flag)
-            if value is not None and value < 1:
-                raise SystemExit(f"--{flag} must be ≥ 1")
-            opts[flag] = value
+        opts.update(requests=args.requests, documents=args.documents, rounds=args.rounds)
         return True
 
     def both(quick: bool) -> dict[str, Any]:

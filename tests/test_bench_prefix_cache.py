@@ -20,9 +20,28 @@ def test_a_quick_run_times_both_servers_and_the_cached_one_reports_its_whole_chu
         assert tog[w]["b_over_a"] == pytest.approx(tog[w]["median_ms"]["B"] / tog[w]["median_ms"]["A"])
 
 
-def test_the_cli_refuses_a_request_count_under_one():
-    with pytest.raises(SystemExit, match="--requests"):
-        prefix_cache.main(["--quick", "--requests", "0"])
+def _refused(argv, flag, capsys):
+    with pytest.raises(SystemExit) as stop:
+        prefix_cache.main(argv)
+    assert stop.value.code == 2  # an argparse error, before any server starts
+    assert ": error: argument " + flag in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_the_cli_refuses_a_request_count_under_one(capsys):
+    _refused(["--quick", "--requests", "0"], "--requests", capsys)
+
+
+def test_the_cli_refuses_a_single_round_before_any_work(capsys, monkeypatch):
+    """`--quick --rounds 1 --requests 1` ran the whole benchmark, then crashed printing the rounds after
+    the first (there were none: later_median_ms None)."""
+
+    def run(*a, **k):
+        raise AssertionError("the benchmark started")
+
+    monkeypatch.setattr(prefix_cache, "run", run)
+    _refused(["--quick", "--rounds", "1", "--requests", "1"], "--rounds", capsys)
+    with pytest.raises(ValueError, match="at least 2 rounds"):
+        prefix_cache.documents(True, rounds=1)
 
 
 def test_documents_in_a_short_budget_are_found_only_where_spare_rows_go_first():
@@ -38,6 +57,5 @@ def test_documents_in_a_short_budget_are_found_only_where_spare_rows_go_first():
 
 
 @pytest.mark.parametrize("flag", ["--documents", "--rounds"])
-def test_the_cli_refuses_document_and_round_counts_under_one(flag):
-    with pytest.raises(SystemExit, match=flag):
-        prefix_cache.main(["--quick", flag, "0"])
+def test_the_cli_refuses_document_and_round_counts_under_one(flag, capsys):
+    _refused(["--quick", flag, "0"], flag, capsys)
