@@ -49,6 +49,7 @@ from bench.common import (  # noqa: E402
     cpu_seconds,
     fmt,
     log2_axis,
+    ranged,
     read_results,
     results_dir,
     save_figure,
@@ -56,6 +57,7 @@ from bench.common import (  # noqa: E402
     write_results,
 )
 from server import launch  # noqa: E402
+from server.schemas import MAX_FRAME_MS, MIN_FRAME_MS  # noqa: E402
 
 NAME = "audio_streams"
 DEFAULT_CHECKPOINT = ROOT / "checkpoints" / "audio-digits-s4"
@@ -346,6 +348,22 @@ def plot(data: dict[str, Any], quick: bool, name: str = NAME) -> None:
     save_figure(fig, name, quick, title=f"Audio streams over WebSockets: {data['model']}")
 
 
+MAX_STREAMS = 1024  # (the server started here gets a session slot for each; far past real time on a CPU)
+
+
+def frame_ms_arg(text: str) -> int:
+    """--frame-ms: 0 (not sent) or MIN_FRAME_MS..MAX_FRAME_MS, the range the server takes (else 422)."""
+    try:
+        x = int(text)
+    except ValueError:
+        x = None
+    if x is None or (x != 0 and not MIN_FRAME_MS <= x <= MAX_FRAME_MS):
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (not sent) or {MIN_FRAME_MS}..{MAX_FRAME_MS}, got {text!r}"
+        )
+    return x
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog=f"python -m bench.{NAME}",
@@ -357,17 +375,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="an audio checkpoint folder"
     )
-    parser.add_argument("--streams", type=int, nargs="+", help="concurrent stream counts (default by mode)")
-    parser.add_argument("--seconds", type=float, help="seconds of audio per stream (default by mode)")
+    parser.add_argument("--streams", type=ranged(int, 1, MAX_STREAMS), nargs="+",
+                        help=f"concurrent stream counts, 1..{MAX_STREAMS} (default by mode)")  # fmt: skip
+    parser.add_argument("--seconds", type=ranged(float, 0, lo_open=True),
+                        help="seconds of audio per stream, > 0 and at most the server's S4_MAX_AUDIO_S "
+                        "(30 by default) (default by mode)")  # fmt: skip
     parser.add_argument(
-        "--frame-ms", type=int, help="frame_ms of each request (default 20; 0: do not send it)"
-    )
+        "--frame-ms", type=frame_ms_arg,
+        help=f"frame_ms of each request, {MIN_FRAME_MS}..{MAX_FRAME_MS} as the server takes (default 20; 0: "
+        "do not send it)",
+    )  # fmt: skip
     parser.add_argument(
-        "--spread-ms", type=float, default=0.0,
+        "--spread-ms", type=ranged(float, 0), default=0.0,
         help="each stream starts a seeded random delay in [0, this) after all are bound (streams that "
         "arrive at any time; default 0: together)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.seconds is not None and not args.replot:
+        from server.config import Settings
+
+        limit = Settings().max_audio_s  # (the servers started here read the same environment)
+        if args.seconds > limit:
+            parser.error(f"argument --seconds: the server takes at most {limit:g} s (S4_MAX_AUDIO_S)")
     # another checkpoint's figures go beside the default one's, not over them
     name = (
         NAME
@@ -381,7 +410,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         sz = SIZES[args.quick]
         frame_ms = sz["frame_ms"] if args.frame_ms is None else (args.frame_ms or None)
-        streams, seconds = args.streams or sz["streams"], args.seconds or sz["seconds"]
+        streams = args.streams or sz["streams"]
+        seconds = sz["seconds"] if args.seconds is None else args.seconds
         result = run(args.quick, args.checkpoint, streams, seconds, frame_ms, args.spread_ms)
         data = write_results(name, result, args.quick)
     plot(data, args.quick, name)

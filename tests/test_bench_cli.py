@@ -35,3 +35,55 @@ def test_parse_stall_help_says_quick_runs_one_round(capsys):
     with pytest.raises(SystemExit):
         parse_stall.main(["--help"])
     assert "--quick always runs 1" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--streams", "0"),
+        ("--streams", "-1"),
+        ("--seconds", "-1"),
+        ("--seconds", "0"),
+        ("--seconds", "31"),  # (over the server's S4_MAX_AUDIO_S, 30 s by default: a 422)
+        ("--frame-ms", "-5"),
+        ("--frame-ms", "4"),
+        ("--frame-ms", "201"),
+        ("--spread-ms", "-1"),
+    ],
+)
+def test_audio_streams_refuses_what_the_server_would_refuse_before_starting_it(
+    flag, value, monkeypatch, capsys
+):
+    """`--streams 0` waited 10 s, then a RuntimeError; `--seconds -1` and `--frame-ms -5` were 422
+    tracebacks; `--seconds 0` silently became the default."""
+    from bench import audio_streams
+
+    def run(*a, **k):
+        raise AssertionError("the benchmark started")
+
+    monkeypatch.delenv("S4_MAX_AUDIO_S", raising=False)
+    monkeypatch.setattr(audio_streams, "run", run)
+    _refused(audio_streams.main, [flag, value], flag, capsys)
+
+
+def test_audio_streams_takes_frame_ms_zero_and_the_server_range(monkeypatch):
+    from bench import audio_streams
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def run(quick, checkpoint, streams, seconds, frame_ms, spread_ms=0.0):
+        seen.append((streams, seconds, frame_ms))
+        raise Stop
+
+    monkeypatch.setattr(audio_streams, "run", run)
+    for argv in (
+        ["--frame-ms", "0"],
+        ["--frame-ms", "5"],
+        ["--frame-ms", "200", "--streams", "2", "--seconds", "0.5"],
+    ):
+        with pytest.raises(Stop):
+            audio_streams.main(["--quick", *argv])
+    assert [s[2] for s in seen] == [None, 5, 200] and seen[2][:2] == ([2], 0.5)
