@@ -447,14 +447,18 @@ def bench_main(
     child: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     arguments: Callable[[argparse.ArgumentParser], None] | None = None,
     configure: Callable[[argparse.Namespace], bool] | None = None,
+    prog: str | None = None,
 ) -> None:
     """The CLI shared by the benchmarks: `[--quick] [--replot]`, or `--child SPEC` for a child process.
     `arguments(parser)` adds a benchmark's own options (so --help lists them); `configure(args)` reads them
-    before a run and returns False to skip it (having said why)."""
+    before a run and returns False to skip it (having said why). `name` names the results (NAME.json);
+    `prog` the command in --help when it differs (default python -m bench.NAME)."""
     if child is not None and child_main(argv, child):
         return
     parser = argparse.ArgumentParser(
-        prog=f"python -m bench.{name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog or f"python -m bench.{name}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test), to results/quick/")
     parser.add_argument("--replot", action="store_true", help="redraw the PNG from the existing JSON only")

@@ -22,11 +22,15 @@ pair's B ÷ A, the medians of each server's runs and their ratio, and how many p
 
     python -m bench.server_ab [--quick] [--a ENV ...] [--b ENV ...] [--a-root DIR] [--b-root DIR]
                               [--pairs N] [--rounds N] [--sessions N] [--seconds S]
-                              [--workload text|audio] [--checkpoint DIR] [--spread-ms MS]
+                              [--workload text|audio] [--checkpoint DIR] [--spread-ms MS] [--name NAME]
+
+Results: bench/results/server_ab.json and .png, or NAME.json and .png with `--name NAME` (a comparison
+kept beside the others: docs/performance.md cites each by its name).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import re
@@ -58,6 +62,7 @@ KEYS = {
               "unit": "sample"},
 }  # fmt: skip
 ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]*")
+RESULT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def parse_env(assignments: list[str] | None) -> dict[str, str]:
@@ -240,7 +245,7 @@ def summary(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def plot(data: dict[str, Any], quick: bool) -> None:
+def plot(data: dict[str, Any], quick: bool, results: str = NAME) -> None:
     workload = data.get("workload", "text")
     k = KEYS[workload]
     fig, (ax1, ax2) = subplots(2, width=11, height=4.5)
@@ -259,13 +264,30 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     s = data["summary"]
     title = (f"Two servers side by side: B ÷ A {s['ratio_of_medians']:.3f} (ratio of medians), B ahead in "
              f"{s['b_ahead']} of {len(s['pair_ratios'])} pairs; {data['model']}")  # fmt: skip
-    save_figure(fig, NAME, quick, title=title)
+    save_figure(fig, results, quick, title=title)
+
+
+def result_name(text: str) -> str:
+    """--name: the results' file name (NAME.json, NAME.png): letters, digits, '.', '_', '-'."""
+    if not RESULT_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a file name of letters, digits, '.', '_' and '-'")
+    return text
 
 
 def main(argv=None) -> None:
     options: dict[str, Any] = {}
+    # the results' name is needed before bench_main's parser runs (it names the JSON and the PNG)
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--name", type=result_name, default=NAME)
+    known, _ = early.parse_known_args(argv)
+    name = known.name
 
     def arguments(parser) -> None:
+        parser.add_argument(
+            "--name", type=result_name, default=NAME,
+            help=f"the results' name: bench/results/NAME.json and .png (default {NAME}; a comparison "
+            "kept beside others gets its own, e.g. server_ab-prefix-cache)",
+        )  # fmt: skip
         parser.add_argument(
             "--a", nargs="*", metavar="NAME=VALUE", help="server A's environment (S4_* settings)"
         )
@@ -334,7 +356,8 @@ def main(argv=None) -> None:
         got["data"] = run(quick, **options)
         return got["data"]
 
-    bench_main(argv, __doc__, NAME, measured, plot, arguments=arguments, configure=configure)
+    bench_main(argv, __doc__, name, measured, lambda data, quick: plot(data, quick, name),
+               arguments=arguments, configure=configure, prog=f"python -m bench.{NAME}")  # fmt: skip
     s = got.get("data", {}).get("summary", {})
     if any((s.get("errors") or {}).values()):  # (written and plotted first, to be looked at)
         n = ", ".join(f"{name} {c}" for name, c in s["errors"].items())

@@ -199,3 +199,44 @@ def test_error_frames_are_counted_recorded_and_fail_the_run(tmp_path, monkeypatc
     assert a["errors"] == 0 and a["tokens_per_s"] > 0 and a["server_cpu_us_per_token"] > 0
     assert b["errors"] > 0 and b["tokens_per_s"] == 0 and b["server_cpu_us_per_token"] is None
     assert s["median_server_cpu_us_per_token"]["B"] is None  # (was 0 µs/token)
+
+
+def test_name_picks_the_results_file_and_replot_reads_it(tmp_path, monkeypatch, capsys):
+    """server_ab always wrote server_ab.json, whatever it compared: docs/performance.md cites the files of
+    two comparisons under names they got by hand. `--name` writes (and --replot reads) NAME.json, .png."""
+    import bench.common
+
+    def run(quick, **options):
+        runs = [{"tokens_per_s": 100.0, "server_cpu_us_per_token": 50.0, "ttft_p99_ms": 9.0, "errors": 0}]
+        data = {"workload": "text", "sessions": 2, "seconds": 0.5, "model": "stub",
+                "servers": {k: {"env": {}, "commit": "x", "runs": runs} for k in "AB"}}  # fmt: skip
+        return {**data, "summary": server_ab.summary(data)}
+
+    monkeypatch.setattr(server_ab, "run", run)
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    server_ab.main(["--quick", "--name", "server_ab-mine"])
+    assert sorted(p.name for p in (tmp_path / "quick").iterdir()) == [
+        "server_ab-mine.json",
+        "server_ab-mine.png",
+    ]
+    (tmp_path / "quick" / "server_ab-mine.png").unlink()
+    server_ab.main(["--quick", "--replot", "--name", "server_ab-mine"])
+    assert (tmp_path / "quick" / "server_ab-mine.png").exists()
+    with pytest.raises(SystemExit) as stop:
+        server_ab.main(["--quick", "--name", "../elsewhere"])
+    assert stop.value.code == 2 and "--name" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_the_documented_comparisons_name_the_files_they_cite():
+    """Each `python -m bench.server_ab … --name NAME` in docs/performance.md is followed by the results
+    file it cites, and that file is committed."""
+    import re
+
+    text = (ROOT / "docs" / "performance.md").read_text()
+    for cited in ("server_ab-prefix-cache", "server_ab-sashimi-phases-16"):
+        at = text.index(f"`bench/results/{cited}.json`")
+        commands = re.findall(
+            r"python -m bench\.server_ab[^`]*?(?:--name ([A-Za-z0-9_.-]+))", text[:at].replace("\\\n", "")
+        )
+        assert commands and commands[-1] == cited, (cited, commands[-1:])
+        assert (ROOT / "bench" / "results" / f"{cited}.json").exists()
