@@ -370,7 +370,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--lengths", type=int, nargs="+", help="lengths (default 2048 16384, --quick 200 1000)")
     p.add_argument("--batches", type=int, nargs="+", help="batch sizes (default 1 8; --quick 1 2)")
-    p.add_argument("--reps", type=int, help="repetitions, best taken (default 3; --quick 2)")
+    p.add_argument("--reps", type=int,
+                   help="repetitions, alternated; the median is taken (default 3; --quick 2)")  # fmt: skip
     p.add_argument("--step-max-tokens", type=int, default=16384, help="step only prompts of ≤ this L·B")
     p.add_argument("--quick", action="store_true",
                    help="short defaults (--contention, --crossover too), to results/quick/")  # fmt: skip
