@@ -9,7 +9,9 @@ alternate `--reps` times (this machine is shared and noisy: medians of interleav
 The baseline is `model/recurrent.py` at BASELINE_REV (the parent of the blocked prefill), read with
 `git show` and imported beside this tree's; it is skipped when git or that revision is unavailable.
 
-Run (each configuration ~10-60 s on a 2-core CPU; `--append` adds rows to the JSON):
+Run (each configuration ~10-60 s on a 2-core CPU; `--append` adds rows to the JSON; each row's "run"
+indexes "machine_by_run", the machine of the run that measured it; --contention, --crossover and
+--vs-transformer keep theirs in their section; the top-level "machine" is the last write's):
     nice -n 10 python -m bench.prefill --lengths 256 2048 --batches 1 8 --reps 3
     nice -n 10 python -m bench.prefill --lengths 16384 --batches 1 --reps 2 --append
     nice -n 10 python -m bench.prefill --lengths 16384 --batches 8 --reps 2 --no-baseline --append
@@ -407,14 +409,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if k == "vs_transformer" and "vs_transformer" in data:  # keep the earlier runs (the last 5)
                     data["vs_transformer_earlier"] = [*data.get("vs_transformer_earlier", []), data[k]][-5:]
                 data[k] = extra[k]()
+            info = machine_info()  # each section keeps the machine of the run that measured it
+            for k in chosen:
+                data[k] = {**data[k], "machine": data[k].get("machine", info)}
             kept = {k: v for k, v in data.items() if k not in ("benchmark", "quick", "machine")}
             data = write_results(NAME, kept, args.quick)
         else:
             baseline = not args.no_baseline
             results = measure(args.lengths, args.batches, args.reps, args.step_max_tokens, baseline)
             old = read_results(NAME, args.quick) if args.append else None
+            # one machine block per run (the top-level "machine" is the last write's): each row names
+            # its run, an index into machine_by_run. A file from before has one block, its "machine",
+            # which its rows are given (what it said of them).
+            runs = [] if old is None else list(old.get("machine_by_run") or [old["machine"]])
+            runs.append(machine_info())
+            rows = [{**r, "run": len(runs) - 1} for r in results["rows"]]
+            results["rows"] = rows if old is None else [{"run": 0, **r} for r in old["rows"]] + rows
+            results["machine_by_run"] = runs
             if old is not None:
-                results["rows"] = old["rows"] + results["rows"]
                 results["load_average_before"] = [old["load_average_before"], results["load_average_before"]]
                 results.update({k: old[k] for k in extra if k in old})
             data = write_results(NAME, results, args.quick)

@@ -12,3 +12,65 @@ def test_help_says_the_median_of_the_reps_is_taken(capsys):
         prefill.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "the median is taken" in text and "best taken" not in text
+
+
+def test_appended_runs_keep_their_own_machine_and_the_committed_file_still_replots(tmp_path, monkeypatch):
+    """`--append` re-stamped the whole JSON's `machine` with the latest run's, so rows measured on
+    another day (another load, another commit) claimed its machine. Each row now names its run in
+    machine_by_run; a section (--contention, …) keeps its own; a file from before is read as it was."""
+    import json
+
+    import bench.common
+
+    machine = {"id": "m1"}
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench.common, "machine_info", lambda: dict(machine))
+    monkeypatch.setattr(prefill, "machine_info", lambda: dict(machine))
+    monkeypatch.setattr(prefill, "plot", lambda data, quick: None)
+    monkeypatch.setattr(
+        prefill,
+        "measure",
+        lambda lengths, batches, reps, step_max, baseline: {
+            "rows": [{"length": n, "batch": b} for n in lengths for b in batches],
+            "load_average_before": [0.5, 0.5, 0.5],
+        },
+    )
+    monkeypatch.setattr(prefill, "contention", lambda *a: {"rounds": []})
+    path = tmp_path / "quick" / "prefill.json"
+    path.parent.mkdir()
+    old = {"benchmark": "prefill", "quick": True, "machine": {"id": "old"},
+           "rows": [{"length": 1, "batch": 1}], "load_average_before": [1.0, 1.0, 1.0],
+           "crossover": {"rows": []}}  # fmt: skip
+    path.write_text(json.dumps(old))
+
+    quick = ["--quick", "--no-baseline", "--batches", "1"]
+    prefill.main([*quick, "--append", "--lengths", "8"])
+    data = json.loads(path.read_text())
+    assert [(r["length"], r["run"]) for r in data["rows"]] == [(1, 0), (8, 1)]
+    assert data["machine_by_run"] == [{"id": "old"}, {"id": "m1"}] and data["crossover"] == {"rows": []}
+
+    machine = {"id": "m2"}
+    prefill.main(["--quick", "--contention"])
+    data = json.loads(path.read_text())
+    assert data["contention"]["machine"] == {"id": "m2"}
+    assert data["machine_by_run"] == [{"id": "old"}, {"id": "m1"}] and len(data["rows"]) == 2
+
+    machine = {"id": "m3"}
+    prefill.main([*quick, "--append", "--lengths", "16"])
+    data = json.loads(path.read_text())
+    assert [(r["length"], r["run"]) for r in data["rows"]] == [(1, 0), (8, 1), (16, 2)]
+    assert [m["id"] for m in data["machine_by_run"]] == ["old", "m1", "m3"]
+    assert data["contention"]["machine"] == {"id": "m2"} and data["machine"] == {"id": "m3"}
+
+    prefill.main([*quick, "--lengths", "4"])  # a fresh file: one run
+    data = json.loads(path.read_text())
+    assert data["rows"] == [{"length": 4, "batch": 1, "run": 0}] and data["machine_by_run"] == [{"id": "m3"}]
+
+
+def test_the_committed_results_still_replot(tmp_path, monkeypatch):
+    import bench.common
+
+    committed = bench.common.read_results("prefill")
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    prefill.plot(committed, True)
+    assert (tmp_path / "quick" / "prefill.png").stat().st_size > 0
