@@ -77,21 +77,31 @@ def beside(code: str | None, settle_s: float) -> Iterator[None]:
             hog.wait()
 
 
+class Samples(list):
+    """A list of seconds per call; `warmup_timed` is True when the only sample is the first (warm-up)
+    call, kept because it alone exceeded the time budget: record it beside the figure (a JSON that says
+    the warm-up is excluded is then wrong for that row)."""
+
+    warmup_timed: bool = False
+
+
 def time_samples(
     fn: Callable[[], object], warmup: int = 1, repeat: int = 5, max_seconds: float | None = None
-) -> list[float]:
+) -> Samples:
     """Wall-clock seconds of `repeat` calls of fn after `warmup` calls (time.perf_counter).
 
     With `max_seconds`, stops once the timed calls have used that budget (at least one timed call);
     if the first warmup call alone exceeds the budget, that call is the single sample (a call that slow
-    is dominated by the work, not by one-time costs)."""
+    is dominated by the work, not by one-time costs) and the result's `warmup_timed` is True."""
     for i in range(warmup):
         t0 = time.perf_counter()
         fn()
         first = time.perf_counter() - t0
         if i == 0 and max_seconds is not None and first > max_seconds:
-            return [first]
-    samples: list[float] = []
+            only = Samples([first])
+            only.warmup_timed = True
+            return only
+    samples = Samples()
     spent = 0.0
     for _ in range(max(1, repeat)):
         t0 = time.perf_counter()

@@ -148,8 +148,10 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     fn = _work(spec["method"], spec["mode"], spec["H"], spec["N"], spec["L"])
     with PeakMemory() as mem:
         samples = time_samples(fn, spec["warmup"], spec["repeat"], spec["max_seconds"])
+    warmup_timed = samples.warmup_timed  # (the single sample is the warm-up call: over max_seconds)
     samples.sort()
-    return {"time_s": samples[len(samples) // 2], "samples_s": samples, **mem.as_dict()}
+    return {"time_s": samples[len(samples) // 2], "samples_s": list(samples), "warmup_timed": warmup_timed,
+            **mem.as_dict()}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

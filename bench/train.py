@@ -74,11 +74,13 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         samples = time_samples(
             lambda: losses.append(step()), spec["warmup"], spec["repeat"], spec["max_seconds"]
         )
+    warmup_timed = samples.warmup_timed  # (the single sample is the warm-up call: over max_seconds)
     samples.sort()
     t = samples[len(samples) // 2]
     return {
         "time_s": t,
-        "samples_s": samples,
+        "samples_s": list(samples),
+        "warmup_timed": warmup_timed,
         "tokens_per_s": spec["batch"] * spec["L"] / t,
         "loss": losses[-1],
         **mem.as_dict(),

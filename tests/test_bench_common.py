@@ -1,0 +1,32 @@
+"""bench.common's timing and machine record: what a results JSON says of how its figures were taken."""
+
+import json
+import time
+
+from bench import common, kernel
+
+
+def test_a_warm_up_call_over_the_budget_is_the_sample_and_says_so():
+    """time_samples returned the warm-up call as the only sample when it alone exceeded max_seconds,
+    while the JSON said the warm-up is excluded: the rows now carry warmup_timed."""
+    slow = common.time_samples(lambda: time.sleep(0.02), warmup=1, repeat=3, max_seconds=0.01)
+    assert len(slow) == 1 and slow[0] >= 0.02 and slow.warmup_timed is True
+    fast = common.time_samples(lambda: None, warmup=1, repeat=3, max_seconds=10.0)
+    assert len(fast) == 3 and fast.warmup_timed is False
+    assert common.time_samples(lambda: None, warmup=0, repeat=2).warmup_timed is False
+
+    spec = {"method": "s4-torch", "mode": "fwd", "H": 2, "N": 4, "L": 16, "warmup": 1, "repeat": 2}
+    assert kernel.child({**spec, "max_seconds": 0.0})["warmup_timed"] is True
+    row = kernel.child({**spec, "max_seconds": 60.0})
+    assert row["warmup_timed"] is False and len(row["samples_s"]) == 2
+
+
+def test_the_committed_kernel_rows_timed_by_their_warm_up_are_marked():
+    """The two rows whose single sample took longer than the budget (dense fwd N = 512, dense fwd+bwd
+    N = 256) were measured by their warm-up call; they say so, and no other row does."""
+    data = json.loads((common.RESULTS / "kernel.json").read_text())
+    budget = data["sizes"]["max_seconds"]
+    marked = {(r["method"], r["mode"], r["N"]) for r in data["results"] if r.get("warmup_timed")}
+    over = {(r["method"], r["mode"], r["N"]) for r in data["results"]
+            if len(r.get("samples_s", [])) == 1 and r["samples_s"][0] > budget}  # fmt: skip
+    assert marked == over == {("dense", "fwd", 512), ("dense", "fwd+bwd", 256)}
