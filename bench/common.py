@@ -303,12 +303,21 @@ def cpu_isa() -> list[str]:
     return [f for f in ISA_FLAGS if f in flags]
 
 
+RESULT_FOLDERS_EXCLUDED = (":(exclude)bench/results", ":(exclude)loadtest/results")
+
+
 def machine_info() -> dict[str, Any]:
+    """The machine, the versions and the checkout a figure was taken on: `git_commit`, and whether the
+    tracked files differ from it (`tree_modified`: anywhere but the results folders; `model_dir_modified`:
+    model/ only, tracked or not, the older field)."""
     try:  # the version without importing pykeops (which probes for CUDA)
         keops_version: str | None = importlib.metadata.version("pykeops")
     except importlib.metadata.PackageNotFoundError:
         keops_version = None
     dirty = _git("status", "--porcelain", "--", "model")
+    # any tracked file changed since the commit (model/ is not the only code a figure depends on:
+    # server/, bench/ itself), the results folders aside (a run of several benchmarks writes them)
+    tree = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *RESULT_FOLDERS_EXCLUDED)
     return {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "platform": platform.platform(),
@@ -324,6 +333,7 @@ def machine_info() -> dict[str, Any]:
         "pykeops": keops_version,
         "git_commit": _git("rev-parse", "HEAD"),
         "model_dir_modified": bool(dirty) if dirty is not None else None,
+        "tree_modified": bool(tree) if tree is not None else None,
     }
 
 

@@ -368,7 +368,9 @@ def summary(quick: bool, status: dict[str, str] | None = None) -> str:
         lines += [*section(d), "", f"_{name}: {d['machine']['date']}_", ""]
     if machine:
         mc = machine
-        commit = str(mc["git_commit"])[:10] + (" (model/ modified)" if mc.get("model_dir_modified") else "")
+        modified = (" (tracked files modified)" if mc.get("tree_modified")
+                    else " (model/ modified)" if mc.get("model_dir_modified") else "")  # fmt: skip
+        commit = str(mc["git_commit"])[:10] + modified
         lines[1:1] = [
             f"Machine: {mc['cpu']}, {mc['cpu_count']} CPUs ({mc['torch_threads']} torch threads), "
             f"torch {mc['torch']}, pykeops {mc['pykeops']}, commit {commit}",

@@ -30,3 +30,34 @@ def test_the_committed_kernel_rows_timed_by_their_warm_up_are_marked():
     over = {(r["method"], r["mode"], r["N"]) for r in data["results"]
             if len(r.get("samples_s", [])) == 1 and r["samples_s"][0] > budget}  # fmt: skip
     assert marked == over == {("dense", "fwd", 512), ("dense", "fwd+bwd", 256)}
+
+
+def test_the_machine_record_says_when_any_tracked_file_differs_from_the_commit(tmp_path, monkeypatch):
+    """machine.model_dir_modified looked at model/ only: a figure taken with server/ or bench/ edited
+    said the tree was clean. tree_modified covers every tracked file but the results folders."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    for path in ("model/a.py", "server/b.py", "bench/results/c.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+
+    def flags():
+        m = common.machine_info()
+        return m["tree_modified"], m["model_dir_modified"]
+
+    assert flags() == (False, False)
+    (tmp_path / "bench/results/c.json").write_text("x = 2\n")  # a benchmark's own output
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert flags() == (False, False)
+    (tmp_path / "server/b.py").write_text("x = 2\n")
+    assert flags() == (True, False)
+    (tmp_path / "model/a.py").write_text("x = 2\n")
+    assert flags() == (True, True)
