@@ -110,6 +110,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--sweep", nargs="*", default=[], help="sweep run folders (globs allowed)")
     ap.add_argument("--nanogpt", help="the nanoGPT baby-GPT check run folder")
     args = ap.parse_args(argv)
+    how = "runs/ is not in the repository: bench/baselines/shakespeare-sweep.sh makes the runs"
+
+    def finished(flag: str, folder: str) -> None:
+        missing = [f for f in ("config.json", "log.jsonl") if not (Path(folder) / f).is_file()]
+        if missing:
+            ap.error(f"argument {flag}: {folder} is not a training run (no {' or '.join(missing)}); {how}")
+
+    finished("--s4", args.s4)
+    finished("--transformer", args.transformer)
+    if args.nanogpt:
+        finished("--nanogpt", args.nanogpt)
+    for pat in args.sweep:
+        if not glob.glob(pat):
+            ap.error(f"argument --sweep: {pat!r} matches no run folder; {how}")
+        for p in sorted(glob.glob(pat)):
+            finished("--sweep", p)
     s4, tf = read_run(args.s4), read_run(args.transformer)
     sweep = [sweep_row(read_run(p)) for pat in args.sweep for p in sorted(glob.glob(pat))]
     out: dict[str, Any] = {

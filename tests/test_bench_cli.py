@@ -87,3 +87,33 @@ def test_audio_streams_takes_frame_ms_zero_and_the_server_range(monkeypatch):
         with pytest.raises(Stop):
             audio_streams.main(["--quick", *argv])
     assert [s[2] for s in seen] == [None, 5, 200] and seen[2][:2] == ([2], 0.5)
+
+
+def test_text_baseline_without_its_runs_says_how_they_are_made(tmp_path, monkeypatch, capsys):
+    """The README's `bench.text_baseline --s4 runs/…` on a fresh clone (runs/ is not in the repository)
+    was a FileNotFoundError traceback."""
+    from bench import text_baseline
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--s4", "runs/text-shakespeare", "--transformer", "runs/transformer-shakespeare"]
+    _refused(text_baseline.main, argv, "--s4", capsys)
+    s4 = tmp_path / "runs" / "text-shakespeare"
+    s4.mkdir(parents=True)
+    (s4 / "config.json").write_text("{}")
+    (s4 / "log.jsonl").write_text("")
+    _refused(text_baseline.main, argv, "--transformer", capsys)
+    _refused(
+        text_baseline.main,
+        [*argv[:2], "--transformer", str(s4), "--sweep", "runs/pilot-*"],
+        "--sweep",
+        capsys,
+    )
+
+
+def test_text_baseline_errors_name_the_script_that_makes_the_runs(capsys):
+    from bench import text_baseline
+
+    with pytest.raises(SystemExit):
+        text_baseline.main(["--s4", "runs/nowhere", "--transformer", "runs/nowhere"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "runs/nowhere" in line and "bench/baselines/shakespeare-sweep.sh" in line
