@@ -588,7 +588,7 @@ def run(quick: bool, device: str = "cuda") -> dict[str, Any]:
             # written after each section too (bench_main writes the whole at the end): a run stopped from
             # outside (scripts/gpu-check's limit) keeps the sections it finished
             done = ", ".join(k for k in SECTIONS if k in data)
-            write_results(NAME, {**data, "partial": f"sections done: {done}"}, quick)
+            write_results(results_name(device), {**data, "partial": f"sections done: {done}"}, quick)
     data["wall_s"] = time.perf_counter() - t0
     return data
 
@@ -655,20 +655,27 @@ def plot(data: dict[str, Any], quick: bool) -> None:
         if a.get_legend_handles_labels()[0]:
             a.legend(fontsize=7)
     name = data.get("gpu", {}).get("name", data["device"])
-    save_figure(fig, NAME, quick, title=f"bench.gpu on {name}")
+    save_figure(fig, results_name(data["device"]), quick, title=f"bench.gpu on {name}")
+
+
+def results_name(device: str) -> str:
+    """gpu (bench/results/gpu.json, .png) on CUDA; gpu-cpu with --device-cpu (it wrote its CPU figures
+    over the committed GPU results)."""
+    return NAME if device == "cuda" else f"{NAME}-{device}"
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
     device = "cuda"
-    if "--device-cpu" in argv:  # developers only: the whole bench on CPU, without the captures
+    if "--device-cpu" in argv:  # developers only: the whole bench on CPU, without the captures (gpu-cpu.json)
         argv.remove("--device-cpu")
         device = "cpu"
     asks_help = any(a in ("-h", "--help") for a in argv)
     if device == "cuda" and "--replot" not in argv and not asks_help and not torch.cuda.is_available():
         print(NO_CUDA.format(v=torch.__version__), file=sys.stderr)
         raise SystemExit(1)
-    bench_main(argv, __doc__, NAME, lambda quick: run(quick, device), plot)
+    bench_main(argv, __doc__, results_name(device), lambda quick: run(quick, device), plot,
+               prog=f"python -m bench.{NAME}")  # fmt: skip
     if ERRORS:
         raise SystemExit(f"bench.gpu: {len(ERRORS)} section(s) failed (in the JSON): {'; '.join(ERRORS)}")
 

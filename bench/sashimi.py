@@ -415,9 +415,10 @@ def main(argv=None) -> None:
     args = sys.argv[1:] if argv is None else argv
 
     def arguments(parser) -> None:
-        parser.add_argument("--unet", action="store_true", help="the U-Net comparison (sashimi_unet.json)")
-        parser.add_argument("--phases", action="store_true",
-                            help="rows at one phase vs every phase (sashimi_phases.json)")  # fmt: skip
+        which = parser.add_mutually_exclusive_group()  # (each is its own benchmark: one at a time)
+        which.add_argument("--unet", action="store_true", help="the U-Net comparison (sashimi_unet.json)")
+        which.add_argument("--phases", action="store_true",
+                           help="rows at one phase vs every phase (sashimi_phases.json)")  # fmt: skip
 
     if "--unet" in args:
         bench_main(argv, __doc__, UNET_NAME, run_unet, plot_unet, arguments=arguments)

@@ -117,3 +117,30 @@ def test_text_baseline_errors_name_the_script_that_makes_the_runs(capsys):
         text_baseline.main(["--s4", "runs/nowhere", "--transformer", "runs/nowhere"])
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "runs/nowhere" in line and "bench/baselines/shakespeare-sweep.sh" in line
+
+
+def test_gpu_on_the_cpu_writes_gpu_cpu_json_not_the_committed_gpu_results(tmp_path, monkeypatch):
+    """`python -m bench.gpu --device-cpu` wrote its CPU figures over the committed H200 gpu.json."""
+    import bench.common
+    from bench import gpu
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    for section in ("bench_audio", "bench_step", "bench_ttft"):
+        monkeypatch.setattr(gpu, section, lambda sz, device, budget, tmp: {"rows": []})
+    plotted = []
+    monkeypatch.setattr(gpu, "plot", lambda data, quick: plotted.append(data["device"]))
+    gpu.main(["--device-cpu", "--quick"])
+    assert sorted(p.name for p in (tmp_path / "quick").iterdir()) == ["gpu-cpu.json"] and plotted == ["cpu"]
+    assert gpu.results_name("cpu") == "gpu-cpu" and gpu.results_name("cuda") == "gpu"
+
+
+def test_sashimi_refuses_unet_with_phases(monkeypatch, capsys):
+    """`bench.sashimi --unet --phases` ran only --unet, silently."""
+    from bench import sashimi
+
+    def started(*a, **k):
+        raise AssertionError("a benchmark started")
+
+    for fn in ("run", "run_unet", "run_phases"):
+        monkeypatch.setattr(sashimi, fn, started)
+    _refused(sashimi.main, ["--quick", "--unet", "--phases"], "--phases", capsys)
