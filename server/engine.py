@@ -946,10 +946,13 @@ class Engine:
             return -j.passed_over, len(j.ingest) - j.offset, j.submitted
 
         # followers whose leader passed their common prefix, or stopped: a leader leaves `_prefilling` only
-        # ingested (its offset at its end) or cancelled (`undone`, above), so no search of the list per row
+        # ingested (its offset at its end) or cancelled (`undone`, above), so no search of the list per row;
+        # or ended: a kept session's turn whose client left as its prompt was ingested is taken back, and
+        # the rollback sets its offset to 0 (tokens to step again), so its follower waited forever while
+        # the engine spun, one decode step per block (a helper's audit)
         for job in list(self._prefilling):
             lead = job.following
-            if lead is not None and (lead.undone or lead.offset >= job.follow_to):
+            if lead is not None and (lead.undone or lead.ended or lead.offset >= job.follow_to):
                 self._resume(job)
         order = sorted((j for j in self._prefilling if j.following is None), key=priority)
         picked: list[tuple[Job, list[int]]] = []

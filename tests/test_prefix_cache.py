@@ -397,6 +397,43 @@ def test_sessions_created_with_one_prompt_at_once_follow_and_hold_the_state_of_o
     d.close()
 
 
+def test_a_follower_whose_leader_is_taken_back_after_its_prompt_goes_on(rec):
+    """The leader is a kept session's turn (a WebSocket's first); the follower, a one-shot of the same
+    prompt, waits for it. The leader ingests its last chunk, and its client goes away before the follower
+    looks again: the turn ends, and its rollback sets its offset to 0 (the tokens to step again) without
+    `undone`. The follower waited for `offset >= follow_to` or `undone`, so it waited forever, and the
+    engine spun (the stuck job kept it awake, one decode step per block: a helper's audit measured 1 core
+    busy on an idle server and decode 3× slower). Now a leader that has ended releases its followers: this
+    one starts from the leader's stored state and gets the tokens of an engine without the cache."""
+    p = prompt_of(2 * CHUNK + 10, 4)
+    cold = driver(rec, prefix_cache_mb=0)
+    want = generation(cold, p, seed=2, n=12)[0]
+    cold.close()
+    d = driver(rec)
+    kept = d.engine.new_session("kept", ephemeral=False)
+    lead = d.submit(Job(kept, list(p), fresh=True, stream=Stream(d.loop, d.settings.stream_buffer),
+                        params=SamplingParams(seed=1, temperature=1.0), max_new_tokens=4000))  # fmt: skip
+    follower = d.generate(p, 12, SamplingParams(seed=2, temperature=1.0))
+    d.paused.append(lead)  # (its client reads nothing)
+    ingested = d.engine._ingested
+
+    def client_leaves(job):  # right as the leader's prompt is in, within the engine's iteration
+        ingested(job)
+        if job is lead:
+            lead.stream.cancel()
+
+    d.engine._ingested = client_leaves
+    d.tick()
+    assert follower.following is lead
+    d.until(lambda: lead.stream.cancelled)  # its whole prompt is in, then its decode ended it
+    assert follower.following is lead
+    lead.stream.settle()  # handed nothing: the turn is taken back (before the follower looks again)
+    d.until(lambda: d.final(follower), limit=60)
+    assert d.out(follower) == want and d.final(follower).cached_tokens == len(p) - 1
+    d.until(lambda: not d.engine._prefilling and not d.engine._running, limit=60)
+    d.close()
+
+
 def test_a_cancelled_follower_ends_alone_and_a_cancelled_leaders_follower_goes_on_from_its_chunks(rec):
     """Three samples of one prompt: the first ingests it, two follow. One follower's client goes away:
     it ends "cancelled" while it waits. Then the leader's client goes away after 2 chunks: the follower
