@@ -31,16 +31,24 @@ def b64decode(data: str, param: str) -> bytes:
         raise invalid(param, f"{param} is not valid base64") from None
 
 
-def accepts(accept: str | None, media_type: str, any_type: bool = True) -> bool:
-    """Whether an Accept header takes `media_type` (type/subtype): no header takes anything; else one of
-    its media ranges, type/subtype, type/* or (with `any_type`) */*, with q > 0 (RFC 9110, 12.5.1;
-    parameters other than q are ignored). `Accept: audio/wav` takes audio/wav, not application/json;
-    any_type=False asks whether the header names the type itself (`*/*`, curl's, does not)."""
+def quality(accept: str | None, media_type: str, any_type: bool = True) -> float:
+    """The q (0 … 1) an Accept header gives `media_type` (type/subtype), RFC 9110 12.5.1: that of the most
+    specific media range matching it, type/subtype over type/* over (with `any_type`) */* (the largest
+    among equally specific ones); 0 when none matches. No header (or a blank one) gives 1 with
+    `any_type`, else 0. Parameters other than q are ignored; a q that is not a number in [0, 1] counts
+    as 0. any_type=False asks what the header gives the type itself (`*/*`, curl's, does not count)."""
     if accept is None or not accept.strip():
-        return any_type
-    ranges = {media_type, media_type.split("/", maxsplit=1)[0] + "/*"} | ({"*/*"} if any_type else set())
+        return 1.0 if any_type else 0.0
+    media_type = media_type.lower()
+    ranks = {media_type: 3, media_type.split("/", maxsplit=1)[0] + "/*": 2}
+    if any_type:
+        ranks["*/*"] = 1
+    best = (0, 0.0)  # (specificity, q)
     for item in accept.split(","):
         media_range, *params = (p.strip() for p in item.split(";"))
+        rank = ranks.get(media_range.lower())
+        if rank is None:
+            continue
         q = 1.0
         for p in params:
             name, _, value = p.partition("=")
@@ -49,9 +57,31 @@ def accepts(accept: str | None, media_type: str, any_type: bool = True) -> bool:
                     q = float(value)
                 except ValueError:
                     q = 0.0
-        if q > 0 and media_range.lower() in ranges:
-            return True
-    return False
+                q = q if 0 <= q <= 1 else 0.0  # (NaN too)
+        best = max(best, (rank, q))
+    return best[1]
+
+
+def accepts(accept: str | None, media_type: str, any_type: bool = True) -> bool:
+    """Whether an Accept header takes `media_type`: `quality` > 0 (no header takes anything).
+    `Accept: audio/wav` takes audio/wav, not application/json; `audio/wav;q=0, */*` does not take
+    audio/wav (its most specific range refuses it)."""
+    return quality(accept, media_type, any_type) > 0
+
+
+def audio_answer(accept: str | None) -> str | None:
+    """The answer a plain (not streamed) audio generation gives for an Accept header: "audio/wav" when
+    the header gives audio/wav (named, or audio/*: `*/*` does not count, so curl gets JSON) a higher q
+    than application/json, "application/json" when JSON's q is positive and at least WAV's (a tie is
+    JSON), else "audio/wav" when JSON's q is 0 and a `*/*` takes WAV, else None (a 406).
+    `application/json, audio/wav;q=0.1` → JSON; `audio/wav` or `audio/wav, */*;q=0.5` → WAV;
+    `application/json;q=0, */*` → WAV."""
+    wav, json_q = quality(accept, "audio/wav", any_type=False), quality(accept, "application/json")
+    if wav > json_q:
+        return "audio/wav"
+    if json_q > 0:
+        return "application/json"
+    return "audio/wav" if quality(accept, "audio/wav") > 0 else None
 
 
 def text_ids(

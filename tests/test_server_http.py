@@ -219,6 +219,47 @@ def test_the_accept_header_is_negotiated_and_a_type_the_route_cannot_give_is_406
             assert r.status_code == 200 and r.headers["content-type"].startswith(want), (accept, r.headers)
 
 
+def test_accept_q_values_choose_between_json_and_wav(client):
+    """A plain audio /v1/generate answers what the Accept header prefers by q (RFC 9110 12.5.1): the
+    most specific range sets a type's q (audio/wav over audio/* over */*), JSON wins a tie, and `*/*`
+    alone does not ask for WAV (curl's) unless JSON is refused. WAV was chosen whenever the header
+    took it at all: `application/json, audio/wav;q=0.1` got a WAV (an audit)."""
+    audio = {"model": AUDIO, "max_new_tokens": 2, "seed": 1}
+    json_, wav = "application/json", "audio/wav"
+    for accept, want in [
+        ("application/json, audio/wav;q=0.1", json_),
+        ("audio/wav;q=0.1, application/json;q=0.9", json_),
+        ("audio/wav;q=0.9, application/json;q=0.1", wav),
+        ("audio/wav, application/json", json_),  # a tie
+        ("audio/*;q=0.2, audio/wav, application/json;q=0.5", wav),  # audio/wav's own q, 1
+        ("audio/wav;q=0.3, audio/*, application/json;q=0.5", json_),  # audio/wav's own q, 0.3
+        ("audio/*;q=0.6, application/json;q=0.5", wav),
+        ("audio/wav, */*;q=0.1", wav),
+        ("audio/wav;q=0, */*", json_),
+        ("application/json;q=0, */*", wav),
+        ("application/json;q=0, audio/wav;q=0, */*", 406),
+        ("application/json;q=0.5, */*", json_),
+    ]:
+        r = client.post("/v1/generate", json=audio, headers={"Accept": accept})
+        if want == 406:
+            assert r.status_code == 406, (accept, r.text)
+        else:
+            assert r.status_code == 200 and r.headers["content-type"].startswith(want), (accept, r.headers)
+    text = {"model": TEXT, "prompt": "a", "max_new_tokens": 2, "seed": 1}
+    for accept, status in [
+        ("audio/wav;q=0.9, application/json;q=0.1", 200),
+        ("application/json;q=0, */*", 406),
+    ]:
+        r = client.post("/v1/generate", json=text, headers={"Accept": accept})
+        assert r.status_code == status, (accept, r.text)
+    for accept, status in [
+        ("text/event-stream;q=0.1, application/json", 200),
+        ("text/event-stream;q=0, */*", 406),  # (it was streamed: text/event-stream's own q is 0)
+    ]:
+        r = client.post("/v1/generate", json={**audio, "stream": True}, headers={"Accept": accept})
+        assert r.status_code == status, (accept, r.text)
+
+
 def test_a_stream_is_406_unless_accept_takes_text_event_stream(client):
     """stream: true answers Server-Sent Events, so an Accept that does not take text/event-stream (or
     text/*, */*; no Accept takes anything) is a 406 before anything is generated, for both kinds of

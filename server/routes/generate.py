@@ -142,8 +142,12 @@ async def generate(req: GenerateRequest, request: Request):
             "stream: true answers text/event-stream (Server-Sent Events), which this request's Accept "
             f"does not take: {accept}",
         )
-    wav = not req.stream and model.kind == "audio" and media.accepts(accept, "audio/wav", any_type=False)
-    if not req.stream and not wav and not media.accepts(accept, "application/json"):
+    # by q (RFC 9110 12.5.1): audio/wav where the client prefers it to JSON, JSON on a tie
+    answer = media.audio_answer(accept) if model.kind == "audio" else None
+    if model.kind == "text" and media.accepts(accept, "application/json"):
+        answer = "application/json"
+    wav = not req.stream and answer == "audio/wav"
+    if not req.stream and answer is None:
         kinds = "application/json or audio/wav" if model.kind == "audio" else "application/json"
         raise APIError(
             406,
