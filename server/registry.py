@@ -446,16 +446,24 @@ def load_model(
     """Checkpoint → verified recurrent form → warmed-up engine (not yet started). `source`: the official
     file `path` was converted from (named in the errors); `cache`: the layers' verified forms are read from
     it and written to it (`model.form_cache`). Raises CheckpointError or VerificationError with the
-    reason, LoadingStopped when `stop` is set between two steps (load, convert and verify, CUDA graphs,
-    warm-up)."""
+    reason, ValueError for an audio model at whose sample rate S4_MAX_AUDIO_S is under one sample (found
+    before it is converted), LoadingStopped when `stop` is set between two steps (load, convert and
+    verify, CUDA graphs, warm-up)."""
     t0 = time.perf_counter()
     meta = read_config(path)
     chat = ChatTemplate.from_config(meta)
     generation = GenerationConfig.from_config(meta)
     net = load(path)
     _check_stop(stop)
-    vocab = served_vocab(path, net.config, source)
     name = model_id or path.name
+    if net.config.modality == "audio" and settings.audio_samples(net.config.sample_rate) < 1:
+        rate = net.config.sample_rate
+        raise ValueError(
+            f"S4_MAX_AUDIO_S={settings.max_audio_s:g} s is under one sample at model {name}'s {rate} Hz "
+            f"(0 samples): its prompts and generations could hold none; set S4_MAX_AUDIO_S to at least "
+            f"1/{rate} s"
+        )
+    vocab = served_vocab(path, net.config, source)
     src = meta.get("source") if isinstance(meta.get("source"), dict) else {}
     if vocab is None and source is None and isinstance(src.get("warning"), str):  # (an official file
         # served directly: model.convert logged its warning)

@@ -75,10 +75,12 @@ def new_tokens(state: ServerState, model: ServedModel, req, field: str = "max_ne
 
 
 def default_new_tokens(state: ServerState, model: ServedModel, fallback: int) -> int:
-    """The checkpoint's max_new_tokens (generation_config), at most this server's limit; `fallback`
-    (the route's own default) when it sets none."""
+    """The length of a generation whose request names none: the checkpoint's max_new_tokens
+    (generation_config), else `fallback` (the route's own default, 64 on /v1/generate), either at most
+    this server's limit (max_audio_s 0.005 at 8 kHz: 40, not a 422 over a number the client never
+    sent)."""
     n = model.generation.get("max_new_tokens")
-    return fallback if n is None else min(n, new_tokens_limit(state, model)[0])
+    return min(fallback if n is None else n, new_tokens_limit(state, model)[0])
 
 
 def _what(state: ServerState, model: ServedModel | None, setting: str) -> str:

@@ -9,10 +9,11 @@ import io
 import json
 import wave
 
+import httpx
 import numpy as np
 import pytest
 import soundfile
-from server_support import b64, reference, sse_events
+from server_support import ServerThread, b64, reference, sse_events
 from websockets.asyncio.client import connect
 
 from model.codecs import MuLaw, read_audio, wav_bytes
@@ -109,6 +110,43 @@ def test_default_limits_allow_ten_seconds_of_audio_and_the_readme_example_works(
     over = client.post("/v1/generate", json={**req, "max_new_tokens": 240_001})
     err = over.json()["error"]
     assert over.status_code == 422 and err["param"] == "max_new_tokens" and "max_audio_s" in err["message"]
+
+
+def test_a_small_max_audio_s_bounds_the_default_length_and_under_one_sample_is_refused_at_load(model_dirs):
+    """At S4_MAX_AUDIO_S 0.005 (40 samples at 8 kHz) a request that names no max_new_tokens generates 40,
+    on every route (it was a 422 "max_new_tokens: 64 is more than this server's limit of 40", a number
+    the client never sent); one that names 41 is still refused. At 0.0001 (0 samples at 8 kHz) the
+    audio model is not served, the reason naming S4_MAX_AUDIO_S and the model; the text model is."""
+    ckpts = [str(model_dirs["audio"]), str(model_dirs["text"])]
+    s = ServerThread(
+        Settings(checkpoints=ckpts, max_sessions=4, max_audio_s=0.005, drain_timeout_s=1)
+    ).start()
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            body = c.post("/v1/generate", json={"model": AUDIO, "seed": 2}).json()
+            assert len(body["tokens"]) == 40 and body["usage"]["completion_tokens"] == 40, body
+            assert body["tokens"] == reference(model_dirs["audio"], SILENCE, SamplingParams(seed=2), 40)
+            events = sse_events(c.post("/v1/generate", json={"model": AUDIO, "seed": 2, "stream": True}))
+            assert events[-1]["usage"]["completion_tokens"] == 40, events[-1]
+            r = c.post("/v1/generate", json={"model": AUDIO, "max_new_tokens": 41})
+            assert r.status_code == 422 and r.json()["error"]["param"] == "max_new_tokens", r.text
+    finally:
+        s.stop()
+    s = ServerThread(
+        Settings(checkpoints=ckpts, max_sessions=4, max_audio_s=0.0001, drain_timeout_s=1)
+    ).start()
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [TEXT]
+            r = c.post("/v1/generate", json={"model": AUDIO})
+            err = r.json()["error"]
+            assert r.status_code == 404 and err["param"] == "model", r.text
+            assert (
+                "S4_MAX_AUDIO_S=0.0001 s is under one sample at model tiny-audio's 8000 Hz" in err["message"]
+            )
+            assert "at least 1/8000 s" in err["message"]
+    finally:
+        s.stop()
 
 
 def test_prompt_formats_and_rates_reach_the_model_resampled(client, model_dirs):
