@@ -8,6 +8,7 @@ import io
 import math
 import re
 import wave
+from typing import NamedTuple
 
 import numpy as np
 import soundfile
@@ -237,6 +238,99 @@ class NonFiniteAudio(ValueError):
         )
 
 
+class AudioTruncated(ValueError):
+    """An audio file whose header declares more sample data than the file holds (a WAV's `data` chunk, an
+    AIFF's frame count): `frames` of `declared` frames are there."""
+
+    def __init__(self, frames: int, declared: int) -> None:
+        super().__init__(f"the audio is truncated: {frames} of {declared} frames (the header declares more "
+                         "data than the file holds)")  # fmt: skip
+        self.frames, self.declared = frames, declared
+
+
+class NoSamples(ValueError):
+    """An audio file with frames that gives no sample at the rate asked (1 frame at 44.1 kHz is none at
+    8 kHz)."""
+
+    def __init__(self, frames: int, rate: int, target_rate: int) -> None:
+        s = "" if frames == 1 else "s"
+        super().__init__(f"the audio holds no samples at {target_rate} Hz ({frames} frame{s} at {rate} Hz)")
+
+
+STREAMED_SIZE = 0x7F000000  # a declared data size from here up means "to the end of the file"
+_CHUNK_ID = re.compile(rb"[ -~]{4}")  # a chunk id: four printable ASCII characters
+_PCM_TAGS = (1, 3, 6, 7, 0xFFFE)  # WAV format tags of one block_align per frame (PCM, float, A/mu-law)
+
+
+class _DataChunk(NamedTuple):
+    """A WAV or AIFF file's sample data chunk as its header declares it (`_data_chunk`)."""
+
+    kind: str  # "wav" or "aiff"
+    size: int  # the declared bytes (its 32-bit size field)
+    present: int  # the bytes the file holds after the chunk's 8-byte header
+    size_at: int  # the offset of the size field
+    frames: int | None  # the declared frames: WAV size / block_align (PCM-like formats) or its fact chunk's;
+    # AIFF the COMM chunk's
+    order: str  # the header's byte order
+
+
+def _data_chunk(data: bytes) -> _DataChunk | None:
+    """The sample data chunk of a WAV (RIFF, RIFX) or AIFF (AIFF, AIFC) file, found by walking its chunks;
+    None for another format, or a header this walk does not reach it in (libsndfile judges those)."""
+    if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX", b"FORM"):
+        return None
+    if data[8:12] not in ((b"WAVE",) if data[:4] != b"FORM" else (b"AIFF", b"AIFC")):
+        return None
+    wav, order = data[8:12] == b"WAVE", "little" if data[:4] == b"RIFF" else "big"
+    pos, frames, align = 12, None, None  # (WAV: its fact chunk's frames, its fmt's PCM block_align)
+    while pos + 8 <= len(data):
+        cid, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], order)
+        body = data[pos + 8 : pos + 8 + min(size, 22)]
+        if cid == (b"data" if wav else b"SSND"):
+            if wav and align:
+                frames = size // align
+            return _DataChunk("wav" if wav else "aiff", size, len(data) - pos - 8, pos + 4, frames, order)
+        if wav and cid == b"fmt " and len(body) >= 14:
+            tag, block = int.from_bytes(body[:2], order), int.from_bytes(body[12:14], order)
+            align = block if tag in _PCM_TAGS else None
+        if wav and cid == b"fact" and len(body) >= 4:  # (a compressed format's frame count)
+            frames = int.from_bytes(body[:4], order)
+        if not wav and cid == b"COMM" and len(body) >= 6:
+            frames = int.from_bytes(body[2:6], "big")
+        if not _CHUNK_ID.fullmatch(cid) or size >= STREAMED_SIZE:
+            return None
+        pos += 8 + size + (size & 1)
+    return None
+
+
+def _streamed(data: bytes) -> bytes:
+    """`data`, with a WAV `data` chunk size of 0 that audio follows (a writer that could not seek back to
+    fill it in) made 0xFFFFFFFF, libsndfile's "to the end of the file": it read such a file as 0 frames,
+    silently. (An empty data chunk followed by another chunk stays as it is.)"""
+    chunk = _data_chunk(data)
+    if chunk is None or chunk.kind != "wav" or chunk.size != 0 or chunk.present == 0:
+        return data
+    after = data[chunk.size_at + 4 : chunk.size_at + 12]
+    if len(after) == 8 and _CHUNK_ID.fullmatch(after[:4]):
+        if int.from_bytes(after[4:], chunk.order) <= chunk.present - 8:
+            return data
+    return data[: chunk.size_at] + b"\xff\xff\xff\xff" + data[chunk.size_at + 4 :]
+
+
+def _check_whole(data: bytes, frames: int) -> None:
+    """Raises AudioTruncated when a WAV or AIFF header declares more sample data than `data` holds
+    (libsndfile reads the `frames` that are there, silently). A declared size of 0 or from STREAMED_SIZE
+    (2 GiB) up is a writer's "unknown length" (sox piped: 0x7FFFF000, AIFF 0x7F000008; ffmpeg:
+    0xFFFFFFFF), not a truncation."""
+    chunk = _data_chunk(data)
+    if chunk is None or chunk.size == 0 or chunk.size >= STREAMED_SIZE or chunk.size <= chunk.present:
+        return
+    declared = chunk.frames
+    if declared is None:  # (a compressed WAV without a fact chunk: in proportion)
+        declared = frames * chunk.size // max(chunk.present, 1)
+    raise AudioTruncated(frames, max(declared, frames + 1))
+
+
 def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float | None = None):
     """Audio file bytes (any format libsndfile reads: WAV 8/16/24/32-bit PCM and float, mu-law, FLAC,
     OGG Vorbis/Opus, MP3, ...) → (mono float32 samples in [-1, 1], sample rate in Hz).
@@ -252,16 +346,25 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     Samples beyond ±1 (a float file's, or a resampler's overshoot at a full-scale edge: a square wave's
     went to 1.2) are clipped; a NaN or infinite one is refused.
 
+    A WAV or AIFF whose header declares more sample data than the bytes hold is refused (AudioTruncated;
+    libsndfile read the part that is there, silently), except a declared size of 0 or from 0x7F000000
+    up, what a writer that cannot seek back leaves (`sox -t wav -`: 0x7FFFF000; ffmpeg to a pipe:
+    0xFFFFFFFF): the data then runs to the end of the file (a WAV data size of 0 followed by audio was
+    read as no frames). A file of no frames gives no samples; one whose frames resample to none
+    (1 frame at 44.1 kHz to 8 kHz) raises NoSamples.
+
     Raises ValueError (not an audio file, a header field out of range: the message names it, or a
     `target_rate` that is not an integer in the same range),
-    AudioTooLong (a ValueError) for a file longer than `max_seconds`, or NonFiniteAudio (a ValueError)
-    for a NaN or infinite sample.
+    AudioTooLong (a ValueError) for a file longer than `max_seconds`, NonFiniteAudio (a ValueError)
+    for a NaN or infinite sample, AudioTruncated (a ValueError: `frames` of `declared`) for a truncated
+    file, NoSamples (a ValueError) for frames that resample to no sample.
     """
     if target_rate is not None and not (
         isinstance(target_rate, int | np.integer) and MIN_SAMPLE_RATE <= target_rate <= MAX_SAMPLE_RATE
     ):
         raise ValueError(f"target_rate: {target_rate!r} Hz is not an integer in [{MIN_SAMPLE_RATE}, "
                          f"{MAX_SAMPLE_RATE}]")  # fmt: skip
+    data = _streamed(data)
     try:
         f = soundfile.SoundFile(io.BytesIO(data))
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
@@ -274,6 +377,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
             raise ValueError(f"channels: {channels} is out of range [1, {MAX_CHANNELS}]")
         if not 0 <= frames < 2**62:  # libsndfile says SF_COUNT_MAX when it cannot tell
             raise ValueError(f"frames: the header gives no usable frame count ({frames})")
+        _check_whole(data, frames)
         if max_seconds is not None:
             # the limit in samples at the rate used; soxr gives round(frames * out_rate / rate) samples,
             # which is within the limit exactly when frames * out_rate <= limit * rate
@@ -286,7 +390,8 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
         try:
             while n < frames:
                 got = f.read(dtype="float32", always_2d=True, out=buf[: min(len(buf), frames - n)])
-                if len(got) == 0:  # the data ends before the header said (a truncated file)
+                if len(got) == 0:  # the data ends before libsndfile said (a truncated compressed file)
+                    bad = AudioTruncated(n, frames)
                     break
                 if not np.isfinite(got).all():  # a float file's NaN or ±inf is no sample (it was read as 0)
                     frame, channel = (int(i) for i in np.argwhere(~np.isfinite(got))[0])
@@ -302,6 +407,8 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     if target_rate is None or target_rate == rate or n == 0:
         return x, target_rate or rate
     y = soxr.resample(x, rate, target_rate, quality="HQ").astype(np.float32, copy=False)
+    if len(y) == 0:
+        raise NoSamples(n, rate, target_rate)
     return np.clip(y, -1.0, 1.0, out=y), target_rate  # (band-limited overshoot past ±1)
 
 

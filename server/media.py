@@ -15,7 +15,17 @@ import functools
 import numpy as np
 
 from model.codecs import AudioCodec as Codec
-from model.codecs import AudioTooLong, ByteTokenizer, Linear8, MuLaw, read_audio, to_pcm16, wav_bytes
+from model.codecs import (
+    AudioTooLong,
+    AudioTruncated,
+    ByteTokenizer,
+    Linear8,
+    MuLaw,
+    NoSamples,
+    read_audio,
+    to_pcm16,
+    wav_bytes,
+)
 from model.sampling import find_stop
 from model.vocab import Vocab, VocabError
 from server.errors import APIError, invalid, prompt_too_long
@@ -133,8 +143,10 @@ def prompt_ids(
     bytes), a vocabulary's words or symbols after it is encoded (`text_ids`).
     Audio: `prompt_audio` is a base64 audio file (any format libsndfile reads), resampled to the
     model's rate; a file longer than `max_audio_s` (its header's frames / sample rate, checked before
-    it is decoded) is a 413; an empty string a 422. No prompt, or a file of no samples, gives no ids (the
-    engine's caller starts from silence)."""
+    it is decoded) is a 413; an empty string, a truncated WAV or AIFF ("prompt_audio is truncated: N of M
+    frames") and a file whose frames give no sample at the model's rate ("prompt_audio holds no
+    samples") a 422. No prompt, or a file of no frames, gives no ids (the engine's caller starts from
+    silence)."""
     if kind == "text":
         if prompt_audio is not None:
             raise invalid("prompt_audio", "this is a text model: send `prompt` (a string)")
@@ -150,6 +162,15 @@ def prompt_ids(
         x, _ = read_audio(data, sample_rate, max_audio_s)
     except AudioTooLong as exc:
         raise prompt_too_long(f"prompt_audio: {exc} (max_audio_s)", "prompt_audio") from None
+    except AudioTruncated as exc:
+        raise invalid(
+            "prompt_audio",
+            f"prompt_audio is truncated: {exc.frames} of {exc.declared} frames (its header declares more "
+            "data than the file holds: send the whole file)",
+        ) from None
+    except NoSamples as exc:
+        msg = f"prompt_audio {str(exc).removeprefix('the audio ')}: leave it out to start from silence"
+        raise invalid("prompt_audio", msg) from None
     except ValueError as exc:
         raise invalid("prompt_audio", f"prompt_audio: {exc}") from None
     return codec.encode(x).tolist()

@@ -18,8 +18,10 @@ from model.codecs import (
     MAX_SAMPLE_RATE,
     MIN_SAMPLE_RATE,
     AudioTooLong,
+    AudioTruncated,
     MuLaw,
     NonFiniteAudio,
+    NoSamples,
     read_audio,
     wav_bytes,
 )
@@ -162,10 +164,61 @@ def test_header_fields_out_of_range_are_named(channels, rate, field):
         read_audio(data, 8000, 30)
 
 
-def test_a_truncated_file_gives_the_samples_it_holds():
+def _set(data: bytes, at: int, value: int, order: str = "little") -> bytes:
+    return data[:at] + value.to_bytes(4, order) + data[at + 4 :]
+
+
+def test_a_truncated_wav_or_aiff_is_refused_saying_how_much_is_there():
+    """A WAV or AIFF whose header declares more sample data than the file holds was read as the part
+    that is there, silently (the first 37 % of an 8,000-frame WAV: 2,946 samples; an audit): AudioTruncated
+    now says how many of the declared frames are there (a compressed WAV: its fact chunk's)."""
+    x = tone(440, 8000, 1.0)
+    with pytest.raises(AudioTruncated, match=r"^the audio is truncated: 2946 of 8000 frames") as e:
+        read_audio(wav_bytes(x, 8000)[: 44 + 2 * 2946], 8000, 30)
+    assert (e.value.frames, e.value.declared) == (2946, 8000)
+    for fmt, subtype, cut, want in [
+        ("AIFF", "PCM_16", 2 * 5000, "3000 of 8000"),
+        ("WAV", "ULAW", 5000, "3000 of 8000"),
+        ("WAV", "FLOAT", 4 * 5000, "3000 of 8000"),
+        ("WAV", "IMA_ADPCM", 2000, "of 8080 frames"),
+    ]:
+        data = encoded(x, 8000, fmt, subtype)
+        assert len(read_audio(data, 8000, 30)[0]) == (8080 if subtype == "IMA_ADPCM" else 8000)
+        with pytest.raises(AudioTruncated, match=want):
+            read_audio(data[:-cut], 8000, 30)
+
+
+def test_streamed_headers_of_unknown_length_read_to_the_end_of_the_file():
+    """Writers that cannot seek back leave the sizes unknown: ffmpeg 0xFFFFFFFF, `sox -t wav -`
+    0x7FFFF000 (RIFF 0x7FFFF024), sox's AIFF an SSND of 0x7F000008 and a COMM of 0x3F800000 frames, others
+    0: all are read to the end of the file, not refused as truncated. A WAV data size of 0 followed by
+    audio was read as no frames (generation then started from silence: an audit); an empty data chunk
+    followed by another chunk is still empty."""
     x = tone(440, 8000, 0.5)
-    y, _ = read_audio(wav_bytes(x, 8000)[: 44 + 2 * 1000], 8000, 30)
-    assert len(y) == 1000 and np.abs(y - x[:1000]).max() < 1e-4
+    wav = wav_bytes(x, 8000)
+    want = read_audio(wav, 8000, 30)[0]
+    assert len(want) == 4000
+    for riff, size in [(0xFFFFFFFF, 0xFFFFFFFF), (0x7FFFF024, 0x7FFFF000), (0, 0), (36, 0), (0xFFFFFFFF, 0)]:
+        y, _ = read_audio(_set(_set(wav, 4, riff), 40, size), 8000, 30)
+        assert np.array_equal(y, want), (hex(riff), hex(size))
+    aiff = encoded(x, 8000, "AIFF", "PCM_16")
+    ssnd, comm = aiff.index(b"SSND"), aiff.index(b"COMM")
+    piped = _set(
+        _set(_set(aiff, 4, 0x7F000050, "big"), ssnd + 4, 0x7F000008, "big"), comm + 10, 0x3F800000, "big"
+    )
+    assert np.array_equal(read_audio(piped, 8000, 30)[0], read_audio(aiff, 8000, 30)[0])
+    empty = wav_bytes(np.zeros(0), 8000)
+    listed = _set(empty, 4, 36 + 12) + b"LIST" + struct.pack("<I", 4) + b"INFO"
+    assert len(read_audio(listed, 8000, 30)[0]) == 0 and len(read_audio(empty, 8000, 30)[0]) == 0
+
+
+def test_frames_that_resample_to_no_sample_are_refused():
+    """One frame at 44.1 kHz is no sample at 8 kHz: NoSamples (it gave an empty prompt, so generation
+    started from silence: an audit). At its own rate it is one sample."""
+    one = encoded(np.array([0.5]), 44100, "WAV", "PCM_16")
+    with pytest.raises(NoSamples, match=r"^the audio holds no samples at 8000 Hz \(1 frame at 44100 Hz\)"):
+        read_audio(one, 8000, 30)
+    assert len(read_audio(one, 44100, 30)[0]) == 1
 
 
 @pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])

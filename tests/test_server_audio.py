@@ -163,6 +163,27 @@ def test_prompt_formats_and_rates_reach_the_model_resampled(client, model_dirs):
     assert body["tokens"] == reference(model_dirs["audio"], prompt, SamplingParams(seed=4), 30)
 
 
+def _aiff(x: np.ndarray, rate: int = 8000) -> bytes:
+    buf = io.BytesIO()
+    soundfile.write(buf, x, rate, format="AIFF", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def test_a_wav_of_unknown_length_is_read_to_its_end(client, model_dirs):
+    """A WAV whose RIFF and data sizes are 0 (a writer that could not seek back) but that holds audio was
+    read as no frames: a 200 generated from silence (an audit). It is now the same prompt as the whole
+    file, and so is ffmpeg's 0xFFFFFFFF and `sox -t wav -`'s 0x7FFFF000."""
+    x = 0.4 * np.sin(np.arange(800) * 2 * np.pi * 300 / 8000)
+    wav = wav_bytes(x, 8000)
+    prompt = MuLaw().encode(read_audio(wav, 8000)[0]).tolist()
+    want = reference(model_dirs["audio"], prompt, SamplingParams(seed=3), 5)
+    for riff, size in [(0, 0), (0xFFFFFFFF, 0xFFFFFFFF), (0x7FFFF024, 0x7FFFF000)]:
+        data = wav[:4] + riff.to_bytes(4, "little") + wav[8:40] + size.to_bytes(4, "little") + wav[44:]
+        req = {"model": AUDIO, "prompt_audio": b64(data), "max_new_tokens": 5, "seed": 3}
+        body = client.post("/v1/generate", json=req).json()
+        assert body["usage"]["prompt_tokens"] == 800 and body["tokens"] == want, (hex(riff), body)
+
+
 @pytest.mark.parametrize(
     "prompt_audio,status,needle",
     [
@@ -170,8 +191,21 @@ def test_prompt_formats_and_rates_reach_the_model_resampled(client, model_dirs):
         (b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(30), 422, "prompt_audio: "),
         (b"OggS" + bytes(60), 422, "not an audio file"),
         (b"", 422, "prompt_audio is empty"),  # (libsndfile's "Format not recognised" said nothing of it)
+        # (these two were read as the 2,946 / 3,000 frames there, silently: an audit)
+        (
+            wav_bytes(np.full(8000, 0.25), 8000)[: 44 + 2 * 2946],
+            422,
+            "prompt_audio is truncated: 2946 of 8000 frames",
+        ),
+        (_aiff(np.full(8000, 0.25))[: -2 * 5000], 422, "prompt_audio is truncated: 3000 of 8000 frames"),
+        # (1 frame at 44.1 kHz is none at 8 kHz: it generated from silence)
+        (
+            _aiff(np.array([0.5]), 44100),
+            422,
+            "prompt_audio holds no samples at 8000 Hz (1 frame at 44100 Hz)",
+        ),
     ],
-    ids=["too-long", "bad-header", "not-audio", "empty"],
+    ids=["too-long", "bad-header", "not-audio", "empty", "truncated-wav", "truncated-aiff", "no-samples"],
 )
 def test_bad_or_long_prompt_audio_is_refused_naming_the_field(client, prompt_audio, status, needle):
     r = client.post(
