@@ -11,6 +11,7 @@ import base64
 import binascii
 import bisect
 import functools
+import re
 
 import numpy as np
 
@@ -34,7 +35,37 @@ TEXT, MULAW = ByteTokenizer(), MuLaw()
 AUDIO_ENCODINGS = ("pcm16", "mulaw")  # WebSocket binary frames: s16le samples, or mu-law bytes (= ids)
 
 
+_WHITESPACE = {ord(c): None for c in " \t\r\n"}  # what line-wrapped base64 holds besides its alphabet
+_DATA_URI = re.compile(r"data:([^,]*),", re.IGNORECASE)
+_BASE64 = re.compile(r"[A-Za-z0-9+/]*={0,2}")
+
+
 def b64decode(data: str, param: str) -> bytes:
+    """A base64 string's bytes: standard base64 (RFC 4648, `+/`, padded), optionally line-wrapped (ASCII
+    spaces, tabs, CR and LF anywhere are dropped: `base64`'s 76-column lines, Python's encodebytes) and
+    optionally a data URI's (`data:<media type>;base64,...`, a browser FileReader's readAsDataURL; the
+    media type is not checked). Anything else is a 422 naming `param` and what is wrong: a data URI
+    that is not base64, the first character outside the alphabet and where, or a length (without
+    whitespace) that is not a multiple of 4."""
+    if m := _DATA_URI.match(data):
+        if "base64" not in (p.strip().lower() for p in m.group(1).split(";")[1:]):
+            raise invalid(param, f"{param} is a data URI without ;base64 (send data:<type>;base64,<base64>)")
+        data = data[m.end() :]
+    data = data.translate(_WHITESPACE)
+    if (m := _BASE64.match(data)).end() < len(data):
+        at = m.end()
+        if "=" in data[: at + 1]:
+            what = f"its = padding is misplaced or too long (from character {data.index('=')}"
+        else:
+            hint = ": - and _ are base64url's, send standard base64" if data[at] in "-_" else ""
+            what = f"{data[at]!r} is not a base64 character (character {at}{hint}"
+        raise invalid(param, f"{param} is not valid base64: {what}; whitespace not counted)")
+    if len(data) % 4:
+        raise invalid(
+            param,
+            f"{param} is not valid base64: its length, {len(data)} characters without whitespace, is not a "
+            "multiple of 4 (cut short, or its = padding left out)",
+        )
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, ValueError):

@@ -188,8 +188,8 @@ class InputFields(Strict):
     prompt_audio: str | None = Field(
         None,
         description="audio models: a base64 audio file (WAV of any sample format, FLAC, OGG Vorbis/Opus, "
-        "MP3: what libsndfile reads), resampled to the model's rate; without one, generation starts "
-        "from the model's silence",
+        "MP3: what libsndfile reads), resampled to the model's rate; line breaks and a data URI's "
+        "`data:<type>;base64,` prefix are allowed; without one, generation starts from the model's silence",
     )
 
 

@@ -219,6 +219,51 @@ def test_bad_or_long_prompt_audio_is_refused_naming_the_field(client, prompt_aud
     assert r.status_code == status and r.json()["error"]["param"] == "prompt_audio"
 
 
+def test_line_wrapped_base64_and_data_uris_are_read_and_other_junk_is_refused_saying_why(client, model_dirs):
+    """prompt_audio as the `base64` command writes it (76-column lines), as Python's encodebytes, with CRLF,
+    or as a browser's data URI (`data:audio/wav;base64,...`) is the same prompt as plain base64; each was
+    a 422 "not valid base64" with no hint (an audit). What is still not base64 is refused saying what."""
+    x = 0.4 * np.sin(np.arange(800) * 2 * np.pi * 300 / 8000)
+    wav = wav_bytes(x, 8000)
+    plain = b64(wav)
+    want = client.post(
+        "/v1/generate", json={"model": AUDIO, "prompt_audio": plain, "max_new_tokens": 5, "seed": 3}
+    )
+    want = want.json()["tokens"]
+    prompt = MuLaw().encode(read_audio(wav, 8000)[0]).tolist()
+    assert want == reference(model_dirs["audio"], prompt, SamplingParams(seed=3), 5)
+    wrapped = base64.encodebytes(wav).decode()
+    assert "\n" in wrapped
+    for form in [
+        wrapped,
+        wrapped.replace("\n", "\r\n"),
+        " \t" + wrapped,
+        "data:audio/wav;base64," + plain,
+        "data:audio/x-wav;name=out.wav;base64," + wrapped,
+        "DATA:;BASE64," + plain,
+    ]:
+        r = client.post(
+            "/v1/generate", json={"model": AUDIO, "prompt_audio": form, "max_new_tokens": 5, "seed": 3}
+        )
+        assert r.status_code == 200 and r.json()["tokens"] == want, (form[:40], r.text)
+    for junk, needle in [
+        (plain[:100] + "%" + plain[100:], "'%' is not a base64 character (character 100"),
+        (
+            plain[:-1],
+            "its length, " + str(len(plain) - 1) + " characters without whitespace, is not a multiple",
+        ),
+        (plain.replace("+", "-").replace("/", "_") + "-", "- and _ are base64url's"),
+        ("AAAA=AAA", "its = padding is misplaced or too long (from character 4"),
+        ("data:audio/wav," + plain, "a data URI without ;base64"),
+        ("data:audio/wav;base64,data:audio/wav;base64," + plain, "':' is not a base64 character"),
+        (plain[:8] + "\v" + plain[8:], "'\\x0b' is not a base64 character (character 8"),
+    ]:
+        r = client.post("/v1/generate", json={"model": AUDIO, "prompt_audio": junk, "max_new_tokens": 5})
+        err = r.json()["error"]
+        assert r.status_code == 422 and err["param"] == "prompt_audio", r.text
+        assert needle in err["message"] and err["message"].startswith("prompt_audio is "), (needle, err)
+
+
 def test_a_nan_or_infinite_prompt_sample_is_refused_on_every_route_that_takes_audio(client, server):
     """A float WAV with NaN or ±inf samples was generated from as if they were silence (a fresh-user
     trial): a 422 naming prompt_audio on /v1/generate, session create and append, and in WebSocket
