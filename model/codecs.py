@@ -207,11 +207,23 @@ def wav_bytes(x, sample_rate: int) -> bytes:
 
 
 class AudioTooLong(ValueError):
-    """An audio file longer than the caller's limit (checked on its header, before decoding)."""
+    """An audio file longer than the caller's limit (checked on its header, before decoding): `frames` at
+    `rate` Hz against `limit_s` seconds at `out_rate` Hz (the rate it is resampled to; `rate` when it
+    is not), whose floor(limit_s × out_rate) samples are the limit. The message gives the counts, so a
+    file one sample over reads as over ("2.000 s long: 16001 samples at 8000 Hz; the limit is 2 s: 16000
+    samples"). `seconds` is frames / rate."""
 
-    def __init__(self, seconds: float, limit_s: float) -> None:
-        super().__init__(f"the audio is {seconds:.3f} s long; the limit is {limit_s:g} s")
-        self.seconds, self.limit_s = seconds, limit_s
+    def __init__(self, frames: int, rate: int, limit_s: float, out_rate: int | None = None) -> None:
+        out_rate = out_rate or rate
+        limit = math.floor(limit_s * out_rate)  # samples at out_rate
+        seconds = frames / rate
+        if out_rate == rate:
+            counts = f"{frames} samples at {rate} Hz; the limit is {limit_s:g} s: {limit} samples"
+        else:  # (the frames it may have: frames × out_rate ≤ limit × rate)
+            counts = (f"{frames} frames at {rate} Hz; the limit is {limit_s:g} s: {limit * rate // out_rate} "
+                      f"frames at that rate ({limit} samples at {out_rate} Hz)")  # fmt: skip
+        super().__init__(f"the audio is {seconds:.3f} s long: {counts}")
+        self.seconds, self.limit_s, self.frames, self.limit = seconds, limit_s, frames, limit
 
 
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384_000  # Hz: what a prompt's header may say
@@ -219,12 +231,44 @@ MAX_CHANNELS = 16
 READ_BLOCK_FRAMES = 1 << 15  # frames decoded at a time: bounds the buffer whatever the channel count
 
 
+_UNREADABLE = (  # libsndfile's reasons that speak of a file system, or of nothing, for bytes it cannot decode
+    "File does not exist or is not a regular file (possibly a pipe?).",  # (a truncated MP3)
+    "Unspecified internal error.",
+)
+
+
 def _sndfile_message(exc: BaseException) -> str:
     """libsndfile's reason without the Python object it names ("Error opening <_io.BytesIO object at
     0x…>: Format not recognised." → "Format not recognised."): a client's error message must not
-    show the server's internals."""
+    show the server's internals. Its reasons that say nothing of data (`_UNREADABLE`: "File does not
+    exist or is not a regular file (possibly a pipe?)" for a truncated MP3) become "the data could not
+    be decoded (a damaged or truncated file?)"."""
     msg = re.sub(r"^Error opening <[^<>]*>: ", "", str(exc))
+    if msg.strip() in _UNREADABLE:
+        return "the data could not be decoded (a damaged or truncated file?)"
     return re.sub(r"<[^<>]* object at 0x[0-9a-fA-F]+>", "the data", msg)
+
+
+class _Bytes(io.BytesIO):
+    """The bytes libsndfile reads through soundfile's virtual IO. A seek before the start (a 30-byte AIFF's
+    header walk asks for offset -1) makes the next tell() -1, the virtual IO's failure (lseek's), where
+    BytesIO raised inside soundfile's cffi callback `vio_seek`, which printed "Exception ignored from cffi
+    callback ... negative seek value -1" on the server's stderr and answered 0."""
+
+    _failed = False
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        try:
+            return super().seek(offset, whence)
+        except ValueError:  # (a negative position)
+            self._failed = True
+            return -1
+
+    def tell(self) -> int:
+        if self._failed:
+            self._failed = False
+            return -1
+        return super().tell()
 
 
 class NonFiniteAudio(ValueError):
@@ -366,7 +410,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
                          f"{MAX_SAMPLE_RATE}]")  # fmt: skip
     data = _streamed(data)
     try:
-        f = soundfile.SoundFile(io.BytesIO(data))
+        f = soundfile.SoundFile(_Bytes(data))
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
         raise ValueError(f"not an audio file libsndfile can read: {_sndfile_message(exc)}") from None
     with f:
@@ -383,7 +427,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
             # which is within the limit exactly when frames * out_rate <= limit * rate
             out_rate = target_rate or rate
             if frames * out_rate > math.floor(max_seconds * out_rate) * rate:
-                raise AudioTooLong(frames / rate, max_seconds)
+                raise AudioTooLong(frames, rate, max_seconds, out_rate)
         x = np.empty(frames, dtype=np.float32)
         buf = np.empty((min(READ_BLOCK_FRAMES, max(frames, 1)), channels), dtype=np.float32)
         n, bad = 0, None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -123,7 +124,9 @@ def test_the_length_limit_is_checked_on_the_header_before_decoding(monkeypatch):
     decoded = []
     real_read = soundfile.SoundFile.read
     monkeypatch.setattr(soundfile.SoundFile, "read", lambda *a, **k: decoded.append(1) or real_read(*a, **k))
-    with pytest.raises(AudioTooLong, match=r"2\.000 s long; the limit is 1\.5 s") as exc:
+    with pytest.raises(
+        AudioTooLong, match=r"2\.000 s long: 88200 frames at 44100 Hz; the limit is 1\.5 s"
+    ) as exc:
         read_audio(too_long, 8000, 1.5)
     assert decoded == [] and exc.value.seconds == 2.0
     # a FLAC header whose STREAMINFO claims 2^35 samples over 800 real ones: refused from the header
@@ -162,6 +165,35 @@ def test_header_fields_out_of_range_are_named(channels, rate, field):
     data = wav_header(channels, rate, 16, 2 * channels * 10) + b"\x00" * (2 * channels * 10)
     with pytest.raises(ValueError, match=f"^{field}: "):
         read_audio(data, 8000, 30)
+
+
+def test_refusals_say_what_is_wrong_in_samples_and_words_and_print_nothing(monkeypatch):
+    """A prompt one sample over the limit read "the audio is 2.000 s long; the limit is 2 s": the counts
+    now show it over. A truncated MP3 was "File does not exist or is not a regular file (possibly a
+    pipe?)", libsndfile's words for a file system: now that the data could not be decoded. A 30-byte AIFF
+    printed "Exception ignored from cffi callback ... vio_seek ... negative seek value -1" (our bytes
+    raised inside soundfile's virtual IO): now nothing. (An audit.)"""
+    with pytest.raises(AudioTooLong) as e:
+        read_audio(wav_bytes(np.zeros(16001), 8000), 8000, 2)
+    assert (
+        str(e.value) == "the audio is 2.000 s long: 16001 samples at 8000 Hz; the limit is 2 s: 16000 samples"
+    )
+    assert len(read_audio(wav_bytes(np.zeros(16000), 8000), 8000, 2)[0]) == 16000
+    with pytest.raises(AudioTooLong, match=r"66151 frames at 44100 Hz; the limit is 1\.5 s: 66150 frames at "
+                       r"that rate \(12000 samples at 8000 Hz\)$"):  # fmt: skip
+        read_audio(wav_bytes(np.zeros(66151), 44100), 8000, 1.5)
+    mp3 = encoded(tone(440, 8000, 1.0), 8000, "MP3", "MPEG_LAYER_III")
+    with pytest.raises(ValueError) as e:
+        read_audio(mp3[: len(mp3) // 3], 8000, 30)
+    assert str(e.value).endswith("the data could not be decoded (a damaged or truncated file?)"), e.value
+    assert "File does not exist" not in str(e.value) and "pipe" not in str(e.value)
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    aiff = encoded(tone(440, 8000, 0.1), 8000, "AIFF", "PCM_16")
+    for n in (30, 36, 42):
+        with pytest.raises(ValueError, match="the data could not be decoded"):
+            read_audio(aiff[:n], 8000, 30)
+    assert unraisable == []
 
 
 def _set(data: bytes, at: int, value: int, order: str = "little") -> bytes:

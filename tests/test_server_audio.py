@@ -187,7 +187,11 @@ def test_a_wav_of_unknown_length_is_read_to_its_end(client, model_dirs):
 @pytest.mark.parametrize(
     "prompt_audio,status,needle",
     [
-        (wav_bytes(np.zeros(8000 * 31), 8000), 413, "31.000 s long; the limit is 30 s"),
+        (
+            wav_bytes(np.zeros(8000 * 31), 8000),
+            413,
+            "31.000 s long: 248000 samples at 8000 Hz; the limit is 30 s: 240000 samples",
+        ),
         (b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(30), 422, "prompt_audio: "),
         (b"OggS" + bytes(60), 422, "not an audio file"),
         (b"", 422, "prompt_audio is empty"),  # (libsndfile's "Format not recognised" said nothing of it)
