@@ -124,6 +124,13 @@ class SamplingFields(Strict):
     repetition_penalty: float = finite(
         1.0, gt=0, le=100, description="CTRL-style penalty (1 → off)" + OR_CHECKPOINTS
     )
+    min_p: float = finite(
+        0.0,
+        ge=0,
+        le=1,
+        description="drop tokens less likely than min_p × the most likely one (0 → off; vLLM's min_p, as "
+        "on the OpenAI routes)",
+    )
     seed: int | None = count(None, le=2**63 - 1, description="same seed + input + params → same tokens")
     stop: list[StopString] | None = Field(
         None, max_length=16, description="stop sequences (text models); the text ends before them"

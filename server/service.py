@@ -116,6 +116,7 @@ def sampling_params(model: ServedModel, req: SamplingFields) -> SamplingParams:
         raise invalid("stop", "stop sequences apply to text models only")
     return SamplingParams(
         **with_defaults(model.generation, req),  # temperature, top_k, top_p, repetition_penalty
+        min_p=req.min_p,
         seed=req.seed if req.seed is not None else random_seed(),
         stop=[s.encode() for s in req.stop or []],
     )

@@ -268,6 +268,43 @@ def test_line_wrapped_base64_and_data_uris_are_read_and_other_junk_is_refused_sa
         assert needle in err["message"] and err["message"].startswith("prompt_audio is "), (needle, err)
 
 
+def test_min_p_is_taken_by_the_native_routes_and_sampled_as_the_library_does(client, server, model_dirs):
+    """min_p (the README's advice for audio) was taken only by the OpenAI routes, which refuse audio
+    models: /v1/generate, SSE and WebSocket generate answered "Extra inputs are not permitted" (an
+    audit). Each now samples with it as the library does, and refuses one outside [0, 1]."""
+    plain = reference(model_dirs["audio"], SILENCE, SamplingParams(seed=7), 60)
+    want = reference(model_dirs["audio"], SILENCE, SamplingParams(seed=7, min_p=0.5), 60)
+    assert want != plain  # (min_p 0.5 changes this model's samples: the test sees it applied)
+    req = {"model": AUDIO, "max_new_tokens": 60, "seed": 7, "min_p": 0.5}
+    r = client.post("/v1/generate", json=req)
+    assert r.status_code == 200 and r.json()["tokens"] == want, r.text
+    events = sse_events(client.post("/v1/generate", json={**req, "stream": True}))
+    assert sum((e["ids"] for e in events if e["type"] == "audio"), []) == want
+    sid = client.post("/v1/sessions", json={"model": AUDIO}).json()["session_id"]
+    r = client.post("/v1/generate", json={**req, "session_id": sid})
+    assert r.status_code == 200 and r.json()["tokens"] == want, r.text
+    text_want = reference(model_dirs["text"], list(b"to be"), SamplingParams(seed=7, min_p=0.2), 20)
+    r = client.post("/v1/generate", json={"model": TEXT, "prompt": "to be", "max_new_tokens": 20, "seed": 7,
+                                          "min_p": 0.2})  # fmt: skip
+    assert r.status_code == 200 and r.json()["tokens"] == text_want, r.text
+
+    async def ws() -> list:
+        async with connect(server.ws_url) as sock:
+            await sock.send(json.dumps({"type": "generate", "audio_encoding": "mulaw", **req}))
+            frames = []
+            while (m := await sock.recv()) and (isinstance(m, bytes) or json.loads(m)["type"] != "done"):
+                frames.append(m)
+            await sock.send(json.dumps({**req, "type": "generate", "min_p": 1.5}))
+            return frames + [json.loads(await sock.recv())]
+
+    *frames, err = asyncio.run(ws())
+    assert list(b"".join(f for f in frames if isinstance(f, bytes))) == want
+    assert err["type"] == "error" and err["code"] == 422 and err["param"] == "min_p", err
+    for bad in (-0.1, 1.5, "0.5"):
+        r = client.post("/v1/generate", json={**req, "min_p": bad})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "min_p", r.text
+
+
 def test_a_nan_or_infinite_prompt_sample_is_refused_on_every_route_that_takes_audio(client, server):
     """A float WAV with NaN or ±inf samples was generated from as if they were silence (a fresh-user
     trial): a 422 naming prompt_audio on /v1/generate, session create and append, and in WebSocket
