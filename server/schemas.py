@@ -295,7 +295,8 @@ class ModelInfo(BaseModel):
         "'_'), or an 8-bit audio sample (audio_codec)"
     )
     audio_codec: Literal["mu-law s4serve", "mu-law s4", "linear"] | None = Field(
-        description="audio: the samples' 8-bit code, what `mulaw` WebSocket frames hold: mu-law in our "
+        description="audio: the samples' 8-bit code, what `mulaw` WebSocket frames hold (token ids, not "
+        "G.711 bytes: use pcm16 or WAV to play them): mu-law in our "
         "convention (s4serve: 2q/255 - 1), mu-law in state-spaces/s4's (s4: q/128 - 1, official SaShiMi "
         "models), or state-spaces/s4's linear quantization (q/128 - 1 without companding, the official "
         "Beethoven SaShiMi's; such a model sends no mulaw frames); null for text"
@@ -700,25 +701,32 @@ WS_MODEL = (
 )
 
 
+AUDIO_ENCODING = (
+    "binary frames, both ways: pcm16 (s16le samples at the model's rate: playable) or mulaw (one byte per "
+    "sample = the model's token ids, NOT G.711 mu-law bytes: ids 128-255 run opposite to G.711's, so the "
+    "silence code 128 plays at full scale in `sox -t ul` or ffmpeg's pcm_mulaw)"
+)
+
+
 class WSSession(Strict):
     type: Literal["session"]
     model: str | None = Field(None, description=WS_MODEL)
     session_id: str | None = Field(None, description="attach an existing session instead of a new one")
-    audio_encoding: Literal["pcm16", "mulaw"] | None = Field(None, description="binary frames, both ways")
+    audio_encoding: Literal["pcm16", "mulaw"] | None = Field(None, description=AUDIO_ENCODING)
 
 
 class WSGenerate(SamplingFields, InputFields, AudioStreamFields):
     type: Literal["generate"]
     model: str | None = Field(None, description=WS_MODEL)
     session_id: str | None = None
-    audio_encoding: Literal["pcm16", "mulaw"] | None = None
+    audio_encoding: Literal["pcm16", "mulaw"] | None = Field(None, description=AUDIO_ENCODING)
 
 
 class WSAppend(InputFields):
     type: Literal["append"]
     model: str | None = Field(None, description=WS_MODEL)
     session_id: str | None = None
-    audio_encoding: Literal["pcm16", "mulaw"] | None = None
+    audio_encoding: Literal["pcm16", "mulaw"] | None = Field(None, description=AUDIO_ENCODING)
 
 
 class WSCancel(Strict):
