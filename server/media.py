@@ -204,18 +204,30 @@ def prompt_ids(
         raise invalid("prompt_audio", msg) from None
     except ValueError as exc:
         raise invalid("prompt_audio", f"prompt_audio: {exc}") from None
-    return codec.encode(x).tolist()
+    return encode_samples(x, codec).tolist()
 
 
 def audio_frame_ids(data: bytes, encoding: str, codec: Codec = MULAW) -> list[int]:
     """A binary WebSocket frame of prompt samples → the model's ids (mulaw frames are the ids themselves: a
-    mu-law model's, `check_encoding`)."""
+    mu-law model's, `check_encoding`); pcm16 frames by `pcm16_ids`, so the server's own pcm16 output
+    comes back as the ids it was made from."""
     if encoding == "mulaw":
         return list(data)
     if len(data) % 2:
         raise invalid("audio", f"a pcm16 frame must hold whole 2-byte samples, got {len(data)} bytes")
-    x = np.frombuffer(data, dtype="<i2").astype(np.float32) / 32768
-    return codec.encode(x).tolist()
+    return pcm16_ids(codec)[np.frombuffer(data, dtype="<i2").astype(np.int64) + 32768].tolist()
+
+
+def encode_samples(x: np.ndarray, codec: Codec = MULAW) -> np.ndarray:
+    """Float samples in [-1, 1] (a decoded prompt file) → int64 ids of `codec`: a sample that is a 16-bit
+    value v / 32768 exactly (a 16-bit file at the model's rate: the server's WAV output sent back) by
+    `pcm16_ids`, any other by `codec.encode`."""
+    x = np.asarray(x, dtype=np.float32)
+    v = x.astype(np.float64) * 32768
+    exact = (v == np.round(v)) & (v >= -32768) & (v <= 32767)
+    ids = codec.encode(x)
+    ids[exact] = pcm16_ids(codec)[v[exact].astype(np.int64) + 32768]
+    return ids
 
 
 @functools.cache
@@ -224,6 +236,26 @@ def pcm16_table(codec: Codec = MULAW) -> np.ndarray:
     computed once per codec by the per-sample path (to_pcm16 of its decode), so a lookup is bit-identical
     to it."""
     table = np.frombuffer(to_pcm16(codec.decode(np.arange(256))), dtype="<i2")
+    table.flags.writeable = False
+    return table
+
+
+@functools.cache
+def pcm16_ids(codec: Codec = MULAW) -> np.ndarray:
+    """(65536,) int64, non-decreasing: the id of each 16-bit sample value (index v + 32768) for `codec`:
+    `codec.encode` of v / 32768 (the codec's own rule), except that each id's own pcm16 value
+    (`pcm16_table`) and the values above it up to where the codec's rule reaches that id are that id.
+    So pcm16 the server sent comes back as the same ids: in the official "s4" mu-law convention and in
+    linear quantization a decoded id is its bin's lower edge, which their encode (its 0.01 margin) put
+    one bin lower for 127 of the 256 ids; the values changed (249 of 65,536 in "s4", 217 in linear, each
+    by one id) are nearer to the id's own sample than to the one below's. In our "s4serve" convention
+    the table is exactly the encode. Built once per codec."""
+    table = codec.encode(np.arange(-32768, 32768, dtype=np.float32) / 32768)
+    own = pcm16_table(codec).astype(np.int64) + 32768
+    if not (np.diff(own) > 0).all():  # (never so for the three codecs: each id has its own 16-bit value)
+        raise ValueError(f"{codec.name}: the ids' pcm16 values do not increase")
+    table[own] = np.arange(256)
+    table = np.maximum.accumulate(table)
     table.flags.writeable = False
     return table
 

@@ -184,8 +184,10 @@ def test_a_model_with_the_official_mulaw_convention_streams_in_it(srv, official_
 
     s4 = MuLaw("s4")
     pcm_in = to_pcm16(tone(400, RATE))
-    prompt = s4.encode(np.frombuffer(pcm_in, "<i2") / 32768).tolist()
+    # (pcm16 in by the server's table: s4's encode, except that each id's own pcm16 value is that id)
+    prompt = media.audio_frame_ids(pcm_in, "pcm16", s4)
     assert prompt != MU.encode(np.frombuffer(pcm_in, "<i2") / 32768).tolist()  # the conventions differ
+    assert np.abs(np.array(prompt) - s4.encode(np.frombuffer(pcm_in, "<i2") / 32768)).max() <= 1
 
     async def main():
         async with connect(srv.ws_url) as ws:
@@ -222,7 +224,7 @@ def test_an_official_beethoven_sashimi_streams_its_linear_quantization(srv):
     }
     assert codecs == {BEETHOVEN: "linear", SC09: "mu-law s4", AUDIO: "mu-law s4serve"}
     pcm_in = to_pcm16(tone(400, RATE))
-    prompt = lin.encode(np.frombuffer(pcm_in, "<i2") / 32768).tolist()
+    prompt = media.audio_frame_ids(pcm_in, "pcm16", lin)
     assert prompt != MuLaw("s4").encode(np.frombuffer(pcm_in, "<i2") / 32768).tolist()
 
     async def main():
@@ -242,6 +244,36 @@ def test_an_official_beethoven_sashimi_streams_its_linear_quantization(srv):
     assert body["tokens"] == reference(folder, [128], SamplingParams(seed=4), 100)
     with wave.open(io.BytesIO(base64.b64decode(body["audio"]))) as w:
         assert w.readframes(w.getnframes()) == to_pcm16(lin.decode(body["tokens"]))
+
+
+def test_the_servers_own_pcm16_comes_back_as_the_ids_it_was_made_from(srv, official_dir, audio_dir):
+    """Every id's pcm16 sample (the server's WAV and pcm16 frames), sent back as a WAV prompt_audio or as
+    WebSocket pcm16 frames, is read as that id for every codec: a generation after it is the library's
+    after the 256 ids. In the official "s4" mu-law convention and linear quantization 127 of the 256
+    ids came back one lower (a decoded id is its bin's lower edge, which their encode puts in the bin
+    below; an audit). (tests/test_audio_frames.py checks the ids themselves.)"""
+    import httpx
+
+    from model.codecs import Linear8
+
+    ids = list(range(256))
+    beethoven = srv.state.models[BEETHOVEN].path
+    for model, codec, folder in [(OFFICIAL, MuLaw("s4"), official_dir), (BEETHOVEN, Linear8(), beethoven),
+                                 (AUDIO, MU, audio_dir)]:  # fmt: skip
+        pcm = media.pcm16_table(codec).tobytes()
+        assert pcm == to_pcm16(codec.decode(ids))
+        want = reference(folder, ids, SamplingParams(seed=9), 40)
+        req = {"model": model, "prompt_audio": b64(wav_bytes(codec.decode(ids), RATE)), "max_new_tokens": 40}
+        body = httpx.post(f"{srv.url}/v1/generate", json={**req, "seed": 9}).json()
+        assert body["usage"]["prompt_tokens"] == 256 and body["tokens"] == want, model
+
+        async def main(model=model, pcm=pcm) -> bytes:
+            async with connect(srv.ws_url) as ws:
+                await ws.send(json.dumps({"type": "session", "model": model, "audio_encoding": "pcm16"}))
+                await ws.recv()
+                return await pcm_turn(ws, pcm, 40, seed=9)
+
+        assert run(main()) == to_pcm16(codec.decode(want)), model
 
 
 def test_an_official_sashimi_checkpoint_is_converted_and_streams_official_mulaw(srv):

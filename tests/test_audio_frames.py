@@ -18,7 +18,7 @@ import pytest
 from server_support import metric, reference, sse_events
 from websockets.asyncio.client import connect
 
-from model.codecs import MuLaw, audio_codec, to_pcm16
+from model.codecs import Linear8, MuLaw, audio_codec, to_pcm16, wav_bytes
 from model.sampling import SamplingParams
 from server import media
 
@@ -327,3 +327,23 @@ def test_the_benchmark_client_spreads_the_starts_when_asked(server):
     row = asyncio.run(run_streams(server.ws_url, AUDIO, 3, 300, 10, spread_s=2.0))
     assert [s["samples"] for s in row["per_stream"]] == [300] * 3
     assert row["wall_s"] >= max(offsets) > 1.5
+
+
+@pytest.mark.parametrize("codec", [MuLaw(), MuLaw("s4"), Linear8()], ids=lambda c: c.name)
+def test_every_ids_pcm16_comes_back_as_that_id(codec):
+    """All 256 ids → the server's pcm16 (`pcm16_table`, = to_pcm16 of the decode) → ids again, over both
+    ways in (WebSocket pcm16 frames; a 16-bit WAV prompt_audio at the model's rate) gives the ids. In the
+    "s4" mu-law convention and linear quantization 127 came back one lower (an audit). The int16 → id
+    table is non-decreasing, within one id of the codec's encode everywhere, and is its encode in our
+    "s4serve" convention."""
+    ids = np.arange(256)
+    pcm = media.pcm16_table(codec)
+    assert media.audio_frame_ids(pcm.tobytes(), "pcm16", codec) == ids.tolist()
+    wav = base64.b64encode(wav_bytes(codec.decode(ids), 8000)).decode()
+    assert media.prompt_ids("audio", 8000, None, wav, codec=codec) == ids.tolist()
+    table = media.pcm16_ids(codec)
+    encoded = codec.encode(np.arange(-32768, 32768, dtype=np.float32) / 32768)
+    assert (np.diff(table) >= 0).all() and np.abs(table - encoded).max() <= 1
+    assert np.array_equal(table, encoded) == (codec == MuLaw())
+    x = np.array([0.1, -0.3, 0.123456, 0.5 + 1 / 65536])  # not 16-bit values: the codec's own encode
+    assert media.encode_samples(x, codec).tolist() == codec.encode(x.astype(np.float32)).tolist()
