@@ -584,17 +584,19 @@ def test_a_refused_turn_discards_its_buffered_audio_prompt_and_says_so(server, c
             await ws.send(bytes(prompt[:30]))
             await ws.send(json.dumps({"type": "append"}))
             out["appended"] = await frame(ws, "appended")  # the 30 samples alone
-            # a generation running: the next turn's frames, then its generate too early (409)
-            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 400, "seed": 1}))
+            # a generation running (one that cannot end while this client reads nothing: longer than the
+            # stream buffer holds): the next turn's frames, then its append too early (409), then a cancel
+            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 200_000, "seed": 1}))
             await frame(ws, "audio_header")
             await ws.send(bytes(prompt[:50]))
             await ws.send(json.dumps({"type": "append"}))
             while isinstance(m := await ws.recv(), bytes) or json.loads(m)["type"] != "error":
                 pass
             out["running"] = json.loads(m)
+            await ws.send(json.dumps({"type": "cancel"}))
             while isinstance(m := await ws.recv(), bytes):
                 pass
-            assert json.loads(m)["type"] == "done"
+            out["cancelled"] = json.loads(m)
             out["tokens"] = client.get(f"/v1/sessions/{sid}").json()["tokens"]
             # the session gone: its frames must not become the next (text) session's prompt
             await ws.send(bytes(prompt[:70]))
@@ -613,7 +615,10 @@ def test_a_refused_turn_discards_its_buffered_audio_prompt_and_says_so(server, c
         assert err["code"] == code, err
         assert f"the {n} audio prompt samples buffered" in err["message"] and "discarded" in err["message"]
     assert out["appended"]["tokens"] == 30
-    assert out["tokens"] == 30 + 400  # the 50 samples sent during the generation were not appended
+    done = out["cancelled"]
+    assert done["type"] == "done" and done["finish_reason"] == "cancelled", done
+    generated = done["usage"]["completion_tokens"]
+    assert out["tokens"] == 30 + generated  # the 50 samples sent during the generation were not appended
     check_usage(out["done"]["usage"], 6, 9)
     assert out["ids"] == reference(model_dirs["text"], list(b"or not"), SamplingParams(seed=5), 9)
 
