@@ -154,7 +154,9 @@ class Settings(BaseSettings):
         "seconds at the model's sample rate (30 s at 8 kHz: 240,000 samples)",
     )
     max_queued_requests: int = Field(
-        256, ge=1, description="requests admitted but not yet decoding, per model (else 429)"
+        256,
+        ge=1,
+        description="requests admitted but not yet decoding, per model (else 429; a delete is never refused)",
     )
     max_batch_size: int = Field(128, ge=1, description="most sessions stepped together in one decode step")
     prefill_chunk_tokens: int = Field(

@@ -608,25 +608,36 @@ class Engine:
 
     @property
     def queued(self) -> int:
+        """Requests and bounded calls queued (what max_queued_requests bounds: `s4_queue_depth`)."""
         return self._queued
+
+    @property
+    def inbox(self) -> int:
+        """Everything submitted and not yet taken by the engine thread, unbounded calls (deletes) too."""
+        with self._cv:
+            return len(self._inbox)
 
     @property
     def active_requests(self) -> int:
         return len(self._running)
 
     def _submit(self, item: Job | tuple) -> None:
+        """Queue a job or a control call (fn, future, bounded). Jobs and bounded calls count against
+        max_queued_requests (429 past it) and in the queue depth; an unbounded call (one that frees what
+        the queue's limit protects: a delete, a dropped copy, room for a new session) neither."""
+        counted = isinstance(item, Job) or item[2]
         with self._cv:
             if self._stopping:
                 raise unavailable("the server is shutting down")
             if self.crashed is not None:  # nobody reads the inbox any more: refuse, never hang
                 raise unavailable(self.crashed)
-            if self._queued >= self.settings.max_queued_requests:
+            if counted and self._queued >= self.settings.max_queued_requests:
                 self.metrics.reject("queue_full")
                 raise over_capacity(
                     f"model {self.model_id} has {self._queued} requests queued "
                     f"(max_queued_requests={self.settings.max_queued_requests})"
                 )
-            self._queued += 1
+            self._queued += counted
             self._inbox.append(item)
             fut = item.future if isinstance(item, Job) else item[1]
             if fut is not None:
@@ -677,10 +688,14 @@ class Engine:
             self.sessions.release(job.session)
         return queued
 
-    def call(self, fn: Callable[[Engine], Any]) -> concurrent.futures.Future:
-        """Run fn(engine) on the engine thread (state copies: fork, export, import, delete)."""
+    def call(self, fn: Callable[[Engine], Any], bounded: bool = True) -> concurrent.futures.Future:
+        """Run fn(engine) on the engine thread (state copies: fork, export, import; a delete). `bounded`:
+        refused (429) when max_queued_requests are queued, as a request is; False for a call that frees
+        what the limit protects (a delete, a dropped copy, eviction for room), which a full queue had
+        refused: a closed socket's session then held its slot until the TTL, in the overload that filled
+        the queue (two helpers' audits)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._submit((fn, fut))
+        self._submit((fn, fut, bounded))
         return fut
 
     def cancel_running(self) -> None:
@@ -755,8 +770,9 @@ class Engine:
             if isinstance(item, Job):
                 self._start(item)
             else:
-                fn, fut = item
-                self._uncount(None)
+                fn, fut, counted = item
+                if counted:
+                    self._uncount(None)
                 if fut.set_running_or_notify_cancel():  # (else its waiter gave it up: nobody reads it)
                     try:
                         fut.set_result(fn(self))

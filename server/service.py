@@ -180,7 +180,7 @@ async def wait_for_slots(model: ServedModel, n: int = 1) -> None:
     if engine.persist is not None and (short := n - max(0, engine.pool.free - engine.slots_evicting)) > 0:
         engine.slots_evicting += short
         try:
-            await engine_answer(engine.call(lambda e: e.evict_for_room(short)))
+            await engine_answer(engine.call(lambda e: e.evict_for_room(short), bounded=False))
         finally:
             engine.slots_evicting -= short
 
@@ -408,7 +408,8 @@ async def delete(state: ServerState, session_id: str) -> None:
     model.engine.expect_release(release)  # (wait_for_slots: its slot is on its way back)
     gone = None
     try:
-        gone = await engine_answer(model.engine.call(lambda e: e.delete_now(rec)))  # (a future: a turn runs)
+        # (never refused for a full queue: it frees a slot; a turn running: a future)
+        gone = await engine_answer(model.engine.call(lambda e: e.delete_now(rec), bounded=False))
         if gone is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(gone)), DELETE_WAIT_S)
@@ -701,7 +702,7 @@ async def _drop_copy(state: ServerState, session_id: str) -> bool:
         return err.status == 404
     model = state.models[rec.model]
     try:
-        fut = model.engine.call(lambda e: e.drop_copy(rec))
+        fut = model.engine.call(lambda e: e.drop_copy(rec), bounded=False)
     except APIError:  # (the engine's queue is full, or it is stopping)
         state.sessions.release(rec)
         raise

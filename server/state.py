@@ -207,7 +207,7 @@ class ServerState:
             return
         model = self.models.get(rec.model)
         try:
-            model.engine.call(lambda e: e.drop_copy(rec))
+            model.engine.call(lambda e: e.drop_copy(rec), bounded=False)
         except APIError:  # the engine is stopping: nothing will use the copy again
             self.sessions.release(rec)
 

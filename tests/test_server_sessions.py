@@ -402,7 +402,7 @@ def test_two_deletes_of_a_session_at_once_free_its_slot_once(client, server):
                for _ in range(2)]  # fmt: skip
     for t in deletes:
         t.start()
-    assert wait_for(lambda: engine.queued >= 2, 10)
+    assert wait_for(lambda: engine.inbox >= 2, 10)  # (deletes are not counted in `queued`: never refused)
     hold.set()
     for t in deletes:
         t.join()
@@ -438,10 +438,10 @@ def test_a_request_that_claimed_a_session_just_before_its_delete_gets_404_and_no
 
         threads = [threading.Thread(target=send, args=("delete", "DELETE", f"/v1/sessions/{sid}", None))]
         threads[0].start()
-        assert wait_for(lambda: engine.queued >= 1, 10)  # the delete waits in the engine's queue
+        assert wait_for(lambda: engine.inbox >= 1, 10)  # the delete waits in the engine's queue
         threads.append(threading.Thread(target=send, args=(what, *request(sid))))
         threads[1].start()
-        assert wait_for(lambda: engine.queued >= 2, 10)  # and the request that claimed it after it
+        assert wait_for(lambda: engine.inbox >= 2, 10)  # and the request that claimed it after it
         hold.set()
         for t in threads:
             t.join()
@@ -477,7 +477,7 @@ def test_a_request_cancelled_while_it_waits_for_the_engine_leaves_the_engine_and
         before = len(st.sessions.records(TEXT))
         held, hold = hold_engine(engine)
         request = asyncio.run_coroutine_threadsafe(op(), st.loop)
-        assert wait_for(lambda: engine.queued >= 1, 10), name
+        assert wait_for(lambda: engine.inbox >= 1, 10), name
         request.cancel()  # (the task is cancelled while it waits for the engine's answer)
         time.sleep(0.05)
         hold.set()
@@ -497,3 +497,38 @@ def test_a_request_cancelled_while_it_waits_for_the_engine_leaves_the_engine_and
     assert r.status_code == 200 and len(r.json()["tokens"]) == 4
     for rec in st.sessions.records(TEXT):  # (leave the module's server as it was)
         assert httpx.delete(f"{server.url}/v1/sessions/{rec.id}").status_code == 204
+
+
+def test_a_full_request_queue_never_refuses_a_delete(client, server):
+    """Deletes went through the engine's bounded request queue: with max_queued_requests requests
+    queued (an overload), DELETE was a 429, and a closed WebSocket's own session was not deleted at all
+    (logged, its slot held until the TTL, while the overload that filled the queue went on; two helpers'
+    audits). A delete frees what the limit protects: never refused for it. Fork and export, which add
+    work, still are (429), and the queue gauge counts the requests alone."""
+    import asyncio
+
+    from websockets.asyncio.client import connect
+
+    engine = server.state.models[TEXT].engine
+    sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "to be"}).json()["session_id"]
+    limit = engine.settings.max_queued_requests
+
+    async def socket_turn_then_close() -> str:
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": 2}))
+            mine = json.loads(await ws.recv())["session_id"]
+            while json.loads(await ws.recv())["type"] != "done":
+                pass
+            engine.settings.max_queued_requests = 0  # as if that many were queued: every request a 429
+        return mine  # (closed now: the server deletes the socket's own session)
+
+    try:
+        mine = asyncio.run(socket_turn_then_close())
+        assert client.post(f"/v1/sessions/{sid}/fork").status_code == 429
+        assert client.get(f"/v1/sessions/{sid}/export").status_code == 429
+        assert wait_for(lambda: client.get(f"/v1/sessions/{mine}").status_code == 404, timeout=10)
+        assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+    finally:
+        engine.settings.max_queued_requests = limit
+    assert client.get(f"/v1/sessions/{sid}").status_code == 404
+    assert engine.queued == 0

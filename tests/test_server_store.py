@@ -1038,7 +1038,7 @@ def test_a_slot_an_eviction_frees_goes_to_the_request_it_was_made_for():
         def releases_under_way(self) -> int:
             return 0
 
-        def call(self, fn):
+        def call(self, fn, bounded=True):
             fut = concurrent.futures.Future()
             calls.append((fn, fut))
             return fut
