@@ -48,12 +48,25 @@ class RequestIds(logging.Filter):
         return True
 
 
+# line breaks and other control characters (C0 but tab, DEL, C1, U+2028/9), escaped in a text log line
+CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """`text` with each control character as its Python escape (a newline as the two characters \\n)."""
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 class TextFormatter(logging.Formatter):
-    """`time LEVEL logger [request_id generation_id]: message`; the brackets only inside a request."""
+    """`time LEVEL logger [request_id generation_id]: message`; the brackets only inside a request. The
+    message is one line whatever it holds: a client's string in it (a session id while the store was
+    down, a header) had written a forged line of its own into the log (a helper's audit); a traceback
+    still follows on its own lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         ids = [i for i in (getattr(record, "request_id", None), getattr(record, "generation_id", None)) if i]
         record.ids = f" [{' '.join(ids)}]" if ids else ""
+        record.message = escape_controls(record.message)
         return super().formatMessage(record)
 
 

@@ -56,6 +56,27 @@ def test_text_lines_name_the_request_and_the_generation_only_inside_one():
         generation_id.reset(gid)
 
 
+def test_a_clients_string_in_a_message_cannot_forge_a_line():
+    """A session id with a newline in it, logged while the session store was down ("session %s: %s"), wrote
+    a forged line of its own into the text log, an access line of the attacker's choosing (a helper's
+    audit). Every control character of a message is escaped: one record, one line, its text readable;
+    a traceback still follows on its own lines."""
+    formatter = TextFormatter(TEXT_FORMAT)
+    forged = 'x\n2026-12-06 11:00:00,000 INFO uvicorn.access [admin]: "POST /v1/admin HTTP/1.1" 200'
+    for sid in (forged, "x\r\x1b[2Ky", "x\u2028y\x85z", "x\x00y"):
+        args = (sid, "down")
+        record = logging.LogRecord("server.store", logging.ERROR, __file__, 1, "session %s: %s", args, None)
+        text = formatter.format(record)
+        assert "\n" not in text and "\r" not in text and "\x1b" not in text and "\u2028" not in text, text
+        assert text.endswith(f"session {sid.encode('unicode_escape').decode()}: down"), text
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("server", logging.ERROR, __file__, 1, "a\nb", None, sys.exc_info())
+    lines = formatter.format(record).splitlines()
+    assert lines[0].endswith("server: a\\nb") and lines[1] == "Traceback (most recent call last):"
+
+
 def test_probe_and_scrape_access_lines_are_debug():
     access = logging.getLogger("test.uvicorn.access")
     quiet = QuietProbes()
