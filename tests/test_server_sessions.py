@@ -532,3 +532,40 @@ def test_a_full_request_queue_never_refuses_a_delete(client, server):
         engine.settings.max_queued_requests = limit
     assert client.get(f"/v1/sessions/{sid}").status_code == 404
     assert engine.queued == 0
+
+
+def test_a_session_made_for_a_client_that_has_gone_is_deleted(client, server):
+    """POST /v1/sessions (create, fork, import) whose client closes its connection before the answer: the
+    session was made all the same, and nobody knew its id, so it held a slot until the TTL (a helper's
+    audit: 3 creates with 8,000-token prompts, each client gone after 20 ms, held 3 slots for 600 s). It
+    is deleted now, and the answer is a 499 (to nobody: counted)."""
+    import socket
+
+    engine = server.state.models[TEXT].engine
+    sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "to be"}).json()["session_id"]
+    blob = client.get(f"/v1/sessions/{sid}/export").content
+    in_use = engine.pool.in_use
+    prompt = "x" * 4000  # (an ingestion of some milliseconds: the client is gone before its answer)
+
+    def leave(method_path: str, body: bytes, content_type: str) -> None:
+        s = socket.create_connection(("127.0.0.1", server.port))
+        s.sendall(f"{method_path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n"
+                  f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+        s.close()  # at once: before any answer
+
+    ops = {
+        "create": (
+            "POST /v1/sessions",
+            json.dumps({"model": TEXT, "prompt": prompt}).encode(),
+            "application/json",
+        ),
+        "fork": (f"POST /v1/sessions/{sid}/fork", b"", "application/json"),
+        "import": ("POST /v1/sessions/import", blob, "application/octet-stream"),
+    }
+    for name, (method_path, body, content_type) in ops.items():
+        before = {r.id for r in server.state.sessions.records(TEXT)}
+        leave(method_path, body, content_type)
+        time.sleep(0.5)  # (the route has run, the client long gone)
+        assert wait_for(lambda: engine.pool.in_use == in_use and not engine.inbox, 10), name
+        assert {r.id for r in server.state.sessions.records(TEXT)} == before, name
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 204

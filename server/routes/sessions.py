@@ -27,7 +27,7 @@ async def create(req: SessionCreate, request: Request):
     model = st.model(req.model)
     ids = await service.prompt_ids(st, model, req.prompt, req.prompt_audio)
     rec, usage = await service.create_session(st, model, ids)
-    return {**_info(request, rec), "usage": usage}
+    return {**_info(request, await service.unless_gone(st, request, rec)), "usage": usage}
 
 
 STATE_BODY = {"content": {STATE_TYPE: {"schema": {"type": "string", "format": "binary"}}}, "required": True}
@@ -54,7 +54,8 @@ async def import_(request: Request):
         blob += part
         if len(blob) > limit:
             raise too_large(f"a state blob is at most {limit} bytes here", param="state")
-    return _info(request, await service.import_state(st, bytes(blob)))
+    rec = await service.import_state(st, bytes(blob))
+    return _info(request, await service.unless_gone(st, request, rec))
 
 
 @router.get("/{session_id}", **INFO, summary="A session's info")
@@ -81,8 +82,9 @@ async def delete(session_id: str, request: Request) -> Response:
 @router.post("/{session_id}/fork", status_code=201, **INFO,
              summary="A new session with a copy of this one's state")  # fmt: skip
 async def fork(session_id: str, request: Request):
-    await service.restore(state_of(request), session_id)
-    return _info(request, await service.fork(state_of(request), session_id))
+    st = state_of(request)
+    await service.restore(st, session_id)
+    return _info(request, await service.unless_gone(st, request, await service.fork(st, session_id)))
 
 
 @router.post("/{session_id}/append", **INFO,
