@@ -1143,3 +1143,31 @@ def test_tokenize_and_detokenize_read_and_write_text_as_the_text_routes_do(serve
             assert err["param"] == param, (path, body, err)
         r = c.post("/tokenize", json={"model": "nope", "prompt": "a"})
         assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
+def test_a_non_streamed_answer_is_built_and_serialized_off_the_event_loop(chat_server, monkeypatch):
+    """Completions and chat answers were built, validated and serialized on the event loop: one answer of
+    MAX_LOGPROB_VALUES log-probabilities (16 echoed 8,000-token prompts, logprobs 1: 7.2 MB) held every
+    other stream for 0.3 s (a helper's audit). Both are built in a worker thread now (usage is computed
+    as part of the answer, so it is called there), and the answer is what the response model says."""
+    import threading
+
+    from server.routes import openai as routes
+
+    s, _ = chat_server
+    threads: list[int] = []
+    real = routes.usage
+    monkeypatch.setattr(routes, "usage", lambda *a: (threads.append(threading.get_ident()), real(*a))[1])
+    asked = {"max_tokens": 4, "seed": 1}
+    body = {"model": TEXT, "prompt": PROMPT, "echo": True, "logprobs": 2, **asked}
+    completion = httpx.post(s.url + "/v1/completions", timeout=60, json=body)
+    chat = httpx.post(s.url + "/v1/chat/completions", timeout=60,
+                      json={"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}],
+                            "logprobs": True, "top_logprobs": 2, **asked})  # fmt: skip
+    assert completion.status_code == 200 and chat.status_code == 200, (completion.text, chat.text)
+    assert completion.headers["content-type"] == chat.headers["content-type"] == "application/json"
+    body = completion.json()
+    assert body["object"] == "text_completion" and body["choices"][0]["text"].startswith(PROMPT)
+    assert len(body["choices"][0]["logprobs"]["top_logprobs"]) == len(PROMPT) + 4
+    assert len(chat.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+    assert len(threads) == 2 and s.thread.ident not in threads
