@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import hashlib
-import json
 import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
@@ -131,13 +130,12 @@ def char_offsets(ids: list[int], vocab: Vocab | None = None) -> list[int]:
 
 async def json_answer(model: type[BaseModel], build: Callable[[], dict]) -> Response:
     """A non-streamed answer built, validated against its response model and serialized as FastAPI does
-    (by alias, None kept, compact UTF-8 JSON, no NaN), in a worker thread: on the event loop, an answer
+    (by alias, None kept, compact UTF-8 JSON), in a worker thread: on the event loop, an answer
     of MAX_LOGPROB_VALUES log-probabilities (16 echoed prompts of 8,000 tokens, logprobs 1: 7.2 MB) held
     every stream for 0.3 s (a helper's audit)."""
 
-    def run() -> bytes:
-        data = model.model_validate(build()).model_dump(mode="json", by_alias=True)
-        return json.dumps(data, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    def run() -> bytes:  # (pydantic's serializer: 0.02 s for a 4 MB answer, json.dumps 0.1 s, under the GIL)
+        return model.model_validate(build()).model_dump_json(by_alias=True).encode()
 
     return Response(await asyncio.to_thread(run), media_type="application/json")
 
