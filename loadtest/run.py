@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.common import ranged
+
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
 LOCUSTFILE = HERE / "locustfile.py"
@@ -533,23 +535,6 @@ def report_folder(args: argparse.Namespace) -> Path:
     return HERE / "results" / ("quick" if args.quick else "partial" if partial and not args.replot else "")
 
 
-def _ranged(kind: type, lo: float, hi: float, lo_open: bool = False):
-    """An argparse type: a `kind` number within [lo, hi] (or (lo, hi] with lo_open)."""
-
-    def parse(text: str):
-        try:
-            x = kind(text)
-        except ValueError:
-            what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if not (x > lo if lo_open else x >= lo) or not x <= hi:  # NaN fails both
-            left = "(" if lo_open else "["
-            raise argparse.ArgumentTypeError(f"{text} is out of range {left}{lo:g}, {hi:g}]")
-        return x
-
-    return parse
-
-
 MAX_USERS = 1024  # the server gets max(256, 2 × users) session slots; locust on one core tops out far below
 
 
@@ -559,14 +544,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", help="target a running server (default: start one on loopback)")
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
-    parser.add_argument("--users", nargs="+", type=_ranged(int, 1, MAX_USERS),
+    parser.add_argument("--users", nargs="+", type=ranged(int, 1, MAX_USERS),
                         help=f"override every scenario's user sweep (1..{MAX_USERS})")  # fmt: skip
-    parser.add_argument("--seconds", type=_ranged(float, 0, 3600, lo_open=True),
+    parser.add_argument("--seconds", type=ranged(float, 0, 3600, lo_open=True),
                         help="per level, > 0 and ≤ 3600 (default 20, --quick 4)")  # fmt: skip
-    parser.add_argument("--new-tokens", type=_ranged(int, 1, 100_000), default=64)
-    parser.add_argument("--turns", type=_ranged(int, 1, 10_000), default=4)
-    parser.add_argument("--audio-samples", type=_ranged(int, 1, 10_000_000), default=4000)
-    parser.add_argument("--audio-prompt-samples", type=_ranged(int, 0, 10_000_000), default=400)
+    parser.add_argument("--new-tokens", type=ranged(int, 1, 100_000), default=64)
+    parser.add_argument("--turns", type=ranged(int, 1, 10_000), default=4)
+    parser.add_argument("--audio-samples", type=ranged(int, 1, 10_000_000), default=4000)
+    parser.add_argument("--audio-prompt-samples", type=ranged(int, 0, 10_000_000), default=400)
     parser.add_argument("--quick", action="store_true", help="tiny stand-in models, short levels")
     parser.add_argument("--out", type=Path, help="report folder (default loadtest/results/ for the full "
                         "sweep, results/quick/ with --quick, results/partial/ for any other)")  # fmt: skip
