@@ -279,6 +279,22 @@ def test_frames_are_timed_on_the_send_side_in_prometheus(client, server):
     assert metric(client, "s4_audio_stream_realtime_ratio_sum", AUDIO) > 0
 
 
+def test_sse_frames_are_timed_on_the_send_side_as_the_websockets_are(client):
+    """An audio stream over SSE moves the same send-side metrics as one over the WebSocket: N frames,
+    N - 1 intervals, one real-time factor (they were measured on the WebSocket only)."""
+    name = "s4_audio_frame_interval_seconds_count"
+    before = metric(client, name, AUDIO), metric(client, "s4_audio_stream_realtime_ratio_count", AUDIO)
+    req = {"model": AUDIO, "max_new_tokens": 810, "seed": 3, "stream": True, "frame_ms": 10}
+    with client.stream("POST", "/v1/generate", json=req) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    frames = [e for e in events if e["type"] == "audio"]
+    assert len(frames) == 11 and events[-1]["type"] == "done"  # 80 samples a frame: 10 whole, 10 left
+    after = metric(client, name, AUDIO), metric(client, "s4_audio_stream_realtime_ratio_count", AUDIO)
+    assert after[0] - before[0] == len(frames) - 1
+    assert after[1] - before[1] == 1
+
+
 # --- the benchmark's measures (bench/audio_streams.py) --------------------------------------------
 
 

@@ -20,6 +20,7 @@ from server.schemas import (
     GenerateResponse,
 )
 from server.service import (
+    FrameClock,
     Output,
     collect,
     events,
@@ -86,8 +87,11 @@ async def _sse_generate(
     one the rest); then the done event. An event's tokens count as delivered once Starlette's send of
     it has returned on a connection still open (uvicorn drops what is sent after a disconnect:
     `_gone_now`); the
-    stream is settled when the done event is out or the client is gone (`Stream.settle`)."""
+    stream is settled when the done event is out or the client is gone (`Stream.settle`). Audio frames
+    are timed as sent, as the WebSocket's are (`FrameClock`: s4_audio_frame_interval_seconds,
+    s4_audio_stream_realtime_ratio)."""
     framer = out.framer
+    clock = FrameClock(model) if framer is not None else None
     try:
         async for items in events(stream):
             try:
@@ -107,7 +111,11 @@ async def _sse_generate(
                 if _gone_now(request):  # (right after the send: whether uvicorn dropped it)
                     return
                 stream.deliver(n)
+                if clock is not None:
+                    clock.sent(n)
             if final is not None:
+                if clock is not None:
+                    clock.end()
                 if framer is None and (rest := out.finish_text(final)):
                     yield sse({"type": "token", "ids": [], "text": rest})
                 done = {"type": "done", "id": gid, "model": model.id, "finish_reason": final.finish_reason}
