@@ -430,6 +430,38 @@ def test_http_requests_are_counted_by_route_template_method_and_exact_status(cli
     assert generate_seconds() - s0 >= max(0.5 * sse_s, 2 * t_first), (generate_seconds() - s0, sse_s, t_first)
 
 
+def test_methods_the_app_does_not_serve_add_no_series_beyond_other(client):
+    """Every method the HTTP parser takes became a `method` label value of http_requests_total and
+    http_request_duration_seconds (34 methods on 16 paths: /metrics from 300 lines to 4,092, without a
+    key). A method no route serves is counted as "other" (server/app.py
+    METHOD_LABELS); the methods the routes serve keep their own."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.app import METHOD_LABELS, ROUTE_MODULES
+
+    def method_values() -> dict[str, set[str]]:  # each family with a method label: its values
+        families = text_string_to_metric_families(client.get("/metrics").text)
+        return {f.name: {x.labels["method"] for x in f.samples} for f in families
+                if f.name.startswith("http_") and any("method" in x.labels for x in f.samples)}  # fmt: skip
+
+    served = {m for module in ROUTE_MODULES for r in module.router.routes for m in getattr(r, "methods", ())}
+    assert "POST" in served and served <= METHOD_LABELS  # (a route with another method: add it there)
+    before = http_requests(client)
+    odd = ("PROPFIND", "MKCALENDAR", "LINK", "QUERY", "PURGE")
+    for method in odd:
+        for path in ("/v1/generate", "/v1/models", "/v1/sessions/sess-x", "/no/such/path"):
+            r = client.request(method, path)
+            assert r.status_code in (404, 405), (method, path, r.status_code)
+    families = method_values()
+    assert {"http_requests", "http_request_duration_seconds"} <= families.keys(), families.keys()
+    for name, values in families.items():
+        assert values <= METHOD_LABELS | {"other"}, (name, values)
+        assert not values & set(odd), (name, values)
+    after = http_requests(client)
+    other = sum(v - before.get(k, 0.0) for k, v in after.items() if k[1] == "other")
+    assert other == len(odd) * 4
+
+
 def test_openapi_documents_every_endpoint(client):
     paths = client.get("/openapi.json").json()["paths"]
     sid = "/{session_id}"
