@@ -66,6 +66,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.protocol import State
 
 from server.errors import APIError, json_bytes
+from server.logs import REQUEST_ID_HEADER, new_request_id
 
 log = logging.getLogger("server.connections")
 
@@ -123,16 +124,17 @@ class ConnectionGuard:
         if self.requests_refused is not None:
             self.requests_refused.labels(reason).inc()
 
-    def count_refused(self, reason: str, client: str | None = None) -> None:
+    def count_refused(self, reason: str, client: str | None = None, request_id: str | None = None) -> None:
         """Count a refused connection; log it as a warning at most once per WARN_EVERY_S, with the client
-        (`client_key`) it came from when the refusal is that client's."""
+        (`client_key`) it came from when the refusal is that client's, and the X-Request-ID its response
+        carries (`request_id`: the line's request id)."""
         now = time.monotonic()
         if now - self.last_warning >= WARN_EVERY_S:
             self.last_warning = now
             who = f"client {client}, " if client else ""
             log.warning("connection refused: %s (%s%d open in all; at most one warning per %.0f s, every "
                         "refusal counted in s4_connections_refused_total)", reason, who,
-                        len(self.connections), WARN_EVERY_S)  # fmt: skip
+                        len(self.connections), WARN_EVERY_S, extra={"request_id": request_id})  # fmt: skip
         if self.refused is not None:
             self.refused.labels(reason).inc()
 
@@ -178,12 +180,18 @@ def client_over_limit(key: str | None, guard: ConnectionGuard) -> bool:
     return False
 
 
-def error_response(status: int, message: str, retry_after: float | None = None) -> bytes:
-    """A whole HTTP/1.1 response with our JSON error body and `Connection: close`."""
+def error_response(
+    status: int, message: str, retry_after: float | None = None, request_id: str = ""
+) -> bytes:
+    """A whole HTTP/1.1 response with our JSON error body, `Connection: close` and an X-Request-ID
+    (`request_id`, or a new one: the request was not read, so a client's own is not known), as every
+    response has."""
     err = APIError(status, message, retry_after=retry_after)
     body = json_bytes(err.body())
+    rid = (request_id or new_request_id()).encode()
     head = [STATUS_LINE[status], b"content-type: application/json\r\n",
-            b"content-length: %d\r\n" % len(body), b"connection: close\r\n"]  # fmt: skip
+            b"content-length: %d\r\n" % len(body), b"connection: close\r\n",
+            b"%s: %s\r\n" % (REQUEST_ID_HEADER.encode(), rid)]  # fmt: skip
     head += [f"{k}: {v}\r\n".encode() for k, v in err.headers().items()]
     return b"".join(head) + b"\r\n" + body
 
@@ -331,17 +339,19 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         super().connection_made(LingeringTransport(transport, self))
         self.guard.connections = self.connections
         if not make_room(self.guard):
-            self.guard.count_refused("max_connections")
+            rid = new_request_id()
+            self.guard.count_refused("max_connections", request_id=rid)
             self.hard_close = True  # at the cap: no descriptor to spare for a lingering close
-            self.refuse(error_response(503, "too many open connections; try again", retry_after=1))
+            self.refuse(error_response(503, "too many open connections; try again", 1, rid))
             return
         self.client_key = client_key(self.client)
         if client_over_limit(self.client_key, self.guard):
-            self.guard.count_refused("max_connections_per_client", self.client_key)
+            rid = new_request_id()
+            self.guard.count_refused("max_connections_per_client", self.client_key, rid)
             limit = self.guard.max_connections_per_client
             msg = (f"too many open connections from this client: at most {limit} "
                    f"(max_connections_per_client); close one and try again")  # fmt: skip
-            self.refuse(error_response(429, msg, retry_after=1))
+            self.refuse(error_response(429, msg, 1, rid))
             return
         self._arm(self.guard.header_timeout_s, "header_timeout")
 
@@ -497,9 +507,10 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         `s4_requests_refused_total{reason="invalid_http"}`; the close lingers, as the other refusals'."""
         self._disarm()
         self.guard.count_request_refused("invalid_http")
-        log.debug("request refused: invalid HTTP (%s)", msg)
+        rid = new_request_id()
+        log.debug("request refused: invalid HTTP (%s)", msg, extra={"request_id": rid})
         text = "invalid HTTP request: its request line, a header or its body's framing could not be parsed"
-        self.transport.write(error_response(400, text))
+        self.transport.write(error_response(400, text, request_id=rid))
         self.transport.close()
 
     def on_message_begin(self) -> None:

@@ -28,22 +28,52 @@ def well_formed_request_id(value: str) -> bool:
     return REQUEST_ID.fullmatch(value) is not None
 
 
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+WS_RESPONSES = ("websocket.accept", "websocket.http.response.start")  # a handshake's 101, or its refusal
+
+
+class RequestIdMiddleware(CorrelationIdMiddleware):
+    """asgi-correlation-id's middleware, which adds X-Request-ID to `http.response.start` only, with the
+    id on a WebSocket handshake's responses too: its 101 (`websocket.accept`) and its refusal before
+    the accept (`websocket.http.response.start`: a bad key's 401, a foreign origin's 403, an unknown
+    path's 404; `errors.refuse`)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "websocket":
+            return await super().__call__(scope, receive, send)
+
+        async def with_id(message) -> None:
+            rid = correlation_id.get()
+            if message["type"] in WS_RESPONSES and rid:
+                headers = list(message.get("headers", ()))
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    message = {**message, "headers": [*headers, (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        await super().__call__(scope, receive, with_id)
+
+
 def add_request_ids(app) -> None:
-    """X-Request-ID on every HTTP response, in the log lines of its request (add it last: outermost, so
-    responses refused by the other middleware carry it too)."""
+    """X-Request-ID on every HTTP response and WebSocket handshake response, in the log lines of its
+    request (add it last: outermost, so responses refused by the other middleware carry it too)."""
     app.add_middleware(
-        CorrelationIdMiddleware,
+        RequestIdMiddleware,
         header_name=REQUEST_ID_HEADER,
-        generator=lambda: uuid.uuid4().hex,
+        generator=new_request_id,
         validator=well_formed_request_id,
     )
 
 
 class RequestIds(logging.Filter):
-    """Puts the current request's id and generation id (None outside a request) on every record."""
+    """Puts the current request's id and generation id (None outside a request) on every record; a
+    record logged outside a request with its own `request_id` (`extra`: a refusal written below the app,
+    server/connections.py) keeps it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = correlation_id.get()
+        record.request_id = correlation_id.get() or getattr(record, "request_id", None)
         record.generation_id = generation_id.get()
         return True
 
