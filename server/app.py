@@ -50,6 +50,18 @@ def _error_response(err: APIError, request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=err.headers())
 
 
+CLIENT_GONE = 499  # a plain request whose client left before its answer (nginx's code; service.collect)
+
+
+def log_client_gone(request: Request) -> None:
+    """The access line of a request whose client left: its 499 goes to a closed connection, for which
+    uvicorn writes none (the request was counted in http_requests_total{status="499"} and logged
+    nowhere). Its request id is the line's (server/logs.py RequestIds)."""
+    client = request.client
+    who = f"{client.host}:{client.port}" if client else "-"
+    log.info('%s - "%s %s" 499 client closed the connection', who, request.method, request.url.path)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     state = ServerState(settings)
@@ -77,6 +89,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
+        if exc.status == CLIENT_GONE:
+            log_client_gone(request)
         return _error_response(exc, request)
 
     @app.exception_handler(RequestValidationError)

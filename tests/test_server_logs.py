@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 from asgi_correlation_id import correlation_id
-from server_support import ServerThread
+from server_support import ServerThread, wait_for
 from websockets.sync.client import connect
 
 from server import Settings
@@ -37,6 +37,40 @@ def test_every_response_carries_a_request_id_the_clients_when_well_formed(client
     generated = client.post("/v1/generate", json={"model": "tiny-text", "prompt": "a", "max_new_tokens": 2})
     assert generated.status_code == 200 and generated.headers["x-request-id"]
     assert generated.json()["id"].startswith("gen-")
+
+
+def test_a_plain_request_whose_client_left_is_logged_with_its_request_id(model_dirs):
+    """A plain (not streamed) request whose client leaves ends with 499 (server/service.py collect),
+    written to a closed connection: uvicorn writes no access line for it, so it was counted in
+    http_requests_total{status="499"} and logged nowhere. One INFO line names it, with its request id."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    handler.addFilter(RequestIds())  # as configure_logging's handler: the ids of the emitting context
+    logger = logging.getLogger("server")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    server = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], max_new_tokens=10**7)).start()
+    try:
+        body = {"model": "tiny-text", "prompt": "long", "max_new_tokens": 10**7, "seed": 1}  # (minutes)
+        try:
+            httpx.post(server.url + "/v1/generate", json=body, headers={"X-Request-ID": "gone-req-9"},
+                       timeout=0.5)  # fmt: skip
+        except httpx.ReadTimeout:
+            pass  # the client leaves mid-request
+        counted = 'http_requests_total{handler="/v1/generate",method="POST",status="499"} 1.0'
+        assert wait_for(lambda: counted in httpx.get(server.url + "/metrics").text)  # (its 499, counted)
+        assert wait_for(lambda: [r for r in records if "499" in r.getMessage()])
+    finally:
+        server.stop()
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    (line,) = [r for r in records if "499" in r.getMessage()]
+    assert line.levelno == logging.INFO and line.request_id == "gone-req-9"
+    assert line.getMessage().endswith('"POST /v1/generate" 499 client closed the connection'), (
+        line.getMessage()
+    )
 
 
 def test_text_lines_name_the_request_and_the_generation_only_inside_one():
