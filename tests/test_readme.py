@@ -152,3 +152,39 @@ def test_readme_example_runs_verbatim(line, lang, code, sandbox):
         assert [u["prompt_tokens_details"]["cached_tokens"] for u in usages] == [0, 1536], out
     if "s4state" in code:
         assert (work / "juliet.s4state").read_bytes()[:4] and '"session_id"' in out.splitlines()[-1]
+
+
+def readme_metrics_table() -> dict[str, tuple[str, set[str]]]:
+    """The README's Metrics table: {metric as queried: (type, labels)}."""
+    parts = README.read_text().split("\n### Metrics\n", 1)
+    section = parts[1].split("\n#", 1)[0] if len(parts) == 2 else ""
+    rows = {}
+    for line in section.splitlines():
+        if line.startswith("| `"):
+            name, kind, labels = (cell.strip() for cell in line.strip("|").split("|")[:3])
+            rows[name.strip("`")] = (kind, set(re.findall(r"`(\w+)`", labels)))
+    return rows
+
+
+def test_the_readmes_metrics_table_names_every_metric_the_server_exports(server):
+    """Every metric family a server's /metrics exports (the main test server: a text and an audio model;
+    plus the session store's gauges, exported only with a store) is a row of the README's Metrics table,
+    with its type and labels, and the table names nothing that is not exported: it cannot go stale."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.metrics import Metrics
+
+    store = Metrics()
+    store.add_store_gauges(lambda: 0)
+    assert httpx.get(server.url + "/v1/models").status_code == 200  # (the http_* series: at a request)
+    exported = {}
+    for exposition in (httpx.get(server.url + "/metrics").text, store.render()[0].decode()):
+        for f in text_string_to_metric_families(exposition):
+            labels = {k for x in f.samples for k in x.labels if k not in ("le", "quantile")}
+            exported.setdefault(f.name + ("_total" if f.type == "counter" else ""), (f.type, labels))
+    assert {"s4_session_store_up", "s4_session_store_backlog", "http_requests_total"} <= exported.keys()
+    table = readme_metrics_table()
+    assert sorted(exported.keys() - table.keys()) == [], "exported, not in the README's Metrics table"
+    assert sorted(table.keys() - exported.keys()) == [], "in the README's Metrics table, not exported"
+    assert {name: table[name] for name in exported} == exported
