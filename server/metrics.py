@@ -84,8 +84,9 @@ class Metrics:
                              registry=r, buckets=LATENCY_BUCKETS)  # fmt: skip
         self.e2e = Histogram("s4_request_duration_seconds", "Admission to final event of a generation", m,
                              registry=r, buckets=E2E_BUCKETS)  # fmt: skip
-        self.batch_size = Histogram("s4_decode_batch_size", "Sessions per decode step", m, registry=r,
-                                    buckets=BATCH_BUCKETS)  # fmt: skip
+        # (its unit, sessions, is not in its name: renaming it would break dashboards; its help says it)
+        self.batch_size = Histogram("s4_decode_batch_size", "Sessions (rows) per decode step; unit: sessions",
+                                    m, registry=r, buckets=BATCH_BUCKETS)  # fmt: skip
         self.tokens = Counter("s4_tokens_generated", "Tokens generated", m, registry=r)
         self.audio_frame_interval = Histogram(
             "s4_audio_frame_interval_seconds",

@@ -702,3 +702,15 @@ def test_a_models_load_line_says_an_audio_models_sample_rate(model_dirs, caplog)
     lines = [r.getMessage() for r in caplog.records if r.name == "server.models"]
     assert any(m.startswith("model tiny-audio: audio at 8000 Hz s4d, ") for m in lines), lines
     assert any(m.startswith("model tiny-text: text ") for m in lines), lines
+
+
+def test_the_decode_batch_sizes_help_says_its_unit():
+    """s4_decode_batch_size keeps its name (dashboards query it), which names no unit: its HELP says
+    the unit, sessions, as the README's Metrics table does."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.metrics import Metrics
+
+    (family,) = [f for f in text_string_to_metric_families(Metrics().render()[0].decode())
+                 if f.name == "s4_decode_batch_size"]  # fmt: skip
+    assert family.type == "histogram" and family.documentation.endswith("unit: sessions")
