@@ -3,6 +3,7 @@ id and the generation's in the log lines of its request, probes and scrapes at D
 S4_LOG_FORMAT=json (one JSON object per line). Found by a fresh-user trial: nothing tied a log line to
 a request, and the orchestrator's probes were most of the log."""
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -39,20 +40,32 @@ def test_every_response_carries_a_request_id_the_clients_when_well_formed(client
     assert generated.json()["id"].startswith("gen-")
 
 
-def test_a_plain_request_whose_client_left_is_logged_with_its_request_id(model_dirs):
-    """A plain (not streamed) request whose client leaves ends with 499 (server/service.py collect),
-    written to a closed connection: uvicorn writes no access line for it, so it was counted in
-    http_requests_total{status="499"} and logged nowhere. One INFO line names it, with its request id."""
+@contextlib.contextmanager
+def server_records():
+    """The records the "server" loggers emit meanwhile, at INFO and above, with the ids of the emitting
+    context on them (as configure_logging's handler has them)."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
-    handler.addFilter(RequestIds())  # as configure_logging's handler: the ids of the emitting context
+    handler.addFilter(RequestIds())
     logger = logging.getLogger("server")
     level = logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
-    server = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], max_new_tokens=10**7)).start()
     try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def test_a_plain_request_whose_client_left_is_logged_with_its_request_id(model_dirs):
+    """A plain (not streamed) request whose client leaves ends with 499 (server/service.py collect),
+    written to a closed connection: uvicorn writes no access line for it, so it was counted in
+    http_requests_total{status="499"} and logged nowhere. One INFO line names it, with its request id."""
+    server = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], max_new_tokens=10**7)).start()
+    with server_records() as records, contextlib.ExitStack() as stop:
+        stop.callback(server.stop)
         body = {"model": "tiny-text", "prompt": "long", "max_new_tokens": 10**7, "seed": 1}  # (minutes)
         try:
             httpx.post(server.url + "/v1/generate", json=body, headers={"X-Request-ID": "gone-req-9"},
@@ -62,10 +75,6 @@ def test_a_plain_request_whose_client_left_is_logged_with_its_request_id(model_d
         counted = 'http_requests_total{handler="/v1/generate",method="POST",status="499"} 1.0'
         assert wait_for(lambda: counted in httpx.get(server.url + "/metrics").text)  # (its 499, counted)
         assert wait_for(lambda: [r for r in records if "499" in r.getMessage()])
-    finally:
-        server.stop()
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     (line,) = [r for r in records if "499" in r.getMessage()]
     assert line.levelno == logging.INFO and line.request_id == "gone-req-9"
     assert line.getMessage().endswith('"POST /v1/generate" 499 client closed the connection'), (
@@ -173,15 +182,8 @@ def test_the_drain_logs_no_request_id_though_the_signal_interrupts_an_open_webso
     the drain task inherited it). The signal is simulated: handle_exit called in the socket's context."""
     settings = Settings(checkpoints=[str(model_dirs["text"])], drain_timeout_s=0.3, max_new_tokens=1_000_000)
     s = ServerThread(settings, graceful=True).start()
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    handler.addFilter(RequestIds())  # as configure_logging's handler: the ids of the emitting context
-    logger = logging.getLogger("server")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with server_records() as records, contextlib.ExitStack() as stop:
+        stop.callback(s.stop)
         socket_id = "socket-req-7"  # the socket's X-Request-ID (asgi-correlation-id takes a client's)
         with connect(s.ws_url, additional_headers={"X-Request-ID": socket_id}) as ws:
             ws.send(
@@ -201,10 +203,6 @@ def test_the_drain_logs_no_request_id_though_the_signal_interrupts_an_open_webso
             assert m["finish_reason"] == "cancelled"  # the drain timed out and cancelled the turn
         s.thread.join(30)
         assert not s.thread.is_alive()
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-        s.stop()
     drain = [r for r in records if "draining" in r.getMessage() or "drain timeout" in r.getMessage()]
     assert len(drain) == 2, [r.getMessage() for r in records]
     assert [(r.request_id, r.generation_id) for r in drain] == [(None, None)] * 2
