@@ -347,26 +347,26 @@ def _data_chunk(data: bytes) -> _DataChunk | None:
     return None
 
 
-def _streamed(data: bytes) -> bytes:
-    """`data`, with a WAV `data` chunk size of 0 that audio follows (a writer that could not seek back to
-    fill it in) made 0xFFFFFFFF, libsndfile's "to the end of the file": it read such a file as 0 frames,
-    silently. (An empty data chunk followed by another chunk stays as it is.)"""
-    chunk = _data_chunk(data)
+def _streamed(data: bytes, chunk: _DataChunk | None) -> tuple[bytes, _DataChunk | None]:
+    """(`data`, its data chunk (`_data_chunk(data)`)), with a WAV `data` chunk size of 0 that audio follows
+    (a writer that could not seek back to fill it in) made 0xFFFFFFFF, libsndfile's "to the end of the
+    file": it read such a file as 0 frames, silently. (An empty data chunk followed by another chunk stays
+    as it is.)"""
     if chunk is None or chunk.kind != "wav" or chunk.size != 0 or chunk.present == 0:
-        return data
+        return data, chunk
     after = data[chunk.size_at + 4 : chunk.size_at + 12]
     if len(after) == 8 and _CHUNK_ID.fullmatch(after[:4]):
         if int.from_bytes(after[4:], chunk.order) <= chunk.present - 8:
-            return data
-    return data[: chunk.size_at] + b"\xff\xff\xff\xff" + data[chunk.size_at + 4 :]
+            return data, chunk
+    data = data[: chunk.size_at] + b"\xff\xff\xff\xff" + data[chunk.size_at + 4 :]
+    return data, chunk._replace(size=0xFFFFFFFF)
 
 
-def _check_whole(data: bytes, frames: int) -> None:
-    """Raises AudioTruncated when a WAV or AIFF header declares more sample data than `data` holds
-    (libsndfile reads the `frames` that are there, silently). A declared size of 0 or from STREAMED_SIZE
-    (2 GiB) up is a writer's "unknown length" (sox piped: 0x7FFFF000, AIFF 0x7F000008; ffmpeg:
-    0xFFFFFFFF), not a truncation."""
-    chunk = _data_chunk(data)
+def _check_whole(chunk: _DataChunk | None, frames: int) -> None:
+    """Raises AudioTruncated when a WAV or AIFF header declares more sample data (`chunk`: the file's data
+    chunk, `_data_chunk`) than the file holds (libsndfile reads the `frames` that are there, silently). A
+    declared size of 0 or from STREAMED_SIZE (2 GiB) up is a writer's "unknown length" (sox piped:
+    0x7FFFF000, AIFF 0x7F000008; ffmpeg: 0xFFFFFFFF), not a truncation."""
     if chunk is None or chunk.size == 0 or chunk.size >= STREAMED_SIZE or chunk.size <= chunk.present:
         return
     declared = chunk.frames
@@ -408,7 +408,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     ):
         raise ValueError(f"target_rate: {target_rate!r} Hz is not an integer in [{MIN_SAMPLE_RATE}, "
                          f"{MAX_SAMPLE_RATE}]")  # fmt: skip
-    data = _streamed(data)
+    data, chunk = _streamed(data, _data_chunk(data))  # (the header's chunks walked once)
     try:
         f = soundfile.SoundFile(_Bytes(data))
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
@@ -421,7 +421,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
             raise ValueError(f"channels: {channels} is out of range [1, {MAX_CHANNELS}]")
         if not 0 <= frames < 2**62:  # libsndfile says SF_COUNT_MAX when it cannot tell
             raise ValueError(f"frames: the header gives no usable frame count ({frames})")
-        _check_whole(data, frames)
+        _check_whole(chunk, frames)
         if max_seconds is not None:
             # the limit in samples at the rate used; soxr gives round(frames * out_rate / rate) samples,
             # which is within the limit exactly when frames * out_rate <= limit * rate

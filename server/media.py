@@ -225,8 +225,10 @@ def encode_samples(x: np.ndarray, codec: Codec = MULAW) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     v = x.astype(np.float64) * 32768
     exact = (v == np.round(v)) & (v >= -32768) & (v <= 32767)
-    ids = codec.encode(x)
+    ids = np.empty(x.shape, dtype=np.int64)
     ids[exact] = pcm16_ids(codec)[v[exact].astype(np.int64) + 32768]
+    if not exact.all():  # (each sample encoded once: a 16-bit file's are all looked up)
+        ids[~exact] = codec.encode(x[~exact])
     return ids
 
 
