@@ -24,6 +24,7 @@ from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
 from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.errors import (
+    CLIENT_GONE,
     APIError,
     error_body,
     json_limit_reason,
@@ -48,9 +49,6 @@ ROUTE_MODULES = (health, openai, generate, sessions, websocket, demo)
 def _error_response(err: APIError, request: Request) -> JSONResponse:
     status, body = error_body(err, request.url.path)
     return JSONResponse(body, status_code=status, headers=err.headers())
-
-
-CLIENT_GONE = 499  # a plain request whose client left before its answer (nginx's code; service.collect)
 
 
 def log_client_gone(request: Request) -> None:

@@ -615,9 +615,8 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
         asyncio's pause_writing) once it reads again. uvicorn wrote every pong at once, outside flow
         control, so a client that sent pings and never read grew the server's memory without bound (two
         such clients: +840 MB in 30 s, a helper's audit) until the send deadline, if ever."""
-        out = b"".join(
-            self.conn.data_to_send()
-        )  # (a read's pings are answered at its first: the rest get b"")
+        # (a read's pongs all come at its first ping: the others find nothing to send)
+        out = b"".join(self.conn.data_to_send())
         last = last_pong(out)
         if last is None:  # not only pongs (a close's answer, say): as uvicorn
             self.transport.write(out)

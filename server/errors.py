@@ -151,6 +151,15 @@ def not_found(message: str, param: str | None = None) -> APIError:
     return APIError(404, message, param=param)
 
 
+CLIENT_GONE = 499  # nginx's code for a request whose client left before its answer
+
+
+def client_gone() -> APIError:
+    """A plain request whose client left before its answer (nobody reads it: counted, and logged by the
+    app's handler)."""
+    return APIError(CLIENT_GONE, "the client closed the connection")
+
+
 def too_large(message: str, param: str | None = None) -> APIError:
     return APIError(413, message, param=param)
 

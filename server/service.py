@@ -18,7 +18,7 @@ from model.recurrent import StateRangeError
 from model.sampling import SamplingParams
 from server import media
 from server.engine import Failed, Finished, Job, Stream
-from server.errors import APIError, invalid, not_found, prompt_too_long, unavailable
+from server.errors import APIError, client_gone, invalid, not_found, prompt_too_long, unavailable
 from server.logs import generation_id
 from server.registry import ServedModel
 from server.schemas import DEFAULT_FRAME_MS, SamplingFields, with_defaults
@@ -703,7 +703,7 @@ async def _drop_copy(state: ServerState, session_id: str) -> bool:
     model = state.models[rec.model]
     try:
         fut = model.engine.call(lambda e: e.drop_copy(rec), bounded=False)
-    except APIError:  # (the engine's queue is full, or it is stopping)
+    except APIError:  # (the engine is stopping or has crashed: an unbounded call is not refused for a queue)
         state.sessions.release(rec)
         raise
     log.info("session %s: the store holds a newer state (another replica went on with it, or deleted it): "
@@ -877,7 +877,7 @@ async def unless_gone(state: ServerState, request: Request, rec: SessionRecord) 
         await delete(state, rec.id)
     except APIError as err:  # (deleted meanwhile: nothing is left)
         log.debug("session %s of a client gone: %s", rec.id, err.message)
-    raise APIError(499, "the client closed the connection")
+    raise client_gone()
 
 
 async def collect(stream: Stream, request: Request | None = None) -> tuple[list[int], Finished]:
@@ -896,7 +896,7 @@ async def collect(stream: Stream, request: Request | None = None) -> tuple[list[
                 await asyncio.wait((get, gone), return_when=asyncio.FIRST_COMPLETED)
                 if not get.done():
                     get.cancel()
-                    raise APIError(499, "the client closed the connection")  # nobody reads it
+                    raise client_gone()  # nobody reads it
             got, final = split(await get)
             ids += got
             if final is not None:
