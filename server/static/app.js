@@ -257,7 +257,7 @@
           "the next turn starts a new session.";
         c.binding?.reject(Object.assign(new Error(why), { closed: true }));
         c.binding = null;
-        if (!audio.prompt) $("prompt-info").textContent = "no prompt: starts from the model's silence";
+        showPromptInfo(); // (no session now)
         if (turn && turn.conn === c) endTurn(why, true);
         else {
           status(why, true);
@@ -482,8 +482,7 @@
   function cancel() {
     if (!turn && audio.sources.size) {
       // after the turn: the audio button stops what is still queued for playback
-      stopPlayback();
-      stopPlaybackButton(false);
+      stopPlayback(); // (and the button is Cancel again)
       status("Playback stopped.");
       return;
     }
@@ -673,9 +672,19 @@
   }
 
   function showPrompt(pcm) {
-    const rate = model.sample_rate;
     audio.prompt = pcm;
-    $("prompt-info").textContent = `prompt: ${pcm.length} samples (${(pcm.length / rate).toFixed(2)} s at ${rate} Hz)`;
+    showPromptInfo();
+  }
+
+  // What the next audio turn starts from: the loaded prompt, else the session, else the model's silence.
+  function showPromptInfo() {
+    const pcm = audio.prompt;
+    const rate = model?.sample_rate;
+    $("prompt-info").textContent = pcm
+      ? `prompt: ${pcm.length} samples (${(pcm.length / rate).toFixed(2)} s at ${rate} Hz)`
+      : conn
+        ? "no new prompt: the next generation continues the session"
+        : "no prompt: starts from the model's silence";
   }
 
   async function onPromptFile() {
@@ -735,9 +744,7 @@
   function clearPrompt() {
     audio.prompt = null;
     $("audio-file").value = "";
-    $("prompt-info").textContent = conn
-      ? "no new prompt: the next generation continues the session"
-      : "no prompt: starts from the model's silence";
+    showPromptInfo();
   }
 
   async function generateAudio() {
