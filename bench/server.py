@@ -285,20 +285,22 @@ def run(quick: bool) -> dict[str, Any]:
             print(f"{n:4d} sessions: raw {row['raw_step_tokens_per_s']:9.0f}  engine {e['tokens_per_s']:9.0f}"
                   f" tok/s  ttft p99 {e['ttft_p99_ms']:.1f} ms", flush=True)  # fmt: skip
         proc, url = start_server(ckpt, max(sz["sessions"]))
+
+        def burst(n: int) -> dict:  # (a run with any error frame stops the benchmark: check_errors)
+            return check_errors(websocket_rate(url, ckpt.name, n, sz), "bench.server: websocket")
+
+        def steady(n: int) -> dict:
+            return check_errors(websocket_steady(url, ckpt.name, n, sz, sz["steady_s"]),
+                                "bench.server: websocket steady")  # fmt: skip
+
         try:
             for row in rows:
-                row["websocket"] = check_errors(
-                    websocket_rate(url, ckpt.name, row["sessions"], sz), "bench.server: websocket"
-                )
-                w = row["websocket"]
+                w = row["websocket"] = burst(row["sessions"])
                 w["fraction_of_engine"] = w["tokens_per_s"] / row["engine"]["tokens_per_s"]
                 print(f"{row['sessions']:4d} sessions: websocket {w['tokens_per_s']:9.0f} tok/s "
                       f"({w['fraction_of_engine']:.2f} of engine), ttft p50 {w['ttft_p50_ms']:.1f} "
                       f"p99 {w['ttft_p99_ms']:.1f} ms", flush=True)  # fmt: skip
-                st = row["websocket_steady"] = check_errors(
-                    websocket_steady(url, ckpt.name, row["sessions"], sz, sz["steady_s"]),
-                    "bench.server: websocket steady",
-                )
+                st = row["websocket_steady"] = steady(row["sessions"])
                 st["fraction_of_engine"] = st["tokens_per_s"] / row["engine"]["tokens_per_s"]
                 print(f"{row['sessions']:4d} sessions, steady: websocket {st['tokens_per_s']:9.0f} tok/s "
                       f"({st['fraction_of_engine']:.2f} of engine), ttft p50 {st['ttft_p50_ms']:.1f} "
@@ -307,13 +309,8 @@ def run(quick: bool) -> dict[str, Any]:
             if GOAL_SESSIONS in sz["sessions"]:
                 runs = {
                     "engine": lambda: engine_rate(rec, GOAL_SESSIONS, sz),
-                    "burst": lambda: check_errors(
-                        websocket_rate(url, ckpt.name, GOAL_SESSIONS, sz), "bench.server: websocket"
-                    ),
-                    "steady": lambda: check_errors(
-                        websocket_steady(url, ckpt.name, GOAL_SESSIONS, sz, sz["steady_s"]),
-                        "bench.server: websocket steady",
-                    ),
+                    "burst": lambda: burst(GOAL_SESSIONS),
+                    "steady": lambda: steady(GOAL_SESSIONS),
                 }
                 for i in range(sz["goal_repeats"]):  # odd repeats in the reverse order (no position bias)
                     got = {name: runs[name]() for name in (runs if i % 2 == 0 else reversed(runs))}
