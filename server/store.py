@@ -622,6 +622,11 @@ class StoreWriter:
                             self._landed.add(session_id)
                     else:  # evicted or dropped here: a restore reads the version anew
                         self._versions.pop(session_id, None)
+                # recorded before the operation counts as applied (`flush`, the waiters): a test that broke
+                # the store right after a flush saw this write's answer set the gauge back to 1
+                self.answered(done != "error")
+                if done in ("write", "stale", "delete", "error"):  # (a write or delete tried)
+                    self._writes_ok = done != "error"
                 self._busy = self._busy_op = self._inflight = None
                 _resolve(self._waiting_busy, done)
                 self._waiting_busy = []
@@ -649,9 +654,6 @@ class StoreWriter:
                 self._counter.labels(done).inc()
             if done == "error" and self._error_counter is not None:
                 self._error_counter.labels("delete" if op is _DELETE else "write").inc()
-            self.answered(done != "error")
-            if done in ("write", "stale", "delete", "error"):  # (tried to write or delete; not "unchanged")
-                self._writes_ok = done != "error"
 
 
 def _resolve(futures, outcome: str) -> None:
