@@ -628,8 +628,6 @@ class StoreWriter:
                 if done in ("write", "stale", "delete", "error"):  # (a write or delete tried)
                     self._writes_ok = done != "error"
                 self._busy = self._busy_op = self._inflight = None
-                _resolve(self._waiting_busy, done)
-                self._waiting_busy = []
                 counts = {"write": "written", "stale": "stale", "delete": "deleted", "error": "failed",
                           "unchanged": "unchanged"}  # fmt: skip
                 setattr(self, counts[done], getattr(self, counts[done]) + 1)
@@ -637,6 +635,14 @@ class StoreWriter:
                     self._final[done] += 1
                     self._final["missing"] += missing
                     self._final["first_error"] = self._final["first_error"] or error
+                # counted (the counts above, the Prometheus counters) before the waiters learn the outcome
+                # (a landed future, flush): one reading the counters after them saw it not counted yet
+                if self._counter is not None:
+                    self._counter.labels(done).inc()
+                if done == "error" and self._error_counter is not None:
+                    self._error_counter.labels("delete" if op is _DELETE else "write").inc()
+                _resolve(self._waiting_busy, done)
+                self._waiting_busy = []
                 self._cv.notify_all()
             if done == "stale":
                 log.warning(
@@ -650,10 +656,6 @@ class StoreWriter:
                         self._on_stale(session_id, expected[0])  # (the version it last read or wrote)
                     except Exception:  # never the writer thread's end
                         log.exception("session %s: dropping the stale copy failed", session_id)
-            if self._counter is not None:
-                self._counter.labels(done).inc()
-            if done == "error" and self._error_counter is not None:
-                self._error_counter.labels("delete" if op is _DELETE else "write").inc()
 
 
 def _resolve(futures, outcome: str) -> None:

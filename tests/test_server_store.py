@@ -1281,6 +1281,50 @@ def test_a_failed_write_counts_as_a_store_error_of_op_write():
     writer.stop(5)
 
 
+class _SlowCounter:
+    """A counter by op whose increments take 0.2 s: what a scrape reads once an operation is known."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def labels(self, op: str):
+        counter = self
+
+        class _Child:
+            def inc(self) -> None:
+                time.sleep(0.2)
+                counter.counts[op] = counter.counts.get(op, 0) + 1
+
+        return _Child()
+
+
+def test_an_operation_is_counted_before_its_waiters_and_flush_learn_its_outcome():
+    """A `landed` future's outcome, and `flush` returning, come after the operation is counted: the writer's
+    own counts and the Prometheus counters (these were incremented after the waiters were woken, so a
+    scrape or a test right after `landed` or `flush` could miss the operation)."""
+    header = dict(HEADER)
+    ops, errors = _SlowCounter(), _SlowCounter()
+    store = MemoryStateStore()
+    writer = StoreWriter(store, ops, error_counter=errors)
+    writer.write("a", header, b"\0\0\0\0")
+    assert writer.landed("a").result(5) == "write"
+    assert ops.counts == {"write": 1} and writer.written == 1
+    writer.write("b", header, b"\0\0\0\0")
+    assert writer.flush(5)
+    assert ops.counts == {"write": 2} and writer.written == 2
+    real_put = store.put
+
+    def down(*args, **kwargs):
+        raise StoreError("write failed (Connection refused)", "write failed (ConnectionError)")
+
+    store.put = down
+    writer.write("c", header, b"\0\0\0\0")
+    assert writer.landed("c").result(5) == "error"
+    assert ops.counts == {"write": 2, "error": 1} and errors.counts == {"write": 1} and writer.failed == 1
+    store.put = real_put
+    writer.stop(5)
+
+
 def test_an_idle_writer_asks_a_failing_store_again_so_up_comes_back_without_a_request(monkeypatch):
     """After a failed operation the idle writer reads a version every PROBE_S: s4_session_store_up learns
     that the store answers again on a replica that makes no operation of its own (it said down until one
