@@ -352,6 +352,18 @@ def write_results(name: str, data: dict[str, Any], quick: bool = False) -> dict[
     return payload
 
 
+def write_failed(name: str, data: dict[str, Any], quick: bool = False) -> Path:
+    """Write a failed run's data to results/failed/NAME.json (results/quick/failed/ for --quick; not
+    tracked by git), to be looked at without replacing the results a run that worked wrote; returns
+    the path."""
+    d = results_dir(quick) / "failed"
+    d.mkdir(exist_ok=True)
+    path = d / f"{name}.json"
+    payload = {"benchmark": name, "quick": quick, "failed": True, "machine": machine_info(), **data}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
 def read_results(name: str, quick: bool = False) -> dict[str, Any] | None:
     path = results_dir(quick) / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None

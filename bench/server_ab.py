@@ -25,7 +25,8 @@ pair's B ÷ A, the medians of each server's runs and their ratio, and how many p
                               [--workload text|audio] [--checkpoint DIR] [--spread-ms MS] [--name NAME]
 
 Results: bench/results/server_ab.json and .png, or NAME.json and .png with `--name NAME` (a comparison
-kept beside the others: docs/performance.md cites each by its name).
+kept beside the others: docs/performance.md cites each by its name). A run whose servers answered error
+frames (refused requests measure nothing) fails, and is kept in bench/results/failed/NAME.json instead.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from bench.audio_streams import WARMUP_S, audio_model, run_streams  # noqa: E402
-from bench.common import ROOT, _git, bench_main, cpu_seconds, save_figure, subplots  # noqa: E402
+from bench.common import ROOT, _git, _shown, bench_main, cpu_seconds, save_figure, subplots, write_failed  # noqa: E402
 from bench.server import SIZES, checkpoint, websocket_steady  # noqa: E402
 from server import launch  # noqa: E402
 
@@ -350,20 +351,20 @@ def main(argv=None) -> None:
                        checkpoint_dir=args.checkpoint, spread_ms=args.spread_ms)  # fmt: skip
         return True
 
-    got: dict[str, Any] = {}
-
     def measured(quick: bool) -> dict[str, Any]:
-        got["data"] = run(quick, **options)
-        return got["data"]
+        data = run(quick, **options)
+        s = data["summary"]
+        if any(s["errors"].values()):  # kept to be looked at, never over the committed results
+            path = write_failed(name, data, quick)
+            n = ", ".join(f"{arm} {c}" for arm, c in s["errors"].items())
+            raise SystemExit(
+                f"bench.server_ab: the servers answered error frames ({n}); first: {s['first_error']} "
+                f"(the run is in {_shown(path)}, not in the results)"
+            )
+        return data
 
     bench_main(argv, __doc__, name, measured, lambda data, quick: plot(data, quick, name),
                arguments=arguments, configure=configure, prog=f"python -m bench.{NAME}")  # fmt: skip
-    s = got.get("data", {}).get("summary", {})
-    if any((s.get("errors") or {}).values()):  # (written and plotted first, to be looked at)
-        n = ", ".join(f"{name} {c}" for name, c in s["errors"].items())
-        raise SystemExit(
-            f"bench.server_ab: the servers answered error frames ({n}); first: {s['first_error']}"
-        )
 
 
 if __name__ == "__main__":

@@ -181,18 +181,26 @@ def test_the_cli_refuses_bad_options_before_starting_anything(capsys):
 
 def test_error_frames_are_counted_recorded_and_fail_the_run(tmp_path, monkeypatch):
     """`--b S4_MAX_NEW_TOKENS=8`: every B request got a 422 error frame, read like "done": the run
-    printed B 0 tok/s, B ÷ A 0.000, wrote the JSON and exited 0."""
+    printed B 0 tok/s, B ÷ A 0.000, wrote the JSON and exited 0. The failed run is kept in failed/, and
+    the results a run that worked wrote are left as they were (it wrote over them)."""
     import json
 
     import bench.common
 
     monkeypatch.setattr(server_ab, "checkpoint", _tiny_checkpoint)
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    kept = tmp_path / "quick" / "server_ab.json"
+    kept.parent.mkdir()
+    kept.write_text('{"benchmark": "server_ab", "a run that worked": true}\n')
     with pytest.raises(SystemExit) as stop:
         server_ab.main(["--quick", "--b", "S4_MAX_NEW_TOKENS=8", "--sessions", "2", "--seconds", "0.5"])
     msg = str(stop.value.code)
     assert "\n" not in msg and "error frames" in msg and "422" in msg and "B: 422" in msg, msg
-    data = json.loads((tmp_path / "quick" / "server_ab.json").read_text())
+    assert "quick/failed/server_ab.json" in msg, msg
+    assert kept.read_text() == '{"benchmark": "server_ab", "a run that worked": true}\n'
+    assert not (tmp_path / "quick" / "server_ab.png").exists()
+    data = json.loads((tmp_path / "quick" / "failed" / "server_ab.json").read_text())
+    assert data["failed"] is True
     s = data["summary"]
     assert s["errors"]["A"] == 0 and s["errors"]["B"] > 0 and s["first_error"].startswith("B: 422")
     (a,), (b,) = data["servers"]["A"]["runs"], data["servers"]["B"]["runs"]
