@@ -234,7 +234,8 @@ class Settings(BaseSettings):
         16 << 20,
         ge=1024,
         description="largest HTTP request body, counted as it arrives (else 413 and the connection is "
-        "closed); a session import may also be as large as the largest state blob + 1 MiB. A JSON body, "
+        "closed); a session import is held to the largest state blob + 1 MiB instead, whatever this "
+        "setting (1,513,476 bytes with the shipped models). A JSON body, "
         "and a WebSocket message, is also counted outside its strings as it arrives: at most 65,536 array "
         "or object elements, object members and numbers with a fraction or exponent, and 16,384 arrays "
         "and objects, as no valid one holds more (/v1/completions: 64 x max_prompt_tokens more elements, "
