@@ -164,8 +164,9 @@ class Settings(BaseSettings):
         ge=1,
         le=MAX_PREFILL_TOKENS,
         description="prompts are ingested in chunks of this many tokens (fixed boundaries), one chunk per "
-        "prompt per engine iteration, between decode steps: the decoding sessions wait about one chunk's "
-        "prefill for their next token (this and the budget ≥ the longest prompt: chunking off)",
+        "prompt per engine iteration, between decode steps: the decoding sessions wait at most one "
+        "iteration's prefill for their next token, prefill_token_budget tokens at most (one chunk while a "
+        "single prompt is ingested; this and the budget ≥ the longest prompt: chunking off)",
     )
     prefill_token_budget: int = Field(
         512,
