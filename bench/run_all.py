@@ -2,8 +2,9 @@
 tail_latency, parse_stall, audio_streams, generation, memory), then print a markdown summary of the headline
 numbers and write it to bench/results/summary.md (bench/results/quick/summary.md with --quick). The A/B
 and study benchmarks (prefill, sashimi, big_batch, split, sampler, c_ab, state_precision, prefix_cache,
-text_baseline, official, gpu, server_ab) each answer one question against a baseline or a revision and
-run on their own (README.md, "Performance").
+text_baseline, official, gpu, server_ab, wt103) each answer one question against a baseline or a revision,
+or at a size this set does not run (wt103: the official WikiText-103 recipe's shapes, 9.8 GB of RSS after
+its conversion in bench/results/wt103.json), and run on their own (README.md, "Performance").
 
     python -m bench.run_all [--quick] [--only kernel step ...] [--summary-only]
 """
