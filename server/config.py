@@ -333,7 +333,7 @@ class Settings(BaseSettings):
         le=100,
         description="Python's thread switch interval (sys.setswitchinterval), in ms: how long the event loop "
         "may hold the GIL while an engine thread, back from a native block, waits for it (Python's 5 ms "
-        "cost 16 audio streams 8–10 % of their samples/s)",
+        "cost 16 audio streams 7–9 % of their samples/s)",
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
