@@ -696,6 +696,65 @@ def test_refusals_are_openai_s_400_and_fields_that_change_nothing_are_accepted(c
     assert r.status_code == 422 and r.json()["error"]["type"] == "unprocessable_entity"
 
 
+def test_a_choice_the_drains_end_cuts_short_is_a_503_or_an_error_event_never_finish_reason_stop(chat_server):
+    """SIGTERM with generations far longer than the drain (S4_DRAIN_TIMEOUT_S): when it ends the engine
+    ends them "cancelled", which these routes answered as a finished completion: 200 with finish_reason
+    "stop" (streamed: a "stop" chunk, usage and [DONE]; an audit). Now, on completions and chat alike, a
+    plain request gets a 503 server_error with Retry-After naming the choice and its tokens, a stream an
+    error event in OpenAI's shape and [DONE], and no choice a finish_reason. The signal is simulated
+    (`handle_exit`, python -m server's)."""
+    import signal
+    import threading
+
+    from server import Settings
+
+    _, d = chat_server
+    n = 10**6  # minutes of the tiny model: running when the 0.5 s drain ends
+    s = ServerThread(Settings(checkpoints=[str(d)], drain_timeout_s=0.5, max_new_tokens=n, max_sessions=8),
+                     graceful=True).start()  # fmt: skip
+    never_stops = {"logit_bias": {"97": 100}, "max_tokens": n}  # "aaa…": no "\n\n" to end a speech
+    requests = {
+        "completions": ("/v1/completions", {"prompt": "to be", "n": 2}),
+        "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Speak."}], "n": 2}),
+    }
+    answers: dict = {}
+
+    def ask(name: str, path: str, body: dict, stream: bool) -> None:
+        body = {"model": "tiny-chat", **body, **never_stops, "stream": stream}
+        with httpx.stream("POST", s.url + path, json=body, timeout=60) as r:
+            answers[name, stream] = (r.status_code, r.headers, [x for x in r.iter_lines() if x])
+
+    threads = [threading.Thread(target=ask, args=(name, path, body, stream))
+               for name, (path, body) in requests.items() for stream in (False, True)]  # fmt: skip
+    try:
+        for t in threads:
+            t.start()
+        engine = s.state.models["tiny-chat"].engine
+        assert wait_for(lambda: engine.active_requests == 8, 30)  # 4 requests × n 2: all running
+        s.server.handle_exit(signal.SIGTERM, None)
+        for t in threads:
+            t.join(60)
+        for name in requests:
+            status, headers, lines = answers[name, False]
+            assert status == 503 and "Retry-After" in headers, (name, status, lines[0][-300:])
+            err = openai_error(httpx.Response(status, content="\n".join(lines)))
+            assert err["type"] == "server_error", err
+            assert err["message"].startswith("the server shut down before the completion finished: choice ")
+            assert f"of {n} tokens" in err["message"], err
+            status, _, lines = answers[name, True]
+            events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+            assert status == 200 and lines[-1] == "data: [DONE]", (name, lines[-3:])
+            assert set(events[-1]) == {"error"} and events[-1]["error"]["type"] == "server_error", events[-1]
+            assert "shut down before the completion finished" in events[-1]["error"]["message"]
+            finishes = [c["finish_reason"] for e in events[:-1] for c in e["choices"]]
+            assert set(finishes) == {None}, (name, finishes)
+            assert sum(1 for e in events[:-1] for c in e["choices"] if c.get("text") or c.get("delta")), name
+        s.thread.join(30)
+        assert not s.thread.is_alive()
+    finally:
+        s.stop()
+
+
 def test_shipped_shakespeare_chat_template_renders_speaker_lines():
     from pathlib import Path
 

@@ -12,6 +12,10 @@ generation with its own generator. With a `seed`, choice i of a prompt samples w
 i)` (choice 0 with `seed` itself, so n=1 reproduces /v1/generate with the same seed). With best_of > n
 the n choices of highest mean token log-probability are returned.
 
+A choice the server's stop cuts short (running when the drain, S4_DRAIN_TIMEOUT_S, ends: "cancelled" on
+the native routes) is a 503 with Retry-After, streamed an error event before [DONE]: never a
+finish_reason "stop" for a text that did not finish.
+
 Log-probabilities are those of the model: log_softmax of the logits the sampler was given at that step
 (before temperature, penalties, logit_bias and filtering), as vLLM reports them by default.
 """
@@ -33,7 +37,7 @@ from model.sampling import SamplingParams
 from model.vocab import ByteVocab, Vocab
 from server import media
 from server.engine import Failed, Finished, Stream
-from server.errors import APIError, as_openai, invalid
+from server.errors import APIError, as_openai, invalid, unavailable
 from server.registry import ServedModel
 from server.routes.generate import SSE_HEADERS, sse
 from server.schemas import (
@@ -232,6 +236,7 @@ class Run:
     stream: Stream
     out: Output
     vocab: Vocab | None = None  # a model's vocabulary (its tokens' text and offsets)
+    max_tokens: int = 0  # the request's limit on generated tokens
     tokens: list[int] = field(default_factory=list)
     final: Finished | None = None
     echoed: bool = False  # (streaming) the prompt has been sent
@@ -296,7 +301,7 @@ def start_runs(
                 seed = random_seed() if params.seed is None else choice_seed(params.seed, i)
                 pi = replace(params, seed=seed)
                 stream, job = start_generation(st, model, None, ids, pi, max_tokens)
-                runs.append(Run(p, ids, stream, Output(model, pi, job=job), model.vocab))
+                runs.append(Run(p, ids, stream, Output(model, pi, job=job), model.vocab, max_tokens))
     except BaseException:
         for r in runs:
             r.stream.cancel()
@@ -343,7 +348,26 @@ async def merged(runs: list[Run]) -> AsyncIterator[tuple[Run, list]]:
 
 
 def finish_reason(final: Finished) -> str:
-    return "length" if final.finish_reason == "length" else "stop"
+    """OpenAI's finish_reason of a generation that ended by itself: "length", or "stop" (a stop sequence
+    or the chat template's). One that ended "cancelled" never gets here (`cut_off`)."""
+    if final.finish_reason not in ("stop", "length"):
+        raise ValueError(f"a {final.finish_reason} generation has no OpenAI finish_reason")
+    return final.finish_reason
+
+
+def cut_off(run: Run) -> bool:
+    """Whether the server stopped this generation before it finished: it ended "cancelled", which here
+    only the end of a drain does to one that is still read (a client that went away reads nothing)."""
+    return run.final is not None and run.final.finish_reason == "cancelled"
+
+
+def shut_down(run: Run, which: str) -> APIError:
+    """The 503 (Retry-After) of a choice the server's stop cut short: its text is not a completion, and
+    a finish_reason "stop" would say it was (the native routes say "cancelled" instead)."""
+    return unavailable(
+        f"the server shut down before the completion finished: {which} had {run.final.completion_tokens} "
+        f"of {run.max_tokens} tokens when the drain (S4_DRAIN_TIMEOUT_S) ended; retry the request"
+    )
 
 
 def usage(prompts: list[list[int]], runs: list[Run]) -> dict:
@@ -483,6 +507,9 @@ async def completions(req: CompletionRequest, request: Request):
         body = _stream_completions(runs, prompts, texts, req, head, include_usage)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
     await collect_runs(runs, request)
+    for k, r in enumerate(runs):  # (choice k when best_of is n: the choices keep the runs' order)
+        if cut_off(r):
+            raise shut_down(r, f"choice {k}" if best_of == req.n else f"sample {k} (of best_of {best_of})")
     return await json_answer(
         CompletionResponse, lambda: _completion(runs, prompts, texts, req, best_of, head)
     )
@@ -524,6 +551,7 @@ async def _stream_completions(runs, prompts, texts, req: CompletionRequest, head
             yield sse("[DONE]")
             return
         piece, final, released = run.advance(items)
+        cut = cut_off(run)
         text, entries = "", []
         base = len(texts[run.prompt]) if req.echo else 0
         if req.echo and not run.echoed:
@@ -534,14 +562,18 @@ async def _stream_completions(runs, prompts, texts, req: CompletionRequest, head
         if lp is not None and released > run.lp_sent:
             entries += generated_entries(run, run.lp_sent, released, base)
             run.lp_sent = released
-        if text or entries or final is not None:
+        if text or entries or (final is not None and not cut):
             choice = {
                 "text": text,
                 "index": index[id(run)],
                 "logprobs": completion_logprobs(entries, run.vocab) if lp is not None else None,
-                "finish_reason": None if final is None else finish_reason(final),
+                "finish_reason": None if final is None or cut else finish_reason(final),
             }
             yield sse({**head, "choices": [choice], **extra})
+        if cut:  # its text so far, then the error in place of a finish
+            yield sse(as_openai(shut_down(run, f"choice {index[id(run)]}")).openai_body())
+            yield sse("[DONE]")
+            return
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage(prompts, runs)})
     yield sse("[DONE]")
@@ -616,6 +648,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         body = _stream_chat(runs, [ids], req.logprobs, head, include_usage)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
     await collect_runs(runs, request)
+    for i, r in enumerate(runs):
+        if cut_off(r):
+            raise shut_down(r, f"choice {i}")
     head = {"id": cid, "object": "chat.completion", "created": created, "model": model.id}
 
     def answer() -> dict:
@@ -652,18 +687,23 @@ async def _stream_chat(runs: list[Run], prompts, logprobs: bool, head: dict, inc
             yield sse("[DONE]")
             return
         text, final, released = run.advance(items)
+        cut = cut_off(run)
         entries = []
         if logprobs and released > run.lp_sent:
             entries = generated_entries(run, run.lp_sent, released, 0)
             run.lp_sent = released
-        if text or entries or final is not None:
+        if text or entries or (final is not None and not cut):
             choice = {
                 "index": index[id(run)],
                 "delta": {"content": text} if text else {},
                 "logprobs": chat_logprobs(entries, run.vocab) if logprobs else None,
-                "finish_reason": None if final is None else finish_reason(final),
+                "finish_reason": None if final is None or cut else finish_reason(final),
             }
             yield sse({**head, "choices": [choice], **extra})
+        if cut:  # its text so far, then the error in place of a finish
+            yield sse(as_openai(shut_down(run, f"choice {index[id(run)]}")).openai_body())
+            yield sse("[DONE]")
+            return
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage(prompts, runs)})
     yield sse("[DONE]")
