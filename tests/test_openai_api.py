@@ -139,7 +139,7 @@ def test_logprobs_are_the_models_log_softmax_with_top_k_and_offsets(oai, model_d
         assert lp.token_logprobs[i] == pytest.approx(float(rows[i, t]), abs=LP_TOL)
         top = rows[i].topk(5)
         got = lp.top_logprobs[i]
-        assert len(got) == 5
+        assert len(got) == 5 + (t not in top.indices.tolist()) and got[lp.tokens[i]] == lp.token_logprobs[i]
         for v, j in zip(top.values.tolist(), top.indices.tolist()):
             key = chr(j) if j < 128 else f"bytes:\\x{j:02x}"
             assert got[key] == pytest.approx(v, abs=LP_TOL)
@@ -152,9 +152,55 @@ def test_logprobs_are_the_models_log_softmax_with_top_k_and_offsets(oai, model_d
 
 def test_logprobs_zero_gives_the_sampled_tokens_only_and_twenty_is_allowed(oai):
     r = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=4, seed=3, logprobs=0)
-    assert all(t == {} for t in r.choices[0].logprobs.top_logprobs)
+    lp = r.choices[0].logprobs
+    assert lp.top_logprobs == [{t: v} for t, v in zip(lp.tokens, lp.token_logprobs)]
     r = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=4, seed=3, logprobs=20)
-    assert all(len(t) == 20 for t in r.choices[0].logprobs.top_logprobs)
+    lp = r.choices[0].logprobs
+    assert all(len(top) in (20, 21) and top[t] == v for t, v, top in zip(lp.tokens, lp.token_logprobs,
+                                                                            lp.top_logprobs))  # fmt: skip
+
+
+def key_of(t: int) -> str:
+    return chr(t) if t < 128 else f"bytes:\\x{t:02x}"
+
+
+def test_completion_top_logprobs_always_hold_the_token_itself_and_chat_s_only_the_top_k(
+    oai, chat_server, model_dirs
+):
+    """OpenAI's reference for the legacy completions: "the API will always return the logprob of the
+    sampled token, so there may be up to logprobs+1 elements" (vLLM does). Ours held the top k alone:
+    `logprobs=0` gave [{}, …] and a token outside the top k was missing from its dict (an audit). Now each
+    dict is the model's top k plus the token itself (an echoed prompt token too), streamed or not; chat's
+    top_logprobs stay exactly the top k. 'z' is forced by logit_bias, which the logprobs are taken before,
+    so the token is often not the model's most likely."""
+    forced = {"logit_bias": {str(ord("z")): 100}}
+    for k in (0, 1):
+        r = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=6, logprobs=k, echo=True, **forced)
+        lp = r.choices[0].logprobs
+        ids = ids_of(PROMPT) + [ord("z")] * 6
+        assert "".join(lp.tokens) == PROMPT + "z" * 6 and lp.top_logprobs[0] is None
+        prompt_lp, rows = model_logprobs(model_dirs["text"], ids_of(PROMPT), [ord("z")] * 6)
+        dists = torch.cat([prompt_lp[:-1], rows])  # the distribution each token after the first came from
+        outside = 0
+        for i, top in enumerate(lp.top_logprobs[1:]):
+            want = {key_of(j): v for v, j in zip(*dists[i].topk(k))}  # the model's top k ...
+            want[key_of(ids[i + 1])] = dists[i, ids[i + 1]]  # ... and the token itself
+            assert top.keys() == want.keys(), (k, i, top, want)
+            assert top == pytest.approx({key: float(v) for key, v in want.items()}, abs=LP_TOL)
+            assert top[lp.tokens[i + 1]] == lp.token_logprobs[i + 1]
+            outside += len(top) == k + 1
+        assert outside >= 6 if k == 0 else outside >= 1  # (k + 1 entries: the token was not in the top k)
+        chunks = list(oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=6, logprobs=k, echo=True,
+                                             stream=True, **forced))  # fmt: skip
+        streamed = [top for c in chunks for x in c.choices if x.logprobs for top in x.logprobs.top_logprobs]
+        assert streamed == lp.top_logprobs
+    s, _ = chat_server
+    with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:
+        for k in (0, 1):
+            r = c.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=6, logprobs=True,
+                                          top_logprobs=k, **forced)  # fmt: skip
+            content = r.choices[0].logprobs.content
+            assert [e.token for e in content] == ["z"] * 6 and all(len(e.top_logprobs) == k for e in content)
 
 
 def test_echo_returns_the_prompt_with_its_logprobs(oai, model_dirs):
@@ -169,7 +215,11 @@ def test_echo_returns_the_prompt_with_its_logprobs(oai, model_dirs):
     prompt_lp, _ = model_logprobs(model_dirs["text"], ids_of(PROMPT), [])
     for i in range(1, n):
         assert lp.token_logprobs[i] == pytest.approx(float(prompt_lp[i - 1, ord(PROMPT[i])]), abs=LP_TOL)
-        assert len(lp.top_logprobs[i]) == 3
+        in_top = ord(PROMPT[i]) in prompt_lp[i - 1].topk(3).indices.tolist()
+        assert (
+            len(lp.top_logprobs[i]) == 3 + (not in_top)
+            and lp.top_logprobs[i][PROMPT[i]] == lp.token_logprobs[i]
+        )
     assert lp.text_offset[n] == n and len(lp.tokens) == n + 6
     # max_tokens=0 with echo scores the prompt alone
     s = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1)

@@ -406,12 +406,21 @@ def generated_entries(run: Run, start: int, end: int, base: int) -> list[tuple]:
 
 
 def completion_logprobs(entries: list[tuple], vocab: Vocab | None = None) -> dict:
+    """The legacy completions' logprobs. Each `top_logprobs` dict holds the k most likely tokens and, as
+    OpenAI's reference says ("the API will always return the logprob of the sampled token, so there may be
+    up to logprobs+1 elements") and vLLM does, the token itself when it is not among them (an echoed
+    prompt token too): k + 1 entries then, one with logprobs=0. Chat's `top_logprobs` stay the top k."""
+
+    def top_with_token(t: int, lp: float, top: list[tuple[int, float]]) -> dict[str, float]:
+        out = {token_str(i, vocab): v for i, v in top}
+        if all(i != t for i, _ in top):
+            out[token_str(t, vocab)] = lp
+        return out
+
     return {
         "tokens": [token_str(t, vocab) for t, _, _, _ in entries],
         "token_logprobs": [lp for _, lp, _, _ in entries],
-        "top_logprobs": [
-            None if top is None else {token_str(i, vocab): v for i, v in top} for _, _, top, _ in entries
-        ],
+        "top_logprobs": [None if top is None else top_with_token(t, lp, top) for t, lp, top, _ in entries],
         "text_offset": [off for _, _, _, off in entries],
     }
 
