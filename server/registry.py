@@ -3,6 +3,7 @@ engine. A checkpoint that fails any step is not served; the reason is logged and
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import threading
@@ -74,6 +75,16 @@ class ServedModel:
     @property
     def kind(self) -> str:
         return self.config.modality
+
+    @property
+    def system_fingerprint(self) -> str:
+        """OpenAI's `system_fingerprint` (the OpenAI routes' answers and chunks): what a seed's tokens
+        depend on besides the request, as "fp_" + 12 hex digits of SHA-256 over `fingerprint` (config +
+        weights' SHA-256, which sessions' exports are checked against) and how they are served (weights'
+        dtype, state dtype, device type): the same for every replica serving a checkpoint alike."""
+        served = f"{self.fingerprint}/{self.rec.verification['dtype']}/{self.rec.state_dtype}/"
+        served += torch.device(self.rec.device).type
+        return "fp_" + hashlib.sha256(served.encode()).hexdigest()[:12]
 
     @property
     def sample_rate(self) -> int | None:

@@ -667,6 +667,10 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
+    system_fingerprint: str = Field(
+        description="fp_ + 12 hex digits: the served model's weights, config and serving dtypes and device "
+        "(a seed reproduces its tokens while this stays the same); in every stream chunk too"
+    )
     choices: list[CompletionChoice]
     usage: CompletionUsage | None = None
 
@@ -688,6 +692,10 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
+    system_fingerprint: str = Field(
+        description="fp_ + 12 hex digits: the served model's weights, config and serving dtypes and device "
+        "(a seed reproduces its tokens while this stays the same); in every stream chunk too"
+    )
     choices: list[ChatChoice]
     usage: CompletionUsage | None = None
 

@@ -805,6 +805,31 @@ def test_a_choice_the_drains_end_cuts_short_is_a_503_or_an_error_event_never_fin
         s.stop()
 
 
+def test_every_answer_and_chunk_carries_the_models_system_fingerprint(oai, server, chat_server):
+    """OpenAI's `system_fingerprint` (the backend a seed's tokens depend on) was never sent: the openai
+    client read None (an audit). Now every completion, chat completion and stream chunk carries "fp_" and
+    12 hex digits of the served model's weights, config, dtypes and device: the same on every request
+    and route, and on another server serving the same checkpoint; another model's differs."""
+    import re
+
+    s, _ = chat_server
+    fp = server.state.models[TEXT].system_fingerprint
+    assert re.fullmatch(r"fp_[0-9a-f]{12}", fp) and fp != server.state.models[AUDIO].system_fingerprint
+    assert s.state.models[TEXT].system_fingerprint == fp  # another server, the same checkpoint
+    answers = [oai.completions.create(model=TEXT, prompt="a", max_tokens=2, n=2) for _ in range(2)]
+    answers += list(oai.completions.create(model=TEXT, prompt="a", max_tokens=2, n=2, stream=True,
+                                           stream_options={"include_usage": True}))  # fmt: skip
+    assert [a.system_fingerprint for a in answers] == [fp] * len(answers)
+    chat = {"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 2}
+    with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:
+        answers = [c.chat.completions.create(**chat)]
+        answers += list(
+            c.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True})
+        )
+    # the same weights and config (tiny-chat is tiny-text with a chat template): the same fingerprint
+    assert [a.system_fingerprint for a in answers] == [fp] * len(answers)
+
+
 def test_shipped_shakespeare_chat_template_renders_speaker_lines():
     from pathlib import Path
 

@@ -510,7 +510,8 @@ async def completions(req: CompletionRequest, request: Request):
     await wait_for_slots(model, len(prompts) * best_of)
     runs = start_runs(st, model, prompts, best_of, params, max_tokens)
     cid, created = request_id("cmpl"), now_s()
-    head = {"id": cid, "object": "text_completion", "created": created, "model": model.id}
+    head = {"id": cid, "object": "text_completion", "created": created, "model": model.id,
+            "system_fingerprint": model.system_fingerprint}  # fmt: skip
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         body = _stream_completions(runs, prompts, texts, req, head, include_usage)
@@ -653,14 +654,16 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     cid, created = request_id("chatcmpl"), now_s()
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model.id}
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model.id,
+                "system_fingerprint": model.system_fingerprint}  # fmt: skip
         body = _stream_chat(runs, [ids], req.logprobs, head, include_usage)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
     await collect_runs(runs, request)
     for i, r in enumerate(runs):
         if cut_off(r):
             raise shut_down(r, f"choice {i}")
-    head = {"id": cid, "object": "chat.completion", "created": created, "model": model.id}
+    head = {"id": cid, "object": "chat.completion", "created": created, "model": model.id,
+            "system_fingerprint": model.system_fingerprint}  # fmt: skip
 
     def answer() -> dict:
         choices = [
