@@ -27,10 +27,12 @@ from server.errors import (
     CLIENT_GONE,
     APIError,
     error_body,
+    is_openai_path,
     json_limit_reason,
     malformed_json,
     not_found,
     refuse,
+    unknown_openai_url,
     validation_error,
 )
 from server.json_budget import json_content_type, route_budget
@@ -107,6 +109,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # an integer's digits): said as the WebSocket's parser (pydantic's) says it
             err = malformed_json(json_limit_reason(cause))
             return _error_response(err, request)
+        if exc.status_code == 404 and is_openai_path(request.url.path):  # no route: a part of OpenAI's API
+            return _error_response(unknown_openai_url(request.method, request.url.path), request)
         return _error_response(APIError(exc.status_code, str(exc.detail)), request)
 
     for module in ROUTE_MODULES:

@@ -85,10 +85,32 @@ OPENAI_CODES = {401: "invalid_api_key", 429: "rate_limit_exceeded"}  # OpenAI's 
 OPENAI_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize")
 
 
+# the top-level resources of OpenAI's API (/v1/<resource>...): a path under one that this server does not
+# serve (/v1/embeddings, /v1/audio/speech) is answered as OpenAI answers an unknown URL (`unknown_openai_url`)
+OPENAI_RESOURCES = frozenset({
+    "assistants", "audio", "batches", "chat", "completions", "containers", "conversations", "edits",
+    "embeddings", "engines", "evals", "files", "fine-tunes", "fine_tuning", "images", "models", "moderations",
+    "organization", "realtime", "responses", "threads", "uploads", "vector_stores", "videos",
+})  # fmt: skip
+OPENAI_SERVED = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models and GET /v1/models/{model}"
+
+
 def is_openai_path(path: str) -> bool:
     """Whether a request path is one of the OpenAI-compatible routes (`OPENAI_ROUTES`, and
-    /v1/models/{id}), whose errors take OpenAI's shape (`error_body`)."""
-    return path in OPENAI_ROUTES or path.startswith("/v1/models/")
+    /v1/models/{id}) or any other path of OpenAI's API (`OPENAI_RESOURCES`), whose errors take OpenAI's
+    shape (`error_body`)."""
+    if path in OPENAI_ROUTES:
+        return True
+    head, _, rest = path.partition("/v1/")
+    return not head and rest.split("/", 1)[0] in OPENAI_RESOURCES
+
+
+def unknown_openai_url(method: str, path: str) -> APIError:
+    """A request for a path of OpenAI's API that this server does not serve: a 404 worded as OpenAI's own
+    ("Invalid URL (POST /v1/embeddings)"), saying what this server serves of the API."""
+    url = path if len(path) <= 200 else path[:200] + "…"
+    served = f"this server serves only {OPENAI_SERVED} of OpenAI's API"
+    return APIError(404, f"Invalid URL ({method} {url}): {served}")
 
 
 def as_openai(err: APIError) -> APIError:

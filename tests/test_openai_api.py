@@ -1131,6 +1131,49 @@ def test_openai_routes_answer_errors_in_openai_s_shape_and_the_client_raises_its
     }  # fmt: skip
 
 
+UNSERVED_OPENAI_URLS = [
+    ("POST", "/v1/embeddings"), ("POST", "/v1/responses"), ("POST", "/v1/audio/speech"),
+    ("POST", "/v1/audio/transcriptions"), ("POST", "/v1/images/generations"), ("POST", "/v1/moderations"),
+    ("GET", "/v1/files"), ("POST", "/v1/batches"), ("POST", "/v1/fine_tuning/jobs"),
+    ("GET", "/v1/assistants"), ("POST", "/v1/threads/runs"), ("GET", "/v1/vector_stores"),
+    ("POST", "/v1/uploads"), ("GET", "/v1/realtime"), ("POST", "/v1/edits"), ("GET", "/v1/engines/davinci"),
+    ("GET", "/v1/chat/completions/chatcmpl-1"), ("DELETE", "/v1/models/x/y"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("method, path", UNSERVED_OPENAI_URLS)
+def test_a_part_of_openais_api_this_server_lacks_is_openais_invalid_url_404(oai, server, method, path):
+    """/v1/embeddings, /v1/responses and the rest of OpenAI's API that this server does not serve answered
+    our own 404 ({"code": 404, "type": "not_found", "message": "Not Found"}; an audit), where OpenAI's
+    answers `{"error": {"message": "Invalid URL (POST /v1/embeddings)", "type": "invalid_request_error",
+    "param": null, "code": null}}`. Now OpenAI's, saying what this server serves; other unknown paths keep
+    our own shape."""
+    r = httpx.request(
+        method, server.url + path, json={"model": TEXT, "input": "a"} if method == "POST" else None
+    )
+    err = openai_error(r)
+    assert r.status_code == 404 and err["type"] == "invalid_request_error" and err["param"] is None, r.text
+    assert err["message"].startswith(f"Invalid URL ({method} {path}): this server serves only "), err
+    assert "POST /v1/chat/completions" in err["message"], err
+    if path == "/v1/embeddings":
+        with pytest.raises(openai.NotFoundError) as e:
+            oai.embeddings.create(model=TEXT, input="a")
+        assert (
+            e.value.body["message"].startswith("Invalid URL (POST /v1/embeddings)") and e.value.code is None
+        )
+
+
+def test_an_unknown_path_outside_openais_api_keeps_our_own_404(server):
+    from server.errors import is_openai_path
+
+    for path in ("/v1/nothing", "/v1", "/v1/", "/nothing", "/x/v1/embeddings", "/v1/generate/x"):
+        assert not is_openai_path(path), path
+    for path in ("/v1/nothing", "/nothing"):
+        r = httpx.post(server.url + path, json={})
+        assert r.status_code == 404 and r.json()["error"]["code"] == 404, r.text
+        assert r.json()["error"]["type"] == "not_found", r.text
+
+
 def test_the_openai_routes_answer_406_to_an_accept_that_takes_neither_json_nor_the_stream(oai, server):
     """A stream needs an Accept that takes text/event-stream, or application/json (what the openai client
     sends with every request, streams too); a plain answer needs application/json. Else a 406 in
