@@ -71,6 +71,8 @@ class SamplingParams:
     - top_p: finite, in (0, 1] (1 → off); a tiny top_p keeps only the most likely token.
     - repetition_penalty: finite, > 0 (1 → off). Where a seen token's z / p overflows (a tiny p), the
       limit is taken: those tokens alone, and the largest of their z, get all the mass.
+    - seed: integer in [0, 2^64): the generator's 64-bit Philox key. Our own routes take [0, 2^63); the
+      OpenAI routes take OpenAI's int64 range and key a negative seed s with s + 2^64.
     """
 
     temperature: float = 1.0  # 0 → greedy
@@ -94,7 +96,7 @@ class SamplingParams:
         self.top_p = check_number("top_p", self.top_p, gt=0, le=1)
         self.repetition_penalty = check_number("repetition_penalty", self.repetition_penalty, gt=0)
         if self.seed is not None:
-            self.seed = check_number("seed", self.seed, ge=0, le=2**63 - 1, integer=True)
+            self.seed = check_number("seed", self.seed, ge=0, le=2**64 - 1, integer=True)
         # (float32's range: the sampler holds them in float32, where 1e39 was inf, and 0 × inf a NaN for
         # every token not yet generated: the row went uniform, the penalised tokens included)
         for name in ("presence_penalty", "frequency_penalty"):

@@ -466,9 +466,10 @@ class OpenAISampling(BaseModel):
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="completions per prompt, each its own sample")
     seed: int | None = Field(
         None,
-        ge=0,
+        ge=-(2**63),
         lt=2**63,
-        description="choice i samples with a seed derived from (seed, i); i = 0 uses seed",
+        description="OpenAI's int64 range; choice i samples with a seed derived from (seed, i); i = 0 uses "
+        "seed (a negative one as seed + 2^64, so each seed keys its own generator)",
     )
     stop: list[StopString] | None = Field(
         None, max_length=16, description="the text ends before any of these"

@@ -279,6 +279,32 @@ def test_n_choices_are_independent_and_seeded_per_choice(oai, model_dirs):
     assert r.usage.prompt_tokens == 12 and r.usage.completion_tokens == 48
 
 
+def test_a_negative_seed_is_openais_and_keys_its_own_generator(oai, chat_server, model_dirs):
+    """OpenAI takes any int64 seed; ours refused a negative one (400 naming seed; an audit). A negative
+    seed s now samples with the 64-bit key s + 2^64 (its two's complement), no other seed's key: -1 is
+    2^64 - 1, not 2^63 - 1 nor 1; the same seed gives the same tokens, choice i > 0 its derived seed."""
+    kw = dict(model=TEXT, prompt=PROMPT, max_tokens=24, temperature=1.0)
+
+    def texts(seed: int, n: int = 1) -> list[str]:
+        return [c.text for c in oai.completions.create(**kw, seed=seed, n=n).choices]
+
+    def want(key: int) -> str:
+        ids = reference(model_dirs["text"], ids_of(PROMPT), SamplingParams(seed=key), 24)
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    for seed in (-1, -(2**63), -12345):
+        got = texts(seed, n=2)
+        assert got == texts(seed, n=2), seed  # the same seed, the same tokens
+        assert got[0] == want(seed + 2**64) and got[1] == want(choice_seed(seed + 2**64, 1)), seed
+    assert len({texts(s)[0] for s in (-1, 2**63 - 1, 1, -2)}) == 4  # each seed its own stream
+    s, _ = chat_server
+    with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:
+        chat = dict(model="tiny-chat", messages=MESSAGES, max_tokens=8, seed=-7)
+        assert c.chat.completions.create(**chat).choices[0].message.content == (
+            c.chat.completions.create(**chat).choices[0].message.content
+        )
+
+
 def test_best_of_returns_the_n_of_highest_mean_logprob(oai, model_dirs):
     r = oai.completions.create(model=TEXT, prompt=PROMPT, max_tokens=10, seed=2, n=2, best_of=5)
     assert len(r.choices) == 2 and r.usage.completion_tokens == 50  # five sampled
@@ -411,7 +437,7 @@ def post(server, path: str, body: dict) -> httpx.Response:
         ("max_tokens", [-1, 10**30, 5000]),
         ("presence_penalty", [-2.0000001, 2.5, float("nan"), float("inf"), float("-inf"), 1e308]),
         ("frequency_penalty", [-3, 2.0000001, float("nan"), float("-inf")]),
-        ("seed", [-1, 2**63, 10**40]),
+        ("seed", [-(2**63) - 1, 2**63, 10**40, -(10**40)]),
         ("top_k", [-2, 2**31, 10**30]),
         ("min_p", [-5e-324, 1.0000001, float("nan"), float("inf")]),
         ("repetition_penalty", [0, 5e-324, 1e-300, 0.0099, 100.01, float("nan"), float("inf")]),
@@ -705,7 +731,7 @@ def test_chat_refusals(chat_server):
             ({"presence_penalty": 2.5}, "presence_penalty"),
             ({"logit_bias": {"999": 1}}, "logit_bias"),
             ({"stream_options": {"include_usage": True}}, "stream_options"),
-            ({"seed": -1}, "seed"),
+            ({"seed": 2**63}, "seed"),
         ]:  # fmt: skip
             body = {"model": "tiny-chat", "messages": MESSAGES, **kw}
             with pytest.raises(openai.BadRequestError) as e:

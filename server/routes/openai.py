@@ -9,7 +9,8 @@ repetition_penalty carry vLLM's names.
 
 Choices: every prompt is sampled `best_of` (default `n`) times, each an independent one-shot
 generation with its own generator. With a `seed`, choice i of a prompt samples with `choice_seed(seed,
-i)` (choice 0 with `seed` itself, so n=1 reproduces /v1/generate with the same seed). With best_of > n
+i)` (choice 0 with `seed` itself, so n=1 reproduces /v1/generate with the same seed; OpenAI's seeds are
+int64, and a negative one is the 64-bit key seed + 2^64: `sampling_seed`). With best_of > n
 the n choices of highest mean token log-probability are returned.
 
 A choice the server's stop cuts short (running when the drain, S4_DRAIN_TIMEOUT_S, ends: "cancelled" on
@@ -183,6 +184,12 @@ def logit_bias(model: ServedModel, bias: dict[str, float] | None) -> dict[int, f
     return out
 
 
+def sampling_seed(seed: int) -> int:
+    """A request's seed (OpenAI's int64 range) as the generator's 64-bit key: itself in [0, 2^63), as
+    /v1/generate takes it, a negative one + 2^64 (its two's complement): each seed keys its own stream."""
+    return seed % 2**64
+
+
 def sampling(model: ServedModel, req: OpenAISampling, stop: list[str]) -> SamplingParams:
     """The fields both routes share, range-checked against the model (logit_bias ids < vocab)."""
     V = model.config.vocab_size
@@ -196,7 +203,7 @@ def sampling(model: ServedModel, req: OpenAISampling, stop: list[str]) -> Sampli
         top_k=top_k,
         top_p=fields["top_p"],
         repetition_penalty=fields["repetition_penalty"],
-        seed=req.seed,
+        seed=None if req.seed is None else sampling_seed(req.seed),
         stop=[s.encode() for s in stop],
         logit_bias=bias,
         presence_penalty=req.presence_penalty,
