@@ -462,7 +462,14 @@ class OpenAISampling(BaseModel):
         **Finite,
         description="0 → greedy; as /v1/generate (OpenAI documents ≤ 2)" + OR_CHECKPOINTS,
     )
-    top_p: float = Field(1.0, gt=0, le=1, **Finite, description="nucleus mass (1 → off)" + OR_CHECKPOINTS)
+    top_p: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        **Finite,
+        description="nucleus mass (1 → off; 0, as OpenAI takes it, or tiny → the most likely token)"
+        + OR_CHECKPOINTS,
+    )
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="completions per prompt, each its own sample")
     seed: int | None = Field(
         None,

@@ -430,7 +430,7 @@ def post(server, path: str, body: dict) -> httpx.Response:
     "field, bad",
     [
         ("temperature", [-1e-300, 100.000001, 1e308, float("nan"), float("inf"), float("-inf")]),
-        ("top_p", [0, -0.0, 1.0000001, 1e308, float("nan"), float("inf")]),
+        ("top_p", [-5e-324, -1e-300, -1, 1.0000001, 1e308, float("nan"), float("inf")]),
         ("n", [0, -1, 17, 10**30]),
         ("best_of", [0, 17, 10**30]),
         ("logprobs", [-1, 21, 10**30]),
@@ -517,6 +517,37 @@ def test_tiny_temperature_and_top_p_are_greedy_on_both_sampling_paths(server, ex
         r = post(server, "/v1/completions", {**base, **kw})
         assert r.status_code == 200, (kw, r.text)
         assert r.json()["choices"][0]["text"] == greedy, (extra, kw)
+
+
+@pytest.mark.parametrize("extra", [{}, {"logit_bias": {"7": 1}}, {"presence_penalty": 0.5}])
+def test_top_p_zero_is_openais_and_keeps_the_most_likely_token_on_both_routes(server, chat_server, extra):
+    """OpenAI takes top_p 0; ours refused it (400 naming top_p; an audit). It now keeps the most likely
+    token alone: the greedy (temperature 0) text, on completions and chat, plain and streamed, whichever
+    sampling path; -0.0 too. Our own routes keep (0, 1]."""
+    s, _ = chat_server
+    routes = [
+        (server.url + "/v1/completions", {"model": TEXT, "prompt": PROMPT}),
+        (s.url + "/v1/chat/completions", {"model": "tiny-chat", "messages": MESSAGES}),
+    ]
+    for url, body in routes:
+        base = {**body, "max_tokens": 16, "seed": 2, "temperature": 1.5, **extra}
+
+        def text(kw: dict, stream: bool = False) -> str:
+            r = httpx.post(url, json={**base, **kw, "stream": stream}, timeout=30)
+            assert r.status_code == 200, (kw, r.text)
+            if not stream:
+                c = r.json()["choices"][0]
+                return c["text"] if "text" in c else c["message"]["content"]
+            chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+            return "".join(c.get("text") or c.get("delta", {}).get("content") or "" for x in chunks
+                           for c in x["choices"])  # fmt: skip
+
+        greedy = text({"temperature": 0})
+        for top_p in (0, 0.0, -0.0):
+            assert text({"top_p": top_p}) == greedy and text({"top_p": top_p}, stream=True) == greedy, top_p
+        assert text({}) != greedy  # (temperature 1.5 alone samples something else)
+    r = httpx.post(server.url + "/v1/generate", json={"model": TEXT, "prompt": "a", "top_p": 0})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "top_p"
 
 
 def test_logit_bias_is_checked(server):

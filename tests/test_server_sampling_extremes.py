@@ -138,7 +138,7 @@ REFUSED = [  # (field, value): each is a 422 naming the field
     *[("max_new_tokens", v) for v in (NAN, INF, 0, -1, 2**63, 2**70, 1.5)],
 ]
 COMPLETIONS_FIELDS = {"temperature", "top_p", "seed", "max_new_tokens"}
-OPENAI_TAKES = {("seed", "-1")}  # (field, repr(value)) refused by our routes, valid on OpenAI's (int64 seeds)
+OPENAI_TAKES = {("seed", "-1"), ("top_p", "0"), ("top_p", "0.0")}  # (field, repr(value)): ours refuse them
 
 
 @pytest.mark.parametrize("model, route", CASES)

@@ -79,6 +79,7 @@ router = APIRouter(tags=["openai"])
 MAX_SAMPLES = 64  # prompts × best_of in one request
 MAX_LOGPROB_VALUES = 2**18  # log-probabilities in one answer: each position's own and its top ones
 CHAT_DEFAULT_MAX_TOKENS = 256
+TOP_P_ZERO = 5e-324  # OpenAI's top_p 0: the smallest float above it, whose nucleus is the most likely token
 
 
 def choice_seed(seed: int, i: int) -> int:
@@ -201,7 +202,7 @@ def sampling(model: ServedModel, req: OpenAISampling, stop: list[str]) -> Sampli
     return SamplingParams(
         temperature=fields["temperature"],
         top_k=top_k,
-        top_p=fields["top_p"],
+        top_p=fields["top_p"] or TOP_P_ZERO,  # (OpenAI's top_p 0: the library's range starts above it)
         repetition_penalty=fields["repetition_penalty"],
         seed=None if req.seed is None else sampling_seed(req.seed),
         stop=[s.encode() for s in stop],
