@@ -441,6 +441,11 @@ Finite = {"allow_inf_nan": False}
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = Field(False, description="a last chunk with `usage` (and no choices) before [DONE]")
+    include_obfuscation: bool = Field(
+        True,
+        description="accepted, not used: this server adds no obfuscation padding to its chunks (OpenAI's "
+        "`obfuscation` field, which true asks for), so false and true answer alike",
+    )
 
 
 class OpenAISampling(BaseModel):

@@ -887,6 +887,42 @@ def test_every_answer_and_chunk_carries_the_models_system_fingerprint(oai, serve
     assert [a.system_fingerprint for a in answers] == [fp] * len(answers)
 
 
+def test_stream_options_include_obfuscation_is_accepted_and_changes_nothing(server, chat_server):
+    """`stream_options.include_obfuscation`, which the openai client types, was a 400 ("Extra inputs are
+    not permitted"; an audit). It is accepted, true or false, and changes nothing: this server pads no
+    chunk with OpenAI's `obfuscation` field. Another type is still a 400 naming it."""
+    s, _ = chat_server
+    routes = [
+        (server.url + "/v1/completions", {"model": TEXT, "prompt": PROMPT}),
+        (s.url + "/v1/chat/completions", {"model": "tiny-chat", "messages": MESSAGES}),
+    ]
+    for url, body in routes:
+        base = {**body, "max_tokens": 8, "seed": 1, "stream": True}
+
+        def chunks(options: dict | None) -> list[dict]:
+            r = httpx.post(url, json={**base, "stream_options": options}, timeout=30)
+            assert r.status_code == 200, (options, r.text)
+            return [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+
+        def content(events: list[dict]) -> tuple[str, list]:  # (the text, the finish reasons)
+            choices = [c for e in events for c in e["choices"]]
+            text = "".join(c.get("text") or c.get("delta", {}).get("content") or "" for c in choices)
+            return text, [c["finish_reason"] for c in choices if c["finish_reason"]]
+
+        plain = chunks({"include_usage": True})
+        for obfuscation in (False, True):
+            got = chunks({"include_usage": True, "include_obfuscation": obfuscation})
+            assert content(got) == content(plain), obfuscation
+            assert got[-1]["usage"]["completion_tokens"] == plain[-1]["usage"]["completion_tokens"]
+            assert not any("obfuscation" in e for e in got)
+        r = httpx.post(url, json={**base, "stream_options": {"include_obfuscation": "no"}}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream_options.include_obfuscation"
+    with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:
+        stream = c.chat.completions.create(model="tiny-chat", messages=MESSAGES, max_tokens=2, stream=True,
+                                           stream_options={"include_obfuscation": False})  # fmt: skip
+        assert list(stream)[-1].choices[0].finish_reason in ("stop", "length")
+
+
 def test_shipped_shakespeare_chat_template_renders_speaker_lines():
     from pathlib import Path
 
