@@ -95,7 +95,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        err = validation_error(list(exc.errors()), request.headers.get("content-type"))
+        openai_route = is_openai_path(request.url.path)
+        err = validation_error(list(exc.errors()), request.headers.get("content-type"), openai_route)
         return _error_response(err, request)
 
     @app.exception_handler(StarletteHTTPException)

@@ -226,11 +226,13 @@ def json_limit_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:200]
 
 
-def validation_error(errors: list[dict], content_type: str | None = None) -> APIError:
+def validation_error(errors: list[dict], content_type: str | None = None, openai: bool = False) -> APIError:
     """The first pydantic error as an APIError naming its field: 400 for malformed JSON; for the body as a
     whole, 415 when it was not sent as JSON (`content_type`, the request's header, is not
     application/json or a +json type: `curl -d` without `-H 'content-type: application/json'` sends
-    a form) and 422 when it is missing; else 422."""
+    a form) and 422 when it is missing; else 422. On the OpenAI routes (`openai`) a field their schema
+    lacks (OpenAI's tools, response_format, ...) is "<field> is not supported by this server", as the
+    routes word the fields they refuse by name, not pydantic's "Extra inputs are not permitted"."""
     e = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path")]
     if e.get("type") == "json_invalid":  # FastAPI's: loc ("body", the character where Python's json stopped)
@@ -247,4 +249,6 @@ def validation_error(errors: list[dict], content_type: str | None = None) -> API
                 f"application/json (this request's content-type: {media or 'none'})",
             )
     param = ".".join(loc) or None
+    if openai and e.get("type") == "extra_forbidden" and param is not None:
+        return APIError(422, f"{param} is not supported by this server", param=param)
     return APIError(422, f"{param or 'request'}: {e.get('msg')}", param=param)

@@ -562,12 +562,17 @@ CHAT_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")  # OpenAI's rule for a message's 
 # client sends back: `messages.append(reply.model_dump())` writes every one, null) that this server never
 # produces: accepted as null, refused naming the field otherwise. The reason each is refused:
 NULL_ONLY_MESSAGE_FIELDS = {
-    "refusal": "this server writes no refusals",
-    "tool_calls": "this server has no tools",
-    "function_call": "this server has no functions",
-    "audio": "this route writes no audio",
-    "annotations": "this server writes no annotations",
+    "refusal": "writes no refusals",
+    "tool_calls": "has no tools",
+    "function_call": "has no functions",
+    "audio": "writes no audio on this route",
+    "annotations": "writes no annotations",
 }
+
+
+def null_only(field: str):
+    """A field of `NULL_ONLY_MESSAGE_FIELDS`: null, or refused naming it (`ChatMessage._null_only`)."""
+    return Field(None, description=f"null only: this server {NULL_ONLY_MESSAGE_FIELDS[field]}")
 
 
 class ChatMessage(BaseModel):
@@ -585,13 +590,11 @@ class ChatMessage(BaseModel):
         "rule), so a name cannot add lines to the prompt",
         json_schema_extra={"pattern": f"^{CHAT_NAME.pattern}$"},
     )
-    refusal: None = Field(None, description="null only (" + NULL_ONLY_MESSAGE_FIELDS["refusal"] + ")")
-    tool_calls: None = Field(None, description="null only (" + NULL_ONLY_MESSAGE_FIELDS["tool_calls"] + ")")
-    function_call: None = Field(
-        None, description="null only (" + NULL_ONLY_MESSAGE_FIELDS["function_call"] + ")"
-    )
-    audio: None = Field(None, description="null only (" + NULL_ONLY_MESSAGE_FIELDS["audio"] + ")")
-    annotations: None = Field(None, description="null only (" + NULL_ONLY_MESSAGE_FIELDS["annotations"] + ")")
+    refusal: None = null_only("refusal")
+    tool_calls: None = null_only("tool_calls")
+    function_call: None = null_only("function_call")
+    audio: None = null_only("audio")
+    annotations: None = null_only("annotations")
 
     @field_validator("content")
     @classmethod
@@ -620,7 +623,8 @@ class ChatMessage(BaseModel):
         if v is not None:
             raise PydanticCustomError(
                 "unsupported_field",
-                "{field} is not supported ({why}): only null is accepted, as a reply's model_dump() has it",
+                "{field} is not supported by this server, which {why}: only null is accepted, as a reply's "
+                "model_dump() has it",
                 {"field": info.field_name, "why": NULL_ONLY_MESSAGE_FIELDS[info.field_name]},
             )
         return v
@@ -641,6 +645,7 @@ class ChatCompletionRequest(OpenAISampling):
     )
     # fields clients send by default that change nothing here: accepted, range-checked, not used
     store: Literal[False] = Field(False, description="false only: this server keeps no completions")
+
     metadata: (
         Annotated[
             dict[
@@ -652,6 +657,16 @@ class ChatCompletionRequest(OpenAISampling):
         | None
     ) = Field(None, description="≤ 16 string pairs (OpenAI's bounds); accepted, not used (nothing is stored)")
     parallel_tool_calls: bool = Field(True, description="accepted, not used: tools are not supported")
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _store_false_only(cls, v):
+        if v is True:
+            raise PydanticCustomError(
+                "unsupported_value",
+                "true is not supported by this server (it keeps no completions): send false or leave it out",
+            )
+        return v
 
 
 class CompletionLogprobs(BaseModel):

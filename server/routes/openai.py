@@ -494,7 +494,10 @@ async def completions(req: CompletionRequest, request: Request):
     model = text_model(st, req.model)
     check_accept(request, req.stream)
     if req.suffix is not None:
-        raise invalid("suffix", "suffix is not supported: these models only continue a prompt (no infilling)")
+        raise invalid(
+            "suffix",
+            "suffix is not supported by this server: its models only continue a prompt (no infilling)",
+        )
     best_of = req.n if req.best_of is None else req.best_of
     if best_of < req.n:
         raise invalid("best_of", f"best_of ({best_of}) must be at least n ({req.n})")
