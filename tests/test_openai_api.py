@@ -847,7 +847,7 @@ def test_a_choice_the_drains_end_cuts_short_is_a_503_or_an_error_event_never_fin
             err = openai_error(httpx.Response(status, content="\n".join(lines)))
             assert err["type"] == "server_error", err
             assert err["message"].startswith("the server shut down before the completion finished: choice ")
-            assert f"of {n} tokens" in err["message"], err
+            assert f"of {n} tokens" in err["message"] and "(1 other choice too)" in err["message"], err
             status, _, lines = answers[name, True]
             events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
             assert status == 200 and lines[-1] == "data: [DONE]", (name, lines[-3:])

@@ -369,12 +369,13 @@ def cut_off(run: Run) -> bool:
     return run.final is not None and run.final.finish_reason == "cancelled"
 
 
-def shut_down(run: Run, which: str) -> APIError:
-    """The 503 (Retry-After) of a choice the server's stop cut short: its text is not a completion, and
-    a finish_reason "stop" would say it was (the native routes say "cancelled" instead)."""
+def shut_down(run: Run, which: str, others: int = 0) -> APIError:
+    """The 503 (Retry-After) of a choice the server's stop cut short (and `others` more): its text is not
+    a completion, and a finish_reason "stop" would say it was (the native routes say "cancelled")."""
+    more = f" ({others} other choice{'s' if others != 1 else ''} too)" if others else ""
     return unavailable(
         f"the server shut down before the completion finished: {which} had {run.final.completion_tokens} "
-        f"of {run.max_tokens} tokens when the drain (S4_DRAIN_TIMEOUT_S) ended; retry the request"
+        f"of {run.max_tokens} tokens when the drain (S4_DRAIN_TIMEOUT_S) ended{more}; retry the request"
     )
 
 
@@ -528,9 +529,10 @@ async def completions(req: CompletionRequest, request: Request):
         body = _stream_completions(runs, prompts, texts, req, head, include_usage)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
     await collect_runs(runs, request)
-    for k, r in enumerate(runs):  # (choice k when best_of is n: the choices keep the runs' order)
-        if cut_off(r):
-            raise shut_down(r, f"choice {k}" if best_of == req.n else f"sample {k} (of best_of {best_of})")
+    cut = [k for k, r in enumerate(runs) if cut_off(r)]  # (choice k when best_of is n: the runs' order)
+    if cut:
+        which = f"choice {cut[0]}" if best_of == req.n else f"sample {cut[0]} (of best_of {best_of})"
+        raise shut_down(runs[cut[0]], which, len(cut) - 1)
     return await json_answer(
         CompletionResponse, lambda: _completion(runs, prompts, texts, req, best_of, head)
     )
@@ -670,9 +672,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         body = _stream_chat(runs, [ids], req.logprobs, head, include_usage)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
     await collect_runs(runs, request)
-    for i, r in enumerate(runs):
-        if cut_off(r):
-            raise shut_down(r, f"choice {i}")
+    cut = [i for i, r in enumerate(runs) if cut_off(r)]
+    if cut:
+        raise shut_down(runs[cut[0]], f"choice {cut[0]}", len(cut) - 1)
     head = {"id": cid, "object": "chat.completion", "created": created, "model": model.id,
             "system_fingerprint": model.system_fingerprint}  # fmt: skip
 
