@@ -19,6 +19,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from prometheus_fastapi_instrumentator.middleware import PrometheusInstrumentatorMiddleware
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys
 from server.body_limit import BodySizeLimit
@@ -26,6 +27,7 @@ from server.config import Settings
 from server.errors import (
     CLIENT_GONE,
     APIError,
+    client_gone,
     error_body,
     is_openai_path,
     json_limit_reason,
@@ -93,6 +95,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log_client_gone(request)
         return _error_response(exc, request)
 
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect):
+        """A client that left while a route read its body (a session import's blob): a 499, logged as
+        every client gone is, not a 500 with a traceback (a soak audit: each interrupted import)."""
+        log_client_gone(request)
+        return _error_response(client_gone(), request)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
         openai_route = is_openai_path(request.url.path)
@@ -102,6 +111,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         cause = exc.__cause__
+        if isinstance(cause, ClientDisconnect):  # FastAPI's "There was an error parsing the body" (400) for
+            # a client that left while it read a JSON body: a 499, as any client gone
+            return await _gone(request, cause)
         if isinstance(cause, UnicodeDecodeError):  # FastAPI's "There was an error parsing the body": as
             # malformed as any body that is not JSON, and said as the WebSocket says it (close 1007's reason)
             err = malformed_json(f"invalid UTF-8 ({cause.reason}) at byte {cause.start}")

@@ -82,6 +82,52 @@ def test_a_plain_request_whose_client_left_is_logged_with_its_request_id(model_d
     )
 
 
+def test_a_client_that_leaves_while_its_body_is_read_is_a_499_on_every_route(model_dirs):
+    """A client that closes the connection partway through its request body: a session import (its blob
+    read by the route) was a 500 with an ERROR traceback (ClientDisconnect, a soak audit), and a JSON body
+    (read by FastAPI) a 400 "There was an error parsing the body". Each is now a 499, counted and logged
+    once at INFO, as every client gone is, with no ERROR line; the server goes on serving."""
+    import socket
+
+    server = ServerThread(Settings(checkpoints=[str(model_dirs["text"])])).start()
+    errors: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = errors.append
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(handler)
+    routes = {
+        "/v1/sessions/import": ("application/octet-stream", b"S4STATE\n" + b"\0" * 1000),
+        "/v1/generate": ("application/json", b'{"model": "tiny-text", "prompt": "' + b"a" * 1000),
+        "/v1/sessions": ("application/json", b'{"model": "tiny-text", "prompt": "' + b"a" * 1000),
+        "/v1/completions": ("application/json", b'{"model": "tiny-text", "prompt": "' + b"a" * 1000),
+    }
+    try:
+        with server_records() as records:
+            for path, (media, part) in routes.items():
+                with socket.create_connection(("127.0.0.1", server.port)) as s:
+                    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: {media}\r\n"
+                    s.sendall(head.encode() + b"content-length: 300000\r\n\r\n" + part)
+                    time.sleep(0.3)  # (the route is reading the body when the client leaves)
+            metrics = ""
+
+            def all_counted() -> bool:
+                nonlocal metrics
+                metrics = httpx.get(server.url + "/metrics").text
+                gone = 'http_requests_total{{handler="{}",method="POST",status="499"}} 1.0'
+                return all(gone.format(p) in metrics for p in routes)
+
+            assert wait_for(all_counted), [m for m in metrics.splitlines() if m.startswith("http_requests")]
+            assert 'status="500"' not in metrics and 'status="400"' not in metrics
+            lines = [r.getMessage() for r in records if " 499 " in r.getMessage()]
+            assert sorted(m.split('"')[1] for m in lines) == sorted(f"POST {p}" for p in routes), lines
+        made = httpx.post(server.url + "/v1/sessions", json={"model": "tiny-text", "prompt": "a"})
+        assert made.status_code == 201, made.text
+    finally:
+        uvicorn_log.removeHandler(handler)
+        server.stop()
+    assert not errors, [r.getMessage() for r in errors]
+
+
 def test_text_lines_name_the_request_and_the_generation_only_inside_one():
     formatter, ids = TextFormatter(TEXT_FORMAT), RequestIds()
 
