@@ -29,6 +29,17 @@ Dtype = Literal["float32", "bfloat16", "float16"]  # a served model's weights (S
 DTYPES = get_args(Dtype)
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a served model's id (NAME= of S4_CHECKPOINTS)
 MAX_PREFILL_TOKENS = 1 << 20  # the largest prefill chunk / per-iteration budget an operator may set
+# Every numeric setting has an upper bound, so that a value past it is refused by name before the server
+# listens (not a crash, an overflow or a warning printing a 400-digit number after it), and every network
+# timeout and TTL a lower one, under which every request would fail (a header timeout of 1e-9 s dropped
+# every connection; a TTL of 1e-9 s deleted a socket's session before its first turn).
+MAX_COUNT = 1 << 20  # sessions, queued requests, connections, buffered steps (Linux's default nr_open)
+MAX_TOKENS = 1 << 24  # a prompt's or a generation's tokens (16,777,216)
+MAX_BYTES = 1 << 30  # a request body or WebSocket message (1 GiB)
+MAX_THREADS = 1024  # torch threads (100000 crashed torch's pool after the server listened)
+MIN_NET_TIMEOUT_S = 0.1  # the shortest network timeout: a LAN round trip takes well under it
+MAX_TIMEOUT_S = 3600.0  # the longest timeout or drain: an hour
+MIN_TTL_S = 1.0  # the shortest idle TTL of a session
 
 
 class Settings(BaseSettings):
@@ -39,7 +50,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="S4_", extra="forbid", allow_inf_nan=False)
 
     host: str = Field("127.0.0.1", description="address to listen on")
-    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    port: int = Field(
+        8000,
+        ge=1,
+        le=65535,
+        description="TCP port, 1 to 65535 (0, a port the OS would pick, is refused: nothing could reach it "
+        "without reading the log)",
+    )
     checkpoints: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_CHECKPOINTS),
         description="checkpoint folders to serve (comma-separated); the model id is the folder name. "
@@ -63,7 +80,12 @@ class Settings(BaseSettings):
     )
     device: str = Field("auto", description="auto (cuda when present, else cpu), cpu, cuda, cuda:N")
     verify_tolerance: float = Field(
-        1e-4, gt=0, description="max relative error of the recurrent form against the conv kernel"
+        1e-4,
+        gt=0,
+        le=1e-2,
+        description="max relative error of each layer's recurrent form against its conv kernel, at most 1e-2 "
+        "(above that the form no longer computes the trained model; the shipped models' layers measure "
+        "5e-6 to 2e-5 in float32)",
     )
     dtype: Dtype = Field(
         "float32",
@@ -126,25 +148,31 @@ class Settings(BaseSettings):
     max_sessions: int = Field(
         256,
         ge=1,
+        le=MAX_COUNT,
         description="state slots per model (sessions + one-shot requests); with a session store, a request "
-        "that finds none free evicts the idle sessions used least recently to it",
+        f"that finds none free evicts the idle sessions used least recently to it (at most {MAX_COUNT:,})",
     )
     session_ttl_s: float = Field(
         600.0,
-        gt=0,
+        ge=MIN_TTL_S,
+        le=MAX_STORE_TTL_S,
         description="an idle session is deleted (with a session store: evicted to it) after this many "
         "seconds (idle: no turn running, and its last frame handed to its client; a request naming the "
         "session restarts the count when it arrives, so the TTL never takes a session between a request's "
-        "check and its claim)",
+        f"check and its claim); at least {MIN_TTL_S:g} s",
     )
     max_prompt_tokens: int = Field(
         8192,
         ge=1,
+        le=MAX_TOKENS,
         description="text models: longest prompt (or append) in tokens (else 413); a /v1/completions body "
         "may hold 64 prompts of this many token ids",
     )
     max_new_tokens: int = Field(
-        4096, ge=1, description="text models: largest max_new_tokens a request may ask for"
+        4096,
+        ge=1,
+        le=MAX_TOKENS,
+        description=f"text models: largest max_new_tokens a request may ask for (at most {MAX_TOKENS:,})",
     )
     max_audio_s: float = Field(
         30.0,
@@ -156,9 +184,12 @@ class Settings(BaseSettings):
     max_queued_requests: int = Field(
         256,
         ge=1,
+        le=MAX_COUNT,
         description="requests admitted but not yet decoding, per model (else 429; a delete is never refused)",
     )
-    max_batch_size: int = Field(128, ge=1, description="most sessions stepped together in one decode step")
+    max_batch_size: int = Field(
+        128, ge=1, le=MAX_COUNT, description="most sessions stepped together in one decode step"
+    )
     prefill_chunk_tokens: int = Field(
         256,
         ge=1,
@@ -212,7 +243,10 @@ class Settings(BaseSettings):
         "leave in frames of frame_ms (20 by default), so handing them over more often only costs time",
     )
     stream_buffer: int = Field(
-        64, ge=1, description="undelivered steps held per request; a full buffer pauses its session"
+        64,
+        ge=1,
+        le=MAX_COUNT,
+        description="undelivered steps held per request; a full buffer pauses its session",
     )
     audio_stream_buffer_ms: float = Field(
         250.0,
@@ -224,6 +258,7 @@ class Settings(BaseSettings):
     ws_max_frame_bytes: int = Field(
         1 << 20,
         ge=1024,
+        le=MAX_BYTES,
         description="largest WebSocket message accepted, fragments together (else close 1009)",
     )
     ws_compression: bool = Field(
@@ -234,6 +269,7 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         16 << 20,
         ge=1024,
+        le=MAX_BYTES,
         description="largest HTTP request body, counted as it arrives (else 413 and the connection is "
         "closed); a session import is held to the largest state blob + 1 MiB instead, whatever this "
         "setting (1,513,476 bytes with the shipped models). A JSON body, "
@@ -243,47 +279,69 @@ class Settings(BaseSettings):
         "for token ids), else 413",
     )
     max_header_bytes: int = Field(
-        1 << 16, ge=1024, description="largest request line + headers (else 431 and the connection is closed)"
+        1 << 16,
+        ge=1024,
+        le=MAX_BYTES,
+        description="largest request line + headers (else 431 and the connection is closed)",
     )
     header_timeout_s: float = Field(
         10.0,
-        gt=0,
+        ge=MIN_NET_TIMEOUT_S,
+        le=MAX_TIMEOUT_S,
         description="a request line and headers must arrive within this time of the request's first byte "
-        "(of the accept, for a connection's first request), else 408 and close",
+        "(of the accept, for a connection's first request), else 408 and close. This and the other network "
+        f"timeouts: {MIN_NET_TIMEOUT_S:g} s (a LAN round trip takes well under it; give a slow link more) to "
+        f"{MAX_TIMEOUT_S:g} s",
     )
     body_timeout_s: float = Field(
         30.0,
-        gt=0,
+        ge=MIN_NET_TIMEOUT_S,
+        le=MAX_TIMEOUT_S,
         description="a request body must arrive within this time of its headers (else 408 and close)",
     )
     ws_handshake_timeout_s: float = Field(
-        10.0, gt=0, description="a WebSocket is accepted within this time of its upgrade request, or closed"
+        10.0,
+        ge=MIN_NET_TIMEOUT_S,
+        le=MAX_TIMEOUT_S,
+        description="a WebSocket is accepted within this time of its upgrade request, or closed",
     )
     send_timeout_s: float = Field(
         60.0,
-        gt=0,
+        ge=MIN_NET_TIMEOUT_S,
+        le=MAX_TIMEOUT_S,
         description="a client that reads none of what the server sends for this long is disconnected "
         "(its generation cancelled)",
     )
     keep_alive_timeout_s: float = Field(
-        5.0, gt=0, description="an idle keep-alive connection is closed after this many seconds"
+        5.0,
+        ge=MIN_NET_TIMEOUT_S,
+        le=MAX_TIMEOUT_S,
+        description="an idle keep-alive connection is closed after this many seconds",
     )
     max_connections: int = Field(
         1000,
         ge=1,
+        le=MAX_COUNT,
         description="open client connections (HTTP and WebSocket) at most; one more is answered 503 at "
-        "once and closed (keep it under `ulimit -n`)",
+        f"once and closed (keep it under `ulimit -n`; at most {MAX_COUNT:,}, Linux's default cap on a "
+        "process's open files)",
     )
     max_connections_per_client: int = Field(
         0,
         ge=0,
+        le=MAX_COUNT,
         description="open connections (HTTP and WebSocket) from one client at most: its IPv4 address, or its "
         "IPv6 /64; one more is answered 429 at once and closed (0: no limit). The client is the socket's "
         "peer: behind a reverse proxy, Docker's userland proxy or a NAT, many users share one address, so "
         "keep 0 there and limit in the proxy. Leave room for a client's own parallelism: a browser opens "
         "up to 6 connections to a host, an HTTP client's pool more, and retries add to them",
     )
-    drain_timeout_s: float = Field(10.0, ge=0, description="on shutdown, wait this long for running requests")
+    drain_timeout_s: float = Field(
+        10.0,
+        ge=0,
+        le=MAX_TIMEOUT_S,
+        description="on shutdown, wait this long for running requests",
+    )
     session_store: str = Field(
         "memory",
         description="memory (sessions live in this process only) or redis://host:port/db: session states are "
@@ -299,7 +357,7 @@ class Settings(BaseSettings):
     )
     session_store_flush_timeout_s: float = Field(
         10.0,
-        gt=0,
+        ge=MIN_NET_TIMEOUT_S,
         le=3600,
         description="on shutdown, after the drain, the final write of every session to the session store "
         "takes at most this long in all (a store that does not answer: the sessions not written by then "
@@ -315,13 +373,21 @@ class Settings(BaseSettings):
         "than this many seconds gets the answer sent anyway (logged), but a delete is then a 503 (sent "
         "again, it waits for the store's delete). 0: answer at once, the write lands "
         "after (a next request on another replica may then continue from the state before, or be refused "
-        "409 while the replica it left still writes or reloads the session)",
+        "409 while the replica it left still writes or reloads the session); else at least "
+        f"{MIN_NET_TIMEOUT_S:g} (a wait shorter than a store's round trip answered every change late, and "
+        "every delete 503)",
     )
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch's default)")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        le=MAX_THREADS,
+        description=f"torch intra-op threads (0: torch's default), at most {MAX_THREADS} (more than the "
+        "cores only slows the steps)",
+    )
     prefill_threads: int = Field(
         1,
         ge=0,
-        le=1024,
+        le=MAX_THREADS,
         description="torch threads of a prompt chunk's parallel prefill (isotropic models, chunks over 512 "
         "tokens or weights not float32; 0: the engine thread's torch setting): 2 on a dedicated 2-core box "
         "ingest 16k tokens 1.5–2.0× faster, but stall while another process takes a core; 1 degrades no "
@@ -368,6 +434,13 @@ class Settings(BaseSettings):
         description="log lines as text, or one JSON object per line (time, level, logger, message, "
         "request_id, generation_id); either way a request's lines carry its X-Request-ID",
     )
+
+    @field_validator("session_store_write_wait_s")
+    @classmethod
+    def _write_wait(cls, v: float) -> float:
+        if 0 < v < MIN_NET_TIMEOUT_S:
+            raise ValueError(f"must be 0 (answer at once) or at least {MIN_NET_TIMEOUT_S:g} s, not {v:g}")
+        return v
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from model.codecs import MuLaw, to_pcm16
 from model.convert import CONVERTER_VERSION
 from model.sampling import SamplingParams
 from server.config import Settings
+from server.launch import free_port
 from server.registry import parse_entry, resolve_entry
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "official"
@@ -236,13 +237,13 @@ def test_a_convert_cache_that_cannot_hold_conversions_refuses_the_official_entri
     for folder, why in [(cache, "not a folder (a file is there); point it at a folder for the converted "
                                 "checkpoints"),
                         (cache / "cc", "cannot make the folder (Not a directory)")]:  # fmt: skip
-        settings = Settings(checkpoints=[ckpt], convert_cache=str(folder), port=0)
+        settings = Settings(checkpoints=[ckpt], convert_cache=str(folder), port=free_port())
         assert preflight(settings) == [
             f"checkpoint {ckpt}: S4_CONVERT_CACHE (--convert-cache) = {folder}: {why}"
         ]
     text = str(model_dirs["text"])
-    both = Settings(checkpoints=[ckpt, text], convert_cache=str(cache / "cc"), port=0, max_sessions=2,
-                    recurrent_cache="", torch_threads=1)  # fmt: skip
+    both = Settings(checkpoints=[ckpt, text], convert_cache=str(cache / "cc"), port=free_port(),
+                    max_sessions=2, recurrent_cache="", torch_threads=1)  # fmt: skip
     assert preflight(both) == []
     models, failed = load_models(both, SessionTable(), Metrics())
     assert list(models) == [Path(text).name]
@@ -303,12 +304,12 @@ def test_a_converter_fault_on_one_entry_leaves_the_others_served(tmp_path, model
 
     monkeypatch.setattr(registry, "convert_cached", broken)
     ckpt, text = str(FIX / "s4_bytes.ckpt"), str(model_dirs["text"])
-    alone = Settings(checkpoints=[ckpt], convert_cache=str(tmp_path / "cc"), port=0)
+    alone = Settings(checkpoints=[ckpt], convert_cache=str(tmp_path / "cc"), port=free_port())
     assert preflight(alone) == [
         f"checkpoint {ckpt}: TypeError: '>' not supported between instances of 'NoneType' and 'NoneType'"
     ]
-    both = Settings(checkpoints=[ckpt, text], convert_cache=str(tmp_path / "cc"), port=0, max_sessions=2,
-                    recurrent_cache="", torch_threads=1)  # fmt: skip
+    both = Settings(checkpoints=[ckpt, text], convert_cache=str(tmp_path / "cc"), port=free_port(),
+                    max_sessions=2, recurrent_cache="", torch_threads=1)  # fmt: skip
     assert preflight(both) == []
     models, failed = load_models(both, SessionTable(), Metrics())
     assert list(models) == [Path(text).name] and list(failed) == ["s4_bytes"]

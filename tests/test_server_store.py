@@ -506,7 +506,7 @@ def test_session_info_reads_the_store_without_restoring_and_generated_moves_with
 
 
 def test_an_evicted_session_frees_its_slot_and_comes_back_from_the_store(model_dirs, redis_url, redis_db):
-    s = _replica(model_dirs, redis_url, session_ttl_s=0.5)
+    s = _replica(model_dirs, redis_url, session_ttl_s=1.0)
     try:
         engine = s.state.models[TEXT].engine
         sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "whether 'tis"}).json()[
@@ -565,7 +565,7 @@ def test_a_request_whose_session_is_evicted_during_its_version_check_restores_it
 def test_a_socket_whose_session_was_evicted_continues_it_from_the_store(model_dirs, redis_url, redis_db):
     """A socket bound to a session that its TTL evicted to the store: the next turn on the socket restores
     it and continues it exactly (once a 404, as if it were gone)."""
-    s = _replica(model_dirs, redis_url, session_ttl_s=0.5)
+    s = _replica(model_dirs, redis_url, session_ttl_s=1.0)
     try:
         with connect(s.ws_url) as ws:
             ws.send(
@@ -995,7 +995,7 @@ def test_while_the_store_fails_an_idle_session_is_kept_in_memory_not_evicted_wit
     the session came back from the store a turn older, or as a 404 for one never stored): it stays here,
     its write handed over again at each TTL, and it serves on from memory; once the store answers, that
     write lands and the next TTL evicts it, stored whole."""
-    a = _replica(model_dirs, redis_url, session_ttl_s=0.5)
+    a = _replica(model_dirs, redis_url, session_ttl_s=1.0)
     try:
         sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
             "session_id"
@@ -1004,7 +1004,7 @@ def test_while_the_store_fails_an_idle_session_is_kept_in_memory_not_evicted_wit
         store.put = lambda *args: (_ for _ in ()).throw(StoreError("write failed (OOM)", "write failed"))
         t1 = _generate(a.url, sid, None, 6, seed=1)
         with caplog.at_level("WARNING", logger="server"):
-            time.sleep(2.0)  # four TTLs
+            time.sleep(2.5)  # past two TTLs (the shortest, S4_SESSION_TTL_S's floor: 1 s)
         assert a.state.sessions.has(sid), "evicted without its state"
         assert "kept in memory, not evicted" in caplog.text
         assert _stored(redis_db, sid)["n_tokens"] == 6  # the store has only the create
@@ -1083,7 +1083,7 @@ def test_a_copy_the_store_holds_already_is_not_written_again_at_eviction(
     through when the session goes idle), so nothing is written: no write refused as stale, no warning
     (before, every session that had moved on to another replica logged one at its eviction there), and
     A's next request on it restores B's state. A copy whose write failed is written at eviction."""
-    a, b = _replica(model_dirs, redis_url, session_ttl_s=0.6), _replica(model_dirs, redis_url)
+    a, b = _replica(model_dirs, redis_url, session_ttl_s=1.0), _replica(model_dirs, redis_url)
     try:
         sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
             "session_id"
@@ -1498,7 +1498,7 @@ def test_a_copy_let_go_unchanged_is_written_again_where_the_store_lost_it(
     flush, unless the store no longer holds it (Redis restarted without persistence, a flush): then it is,
     and the flush's line says how many. (A fresh-user trial: after Redis restarted empty, the shutdown
     said "256 there already, unchanged" and those sessions were lost.)"""
-    a = _replica(model_dirs, redis_url, session_ttl_s=0.6)
+    a = _replica(model_dirs, redis_url, session_ttl_s=1.0)
     try:
         sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
             "session_id"

@@ -609,18 +609,21 @@ def test_loading_stops_at_the_next_step_once_the_server_stops(model_dirs, monkey
 def test_a_state_pool_larger_than_memory_is_refused_naming_s4_max_sessions(model_dirs, monkeypatch, tmp_path):
     """S4_MAX_SESSIONS × a session's state is checked against the memory available before the pool is
     allocated: S4_MAX_SESSIONS=1000000 stopped the server with the allocator's "tried to allocate
-    262144000000 bytes", naming no setting (a fresh-user trial). A container's cgroup limit counts."""
+    262144000000 bytes", naming no setting (a fresh-user trial). A container's cgroup limit counts (here a
+    1 GB one: the largest S4_MAX_SESSIONS of the tiny model, 1,048,576, needs several GB)."""
     from server import registry
 
-    settings = Settings(checkpoints=[str(model_dirs["text"])], max_sessions=10**9)
+    (tmp_path / "memory.max").write_text("1000000000\n")
+    (tmp_path / "memory.current").write_text("0\n")
+    monkeypatch.setattr(registry, "CGROUP", tmp_path)
+    settings = Settings(checkpoints=[str(model_dirs["text"])], max_sessions=1 << 20)
     models, failed = load_models(settings, SessionTable(), Metrics())
     assert not models
     (why,) = failed.values()
-    assert why.startswith("ValueError: S4_MAX_SESSIONS=1000000000: model tiny-text's state pool needs ")
+    assert why.startswith("ValueError: S4_MAX_SESSIONS=1048576: model tiny-text's state pool needs ")
     assert "bytes of cpu memory available; at most " in why and "\n" not in why
     (tmp_path / "memory.max").write_text("3000000\n")  # a 3 MB container with 1 MB in use
     (tmp_path / "memory.current").write_text("1000000\n")
-    monkeypatch.setattr(registry, "CGROUP", tmp_path)
     assert registry.available_memory(torch.device("cpu")) == 2_000_000
     (tmp_path / "memory.max").write_text("max\n")
     assert registry.available_memory(torch.device("cpu")) > 2_000_000

@@ -1,0 +1,99 @@
+"""Settings at their edges, refused before the server listens with one line naming the env var and the
+flag: values past any sensible bound, flags and env vars read alike, variables that are no setting,
+checkpoint entries that cannot all be served."""
+
+import re
+
+import pytest
+
+from server.config import Settings
+
+NUMERIC = [name for name, f in Settings.model_fields.items() if f.annotation in (int, float)]
+# the network timeouts and TTLs: a tiny positive value made every request fail (S4_HEADER_TIMEOUT_S=1e-9:
+# every connection dropped without an answer; S4_BODY_TIMEOUT_S=1e-9: every POST 408;
+# S4_SESSION_TTL_S=1e-9: a WebSocket generate's new session gone before its turn, a 404)
+TIMEOUTS = ["header_timeout_s", "body_timeout_s", "ws_handshake_timeout_s", "send_timeout_s",
+            "keep_alive_timeout_s", "session_store_flush_timeout_s", "session_ttl_s"]  # fmt: skip
+
+
+def bound(name: str, kind) -> float | None:
+    return next((getattr(m, kind) for m in Settings.model_fields[name].metadata if hasattr(m, kind)), None)
+
+
+def refusal(monkeypatch, **env: str) -> str:
+    """`python -m server` with these S4_* variables, run in this process up to its exit: the exit's
+    message. Nothing may be checked or loaded: the settings are refused first."""
+    import server.__main__ as main_module
+
+    monkeypatch.setattr(main_module, "preflight", lambda s: pytest.fail("the settings were taken"))
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as stop:
+        main_module.main([])
+    return str(stop.value.code)
+
+
+def assert_one_short_line(message: str, name: str) -> None:
+    flag = "--" + name.replace("_", "-")
+    assert message.startswith(f"not serving: invalid settings: S4_{name.upper()} ({flag}): "), message
+    assert "\n" not in message and len(message) < 400, message
+    assert not re.search(r"[0-9]{21}", message), message  # no value of hundreds of digits echoed
+
+
+@pytest.mark.parametrize("name", NUMERIC)
+def test_every_numeric_setting_has_an_upper_bound_refused_by_name_before_listening(name, monkeypatch):
+    """S4_TORCH_THREADS=100000 crashed the process after "Uvicorn running" (torch's thread pool), 10**18
+    was a traceback ("Overflow when unpacking long") and "loading the models failed" naming no setting;
+    S4_VERIFY_TOLERANCE=1e18 turned verification off; S4_MAX_CONNECTIONS=10**400 started with a warning
+    holding a 400-digit number. Every number now has a ceiling, checked before anything loads."""
+    upper = bound(name, "le")
+    assert upper is not None, f"{name} has no upper bound"
+    huge = str(10**400) if Settings.model_fields[name].annotation is int else "1e300"
+    assert_one_short_line(refusal(monkeypatch, **{f"S4_{name.upper()}": huge}), name)
+
+
+@pytest.mark.parametrize("value", ["1025", "100000", str(10**18)])
+def test_torch_threads_past_1024_are_refused(value, monkeypatch):
+    message = refusal(monkeypatch, S4_TORCH_THREADS=value)
+    assert_one_short_line(message, "torch_threads")
+    assert "less than or equal to 1024" in message
+    assert Settings(torch_threads=1024, prefill_threads=1024).torch_threads == 1024
+
+
+def test_a_verify_tolerance_that_would_turn_verification_off_is_refused(monkeypatch):
+    """1e-2 passes (500x the shipped layers' worst float32 error, 2e-5); 1e18 accepted any form."""
+    assert Settings(verify_tolerance=1e-2).verify_tolerance == 1e-2
+    message = refusal(monkeypatch, S4_VERIFY_TOLERANCE="0.011")
+    assert_one_short_line(message, "verify_tolerance")
+
+
+@pytest.mark.parametrize("name", TIMEOUTS)
+def test_network_timeouts_and_ttls_have_a_floor(name, monkeypatch):
+    floor = bound(name, "ge")
+    assert floor is not None and floor >= 0.1, (name, floor)
+    assert getattr(Settings(**{name: floor}), name) == floor
+    assert_one_short_line(refusal(monkeypatch, **{f"S4_{name.upper()}": "1e-9"}), name)
+
+
+def test_a_session_ttl_is_at_least_a_second(monkeypatch):
+    assert bound("session_ttl_s", "ge") == 1
+    assert_one_short_line(refusal(monkeypatch, S4_SESSION_TTL_S="0.5"), "session_ttl_s")
+
+
+def test_the_store_write_wait_is_0_or_at_least_a_tenth_of_a_second(monkeypatch):
+    """0 answers at once; a wait shorter than any store's round trip answered every change late (a
+    warning each) and every delete 503."""
+    assert Settings(session_store_write_wait_s=0).session_store_write_wait_s == 0
+    assert Settings(session_store_write_wait_s=0.1).session_store_write_wait_s == 0.1
+    message = refusal(monkeypatch, S4_SESSION_STORE_WRITE_WAIT_S="1e-9")
+    assert_one_short_line(message, "session_store_write_wait_s")
+    assert "must be 0 (answer at once) or at least 0.1 s" in message
+
+
+def test_port_0_is_refused(monkeypatch):
+    """S4_PORT=0 listened on a port the OS picked, said only in uvicorn's line: no client, probe or
+    proxy configured for the server could reach it."""
+    assert_one_short_line(refusal(monkeypatch, S4_PORT="0"), "port")
+    assert Settings(port=1).port == 1
+    with pytest.raises(ValueError, match="port"):
+        Settings(port=65536)
