@@ -56,6 +56,9 @@ LIST_METAVARS = {
 
 
 def parse_args(argv: list[str] | None = None) -> Settings:
+    """Settings from the S4_* variables and these flags, each flag's value parsed and checked by Settings
+    as the variable's is (`--log-level DEBUG` and `S4_LOG_LEVEL=DEBUG` alike, `--port x` and `S4_PORT=x`
+    refused alike, naming both); argparse only splits the command line."""
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     for name, field in Settings.model_fields.items():
@@ -74,10 +77,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
             parser.add_argument(
                 flag, dest=name, nargs="?", const="true", default=None, metavar="BOOL", help=help_
             )
-        elif typing.get_origin(ann) is typing.Literal:
-            parser.add_argument(flag, choices=typing.get_args(ann), dest=name, default=None, help=help_)
-        else:
-            parser.add_argument(flag, type=ann, dest=name, default=None, help=help_)
+        elif typing.get_origin(ann) is typing.Literal:  # (not argparse's choices: case-sensitive)
+            metavar = "{" + ",".join(typing.get_args(ann)) + "}"
+            parser.add_argument(flag, dest=name, default=None, metavar=metavar, help=help_)
+        else:  # the string as given, as an S4_* variable is: Settings parses both alike (argparse's
+            # int()/float() took non-ASCII digits, `--max-sessions ٣`, that the variable refuses)
+            parser.add_argument(flag, dest=name, default=None, metavar=ann.__name__.upper(), help=help_)
     args = parser.parse_args(argv)
     return Settings(**{k: v for k, v in vars(args).items() if v is not None})
 

@@ -2,6 +2,7 @@
 flag: values past any sensible bound, flags and env vars read alike, variables that are no setting,
 checkpoint entries that cannot all be served."""
 
+import os
 import re
 
 import pytest
@@ -97,3 +98,49 @@ def test_port_0_is_refused(monkeypatch):
     assert Settings(port=1).port == 1
     with pytest.raises(ValueError, match="port"):
         Settings(port=65536)
+
+
+def outcome(make) -> object:
+    """The settings `make()` builds, or the settings its refusal names."""
+    from pydantic import ValidationError
+
+    try:
+        return make().model_dump()
+    except ValidationError as exc:
+        return ("refused", sorted(str(e["loc"]) for e in exc.errors()))
+    except SystemExit as exc:  # argparse's own refusal: a flag treated otherwise than its variable
+        return ("argparse", exc.code)
+
+
+SCALARS = [name for name, f in Settings.model_fields.items() if "list" not in str(f.annotation)]
+
+
+@pytest.mark.parametrize("value", ["DEBUG", "JSON", "Text", "٣", "١e-3", "x", "3", "0.5", "TRUE", " 7 "])
+def test_a_flag_takes_and_refuses_what_its_variable_does(value, monkeypatch):
+    """`--log-level DEBUG` and `--log-format JSON` were argparse errors while S4_LOG_LEVEL=DEBUG was taken
+    (lowercased); `--max-sessions ٣` (Arabic-Indic digits) was taken by argparse's int() while
+    S4_MAX_SESSIONS=٣ was refused. Each flag's value is now parsed by Settings, as its variable's is."""
+    from server.__main__ import parse_args
+
+    for key in [k for k in os.environ if k.upper().startswith("S4_")]:
+        monkeypatch.delenv(key)
+    for name in SCALARS:
+        flag, var = "--" + name.replace("_", "-"), f"S4_{name.upper()}"
+        by_flag = outcome(lambda: parse_args([flag, value]))  # noqa: B023
+        monkeypatch.setenv(var, value)
+        by_env = outcome(lambda: parse_args([]))
+        monkeypatch.delenv(var)
+        assert by_flag == by_env, (name, value, by_flag, by_env)
+
+
+def test_a_flag_of_the_wrong_type_is_refused_as_its_variable_is(monkeypatch):
+    """`--port x` was argparse's usage error (exit 2), S4_PORT=x the server's one line (exit 1)."""
+    import server.__main__ as main_module
+
+    monkeypatch.setattr(main_module, "preflight", lambda s: pytest.fail("the settings were taken"))
+    for argv in (["--port", "x"], ["--max-sessions", "٣"], ["--log-level", "loud"]):
+        with pytest.raises(SystemExit) as stop:
+            main_module.main(argv)
+        name = argv[0][2:].replace("-", "_")
+        assert_one_short_line(str(stop.value.code), name)
+    assert main_module.parse_args(["--log-level", "DEBUG", "--log-format", "JSON"]).log_format == "json"
