@@ -210,12 +210,18 @@ OTHER_ENV = {"S4_CFLAGS", "S4_BUILD_CACHE", "S4_API_KEY", "S4_OFFICIAL_DIR"}
 
 
 def unknown_env(environ) -> list[str]:
-    """The S4_* variables in `environ` that no setting or tool reads (S4_MAX_SESION for S4_MAX_SESSIONS
-    would otherwise be ignored without a word)."""
-    known = {f"S4_{name.upper()}" for name in Settings.model_fields} | OTHER_ENV
-    return sorted(
-        k for k in environ if k.startswith("S4_") and k not in known and not k.startswith("S4_FUZZ_")
-    )
+    """The S4_* variables in `environ`, in any case, that no setting or tool reads (S4_MAX_SESION for
+    S4_MAX_SESSIONS would otherwise be ignored without a word). Settings reads its variables in any case
+    (s4_max_sessions=9 is taken), so s4_max_sesion is as much a typo; the other tools read theirs
+    (OTHER_ENV, S4_FUZZ_*) in upper case only."""
+    settings = {f"S4_{name.upper()}" for name in Settings.model_fields}
+
+    def unknown(k: str) -> bool:
+        if not k.upper().startswith("S4_") or k.upper() in settings:
+            return False
+        return k not in OTHER_ENV and not k.startswith("S4_FUZZ_")
+
+    return sorted(k for k in environ if unknown(k))
 
 
 def setting_names(field: str) -> str:

@@ -144,3 +144,18 @@ def test_a_flag_of_the_wrong_type_is_refused_as_its_variable_is(monkeypatch):
         name = argv[0][2:].replace("-", "_")
         assert_one_short_line(str(stop.value.code), name)
     assert main_module.parse_args(["--log-level", "DEBUG", "--log-format", "JSON"]).log_format == "json"
+
+
+def test_variables_that_are_no_setting_are_found_in_any_case(monkeypatch):
+    """Settings reads its variables in any case (s4_max_sessions=9 is taken), but only S4_* names were
+    checked for typos: s4_max_sesion=3 was ignored without a word. The other tools' variables are read in
+    upper case only, so a lower-case one is named too."""
+    from server.__main__ import unknown_env
+
+    env = {"s4_max_sesion": "3", "S4_Max_Sesion": "3", "s4_max_sessions": "9", "S4_Port": "8001",
+           "s4_cflags": "-O2", "S4_CFLAGS": "-O2", "S4_FUZZ_WS_FRAMES": "9", "s4x": "1"}  # fmt: skip
+    assert unknown_env(env) == ["S4_Max_Sesion", "s4_cflags", "s4_max_sesion"]
+    for key in [k for k in os.environ if k.upper().startswith("S4_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("s4_max_sessions", "9")
+    assert Settings().max_sessions == 9  # (why a lower-case name is no less a setting)
