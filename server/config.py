@@ -62,7 +62,10 @@ class Settings(BaseSettings):
         description="checkpoint folders to serve (comma-separated); the model id is the folder name. "
         "An entry may also be a checkpoint of the official state-spaces/s4 code (a `.ckpt`, or a `.pt` with "
         "its config.yaml beside it), converted at load time; `NAME=PATH` sets the model id (default: the "
-        "folder name or the file's stem)",
+        "folder name or the file's stem; NAME: letters, digits, '.', '_', '-'; a path with a '=' before its "
+        "first '/' is written ./PATH). An entry whose NAME is no id, or two entries with one model id (one "
+        "checkpoint twice, however written), stop the server before it listens; one checkpoint under two "
+        "NAMEs serves twice (e.g. in two dtypes: S4_MODEL_DTYPES)",
     )
     convert_cache: str = Field(
         "~/.cache/s4serve/convert",
@@ -482,6 +485,41 @@ class Settings(BaseSettings):
             return [p.strip() for item in v for p in str(item).split(",") if p.strip()]
         return v
 
+    @field_validator("checkpoints")
+    @classmethod
+    def _checkpoints(cls, v: list[str]) -> list[str]:
+        """Each entry serves one model under an id no other entry has: a NAME that is no id, an empty NAME
+        or PATH, and two entries with one id (the same folder twice, however written) are refused here,
+        not logged as "failed" in /readyz after the server listens (where S4_REQUIRE_ALL_MODELS then kept
+        it unready for ever) or read as a path ("no such file or folder: bad name!=...")."""
+        from server.registry import model_id_of, parse_entry  # noqa: PLC0415 (it imports this module)
+
+        seen: dict[str, tuple[str, Path]] = {}
+        for entry in v:
+            name, path = parse_entry(entry)
+            if name is not None and not MODEL_ID.fullmatch(name):
+                raise ValueError(
+                    f"{entry!r}: {name!r} is not a model id (NAME=PATH: 1 to 128 letters, digits, '.', '_', "
+                    "'-', starting with a letter or digit); a path with a '=' in its first part is written "
+                    "./PATH"
+                )
+            if name is not None and not entry.partition("=")[2]:
+                raise ValueError(f"{entry!r} names no checkpoint after '=' (NAME=PATH)")
+            model_id = model_id_of(entry)
+            if not model_id or model_id in (".", ".."):
+                raise ValueError(
+                    f"{entry!r} gives no model id (a folder's name is its id): write NAME={entry}"
+                )
+            if model_id in seen:
+                first, first_path = seen[model_id]
+                both = " (the same checkpoint)" if _same_path(first_path, path) else ""
+                raise ValueError(
+                    f"model id {model_id!r} is given twice, by {first!r} and {entry!r}{both}: give each "
+                    "checkpoint once, or distinct ids with NAME=PATH"
+                )
+            seen[model_id] = entry, path
+        return v
+
     @field_validator("allowed_origins")
     @classmethod
     def _origins(cls, v: list[str]) -> list[str]:
@@ -610,6 +648,14 @@ class Settings(BaseSettings):
 
     def uses_default_checkpoints(self) -> bool:
         return "checkpoints" not in self.model_fields_set
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    """Whether two checkpoint paths name one file or folder (./x//y/ and x/y), as far as can be told."""
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def default_text(name: str) -> str:

@@ -29,7 +29,7 @@ from model.sampling import SamplingParams, sample
 from model.vocab import DATASETS as VOCAB_BUILDS
 from model.vocab import Vocab, VocabError, load_vocab
 from server.chat import ChatTemplate
-from server.config import MODEL_ID, Settings
+from server.config import Settings
 from server.engine import Engine
 from server.metrics import Metrics
 from server.schemas import GenerationConfig
@@ -311,9 +311,12 @@ def use_cuda_graphs(rec, settings: Settings, name: str) -> bool:
 
 
 def parse_entry(entry: str) -> tuple[str | None, Path]:
-    """An S4_CHECKPOINTS entry: PATH, or NAME=PATH (NAME: letters, digits, '.', '_', '-')."""
+    """An S4_CHECKPOINTS entry: PATH, or NAME=PATH, an entry with a '=' before any '/' (NAME: MODEL_ID,
+    checked by Settings, as is a PATH that is not empty); a path with a '=' in its first part is written
+    with a '/' before it (./run=3). A NAME that is not an id was read as part of a path ("no such file or
+    folder: bad name!=checkpoints/...")."""
     name, sep, rest = entry.partition("=")
-    if sep and MODEL_ID.fullmatch(name) and rest:
+    if sep and "/" not in name:
         return name, Path(rest)
     return None, Path(entry)
 

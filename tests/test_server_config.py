@@ -4,6 +4,7 @@ checkpoint entries that cannot all be served."""
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +160,39 @@ def test_variables_that_are_no_setting_are_found_in_any_case(monkeypatch):
         monkeypatch.delenv(key)
     monkeypatch.setenv("s4_max_sessions", "9")
     assert Settings().max_sessions == 9  # (why a lower-case name is no less a setting)
+
+
+T, A = "checkpoints/text-shakespeare", "checkpoints/audio-digits-s4"
+
+
+@pytest.mark.parametrize(
+    ("entries", "said"),
+    [
+        (f"{T},{T}", "model id 'text-shakespeare' is given twice"),
+        (f"{T},./checkpoints//text-shakespeare/", "(the same checkpoint)"),
+        (f"x={T},x={A}", "model id 'x' is given twice"),
+        (f"text-shakespeare={A},{T}", "model id 'text-shakespeare' is given twice"),
+        (f"bad name!={T}", "'bad name!' is not a model id"),
+        (f"={T}", "'' is not a model id"),
+        ("x=", "'x=' names no checkpoint after '='"),
+        (".", "'.' gives no model id"),
+    ],
+)
+def test_checkpoint_entries_that_cannot_all_be_served_stop_the_server_before_it_listens(
+    entries, said, monkeypatch
+):
+    """Duplicates started a server whose /readyz listed the second entry under "failed" (with
+    S4_REQUIRE_ALL_MODELS=1: 503 for ever); a NAME that is no id (`bad name!=PATH`, `=PATH`) or an empty
+    PATH was read as a path ("no such file or folder: bad name!=..."). Each is one line naming
+    S4_CHECKPOINTS now, before anything is read."""
+    message = refusal(monkeypatch, S4_CHECKPOINTS=entries, S4_REQUIRE_ALL_MODELS="1")
+    assert_one_short_line(message, "checkpoints")
+    assert said in message, message
+
+
+def test_one_checkpoint_under_two_names_and_a_path_with_a_slash_before_its_equals_sign_are_taken():
+    from server.registry import parse_entry
+
+    assert Settings(checkpoints=[f"x={T}", f"y={T}"]).checkpoints == [f"x={T}", f"y={T}"]  # two dtypes, say
+    assert parse_entry("./run=3/x") == (None, Path("run=3/x"))
+    assert parse_entry("mine=/x/y.ckpt")[0] == "mine"
