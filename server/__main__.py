@@ -92,8 +92,10 @@ class GracefulServer(uvicorn.Server):
     /readyz and new requests get 503, running requests and WebSocket turns finish (up to
     drain_timeout_s); then uvicorn closes the connections, the lifespan stops the engines, and the
     process exits 0. uvicorn alone stops listening at once, closes WebSockets mid-generation (1012)
-    and re-raises the signal once it is done (exit status 143, or -15). A second signal stops at
-    once, uvicorn's way."""
+    and re-raises the signal once it is done (exit status 143, or -15). A signal before the lifespan
+    has started (just after "Started server process") ends the start: nothing loads or listens, exit 0.
+    A second signal stops at once (`stop_at_once`): exit 0 without the rest of the drain, uvicorn's
+    grace or the session store's final flush."""
 
     def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
         super().__init__(config)
@@ -108,14 +110,45 @@ class GracefulServer(uvicorn.Server):
         contextvars.Context().run(self._handle_exit, sig, frame)
 
     def _handle_exit(self, sig: int, frame: types.FrameType | None) -> None:
-        loop = self.state.loop
-        if self.drain_started or self.should_exit or loop is None:
-            super().handle_exit(sig, frame)
+        # never uvicorn's handle_exit: it records the signal to re-raise it once the server has stopped
+        # (death by SIGTERM, -15; a KeyboardInterrupt traceback, or an abort while the loader thread is in
+        # torch, for SIGINT), and its second SIGTERM waited for the drain and then uvicorn's grace
+        name = signal.Signals(sig).name
+        if self.drain_started:
+            self.stop_at_once(name)
             return
         self.drain_started = True
-        log.info("%s: draining (up to %.0f s)", signal.Signals(sig).name, self.state.settings.drain_timeout_s)
+        self.state.stopping.set()  # loading ends at its next step's boundary, or never starts
+        loop = self.state.loop
+        if loop is None:  # the lifespan has not started: nothing loads, nothing listens (`startup`)
+            log.info("%s while starting: not serving", name)
+            self.should_exit = True
+            return
+        log.info("%s: draining (up to %g s)", name, self.state.settings.drain_timeout_s)
         start = lambda: loop.create_task(self._drain_then_exit(), context=contextvars.Context())  # noqa: E731
         loop.call_soon_threadsafe(start, context=contextvars.Context())
+
+    async def startup(self, sockets=None) -> None:
+        if self.should_exit:  # stopped before it started: no lifespan, no socket (and so no shutdown)
+            return
+        await super().startup(sockets=sockets)
+
+    def stop_at_once(self, name: str) -> None:
+        """A second SIGTERM or SIGINT: exit 0 now. Running requests are cut (their connections close
+        without a done frame), and the store is not flushed: each session keeps there the last state
+        written through (every answered change), as after a `kill -9`. By os._exit, as nothing more is
+        to be waited for: no task cancelled into a traceback, no signal re-raised. Exit status 0, as every
+        stop asked for: a supervisor does not count it as a crash; this line says what it skipped."""
+        kept = (
+            "sessions keep their last state written to the session store, not flushed"
+            if self.state.store is not None
+            else "sessions in memory are lost"
+        )
+        log.warning("%s again: stopping at once, exit 0: running requests cut, %s", name, kept)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     def stop_now(self) -> None:
         """Stop without a drain (nothing to drain: nothing is served)."""
@@ -230,8 +263,9 @@ def setting_names(field: str) -> str:
 
 
 def _stop_before_serving(sig: int, frame: types.FrameType | None) -> None:
-    """SIGTERM or SIGINT while the checks run (a checkpoint's conversion can take minutes): exit 0 at
-    once, as a stop while serving does, not 143 with a traceback."""
+    """SIGTERM or SIGINT while the checks run (a checkpoint's conversion can take minutes), or after them
+    until uvicorn's handlers are in place: exit 0 at once, as a stop while serving does, not 143 with a
+    traceback. Nothing listens or loads yet."""
     log.info("%s before listening: not serving", signal.Signals(sig).name)
     raise SystemExit(0)
 
@@ -250,14 +284,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.captureWarnings(True)
     for name in unknown_env(os.environ):
         log.warning("%s is not a setting (a typo? `python -m server --help` lists them): ignored", name)
+    # until uvicorn installs its own (GracefulServer.handle_exit, in server.run): a stop exits 0 with a line.
+    # (Python's defaults were put back here: a signal between the checks and uvicorn's start was death by
+    # SIGTERM, or a KeyboardInterrupt traceback.)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop_before_serving)
-    try:
-        problems = preflight(settings)
-    finally:  # Python's own handlers (not the import phase's): uvicorn installs its own when it starts, and
-        # puts these back when it stops
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    problems = preflight(settings)
     if problems:
         for p in problems:
             log.error("%s", p)
@@ -279,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
     server = GracefulServer(config, state)
     state.on_fatal = server.stop_now  # e.g. every checkpoint failed its verification after all
     server.run()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stopped: the process ends within LOADER_STOP_S
+        signal.signal(sig, signal.SIG_IGN)
     if state.loader is not None and state.loader.is_alive():  # stopped while the models load
         exit_while_loading(state.loader)
     if state.fatal is not None:

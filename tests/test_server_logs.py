@@ -252,3 +252,4 @@ def test_the_drain_logs_no_request_id_though_the_signal_interrupts_an_open_webso
     drain = [r for r in records if "draining" in r.getMessage() or "drain timeout" in r.getMessage()]
     assert len(drain) == 2, [r.getMessage() for r in records]
     assert [(r.request_id, r.generation_id) for r in drain] == [(None, None)] * 2
+    assert drain[0].getMessage() == "SIGTERM: draining (up to 0.3 s)"  # (it said "up to 0 s": %.0f)

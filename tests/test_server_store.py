@@ -727,6 +727,39 @@ def test_sigterm_cancels_running_turns_and_flushes_every_session_to_the_store(
         proc.wait(10)
 
 
+def test_a_second_sigterm_stops_at_once_and_each_session_keeps_its_last_written_state(
+    model_dirs, redis_url, redis_db
+):
+    """A second SIGTERM during the drain (60 s here, a turn of minutes running) exits 0 at once, without
+    the final flush, as the README says (Stopping): every answered change is in the store (written
+    through), and the session whose turn was cut keeps the state from before that turn, as after a
+    `kill -9`. (It waited uvicorn's 5 s grace, logged CancelledError tracebacks, and died of the
+    re-raised signal, -15.)"""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _serve(model_dirs, port, redis_url, drain_s=60, max_new=5_000_000)
+    try:
+        prompts = {}
+        for p in ("to be", "or not"):
+            r = httpx.post(url + "/v1/sessions", json={"model": TEXT, "prompt": p})
+            prompts[r.json()["session_id"]] = p
+        running = next(iter(prompts))
+        with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+            ws.send(json.dumps({"type": "generate", "session_id": running, "max_new_tokens": 5_000_000}))
+            assert json.loads(ws.recv(30))["type"] == "session"
+            assert json.loads(ws.recv(30))["type"] == "token"
+            proc.send_signal(signal.SIGTERM)
+            assert wait_for(lambda: httpx.get(url + "/readyz").status_code == 503, 10)
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(10) == 0 and time.monotonic() - t0 < 3
+        for sid, p in prompts.items():
+            assert _stored(redis_db, sid)["n_tokens"] == len(p), sid
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
 def test_the_shutdown_flush_skips_a_session_whose_creation_never_reached_the_engine(
     model_dirs, redis_url, redis_db, caplog
 ):
