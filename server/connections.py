@@ -687,6 +687,11 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
             self.transport.write(b"".join(self.conn.data_to_send()))
         self.handshake_complete = True  # whatever the app sends now is not written
         self.close_sent = True
+        # and the connection is gone for the app at once, not only once connection_lost has run (the next
+        # loop iteration): its late accept (or refusal) raises ClientDisconnected, which ends its handler
+        # quietly, as for a client that left; it was an ERROR traceback per connection ("Unexpected ASGI
+        # message 'websocket.accept', after sending 'websocket.close'")
+        self.gone()
         self.transport.close()
 
 

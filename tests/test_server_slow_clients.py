@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import select
 import selectors
@@ -237,6 +238,60 @@ def test_a_websocket_not_accepted_in_time_is_closed(model_dirs):
         assert c.got.startswith(b"HTTP/1.1 503 "), c.got[:60]
         closed = {"reason": "ws_handshake_timeout"}
         assert metrics.registry.get_sample_value("s4_connections_closed_total", closed) == 1
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_an_accept_after_the_handshake_deadline_ends_quietly(model_dirs, caplog, monkeypatch):
+    """Our app accepting just after the handshake deadline has fired (as under load, at any deadline),
+    before the connection's loss is seen: the client gets the 503, and the late accept ends the app's
+    handler quietly. It logged an ERROR traceback per connection, "Unexpected ASGI message
+    'websocket.accept', after sending 'websocket.close'": the deadline marked the close sent but not the
+    connection gone, so uvicorn took the accept for the app's protocol error. (The app is held until the
+    deadline fires, then resumed before the connection's loss is handled: that order, deterministic.)"""
+    from server import Settings, create_app
+    from server.connections import GuardedWebSocketProtocol, uvicorn_config
+
+    settings = Settings(checkpoints=[str(model_dirs["text"])], ws_handshake_timeout_s=0.2, drain_timeout_s=0)
+    app = create_app(settings)
+    expired, ended = asyncio.Event(), []
+    real_expired = GuardedWebSocketProtocol._expired
+
+    def expiring(self) -> None:
+        expired.set()  # (the held app resumes first, then the closed transport's connection_lost)
+        real_expired(self)
+
+    monkeypatch.setattr(GuardedWebSocketProtocol, "_expired", expiring)
+
+    async def held(scope, receive, send):
+        if scope["type"] != "websocket":
+            return await app(scope, receive, send)
+        await expired.wait()
+        expired.clear()
+        try:
+            await app(scope, receive, send)
+        except BaseException as exc:
+            ended.append(type(exc).__name__)
+            raise
+        ended.append("returned")
+
+    server = uvicorn.Server(uvicorn_config(held, settings, app.state.server.metrics, log_level="info"))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        assert _wait(lambda: server.started, 10)
+        with caplog.at_level("DEBUG"):
+            for _ in range(3):
+                c = Slow(sock.getsockname()[1], ws_upgrade())
+                run_slow([c], seconds=5)
+                assert c.got.startswith(b"HTTP/1.1 503 "), c.got[:60]
+                assert _wait(lambda: len(ended) == 1, 10), ended
+                assert ended.pop() in ("returned", "ClientDisconnected")
+        errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert not errors, [(r.name, r.getMessage()) for r in errors]
     finally:
         server.should_exit = True
         thread.join(10)
