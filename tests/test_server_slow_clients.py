@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import os
 import select
@@ -226,21 +227,13 @@ def test_a_websocket_not_accepted_in_time_is_closed(model_dirs):
     server = uvicorn.Server(
         uvicorn_config(never_accepts, settings, metrics, lifespan="off", log_level="error")
     )
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        assert _wait(lambda: server.started, 10)
-        c = Slow(sock.getsockname()[1], ws_upgrade())
+    with _serving(server) as port:
+        c = Slow(port, ws_upgrade())
         run_slow([c], seconds=5)
         assert c.closed_after is not None and 0.4 <= c.closed_after <= 0.5 + LATE_S, c.closed_after
         assert c.got.startswith(b"HTTP/1.1 503 "), c.got[:60]
         closed = {"reason": "ws_handshake_timeout"}
         assert metrics.registry.get_sample_value("s4_connections_closed_total", closed) == 1
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_an_accept_after_the_handshake_deadline_ends_quietly(model_dirs, caplog, monkeypatch):
@@ -277,21 +270,28 @@ def test_an_accept_after_the_handshake_deadline_ends_quietly(model_dirs, caplog,
         ended.append("returned")
 
     server = uvicorn.Server(uvicorn_config(held, settings, app.state.server.metrics, log_level="info"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        assert _wait(lambda: server.started, 10)
+    with _serving(server) as port:
         with caplog.at_level("DEBUG"):
             for _ in range(3):
-                c = Slow(sock.getsockname()[1], ws_upgrade())
+                c = Slow(port, ws_upgrade())
                 run_slow([c], seconds=5)
                 assert c.got.startswith(b"HTTP/1.1 503 "), c.got[:60]
                 assert _wait(lambda: len(ended) == 1, 10), ended
                 assert ended.pop() in ("returned", "ClientDisconnected")
         errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
         assert not errors, [(r.name, r.getMessage()) for r in errors]
+
+
+@contextlib.contextmanager
+def _serving(server: uvicorn.Server):
+    """Run `server` in a thread on a free port of 127.0.0.1 (yielded) until the block ends."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        assert _wait(lambda: server.started, 10)
+        yield sock.getsockname()[1]
     finally:
         server.should_exit = True
         thread.join(10)
