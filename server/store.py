@@ -332,23 +332,32 @@ class StoreWriter:
         self._thread = threading.Thread(target=self._loop, name="session-store", daemon=True)
         self._thread.start()
 
-    def write(self, session_id: str, header: dict, state: bytes, only_if_missing: bool = False) -> None:
+    def write(self, session_id: str, header: dict, state: bytes, only_if_missing: bool = False) -> Future:
         """Queue a write of the session's state (`only_if_missing`: only if the store holds no version of
-        it, for a copy `let_go` says is unchanged since its last write)."""
-        self._queue(session_id, (header, state, only_if_missing))
+        it, for a copy `let_go` says is unchanged since its last write). Returns its `landed` future."""
+        return self._queue(session_id, (header, state, only_if_missing))
 
-    def delete(self, session_id: str) -> None:
-        self._queue(session_id, _DELETE)
+    def delete(self, session_id: str) -> Future:
+        """Queue a delete of the session (a tombstone). Returns its `landed` future."""
+        return self._queue(session_id, _DELETE)
 
-    def _queue(self, session_id: str, op) -> None:
-        """Queue `op` for the session at the end, in place of any it had (a failed delete's tries too)."""
+    def _queue(self, session_id: str, op) -> Future:
+        """Queue `op` for the session at the end, in place of any it had (a failed delete's tries too).
+        Returns its `landed` future, taken with the operation: a `landed` asked for after it could find the
+        operation applied already ("none")."""
+        fut: Future = Future()
         with self._cv:
             self._landed.discard(session_id)
             self._retry.pop(session_id, None)
             self._tries.pop(session_id, None)
             self._pending.pop(session_id, None)  # move to the end: operations stay in order
             self._pending[session_id] = op
+            if self._stopping:
+                fut.set_result("dropped")
+            else:
+                self._waiting.setdefault(session_id, []).append(fut)
             self._cv.notify()
+        return fut
 
     def _retry_now(self, session_id: str) -> None:
         """(under _cv) Queue a failed delete waiting for its next try now (its tries kept)."""
@@ -511,7 +520,11 @@ class StoreWriter:
             self.answered(True)
 
     def answered(self, ok: bool) -> None:
-        """Record whether the store answered an operation (`up`): the writer's, or a route's read."""
+        """Record whether the store answered an operation (`up`): the writer's, or a route's read. A failed
+        one was an ask: the idle writer's next probe is PROBE_S later (it probed at once after the first
+        failure, `_probed` being 0, and the gauge said up again before a scrape could see the failure)."""
+        if not ok:
+            self._probed = time.monotonic()
         self._answering = ok
         if self.up is not None:
             self.up.set(int(ok))

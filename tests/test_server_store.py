@@ -848,10 +848,8 @@ def test_landed_resolves_once_the_sessions_operation_is_tried_or_dropped():
     assert not first.done()  # still waiting for the store
     gate.set()
     assert first.result(5) == "write"
-    writer.write("b", header, b"\0\0\0\0")
-    assert writer.landed("b").result(5) == "write"
-    writer.delete("b")
-    assert writer.landed("b").result(5) in ("delete", "none")  # ("none": applied before the call)
+    assert writer.write("b", header, b"\0\0\0\0").result(5) == "write"
+    assert writer.delete("b").result(5) == "delete"
     writer.stop(5)
 
 
@@ -984,21 +982,18 @@ def test_a_write_whose_outcome_was_unknown_neither_loses_the_next_turn_nor_overw
     store = _UncertainStore()
     writer = StoreWriter(store)
     try:
-        writer.write("s", header, state)
-        assert writer.landed("s").result(5) == "write"
+        assert writer.write("s", header, state).result(5) == "write"
         first = store.version("s")
         store.mode = "landed"  # turn 1's write lands, but its answer never comes
-        writer.write("s", {**header, "n_tokens": 2}, state)
-        assert writer.landed("s").result(5) == "error"
+        assert writer.write("s", {**header, "n_tokens": 2}, state).result(5) == "error"
         assert store.version("s") != first and writer.is_current("s", store.version("s"))
-        writer.write("s", {**header, "n_tokens": 3}, state)  # turn 2: written, not refused as stale
-        assert writer.landed("s").result(5) == "write" and writer.stale == 0
+        # turn 2: written, not refused as stale
+        assert writer.write("s", {**header, "n_tokens": 3}, state).result(5) == "write" and writer.stale == 0
         assert unpack_state(store.get("s")[0])[0]["n_tokens"] == 3
         store.mode = "late"  # turn 3's write is held back by the stalled store
-        writer.write("s", {**header, "n_tokens": 4}, state)
-        assert writer.landed("s").result(5) == "error"
-        writer.write("s", {**header, "n_tokens": 5}, state)  # turn 4
-        assert writer.landed("s").result(5) == "write" and writer.stale == 0
+        assert writer.write("s", {**header, "n_tokens": 4}, state).result(5) == "error"
+        # turn 4
+        assert writer.write("s", {**header, "n_tokens": 5}, state).result(5) == "write" and writer.stale == 0
         assert not store.put(*store.held.pop())  # turn 3's write lands late: refused, turn 4 stays
         assert unpack_state(store.get("s")[0])[0]["n_tokens"] == 5 and writer.is_current(
             "s", store.version("s")
@@ -1286,6 +1281,11 @@ class _DownStore(MemoryStateStore):
         super().delete(session_id)
 
 
+def _put_refused(*args, **kwargs):
+    """A store's put while it refuses connections."""
+    raise StoreError("write failed (Connection refused)", "write failed (ConnectionError)")
+
+
 def test_a_failed_write_counts_as_a_store_error_of_op_write():
     """`s4_session_store_errors{op}` says what a failed operation did: a write the store refused to take
     counts op="write" (and op="error" among the operations), nothing else; the next write lands."""
@@ -1294,12 +1294,8 @@ def test_a_failed_write_counts_as_a_store_error_of_op_write():
     writer = StoreWriter(store, metrics.store_ops, error_counter=metrics.store_errors)
     real_put = store.put
 
-    def down(*args, **kwargs):
-        raise StoreError("write failed (Connection refused)", "write failed (ConnectionError)")
-
-    store.put = down
-    writer.write("w", header, b"\0\0\0\0")
-    assert writer.landed("w").result(5) == "error"
+    store.put = _put_refused
+    assert writer.write("w", header, b"\0\0\0\0").result(5) == "error"
     count = metrics.registry.get_sample_value
     assert {op: count("s4_session_store_errors_total", {"op": op}) for op in STORE_ERROR_OPS} == {
         "write": 1,
@@ -1308,8 +1304,7 @@ def test_a_failed_write_counts_as_a_store_error_of_op_write():
     }
     assert count("s4_session_store_operations_total", {"op": "error"}) == 1
     store.put = real_put
-    writer.write("w", header, b"\0\0\0\0")
-    assert writer.landed("w").result(5) == "write"
+    assert writer.write("w", header, b"\0\0\0\0").result(5) == "write"
     assert count("s4_session_store_errors_total", {"op": "write"}) == 1
     writer.stop(5)
 
@@ -1339,20 +1334,15 @@ def test_an_operation_is_counted_before_its_waiters_and_flush_learn_its_outcome(
     ops, errors = _SlowCounter(), _SlowCounter()
     store = MemoryStateStore()
     writer = StoreWriter(store, ops, error_counter=errors)
-    writer.write("a", header, b"\0\0\0\0")
-    assert writer.landed("a").result(5) == "write"
+    assert writer.write("a", header, b"\0\0\0\0").result(5) == "write"
     assert ops.counts == {"write": 1} and writer.written == 1
     writer.write("b", header, b"\0\0\0\0")
     assert writer.flush(5)
     assert ops.counts == {"write": 2} and writer.written == 2
     real_put = store.put
 
-    def down(*args, **kwargs):
-        raise StoreError("write failed (Connection refused)", "write failed (ConnectionError)")
-
-    store.put = down
-    writer.write("c", header, b"\0\0\0\0")
-    assert writer.landed("c").result(5) == "error"
+    store.put = _put_refused
+    assert writer.write("c", header, b"\0\0\0\0").result(5) == "error"
     assert ops.counts == {"write": 2, "error": 1} and errors.counts == {"write": 1} and writer.failed == 1
     store.put = real_put
     writer.stop(5)
@@ -1370,28 +1360,52 @@ def test_an_idle_writer_asks_a_failing_store_again_so_up_comes_back_without_a_re
     writer = StoreWriter(store, metrics.store_ops, up=metrics.store_up)
     real_put, real_version = store.put, store.version
 
-    def down_put(*args):
-        raise StoreError("write failed (Connection refused)", "write failed (ConnectionError)")
-
     def version(session_id):
         if store.down.is_set():
             raise StoreError("version check failed (Connection refused)", "down")
         return real_version(session_id)
 
-    store.put, store.version = down_put, version
+    store.put, store.version = _put_refused, version
     up = lambda: metrics.registry.get_sample_value("s4_session_store_up")  # noqa: E731
     try:
         store.down.set()
-        writer.write("w", dict(HEADER), b"\0\0\0\0")
-        assert writer.landed("w").result(5) == "error"
+        assert writer.write("w", dict(HEADER), b"\0\0\0\0").result(5) == "error"
         time.sleep(0.2)  # probes while down: still 0
         assert up() == 0 and not writer.may_evict("w")
         store.down.clear()  # reads answer again, writes still fail (Redis at maxmemory)
         assert wait_for(lambda: up() == 1, 5)
         assert not writer.may_evict("w")  # (its write has not landed: the copy here is the only one)
         store.put = real_put
-        writer.write("w", dict(HEADER), b"\0\0\0\0")
-        assert writer.landed("w").result(5) == "write" and writer.may_evict("w")
+        assert writer.write("w", dict(HEADER), b"\0\0\0\0").result(5) == "write" and writer.may_evict("w")
+    finally:
+        writer.stop(5)
+
+
+def test_the_first_probe_after_a_failure_waits_probe_s(monkeypatch):
+    """A failed operation is an ask: the idle writer asks again PROBE_S later, not at once. It probed right
+    after the first failure (`_probed` was 0), so a store that answers reads and refuses writes (maxmemory)
+    set s4_session_store_up back to 1 before a scrape could see the failure (the gauge test, flaky)."""
+    import server.store
+
+    monkeypatch.setattr(server.store, "PROBE_S", 0.5)
+    store, metrics = MemoryStateStore(), Metrics()
+    metrics.add_store_gauges(lambda: 0)
+    writer = StoreWriter(store, metrics.store_ops, up=metrics.store_up)
+    asked: list[float] = []
+    real_version = store.version
+
+    def version(session_id):
+        asked.append(time.monotonic())
+        return real_version(session_id)
+
+    store.put, store.version = _put_refused, version
+    try:
+        assert writer.write("w", dict(HEADER), b"\0\0\0\0").result(5) == "error"
+        failed = time.monotonic()
+        time.sleep(0.3)
+        assert asked == [] and metrics.registry.get_sample_value("s4_session_store_up") == 0
+        assert wait_for(lambda: asked, 5) and asked[0] - failed >= 0.45  # (PROBE_S after the failure)
+        assert wait_for(lambda: metrics.registry.get_sample_value("s4_session_store_up") == 1, 5)
     finally:
         writer.stop(5)
 
@@ -1408,11 +1422,9 @@ def test_a_delete_the_store_failed_is_tried_again_until_it_lands(monkeypatch):
     store = _DownStore()
     metrics = Metrics()
     writer = StoreWriter(store, metrics.store_ops, error_counter=metrics.store_errors)
-    writer.write("a", header, b"\0\0\0\0")
-    assert writer.landed("a").result(5) == "write"
+    assert writer.write("a", header, b"\0\0\0\0").result(5) == "write"
     store.down.set()
-    writer.delete("a")
-    assert writer.landed("a").result(5) == "error"
+    assert writer.delete("a").result(5) == "error"
     errors = {op: metrics.registry.get_sample_value("s4_session_store_errors_total", {"op": op})
               for op in STORE_ERROR_OPS}  # fmt: skip
     assert errors["delete"] >= 1 and errors["write"] == errors["read"] == 0, errors
@@ -1427,8 +1439,7 @@ def test_a_delete_the_store_failed_is_tried_again_until_it_lands(monkeypatch):
     monkeypatch.setattr(store_module, "DELETE_RETRY_S", 30.0)  # a client's DELETE again does not wait 30 s
     writer.write("b", header, b"\0\0\0\0")
     store.down.set()
-    writer.delete("b")
-    assert writer.landed("b").result(5) == "error"
+    assert writer.delete("b").result(5) == "error"
     store.down.clear()
     t0 = time.monotonic()
     assert writer.landed("b").result(5) == "delete" and time.monotonic() - t0 < 2
@@ -1436,8 +1447,7 @@ def test_a_delete_the_store_failed_is_tried_again_until_it_lands(monkeypatch):
 
     writer.write("c", header, b"\0\0\0\0")
     store.down.set()
-    writer.delete("c")
-    assert writer.landed("c").result(5) == "error"
+    assert writer.delete("c").result(5) == "error"
     store.down.clear()
     writer.begin_final()  # the shutdown flush tries the waiting delete once more
     ok, report = writer.stop(5)
@@ -1471,7 +1481,8 @@ def test_a_delete_the_store_has_not_answered_in_time_is_a_503_then_a_204_once_it
         assert httpx.get(f"{a.url}/v1/sessions/{sid}").status_code == 404
         with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a DELETE waiting as the store answers
             again = pool.submit(httpx.delete, f"{a.url}/v1/sessions/{sid}")
-            assert wait_for(lambda: len(a.state.writer._waiting_busy) == 2, 10)  # (the first and it wait)
+            # (the delete's own future, `StoreWriter.delete`'s, and the first DELETE's and this one's waits)
+            assert wait_for(lambda: len(a.state.writer._waiting_busy) == 3, 10)
             hang.set()
             assert again.result().status_code == 204
         assert redis_db.hget(KEY_PREFIX + sid, "v") == TOMBSTONE.encode()
