@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.hippo import dplr, rank_correction, transition
-from model.kernel import RE_LAMBDA_MAX, SSMKernel, s4_kernel, s4d_kernel
+from model.kernel import RE_LAMBDA_MAX, SSMKernel, init_ssm, s4_kernel, s4d_kernel
 
 F64 = torch.float64
 
@@ -87,6 +87,29 @@ def test_s4d_kernel_matches_dense_matrix_powers(disc, init):
     for backend in ("torch", "keops"):
         K32 = s4d_kernel(s32["Lambda"], s32["B"], s32["C"], dt64.float(), L, disc, backend=backend)[0]
         assert rel(K32, K_ref) <= 1e-4, (backend, rel(K32, K_ref))
+
+
+S4D_EIGENVALUES = {  # S4D paper (Gu, Gupta, Goel, Ré 2022), section 4.1, for n = 0 … N/2 − 1
+    "diag-lin": lambda N, n: complex(-0.5, math.pi * n),  # S4D-Lin
+    "diag-inv": lambda N, n: complex(-0.5, N / math.pi * (N / (2 * n + 1) - 1)),  # S4D-Inv
+}
+
+
+@pytest.mark.parametrize("N", [2, 8, 64])
+@pytest.mark.parametrize("init", ["diag-lin", "diag-inv"])
+def test_s4d_inits_are_the_papers_eigenvalues(init, N):
+    """Λ of S4D-Lin and S4D-Inv against the paper's formulas written out (every S4D kernel test builds its
+    reference from the layer's own Λ, so a wrong init passed them all), B = 1 and no low-rank term; the
+    layer's parameters hold the same Λ (Im Λ rounded to float32)."""
+    H, N2 = 3, N // 2
+    Lam, P, B, _ = init_ssm(init, H, N, rank=1)
+    want = torch.tensor([[S4D_EIGENVALUES[init](N, n) for n in range(N2)]] * H, dtype=torch.complex128)
+    assert Lam.dtype == torch.complex128 and Lam.shape == (H, N2)
+    assert torch.allclose(Lam, want, rtol=0, atol=1e-12), (Lam[0], want[0])
+    assert torch.equal(B, torch.ones(H, N2, dtype=torch.complex128)) and not P.abs().any()
+    s = SSMKernel(H, N, 64, kind="s4d", init=init, re_lambda_max=None).ssm(F64)
+    assert torch.equal(s["Lambda"].imag, want.imag.float().double())
+    assert torch.allclose(s["Lambda"].real, want.real, rtol=0, atol=1e-7)
 
 
 @pytest.mark.parametrize("dt", [1e-6, 1e-8])
