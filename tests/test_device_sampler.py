@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import devices
 
+from model import fused, sampling
 from model.sampling import (
     CounterRNG,
     RowSampler,
@@ -24,6 +25,49 @@ from model.sampling import (
 )
 
 EDGE = [0, 1, 2**32 - 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1]
+
+
+def reference_philox4x32_10(counter: list[int], key: list[int]) -> list[int]:
+    """Philox4x32-10 written from Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as 1, 2,
+    3" (SC 2011): a round maps (x0, x1, x2, x3) under key (k0, k1) to (hi(M1·x2) ⊕ x1 ⊕ k0, lo(M1·x2),
+    hi(M0·x0) ⊕ x3 ⊕ k1, lo(M0·x0)); the key is bumped by the Weyl constants (W0, W1) before rounds 2…10."""
+    x, k = list(counter), list(key)
+    for r in range(10):
+        if r:
+            k = [(k[0] + 0x9E3779B9) % 2**32, (k[1] + 0xBB67AE85) % 2**32]
+        a, b = 0xD2511F53 * x[0], 0xCD9E8D57 * x[2]  # 64-bit products
+        x = [(b >> 32) ^ x[1] ^ k[0], b % 2**32, (a >> 32) ^ x[3] ^ k[1], a % 2**32]
+    return x
+
+
+def test_the_reference_philox_gives_random123s_known_answers():
+    """Random123's kat_vectors for philox4x32 with 10 rounds: the reference below is the published cipher."""
+    f, pi = 0xFFFFFFFF, [0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344, 0xA4093822, 0x299F31D0]
+    assert reference_philox4x32_10([0] * 4, [0] * 2) == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    assert reference_philox4x32_10([f] * 4, [f] * 2) == [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]
+    assert reference_philox4x32_10(pi[:4], pi[4:]) == [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1]
+
+
+@pytest.mark.parametrize("library", ["c", "torch"])
+@pytest.mark.parametrize("seed", [0, 5, 2**64 - 1])
+def test_a_seed_is_the_philox_key_of_its_stream(monkeypatch, library, seed):
+    """SamplingParams(seed=s).generator() is the stream keyed by s itself at index 0 (the server, the
+    library and the C decode block all take the key from it): its uniforms n = 0, 1 are the top 24 bits
+    of the first word of Philox4x32-10 of the counter (n, 0, 0, 0) under the key (s mod 2³², s >> 32),
+    times 2⁻²⁴ — from the reference above, through the C library's Philox and the torch ops'."""
+    if library == "c":
+        assert fused.library() is not None, "the C sampling pass must build here"
+    else:
+        monkeypatch.setattr(fused, "library", lambda: None)
+    words = [reference_philox4x32_10([n, 0, 0, 0], [seed % 2**32, seed >> 32])[0] for n in (0, 1)]
+    want = [(w >> 8) / 2**24 for w in words]  # (exact in float32: 24 bits)
+    g = SamplingParams(seed=seed).generator()
+    assert (g.key, g.counter) == (seed, 0)
+    assert [float(sampling.uniforms([g])[0]) for _ in range(2)] == want and g.counter == 2
+    assert SamplingParams(seed=seed).generator().uniform() == want[0]
+    far = (reference_philox4x32_10([1, 1, 0, 0], [seed % 2**32, seed >> 32])[0] >> 8) / 2**24  # n = 2³² + 1
+    assert float(sampling.uniforms([CounterRNG(seed, 2**32 + 1)])[0]) == far
+    assert CounterRNG(seed, 2**32 + 1).uniform() == far
 
 
 @pytest.mark.parametrize("device", devices())
