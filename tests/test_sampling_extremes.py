@@ -78,6 +78,39 @@ def test_tiny_top_p_keeps_the_top_token(path, top_p):
     assert torch.equal(draw(logits, params), logits.argmax(-1))
 
 
+def test_min_p_1_keeps_only_the_most_likely_tokens(path):
+    """min_p = 1 keeps the tokens whose probability is min_p × the largest, i.e. the maxima alone: the
+    argmax in a row without a tie, and only the tied maxima (each drawn) in a row with one. (A ≤ in the
+    torch ops' comparison dropped every token and drew token V − 1.)"""
+    torch.manual_seed(4)
+    B, V = 64, 256
+    logits = torch.randn(B, V) * 3
+    params = [SamplingParams(min_p=1.0, seed=k) for k in range(B)]
+    assert torch.equal(draw(logits, params), logits.double().argmax(-1))
+    n = 200
+    tied = logits[:1].repeat(n, 1)
+    top = float(tied[0].max())
+    tied[:, [7, 100]] = top  # three maxima: 7, 100 and the row's own argmax
+    maxima = set((tied[0] == top).nonzero().flatten().tolist())
+    assert len(maxima) == 3
+    got = draw(tied, [SamplingParams(min_p=1.0, seed=k) for k in range(n)]).tolist()
+    assert set(got) == maxima, sorted(set(got))  # each of 3 equally likely: all drawn in 200 (1 − 3·(2/3)²⁰⁰)
+
+
+def test_the_temperature_divides_a_float32_overflowing_difference_in_float64(path, monkeypatch):
+    """(z − max z) / T with z = ±3e38 and T = 1e38: the difference −6e38 overflows float32 (to −inf, a
+    token of probability 0) but not float64, where it is −6 exactly after the division. The draw then
+    follows the float64 softmax of (0, −6): token 0 for u below p₀ = 1 / (1 + e⁻⁶), token 1 above (within
+    1e-5 of p₀, float32 CDF rounding)."""
+    z = torch.tensor([[3e38, -3e38]])
+    T = torch.tensor([1e38], dtype=torch.float64)
+    assert torch.equal(sampling.scale_logits(z, T), torch.tensor([[0.0, -6.0]]))
+    p0 = 1 / (1 + math.exp(-6.0))  # float64 softmax of the scaled logits
+    for u, want in [(p0 - 1e-5, 0), (p0 + 1e-5, 1), (0.0, 0), (1 - 2.0**-24, 1)]:
+        monkeypatch.setattr(sampling, "uniforms", lambda gens, u=u: torch.full((len(gens),), u))
+        assert draw(z, [SamplingParams(temperature=1e38, seed=0)]).tolist() == [want], (u, want)
+
+
 @pytest.mark.parametrize("top_k", [256, 257, 2**31, 2**63, 2**70])
 def test_top_k_at_or_past_the_vocabulary_filters_nothing(path, top_k):
     torch.manual_seed(2)
