@@ -15,7 +15,8 @@ from numerics import (
 )
 
 from model import ModelConfig, SequenceModel, VerificationError
-from model.recurrent import DiagonalSSM, DPLRStep
+from model.kernel import SSMKernel
+from model.recurrent import VERIFY_TOKENS, DiagonalSSM, DPLRStep, convert_kernel, s4_real_system
 
 L_LONG = 4096
 
@@ -648,3 +649,59 @@ def test_the_impulse_response_runs_through_denormals_flushed_and_leaves_them_on_
         u = torch.zeros_like(u)
     want = torch.stack(want, 1)
     assert float((got - want).abs().max()) <= 1e-34 * float(want.abs().max())
+
+
+def dense_bilinear_system(Lam, P, B, C, dt, L):
+    """Ā, B̄, C̄ of one channel's DPLR SSM on the full complex state [x; x̄] (N = 2·N/2), by dense
+    complex128 matrices: A = diag(Λ, Λ̄) − Σⱼ pⱼ pⱼᴴ with pⱼ = [Pⱼ; P̄ⱼ], Ā = (I − Δ/2 A)⁻¹ (I + Δ/2 A),
+    B̄ = (I − Δ/2 A)⁻¹ Δ [B; B̄], and C̄ = C̃ (I − Ā^L)⁻¹ from C̃ = [C, C̄] (S4 paper §3.3), Ā^L by L
+    explicit products."""
+    N = 2 * Lam.shape[-1]
+    eye = torch.eye(N, dtype=torch.complex128)
+    A = torch.diag(torch.cat([Lam, Lam.conj()]))
+    for Pj in P:
+        p = torch.cat([Pj, Pj.conj()])[:, None]
+        A = A - p @ p.conj().T
+    inv = torch.linalg.inv(eye - dt / 2 * A)
+    Abar, Bbar = inv @ (eye + dt / 2 * A), inv @ (dt * torch.cat([B, B.conj()]))
+    AL = eye
+    for _ in range(L):
+        AL = AL @ Abar
+    return Abar, Bbar, torch.cat([C, C.conj()]) @ torch.linalg.inv(eye - AL)
+
+
+@pytest.mark.parametrize("init", ["legs", "fout"])
+def test_s4_real_system_is_the_dense_complex_system_with_c_bar_recovered_from_c_tilde(init):
+    """`s4_real_system` (the DPLR step's Ā, B̄, γ̄ on ξ = [Re x; Im x]) against dense complex matrices in
+    float64: ξ = T [x; x̄] with T = [[I, I], [−iI, iI]] / 2, so Ā = T Ā_c T⁻¹, B̄ = T B̄_c, γ̄ᵀ = C̄_c T⁻¹.
+    Only the runtime verification caught C̄ recovered with Ā^(L+1), at a 2× margin; here 1e-10."""
+    torch.manual_seed(0)
+    H, N, L = 3, 8, 64
+    kernel = SSMKernel(H, N, L, kind="s4", init=init, dt_min=0.01, dt_max=0.1, backend="torch")
+    s = {k: v.detach() for k, v in kernel.ssm(torch.float64).items()}
+    Abar, Bbar, gamma = s4_real_system(s, L)
+    i = torch.eye(N // 2, dtype=torch.complex128)
+    T = torch.cat([torch.cat([i, i], 1), torch.cat([-1j * i, 1j * i], 1)]) / 2
+    for h in range(H):
+        ch = [s["Lambda"][h], s["P"][:, h], s["B"][h], s["C"][h], s["dt"][h]]
+        A_c, B_c, C_c = dense_bilinear_system(*ch, L)
+        want = (T @ A_c @ torch.linalg.inv(T), T @ B_c, C_c @ torch.linalg.inv(T))
+        for got, ref in zip((Abar[h], Bbar[h], gamma[h]), want, strict=True):
+            assert ref.imag.abs().max() <= 1e-12 * ref.abs().max()  # a real system
+            err = float((got - ref.real).norm() / ref.real.norm())
+            assert got.dtype == torch.float64 and err <= 1e-10, (h, err)
+
+
+@pytest.mark.parametrize(("kind", "init", "L"), [("s4", "legs", 512), ("s4d", "diag-inv", 128)])
+def test_the_conversion_verifies_against_the_float64_conv_kernel(kind, init, L):
+    """The conv kernel the conversion verifies the form against, and returns as the network check's
+    reference, is the layer's kernel computed in float64 (taps min(L, VERIFY_TOKENS)): one computed in
+    float32 (1e-7 off) passed the 1e-4 verification unnoticed."""
+    torch.manual_seed(1)
+    kernel = SSMKernel(4, 16, L, kind=kind, init=init, backend="torch")
+    _, report, K = convert_kernel(kernel, "cpu", tol=1e-4)
+    with torch.no_grad():
+        want = kernel(L, dtype=torch.float64)[..., : min(L, VERIFY_TOKENS)]
+    assert K.dtype == torch.float64 and K.shape == want.shape == (4, min(L, VERIFY_TOKENS))
+    assert torch.allclose(K, want, rtol=1e-12, atol=0), float(((K - want) / want).abs().max())
+    assert report["rel_err"] <= 1e-4
