@@ -705,3 +705,24 @@ def test_the_conversion_verifies_against_the_float64_conv_kernel(kind, init, L):
     assert K.dtype == torch.float64 and K.shape == want.shape == (4, min(L, VERIFY_TOKENS))
     assert torch.allclose(K, want, rtol=1e-12, atol=0), float(((K - want) / want).abs().max())
     assert report["rel_err"] <= 1e-4
+
+
+@pytest.mark.parametrize("init", ["legs", "fout"])
+def test_the_dplr_state_bound_holds_the_brute_force_l1_gain(init):
+    """`DPLRStep.state_bound` is at least the largest |ξ_n| an input |u| ≤ u_max reaches from ξ = 0, the
+    ℓ1 gain u_max Σ_t |(Āᵗ B̄)_n| (u_t = u_max · sign of the term: every term adds), summed over 20,000
+    steps in float64 by explicit products (the remaining terms only add to it)."""
+    torch.manual_seed(2)
+    H, N, L, steps = 3, 8, 64, 20_000
+    kernel = SSMKernel(H, N, L, kind="s4", init=init, dt_min=0.01, dt_max=0.1, backend="torch")
+    s = {k: v.detach() for k, v in kernel.ssm(torch.float64).items()}
+    Abar, Bbar, gamma = s4_real_system(s, L)
+    u_max = torch.tensor([1.0, 0.5, 3.0], dtype=torch.float64)
+    bound = DPLRStep(s, Abar, Bbar, gamma, "cpu").state_bound(u_max).flatten(1)  # (H, N): [Re x; Im x]
+    gain, x = torch.zeros(H, N, dtype=torch.float64), Bbar
+    for _ in range(steps):
+        gain += x.abs()
+        x = (Abar @ x[..., None])[..., 0]
+    assert bool((x.abs() <= 1e-6 * gain).all())  # the tail: the sum has converged
+    want = gain * u_max[:, None]
+    assert bool((bound >= want * (1 - 1e-12)).all()), (bound / want).min()
