@@ -438,6 +438,16 @@ class Settings(BaseSettings):
         "request_id, generation_id); either way a request's lines carry its X-Request-ID",
     )
 
+    @field_validator("port", mode="before")
+    @classmethod
+    def _port(cls, v):
+        """Port 0 refused with its reason (before the bounds, whose ">= 1" gave none)."""
+        if isinstance(v, (int, str)) and not isinstance(v, bool) and str(v).strip() == "0":
+            raise ValueError(
+                "0 is refused: the OS would pick the port, and no client, probe or proxy could know it"
+            )
+        return v
+
     @field_validator("session_store_write_wait_s")
     @classmethod
     def _write_wait(cls, v: float) -> float:

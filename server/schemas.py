@@ -479,7 +479,7 @@ class OpenAISampling(BaseModel):
     seed: int | None = Field(
         None,
         ge=-(2**63),
-        lt=2**63,
+        le=2**63 - 1,
         description="OpenAI's int64 range; choice i samples with a seed derived from (seed, i); i = 0 uses "
         "seed (a negative one as seed + 2^64, so each seed keys its own generator)",
     )
