@@ -317,7 +317,10 @@ def start_runs(
     return runs
 
 
-async def collect_runs(runs: list[Run], request: Request) -> None:
+async def collect_runs(runs: list[Run], request: Request, best_of: int | None = None) -> None:
+    """Wait for every run of a non-streamed answer. Raises `shut_down`'s 503 when the server's stop cut
+    any short (`cut_off`), naming the first: "choice k" (run k is choice k), or with `best_of` (more
+    samples than choices) "sample k (of best_of N)"."""
     tasks = [asyncio.ensure_future(collect(r.stream, request)) for r in runs]
     try:
         for r, (tokens, final) in zip(runs, await asyncio.gather(*tasks)):
@@ -328,6 +331,10 @@ async def collect_runs(runs: list[Run], request: Request) -> None:
         for t in tasks:
             t.cancel()
         raise
+    cut = [k for k, r in enumerate(runs) if cut_off(r)]
+    if cut:
+        which = f"choice {cut[0]}" if best_of is None else f"sample {cut[0]} (of best_of {best_of})"
+        raise shut_down(runs[cut[0]], which, len(cut) - 1)
 
 
 async def merged(runs: list[Run]) -> AsyncIterator[tuple[Run, list]]:
@@ -528,11 +535,7 @@ async def completions(req: CompletionRequest, request: Request):
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         body = _stream_completions(runs, prompts, texts, req, head, include_usage)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
-    await collect_runs(runs, request)
-    cut = [k for k, r in enumerate(runs) if cut_off(r)]  # (choice k when best_of is n: the runs' order)
-    if cut:
-        which = f"choice {cut[0]}" if best_of == req.n else f"sample {cut[0]} (of best_of {best_of})"
-        raise shut_down(runs[cut[0]], which, len(cut) - 1)
+    await collect_runs(runs, request, best_of if best_of > req.n else None)
     return await json_answer(
         CompletionResponse, lambda: _completion(runs, prompts, texts, req, best_of, head)
     )
@@ -672,9 +675,6 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         body = _stream_chat(runs, [ids], req.logprobs, head, include_usage)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
     await collect_runs(runs, request)
-    cut = [i for i, r in enumerate(runs) if cut_off(r)]
-    if cut:
-        raise shut_down(runs[cut[0]], f"choice {cut[0]}", len(cut) - 1)
     head = {"id": cid, "object": "chat.completion", "created": created, "model": model.id,
             "system_fingerprint": model.system_fingerprint}  # fmt: skip
 
