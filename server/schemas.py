@@ -645,7 +645,6 @@ class ChatCompletionRequest(OpenAISampling):
     )
     # fields clients send by default that change nothing here: accepted, range-checked, not used
     store: Literal[False] = Field(False, description="false only: this server keeps no completions")
-
     metadata: (
         Annotated[
             dict[
@@ -667,6 +666,12 @@ class ChatCompletionRequest(OpenAISampling):
                 "true is not supported by this server (it keeps no completions): send false or leave it out",
             )
         return v
+
+
+SYSTEM_FINGERPRINT = Field(
+    description="fp_ + 12 hex digits: the served model's weights, config and serving dtypes and device "
+    "(a seed reproduces its tokens while this stays the same); in every stream chunk too"
+)
 
 
 class CompletionLogprobs(BaseModel):
@@ -695,10 +700,7 @@ class CompletionResponse(BaseModel):
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    system_fingerprint: str = Field(
-        description="fp_ + 12 hex digits: the served model's weights, config and serving dtypes and device "
-        "(a seed reproduces its tokens while this stays the same); in every stream chunk too"
-    )
+    system_fingerprint: str = SYSTEM_FINGERPRINT
     choices: list[CompletionChoice]
     usage: CompletionUsage | None = None
 
@@ -720,10 +722,7 @@ class ChatCompletionResponse(BaseModel):
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
-    system_fingerprint: str = Field(
-        description="fp_ + 12 hex digits: the served model's weights, config and serving dtypes and device "
-        "(a seed reproduces its tokens while this stays the same); in every stream chunk too"
-    )
+    system_fingerprint: str = SYSTEM_FINGERPRINT
     choices: list[ChatChoice]
     usage: CompletionUsage | None = None
 
