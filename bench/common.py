@@ -342,12 +342,18 @@ def _shown(path: Path) -> Path:
     return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
+def _write_json(path: Path, name: str, data: dict[str, Any], quick: bool, **marks: Any) -> dict[str, Any]:
+    """Write `data` to `path` with the benchmark's name, `quick`, `marks` and machine info; returns it."""
+    payload = {"benchmark": name, "quick": quick, **marks, "machine": machine_info(), **data}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return payload
+
+
 def write_results(name: str, data: dict[str, Any], quick: bool = False) -> dict[str, Any]:
     """Write results/NAME.json (results/quick/NAME.json for --quick) with machine info added;
     returns what was written."""
     path = results_dir(quick) / f"{name}.json"
-    payload = {"benchmark": name, "quick": quick, "machine": machine_info(), **data}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    payload = _write_json(path, name, data, quick)
     print(f"wrote {_shown(path)}")
     return payload
 
@@ -358,10 +364,8 @@ def write_failed(name: str, data: dict[str, Any], quick: bool = False) -> Path:
     the path."""
     d = results_dir(quick) / "failed"
     d.mkdir(exist_ok=True)
-    path = d / f"{name}.json"
-    payload = {"benchmark": name, "quick": quick, "failed": True, "machine": machine_info(), **data}
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
+    _write_json(d / f"{name}.json", name, data, quick, failed=True)
+    return d / f"{name}.json"
 
 
 def read_results(name: str, quick: bool = False) -> dict[str, Any] | None:
