@@ -99,8 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _gone(request: Request, exc: ClientDisconnect):
         """A client that left while a route read its body (a session import's blob): a 499, logged as
         every client gone is, not a 500 with a traceback (a soak audit: each interrupted import)."""
-        log_client_gone(request)
-        return _error_response(client_gone(), request)
+        return await _api_error(request, client_gone())
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
