@@ -151,9 +151,10 @@ async def generate(req: GenerateRequest, request: Request):
             f"does not take: {accept}",
         )
     # by q (RFC 9110 12.5.1): audio/wav where the client prefers it to JSON, JSON on a tie
-    answer = media.audio_answer(accept) if model.kind == "audio" else None
-    if model.kind == "text" and media.accepts(accept, "application/json"):
-        answer = "application/json"
+    if model.kind == "audio":
+        answer = media.audio_answer(accept)
+    else:
+        answer = "application/json" if media.accepts(accept, "application/json") else None
     wav = not req.stream and answer == "audio/wav"
     if not req.stream and answer is None:
         kinds = "application/json or audio/wav" if model.kind == "audio" else "application/json"
