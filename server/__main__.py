@@ -257,6 +257,20 @@ def unknown_env(environ) -> list[str]:
     return sorted(k for k in environ if unknown(k))
 
 
+CLIENT_KEY_ENV = "S4_API_KEY"  # the client scripts' key (scripts/ws_generate.py), vLLM's VLLM_API_KEY's look
+
+
+def client_key_only(environ, settings: Settings) -> str | None:
+    """Why not to serve when S4_API_KEY (in any case) holds a key but no server key is configured: the
+    name vLLM's users write (`VLLM_API_KEY`, `--api-key`), which the server does not read, so it served
+    every route without a key, warning nothing (S4_API_KEY is a known variable: the client's)."""
+    if settings.api_keys or not any(k.upper() == CLIENT_KEY_ENV and v.strip() for k, v in environ.items()):
+        return None
+    return (f"{CLIENT_KEY_ENV} is set, but it is the client scripts' key: the server reads its keys from "
+            "S4_API_KEYS (--api-keys) or S4_API_KEYS_FILE (--api-keys-file); set one of them to require "
+            f"keys, or unset {CLIENT_KEY_ENV} to serve without keys")  # fmt: skip
+
+
 def setting_names(field: str) -> str:
     """A setting as an operator sets it: `S4_MAX_SESSIONS (--max-sessions)`."""
     return f"S4_{field.upper()} (--{field.replace('_', '-')})"
@@ -278,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
         names = [f"{setting_names(str(loc[0]))}: {msg}" if loc else msg  # (a check across settings names its)
                  for loc, msg in msgs]  # fmt: skip
         sys.exit("not serving: invalid settings: " + "; ".join(names))
+    if (why := client_key_only(os.environ, settings)) is not None:  # never serve open by a misnamed key
+        sys.exit("not serving: " + why)
     configure_logging(settings.log_level, settings.log_format)
     # the library's warnings (the fused CPU step or KeOps unavailable: torch ops instead) as log lines,
     # timestamped like the rest (logger "py.warnings"), not bare stderr lines

@@ -499,6 +499,27 @@ def test_api_keys_can_come_from_a_file_kept_out_of_the_environment_and_the_comma
     assert "holds no key" in _exit_message("--api-keys-file", str(empty), *ckpt)
 
 
+def test_s4_api_key_alone_stops_the_server_instead_of_serving_without_keys(monkeypatch, model_dirs):
+    """S4_API_KEY (what vLLM's users write for VLLM_API_KEY; the client scripts' variable) set on the
+    server without S4_API_KEYS: the server served every route without a key and warned nothing. It now
+    stops before listening, naming the settings it reads, never the key; with server keys configured, or
+    an empty S4_API_KEY, it is the client's variable as before."""
+    from server.__main__ import client_key_only
+
+    monkeypatch.delenv("S4_API_KEYS", raising=False)
+    monkeypatch.delenv("S4_API_KEYS_FILE", raising=False)
+    ckpt = ["--checkpoints", str(model_dirs["text"]), "--port", str(free_port())]
+    for name in ("S4_API_KEY", "s4_api_key"):
+        monkeypatch.setenv(name, "sk-secret-1")
+        message = _exit_message(*ckpt)
+        assert message.startswith("not serving: S4_API_KEY is set") and "S4_API_KEYS (--api-keys)" in message
+        assert "sk-secret" not in message
+        monkeypatch.delenv(name)
+    assert client_key_only({"S4_API_KEY": "k"}, Settings(api_keys="k2")) is None
+    assert client_key_only({"S4_API_KEY": " "}, Settings()) is None
+    assert client_key_only({}, Settings()) is None
+
+
 def test_unknown_s4_variables_are_found_and_log_levels_take_any_case(monkeypatch):
     from server.__main__ import unknown_env
 
