@@ -37,6 +37,7 @@ MAX_COUNT = 1 << 20  # sessions, queued requests, connections, buffered steps (L
 MAX_TOKENS = 1 << 24  # a prompt's or a generation's tokens (16,777,216)
 MAX_BYTES = 1 << 30  # a request body or WebSocket message (1 GiB)
 MAX_THREADS = 1024  # torch threads (100000 crashed torch's pool after the server listened)
+KEYS_FILE_MAX_CHARS = 1 << 20  # an S4_API_KEYS_FILE's characters at most (a million: thousands of keys)
 MIN_NET_TIMEOUT_S = 0.1  # the shortest network timeout: a LAN round trip takes well under it
 MAX_TIMEOUT_S = 3600.0  # the longest timeout or drain: an hour
 MIN_TTL_S = 1.0  # the shortest idle TTL of a session
@@ -606,11 +607,15 @@ class Settings(BaseSettings):
         if not self.api_keys_file:
             return self
         name = "S4_API_KEYS_FILE (--api-keys-file)"
-        try:
-            text = Path(self.api_keys_file).read_text(encoding="utf-8")
+        try:  # utf-8-sig: a byte-order mark (Windows Notepad's UTF-8) is not part of the first key
+            with open(self.api_keys_file, encoding="utf-8-sig") as f:
+                text = f.read(KEYS_FILE_MAX_CHARS + 1)  # bounded: /dev/zero, a log file named by mistake
         except (OSError, UnicodeDecodeError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             raise ValueError(f"{name}: cannot read {self.api_keys_file}: {why}") from None
+        if len(text) > KEYS_FILE_MAX_CHARS:
+            too_long = f"is over {KEYS_FILE_MAX_CHARS:,} characters: not a file of keys"
+            raise ValueError(f"{name}: {self.api_keys_file} {too_long}")
         keys = [k for k in (line.strip() for line in text.splitlines()) if k and not k.startswith("#")]
         if not keys:  # never fail open
             raise ValueError(f"{name}: {self.api_keys_file} holds no key (only blank lines or comments)")

@@ -499,6 +499,25 @@ def test_api_keys_can_come_from_a_file_kept_out_of_the_environment_and_the_comma
     assert "holds no key" in _exit_message("--api-keys-file", str(empty), *ckpt)
 
 
+def test_a_keys_file_written_on_windows_or_far_too_large_is_read_right_or_refused(
+    monkeypatch, model_dirs, tmp_path
+):
+    """A keys file saved by Windows Notepad (UTF-8 with a byte-order mark, CRLF lines) made its first key
+    "\\ufeffk-1", which no client sends: that key was refused with 401 and nothing said why. The mark is
+    not part of the key now. A file past a million characters (/dev/zero, a log named by mistake) was
+    read whole into memory (or for ever); it now stops the server, naming the setting."""
+    windows = tmp_path / "keys.txt"
+    windows.write_bytes("k-1\r\n# ops\r\n\r\n  k-2 \r\n".encode("utf-8-sig"))
+    assert Settings(api_keys_file=str(windows)).api_keys == ["k-1", "k-2"]
+    big = tmp_path / "big"
+    big.write_text("k\n" * (1 << 20))
+    with pytest.raises(ValueError, match="is over 1,048,576 characters: not a file of keys"):
+        Settings(api_keys_file=str(big))
+    monkeypatch.setenv("S4_API_KEYS_FILE", "/dev/zero")
+    message = _exit_message("--checkpoints", str(model_dirs["text"]))
+    assert "S4_API_KEYS_FILE (--api-keys-file): /dev/zero is over" in message, message
+
+
 def test_s4_api_key_alone_stops_the_server_instead_of_serving_without_keys(monkeypatch, model_dirs):
     """S4_API_KEY (what vLLM's users write for VLLM_API_KEY; the client scripts' variable) set on the
     server without S4_API_KEYS: the server served every route without a key and warned nothing. It now
