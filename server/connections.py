@@ -65,6 +65,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.protocol import State
 
+from server.auth import KEY_SUBPROTOCOL_PREFIX
 from server.errors import APIError, json_bytes
 from server.logs import REQUEST_ID_HEADER, new_request_id
 
@@ -731,6 +732,35 @@ class _DropClientWarnings(logging.Filter):
         return record.msg not in (UVICORN_INVALID_HTTP, UVICORN_UPGRADE)
 
 
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "cookie"})
+WS_HEADER_LINE = "< %s: %s"  # websockets' DEBUG line for each header of a handshake it reads
+REDACTED = "[redacted]"
+
+
+def _redact_key_subprotocols(value: str) -> str:
+    return ", ".join(
+        KEY_SUBPROTOCOL_PREFIX + REDACTED if p.strip().startswith(KEY_SUBPROTOCOL_PREFIX) else p.strip()
+        for p in value.split(",")
+    )
+
+
+class _RedactCredentials(logging.Filter):
+    """At S4_LOG_LEVEL=debug the websockets library logs every header of every WebSocket handshake, one
+    line each (`< authorization: Bearer KEY`): the API keys in the clear, and in the key subprotocol
+    (`s4.key.<base64url(KEY)>`) barely hidden. Those values are logged as `[redacted]`; the header's
+    name, and every other header, as before."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if record.msg == WS_HEADER_LINE and isinstance(args, tuple) and len(args) == 2:
+            name, value = str(args[0]), str(args[1])
+            if name.lower() in CREDENTIAL_HEADERS:
+                record.args = (name, REDACTED)
+            elif name.lower() == "sec-websocket-protocol" and KEY_SUBPROTOCOL_PREFIX in value:
+                record.args = (name, _redact_key_subprotocols(value))
+        return True
+
+
 def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
     """The uvicorn Config that serves `app` with `settings`' connection limits (what `python -m server`
     and the tests' server thread run); `metrics` (server.metrics.Metrics) counts closes and refusals."""
@@ -751,6 +781,8 @@ def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
     uvicorn_log = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, _DropClientWarnings) for f in uvicorn_log.filters):
         uvicorn_log.addFilter(_DropClientWarnings())
+    if not any(isinstance(f, _RedactCredentials) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(_RedactCredentials())
     return uvicorn.Config(
         app,
         http=functools.partial(GuardedHttpProtocol, guard=guard),
