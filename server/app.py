@@ -39,7 +39,7 @@ from server.errors import (
 )
 from server.json_budget import json_content_type, route_budget
 from server.logs import add_request_ids
-from server.origin import OriginCheck, OriginPolicy
+from server.origin import CrossOrigin, OriginCheck, OriginPolicy
 from server.routes import demo, generate, health, openai, sessions, websocket
 from server.state import ServerState
 
@@ -145,6 +145,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     # outside the key check: a foreign page's request is refused for its origin, key or none
     policy = OriginPolicy(settings.host, settings.allowed_origins, settings.allowed_hosts)
+    if settings.allowed_origins:  # between the two: a listed page's preflight carries no key
+        app.add_middleware(CrossOrigin, policy=policy)
     refused_for = state.metrics.requests_refused
     app.add_middleware(OriginCheck, policy=policy, on_refused=lambda reason: refused_for.labels(reason).inc())
 

@@ -30,6 +30,8 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable
 
+from starlette.middleware.cors import CORSMiddleware
+
 from server.errors import APIError, refuse
 
 HOST_EXEMPT_PATHS = frozenset({"/healthz", "/readyz"})  # probes: the kubelet's Host is the pod's IP
@@ -179,3 +181,31 @@ class OriginCheck:
                 openai_code="origin_not_allowed",
             )
         return None
+
+
+CORS_METHODS = ("GET", "HEAD", "POST", "DELETE")  # the methods the routes serve
+CORS_EXPOSED = ("X-Request-ID", "Retry-After")  # response headers a listed page may read
+
+
+class CrossOrigin(CORSMiddleware):
+    """CORS for the origins `S4_ALLOWED_ORIGINS` lists (added only when it lists any), inside `OriginCheck`
+    and outside the API-key check: a listed page's `fetch` gets its preflight answered (an `OPTIONS` a
+    browser sends without the key, so the key check refused it 401 and no fetch with `Authorization`
+    could follow) and `Access-Control-Allow-Origin` on every answer, a 401 included, so the page can
+    read it. Any request header is allowed (the preflight's list mirrored: `Authorization`, `X-API-Key`,
+    the openai SDK's `X-Stainless-*`); no cookies are used, so no credentials mode. Origins match as
+    `OriginCheck` matches them (case, default ports: `OriginPolicy.origin_allowed`)."""
+
+    def __init__(self, app, policy: OriginPolicy) -> None:
+        super().__init__(
+            app,
+            allow_origins=["*"] if policy.any_origin else sorted(policy.origins),
+            allow_methods=CORS_METHODS,
+            allow_headers=["*"],
+            expose_headers=CORS_EXPOSED,
+            allow_private_network=True,  # Chrome's Private Network Access: a server on loopback
+        )
+        self.policy = policy
+
+    def is_allowed_origin(self, origin: str) -> bool:
+        return self.policy.origin_allowed(origin, None)

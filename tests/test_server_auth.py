@@ -21,6 +21,7 @@ from server.errors import is_openai_path
 
 TEXT = "tiny-text"
 KEYS = ["alpha-key-1", "b3ta/key+with=odd chars"]
+PAGE, PAGE_LISTED_AS = "https://app.example.com", "HTTPS://App.Example.com:443"  # S4_ALLOWED_ORIGINS
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def keyed(model_dirs, tmp_path_factory):
     key_file = tmp_path_factory.mktemp("secrets") / "api-keys"
     key_file.write_text(f"# the second key\n{KEYS[1]}\n")
     settings = Settings(checkpoints=[str(model_dirs["text"])], api_keys=KEYS[0], api_keys_file=str(key_file),
-                        drain_timeout_s=1)  # fmt: skip
+                        drain_timeout_s=1, allowed_origins=PAGE_LISTED_AS)  # fmt: skip
     s = ServerThread(settings).start()
     yield s
     s.stop()
@@ -276,3 +277,37 @@ def test_websocket_handshake_headers_logged_at_debug_hold_no_key(keyed):
     assert any(line.startswith("< user-agent: ") for line in lines)  # the others as before
     secrets = [*KEYS, "wrong-key-9", encode_key_subprotocol(KEYS[1])[len("s4.key.") :]]
     assert not [line for line in lines if any(s in line for s in secrets)]
+
+
+def test_a_listed_origins_page_can_fetch_with_its_key(keyed):
+    """A page on an S4_ALLOWED_ORIGINS origin calling an HTTP route with `fetch` and `Authorization`:
+    the browser first sends a CORS preflight, an OPTIONS without the key, which the key check answered
+    401 (and no route answers OPTIONS: 405 without keys), and no answer carried
+    Access-Control-Allow-Origin, so the page could read none. The preflight is answered now (no key
+    needed: it carries none), and every answer to the page, a 401 included, names its origin."""
+    preflight = {"Origin": PAGE, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-lang",
+                 "Access-Control-Request-Private-Network": "true"}  # fmt: skip
+    for path in ("/v1/chat/completions", "/v1/generate", "/v1/sessions/s-0", "/metrics"):
+        r = httpx.options(keyed.url + path, headers=preflight)
+        assert r.status_code == 200, (path, r.status_code, r.text)
+        assert r.headers["access-control-allow-origin"] == PAGE
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        assert "POST" in r.headers["access-control-allow-methods"]
+        assert r.headers["access-control-allow-private-network"] == "true"
+    body = {"model": TEXT, "prompt": "a", "max_tokens": 2}
+    ok = httpx.post(keyed.url + "/v1/completions", json=body, timeout=30,
+                    headers={"Origin": PAGE, "Authorization": f"Bearer {KEYS[0]}"})  # fmt: skip
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == PAGE, ok.text
+    assert "x-request-id" in ok.headers["access-control-expose-headers"].lower()
+    refused = httpx.post(keyed.url + "/v1/completions", json=body, headers={"Origin": PAGE})
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == PAGE
+    assert refused.json()["error"]["code"] == "invalid_api_key"
+    # another page: still refused before anything else (403), its preflight too; a request without
+    # Origin (curl) gets no CORS headers
+    foreign = httpx.options(
+        keyed.url + "/v1/generate", headers={**preflight, "Origin": "https://evil.example"}
+    )
+    assert foreign.status_code == 403 and "access-control-allow-origin" not in foreign.headers
+    assert "access-control-allow-origin" not in httpx.get(keyed.url + "/healthz").headers
+    assert httpx.options(keyed.url + "/v1/generate").status_code == 401  # not a preflight: the key check
