@@ -539,6 +539,25 @@ def test_s4_api_key_alone_stops_the_server_instead_of_serving_without_keys(monke
     assert client_key_only({}, Settings()) is None
 
 
+def test_servers_the_tools_launch_do_not_inherit_the_client_key(monkeypatch):
+    """The benchmarks' and the load test's own server (server.launch) has no keys: an S4_API_KEY exported
+    for a keyed server's clients is not passed on to it, where it would stop it (above)."""
+    from server import launch
+
+    class Launched(Exception):
+        pass
+
+    def popen(cmd, cwd, env):
+        raise Launched(env)
+
+    monkeypatch.setenv("s4_api_key", "k-client")
+    monkeypatch.setattr(launch.subprocess, "Popen", popen)
+    with pytest.raises(Launched) as e:
+        launch.start_server([], env={"S4_MAX_SESSIONS": "3"})
+    env = e.value.args[0]
+    assert env["S4_MAX_SESSIONS"] == "3" and not [k for k in env if k.upper() == "S4_API_KEY"]
+
+
 def test_unknown_s4_variables_are_found_and_log_levels_take_any_case(monkeypatch):
     from server.__main__ import unknown_env
 
