@@ -77,6 +77,13 @@ def _options(parser) -> None:
         help="turns per WebSocket session before it reconnects",
     )
     g.add_argument(
+        "--api-key",
+        default="",
+        env_var="S4_API_KEY",
+        help="a key of a server with S4_API_KEYS, sent as Authorization: Bearer (HTTP and the WebSocket "
+        "handshake); set S4_API_KEY rather than the flag, which ps shows",
+    )
+    g.add_argument(
         "--latency-out",
         default="",
         env_var="LOCUST_LATENCY_OUT",
@@ -204,6 +211,10 @@ class S4User(User):
     def opt(self, name: str):
         return getattr(self.environment.parsed_options, name)
 
+    def auth_headers(self) -> dict[str, str]:
+        key = self.opt("api_key")
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     def text_request(self) -> dict:
         return {
             "model": self.opt("text_model"),
@@ -243,6 +254,7 @@ class _HttpUser(S4User):
 
     def on_start(self) -> None:
         self.http = requests.Session()
+        self.http.headers.update(self.auth_headers())
 
     def on_stop(self) -> None:
         self.http.close()
@@ -332,7 +344,8 @@ class _WebSocketUser(S4User):
         t0 = time.perf_counter()
         url = self.host.replace("http://", "ws://").replace("https://", "wss://") + "/v1/stream"
         try:
-            self.ws = websocket.create_connection(url, timeout=120, enable_multithread=False)
+            header = [f"{k}: {v}" for k, v in self.auth_headers().items()]
+            self.ws = websocket.create_connection(url, timeout=120, enable_multithread=False, header=header)
             self.ws.send(json.dumps({"type": "session", "model": self.opt(self.model_option), **self.hello}))
             frame = json.loads(self.ws.recv())
             if frame.get("type") != "session":

@@ -117,10 +117,15 @@ def start_server(
     return launch([*flags, "--max-queued-requests", slots, *extra])
 
 
-def served_models(url: str) -> dict[str, dict]:
+def served_models(url: str, api_key: str = "") -> dict[str, dict]:
     import httpx
 
-    return {m["id"]: m for m in httpx.get(url + "/v1/models", timeout=10).json()["data"]}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(url + "/v1/models", timeout=10, headers=headers)
+    if r.status_code == 401:  # (a server with S4_API_KEYS: its KeyError 'data' said nothing)
+        given = "the key given was refused" if api_key else "it needs an API key"
+        raise RuntimeError(f"HTTP 401: {given} (set S4_API_KEY to one of the server's S4_API_KEYS)")
+    return {m["id"]: m for m in r.json()["data"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +136,8 @@ class LevelError(RuntimeError):
     """A level whose locust run did not produce its statistics (the message is one line)."""
 
 
-def run_level(url: str, classes: list[str], users: int, seconds: float, prefix: Path, opts: dict) -> dict:
+def run_level(url: str, classes: list[str], users: int, seconds: float, prefix: Path, opts: dict,
+              api_key: str = "") -> dict:  # fmt: skip
     """Run locust headless at `users` users for `seconds` (stats reset once all are spawned)."""
     latency = prefix.with_suffix(".latency.json")
     cmd = [
@@ -162,7 +168,9 @@ def run_level(url: str, classes: list[str], users: int, seconds: float, prefix: 
     ]
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, timeout=seconds + 120)
+    env = {**os.environ, "S4_API_KEY": api_key}  # the key in the environment, not the command line (ps)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+                          timeout=seconds + 120)  # fmt: skip
     wall = time.perf_counter() - t0
     stats = Path(f"{prefix}_stats.csv")
     if proc.returncode not in (0, 1) or not stats.exists():  # 1: some requests failed (counted below)
@@ -592,6 +600,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "scenarios": {},
     }
     proc = None
+    api_key = os.environ.get("S4_API_KEY", "")  # a keyed --host's; never a flag: the command is recorded
     with tempfile.TemporaryDirectory() as tmp:
         # levels write here until the first one succeeds; only then is the old csv/ replaced
         csv_dir = Path(tmp) / "csv"
@@ -607,7 +616,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             proc, url = start_server(ckpts, max(max(v) for v in sweeps.values()), args.server_arg)
         try:
             try:
-                models = served_models(url)
+                models = served_models(url, api_key)
             except Exception as e:  # noqa: BLE001  (connection refused, timeout, not an s4 server)
                 where = f"--host {url}" if args.host else f"the server started at {url}"
                 why = " ".join(f"{type(e).__name__}: {e}".split())
@@ -623,7 +632,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 levels = data["scenarios"][name] = []
                 for u in users:
                     try:
-                        lv = run_level(url, classes, u, seconds, csv_dir / f"{name}-{u}", opts)
+                        lv = run_level(url, classes, u, seconds, csv_dir / f"{name}-{u}", opts, api_key)
                     except LevelError as e:
                         sys.exit(f"loadtest: error: {name}: {e}")
                     if csv_dir != out / "csv":  # the first level succeeded: replace the old CSVs

@@ -2,6 +2,7 @@
 against a tiny-model server and every class gets its requests through (no timing asserts)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -158,7 +159,7 @@ def test_a_failed_locust_run_is_a_one_line_error_naming_its_stderr_and_keeps_the
     (out / "csv").mkdir(parents=True)
     (out / "csv" / "text-ws-1_stats.csv").write_text("old\n")
     monkeypatch.setattr(run, "LOCUSTFILE", tmp_path / "no_such_locustfile.py")  # locust itself fails
-    monkeypatch.setattr(run, "served_models", lambda url: {"text-shakespeare": {}})
+    monkeypatch.setattr(run, "served_models", lambda url, api_key="": {"text-shakespeare": {}})
     argv = ["--host", "http://127.0.0.1:9", "--scenarios", "text-ws", "--users", "1", "--seconds", "1"]
     with pytest.raises(SystemExit) as e:
         run.main([*argv, "--out", str(out)])
@@ -212,3 +213,44 @@ def test_the_full_and_quick_runs_keep_their_folders(monkeypatch):
     assert _folder([], monkeypatch) == "."
     assert _folder(["--scenarios", "mixed", "audio", "text-ws"], monkeypatch) == "."
     assert _folder(["--quick", "--new-tokens", "8"], monkeypatch) == "quick"
+
+
+def test_the_load_test_runs_against_a_keyed_server_with_s4_api_key(model_dirs, tmp_path, monkeypatch):
+    """`python -m loadtest --host` against a server with S4_API_KEYS: every locust request was a 401 (the
+    users sent no key, and had no way to) and the sweep stopped at once on "KeyError: 'data'". The key
+    now comes from S4_API_KEY (not a flag: the command is recorded in loadtest.json, and ps shows it),
+    sent as `Authorization: Bearer` by every user class, HTTP and WebSocket; a missing or refused key
+    is a one-line error saying so."""
+    from server_support import ServerThread
+
+    from loadtest.run import main, served_models
+    from server import Settings
+
+    key = "lt-key-1"
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], api_keys=key)).start()
+    try:
+        with pytest.raises(RuntimeError, match="HTTP 401: it needs an API key"):
+            served_models(s.url)
+        with pytest.raises(RuntimeError, match="HTTP 401: the key given was refused"):
+            served_models(s.url, "wrong")
+        assert "tiny-text" in served_models(s.url, key)
+        monkeypatch.delenv("S4_API_KEY", raising=False)
+        with pytest.raises(SystemExit) as e:
+            main(["--host", s.url, "--scenarios", "text-ws", "--users", "1", "--seconds", "1",
+                  "--out", str(tmp_path / "report")])  # fmt: skip
+        assert "HTTP 401: it needs an API key (set S4_API_KEY" in str(e.value.code)
+        prefix = tmp_path / "keyed"
+        cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+               "-u", "3", "-r", "3", "-t", "4s", "--host", s.url, "--csv", str(prefix), "--only-summary",
+               "--text-model", "tiny-text", "--new-tokens", "4", "--turns", "2",
+               "HttpGenerateUser", "SseUser", "WsTextUser"]  # fmt: skip
+        env = {**os.environ, "S4_API_KEY": key}
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=90, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        rows = {(r["Type"], r["Name"]): r for r in read_stats(Path(f"{prefix}_stats.csv"))}
+        for kind in ("HTTP", "SSE", "WS"):
+            assert int(rows[(kind, "generate")]["Request Count"]) > 0, kind
+            assert int(rows[(kind, "generate")]["Failure Count"]) == 0, kind
+        assert key not in proc.stdout + proc.stderr
+    finally:
+        s.stop()
