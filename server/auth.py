@@ -1,9 +1,10 @@
 """Optional API keys (`S4_API_KEYS`): an ASGI middleware in front of every route.
 
 When keys are configured, every HTTP request and WebSocket handshake must carry one, except the
-probes (/healthz, /readyz) and the static demo page (/, /static/*), which hold no data. A key comes as
-`Authorization: Bearer <key>` or `X-API-Key: <key>`; on the WebSocket, browsers (which cannot set
-headers) may instead offer the subprotocols `s4` and `s4.key.<base64url(key), no padding>`, and the
+probes (/healthz, /readyz) and the static demo page (/, /static/*), which hold no data (a listed
+origin's CORS preflight, which a browser sends without the key, is answered before: server/origin.py).
+A key comes as `Authorization: Bearer <key>` or `X-API-Key: <key>`; on the WebSocket, browsers (which
+cannot set headers) may instead offer the subprotocols `s4` and `s4.key.<base64url(key), no padding>`, and the
 server selects `s4`, never echoing the key.
 
 A refusal is 401 with one message whatever was wrong (missing, malformed or unknown key), so it tells
