@@ -25,7 +25,9 @@ EXEMPT_PATHS = frozenset({"/healthz", "/readyz", "/"})
 EXEMPT_PREFIXES = ("/static/",)
 SUBPROTOCOL = "s4"
 KEY_SUBPROTOCOL_PREFIX = "s4.key."
-MESSAGE = "missing or invalid API key"
+# one message whatever was wrong, naming the headers that carry a key (an `api-key` header, Azure's, or
+# `Authorization: Token KEY` was refused with no word of what is read)
+MESSAGE = "missing or invalid API key: send one as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
 
 
 def _digest(key: str | bytes) -> bytes:

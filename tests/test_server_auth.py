@@ -21,6 +21,9 @@ from server.errors import is_openai_path
 
 TEXT = "tiny-text"
 KEYS = ["alpha-key-1", "b3ta/key+with=odd chars"]
+# what every refusal says, naming the headers a key is read from (it named none: an Azure-style `api-key`
+# header or `Authorization: Token KEY` got no word of what the server reads)
+MESSAGE = "missing or invalid API key: send one as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
 PAGE, PAGE_LISTED_AS = "https://app.example.com", "HTTPS://App.Example.com:443"  # S4_ALLOWED_ORIGINS
 
 
@@ -64,8 +67,8 @@ def test_every_api_route_refuses_a_missing_or_wrong_key_with_the_same_401(keyed)
             assert r.content == JSONResponse(r.json()).body, r.content
     # one message whatever was wrong: a prober learns nothing about which part failed; on the OpenAI
     # routes in OpenAI's shape (the openai client's AuthenticationError, code invalid_api_key)
-    ours = {"code": 401, "type": "unauthorized", "message": "missing or invalid API key", "param": None}
-    openai_s = {"message": "missing or invalid API key", "type": "invalid_request_error", "param": None,
+    ours = {"code": 401, "type": "unauthorized", "message": MESSAGE, "param": None}
+    openai_s = {"message": MESSAGE, "type": "invalid_request_error", "param": None,
                 "code": "invalid_api_key"}  # fmt: skip
     assert {oa for oa, _ in refusals} == {True, False}
     for oa, body in refusals:
@@ -158,7 +161,7 @@ def test_websocket_handshake_without_a_valid_key_is_refused_before_any_session(k
         with pytest.raises(InvalidStatus) as e:
             asyncio.run(_open(keyed.ws_url, **kw))
         assert e.value.response.status_code == 401, kw
-        assert json.loads(e.value.response.body)["error"]["message"] == "missing or invalid API key"
+        assert json.loads(e.value.response.body)["error"]["message"] == MESSAGE
     assert metric(c, "s4_active_sessions", TEXT) == 0
 
 
