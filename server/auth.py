@@ -93,6 +93,22 @@ class APIKeys:
         return any([self.accepts(k) for k in presented_keys(scope)])  # a list: every key is checked
 
 
+SHORT_KEY_CHARS = 16  # a key shorter than this is reported at start: guessable (OpenAI's are 51+)
+
+
+def short_keys(keys: list[str]) -> str | None:
+    """A warning naming the configured keys (by position, never by value) shorter than SHORT_KEY_CHARS,
+    else None. A comma in S4_API_KEYS splits a key in two, so `x9f,q` is the keys `x9f` and `q`: any
+    one-character guess would pass."""
+    short = [f"{i} ({len(k)} character{'s' * (len(k) != 1)})" for i, k in enumerate(keys, 1)
+             if len(k) < SHORT_KEY_CHARS]  # fmt: skip
+    if not short:
+        return None
+    return (f"API key {', '.join(short)} of {len(keys)} (S4_API_KEYS in order, then S4_API_KEYS_FILE's "
+            f"lines) is shorter than {SHORT_KEY_CHARS} characters: guessable; a comma in S4_API_KEYS "
+            "splits a key (one with a comma goes in S4_API_KEYS_FILE)")  # fmt: skip
+
+
 class APIKeyMiddleware:
     """Refuses HTTP requests (401 JSON) and WebSocket handshakes (HTTP 401 denial response) that
     carry no valid key; counts them in `s4_auth_failures_total`."""

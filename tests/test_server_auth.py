@@ -314,3 +314,23 @@ def test_a_listed_origins_page_can_fetch_with_its_key(keyed):
     assert foreign.status_code == 403 and "access-control-allow-origin" not in foreign.headers
     assert "access-control-allow-origin" not in httpx.get(keyed.url + "/healthz").headers
     assert httpx.options(keyed.url + "/v1/generate").status_code == 401  # not a preflight: the key check
+
+
+def test_short_keys_are_named_by_position_in_a_warning_at_start(model_dirs, caplog):
+    """A comma in S4_API_KEYS splits a key: `x9f,q` was the keys `x9f` and `q`, so a one-character guess
+    passed, and nothing said so. A key under 16 characters is now named at start by its position and
+    length (never its value); long keys, and no keys, warn nothing."""
+    from server import Settings, create_app
+
+    strong = "s" * 16
+    with caplog.at_level(logging.WARNING, logger="server"):
+        create_app(Settings(checkpoints=[str(model_dirs["text"])], api_keys=f"x9f,q,{strong}"))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == ["API key 1 (3 characters), 2 (1 character) of 3 (S4_API_KEYS in order, then "
+                      "S4_API_KEYS_FILE's lines) is shorter than 16 characters: guessable; a comma in "
+                      "S4_API_KEYS splits a key (one with a comma goes in S4_API_KEYS_FILE)"]  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="server"):
+        create_app(Settings(checkpoints=[str(model_dirs["text"])], api_keys=strong))
+        create_app(Settings(checkpoints=[str(model_dirs["text"])]))
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
