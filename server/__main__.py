@@ -6,6 +6,7 @@ Settings come from S4_* environment variables, then these flags (one per setting
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 
@@ -258,17 +259,25 @@ def unknown_env(environ) -> list[str]:
 
 
 CLIENT_KEY_ENV = "S4_API_KEY"  # the client scripts' key (scripts/ws_generate.py), vLLM's VLLM_API_KEY's look
+KEY_SETTINGS = {"S4_API_KEYS", "S4_API_KEYS_FILE"}
 
 
-def client_key_only(environ, settings: Settings) -> str | None:
-    """Why not to serve when S4_API_KEY (in any case) holds a key but no server key is configured: the
-    name vLLM's users write (`VLLM_API_KEY`, `--api-key`), which the server does not read, so it served
-    every route without a key, warning nothing (S4_API_KEY is a known variable: the client's)."""
-    if settings.api_keys or not any(k.upper() == CLIENT_KEY_ENV and v.strip() for k, v in environ.items()):
+def misnamed_keys(environ, settings: Settings) -> str | None:
+    """Why not to serve when no server key is configured but a variable named like one holds a value:
+    S4_API_KEY (what vLLM's users write for VLLM_API_KEY; the client scripts' key) or a typo of the two
+    settings (S4_API_KEY_FILE, Docker's `_FILE` habit; S4_APIKEYS), in any case. Each was ignored, with
+    a warning for a typo and without one for S4_API_KEY, and the server served every route without a
+    key."""
+    if settings.api_keys:
         return None
-    return (f"{CLIENT_KEY_ENV} is set, but it is the client scripts' key: the server reads its keys from "
-            "S4_API_KEYS (--api-keys) or S4_API_KEYS_FILE (--api-keys-file); set one of them to require "
-            f"keys, or unset {CLIENT_KEY_ENV} to serve without keys")  # fmt: skip
+    names = sorted(k for k, v in environ.items() if v.strip() and k.upper() not in KEY_SETTINGS
+                   and re.fullmatch(r"S4_API_?KEY.*", k.upper()))  # fmt: skip
+    if not names:
+        return None
+    what = "the client scripts' key" if [n.upper() for n in names] == [CLIENT_KEY_ENV] else "not a setting"
+    return (f"{', '.join(names)} is set ({what}), but the server reads its keys from S4_API_KEYS "
+            "(--api-keys) or S4_API_KEYS_FILE (--api-keys-file) only: set one of them to require keys, or "
+            f"unset {', '.join(names)} to serve without keys")  # fmt: skip
 
 
 def setting_names(field: str) -> str:
@@ -292,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
         names = [f"{setting_names(str(loc[0]))}: {msg}" if loc else msg  # (a check across settings names its)
                  for loc, msg in msgs]  # fmt: skip
         sys.exit("not serving: invalid settings: " + "; ".join(names))
-    if (why := client_key_only(os.environ, settings)) is not None:  # never serve open by a misnamed key
+    if (why := misnamed_keys(os.environ, settings)) is not None:  # never serve open by a misnamed key
         sys.exit("not serving: " + why)
     configure_logging(settings.log_level, settings.log_format)
     # the library's warnings (the fused CPU step or KeOps unavailable: torch ops instead) as log lines,

@@ -518,25 +518,30 @@ def test_a_keys_file_written_on_windows_or_far_too_large_is_read_right_or_refuse
     assert "S4_API_KEYS_FILE (--api-keys-file): /dev/zero is over" in message, message
 
 
-def test_s4_api_key_alone_stops_the_server_instead_of_serving_without_keys(monkeypatch, model_dirs):
-    """S4_API_KEY (what vLLM's users write for VLLM_API_KEY; the client scripts' variable) set on the
-    server without S4_API_KEYS: the server served every route without a key and warned nothing. It now
-    stops before listening, naming the settings it reads, never the key; with server keys configured, or
-    an empty S4_API_KEY, it is the client's variable as before."""
-    from server.__main__ import client_key_only
+def test_a_key_variable_the_server_does_not_read_stops_it_instead_of_serving_without_keys(
+    monkeypatch, model_dirs
+):
+    """S4_API_KEY (what vLLM's users write for VLLM_API_KEY; the client scripts' variable) or a typo of
+    the key settings (S4_API_KEY_FILE, Docker's `_FILE` habit) set on a server without S4_API_KEYS: it
+    served every route without a key (warning nothing for S4_API_KEY, a line among the others for a
+    typo). It now stops before listening, naming the variable and the settings it reads, never the key;
+    with server keys configured, or an empty variable, nothing changes."""
+    from server.__main__ import misnamed_keys
 
     monkeypatch.delenv("S4_API_KEYS", raising=False)
     monkeypatch.delenv("S4_API_KEYS_FILE", raising=False)
     ckpt = ["--checkpoints", str(model_dirs["text"]), "--port", str(free_port())]
-    for name in ("S4_API_KEY", "s4_api_key"):
+    for name, what in (("S4_API_KEY", "the client scripts' key"), ("s4_api_key", "the client scripts' key"),
+                       ("S4_API_KEY_FILE", "not a setting"), ("S4_APIKEYS", "not a setting")):  # fmt: skip
         monkeypatch.setenv(name, "sk-secret-1")
         message = _exit_message(*ckpt)
-        assert message.startswith("not serving: S4_API_KEY is set") and "S4_API_KEYS (--api-keys)" in message
+        assert message.startswith(f"not serving: {name} is set ({what}), but the server reads its keys from "
+                                  "S4_API_KEYS (--api-keys) or S4_API_KEYS_FILE"), message  # fmt: skip
         assert "sk-secret" not in message
         monkeypatch.delenv(name)
-    assert client_key_only({"S4_API_KEY": "k"}, Settings(api_keys="k2")) is None
-    assert client_key_only({"S4_API_KEY": " "}, Settings()) is None
-    assert client_key_only({}, Settings()) is None
+    assert misnamed_keys({"S4_API_KEY": "k"}, Settings(api_keys="k2")) is None
+    assert misnamed_keys({"S4_API_KEY": " "}, Settings()) is None
+    assert misnamed_keys({"S4_MAX_SESSIONS": "3", "S4_CFLAGS": "-O2"}, Settings()) is None
 
 
 def test_servers_the_tools_launch_do_not_inherit_the_client_key(monkeypatch):
