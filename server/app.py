@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 
-from server.auth import APIKeyMiddleware, APIKeys, document_api_keys, short_keys
+from server.auth import APIKeyMiddleware, APIKeys, document_api_keys, key_warnings
 from server.body_limit import BodySizeLimit
 from server.config import Settings
 from server.errors import (
@@ -142,8 +142,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(APIKeyMiddleware, keys=keys, on_refused=lambda kind: refused.labels(kind).inc())
         document_api_keys(app)
         log.info("API keys required (%d configured)", len(settings.api_keys))
-        if (weak := short_keys(settings.api_keys)) is not None:
-            log.warning("%s", weak)
+        for warning in key_warnings(settings.api_keys):
+            log.warning("%s", warning)
 
     # outside the key check: a foreign page's request is refused for its origin, key or none
     policy = OriginPolicy(settings.host, settings.allowed_origins, settings.allowed_hosts)

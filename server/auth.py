@@ -18,6 +18,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import re
 
 from server.errors import APIError, is_openai_path, refuse
 
@@ -94,19 +95,38 @@ class APIKeys:
 
 
 SHORT_KEY_CHARS = 16  # a key shorter than this is reported at start: guessable (OpenAI's are 51+)
+UNSENDABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # control characters: no header value holds them
+WHICH = "(S4_API_KEYS in order, then S4_API_KEYS_FILE's lines)"
 
 
-def short_keys(keys: list[str]) -> str | None:
-    """A warning naming the configured keys (by position, never by value) shorter than SHORT_KEY_CHARS,
-    else None. A comma in S4_API_KEYS splits a key in two, so `x9f,q` is the keys `x9f` and `q`: any
-    one-character guess would pass."""
-    short = [f"{i} ({len(k)} character{'s' * (len(k) != 1)})" for i, k in enumerate(keys, 1)
-             if len(k) < SHORT_KEY_CHARS]  # fmt: skip
-    if not short:
-        return None
-    return (f"API key {', '.join(short)} of {len(keys)} (S4_API_KEYS in order, then S4_API_KEYS_FILE's "
-            f"lines) is shorter than {SHORT_KEY_CHARS} characters: guessable; a comma in S4_API_KEYS "
-            "splits a key (one with a comma goes in S4_API_KEYS_FILE)")  # fmt: skip
+def key_warnings(keys: list[str]) -> list[str]:
+    """Warnings naming configured keys (by position, never by value) that clients will trip on: shorter
+    than SHORT_KEY_CHARS (a comma in S4_API_KEYS splits a key in two, so `x9f,q` is the keys `x9f` and
+    `q`: any one-character guess passed), holding a control character (no header carries it), or not
+    ASCII (httpx and the openai client refuse to send it, requests sends it as Latin-1, which is not the
+    key's UTF-8; curl and the demo page send UTF-8, which passes)."""
+
+    def positions(pred) -> str:
+        return ", ".join(str(i) for i, k in enumerate(keys, 1) if pred(k))
+
+    out = []
+    if short := positions(lambda k: len(k) < SHORT_KEY_CHARS):
+        out.append(
+            f"API key {short} of {len(keys)} {WHICH} is shorter than {SHORT_KEY_CHARS} characters: "
+            "guessable; a comma in S4_API_KEYS splits a key (one with a comma goes in S4_API_KEYS_FILE)"
+        )
+    if unsendable := positions(lambda k: UNSENDABLE.search(k) is not None):
+        out.append(
+            f"API key {unsendable} of {len(keys)} {WHICH} holds a control character, which no HTTP "
+            "header can carry: no client can send it"
+        )
+    if non_ascii := positions(lambda k: not k.isascii()):
+        out.append(
+            f"API key {non_ascii} of {len(keys)} {WHICH} is not ASCII: httpx and the openai client "
+            "cannot send it, requests sends it as Latin-1 (refused); only UTF-8 senders (curl, the "
+            "demo page) pass"
+        )
+    return out
 
 
 class APIKeyMiddleware:

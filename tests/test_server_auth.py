@@ -316,19 +316,31 @@ def test_a_listed_origins_page_can_fetch_with_its_key(keyed):
     assert httpx.options(keyed.url + "/v1/generate").status_code == 401  # not a preflight: the key check
 
 
-def test_short_keys_are_named_by_position_in_a_warning_at_start(model_dirs, caplog):
+def test_keys_clients_will_trip_on_are_named_by_position_in_warnings_at_start(model_dirs, caplog):
     """A comma in S4_API_KEYS splits a key: `x9f,q` was the keys `x9f` and `q`, so a one-character guess
-    passed, and nothing said so. A key under 16 characters is now named at start by its position and
-    length (never its value); long keys, and no keys, warn nothing."""
+    passed, and nothing said so; a key holding a control character could never be sent, and a non-ASCII
+    one only by UTF-8 senders (httpx and the openai client refuse it, requests sends Latin-1). Each is
+    now named at start by its position (never its value); sound keys, and no keys, warn nothing."""
+    import httpx
+
     from server import Settings, create_app
 
     strong = "s" * 16
+    with pytest.raises(UnicodeEncodeError):  # what the openai client does with a non-ASCII key
+        httpx.Request("GET", "http://127.0.0.1/", headers={"Authorization": "Bearer clé-" + strong})
+    keys = f"x9f,q,{strong},{strong}\x01,clé-{strong}"
     with caplog.at_level(logging.WARNING, logger="server"):
-        create_app(Settings(checkpoints=[str(model_dirs["text"])], api_keys=f"x9f,q,{strong}"))
+        create_app(Settings(checkpoints=[str(model_dirs["text"])], api_keys=keys))
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert warned == ["API key 1 (3 characters), 2 (1 character) of 3 (S4_API_KEYS in order, then "
-                      "S4_API_KEYS_FILE's lines) is shorter than 16 characters: guessable; a comma in "
-                      "S4_API_KEYS splits a key (one with a comma goes in S4_API_KEYS_FILE)"]  # fmt: skip
+    which = "of 5 (S4_API_KEYS in order, then S4_API_KEYS_FILE's lines)"
+    assert warned == [
+        f"API key 1, 2 {which} is shorter than 16 characters: guessable; a comma in S4_API_KEYS splits a "
+        "key (one with a comma goes in S4_API_KEYS_FILE)",
+        f"API key 4 {which} holds a control character, which no HTTP header can carry: no client can send it",
+        f"API key 5 {which} is not ASCII: httpx and the openai client cannot send it, requests sends it as "
+        "Latin-1 (refused); only UTF-8 senders (curl, the demo page) pass",
+    ]
+    assert not [w for w in warned if "x9f" in w or strong in w]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="server"):
         create_app(Settings(checkpoints=[str(model_dirs["text"])], api_keys=strong))
