@@ -346,3 +346,21 @@ def test_keys_clients_will_trip_on_are_named_by_position_in_warnings_at_start(mo
         create_app(Settings(checkpoints=[str(model_dirs["text"])], api_keys=strong))
         create_app(Settings(checkpoints=[str(model_dirs["text"])]))
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_the_key_subprotocol_offered_without_s4_is_a_400_saying_what_to_offer(keyed, server):
+    """A browser page that offers only `s4.key.…` (forgetting `s4`) had its handshake accepted with no
+    subprotocol selected, which a browser fails at once (close 1006, no reason); a Python client went on
+    unawares. The handshake is now refused 400, naming `s4` and the header; a wrong key is still the 401."""
+    c = httpx.Client(base_url=keyed.url, headers={"X-API-Key": KEYS[0]})
+    for url, proto in ((keyed.ws_url, encode_key_subprotocol(KEYS[0])), (server.ws_url, "s4.key.eA")):
+        with pytest.raises(InvalidStatus) as e:
+            asyncio.run(_open(url, subprotocols=[proto]))
+        assert e.value.response.status_code == 400
+        err = json.loads(e.value.response.body)["error"]
+        assert err["param"] == "Sec-WebSocket-Protocol" and "offer the subprotocol 's4'" in err["message"]
+        assert KEYS[0] not in err["message"] and proto not in err["message"]
+    with pytest.raises(InvalidStatus) as e:
+        asyncio.run(_open(keyed.ws_url, subprotocols=[encode_key_subprotocol("wrong")]))
+    assert e.value.response.status_code == 401
+    assert metric(c, "s4_active_sessions", TEXT) == 0

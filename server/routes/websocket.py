@@ -25,7 +25,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from server import media, service
-from server.auth import SUBPROTOCOL
+from server.auth import KEY_SUBPROTOCOL_PREFIX, SUBPROTOCOL
 from server.engine import Stream
 from server.errors import (
     APIError,
@@ -33,6 +33,7 @@ from server.errors import (
     json_limit_reason,
     malformed_json,
     prompt_too_long,
+    refuse,
     too_large,
     validation_error,
 )
@@ -395,7 +396,16 @@ class Connection:
 async def stream(ws: WebSocket) -> None:
     # Browsers fail a socket whose server selects none of the subprotocols they offered; the demo page
     # offers `s4` (and, with API keys, the key subprotocol, which is never selected: server/auth.py).
-    await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in ws.scope.get("subprotocols", ()) else None)
+    offered = ws.scope.get("subprotocols", ())
+    if SUBPROTOCOL not in offered and any(p.startswith(KEY_SUBPROTOCOL_PREFIX) for p in offered):
+        # the key subprotocol alone: accepted with none selected, which a browser then fails (1006, no
+        # reason given); a 400 that says what to offer instead
+        why = (f"offer the subprotocol {SUBPROTOCOL!r} beside the key subprotocol "
+               f"({KEY_SUBPROTOCOL_PREFIX}…): the server selects {SUBPROTOCOL!r}, never the key")  # fmt: skip
+        err = APIError(400, why, param="Sec-WebSocket-Protocol")
+        await refuse(ws.scope, ws.receive, ws.send, err)
+        return
+    await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
     conn = Connection(ws, ws.app.state.server)
     try:
         await conn.run()
