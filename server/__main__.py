@@ -265,17 +265,19 @@ KEY_SETTINGS = {"S4_API_KEYS", "S4_API_KEYS_FILE"}
 def misnamed_keys(environ, settings: Settings) -> str | None:
     """Why not to serve when no server key is configured but a variable named like one holds a value:
     S4_API_KEY (what vLLM's users write for VLLM_API_KEY; the client scripts' key) or a typo of the two
-    settings (S4_API_KEY_FILE, Docker's `_FILE` habit; S4_APIKEYS), in any case. Each was ignored, with
-    a warning for a typo and without one for S4_API_KEY, and the server served every route without a
-    key."""
+    settings (S4_API_KEY_FILE, Docker's `_FILE` habit; S4_APIKEYS), in any case, or VLLM_API_KEY itself
+    (a `docker run -e` line carried over from vLLM). Each was ignored, with a warning for a typo and
+    without one for the others, and the server served every route without a key."""
     if settings.api_keys:
         return None
     names = sorted(k for k, v in environ.items() if v.strip() and k.upper() not in KEY_SETTINGS
-                   and re.fullmatch(r"S4_API_?KEY.*", k.upper()))  # fmt: skip
+                   and re.fullmatch(r"S4_API_?KEY.*|VLLM_API_KEY", k.upper()))  # fmt: skip
     if not names:
         return None
-    what = "the client scripts' key" if [n.upper() for n in names] == [CLIENT_KEY_ENV] else "not a setting"
-    return (f"{', '.join(names)} is set ({what}), but the server reads its keys from S4_API_KEYS "
+    kinds = {CLIENT_KEY_ENV: "the client scripts' key", "VLLM_API_KEY": "vLLM's setting"}
+    what = kinds.get(names[0].upper(), "not a setting") if len(names) == 1 else "not settings"
+    verb = "is" if len(names) == 1 else "are"
+    return (f"{', '.join(names)} {verb} set ({what}), but the server reads its keys from S4_API_KEYS "
             "(--api-keys) or S4_API_KEYS_FILE (--api-keys-file) only: set one of them to require keys, or "
             f"unset {', '.join(names)} to serve without keys")  # fmt: skip
 

@@ -36,9 +36,10 @@ def start_server(
     port = port or free_port()
     cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *flags]  # fmt: skip
-    # S4_API_KEY is a client's key (a keyed server's, for the scripts and the load test): this server has
-    # no keys unless `flags` or `env` give it some, and the variable alone would stop it (server/__main__.py)
-    inherited = {k: v for k, v in os.environ.items() if k.upper() != "S4_API_KEY"}
+    # S4_API_KEY is a client's key (a keyed server's, for the scripts and the load test), VLLM_API_KEY
+    # another server's: this server has no keys unless `flags` or `env` give it some, and either variable
+    # alone would stop it (server/__main__.py)
+    inherited = {k: v for k, v in os.environ.items() if k.upper() not in ("S4_API_KEY", "VLLM_API_KEY")}
     env = {**inherited, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}  # spinning OpenMP threads stall a CPU
     proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=env)
     url = f"http://127.0.0.1:{port}"

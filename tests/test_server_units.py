@@ -532,7 +532,8 @@ def test_a_key_variable_the_server_does_not_read_stops_it_instead_of_serving_wit
     monkeypatch.delenv("S4_API_KEYS_FILE", raising=False)
     ckpt = ["--checkpoints", str(model_dirs["text"]), "--port", str(free_port())]
     for name, what in (("S4_API_KEY", "the client scripts' key"), ("s4_api_key", "the client scripts' key"),
-                       ("S4_API_KEY_FILE", "not a setting"), ("S4_APIKEYS", "not a setting")):  # fmt: skip
+                       ("S4_API_KEY_FILE", "not a setting"), ("S4_APIKEYS", "not a setting"),
+                       ("VLLM_API_KEY", "vLLM's setting")):  # fmt: skip
         monkeypatch.setenv(name, "sk-secret-1")
         message = _exit_message(*ckpt)
         assert message.startswith(f"not serving: {name} is set ({what}), but the server reads its keys from "
@@ -541,7 +542,9 @@ def test_a_key_variable_the_server_does_not_read_stops_it_instead_of_serving_wit
         monkeypatch.delenv(name)
     assert misnamed_keys({"S4_API_KEY": "k"}, Settings(api_keys="k2")) is None
     assert misnamed_keys({"S4_API_KEY": " "}, Settings()) is None
-    assert misnamed_keys({"S4_MAX_SESSIONS": "3", "S4_CFLAGS": "-O2"}, Settings()) is None
+    assert misnamed_keys({"S4_MAX_SESSIONS": "3", "OPENAI_API_KEY": "sk-1"}, Settings()) is None
+    both = misnamed_keys({"S4_API_KEY": "k", "VLLM_API_KEY": "k"}, Settings())
+    assert both is not None and both.startswith("S4_API_KEY, VLLM_API_KEY are set (not settings)")
 
 
 def test_servers_the_tools_launch_do_not_inherit_the_client_key(monkeypatch):
@@ -556,11 +559,14 @@ def test_servers_the_tools_launch_do_not_inherit_the_client_key(monkeypatch):
         raise Launched(env)
 
     monkeypatch.setenv("s4_api_key", "k-client")
+    monkeypatch.setenv("VLLM_API_KEY", "k-vllm")
     monkeypatch.setattr(launch.subprocess, "Popen", popen)
     with pytest.raises(Launched) as e:
         launch.start_server([], env={"S4_MAX_SESSIONS": "3"})
     env = e.value.args[0]
-    assert env["S4_MAX_SESSIONS"] == "3" and not [k for k in env if k.upper() == "S4_API_KEY"]
+    assert env["S4_MAX_SESSIONS"] == "3" and not [
+        k for k in env if k.upper() in ("S4_API_KEY", "VLLM_API_KEY")
+    ]
 
 
 def test_unknown_s4_variables_are_found_and_log_levels_take_any_case(monkeypatch):
