@@ -511,9 +511,9 @@ def load_model(
         )
     if hasattr(rec, "prefill_threads"):  # RecurrentModel: its parallel prefill's torch threads
         rec.prefill_threads = settings.prefill_threads
-    compile_step(rec, settings, path.name)
-    state16 = use_state_dtype(rec, settings, path.name)
-    use_cuda_graphs(rec, settings, path.name)
+    compile_step(rec, settings, name)
+    state16 = use_state_dtype(rec, settings, name)
+    use_cuda_graphs(rec, settings, name)
     _check_stop(stop)
     warm_up(rec, min(8, settings.max_batch_size))
     _check_stop(stop)
