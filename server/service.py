@@ -485,10 +485,15 @@ def _is_int(v) -> bool:
 STATE_FIELDS = ("model", "fingerprint", "shape", "n_tokens", "pending", "seen")
 
 
-def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple[ServedModel, dict, bytes]:
+def check_state(
+    state: ServerState, blob: bytes, param: str, what: str, target: str | None = None
+) -> tuple[ServedModel, dict, bytes]:
     """Validate an exported (or stored) state: format, version, checksum, every field an import reads
-    (`STATE_FIELDS`), then that this server serves its model with the same weights and shapes. 422
-    naming `param` otherwise."""
+    (`STATE_FIELDS`), then that this server serves its model with the same weights and shapes: the model
+    its header names, or `target` (an import's `model`: another id serving the same checkpoint, in another
+    dtype say; 404 naming `model` if not served). 422 naming `param` otherwise."""
+    if target is not None:
+        state.model(target)  # (404 naming `model` before the blob is read; 503 while loading or draining)
     try:
         header, raw = unpack_state(blob, max((m.config.vocab_size for m in state.models.values()), default=0))
     except StateFormatError as exc:
@@ -497,11 +502,15 @@ def check_state(state: ServerState, blob: bytes, param: str, what: str) -> tuple
     for key in STATE_FIELDS + (("arch",) if version >= 2 else ()):
         if key not in header:  # (utf8_tail may be absent: exports before it existed have none)
             raise invalid(param, f"{what}: its header has no {key!r} field")
-    model_id = header["model"]
+    model_id = target if target is not None else header["model"]
     if not isinstance(model_id, str) or model_id not in state.models:
         if state.draining or not state.loaded:
             state.model(str(model_id))  # 503
-        raise invalid(param, f"{what} is for model {model_id!r}, which this server does not serve")
+        same = [m.id for m in state.models.values() if m.fingerprint == header["fingerprint"]]
+        hint = ""
+        if same and param == "state":  # (an import: it may name the model that serves those weights)
+            hint = f" (model {same[0]} serves its weights: import it with ?model={same[0]})"
+        raise invalid(param, f"{what} is for model {model_id!r}, which this server does not serve{hint}")
     model = state.models[model_id]
     arch = state_arch(header, version)
     if arch != model.config.arch:
@@ -591,8 +600,10 @@ async def _install(
     return rec
 
 
-async def import_state(state: ServerState, blob: bytes) -> SessionRecord:
-    model, header, raw = check_state(state, blob, "state", "the state")
+async def import_state(state: ServerState, blob: bytes, model_id: str | None = None) -> SessionRecord:
+    """A new session from an exported state, on the model its header names or on `model_id` (the same
+    checkpoint under another id: `check_state`)."""
+    model, header, raw = check_state(state, blob, "state", "the state", model_id)
     rec = await _install(state, model, header, raw, "state", "the state")
     await landed(state, rec.id)
     return rec

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
 from server import service
@@ -30,14 +30,21 @@ async def create(req: SessionCreate, request: Request):
     return {**_info(request, await service.unless_gone(st, request, rec)), "usage": usage}
 
 
+# POST /v1/sessions/import?model=ID: the new session on another id serving the export's checkpoint
+IMPORT_MODEL = Query(
+    None,
+    description="the served model the session continues on (default: the one the export names): another "
+    "id serving the same checkpoint (the export's weights, arch and state shape), e.g. in another dtype "
+    "(S4_MODEL_DTYPES); 404 if not served, 422 (naming state) for other weights",
+)
 STATE_BODY = {"content": {STATE_TYPE: {"schema": {"type": "string", "format": "binary"}}}, "required": True}
 
 
 @router.post("/import", status_code=201, **INFO,
              openapi_extra={"requestBody": STATE_BODY},
              summary="A new session from an exported state (application/octet-stream body; another "
-                     "content-type is a 415)")  # fmt: skip
-async def import_(request: Request):
+                     "content-type is a 415), on the model the export names or on `model`")  # fmt: skip
+async def import_(request: Request, model: str | None = IMPORT_MODEL):
     st = state_of(request)
     media_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
     if media_type not in ("", STATE_TYPE):  # (none: what a client sending raw bytes may leave out)
@@ -54,7 +61,7 @@ async def import_(request: Request):
         blob += part
         if len(blob) > limit:
             raise too_large(f"a state blob is at most {limit} bytes here", param="state")
-    rec = await service.import_state(st, bytes(blob))
+    rec = await service.import_state(st, bytes(blob), model)
     return _info(request, await service.unless_gone(st, request, rec))
 
 
