@@ -6,10 +6,12 @@ model's load never changes another's output."""
 from __future__ import annotations
 
 import logging
+import threading
 
 import httpx
 import pytest
-from server_support import ServerThread
+from server_support import ServerThread, metric, wait_for, ws_turn
+from websockets.sync.client import connect
 
 from server.config import Settings
 from server.metrics import Metrics
@@ -110,3 +112,123 @@ def test_an_export_imports_into_another_id_of_its_checkpoint_with_the_model_para
     assert "'shakespeare-elsewhere', which this server does not serve" in message
     assert f"import it with ?model={TEXT})" in message, message
     assert mc.post(f"/v1/sessions/import?model={TEXT}", content=renamed, headers=OCTETS).status_code == 201
+
+
+def _turn(c: httpx.Client, model: str, seed: int, n: int, prompt: str | None = None) -> list[int]:
+    body = {"model": model, "max_new_tokens": n, "seed": seed}
+    if prompt is not None:
+        body["prompt"] = prompt
+    r = c.post("/v1/generate", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def test_a_models_seeded_output_is_the_same_whether_or_not_the_other_models_are_busy(multi, mc):
+    """Each model has its own engine and batches: seeded generations of the float32 text model, of the
+    same checkpoint in bfloat16 and of the audio model give the same tokens alone and while the two other
+    models decode and ingest long prompts from 6 concurrent clients (real load through the server)."""
+    prompts = {TEXT: "to be, or not to be", BF16: "to be, or not to be", AUDIO: None}
+    n = {TEXT: 120, BF16: 120, AUDIO: 400}
+    alone = {m: [_turn(mc, m, s, n[m], prompts[m]) for s in (1, 2)] for m in prompts}
+    assert alone[TEXT] != alone[BF16]  # (two dtypes: two models, not one batch)
+    for target, prompt in prompts.items():
+        others = [m for m in prompts if m != target]
+        stop, errors = threading.Event(), []
+
+        def load(model: str, k: int) -> None:
+            with httpx.Client(base_url=multi.url, timeout=120) as c:
+                i = 0
+                while not stop.is_set():
+                    try:  # long prompts (ingested between decode steps) and long generations
+                        long = None if model == AUDIO else "whether 'tis nobler in the mind " * (4 + i % 9)
+                        _turn(c, model, 1000 * k + i, n[model], long)
+                    except Exception as exc:  # noqa: BLE001 (reported below)
+                        errors.append(repr(exc))
+                    i += 1
+
+        threads = [threading.Thread(target=load, args=(others[k % 2], k)) for k in range(6)]
+        for t in threads:
+            t.start()
+        try:
+            assert wait_for(lambda: all(metric(mc, "s4_active_sessions", m) > 0 for m in others), 30)
+            busy = [_turn(mc, target, s, n[target], prompt) for s in (1, 2)]
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(60)
+        assert not errors, errors[:3]
+        assert busy == alone[target], target
+
+
+CASES = [  # (route, body without `model`): each route's request, text or audio
+    ("/v1/generate", {"prompt": "to be", "max_new_tokens": 2}),
+    ("/v1/sessions", {"prompt": "to be"}),
+    ("/v1/completions", {"prompt": "to be", "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ("/tokenize", {"prompt": "to be"}),
+    ("/detokenize", {"tokens": [65]}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), CASES)
+def test_every_route_refuses_a_model_it_cannot_serve_naming_model_never_a_500(mc, path, body):
+    """`model` left out, unknown, in another case, configured but not served (the broken folder), or the
+    audio model for a text request: a 4xx naming `model` (404 for an id not served; OpenAI's shape and
+    code model_not_found on its routes), and no other model's counters move."""
+    from server.errors import is_openai_path
+
+    openai = is_openai_path(path)
+    before = {m: metric(mc, "s4_tokens_generated_total", m) for m in (TEXT, BF16, AUDIO)}
+    refused = {
+        "omitted": (body, 400 if openai else 422),
+        "unknown": ({**body, "model": "nope"}, 404),
+        "cased": ({**body, "model": "TINY-TEXT"}, 404),
+        "broken": ({**body, "model": "broken"}, 404),
+    }
+    if path not in ("/v1/generate", "/v1/sessions"):  # (there: the audio model refuses `prompt`, below)
+        refused["audio"] = ({**body, "model": AUDIO}, 400)
+    for case, (sent, status) in refused.items():
+        r = mc.post(path, json=sent)
+        assert r.status_code == status, (case, r.text)
+        err = r.json()["error"]
+        assert err["param"] == "model", (case, err)
+        if openai:
+            assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+            assert err["code"] == ("model_not_found" if status == 404 else None), (case, err)
+        if case == "broken":
+            assert "configured but not served: CheckpointError" in err["message"]
+    if path in ("/v1/generate", "/v1/sessions"):  # the other modality's input, named
+        r = mc.post(path, json={**body, "model": AUDIO})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "prompt", r.text
+        r = mc.post(path, json={"model": TEXT, "prompt_audio": "UklGRg=="})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "prompt_audio", r.text
+    assert {m: metric(mc, "s4_tokens_generated_total", m) for m in before} == before
+
+
+def test_sessions_stay_on_their_model_and_limits_are_each_models(mc):
+    """A session of one model continued with another named (the same checkpoint's other dtype, the audio
+    model): 422 naming model, over HTTP and the WebSocket; left out: the session's own. max_new_tokens is
+    the text limit for text models and max_audio_s at the model's rate for audio ones. A generation on
+    one model moves only its own counters."""
+    sid = mc.post("/v1/sessions", json={"model": TEXT, "prompt": "to be"}).json()["session_id"]
+    for other in (BF16, AUDIO):
+        r = mc.post("/v1/generate", json={"model": other, "session_id": sid, "max_new_tokens": 2})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "model", r.text
+        assert f"belongs to model '{TEXT}'" in r.json()["error"]["message"]
+    with connect(mc.base_url.copy_with(scheme="ws", path="/v1/stream").__str__()) as ws:
+        frame = ws_turn(ws, {"type": "generate", "session_id": sid, "model": BF16, "max_new_tokens": 2})[-1]
+        assert frame["type"] == "error" and frame["code"] == 422 and frame["param"] == "model", frame
+        frames = ws_turn(ws, {"type": "generate", "session_id": sid, "max_new_tokens": 2})
+        assert frames[0] == {"type": "session", "session_id": sid, "model": TEXT, "kind": "text"}
+        assert frames[-1]["type"] == "done"
+    limits = {m["id"]: m["max_new_tokens"] for m in mc.get("/v1/models").json()["data"]}
+    assert limits == {TEXT: 300, BF16: 300, AUDIO: 400}  # (0.05 s at 8 kHz)
+    for model, limit in limits.items():
+        body = {"model": model, "max_new_tokens": limit + 1, **({"prompt": "a"} if model != AUDIO else {})}
+        r = mc.post("/v1/generate", json=body)
+        assert r.status_code == 422 and r.json()["error"]["param"] == "max_new_tokens", r.text
+        assert f"limit of {limit} (" in r.json()["error"]["message"]
+    before = {m: metric(mc, "s4_tokens_generated_total", m) for m in limits}
+    assert len(_turn(mc, BF16, 3, 25, "to be")) == 25
+    after = {m: metric(mc, "s4_tokens_generated_total", m) for m in limits}
+    assert after == {**before, BF16: before[BF16] + 25}
