@@ -165,6 +165,19 @@ async def refuse(scope: dict, receive, send, err: APIError, headers: tuple = ())
         await send({"type": "websocket.close", "code": 1008, "reason": err.message[:120]})
 
 
+QUOTED_CHARS = 128  # the longest model id (server.config.MODEL_ID); session ids are 37 characters
+
+
+def quoted(value: str) -> str:
+    """A client's id (a model's, a session's) as an error message names one it does not know: its repr, up
+    to QUOTED_CHARS characters and then its length. The whole repr made a 15 MiB body whose model was DEL
+    characters (U+007F, each repr'd as 4 characters and its backslash escaped by JSON) a 75 MiB 404 (a
+    helper's audit)."""
+    if len(value) <= QUOTED_CHARS:
+        return repr(value)
+    return f"{value[:QUOTED_CHARS]!r}… ({len(value):,} characters)"
+
+
 def invalid(param: str, message: str) -> APIError:
     return APIError(422, message, param=param)
 

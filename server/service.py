@@ -18,7 +18,7 @@ from model.recurrent import StateRangeError
 from model.sampling import SamplingParams
 from server import media
 from server.engine import Failed, Finished, Job, Stream
-from server.errors import APIError, client_gone, invalid, not_found, prompt_too_long, unavailable
+from server.errors import APIError, client_gone, invalid, not_found, prompt_too_long, quoted, unavailable
 from server.logs import generation_id
 from server.registry import ServedModel
 from server.schemas import DEFAULT_FRAME_MS, SamplingFields, with_defaults
@@ -510,7 +510,8 @@ def check_state(
         hint = ""
         if same and param == "state":  # (an import: it may name the model that serves those weights)
             hint = f" (model {same[0]} serves its weights: import it with ?model={same[0]})"
-        raise invalid(param, f"{what} is for model {model_id!r}, which this server does not serve{hint}")
+        served = "which this server does not serve"
+        raise invalid(param, f"{what} is for model {quoted(str(model_id))}, {served}{hint}")
     model = state.models[model_id]
     arch = state_arch(header, version)
     if arch != model.config.arch:
@@ -775,7 +776,7 @@ async def session_info(state: ServerState, session_id: str) -> dict:
         settle = True
     stored = await _read_stored(state, session_id, settle=settle)
     if stored is None:  # (a copy held here of a session deleted elsewhere: a 404 too)
-        raise not_found(f"no session {session_id!r}", param="session_id")
+        raise not_found(f"no session {quoted(session_id)}", param="session_id")
     model, header, raw, _ = stored
     what = f"the stored state of session {session_id}"
     try:

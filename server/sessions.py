@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from server.errors import busy, not_found, over_capacity
+from server.errors import busy, not_found, over_capacity, quoted
 from server.json_budget import SMALL, JSONBudget, StructureCounter
 
 
@@ -107,7 +107,7 @@ class SessionTable:
         with self._lock:
             rec = self.store.get(session_id)
         if rec is None or rec.ephemeral:
-            raise not_found(f"no session {session_id!r}", param="session_id")
+            raise not_found(f"no session {quoted(session_id)}", param="session_id")
         return rec
 
     def claim(self, session_id: str) -> SessionRecord:
@@ -115,7 +115,7 @@ class SessionTable:
         with self._lock:
             rec = self.store.get(session_id)
             if rec is None or rec.ephemeral:
-                raise not_found(f"no session {session_id!r}", param="session_id")
+                raise not_found(f"no session {quoted(session_id)}", param="session_id")
             if rec.busy:
                 raise busy(session_id)
             rec.busy = True  # (a generation resets rec.generated: service.start_generation)

@@ -10,7 +10,7 @@ import logging
 import threading
 
 from server.config import Settings
-from server.errors import APIError, not_found, unavailable
+from server.errors import APIError, not_found, quoted, unavailable
 from server.metrics import Metrics
 from server.registry import ServedModel, load_models
 from server.sessions import SessionTable
@@ -64,7 +64,7 @@ class ServerState:
                 raise not_found(
                     f"model {model_id!r} is configured but not served: {self.failed[model_id]}", param="model"
                 )
-            raise not_found(f"no model {model_id!r}; see GET /v1/models", param="model")
+            raise not_found(f"no model {quoted(model_id)}; see GET /v1/models", param="model")
         return m
 
     async def load(self) -> None:

@@ -205,7 +205,7 @@ def test_every_route_refuses_a_model_it_cannot_serve_naming_model_never_a_500(mc
     assert {m: metric(mc, "s4_tokens_generated_total", m) for m in before} == before
 
 
-def test_sessions_stay_on_their_model_and_limits_are_each_models(mc):
+def test_sessions_stay_on_their_model_and_limits_are_each_models(mc, multi):
     """A session of one model continued with another named (the same checkpoint's other dtype, the audio
     model): 422 naming model, over HTTP and the WebSocket; left out: the session's own. max_new_tokens is
     the text limit for text models and max_audio_s at the model's rate for audio ones. A generation on
@@ -215,7 +215,7 @@ def test_sessions_stay_on_their_model_and_limits_are_each_models(mc):
         r = mc.post("/v1/generate", json={"model": other, "session_id": sid, "max_new_tokens": 2})
         assert r.status_code == 422 and r.json()["error"]["param"] == "model", r.text
         assert f"belongs to model '{TEXT}'" in r.json()["error"]["message"]
-    with connect(mc.base_url.copy_with(scheme="ws", path="/v1/stream").__str__()) as ws:
+    with connect(multi.ws_url) as ws:
         frame = ws_turn(ws, {"type": "generate", "session_id": sid, "model": BF16, "max_new_tokens": 2})[-1]
         assert frame["type"] == "error" and frame["code"] == 422 and frame["param"] == "model", frame
         frames = ws_turn(ws, {"type": "generate", "session_id": sid, "max_new_tokens": 2})
@@ -232,3 +232,20 @@ def test_sessions_stay_on_their_model_and_limits_are_each_models(mc):
     assert len(_turn(mc, BF16, 3, 25, "to be")) == 25
     after = {m: metric(mc, "s4_tokens_generated_total", m) for m in limits}
     assert after == {**before, BF16: before[BF16] + 25}
+
+
+def test_an_unknown_model_or_session_id_is_quoted_short_in_its_404(mc, multi):
+    """An id the server does not know is named in the 404 by its first 128 characters and its length,
+    over HTTP (our routes and OpenAI's) and the WebSocket: the whole repr made a 15 MiB body whose model
+    was DEL characters a 75 MiB answer (each written \\x7f, its backslash escaped again by JSON)."""
+    long = "\x7f" * (1 << 20)
+    for path, body in (("/v1/generate", {"model": long, "prompt": "a"}),
+                       ("/v1/completions", {"model": long, "prompt": "a"}),
+                       ("/v1/generate", {"session_id": long, "max_new_tokens": 2})):  # fmt: skip
+        r = mc.post(path, json=body)
+        assert r.status_code == 404 and len(r.content) < 1024, (path, len(r.content))
+        assert "… (1,048,576 characters)" in r.json()["error"]["message"]
+    assert "no model 'x'; see" in mc.post("/v1/generate", json={"model": "x", "prompt": "a"}).text
+    with connect(multi.ws_url, max_size=None) as ws:
+        frame = ws_turn(ws, {"type": "generate", "model": "\x7f" * 60_000, "max_new_tokens": 2})[-1]
+        assert frame["code"] == 404 and len(frame["message"]) < 1024, len(frame["message"])
