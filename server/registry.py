@@ -626,6 +626,9 @@ def load_models(
             metrics.recurrent_cache_bytes.labels(status).set(by.get(status, (0, 0))[1])
     for model_id in settings.model_dtype_overrides():
         if model_id not in models and model_id not in failed:
+            alike = [k for k in (*models, *failed) if k.casefold() == model_id.casefold()]
             failed[model_id] = f"S4_MODEL_DTYPES names {model_id!r}, which no S4_CHECKPOINTS entry serves"
+            if alike:  # (its model was served in S4_DTYPE's dtype instead)
+                failed[model_id] += f" (ids are case-sensitive: the entry's model is {alike[0]})"
             log.error("%s", failed[model_id])
     return models, failed

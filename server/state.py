@@ -64,7 +64,9 @@ class ServerState:
                 raise not_found(
                     f"model {model_id!r} is configured but not served: {self.failed[model_id]}", param="model"
                 )
-            raise not_found(f"no model {quoted(model_id)}; see GET /v1/models", param="model")
+            alike = [k for k in self.models if k.casefold() == model_id.casefold()]
+            hint = f" (ids are case-sensitive: {alike[0]} is served)" if alike else ""
+            raise not_found(f"no model {quoted(model_id)}; see GET /v1/models{hint}", param="model")
         return m
 
     async def load(self) -> None:

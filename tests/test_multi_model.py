@@ -50,10 +50,12 @@ def mc(multi):
 def test_load_time_log_lines_name_each_model_id_not_its_folder(model_dirs, caplog):
     """One folder under two ids: every load-time line about a model names its id. The lines of
     S4_COMPILE_STEP, S4_STATE_DTYPE and the CUDA graphs named the folder (`path.name`), so both models'
-    lines said tiny-text, and the bfloat16 model's were not to be told from the float32 one's."""
+    lines said tiny-text, and the bfloat16 model's were not to be told from the float32 one's. An
+    S4_MODEL_DTYPES id that differs from a served one in case only says which (that model serves in
+    S4_DTYPE's dtype)."""
     settings = Settings(
         checkpoints=[str(model_dirs["text"]), f"{BF16}={model_dirs['text']}"],
-        model_dtypes=[f"{BF16}=bfloat16"],
+        model_dtypes=[f"{BF16}=bfloat16", "TINY-TEXT=float16"],  # (an id in another case: no model's)
         state_dtype="float16",  # (ignored on CPU: one line per model says so)
         compile_step=True,  # (likewise)
         max_sessions=2,
@@ -61,7 +63,11 @@ def test_load_time_log_lines_name_each_model_id_not_its_folder(model_dirs, caplo
     )
     with caplog.at_level(logging.INFO, logger="server.models"):
         models, failed = load_models(settings, SessionTable(), Metrics())
-    assert set(models) == {TEXT, BF16} and not failed
+    assert set(models) == {TEXT, BF16}
+    assert failed == {
+        "TINY-TEXT": "S4_MODEL_DTYPES names 'TINY-TEXT', which no S4_CHECKPOINTS entry serves (ids are "
+        "case-sensitive: the entry's model is tiny-text)"
+    }
     for model_id in (TEXT, BF16):
         lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"model {model_id}: ")]
         assert any("S4_STATE_DTYPE=float16 ignored on CPU" in line for line in lines), (model_id, lines)
@@ -197,6 +203,8 @@ def test_every_route_refuses_a_model_it_cannot_serve_naming_model_never_a_500(mc
             assert err["code"] == ("model_not_found" if status == 404 else None), (case, err)
         if case == "broken":
             assert "configured but not served: CheckpointError" in err["message"]
+        if case == "cased":  # (the id it differs from in case only)
+            assert err["message"].endswith(f"see GET /v1/models (ids are case-sensitive: {TEXT} is served)")
     if path in ("/v1/generate", "/v1/sessions"):  # the other modality's input, named
         r = mc.post(path, json={**body, "model": AUDIO})
         assert r.status_code == 422 and r.json()["error"]["param"] == "prompt", r.text
