@@ -10,9 +10,11 @@ import threading
 
 import httpx
 import pytest
-from server_support import ServerThread, metric, wait_for, ws_turn
+import torch
+from server_support import ServerThread, _rec, metric, wait_for, ws_turn
 from websockets.sync.client import connect
 
+from model.sampling import SamplingParams, sample
 from server.config import Settings
 from server.metrics import Metrics
 from server.registry import load_models
@@ -74,7 +76,26 @@ def test_load_time_log_lines_name_each_model_id_not_its_folder(model_dirs, caplo
         assert any("S4_COMPILE_STEP ignored" in line for line in lines), (model_id, lines)
 
 
-def test_an_export_imports_into_another_id_of_its_checkpoint_with_the_model_parameter(mc):
+def continued(model_dir, header: dict, raw: bytes, seed: int, n: int, dtype=None) -> list[int]:
+    """The library's generation from an exported session (its state, pending token and seen set): what
+    the server's continuation of it must be, token for token, at the weights' `dtype`."""
+    rec = _rec(model_dir, dtype)
+    state = torch.frombuffer(bytearray(raw), dtype=torch.float32).view(header["shape"])
+    state = state.unsqueeze(rec.batch_dim).clone()
+    params = SamplingParams(seed=seed)
+    gen = params.generator()
+    seen = torch.zeros(1, rec.config.vocab_size, dtype=torch.bool)
+    seen[0, header["seen"]] = True
+    tok, out = torch.tensor([header["pending"]]), []
+    for _ in range(n):
+        logits, state = rec.step(tok, state)
+        tok = sample(logits, [params], [gen], seen)
+        out.append(int(tok))
+        seen[0, tok] = True
+    return out
+
+
+def test_an_export_imports_into_another_id_of_its_checkpoint_with_the_model_parameter(mc, model_dirs):
     """One checkpoint served in float32 and bfloat16 under two ids: a session exported from one imports
     into the other with POST /v1/sessions/import?model=ID (its state bytes kept, the session then on
     that model), which checks the export's weights against that model's. The parameter was ignored: the
@@ -93,14 +114,16 @@ def test_an_export_imports_into_another_id_of_its_checkpoint_with_the_model_para
     assert {k: again_header[k] for k in ("n_tokens", "pending", "seen")} == {
         k: header[k] for k in ("n_tokens", "pending", "seen")
     }
-    # the moved session decodes on the bfloat16 model: as a second import of the same export does
-    twin = mc.post(f"/v1/sessions/import?model={BF16}", content=blob, headers=OCTETS).json()["session_id"]
+    # the moved session decodes on the bfloat16 weights (the library's step from the exported state, token
+    # for token), the session it came from on the float32 ones
     turns = [
-        mc.post("/v1/generate", json={"session_id": s, "max_new_tokens": 40, "seed": 5}).json()
-        for s in (moved["session_id"], twin)
+        mc.post("/v1/generate", json={"session_id": s, "max_new_tokens": 300, "seed": 5}).json()
+        for s in (moved["session_id"], sid)
     ]
-    assert turns[0]["model"] == BF16 and turns[0]["tokens"] == turns[1]["tokens"]
-    assert len(turns[0]["tokens"]) == 40
+    assert turns[0]["model"] == BF16 and turns[1]["model"] == TEXT
+    assert turns[0]["tokens"] == continued(model_dirs["text"], header, raw, 5, 300, torch.bfloat16)
+    assert turns[1]["tokens"] == continued(model_dirs["text"], header, raw, 5, 300)
+    assert turns[0]["tokens"] != turns[1]["tokens"]
     # without the parameter: the export's own model
     assert mc.post("/v1/sessions/import", content=blob, headers=OCTETS).json()["model"] == TEXT
     # another model's weights; an id not served
