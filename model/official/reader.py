@@ -209,27 +209,42 @@ def read_vocab_cache(path: str | Path) -> list[str]:
     return symbols
 
 
-def _resolve(cfg: dict, value: Any, root: dict, depth: int, budget: _Budget) -> Any:
-    """Resolve the simple interpolations the official configs use: ${a.b} and ${oc.select:a.b,default}.
+def _resolve(cfg: dict, value: Any, root: dict, depth: int, budget: _Budget, path: tuple = ()) -> Any:  # noqa: PLR0911
+    """Resolve the simple interpolations the official configs use: ${a.b} and ${oc.select:a.b,default},
+    absolute or relative to the node holding them, as omegaconf reads them (`path`: where `value` sits):
+    ${.x} is x beside it, each further dot one container up (a run's .hydra/config.yaml holds them
+    unresolved: the audio datasets' `__l_max: ${.sample_len}`, which the S4 layers' `l_max` selects,
+    the layer patterns' `dropout: ${...dropout}`); a list's items are named by their index (${a.0.b}).
     Anything else stays an unresolved string (and is refused if an option we need holds it)."""
     budget.take()
     if isinstance(value, dict):
-        return {k: _resolve(cfg, v, root, depth, budget) for k, v in value.items()}
+        return {k: _resolve(cfg, v, root, depth, budget, (*path, k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve(cfg, v, root, depth, budget) for v in value]
+        return [_resolve(cfg, v, root, depth, budget, (*path, i)) for i, v in enumerate(value)]
     if not (isinstance(value, str) and value.startswith("${") and value.endswith("}")) or depth > 8:
         return value
     inner = value[2:-1]
     default: Any = value
     if inner.startswith("oc.select:"):
         inner, _, d = inner[len("oc.select:") :].partition(",")
-        default = None if d.strip() in ("", "null") else yaml.safe_load(d)
+        try:
+            default = None if d.strip() in ("", "null") else yaml.safe_load(d)
+        except yaml.YAMLError:
+            return value
+    key = inner.lstrip(".")
+    dots = len(inner) - len(key)  # 0: from the root; 1: the node's own container; each more: one up
+    if not key or (dots and dots > len(path)):
+        return default
     node: Any = root
-    for part in inner.split("."):
-        if not isinstance(node, dict) or part not in node:
+    at: tuple = ()  # the keys and indices taken: where the node found sits
+    for part in (*(path[: len(path) - dots] if dots else ()), *key.split(".")):
+        if isinstance(node, dict) and part in node:
+            node, at = node[part], (*at, part)
+        elif isinstance(node, list) and str(part).isdigit() and int(part) < len(node):
+            node, at = node[int(part)], (*at, int(part))
+        else:
             return default
-        node = node[part]
-    return _resolve(cfg, node, root, depth + 1, budget)
+    return _resolve(cfg, node, root, depth + 1, budget, at)
 
 
 def dataset_name(cfg: dict | None) -> str | None:
