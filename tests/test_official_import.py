@@ -390,6 +390,30 @@ REFUSALS = [  # (fixture, config path, value, message)
     ("sashimi_sc09.ckpt", ("task", "_name_"), "lm", r"task._name_ = 'lm': SaShiMi imports expect"),
     ("s4d_zoh.pt", ("model", "layer", 0, "disc"), "dss", r"disc = 'dss'"),
     ("s4d_zoh.pt", ("model", "layer", 0, "is_real"), True, r"is_real = True"),
+    # malformed task and dataset sections (hand-edited configs): TypeError, AttributeError, ValueError and
+    # OverflowError tracebacks from the lookups by name and 1 << bits before (a helper's audit)
+    ("sashimi_sc09.ckpt", ("task",), "abc", r"task = 'abc': expected a mapping"),
+    (
+        "s4_sc09.ckpt",
+        ("task",),
+        ["multiclass_classification"],
+        r"task = \['multiclass_classification'\]: exp",
+    ),
+    ("sashimi_sc09.ckpt", ("dataset", "_name_"), ["sc09"], r"dataset._name_ = \['sc09'\]: expected a name"),
+    (
+        "s4_sc09.ckpt",
+        ("dataset", "_name_"),
+        {"_name_": "sc09"},
+        r"dataset._name_ = \{'_name_': 'sc09'\}: exp",
+    ),
+    (
+        "sashimi_sc09.ckpt",
+        ("dataset", "path"),
+        ["youtube_mix"],
+        r"dataset.path = \['youtube_mix'\]: expected",
+    ),
+    ("s4_sc09.ckpt", ("dataset", "bits"), -1, r"dataset.bits = -1: served are 8-bit audio tokens"),
+    ("sashimi_sc09.ckpt", ("dataset", "bits"), 10**30, r"dataset.bits = 1000000000000000000000000000000: "),
 ]
 
 

@@ -489,6 +489,19 @@ def _pattern_units(names: list[str]) -> list[tuple[int, int | None]]:
     return units
 
 
+def _check_sections(cfg: dict) -> None:
+    """The config's task and dataset sections: each a mapping (or absent), the names in them strings (or
+    absent). Raises Unsupported naming the entry (a task or dataset name of another type raised TypeError
+    or AttributeError from the lookups by name: a helper's audit)."""
+    for sec in ("task", "dataset"):
+        v = cfg.get(sec)
+        if v is not None and not isinstance(v, dict):
+            raise Unsupported(f"{sec} = {v!r}: expected a mapping (the run's {sec} config)")
+        for key in ("_name_", "path", "quantization") if isinstance(v, dict) else ():
+            if v.get(key) is not None and not isinstance(v[key], str):
+                raise Unsupported(f"{sec}.{key} = {v[key]!r}: expected a name (a string)")
+
+
 def _check_vocab(cfg: dict, V: int) -> None:
     """The vocabulary size a dataset config states (synthetic n_tokens; audio 2^bits) against the
     embedding's. The LM datasets' vocabularies are built from the data: the config does not say."""
@@ -498,6 +511,8 @@ def _check_vocab(cfg: dict, V: int) -> None:
     if "n_tokens" in ds and type(ds["n_tokens"]) is int:
         _agree("dataset.n_tokens", ds["n_tokens"], V)
     if "bits" in ds and type(ds["bits"]) is int and ds.get("_name_") in AUDIO_DATASETS:
+        if not 1 <= ds["bits"] <= 32:  # (1 << -1 raised ValueError, 1 << 10**30 OverflowError)
+            raise Unsupported(f"dataset.bits = {ds['bits']!r}: served are 8-bit audio tokens (256 of them)")
         if 1 << ds["bits"] != V:
             raise ConfigMismatch(
                 f"dataset.bits = {ds['bits']} in the config (vocab {1 << ds['bits']}), but the weights have "
@@ -661,6 +676,7 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None, sample_rate: in
             "rescale cannot be inferred from the weights (a trained softplus-Δ model read as exp is off "
             "by 0.5)"
         )
+    _check_sections(cfg)
     sd, implied = _v3_to_v4(sd, notes)
     src = _Source(sd)
     m = cfg.get("model")
@@ -1061,6 +1077,7 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     mu-law (config mulaw 's4'); the audio is 16 kHz (SC09, YouTubeMix) unless `sample_rate` says
     otherwise (_audio_format)."""
     notes: list[str] = []
+    _check_sections(cfg)
     src = _Source(sd)
     m = cfg["model"]
     unet = m.get("_name_") == "unet"
