@@ -364,9 +364,10 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
 
 
 # Part of every cache entry's name: raise it when a change to the conversion could change an entry or
-# refuse a source it accepted (2: configs that contradict the weights, non-'lm' tasks are refused), so
-# entries an older converter wrote are not reused.
-CONVERTER_VERSION = 2
+# refuse a source it accepted (2: configs that contradict the weights, non-'lm' tasks are refused; 3: a
+# backbone config without model.residual or model.norm, read as 'R' and LayerNorm before, and malformed
+# task and dataset sections are refused), so entries an older converter wrote are not reused.
+CONVERTER_VERSION = 3
 
 
 def cache_key(src: Path, config: Path | None, vocab: Path | None = None) -> str:

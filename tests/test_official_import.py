@@ -24,7 +24,7 @@ import yaml
 from safetensors.torch import load_file
 
 from model import load
-from model.convert import ConvertError, build, convert
+from model.convert import CONVERTER_VERSION, ConvertError, build, cache_key, convert, convert_cached
 from model.official.mapping import ConfigMismatch, Unsupported, _audio_format, map_official
 from model.official.reader import OfficialFormatError, read_source, resolve_config, safe_torch_load
 
@@ -445,6 +445,21 @@ def test_a_backbone_config_without_residual_or_norm_is_refused_as_the_official_d
             map_official(sd, cfg, kind)
     sd, cfg, kind = _lightning()  # written out, as every official config has them: imported as before
     assert map_official(sd, cfg, kind).config["n_layers"] == 2
+
+
+def test_a_conversion_an_older_converter_cached_is_not_reused_for_a_source_now_refused(tmp_path):
+    """A .pt whose config has no model.residual was converted (and cached, in S4_CONVERT_CACHE) as the
+    residual model by converter v2: that entry must not be served after the upgrade (CONVERTER_VERSION 3)."""
+    sd, cfg, _ = read_source(FIX / "s4_softplus.ckpt")
+    del cfg["model"]["residual"]
+    torch.save(sd, tmp_path / "run.pt")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    key = cache_key(tmp_path / "run.pt", tmp_path / "run.yaml")
+    assert key.endswith(f"-v{CONVERTER_VERSION}") and CONVERTER_VERSION >= 3
+    stale = tmp_path / "cache" / (key.removesuffix(f"-v{CONVERTER_VERSION}") + "-v2")
+    convert(FIX / "s4_softplus.ckpt", stale)  # what converter v2 cached for it: the residual model
+    with pytest.raises(ConvertError, match=r"model\.residual = None \(absent from the config"):
+        convert_cached(tmp_path / "run.pt", tmp_path / "cache")
 
 
 def test_the_bidirectional_fixture_is_refused_by_the_converter(tmp_path):
