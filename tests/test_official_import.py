@@ -837,6 +837,36 @@ def test_an_isotropic_model_of_another_task_is_refused_not_served_as_a_text_lm(t
     assert r.returncode == 2 and f"task._name_ = {task!r}" in r.stderr, r.stderr
 
 
+# The paper's classification experiments at e757cef (configs/experiment/…, their pipelines' task, encoder
+# and decoder): (dataset, task and model overrides)
+CLASSIFIERS = {
+    "lra/s4-listops": ({"_name_": "listops", "l_max": 2048}, {"prenorm": False, "norm": "batch"},
+                       {"bidirectional": True, "d_state": 4, "n_ssm": 1}, "embedding"),
+    "sc/s4-sc": ({"_name_": "sc"}, {"prenorm": True, "norm": "batch"},
+                 {"bidirectional": True, "final_act": "glu", "n_ssm": 2}, "linear"),
+    "cifar/s4-cifar": ({"_name_": "cifar"}, {"prenorm": False, "tie_dropout": True},
+                       {"bidirectional": True, "final_act": "glu", "n_ssm": 2}, "linear"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("experiment", list(CLASSIFIERS))
+def test_the_papers_classifiers_are_refused_for_their_task_first(experiment):
+    """A classifier is refused as one: the message named the first backbone option it also has instead
+    (model.prenorm = False for LRA ListOps and CIFAR, model.norm = 'batch' for speech commands), as if
+    changing that option would make it servable."""
+    dataset, model, layer, encoder = CLASSIFIERS[experiment]
+    sd, cfg, kind = _lightning()
+    cfg["dataset"], cfg["encoder"] = dataset, encoder
+    cfg["task"] = {"_name_": "multiclass_classification", "loss": "cross_entropy", "metrics": ["accuracy"]}
+    cfg["decoder"] = {"_name_": "sequence", "mode": "pool"}
+    cfg["model"].update(model)
+    cfg["model"]["layer"][0].update(layer)
+    name = dataset["_name_"]
+    want = rf"^task._name_ = 'multiclass_classification' \(decoder mode 'pool'\) on dataset '{name}': served"
+    with pytest.raises(Unsupported, match=want):
+        map_official(sd, cfg, kind)
+
+
 # ---------------------------------------------------------------------------------------------
 # The output folder, the tokens' meaning, SaShiMi's audio format, the card, clear messages
 
