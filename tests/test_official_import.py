@@ -646,6 +646,33 @@ def test_a_pt_without_its_config_is_refused_by_the_converter(tmp_path):
     assert r.returncode == 2 and "config: missing" in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("pt", ["checkpoints/last.pt", "checkpoints/val/loss.pt"])
+def test_a_pt_in_an_official_runs_checkpoints_folder_reads_the_runs_hydra_config(tmp_path, pt):
+    """An official run is RUN/.hydra/config.yaml beside RUN/checkpoints/ (last.ckpt, val/loss.ckpt), and
+    checkpoints/convert_pl_to_pt.py writes the .pt beside its .ckpt: that config was not found ("config:
+    missing"). It is the run's Hydra config as written, interpolations unresolved (${oc.select:…})."""
+    sd, cfg, _ = read_source(FIX / "s4_softplus.ckpt")
+    cfg["model"]["layer"][0]["l_max"] = "${oc.select:dataset.l_max,null}"  # 32, as in the .ckpt
+    (tmp_path / "run" / ".hydra").mkdir(parents=True)
+    (tmp_path / "run" / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    src = tmp_path / "run" / pt
+    src.parent.mkdir(parents=True)
+    torch.save(sd, src)
+    got = read_source(src)[1]
+    assert got["model"]["layer"][0]["l_max"] == 32 and got["model"]["layer"][0]["dt_transform"] == "softplus"
+    r = _run_convert(src, tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    origin = str(tmp_path / "run" / ".hydra" / "config.yaml")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["source"]["config_file"] == origin
+    ref = load_file(str(FIX / "s4_softplus.ref.safetensors"))
+    with torch.no_grad():
+        assert rel(load(tmp_path / "out")(ref["tokens"]), ref["logits_step"]) <= 1e-5
+    other = tmp_path / "elsewhere" / "run" / "last.pt"  # not in a checkpoints/ folder: nothing is guessed
+    other.parent.mkdir(parents=True)
+    torch.save(sd, other)
+    assert read_source(other)[1] is None
+
+
 def test_version_3_inv_w_real_needs_the_real_transform_from_the_config():
     """log_w_real names its transform (exp); inv_w_real does not: its config must say."""
     sd, cfg, kind = read_source(FIX / "s4_v3.pt")

@@ -284,9 +284,14 @@ def read_json(path: str | Path) -> dict:
 
 
 def find_config(src: Path) -> Path | None:
-    """The run config beside a .pt: SRC.yaml, SRC.json, config.yaml, .hydra/config.yaml."""
+    """The run config beside a .pt: SRC.yaml, SRC.json, config.yaml, .hydra/config.yaml; else, for a .pt in
+    an official run's checkpoints/ folder (checkpoints/convert_pl_to_pt.py writes RUN/checkpoints/last.pt,
+    or RUN/checkpoints/val/loss.pt for the best checkpoint), that run's RUN/.hydra/config.yaml, which Hydra
+    writes beside checkpoints/ (it was not looked for: a helper's audit)."""
+    run = next((d.parent for d in list(src.parents)[:2] if d.name == "checkpoints"), None)
     for cand in (src.with_suffix(".yaml"), src.with_suffix(".json"), src.parent / "config.yaml",
-                 src.parent / ".hydra" / "config.yaml"):  # fmt: skip
+                 src.parent / ".hydra" / "config.yaml",
+                 *((run / ".hydra" / "config.yaml",) if run is not None else ())):  # fmt: skip
         if cand.is_file():
             return cand
     return None
