@@ -58,12 +58,15 @@ def test_32_concurrent_sessions_get_exactly_their_tokens_on_every_transport(serv
     ]  # fmt: skip
     batch_count = metric(client, "s4_decode_batch_size_count", TEXT)
     batch_le16 = _bucket(client, "s4_decode_batch_size", "16.0")
-    go = asyncio.Event()
+    go, bound, all_bound = asyncio.Event(), [0], asyncio.Event()
 
     async def ws_session(k: int):
         async with connect(server.ws_url) as ws:
             await ws.send(json.dumps({"type": "session", "model": TEXT}))
             await frame(ws, "session")
+            bound[0] += 1
+            if bound[0] == n:
+                all_bound.set()
             await go.wait()
             await ws.send(json.dumps({"type": "generate", **reqs[k]}))
             return await turn(ws)
@@ -80,7 +83,9 @@ def test_32_concurrent_sessions_get_exactly_their_tokens_on_every_transport(serv
     async def main():
         tasks = [asyncio.create_task(ws_session(k)) for k in range(n)]
         twin = asyncio.create_task(http_twin())
-        await asyncio.sleep(0.3)  # every socket bound
+        # every socket bound (32 handshakes and sessions can take longer than any fixed sleep on a loaded
+        # machine: the late ones then started after the early turns had ended, and no step carried 17)
+        await asyncio.wait_for(all_bound.wait(), 60)
         go.set()
         return await asyncio.gather(*tasks), await twin
 
