@@ -70,23 +70,27 @@ def test_audio_prompts_are_decoded_off_the_event_loop(server, client, monkeypatc
     from server import media
 
     decoders, real = [], media.read_audio
+    started, probed, overlapped = threading.Event(), threading.Event(), []
 
-    def slow_read_audio(*args, **kwargs):  # the first stands for a costly decode
-        decoders.append(threading.current_thread())
-        time.sleep(1.5 if len(decoders) == 1 else 0)
+    def slow_read_audio(*args, **kwargs):  # the first stands for a costly decode: it lasts until /healthz
+        decoders.append(threading.current_thread())  # has answered (or 30 s, had that waited for it)
+        if len(decoders) == 1:
+            started.set()
+            overlapped.append(probed.wait(30))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(media, "read_audio", slow_read_audio)
     audio = b64(wav_bytes(np.zeros(80), 8000))
+    # the probe is sent once the decode has started and answered while it runs: events, not durations (a
+    # fixed 0.3 s for the decode to start and 0.6 s for the probe were a loaded machine's to miss)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(client.post, "/v1/generate",
                               json={"model": AUDIO, "prompt_audio": audio, "max_new_tokens": 1})  # fmt: skip
-        time.sleep(0.3)  # (the decode has started)
-        t0 = time.monotonic()
+        assert started.wait(60)  # (the decode has started)
         assert client.get("/healthz").status_code == 200
-        probe_s = time.monotonic() - t0
+        probed.set()
         assert pending.result().status_code == 200
-    assert probe_s < 0.6, probe_s
+    assert overlapped == [True], "/healthz waited for the decode to end"
     sid = client.post("/v1/sessions", json={"model": AUDIO, "prompt_audio": audio}).json()["session_id"]
     r = client.post(f"/v1/sessions/{sid}/append", json={"prompt_audio": audio})
     assert r.status_code == 200 and r.json()["tokens"] == 160
