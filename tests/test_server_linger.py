@@ -159,8 +159,19 @@ def test_pythons_urllib_gets_the_413_not_connection_reset_by_peer(srv):
 
 
 def test_a_lingering_close_ends_at_the_clients_fin_after_the_idle_timeout_or_in_all(srv):
+    """Durations are measured from the lingering close's own start (the server's clock, as its deadlines
+    are): measured from when this thread saw it, a loaded machine's late look made the 0.5 s idle timeout
+    look shorter than 0.3 s. The close at the client's FIN is told from the idle timeout's by a timeout
+    far longer than any stall (it was told from 0.5 s by a bound of 0.4 s)."""
     guard = guard_of(srv)
     old = guard.linger_timeout_s, guard.linger_time_s
+
+    def started() -> float:
+        """Once a lingering close is under way: its start, on the server's clock (loop.time(): monotonic)."""
+        seen: list = []
+        assert wait_for(lambda: seen.extend(lingering(srv, before)) or seen, timeout=60)
+        return seen[0].lingering.started
+
     guard.linger_timeout_s, guard.linger_time_s = 0.5, 2.0
     try:
         # a client that sends a refused request's head and part of its body, then nothing, socket open:
@@ -168,17 +179,15 @@ def test_a_lingering_close_ends_at_the_clients_fin_after_the_idle_timeout_or_in_
         before = set(guard.connections)
         quiet = socket.create_connection(("127.0.0.1", srv.port))
         quiet.sendall(post_head() + PIECE)
-        assert wait_for(lambda: lingering(srv, before), timeout=5)
-        t0 = time.monotonic()
+        t0 = started()
         assert quiet.recv(12) == b"HTTP/1.1 413"
-        assert wait_for(lambda: not lingering(srv, before), timeout=5)
+        assert wait_for(lambda: not lingering(srv, before), timeout=60)
         assert 0.3 <= time.monotonic() - t0 <= 2.0, time.monotonic() - t0
         quiet.close()
         # a client that trickles input for ever: closed linger_time_s after the close began
         trickle = socket.create_connection(("127.0.0.1", srv.port))
         trickle.sendall(post_head() + PIECE)
-        assert wait_for(lambda: lingering(srv, before), timeout=5)
-        t0 = time.monotonic()
+        t0 = started()
         ended = None
         while time.monotonic() - t0 < 5:
             try:
@@ -190,14 +199,15 @@ def test_a_lingering_close_ends_at_the_clients_fin_after_the_idle_timeout_or_in_
             time.sleep(0.1)
         assert ended is not None and 1.6 <= ended <= 3.5, ended  # not at the 0.5 s idle timeout
         trickle.close()
-        # a client that reads the response and closes: at once
+        # a client that reads the response and closes: at once, not at the idle timeout (30 s here)
+        guard.linger_timeout_s, guard.linger_time_s = 30.0, 60.0
         done = socket.create_connection(("127.0.0.1", srv.port))
         done.sendall(post_head() + PIECE)
         assert done.recv(12) == b"HTTP/1.1 413"
         done.close()
         t0 = time.monotonic()
-        assert wait_for(lambda: not lingering(srv, before), timeout=5)
-        assert time.monotonic() - t0 < 0.4
+        assert wait_for(lambda: not lingering(srv, before), timeout=60)
+        assert time.monotonic() - t0 < 20
     finally:
         guard.linger_timeout_s, guard.linger_time_s = old
 
