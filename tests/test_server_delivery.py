@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import threading
 import time
 
 import httpx
@@ -193,11 +194,17 @@ def test_an_audio_websocket_closed_mid_turn_keeps_the_samples_of_the_frames_it_w
     same_as_a_turn_of(client, sid, AUDIO, None, got, turn)
 
 
-def test_cancel_while_the_prompt_is_ingested_stops_at_a_chunk_and_takes_the_prompt_back(server, client):
+def test_cancel_while_the_prompt_is_ingested_stops_at_a_chunk_and_takes_the_prompt_back(
+    server, client, monkeypatch
+):
     """A 30 s audio prompt (binary frames, then generate) and a cancel once its ingestion has begun: the
     done frame comes within a few prompt chunks, not after the whole prompt, says cancelled with no
-    prompt tokens used, and the session is bit for bit what it was before the turn."""
+    prompt tokens used, and the session is bit for bit what it was before the turn. The prompt's chunks
+    after its first wait until the cancel has reached the turn, so what is counted is chunks, not seconds
+    (the cancel's time against a whole ingestion's, 0.5 s, was a loaded machine's to blur; and a test
+    thread that looked late could find the whole prompt ingested before it sent the cancel)."""
     engine = server.state.models[AUDIO].engine
+    chunk = server.state.settings.prefill_chunk_tokens
     samples = bytes((i * 7919) % 256 for i in range(30 * 8000))  # mulaw ids: 30 s at 8 kHz
     ws = RawWebSocket(server.port)
     ws.send_json({"type": "session", "model": AUDIO, "audio_encoding": "mulaw"})
@@ -207,17 +214,27 @@ def test_cancel_while_the_prompt_is_ingested_stops_at_a_chunk_and_takes_the_prom
     assert ws.recv_json()["tokens"] == 4000
     before = exported(client, sid)
 
+    holding, started, real_prefill = [True], threading.Event(), engine.rec.prefill
+
+    def prefill(*args, **kwargs):  # (the engine thread) after the first chunk: once the cancel is in
+        if holding[0] and started.is_set():
+            assert wait_for(lambda: any(j.cancelled for j in engine._prefilling), 60, 0.001)
+        started.set()
+        return real_prefill(*args, **kwargs)
+
+    monkeypatch.setattr(engine.rec, "prefill", prefill)
     for i in range(0, len(samples), 60_000):
         ws.sock.sendall(_binary(samples[i : i + 60_000]))
     ingested = engine.metrics.prefill_tokens._value.get()
     ws.send_json({"type": "generate", "max_new_tokens": 100, "seed": 1})
-    assert wait_for(lambda: engine.metrics.prefill_tokens._value.get() > ingested, 10, 0.001)
-    t0 = time.perf_counter()
+    assert started.wait(60)
     ws.send_json({"type": "cancel"})
     while (m := ws.recv_json())["type"] not in ("done", "error"):
         pass
-    cancel_s = time.perf_counter() - t0
+    holding[0] = False
     assert m["type"] == "done" and m["finish_reason"] == "cancelled", m
+    # the chunk under way when the cancel came, and at most one picked before it: not the prompt's 938
+    assert engine.metrics.prefill_tokens._value.get() - ingested <= 2 * chunk
     assert m["usage"] == {
         "prompt_tokens": 0,
         "completion_tokens": 0,
@@ -226,15 +243,12 @@ def test_cancel_while_the_prompt_is_ingested_stops_at_a_chunk_and_takes_the_prom
     }
     assert exported(client, sid) == before
 
-    # the same prompt, ingested whole this time (an append): the time the cancel saved
+    # the same prompt, ingested whole this time (an append)
     for i in range(0, len(samples), 60_000):
         ws.sock.sendall(_binary(samples[i : i + 60_000]))
-    t0 = time.perf_counter()
     ws.send_json({"type": "append"})
     assert ws.recv_json()["tokens"] == 4000 + len(samples)
-    whole_s = time.perf_counter() - t0
     ws.close()
-    assert cancel_s < whole_s / 4, (cancel_s, whole_s)
 
 
 def _binary(data: bytes) -> bytes:
