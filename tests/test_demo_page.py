@@ -199,13 +199,13 @@ def test_text_streams_into_the_page_and_a_second_turn_continues_the_session(
     assert [x["session_id"] for x in dones] == [sid, sid, sid]
     # the context length shown is the session's own (the server's count), the state size is fixed
     n = len(p1) + 120 + len(p2) + 60 + 20
-    assert wait_for(lambda: d.page.text_content("#context") == f"{n} tokens", 5)
+    assert wait_for(lambda: d.page.text_content("#context") == f"{n} tokens", 60)
     assert client.get(f"/v1/sessions/{sid}").json()["tokens"] == n
     d.screenshot("demo-text.png", tmp_path)
 
     d.page.click("#reset")  # a new session: the old one goes with its socket
     assert d.page.text_content("#output") == "" and d.page.text_content("#context") == "0 tokens"
-    assert wait_for(lambda: client.get(f"/v1/sessions/{sid}").status_code == 404, 5)
+    assert wait_for(lambda: client.get(f"/v1/sessions/{sid}").status_code == 404, 60)
     assert generate_text(d, p1, 120, seed=7) == got1
     assert d.js("s4demo.sessionId") != sid
     assert d.errors == []

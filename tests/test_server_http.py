@@ -497,13 +497,13 @@ def test_client_disconnect_stops_generation_and_frees_the_slot(client, server):
         assert next(lines).startswith("data: ")
         assert engine.pool.in_use == base + 1
     # SSE: the response task is cancelled at once; the engine drops the request at its next step
-    assert wait_for(lambda: engine.pool.in_use == base and engine.active_requests == 0, 5)
+    assert wait_for(lambda: engine.pool.in_use == base and engine.active_requests == 0, 60)
     t0 = time.monotonic()
     try:  # plain JSON: the server polls for the disconnect while it waits
         httpx.post(server.url + "/v1/generate", json=req, timeout=0.3)
     except httpx.ReadTimeout:
         pass
-    assert wait_for(lambda: engine.pool.in_use == base and engine.active_requests == 0, 5)
+    assert wait_for(lambda: engine.pool.in_use == base and engine.active_requests == 0, 60)
     assert time.monotonic() - t0 < 3
     assert metric(client, "s4_active_sessions", TEXT) == base
 

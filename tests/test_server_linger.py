@@ -121,7 +121,7 @@ def test_a_client_still_sending_when_refused_reads_the_response_and_no_reset(srv
     assert how == "fin", f"{kind}: {how}; read {got[:120]!r}"
     assert got.startswith(b"HTTP/1.1 %d " % status), got[:200]
     assert b"connection: close" in got.lower()
-    assert wait_for(lambda: not lingering(srv), timeout=5), "the client's FIN ends the lingering close"
+    assert wait_for(lambda: not lingering(srv), timeout=60), "the client's FIN ends the lingering close"
 
 
 def test_a_client_over_its_cap_still_sending_reads_the_429(srv):
@@ -294,7 +294,7 @@ def test_a_lingering_close_drops_at_most_linger_max_bytes(srv):
         with socket.create_connection(("127.0.0.1", srv.port)) as sock:
             sock.sendall(post_head(length=1 << 40) + PIECE)
             assert sock.recv(12) == b"HTTP/1.1 413"
-            assert wait_for(lambda: lingering(srv, before), timeout=5)
+            assert wait_for(lambda: lingering(srv, before), timeout=60)
             (conn,) = lingering(srv, before)
             sent, t0 = 0, time.monotonic()
             try:
@@ -331,7 +331,7 @@ def test_a_slow_clients_deadline_close_does_not_linger(model_dirs):
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
         assert sock.recv(12) == b"HTTP/1.1 408"
         # closed outright: gone from the server's connections while the client still holds its socket
-        assert wait_for(lambda: not guard_of(s).connections, timeout=3)
+        assert wait_for(lambda: not guard_of(s).connections, timeout=60)
         sock.close()
     finally:
         s.stop()
