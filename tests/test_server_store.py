@@ -839,7 +839,7 @@ def test_landed_resolves_once_the_sessions_operation_is_tried_or_dropped():
     header = dict(HEADER)
     assert writer.landed("a").result(0) == "none"
     writer.write("a", header, b"\0\0\0\0")  # taken by the writer thread, which waits at the gate
-    assert wait_for(lambda: writer._busy == "a", 5)
+    assert wait_for(lambda: writer._busy == "a", 60)
     first = writer.landed("a")
     writer.write("a", {**header, "n_tokens": 2}, b"\0\0\0\0")  # queued behind it
     second, third = writer.landed("a"), writer.landed("a")
@@ -1373,7 +1373,7 @@ def test_an_idle_writer_asks_a_failing_store_again_so_up_comes_back_without_a_re
         time.sleep(0.2)  # probes while down: still 0
         assert up() == 0 and not writer.may_evict("w")
         store.down.clear()  # reads answer again, writes still fail (Redis at maxmemory)
-        assert wait_for(lambda: up() == 1, 5)
+        assert wait_for(lambda: up() == 1, 60)
         assert not writer.may_evict("w")  # (its write has not landed: the copy here is the only one)
         store.put = real_put
         assert writer.write("w", dict(HEADER), b"\0\0\0\0").result(5) == "write" and writer.may_evict("w")
@@ -1391,21 +1391,30 @@ def test_the_first_probe_after_a_failure_waits_probe_s(monkeypatch):
     store, metrics = MemoryStateStore(), Metrics()
     metrics.add_store_gauges(lambda: 0)
     writer = StoreWriter(store, metrics.store_ops, up=metrics.store_up)
+    # the failure and the probe are timed where they happen, and the probe answers only once the gauge has
+    # been read: a test thread scheduled late (a loaded machine) timed the failure late and read the gauge
+    # after a sleep of 0.3 s, when the probe (0.5 s) could have come and gone
     asked: list[float] = []
+    failed: list[float] = []
+    scraped = threading.Event()
     real_version = store.version
+
+    def put(*args, **kwargs):
+        failed.append(time.monotonic())
+        _put_refused(*args, **kwargs)
 
     def version(session_id):
         asked.append(time.monotonic())
+        assert scraped.wait(60)
         return real_version(session_id)
 
-    store.put, store.version = _put_refused, version
+    store.put, store.version = put, version
     try:
         assert writer.write("w", dict(HEADER), b"\0\0\0\0").result(5) == "error"
-        failed = time.monotonic()
-        time.sleep(0.3)
-        assert asked == [] and metrics.registry.get_sample_value("s4_session_store_up") == 0
-        assert wait_for(lambda: asked, 5) and asked[0] - failed >= 0.45  # (PROBE_S after the failure)
-        assert wait_for(lambda: metrics.registry.get_sample_value("s4_session_store_up") == 1, 5)
+        assert metrics.registry.get_sample_value("s4_session_store_up") == 0  # a scrape sees the failure
+        scraped.set()
+        assert wait_for(lambda: asked, 60) and asked[0] - failed[0] >= 0.45  # (PROBE_S after the failure)
+        assert wait_for(lambda: metrics.registry.get_sample_value("s4_session_store_up") == 1, 60)
     finally:
         writer.stop(5)
 
@@ -1430,10 +1439,10 @@ def test_a_delete_the_store_failed_is_tried_again_until_it_lands(monkeypatch):
     assert errors["delete"] >= 1 and errors["write"] == errors["read"] == 0, errors
     assert metrics.registry.get_sample_value("s4_session_store_operations_total", {"op": "error"}) >= 1
     assert writer.deleting("a") and store.version("a") != TOMBSTONE
-    assert wait_for(lambda: store.deletes >= 3, 5)  # tried again, 0.05 s then 0.1 s later
+    assert wait_for(lambda: store.deletes >= 3, 60)  # tried again, 0.05 s then 0.1 s later
     assert writer.deleting("a") and writer.backlog == 1
     store.down.clear()
-    assert wait_for(lambda: not writer.deleting("a"), 5)  # the next try (≤ 0.4 s) lands
+    assert wait_for(lambda: not writer.deleting("a"), 60)  # the next try (≤ 0.4 s) lands
     assert store.version("a") == TOMBSTONE and writer.backlog == 0
 
     monkeypatch.setattr(store_module, "DELETE_RETRY_S", 30.0)  # a client's DELETE again does not wait 30 s
