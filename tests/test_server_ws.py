@@ -85,7 +85,8 @@ def test_32_concurrent_sessions_get_exactly_their_tokens_on_every_transport(serv
         twin = asyncio.create_task(http_twin())
         # every socket bound (32 handshakes and sessions can take longer than any fixed sleep on a loaded
         # machine: the late ones then started after the early turns had ended, and no step carried 17)
-        await asyncio.wait_for(all_bound.wait(), 60)
+        bound = asyncio.create_task(all_bound.wait())  # (or a socket failed first: gather raises its error)
+        await asyncio.wait([bound, *tasks], timeout=60, return_when=asyncio.FIRST_COMPLETED)
         go.set()
         return await asyncio.gather(*tasks), await twin
 
