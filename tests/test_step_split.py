@@ -151,6 +151,7 @@ def test_a_stall_mid_block_hands_the_rest_to_one_thread_with_the_same_results(li
         assert torch.equal(a, b)
 
 
+@pytest.mark.alone
 def test_the_guard_pauses_once_stalls_pile_up_doubles_the_pause_then_splits_again(lib):
     torch.manual_seed(0)
     rec = SequenceModel(ModelConfig(**BASE, kernel="s4d")).to_recurrent()
@@ -221,6 +222,7 @@ def test_a_bad_guard_setting_is_refused_not_wrapped(lib, bad):
     assert fused.step_split_state(lib)[2] == old
 
 
+@pytest.mark.alone
 def test_a_stall_that_several_threads_wait_out_counts_once(lib):
     """One descheduled thread holds every other thread of the team at the barrier: the stall is its time
     once (the longest wait), not once per waiting thread (three threads made an 11 ms stall 22 ms of debt,
@@ -241,6 +243,7 @@ def test_a_stall_that_several_threads_wait_out_counts_once(lib):
     assert pause == before and left < left_before <= -1
 
 
+@pytest.mark.alone
 def test_the_first_threads_sampling_in_a_split_decode_block_is_no_stall(lib):
     """Between two steps of a split decode block the first thread samples while the others wait for it at
     the barrier: that wait is the sampling's time (milliseconds with a large vocabulary and top-p), no
@@ -303,6 +306,7 @@ def test_an_interrupted_split_block_makes_the_single_threads_round(lib, rec, sch
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 
 
+@pytest.mark.alone
 def test_a_block_handed_to_one_thread_mid_round_finishes_the_round(lib, rec):
     """A stall in the first step pauses the split: the rest of the block runs in one thread from step 1, and
     an interrupt still ends it after the first round (3 steps), not at once (its first round started at 1)."""
@@ -417,6 +421,7 @@ def test_a_split_prefill_of_one_row_is_bit_for_bit_the_single_threads_and_the_st
             assert got[0] is None if head == "none" else torch.equal(got[0], want[0]), (head, threads)
 
 
+@pytest.mark.alone
 def test_a_split_prefill_feeds_the_guard_and_runs_in_one_thread_while_paused(lib, rec):
     """A stalled barrier in a split prefill counts toward the contention guard as a step's does (a 30 ms
     stall pauses splitting for 10 ms), and a prefill while paused runs in one thread: the same bits."""
@@ -458,6 +463,7 @@ def test_a_prefill_of_several_rows_still_gives_each_thread_rows_of_its_own(lib, 
         assert torch.equal(alone[1], both[1][:, r : r + 1])
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("arch", ["isotropic", "sashimi"])
 def test_a_batch_split_by_rows_feeds_the_guard_and_steps_in_one_thread_while_it_pauses(lib, arch):
     """A batch of 8 rows or more (4 for SaShiMi) steps each thread's rows alone, and the step ends when its
