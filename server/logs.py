@@ -67,14 +67,30 @@ def add_request_ids(app) -> None:
     )
 
 
+# a session id (server/sessions.py new_session_id: "sess-" + 32 hex digits, 128 random bits) is a
+# capability: whoever holds it reaches the session (its state, export, delete). A log line keeps its first 8
+# hex digits (32 bits: enough to find a client's session in the log) and drops the rest.
+SESSION_ID = re.compile(r"(sess-[0-9a-f]{8})[0-9a-f]{24}(?![0-9a-f])")
+
+
+def redact_session_ids(text: str) -> str:
+    """`text` with every session id shortened to `sess-` + its first 8 hex digits + `...`."""
+    return SESSION_ID.sub(r"\1...", text)
+
+
 class RequestIds(logging.Filter):
     """Puts the current request's id and generation id (None outside a request) on every record; a
     record logged outside a request with its own `request_id` (`extra`: a refusal written below the app,
-    server/connections.py) keeps it."""
+    server/connections.py) keeps it. Session ids in the message (ours, and uvicorn's access lines' paths)
+    are shortened (`redact_session_ids`): a log read by more people than the clients must not hand out
+    their sessions."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = correlation_id.get() or getattr(record, "request_id", None)
         record.generation_id = generation_id.get()
+        message = record.getMessage()
+        if "sess-" in message:
+            record.msg, record.args = redact_session_ids(message), ()
         return True
 
 

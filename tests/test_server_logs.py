@@ -21,7 +21,7 @@ from websockets.sync.client import connect
 
 from server import Settings
 from server.launch import free_port
-from server.logs import TEXT_FORMAT, QuietProbes, RequestIds, TextFormatter, generation_id
+from server.logs import TEXT_FORMAT, QuietProbes, RequestIds, TextFormatter, generation_id, redact_session_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -253,3 +253,59 @@ def test_the_drain_logs_no_request_id_though_the_signal_interrupts_an_open_webso
     assert len(drain) == 2, [r.getMessage() for r in records]
     assert [(r.request_id, r.generation_id) for r in drain] == [(None, None)] * 2
     assert drain[0].getMessage() == "SIGTERM: draining (up to 0.3 s)"  # (it said "up to 0 s": %.0f)
+
+
+def test_session_ids_in_log_lines_keep_their_first_8_hex_digits_only(model_dirs):
+    """A session id is a capability (128 random bits: whoever holds it reaches the session's state, export
+    and delete), so a log read by more people than the clients must not hold it whole. It was in every
+    access line of a session route and in the server's own lines (expired, evicted, store). Now `sess-` and
+    its first 8 hex digits stay (enough to find a client's session), the rest is dropped: in uvicorn's
+    access lines, the server's lines, text and JSON alike."""
+    assert redact_session_ids("GET /v1/sessions/sess-0123456789abcdef0123456789abcdef/export") == (
+        "GET /v1/sessions/sess-01234567.../export"
+    )
+    assert (
+        redact_session_ids("sess-0123456789abcdef0123456789abcdef0")
+        == "sess-0123456789abcdef0123456789abcdef0"
+    )
+    for fmt in ("text", "json"):
+        port = free_port()
+        cmd = [sys.executable, "-m", "server", "--port", str(port), "--checkpoints", str(model_dirs["text"]),
+               "--log-level", "info", "--session-ttl-s", "1"]  # fmt: skip
+        env = {**os.environ, "S4_LOG_FORMAT": fmt, "OMP_WAIT_POLICY": "PASSIVE"}
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            assert wait_for(lambda: _ready(proc, url), 120), "the server did not become ready"
+            sids = []
+            for _ in range(2):
+                made = httpx.post(url + "/v1/sessions", json={"model": "tiny-text"})
+                assert made.status_code == 201
+                sids.append(made.json()["session_id"])
+            kept, expiring = sids
+            body = {"model": "tiny-text", "prompt": "to be", "max_new_tokens": 3, "session_id": kept}
+            assert httpx.post(url + "/v1/generate", json=body).status_code == 200
+            assert httpx.get(f"{url}/v1/sessions/{kept}/export").status_code == 200
+            assert httpx.delete(f"{url}/v1/sessions/{kept}").status_code == 204
+            # the other one's TTL (1 s) runs out: its expiry line names it
+            assert wait_for(lambda: httpx.get(f"{url}/v1/sessions/{expiring}").status_code == 404, 60, 0.2)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+            log = proc.stderr.read()
+        finally:
+            proc.kill()
+        if fmt == "json":  # (a message's quotes are escaped in its JSON line)
+            log = "\n".join(json.loads(line)["message"] for line in log.splitlines())
+        for sid in sids:
+            assert sid not in log, (fmt, sid)
+        assert f'"DELETE /v1/sessions/{kept[:13]}... HTTP/1.1" 204' in log, fmt
+        assert f"/v1/sessions/{kept[:13]}.../export HTTP/1.1" in log, fmt
+        assert f"session {expiring[:13]}... expired" in log, fmt
+
+
+def _ready(proc, url: str) -> bool:
+    assert proc.poll() is None, "the server stopped"
+    try:
+        return httpx.get(url + "/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
