@@ -136,7 +136,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await refuse(ws.scope, ws.receive, ws.send, err)
 
     app.mount("/static", demo.static_files(), name="static")
-    keys = APIKeys(settings.api_keys)
+    keys = app.state.api_keys = APIKeys(settings.api_keys)  # (/readyz: the reasons only with a key)
     if keys.enabled:
         refused = state.metrics.auth_failures
         app.add_middleware(APIKeyMiddleware, keys=keys, on_refused=lambda kind: refused.labels(kind).inc())

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 from fastapi.responses import JSONResponse
-from server_support import WS_GENERATE, ServerThread, metric
+from server_support import WS_GENERATE, ServerThread, metric, wait_for
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -364,3 +364,36 @@ def test_the_key_subprotocol_offered_without_s4_is_a_400_saying_what_to_offer(ke
         asyncio.run(_open(keyed.ws_url, subprotocols=[encode_key_subprotocol("wrong")]))
     assert e.value.response.status_code == 401
     assert metric(c, "s4_active_sessions", TEXT) == 0
+
+
+def test_readyz_without_a_key_withholds_why_a_model_is_not_served(model_dirs):
+    """/readyz needs no key (the orchestrator's probe sends none), but why a model is not served quotes
+    the checkpoint's path on the server's disk and the exception's text (an audit's note): without a valid
+    key the answer keeps its status and fields and names the model, and the reason is withheld; with a
+    key it is given whole, as without keys configured."""
+    from server import Settings
+
+    broken = str(model_dirs["broken"])
+    settings = Settings(checkpoints=[str(model_dirs["text"]), broken], api_keys=KEYS[0], drain_timeout_s=1,
+                        require_all_models=True)  # fmt: skip
+    s = ServerThread(settings)
+    s.thread.start()  # (never ready: start() waits for a 200)
+    try:
+        loaded = lambda: s.server.started and httpx.get(s.url + "/readyz").json()["reason"] != "loading"  # noqa: E731
+        assert wait_for(loaded, 120, 0.1)
+        bare = httpx.get(s.url + "/readyz")
+        wrong = httpx.get(s.url + "/readyz", headers={"X-API-Key": "not-a-key"})
+        keyed = httpx.get(s.url + "/readyz", headers={"Authorization": f"Bearer {KEYS[0]}"})
+    finally:
+        s.stop()
+    for r in (bare, wrong, keyed):  # the same status and fields: the probe's answer does not depend on a key
+        assert (
+            r.status_code == 503 and r.json()["models"] == [TEXT] and list(r.json()["failed"]) == ["broken"]
+        )
+    for r in (bare, wrong):
+        assert broken not in r.text and "JSON" not in r.text, r.text
+        assert r.json()["failed"]["broken"].startswith("not served (why: in the server's log")
+        assert r.json()["reason"].startswith(
+            "not every configured model is served (S4_REQUIRE_ALL_MODELS): broken"
+        )
+    assert "not valid JSON" in keyed.json()["failed"]["broken"] and "not valid JSON" in keyed.json()["reason"]

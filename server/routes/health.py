@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from server.auth import presented_keys
 from server.service import state_of
 
 router = APIRouter()
@@ -22,7 +23,16 @@ NOT_READY = {**READY, "description": "loading, draining, or nothing to serve"}
 @router.get("/readyz", tags=["health"], summary="Models loaded and verified (503 before, and while draining)",
             responses={200: READY, 503: NOT_READY})  # fmt: skip
 async def readyz(request: Request) -> JSONResponse:
+    """With API keys on, a request without a valid one (an orchestrator's probe) gets the same status and
+    fields, but the reason a model is not served is withheld: it quotes paths on the server's disk and
+    exception text (the log has it, and so does this answer with a key)."""
     st = state_of(request)
+    keys = request.app.state.api_keys
+    failed = st.failed
+    if keys.enabled and not any([keys.accepts(k) for k in presented_keys(request.scope)]):
+        failed = {
+            k: "not served (why: in the server's log, or in this answer with an API key)" for k in failed
+        }
     if st.draining:
         reason = "draining"
     elif not st.loaded:
@@ -33,13 +43,13 @@ async def readyz(request: Request) -> JSONResponse:
         reason = "; ".join(crashed)  # a restart is the fix: let the orchestrator see it
     elif st.failed and st.settings.require_all_models:
         reason = "not every configured model is served (S4_REQUIRE_ALL_MODELS): " + "; ".join(
-            f"{k}: {v}" for k, v in st.failed.items()
+            f"{k}: {v}" for k, v in failed.items()
         )
     else:
         reason = None
     verified = {k: {n: m.rec.verification[n] for n in ("dtype", "step_rel_err", "prefill_rel_err", "tol")}
                 for k, m in st.models.items()}  # fmt: skip
-    body = {"ready": reason is None, "reason": reason, "models": list(st.models), "failed": st.failed,
+    body = {"ready": reason is None, "reason": reason, "models": list(st.models), "failed": failed,
             "verification": verified}  # fmt: skip
     return JSONResponse(body, status_code=200 if reason is None else 503)
 
