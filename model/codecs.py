@@ -375,6 +375,57 @@ def _check_whole(chunk: _DataChunk | None, frames: int) -> None:
     raise AudioTruncated(frames, max(declared, frames + 1))
 
 
+_MP3_KBPS = {  # kbit/s of bitrate indices 1-14 by (MPEG-1, layer); MPEG-2 and 2.5 layers II, III: one
+    (True, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
+    (True, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
+    (True, 3): (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+    (False, 1): (32, 48, 56, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256),
+    (False, 2): (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
+}
+_MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}  # by version
+_MP3_LENGTH_TAGS = (b"Xing", b"Info", b"VBRI")  # a first frame that says how long the stream is
+_MP3_TRAILERS = (b"TAG", b"APETAGEX", b"LYRICS")  # tags that may follow the last frame
+
+
+def _mp3_samples(data: bytes) -> tuple[int, int] | None:
+    """(MPEG frames, samples they hold) of an MP3 whose first frame is not a length header (Xing, Info or
+    VBRI), counted by walking its frame headers from the first (after an ID3v2 tag) to the end of the
+    data (or an ID3v1, APE or Lyrics tag there); None when it has a length header, or when the walk cannot
+    account for the whole file (a free-format bitrate, a header that changes version or rate, bytes that
+    are no frame): then nothing is known beyond what libsndfile says."""
+    p = 0
+    if data[:3] == b"ID3" and len(data) >= 10:  # ID3v2: a syncsafe size, 10 more with a footer
+        p = (
+            10
+            + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(data[6:10]))
+            + (10 if data[5] & 0x10 else 0)
+        )
+    frames = samples = 0
+    first = None
+    while p + 4 <= len(data):
+        h = int.from_bytes(data[p : p + 4], "big")
+        version, layer, index = (h >> 19) & 3, 4 - ((h >> 17) & 3), (h >> 12) & 15
+        if h >> 21 != 0x7FF or version == 1 or layer == 4 or not 1 <= index <= 14 or (h >> 10) & 3 == 3:
+            break
+        if first is None:
+            first = h & 0xFFFE0C00  # (sync, version, layer, sample rate: the same in every frame)
+        elif h & 0xFFFE0C00 != first:
+            return None
+        mpeg1, rate = version == 3, _MP3_RATES[version][(h >> 10) & 3]
+        kbps, pad = _MP3_KBPS[(mpeg1, min(layer, 2) if not mpeg1 else layer)][index - 1], (h >> 9) & 1
+        if layer == 1:
+            size, n = (12_000 * kbps // rate + pad) * 4, 384
+        else:
+            size = (144_000 if mpeg1 or layer == 2 else 72_000) * kbps // rate + pad
+            n = 576 if layer == 3 and not mpeg1 else 1152
+        if frames == 0 and any(tag in data[p : p + size] for tag in _MP3_LENGTH_TAGS):
+            return None
+        frames, samples, p = frames + 1, samples + n, p + size
+    if frames == 0 or (p < len(data) and not data[p:].startswith(_MP3_TRAILERS)):
+        return None
+    return frames, samples
+
+
 def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float | None = None):
     """Audio file bytes (any format libsndfile reads: WAV 8/16/24/32-bit PCM and float, mu-law, FLAC,
     OGG Vorbis/Opus, MP3, ...) → (mono float32 samples in [-1, 1], sample rate in Hz).
@@ -395,7 +446,9 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     up, what a writer that cannot seek back leaves (`sox -t wav -`: 0x7FFFF000; ffmpeg to a pipe:
     0xFFFFFFFF): the data then runs to the end of the file (a WAV data size of 0 followed by audio was
     read as no frames). A file of no frames gives no samples; one whose frames resample to none
-    (1 frame at 44.1 kHz to 8 kHz) raises NoSamples.
+    (1 frame at 44.1 kHz to 8 kHz) raises NoSamples. An MP3 without a length header (Xing, Info, VBRI)
+    whose MPEG frames hold more or fewer samples than libsndfile estimates from its first frame's
+    bitrate (a VBR one: libsndfile reads only its estimate, 23-51 % of such a file) raises ValueError.
 
     Raises ValueError (not an audio file, a header field out of range: the message names it, or a
     `target_rate` that is not an integer in the same range),
@@ -422,6 +475,20 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
         if not 0 <= frames < 2**62:  # libsndfile says SF_COUNT_MAX when it cannot tell
             raise ValueError(f"frames: the header gives no usable frame count ({frames})")
         _check_whole(chunk, frames)
+        if (
+            f.format == "MP3"
+            and (walked := _mp3_samples(data)) is not None
+            and abs(walked[1] - frames) > 2304
+        ):
+            # libsndfile's frame count for an MP3 without a length header is an estimate from its first
+            # frame's bitrate, and it reads no further: a VBR file was cut to 23-51 % of its length,
+            # silently (an audit); one that it overestimates reads as truncated
+            raise ValueError(
+                f"an MP3 without a length header (a Xing, Info or VBRI frame) whose bitrate varies: its "
+                f"{walked[0]} MPEG frames hold {walked[1]} samples, but libsndfile estimates {frames} from "
+                f"the first frame's bitrate and would read only that much; re-encode it with a length "
+                "header (LAME writes one unless told not to) or send WAV or FLAC"
+            )
         if max_seconds is not None:
             # the limit in samples at the rate used; soxr gives round(frames * out_rate / rate) samples,
             # which is within the limit exactly when frames * out_rate <= limit * rate

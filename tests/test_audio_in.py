@@ -4,6 +4,7 @@ generation without a prompt."""
 
 from __future__ import annotations
 
+import base64
 import io
 import struct
 import sys
@@ -334,3 +335,58 @@ def test_any_wav_header_fields_are_validated_before_allocation(fmt_tag, channels
         return
     assert r == 8000 and len(y) <= 16000 + 1
     assert MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE and 1 <= channels <= MAX_CHANNELS
+
+
+def _mpeg_frames(mp3: bytes) -> list[tuple[bytes, int]]:
+    """An MP3's MPEG-1/2/2.5 layer III frames as (bytes, kbit/s), by their headers' own arithmetic."""
+    kbps = {True: (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
+            False: (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)}  # fmt: skip
+    out, p = [], 0
+    while p + 4 <= len(mp3):
+        h = int.from_bytes(mp3[p : p + 4], "big")
+        version, index, pad = (h >> 19) & 3, (h >> 12) & 15, (h >> 9) & 1
+        assert h >> 21 == 0x7FF and (h >> 17) & 3 == 1, "a layer III frame header"
+        rate = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}[version][
+            (h >> 10) & 3
+        ]
+        k = kbps[version == 3][index - 1]
+        size = (144_000 if version == 3 else 72_000) * k // rate + pad
+        out.append((mp3[p : p + size], k))
+        p += size
+    assert p == len(mp3)
+    return out
+
+
+def test_an_mp3_without_a_length_header_is_read_whole_or_refused_never_cut_short_silently():
+    """libsndfile counts an MP3's frames from its Xing/Info header or, without one, estimates them from the
+    first frame's bitrate and reads no further: a VBR MP3 without the header (older encoders, `lame -t`,
+    a stream cut from a broadcast) was read as 23-51 % of its length, silently (an audit: 3 s of audio at
+    8 kHz read as 12,240 of its 25,344 samples). It is refused now, saying why; one whose bitrate is
+    constant (the estimate is exact) is read whole, and so is one with its length header."""
+    from server.errors import APIError
+    from server.media import prompt_ids
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([0.5 * rng.standard_normal(8000).clip(-1, 1), np.zeros(8000), tone(440, 8000, 1.0)])
+    mp3 = encoded(x, 8000, "MP3", "MPEG_LAYER_III")  # VBR, with a Xing header in its first frame
+    frames = _mpeg_frames(mp3)
+    assert b"Xing" in frames[0][0] and len({k for _, k in frames[1:]}) > 1  # (the bitrate varies)
+    assert len(read_audio(mp3, 8000, 30)[0]) == 24000
+    bare = b"".join(f for f, _ in frames[1:])  # the same stream without its length header
+    walked = 576 * (len(frames) - 1)
+    with pytest.raises(ValueError) as e:
+        read_audio(bare, 8000, 30)
+    assert str(e.value).startswith(
+        f"an MP3 without a length header (a Xing, Info or VBRI frame) whose bitrate varies: its "
+        f"{len(frames) - 1} MPEG frames hold {walked} samples, but libsndfile estimates "
+    ), e.value
+    with pytest.raises(ValueError, match="whose bitrate varies"):  # an ID3v1 tag after it changes nothing
+        read_audio(bare + b"TAG" + bytes(125), 8000, 30)
+    with pytest.raises(APIError) as api:
+        prompt_ids("audio", 8000, None, base64.b64encode(bare).decode(), 30, 240000)
+    assert api.value.status == 422 and api.value.param == "prompt_audio" and "Xing" in api.value.message
+    # constant bitrate without the header: the estimate is the count, and it is read whole
+    common = max({k for _, k in frames[1:]}, key=[k for _, k in frames[1:]].count)
+    cbr = [f for f, k in frames[1:] if k == common]
+    y, _ = read_audio(b"".join(cbr), 8000, 30)
+    assert len(y) == 576 * len(cbr) and len(cbr) > 5
