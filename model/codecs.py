@@ -375,6 +375,92 @@ def _check_whole(chunk: _DataChunk | None, frames: int) -> None:
     raise AudioTruncated(frames, max(declared, frames + 1))
 
 
+def _crc_table(poly: int, bits: int) -> tuple[int, ...]:
+    top, mask = 1 << (bits - 1), (1 << bits) - 1
+    table = []
+    for byte in range(256):
+        c = byte << (bits - 8)
+        for _ in range(8):
+            c = ((c << 1) ^ poly) & mask if c & top else (c << 1) & mask
+        table.append(c)
+    return tuple(table)
+
+
+_CRC8, _CRC16 = _crc_table(0x07, 8), _crc_table(0x8005, 16)  # FLAC's frame header and frame CRCs
+
+
+def _crc(data: bytes, table: tuple[int, ...], bits: int) -> int:
+    c, shift, mask = 0, bits - 8, (1 << bits) - 1
+    for b in data:
+        c = ((c << 8) & mask) ^ table[(c >> shift) ^ b]
+    return c
+
+
+def _flac_header(data: bytes, p: int) -> tuple[int, int, int] | None:
+    """(blocking strategy bit, frame or sample number, block size) of the FLAC frame header at p, or None
+    where there is none (its CRC-8 included: a sync code inside audio data passes 1 time in 256)."""
+    if data[p : p + 1] != b"\xff" or data[p + 1 : p + 2] not in (b"\xf8", b"\xf9") or len(data) < p + 6:
+        return None
+    code, rate_code, b3 = data[p + 2] >> 4, data[p + 2] & 15, data[p + 3]
+    if code == 0 or rate_code == 15 or b3 >> 4 >= 11 or b3 & 1:
+        return None
+    lead, q = data[p + 4], p + 5  # the number, UTF-8 coded: 1-7 bytes
+    ones = next((k for k in range(8) if not lead & (0x80 >> k)), 8)  # its leading 1 bits: the length
+    if ones in (1, 8):
+        return None
+    number = lead & (0x7F >> ones)
+    for _ in range(max(ones - 1, 0)):
+        if q >= len(data) or data[q] >> 6 != 2:
+            return None
+        number, q = (number << 6) | (data[q] & 63), q + 1
+    size = {
+        1: 192,
+        **{k: 576 << (k - 2) for k in range(2, 6)},
+        **{k: 256 << (k - 8) for k in range(8, 16)},
+    }.get(code)
+    if code in (6, 7):
+        size, q = int.from_bytes(data[q : q + code - 5], "big") + 1, q + code - 5
+    q += {12: 1, 13: 2, 14: 2}.get(rate_code, 0)
+    if q >= len(data) or _crc(data[p:q], _CRC8, 8) != data[q]:
+        return None
+    return data[p + 1] & 1, number, size
+
+
+def _flac_with_length(data: bytes) -> bytes:
+    """A FLAC whose STREAMINFO gives 0 samples ("unknown", what libFLAC leaves when it writes to a pipe),
+    with its total filled in: the last frame's first sample + its block size, the last frame being the
+    frame header nearest the end whose CRC-16 covers the data up to the file's last two bytes (its
+    footer). libsndfile reads such a file only as far as its first blocks ("Internal psf_fseek()
+    failed"), so it was refused. `data` unchanged for any other file, or where no last frame is found."""
+    if (
+        data[:4] != b"fLaC"
+        or len(data) < 42
+        or data[4] & 0x7F != 0
+        or int.from_bytes(data[18:26], "big") & (2**36 - 1)
+    ):
+        return data
+    info = int.from_bytes(data[18:26], "big")
+    block = int.from_bytes(data[10:12], "big")  # STREAMINFO's max block size: a fixed-size stream's
+    channels, bits = ((info >> 41) & 7) + 1, ((info >> 36) & 31) + 1
+    # the largest frame: each channel's samples stored verbatim (a side channel has one bit more), plus
+    # the headers; the search for the last frame's header goes no further back, and checks at most 8
+    # candidates' CRC-16, so a crafted file cannot make it slow
+    largest = 32 + channels * ((bits + 1) * max(block, 1) + 64) // 8
+    footer, start, left = int.from_bytes(data[-2:], "big"), len(data) - 2, 8
+    while left and (p := data.rfind(b"\xff", max(42, len(data) - largest), start)) >= 0:
+        start = p
+        if (head := _flac_header(data, p)) is None:
+            continue
+        left -= 1
+        if _crc(data[p:-2], _CRC16, 16) == footer:
+            variable, number, size = head
+            total = (number if variable else number * block) + size
+            if total >= 2**36:
+                return data
+            return data[:18] + (info | total).to_bytes(8, "big") + data[26:]
+    return data
+
+
 _MP3_KBPS = {  # kbit/s of bitrate indices 1-14 by (MPEG-1, layer); MPEG-2 and 2.5 layers II, III: one
     (True, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
     (True, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
@@ -449,6 +535,8 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     (1 frame at 44.1 kHz to 8 kHz) raises NoSamples. An MP3 without a length header (Xing, Info, VBRI)
     whose MPEG frames hold more or fewer samples than libsndfile estimates from its first frame's
     bitrate (a VBR one: libsndfile reads only its estimate, 23-51 % of such a file) raises ValueError.
+    A FLAC whose STREAMINFO gives no length (0: libFLAC writing to a pipe) gets the one its last frame
+    gives (`_flac_with_length`), then is read and limited as any file.
 
     Raises ValueError (not an audio file, a header field out of range: the message names it, or a
     `target_rate` that is not an integer in the same range),
@@ -461,7 +549,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     ):
         raise ValueError(f"target_rate: {target_rate!r} Hz is not an integer in [{MIN_SAMPLE_RATE}, "
                          f"{MAX_SAMPLE_RATE}]")  # fmt: skip
-    data, chunk = _streamed(data, _data_chunk(data))  # (the header's chunks walked once)
+    data, chunk = _streamed(_flac_with_length(data), _data_chunk(data))  # (the header's chunks walked once)
     try:
         f = soundfile.SoundFile(_Bytes(data))
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as exc:

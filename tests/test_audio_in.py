@@ -279,6 +279,7 @@ VALID = [
     encoded(tone(440, 44100, 0.01), 44100, "WAV", "PCM_24"),
     encoded(tone(440, 16000, 0.01), 16000, "WAV", "FLOAT", channels=2),
     encoded(tone(440, 8000, 0.05), 8000, "FLAC", "PCM_16"),
+    _set(encoded(tone(440, 8000, 0.05), 8000, "FLAC", "PCM_16"), 22, 0, "big"),  # (a length unknown: 0)
 ]
 
 
@@ -390,3 +391,42 @@ def test_an_mp3_without_a_length_header_is_read_whole_or_refused_never_cut_short
     cbr = [f for f, k in frames[1:] if k == common]
     y, _ = read_audio(b"".join(cbr), 8000, 30)
     assert len(y) == 576 * len(cbr) and len(cbr) > 5
+
+
+def test_a_flac_of_unknown_length_is_read_whole_and_held_to_the_limit_from_its_frames():
+    """A FLAC whose STREAMINFO gives 0 samples ("unknown": libFLAC writing to a pipe leaves it so,
+    `... | sox -t raw ... - -t flac - | ...`) was refused, "frames: the header gives no usable frame count
+    (9223372036854775807)" (an audit; libsndfile itself reads such a file only as far as its first blocks).
+    Its length is now found from its last frame (the frame header whose CRC-16 ends the file), so it is
+    read whole, and one over the limit is a 413 from that length, before anything is decoded."""
+    from server.errors import APIError
+    from server.media import prompt_ids
+
+    def unknown_length(data: bytes) -> bytes:
+        flac = bytearray(data)
+        info = int.from_bytes(flac[18:26], "big")  # bits 28-63 after "fLaC" and the block header: samples
+        assert info & (2**36 - 1)
+        flac[18:26] = (info & ~(2**36 - 1)).to_bytes(8, "big")
+        return bytes(flac)
+
+    cases = [
+        (44100, 1.0, "PCM_16", 1),
+        (8000, 0.77, "PCM_24", 2),
+        (16000, 0.3, "PCM_16", 6),
+        (8000, 0.01, "PCM_16", 1),
+    ]
+    for rate, seconds, subtype, channels in cases:
+        whole = encoded(tone(440, rate, seconds), rate, "FLAC", subtype, channels)
+        for target in (rate, 8000):
+            y, r = read_audio(unknown_length(whole), target, 30)
+            assert r == target and np.array_equal(y, read_audio(whole, target, 30)[0]), (rate, subtype)
+    # over the limit: refused from the length found, before a sample is decoded
+    piped = unknown_length(encoded(tone(440, 8000, 3.0), 8000, "FLAC", "PCM_16"))
+    with pytest.raises(AudioTooLong, match=r"^the audio is 3\.000 s long: 24000 samples at 8000 Hz"):
+        read_audio(piped, 8000, 2.0)
+    with pytest.raises(APIError) as api:
+        prompt_ids("audio", 8000, None, base64.b64encode(piped).decode(), 2.0, 16000)
+    assert api.value.status == 413 and api.value.param == "prompt_audio"
+    # a file whose last frame cannot be found (bytes after it) is still refused, naming the frame count
+    with pytest.raises(ValueError, match="^frames: the header gives no usable frame count"):
+        read_audio(piped + b"junk", 8000, 30)
