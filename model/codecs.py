@@ -521,8 +521,9 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     out, not aliased) and the rate returned is `target_rate`. The header's fields are validated
     before any sample is decoded: sample rate in [1000, 384000] Hz, 1-16 channels, a known frame
     count; and with `max_seconds` the duration frames / rate (before resampling) must be at most
-    that. Decoding goes block by block into one mono buffer of the declared length, so a header
-    cannot make it allocate more than that.
+    that. Decoding goes block by block, each mixed to mono and resampled as it comes, into the output
+    alone (at `target_rate`: max_seconds × target_rate samples at most, whatever the file's rate), so a
+    header cannot make it allocate more than that and one block.
 
     Samples beyond ±1 (a float file's, or a resampler's overshoot at a full-scale edge: a square wave's
     went to 1.2) are clipped; a NaN or infinite one is refused.
@@ -583,7 +584,16 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
             out_rate = target_rate or rate
             if frames * out_rate > math.floor(max_seconds * out_rate) * rate:
                 raise AudioTooLong(frames, rate, max_seconds, out_rate)
-        x = np.empty(frames, dtype=np.float32)
+        # Resampled block by block as decoded, so the only whole buffer is the output, at the target rate:
+        # the buffers at the file's own rate (up to 384 kHz: 48x an 8 kHz model's prompt) had been the peak:
+        # 20 s of 384 kHz silence, a 26 KB FLAC, took 59 MB (1.5 MB now); at S4_MAX_AUDIO_S=3600 a 4.7 MB
+        # FLAC asked for 11 GB. soxr's stream gives exactly its one-shot `resample`.
+        resample = target_rate is not None and target_rate != rate
+        stream = (
+            soxr.ResampleStream(rate, target_rate, 1, dtype="float32", quality="HQ") if resample else None
+        )
+        x = np.empty(0 if resample else frames, dtype=np.float32)
+        out: list[np.ndarray] = []  # (resampled blocks)
         buf = np.empty((min(READ_BLOCK_FRAMES, max(frames, 1)), channels), dtype=np.float32)
         n, bad = 0, None
         try:
@@ -596,16 +606,21 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
                     frame, channel = (int(i) for i in np.argwhere(~np.isfinite(got))[0])
                     bad = NonFiniteAudio(got[frame, channel], n + frame, channel)
                     break
-                x[n : n + len(got)] = got.mean(axis=1, dtype=np.float64)  # (float32 sums could overflow)
+                mono = got.mean(axis=1, dtype=np.float64).astype(np.float32)  # (float32 sums could overflow)
+                np.clip(mono, -1.0, 1.0, out=mono)  # float files may hold |x| > 1
+                if stream is not None:
+                    out.append(stream.resample_chunk(mono))
+                else:
+                    x[n : n + len(got)] = mono
                 n += len(got)
         except (soundfile.SoundFileError, RuntimeError, ValueError) as exc:
             raise ValueError(f"the audio data cannot be decoded: {_sndfile_message(exc)}") from None
     if bad is not None:
         raise bad
-    x = np.clip(x[:n], -1.0, 1.0)  # float files may hold |x| > 1
-    if target_rate is None or target_rate == rate or n == 0:
-        return x, target_rate or rate
-    y = soxr.resample(x, rate, target_rate, quality="HQ").astype(np.float32, copy=False)
+    if stream is None or n == 0:
+        return x[:n], target_rate or rate
+    out.append(stream.resample_chunk(np.empty(0, dtype=np.float32), last=True))
+    y = np.concatenate(out).astype(np.float32, copy=False)
     if len(y) == 0:
         raise NoSamples(n, rate, target_rate)
     return np.clip(y, -1.0, 1.0, out=y), target_rate  # (band-limited overshoot past ±1)

@@ -430,3 +430,39 @@ def test_a_flac_of_unknown_length_is_read_whole_and_held_to_the_limit_from_its_f
     # a file whose last frame cannot be found (bytes after it) is still refused, naming the frame count
     with pytest.raises(ValueError, match="^frames: the header gives no usable frame count"):
         read_audio(piped + b"junk", 8000, 30)
+
+
+def test_resampling_streams_block_by_block_exactly_as_one_shot_and_matches_the_analytic_signal():
+    """The decoded audio is resampled block by block as it is decoded, so memory is the output at the
+    model's rate, not the file's: 20 s of 384 kHz silence, a 26 KB FLAC, peaked at 59 MB (two buffers
+    of 7.7 M samples; at S4_MAX_AUDIO_S=3600 a 4.7 MB FLAC asked for 11 GB: an audit). The samples are
+    bit for bit soxr's one-shot resampling of the whole mono signal, and within 1e-4 of the analytic
+    float64 signal at the new rate (soxr HQ), with the same mu-law ids."""
+    import tracemalloc
+
+    import soxr
+
+    silence = encoded(np.zeros(384000 * 20), 384000, "FLAC", "PCM_16")
+    assert len(silence) < 64_000
+    tracemalloc.start()
+    try:
+        y, _ = read_audio(silence, 8000, 30)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(y) == 160_000 and not y.any()
+    assert peak < 8 * 2**20, peak  # the 640 KB output, its blocks, one decode block (it was 59 MB)
+    for rate, channels in [(44100, 2), (48000, 1), (11025, 1), (384000, 3)]:
+        t = np.arange(round(rate * 2.5)) / rate  # (several read blocks)
+        x = 0.5 * np.sin(2 * np.pi * 1000 * t + 0.3) + 0.2 * np.sin(2 * np.pi * 3000 * t)
+        data = encoded(x, rate, "WAV", "DOUBLE", channels)
+        y, r = read_audio(data, 8000, 30)
+        whole = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)[0].mean(
+            axis=1, dtype=np.float64
+        )
+        one_shot = soxr.resample(np.clip(whole.astype(np.float32), -1, 1), rate, 8000, quality="HQ")
+        assert r == 8000 and np.array_equal(y, np.clip(one_shot, -1, 1)), rate
+        t8 = np.arange(len(y)) / 8000
+        ref = 0.5 * np.sin(2 * np.pi * 1000 * t8 + 0.3) + 0.2 * np.sin(2 * np.pi * 3000 * t8)
+        assert len(y) == 20_000 and np.abs(y - ref)[400:-400].max() < 1e-4, rate  # (away from the edges)
+        assert np.array_equal(MuLaw().encode(y)[400:-400], MuLaw().encode(ref)[400:-400]), rate
