@@ -550,7 +550,8 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     ):
         raise ValueError(f"target_rate: {target_rate!r} Hz is not an integer in [{MIN_SAMPLE_RATE}, "
                          f"{MAX_SAMPLE_RATE}]")  # fmt: skip
-    data, chunk = _streamed(_flac_with_length(data), _data_chunk(data))  # (the header's chunks walked once)
+    data = _flac_with_length(data)  # (a FLAC of unknown length: the length its last frame gives)
+    data, chunk = _streamed(data, _data_chunk(data))  # (the header's chunks walked once)
     try:
         f = soundfile.SoundFile(_Bytes(data))
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
