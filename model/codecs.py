@@ -461,6 +461,17 @@ def _flac_with_length(data: bytes) -> bytes:
     return data
 
 
+def _ogg_streams(data: bytes) -> int:
+    """How many logical streams an OGG file begins (pages with the beginning-of-stream flag), counted by
+    walking its pages from the first to the end or to bytes that are no page."""
+    p = streams = 0
+    while data[p : p + 4] == b"OggS" and p + 27 <= len(data):
+        count = data[p + 26]
+        streams += bool(data[p + 5] & 2)
+        p += 27 + count + sum(data[p + 27 : p + 27 + count])
+    return streams
+
+
 _MP3_KBPS = {  # kbit/s of bitrate indices 1-14 by (MPEG-1, layer); MPEG-2 and 2.5 layers II, III: one
     (True, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
     (True, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
@@ -536,6 +547,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     (1 frame at 44.1 kHz to 8 kHz) raises NoSamples. An MP3 without a length header (Xing, Info, VBRI)
     whose MPEG frames hold more or fewer samples than libsndfile estimates from its first frame's
     bitrate (a VBR one: libsndfile reads only its estimate, 23-51 % of such a file) raises ValueError.
+    A chained OGG (more than one logical stream) raises ValueError: libsndfile reads only the first.
     A FLAC whose STREAMINFO gives no length (0: libFLAC writing to a pipe) gets the one its last frame
     gives (`_flac_with_length`), then is read and limited as any file.
 
@@ -565,6 +577,13 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
         if not 0 <= frames < 2**62:  # libsndfile says SF_COUNT_MAX when it cannot tell
             raise ValueError(f"frames: the header gives no usable frame count ({frames})")
         _check_whole(chunk, frames)
+        if f.format == "OGG" and (streams := _ogg_streams(data)) > 1:
+            # libsndfile reads the first and stops: the rest of a chain (files joined end to end) was
+            # dropped, silently (an audit)
+            raise ValueError(
+                f"a chained OGG of {streams} logical streams (files joined end to end, or several at once): "
+                f"libsndfile reads only the first ({frames} frames); send one stream (re-encode the whole)"
+            )
         if (
             f.format == "MP3"
             and (walked := _mp3_samples(data)) is not None

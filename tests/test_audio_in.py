@@ -466,3 +466,30 @@ def test_resampling_streams_block_by_block_exactly_as_one_shot_and_matches_the_a
         ref = 0.5 * np.sin(2 * np.pi * 1000 * t8 + 0.3) + 0.2 * np.sin(2 * np.pi * 3000 * t8)
         assert len(y) == 20_000 and np.abs(y - ref)[400:-400].max() < 1e-4, rate  # (away from the edges)
         assert np.array_equal(MuLaw().encode(y)[400:-400], MuLaw().encode(ref)[400:-400]), rate
+
+
+@pytest.mark.parametrize("subtype,rate", [("VORBIS", 8000), ("OPUS", 48000)])
+def test_a_chained_ogg_is_refused_not_cut_to_its_first_stream(subtype, rate):
+    """OGG files joined end to end (`cat a.ogg b.ogg`, a radio stream's dump) are one chained file of
+    several logical streams; libsndfile reads the first and stops, so the rest was dropped, silently (an
+    audit: 2 s + 0.5 s of Vorbis read as the first 2 s). Refused now, saying why; each part alone is read
+    whole, and a prompt of them is a 422 naming prompt_audio."""
+    from server.errors import APIError
+    from server.media import prompt_ids
+
+    first = encoded(tone(440, rate, 2.0), rate, "OGG", subtype)
+    second = encoded(tone(660, rate, 0.5), rate, "OGG", subtype)
+    assert len(read_audio(first, 8000, 30)[0]) == 16000 and len(read_audio(second, 8000, 30)[0]) == 4000
+    for chain, n in [(first + second, 2 * rate), (second + first + second, rate // 2)]:
+        streams = 2 if len(chain) == len(first) + len(second) else 3
+        with pytest.raises(ValueError) as e:
+            read_audio(chain, 8000, 30)
+        assert str(e.value) == (
+            f"a chained OGG of {streams} logical streams (files joined end to end, or several at once): "
+            f"libsndfile reads only the first ({n} frames); send one stream (re-encode the whole)"
+        )
+    with pytest.raises(APIError) as api:
+        prompt_ids("audio", 8000, None, base64.b64encode(first + second).decode(), 30, 240000)
+    assert (
+        api.value.status == 422 and api.value.param == "prompt_audio" and "chained OGG" in api.value.message
+    )
