@@ -484,12 +484,25 @@ _MP3_LENGTH_TAGS = (b"Xing", b"Info", b"VBRI")  # a first frame that says how lo
 _MP3_TRAILERS = (b"TAG", b"APETAGEX", b"LYRICS")  # tags that may follow the last frame
 
 
-def _mp3_samples(data: bytes) -> tuple[int, int] | None:
-    """(MPEG frames, samples they hold) of an MP3 whose first frame is not a length header (Xing, Info or
-    VBRI), counted by walking its frame headers from the first (after an ID3v2 tag) to the end of the
-    data (or an ID3v1, APE or Lyrics tag there); None when it has a length header, or when the walk cannot
-    account for the whole file (a free-format bitrate, a header that changes version or rate, bytes that
-    are no frame): then nothing is known beyond what libsndfile says."""
+def _mp3_header_frames(frame: bytes) -> int | None:
+    """The frame count a length header (Xing or Info: LAME's; VBRI: Fraunhofer's) in this first MPEG frame
+    gives, -1 for a header without one; None when the frame holds none."""
+    for tag in (b"Xing", b"Info"):
+        if (at := frame.find(tag)) >= 0:
+            flags = int.from_bytes(frame[at + 4 : at + 8], "big")
+            return int.from_bytes(frame[at + 8 : at + 12], "big") if flags & 1 else -1
+    if (at := frame.find(b"VBRI")) >= 0:
+        return int.from_bytes(frame[at + 14 : at + 18], "big")
+    return None
+
+
+def _mp3_samples(data: bytes) -> tuple[int, int, int | None] | None:
+    """(MPEG frames, samples they hold, the frames its first frame's length header (Xing, Info or VBRI)
+    gives or None without one: that frame then not counted) of an MP3, counted by walking its frame
+    headers from the first (after an ID3v2 tag) to the end of the data (or an ID3v1, APE or Lyrics tag
+    there); None when the walk cannot account for the whole file (a free-format bitrate, a header that
+    changes version or rate, bytes that are no frame): then nothing is known beyond what libsndfile
+    says."""
     p = 0
     if data[:3] == b"ID3" and len(data) >= 10:  # ID3v2: a syncsafe size, 10 more with a footer
         p = (
@@ -498,7 +511,7 @@ def _mp3_samples(data: bytes) -> tuple[int, int] | None:
             + (10 if data[5] & 0x10 else 0)
         )
     frames = samples = 0
-    first = None
+    first, header = None, None
     while p + 4 <= len(data):
         h = int.from_bytes(data[p : p + 4], "big")
         version, layer, index = (h >> 19) & 3, 4 - ((h >> 17) & 3), (h >> 12) & 15
@@ -515,12 +528,13 @@ def _mp3_samples(data: bytes) -> tuple[int, int] | None:
         else:
             size = (144_000 if mpeg1 or layer == 2 else 72_000) * kbps // rate + pad
             n = 576 if layer == 3 and not mpeg1 else 1152
-        if frames == 0 and any(tag in data[p : p + size] for tag in _MP3_LENGTH_TAGS):
-            return None
+        if frames == 0 and header is None and (header := _mp3_header_frames(data[p : p + size])) is not None:
+            p += size  # (the header's frame holds no audio)
+            continue
         frames, samples, p = frames + 1, samples + n, p + size
     if frames == 0 or (p < len(data) and not data[p:].startswith(_MP3_TRAILERS)):
         return None
-    return frames, samples
+    return frames, samples, header
 
 
 def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float | None = None):
@@ -547,7 +561,8 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     (1 frame at 44.1 kHz to 8 kHz) raises NoSamples. An MP3 without a length header (Xing, Info, VBRI)
     whose MPEG frames hold more or fewer samples than libsndfile estimates from its first frame's
     bitrate (a VBR one: libsndfile reads only its estimate, 23-51 % of such a file) raises ValueError.
-    A chained OGG (more than one logical stream) raises ValueError: libsndfile reads only the first.
+    A chained OGG (more than one logical stream) raises ValueError: libsndfile reads only the first; so
+    does an MP3 of more frames than its length header counts (files joined end to end).
     A FLAC whose STREAMINFO gives no length (0: libFLAC writing to a pipe) gets the one its last frame
     gives (`_flac_with_length`), then is read and limited as any file.
 
@@ -584,11 +599,8 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
                 f"a chained OGG of {streams} logical streams (files joined end to end, or several at once): "
                 f"libsndfile reads only the first ({frames} frames); send one stream (re-encode the whole)"
             )
-        if (
-            f.format == "MP3"
-            and (walked := _mp3_samples(data)) is not None
-            and abs(walked[1] - frames) > 2304
-        ):
+        walked = _mp3_samples(data) if f.format == "MP3" else None
+        if walked is not None and walked[2] is None and abs(walked[1] - frames) > 2304:
             # libsndfile's frame count for an MP3 without a length header is an estimate from its first
             # frame's bitrate, and it reads no further: a VBR file was cut to 23-51 % of its length,
             # silently (an audit); one that it overestimates reads as truncated
@@ -597,6 +609,13 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
                 f"{walked[0]} MPEG frames hold {walked[1]} samples, but libsndfile estimates {frames} from "
                 f"the first frame's bitrate and would read only that much; re-encode it with a length "
                 "header (LAME writes one unless told not to) or send WAV or FLAC"
+            )
+        if walked is not None and walked[2] is not None and walked[2] >= 0 and walked[0] > walked[2] + 1:
+            # MP3 files joined end to end: libsndfile reads as many frames as the first one's header says
+            raise ValueError(
+                f"an MP3 of {walked[0]} MPEG frames whose length header (Xing, Info or VBRI) counts "
+                f"{walked[2]} (files joined end to end?): libsndfile would read only those ({frames} "
+                "frames); send one file (re-encode the whole)"
             )
         if max_seconds is not None:
             # the limit in samples at the rate used; soxr gives round(frames * out_rate / rate) samples,

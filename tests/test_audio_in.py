@@ -493,3 +493,21 @@ def test_a_chained_ogg_is_refused_not_cut_to_its_first_stream(subtype, rate):
     assert (
         api.value.status == 422 and api.value.param == "prompt_audio" and "chained OGG" in api.value.message
     )
+
+
+def test_mp3_files_joined_end_to_end_are_refused_not_cut_to_the_first():
+    """`cat a.mp3 b.mp3`: libsndfile reads as many frames as the first file's Xing header counts, so the
+    second was dropped, silently (an audit: 2 s + 0.5 s read as the first 2 s). Refused now, saying
+    why; each file alone is read whole."""
+    first = encoded(tone(440, 8000, 2.0), 8000, "MP3", "MPEG_LAYER_III")
+    second = encoded(tone(660, 8000, 0.5), 8000, "MP3", "MPEG_LAYER_III")
+    assert len(read_audio(first, 8000, 30)[0]) == 16000 and len(read_audio(second, 8000, 30)[0]) == 4000
+    a, b = len(_mpeg_frames(first)) - 1, len(_mpeg_frames(second)) - 1  # (audio frames, after the header's)
+    for chain, counted, n in [(first + second, a, 16000), (second + first, b, 4000)]:
+        with pytest.raises(ValueError) as e:
+            read_audio(chain, 8000, 30)
+        assert str(e.value) == (
+            f"an MP3 of {a + b + 1} MPEG frames whose length header (Xing, Info or VBRI) counts {counted} "
+            f"(files joined end to end?): libsndfile would read only those ({n} frames); send one file "
+            "(re-encode the whole)"
+        )
