@@ -319,18 +319,27 @@ class _DataChunk(NamedTuple):
 
 
 def _data_chunk(data: bytes) -> _DataChunk | None:
-    """The sample data chunk of a WAV (RIFF, RIFX) or AIFF (AIFF, AIFC) file, found by walking its chunks;
-    None for another format, or a header this walk does not reach it in (libsndfile judges those)."""
-    if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX", b"FORM"):
+    """The sample data chunk of a WAV (RIFF, RIFX, RF64) or AIFF (AIFF, AIFC) file, found by walking its
+    chunks (an RF64's size from its ds64 chunk), or of a Sun AU file (its header's data size); None for
+    another format, or a header this walk does not reach it in (libsndfile judges those)."""
+    if data[:4] == b".snd" and len(data) >= 24:  # AU: data offset and size, big-endian; ~0 is "unknown"
+        offset, size = int.from_bytes(data[4:8], "big"), int.from_bytes(data[8:12], "big")
+        return _DataChunk("au", size, max(len(data) - offset, 0), 8, None, "big")
+    if len(data) < 12 or data[:4] not in (b"RIFF", b"RIFX", b"FORM", b"RF64"):
         return None
     if data[8:12] not in ((b"WAVE",) if data[:4] != b"FORM" else (b"AIFF", b"AIFC")):
         return None
-    wav, order = data[8:12] == b"WAVE", "little" if data[:4] == b"RIFF" else "big"
+    wav, order = data[8:12] == b"WAVE", "big" if data[:4] in (b"RIFX", b"FORM") else "little"
     pos, frames, align = 12, None, None  # (WAV: its fact chunk's frames, its fmt's PCM block_align)
+    ds64 = None  # (RF64: the data size its ds64 chunk gives)
     while pos + 8 <= len(data):
         cid, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], order)
         body = data[pos + 8 : pos + 8 + min(size, 22)]
+        if cid == b"ds64" and data[:4] == b"RF64" and len(body) >= 16:
+            ds64 = int.from_bytes(body[8:16], order)
         if cid == (b"data" if wav else b"SSND"):
+            if size == 0xFFFFFFFF and ds64 is not None:
+                size = ds64
             if wav and align:
                 frames = size // align
             return _DataChunk("wav" if wav else "aiff", size, len(data) - pos - 8, pos + 4, frames, order)
@@ -363,7 +372,7 @@ def _streamed(data: bytes, chunk: _DataChunk | None) -> tuple[bytes, _DataChunk 
 
 
 def _check_whole(chunk: _DataChunk | None, frames: int) -> None:
-    """Raises AudioTruncated when a WAV or AIFF header declares more sample data (`chunk`: the file's data
+    """Raises AudioTruncated when a WAV, AIFF or AU header declares more sample data (`chunk`: the file's data
     chunk, `_data_chunk`) than the file holds (libsndfile reads the `frames` that are there, silently). A
     declared size of 0 or from STREAMED_SIZE (2 GiB) up is a writer's "unknown length" (sox piped:
     0x7FFFF000, AIFF 0x7F000008; ffmpeg: 0xFFFFFFFF), not a truncation."""
@@ -553,12 +562,12 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     Samples beyond ±1 (a float file's, or a resampler's overshoot at a full-scale edge: a square wave's
     went to 1.2) are clipped; a NaN or infinite one is refused.
 
-    A WAV or AIFF whose header declares more sample data than the bytes hold is refused (AudioTruncated;
-    libsndfile read the part that is there, silently), except a declared size of 0 or from 0x7F000000
-    up, what a writer that cannot seek back leaves (`sox -t wav -`: 0x7FFFF000; ffmpeg to a pipe:
-    0xFFFFFFFF): the data then runs to the end of the file (a WAV data size of 0 followed by audio was
-    read as no frames). A file of no frames gives no samples; one whose frames resample to none
-    (1 frame at 44.1 kHz to 8 kHz) raises NoSamples. An MP3 without a length header (Xing, Info, VBRI)
+    A WAV, RF64, AIFF or AU whose header declares more sample data than the bytes hold is refused
+    (AudioTruncated; libsndfile read the part that is there, silently), except a declared size of 0 or
+    from 0x7F000000 up, what a writer that cannot seek back leaves (`sox -t wav -`: 0x7FFFF000; ffmpeg to
+    a pipe: 0xFFFFFFFF): the data then runs to the end of the file (a WAV data size of 0 followed by audio
+    was read as no frames). A file of no frames gives no samples; one whose frames resample to none (1
+    frame at 44.1 kHz to 8 kHz) raises NoSamples. An MP3 without a length header (Xing, Info, VBRI)
     whose MPEG frames hold more or fewer samples than libsndfile estimates from its first frame's
     bitrate (a VBR one: libsndfile reads only its estimate, 23-51 % of such a file) raises ValueError.
     A chained OGG (more than one logical stream) raises ValueError: libsndfile reads only the first; so

@@ -172,10 +172,10 @@ def prompt_ids(
     Text: a prompt longer than `max_tokens` is a 413 naming it; byte tokens are counted before the prompt
     is converted to ids (its length in characters, each at least one UTF-8 byte, one token, then in
     bytes), a vocabulary's words or symbols after it is encoded (`text_ids`).
-    Audio: `prompt_audio` is a base64 audio file (any format libsndfile reads), resampled to the
-    model's rate; a file longer than `max_audio_s` (its header's frames / sample rate, checked before
-    it is decoded) is a 413; an empty string, a truncated WAV or AIFF ("prompt_audio is truncated: N of M
-    frames") and a file whose frames give no sample at the model's rate ("prompt_audio holds no
+    Audio: `prompt_audio` is a base64 audio file (any format libsndfile reads), resampled to the model's
+    rate; a file longer than `max_audio_s` (its header's frames / sample rate, checked before it is
+    decoded) is a 413; an empty string, a truncated WAV, RF64, AIFF or AU ("prompt_audio is truncated: N
+    of M frames") and a file whose frames give no sample at the model's rate ("prompt_audio holds no
     samples") a 422. No prompt, or a file of no frames, gives no ids (the engine's caller starts from
     silence)."""
     if kind == "text":

@@ -511,3 +511,22 @@ def test_mp3_files_joined_end_to_end_are_refused_not_cut_to_the_first():
             f"(files joined end to end?): libsndfile would read only those ({n} frames); send one file "
             "(re-encode the whole)"
         )
+
+
+def test_a_truncated_au_or_rf64_is_refused_as_a_truncated_wav_is():
+    """AU and RF64 headers give their data size as WAV's do (AU in its header, RF64 in its ds64 chunk),
+    and libsndfile read a truncated one as the part that is there, silently (an audit: 60 % of the
+    file, 4,795 of 8,000 frames): AudioTruncated now says how much is there. A whole file, and an AU
+    of unknown size (0xFFFFFFFF, what a writer to a pipe leaves), are read whole."""
+    x = tone(440, 8000, 1.0)
+    for fmt in ("AU", "RF64"):
+        data = encoded(x, 8000, fmt, "PCM_16")
+        assert len(read_audio(data, 8000, 30)[0]) == 8000
+        with pytest.raises(AudioTruncated, match=r"^the audio is truncated: 3000 of 8000 frames") as e:
+            read_audio(data[: len(data) - 2 * 5000], 8000, 30)
+        assert (e.value.frames, e.value.declared) == (3000, 8000), fmt
+    au = encoded(x, 8000, "AU", "PCM_16")
+    assert au[:4] == b".snd" and int.from_bytes(au[8:12], "big") == 16000
+    unknown = _set(au, 8, 0xFFFFFFFF, "big")
+    assert np.array_equal(read_audio(unknown, 8000, 30)[0], read_audio(au, 8000, 30)[0])
+    assert len(read_audio(unknown[:-2000], 8000, 30)[0]) == 7000  # (of unknown size: what is there)
