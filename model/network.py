@@ -70,11 +70,11 @@ class ModelConfig:
     norm            "layer" (LayerNorm) or "tln" (official scalar TransposedLN): the blocks' norm;
                     isotropic: the final norm's too (official `transposed: true` backbones);
                     sashimi: its final norm stays a LayerNorm (as the official SaShiMi's).
-    cutoffs         None, or strictly increasing ints in (0, vocab_size): an adaptive input embedding
+    cutoffs         None, or 1 to 64 strictly increasing ints in (0, vocab_size): an adaptive input embedding
                     and adaptive softmax head over these shards (model/adaptive.py; isotropic only).
                     The head's "logits" are then the full log-probabilities.
-    div_val         int ≥ 1, with cutoffs: shard i's embedding width is d_model / div_val^i (1: one
-                    table, no projections); d_model must be divisible by div_val^(len(cutoffs)).
+    div_val         int in [1, d_model], with cutoffs: shard i's embedding width is d_model / div_val^i
+                    (1: one table, no projections); d_model must be divisible by div_val^(len(cutoffs)).
     tie_projs       None, or with cutoffs and div_val > 1 one bool per shard (len(cutoffs) + 1): the
                     head's projection of that shard is the embedding's (official tie_projs, whose
                     first entry is always false). None: none tied.
@@ -239,6 +239,11 @@ class ModelConfig:
                 )
             return
         V = self.vocab_size
+        if isinstance(c, list | tuple) and len(c) > MAX_CUTOFFS:  # (before a look at each: a 4M-long list)
+            raise ValueError(
+                f"cutoffs must be null or at most {MAX_CUTOFFS} integers (shards of an adaptive softmax), "
+                f"got a list of {len(c):,}"
+            )
         ok = isinstance(c, list | tuple) and len(c) >= 1 and all(type(x) is int for x in c)
         if not (ok and all(a < b for a, b in itertools.pairwise([0, *c, V]))):
             raise ValueError(
@@ -250,6 +255,11 @@ class ModelConfig:
         if self.arch != "isotropic":
             raise ValueError(
                 f"cutoffs (an adaptive softmax) are an option of arch 'isotropic', not {self.arch!r}"
+            )
+        if self.div_val > self.d_model:  # (its power below would be a number of millions of digits)
+            raise ValueError(
+                f"div_val must be an integer ≤ d_model {self.d_model} (shard i's width is d_model / "
+                f"div_val^i), got {self.div_val!r}"
             )
         if self.d_model % self.div_val ** len(c):
             raise ValueError(
@@ -313,6 +323,10 @@ def _plain(value):
 # them, `load` stops a build past its weights file's size: model.checkpoint.build_budget)
 MAX_SIZE = {"vocab_size": 2**22, "d_model": 2**15, "n_layers": 2**10, "d_state": 2**12, "l_max": 2**20,
             "d_ff": 2**17, "sample_rate": 384_000}  # fmt: skip
+# the most `cutoffs` (adaptive softmax shard bounds) may hold: official recipes use 3 or 4; each is a module
+# with its own parameters, and a config.json of 4 million built them for minutes before any check (a
+# helper's audit)
+MAX_CUTOFFS = 64
 
 
 def _check_int(name: str, value, least: int) -> None:

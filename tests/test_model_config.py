@@ -126,6 +126,17 @@ def test_numpy_scalars_from_a_sweep_are_taken_as_the_python_numbers_they_hold():
         (dict(kernel="s4d", disc="euler"), r"disc for kernel 's4d' must be one of .*, got 'euler'"),
         (dict(arch="sashimi", d_ff=3), r"d_ff must be 0 for arch 'sashimi' .*, got 3"),
         (dict(arch="sashimi", l_max=1000), r"l_max must be a multiple of 2·prod\(pool\) = 32 .*, got 1000"),
+        # (a helper's audit: 4 million cutoffs built 4 million shard modules for minutes, in GBs; and with a
+        # div_val of 4,000 digits, 20,000 of them made div_val ** len(cutoffs) a power that did not end)
+        (
+            dict(vocab_size=100_000, cutoffs=list(range(1, 20_000)), head_bias=True, div_val=10**4000),
+            r"cutoffs must be null or at most 64 integers .*, got a list of 19,999$",
+        ),
+        (
+            dict(vocab_size=1000, cutoffs=[10, 100], head_bias=True, div_val=10**4000),
+            r"div_val must be an integer ≤ d_model 8 \(shard i's width is d_model / div_val\^i\), got 1000",
+        ),
+        (dict(cutoffs=[4], head_bias=True, div_val=9), r"div_val must be an integer ≤ d_model 8 .*, got 9$"),
     ],
 )
 def test_fields_that_depend_on_each_other_are_refused_together(fields_, message):
