@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,7 +34,7 @@ class CheckpointError(ValueError):
 # the weights file's (the HiPPO initialization needs real values: no meta-device build). Sizes within
 # ModelConfig's MAX_SIZE bounds can still describe terabytes (d_model 2^15, d_ff 2^17, n_layers 2^10)
 # beside a small weights file, so while it builds, every parameter and buffer a module registers is
-# counted and the build stops once they pass BUILD_FACTOR × the file's tensors + BUILD_SLACK bytes: a
+# counted and the build stops once they pass BUILD_FACTOR × the file's bytes + BUILD_SLACK bytes: a
 # tensor is counted as it is registered, which for a Linear layer is before its initialization writes
 # (touches) its pages. A network `save` wrote registers exactly its file's tensors (a tied head once
 # more, the embedding's size), so the bound is never near for a checkpoint that matches its config.
@@ -71,6 +72,29 @@ def build_budget(limit: int):
     finally:
         _build.limit = None
         _build.seen = set()
+
+
+# a safetensors header's most bytes per tensor the config describes (ours: about 100, a name and its
+# dtype, shape and offsets), and besides them (the metadata: ours one key)
+HEADER_PER_TENSOR, HEADER_SLACK = 1024, 64 << 10
+
+
+def _safetensors_sizes(path: Path) -> tuple[int, int | None]:
+    """(the file's bytes, its header's bytes), the header's from the file's first 8 bytes (little-endian),
+    None when they cannot be one: a file shorter than 8 bytes, or a header past its end."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+    if len(head) < 8:
+        return size, None
+    header = int.from_bytes(head, "little")
+    return size, header if header <= size - 8 else None
+
+
+def _some(names: list[str], n: int = 8) -> str:
+    """The first `n` of `names` and how many more (an error message of a file from outside stays short)."""
+    more = f" and {len(names) - n:,} more" if len(names) > n else ""
+    return f"{names[:n]}{more}"
 
 
 def _sha256(path: Path) -> str:
@@ -138,19 +162,51 @@ def save(net, directory: str | Path, extra: dict | None = None) -> Path:
     return d
 
 
+# config.json's most bytes: a model's is a few KB (its config, a chat template, a vocabulary's entry); a
+# larger one is read no further (a 2 GB one was read whole, and a link to /proc/self/pagemap endlessly)
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def checkpoint_file(directory: str | Path, name: str) -> Path:
+    """`directory`/`name`, a file of a checkpoint: a regular file in the folder, or a link to one inside it
+    (a Kubernetes ConfigMap's files are links into its own `..data`). CheckpointError naming it when it is
+    missing, a link out of the folder (a checkpoint from elsewhere whose model.safetensors or config.json
+    was a link to /etc/… or /proc/… was read as its own: a helper's audit) or not a regular file (a FIFO,
+    a device, a folder)."""
+    d = Path(directory)
+    path = d / name
+    if not path.exists():  # (a dangling link too)
+        raise CheckpointError(f"{path}: missing (a checkpoint is a folder with {CONFIG} and {WEIGHTS})")
+    real = path.resolve()
+    if not real.is_relative_to(d.resolve()):
+        raise CheckpointError(
+            f"{path}: a link to {real}, outside the checkpoint folder: refused (copy the file into {d})"
+        )
+    if not real.is_file():
+        raise CheckpointError(f"{path}: not a regular file")
+    return path
+
+
 def read_config(directory: str | Path) -> dict:
     """Parse and validate config.json; returns the whole metadata dict."""
-    path = Path(directory) / CONFIG
     if not Path(directory).exists():
         raise CheckpointError(f"no such file or folder: {directory}")
     if not Path(directory).is_dir():
         raise CheckpointError(
             f"{directory}: a file, not a checkpoint folder (one with {CONFIG} and {WEIGHTS})"
         )
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing (a checkpoint is a folder with {CONFIG} and {WEIGHTS})")
+    path = checkpoint_file(directory, CONFIG)
     try:
-        meta = json.loads(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc.strerror or exc})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise CheckpointError(
+            f"{path}: over {MAX_CONFIG_BYTES:,} bytes, not a checkpoint's config (a model's is a few KB)"
+        )
+    try:
+        meta = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, integers of over 4,300 digits, nesting
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
@@ -182,18 +238,23 @@ def load(directory: str | Path, device: str | torch.device = "cpu"):
         cfg = ModelConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{d / CONFIG}: invalid model config: {exc}") from None
-    wpath = d / WEIGHTS
-    if not wpath.is_file():
-        raise CheckpointError(f"{wpath}: missing")
+    wpath = checkpoint_file(d, WEIGHTS)
     want = meta.get("weights_sha256")
-    if want is not None and _sha256(wpath) != want:
-        raise CheckpointError(f"{wpath}: checksum mismatch (file is corrupt or was changed after saving)")
     try:
-        state = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{wpath}: unreadable safetensors file ({exc})") from None
-    have = sum(v.nelement() * v.element_size() for v in state.values())
-    limit = BUILD_FACTOR * have + BUILD_SLACK
+        if want is not None and _sha256(wpath) != want:
+            raise CheckpointError(f"{wpath}: checksum mismatch (file is corrupt or was changed after saving)")
+    except OSError as exc:
+        raise CheckpointError(f"{wpath}: unreadable ({exc.strerror or exc})") from None
+    try:
+        size, header = _safetensors_sizes(wpath)
+    except OSError as exc:
+        raise CheckpointError(f"{wpath}: unreadable ({exc.strerror or exc})") from None
+    if header is None:
+        raise CheckpointError(
+            f"{wpath}: unreadable safetensors file ({size:,} bytes: not an 8-byte header length and a "
+            "header within the file)"
+        )
+    limit = BUILD_FACTOR * size + BUILD_SLACK
     try:
         with build_budget(limit):
             net = build(cfg)
@@ -202,15 +263,26 @@ def load(directory: str | Path, device: str | torch.device = "cpu"):
             raise
         raise CheckpointError(
             f"{d / CONFIG}: its config describes a network larger than its weights file allows "
-            f"({exc}; the file holds {have:,} bytes of tensors): not built"
+            f"({exc}; the file holds {size:,} bytes): not built"
         ) from None
     expected = net.state_dict()
     if cfg.tie_embeddings:
         expected.pop("head.weight", None)
+    most = HEADER_PER_TENSOR * len(expected) + HEADER_SLACK
+    if header > most:  # (unparsed: 1.4 million tensors' names made 3 GB of tensors and a 20 MB message)
+        raise CheckpointError(
+            f"{wpath}: a safetensors header of {header:,} bytes, where the config's {len(expected)} tensors "
+            f"need at most {most:,}: not read"
+        )
+    try:
+        state = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{wpath}: unreadable safetensors file ({exc})") from None
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{wpath}: tensors do not match the config (missing {missing}, unexpected {unexpected})"
+            f"{wpath}: tensors do not match the config (missing {_some(missing)}, unexpected "
+            f"{_some(unexpected)})"
         )
     for k, v in state.items():
         if v.shape != expected[k].shape or v.dtype != expected[k].dtype:

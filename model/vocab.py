@@ -40,6 +40,7 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from model.checkpoint import CheckpointError, checkpoint_file
 from model.codecs import checked_ids
 
 EOS, UNK = "<eos>", "<unk>"
@@ -372,7 +373,11 @@ def load_vocab(folder: str | Path) -> Vocab | None:
         )
     path = folder / VOCAB_FILE
     try:
+        if path.exists():  # (a link out of the folder is refused, as the checkpoint's own files' are)
+            checkpoint_file(folder, VOCAB_FILE)
         data = path.read_bytes()
+    except CheckpointError as exc:
+        raise VocabError(str(exc)) from None
     except OSError as exc:
         raise VocabError(f"{path}: missing or unreadable ({exc})") from None
     if entry.get("sha256") != hashlib.sha256(data).hexdigest():

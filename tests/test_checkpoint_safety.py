@@ -185,3 +185,93 @@ def test_every_shipped_checkpoint_registers_no_more_than_its_weights_file_holds(
             total = counted()
         head = cfg.vocab_size * cfg.d_model * 4 if cfg.tie_embeddings else 0
         assert total == have + head, (cfg_path, total, have)
+
+
+def test_a_link_out_of_the_folder_or_a_special_file_is_refused_naming_it(tmp_path, net):
+    """A checkpoint from elsewhere whose model.safetensors is a link out of its folder was loaded from
+    wherever it pointed, and one whose config.json or model.safetensors linked to /proc/self/mem was an
+    OSError traceback (EIO); a FIFO config.json was "missing". Each is a CheckpointError naming the file
+    now; a link to a file inside the folder (a Kubernetes ConfigMap's) still loads."""
+    import os
+
+    out = save(net, tmp_path / "out")
+    outside = tmp_path / "elsewhere.safetensors"
+    (out / "model.safetensors").rename(outside)
+    (out / "model.safetensors").symlink_to(outside)
+    with pytest.raises(CheckpointError, match=r"out/model\.safetensors: a link to .*elsewhere\.safetensors, "
+                       r"outside the checkpoint folder"):  # fmt: skip
+        load(out)
+    for name in ("config.json", "model.safetensors"):
+        d = save(net, tmp_path / f"proc-{name}")
+        (d / name).unlink()
+        (d / name).symlink_to("/proc/self/mem")
+        with pytest.raises(CheckpointError, match=rf"{name}: a link to /proc/.*outside the checkpoint"):
+            load(d)
+    fifo = save(net, tmp_path / "fifo")
+    (fifo / "config.json").unlink()
+    os.mkfifo(fifo / "config.json")
+    with pytest.raises(CheckpointError, match=r"fifo/config\.json: not a regular file"):
+        load(fifo)
+    inside = save(net, tmp_path / "inside")
+    (inside / "..data").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (inside / name).rename(inside / "..data" / name)
+        (inside / name).symlink_to(Path("..data") / name)
+    assert isinstance(load(inside), SequenceModel)
+
+
+def test_a_config_json_of_more_than_16_mib_is_refused_unread(tmp_path, net):
+    """config.json was read whole whatever its size (2 GB of it, 2 GB of memory and more to parse): over
+    MAX_CONFIG_BYTES (16 MiB; a model's is a few KB) it is refused, naming the file and the bound."""
+    d = save(net, tmp_path / "ck")
+    meta = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**meta, "notes": "x" * (17 << 20)}))
+    with pytest.raises(CheckpointError, match=r"ck/config\.json: over 16,777,216 bytes"):
+        load(d)
+
+
+def test_a_weights_header_far_larger_than_the_configs_tensors_is_refused_before_it_is_parsed(tmp_path, net):
+    """20,000 extra empty tensors in model.safetensors (1.3 MB of header): each was made a tensor before the
+    names were compared (1.4 million, the format's 100 MB header bound, took 3 GB and 20 s), and the error
+    listed every name (300 KB of message, in /readyz and the log). The header is measured against the
+    config's tensors before it is parsed; a few extra tensors are named, the first 8 and how many more."""
+    d = save(net, tmp_path / "ck")
+    meta = json.loads((d / "config.json").read_text())
+    meta.pop("weights_sha256")
+    (d / "config.json").write_text(json.dumps(meta))
+    state = {k: v.contiguous() for k, v in net.state_dict().items()}
+    save_file({**state, **{f"x{i:05d}": torch.zeros(0) for i in range(20_000)}}, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: a safetensors header of [\d,]+ bytes, "
+                       rf"where the config's {len(state)} tensors need at most") as exc:  # fmt: skip
+        load(d)
+    assert len(str(exc.value)) < 500
+    save_file({**state, **{f"x{i:05d}": torch.zeros(0) for i in range(20)}}, str(d / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"unexpected \['x00000', .*'x00007'\] and 12 more\)$"):
+        load(d)
+    (d / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: unreadable safetensors file \(0 bytes"):
+        load(d)
+
+
+def test_a_server_serves_the_good_checkpoints_beside_one_that_links_out_and_readyz_says_why(tmp_path):
+    """One checkpoint whose weights are a link out of its folder, among good ones: the good one serves and
+    /readyz names the refused one and why."""
+    import httpx
+    from server_support import TINY, ServerThread
+
+    from server.config import Settings
+
+    net = SequenceModel(ModelConfig(**TINY))  # (a text model the server takes: byte ids)
+    good = save(net, tmp_path / "good")
+    bad = save(net, tmp_path / "bad")
+    (bad / "model.safetensors").unlink()
+    (bad / "model.safetensors").symlink_to(good / "model.safetensors")
+    settings = Settings(checkpoints=[str(good), str(bad)], device="cpu", max_sessions=2)
+    srv = ServerThread(settings).start()
+    try:
+        body = httpx.get(srv.url + "/readyz", timeout=10).json()
+    finally:
+        srv.stop()
+    assert body["ready"] and body["models"] == ["good"]
+    assert "bad/model.safetensors: a link to" in body["failed"]["bad"]
+    assert "outside the checkpoint folder" in body["failed"]["bad"]

@@ -101,6 +101,13 @@ def test_convert_writes_the_vocabulary_built_from_the_data_folder_and_load_vocab
     meta = json.loads((out / "config.json").read_text())
     assert meta["vocab"]["size"] == 64 and meta["vocab"]["unk"] == "<unk>"
     assert "`vocab.txt`, 64 words (wt103's, built from train.txt of" in (out / "README.md").read_text()
+    moved = tmp_path / "vocab-elsewhere.txt"  # its checksum still matches: a link out is refused all the same
+    (out / "vocab.txt").rename(moved)
+    (out / "vocab.txt").symlink_to(moved)
+    with pytest.raises(VocabError, match=r"vocab\.txt: a link to .*vocab-elsewhere\.txt, outside the"):
+        load_vocab(out)
+    (out / "vocab.txt").unlink()
+    moved.rename(out / "vocab.txt")
     (out / "vocab.txt").write_text((out / "vocab.txt").read_text().replace("w2", "w2x"))
     with pytest.raises(VocabError, match="checksum mismatch"):
         load_vocab(out)
