@@ -271,6 +271,16 @@ class Dataset:
         if kind == "audio" and not (type(self.clip_len) is int and self.clip_len >= 1):
             raise DatasetError(f"{meta_path}: an audio dataset's clip_len must be an integer ≥ 1, not "
                                f"{self.clip_len!r}")  # fmt: skip
+        if kind == "audio":  # (a sample rate left out or of another type, an unknown codec: tracebacks in
+            # model.train, or a model of that "rate": a helper's audit)
+            rate = self.meta.get("sample_rate")
+            if not (type(rate) is int and rate >= 1):
+                raise DatasetError(f"{meta_path}: an audio dataset's sample_rate must be an integer ≥ 1 "
+                                   f"(Hz), not {rate!r}")  # fmt: skip
+            try:
+                meta_codec(self.meta)
+            except ValueError as exc:
+                raise DatasetError(f"{meta_path}: {exc}") from None
 
     @property
     def codec(self):

@@ -241,3 +241,29 @@ def test_an_unwritable_output_is_refused_before_training(text_data, tmp_path, fl
     with pytest.raises(ConfigError, match=f"{flag} .*a-file is a file, not a folder"):
         train(cfg, dump_grads=dump)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "meta, want",
+    [
+        ({}, r"an audio dataset's sample_rate must be an integer ≥ 1 \(Hz\), not None"),
+        ({"sample_rate": "8000"}, r"an audio dataset's sample_rate must be an integer ≥ 1 .*, not '8000'"),
+        ({"sample_rate": 8000, "quantization": "a-law"}, r"audio quantization must be one of .*'a-law'"),
+        ({"sample_rate": 8000, "mulaw": "alaw"}, r"mu-law convention must be one of .*'alaw'"),
+    ],
+    ids=["no-rate", "rate-a-string", "quantization", "mulaw"],
+)
+def test_an_audio_datasets_rate_and_codec_are_checked_naming_its_meta_json(tmp_path, meta, want):
+    """An audio meta.json without a sample_rate was a KeyError traceback, one of an unknown quantization or
+    mu-law convention a ValueError traceback, and a sample_rate "8000" was blamed on model.sample_rate. Each
+    is a ConfigError naming data.path and its meta.json now, before anything is written."""
+    data = tmp_path / "digits"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for split, clips in (("train", 8), ("val", 2), ("test", 2)):
+        rng.integers(0, 256, size=clips * 64, dtype=np.uint8).tofile(data / f"{split}.bin")
+    (data / "meta.json").write_text(json.dumps({"kind": "audio", "clip_len": 64, **meta}))
+    cfg = _run(data, tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"data.path .*digits/meta\.json: {want}"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
