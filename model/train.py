@@ -122,6 +122,10 @@ class DataConfig:
 # dropout seed's 64 bits at the first step, 100,000 threads was a SIGSEGV, a batch of 10^20 a traceback and
 # 10^8 an unbounded allocation: a helper's audit)
 MAX_SEED, MAX_THREADS, MAX_BATCH = 2**32 - 1, 1024, 65_536
+# the most a peak learning rate may be: far past any AdamW run (1e-4 … 1e-2); 1e38 was a RuntimeError
+# traceback at the first step (AdamW's step, lr / (1 − β1^t), past float32's range), as was 1e33 with
+# β1 = 0.99999 (a helper's audit). At most 10, the step stays far inside it for every β1 < 1.
+MAX_LR = 10.0
 
 
 @dataclass
@@ -130,8 +134,8 @@ class TrainConfig:
     type) raises ConfigError naming `train.<field>` and the value. Counts are in optimizer steps."""
 
     steps: int = 1000  # ≥ 1: optimizer steps of the whole run
-    lr: float = 2e-3  # > 0: peak learning rate of every parameter but the SSM's
-    ssm_lr: float = 1e-3  # ≥ 0: peak learning rate of the SSM parameters (Δ, Λ, P, B); 0 freezes them
+    lr: float = 2e-3  # in (0, 10]: peak learning rate of every parameter but the SSM's
+    ssm_lr: float = 1e-3  # in [0, 10]: peak learning rate of the SSM parameters (Δ, Λ, P, B); 0 freezes them
     weight_decay: float = 0.05  # ≥ 0: AdamW weight decay of the matrices (never the SSM's)
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW (β1, β2), each in [0, 1)
     warmup: int = 100  # ≥ 0: steps of linear warmup (past `steps`: the peak lr is not reached)
@@ -153,12 +157,13 @@ class TrainConfig:
             self.betas = tuple(self.betas)
         k = "train."
         _require(_is_int(self.steps) and self.steps >= 1, k + "steps", self.steps, "an integer ≥ 1")
-        _require(_is_number(self.lr) and self.lr > 0, k + "lr", self.lr, "a finite number > 0")
+        _require(_is_number(self.lr) and 0 < self.lr <= MAX_LR, k + "lr", self.lr,
+                 f"a finite number > 0, at most {MAX_LR:g}")  # fmt: skip
         _require(
-            _is_number(self.ssm_lr) and self.ssm_lr >= 0,
+            _is_number(self.ssm_lr) and 0 <= self.ssm_lr <= MAX_LR,
             k + "ssm_lr",
             self.ssm_lr,
-            "a finite number ≥ 0 (0 freezes the SSM parameters)",
+            f"a finite number ≥ 0, at most {MAX_LR:g} (0 freezes the SSM parameters)",
         )
         _require(
             _is_number(self.weight_decay) and self.weight_decay >= 0,

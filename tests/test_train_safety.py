@@ -78,10 +78,11 @@ def test_a_fresh_start_refuses_to_empty_a_folder_that_is_not_a_runs(text_data, t
 
 
 def test_divergence_stops_the_run_before_the_step_and_keeps_the_last_good_state(text_data, tmp_path, capsys):
-    """lr 1e20: the loss turns NaN within a few steps. The run stops at the first non-finite loss or
-    gradient norm, before taking that step and before saving anything after it (it trained on, overwrote
-    last/ with NaN weights and wrote bare NaN into its JSON logs); the CLI says so in one line, exit 1."""
-    cfg = _run(text_data, tmp_path / "run", lr=1e20, ssm_lr=1e20, grad_clip=0.0)
+    """lr 10 (the most train.lr may be) without warmup: the loss turns NaN within a few steps. The run stops
+    at the first non-finite loss or gradient norm, before taking that step and before saving anything after
+    it (it trained on, overwrote last/ with NaN weights and wrote bare NaN into its JSON logs); the CLI says
+    so in one line, exit 1."""
+    cfg = _run(text_data, tmp_path / "run", lr=10.0, ssm_lr=10.0, grad_clip=0.0, warmup=0)
     cfg["train"]["ckpt_every"] = 1
     with pytest.raises(Diverged) as exc:
         train(cfg)
