@@ -70,12 +70,23 @@ class TrainingInterrupted(Exception):
 
 
 class Diverged(Exception):
-    """The loss or the gradient norm of step `step` is not finite: the step is not taken and nothing is
-    saved after it (out/last keeps `saved`, the last good state). The CLI prints one line and exits 1."""
+    """The loss or the gradient norm of step `step` is not finite (the step is not taken), or its update
+    left a weight that is not (`weights`: a weight decay of 1e300); nothing is saved after it (out/last
+    keeps `saved`, the last good state). The CLI prints one line and exits 1."""
 
-    def __init__(self, step: int, saved: int, out: Path, loss: float, gnorm: float):
-        super().__init__(f"step {step}: loss {loss}, gradient norm {gnorm}")
+    def __init__(self, step: int, saved: int, out: Path, loss: float, gnorm: float, weights: bool = False):
+        super().__init__(f"step {step}: loss {loss}, gradient norm {gnorm}" + ", weights inf/NaN" * weights)
         self.step, self.saved, self.out, self.loss, self.gnorm = step, saved, out, loss, gnorm
+        self.weights = weights
+
+
+def finite_weights(net: nn.Module) -> bool:
+    """Whether every parameter of `net` is finite: one fused max-abs per parameter (NaN and ±inf survive
+    it, a large finite value does not overflow), and one read back."""
+    params = [p.detach() for p in net.parameters()]
+    if not params:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(params, math.inf))).all())
 
 
 def _is_int(v) -> bool:
@@ -1102,6 +1113,11 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
                 progress.close()
                 raise Diverged(step + 1, saved, out, loss_v, gnorm)
             opt.step()
+            if not finite_weights(net):  # the update itself overflowed: not saved, not exported (a weight
+                # decay of 1e300 saved inf weights in last/ as "the last good state", or, at the last step,
+                # was a ValueError traceback from the export after the final evaluation of NaN)
+                progress.close()
+                raise Diverged(step + 1, saved, out, loss_v, gnorm, weights=True)
             done = step + 1
             dt = time.perf_counter() - t0
             if budgeted:
@@ -1267,14 +1283,14 @@ def main(argv: list[str] | None = None, build_model: Callable[[dict], nn.Module]
     except Diverged as exc:
         where = (f"{exc.out}/last holds step {exc.saved}, the last good state (nothing was saved after it)"
                  if exc.saved else "nothing was saved")  # fmt: skip
-        status, line = (
-            1,
-            (
-                f"{ap.prog}: error: training diverged at step {exc.step} (loss {exc.loss}, gradient norm "
-                f"{exc.gnorm}): the step was not taken; {where}; lower train.lr (or set train.grad_clip), "
-                "then resume or start over with --fresh"
-            ),
-        )
+        if exc.weights:
+            what = (f"training diverged at step {exc.step}: its update left non-finite weights (loss "
+                    f"{exc.loss}, gradient norm {exc.gnorm} before it); {where}; lower train.lr or "
+                    "train.weight_decay")  # fmt: skip
+        else:
+            what = (f"training diverged at step {exc.step} (loss {exc.loss}, gradient norm {exc.gnorm}): the "
+                    f"step was not taken; {where}; lower train.lr (or set train.grad_clip)")  # fmt: skip
+        status, line = 1, f"{ap.prog}: error: {what}, then resume or start over with --fresh"
     except KeyboardInterrupt:
         status, line = 130, f"interrupted; the same command resumes from {out}/last if it was saved"
     finally:

@@ -268,3 +268,29 @@ def test_an_audio_datasets_rate_and_codec_are_checked_naming_its_meta_json(tmp_p
     with pytest.raises(ConfigError, match=rf"data.path .*digits/meta\.json: {want}"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_update_that_leaves_non_finite_weights_is_neither_saved_nor_exported(text_data, tmp_path, capsys):
+    """train.weight_decay 1e300: the first update multiplies the matrices by about −1e297 (inf in float32)
+    while that step's loss and gradient were finite. Its weights were saved in last/ as "the last good
+    state" (ckpt_every 1), and a one-step run's export was a ValueError traceback after a final evaluation
+    of NaN. The run stops at that update now (Diverged, `weights`), nothing saved or exported; the CLI
+    says so in one line, exit 1."""
+    export = tmp_path / "export"
+    cfg = _run(text_data, tmp_path / "run", weight_decay=1e300, export=str(export))
+    cfg["train"]["ckpt_every"] = 1
+    with pytest.raises(Diverged) as exc:
+        train(cfg)
+    d = exc.value
+    assert d.weights and d.step == 1 and d.saved == 0 and math.isfinite(d.loss) and math.isfinite(d.gnorm)
+    assert not (tmp_path / "run" / "last").exists() and not export.exists()
+    one = {**cfg, "train": {**cfg["train"], "steps": 1, "final_eval": True, "out": str(tmp_path / "cli")}}
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(one))
+    with pytest.raises(SystemExit) as code:
+        main([str(path)])
+    assert code.value.code == 1
+    err = capsys.readouterr().err
+    assert "training diverged at step 1: its update left non-finite weights" in err and "Traceback" not in err
+    assert "lower train.lr or train.weight_decay" in err
+    assert not export.exists() and not (tmp_path / "cli" / "metrics.json").exists()
