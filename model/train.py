@@ -833,6 +833,23 @@ def check_out_folder(out: Path) -> None:
         )
 
 
+def check_export_place(export: Path, out: Path) -> None:
+    """ConfigError naming train.export when the export would be written over the run's own files: train.out
+    itself (its config.json is the run's config, which a resume and model.card read: the export replaced it
+    with the checkpoint's, and the resume failed with "unknown config tables") or a folder of its saves
+    (last, last.tmp, last.old: each save replaces them)."""
+    e, o = export.resolve(), out.resolve()
+    saves = [n for n in ("last", "last.tmp", "last.old") if e.is_relative_to(o / n)]
+    if e == o or saves:
+        where = (f"train.out itself ({str(out)!r}): the checkpoint's config.json would replace the run's, "
+                 "which a resume and model.card read" if e == o else
+                 f"inside train.out's {saves[0]}/ ({str(out)!r}), which each save replaces")  # fmt: skip
+        raise ConfigError(
+            f"train.export {str(export)!r} is {where}; export beside the run's files "
+            "(train.export=RUN/export) or elsewhere"
+        )
+
+
 def check_export_folder(export: Path, out: Path) -> None:
     """ConfigError, before anything is trained or written, when `train.export` already holds a checkpoint
     that another run wrote, or none did (a shipped, converted or copied model: config.json without this
@@ -935,6 +952,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     out = Path(tcfg.out)
     main_proc = rank == 0
     if tcfg.export:
+        check_export_place(Path(tcfg.export), out)
         check_export_folder(Path(tcfg.export), out)
     folders = (("train.out", out), ("train.export", tcfg.export and Path(tcfg.export)),
                ("--dump-grads", dump_grads and Path(dump_grads).parent))  # fmt: skip

@@ -294,3 +294,20 @@ def test_an_update_that_leaves_non_finite_weights_is_neither_saved_nor_exported(
     assert "training diverged at step 1: its update left non-finite weights" in err and "Traceback" not in err
     assert "lower train.lr or train.weight_decay" in err
     assert not export.exists() and not (tmp_path / "cli" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("where", ["out", "out/last", "out/last/export"])
+def test_an_export_over_the_runs_own_files_is_refused_before_training(text_data, tmp_path, where):
+    """train.export = train.out: the export's config.json replaced the run's at the end, so resuming with
+    runs/NAME/config.json failed ("unknown config tables"), as did model.card --run; an export inside last/
+    was deleted by the next save. Refused before anything is trained or written, naming train.export."""
+    out = tmp_path / "run"
+    cfg = _run(text_data, out, export=str(tmp_path / where.replace("out", "run", 1)))
+    want = "train.out itself" if where == "out" else "inside train.out's last/"
+    with pytest.raises(ConfigError, match=rf"train.export '.*' is {want}"):
+        train(cfg)
+    assert not out.exists()
+    train({**cfg, "train": {**cfg["train"], "export": str(out / "export")}})  # (beside the run's files: fine)
+    assert json.loads((out / "config.json").read_text()) == cfg | {
+        "train": {**cfg["train"], "export": str(out / "export")}
+    }
