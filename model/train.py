@@ -18,9 +18,10 @@ takes exactly the steps an uninterrupted run would. Everything the run writes li
                    one for a --time-budget re-plan: {"step", "replanned": {"steps": [old, new]},
                    "step_s", "time_budget_s", "exact"} (exact: made inside the warmup, so the
                    schedule is the one a run planned for the new steps from the start would take)
-    last/          the newest resumable state (weights, AdamW moments, step; safetensors + JSON), and
-                   train.init's record (its model config, where its weights came from): a resume
-                   reads no train.init folder
+    last/          the newest resumable state (weights, AdamW moments, step; safetensors + JSON), the
+                   training split's SHA-256 (a resume on other bytes is refused), and train.init's
+                   record (its model config, where its weights came from): a resume reads no
+                   train.init folder
     metrics.json   final validation and test metrics
 and, when [train].export is set, the trained model is saved there as a servable checkpoint.
 """
@@ -28,6 +29,7 @@ and, when [train].export is set, the trained model is saved there as a servable 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -656,6 +658,16 @@ def checked_init_record(rec: dict, depth: int = 0) -> dict | None:
     return out
 
 
+def saved_train_sha256(out: Path) -> str | None:
+    """The SHA-256 of the training split a run's last/state.json records (None: a run saved before it was
+    recorded, or a state.json not well formed)."""
+    try:
+        sha = json.loads((out / "last" / "state.json").read_text()).get("train_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return sha if isinstance(sha, str) else None
+
+
 def saved_init(out: Path) -> dict | None:
     """The `train.init` record a run's last/state.json keeps (path, provenance, the checkpoint's model
     config), so a resume needs no train.init folder; None when it has none or it is not well formed."""
@@ -968,6 +980,15 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     model_cfg = dict(cfg.get("model", {}))
     recover_last(out)
     resuming = not fresh and (out / "last" / "state.json").is_file()
+    # the training split's bytes: a resume must draw its batches from the split the run trained on
+    train_sha256 = hashlib.sha256(np.ascontiguousarray(train_split).data).hexdigest()
+    if resuming and (was := saved_train_sha256(out)) not in (None, train_sha256):
+        raise ConfigError(
+            f"data.path {dcfg.path!r}: its training split is not the one {out} trained on (SHA-256 "
+            f"{was[:12]}… in {out / 'last' / 'state.json'}, {train_sha256[:12]}… now: prepared again or "
+            "changed), so the resume would not take the steps the run would have; start over with --fresh, "
+            "or fine-tune the run's export on this data (train.init)"
+        )
     init_state, init = None, None  # train.init's weights (a fresh start only) and its record
     saved = saved_init(out) if resuming else None
     same = (
@@ -1019,7 +1040,8 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
             diff = {k: v for k, v in cfg.get("model", {}).items() if init["model"].get(k, v) != v}
             keys = ", ".join(f"{k} = {v!r} (the checkpoint's {init['model'][k]!r})" for k, v in diff.items())
             raise ConfigError(f"{exc}: [model] {keys}" if keys else str(exc)) from None
-    meta = {"config": cfg, **({"init": init} if init else {})}  # what last/state.json keeps besides the step
+    # what last/state.json keeps besides the step
+    meta = {"config": cfg, "train_sha256": train_sha256, **({"init": init} if init else {})}
     groups = net.param_groups(tcfg.lr, tcfg.weight_decay, tcfg.ssm_lr)
     for g in groups:
         g["base_lr"] = g["lr"]

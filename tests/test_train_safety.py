@@ -2,6 +2,7 @@
 settings, a fresh start's folder, divergence, splits too small, train.init changed on resume, values past
 their bounds, unreadable run state. Each test failed on the code before its fix."""
 
+import hashlib
 import json
 import math
 import shutil
@@ -311,3 +312,33 @@ def test_an_export_over_the_runs_own_files_is_refused_before_training(text_data,
     assert json.loads((out / "config.json").read_text()) == cfg | {
         "train": {**cfg["train"], "export": str(out / "export")}
     }
+
+
+def test_a_resume_on_a_training_split_that_changed_is_refused_naming_data_path(text_data, tmp_path):
+    """The data folder prepared again between a stop and its resume (one byte of train.bin different, its
+    size and meta.json as a preparation writes them): the resume drew its batches from the new bytes, a run
+    no uninterrupted run would have taken, and said nothing. last/state.json records the split's SHA-256
+    now, and a resume on another split is refused naming data.path; the same split (copied elsewhere
+    too) resumes."""
+    data = tmp_path / "data"
+    shutil.copytree(text_data, data)
+    cfg = _run(data, tmp_path / "run")
+    train(cfg, stop_at=4)
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    tokens = np.fromfile(data / "train.bin", dtype=np.uint8)
+    tokens[100] ^= 1
+    tokens.tofile(data / "train.bin")
+    meta = json.loads((data / "meta.json").read_text())
+    meta["sha256"]["train"] = hashlib.sha256(tokens.tobytes()).hexdigest()
+    (data / "meta.json").write_text(json.dumps(meta))
+    want = (
+        r"data.path '.*data': its training split is not the one .*run trained on \(SHA-256 [0-9a-f]{12}… in "
+    )
+    with pytest.raises(
+        ConfigError, match=want + r".*state.json, [0-9a-f]{12}… now: prepared again or changed"
+    ):
+        train(cfg)
+    assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 4
+    train({**cfg, "data": {**cfg["data"], "path": str(moved)}})  # the same bytes elsewhere: resumes
+    assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 8
