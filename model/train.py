@@ -1318,8 +1318,9 @@ def main(argv: list[str] | None = None, build_model: Callable[[dict], nn.Module]
     except ConfigError as exc:
         status, line = 2, f"{ap.prog}: error: {exc}"
     except TrainingInterrupted as exc:
-        where = f"{exc.out}/last holds step {exc.saved}" if exc.saved else "nothing was saved yet"
-        status, line = 130, f"interrupted after step {exc.done}; {where}: the same command resumes from there"
+        where = (f"{exc.out}/last holds step {exc.saved}: the same command resumes from there" if exc.saved
+                 else "nothing was saved yet: the same command starts over")  # fmt: skip
+        status, line = 130, f"interrupted after step {exc.done}; {where}"
     except Diverged as exc:
         where = (f"{exc.out}/last holds step {exc.saved}, the last good state (nothing was saved after it)"
                  if exc.saved else "nothing was saved")  # fmt: skip

@@ -419,3 +419,23 @@ def test_a_save_cut_between_its_renames_leaves_the_previous_checkpoint_and_a_res
         assert reached_end  # raised at the block's end, not inside it
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_before_the_first_save_says_the_command_starts_over(tmp_path, capsys, monkeypatch):
+    """Interrupted before anything was saved, the line said "nothing was saved yet: the same command resumes
+    from there", where there is nothing to resume: it starts over, and says so now."""
+    import model.train as mt
+    from model.train import TrainingInterrupted
+
+    def interrupted(*args, **kwargs):
+        raise TrainingInterrupted(13, 0, tmp_path / "run")
+
+    monkeypatch.setattr(mt, "train", interrupted)
+    path = tmp_path / "c.toml"
+    path.write_text("[train]\nsteps = 1\n")
+    with pytest.raises(SystemExit) as code:
+        main([str(path)])
+    assert code.value.code == 130
+    assert capsys.readouterr().err.strip() == (
+        "interrupted after step 13; nothing was saved yet: the same command starts over"
+    )
