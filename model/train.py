@@ -482,6 +482,14 @@ def load_state(out: Path, net: nn.Module, opt: torch.optim.Optimizer, device) ->
     hyper = [{k: g[k] for k in ("base_lr", "weight_decay", "betas")} for g in opt.param_groups]
     d = out / "last"
     state = json.loads((d / "state.json").read_text())
+    step, elapsed = (state.get("step"), state.get("elapsed_s", 0.0)) if isinstance(state, dict) else (None, 0)
+    for name, value, ok in (("step", step, _is_int(step) and step >= 0),
+                            ("elapsed_s", elapsed, _is_number(elapsed) and elapsed >= 0)):  # fmt: skip
+        if not ok:  # (-3, null, 1e400 were tracebacks; 1.5 resumed at step 1: a helper's audit)
+            raise ConfigError(
+                f"{d / 'state.json'}: {name} must be {'an integer' if name == 'step' else 'a finite number'} "
+                f"≥ 0, got {value!r}: restore it, or start over with --fresh"
+            )
     net.load_state_dict({k: v.to(device) for k, v in load_file(str(d / "model.safetensors")).items()})
     per_param: dict[int, dict] = {}
     for key, v in load_file(str(d / "optimizer.safetensors")).items():
@@ -493,7 +501,7 @@ def load_state(out: Path, net: nn.Module, opt: torch.optim.Optimizer, device) ->
     opt.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
     for g, h in zip(opt.param_groups, hyper, strict=True):
         g.update(h)
-    return int(state["step"]), float(state.get("elapsed_s", 0.0))
+    return step, float(elapsed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1051,6 +1059,8 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     if resuming:
         try:
             start, wall_before = load_state(out, net, opt, device)
+        except ConfigError:  # (a ValueError: named as it is, not as another model)
+            raise
         except (SafetensorError, OSError) as exc:  # (before ValueError: a JSONDecodeError is one too)
             raise ConfigError(
                 f"{out / 'last'} cannot be read ({type(exc).__name__}: {exc}): restore it, or start over "

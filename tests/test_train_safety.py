@@ -342,3 +342,20 @@ def test_a_resume_on_a_training_split_that_changed_is_refused_naming_data_path(t
     assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 4
     train({**cfg, "data": {**cfg["data"], "path": str(moved)}})  # the same bytes elsewhere: resumes
     assert json.loads((tmp_path / "run" / "last" / "state.json").read_text())["step"] == 8
+
+
+@pytest.mark.parametrize("step", [-3, 1.5, None, "x", math.inf])
+def test_a_resume_reads_last_states_step_checked(text_data, tmp_path, step):
+    """last/state.json's step edited: -3, null and Infinity were tracebacks (ValueError, TypeError,
+    OverflowError), 1.5 resumed at step 1 without a word, "x" was "holds another model". Each is a
+    ConfigError naming the file, the key and the value now, and nothing is trained."""
+    cfg = _run(text_data, tmp_path / "run")
+    train(cfg, stop_at=2)
+    path = tmp_path / "run" / "last" / "state.json"
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps({**state, "step": step}))
+    with pytest.raises(
+        ConfigError, match=rf"last/state.json: step must be an integer ≥ 0, got {step!r}: restore"
+    ):
+        train(cfg)
+    assert [r["step"] for r in read_log(tmp_path / "run") if "loss" in r] == [1, 2]
