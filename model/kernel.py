@@ -11,6 +11,7 @@ Shapes: H channels, N2 = N/2 complex modes (conjugate symmetry: each mode stands
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -189,13 +190,23 @@ def init_dt(H: int, dt_min: float = 1e-3, dt_max: float = 1e-1, generator=None, 
     return math.log(dt_min) + u * (math.log(dt_max) - math.log(dt_min))
 
 
+@functools.lru_cache(maxsize=8)
+def _hippo_dplr(measure: str, N: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`hippo.dplr`'s (Λ, P̃, B̃) of one measure, size and rank, computed once per process: every S4 layer
+    starts from it, and its N × N float64 eigendecomposition takes seconds at large N (2 s at N = 2,048, 15
+    s at 4,096): a config.json of 1,024 such layers beside a small weights file kept `model.load` at it for
+    hours before the sizes were compared (a helper's audit). Callers copy before they change anything."""
+    Lambda, P, B, _ = dplr(measure, N, rank)
+    return Lambda, P, B
+
+
 def init_ssm(init: str, H: int, N: int, rank: int, generator=None):
     """(Λ, P, B, C) in complex128: Λ (H, N2), P (r, H, N2), B (H, N2), C (H, N2). `init`: a HiPPO measure
     (hippo.dplr, S4), "diag-lin" or "diag-inv" (the S4D paper's S4D-Lin and S4D-Inv, section 4.1); C is
     complex normal of unit variance. Raises ValueError for another init, or a rank below the measure's."""
     N2 = N // 2
     if init in MEASURES:
-        Lambda, P, B, _ = dplr(init, N, rank)
+        Lambda, P, B = _hippo_dplr(init, N, rank)
     elif init == "diag-lin":  # S4D-Lin: λₙ = −1/2 + iπn
         n = torch.arange(N2, dtype=torch.float64)
         Lambda, B = torch.complex(-0.5 * torch.ones(N2, dtype=torch.float64), math.pi * n), torch.ones(N2)

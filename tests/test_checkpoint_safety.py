@@ -275,3 +275,28 @@ def test_a_server_serves_the_good_checkpoints_beside_one_that_links_out_and_read
     assert body["ready"] and body["models"] == ["good"]
     assert "bad/model.safetensors: a link to" in body["failed"]["bad"]
     assert "outside the checkpoint folder" in body["failed"]["bad"]
+
+
+def test_the_layers_of_a_network_share_one_hippo_eigendecomposition(monkeypatch):
+    """Each S4 layer computed HiPPO's DPLR form, an N × N float64 eigendecomposition, again (2 s at N =
+    2,048, 15 s at 4,096): a config.json of 1,024 layers at d_state 4,096 beside a small weights file kept
+    `model.load` building for hours (the build budget counts bytes, and these layers are small) before it
+    could compare a shape. One measure, size and rank is now computed once per process; the networks built
+    from it are what they were (the same seed, the same weights)."""
+    from model import kernel
+
+    calls = []
+    real = kernel.dplr
+    monkeypatch.setattr(kernel, "dplr", lambda *args: calls.append(args) or real(*args))
+    cfg = ModelConfig(vocab_size=40, d_model=4, n_layers=6, d_state=46, l_max=64, cauchy_backend="torch")
+    torch.manual_seed(0)
+    a = SequenceModel(cfg).state_dict()
+    torch.manual_seed(0)
+    b = SequenceModel(cfg).state_dict()
+    assert calls == [("legs", 46, 1)]  # (N = 46: no other test's size, so not computed before)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    Lambda, P, B, _ = real("legs", 46, 1)
+    got = kernel.init_ssm("legs", 3, 46, 1)
+    assert torch.equal(got[0], Lambda.expand(3, 23)) and torch.equal(got[2], B.expand(3, 23))
+    got[0].add_(1)  # (a caller's change does not reach the next layer's start)
+    assert torch.equal(kernel.init_ssm("legs", 3, 46, 1)[0], Lambda.expand(3, 23))
