@@ -85,13 +85,17 @@ class APIKeys:
             ok |= hmac.compare_digest(d, known)
         return ok
 
+    def carries_key(self, scope: dict) -> bool:
+        """Whether the request carries a configured key (any path: /readyz gives its reasons only then)."""
+        return any([self.accepts(k) for k in presented_keys(scope)])  # a list: every key is checked
+
     def allows(self, scope: dict) -> bool:
         path = scope.get("path", "")
         if path in EXEMPT_PATHS or (
             path.startswith(EXEMPT_PREFIXES) and ".." not in path and "%" not in path
         ):
             return True
-        return any([self.accepts(k) for k in presented_keys(scope)])  # a list: every key is checked
+        return self.carries_key(scope)
 
 
 SHORT_KEY_CHARS = 16  # a key shorter than this is reported at start: guessable (OpenAI's are 51+)
