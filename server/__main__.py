@@ -41,6 +41,7 @@ import uvicorn  # noqa: E402
 from pydantic import ValidationError  # noqa: E402
 
 from server.app import create_app  # noqa: E402
+from server.auth import CLIENT_KEY_VARIABLES  # noqa: E402
 from server.config import Settings, default_text  # noqa: E402
 from server.connections import raise_fd_limit, uvicorn_config  # noqa: E402
 from server.logs import configure_logging  # noqa: E402
@@ -258,7 +259,6 @@ def unknown_env(environ) -> list[str]:
     return sorted(k for k in environ if unknown(k))
 
 
-CLIENT_KEY_ENV = "S4_API_KEY"  # the client scripts' key (scripts/ws_generate.py), vLLM's VLLM_API_KEY's look
 KEY_SETTINGS = {"S4_API_KEYS", "S4_API_KEYS_FILE"}
 
 
@@ -274,8 +274,7 @@ def misnamed_keys(environ, settings: Settings) -> str | None:
                    and re.fullmatch(r"S4_API_?KEY.*|VLLM_API_KEY", k.upper()))  # fmt: skip
     if not names:
         return None
-    kinds = {CLIENT_KEY_ENV: "the client scripts' key", "VLLM_API_KEY": "vLLM's setting"}
-    what = kinds.get(names[0].upper(), "not a setting") if len(names) == 1 else "not settings"
+    what = CLIENT_KEY_VARIABLES.get(names[0].upper(), "not a setting") if len(names) == 1 else "not settings"
     verb = "is" if len(names) == 1 else "are"
     return (f"{', '.join(names)} {verb} set ({what}), but the server reads its keys from S4_API_KEYS "
             "(--api-keys) or S4_API_KEYS_FILE (--api-keys-file) only: set one of them to require keys, or "

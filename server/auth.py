@@ -98,6 +98,10 @@ class APIKeys:
         return self.carries_key(scope)
 
 
+# variables named like a key setting that hold another program's key, by what they are: the server reads
+# neither (set without S4_API_KEYS, either stops it: server/__main__.py), and the servers the tools start
+# (server/launch.py) do not inherit them
+CLIENT_KEY_VARIABLES = {"S4_API_KEY": "the client scripts' key", "VLLM_API_KEY": "vLLM's setting"}
 SHORT_KEY_CHARS = 16  # a key shorter than this is reported at start: guessable (OpenAI's are 51+)
 UNSENDABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f]")  # control characters: no header value holds them
 WHICH = "(S4_API_KEYS in order, then S4_API_KEYS_FILE's lines)"

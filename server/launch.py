@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from server.auth import CLIENT_KEY_VARIABLES
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -39,7 +41,7 @@ def start_server(
     # S4_API_KEY is a client's key (a keyed server's, for the scripts and the load test), VLLM_API_KEY
     # another server's: this server has no keys unless `flags` or `env` give it some, and either variable
     # alone would stop it (server/__main__.py)
-    inherited = {k: v for k, v in os.environ.items() if k.upper() not in ("S4_API_KEY", "VLLM_API_KEY")}
+    inherited = {k: v for k, v in os.environ.items() if k.upper() not in CLIENT_KEY_VARIABLES}
     env = {**inherited, "OMP_WAIT_POLICY": "PASSIVE", **(env or {})}  # spinning OpenMP threads stall a CPU
     proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
