@@ -243,9 +243,6 @@ def load(directory: str | Path, device: str | torch.device = "cpu"):
     try:
         if want is not None and _sha256(wpath) != want:
             raise CheckpointError(f"{wpath}: checksum mismatch (file is corrupt or was changed after saving)")
-    except OSError as exc:
-        raise CheckpointError(f"{wpath}: unreadable ({exc.strerror or exc})") from None
-    try:
         size, header = _safetensors_sizes(wpath)
     except OSError as exc:
         raise CheckpointError(f"{wpath}: unreadable ({exc.strerror or exc})") from None
