@@ -666,23 +666,25 @@ def checked_init_record(rec: dict, depth: int = 0) -> dict | None:
     return out
 
 
+def _saved(out: Path, key: str):
+    """The entry `key` of a run's last/state.json; None where it has none, or is not well formed."""
+    try:
+        return json.loads((out / "last" / "state.json").read_text()).get(key)
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def saved_train_sha256(out: Path) -> str | None:
     """The SHA-256 of the training split a run's last/state.json records (None: a run saved before it was
     recorded, or a state.json not well formed)."""
-    try:
-        sha = json.loads((out / "last" / "state.json").read_text()).get("train_sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
+    sha = _saved(out, "train_sha256")
     return sha if isinstance(sha, str) else None
 
 
 def saved_init(out: Path) -> dict | None:
     """The `train.init` record a run's last/state.json keeps (path, provenance, the checkpoint's model
     config), so a resume needs no train.init folder; None when it has none or it is not well formed."""
-    try:
-        rec = json.loads((out / "last" / "state.json").read_text()).get("init")
-    except (OSError, ValueError, AttributeError):
-        return None
+    rec = _saved(out, "init")
     if not isinstance(rec, dict) or not isinstance(rec.get("model"), dict):
         return None
     checked = checked_init_record(rec, 0)
