@@ -386,6 +386,11 @@ def shut_down(run: Run, which: str, others: int = 0) -> APIError:
     )
 
 
+def sse_error(err: APIError) -> str:
+    """A stream's end by an error: OpenAI's error event, then [DONE] (the choices so far stay sent)."""
+    return sse(as_openai(err).openai_body()) + sse("[DONE]")
+
+
 def usage(prompts: list[list[int]], runs: list[Run]) -> dict:
     """Prompt tokens once per prompt; completion tokens of every sample (best_of's unreturned too); cached
     tokens once per prompt, the fewest any of its samples started from (each sample ingests its prompt:
@@ -573,8 +578,7 @@ async def _stream_completions(runs, prompts, texts, req: CompletionRequest, head
     extra = {"usage": None} if include_usage else {}
     async for run, items in merged(runs):
         if isinstance(items[-1], Failed):
-            yield sse(as_openai(items[-1].error).openai_body())
-            yield sse("[DONE]")
+            yield sse_error(items[-1].error)
             return
         piece, final, released = run.advance(items)
         cut = cut_off(run)
@@ -597,8 +601,7 @@ async def _stream_completions(runs, prompts, texts, req: CompletionRequest, head
             }
             yield sse({**head, "choices": [choice], **extra})
         if cut:  # its text so far, then the error in place of a finish
-            yield sse(as_openai(shut_down(run, f"choice {index[id(run)]}")).openai_body())
-            yield sse("[DONE]")
+            yield sse_error(shut_down(run, f"choice {index[id(run)]}"))
             return
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage(prompts, runs)})
@@ -708,8 +711,7 @@ async def _stream_chat(runs: list[Run], prompts, logprobs: bool, head: dict, inc
         yield sse({**head, "choices": [choice], **extra})
     async for run, items in merged(runs):
         if isinstance(items[-1], Failed):
-            yield sse(as_openai(items[-1].error).openai_body())
-            yield sse("[DONE]")
+            yield sse_error(items[-1].error)
             return
         text, final, released = run.advance(items)
         cut = cut_off(run)
@@ -726,8 +728,7 @@ async def _stream_chat(runs: list[Run], prompts, logprobs: bool, head: dict, inc
             }
             yield sse({**head, "choices": [choice], **extra})
         if cut:  # its text so far, then the error in place of a finish
-            yield sse(as_openai(shut_down(run, f"choice {index[id(run)]}")).openai_body())
-            yield sse("[DONE]")
+            yield sse_error(shut_down(run, f"choice {index[id(run)]}"))
             return
     if include_usage:
         yield sse({**head, "choices": [], "usage": usage(prompts, runs)})
