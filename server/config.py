@@ -362,7 +362,7 @@ class Settings(BaseSettings):
     session_store_flush_timeout_s: float = Field(
         10.0,
         ge=MIN_NET_TIMEOUT_S,
-        le=3600,
+        le=MAX_TIMEOUT_S,
         description="on shutdown, after the drain, the final write of every session to the session store "
         "takes at most this long in all (a store that does not answer: the sessions not written by then "
         "are logged, and keep their last written state there)",
