@@ -194,15 +194,7 @@ def test_json_log_lines_carry_the_request_and_generation_ids(model_dirs):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "the server did not become ready"
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        assert wait_for(lambda: _ready(proc, url), 120, 0.2), "the server did not become ready"
         body = {"model": "tiny-text", "prompt": "to be", "max_new_tokens": 3}
         r = httpx.post(url + "/v1/generate", json=body, headers={"X-Request-ID": "client-req-7"})
         assert r.status_code == 200 and r.headers["x-request-id"] == "client-req-7"
