@@ -345,6 +345,16 @@ def token_ids(frames: list[dict]) -> list[int]:
     return [i for f in frames if f["type"] == "token" for i in f["ids"]]
 
 
+def process_ready(proc, url: str) -> bool:
+    """Whether a `python -m server` child process (stderr piped) answers /readyz 200 at `url`; fails the
+    test, with the end of its stderr, once the process has exited (for `wait_for`)."""
+    assert proc.poll() is None, f"the server stopped: {proc.stderr.read()[-3000:] if proc.stderr else ''}"
+    try:
+        return httpx.get(url + "/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 from asgi_correlation_id import correlation_id
-from server_support import ServerThread, wait_for
+from server_support import ServerThread, process_ready, wait_for
 from websockets.sync.client import connect
 
 from server import Settings
@@ -194,7 +194,7 @@ def test_json_log_lines_carry_the_request_and_generation_ids(model_dirs):
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_for(lambda: _ready(proc, url), 120, 0.2), "the server did not become ready"
+        assert wait_for(lambda: process_ready(proc, url), 120, 0.2), "the server did not become ready"
         body = {"model": "tiny-text", "prompt": "to be", "max_new_tokens": 3}
         r = httpx.post(url + "/v1/generate", json=body, headers={"X-Request-ID": "client-req-7"})
         assert r.status_code == 200 and r.headers["x-request-id"] == "client-req-7"
@@ -268,7 +268,7 @@ def test_session_ids_in_log_lines_keep_their_first_8_hex_digits_only(model_dirs)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
         url = f"http://127.0.0.1:{port}"
         try:
-            assert wait_for(lambda: _ready(proc, url), 120), "the server did not become ready"
+            assert wait_for(lambda: process_ready(proc, url), 120), "the server did not become ready"
             sids = []
             for _ in range(2):
                 made = httpx.post(url + "/v1/sessions", json={"model": "tiny-text"})
@@ -293,11 +293,3 @@ def test_session_ids_in_log_lines_keep_their_first_8_hex_digits_only(model_dirs)
         assert f'"DELETE /v1/sessions/{kept[:13]}... HTTP/1.1" 204' in log, fmt
         assert f"/v1/sessions/{kept[:13]}.../export HTTP/1.1" in log, fmt
         assert f"session {expiring[:13]}... expired" in log, fmt
-
-
-def _ready(proc, url: str) -> bool:
-    assert proc.poll() is None, "the server stopped"
-    try:
-        return httpx.get(url + "/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from server_support import process_ready, wait_for
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
@@ -225,15 +226,8 @@ def test_a_second_signal_during_the_drain_stops_at_once_exit_0_without_traceback
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        url = f"http://127.0.0.1:{port}"
+        assert wait_for(lambda: process_ready(proc, url), 120, 0.1), "the server did not become ready"
         body = {"model": "tiny-text", "prompt": "to be", "max_new_tokens": n, "seed": 1, "stream": True}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/generate", json=body, timeout=60) as sse:
             assert next(sse.iter_lines()).startswith("data: ")
