@@ -136,6 +136,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await refuse(ws.scope, ws.receive, ws.send, err)
 
     app.mount("/static", demo.static_files(), name="static")
+
+    def body_limit(scope: dict) -> int:
+        if scope.get("path") == IMPORT_PATH:  # a state blob's size is set by the model, not by the client
+            return max(settings.max_body_bytes, state.max_state_blob_bytes)
+        return settings.max_body_bytes
+
+    def json_budget(scope: dict):
+        if scope.get("path") == IMPORT_PATH or not json_content_type(scope.get("headers", ())):
+            return None  # a state blob; a body FastAPI does not parse as JSON
+        return route_budget(scope.get("path", ""), settings.max_prompt_tokens)
+
+    # inside the key check (added first: the innermost), so a client without a key learns no limit
+    refused_body = state.metrics.requests_refused
+    app.add_middleware(
+        BodySizeLimit,
+        limit_for=body_limit,
+        budget_for=json_budget,
+        on_refused=lambda reason: refused_body.labels(reason).inc(),
+    )
     keys = app.state.api_keys = APIKeys(settings.api_keys)  # (/readyz: the reasons only with a key)
     if keys.enabled:
         refused = state.metrics.auth_failures
@@ -152,23 +171,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     refused_for = state.metrics.requests_refused
     app.add_middleware(OriginCheck, policy=policy, on_refused=lambda reason: refused_for.labels(reason).inc())
 
-    def body_limit(scope: dict) -> int:
-        if scope.get("path") == IMPORT_PATH:  # a state blob's size is set by the model, not by the client
-            return max(settings.max_body_bytes, state.max_state_blob_bytes)
-        return settings.max_body_bytes
-
-    def json_budget(scope: dict):
-        if scope.get("path") == IMPORT_PATH or not json_content_type(scope.get("headers", ())):
-            return None  # a state blob; a body FastAPI does not parse as JSON
-        return route_budget(scope.get("path", ""), settings.max_prompt_tokens)
-
-    refused_body = state.metrics.requests_refused
-    app.add_middleware(
-        BodySizeLimit,
-        limit_for=body_limit,
-        budget_for=json_budget,
-        on_refused=lambda reason: refused_body.labels(reason).inc(),
-    )
     instrument_http(app, state.metrics.registry)
     add_request_ids(app)  # last: the outermost, so every response carries X-Request-ID
     return app

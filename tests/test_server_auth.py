@@ -5,6 +5,7 @@ refused before any session exists, and a browser can carry the key as a subproto
 import asyncio
 import json
 import logging
+import socket
 import subprocess
 import sys
 import time
@@ -397,3 +398,41 @@ def test_readyz_without_a_key_withholds_why_a_model_is_not_served(model_dirs):
             "not every configured model is served (S4_REQUIRE_ALL_MODELS): broken"
         )
     assert "not valid JSON" in keyed.json()["failed"]["broken"] and "not valid JSON" in keyed.json()["reason"]
+
+
+def _declared_only(port: int, path: str, length: int, key: str | None) -> bytes:
+    """Headers declaring a `length`-byte body, and no body: what the server answers within 60 s."""
+    auth = f"X-API-Key: {key}\r\n" if key else ""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                  f"{auth}Content-Length: {length}\r\n\r\n".encode())  # fmt: skip
+        s.settimeout(60)
+        got = b""
+        while b"\r\n\r\n" not in got or len(got.partition(b"\r\n\r\n")[2]) < _content_length(got):
+            data = s.recv(65536)
+            if not data:
+                break
+            got += data
+        return got
+
+
+def _content_length(response: bytes) -> int:
+    for line in response.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def test_a_body_over_the_limit_without_a_key_is_a_401_that_names_no_limit(keyed):
+    """The body-size check ran outside the key check: a request with no key and a declared body over
+    S4_MAX_BODY_BYTES got the 413, whose message names the limit in bytes, so anyone could read a keyed
+    server's setting. The key check now comes first; with a key the same request is the 413."""
+    over = keyed.app.state.server.settings.max_body_bytes + 1
+    for path in ("/v1/generate", "/v1/completions", "/v1/sessions"):
+        refused = _declared_only(keyed.port, path, over, key=None)
+        head, _, body = refused.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"401", (path, refused[:300])
+        assert json.loads(body)["error"]["message"] == MESSAGE and str(over - 1) not in body.decode()
+        limited = _declared_only(keyed.port, path, over, key=KEYS[0])
+        assert limited.split()[1] == b"413" and b"max_body_bytes" in limited, (path, limited[:300])
