@@ -3,19 +3,38 @@ convention of Hugging Face tokenizers: it sees `messages`, a list of {role, cont
 `add_generation_prompt`), and `chat_stop`, the stop sequences that end the assistant's turn.
 
 Templates are rendered in Jinja's immutable sandbox (as Hugging Face transformers does), so a
-checkpoint's template can read the messages and nothing else.
+checkpoint's template can read the messages and nothing else. The sandbox holds what transformers
+gives a template (`_compile_jinja_template`): `raise_exception(message)`, with which a template refuses
+a conversation (our 400 then carries its message), the loop controls `{% break %}` and `{% continue %}`,
+and a `tojson` filter that writes JSON as `json.dumps` does (Jinja's own escapes <, >, &, ' and every
+non-ASCII character, and sorts keys: another prompt than the one the template's model was trained on).
+`strftime_now` is left out: a prompt that held the date would make a seed's tokens depend on the day.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 from jinja2 import TemplateError
+from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
 class ChatTemplateError(ValueError):
     """A checkpoint's chat template is not a valid Jinja template (the model is then not served)."""
+
+
+def _raise_exception(message: str):
+    """A template's refusal of the messages (transformers' `raise_exception`)."""
+    raise TemplateError(message)
+
+
+def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sort_keys: bool = False) -> str:
+    """transformers' `tojson` filter: `json.dumps`, non-ASCII text kept, nothing HTML-escaped."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 @dataclass
@@ -24,7 +43,11 @@ class ChatTemplate:
     stop: list[str]
 
     def __post_init__(self) -> None:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, extensions=[loopcontrols]
+        )
+        env.globals["raise_exception"] = _raise_exception
+        env.filters["tojson"] = _tojson
         try:
             self._template = env.from_string(self.source)
         except TemplateError as exc:

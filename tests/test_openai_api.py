@@ -983,6 +983,49 @@ def test_shipped_shakespeare_chat_template_renders_speaker_lines():
     assert "\n\nHam.\n" in sample_text
 
 
+def test_a_hugging_face_chat_template_refuses_breaks_loops_and_writes_json_as_transformers_does():
+    """What transformers gives a chat template (its `_compile_jinja_template`), which a template written for
+    it uses: `raise_exception` (was undefined: the 400 said "'raise_exception' is undefined", not the
+    template's reason), `{% break %}` (was an unknown tag: the checkpoint was not served) and `tojson` as
+    `json.dumps(ensure_ascii=False)` (Jinja's escaped "<", "&", "é" and sorted the keys: another prompt)."""
+    from types import SimpleNamespace
+
+    from server.chat import ChatTemplate
+    from server.errors import APIError
+    from server.routes.openai import chat_prompt
+    from server.schemas import ChatCompletionRequest
+
+    alternate = (
+        "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    )
+    model = SimpleNamespace(id="m", chat=ChatTemplate(alternate, []))
+    two_users = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    with pytest.raises(APIError) as e:
+        chat_prompt(model, ChatCompletionRequest(model="m", messages=two_users))
+    assert e.value.status == 422 and e.value.param == "messages"  # (400 on the OpenAI routes: as_openai)
+    assert "Conversation roles must alternate user/assistant/user/assistant/..." in e.value.message
+    answered = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    prompt = chat_prompt(model, ChatCompletionRequest(model="m", messages=answered))
+    assert prompt == "user: a\nassistant: b\n"
+
+    first_two = ChatTemplate(
+        "{% for m in messages %}{% if loop.index > 2 %}{% break %}{% endif %}"
+        "{% if m.role == 'system' %}{% continue %}{% endif %}{{ m.content }};{% endfor %}",
+        [],
+    )
+    msgs = [
+        {"role": r, "content": c, "name": None} for r, c in [("system", "s"), ("user", "u"), ("user", "v")]
+    ]
+    assert first_two.render(msgs) == "u;"
+
+    message = {"role": "user", "content": "<a & b> 'é' 😀", "name": None}
+    for filt, kwargs in [("tojson", {}), ("tojson(indent=2)", {"indent": 2})]:
+        got = ChatTemplate(f"{{{{ messages[0] | {filt} }}}}", []).render([message])
+        assert got == json.dumps(message, ensure_ascii=False, **kwargs)
+
+
 def test_logit_bias_keys_are_canonical_decimal_token_ids_on_both_routes(chat_server):
     """int() read "6_5", " 65", "+65", "065" and Arabic-Indic "٦٥" as token 65, so {"65": 100, "065":
     -100} resolved by key order, silently (a fresh-user trial). A key is now "0" or ASCII digits without
