@@ -1,6 +1,7 @@
 """Chat templates: a checkpoint's `config.json` may carry `chat_template`, a Jinja template (the
-convention of Hugging Face tokenizers: it sees `messages`, a list of {role, content, name}, and
-`add_generation_prompt`), and `chat_stop`, the stop sequences that end the assistant's turn.
+convention of Hugging Face tokenizers: it sees `messages`, a list of {role, content} with `name` where a
+message has one, and `add_generation_prompt`), and `chat_stop`, the stop sequences that end the
+assistant's turn.
 
 Templates are rendered in Jinja's immutable sandbox (as Hugging Face transformers does), so a
 checkpoint's template can read the messages and nothing else. The sandbox holds what transformers
@@ -68,8 +69,10 @@ class ChatTemplate:
         return cls(source, stop)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The prompt text for `messages` ({role, content, name} dicts, content a string). Raises
-        ValueError (with Jinja's message) when the template fails on these messages."""
+        """The prompt text for `messages` ({role, content} dicts, content a string, and `name` where the
+        message has one: a key left out, as Hugging Face passes a message, so that `m.name is defined`
+        says whether it was sent). Raises ValueError (with Jinja's message) when the template fails on
+        these messages."""
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
         except TemplateError as exc:

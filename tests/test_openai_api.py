@@ -1026,6 +1026,26 @@ def test_a_hugging_face_chat_template_refuses_breaks_loops_and_writes_json_as_tr
         assert got == json.dumps(message, ensure_ascii=False, **kwargs)
 
 
+def test_a_message_without_a_name_reaches_the_template_without_one():
+    """A message the client sent without `name` reached the template as {"name": None}: `m.name is defined`
+    and `'name' in m`, Hugging Face templates' tests for a name, were true, and the prompt said "None: hi".
+    The key is now left out, as in the request (and as transformers passes a message)."""
+    from types import SimpleNamespace
+
+    from server.chat import ChatTemplate
+    from server.routes.openai import chat_prompt
+    from server.schemas import ChatCompletionRequest
+
+    for test in ("m.name is defined", "'name' in m"):
+        speech = "{{ m.name }}: {% endif %}{{ m.content }}\n{% endfor %}"
+        source = f"{{% for m in messages %}}{{% if {test} %}}" + speech
+        model = SimpleNamespace(id="m", chat=ChatTemplate(source, []))
+        messages = [{"role": "user", "content": "hi"}, {"role": "user", "content": "yo", "name": "Bob"}]
+        assert chat_prompt(model, ChatCompletionRequest(model="m", messages=messages)) == "hi\nBob: yo\n", (
+            test
+        )
+
+
 def test_logit_bias_keys_are_canonical_decimal_token_ids_on_both_routes(chat_server):
     """int() read "6_5", " 65", "+65", "065" and Arabic-Indic "٦٥" as token 65, so {"65": 100, "065":
     -100} resolved by key order, silently (a fresh-user trial). A key is now "0" or ASCII digits without

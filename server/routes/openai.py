@@ -631,7 +631,10 @@ def chat_prompt(model: ServedModel, req: ChatCompletionRequest) -> str:
                     )
                 parts.append(part["text"])
             content = "".join(parts)
-        messages.append({"role": m.role, "content": content, "name": m.name})
+        message = {"role": m.role, "content": content}
+        if m.name is not None:  # (absent, as in the request: a template's `name is defined` is then false)
+            message["name"] = m.name
+        messages.append(message)
     try:
         return model.chat.render(messages)
     except ValueError as exc:
