@@ -72,8 +72,13 @@ class ChatTemplate:
         """The prompt text for `messages` ({role, content} dicts, content a string, and `name` where the
         message has one: a key left out, as Hugging Face passes a message, so that `m.name is defined`
         says whether it was sent). Raises ValueError (with Jinja's message) when the template fails on
-        these messages."""
+        these messages: a TemplateError (an undefined name, `raise_exception`), or any error of Python's
+        its expressions raise on them (`content + 1`, `tojson` of an undefined field: a TypeError, which
+        was a 500)."""
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
         except TemplateError as exc:
             raise ValueError(f"the chat template failed on these messages: {exc}") from None
+        except Exception as exc:  # (the sandbox runs the template's Python: what it raises is its failure)
+            why = f"{type(exc).__name__}: {exc}"
+            raise ValueError(f"the chat template failed on these messages: {why}") from None

@@ -1046,6 +1046,36 @@ def test_a_message_without_a_name_reaches_the_template_without_one():
         )
 
 
+@pytest.mark.parametrize(
+    "source, said",
+    [
+        ("{{ messages[0].content + 1 }}", "TypeError"),  # a str and an int
+        ("{{ messages[0].name | tojson }}", "TypeError"),  # no name: Undefined is no JSON
+        ("{% for m in messages %}{{ 1 // (loop.length - 1) }}{% endfor %}", "ZeroDivisionError"),
+        ("{{ messages[0].content.nope.nope }}", "has no attribute 'nope'"),  # (Jinja's: a 400 before too)
+    ],
+)
+def test_a_template_that_fails_on_the_messages_is_a_400_naming_messages_never_a_500(
+    chat_server, monkeypatch, source, said
+):
+    """A template is Python run on the client's messages: an error of Python's it raises on them (a
+    TypeError, a ZeroDivisionError) went past render's `except TemplateError` and was a 500 with nothing
+    said. Now it is the 400 a Jinja error was: naming messages, with the error's type and text; the
+    model still serves messages the template takes."""
+    from server.chat import ChatTemplate
+
+    s, _ = chat_server
+    monkeypatch.setattr(s.state.models["tiny-chat"], "chat", ChatTemplate(source, []))
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for stream in (False, True):
+        r = httpx.post(s.url + "/v1/chat/completions", json={**body, "stream": stream}, timeout=30)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "messages", r.text
+        assert err["type"] == "invalid_request_error" and said in err["message"], err
+    monkeypatch.setattr(s.state.models["tiny-chat"], "chat", ChatTemplate("{{ messages[0].content }}", []))
+    assert httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+
+
 def test_logit_bias_keys_are_canonical_decimal_token_ids_on_both_routes(chat_server):
     """int() read "6_5", " 65", "+65", "065" and Arabic-Indic "٦٥" as token 65, so {"65": 100, "065":
     -100} resolved by key order, silently (a fresh-user trial). A key is now "0" or ASCII digits without
