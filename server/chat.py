@@ -7,8 +7,10 @@ Templates are rendered in Jinja's immutable sandbox (as Hugging Face transformer
 checkpoint's template can read the messages and nothing else. The sandbox holds what transformers
 gives a template (`_compile_jinja_template`): `raise_exception(message)`, with which a template refuses
 a conversation (our 400 then carries its message), the loop controls `{% break %}` and `{% continue %}`,
-and a `tojson` filter that writes JSON as `json.dumps` does (Jinja's own escapes <, >, &, ' and every
-non-ASCII character, and sorts keys: another prompt than the one the template's model was trained on).
+`{% generation %}…{% endgeneration %}` (transformers marks the assistant's tokens for training with it;
+rendered as its body), and a `tojson` filter that writes JSON as `json.dumps` does (Jinja's own escapes
+<, >, &, ' and every non-ASCII character, and sorts keys: another prompt than the one the template's
+model was trained on).
 `strftime_now` is left out: a prompt that held the date would make a seed's tokens depend on the day.
 """
 
@@ -18,7 +20,7 @@ import json
 from dataclasses import dataclass
 
 from jinja2 import TemplateError
-from jinja2.ext import loopcontrols
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
@@ -38,6 +40,17 @@ def _tojson(value, ensure_ascii: bool = False, indent=None, separators=None, sor
     )
 
 
+class GenerationBlock(Extension):
+    """transformers' `{% generation %}…{% endgeneration %}`, which marks the assistant's part of a rendered
+    conversation for a training mask: here its body, rendered as if the tags were not there."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        next(parser.stream)  # the tag's name
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 @dataclass
 class ChatTemplate:
     source: str
@@ -45,7 +58,10 @@ class ChatTemplate:
 
     def __post_init__(self) -> None:
         env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, extensions=[loopcontrols]
+            trim_blocks=True,
+            lstrip_blocks=True,
+            keep_trailing_newline=True,
+            extensions=[loopcontrols, GenerationBlock],
         )
         env.globals["raise_exception"] = _raise_exception
         env.filters["tojson"] = _tojson

@@ -1019,6 +1019,12 @@ def test_a_hugging_face_chat_template_refuses_breaks_loops_and_writes_json_as_tr
         {"role": r, "content": c, "name": None} for r, c in [("system", "s"), ("user", "u"), ("user", "v")]
     ]
     assert first_two.render(msgs) == "u;"
+    marked = ChatTemplate(
+        "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}!"
+        "{% endgeneration %}{% else %}{{ m.content }};{% endif %}{% endfor %}",
+        [],
+    )
+    assert marked.render([{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]) == "u;a!"
 
     message = {"role": "user", "content": "<a & b> 'é' 😀", "name": None}
     for filt, kwargs in [("tojson", {}), ("tojson(indent=2)", {"indent": 2})]:
