@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import random
 import resource
+import struct
 import time
 from collections import defaultdict
 
@@ -340,6 +341,21 @@ class _WebSocketUser(S4User):
             self.ws.shutdown()
         self.ws = None
 
+    def receive(self) -> str | bytes:
+        """The next text or binary message. A close frame raises WebSocketConnectionClosedException naming
+        its code and reason: websocket-client's `recv` returns "" for it, whose JSON error was taken for an
+        error frame (the dead socket kept, so the next turn failed too, on a socket nobody had reported
+        closed)."""
+        opcode, data = self.ws.recv_data()
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
+            reason = data[2:].decode("utf-8", "replace")
+            why = f"the server closed the socket: {code} {reason}"
+            raise websocket.WebSocketConnectionClosedException(why)
+        if opcode == websocket.ABNF.OPCODE_TEXT and isinstance(data, bytes):
+            return data.decode("utf-8")
+        return data
+
     def connect(self) -> None:
         t0 = time.perf_counter()
         url = self.host.replace("http://", "ws://").replace("https://", "wss://") + "/v1/stream"
@@ -347,7 +363,7 @@ class _WebSocketUser(S4User):
             header = [f"{k}: {v}" for k, v in self.auth_headers().items()]
             self.ws = websocket.create_connection(url, timeout=120, enable_multithread=False, header=header)
             self.ws.send(json.dumps({"type": "session", "model": self.opt(self.model_option), **self.hello}))
-            frame = json.loads(self.ws.recv())
+            frame = json.loads(self.receive())
             if frame.get("type") != "session":
                 raise RuntimeError(f"expected a session frame, got {frame}")
         except Exception as exc:  # noqa: BLE001
@@ -399,7 +415,7 @@ class WsTextUser(_WebSocketUser):
         timer.t0 = time.perf_counter()
         self.ws.send(json.dumps({"type": "generate", **req}))
         while True:
-            m = json.loads(self.ws.recv())
+            m = json.loads(self.receive())
             if m["type"] == "token":
                 timer.got(len(m["ids"]))
             elif m["type"] == "done":
@@ -435,7 +451,7 @@ class WsAudioUser(_WebSocketUser):
         self.ws.send(json.dumps(req))
         rate, first = None, None
         while True:
-            m = self.ws.recv()
+            m = self.receive()
             if isinstance(m, bytes):
                 first = first or time.perf_counter()
                 timer.got(len(m))

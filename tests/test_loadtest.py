@@ -254,3 +254,70 @@ def test_the_load_test_runs_against_a_keyed_server_with_s4_api_key(model_dirs, t
         assert key not in proc.stdout + proc.stderr
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# The WebSocket users against a server that closes the socket mid-turn
+
+
+def _closing_server(kind: str, generates: list[str]):
+    """A WebSocket server that binds a session, then answers each `generate` with one token (text) or
+    one frame of samples (audio) and closes the socket with 1011; `generates` collects one entry per
+    generate frame it received."""
+    import threading
+
+    from websockets.sync.server import serve
+
+    def handler(ws) -> None:
+        try:
+            for text in ws:
+                msg = json.loads(text)
+                if msg["type"] == "session":
+                    bound = {"type": "session", "session_id": "s1", "model": msg["model"], "kind": kind}
+                    ws.send(json.dumps(bound))
+                elif msg["type"] == "generate":
+                    generates.append(msg["type"])
+                    if kind == "audio":
+                        ws.send(json.dumps({"type": "audio_header", "sample_rate": 8000, "encoding": "mulaw",
+                                            "channels": 1, "frame_samples": 4, "frame_ms": 1}))  # fmt: skip
+                        ws.send(bytes(4))
+                    else:
+                        ws.send(json.dumps({"type": "token", "ids": [65], "text": "A"}))
+                    ws.close(1011, "engine gone")
+                    return
+        except Exception:  # noqa: BLE001  (a client that went away)
+            return
+
+    server = serve(handler, "127.0.0.1", 0, compression=None)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize(("user", "kind"), [("WsTextUser", "WS"), ("WsAudioUser", "WS-audio")])
+def test_a_socket_the_server_closes_is_one_failure_naming_its_code_and_the_next_turn_reconnects(
+    user, kind, tmp_path
+):
+    """websocket-client's `recv` returns "" for a close frame: its JSONDecodeError was taken for an error
+    frame, the closed socket was kept, and the next turn failed again on it ("socket is already closed")
+    without reaching any server: two failures for one close, neither naming it. Now each close is one
+    failure naming its code, and the next turn connects again."""
+    generates: list[str] = []
+    server = _closing_server("audio" if kind == "WS-audio" else "text", generates)
+    prefix, latency = tmp_path / "closing", tmp_path / "closing.latency.json"
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+           "-u", "1", "-r", "1", "-t", "3s", "--host", f"http://127.0.0.1:{server.socket.getsockname()[1]}",
+           "--csv", str(prefix), "--only-summary", "--latency-out", str(latency),
+           "--audio-prompt-samples", "0", user]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 1, proc.stderr[-3000:]  # (1: requests failed)
+    exact = json.loads(latency.read_text())  # (every report, as the test stopped: the CSV may lag behind)
+    failed, reports, ran = exact["failures"][kind], exact["requests"][kind], len(generates)
+    assert ran > 1
+    # each generate the server closed on is one failure (the last may be cut short by the stop, unreported)
+    assert ran - 1 <= failed <= ran
+    assert ran <= reports - failed <= ran + 1  # and the connects, one a turn, all succeeded
+    errors = [f["Error"] for f in read_stats(Path(f"{prefix}_failures.csv"))]
+    assert errors and all("1011 engine gone" in e for e in errors), errors
