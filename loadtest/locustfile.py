@@ -30,6 +30,8 @@ from collections import defaultdict
 import requests
 import websocket  # websocket-client
 from locust import User, constant, events, tag, task
+from locust.exception import StopTest
+from loopback import loopback_url  # (loadtest/loopback.py: locust puts this file's folder on sys.path)
 
 PROMPTS = [
     "ROMEO:\n",
@@ -167,6 +169,11 @@ _ENV: dict = {}
 @events.init.add_listener
 def _on_init(environment, **_) -> None:
     _ENV["env"] = environment
+    if environment.host:  # (--host; the web UI's host field is checked as each user starts)
+        try:
+            loopback_url(environment.host)
+        except ValueError as exc:
+            raise SystemExit(f"locustfile: --host {exc}") from None
 
 
 @events.test_stop.add_listener
@@ -208,6 +215,12 @@ class S4User(User):
             context={},
         )
         RECORDER.latency[(self.kind, name)].append(seconds)
+
+    def on_start(self) -> None:
+        try:
+            loopback_url(self.host)
+        except ValueError as exc:
+            raise StopTest(str(exc)) from None
 
     def opt(self, name: str):
         return getattr(self.environment.parsed_options, name)
@@ -254,6 +267,7 @@ class _HttpUser(S4User):
     abstract = True
 
     def on_start(self) -> None:
+        super().on_start()
         self.http = requests.Session()
         self.http.headers.update(self.auth_headers())
 
@@ -323,6 +337,7 @@ class _WebSocketUser(S4User):
     hello: dict = {}
 
     def on_start(self) -> None:
+        super().on_start()
         self.ws: websocket.WebSocket | None = None
         self.turn = 0
 

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import ranged
+from loadtest.loopback import loopback_url
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -543,6 +544,21 @@ def report_folder(args: argparse.Namespace) -> Path:
     return HERE / "results" / ("quick" if args.quick else "partial" if partial and not args.replot else "")
 
 
+def _loopback(url: str) -> str:
+    """An argparse type: a loopback server's URL (loadtest.loopback)."""
+    try:
+        return loopback_url(url)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _server_arg(flag: str) -> str:
+    """An argparse type: a flag for the started server, which listens on 127.0.0.1 (not --host, --port)."""
+    if flag.split("=", 1)[0] in ("--host", "--port"):
+        raise argparse.ArgumentTypeError(f"{flag!r}: the started server listens on 127.0.0.1 at a free port")
+    return flag
+
+
 MAX_USERS = 1024  # the server gets max(256, 2 × users) session slots; locust on one core tops out far below
 
 
@@ -550,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--host", help="target a running server (default: start one on loopback)")
+    parser.add_argument("--host", type=_loopback, help="target a running server on loopback, "
+                        "http://127.0.0.1:PORT (default: start one there)")  # fmt: skip
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
     parser.add_argument("--users", nargs="+", type=ranged(int, 1, MAX_USERS),
                         help=f"override every scenario's user sweep (1..{MAX_USERS})")  # fmt: skip
@@ -563,7 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny stand-in models, short levels")
     parser.add_argument("--out", type=Path, help="report folder (default loadtest/results/ for the full "
                         "sweep, results/quick/ with --quick, results/partial/ for any other)")  # fmt: skip
-    parser.add_argument("--server-arg", action="append", default=[], help="extra flag for python -m server")
+    parser.add_argument("--server-arg", action="append", default=[], type=_server_arg,
+                        help="extra flag for python -m server (not --host or --port: it listens on "
+                        "127.0.0.1)")  # fmt: skip
     parser.add_argument(
         "--replot", action="store_true", help="rebuild report.md and the PNGs from loadtest.json"
     )

@@ -116,11 +116,16 @@ def _free_port() -> int:
         ("--turns", "0"),
         ("--audio-samples", "-5"),
         ("--audio-prompt-samples", "-1"),
+        ("--host", "http://192.0.2.1:8000"),
+        ("--host", "http://example.com:8000"),
+        ("--host", "http://127.0.0.1.example.com:8000"),
+        ("--host", "ftp://127.0.0.1:8000"),
     ],
 )
 def test_out_of_range_numbers_are_argparse_errors_before_anything_starts(flag, value, tmp_path, capsys):
     """`--users 0` or `--seconds -1` started a server, then died on locust's missing CSV (a traceback);
-    `--seconds 0` silently became the default 20 s."""
+    `--seconds 0` silently became the default 20 s. A --host that is not on loopback (another machine) ran
+    the sweep against it."""
     from loadtest.run import main
 
     out = tmp_path / "report"
@@ -321,3 +326,42 @@ def test_a_socket_the_server_closes_is_one_failure_naming_its_code_and_the_next_
     assert ran <= reports - failed <= ran + 1  # and the connects, one a turn, all succeeded
     errors = [f["Error"] for f in read_stats(Path(f"{prefix}_failures.csv"))]
     assert errors and all("1011 engine gone" in e for e in errors), errors
+
+
+def test_the_load_test_targets_loopback_only():
+    """locust (and `python -m loadtest --host`) sent the sweep's load to any host named; now only a server
+    on this machine's loopback is a target: locust refuses another before any user starts."""
+    from loadtest.loopback import loopback_url
+
+    for url in ("http://127.0.0.1:8000", "http://127.0.0.2:8000", "http://localhost:8000", "http://[::1]:8000",
+                "https://127.0.0.1"):  # fmt: skip
+        assert loopback_url(url) == url
+    for url in (
+        "http://192.0.2.1:8000",
+        "http://[2001:db8::1]:80",
+        "http://0.0.0.0:8000",
+        "127.0.0.1:8000",
+        "",
+    ):
+        with pytest.raises(ValueError, match="loopback only"):
+            loopback_url(url)
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+           "-u", "1", "-r", "1", "-t", "2s", "--host", "http://192.0.2.1:9", "WsTextUser"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
+    assert proc.returncode != 0 and "loopback only" in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "flag", ["--server-arg=--host=0.0.0.0", "--server-arg=--host", "--server-arg=--port=80"]
+)
+def test_the_started_server_stays_on_loopback(flag, tmp_path, capsys):
+    """`--server-arg=--host=0.0.0.0` came after the launcher's own --host 127.0.0.1 and opened the server it
+    started to the network."""
+    from loadtest.run import main
+
+    out = tmp_path / "report"
+    with pytest.raises(SystemExit) as e:
+        main(["--quick", "--scenarios", "text-ws", flag, "--out", str(out)])
+    assert e.value.code == 2
+    assert "--server-arg" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not out.exists()
