@@ -7,10 +7,12 @@ from request to request ("\\nQ7: ..."), as an application asking several questio
 sending one system prompt before each user's message does. Each request is `POST /v1/generate` with
 max_new_tokens 1, so its latency is the prompt's ingestion and one step: its time to first token, through
 the HTTP stack. First one warm-up request to each server with another document of the same length (so
-that neither pays a first prefill at a new length), then the document's first request (B stores its
-prefixes: a miss, as A), then `--requests` more alternated (B restores the longest stored prefix: the
-document's whole 256-token chunks, and ingests the rest). Reported per length: the median latency of
-each, B ÷ A, and the cached tokens B's usage reported.
+that neither pays a first prefill at a new length), then misses: the document's first request (B stores
+its prefixes: a miss, as A) and as many new documents after it (5 in all; quick 2), each sent to both
+servers in an alternated order (A B, B A, ...), then `--requests` more questions after the document
+alternated (B restores the longest stored prefix: the document's whole 256-token chunks, and ingests
+the rest). Reported per length: the median latency of each, B ÷ A, the cached tokens B's usage
+reported, and the misses' median latency of each (what storing the rows costs) and its B ÷ A.
 
 Then prompts that arrive `together` and share a new document of 8,000 tokens (nothing stored), 4
 times to each server alternated after a warm-up: `samples`, n = 8 samples of one prompt (POST
@@ -55,6 +57,7 @@ from server.config import Settings  # noqa: E402
 NAME = "prefix_cache"
 LENGTHS = {False: (1024, 4096, 8000), True: (64, 300)}
 REQUESTS = {False: 16, True: 3}
+MISSES = {False: 5, True: 2}  # a length's misses: the document's first request and new documents after it
 ARMS = {"A": {"S4_PREFIX_CACHE_MB": "0"}, "B": {}}  # B: the default budget
 DOCUMENTS = {False: (12, 8000, 4), True: (3, 600, 2)}  # documents, their tokens, rounds
 QUICK_ROWS = 4  # the quick run's budget, in state rows
@@ -99,15 +102,23 @@ def run(quick: bool, requests: int | None = None) -> dict[str, Any]:
         model = ckpt.name
         out["model"] = what
         with servers(ckpt, ARMS) as urls:
-            text = long_text(3 * max(LENGTHS[quick]))
+            text = long_text((1 + MISSES[quick]) * max(LENGTHS[quick]))
             for L in LENGTHS[quick]:
                 # (headed by their length: no document shares a chunk with another length's)
-                doc, other = (
-                    f"{head} {L}:\n{text[k * L : (k + 1) * L]}"[:L] for k, head in enumerate(("Doc", "Other"))
+                doc, other, *new = (
+                    f"{head} {L}:\n{text[k * L : (k + 1) * L]}"[:L]
+                    for k, head in enumerate(("Doc", "Other", *(f"New {j}" for j in range(1, MISSES[quick]))))
                 )
                 for name in ARMS:  # warm-up: another document of this length
                     one(urls[name], model, other + "\nQ0: who?\nA:")
-                first = {name: one(urls[name], model, doc + "\nQ0: who?\nA:")[0] for name in ARMS}
+                # misses: the document's first request, then new documents, each to both servers in an
+                # alternated order (the first requests alone, A's always first, were one sample in a fixed
+                # order: B's, right after A's, came out 2-11 % slower in every committed run)
+                miss: dict[str, list[float]] = {"A": [], "B": []}
+                for j, d in enumerate([doc, *new]):
+                    for name in ("A", "B") if j % 2 == 0 else ("B", "A"):
+                        miss[name].append(one(urls[name], model, d + "\nQ0: who?\nA:")[0])
+                first = {name: v[0] for name, v in miss.items()}
                 ms: dict[str, list[float]] = {"A": [], "B": []}
                 cached = []
                 for i in range(1, n + 1):
@@ -117,13 +128,15 @@ def run(quick: bool, requests: int | None = None) -> dict[str, Any]:
                         if name == "B":
                             cached.append(usage["prompt_tokens_details"]["cached_tokens"])
                 med = {k: statistics.median(v) for k, v in ms.items()}
+                missed = {k: statistics.median(v) for k, v in miss.items()}
                 out["lengths"][str(L)] = {
                     "ms": ms, "first_ms": first, "median_ms": med, "b_over_a": med["B"] / med["A"],
-                    "cached_tokens": cached,
+                    "cached_tokens": cached, "miss_ms": miss, "miss_median_ms": missed,
+                    "miss_b_over_a": missed["B"] / missed["A"],
                 }  # fmt: skip
                 print(f"prefix {L} tokens: cache off {med['A']:.1f} ms, on {med['B']:.1f} ms "
                       f"({med['A'] / med['B']:.1f}x faster; cached {statistics.median(cached):.0f} tokens); "
-                      f"the document's first request {first['A']:.1f} / {first['B']:.1f} ms",
+                      f"a miss (median of {len(miss['A'])}) {missed['A']:.1f} / {missed['B']:.1f} ms",
                       flush=True)  # fmt: skip
             out["together"] = together(quick, urls, model)
     return out

@@ -20,6 +20,43 @@ def test_a_quick_run_times_both_servers_and_the_cached_one_reports_its_whole_chu
         assert tog[w]["b_over_a"] == pytest.approx(tog[w]["median_ms"]["B"] / tog[w]["median_ms"]["A"])
 
 
+def test_misses_are_several_new_documents_sent_to_both_servers_in_alternated_order(monkeypatch, tmp_path):
+    """The cost of a miss (B stores its rows) was read from one request to each server, A's always sent
+    first and B's right after it: B's came out 2-11 % slower in every committed run, which the docs read as
+    noise "either way". Now each length's misses are the document's first request and new documents after
+    it, each to both servers, the order alternated, and their medians are reported beside the hits'."""
+    import contextlib
+
+    sent: list[tuple[str, str]] = []  # (server, prompt) in the order sent
+
+    def one(client, model, prompt):
+        sent.append((client, prompt))
+        return (10.0 if client == "A" else 11.0) + len(sent) / 1000, {
+            "prompt_tokens_details": {"cached_tokens": 0}
+        }
+
+    @contextlib.contextmanager
+    def servers(ckpt, arms):
+        yield {name: name for name in arms}
+
+    monkeypatch.setattr(prefix_cache, "one", one)
+    monkeypatch.setattr(prefix_cache, "servers", servers)
+    monkeypatch.setattr(prefix_cache, "checkpoint", lambda quick, tmp: (tmp / "standin", "stand-in"))
+    monkeypatch.setattr(prefix_cache, "together", lambda quick, clients, model: {})
+    out = prefix_cache.run(True, requests=2)
+    for L, r in out["lengths"].items():
+        first_asked = [(c, p) for c, p in sent if p.endswith("Q0: who?\nA:") and f" {L}:" in p]
+        # the warm-up's other document to each, then the misses: the document and new ones, to both in turn
+        docs = list(dict.fromkeys(p for _, p in first_asked))[1:]
+        assert len(docs) >= 2, (L, docs)
+        for j, d in enumerate(docs):
+            order = [c for c, p in first_asked if p == d]
+            assert order == (["A", "B"] if j % 2 == 0 else ["B", "A"]), (L, j, order)
+        assert [len(v) for v in r["miss_ms"].values()] == [len(docs), len(docs)]
+        assert r["first_ms"] == {k: v[0] for k, v in r["miss_ms"].items()}
+        assert r["miss_b_over_a"] == pytest.approx(r["miss_median_ms"]["B"] / r["miss_median_ms"]["A"])
+
+
 def _refused(argv, flag, capsys):
     with pytest.raises(SystemExit) as stop:
         prefix_cache.main(argv)
