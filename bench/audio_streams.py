@@ -49,6 +49,7 @@ from bench.common import (  # noqa: E402
     cpu_seconds,
     fmt,
     log2_axis,
+    nearest_rank,
     ranged,
     read_results,
     results_dir,
@@ -70,10 +71,7 @@ WARMUP_S = 0.1  # seconds of audio each stream generates once before the timed r
 
 def _pct(xs: Sequence[float], q: float) -> float:
     """The q-quantile (nearest rank) of xs; NaN when empty."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(q * len(s)))]
+    return nearest_rank(xs, q)
 
 
 def stream_stats(

@@ -13,6 +13,7 @@ import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import resource
@@ -118,6 +119,16 @@ def timeit(
 ) -> float:
     """Median seconds per call of fn (see `time_samples`)."""
     return statistics.median(time_samples(fn, warmup, repeat, max_seconds))
+
+
+def nearest_rank(xs: Sequence[float], q: float) -> float:
+    """The q-quantile (0 < q ≤ 1) of xs by nearest rank: its ⌈q·n⌉-th smallest value (q·n rounded to 9
+    decimals first: 0.99 × 100 is rank 99); NaN when empty. (`xs[int(q * n)]`, used before, is one rank
+    higher wherever q·n is whole: the p99 of 100 samples was their maximum.)"""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s), max(1, math.ceil(round(q * len(s), 9)))) - 1]
 
 
 def matmul_gflops_by_size(sizes: Sequence[int] = (1024, 2048), repeat: int = 5) -> dict[str, float]:

@@ -30,7 +30,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from bench.common import ROOT, bench_main, log2_axis, save_figure, subplots  # noqa: E402
+from bench.common import ROOT, bench_main, log2_axis, nearest_rank, save_figure, subplots  # noqa: E402
 from bench.step import SIZES as STEP_SIZES  # noqa: E402
 from model import ModelConfig, SequenceModel, load, save  # noqa: E402
 from server import launch  # noqa: E402
@@ -135,7 +135,7 @@ def _pcts(name: str, xs: list[float]) -> dict[str, float]:
         return {f"{name}_p50_ms": float("nan"), f"{name}_p99_ms": float("nan")}
     return {
         f"{name}_p50_ms": 1e3 * statistics.median(xs),
-        f"{name}_p99_ms": 1e3 * xs[min(len(xs) - 1, int(0.99 * len(xs)))],
+        f"{name}_p99_ms": 1e3 * nearest_rank(xs, 0.99),
     }
 
 

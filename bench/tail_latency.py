@@ -37,7 +37,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench.common import ROOT, bench_main, save_figure, subplots  # noqa: E402
+from bench.common import ROOT, bench_main, nearest_rank, save_figure, subplots  # noqa: E402
 from server import launch  # noqa: E402
 
 NAME = "tail_latency"
@@ -68,7 +68,7 @@ def _pcts(xs: list[float]) -> dict[str, float | int]:
     return {
         "n": len(xs),
         "p50_ms": 1e3 * statistics.median(xs),
-        "p99_ms": 1e3 * xs[min(len(xs) - 1, int(0.99 * len(xs)))],
+        "p99_ms": 1e3 * nearest_rank(xs, 0.99),
         "max_ms": 1e3 * xs[-1],
     }
 

@@ -21,6 +21,7 @@ The module imports nothing from the project (locust runs it under gevent).
 from __future__ import annotations
 
 import json
+import math
 import random
 import resource
 import struct
@@ -149,8 +150,10 @@ def _cpu_seconds() -> float:
 
 
 def _quantile(xs: list[float], q: float) -> float:
-    """Nearest-rank quantile of sorted xs."""
-    return xs[min(len(xs) - 1, max(0, int(round(q * len(xs) + 0.5)) - 1))]
+    """Nearest-rank quantile of sorted xs: the ⌈q·n⌉-th smallest (q·n rounded to 9 decimals first, so 0.99 ×
+    100 is rank 99). `round(q·n + 0.5)` rounded half to even: one rank high wherever q·n was an odd whole
+    number (the p99 of 100 samples was their maximum, the p50 of 10 their 6th)."""
+    return xs[min(len(xs), max(1, math.ceil(round(q * len(xs), 9)))) - 1]
 
 
 RECORDER = Recorder()

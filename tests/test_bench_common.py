@@ -3,6 +3,8 @@
 import json
 import time
 
+import pytest
+
 from bench import common, kernel
 
 
@@ -61,3 +63,22 @@ def test_the_machine_record_says_when_any_tracked_file_differs_from_the_commit(t
     assert flags() == (True, False)
     (tmp_path / "model/a.py").write_text("x = 2\n")
     assert flags() == (True, True)
+
+
+def test_the_p99_of_the_latency_benchmarks_is_the_nearest_rank_not_one_above():
+    """bench.server, bench.tail_latency and bench.audio_streams took `xs[int(q * n)]` for the q-quantile,
+    one rank above the nearest rank wherever q·n is whole: the p99 of 100 samples was their maximum. Each
+    now reports the ⌈q·n⌉-th smallest sample."""
+    import math
+
+    from bench import audio_streams, server, tail_latency
+
+    for n in (1, 2, 10, 50, 99, 100, 101, 200, 300, 1000):
+        xs = [float(k) for k in range(n, 0, -1)]  # (unsorted: n … 1; the k-th smallest is k)
+        for q in (0.5, 0.9, 0.99):
+            rank = max(1, math.ceil(round(q * n, 9)))
+            assert audio_streams._pct(xs, q) == rank, (n, q)
+        p99 = max(1, math.ceil(round(0.99 * n, 9)))
+        assert server._pcts("ttft", [x / 1e3 for x in xs])["ttft_p99_ms"] == pytest.approx(p99)
+        assert tail_latency._pcts([x / 1e3 for x in xs])["p99_ms"] == pytest.approx(p99)
+    assert server._pcts("ttft", [k / 1e3 for k in range(1, 101)])["ttft_p99_ms"] == pytest.approx(99)

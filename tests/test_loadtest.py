@@ -365,3 +365,25 @@ def test_the_started_server_stays_on_loopback(flag, tmp_path, capsys):
     assert e.value.code == 2
     assert "--server-arg" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not out.exists()
+
+
+def test_the_exact_percentiles_are_the_nearest_rank():
+    """The locustfile's `_quantile` rounded q·n + 0.5 half to even: one rank high wherever q·n was an odd
+    whole number (the p99 of 100 TTFT samples was their maximum, the p50 of 10 their 6th). It is read in a
+    subprocess that imports locust first, as locust does: importing it here would monkey-patch the test
+    process (gevent)."""
+    code = (
+        "import locust, sys, json; sys.path.insert(0, 'loadtest'); from locustfile import _quantile; "
+        "print(json.dumps({n: [_quantile([float(k) for k in range(1, n + 1)], q) for q in (0.5, 0.9, 0.99)] "
+        "for n in (1, 2, 10, 50, 100, 101, 200, 300, 1000)}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    import math
+
+    for n, ranks in got.items():
+        want = [max(1, math.ceil(round(q * int(n), 9))) for q in (0.5, 0.9, 0.99)]
+        assert ranks == want, (n, ranks, want)
+    assert got["100"][2] == 99 and got["10"][0] == 5
