@@ -47,6 +47,10 @@ def _check_stop(stop: threading.Event | None) -> None:
         raise LoadingStopped
 
 
+# the dtype of each layer's kernel check (`model.recurrent.convert_kernel`: the float32 step's impulse
+# response against the float64 conv kernel), before the network is cast to the served dtype
+KERNEL_CHECK_DTYPE = "float32"
+
 # /v1/models' `tokens` for a model served through a vocabulary, by its kind (model.vocab.VOCABS)
 TOKENS = {"words": "words", "bytes": "vocab_bytes", "chars": "characters"}
 
@@ -524,9 +528,12 @@ def load_model(
     engine = Engine(model_id, rec, settings, sessions, mm, None if vocab is None else vocab.token_bytes)
     mm.pool_bytes.set(engine.pool.capacity * engine.pool.bytes_per_slot)
     v = rec.verification
-    checks = [("step", v["step_rel_err"]), ("prefill", v["prefill_rel_err"])]
-    for check, err in checks + [(f"kernel_layer_{r['layer']}", r["rel_err"]) for r in rec.report]:
+    for check, err in (("step", v["step_rel_err"]), ("prefill", v["prefill_rel_err"])):
         metrics.verification_error.labels(model_id, v["dtype"], check).set(err)
+    for r in rec.report:  # each layer's form was checked in float32, whatever dtype then serves it
+        metrics.verification_error.labels(model_id, KERNEL_CHECK_DTYPE, f"kernel_layer_{r['layer']}").set(
+            r["rel_err"]
+        )
     if state16:  # S4_STATE_DTYPE=float16 applied: its check against the float32 step
         sc = rec.state_dtype_check
         gauge = metrics.verification_error.labels(model_id, v["dtype"], f"state_{sc['dtype']}")

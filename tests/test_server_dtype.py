@@ -34,12 +34,14 @@ SASHIMI = "tiny-sashimi-audio"
 
 
 def verification_metrics(client: httpx.Client, model: str) -> dict[str, float]:
-    """check → value of s4_verification_relative_error_ratio{model=model, dtype="bfloat16"}."""
+    """check → value of s4_verification_relative_error_ratio{model=model}: the logits' checks labelled
+    dtype="bfloat16", each layer's kernel check dtype="float32" (its step form is checked in float32)."""
     out = {}
     for family in text_string_to_metric_families(client.get("/metrics").text):
         for s in family.samples:
             if s.name == "s4_verification_relative_error_ratio" and s.labels["model"] == model:
-                assert s.labels["dtype"] == "bfloat16"
+                kernel = s.labels["check"].startswith("kernel_layer_")
+                assert s.labels["dtype"] == ("float32" if kernel else "bfloat16"), s.labels
                 out[s.labels["check"]] = s.value
     return out
 
