@@ -473,15 +473,27 @@ def recover_last(out: Path) -> None:
         old.rename(final)
 
 
-def load_state(out: Path, net: nn.Module, opt: torch.optim.Optimizer, device) -> tuple[int, float]:
-    """Restore `out/last` into net and opt; returns (step to continue from, wall seconds so far). The
-    optimizer's moments and step counts are last/'s; its hyperparameters (each group's peak lr, weight
-    decay, betas) stay those `opt` was built with, this run's config: a resume that changes train.lr,
-    ssm_lr, weight_decay or betas applies them (the saved groups' values were restored over them, while
-    the log and the export said the new ones: a helper's audit)."""
+def read_last_state(out: Path):
+    """A run's last/state.json, parsed: read once per resume, and the split's checksum, train.init's record
+    and the step, the optimizer's scalars and groups all come from that one read (it was read three
+    times). ConfigError naming the folder when it cannot be read or is not JSON."""
+    try:
+        return json.loads((out / "last" / "state.json").read_text())
+    except (OSError, ValueError) as exc:  # (a JSONDecodeError and a UnicodeDecodeError are ValueErrors)
+        raise ConfigError(
+            f"{out / 'last'} cannot be read ({type(exc).__name__}: {exc}): restore it, or start over with "
+            "--fresh"
+        ) from None
+
+
+def load_state(out: Path, net: nn.Module, opt: torch.optim.Optimizer, device, state) -> tuple[int, float]:
+    """Restore `out/last` into net and opt, `state` its state.json (`read_last_state`); returns (step to
+    continue from, wall seconds so far). The optimizer's moments and step counts are last/'s; its
+    hyperparameters (each group's peak lr, weight decay, betas) stay those `opt` was built with, this run's
+    config: a resume that changes train.lr, ssm_lr, weight_decay or betas applies them (the saved groups'
+    values were restored over them, while the log and the export said the new ones: a helper's audit)."""
     hyper = [{k: g[k] for k in ("base_lr", "weight_decay", "betas")} for g in opt.param_groups]
     d = out / "last"
-    state = json.loads((d / "state.json").read_text())
     step, elapsed = (state.get("step"), state.get("elapsed_s", 0.0)) if isinstance(state, dict) else (None, 0)
     for name, value, ok in (("step", step, _is_int(step) and step >= 0),
                             ("elapsed_s", elapsed, _is_number(elapsed) and elapsed >= 0)):  # fmt: skip
@@ -666,25 +678,29 @@ def checked_init_record(rec: dict, depth: int = 0) -> dict | None:
     return out
 
 
-def _saved(out: Path, key: str):
-    """The entry `key` of a run's last/state.json; None where it has none, or is not well formed."""
+def _saved(run: Path | dict, key: str):
+    """The entry `key` of a run's last/state.json (`run`: the run's folder, or its state.json already
+    read); None where it has none, or is not well formed."""
+    if isinstance(run, dict):
+        return run.get(key)
     try:
-        return json.loads((out / "last" / "state.json").read_text()).get(key)
+        return json.loads((Path(run) / "last" / "state.json").read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
 
 
-def saved_train_sha256(out: Path) -> str | None:
-    """The SHA-256 of the training split a run's last/state.json records (None: a run saved before it was
-    recorded, or a state.json not well formed)."""
-    sha = _saved(out, "train_sha256")
+def saved_train_sha256(run: Path | dict) -> str | None:
+    """The SHA-256 of the training split a run's last/state.json records (`run`: as `_saved` takes it;
+    None: a run saved before it was recorded, or a state.json not well formed)."""
+    sha = _saved(run, "train_sha256")
     return sha if isinstance(sha, str) else None
 
 
-def saved_init(out: Path) -> dict | None:
+def saved_init(run: Path | dict) -> dict | None:
     """The `train.init` record a run's last/state.json keeps (path, provenance, the checkpoint's model
-    config), so a resume needs no train.init folder; None when it has none or it is not well formed."""
-    rec = _saved(out, "init")
+    config), so a resume needs no train.init folder (`run`: as `_saved` takes it); None when it has none
+    or it is not well formed."""
+    rec = _saved(run, "init")
     if not isinstance(rec, dict) or not isinstance(rec.get("model"), dict):
         return None
     checked = checked_init_record(rec, 0)
@@ -990,9 +1006,11 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     model_cfg = dict(cfg.get("model", {}))
     recover_last(out)
     resuming = not fresh and (out / "last" / "state.json").is_file()
+    last = read_last_state(out) if resuming else None  # (each use below reads this one parse)
+    kept = last if isinstance(last, dict) else {}
     # the training split's bytes: a resume must draw its batches from the split the run trained on
     train_sha256 = hashlib.sha256(np.ascontiguousarray(train_split).data).hexdigest()
-    if resuming and (was := saved_train_sha256(out)) not in (None, train_sha256):
+    if resuming and (was := saved_train_sha256(kept)) not in (None, train_sha256):
         raise ConfigError(
             f"data.path {dcfg.path!r}: its training split is not the one {out} trained on (SHA-256 "
             f"{was[:12]}… in {out / 'last' / 'state.json'}, {train_sha256[:12]}… now: prepared again or "
@@ -1000,7 +1018,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
             "or fine-tune the run's export on this data (train.init)"
         )
     init_state, init = None, None  # train.init's weights (a fresh start only) and its record
-    saved = saved_init(out) if resuming else None
+    saved = saved_init(kept) if resuming else None
     same = (
         (Path(saved["path"]).resolve() == Path(tcfg.init).resolve())
         if saved and tcfg.init
@@ -1060,7 +1078,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     changed = None  # a resume's config changes (e.g. train.steps re-planned), logged below
     if resuming:
         try:
-            start, wall_before = load_state(out, net, opt, device)
+            start, wall_before = load_state(out, net, opt, device, last)
         except ConfigError:  # (a ValueError: named as it is, not as another model)
             raise
         except (SafetensorError, OSError) as exc:  # (before ValueError: a JSONDecodeError is one too)
@@ -1069,13 +1087,7 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
                 "with --fresh"
             ) from None
         except (RuntimeError, ValueError, KeyError):  # another model (or optimizer groups) in `last`
-            try:
-                saved_cfg = json.loads((out / "last" / "state.json").read_text()).get("config") or {}
-            except ValueError as exc:
-                raise ConfigError(
-                    f"{out / 'last' / 'state.json'} cannot be read ({exc}): restore it, or start over with "
-                    "--fresh"
-                ) from None
+            saved_cfg = kept.get("config") or {}
             diff = {k: v for k, v in config_changes(saved_cfg, cfg).items() if k.startswith("model")}
             what = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in diff.items()) or "its tensors differ"
             raise ConfigError(

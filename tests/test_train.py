@@ -382,3 +382,22 @@ def test_train_init_refuses_an_official_model_converted_without_its_vocabulary(t
     with pytest.raises(ConfigError, match=r"train.init .*trained on 'enwik8'.*not UTF-8 bytes"):
         train(cfg)
     assert not (tmp_path / "tune").exists()
+
+
+def test_a_resume_reads_last_state_json_once(text_data, tmp_path, monkeypatch):
+    """A resume read last/state.json three times (the split's checksum, train.init's record, the step and
+    the optimizer's state): once now, and the resumed run takes the steps it took."""
+    cfg = tiny_config(text_data, tmp_path / "run", steps=4, ckpt_every=2, final_eval=False)
+    train(cfg, stop_at=2)
+    reads = []
+    read_text = Path.read_text
+
+    def counted(self, *args, **kwargs):
+        if self.name == "state.json":
+            reads.append(self)
+        return read_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", counted)
+    train(cfg)
+    assert reads == [tmp_path / "run" / "last" / "state.json"]
+    assert [r["step"] for r in read_log(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
