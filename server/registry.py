@@ -68,6 +68,9 @@ class ServedModel:
     generation: dict = field(default_factory=dict)  # config.json's generation_config (GenerationConfig)
     vocab: Vocab | None = None  # a text model's vocabulary (vocab.txt: words, enwik8's bytes, text8's
     # characters); None: its ids are UTF-8 bytes
+    # a model with a vocabulary: the fingerprint it had before the vocabulary counted (config + weights),
+    # which an older export carries (refused by name: which vocabulary it was made with is unknown)
+    fingerprint_without_vocab: str | None = None
 
     owned_by = "s4serve"
 
@@ -566,11 +569,14 @@ def load_model(
         kept, time.perf_counter() - t0,
     )  # fmt: skip
     metrics.load_seconds.labels(model_id, "total").set(time.perf_counter() - t0)
-    fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"))
+    # (a vocabulary's checksum: config.json's, which `load_vocab` checked against vocab.txt's bytes)
+    vocab_sha256 = meta["vocab"]["sha256"] if vocab is not None else None
+    fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"), vocab_sha256)
     created = int((path / WEIGHTS).stat().st_mtime)
     served = ServedModel(
-        model_id, path, net.config, rec, engine, fingerprint, chat, created, generation, vocab
-    )
+        model_id, path, net.config, rec, engine, fingerprint, chat, created, generation, vocab,
+        model_fingerprint(meta["config"], meta.get("weights_sha256")) if vocab is not None else None,
+    )  # fmt: skip
     limit, setting = settings.new_tokens_limit(served.sample_rate)
     if (n := generation.get("max_new_tokens")) is not None and n > limit:
         log.warning(

@@ -521,7 +521,15 @@ def check_state(
             f"is arch {model.config.arch!r}",
         )
     if header["fingerprint"] != model.fingerprint:
-        raise invalid(param, f"{what} was made by other weights than model {model_id}'s (fingerprint)")
+        if header["fingerprint"] == model.fingerprint_without_vocab:  # (registry.ServedModel)
+            raise invalid(
+                param,
+                f"{what} was made before a model's fingerprint covered its vocabulary (vocab.txt): whether "
+                f"it was made with model {model_id}'s vocabulary cannot be told, so it is not taken (its ids "
+                "would mean other words under another); start the session again",
+            )
+        other = ", or another vocabulary (vocab.txt)" if model.vocab is not None else ""
+        raise invalid(param, f"{what} was made by other weights than model {model_id}'s{other} (fingerprint)")
     if header["shape"] != model.state_shape:
         shape = str(header["shape"])[:80]
         raise invalid(param, f"{what}: state shape {shape} does not match the model's {model.state_shape}")

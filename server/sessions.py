@@ -348,7 +348,12 @@ def state_arch(header: dict, version: int) -> object:
     return "isotropic" if version == 1 else header.get("arch")
 
 
-def model_fingerprint(config: dict, weights_sha256: str | None) -> str:
-    """Identifies the weights a state belongs to: config + weights checksum."""
+def model_fingerprint(config: dict, weights_sha256: str | None, vocab_sha256: str | None = None) -> str:
+    """Identifies the model a state belongs to: config + weights checksum, + its vocabulary's (vocab.txt)
+    checksum where it has one (what its ids mean: a copy of the folder with another vocab.txt had the
+    same fingerprint, and took its exports). A model without a vocabulary has the fingerprint it had
+    before vocabularies counted, so its older exports still import."""
     text = json.dumps(config, sort_keys=True) + (weights_sha256 or "")
+    if vocab_sha256 is not None:
+        text += f"/vocab:{vocab_sha256}"
     return hashlib.sha256(text.encode()).hexdigest()[:32]

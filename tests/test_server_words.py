@@ -409,3 +409,47 @@ def test_an_lm1b_model_is_told_to_use_the_library():
     five = "enwik8, ptb, text8, wt103, wt2"
     assert f"the server reads only the vocabularies of {five} (--vocab), not lm1b's" in warning
     assert "use it through the library (model.load) by its token ids" in warning
+
+
+def test_an_export_does_not_import_into_a_copy_of_its_folder_with_another_vocabulary(tmp_path):
+    """Two folders of the same weights and config, one vocab.txt reordered (its config.json's checksum
+    written to match): their ids are other words. The fingerprint covered config and weights only, so a
+    session exported from one imported into the other (201) and went on as other text. Now the
+    vocabulary's checksum is part of it: 422 naming state; the same folder's export still imports; an
+    export made before the vocabulary counted (its fingerprint config + weights only) is refused by name,
+    since which vocabulary it was made with cannot be told."""
+    import json  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
+    from server.sessions import model_fingerprint, pack_state, unpack_state  # noqa: PLC0415
+
+    a = plain_word_model(tmp_path / "a")
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    words = load_vocab(a)
+    other = WordVocab(list(reversed(words.symbols)), lower_case=words.lower_case)
+    meta = json.loads((b / "config.json").read_text())
+    meta["vocab"]["sha256"] = other.write(b / VOCAB_FILE)
+    (b / "config.json").write_text(json.dumps(meta))
+    assert load_vocab(b).symbols == list(reversed(load_vocab(a).symbols))  # (served as it is)
+    settings = Settings(checkpoints=[f"a={a}", f"b={b}"], device="cpu", max_sessions=4, torch_threads=1)
+    srv = ServerThread(settings).start()
+    octets = {"content-type": "application/octet-stream"}
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            sid = c.post("/v1/sessions", json={"model": "a", "prompt": " = w1 w2\n The"}).json()["session_id"]
+            blob = c.get(f"/v1/sessions/{sid}/export").content
+            r = c.post("/v1/sessions/import?model=b", content=blob, headers=octets)
+            assert r.status_code == 422 and r.json()["error"]["param"] == "state", r.text
+            assert "or another vocabulary (vocab.txt) (fingerprint)" in r.json()["error"]["message"]
+            r = c.post("/v1/sessions/import?model=a", content=blob, headers=octets)
+            assert r.status_code == 201 and r.json()["model"] == "a", r.text
+            header, raw = unpack_state(blob)
+            before = model_fingerprint(meta["config"], meta["weights_sha256"])  # (config + weights)
+            older = pack_state({**header, "fingerprint": before}, raw)
+            for model in ("a", "b"):
+                r = c.post(f"/v1/sessions/import?model={model}", content=older, headers=octets)
+                assert r.status_code == 422 and r.json()["error"]["param"] == "state", r.text
+                assert "before a model's fingerprint covered its vocabulary" in r.json()["error"]["message"]
+    finally:
+        srv.stop()
