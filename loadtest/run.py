@@ -126,6 +126,8 @@ def served_models(url: str, api_key: str = "") -> dict[str, dict]:
     if r.status_code == 401:  # (a server with S4_API_KEYS: its KeyError 'data' said nothing)
         given = "the key given was refused" if api_key else "it needs an API key"
         raise RuntimeError(f"HTTP 401: {given} (set S4_API_KEY to one of the server's S4_API_KEYS)")
+    if r.status_code == 503:  # (models still loading, or draining: a KeyError 'data' said nothing)
+        raise RuntimeError(f"HTTP 503: {r.json()['error']['message']} (wait for its /readyz to answer 200)")
     return {m["id"]: m for m in r.json()["data"]}
 
 

@@ -51,15 +51,20 @@ class ServerState:
     def ready(self) -> bool:
         return self.loaded and bool(self.models) and not self.draining
 
-    def model(self, model_id: str) -> ServedModel:
-        """The served model `model_id`: 503 while loading or draining, 404 if unknown or configured but
-        not served (the message then gives the load-time reason, as /readyz does)."""
+    def check_serving(self) -> None:
+        """503 (with Retry-After) while the models load or the server drains: what every model route,
+        GET /v1/models included, answers then (/readyz says "loading" or "draining")."""
         if self.draining:
             raise unavailable("the server is shutting down")
+        if not self.loaded:
+            raise unavailable("models are still loading")
+
+    def model(self, model_id: str) -> ServedModel:
+        """The served model `model_id`: 503 while loading or draining (`check_serving`), 404 if unknown or
+        configured but not served (the message then gives the load-time reason, as /readyz does)."""
+        self.check_serving()
         m = self.models.get(model_id)
         if m is None:
-            if not self.loaded:
-                raise unavailable("models are still loading")
             if model_id in self.failed:
                 raise not_found(
                     f"model {model_id!r} is configured but not served: {self.failed[model_id]}", param="model"

@@ -605,8 +605,8 @@ def test_an_audio_prompt_over_the_limit_ends_its_turn_and_the_next_turn_works(de
 def test_a_page_opened_while_the_models_load_says_so_and_lists_them_once_loaded(
     browser, model_dirs, monkeypatch
 ):
-    """/v1/models is [] until every model has loaded (/readyz: "loading"): the page says the models are
-    loading and asks again by itself, and lists them once they are served (no "serves no model")."""
+    """/v1/models answers 503 until every model has loaded (/readyz: "loading"): the page says the models
+    are loading and asks again by itself, and lists them once they are served (no "serves no model")."""
     import threading
 
     import server.state
@@ -627,13 +627,14 @@ def test_a_page_opened_while_the_models_load_says_so_and_lists_them_once_loaded(
         d = Demo(browser, s.url)
         statuses(d)
         assert "loading" in d.wait_status("loading")
-        assert httpx.get(f"{s.url}/v1/models").json()["data"] == []  # still loading
+        r = httpx.get(f"{s.url}/v1/models")  # still loading
+        assert r.status_code == 503 and r.json()["error"]["message"] == "models are still loading", r.text
         d.page.wait_for_timeout(1500)  # it asks again meanwhile
         go.set()
         d.wait_status("1 model served")
         assert not any("serves no model" in t for t in d.js("statuses"))
         generate_text(d, "x", 5, seed=1)
-        assert [e for e in d.errors if "503" not in e] == []  # /readyz answers 503 while loading
+        assert [e for e in d.errors if "503" not in e] == []  # /v1/models and /readyz: 503 while loading
         d.context.close()
     finally:
         go.set()

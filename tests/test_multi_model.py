@@ -280,3 +280,50 @@ def test_an_unknown_model_or_session_id_is_quoted_short_in_its_404(mc, multi):
     with connect(multi.ws_url, max_size=None) as ws:
         frame = ws_turn(ws, {"type": "generate", "model": "\x7f" * 60_000, "max_new_tokens": 2})[-1]
         assert frame["code"] == 404 and len(frame["message"]) < 1024, len(frame["message"])
+
+
+def test_the_model_list_answers_as_every_model_route_while_loading_and_draining(model_dirs, monkeypatch):
+    """GET /v1/models said 200 and [] while the models loaded (and listed them while the server drained)
+    though GET /v1/models/{id} and every model route answered 503 then: a client that lists the models at
+    start read "this server serves nothing". Now the list is a 503 with Retry-After too, with the same
+    message as /v1/models/{id} and /readyz's reason; once loaded, the models that loaded (a configured
+    folder that failed is not listed, and is a 404 by id)."""
+    import asyncio  # noqa: PLC0415
+
+    import server.state  # noqa: PLC0415
+
+    go = threading.Event()
+    load = server.state.load_models
+
+    def gated(*args, **kwargs):
+        go.wait(60)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(server.state, "load_models", gated)
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"]), str(model_dirs["broken"])]))
+    s.thread.start()
+    try:
+        assert wait_for(lambda: s.server.started, 30)
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+
+            def refused(message: str) -> None:
+                for path in ("/v1/models", f"/v1/models/{TEXT}", "/v1/models/nope"):
+                    r = c.get(path)
+                    assert r.status_code == 503 and r.headers["retry-after"] == "5", (path, r.text)
+                    assert r.json()["error"]["message"] == message, (path, r.text)
+                r = c.post("/v1/completions", json={"model": TEXT, "prompt": "a", "max_tokens": 1})
+                assert r.status_code == 503 and r.json()["error"]["message"] == message, r.text
+
+            refused("models are still loading")
+            assert c.get("/readyz").json()["reason"] == "loading"
+            go.set()
+            assert wait_for(lambda: c.get("/readyz").status_code == 200, 60)
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [TEXT]
+            assert c.get(f"/v1/models/{TEXT}").status_code == 200
+            assert c.get(f"/v1/models/{model_dirs['broken'].name}").status_code == 404
+            asyncio.run_coroutine_threadsafe(s.state.drain(), s.state.loop).result(30)
+            refused("the server is shutting down")
+            assert c.get("/readyz").json()["reason"] == "draining"
+    finally:
+        go.set()
+        s.stop()

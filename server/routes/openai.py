@@ -758,7 +758,12 @@ def _describe(state: ServerState, model: ServedModel) -> dict:
     responses={503: OPENAI_ERROR_RESPONSES[503]},
 )
 async def models(request: Request) -> dict:
+    """The served models. While they load, and while the server drains, a 503 with Retry-After, as
+    GET /v1/models/{id} and every model route answer then (/readyz: "loading", "draining"): an empty list
+    read as "this server serves nothing" (a client that lists the models at start gave up; OpenAI's
+    clients retry a 503). Once loaded, the models that loaded and verified ([] when none did)."""
     st = state_of(request)
+    st.check_serving()
     return {"object": "list", "data": [_describe(st, m) for m in st.models.values()]}
 
 

@@ -64,7 +64,7 @@
     if (r.status === 401) throw new Error("the server refused the request (401): check the API key");
     if (!r.ok) {
       const body = await r.json().catch(() => null);
-      throw new Error(body?.error?.message || `${path}: HTTP ${r.status}`);
+      throw Object.assign(new Error(body?.error?.message || `${path}: HTTP ${r.status}`), { status: r.status });
     }
     return r.json();
   }
@@ -121,25 +121,20 @@
 
   // --- models ----------------------------------------------------------------------------------
 
-  // While the server loads its models (GET /v1/models is [] and /readyz says "loading") the list is asked
-  // for again, 0.5 s after the first try and 1.5 times longer each time (10 s at most).
+  // While the server loads its models (GET /v1/models answers 503 and /readyz says "loading") the list is
+  // asked for again, 0.5 s after the first try and 1.5 times longer each time (10 s at most).
   let modelsRetry = null;
 
   async function loadModels(attempt = 0) {
     clearTimeout(modelsRetry);
     modelsRetry = null;
     const select = $("model");
+    const readyz = () => fetch("readyz", { cache: "no-store" }).then((r) => r.json(), () => null);
     let list;
     try {
       list = (await api("v1/models")).data;
     } catch (err) {
-      status(`Could not load the models: ${err.message}`, true);
-      return;
-    }
-    let ready = null;
-    if (list.length === 0) {
-      ready = await fetch("readyz", { cache: "no-store" }).then((r) => r.json(), () => null);
-      if (ready?.reason === "loading") {
+      if (err.status === 503 && (await readyz())?.reason === "loading") {
         const delay = Math.min(10000, 500 * 1.5 ** attempt);
         select.replaceChildren(new Option("(models are loading…)", ""));
         select.disabled = true;
@@ -147,7 +142,10 @@
         modelsRetry = setTimeout(() => loadModels(attempt + 1), delay);
         return;
       }
+      status(`Could not load the models: ${err.message}`, true);
+      return;
     }
+    const ready = list.length === 0 ? await readyz() : null;
     const previous = model?.id;
     const nothing = list.length === 0 && ready?.reason ? `: ${ready.reason}` : ".";
     models = list;
