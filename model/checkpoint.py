@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.nn.modules.module import (
     register_module_buffer_registration_hook,
     register_module_parameter_registration_hook,
@@ -79,16 +79,80 @@ def build_budget(limit: int):
 HEADER_PER_TENSOR, HEADER_SLACK = 1024, 64 << 10
 
 
-def _safetensors_sizes(path: Path) -> tuple[int, int | None]:
-    """(the file's bytes, its header's bytes), the header's from the file's first 8 bytes (little-endian),
-    None when they cannot be one: a file shorter than 8 bytes, or a header past its end."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
+def _safetensors_sizes(f) -> tuple[int, int | None]:
+    """(the open file's bytes, its header's bytes), the header's from the file's first 8 bytes
+    (little-endian), None when they cannot be one: a file shorter than 8 bytes, or a header past its end."""
+    size = os.fstat(f.fileno()).st_size
+    head = f.read(8)
     if len(head) < 8:
         return size, None
     header = int.from_bytes(head, "little")
     return size, header if header <= size - 8 else None
+
+
+# the safetensors format's dtype names (github.com/huggingface/safetensors: the file format)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
+READ_BLOCK = 1 << 20  # bytes per read (each hashed as it arrives)
+
+
+def _read_tensors(f, size: int, header: int, want_sha256: str | None) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file open as `f` (its first 8 bytes read: `header` is its header's
+    length), read once: each block is hashed as it is read into one buffer, the header parsed from it and
+    every tensor a view of its bytes, so the bytes checked against `want_sha256` are
+    the bytes loaded (the file was hashed, then opened again and mapped: a save that replaced it between
+    the two was loaded unchecked; and read twice). ValueError naming what is wrong: a checksum mismatch
+    (the message says so), or a header that is not the format's."""
+    h = hashlib.sha256(header.to_bytes(8, "little"))
+    buf = torch.empty(size - 8, dtype=torch.uint8)  # (not zeroed first: the reads write every byte)
+    view, got = memoryview(buf.numpy()), 0
+    while got < len(buf):
+        n = f.readinto(view[got : got + READ_BLOCK])
+        if not n:
+            raise ValueError(f"the file ended at {8 + got:,} of its {size:,} bytes while it was read")
+        h.update(view[got : got + n])
+        got += n
+    view.release()
+    if want_sha256 is not None and h.hexdigest() != want_sha256:
+        raise ValueError("checksum mismatch")
+    try:
+        entries = json.loads(bytes(buf[:header].numpy()).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ValueError(f"its header is not JSON ({exc})") from None
+    if not isinstance(entries, dict):
+        raise ValueError("its header is not a JSON object")
+    entries.pop("__metadata__", None)
+    data, state, spans = header, {}, []
+    for name, e in entries.items():
+        dtype = SAFETENSORS_DTYPES.get(e.get("dtype")) if isinstance(e, dict) else None
+        shape, offsets = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
+        ints = lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)  # noqa: E731
+        if dtype is None or not ints(shape) or not ints(offsets) or len(offsets) != 2:
+            raise ValueError(
+                f"tensor {name[:80]!r}: not a dtype, shape and data_offsets of the format: {str(e)[:80]}"
+            )
+        begin, end = offsets
+        count = math.prod(shape)
+        if not begin <= end <= len(buf) - data or end - begin != count * dtype.itemsize:
+            raise ValueError(f"tensor {name[:80]!r}: data_offsets {offsets} do not hold its {shape} "
+                             f"{e['dtype']} values within the {len(buf) - data:,} bytes of data")  # fmt: skip
+        spans.append((begin, end))
+        try:  # a view of the buffer's bytes (`save` aligns them: the format pads its header to 8 bytes)
+            state[name] = buf[data + begin : data + end].view(dtype).reshape(shape)
+        except RuntimeError:
+            raise ValueError(f"tensor {name[:80]!r}: its data at byte {begin:,} is not aligned to its "
+                             f"{dtype.itemsize}-byte values") from None  # fmt: skip
+    at = 0  # the tensors tile the data exactly (no overlap, no hole), as the format requires
+    for begin, end in sorted(spans):
+        if begin != at:
+            raise ValueError(
+                f"its tensors' data {'overlap' if begin < at else 'leave a hole'} at byte {begin:,}"
+            )
+        at = end
+    if at != len(buf) - data:
+        raise ValueError(f"its tensors hold {at:,} of its {len(buf) - data:,} bytes of data")
+    return state
 
 
 def _some(names: list[str], n: int = 8) -> str:
@@ -228,7 +292,6 @@ def load(directory: str | Path, device: str | torch.device = "cpu"):
     SaShiMi), float32, on `device`, in eval mode (dropout off: `net(tokens)` is deterministic; `.train()`
     to train it; it was returned in training mode); raises CheckpointError naming any problem of the
     checkpoint, ValueError for a device this process cannot use (`model.network.usable_device`)."""
-    from model.arch import build  # noqa: PLC0415
     from model.network import ModelConfig, usable_device  # noqa: PLC0415
 
     device = usable_device(device)
@@ -239,13 +302,18 @@ def load(directory: str | Path, device: str | torch.device = "cpu"):
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{d / CONFIG}: invalid model config: {exc}") from None
     wpath = checkpoint_file(d, WEIGHTS)
-    want = meta.get("weights_sha256")
     try:
-        if want is not None and _sha256(wpath) != want:
-            raise CheckpointError(f"{wpath}: checksum mismatch (file is corrupt or was changed after saving)")
-        size, header = _safetensors_sizes(wpath)
+        with open(wpath, "rb") as f:  # one open file: its size and header checked, then read once
+            return _load_from(f, wpath, d, cfg, meta.get("weights_sha256"), device)
     except OSError as exc:
         raise CheckpointError(f"{wpath}: unreadable ({exc.strerror or exc})") from None
+
+
+def _load_from(f, wpath: Path, d: Path, cfg, want: str | None, device):
+    """`load`'s network from the weights file open as `f` (CheckpointError naming what is wrong)."""
+    from model.arch import build  # noqa: PLC0415
+
+    size, header = _safetensors_sizes(f)
     if header is None:
         raise CheckpointError(
             f"{wpath}: unreadable safetensors file ({size:,} bytes: not an 8-byte header length and a "
@@ -271,9 +339,20 @@ def load(directory: str | Path, device: str | torch.device = "cpu"):
             f"{wpath}: a safetensors header of {header:,} bytes, where the config's {len(expected)} tensors "
             f"need at most {most:,}: not read"
         )
+    # the file is read into memory whole: at most what the build allowed it beside the network
+    need = sum(t.nelement() * t.element_size() for t in expected.values())
+    if size - 8 - header > BUILD_FACTOR * need + BUILD_SLACK:
+        raise CheckpointError(
+            f"{wpath}: {size - 8 - header:,} bytes of tensor data, where the config's {len(expected)} "
+            f"tensors hold {need:,}: not read"
+        )
     try:
-        state = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError) as exc:
+        state = _read_tensors(f, size, header, want)
+    except ValueError as exc:
+        if str(exc) == "checksum mismatch":
+            raise CheckpointError(
+                f"{wpath}: checksum mismatch (file is corrupt or was changed after saving)"
+            ) from None
         raise CheckpointError(f"{wpath}: unreadable safetensors file ({exc})") from None
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -203,3 +203,34 @@ def test_a_config_json_past_pythons_json_limits_is_a_checkpoint_error(tmp_path, 
             load(d)
     (d / "config.json").write_text(json.dumps(meta))
     load(d)
+
+
+def test_the_weights_loaded_are_the_bytes_whose_checksum_was_checked(tmp_path, net, monkeypatch):
+    """`load` hashed model.safetensors, built the network, then opened the file again and loaded it: a
+    `save` that replaced the checkpoint meanwhile (its files are moved over the old ones) was loaded
+    under the old config.json's checksum, unchecked. The file is now opened once and read once, hashed
+    as it is read: the network holds the weights whose SHA-256 config.json named (exactly), or the load
+    fails. And a file that holds more bytes than its checksum covered is refused."""
+    import model.arch
+
+    d = save(net, tmp_path / "ck")
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)
+    build = model.arch.build
+
+    def build_then_replace(cfg):  # a save of other weights lands while the network is built
+        save(other, d)
+        return build(cfg)
+
+    monkeypatch.setattr(model.arch, "build", build_then_replace)
+    back = load(d)
+    monkeypatch.undo()
+    for (name, a), b in zip(net.state_dict().items(), back.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name  # the weights config.json's checksum was checked against
+    assert not torch.equal(load(d).embed.weight, net.embed.weight)  # (the replacement, loaded by itself)
+    raw = (d / "model.safetensors").read_bytes()
+    (d / "model.safetensors").write_bytes(raw + b"\0" * 64)
+    with pytest.raises(CheckpointError, match="model.safetensors: checksum mismatch"):
+        load(d)

@@ -300,3 +300,47 @@ def test_the_layers_of_a_network_share_one_hippo_eigendecomposition(monkeypatch)
     assert torch.equal(got[0], Lambda.expand(3, 23)) and torch.equal(got[2], B.expand(3, 23))
     got[0].add_(1)  # (a caller's change does not reach the next layer's start)
     assert torch.equal(kernel.init_ssm("legs", 3, 46, 1)[0], Lambda.expand(3, 23))
+
+
+def _crafted(tensors: dict, data: bytes) -> bytes:
+    """A safetensors file of this header (padded to 8 bytes, as the format's writer pads it) and data."""
+    head = json.dumps(tensors).encode()
+    head += b" " * (-len(head) % 8)
+    return len(head).to_bytes(8, "little") + head + data
+
+
+@pytest.mark.parametrize(
+    "tensors,data,message",
+    [
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 4, "do not hold its"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}, b"\0" * 4, "do not hold its"),
+        ({"a": {"dtype": "X9", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 4, "not a dtype, shape"),
+        ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, b"\0" * 4, "not a dtype, shape"),
+        ({"a": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}, b"\0" * 4, "not a dtype, shape"),
+        ({"a": "F32"}, b"", "not a dtype, shape"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "leave a hole at byte 4"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+          "b": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "overlap at byte 0"),
+        ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, "hold 4 of its 8 bytes"),
+        ({"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]},
+          "b": {"dtype": "F32", "shape": [1], "data_offsets": [1, 5]}}, b"\0" * 5, "is not aligned"),
+        ([1, 2], b"", "not a JSON object"),
+    ],
+    ids=["short", "long", "dtype", "negative", "float-shape", "not-an-entry", "hole", "overlap", "tail",
+         "unaligned", "list"],
+)  # fmt: skip
+def test_a_crafted_safetensors_header_is_refused_naming_what_is_wrong(tmp_path, net, tensors, data, message):
+    """`load` reads the weights file once and makes its tensors views of what it read (model/checkpoint.py
+    `_read_tensors`): every header that is not the format's (offsets outside the data or not the values'
+    size, an unknown dtype, a negative or fractional dimension, a hole, an overlap, bytes past the last
+    tensor, a misaligned value) is a CheckpointError naming the file and the problem, never another
+    exception."""
+    d = save(net, tmp_path / "ck")
+    meta = json.loads((d / "config.json").read_text())
+    meta.pop("weights_sha256")
+    (d / "config.json").write_text(json.dumps(meta))
+    (d / "model.safetensors").write_bytes(_crafted(tensors, data))
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors: unreadable safetensors file \(.*" + message
+    ):
+        load(d)
