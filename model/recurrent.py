@@ -31,9 +31,12 @@ from __future__ import annotations
 import copy
 import ctypes
 import functools
+import hashlib
 import math
 import numbers
 import sys
+import threading
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -205,6 +208,26 @@ def logits_report(what: str, dtype: str, stepped, prefilled, ref: torch.Tensor, 
     return {"dtype": dtype, "tokens": T, "step_rel_err": errs[0], "prefill_rel_err": errs[1], "tol": tol}
 
 
+_TABLES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # (dtype, shape, device, SHA-256) →
+_TABLES_LOCK = threading.Lock()  # a table some live form holds (`shared_table`)
+
+
+def shared_table(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or the tensor of the same dtype, shape, device and bytes that a form built before still holds.
+    A layer form's prefill tables are read-only and computed from its float64 system, so two models of
+    one checkpoint (two ids, say float32 and bfloat16 weights: the SSM forms are float32 either way) hold
+    one copy of them, not one each (the text-shakespeare model's: 56 MiB). Exact: only a tensor equal in
+    every byte is shared (`torch.equal` besides the hash); freed with the last form that holds it."""
+    raw = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    key = (t.dtype, tuple(t.shape), str(t.device), hashlib.sha256(raw).hexdigest())
+    with _TABLES_LOCK:
+        held = _TABLES.get(key)
+        if held is not None and torch.equal(held, t):
+            return held
+        _TABLES[key] = t
+    return t
+
+
 def pad_fused_params(form, M: int) -> None:
     """Prepare a CPU layer form for the fused step: its parameters zero-padded along the mode axis to M
     modes (a model's state holds max-over-layers modes) and their C pointers. A padded mode has
@@ -219,7 +242,8 @@ def pad_fused_params(form, M: int) -> None:
         for p in form._fused_params
     )  # fmt: skip
     form._fused_params, form._fused_ptrs = padded, fused.pointers(*padded)
-    form._prefill_c = fused_prefill_tables(form, fused.library().ssm_prefill_width())
+    tables = fused_prefill_tables(form, fused.library().ssm_prefill_width())
+    form._prefill_c = None if tables is None else tuple(map(shared_table, tables))
     if form._prefill_c is not None:  # the C pass serves every prefill of this form: the torch tables go
         form.in_tab = form.out_tab = form.conv_tab = form.Kf = None
 
@@ -509,6 +533,8 @@ class DiagonalSSM:
         e = torch.tensor([2.0**k for k in range(MU_POW_BITS)])
         pw = torch.stack([self._powers(lam, e) for lam in self.lam64])  # (2, H, M, P)
         self.pow_bin = pw.permute(3, 0, 1, 2).to(device, C64).contiguous()
+        for name in ("in_tab", "out_tab", "Kf", "conv_tab", "pow_bin"):  # (one copy per process)
+            setattr(self, name, shared_table(getattr(self, name)))
 
     def step(self, u: torch.Tensor, x: torch.Tensor):
         """u (B, H), x (B, H, 2, M) the slots' coordinates x₁, x₂ → y (B, H), x' (B, H, 2, M)."""
@@ -664,7 +690,9 @@ class DPLRStep:
         for _ in range(self.T.bit_length()):
             pows.append(A.transpose(-1, -2).to(**f32).contiguous())
             A = A @ A
-        self.A_bin_t = pows
+        self.A_bin_t = [shared_table(t) for t in pows]
+        for name in ("in_tab", "out_tab", "Kf", "conv_tab"):  # (one copy per process: `shared_table`)
+            setattr(self, name, shared_table(getattr(self, name)))
 
     def step(self, u: torch.Tensor, x: torch.Tensor):
         """u (B, H), x (B, H, 2, N2) real/imaginary parts → y (B, H), x'."""

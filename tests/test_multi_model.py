@@ -11,7 +11,7 @@ import threading
 import httpx
 import pytest
 import torch
-from server_support import ServerThread, _rec, metric, wait_for, ws_turn
+from server_support import ServerThread, _rec, metric, reference, wait_for, ws_turn
 from websockets.sync.client import connect
 
 from model.sampling import SamplingParams, sample
@@ -327,3 +327,67 @@ def test_the_model_list_answers_as_every_model_route_while_loading_and_draining(
     finally:
         go.set()
         s.stop()
+
+
+TABLES = (
+    "in_tab",
+    "out_tab",
+    "Kf",
+    "conv_tab",
+    "pow_bin",
+    "_prefill_c",
+    "A_bin_t",
+)  # a form's prefill tables
+
+
+def test_two_ids_of_one_checkpoint_hold_one_copy_of_its_layers_tables(multi):
+    """The float32 and the bfloat16 id of one folder: their SSM forms are float32 either way, built from
+    the same float64 system, so their prefill tables are equal byte for byte. Each id held its own copy
+    (text-shakespeare: 56 MiB more for the second id); now both forms hold the same tensors, and a
+    model of other weights shares none of them."""
+    a, b = (multi.state.models[k].rec for k in (TEXT, BF16))
+    shared = 0
+    for fa, fb in zip(a.layers, b.layers, strict=True):
+        assert fa is not fb  # (the forms themselves are each model's)
+        for name in TABLES:
+            ta, tb = getattr(fa, name, None), getattr(fb, name, None)
+            for x, y in zip(*((t if isinstance(t, (list, tuple)) else [t]) for t in (ta, tb)), strict=True):
+                assert x is y, name
+                shared += x is not None
+    assert shared >= 2 * len(a.layers)
+    audio = multi.state.models[AUDIO].rec
+    ours = {id(t) for f in a.layers for n in TABLES for t in _tensors(getattr(f, n, None))}
+    assert not ours & {id(t) for f in audio.layers for n in TABLES for t in _tensors(getattr(f, n, None))}
+
+
+def _tensors(value) -> list:
+    return [t for t in (value if isinstance(value, (list, tuple)) else [value]) if t is not None]
+
+
+def test_sessions_of_two_ids_sharing_tables_decode_at_once_as_each_alone(mc, model_dirs):
+    """Sessions on the float32 and the bfloat16 id of one checkpoint (whose forms share their prefill
+    tables), decoded at the same time from two threads, give each the tokens it gives alone, and the
+    library's own generation at its dtype (same seed): nothing of one id's work reaches the other's."""
+    import concurrent.futures  # noqa: PLC0415
+
+    prompt = "to be, or not to be: that is the question"
+
+    def turns(model: str, seed: int) -> list[list[int]]:
+        sid = mc.post("/v1/sessions", json={"model": model, "prompt": prompt}).json()["session_id"]
+        out = []
+        for i in range(2):  # the second turn prefills nothing new: it goes on from the first's state
+            r = mc.post("/v1/generate", json={"session_id": sid, "max_new_tokens": 120, "seed": seed + i})
+            assert r.status_code == 200, r.text
+            out.append(r.json()["tokens"])
+        mc.delete(f"/v1/sessions/{sid}")
+        return out
+
+    jobs = [(TEXT, 11), (BF16, 11), (TEXT, 12), (BF16, 13)]
+    alone = {job: turns(*job) for job in jobs}
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        together = dict(zip(jobs, pool.map(lambda job: turns(*job), jobs), strict=True))
+    assert together == alone
+    for (model, seed), got in alone.items():
+        dtype = torch.bfloat16 if model == BF16 else None
+        assert got[0] == reference(model_dirs["text"], list(prompt.encode()), SamplingParams(seed=seed), 120,
+                                   dtype)  # fmt: skip
