@@ -161,9 +161,14 @@ class Vocab:
         """A symbols file: the first whitespace-separated field of each non-blank line is the next symbol
         (the official vocab_file format; our checkpoints' vocab.txt)."""
         try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
+            return cls.parse(Path(path).read_bytes(), lower_case=lower_case)
         except (OSError, UnicodeDecodeError) as exc:
             raise VocabError(f"{path}: cannot read the vocabulary ({exc})") from None
+
+    @classmethod
+    def parse(cls, data: bytes, lower_case: bool = False) -> Vocab:
+        """`read`'s vocabulary from a symbols file's bytes (UnicodeDecodeError when they are not UTF-8)."""
+        lines = data.decode("utf-8").splitlines()
         return cls([ln.split()[0] for ln in lines if ln.strip()], lower_case=lower_case)
 
     def write(self, path: str | Path) -> str:
@@ -382,7 +387,11 @@ def load_vocab(folder: str | Path) -> Vocab | None:
         raise VocabError(f"{path}: missing or unreadable ({exc})") from None
     if entry.get("sha256") != hashlib.sha256(data).hexdigest():
         raise VocabError(f"{path}: checksum mismatch (changed after the conversion?)")
-    vocab = VOCABS[entry["kind"]].read(path, lower_case=bool(entry.get("lower_case")))
+    try:  # the bytes just checked (the file was read again to parse it: a vocab.txt replaced meanwhile was
+        # served unchecked)
+        vocab = VOCABS[entry["kind"]].parse(data, lower_case=bool(entry.get("lower_case")))
+    except UnicodeDecodeError as exc:
+        raise VocabError(f"{path}: cannot read the vocabulary ({exc})") from None
     if len(vocab) != entry.get("size"):
         raise VocabError(f"{path}: {len(vocab)} symbols, config.json says {entry.get('size')}")
     return vocab

@@ -135,3 +135,28 @@ def test_the_readme_word_level_example_runs_verbatim(tmp_path):
     text = out.decode("utf-8")[:-1]  # (print's newline)
     vocab = load_vocab(tmp_path / "w")
     assert len(vocab.encode(text)) == 20 and set(text.split()) <= set(vocab.symbols), text
+
+
+def test_load_vocab_serves_the_bytes_whose_checksum_it_checked(tmp_path, monkeypatch):
+    """`load_vocab` read vocab.txt to check its SHA-256, then read the file again to parse it: a vocab.txt
+    replaced between the two reads was served unchecked (another vocabulary under the checked one's
+    name). It parses the bytes it checked now: the vocabulary is the one config.json's checksum names."""
+    words = WordVocab(["<eos>", "<unk>", "the", "a", "sea"])
+    other = WordVocab(list(reversed(words.symbols)))
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    sha = words.write(folder / "vocab.txt")
+    (folder / "config.json").write_text(json.dumps({"vocab": {**words.describe(), "sha256": sha}}))
+    read_bytes = Path.read_bytes
+
+    def read_then_replaced(self):  # another vocab.txt moved over this one just after it is read
+        data = read_bytes(self)
+        if self.name == "vocab.txt":
+            other.write(self)
+        return data
+
+    monkeypatch.setattr(Path, "read_bytes", read_then_replaced)
+    assert load_vocab(folder).symbols == words.symbols
+    monkeypatch.undo()
+    with pytest.raises(VocabError, match="vocab.txt: checksum mismatch"):  # (the replacement, by itself)
+        load_vocab(folder)
