@@ -287,16 +287,18 @@ def read_config(directory: str | Path) -> dict:
     return meta
 
 
-def load(directory: str | Path, device: str | torch.device = "cpu"):
+def load(directory: str | Path, device: str | torch.device = "cpu", meta: dict | None = None):
     """Load a network saved by `save`, of the class its config's `arch` names (SequenceModel or
     SaShiMi), float32, on `device`, in eval mode (dropout off: `net(tokens)` is deterministic; `.train()`
     to train it; it was returned in training mode); raises CheckpointError naming any problem of the
-    checkpoint, ValueError for a device this process cannot use (`model.network.usable_device`)."""
+    checkpoint, ValueError for a device this process cannot use (`model.network.usable_device`). `meta`:
+    the folder's config.json as `read_config` returned it, when the caller read it already (the config
+    and the checksum it holds are then the ones the caller uses too; else it is read here)."""
     from model.network import ModelConfig, usable_device  # noqa: PLC0415
 
     device = usable_device(device)
     d = Path(directory)
-    meta = read_config(d)
+    meta = read_config(d) if meta is None else meta
     try:
         cfg = ModelConfig.from_dict(meta["config"])
     except (TypeError, ValueError) as exc:

@@ -360,14 +360,15 @@ class WordVocab(Vocab):
 VOCABS: dict[str, type[Vocab]] = {"words": WordVocab, "bytes": ByteVocab, "chars": CharVocab}
 
 
-def load_vocab(folder: str | Path) -> Vocab | None:
+def load_vocab(folder: str | Path, meta: dict | None = None) -> Vocab | None:
     """The vocabulary a checkpoint folder carries (config.json `vocab`, written by `python -m
     model.convert ... --vocab`): a WordVocab, ByteVocab or CharVocab by its `kind`; None when it has none
-    (byte-level text, audio). Raises VocabError when the entry, the file or its checksum is wrong."""
+    (byte-level text, audio). `meta`: the folder's config.json, when the caller read it already (else it
+    is read here). Raises VocabError when the entry, the file or its checksum is wrong."""
     folder = Path(folder)
     try:
-        entry = json.loads((folder / "config.json").read_text()).get("vocab")
-    except (OSError, ValueError) as exc:
+        entry = (json.loads((folder / "config.json").read_text()) if meta is None else meta).get("vocab")
+    except (OSError, ValueError, AttributeError) as exc:
         raise VocabError(f"{folder / 'config.json'}: unreadable ({exc})") from None
     if entry is None:
         return None

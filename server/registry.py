@@ -389,19 +389,23 @@ def model_id_of(entry: str) -> str:
     return name or (default_name(path) if path.suffix in OFFICIAL_SUFFIXES else path.name)
 
 
-def served_vocab(path: Path, config: ModelConfig, source: Path | None = None) -> Vocab | None:
+def served_vocab(
+    path: Path, config: ModelConfig, source: Path | None = None, meta: dict | None = None
+) -> Vocab | None:
     """The vocabulary a text model is served through (its folder's vocab.txt), or None: its ids are
     UTF-8 bytes (or it is an audio model). `source`: the official file it was converted from (named in
     the errors). Raises CheckpointError for a vocabulary that is wrong or of another size, and for a text
     model without one whose ids cannot be bytes (fewer than 256). A model
     converted from an official dataset that numbers tokens by a vocabulary (WikiText, PTB, …) without it is
     served as bytes, with the conversion's warning (`model.convert.token_warning`: the dataset's name alone
-    does not prove its ids are not bytes)."""
+    does not prove its ids are not bytes). `meta`: the folder's config.json (`read_config`), when the
+    caller read it already."""
     where = f"{source} (converted into {path})" if source else str(path)
     if config.modality != "text":
         return None
+    meta = read_config(path) if meta is None else meta
     try:
-        vocab = load_vocab(path)
+        vocab = load_vocab(path, meta)
     except VocabError as exc:
         raise CheckpointError(f"{where}: {exc}") from None
     if vocab is not None:
@@ -409,7 +413,7 @@ def served_vocab(path: Path, config: ModelConfig, source: Path | None = None) ->
             raise CheckpointError(f"{where}: vocab.txt has {len(vocab)} words, the model {config.vocab_size}")
         return vocab
     if config.vocab_size < 256:  # text prompts arrive as UTF-8 bytes (ids 0-255): each must be a token
-        dataset = (read_config(path).get("source") or {}).get("dataset")
+        dataset = (meta.get("source") or {}).get("dataset")
         if dataset in VOCAB_DATASETS and dataset not in VOCAB_BUILDS:  # (lm1b)
             raise CheckpointError(
                 f"{where}: a text model must have vocab_size >= 256 (byte tokens), this one has "
@@ -474,7 +478,9 @@ def load_model(
     meta = read_config(path)
     chat = ChatTemplate.from_config(meta)
     generation = GenerationConfig.from_config(meta)
-    net = load(path)
+    # config.json is read once: the network's config, the weights' checksum, the vocabulary's entry and the
+    # fingerprint are all that read's (a save that replaced the checkpoint meanwhile cannot mix two)
+    net = load(path, meta=meta)
     _check_stop(stop)
     name = model_id or path.name
     if net.config.modality == "audio" and settings.audio_samples(net.config.sample_rate) < 1:
@@ -484,7 +490,7 @@ def load_model(
             f"(0 samples): its prompts and generations could hold none; set S4_MAX_AUDIO_S to at least "
             f"1/{rate} s"
         )
-    vocab = served_vocab(path, net.config, source)
+    vocab = served_vocab(path, net.config, source, meta)
     src = meta.get("source") if isinstance(meta.get("source"), dict) else {}
     if vocab is None and source is None and isinstance(src.get("warning"), str):  # (an official file
         # served directly: model.convert logged its warning)

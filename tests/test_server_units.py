@@ -670,7 +670,7 @@ def test_loading_stops_at_the_next_step_once_the_server_stops(model_dirs, monkey
     stop = threading.Event()
     real_warm_up, loaded = registry.warm_up, []
     monkeypatch.setattr(registry, "warm_up", lambda rec, batch: (real_warm_up(rec, batch), stop.set()))
-    monkeypatch.setattr(registry, "load", lambda path: (loaded.append(path), load(path))[1])
+    monkeypatch.setattr(registry, "load", lambda path, **kw: (loaded.append(path), load(path, **kw))[1])
     settings = Settings(checkpoints=[str(model_dirs["text"]), str(model_dirs["audio"])], max_sessions=2)
     assert load_models(settings, SessionTable(), Metrics(), stop) == ({}, {})
     assert loaded == [model_dirs["text"]]

@@ -453,3 +453,33 @@ def test_an_export_does_not_import_into_a_copy_of_its_folder_with_another_vocabu
                 assert "before a model's fingerprint covered its vocabulary" in r.json()["error"]["message"]
     finally:
         srv.stop()
+
+
+def test_a_model_s_load_reads_its_config_json_once(tmp_path, monkeypatch):
+    """load_model read config.json three times (its own read, `load`'s, `load_vocab`'s): the network's
+    config and the weights' checksum came from one read, the fingerprint and the vocabulary's entry from
+    others, so a save that replaced the checkpoint meanwhile could be served under another's fingerprint.
+    One read now, and the model serves as before."""
+    import builtins  # noqa: PLC0415
+    import io  # noqa: PLC0415
+
+    from server.metrics import Metrics  # noqa: PLC0415
+    from server.registry import load_models  # noqa: PLC0415
+    from server.sessions import SessionTable  # noqa: PLC0415
+
+    folder = plain_word_model(tmp_path / "plain")
+    reads = []
+    real_open = io.open
+
+    def counted(file, *args, **kwargs):
+        if Path(str(file)) == folder / "config.json":
+            reads.append(file)
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", counted)
+    monkeypatch.setattr(io, "open", counted)
+    settings = Settings(checkpoints=[f"plain={folder}"], device="cpu", max_sessions=2, torch_threads=1)
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    monkeypatch.undo()
+    assert failed == {} and len(reads) == 1, (failed, reads)
+    assert models["plain"].vocab.symbols == load_vocab(folder).symbols
