@@ -143,8 +143,9 @@ class Metrics:
         self.verification_error = Gauge(
             "s4_verification_relative_error_ratio",
             "Relative error measured at load against float64 conv mode: the logits of the recurrent step and "
-            "prefill at the served dtype, and each layer's kernel; check state_float16 (S4_STATE_DTYPE): the "
-            "logits of the step with float16 states against the float32 step's",
+            "prefill at the served dtype, and each layer's kernel (check kernel_layer_N, dtype float32: its "
+            "step form is checked in float32, whatever dtype serves the network); check state_float16 "
+            "(S4_STATE_DTYPE): the logits of the step with float16 states against the float32 step's",
             ["model", "dtype", "check"],
             registry=r,
         )
