@@ -141,19 +141,35 @@ def test_a_damaged_cache_entry_is_logged_and_converted_again(tmp_path, damage, c
     load(folder)  # the checkpoint's own checks pass
 
 
-def test_an_intact_cache_entry_s_weights_are_hashed_once_per_process(tmp_path, monkeypatch):
+def test_an_intact_cache_entry_s_weights_and_its_source_are_hashed_once_per_process(tmp_path, monkeypatch):
     """A server resolves each entry twice at a start (preflight, then the load): the second finds the
-    weights intact by their file's mtime and size, without hashing them again (seconds for 1 GB)."""
+    weights intact by their file's mtime and size, without hashing them again (seconds for 1 GB). The
+    official source too: its SHA-256 (the cache key, and the provenance `convert` records) was taken at
+    each resolve and again by the conversion, so a source was read whole three or four times at a start;
+    once now, while its inode, mtime and size stay, and again (a new entry) once it is changed."""
+    import os  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+
     from model import convert as convert_module  # noqa: PLC0415
 
+    src = tmp_path / "s4_bytes.ckpt"
+    shutil.copy(FIX / "s4_bytes.ckpt", src)
     settings = Settings(convert_cache=str(tmp_path / "cache"))
-    _, folder = resolve_entry(str(FIX / "s4_bytes.ckpt"), settings)  # converted
     hashed = []
     real = convert_module._sha256
     monkeypatch.setattr(convert_module, "_sha256", lambda p: hashed.append(Path(p).name) or real(p))
+    _, folder = resolve_entry(str(src), settings)  # converted
+    assert hashed.count("s4_bytes.ckpt") == 1
     for _ in range(3):
-        assert resolve_entry(str(FIX / "s4_bytes.ckpt"), settings)[1] == folder
-    assert hashed.count("model.safetensors") == 1 and hashed.count("s4_bytes.ckpt") == 3
+        assert resolve_entry(str(src), settings)[1] == folder
+    assert hashed.count("model.safetensors") == 1 and hashed.count("s4_bytes.ckpt") == 1
+    data = bytearray(src.read_bytes())  # the source changed (its last byte; mtime a second later)
+    data[-1] ^= 1
+    src.write_bytes(bytes(data))
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert resolve_entry(str(src), settings)[1] != folder  # (a new entry: its key is the new bytes' hash)
+    assert hashed.count("s4_bytes.ckpt") == 2
 
 
 def test_entries_name_a_model_with_name_equals_path():
