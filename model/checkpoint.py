@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch.nn.modules.module import (
     register_module_buffer_registration_hook,
@@ -90,69 +91,23 @@ def _safetensors_sizes(f) -> tuple[int, int | None]:
     return size, header if header <= size - 8 else None
 
 
-# the safetensors format's dtype names (github.com/huggingface/safetensors: the file format)
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-                      "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}  # fmt: skip
-READ_BLOCK = 1 << 20  # bytes per read (each hashed as it arrives)
-
-
-def _read_tensors(f, size: int, header: int, want_sha256: str | None) -> dict[str, torch.Tensor]:
-    """The tensors of the safetensors file open as `f` (its first 8 bytes read: `header` is its header's
-    length), read once: each block is hashed as it is read into one buffer, the header parsed from it and
-    every tensor a view of its bytes, so the bytes checked against `want_sha256` are
-    the bytes loaded (the file was hashed, then opened again and mapped: a save that replaced it between
-    the two was loaded unchecked; and read twice). ValueError naming what is wrong: a checksum mismatch
-    (the message says so), or a header that is not the format's."""
-    h = hashlib.sha256(header.to_bytes(8, "little"))
-    buf = torch.empty(size - 8, dtype=torch.uint8)  # (not zeroed first: the reads write every byte)
-    view, got = memoryview(buf.numpy()), 0
-    while got < len(buf):
-        n = f.readinto(view[got : got + READ_BLOCK])
-        if not n:
-            raise ValueError(f"the file ended at {8 + got:,} of its {size:,} bytes while it was read")
-        h.update(view[got : got + n])
-        got += n
-    view.release()
-    if want_sha256 is not None and h.hexdigest() != want_sha256:
+def _read_tensors(f, size: int, want_sha256: str | None) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file open as `f` (`size` bytes), read once: the bytes hashed against
+    `want_sha256` are the bytes the safetensors library parses (`safetensors.torch.load`), so what is
+    checked is what is loaded (the file was hashed, then opened again and mapped: a save that replaced it
+    between the two was loaded unchecked; and read twice). The read holds the file and its tensors at
+    once: `load` has sized the data against the config first. ValueError: a checksum mismatch (the
+    message says so), a file that ended early, or the library's reason the bytes are not its format."""
+    f.seek(0)
+    data = f.read(size)
+    if len(data) != size:
+        raise ValueError(f"the file ended at {len(data):,} of its {size:,} bytes while it was read")
+    if want_sha256 is not None and hashlib.sha256(data).hexdigest() != want_sha256:
         raise ValueError("checksum mismatch")
     try:
-        entries = json.loads(bytes(buf[:header].numpy()).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ValueError(f"its header is not JSON ({exc})") from None
-    if not isinstance(entries, dict):
-        raise ValueError("its header is not a JSON object")
-    entries.pop("__metadata__", None)
-    data, state, spans = header, {}, []
-    for name, e in entries.items():
-        dtype = SAFETENSORS_DTYPES.get(e.get("dtype")) if isinstance(e, dict) else None
-        shape, offsets = (e.get("shape"), e.get("data_offsets")) if isinstance(e, dict) else (None, None)
-        ints = lambda v: isinstance(v, list) and all(type(x) is int and x >= 0 for x in v)  # noqa: E731
-        if dtype is None or not ints(shape) or not ints(offsets) or len(offsets) != 2:
-            raise ValueError(
-                f"tensor {name[:80]!r}: not a dtype, shape and data_offsets of the format: {str(e)[:80]}"
-            )
-        begin, end = offsets
-        count = math.prod(shape)
-        if not begin <= end <= len(buf) - data or end - begin != count * dtype.itemsize:
-            raise ValueError(f"tensor {name[:80]!r}: data_offsets {offsets} do not hold its {shape} "
-                             f"{e['dtype']} values within the {len(buf) - data:,} bytes of data")  # fmt: skip
-        spans.append((begin, end))
-        try:  # a view of the buffer's bytes (`save` aligns them: the format pads its header to 8 bytes)
-            state[name] = buf[data + begin : data + end].view(dtype).reshape(shape)
-        except RuntimeError:
-            raise ValueError(f"tensor {name[:80]!r}: its data at byte {begin:,} is not aligned to its "
-                             f"{dtype.itemsize}-byte values") from None  # fmt: skip
-    at = 0  # the tensors tile the data exactly (no overlap, no hole), as the format requires
-    for begin, end in sorted(spans):
-        if begin != at:
-            raise ValueError(
-                f"its tensors' data {'overlap' if begin < at else 'leave a hole'} at byte {begin:,}"
-            )
-        at = end
-    if at != len(buf) - data:
-        raise ValueError(f"its tensors hold {at:,} of its {len(buf) - data:,} bytes of data")
-    return state
+        return safetensors_load(data)
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _some(names: list[str], n: int = 8) -> str:
@@ -349,7 +304,7 @@ def _load_from(f, wpath: Path, d: Path, cfg, want: str | None, device):
             f"tensors hold {need:,}: not read"
         )
     try:
-        state = _read_tensors(f, size, header, want)
+        state = _read_tensors(f, size, want)
     except ValueError as exc:
         if str(exc) == "checksum mismatch":
             raise CheckpointError(
