@@ -20,6 +20,9 @@ from server.origin import normal_host_name, normal_origin
 REDIS_STORE_SCHEMES = ("redis://", "rediss://", "unix://")  # S4_SESSION_STORE values naming a Redis
 # the largest S4_SESSION_STORE_TTL_S: Redis takes expiry times up to ~9.2e15 s ahead (signed 64-bit ms)
 MAX_STORE_TTL_S = 10**9
+# redis-py URL options the session store sets itself: in the URL they replaced its timeouts (redis-py's
+# from_url lets the URL's options win), so `?socket_timeout=60` made a hung Redis cost each request 60 s
+STORE_OWN_OPTIONS = frozenset({"socket_timeout", "socket_connect_timeout", "timeout"})
 DEFAULT_CHECKPOINTS = [
     "checkpoints/text-shakespeare",
     "checkpoints/audio-digits",  # SaShiMi
@@ -473,16 +476,29 @@ class Settings(BaseSettings):
     def _store(cls, v: str) -> str:
         if v != "memory" and not v.startswith(REDIS_STORE_SCHEMES):
             raise ValueError("must be 'memory' or a redis:// URL (redis://host:port/db)")
-        if v.startswith(("redis://", "rediss://")):  # (redis-py reads /abc as db 0 and /1/2 as db 12)
-            parts = urllib.parse.urlsplit(v)
-            dbs = urllib.parse.parse_qs(parts.query).get("db", [])
+        if v == "memory":
+            return v
+        parts = urllib.parse.urlsplit(v)
+        dbs = urllib.parse.parse_qs(parts.query).get("db", [])
+        if any(re.fullmatch(r"[0-9]{1,5}", d) is None for d in dbs) or len(dbs) > 1:
+            raise ValueError(f"the URL's db parameter must be one number, not {dbs!r}")
+        if not v.startswith("unix://"):  # (redis-py reads /abc as db 0 and /1/2 as db 12; unix://: a socket)
             if re.fullmatch(r"/?([0-9]{1,5})?", parts.path) is None:
                 raise ValueError(f"the database in the URL's path must be a number (redis://host:port/N), "
                                  f"not {parts.path!r}")  # fmt: skip
-            if any(re.fullmatch(r"[0-9]{1,5}", d) is None for d in dbs) or len(dbs) > 1:
-                raise ValueError(f"the URL's db parameter must be one number, not {dbs!r}")
             if dbs and parts.path.strip("/"):
                 raise ValueError("the URL names its database twice (its path and its db parameter): give one")
+        from redis.connection import parse_url  # noqa: PLC0415  (redis-py's own reading of the URL)
+
+        try:  # (a port past 65535 or not a number, an option's value redis-py cannot read: its traceback)
+            options = parse_url(v)
+        except ValueError as exc:  # (its text names the port or the option, never the password)
+            raise ValueError(f"redis-py cannot read the URL: {exc}") from None
+        if timeouts := sorted(STORE_OWN_OPTIONS & options.keys()):
+            raise ValueError(
+                f"the URL sets {', '.join(timeouts)}, which the server sets itself (a 5 s socket timeout, "
+                "1 s for the version check before each request, S4_SESSION_STORE_FLUSH_TIMEOUT_S at shutdown)"
+            )
         return v
 
     @field_validator(

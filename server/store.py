@@ -188,17 +188,23 @@ class RedisStateStore:
         if not 1 <= ttl_s <= MAX_STORE_TTL_S or ttl_s != int(ttl_s):
             raise ValueError(f"the store TTL must be whole seconds in [1, {MAX_STORE_TTL_S}], not {ttl_s!r}")
         self.url, self.ttl_ms = redact_url(url), int(ttl_s) * 1000
-        self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
-        # the per-turn version check waits less: a store that hangs costs a turn 1 s, not 5
-        self._quick = redis.Redis.from_url(
-            url, socket_timeout=VERSION_TIMEOUT_S, socket_connect_timeout=VERSION_TIMEOUT_S
-        )
         self._errors = (redis.RedisError, OSError)
+        try:  # an option of the URL that redis-py cannot use fails here, at the latest at the first ping
+            self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            # the per-turn version check waits less: a store that hangs costs a turn 1 s, not 5
+            self._quick = redis.Redis.from_url(
+                url, socket_timeout=VERSION_TIMEOUT_S, socket_connect_timeout=VERSION_TIMEOUT_S
+            )
+            self._call("cannot connect", self._redis.ping)
+        except (TypeError, ValueError, OverflowError) as exc:  # (`?foo=1`: an unexpected keyword argument)
+            raise StoreError(
+                f"session store {self.url}: redis-py cannot use the URL ({type(exc).__name__}: {exc})",
+                "the session store's URL is not usable",
+            ) from None
         self._put = self._redis.register_script(_PUT_LUA)
         self._get = self._redis.register_script(_GET_LUA)
         self._version = self._quick.register_script(_VERSION_LUA)
         self._delete = self._redis.register_script(_DELETE_LUA)
-        self._call("cannot connect", self._redis.ping)
 
     def _call(self, reason: str, fn):
         """fn(), with its Redis errors raised as StoreError saying `reason` ("read failed")."""

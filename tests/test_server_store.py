@@ -265,6 +265,51 @@ def test_a_store_url_names_its_database_as_a_number_once(url, error):
 
 
 @pytest.mark.parametrize(
+    "url, error",
+    [
+        ("redis://:s3cret@h:99999/0", "redis-py cannot read the URL: Port out of range 0-65535"),
+        ("redis://:s3cret@h:port/0", "redis-py cannot read the URL: Port could not be cast to integer"),
+        ("unix:///r.sock?db=x&password=s3cret", "the URL's db parameter must be one number, not ['x']"),
+        ("unix:///r.sock?db=1&db=2", "the URL's db parameter must be one number, not ['1', '2']"),
+        ("redis://h/0?max_connections=many", "cannot read the URL: Invalid value for 'max_connections'"),
+        ("redis://h/0?socket_timeout=60", "the URL sets socket_timeout, which the server sets itself"),
+        ("rediss://h/0?socket_connect_timeout=1&timeout=2", "sets socket_connect_timeout, timeout, which"),
+    ],
+)
+def test_a_store_url_redis_py_cannot_read_stops_the_server_with_one_line(url, error, monkeypatch):
+    """A port past 65535 or not a number, a unix socket's db that is not one number, an option value
+    redis-py cannot read: `python -m server` stopped with a ValueError traceback from redis-py, before
+    listening or after its settings check. Timeouts in the URL replaced the store's own (redis-py lets
+    the URL win), so `?socket_timeout=60` made a hung Redis cost each request 60 s, not 1. Now each is one
+    line naming S4_SESSION_STORE, and never its password."""
+    from server.__main__ import main
+
+    monkeypatch.setenv("S4_SESSION_STORE", url)
+    with pytest.raises(SystemExit) as stop:
+        main([])
+    line = str(stop.value)
+    assert line.startswith("not serving: invalid settings: S4_SESSION_STORE (--session-store): "), line
+    assert error in line and "s3cret" not in line, line
+
+
+def test_a_store_url_option_redis_py_cannot_use_is_a_store_error_naming_it(redis_url):
+    """An option redis-py reads but cannot use (an unknown name, a TLS option on a plain URL, an infinite
+    timeout where it meets one) raised TypeError, ValueError or OverflowError out of the store's
+    constructor: a traceback at start. Now a StoreError (the start's one 'not serving' line) naming it,
+    with the password as *** and nothing of the URL in the client's text."""
+    base = redis_url.replace("redis://", "redis://:s3cret@")  # (a Redis without requirepass takes any)
+    for option, kind in (("foo=1", "TypeError"), ("ssl_cert_reqs=none", "TypeError")):
+        with pytest.raises(StoreError) as exc:
+            RedisStateStore(f"{base}?{option}", 60)
+        assert "redis-py cannot use the URL" in str(exc.value) and option.split("=")[0] in str(exc.value)
+        assert kind in str(exc.value) and "s3cret" not in str(exc.value) and ":***@" in str(exc.value)
+        assert exc.value.public == "the session store's URL is not usable"
+    store = RedisStateStore(f"{redis_url}?protocol=3", 60)  # (an option redis-py can use: kept)
+    assert store.put("opt", b"x", "", "o1") and store.get("opt") == (b"x", "o1")
+    store.close()
+
+
+@pytest.mark.parametrize(
     "url, shown",
     [
         ("redis://:s3cret@10.0.0.5:6379/0", "redis://:***@10.0.0.5:6379/0"),
