@@ -360,7 +360,7 @@ class Settings(BaseSettings):
         ge=1,
         le=MAX_STORE_TTL_S,
         description="a state in the session store expires this many seconds after its last write (whole "
-        f"seconds, 1 to {MAX_STORE_TTL_S:,}: about 31 years)",
+        f"seconds, 1 to {MAX_STORE_TTL_S:,}: about 31 years; at least S4_SESSION_TTL_S)",
     )
     session_store_flush_timeout_s: float = Field(
         10.0,
@@ -636,6 +636,21 @@ class Settings(BaseSettings):
         if not keys:  # never fail open
             raise ValueError(f"{name}: {self.api_keys_file} holds no key (only blank lines or comments)")
         self.api_keys = [*self.api_keys, *keys]
+        return self
+
+    @model_validator(mode="after")
+    def _store_outlives_idle_copies(self) -> Settings:
+        """A stored session (and a delete's tombstone) must outlive every replica's idle copy of it: a key
+        that expired first left a session a replica held idle unknown to the others (404), and a deleted
+        session that a replica still held came back, tombstone gone, at its next request or eviction."""
+        if self.session_store != "memory" and self.session_store_ttl_s < self.session_ttl_s:
+            raise ValueError(
+                f"S4_SESSION_STORE_TTL_S (--session-store-ttl-s) = {self.session_store_ttl_s} must be at "
+                f"least S4_SESSION_TTL_S (--session-ttl-s) = {self.session_ttl_s:g} with a session store: a "
+                "session idle on one replica would expire from the store first (unknown to the other "
+                "replicas), and a deleted one that a replica still holds would come back once its tombstone "
+                "expired"
+            )
         return self
 
     @model_validator(mode="after")

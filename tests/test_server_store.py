@@ -225,6 +225,39 @@ def test_the_store_ttl_must_be_whole_seconds_redis_accepts(redis_url, redis_db, 
         RedisStateStore(redis_url, float("inf"))
 
 
+def test_the_store_ttl_is_at_least_the_idle_ttl_of_a_session_held_on_a_replica(monkeypatch):
+    """S4_SESSION_STORE_TTL_S=2 with S4_SESSION_TTL_S=600 started: a session replica A held idle expired
+    from Redis first (B answered 404 for it), and one deleted on B came back on A 2 s later, with a turn on
+    it and then on B (its tombstone expired while A still held its copy; tried with two replicas on one
+    Redis). A store TTL under the idle TTL now stops the server with one line naming both; equal is
+    accepted, and without a store the store TTL means nothing and is not compared."""
+    from pydantic import ValidationError
+
+    from server.__main__ import main
+
+    with pytest.raises(
+        ValidationError, match="S4_SESSION_STORE_TTL_S .* = 599 must be at least S4_SESSION_TTL_S"
+    ):
+        Settings(session_store="redis://h/0", session_store_ttl_s=599, session_ttl_s=600)
+    with pytest.raises(
+        ValidationError, match="= 1 must be at least S4_SESSION_TTL_S .* = 1.5 with a session store"
+    ):
+        Settings(session_store="unix:///r.sock", session_store_ttl_s=1, session_ttl_s=1.5)
+    assert (
+        Settings(session_store="redis://h/0", session_store_ttl_s=600, session_ttl_s=600).session_ttl_s == 600
+    )
+    assert Settings(session_store="memory", session_store_ttl_s=1, session_ttl_s=600).session_store_ttl_s == 1
+    for name, value in (("S4_SESSION_STORE", "redis://:s3cret@h/0"), ("S4_SESSION_STORE_TTL_S", "60")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stop:
+        main([])
+    assert str(stop.value).startswith(
+        "not serving: invalid settings: S4_SESSION_STORE_TTL_S (--session-store-ttl-s) = 60 must be at least "
+        "S4_SESSION_TTL_S (--session-ttl-s) = 600 with a session store"
+    ), stop.value
+    assert "s3cret" not in str(stop.value)
+
+
 def test_open_store_refuses_unknown_specs_and_unreachable_redis():
     assert open_store("memory", 60) is None
     with pytest.raises(ValueError, match="redis://"):
