@@ -84,6 +84,7 @@ TOMBSTONE = "deleted"
 PROBE_S = 5.0  # after a failed operation, the writer asks the store again this often while idle
 PROBE_KEY = "__probe__"  # the key it asks the version of (no session has this id)
 MAYBE_KEPT = 16  # per session, the latest versions of writes whose outcome is unknown (StoreWriter._maybe)
+OLDER_KEPT = 16  # per session, the versions this replica wrote before its latest (StoreWriter._older)
 
 
 def _versions(expected: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -321,6 +322,11 @@ class StoreWriter:
         # counts them as this replica's (else a late landing read as another replica's reloaded the older
         # state, and the turns written since were lost)
         self._maybe: dict[str, list[str]] = {}
+        # session id → the versions that this replica's landed writes of the copy it holds replaced (the
+        # latest OLDER_KEPT): one of them stored again means Redis went back in time (restarted from an
+        # older snapshot), not that another replica went on: the copy here is newer and is kept and written
+        # (it was dropped, and the session rolled back to the snapshot: the turns since lost)
+        self._older: dict[str, list[str]] = {}
         self._landed: set[str] = set()  # sessions whose last operation was a write that landed, none since
         self._answering = True  # whether the store answered the last operation (`answered`: gauge, probes)
         self._writes_ok = True  # whether the writer's last write or delete landed (`may_evict`: a store at
@@ -386,6 +392,7 @@ class StoreWriter:
         with self._cv:
             self._versions[session_id] = version
             self._maybe.pop(session_id, None)
+            self._older.pop(session_id, None)
             self._landed.discard(session_id)
             if self._busy == session_id:
                 self._superseded.add(session_id)
@@ -418,6 +425,7 @@ class StoreWriter:
                     _resolve(self._waiting.pop(session_id, ()), "dropped")
             self._versions.pop(session_id, None)
             self._maybe.pop(session_id, None)
+            self._older.pop(session_id, None)
             self._landed.discard(session_id)
             if self._busy == session_id:
                 self._superseded.add(session_id)
@@ -436,17 +444,20 @@ class StoreWriter:
                 return False
             self._landed.discard(session_id)
             self._versions.pop(session_id, None)
+            self._older.pop(session_id, None)
             return True
 
     def is_current(self, session_id: str, stored: str | None) -> bool:
         """Whether `stored` (the store's version of the session, None: nothing stored) leaves this
         replica's copy the latest: nothing stored (new, expired or evicted), or a version this replica
-        last read or wrote, or is writing now, or wrote without learning the outcome (`_maybe`)."""
+        last read or wrote, or is writing now, or wrote without learning the outcome (`_maybe`), or wrote
+        before those on this copy (`_older`: the store went back in time, and the copy here is newer)."""
         with self._cv:
             return stored is None or stored in (
                 self._versions.get(session_id, ""),
                 self._inflight if self._busy == session_id else None,
                 *self._maybe.get(session_id, ()),
+                *self._older.get(session_id, ()),
             )
 
     def builds_on(self, session_id: str, version: str) -> bool:
@@ -615,7 +626,8 @@ class StoreWriter:
                     session_id = next(iter(self._pending))
                     op = self._pending.pop(session_id)
                     tries = self._tries.pop(session_id, 0) if op is _DELETE else 0
-                    expected = (self._versions.get(session_id, ""), *self._maybe.get(session_id, ()))
+                    expected = (self._versions.get(session_id, ""), *self._maybe.get(session_id, ()),
+                                *self._older.get(session_id, ()))  # fmt: skip
                     self._busy, self._busy_op, self._inflight = session_id, op, new_version()
                     self._waiting_busy = self._waiting.pop(session_id, [])
                     self._superseded.discard(session_id)
@@ -634,13 +646,18 @@ class StoreWriter:
                     self._maybe[session_id] = [*self._maybe.get(session_id, ()), version][-MAYBE_KEPT:]
                 if done == "delete":
                     self._versions.pop(session_id, None)
+                    self._older.pop(session_id, None)
                 elif done == "write" and not superseded:
                     if held or session_id in self._pending:
+                        if replaced := self._versions.get(session_id):
+                            older = [*self._older.get(session_id, ()), replaced]
+                            self._older[session_id] = older[-OLDER_KEPT:]
                         self._versions[session_id] = version
                         if session_id not in self._pending:
                             self._landed.add(session_id)
                     else:  # evicted or dropped here: a restore reads the version anew
                         self._versions.pop(session_id, None)
+                        self._older.pop(session_id, None)
                 # recorded before the operation counts as applied (`flush`, the waiters): a test that broke
                 # the store right after a flush saw this write's answer set the gauge back to 1
                 self.answered(done != "error")

@@ -39,12 +39,12 @@ TEXT = "tiny-text"
 HEADER = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
 
 
-def _redis_server(workdir, password: str = "") -> tuple[subprocess.Popen, int]:
-    """A `redis-server` on a free loopback port (no persistence; with `password`, requiring it) and its
-    port, once it answers."""
+def _redis_server(workdir, password: str = "", port: int = 0) -> tuple[subprocess.Popen, int]:
+    """A `redis-server` on a free loopback port, or `port` (no persistence but a SAVE's snapshot, which a
+    restart in the same `workdir` loads; with `password`, requiring it) and its port, once it answers."""
     exe = shutil.which("redis-server")
     assert exe, "redis-server is not installed: `make sysdeps` installs it"
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(workdir), *(["--requirepass", password] if password else [])],
@@ -753,6 +753,44 @@ def test_after_kill_9_and_a_restart_the_session_continues_from_its_last_persiste
         everything = list(prompt.encode()) + t1 + list(b" outrageous")
         assert t2 == reference(model_dirs["text"], everything, SamplingParams(seed=8), 20)
     finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_redis_restarted_from_an_older_snapshot_does_not_roll_back_a_session_held_here(
+    model_dirs, tmp_path
+):
+    """Redis restarted with data older than the replica's (a snapshot taken before the last turns): the
+    replica read the snapshot's version as another replica's, dropped its newer copy and reloaded the
+    snapshot (21 tokens back to 11: two turns lost, no error). A version this replica wrote before its
+    latest on the copy it holds means the store went back in time: the copy here is kept, and the next
+    turn continues it exactly and is written over the snapshot's state."""
+    import redis
+
+    proc, port = _redis_server(tmp_path)
+    url = f"redis://127.0.0.1:{port}/0"
+    db = redis.Redis.from_url(url)
+    s = _replica(model_dirs, url)
+    try:
+        prompt = "the slings and arrows of"
+        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": prompt}).json()["session_id"]
+        t1 = _generate(s.url, sid, None, 5, seed=1)
+        db.save()  # the snapshot holds the session after its first turn
+        snapshot = db.hget(KEY_PREFIX + sid, "v")
+        t2, t3 = _generate(s.url, sid, None, 5, seed=2), _generate(s.url, sid, None, 5, seed=3)
+        assert db.hget(KEY_PREFIX + sid, "v") != snapshot
+        proc.kill()
+        proc.wait(10)
+        proc, _ = _redis_server(tmp_path, port=port)  # (loads the snapshot)
+        assert db.hget(KEY_PREFIX + sid, "v") == snapshot and _stored(db, sid)["n_tokens"] == len(prompt) + 5
+        assert httpx.get(f"{s.url}/v1/sessions/{sid}").json()["tokens"] == len(prompt) + 15
+        t4 = _generate(s.url, sid, " outrageous", 5, seed=4)
+        everything = list(prompt.encode()) + t1 + t2 + t3 + list(b" outrageous")
+        assert t4 == reference(model_dirs["text"], everything, SamplingParams(seed=4), 5)
+        assert _stored(db, sid)["n_tokens"] == len(everything) + 5
+        assert _metric(s.url, "reload") == 0 and _metric(s.url, "stale") == 0
+    finally:
+        s.stop()
         proc.kill()
         proc.wait(10)
 
