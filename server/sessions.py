@@ -284,7 +284,7 @@ def pack_state(header: dict, state: bytes) -> bytes:
 
 
 def unpack_state(blob: bytes, max_seen: int = 0) -> tuple[dict, bytes]:
-    """Check magic, version, checksum, header and payload length; returns (header, state bytes). `max_seen`:
+    """Check magic, checksum, version, header and payload length; returns (header, state bytes). `max_seen`:
     the most ids a header's `seen` list may hold beyond SMALL (the largest vocabulary served).
     Raises StateFormatError (a ValueError) naming what is wrong, whatever the blob holds."""
     if len(blob) < _PREFIX.size + 32:
@@ -292,14 +292,17 @@ def unpack_state(blob: bytes, max_seen: int = 0) -> tuple[dict, bytes]:
     magic, version, head_len = _PREFIX.unpack_from(blob)
     if magic != MAGIC:
         raise StateFormatError("not an exported S4 session state (bad magic bytes)")
+    body, digest = blob[:-32], blob[-32:]
+    if hashlib.sha256(body).digest() != digest:  # checked before the version is read as one: a bit flipped
+        unread = "" if version in READABLE_VERSIONS else f"; its version field reads {version}"  # in it was
+        raise StateFormatError(  # "version 3 is not supported", as if a newer server could read the blob
+            f"state checksum mismatch (the blob is corrupt or truncated){unread}"
+        )
     if version not in READABLE_VERSIONS:
         raise StateFormatError(
             f"state format version {version} is not supported (this server reads versions "
             f"{', '.join(map(str, READABLE_VERSIONS))})"
         )
-    body, digest = blob[:-32], blob[-32:]
-    if hashlib.sha256(body).digest() != digest:
-        raise StateFormatError("state checksum mismatch (the blob is corrupt or truncated)")
     start = _PREFIX.size
     head = body[start : start + head_len]
     budget = header_budget(max_seen)

@@ -123,6 +123,35 @@ def test_import_refuses_corrupt_or_foreign_states_with_422(client):
     assert imp(blob).status_code == 201  # the untouched blob still imports
 
 
+def test_the_checksum_is_checked_before_the_version_field_is_believed(client):
+    """A bit flipped in an export's version field (2 → 3, 2 → 258): the import said "state format version 3
+    is not supported (this server reads versions 1, 2)", as if a newer server could read the blob. The
+    SHA-256 is now checked first: a corrupt blob says so (and what its version field reads); a blob whose
+    checksum holds but whose version is unknown is still refused for its version."""
+    sid = _create(client, "a sea of troubles")["session_id"]
+    blob = client.get(f"/v1/sessions/{sid}/export").content
+    assert struct.unpack_from("<H", blob, 8) == (2,)
+    for bit in (0x0001, 0x0100):
+        version = 2 ^ bit
+        flipped = blob[:8] + struct.pack("<H", version) + blob[10:]  # (the checksum left as it was)
+        r = client.post("/v1/sessions/import", content=flipped)
+        err = r.json()["error"]
+        assert r.status_code == 422 and err["param"] == "state", r.text
+        assert "checksum mismatch (the blob is corrupt or truncated)" in err["message"], err
+        assert (
+            f"its version field reads {version}" in err["message"] and "not supported" not in err["message"]
+        )
+        body = flipped[:-32]
+        r = client.post("/v1/sessions/import", content=body + hashlib.sha256(body).digest())
+        assert r.status_code == 422, r.text
+        assert f"state format version {version} is not supported" in r.json()["error"]["message"], r.text
+    assert (
+        client.post("/v1/sessions/import", content=blob[:-1] + bytes([blob[-1] ^ 1]))
+        .json()["error"]["message"]
+        .endswith("state checksum mismatch (the blob is corrupt or truncated)")
+    )  # (a readable version: no more)
+
+
 def test_an_import_missing_any_header_field_is_a_422_naming_it_and_holds_no_slot(client, server):
     """Every header field an export writes, removed in turn (the checksum made right again): the fields an
     import reads (`service.STATE_FIELDS`, "arch", "dtype") get a 422 naming the field, the others import;
