@@ -83,6 +83,7 @@ class StateStore(Protocol):
 TOMBSTONE = "deleted"
 PROBE_S = 5.0  # after a failed operation, the writer asks the store again this often while idle
 PROBE_KEY = "__probe__"  # the key it asks the version of (no session has this id)
+PROBE_TTL_MS = 1000  # the start's write check leaves a tombstone of PROBE_KEY for this long
 MAYBE_KEPT = 16  # per session, the latest versions of writes whose outcome is unknown (StoreWriter._maybe)
 OLDER_KEPT = 16  # per session, the versions this replica wrote before its latest (StoreWriter._older)
 
@@ -206,6 +207,26 @@ class RedisStateStore:
         self._get = self._redis.register_script(_GET_LUA)
         self._version = self._quick.register_script(_VERSION_LUA)
         self._delete = self._redis.register_script(_DELETE_LUA)
+        self._check_access(redis.exceptions.OutOfMemoryError)
+
+    def _check_access(self, full: type[Exception]) -> None:
+        """At start: this connection may run the store's scripts on the session keys, reading and writing
+        (an ACL user without `~s4:*` or without write commands, a URL naming a read-only replica answered
+        PING, and the server then served while every operation failed). The write is a tombstone of
+        PROBE_KEY that expires in PROBE_TTL_MS; a Redis at maxmemory (`full`) refuses it for want of room,
+        not of rights: the server starts, as it serves on while the store is full."""
+        probe = [KEY_PREFIX + PROBE_KEY]
+        read = self._redis.register_script(_VERSION_LUA)  # (the 5 s client, as the ping: not the 1 s one)
+        self._call("cannot read the session keys", lambda: read(keys=probe))
+
+        def write() -> None:
+            try:
+                self._delete(keys=probe, args=[TOMBSTONE, PROBE_TTL_MS])
+            except full as exc:
+                log.warning("session store %s is full (%s): sessions are not written until it has room",
+                            self.url, exc)  # fmt: skip
+
+        self._call("cannot write the session keys", write)
 
     def _call(self, reason: str, fn):
         """fn(), with its Redis errors raised as StoreError saying `reason` ("read failed")."""

@@ -357,6 +357,62 @@ def test_a_store_url_is_shown_without_its_password(url, shown):
     assert redact_url(url) == shown
 
 
+def test_a_store_whose_session_keys_this_user_cannot_read_or_write_stops_the_start(
+    redis_url, redis_db, tmp_path
+):
+    """An ACL user without the session keys (`~cache:*`), one with read commands only, and a URL naming a
+    read-only replica all answered PING: the server started, and then every write, restore and delete
+    failed (NoPermissionError, ReadOnlyError) while it served. Now the start checks a read and a write of
+    the session keys (a tombstone of the probe key, expiring in PROBE_TTL_MS) and refuses each with its
+    reason, the password as ***; a user with the rights, and a Redis at maxmemory, start as before."""
+    import redis
+
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    users = {
+        "s4-keyless": (["cache:*"], ["+@all"]),
+        "s4-reader": (["*"], ["+@read", "+ping", "+hello", "+auth", "+@scripting"]),
+        "s4-writer": (["s4:*"], ["+@all"]),
+    }
+    for name, (keys, commands) in users.items():
+        redis_db.acl_setuser(name, enabled=True, passwords=["+s3cret"], keys=keys, commands=commands)
+    replica, replica_port = _redis_server(tmp_path)
+    try:
+        redis.Redis(port=replica_port).replicaof("127.0.0.1", port)
+        for url, reason, kind in (
+            (
+                f"redis://s4-keyless:s3cret@127.0.0.1:{port}/0",
+                "cannot read the session keys",
+                "NoPermissionError",
+            ),
+            (
+                f"redis://s4-reader:s3cret@127.0.0.1:{port}/0",
+                "cannot write the session keys",
+                "ResponseError",
+            ),
+            (f"redis://127.0.0.1:{replica_port}/0", "cannot write the session keys", "ReadOnlyError"),
+        ):
+            with pytest.raises(StoreError) as exc:
+                RedisStateStore(url, 60)
+            assert f"{redact_url(url)}: {reason} (" in str(exc.value) and "s3cret" not in str(exc.value)
+            assert exc.value.public == f"{reason} ({kind})"
+        store = RedisStateStore(f"redis://s4-writer:s3cret@127.0.0.1:{port}/0", 60)
+        assert (
+            store.put("acl", b"x", "", "a1") and store.get("acl") == (b"x", "a1") and store.ids() == ["acl"]
+        )
+        assert 0 < redis_db.pttl(KEY_PREFIX + "__probe__") <= 1000  # (the start's check: a 1 s tombstone)
+        store.close()
+        redis_db.config_set("maxmemory-policy", "noeviction")
+        redis_db.config_set("maxmemory", "1")  # full: writes refused for want of room, not of rights
+        try:
+            RedisStateStore(redis_url, 60).close()
+        finally:
+            redis_db.config_set("maxmemory", "0")
+    finally:
+        replica.kill()
+        replica.wait(10)
+        redis_db.acl_deluser(*users)
+
+
 def test_a_store_password_reaches_no_client_and_no_log(model_dirs, caplog, tmp_path):
     """A Redis with a password (in the URL, as redis-py takes it): the store going away mid-run gives a
     client a 503 that names neither the password nor the store's host, and the server's log shows the URL
