@@ -641,7 +641,7 @@ async def restore(state: ServerState, session_id: str) -> None:
         return
     if await _held(state, session_id):
         return
-    async with state.restoring:
+    async with state.restoring.hold(session_id):
         if state.sessions.has(session_id):  # held (current), or restored by a concurrent request meanwhile
             if await _held(state, session_id) or not await _drop_copy(state, session_id):
                 return

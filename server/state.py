@@ -5,9 +5,11 @@ the app factory (server/app.py), which only wires it into FastAPI."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import threading
+from collections.abc import AsyncIterator
 
 from server.config import Settings
 from server.errors import APIError, not_found, quoted, unavailable
@@ -17,6 +19,31 @@ from server.sessions import SessionTable
 from server.store import StateStore, StoreError, StoreWriter, open_store
 
 log = logging.getLogger("server")
+
+
+class SessionLocks:
+    """One asyncio lock per session id, kept only while a task holds or awaits it: a restore from the
+    session store is one at a time per session, not per server (a Redis that stalled made every restore
+    wait for the ones before it, 5 s each: the sixth of six requests had its 503 after 30 s)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # id → (its lock, the tasks using it)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, session_id: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(session_id, (None, 0))
+        lock = lock or asyncio.Lock()
+        self._locks[session_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks.pop(session_id)
+            if users > 1:
+                self._locks[session_id] = (lock, users - 1)
+
+    def __len__(self) -> int:
+        return len(self._locks)
 
 
 class ServerState:
@@ -34,7 +61,7 @@ class ServerState:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.store: StateStore | None = None  # the session store (None: sessions live in this process)
         self.writer: StoreWriter | None = None
-        self.restoring = asyncio.Lock()  # one restore from the store at a time
+        self.restoring = SessionLocks()  # one restore from the store at a time per session
         self.fatal: str | None = None  # why nothing can be served (python -m server then exits 1)
         self.on_fatal = None  # set by python -m server: stop the process
         self.stopping = threading.Event()  # set by the drain: loading ends at its next step's boundary

@@ -639,6 +639,61 @@ def test_session_info_reads_the_store_without_restoring_and_generated_moves_with
         b.stop()
 
 
+class _StalledGets:
+    """The store a replica restores from, whose reads of `stalled` sessions wait for `resume` (Redis stalled
+    for those); `reading[sid]` is set once a read of sid has begun."""
+
+    def __init__(self, store, stalled: set[str], sids: list[str]) -> None:
+        self.store, self.stalled = store, stalled
+        self.reading = {sid: threading.Event() for sid in sids}
+        self.resume = threading.Event()
+
+    def get(self, session_id: str):
+        self.reading[session_id].set()
+        if session_id in self.stalled:
+            assert self.resume.wait(60)
+        return self.store.get(session_id)
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+
+def test_a_restore_waiting_for_the_store_holds_up_no_other_sessions_restore(model_dirs, redis_url, redis_db):
+    """Restores from the store were one at a time per server: while Redis did not answer one session's
+    read, every other session's restore waited behind it (a SIGSTOPped Redis: six appends on six sessions
+    had their 503s 5, 10, ... 30 s after they came). They are one at a time per session now: another
+    session restores and answers while the stalled read waits, and the stalled one completes after."""
+    a, b = _replica(model_dirs, redis_url), _replica(model_dirs, redis_url)
+    x, y = (
+        httpx.post(b.url + "/v1/sessions", json={"model": TEXT, "prompt": p}).json()["session_id"]
+        for p in ("to be", "or not")
+    )
+    store = a.state.store = _StalledGets(a.state.store, {x}, [x, y])
+    try:
+        answers = {}
+
+        def append(sid: str) -> None:
+            answers[sid] = httpx.post(f"{a.url}/v1/sessions/{sid}/append", json={"prompt": "!"}, timeout=60)
+
+        first = threading.Thread(target=append, args=(x,))
+        first.start()
+        assert store.reading[x].wait(10)
+        second = threading.Thread(target=append, args=(y,))
+        second.start()
+        assert store.reading[y].wait(10), "y's restore waited for x's stalled read"
+        second.join(60)
+        assert answers[y].status_code == 200 and answers[y].json()["tokens"] == len("or not") + 1
+        assert first.is_alive() and x not in answers  # (x's read still stalled)
+        store.resume.set()
+        first.join(60)
+        assert answers[x].status_code == 200 and answers[x].json()["tokens"] == len("to be") + 1
+        assert len(a.state.restoring) == 0  # (no lock kept once its restores are over)
+    finally:
+        store.resume.set()
+        a.stop()
+        b.stop()
+
+
 def test_an_evicted_session_frees_its_slot_and_comes_back_from_the_store(model_dirs, redis_url, redis_db):
     s = _replica(model_dirs, redis_url, session_ttl_s=1.0)
     try:
