@@ -23,6 +23,17 @@ MAX_STORE_TTL_S = 10**9
 # redis-py URL options the session store sets itself: in the URL they replaced its timeouts (redis-py's
 # from_url lets the URL's options win), so `?socket_timeout=60` made a hung Redis cost each request 60 s
 STORE_OWN_OPTIONS = frozenset({"socket_timeout", "socket_connect_timeout", "timeout"})
+
+
+def misread_userinfo(url: str) -> bool:
+    """Whether an '@' follows a '/', '?' or '#' after the scheme: a user name or password holding one of
+    them unencoded (a base64 password: redis://:Ab/cd@host/0), which URL parsers, redis-py's included, end
+    the host at, reading the rest of the password as the path, query, fragment or port, where an error
+    message or a log line showed it (`not '/cd@host/0'`, `as 'Ab'`)."""
+    rest = url.partition("://")[2]
+    return "@" in rest and any(c in rest.rpartition("@")[0] for c in "/?#")
+
+
 DEFAULT_CHECKPOINTS = [
     "checkpoints/text-shakespeare",
     "checkpoints/audio-digits",  # SaShiMi
@@ -478,6 +489,12 @@ class Settings(BaseSettings):
             raise ValueError("must be 'memory' or a redis:// URL (redis://host:port/db)")
         if v == "memory":
             return v
+        if misread_userinfo(v):  # (before any message quotes a part of the URL)
+            raise ValueError(
+                "an '@' follows a '/', '?' or '#' in the URL: percent-encode them in its user name and "
+                "password (%2F, %3F, %23; an '@' elsewhere %40), which are otherwise read as the URL's path, "
+                "query or port"
+            )
         parts = urllib.parse.urlsplit(v)
         dbs = urllib.parse.parse_qs(parts.query).get("db", [])
         if any(re.fullmatch(r"[0-9]{1,5}", d) is None for d in dbs) or len(dbs) > 1:

@@ -26,7 +26,7 @@ import urllib.parse
 from concurrent.futures import Future
 from typing import Protocol
 
-from server.config import MAX_STORE_TTL_S, REDIS_STORE_SCHEMES
+from server.config import MAX_STORE_TTL_S, REDIS_STORE_SCHEMES, misread_userinfo
 from server.sessions import pack_state
 
 log = logging.getLogger("server.store")
@@ -53,16 +53,27 @@ def redact_url(url: str) -> str:
         port = parts.port
     except ValueError:  # not a URL one can take apart: show none of it
         return "<the configured URL>"
+    if misread_userinfo(url):  # (a password holding '/', '?' or '#': its rest read as path, query or port)
+        return "<the configured URL>"
     netloc = parts.netloc
     if parts.password is not None:
         user = parts.username or ""
         host = f"[{host}]" if ":" in host else host
         netloc = f"{user}:***@{host}" + (f":{port}" if port is not None else "")
-    query = urllib.parse.urlencode(
-        [(k, "***" if k.lower() == "password" else v) for k, v in urllib.parse.parse_qsl(parts.query, True)],
-        safe="*",
+    # the query as written but for a password's value (re-encoding it showed ?ssl_ca_certs=/etc/ca.pem as
+    # %2Fetc%2Fca.pem), and the URL put back together by hand: urlunsplit wrote unix:///r.sock as unix:/r.sock
+    pairs = parts.query.split("&") if parts.query else []
+    query = "&".join(
+        f"{p.split('=', 1)[0]}=***"
+        if urllib.parse.unquote_plus(p.split("=", 1)[0]).lower() == "password"
+        else p
+        for p in pairs
     )
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return (
+        f"{parts.scheme}://{netloc}{parts.path}"
+        + (f"?{query}" if query else "")
+        + (f"#{parts.fragment}" if parts.fragment else "")
+    )
 
 
 class StateStore(Protocol):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -50,7 +51,11 @@ def _redis_server(workdir, password: str = "", port: int = 0) -> tuple[subproces
          "--dir", str(workdir), *(["--requirepass", password] if password else [])],
         stdout=subprocess.DEVNULL,
     )  # fmt: skip
-    url = f"redis://:{password}@127.0.0.1:{port}/0" if password else f"redis://127.0.0.1:{port}/0"
+    url = (
+        f"redis://:{quote(password, safe='')}@127.0.0.1:{port}/0"
+        if password
+        else f"redis://127.0.0.1:{port}/0"
+    )
     if not wait_for(lambda: _opens(url), 10, 0.05):
         proc.kill()
         pytest.fail("redis-server did not start")
@@ -351,10 +356,47 @@ def test_a_store_url_option_redis_py_cannot_use_is_a_store_error_naming_it(redis
         ("redis://:p%40ss@[::1]:6380/1", "redis://:***@[::1]:6380/1"),
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
         ("redis://:s3cret@host:notaport/0", "<the configured URL>"),
+        # as written but for the password: unix:/// was unix:/, and a query value re-encoded (%2F)
+        ("unix:///run/redis.sock?db=2&password=s3cret", "unix:///run/redis.sock?db=2&password=***"),
+        ("rediss://h/0?ssl_ca_certs=/etc/ca.pem", "rediss://h/0?ssl_ca_certs=/etc/ca.pem"),
+        ("redis://h/0?pass%77ord=s3cret", "redis://h/0?pass%77ord=***"),
+        # a password holding '/', '?' or '#' unencoded: its rest was shown as the path, query or fragment
+        ("redis://:Ab/s3cret@h:6379/0", "<the configured URL>"),
+        ("redis://:Ab?s3cret@h:6379/0", "<the configured URL>"),
+        ("redis://u:Ab#s3cret@h/0", "<the configured URL>"),
     ],
 )
 def test_a_store_url_is_shown_without_its_password(url, shown):
     assert redact_url(url) == shown
+
+
+def test_a_password_holding_a_url_delimiter_is_refused_unquoted_and_works_encoded(tmp_path, monkeypatch):
+    """A password with '/', '?' or '#' in it (base64 passwords hold '/'): URL parsers end the host there,
+    and the start's error quoted the rest of the password (`not '/s3cret@h:6379/0'`, `as 'Ab'`). Now it
+    says to percent-encode them, quoting nothing of the URL; percent-encoded, the password works."""
+    from server.__main__ import main
+
+    for url in ("redis://:Ab/s3cret@h:6379/0", "redis://:Ab?s3cret@h:6379/0", "rediss://u:Ab#s3cret@h/0"):
+        monkeypatch.setenv("S4_SESSION_STORE", url)
+        with pytest.raises(SystemExit) as stop:
+            main([])
+        line = str(stop.value)
+        assert line.startswith(
+            "not serving: invalid settings: S4_SESSION_STORE (--session-store): an '@' follows a '/', '?' or "
+            "'#' in the URL: percent-encode them"
+        ), line
+        assert "s3cret" not in line and "Ab" not in line, line
+    password = "Ab/s3cret?x#y@z"
+    proc, port = _redis_server(tmp_path, password=password)
+    try:
+        url = f"redis://:{quote(password, safe='')}@127.0.0.1:{port}/0"
+        assert Settings(session_store=url).session_store == url
+        store = RedisStateStore(url, 60)
+        assert store.put("pw", b"x", "", "p1") and store.get("pw") == (b"x", "p1")
+        store.close()
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def test_a_store_whose_session_keys_this_user_cannot_read_or_write_stops_the_start(
