@@ -470,13 +470,13 @@ class StoreWriter:
         since its last write-through: `Engine._persist_unless_stored`); the caller then writes it only if
         missing (`write(..., only_if_missing=True)`: at a rolling restart the final flush wrote every
         session anew, and a copy that another replica had since gone on from was refused and logged as
-        stale), and its version is forgotten (a restore reads it anew). False: the caller writes it."""
+        stale), or if the store holds one of the versions that write replaced (`_older`: Redis went back
+        in time), and its version is forgotten (a restore reads it anew). False: the caller writes it."""
         with self._cv:
             if session_id not in self._landed:
                 return False
             self._landed.discard(session_id)
             self._versions.pop(session_id, None)
-            self._older.pop(session_id, None)
             return True
 
     def is_current(self, session_id: str, stored: str | None) -> bool:
@@ -611,12 +611,14 @@ class StoreWriter:
                              tries + 1)  # fmt: skip
                 return "delete", "", False
             header, state, only_if_missing = op
-            if only_if_missing and self.store.version(session_id) is not None:
+            # (a copy let go: its expected versions are "" and `_older`, the ones its last write replaced)
+            if only_if_missing and self.store.version(session_id) not in (None, *expected[1:]):
                 return "unchanged", "", False  # (this copy, another replica's newer one, or a tombstone)
             ok = self.store.put(session_id, pack_state(header, state), expected, version)
             if ok and only_if_missing:
-                log.info("session %s: unchanged since its last write, but no longer in the session store "
-                         "(its TTL ran out, or the store lost it): written again", session_id)  # fmt: skip
+                log.info("session %s: unchanged since its last write, but no longer in the session store, or "
+                         "older there (its TTL ran out, the store lost it, or it went back to an older "
+                         "snapshot): written again", session_id)  # fmt: skip
             return ("write" if ok else "stale"), "", ok and only_if_missing
         except Exception as exc:  # the store is down (or a bug): the session lives on in memory
             if op is not _DELETE:
@@ -676,7 +678,7 @@ class StoreWriter:
                     self._maybe.pop(session_id, None)  # settled, a late landing now refused by the store)
                 elif done == "error" and op is not _DELETE and not superseded:  # (it may land yet)
                     self._maybe[session_id] = [*self._maybe.get(session_id, ()), version][-MAYBE_KEPT:]
-                if done == "delete":
+                if done == "delete" or (done == "unchanged" and not superseded):
                     self._versions.pop(session_id, None)
                     self._older.pop(session_id, None)
                 elif done == "write" and not superseded:
@@ -739,7 +741,10 @@ def _report(final: dict, unanswered: int, left: int, timeout: float) -> str:
     total = written + failed + stale + unanswered + left
     line = f"final flush: {written} of {total} sessions written"
     if final.get("missing"):
-        line += f" ({final['missing']} of them unchanged since their last write but no longer in the store)"
+        line += (
+            f" ({final['missing']} of them unchanged since their last write but no longer in the store, or "
+        )
+        line += "older there)"
     line += f", {failed} failed"
     if failed:
         line += f" (first: {final['first_error']})"

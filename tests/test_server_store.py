@@ -1846,10 +1846,43 @@ def test_a_copy_let_go_unchanged_is_written_again_where_the_store_lost_it(
         assert _stored(redis_db, lost)["n_tokens"] == 7 and _stored(redis_db, kept)["n_tokens"] == 6
         assert (
             "final flush: 1 of 1 sessions written (1 of them unchanged since their last write but no longer "
-            "in the store), 0 failed; 1 unchanged since their last write and still stored, not written again"
+            "in the store, or older there), 0 failed; 1 unchanged since their last write and still stored, "
+            "not written again"
         ) in caplog.text, caplog.text
     finally:
         b.stop()
+
+
+def test_a_copy_let_go_unchanged_is_written_again_where_the_store_went_back_to_an_older_state(
+    model_dirs, redis_url, redis_db, caplog
+):
+    """Redis went back in time (restored to a snapshot taken before a session's last turn) while a replica
+    held the session idle: at the replica's stop (or the session's idle eviction) its copy, unchanged since
+    its last write, was not written again because the store held *a* version of it, and the turn was lost.
+    A version that copy's own writes replaced counts as missing: the copy is written, and the flush's line
+    says so; a copy whose version the store still holds is left as it is."""
+    a = _replica(model_dirs, redis_url)
+    try:
+        sid, kept = (
+            httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": p}).json()["session_id"]
+            for p in ("ROMEO:", "JULIET:")
+        )
+        snapshot = redis_db.hgetall(KEY_PREFIX + sid)  # (the session after its create: 6 tokens)
+        _generate(a.url, sid, None, 5, seed=1)
+        assert _stored(redis_db, sid)["n_tokens"] == 11
+        redis_db.delete(KEY_PREFIX + sid)
+        redis_db.hset(KEY_PREFIX + sid, mapping=snapshot)  # the store goes back to the snapshot
+        caplog.clear()
+        with caplog.at_level("INFO", logger="server"):
+            a.stop()
+        assert _stored(redis_db, sid)["n_tokens"] == 11 and _stored(redis_db, kept)["n_tokens"] == 7
+        assert (
+            "final flush: 1 of 1 sessions written (1 of them unchanged since their last write but no longer "
+            "in the store, or older there), 0 failed; 1 unchanged since their last write and still stored, "
+            "not written again"
+        ) in caplog.text, caplog.text
+    finally:
+        a.stop()
 
 
 def _evictions(url: str, reason: str) -> float:
