@@ -289,8 +289,9 @@ class Settings(BaseSettings):
         ge=1024,
         le=MAX_BYTES,
         description="largest HTTP request body, counted as it arrives (else 413 and the connection is "
-        "closed); a session import is held to the largest state blob + 1 MiB instead, whatever this "
-        "setting (1,513,476 bytes with the shipped models). A JSON body, "
+        "closed); a session import is held to the largest state blob (a state, and a seen list of the "
+        "whole vocabulary) + 1 MiB instead, whatever this setting (1,514,756 bytes with the shipped "
+        "models). A JSON body, "
         "and a WebSocket message, is also counted outside its strings as it arrives: at most 65,536 array "
         "or object elements, object members and numbers with a fraction or exponent, and 16,384 arrays "
         "and objects, as no valid one holds more (/v1/completions: 64 x max_prompt_tokens more elements, "

@@ -15,7 +15,7 @@ from server.config import Settings
 from server.errors import APIError, not_found, quoted, unavailable
 from server.metrics import Metrics
 from server.registry import ServedModel, load_models
-from server.sessions import SessionTable
+from server.sessions import SessionTable, max_seen_bytes
 from server.store import StateStore, StoreError, StoreWriter, open_store
 
 log = logging.getLogger("server")
@@ -70,9 +70,12 @@ class ServerState:
 
     @property
     def max_state_blob_bytes(self) -> int:
-        """The largest session export a served model makes, with room for its header (what
-        POST /v1/sessions/import accepts)."""
-        return max((m.state_bytes for m in self.models.values()), default=0) + (1 << 20)
+        """The largest session export a served model makes (what POST /v1/sessions/import accepts): its
+        state, a `seen` list of its whole vocabulary, and 1 MiB for the rest of the header. (The header
+        had 1 MiB in all: a 267,735-word model's session that had seen most words exported ~2 MB of header,
+        and its import was a 413.)"""
+        sizes = (m.state_bytes + max_seen_bytes(m.config.vocab_size) for m in self.models.values())
+        return max(sizes, default=0) + (1 << 20)
 
     @property
     def ready(self) -> bool:

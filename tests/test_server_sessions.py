@@ -248,6 +248,28 @@ def test_a_session_counted_near_the_most_takes_no_turn_past_it_and_its_export_im
         client.delete(f"/v1/sessions/{s}")
 
 
+def test_the_import_limit_holds_the_largest_export_of_a_large_vocabulary(server):
+    """POST /v1/sessions/import accepts the state plus 1 MiB: a 267,735-word model's session that has
+    seen most of its words exports a `seen` list of ~2 MB, so its import was a 413 (the header budget
+    allows it since the separators' cap was raised; the blob's size did not). The limit now holds every
+    served model's largest export: its state, all its vocabulary seen, the rest of the header."""
+    from types import SimpleNamespace
+
+    from server.state import ServerState
+
+    st = ServerState(server.state.settings)
+    for vocab, state_bytes in ((267_735, 4 << 20), (256, 256 << 10), (10, 16)):
+        st.models = {"m": SimpleNamespace(state_bytes=state_bytes, config=SimpleNamespace(vocab_size=vocab))}
+        header = {
+            "model": "m" * 128, "arch": "sashimi", "fingerprint": "f" * 32, "shape": [8, 64, 2, 64],
+            "dtype": "float32", "byteorder": "little", "n_tokens": 2**53 - 1, "pending": vocab - 1,
+            "seen": list(range(vocab)), "utf8_tail": [240, 159, 152], "created": time.time(),
+            "generated": 2**53 - 1, "last_used": time.time(),
+        }  # fmt: skip
+        largest = len(pack_state(header, b"\0" * state_bytes))
+        assert largest <= st.max_state_blob_bytes, (vocab, largest, st.max_state_blob_bytes)
+
+
 def test_an_import_is_sent_as_octet_stream_or_untyped_else_415(client):
     """The body is the exported binary: content-type application/octet-stream (or none, as httpx's
     content= sends it). application/json, a form (curl --data-binary without -H) or text is a 415, as
