@@ -62,9 +62,9 @@ def browser():
 class Demo:
     """One page of the demo, with what its console and its uncaught exceptions said."""
 
-    def __init__(self, browser, url: str) -> None:
+    def __init__(self, browser, url: str, width: int = 1000) -> None:
         self.context = browser.new_context(
-            viewport={"width": 1000, "height": 1100}, accept_downloads=True, permissions=["microphone"]
+            viewport={"width": width, "height": 1100}, accept_downloads=True, permissions=["microphone"]
         )
         self.page: Page = self.context.new_page()
         self.errors: list[str] = []
@@ -1253,3 +1253,29 @@ def test_the_fields_hold_the_servers_bounds(demo, field, value, message):
     said = d.wait_status("Not sent")
     assert said == f"Not sent: {message}", said
     assert d.js("[s4demo.turns.length, s4demo.sessionId]") == [0, None]
+
+
+# how far the page is wider than the window, and the visible elements that stick out past its right edge
+WIDER = """() => { const w = document.documentElement.clientWidth;
+    return [document.documentElement.scrollWidth - w, [...document.querySelectorAll('body *')].filter(
+      e => e.offsetParent !== null && e.getBoundingClientRect().right > w + 0.5
+    ).map(e => e.id || e.tagName)]; }"""
+
+
+@pytest.mark.parametrize("width", [320, 375])
+def test_a_narrow_screen_scrolls_only_up_and_down(browser, server, width):
+    """WCAG's reflow: a 320 px wide screen (a 1,280 px window at 400 % zoom) or a 375 px phone. The session
+    id (one unbreakable word) in the Session panel's grid had widened the page to about 450 px, and the
+    audio panel's file picker to 349 px at 320: the whole page then scrolled sideways."""
+    d = Demo(browser, server.url, width=width)
+    try:
+        d.wait_status("models served")
+        assert d.js(WIDER) == [0, []]
+        generate_text(d, "to be", 5, seed=1)
+        assert d.page.text_content("#session-id").startswith("sess-")
+        assert d.js(WIDER) == [0, []]
+        d.page.select_option("#model", AUDIO)
+        assert d.js(WIDER) == [0, []]
+        assert d.errors == [], d.errors
+    finally:
+        d.context.close()
