@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from playwright.sync_api import Page, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from server_support import ServerThread, check_usage, reference, wait_for
 
@@ -1279,3 +1279,33 @@ def test_a_narrow_screen_scrolls_only_up_and_down(browser, server, width):
         assert d.errors == [], d.errors
     finally:
         d.context.close()
+
+
+def test_a_field_with_an_error_keeps_its_name_and_is_described_by_the_error(demo):
+    """The error note sat inside the field's label, which named the field: a screen reader heard "temperature
+    Value must be greater than or equal to 0." as the name, then the same words again as its description.
+    Now the name is the label's words alone, valid or not, and the error is the description."""
+    d = demo
+    d.wait_status("models served")
+    bad = {"max-new-tokens": "0", "temperature": "-1", "top-k": "-1", "top-p": "0", "seed": "x"}
+    names = dict(zip(bad, ["max new tokens", "temperature", "top-k", "top-p", "seed"], strict=True))
+    for field, value in bad.items():
+        d.page.fill(f"#{field}", value)
+    d.page.click("#send")
+    d.wait_status("Not sent: max new tokens")
+    for field, name in names.items():
+        note = d.page.text_content(f"#{field}-error")
+        assert note, field  # (each of them is marked)
+        expect(d.page.locator(f"#{field}")).to_have_accessible_name(name)
+        expect(d.page.locator(f"#{field}")).to_have_accessible_description(note)
+    d.page.fill("#temperature", "1")  # typing clears its error: the same name, no description
+    expect(d.page.locator("#temperature")).to_have_accessible_name("temperature")
+    expect(d.page.locator("#temperature")).to_have_accessible_description("")
+    d.page.select_option("#model", AUDIO)
+    for field, name in (
+        ("audio-samples", "samples"),
+        ("audio-temperature", "temperature"),
+        ("audio-seed", "seed"),
+    ):
+        expect(d.page.locator(f"#{field}")).to_have_accessible_name(name)
+    assert d.errors == [], d.errors

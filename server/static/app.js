@@ -72,7 +72,7 @@
   // --- sampling settings: checked here, sent only when every field is valid ----------------------
 
   function fieldName(el) {
-    return el.closest("label").firstChild.textContent.trim();
+    return $(`${el.id}-name`).textContent.trim();
   }
 
   function fieldError(el, why) {
@@ -930,8 +930,16 @@
 
   // --- wiring ----------------------------------------------------------------------------------
 
-  // Each sampling field gets a line for its error, which it describes; typing clears it.
+  // Each sampling field gets a line for its error, which it describes; typing clears it. Its name is its
+  // label's words alone (aria-labelledby): named by the whole label, a field said its error twice, in its
+  // name and in its description, and a screen reader heard a field called "temperature Value must be…".
   for (const el of document.querySelectorAll(".settings input")) {
+    const label = el.closest("label");
+    const name = document.createElement("span");
+    name.id = `${el.id}-name`;
+    name.append(label.firstChild); // the label's words, before the field
+    label.prepend(name);
+    el.setAttribute("aria-labelledby", name.id);
     const note = document.createElement("span");
     note.className = "field-error";
     note.id = `${el.id}-error`;
