@@ -1309,3 +1309,40 @@ def test_a_field_with_an_error_keeps_its_name_and_is_described_by_the_error(demo
     ):
         expect(d.page.locator(f"#{field}")).to_have_accessible_name(name)
     assert d.errors == [], d.errors
+
+
+OUTLINE = "el => { const s = getComputedStyle(el); return [s.outlineStyle, s.outlineWidth, s.outlineColor]; }"
+
+
+def test_the_keyboard_focus_is_visible_on_every_control_and_on_a_field_with_an_error(demo):
+    """An invalid field had a 2 px red outline, the focus ring's own property: the invalid field the page
+    focuses (the first of them) looked like every other invalid field, and where the focus was could not be
+    seen. Now the error is the field's border and the outline is the focus ring's alone: the focused field's
+    outline differs from an unfocused invalid one's (which has none). Tab reaches each control in the
+    page's order, each with a visible ring."""
+    d = demo
+    d.wait_status("models served")
+    d.page.fill("#temperature", "-1")
+    d.page.fill("#top-p", "0")
+    d.page.click("#send")
+    d.wait_status("Not sent: temperature")
+    assert d.js("document.activeElement.id") == "temperature"
+    focused = d.page.locator("#temperature").evaluate(OUTLINE)
+    other = d.page.locator("#top-p").evaluate(OUTLINE)  # invalid too, not focused
+    assert focused[0] != "none" and float(focused[1].removesuffix("px")) >= 2, focused
+    assert other[0] == "none" or float(other[1].removesuffix("px")) == 0, other
+    d.page.keyboard.press("Tab")
+    assert d.js("document.activeElement.id") == "top-k"
+    assert d.page.locator("#top-k").evaluate(OUTLINE) == focused  # the same ring, invalid or not
+
+    d.page.locator("#api-key").focus()
+    reached = []
+    for _ in range(10):
+        reached.append(d.js("document.activeElement.id"))
+        style = d.js(f"({OUTLINE})(document.activeElement)")
+        assert style[0] != "none" and float(style[1].removesuffix("px")) >= 2, (reached[-1], style)
+        d.page.keyboard.press("Tab")
+    assert (
+        reached == "api-key load-models model prompt max-new-tokens temperature top-k top-p seed send".split()
+    )
+    assert d.errors == [], d.errors
