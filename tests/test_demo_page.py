@@ -1346,3 +1346,51 @@ def test_the_keyboard_focus_is_visible_on_every_control_and_on_a_field_with_an_e
         reached == "api-key load-models model prompt max-new-tokens temperature top-k top-p seed send".split()
     )
     assert d.errors == [], d.errors
+
+
+# what the live regions said, in order: ["announce" | "status", text] at each change of their content
+LIVE_LOG = """() => { window.said = [];
+    for (const id of ['announce', 'status']) new MutationObserver(() => said.push(
+        [id, document.getElementById(id).textContent])).observe(
+      document.getElementById(id), {childList: true, characterData: true, subtree: true}); }"""
+
+
+def test_the_streamed_text_is_read_out_in_pieces_by_a_polite_live_region(browser, limited, model_dirs):
+    """The output was no live region: a screen reader heard "Generating…" and "Done", never the text
+    (and a live output would announce every token frame on its own). Now a polite region reads the text out
+    as it streams, what arrived in the last 2 s at a time and the rest as the turn ends, before its Done.
+    The page's clock is Playwright's: the 2 s pass when the test says."""
+    d = Demo(browser, limited.url)
+    try:
+        d.page.clock.install()
+        d.page.reload()
+        d.wait_status("model served")
+        live = "id => document.getElementById(id)?.getAttribute('aria-live')"
+        assert [d.js(live, "announce"), d.js(live, "output")] == ["polite", None]
+        d.js(LIVE_LOG)
+        d.js("""() => { window.frames = 0; new MutationObserver(ms => { frames += ms.length; }).observe(
+            document.getElementById('output'), {subtree: true, characterData: true}); }""")
+        got = generate_text(d, "x", 40, seed=1)  # no 2 s passed: all of it as the turn ends
+        want = bytes(reference(model_dirs["text"], list(b"x"), SamplingParams(seed=1), 40)).decode(
+            errors="replace"
+        )
+        assert got == want
+        said = [s for s in d.js("said") if s[1]]
+        assert said[-2:] == [["announce", got], ["status", "Done: length, 40 tokens generated."]], said
+
+        d.js("said.length = 0")
+        d.page.fill("#max-new-tokens", "200000")
+        d.page.click("#send")
+        d.page.wait_for_function("() => s4demo.turns[1].ids > 0", timeout=WAIT_MS)
+        d.page.clock.run_for(2000)
+        first = [s[1] for s in d.js("said") if s[0] == "announce"]
+        assert len(first) == 1 and first[0] and d.js("s4demo.turns[1].text").startswith(first[0])
+        d.page.wait_for_function("n => s4demo.turns[1].text.length > n", arg=len(first[0]), timeout=WAIT_MS)
+        d.page.click("#cancel")
+        d.wait_status("Done: cancelled")
+        pieces = [s[1] for s in d.js("said") if s[0] == "announce"]
+        assert len(pieces) == 2 and "".join(pieces) == d.js("s4demo.turns[1].text"), pieces
+        assert d.js("frames") > 10  # the text arrived in many frames: not one announcement each
+        assert d.errors == [], d.errors
+    finally:
+        d.context.close()

@@ -283,6 +283,7 @@
 
   function resetSession() {
     epoch++;
+    dropAnnouncement(); // (before endTurn, which would read out the rest of the turn)
     if (turn) endTurn("", false);
     stopRecording();
     dropConnection();
@@ -343,6 +344,7 @@
     } else if (f.type === "token") {
       turn.textNode.appendData(f.text);
       followOutput();
+      announce(f.text);
       turn.record.text += f.text;
       turn.record.ids += f.ids.length;
       if (f.ids.length) progress(f.ids.length);
@@ -393,6 +395,32 @@
       out.scrollTop = out.scrollHeight;
       scrolledTo = out.scrollTop;
     });
+  }
+
+  // Screen readers hear the streamed text through a polite live region of its own (#announce, not shown),
+  // in pieces: what arrived in the last ANNOUNCE_MS, and the rest as the turn ends (before its "Done"). The
+  // output was no live region at all (the text was never read out unless the reader went looking for it),
+  // and making it one would announce every token frame, thousands a second, on its own.
+  const ANNOUNCE_MS = 2000;
+  const announcing = { pending: "", timer: null };
+
+  function announce(text) {
+    announcing.pending += text;
+    announcing.timer ??= setTimeout(flushAnnouncement, ANNOUNCE_MS);
+  }
+
+  function flushAnnouncement() {
+    clearTimeout(announcing.timer);
+    announcing.timer = null;
+    if (announcing.pending) $("announce").textContent = announcing.pending;
+    announcing.pending = "";
+  }
+
+  // New session, another model: what was not yet read out is dropped with the text it belonged to.
+  function dropAnnouncement() {
+    announcing.pending = "";
+    flushAnnouncement();
+    $("announce").textContent = "";
   }
 
   // The session's own token count (the page's running count until this answers).
@@ -465,6 +493,7 @@
       demo.turns.pop();
       if (!$("prompt").value) $("prompt").value = turn.record.prompt;
     }
+    if (turn?.kind === "text") flushAnnouncement(); // the turn's last words, read before its status
     const { go, stop } = buttons(turn?.kind);
     const focusOnStop = document.activeElement === stop || document.activeElement === document.body;
     turn = null;
