@@ -1394,3 +1394,66 @@ def test_the_streamed_text_is_read_out_in_pieces_by_a_polite_live_region(browser
         assert d.errors == [], d.errors
     finally:
         d.context.close()
+
+
+# Every AudioBufferSourceNode the page starts: when, its context's rate, its buffer's rate and samples.
+RECORD_STARTS = """() => { window.starts = []; const start = AudioBufferSourceNode.prototype.start;
+    AudioBufferSourceNode.prototype.start = function (when = 0, ...rest) {
+      starts.push({when, rate: this.context.sampleRate, bufferRate: this.buffer.sampleRate,
+                   data: Array.from(this.buffer.getChannelData(0))});
+      return start.call(this, when, ...rest); }; }"""
+
+# The page's schedule played again, offline, by the same Web Audio engine at its context's rate, and the
+# same samples with each run of back-to-back buffers joined into one (a run breaks where playback fell
+# behind and the page left a gap): both from the first start on.
+REPLAY = """async () => {
+    const list = starts.splice(0); const rate = list[0].rate, bufferRate = list[0].bufferRate;
+    const runs = [];
+    for (const s of list) { const last = runs.at(-1);
+      const next = last && Math.abs(last.when + last.data.length / bufferRate - s.when) < 1e-9;
+      if (next) last.data.push(...s.data); else runs.push({when: s.when, data: [...s.data]}); }
+    const end = Math.max(...list.map(s => s.when + s.data.length / bufferRate));
+    async function play(pieces) {
+      const ctx = new OfflineAudioContext(1, Math.ceil(end * rate) + rate, rate);
+      for (const p of pieces) { const b = ctx.createBuffer(1, p.data.length, bufferRate);
+        b.getChannelData(0).set(p.data); const src = ctx.createBufferSource(); src.buffer = b;
+        src.connect(ctx.destination); src.start(p.when); }
+      const out = (await ctx.startRendering()).getChannelData(0);
+      return Array.from(out.subarray(Math.round(list[0].when * rate)));
+    }
+    return {rate, buffers: list.length, runs: runs.length, samples: list.flatMap(s => s.data),
+            queued: await play(list), joined: await play(runs)}; }"""
+
+
+def test_streamed_audio_plays_sample_for_sample_across_the_seams_between_buffers(demo, model_dirs):
+    """Each ~0.1 s of samples is one AudioBufferSourceNode, queued after the last. The page's AudioContext
+    ran at the device's rate (44.1 kHz in this Chromium), so each buffer was resampled on its own and every
+    seam came out off the signal (up to 0.06 of full scale for a 440 Hz tone, 1.7 for this model's noisy
+    output, against the same samples joined into one buffer: a tick ten times a second).
+    Now the context runs at the model's rate and each buffer starts on the sample after the last one's end:
+    the page's schedule, played again offline by the same engine, is the generated samples, exactly."""
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    d.js(RECORD_STARTS)
+    n = 4000
+    d.page.fill("#audio-samples", str(n))
+    d.page.fill("#audio-temperature", "1")
+    d.page.fill("#audio-seed", "5")
+    d.page.click("#audio-generate")
+    d.wait_status(f"Done: length, {n} samples")
+    assert d.js("s4demo.samplesScheduled") == n
+    ids = reference(model_dirs["audio"], [MuLaw().silence], SamplingParams(seed=5), n)
+    want = np.frombuffer(to_pcm16(MuLaw().decode(ids)), dtype="<i2")
+    played = d.js(REPLAY)
+    assert played["buffers"] > played["runs"] == 1 + d.js("s4demo.underruns")  # (there are seams)
+    assert np.array_equal(np.asarray(played["samples"]) * 32768, want)  # what the page queued
+    # queued buffer after buffer, they play as if joined: to a thousandth of a 16-bit step
+    queued, joined = np.asarray(played["queued"]), np.asarray(played["joined"])
+    worst = np.max(np.abs(queued - joined)) * 32768
+    assert worst < 1e-3, (played["rate"], worst)
+    # and at the model's rate, that is the samples themselves (when playback never fell behind)
+    assert played["rate"] == 8000 == d.js("s4demo.audioContextRate()")
+    if played["runs"] == 1:
+        assert np.max(np.abs(queued[:n] * 32768 - want)) < 1e-3
+    assert d.errors == [], d.errors

@@ -13,6 +13,7 @@
     samplesPlayed: 0, // ... whose source node has ended (played out)
     underruns: 0, // times this generation's playback ran out of samples (a gap in the sound)
     audioContextState: () => (audio.ctx ? audio.ctx.state : "none"),
+    audioContextRate: () => (audio.ctx ? audio.ctx.sampleRate : null),
     sourcesQueued: () => audio.sources.size, // AudioBufferSourceNodes scheduled and not yet ended
     recording: () => audio.recorder !== null,
   });
@@ -617,7 +618,7 @@
   // --- audio: prompt in, samples out (played as they stream, drawn as they grow) ---------------
 
   const audio = {
-    ctx: null, rate: 8000, nextTime: 0, started: false, pending: [], pendingLength: 0, flushTimer: null,
+    ctx: null, ctxRate: null, rate: 8000, nextFrame: 0, started: false, pending: [], pendingLength: 0, flushTimer: null,
     sources: new Set(), samples: new Int16Array(0), length: 0, expected: 0, prompt: null, recorder: null,
     dirty: false,
   };
@@ -660,9 +661,24 @@
       `${demo.samplesPlayed} played; playback fell behind ${demo.underruns} time${demo.underruns === 1 ? "" : "s"}`;
   }
 
-  function audioContext() {
+  // An AudioContext that runs at the model's rate: each queued buffer then plays sample for sample, and the
+  // browser resamples the context's one continuous output for the speakers. (A context at the device's rate,
+  // 44.1 or 48 kHz, resampled each ~0.1 s buffer on its own: every seam between two buffers came out up to
+  // 0.06 off the signal, a tick ten times a second.) A browser that refuses the rate gets its own.
+  function audioContext(rate) {
     // Created (or resumed) inside the click handler: browsers start audio only after a user gesture.
-    audio.ctx ??= new AudioContext();
+    if (audio.ctx && audio.ctxRate !== rate) {
+      audio.ctx.close();
+      audio.ctx = null;
+    }
+    if (!audio.ctx) {
+      try {
+        audio.ctx = new AudioContext({ sampleRate: rate });
+      } catch {
+        audio.ctx = new AudioContext();
+      }
+      audio.ctxRate = rate;
+    }
     if (audio.ctx.state === "suspended") audio.ctx.resume();
     return audio.ctx;
   }
@@ -788,7 +804,7 @@
       return;
     }
     stopPlayback(); // the last turn's audio still queued (and "Stop playback" with it): a new one starts
-    audioContext();
+    audioContext(model.sample_rate);
     const c = await opened();
     if (!c) return;
     if (!c.bound && !(await bindAudio(c))) return;
@@ -830,7 +846,7 @@
   }
 
   function startPlayback(rate) {
-    audioContext();
+    audioContext(rate);
     audio.rate = rate;
     clearInterval(audio.flushTimer);
     audio.flushTimer = setInterval(flush, 50);
@@ -889,12 +905,14 @@
       if (!turn && !audio.sources.size) stopPlaybackButton(false); // played out
     };
     audio.sources.add(src);
-    if (!audio.started) audio.nextTime = ctx.currentTime + 0.25;
-    else if (audio.nextTime < ctx.currentTime) demo.underruns++;
+    // in whole samples at the model's rate: one buffer starts on the sample after the last one's end
+    const now = Math.ceil(ctx.currentTime * audio.rate);
+    if (!audio.started) audio.nextFrame = now + Math.round(audio.rate / 4);
+    else if (audio.nextFrame < now) demo.underruns++;
     audio.started = true;
-    audio.nextTime = Math.max(audio.nextTime, ctx.currentTime + 0.05);
-    src.start(audio.nextTime);
-    audio.nextTime += n / audio.rate;
+    audio.nextFrame = Math.max(audio.nextFrame, now + Math.round(audio.rate / 20));
+    src.start(audio.nextFrame / audio.rate);
+    audio.nextFrame += n;
     demo.samplesScheduled += n;
   }
 
