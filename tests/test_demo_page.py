@@ -1457,3 +1457,29 @@ def test_streamed_audio_plays_sample_for_sample_across_the_seams_between_buffers
     if played["runs"] == 1:
         assert np.max(np.abs(queued[:n] * 32768 - want)) < 1e-3
     assert d.errors == [], d.errors
+
+
+def test_the_waveforms_text_alternative_says_what_it_shows(demo, model_dirs):
+    """The canvas was named "Waveform of the generated audio" whether it held nothing or a minute of sound:
+    a screen reader learnt nothing from it. Its name now says how many samples it shows, how long they
+    are at what rate, and their peak level (none yet: before a generation, and after New session)."""
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    canvas = d.page.get_by_role("img")
+    expect(canvas).to_have_accessible_name("Waveform of the generated audio: none yet")
+    n = 4000
+    d.page.fill("#audio-samples", str(n))
+    d.page.fill("#audio-temperature", "1")
+    d.page.fill("#audio-seed", "5")
+    d.page.click("#audio-generate")
+    d.wait_status(f"Done: length, {n} samples")
+    ids = reference(model_dirs["audio"], [MuLaw().silence], SamplingParams(seed=5), n)
+    peak = np.max(np.abs(np.frombuffer(to_pcm16(MuLaw().decode(ids)), dtype="<i2").astype(int)))
+    expect(canvas).to_have_accessible_name(
+        f"Waveform of the generated audio: {n} samples (0.50 s at 8000 Hz), "
+        f"peak {round(100 * peak / 32768)} % of full scale"
+    )
+    d.page.click("#reset")
+    expect(canvas).to_have_accessible_name("Waveform of the generated audio: none yet")
+    assert d.errors == [], d.errors

@@ -653,6 +653,7 @@
     $("download").hidden = true;
     showAudioInfo();
     drawWaveform();
+    describeWaveform();
   }
 
   function showAudioInfo() {
@@ -927,6 +928,7 @@
       link.hidden = false;
     }
     drawWaveform();
+    describeWaveform();
     showAudioInfo();
   }
 
@@ -947,6 +949,22 @@
     head.setUint32(40, 2 * pcm.length, true);
     const body = new Int16Array(pcm); // little-endian on every platform browsers run on
     return new Blob([head.buffer, body.buffer], { type: "audio/wav" });
+  }
+
+  // The waveform's text alternative: what the picture shows, in words (it had said "Waveform of the
+  // generated audio" whether it held nothing or a minute of sound). Set when the audio is reset or
+  // complete, not as it grows.
+  function describeWaveform() {
+    const n = audio.length;
+    let peak = 0;
+    for (let i = 0; i < n; i++) peak = Math.max(peak, Math.abs(audio.samples[i]));
+    $("waveform").setAttribute(
+      "aria-label",
+      n
+        ? `Waveform of the generated audio: ${n} samples (${(n / audio.rate).toFixed(2)} s at ${audio.rate} Hz), ` +
+            `peak ${Math.round((100 * peak) / 32768)} % of full scale`
+        : "Waveform of the generated audio: none yet",
+    );
   }
 
   function drawWaveform() {
