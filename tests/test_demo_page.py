@@ -626,10 +626,15 @@ def test_a_page_opened_while_the_models_load_says_so_and_lists_them_once_loaded(
         assert wait_for(lambda: s.server.started, 30)
         d = Demo(browser, s.url)
         statuses(d)
-        assert "loading" in d.wait_status("loading")
+        said = d.wait_status("loading")
         r = httpx.get(f"{s.url}/v1/models")  # still loading
         assert r.status_code == 503 and r.json()["error"]["message"] == "models are still loading", r.text
-        d.page.wait_for_timeout(1500)  # it asks again meanwhile
+        for _ in range(2):  # it asks again meanwhile ...
+            with d.page.expect_request("**/v1/models", timeout=WAIT_MS):
+                pass
+        # ... and does not say so again: the status line is a live region, and each try's new countdown
+        # ("asking again in 0.8 s", "in 1.1 s") had been read out, every few seconds while the models loaded
+        assert d.page.text_content("#status") == said and set(d.js("statuses")) <= {said}
         go.set()
         d.wait_status("1 model served")
         assert not any("serves no model" in t for t in d.js("statuses"))

@@ -139,7 +139,9 @@
         const delay = Math.min(10000, 500 * 1.5 ** attempt);
         select.replaceChildren(new Option("(models are loading…)", ""));
         select.disabled = true;
-        status(`The server's models are loading… (asking again in ${(delay / 1000).toFixed(1)} s)`);
+        // said once: the status line is a live region, and a new countdown at each try ("asking again in
+        // 0.8 s", "in 1.1 s", …) was read out each time, every few seconds for as long as the models loaded
+        if (attempt === 0) status("The server's models are loading… (asking again until they are served)");
         modelsRetry = setTimeout(() => loadModels(attempt + 1), delay);
         return;
       }
