@@ -1488,3 +1488,31 @@ def test_the_waveforms_text_alternative_says_what_it_shows(demo, model_dirs):
     d.page.click("#reset")
     expect(canvas).to_have_accessible_name("Waveform of the generated audio: none yet")
     assert d.errors == [], d.errors
+
+
+def test_clear_prompt_says_what_it_did(demo, tmp_path):
+    """Clear prompt changed only the prompt line beside it, which is no live region: a screen reader heard
+    nothing, and the status line still said "Prompt loaded from prompt.wav.". Now the status line says the
+    prompt is cleared and what the next generation starts from."""
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    wav = tmp_path / "prompt.wav"
+    wav.write_bytes(wav_bytes(0.4 * np.sin(np.arange(300) / 5.0), 8000))
+    d.page.set_input_files("#audio-file", str(wav))
+    d.wait_status("Prompt loaded")
+    d.page.click("#clear-prompt")
+    assert (
+        d.page.text_content("#status")
+        == "Prompt cleared: the next generation starts from the model's silence."
+    )
+    assert d.page.text_content("#prompt-info") == "no prompt: starts from the model's silence"
+    d.page.fill("#audio-samples", "40")
+    d.page.click("#audio-generate")
+    d.wait_status("Done: length, 40 samples")
+    d.page.set_input_files("#audio-file", str(wav))
+    d.wait_status("Prompt loaded")
+    d.page.click("#clear-prompt")
+    assert d.page.text_content("#status") == "Prompt cleared: the next generation continues the session."
+    assert d.js("s4demo.lastDone.usage.prompt_tokens") == 1  # (the first turn: the silence)
+    assert d.errors == [], d.errors

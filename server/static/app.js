@@ -620,9 +620,9 @@
   // --- audio: prompt in, samples out (played as they stream, drawn as they grow) ---------------
 
   const audio = {
-    ctx: null, ctxRate: null, rate: 8000, nextFrame: 0, started: false, pending: [], pendingLength: 0, flushTimer: null,
-    sources: new Set(), samples: new Int16Array(0), length: 0, expected: 0, prompt: null, recorder: null,
-    dirty: false,
+    ctx: null, ctxRate: null, rate: 8000, nextFrame: 0, started: false, pending: [], pendingLength: 0,
+    flushTimer: null, sources: new Set(), samples: new Int16Array(0), length: 0, expected: 0, prompt: null,
+    recorder: null, dirty: false,
   };
 
   // Silence what is queued or playing (Cancel, New session, a new generation's reset): a stopped source
@@ -963,8 +963,8 @@
     $("waveform").setAttribute(
       "aria-label",
       n
-        ? `Waveform of the generated audio: ${n} samples (${(n / audio.rate).toFixed(2)} s at ${audio.rate} Hz), ` +
-            `peak ${Math.round((100 * peak) / 32768)} % of full scale`
+        ? `Waveform of the generated audio: ${n} samples (${(n / audio.rate).toFixed(2)} s at ` +
+            `${audio.rate} Hz), peak ${Math.round((100 * peak) / 32768)} % of full scale`
         : "Waveform of the generated audio: none yet",
     );
   }
@@ -1039,6 +1039,11 @@
   });
   $("audio-file").addEventListener("change", onPromptFile);
   $("record").addEventListener("click", toggleRecord);
-  $("clear-prompt").addEventListener("click", clearPrompt);
+  // (the prompt line beside it is no live region: without a status the click was silent to a screen reader)
+  $("clear-prompt").addEventListener("click", () => {
+    clearPrompt();
+    const next = conn ? "continues the session" : "starts from the model's silence";
+    status(`Prompt cleared: the next generation ${next}.`);
+  });
   loadModels();
 })();
