@@ -1516,3 +1516,28 @@ def test_clear_prompt_says_what_it_did(demo, tmp_path):
     assert d.page.text_content("#status") == "Prompt cleared: the next generation continues the session."
     assert d.js("s4demo.lastDone.usage.prompt_tokens") == 1  # (the first turn: the silence)
     assert d.errors == [], d.errors
+
+
+def test_ctrl_enter_is_announced_and_generates_once_per_press(demo):
+    """Ctrl+Enter in the prompt generates, which nothing on the page said (neither its label nor
+    aria-keyshortcuts), and a held key's repeats each started another turn once a quick one had ended.
+    Now the label and aria-keyshortcuts say it, and a repeat (the key still held) starts nothing."""
+    d = demo
+    d.wait_status("models served")
+    box = d.page.locator("#prompt")
+    assert "Ctrl+Enter generates" in d.page.text_content("label[for=prompt]")
+    assert "Control+Enter" in box.get_attribute("aria-keyshortcuts").split()
+    d.page.fill("#max-new-tokens", "3")
+    box.focus()
+    d.page.keyboard.down("Control")
+    d.page.keyboard.down("Enter")
+    d.wait_status("Done: length, 3 tokens")
+    d.page.keyboard.down("Enter")  # still held: the keydown repeats
+    # (the socket is open: a turn the keydown started has begun once the page's microtasks have run)
+    assert d.js("new Promise(r => setTimeout(r, 0)).then(() => s4demo.turns.length)") == 1
+    d.page.keyboard.up("Enter")
+    d.page.keyboard.press("Enter")  # pressed again, Control still held: the next turn
+    d.page.keyboard.up("Control")
+    d.page.wait_for_function("() => s4demo.turns.length === 2 && s4demo.turns[1].done", timeout=WAIT_MS)
+    assert d.js("s4demo.turns.length") == 2
+    assert d.errors == [], d.errors

@@ -1027,8 +1027,10 @@
     if (model) status(`${model.id} selected: a new session.`);
   });
   $("send").addEventListener("click", sendText);
+  // Ctrl+Enter (⌘+Enter) generates, once per press: a key held down repeats its keydown some 30 times a
+  // second, and each repeat after a quick turn had ended started another turn.
   $("prompt").addEventListener("keydown", (ev) => {
-    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) sendText();
+    if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey) && !ev.repeat) sendText();
   });
   $("cancel").addEventListener("click", cancel);
   $("audio-generate").addEventListener("click", generateAudio);
