@@ -1541,3 +1541,29 @@ def test_ctrl_enter_is_announced_and_generates_once_per_press(demo):
     d.page.wait_for_function("() => s4demo.turns.length === 2 && s4demo.turns[1].done", timeout=WAIT_MS)
     assert d.js("s4demo.turns.length") == 2
     assert d.errors == [], d.errors
+
+
+EDGES = """() => [...document.querySelectorAll('button, .button')].filter(b => b.offsetParent !== null)
+  .map(b => { const s = getComputedStyle(b);
+    return [b.id, s.borderTopStyle, s.borderTopWidth, s.borderTopColor !== s.backgroundColor]; })"""
+
+
+def test_buttons_keep_their_edges_in_forced_colours(browser, server):
+    """Forced colours (Windows' high contrast) replace the page's colours with the user's: a button's
+    background goes, and the page's buttons had no border (border: 0), so Load models, Generate, Cancel
+    and New session showed as bare words, not as buttons. They now have a transparent border, which forced
+    colours draw: each visible button has a 1 px solid edge in a colour other than its background."""
+    context = browser.new_context(viewport={"width": 1000, "height": 1100}, forced_colors="active")
+    try:
+        page = context.new_page()
+        page.goto(server.url + "/")
+        page.wait_for_function(
+            "() => document.getElementById('status').textContent.includes('models served')"
+        )
+        assert page.evaluate("matchMedia('(forced-colors: active)').matches")
+        for panel in (TEXT, AUDIO):
+            page.select_option("#model", panel)
+            edges = page.evaluate(EDGES)
+            assert len(edges) >= 4 and all(e[1:] == ["solid", "1px", True] for e in edges), edges
+    finally:
+        context.close()
