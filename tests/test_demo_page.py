@@ -27,7 +27,7 @@ from server_support import ServerThread, check_usage, reference, wait_for
 from model.codecs import MuLaw, to_pcm16, wav_bytes
 from model.sampling import SamplingParams
 from server import media
-from server.routes.demo import STATIC
+from server.routes.demo import STATIC, csp
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "tests" / "artifacts"
@@ -1567,3 +1567,34 @@ def test_buttons_keep_their_edges_in_forced_colours(browser, server):
             assert len(edges) >= 4 and all(e[1:] == ["solid", "1px", True] for e in edges), edges
     finally:
         context.close()
+
+
+def directives(policy: str) -> dict[str, list[str]]:
+    """A Content-Security-Policy as {directive: [sources]}."""
+    return {d.split()[0]: d.split()[1:] for d in policy.split(";") if d.strip()}
+
+
+def test_the_pages_websockets_go_to_its_own_server_only(demo, server, client):
+    """The page's policy said `connect-src 'self' ws: wss:`: any WebSocket to any host was allowed (the
+    module's docstring says the policy keeps the page talking to this server only). Now it is 'self' and
+    this host's ws:// and wss:// (for browsers whose 'self' does not cover WebSockets); a Host header that
+    is not a host and a port adds nothing to the policy. The page still talks to its server (every other
+    test here); a WebSocket to another address is refused by the browser before it connects."""
+    host = f"127.0.0.1:{server.port}"
+    policy = directives(client.get("/").headers["content-security-policy"])
+    assert policy["connect-src"] == ["'self'", f"ws://{host}", f"wss://{host}"]
+    assert policy["default-src"] == ["'self'"]
+    for bad in ("x; script-src *", "a b", "", None):
+        assert directives(csp(bad))["connect-src"] == ["'self'"], bad
+    d = demo
+    d.wait_status("models served")
+    elsewhere = "ws://127.0.0.2:9/v1/stream"  # (nothing listens there: only the policy can say why not)
+    said = d.js(
+        """url => new Promise(resolve => {
+          document.addEventListener('securitypolicyviolation',
+            e => resolve(['refused by the policy', e.effectiveDirective, e.blockedURI]), {once: true});
+          try { const ws = new WebSocket(url); ws.onerror = () => resolve(['tried']); }
+          catch (err) { resolve(['refused by the policy', err.name]); } })""",
+        elsewhere,
+    )
+    assert said[0] == "refused by the policy", said

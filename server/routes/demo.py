@@ -8,6 +8,7 @@ Last-Modified that Starlette sets): an upgraded server never has its new page ru
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from fastapi import APIRouter, Request
@@ -16,11 +17,22 @@ from fastapi.staticfiles import StaticFiles
 from starlette.types import Scope
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
-# Same-origin only: no CDN, no external fonts; blob: for the WAV download, mediastream for the mic.
-CSP = (
-    "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data: blob:; "
-    "media-src 'self' blob: mediastream:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
-)
+# A Host header that is a host and a port, nothing else (it goes into the policy below)
+HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(:[0-9]{1,5})?")
+
+
+def csp(host: str | None) -> str:
+    """The page's Content-Security-Policy: same-origin only (no CDN, no external fonts; blob: for the WAV
+    download, mediastream: for the mic). WebSockets go to this host alone: 'self', and its ws:// and
+    wss:// spelled out for browsers whose 'self' does not cover WebSockets (CSP Level 2). It had said
+    `ws: wss:`, which let the page open a WebSocket to any host at all."""
+    sockets = f" ws://{host} wss://{host}" if host and HOST.fullmatch(host) else ""
+    return (
+        f"default-src 'self'; connect-src 'self'{sockets}; img-src 'self' data: blob:; "
+        "media-src 'self' blob: mediastream:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    )
+
+
 REVALIDATE = {"Cache-Control": "no-cache"}  # a cached copy is used only after a 304 says it is current
 
 router = APIRouter()
@@ -30,7 +42,9 @@ router = APIRouter()
 async def index(request: Request) -> Response:
     page = STATIC / "index.html"
     response = FileResponse(
-        page, stat_result=page.stat(), headers={"Content-Security-Policy": CSP, **REVALIDATE}
+        page,
+        stat_result=page.stat(),
+        headers={"Content-Security-Policy": csp(request.headers.get("host")), **REVALIDATE},
     )
     if request.headers.get("if-none-match") == response.headers["etag"]:  # the browser's copy is current
         return Response(status_code=304, headers={"ETag": response.headers["etag"], **REVALIDATE})
