@@ -499,6 +499,7 @@ def test_with_api_keys_the_page_works_with_the_key_and_says_when_it_is_wrong(bro
         # a wrong key: the WebSocket handshake is refused, and the page says to check the key
         d.page.click("#reset")
         d.page.fill("#api-key", KEYS[1] + "x")
+        d.page.fill("#prompt", "x")  # (a new session's turn needs a prompt)
         d.page.click("#send")
         assert "check the API key" in d.wait_status("WebSocket")
         assert d.js("s4demo.sessionId") is None and d.page.text_content("#output") == ""
@@ -1598,3 +1599,30 @@ def test_the_pages_websockets_go_to_its_own_server_only(demo, server, client):
         elsewhere,
     )
     assert said[0] == "refused by the policy", said
+
+
+def test_an_empty_prompt_for_a_new_session_is_not_sent(demo):
+    """An empty prompt continues a session's text; a new session (the first turn, after New session or
+    another model, or once the connection closed) has none, and the page sent it anyway, on a new socket,
+    for the server's "Error 422: prompt is empty and there is no session input to continue from". Now it
+    says what to do, puts the focus in the prompt box and sends nothing; once a session has text, an empty
+    prompt continues it."""
+    d = demo
+    d.wait_status("models served")
+    sockets = sockets_opened(d)
+    d.page.fill("#prompt", "")
+    d.page.click("#send")
+    said = d.wait_status("Not sent")
+    assert said == (
+        "Not sent: a new session starts from a prompt: type one in the box "
+        "(an empty prompt continues a session's text)."
+    )
+    assert d.js("document.activeElement.id") == "prompt" and d.page.locator("#status.error").count() == 1
+    generate_text(d, "to be", 3, seed=1)
+    generate_text(d, "", 3, seed=2)  # the session's text goes on
+    assert d.js("s4demo.turns.map(t => t.done.usage.completion_tokens)") == [3, 3]
+    d.page.click("#reset")
+    d.page.click("#send")  # (the box is empty after a turn)
+    d.wait_status("Not sent: a new session starts from a prompt")
+    assert len(sockets) == 1 and d.js("s4demo.turns.length") == 0
+    assert d.errors == [], d.errors

@@ -560,6 +560,15 @@
         `(${limit}): shorten it, or send it in parts.`, true);
       return;
     }
+    if (!promptTokens && !conn?.bound) {
+      // a new session (the first turn, after New session, another model or a closed connection) has nothing
+      // to continue from: the page had sent the empty prompt, on a new socket, for the server's 422 "prompt
+      // is empty and there is no session input to continue from"
+      status("Not sent: a new session starts from a prompt: type one in the box " +
+        "(an empty prompt continues a session's text).", true);
+      $("prompt").focus();
+      return;
+    }
     const msg = { type: "generate", prompt, ...settings.values };
     const c = await opened();
     if (!c) return;
