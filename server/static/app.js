@@ -11,7 +11,7 @@
     samplesReceived: 0, // audio samples received over the socket
     samplesScheduled: 0, // ... handed to AudioBufferSourceNodes started in the AudioContext
     samplesPlayed: 0, // ... whose source node has ended (played out)
-    underruns: 0, // times this generation's playback ran out of samples (a gap in the sound)
+    underruns: 0, // times this generation's playback ran out of samples, or nearly (each a gap in the sound)
     audioContextState: () => (audio.ctx ? audio.ctx.state : "none"),
     audioContextRate: () => (audio.ctx ? audio.ctx.sampleRate : null),
     sourcesQueued: () => audio.sources.size, // AudioBufferSourceNodes scheduled and not yet ended
@@ -888,8 +888,9 @@
   }
 
   // Pending samples → one AudioBufferSourceNode, queued right after the previous one. The first starts
-  // a quarter second after the first samples arrive (a jitter buffer); a later one whose slot has already
-  // passed means playback ran out of samples (fell behind real time): counted in demo.underruns.
+  // a quarter second after the first samples arrive (a jitter buffer); a later one whose slot has passed
+  // or is too near to keep means playback ran out of samples (fell behind real time): counted in
+  // demo.underruns, one for each gap in the sound.
   function flush() {
     if (turn?.muted) {
       audio.pending = [];
@@ -917,12 +918,17 @@
       if (!turn && !audio.sources.size) stopPlaybackButton(false); // played out
     };
     audio.sources.add(src);
-    // in whole samples at the model's rate: one buffer starts on the sample after the last one's end
+    // in whole samples at the model's rate: one buffer starts on the sample after the last one's end, unless
+    // that slot is under 50 ms away (or past): it then starts 50 ms on, a gap, counted (one under 50 ms away
+    // had been moved the same and not counted)
     const now = Math.ceil(ctx.currentTime * audio.rate);
+    const margin = Math.round(audio.rate / 20);
     if (!audio.started) audio.nextFrame = now + Math.round(audio.rate / 4);
-    else if (audio.nextFrame < now) demo.underruns++;
+    else if (audio.nextFrame < now + margin) {
+      demo.underruns++;
+      audio.nextFrame = now + margin;
+    }
     audio.started = true;
-    audio.nextFrame = Math.max(audio.nextFrame, now + Math.round(audio.rate / 20));
     src.start(audio.nextFrame / audio.rate);
     audio.nextFrame += n;
     demo.samplesScheduled += n;
