@@ -384,6 +384,162 @@ def _check_whole(chunk: _DataChunk | None, frames: int) -> None:
     raise AudioTruncated(frames, max(declared, frames + 1))
 
 
+class TrailingData(ValueError):
+    """An audio file holding bytes after the sample data its header declares that are neither the
+    container's metadata (chunks, tags) nor zero padding: audio beyond a length field that is too small, or
+    files joined end to end (libsndfile read only the declared data, or the rest as samples, silently)."""
+
+    def __init__(self, extra: int, declared: int | None, joined: bool) -> None:
+        why = (
+            "another file's header: files joined end to end"
+            if joined
+            else "not metadata: audio beyond a length field that is too small, or files joined end to end?"
+        )
+        data = "sample data" if declared is None else f"{declared} frames"
+        super().__init__(
+            f"the audio file holds {extra} bytes after the {data} its header declares ({why}); "
+            "send one whole file"
+        )
+        self.extra, self.declared, self.joined = extra, declared, joined
+
+
+class _Extent(NamedTuple):
+    """The sample data a header declares (`_extent`), for the containers whose length libsndfile does not
+    check against the file's: it reads W64, NIST, AVR, SVX, MPC2K, WVE and VOC to the end of the file
+    whatever the header says (a truncated file read short; another file or metadata after the data read as
+    samples), and a MAT4 short, silently."""
+
+    offset: int  # where the sample data starts
+    size: int  # the bytes the header declares
+    block: int  # bytes per frame; 0 for a compressed W64 (its frames are not in proportion to its bytes)
+    end: int  # where the data ends: what follows must be metadata (`chunks`) or zeros
+    chunks: str | None  # the metadata that may follow: "w64" (GUID chunks), "iff" (big-endian chunks)
+
+
+_W64_RIFF = b"riff" + bytes.fromhex("2e91cf11a5d628db04c10000")
+_W64_SUFFIX = bytes.fromhex("f3acd3118cd100c04f8edb8a")  # the GUID tail of its "fmt " and "data" chunks
+
+
+def _int(data: bytes, at: int, n: int, order: str = "big") -> int:
+    return int.from_bytes(data[at : at + n], order)
+
+
+def _extent(data: bytes, fmt: str) -> _Extent | None:
+    """The sample data a W64, NIST SPHERE, AVR, SVX (8SVX, 16SV), MAT4, MPC2K, WVE or VOC header (`fmt`:
+    libsndfile's name of the file's format) declares; None for another format, a header this does not
+    parse, or a declared size of 0 (unknown: to the end of the file, as for WAV). IRCAM, PVF and PAF
+    headers give no length: their data is the rest of the file, whatever it holds."""
+    ext, n = None, len(data)
+    if fmt == "W64" and data[:16] == _W64_RIFF:
+        pos, align = 40, None
+        while pos + 24 <= n:
+            guid, size = data[pos : pos + 16], _int(data, pos + 16, 8, "little")
+            if guid == b"fmt " + _W64_SUFFIX and size >= 38:
+                tag, block = _int(data, pos + 24, 2, "little"), _int(data, pos + 36, 2, "little")
+                align = block if tag in _PCM_TAGS else 0  # (0: a compressed format's)
+            if guid == b"data" + _W64_SUFFIX:
+                if align is not None and size >= 24:
+                    ext = _Extent(pos + 24, size - 24, align, pos + size, "w64")
+                break
+            if size < 24:
+                break
+            pos += size + (-size % 8)
+    elif fmt == "NIST" and data[8:16].strip().isdigit():
+        offset = int(data[8:16])
+        fields = dict(re.findall(rb"^(\w+) -(?:i|s\d) (\d{1,12})$", data[16:offset], re.MULTILINE))
+        count, width = fields.get(b"sample_count"), fields.get(b"sample_n_bytes")
+        if count is not None and width is not None and int(fields.get(b"channel_count", b"1")):
+            block = int(fields.get(b"channel_count", b"1")) * int(width)
+            ext = _Extent(offset, int(count) * block, block, offset + int(count) * block, None)
+    elif fmt == "AVR" and n >= 128:  # 128 bytes: stereo flag, bits, ..., frames (big-endian)
+        block = (2 if _int(data, 12, 2) else 1) * (_int(data, 14, 2) // 8)
+        ext = _Extent(128, _int(data, 26, 4) * block, block, 128 + _int(data, 26, 4) * block, None)
+    elif fmt == "SVX":  # IFF chunks: the samples are the BODY chunk's (mono, 8 or 16 bits)
+        pos, block = 12, 1 if data[8:12] == b"8SVX" else 2
+        while pos + 8 <= n and _CHUNK_ID.fullmatch(cid := data[pos : pos + 4]):
+            size = _int(data, pos + 4, 4)
+            if cid == b"BODY":
+                ext = _Extent(pos + 8, size, block, pos + 8 + size, "iff")
+                break
+            pos += 8 + size + (size & 1)
+    elif fmt == "MAT4" and n >= 20:  # a 1 x 1 matrix (the sample rate), then channels x frames samples
+        order = "little" if data[:4] == b"\0\0\0\0" else "big"
+        pos = 20 + _int(data, 16, 4, order) + 8  # (after the rate's name and value)
+        width = {0: 8, 10: 4, 20: 4, 30: 2}.get(_int(data, pos, 4, order) % 1000)
+        if width is not None and pos + 20 <= n:
+            rows, cols = _int(data, pos + 4, 4, order), _int(data, pos + 8, 4, order)
+            offset = pos + 20 + _int(data, pos + 16, 4, order)
+            ext = _Extent(offset, rows * cols * width, rows * width, offset + rows * cols * width, None)
+    elif fmt == "MPC2K" and n >= 42:  # 42 bytes: a stereo flag, ..., frames (little-endian); 16 bits
+        block, count = 4 if data[21] else 2, _int(data, 30, 4, "little")
+        ext = _Extent(42, count * block, block, 42 + count * block, None)
+    elif fmt == "WVE" and n >= 32:  # 32 bytes, the data size at 18; one A-law byte per frame
+        ext = _Extent(32, _int(data, 18, 4), 1, 32 + _int(data, 18, 4), None)
+    elif fmt == "VOC" and n >= 26:  # its first block (libsndfile reads one), then a terminator byte 0
+        pos = _int(data, 20, 2, "little")
+        kind, size = data[pos : pos + 1], _int(data, pos + 1, 3, "little")
+        end = pos + 4 + size + (data[pos + 4 + size : pos + 5 + size] == b"\0")  # (and the terminator)
+        if kind == b"\x01" and size >= 2:  # (8-bit mono)
+            ext = _Extent(pos + 6, size - 2, 1, end, None)
+        elif kind == b"\x09" and size >= 12 and pos + 10 <= n:  # (rate, bits, channels, codec)
+            block = data[pos + 8] // 8 * data[pos + 9]
+            ext = _Extent(pos + 16, size - 12, block, end, None) if block else None
+    return ext if ext is not None and ext.size > 0 else None
+
+
+_JOINED = (b"RIFF", b"RIFX", b"RF64", b"FORM", b"fLaC", b"OggS", b".snd", b"NIST", b"riff")  # file starts
+
+
+def _trailing(data: bytes, pos: int, chunks: str | None) -> tuple[int, bool] | None:
+    """(bytes, whether they begin another file) of what follows the sample data (`pos`: where it ends, with
+    its padding) and is no metadata: chunks of the container's kind ("riff": little-endian sizes, "iff":
+    big-endian, "w64": GUID chunks), each whole in the file, an ID3v2 tag or a last ID3v1 one, or zeros
+    to the end (padding); None where all of it is. A chunk that is another file's header (RIFF, FORM, a
+    W64 riff) is another file."""
+    n, align = len(data), {"w64": 8, "riff": 2, "iff": 2}.get(chunks, 1)
+    while pos < n:
+        if not data[pos : pos + (-pos % align)].strip(b"\0"):  # (zeros to the next chunk's alignment)
+            pos += -pos % align
+        head = data[pos : pos + 24]
+        if chunks == "w64" and len(head) == 24 and head[:16] != _W64_RIFF:
+            size = _int(head, 16, 8, "little")
+            if 24 <= size <= n - pos:
+                pos += size + (-size % 8)
+                continue
+        if chunks in ("riff", "iff") and len(head) >= 8 and _CHUNK_ID.fullmatch(head[:4]):
+            size = _int(head, 4, 4, "little" if chunks == "riff" else "big")
+            if 8 + size <= n - pos and head[:4] not in _JOINED:
+                pos += 8 + size + (size & 1)
+                continue
+        if head[:3] == b"ID3" and len(head) >= 10:  # ID3v2: a syncsafe size, 10 more with a footer
+            pos += 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(head[6:10]))
+            pos += 10 if head[5] & 0x10 else 0
+            continue
+        if head[:3] == b"TAG" and n - pos == 128 or not data[pos:].strip(b"\0"):  # ID3v1; zeros
+            return None
+        return n - pos, head[:4] in _JOINED or head[:4] == data[:4]
+    return None
+
+
+def _check_extent(data: bytes, fmt: str, frames: int) -> int:
+    """The frames to read of the `frames` libsndfile counts: those the header declares (`_extent`), where
+    libsndfile counts to the end of the file (W64 ... VOC: the rest is padding or metadata). Raises
+    AudioTruncated where the file holds fewer bytes than such a header declares, and TrailingData where
+    bytes that are not metadata follow its declared data."""
+    if (ext := _extent(data, fmt)) is None:
+        return frames
+    present = len(data) - ext.offset
+    if present < ext.size:  # (a compressed W64 without a block per frame: in proportion, as for WAV)
+        there = min(frames, max(present, 0) // ext.block) if ext.block else frames
+        raise AudioTruncated(
+            there, ext.size // ext.block if ext.block else frames * ext.size // max(present, 1)
+        )
+    declared = ext.size // ext.block if ext.block else None
+    if (extra := _trailing(data, ext.end, ext.chunks)) is not None:
+        raise TrailingData(extra[0], declared, extra[1])
+    return frames if declared is None else min(frames, declared)
+
+
 def _crc_table(poly: int, bits: int) -> tuple[int, ...]:
     top, mask = 1 << (bits - 1), (1 << bits) - 1
     table = []
@@ -566,7 +722,13 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     (AudioTruncated; libsndfile read the part that is there, silently), except a declared size of 0 or
     from 0x7F000000 up, what a writer that cannot seek back leaves (`sox -t wav -`: 0x7FFFF000; ffmpeg to
     a pipe: 0xFFFFFFFF): the data then runs to the end of the file (a WAV data size of 0 followed by audio
-    was read as no frames). A file of no frames gives no samples; one whose frames resample to none (1
+    was read as no frames). So is a W64, NIST SPHERE, AVR, SVX, MAT4, MPC2K, WVE or VOC whose header declares
+    more than the file holds (libsndfile reads their data to the end of the file, or a MAT4's as far as it
+    goes, whatever the header says), and bytes after such a header's declared data that are neither the
+    container's chunks nor zero padding (another file joined on, or audio past a length field that is too
+    small, which libsndfile read as samples) raise TrailingData (a ValueError); padding and chunks after
+    the data are not read as samples. (IRCAM, PVF and PAF headers give no length: read to the end.)
+    A file of no frames gives no samples; one whose frames resample to none (1
     frame at 44.1 kHz to 8 kHz) raises NoSamples. An MP3 without a length header (Xing, Info, VBRI)
     whose MPEG frames hold more or fewer samples than libsndfile estimates from its first frame's
     bitrate (a VBR one: libsndfile reads only its estimate, 23-51 % of such a file) raises ValueError.
@@ -579,7 +741,8 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     `target_rate` that is not an integer in the same range),
     AudioTooLong (a ValueError) for a file longer than `max_seconds`, NonFiniteAudio (a ValueError)
     for a NaN or infinite sample, AudioTruncated (a ValueError: `frames` of `declared`) for a truncated
-    file, NoSamples (a ValueError) for frames that resample to no sample.
+    file, TrailingData (a ValueError) for bytes after the declared data that are not metadata, NoSamples
+    (a ValueError) for frames that resample to no sample.
     """
     if target_rate is not None and not (
         isinstance(target_rate, int | np.integer) and MIN_SAMPLE_RATE <= target_rate <= MAX_SAMPLE_RATE
@@ -601,6 +764,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
         if not 0 <= frames < 2**62:  # libsndfile says SF_COUNT_MAX when it cannot tell
             raise ValueError(f"frames: the header gives no usable frame count ({frames})")
         _check_whole(chunk, frames)
+        frames = _check_extent(data, f.format, frames)
         if f.format == "OGG" and (streams := _ogg_streams(data)) > 1:
             # libsndfile reads the first and stops: the rest of a chain (files joined end to end) was
             # dropped, silently (an audit)

@@ -174,10 +174,11 @@ def prompt_ids(
     bytes), a vocabulary's words or symbols after it is encoded (`text_ids`).
     Audio: `prompt_audio` is a base64 audio file (any format libsndfile reads), resampled to the model's
     rate; a file longer than `max_audio_s` (its header's frames / sample rate, checked before it is
-    decoded) is a 413; an empty string, a truncated WAV, RF64, AIFF or AU ("prompt_audio is truncated: N
-    of M frames") and a file whose frames give no sample at the model's rate ("prompt_audio holds no
-    samples") a 422. No prompt, or a file of no frames, gives no ids (the engine's caller starts from
-    silence)."""
+    decoded) is a 413; an empty string, a truncated file of a container with a length field (WAV, RF64,
+    AIFF, AU, W64, NIST, ...: "prompt_audio is truncated: N of M frames"), bytes after the declared data
+    that are not metadata (`TrailingData`) and a file whose frames give no sample at the model's rate
+    ("prompt_audio holds no samples") a 422. No prompt, or a file of no frames, gives no ids (the engine's
+    caller starts from silence)."""
     if kind == "text":
         if prompt_audio is not None:
             raise invalid("prompt_audio", "this is a text model: send `prompt` (a string)")

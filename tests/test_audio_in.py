@@ -24,6 +24,7 @@ from model.codecs import (
     MuLaw,
     NonFiniteAudio,
     NoSamples,
+    TrailingData,
     read_audio,
     wav_bytes,
 )
@@ -530,3 +531,58 @@ def test_a_truncated_au_or_rf64_is_refused_as_a_truncated_wav_is():
     unknown = _set(au, 8, 0xFFFFFFFF, "big")
     assert np.array_equal(read_audio(unknown, 8000, 30)[0], read_audio(au, 8000, 30)[0])
     assert len(read_audio(unknown[:-2000], 8000, 30)[0]) == 7000  # (of unknown size: what is there)
+
+
+# (format, subtype, bytes per frame, bytes after the data in the file libsndfile writes: VOC's terminator)
+LENGTH_FIELDS = [
+    ("W64", "PCM_16", 2, 0),
+    ("W64", "FLOAT", 4, 0),
+    ("NIST", "PCM_16", 2, 0),
+    ("NIST", "ULAW", 1, 0),
+    ("AVR", "PCM_16", 2, 0),
+    ("SVX", "PCM_16", 2, 0),
+    ("MAT4", "PCM_16", 2, 0),
+    ("MAT4", "DOUBLE", 8, 0),
+    ("MPC2K", "PCM_16", 2, 0),
+    ("WVE", "ALAW", 1, 0),
+    ("VOC", "PCM_16", 2, 1),
+]
+
+
+@pytest.mark.parametrize("fmt,subtype,width,after", LENGTH_FIELDS)
+def test_containers_whose_length_libsndfile_ignores_are_held_to_their_headers(fmt, subtype, width, after):
+    """libsndfile reads W64, NIST SPHERE, AVR, SVX, MPC2K, WVE and VOC data to the end of the file whatever
+    its header's length field says, and a MAT4 only as far as the file goes: a truncated file was read
+    short (a W64 cut to 60 %: 4,779 of 8,000 frames), and another file joined after it, or any bytes, were
+    read as more samples (a W64 joined to itself: 16,052 frames, the second header among them), silently
+    (an audit). Now a truncated one is AudioTruncated (frames of declared), bytes after the declared data
+    that are not metadata or zero padding are TrailingData, and zero padding is not read as samples."""
+    x = tone(440, 8000, 1.0)
+    whole = encoded(x, 8000, fmt, subtype)
+    want, _ = read_audio(whole, 8000, 30)
+    assert len(want) == 8000 and np.abs(want - x).max() <= (0.02 if width == 1 else 1e-4)
+    with pytest.raises(AudioTruncated, match=r"^the audio is truncated: 4?\d+ of 8000 frames") as e:
+        read_audio(whole[: len(whole) - after - 3000 * width], 8000, 30)  # (5000 frames left)
+    # (libsndfile's count of what is there: VOC's takes the last byte for its terminator)
+    assert e.value.declared == 8000 and e.value.frames == (4999 if fmt == "VOC" else 5000)
+    if fmt == "SVX":  # (libsndfile refuses this one itself: its FORM size is not the file's)
+        with pytest.raises(ValueError, match="no 'FORM' marker"):
+            read_audio(whole + whole, 8000, 30)
+    else:
+        with pytest.raises(TrailingData, match="files joined end to end") as e:
+            read_audio(whole + whole, 8000, 30)
+        assert (e.value.extra, e.value.declared, e.value.joined) == (len(whole), 8000, True)
+    noise = np.random.default_rng(0).integers(1, 256, 3000, dtype=np.uint8).tobytes()  # (audio, no zeros)
+    with pytest.raises(TrailingData, match="not metadata: audio beyond a length field") as e:
+        read_audio(whole + noise, 8000, 30)
+    assert (e.value.extra, e.value.joined) == (3000, False)
+    assert np.array_equal(read_audio(whole + bytes(64), 8000, 30)[0], want)  # zero padding: no samples
+
+
+def test_a_w64_chunk_after_its_data_is_metadata_not_samples():
+    """W64 files may carry chunks after `data` (GUID, 64-bit size): libsndfile read them as samples (a
+    40-byte chunk: 20 more 16-bit frames of noise), silently (an audit). Now the declared frames alone."""
+    whole = encoded(tone(440, 8000, 1.0), 8000, "W64", "PCM_16")
+    chunk = b"levl" + bytes(12) + struct.pack("<Q", 40) + b"\x7f" * 16
+    y, _ = read_audio(whole + chunk, 8000, 30)
+    assert np.array_equal(y, read_audio(whole, 8000, 30)[0])
