@@ -521,6 +521,19 @@ def _trailing(data: bytes, pos: int, chunks: str | None) -> tuple[int, bool] | N
     return None
 
 
+def _check_after_chunk(data: bytes, chunk: _DataChunk | None) -> None:
+    """Raises TrailingData where bytes that are not metadata follow the sample data a WAV, RF64, AIFF or AU
+    header declares (`chunk`: its data chunk, `_data_chunk`), as `_check_extent` does for other containers:
+    libsndfile read the declared data and dropped the rest (a WAV data size of 1,000 frames before 8,000
+    frames of audio: 1,000), or refused two WAVs joined end to end as "No 'RIFF' chunk marker". Not for a
+    file of unknown length (0, or from STREAMED_SIZE up: to the end of the file) or a truncated one."""
+    if chunk is None or chunk.size == 0 or chunk.size >= STREAMED_SIZE or chunk.size > chunk.present:
+        return
+    chunks = {"wav": "riff", "aiff": "iff"}.get(chunk.kind)  # (an AU has no chunks)
+    if (extra := _trailing(data, len(data) - chunk.present + chunk.size, chunks)) is not None:
+        raise TrailingData(extra[0], chunk.frames, extra[1])
+
+
 def _check_extent(data: bytes, fmt: str, frames: int) -> int:
     """The frames to read of the `frames` libsndfile counts: those the header declares (`_extent`), where
     libsndfile counts to the end of the file (W64 ... VOC: the rest is padding or metadata). Raises
@@ -727,7 +740,10 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     goes, whatever the header says), and bytes after such a header's declared data that are neither the
     container's chunks nor zero padding (another file joined on, or audio past a length field that is too
     small, which libsndfile read as samples) raise TrailingData (a ValueError); padding and chunks after
-    the data are not read as samples. (IRCAM, PVF and PAF headers give no length: read to the end.)
+    the data are not read as samples. (IRCAM, PVF and PAF headers give no length: read to the end.) The
+    same holds after a WAV's, RF64's, AIFF's or AU's data (a data size smaller than the audio after it was
+    read as that much; two WAVs joined end to end were "No 'RIFF' chunk marker"): its chunks (LIST, id3,
+    ...), ID3v2 and ID3v1 tags and zero padding may follow; other bytes raise TrailingData.
     A file of no frames gives no samples; one whose frames resample to none (1
     frame at 44.1 kHz to 8 kHz) raises NoSamples. An MP3 without a length header (Xing, Info, VBRI)
     whose MPEG frames hold more or fewer samples than libsndfile estimates from its first frame's
@@ -751,6 +767,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
                          f"{MAX_SAMPLE_RATE}]")  # fmt: skip
     data = _flac_with_length(data)  # (a FLAC of unknown length: the length its last frame gives)
     data, chunk = _streamed(data, _data_chunk(data))  # (the header's chunks walked once)
+    _check_after_chunk(data, chunk)
     try:
         f = soundfile.SoundFile(_Bytes(data))
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as exc:

@@ -586,3 +586,30 @@ def test_a_w64_chunk_after_its_data_is_metadata_not_samples():
     chunk = b"levl" + bytes(12) + struct.pack("<Q", 40) + b"\x7f" * 16
     y, _ = read_audio(whole + chunk, 8000, 30)
     assert np.array_equal(y, read_audio(whole, 8000, 30)[0])
+
+
+def test_a_wav_is_read_to_its_declared_data_with_metadata_after_it_but_not_audio():
+    """A WAV whose data size says 1,000 frames before 8,000 frames of audio was read as 1,000, silently, and
+    AU or RF64 files joined end to end as the first (an audit): TrailingData now. Chunks after the data
+    (LIST, id3), ID3v2 and ID3v1 tags appended by taggers, and zero padding are metadata: read whole."""
+    x = tone(440, 8000, 1.0)
+    wav = wav_bytes(x, 8000)
+    want, _ = read_audio(wav, 8000, 30)
+    lst = b"LIST" + struct.pack("<I", 26) + b"INFO" + b"ISFT" + struct.pack("<I", 14) + b"Lavf58.76.100\0"
+    id3 = b"id3 " + struct.pack("<I", 10) + b"ID3\x03\x00" + bytes(5)
+    tags = [lst, id3, lst + id3, b"ID3\x04\x00\x00\x00\x00\x00\x05abcde", b"TAG" + b"x" * 125, bytes(300)]
+    for after in tags:
+        assert np.array_equal(read_audio(_set(wav, 4, len(wav) - 8 + len(after)) + after, 8000, 30)[0], want)
+    for fmt in ("AIFF", "AU"):
+        data = encoded(x, 8000, fmt, "PCM_16")
+        after = b"ANNO" + struct.pack(">I", 4) + b"abcd" if fmt == "AIFF" else b"TAG" + bytes(125)
+        assert np.array_equal(read_audio(data + after, 8000, 30)[0], read_audio(data, 8000, 30)[0])
+    with pytest.raises(TrailingData) as e:
+        read_audio(_set(wav, 40, 2000), 8000, 30)  # (a data size of 1,000 frames)
+    assert (e.value.extra, e.value.declared, e.value.joined) == (14000, 1000, False)
+    assert str(e.value).startswith("the audio file holds 14000 bytes after the 1000 frames its header")
+    for fmt in ("WAV", "RF64", "AU", "AIFF"):
+        data = encoded(x, 8000, fmt, "PCM_16")
+        with pytest.raises(TrailingData, match="files joined end to end") as e:
+            read_audio(data + data, 8000, 30)
+        assert (e.value.extra, e.value.joined) == (len(data), True), fmt
