@@ -604,19 +604,10 @@ def _flac_header(data: bytes, p: int) -> tuple[int, int, int] | None:
     return data[p + 1] & 1, number, size
 
 
-def _flac_with_length(data: bytes) -> bytes:
-    """A FLAC whose STREAMINFO gives 0 samples ("unknown", what libFLAC leaves when it writes to a pipe),
-    with its total filled in: the last frame's first sample + its block size, the last frame being the
-    frame header nearest the end whose CRC-16 covers the data up to the file's last two bytes (its
-    footer). libsndfile reads such a file only as far as its first blocks ("Internal psf_fseek()
-    failed"), so it was refused. `data` unchanged for any other file, or where no last frame is found."""
-    if (
-        data[:4] != b"fLaC"
-        or len(data) < 42
-        or data[4] & 0x7F != 0
-        or int.from_bytes(data[18:26], "big") & (2**36 - 1)
-    ):
-        return data
+def _flac_last_frame(data: bytes) -> int | None:
+    """The sample number after a FLAC's last frame (its first sample + its block size), the last frame
+    being the frame header nearest the end whose CRC-16 covers the data up to the file's last two bytes
+    (its footer); None where none is found (bytes after the last frame, or a frame cut short)."""
     info = int.from_bytes(data[18:26], "big")
     block = int.from_bytes(data[10:12], "big")  # STREAMINFO's max block size: a fixed-size stream's
     channels, bits = ((info >> 41) & 7) + 1, ((info >> 36) & 31) + 1
@@ -624,19 +615,61 @@ def _flac_with_length(data: bytes) -> bytes:
     # the headers; the search for the last frame's header goes no further back, and checks at most 8
     # candidates' CRC-16, so a crafted file cannot make it slow
     largest = 32 + channels * ((bits + 1) * max(block, 1) + 64) // 8
-    footer, start, left = int.from_bytes(data[-2:], "big"), len(data) - 2, 8
-    while left and (p := data.rfind(b"\xff", max(42, len(data) - largest), start)) >= 0:
-        start = p
+    footer, left = int.from_bytes(data[-2:], "big"), 8
+    syncs = [m.start() for m in _FLAC_SYNC.finditer(data, max(42, len(data) - largest), len(data) - 2)]
+    for p in reversed(syncs):
         if (head := _flac_header(data, p)) is None:
             continue
-        left -= 1
         if _crc(data[p:-2], _CRC16, 16) == footer:
             variable, number, size = head
-            total = (number if variable else number * block) + size
-            if total >= 2**36:
-                return data
-            return data[:18] + (info | total).to_bytes(8, "big") + data[26:]
-    return data
+            return (number if variable else number * block) + size
+        if (left := left - 1) == 0:
+            break
+    return None
+
+
+_FLAC_SYNC = re.compile(rb"\xff[\xf8\xf9]")  # a frame header's sync code and blocking strategy bit
+_FLAC_STREAM = re.compile(rb"fLaC[\x00\x80]\x00\x00\x22")  # a stream's start: its STREAMINFO block
+
+
+def _flac_with_length(data: bytes) -> bytes:
+    """A FLAC whose STREAMINFO gives 0 samples ("unknown", what libFLAC leaves when it writes to a pipe),
+    with its total filled in: the sample after its last frame (`_flac_last_frame`). libsndfile reads such
+    a file only as far as its first blocks ("Internal psf_fseek() failed"), so it was refused. `data`
+    unchanged for any other file, or where no last frame is found."""
+    if (
+        data[:4] != b"fLaC"
+        or len(data) < 42
+        or data[4] & 0x7F != 0
+        or int.from_bytes(data[18:26], "big") & (2**36 - 1)
+    ):
+        return data
+    total = _flac_last_frame(data)
+    if total is None or total >= 2**36:
+        return data
+    return data[:18] + (int.from_bytes(data[18:26], "big") | total).to_bytes(8, "big") + data[26:]
+
+
+def _check_flac(data: bytes, frames: int) -> None:
+    """Raises TrailingData for a FLAC that another FLAC stream follows (files joined end to end: libsndfile
+    read the first, silently), AudioTruncated where its frames end before the `frames` its STREAMINFO
+    declares, and ValueError where they hold more (libsndfile read only the declared samples, silently)
+    or the file does not end with a whole frame (an ID3v1 tag after it aside)."""
+    if (joined := _FLAC_STREAM.search(data, 4)) is not None:
+        raise TrailingData(len(data) - joined.start(), frames, True)
+    end = _flac_last_frame(data[:-128] if data[-128:-125] == b"TAG" else data)
+    if end is None:
+        raise ValueError(
+            "a FLAC that does not end with a whole frame (a truncated file, or bytes after its last frame): "
+            "send the whole file"
+        )
+    if end < frames:
+        raise AudioTruncated(end, frames)
+    if end > frames:
+        raise ValueError(
+            f"a FLAC whose frames hold {end} samples but whose STREAMINFO declares {frames} (a length field "
+            "that is too small): libsndfile would read only those; re-encode it"
+        )
 
 
 def _ogg_streams(data: bytes) -> int:
@@ -751,7 +784,10 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     A chained OGG (more than one logical stream) raises ValueError: libsndfile reads only the first; so
     does an MP3 of more frames than its length header counts (files joined end to end).
     A FLAC whose STREAMINFO gives no length (0: libFLAC writing to a pipe) gets the one its last frame
-    gives (`_flac_with_length`), then is read and limited as any file.
+    gives (`_flac_with_length`), then is read and limited as any file. Any other FLAC's last frame must
+    end at the count its STREAMINFO declares (`_check_flac`; libsndfile reads that many samples and stops):
+    FLAC files joined end to end raise TrailingData, frames beyond the declared count or bytes after the
+    last frame (an ID3v1 tag aside) ValueError, frames that end before it AudioTruncated.
 
     Raises ValueError (not an audio file, a header field out of range: the message names it, or a
     `target_rate` that is not an integer in the same range),
@@ -813,6 +849,8 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
             out_rate = target_rate or rate
             if frames * out_rate > math.floor(max_seconds * out_rate) * rate:
                 raise AudioTooLong(frames, rate, max_seconds, out_rate)
+        if f.format == "FLAC":  # (after the limit: a header's claim of 2^35 samples is over it)
+            _check_flac(data, frames)
         # Resampled block by block as decoded, so the only whole buffer is the output, at the target rate:
         # the buffers at the file's own rate (up to 384 kHz: 48x an 8 kHz model's prompt) had been the peak:
         # 20 s of 384 kHz silence, a 26 KB FLAC, took 59 MB (1.5 MB now); at S4_MAX_AUDIO_S=3600 a 4.7 MB

@@ -613,3 +613,32 @@ def test_a_wav_is_read_to_its_declared_data_with_metadata_after_it_but_not_audio
         with pytest.raises(TrailingData, match="files joined end to end") as e:
             read_audio(data + data, 8000, 30)
         assert (e.value.extra, e.value.joined) == (len(data), True), fmt
+
+
+def test_flac_files_joined_or_whose_streaminfo_length_lies_are_refused_not_cut_short():
+    """libsndfile reads as many samples as a FLAC's STREAMINFO declares and stops: `cat a.flac b.flac` was
+    read as a.flac, and a STREAMINFO of 1,000 samples over 8,000 as 1,000, silently (an audit). Now the
+    file's last frame (the one whose CRC-16 ends the file) must end at the declared count: joined files
+    are TrailingData, more samples a ValueError, fewer AudioTruncated, bytes after the last frame a
+    ValueError. An ID3v1 tag after the last frame is metadata: read whole."""
+
+    def declaring(data: bytes, samples: int) -> bytes:
+        info = int.from_bytes(data[18:26], "big")  # after "fLaC" and the block header: bits 28-63 = samples
+        return data[:18] + ((info & ~(2**36 - 1)) | samples).to_bytes(8, "big") + data[26:]
+
+    first = encoded(tone(440, 8000, 1.0), 8000, "FLAC", "PCM_16")
+    second = encoded(tone(660, 8000, 0.5), 8000, "FLAC", "PCM_16")
+    want, _ = read_audio(first, 8000, 30)
+    assert len(want) == 8000 and len(read_audio(second, 8000, 30)[0]) == 4000
+    for chain, after, declared in [(first + second, second, 8000), (second + first, first, 4000)]:
+        with pytest.raises(TrailingData, match="files joined end to end") as e:
+            read_audio(chain, 8000, 30)
+        assert (e.value.extra, e.value.declared, e.value.joined) == (len(after), declared, True)
+    with pytest.raises(ValueError, match="^a FLAC whose frames hold 8000 samples but whose STREAMINFO"):
+        read_audio(declaring(first, 1000), 8000, 30)
+    with pytest.raises(AudioTruncated) as e:
+        read_audio(declaring(first, 9000), 8000, 30)
+    assert (e.value.frames, e.value.declared) == (8000, 9000)
+    with pytest.raises(ValueError, match="^a FLAC that does not end with a whole frame"):
+        read_audio(first + b"junk" * 10, 8000, 30)
+    assert np.array_equal(read_audio(first + b"TAG" + b"x" * 125, 8000, 30)[0], want)
