@@ -707,13 +707,14 @@ def _mp3_header_frames(frame: bytes) -> int | None:
     return None
 
 
-def _mp3_samples(data: bytes) -> tuple[int, int, int | None] | None:
+def _mp3_samples(data: bytes) -> tuple[int, int, int | None, int | None] | None:
     """(MPEG frames, samples they hold, the frames its first frame's length header (Xing, Info or VBRI)
-    gives or None without one: that frame then not counted) of an MP3, counted by walking its frame
-    headers from the first (after an ID3v2 tag) to the end of the data (or an ID3v1, APE or Lyrics tag
-    there); None when the walk cannot account for the whole file (a free-format bitrate, a header that
-    changes version or rate, bytes that are no frame): then nothing is known beyond what libsndfile
-    says."""
+    gives or None without one: that frame then not counted, the offset of the first bytes after a frame
+    that are no frame header, or None) of an MP3, counted by walking its frame headers from the first
+    (after an ID3v2 tag) to the end of the data (or an ID3v1, APE or Lyrics tag, or zeros, there); the
+    counts then end at that offset (a header that changes version, layer or rate is no frame of this
+    stream). None when the walk finds no frame (a free-format bitrate): then nothing is known beyond what
+    libsndfile says."""
     p = 0
     if data[:3] == b"ID3" and len(data) >= 10:  # ID3v2: a syncsafe size, 10 more with a footer
         p = (
@@ -731,7 +732,7 @@ def _mp3_samples(data: bytes) -> tuple[int, int, int | None] | None:
         if first is None:
             first = h & 0xFFFE0C00  # (sync, version, layer, sample rate: the same in every frame)
         elif h & 0xFFFE0C00 != first:
-            return None
+            break
         mpeg1, rate = version == 3, _MP3_RATES[version][(h >> 10) & 3]
         kbps, pad = _MP3_KBPS[(mpeg1, min(layer, 2) if not mpeg1 else layer)][index - 1], (h >> 9) & 1
         if layer == 1:
@@ -743,9 +744,10 @@ def _mp3_samples(data: bytes) -> tuple[int, int, int | None] | None:
             p += size  # (the header's frame holds no audio)
             continue
         frames, samples, p = frames + 1, samples + n, p + size
-    if frames == 0 or (p < len(data) and not data[p:].startswith(_MP3_TRAILERS)):
+    if first is None:
         return None
-    return frames, samples, header
+    junk = p + 4 <= len(data) and not data[p:].startswith(_MP3_TRAILERS) and data[p:].strip(b"\0")
+    return frames, samples, header, p if junk else None
 
 
 def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float | None = None):
@@ -782,7 +784,11 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     whose MPEG frames hold more or fewer samples than libsndfile estimates from its first frame's
     bitrate (a VBR one: libsndfile reads only its estimate, 23-51 % of such a file) raises ValueError.
     A chained OGG (more than one logical stream) raises ValueError: libsndfile reads only the first; so
-    does an MP3 of more frames than its length header counts (files joined end to end).
+    does an MP3 of more frames than its length header counts (files joined end to end), and one with bytes
+    after a frame that are no frame (a damaged file: mpg123 skipped them, printing three lines to stderr
+    for each gap; an ID3v1, APE or Lyrics tag or zeros after the last frame are read past). (Damage inside
+    a frame's data still makes mpg123 print to stderr as it decodes, two lines a frame: 316 KB for 30 s of
+    layer III frames, 677 KB of layer I; libsndfile gives no way to quiet it.)
     A FLAC whose STREAMINFO gives no length (0: libFLAC writing to a pipe) gets the one its last frame
     gives (`_flac_with_length`), then is read and limited as any file. Any other FLAC's last frame must
     end at the count its STREAMINFO declares (`_check_flac`; libsndfile reads that many samples and stops):
@@ -826,6 +832,14 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
                 f"libsndfile reads only the first ({frames} frames); send one stream (re-encode the whole)"
             )
         walked = _mp3_samples(data) if f.format == "MP3" else None
+        if walked is not None and walked[3] is not None:
+            # mpg123 skips them, resyncing, and prints three lines on the server's stderr for each place it
+            # does ("Note: Illegal Audio-MPEG-Header ... Trying to resync... Skipped 1 bytes"): 168 KB of
+            # them for a 121 KB file of 1-byte gaps, read as the rest, silently (an audit)
+            raise ValueError(
+                f"an MP3 with bytes that are no MPEG frame at offset {walked[3]}, after {walked[0]} frames "
+                "(a damaged file, or other data joined to it): send an undamaged file"
+            )
         if walked is not None and walked[2] is None and abs(walked[1] - frames) > 2304:
             # libsndfile's frame count for an MP3 without a length header is an estimate from its first
             # frame's bitrate, and it reads no further: a VBR file was cut to 23-51 % of its length,
