@@ -764,7 +764,8 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     header cannot make it allocate more than that and one block.
 
     Samples beyond ±1 (a float file's, or a resampler's overshoot at a full-scale edge: a square wave's
-    went to 1.2) are clipped; a NaN or infinite one is refused.
+    went to 1.2) are clipped, a DOUBLE file's beyond float32's range too (decoded in float64); a NaN or
+    infinite one is refused.
 
     A WAV, RF64, AIFF or AU whose header declares more sample data than the bytes hold is refused
     (AudioTruncated; libsndfile read the part that is there, silently), except a declared size of 0 or
@@ -875,11 +876,12 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
         )
         x = np.empty(0 if resample else frames, dtype=np.float32)
         out: list[np.ndarray] = []  # (resampled blocks)
-        buf = np.empty((min(READ_BLOCK_FRAMES, max(frames, 1)), channels), dtype=np.float32)
+        # (float64: a DOUBLE file's finite 1e39 was inf in float32, refused as "not a finite number")
+        buf = np.empty((min(READ_BLOCK_FRAMES, max(frames, 1)), channels), dtype=np.float64)
         n, bad = 0, None
         try:
             while n < frames:
-                got = f.read(dtype="float32", always_2d=True, out=buf[: min(len(buf), frames - n)])
+                got = f.read(dtype="float64", always_2d=True, out=buf[: min(len(buf), frames - n)])
                 if len(got) == 0:  # the data ends before libsndfile said (a truncated compressed file)
                     bad = AudioTruncated(n, frames)
                     break
@@ -887,8 +889,10 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
                     frame, channel = (int(i) for i in np.argwhere(~np.isfinite(got))[0])
                     bad = NonFiniteAudio(got[frame, channel], n + frame, channel)
                     break
-                mono = got.mean(axis=1, dtype=np.float64).astype(np.float32)  # (float32 sums could overflow)
-                np.clip(mono, -1.0, 1.0, out=mono)  # float files may hold |x| > 1
+                # averaged as the sum of x / channels, which cannot overflow (a DOUBLE file's channels
+                # 1.7e308, 1.7e308, -1.7e308, -1.7e308 summed to inf - inf = NaN); clipped: float files may
+                # hold |x| > 1
+                mono = np.clip((got / channels).sum(axis=1), -1.0, 1.0).astype(np.float32)
                 if stream is not None:
                     out.append(stream.resample_chunk(mono))
                 else:

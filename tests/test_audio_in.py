@@ -663,3 +663,21 @@ def test_an_mp3_with_bytes_between_its_frames_is_refused_before_the_decoder_prin
     assert capfd.readouterr().err == ""
     for after in (b"TAG" + b"x" * 125, bytes(64)):
         assert np.array_equal(read_audio(mp3 + after, 8000, 30)[0], want)
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "AIFF", "AU", "W64", "CAF", "MAT4"])
+def test_finite_double_samples_beyond_the_float32_range_are_clipped_not_called_infinite(fmt):
+    """A DOUBLE file's finite samples beyond float32's range (1e39, -1e300) were decoded to float32 as ±inf
+    and refused, "not a finite number: inf" (an audit), though finite samples beyond ±1 are clipped.
+    Now they are decoded in float64 and clipped to ±1; channels of ±1.7e308 average to their true mean
+    (0, where a sum would give inf - inf = NaN), and a true NaN or inf is still refused."""
+    x = np.array([0.0, 0.5, 1e39, -1e300, 0.25])
+    y, _ = read_audio(encoded(x, 8000, fmt, "DOUBLE"), 8000, 30)
+    assert y.tolist() == [0.0, 0.5, 1.0, -1.0, 0.25]
+    big = np.array(
+        [[1.7e308, 1.7e308, -1.7e308, -1.7e308], [0.5, 0.5, 0.5, 0.5], [1.7e308, 1.7e308, 1e308, 1e308]]
+    )
+    y, _ = read_audio(encoded(big, 8000, fmt, "DOUBLE"), 8000, 30)  # (encoded: a 2-D array is the frames)
+    assert y.tolist() == [0.0, 0.5, 1.0]
+    with pytest.raises(NonFiniteAudio, match="inf at frame 1, channel 0"):
+        read_audio(encoded(np.array([0.0, np.inf]), 8000, fmt, "DOUBLE"), 8000, 30)
