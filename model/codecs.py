@@ -534,6 +534,33 @@ def _check_after_chunk(data: bytes, chunk: _DataChunk | None) -> None:
         raise TrailingData(extra[0], chunk.frames, extra[1])
 
 
+def _check_sds(data: bytes) -> None:
+    """For a MIDI Sample Dump (SDS: libsndfile's test, F0 7E .. 01), before libsndfile opens it: raises
+    AudioTruncated where it holds fewer 127-byte data packets than its header's frame count needs,
+    ValueError where one of those is damaged (F0 7E ... checksum F7: libsndfile decoded it anyway, and
+    printed "Error A : 00" and "Error 1 : 00" on the server's stdout for each), and TrailingData where
+    bytes that are no padding follow them (another dump joined on: libsndfile read the first)."""
+    if len(data) < 21 or data[:2] != b"\xf0\x7e" or data[3] != 1 or data[6] < 2:
+        return  # (not an SDS, or a bit width libsndfile refuses)
+    frames = (data[10] & 0x7F) | (data[11] & 0x7F) << 7 | (data[12] & 0x7F) << 14
+    per = 60 if data[6] < 14 else 40 if data[6] < 21 else 30  # samples a packet holds (libsndfile's)
+    packets = -(-frames // per)
+    end = 21 + 127 * packets
+    if len(data) < end:
+        raise AudioTruncated(min(frames, (len(data) - 21) // 127 * per), frames)
+    p = np.frombuffer(data, dtype=np.uint8, count=end - 21, offset=21).reshape(packets, 127)
+    bad = (p[:, 0] != 0xF0) | (p[:, 1] != 0x7E) | (p[:, 126] != 0xF7)
+    bad |= np.bitwise_xor.reduce(p[:, 1:125], axis=1) & 0x7F != p[:, 125]
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise ValueError(
+            f"an SDS whose data packet {k} (of {packets}, at byte {21 + 127 * k}) is damaged: its F0 7E ... "
+            "F7 frame or checksum is wrong; send an undamaged file"
+        )
+    if (extra := _trailing(data, end, None)) is not None:
+        raise TrailingData(extra[0], frames, extra[1])
+
+
 def _check_extent(data: bytes, fmt: str, frames: int) -> int:
     """The frames to read of the `frames` libsndfile counts: those the header declares (`_extent`), where
     libsndfile counts to the end of the file (W64 ... VOC: the rest is padding or metadata). Raises
@@ -779,7 +806,9 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     the data are not read as samples. (IRCAM, PVF and PAF headers give no length: read to the end.) The
     same holds after a WAV's, RF64's, AIFF's or AU's data (a data size smaller than the audio after it was
     read as that much; two WAVs joined end to end were "No 'RIFF' chunk marker"): its chunks (LIST, id3,
-    ...), ID3v2 and ID3v1 tags and zero padding may follow; other bytes raise TrailingData.
+    ...), ID3v2 and ID3v1 tags and zero padding may follow; other bytes raise TrailingData. A MIDI Sample
+    Dump (SDS) is checked before libsndfile opens it (`_check_sds`): a damaged data packet raises
+    ValueError (libsndfile decoded it and printed a line on stdout), too few AudioTruncated.
     A file of no frames gives no samples; one whose frames resample to none (1
     frame at 44.1 kHz to 8 kHz) raises NoSamples. An MP3 without a length header (Xing, Info, VBRI)
     whose MPEG frames hold more or fewer samples than libsndfile estimates from its first frame's
@@ -811,6 +840,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     data = _flac_with_length(data)  # (a FLAC of unknown length: the length its last frame gives)
     data, chunk = _streamed(data, _data_chunk(data))  # (the header's chunks walked once)
     _check_after_chunk(data, chunk)
+    _check_sds(data)
     try:
         f = soundfile.SoundFile(_Bytes(data))
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as exc:

@@ -681,3 +681,33 @@ def test_finite_double_samples_beyond_the_float32_range_are_clipped_not_called_i
     assert y.tolist() == [0.0, 0.5, 1.0]
     with pytest.raises(NonFiniteAudio, match="inf at frame 1, channel 0"):
         read_audio(encoded(np.array([0.0, np.inf]), 8000, fmt, "DOUBLE"), 8000, 30)
+
+
+def test_a_damaged_truncated_or_joined_midi_sample_dump_is_refused_and_prints_nothing(capfd):
+    """libsndfile decoded an SDS (MIDI Sample Dump) data packet whose F0 7E ... F7 frame or checksum is
+    wrong anyway, and printed "Error A : 00" or "Error 1 : 00" on the process's stdout for each: a
+    zeroed F0 in 197 packets of a 1 s dump put 197 lines on the server's stdout and was read as 8,000
+    frames (an audit); two dumps joined end to end were read as the first, silently. Now, before
+    libsndfile opens it: a damaged packet is a ValueError naming it, too few packets AudioTruncated,
+    bytes after them TrailingData."""
+    x = tone(440, 8000, 1.0)
+    sds = encoded(x, 8000, "SDS", "PCM_16")  # 16-bit: 40 samples a 127-byte packet, 200 packets
+    y, _ = read_audio(sds, 8000, 30)
+    assert len(y) == 8000 and np.abs(y - x).max() <= 1e-4
+    damaged = bytearray(sds)
+    for k in range(21 + 127 * 3, len(sds), 127):
+        damaged[k] = 0  # (a packet's F0)
+    capfd.readouterr()
+    with pytest.raises(ValueError, match=r"^an SDS whose data packet 3 \(of 200, at byte 402\) is damaged"):
+        read_audio(bytes(damaged), 8000, 30)
+    assert capfd.readouterr() == ("", "")
+    checksum = bytearray(sds)
+    checksum[21 + 127 * 7 + 125] ^= 1
+    with pytest.raises(ValueError, match=r"^an SDS whose data packet 7 "):
+        read_audio(bytes(checksum), 8000, 30)
+    with pytest.raises(AudioTruncated) as e:
+        read_audio(sds[: 21 + 127 * 150], 8000, 30)
+    assert (e.value.frames, e.value.declared) == (150 * 40, 8000)
+    with pytest.raises(TrailingData, match="files joined end to end") as e:
+        read_audio(sds + sds, 8000, 30)
+    assert (e.value.extra, e.value.declared) == (len(sds), 8000)
