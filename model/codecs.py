@@ -405,9 +405,9 @@ class TrailingData(ValueError):
 
 class _Extent(NamedTuple):
     """The sample data a header declares (`_extent`), for the containers whose length libsndfile does not
-    check against the file's: it reads W64, NIST, AVR, SVX, MPC2K, WVE and VOC to the end of the file
-    whatever the header says (a truncated file read short; another file or metadata after the data read as
-    samples), and a MAT4 short, silently."""
+    check against the file's: it reads W64, NIST, AVR, SVX, MAT5, MPC2K, WVE and VOC to the end of the
+    file whatever the header says (a truncated file read short; another file or metadata after the data
+    read as samples), and a MAT4 short, silently; a CAF's it checks, but drops what follows."""
 
     offset: int  # where the sample data starts
     size: int  # the bytes the header declares
@@ -425,10 +425,10 @@ def _int(data: bytes, at: int, n: int, order: str = "big") -> int:
 
 
 def _extent(data: bytes, fmt: str) -> _Extent | None:
-    """The sample data a W64, NIST SPHERE, AVR, SVX (8SVX, 16SV), MAT4, MPC2K, WVE or VOC header (`fmt`:
-    libsndfile's name of the file's format) declares; None for another format, a header this does not
-    parse, or a declared size of 0 (unknown: to the end of the file, as for WAV). IRCAM, PVF and PAF
-    headers give no length: their data is the rest of the file, whatever it holds."""
+    """The sample data a W64, NIST SPHERE, AVR, SVX (8SVX, 16SV), MAT4, MAT5, MPC2K, WVE, VOC or CAF header
+    (`fmt`: libsndfile's name of the file's format) declares; None for another format, a header this does
+    not parse, or a declared size of 0 (unknown: to the end of the file, as for WAV; a CAF's -1). IRCAM,
+    PVF and PAF headers give no length: their data is the rest of the file, whatever it holds."""
     ext, n = None, len(data)
     if fmt == "W64" and data[:16] == _W64_RIFF:
         pos, align = 40, None
@@ -484,10 +484,43 @@ def _extent(data: bytes, fmt: str) -> _Extent | None:
         elif kind == b"\x09" and size >= 12 and pos + 10 <= n:  # (rate, bits, channels, codec)
             block = data[pos + 8] // 8 * data[pos + 9]
             ext = _Extent(pos + 16, size - 12, block, end, None) if block else None
+    elif fmt == "CAF" and data[:4] == b"caff":  # chunks of 12-byte headers (a 64-bit size); data: edits first
+        pos, block = 8, 0
+        while pos + 12 <= n and _CHUNK_ID.fullmatch(cid := data[pos : pos + 4]):
+            size = _int(data, pos + 4, 8)
+            if cid == b"desc" and size >= 32:  # (rate, format, flags, bytes and frames per packet, ...)
+                per_packet, frames_per = _int(data, pos + 28, 4), _int(data, pos + 32, 4)
+                block = per_packet if frames_per == 1 else 0
+            if cid == b"data":
+                if 4 <= size < 2**63:  # (-1: to the end of the file)
+                    ext = _Extent(pos + 16, size - 4, block, pos + 12 + size, "caf")
+                break
+            pos += 12 + size
+    elif fmt == "MAT5" and n >= 136:  # a sample rate matrix, then the samples' (flags, dims, name, data)
+        order = "little" if data[126:128] == b"IM" else "big"
+        pos = 128 + 8 + _int(data, 132, 4, order)  # (the rate's)
+        rows, q = _int(data, pos + 32, 4, order), pos + 40  # (after the tag, the flags and the dimensions)
+        name = _int(data, q, 4, order)
+        q += 8 if name >> 16 else 8 + _int(data, q + 4, 4, order) + (-_int(data, q + 4, 4, order) % 8)
+        width = {9: 8, 7: 4, 5: 4, 3: 2, 2: 1}.get(_int(data, q, 4, order))
+        if width is not None and rows and _int(data, pos, 4, order) == 14:
+            size = _int(data, q + 4, 4, order)
+            ext = _Extent(q + 8, size, rows * width, q + 8 + size, None)
     return ext if ext is not None and ext.size > 0 else None
 
 
-_JOINED = (b"RIFF", b"RIFX", b"RF64", b"FORM", b"fLaC", b"OggS", b".snd", b"NIST", b"riff")  # file starts
+_JOINED = (
+    b"RIFF",
+    b"RIFX",
+    b"RF64",
+    b"FORM",
+    b"fLaC",
+    b"OggS",
+    b".snd",
+    b"NIST",
+    b"riff",
+    b"caff",
+)  # file starts
 
 
 def _trailing(data: bytes, pos: int, chunks: str | None) -> tuple[int, bool] | None:
@@ -497,6 +530,7 @@ def _trailing(data: bytes, pos: int, chunks: str | None) -> tuple[int, bool] | N
     to the end (padding); None where all of it is. A chunk that is another file's header (RIFF, FORM, a
     W64 riff) is another file."""
     n, align = len(data), {"w64": 8, "riff": 2, "iff": 2}.get(chunks, 1)
+    head_size = 12 if chunks == "caf" else 8
     while pos < n:
         if not data[pos : pos + (-pos % align)].strip(b"\0"):  # (zeros to the next chunk's alignment)
             pos += -pos % align
@@ -506,10 +540,10 @@ def _trailing(data: bytes, pos: int, chunks: str | None) -> tuple[int, bool] | N
             if 24 <= size <= n - pos:
                 pos += size + (-size % 8)
                 continue
-        if chunks in ("riff", "iff") and len(head) >= 8 and _CHUNK_ID.fullmatch(head[:4]):
-            size = _int(head, 4, 4, "little" if chunks == "riff" else "big")
-            if 8 + size <= n - pos and head[:4] not in _JOINED:
-                pos += 8 + size + (size & 1)
+        if chunks in ("riff", "iff", "caf") and len(head) >= head_size and _CHUNK_ID.fullmatch(head[:4]):
+            size = _int(head, 4, head_size - 4, "little" if chunks == "riff" else "big")
+            if head_size + size <= n - pos and head[:4] not in _JOINED:
+                pos += head_size + size + (size & 1 if chunks != "caf" else 0)
                 continue
         if head[:3] == b"ID3" and len(head) >= 10:  # ID3v2: a syncsafe size, 10 more with a footer
             pos += 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(head[6:10]))
@@ -517,7 +551,8 @@ def _trailing(data: bytes, pos: int, chunks: str | None) -> tuple[int, bool] | N
             continue
         if head[:3] == b"TAG" and n - pos == 128 or not data[pos:].strip(b"\0"):  # ID3v1; zeros
             return None
-        return n - pos, head[:4] in _JOINED or head[:4] == data[:4]
+        starts = (head[:4], data[pos : pos + 16].lstrip(b"\0")[:4])  # (at once, or after a few zeros)
+        return n - pos, any(s in _JOINED or s == data[:4] for s in starts)
     return None
 
 
@@ -798,21 +833,22 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     (AudioTruncated; libsndfile read the part that is there, silently), except a declared size of 0 or
     from 0x7F000000 up, what a writer that cannot seek back leaves (`sox -t wav -`: 0x7FFFF000; ffmpeg to
     a pipe: 0xFFFFFFFF): the data then runs to the end of the file (a WAV data size of 0 followed by audio
-    was read as no frames). So is a W64, NIST SPHERE, AVR, SVX, MAT4, MPC2K, WVE or VOC whose header declares
-    more than the file holds (libsndfile reads their data to the end of the file, or a MAT4's as far as it
-    goes, whatever the header says), and bytes after such a header's declared data that are neither the
-    container's chunks nor zero padding (another file joined on, or audio past a length field that is too
-    small, which libsndfile read as samples) raise TrailingData (a ValueError); padding and chunks after
-    the data are not read as samples. (IRCAM, PVF and PAF headers give no length: read to the end.) The
-    same holds after a WAV's, RF64's, AIFF's or AU's data (a data size smaller than the audio after it was
-    read as that much; two WAVs joined end to end were "No 'RIFF' chunk marker"): its chunks (LIST, id3,
-    ...), ID3v2 and ID3v1 tags and zero padding may follow; other bytes raise TrailingData. A MIDI Sample
-    Dump (SDS) is checked before libsndfile opens it (`_check_sds`): a damaged data packet raises
-    ValueError (libsndfile decoded it and printed a line on stdout), too few AudioTruncated.
-    A file of no frames gives no samples; one whose frames resample to none (1
-    frame at 44.1 kHz to 8 kHz) raises NoSamples. An MP3 without a length header (Xing, Info, VBRI)
-    whose MPEG frames hold more or fewer samples than libsndfile estimates from its first frame's
-    bitrate (a VBR one: libsndfile reads only its estimate, 23-51 % of such a file) raises ValueError.
+    was read as no frames). So is a W64, NIST SPHERE, AVR, SVX, MAT4, MAT5, MPC2K, WVE or VOC whose header
+    declares more than the file holds (libsndfile reads their data to the end of the file, or a MAT4's as
+    far as it goes, whatever the header says), and bytes after such a header's declared data that are
+    neither the container's chunks nor zero padding (another file joined on, or audio past a length field
+    that is too small, which libsndfile read as samples) raise TrailingData (a ValueError); padding and
+    chunks after the data are not read as samples. (IRCAM, PVF and PAF headers give no length: read to
+    the end.) The same holds after a CAF's data (libsndfile read the declared data and dropped the rest)
+    and a WAV's, RF64's, AIFF's or AU's (a data size smaller than the audio after it was read as that
+    much; two WAVs joined end to end were "No 'RIFF' chunk marker"): its chunks (LIST, id3, ...), ID3v2
+    and ID3v1 tags and zero padding may follow; other bytes raise TrailingData. A MIDI Sample Dump (SDS)
+    is checked before libsndfile opens it (`_check_sds`): a damaged data packet raises ValueError
+    (libsndfile decoded it and printed a line on stdout), too few AudioTruncated. A file of no frames
+    gives no samples; one whose frames resample to none (1 frame at 44.1 kHz to 8 kHz) raises NoSamples.
+    An MP3 without a length header (Xing, Info, VBRI) whose MPEG frames hold more or fewer samples than
+    libsndfile estimates from its first frame's bitrate (a VBR one: libsndfile reads only its estimate,
+    23-51 % of such a file) raises ValueError.
     A chained OGG (more than one logical stream) raises ValueError: libsndfile reads only the first; so
     does an MP3 of more frames than its length header counts (files joined end to end), and one with bytes
     after a frame that are no frame (a damaged file: mpg123 skipped them, printing three lines to stderr

@@ -543,6 +543,7 @@ LENGTH_FIELDS = [
     ("SVX", "PCM_16", 2, 0),
     ("MAT4", "PCM_16", 2, 0),
     ("MAT4", "DOUBLE", 8, 0),
+    ("MAT5", "PCM_16", 2, 0),
     ("MPC2K", "PCM_16", 2, 0),
     ("WVE", "ALAW", 1, 0),
     ("VOC", "PCM_16", 2, 1),
@@ -577,6 +578,23 @@ def test_containers_whose_length_libsndfile_ignores_are_held_to_their_headers(fm
         read_audio(whole + noise, 8000, 30)
     assert (e.value.extra, e.value.joined) == (3000, False)
     assert np.array_equal(read_audio(whole + bytes(64), 8000, 30)[0], want)  # zero padding: no samples
+
+
+def test_a_caf_is_read_to_its_declared_data_with_chunks_after_it_but_not_another_file():
+    """libsndfile reads the data a CAF's data chunk declares and drops what follows: two CAFs joined end to
+    end were read as the first, silently (an audit; ALAC's too). TrailingData now; a chunk after the data
+    (CAF allows them where the data size is known) is metadata, and zeros padding: read whole."""
+    x = tone(440, 8000, 1.0)
+    for subtype in ("PCM_16", "ALAC_16"):
+        caf = encoded(x, 8000, "CAF", subtype)
+        want, _ = read_audio(caf, 8000, 30)
+        assert len(want) == 8000 and np.abs(want - x).max() <= 1e-4
+        with pytest.raises(TrailingData, match="files joined end to end") as e:
+            read_audio(caf + caf, 8000, 30)
+        assert (e.value.extra, e.value.joined) == (len(caf), True)
+        info = b"info" + struct.pack(">q", 12) + struct.pack(">I", 1) + b"title\0abcd\0"[:8]
+        for after in (info, bytes(16)):
+            assert np.array_equal(read_audio(caf + after, 8000, 30)[0], want)
 
 
 def test_a_w64_chunk_after_its_data_is_metadata_not_samples():
