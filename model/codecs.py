@@ -877,6 +877,15 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     data, chunk = _streamed(data, _data_chunk(data))  # (the header's chunks walked once)
     _check_after_chunk(data, chunk)
     _check_sds(data)
+    mp3 = _mp3_samples(data) if data[:3] == b"ID3" or data[:2] >= b"\xff\xe0" else None  # (frame sync)
+    if mp3 is not None and mp3[3] is not None:  # (before libsndfile's open, which decodes the first frames)
+        # mpg123 skips them, resyncing, and prints three lines on the server's stderr for each place it does
+        # ("Note: Illegal Audio-MPEG-Header ... Trying to resync... Skipped 1 bytes"): 168 KB of them for
+        # a 121 KB file of 1-byte gaps, read as the rest, silently (an audit)
+        raise ValueError(
+            f"an MP3 with bytes that are no MPEG frame at offset {mp3[3]}, after {mp3[0]} frames (a damaged "
+            "file, or other data joined to it): send an undamaged file"
+        )
     try:
         f = soundfile.SoundFile(_Bytes(data))
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
@@ -898,15 +907,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
                 f"a chained OGG of {streams} logical streams (files joined end to end, or several at once): "
                 f"libsndfile reads only the first ({frames} frames); send one stream (re-encode the whole)"
             )
-        walked = _mp3_samples(data) if f.format == "MP3" else None
-        if walked is not None and walked[3] is not None:
-            # mpg123 skips them, resyncing, and prints three lines on the server's stderr for each place it
-            # does ("Note: Illegal Audio-MPEG-Header ... Trying to resync... Skipped 1 bytes"): 168 KB of
-            # them for a 121 KB file of 1-byte gaps, read as the rest, silently (an audit)
-            raise ValueError(
-                f"an MP3 with bytes that are no MPEG frame at offset {walked[3]}, after {walked[0]} frames "
-                "(a damaged file, or other data joined to it): send an undamaged file"
-            )
+        walked = (mp3 or _mp3_samples(data)) if f.format == "MP3" else None
         if walked is not None and walked[2] is None and abs(walked[1] - frames) > 2304:
             # libsndfile's frame count for an MP3 without a length header is an estimate from its first
             # frame's bitrate, and it reads no further: a VBR file was cut to 23-51 % of its length,
