@@ -712,14 +712,31 @@ def _flac_with_length(data: bytes) -> bytes:
     return data[:18] + (int.from_bytes(data[18:26], "big") | total).to_bytes(8, "big") + data[26:]
 
 
+def _without_end_tags(data: bytes) -> bytes:
+    """`data` less the tags taggers append to a file (an ID3v1 tag, an APEv2 tag with its footer, an
+    appended ID3v2 tag with its footer: "3DI"), at most one of each. (Not zeros: a FLAC frame's CRC-16 may
+    end in one.)"""
+    if data[-128:-125] == b"TAG":
+        data = data[:-128]
+    if data[-32:-24] == b"APETAGEX":  # (the footer: size with the footer, a flag for a 32-byte header)
+        data = data[: -_int(data, len(data) - 20, 4, "little") - 32 * (data[-9] >> 7)]
+    if data[-10:-7] == b"3DI":  # (ID3v2's footer: its syncsafe size, then the 10-byte header and footer)
+        data = data[: -20 - sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(data[-4:]))]
+    return data
+
+
 def _check_flac(data: bytes, frames: int) -> None:
     """Raises TrailingData for a FLAC that another FLAC stream follows (files joined end to end: libsndfile
     read the first, silently), AudioTruncated where its frames end before the `frames` its STREAMINFO
     declares, and ValueError where they hold more (libsndfile read only the declared samples, silently)
-    or the file does not end with a whole frame (an ID3v1 tag after it aside)."""
+    or the file does not end with a whole frame (tags appended after it aside: `_without_end_tags`)."""
+    if data[:3] == b"ID3" and len(data) >= 10:  # (an ID3v2 tag before the stream, which libFLAC skips)
+        data = data[10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(data[6:10])) :]
+    if data[:4] != b"fLaC" or len(data) < 42:
+        return  # (a stream libsndfile found elsewhere: nothing known beyond what it says)
     if (joined := _FLAC_STREAM.search(data, 4)) is not None:
         raise TrailingData(len(data) - joined.start(), frames, True)
-    end = _flac_last_frame(data[:-128] if data[-128:-125] == b"TAG" else data)
+    end = _flac_last_frame(_without_end_tags(data))
     if end is None:
         raise ValueError(
             "a FLAC that does not end with a whole frame (a truncated file, or bytes after its last frame): "
@@ -754,7 +771,7 @@ _MP3_KBPS = {  # kbit/s of bitrate indices 1-14 by (MPEG-1, layer); MPEG-2 and 2
 }
 _MP3_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}  # by version
 _MP3_LENGTH_TAGS = (b"Xing", b"Info", b"VBRI")  # a first frame that says how long the stream is
-_MP3_TRAILERS = (b"TAG", b"APETAGEX", b"LYRICS")  # tags that may follow the last frame
+_MP3_TRAILERS = (b"TAG", b"APETAGEX", b"LYRICS", b"ID3")  # tags that may follow the last frame
 
 
 def _mp3_header_frames(frame: bytes) -> int | None:

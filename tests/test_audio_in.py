@@ -662,6 +662,24 @@ def test_flac_files_joined_or_whose_streaminfo_length_lies_are_refused_not_cut_s
     assert np.array_equal(read_audio(first + b"TAG" + b"x" * 125, 8000, 30)[0], want)
 
 
+def test_tags_before_a_flac_stream_and_after_its_last_frame_are_read_past():
+    """Taggers put an ID3v2 tag before a FLAC stream (libFLAC skips it) and ID3v1, APEv2 or footed ID3v2
+    tags after its last frame: such a file is read whole, not refused as joined files or as bytes after the
+    last frame (an ID3v2-prefixed FLAC was, by the check against joined FLACs; an APE tag after it too).
+    An appended ID3v2 tag after an MP3's last frame is likewise a tag, not a gap."""
+    first = encoded(tone(440, 8000, 1.0), 8000, "FLAC", "PCM_16")
+    want, _ = read_audio(first, 8000, 30)
+    id3 = b"ID3\x04\x00\x00\x00\x00\x00\x0a" + b"\x00" * 10  # (a syncsafe size of 10, padding)
+    ape = b"APETAGEX" + struct.pack("<IIII", 2000, 32, 0, 0) + bytes(8)  # (a footer alone: 32 bytes)
+    footed = b"ID3\x04\x00\x10\x00\x00\x00\x05abcde3DI\x04\x00\x10\x00\x00\x00\x05"
+    for data in (id3 + first, first + ape, first + footed, id3 + first + ape + b"TAG" + bytes(125)):
+        assert np.array_equal(read_audio(data, 8000, 30)[0], want)
+    with pytest.raises(TrailingData, match="files joined end to end"):
+        read_audio(id3 + first + first, 8000, 30)
+    mp3 = encoded(tone(440, 8000, 1.0), 8000, "MP3", "MPEG_LAYER_III")
+    assert np.array_equal(read_audio(mp3 + footed, 8000, 30)[0], read_audio(mp3, 8000, 30)[0])
+
+
 def test_an_mp3_with_bytes_between_its_frames_is_refused_before_the_decoder_prints_a_line_for_each(capfd):
     """libsndfile's MP3 decoder (mpg123) skips bytes that are no frame, resyncing, and writes three lines
     straight to the process's stderr for each place ("Note: Illegal Audio-MPEG-Header ... Trying to
