@@ -762,6 +762,24 @@ def _ogg_streams(data: bytes) -> int:
     return streams
 
 
+def _check_ogg_end(data: bytes, frames: int) -> None:
+    """Raises ValueError for an OGG whose pages (walked by their lengths from the first) end in a page cut
+    short, or without the end-of-stream page (a truncated file: libsndfile read a Vorbis one as no frames,
+    which a prompt takes as none, an Opus one as the pages that are there, silently), and TrailingData
+    for bytes after the last page that are not a tag or zeros."""
+    p, n, flags = 0, len(data), 0
+    while p + 27 <= n and data[p : p + 4] == b"OggS" and p + 27 + data[p + 26] <= n:
+        count, flags = data[p + 26], data[p + 5]
+        p += 27 + count + sum(data[p + 27 : p + 27 + count])
+    if p > n or (p < n and b"OggS".startswith(data[p : p + 4])) or (p == n and not flags & 4):
+        raise ValueError(
+            f"an OGG whose last page is cut short or missing (a truncated file: libsndfile would read "
+            f"{frames} frames); send the whole file"
+        )
+    if (extra := _trailing(data, p, None)) is not None:
+        raise TrailingData(extra[0], None, extra[1])
+
+
 _MP3_KBPS = {  # kbit/s of bitrate indices 1-14 by (MPEG-1, layer); MPEG-2 and 2.5 layers II, III: one
     (True, 1): (32, 64, 96, 128, 160, 192, 224, 256, 288, 320, 352, 384, 416, 448),
     (True, 2): (32, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384),
@@ -866,17 +884,20 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     An MP3 without a length header (Xing, Info, VBRI) whose MPEG frames hold more or fewer samples than
     libsndfile estimates from its first frame's bitrate (a VBR one: libsndfile reads only its estimate,
     23-51 % of such a file) raises ValueError.
-    A chained OGG (more than one logical stream) raises ValueError: libsndfile reads only the first; so
-    does an MP3 of more frames than its length header counts (files joined end to end), and one with bytes
-    after a frame that are no frame (a damaged file: mpg123 skipped them, printing three lines to stderr
-    for each gap; an ID3v1, APE or Lyrics tag or zeros after the last frame are read past). (Damage inside
+    An OGG whose last page is cut short or missing (`_check_ogg_end`: libsndfile read a truncated Vorbis
+    file as no frames) raises ValueError, bytes after its last page that are not a tag or zeros
+    TrailingData. A chained OGG (more than one logical stream) raises ValueError: libsndfile reads only the
+    first; so does an MP3 of more frames than its length header counts (files joined end to end), and one
+    with bytes after a frame that are no frame (a damaged file: mpg123 skipped them, printing three lines
+    to stderr for each gap; an ID3v1, ID3v2, APE or Lyrics tag or zeros after the last frame are read
+    past). (Damage inside
     a frame's data still makes mpg123 print to stderr as it decodes, two lines a frame: 316 KB for 30 s of
     layer III frames, 677 KB of layer I; libsndfile gives no way to quiet it.)
     A FLAC whose STREAMINFO gives no length (0: libFLAC writing to a pipe) gets the one its last frame
     gives (`_flac_with_length`), then is read and limited as any file. Any other FLAC's last frame must
     end at the count its STREAMINFO declares (`_check_flac`; libsndfile reads that many samples and stops):
     FLAC files joined end to end raise TrailingData, frames beyond the declared count or bytes after the
-    last frame (an ID3v1 tag aside) ValueError, frames that end before it AudioTruncated.
+    last frame (appended tags aside) ValueError, frames that end before it AudioTruncated.
 
     Raises ValueError (not an audio file, a header field out of range: the message names it, or a
     `target_rate` that is not an integer in the same range),
@@ -924,6 +945,8 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
                 f"a chained OGG of {streams} logical streams (files joined end to end, or several at once): "
                 f"libsndfile reads only the first ({frames} frames); send one stream (re-encode the whole)"
             )
+        if f.format == "OGG":
+            _check_ogg_end(data, frames)
         walked = (mp3 or _mp3_samples(data)) if f.format == "MP3" else None
         if walked is not None and walked[2] is None and abs(walked[1] - frames) > 2304:
             # libsndfile's frame count for an MP3 without a length header is an estimate from its first

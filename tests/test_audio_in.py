@@ -750,3 +750,41 @@ def test_a_damaged_truncated_or_joined_midi_sample_dump_is_refused_and_prints_no
     with pytest.raises(TrailingData, match="files joined end to end") as e:
         read_audio(sds + sds, 8000, 30)
     assert (e.value.extra, e.value.declared) == (len(sds), 8000)
+
+
+def _ogg_pages(data: bytes) -> list[int]:
+    """The offsets of an OGG's pages, walked by their lengths."""
+    starts, p = [], 0
+    while p < len(data):
+        assert data[p : p + 4] == b"OggS"
+        starts.append(p)
+        count = data[p + 26]
+        p += 27 + count + sum(data[p + 27 : p + 27 + count])
+    return starts
+
+
+@pytest.mark.parametrize("subtype,rate", [("VORBIS", 8000), ("OPUS", 48000)])
+def test_a_truncated_ogg_is_refused_not_read_as_no_prompt_or_short(subtype, rate):
+    """libsndfile read a Vorbis file cut to 60 % as no frames at all, which a request takes as no prompt
+    (generation started from silence, a 200), and an Opus one cut so as the pages that are there (46,728 of
+    144,000 frames), silently (an audit). Now an OGG whose last page is cut short, or that lacks the
+    end-of-stream page (cut at a page boundary), is a ValueError (a 422 naming prompt_audio), and bytes
+    after its last page that are not a tag or zeros are TrailingData."""
+    from server.errors import APIError
+    from server.media import prompt_ids
+
+    x = tone(440, rate, 3.0)
+    ogg = encoded(x, rate, "OGG", subtype)
+    want, _ = read_audio(ogg, rate, 30)
+    assert len(want) == len(x)
+    last = _ogg_pages(ogg)[-1]
+    for cut in (ogg[: len(ogg) * 6 // 10], ogg[: len(ogg) - 10], ogg[:last]):
+        with pytest.raises(ValueError, match="^an OGG whose last page is cut short or missing"):
+            read_audio(cut, rate, 30)
+        with pytest.raises(APIError) as api:
+            prompt_ids("audio", 8000, None, base64.b64encode(cut).decode(), 30.0, 240000)
+        assert api.value.status == 422 and api.value.param == "prompt_audio"
+    with pytest.raises(TrailingData, match="not metadata"):
+        read_audio(ogg + b"junk" * 100, rate, 30)
+    for after in (b"TAG" + b"x" * 125, bytes(100)):
+        assert np.array_equal(read_audio(ogg + after, rate, 30)[0], want)
