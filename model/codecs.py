@@ -234,7 +234,14 @@ READ_BLOCK_FRAMES = 1 << 15  # frames decoded at a time: bounds the buffer whate
 _UNREADABLE = (  # libsndfile's reasons that speak of a file system, or of nothing, for bytes it cannot decode
     "File does not exist or is not a regular file (possibly a pipe?).",  # (a truncated MP3)
     "Unspecified internal error.",
+    "Internal psf_fseek() failed.",  # (a truncated DWVW AIFF, a FLAC header claiming more than it holds)
 )
+_INTERNAL = {  # libsndfile's reasons that read as the server's failure for a header's values
+    # (its check of the header's fields: a sample rate or channel count below 1, or a negative length)
+    "Internal error : SF_INFO struct incomplete.": "the header gives a sample rate or channel count below 1 "
+    "(0, negative or not a number) or a negative length",
+    "Internal malloc () failed.": "the header asks the decoder for more memory than it could allocate",
+}
 
 
 def _sndfile_message(exc: BaseException) -> str:
@@ -242,10 +249,14 @@ def _sndfile_message(exc: BaseException) -> str:
     0x…>: Format not recognised." → "Format not recognised."): a client's error message must not
     show the server's internals. Its reasons that say nothing of data (`_UNREADABLE`: "File does not
     exist or is not a regular file (possibly a pipe?)" for a truncated MP3) become "the data could not
-    be decoded (a damaged or truncated file?)"."""
+    be decoded (a damaged or truncated file?)", and those that read as the server's own failure
+    (`_INTERNAL`: "Internal error : SF_INFO struct incomplete." for a sample rate of 0) say what the
+    header holds."""
     msg = re.sub(r"^Error opening <[^<>]*>: ", "", str(exc))
     if msg.strip() in _UNREADABLE:
         return "the data could not be decoded (a damaged or truncated file?)"
+    if msg.strip() in _INTERNAL:
+        return _INTERNAL[msg.strip()]
     return re.sub(r"<[^<>]* object at 0x[0-9a-fA-F]+>", "the data", msg)
 
 

@@ -788,3 +788,31 @@ def test_a_truncated_ogg_is_refused_not_read_as_no_prompt_or_short(subtype, rate
         read_audio(ogg + b"junk" * 100, rate, 30)
     for after in (b"TAG" + b"x" * 125, bytes(100)):
         assert np.array_equal(read_audio(ogg + after, rate, 30)[0], want)
+
+
+def test_a_header_sample_rate_of_zero_or_nan_is_named_not_called_an_internal_error():
+    """A WAV, AU, CAF, NIST or IRCAM header whose sample rate is 0 (or NaN, a float field's) was refused as
+    "Internal error : SF_INFO struct incomplete.", libsndfile's words, which read as the server's own
+    failure (an audit); "Internal psf_fseek() failed." likewise. Now the reason says what the header
+    holds, and the second is "the data could not be decoded"."""
+    x = tone(440, 8000, 0.1)
+    wav, au, caf = (encoded(x, 8000, fmt, "PCM_16") for fmt in ("WAV", "AU", "CAF"))
+    nist, ircam = (encoded(x, 8000, fmt, "PCM_16") for fmt in ("NIST", "IRCAM"))
+    at = caf.index(b"desc") + 12  # (its sample rate: a big-endian double)
+    for data in [
+        _set(wav, 24, 0),
+        _set(au, 16, 0, "big"),
+        caf[:at] + struct.pack(">d", 0.0) + caf[at + 8 :],
+        nist.replace(b"sample_rate -i 8000", b"sample_rate -i 0000"),
+        ircam[:4] + struct.pack("<f", float("nan")) + ircam[8:],
+    ]:
+        with pytest.raises(ValueError) as e:
+            read_audio(data, 8000, 30)
+        assert str(e.value) == (
+            "not an audio file libsndfile can read: the header gives a sample rate or channel count below 1 "
+            "(0, negative or not a number) or a negative length"
+        )
+    piped_dwvw = encoded(x, 8000, "AIFF", "DWVW_16")  # (libsndfile cannot seek in it: "psf_fseek")
+    with pytest.raises(ValueError, match="the data could not be decoded") as e:
+        read_audio(piped_dwvw, 8000, 30)
+    assert "Internal" not in str(e.value)
