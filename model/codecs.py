@@ -534,15 +534,21 @@ _JOINED = (
 )  # file starts
 
 
+_MAX_TRAILING = 256  # chunks and tags after the sample data that `_trailing` walks
+
+
 def _trailing(data: bytes, pos: int, chunks: str | None) -> tuple[int, bool] | None:
     """(bytes, whether they begin another file) of what follows the sample data (`pos`: where it ends, with
     its padding) and is no metadata: chunks of the container's kind ("riff": little-endian sizes, "iff":
     big-endian, "w64": GUID chunks), each whole in the file, an ID3v2 tag or a last ID3v1 one, or zeros
     to the end (padding); None where all of it is. A chunk that is another file's header (RIFF, FORM, a
-    W64 riff) is another file."""
+    W64 riff) is another file. At most _MAX_TRAILING items are walked (files carry a few: 12 MB of empty
+    8-byte chunks took 3 s); bytes after more are no metadata."""
     n, align = len(data), {"w64": 8, "riff": 2, "iff": 2}.get(chunks, 1)
     head_size = 12 if chunks == "caf" else 8
-    while pos < n:
+    for _ in range(_MAX_TRAILING):
+        if pos >= n:
+            return None
         if not data[pos : pos + (-pos % align)].strip(b"\0"):  # (zeros to the next chunk's alignment)
             pos += -pos % align
         head = data[pos : pos + 24]
@@ -564,7 +570,7 @@ def _trailing(data: bytes, pos: int, chunks: str | None) -> tuple[int, bool] | N
             return None
         starts = (head[:4], data[pos : pos + 16].lstrip(b"\0")[:4])  # (at once, or after a few zeros)
         return n - pos, any(s in _JOINED or s == data[:4] for s in starts)
-    return None
+    return (n - pos, False) if pos < n else None
 
 
 def _check_after_chunk(data: bytes, chunk: _DataChunk | None) -> None:
