@@ -662,6 +662,51 @@ def _crc(data: bytes, table: tuple[int, ...], bits: int) -> int:
     return c
 
 
+_CRC16_BLOCK = 1024  # bytes a lane of `_crc16` takes
+
+
+def _crc16_after_block() -> tuple[np.ndarray, np.ndarray]:
+    """The map v -> v * x^(8 * _CRC16_BLOCK) mod FLAC's CRC-16 polynomial (a register v after a block of
+    zeros), linear over GF(2), as two 256-entry tables: of v's low and of its high byte."""
+    basis = []
+    for bit in range(16):
+        v = 1 << bit
+        for _ in range(_CRC16_BLOCK):
+            v = ((v << 8) & 0xFFFF) ^ _CRC16[v >> 8]
+        basis.append(v)
+    lo, hi = np.zeros(256, dtype=np.int64), np.zeros(256, dtype=np.int64)
+    for k in range(256):
+        for bit in range(8):
+            if k >> bit & 1:
+                lo[k] ^= basis[bit]
+                hi[k] ^= basis[bit + 8]
+    return lo, hi
+
+
+_CRC16_SHIFT = _crc16_after_block()
+_CRC16_TABLE = np.array(_CRC16, dtype=np.int64)
+
+
+def _crc16(data: bytes) -> int:
+    """FLAC's frame CRC-16 of `data`, exactly `_crc(data, _CRC16, 16)`, in lanes: the CRC of each
+    _CRC16_BLOCK-byte block at once (numpy), then combined, crc(X + Y) = crc(X) x^(8|Y|) + crc(Y) (the
+    register is linear in its state and the data). 1.6 MB took 0.6 s byte by byte in Python."""
+    blocks = len(data) // _CRC16_BLOCK
+    if blocks < 16:  # (below 16 KB byte by byte is as fast)
+        return _crc(data, _CRC16, 16)
+    head = len(data) - blocks * _CRC16_BLOCK
+    lanes = np.frombuffer(data, dtype=np.uint8, count=blocks * _CRC16_BLOCK, offset=head)
+    lanes = lanes.reshape(blocks, _CRC16_BLOCK).astype(np.int64)
+    c = np.zeros(blocks, dtype=np.int64)
+    for j in range(_CRC16_BLOCK):
+        c = ((c << 8) & 0xFFFF) ^ _CRC16_TABLE[(c >> 8) ^ lanes[:, j]]
+    lo, hi = _CRC16_SHIFT
+    acc = _crc(data[:head], _CRC16, 16)
+    for v in c.tolist():
+        acc = int(lo[acc & 0xFF] ^ hi[acc >> 8]) ^ v
+    return acc
+
+
 def _flac_header(data: bytes, p: int) -> tuple[int, int, int] | None:
     """(blocking strategy bit, frame or sample number, block size) of the FLAC frame header at p, or None
     where there is none (its CRC-8 included: a sync code inside audio data passes 1 time in 256)."""
@@ -708,7 +753,7 @@ def _flac_last_frame(data: bytes) -> int | None:
     for p in reversed(syncs):
         if (head := _flac_header(data, p)) is None:
             continue
-        if _crc(data[p:-2], _CRC16, 16) == footer:
+        if _crc16(data[p:-2]) == footer:
             variable, number, size = head
             return (number if variable else number * block) + size
         if (left := left - 1) == 0:
