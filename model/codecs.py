@@ -314,9 +314,19 @@ class NoSamples(ValueError):
 
 
 STREAMED_SIZE = 0x7F000000  # a declared data size from here up means "to the end of the file"
-_MAX_TRAILING = (
-    256  # chunks walked before a WAV's or AIFF's data (`_data_chunk`), and after any's (`_trailing`)
-)
+# chunks walked before a container's sample data (`_data_chunk`, `_extent`) and after it (`_trailing`)
+_MAX_TRAILING = 256
+
+
+def _too_many_chunks(container: str) -> ValueError:
+    """The refusal of a file with more than _MAX_TRAILING chunks before its sample data: walking them one
+    by one in Python cost seconds for a crafted file of tiny chunks."""
+    return ValueError(
+        f"a {container} of more than {_MAX_TRAILING} chunks before its sample data (files carry a few): "
+        "re-save it without them"
+    )
+
+
 _CHUNK_ID = re.compile(rb"[ -~]{4}")  # a chunk id: four printable ASCII characters
 _PCM_TAGS = (1, 3, 6, 7, 0xFFFE)  # WAV format tags of one block_align per frame (PCM, float, A/mu-law)
 
@@ -353,10 +363,7 @@ def _data_chunk(data: bytes) -> _DataChunk | None:
         if pos + 8 > len(data):
             return None
         if walked == _MAX_TRAILING:
-            raise ValueError(
-                f"a {'WAV' if wav else 'AIFF'} of more than {_MAX_TRAILING} chunks before its sample data "
-                "(files carry a few): re-save it without them"
-            )
+            raise _too_many_chunks("WAV" if wav else "AIFF")
         cid, size = data[pos : pos + 4], int.from_bytes(data[pos + 4 : pos + 8], order)
         body = data[pos + 8 : pos + 8 + min(size, 22)]
         if cid == b"ds64" and data[:4] == b"RF64" and len(body) >= 16:
@@ -434,9 +441,9 @@ class _Extent(NamedTuple):
 
     offset: int  # where the sample data starts
     size: int  # the bytes the header declares
-    block: int  # bytes per frame; 0 for a compressed W64 (its frames are not in proportion to its bytes)
+    block: int  # bytes per frame; 0 for a compressed W64 or CAF (frames not in proportion to bytes)
     end: int  # where the data ends: what follows must be metadata (`chunks`) or zeros
-    chunks: str | None  # the metadata that may follow: "w64" (GUID chunks), "iff" (big-endian chunks)
+    chunks: str | None  # what may follow: "w64" (GUID chunks), "iff" (big-endian chunks), "caf" (64-bit)
 
 
 _W64_RIFF = b"riff" + bytes.fromhex("2e91cf11a5d628db04c10000")
@@ -455,7 +462,9 @@ def _extent(data: bytes, fmt: str) -> _Extent | None:
     ext, n = None, len(data)
     if fmt == "W64" and data[:16] == _W64_RIFF:
         pos, align = 40, None
-        while pos + 24 <= n:
+        for _ in range(_MAX_TRAILING):
+            if pos + 24 > n:
+                break
             guid, size = data[pos : pos + 16], _int(data, pos + 16, 8, "little")
             if guid == b"fmt " + _W64_SUFFIX and size >= 38:
                 tag, block = _int(data, pos + 24, 2, "little"), _int(data, pos + 36, 2, "little")
@@ -467,6 +476,8 @@ def _extent(data: bytes, fmt: str) -> _Extent | None:
             if size < 24:
                 break
             pos += size + (-size % 8)
+        else:
+            raise _too_many_chunks(fmt)
     elif fmt == "NIST" and data[8:16].strip().isdigit():
         offset = int(data[8:16])
         fields = dict(re.findall(rb"^(\w+) -(?:i|s\d) (\d{1,12})$", data[16:offset], re.MULTILINE))
@@ -479,12 +490,16 @@ def _extent(data: bytes, fmt: str) -> _Extent | None:
         ext = _Extent(128, _int(data, 26, 4) * block, block, 128 + _int(data, 26, 4) * block, None)
     elif fmt == "SVX":  # IFF chunks: the samples are the BODY chunk's (mono, 8 or 16 bits)
         pos, block = 12, 1 if data[8:12] == b"8SVX" else 2
-        while pos + 8 <= n and _CHUNK_ID.fullmatch(cid := data[pos : pos + 4]):
+        for _ in range(_MAX_TRAILING):
+            if pos + 8 > n or not _CHUNK_ID.fullmatch(cid := data[pos : pos + 4]):
+                break
             size = _int(data, pos + 4, 4)
             if cid == b"BODY":
                 ext = _Extent(pos + 8, size, block, pos + 8 + size, "iff")
                 break
             pos += 8 + size + (size & 1)
+        else:
+            raise _too_many_chunks(fmt)
     elif fmt == "MAT4" and n >= 20:  # a 1 x 1 matrix (the sample rate), then channels x frames samples
         order = "little" if data[:4] == b"\0\0\0\0" else "big"
         pos = 20 + _int(data, 16, 4, order) + 8  # (after the rate's name and value)
@@ -509,7 +524,9 @@ def _extent(data: bytes, fmt: str) -> _Extent | None:
             ext = _Extent(pos + 16, size - 12, block, end, None) if block else None
     elif fmt == "CAF" and data[:4] == b"caff":  # chunks of 12-byte headers (a 64-bit size); data: edits first
         pos, block = 8, 0
-        while pos + 12 <= n and _CHUNK_ID.fullmatch(cid := data[pos : pos + 4]):
+        for _ in range(_MAX_TRAILING):
+            if pos + 12 > n or not _CHUNK_ID.fullmatch(cid := data[pos : pos + 4]):
+                break
             size = _int(data, pos + 4, 8)
             if cid == b"desc" and size >= 32:  # (rate, format, flags, bytes and frames per packet, ...)
                 per_packet, frames_per = _int(data, pos + 28, 4), _int(data, pos + 32, 4)
@@ -519,6 +536,8 @@ def _extent(data: bytes, fmt: str) -> _Extent | None:
                     ext = _Extent(pos + 16, size - 4, block, pos + 12 + size, "caf")
                 break
             pos += 12 + size
+        else:
+            raise _too_many_chunks(fmt)
     elif fmt == "MAT5" and n >= 136:  # a sample rate matrix, then the samples' (flags, dims, name, data)
         order = "little" if data[126:128] == b"IM" else "big"
         pos = 128 + 8 + _int(data, 132, 4, order)  # (the rate's)

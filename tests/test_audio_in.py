@@ -832,7 +832,8 @@ def test_the_walk_of_chunks_after_the_data_is_bounded():
 
 def test_the_walk_of_chunks_before_the_data_is_bounded():
     """The chunks before a WAV's data were walked one by one: 12 MB of empty 8-byte chunks cost 2.7 s
-    of a worker's time per request (an audit). More than 256 are refused now, naming why; fewer are read."""
+    of a worker's time per request (an audit), and a W64's, SVX's or CAF's likewise. More than 256 are
+    refused now, naming why; fewer are read."""
     wav = wav_bytes(tone(440, 8000, 0.1), 8000)
     junk = b"JUNK" + struct.pack("<I", 0)
 
@@ -843,6 +844,18 @@ def test_the_walk_of_chunks_before_the_data_is_bounded():
     assert np.array_equal(read_audio(with_chunks(250), 8000, 30)[0], read_audio(wav, 8000, 30)[0])
     with pytest.raises(ValueError, match="^a WAV of more than 256 chunks before its sample data"):
         read_audio(with_chunks(300), 8000, 30)
+    # the containers whose chunks `_extent` walks: W64 (24-byte GUID chunks), SVX (IFF), CAF (12-byte)
+    x = tone(440, 8000, 0.1)
+    for fmt, at, chunk in [
+        ("W64", 40, b"junk" + bytes(12) + struct.pack("<Q", 24)),
+        ("SVX", 40, b"ANNO" + struct.pack(">I", 0)),  # (after its VHDR)
+        ("CAF", 52, b"free" + struct.pack(">q", 0)),  # (after its desc)
+    ]:
+        data = encoded(x, 8000, fmt, "PCM_16")
+        want, _ = read_audio(data, 8000, 30)
+        assert np.array_equal(read_audio(data[:at] + chunk * 250 + data[at:], 8000, 30)[0], want), fmt
+        with pytest.raises(ValueError, match=f"^a {fmt} of more than 256 chunks before its sample data"):
+            read_audio(data[:at] + chunk * 300 + data[at:], 8000, 30)
 
 
 def test_the_flac_crc16_in_lanes_is_the_byte_by_byte_crc():
