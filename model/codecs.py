@@ -341,6 +341,8 @@ class _DataChunk(NamedTuple):
     frames: int | None  # the declared frames: WAV size / block_align (PCM-like formats) or its fact chunk's;
     # AIFF the COMM chunk's
     order: str  # the header's byte order
+    fact: int | None = None  # a compressed WAV's fact chunk's frames (the encoder's count, before padding)
+    block_align: int = 0  # a WAV's fmt block_align (a compressed format's bytes per block)
 
 
 def _data_chunk(data: bytes) -> _DataChunk | None:
@@ -358,6 +360,7 @@ def _data_chunk(data: bytes) -> _DataChunk | None:
         return None
     wav, order = data[8:12] == b"WAVE", "big" if data[:4] in (b"RIFX", b"FORM") else "little"
     pos, frames, align = 12, None, None  # (WAV: its fact chunk's frames, its fmt's PCM block_align)
+    block_align = 0  # (WAV: its fmt's block_align, for any format)
     ds64 = None  # (RF64: the data size its ds64 chunk gives)
     for walked in itertools.count():
         if pos + 8 > len(data):
@@ -373,10 +376,12 @@ def _data_chunk(data: bytes) -> _DataChunk | None:
                 size = ds64
             if wav and align:
                 frames = size // align
-            return _DataChunk("wav" if wav else "aiff", size, len(data) - pos - 8, pos + 4, frames, order)
+            fact = frames if wav and not align else None
+            chunk = _DataChunk("wav" if wav else "aiff", size, len(data) - pos - 8, pos + 4, frames, order)
+            return chunk._replace(fact=fact, block_align=block_align)
         if wav and cid == b"fmt " and len(body) >= 14:
             tag, block = int.from_bytes(body[:2], order), int.from_bytes(body[12:14], order)
-            align = block if tag in _PCM_TAGS else None
+            align, block_align = block if tag in _PCM_TAGS else None, block
         if wav and cid == b"fact" and len(body) >= 4:  # (a compressed format's frame count)
             frames = int.from_bytes(body[:4], order)
         if not wav and cid == b"COMM" and len(body) >= 6:
@@ -399,6 +404,22 @@ def _streamed(data: bytes, chunk: _DataChunk | None) -> tuple[bytes, _DataChunk 
             return data, chunk
     data = data[: chunk.size_at] + b"\xff\xff\xff\xff" + data[chunk.size_at + 4 :]
     return data, chunk._replace(size=0xFFFFFFFF)
+
+
+def _fact_frames(chunk: _DataChunk | None, frames: int) -> int:
+    """The frames to read of the `frames` libsndfile counts in a compressed WAV: its fact chunk's count
+    where that is less by padding in the last block (libsndfile ignores the fact chunk: a GSM 6.10 WAV of
+    8,000 frames was read as 8,320, the last 320 up to full scale, a G.721 one as 8,040). Raises ValueError
+    where the fact chunk counts a block or more fewer frames than the data holds (a length that lies)."""
+    if chunk is None or chunk.fact is None or chunk.fact >= frames or chunk.size == 0:
+        return frames
+    per_block = -(-frames * chunk.block_align // chunk.size)  # (frames a block holds, at most)
+    if frames - chunk.fact < per_block:
+        return chunk.fact
+    raise ValueError(
+        f"a WAV whose fact chunk counts {chunk.fact} frames but whose data holds {frames} (more than a "
+        f"block's {per_block} of padding): a header that says less than the file holds; send a whole file"
+    )
 
 
 def _check_whole(chunk: _DataChunk | None, frames: int) -> None:
@@ -1027,6 +1048,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
         if not 0 <= frames < 2**62:  # libsndfile says SF_COUNT_MAX when it cannot tell
             raise ValueError(f"frames: the header gives no usable frame count ({frames})")
         _check_whole(chunk, frames)
+        frames = _fact_frames(chunk, frames)
         frames = _check_extent(data, f.format, frames)
         if f.format == "OGG" and (streams := _ogg_streams(data)) > 1:
             # libsndfile reads the first and stops: the rest of a chain (files joined end to end) was

@@ -871,3 +871,20 @@ def test_the_flac_crc16_in_lanes_is_the_byte_by_byte_crc():
         assert _crc16(data) == _crc(data, _CRC16, 16), n
     flac = encoded(tone(440, 8000, 1.0), 8000, "FLAC", "PCM_16") + bytes(40_000)
     assert _crc16(flac) == _crc(flac, _CRC16, 16)
+
+
+def test_a_compressed_wav_is_read_to_its_fact_chunks_count_not_its_last_blocks_padding():
+    """libsndfile ignores a compressed WAV's fact chunk (the encoder's frame count) and reads every frame
+    of the last block: a 1 s GSM 6.10 WAV was read as 8,320 frames, its last 320 up to full scale, a
+    G.721 one as 8,040 (an audit). Now the fact chunk's count is read where the rest is a block's padding,
+    and a fact chunk that counts a block or more fewer frames than the data holds is a ValueError."""
+    x = tone(440, 8000, 1.0)
+    for subtype in ("GSM610", "G721_32", "MS_ADPCM"):
+        wav = encoded(x, 8000, "WAV", subtype)
+        y, _ = read_audio(wav, 8000, 30)
+        assert len(y) == 8000, subtype  # (the fact chunk's count: the samples written)
+        # lossy codecs: the same tone, where the spectrum peaks (1 Hz bins)
+        assert np.argmax(np.abs(np.fft.rfft(y))) == 440, subtype
+        at = wav.index(b"fact") + 8
+        with pytest.raises(ValueError, match=r"^a WAV whose fact chunk counts 1000 frames but whose data"):
+            read_audio(wav[:at] + struct.pack("<I", 1000) + wav[at + 4 :], 8000, 30)
