@@ -873,6 +873,28 @@ def _ogg_streams(data: bytes) -> int:
     return streams
 
 
+_WIDTHS = {"PCM_S8": 1, "PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4, "DOUBLE": 8}
+_WIDTHS |= {"ULAW": 1, "ALAW": 1}  # (bytes a sample of these subtypes takes)
+
+
+def _check_whole_frames(data: bytes, fmt: str, subtype: str, channels: int) -> None:
+    """Raises ValueError for an IRCAM, PVF or PAF file whose data ends inside a frame. Their headers give
+    no length (their data is the rest of the file), so a truncation shows only there: libsndfile dropped
+    the partial frame, silently; one cut at a frame's end cannot be told from a whole file."""
+    offset = {"IRCAM": 1024, "PAF": 2048}.get(fmt)
+    if fmt == "PVF" and data.count(b"\n", 0, 64) >= 2:  # ("PVF1\n<channels> <rate> <bits>\n")
+        offset = data.index(b"\n", data.index(b"\n") + 1) + 1
+    width = _WIDTHS.get(subtype)
+    if offset is None or width is None or (fmt == "PAF" and width == 3):  # (PAF's 24-bit: packed blocks)
+        return
+    if (extra := (len(data) - offset) % (width * channels)) and len(data) > offset:
+        raise ValueError(
+            f"{'an' if fmt == 'IRCAM' else 'a'} {fmt} whose data ends inside a frame ({extra} of its "
+            f"{width * channels} bytes): a truncated "
+            "file (its header gives no length, so how much is missing cannot be told); send the whole file"
+        )
+
+
 def _check_ogg_end(data: bytes, frames: int) -> None:
     """Raises ValueError for an OGG whose pages (walked by their lengths from the first) end in a page cut
     short, or without the end-of-stream page (a truncated file: libsndfile read a Vorbis one as no frames,
@@ -985,10 +1007,11 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     neither the container's chunks nor zero padding (another file joined on, or audio past a length field
     that is too small, which libsndfile read as samples) raise TrailingData (a ValueError); padding and
     chunks after the data are not read as samples. (IRCAM, PVF and PAF headers give no length: read to
-    the end.) The same holds after a CAF's data (libsndfile read the declared data and dropped the rest)
-    and a WAV's, RF64's, AIFF's or AU's (a data size smaller than the audio after it was read as that
-    much; two WAVs joined end to end were "No 'RIFF' chunk marker"): its chunks (LIST, id3, ...), ID3v2
-    and ID3v1 tags and zero padding may follow; other bytes raise TrailingData. A MIDI Sample Dump (SDS)
+    the end; one that ends inside a frame raises ValueError, `_check_whole_frames`.) The same holds after
+    a CAF's data (libsndfile read the declared data and dropped the rest) and a WAV's, RF64's, AIFF's or
+    AU's (a data size smaller than the audio after it was read as that much; two WAVs joined end to end
+    were "No 'RIFF' chunk marker"): its chunks (LIST, id3, ...), ID3v2 and ID3v1 tags and zero padding
+    may follow; other bytes raise TrailingData. A MIDI Sample Dump (SDS)
     is checked before libsndfile opens it (`_check_sds`): a damaged data packet raises ValueError
     (libsndfile decoded it and printed a line on stdout), too few AudioTruncated. A file of no frames
     gives no samples; one whose frames resample to none (1 frame at 44.1 kHz to 8 kHz) raises NoSamples.
@@ -1059,6 +1082,8 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
             )
         if f.format == "OGG":
             _check_ogg_end(data, frames)
+        if f.format in ("IRCAM", "PVF", "PAF"):
+            _check_whole_frames(data, f.format, f.subtype, channels)
         walked = (mp3 or _mp3_samples(data)) if f.format == "MP3" else None
         if walked is not None and walked[2] is None and abs(walked[1] - frames) > 2304:
             # libsndfile's frame count for an MP3 without a length header is an estimate from its first

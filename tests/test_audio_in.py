@@ -888,3 +888,17 @@ def test_a_compressed_wav_is_read_to_its_fact_chunks_count_not_its_last_blocks_p
         at = wav.index(b"fact") + 8
         with pytest.raises(ValueError, match=r"^a WAV whose fact chunk counts 1000 frames but whose data"):
             read_audio(wav[:at] + struct.pack("<I", 1000) + wav[at + 4 :], 8000, 30)
+
+
+def test_an_ircam_pvf_or_paf_cut_inside_a_frame_is_refused():
+    """IRCAM, PVF and PAF headers give no length: their data is the rest of the file, so a truncation shows
+    only where the file ends inside a frame, and libsndfile dropped that partial frame, silently (an IRCAM
+    cut by one byte: 7,999 frames; an audit). Refused now. A file cut at a frame's end still cannot be told
+    from a whole one: it reads as the frames that are there (the limit of what these headers say)."""
+    x = tone(440, 8000, 1.0)
+    for fmt, channels in [("IRCAM", 1), ("PVF", 2), ("PAF", 1)]:
+        data = encoded(x, 8000, fmt, "PCM_16", channels)
+        assert len(read_audio(data, 8000, 30)[0]) == 8000
+        with pytest.raises(ValueError, match=rf"^an? {fmt} whose data ends inside a frame \(1 of its"):
+            read_audio(data[: len(data) - 2 * channels + 1], 8000, 30)
+        assert len(read_audio(data[: len(data) - 2 * channels], 8000, 30)[0]) == 7999  # (at a frame's end)
