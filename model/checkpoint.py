@@ -317,7 +317,8 @@ def _load_from(f, wpath: Path, d: Path, cfg, want: str | None, device):
             f"{wpath}: tensors do not match the config (missing {_some(missing)}, unexpected "
             f"{_some(unexpected)})"
         )
-    for k, v in state.items():
+    for k in expected:  # (the network's order: the first tensor a wrong width changes is named)
+        v = state[k]
         if v.shape != expected[k].shape or v.dtype != expected[k].dtype:
             raise CheckpointError(
                 f"{wpath}: tensor {k!r} is {v.dtype}{list(v.shape)}, config expects "
