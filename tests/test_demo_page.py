@@ -522,6 +522,15 @@ def statuses(d: Demo) -> None:
           document.getElementById('status'), {subtree: true, characterData: true, childList: true}); }""")
 
 
+def load_sine_prompt(d: Demo, wav: Path, samples: int) -> Path:
+    """A WAV of `samples` samples of a sine at 8 kHz written to `wav` and picked as the page's audio prompt
+    (returned once the page says it is loaded)."""
+    wav.write_bytes(wav_bytes(0.4 * np.sin(np.arange(samples) / 5.0), 8000))
+    d.page.set_input_files("#audio-file", str(wav))
+    d.wait_status("Prompt loaded")
+    return wav
+
+
 def sockets_opened(d: Demo) -> list:
     """The WebSockets the page opens from now on, each as [url, [text frames sent]]."""
     opened: list = []
@@ -553,10 +562,7 @@ def test_an_audio_prompt_over_the_servers_limit_is_not_sent(demo, server, tmp_pa
     assert listed[TEXT]["max_prompt_tokens"] == server.state.settings.max_prompt_tokens
     opened = sockets_opened(d)
     d.page.select_option("#model", AUDIO)
-    wav = tmp_path / "over.wav"
-    wav.write_bytes(wav_bytes(0.4 * np.sin(np.arange(limit + 1) / 5.0), 8000))
-    d.page.set_input_files("#audio-file", str(wav))
-    d.wait_status("Prompt loaded")
+    load_sine_prompt(d, tmp_path / "over.wav", limit + 1)
     d.page.click("#audio-generate")
     said = d.wait_status("Not sent")
     assert f"{limit} samples" in said and "choose a shorter one" in said, said
@@ -577,10 +583,7 @@ def test_an_audio_prompt_over_the_limit_ends_its_turn_and_the_next_turn_works(de
     d.page.click("#load-models")
     d.wait_status("models served")
     d.page.select_option("#model", AUDIO)
-    wav = tmp_path / "31-seconds.wav"
-    wav.write_bytes(wav_bytes(0.4 * np.sin(np.arange(31 * 8000) / 5.0), 8000))
-    d.page.set_input_files("#audio-file", str(wav))
-    d.wait_status("Prompt loaded")
+    load_sine_prompt(d, tmp_path / "31-seconds.wav", 31 * 8000)
     d.page.fill("#audio-samples", "240000")  # the most this server allows: 30 s
     d.page.click("#audio-generate")
     # the page opens its socket before the turn begins (and disables Generate): waiting for Generate to
@@ -666,10 +669,7 @@ def test_the_status_says_when_the_prompt_is_being_ingested_and_when_a_cancel_was
     d = demo
     d.wait_status("models served")
     d.page.select_option("#model", AUDIO)
-    wav = tmp_path / "two-seconds.wav"
-    wav.write_bytes(wav_bytes(0.4 * np.sin(np.arange(16000) / 5.0), 8000))
-    d.page.set_input_files("#audio-file", str(wav))
-    d.wait_status("Prompt loaded")
+    load_sine_prompt(d, tmp_path / "two-seconds.wav", 16000)
     statuses(d)
     d.page.fill("#audio-samples", "100")
     d.page.click("#audio-generate")
@@ -1087,10 +1087,7 @@ def test_a_refused_audio_session_shows_its_own_error_and_keeps_the_prompt(browse
     try:
         d.wait_status("model served")
         held = httpx.post(f"{s.url}/v1/sessions", json={"model": AUDIO}).json()["session_id"]
-        wav = tmp_path / "prompt.wav"
-        wav.write_bytes(wav_bytes(0.4 * np.sin(np.arange(400) / 5.0), 8000))
-        d.page.set_input_files("#audio-file", str(wav))
-        d.wait_status("Prompt loaded")
+        load_sine_prompt(d, tmp_path / "prompt.wav", 400)
         d.page.fill("#audio-samples", "50")
         d.page.click("#audio-generate")
         said = d.wait_status("Error 429")
@@ -1123,10 +1120,7 @@ def test_an_audio_prompt_refused_with_its_turn_is_loaded_again(demo, server, tmp
     d.wait_status("Done: length, 40 samples")
     sid = d.js("s4demo.sessionId")
     assert httpx.delete(f"{server.url}/v1/sessions/{sid}").status_code == 204
-    wav = tmp_path / "prompt.wav"
-    wav.write_bytes(wav_bytes(0.4 * np.sin(np.arange(300) / 5.0), 8000))
-    d.page.set_input_files("#audio-file", str(wav))
-    d.wait_status("Prompt loaded")
+    load_sine_prompt(d, tmp_path / "prompt.wav", 300)
     d.page.click("#audio-generate")
     said = d.wait_status("expired")
     assert "audio generated before" in said and "text above" not in said, said
@@ -1499,10 +1493,7 @@ def test_clear_prompt_says_what_it_did(demo, tmp_path):
     d = demo
     d.wait_status("models served")
     d.page.select_option("#model", AUDIO)
-    wav = tmp_path / "prompt.wav"
-    wav.write_bytes(wav_bytes(0.4 * np.sin(np.arange(300) / 5.0), 8000))
-    d.page.set_input_files("#audio-file", str(wav))
-    d.wait_status("Prompt loaded")
+    wav = load_sine_prompt(d, tmp_path / "prompt.wav", 300)
     d.page.click("#clear-prompt")
     assert (
         d.page.text_content("#status")
