@@ -787,3 +787,48 @@ def test_the_decode_batch_sizes_help_says_its_unit():
     (family,) = [f for f in text_string_to_metric_families(Metrics().render()[0].decode())
                  if f.name == "s4_decode_batch_size"]  # fmt: skip
     assert family.type == "histogram" and family.documentation.endswith("unit: sessions")
+
+
+def test_start_server_tries_another_free_port_where_another_process_took_the_first(monkeypatch):
+    """free_port() releases the port it found before the server binds it: a process that took it in
+    between made the server exit ("in use") and start_server raise. It now tries another free port where
+    the one it chose is taken; a server that exits for another reason is still an error at once, and a
+    port the caller gave is never replaced."""
+    import httpx
+
+    from server import launch
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    chosen = iter([busy, launch.free_port()])
+    started = []
+
+    class Proc:
+        def __init__(self, cmd, cwd, env):
+            self.port = int(cmd[cmd.index("--port") + 1])
+            started.append(self.port)
+            self.returncode = 1 if self.port == busy else None  # (exits at once: its port is in use)
+
+        def poll(self):
+            return self.returncode
+
+        def kill(self):
+            pass
+
+    monkeypatch.setattr(launch.subprocess, "Popen", Proc)
+    monkeypatch.setattr(launch, "free_port", lambda: next(chosen))
+    monkeypatch.setattr(httpx, "get", lambda url, timeout: httpx.Response(200))
+    try:
+        proc, url = launch.start_server([], timeout_s=5)
+        assert started[0] == busy and url == f"http://127.0.0.1:{started[1]}" and len(started) == 2
+        with pytest.raises(launch.ServerExited, match="exited with status 1"):
+            launch.start_server([], timeout_s=5, port=busy)  # given: not replaced
+        taken.close()
+        monkeypatch.setattr(launch, "free_port", lambda: busy)  # free now: the exit had another reason
+        with pytest.raises(launch.ServerExited):
+            launch.start_server([], timeout_s=5)
+        assert started[2:] == [busy, busy]
+    finally:
+        taken.close()
