@@ -64,7 +64,8 @@ class DigitClassifier(nn.Module):
     """Log spectrogram → 4 conv blocks (3×3, group norm of 4 groups, ReLU, 2×2 max pool but the last) →
     mean and max over time and frequency → `features` (2·widths[-1]) → linear → 10 logits (DIGITS
     order). Group norm, not batch norm: no running statistics, so a clip scores the same in training
-    and evaluation and whatever else is in its batch."""
+    and evaluation and whatever else is in its batch, up to float rounding (the convolutions and the
+    head round by the batch's size: a clip's features alone and among 19 others differed by 1.9e-6)."""
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 64), n_classes: int = len(DIGITS)):
         super().__init__()
