@@ -20,3 +20,23 @@ def test_a_short_soak_ends_with_no_error_and_no_slot_in_use(model_dirs, tmp_path
     assert result["slots_in_use_at_end"] == 0 and result["queue_depth_at_end"] == 0
     assert result["exit_code"] == 0 and len(result["samples"]) >= 2
     assert result["rss_mib"]["end"] > 0
+
+
+def test_the_reported_percentiles_are_the_nearest_rank_not_one_above():
+    """scripts/reliability.py took `xs[int(q * n)]` for the q-quantile, one rank above the nearest rank
+    wherever q·n is whole (the p99 of 100 turns was the slowest one); it now reports the ⌈q·n⌉-th
+    smallest sample (`bench.common.nearest_rank`)."""
+    import importlib.util
+    import math
+
+    spec = importlib.util.spec_from_file_location("reliability", ROOT / "scripts" / "reliability.py")
+    reliability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reliability)
+    assert reliability.pct([], 0.99) is None
+    for n in (1, 2, 10, 50, 99, 100, 101, 200, 300, 1000):
+        xs = [float(k) for k in range(n, 0, -1)]  # (unsorted: n … 1; the k-th smallest is k)
+        for q in (0.5, 0.9, 0.99, 1.0):
+            assert reliability.pct(xs, q) == max(1, math.ceil(round(q * n, 9))), (n, q)
+        p99 = max(1, math.ceil(round(0.99 * n, 9)))
+        assert reliability.summary(xs) == {"n": n, "p50": math.ceil(round(0.5 * n, 9)), "p99": p99, "max": n}
+    assert reliability.summary([k / 1000 for k in range(1, 101)])["p99"] == 0.099
