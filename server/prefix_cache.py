@@ -21,17 +21,23 @@ rows are of two kinds:
 - **kept**: the row after its last whole chunk (what the next turn of a conversation, which resends
   this prompt and more, or another question after the same document, starts from), after each multiple
   of `interval` tokens (`S4_PREFIX_CACHE_RETENTION_INTERVAL`; 0: none), and at its junction: the
-  longest of its prefixes that an earlier prompt also ingested (a key is remembered, 16 bytes, long after
-  its row is gone), where prompts that share a document or preamble diverge, or its whole input when
-  it was seen before (a retry); and any row that served a hit;
+  longest of its prefixes that an earlier prompt also ingested (a key is remembered long after its row
+  is gone: "Keys" below says what that costs), where prompts that share a document or preamble
+  diverge, or its whole input when it was seen before (a retry); and any row that served a hit;
 - **spare**: every other row (the other chunk boundaries; the whole input, which only the very same
   prompt can use), stored while there is room, evicted before any kept row and never evicting one.
   A prefix shared by a second prompt is then found if memory allowed its spare row to stay, and by the
   third prompt whenever kept rows have room (the second kept its junction).
 
-Keys: BLAKE2b (128-bit) of the prefix's token ids (int64, little-endian), one running hash over a
-prompt's chunks. One cache per engine: per model, with its dtype, device and chunk size. The
-engine thread alone uses it.
+Keys: BLAKE2b-256 (KEY_BYTES) of the prefix's token ids (int64, little-endian), one running hash over a
+prompt's chunks. A hit does not compare tokens (the cache keeps none), so the key alone must name the
+prefix: at 128 bits, a birthday search of about 2^64 hashes could find two prompts of one key (the one
+then served the state after the other); at 256 bits no collision can be found, by chance or by design. It
+costs no measurable time (the hashing of a 64k-token prompt is about 2 ms either way) and 16 bytes more a
+remembered key. The remembered keys (SEEN_KEYS of them, least recently seen out) take about 150 bytes
+each in Python (the key, its place in an ordered dict): 9.6 MiB per model when all 65,536 are held. That
+is host memory, not counted in `S4_PREFIX_CACHE_MB`, which budgets the state rows only (`bytes`).
+One cache per engine: per model, with its dtype, device and chunk size. The engine thread alone uses it.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+KEY_BYTES = 32  # a prefix key's size: BLAKE2b-256 (module docstring, "Keys")
+
 
 def boundary_keys(tokens: Sequence[int], chunk: int) -> dict[int, bytes]:
     """{prefix length: key} for the prefixes a prompt's ingestion passes whole: every multiple of
@@ -52,7 +60,7 @@ def boundary_keys(tokens: Sequence[int], chunk: int) -> dict[int, bytes]:
     n = len(tokens)
     ends = list(range(chunk, n, chunk)) + ([n] if n else [])
     ids = np.asarray(tokens, dtype="<i8")
-    h = hashlib.blake2b(digest_size=16, person=b"s4-prefix")
+    h = hashlib.blake2b(digest_size=KEY_BYTES, person=b"s4-prefix")
     keys, start = {}, 0
     for end in ends:
         h.update(ids[start:end].tobytes())  # (8 bytes a token: prefixes of two lengths hash different bytes)
@@ -61,7 +69,7 @@ def boundary_keys(tokens: Sequence[int], chunk: int) -> dict[int, bytes]:
     return keys
 
 
-SEEN_KEYS = 1 << 16  # prefix keys remembered for junctions (16 bytes each; 16M tokens at 256 a chunk)
+SEEN_KEYS = 1 << 16  # keys remembered for junctions (9.6 MiB of host memory; 16M tokens at 256 a chunk)
 
 
 class PrefixCache:

@@ -86,6 +86,30 @@ def test_the_cache_keeps_the_most_recently_used_rows_within_its_capacity_and_cop
     assert nothing.entries == 0
 
 
+def test_keys_are_256_bit_and_the_remembered_keys_take_what_the_docstring_says():
+    """A hit compares no tokens, so a key alone names its prefix: BLAKE2b-128 keys left two prompts of one
+    key to a birthday search of about 2^64 hashes; keys are now 256 bits. The remembered keys (SEEN_KEYS of
+    them, outside S4_PREFIX_CACHE_MB) were said to take 16 bytes each, and took ~137 bytes (8.6 MiB): the
+    docstring now says ~150 bytes each, 9.6 MiB in all; measured here within 10%."""
+    import tracemalloc
+
+    from server.prefix_cache import SEEN_KEYS
+
+    keys = boundary_keys(prompt_of(3 * CHUNK + 5, 1), CHUNK)
+    assert {len(k) for k in keys.values()} == {32}
+    cache = PrefixCache(capacity=0, row_bytes=32, chunk=1)
+    prompt = prompt_of(SEEN_KEYS + 2, 3)
+    tracemalloc.start()
+    try:
+        for start in range(0, SEEN_KEYS, 4096):  # (4,096 keys a prompt; every key new)
+            cache.plan(boundary_keys([start, *prompt[start : start + 4096]], 1))
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(cache._seen) == SEEN_KEYS and cache.bytes == 0  # (none of it in the rows' budget)
+    assert held == pytest.approx(9.6 * 2**20, rel=0.1)
+
+
 def test_a_hit_keeps_the_shorter_prefixes_of_its_prompt_too():
     """A hit refreshes the stored shorter prefixes of the same prompt with it (vLLM touches a hit's whole
     chain), so a prefix that many prompts share is not evicted before rarer longer ones."""
