@@ -331,6 +331,15 @@ class Settings(BaseSettings):
         description="a client that reads none of what the server sends for this long is disconnected "
         "(its generation cancelled)",
     )
+    sse_keepalive_s: float = Field(
+        15.0,
+        ge=MIN_NET_TIMEOUT_S,
+        le=MAX_TIMEOUT_S,
+        description="an SSE stream (`/v1/generate`, `/v1/completions`, `/v1/chat/completions` with stream: "
+        "true) that has had nothing to send for this many seconds (queued behind other requests, a long "
+        "prompt's prefill) gets a comment line, `: keep-alive`, which SSE clients ignore, so that a proxy's "
+        "idle timeout (nginx's proxy_read_timeout, a load balancer's 60 s) does not cut it",
+    )
     keep_alive_timeout_s: float = Field(
         5.0,
         ge=MIN_NET_TIMEOUT_S,

@@ -929,14 +929,20 @@ async def collect(stream: Stream, request: Request | None = None) -> tuple[list[
         stream.settle()  # (cancels the generation unless it is complete)
 
 
-async def events(stream: Stream) -> AsyncIterator[list]:
+async def events(stream: Stream, idle: float | None = None) -> AsyncIterator[list]:
     """The stream's items in groups (whatever arrived together); cancels the generation if the
     consumer stops early (a client disconnect cancels the response task). The consumer counts what it
-    hands to its transport (`Stream.deliver`) and settles the stream when it is done (`Stream.settle`)."""
+    hands to its transport (`Stream.deliver`) and settles the stream when it is done (`Stream.settle`).
+    `idle` (seconds): an empty group after each wait that long with no items (an SSE keep-alive)."""
     finished = False
     try:
         while not finished:
-            items = await stream.get()
+            try:
+                async with asyncio.timeout(idle):  # (a get cut short leaves its items queued)
+                    items = await stream.get()
+            except TimeoutError:
+                yield []
+                continue
             finished = not isinstance(items[-1], int)
             yield items
     finally:

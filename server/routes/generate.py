@@ -68,6 +68,11 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+# An SSE comment, which every client ignores (the event stream spec, 9.2.6): what a stream with nothing to
+# send sends after each S4_SSE_KEEPALIVE_S, so that a proxy's idle timeout does not cut it.
+KEEP_ALIVE = ": keep-alive\n\n"
+
+
 def _sse_audio(frame, framer) -> str:
     """One audio frame as an SSE event: its ids and its s16le samples in base64."""
     audio = base64.b64encode(framer.encode(frame)).decode()
@@ -89,11 +94,15 @@ async def _sse_generate(
     `_gone_now`); the
     stream is settled when the done event is out or the client is gone (`Stream.settle`). Audio frames
     are timed as sent, as the WebSocket's are (`FrameClock`: s4_audio_frame_interval_seconds,
-    s4_audio_stream_realtime_ratio)."""
+    s4_audio_stream_realtime_ratio). A wait of S4_SSE_KEEPALIVE_S with nothing to send (queued, a long
+    prefill) sends KEEP_ALIVE."""
     framer = out.framer
     clock = FrameClock(model) if framer is not None else None
     try:
-        async for items in events(stream):
+        async for items in events(stream, idle=st.settings.sse_keepalive_s):
+            if not items:
+                yield KEEP_ALIVE
+                continue
             try:
                 ids, final = split(items)
             except APIError as err:

@@ -40,7 +40,7 @@ from server import media
 from server.engine import Failed, Finished, Stream
 from server.errors import APIError, as_openai, invalid, unavailable
 from server.registry import ServedModel
-from server.routes.generate import SSE_HEADERS, sse
+from server.routes.generate import KEEP_ALIVE, SSE_HEADERS, sse
 from server.schemas import (
     OPENAI_ERROR_RESPONSES,
     ChatCompletionRequest,
@@ -337,9 +337,10 @@ async def collect_runs(runs: list[Run], request: Request, best_of: int | None = 
         raise shut_down(runs[cut[0]], which, len(cut) - 1)
 
 
-async def merged(runs: list[Run]) -> AsyncIterator[tuple[Run, list]]:
+async def merged(runs: list[Run], idle: float | None = None) -> AsyncIterator[tuple[Run | None, list]]:
     """The runs' stream items as they come, (run, items), until every run has ended; stopping early
-    cancels the generations still running."""
+    cancels the generations still running. `idle` (seconds): (None, []) after each wait that long with
+    no items (a stream's keep-alive)."""
     queue: asyncio.Queue = asyncio.Queue(maxsize=2 * len(runs))
 
     async def pump(run: Run) -> None:
@@ -350,7 +351,12 @@ async def merged(runs: list[Run]) -> AsyncIterator[tuple[Run, list]]:
     ended: set[int] = set()
     try:
         while len(ended) < len(runs):
-            run, items = await queue.get()
+            try:
+                async with asyncio.timeout(idle):
+                    run, items = await queue.get()
+            except TimeoutError:
+                yield None, []
+                continue
             if not isinstance(items[-1], int):
                 ended.add(id(run))
             yield run, items
@@ -538,7 +544,9 @@ async def completions(req: CompletionRequest, request: Request):
             "system_fingerprint": model.system_fingerprint}  # fmt: skip
     if req.stream:
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        body = _stream_completions(runs, prompts, texts, req, head, include_usage)
+        body = _stream_completions(
+            runs, prompts, texts, req, head, include_usage, st.settings.sse_keepalive_s
+        )
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
     await collect_runs(runs, request, best_of if best_of > req.n else None)
     return await json_answer(
@@ -572,11 +580,16 @@ def _completion(runs, prompts, texts, req: CompletionRequest, best_of: int, head
     return {**head, "choices": choices, "usage": usage(prompts, runs)}
 
 
-async def _stream_completions(runs, prompts, texts, req: CompletionRequest, head: dict, include_usage: bool):
+async def _stream_completions(
+    runs, prompts, texts, req: CompletionRequest, head: dict, include_usage: bool, keepalive_s: float
+):
     lp = req.logprobs
     index = {id(r): i for i, r in enumerate(runs)}
     extra = {"usage": None} if include_usage else {}
-    async for run, items in merged(runs):
+    async for run, items in merged(runs, idle=keepalive_s):
+        if run is None:  # nothing for keepalive_s (queued, a long prefill)
+            yield KEEP_ALIVE
+            continue
         if isinstance(items[-1], Failed):
             yield sse_error(items[-1].error)
             return
@@ -678,7 +691,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model.id,
                 "system_fingerprint": model.system_fingerprint}  # fmt: skip
-        body = _stream_chat(runs, [ids], req.logprobs, head, include_usage)
+        body = _stream_chat(runs, [ids], req.logprobs, head, include_usage, st.settings.sse_keepalive_s)
         return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
     await collect_runs(runs, request)
     head = {"id": cid, "object": "chat.completion", "created": created, "model": model.id,
@@ -701,7 +714,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     return await json_answer(ChatCompletionResponse, answer)
 
 
-async def _stream_chat(runs: list[Run], prompts, logprobs: bool, head: dict, include_usage: bool):
+async def _stream_chat(
+    runs: list[Run], prompts, logprobs: bool, head: dict, include_usage: bool, keepalive_s: float
+):
     index = {id(r): i for i, r in enumerate(runs)}
     extra = {"usage": None} if include_usage else {}
     for i in range(len(runs)):
@@ -712,7 +727,10 @@ async def _stream_chat(runs: list[Run], prompts, logprobs: bool, head: dict, inc
             "finish_reason": None,
         }
         yield sse({**head, "choices": [choice], **extra})
-    async for run, items in merged(runs):
+    async for run, items in merged(runs, idle=keepalive_s):
+        if run is None:  # nothing for keepalive_s (queued, a long prefill)
+            yield KEEP_ALIVE
+            continue
         if isinstance(items[-1], Failed):
             yield sse_error(items[-1].error)
             return
