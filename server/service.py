@@ -399,11 +399,14 @@ async def delete(state: ServerState, session_id: str) -> None:
     store, once the store has deleted it too (`landed`). Its slot is meanwhile on its way back
     (`Engine.releasing`). A delete the store could not make (unreachable) is a 503: the session is gone
     here, and the store writer tries the store's delete again until it lands, meanwhile another replica
-    can still serve the session; the client's next DELETE of it waits for that try (204 once it lands)."""
+    can still serve the session; the client's next DELETE of it waits for that try (204 once it lands).
+    While the writer holds as many such deletes as it keeps (`StoreWriter.deletes_full`), a 503 before
+    anything is deleted: the session stays (`_check_deletes_room`)."""
     if state.writer is not None and not state.sessions.has(session_id) and state.writer.deleting(session_id):
         await _store_deleted(state, session_id, await landed(state, session_id))  # (a retried DELETE)
         return
     model, rec = session_model(state, session_id)
+    _check_deletes_room(state, session_id)
     release = Release()
     model.engine.expect_release(release)  # (wait_for_slots: its slot is on its way back)
     gone = None
@@ -430,8 +433,21 @@ async def delete_unread(state: ServerState, session_id: str) -> None:
     as `delete` is once that lands (503 if the store could not). A DELETE of such a session was refused
     with that 422, so the client could not delete it, and it stayed until the store's TTL (a day by
     default): a helper's audit."""
+    _check_deletes_room(state, session_id)
     state.writer.delete(session_id)
     await _store_deleted(state, session_id, await landed(state, session_id))
+
+
+def _check_deletes_room(state: ServerState, session_id: str) -> None:
+    """503 before a session is deleted when the store writer holds as many deletes as it keeps
+    (`StoreWriter.deletes_full`: the store has failed them for a while): the session is then left as it
+    is, here and in the store, rather than deleted here with a store delete that could not be kept."""
+    if state.writer is not None and state.writer.deletes_full():
+        raise unavailable(
+            f"session {session_id}: not deleted: {state.writer.deletes_kept:,} deletes are waiting for the "
+            "session store already (it has failed them: it is down or refuses them); the session is left as "
+            "it is: send the DELETE again once the store answers"
+        )
 
 
 async def _store_deleted(state: ServerState, session_id: str, outcome: str | None) -> None:

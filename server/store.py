@@ -14,6 +14,10 @@ request that made a change waits for it on the event loop (`StoreWriter.landed`,
 its answer comes after the write has landed (`S4_SESSION_STORE_WRITE_WAIT_S` at most). A delete the store
 could not make is tried again until it lands (backing off to DELETE_RETRY_MAX_S), and meanwhile this
 replica reads the session as deleted: its copy is gone here, and the store's must not bring it back.
+Those deletes are bounded (DELETES_KEPT): a long outage with sessions created and deleted all along grew
+them without bound. Once DELETES_KEPT wait, a delete is refused (503) before the session goes here
+(`StoreWriter.deletes_full`), so none is ever dropped: the session stays, here and in the store, until
+a DELETE sent again once the store answers.
 """
 
 from __future__ import annotations
@@ -317,6 +321,8 @@ class ThrottledLog:
 _DELETE = object()
 DELETE_RETRY_S = 0.5  # a failed delete is tried again after this, then twice as long each time ...
 DELETE_RETRY_MAX_S = 10.0  # ... up to this
+DELETES_KEPT = 10_000  # deletes waiting for the store at most (~150 B each here; a full round of tries at
+# DELETE_RETRY_MAX_S is 1,000 a second): beyond it a delete is refused before it is made (`deletes_full`)
 
 
 class StoreWriter:
@@ -418,6 +424,22 @@ class StoreWriter:
                 or self._pending.get(session_id) is _DELETE
                 or (self._busy == session_id and self._busy_op is _DELETE)
             )
+
+    @property
+    def deletes_kept(self) -> int:
+        """The most deletes that may wait for the store (DELETES_KEPT)."""
+        return DELETES_KEPT
+
+    def deletes_full(self) -> bool:
+        """Whether DELETES_KEPT deletes wait for the store (queued, being applied, or to be tried again
+        after it failed them): the routes then refuse a delete (503) before the session goes here, since a
+        delete left out of those the writer tries could let the store's copy come back."""
+        with self._cv:
+            if len(self._retry) + len(self._pending) + 1 < DELETES_KEPT:  # (the usual case: no count)
+                return False
+            queued = sum(op is _DELETE for op in self._pending.values())
+            busy = self._busy_op is _DELETE and self._busy not in (*self._pending, *self._retry)
+            return len(self._retry) + queued + busy >= DELETES_KEPT
 
     def adopt(self, session_id: str, version: str) -> None:
         """This replica now holds the stored state of `version` (a restore): its writes build on it."""

@@ -2039,3 +2039,58 @@ def test_the_store_gauges_say_whether_it_answers_and_what_is_queued(model_dirs, 
         assert _series(alone.url, "s4_session_store_backlog") is None
     finally:
         alone.stop()
+
+
+def test_the_deletes_waiting_for_a_failing_store_are_bounded_and_none_is_dropped(
+    model_dirs, redis_url, redis_db, monkeypatch
+):
+    """While the store fails deletes, each DELETE left one more delete for the writer to try again until
+    it lands: a long outage with sessions created and deleted all along grew them without bound. Now at
+    most DELETES_KEPT wait (2 here): a DELETE beyond them is a 503 saying the session was not deleted,
+    made before the session goes here, so the session stays served (here, and in the store for another
+    replica) rather than deleted here with a store delete that is dropped (its stored copy would then come
+    back). Once the store answers, the waiting deletes land and the DELETEs sent again are 204s, and no
+    replica serves any of the sessions."""
+    import server.store as store_module
+
+    monkeypatch.setattr(store_module, "DELETES_KEPT", 2)
+    monkeypatch.setattr(store_module, "DELETE_RETRY_S", 30.0)  # (no try of its own during the test)
+    a, b = _replica(model_dirs, redis_url), _replica(model_dirs, redis_url)
+    store, delete = a.state.store, a.state.store.delete
+    down = threading.Event()
+
+    def failing_delete(session_id):
+        if down.is_set():
+            raise StoreError("delete failed (Connection refused)", "delete failed (ConnectionError)")
+        delete(session_id)
+
+    store.delete = failing_delete
+    try:
+        made = [
+            httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}) for _ in range(4)
+        ]
+        sids = [r.json()["session_id"] for r in made]
+        down.set()
+        for sid in sids[:2]:  # deleted here; their store deletes wait
+            r = httpx.delete(f"{a.url}/v1/sessions/{sid}")
+            assert r.status_code == 503 and "could not delete it yet" in r.json()["error"]["message"], r.text
+            assert httpx.get(f"{a.url}/v1/sessions/{sid}").status_code == 404
+        assert a.state.writer.backlog == 2
+        for sid in sids[2:]:  # refused before anything is deleted: served as before, here and elsewhere
+            r = httpx.delete(f"{a.url}/v1/sessions/{sid}")
+            assert r.status_code == 503 and r.headers["retry-after"], r.text
+            assert f"session {sid}: not deleted: 2 deletes are waiting" in r.json()["error"]["message"]
+            assert httpx.get(f"{a.url}/v1/sessions/{sid}").status_code == 200
+            _generate(a.url, sid, None, 2, seed=1)
+        assert a.state.writer.backlog == 2 and a.state.writer.deletes_full()  # (no third delete waits)
+        down.clear()
+        for sid in sids:
+            assert httpx.delete(f"{a.url}/v1/sessions/{sid}").status_code == 204
+            assert redis_db.hget(KEY_PREFIX + sid, "v") == TOMBSTONE.encode()
+            assert httpx.get(f"{b.url}/v1/sessions/{sid}").status_code == 404
+            assert httpx.get(f"{a.url}/v1/sessions/{sid}").status_code == 404
+        assert not a.state.writer.deletes_full() and a.state.writer.backlog == 0
+    finally:
+        down.clear()
+        a.stop()
+        b.stop()
