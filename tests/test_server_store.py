@@ -2094,3 +2094,43 @@ def test_the_deletes_waiting_for_a_failing_store_are_bounded_and_none_is_dropped
         down.clear()
         a.stop()
         b.stop()
+
+
+def test_an_sse_turn_waiting_for_its_sessions_write_sends_keep_alive_comments(
+    model_dirs, redis_url, redis_db
+):
+    """A streamed /v1/generate on a session sends its done event once the session's write has landed (up to
+    S4_SESSION_STORE_WRITE_WAIT_S, 60 s at most): the stream was silent after its last token meanwhile, and
+    a proxy's idle timeout could cut it. Now it sends `: keep-alive` comments while it waits (two at least
+    here, the store's write held until they came), then the done event, with the write in the store."""
+    a = _replica(model_dirs, redis_url, sse_keepalive_s=0.1, session_store_write_wait_s=30)
+    put, release = a.state.store.put, threading.Event()
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
+            "session_id"
+        ]
+
+        def held_put(*args):
+            release.wait(10)
+            return put(*args)
+
+        a.state.store.put = held_put
+        body = {"session_id": sid, "max_new_tokens": 8, "seed": 1, "stream": True}
+        after_tokens: list[str] = []  # the lines after the last token event
+        with httpx.stream("POST", a.url + "/v1/generate", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                if line.startswith("data: ") and json.loads(line[6:])["type"] == "token":
+                    after_tokens = []
+                    continue
+                after_tokens.append(line)
+                if after_tokens[-2:] == [": keep-alive"] * 2:
+                    release.set()
+        assert after_tokens[:2] == [": keep-alive"] * 2, after_tokens
+        done = json.loads(after_tokens[-1][6:])
+        assert done["type"] == "done" and set(after_tokens[:-1]) == {": keep-alive"}
+        assert _stored(redis_db, sid)["n_tokens"] == len("ROMEO:") + 8
+    finally:
+        release.set()
+        a.stop()

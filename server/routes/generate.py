@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -95,7 +96,7 @@ async def _sse_generate(
     stream is settled when the done event is out or the client is gone (`Stream.settle`). Audio frames
     are timed as sent, as the WebSocket's are (`FrameClock`: s4_audio_frame_interval_seconds,
     s4_audio_stream_realtime_ratio). A wait of S4_SSE_KEEPALIVE_S with nothing to send (queued, a long
-    prefill) sends KEEP_ALIVE."""
+    prefill, a slow store's write before the done event) sends KEEP_ALIVE."""
     framer = out.framer
     clock = FrameClock(model) if framer is not None else None
     try:
@@ -128,7 +129,14 @@ async def _sse_generate(
                 if framer is None and (rest := out.finish_text(final)):
                     yield sse({"type": "token", "ids": [], "text": rest})
                 done = {"type": "done", "id": gid, "model": model.id, "finish_reason": final.finish_reason}
-                await turn_landed(st, stream)  # (its state is in the store first)
+                # its state is in the store first (a slow store: up to S4_SESSION_STORE_WRITE_WAIT_S)
+                landing = asyncio.ensure_future(turn_landed(st, stream))
+                try:
+                    while not (await asyncio.wait({landing}, timeout=st.settings.sse_keepalive_s))[0]:
+                        yield KEEP_ALIVE
+                finally:
+                    landing.cancel()  # (the client gone meanwhile; done: nothing)
+                landing.result()
                 yield sse({**done, "usage": usage(final), "session_id": session_id})
     finally:
         stream.settle()
