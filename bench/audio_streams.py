@@ -232,10 +232,15 @@ def delivery_cost(block: int, samples: int = 100_000, repeat: int = 3) -> dict[s
 
 
 def audio_model(url: str) -> tuple[str, int]:
-    """The id and sample rate of the (first) audio model the server serves."""
+    """The id and sample rate of the (first) audio model the server serves. RuntimeError where the server
+    does not list its models (503 while it loads them or drains: its message is quoted)."""
     import httpx
 
-    models = httpx.get(url + "/v1/models", timeout=30).json()["data"]
+    r = httpx.get(url + "/v1/models", timeout=30)
+    if r.status_code != 200:
+        why = r.text[:200]
+        raise RuntimeError(f"the server at {url} answered GET /v1/models with {r.status_code}: {why}")
+    models = r.json()["data"]
     audio = [(m["id"], m["sample_rate"]) for m in models if m.get("kind") == "audio"]
     if not audio:
         raise RuntimeError(f"the server at {url} serves no audio model")

@@ -144,3 +144,19 @@ def test_sashimi_refuses_unet_with_phases(monkeypatch, capsys):
     for fn in ("run", "run_unet", "run_phases"):
         monkeypatch.setattr(sashimi, fn, started)
     _refused(sashimi.main, ["--quick", "--unet", "--phases"], "--phases", capsys)
+
+
+def test_audio_streams_says_what_a_server_that_lists_no_models_answered(monkeypatch):
+    """GET /v1/models answers 503 while a server loads its models (or drains): bench.audio_streams read
+    its body's "data" anyway and stopped on a KeyError. Now a RuntimeError quotes the status and message."""
+    import httpx
+
+    from bench import audio_streams
+
+    loading = {"error": {"message": "models are still loading", "type": "service_unavailable", "code": 503}}
+    monkeypatch.setattr(httpx, "get", lambda url, timeout: httpx.Response(503, json=loading))
+    with pytest.raises(RuntimeError, match="answered GET /v1/models with 503: .*models are still loading"):
+        audio_streams.audio_model("http://127.0.0.1:9")
+    served = {"data": [{"id": "t", "kind": "text"}, {"id": "a", "kind": "audio", "sample_rate": 8000}]}
+    monkeypatch.setattr(httpx, "get", lambda url, timeout: httpx.Response(200, json=served))
+    assert audio_streams.audio_model("http://127.0.0.1:9") == ("a", 8000)
