@@ -475,6 +475,9 @@ def _int(data: bytes, at: int, n: int, order: str = "big") -> int:
     return int.from_bytes(data[at : at + n], order)
 
 
+SOX_VOC_SHORT = 8  # sox (14.4) writes a VOC's sound block (type 9) size 8 bytes short of its data
+
+
 def _extent(data: bytes, fmt: str) -> _Extent | None:
     """The sample data a W64, NIST SPHERE, AVR, SVX (8SVX, 16SV), MAT4, MAT5, MPC2K, WVE, VOC or CAF header
     (`fmt`: libsndfile's name of the file's format) declares; None for another format, a header this does
@@ -541,6 +544,8 @@ def _extent(data: bytes, fmt: str) -> _Extent | None:
         if kind == b"\x01" and size >= 2:  # (8-bit mono)
             ext = _Extent(pos + 6, size - 2, 1, end, None)
         elif kind == b"\x09" and size >= 12 and pos + 10 <= n:  # (rate, bits, channels, codec)
+            if n - 1 - (pos + 4 + size) == SOX_VOC_SHORT and data[n - 1 :] == b"\0":
+                size, end = size + SOX_VOC_SHORT, n  # (sox's writer: the rest is this block's data)
             block = data[pos + 8] // 8 * data[pos + 9]
             ext = _Extent(pos + 16, size - 12, block, end, None) if block else None
     elif fmt == "CAF" and data[:4] == b"caff":  # chunks of 12-byte headers (a 64-bit size); data: edits first

@@ -550,6 +550,26 @@ LENGTH_FIELDS = [
 ]
 
 
+@pytest.mark.parametrize("channels", [1, 2])
+def test_a_voc_that_sox_wrote_is_read_whole(channels):
+    """sox (14.4) writes a VOC's sound block (type 9: 16-bit or stereo) with a size field 8 bytes short of
+    its data (`sox -n -r 8000 -b 16 x.voc synth 0.5 sine 300`: 8,004 for 8,000 bytes of samples and 12 of
+    block header; libsndfile writes 8,012), and libsndfile reads to the end of the file anyway. Holding
+    VOC to its header refused every such file (TrailingData: "9 bytes after the 3996 frames"); those 8
+    bytes before the terminator are now read as the block's. A file cut short is still truncated."""
+    x = tone(440, 8000, 0.5)
+    libsndfile = encoded(x, 8000, "VOC", "PCM_16", channels)
+    pos = int.from_bytes(libsndfile[20:22], "little")
+    size = int.from_bytes(libsndfile[pos + 1 : pos + 4], "little")
+    assert libsndfile[pos] == 9 and size == 12 + 4000 * 2 * channels and libsndfile[-1] == 0
+    sox = libsndfile[: pos + 1] + (size - 8).to_bytes(3, "little") + libsndfile[pos + 4 :]
+    want, _ = read_audio(libsndfile, 8000, 30)
+    got, _ = read_audio(sox, 8000, 30)
+    assert len(want) == 4000 and np.array_equal(got, want)
+    with pytest.raises(AudioTruncated):
+        read_audio(sox[:-1001], 8000, 30)
+
+
 @pytest.mark.parametrize("fmt,subtype,width,after", LENGTH_FIELDS)
 def test_containers_whose_length_libsndfile_ignores_are_held_to_their_headers(fmt, subtype, width, after):
     """libsndfile reads W64, NIST SPHERE, AVR, SVX, MPC2K, WVE and VOC data to the end of the file whatever
