@@ -494,6 +494,11 @@ def _extent(data: bytes, fmt: str) -> _Extent | None:
                 tag, block = _int(data, pos + 24, 2, "little"), _int(data, pos + 36, 2, "little")
                 align = block if tag in _PCM_TAGS else 0  # (0: a compressed format's)
             if guid == b"data" + _W64_SUFFIX:
+                if 0 < size < 24:  # (sox's header when it writes to a pipe: another header follows)
+                    raise ValueError(
+                        f"its W64 data chunk declares {size} bytes, less than the chunk's own 24-byte header "
+                        "(a W64 written to a pipe: write it to a file, or send WAV or FLAC)"
+                    )
                 if align is not None and size >= 24:
                     ext = _Extent(pos + 24, size - 24, align, pos + size, "w64")
                 break
@@ -574,7 +579,8 @@ def _extent(data: bytes, fmt: str) -> _Extent | None:
         if width is not None and rows and _int(data, pos, 4, order) == 14:
             size = _int(data, q + 4, 4, order)
             ext = _Extent(q + 8, size, rows * width, q + 8 + size, None)
-    return ext if ext is not None and ext.size > 0 else None
+    # (a CAF's empty data is declared so, its unknown length is -1: what follows it is checked)
+    return ext if ext is not None and (ext.size > 0 or ext.chunks == "caf") else None
 
 
 _JOINED = (

@@ -550,6 +550,29 @@ LENGTH_FIELDS = [
 ]
 
 
+def test_a_w64_or_caf_that_sox_wrote_to_a_pipe_is_refused_not_misread():
+    """sox cannot seek back in a pipe (`sox ... -t w64 - | ...`), so it writes a first header whose data
+    chunk is a placeholder, then a whole second header before the samples. A W64 whose data chunk declared
+    23 bytes (less than its own 24-byte header) was read to the end of the file, the second header's 104
+    bytes as 52 frames of noise at 0.9 of full scale before the 4,000 real ones; a CAF whose data declared
+    no frames was read as none, so the request generated from silence with a 200. Both are refused now:
+    the W64's size named, the CAF's second header found after its declared data. Built here as sox writes
+    them (checked by hand against sox 14.4's output): a first header cut at its data chunk, then the file."""
+    x = tone(440, 8000, 0.5)
+    w64 = encoded(x, 8000, "W64", "PCM_16")
+    at = w64.index(b"data")  # (its GUID's first 4 bytes)
+    with pytest.raises(ValueError, match="W64 data chunk declares 23 bytes, less than the chunk's own"):
+        read_audio(w64[: at + 16] + (23).to_bytes(8, "little") + w64, 8000, 30)
+    caf = encoded(x, 8000, "CAF", "PCM_16")
+    at = caf.index(b"data")
+    with pytest.raises(TrailingData, match="after the 0 frames its header declares .*files joined") as e:
+        read_audio(caf[: at + 4] + (4).to_bytes(8, "big") + bytes(4) + caf, 8000, 30)
+    assert e.value.joined and e.value.extra == len(caf)
+    empty = caf[: at + 4] + (4).to_bytes(8, "big") + bytes(4)  # (a CAF of no frames, alone: no samples)
+    assert len(read_audio(empty, 8000, 30)[0]) == 0
+    assert len(read_audio(w64, 8000, 30)[0]) == len(read_audio(caf, 8000, 30)[0]) == 4000
+
+
 @pytest.mark.parametrize("channels", [1, 2])
 def test_a_voc_that_sox_wrote_is_read_whole(channels):
     """sox (14.4) writes a VOC's sound block (type 9: 16-bit or stereo) with a size field 8 bytes short of
