@@ -40,7 +40,8 @@ async def generate(
             why = json.loads(r.body or b"")["error"]["message"]
         except (ValueError, KeyError, TypeError):
             why = (r.body or b"").decode(errors="replace").strip()
-        print(f"refused: HTTP {r.status_code} {r.reason_phrase}: {why}", file=sys.stderr)
+        hint = " (this script sends one given --api-key KEY or S4_API_KEY)" if r.status_code == 401 else ""
+        print(f"refused: HTTP {r.status_code} {r.reason_phrase}: {why}{hint}", file=sys.stderr)
         return 1
     except (OSError, TimeoutError, websockets.exceptions.InvalidHandshake) as exc:
         print(f"cannot connect to {url}: {exc}", file=sys.stderr)
@@ -63,6 +64,7 @@ async def _stream(ws, prompt: str, model: str, max_new_tokens: int | None, seed:
         given = {"prompt": prompt, "max_new_tokens": max_new_tokens, "seed": seed}
         msg = {"type": "generate", "model": model} | {k: v for k, v in given.items() if v not in (None, "")}
         await ws.send(json.dumps(msg))
+        text = False  # (whether text went to stdout: on a terminal it ends its line before the done line)
         async for frame in ws:
             if isinstance(frame, bytes):  # an audio model's samples
                 sys.stdout.buffer.write(frame)
@@ -71,7 +73,10 @@ async def _stream(ws, prompt: str, model: str, max_new_tokens: int | None, seed:
             msg = json.loads(frame)
             if msg["type"] == "token":
                 print(msg["text"], end="", flush=True)
+                text = text or bool(msg["text"])
             elif msg["type"] in ("done", "error"):
+                if text and sys.stdout.isatty():  # (a pipe or a file gets the text exactly)
+                    print(flush=True)
                 print(json.dumps(msg), file=sys.stderr)
                 return 0 if msg["type"] == "done" else 1
     return 1

@@ -244,6 +244,8 @@ def test_the_websocket_script_sends_its_key(keyed):
     refused = subprocess.run(args, capture_output=True, text=True, timeout=60, check=False)
     assert refused.returncode == 1 and refused.stderr.startswith("refused: HTTP 401 "), refused.stderr
     assert "Traceback" not in refused.stderr  # the server's message, not the client library's traceback
+    # the server's message names headers a user of the script cannot set: the script says how it sends one
+    assert refused.stderr.rstrip().endswith("(this script sends one given --api-key KEY or S4_API_KEY)")
 
 
 def test_prometheus_scrapes_metrics_with_a_bearer_token(keyed):

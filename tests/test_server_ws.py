@@ -352,6 +352,36 @@ def test_the_websocket_script_piped_into_head_stops_quietly(server):
     assert httpx.get(server.url + "/healthz").status_code == 200
 
 
+def test_the_websocket_scripts_text_ends_its_line_on_a_terminal_and_nowhere_else(server):
+    """scripts/ws_generate.py printed the text without a final newline, so on a terminal its done line
+    (stderr) ran on from the text's last character (a fresh-user trial: `PERI{"type": "done", ...`). On a
+    terminal the text now ends its line; a pipe still gets exactly the text (tests compare it byte for
+    byte)."""
+    import os
+    import pty
+
+    args = [sys.executable, str(WS_GENERATE), server.ws_url, "ROMEO:", "--model", TEXT,
+            "--max-new-tokens", "8", "--seed", "3"]  # fmt: skip
+    piped = subprocess.run(args, capture_output=True, timeout=60, check=True)  # (the same seed: same text)
+    assert piped.stdout
+    main, child = pty.openpty()
+    p = subprocess.Popen(args, stdout=child, stderr=subprocess.PIPE)
+    os.close(child)
+    got = b""
+    while True:
+        try:
+            data = os.read(main, 4096)
+        except OSError:  # (the child closed the terminal: EIO)
+            break
+        if not data:
+            break
+        got += data
+    os.close(main)
+    assert p.wait(timeout=60) == 0 and json.loads(p.stderr.read())["type"] == "done"
+    text = piped.stdout.replace(b"\n", b"\r\n")  # (a terminal writes a newline as CR LF)
+    assert got == text + b"\r\n", (got, piped.stdout)
+
+
 def test_the_websocket_script_says_why_a_connection_ended_without_a_traceback(tmp_path):
     """scripts/ws_generate.py against a server that closes with 1012 (stopping) before the done frame, and
     against a port where nothing listens: exit 1, one line saying why, no traceback (a fresh-user trial
