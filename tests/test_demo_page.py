@@ -481,8 +481,10 @@ def keyed(model_dirs):
 def test_with_api_keys_the_page_works_with_the_key_and_says_when_it_is_wrong(browser, keyed, model_dirs):
     d = Demo(browser, keyed.url)  # the page and its assets need no key
     try:
-        # no key: the model list is refused, and the page says why
-        assert "check the API key" in d.wait_status("401")
+        # no key: the model list is refused, and the page says a key is needed and where it goes (it said
+        # "check the API key" with no key typed, to a user who had not been told the server wants one)
+        said = d.wait_status("401")
+        assert "needs an API key (401): type it in the API key field, then Load models" in said
         assert d.page.is_disabled("#model")
         # the right key: the models, then a generation over a socket that carries the key
         d.page.fill("#api-key", KEYS[1])

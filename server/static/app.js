@@ -60,9 +60,16 @@
     return ["s4", `s4.key.${b64url}`];
   }
 
+  // A 401's words: with no key typed, that this server needs one and where it goes; else to check it.
+  function refusedKey() {
+    return apiKey()
+      ? "the server refused the API key (401): check the API key"
+      : "this server needs an API key (401): type it in the API key field, then Load models";
+  }
+
   async function api(path) {
     const r = await fetch(path, { headers: authHeaders() });
-    if (r.status === 401) throw new Error("the server refused the request (401): check the API key");
+    if (r.status === 401) throw new Error(refusedKey());
     if (!r.ok) {
       const body = await r.json().catch(() => null);
       throw Object.assign(new Error(body?.error?.message || `${path}: HTTP ${r.status}`), { status: r.status });
@@ -618,7 +625,7 @@
     } catch {
       return "the server does not answer (is it up?)";
     }
-    if (r.status === 401) return "the server refused the API key (401): check the API key";
+    if (r.status === 401) return refusedKey();
     if (r.status === 429) {
       const said = await r.json().then((b) => b.error.message, () => "too many requests");
       return `the server refused it (429): ${said}`;
