@@ -338,7 +338,8 @@ class Settings(BaseSettings):
         description="an SSE stream (`/v1/generate`, `/v1/completions`, `/v1/chat/completions` with stream: "
         "true) that has had nothing to send for this many seconds (queued behind other requests, a long "
         "prompt's prefill) gets a comment line, `: keep-alive`, which SSE clients ignore, so that a proxy's "
-        "idle timeout (nginx's proxy_read_timeout, a load balancer's 60 s) does not cut it",
+        "idle timeout (nginx's proxy_read_timeout, a load balancer's 60 s) does not cut it; there is no off "
+        "(0 is refused): 3600 makes them rare",
     )
     keep_alive_timeout_s: float = Field(
         5.0,
