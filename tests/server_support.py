@@ -120,6 +120,27 @@ class ServerThread:
         self.thread.join(30)
 
 
+def serving_while_loading(settings, monkeypatch) -> tuple[ServerThread, threading.Event]:
+    """A ServerThread of `settings` that listens while its models are still loading (/readyz: 503,
+    "loading"), and the event that lets them load (set it; set it too before stopping the server)."""
+    import server.state
+
+    go, load = threading.Event(), server.state.load_models
+
+    def gated(*args, **kwargs):
+        go.wait(60)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(server.state, "load_models", gated)
+    s = ServerThread(settings)
+    s.thread.start()
+    if not wait_for(lambda: s.server.started, 30):
+        go.set()
+        s.stop()
+        raise RuntimeError("server did not start listening")
+    return s, go
+
+
 class RawWebSocket:
     """A minimal blocking WebSocket client on a plain socket, so a test controls exactly when bytes
     are read (client libraries read ahead into their own buffers)."""

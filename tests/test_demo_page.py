@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
-from server_support import ServerThread, check_usage, reference, wait_for
+from server_support import ServerThread, check_usage, reference, serving_while_loading, wait_for
 
 from model.codecs import MuLaw, to_pcm16, wav_bytes
 from model.sampling import SamplingParams
@@ -111,6 +111,15 @@ def generate_text(d: Demo, prompt: str, n: int, seed: int) -> str:
     d.page.click("#send")
     d.wait_status("Done")
     return d.page.text_content(f'#output .gen[data-turn="{turn}"]')
+
+
+def generate_audio(d: Demo, n: int, seed: int) -> None:
+    """One audio turn of `n` samples at temperature 1 from the page's own controls, until it is done."""
+    d.page.fill("#audio-samples", str(n))
+    d.page.fill("#audio-temperature", "1")
+    d.page.fill("#audio-seed", str(seed))
+    d.page.click("#audio-generate")
+    d.wait_status(f"Done: length, {n} samples")
 
 
 def test_the_page_and_its_assets_are_served_outside_the_api_schema(client):
@@ -263,11 +272,7 @@ def test_audio_without_a_prompt_starts_from_the_models_silence(demo, model_dirs)
     d.wait_status("models served")
     d.page.select_option("#model", AUDIO)
     assert d.page.text_content("#prompt-info") == "no prompt: starts from the model's silence"
-    d.page.fill("#audio-samples", "600")
-    d.page.fill("#audio-temperature", "1")
-    d.page.fill("#audio-seed", "8")
-    d.page.click("#audio-generate")
-    d.wait_status("Done: length, 600 samples")
+    generate_audio(d, 600, seed=8)
     want = reference(model_dirs["audio"], [MuLaw().silence], SamplingParams(seed=8), 600)
     d.page.wait_for_function("() => s4demo.samplesPlayed === 600", timeout=WAIT_MS)
     assert downloaded_wav(d) == to_pcm16(MuLaw().decode(want))
@@ -613,23 +618,10 @@ def test_a_page_opened_while_the_models_load_says_so_and_lists_them_once_loaded(
 ):
     """/v1/models answers 503 until every model has loaded (/readyz: "loading"): the page says the models
     are loading and asks again by itself, and lists them once they are served (no "serves no model")."""
-    import threading
-
-    import server.state
     from server import Settings
 
-    go = threading.Event()
-    load = server.state.load_models
-
-    def gated(*args, **kwargs):
-        go.wait(60)
-        return load(*args, **kwargs)
-
-    monkeypatch.setattr(server.state, "load_models", gated)
-    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])]))
-    s.thread.start()
+    s, go = serving_while_loading(Settings(checkpoints=[str(model_dirs["text"])]), monkeypatch)
     try:
-        assert wait_for(lambda: s.server.started, 30)
         d = Demo(browser, s.url)
         statuses(d)
         said = d.wait_status("loading")
@@ -1439,11 +1431,7 @@ def test_streamed_audio_plays_sample_for_sample_across_the_seams_between_buffers
     d.page.select_option("#model", AUDIO)
     d.js(RECORD_STARTS)
     n = 4000
-    d.page.fill("#audio-samples", str(n))
-    d.page.fill("#audio-temperature", "1")
-    d.page.fill("#audio-seed", "5")
-    d.page.click("#audio-generate")
-    d.wait_status(f"Done: length, {n} samples")
+    generate_audio(d, n, seed=5)
     assert d.js("s4demo.samplesScheduled") == n
     ids = reference(model_dirs["audio"], [MuLaw().silence], SamplingParams(seed=5), n)
     want = np.frombuffer(to_pcm16(MuLaw().decode(ids)), dtype="<i2")
@@ -1472,11 +1460,7 @@ def test_the_waveforms_text_alternative_says_what_it_shows(demo, model_dirs):
     canvas = d.page.get_by_role("img")
     expect(canvas).to_have_accessible_name("Waveform of the generated audio: none yet")
     n = 4000
-    d.page.fill("#audio-samples", str(n))
-    d.page.fill("#audio-temperature", "1")
-    d.page.fill("#audio-seed", "5")
-    d.page.click("#audio-generate")
-    d.wait_status(f"Done: length, {n} samples")
+    generate_audio(d, n, seed=5)
     ids = reference(model_dirs["audio"], [MuLaw().silence], SamplingParams(seed=5), n)
     peak = np.max(np.abs(np.frombuffer(to_pcm16(MuLaw().decode(ids)), dtype="<i2").astype(int)))
     expect(canvas).to_have_accessible_name(

@@ -11,7 +11,7 @@ import threading
 import httpx
 import pytest
 import torch
-from server_support import ServerThread, _rec, metric, reference, wait_for, ws_turn
+from server_support import ServerThread, _rec, metric, reference, serving_while_loading, wait_for, ws_turn
 from websockets.sync.client import connect
 
 from model.sampling import SamplingParams, sample
@@ -290,20 +290,9 @@ def test_the_model_list_answers_as_every_model_route_while_loading_and_draining(
     folder that failed is not listed, and is a 404 by id)."""
     import asyncio  # noqa: PLC0415
 
-    import server.state  # noqa: PLC0415
-
-    go = threading.Event()
-    load = server.state.load_models
-
-    def gated(*args, **kwargs):
-        go.wait(60)
-        return load(*args, **kwargs)
-
-    monkeypatch.setattr(server.state, "load_models", gated)
-    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"]), str(model_dirs["broken"])]))
-    s.thread.start()
+    settings = Settings(checkpoints=[str(model_dirs["text"]), str(model_dirs["broken"])])
+    s, go = serving_while_loading(settings, monkeypatch)
     try:
-        assert wait_for(lambda: s.server.started, 30)
         with httpx.Client(base_url=s.url, timeout=60) as c:
 
             def refused(message: str) -> None:

@@ -99,6 +99,20 @@ def _replica(model_dirs, redis_url, **kw) -> ServerThread:
     return ServerThread(settings).start()
 
 
+def _failing_deletes(replica: ServerThread) -> threading.Event:
+    """An event that, while set, makes every delete of `replica`'s store fail as an unreachable Redis's
+    would (StoreError); cleared, deletes reach the store again."""
+    delete, down = replica.state.store.delete, threading.Event()
+
+    def failing_delete(session_id):
+        if down.is_set():
+            raise StoreError("delete failed (Connection refused)", "delete failed (ConnectionError)")
+        delete(session_id)
+
+    replica.state.store.delete = failing_delete
+    return down
+
+
 def _generate(
     url: str, sid: str, prompt: str | None, n: int, seed: int, model: str | None = TEXT
 ) -> list[int]:
@@ -1777,15 +1791,7 @@ def test_a_delete_the_store_cannot_make_is_a_503_and_the_session_stays_deleted(
     replica (404, not restored from the store's copy), another DELETE answers 503 again while the store is
     down, and 204 once its try lands; the store then holds the tombstone, so no replica serves it."""
     a, b = _replica(model_dirs, redis_url), _replica(model_dirs, redis_url)
-    store, delete = a.state.store, a.state.store.delete
-    down = threading.Event()
-
-    def failing_delete(session_id):
-        if down.is_set():
-            raise StoreError("delete failed (Connection refused)", "delete failed (ConnectionError)")
-        delete(session_id)
-
-    store.delete = failing_delete
+    down = _failing_deletes(a)
     try:
         sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
             "session_id"
@@ -2056,15 +2062,7 @@ def test_the_deletes_waiting_for_a_failing_store_are_bounded_and_none_is_dropped
     monkeypatch.setattr(store_module, "DELETES_KEPT", 2)
     monkeypatch.setattr(store_module, "DELETE_RETRY_S", 30.0)  # (no try of its own during the test)
     a, b = _replica(model_dirs, redis_url), _replica(model_dirs, redis_url)
-    store, delete = a.state.store, a.state.store.delete
-    down = threading.Event()
-
-    def failing_delete(session_id):
-        if down.is_set():
-            raise StoreError("delete failed (Connection refused)", "delete failed (ConnectionError)")
-        delete(session_id)
-
-    store.delete = failing_delete
+    down = _failing_deletes(a)
     try:
         made = [
             httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}) for _ in range(4)
