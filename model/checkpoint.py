@@ -91,23 +91,26 @@ def _safetensors_sizes(f) -> tuple[int, int | None]:
     return size, header if header <= size - 8 else None
 
 
-def _read_tensors(f, size: int, want_sha256: str | None) -> dict[str, torch.Tensor]:
-    """The tensors of the safetensors file open as `f` (`size` bytes), read once: the bytes hashed against
-    `want_sha256` are the bytes the safetensors library parses (`safetensors.torch.load`), so what is
-    checked is what is loaded (the file was hashed, then opened again and mapped: a save that replaced it
-    between the two was loaded unchecked; and read twice). The read holds the file and its tensors at
-    once: `load` has sized the data against the config first. ValueError: a checksum mismatch (the
-    message says so), a file that ended early, or the library's reason the bytes are not its format."""
+def _read_tensors(f, wpath: Path, size: int, want_sha256: str | None) -> dict[str, torch.Tensor]:
+    """The tensors of the safetensors file `wpath` open as `f` (`size` bytes), read once: the bytes hashed
+    against `want_sha256` are the bytes the safetensors library parses (`safetensors.torch.load`), so what
+    is checked is what is loaded (the file was hashed, then opened again and mapped: a save that replaced
+    it between the two was loaded unchecked; and read twice). The read holds the file and its tensors at
+    once: `load` has sized the data against the config first. CheckpointError: a checksum mismatch, a file
+    that ended early, or the library's reason the bytes are not its format."""
     f.seek(0)
     data = f.read(size)
     if len(data) != size:
-        raise ValueError(f"the file ended at {len(data):,} of its {size:,} bytes while it was read")
+        raise CheckpointError(
+            f"{wpath}: unreadable safetensors file (the file ended at {len(data):,} of its {size:,} bytes "
+            "while it was read)"
+        )
     if want_sha256 is not None and hashlib.sha256(data).hexdigest() != want_sha256:
-        raise ValueError("checksum mismatch")
+        raise CheckpointError(f"{wpath}: checksum mismatch (file is corrupt or was changed after saving)")
     try:
         return safetensors_load(data)
     except (SafetensorError, ValueError, RuntimeError, TypeError) as exc:
-        raise ValueError(str(exc)) from None
+        raise CheckpointError(f"{wpath}: unreadable safetensors file ({exc})") from None
 
 
 def _some(names: list[str], n: int = 8) -> str:
@@ -303,14 +306,7 @@ def _load_from(f, wpath: Path, d: Path, cfg, want: str | None, device):
             f"{wpath}: {size - 8 - header:,} bytes of tensor data, where the config's {len(expected)} "
             f"tensors hold {need:,}: not read"
         )
-    try:
-        state = _read_tensors(f, size, want)
-    except ValueError as exc:
-        if str(exc) == "checksum mismatch":
-            raise CheckpointError(
-                f"{wpath}: checksum mismatch (file is corrupt or was changed after saving)"
-            ) from None
-        raise CheckpointError(f"{wpath}: unreadable safetensors file ({exc})") from None
+    state = _read_tensors(f, wpath, size, want)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
