@@ -783,7 +783,8 @@ async def session_info(state: ServerState, session_id: str) -> dict:
     else the stored header, read without restoring it: no slot taken, no TTL (the store's or the
     session's) or last_used refreshed, so a dashboard polling it keeps no session alive. A copy here
     that its idle TTL is evicting, or evicted since the version check, is read from the store once that
-    eviction's write has landed (it answered `busy`, or 404)."""
+    eviction's write has landed (it answered `busy`, or 404). A copy here of a session deleted elsewhere
+    is dropped (404), its slot freed."""
     if state.store is None or len(session_id) > MAX_SESSION_ID:
         rec = state.sessions.get(session_id)
         return rec.info(state.models[rec.model].state_bytes)
@@ -799,7 +800,9 @@ async def session_info(state: ServerState, session_id: str) -> dict:
             await _eviction_over(state, rec)
         settle = True
     stored = await _read_stored(state, session_id, settle=settle)
-    if stored is None:  # (a copy held here of a session deleted elsewhere: a 404 too)
+    if stored is None:
+        if state.sessions.has(session_id):  # a copy held here of a session deleted elsewhere: dropped, its
+            await restore(state, session_id)  # slot freed, as a claiming route's restore drops it
         raise not_found(f"no session {quoted(session_id)}", param="session_id")
     model, header, raw, _ = stored
     what = f"the stored state of session {session_id}"

@@ -695,6 +695,33 @@ def test_session_info_reads_the_store_without_restoring_and_generated_moves_with
         b.stop()
 
 
+def test_a_get_of_a_session_deleted_elsewhere_frees_the_copy_held_here(model_dirs, redis_url, redis_db):
+    """GET /v1/sessions/{id} on a replica holding a copy of a session another replica deleted answers 404
+    and drops that copy, its slot freed at once, as every claiming route does (`restore`). It kept the
+    copy, and its slot, until its idle TTL: a replica full of such copies evicted live sessions for them.
+    The copy is not written back, and the delete stays final."""
+    a, b = _replica(model_dirs, redis_url), _replica(model_dirs, redis_url, session_ttl_s=3600)
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "HAMLET:"}).json()[
+            "session_id"
+        ]
+        _generate(a.url, sid, None, 4, seed=1)
+        _generate(b.url, sid, " ay", 4, seed=2)  # b restores it and takes a slot; a's copy is stale now
+        pool = b.state.models[TEXT].engine.pool
+        assert b.state.sessions.has(sid) and pool.in_use == 1
+        assert httpx.delete(f"{a.url}/v1/sessions/{sid}").status_code == 204
+        assert wait_for(lambda: _stored(redis_db, sid) is None, 10)
+        r = httpx.get(f"{b.url}/v1/sessions/{sid}")
+        assert r.status_code == 404 and sid in r.text, r.text
+        assert not b.state.sessions.has(sid) and pool.in_use == 0
+        assert _metric(b.url, "reload") == 1  # (dropped as a stale copy, counted as restore() counts one)
+        b.stop()  # its shutdown flush writes nothing back: the delete stays final
+        assert _stored(redis_db, sid) is None and redis_db.hget(KEY_PREFIX + sid, "v") is not None
+    finally:
+        a.stop()
+        b.stop()
+
+
 class _StalledGets:
     """The store a replica restores from, whose reads of `stalled` sessions wait for `resume` (Redis stalled
     for those); `reading[sid]` is set once a read of sid has begun."""
