@@ -789,8 +789,9 @@
   }
 
   function showRecording(on) {
+    // the label says what a press does; no aria-pressed beside it (WAI-ARIA APG: a toggle's label
+    // stays the same, or it changes and the button is a plain one, never both)
     $("record").textContent = on ? "Stop recording" : "Record";
-    $("record").setAttribute("aria-pressed", String(on));
   }
 
   // Another model or a new session: the recording is dropped and the microphone released.
