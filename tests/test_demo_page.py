@@ -1212,11 +1212,26 @@ def test_a_model_without_defaults_shows_the_pages_own_not_the_last_models(browse
         s.stop()
 
 
+# records the gain ramps and the sources' stops the page schedules, with the context's time of each call
+STOPS = """() => {
+    window.stops = [];
+    const ramp = AudioParam.prototype.linearRampToValueAtTime;
+    AudioParam.prototype.linearRampToValueAtTime = function (v, t) {
+      stops.push({kind: "ramp", v, t}); return ramp.call(this, v, t); };
+    const stop = AudioScheduledSourceNode.prototype.stop;
+    AudioScheduledSourceNode.prototype.stop = function (t) {
+      stops.push({kind: "stop", t: t ?? 0, now: this.context.currentTime}); return stop.call(this, t); };
+}"""
+
+
 def test_audio_still_queued_after_its_turn_can_be_stopped(demo):
     """A model faster than real time leaves most of its audio to play after the done frame, and Cancel was
     disabled then: only New session or another model (both end the session) silenced it. Between turns the
-    audio panel's Cancel reads "Stop playback" while audio is queued, and stops it."""
+    audio panel's Cancel reads "Stop playback" while audio is queued, and stops it, fading the sound to 0
+    over 20 ms first: each source stops when the fade ends, not at once (a cut mid-wave clicks)."""
     d = demo
+    d.page.add_init_script(f"({STOPS})()")
+    d.page.reload()
     d.wait_status("models served")
     d.page.select_option("#model", AUDIO)
     d.page.fill("#audio-samples", "80000")  # 10 s at 8 kHz: the tiny model makes it in well under that
@@ -1228,6 +1243,11 @@ def test_audio_still_queued_after_its_turn_can_be_stopped(demo):
     d.wait_status("Playback stopped")
     played = d.js("s4demo.samplesPlayed")
     assert d.js("s4demo.sourcesQueued()") == 0 and played < 80000
+    stops = d.js("stops")
+    ramps, ends = [e for e in stops if e["kind"] == "ramp"], [e for e in stops if e["kind"] == "stop"]
+    assert len(ramps) == 1 and ramps[0]["v"] == 0 and ends, stops
+    for e in ends:  # every source stops as the gain reaches 0, 20 ms on (within the clock's 1 µs steps)
+        assert e["t"] == ramps[0]["t"] and e["t"] - e["now"] == pytest.approx(0.02, abs=1e-6), stops
     assert d.page.text_content("#audio-cancel") == "Cancel" and d.page.is_disabled("#audio-cancel")
     d.page.wait_for_timeout(300)
     assert d.js("s4demo.samplesPlayed") == played  # nothing more played

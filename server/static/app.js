@@ -638,18 +638,39 @@
   const audio = {
     ctx: null, ctxRate: null, rate: 8000, nextFrame: 0, started: false, pending: [], pendingLength: 0,
     flushTimer: null, sources: new Set(), samples: new Int16Array(0), length: 0, expected: 0, prompt: null,
-    recorder: null, dirty: false,
+    recorder: null, dirty: false, out: null,
   };
 
   // Silence what is queued or playing (Cancel, New session, a new generation's reset): a stopped source
-  // counts as not played.
+  // counts as not played. The sound fades to 0 over FADE_S first (a cut mid-wave clicks); audio queued
+  // after this plays through a new gain node, which the fade does not touch.
+  const FADE_S = 0.02;
+
   function stopPlayback() {
+    const out = audio.out;
+    audio.out = null;
+    let end = 0; // (now)
+    if (out && audio.sources.size && out.context.state === "running") {
+      end = out.context.currentTime + FADE_S;
+      out.gain.setValueAtTime(out.gain.value, out.context.currentTime);
+      out.gain.linearRampToValueAtTime(0, end);
+    }
     for (const src of audio.sources) {
       src.onended = null;
-      src.stop();
+      src.stop(end);
     }
     audio.sources.clear();
+    if (out) setTimeout(() => out.disconnect(), 1000 * FADE_S + 100);
     if (!turn) stopPlaybackButton(false);
+  }
+
+  // The gain node this turn's audio plays through (one per context, until stopPlayback fades it out).
+  function output(ctx) {
+    if (!audio.out || audio.out.context !== ctx) {
+      audio.out = ctx.createGain();
+      audio.out.connect(ctx.destination);
+    }
+    return audio.out;
   }
 
   // Between turns the audio panel's Cancel button reads "Stop playback" while generated audio is still
@@ -918,7 +939,7 @@
     audio.pendingLength = 0;
     const src = ctx.createBufferSource();
     src.buffer = buffer;
-    src.connect(ctx.destination);
+    src.connect(output(ctx));
     src.onended = () => {
       audio.sources.delete(src);
       demo.samplesPlayed += n;
