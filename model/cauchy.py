@@ -35,6 +35,11 @@ def keops_cache_folder() -> Path:
 def _import_keops():
     folder = keops_cache_folder()
     folder.mkdir(parents=True, exist_ok=True)
+    # keopscore prints "[KeOps] Warning : CUDA libraries not found or could not be loaded; Switching to CPU
+    # only." to stdout at import on every machine without CUDA, where nothing is wrong; KEOPS_VERBOSE=0
+    # (read once, at that import) keeps it quiet unless the user set it. A failing KeOps is reported by
+    # `keops_available`'s reason in the fallback's warning instead.
+    os.environ.setdefault("KEOPS_VERBOSE", "0")
     import pykeops  # noqa: PLC0415  (optional dependency)
 
     pykeops.set_verbose(False)

@@ -1,12 +1,18 @@
 """Cauchy and Vandermonde kernels: torch vs a dense float64 reference, keops vs torch (values and
 gradients), bounded-memory chunking, and the dispatcher's fallback."""
 
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 import model.cauchy as cy
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def dense_cauchy(v, z, w, conj):
@@ -70,6 +76,23 @@ def test_vandermonde_keops_matches_torch_and_reference():
     gb = torch.autograd.grad(b.square().sum(), [v, x])
     for p, q in zip(ga, gb):
         assert rel(q, p) <= 1e-5
+
+
+def test_keops_prints_nothing_at_import_on_a_machine_without_cuda():
+    """keopscore printed "[KeOps] Warning : CUDA libraries not found ...; Switching to CPU only." to
+    stdout at import on every CPU machine (a line among a training run's or a tool's output, read as a
+    fault). Imported through `keops_available` in a fresh process, stdout holds our line only; the
+    user's own KEOPS_VERBOSE=1 still lets it speak."""
+    code = "from model.cauchy import keops_available; print(keops_available())"
+    env = {k: v for k, v in os.environ.items() if k != "KEOPS_VERBOSE"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # (no GPU even on a GPU machine: the case in question)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=600, check=False)  # fmt: skip
+    assert run.returncode == 0 and run.stdout == "True\n", (run.stdout, run.stderr)
+    env["KEOPS_VERBOSE"] = "1"  # (no visible GPU: keopscore warns, whether CUDA's libraries are there or not)
+    loud = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=600, check=False)  # fmt: skip
+    assert "[KeOps] Warning" in loud.stdout and loud.stdout.endswith("True\n"), loud.stdout
 
 
 def test_dispatcher_prefers_keops_when_it_works():
