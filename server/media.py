@@ -165,8 +165,10 @@ def prompt_ids(
     max_tokens: int | None = None,
     codec: Codec = MULAW,
     vocab: Vocab | None = None,
+    decode=read_audio,
 ) -> list[int]:
     """A request's prompt as token ids for a model of this kind (422 naming the wrong field); audio is
+    decoded by `decode` (read_audio, or the server's worker processes' `AudioDecoder.read_audio`) and
     encoded by the model's `codec` (its quantization, and mu-law's convention).
 
     Text: a prompt longer than `max_tokens` is a 413 naming it; byte tokens are counted before the prompt
@@ -191,7 +193,7 @@ def prompt_ids(
     if not data:  # (libsndfile's answer, "Format not recognised", did not say it was empty)
         raise invalid("prompt_audio", "prompt_audio is empty: send a base64 audio file, or leave it out")
     try:
-        x, _ = read_audio(data, sample_rate, max_audio_s)
+        x, _ = decode(data, sample_rate, max_audio_s)
     except AudioTooLong as exc:
         raise prompt_too_long(f"prompt_audio: {exc} (max_audio_s)", "prompt_audio") from None
     except AudioTruncated as exc:

@@ -12,6 +12,7 @@ import threading
 from collections.abc import AsyncIterator
 
 from server.config import Settings
+from server.decoder import AudioDecoder
 from server.errors import APIError, not_found, quoted, unavailable
 from server.metrics import Metrics
 from server.registry import ServedModel, load_models
@@ -67,6 +68,7 @@ class ServerState:
         self.stopping = threading.Event()  # set by the drain: loading ends at its next step's boundary
         self.loader: threading.Thread | None = None  # the thread loading the models, while it runs
         self.freeze_gc = False  # set by python -m server: gc.freeze() once the models are loaded
+        self.decoder = AudioDecoder()  # prompt audio files, decoded in worker processes
 
     @property
     def max_state_blob_bytes(self) -> int:
@@ -124,6 +126,8 @@ class ServerState:
             return
         if self.stopping.is_set():  # stopped while loading: nothing to start (shutdown saw no model)
             return
+        if any(m.kind == "audio" for m in models.values()):  # (its first worker: seconds, not at a prompt)
+            await asyncio.to_thread(self.decoder.start)
         self.models, self.failed = models, failed
         if self.store is not None:
             self.metrics.add_store_gauges(lambda: self.writer.backlog if self.writer is not None else 0)
@@ -223,6 +227,7 @@ class ServerState:
         if self.writer is not None:
             self.writer.begin_final()
         await asyncio.gather(*(asyncio.to_thread(m.engine.stop) for m in self.models.values()))
+        await asyncio.to_thread(self.decoder.close)
         if self.writer is not None:  # bounded: S4_SESSION_STORE_FLUSH_TIMEOUT_S in all
             ok, report = await asyncio.to_thread(
                 self.writer.stop, self.settings.session_store_flush_timeout_s

@@ -66,10 +66,10 @@ def test_audio_prompts_are_decoded_off_the_event_loop(server, client, monkeypatc
     any small compressed file of many frames and channels) took 1.8 s of CPU, and four at once held
     /healthz (a liveness probe) and every other client's stream for 4 s. Every route that takes
     prompt_audio (generate, session create and append, WebSocket generate and append) decodes it in a
-    worker thread now, while the event loop answers /healthz."""
-    from server import media
-
-    decoders, real = [], media.read_audio
+    worker thread now (which waits for the decoder's worker process, server/decoder.py), while the event
+    loop answers /healthz."""
+    decoder = server.state.decoder
+    decoders, real = [], decoder.read_audio
     started, probed, overlapped = threading.Event(), threading.Event(), []
 
     def slow_read_audio(*args, **kwargs):  # the first stands for a costly decode: it lasts until /healthz
@@ -79,7 +79,7 @@ def test_audio_prompts_are_decoded_off_the_event_loop(server, client, monkeypatc
             overlapped.append(probed.wait(30))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(media, "read_audio", slow_read_audio)
+    monkeypatch.setattr(decoder, "read_audio", slow_read_audio)
     audio = b64(wav_bytes(np.zeros(80), 8000))
     # the probe is sent once the decode has started and answered while it runs: events, not durations (a
     # fixed 0.3 s for the decode to start and 0.6 s for the probe were a loaded machine's to miss)

@@ -1,0 +1,171 @@
+"""Prompt audio files decoded in worker processes (model.codecs.read_audio in a process pool), so that what
+libsndfile does to its process stays there:
+
+* libmpg123, its MP3 decoder, writes to file descriptor 2 for each damaged frame it decodes (two lines a
+  frame: 316 KB for a 30 s prompt), past the server's logging, and libsndfile gives no way to quiet it.
+  A worker's stdout and stderr are a file of its own, read back after each file: what the decoder wrote
+  becomes one INFO line of ours (`summary`), or none.
+* a file that crashes libsndfile ends a worker, not the server.
+
+The samples are read_audio's own (the same code and libraries, in another process): bit for bit."""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import ctypes
+import logging
+import multiprocessing
+import os
+import sys
+import tempfile
+import threading
+from concurrent.futures.process import BrokenProcessPool
+
+from model.codecs import read_audio
+
+log = logging.getLogger("server.decoder")
+
+# worker processes at most: each decodes one file at a time; they are started as files come
+MAX_WORKERS = min(4, os.cpu_count() or 1)
+SUMMARY_LINE_CHARS = 200  # of the decoder's line quoted in the log line
+_CAPTURED = 1 << 20  # bytes of a worker's output read back to summarise (the count is of all of it)
+
+
+def _start_worker() -> None:
+    """A worker's start: its stdout and stderr go to a file of its own (read back after each file)."""
+    if hasattr(os, "memfd_create"):  # (Linux: a file in memory)
+        sink = os.memfd_create("s4serve-decoder-output")
+    else:
+        with tempfile.TemporaryFile() as f:
+            sink = os.dup(f.fileno())
+    os.dup2(sink, 1)
+    os.dup2(sink, 2)
+    os.close(sink)
+
+
+def _libc_flush() -> None:
+    """C stdio's buffers written out (a C library's printf to stdout is buffered in a file)."""
+    try:
+        ctypes.CDLL(None).fflush(None)
+    except (OSError, AttributeError):  # (no C library loaded by that name: nothing of it to flush)
+        pass
+
+
+def summary(said: bytes, total: int) -> str:
+    """What a decoder wrote (`said`: its first bytes; `total`: how many it wrote) as one line: its lines
+    and bytes, the line it wrote most often and how often, and how many distinct lines there were."""
+    lines = [s.strip() for s in said.decode("utf-8", errors="replace").splitlines() if s.strip()]
+    if not lines:
+        return f"{total:,} bytes of blank lines"
+    counts = collections.Counter(lines)
+    line, n = counts.most_common(1)[0]
+    if len(line) > SUMMARY_LINE_CHARS:
+        line = line[:SUMMARY_LINE_CHARS] + "…"
+    more = "" if total <= len(said) else f" in its first {len(said):,} bytes"
+    return (
+        f"{len(lines):,} lines ({total:,} bytes), {len(counts):,} distinct{more}; most often ({n:,}×): "
+        f"{line!r}"
+    )
+
+
+def _decode(data: bytes, target_rate: int | None, max_seconds: float | None):
+    """read_audio in a worker: ("ok", samples, rate, said) or ("error", its ValueError's class, args and
+    attributes, said), `said` the summary of what the decoder wrote (None: nothing). An exception is sent
+    as its parts: pickle rebuilds one by calling its class with `args`, which the codecs' own exceptions
+    (AudioTooLong(frames, rate, ...)) do not take."""
+    os.lseek(2, 0, os.SEEK_SET)
+    os.ftruncate(2, 0)
+    try:
+        x, rate = read_audio(data, target_rate, max_seconds)
+        result = ("ok", x, rate)
+    except ValueError as exc:
+        result = ("error", type(exc), exc.args, vars(exc))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    _libc_flush()
+    total = os.fstat(2).st_size
+    said = os.pread(2, min(total, _CAPTURED), 0) if total else b""
+    return (*result, summary(said, total) if total else None)
+
+
+def _rebuilt(cls: type[ValueError], args: tuple, attrs: dict) -> ValueError:
+    """A worker's exception made again from its parts (`_decode`), without calling its class's __init__."""
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(attrs)
+    return exc
+
+
+class AudioDecoder:
+    """read_audio in a pool of worker processes (`MAX_WORKERS`, started as files come; `start` starts one
+    ahead). The pool is made on first use and again after a worker died (`BrokenProcessPool`: every file
+    it held then is tried once more, on the new pool). Where no process can be made (no /dev/shm for
+    multiprocessing's locks) it decodes in this process, as read_audio does, and says so once in the log."""
+
+    def __init__(self, max_workers: int = MAX_WORKERS) -> None:
+        self.max_workers = max_workers
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._in_process = False  # (no worker process could be made, or closed)
+
+    def _current(self) -> concurrent.futures.ProcessPoolExecutor | None:
+        with self._lock:
+            if self._pool is None and not self._in_process:
+                try:
+                    ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
+                    if ctx.get_start_method() == "forkserver":
+                        ctx.set_forkserver_preload(["model.codecs"])  # (workers fork with it imported)
+                    self._pool = concurrent.futures.ProcessPoolExecutor(
+                        self.max_workers, mp_context=ctx, initializer=_start_worker
+                    )
+                except (OSError, ImportError, NotImplementedError) as exc:
+                    log.error(
+                        "audio prompts are decoded in the server's process (no worker process: %s): "
+                        "libsndfile's decoder may write to its stderr, and a `._` file or `.AppleDouble` "
+                        "directory in its working directory fails MP3 prompts",
+                        exc,
+                    )
+                    self._in_process = True
+            return self._pool
+
+    def start(self) -> None:
+        """One worker started and ready (the first takes seconds: it imports the codecs, torch with them),
+        so the first prompt does not wait for it."""
+        if (pool := self._current()) is not None:
+            pool.submit(int).result()
+
+    def read_audio(self, data: bytes, target_rate: int | None = None, max_seconds: float | None = None):
+        """model.codecs.read_audio(data, target_rate, max_seconds), in a worker: the same samples and rate
+        and the same exceptions; what the decoder wrote to its stdout or stderr is one INFO line of this
+        log (`summary`). A file whose decoding ends the worker twice (it crashes libsndfile) raises
+        ValueError."""
+        for attempt in range(2):
+            pool = self._current()
+            if pool is None:
+                return read_audio(data, target_rate, max_seconds)
+            try:
+                result = pool.submit(_decode, data, target_rate, max_seconds).result()
+                break
+            except BrokenProcessPool:
+                with self._lock:
+                    if self._pool is pool:
+                        self._pool = None
+                pool.shutdown(wait=False)
+                log.warning(
+                    "an audio decoder process ended while decoding a prompt (try %d of 2)", attempt + 1
+                )
+        else:
+            raise ValueError("the audio decoder's process ended while decoding it (twice): a damaged file?")
+        if result[-1] is not None:
+            log.info("prompt_audio: the audio decoder wrote %s", result[-1])
+        if result[0] == "error":
+            raise _rebuilt(*result[1:4])
+        return result[1], result[2]
+
+    def close(self) -> None:
+        """Its workers stopped (after the files they hold); a later call decodes in this process."""
+        with self._lock:
+            pool, self._pool, self._in_process = self._pool, None, True
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,107 @@
+"""Prompt audio decoded in worker processes (server/decoder.py): read_audio's samples and refusals bit for
+bit, while what libsndfile's MP3 decoder (mpg123) writes to stderr becomes one log line of ours."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pytest
+from server_support import b64
+
+from bench.audio_decoder import damaged_mp3, encoded, tone
+from model.codecs import AudioTooLong, AudioTruncated, NoSamples, read_audio, wav_bytes
+from server.decoder import AudioDecoder, summary
+
+AUDIO = "tiny-audio"
+STDERR_LIMIT = 2048  # bytes a server may write to its stderr while it reads a damaged MP3 prompt
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    d = AudioDecoder(max_workers=1)
+    yield d
+    d.close()
+
+
+def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype == np.float32 and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+FORMATS = [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("FLAC", "PCM_24"), ("OGG", "VORBIS"), ("OGG", "OPUS")]
+FORMATS += [("MP3", None)]
+
+
+@pytest.mark.parametrize("fmt, subtype", FORMATS)
+@pytest.mark.parametrize("target_rate", [None, 8000])
+def test_the_decoders_samples_are_read_audios_bit_for_bit(decoder, fmt, subtype, target_rate):
+    rate = 48000 if subtype == "OPUS" else 16000
+    data = encoded(tone(1.5, rate), rate, fmt, subtype)
+    x, got_rate = decoder.read_audio(data, target_rate, 30)
+    want, want_rate = read_audio(data, target_rate, 30)
+    assert got_rate == want_rate and len(x) > 0 and same_bits(x, want)
+
+
+@pytest.mark.parametrize(
+    "data, target_rate, limit_s, kind",
+    [
+        (wav_bytes(tone(2.5, 8000), 8000), 8000, 2.0, AudioTooLong),
+        (wav_bytes(tone(1.0, 8000), 8000)[:-4000], 8000, 30, AudioTruncated),
+        (wav_bytes(np.zeros(1), 44100), 8000, 30, NoSamples),
+        (b"not audio at all" * 8, 8000, 30, ValueError),
+    ],
+)
+def test_the_decoders_refusals_are_read_audios(decoder, data, target_rate, limit_s, kind):
+    with pytest.raises(kind) as want:
+        read_audio(data, target_rate, limit_s)
+    with pytest.raises(kind) as got:
+        decoder.read_audio(data, target_rate, limit_s)
+    assert type(got.value) is type(want.value) and str(got.value) == str(want.value)
+    assert vars(got.value) == vars(want.value)  # (AudioTooLong's seconds and limit, AudioTruncated's frames)
+
+
+def test_what_the_decoder_writes_is_summarised_in_one_line():
+    said = b"[layer3.c:1804] error: dequantization failed!\n" * 3 + b"\n[layer3.c:202] error: big_values\n"
+    line = summary(said, len(said))
+    assert "\n" not in line and line.startswith(f"4 lines ({len(said)} bytes), 2 distinct; most often (3×)")
+    assert "dequantization failed!" in line
+    assert "in its first 10 bytes" in summary(said[:10], 5000)
+    assert len(summary(b"x" * 10_000 + b"\n", 10_001)) < 300
+
+
+def _exits(data, target_rate, max_seconds):  # (a worker's decode that ends its process, as a crash does)
+    os._exit(3)
+
+
+def test_a_decoder_process_that_ends_refuses_that_file_and_the_next_file_is_read(monkeypatch, caplog):
+    import server.decoder
+
+    d = AudioDecoder(max_workers=1)
+    data = wav_bytes(tone(0.5, 8000), 8000)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(server.decoder, "_decode", _exits)
+            with pytest.raises(ValueError, match="decoder's process ended while decoding it"):
+                d.read_audio(data, 8000, 30)
+        x, rate = d.read_audio(data, 8000, 30)
+    finally:
+        d.close()
+    assert rate == 8000 and same_bits(x, read_audio(data, 8000, 30)[0])
+    ended = [r for r in caplog.records if r.name == "server.decoder" and "process ended" in r.getMessage()]
+    assert len(ended) == 2
+
+
+def test_a_damaged_mp3_prompt_is_one_log_line_not_mpg123s_text_on_stderr(client, capfd, caplog):
+    data = damaged_mp3(20)
+    want = len(read_audio(data, 8000, 30)[0])  # (in this process: mpg123 writes here, not counted below)
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="server.decoder"):
+        r = client.post(
+            "/v1/generate", json={"model": AUDIO, "prompt_audio": b64(data), "max_new_tokens": 4, "seed": 1}
+        )
+    err = capfd.readouterr().err
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == want
+    assert len(err.encode()) < STDERR_LIMIT, err[:500]
+    said = [rec.getMessage() for rec in caplog.records if rec.name == "server.decoder"]
+    assert len(said) == 1 and "mpg123" in said[0] and "\n" not in said[0]
