@@ -1037,8 +1037,11 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     to stderr for each gap; an ID3v1, ID3v2, APE or Lyrics tag or zeros after the last frame are read
     past). (Damage inside
     a frame's data still makes mpg123 print to stderr as it decodes, two lines a frame: 316 KB for 30 s of
-    layer III frames, 677 KB of layer I; libsndfile gives no way to quiet it. The server decodes prompts in
-    worker processes whose stderr is their own, server/decoder.py.)
+    layer III frames, 677 KB of layer I; libsndfile gives no way to quiet it. And for data it does not
+    recognise by its first bytes, MP3 included, libsndfile looks for a Sound Designer II resource fork at
+    `._` and `.AppleDouble/` in the working directory: a file or directory of either name there fails every
+    MP3 ("bad data offset"). The server decodes prompts in worker processes whose stderr is their own and
+    whose working directory is empty, server/decoder.py.)
     A FLAC whose STREAMINFO gives no length (0: libFLAC writing to a pipe) gets the one its last frame
     gives (`_flac_with_length`), then is read and limited as any file. Any other FLAC's last frame must
     end at the count its STREAMINFO declares (`_check_flac`; libsndfile reads that many samples and stops):

@@ -5,6 +5,13 @@ libsndfile does to its process stays there:
   frame: 316 KB for a 30 s prompt), past the server's logging, and libsndfile gives no way to quiet it.
   A worker's stdout and stderr are a file of its own, read back after each file: what the decoder wrote
   becomes one INFO line of ours (`summary`), or none.
+* libsndfile looks for a Sound Designer II resource fork beside the file it reads; bytes given from memory
+  have no path, so for any data it does not recognise by its first bytes, MP3 included, it opens `._` and
+  `.AppleDouble/` in the working directory (and `/..namedfork/rsrc`): a `._` file or directory, or an
+  `.AppleDouble` directory (macOS and netatalk leave both on shared folders), in the server's directory
+  made every MP3 prompt a 422 ("bad data offset"), and other data was parsed as SD2 with it as the
+  resource fork. A worker works in a directory of its own that it removed at start: nothing can be found
+  there. (`/..namedfork/rsrc`, at the root, which only root can make, is still looked up.)
 * a file that crashes libsndfile ends a worker, not the server.
 
 The samples are read_audio's own (the same code and libraries, in another process): bit for bit."""
@@ -33,7 +40,8 @@ _CAPTURED = 1 << 20  # bytes of a worker's output read back to summarise (the co
 
 
 def _start_worker() -> None:
-    """A worker's start: its stdout and stderr go to a file of its own (read back after each file)."""
+    """A worker's start: its stdout and stderr go to a file of its own (read back after each file), and
+    it works in an empty directory that it has removed (no path relative to it can be opened)."""
     if hasattr(os, "memfd_create"):  # (Linux: a file in memory)
         sink = os.memfd_create("s4serve-decoder-output")
     else:
@@ -42,6 +50,9 @@ def _start_worker() -> None:
     os.dup2(sink, 1)
     os.dup2(sink, 2)
     os.close(sink)
+    empty = tempfile.mkdtemp(prefix="s4serve-decoder-")
+    os.chdir(empty)
+    os.rmdir(empty)
 
 
 def _libc_flush() -> None:

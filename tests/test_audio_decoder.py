@@ -3,16 +3,22 @@ bit, while what libsndfile's MP3 decoder (mpg123) writes to stderr becomes one l
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
+import subprocess
+import sys
 
+import httpx
 import numpy as np
 import pytest
-from server_support import b64
+from server_support import b64, process_ready, wait_for
 
 from bench.audio_decoder import damaged_mp3, encoded, tone
 from model.codecs import AudioTooLong, AudioTruncated, NoSamples, read_audio, wav_bytes
 from server.decoder import AudioDecoder, summary
+from server.launch import ROOT, free_port
 
 AUDIO = "tiny-audio"
 STDERR_LIMIT = 2048  # bytes a server may write to its stderr while it reads a damaged MP3 prompt
@@ -105,3 +111,46 @@ def test_a_damaged_mp3_prompt_is_one_log_line_not_mpg123s_text_on_stderr(client,
     assert len(err.encode()) < STDERR_LIMIT, err[:500]
     said = [rec.getMessage() for rec in caplog.records if rec.name == "server.decoder"]
     assert len(said) == 1 and "mpg123" in said[0] and "\n" not in said[0]
+
+
+@pytest.mark.parametrize("name, kind", [("._", "file"), ("._", "directory"), (".AppleDouble", "directory")])
+def test_a_server_started_beside_a_resource_fork_name_reads_mp3_and_keeps_mpg123_out_of_stderr(
+    model_dirs, tmp_path, capfd, name, kind
+):
+    """`python -m server` started in a directory holding a `._` file or directory or an `.AppleDouble`
+    directory (what macOS and netatalk leave on shared folders) reads MP3 prompts: libsndfile looked for a
+    Sound Designer II resource fork there for data it does not recognise by its first bytes, MP3 included,
+    and every MP3 prompt was a 422 ("bad data offset"), other data a resource-fork error. A damaged MP3 adds
+    one JSON log line to its stderr, not mpg123's text: every line it writes is one of its log lines."""
+    (tmp_path / name).mkdir() if kind == "directory" else (tmp_path / name).write_bytes(b"")
+    port, err = free_port(), tmp_path / "stderr.log"
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "server", "--port", str(port), "--checkpoints", str(model_dirs["audio"]),
+           "--log-level", "info"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "S4_LOG_FORMAT": "json", "OMP_WAIT_POLICY": "PASSIVE"}
+    mp3, damaged = encoded(tone(1.5, 16000), 16000, "MP3"), damaged_mp3(20)
+    want = [len(read_audio(mp3, 8000, 30)[0]), len(read_audio(damaged, 8000, 30)[0])]
+    capfd.readouterr()  # (what mpg123 wrote as this process read the damaged file: not the server's)
+    with err.open("wb") as stderr:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=stderr)
+    try:
+        assert wait_for(lambda: process_ready(proc, url), 120, 0.2), "the server did not become ready"
+        body = {"model": AUDIO, "max_new_tokens": 1, "seed": 1}
+        r = httpx.post(url + "/v1/generate", json={**body, "prompt_audio": b64(mp3)}, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == want[0], r.text
+        r = httpx.post(url + "/v1/generate", json={**body, "prompt_audio": b64(b"not audio at all" * 8)})
+        assert r.status_code == 422 and r.json()["error"]["message"].endswith("not recognised."), r.text
+        before = err.stat().st_size
+        r = httpx.post(url + "/v1/generate", json={**body, "prompt_audio": b64(damaged)}, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == want[1], r.text
+        assert wait_for(lambda: b"prompt_audio: the audio decoder wrote" in err.read_bytes(), 10, 0.1)
+        written = err.stat().st_size - before
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    assert written < STDERR_LIMIT, err.read_text()[-2000:]
+    assert all(json.loads(line) for line in err.read_text().splitlines())  # (raises on a line of mpg123's)
+    since = [json.loads(line) for line in err.read_bytes()[before:].splitlines()]
+    said = [x["message"] for x in since if x["logger"] == "server.decoder"]
+    assert len(said) == 1 and "error: " in said[0] and "libmpg123" in said[0]
