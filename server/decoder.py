@@ -24,6 +24,7 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -40,19 +41,25 @@ _CAPTURED = 1 << 20  # bytes of a worker's output read back to summarise (the co
 
 
 def _start_worker() -> None:
-    """A worker's start: its stdout and stderr go to a file of its own (read back after each file), and
-    it works in an empty directory that it has removed (no path relative to it can be opened)."""
-    if hasattr(os, "memfd_create"):  # (Linux: a file in memory)
-        sink = os.memfd_create("s4serve-decoder-output")
-    else:
+    """A worker's start: its stdout and stderr go to a file of its own (read back after each file), it
+    works in an empty directory that it has removed (no path relative to it can be opened; `/` where no
+    temporary directory can be made), and it ignores SIGINT (a terminal's Ctrl+C reaches the whole process
+    group: the server drains, its workers decode what it still sends them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        sink = os.memfd_create("s4serve-decoder-output")  # (Linux: a file in memory)
+    except (AttributeError, OSError):
         with tempfile.TemporaryFile() as f:
             sink = os.dup(f.fileno())
     os.dup2(sink, 1)
     os.dup2(sink, 2)
     os.close(sink)
-    empty = tempfile.mkdtemp(prefix="s4serve-decoder-")
-    os.chdir(empty)
-    os.rmdir(empty)
+    try:
+        empty = tempfile.mkdtemp(prefix="s4serve-decoder-")
+        os.chdir(empty)
+        os.rmdir(empty)
+    except OSError:
+        os.chdir("/")
 
 
 def _libc_flush() -> None:
@@ -142,9 +149,30 @@ class AudioDecoder:
 
     def start(self) -> None:
         """One worker started and ready (the first takes seconds: it imports the codecs, torch with them),
-        so the first prompt does not wait for it."""
-        if (pool := self._current()) is not None:
+        so the first prompt does not wait for it. Where it cannot start (a worker imports the server's main
+        module, as multiprocessing does: a script that starts the server unguarded by `if __name__ ==
+        "__main__"` fails there) files are decoded in this process, and the log says so."""
+        if (pool := self._current()) is None:
+            return
+        try:
             pool.submit(int).result()
+        except BrokenProcessPool as exc:  # (the server's main module failed to import in it, say)
+            self._drop(pool)
+            with self._lock:
+                self._in_process = True
+            log.error(
+                "audio prompts are decoded in the server's process: its decoder worker did not start (%s); "
+                "libsndfile's decoder may write to its stderr, and a `._` file or `.AppleDouble` directory "
+                "in its working directory fails MP3 prompts",
+                exc,
+            )
+
+    def _drop(self, pool: concurrent.futures.ProcessPoolExecutor) -> None:
+        """A broken pool let go (the next call makes a new one)."""
+        with self._lock:
+            if self._pool is pool:
+                self._pool = None
+        pool.shutdown(wait=False)
 
     def read_audio(self, data: bytes, target_rate: int | None = None, max_seconds: float | None = None):
         """model.codecs.read_audio(data, target_rate, max_seconds), in a worker: the same samples and rate
@@ -156,13 +184,15 @@ class AudioDecoder:
             if pool is None:
                 return read_audio(data, target_rate, max_seconds)
             try:
-                result = pool.submit(_decode, data, target_rate, max_seconds).result()
+                future = pool.submit(_decode, data, target_rate, max_seconds)
+            except (BrokenProcessPool, RuntimeError):  # (broken, or shut down, by another thread meanwhile)
+                self._drop(pool)
+                continue
+            try:
+                result = future.result()
                 break
             except BrokenProcessPool:
-                with self._lock:
-                    if self._pool is pool:
-                        self._pool = None
-                pool.shutdown(wait=False)
+                self._drop(pool)
                 log.warning(
                     "an audio decoder process ended while decoding a prompt (try %d of 2)", attempt + 1
                 )

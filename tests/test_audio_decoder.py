@@ -12,6 +12,7 @@ import sys
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from server_support import b64, process_ready, wait_for
 
@@ -154,3 +155,54 @@ def test_a_server_started_beside_a_resource_fork_name_reads_mp3_and_keeps_mpg123
     since = [json.loads(line) for line in err.read_bytes()[before:].splitlines()]
     said = [x["message"] for x in since if x["logger"] == "server.decoder"]
     assert len(said) == 1 and "error: " in said[0] and "libmpg123" in said[0]
+
+
+def test_a_ctrl_c_to_the_process_group_leaves_the_decoder_workers_decoding(caplog):
+    """A terminal's Ctrl+C sends SIGINT to the whole process group: the server drains, and its decoder
+    workers must still decode the prompts it sends them (a worker ended by KeyboardInterrupt broke the
+    pool: its next file was tried again on a new one, with a warning)."""
+
+    def workers() -> set[psutil.Process]:  # (the fork server's children: every pool's workers)
+        return {
+            w
+            for p in psutil.Process().children()
+            if "forkserver" in " ".join(p.cmdline())
+            for w in p.children()
+        }
+
+    d = AudioDecoder(max_workers=1)
+    data = wav_bytes(tone(0.5, 8000), 8000)
+    others = workers()
+    try:
+        d.start()
+        ours = workers() - others
+        assert len(ours) == 1
+        for p in ours:
+            os.kill(p.pid, signal.SIGINT)
+        psutil.wait_procs(ours, timeout=1)  # (gone within a second, had it ended)
+        with caplog.at_level(logging.WARNING, logger="server.decoder"):
+            x, rate = d.read_audio(data, 8000, 30)
+    finally:
+        d.close()
+    assert rate == 8000 and same_bits(x, read_audio(data, 8000, 30)[0])
+    assert [r.getMessage() for r in caplog.records if r.name == "server.decoder"] == []
+
+
+def _cannot_start():  # (a worker's start that fails, as an unguarded main module's import would)
+    raise RuntimeError("no worker here")
+
+
+def test_a_decoder_whose_worker_cannot_start_decodes_in_this_process_and_says_so(monkeypatch, caplog):
+    import server.decoder
+
+    monkeypatch.setattr(server.decoder, "_start_worker", _cannot_start)
+    d = AudioDecoder(max_workers=1)
+    data = wav_bytes(tone(0.5, 8000), 8000)
+    try:
+        d.start()
+        x, rate = d.read_audio(data, 8000, 30)
+    finally:
+        d.close()
+    assert rate == 8000 and same_bits(x, read_audio(data, 8000, 30)[0])
+    said = [r for r in caplog.records if r.name == "server.decoder"]
+    assert [r.levelname for r in said] == ["ERROR"] and "did not start" in said[0].getMessage()
