@@ -23,6 +23,7 @@ import concurrent.futures
 import ctypes
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
@@ -43,8 +44,9 @@ _CAPTURED = 1 << 20  # bytes of a worker's output read back to summarise (the co
 def _start_worker() -> None:
     """A worker's start: its stdout and stderr go to a file of its own (read back after each file), it
     works in an empty directory that it has removed (no path relative to it can be opened; `/` where no
-    temporary directory can be made), and it ignores SIGINT (a terminal's Ctrl+C reaches the whole process
-    group: the server drains, its workers decode what it still sends them)."""
+    temporary directory can be made), it ignores SIGINT (a terminal's Ctrl+C reaches the whole process
+    group: the server drains, its workers decode what it still sends them), and it ends when the server's
+    process does (`_exit_with`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         sink = os.memfd_create("s4serve-decoder-output")  # (Linux: a file in memory)
@@ -60,6 +62,16 @@ def _start_worker() -> None:
         os.rmdir(empty)
     except OSError:
         os.chdir("/")
+    if (server := multiprocessing.parent_process()) is not None:
+        threading.Thread(target=_exit_with, args=(server.sentinel,), daemon=True).start()
+
+
+def _exit_with(sentinel: int) -> None:
+    """A worker's end when the server's process ends, however it ends (SIGKILL, the OOM killer): its
+    queue's pipes never report that (a worker holds both ends), so the worker, and the fork server it
+    holds open, waited for ever."""
+    multiprocessing.connection.wait([sentinel])
+    os._exit(0)
 
 
 def _libc_flush() -> None:

@@ -3,6 +3,7 @@ bit, while what libsndfile's MP3 decoder (mpg123) writes to stderr becomes one l
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -206,3 +207,26 @@ def test_a_decoder_whose_worker_cannot_start_decodes_in_this_process_and_says_so
     assert rate == 8000 and same_bits(x, read_audio(data, 8000, 30)[0])
     said = [r for r in caplog.records if r.name == "server.decoder"]
     assert [r.levelname for r in said] == ["ERROR"] and "did not start" in said[0].getMessage()
+
+
+def test_the_decoder_workers_and_their_fork_server_end_when_the_server_is_killed():
+    """A server ended by SIGKILL (the OOM killer, a supervisor's last resort) left its decoder worker and
+    the fork server waiting for ever (a worker holds both ends of its queue's pipes, and the fork server's
+    liveness pipe): each killed test server left two processes behind."""
+    start = "from server.decoder import AudioDecoder; AudioDecoder(1).start(); print('ready', flush=True)"
+    cmd = [sys.executable, "-c", f"import sys; {start}; sys.stdin.read()"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    left = []
+    try:
+        assert proc.stdout.readline() == b"ready\n"
+        left = psutil.Process(proc.pid).children(recursive=True)  # (the fork server, its worker, the tracker)
+        assert len(left) == 3
+        proc.kill()
+        proc.wait(30)
+        gone, alive = psutil.wait_procs(left, timeout=30)
+    finally:
+        proc.kill()
+        for p in left:  # (the processes this test made, and only those: gone already, unless it failed)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+    assert alive == []
