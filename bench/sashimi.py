@@ -24,11 +24,17 @@ steps with temperature sampling in C: "unet-block"); and the same shape without 
 against rows at every phase of its period, `rec.step` and the native decode block: what the server's
 phase alignment (server/engine.py, `align_period`) buys.
 
-    python -m bench.sashimi [--quick] [--unet | --phases]
+`--prefill` (results sashimi_prefill.json): the shipped audio-digits' prefill on CPU, B prompts of T tokens
+each alone through torch's linears ("row by row", as from 2026-12-06) against a phase's prompts together
+through the C linears ("batched", each row bit for bit the row alone), alternated, best of 15, at 1 torch
+thread and at torch's default.
+
+    python -m bench.sashimi [--quick] [--unet | --phases | --prefill]
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import sys
 import time
@@ -411,6 +417,102 @@ def plot_phases(data: dict[str, Any], quick: bool) -> None:
     save_figure(fig, PHASES_NAME, quick, "audio-digits (SaShiMi): rows at one pooling phase vs every phase")
 
 
+PREFILL_NAME = "sashimi_prefill"
+PREFILL_SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick: (prompts, tokens each)
+    False: {"shapes": [(1, 256), (4, 256), (8, 256), (16, 256), (8, 64), (4, 1024)], "repeats": 15},
+    True: {"shapes": [(1, 32), (4, 32)], "repeats": 1},
+}
+# "row by row": each prompt prefilled alone through torch's linears (on CPU from 2026-12-06, ec7b1a3, until
+# the C linears); "batched": a phase's prompts together through the C linears (RowwiseLinear), each row bit
+# for bit the row alone. The bench switches between them on the form's private attributes.
+PREFILL_PATHS = ("row by row", "batched")
+
+
+def _prefill_path(rec, path: str, rowwise_net) -> None:
+    """Point `rec`'s prefill at one of PREFILL_PATHS (CPU, float32 weights)."""
+    rec._rowwise = path == "batched"
+    rec._prefill_net = rowwise_net if rec._rowwise else rec._net_ops
+
+
+def run_prefill(quick: bool) -> dict[str, Any]:
+    """The shipped audio-digits prefilling B prompts of T tokens from the zero state on CPU by each path of
+    PREFILL_PATHS, alternated in `repeats` rounds: the best wall time of each (torch's default threads), and
+    how far the batched logits and states are from the row-by-row ones (different linears: rounding)."""
+    from model import load  # noqa: PLC0415
+
+    size = PREFILL_SIZES[quick]
+    rec = load(ROOT / "checkpoints" / "audio-digits").to_recurrent(device="cpu")
+    if not rec._rowwise:
+        raise SystemExit("the batched prefill needs the C library (a C compiler) and float32 weights")
+    rowwise_net = rec._prefill_net
+    gen = torch.Generator().manual_seed(0)
+    times: dict[tuple[int, int, int, str], list[float]] = {}
+    diffs: dict[tuple[int, int], tuple[float, float]] = {}
+    default_threads = torch.get_num_threads()
+    thread_counts = sorted({1, default_threads})
+    try:
+        for threads, (B, T) in itertools.product(thread_counts, size["shapes"]):
+            torch.set_num_threads(threads)
+            tokens = torch.randint(0, rec.config.vocab_size, (B, T), generator=gen)
+            state = rec.init_state(B)
+            outs = {}
+            for path in PREFILL_PATHS:  # (a warm-up, and the outputs compared)
+                _prefill_path(rec, path, rowwise_net)
+                outs[path] = rec.prefill(tokens, state)
+            (lo, so), (ln, sn) = outs["row by row"], outs["batched"]
+            diffs[(B, T)] = (float((lo - ln).abs().max()), float((so - sn).abs().max()))
+            for _ in range(size["repeats"]):
+                for path in PREFILL_PATHS:
+                    _prefill_path(rec, path, rowwise_net)
+                    t0 = time.perf_counter()
+                    rec.prefill(tokens, state)
+                    times.setdefault((threads, B, T, path), []).append(time.perf_counter() - t0)
+    finally:
+        _prefill_path(rec, "batched", rowwise_net)
+        torch.set_num_threads(default_threads)
+    rows = []
+    for threads, (B, T) in itertools.product(thread_counts, size["shapes"]):
+        row: dict[str, Any] = {"threads": threads, "prompts": B, "tokens": T}
+        for path in PREFILL_PATHS:
+            walls = times[(threads, B, T, path)]
+            row[path] = {"best_ms": 1e3 * min(walls), "walls_ms": [1e3 * t for t in walls]}
+        old, new = row["row by row"]["best_ms"], row["batched"]["best_ms"]
+        row["row_by_row_over_batched"] = old / new
+        row["max_abs_diff_logits"], row["max_abs_diff_state"] = diffs[(B, T)]
+        rows.append(row)
+        dl, ds = diffs[(B, T)]
+        print(f"{threads} thread(s), {B:2d} x {T:4d}: row by row {old:7.1f} ms, batched {new:7.1f} ms "
+              f"({old / new:.2f}x); |logits diff| {dl:.1e}, |state diff| {ds:.1e}")  # fmt: skip
+    return {
+        "description": "checkpoints/audio-digits (SaShiMi, float32, CPU): B prompts of T tokens prefilled "
+        "from the zero state row by row (each prompt alone, torch's linears) and batched (a phase's prompts "
+        "together through the C linears, each row bit for bit the row alone), alternated in `repeats` "
+        "rounds, the best wall time of each; at 1 torch thread and at torch's default; the largest "
+        "differences between the two paths' logits and states (the linears' rounding)",
+        "threads": thread_counts,
+        "torch": torch.__version__,
+        "sizes": size,
+        "rows": rows,
+    }
+
+
+def plot_prefill(data: dict[str, Any], quick: bool) -> None:
+    fig, axes = subplots(len(data["threads"]), width=8.0)
+    width = 0.8 / len(PREFILL_PATHS)
+    for ax, threads in zip(axes, data["threads"]):
+        rows = [r for r in data["rows"] if r["threads"] == threads]
+        for i, path in enumerate(PREFILL_PATHS):
+            xs = [j + i * width for j in range(len(rows))]
+            ax.bar(xs, [r[path]["best_ms"] for r in rows], width, label=path)
+        ticks = [f"{r['prompts']}×{r['tokens']}" for r in rows]
+        ax.set_xticks([j + width / 2 for j in range(len(rows))], ticks)
+        ax.set_yscale("log")
+        ax.set_ylabel(f"prefill ms, best of {data['sizes']['repeats']}")
+        ax.set_title(f"{threads} torch thread{'s' if threads > 1 else ''}")
+        ax.legend(fontsize="small")
+    save_figure(fig, PREFILL_NAME, quick, "audio-digits prefill on CPU: row by row vs batched (C linears)")
+
+
 def main(argv=None) -> None:
     args = sys.argv[1:] if argv is None else argv
 
@@ -419,11 +521,15 @@ def main(argv=None) -> None:
         which.add_argument("--unet", action="store_true", help="the U-Net comparison (sashimi_unet.json)")
         which.add_argument("--phases", action="store_true",
                            help="rows at one phase vs every phase (sashimi_phases.json)")  # fmt: skip
+        which.add_argument("--prefill", action="store_true",
+                           help="CPU prefill row by row vs batched (sashimi_prefill.json)")  # fmt: skip
 
     if "--unet" in args:
         bench_main(argv, __doc__, UNET_NAME, run_unet, plot_unet, arguments=arguments)
     elif "--phases" in args:
         bench_main(argv, __doc__, PHASES_NAME, run_phases, plot_phases, arguments=arguments)
+    elif "--prefill" in args:
+        bench_main(argv, __doc__, PREFILL_NAME, run_prefill, plot_prefill, arguments=arguments)
     else:
         bench_main(argv, __doc__, NAME, run, plot, arguments=arguments)
 

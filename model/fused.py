@@ -32,8 +32,9 @@ RESTYPES = {  # the library's entry points and their return types
     "diag_step": None, "dplr_step": ctypes.c_int, "net_step": ctypes.c_int, "sample_rows": None,
     "sample_rows_full": ctypes.c_int, "net_block": ctypes.c_long, "philox_uniforms": None,
     "philox_blocks": None, "linear_rows": None, "sashimi_step": ctypes.c_int, "sashimi_block": ctypes.c_long,
-    "net_prefill": ctypes.c_int, "ssm_prefill": ctypes.c_long, "ssm_prefill_width": ctypes.c_long,
-    "linear_panel_width": ctypes.c_long, "split_step": ctypes.c_int, "step_split_min_weights": ctypes.c_long,
+    "linear_rows_threads": None, "net_prefill": ctypes.c_int, "ssm_prefill": ctypes.c_long,
+    "ssm_prefill_width": ctypes.c_long, "linear_panel_width": ctypes.c_long, "split_step": ctypes.c_int,
+    "step_split_min_weights": ctypes.c_long,
     "step_split_state": None, "decode_block_state": None, "adaptive_logprobs": ctypes.c_int,
     "adaptive_embeddings": ctypes.c_int, "logprobs_rows": None,
 }  # fmt: skip
@@ -386,6 +387,26 @@ def linear_rows(
     px, pb, po = _ptrs(x, bias, out)  # (contiguous float32 CPU tensors, or ValueError)
     dims = [ctypes.c_long(v) for v in (tiled, WEIGHT_FORMATS[packed.dtype], B, K, N)]
     lib.linear_rows(*dims, px, ctypes.c_void_p(packed.data_ptr()), pb, po)
+    return out
+
+
+def linear_rows_threads(
+    lib, x: torch.Tensor, packed: torch.Tensor, N: int, bias: torch.Tensor
+) -> torch.Tensor:
+    """ssm_step.c `linear_rows_threads`: `linear_rows`' tiles (x (B, K) float32 · Wt + bias (N,) float32 →
+    (B, N) float32, Wt packed float32, bfloat16 or float16), the rows shared out over torch's thread count;
+    each row's bits those of the row alone, whatever B and the thread count."""
+    B, K = x.shape
+    if packed.numel() != K * N or not packed.is_contiguous():
+        raise ValueError(
+            f"linear_rows_threads needs K·N = {K * N} contiguous packed weights, got {packed.numel()}"
+        )
+    out = torch.empty(B, N)
+    px, pb, po = _ptrs(x, bias, out)  # (contiguous float32 CPU tensors, or ValueError)
+    dims = [ctypes.c_long(v) for v in (WEIGHT_FORMATS[packed.dtype], B, K, N)]
+    lib.linear_rows_threads(
+        *dims, px, ctypes.c_void_p(packed.data_ptr()), pb, po, ctypes.c_long(torch.get_num_threads())
+    )
     return out
 
 

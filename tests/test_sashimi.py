@@ -286,20 +286,153 @@ def test_rows_at_different_phases_each_equal_the_sequence_alone(trained_net):
         assert rel(got[i : i + 1], conv) <= 1e-4, lengths[i]
 
 
-@pytest.mark.parametrize("T", [1, 3, 16, 64, 300])
-def test_a_batched_prefill_is_each_row_alone_bit_for_bit_on_cpu(trained_net, T):
-    """The batched prefill ran a phase's rows through torch's products together, whose small ones (a
-    deep level's few coarse steps a row) round by the batch's row count: a row's logits moved by up to
-    1.3e-5 and its state by 3e-5 with others beside it (audio-digits, 4 rows of 16 to 100 tokens), so a
-    seeded SaShiMi prompt's samples depended on what else the server was ingesting. On CPU each row now
-    runs alone: equal bit for bit, at every phase and length (tolerance 0)."""
-    rec = trained_net.to_recurrent()
-    starts = [rec.prefill(torch.randint(0, V, (1, n)), rec.init_state(1))[1] for n in (0, 0, 5, 5, 11, 16)]
-    tokens = torch.randint(0, V, (len(starts), T))
+ROW_NETS = {  # the prefill's paths on CPU: C prefill of a diagonal form or a DPLR one, the torch form
+    "dplr": {},  # (trained_net)
+    "diagonal": {"kernel": "s4d"},
+    "unet": {"kernel": "s4d", "unet": True},
+    "tln": {"kernel": "s4d", "norm": "tln"},
+    "narrow": {"kernel": "s4d", "d_model": 8},  # level 0 narrower than the C prefill's lanes: the torch form
+    "torch-forms": {"kernel": "s4d"},  # fused_step=False: the torch S4 forms, no C linears: each row alone
+}
+
+
+@pytest.fixture(scope="module")
+def row_rec(trained_net):
+    """kind → the recurrent form of ROW_NETS[kind], built once a module."""
+    built = {}
+
+    def get(kind: str):
+        if kind not in built:
+            torch.manual_seed(3)
+            net = trained_net if kind == "dplr" else make(**ROW_NETS[kind]).eval()
+            scramble_transposed_lns(net)
+            built[kind] = net.to_recurrent(**({"fused_step": False} if kind == "torch-forms" else {}))
+        return built[kind]
+
+    return get
+
+
+def assert_batched_prefill_is_each_row_alone(rec, starts: list[torch.Tensor], T: int, what) -> None:
+    """Prefill T random tokens on the rows `starts` (each (1, numel)) together and each alone: logits and
+    states equal bit for bit (tolerance 0)."""
+    tokens = torch.randint(0, rec.config.vocab_size, (len(starts), T))
     logits, state = rec.prefill(tokens, torch.cat(starts))
     for i, start in enumerate(starts):
         alone, alone_state = rec.prefill(tokens[i : i + 1], start)
-        assert torch.equal(logits[i : i + 1], alone) and torch.equal(state[i : i + 1], alone_state), (T, i)
+        assert torch.equal(logits[i : i + 1], alone), (what, T, i, (logits[i : i + 1] - alone).abs().max())
+        assert torch.equal(state[i : i + 1], alone_state), (what, T, i)
+
+
+def row_starts(rec, lengths) -> list[torch.Tensor]:
+    """One state row per length: the zero state after a random prompt of that many tokens (its phase)."""
+    V_ = rec.config.vocab_size
+    return [rec.prefill(torch.randint(0, V_, (1, n)), rec.init_state(1))[1] for n in lengths]
+
+
+@pytest.mark.parametrize("threads", [1, 8])
+@pytest.mark.parametrize("kind", list(ROW_NETS))
+@pytest.mark.parametrize("T", [1, 3, 16, 17, 64, 300])
+def test_a_batched_prefill_is_each_row_alone_bit_for_bit_on_cpu(row_rec, kind, T, threads):
+    """The batched prefill ran a phase's rows through torch's products together, whose small ones (a
+    deep level's few coarse steps a row) round by the batch's row count: a row's logits moved by up to
+    1.3e-5 and its state by 3e-5 with others beside it (audio-digits, 4 rows of 16 to 100 tokens), so a
+    seeded SaShiMi prompt's samples depended on what else the server was ingesting. On CPU a phase's rows
+    now go through the C linears together (`RowwiseLinear`; GELU and GLU, and the S4 prefills that take
+    rows together, one row a call): equal bit for bit to each row alone, at every phase and length, for 9
+    rows at 5 phases and 16 fresh rows, with 1 and 8 torch threads (MKL's kernels and splits depend on
+    both), diagonal and DPLR layers, U-Net, TransposedLN, the C prefill and the torch one (tolerance 0)."""
+    torch.set_num_threads(threads)  # (one_torch_thread restores the count)
+    rec = row_rec(kind)
+    assert_batched_prefill_is_each_row_alone(rec, row_starts(rec, (0, 0, 5, 5, 11, 16, 16, 3, 21)), T, kind)
+    assert_batched_prefill_is_each_row_alone(rec, [rec.init_state(1)] * 16, T, kind)
+
+
+def test_a_phase_rows_prefill_together_on_cpu(row_rec):
+    """On CPU (from 2026-12-06) each row of a prefill ran alone, every op once a row: 8 prompts of 256
+    tokens took 2.2× as long as together. A phase's rows now go through each op together: each S4
+    layer's C prefill is called once for 8 rows at one phase, twice for 8 rows at 2 phases."""
+    rec = row_rec("diagonal")
+    calls = {name: 0 for name in rec.forms}
+
+    def counted(name, prefill):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return prefill(*args, **kwargs)
+
+        return wrapped
+
+    forms = {name: form.prefill for name, form in rec.forms.items()}
+    try:
+        for name, form in rec.forms.items():
+            form.prefill = counted(name, form.prefill)
+        rec.prefill(torch.randint(0, V, (8, 64)), rec.init_state(8))
+        assert set(calls.values()) == {1}, calls
+        starts = torch.cat(row_starts(rec, (0, 5) * 4))
+        calls.update(dict.fromkeys(calls, 0))
+        rec.prefill(torch.randint(0, V, (8, 64)), starts)
+        assert set(calls.values()) == {2}, calls
+    finally:
+        for name, form in rec.forms.items():
+            form.prefill = forms[name]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_batched_16_bit_prefill_is_each_row_alone_bit_for_bit_on_cpu(dtype):
+    """16-bit weights on CPU: where the CPU multiplies them natively the prefill computes in 16 bits, whose
+    batched products are not row-invariant (bmm included), so each row runs alone; elsewhere it computes
+    in float32 through the C linears. Either way each row of a batch is bit for bit the row alone."""
+    torch.manual_seed(4)
+    rec = make(kernel="s4d").eval().to_recurrent(dtype=dtype)
+    for T in (1, 17, 100):
+        assert_batched_prefill_is_each_row_alone(rec, row_starts(rec, (0, 0, 3, 9, 16, 16)), T, dtype)
+
+
+@pytest.fixture(scope="module")
+def audio_digits():
+    return load("checkpoints/audio-digits").to_recurrent()
+
+
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_audio_digits_batched_prefill_is_each_row_alone_bit_for_bit(audio_digits, threads):
+    """The shipped SaShiMi (where the 1.3e-5 was seen): 4 and 16 rows at several phases and 16 fresh rows
+    prefilled together, 1 to 256 tokens, equal bit for bit to each row alone (tolerance 0)."""
+    torch.set_num_threads(threads)
+    rec = audio_digits
+    for T in (1, 17, 64, 256):
+        assert_batched_prefill_is_each_row_alone(rec, row_starts(rec, (0, 7, 16, 30)), T, "4 rows")
+        rows = row_starts(rec, (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))
+        assert_batched_prefill_is_each_row_alone(rec, rows, T, "16 rows")
+        assert_batched_prefill_is_each_row_alone(rec, [rec.init_state(1)] * 16, T, "16 fresh rows")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8, 16])
+def test_rowwise_linear_gives_each_row_its_result_alone(audio_digits, threads):
+    """`RowwiseLinear` (the prefill's linears on CPU): rows 1 to 32 of 1 to 300 positions, for every linear
+    shape of the shipped audio-digits and of a small U-Net, each row equals the same row alone bit for bit
+    at 1 to 16 threads, and nn.Linear within K float32 roundings. (MKL's `linear` rounds a row by the batch's
+    row count; `bmm` with the weight expanded per row was row-invariant at 1-4 threads, not at 8 or 16: the
+    thread counts here catch that kind of dependence.)"""
+    from model.arch.sashimi_recurrent import RowwiseLinear
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(5)
+    small = make(kernel="s4d", unet=True).eval()
+    linears = {}
+    for mod in (*audio_digits.net.modules(), *small.modules()):
+        if isinstance(mod, torch.nn.Linear):
+            linears.setdefault((mod.in_features, mod.out_features, mod.bias is None), mod)
+    assert len(linears) >= 10
+    for (K, N, _), lin in linears.items():
+        row = RowwiseLinear(lin, fused.library())
+        for T in (1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 31, 64, 65, 100, 255, 256, 300):
+            x = torch.randn(32, T, K)
+            alone = [row(x[i : i + 1]) for i in range(32)]
+            w, bias = lin.weight.double(), 0 if lin.bias is None else lin.bias.double()
+            ref, scale = x.double() @ w.t() + bias, x.double().abs() @ w.abs().t() + abs(bias)
+            assert ((torch.cat(alone) - ref).abs() <= K * 2**-23 * scale).all(), (K, N, T)
+            for b in (*range(2, 9), 11, 16, 23, 32):
+                y = row(x[:b])
+                assert all(torch.equal(y[i], alone[i][0]) for i in range(b)), (K, N, T, b)
 
 
 @pytest.mark.parametrize("device", devices())

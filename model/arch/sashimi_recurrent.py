@@ -22,7 +22,8 @@ exact). Conversion is float64 and the state row stays float32 whatever the weigh
 or float16): SSM states, pool buffers (a 16-bit activation widens into them exactly) and the phase. The
 whole-network C step (fused.SaShiMiStep, every batch size) reads 16-bit linear weights (blocks and pools) as
 they are and computes in float32. The torch ops (the prefill, which has no C form; the step where no C step
-was built) run the embedding, norms, pools, FF and mixing linears and the head in `compute_dtype`: the
+was built) run the embedding, norms, pools, FF and mixing linears and the head in `compute_dtype` (on CPU in
+float32 the prefill's linears are the C step's tiles, row-invariant: `RowwiseLinear`): the
 weights' dtype where the device multiplies it natively (`recurrent.native_matmul`), else float32 on a copy of
 the 16-bit weights widened exactly; each SSM takes its input in float32 and hands its output back in that
 dtype; logits are float32. The whole network is verified at the served dtype within `LOGITS_TOL[dtype]` (4u
@@ -36,6 +37,7 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from model import fused, recurrent
 from model import triton_step as triton_kernel
@@ -63,6 +65,47 @@ from model.state_layout import StateLayout
 
 if TYPE_CHECKING:
     from model.form_cache import FormCache
+
+
+class RowwiseLinear(torch.nn.Module):
+    """An nn.Linear applied to x (…, K) float32 on CPU by ssm_step.c's linear tiles (the whole-network C
+    step's own; `fused.linear_rows_threads`): each row's bits are those of the row alone, whatever else is in
+    the batch and however many threads run. torch's `linear` flattens a batch's rows into one MKL product
+    whose kernel and split depend on the row count (a logit of audio-digits moved by up to 1.3e-5 with other
+    prompts beside it), and `bmm` against the weight expanded per row on the thread count (1e-6 at 8
+    threads). Holds the weight packed as a float32 copy."""
+
+    def __init__(self, linear: torch.nn.Linear, lib):
+        super().__init__()
+        self.lib, self.out_features = lib, linear.out_features
+        w = linear.weight.detach()
+        self.packed = fused.pack_linear(w.t().float(), lib.linear_panel_width())
+        bias = torch.zeros(self.out_features) if linear.bias is None else linear.bias.detach().float()
+        self.bias_f32 = bias.contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        y = fused.linear_rows_threads(self.lib, rows, self.packed, self.out_features, self.bias_f32)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def each_row(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn (an elementwise activation) on each row x[i : i + 1] of x (b, …) alone, concatenated: torch runs
+    a vectorized loop over each thread's share of the elements and a scalar one on the share's last few,
+    whose sigmoid (GLU) rounds otherwise, and the shares' edges move with the batch's size and the thread
+    count (a logit of audio-digits moved by 3.8e-6 with 16 rows at 3 threads). A row alone has its own
+    shape's shares, the same whatever else is in the batch."""
+    return fn(x) if len(x) == 1 else torch.cat([fn(x[i : i + 1]) for i in range(len(x))])
+
+
+def rowwise_linears(net: torch.nn.Module, lib) -> torch.nn.Module:
+    """A copy of `net` (sharing its weights) whose nn.Linear layers are `RowwiseLinear`s."""
+    out = copy.deepcopy(net, memo={id(t): t for t in (*net.parameters(), *net.buffers())})
+    for name, mod in list(out.named_modules()):
+        if isinstance(mod, torch.nn.Linear):
+            parent, _, attr = name.rpartition(".")
+            setattr(out.get_submodule(parent), attr, RowwiseLinear(mod, lib))
+    return out
 
 
 class SaShiMiRecurrent(GraphedModel):
@@ -133,6 +176,10 @@ class SaShiMiRecurrent(GraphedModel):
         if self._fused is not None:
             for form in self.forms.values():
                 pad_fused_params(form, form.M)  # its C pointers (each layer's state has its own M)
+        # on CPU in float32 the prefill takes a phase's rows together through the C linears (`RowwiseLinear`),
+        # each row bit for bit the row alone; else (16-bit products, no C library) on CPU each row runs alone
+        self._rowwise = self._fused is not None and self.compute_dtype == torch.float32
+        self._prefill_net = rowwise_linears(self._net_ops, self._fused) if self._rowwise else self._net_ops
         # ... and the whole network's step is one C call (fused.SaShiMiStep), with the native decode
         # block, unless the network has something it does not compute (it names it): then the torch ops
         self._net_step = None
@@ -608,10 +655,12 @@ class SaShiMiRecurrent(GraphedModel):
             if isinstance(blk, S4Block):
                 u = blk.norm(x)
                 xs = self.layout.view(st, f"{name}.x")  # (b, H, 2, M)
-                x0 = torch.complex(xs[:, :, 0], xs[:, :, 1])
-                y, xL = self.forms[name].prefill(u, x0, not bool(xs.any()))
+                y, xL = self._ssm_prefill(name, u, xs)
                 xs.copy_(torch.stack([xL.real, xL.imag], dim=2))
-                x = x + blk.layer.mix(y, u)
+                x = x + self._prefill_mix(blk.layer, y, u)
+            elif self._rowwise:  # FFBlock: x + FF(norm(x)), its GELU row by row
+                ff = blk.ff
+                x = x + ff.down(each_row(F.gelu, ff.up(blk.norm(x))))
             else:
                 x = blk(x)
             if unet_up:
@@ -620,10 +669,29 @@ class SaShiMiRecurrent(GraphedModel):
                 skips.append(x)
         return x
 
+    def _prefill_mix(self, layer, y: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """`S4Layer.mix` (eval: no dropout); with the C linears (`_rowwise`) its GELU and GLU row by row."""
+        if not self._rowwise:
+            return layer.mix(y, u)
+        z = layer.out(each_row(F.gelu, y + layer.D * u))
+        return each_row(lambda t: F.glu(t, dim=-1), z)
+
+    def _ssm_prefill(self, name: str, u: torch.Tensor, xs: torch.Tensor):
+        """S4 layer `name`'s prefill of u (b, T, H) from the states xs (b, H, 2, M) → y, x_L. With per-row
+        products (`_rowwise`) the rows go through one call only where that computes each row alone (the C
+        pass of a diagonal form); the torch form's products and a DPLR form's advance of x0 take the rows
+        together, so there it is one call a row."""
+        form = self.forms[name]
+        x0 = torch.complex(xs[:, :, 0], xs[:, :, 1])
+        if self._rowwise and len(u) > 1 and not (form._prefill_c is not None and form.form == "diagonal"):
+            parts = [form.prefill(u[i : i + 1], x0[i : i + 1], not bool(xs[i].any())) for i in range(len(u))]
+            return torch.cat([y for y, _ in parts]), torch.cat([x for _, x in parts])
+        return form.prefill(u, x0, not bool(xs.any()))
+
     def _prefill_level(self, k: int, x: torch.Tensor, tau: int, st: torch.Tensor) -> torch.Tensor:
         """Level k's inputs x (b, T_k, H_k) (compute_dtype), all rows at global phase tau → outputs
         (b, T_k, H_k)."""
-        net = self._net_ops
+        net = self._prefill_net
         if k == len(self.pool):
             return self._prefill_blocks("center", net.center, x, st) + x
         skips = [x]
@@ -655,12 +723,15 @@ class SaShiMiRecurrent(GraphedModel):
     @torch.inference_mode()
     def prefill(self, tokens: torch.Tensor, state: torch.Tensor, logits: str = "all"):
         """tokens (B, T) long, state (B, numel) float32 → logits and the state after the last token;
-        parallel over T at every level, for any T and any starting state. On CPU each row runs alone, so
-        its logits and state are bit for bit those of the row prefilled by itself (a batch's small
-        products rounded by its row count: up to 1.3e-5 on a logit of audio-digits); on a GPU rows of
-        equal phase run together. `logits` as `RecurrentModel.prefill`: "all" (B, T, V), "last"
-        (B, min(T, 1), V) or "none" (None). Raises ValueError for bad shapes or dtypes, an id outside
-        the vocabulary or an unknown `logits`."""
+        parallel over T at every level, for any T and any starting state; rows of equal phase together.
+        On CPU each row's logits and state are bit for bit those of the row prefilled by itself, whatever
+        else is in the batch and however many threads run: in float32 with the C library the linears
+        are ssm_step.c's tiles (`RowwiseLinear`), GELU and GLU run row by row (`each_row`), and an S4
+        prefill that takes rows together (the torch form, a DPLR form's advance of x0) one row a call;
+        else (16-bit products, no C library) each row runs alone. (torch's linears round a row by the
+        batch's row count: up to 1.3e-5 on a logit of audio-digits.) `logits` as `RecurrentModel.prefill`:
+        "all" (B, T, V), "last" (B, min(T, 1), V) or "none" (None). Raises ValueError for bad shapes or
+        dtypes, an id outside the vocabulary or an unknown `logits`."""
         tokens = self._check(tokens, state, 2)
         check_logits_kind(logits)
         if state.dtype == torch.float16:  # a state stored at 16 bits
@@ -675,9 +746,9 @@ class SaShiMiRecurrent(GraphedModel):
             out = torch.empty(B, rows_out, self.config.vocab_size, device=self.device)
         if T == 0:
             return out, new
-        if self._device_type == "cpu":  # each row alone: small BLAS products round by the batch's rows
+        if self._device_type == "cpu" and not self._rowwise:  # each row alone (16-bit products, no C library)
             groups = [torch.tensor([i]) for i in range(B)]
-        else:  # rows of one phase together (a GPU's kernels round by shape anyway)
+        else:  # rows of one phase together (on CPU through the C linears, `RowwiseLinear`)
             groups = [(tau == t0).nonzero()[:, 0] for t0 in torch.unique(tau).tolist()]
         for rows in groups:
             t0 = int(tau[rows[0]])
@@ -686,8 +757,8 @@ class SaShiMiRecurrent(GraphedModel):
             y = self._prefill_level(0, self._embed(tokens[rows]), t0, st)
             self.layout.view(st, "phase")[:, 0] = float((t0 + T) % self.period)
             if out is not None:
-                out[rows] = self._net_ops.head(
-                    self._net_ops.norm(y if logits == "all" else y[:, -1:])
+                out[rows] = self._prefill_net.head(
+                    self._prefill_net.norm(y if logits == "all" else y[:, -1:])
                 ).float()
             if not whole:
                 new[rows] = st

@@ -807,6 +807,25 @@ void linear_rows(long tiled, long fmt, long B, long K, long N, const float *x, c
         for (long r = 0; r < B; r++) linear_tw(fmt, 1, K, N, x + r * K, Wt, bias, out + r * N);
 }
 
+/* out = x · Wt + bias as linear_rows' tiles, the rows shared out over nthreads threads in runs of whole tiles
+ * (SaShiMi's prefill on CPU: model/arch/sashimi_recurrent.py RowwiseLinear). A row's bits are those of the row
+ * alone, whatever B, the thread count or the run it falls in (the tiles' promise above). */
+void linear_rows_threads(long fmt, long B, long K, long N, const float *x, const void *Wt, const float *bias,
+                         float *out, long nthreads) {
+    const long tiles = (B + LIN_ROWS - 1) / LIN_ROWS;
+    long nt = nthreads < tiles ? nthreads : tiles;
+    if (nt < 2 || omp_in_parallel()) {
+        linear_tw(fmt, B, K, N, x, Wt, bias, out);
+        return;
+    }
+    const long per = (tiles + nt - 1) / nt * LIN_ROWS; /* rows a thread: whole tiles */
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (long t = 0; t < nt; t++) {
+        const long r0 = t * per, r1 = r0 + per < B ? r0 + per : B;
+        if (r1 > r0) linear_tw(fmt, r1 - r0, K, N, x + r0 * K, Wt, bias, out + r0 * N);
+    }
+}
+
 /* Whether the C steps take layer L with M modes (a DPLR layer: at most MAX_MODES modes and MAX_RANK). */
 static inline int layer_fits(const NetLayer *L, long M) {
     return L->form == 0 || (M <= MAX_MODES && L->rank <= MAX_RANK);
