@@ -34,7 +34,14 @@ import torch
 
 from model.checkpoint import _sha256, save
 from model.official.mapping import Imported, MissingConfig, Unsupported, map_official
-from model.official.reader import OfficialFormatError, config_origin, dataset_name, find_config, read_source
+from model.official.reader import (
+    OfficialFormatError,
+    config_origin,
+    dataset_name,
+    find_config,
+    read_file,
+    read_source,
+)
 from model.vocab import DATASETS as VOCAB_BUILDS
 from model.vocab import VOCAB_FILE, VOCABS, Vocab, VocabError, load_vocab
 
@@ -292,7 +299,9 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
     if not force and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out}: exists and is not empty; --force replaces it (all of it)")
     try:
-        sd, cfg, kind = read_source(src, config)
+        data = read_file(src)  # read once: the SHA-256 (the card's, the cache entry's) is of what is read
+        sd, cfg, kind = read_source(src, config, data)
+        sha, data = hashlib.sha256(data).hexdigest(), None  # (its tensors are in `sd` now)
         imp = map_official(sd, cfg, kind, sample_rate=sample_rate)
     except OfficialFormatError as exc:
         raise ConvertError(str(exc)) from None
@@ -317,7 +326,6 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
         ver = verify(imp, net, tol)
     except VerificationError as exc:
         raise ConvertError(f"{src}: verification failed: {exc}") from None
-    sha = source_sha256(src)
     name = name or default_name(src)
     dataset = dataset_name(cfg)
     text = imp.config.get("modality", "text") == "text"
@@ -371,8 +379,8 @@ CONVERTER_VERSION = 3
 
 
 # official files this process has hashed, (device, inode, mtime, size) → SHA-256: a server resolves each
-# entry twice at a start (its preflight, then the load), and `convert` records the hash `cache_key` took,
-# so a source of 1 GB was read whole three or four times (as `_INTACT` does for the converted weights)
+# entry twice at a start (its preflight, then the load), so a source of 1 GB was read whole three or four
+# times (as `_INTACT` does for the converted weights); `convert` hashes the bytes it reads itself
 _SOURCE_SHA256: dict[tuple[int, int, int, int], str] = {}
 
 
@@ -385,10 +393,11 @@ def source_sha256(src: Path) -> str:
     return _SOURCE_SHA256[mark]
 
 
-def cache_key(src: Path, config: Path | None, vocab: Path | None = None) -> str:
-    """The cache entry of a source: its SHA-256 (and its separate config file's, and its vocabulary's,
-    when there are), then `-v` CONVERTER_VERSION."""
-    key = source_sha256(src)
+def cache_key(src: Path, config: Path | None, vocab: Path | None = None, sha256: str | None = None) -> str:
+    """The cache entry of a source: its SHA-256 (`sha256`, the hash of the bytes a conversion read; else
+    the file's now), and its separate config file's, and its vocabulary's, when there are, then `-v`
+    CONVERTER_VERSION."""
+    key = sha256 or source_sha256(src)
     if config is not None:
         key += "-" + hashlib.sha256(Path(config).read_bytes()).hexdigest()[:16]
     if vocab is not None:
@@ -433,12 +442,20 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
     tmp = _new_folder(cache, ".tmp-")
     try:
         try:
-            convert(src, tmp, config=config, name=name, vocab=vocab)
+            summary = convert(src, tmp, config=config, name=name, vocab=vocab)
         except ConvertError as exc:
             if vocab is None or "--vocab" not in str(exc):
                 raise
             where = "beside" if vocab.parent == src.parent else "in the run's checkpoints folder of"
             raise ConvertError(f"{vocab}, {where} {src.name}, is read as its vocabulary: {exc}") from None
+        # under the hash of the bytes converted: a source replaced after `cache_key` hashed it (a copy
+        # landing, a training run saving last.ckpt) was converted from its new bytes, which the old
+        # hash's entry would have served for the old file ever after
+        read = cache / cache_key(src, config, vocab, sha256=summary["sha256"])
+        if read != entry:
+            log.warning("%s changed while it was converted: its conversion is of the bytes read, kept as %s",
+                        src, read)  # fmt: skip
+            entry = read
         try:
             os.replace(tmp, entry)
         except OSError:  # another process made it first

@@ -1184,3 +1184,48 @@ def test_a_run_with_an_ema_of_its_weights_converts_its_state_dict_and_says_so(tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert json.loads((plain / "config.json").read_text())["source"]["ema"] is None
     assert "exponential moving average" not in (plain / "README.md").read_text()
+
+
+def test_a_source_replaced_while_it_is_converted_is_cached_under_the_hash_of_the_bytes_converted(
+    tmp_path, monkeypatch
+):
+    """`convert_cached` named the entry by the source's SHA-256 (`cache_key`), then the conversion read the
+    file again: a file replaced between the two reads (a copy landing, a run saving last.ckpt) had the new
+    bytes' conversion stored under the old bytes' hash, and served for the old file ever after. The entry is
+    now named by the hash of the bytes the conversion read (the file is replaced from inside `cache_key`,
+    after its hash: deterministic)."""
+    import hashlib
+    import os
+
+    import model.convert as mc
+
+    src = tmp_path / "run" / "model.ckpt"
+    src.parent.mkdir()
+    old, new = (FIX / "s4_bytes.ckpt").read_bytes(), (FIX / "s4_fout.ckpt").read_bytes()
+
+    def put(data: bytes) -> None:  # a new file renamed over the source (a new inode, as a copy lands)
+        (tmp_path / "landing").write_bytes(data)
+        os.replace(tmp_path / "landing", src)
+
+    put(old)
+    key, keys = mc.cache_key, []
+
+    def key_then_replace(*args, **kwargs):
+        keys.append(key(*args, **kwargs))
+        if len(keys) == 1:  # between the key's read of the file and the conversion's
+            put(new)
+        return keys[-1]
+
+    monkeypatch.setattr(mc, "cache_key", key_then_replace)
+    entry = convert_cached(src, tmp_path / "cache")
+    monkeypatch.setattr(mc, "cache_key", key)
+    converted = hashlib.sha256(new).hexdigest()
+    assert json.loads((entry / "config.json").read_text())["source"]["sha256"] == converted
+    assert entry.name == f"{converted}-v{CONVERTER_VERSION}"
+    assert not (tmp_path / "cache" / keys[0]).exists()  # nothing under the old bytes' hash
+    # the old bytes again: their own conversion (the new bytes' weights were served for them)
+    put(old)
+    again = convert_cached(src, tmp_path / "cache")
+    convert(FIX / "s4_bytes.ckpt", tmp_path / "direct")
+    got, want = load_file(again / "model.safetensors"), load_file(tmp_path / "direct" / "model.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

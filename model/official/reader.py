@@ -15,6 +15,7 @@ its payload before failing.
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import zipfile
@@ -150,31 +151,59 @@ def _clean_cut(msg: str, limit: int = 400) -> str:
     return cut[: end + 1] if end > 0 else cut[: cut.rfind(" ")] + " …"
 
 
-def safe_torch_load(path: str | Path) -> Any:
+def safe_torch_load(path: str | Path, data: bytes | None = None) -> Any:
     """torch.load(weights_only=True) of a torch zip archive, with only the omegaconf stand-ins allowed.
-    Raises OfficialFormatError naming the file and, for a refused global, its name."""
+    `data`: the file's bytes, when the caller read them (and hashed them: `model.convert`), so that what is
+    loaded is what was hashed; else the file is read here. Raises OfficialFormatError naming the file and,
+    for a refused global, its name."""
     path = Path(path)
-    size = path.stat().st_size
+    size = path.stat().st_size if data is None else len(data)
     if size == 0:
         raise OfficialFormatError(f"{path}: the file is empty (0 bytes): not written, or truncated?")
-    with open(path, "rb") as f:
-        head = f.read(4)
+    if data is None:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    else:
+        head = data[:4]
     if head != ZIP_MAGIC:
         raise OfficialFormatError(
             f"{path}: not a torch zip archive (first bytes {head!r}); a raw pickle is refused without "
             "being loaded (loading it could run code)"
         )
-    if not zipfile.is_zipfile(path):  # a zip's directory is at its end: torch says "failed finding central
-        raise OfficialFormatError(  # directory" or "[Errno 22] Invalid argument"
+    if not zipfile.is_zipfile(path if data is None else io.BytesIO(data)):  # a zip's directory is at its
+        raise OfficialFormatError(  # end: torch says "failed finding central directory" or "[Errno 22] …"
             f"{path}: a torch zip archive without its end ({size} bytes): truncated, not fully written or "
             "copied? Copy the checkpoint again (compare its SHA-256 with the original's)"
         )
     try:
         with torch.serialization.safe_globals(OMEGACONF_GLOBALS):
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+            if data is None:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+            else:
+                obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # the unpickler's own errors: UnpicklingError, RuntimeError, ...
         raise _refused(path, exc) from None
     return to_plain(obj)
+
+
+def _check_file(src: Path) -> None:
+    """OfficialFormatError for a folder or a missing file, named as such."""
+    if src.is_dir():
+        raise OfficialFormatError(
+            f"{src}: a folder, not a checkpoint file: give the .ckpt (e.g. its checkpoints/last.ckpt) or .pt"
+        )
+    if not src.is_file():
+        raise OfficialFormatError(f"{src}: no such file")
+
+
+def read_file(src: str | Path) -> bytes:
+    """The bytes of an official file (OfficialFormatError for a folder, a missing or unreadable file)."""
+    src = Path(src)
+    _check_file(src)
+    try:
+        return src.read_bytes()
+    except OSError as exc:
+        raise OfficialFormatError(f"{src}: unreadable ({exc.strerror or exc})") from None
 
 
 def _refused(path: Path, exc: Exception) -> OfficialFormatError:
@@ -317,20 +346,19 @@ def _tensors(sd: Any, where: str) -> dict[str, torch.Tensor]:
     return dict(sd)
 
 
-def read_source(src: str | Path, config: str | Path | None = None) -> tuple[dict, dict | None, str]:
-    """(state dict, plain config or None, kind) from an official file.
+def read_source(
+    src: str | Path, config: str | Path | None = None, data: bytes | None = None
+) -> tuple[dict, dict | None, str]:
+    """(state dict, plain config or None, kind) from an official file (`data`: its bytes, when the caller
+    read them: `read_file`).
 
     kind: "lightning" (a .ckpt: its own hyper_parameters, unless `config` is given), "state_dict" (a
     .pt state dict; config from `config` or found beside it), "standalone" (a state dict of the
     standalone models/s4 modules with a JSON description; see model.official.mapping)."""
     src = Path(src)
-    if src.is_dir():
-        raise OfficialFormatError(
-            f"{src}: a folder, not a checkpoint file: give the .ckpt (e.g. its checkpoints/last.ckpt) or .pt"
-        )
-    if not src.is_file():
-        raise OfficialFormatError(f"{src}: no such file")
-    obj = safe_torch_load(src)
+    if data is None:
+        _check_file(src)
+    obj = safe_torch_load(src, data)
     cfg_path = Path(config) if config is not None else None
     if isinstance(obj, dict) and "state_dict" in obj:
         sd = _tensors(obj["state_dict"], f"{src}: state_dict")
