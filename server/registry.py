@@ -8,6 +8,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -317,6 +318,18 @@ def use_cuda_graphs(rec, settings: Settings, name: str) -> bool:
     return True
 
 
+def expected_ids(settings: Settings) -> list[str]:
+    """The ids of the models `load_models` will try to load, in its order (an entry of the default list
+    whose folder does not exist is skipped, as it skips it; an id named twice once)."""
+    ids = []
+    for entry in settings.checkpoints:
+        if not parse_entry(entry)[1].exists() and settings.uses_default_checkpoints():
+            continue
+        if (model_id := model_id_of(entry)) not in ids:
+            ids.append(model_id)
+    return ids
+
+
 def parse_entry(entry: str) -> tuple[str | None, Path]:
     """An S4_CHECKPOINTS entry: PATH, or NAME=PATH, an entry with a '=' before any '/' (NAME: MODEL_ID,
     checked by Settings, as is a PATH that is not empty); a path with a '=' in its first part is written
@@ -594,11 +607,17 @@ def load_model(
 
 
 def load_models(
-    settings: Settings, sessions: SessionTable, metrics: Metrics, stop: threading.Event | None = None
+    settings: Settings,
+    sessions: SessionTable,
+    metrics: Metrics,
+    stop: threading.Event | None = None,
+    on_loaded: Callable[[ServedModel], None] | None = None,
+    on_failed: Callable[[str, str, str], None] | None = None,
 ) -> tuple[dict[str, ServedModel], dict[str, str]]:
     """Every configured checkpoint that loads and verifies → {id: model}; the others → {id: why}. When
     `stop` is set (the server is stopping), loading ends at the next step's boundary and what is loaded
-    so far is returned."""
+    so far is returned. `on_loaded(model)` is called as each model is loaded (before the next one is
+    begun: the server serves it from then on), `on_failed(key, model id, why)` as each entry fails."""
     device = settings.resolved_device()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -623,6 +642,8 @@ def load_models(
         if model_id in models:
             failed[entry] = f"model id {model_id!r} is already served (from {models[model_id].path})"
             log.error("checkpoint %s not served: %s", entry, failed[entry])
+            if on_failed is not None:
+                on_failed(entry, model_id, failed[entry])
             continue
         try:
             model_id, folder = resolve_entry(entry, settings)
@@ -638,6 +659,11 @@ def load_models(
                 exc, (CheckpointError, VerificationError, ValueError, OSError, RuntimeError)
             )
             log.error("checkpoint %s not served: %s", entry, failed[model_id], exc_info=not expected)
+            if on_failed is not None:
+                on_failed(model_id, model_id, failed[model_id])
+            continue
+        if on_loaded is not None:
+            on_loaded(models[model_id])
     if cache is not None:
         by, line = form_cache_summary(cache.folder)
         log.info("recurrent-form cache %s: %s", cache.folder, line)

@@ -241,16 +241,13 @@ async def request_model(state: ServerState, model_id: str | None, session_id: st
     changes: the caller's `restore` checks that copy is the latest, with the request's one version check),
     or one restored from the session store first (404 naming `session_id` for a session in neither place).
     A model named beside a session that is not the session's is refused where the session is claimed
-    (`claim`: 422 naming `model`). 503 while the models load or the server drains, as for any new
-    request."""
+    (`claim`: 422 naming `model`). 503 while the server drains, as for any new request, and while the
+    model is still loading (the models loaded before it serve meanwhile)."""
     if model_id is not None:
         return state.model(model_id)
     if session_id is None:
         raise invalid("model", "model: Field required (the model's id, or a session_id to continue)")
-    if state.draining:
-        raise unavailable("the server is shutting down")
-    if not state.loaded:
-        raise unavailable("models are still loading")
+    state.check_serving()  # (503 while draining, or while no model serves yet)
     if not state.sessions.has(session_id):
         await restore(state, session_id)
     try:
@@ -523,8 +520,8 @@ def check_state(
             raise invalid(param, f"{what}: its header has no {key!r} field")
     model_id = target if target is not None else header["model"]
     if not isinstance(model_id, str) or model_id not in state.models:
-        if state.draining or not state.loaded:
-            state.model(str(model_id))  # 503
+        if state.draining or state.still_loading(str(model_id)):
+            state.model(str(model_id))  # 503 (naming the model, while it loads)
         same = [m.id for m in state.models.values() if m.fingerprint == header["fingerprint"]]
         hint = ""
         if same and param == "state":  # (an import: it may name the model that serves those weights)

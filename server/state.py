@@ -15,7 +15,7 @@ from server.config import Settings
 from server.decoder import AudioDecoder
 from server.errors import APIError, not_found, quoted, unavailable
 from server.metrics import Metrics
-from server.registry import ServedModel, load_models
+from server.registry import ServedModel, expected_ids, load_models
 from server.sessions import SessionTable, max_seen_bytes
 from server.store import StateStore, StoreError, StoreWriter, open_store
 
@@ -56,7 +56,10 @@ class ServerState:
         self.sessions = SessionTable()
         self.models: dict[str, ServedModel] = {}
         self.failed: dict[str, str] = {}
-        self.loaded = False
+        # the configured models not yet loaded nor failed, in load order: each serves as soon as it is
+        # loaded (`_serve`), and a request naming one still loading is a 503 naming it (`model`)
+        self.loading: list[str] = expected_ids(settings)
+        self.loaded = False  # every configured model has loaded or failed (or the load ended)
         self.draining = False
         self.drain_deadline: float | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -69,6 +72,7 @@ class ServerState:
         self.loader: threading.Thread | None = None  # the thread loading the models, while it runs
         self.freeze_gc = False  # set by python -m server: gc.freeze() once the models are loaded
         self.decoder = AudioDecoder()  # prompt audio files, decoded in worker processes
+        self.decoder_starting = False  # its first worker started (`_start_decoder`) once an audio model serves
 
     @property
     def max_state_blob_bytes(self) -> int:
@@ -84,27 +88,40 @@ class ServerState:
         return self.loaded and bool(self.models) and not self.draining
 
     def check_serving(self) -> None:
-        """503 (with Retry-After) while the models load or the server drains: what every model route,
-        GET /v1/models included, answers then (/readyz says "loading" or "draining")."""
+        """503 (with Retry-After) while no model is served yet (the first one loading) or the server
+        drains: what GET /v1/models answers then (/readyz says "loading" or "draining"). Once one model
+        serves, the list answers (with the served ones)."""
         if self.draining:
             raise unavailable("the server is shutting down")
-        if not self.loaded:
+        if not self.loaded and not self.models:
             raise unavailable("models are still loading")
 
+    def still_loading(self, model_id: str) -> bool:
+        """Whether `model_id` is a configured model still loading (not yet served, nor failed)."""
+        return not self.loaded and model_id in self.loading
+
     def model(self, model_id: str) -> ServedModel:
-        """The served model `model_id`: 503 while loading or draining (`check_serving`), 404 if unknown or
-        configured but not served (the message then gives the load-time reason, as /readyz does)."""
-        self.check_serving()
+        """The served model `model_id`: 503 (with Retry-After) while the server drains, or while that model
+        is still loading (a message naming it: the models loaded before it serve meanwhile); 404 if unknown
+        or configured but not served (the message then gives the load-time reason, as /readyz does)."""
+        if self.draining:
+            raise unavailable("the server is shutting down")
         m = self.models.get(model_id)
-        if m is None:
-            if model_id in self.failed:
-                raise not_found(
-                    f"model {model_id!r} is configured but not served: {self.failed[model_id]}", param="model"
-                )
-            alike = [k for k in self.models if k.casefold() == model_id.casefold()]
-            hint = f" (ids are case-sensitive: {alike[0]} is served)" if alike else ""
-            raise not_found(f"no model {quoted(model_id)}; see GET /v1/models{hint}", param="model")
-        return m
+        if m is not None:
+            return m
+        if self.still_loading(model_id):
+            raise unavailable(f"model {model_id} is still loading (GET /readyz lists the models loading)")
+        if not self.loaded and not self.loading:  # (nothing known yet: the load has not listed the ids)
+            raise unavailable("models are still loading")
+        if model_id in self.failed:
+            raise not_found(
+                f"model {model_id!r} is configured but not served: {self.failed[model_id]}", param="model"
+            )
+        alike = [k for k in (*self.models, *self.loading) if k.casefold() == model_id.casefold()]
+        hint = f" (ids are case-sensitive: {alike[0]} is served)" if alike else ""
+        if alike and alike[0] not in self.models:
+            hint = f" (ids are case-sensitive: {alike[0]} is loading)"
+        raise not_found(f"no model {quoted(model_id)}; see GET /v1/models{hint}", param="model")
 
     async def load(self) -> None:
         try:
@@ -116,20 +133,7 @@ class ServerState:
             self.failed["session_store"] = f"the session store: {exc.public}"
             self._nothing_to_serve(self.failed["session_store"])
             return
-        try:
-            models, failed = await self._in_loader_thread(
-                load_models, self.settings, self.sessions, self.metrics, self.stopping
-            )
-        except Exception as exc:  # never a server that says "loading" for ever with nothing logged
-            log.exception("loading the models failed")
-            self._nothing_to_serve(f"loading the models failed: {type(exc).__name__}: {exc}")
-            return
-        if self.stopping.is_set():  # stopped while loading: nothing to start (shutdown saw no model)
-            return
-        if any(m.kind == "audio" for m in models.values()):  # (its first worker: seconds, not at a prompt)
-            await asyncio.to_thread(self.decoder.start)
-        self.models, self.failed = models, failed
-        if self.store is not None:
+        if self.store is not None:  # before the first model serves: its engine writes through it
             self.metrics.add_store_gauges(lambda: self.writer.backlog if self.writer is not None else 0)
             self.writer = StoreWriter(
                 self.store,
@@ -139,19 +143,36 @@ class ServerState:
                 up=self.metrics.store_up,
                 error_counter=self.metrics.store_errors,
             )
-            for m in self.models.values():
-                m.engine.persist = _persister(m, self.writer)
-                m.engine.forget = self.writer.delete
-                m.engine.let_go = self.writer.let_go
-                m.engine.may_evict = self.writer.may_evict
+        loop = asyncio.get_running_loop()
+
+        def loaded(m: ServedModel) -> None:  # (the loader thread)
+            loop.call_soon_threadsafe(self._serve, m)
+
+        def failed(key: str, model_id: str, why: str) -> None:
+            loop.call_soon_threadsafe(self._not_served, key, model_id, why)
+
+        try:
+            _, failures = await self._in_loader_thread(
+                load_models, self.settings, self.sessions, self.metrics, self.stopping, loaded, failed
+            )
+        except Exception as exc:  # never a server that says "loading" for ever with nothing logged
+            log.exception("loading the models failed")
+            why = f"loading the models failed: {type(exc).__name__}: {exc}"
+            if not self.models:
+                self._nothing_to_serve(why)
+                return
+            failures = {**self.failed, **{k: why for k in self.loading}}  # (the served ones go on)
+        if self.stopping.is_set():  # stopped while loading: shutdown stops the engines of those served
+            return
+        # (each model was served by `_serve`, scheduled before this await's result, so all are by now)
+        self.failed = failures
+        self.loading = []
         if self.freeze_gc:
             # what startup made (modules, models, the state pool) lives as long as the process: out of
             # the cyclic GC's sight, a full collection (which a request that allocates much sets off)
             # scans what requests made, not startup's ~280k objects (140 ms, every stream paused, on the
             # Zen 3 VM). Not in tests' in-process servers, whose frozen cycles would never be freed.
             gc.freeze()
-        for m in self.models.values():
-            m.engine.start()
         self.loaded = True
         if not self.models:
             self._nothing_to_serve("; ".join(f"{k}: {v}" for k, v in self.failed.items()) or "no checkpoint")
@@ -161,6 +182,41 @@ class ServerState:
                         "; ".join(f"{k}: {v}" for k, v in self.failed.items()))  # fmt: skip
         else:
             log.info("ready: serving %s", ", ".join(self.models))
+
+    def _serve(self, m: ServedModel) -> None:
+        """Serve a model that has just loaded and verified (on the event loop, so no request sees it half
+        set up): its engine started and wired to the session store. Not once the server is stopping (the
+        drain has begun: the shutdown stops the engines of the models it saw)."""
+        if self.stopping.is_set():
+            return
+        if self.writer is not None:
+            m.engine.persist = _persister(m, self.writer)
+            m.engine.forget = self.writer.delete
+            m.engine.let_go = self.writer.let_go
+            m.engine.may_evict = self.writer.may_evict
+        m.engine.start()
+        self.models[m.id] = m
+        self.loading = [k for k in self.loading if k != m.id]
+        if m.kind == "audio" and not self.decoder_starting:
+            self.decoder_starting = True
+            threading.Thread(target=self._start_decoder, name="s4-decoder-start", daemon=True).start()
+        if self.loading:
+            log.info("model %s serves (still loading: %s)", m.id, ", ".join(self.loading))
+
+    def _start_decoder(self) -> None:
+        """The audio decoder's first worker (server/decoder.py), started beside serving: it takes seconds
+        (it imports the codecs, torch with them), which neither the model's readiness nor the event loop
+        waits for; a prompt that comes meanwhile waits for it, as it would for a worker started then."""
+        try:
+            self.decoder.start()
+        except RuntimeError:  # (closed meanwhile: the server is stopping)
+            log.debug("the audio decoder closed before its first worker started")
+
+    def _not_served(self, key: str, model_id: str, why: str) -> None:
+        """A configured model that failed to load: its requests are a 404 with the reason from now on."""
+        self.failed[key] = why
+        if model_id not in self.models:
+            self.loading = [k for k in self.loading if k != model_id]
 
     async def _in_loader_thread(self, fn, *args):
         """fn(*args) in a daemon thread (self.loader), awaited. Not asyncio.to_thread: asyncio.run waits at
@@ -188,7 +244,7 @@ class ServerState:
         return await done
 
     def _nothing_to_serve(self, reason: str) -> None:
-        self.loaded, self.fatal = True, reason
+        self.loaded, self.fatal, self.loading = True, reason, []
         log.error("no model can be served: %s", reason)
         if self.on_fatal is not None:
             self.on_fatal()

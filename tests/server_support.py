@@ -141,6 +141,29 @@ def serving_while_loading(settings, monkeypatch) -> tuple[ServerThread, threadin
     return s, go
 
 
+def serving_while_one_loads(settings, monkeypatch, model_id: str) -> tuple[ServerThread, threading.Event]:
+    """A ServerThread of `settings` whose model `model_id` waits to load (its load begins once the event
+    returned is set; set it too before stopping the server): the models before it in S4_CHECKPOINTS load
+    meanwhile. Returned once the server listens."""
+    import server.registry
+
+    go, load = threading.Event(), server.registry.load_model
+
+    def gated(path, settings, sessions, metrics, device, name=None, *args, **kwargs):
+        if name == model_id:
+            go.wait(60)
+        return load(path, settings, sessions, metrics, device, name, *args, **kwargs)
+
+    monkeypatch.setattr(server.registry, "load_model", gated)
+    s = ServerThread(settings)
+    s.thread.start()
+    if not wait_for(lambda: s.server.started, 30):
+        go.set()
+        s.stop()
+        raise RuntimeError("server did not start listening")
+    return s, go
+
+
 class RawWebSocket:
     """A minimal blocking WebSocket client on a plain socket, so a test controls exactly when bytes
     are read (client libraries read ahead into their own buffers)."""

@@ -22,7 +22,14 @@ import numpy as np
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
-from server_support import ServerThread, check_usage, reference, serving_while_loading, wait_for
+from server_support import (
+    ServerThread,
+    check_usage,
+    reference,
+    serving_while_loading,
+    serving_while_one_loads,
+    wait_for,
+)
 
 from model.codecs import MuLaw, to_pcm16, wav_bytes
 from model.sampling import SamplingParams
@@ -642,6 +649,38 @@ def test_a_page_opened_while_the_models_load_says_so_and_lists_them_once_loaded(
         assert not any("serves no model" in t for t in d.js("statuses"))
         generate_text(d, "x", 5, seed=1)
         assert [e for e in d.errors if "503" not in e] == []  # /v1/models and /readyz: 503 while loading
+        d.context.close()
+    finally:
+        go.set()
+        s.stop()
+
+
+def test_a_page_opened_while_one_model_loads_serves_the_others_and_adds_it_once_loaded(
+    browser, model_dirs, monkeypatch
+):
+    """Each model serves as soon as it is loaded: the page lists the text model (served) while the audio
+    model still loads, says which one is loading, generates with the served one meanwhile, and adds the
+    other to the list by itself once it serves (the session going on), saying so once."""
+    from server import Settings
+
+    settings = Settings(checkpoints=[str(model_dirs["text"]), str(model_dirs["audio"])], max_audio_s=0.05)
+    s, go = serving_while_one_loads(settings, monkeypatch, AUDIO)
+    try:
+        d = Demo(browser, s.url)
+        statuses(d)
+        d.wait_status(f"1 model served. Still loading: {AUDIO}")
+        assert d.js("[...document.getElementById('model').options].map(o => o.value)") == [TEXT]
+        for _ in range(2):  # it asks again meanwhile, and does not say the same again (a live region)
+            with d.page.expect_request("**/v1/models", timeout=WAIT_MS):
+                pass
+        assert len([t for t in d.js("statuses") if "Still loading" in t]) <= 1, d.js("statuses")
+        generate_text(d, "x", 5, seed=1)
+        sid = d.js("s4demo.sessionId")
+        go.set()
+        d.wait_status("2 models served.")
+        assert d.js("[...document.getElementById('model').options].map(o => o.value)") == [TEXT, AUDIO]
+        assert d.js("s4demo.sessionId") == sid  # the same model still selected: its session goes on
+        assert [e for e in d.errors if "503" not in e] == []  # /readyz: 503 while a model loads
         d.context.close()
     finally:
         go.set()

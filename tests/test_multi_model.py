@@ -11,7 +11,16 @@ import threading
 import httpx
 import pytest
 import torch
-from server_support import ServerThread, _rec, metric, reference, serving_while_loading, wait_for, ws_turn
+from server_support import (
+    ServerThread,
+    _rec,
+    metric,
+    reference,
+    serving_while_loading,
+    serving_while_one_loads,
+    wait_for,
+    ws_turn,
+)
 from websockets.sync.client import connect
 
 from model.sampling import SamplingParams, sample
@@ -295,15 +304,20 @@ def test_the_model_list_answers_as_every_model_route_while_loading_and_draining(
     try:
         with httpx.Client(base_url=s.url, timeout=60) as c:
 
-            def refused(message: str) -> None:
-                for path in ("/v1/models", f"/v1/models/{TEXT}", "/v1/models/nope"):
+            def refused(message: str, by_id: str | None = None) -> None:
+                for path, said in (("/v1/models", message), (f"/v1/models/{TEXT}", by_id or message)):
                     r = c.get(path)
                     assert r.status_code == 503 and r.headers["retry-after"] == "5", (path, r.text)
-                    assert r.json()["error"]["message"] == message, (path, r.text)
+                    assert r.json()["error"]["message"] == said, (path, r.text)
                 r = c.post("/v1/completions", json={"model": TEXT, "prompt": "a", "max_tokens": 1})
-                assert r.status_code == 503 and r.json()["error"]["message"] == message, r.text
+                assert r.status_code == 503 and r.json()["error"]["message"] == (by_id or message), r.text
 
-            refused("models are still loading")
+            # (each model's requests: a 503 naming it while it loads; an id not configured: a 404 at once)
+            refused(
+                "models are still loading",
+                f"model {TEXT} is still loading (GET /readyz lists the models loading)",
+            )
+            assert c.get("/v1/models/nope").status_code == 404
             assert c.get("/readyz").json()["reason"] == "loading"
             go.set()
             assert wait_for(lambda: c.get("/readyz").status_code == 200, 60)
@@ -313,6 +327,90 @@ def test_the_model_list_answers_as_every_model_route_while_loading_and_draining(
             asyncio.run_coroutine_threadsafe(s.state.drain(), s.state.loop).result(30)
             refused("the server is shutting down")
             assert c.get("/readyz").json()["reason"] == "draining"
+    finally:
+        go.set()
+        s.stop()
+
+
+def test_each_model_serves_as_soon_as_it_is_loaded_while_the_others_load(model_dirs, monkeypatch):
+    """No model served until every configured one had loaded (`state.loaded`, set once for all): on a cold
+    start the first model waited ~10 s after its own load for the others. Now each model serves from the
+    moment it is loaded and verified: while the audio model (after it in S4_CHECKPOINTS) still loads, the
+    text model answers every route, GET /v1/models lists it, and a request naming the audio model is a
+    503 with Retry-After naming it (OpenAI's error shape on the OpenAI routes, a WebSocket error frame);
+    /readyz stays 503 "loading" until every model is served, and lists which are."""
+    settings = Settings(checkpoints=[str(model_dirs["text"]), str(model_dirs["audio"])], max_audio_s=0.05)
+    s, go = serving_while_one_loads(settings, monkeypatch, AUDIO)
+    loading = f"model {AUDIO} is still loading (GET /readyz lists the models loading)"
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            assert wait_for(lambda: c.get(f"/v1/models/{TEXT}").status_code == 200, 60), (
+                "the text model never served"
+            )
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [TEXT]
+            ready = c.get("/readyz")
+            assert ready.status_code == 503, ready.text
+            assert ready.json() | {"verification": None} == {
+                "ready": False,
+                "reason": "loading",
+                "models": [TEXT],
+                "loading": [AUDIO],
+                "failed": {},
+                "verification": None,
+            }
+            want = reference(model_dirs["text"], list(b"ab"), SamplingParams(seed=3), 4)
+            r = c.post("/v1/generate", json={"model": TEXT, "prompt": "ab", "max_new_tokens": 4, "seed": 3})
+            assert r.status_code == 200 and r.json()["tokens"] == want, r.text
+            for path, body in (("/v1/completions", {"model": AUDIO, "prompt": "a", "max_tokens": 1}),
+                               ("/v1/generate", {"model": AUDIO, "max_new_tokens": 1}),
+                               ("/v1/sessions", {"model": AUDIO})):  # fmt: skip
+                r = c.post(path, json=body)
+                assert r.status_code == 503 and r.headers["retry-after"] == "5", (path, r.text)
+                assert r.json()["error"]["message"] == loading, (path, r.text)
+            r = c.post("/v1/completions", json={"model": AUDIO, "prompt": "a", "max_tokens": 1})
+            assert r.json()["error"].keys() == {"message", "type", "param", "code"}, r.text  # OpenAI's shape
+            r = c.get(f"/v1/models/{AUDIO}")
+            assert r.status_code == 503 and r.json()["error"]["message"] == loading, r.text
+            assert c.get("/v1/models/nope").status_code == 404
+            with connect(s.ws_url) as ws:
+                frame = ws_turn(ws, {"type": "generate", "model": AUDIO, "max_new_tokens": 1})[-1]
+                assert frame["type"] == "error" and frame["code"] == 503 and frame["message"] == loading, (
+                    frame
+                )
+            go.set()
+            assert wait_for(lambda: c.get("/readyz").status_code == 200, 60)
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [TEXT, AUDIO]
+            r = c.post("/v1/generate", json={"model": AUDIO, "max_new_tokens": 2})
+            assert r.status_code == 200 and len(r.json()["tokens"]) == 2, r.text
+            assert c.get("/readyz").json()["loading"] == []
+    finally:
+        go.set()
+        s.stop()
+
+
+def test_a_model_that_fails_while_another_loads_is_a_404_with_its_reason_and_the_rest_serve(
+    model_dirs, monkeypatch
+):
+    """A configured model that fails its load is a 404 with the reason as soon as it has failed (not a 503
+    until every model is done), the ones loaded before it serve, and once all are done the server is
+    ready as before (a failed model does not stop it, nor make it unready without S4_REQUIRE_ALL_MODELS)."""
+    broken = model_dirs["broken"].name
+    folders = [str(model_dirs[k]) for k in ("text", "broken", "audio")]
+    settings = Settings(checkpoints=folders, max_audio_s=0.05)
+    s, go = serving_while_one_loads(settings, monkeypatch, AUDIO)
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            assert wait_for(lambda: c.get(f"/v1/models/{broken}").status_code == 404, 60)
+            r = c.get(f"/v1/models/{broken}")
+            assert "is configured but not served: " in r.json()["error"]["message"], r.text
+            ready = c.get("/readyz").json()
+            assert (
+                ready["reason"] == "loading" and ready["loading"] == [AUDIO] and broken in ready["failed"]
+            ), ready
+            assert c.get(f"/v1/models/{TEXT}").status_code == 200
+            go.set()
+            assert wait_for(lambda: c.get("/readyz").status_code == 200, 60)
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [TEXT, AUDIO]
     finally:
         go.set()
         s.stop()

@@ -22,9 +22,14 @@ NOT_READY = {**READY, "description": "loading, draining, or nothing to serve"}
 @router.get("/readyz", tags=["health"], summary="Models loaded and verified (503 before, and while draining)",
             responses={200: READY, 503: NOT_READY})  # fmt: skip
 async def readyz(request: Request) -> JSONResponse:
-    """With API keys on, a request without a valid one (an orchestrator's probe) gets the same status and
-    fields, but the reason a model is not served is withheld: it quotes paths on the server's disk and
-    exception text (the log has it, and so does this answer with a key)."""
+    """Ready (200) once every configured model has loaded or failed, at least one serves, and the server
+    is not draining: "loading" (503) until then, though each model serves as soon as it is loaded
+    (`models`; `loading`: those still loading, whose requests are a 503 naming them), as Triton's server
+    readiness waits for every model while each model's own readiness is its own (here GET
+    /v1/models/{id}: 200, or 503 while it loads). With API keys on, a request without a valid one (an
+    orchestrator's probe) gets the same status and fields, but the reason a model is not served is
+    withheld: it quotes paths on the server's disk and exception text (the log has it, and so does this
+    answer with a key)."""
     st = state_of(request)
     keys = request.app.state.api_keys
     failed = st.failed
@@ -48,8 +53,8 @@ async def readyz(request: Request) -> JSONResponse:
         reason = None
     verified = {k: {n: m.rec.verification[n] for n in ("dtype", "step_rel_err", "prefill_rel_err", "tol")}
                 for k, m in st.models.items()}  # fmt: skip
-    body = {"ready": reason is None, "reason": reason, "models": list(st.models), "failed": failed,
-            "verification": verified}  # fmt: skip
+    body = {"ready": reason is None, "reason": reason, "models": list(st.models), "loading": list(st.loading),
+            "failed": failed, "verification": verified}  # fmt: skip
     return JSONResponse(body, status_code=200 if reason is None else 503)
 
 

@@ -776,10 +776,12 @@ def _describe(state: ServerState, model: ServedModel) -> dict:
     responses={503: OPENAI_ERROR_RESPONSES[503]},
 )
 async def models(request: Request) -> dict:
-    """The served models. While they load, and while the server drains, a 503 with Retry-After, as
-    GET /v1/models/{id} and every model route answer then (/readyz: "loading", "draining"): an empty list
-    read as "this server serves nothing" (a client that lists the models at start gave up; OpenAI's
-    clients retry a 503). Once loaded, the models that loaded and verified ([] when none did)."""
+    """The served models: each one from the moment it has loaded and verified, while the others still
+    load (those are not listed: every entry here serves; /readyz's `loading` names them, and a request
+    naming one is a 503 naming it). Until the first model serves, and while the server drains, a 503
+    with Retry-After (/readyz: "loading", "draining"): an empty list read as "this server serves
+    nothing" (a client that lists the models at start gave up; OpenAI's clients retry a 503). Once all
+    have loaded, the models that loaded and verified ([] when none did)."""
     st = state_of(request)
     st.check_serving()
     return {"object": "list", "data": [_describe(st, m) for m in st.models.values()]}

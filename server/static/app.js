@@ -130,8 +130,20 @@
   // --- models ----------------------------------------------------------------------------------
 
   // While the server loads its models (GET /v1/models answers 503 and /readyz says "loading") the list is
-  // asked for again, 0.5 s after the first try and 1.5 times longer each time (10 s at most).
+  // asked for again, 0.5 s after the first try and 1.5 times longer each time (10 s at most). Each model
+  // serves as soon as it is loaded: while /readyz still lists some as loading, the list (with the ones
+  // served) is asked for again the same way, between turns, until every model is served.
   let modelsRetry = null;
+  let modelsSaid = null; // the status line the last list gave (said again only when it changes)
+
+  function askAgain(attempt) {
+    const delay = Math.min(10000, 500 * 1.5 ** attempt);
+    const again = () => {
+      if (turn || starting) modelsRetry = setTimeout(again, delay); // a new list waits for the turn's end
+      else loadModels(attempt + 1);
+    };
+    modelsRetry = setTimeout(again, delay);
+  }
 
   async function loadModels(attempt = 0) {
     clearTimeout(modelsRetry);
@@ -143,19 +155,19 @@
       list = (await api("v1/models")).data;
     } catch (err) {
       if (err.status === 503 && (await readyz())?.reason === "loading") {
-        const delay = Math.min(10000, 500 * 1.5 ** attempt);
         select.replaceChildren(new Option("(models are loading…)", ""));
         select.disabled = true;
         // said once: the status line is a live region, and a new countdown at each try ("asking again in
         // 0.8 s", "in 1.1 s", …) was read out each time, every few seconds for as long as the models loaded
         if (attempt === 0) status("The server's models are loading… (asking again until they are served)");
-        modelsRetry = setTimeout(() => loadModels(attempt + 1), delay);
+        askAgain(attempt);
         return;
       }
       status(`Could not load the models: ${err.message}`, true);
       return;
     }
-    const ready = list.length === 0 ? await readyz() : null;
+    const ready = await readyz();
+    const loading = ready?.reason === "loading" && Array.isArray(ready.loading) ? ready.loading : [];
     const previous = model?.id;
     const nothing = list.length === 0 && ready?.reason ? `: ${ready.reason}` : ".";
     models = list;
@@ -164,7 +176,13 @@
     );
     select.disabled = models.length === 0;
     if (models.length === 0) status(`The server serves no model${nothing}`, true);
-    else status(`${models.length} model${models.length > 1 ? "s" : ""} served.`);
+    else {
+      let said = `${models.length} model${models.length > 1 ? "s" : ""} served.`;
+      if (loading.length) said += ` Still loading: ${loading.join(", ")} (added when served).`;
+      if (said !== modelsSaid || attempt === 0) status(said);
+      modelsSaid = said;
+    }
+    if (loading.length) askAgain(attempt);
     if (previous && select.value === previous) {
       model = models.find((m) => m.id === previous); // the same model: its session goes on
       showModel();
