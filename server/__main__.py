@@ -161,13 +161,15 @@ class GracefulServer(uvicorn.Server):
         self.should_exit = True
 
 
-def preflight(settings: Settings) -> list[str]:
+def preflight(settings: Settings, built: dict | None = None) -> list[str]:
     """What stops the server from serving anything, checked before it listens: every configured
-    checkpoint is read and validated (config.json, then the safetensors weights: never unpickled)
-    and the session store is reached; before those (seconds, for a converted checkpoint), the device and
-    the port. Returns the problems when nothing could be served, else []."""
+    checkpoint is read, validated and built (config.json, then the safetensors weights: never unpickled;
+    `registry.build_entry`) and the session store is reached; before those (seconds, for a converted
+    checkpoint), the device and the port. Returns the problems when nothing could be served, else [].
+    `built`: filled with entry → its built checkpoint, or the exception it raised, for `load_models` to go
+    on from (each was built again there)."""
 
-    from model.checkpoint import CheckpointError, load  # noqa: PLC0415
+    from model.checkpoint import CheckpointError  # noqa: PLC0415
     from server.store import StoreError, open_store  # noqa: PLC0415
 
     n = len(settings.checkpoints)
@@ -184,23 +186,26 @@ def preflight(settings: Settings) -> list[str]:
             store.close()
     except StoreError as exc:
         return [str(exc)]
-    from server.registry import parse_entry, resolve_entry, served_vocab  # noqa: PLC0415
+    from server.registry import build_entry, parse_entry  # noqa: PLC0415
 
+    built = {} if built is None else built
     usable = 0
     for entry in settings.checkpoints:
         source = parse_entry(entry)[1]
         if not source.exists() and settings.uses_default_checkpoints():
             continue  # the default list names checkpoints that may not be trained yet
+        if entry in built:  # (an entry named twice: its second is refused by id, as load_models does)
+            continue
         try:
-            _, path = resolve_entry(entry, settings)  # an official .ckpt/.pt is converted (and cached) here
-            net = load(path)
-            served_vocab(path, net.config, source if path != source else None)
+            built[entry] = build_entry(entry, settings)  # an official .ckpt/.pt is converted (cached) here
             usable += 1
         except (CheckpointError, ValueError, OSError) as exc:
+            built[entry] = exc
             problems.append(f"checkpoint {entry}: {exc}")
         except Exception as exc:  # a fault of the converter or loader on this entry (a TypeError in the
             # mapping once stopped the whole start, a good checkpoint beside it included): this entry is not
             # served, as load_models would have it; its traceback in the log
+            built[entry] = exc
             log.error("checkpoint %s: %s: %s", entry, type(exc).__name__, exc, exc_info=True)
             problems.append(f"checkpoint {entry}: {type(exc).__name__}: {exc}")
     if usable:
@@ -315,13 +320,15 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM, or a KeyboardInterrupt traceback.)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop_before_serving)
-    problems = preflight(settings)
+    built: dict = {}  # entry → its checkpoint built by the preflight, which the load goes on from
+    problems = preflight(settings, built)
     if problems:
         for p in problems:
             log.error("%s", p)
         sys.exit("not serving: " + "; ".join(problems))
     app = create_app(settings)
     state = app.state.server
+    state.built = built
     state.freeze_gc = True
     raise_fd_limit(settings.max_connections)
     config = uvicorn_config(

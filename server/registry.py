@@ -470,6 +470,41 @@ def step_path(rec) -> str:
     return "by torch ops" + (" around the C SSM steps" if getattr(rec, "_fused", None) is not None else "")
 
 
+@dataclass
+class Built:
+    """A configured entry resolved and its network built, what `load_model` goes on from: python -m
+    server's preflight builds each entry once (`build_entry`) and `load_models` takes it from there (each
+    was built twice, ~50-100 ms apiece for the shipped checkpoints, more for a large one)."""
+
+    model_id: str
+    folder: Path
+    source: Path | None  # the official file converted into `folder`, or None
+    # config.json, read once: the network's config, the weights' checksum, the vocabulary's entry and the
+    # fingerprint are all that read's (a save that replaced the checkpoint meanwhile cannot mix two)
+    meta: dict
+    net: torch.nn.Module
+    vocab: Vocab | None
+    read_s: float  # seconds config.json, the weights and the network took (s4_model_load_seconds' total)
+
+
+def build_entry(entry: str, settings: Settings) -> Built:
+    """An S4_CHECKPOINTS entry resolved (`resolve_entry`: an official file converted) and built. Raises
+    what `resolve_entry` and `build_folder` raise."""
+    model_id, folder = resolve_entry(entry, settings)
+    path = parse_entry(entry)[1]
+    return build_folder(folder, model_id, path if folder != path else None)
+
+
+def build_folder(folder: Path, model_id: str, source: Path | None = None) -> Built:
+    """A checkpoint folder's config.json read, its network built (float32, CPU) and its vocabulary read
+    (`served_vocab`). Raises CheckpointError naming what is wrong."""
+    t0 = time.perf_counter()
+    meta = read_config(folder)
+    net = load(folder, meta=meta)
+    vocab = served_vocab(folder, net.config, source, meta)
+    return Built(model_id, folder, source, meta, net, vocab, time.perf_counter() - t0)
+
+
 def load_model(
     path: Path,
     settings: Settings,
@@ -480,22 +515,22 @@ def load_model(
     source: Path | None = None,
     stop: threading.Event | None = None,
     cache: FormCache | None = None,
+    built: Built | None = None,
 ) -> ServedModel:
     """Checkpoint → verified recurrent form → warmed-up engine (not yet started). `source`: the official
     file `path` was converted from (named in the errors); `cache`: the layers' verified forms are read from
-    it and written to it (`model.form_cache`). Raises CheckpointError or VerificationError with the
-    reason, ValueError for an audio model at whose sample rate S4_MAX_AUDIO_S is under one sample (found
-    before it is converted), LoadingStopped when `stop` is set between two steps (load, convert and
-    verify, CUDA graphs, warm-up)."""
+    it and written to it (`model.form_cache`); `built`: the checkpoint already built (`build_entry`), else
+    it is built here. Raises CheckpointError or VerificationError with the reason, ValueError for an audio
+    model at whose sample rate S4_MAX_AUDIO_S is under one sample (found before it is converted),
+    LoadingStopped when `stop` is set between two steps (load, convert and verify, CUDA graphs, warm-up)."""
+    name = model_id or path.name
+    built = built or build_folder(path, name, source)
     t0 = time.perf_counter()
-    meta = read_config(path)
+    meta, net, vocab, source = built.meta, built.net, built.vocab, built.source
+    built.net = None  # (this load's from now on: the network is not kept twice)
     chat = ChatTemplate.from_config(meta)
     generation = GenerationConfig.from_config(meta)
-    # config.json is read once: the network's config, the weights' checksum, the vocabulary's entry and the
-    # fingerprint are all that read's (a save that replaced the checkpoint meanwhile cannot mix two)
-    net = load(path, meta=meta)
     _check_stop(stop)
-    name = model_id or path.name
     if net.config.modality == "audio" and settings.audio_samples(net.config.sample_rate) < 1:
         rate = net.config.sample_rate
         raise ValueError(
@@ -503,7 +538,6 @@ def load_model(
             f"(0 samples): its prompts and generations could hold none; set S4_MAX_AUDIO_S to at least "
             f"1/{rate} s"
         )
-    vocab = served_vocab(path, net.config, source, meta)
     src = meta.get("source") if isinstance(meta.get("source"), dict) else {}
     if vocab is None and source is None and isinstance(src.get("warning"), str):  # (an official file
         # served directly: model.convert logged its warning)
@@ -565,6 +599,8 @@ def load_model(
     metrics.recurrent_form_layers.labels(model_id, "cache").set(cached)
     metrics.recurrent_form_layers.labels(model_id, "converted").set(len(rec.report) - cached)
     metrics.load_seconds.labels(model_id, "convert").set(t_convert)
+    total = built.read_s + time.perf_counter() - t0  # (from reading the checkpoint to the engine)
+    metrics.load_seconds.labels(model_id, "total").set(total)
     converted = "recurrent-form cache off"
     if cache is not None:
         converted = f"{cached} of {len(rec.report)} layers from the recurrent-form cache"
@@ -585,9 +621,8 @@ def load_model(
         model_id, c.modality + (f" at {c.sample_rate} Hz" if c.modality == "audio" else ""), shape, c.d_state,
         t_convert, converted, forms, v["dtype"], v["step_rel_err"],
         v["prefill_rel_err"], v["tol"], step_path(rec), rec.state_bytes_per_sequence, settings.max_sessions,
-        kept, time.perf_counter() - t0,
+        kept, total,
     )  # fmt: skip
-    metrics.load_seconds.labels(model_id, "total").set(time.perf_counter() - t0)
     # (a vocabulary's checksum: config.json's, which `load_vocab` checked against vocab.txt's bytes)
     vocab_sha256 = meta["vocab"]["sha256"] if vocab is not None else None
     fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"), vocab_sha256)
@@ -613,11 +648,14 @@ def load_models(
     stop: threading.Event | None = None,
     on_loaded: Callable[[ServedModel], None] | None = None,
     on_failed: Callable[[str, str, str], None] | None = None,
+    built: dict[str, Built | Exception] | None = None,
 ) -> tuple[dict[str, ServedModel], dict[str, str]]:
     """Every configured checkpoint that loads and verifies → {id: model}; the others → {id: why}. When
     `stop` is set (the server is stopping), loading ends at the next step's boundary and what is loaded
     so far is returned. `on_loaded(model)` is called as each model is loaded (before the next one is
-    begun: the server serves it from then on), `on_failed(key, model id, why)` as each entry fails."""
+    begun: the server serves it from then on), `on_failed(key, model id, why)` as each entry fails.
+    `built`: entry → what python -m server's preflight made of it (`build_entry`: the built checkpoint, or
+    the exception it raised), taken from the dict as it is used; an entry not in it is built here."""
     device = settings.resolved_device()
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -646,10 +684,13 @@ def load_models(
                 on_failed(entry, model_id, failed[entry])
             continue
         try:
-            model_id, folder = resolve_entry(entry, settings)
-            source = path if folder != path else None
-            models[model_id] = load_model(folder, settings, sessions, metrics, device, model_id, source, stop,
-                                          cache)  # fmt: skip
+            made = (built or {}).pop(entry, None)
+            if isinstance(made, Exception):  # (the preflight logged it; not built again)
+                raise made
+            made = made or build_entry(entry, settings)
+            model_id = made.model_id
+            models[model_id] = load_model(made.folder, settings, sessions, metrics, device, model_id,
+                                          made.source, stop, cache, made)  # fmt: skip
         except LoadingStopped:
             log.info("stopping: checkpoint %s and those after it not loaded", entry)
             break

@@ -72,7 +72,8 @@ class ServerState:
         self.loader: threading.Thread | None = None  # the thread loading the models, while it runs
         self.freeze_gc = False  # set by python -m server: gc.freeze() once the models are loaded
         self.decoder = AudioDecoder()  # prompt audio files, decoded in worker processes
-        self.decoder_starting = False  # its first worker started (`_start_decoder`) once an audio model serves
+        self.decoder_starting = False  # its first worker started once an audio model serves (`_start_decoder`)
+        self.built: dict = {}  # set by python -m server: its preflight's built checkpoints (`load_models`)
 
     @property
     def max_state_blob_bytes(self) -> int:
@@ -153,8 +154,9 @@ class ServerState:
 
         try:
             _, failures = await self._in_loader_thread(
-                load_models, self.settings, self.sessions, self.metrics, self.stopping, loaded, failed
-            )
+                load_models, self.settings, self.sessions, self.metrics, self.stopping, loaded, failed,
+                self.built,
+            )  # fmt: skip
         except Exception as exc:  # never a server that says "loading" for ever with nothing logged
             log.exception("loading the models failed")
             why = f"loading the models failed: {type(exc).__name__}: {exc}"

@@ -27,7 +27,7 @@ def refusal(monkeypatch, **env: str) -> str:
     message. Nothing may be checked or loaded: the settings are refused first."""
     import server.__main__ as main_module
 
-    monkeypatch.setattr(main_module, "preflight", lambda s: pytest.fail("the settings were taken"))
+    monkeypatch.setattr(main_module, "preflight", lambda *a: pytest.fail("the settings were taken"))
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     with pytest.raises(SystemExit) as stop:
@@ -140,7 +140,7 @@ def test_a_flag_of_the_wrong_type_is_refused_as_its_variable_is(monkeypatch):
     """`--port x` was argparse's usage error (exit 2), S4_PORT=x the server's one line (exit 1)."""
     import server.__main__ as main_module
 
-    monkeypatch.setattr(main_module, "preflight", lambda s: pytest.fail("the settings were taken"))
+    monkeypatch.setattr(main_module, "preflight", lambda *a: pytest.fail("the settings were taken"))
     for argv in (["--port", "x"], ["--max-sessions", "٣"], ["--log-level", "loud"]):
         with pytest.raises(SystemExit) as stop:
             main_module.main(argv)

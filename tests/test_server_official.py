@@ -330,3 +330,59 @@ def test_a_converter_fault_on_one_entry_leaves_the_others_served(tmp_path, model
     models, failed = load_models(both, SessionTable(), Metrics())
     assert list(models) == [Path(text).name] and list(failed) == ["s4_bytes"]
     assert failed["s4_bytes"].startswith("TypeError: '>' not supported")
+
+
+def _python_m_server(monkeypatch, *flags: str):
+    """`python -m server FLAGS` run in this process (server.__main__.main) with uvicorn's place taken by
+    the lifespan's load alone (then the engines stopped): its ServerState once loaded. Nothing listens;
+    the process's logging, signals, fd limit and GC are left as they are."""
+    import gc
+    import logging
+    import signal
+
+    import server.__main__ as main_module
+
+    states = []
+
+    class LoadOnly:
+        def __init__(self, config, state) -> None:
+            self.state = state
+
+        def stop_now(self) -> None:  # (nothing to serve: the load says so, main exits)
+            pass
+
+        def run(self) -> None:
+            asyncio.run(self.state.load())
+            states.append(self.state)
+            for m in self.state.models.values():
+                m.engine.stop()
+
+    monkeypatch.setattr(main_module, "GracefulServer", LoadOnly)
+    monkeypatch.setattr(main_module, "configure_logging", lambda *a: None)
+    monkeypatch.setattr(main_module, "raise_fd_limit", lambda *a: None)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    monkeypatch.setattr(gc, "freeze", lambda: None)
+    monkeypatch.setattr(logging, "captureWarnings", lambda *a: None)
+    main_module.main([*flags, "--port", str(free_port()), "--max-sessions", "2", "--torch-threads", "1"])
+    (state,) = states
+    return state
+
+
+def test_python_m_server_builds_each_checkpoint_once(monkeypatch, model_dirs, tmp_path):
+    """The preflight (before the server listens) built every checkpoint, and `load_models` built each one
+    again (~50-100 ms apiece for the shipped ones, more for a large one): each checkpoint's weights are now
+    read and its network built once, the load going on from what the preflight built."""
+    from model import checkpoint
+
+    read, built = checkpoint._load_from, []
+
+    def counted(f, wpath, *args):
+        built.append(Path(wpath).parent)
+        return read(f, wpath, *args)
+
+    monkeypatch.setattr(checkpoint, "_load_from", counted)
+    text, audio = model_dirs["text"], model_dirs["audio"]
+    state = _python_m_server(monkeypatch, "--checkpoints", f"{text},{audio}", "--recurrent-cache", "",
+                             "--max-audio-s", "0.05")  # fmt: skip
+    assert list(state.models) == [text.name, audio.name] and state.failed == {}
+    assert sorted(built) == sorted([text, audio]), built  # once each
