@@ -149,9 +149,11 @@ class Metrics:
             ["model", "dtype", "check"],
             registry=r,
         )
-        self.load_seconds = Gauge("s4_model_load_seconds", "Seconds a model's load at start took: convert "
-                                  "(its layers' recurrent forms and the network check against conv mode) and "
-                                  "total (from reading the checkpoint to a warmed-up engine)",
+        self.load_seconds = Gauge("s4_model_load_seconds", "Seconds a model's load at start took, by phase: "
+                                  "official (an official file's conversion, or its cache entry found), "
+                                  "read (config, weights, the network built), convert (its layers' "
+                                  "recurrent forms and the network check against conv mode), warm_up (the "
+                                  "rest, to a warmed-up engine); total: their sum",
                                   ["model", "phase"], registry=r)  # fmt: skip
         self.recurrent_form_layers = Gauge("s4_recurrent_form_layers", "A model's S4 layers by where their "
                                            "verified recurrent form came from at load: cache "

@@ -484,15 +484,22 @@ class Built:
     meta: dict
     net: torch.nn.Module
     vocab: Vocab | None
-    read_s: float  # seconds config.json, the weights and the network took (s4_model_load_seconds' total)
+    # s4_model_load_seconds' first phases: "official" (an official file converted into S4_CONVERT_CACHE
+    # or found there; a folder's path checked), "read" (config.json, the weights, the network built)
+    seconds: dict[str, float]
 
 
 def build_entry(entry: str, settings: Settings) -> Built:
     """An S4_CHECKPOINTS entry resolved (`resolve_entry`: an official file converted) and built. Raises
     what `resolve_entry` and `build_folder` raise."""
+    t0 = time.perf_counter()
     model_id, folder = resolve_entry(entry, settings)
     path = parse_entry(entry)[1]
-    return build_folder(folder, model_id, path if folder != path else None)
+    source = path if folder != path else None
+    official = time.perf_counter() - t0
+    built = build_folder(folder, model_id, source)
+    built.seconds["official"] = official
+    return built
 
 
 def build_folder(folder: Path, model_id: str, source: Path | None = None) -> Built:
@@ -502,7 +509,8 @@ def build_folder(folder: Path, model_id: str, source: Path | None = None) -> Bui
     meta = read_config(folder)
     net = load(folder, meta=meta)
     vocab = served_vocab(folder, net.config, source, meta)
-    return Built(model_id, folder, source, meta, net, vocab, time.perf_counter() - t0)
+    seconds = {"official": 0.0, "read": time.perf_counter() - t0}
+    return Built(model_id, folder, source, meta, net, vocab, seconds)
 
 
 def load_model(
@@ -522,7 +530,9 @@ def load_model(
     it and written to it (`model.form_cache`); `built`: the checkpoint already built (`build_entry`), else
     it is built here. Raises CheckpointError or VerificationError with the reason, ValueError for an audio
     model at whose sample rate S4_MAX_AUDIO_S is under one sample (found before it is converted),
-    LoadingStopped when `stop` is set between two steps (load, convert and verify, CUDA graphs, warm-up)."""
+    LoadingStopped when `stop` is set between two steps (load, convert and verify, CUDA graphs, warm-up).
+    Sets s4_model_load_seconds: its phases (`Built.seconds`, then "convert" and "warm_up": the rest)
+    add up to "total"."""
     name = model_id or path.name
     built = built or build_folder(path, name, source)
     t0 = time.perf_counter()
@@ -598,9 +608,11 @@ def load_model(
     cached = sum(r["cached"] for r in rec.report)
     metrics.recurrent_form_layers.labels(model_id, "cache").set(cached)
     metrics.recurrent_form_layers.labels(model_id, "converted").set(len(rec.report) - cached)
-    metrics.load_seconds.labels(model_id, "convert").set(t_convert)
-    total = built.read_s + time.perf_counter() - t0  # (from reading the checkpoint to the engine)
-    metrics.load_seconds.labels(model_id, "total").set(total)
+    t_model = time.perf_counter() - t0  # (from the network built to the engine ready)
+    phases = {**built.seconds, "convert": t_convert, "warm_up": t_model - t_convert}
+    total = sum(phases.values())
+    for phase, seconds in (*phases.items(), ("total", total)):
+        metrics.load_seconds.labels(model_id, phase).set(seconds)
     converted = "recurrent-form cache off"
     if cache is not None:
         converted = f"{cached} of {len(rec.report)} layers from the recurrent-form cache"

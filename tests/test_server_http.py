@@ -8,6 +8,7 @@ import wave
 
 import httpx
 import numpy as np
+import pytest
 from server_support import ServerThread, b64, check_usage, metric, reference, sse_events, wait_for
 
 from model.codecs import MuLaw, read_wav, wav_bytes
@@ -366,8 +367,11 @@ def test_metrics_follow_prometheus_conventions_and_every_known_series_is_there_f
         assert held.keys() == set(STATUSES) and held["current"] > 0, held
         load = {(x.labels["model"], x.labels["phase"]): x.value
                 for x in families["s4_model_load_seconds"].samples}  # fmt: skip
-        assert load.keys() == {(m, p) for m in (TEXT, AUDIO) for p in ("convert", "total")}
+        phases = ("official", "read", "convert", "warm_up")
+        assert load.keys() == {(m, p) for m in (TEXT, AUDIO) for p in (*phases, "total")}
         assert all(0 < load[m, "convert"] < load[m, "total"] for m in (TEXT, AUDIO))
+        for m in (TEXT, AUDIO):  # (the phases add up to the total)
+            assert load[m, "total"] == pytest.approx(sum(load[m, p] for p in phases), rel=1e-9)
         r = httpx.post(s.url + "/v1/generate", json={"model": TEXT, "prompt": "a", "max_new_tokens": 3})
         assert r.json()["finish_reason"] == "length"
         after = {x.labels["finish_reason"]: x.value

@@ -386,3 +386,41 @@ def test_python_m_server_builds_each_checkpoint_once(monkeypatch, model_dirs, tm
                              "--max-audio-s", "0.05")  # fmt: skip
     assert list(state.models) == [text.name, audio.name] and state.failed == {}
     assert sorted(built) == sorted([text, audio]), built  # once each
+
+
+def test_the_load_seconds_phases_count_an_official_files_conversion_and_add_up_to_the_total(
+    monkeypatch, model_dirs, tmp_path
+):
+    """s4_model_load_seconds{phase="total"} ran from the converted folder's read to the engine: an official
+    file's conversion (at the preflight, before the server listens: seconds to minutes) was in no phase.
+    Now its phases are "official" (the conversion, or finding it in S4_CONVERT_CACHE), "read" (config,
+    weights, the network built), "convert" (the recurrent forms and the network check) and "warm_up" (the
+    rest: CUDA graphs, warm-up, engine), which add up to "total"."""
+    import time
+
+    from server import registry
+
+    convert, took = registry.convert_cached, []
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        out = convert(*args, **kwargs)
+        took.append(time.perf_counter() - t0)
+        return out
+
+    monkeypatch.setattr(registry, "convert_cached", timed)
+    ckpt, text = FIX / "s4_bytes.ckpt", model_dirs["text"]
+    state = _python_m_server(monkeypatch, "--checkpoints", f"{ckpt},{text}", "--recurrent-cache", "",
+                             "--convert-cache", str(tmp_path / "cc"))  # fmt: skip
+    assert list(state.models) == ["s4_bytes", text.name]
+    phases = {}
+    for sample in state.metrics.load_seconds.collect()[0].samples:
+        phases.setdefault(sample.labels["model"], {})[sample.labels["phase"]] = sample.value
+    for model, seconds in phases.items():
+        assert seconds.keys() == {"official", "read", "convert", "warm_up", "total"}, (model, seconds)
+        assert all(v >= 0 for v in seconds.values()), (model, seconds)
+        parts = seconds["official"] + seconds["read"] + seconds["convert"] + seconds["warm_up"]
+        assert seconds["total"] == pytest.approx(parts, rel=1e-9, abs=1e-9), (model, seconds)
+    assert len(took) == 1  # the preflight's conversion (the load's resolution: none, the preflight's result)
+    assert phases["s4_bytes"]["official"] >= took[0] > 0  # what the operator waited for it
+    assert phases["s4_bytes"]["total"] > took[0]
