@@ -242,7 +242,11 @@ def audio_model(url: str) -> tuple[str, int]:
         raise RuntimeError(f"the server at {url} answered GET /v1/models with {r.status_code}: {why}")
     models = r.json()["data"]
     audio = [(m["id"], m["sample_rate"]) for m in models if m.get("kind") == "audio"]
-    if not audio:
+    if not audio:  # (each model serves once loaded: one may still be on its way)
+        ready = httpx.get(url + "/readyz", timeout=30)
+        if ready.status_code == 503 and (loading := ready.json().get("loading")):
+            still = ", ".join(loading)
+            raise RuntimeError(f"the server at {url} serves no audio model yet: still loading {still}")
         raise RuntimeError(f"the server at {url} serves no audio model")
     return audio[0]
 

@@ -128,6 +128,10 @@ def served_models(url: str, api_key: str = "") -> dict[str, dict]:
         raise RuntimeError(f"HTTP 401: {given} (set S4_API_KEY to one of the server's S4_API_KEYS)")
     if r.status_code == 503:  # (models still loading, or draining: a KeyError 'data' said nothing)
         raise RuntimeError(f"HTTP 503: {r.json()['error']['message']} (wait for its /readyz to answer 200)")
+    # each model serves once loaded: a list while others still load would skip their scenarios
+    ready = httpx.get(url + "/readyz", timeout=10, headers=headers)
+    if ready.status_code == 503 and (loading := ready.json().get("loading")):
+        raise RuntimeError(f"models still loading: {', '.join(loading)} (wait for its /readyz to answer 200)")
     return {m["id"]: m for m in r.json()["data"]}
 
 

@@ -112,8 +112,6 @@ class ServerState:
             return m
         if self.still_loading(model_id):
             raise unavailable(f"model {model_id} is still loading (GET /readyz lists the models loading)")
-        if not self.loaded and not self.loading:  # (nothing known yet: the load has not listed the ids)
-            raise unavailable("models are still loading")
         if model_id in self.failed:
             raise not_found(
                 f"model {model_id!r} is configured but not served: {self.failed[model_id]}", param="model"

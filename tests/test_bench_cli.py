@@ -160,3 +160,14 @@ def test_audio_streams_says_what_a_server_that_lists_no_models_answered(monkeypa
     served = {"data": [{"id": "t", "kind": "text"}, {"id": "a", "kind": "audio", "sample_rate": 8000}]}
     monkeypatch.setattr(httpx, "get", lambda url, timeout: httpx.Response(200, json=served))
     assert audio_streams.audio_model("http://127.0.0.1:9") == ("a", 8000)
+    # each model serves once loaded: the text model listed while the audio one loads is not "no audio model"
+    loading = {"ready": False, "reason": "loading", "models": ["t"], "loading": ["a"]}
+    answers = {"/v1/models": (200, {"data": served["data"][:1]}), "/readyz": (503, loading)}
+
+    def answer(url: str, timeout: float) -> httpx.Response:
+        status, body = answers[url.removeprefix("http://x")]
+        return httpx.Response(status, json=body)
+
+    monkeypatch.setattr(httpx, "get", answer)
+    with pytest.raises(RuntimeError, match="serves no audio model yet: still loading a$"):
+        audio_streams.audio_model("http://x")

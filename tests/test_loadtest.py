@@ -387,3 +387,29 @@ def test_the_exact_percentiles_are_the_nearest_rank():
         want = [max(1, math.ceil(round(q * int(n), 9))) for q in (0.5, 0.9, 0.99)]
         assert ranks == want, (n, ranks, want)
     assert got["100"][2] == 99 and got["10"][0] == 5
+
+
+def test_the_served_models_of_a_server_whose_other_models_still_load_are_refused_naming_them(
+    model_dirs, monkeypatch
+):
+    """Each model serves once loaded, so GET /v1/models lists the first ones while the others load: the
+    load test took that list as the server's and skipped the scenarios of the models not yet listed (the
+    audio ones: "no audio model served, skipped"). It now says which models are still loading."""
+    import httpx
+    from server_support import serving_while_one_loads, wait_for
+
+    from loadtest.run import served_models
+    from server import Settings
+
+    settings = Settings(checkpoints=[str(model_dirs["text"]), str(model_dirs["audio"])], max_audio_s=0.05)
+    s, go = serving_while_one_loads(settings, monkeypatch, "tiny-audio")
+    try:
+        assert wait_for(lambda: httpx.get(f"{s.url}/v1/models/tiny-text").status_code == 200, 60)
+        with pytest.raises(RuntimeError, match="models still loading: tiny-audio .wait for its /readyz"):
+            served_models(s.url)
+        go.set()
+        assert wait_for(lambda: httpx.get(f"{s.url}/readyz").status_code == 200, 60)
+        assert list(served_models(s.url)) == ["tiny-text", "tiny-audio"]
+    finally:
+        go.set()
+        s.stop()
