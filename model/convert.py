@@ -452,6 +452,12 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
         # landing, a training run saving last.ckpt) was converted from its new bytes, which the old
         # hash's entry would have served for the old file ever after
         read = cache / cache_key(src, config, vocab, sha256=summary["sha256"])
+        if read.name.split("-", 1)[1] != entry.name.split("-", 1)[1]:  # (its config's or vocabulary's hash)
+            # read by the converter from their paths: which bytes it read is not known, so nothing is kept
+            changed = " or ".join(str(p) for p in (config, vocab) if p is not None)
+            raise ConvertError(
+                f"{changed} changed while {src} was converted: nothing was cached; start again"
+            )
         if read != entry:
             log.warning("%s changed while it was converted: its conversion is of the bytes read, kept as %s",
                         src, read)  # fmt: skip

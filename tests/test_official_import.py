@@ -1229,3 +1229,42 @@ def test_a_source_replaced_while_it_is_converted_is_cached_under_the_hash_of_the
     convert(FIX / "s4_bytes.ckpt", tmp_path / "direct")
     got, want = load_file(again / "model.safetensors"), load_file(tmp_path / "direct" / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_config_replaced_while_its_source_is_converted_is_not_cached_under_the_old_configs_hash(
+    tmp_path, monkeypatch
+):
+    """The cache key holds the hash of a .pt's separate config file (and of its vocabulary), which the
+    conversion then read again from its path: a config replaced between the two reads had the conversion
+    made with the new config stored under the old config's hash. Which bytes the converter read is not
+    known, so the conversion is refused, naming the file, and nothing is cached."""
+    import os
+
+    import model.convert as mc
+
+    src = tmp_path / "run" / "m.pt"
+    src.parent.mkdir()
+    src.write_bytes((FIX / "s4d_zoh.pt").read_bytes())
+    config = src.with_suffix(".yaml")
+    config.write_bytes((FIX / "s4d_zoh.yaml").read_bytes())
+    _, cfg, _ = read_source(src)
+    cfg["dataset"] = {"_name_": "my_bytes", "l_max": 32}  # (another valid config: another dataset's name)
+    key, keys = mc.cache_key, []
+
+    def key_then_replace(*args, **kwargs):
+        keys.append(key(*args, **kwargs))
+        if len(keys) == 1:  # between the key's read of the config and the conversion's
+            (tmp_path / "landing").write_text(yaml.safe_dump(cfg))
+            os.replace(tmp_path / "landing", config)
+        return keys[-1]
+
+    monkeypatch.setattr(mc, "cache_key", key_then_replace)
+    with pytest.raises(
+        ConvertError, match=rf"^{config} changed while {src} was converted: nothing was cached"
+    ):
+        convert_cached(src, tmp_path / "cache")
+    monkeypatch.setattr(mc, "cache_key", key)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []
+    entry = convert_cached(src, tmp_path / "cache")  # started again: the config as it is now
+    assert json.loads((entry / "config.json").read_text())["source"]["dataset"] == "my_bytes"
+    assert entry.name == key(src, config)
