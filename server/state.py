@@ -72,7 +72,7 @@ class ServerState:
         self.loader: threading.Thread | None = None  # the thread loading the models, while it runs
         self.freeze_gc = False  # set by python -m server: gc.freeze() once the models are loaded
         self.decoder = AudioDecoder()  # prompt audio files, decoded in worker processes
-        self.decoder_starting = False  # its first worker started once an audio model serves (`_start_decoder`)
+        self.decoder_starting = False  # its first worker started as an audio model serves (`_start_decoder`)
         self.built: dict = {}  # set by python -m server: its preflight's built checkpoints (`load_models`)
 
     @property

@@ -10,15 +10,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 
 import httpx
 import numpy as np
 import psutil
 import pytest
-from server_support import b64, process_ready, wait_for
+from server_support import ServerThread, b64, process_ready, wait_for
 
 from bench.audio_decoder import damaged_mp3, encoded, tone
 from model.codecs import AudioTooLong, AudioTruncated, NoSamples, read_audio, wav_bytes
+from server import Settings
 from server.decoder import AudioDecoder, summary
 from server.launch import ROOT, free_port
 
@@ -230,3 +232,30 @@ def test_the_decoder_workers_and_their_fork_server_end_when_the_server_is_killed
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
     assert alive == []
+
+
+def test_an_audio_model_serves_while_its_decoders_first_worker_starts(model_dirs, monkeypatch):
+    """The decoder's first worker takes seconds to start (it imports the codecs, torch with them). It was
+    awaited before any model served, so an audio server's readiness waited for it; it now starts beside
+    serving: here it cannot start at all until the test lets it, and the server is ready, serves an audio
+    generation and decodes a prompt (in a worker made on demand), then stops cleanly."""
+    release, began = threading.Event(), threading.Event()
+    start = AudioDecoder.start
+
+    def held_start(self):
+        began.set()
+        assert release.wait(60)
+        start(self)
+
+    monkeypatch.setattr(AudioDecoder, "start", held_start)
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["audio"])])).start()
+    try:
+        assert began.wait(30) and not release.is_set()
+        body = {"model": "tiny-audio", "max_new_tokens": 4, "seed": 1}
+        assert httpx.post(s.url + "/v1/generate", json=body, timeout=60).status_code == 200
+        wav = wav_bytes(tone(0.1, 8000), 8000)
+        r = httpx.post(s.url + "/v1/generate", json={**body, "prompt_audio": b64(wav)}, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 800, r.text
+    finally:
+        release.set()
+        s.stop()
