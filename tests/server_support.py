@@ -120,6 +120,17 @@ class ServerThread:
         self.thread.join(30)
 
 
+def _listening(settings, go: threading.Event) -> ServerThread:
+    """A ServerThread of `settings`, returned once it listens (its gated load let go if it never does)."""
+    s = ServerThread(settings)
+    s.thread.start()
+    if not wait_for(lambda: s.server.started, 30):
+        go.set()
+        s.stop()
+        raise RuntimeError("server did not start listening")
+    return s
+
+
 def serving_while_loading(settings, monkeypatch) -> tuple[ServerThread, threading.Event]:
     """A ServerThread of `settings` that listens while its models are still loading (/readyz: 503,
     "loading"), and the event that lets them load (set it; set it too before stopping the server)."""
@@ -132,13 +143,7 @@ def serving_while_loading(settings, monkeypatch) -> tuple[ServerThread, threadin
         return load(*args, **kwargs)
 
     monkeypatch.setattr(server.state, "load_models", gated)
-    s = ServerThread(settings)
-    s.thread.start()
-    if not wait_for(lambda: s.server.started, 30):
-        go.set()
-        s.stop()
-        raise RuntimeError("server did not start listening")
-    return s, go
+    return _listening(settings, go), go
 
 
 def serving_while_one_loads(settings, monkeypatch, model_id: str) -> tuple[ServerThread, threading.Event]:
@@ -155,13 +160,7 @@ def serving_while_one_loads(settings, monkeypatch, model_id: str) -> tuple[Serve
         return load(path, settings, sessions, metrics, device, name, *args, **kwargs)
 
     monkeypatch.setattr(server.registry, "load_model", gated)
-    s = ServerThread(settings)
-    s.thread.start()
-    if not wait_for(lambda: s.server.started, 30):
-        go.set()
-        s.stop()
-        raise RuntimeError("server did not start listening")
-    return s, go
+    return _listening(settings, go), go
 
 
 class RawWebSocket:
