@@ -122,7 +122,8 @@ class Settings(BaseSettings):
         False,
         description="/readyz answers 503 (reason: the models not served and why) while any configured "
         "checkpoint failed to load or verify, so an orchestrator keeps such a replica out of service; by "
-        "default it is ready once one model serves (a default checkpoint not trained yet never counts)",
+        "default it is ready once every configured model has loaded or failed and at least one serves (a "
+        "default checkpoint not trained yet never counts)",
     )
     cuda_graphs: bool = Field(
         True,
