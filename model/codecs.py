@@ -7,6 +7,7 @@ import codecs
 import io
 import itertools
 import math
+import os
 import re
 import wave
 from typing import NamedTuple
@@ -243,6 +244,28 @@ _INTERNAL = {  # libsndfile's reasons that read as the server's failure for a he
     "(0, negative or not a number) or a negative length",
     "Internal malloc () failed.": "the header asks the decoder for more memory than it could allocate",
 }
+
+
+_FORMATS = "WAV, FLAC, OGG Vorbis or Opus, MP3, AIFF, AU or another format libsndfile reads"
+_FORKS = ("._", ".AppleDouble")  # where libsndfile looks for a Sound Designer II resource fork, in the cwd
+
+
+def _hint(exc: BaseException) -> str:
+    """What to do about libsndfile's refusal, where its reason does not say: a format it does not know
+    ("Format not recognised.") → the formats it reads; "bad data offset" or "bad resource fork" with a
+    `._` or `.AppleDouble` in the working directory (libsndfile, given bytes with no path, takes them for
+    a Sound Designer II file's resource fork when it does not know the data by its first bytes: every MP3
+    without an ID3v2 tag) → say so. The server decodes in workers that work in an empty directory
+    (server/decoder.py); this is for the library used in a process of one's own."""
+    msg = str(exc)
+    if "Format not recognised" in msg:
+        return f" (send {_FORMATS})"
+    if ("bad data offset" in msg or "bad resource fork" in msg) and any(os.path.lexists(n) for n in _FORKS):
+        return (
+            " (libsndfile read the `._` or `.AppleDouble` in the working directory as a Sound Designer II "
+            "resource fork of these bytes: remove it, or decode from another directory)"
+        )
+    return ""
 
 
 def _sndfile_message(exc: BaseException) -> str:
@@ -1076,7 +1099,8 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     try:
         f = soundfile.SoundFile(_Bytes(data))
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as exc:
-        raise ValueError(f"not an audio file libsndfile can read: {_sndfile_message(exc)}") from None
+        why = _sndfile_message(exc) + _hint(exc)
+        raise ValueError(f"not an audio file libsndfile can read: {why}") from None
     with f:
         rate, channels, frames = f.samplerate, f.channels, f.frames
         if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
