@@ -545,7 +545,14 @@ def check_state(
                 "would mean other words under another); start the session again",
             )
         other = ", or another vocabulary (vocab.txt)" if model.vocab is not None else ""
-        raise invalid(param, f"{what} was made by other weights than model {model_id}'s{other} (fingerprint)")
+        came, whose = header["model"], ""
+        if target is not None and came != model_id:  # (?model= named another: say whose state it is)
+            whose = f"; it is model {quoted(str(came))}'s state"
+            if came in state.models:
+                whose += ": import it without ?model"
+        raise invalid(
+            param, f"{what} was made by other weights than model {model_id}'s{other} (fingerprint){whose}"
+        )
     if header["shape"] != model.state_shape:
         shape = str(header["shape"])[:80]
         raise invalid(param, f"{what}: state shape {shape} does not match the model's {model.state_shape}")

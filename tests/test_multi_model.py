@@ -139,6 +139,7 @@ def test_an_export_imports_into_another_id_of_its_checkpoint_with_the_model_para
     r = mc.post(f"/v1/sessions/import?model={AUDIO}", content=blob, headers=OCTETS)
     assert r.status_code == 422 and r.json()["error"]["param"] == "state", r.text
     assert f"was made by other weights than model {AUDIO}'s" in r.json()["error"]["message"]
+    assert r.json()["error"]["message"].endswith(f"; it is model {TEXT!r}'s state: import it without ?model")
     for missing in ("nope", "Tiny-Text", "broken"):
         r = mc.post(f"/v1/sessions/import?model={missing}", content=blob, headers=OCTETS)
         assert r.status_code == 404 and r.json()["error"]["param"] == "model", r.text

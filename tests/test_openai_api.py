@@ -739,7 +739,8 @@ def test_chat_refusals(chat_server):
     s, _ = chat_server
     with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:
         # a model that cannot serve the route is a 400 naming `model`, whatever the reason
-        for model, why in [(TEXT, "chat template"), (AUDIO, "audio model")]:
+        audio = "audio model; the OpenAI routes serve text models (use POST /v1/generate)"
+        for model, why in [(TEXT, "chat template"), (AUDIO, audio)]:
             with pytest.raises(openai.BadRequestError) as e:
                 c.chat.completions.create(model=model, messages=MESSAGES)
             assert why in e.value.message and e.value.body["param"] == "model"

@@ -228,7 +228,8 @@ def check_accept(request: Request, stream: bool) -> None:
 def text_model(st: ServerState, model_id: str) -> ServedModel:
     model = st.model(model_id)
     if model.kind != "text":
-        raise invalid("model", f"{model.id} is an audio model; the OpenAI routes serve text models")
+        why = f"{model.id} is an audio model; the OpenAI routes serve text models (use POST /v1/generate)"
+        raise invalid("model", why)
     return model
 
 
