@@ -328,6 +328,9 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.guard = guard
         self.deadline: asyncio.TimerHandle | None = None
         self.partial_request = False  # bytes of a request whose headers are not complete yet
+        # between a request's headers and the end of its body: bytes that come then are its body, also once
+        # it was answered (a route may answer before it reads the body), never a next request's headers
+        self.in_body = False
         self.header_bytes = 0  # of the request whose headers are not complete yet (_headers_too_large)
         self.header_tail = b""  # the last 3 of those bytes: the blank line may straddle two reads
         self.send_deadline = SendDeadline(self, guard)
@@ -472,7 +475,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
             if self.lingering.dropped > self.guard.linger_max_bytes:
                 self.end_linger()
             return
-        if not self._in_progress() and not self.partial_request:  # these bytes begin a request
+        if not self._in_progress() and not self.partial_request and not self.in_body:  # they begin a request
             self.partial_request, self.header_bytes, self.header_tail = True, 0, b""
             if self.deadline is None:  # (a connection's first request: armed at the accept)
                 self._arm(self.guard.header_timeout_s, "header_timeout")
@@ -520,6 +523,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self.partial_request, self.header_bytes, self.header_tail = False, 0, b""
+        self.in_body = True
         super().on_headers_complete()
         if self.pipeline and self.pipeline[0][0] is self.cycle:
             self._disarm()  # queued behind a running request: its body is read when its turn comes
@@ -527,6 +531,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
             self._arm(self.guard.body_timeout_s, "body_timeout")
 
     def on_message_complete(self) -> None:
+        self.in_body = False
         self._disarm()
         super().on_message_complete()
         upgrading = self.parser.should_upgrade() and self._should_upgrade()

@@ -472,3 +472,26 @@ def test_a_websocket_outlives_the_http_deadlines_of_its_upgrade(slow_server):
     while (m := ws.recv_json())["type"] != "done":
         assert m["type"] in ("session", "token"), m
     ws.close()
+
+
+def test_a_body_that_comes_after_its_answer_is_read_as_that_body_not_as_the_next_request(slow_server):
+    """A route may answer before it reads the body (405 here; a session import refused by its size or its
+    `?model=`, a request without its API key). The body's bytes that came after the answer were counted as
+    the next request's request line and headers: past 64 KiB of them the server answered 431 and closed,
+    so a client's next request on the kept-alive connection read a 431 it had not caused. Now they are
+    the answered request's body, dropped, and the connection's next request is served."""
+    url, port = slow_server
+    body = b"a" * 200_000  # (over max_header_bytes, 64 KiB)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(body))
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            answer += s.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 405 "), answer[:80]
+        s.sendall(body + b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        got = b""
+        while not got.endswith(b'{"status":"alive"}'):
+            part = s.recv(4096)
+            assert part, got[:200]  # (closed)
+            got += part
+        assert got.startswith(b"HTTP/1.1 200 "), got[:200]
