@@ -23,6 +23,7 @@ from server.logs import generation_id
 from server.registry import ServedModel
 from server.schemas import DEFAULT_FRAME_MS, SamplingFields, with_defaults
 from server.sessions import (
+    HeaderOverBudget,
     SessionRecord,
     StateFormatError,
     new_session_id,
@@ -513,6 +514,8 @@ def check_state(
     try:
         header, raw = unpack_state(blob, max((m.config.vocab_size for m in state.models.values()), default=0))
     except StateFormatError as exc:
+        if isinstance(exc, HeaderOverBudget):  # (its budget is the largest vocabulary served so far)
+            state.check_loaded(f"{what}'s header")
         raise invalid(param, f"{what}: {exc}") from None
     version = state_version(blob)
     for key in STATE_FIELDS + (("arch",) if version >= 2 else ()):

@@ -283,6 +283,11 @@ class StateFormatError(ValueError):
     """An imported state blob is corrupt, of another version, or for another model."""
 
 
+class HeaderOverBudget(StateFormatError):
+    """A state header holding more JSON than an export's can for `max_seen` (so not parsed): final once
+    every model is served; while a model with a larger vocabulary still loads, its export may hold more."""
+
+
 def pack_state(header: dict, state: bytes) -> bytes:
     head = json.dumps(header, sort_keys=True).encode()
     body = _PREFIX.pack(MAGIC, STATE_VERSION, len(head)) + head + state
@@ -313,7 +318,7 @@ def unpack_state(blob: bytes, max_seen: int = 0) -> tuple[dict, bytes]:
     head = body[start : start + head_len]
     budget = header_budget(max_seen)
     if (kind := StructureCounter(budget).feed(head)) is not None:
-        raise StateFormatError(
+        raise HeaderOverBudget(
             f"state header holds more JSON {kind} than an export's header can "
             f"({budget.limit(kind)}); it was not parsed"
         )

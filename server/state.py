@@ -101,6 +101,15 @@ class ServerState:
         """Whether `model_id` is a configured model still loading (not yet served, nor failed)."""
         return not self.loaded and model_id in self.loading
 
+    def check_loaded(self, what: str) -> None:
+        """503 (with Retry-After) naming the models still loading, if any: `what` is over a limit set by the
+        models served so far, which a model still loading (a larger vocabulary or state) may raise."""
+        if not self.loaded and self.loading:
+            raise unavailable(
+                f"{what} is larger than the models served so far take; it may be for a model still loading: "
+                f"{', '.join(self.loading)} (GET /readyz lists the models loading)"
+            )
+
     def model(self, model_id: str) -> ServedModel:
         """The served model `model_id`: 503 (with Retry-After) while the server drains, or while that model
         is still loading (a message naming it: the models loaded before it serve meanwhile); 404 if unknown

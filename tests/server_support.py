@@ -64,6 +64,16 @@ def build_checkpoints(root: Path) -> dict[str, Path]:
     return dirs
 
 
+def big_vocab_checkpoint(root: Path) -> Path:
+    """A text model of 200,000 token ids (a word-level model's size, served as bytes) in root/big-vocab: a
+    session of it may have seen more ids than the 256 of the tiny models, so its export's header is larger
+    than theirs can be. Loads in ~3 s."""
+    torch.manual_seed(2)
+    net = SequenceModel(ModelConfig(vocab_size=200_000, d_model=8, n_layers=1, d_state=8, l_max=32,
+                                    cauchy_backend="torch"))  # fmt: skip
+    return save(net, root / "big-vocab")
+
+
 class ServerThread:
     """A real uvicorn server on 127.0.0.1:<free port>, serving create_app(settings) (`graceful`: with
     python -m server's drain on handle_exit)."""

@@ -14,6 +14,7 @@ import torch
 from server_support import (
     ServerThread,
     _rec,
+    big_vocab_checkpoint,
     metric,
     reference,
     serving_while_loading,
@@ -479,3 +480,49 @@ def test_sessions_of_two_ids_sharing_tables_decode_at_once_as_each_alone(mc, mod
         dtype = torch.bfloat16 if model == BF16 else None
         assert got[0] == reference(model_dirs["text"], list(prompt.encode()), SamplingParams(seed=seed), 120,
                                    dtype)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def big_vocab(tmp_path_factory):
+    return big_vocab_checkpoint(tmp_path_factory.mktemp("big"))
+
+
+def test_an_import_for_a_model_still_loading_is_a_503_whatever_its_size(model_dirs, big_vocab, monkeypatch):
+    """An import's size and header budget were those of the models served so far: while a model with a
+    larger vocabulary still loaded, an export of its session that had seen many ids was a 413 (over the
+    served models' largest state blob + 1 MiB) or a 422 'holds more JSON separators than an export's
+    header can ... it was not parsed', final-sounding refusals of a state the server takes once that model
+    serves. Now either is a 503 with Retry-After naming the models still loading, and the same blobs import
+    (201) once the model serves; `?model=` naming the model loading is a 503 before the body is read."""
+    big = big_vocab.name
+    a = ServerThread(Settings(checkpoints=[str(big_vocab)])).start()
+    try:
+        with httpx.Client(base_url=a.url, timeout=60) as c:
+            sid = c.post("/v1/sessions", json={"model": big, "prompt": "ab"}).json()["session_id"]
+            header, raw = unpack_state(c.get(f"/v1/sessions/{sid}/export").content)
+    finally:
+        a.stop()
+    blobs = {n: pack_state({**header, "seen": list(range(n))}, raw) for n in (70_000, 200_000)}
+    settings = Settings(checkpoints=[str(model_dirs["text"]), str(big_vocab)])
+    s, go = serving_while_one_loads(settings, monkeypatch, big)
+    loading = f"model {big} is still loading (GET /readyz lists the models loading)"
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            assert wait_for(lambda: c.get(f"/v1/models/{TEXT}").status_code == 200, 60)
+            limit = s.state.max_state_blob_bytes
+            sizes = {n: len(b) for n, b in blobs.items()}
+            assert sizes[70_000] < limit < sizes[200_000], (limit, sizes)
+            for n, blob in blobs.items():
+                r = c.post("/v1/sessions/import", content=blob, headers=OCTETS)
+                assert r.status_code == 503 and r.headers["retry-after"] == "5", (n, r.text[:300])
+                assert f"still loading: {big}" in r.json()["error"]["message"], (n, r.text[:300])
+                r = c.post(f"/v1/sessions/import?model={big}", content=blob, headers=OCTETS)
+                assert r.status_code == 503 and r.json()["error"]["message"] == loading, (n, r.text[:300])
+            go.set()
+            assert wait_for(lambda: c.get("/readyz").status_code == 200, 60)
+            for n, blob in blobs.items():
+                r = c.post("/v1/sessions/import", content=blob, headers=OCTETS)
+                assert r.status_code == 201 and r.json()["model"] == big, (n, r.text[:300])
+    finally:
+        go.set()
+        s.stop()

@@ -16,7 +16,15 @@ from urllib.parse import quote
 import httpx
 import pytest
 import torch
-from server_support import ServerThread, _rec, reference, wait_for, ws_turn
+from server_support import (
+    ServerThread,
+    _rec,
+    big_vocab_checkpoint,
+    reference,
+    serving_while_one_loads,
+    wait_for,
+    ws_turn,
+)
 from test_server_stop import ROOT, free_port, start_server
 from websockets.sync.client import connect
 
@@ -2159,3 +2167,44 @@ def test_an_sse_turn_waiting_for_its_sessions_write_sends_keep_alive_comments(
     finally:
         release.set()
         a.stop()
+
+
+def test_a_stored_session_of_a_model_still_loading_is_a_503_whatever_it_has_seen(
+    model_dirs, redis_url, tmp_path, monkeypatch
+):
+    """A replica restarted with its models loading one after another: a stored session of a model with a
+    larger vocabulary than the ones serving, which had seen more ids than their header budget allows, was
+    a 422 'the stored state of session ...: state header holds more JSON separators than an export's
+    header can' (its info, append, export) while that model loaded, though it is restored once the model
+    serves. Now a 503 with Retry-After naming the models still loading; restored (200) after."""
+    big = big_vocab_checkpoint(tmp_path)
+    settings = Settings(checkpoints=[str(model_dirs["text"]), str(big)], session_store=redis_url)
+    a = ServerThread(settings).start()
+    try:
+        with httpx.Client(base_url=a.url, timeout=60) as c:
+            sid = c.post("/v1/sessions", json={"model": big.name, "prompt": "ab"}).json()["session_id"]
+            header, raw = unpack_state(c.get(f"/v1/sessions/{sid}/export").content)
+            blob = pack_state({**header, "seen": list(range(70_000))}, raw)
+            r = c.post(
+                "/v1/sessions/import", content=blob, headers={"content-type": "application/octet-stream"}
+            )
+            assert r.status_code == 201, r.text[:300]
+            stored = r.json()["session_id"]
+    finally:
+        a.stop()
+    s, go = serving_while_one_loads(settings, monkeypatch, big.name)
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            assert wait_for(lambda: c.get("/v1/models/tiny-text").status_code == 200, 60)
+            for method, path in [("GET", f"/v1/sessions/{stored}"), ("POST", f"/v1/sessions/{stored}/append"),
+                                 ("GET", f"/v1/sessions/{stored}/export")]:  # fmt: skip
+                r = c.request(method, path, json={"prompt": "c"} if method == "POST" else None)
+                assert r.status_code == 503 and r.headers["retry-after"] == "5", (path, r.text[:300])
+                assert f"still loading: {big.name}" in r.json()["error"]["message"], (path, r.text[:300])
+            go.set()
+            assert wait_for(lambda: c.get("/readyz").status_code == 200, 60)
+            r = c.get(f"/v1/sessions/{stored}")
+            assert r.status_code == 200 and r.json()["model"] == big.name, r.text[:300]
+    finally:
+        go.set()
+        s.stop()

@@ -53,13 +53,17 @@ async def import_(request: Request, model: str | None = IMPORT_MODEL):
             f"request: an exported state is sent as content-type: {STATE_TYPE} (this request's "
             f"content-type: {media_type})",
         )
-    limit = st.max_state_blob_bytes
+    if model is not None:
+        st.model(model)  # (404 naming `model`, or 503 while it loads, before the body is read)
+    limit = st.max_state_blob_bytes  # (the models served so far: a 503 over it while others load)
     if int(request.headers.get("content-length") or 0) > limit:
+        st.check_loaded("the state blob")
         raise too_large(f"a state blob is at most {limit} bytes here", param="state")
     blob = bytearray()
     async for part in request.stream():
         blob += part
         if len(blob) > limit:
+            st.check_loaded("the state blob")
             raise too_large(f"a state blob is at most {limit} bytes here", param="state")
     rec = await service.import_state(st, bytes(blob), model)
     return _info(request, await service.unless_gone(st, request, rec))
