@@ -23,7 +23,7 @@ from starlette.requests import ClientDisconnect
 
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys, key_warnings
 from server.body_limit import BodySizeLimit
-from server.config import Settings
+from server.config import MAX_BYTES, Settings
 from server.errors import (
     CLIENT_GONE,
     APIError,
@@ -139,6 +139,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     def body_limit(scope: dict) -> int:
         if scope.get("path") == IMPORT_PATH:  # a state blob's size is set by the model, not by the client
+            if not state.loaded and state.loading:  # (a model loading may take a larger one: the route holds
+                return MAX_BYTES  # it to the models served so far as it reads, a 503 over that meanwhile)
             return max(settings.max_body_bytes, state.max_state_blob_bytes)
         return settings.max_body_bytes
 
