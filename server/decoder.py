@@ -39,6 +39,7 @@ log = logging.getLogger("server.decoder")
 MAX_WORKERS = min(4, os.cpu_count() or 1)
 SUMMARY_LINE_CHARS = 200  # of the decoder's line quoted in the log line
 _CAPTURED = 1 << 20  # bytes of a worker's output read back to summarise (the count is of all of it)
+SUBMIT_TRIES = 3  # pools a call is offered to when another thread's broken pool refuses it
 
 
 def _start_worker() -> None:
@@ -129,25 +130,33 @@ def _rebuilt(cls: type[ValueError], args: tuple, attrs: dict) -> ValueError:
 
 class AudioDecoder:
     """read_audio in a pool of worker processes (`MAX_WORKERS`, started as files come; `start` starts one
-    ahead). The pool is made on first use and again after a worker died (`BrokenProcessPool`: every file
-    it held then is tried once more, on the new pool). Where no process can be made (no /dev/shm for
-    multiprocessing's locks) it decodes in this process, as read_audio does, and says so once in the log."""
+    ahead). The pool is made on first use and again after a worker died (`BrokenProcessPool`). A worker's
+    death fails every file the pool held then, not only the one it was decoding, so each of them is tried
+    once more alone, in a worker of its own (one file at a time): only a file that ends that worker too is
+    refused, and a file that crashes libsndfile costs the files decoded beside it a retry, not a refusal.
+    Where no process can be made (no /dev/shm for multiprocessing's locks) it decodes in this process, as
+    read_audio does, and says so once in the log."""
 
     def __init__(self, max_workers: int = MAX_WORKERS) -> None:
         self.max_workers = max_workers
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._alone: concurrent.futures.ProcessPoolExecutor | None = None  # one worker: files tried alone
+        self._alone_turn = threading.Lock()  # one file at a time in it
         self._lock = threading.Lock()
         self._in_process = False  # (no worker process could be made, or closed)
 
-    def _current(self) -> concurrent.futures.ProcessPoolExecutor | None:
+    def _current(self, alone: bool = False) -> concurrent.futures.ProcessPoolExecutor | None:
+        """The shared pool (or with `alone`, the one-worker pool), made if there is none; None where files
+        are decoded in this process."""
         with self._lock:
-            if self._pool is None and not self._in_process:
+            pool = self._alone if alone else self._pool
+            if pool is None and not self._in_process:
                 try:
                     ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
                     if ctx.get_start_method() == "forkserver":
                         ctx.set_forkserver_preload(["model.codecs"])  # (workers fork with it imported)
-                    self._pool = concurrent.futures.ProcessPoolExecutor(
-                        self.max_workers, mp_context=ctx, initializer=_start_worker
+                    pool = concurrent.futures.ProcessPoolExecutor(
+                        1 if alone else self.max_workers, mp_context=ctx, initializer=_start_worker
                     )
                 except (OSError, ImportError, NotImplementedError) as exc:
                     log.error(
@@ -157,21 +166,43 @@ class AudioDecoder:
                         exc,
                     )
                     self._in_process = True
-            return self._pool
+                if alone:
+                    self._alone = pool
+                else:
+                    self._pool = pool
+            return pool
+
+    def _run(self, alone: bool, fn, *args):
+        """fn(*args) in a worker of the shared pool (or with `alone`, of the one-worker pool): its result, or
+        None where files are decoded in this process. Raises BrokenProcessPool where a worker of that pool
+        ended while the pool held the call (the pool is let go: the next call makes a new one)."""
+        for _ in range(SUBMIT_TRIES):
+            if (pool := self._current(alone)) is None:
+                return None
+            try:
+                future = pool.submit(fn, *args)
+            except (BrokenProcessPool, RuntimeError):  # (broken, or shut down, by another thread meanwhile)
+                self._drop(pool)
+                continue
+            try:
+                return future.result()
+            except BrokenProcessPool:
+                self._drop(pool)
+                raise
+        raise BrokenProcessPool(f"its pool broke {SUBMIT_TRIES} times before it took the file")
 
     def start(self) -> None:
         """One worker started and ready (the first takes seconds: it imports the codecs, torch with them),
         so the first prompt does not wait for it. Where it cannot start (a worker imports the server's main
         module, as multiprocessing does: a script that starts the server unguarded by `if __name__ ==
         "__main__"` fails there) files are decoded in this process, and the log says so."""
-        if (pool := self._current()) is None:
-            return
         try:
-            pool.submit(int).result()
+            self._run(False, int)
         except BrokenProcessPool as exc:  # (the server's main module failed to import in it, say)
-            self._drop(pool)
             with self._lock:
-                self._in_process = True
+                pool, self._pool, self._in_process = self._pool, None, True
+            if pool is not None:
+                pool.shutdown(wait=False)
             log.error(
                 "audio prompts are decoded in the server's process: its decoder worker did not start (%s); "
                 "libsndfile's decoder may write to its stderr, and a `._` file or `.AppleDouble` directory "
@@ -184,32 +215,31 @@ class AudioDecoder:
         with self._lock:
             if self._pool is pool:
                 self._pool = None
+            if self._alone is pool:
+                self._alone = None
         pool.shutdown(wait=False)
 
     def read_audio(self, data: bytes, target_rate: int | None = None, max_seconds: float | None = None):
         """model.codecs.read_audio(data, target_rate, max_seconds), in a worker: the same samples and rate
         and the same exceptions; what the decoder wrote to its stdout or stderr is one INFO line of this
-        log (`summary`). A file whose decoding ends the worker twice (it crashes libsndfile) raises
-        ValueError."""
-        for attempt in range(2):
-            pool = self._current()
-            if pool is None:
-                return read_audio(data, target_rate, max_seconds)
-            try:
-                future = pool.submit(_decode, data, target_rate, max_seconds)
-            except (BrokenProcessPool, RuntimeError):  # (broken, or shut down, by another thread meanwhile)
-                self._drop(pool)
-                continue
-            try:
-                result = future.result()
-                break
-            except BrokenProcessPool:
-                self._drop(pool)
-                log.warning(
-                    "an audio decoder process ended while decoding a prompt (try %d of 2)", attempt + 1
-                )
-        else:
-            raise ValueError("the audio decoder's process ended while decoding it (twice): a damaged file?")
+        log (`summary`). A file whose decoding ends a worker, and then the worker it was tried in alone
+        (it crashes libsndfile), raises ValueError."""
+        args = (data, target_rate, max_seconds)
+        try:
+            result = self._run(False, _decode, *args)
+        except BrokenProcessPool:
+            log.warning("an audio decoder process ended while decoding a prompt: it is tried again alone")
+            with self._alone_turn:
+                try:
+                    result = self._run(True, _decode, *args)
+                except BrokenProcessPool:
+                    log.warning("an audio decoder process ended while decoding a prompt alone: refused")
+                    raise ValueError(
+                        "the audio decoder's process ended while decoding it (alone, the second time): a "
+                        "damaged file?"
+                    ) from None
+        if result is None:
+            return read_audio(*args)
         if result[-1] is not None:
             log.info("prompt_audio: the audio decoder wrote %s", result[-1])
         if result[0] == "error":
@@ -219,6 +249,7 @@ class AudioDecoder:
     def close(self) -> None:
         """Its workers stopped (after the files they hold); a later call decodes in this process."""
         with self._lock:
-            pool, self._pool, self._in_process = self._pool, None, True
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+            pools, self._pool, self._alone, self._in_process = (self._pool, self._alone), None, None, True
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)

@@ -3,6 +3,7 @@ bit, while what libsndfile's MP3 decoder (mpg123) writes to stderr becomes one l
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -18,6 +19,7 @@ import psutil
 import pytest
 from server_support import ServerThread, b64, process_ready, wait_for
 
+import server.decoder
 from bench.audio_decoder import damaged_mp3, encoded, tone
 from model.codecs import AudioTooLong, AudioTruncated, NoSamples, read_audio, wav_bytes
 from server import Settings
@@ -85,7 +87,6 @@ def _exits(data, target_rate, max_seconds):  # (a worker's decode that ends its 
 
 
 def test_a_decoder_process_that_ends_refuses_that_file_and_the_next_file_is_read(monkeypatch, caplog):
-    import server.decoder
 
     d = AudioDecoder(max_workers=1)
     data = wav_bytes(tone(0.5, 8000), 8000)
@@ -198,7 +199,6 @@ def _cannot_start():  # (a worker's start that fails, as an unguarded main modul
 
 
 def test_a_decoder_whose_worker_cannot_start_decodes_in_this_process_and_says_so(monkeypatch, caplog):
-    import server.decoder
 
     monkeypatch.setattr(server.decoder, "_start_worker", _cannot_start)
     d = AudioDecoder(max_workers=1)
@@ -285,3 +285,66 @@ def test_read_audio_in_a_directory_holding_a_resource_fork_name_says_so(name, ki
     assert len(read_audio(mp3, 8000)[0]) == 4000
     with pytest.raises(ValueError, match=r"Format not recognised\. \(send WAV, FLAC, OGG Vorbis or Opus"):
         read_audio(b"this is no audio file at all, only text" * 4, 8000)
+
+
+def _exits_when_told(data, target_rate, max_seconds):
+    """A worker's decode: the file `crash:<fifo>` ends its process, the first time once the test has opened
+    and closed that fifo (the files beside it are then in the pool), later at once; other files decode."""
+    if not data.startswith(b"crash:"):
+        return server.decoder._decode(data, target_rate, max_seconds)  # (the worker's own: the real one)
+    fifo = data.removeprefix(b"crash:").decode()
+    try:
+        os.mkdir(fifo + ".tried")
+    except FileExistsError:
+        os._exit(3)
+    with open(fifo, "rb") as told:
+        told.read()
+    os._exit(3)
+
+
+def test_a_file_that_ends_a_worker_costs_the_files_beside_it_a_retry_not_a_refusal(
+    tmp_path, monkeypatch, caplog
+):
+    """A worker's death fails every file its pool holds, not only the one it was decoding: a file that
+    crashes libsndfile, sent beside others, made every one of them a 422 ("ended while decoding it (twice):
+    a damaged file?"), since they were all in the pool again when it crashed its second time. Each is now
+    tried again alone, one at a time: the good files read bit for bit, only the crashing one is refused."""
+    fifo = tmp_path / "crash"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(server.decoder, "_decode", _exits_when_told)
+    submitted = threading.Semaphore(0)
+    submit = concurrent.futures.ProcessPoolExecutor.submit
+
+    def counted(self, *args, **kwargs):
+        future = submit(self, *args, **kwargs)
+        submitted.release()
+        return future
+
+    monkeypatch.setattr(concurrent.futures.ProcessPoolExecutor, "submit", counted)
+    d = AudioDecoder(max_workers=1)
+    goods = [wav_bytes(tone(0.2 + 0.05 * i, 8000), 8000) for i in range(7)]
+    got: dict = {}
+
+    def decode(name, data):
+        try:
+            got[name] = d.read_audio(data, 8000, 30)
+        except ValueError as exc:
+            got[name] = exc
+
+    threads = [threading.Thread(target=decode, args=("crash", b"crash:" + str(fifo).encode()))]
+    try:
+        threads[0].start()
+        with open(fifo, "wb"):  # (opens once the worker decoding the crashing file waits on it)
+            threads += [threading.Thread(target=decode, args=(i, data)) for i, data in enumerate(goods)]
+            for t in threads[1:]:
+                t.start()
+            for _ in threads:
+                assert submitted.acquire(timeout=60)
+        for t in threads:
+            t.join(120)
+    finally:
+        d.close()
+    assert isinstance(got["crash"], ValueError) and "damaged file?" in str(got["crash"])
+    for i, data in enumerate(goods):
+        x, rate = got[i]
+        assert rate == 8000 and same_bits(x, read_audio(data, 8000, 30)[0])
