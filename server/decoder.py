@@ -134,8 +134,8 @@ class AudioDecoder:
     death fails every file the pool held then, not only the one it was decoding, so each of them is tried
     once more alone, in a worker of its own (one file at a time): only a file that ends that worker too is
     refused, and a file that crashes libsndfile costs the files decoded beside it a retry, not a refusal.
-    Where no process can be made (no /dev/shm for multiprocessing's locks) it decodes in this process, as
-    read_audio does, and says so once in the log."""
+    Where no process can be made (no /dev/shm for multiprocessing's locks, a process limit reached:
+    `_no_workers`) it decodes in this process, as read_audio does, and says so once in the log."""
 
     def __init__(self, max_workers: int = MAX_WORKERS) -> None:
         self.max_workers = max_workers
@@ -181,9 +181,16 @@ class AudioDecoder:
                 return None
             try:
                 future = pool.submit(fn, *args)
-            except (BrokenProcessPool, RuntimeError):  # (broken, or shut down, by another thread meanwhile)
+            except BrokenProcessPool:  # (broken by another thread's file meanwhile)
                 self._drop(pool)
                 continue
+            except (OSError, EOFError, RuntimeError) as exc:
+                with self._lock:
+                    closed = pool is not self._pool and pool is not self._alone
+                if closed:  # (shut down by another thread meanwhile: `_drop`, or `close`)
+                    continue
+                self._no_workers(pool, exc)  # (no process or thread could be made for it)
+                return None
             try:
                 return future.result()
             except BrokenProcessPool:
@@ -209,6 +216,25 @@ class AudioDecoder:
                 "in its working directory fails MP3 prompts",
                 exc,
             )
+
+    def _no_workers(self, pool: concurrent.futures.ProcessPoolExecutor, exc: BaseException) -> None:
+        """No worker process (or the pool's thread) could be made (a container's process limit, cgroup
+        pids.max or RLIMIT_NPROC, reached; the fork server ended by fork's EAGAIN): files are decoded in
+        this process from now on, and the log says so once. (submit raised, an EOFError, an OSError or
+        "can't start new thread", out of the request: a 500, and the next prompt hung.)"""
+        with self._lock:
+            said, self._in_process = self._in_process, True
+            pools, self._pool, self._alone = (self._pool, self._alone), None, None
+        if not said:
+            log.error(
+                "audio prompts are decoded in the server's process: no decoder worker could be started "
+                "(%s: %s); libsndfile's decoder may write to its stderr, and a `._` file or `.AppleDouble` "
+                "directory in its working directory fails MP3 prompts",
+                type(exc).__name__,
+                exc,
+            )
+        for p in {pool, *pools} - {None}:
+            p.shutdown(wait=False, cancel_futures=True)
 
     def _drop(self, pool: concurrent.futures.ProcessPoolExecutor) -> None:
         """A broken pool let go (the next call makes a new one)."""

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import json
 import logging
+import multiprocessing.popen_forkserver
 import os
 import signal
 import subprocess
@@ -348,3 +350,38 @@ def test_a_file_that_ends_a_worker_costs_the_files_beside_it_a_retry_not_a_refus
     for i, data in enumerate(goods):
         x, rate = got[i]
         assert rate == 8000 and same_bits(x, read_audio(data, 8000, 30)[0])
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable"),  # (fork in this process)
+        EOFError("unexpected EOF"),  # (fork in the fork server, which then ends: it answers nothing)
+        RuntimeError("can't start new thread"),
+    ],
+)
+def test_a_server_where_no_decoder_process_can_be_made_decodes_in_its_own_and_says_so_once(
+    model_dirs, monkeypatch, caplog, failure
+):
+    """A container whose process limit is reached (cgroup pids.max, RLIMIT_NPROC): making a worker fails
+    inside ProcessPoolExecutor.submit (fork's EAGAIN here, or the fork server's, which then ends and
+    answers EOF). That escaped: every audio prompt was a 500 (the next one could hang), the background
+    start's thread died with a traceback. The server now decodes in its own process, with one ERROR line."""
+
+    def cannot_fork(self, process_obj):
+        raise failure
+
+    monkeypatch.setattr(multiprocessing.popen_forkserver.Popen, "_launch", cannot_fork)
+    wav = wav_bytes(tone(0.1, 8000), 8000)
+    body = {"model": AUDIO, "max_new_tokens": 2, "seed": 1, "prompt_audio": b64(wav)}
+    with caplog.at_level(logging.WARNING, logger="server.decoder"):
+        s = ServerThread(Settings(checkpoints=[str(model_dirs["audio"])])).start()
+        try:
+            answers = [httpx.post(s.url + "/v1/generate", json=body, timeout=120) for _ in range(3)]
+        finally:
+            s.stop()
+    for r in answers:
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 800, r.text
+    said = [r for r in caplog.records if r.name == "server.decoder"]
+    assert [r.levelname for r in said] == ["ERROR"], [r.getMessage() for r in said]
+    assert "no decoder worker could be started" in said[0].getMessage()
