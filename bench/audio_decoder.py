@@ -21,15 +21,8 @@ import psutil
 import soundfile
 
 from bench.common import RESULTS
-from model.codecs import read_audio
+from model.codecs import mp3_frame, read_audio
 from server.decoder import AudioDecoder
-
-# MPEG-1 (version bits 3) and MPEG-2 (2) layer III: kbps by the header's bitrate index 1 … 14, sample rates
-_KBPS = {
-    3: (32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320),
-    2: (8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160),
-}
-_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000)}
 
 
 def tone(seconds: float, rate: int) -> np.ndarray:
@@ -49,10 +42,7 @@ def damaged_mp3(seconds: float, rate: int = 16000, per_frame: int = 8) -> bytes:
     data = bytearray(encoded(tone(seconds, rate), rate, "MP3"))
     rng, p, frames = np.random.default_rng(0), 0, 0
     while p + 4 <= len(data):
-        h = int.from_bytes(data[p : p + 4], "big")
-        version = (h >> 19) & 3
-        kbps, sr = _KBPS[version][((h >> 12) & 15) - 1], _RATES[version][(h >> 10) & 3]
-        size = (144_000 if version == 3 else 72_000) * kbps // sr + ((h >> 9) & 1)
+        size, _ = mp3_frame(int.from_bytes(data[p : p + 4], "big"))
         if frames:
             for j in rng.integers(4, size, per_frame):
                 data[p + j] ^= 0x5A

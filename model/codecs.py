@@ -959,6 +959,21 @@ _MP3_LENGTH_TAGS = (b"Xing", b"Info", b"VBRI")  # a first frame that says how lo
 _MP3_TRAILERS = (b"TAG", b"APETAGEX", b"LYRICS", b"ID3")  # tags that may follow the last frame
 
 
+def mp3_frame(h: int) -> tuple[int, int] | None:
+    """(bytes, samples) of the MPEG audio frame (MPEG-1, 2 or 2.5, layer I, II or III) whose 4-byte header,
+    read big-endian, is `h`; None where `h` is no frame header (no sync, a reserved field, or a free-format
+    or bad bitrate index)."""
+    version, layer, index = (h >> 19) & 3, 4 - ((h >> 17) & 3), (h >> 12) & 15
+    if h >> 21 != 0x7FF or version == 1 or layer == 4 or not 1 <= index <= 14 or (h >> 10) & 3 == 3:
+        return None
+    mpeg1, rate = version == 3, _MP3_RATES[version][(h >> 10) & 3]
+    kbps, pad = _MP3_KBPS[(mpeg1, min(layer, 2) if not mpeg1 else layer)][index - 1], (h >> 9) & 1
+    if layer == 1:
+        return (12_000 * kbps // rate + pad) * 4, 384
+    size = (144_000 if mpeg1 or layer == 2 else 72_000) * kbps // rate + pad
+    return size, 576 if layer == 3 and not mpeg1 else 1152
+
+
 def _mp3_header_frames(frame: bytes) -> int | None:
     """The frame count a length header (Xing or Info: LAME's; VBRI: Fraunhofer's) in this first MPEG frame
     gives, -1 for a header without one; None when the frame holds none."""
@@ -990,20 +1005,13 @@ def _mp3_samples(data: bytes) -> tuple[int, int, int | None, int | None] | None:
     first, header = None, None
     while p + 4 <= len(data):
         h = int.from_bytes(data[p : p + 4], "big")
-        version, layer, index = (h >> 19) & 3, 4 - ((h >> 17) & 3), (h >> 12) & 15
-        if h >> 21 != 0x7FF or version == 1 or layer == 4 or not 1 <= index <= 14 or (h >> 10) & 3 == 3:
+        if (frame := mp3_frame(h)) is None:
             break
         if first is None:
             first = h & 0xFFFE0C00  # (sync, version, layer, sample rate: the same in every frame)
         elif h & 0xFFFE0C00 != first:
             break
-        mpeg1, rate = version == 3, _MP3_RATES[version][(h >> 10) & 3]
-        kbps, pad = _MP3_KBPS[(mpeg1, min(layer, 2) if not mpeg1 else layer)][index - 1], (h >> 9) & 1
-        if layer == 1:
-            size, n = (12_000 * kbps // rate + pad) * 4, 384
-        else:
-            size = (144_000 if mpeg1 or layer == 2 else 72_000) * kbps // rate + pad
-            n = 576 if layer == 3 and not mpeg1 else 1152
+        size, n = frame
         if frames == 0 and header is None and (header := _mp3_header_frames(data[p : p + size])) is not None:
             p += size  # (the header's frame holds no audio)
             continue
