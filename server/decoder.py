@@ -150,27 +150,25 @@ class AudioDecoder:
         are decoded in this process."""
         with self._lock:
             pool = self._alone if alone else self._pool
-            if pool is None and not self._in_process:
-                try:
-                    ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
-                    if ctx.get_start_method() == "forkserver":
-                        ctx.set_forkserver_preload(["model.codecs"])  # (workers fork with it imported)
-                    pool = concurrent.futures.ProcessPoolExecutor(
-                        1 if alone else self.max_workers, mp_context=ctx, initializer=_start_worker
-                    )
-                except (OSError, ImportError, NotImplementedError) as exc:
-                    log.error(
-                        "audio prompts are decoded in the server's process (no worker process: %s): "
-                        "libsndfile's decoder may write to its stderr, and a `._` file or `.AppleDouble` "
-                        "directory in its working directory fails MP3 prompts",
-                        exc,
-                    )
-                    self._in_process = True
+            if pool is not None or self._in_process:
+                return pool
+            try:
+                ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
+                if ctx.get_start_method() == "forkserver":
+                    ctx.set_forkserver_preload(["model.codecs"])  # (workers fork with it imported)
+                pool = concurrent.futures.ProcessPoolExecutor(
+                    1 if alone else self.max_workers, mp_context=ctx, initializer=_start_worker
+                )
+            except (OSError, ImportError, NotImplementedError) as exc:
+                failed = exc
+            else:
                 if alone:
                     self._alone = pool
                 else:
                     self._pool = pool
-            return pool
+                return pool
+        self._in_this_process(f"no worker process: {failed}")
+        return None
 
     def _run(self, alone: bool, fn, *args):
         """fn(*args) in a worker of the shared pool (or with `alone`, of the one-worker pool): its result, or
@@ -206,35 +204,33 @@ class AudioDecoder:
         try:
             self._run(False, int)
         except BrokenProcessPool as exc:  # (the server's main module failed to import in it, say)
-            with self._lock:
-                pool, self._pool, self._in_process = self._pool, None, True
-            if pool is not None:
-                pool.shutdown(wait=False)
+            self._in_this_process(f"its decoder worker did not start: {exc}")
+
+    def _in_this_process(
+        self, why: str, pool: concurrent.futures.ProcessPoolExecutor | None = None, cancel: bool = False
+    ) -> None:
+        """Files are decoded in this process from now on, as read_audio does (no worker process could be
+        made, or started: `why`), and the log says so once; the pools (and `pool`, one let go meanwhile)
+        are shut down, with `cancel` their queued files cancelled."""
+        with self._lock:
+            said, self._in_process = self._in_process, True
+            pools, self._pool, self._alone = {self._pool, self._alone, pool} - {None}, None, None
+        if not said:
             log.error(
-                "audio prompts are decoded in the server's process: its decoder worker did not start (%s); "
-                "libsndfile's decoder may write to its stderr, and a `._` file or `.AppleDouble` directory "
-                "in its working directory fails MP3 prompts",
-                exc,
+                "audio prompts are decoded in the server's process (%s): libsndfile's decoder may write to "
+                "its stderr, and a `._` file or `.AppleDouble` directory in its working directory fails MP3 "
+                "prompts",
+                why,
             )
+        for p in pools:
+            p.shutdown(wait=False, cancel_futures=cancel)
 
     def _no_workers(self, pool: concurrent.futures.ProcessPoolExecutor, exc: BaseException) -> None:
         """No worker process (or the pool's thread) could be made (a container's process limit, cgroup
-        pids.max or RLIMIT_NPROC, reached; the fork server ended by fork's EAGAIN): files are decoded in
-        this process from now on, and the log says so once. (submit raised, an EOFError, an OSError or
-        "can't start new thread", out of the request: a 500, and the next prompt hung.)"""
-        with self._lock:
-            said, self._in_process = self._in_process, True
-            pools, self._pool, self._alone = (self._pool, self._alone), None, None
-        if not said:
-            log.error(
-                "audio prompts are decoded in the server's process: no decoder worker could be started "
-                "(%s: %s); libsndfile's decoder may write to its stderr, and a `._` file or `.AppleDouble` "
-                "directory in its working directory fails MP3 prompts",
-                type(exc).__name__,
-                exc,
-            )
-        for p in {pool, *pools} - {None}:
-            p.shutdown(wait=False, cancel_futures=True)
+        pids.max or RLIMIT_NPROC, reached; the fork server ended by fork's EAGAIN): `_in_this_process`.
+        (submit raised, an EOFError, an OSError or "can't start new thread", out of the request: a 500, and
+        the next prompt hung.)"""
+        self._in_this_process(f"no decoder worker could be started ({type(exc).__name__}: {exc})", pool, True)
 
     def _drop(self, pool: concurrent.futures.ProcessPoolExecutor) -> None:
         """A broken pool let go (the next call makes a new one)."""
