@@ -186,13 +186,12 @@ def preflight(settings: Settings, built: dict | None = None) -> list[str]:
             store.close()
     except StoreError as exc:
         return [str(exc)]
-    from server.registry import build_entry, parse_entry  # noqa: PLC0415
+    from server.registry import build_entry, untrained_default  # noqa: PLC0415
 
     built = {} if built is None else built
     usable = 0
     for entry in settings.checkpoints:
-        source = parse_entry(entry)[1]
-        if not source.exists() and settings.uses_default_checkpoints():
+        if untrained_default(entry, settings):
             continue  # the default list names checkpoints that may not be trained yet
         if entry in built:  # (an entry named twice: its second is refused by id, as load_models does)
             continue

@@ -318,12 +318,18 @@ def use_cuda_graphs(rec, settings: Settings, name: str) -> bool:
     return True
 
 
+def untrained_default(entry: str, settings: Settings) -> bool:
+    """Whether `entry` is one of the default list's checkpoints that does not exist (not trained yet):
+    skipped, not refused, by the preflight, `load_models` and `expected_ids`."""
+    return settings.uses_default_checkpoints() and not parse_entry(entry)[1].exists()
+
+
 def expected_ids(settings: Settings) -> list[str]:
     """The ids of the models `load_models` will try to load, in its order (an entry of the default list
     whose folder does not exist is skipped, as it skips it; an id named twice once)."""
     ids = []
     for entry in settings.checkpoints:
-        if not parse_entry(entry)[1].exists() and settings.uses_default_checkpoints():
+        if untrained_default(entry, settings):
             continue
         if (model_id := model_id_of(entry)) not in ids:
             ids.append(model_id)
@@ -681,12 +687,11 @@ def load_models(
     cache = FormCache(folder) if folder else None
     log.info("recurrent-form cache: %s", cache.folder if cache else "off (S4_RECURRENT_CACHE is empty)")
     for entry in settings.checkpoints:
-        name, path = parse_entry(entry)
         if stop is not None and stop.is_set():
             log.info("stopping: checkpoint %s and those after it not loaded", entry)
             break
-        if not path.exists() and settings.uses_default_checkpoints():
-            log.warning("default checkpoint %s does not exist yet: skipped", path)
+        if untrained_default(entry, settings):
+            log.warning("default checkpoint %s does not exist yet: skipped", parse_entry(entry)[1])
             continue
         model_id = model_id_of(entry)
         if model_id in models:
