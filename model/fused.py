@@ -380,13 +380,19 @@ def linear_rows(
     """ssm_step.c `linear_rows` (bench.linear, the tests): x (B, K) float32 · Wt + bias (N,) float32 → (B, N)
     float32, Wt given as pack_linear(Wt (K, N), lib.linear_panel_width()) in float32, bfloat16 or float16;
     tiled = 0 runs one row at a time, 1 the row tiles (the same bits)."""
+    return _linear(lib, "linear_rows", (tiled,), x, packed, N, bias, ())
+
+
+def _linear(lib, fn: str, lead: tuple, x: torch.Tensor, packed: torch.Tensor, N: int, bias, tail: tuple):
+    """ssm_step.c's linear entry point `fn`(*lead, format, B, K, N, x, Wt, bias, out, *tail) on x (B, K)
+    float32 and Wt packed (K·N elements, contiguous; else ValueError) → out (B, N) float32."""
     B, K = x.shape
     if packed.numel() != K * N or not packed.is_contiguous():
-        raise ValueError(f"linear_rows needs K·N = {K * N} contiguous packed weights, got {packed.numel()}")
+        raise ValueError(f"{fn} needs K·N = {K * N} contiguous packed weights, got {packed.numel()}")
     out = torch.empty(B, N)
     px, pb, po = _ptrs(x, bias, out)  # (contiguous float32 CPU tensors, or ValueError)
-    dims = [ctypes.c_long(v) for v in (tiled, WEIGHT_FORMATS[packed.dtype], B, K, N)]
-    lib.linear_rows(*dims, px, ctypes.c_void_p(packed.data_ptr()), pb, po)
+    dims = [ctypes.c_long(v) for v in (*lead, WEIGHT_FORMATS[packed.dtype], B, K, N)]
+    getattr(lib, fn)(*dims, px, ctypes.c_void_p(packed.data_ptr()), pb, po, *(ctypes.c_long(v) for v in tail))
     return out
 
 
@@ -396,18 +402,7 @@ def linear_rows_threads(
     """ssm_step.c `linear_rows_threads`: `linear_rows`' tiles (x (B, K) float32 · Wt + bias (N,) float32 →
     (B, N) float32, Wt packed float32, bfloat16 or float16), the rows shared out over torch's thread count;
     each row's bits those of the row alone, whatever B and the thread count."""
-    B, K = x.shape
-    if packed.numel() != K * N or not packed.is_contiguous():
-        raise ValueError(
-            f"linear_rows_threads needs K·N = {K * N} contiguous packed weights, got {packed.numel()}"
-        )
-    out = torch.empty(B, N)
-    px, pb, po = _ptrs(x, bias, out)  # (contiguous float32 CPU tensors, or ValueError)
-    dims = [ctypes.c_long(v) for v in (WEIGHT_FORMATS[packed.dtype], B, K, N)]
-    lib.linear_rows_threads(
-        *dims, px, ctypes.c_void_p(packed.data_ptr()), pb, po, ctypes.c_long(torch.get_num_threads())
-    )
-    return out
+    return _linear(lib, "linear_rows_threads", (), x, packed, N, bias, (torch.get_num_threads(),))
 
 
 class _Weights:
