@@ -133,12 +133,11 @@ async def read_prompt(
     CPU (100 KB of FLAC, 30 s at 384 kHz in 8 channels: 1.8 s), which held every other client's stream,
     and the probes, for as long."""
     limit, _ = prompt_limit(state, model)
-    limits = (state.settings.max_audio_s, limit)
-    args = (model.kind, model.sample_rate, prompt, prompt_audio, *limits, model.codec, model.vocab)
-    args += (state.decoder.read_audio,)
+    max_s = state.settings.max_audio_s
+    args = (model.kind, model.sample_rate, prompt, prompt_audio, max_s, limit, model.codec, model.vocab)
     if prompt_audio is None:
         return media.prompt_ids(*args)
-    return await asyncio.to_thread(media.prompt_ids, *args)
+    return await asyncio.to_thread(media.prompt_ids, *args, decode=state.decoder.read_audio)
 
 
 async def prompt_ids(
