@@ -56,15 +56,18 @@ async def import_(request: Request, model: str | None = IMPORT_MODEL):
     if model is not None:
         st.model(model)  # (404 naming `model`, or 503 while it loads, before the body is read)
     limit = st.max_state_blob_bytes  # (the models served so far: a 503 over it while others load)
-    if int(request.headers.get("content-length") or 0) > limit:
+
+    def too_big() -> APIError:
         st.check_loaded("the state blob")
-        raise too_large(f"a state blob is at most {limit} bytes here", param="state")
+        return too_large(f"a state blob is at most {limit} bytes here", param="state")
+
+    if int(request.headers.get("content-length") or 0) > limit:
+        raise too_big()
     blob = bytearray()
     async for part in request.stream():
         blob += part
         if len(blob) > limit:
-            st.check_loaded("the state blob")
-            raise too_large(f"a state blob is at most {limit} bytes here", param="state")
+            raise too_big()
     rec = await service.import_state(st, bytes(blob), model)
     return _info(request, await service.unless_gone(st, request, rec))
 
