@@ -72,7 +72,7 @@ class ServerState:
         self.loader: threading.Thread | None = None  # the thread loading the models, while it runs
         self.freeze_gc = False  # set by python -m server: gc.freeze() once the models are loaded
         self.decoder = AudioDecoder()  # prompt audio files, decoded in worker processes
-        self.decoder_starting = False  # its first worker started as an audio model serves (`_start_decoder`)
+        self.decoder_starting = False  # its first worker started as an audio model serves (`_serve`)
         self.built: dict = {}  # set by python -m server: its preflight's built checkpoints (`load_models`)
 
     @property
@@ -126,9 +126,10 @@ class ServerState:
                 f"model {model_id!r} is configured but not served: {self.failed[model_id]}", param="model"
             )
         alike = [k for k in (*self.models, *self.loading) if k.casefold() == model_id.casefold()]
-        hint = f" (ids are case-sensitive: {alike[0]} is served)" if alike else ""
-        if alike and alike[0] not in self.models:
-            hint = f" (ids are case-sensitive: {alike[0]} is loading)"
+        hint = ""
+        if alike:
+            how = "served" if alike[0] in self.models else "loading"
+            hint = f" (ids are case-sensitive: {alike[0]} is {how})"
         raise not_found(f"no model {quoted(model_id)}; see GET /v1/models{hint}", param="model")
 
     async def load(self) -> None:
@@ -206,20 +207,13 @@ class ServerState:
         m.engine.start()
         self.models[m.id] = m
         self.loading = [k for k in self.loading if k != m.id]
-        if m.kind == "audio" and not self.decoder_starting:
+        if m.kind == "audio" and not self.decoder_starting:  # the decoder's first worker, started beside
+            # serving: it takes seconds (it imports the codecs, torch with them), which neither the model's
+            # readiness nor the event loop waits for; a prompt that comes meanwhile waits for it
             self.decoder_starting = True
-            threading.Thread(target=self._start_decoder, name="s4-decoder-start", daemon=True).start()
+            threading.Thread(target=self.decoder.start, name="s4-decoder-start", daemon=True).start()
         if self.loading:
             log.info("model %s serves (still loading: %s)", m.id, ", ".join(self.loading))
-
-    def _start_decoder(self) -> None:
-        """The audio decoder's first worker (server/decoder.py), started beside serving: it takes seconds
-        (it imports the codecs, torch with them), which neither the model's readiness nor the event loop
-        waits for; a prompt that comes meanwhile waits for it, as it would for a worker started then."""
-        try:
-            self.decoder.start()
-        except RuntimeError:  # (closed meanwhile: the server is stopping)
-            log.debug("the audio decoder closed before its first worker started")
 
     def _not_served(self, key: str, model_id: str, why: str) -> None:
         """A configured model that failed to load: its requests are a 404 with the reason from now on."""
