@@ -150,8 +150,9 @@ def test_readme_example_runs_verbatim(line, lang, code, sandbox):
     if "prompt_tokens_details" in code:  # the prefix cache's example: a miss, then the document's chunks
         usages = [ast.literal_eval(line) for line in out.splitlines()]
         assert [u["prompt_tokens_details"]["cached_tokens"] for u in usages] == [0, 1536], out
-    if "s4state" in code:
-        assert (work / "juliet.s4state").read_bytes()[:4] and '"session_id"' in out.splitlines()[-1]
+    if "s4state" in code:  # exported, imported as a new session, continued, then both deleted
+        assert (work / "juliet.s4state").read_bytes()[:4] and out.splitlines()[-2:] == ["204", "204"], out
+        assert '"finish_reason":"length"' in out.splitlines()[-3].replace(" ", ""), out
 
 
 def readme_metrics_table() -> dict[str, tuple[str, set[str]]]:
