@@ -12,7 +12,9 @@ libsndfile does to its process stays there:
   made every MP3 prompt a 422 ("bad data offset"), and other data was parsed as SD2 with it as the
   resource fork. A worker works in a directory of its own that it removed at start: nothing can be found
   there. (`/..namedfork/rsrc`, at the root, which only root can make, is still looked up.)
-* a file that crashes libsndfile ends a worker, not the server.
+* a file that crashes libsndfile ends a worker, not the server, and so does one it would decode for ever
+  (fuzzers find such inputs in decoders: OSS-Fuzz's "timeout" findings): a file may take
+  `S4_AUDIO_DECODE_CPU_S` CPU seconds (`_watched`).
 
 The samples are read_audio's own (the same code and libraries, in another process): bit for bit."""
 
@@ -29,6 +31,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures.process import BrokenProcessPool
 
 from model.codecs import read_audio
@@ -40,6 +43,9 @@ MAX_WORKERS = min(4, os.cpu_count() or 1)
 SUMMARY_LINE_CHARS = 200  # of the decoder's line quoted in the log line
 _CAPTURED = 1 << 20  # bytes of a worker's output read back to summarise (the count is of all of it)
 SUBMIT_TRIES = 3  # pools a call is offered to when another thread's broken pool refuses it
+DECODE_CPU_S = 10.0  # CPU seconds a file may take to decode (S4_AUDIO_DECODE_CPU_S)
+WATCH_INTERVAL_S = 0.05  # how often a worker's watchdog reads its CPU time
+OVER_CPU_EXIT = 124  # a worker's exit status when a file took more than its CPU seconds (timeout(1)'s)
 
 
 def _start_worker() -> None:
@@ -120,6 +126,41 @@ def _decode(data: bytes, target_rate: int | None, max_seconds: float | None):
     return (*result, summary(said, total) if total else None)
 
 
+# a worker's watchdog (`_watched`): the CPU time (time.process_time) past which the file it decodes ends it
+_deadline: list[float | None] = [None]
+_decoding = threading.Event()  # set while the worker decodes a file
+_watchdog: list[threading.Thread] = []  # started at the worker's first file
+
+
+def _watch() -> None:
+    """A worker's watchdog: while a file is decoded, the process's CPU time read every WATCH_INTERVAL_S, and
+    the process ended (os._exit(OVER_CPU_EXIT)) once it is past `_deadline`."""
+    while True:
+        _decoding.wait()
+        deadline = _deadline[0]
+        if deadline is not None and time.process_time() > deadline:
+            os._exit(OVER_CPU_EXIT)
+        time.sleep(WATCH_INTERVAL_S)
+
+
+def _watched(cpu_s: float, fn, *args):
+    """fn(*args) in a worker, which its watchdog (`_watch`) ends once fn has taken more than `cpu_s` CPU
+    seconds of this process: a decoder's loop that never ends holds no worker for ever. The watchdog is a
+    thread; it runs while the decoder runs, as libsndfile's and soxr's calls are made through cffi, which
+    lets go of the GIL, and Python's own loops (model.codecs' chunk walkers) let it go every few
+    milliseconds. CPU time, not wall time: a worker kept waiting by a loaded machine is not ended for it."""
+    if not _watchdog:
+        _watchdog.append(threading.Thread(target=_watch, name="s4-decode-watchdog", daemon=True))
+        _watchdog[0].start()
+    _deadline[0] = time.process_time() + cpu_s
+    _decoding.set()
+    try:
+        return fn(*args)
+    finally:
+        _decoding.clear()
+        _deadline[0] = None
+
+
 def _rebuilt(cls: type[ValueError], args: tuple, attrs: dict) -> ValueError:
     """A worker's exception made again from its parts (`_decode`), without calling its class's __init__."""
     exc = cls.__new__(cls, *args)
@@ -137,8 +178,9 @@ class AudioDecoder:
     Where no process can be made (no /dev/shm for multiprocessing's locks, a process limit reached:
     `_no_workers`) it decodes in this process, as read_audio does, and says so once in the log."""
 
-    def __init__(self, max_workers: int = MAX_WORKERS) -> None:
+    def __init__(self, max_workers: int = MAX_WORKERS, cpu_s: float = DECODE_CPU_S) -> None:
         self.max_workers = max_workers
+        self.cpu_s = cpu_s  # CPU seconds a file may take in a worker (`_watched`)
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._alone: concurrent.futures.ProcessPoolExecutor | None = None  # one worker: files tried alone
         self._alone_turn = threading.Lock()  # one file at a time in it
@@ -245,21 +287,19 @@ class AudioDecoder:
         """model.codecs.read_audio(data, target_rate, max_seconds), in a worker: the same samples and rate
         and the same exceptions; what the decoder wrote to its stdout or stderr is one INFO line of this
         log (`summary`). A file whose decoding ends a worker, and then the worker it was tried in alone
-        (it crashes libsndfile), raises ValueError."""
+        (it crashes libsndfile, or takes more than `cpu_s` CPU seconds there), raises ValueError."""
         args = (data, target_rate, max_seconds)
         try:
-            result = self._run(False, _decode, *args)
+            result = self._run(False, _watched, self.cpu_s, _decode, *args)
         except BrokenProcessPool:
             log.warning("an audio decoder process ended while decoding a prompt: it is tried again alone")
             with self._alone_turn:
+                t0 = time.monotonic()
                 try:
-                    result = self._run(True, _decode, *args)
+                    result = self._run(True, _watched, self.cpu_s, _decode, *args)
                 except BrokenProcessPool:
                     log.warning("an audio decoder process ended while decoding a prompt alone: refused")
-                    raise ValueError(
-                        "the audio decoder's process ended while decoding it (alone, the second time): a "
-                        "damaged file?"
-                    ) from None
+                    raise ValueError(self._ended(time.monotonic() - t0)) from None
         if result is None:
             return read_audio(*args)
         if result[-1] is not None:
@@ -267,6 +307,17 @@ class AudioDecoder:
         if result[0] == "error":
             raise _rebuilt(*result[1:4])
         return result[1], result[2]
+
+    def _ended(self, took: float) -> str:
+        """Why a file whose worker ended, alone, after `took` wall seconds is refused: a file may take
+        `cpu_s` CPU seconds, as many wall seconds at least, so a worker that ended sooner crashed."""
+        why = "a damaged file?"
+        if took >= self.cpu_s:
+            why += (
+                f" It took more than the {self.cpu_s:g} CPU seconds a file may take to decode "
+                "(S4_AUDIO_DECODE_CPU_S), or crashed the decoder"
+            )
+        return f"the audio decoder's process ended while decoding it (alone, the second time): {why}"
 
     def close(self) -> None:
         """Its workers stopped (after the files they hold); a later call decodes in this process."""

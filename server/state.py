@@ -71,7 +71,7 @@ class ServerState:
         self.stopping = threading.Event()  # set by the drain: loading ends at its next step's boundary
         self.loader: threading.Thread | None = None  # the thread loading the models, while it runs
         self.freeze_gc = False  # set by python -m server: gc.freeze() once the models are loaded
-        self.decoder = AudioDecoder()  # prompt audio files, decoded in worker processes
+        self.decoder = AudioDecoder(cpu_s=settings.audio_decode_cpu_s)  # prompt audio, in worker processes
         self.decoder_starting = False  # its first worker started as an audio model serves (`_serve`)
         self.built: dict = {}  # set by python -m server: its preflight's built checkpoints (`load_models`)
 

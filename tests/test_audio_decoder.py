@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import multiprocessing.popen_forkserver
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -385,3 +387,76 @@ def test_a_server_where_no_decoder_process_can_be_made_decodes_in_its_own_and_sa
     said = [r for r in caplog.records if r.name == "server.decoder"]
     assert [r.levelname for r in said] == ["ERROR"], [r.getMessage() for r in said]
     assert "no decoder worker could be started" in said[0].getMessage()
+
+
+def _decodes_for_ever_in_c(data, target_rate, max_seconds):
+    """A decode that does not end in the test's time, in one C call that lets go of the GIL as libsndfile's
+    do through cffi (a decoder's loop on a crafted file: OSS-Fuzz's "timeout" findings): PBKDF2 of 2^31 - 1
+    rounds, about 12 minutes here."""
+    hashlib.pbkdf2_hmac("sha256", b"s4", b"serve", 2**31 - 1)
+
+
+def _decodes_for_ever_in_python(data, target_rate, max_seconds):  # (model.codecs' own walkers are Python)
+    while True:
+        pass
+
+
+def _waits_then_decodes(data, target_rate, max_seconds):  # (a worker kept waiting: wall time, not CPU)
+    time.sleep(1.5)
+    return server.decoder._decode(data, target_rate, max_seconds)
+
+
+@pytest.mark.parametrize("endless", [_decodes_for_ever_in_c, _decodes_for_ever_in_python])
+def test_a_file_that_would_decode_for_ever_is_refused_after_its_cpu_seconds_and_the_next_is_read(
+    endless, monkeypatch, caplog
+):
+    """A file whose decoding never ended held its worker for ever (a decoder's endless loop on a crafted
+    file): a few such prompts held every worker and every audio prompt after them waited for ever. A worker
+    is now ended once a file has taken S4_AUDIO_DECODE_CPU_S CPU seconds, the file tried once more alone
+    and then refused, and the next file decoded bit for bit."""
+    d = AudioDecoder(max_workers=1, cpu_s=0.3)
+    data = wav_bytes(tone(0.5, 8000), 8000)
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(server.decoder, "_decode", endless)
+            with pytest.raises(ValueError, match=r"more than the 0\.3 CPU seconds .*S4_AUDIO_DECODE_CPU_S"):
+                d.read_audio(data, 8000, 30)
+        x, rate = d.read_audio(data, 8000, 30)
+    finally:
+        d.close()
+    assert rate == 8000 and same_bits(x, read_audio(data, 8000, 30)[0])
+    ended = [r for r in caplog.records if r.name == "server.decoder" and "process ended" in r.getMessage()]
+    assert len(ended) == 2
+
+
+def test_the_decode_bound_counts_cpu_seconds_not_wall_seconds(monkeypatch, caplog):
+    """A worker that waits (a loaded machine's run queue) is not ended for it: 1.5 s of wall time against a
+    0.3 CPU-second bound decodes, in the first worker, with no process ended."""
+    monkeypatch.setattr(server.decoder, "_decode", _waits_then_decodes)
+    d = AudioDecoder(max_workers=1, cpu_s=0.3)
+    data = wav_bytes(tone(0.5, 8000), 8000)
+    try:
+        x, rate = d.read_audio(data, 8000, 30)
+    finally:
+        d.close()
+    assert rate == 8000 and same_bits(x, read_audio(data, 8000, 30)[0])
+    assert not [r for r in caplog.records if r.name == "server.decoder" and "process ended" in r.getMessage()]
+
+
+def test_a_prompt_that_would_decode_for_ever_is_a_422_naming_prompt_audio_and_the_server_serves_on(
+    model_dirs, monkeypatch
+):
+    """Through the server, with S4_AUDIO_DECODE_CPU_S: the endless file's request is a 422 naming
+    prompt_audio, and a prompt sent after it is read."""
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["audio"])], audio_decode_cpu_s=0.3)).start()
+    body = {"model": AUDIO, "max_new_tokens": 4, "seed": 1}
+    wav = b64(wav_bytes(tone(0.1, 8000), 8000))
+    try:
+        with monkeypatch.context() as m:
+            m.setattr(server.decoder, "_decode", _decodes_for_ever_in_c)
+            r = httpx.post(s.url + "/v1/generate", json={**body, "prompt_audio": wav}, timeout=120)
+        assert r.status_code == 422 and "prompt_audio" in r.text and "0.3 CPU seconds" in r.text, r.text
+        r = httpx.post(s.url + "/v1/generate", json={**body, "prompt_audio": wav}, timeout=120)
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 800, r.text
+    finally:
+        s.stop()
