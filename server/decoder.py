@@ -214,8 +214,10 @@ class AudioDecoder:
 
     def _run(self, alone: bool, fn, *args):
         """fn(*args) in a worker of the shared pool (or with `alone`, of the one-worker pool): its result, or
-        None where files are decoded in this process. Raises BrokenProcessPool where a worker of that pool
-        ended while the pool held the call (the pool is let go: the next call makes a new one)."""
+        None where files are decoded in this process (from the start, or since `close` cancelled the call
+        while it was queued: a CancelledError out of the request was a 500). Raises BrokenProcessPool where a
+        worker of that pool ended while the pool held the call (the pool is let go: the next call makes a new
+        one)."""
         for _ in range(SUBMIT_TRIES):
             if (pool := self._current(alone)) is None:
                 return None
@@ -236,6 +238,8 @@ class AudioDecoder:
             except BrokenProcessPool:
                 self._drop(pool)
                 raise
+            except concurrent.futures.CancelledError:  # (queued when `close` cancelled what its pool held)
+                return None
         raise BrokenProcessPool(f"its pool broke {SUBMIT_TRIES} times before it took the file")
 
     def start(self) -> None:
@@ -320,7 +324,8 @@ class AudioDecoder:
         return f"the audio decoder's process ended while decoding it (alone, the second time): {why}"
 
     def close(self) -> None:
-        """Its workers stopped (after the files they hold); a later call decodes in this process."""
+        """Its workers stopped (after the files they are decoding); a later call, and a file still queued
+        for a worker, is decoded in this process."""
         with self._lock:
             pools, self._pool, self._alone, self._in_process = (self._pool, self._alone), None, None, True
         for pool in pools:

@@ -460,3 +460,66 @@ def test_a_prompt_that_would_decode_for_ever_is_a_422_naming_prompt_audio_and_th
         assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 800, r.text
     finally:
         s.stop()
+
+
+def _waits_until_told(data, target_rate, max_seconds):
+    """A worker's decode: the file `wait:<fifo>` waits until the test has opened and closed that fifo, then
+    decodes a tone; other files decode."""
+    if not data.startswith(b"wait:"):
+        return server.decoder._decode(data, target_rate, max_seconds)
+    with open(data.removeprefix(b"wait:").decode(), "rb") as told:
+        told.read()
+    return server.decoder._decode(wav_bytes(tone(0.1, 8000), 8000), target_rate, max_seconds)
+
+
+def test_files_queued_when_the_decoder_closes_are_decoded_in_this_process_not_cancelled(
+    tmp_path, monkeypatch
+):
+    """`close` (the server's shutdown) cancels the files queued for its workers: their requests raised
+    concurrent.futures.CancelledError, a 500. They are now decoded in the server's process, as every file
+    after close is, bit for bit; the file a worker was decoding is finished there."""
+    fifo = tmp_path / "told"
+    os.mkfifo(fifo)
+    monkeypatch.setattr(server.decoder, "_decode", _waits_until_told)
+    submitted = threading.Semaphore(0)
+    submit = concurrent.futures.ProcessPoolExecutor.submit
+
+    def counted(self, *args, **kwargs):
+        future = submit(self, *args, **kwargs)
+        submitted.release()
+        return future
+
+    monkeypatch.setattr(concurrent.futures.ProcessPoolExecutor, "submit", counted)
+    d = AudioDecoder(max_workers=1)
+    d.start()  # (the worker ready: the first file is in it when the others queue)
+    goods = [wav_bytes(tone(0.2 + 0.05 * i, 8000), 8000) for i in range(4)]
+    got: dict = {}
+
+    def decode(name, data):
+        try:
+            got[name] = d.read_audio(data, 8000, 30)
+        except BaseException as exc:  # (CancelledError is not an Exception)
+            got[name] = exc
+
+    assert submitted.acquire(timeout=60)  # (start's own call)
+    threads = [threading.Thread(target=decode, args=("waits", b"wait:" + str(fifo).encode()))]
+    threads += [threading.Thread(target=decode, args=(i, data)) for i, data in enumerate(goods)]
+    threads[0].start()
+    with open(fifo, "wb"):  # (opens once the worker decodes the waiting file)
+        for t in threads[1:]:
+            t.start()
+        for _ in threads:
+            assert submitted.acquire(timeout=60)
+        closing = threading.Thread(target=d.close)
+        closing.start()
+        # two of the four files wait in the pool's call queue (a worker's and one more), for the worker; close
+        # cancelled the other two, which are decoded here while the worker still waits
+        assert wait_for(lambda: sum(not t.is_alive() for t in threads[1:]) == 2, timeout=60)
+    closing.join(60)
+    for t in threads:
+        t.join(60)
+    x, rate = got["waits"]
+    assert rate == 8000 and same_bits(x, read_audio(wav_bytes(tone(0.1, 8000), 8000), 8000, 30)[0])
+    for i, data in enumerate(goods):
+        x, rate = got[i]
+        assert rate == 8000 and same_bits(x, read_audio(data, 8000, 30)[0])
