@@ -60,6 +60,7 @@ from server.service import (
     Output,
     check_new_tokens,
     check_prompt,
+    check_stops,
     collect,
     default_new_tokens,
     events,
@@ -194,6 +195,7 @@ def sampling_seed(seed: int) -> int:
 def sampling(model: ServedModel, req: OpenAISampling, stop: list[str]) -> SamplingParams:
     """The fields both routes share, range-checked against the model (logit_bias ids < vocab)."""
     V = model.config.vocab_size
+    check_stops(model, req.stop)  # (the request's: a chat template's chat_stop is the checkpoint's)
     bias = logit_bias(model, req.logit_bias)
     if req.stream_options is not None and not req.stream:
         raise invalid("stream_options", "stream_options is only allowed with stream=true")
