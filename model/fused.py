@@ -1036,7 +1036,7 @@ def decode_block(
     hist = torch.zeros(B, max(cap, 1), dtype=torch.uint8)
     hist_len = torch.zeros(B, dtype=torch.long)
     for r, h in enumerate(history):
-        tail = h[len(h) - keep :] if keep else b""
+        tail = h[max(0, len(h) - keep) :]  # (all of a shorter history: a negative start kept its end only)
         if tail:
             hist[r, : len(tail)] = torch.frombuffer(bytearray(tail), dtype=torch.uint8)
         hist_len[r] = len(tail)

@@ -350,6 +350,28 @@ def test_rows_stopping_mid_block_are_exact_and_leave_the_other_rows_bit_identica
                 assert not stopped[r] and toks[r] == free[r]  # unchanged by the rows that stopped
 
 
+@pytest.mark.parametrize("K", [5, 8])
+def test_a_long_stop_begun_in_an_earlier_block_ends_the_row_at_the_token_that_completes_it(rec, K):
+    """A row's output so far reaches the block as its history, of which the C check keeps the last
+    longest-stop − 1 bytes. A history shorter than that, but longer than half of it, kept only its last
+    (longest − 1 − length) bytes (a negative slice start), so a stop that had begun in an earlier block was
+    missed and the row stepped on past it (the server: a stop of 40 'a's on a run of 'a's ended after 46 to
+    77 tokens, its text cut at the stop but its tokens, usage and session holding the rest). Stops that begin
+    at each row's first token, of lengths a block boundary falls inside, end the row at their last token."""
+    B = 4
+    state, tok = _prefilled(rec, B, seed=3)
+    seen = torch.zeros(B, V, dtype=torch.bool)
+    params = [SamplingParams(temperature=t, seed=10 + r) for r, t in enumerate([0.0, 0.8, 1.0, 1.2])]
+    free, _, _, _ = _block(rec, state, tok, params, [64] * B, seen, K=64)
+    for L in (12, 33, 64):  # (keep 11: a history of 8 kept 3 bytes; 32: 17-31 kept 1-15; 63)
+        stopping = [
+            dataclasses.replace(p, stop=[bytes(v & 0xFF for v in free[r][:L])]) for r, p in enumerate(params)
+        ]
+        toks, _, _, stopped = _block(rec, state, tok, stopping, [64] * B, seen, K)
+        for r in range(B):
+            assert stopped[r] and toks[r] == free[r][:L], f"L={L} row {r}: {len(toks[r])} tokens"
+
+
 @pytest.fixture(scope="module", params=["s4d", "sashimi"])
 def rec20(request):
     """d_state 40: 20 modes a channel, two vectors of 8 and a scalar tail of 4 in the diagonal step."""

@@ -2,6 +2,7 @@
 completions field (plain and streamed), chat with a checkpoint's template, the models routes, and the
 refusals. Log-probabilities are checked against log_softmax of the recurrent form's logits (1e-4)."""
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -421,6 +422,28 @@ def test_a_stop_holding_u_fffd_is_refused_on_every_route_as_the_text_writes_it_f
             assert frames[-1]["type"] == "error" and frames[-1]["param"] == param, frames
             assert ws_turn(ws, {"type": "generate", "model": TEXT, "prompt": PROMPT, "max_new_tokens": 4,
                                 "stop": ["e"]})[-1]["type"] == "done"  # fmt: skip
+
+
+def test_a_stop_of_any_length_ends_the_generation_at_the_token_that_completes_it(server):
+    """logit_bias makes the output a run of one byte, so a stop of k of them ends at token k: the text
+    empty, finish_reason "stop", k completion tokens. Stops over about 10 bytes that began in an earlier
+    decode block were missed (the block's history lost its start: model/fused.py) and the generation went
+    on: 40 'a's ended after 46 to 77 tokens, which usage counted and a session would have kept."""
+
+    async def run() -> list[tuple[int, dict]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+
+            async def one(k: int) -> tuple[int, dict]:
+                body = {"model": TEXT, "prompt": PROMPT, "max_tokens": 80, "logit_bias": {"97": 100},
+                        "stop": ["a" * k], "seed": k}  # fmt: skip
+                return k, (await c.post("/v1/completions", json=body)).json()
+
+            return await asyncio.gather(*[one(k) for k in range(1, 65)])
+
+    for k, r in asyncio.run(run()):
+        choice = r["choices"][0]
+        assert (choice["text"], choice["finish_reason"]) == ("", "stop"), (k, r)
+        assert r["usage"]["completion_tokens"] == k, (k, r["usage"])
 
 
 # --- completions: streaming -------------------------------------------------------------------------
