@@ -695,6 +695,44 @@ def test_a_first_turn_refused_after_binding_binds_nothing(server, client, model_
     client.delete(f"/v1/sessions/{sid}")
 
 
+def test_a_client_gone_before_its_session_frame_leaves_its_session_idle(server, client, monkeypatch):
+    """A socket's first generate naming a kept session, whose client left before the `session` frame went
+    out (here while its prompt was read): the generation had started, but the socket held its stream only
+    after that frame's send, which raised, so nothing ever settled it. The session stayed busy (409 to
+    every request) until deleted, its generation paused for a reader that was gone. Now the close
+    settles it: the session is idle again, its tokens as before the turn."""
+    import threading
+
+    from server import service
+
+    sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "to be"}).json()["session_id"]
+    before = client.get(f"/v1/sessions/{sid}").json()
+    reading, go = threading.Event(), threading.Event()
+    read_prompt = service.read_prompt
+
+    async def held(*args, **kwargs):
+        reading.set()
+        await asyncio.to_thread(go.wait, 30)
+        return await read_prompt(*args, **kwargs)
+
+    monkeypatch.setattr(service, "read_prompt", held)
+    ws = RawWebSocket(server.port)
+    here = ws.sock.getsockname()
+    ws.send_json({"type": "generate", "session_id": sid, "max_new_tokens": 4000, "seed": 1})
+    assert reading.wait(30)
+    ws.close()
+    open_now = server.server.server_state.connections
+    assert wait_for(lambda: all(getattr(p, "client", None) != here for p in open_now), 10)
+    go.set()
+    try:
+        assert wait_for(lambda: client.get(f"/v1/sessions/{sid}").json()["status"] == "idle", 10)
+        assert client.get(f"/v1/sessions/{sid}").json()["tokens"] == before["tokens"]
+        done = client.post("/v1/generate", json={"session_id": sid, "max_new_tokens": 3})
+        assert done.status_code == 200, done.text
+    finally:
+        client.delete(f"/v1/sessions/{sid}")
+
+
 def test_every_session_message_is_answered_and_a_refused_one_changes_nothing(server):
     """A `session` message on a bound socket got no frame at all (a client waiting for the reply hung),
     while its audio_encoding changed the socket's silently. Now each is answered with the session frame,

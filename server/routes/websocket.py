@@ -196,13 +196,17 @@ class Connection:
                 await self.unbind()
             raise
         self.encoding, self.audio_ids = encoding, []
+        if isinstance(msg, WSGenerate):
+            # held before the session frame's send, which raises when the client has gone: `close` then
+            # settles the stream (cancelled, the session as before the turn). Set after that send, it was
+            # never settled, and a kept session stayed busy (409) until deleted, its generation paused
+            self.stream = stream
         if binds:
             await self.send(self.session_frame())
         if isinstance(msg, WSAppend):
             await self.send({"type": "appended", "session_id": rec.id, "tokens": rec.n_tokens,
                              "usage": usage})  # fmt: skip
             return
-        self.stream = stream
         out = service.Output(self.model, params, self.encoding, job, ms)
         self.pump = asyncio.create_task(self.forward(stream, out))
 
