@@ -20,6 +20,8 @@ and its websockets (sans-I/O) protocol are subclassed, and `uvicorn_config` puts
   server has more for it than the transport buffers (64 KiB past the kernel's socket buffers) is cut
   off (its generation is cancelled and its slot freed: a client that stopped reading would otherwise
   hold a paused session for ever).
+- **WebSocket keepalive**: every socket is pinged every `WS_PING_INTERVAL_S`; one whose client has not
+  answered within `WS_PING_TIMEOUT_S` is closed with 1008 (uvicorn's 1011 is a server fault's code).
 - **header size**: a request line and headers over `max_header_bytes` (counted exactly, before the
   parser sees them) are answered 431 and the connection closed
   (`s4_requests_refused_total{reason="headers_too_large"}`).
@@ -72,6 +74,10 @@ from server.logs import REQUEST_ID_HEADER, new_request_id
 log = logging.getLogger("server.connections")
 
 UVICORN_MIN = (0, 53)  # pyproject.toml's floor
+# every WebSocket is pinged this often, and closed (1008) when it has not answered within the timeout:
+# uvicorn's defaults, set here so that the README's word holds whatever uvicorn's become
+WS_PING_INTERVAL_S = 20.0
+WS_PING_TIMEOUT_S = 20.0
 
 
 def check_uvicorn(version: str) -> None:
@@ -637,6 +643,21 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
             pong, self.held_pong = self.held_pong, b""
             self.transport.write(pong)
 
+    def keepalive_timeout(self) -> None:
+        """A client that has not answered the server's keepalive ping within `ws_ping_timeout` (its network
+        gone, its program stuck) is closed with 1008 (policy) and counted (`s4_connections_closed_total
+        {reason="ws_ping_timeout"}`). uvicorn closed it with 1011, the code of a server fault, and counted
+        it nowhere."""
+        self.pong_timer = None
+        self.pending_ping_payload = None
+        if self.close_sent or self.transport.is_closing():
+            return
+        self.guard.count_closed("ws_ping_timeout")
+        self.conn.fail(1008, f"keepalive ping timeout: no pong within {self.ping_timeout:g} s")
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.transport.close()
+
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.client_key = client_key(self.client)  # (counted at the accept, by the HTTP protocol)
@@ -794,6 +815,8 @@ def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
         ws=functools.partial(GuardedWebSocketProtocol, guard=guard),
         ws_max_size=settings.ws_max_frame_bytes,
         ws_per_message_deflate=settings.ws_compression,
+        ws_ping_interval=WS_PING_INTERVAL_S,
+        ws_ping_timeout=WS_PING_TIMEOUT_S,
         timeout_keep_alive=settings.keep_alive_timeout_s,
         **kwargs,
     )

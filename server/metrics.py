@@ -36,6 +36,7 @@ CLOSE_REASONS = (
     "keep_alive_timeout",
     "send_timeout",
     "ws_invalid_utf8",
+    "ws_ping_timeout",
 )
 CONNECTION_REFUSALS = ("max_connections", "max_connections_per_client")
 REQUEST_REFUSALS = ("body_too_large", "json_structure", "headers_too_large", "invalid_http", "foreign_origin",
@@ -171,8 +172,10 @@ class Metrics:
                                       registry=r)  # fmt: skip
         self.connections_closed = Counter("s4_connections_closed", "Connections closed by the server for a "
                                           "deadline: header_timeout, body_timeout, ws_handshake_timeout, "
-                                          "keep_alive_timeout, send_timeout; or for a WebSocket text "
-                                          "message that is not UTF-8: ws_invalid_utf8 (close 1007)",
+                                          "keep_alive_timeout, send_timeout; for a WebSocket text "
+                                          "message that is not UTF-8: ws_invalid_utf8 (close 1007); for a "
+                                          "WebSocket ping not answered in time: ws_ping_timeout (close "
+                                          "1008)",
                                           ["reason"], registry=r)  # fmt: skip
         self.connections_refused = Counter("s4_connections_refused", "Connections refused when accepted: "
                                            "max_connections (503), max_connections_per_client (429)",

@@ -212,10 +212,11 @@ class RawWebSocket:
         out, self.buf = self.buf[:n], self.buf[n:]
         return out
 
-    def recv_frame(self) -> tuple[int, bytes]:
+    def recv_frame(self, answer_pings: bool = True) -> tuple[int, bytes]:
         """The next data or close frame: (opcode, payload); 1 text, 2 binary, 8 close (servers do not
         mask or fragment). A ping the server sends meanwhile (uvicorn's keep-alive, every 20 s) is
-        answered with a pong, as a browser would, and skipped; so is a pong."""
+        answered with a pong, as a browser would, and skipped; so is a pong. With `answer_pings` False a
+        ping is returned (opcode 9) and not answered: a client that has stopped answering."""
         import os
 
         while True:
@@ -227,6 +228,8 @@ class RawWebSocket:
                 n = int.from_bytes(self._read(8), "big")
             data = self._read(n)
             opcode = b0 & 0x0F
+            if opcode == 0x9 and not answer_pings:
+                return opcode, data
             if opcode == 0x9:  # ping (control frames carry at most 125 bytes): a masked pong back
                 mask = os.urandom(4)
                 pong = bytes(b ^ mask[i % 4] for i, b in enumerate(data))

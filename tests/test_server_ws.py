@@ -948,3 +948,35 @@ def test_the_raw_client_answers_server_pings_between_frames(model_dirs):
         assert ids == reference(model_dirs["text"], list(b"x"), SamplingParams(seed=3), 40)
     finally:
         s.stop()
+
+
+def test_a_client_that_answers_no_ping_is_closed_with_1008_and_counted(model_dirs):
+    """uvicorn closed a WebSocket whose client had not answered its keepalive ping in time with 1011, the
+    code of a server fault ("an unexpected condition"), and counted it nowhere. Now the close is 1008 with
+    a reason that says why, counted in s4_connections_closed_total{reason="ws_ping_timeout"}, and the
+    socket's session is deleted as at any close. (A client that answers: the test above.)"""
+    from server_support import ServerThread
+
+    from server import Settings
+
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], drain_timeout_s=1))
+    s.server.config.ws_ping_interval, s.server.config.ws_ping_timeout = 0.05, 0.3
+    s.start()
+    try:
+        ws = RawWebSocket(s.port)
+        ws.send_json({"type": "session", "model": TEXT})
+        frames = [ws.recv_frame(answer_pings=False)]
+        while frames[-1][0] != 8:
+            frames.append(ws.recv_frame(answer_pings=False))
+        ws.close()
+        sid = json.loads(frames[0][1])["session_id"]
+        code, reason = int.from_bytes(frames[-1][1][:2], "big"), frames[-1][1][2:].decode()
+        assert 9 in [op for op, _ in frames[1:-1]], frames  # it was pinged, and did not answer
+        assert (code, reason) == (1008, "keepalive ping timeout: no pong within 0.3 s"), frames[-1]
+        with httpx.Client(base_url=s.url) as client:
+            assert wait_for(lambda: client.get(f"/v1/sessions/{sid}").status_code == 404, 10)
+            series = 's4_connections_closed_total{reason="ws_ping_timeout"}'
+            counted = [line for line in client.get("/metrics").text.splitlines() if line.startswith(series)]
+        assert counted and float(counted[0].rsplit(" ", 1)[1]) == 1.0, counted
+    finally:
+        s.stop()
