@@ -21,7 +21,8 @@ and its websockets (sans-I/O) protocol are subclassed, and `uvicorn_config` puts
   off (its generation is cancelled and its slot freed: a client that stopped reading would otherwise
   hold a paused session for ever).
 - **WebSocket keepalive**: every socket is pinged every `WS_PING_INTERVAL_S`; one whose client has not
-  answered within `WS_PING_TIMEOUT_S` is closed with 1008 (uvicorn's 1011 is a server fault's code).
+  answered within `WS_PING_TIMEOUT_S` is closed with 1008 (uvicorn's 1011 is a server fault's code); one
+  still taking what was sent before the ping is behind, not gone, and is waited for while it takes it.
 - **header size**: a request line and headers over `max_header_bytes` (counted exactly, before the
   parser sees them) are answered 431 and the connection closed
   (`s4_requests_refused_total{reason="headers_too_large"}`).
@@ -58,6 +59,7 @@ import functools
 import ipaddress
 import itertools
 import logging
+import struct
 import time
 from dataclasses import dataclass, field
 
@@ -599,6 +601,35 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.transport.close()
 
 
+class CountingTransport:
+    """A WebSocket's transport, its writes counted (`written`, bytes): what the keepalive needs to tell a
+    client that is behind from one that is gone (`GuardedWebSocketProtocol.taken`). The rest is the
+    transport's."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport, self.written = transport, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self._transport, name)
+
+    def write(self, data) -> None:
+        self.written += len(data)
+        self._transport.write(data)
+
+
+def kernel_unacked(transport) -> int:
+    """Bytes the kernel holds for the transport's socket that the peer has not acknowledged (Linux's
+    SIOCOUTQ: sent or not); 0 where that cannot be read (another OS, a socket gone)."""
+    try:
+        import fcntl
+        import termios
+
+        sock = transport.get_extra_info("socket")
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, bytes(4)))[0]
+    except (ImportError, AttributeError, OSError, ValueError):
+        return 0
+
+
 def last_pong(data: bytes) -> bytes | None:
     """The last frame of `data` when it holds only a server's pong frames (unmasked, FIN, ≤ 125 bytes of
     payload: RFC 6455 5.5), b"" for none, None when it holds anything else."""
@@ -643,15 +674,39 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
             pong, self.held_pong = self.held_pong, b""
             self.transport.write(pong)
 
+    def taken(self) -> int:
+        """Bytes the client has taken of those written to this connection: written, less those still in
+        the transport's buffer and those the kernel has sent without the client's acknowledgement (Linux
+        SIOCOUTQ; elsewhere taken as acknowledged)."""
+        transport = self.transport
+        return transport.written - transport.get_write_buffer_size() - kernel_unacked(transport)
+
+    def send_keepalive_ping(self) -> None:
+        before = self.transport.written
+        super().send_keepalive_ping()
+        # (the ping is written behind `before` bytes: the client reads it only after taking them)
+        self.ping_behind, self.taken_at_check = before, self.taken()
+
     def keepalive_timeout(self) -> None:
         """A client that has not answered the server's keepalive ping within `ws_ping_timeout` (its network
         gone, its program stuck) is closed with 1008 (policy) and counted (`s4_connections_closed_total
         {reason="ws_ping_timeout"}`). uvicorn closed it with 1011, the code of a server fault, and counted
-        it nowhere."""
+        it nowhere. A client still taking what was sent before the ping (a slow link, a player that reads
+        at real time behind a stream generated faster) has not seen the ping yet: it gets another
+        `ws_ping_timeout` as long as it takes more of those bytes, then one more once it has taken them all.
+        uvicorn cut such a reader off mid-stream (a client reading 4 KB/s of pcm16 audio: closed at 85 s,
+        21 s of its 30 s read), against "a slow reader loses nothing"; one that takes nothing is judged as
+        before (and, with a full buffer, by S4_SEND_TIMEOUT_S too)."""
         self.pong_timer = None
-        self.pending_ping_payload = None
         if self.close_sent or self.transport.is_closing():
+            self.pending_ping_payload = None
             return
+        taken = self.taken()
+        if self.taken_at_check < self.ping_behind and taken > self.taken_at_check:
+            self.taken_at_check = taken
+            self.pong_timer = self.loop.call_later(self.ping_timeout, self.keepalive_timeout)
+            return
+        self.pending_ping_payload = None
         self.guard.count_closed("ws_ping_timeout")
         self.conn.fail(1008, f"keepalive ping timeout: no pong within {self.ping_timeout:g} s")
         self.transport.write(b"".join(self.conn.data_to_send()))
@@ -659,7 +714,8 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
         self.transport.close()
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(CountingTransport(transport))
+        self.ping_behind = self.taken_at_check = 0  # (send_keepalive_ping)
         self.client_key = client_key(self.client)  # (counted at the accept, by the HTTP protocol)
         self.deadline = self.loop.call_later(self.guard.ws_handshake_timeout_s, self._expired)
 

@@ -980,3 +980,38 @@ def test_a_client_that_answers_no_ping_is_closed_with_1008_and_counted(model_dir
         assert counted and float(counted[0].rsplit(" ", 1)[1]) == 1.0, counted
     finally:
         s.stop()
+
+
+def test_a_player_reading_at_real_time_behind_its_stream_is_not_cut_off_by_the_keepalive(model_dirs):
+    """A client reading an audio stream at real time while the server generates it faster has the stream
+    queued in the buffers between them, and the server's keepalive ping behind it: it answers the ping
+    only once it has read what came before. uvicorn closed it when that took longer than the ping timeout
+    (a client reading 4 KB/s of pcm16 on a real server: closed at 85 s, 21 s of its 30 read), though it
+    was reading all along. Now a client still taking what was sent before the ping gets the time it takes:
+    here pings every 0.1 s and 1 s to answer, against seconds of audio queued (4 KiB socket buffers
+    and uvicorn's 64 KiB), and the player gets its whole stream."""
+    from server_support import ServerThread
+
+    from server import Settings
+
+    settings = Settings(checkpoints=[str(model_dirs["audio"])], drain_timeout_s=1)
+    s = ServerThread(settings, send_buffer=4096)
+    s.server.config.ws_ping_interval, s.server.config.ws_ping_timeout = 0.1, 1.0
+    s.start()
+    n = 48_000  # 6 s at 8 kHz: 96 KB of pcm16
+    try:
+        ws = RawWebSocket(s.port, rcvbuf=4096)
+        ws.send_json({"type": "generate", "model": AUDIO, "max_new_tokens": n, "seed": 2})
+        assert ws.recv_json()["type"] == "session" and ws.recv_json()["type"] == "audio_header"
+        start, samples = time.monotonic(), 0
+        while True:
+            opcode, data = ws.recv_frame()  # (answers each ping once it reaches it)
+            if opcode != 2:
+                break
+            samples += len(data) // 2
+            time.sleep(max(0.0, start + samples / 8000 - time.monotonic()))  # a player: real time
+        ws.close()
+        assert opcode == 1, (opcode, data)
+        assert json.loads(data)["finish_reason"] == "length" and samples == n
+    finally:
+        s.stop()
