@@ -759,6 +759,44 @@ def test_every_session_message_is_answered_and_a_refused_one_changes_nothing(ser
     assert header["encoding"] == "mulaw"
 
 
+def test_a_session_message_during_a_turn_is_answered_and_the_turn_goes_on(server):
+    """The README: a `session` message is always answered with the `session` frame. One sent while a
+    generation ran got a 409 error frame instead, which a client reads as the turn's failure (error frames
+    name no request) while the turn went on. Now it is answered with the session frame, between the turn's
+    frames; an `audio_encoding` it names is the socket's from then on (binary prompt frames, the next
+    turn), and the running turn keeps the encoding it started with."""
+
+    async def main():
+        async with connect(server.ws_url) as ws:
+            msg = {"type": "generate", "model": AUDIO, "audio_encoding": "mulaw", "max_new_tokens": 200_000}
+            await ws.send(json.dumps(msg | {"seed": 1}))
+            first = await frame(ws, "session")
+            header = await frame(ws, "audio_header")
+            assert isinstance(await ws.recv(), bytes)  # the turn runs
+            await ws.send(json.dumps({"type": "session", "audio_encoding": "pcm16"}))
+            during, sizes = [], []
+            while not during:
+                m = await ws.recv()
+                if isinstance(m, bytes):
+                    sizes.append(len(m))
+                else:
+                    during.append(json.loads(m))
+            await ws.send(json.dumps({"type": "cancel"}))
+            while not isinstance(m := await ws.recv(), str) or json.loads(m)["type"] != "done":
+                if isinstance(m, bytes):
+                    sizes.append(len(m))
+            done = json.loads(m)
+            await ws.send(json.dumps({"type": "generate", "max_new_tokens": 5, "seed": 2}))
+            after = await frame(ws, "audio_header")
+            return first, header, during[0], sizes, done, after
+
+    first, header, during, sizes, done, after = asyncio.run(main())
+    assert during == first | {"encoding": "pcm16"}, during
+    assert done["finish_reason"] == "cancelled"
+    assert all(n == header["frame_samples"] for n in sizes[:-1]) and 0 < sizes[-1] <= header["frame_samples"]
+    assert header["encoding"] == "mulaw" and after["encoding"] == "pcm16"
+
+
 def test_a_socket_whose_own_session_expired_closes_without_a_warning(server, client, caplog):
     """The socket's own session gone (the TTL's documented path; deleted here) when the socket closes: the
     close's delete found nothing, and logged a WARNING for each such socket."""

@@ -161,9 +161,13 @@ class Connection:
             if self.stream is not None:
                 self.stream.cancel()
             return
-        if self.pump is not None and not self.pump.done():
+        running = self.pump is not None and not self.pump.done()
+        if running and not isinstance(msg, WSSession):
             raise APIError(409, "a generation is running on this socket: wait for its done frame, or cancel")
-        if self.session_id is not None:
+        # A `session` message is answered during a turn too (it was a 409, which a client read as the turn's
+        # failure); the turn's session is busy with it, so there (check_bound would unbind a socket whose
+        # session a DELETE is taking away under the turn, before its done frame)
+        if self.session_id is not None and not running:
             await self.check_bound()
         if isinstance(msg, WSSession):
             target = await self.target(msg)
