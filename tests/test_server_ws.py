@@ -1026,7 +1026,7 @@ def test_a_player_reading_at_real_time_behind_its_stream_is_not_cut_off_by_the_k
     only once it has read what came before. uvicorn closed it when that took longer than the ping timeout
     (a client reading 4 KB/s of pcm16 on a real server: closed at 85 s, 21 s of its 30 read), though it
     was reading all along. Now a client still taking what was sent before the ping gets the time it takes:
-    here pings every 0.1 s and 1 s to answer, against seconds of audio queued (4 KiB socket buffers
+    here pings every 0.1 s and 2 s to answer, against seconds of audio queued (4 KiB socket buffers
     and uvicorn's 64 KiB), and the player gets its whole stream."""
     from server_support import ServerThread
 
@@ -1034,7 +1034,7 @@ def test_a_player_reading_at_real_time_behind_its_stream_is_not_cut_off_by_the_k
 
     settings = Settings(checkpoints=[str(model_dirs["audio"])], drain_timeout_s=1)
     s = ServerThread(settings, send_buffer=4096)
-    s.server.config.ws_ping_interval, s.server.config.ws_ping_timeout = 0.1, 1.0
+    s.server.config.ws_ping_interval, s.server.config.ws_ping_timeout = 0.1, 2.0
     s.start()
     n = 48_000  # 6 s at 8 kHz: 96 KB of pcm16
     try:
