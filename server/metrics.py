@@ -181,7 +181,8 @@ class Metrics:
                                            "max_connections (503), max_connections_per_client (429)",
                                            ["reason"], registry=r)  # fmt: skip
         self.requests_refused = Counter("s4_requests_refused", "Requests refused before routing: "
-                                        "body_too_large, json_structure (a JSON body, or a WebSocket "
+                                        "body_too_large (a session import's blob over the largest state too, "
+                                        "refused by its route), json_structure (a JSON body, or a WebSocket "
                                         "message, holding more elements, arrays and objects, members or "
                                         "floats than a valid one can), headers_too_large, invalid_http "
                                         "(unparsable, 400); foreign_origin, "

@@ -216,6 +216,46 @@ def test_session_imports_may_be_as_large_as_a_state_but_other_bodies_not(model_d
         s.stop()
 
 
+def test_every_import_refused_for_its_size_is_counted_once_as_body_too_large(client, server):
+    """The import route holds a blob to the largest state (`max_state_blob_bytes`), under the body
+    limit (16 MiB here): its own 413, for a declared length or for a chunked body as read, was counted
+    in http_requests_total but not in s4_requests_refused_total{reason="body_too_large"}, where every
+    other body refused for its size is. Each refusal below counts exactly once, whichever layer
+    refused it."""
+    limit = server.state.max_state_blob_bytes
+    assert limit < (16 << 20)  # (the route's own limit is the one met first)
+    port = int(server.url.rsplit(":", 1)[1])
+
+    def counts() -> tuple[float, float]:
+        refused = http = 0.0
+        for line in client.get("/metrics").text.splitlines():
+            if line.startswith('s4_requests_refused_total{reason="body_too_large"}'):
+                refused = float(line.rsplit(" ", 1)[1])
+            elif line.startswith("http_requests_total{") and 'handler="/v1/sessions/import"' in line:
+                http += float(line.rsplit(" ", 1)[1]) if 'status="413"' in line else 0.0
+        return refused, http
+
+    def chunks():  # no Content-Length: counted as read
+        for _ in range(limit // 65536 + 2):
+            yield b"\0" * 65536
+
+    refusals = [
+        lambda: client.post("/v1/sessions/import", content=b"\0" * (limit + 1)),  # declared, the route's
+        lambda: client.post("/v1/sessions/import", content=chunks()),  # read, the route's
+        lambda: status_and_error(declared_only(port, "/v1/sessions/import", 64 << 20)[0]),  # the middleware's
+    ]
+    for i, refuse in enumerate(refusals):
+        before = counts()
+        r = refuse()
+        status = r.status_code if isinstance(r, httpx.Response) else r[0]
+        assert status == 413, (i, r)
+        after = counts()
+        assert (after[0] - before[0], after[1] - before[1]) == (1, 1), (i, before, after)
+    r = client.post("/v1/sessions/import", content=b"\0" * limit)  # at the limit: read, and refused for
+    assert r.status_code == 422 and r.json()["error"]["param"] == "state"  # what it holds, not its size
+    assert counts()[0] == after[0]
+
+
 def _wav(n: int, rate: int, width: int = 2, channels: int = 1) -> bytes:
     buf = io.BytesIO()
     with wave.open(buf, "wb") as w:

@@ -59,6 +59,7 @@ async def import_(request: Request, model: str | None = IMPORT_MODEL):
 
     def too_big() -> APIError:
         st.check_loaded("the state blob")
+        st.metrics.requests_refused.labels("body_too_large").inc()  # as the body limit counts its 413
         return too_large(f"a state blob is at most {limit} bytes here", param="state")
 
     if int(request.headers.get("content-length") or 0) > limit:
