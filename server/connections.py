@@ -47,9 +47,9 @@ and its websockets (sans-I/O) protocol are subclassed, and `uvicorn_config` puts
   `max_connections` (the oldest first, as many as that takes); the 503 at the cap, the deadlines above
   and the shutdown close outright.
 
-Every close is counted in `s4_connections_closed_total{reason}` (the reasons: the four deadlines and
-`send_timeout`), every refusal in `s4_connections_refused_total{reason}`; `s4_connections_open` is the
-number open.
+Every close is counted in `s4_connections_closed_total{reason}` (the reasons: the four deadlines,
+`send_timeout`, and a WebSocket's input it cannot take: `PARSER_CLOSES`), every refusal in
+`s4_connections_refused_total{reason}`; `s4_connections_open` is the number open.
 """
 
 from __future__ import annotations
@@ -641,6 +641,10 @@ def last_pong(data: bytes) -> bytes | None:
     return last
 
 
+# the closes of a WebSocket whose input cannot be taken, by code: s4_connections_closed_total's reason
+PARSER_CLOSES = {1002: "ws_protocol_error", 1007: "ws_invalid_utf8", 1009: "ws_message_too_big"}
+
+
 class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
     """uvicorn's websockets (sans-I/O) protocol with a handshake deadline. Messages are bounded by
     uvicorn's `ws_max_size` (fragments and per-message-deflate output included: close 1009)."""
@@ -737,11 +741,20 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
                 self.frames = []
                 if self.conn.state is not State.OPEN:  # the client's close came in the same read: it is
                     return  # answered by the close event next (a close now raised InvalidState, an ERROR)
-                self.guard.count_closed("ws_invalid_utf8")  # (logs the one DEBUG line)
                 self.conn.send_close(1007, f"invalid UTF-8 in a text message: {exc.reason}")
-                self.handle_parser_exception()
+                self.handle_parser_exception()  # (counts it, and logs the one DEBUG line)
                 return
         super().send_receive_event_to_app()
+
+    def handle_parser_exception(self) -> None:
+        """uvicorn's close for a message the socket cannot take, counted in `s4_connections_closed_total`
+        by its code (`PARSER_CLOSES`): a message over ws_max_size (1009: it was counted nowhere, though
+        an HTTP body too large is), a frame that breaks the protocol (1002), a text message or a close
+        reason that is not UTF-8 (1007)."""
+        sent = self.conn.close_sent
+        if sent is not None and (reason := PARSER_CLOSES.get(sent.code)) is not None:
+            self.guard.count_closed(reason)
+        super().handle_parser_exception()
 
     async def send(self, message) -> None:  # type: ignore[override]
         """uvicorn's send; a denial response (the API key check's HTTP 401) ends the handshake. uvicorn

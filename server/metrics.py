@@ -37,6 +37,8 @@ CLOSE_REASONS = (
     "send_timeout",
     "ws_invalid_utf8",
     "ws_ping_timeout",
+    "ws_message_too_big",
+    "ws_protocol_error",
 )
 CONNECTION_REFUSALS = ("max_connections", "max_connections_per_client")
 REQUEST_REFUSALS = ("body_too_large", "json_structure", "headers_too_large", "invalid_http", "foreign_origin",
@@ -175,7 +177,8 @@ class Metrics:
                                           "keep_alive_timeout, send_timeout; for a WebSocket text "
                                           "message that is not UTF-8: ws_invalid_utf8 (close 1007); for a "
                                           "WebSocket ping not answered in time: ws_ping_timeout (close "
-                                          "1008)",
+                                          "1008); over S4_WS_MAX_FRAME_BYTES: ws_message_too_big (1009); "
+                                          "for a frame that breaks the protocol: ws_protocol_error (1002)",
                                           ["reason"], registry=r)  # fmt: skip
         self.connections_refused = Counter("s4_connections_refused", "Connections refused when accepted: "
                                            "max_connections (503), max_connections_per_client (429)",

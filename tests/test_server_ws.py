@@ -423,6 +423,40 @@ def test_oversized_frame_closes_with_1009_and_the_server_lives(server):
     assert test_cancel_stops_the_generation_and_the_socket_stays_usable(server) is None
 
 
+def test_every_close_for_input_the_socket_cannot_take_is_counted_once_by_its_reason(server):
+    """A message over ws_max_frame_bytes (close 1009) and a frame that breaks RFC 6455 (an unmasked
+    client frame: close 1002) were counted nowhere (an HTTP body too large is counted, and so was the
+    1007 of a text message that is not UTF-8): each is now one s4_connections_closed_total{reason}."""
+
+    def closed() -> dict[str, float]:
+        prefix = 's4_connections_closed_total{reason="'
+        lines = httpx.get(server.url + "/metrics").text.splitlines()
+        counted = [ln[len(prefix) :] for ln in lines if ln.startswith(prefix)]
+        return {ln.split('"')[0]: float(ln.rsplit(" ", 1)[1]) for ln in counted}
+
+    async def too_big() -> int | None:
+        async with connect(server.ws_url, max_size=None) as ws:
+            await ws.send("x" * (server.state.settings.ws_max_frame_bytes + 1))
+            with pytest.raises(ConnectionClosed) as exc:
+                await ws.recv()
+            return exc.value.rcvd.code if exc.value.rcvd else None
+
+    def unmasked() -> int:
+        raw = RawWebSocket(server.port)
+        raw.sock.sendall(bytes([0x81, 0x02]) + b"{}")  # a client's frame must be masked (RFC 6455 5.1)
+        opcode, data = raw.recv_frame()
+        raw.close()
+        assert opcode == 8, (opcode, data)
+        return int.from_bytes(data[:2], "big")
+
+    for close, reason, code in ((lambda: asyncio.run(too_big()), "ws_message_too_big", 1009),
+                                (unmasked, "ws_protocol_error", 1002)):  # fmt: skip
+        before = closed()
+        assert close() == code
+        after = closed()
+        assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)} == {reason: 1}
+
+
 def test_a_text_message_that_is_not_utf8_closes_with_1007_and_logs_no_traceback(server):
     """Close 1007 as RFC 6455 says; uvicorn logged each one as an ERROR with a full traceback ("Invalid
     UTF-8 sequence received from client.", logger.exception), so a client could fill the logs with them
