@@ -133,6 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """A WebSocket handshake to any other path: a 404 in the error shape, naming the path and
         /v1/stream (Starlette's default was an empty 403, read as a refused key or origin)."""
         err = not_found(f"no WebSocket at {ws.scope.get('path', '')!r}: the stream is at /v1/stream")
+        state.metrics.websocket_errors.labels("404").inc()
         await refuse(ws.scope, ws.receive, ws.send, err)
 
     app.mount("/static", demo.static_files(), name="static")

@@ -44,6 +44,9 @@ CONNECTION_REFUSALS = ("max_connections", "max_connections_per_client")
 REQUEST_REFUSALS = ("body_too_large", "json_structure", "headers_too_large", "invalid_http", "foreign_origin",
                     "foreign_host")  # fmt: skip
 FINISH_REASONS = ("stop", "length", "cancelled")
+# the codes of a WebSocket's error frames (the status the same refusal has over HTTP) and of the handshakes
+# the app refuses (400, 404), exported at 0; another code a refusal may take is counted as it comes
+WS_ERROR_CODES = ("400", "404", "409", "413", "422", "429", "500", "503")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 E2E_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -196,7 +199,14 @@ class Metrics:
         self.generations = Counter("s4_generations", "Generations ended, by finish_reason: stop, length, "
                                    "cancelled (a client gone, a cancel, a drain's end)",
                                    ["model", "finish_reason"], registry=r)  # fmt: skip
+        self.websocket_errors = Counter("s4_websocket_errors", "WebSocket error frames sent (a message or "
+                                        "binary frame refused, or a turn's error), and handshakes the app "
+                                        "refused (400, 404), by code: the status the same refusal has over "
+                                        "HTTP (a handshake refused for its API key or origin is counted in "
+                                        "s4_auth_failures_total, s4_requests_refused_total instead)",
+                                        ["code"], registry=r)  # fmt: skip
         for counter, values in [
+            (self.websocket_errors, WS_ERROR_CODES),
             (self.store_ops, STORE_OPS),
             (self.store_errors, STORE_ERROR_OPS),
             (self.auth_failures, AUTH_TRANSPORTS),

@@ -215,6 +215,68 @@ def test_bad_frames_get_error_frames_and_the_socket_stays_usable(server):
     assert out[12]["code"] == 422 and out[13]["param"] == "model"
 
 
+def test_every_websocket_refusal_is_counted_by_its_code_and_logged_with_why(server, caplog):
+    """Error frames (a bad message, a binary frame a text model cannot take, a 413, a 404) and the
+    handshakes the app refuses (an unknown path: 404) were counted in no series and logged nowhere
+    (WebSockets are not in http_requests_total, nor in the access log once accepted): each is now one
+    s4_websocket_errors_total{code} and one log line carrying its code, its reason and the socket's
+    request id."""
+    import logging
+
+    from asgi_correlation_id import correlation_id
+    from websockets.exceptions import InvalidStatus
+
+    from server import metrics
+
+    records: list[tuple[str | None, str]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append((correlation_id.get(), record.getMessage()))
+
+    def counted() -> dict[str, float]:
+        prefix = 's4_websocket_errors_total{code="'
+        lines = httpx.get(server.url + "/metrics").text.splitlines()
+        got = [ln[len(prefix) :] for ln in lines if ln.startswith(prefix)]
+        return {ln.split('"')[0]: float(ln.rsplit(" ", 1)[1]) for ln in got}
+
+    long_text = "x" * (server.state.settings.max_prompt_tokens + 1)
+
+    async def main() -> tuple[str, list[dict]]:
+        errors = []
+        async with connect(server.ws_url) as ws:
+            for msg in ("{not json", json.dumps({"type": "generate", "model": TEXT, "temperature": "hot"}),
+                        json.dumps({"type": "generate", "model": TEXT, "prompt": long_text}),
+                        json.dumps({"type": "session", "session_id": "sess-" + "0" * 32})):  # fmt: skip
+                await ws.send(msg)
+                errors.append(await frame(ws, "error"))
+            await ws.send(json.dumps({"type": "session", "model": TEXT}))
+            await frame(ws, "session")
+            await ws.send(b"\x01\x02")  # binary on a text model's socket
+            errors.append(await frame(ws, "error"))
+            return ws.response.headers["x-request-id"], errors
+
+    keep = Keep(logging.DEBUG)
+    caplog.set_level(logging.INFO, logger="server.ws")
+    logging.getLogger("server").addHandler(keep)
+    before = counted()
+    try:
+        request_id, errors = asyncio.run(main())
+        with pytest.raises(InvalidStatus) as refused:
+            asyncio.run(connect(server.ws_url.replace("/v1/stream", "/v1/nowhere")).__aenter__())
+    finally:
+        logging.getLogger("server").removeHandler(keep)
+    after = counted()
+    assert [e["code"] for e in errors] == [400, 422, 413, 404, 422]
+    assert refused.value.response.status_code == 404
+    moved = {code: after[code] - before.get(code, 0) for code in after if after[code] != before.get(code, 0)}
+    assert moved == {"400": 1, "422": 2, "413": 1, "404": 2}
+    assert set(metrics.WS_ERROR_CODES) <= before.keys()  # (exported at 0 from the start)
+    lines = [(rid, m) for rid, m in records if m.startswith("error frame ")]
+    assert [m for _, m in lines] == [f"error frame {e['code']}: {e['message']}" for e in errors]
+    assert {rid for rid, _ in lines} == {request_id}
+
+
 def test_a_refused_first_message_binds_no_session(server):
     """A first generate or append that is refused (prompt too long, bad audio, a field the model does not
     take, no input to generate from: an empty text prompt on a new or empty session) gets its error frame

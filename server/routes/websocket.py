@@ -66,6 +66,16 @@ def parse_message(text: str) -> WSSession | WSGenerate | WSAppend | WSCancel:
         return WSMessage.validate_python(data)
 
 
+LOGGED_CHARS = 500  # of an error frame's message in its log line (pydantic's may quote a whole field)
+
+
+def clipped(message: str) -> str:
+    """`message` as a log line quotes it: its first LOGGED_CHARS characters, then its length."""
+    if len(message) <= LOGGED_CHARS:
+        return message
+    return f"{message[:LOGGED_CHARS]}… ({len(message):,} characters)"
+
+
 def turn_message(text: str) -> bool:
     """Whether a refused control frame is a `generate` or `append` (the messages that use the buffered audio
     prompt), read from its JSON whatever else is wrong with it; False for text that is not JSON."""
@@ -109,7 +119,14 @@ class Connection:
                 elif data is not None:
                     self.on_audio(data)
             except APIError as err:
-                await self.send(err.frame())
+                await self.send_error(err)
+
+    async def send_error(self, err: APIError) -> None:
+        """An error frame, counted (`s4_websocket_errors_total{code}`) and logged with its reason: a
+        refusal on the socket was in neither the metrics nor the log (an HTTP request's is in both)."""
+        self.st.metrics.websocket_errors.labels(str(err.status)).inc()
+        log.info("error frame %d: %s", err.status, clipped(err.message))
+        await self.send(err.frame())
 
     async def on_message(self, text: str) -> None:
         """One control frame. A `generate` or `append` that is refused, for any reason, discards the audio
@@ -348,7 +365,7 @@ class Connection:
                 try:
                     ids, final = service.split(items)
                 except APIError as err:
-                    await self.send(err.frame())
+                    await self.send_error(err)
                     return
                 if ids and framer is None:
                     await self.send({"type": "token", "ids": ids, "text": out.text_piece(ids)})
@@ -411,6 +428,7 @@ async def stream(ws: WebSocket) -> None:
         why = (f"offer the subprotocol {SUBPROTOCOL!r} beside the key subprotocol "
                f"({KEY_SUBPROTOCOL_PREFIX}…): the server selects {SUBPROTOCOL!r}, never the key")  # fmt: skip
         err = APIError(400, why, param="Sec-WebSocket-Protocol")
+        ws.app.state.server.metrics.websocket_errors.labels("400").inc()
         await refuse(ws.scope, ws.receive, ws.send, err)
         return
     await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
