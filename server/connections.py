@@ -67,6 +67,7 @@ import uvicorn
 from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from server.auth import KEY_SUBPROTOCOL_PREFIX
@@ -839,15 +840,26 @@ def _redact_key_subprotocols(value: str) -> str:
     )
 
 
+WS_FRAME_LINES = ("< %s", "> %s")  # websockets' DEBUG line for each frame it reads or writes
+DATA_OPCODES = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
+
+
 class _RedactCredentials(logging.Filter):
     """At S4_LOG_LEVEL=debug the websockets library logs every header of every WebSocket handshake, one
     line each (`< authorization: Bearer KEY`): the API keys in the clear, and in the key subprotocol
     (`s4.key.<base64url(KEY)>`) barely hidden. Those values are logged as `[redacted]`; the header's
-    name, and every other header, as before."""
+    name, and every other header, as before. It also logs every frame, its payload's first and last
+    characters (`< TEXT '{"type": "generate", "prompt": "my secret…' [99 bytes]`): a client's prompt, the
+    text generated for it, audio samples. A data frame is logged by its kind and length only (`< TEXT
+    [redacted, 99 bytes]`); control frames (close, ping, pong) as before."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if record.msg == WS_HEADER_LINE and isinstance(args, tuple) and len(args) == 2:
+        if record.msg in WS_FRAME_LINES and isinstance(args, tuple) and len(args) == 1:
+            frame = args[0]
+            if isinstance(frame, Frame) and frame.opcode in DATA_OPCODES:
+                record.args = (f"{frame.opcode.name} [redacted, {len(frame.data)} bytes]",)
+        elif record.msg == WS_HEADER_LINE and isinstance(args, tuple) and len(args) == 2:
             name, value = str(args[0]), str(args[1])
             if name.lower() in CREDENTIAL_HEADERS:
                 record.args = (name, REDACTED)

@@ -293,3 +293,37 @@ def test_session_ids_in_log_lines_keep_their_first_8_hex_digits_only(model_dirs)
         assert f'"DELETE /v1/sessions/{kept[:13]}... HTTP/1.1" 204' in log, fmt
         assert f"/v1/sessions/{kept[:13]}.../export HTTP/1.1" in log, fmt
         assert f"session {expiring[:13]}... expired" in log, fmt
+
+
+def test_websocket_frames_logged_at_debug_hold_no_prompt_and_no_output(server):
+    """At S4_LOG_LEVEL=debug the websockets library logs every frame with its payload's first and last
+    characters: `< TEXT '{"prompt": "…", …}'`, the client's prompt, and `> TEXT '{"type": "token", …,
+    "text": …}'`, what was generated for it. Data frames are logged by kind and length only now; every
+    frame the server sent is still one line."""
+    prompt = "PROMPT-7c1f to be or not"
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    lines: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = uvicorn_log.level
+    uvicorn_log.setLevel(logging.DEBUG)
+    uvicorn_log.addHandler(handler)
+    received, text = 0, ""
+    try:
+        with connect(server.ws_url) as ws:
+            msg = {"prompt": prompt, "type": "generate", "model": "tiny-text", "max_new_tokens": 24}
+            ws.send(json.dumps(msg))  # (the prompt first: what websockets' elided payload shows)
+            while True:
+                frame = json.loads(ws.recv())
+                received += 1
+                text += frame.get("text", "")
+                if frame["type"] in ("done", "error"):
+                    break
+    finally:
+        uvicorn_log.removeHandler(handler)
+        uvicorn_log.setLevel(level)
+    assert frame["type"] == "done" and len(text.strip()) >= 4, (frame, text)
+    sent = [line for line in lines if line.startswith("> TEXT")]
+    assert len(sent) == received and all(line.startswith("> TEXT [redacted, ") for line in sent), sent
+    assert any(line.startswith("< TEXT [redacted, ") for line in lines), lines
+    assert not [line for line in lines if prompt[:11] in line or text.strip() in line]
