@@ -509,7 +509,9 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.guard.count_request_refused("headers_too_large")
         limit = self.guard.max_header_bytes
         msg = f"the request line and headers are larger than {limit} bytes (max_header_bytes)"
-        self.transport.write(error_response(431, msg))
+        rid = new_request_id()  # one DEBUG line, as an invalid request's (it had none at any level)
+        log.debug("request refused: headers too large (%s)", msg, extra={"request_id": rid})
+        self.transport.write(error_response(431, msg, request_id=rid))
         self.transport.close()
         return True
 

@@ -97,7 +97,8 @@ def _raw(port: int, request: bytes) -> bytes:
 def test_answers_written_below_the_app_carry_a_new_request_id(keyed, caplog):
     """431 (headers too large), 400 (not HTTP) and the connection guard's 429 are written by the protocol
     (server/connections.py), which the middleware never sees: each carries a new, well-formed id, the
-    client's own being unread; the 400's and the 429's log lines carry the same id."""
+    client's own being unread; the 431's, the 400's and the 429's log lines carry the same id (the 431
+    had no line at any level)."""
     caplog.set_level(logging.DEBUG, logger="server.connections")
     big = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Request-ID: mine\r\nX-Big: " + b"a" * 70_000
     got = _raw(keyed.port, big + b"\r\n\r\n")
@@ -112,6 +113,9 @@ def test_answers_written_below_the_app_carry_a_new_request_id(keyed, caplog):
     (line,) = [r for r in caplog.records if "invalid HTTP" in r.getMessage()]
     RequestIds().filter(line)  # the handler's filter (server/logs.py): keeps the record's own id
     assert line.request_id == bad
+    (line,) = [r for r in caplog.records if "headers too large" in r.getMessage()]
+    RequestIds().filter(line)
+    assert line.request_id == rid and "max_header_bytes" in line.getMessage()
     held = [socket.create_connection(("127.0.0.1", keyed.port), timeout=10) for _ in range(PER_CLIENT)]
     try:
         time.sleep(0.2)  # (accepted)
