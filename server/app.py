@@ -22,7 +22,7 @@ from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys, key_warnings
-from server.body_limit import BodySizeLimit
+from server.body_limit import BodyRefused, BodySizeLimit
 from server.config import MAX_BYTES, Settings
 from server.errors import (
     CLIENT_GONE,
@@ -38,7 +38,7 @@ from server.errors import (
     validation_error,
 )
 from server.json_budget import json_content_type, route_budget
-from server.logs import add_request_ids
+from server.logs import add_request_ids, log_refusal
 from server.origin import CrossOrigin, OriginCheck, OriginPolicy
 from server.routes import demo, generate, health, openai, sessions, websocket
 from server.state import ServerState
@@ -50,7 +50,9 @@ DOCS_ASSETS = "/static-offline-docs"  # swagger-ui-bundle.js, swagger-ui.css, re
 ROUTE_MODULES = (health, openai, generate, sessions, websocket, demo)
 
 
-def _error_response(err: APIError, request: Request) -> JSONResponse:
+def _error_response(err: APIError, request: Request, logged: bool = False) -> JSONResponse:
+    if not logged and err.status != CLIENT_GONE:  # (a client gone has its own line: log_client_gone)
+        log_refusal(err.status, err.message)
     status, body = error_body(err, request.url.path)
     return JSONResponse(body, status_code=status, headers=err.headers())
 
@@ -123,7 +125,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return _error_response(err, request)
         if exc.status_code == 404 and is_openai_path(request.url.path):  # no route: a part of OpenAI's API
             return _error_response(unknown_openai_url(request.method, request.url.path), request)
-        return _error_response(APIError(exc.status_code, str(exc.detail)), request)
+        # (a body refused by BodySizeLimit: its answer, already sent and logged there, drops this one)
+        logged = isinstance(exc, BodyRefused)
+        return _error_response(APIError(exc.status_code, str(exc.detail)), request, logged)
 
     for module in ROUTE_MODULES:
         app.include_router(module.router)

@@ -14,6 +14,8 @@ import json
 import sys
 from http import HTTPStatus
 
+from server.logs import log_refusal
+
 
 class APIError(Exception):
     """A request the server refuses: status (HTTP code), message, the offending field if any."""
@@ -150,6 +152,7 @@ async def refuse(scope: dict, receive, send, err: APIError, headers: tuple = ())
     """An ASGI middleware's refusal of a request before any route: `err` as JSON (OpenAI's shape on the
     OpenAI routes: `error_body`) with `headers` added; a WebSocket handshake gets it as an HTTP denial
     response (before accept), or a close 1008 from a server without the denial extension."""
+    log_refusal(err.status, err.message)
     status, payload = error_body(err, scope.get("path", ""))
     body = json_bytes(payload)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]

@@ -24,6 +24,24 @@ JSON_FIELDS = "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s %(g
 generation_id: ContextVar[str | None] = ContextVar("generation_id", default=None)
 
 
+refusals = logging.getLogger("server.refused")
+LOGGED_CHARS = 500  # of a refusal's message in its log line (pydantic's may quote a whole field)
+
+
+def clipped(message: str) -> str:
+    """`message` as a log line quotes it: its first LOGGED_CHARS characters, then its length."""
+    if len(message) <= LOGGED_CHARS:
+        return message
+    return f"{message[:LOGGED_CHARS]}… ({len(message):,} characters)"
+
+
+def log_refusal(status: int, message: str) -> None:
+    """One INFO line for a request the app refused, saying why (`refused 422: temperature: …`), in the
+    request's context (its request id): the access line says only the status. The message is the
+    answer's own, which holds no key and no prompt."""
+    refusals.info("refused %d: %s", status, clipped(message))
+
+
 def well_formed_request_id(value: str) -> bool:
     return REQUEST_ID.fullmatch(value) is not None
 

@@ -327,3 +327,34 @@ def test_websocket_frames_logged_at_debug_hold_no_prompt_and_no_output(server):
     assert len(sent) == received and all(line.startswith("> TEXT [redacted, ") for line in sent), sent
     assert any(line.startswith("< TEXT [redacted, ") for line in lines), lines
     assert not [line for line in lines if prompt[:11] in line or text.strip() in line]
+
+
+def test_every_refused_request_logs_one_line_saying_why_with_its_request_id(server, caplog):
+    """An HTTP request the app refuses (a route's 4xx, the body limit's 413, the Host check's 403, an
+    unknown path) had only uvicorn's access line, which says the status and not why: now one INFO line
+    each, `refused CODE: MESSAGE`, the answer's own message, with the answer's X-Request-ID."""
+    lines: list[tuple[str | None, str]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append((correlation_id.get(), record.getMessage()))
+
+    keep = Keep(logging.DEBUG)
+    caplog.set_level(logging.INFO, logger="server.refused")
+    logging.getLogger("server.refused").addHandler(keep)
+    too_many = b'{"model": "tiny-text", "prompt": [' + b"0," * 70_000 + b"0]}"  # over the JSON budget
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as c:
+            answers = [
+                c.post("/v1/generate", json={"model": "tiny-text", "prompt": "x", "temperature": -3}),
+                c.post("/v1/generate", json={"model": "no-such-model", "prompt": "x"}),
+                c.post("/v1/generate", content=too_many, headers={"content-type": "application/json"}),
+                c.get("/v1/models", headers={"Host": "evil.example"}),
+                c.get("/no/such/path"),
+            ]
+    finally:
+        logging.getLogger("server.refused").removeHandler(keep)
+    assert [r.status_code for r in answers] == [422, 404, 413, 403, 404]
+    expected = [(r.headers["x-request-id"], f"refused {r.status_code}: {r.json()['error']['message']}")
+                for r in answers]  # fmt: skip
+    assert lines == expected

@@ -38,6 +38,7 @@ from server.errors import (
     validation_error,
 )
 from server.json_budget import over_budget_message, route_budget, text_over_budget
+from server.logs import clipped
 from server.registry import ServedModel
 from server.schemas import WSAppend, WSCancel, WSGenerate, WSMessage, WSSession
 from server.state import ServerState
@@ -64,16 +65,6 @@ def parse_message(text: str) -> WSSession | WSGenerate | WSAppend | WSCancel:
         except (ValueError, RecursionError) as limit:  # (nesting, an integer's digits: as the HTTP routes)
             raise malformed_json(json_limit_reason(limit)) from None
         return WSMessage.validate_python(data)
-
-
-LOGGED_CHARS = 500  # of an error frame's message in its log line (pydantic's may quote a whole field)
-
-
-def clipped(message: str) -> str:
-    """`message` as a log line quotes it: its first LOGGED_CHARS characters, then its length."""
-    if len(message) <= LOGGED_CHARS:
-        return message
-    return f"{message[:LOGGED_CHARS]}… ({len(message):,} characters)"
 
 
 def turn_message(text: str) -> bool:
