@@ -14,9 +14,8 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
-    generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import choose_encoder
 
 # No `*_created` gauge beside every counter and histogram (prometheus_client's default): they double the
 # exposition and no query here needs them (process-wide; Prometheus's own clients agree it is optional).
@@ -237,8 +236,14 @@ class Metrics:
         model only)."""
         return ModelMetrics(self, model, audio)
 
-    def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def render(self, accept: str = "") -> tuple[bytes, str]:
+        """The exposition in the format the scraper's `Accept` asks for (prometheus_client's
+        `choose_encoder`): OpenMetrics 1.0.0 where it is accepted (Prometheus asks for it first: it ends
+        with `# EOF`, so a cut-off scrape is seen as one), else the text format 0.0.4 (no Accept, or
+        text/plain). It always wrote the text format labelled `text/plain; version=1.0.0`, a version no
+        Prometheus 2 scraper asks for."""
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
 
 
 class ModelMetrics:

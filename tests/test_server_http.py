@@ -512,11 +512,39 @@ def test_client_disconnect_stops_generation_and_frees_the_slot(client, server):
     assert metric(client, "s4_active_sessions", TEXT) == base
 
 
+PROMETHEUS_ACCEPT = (  # what Prometheus 2 sends to a target by default (its scrape_protocols)
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
+    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+def test_metrics_are_openmetrics_where_the_scraper_asks_else_the_text_format_it_asked_for(client):
+    """/metrics wrote the text format whatever the Accept header, labelled `text/plain; version=1.0.0` (a
+    version no Prometheus 2 asks for). Now Prometheus's Accept gets OpenMetrics 1.0.0 (ending `# EOF`,
+    so a cut-off scrape is seen as one), parsed by prometheus_client's OpenMetrics parser, with the same
+    series as the text format, which a client sending no Accept, or text/plain;version=0.0.4, gets
+    under that version."""
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def series(families) -> set:
+        return {(s.name, tuple(sorted(s.labels.items()))) for f in families for s in f.samples}
+
+    om = client.get("/metrics", headers={"Accept": PROMETHEUS_ACCEPT})
+    assert om.headers["content-type"].startswith("application/openmetrics-text; version=1.0.0;"), om.headers
+    assert om.text.endswith("\n# EOF\n")
+    for accept in (None, "text/plain;version=0.0.4", "text/plain"):
+        text = client.get("/metrics", headers={"Accept": accept} if accept else {})
+        assert text.headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8", accept
+        assert series(openmetrics(om.text)) == series(text_string_to_metric_families(text.text))
+
+
 def test_the_schema_documents_what_the_server_sends(client):
     """Found by the schemathesis run: /metrics is text (not JSON), /readyz may answer 503, and the
     import route's octet-stream body is part of the schema (so clients and fuzzers can send one)."""
     paths = client.get("/openapi.json").json()["paths"]
-    assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert list(paths["/metrics"]["get"]["responses"]["200"]["content"]) == [
+        "text/plain", "application/openmetrics-text"]  # fmt: skip
     assert client.get("/metrics").headers["content-type"].startswith("text/plain")
     assert "503" in paths["/readyz"]["get"]["responses"]
     body = paths["/v1/sessions/import"]["post"]["requestBody"]

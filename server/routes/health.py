@@ -58,7 +58,12 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
-@router.get("/metrics", tags=["health"], summary="Prometheus metrics", response_class=PlainTextResponse)
+EXPOSITION = {"content": {"text/plain": {"schema": {"type": "string"}},
+                          "application/openmetrics-text": {"schema": {"type": "string"}}}}  # fmt: skip
+
+
+@router.get("/metrics", tags=["health"], summary="Prometheus metrics (OpenMetrics where Accept asks for it)",
+            response_class=PlainTextResponse, responses={200: EXPOSITION})  # fmt: skip
 async def metrics(request: Request) -> Response:
     st = state_of(request)
     for m in st.models.values():
@@ -66,5 +71,5 @@ async def metrics(request: Request) -> Response:
         mm.queue_depth.set(m.engine.queued)
         mm.active_sessions.set(m.engine.pool.in_use)
         mm.state_bytes.set(m.engine.pool.in_use * m.engine.pool.bytes_per_slot)
-    body, content_type = st.metrics.render()
+    body, content_type = st.metrics.render(request.headers.get("accept", ""))
     return Response(body, media_type=content_type)
