@@ -315,6 +315,32 @@ def test_metrics_expose_latency_histograms_and_gauges(client):
     assert "# TYPE s4_rejections_total counter" in text
 
 
+def test_the_token_latency_buckets_resolve_an_audio_models_real_time_token(client, server):
+    """An audio model makes a token per sample (125 µs of audio at 8 kHz, 62.5 µs at 16 kHz), and the
+    time-to-first-token and inter-token histograms started at 1 ms: on a real server 2,769 of an 8 kHz
+    model's 2,798 inter-token gaps (99 %) fell in the first bucket, and 43 of a text model's 64 (on CPU),
+    so no query could tell a real-time stream from one eight times slower. Their bounds now reach below
+    a sample's period at 16 kHz, three of them below 1 ms; an audio generation's gaps are all counted."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def bounds_and_count(name: str) -> tuple[list[float], float]:
+        (family,) = [f for f in text_string_to_metric_families(client.get("/metrics").text) if f.name == name]
+        mine = [s for s in family.samples if s.labels.get("model") == AUDIO]
+        count = next(s.value for s in mine if s.name == name + "_count")
+        return sorted(float(s.labels["le"]) for s in mine if s.name == name + "_bucket"), count
+
+    rate = server.state.models[AUDIO].sample_rate
+    for name in ("s4_time_to_first_token_seconds", "s4_inter_token_latency_seconds"):
+        bounds, _ = bounds_and_count(name)
+        assert bounds[0] <= 1 / max(rate, 16_000), (name, bounds)
+        assert len([b for b in bounds if b < 0.001]) >= 3, (name, bounds)
+    _, before = bounds_and_count("s4_inter_token_latency_seconds")
+    r = client.post("/v1/generate", json={"model": AUDIO, "max_new_tokens": 400, "seed": 1})
+    assert r.status_code == 200
+    _, after = bounds_and_count("s4_inter_token_latency_seconds")
+    assert after - before == 399  # one gap between each two of its 400 tokens
+
+
 def test_metrics_follow_prometheus_conventions_and_every_known_series_is_there_from_the_start(model_dirs):
     """On a fresh server, before any request: the exposition parses (prometheus_client's parser); every
     counter ends in _total and has its HELP and TYPE; units come last (bytes, seconds) and ratios end in
