@@ -72,7 +72,7 @@ from websockets.protocol import State
 
 from server.auth import KEY_SUBPROTOCOL_PREFIX
 from server.errors import APIError, json_bytes
-from server.logs import REQUEST_ID_HEADER, new_request_id
+from server.logs import REQUEST_ID_HEADER, RedactQueries, new_request_id
 
 log = logging.getLogger("server.connections")
 
@@ -892,6 +892,9 @@ def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
         uvicorn_log.addFilter(_DropClientWarnings())
     if not any(isinstance(f, _RedactCredentials) for f in uvicorn_log.filters):
         uvicorn_log.addFilter(_RedactCredentials())
+    for logger in (uvicorn_log, logging.getLogger("uvicorn.access")):
+        if not any(isinstance(f, RedactQueries) for f in logger.filters):
+            logger.addFilter(RedactQueries())
     return uvicorn.Config(
         app,
         http=functools.partial(GuardedHttpProtocol, guard=guard),

@@ -112,6 +112,47 @@ class RequestIds(logging.Filter):
         return True
 
 
+# the query parameters the API reads (POST /v1/sessions/import?model=ID); any other's value is left out of
+# a logged path: the server reads no key from a query string, but a client may send one there (?api_key=)
+LOGGED_QUERY_PARAMS = frozenset({"model"})
+
+
+def redact_query(path: str) -> str:
+    """`path` with the value of each query parameter but `LOGGED_QUERY_PARAMS` as `[redacted]` (a
+    parameter without a value is redacted whole: it may be a bare key)."""
+    head, sep, query = path.partition("?")
+    if not sep:
+        return path
+    items = []
+    for item in query.split("&"):
+        name, eq, _ = item.partition("=")
+        items.append(item if name in LOGGED_QUERY_PARAMS else f"{name}=[redacted]" if eq else "[redacted]")
+    return f"{head}?{'&'.join(items)}"
+
+
+WS_REQUEST_LINE = '%s - "WebSocket %s"'  # how uvicorn's WebSocket lines begin ([accepted], or a status)
+
+
+class RedactQueries(logging.Filter):
+    """uvicorn's access lines and WebSocket handshake lines quote a request's path with its query string:
+    a key a client sent as `?api_key=…` (refused: keys are read from headers only) was written to the log
+    as is. Those paths are logged through `redact_query`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not isinstance(args, tuple):
+            return True
+        if record.name == "uvicorn.access" and len(args) == 5:
+            at = 2
+        elif isinstance(record.msg, str) and record.msg.startswith(WS_REQUEST_LINE) and len(args) >= 2:
+            at = 1
+        else:
+            return True
+        if "?" in str(args[at]):
+            record.args = (*args[:at], redact_query(str(args[at])), *args[at + 1 :])
+        return True
+
+
 # line breaks and other control characters (C0 but tab, DEL, C1, U+2028/9), escaped in a text log line
 CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
 

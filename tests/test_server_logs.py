@@ -358,3 +358,34 @@ def test_every_refused_request_logs_one_line_saying_why_with_its_request_id(serv
     expected = [(r.headers["x-request-id"], f"refused {r.status_code}: {r.json()['error']['message']}")
                 for r in answers]  # fmt: skip
     assert lines == expected
+
+
+def test_a_key_sent_in_a_query_string_is_not_written_to_the_log(server):
+    """Keys are read from headers only, but a client may send one as `?api_key=…`: uvicorn's access line
+    and its WebSocket handshake line quoted the path with its query string, the key in the clear. Every
+    query value but `model` (the one the API reads) is logged as [redacted] now; the path and `model` as
+    before."""
+    from websockets.sync.client import connect as ws_connect
+
+    secrets = ("sk-query-5e0b1a", "sk-token-77aa02", "sk-bare-41c9d3")
+    loggers = [logging.getLogger(name) for name in ("uvicorn.access", "uvicorn.error")]
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+        lg.addHandler(handler)
+    try:
+        r = httpx.get(f"{server.url}/v1/models?api_key={secrets[0]}&model=tiny-text&{secrets[2]}")
+        assert r.status_code == 200
+        with ws_connect(f"{server.ws_url}?token={secrets[1]}"):
+            pass
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
+    assert not [line for line in lines if any(s in line for s in secrets)], lines
+    access = '"GET /v1/models?api_key=[redacted]&model=tiny-text&[redacted] HTTP/1.1" 200'
+    assert any(access in line for line in lines), lines
+    assert any('"WebSocket /v1/stream?token=[redacted]" [accepted]' in line for line in lines), lines
