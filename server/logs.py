@@ -38,7 +38,8 @@ def clipped(message: str) -> str:
 def log_refusal(status: int, message: str) -> None:
     """One INFO line for a request the app refused, saying why (`refused 422: temperature: …`), in the
     request's context (its request id): the access line says only the status. The message is the
-    answer's own, which holds no key and no prompt."""
+    answer's own: it names a field, not its value (never a key; of a prompt, at most the characters a
+    model's vocabulary lacks), and quotes a client's id clipped (errors.quoted)."""
     refusals.info("refused %d: %s", status, clipped(message))
 
 
