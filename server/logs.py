@@ -77,13 +77,18 @@ class RequestIdMiddleware(CorrelationIdMiddleware):
 
 def add_request_ids(app) -> None:
     """X-Request-ID on every HTTP response and WebSocket handshake response, in the log lines of its
-    request (add it last: outermost, so responses refused by the other middleware carry it too)."""
-    app.add_middleware(
-        RequestIdMiddleware,
-        header_name=REQUEST_ID_HEADER,
-        generator=new_request_id,
-        validator=well_formed_request_id,
-    )
+    request. Around the app's whole middleware stack, Starlette's ServerErrorMiddleware included (which
+    it always puts outermost): responses refused by the other middleware carry it, and so does the 500
+    of an error no handler expected, whose traceback line (uvicorn's) names it (add_middleware put it
+    inside that one: the 500 had no id)."""
+    build = app.build_middleware_stack
+
+    def with_request_ids():
+        return RequestIdMiddleware(
+            build(), header_name=REQUEST_ID_HEADER, generator=new_request_id, validator=well_formed_request_id
+        )
+
+    app.build_middleware_stack = with_request_ids
 
 
 # a session id (server/sessions.py new_session_id: "sess-" + 32 hex digits, 128 random bits) is a

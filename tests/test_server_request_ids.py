@@ -12,7 +12,9 @@ import re
 import socket
 import time
 
+import httpx
 import pytest
+from asgi_correlation_id import correlation_id
 from server_support import ServerThread
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
@@ -129,3 +131,33 @@ def test_answers_written_below_the_app_carry_a_new_request_id(keyed, caplog):
     (warning,) = [r for r in caplog.records if "max_connections_per_client" in r.getMessage()]
     RequestIds().filter(warning)
     assert warning.request_id == over
+
+
+def test_an_unexpected_error_s_500_carries_the_request_id_its_traceback_line_names(model_dirs, monkeypatch):
+    """A route that raises what no handler expects is Starlette's plain 500 (ServerErrorMiddleware, the
+    outermost), which was outside the request id middleware: the one answer an operator most needs to
+    find in the log had no X-Request-ID. It has now, and uvicorn's ERROR line with the traceback carries
+    the same id."""
+    from server.routes import health
+
+    lines: list[tuple[str | None, str, bool]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append((correlation_id.get(), record.getMessage(), record.exc_info is not None))
+
+    def broken(request):
+        raise RuntimeError("a bug")
+
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], drain_timeout_s=0)).start()
+    keep = Keep(logging.ERROR)
+    logging.getLogger("uvicorn.error").addHandler(keep)
+    try:
+        monkeypatch.setattr(health, "state_of", broken)
+        r = httpx.get(s.url + "/metrics", headers={"X-Request-ID": "mine-500"})
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(keep)
+        s.stop()
+    assert r.status_code == 500
+    assert r.headers.get("x-request-id") == "mine-500", r.headers
+    assert [(rid, tb) for rid, _, tb in lines] == [("mine-500", True)], lines
