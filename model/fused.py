@@ -29,7 +29,7 @@ MAX_MODES, MAX_RANK = 1024, 4  # the DPLR step's limits (MAX_MODES, MAX_RANK in 
 _lib: dict[str, object] = {}
 log = logging.getLogger("model.fused")
 RESTYPES = {  # the library's entry points and their return types
-    "diag_step": None, "dplr_step": ctypes.c_int, "net_step": ctypes.c_int, "sample_rows": None,
+    "diag_step": None, "dplr_step": ctypes.c_int, "net_step": ctypes.c_int, "sample_rows": ctypes.c_int,
     "sample_rows_full": ctypes.c_int, "net_block": ctypes.c_long, "philox_uniforms": None,
     "philox_blocks": None, "linear_rows": None, "sashimi_step": ctypes.c_int, "sashimi_block": ctypes.c_long,
     "linear_rows_threads": None, "net_prefill": ctypes.c_int, "ssm_prefill": ctypes.c_long,
@@ -1199,7 +1199,8 @@ def logprobs_rows(lib, logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tu
 def sample_rows(lib, logits: torch.Tensor, temperature: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF sampling of softmax(logits / temperature) per row at uniforms u (argmax where the
     temperature is 0): logits (B, V) and u (B,) contiguous float32 CPU, temperature (B,) contiguous
-    float64 CPU (finite, ≥ 0: SamplingParams checks it) → (B,) int64."""
+    float64 CPU (finite, ≥ 0: SamplingParams checks it) → (B,) int64. Raises MemoryError when the C side
+    cannot allocate its scratch (V floats)."""
     B, V = logits.shape
     lg, uu = _ptrs(logits, u)  # (checks them)
     if u.shape != (B,) or temperature.shape != (B,):
@@ -1212,8 +1213,10 @@ def sample_rows(lib, logits: torch.Tensor, temperature: torch.Tensor, u: torch.T
     ):
         raise ValueError(f"temperature must be contiguous float64 on the CPU, got {temperature.dtype}")
     out = torch.empty(B, dtype=torch.long)
-    lib.sample_rows(
+    rc = lib.sample_rows(
         ctypes.c_long(B), ctypes.c_long(V), lg, ctypes.c_void_p(temperature.data_ptr()), uu,
         ctypes.c_void_p(out.data_ptr()),
     )  # fmt: skip
+    if rc != 0:
+        raise MemoryError("the C sampler could not allocate its scratch")
     return out

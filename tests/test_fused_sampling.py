@@ -1,11 +1,15 @@
 """The C sampling pass (CPU) draws the same tokens as the torch ops (plain temperature: same arithmetic)."""
 
 import ctypes
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from model import fused
+from model.network import MAX_SIZE
 from model.sampling import SamplingParams, _sample_torch, row_settings, sample
 
 
@@ -114,3 +118,33 @@ def test_a_large_vocabulary_keeps_the_full_ranking_s_set_at_every_quantile(shape
         knob.value = 4096
     assert torch.equal(partial, full)
     assert len(set(partial.tolist())) >= 20  # (the quantiles reach far into the kept set)
+
+
+def test_the_largest_vocabulary_samples_in_a_thread_of_8_mib_stack():
+    """A model may have 2^22 tokens (network.MAX_SIZE); the plain-temperature sampler's CDF of V floats
+    once lived on the stack (16 MiB), so its first draw in a thread of the usual 8 MiB stack (a server's
+    engine thread; ulimit -s 8192) died of SIGSEGV. In a subprocess, so a crash fails only this test."""
+    V = MAX_SIZE["vocab_size"]
+    code = f"""
+import threading, torch
+from model import fused
+from model.sampling import SamplingParams, sample
+logits = torch.zeros(2, {V})
+logits[0, {V} - 5] = logits[1, 7] = 100.0  # e^-100: every other token's mass is below a uniform's step
+threading.stack_size(8 << 20)
+out = []
+def draw():
+    gens = [SamplingParams(temperature=1.0, seed=s).generator() for s in (1, 2)]
+    out.append(sample(logits, [SamplingParams(temperature=1.0)] * 2, gens).tolist())
+    temp = torch.ones(2, dtype=torch.float64)
+    out.append(fused.sample_rows(fused.library(), logits, temp, torch.tensor([0.5, 0.999])).tolist())
+t = threading.Thread(target=draw)
+t.start()
+t.join()
+print(out)
+"""
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-c", code]
+    run = subprocess.run(cmd, check=False, cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split("\n")[-2] == str([[V - 5, 7], [V - 5, 7]])

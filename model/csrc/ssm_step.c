@@ -1539,8 +1539,9 @@ static int net_rows(long B, long Btot, const long *rows, long H, long V, long n_
  * CDF, as model/sampling.py does with torch ops); temp[r] == 0 takes the argmax. The same limits as
  * model/sampling.py (sanitize_logits, scale_logits): weights exp((z - max z) / T) with the
  * difference and T in double, so a tiny or denormal T gives the argmax, never inf - inf; NaN weighs 0; a row with +inf entries draws among
- * them alone; a row with nothing above -inf is uniform. */
-static long sample_one(long V, const float *z, double temp, float u) {
+ * them alone; a row with nothing above -inf is uniform. cdf: V floats of scratch (the heap's: a vocabulary
+ * of 2^21 floats on the stack, as this once was, overflowed a thread's 8 MiB stack, a SIGSEGV). */
+static long sample_one(long V, const float *z, double temp, float u, float *cdf) {
     long best = -1;
     for (long v = 0; v < V; v++)
         if (z[v] == z[v] && (best < 0 || z[v] > z[best])) best = v; /* the first maximum, NaN skipped */
@@ -1549,7 +1550,7 @@ static long sample_one(long V, const float *z, double temp, float u) {
     const double t = temp; /* double: every finite T > 0 and every float difference is exact-range */
     const float zb = flat ? 0.0f : z[best];
     const int pos = zb == INFINITY;
-    float cdf[V], total = 0.0f;
+    float total = 0.0f;
 #pragma omp simd
     for (long v = 0; v < V; v++) {
         const float d = (float)(((double)z[v] - (double)zb) / t); /* <= 0; NaN for a NaN logit */
@@ -1565,8 +1566,13 @@ static long sample_one(long V, const float *z, double temp, float u) {
     return k;
 }
 
-void sample_rows(long B, long V, const float *logits, const double *temp, const float *u, long *out) {
-    for (long r = 0; r < B; r++) out[r] = sample_one(V, logits + r * V, temp[r], u[r]);
+/* Returns 0, or -2 out of memory (its scratch: V floats). */
+int sample_rows(long B, long V, const float *logits, const double *temp, const float *u, long *out) {
+    float *cdf = malloc(sizeof(float) * (size_t)(V > 0 ? V : 1));
+    if (!cdf) return -2;
+    for (long r = 0; r < B; r++) out[r] = sample_one(V, logits + r * V, temp[r], u[r], cdf);
+    free(cdf);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------------
@@ -1839,7 +1845,7 @@ static void scratch_free(SampleScratch *sc) {
 
 /* Row r's token at uniform u: plain temperature rows by sample_one, the others by sample_full. */
 static long sample_row(long V, const float *logits, const SampleArgs *a, long r, float u, SampleScratch *sc) {
-    return a->kind[r] == 0 ? sample_one(V, logits, a->temp[r], u)
+    return a->kind[r] == 0 ? sample_one(V, logits, a->temp[r], u, sc->z)
                            : sample_full(V, logits, a, r, u, sc->z, sc->z + V, sc->rk);
 }
 
