@@ -269,18 +269,32 @@ def pointers(*tensors: torch.Tensor) -> tuple:
 def diag_step(lib, x, xo, u, y, params: tuple) -> None:
     """The real block-diagonal step (recurrent.DiagonalSSM) of x (B, H, 2, M) → xo, u (B, H) → y (B, H),
     float32 contiguous; params: pointers(mur, mui, br, bi, cr, ci, mus), each (H, M). Raises ValueError
-    for 6 params (the complex-diagonal step before the block form took no mus)."""
+    for 6 params (the complex-diagonal step before the block form took no mus), and for buffers of other
+    shapes than x's (xo) and (B, H) (u, y)."""
     if len(params) != 7:
         raise ValueError(
             f"diag_step takes 7 parameter pointers (mur, mui, br, bi, cr, ci, mus), got {len(params)}"
         )
-    B, H, _, M = x.shape
+    B, H, _, M = _step_shapes("diag_step", x, xo, u, y)
     lib.diag_step(ctypes.c_long(B), ctypes.c_long(H), ctypes.c_long(M), *_ptrs(x, xo, u, y), *params)
 
 
-def dplr_step(lib, x, xo, u, y, params: tuple, rank: int) -> None:
-    """params: pointers(dBr, dBi, Dr, Di, Pr, Pi, Minv, Qr, Qi, cr, ci)."""
+def _step_shapes(fn: str, x, xo, u, y) -> tuple[int, int, int, int]:
+    """(B, H, 2, M) of an SSM step's state x; ValueError naming `fn` unless xo has x's shape and u and y are
+    (B, H): the C step reads and writes them at those sizes."""
+    if x.dim() != 4 or x.shape[2] != 2:
+        raise ValueError(f"{fn}: x must be (B, H, 2, M), got {tuple(x.shape)}")
     B, H, _, M = x.shape
+    if xo.shape != x.shape or u.shape != (B, H) or y.shape != (B, H):
+        raise ValueError(f"{fn}: xo must be {tuple(x.shape)} and u and y ({B}, {H}), got {tuple(xo.shape)}, "
+                         f"{tuple(u.shape)} and {tuple(y.shape)}")  # fmt: skip
+    return B, H, 2, M
+
+
+def dplr_step(lib, x, xo, u, y, params: tuple, rank: int) -> None:
+    """params: pointers(dBr, dBi, Dr, Di, Pr, Pi, Minv, Qr, Qi, cr, ci). Raises ValueError for buffers of
+    other shapes than x's (xo) and (B, H) (u, y), or over the C limits."""
+    B, H, _, M = _step_shapes("dplr_step", x, xo, u, y)
     dims = (ctypes.c_long(B), ctypes.c_long(H), ctypes.c_long(M), ctypes.c_long(rank))
     if lib.dplr_step(*dims, *_ptrs(x, xo, u, y), *params) != 0:
         raise ValueError(f"fused DPLR step supports at most 1024 modes and rank 4 (got {M}, {rank})")
@@ -385,10 +399,12 @@ def linear_rows(
 
 def _linear(lib, fn: str, lead: tuple, x: torch.Tensor, packed: torch.Tensor, N: int, bias, tail: tuple):
     """ssm_step.c's linear entry point `fn`(*lead, format, B, K, N, x, Wt, bias, out, *tail) on x (B, K)
-    float32 and Wt packed (K·N elements, contiguous; else ValueError) → out (B, N) float32."""
+    float32, Wt packed (K·N elements, contiguous) and bias (N,) (else ValueError) → out (B, N) float32."""
     B, K = x.shape
     if packed.numel() != K * N or not packed.is_contiguous():
         raise ValueError(f"{fn} needs K·N = {K * N} contiguous packed weights, got {packed.numel()}")
+    if bias.shape != (N,):  # (the C code reads N floats; an empty one, a NULL pointer, was taken as no bias)
+        raise ValueError(f"{fn} needs a bias of ({N},), got {tuple(bias.shape)}")
     out = torch.empty(B, N)
     px, pb, po = _ptrs(x, bias, out)  # (contiguous float32 CPU tensors, or ValueError)
     dims = [ctypes.c_long(v) for v in (*lead, WEIGHT_FORMATS[packed.dtype], B, K, N)]
@@ -1098,8 +1114,13 @@ def logprob_buffers(logprobs: torch.Tensor | None, K: int, B: int, V: int):
 
 def philox_uniforms(lib, key: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
     """u[i] = uniform number counter[i] of the Philox4x32-10 stream keyed by key[i] (see ssm_step.c):
-    key and counter (n,) int64 contiguous CPU (uint64 bit patterns) → (n,) float32 in [0, 1)."""
-    n = key.shape[0]
+    key and counter (n,) int64 contiguous CPU (uint64 bit patterns) → (n,) float32 in [0, 1). Raises
+    ValueError for anything else (the C code reads n of each)."""
+    n = key.shape[0] if key.dim() == 1 else -1
+    for t in (key, counter):
+        if t.shape != (n,) or t.dtype != torch.long or not t.is_contiguous() or t.device.type != "cpu":
+            got = f"{tuple(key.shape)} {key.dtype} and {tuple(counter.shape)} {counter.dtype}"
+            raise ValueError(f"philox_uniforms: key and counter must be (n,) int64 contiguous CPU, got {got}")
     u = torch.empty(n, dtype=torch.float32)
     lib.philox_uniforms(
         ctypes.c_long(n),

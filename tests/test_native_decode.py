@@ -26,6 +26,7 @@ from model.sampling import (
     find_stop,
     philox4x32_10,
     philox_uniform,
+    philox_uniforms_torch,
     row_settings,
     sample,
     token_logprobs,
@@ -1031,3 +1032,40 @@ def test_the_c_samplers_arguments_must_describe_the_batch(rec):
     logits = torch.randn(B, V)
     with pytest.raises(ValueError, match="row settings"):
         fused.sample_rows_full(fused.library(), logits, short, None, None, torch.rand(B))
+
+
+def test_the_c_wrappers_refuse_buffers_smaller_than_the_sizes_they_pass():
+    """fused's thin wrappers pass the C code sizes from one tensor and pointers to the others: a bias, an
+    output, a counter or a state copy of other sizes was read or written out of bounds (found reading the
+    C code for the sanitizer audit). An empty bias, whose pointer torch gives as NULL, was taken silently
+    as no bias. Each is now a ValueError before the call, and the right sizes give the right numbers."""
+    lib = fused.library()
+    g = torch.Generator().manual_seed(3)
+    B, K, N = 3, 24, 40
+    x, Wt, bias = torch.randn(B, K, generator=g), torch.randn(K, N, generator=g), torch.randn(N, generator=g)
+    packed = fused.pack_linear(Wt, lib.linear_panel_width())
+    want = x.double() @ Wt.double() + bias.double()
+    for fn in (fused.linear_rows, fused.linear_rows_threads):
+        args = (lib, 1) if fn is fused.linear_rows else (lib,)
+        assert float((fn(*args, x, packed, N, bias).double() - want).abs().max()) < 1e-4
+        for bad in (torch.zeros(0), bias[: N - 1].contiguous(), torch.zeros(2 * N)):
+            with pytest.raises(ValueError, match="bias"):
+                fn(*args, x, packed, N, bad)
+    key, counter = torch.arange(5), torch.arange(5) * 7
+    assert torch.equal(fused.philox_uniforms(lib, key, counter), philox_uniforms_torch(key, counter))
+    for k, c in ((key, counter[:4].contiguous()), (key, counter.int()), (key.view(5, 1), counter.view(5, 1))):
+        with pytest.raises(ValueError, match="philox_uniforms"):
+            fused.philox_uniforms(lib, k, c)
+    H, M = 2, 8
+    state, u = torch.randn(B, H, 2, M, generator=g), torch.randn(B, H, generator=g)
+    params = [torch.randn(H, M, generator=g) for _ in range(7)]
+    ptrs = fused.pointers(*params)
+    for xo, uu, y in (
+        (torch.empty(B - 1, H, 2, M), u, torch.empty(B, H)),
+        (torch.empty(B, H, 2, M), u[:, :1].contiguous(), torch.empty(B, H)),
+        (torch.empty(B, H, 2, M), u, torch.empty(B, 1)),
+    ):
+        with pytest.raises(ValueError, match="diag_step"):
+            fused.diag_step(lib, state, xo, uu, y, ptrs)
+        with pytest.raises(ValueError, match="dplr_step"):
+            fused.dplr_step(lib, state, xo, uu, y, ptrs[:4] + (ptrs[4],) * 7, 1)
