@@ -5,6 +5,7 @@
 # make serve  : create .venv, install, serve the shipped checkpoints on 127.0.0.1:8000 (CPU, or CUDA)
 # make loadtest: locust sweep against a loopback server; report in loadtest/results/ (Markdown + PNG)
 # make container-smoke : build the Dockerfile with podman and run it (root, ~5 min; not part of test)
+# make sanitize: the fused C library's tests under AddressSanitizer + UBSan (scripts/sanitize-c; not part of test)
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
@@ -13,7 +14,7 @@ export KEOPS_CACHE_FOLDER ?= $(CURDIR)/.keops_cache
 # pytest-xdist workers for make test (tests/conftest.py: a module's tests on one worker, one KeOps cache each)
 TEST_WORKERS ?= 2
 
-.PHONY: venv sysdeps test lint bench serve loadtest container-smoke clean
+.PHONY: venv sysdeps test lint bench serve loadtest container-smoke sanitize clean
 
 # espeak-ng + sox synthesize the spoken-digit dataset (model.data audio; one test uses them);
 # chromium runs the demo page's browser tests (tests/test_demo_page.py, driven by playwright);
@@ -79,6 +80,10 @@ serve: venv
 
 container-smoke: venv
 	PYTHON=$(BIN)/python scripts/container-smoke
+
+# SANITIZE_ARGS: scripts/sanitize-c's, e.g. SANITIZE_ARGS="--width 8 --server 19000"
+sanitize: venv
+	PYTHON=$(BIN)/python scripts/sanitize-c $(SANITIZE_ARGS)
 
 clean:
 	rm -rf $(VENV) .keops_cache .pytest_cache
