@@ -204,10 +204,11 @@ class Settings(BaseSettings):
         10.0,
         ge=0.1,
         le=3600,
-        description="audio models: CPU seconds a prompt audio file may take to decode and resample (in a "
-        "worker process, which is ended past them: the file is tried once more alone, then refused with a "
-        "422 naming prompt_audio); a 30 s 48 kHz WAV takes about 0.05 s. Not applied where no worker process "
-        "can be made and files are decoded in the server's own process (the log says so)",
+        description="audio models: CPU seconds a prompt audio file may take to decode and resample, 0.1 to "
+        "3,600 (in a worker process, which is ended past them: the file is tried once more alone, then "
+        "refused with a 422 naming prompt_audio and this setting); a 30 s 48 kHz WAV takes about 0.05 s. Not "
+        "applied where no worker process can be made and files are decoded in the server's own process (the "
+        "log says so)",
     )
     max_queued_requests: int = Field(
         256,

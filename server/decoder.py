@@ -48,13 +48,15 @@ WATCH_INTERVAL_S = 0.05  # how often a worker's watchdog reads its CPU time
 OVER_CPU_EXIT = 124  # a worker's exit status when a file took more than its CPU seconds (timeout(1)'s)
 
 
-def _start_worker() -> None:
+def _start_worker(over_cpu=None) -> None:
     """A worker's start: its stdout and stderr go to a file of its own (read back after each file), it
     works in an empty directory that it has removed (no path relative to it can be opened; `/` where no
     temporary directory can be made), it ignores SIGINT (a terminal's Ctrl+C reaches the whole process
     group: the server drains, its workers decode what it still sends them), and it ends when the server's
-    process does (`_exit_with`)."""
+    process does (`_exit_with`). `over_cpu`: its pool's flag in shared memory, which its watchdog sets
+    before it ends the worker for a file past its CPU seconds (`_watch`)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _over_cpu[0] = over_cpu
     try:
         sink = os.memfd_create("s4serve-decoder-output")  # (Linux: a file in memory)
     except (AttributeError, OSError):
@@ -130,6 +132,7 @@ def _decode(data: bytes, target_rate: int | None, max_seconds: float | None):
 _deadline: list[float | None] = [None]
 _decoding = threading.Event()  # set while the worker decodes a file
 _watchdog: list[threading.Thread] = []  # started at the worker's first file
+_over_cpu: list = [None]  # its pool's flag (`_Pool.over_cpu`), set before it ends the worker
 
 
 def _watch() -> None:
@@ -139,6 +142,8 @@ def _watch() -> None:
         _decoding.wait()
         deadline = _deadline[0]
         if deadline is not None and time.process_time() > deadline:
+            if _over_cpu[0] is not None:
+                _over_cpu[0].value = 1
             os._exit(OVER_CPU_EXIT)
         time.sleep(WATCH_INTERVAL_S)
 
@@ -161,6 +166,15 @@ def _watched(cpu_s: float, fn, *args):
         _deadline[0] = None
 
 
+class _Pool(concurrent.futures.ProcessPoolExecutor):
+    """A pool of workers with a flag in shared memory (`over_cpu`) that a worker's watchdog sets before it
+    ends the worker for a file past its CPU seconds: a broken pool says only that a worker ended."""
+
+    def __init__(self, max_workers: int, ctx) -> None:
+        self.over_cpu = ctx.RawValue("b", 0)
+        super().__init__(max_workers, mp_context=ctx, initializer=_start_worker, initargs=(self.over_cpu,))
+
+
 def _rebuilt(cls: type[ValueError], args: tuple, attrs: dict) -> ValueError:
     """A worker's exception made again from its parts (`_decode`), without calling its class's __init__."""
     exc = cls.__new__(cls, *args)
@@ -181,13 +195,13 @@ class AudioDecoder:
     def __init__(self, max_workers: int = MAX_WORKERS, cpu_s: float = DECODE_CPU_S) -> None:
         self.max_workers = max_workers
         self.cpu_s = cpu_s  # CPU seconds a file may take in a worker (`_watched`)
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
-        self._alone: concurrent.futures.ProcessPoolExecutor | None = None  # one worker: files tried alone
+        self._pool: _Pool | None = None
+        self._alone: _Pool | None = None  # one worker: files tried alone
         self._alone_turn = threading.Lock()  # one file at a time in it
         self._lock = threading.Lock()
         self._in_process = False  # (no worker process could be made, or closed)
 
-    def _current(self, alone: bool = False) -> concurrent.futures.ProcessPoolExecutor | None:
+    def _current(self, alone: bool = False) -> _Pool | None:
         """The shared pool (or with `alone`, the one-worker pool), made if there is none; None where files
         are decoded in this process."""
         with self._lock:
@@ -198,9 +212,7 @@ class AudioDecoder:
                 ctx = multiprocessing.get_context("forkserver" if os.name == "posix" else "spawn")
                 if ctx.get_start_method() == "forkserver":
                     ctx.set_forkserver_preload(["model.codecs"])  # (workers fork with it imported)
-                pool = concurrent.futures.ProcessPoolExecutor(
-                    1 if alone else self.max_workers, mp_context=ctx, initializer=_start_worker
-                )
+                pool = _Pool(1 if alone else self.max_workers, ctx)
             except (OSError, ImportError, NotImplementedError) as exc:
                 failed = exc
             else:
@@ -217,7 +229,7 @@ class AudioDecoder:
         None where files are decoded in this process (from the start, or since `close` cancelled the call
         while it was queued: a CancelledError out of the request was a 500). Raises BrokenProcessPool where a
         worker of that pool ended while the pool held the call (the pool is let go: the next call makes a new
-        one)."""
+        one; its `over_cpu`: whether that was a worker ended for a file past its CPU seconds)."""
         for _ in range(SUBMIT_TRIES):
             if (pool := self._current(alone)) is None:
                 return None
@@ -235,8 +247,9 @@ class AudioDecoder:
                 return None
             try:
                 return future.result()
-            except BrokenProcessPool:
+            except BrokenProcessPool as exc:
                 self._drop(pool)
+                exc.over_cpu = bool(pool.over_cpu.value)
                 raise
             except concurrent.futures.CancelledError:  # (queued when `close` cancelled what its pool held)
                 return None
@@ -298,12 +311,25 @@ class AudioDecoder:
         except BrokenProcessPool:
             log.warning("an audio decoder process ended while decoding a prompt: it is tried again alone")
             with self._alone_turn:
-                t0 = time.monotonic()
                 try:
                     result = self._run(True, _watched, self.cpu_s, _decode, *args)
-                except BrokenProcessPool:
+                except BrokenProcessPool as exc:
+                    if getattr(exc, "over_cpu", False):
+                        log.warning(
+                            "a prompt took more than the %g CPU seconds a file may take to decode, alone: "
+                            "refused",
+                            self.cpu_s,
+                        )
+                        raise ValueError(
+                            f"the file took more than the {self.cpu_s:g} CPU seconds a file may take to "
+                            "decode (S4_AUDIO_DECODE_CPU_S), twice: send a shorter file, or one with fewer "
+                            "channels or a lower sample rate"
+                        ) from None
                     log.warning("an audio decoder process ended while decoding a prompt alone: refused")
-                    raise ValueError(self._ended(time.monotonic() - t0)) from None
+                    raise ValueError(
+                        "the audio decoder's process ended while decoding it (alone, the second time): a "
+                        "damaged file?"
+                    ) from None
         if result is None:
             return read_audio(*args)
         if result[-1] is not None:
@@ -311,17 +337,6 @@ class AudioDecoder:
         if result[0] == "error":
             raise _rebuilt(*result[1:4])
         return result[1], result[2]
-
-    def _ended(self, took: float) -> str:
-        """Why a file whose worker ended, alone, after `took` wall seconds is refused: a file may take
-        `cpu_s` CPU seconds, as many wall seconds at least, so a worker that ended sooner crashed."""
-        why = "a damaged file?"
-        if took >= self.cpu_s:
-            why += (
-                f" It took more than the {self.cpu_s:g} CPU seconds a file may take to decode "
-                "(S4_AUDIO_DECODE_CPU_S), or crashed the decoder"
-            )
-        return f"the audio decoder's process ended while decoding it (alone, the second time): {why}"
 
     def close(self) -> None:
         """Its workers stopped (after the files they are decoding); a later call, and a file still queued
