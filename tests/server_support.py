@@ -4,7 +4,9 @@ thread of the test process), and an independent reference generator to check tok
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import logging
 import socket
 import threading
 import time
@@ -409,6 +411,24 @@ def process_ready(proc, url: str) -> bool:
         return httpx.get(url + "/readyz", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+@contextlib.contextmanager
+def uvicorn_debug_lines():
+    """The messages uvicorn's "uvicorn.error" logger (the websockets library's frame and header lines among
+    them) writes at DEBUG while the block runs, as a list filled as they come; its level is set back after."""
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    lines: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    level = uvicorn_log.level
+    uvicorn_log.setLevel(logging.DEBUG)
+    uvicorn_log.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        uvicorn_log.removeHandler(handler)
+        uvicorn_log.setLevel(level)
 
 
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 from fastapi.responses import JSONResponse
-from server_support import WS_GENERATE, ServerThread, metric, wait_for
+from server_support import WS_GENERATE, ServerThread, metric, uvicorn_debug_lines, wait_for
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -261,23 +261,13 @@ def test_websocket_handshake_headers_logged_at_debug_hold_no_key(keyed):
     Bearer KEY`, `< x-api-key: KEY`, `< sec-websocket-protocol: s4, s4.key.<base64url(KEY)>` put the
     keys in the log in the clear (a log collector, a support ticket's pasted log). They are redacted;
     the other headers are logged as before."""
-    uvicorn_log = logging.getLogger("uvicorn.error")
-    lines: list[str] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = lambda record: lines.append(record.getMessage())
-    level = uvicorn_log.level
-    uvicorn_log.setLevel(logging.DEBUG)
-    uvicorn_log.addHandler(handler)
-    try:
+    with uvicorn_debug_lines() as lines:
         for kw in ({"additional_headers": {"Authorization": f"Bearer {KEYS[0]}"}},
                    {"additional_headers": {"X-API-Key": KEYS[1], "Cookie": f"k={KEYS[0]}"}},
                    {"subprotocols": ["s4", encode_key_subprotocol(KEYS[1])]}):  # fmt: skip
             assert len(asyncio.run(_open(keyed.ws_url, **kw))[1]) == 4
         with pytest.raises(InvalidStatus):  # a refused key is not logged either
             asyncio.run(_open(keyed.ws_url, additional_headers={"X-API-Key": "wrong-key-9"}))
-    finally:
-        uvicorn_log.removeHandler(handler)
-        uvicorn_log.setLevel(level)
     assert "< authorization: [redacted]" in lines and "< x-api-key: [redacted]" in lines, lines
     assert "< sec-websocket-protocol: s4, s4.key.[redacted]" in lines and "< cookie: [redacted]" in lines
     assert any(line.startswith("< user-agent: ") for line in lines)  # the others as before

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 from asgi_correlation_id import correlation_id
-from server_support import ServerThread, process_ready, wait_for
+from server_support import ServerThread, process_ready, uvicorn_debug_lines, wait_for
 from websockets.sync.client import connect
 
 from server import Settings
@@ -301,27 +301,16 @@ def test_websocket_frames_logged_at_debug_hold_no_prompt_and_no_output(server):
     "text": …}'`, what was generated for it. Data frames are logged by kind and length only now; every
     frame the server sent is still one line."""
     prompt = "PROMPT-7c1f to be or not"
-    uvicorn_log = logging.getLogger("uvicorn.error")
-    lines: list[str] = []
-    handler = logging.Handler(logging.DEBUG)
-    handler.emit = lambda record: lines.append(record.getMessage())
-    level = uvicorn_log.level
-    uvicorn_log.setLevel(logging.DEBUG)
-    uvicorn_log.addHandler(handler)
     received, text = 0, ""
-    try:
-        with connect(server.ws_url) as ws:
-            msg = {"prompt": prompt, "type": "generate", "model": "tiny-text", "max_new_tokens": 24}
-            ws.send(json.dumps(msg))  # (the prompt first: what websockets' elided payload shows)
-            while True:
-                frame = json.loads(ws.recv())
-                received += 1
-                text += frame.get("text", "")
-                if frame["type"] in ("done", "error"):
-                    break
-    finally:
-        uvicorn_log.removeHandler(handler)
-        uvicorn_log.setLevel(level)
+    with uvicorn_debug_lines() as lines, connect(server.ws_url) as ws:
+        msg = {"prompt": prompt, "type": "generate", "model": "tiny-text", "max_new_tokens": 24}
+        ws.send(json.dumps(msg))  # (the prompt first: what websockets' elided payload shows)
+        while True:
+            frame = json.loads(ws.recv())
+            received += 1
+            text += frame.get("text", "")
+            if frame["type"] in ("done", "error"):
+                break
     assert frame["type"] == "done" and len(text.strip()) >= 4, (frame, text)
     sent = [line for line in lines if line.startswith("> TEXT")]
     assert len(sent) == received and all(line.startswith("> TEXT [redacted, ") for line in sent), sent
