@@ -27,6 +27,7 @@ from server.config import MAX_BYTES, Settings
 from server.errors import (
     CLIENT_GONE,
     APIError,
+    answered,
     client_gone,
     error_body,
     is_openai_path,
@@ -52,7 +53,7 @@ ROUTE_MODULES = (health, openai, generate, sessions, websocket, demo)
 
 def _error_response(err: APIError, request: Request, logged: bool = False) -> JSONResponse:
     if not logged and err.status != CLIENT_GONE:  # (a client gone has its own line: log_client_gone)
-        log_refusal(err.status, err.message)
+        log_refusal(answered(err, request.url.path))
     status, body = error_body(err, request.url.path)
     return JSONResponse(body, status_code=status, headers=err.headers())
 

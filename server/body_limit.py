@@ -33,7 +33,7 @@ from collections.abc import Callable
 
 from starlette.exceptions import HTTPException
 
-from server.errors import APIError, error_body, json_bytes, malformed_json, too_large
+from server.errors import APIError, answered, error_body, json_bytes, malformed_json, too_large
 from server.json_budget import JSONBudget, StructureCounter, not_utf8, over_budget_message
 from server.logs import log_refusal
 
@@ -149,7 +149,7 @@ class BodySizeLimit:
     async def _refuse(self, send, err: APIError, reason: str | None, scope: dict) -> None:
         if self.on_refused is not None and reason is not None:
             self.on_refused(reason)
-        log_refusal(err.status, err.message)
+        log_refusal(answered(err, scope.get("path", "")))
         start, body = _response(err, scope.get("path", ""))
         await send(start)
         await send(body)

@@ -139,20 +139,24 @@ def json_bytes(payload: dict) -> bytes:
     return json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
+def answered(err: APIError, path: str) -> APIError:
+    """`err` as it is answered on `path`: OpenAI's status on the OpenAI routes (`as_openai`: a 422 there is
+    a 400), ours elsewhere; what a refusal's log line says (`logs.log_refusal`), as the access line."""
+    return as_openai(err) if is_openai_path(path) else err
+
+
 def error_body(err: APIError, path: str) -> tuple[int, dict]:
     """(status, JSON body) of `err` answered on `path`: OpenAI's status and shape on the OpenAI routes
     (`as_openai`, `APIError.openai_body`), ours elsewhere (`APIError.body`)."""
-    if is_openai_path(path):
-        err = as_openai(err)
-        return err.status, err.openai_body()
-    return err.status, err.body()
+    err = answered(err, path)
+    return err.status, err.openai_body() if is_openai_path(path) else err.body()
 
 
 async def refuse(scope: dict, receive, send, err: APIError, headers: tuple = ()) -> None:
     """An ASGI middleware's refusal of a request before any route: `err` as JSON (OpenAI's shape on the
     OpenAI routes: `error_body`) with `headers` added; a WebSocket handshake gets it as an HTTP denial
     response (before accept), or a close 1008 from a server without the denial extension."""
-    log_refusal(err.status, err.message)
+    log_refusal(answered(err, scope.get("path", "")))
     status, payload = error_body(err, scope.get("path", ""))
     body = json_bytes(payload)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
@@ -226,9 +230,19 @@ def unavailable(message: str) -> APIError:
 def malformed_json(reason: str, pos: int | None = None) -> APIError:
     """400 for a body or WebSocket message that is not JSON, in one wording on every route: Python's json
     reason and the 0-based character where it stopped (`json.JSONDecodeError`'s msg and pos), e.g.
-    "malformed JSON: Expecting value at character 10"."""
+    "malformed JSON: Expecting value at character 10". Python's reasons that end in "at" ("Invalid control
+    character at", "Unterminated string starting at") read "at character N", not "at at character N"; a
+    control character says what it likely is (a line break or tab inside a string: a base64 that `base64`
+    wrapped at 76 characters, without -w0)."""
+    reason = reason.removesuffix(" at")
     where = f" at character {pos}" if isinstance(pos, int) else ""
-    return APIError(400, f"malformed JSON: {reason}{where}")
+    hint = ""
+    if reason.startswith("Invalid control character"):
+        hint = (
+            " (a raw line break or tab inside a string: write it as \\n or \\t; a base64 made by `base64` "
+            "needs -w0, which does not wrap its lines)"
+        )
+    return APIError(400, f"malformed JSON: {reason}{where}{hint}")
 
 
 def json_limit_reason(exc: BaseException) -> str:

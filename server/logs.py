@@ -35,12 +35,14 @@ def clipped(message: str) -> str:
     return f"{message[:LOGGED_CHARS]}… ({len(message):,} characters)"
 
 
-def log_refusal(status: int, message: str) -> None:
+def log_refusal(err) -> None:
     """One INFO line for a request the app refused, saying why (`refused 422: temperature: …`), in the
     request's context (its request id): the access line says only the status. The message is the
     answer's own: it names a field, not its value (never a key; of a prompt, at most the characters a
-    model's vocabulary lacks), and quotes a client's id clipped (errors.quoted)."""
-    refusals.info("refused %d: %s", status, clipped(message))
+    model's vocabulary lacks), and quotes a client's id clipped (errors.quoted). `err`: the APIError as
+    answered (errors.answered: on the OpenAI routes with OpenAI's status), so that the line's status is
+    the access line's."""
+    refusals.info("refused %d: %s", err.status, clipped(err.message))
 
 
 def well_formed_request_id(value: str) -> bool:

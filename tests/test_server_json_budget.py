@@ -538,3 +538,37 @@ def test_a_word_level_sessions_seen_list_may_hold_more_than_65536_ids():
     assert got["seen"] == list(range(70_000)) and raw == b"\0" * 8
     with pytest.raises(StateFormatError, match="it was not parsed"):
         unpack_state(pack_state({**header, "seen": list(range(70_000 + 65_536 + 1))}, b"\0" * 8), 70_000)
+
+
+# bodies Python's json refuses with a reason that ends in "at" (its msg; the position is added after it)
+AT_REASONS = {
+    b'{"model": "tiny-text", "prompt": "a\nb"}': ("Invalid control character at character 35", True),
+    b'{"model": "tiny-text", "prompt": "ab': ("Unterminated string starting at character 33", False),
+}
+
+
+@pytest.mark.parametrize("body", list(AT_REASONS))
+def test_malformed_json_says_where_once_and_a_raw_line_break_says_what_to_do_on_every_route(srv, body):
+    """A raw line break in a string (a prompt_audio built with `base64`, which wraps at 76 characters,
+    without -w0: a fresh-user trial) was refused "malformed JSON: Invalid control character at at character
+    141": Python's reason ends in "at", and the position was added after it. Now "at character N" once, on
+    every JSON route and the WebSocket, and a control character says what to do."""
+    reason, hint = AT_REASONS[body]
+    want = f"malformed JSON: {reason}"
+    for path in ("/v1/generate", "/v1/completions", "/v1/chat/completions", "/v1/sessions"):
+        r = httpx.post(srv.url + path, content=body, headers=JSON)
+        message = r.json()["error"]["message"]
+        assert r.status_code == 400 and message.startswith(want) and " at at " not in message, (path, r.text)
+        assert ("needs -w0" in message) == hint, message
+
+    async def ws_error() -> dict:
+        async with connect(srv.ws_url) as ws:
+            await ws.send(body.replace(b'"model"', b'"type": "generate", "model"').decode())
+            return json.loads(await ws.recv())
+
+    error = asyncio.run(ws_error())
+    assert error["type"] == "error" and error["code"] == 400, error
+    assert error["message"].startswith(
+        "malformed JSON: " + reason.rsplit(" at character", 1)[0] + " at character"
+    )
+    assert " at at " not in error["message"] and ("needs -w0" in error["message"]) == hint, error

@@ -340,10 +340,17 @@ def test_every_refused_request_logs_one_line_saying_why_with_its_request_id(serv
                 c.post("/v1/generate", content=too_many, headers={"content-type": "application/json"}),
                 c.get("/v1/models", headers={"Host": "evil.example"}),
                 c.get("/no/such/path"),
+                # the OpenAI routes answer a 422 as OpenAI does, a 400: the line says the status sent
+                c.post("/v1/completions", json={"model": "tiny-text", "prompt": "x", "temperature": -3}),
+                c.post(
+                    "/v1/chat/completions",
+                    content=b'{"model": "tiny-text", "messages": "a\nb"}',
+                    headers={"content-type": "application/json"},
+                ),
             ]
     finally:
         logging.getLogger("server.refused").removeHandler(keep)
-    assert [r.status_code for r in answers] == [422, 404, 413, 403, 404]
+    assert [r.status_code for r in answers] == [422, 404, 413, 403, 404, 400, 400]
     expected = [(r.headers["x-request-id"], f"refused {r.status_code}: {r.json()['error']['message']}")
                 for r in answers]  # fmt: skip
     assert lines == expected
