@@ -265,9 +265,7 @@ class AudioDecoder:
         except BrokenProcessPool as exc:  # (the server's main module failed to import in it, say)
             self._in_this_process(f"its decoder worker did not start: {exc}")
 
-    def _in_this_process(
-        self, why: str, pool: concurrent.futures.ProcessPoolExecutor | None = None, cancel: bool = False
-    ) -> None:
+    def _in_this_process(self, why: str, pool: _Pool | None = None, cancel: bool = False) -> None:
         """Files are decoded in this process from now on, as read_audio does (no worker process could be
         made, or started: `why`), and the log says so once; the pools (and `pool`, one let go meanwhile)
         are shut down, with `cancel` their queued files cancelled."""
@@ -284,14 +282,14 @@ class AudioDecoder:
         for p in pools:
             p.shutdown(wait=False, cancel_futures=cancel)
 
-    def _no_workers(self, pool: concurrent.futures.ProcessPoolExecutor, exc: BaseException) -> None:
+    def _no_workers(self, pool: _Pool, exc: BaseException) -> None:
         """No worker process (or the pool's thread) could be made (a container's process limit, cgroup
         pids.max or RLIMIT_NPROC, reached; the fork server ended by fork's EAGAIN): `_in_this_process`.
         (submit raised, an EOFError, an OSError or "can't start new thread", out of the request: a 500, and
         the next prompt hung.)"""
         self._in_this_process(f"no decoder worker could be started ({type(exc).__name__}: {exc})", pool, True)
 
-    def _drop(self, pool: concurrent.futures.ProcessPoolExecutor) -> None:
+    def _drop(self, pool: _Pool) -> None:
         """A broken pool let go (the next call makes a new one)."""
         with self._lock:
             if self._pool is pool:
