@@ -39,7 +39,7 @@ from server.errors import (
     validation_error,
 )
 from server.json_budget import json_content_type, route_budget
-from server.logs import add_request_ids, log_refusal
+from server.logs import StreamEnds, add_request_ids, log_refusal
 from server.origin import CrossOrigin, OriginCheck, OriginPolicy
 from server.routes import demo, generate, health, openai, sessions, websocket
 from server.state import ServerState
@@ -178,6 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(CrossOrigin, policy=policy)
     refused_for = state.metrics.requests_refused
     app.add_middleware(OriginCheck, policy=policy, on_refused=lambda reason: refused_for.labels(reason).inc())
+    app.add_middleware(StreamEnds)  # (outside the guards: only answers that started)
 
     instrument_http(app, state.metrics.registry)
     add_request_ids(app)  # last: the outermost, so every response carries X-Request-ID

@@ -25,6 +25,7 @@ generation_id: ContextVar[str | None] = ContextVar("generation_id", default=None
 
 
 refusals = logging.getLogger("server.refused")
+access = logging.getLogger("server")  # (app.log_client_gone's logger)
 LOGGED_CHARS = 500  # of a refusal's message in its log line (pydantic's may quote a whole field)
 
 
@@ -43,6 +44,58 @@ def log_refusal(err) -> None:
     answered (errors.answered: on the OpenAI routes with OpenAI's status), so that the line's status is
     the access line's."""
     refusals.info("refused %d: %s", err.status, clipped(err.message))
+
+
+class StreamEnds:
+    """ASGI middleware: one INFO line for a streamed answer (SSE) whose client left before its end,
+    `127.0.0.1:55830 - "POST /v1/completions" 200 client closed the connection before the stream's end
+    (1,234 bytes sent)`. uvicorn's access line is written when the answer starts, so it says 200
+    whatever happens after, and such a request was otherwise logged nowhere (a plain answer's client
+    gone has its 499 line: app.log_client_gone). The client is known gone when the app's `receive`
+    says `http.disconnect` (Starlette's StreamingResponse listens for it; the SSE routes ask it after
+    each send) or a send raises OSError (ASGI spec 2.4); an answer whose last body was sent before
+    that is whole; one that started after it went to nobody (its 499 has its own line). Logged in the
+    request's context (its request id, and its generation id)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status: int | None = None
+        sent, whole, gone = 0, False, False
+
+        async def watched_receive():
+            nonlocal gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                gone = True
+            return message
+
+        async def watched_send(message) -> None:
+            nonlocal status, sent, whole, gone
+            if message["type"] == "http.response.start" and not gone:  # (else no answer reached it)
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not gone:
+                sent += len(message.get("body", b""))
+                whole = not message.get("more_body", False)
+            try:
+                await send(message)
+            except OSError:
+                gone = True
+                raise
+
+        try:
+            await self.app(scope, watched_receive, watched_send)
+        finally:
+            if gone and status is not None and not whole:
+                client = scope.get("client")
+                who = f"{client[0]}:{client[1]}" if client else "-"
+                access.info(
+                    '%s - "%s %s" %d client closed the connection before the stream\'s end (%s bytes sent)',
+                    who, scope["method"], scope["path"], status, f"{sent:,}",
+                )  # fmt: skip
 
 
 def well_formed_request_id(value: str) -> bool:

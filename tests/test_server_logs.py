@@ -8,6 +8,7 @@ import contextvars
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,77 @@ def test_a_plain_request_whose_client_left_is_logged_with_its_request_id(model_d
     assert line.getMessage().endswith('"POST /v1/generate" 499 client closed the connection'), (
         line.getMessage()
     )
+
+
+STREAMED = {  # a streamed request on each route and modality that streams (SSE); max tokens as given
+    "/v1/generate text": ("/v1/generate", {"model": "tiny-text", "prompt": "a", "seed": 1}, "max_new_tokens"),
+    "/v1/generate audio": (
+        "/v1/generate",
+        {"model": "tiny-audio", "seed": 1},
+        "max_new_tokens",
+    ),
+    "/v1/completions": ("/v1/completions", {"model": "tiny-text", "prompt": "a", "seed": 1}, "max_tokens"),
+    "/v1/chat/completions": (
+        "/v1/chat/completions",
+        {"model": "tiny-chat", "messages": [{"role": "user", "content": "Who's there?"}], "seed": 1},
+        "max_tokens",
+    ),
+}
+
+
+def test_a_streamed_request_whose_client_left_before_its_end_is_logged(model_dirs, tmp_path):
+    """A streamed answer's access line is uvicorn's, written when it starts: 200 whatever happens after.
+    A client that left mid-stream was logged nowhere (a plain request's has its 499 line), so a reader
+    of the log saw a 200 for a stream its client never got the end of (a fresh-user trial). Now one INFO
+    line says so, with its request id, on every streamed route and modality; a stream read to its end
+    has none."""
+    shipped = json.loads((ROOT / "checkpoints/text-shakespeare/config.json").read_text())
+    chat = tmp_path / "tiny-chat"
+    shutil.copytree(model_dirs["text"], chat)
+    meta = json.loads((chat / "config.json").read_text())
+    meta["chat_template"], meta["chat_stop"] = shipped["chat_template"], shipped["chat_stop"]
+    (chat / "config.json").write_text(json.dumps(meta))
+    dirs = [str(model_dirs["text"]), str(model_dirs["audio"]), str(chat)]
+    server = ServerThread(Settings(checkpoints=dirs, max_new_tokens=10**7)).start()
+    cut = "client closed the connection before the stream's end"
+    with server_records() as records, contextlib.ExitStack() as stop:
+        stop.callback(server.stop)
+        for k, (name, (path, body, limit)) in enumerate(STREAMED.items()):
+            rid, whole_rid = f"cut-{k}", f"whole-{k}"
+            long = {**body, limit: 200_000, "stream": True}  # (minutes; audio: 25 s)
+            with httpx.stream("POST", server.url + path, json=long, headers={"X-Request-ID": rid}) as r:
+                assert r.status_code == 200, (name, r.read())
+                first = next(line for line in r.iter_lines() if line.startswith("data: "))
+            assert wait_for(
+                lambda rid=rid: [r for r in records if r.request_id == rid and cut in r.getMessage()]
+            )
+            (line,) = [r for r in records if r.request_id == rid and cut in r.getMessage()]
+            assert line.levelno == logging.INFO, name
+            message = line.getMessage()
+            assert f'"POST {path}" 200 {cut} (' in message and message.endswith(" bytes sent)"), message
+            sent = int(message.rsplit("(", 1)[1].split()[0].replace(",", ""))
+            assert sent >= len(first), (name, message)  # (what the client read, at least)
+            # the same request, short, read to its end: no such line
+            short = {**body, limit: 3, "stream": True}
+            with httpx.stream(
+                "POST", server.url + path, json=short, headers={"X-Request-ID": whole_rid}
+            ) as r:
+                lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+            assert lines[-1] == "data: [DONE]" or '"type": "done"' in lines[-1], (name, lines[-1])
+        # the instrumentator, outermost, counts a request once every middleware is done with it
+        total = 'http_requests_total{handler="/v1/generate",method="POST",status="200"} 4.0'
+        assert wait_for(lambda: total in httpx.get(server.url + "/metrics").text)
+        assert wait_for(
+            lambda: (
+                'http_requests_total{handler="/v1/chat/completions",method="POST",status="200"} 2.0'
+                in httpx.get(server.url + "/metrics").text
+            )
+        )
+        metrics = httpx.get(server.url + "/metrics").text
+        for model, n in (("tiny-text", 2), ("tiny-audio", 1), ("tiny-chat", 1)):  # (as the README says)
+            assert f's4_generations_total{{finish_reason="cancelled",model="{model}"}} {n:.1f}' in metrics
+    assert not [r for r in records if r.request_id.startswith("whole-") and cut in r.getMessage()]
+    assert len([r for r in records if cut in r.getMessage()]) == len(STREAMED)
 
 
 def test_a_client_that_leaves_while_its_body_is_read_is_a_499_on_every_route(model_dirs):
