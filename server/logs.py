@@ -98,6 +98,16 @@ class StreamEnds:
                 )  # fmt: skip
 
 
+streams = logging.getLogger("server.sse")
+
+
+def log_stream_error(status: int, message: str) -> None:
+    """One INFO line for an SSE stream ended by an error event (an engine failure, the end of a drain):
+    `error event 503: …`, in the request's context, as a WebSocket's error frame has its line. The
+    stream's access line, written when it started, says 200."""
+    streams.info("error event %d: %s", status, clipped(message))
+
+
 def well_formed_request_id(value: str) -> bool:
     return REQUEST_ID.fullmatch(value) is not None
 

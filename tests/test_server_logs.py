@@ -154,6 +154,56 @@ def test_a_streamed_request_whose_client_left_before_its_end_is_logged(model_dir
     assert len([r for r in records if cut in r.getMessage()]) == len(STREAMED)
 
 
+def test_an_sse_stream_ended_by_an_error_event_is_logged_with_its_request_id(model_dirs, tmp_path):
+    """A stream that the server ends with an error event (here its engine fails mid-stream; the end of a
+    drain is the other cause) said so to its client only: the access line, written at its start, says
+    200, and no line named the request (a WebSocket's error frame has one). Now one INFO line,
+    `error event 500: …`, with the request id, on each SSE route (the status the event carries)."""
+    shipped = json.loads((ROOT / "checkpoints/text-shakespeare/config.json").read_text())
+    chat = tmp_path / "tiny-chat"
+    shutil.copytree(model_dirs["text"], chat)
+    meta = json.loads((chat / "config.json").read_text())
+    meta["chat_template"], meta["chat_stop"] = shipped["chat_template"], shipped["chat_stop"]
+    (chat / "config.json").write_text(json.dumps(meta))
+    server = ServerThread(Settings(checkpoints=[str(chat)], max_new_tokens=10**7, drain_timeout_s=1)).start()
+    bodies = {  # every SSE route, on the one model, each generating for minutes
+        "/v1/generate": {"prompt": "a", "max_new_tokens": 10**6},
+        "/v1/completions": {"prompt": "a", "max_tokens": 10**6},
+        "/v1/chat/completions": {
+            "messages": [{"role": "user", "content": "Who's there?"}],
+            "max_tokens": 10**6,
+        },
+    }
+    with server_records() as records, contextlib.ExitStack() as stop:
+        stop.callback(server.stop)
+        streams, lines = [], []
+        for k, (path, body) in enumerate(bodies.items()):
+            request = {**body, "model": "tiny-chat", "stream": True, "seed": k}
+            r = stop.enter_context(
+                httpx.stream("POST", server.url + path, json=request, headers={"X-Request-ID": f"err-{k}"})
+            )
+            assert r.status_code == 200, r.read()
+            streams.append(r.iter_lines())
+            lines.append([next(line for line in streams[-1] if line.startswith("data: "))])  # (under way)
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("a bug in the step")
+
+        engine = server.state.models["tiny-chat"].engine
+        engine.rec.step = engine.rec.decode_block = broken  # the next decode step fails, mid-stream
+        for got, it in zip(lines, streams, strict=True):
+            got += [line for line in it if line.startswith("data: ")]
+        assert wait_for(lambda: len([r for r in records if r.name == "server.sse"]) == 3)
+    errors = [
+        json.loads(got[-1][6:]) if got[-1] != "data: [DONE]" else json.loads(got[-2][6:]) for got in lines
+    ]
+    assert errors[0]["type"] == "error" and errors[0]["code"] == 500, errors[0]  # (the native route's frame)
+    assert [e["error"]["type"] for e in errors[1:]] == ["server_error"] * 2, errors  # (OpenAI's, for a 500)
+    messages = [errors[0]["message"]] + [e["error"]["message"] for e in errors[1:]]
+    logged = sorted((r.request_id, r.levelno, r.getMessage()) for r in records if r.name == "server.sse")
+    assert logged == [(f"err-{k}", logging.INFO, f"error event 500: {m}") for k, m in enumerate(messages)]
+
+
 def test_a_client_that_leaves_while_its_body_is_read_is_a_499_on_every_route(model_dirs):
     """A client that closes the connection partway through its request body: a session import (its blob
     read by the route) was a 500 with an ERROR traceback (ClientDisconnect, a soak audit), and a JSON body

@@ -14,6 +14,7 @@ from starlette.background import BackgroundTask
 from server import media
 from server.engine import Stream
 from server.errors import APIError, invalid
+from server.logs import log_stream_error
 from server.registry import ServedModel
 from server.schemas import (
     ERROR_RESPONSES,
@@ -107,6 +108,7 @@ async def _sse_generate(
             try:
                 ids, final = split(items)
             except APIError as err:
+                log_stream_error(err.status, err.message)
                 yield sse(err.frame())
                 return
             carrying: list[tuple[str, int]] = []  # (event, the generated tokens it carries)

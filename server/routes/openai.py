@@ -39,6 +39,7 @@ from model.vocab import ByteVocab, Vocab
 from server import media
 from server.engine import Failed, Finished, Stream
 from server.errors import APIError, as_openai, invalid, unavailable
+from server.logs import log_stream_error
 from server.registry import ServedModel
 from server.routes.generate import KEEP_ALIVE, SSE_HEADERS, sse
 from server.schemas import (
@@ -396,8 +397,11 @@ def shut_down(run: Run, which: str, others: int = 0) -> APIError:
 
 
 def sse_error(err: APIError) -> str:
-    """A stream's end by an error: OpenAI's error event, then [DONE] (the choices so far stay sent)."""
-    return sse(as_openai(err).openai_body()) + sse("[DONE]")
+    """A stream's end by an error: OpenAI's error event, then [DONE] (the choices so far stay sent);
+    logged (`logs.log_stream_error`)."""
+    err = as_openai(err)
+    log_stream_error(err.status, err.message)
+    return sse(err.openai_body()) + sse("[DONE]")
 
 
 def usage(prompts: list[list[int]], runs: list[Run]) -> dict:
