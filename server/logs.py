@@ -10,6 +10,7 @@ import logging
 import re
 import uuid
 from contextvars import ContextVar
+from datetime import datetime
 
 from asgi_correlation_id import CorrelationIdMiddleware, correlation_id
 from pythonjsonlogger.core import RESERVED_ATTRS
@@ -257,6 +258,15 @@ class QuietProbes(logging.Filter):
         return True
 
 
+class JsonLines(JsonFormatter):
+    """One JSON object per line; its `time` in RFC 3339 with the UTC offset and milliseconds
+    (`2026-12-07T03:04:38.916+00:00`), which log shippers (Loki, Elasticsearch, Datadog) read as is:
+    logging's default (`2026-12-07 03:04:38,916`) has no offset and a comma."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """The root logger's one handler (stderr) at `level`, in `fmt` ("text" or "json"), with the ids."""
     handler = logging.StreamHandler()
@@ -264,7 +274,7 @@ def configure_logging(level: str, fmt: str) -> None:
         rename = {"asctime": "time", "levelname": "level", "name": "logger"}
         # uvicorn's records carry `color_message` (its message with ANSI colours): not a field of ours
         skip = [*RESERVED_ATTRS, "color_message"]
-        handler.setFormatter(JsonFormatter(JSON_FIELDS, rename_fields=rename, reserved_attrs=skip))
+        handler.setFormatter(JsonLines(JSON_FIELDS, rename_fields=rename, reserved_attrs=skip))
     else:
         handler.setFormatter(TextFormatter(TEXT_FORMAT))
     handler.addFilter(RequestIds())

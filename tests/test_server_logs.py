@@ -8,11 +8,13 @@ import contextvars
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -327,6 +329,11 @@ def test_json_log_lines_carry_the_request_and_generation_ids(model_dirs):
     finally:
         proc.kill()
     assert lines and all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+    # RFC 3339 with the offset, as log shippers read it (it was '2026-12-07 03:04:38,916': no zone)
+    times = [datetime.fromisoformat(x["time"]) for x in lines]
+    assert all(t.tzinfo is not None and re.fullmatch(r"[-\d]{10}T[:\d]{8}\.\d{3}[+-]\d\d:\d\d", x["time"])
+               for t, x in zip(times, lines, strict=True)), lines[0]["time"]  # fmt: skip
+    assert all(abs((t - datetime.now(UTC)).total_seconds()) < 600 for t in times)  # (the run's own)
     (access,) = [x for x in lines if x["logger"] == "uvicorn.access" and "/v1/generate" in x["message"]]
     assert access["request_id"] == "client-req-7" and access["generation_id"] == r.json()["id"]
     assert access["level"] == "INFO"
