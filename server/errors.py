@@ -185,6 +185,17 @@ def quoted(value: str) -> str:
     return f"{value[:QUOTED_CHARS]!r}… ({len(value):,} characters)"
 
 
+MESSAGE_CHARS = 1024  # of pydantic's message in a 422 (its own are short; a validator's may quote input)
+
+
+def clip_name(text: str, limit: int = QUOTED_CHARS) -> str:
+    """`text` (a field's name, a message) as an error names it: its first `limit` characters, then its
+    length when it is longer."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text):,} characters)"
+
+
 def invalid(param: str, message: str) -> APIError:
     return APIError(422, message, param=param)
 
@@ -264,7 +275,14 @@ def validation_error(errors: list[dict], content_type: str | None = None, openai
     lacks (OpenAI's tools, response_format, ...) is "<field> is not supported by this server", as the
     routes word the fields they refuse by name, not pydantic's "Extra inputs are not permitted"."""
     e = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    loc = [str(p) for p in e.get("loc", ()) if p not in ("body", "query", "path")]
+    # a field's name and pydantic's message can be the client's (a member the schema lacks; a union's
+    # tag, quoted by pydantic): clipped, as `quoted` clips an id (a 1 MiB name of DEL characters was
+    # answered twice, in the message and the param, each \u007f escaped: 12 MiB)
+    loc = [clip_name(str(p)) for p in e.get("loc", ()) if p not in ("body", "query", "path")]
+    msg = str(e.get("msg"))
+    if e.get("type") == "union_tag_invalid" and isinstance(tag := e.get("ctx", {}).get("tag"), str):
+        msg = msg.replace(f"'{tag}'", quoted(tag), 1)
+    msg = clip_name(msg, MESSAGE_CHARS)
     if e.get("type") == "json_invalid":  # FastAPI's: loc ("body", the character where Python's json stopped)
         pos = e.get("loc", ())[1:2]
         return malformed_json(e.get("ctx", {}).get("error", e.get("msg")), pos[0] if pos else None)
@@ -281,4 +299,4 @@ def validation_error(errors: list[dict], content_type: str | None = None, openai
     param = ".".join(loc) or None
     if openai and e.get("type") == "extra_forbidden" and param is not None:
         return APIError(422, f"{param} is not supported by this server", param=param)
-    return APIError(422, f"{param or 'request'}: {e.get('msg')}", param=param)
+    return APIError(422, f"{param or 'request'}: {msg}", param=param)

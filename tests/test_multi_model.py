@@ -5,6 +5,7 @@ model's load never changes another's output."""
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 
@@ -291,6 +292,32 @@ def test_an_unknown_model_or_session_id_is_quoted_short_in_its_404(mc, multi):
     with connect(multi.ws_url, max_size=None) as ws:
         frame = ws_turn(ws, {"type": "generate", "model": "\x7f" * 60_000, "max_new_tokens": 2})[-1]
         assert frame["code"] == 404 and len(frame["message"]) < 1024, len(frame["message"])
+
+
+def test_a_clients_field_name_or_message_type_is_quoted_short_in_its_422(mc, multi):
+    """A validation error names the field, and pydantic's message can quote the client's own string: a
+    member the schema lacks is named by its name (in the message and in `param`), a WebSocket message's
+    unknown type by its tag. A 1 MiB name of DEL characters (each escaped \u007f by JSON) was answered
+    whole, twice: a 12 MiB 422. Now each is its first 128 characters and its length, on every JSON route
+    and the WebSocket."""
+    long = "\x7f" * (1 << 20)
+    bodies = {
+        "/v1/generate": {"model": TEXT, "prompt": "a"},
+        "/v1/completions": {"model": TEXT, "prompt": "a"},
+        "/v1/chat/completions": {"model": TEXT, "messages": [{"role": "user", "content": "a"}]},
+        "/v1/sessions": {"model": TEXT},
+    }
+    for path, body in bodies.items():
+        r = mc.post(path, json={**body, long: 1})
+        assert r.status_code in (400, 422) and len(r.content) < 2048, (path, r.status_code, len(r.content))
+        err = r.json()["error"]
+        assert "… (1,048,576 characters)" in err["message"] and "… (1,048,576 characters)" in err["param"]
+    with connect(multi.ws_url, max_size=None) as ws:
+        for message in ({"type": "\x7f" * 60_000}, {"type": "generate", "model": TEXT, "\x7f" * 60_000: 1}):
+            ws.send(json.dumps(message))
+            frame = json.loads(ws.recv(10))
+            assert frame["type"] == "error" and frame["code"] == 422 and len(frame["message"]) < 1024, frame
+            assert "… (60,000 characters)" in frame["message"], frame["message"]
 
 
 def test_the_model_list_answers_as_every_model_route_while_loading_and_draining(model_dirs, monkeypatch):
