@@ -340,7 +340,8 @@ class Settings(BaseSettings):
         ge=MIN_NET_TIMEOUT_S,
         le=MAX_TIMEOUT_S,
         description="a client that reads none of what the server sends for this long is disconnected "
-        "(its generation cancelled)",
+        "(its generation cancelled); a WebSocket that takes nothing is closed sooner by its keepalive, "
+        "1008 once a ping (every 20 s) goes 20 s unanswered, while it takes none of the bytes sent before it",
     )
     sse_keepalive_s: float = Field(
         15.0,
