@@ -8,8 +8,11 @@ cannot set headers) may instead offer the subprotocols `s4` and `s4.key.<base64u
 server selects `s4`, never echoing the key.
 
 A refusal is 401 with one message whatever was wrong (missing, malformed or unknown key), so it tells
-a prober nothing. Keys are compared as SHA-256 digests with `hmac.compare_digest` against every
-configured key (no early exit), so the time taken does not depend on how much of a key was right.
+a prober nothing. Keys are kept and looked up as SHA-256 digests (a set of them), so the time taken
+does not depend on how much of a key was right (a prober steers no byte of a digest) nor on how many
+keys are configured: a loop of `hmac.compare_digest` over every configured key, for every key a
+request carried, let one unauthenticated request of 4,900 `X-API-Key` headers hold the event loop
+(every stream) 13 s against a 20,000-key S4_API_KEYS_FILE.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import re
 
 from server.errors import APIError, is_openai_path, refuse
@@ -73,17 +75,15 @@ class APIKeys:
     """The configured keys, kept only as digests."""
 
     def __init__(self, keys: list[str]) -> None:
-        self._digests = [_digest(k) for k in keys]
+        self._digests = frozenset(_digest(k) for k in keys)
 
     @property
     def enabled(self) -> bool:
         return bool(self._digests)
 
     def accepts(self, key: bytes) -> bool:
-        d, ok = _digest(key), False
-        for known in self._digests:  # no short cut: every configured key is compared
-            ok |= hmac.compare_digest(d, known)
-        return ok
+        """One digest and one set lookup, however many keys are configured (see the module's docstring)."""
+        return _digest(key) in self._digests
 
     def carries_key(self, scope: dict) -> bool:
         """Whether the request carries a configured key (any path: /readyz gives its reasons only then)."""

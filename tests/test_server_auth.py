@@ -235,6 +235,45 @@ def test_key_check_compares_every_configured_key():
         assert not keys.allows({"type": "http", "path": path, "headers": []}), path
 
 
+def _calls_made(fn) -> int:
+    """How many functions (Python and C) `fn()` calls: a count of the work it does, not a timing."""
+    calls = 0
+
+    def count(frame, event, arg) -> None:
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    sys.setprofile(count)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_a_key_check_does_the_same_work_however_many_keys_are_configured(keyed):
+    """Each presented key was compared with every configured key (`hmac.compare_digest` in a loop), so one
+    request of 4,900 `X-API-Key` headers (64 KiB, no valid key) held the event loop, every stream, 13 s
+    against a 20,000-key S4_API_KEYS_FILE. A key is now one digest and one lookup: the work of checking a
+    request depends on what it carries only."""
+    presented = [(b"x-api-key", b"guess-%d" % i) for i in range(40)]
+    scope = {"type": "http", "path": "/v1/models", "headers": presented}
+    few, many = (
+        APIKeys([f"key-{i:05d}-abcdefgh" for i in range(3)]),
+        APIKeys([f"key-{i:05d}-abcdefgh" for i in range(3000)]),
+    )
+    assert not few.allows(scope) and not many.allows(scope)
+    assert _calls_made(lambda: many.allows(scope)) == _calls_made(lambda: few.allows(scope))
+    right = {**scope, "headers": [*presented, (b"x-api-key", b"key-02999-abcdefgh")]}
+    assert many.allows(right) and not few.allows(right)  # the last of 41 keys carried, the last of 3,000
+    # on a real server: 2,000 keys carried, the right one among them or not
+    wrong = [("X-API-Key", f"guess-{i}") for i in range(2000)]
+    with httpx.Client() as client:
+        assert client.get(keyed.url + "/v1/models", headers=wrong).status_code == 401
+        ok = client.get(keyed.url + "/v1/models", headers=[*wrong, ("Authorization", f"Bearer {KEYS[1]}")])
+        assert ok.status_code == 200
+
+
 def test_the_websocket_script_sends_its_key(keyed):
     args = [sys.executable, str(WS_GENERATE), keyed.ws_url, "ab", "--model", TEXT, "--max-new-tokens", "3"]
     ok = subprocess.run(
