@@ -59,6 +59,7 @@ import functools
 import ipaddress
 import itertools
 import logging
+import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ from websockets.protocol import State
 
 from server.auth import KEY_SUBPROTOCOL_PREFIX
 from server.errors import APIError, json_bytes
-from server.logs import REQUEST_ID_HEADER, RedactQueries, new_request_id
+from server.logs import REQUEST_ID_HEADER, RedactQueries, new_request_id, redact_query
 
 log = logging.getLogger("server.connections")
 
@@ -832,7 +833,10 @@ class _DropClientWarnings(logging.Filter):
 
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "x-api-key", "cookie"})
 WS_HEADER_LINE = "< %s: %s"  # websockets' DEBUG line for each header of a handshake it reads
+WS_REQUEST_LINE = "< %s %s %s"  # … and for its request line (method, path with the query, protocol)
 REDACTED = "[redacted]"
+WS_REFUSED_PREFIX = "! "  # … for a handshake it refuses ("! invalid handshake"), with the traceback
+KEY_SUBPROTOCOL = re.compile(re.escape(KEY_SUBPROTOCOL_PREFIX) + r"[^\s,;]*")  # in an exception's text
 
 
 def _redact_key_subprotocols(value: str) -> str:
@@ -853,10 +857,25 @@ class _RedactCredentials(logging.Filter):
     name, and every other header, as before. It also logs every frame, its payload's first and last
     characters (`< TEXT '{"type": "generate", "prompt": "my secret…' [99 bytes]`): a client's prompt, the
     text generated for it, audio samples. A data frame is logged by its kind and length only (`< TEXT
-    [redacted, 99 bytes]`); control frames (close, ping, pong) as before."""
+    [redacted, 99 bytes]`); control frames (close, ping, pong) as before. Its request line quoted the
+    query (`< GET /v1/stream?api_key=KEY HTTP/1.1`): logged through `redact_query`, as uvicorn's own
+    handshake line is; and a handshake it refuses is logged with the exception's traceback, whose text
+    quotes the header (a padded key subprotocol, `s4.key.…=`, is no token: `invalid Sec-WebSocket-Protocol
+    header: … in s4, s4.key.<base64url(KEY)>=`): a traceback naming a key subprotocol is logged with
+    the key as `[redacted]`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        refused = isinstance(record.msg, str) and record.msg.startswith(WS_REFUSED_PREFIX)
+        if refused and record.exc_info and record.exc_info[1] is not None:
+            text = logging.Formatter().formatException(record.exc_info)
+            if KEY_SUBPROTOCOL_PREFIX in text:  # (the formatters print exc_text when exc_info is gone)
+                record.exc_info, record.exc_text = (
+                    None,
+                    KEY_SUBPROTOCOL.sub(KEY_SUBPROTOCOL_PREFIX + REDACTED, text),
+                )
         args = record.args
+        if record.msg == WS_REQUEST_LINE and isinstance(args, tuple) and len(args) == 3:
+            record.args = (args[0], redact_query(str(args[1])), args[2])
         if record.msg in WS_FRAME_LINES and isinstance(args, tuple) and len(args) == 1:
             frame = args[0]
             if isinstance(frame, Frame) and frame.opcode in DATA_OPCODES:

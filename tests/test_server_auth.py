@@ -314,6 +314,42 @@ def test_websocket_handshake_headers_logged_at_debug_hold_no_key(keyed):
     assert not [line for line in lines if any(s in line for s in secrets)]
 
 
+def test_a_websocket_handshakes_query_and_a_refused_key_subprotocol_logged_at_debug_hold_no_key(keyed):
+    """At S4_LOG_LEVEL=debug the websockets library also logs a handshake's request line, `< GET
+    /v1/stream?api_key=KEY HTTP/1.1`, and the traceback of a handshake it refuses, whose text quotes the
+    header: a key subprotocol with base64's `=` padding is no token (`invalid Sec-WebSocket-Protocol header:
+    expected comma at 42 in s4, s4.key.<base64url(KEY)>=`). Both wrote the key to the log; the query's
+    values but `model` and the key subprotocol are `[redacted]` now, the rest as before."""
+    logger = logging.getLogger("uvicorn.error")
+    lines: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: lines.append(logging.Formatter().format(record))  # with its traceback
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    padded = encode_key_subprotocol(KEYS[0]) + "="
+    try:
+        asyncio.run(_open(f"{keyed.ws_url}?api_key={KEYS[0]}&model={TEXT}", subprotocols=["s4", padded[:-1]]))
+        with socket.create_connection(("127.0.0.1", keyed.port)) as sock:
+            sock.sendall(
+                f"GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1:{keyed.port}\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: s4, {padded}\r\n\r\n".encode()
+            )
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer  # websockets' own refusal of the header
+    assert f"< GET /v1/stream?api_key=[redacted]&model={TEXT} HTTP/1.1" in lines, lines
+    refused = [line for line in lines if "invalid Sec-WebSocket-Protocol header" in line]
+    assert refused and all("Traceback" in line and "s4.key.[redacted]" in line for line in refused), lines
+    secrets = [*KEYS, encode_key_subprotocol(KEYS[0])[len("s4.key.") :]]
+    assert not [line for line in lines if any(s in line for s in secrets)], lines
+
+
 def test_a_listed_origins_page_can_fetch_with_its_key(keyed):
     """A page on an S4_ALLOWED_ORIGINS origin calling an HTTP route with `fetch` and `Authorization`:
     the browser first sends a CORS preflight, an OPTIONS without the key, which the key check answered
