@@ -68,10 +68,12 @@ import uvicorn
 from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets import http11
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 from server.auth import KEY_SUBPROTOCOL_PREFIX
+from server.config import MAX_BYTES
 from server.errors import APIError, json_bytes
 from server.logs import REQUEST_ID_HEADER, RedactQueries, new_request_id, redact_query
 
@@ -889,6 +891,18 @@ class _RedactCredentials(logging.Filter):
         return True
 
 
+def lift_handshake_header_limits() -> None:
+    """One limit on a WebSocket handshake's request line and headers: S4_MAX_HEADER_BYTES, as on every
+    request. The websockets library parses the handshake again after httptools, with limits of its own
+    (8,192 bytes a line, 128 headers: its WEBSOCKETS_MAX_LINE_LENGTH and WEBSOCKETS_MAX_NUM_HEADERS, read
+    once, when it is imported), so a handshake within S4_MAX_HEADER_BYTES but with a 9 KB cookie or 130
+    headers, which every HTTP route takes, got the library's plain-text 431 (no X-Request-ID, counted
+    nowhere). The guard counts the request against max_header_bytes before the upgrade
+    (`GuardedHttpProtocol`), so the library's limits are lifted past any setting (`MAX_BYTES`)."""
+    http11.MAX_LINE_LENGTH = max(http11.MAX_LINE_LENGTH, MAX_BYTES)
+    http11.MAX_NUM_HEADERS = max(http11.MAX_NUM_HEADERS, MAX_BYTES)
+
+
 def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
     """The uvicorn Config that serves `app` with `settings`' connection limits (what `python -m server`
     and the tests' server thread run); `metrics` (server.metrics.Metrics) counts closes and refusals."""
@@ -906,6 +920,7 @@ def uvicorn_config(app, settings, metrics=None, **kwargs) -> uvicorn.Config:
     )
     if metrics is not None:
         metrics.connections_open.set_function(lambda: len(guard.connections))
+    lift_handshake_header_limits()
     uvicorn_log = logging.getLogger("uvicorn.error")
     if not any(isinstance(f, _DropClientWarnings) for f in uvicorn_log.filters):
         uvicorn_log.addFilter(_DropClientWarnings())
