@@ -173,7 +173,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning("%s", warning)
 
     # outside the key check: a foreign page's request is refused for its origin, key or none
-    policy = OriginPolicy(settings.host, settings.allowed_origins, settings.allowed_hosts)
+    policy = app.state.origin_policy = OriginPolicy(
+        settings.host, settings.allowed_origins, settings.allowed_hosts
+    )
     if settings.allowed_origins:  # between the two: a listed page's preflight carries no key
         app.add_middleware(CrossOrigin, policy=policy)
     refused_for = state.metrics.requests_refused

@@ -16,8 +16,9 @@ rebinding: Ollama's CVE-2024-28224). Two checks, before any route (and before th
   name a loopback host (localhost, *.localhost, 127.x.x.x, [::1]; any port), an IP address (a page can
   only be on an address's origin if it came from that address: rebinding needs a name), or a name in
   `S4_ALLOWED_HOSTS` (`*`: any). On any other address (0.0.0.0 in a container) any Host passes unless
-  `S4_ALLOWED_HOSTS` is set (then the same rule). The probes (/healthz, /readyz: the kubelet's Host is
-  the pod's IP) are exempt from the Host check.
+  `S4_ALLOWED_HOSTS` is set (then the same rule). The probes (/healthz, /readyz: a probe may name the
+  server by a name no one listed) are exempt from the Host check; /readyz then withholds why a model is
+  not served, which quotes paths on the server's disk (server/routes/health.py).
 
 A refusal is 403 naming the origin or host and the setting (OpenAI's error shape on the OpenAI routes),
 a WebSocket's an HTTP 403 before the handshake completes; each is counted in

@@ -14,7 +14,7 @@ import socket
 
 import httpx
 import pytest
-from server_support import ServerThread, metric
+from server_support import ServerThread, metric, wait_for
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
@@ -232,6 +232,41 @@ def test_the_probes_answer_whatever_the_host(local):
     for path in ("/healthz", "/readyz"):
         assert httpx.get(local.url + path, headers={"Host": "evil.example"}).status_code == 200, path
     assert httpx.get(local.url + "/metrics", headers={"Host": "evil.example"}).status_code == 403
+
+
+def test_readyz_on_a_rebinding_host_withholds_why_a_model_is_not_served(model_dirs):
+    """The probes answer whatever the Host, so a DNS-rebinding page (same-origin to a loopback server under
+    its own name) read /readyz whole: why a model is not served, which quotes the checkpoint's path on the
+    server's disk and the exception's text, with no keys configured (the default on loopback). On a Host
+    the other routes refuse it keeps its status and fields and names the model, and the reason is
+    withheld; on an allowed Host it is given whole."""
+    broken = str(model_dirs["broken"])
+    settings = Settings(
+        checkpoints=[str(model_dirs["text"]), broken], drain_timeout_s=1, require_all_models=True
+    )
+    s = ServerThread(settings)
+    s.thread.start()  # (never ready: start() waits for a 200)
+    try:
+        loaded = lambda: s.server.started and httpx.get(s.url + "/readyz").json()["reason"] != "loading"  # noqa: E731
+        assert wait_for(loaded, 120, 0.1)
+        rebound = httpx.get(s.url + "/readyz", headers={"Host": f"rebind.evil.example:{s.port}"})
+        own = [
+            httpx.get(s.url + "/readyz", headers={"Host": h}) for h in (f"localhost:{s.port}", "127.0.0.1")
+        ]
+        assert httpx.get(s.url + "/v1/models", headers={"Host": "rebind.evil.example"}).status_code == 403
+    finally:
+        s.stop()
+    for r in (rebound, *own):  # the same status and fields whatever the Host
+        assert (
+            r.status_code == 503 and r.json()["models"] == [TEXT] and list(r.json()["failed"]) == ["broken"]
+        )
+    assert broken not in rebound.text and "JSON" not in rebound.text, rebound.text
+    assert rebound.json()["failed"]["broken"].startswith("not served (why: in the server's log")
+    assert rebound.json()["reason"].startswith(
+        "not every configured model is served (S4_REQUIRE_ALL_MODELS): broken"
+    )
+    for r in own:
+        assert "not valid JSON" in r.json()["failed"]["broken"] and "not valid JSON" in r.json()["reason"]
 
 
 def test_a_listed_host_passes_on_a_loopback_server(listed):

@@ -29,13 +29,19 @@ async def readyz(request: Request) -> JSONResponse:
     /v1/models/{id}: 200, or 503 while it loads). With API keys on, a request without a valid one (an
     orchestrator's probe) gets the same status and fields, but the reason a model is not served is
     withheld: it quotes paths on the server's disk and exception text (the log has it, and so does this
-    answer with a key)."""
+    answer with a key). The probes take any `Host` (server/origin.py), so the reason is withheld too on a
+    Host the other routes refuse: a DNS-rebinding page (same-origin to the server under its own name)
+    read it, keys or none."""
     st = state_of(request)
     keys = request.app.state.api_keys
     failed = st.failed
     if keys.enabled and not keys.carries_key(request.scope):
         failed = {
             k: "not served (why: in the server's log, or in this answer with an API key)" for k in failed
+        }
+    elif not request.app.state.origin_policy.host_allowed(request.headers.get("host")):
+        failed = {
+            k: "not served (why: in the server's log, or in this answer on an allowed Host)" for k in failed
         }
     if st.draining:
         reason = "draining"
