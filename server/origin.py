@@ -13,8 +13,9 @@ rebinding: Ollama's CVE-2024-28224). Two checks, before any route (and before th
   `Origin: null` (a sandboxed iframe, a file:// page) is foreign. Requests without Origin pass: curl,
   the Python and openai clients, and a browser's cross-site GET, whose answer the page cannot read.
 - **Host.** On a server listening on a loopback address (127.0.0.0/8, ::1, localhost) the `Host` must
-  name a loopback host (localhost, *.localhost, 127.x.x.x, [::1]; any port), an IP address (a page can
-  only be on an address's origin if it came from that address: rebinding needs a name), or a name in
+  name a loopback host (localhost, *.localhost, 127.x.x.x, [::1]; any port), an IP address, written in
+  any of the forms URLs take (`127.1`, `2130706433`: curl sends them as given; a page can only be on an
+  address's origin if it came from that address: rebinding needs a name), or a name in
   `S4_ALLOWED_HOSTS` (`*`: any). On any other address (0.0.0.0 in a container) any Host passes unless
   `S4_ALLOWED_HOSTS` is set (then the same rule). The probes (/healthz, /readyz: a probe may name the
   server by a name no one listed) are exempt from the Host check; /readyz then withholds why a model is
@@ -75,6 +76,40 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def ipv4_number_form(name: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address a host name of numbers names as URLs read it (the WHATWG URL standard's IPv4
+    parser, what inet_aton and so curl take): 1 to 4 dot-separated numbers, each decimal, 0x-hex or
+    0-octal, the last filling the bytes left (`127.1`, `2130706433`, `0x7f000001`, `0` are addresses);
+    None for anything else. A browser sends such a host as its dotted quad and never looks it up in DNS
+    (a host ending in a number is an address or no URL), so none is a rebinding name."""
+    labels = name.split(".")
+    if len(labels) > 1 and labels[-1] == "":
+        labels.pop()  # a trailing dot
+    if not 1 <= len(labels) <= 4:
+        return None
+    numbers = []
+    for label in labels:
+        if label[:2] in ("0x", "0X"):
+            digits, base = label[2:] or "0", 16
+        elif len(label) > 1 and label.startswith("0"):
+            digits, base = label[1:], 8
+        else:
+            digits, base = label, 10
+        if not digits or not digits.isascii() or not digits.isalnum():
+            return None
+        try:
+            numbers.append(int(digits, base))
+        except ValueError:
+            return None
+    *head, last = numbers
+    if any(n > 255 for n in head) or last >= 256 ** (4 - len(head)):
+        return None
+    value = last
+    for i, n in enumerate(head):
+        value += n << (8 * (3 - i))
+    return ipaddress.IPv4Address(value)
+
+
 def host_name(host_header: str) -> str:
     """The name of a `Host` header, without its port, lower-cased (`[::1]:8000` → `::1`)."""
     host = host_header.strip().lower()
@@ -127,7 +162,9 @@ class OriginPolicy:
         if not self.check_host or host is None:
             return True
         name = host_name(host)
-        return is_loopback_name(name) or _ip(name) is not None or name.rstrip(".") in self.hosts
+        if _ip(name) is not None or ipv4_number_form(name) is not None:
+            return True
+        return is_loopback_name(name) or name.rstrip(".") in self.hosts
 
 
 def _header(scope: dict, name: bytes) -> str | None:

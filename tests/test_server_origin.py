@@ -227,6 +227,22 @@ def test_loopback_hosts_and_ip_addresses_pass_on_a_loopback_server(local):
         assert ws_handshake(p, {"Host": host})[0] == 101, host
 
 
+def test_an_ip_address_in_any_form_a_url_takes_passes_on_a_loopback_server(local):
+    """`curl http://127.1:8000/...` sends `Host: 127.1:8000` (curl, like inet_aton and the URL standard,
+    reads 127.1, 2130706433 and 0x7f000001 as 127.0.0.1), which was refused 403 as a rebinding name,
+    telling the user to use "an IP address". A browser sends such a host as its dotted quad and never
+    asks DNS for it, so it is no rebinding name: it passes, while names that only hold numbers still do
+    not."""
+    p = local.port
+    for host in (f"127.1:{p}", "2130706433", f"0x7f000001:{p}", "0x7f.1", "127.0.1", f"017700000001:{p}"):
+        for path, body in ROUTES:
+            assert post(local, path, body, Host=host).status_code == 200, (host, path)
+        assert ws_handshake(p, {"Host": host})[0] == 101, host
+    for host in ("1.evil.example", f"127.1.evil.example:{p}", "evil.1", "256.256.256.256", "1.2.3.4.5"):
+        assert post(local, *ROUTES[0], Host=host).status_code == 403, host
+        assert ws_handshake(p, {"Host": host})[0] == 403, host
+
+
 def test_the_probes_answer_whatever_the_host(local):
     """The kubelet's probes name the pod's IP, and a probe holds no data: no Host check on them."""
     for path in ("/healthz", "/readyz"):
