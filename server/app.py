@@ -40,7 +40,7 @@ from server.errors import (
 )
 from server.json_budget import json_content_type, route_budget
 from server.logs import StreamEnds, add_request_ids, log_refusal
-from server.origin import CrossOrigin, OriginCheck, OriginPolicy
+from server.origin import CrossOrigin, OriginCheck, OriginPolicy, open_door_warnings
 from server.routes import demo, generate, health, openai, sessions, websocket
 from server.state import ServerState
 
@@ -176,6 +176,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     policy = app.state.origin_policy = OriginPolicy(
         settings.host, settings.allowed_origins, settings.allowed_hosts
     )
+    for warning in open_door_warnings(policy, keys.enabled):
+        log.warning("%s", warning)
     if settings.allowed_origins:  # between the two: a listed page's preflight carries no key
         app.add_middleware(CrossOrigin, policy=policy)
     refused_for = state.metrics.requests_refused

@@ -167,6 +167,28 @@ class OriginPolicy:
         return is_loopback_name(name) or name.rstrip(".") in self.hosts
 
 
+def open_door_warnings(policy: OriginPolicy, keys: bool) -> list[str]:
+    """Warnings, at start, for a `*` that opens the server to every web page while no API key guards it
+    (`keys`: whether keys are configured): `S4_ALLOWED_ORIGINS=*` (any page the user visits drives every
+    route and the WebSocket), and on a loopback server `S4_ALLOWED_HOSTS=*` (DNS rebinding). The README
+    calls either unsafe without keys; nothing said so when it was set."""
+    if keys:
+        return []
+    out = []
+    if policy.any_origin:
+        out.append(
+            "S4_ALLOWED_ORIGINS=* with no API key: any web page a user of this machine visits can call every "
+            "route and open the WebSocket (generate, read, continue or delete sessions); list the pages' "
+            "origins, or set S4_API_KEYS"
+        )
+    if policy.any_host and policy.loopback:
+        out.append(
+            "S4_ALLOWED_HOSTS=* with no API key on a loopback address: a web page can reach this server "
+            "under a name of its own (DNS rebinding) and call every route; list the names, or set S4_API_KEYS"
+        )
+    return out
+
+
 def _header(scope: dict, name: bytes) -> str | None:
     for key, value in scope.get("headers", ()):
         if key == name:

@@ -243,6 +243,37 @@ def test_an_ip_address_in_any_form_a_url_takes_passes_on_a_loopback_server(local
         assert ws_handshake(p, {"Host": host})[0] == 403, host
 
 
+def test_a_star_with_no_api_key_is_named_in_a_warning_at_start(model_dirs, caplog):
+    """`S4_ALLOWED_ORIGINS=*` lets every web page the user visits drive the server, and `S4_ALLOWED_HOSTS=*`
+    on a loopback address lets DNS rebinding through: the README calls either unsafe without API keys,
+    and the server said nothing when one was set so. Each is a warning at start now; with keys, a listed
+    origin or host, or `*` hosts on every interface (no Host check there anyway), none."""
+    import logging
+
+    from server import create_app
+
+    def warned(**settings) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="server"):
+            create_app(Settings(checkpoints=[str(model_dirs["text"])], **settings))
+        return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+    origins, hosts = warned(allowed_origins="*"), warned(allowed_hosts="*")
+    assert len(origins) == 1 and origins[0].startswith("S4_ALLOWED_ORIGINS=* with no API key: any web page")
+    assert len(hosts) == 1 and hosts[0].startswith("S4_ALLOWED_HOSTS=* with no API key on a loopback address")
+    assert len(warned(allowed_origins="*", allowed_hosts="*")) == 2
+    strong = "k" * 32
+    settings_warning_nothing = [
+        {"allowed_origins": "*", "allowed_hosts": "*", "api_keys": strong},
+        {"allowed_origins": "https://app.example.com"},
+        {"allowed_hosts": "app.example.com"},
+        {"allowed_hosts": "*", "host": "0.0.0.0"},
+        {},
+    ]
+    for quiet in settings_warning_nothing:
+        assert warned(**quiet) == [], quiet
+
+
 def test_the_probes_answer_whatever_the_host(local):
     """The kubelet's probes name the pod's IP, and a probe holds no data: no Host check on them."""
     for path in ("/healthz", "/readyz"):
