@@ -302,6 +302,9 @@ class CharVocab(Vocab):
         return " " if s == "_" else s
 
 
+NAMED_WORDS = 20  # of the unknown words a refusal names
+
+
 class WordVocab(Vocab):
     """symbols[i] is token i's word (no whitespace inside a symbol). `eos` must be a symbol; `unk` is
     used for unknown words when it is one. Raises VocabError for an empty or duplicated symbol list."""
@@ -337,13 +340,30 @@ class WordVocab(Vocab):
             )
         return i
 
+    def _unknown_message(self, unknown: list[str]) -> str:
+        """The refusal of a text whose `unknown` words (in order) this vocabulary, with no `unk`, lacks:
+        all of them at once (one a request made a user fix a prompt one word per request: a fresh-user
+        trial), with how its words are split."""
+        distinct = list(dict.fromkeys(unknown))
+        named = ", ".join(repr(w[:40]) for w in distinct[:NAMED_WORDS])
+        more = f" and {len(distinct) - NAMED_WORDS:,} more" if len(distinct) > NAMED_WORDS else ""
+        return (
+            f"{len(distinct):,} word{'s' if len(distinct) != 1 else ''} not in the vocabulary, which has no "
+            f"{self.unk!r} symbol to read {'them' if len(distinct) != 1 else 'it'} as: {named}{more}. A word "
+            "is what whitespace separates, as in the training text (WikiText and PTB write punctuation "
+            "apart: 'fast .', not 'fast.')"
+        )
+
     def unknown_words(self, text: str) -> list[str]:
         """The words of `text` (as `encode` splits it) that the vocabulary lacks, in order: each is read as
         `<unk>` (a literal `<unk>` in the text is the symbol, not unknown)."""
         return [w for w in text.split() if self._key(w) not in self.index]
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`: its words (split on whitespace), `<eos>` for each newline."""
+        """Token ids of `text`: its words (split on whitespace), `<eos>` for each newline. Raises
+        VocabError naming every word the vocabulary lacks (up to `NAMED_WORDS`) when it has no `unk`."""
+        if self.unk_id is None and (unknown := self.unknown_words(text)):
+            raise VocabError(self._unknown_message(unknown))
         lines = text.split("\n")
         ids: list[int] = []
         for k, line in enumerate(lines):

@@ -56,8 +56,18 @@ def test_an_unknown_word_is_unk_when_the_vocabulary_has_it_else_refused_by_name(
     vocab = WordVocab.from_dataset(DATA, "wt103")
     assert vocab.encode("w1 zebra") == [vocab.index["w1"], vocab.index["<unk>"]]
     no_unk = WordVocab([s for s in vocab.symbols if s != "<unk>"])
-    with pytest.raises(VocabError, match=r"word 'zebra' is not in the vocabulary \(which has no '<unk>'"):
+    first = r"^1 word not in the vocabulary, which has no '<unk>' symbol to read it as: 'zebra'\. A word is"
+    with pytest.raises(VocabError, match=first):
         no_unk.encode("w1 zebra")
+    # every unknown word at once, each once, in order (it named the first only: one fix per request)
+    with pytest.raises(VocabError) as err:
+        no_unk.encode("zebra w1 prompt.\nfast. zebra")
+    said = "3 words not in the vocabulary, which has no '<unk>' symbol to read them as: 'zebra', 'prompt.', "
+    said += "'fast.'. "
+    assert str(err.value).startswith(said), str(err.value)
+    many = " ".join(f"q{i}" for i in range(25))
+    with pytest.raises(VocabError, match=r"^25 words .*: 'q0', 'q1', .*'q19' and 5 more\. "):
+        no_unk.encode(many)
 
 
 def test_ptb_lower_cases_its_input():
