@@ -119,8 +119,9 @@ def token_warning(dataset: str | None, vocab_size: int) -> str | None:
                 "and writes garbage"
             )
             + (
-                "; give it its vocabulary (--vocab; for a server given the file itself, the symbols file "
-                "beside it as vocab.txt: python -m model.vocab)"
+                "; give it its vocabulary (--vocab; or the symbols file beside it as vocab.txt, which "
+                "model.convert and a server given the file read: python -m model.vocab DATA_DIR CKPT "
+                "vocab.txt)"
                 if words
                 else f"; the server reads only the vocabularies of {', '.join(sorted(VOCAB_BUILDS))} "
                 f"(--vocab), not {dataset}'s" + ("" if vocab_size < 256 else f": {library}")
@@ -541,17 +542,23 @@ def main(argv: list[str] | None = None) -> int:
     rate_help = "a SaShiMi import's audio rate (default: its dataset's; 16000 when unknown)"
     ap.add_argument("--sample-rate", type=int, default=None, metavar="HZ", help=rate_help)
     vocab_help = (
-        "a word-level LM's vocabulary: the dataset's data folder (built as the official code builds it: "
-        "wt103, wt2, ptb) or a symbols file, one per line; written as vocab.txt"
+        "a text model's vocabulary: the dataset's data folder (built as the official code builds it: "
+        "wt103, wt2, ptb, enwik8, text8) or a symbols file, one per line; written as vocab.txt (default: "
+        "SRC's vocab.txt beside it, or beside its run's last.ckpt, when there is one, as a server reads it)"
     )
     ap.add_argument("--vocab", type=Path, default=None, metavar="DATA_DIR_OR_FILE", help=vocab_help)
     args = ap.parse_args(argv)
     if args.sample_rate is not None and not 1000 <= args.sample_rate <= 384000:
         print(f"error: --sample-rate = {args.sample_rate}: expected 1000 to 384000 Hz", file=sys.stderr)
         return 2
+    vocab = args.vocab
+    if vocab is None and (vocab := find_vocab(args.src)) is not None:  # as a server given SRC reads it
+        where = "beside" if vocab.parent == args.src.parent else "in the run's checkpoints folder of"
+        print(f"note: {vocab}, {where} {args.src.name}, is read as its vocabulary, as a server given "
+              f"{args.src.name} reads it (--vocab names another)", file=sys.stderr)  # fmt: skip
     try:
         summary = convert(args.src, args.out_dir, args.config, args.name, force=args.force,
-                          sample_rate=args.sample_rate, vocab=args.vocab)  # fmt: skip
+                          sample_rate=args.sample_rate, vocab=vocab)  # fmt: skip
     except (ConvertError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

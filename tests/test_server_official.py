@@ -290,7 +290,7 @@ def test_the_log_says_how_an_official_file_was_converted_or_read_and_how_its_mod
             caplog.clear()
             assert load_models(settings, SessionTable(), Metrics())[1] == {}
             resolve_entry(str(ckpt), settings)  # (a second resolution: no second line)
-        said = [m for m in caplog.messages if m.startswith(f"{ckpt}: ") and "conver" in m]
+        said = [m for m in caplog.messages if m.startswith((f"{ckpt}: converted", f"{ckpt}: its conversion"))]
         return said, next(m for m in caplog.messages if m.startswith("model s4_bytes: "))
 
     said, line = start()

@@ -392,7 +392,7 @@ def test_an_enwik8_model_without_its_vocabulary_is_told_how_to_get_it(tmp_path):
     summary = convert(FIX / "trainpy_enwik.ckpt", tmp_path / "conv")
     warning = summary["warning"]
     assert "trained on dataset 'enwik8', whose token ids are the official code's frequency-ordered" in warning
-    assert "give it its vocabulary (--vocab; for a server given the file itself, the symbols file" in warning
+    assert "give it its vocabulary (--vocab; or the symbols file beside it as vocab.txt, which" in warning
     assert "python -m model.vocab" in warning and "through the library" not in warning
     settings = Settings(checkpoints=[str(tmp_path / "conv")], device="cpu", max_sessions=2, torch_threads=1)
     models, failed = load_models(settings, SessionTable(), Metrics())

@@ -134,6 +134,27 @@ def test_convert_reads_a_symbols_file_and_refuses_one_of_another_size(tmp_path):
     assert not out.exists()
 
 
+def test_convert_reads_the_vocab_txt_beside_its_source_as_a_server_does(tmp_path):
+    """A server given an official file reads the vocab.txt beside it; model.convert ignored it, wrote a
+    checkpoint without a vocabulary and warned to give it one, the file right there (a fresh-user trial).
+    It reads it now, saying so; --vocab still names another."""
+    src = tmp_path / "run" / "checkpoints"
+    src.mkdir(parents=True)
+    (src / "last.ckpt").write_bytes((FIX / "s4_wt103.ckpt").read_bytes())
+    (src / "vocab.txt").write_text("".join(s + "\n" for s in REF["wt103"]["idx2sym"]))
+    convert = [sys.executable, "-m", "model.convert", str(src / "last.ckpt")]
+    r = subprocess.run([*convert, str(tmp_path / "a")], check=False, capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"note: {src / 'vocab.txt'}, beside last.ckpt, is read as its vocabulary" in r.stderr, r.stderr
+    assert "give it its vocabulary" not in r.stderr
+    assert load_vocab(tmp_path / "a").symbols == REF["wt103"]["idx2sym"]
+    (tmp_path / "short.txt").write_text("".join(s + "\n" for s in REF["wt103"]["idx2sym"][:60]))
+    r = subprocess.run([*convert, str(tmp_path / "b"), "--vocab", str(tmp_path / "short.txt")],
+                       check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    assert r.returncode == 2 and "60 words, but the model's vocabulary has 64" in r.stderr, r.stderr
+
+
 def test_a_checkpoint_without_a_vocabulary_has_none():
     assert load_vocab(ROOT / "checkpoints" / "text-shakespeare") is None
 
