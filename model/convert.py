@@ -96,6 +96,54 @@ def default_name(src: Path) -> str:
     return run.name if re.fullmatch(r"[A-Za-z0-9._-]+", run.name or "") else src.stem
 
 
+def _positive(v) -> int | None:
+    return v if type(v) is int and v > 0 else None
+
+
+def training_length(cfg: dict | None) -> tuple[int, str] | None:
+    """The length of the sequences a run trained on, and the config key that says it: the dataset's
+    `__l_max` (what the layers' `l_max` defaults to), the loader's `l_max` (the LM loader's), the
+    dataset's `l_max` or its `sample_len` (the audio datasets' clip); None when the config says none."""
+    ds = cfg.get("dataset") if isinstance(cfg, dict) else None
+    loader = cfg.get("loader") if isinstance(cfg, dict) else None
+    keys = (
+        (ds, "dataset", "__l_max"),
+        (loader, "loader", "l_max"),
+        (ds, "dataset", "l_max"),
+        (ds, "dataset", "sample_len"),
+    )
+    for section, where, key in keys:
+        if isinstance(section, dict) and (n := _positive(section.get(key))) is not None:
+            return n, f"{where}.{key}"
+    return None
+
+
+def length_warning(cfg: dict | None, unit: str) -> str | None:
+    """Why the served model may not be the one its run trained: a layer's `l_max` (model.layer.l_max)
+    shorter than the training length. The official FFTConv convolves with a kernel of min(L, l_max) taps
+    (src/models/sequence/kernels/fftconv.py, FFTConv.forward: l_kernel = min(L, round(self.L / rate))), so a
+    run with a shorter l_max than its sequences trained a model that sees
+    no further back than l_max steps; the recurrent form (as the official generate.py's step) sees the
+    whole context, so from step l_max on its outputs differ from the official forward's. `unit`: what a
+    step is (tokens, samples)."""
+    trained = training_length(cfg)
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    layers = model.get("layer") if isinstance(model, dict) else None
+    layers = layers if isinstance(layers, list) else [layers]
+    kernels = [n for lc in layers if isinstance(lc, dict) and (n := _positive(lc.get("l_max"))) is not None]
+    if trained is None or not kernels or min(kernels) >= trained[0]:
+        return None
+    k, (n, key) = min(kernels), trained
+    return (
+        f"model.layer.l_max = {k} is shorter than the sequences it trained on ({key} = {n}): the official "
+        f"forward convolves with kernels of {k} taps, so the run trained a model that sees no further back "
+        f"than {k} {unit}; served in its recurrent form (as the official generate.py steps it) it sees the "
+        f"whole context, so once its context is longer than {k} {unit} its outputs differ from the official "
+        "forward's, with which its training and validation losses were measured (python -m "
+        f"model.check_official compares the two up to {k} {unit} only)"
+    )
+
+
 def token_warning(dataset: str | None, vocab_size: int) -> str | None:
     """Why a text model's ids may not be bytes: fewer than 256 of them (the server refuses such a text
     model: its text routes send UTF-8 bytes as ids), or an official dataset that numbers tokens by a
@@ -336,6 +384,8 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
     words = _vocab(src, vocab, dataset, imp.config["vocab_size"], text)
     if words is not None:  # its ids are served through the vocabulary: the token warning no longer holds
         warning = None
+    if (memory := length_warning(cfg, "tokens" if text else "samples")) is not None:
+        warning = memory if warning is None else f"{warning}; {memory}"
     summary = {
         "from": "state-spaces/s4",
         "file": src.name,

@@ -24,7 +24,15 @@ import yaml
 from safetensors.torch import load_file
 
 from model import load
-from model.convert import CONVERTER_VERSION, ConvertError, build, cache_key, convert, convert_cached
+from model.convert import (
+    CONVERTER_VERSION,
+    ConvertError,
+    build,
+    cache_key,
+    convert,
+    convert_cached,
+    length_warning,
+)
 from model.official.mapping import ConfigMismatch, Unsupported, _audio_format, map_official
 from model.official.reader import OfficialFormatError, read_source, resolve_config, safe_torch_load
 
@@ -699,6 +707,45 @@ def test_the_config_flag_names_the_run_config_of_a_pt(tmp_path):
     ref = load_file(str(FIX / "s4d_zoh.ref.safetensors"))
     with torch.no_grad():
         assert rel(load(tmp_path / "out")(ref["tokens"]), ref["logits_step"]) <= 1e-5
+
+
+def test_a_layer_l_max_shorter_than_the_training_length_is_warned_of(tmp_path):
+    """The official FFTConv convolves with min(L, l_max) taps, so a run whose model.layer.l_max is
+    shorter than its sequences trained a model that sees only l_max steps back, where the recurrent
+    form sees the whole context: such a model was converted and served with no word of it, and
+    check_official (which compares up to l_max) said ok (a fresh-user trial: l_max 32 on 64-token
+    sequences; log-probabilities 0.006-0.05 off the official forward's inside the training length).
+    Now a warning (stderr, the card, source.warning, the server's log) says so."""
+    src = tmp_path / "model.pt"
+    src.write_bytes((FIX / "s4d_zoh.pt").read_bytes())
+    cfg = yaml.safe_load((FIX / "s4d_zoh.yaml").read_text())
+    assert cfg["model"]["layer"][0]["l_max"] == 32 and cfg["dataset"]["l_max"] == 32
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    same = convert(src, tmp_path / "same")["warning"]  # (its dataset, wt103's ids, has a warning of its own)
+    assert same is not None and "l_max" not in same
+    cfg["dataset"]["l_max"] = 64
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    said = "model.layer.l_max = 32 is shorter than the sequences it trained on (dataset.l_max = 64): the"
+    summary = convert(src, tmp_path / "out")
+    assert said in summary["warning"] and "sees no further back than 32 tokens" in summary["warning"]
+    assert said in (tmp_path / "out" / "README.md").read_text()
+    assert said in json.loads((tmp_path / "out" / "config.json").read_text())["source"]["warning"]
+    text = {"model": {"layer": [{"l_max": 32}, {"_name_": "ff"}]}}
+    cases = [  # (config, the warning's key and length, or None)
+        ({**text, "loader": {"l_max": 64}}, "loader.l_max = 64"),
+        ({**text, "dataset": {"__l_max": 48}, "loader": {"l_max": 64}}, "dataset.__l_max = 48"),
+        ({**text, "dataset": {"sample_len": 16000}}, "dataset.sample_len = 16000"),
+        ({**text, "loader": {"l_max": 32}}, None),  # the same length
+        ({"model": {"layer": {"l_max": None}}, "loader": {"l_max": 64}}, None),  # null: the kernel of any L
+        ({**text, "loader": {"l_max": "64"}}, None),  # not a length
+        ({**text}, None),  # no length said
+    ]
+    for config, expected in cases:
+        got = length_warning(config, "samples")
+        assert (got is None) if expected is None else (expected in got and "32 samples" in got), (config, got)
+    # the fixtures: the one whose layers are shorter than its clips warns, no other
+    warned = [f.name for f in sorted(FIX.glob("*.ckpt")) if length_warning(read_source(f)[1], "tokens")]
+    assert warned == ["s4_sc09.ckpt"], warned  # (its layers' l_max 64, its clips' sample_len 16000)
 
 
 # ---------------------------------------------------------------------------------------------
