@@ -425,8 +425,9 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
 # Part of every cache entry's name: raise it when a change to the conversion could change an entry or
 # refuse a source it accepted (2: configs that contradict the weights, non-'lm' tasks are refused; 3: a
 # backbone config without model.residual or model.norm, read as 'R' and LayerNorm before, and malformed
-# task and dataset sections are refused), so entries an older converter wrote are not reused.
-CONVERTER_VERSION = 3
+# task and dataset sections are refused; 4: a source whose zip records fail their CRC-32, a corrupt copy
+# converted with a changed weight before, is refused), so entries an older converter wrote are not reused.
+CONVERTER_VERSION = 4
 
 
 # official files this process has hashed, (device, inode, mtime, size) → SHA-256: a server resolves each

@@ -1196,6 +1196,45 @@ def test_unreadable_sources_get_messages_that_say_what_is_wrong(tmp_path):
         assert str(err.value).endswith("(compare its SHA-256 with the original's)")
 
 
+def _flip_a_byte_of(src: Path, record: str, out: Path) -> str:
+    """`src` with one byte of the zip record whose name ends in `record` (a tensor's data) inverted, written
+    to `out`; returns the record's full name."""
+    import zipfile
+
+    data = bytearray(src.read_bytes())
+    with zipfile.ZipFile(src) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith(record))
+    # the record's bytes follow its 30-byte local header, its name and its extra field
+    name_len = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little")
+    extra_len = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    start = info.header_offset + 30 + name_len + extra_len
+    data[start + info.file_size // 2] ^= 0xFF
+    out.write_bytes(bytes(data))
+    return info.filename
+
+
+@pytest.mark.parametrize("name", ["s4_bytes.ckpt", "s4d_zoh.pt"])
+def test_a_checkpoint_with_a_corrupt_byte_is_refused_naming_its_record(tmp_path, name):
+    """torch.load does not check the CRC-32 that torch.save writes for each record of its zip archive: a
+    .ckpt with one byte of a tensor inverted (a damaged copy) loaded with that weight changed, converted
+    (our forms agree with each other, so its checks passed) and served silently wrong. Every record is now
+    checked against its CRC-32 first: refused, naming the record, by the reader and by model.convert (exit
+    2, nothing written). The record hit is each fixture's first tensor."""
+    src = tmp_path / name
+    if name.endswith(".pt"):
+        (tmp_path / "s4d_zoh.yaml").write_bytes((FIX / "s4d_zoh.yaml").read_bytes())
+    record = _flip_a_byte_of(FIX / name, "/data/0", src)
+    with pytest.raises(OfficialFormatError, match=rf"record {record} of the torch zip archive does not match "
+                       r"its CRC-32: the file is corrupt") as err:  # fmt: skip
+        read_source(src)
+    assert str(err.value).endswith("(compare its SHA-256 with the original's)")
+    r = _run_convert(src, tmp_path / "out")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert f"record {record} of the torch zip archive does not match its CRC-32" in r.stderr
+    assert not (tmp_path / "out").exists()
+    read_source(FIX / name)  # the intact file reads
+
+
 def test_a_long_loader_message_is_cut_at_a_sentence_never_inside_a_word():
     from model.official.reader import _clean_cut
 
