@@ -37,8 +37,15 @@ from pathlib import Path
 
 import torch
 
+from model.network import MAX_SIZE
+
 TOL = 1e-5
 STEP_TOL = 1e-4  # the recurrence's rows: LOGITS_TOL of float32 and float64 (the module's docstring)
+# --tokens at most twice the longest l_max a model may have (MAX_SIZE); --seed within torch.manual_seed's
+# range. Unchecked, --tokens 100000000 ran the official recurrence (token by token, in Python) without
+# end, and --seed 2**64 was the child's traceback ("Overflow when unpacking long long"): a helper's audit
+MAX_TOKENS = 2 * MAX_SIZE["l_max"]
+SEEDS = (-(1 << 63), (1 << 64) - 1)
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "official" / "reference.py"
 REQUIRED = ("tokens", "logits_conv", "logits_step")
 
@@ -297,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(
                     "give SRC CONVERTED_DIR --official S4_CHECKOUT --python PYTHON (or --reference)"
                 )
-            if args.tokens is not None and args.tokens < 1:
-                raise UsageError(f"--tokens {args.tokens}: expected a positive number")
+            if args.tokens is not None and not 1 <= args.tokens <= MAX_TOKENS:
+                raise UsageError(f"--tokens {args.tokens}: expected 1 to {MAX_TOKENS:,}")
+            if not SEEDS[0] <= args.seed <= SEEDS[1]:
+                raise UsageError(f"--seed {args.seed}: expected {SEEDS[0]:,} to {SEEDS[1]:,} (torch's seeds)")
             src, converted = args.paths
             if not converted.is_dir():
                 raise UsageError(f"{converted}: no such folder (convert first: python -m model.convert)")

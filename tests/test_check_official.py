@@ -223,6 +223,29 @@ def test_usage_errors_exit_2_saying_why(converted, tmp_path):
     assert rc == 2 and "not a checkout of state-spaces/s4" in err
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("--tokens", "0", "--tokens 0: expected 1 to 2,097,152"),
+        ("--tokens", "100000000", "--tokens 100000000: expected 1 to 2,097,152"),
+        ("--seed", str(1 << 64), f"--seed {1 << 64}: expected -9,223,372,036,854,775,808 to "
+         "18,446,744,073,709,551,615 (torch's seeds)"),
+        ("--seed", str(-(1 << 63) - 1), f"--seed {-(1 << 63) - 1}: expected"),
+    ],
+)  # fmt: skip
+def test_out_of_range_tokens_and_seeds_are_usage_errors_before_the_official_code_runs(
+    converted, tmp_path, option, value, says
+):
+    """--tokens 100000000 ran the official recurrence (token by token, in Python) without end, and a seed
+    past torch's range was the child's traceback ("Overflow when unpacking long long"): each is now refused
+    before the child starts (a checkout that does not import is given: it is never reached)."""
+    checkout = _fake_checkout(tmp_path / "s4")
+    rc, out, err = run(FIX / "s4_bytes.ckpt", converted["s4_bytes"], "--official", checkout,
+                       "--python", sys.executable, option, value)  # fmt: skip
+    assert rc == 2 and f"error: {says}" in err, (rc, err)
+    assert "official outputs" not in out and "Traceback" not in err
+
+
 def _fake_checkout(root: Path) -> Path:
     """A folder laid out like a checkout whose code does not import (src/ is not a package here)."""
     (root / "src" / "models" / "sequence").mkdir(parents=True)
