@@ -426,7 +426,8 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
 # refuse a source it accepted (2: configs that contradict the weights, non-'lm' tasks are refused; 3: a
 # backbone config without model.residual or model.norm, read as 'R' and LayerNorm before, and malformed
 # task and dataset sections are refused; 4: a source whose zip records fail their CRC-32, a corrupt copy
-# converted with a changed weight before, is refused), so entries an older converter wrote are not reused.
+# converted with a changed weight before, and layer options of other official versions, force_real, shift,
+# hyper_act and linear, are refused), so entries an older converter wrote are not reused.
 CONVERTER_VERSION = 4
 
 

@@ -419,6 +419,19 @@ def _check_s4_layer(lc: dict, where: str) -> str:
         ("mult_act", None, (None, "id", "identity", "linear", "none"), "only no multiplicative activation"),
         ("weight_norm", False, (False,), "weight-normalized output layers are not supported"),
         ("layer", "fftconv", ("fftconv",), "only the FFTConv inner layer is supported"),
+        # options of other official versions (at e757cef each one reaches dplr() and fails there, so a run
+        # that set it trained elsewhere), each taken silently before: v4.0's force_real (A = Re A: Im Λ
+        # 0, A_imag unused), version 3's shift (the convolution delayed one step), hyper_act (a second
+        # channel multiplying the first) and linear (no activation and output layer): a helper's audit
+        ("force_real", False, (False,), "state-spaces/s4 v4.0's real-valued SSM (Im Λ = 0) is not supported"),
+        ("shift", False, (False,), "version 3's shifted convolution (one step late) is not supported"),
+        ("hyper_act", None, (None,), "version 3's hypernetwork multiplication is not supported"),
+        (
+            "linear",
+            False,
+            (False,),
+            "version 3's linear S4 layer (no activation or output layer) is not supported",
+        ),
     ):
         _expect(lc, opt, default, allowed, where, why)
     final = lc.get("final_act", "glu")
