@@ -311,6 +311,14 @@ def main(argv: list[str] | None = None) -> int:
             src, converted = args.paths
             if not converted.is_dir():
                 raise UsageError(f"{converted}: no such folder (convert first: python -m model.convert)")
+            if args.save_reference is not None:  # before the official run (minutes): its write failing
+                # after it was an OSError traceback, exit 1, the status of a wrong mapping (a helper's audit)
+                if not args.save_reference.parent.is_dir() or args.save_reference.is_dir():
+                    raise UsageError(
+                        f"--save-reference {args.save_reference}: "
+                        + ("a folder, not a file" if args.save_reference.is_dir()
+                           else f"no such folder {args.save_reference.parent}")
+                    )  # fmt: skip
             with tempfile.TemporaryDirectory(prefix="s4-check-") as tmp:
                 out = Path(tmp) / "official.safetensors"
                 meta = official_reference(
@@ -318,7 +326,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 ref, _ = read_reference(out)
                 if args.save_reference is not None:
-                    args.save_reference.write_bytes(out.read_bytes())
+                    try:
+                        args.save_reference.write_bytes(out.read_bytes())
+                    except OSError as exc:
+                        raise UsageError(
+                            f"--save-reference {args.save_reference}: not written ({exc.strerror or exc})"
+                        ) from None
             note = meta.pop("note", None)
             if note:
                 print(note)

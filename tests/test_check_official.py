@@ -246,6 +246,24 @@ def test_out_of_range_tokens_and_seeds_are_usage_errors_before_the_official_code
     assert "official outputs" not in out and "Traceback" not in err
 
 
+def test_a_save_reference_that_cannot_be_written_is_a_usage_error_before_the_official_code_runs(
+    converted, tmp_path
+):
+    """--save-reference into a folder that does not exist was written after the official run (minutes on
+    a long model) and failed there: an OSError traceback and exit 1, the status of a wrong mapping. Now
+    it is exit 2 saying why, before the child starts (a checkout that does not import: never reached)."""
+    checkout = _fake_checkout(tmp_path / "s4")
+    (tmp_path / "a_folder").mkdir()
+    for target, says in (
+        (tmp_path / "nowhere" / "ref.safetensors", f"no such folder {tmp_path / 'nowhere'}"),
+        (tmp_path / "a_folder", "a folder, not a file"),
+    ):
+        rc, out, err = run(FIX / "s4_bytes.ckpt", converted["s4_bytes"], "--official", checkout,
+                           "--python", sys.executable, "--save-reference", target)  # fmt: skip
+        assert rc == 2 and f"error: --save-reference {target}: {says}" in err, (rc, err)
+        assert "official outputs" not in out and "Traceback" not in err
+
+
 def _fake_checkout(root: Path) -> Path:
     """A folder laid out like a checkout whose code does not import (src/ is not a package here)."""
     (root / "src" / "models" / "sequence").mkdir(parents=True)
