@@ -332,6 +332,23 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
+def _check_not_an_input(out: Path, src: Path, config, vocab) -> None:
+    """ConvertError when OUT_DIR is, or holds, a file the conversion reads (SRC, its config, given or found
+    beside it, its vocabulary): `--force` replaced OUT_DIR whole, so `convert RUN/checkpoints/last.ckpt RUN
+    --force` deleted the run folder, the checkpoint in it, and `convert X.ckpt X.ckpt --force` the
+    checkpoint itself, after converting it (a helper's audit)."""
+    if not out.exists():
+        return
+    found = find_config(src) if config is None and src.suffix != ".ckpt" else None
+    target = out.resolve()
+    for p in (src, config, found, vocab):
+        if p is not None and (target == Path(p).resolve() or target in Path(p).resolve().parents):
+            raise ConvertError(
+                f"{out}: {'is' if target == Path(p).resolve() else 'holds'} {p}, which this conversion "
+                "reads (--force would delete it): give another OUT_DIR"
+            )
+
+
 def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = None, name: str | None = None,
             tol: float = 1e-4, force: bool = False, sample_rate: int | None = None,
             vocab: str | Path | None = None) -> dict:  # fmt: skip
@@ -345,6 +362,7 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
     from model.recurrent import VerificationError
 
     src, out = Path(src), Path(out_dir)
+    _check_not_an_input(out, src, config, vocab)
     if not force and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConvertError(f"{out}: exists and is not empty; --force replaces it (all of it)")
     try:

@@ -1183,6 +1183,45 @@ def test_the_card_names_dt_fast_among_the_options_read():
     assert "dt_fast" not in "\n".join(imported("s4_softplus").notes)
 
 
+def test_force_never_deletes_a_file_the_conversion_reads(tmp_path):
+    """--force replaces OUT_DIR whole: `convert RUN/checkpoints/last.ckpt RUN --force` deleted the run
+    folder with the checkpoint in it, and `convert X.ckpt X.ckpt --force` the checkpoint itself (each
+    replaced by the converted folder). An OUT_DIR that is, or holds, SRC, its config (given, or found beside
+    a .pt) or its vocabulary is now refused, exit 2, with or without --force, and nothing is touched."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes((FIX / "s4_bytes.ckpt").read_bytes())
+    (run / "train.log").write_text("the run's log\n")
+    pt = tmp_path / "model.pt"
+    pt.write_bytes((FIX / "s4d_zoh.pt").read_bytes())
+    cfg = tmp_path / "cfg" / "config.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text((FIX / "s4d_zoh.yaml").read_text())
+    beside = tmp_path / "beside"  # a .pt with its config found beside it (model.yaml)
+    beside.mkdir()
+    (beside / "model.yaml").write_text((FIX / "s4d_zoh.yaml").read_text())
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "model.pt").write_bytes(pt.read_bytes())
+    (tmp_path / "elsewhere" / "model.yaml").symlink_to(beside / "model.yaml")
+    cases = [
+        (ckpt, run, [], f"{run}: holds {ckpt}, which this conversion reads"),
+        (ckpt, ckpt, [], f"{ckpt}: is {ckpt}, which this conversion reads"),
+        (pt, cfg.parent, ["--config", str(cfg)], f"{cfg.parent}: holds {cfg}, which this conversion reads"),
+        (tmp_path / "elsewhere" / "model.pt", tmp_path / "elsewhere" / "model.yaml", [],
+         "model.yaml: is "),
+    ]  # fmt: skip
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for src, out, extra, says in cases:
+        for force in ([], ["--force"]):
+            r = _run_convert(src, out, *extra, *force)
+            assert r.returncode == 2 and says in r.stderr, (src, out, force, r.stderr)
+            assert "(--force would delete it): give another OUT_DIR" in r.stderr
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    r = _run_convert(ckpt, tmp_path / "out")  # another OUT_DIR converts
+    assert r.returncode == 0, r.stderr
+
+
 def test_a_lightning_last_ckpt_is_named_after_its_run_folder(tmp_path):
     src = tmp_path / "my-run" / "checkpoints" / "last.ckpt"
     src.parent.mkdir(parents=True)
