@@ -71,6 +71,9 @@ CASES = {  # name: (source, config or None)
     # the isotropic backbone under the sc09 task: an audio model that is not a SaShiMi (refused before as
     # "other tasks map a sequence to other targets")
     "s4_sc09": ("s4_sc09.ckpt", None),
+    # config spellings no other case has: the deprecated postact (final_act null) and measure (init null),
+    # mult_act id, dt_fast in an S4 (DPLR) layer, the residual and the norm as dicts, n_repeat 2 × n_layers 1
+    "s4_spellings": ("s4_spellings.ckpt", None),
 }
 
 
