@@ -811,7 +811,7 @@ def convert_kernel(kernel: SSMKernel, device, tol: float, verify_len: int | None
         from model.form_cache import layer_key  # noqa: PLC0415
 
         key = layer_key(kernel, s, device, tol, L)
-        made = cache.read(key, functools.partial(_cached_form, kernel, s, device, taps))
+        made = cache.read(key, functools.partial(_cached_form, kernel, s, device, taps, tol, L))
         if made is not None:
             return made
     with torch.no_grad():
@@ -895,12 +895,14 @@ def _make_form(name: str, s: dict[str, torch.Tensor], args: tuple, device):
     return DiagonalSSM(*args, device) if name == "diagonal" else DPLRStep(s, *args, device)
 
 
-def _cached_form(kernel: SSMKernel, s: dict[str, torch.Tensor], device, taps: int, name: str, report: dict,
-                 tensors: dict[str, torch.Tensor]):  # fmt: skip
-    """(form, report, K) from a cache entry, checked against the layer: its shapes, and its kernel taps
-    (the network check's reference) against `dense_taps` of the live parameters, within
-    CACHED_TAPS_TOL. Raises ValueError or KeyError for an entry that does not fit, RuntimeError from the
-    float64 system."""
+def _cached_form(kernel: SSMKernel, s: dict[str, torch.Tensor], device, taps: int, tol: float, L: int,
+                 name: str, report: dict, tensors: dict[str, torch.Tensor]):  # fmt: skip
+    """(form, report, K) from a cache entry, checked against the layer: its shapes, its kernel taps (the
+    network check's reference) against `dense_taps` of the live parameters, within CACHED_TAPS_TOL, and
+    the impulse response of the float32 step it makes against those taps over the first min(taps, L)
+    steps, within the conversion's `tol` (stored modes moved by 1e-4 rad in phase made a layer 6e-4 to
+    1.6e-3 off, which the network check's 256 tokens passed). Raises ValueError or KeyError for an entry
+    that does not fit, RuntimeError from the float64 system."""
     H = s["Lambda"].shape[0]
     K = tensors["K"]
     if K.dtype != F64 or tuple(K.shape) != (H, taps) or not bool(K.isfinite().all()):
@@ -926,6 +928,10 @@ def _cached_form(kernel: SSMKernel, s: dict[str, torch.Tensor], device, taps: in
     form = _make_form(name, s, args, device)
     if form.form != report.get("form"):
         raise ValueError(f"its report names form {report.get('form')!r}, the entry {name!r}")
+    n = min(taps, L)
+    if not (err := _rel_err(impulse_response(form, n).cpu(), K[:, :n])) <= tol:
+        raise ValueError(f"the impulse response of its form is {err:.1e} (relative) from its taps over {n} "
+                         f"steps (allowed {tol:g})")  # fmt: skip
     return form, {**report, "cached": True}, K
 
 
