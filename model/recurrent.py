@@ -455,6 +455,23 @@ def real_block_slots(mu: torch.Tensor, b: torch.Tensor, c: torch.Tensor):
     return lam1, lam2, bb, ww, is_cplx
 
 
+def float32_stable(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """complex128 `z` (|z| < 1: a stable mode) → its real and imaginary parts in float32, rounded to nearest
+    unless that pair's modulus is ≥ 1; then, of each part rounded to nearest or moved one ulp toward zero,
+    the pair nearest z of modulus < 1 (both moved is within |z|, so one exists). Only modes within about
+    1e-7 of the unit circle are moved: every other one is rounded as `.to(torch.float32)` rounds it."""
+    parts = [t.to(torch.float32) for t in (z.real, z.imag)]
+    best, best_err = parts, torch.full(z.shape, math.inf, dtype=F64, device=z.device)
+    for re in (parts[0], torch.nextafter(parts[0], torch.zeros_like(parts[0]))):
+        for im in (parts[1], torch.nextafter(parts[1], torch.zeros_like(parts[1]))):
+            w = torch.complex(re.double(), im.double())
+            err = torch.where((w.abs() < 1) | (z.abs() >= 1), (w - z).abs(), math.inf)
+            take = err < best_err
+            best = [torch.where(take, re, best[0]), torch.where(take, im, best[1])]
+            best_err = torch.where(take, err, best_err)
+    return best[0], best[1]
+
+
 class DiagonalSSM:
     """The diagonal SSM x ← μ ⊙ x + b u, y = 2 Re Σ c x, stepped in its real block-diagonal form
     (`real_block_slots`): state (B, H, 2, M) float32, coordinates x₁, x₂ of M slots per channel,
@@ -470,9 +487,13 @@ class DiagonalSSM:
         self.H, self.M = lam1.shape
         self.device = device
         # float32 copies for the step (plain float32 elementwise ops, or the fused C step): p, m, s of the
-        # block, b₁, b₂, and cr = w₁, ci = −w₂ (so y = Σ cr x₁ − ci x₂, for a complex slot Re(2c x))
+        # block, b₁, b₂, and cr = w₁, ci = −w₂ (so y = Σ cr x₁ − ci x₂, for a complex slot Re(2c x)). The
+        # block's p, m, s are rounded so that its eigenvalues' moduli stay below 1 (`float32_stable`):
+        # rounded to nearest, slow modes (|μ| = 1 − 1e-9: Re Λ·Δ = −1e-9) came out at |μ| ≥ 1 in float32
+        # for 10-45 % of them, a served recurrence whose state grows without bound
         f32 = {"device": device, "dtype": torch.float32}
-        self.mur, self.mui, self.mus = (t.to(**f32).contiguous() for t in (lam1.real, lam1.imag, lam2.real))
+        (mur, mui), (mus, _) = float32_stable(lam1), float32_stable(lam2)  # (complex slot: λ₂ = λ₁)
+        self.mur, self.mui, self.mus = (t.to(device).contiguous() for t in (mur, mui, mus))
         self.br, self.bi = (t.to(**f32).contiguous() for t in (bb[:, 0], bb[:, 1]))
         self.cr, self.ci = ww[:, 0].to(**f32).contiguous(), (-ww[:, 1]).to(**f32).contiguous()
         self._fused_params = (self.mur, self.mui, self.br, self.bi, self.cr, self.ci, self.mus)
@@ -532,7 +553,8 @@ class DiagonalSSM:
         self.conv_tab = _toeplitz(K).to(device, torch.float32)
         e = torch.tensor([2.0**k for k in range(MU_POW_BITS)])
         pw = torch.stack([self._powers(lam, e) for lam in self.lam64])  # (2, H, M, P)
-        self.pow_bin = pw.permute(3, 0, 1, 2).to(device, C64).contiguous()
+        pw = torch.complex(*float32_stable(pw))  # (|λ^{2^k}| < 1, as the step's μ)
+        self.pow_bin = pw.permute(3, 0, 1, 2).to(device).contiguous()
         for name in ("in_tab", "out_tab", "Kf", "conv_tab", "pow_bin"):  # (one copy per process)
             setattr(self, name, shared_table(getattr(self, name)))
 

@@ -726,3 +726,43 @@ def test_the_dplr_state_bound_holds_the_brute_force_l1_gain(init):
     assert bool((x.abs() <= 1e-6 * gain).all())  # the tail: the sum has converged
     want = gain * u_max[:, None]
     assert bool((bound >= want * (1 - 1e-12)).all()), (bound / want).min()
+
+
+@pytest.mark.parametrize("fused_step", [True, False])
+@pytest.mark.parametrize("init", ["diag-lin", "diag-inv"])
+def test_a_slow_mode_never_grows_in_the_float32_step(init, fused_step):
+    """Slow modes, Re Λ·Δ ≈ −1e-9 (an imported model's Re Λ = −1e-6, Δ = 1e-3): |μ| = 1 − 1e-9 in float64.
+    Rounded to nearest, 10-45 % of the float32 step's blocks had |μ| ≥ 1 (a served recurrence whose
+    state grows without bound). The layer's step with no input from each slot's unit states (whose
+    products are exact in float32) gives each block's columns: their norms must be below 1, for the torch
+    step and the fused C step alike, and each within 2 float32 ulps of the float64 |μ|."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=16, d_model=32, n_layers=1, d_state=64, kernel="s4d", init=init, l_max=256,
+                      dt_min=1e-3, dt_max=1e-2, re_lambda_max=None, cauchy_backend="torch")  # fmt: skip
+    net = SequenceModel(cfg).eval()
+    with torch.no_grad():
+        next(iter(net.kernels())).log_neg_re.fill_(-6 * torch.log(torch.tensor(10.0)).item())  # Re Λ = −1e-6
+    rec = net.to_recurrent(fused_step=fused_step)
+    form = rec.layers[0]
+    assert form.form == "diagonal" and (rec._fused is not None) == fused_step
+    lam1, lam2 = (lam.abs() for lam in form.lam64)  # (H, M) float64
+    assert float(lam1.max()) > 1 - 1e-8  # the slow modes are there
+    H, M = form.H, rec.M
+    u = torch.zeros(1, H)
+    cols = []
+    for q in range(2):  # x₁ = 1 or x₂ = 1 in every slot, the rest 0
+        x = torch.zeros(1, H, 2, M)
+        x[:, :, q] = 1.0
+        if fused_step:
+            after = torch.empty_like(x)
+            form.step_fused(rec._fused, u, x, after, torch.empty(1, H))
+        else:
+            _, after = form.step(u, x)
+        cols.append(after[0, :, :, : form.M].double())  # (H, 2, M)
+    col1, col2 = cols
+    cplx = form.is_cplx
+    norm1 = col1.norm(dim=1)  # a complex slot's block [[p, −m], [m, p]]: |column| = |μ|
+    assert bool((norm1[cplx] < 1).all()), float(norm1[cplx].max() - 1)
+    assert float((norm1 - lam1)[cplx].abs().max()) <= 2 * 2.0**-24
+    real = ~cplx & (lam1 > 0)
+    assert bool((col1[:, 0].abs()[real] < 1).all()) and bool((col2[:, 1].abs()[real] < 1).all())
