@@ -50,7 +50,8 @@ class ModelConfig:
                     list of n_layers such ints, one per block (official layer patterns such as
                     [s4, s4, ffn]: 0 for the first S4 layer of each repeat).
     dropout         float in [0, 1): dropout probability (S4 output, FF hidden, residual branches).
-    dt_min, dt_max  floats, 0 < dt_min ≤ dt_max: the range of the log-uniform initial step size Δ.
+    dt_min, dt_max  floats, 1e-10 ≤ dt_min ≤ dt_max ≤ 1e8 (`DT_RANGE`): the range of the log-uniform
+                    initial step size Δ.
     tie_embeddings  bool: the output head shares the embedding matrix (adaptive: its tables).
     head_bias       bool: the output head has a bias (official checkpoints do).
     re_lambda_max   negative float or None: Re Λ is clamped ≤ it (None: no clamp, for imported models).
@@ -185,10 +186,14 @@ class ModelConfig:
         _check_number("dropout", self.dropout)
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        lo, hi = DT_RANGE
         for name in ("dt_min", "dt_max"):
             _check_number(name, getattr(self, name))
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive (a step size Δ), got {getattr(self, name)!r}")
+            if not lo <= getattr(self, name) <= hi:
+                raise ValueError(
+                    f"{name} must be in [{lo:g}, {hi:g}] (a step size Δ in sampling steps), got "
+                    f"{getattr(self, name)!r}"
+                )
         if self.dt_min > self.dt_max:
             raise ValueError(f"dt_min must be ≤ dt_max, got dt_min={self.dt_min!r}, dt_max={self.dt_max!r}")
         for name in ("tie_embeddings", "head_bias", "dt_tied", "unet"):
@@ -323,6 +328,13 @@ def _plain(value):
 # them, `load` stops a build past its weights file's size: model.checkpoint.build_budget)
 MAX_SIZE = {"vocab_size": 2**22, "d_model": 2**15, "n_layers": 2**10, "d_state": 2**12, "l_max": 2**20,
             "d_ff": 2**17, "sample_rate": 384_000}  # fmt: skip
+# The initial step sizes Δ a config may ask for (dt_min, dt_max). Past them a model cannot be trained or
+# served: Δ is exp(log Δ) in float32 in training, 0 below 1.4e-45 and inf above 3.4e38 (a NaN S4 kernel,
+# the loss NaN from the first step: dt_min = 1e-50 and dt_max = 1e39 were accepted), and the float64
+# conversion to the recurrent form failed its check from Δ = 1e-11 (S4 lagt, N 16) and at Δ = 1e20 (S4
+# legs). Within them every init converted at N 16 and 64 (but S4 fout at N 64, L 1,024, refused by the
+# check at Δ from 1e-9 to 1e-7: the check, not the config, is what guards the conversion).
+DT_RANGE = (1e-10, 1e8)
 # the most `cutoffs` (adaptive softmax shard bounds) may hold: official recipes use 3 or 4; each is a module
 # with its own parameters, and a config.json of 4 million built them for minutes before any check (a
 # helper's audit)

@@ -46,10 +46,12 @@ BAD = [
     ("dropout", -0.1, r"dropout must be in \[0, 1\), got -0.1"),
     ("dropout", "0.1", r"dropout must be a finite number, got '0.1'"),
     ("dropout", math.nan, r"dropout must be a finite number, got nan"),
-    ("dt_min", 0.0, r"dt_min must be positive .*, got 0.0"),
+    ("dt_min", 0.0, r"dt_min must be in \[1e-10, 1e\+08\] \(a step size Δ in sampling steps\), got 0.0"),
+    ("dt_min", 1e-50, r"dt_min must be in \[1e-10, 1e\+08\] .*, got 1e-50"),  # float32 Δ: 0 (a NaN kernel)
     ("dt_min", 1.0, r"dt_min must be ≤ dt_max, got dt_min=1.0, dt_max=0.1"),
     ("dt_max", math.inf, r"dt_max must be a finite number, got inf"),
-    ("dt_max", -0.1, r"dt_max must be positive .*, got -0.1"),
+    ("dt_max", -0.1, r"dt_max must be in \[1e-10, 1e\+08\] .*, got -0.1"),
+    ("dt_max", 1e39, r"dt_max must be in \[1e-10, 1e\+08\] .*, got 1e\+39"),  # float32 Δ: inf
     ("tie_embeddings", 1, r"tie_embeddings must be true or false, got 1"),
     ("head_bias", "yes", r"head_bias must be true or false, got 'yes'"),
     ("re_lambda_max", 0.5, r"re_lambda_max must be null or a negative number, got 0.5"),
@@ -185,7 +187,7 @@ def test_help_lists_every_field_with_its_meaning():
     for m in re.finditer(r"^ {4}(\w+(?:, \w+)*) {2,}\S", ModelConfig.__doc__, re.M):
         listed |= set(m.group(1).split(", "))
     assert listed == {f.name for f in fields(ModelConfig)}
-    assert "0 < dt_min ≤ dt_max" in doc and "raises ValueError" in doc
+    assert "1e-10 ≤ dt_min ≤ dt_max ≤ 1e8" in doc and "raises ValueError" in doc
 
 
 @pytest.mark.parametrize("arch", ["isotropic", "sashimi"])
@@ -218,3 +220,19 @@ def test_a_field_added_later_is_left_out_at_its_default_so_fingerprints_hold():
     lin = ModelConfig(modality="audio", sample_rate=16000, quantization="linear")
     assert lin.to_dict()["quantization"] == "linear"
     assert ModelConfig.from_dict(json.loads(json.dumps(lin.to_dict()))) == lin
+
+
+@pytest.mark.parametrize("dt", [1e-10, 1e8])
+@pytest.mark.parametrize("kernel, init", [("s4", m) for m in ("legs", "legt", "lagt", "fout")]
+                         + [("s4d", i) for i in ("legs", "diag-lin", "diag-inv")])  # fmt: skip
+def test_at_the_ends_of_the_step_size_range_conv_mode_and_its_gradients_are_finite(kernel, init, dt):
+    """DT_RANGE's ends: a float32 training step (the kernel, the logits, the gradients) is finite. Past them
+    such configs were accepted: Δ = 1e-50 is 0 in float32 and 1e39 inf, and the S4 kernel was NaN from
+    the first step (S4D's at 1e39 too)."""
+    torch.manual_seed(0)
+    net = SequenceModel(ModelConfig(**SMALL, kernel=kernel, init=init, dt_min=dt, dt_max=dt))
+    tokens = torch.randint(0, SMALL["vocab_size"], (2, 32))
+    logits = net(tokens)
+    logits.float().pow(2).mean().backward()
+    assert bool(logits.isfinite().all())
+    assert all(bool(p.grad.isfinite().all()) for p in net.parameters() if p.grad is not None)
