@@ -31,7 +31,7 @@ model.form_cache [FOLDER] [--prune]` (`scan`, `main`) tells current entries from
 converter or torch: never read again) and deletes the latter. Deleting any entry is safe at any time.
 
 Only the layer's own check over L is cached (for an entry read, its form's impulse response is stepped
-over the entry's taps only, against them: `model.recurrent._cached_form`). The
+over the entry's taps only, against them, for a diagonal form: `model.recurrent._cached_form`). The
 network check (`RecurrentModel.verification`, `SaShiMiRecurrent.verification`: a probe prefilled and
 stepped, also from the state its first part's prefill left, at the served dtype against float64 conv mode
 of the live weights, each layer convolving with its taps, checked as above) runs at every load, hit or
