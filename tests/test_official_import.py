@@ -721,6 +721,34 @@ def test_the_config_flag_names_the_run_config_of_a_pt(tmp_path):
         assert rel(load(tmp_path / "out")(ref["tokens"]), ref["logits_step"]) <= 1e-5
 
 
+def test_a_state_dict_saved_through_torchs_wrappers_converts_as_the_plain_one(tmp_path):
+    """A model saved while wrapped in DistributedDataParallel (`module.` before every key) or compiled
+    (`_orig_mod.` inside its keys) holds the same weights: it was refused with 'model.layers indices []
+    are not 0..n-1' (a helper's audit). It converts to the same checkpoint now; a file whose keys collide
+    once unwrapped is refused."""
+    sd = safe_torch_load(FIX / "s4d_zoh.pt")
+    (tmp_path / "plain.pt").write_bytes((FIX / "s4d_zoh.pt").read_bytes())
+    wrapped = {
+        "ddp": {"module." + k: v for k, v in sd.items()},
+        "ddp-compiled": {"module._orig_mod." + k: v for k, v in sd.items()},
+        "compiled-inner": {k.replace("layers.", "_orig_mod.layers.", 1): v for k, v in sd.items()},
+    }
+    for name, wsd in wrapped.items():
+        assert set(wsd) != set(sd)
+        torch.save(wsd, tmp_path / f"{name}.pt")
+    for name in ["plain", *wrapped]:
+        (tmp_path / f"{name}.yaml").write_text((FIX / "s4d_zoh.yaml").read_text())
+        convert(tmp_path / f"{name}.pt", tmp_path / f"out-{name}")
+    plain = load_file(str(tmp_path / "out-plain" / "model.safetensors"))
+    for name in wrapped:
+        got = load_file(str(tmp_path / f"out-{name}" / "model.safetensors"))
+        assert got.keys() == plain.keys() and all(torch.equal(got[k], plain[k]) for k in plain), name
+    torch.save({**sd, **wrapped["compiled-inner"]}, tmp_path / "both.pt")
+    (tmp_path / "both.yaml").write_text((FIX / "s4d_zoh.yaml").read_text())
+    with pytest.raises(ConvertError, match="keys with and without torch's 'module.' or '_orig_mod.' name"):
+        convert(tmp_path / "both.pt", tmp_path / "out-both")
+
+
 def test_a_layer_l_max_shorter_than_the_training_length_is_warned_of(tmp_path):
     """The official FFTConv convolves with min(L, l_max) taps, so a run whose model.layer.l_max is
     shorter than its sequences trained a model that sees only l_max steps back, where the recurrent

@@ -363,7 +363,29 @@ def _tensors(sd: Any, where: str) -> dict[str, torch.Tensor]:
     bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
     if bad:
         raise OfficialFormatError(f"{where}: entries that are not named tensors: {bad[:5]}")
-    return dict(sd)
+    return _unwrapped(dict(sd), where)
+
+
+WRAPPER_PREFIX = "module."  # torch's DistributedDataParallel and DataParallel: every key under it
+COMPILED = "_orig_mod."  # torch.compile's OptimizedModule: the compiled module's keys under it
+
+
+def _unwrapped(sd: dict[str, torch.Tensor], where: str) -> dict[str, torch.Tensor]:
+    """`sd` with the names torch's wrappers add taken out: a `module.` before every key (a model saved
+    while wrapped in DistributedDataParallel or DataParallel), and `_orig_mod.` wherever torch.compile put
+    it (`model._orig_mod.layers.0…`). They hold no weight of their own; such a file was refused with
+    "model.layers indices [] are not 0..n-1" (a helper's audit). Raises OfficialFormatError when taking
+    them out makes two keys one."""
+    out = sd
+    while out and all(k.startswith(WRAPPER_PREFIX) for k in out):
+        out = {k.removeprefix(WRAPPER_PREFIX): v for k, v in out.items()}
+    if any(COMPILED in k for k in out):
+        out = {k.replace(COMPILED, ""): v for k, v in out.items()}
+    if len(out) != len(sd):
+        raise OfficialFormatError(
+            f"{where}: keys with and without torch's {WRAPPER_PREFIX!r} or {COMPILED!r} name the same weight"
+        )
+    return out
 
 
 def read_source(
