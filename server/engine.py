@@ -7,17 +7,17 @@ Each iteration of its loop:
      ahead next time: nothing starves), and ingest those that complete their prompt, batching chunks of
      equal length into one prefill (on CPU, chunks of up to 512 tokens by the C step's recurrent form
      layer by layer, else the parallel form);
-  3. decode: one batched recurrent step for every live generating session, sampling on the device
-     with one generator per request, and one copy of the new tokens to the host; repeated (up to
-     DECODE_BLOCK_STEPS steps, more while within `decode_block_ms`, `audio_decode_block_ms` for an
-     audio model) while no row finishes, fills its
-     stream or is cancelled and no new work arrives. On CPU, when the whole-network C step serves the
-     batch, DECODE_BLOCK_STEPS steps run as one native block (`DecodeBatch.block`: step, sample,
-     log-probabilities for the rows that ask and stop checks in C, each row stopping on its own at its
-     limit or stop sequence), with the same results token for token; on CUDA with the graphs the block
-     replays graphs of K steps with their sampling (`model/cuda_graphs.py`: each row to its own limit;
-     stop sequences checked after the block, a row that met one stepped again to it), also with the
-     same results token for token;
+  3. decode: one batched recurrent step for every live generating session, sampling on the device with
+     one generator per request, and one copy of the new tokens to the host; repeated (up to
+     DECODE_BLOCK_STEPS steps, more while within `decode_block_ms`, `audio_decode_block_ms` for an audio
+     model) while no row finishes, fills its stream or is cancelled and no new work arrives (a request
+     paused for its stream's room, or waiting for a place in a full batch, is not new work: it joins
+     when that comes). On CPU, when the whole-network C step serves the batch, DECODE_BLOCK_STEPS steps
+     run as one native block (`DecodeBatch.block`: step, sample, log-probabilities for the rows that ask
+     and stop checks in C, each row stopping on its own at its limit or stop sequence), with the same
+     results token for token; on CUDA with the graphs the block replays graphs of K steps with their
+     sampling (`model/cuda_graphs.py`: each row to its own limit; stop sequences checked after the
+     block, a row that met one stepped again to it), also with the same results token for token;
   4. hand the new tokens to the event loop, one `call_soon_threadsafe` per iteration;
   5. ingest the other chunks picked in 2 (long prompts with more to go), so that a short prompt's first
      token, made in 3, does not wait for them. The iteration that makes a request's first token ends its
@@ -572,6 +572,7 @@ class Engine:
         # phase comes round to its own (`_decode`); 1: no preference
         self._period = int(getattr(rec, "align_period", 1))
         self._phase_wait: int | None = None  # steps until a row held for its phase can join (None: none held)
+        self._phase_held: set[int] = set()  # id() of the waiting jobs held for their phase (`_decode`)
         # set by the app when a session store is configured (engine thread calls them):
         self.persist: Callable[..., None] | None = None  # (rec, raw, seen[, only_if_missing]): write a state
         self.forget: Callable[[str], None] | None = None  # delete a stored state
@@ -1073,6 +1074,7 @@ class Engine:
         phase = self._waiting_phases() if align and free > 0 else {}
         joining, keep = [], collections.deque()
         held = []  # distances (steps) to the batch's phase of the jobs held only for their phase
+        self._phase_held = set()
         while self._waiting:
             job = self._waiting.popleft()
             if job.cancelled:
@@ -1082,6 +1084,7 @@ class Engine:
                     target = phase[id(job)]
                 if phase and phase[id(job)] != target:
                     held.append((phase[id(job)] - target) % self._period)
+                    self._phase_held.add(id(job))
                     keep.append(job)
                     continue
                 self._uncount(job)  # decoding now
@@ -1089,9 +1092,9 @@ class Engine:
             else:  # (waits for room or a place: not for its phase)
                 keep.append(job)
         self._waiting = keep
-        # the native stage ends where the nearest held job can join, unless another waits for room or a
-        # place (then, as before, one step per block)
-        self._phase_wait = min(held) if held and len(held) == len(keep) else None
+        # the stage ends where the nearest held job can join; a job waiting for room or a place does not
+        # cut it into one-step blocks (`_joinable`)
+        self._phase_wait = min(held) if held else None
         b.join(joining)
         b.compact()
         # DECODE_BLOCK_STEPS steps, or more while within decode_block_ms (at most
@@ -1105,8 +1108,9 @@ class Engine:
             self._decode_native(t_end)
             return
         for k in range(1, self._max_steps + 1):
-            if not b.live:
-                return
+            held = self._phase_wait
+            if not b.live or (held is not None and (held - k + 1) % self._period == 0):
+                return  # (a held job's phase has come round: it joins now)
             ids = b.step(self.rec)
             self.metrics.batch_size.observe(b.live)
             now = time.perf_counter()
@@ -1122,10 +1126,29 @@ class Engine:
                         full = True
             if done:
                 self._retire(done)
-            if done or full or first or self._inbox or self._waiting or self._prefilling:
+            if done or full or first or self._inbox or self._prefilling or self._joinable():
                 return  # (first: a request's first token goes out now, not after the block)
             if k >= DECODE_BLOCK_STEPS and now >= t_end:
                 return
+
+    def _joinable(self) -> bool:
+        """Whether the decode stage should end for a waiting job: one cancelled, or one with stream room while
+        the batch has a place for it (not counting those held for their phase, `_phase_wait`). A job paused
+        for room (its client's reading `wake`s the engine: a native block ends after its round) or waiting
+        for a place (a row finishing, filling its stream or cancelled ends the stage) does not cut every
+        row's decode into one step per iteration, as any waiting job did: one client that stopped reading,
+        or one request queued behind a full batch, had the others' tokens/s down 4x (32 rows, CPU)."""
+        places = self.settings.max_batch_size - self.batch.live - len(self._phase_held)
+        return any(
+            j.cancelled or (places > 0 and j.stream.room() > 0 and id(j) not in self._phase_held)
+            for j in self._waiting
+        )
+
+    def _awaits_place(self) -> bool:
+        """A waiting job (with stream room) has no place in the full batch: it takes the first place freed."""
+        if self.batch.live < self.settings.max_batch_size:
+            return False
+        return any(not j.cancelled and j.stream.room() > 0 for j in self._waiting)
 
     def _align(self) -> int | None:
         """The decode batch's phase (of `self._period`): the one most of its live rows are at (ties: the
@@ -1170,8 +1193,11 @@ class Engine:
         otherwise take 32 steps at 1 row's step time, several hand-over periods). (Sizing every block by the
         time left after a first block of 8, with the call's fixed cost and its wait for the GIL counted as
         step time, had cut audio stages into blocks of 8, 75, 45, 22, 8, 1 steps: 2026-11-30, 16 streams.) A
-        block is 1 step while new work waits or a row has yet to make its first token (which then goes out at
-        once, not after a whole block), and new work, a cancel or freed stream room that arrive during a block
+        block is 1 step while new work waits (a prompt, or a waiting job that can join now: `_joinable`; not
+        one paused for its stream's room or queued behind a full batch) or a row has yet to make its first
+        token (which then goes out at once, not after a whole block); while a job waits for a place in the
+        full batch, a block ends at the first row's limit, so the job takes that place at once. New work, a
+        cancel or freed stream room that arrive during a block
         end it after each group's current round (`wake` and `_submit` set the interrupt flag): one step when
         each thread has at most 8 rows, else up to 4 steps of a group of 8 (fused.BLOCK_SCHEDULE). The loop
         ends after a block in which a row finished or filled its stream, when new work arrived, or after the
@@ -1180,7 +1206,7 @@ class Engine:
         (`model/cuda_graphs.py`) runs to its end (no interrupt: new work waits at most one block, sized to
         the time left); the time it spent capturing a graph first (`setup_s`) is not step time."""
         b, steps = self.batch, 0
-        held = self._phase_wait  # every waiting job waits for its phase only, the nearest this far away
+        held = self._phase_wait  # a waiting job held for its phase, the nearest this far away (None: none)
         while b.live and steps < self._max_steps:
             self._block_interrupt.value = 0  # before looking for work: nothing that arrives is missed
             rows, est = b.live, self._block_step_s
@@ -1189,7 +1215,7 @@ class Engine:
             to_phase = None if held is None else (held - steps) % self._period
             if to_phase == 0:
                 return  # a held job's phase has come round: it joins now
-            pending = bool(self._inbox or self._prefilling or (self._waiting and held is None))
+            pending = bool(self._inbox or self._prefilling or self._joinable())
             first = any(j is not None and not j.out for j in b.rows)  # a request's first token
             if pending or first:
                 K = 1
@@ -1203,6 +1229,8 @@ class Engine:
                 0 if j is None else max(0, min(j.max_new_tokens - len(j.out), j.stream.room()))
                 for j in b.rows
             ]
+            if self._awaits_place():  # the block ends where the first row's place frees (its limit or room)
+                K = min(K, min((n for n in limits if n), default=K))
             t0 = time.perf_counter()
             res = b.block(self.rec, K, limits, self._block_interrupt)
             steps += res.steps
@@ -1248,7 +1276,7 @@ class Engine:
                 self._retire(done)
             if done or full or behind or pending or first or not res.steps:
                 return
-            if self._inbox or self._prefilling or (self._waiting and held is None):
+            if self._inbox or self._prefilling or self._joinable():
                 return
             if steps >= DECODE_BLOCK_STEPS and (
                 est is None or t_end - time.perf_counter() < DECODE_BLOCK_STEPS * est

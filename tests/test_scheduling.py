@@ -428,3 +428,72 @@ def test_chunking_off_and_the_limits_are_accepted():
     s = Settings(prefill_chunk_tokens=MAX_PREFILL_TOKENS, prefill_token_budget=MAX_PREFILL_TOKENS)
     assert (s.prefill_chunk_tokens, s.prefill_token_budget) == (MAX_PREFILL_TOKENS, MAX_PREFILL_TOKENS)
     assert Settings(prefill_chunk_tokens=1, prefill_token_budget=1).prefill_token_budget == 1
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-block", "one-step-loop"])
+@pytest.mark.parametrize("waits_for", ["room", "a-place"])
+def test_a_job_waiting_for_room_or_a_place_does_not_cut_the_others_decode_to_one_step(
+    rec, native, waits_for, monkeypatch
+):
+    """A job waiting to decode that cannot join the batch yet, one whose client stopped reading (its stream
+    full: paused) or one behind a full batch (S4_MAX_BATCH_SIZE rows decoding), leaves the other rows their
+    whole decode stage (DECODE_BLOCK_STEPS steps or more an iteration): any waiting job had cut every stage
+    to one step, a hand-over per token (32 rows: 4x fewer tokens/s). It still joins at once when it can:
+    the paused one in the iteration after its client reads, the other in the iteration after a row ends
+    (the native block ends at the first row's limit). Both decode paths; every row's tokens are its own."""
+    from server.engine import DECODE_BLOCK_STEPS, DecodeBatch
+
+    if not native:
+        monkeypatch.setattr(DecodeBatch, "native", lambda self, rec: False)
+
+    def params(k: int) -> SamplingParams:
+        return SamplingParams(temperature=1.0, seed=k)
+
+    def alone(prompt: list[int], n: int, seed: int) -> list[int]:
+        d = Driver(rec)
+        j = d.generate(prompt, max_new=n, params=params(seed))
+        d.until(lambda: d.final(j), limit=10 * n)
+        d.close()
+        return d.out(j)
+
+    def steps_in_a_tick() -> int:
+        start = len(d.events)
+        d.tick()
+        return sum(e[0] == "step" for e in d.events[start:])
+
+    n = 400
+    d = Driver(rec, max_batch_size=3, decode_block_ms=0.0)  # stages of DECODE_BLOCK_STEPS steps
+    lengths = [n, n, 100] if waits_for == "a-place" else [n, n]  # the third ends first: its place frees
+    rows = [d.generate(prompt_of(5, k), max_new=m, params=params(k)) for k, m in enumerate(lengths)]
+    d.until(lambda: all(d.out(j) for j in rows))
+    d.tick(2)  # (a step time measured)
+    if waits_for == "room":
+        rec_ = d.engine.new_session("slow", ephemeral=True)
+        stream = Stream(d.loop, 4)  # a 4-token stream its client does not read: full after one block
+        late = d.submit(Job(rec_, prompt_of(5, 9), fresh=True, stream=stream, params=params(9),
+                            max_new_tokens=n))  # fmt: skip
+        d.paused.append(late)
+        d.until(lambda: late in d.engine._waiting and late.stream.room() <= 0)
+    else:
+        late = d.generate(prompt_of(5, 9), max_new=n, params=params(9))
+        d.tick()
+        assert late in d.engine._waiting and not d.out(late)
+    for _ in range(3):
+        assert steps_in_a_tick() >= DECODE_BLOCK_STEPS
+    if waits_for == "room":
+        d.paused.remove(late)
+        d.drain(late)  # its client reads: room again
+        before = len(d.out(late))
+        d.tick()
+        assert len(d.out(late)) > before, "the paused job did not rejoin in the next iteration"
+    else:
+        d.until(lambda: d.final(rows[2]))
+        assert not d.out(late)
+        d.tick()
+        assert d.out(late), "the waiting job did not take the freed place in the next iteration"
+    d.until(lambda: all(d.final(j) for j in [*rows, late]), limit=20 * n)
+    for k, (j, m) in enumerate(zip(rows, lengths)):
+        assert d.out(j) == alone(prompt_of(5, k), m, k)
+    assert d.out(late) == alone(prompt_of(5, 9), n, 9)
+    assert d.engine.queued == 0 and not d.engine._waiting and d.engine.pool.in_use == 0
+    d.close()
