@@ -1137,7 +1137,8 @@ class Engine:
         for room (its client's reading `wake`s the engine: a native block ends after its round) or waiting
         for a place (a row finishing, filling its stream or cancelled ends the stage) does not cut every
         row's decode into one step per iteration, as any waiting job did: one client that stopped reading,
-        or one request queued behind a full batch, had the others' tokens/s down 4x (32 rows, CPU)."""
+        or one request queued behind a full batch, cost 32 rows of text-shakespeare 4x their tokens/s with
+        the engine driven by hand, 1.5-1.8x through a WebSocket server (docs/server.md)."""
         places = self.settings.max_batch_size - self.batch.live - len(self._phase_held)
         return any(
             j.cancelled or (places > 0 and j.stream.room() > 0 and id(j) not in self._phase_held)
