@@ -226,3 +226,34 @@ def test_a_row_that_stops_at_its_stream_room_mid_block_rejoins_in_phase(rec, nat
     assert d.out(a) == alone(rec, list(range(65, 68)), n, 100)
     assert d.out(b) == alone(rec, list(range(65, 68)), n, 101)
     d.close()
+
+
+def test_a_job_held_for_its_phase_beside_a_paused_one_joins_in_phase_and_the_stage_stays_whole(rec, native):
+    """A decodes; P's client stops reading (P paused, waiting for room); then B arrives at another phase
+    and is held. B joins when the batch's phase comes round to its own (within a period of steps, every
+    decode call stepping rows of one phase), and the paused P does not cut the stage into one-step calls
+    (it did: any waiting job but a held one made every call one step). P, read again, rejoins in phase.
+    Each makes its tokens alone."""
+    n = 400
+    d, watch, (a, p) = start(rec, [3, 3], n)
+    d.paused.append(p)
+    p.stream.capacity = p.stream.sent - p.stream.taken + 4  # (its room: 4 more tokens)
+    d.until(lambda: p in d.engine._waiting and p.stream.room() <= 0)
+    prompt_b = list(range(40, 57 + (phase(d, a) + 8) % PERIOD))  # B's state then half a period from A's
+    b = d.generate(prompt_b, max_new=n, params=params(7))
+    first = len(watch.calls)
+    d.tick()
+    assert not d.out(b) and b in d.engine._waiting, "B was not held"
+    d.until(lambda: d.out(b), limit=PERIOD)
+    held = watch.calls[first:]
+    assert sum(k for k, _, _ in held) < 2 * PERIOD and all(ph == 1 for _, ph, _ in watch.calls[first:])
+    if native:  # (the one-step loop makes one call a step)
+        assert max(k for k, _, _ in held) > 1, held
+    d.paused.remove(p)
+    d.drain(p)
+    d.until(lambda: all(d.final(j) for j in (a, p, b)), limit=50 * n)
+    assert all(ph == 1 for _, ph, _ in watch.calls[first:])
+    assert d.out(a) == alone(rec, list(range(65, 68)), n, 100)
+    assert d.out(p) == alone(rec, list(range(65, 68)), n, 101)
+    assert d.out(b) == alone(rec, prompt_b, n, 7)
+    d.close()
