@@ -14,6 +14,7 @@ import copy
 import io
 import json
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -719,6 +720,34 @@ def test_the_config_flag_names_the_run_config_of_a_pt(tmp_path):
     ref = load_file(str(FIX / "s4d_zoh.ref.safetensors"))
     with torch.no_grad():
         assert rel(load(tmp_path / "out")(ref["tokens"]), ref["logits_step"]) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        ("n_layers", 2.7, "description.n_layers = 2.7: expected an integer"),
+        ("d_model", "8", "description.d_model = '8': expected an integer"),
+        ("d_state", True, "description.d_state = True: expected an integer"),
+        ("vocab_size", None, "description.vocab_size = None: expected an integer (missing)"),
+        ("l_max", 64.0, "description.l_max = 64.0: expected an integer"),
+        ("embed_scale", True, "description.embed_scale = True: expected a number"),
+        ("embed_scale", "1", "description.embed_scale = '1': expected a number"),
+    ],
+)
+def test_a_standalone_description_field_of_another_type_is_refused_by_name(tmp_path, field, value, said):
+    """The standalone description's sizes went through int() and its embed_scale through float(): 2.7
+    layers read as 2, "8" as 8, true as 1.0, each converted as if the run had said so (a helper's audit).
+    Each is refused naming the field now."""
+    desc = json.loads((FIX / "s4d_standalone.json").read_text())
+    if value is None:
+        del desc[field]
+    else:
+        desc[field] = value
+    (tmp_path / "m.pt").write_bytes((FIX / "s4d_standalone.pt").read_bytes())
+    (tmp_path / "m.json").write_text(json.dumps(desc))
+    with pytest.raises(ConvertError, match=re.escape(said)):
+        convert(tmp_path / "m.pt", tmp_path / "out", config=tmp_path / "m.json")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_state_dict_saved_through_torchs_wrappers_converts_as_the_plain_one(tmp_path):

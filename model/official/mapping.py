@@ -942,12 +942,21 @@ def map_standalone(sd: dict[str, torch.Tensor], desc: dict) -> Imported:
         raise Unsupported(
             f"description.final_norm = {desc.get('final_norm')!r}: a final LayerNorm is required"
         )
-    try:
-        n_layers, H, N, V = (int(desc[k]) for k in ("n_layers", "d_model", "d_state", "vocab_size"))
-        scale = float(desc.get("embed_scale", 1.0))
-        l_max = int(desc.get("l_max", 1024))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise Unsupported(f"description: missing or invalid field ({exc})") from None
+    # each size an integer and embed_scale a number, as JSON wrote them: int() read 2.7 as 2 and "8" as 8,
+    # float() read true as 1.0 (a helper's audit): a description that is not what the run used is refused
+    sizes = {k: desc.get(k) for k in ("n_layers", "d_model", "d_state", "vocab_size")} | {
+        "l_max": desc.get("l_max", 1024)
+    }
+    for k, v in sizes.items():
+        if type(v) is not int:
+            raise Unsupported(
+                f"description.{k} = {v!r}: expected an integer" + (" (missing)" if v is None else "")
+            )
+    n_layers, H, N, V, l_max = sizes.values()
+    scale = desc.get("embed_scale", 1.0)
+    if type(scale) not in (int, float):
+        raise Unsupported(f"description.embed_scale = {scale!r}: expected a number")
+    scale = float(scale)
     if (
         min(n_layers, H, N, V, l_max) <= 0
         or N % 2
