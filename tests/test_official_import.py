@@ -380,6 +380,14 @@ REFUSALS = [  # (fixture, config path, value, message)
     ("sashimi_sc09_unet.ckpt", ("model", "transposed"), False, r"model.transposed = False"),
     ("sashimi_sc09_unet.ckpt", ("model", "center_layer"), {"_name_": "mha"}, r"model.center_layer"),
     ("s4_softplus.ckpt", ("model", "norm"), "batch", r"norm = 'batch'"),
+    # a LayerNorm's options named (it said "only LayerNorm is supported" of a LayerNorm: a fresh-user trial)
+    (
+        "s4_softplus.ckpt",
+        ("model", "norm"),
+        {"_name_": "layer", "elementwise_affine": False},
+        r"a LayerNorm with elementwise_affine = False: only LayerNorm's defaults",
+    ),
+    ("s4_softplus.ckpt", ("model", "norm"), {"_name_": "layer", "eps": 1e-6}, r"LayerNorm with eps = 1e-06"),
     ("s4_softplus.ckpt", ("model", "residual"), "F", r"residual = 'F'"),
     (
         "s4_softplus.ckpt",

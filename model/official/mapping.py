@@ -387,6 +387,13 @@ def _check_backbone(m: dict) -> str:
             )
     elif not (norm == "layer" or (isinstance(norm, dict) and norm.get("_name_") == "layer"
               and set(norm) <= {"_name_", "eps"} and norm.get("eps", LN_EPS) == LN_EPS)):  # fmt: skip
+        if isinstance(norm, dict) and norm.get("_name_") == "layer":  # a LayerNorm: name what is not default
+            other = {k: v for k, v in norm.items() if k != "_name_" and not (k == "eps" and v == LN_EPS)}
+            options = ", ".join(f"{k} = {v!r}" for k, v in other.items())
+            raise Unsupported(
+                f"model.norm = {norm!r}: a LayerNorm with {options}: only LayerNorm's defaults (eps 1e-5, "
+                "elementwise affine) are supported"
+            )
         raise Unsupported(f"model.norm = {norm!r}: only LayerNorm ('layer', eps 1e-5) is supported")
     pool = _opt(m, "pool", None, w)
     if pool is not None and not (
