@@ -786,6 +786,27 @@ def test_a_state_dict_saved_through_torchs_wrappers_converts_as_the_plain_one(tm
         convert(tmp_path / "both.pt", tmp_path / "out-both")
 
 
+def test_an_imports_config_names_the_official_init_where_it_is_ours():
+    """config.json's `init` of an import said "legs" whatever the run used (an S4D-Inv run's too: a
+    fresh-user trial); it is the official init where ours has it (S4D's diag-lin, diag-inv, legs; S4's
+    legs, fout, lagt), the older `measure` spelling too, and the standalone s4d.py's S4D-Lin."""
+    expected = {"s4_fout.ckpt": "fout", "s4_bytes.ckpt": "legs", "s4d_adaptive.ckpt": "diag-lin",
+                "sashimi_s4d.ckpt": "diag-lin", "s4d_zoh.pt": "diag-lin", "s4d_standalone.pt": "diag-lin",
+                "s4_spellings.ckpt": "legs"}  # fmt: skip
+    for name, init in expected.items():
+        assert map_official(*read_source(FIX / name)).config.get("init", "legs") == init, name
+    sd, cfg, kind = read_source(FIX / "s4d_zoh.pt")
+    for official, ours in ("diag-inv", "diag-inv"), ("diag-legs", "legs"), ("diag", "legs"), ("real", "legs"):
+        cfg["model"]["layer"][0]["init"] = official
+        assert map_official(sd, copy.deepcopy(cfg), kind).config.get("init", "legs") == ours, official
+    cfg["model"]["layer"][0]["init"] = None
+    cfg["model"]["layer"][0]["measure"] = "diag-inv"  # (the older spelling)
+    assert map_official(sd, cfg, kind).config["init"] == "diag-inv"
+    sd, cfg, kind = read_source(FIX / "s4_softplus.ckpt")
+    cfg["model"]["layer"][0]["init"] = "lagt"
+    assert map_official(sd, cfg, kind).config["init"] == "lagt"
+
+
 def test_a_layer_l_max_shorter_than_the_training_length_is_warned_of(tmp_path):
     """The official FFTConv convolves with min(L, l_max) taps, so a run whose model.layer.l_max is
     shorter than its sequences trained a model that sees only l_max steps back, where the recurrent

@@ -895,7 +895,7 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None, sample_rate: in
     l_max += l_max % 2  # ours is even; it is the verification length, the kernels use l_kernel
     config = {
         "vocab_size": int(V), "d_model": int(H), "n_layers": len(d_ffs), "d_state": 2 * facts0["N2"],
-        "kernel": kind, "init": "legs", "rank": max(1, facts0["rank"]), "disc": facts0["disc"],
+        "kernel": kind, "init": _our_init(kind, lc), "rank": max(1, facts0["rank"]), "disc": facts0["disc"],
         "l_max": int(l_max), "d_ff": d_ffs[0] if len(set(d_ffs)) == 1 else d_ffs, "head_bias": True,
         "embed_scale": float(embed_scale), "l_kernel": l_kernels if kind == "s4" else None,
         "dt_tied": bool(dt_tied_all), "re_lambda_max": None, **extra,
@@ -909,6 +909,23 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None, sample_rate: in
     config = _drop_defaults(config)
     notes.append(_kernel_note(kind, lc, facts0))
     return Imported(config, tensors, mp, notes)
+
+
+# the official inits (src/models/sequence/kernels/dplr.py) that are ours too, by kernel: the config.json
+# `init` of an import (its weights are the run's; `init` says how a model of that config starts, for a
+# fresh run from the converted config). It was "legs" for every import: an S4D-Inv run's said legs (a
+# fresh-user trial). An init of ours it has not (hippo, diag mixtures, real, random) stays "legs", and the
+# card's options line says the official one.
+OFFICIAL_INITS = {
+    "s4": {"legs": "legs", "fout": "fout", "lagt": "lagt"},
+    "s4d": {"legs": "legs", "diag-legs": "legs", "diag-lin": "diag-lin", "diag-inv": "diag-inv"},
+}
+
+
+def _our_init(kind: str, lc: dict) -> str:
+    """Our `init` for an imported layer config `lc` (its `init`, or the older `measure`)."""
+    init = lc.get("init") if lc.get("init") is not None else lc.get("measure")  # (init: null beside measure)
+    return OFFICIAL_INITS[kind].get(init, "legs") if isinstance(init, str) else "legs"
 
 
 def _kernel_note(kind: str, lc: dict, facts: dict) -> str:
@@ -1010,7 +1027,8 @@ def map_standalone(sd: dict[str, torch.Tensor], desc: dict) -> Imported:
     if left:
         raise Unsupported(f"state dict: tensors this importer does not understand: {left[:10]}")
     config = {
-        "vocab_size": V, "d_model": H, "n_layers": n_layers, "d_state": N, "kernel": "s4d", "init": "legs",
+        "vocab_size": V, "d_model": H, "n_layers": n_layers, "d_state": N, "kernel": "s4d",
+        "init": "diag-lin",
         "rank": 1, "disc": "zoh", "l_max": l_max + l_max % 2, "d_ff": 0, "tie_embeddings": False,
         "head_bias": True, "embed_scale": scale, "l_kernel": None, "dt_tied": True, "re_lambda_max": None,
     }  # fmt: skip
@@ -1221,7 +1239,7 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     config = {
         "arch": "sashimi", "pool": list(pool), "expand": expand, "ff": ff, "unet": unet, "norm": "tln",
         "vocab_size": int(V), "d_model": int(H), "n_layers": n_layers, "d_state": 2 * facts0["N2"],
-        "kernel": kind, "init": "legs", "rank": max(1, facts0["rank"]), "disc": facts0["disc"],
+        "kernel": kind, "init": _our_init(kind, lc), "rank": max(1, facts0["rank"]), "disc": facts0["disc"],
         "l_max": int(l_max), "head_bias": True, "embed_scale": 1.0,
         "l_kernel": l_kernels if kind == "s4" else None, "dt_tied": bool(facts0["dt_tied"]),
         "re_lambda_max": None, **audio,
