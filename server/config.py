@@ -393,7 +393,8 @@ class Settings(BaseSettings):
         86400,
         ge=1,
         le=MAX_STORE_TTL_S,
-        description="a state in the session store expires this many seconds after its last write (whole "
+        description="a state in the session store expires this many seconds after its last write, or the "
+        "last request that used it on a replica (whole "
         f"seconds, 1 to {MAX_STORE_TTL_S:,}: about 31 years; at least S4_SESSION_TTL_S)",
     )
     session_store_flush_timeout_s: float = Field(

@@ -694,7 +694,7 @@ async def restore(state: ServerState, session_id: str) -> None:
         if state.sessions.has(session_id):  # held (current), or restored by a concurrent request meanwhile
             if await _held(state, session_id) or not await _drop_copy(state, session_id):
                 return
-        stored = await _read_stored(state, session_id, settle=True)
+        stored = await _read_stored(state, session_id, settle=True, refresh=True)
         if stored is None:
             return
         model, header, raw, version = stored
@@ -709,7 +709,7 @@ async def _held(state: ServerState, session_id: str) -> bool:
     """Whether this replica holds the latest copy of a session (`_is_current`), marked used now
     (`SessionTable.touch`). False for one its idle TTL claimed meanwhile, once that eviction is over
     (waited for, at most EVICTION_WAIT_S): the caller then reads it from the store."""
-    if not (state.sessions.has(session_id) and await _is_current(state, session_id)):
+    if not (state.sessions.has(session_id) and await _is_current(state, session_id, refresh=True)):
         return False
     rec = state.sessions.touch(session_id)
     if rec is None:
@@ -729,12 +729,14 @@ async def _eviction_over(state: ServerState, rec: SessionRecord) -> None:
         await asyncio.sleep(0.001)
 
 
-async def _is_current(state: ServerState, session_id: str) -> bool:
+async def _is_current(state: ServerState, session_id: str, refresh: bool = False) -> bool:
     """Whether this replica's copy of a session it holds is the latest: one Redis call (the stored
     version; README "Session store"). A busy session counts as current (its claim answers 409), and so
     does every session when the store does not answer in time (the copy here serves; logged). A copy
     this replica no longer holds when the answer comes (evicted to the store after its idle TTL
-    meanwhile) is not: the caller reads the store, as for a session never held here."""
+    meanwhile) is not: the caller reads the store, as for a session never held here. `refresh`: the
+    stored state's expiry counts from now (`RedisStateStore.version`): a request is about to use the copy
+    here, which its idle TTL keeps S4_SESSION_TTL_S from now."""
     try:
         rec = state.sessions.get(session_id)
     except APIError:  # gone meanwhile
@@ -742,7 +744,7 @@ async def _is_current(state: ServerState, session_id: str) -> bool:
     if rec.busy:
         return True
     try:
-        stored = await asyncio.to_thread(state.store.version, session_id)
+        stored = await asyncio.to_thread(state.store.version, session_id, refresh)
     except StoreError as exc:
         _store_failed(
             state, logging.WARNING, "session %s: %s; continuing with the copy held here", session_id, exc
@@ -784,11 +786,12 @@ async def _drop_copy(state: ServerState, session_id: str) -> bool:
 
 
 async def _read_stored(
-    state: ServerState, session_id: str, settle: bool = False
+    state: ServerState, session_id: str, settle: bool = False, refresh: bool = False
 ) -> tuple[ServedModel, dict, bytes, str] | None:
     """A session's stored state, checked like an import (422 naming `session_id`), and its version; None
     if the store has none; 503 if it cannot be read. `settle`: first let this replica's queued write of
-    the session (its eviction's) land, so that the version read is the latest."""
+    the session (its eviction's) land, so that the version read is the latest. `refresh`: a restore's read,
+    which extends the stored state's expiry to the store TTL from now (`RedisStateStore.get`)."""
 
     if state.writer.deleting(session_id):  # deleted here, not yet in the store: not to be brought back
         return None
@@ -796,7 +799,7 @@ async def _read_stored(
     def read():
         if settle:
             state.writer.settle(session_id, SETTLE_TIMEOUT_S)
-        return state.store.get(session_id)
+        return state.store.get(session_id, refresh)
 
     try:
         got = await asyncio.to_thread(read)

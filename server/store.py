@@ -87,8 +87,8 @@ class StateStore(Protocol):
     not among them (a replica whose copy is older than the stored one) is refused (False)."""
 
     def put(self, session_id: str, blob: bytes, expected: str | tuple[str, ...], version: str) -> bool: ...
-    def get(self, session_id: str) -> tuple[bytes, str] | None: ...
-    def version(self, session_id: str) -> str | None: ...
+    def get(self, session_id: str, refresh: bool = False) -> tuple[bytes, str] | None: ...
+    def version(self, session_id: str, refresh: bool = False) -> str | None: ...
     def delete(self, session_id: str) -> None: ...
     def ids(self) -> list[str]: ...
     def close(self) -> None: ...
@@ -129,12 +129,12 @@ class MemoryStateStore:
             self._blobs[session_id], self._versions[session_id] = blob, version
             return True
 
-    def get(self, session_id: str) -> tuple[bytes, str] | None:
+    def get(self, session_id: str, refresh: bool = False) -> tuple[bytes, str] | None:
         with self._lock:
             blob = self._blobs.get(session_id)
             return None if blob is None else (blob, self._versions[session_id])
 
-    def version(self, session_id: str) -> str | None:
+    def version(self, session_id: str, refresh: bool = False) -> str | None:
         with self._lock:
             return self._versions.get(session_id)
 
@@ -175,18 +175,39 @@ redis.call('HSET', KEYS[1], 'state', ARGV[1], 'v', ARGV[3])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
 return 1
 """
-_GET_LUA = """
+# `get` and `version` with ARGV[1] > 0 (`refresh`: a replica about to use the session) first extend a stored
+# state's expiry to ARGV[1] ms from now (never shorten it; a tombstone keeps its own): without it the key
+# expired S4_SESSION_STORE_TTL_S after its last write while a replica that had restored it later, or kept
+# using its copy without a turn (exports, forks), still held it: the other replicas answered 404 for it.
+_REFRESH_LUA = """
+local function refresh(t)
+  local ttl = tonumber(ARGV[1])
+  if ttl and ttl > 0 and (t == 'string' or redis.call('HEXISTS', KEYS[1], 'state') == 1) then
+    local left = redis.call('PTTL', KEYS[1])
+    if left >= 0 and left < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+  end
+end
+"""
+_GET_LUA = (
+    _REFRESH_LUA
+    + """
 local t = redis.call('TYPE', KEYS[1]).ok
-if t == 'string' then return {redis.call('GET', KEYS[1]), ''} end
+if t == 'string' then refresh(t); return {redis.call('GET', KEYS[1]), ''} end
 if t ~= 'hash' then return {false, false} end
+refresh(t)
 return redis.call('HMGET', KEYS[1], 'state', 'v')
 """
-_VERSION_LUA = """
+)
+_VERSION_LUA = (
+    _REFRESH_LUA
+    + """
 local t = redis.call('TYPE', KEYS[1]).ok
-if t == 'string' then return '' end
+if t == 'string' then refresh(t); return '' end
 if t ~= 'hash' then return false end
+refresh(t)
 return redis.call('HGET', KEYS[1], 'v')
 """
+)
 _DELETE_LUA = """
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'v', ARGV[1])
@@ -232,7 +253,7 @@ class RedisStateStore:
         not of rights: the server starts, as it serves on while the store is full."""
         probe = [KEY_PREFIX + PROBE_KEY]
         read = self._redis.register_script(_VERSION_LUA)  # (the 5 s client, as the ping: not the 1 s one)
-        self._call("cannot read the session keys", lambda: read(keys=probe))
+        self._call("cannot read the session keys", lambda: read(keys=probe, args=[0]))
 
         def write() -> None:
             try:
@@ -258,12 +279,16 @@ class RedisStateStore:
         args = [blob, " ".join(v for v in _versions(expected) if v), version, self.ttl_ms]  # (hex: no space)
         return bool(self._call("write failed", lambda: self._put(keys=keys, args=args)))
 
-    def get(self, session_id: str) -> tuple[bytes, str] | None:
-        blob, version = self._call("read failed", lambda: self._get(keys=[KEY_PREFIX + session_id]))
+    def get(self, session_id: str, refresh: bool = False) -> tuple[bytes, str] | None:
+        """The stored state and its version; `refresh`: its expiry extended to the store TTL from now."""
+        keys, args = [KEY_PREFIX + session_id], [self.ttl_ms if refresh else 0]
+        blob, version = self._call("read failed", lambda: self._get(keys=keys, args=args))
         return None if blob is None else (blob, (version or b"").decode())
 
-    def version(self, session_id: str) -> str | None:
-        v = self._call("version check failed", lambda: self._version(keys=[KEY_PREFIX + session_id]))
+    def version(self, session_id: str, refresh: bool = False) -> str | None:
+        """The stored version; `refresh`: a stored state's expiry extended to the store TTL from now."""
+        keys, args = [KEY_PREFIX + session_id], [self.ttl_ms if refresh else 0]
+        v = self._call("version check failed", lambda: self._version(keys=keys, args=args))
         return None if v is None else v.decode()
 
     def delete(self, session_id: str) -> None:

@@ -703,6 +703,43 @@ def test_session_info_reads_the_store_without_restoring_and_generated_moves_with
         b.stop()
 
 
+def test_a_request_using_a_session_extends_its_store_ttl_and_session_info_does_not(
+    model_dirs, redis_url, redis_db
+):
+    """A session's Redis key expires S4_SESSION_STORE_TTL_S after the last request that used it on a replica:
+    a restore (a replica that never held it) and the version check before a request on a copy held there
+    extend it to the full TTL; session info (a dashboard polling) does not, and a tombstone keeps its own.
+    (Before, only a write did: a session restored, or exported again and again, on replica B long after A's
+    last write expired from Redis while B still held it and its idle TTL kept it: a 404 on A meanwhile.)
+    Tolerance: a refreshed key has more than `aged` ms left; one not refreshed, at most `aged`."""
+    ttl_s, aged = 1000, 5_000  # (`aged`: a key written long ago, this many ms from its expiry)
+    a = _replica(model_dirs, redis_url, session_ttl_s=600, session_store_ttl_s=ttl_s)
+    b = _replica(model_dirs, redis_url, session_ttl_s=600, session_store_ttl_s=ttl_s)
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ay, there's"}).json()[
+            "session_id"
+        ]
+        key = KEY_PREFIX + sid
+        assert wait_for(lambda: _stored(redis_db, sid) is not None, 10)
+        redis_db.pexpire(key, aged)
+        assert httpx.get(f"{b.url}/v1/sessions/{sid}").status_code == 200  # info, read from the store
+        assert not b.state.sessions.has(sid) and 0 < redis_db.pttl(key) <= aged
+        assert httpx.get(f"{b.url}/v1/sessions/{sid}/export").status_code == 200  # restored on b
+        assert b.state.sessions.has(sid) and aged < redis_db.pttl(key) <= ttl_s * 1000
+        redis_db.pexpire(key, aged)
+        assert httpx.get(f"{b.url}/v1/sessions/{sid}").status_code == 200  # info of the copy held on b
+        assert 0 < redis_db.pttl(key) <= aged
+        assert httpx.get(f"{b.url}/v1/sessions/{sid}/export").status_code == 200  # a request on that copy
+        assert aged < redis_db.pttl(key) <= ttl_s * 1000
+        assert httpx.delete(f"{b.url}/v1/sessions/{sid}").status_code == 204
+        redis_db.pexpire(key, aged)
+        assert httpx.get(f"{a.url}/v1/sessions/{sid}/export").status_code == 404  # a's copy: a tombstone
+        assert redis_db.hget(key, "v") == TOMBSTONE.encode() and 0 < redis_db.pttl(key) <= aged
+    finally:
+        a.stop()
+        b.stop()
+
+
 def test_a_get_of_a_session_deleted_elsewhere_frees_the_copy_held_here(model_dirs, redis_url, redis_db):
     """GET /v1/sessions/{id} on a replica holding a copy of a session another replica deleted answers 404
     and drops that copy, its slot freed at once, as every claiming route does (`restore`). It kept the
@@ -739,11 +776,11 @@ class _StalledGets:
         self.reading = {sid: threading.Event() for sid in sids}
         self.resume = threading.Event()
 
-    def get(self, session_id: str):
+    def get(self, session_id: str, refresh: bool = False):
         self.reading[session_id].set()
         if session_id in self.stalled:
             assert self.resume.wait(60)
-        return self.store.get(session_id)
+        return self.store.get(session_id, refresh)
 
     def __getattr__(self, name):
         return getattr(self.store, name)
@@ -818,8 +855,8 @@ def test_a_request_whose_session_is_evicted_during_its_version_check_restores_it
         assert wait_for(lambda: _stored(redis_db, sid) is not None, 10)
         version, evict = s.state.store.version, []
 
-        def version_then_evicted(session_id: str):
-            answer = version(session_id)
+        def version_then_evicted(session_id: str, refresh: bool = False):
+            answer = version(session_id, refresh)
             if evict:
                 evict.clear()
                 rec = s.state.sessions.get(session_id)
@@ -1519,9 +1556,9 @@ def test_a_request_that_leaves_out_its_model_checks_its_held_session_once(model_
     checks: list[str] = []
     version = s.state.store.version
 
-    def counted(session_id: str):
+    def counted(session_id: str, refresh: bool = False):
         checks.append(session_id)
-        return version(session_id)
+        return version(session_id, refresh)
 
     s.state.store.version = counted
     try:

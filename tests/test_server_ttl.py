@@ -146,8 +146,8 @@ def test_a_request_that_meets_its_sessions_eviction_under_way_restores_it_from_t
     s, engine, sid = stored_session
     is_current, swept = service._is_current, []
 
-    async def current_then_swept(state, session_id):
-        answer = await is_current(state, session_id)
+    async def current_then_swept(state, session_id, refresh=False):
+        answer = await is_current(state, session_id, refresh)
         if answer and not swept:  # what the sweep does, with its eviction 0.3 s behind its claim
             [rec] = state.sessions.claim_expired(TEXT, -1.0)
             swept.append(engine.call(lambda e: (time.sleep(0.3), e._expire(rec))))
@@ -199,8 +199,8 @@ def test_session_info_of_a_copy_its_ttl_is_evicting_reads_the_store_once_the_evi
     _generates_the_reference(s, sid, model_dirs)  # (its write-through may still be queued: the eviction's)
     is_current, swept = service._is_current, []
 
-    async def current_then_swept(state, session_id):
-        answer = await is_current(state, session_id)
+    async def current_then_swept(state, session_id, refresh=False):
+        answer = await is_current(state, session_id, refresh)
         if answer and not swept:
             [rec] = state.sessions.claim_expired(TEXT, -1.0)
             if eviction == "under way":
