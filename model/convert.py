@@ -509,6 +509,7 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
         log.warning("%s: %s; converting %s again", entry, damage, src)
         shutil.rmtree(entry, ignore_errors=True)
     cache.mkdir(parents=True, exist_ok=True)
+    drop_stale_temps(cache)
     t0 = time.perf_counter()
     tmp = _new_folder(cache, ".tmp-")
     try:
@@ -585,6 +586,26 @@ def _entry_damage(entry: Path) -> str | None:
     except (OSError, ValueError, AttributeError, VocabError) as exc:
         return f"unusable ({exc})"
     return None
+
+
+STALE_TMP_S = 86_400  # a conversion's temporary folder older than this is a killed one's (they take minutes)
+
+
+def drop_stale_temps(cache: Path, now: float | None = None) -> list[Path]:
+    """Remove the temporary folders (`.tmp-*`) in a conversion cache that conversions killed midway left
+    (older than STALE_TMP_S), each up to a model's size, which nothing removed (a helper's audit); a younger
+    one may be another process's conversion under way and is left. Returns those removed (logged)."""
+    now = time.time() if now is None else now
+    gone = []
+    for path in sorted(cache.glob(".tmp-*")):
+        try:
+            if path.is_dir() and not path.is_symlink() and now - path.stat().st_mtime > STALE_TMP_S:
+                shutil.rmtree(path)
+                gone.append(path)
+                log.info("%s: removed, the temporary folder of a conversion that did not finish", path)
+        except OSError:  # (another process removing it too, or not ours to remove)
+            continue
+    return gone
 
 
 def _new_folder(parent: Path, prefix: str) -> Path:

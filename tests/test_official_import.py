@@ -807,6 +807,27 @@ def test_an_imports_config_names_the_official_init_where_it_is_ours():
     assert map_official(sd, cfg, kind).config["init"] == "lagt"
 
 
+def test_a_killed_conversions_temporary_folder_is_removed_by_the_next_conversion(tmp_path):
+    """A conversion killed midway (OOM, SIGKILL during a server's start) left its `.tmp-*` folder, up to
+    a model's size, in S4_CONVERT_CACHE for good (a helper's audit). The next conversion into that cache
+    removes those older than a day; a younger one (another process's conversion under way) stays."""
+    import os  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from model.convert import STALE_TMP_S, convert_cached  # noqa: PLC0415
+
+    cache = tmp_path / "cache"
+    killed, running = cache / ".tmp-0123456789ab", cache / ".tmp-ba9876543210"
+    for d in (killed, running):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"\0" * 4096)
+    old = time.time() - STALE_TMP_S - 60
+    os.utime(killed, (old, old))
+    entry = convert_cached(FIX / "s4_bytes.ckpt", cache)
+    assert not killed.exists() and running.exists() and (entry / "model.safetensors").is_file()
+    assert sorted(p.name for p in cache.iterdir()) == sorted([entry.name, running.name])
+
+
 def test_a_layer_l_max_shorter_than_the_training_length_is_warned_of(tmp_path):
     """The official FFTConv convolves with min(L, l_max) taps, so a run whose model.layer.l_max is
     shorter than its sequences trained a model that sees only l_max steps back, where the recurrent
