@@ -29,6 +29,7 @@ and, when [train].export is set, the trained model is saved there as a servable 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import itertools
 import json
@@ -961,6 +962,63 @@ BUDGET_MARGIN = 0.04  # share of the remaining time left unplanned (drift)
 BUDGET_REPLAN_AT = (0.25, 0.5, 0.75, 0.9)  # shares of the budget after which the plan is made again
 
 
+class RunLock:
+    """The exclusive hold of one run on its `train.out`: an flock on the folder itself, taken before the
+    first write (recovering last/, emptying the folder) and held to the end of the run, export included.
+    Two runs into one folder overwrote each other: the second's fresh start emptied the first's folder
+    under it, its log went to a deleted file, config.json said the second's config while last/ and the
+    export held the first's weights, and the second died with a SafetensorError traceback when the first
+    removed its last.tmp (a helper's audit). The kernel drops the lock when the process ends, a SIGKILL
+    too, so no stale lock is ever left behind."""
+
+    def __init__(self):
+        self.fd, self.out, self.made = None, None, False
+
+    def acquire(self, out: Path, main_proc: bool, device) -> None:
+        """Hold `out` (making it if missing) on the main process; ConfigError on every process when another
+        run holds it (all processes agree: one collective)."""
+        ok = 1.0
+        if main_proc:
+            self.out, self.made = out, not out.exists()
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError as exc:
+                raise ConfigError(f"train.out {str(out)!r}: cannot open it ({exc.strerror or exc})") from None
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                self.fd, ok = None, 0.0
+        if all_mean(ok, device) < 1.0:
+            raise ConfigError(
+                f"train.out {str(out)!r} is in use: another training run is writing into it (two runs in one "
+                "folder overwrite each other's saves, log and config); wait for it to end, or name another "
+                "folder (train.out=runs/NAME)"
+            )
+
+    def release(self) -> None:
+        """Let go of the folder; one this run made and left empty (a config refused after it) is removed."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.made and self.out is not None:
+            try:
+                self.out.rmdir()  # (only when empty)
+            except OSError:
+                pass
+            self.made = False
+
+
+def empty_folder(folder: Path) -> None:
+    """Remove everything inside `folder`, keeping the folder itself (and so the RunLock held on it)."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
 def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh: bool = False,
           dump_grads: str | None = None, stop_at: int = 0, time_budget: float = 0.0) -> dict:  # fmt: skip
     """Run (or resume) the training described by `cfg`; returns the final metrics.
@@ -978,7 +1036,17 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
     from the start (the warmup does not depend on `steps`); later, the cosine is stretched from there.
     If the deadline still comes first, the run stops there as `stop_at` would (resumable).
     Raises ConfigError for a wrong config (before anything is written or trained) and
-    TrainingInterrupted on Ctrl-C."""
+    TrainingInterrupted on Ctrl-C. Two runs into one train.out at once: the second is refused (RunLock)."""
+    lock = RunLock()
+    try:
+        return _train(cfg, build_model, fresh, dump_grads, stop_at, time_budget, lock)
+    finally:
+        lock.release()
+
+
+def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dump_grads: str | None,
+           stop_at: int, time_budget: float, lock: RunLock) -> dict:  # fmt: skip
+    """`train`'s body, `lock` taken before the run's first write to train.out."""
     dcfg, tcfg = run_configs(cfg)
     rank, world, device = setup_distributed()
     if tcfg.threads:
@@ -1004,6 +1072,8 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
         raise ConfigError(f"data.path {dcfg.path!r}: {exc}") from None
     check_splits(data, dcfg, tcfg, train_split, val_split, test_split)
     model_cfg = dict(cfg.get("model", {}))
+    if dump_grads is None:  # (a debugging aid that writes nothing there)
+        lock.acquire(out, main_proc, device)
     recover_last(out)
     resuming = not fresh and (out / "last" / "state.json").is_file()
     last = read_last_state(out) if resuming else None  # (each use below reads this one parse)
@@ -1124,9 +1194,8 @@ def train(cfg: dict, build_model: Callable[[dict], nn.Module] = build_s4, fresh:
                 write_json(out / "config.json", cfg)
     elif main_proc and dump_grads is None:
         check_out_folder(out)
-        shutil.rmtree(out, ignore_errors=True)
         try:
-            out.mkdir(parents=True)
+            empty_folder(out)  # (not removed and made again: the lock is held on it)
             write_json(out / "config.json", cfg)
         except OSError as exc:
             raise ConfigError(f"train.out {str(out)!r}: cannot write it ({exc.strerror or exc})") from None

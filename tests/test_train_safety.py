@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -359,3 +360,69 @@ def test_a_resume_reads_last_states_step_checked(text_data, tmp_path, step):
     ):
         train(cfg)
     assert [r["step"] for r in read_log(tmp_path / "run") if "loss" in r] == [1, 2]
+
+
+def test_a_second_run_into_a_folder_a_run_is_writing_is_refused_and_the_first_ends_whole(text_data, tmp_path):
+    """Two runs into one train.out at once: the second (started while the first holds the folder, here from
+    inside the first's model build) is refused naming train.out, and the first ends as if alone: its weights
+    bit for bit an uninterrupted run's, its log every step once, its config.json its own. Before, the second
+    (a --fresh start) emptied the folder under the first and trained into it: the first resumed the second's
+    last/ and config.json said the second's seed."""
+    from model.train import build_s4
+
+    out = tmp_path / "run"
+    train(_run(text_data, tmp_path / "whole"))
+    train(_run(text_data, out), stop_at=4)
+    refused = []
+
+    def build_and_start_another(model_cfg):
+        if not refused:
+            refused.append(None)  # (the second run builds a model too: only the first starts one)
+            with pytest.raises(ConfigError, match=r"train\.out .* is in use: another training run") as exc:
+                train(_run(text_data, out, seed=1), fresh=True)
+            refused[0] = str(exc.value)
+        return build_s4(model_cfg)
+
+    train(_run(text_data, out), build_model=build_and_start_another)
+    assert refused[0] and str(out) in refused[0]
+    want = load_file(str(tmp_path / "whole" / "last" / "model.safetensors"))
+    got = load_file(str(out / "last" / "model.safetensors"))
+    assert all(torch.equal(want[k], got[k]) for k in want)  # tolerance 0: bit for bit
+    assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(1, 9))
+    assert json.loads((out / "config.json").read_text())["train"].get("seed", 0) == 0
+
+
+def test_a_refused_run_leaves_no_folder_it_made_and_a_killed_run_no_lock(text_data, tmp_path):
+    """The folder a run makes to hold it is removed when the config is then refused (the model does not fit
+    the data: checked after); a run killed with SIGKILL leaves no lock behind (the kernel drops it): the same
+    command resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "new" / "run"
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        cfg = _run(text_data, out)
+        cfg["model"]["vocab_size"] = 100
+        train(cfg)
+    assert not out.exists()
+    train(_run(text_data, out), stop_at=4)
+    # a process holding the folder as a run does (RunLock), killed with SIGKILL
+    code = (
+        "import sys, time; from model.train import RunLock; from pathlib import Path; "
+        "RunLock().acquire(Path(sys.argv[1]), True, 'cpu'); print('held', flush=True); time.sleep(600)"
+    )
+    cmd = [sys.executable, "-c", code, str(out)]
+    holder = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match="is in use"):
+            train(_run(text_data, out))
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+    train(_run(text_data, out))
+    assert json.loads((out / "last" / "state.json").read_text())["step"] == 8
