@@ -188,6 +188,7 @@ class TrainConfig:
         b = self.betas
         ok = isinstance(b, tuple) and len(b) == 2 and all(_is_number(x) and 0 <= x < 1 for x in b)
         _require(ok, k + "betas", list(b) if isinstance(b, tuple) else b, "two numbers in [0, 1)")
+        self.betas = (float(b[0]), float(b[1]))  # (TOML's `[0, 0]` are ints: AdamW refused them, a traceback)
         _require(  # (more than train.steps is allowed: a quick run of a config; the peak is then not reached)
             _is_int(self.warmup) and self.warmup >= 0, k + "warmup", self.warmup, "an integer ≥ 0 (steps)"
         )

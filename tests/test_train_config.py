@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
 from model.card import training_command
 from model.train import ConfigError, DataConfig, TrainConfig, load_config, main, train
@@ -107,6 +108,21 @@ def test_the_off_values_and_edges_are_accepted():
     assert t.betas == (0.0, 0.5) and t.grad_clip == 0
     assert TrainConfig(steps=10, warmup=50).warmup == 50  # a quick run of a config: the peak is not reached
     assert DataConfig(seq_len=8, eval_stride=8).eval_stride == 8
+
+
+def test_whole_numbers_in_the_float_fields_train_as_their_floats(text_data, tmp_path):
+    """TOML writes `betas = [0, 0]`, `lr = 1`, `weight_decay = 0` as integers: the checks take them, and the
+    run is the one the same values written as floats give, bit for bit (`train.betas = [0, 0]` was a
+    ValueError traceback from AdamW at its first step: "betas must be either both floats or both Tensors")."""
+    from safetensors.torch import load_file
+
+    ints = {"betas": [0, 0], "lr": 1, "ssm_lr": 0, "weight_decay": 0, "min_lr_ratio": 1, "grad_clip": 1}
+    floats = {k: ([float(x) for x in v] if isinstance(v, list) else float(v)) for k, v in ints.items()}
+    for name, values in (("ints", ints), ("floats", floats)):
+        main([str(tiny_toml(tmp_path / f"{name}.toml", text_data, tmp_path / name, steps=3, **values))])
+    a = load_file(str(tmp_path / "ints" / "last" / "model.safetensors"))
+    b = load_file(str(tmp_path / "floats" / "last" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # tolerance 0
 
 
 # the trial's inputs, and today's good messages that came with tracebacks
