@@ -113,7 +113,7 @@ class DataConfig:
     path: str = "data/shakespeare"  # a folder written by `python -m model.data`
     seq_len: int = 1024  # ≥ 1 tokens. text: window length; audio: the clip length is used
     batch_size: int = 16  # ≥ 1 sequences: the global batch (split across processes)
-    eval_stride: int = 0  # text evaluation: window hop ≤ seq_len (0: seq_len // 2); only new tokens count
+    eval_stride: int = 0  # text evaluation: window hop ≤ seq_len (0: seq_len // 2, ≥ 1); new tokens count
 
     def __post_init__(self):
         _require(isinstance(self.path, str) and self.path != "", "data.path", self.path, "a folder path")
@@ -128,7 +128,7 @@ class DataConfig:
             _is_int(self.eval_stride) and 0 <= self.eval_stride <= self.seq_len,
             "data.eval_stride",
             self.eval_stride,
-            f"an integer in [0, data.seq_len = {self.seq_len}] (0: seq_len // 2)",
+            f"an integer in [0, data.seq_len = {self.seq_len}] (0: seq_len // 2, at least 1)",
         )
 
 
@@ -370,7 +370,7 @@ def evaluate(net: nn.Module, data: Dataset, split: np.ndarray, seq_len: int, bat
         n = len(split) if not max_tokens else max(1, min(len(split), max_tokens // split.shape[1]))
         jobs = [(np.arange(i, min(i + batch_size, n)), 0) for i in range(0, n, batch_size)]
     else:
-        stride = stride or seq_len // 2
+        stride = stride or max(1, seq_len // 2)  # (seq_len 1: a hop of 0 was a ValueError, late)
         T = len(split) if not max_tokens else min(len(split), max_tokens + 1)
         starts = list(range(0, T - seq_len - 1 + 1, stride)) or [0]
         if starts[-1] + seq_len + 1 < T:

@@ -401,3 +401,41 @@ def test_a_resume_reads_last_state_json_once(text_data, tmp_path, monkeypatch):
     train(cfg)
     assert reads == [tmp_path / "run" / "last" / "state.json"]
     assert [r["step"] for r in read_log(tmp_path / "run") if "loss" in r] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("seq_len", [1, 3])
+def test_the_scores_are_the_models_own_mean_nll_at_the_shortest_windows(text_data, tmp_path, seq_len):
+    """data.seq_len 1 (eval_stride 0: a hop of seq_len // 2 = 0) validated and scored with a hop of 1, every
+    split token after the first once; it was `ValueError: range() arg 3 must not be zero` at the first
+    validation, after the steps before it had trained. The scores are the mean NLL this test computes from
+    the exported model's logits over the same windows (each token scored once, in the first window holding
+    it), to 1e-6 relative."""
+    import math
+
+    import torch.nn.functional as F
+
+    from model.data import Dataset
+
+    cfg = tiny_config(text_data, tmp_path / "run", steps=4, eval_every=2, export=str(tmp_path / "ckpt"))
+    cfg["data"].update(seq_len=seq_len, batch_size=512)  # (fewer calls to score every window)
+    metrics = train(cfg)
+    assert [r["step"] for r in read_log(tmp_path / "run") if "val" in r] == [2, 4]
+    net = load(tmp_path / "ckpt").eval()
+    data = Dataset(text_data)
+    hop = max(1, seq_len // 2)
+    for split in ("val", "test"):
+        tokens = torch.from_numpy(data.split(split).astype(np.int64))
+        T, nll = len(tokens), {}
+        starts = [*range(0, T - seq_len, hop), T - seq_len - 1]  # the windows, the tail's last
+        x = torch.stack([tokens[s : s + seq_len] for s in starts])
+        y = torch.stack([tokens[s + 1 : s + seq_len + 1] for s in starts])
+        with torch.no_grad():
+            lp = F.cross_entropy(net(x).float().transpose(1, 2), y, reduction="none").tolist()
+        for s, row in zip(starts, lp):
+            for j in range(seq_len):
+                nll.setdefault(s + 1 + j, row[j])
+        assert sorted(nll) == list(range(1, T))
+        want = sum(nll.values()) / len(nll)
+        assert metrics[split]["tokens"] == T - 1
+        assert metrics[split]["nll_nats"] == pytest.approx(want, rel=1e-6)
+        assert metrics[split]["bits_per_token"] == pytest.approx(want / math.log(2), rel=1e-6)
