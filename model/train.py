@@ -1195,6 +1195,11 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
                 write_json(out / "config.json", cfg)
     elif main_proc and dump_grads is None:
         check_out_folder(out)
+        if tcfg.init and Path(tcfg.init).resolve().is_relative_to(out.resolve()):
+            raise ConfigError(  # (it emptied the folder, the checkpoint it was fine-tuning from with it)
+                f"train.init {tcfg.init!r} is inside train.out {str(out)!r}, which a fresh start empties: "
+                "the checkpoint would be deleted; copy it out first (cp -r), or name another train.out"
+            )
         try:
             empty_folder(out)  # (not removed and made again: the lock is held on it)
             write_json(out / "config.json", cfg)

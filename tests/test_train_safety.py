@@ -426,3 +426,19 @@ def test_a_refused_run_leaves_no_folder_it_made_and_a_killed_run_no_lock(text_da
         holder.wait()
     train(_run(text_data, out))
     assert json.loads((out / "last" / "state.json").read_text())["step"] == 8
+
+
+def test_a_fresh_start_refuses_to_empty_the_folder_holding_its_train_init(text_data, tmp_path):
+    """A fresh start (--fresh) into the run folder whose export it fine-tunes (train.init inside train.out):
+    refused naming train.init before anything is written, the checkpoint and the run left as they were. It
+    emptied the folder, the checkpoint it had just loaded with it: the model to fine-tune was deleted."""
+    out = tmp_path / "run"
+    train(_run(text_data, out, export=str(out / "export")))
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    again = _run(text_data, out, init=str(out / "export"), export=str(out / "export2"))
+    del again["model"]  # (a fine-tune: the checkpoint's model)
+    with pytest.raises(
+        ConfigError, match=r"train\.init .*export' is inside train\.out .* fresh start empties"
+    ):
+        train(again, fresh=True)
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
