@@ -973,14 +973,17 @@ class RunLock:
     too, so no stale lock is ever left behind."""
 
     def __init__(self):
-        self.fd, self.out, self.made = None, None, False
+        self.fd, self.made = None, []  # made: the folders acquire made, train.out first
 
     def acquire(self, out: Path, main_proc: bool, device) -> None:
         """Hold `out` (making it if missing) on the main process; ConfigError on every process when another
         run holds it (all processes agree: one collective)."""
         ok = 1.0
         if main_proc:
-            self.out, self.made = out, not out.exists()
+            missing = out
+            while not missing.exists() and missing != missing.parent:
+                self.made.append(missing)
+                missing = missing.parent
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
@@ -999,16 +1002,16 @@ class RunLock:
             )
 
     def release(self) -> None:
-        """Let go of the folder; one this run made and left empty (a config refused after it) is removed."""
+        """Let go of the folder; the folders `acquire` made and a refused config left empty are removed."""
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        if self.made and self.out is not None:
+        for folder in self.made:
             try:
-                self.out.rmdir()  # (only when empty)
+                folder.rmdir()  # (only when empty: a run's files stay)
             except OSError:
-                pass
-            self.made = False
+                break
+        self.made = []
 
 
 def empty_folder(folder: Path) -> None:

@@ -406,7 +406,7 @@ def test_a_refused_run_leaves_no_folder_it_made_and_a_killed_run_no_lock(text_da
         cfg = _run(text_data, out)
         cfg["model"]["vocab_size"] = 100
         train(cfg)
-    assert not out.exists()
+    assert not (tmp_path / "new").exists()  # (nor the folder above it that it made)
     train(_run(text_data, out), stop_at=4)
     # a process holding the folder as a run does (RunLock), killed with SIGKILL
     code = (
