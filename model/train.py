@@ -136,6 +136,10 @@ class DataConfig:
 # dropout seed's 64 bits at the first step, 100,000 threads was a SIGSEGV, a batch of 10^20 a traceback and
 # 10^8 an unbounded allocation: a helper's audit)
 MAX_SEED, MAX_THREADS, MAX_BATCH = 2**32 - 1, 1024, 65_536
+# train.steps and --time-budget: far past any run (10^12 steps is 11 days at a microsecond a step; 10^8 s is
+# 3 years). 10^309 steps was an OverflowError traceback at the first progress line (its ETA, a float), and
+# --time-budget 1e308 one at the first re-plan (the steps that fit: infinite): a helper's audit
+MAX_STEPS, MAX_TIME_BUDGET = 10**12, 1e8
 # the most a peak learning rate may be: far past any AdamW run (1e-4 … 1e-2); 1e38 was a RuntimeError
 # traceback at the first step (AdamW's step, lr / (1 − β1^t), past float32's range), as was 1e33 with
 # β1 = 0.99999 (a helper's audit). At most 10, the step stays far inside it for every β1 < 1.
@@ -147,7 +151,7 @@ class TrainConfig:
     """[train]: optimizer, schedule, logging and output. Checked when built: a bad value (range or
     type) raises ConfigError naming `train.<field>` and the value. Counts are in optimizer steps."""
 
-    steps: int = 1000  # ≥ 1: optimizer steps of the whole run
+    steps: int = 1000  # in [1, 10^12]: optimizer steps of the whole run
     lr: float = 2e-3  # in (0, 10]: peak learning rate of every parameter but the SSM's
     ssm_lr: float = 1e-3  # in [0, 10]: peak learning rate of the SSM parameters (Δ, Λ, P, B); 0 freezes them
     weight_decay: float = 0.05  # ≥ 0: AdamW weight decay of the matrices (never the SSM's)
@@ -171,6 +175,7 @@ class TrainConfig:
             self.betas = tuple(self.betas)
         k = "train."
         _require(_is_int(self.steps) and self.steps >= 1, k + "steps", self.steps, "an integer ≥ 1")
+        _require(self.steps <= MAX_STEPS, k + "steps", self.steps, f"at most 10^12 = {MAX_STEPS:,}")
         _require(_is_number(self.lr) and 0 < self.lr <= MAX_LR, k + "lr", self.lr,
                  f"a finite number > 0, at most {MAX_LR:g}")  # fmt: skip
         _require(
@@ -951,7 +956,8 @@ def replan_steps(done: int, step_s: float, left_s: float, eval_every: int = 0, e
             evals += 1
         return n * step_s + evals * eval_s
 
-    lo, hi = 0, int(room / step_s)  # the most that fit: cost(lo) <= room (cost grows with n)
+    hi = int(min(room / step_s, MAX_STEPS - done))  # (no plan past train.steps' bound: a resumable config)
+    lo = 0  # the most that fit: cost(lo) <= room (cost grows with n)
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if cost(mid) <= room else (lo, mid - 1)
@@ -1406,6 +1412,8 @@ def main(argv: list[str] | None = None, build_model: Callable[[dict], nn.Module]
     args = ap.parse_intermixed_args(argv)  # options before or after the section.key=value overrides
     if not (math.isfinite(args.time_budget) and args.time_budget >= 0):
         ap.error(f"--time-budget must be a finite number of seconds ≥ 0 (0: none), got {args.time_budget}")
+    if args.time_budget > MAX_TIME_BUDGET:
+        ap.error(f"--time-budget must be at most {MAX_TIME_BUDGET:g} seconds, got {args.time_budget:g}")
     if args.stop_at < 0:
         ap.error(f"--stop-at must be ≥ 0 (0: run to train.steps), got {args.stop_at}")
     # A user's error (ConfigError) is one line on stderr and exit status 2, Ctrl-C one line and 130;

@@ -141,7 +141,7 @@ def test_without_a_budget_nothing_is_replanned(text_data, tmp_path):
     assert json.loads((out / "config.json").read_text())["train"]["steps"] == 16
 
 
-@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon", "1e308", "100000001"])
 def test_a_bad_time_budget_is_one_line_and_exit_status_2(tmp_path, capsys, value):
     with pytest.raises(SystemExit) as exc:
         main([str(tmp_path / "none.toml"), f"--time-budget={value}"])
@@ -205,3 +205,16 @@ def test_two_ddp_processes_take_every_budget_decision_together(text_data, tmp_pa
     assert [r["step"] for r in log if "loss" in r] == list(range(1, reached + 1))
     plan = replans[-1]["replanned"]["steps"][1]
     assert "--time-budget 6 s reached at step" in run.stderr or reached == plan, run.stderr[-2000:]
+
+
+def test_a_plan_never_passes_train_steps_bound():
+    """The steps that fit a budget at a vanishing step time: at most MAX_STEPS, a train.steps the config takes
+    (5e-324 s a step was an OverflowError, `cannot convert float infinity to integer`, at the first re-plan of
+    --time-budget 1e308; a plan of 10^310 steps was written to config.json, which no later read could run)."""
+    from model.train import MAX_STEPS, MAX_TIME_BUDGET, TrainConfig, replan_steps
+
+    for done, step_s in ((0, 5e-324), (13, 1e-300), (MAX_STEPS - 1, 1e-9)):
+        steps = replan_steps(done, step_s, MAX_TIME_BUDGET, eval_every=7, eval_s=1e-12)
+        assert steps == MAX_STEPS
+        assert TrainConfig(steps=steps).steps == MAX_STEPS
+    assert replan_steps(13, 0.5, 100.0) == 13 + int(100 * 0.96 / 0.5)  # (unchanged where it fits: 192)

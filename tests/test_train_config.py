@@ -43,6 +43,8 @@ TRAIN_BAD = [
     ("steps", -5, "an integer ≥ 1"),
     ("steps", "abc", "an integer ≥ 1"),
     ("steps", 10.0, "an integer ≥ 1"),
+    # (a helper's audit: 10^309 steps was an OverflowError traceback at the first progress line)
+    ("steps", 10**12 + 1, "at most 10^12 = 1,000,000,000,000"),
     ("lr", "fast", "a finite number > 0"),
     ("lr", 0, "a finite number > 0"),
     ("lr", math.inf, "a finite number > 0"),
@@ -131,6 +133,7 @@ CLI_ERRORS = [
     (["train.steps=abc"], "train.steps must be an integer ≥ 1, got 'abc'"),
     (["train.steps=0"], "train.steps must be an integer ≥ 1, got 0"),
     (["train.steps=-5"], "train.steps must be an integer ≥ 1, got -5"),
+    (["train.steps=1" + "0" * 400], "train.steps must be at most 10^12 = 1,000,000,000,000, got 1000"),
     (["train.lr=fast"], "train.lr must be a finite number > 0, at most 10, got 'fast'"),
     (["train.lr=1e38"], "train.lr must be a finite number > 0, at most 10, got 1e+38"),
     (["model.d_model=3.5"], "model.d_model must be an integer ≥ 1, got 3.5"),
