@@ -1028,6 +1028,32 @@ def served_dtype(net: torch.nn.Module, dtype: torch.dtype | None) -> torch.dtype
     return dtype
 
 
+BASIS_STEPS = 1 << 20  # of the largest entry: how finely `state_basis` reads a diagonal form's modes
+
+
+def state_basis(layers: list) -> str:
+    """A digest (16 hex digits of SHA-256) of what the coordinates of a state stepped by `layers` mean:
+    each layer's form ("diagonal", "dplr": which one passed the conversion's tolerance,
+    S4_VERIFY_TOLERANCE), and a diagonal form's slot eigenvalues and input vector (`lam64`, `b64`), each
+    read to 2^-20 of its largest entry. An S4 layer's diagonal form comes from an eigendecomposition,
+    whose eigenvector order and phase are LAPACK's choice: a torch or LAPACK build other than the one
+    that made a state may put its modes in another order or phase, a state of the same shape that it
+    would read in another basis. A DPLR form's coordinates are the official parameters' (no
+    decomposition): its name alone. The same checkpoint converted alike (every dtype twin: the
+    conversion is float64 whatever the weights' dtype) has one basis."""
+    h = hashlib.sha256()
+    for form in layers:
+        h.update(form.form.encode() + b"|")
+        if form.form != "diagonal":
+            continue
+        for t in (*form.lam64, form.b64):
+            x = (torch.view_as_real(t) if t.is_complex() else t).detach().cpu().double()
+            top = float(x.abs().max()) if x.numel() else 0.0
+            q = torch.round(x / (top or 1.0) * BASIS_STEPS).to(torch.int64)
+            h.update(repr(tuple(q.shape)).encode() + q.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 class RecurrentModel(GraphedModel):
     """Frozen recurrent form of a SequenceModel: init_state, parallel prefill, batched step.
 
@@ -1187,6 +1213,12 @@ class RecurrentModel(GraphedModel):
     def state_shape(self) -> tuple[int, ...]:
         """One sequence's state: (n_layers, H, 2, M) float32 (the batch adds dim `batch_dim` = 1)."""
         return (len(self.layers), self.H, 2, self.M)
+
+    @functools.cached_property
+    def basis(self) -> str:
+        """What a state's coordinates mean, as 16 hex digits (`state_basis`): a state is read right only by
+        a model whose basis is the same (the server's exports and stored sessions carry it)."""
+        return state_basis(self.layers)
 
     def ssm_input_bound(self, i: int) -> torch.Tensor:
         """(H,) float64: max |u_h| of layer i's SSM input over all inputs: its block is pre-norm, so

@@ -118,6 +118,7 @@ class ServedModel:
             "model": self.id,
             "arch": self.config.arch,
             "fingerprint": self.fingerprint,
+            "basis": self.rec.basis,  # what the state's coordinates mean (model.recurrent.state_basis)
             "shape": self.state_shape,
             "dtype": "float32",
             "byteorder": "little",

@@ -579,6 +579,15 @@ def check_state(
         raise invalid(
             param, f"{what} was made by other weights than model {model_id}'s{other} (fingerprint){whose}"
         )
+    basis = header.get("basis")  # (absent from exports made before it was written: not known, taken)
+    if basis is not None and basis != model.rec.basis:
+        raise invalid(
+            param,
+            f"{what} was made by a server whose recurrent form of model {model_id} differs from this one's "
+            f"(state basis {quoted(str(basis))}, here {model.rec.basis!r}): its state would be read in other "
+            "coordinates. The form depends on the torch (LAPACK) build and S4_VERIFY_TOLERANCE: serve both "
+            "from one image with one setting, or start the session again",
+        )
     if header["shape"] != model.state_shape:
         shape = str(header["shape"])[:80]
         raise invalid(param, f"{what}: state shape {shape} does not match the model's {model.state_shape}")

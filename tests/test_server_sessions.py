@@ -123,6 +123,39 @@ def test_import_refuses_corrupt_or_foreign_states_with_422(client):
     assert imp(blob).status_code == 201  # the untouched blob still imports
 
 
+def test_a_state_of_another_recurrent_form_is_refused_and_one_without_a_basis_taken(client, server):
+    """The state's coordinates depend on the recurrent form (an S4 layer's eigendecomposition, whose
+    mode order and phase are the torch/LAPACK build's choice; which form passed S4_VERIFY_TOLERANCE), none
+    of which the fingerprint (config, weights, vocabulary) covers: a state of the same shape from a server
+    whose form differs was taken and read in other coordinates (a helper's audit). An export carries the
+    form's basis now (model.recurrent.state_basis), and a different one is refused, naming `state`; an
+    export made before the field existed is taken as before."""
+    from model.recurrent import state_basis  # noqa: PLC0415
+
+    sid = _create(client, "to sleep, perchance to dream")["session_id"]
+    blob = client.get(f"/v1/sessions/{sid}/export").content
+    header, state = unpack_state(blob)
+    rec = server.state.models[TEXT].rec
+    assert header["basis"] == rec.basis == state_basis(rec.layers) and len(rec.basis) == 16
+    # another order of one layer's modes (what another LAPACK may return): another basis
+    form = rec.layers[0]
+    saved = form.lam64, form.b64
+    try:
+        form.lam64, form.b64 = tuple(t.flip(-1) for t in form.lam64), form.b64.flip(-1)
+        assert state_basis(rec.layers) != rec.basis
+    finally:
+        form.lam64, form.b64 = saved
+    r = client.post("/v1/sessions/import", content=pack_state({**header, "basis": "0123456789abcdef"}, state))
+    assert r.status_code == 422 and r.json()["error"]["param"] == "state", r.text
+    said = r.json()["error"]["message"]
+    assert "differs from this one's (state basis '0123456789abcdef', here " in said, said
+    older = {k: v for k, v in header.items() if k != "basis"}
+    r = client.post("/v1/sessions/import", content=pack_state(older, state))
+    assert r.status_code == 201, r.text
+    a = _generate(client, sid, n=12, seed=4)["tokens"]
+    assert _generate(client, r.json()["session_id"], n=12, seed=4)["tokens"] == a
+
+
 def test_the_checksum_is_checked_before_the_version_field_is_believed(client):
     """A bit flipped in an export's version field (2 → 3, 2 → 258): the import said "state format version 3
     is not supported (this server reads versions 1, 2)", as if a newer server could read the blob. The
@@ -162,7 +195,7 @@ def test_an_import_missing_any_header_field_is_a_422_naming_it_and_holds_no_slot
     pool = server.state.models[TEXT].engine.pool
     in_use, sessions = pool.in_use, server.state.sessions.count(TEXT)
     required = {*service.STATE_FIELDS, "arch", "dtype"}
-    optional = {"byteorder", "utf8_tail", "created", "generated", "last_used"}
+    optional = {"byteorder", "utf8_tail", "created", "generated", "last_used", "basis"}
     assert required <= header.keys() and header.keys() - required == optional
     for key in sorted(header):
         for _ in range(3):

@@ -33,6 +33,7 @@ for 16 bits) of float64 conv mode.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,7 @@ from model.recurrent import (
     layernorm_output_bound,
     logits_report,
     pad_fused_params,
+    state_basis,
 )
 from model.state_layout import StateLayout
 
@@ -258,6 +260,12 @@ class SaShiMiRecurrent(GraphedModel):
     def state_shape(self) -> tuple[int, ...]:
         """One sequence's state: (layout.numel,) float32 (the batch adds dim `batch_dim` = 0)."""
         return (self.layout.numel,)
+
+    @functools.cached_property
+    def basis(self) -> str:
+        """What a state's coordinates mean (`model.recurrent.state_basis` of every S4 layer's form, in the
+        state layout's order), as 16 hex digits."""
+        return state_basis([self.forms[name] for name in sorted(self.forms)])
 
     def ssm_input_bound(self, block) -> torch.Tensor:
         """(H,) float64: max |u_h| of a block's input u = norm(x) (an S4 block's SSM input). A
