@@ -155,6 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return None  # a state blob; a body FastAPI does not parse as JSON
         return route_budget(scope.get("path", ""), settings.max_prompt_tokens)
 
+    app.add_middleware(HeadAsGet)  # the innermost: every guard sees the request as sent (HEAD)
     # inside the key check (added first: the innermost), so a client without a key learns no limit
     refused_body = state.metrics.requests_refused
     app.add_middleware(
@@ -187,6 +188,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     instrument_http(app, state.metrics.registry)
     add_request_ids(app)  # last: the outermost, so every response carries X-Request-ID
     return app
+
+
+class HeadAsGet:
+    """ASGI middleware: a HEAD request is answered as its GET, headers only (RFC 9110 9.3.2: a server
+    that answers GET answers HEAD). FastAPI's GET routes (probes, /metrics, /v1/models, sessions) answered
+    405 to HEAD, which uptime monitors send by default (UptimeRobot), where Starlette's static routes
+    answered it. The app sees GET; the body it sends is dropped (uvicorn drops a HEAD's body too); the
+    guards outside it, the access line and the metrics see HEAD."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def headers_only(message) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, headers_only)
 
 
 UNCOUNTED_ROUTES = ("/metrics", "/healthz", "/readyz")  # scrapes and probes (as vLLM leaves them out)

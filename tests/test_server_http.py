@@ -575,3 +575,24 @@ def test_the_schema_documents_what_the_server_sends(client):
     assert "503" in paths["/readyz"]["get"]["responses"]
     body = paths["/v1/sessions/import"]["post"]["requestBody"]
     assert body["required"] and list(body["content"]) == ["application/octet-stream"]
+
+
+def test_every_get_route_answers_head_with_its_headers_and_no_body(client):
+    """RFC 9110 9.3.2: a server answers HEAD as GET, without the body. FastAPI's GET routes (the probes,
+    /metrics, /v1/models, a session's info and export) answered 405, which uptime monitors that send HEAD
+    by default (UptimeRobot) read as down; Starlette's static routes answered it. Each answers as its GET
+    now: the same status, content type and length, no body; a route that takes no GET still answers 405,
+    and an unknown path 404."""
+    sid = client.post("/v1/sessions", json={"model": "tiny-text", "prompt": "to be"}).json()["session_id"]
+    paths = ["/healthz", "/readyz", "/metrics", "/v1/models", "/v1/models/tiny-text", f"/v1/sessions/{sid}",
+             f"/v1/sessions/{sid}/export", "/", "/openapi.json"]  # fmt: skip
+    for path in paths:
+        got, head = client.get(path), client.head(path)
+        assert head.status_code == got.status_code == 200, (path, head.status_code, got.status_code)
+        assert head.content == b"", path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+        if path not in ("/metrics", "/readyz"):  # (their bodies change between two requests)
+            assert head.headers["content-length"] == got.headers["content-length"], path
+    assert client.head("/v1/generate").status_code == client.get("/v1/generate").status_code == 405
+    assert client.head("/v1/no/such/path").status_code == 404
+    assert client.head("/v1/sessions/sess-0123").status_code == 404
