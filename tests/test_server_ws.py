@@ -811,7 +811,13 @@ def test_a_client_gone_before_its_session_frame_leaves_its_session_idle(server, 
         await asyncio.to_thread(go.wait, 30)
         return await read_prompt(*args, **kwargs)
 
+    def cancelled() -> float:  # the model's generations ended "cancelled" so far
+        line = f's4_generations_total{{finish_reason="cancelled",model="{TEXT}"}} '
+        metrics = client.get("/metrics").text.splitlines()
+        return float(next(x for x in metrics if x.startswith(line)).split()[-1])
+
     monkeypatch.setattr(service, "read_prompt", held)
+    ended = cancelled()
     ws = RawWebSocket(server.port)
     here = ws.sock.getsockname()
     ws.send_json({"type": "generate", "session_id": sid, "max_new_tokens": 4000, "seed": 1})
@@ -821,6 +827,9 @@ def test_a_client_gone_before_its_session_frame_leaves_its_session_idle(server, 
     assert wait_for(lambda: all(getattr(p, "client", None) != here for p in open_now), 10)
     go.set()
     try:
+        # the turn started once its prompt was read, then ended with the close: the session was idle
+        # before it started too, so its status alone could be read before the turn (then a 409 below)
+        assert wait_for(lambda: cancelled() == ended + 1, 10)
         assert wait_for(lambda: client.get(f"/v1/sessions/{sid}").json()["status"] == "idle", 10)
         assert client.get(f"/v1/sessions/{sid}").json()["tokens"] == before["tokens"]
         done = client.post("/v1/generate", json={"session_id": sid, "max_new_tokens": 3})
