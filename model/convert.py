@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import _sha256, save
-from model.official.mapping import Imported, MissingConfig, Unsupported, map_official
+from model.official.mapping import Imported, MissingConfig, Unsupported, _positive_int, map_official
 from model.official.reader import (
     OfficialFormatError,
     config_origin,
@@ -96,10 +96,6 @@ def default_name(src: Path) -> str:
     return run.name if re.fullmatch(r"[A-Za-z0-9._-]+", run.name or "") else src.stem
 
 
-def _positive(v) -> int | None:
-    return v if type(v) is int and v > 0 else None
-
-
 def training_length(cfg: dict | None) -> tuple[int, str] | None:
     """The length of the sequences a run trained on, and the config key that says it: the dataset's
     `__l_max` (what the layers' `l_max` defaults to), the loader's `l_max` (the LM loader's), the
@@ -113,7 +109,7 @@ def training_length(cfg: dict | None) -> tuple[int, str] | None:
         (ds, "dataset", "sample_len"),
     )
     for section, where, key in keys:
-        if isinstance(section, dict) and (n := _positive(section.get(key))) is not None:
+        if isinstance(section, dict) and _positive_int(n := section.get(key)):
             return n, f"{where}.{key}"
     return None
 
@@ -130,7 +126,7 @@ def length_warning(cfg: dict | None, unit: str) -> str | None:
     model = cfg.get("model") if isinstance(cfg, dict) else None
     layers = model.get("layer") if isinstance(model, dict) else None
     layers = layers if isinstance(layers, list) else [layers]
-    kernels = [n for lc in layers if isinstance(lc, dict) and (n := _positive(lc.get("l_max"))) is not None]
+    kernels = [lc["l_max"] for lc in layers if isinstance(lc, dict) and _positive_int(lc.get("l_max"))]
     if trained is None or not kernels or min(kernels) >= trained[0]:
         return None
     k, (n, key) = min(kernels), trained
