@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import logging
+import shutil
 import socket
 import threading
 import time
@@ -438,6 +439,19 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+def chat_copy(text_dir: Path, folder: Path) -> Path:
+    """folder/tiny-chat: a copy of the tiny text model (`text_dir`) with the shipped text-shakespeare chat
+    template and stop (the chat route's model)."""
+    root = Path(__file__).resolve().parent.parent
+    shipped = json.loads((root / "checkpoints/text-shakespeare/config.json").read_text())
+    chat = folder / "tiny-chat"
+    shutil.copytree(text_dir, chat)
+    meta = json.loads((chat / "config.json").read_text())
+    meta["chat_template"], meta["chat_stop"] = shipped["chat_template"], shipped["chat_stop"]
+    (chat / "config.json").write_text(json.dumps(meta))
+    return chat
 
 
 def b64(data: bytes) -> str:

@@ -4,7 +4,6 @@ refusals. Log-probabilities are checked against log_softmax of the recurrent for
 
 import asyncio
 import json
-import shutil
 import subprocess
 import sys
 
@@ -12,7 +11,7 @@ import httpx
 import openai
 import pytest
 import torch
-from server_support import ServerThread, _rec, reference, refusal_status, wait_for, ws_turn
+from server_support import ServerThread, _rec, chat_copy, reference, refusal_status, wait_for, ws_turn
 from websockets.sync.client import connect
 
 from model.sampling import SamplingParams, sample
@@ -700,17 +699,10 @@ ROOT_CKPT = "checkpoints/text-shakespeare"
 @pytest.fixture(scope="module")
 def chat_server(model_dirs, tmp_path_factory):
     """The tiny text model with the shipped Shakespeare template, the tiny one without, and the audio one."""
-    from pathlib import Path
 
     from server import Settings
 
-    root = Path(__file__).resolve().parent.parent
-    shipped = json.loads((root / ROOT_CKPT / "config.json").read_text())
-    d = tmp_path_factory.mktemp("chat") / "tiny-chat"
-    shutil.copytree(model_dirs["text"], d)
-    meta = json.loads((d / "config.json").read_text())
-    meta["chat_template"], meta["chat_stop"] = shipped["chat_template"], shipped["chat_stop"]
-    (d / "config.json").write_text(json.dumps(meta))
+    d = chat_copy(model_dirs["text"], tmp_path_factory.mktemp("chat"))
     dirs = [str(d), str(model_dirs["text"]), str(model_dirs["audio"])]
     s = ServerThread(Settings(checkpoints=dirs, max_sessions=16)).start()
     yield s, d

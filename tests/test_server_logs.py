@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import httpx
 from asgi_correlation_id import correlation_id
-from server_support import ServerThread, process_ready, uvicorn_debug_lines, wait_for
+from server_support import ServerThread, chat_copy, process_ready, uvicorn_debug_lines, wait_for
 from websockets.sync.client import connect
 
 from server import Settings
@@ -85,17 +84,6 @@ def test_a_plain_request_whose_client_left_is_logged_with_its_request_id(model_d
     )
 
 
-def chat_model(model_dirs, tmp_path: Path) -> Path:
-    """A copy of the tiny text model with the shipped Shakespeare chat template: model id tiny-chat."""
-    shipped = json.loads((ROOT / "checkpoints/text-shakespeare/config.json").read_text())
-    chat = tmp_path / "tiny-chat"
-    shutil.copytree(model_dirs["text"], chat)
-    meta = json.loads((chat / "config.json").read_text())
-    meta["chat_template"], meta["chat_stop"] = shipped["chat_template"], shipped["chat_stop"]
-    (chat / "config.json").write_text(json.dumps(meta))
-    return chat
-
-
 STREAMED = {  # a streamed request on each route and modality that streams (SSE); max tokens as given
     "/v1/generate text": ("/v1/generate", {"model": "tiny-text", "prompt": "a", "seed": 1}, "max_new_tokens"),
     "/v1/generate audio": (
@@ -118,7 +106,7 @@ def test_a_streamed_request_whose_client_left_before_its_end_is_logged(model_dir
     of the log saw a 200 for a stream its client never got the end of (a fresh-user trial). Now one INFO
     line says so, with its request id, on every streamed route and modality; a stream read to its end
     has none."""
-    chat = chat_model(model_dirs, tmp_path)
+    chat = chat_copy(model_dirs["text"], tmp_path)
     dirs = [str(model_dirs["text"]), str(model_dirs["audio"]), str(chat)]
     server = ServerThread(Settings(checkpoints=dirs, max_new_tokens=10**7)).start()
     cut = "client closed the connection before the stream's end"
@@ -167,7 +155,7 @@ def test_an_sse_stream_ended_by_an_error_event_is_logged_with_its_request_id(mod
     drain is the other cause) said so to its client only: the access line, written at its start, says
     200, and no line named the request (a WebSocket's error frame has one). Now one INFO line,
     `error event 500: …`, with the request id, on each SSE route (the status the event carries)."""
-    chat = chat_model(model_dirs, tmp_path)
+    chat = chat_copy(model_dirs["text"], tmp_path)
     server = ServerThread(Settings(checkpoints=[str(chat)], max_new_tokens=10**7, drain_timeout_s=1)).start()
     bodies = {  # every SSE route, on the one model, each generating for minutes
         "/v1/generate": {"prompt": "a", "max_new_tokens": 10**6},

@@ -7,14 +7,12 @@ call that waits on an event (as tests/test_server_sessions.py's `hold_engine`)."
 from __future__ import annotations
 
 import json
-import shutil
 import threading
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from server_support import ServerThread, reference
+from server_support import ServerThread, chat_copy, reference
 
 from model.sampling import SamplingParams
 from server import Settings
@@ -28,13 +26,7 @@ KEEP_ALIVE = ": keep-alive"
 @pytest.fixture(scope="module")
 def ka_server(model_dirs, tmp_path_factory):
     """The tiny text model, and a copy with the shipped Shakespeare chat template, keep-alive every 0.1 s."""
-    root = Path(__file__).resolve().parent.parent
-    shipped = json.loads((root / "checkpoints/text-shakespeare/config.json").read_text())
-    d = tmp_path_factory.mktemp("keepalive") / CHAT
-    shutil.copytree(model_dirs["text"], d)
-    meta = json.loads((d / "config.json").read_text())
-    meta["chat_template"], meta["chat_stop"] = shipped["chat_template"], shipped["chat_stop"]
-    (d / "config.json").write_text(json.dumps(meta))
+    d = chat_copy(model_dirs["text"], tmp_path_factory.mktemp("keepalive"))  # (model id CHAT)
     settings = Settings(
         checkpoints=[str(model_dirs["text"]), str(d)], max_sessions=8, sse_keepalive_s=INTERVAL
     )
