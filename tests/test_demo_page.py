@@ -9,6 +9,7 @@ go to tests/artifacts/ (gitignored; CI can keep them) and to pytest's tmp path.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import io
 import shutil
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import Page, expect, sync_playwright
 from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from server_support import (
@@ -935,6 +937,38 @@ def test_the_rate_is_the_decode_rate_from_the_first_output_in_tokens_or_samples_
         f"playback fell behind {gaps} time{'' if gaps == 1 else 's'}"
     )
     assert d.errors == []
+
+
+def test_choosing_another_model_while_the_sessions_count_is_read_aborts_that_read(demo, server):
+    """After a turn the page reads its session's token count (GET /v1/sessions/{id}). Choosing another model
+    closes the session's socket, which deletes the session: a read the server got after that was a 404 in
+    the console (fresh-clone CI, under load). The page aborts the read now. Here the read is held until the
+    session is gone on the server, then let through."""
+    d = demo
+    held = []
+
+    def hold(route) -> None:
+        held.append(route)
+
+    d.page.route("**/v1/sessions/*", hold)
+    d.wait_status("models served")
+    generate_text(d, "x", 5, seed=1)
+    d.page.wait_for_function("() => s4demo.sessionId !== null", timeout=WAIT_MS)
+    sid = d.js("s4demo.sessionId")
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not held and time.monotonic() < deadline:
+        d.page.wait_for_timeout(20)  # (route handlers run inside Playwright's calls)
+    assert [r.request.url.rsplit("/", 1)[1] for r in held] == [sid]
+    d.page.select_option("#model", AUDIO)
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while httpx.get(f"{server.url}/v1/sessions/{sid}").status_code != 404:
+        assert time.monotonic() < deadline, "the session outlived its socket"
+        time.sleep(0.05)
+    with contextlib.suppress(PlaywrightError):  # (the page aborted it: nothing to let through)
+        held[0].continue_()
+    d.page.wait_for_timeout(500)
+    assert d.errors == []
+    assert d.page.text_content("#context") == "0 tokens" and d.js("s4demo.sessionId") is None
 
 
 def test_load_models_waits_for_the_generation_and_keeps_the_session(browser, limited):

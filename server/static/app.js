@@ -27,6 +27,7 @@
   let conn = null; // {ws, opened, bound, dropped}
   let turn = null; // the running generation
   let contextTokens = 0;
+  let refreshing = null; // the AbortController of refreshContext's request
   let starting = false; // a turn is waiting for its socket to open
   let epoch = 0; // bumped by every new session: work begun for an older one (a decode, a mic) is dropped
 
@@ -67,8 +68,8 @@
       : "this server needs an API key (401): type it in the API key field, then Load models";
   }
 
-  async function api(path) {
-    const r = await fetch(path, { headers: authHeaders() });
+  async function api(path, signal) {
+    const r = await fetch(path, { headers: authHeaders(), signal });
     if (r.status === 401) throw new Error(refusedKey());
     if (!r.ok) {
       const body = await r.json().catch(() => null);
@@ -311,6 +312,7 @@
 
   function resetSession() {
     epoch++;
+    refreshing?.abort(); // (before dropConnection: see refreshContext)
     dropAnnouncement(); // (before endTurn, which would read out the rest of the turn)
     if (turn) endTurn("", false);
     stopRecording();
@@ -451,15 +453,21 @@
     $("announce").textContent = "";
   }
 
-  // The session's own token count (the page's running count until this answers).
+  // The session's own token count (the page's running count until this answers). A new session (another
+  // model, a reset) aborts the request: its socket's close deletes the session, and a request the server
+  // read after that was a 404 in the console.
   async function refreshContext(sessionId) {
+    refreshing?.abort();
+    const mine = (refreshing = new AbortController());
     try {
-      const info = await api(`v1/sessions/${encodeURIComponent(sessionId)}`);
+      const info = await api(`v1/sessions/${encodeURIComponent(sessionId)}`, mine.signal);
       if (sessionId === demo.sessionId && !turn) contextTokens = info.tokens;
     } catch {
       // keep the running count
+    } finally {
+      if (refreshing === mine) refreshing = null;
     }
-    showStats();
+    if (!mine.signal.aborted) showStats();
   }
 
   // The decode rate: output after the first frame over the time since it arrived (connecting and
