@@ -254,7 +254,11 @@ def test_the_decoder_workers_and_their_fork_server_end_when_the_server_is_killed
     """A server ended by SIGKILL (the OOM killer, a supervisor's last resort) left its decoder worker and
     the fork server waiting for ever (a worker holds both ends of its queue's pipes, and the fork server's
     liveness pipe): each killed test server left two processes behind."""
-    start = "from server.decoder import AudioDecoder; AudioDecoder(1).start(); print('ready', flush=True)"
+    # (the decoder kept: a pool that is garbage is shut down, its worker with it, which under load came before
+    # the count below)
+    start = (
+        "from server.decoder import AudioDecoder; d = AudioDecoder(1); d.start(); print('ready', flush=True)"
+    )
     cmd = [sys.executable, "-c", f"import sys; {start}; sys.stdin.read()"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     left = []
@@ -509,6 +513,11 @@ def test_files_queued_when_the_decoder_closes_are_decoded_in_this_process_not_ca
             t.start()
         for _ in threads:
             assert submitted.acquire(timeout=60)
+        # the pool's thread has put two files in its call queue (full: the worker's file and one more) and
+        # holds the other two (a submit does not wait for that: under load close came first, and cancelled
+        # three or four)
+        pool = d._pool
+        assert wait_for(lambda: pool._call_queue.full() and pool._work_ids.qsize() == 2, timeout=60)
         closing = threading.Thread(target=d.close)
         closing.start()
         # two of the four files wait in the pool's call queue (a worker's and one more), for the worker; close
