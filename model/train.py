@@ -969,6 +969,9 @@ BUDGET_MARGIN = 0.04  # share of the remaining time left unplanned (drift)
 BUDGET_REPLAN_AT = (0.25, 0.5, 0.75, 0.9)  # shares of the budget after which the plan is made again
 
 
+RUN_HELD, RUN_IN_USE, RUN_UNOPENED = 0, 1, 2  # `RunLock.acquire`'s outcome on the main process
+
+
 class RunLock:
     """The exclusive hold of one run on its `train.out`: an flock on the folder itself, taken before the
     first write (recovering last/, emptying the folder) and held to the end of the run, export included.
@@ -983,8 +986,11 @@ class RunLock:
 
     def acquire(self, out: Path, main_proc: bool, device) -> None:
         """Hold `out` (making it if missing) on the main process; ConfigError on every process when another
-        run holds it (all processes agree: one collective)."""
-        ok = 1.0
+        run holds it or it cannot be opened (all processes agree: one collective, which every process
+        reaches, so none waits there for a main process that raised). A filesystem that has no flock (an
+        NFS mount without its lock daemon: ENOLCK; some FUSE and CIFS mounts: EOPNOTSUPP) is a warning on
+        stderr, and the run goes on unguarded, as every run did before the lock."""
+        code, why = RUN_HELD, ""
         if main_proc:
             missing = out
             while not missing.exists() and missing != missing.parent:
@@ -994,13 +1000,25 @@ class RunLock:
                 out.mkdir(parents=True, exist_ok=True)
                 self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
             except OSError as exc:
-                raise ConfigError(f"train.out {str(out)!r}: cannot open it ({exc.strerror or exc})") from None
-            try:
-                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(self.fd)
-                self.fd, ok = None, 0.0
-        if all_mean(ok, device) < 1.0:
+                code, why = RUN_UNOPENED, exc.strerror or str(exc)
+            if self.fd is not None:
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(self.fd)
+                    self.fd, code = None, RUN_IN_USE
+                except OSError as exc:  # no locks on this filesystem (ENOLCK, EOPNOTSUPP, ...)
+                    os.close(self.fd)
+                    self.fd = None
+                    print(f"warning: train.out {str(out)!r}: its filesystem cannot lock it "
+                          f"({exc.strerror or exc}): a second run into it at once is not refused; run one "
+                          "at a time there", file=sys.stderr, flush=True)  # fmt: skip
+        # (the main process's code, the others adding 0: the sum, as the mean times the processes)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        code = round(all_mean(code if main_proc else 0.0, device) * world)
+        if code == RUN_UNOPENED:
+            raise ConfigError(f"train.out {str(out)!r}: cannot open it ({why or 'on the main process'})")
+        if code == RUN_IN_USE:
             raise ConfigError(
                 f"train.out {str(out)!r} is in use: another training run is writing into it (two runs in one "
                 "folder overwrite each other's saves, log and config); wait for it to end, or name another "

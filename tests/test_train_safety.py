@@ -428,6 +428,55 @@ def test_a_refused_run_leaves_no_folder_it_made_and_a_killed_run_no_lock(text_da
     assert json.loads((out / "last" / "state.json").read_text())["step"] == 8
 
 
+def test_a_train_out_whose_filesystem_cannot_lock_trains_with_a_warning(
+    text_data, tmp_path, monkeypatch, capsys
+):
+    """A train.out on a filesystem without flock (an NFS mount without its lock daemon answers ENOLCK, some
+    FUSE and CIFS mounts EOPNOTSUPP): the run trains as every run did before the lock, with one warning
+    naming train.out. It was an OSError traceback from fcntl.flock before the first step (the lock's
+    file left open), so no run could train into such a folder."""
+    import errno
+    import fcntl
+
+    real = fcntl.flock
+    refused = []
+
+    def no_locks(fd, op):
+        refused.append(op)
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    out = tmp_path / "run"
+    train(_run(text_data, tmp_path / "whole"))
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    train(_run(text_data, out))
+    monkeypatch.setattr(fcntl, "flock", real)
+    assert refused, "the run never tried to lock train.out"
+    said = capsys.readouterr().err
+    assert f"train.out {str(out)!r}: its filesystem cannot lock it (No locks available)" in said, said
+    want = load_file(str(tmp_path / "whole" / "last" / "model.safetensors"))
+    got = load_file(str(out / "last" / "model.safetensors"))
+    assert all(torch.equal(want[k], got[k]) for k in want)  # tolerance 0: the run as without the lock
+
+
+def test_every_process_reaches_the_run_locks_collective_if_train_out_cannot_be_opened(tmp_path, monkeypatch):
+    """With several processes, the main one alone opens train.out; when it cannot (a file where the folder
+    should be), it still joins the collective the others wait in, then raises; another process learns it
+    there and raises the same ConfigError. The main one raised before the collective: the other processes
+    waited in all_reduce for it forever. (The collective is stood in for: one process, its calls counted,
+    the other's sum given.)"""
+    import model.train as mt
+
+    calls = []
+    monkeypatch.setattr(mt, "all_mean", lambda x, device: calls.append(x) or x)
+    (tmp_path / "run").write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"train\.out .*run': cannot open it \(File exists\)"):
+        mt.RunLock().acquire(tmp_path / "run", True, "cpu")
+    assert len(calls) == 1, "the main process raised without joining the collective"
+    monkeypatch.setattr(mt, "all_mean", lambda x, device: x + mt.RUN_UNOPENED)  # (the main one's code)
+    with pytest.raises(ConfigError, match=r"train\.out .*run': cannot open it \(on the main process\)"):
+        mt.RunLock().acquire(tmp_path / "run", False, "cpu")
+
+
 def test_a_fresh_start_refuses_to_empty_the_folder_holding_its_train_init(text_data, tmp_path):
     """A fresh start (--fresh) into the run folder whose export it fine-tunes (train.init inside train.out):
     refused naming train.init before anything is written, the checkpoint and the run left as they were. It
