@@ -1026,16 +1026,17 @@ class RunLock:
             )
 
     def release(self) -> None:
-        """Let go of the folder; the folders `acquire` made and a refused config left empty are removed."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        """Let go of the folder; the folders `acquire` made and a refused config left empty are removed, while
+        the lock is still held (removed after it, one another run had just taken was removed under it)."""
         for folder in self.made:
             try:
                 folder.rmdir()  # (only when empty: a run's files stay)
             except OSError:
                 break
         self.made = []
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def empty_folder(folder: Path) -> None:

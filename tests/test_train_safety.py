@@ -477,6 +477,41 @@ def test_every_process_reaches_the_run_locks_collective_if_train_out_cannot_be_o
         mt.RunLock().acquire(tmp_path / "run", False, "cpu")
 
 
+def test_a_refused_run_removes_the_folder_it_made_before_letting_go_of_it(text_data, tmp_path, monkeypatch):
+    """A run whose config is refused after it took train.out (a folder it made) removes that folder while it
+    still holds it. It let go first and removed the folder after: a second run that took the folder in that
+    moment (here, at the first run's close of its lock) held a folder removed under it, and every write of
+    its run failed. Now the second run makes the folder anew and holds it."""
+    import os
+    import stat
+
+    from model.train import RunLock
+
+    out = tmp_path / "new" / "run"
+    real_close, second, taken = os.close, RunLock(), []
+
+    def close_then_take(fd):
+        lock = stat.S_ISDIR(os.fstat(fd).st_mode)  # (the run's lock: its fd on the folder)
+        real_close(fd)
+        if lock and not taken:  # (once: the second run takes the folder the moment the first lets go)
+            taken.append(fd)
+            second.acquire(out, True, "cpu")
+
+    cfg = _run(text_data, out)
+    cfg["model"]["vocab_size"] = 100  # (refused after the lock is taken: the model does not fit the data)
+    monkeypatch.setattr(os, "close", close_then_take)
+    try:
+        with pytest.raises(ConfigError, match="model.vocab_size"):
+            train(cfg)
+    finally:
+        monkeypatch.setattr(os, "close", real_close)
+    try:
+        assert second.fd is not None, "the second run never took the folder"
+        assert out.is_dir() and os.path.samestat(os.fstat(second.fd), os.stat(out))
+    finally:
+        second.release()
+
+
 def test_a_fresh_start_refuses_to_empty_the_folder_holding_its_train_init(text_data, tmp_path):
     """A fresh start (--fresh) into the run folder whose export it fine-tunes (train.init inside train.out):
     refused naming train.init before anything is written, the checkpoint and the run left as they were. It
