@@ -41,7 +41,7 @@ from server.errors import (
 from server.json_budget import json_content_type, route_budget
 from server.logs import StreamEnds, add_request_ids, log_refusal
 from server.origin import CrossOrigin, OriginCheck, OriginPolicy, open_door_warnings
-from server.routes import demo, generate, health, openai, sessions, websocket
+from server.routes import HEAD_SCOPE_KEY, demo, generate, health, openai, sessions, websocket
 from server.state import ServerState
 
 log = logging.getLogger("server")
@@ -194,7 +194,8 @@ class HeadAsGet:
     """ASGI middleware: a HEAD request is answered as its GET, headers only (RFC 9110 9.3.2: a server
     that answers GET answers HEAD). FastAPI's GET routes (probes, /metrics, /v1/models, sessions) answered
     405 to HEAD, which uptime monitors send by default (UptimeRobot), where Starlette's static routes
-    answered it. The app sees GET; the body it sends is dropped (uvicorn drops a HEAD's body too); the
+    answered it. The app sees GET, marked as a HEAD (`server.routes.is_head`: a session's export answers
+    it without claiming the session); the body it sends is dropped (uvicorn drops a HEAD's body too); the
     guards outside it, the access line and the metrics see HEAD."""
 
     def __init__(self, app) -> None:
@@ -209,7 +210,7 @@ class HeadAsGet:
                 message = {**message, "body": b""}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, headers_only)
+        await self.app({**scope, "method": "GET", HEAD_SCOPE_KEY: True}, receive, headers_only)
 
 
 UNCOUNTED_ROUTES = ("/metrics", "/healthz", "/readyz")  # scrapes and probes (as vLLM leaves them out)

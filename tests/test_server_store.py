@@ -724,10 +724,13 @@ def test_a_request_using_a_session_extends_its_store_ttl_and_session_info_does_n
         redis_db.pexpire(key, aged)
         assert httpx.get(f"{b.url}/v1/sessions/{sid}").status_code == 200  # info, read from the store
         assert not b.state.sessions.has(sid) and 0 < redis_db.pttl(key) <= aged
+        assert httpx.head(f"{b.url}/v1/sessions/{sid}/export").status_code == 200  # a HEAD: as info
+        assert not b.state.sessions.has(sid) and 0 < redis_db.pttl(key) <= aged
         assert httpx.get(f"{b.url}/v1/sessions/{sid}/export").status_code == 200  # restored on b
         assert b.state.sessions.has(sid) and aged < redis_db.pttl(key) <= ttl_s * 1000
         redis_db.pexpire(key, aged)
         assert httpx.get(f"{b.url}/v1/sessions/{sid}").status_code == 200  # info of the copy held on b
+        assert httpx.head(f"{b.url}/v1/sessions/{sid}/export").status_code == 200  # and a HEAD of its export
         assert 0 < redis_db.pttl(key) <= aged
         assert httpx.get(f"{b.url}/v1/sessions/{sid}/export").status_code == 200  # a request on that copy
         assert aged < redis_db.pttl(key) <= ttl_s * 1000

@@ -7,6 +7,7 @@ from fastapi.responses import Response
 
 from server import service
 from server.errors import APIError, too_large
+from server.routes import is_head
 from server.schemas import ERROR_RESPONSES, SessionAppend, SessionCreate, SessionInfo
 from server.service import state_of
 
@@ -116,7 +117,14 @@ async def append(session_id: str, req: SessionAppend, request: Request):
 @router.get("/{session_id}/export", responses={200: {"content": {STATE_TYPE: {}}}},
             summary="The session's state as a versioned, checksummed binary")  # fmt: skip
 async def export(session_id: str, request: Request) -> Response:
+    headers = {"Content-Disposition": f'attachment; filename="{session_id}.s4state"'}
+    if is_head(request):  # as session info: no claim (no 409 beside a turn), no restore (no slot taken), no
+        # TTL refreshed (the session's idle one or the store's): a monitor's HEAD keeps no session alive.
+        # Its length is only known by building the export: none is sent (RFC 9110 9.3.2 allows it)
+        await service.session_info(state_of(request), session_id)  # (404, 422 as the GET)
+        response = Response(media_type=STATE_TYPE, headers=headers)
+        del response.headers["content-length"]
+        return response
     await service.restore(state_of(request), session_id)
     blob = await service.export_state(state_of(request), session_id)
-    headers = {"Content-Disposition": f'attachment; filename="{session_id}.s4state"'}
     return Response(blob, media_type=STATE_TYPE, headers=headers)
