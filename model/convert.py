@@ -588,12 +588,14 @@ STALE_TMP_S = 86_400  # a conversion's temporary folder older than this is a kil
 
 
 def drop_stale_temps(cache: Path, now: float | None = None) -> list[Path]:
-    """Remove the temporary folders (`.tmp-*`) in a conversion cache that conversions killed midway left
-    (older than STALE_TMP_S), each up to a model's size, which nothing removed (a helper's audit); a younger
-    one may be another process's conversion under way and is left. Returns those removed (logged)."""
+    """Remove the temporary folders in a conversion cache that conversions killed midway left (older than
+    STALE_TMP_S), each up to a model's size, which nothing removed (a helper's audit): an entry's `.tmp-*`,
+    and the `..tmp-*.tmp-*` that `convert` writes the model into beside it before swapping it in (a kill
+    while the weights were written left them there, missed by `.tmp-*`). A younger one may be another
+    process's conversion under way and is left. Returns those removed (logged)."""
     now = time.time() if now is None else now
     gone = []
-    for path in sorted(cache.glob(".tmp-*")):
+    for path in sorted([*cache.glob(".tmp-*"), *cache.glob("..tmp-*.tmp-*")]):
         try:
             if path.is_dir() and not path.is_symlink() and now - path.stat().st_mtime > STALE_TMP_S:
                 shutil.rmtree(path)

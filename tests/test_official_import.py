@@ -828,6 +828,38 @@ def test_a_killed_conversions_temporary_folder_is_removed_by_the_next_conversion
     assert sorted(p.name for p in cache.iterdir()) == sorted([entry.name, running.name])
 
 
+def test_a_conversion_killed_while_writing_leaves_nothing_a_day_later(tmp_path):
+    """A conversion into the cache killed (SIGKILL, OOM) while it wrote the model leaves two folders: the
+    entry's .tmp-*, and `convert`'s own ..tmp-*.tmp-* beside it that holds the weights written so far. A
+    conversion a day later removed the first only: the one holding the bytes stayed for ever. Now both go
+    (the kill is os._exit right after the weights are saved, in a child process: no cleanup of its own
+    runs, as under SIGKILL)."""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from model.convert import STALE_TMP_S, convert_cached  # noqa: PLC0415
+
+    cache = tmp_path / "cache"
+    code = (
+        "import os, sys; import model.convert as c; save = c.save\n"
+        "def killed(*a, **k):\n    save(*a, **k); os._exit(137)\n"
+        "c.save = killed; c.convert_cached(sys.argv[1], sys.argv[2])"
+    )
+    root = Path(__file__).resolve().parent.parent
+    cmd = [sys.executable, "-c", code, str(FIX / "s4_bytes.ckpt"), str(cache)]
+    done = subprocess.run(cmd, cwd=root, check=False)
+    assert done.returncode == 137
+    left = sorted(cache.iterdir())
+    assert any(p.name.startswith("..tmp-") and any(p.rglob("*.safetensors")) for p in left), left
+    old = time.time() - STALE_TMP_S - 60
+    for p in left:
+        os.utime(p, (old, old))
+    entry = convert_cached(FIX / "s4_bytes.ckpt", cache)
+    assert sorted(p.name for p in cache.iterdir()) == [entry.name]
+
+
 def test_a_layer_l_max_shorter_than_the_training_length_is_warned_of(tmp_path):
     """The official FFTConv convolves with min(L, l_max) taps, so a run whose model.layer.l_max is
     shorter than its sequences trained a model that sees only l_max steps back, where the recurrent
