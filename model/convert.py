@@ -347,12 +347,14 @@ def _check_not_an_input(out: Path, src: Path, config, vocab) -> None:
 
 def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = None, name: str | None = None,
             tol: float = 1e-4, force: bool = False, sample_rate: int | None = None,
-            vocab: str | Path | None = None) -> dict:  # fmt: skip
+            vocab: str | Path | None = None, vocab_found: bool = False) -> dict:  # fmt: skip
     """SRC → OUT_DIR (model.safetensors, config.json, README.md). Returns the summary written to
     config.json's "source" ("warning": why its ids may not be bytes, or None). An existing OUT_DIR that
     is not empty is replaced only with `force` (whole: nothing of it is left). `vocab`: the dataset's data
     folder (its vocabulary built as the official code builds it for the config's dataset: wt103, wt2,
-    ptb, enwik8, text8) or a symbols file (one per line), written as vocab.txt. Raises ConvertError
+    ptb, enwik8, text8) or a symbols file (one per line), written as vocab.txt. `vocab_found`: `vocab` is
+    the vocab.txt found beside SRC (`find_vocab`), not one the user named: an audio model, which has no
+    vocabulary, converts without it (refused for a named one). Raises ConvertError
     (unreadable, refused, OUT_DIR not empty, or failed verification; MissingConfigError for a .pt
     without its config)."""
     from model.recurrent import VerificationError
@@ -395,6 +397,9 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
     if text and sample_rate is not None:
         raise ConvertError(f"{src}: --sample-rate is a SaShiMi (audio) import's option; this is a text model")
     warning = token_warning(dataset, imp.config["vocab_size"]) if text else None
+    if vocab_found and not text:  # (a vocab.txt beside an audio model is another model's)
+        log.info("%s: an audio model: %s beside it is not its vocabulary (not read)", src, vocab)
+        vocab = None
     words = _vocab(src, vocab, dataset, imp.config["vocab_size"], text)
     if words is not None:  # its ids are served through the vocabulary: the token warning no longer holds
         warning = None
@@ -510,7 +515,7 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
     tmp = _new_folder(cache, ".tmp-")
     try:
         try:
-            summary = convert(src, tmp, config=config, name=name, vocab=vocab)
+            summary = convert(src, tmp, config=config, name=name, vocab=vocab, vocab_found=True)
         except ConvertError as exc:
             if vocab is None or "--vocab" not in str(exc):
                 raise
@@ -641,16 +646,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --sample-rate = {args.sample_rate}: expected 1000 to 384000 Hz", file=sys.stderr)
         return 2
     vocab = args.vocab
-    if vocab is None and (vocab := find_vocab(args.src)) is not None:  # as a server given SRC reads it
+    found = vocab is None and (vocab := find_vocab(args.src)) is not None  # as a server given SRC reads it
+    if found:
         where = "beside" if vocab.parent == args.src.parent else "in the run's checkpoints folder of"
-        print(f"note: {vocab}, {where} {args.src.name}, is read as its vocabulary, as a server given "
-              f"{args.src.name} reads it (--vocab names another)", file=sys.stderr)  # fmt: skip
+        note = (f"note: {vocab}, {where} {args.src.name}, is read as its vocabulary (a text model's), as a "
+                f"server given {args.src.name} reads it (--vocab names another)")  # fmt: skip
     try:
         summary = convert(args.src, args.out_dir, args.config, args.name, force=args.force,
-                          sample_rate=args.sample_rate, vocab=vocab)  # fmt: skip
+                          sample_rate=args.sample_rate, vocab=vocab, vocab_found=found)  # fmt: skip
     except (ConvertError, OSError) as exc:
+        if found:
+            print(note, file=sys.stderr)
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if found and summary.get("vocab"):
+        print(note, file=sys.stderr)
     if summary["warning"]:
         print(f"warning: {args.src}: {summary['warning']}", file=sys.stderr)
     if summary["ema"]:

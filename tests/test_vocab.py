@@ -155,6 +155,31 @@ def test_convert_reads_the_vocab_txt_beside_its_source_as_a_server_does(tmp_path
     assert r.returncode == 2 and "60 words, but the model's vocabulary has 64" in r.stderr, r.stderr
 
 
+def test_an_audio_model_converts_beside_a_vocab_txt_it_does_not_read(tmp_path):
+    """An official audio model in a folder with another (text) model's vocab.txt, no --vocab given:
+    model.convert failed with "--vocab is a text model's option; this is an audio model" (it reads the
+    vocab.txt beside SRC since b504593), and a server given the file (the conversion cache) refused it the
+    same way. An audio model has no vocabulary: it converts without one now, the conversion cache's too,
+    with no note of the file; a --vocab named for it is still refused."""
+    from model.convert import convert_cached  # noqa: PLC0415
+
+    src = tmp_path / "downloads"
+    src.mkdir()
+    (src / "s4_sc09.ckpt").write_bytes((FIX / "s4_sc09.ckpt").read_bytes())
+    (src / "vocab.txt").write_text("".join(s + "\n" for s in REF["wt103"]["idx2sym"]))
+    convert = [sys.executable, "-m", "model.convert", str(src / "s4_sc09.ckpt")]
+    r = subprocess.run([*convert, str(tmp_path / "a")], check=False, capture_output=True, text=True, cwd=ROOT,
+                       timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "vocab" not in r.stderr, r.stderr
+    assert not (tmp_path / "a" / "vocab.txt").exists() and load_vocab(tmp_path / "a") is None
+    entry = convert_cached(src / "s4_sc09.ckpt", tmp_path / "cache")
+    assert (entry / "model.safetensors").is_file() and load_vocab(entry) is None
+    r = subprocess.run([*convert, str(tmp_path / "b"), "--vocab", str(src / "vocab.txt")],
+                       check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
+    assert r.returncode == 2 and "--vocab is a text model's option; this is an audio model" in r.stderr
+
+
 def test_a_checkpoint_without_a_vocabulary_has_none():
     assert load_vocab(ROOT / "checkpoints" / "text-shakespeare") is None
 
