@@ -520,6 +520,8 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # JSON true/false are not numbers
 
 
+HEX_DIGITS = frozenset("0123456789abcdef")  # of a header's basis (`model.recurrent.state_basis`: lower case)
+
 # the header fields of an export that an import reads (registry.ServedModel.state_header), each required;
 # version 2 adds "arch", and "utf8_tail" may be absent (exports before it existed)
 STATE_FIELDS = ("model", "fingerprint", "shape", "n_tokens", "pending", "seen")
@@ -580,6 +582,12 @@ def check_state(
             param, f"{what} was made by other weights than model {model_id}'s{other} (fingerprint){whose}"
         )
     basis = header.get("basis")  # (absent from exports made before it was written: not known, taken)
+    if basis is not None and not (isinstance(basis, str) and len(basis) == 16 and set(basis) <= HEX_DIGITS):
+        raise invalid(
+            param,
+            f"{what}: its header's basis {quoted(str(basis))} is not 16 hex digits (what a server writes: "
+            "model.recurrent.state_basis): the export was edited or made by other software",
+        )
     if basis is not None and basis != model.rec.basis:
         raise invalid(
             param,

@@ -149,6 +149,11 @@ def test_a_state_of_another_recurrent_form_is_refused_and_one_without_a_basis_ta
     assert r.status_code == 422 and r.json()["error"]["param"] == "state", r.text
     said = r.json()["error"]["message"]
     assert "differs from this one's (state basis '0123456789abcdef', here " in said, said
+    for bad in (5, [], {}, "", "0123456789ABCDEF", "0123456789abcdefg", "\u00e9" * 16, True, 1e300):
+        r = client.post("/v1/sessions/import", content=pack_state({**header, "basis": bad}, state))
+        assert r.status_code == 422 and r.json()["error"]["param"] == "state", r.text
+        said = r.json()["error"]["message"]
+        assert "its header's basis " in said and "is not 16 hex digits" in said, said
     older = {k: v for k, v in header.items() if k != "basis"}
     r = client.post("/v1/sessions/import", content=pack_state(older, state))
     assert r.status_code == 201, r.text
