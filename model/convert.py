@@ -19,6 +19,7 @@ naming the option and value.
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import logging
@@ -417,6 +418,8 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
         "verification": {k: v for k, v in ver.items() if k != "layers"},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
+    # (a conversion into OUT_DIR killed while it wrote left its temporary folder beside it: a day on, gone)
+    drop_stale_temps(out.parent, patterns=(f".{glob.escape(out.name)}.tmp-*",))
     tmp = _new_folder(out.parent, f".{out.name}.tmp-")
     try:  # written beside OUT_DIR, then swapped in: an old OUT_DIR is replaced whole, never mixed
         extra = {"name": name, "source": summary}
@@ -590,17 +593,21 @@ def _entry_damage(entry: Path) -> str | None:
 
 
 STALE_TMP_S = 86_400  # a conversion's temporary folder older than this is a killed one's (they take minutes)
+CACHE_TEMPS = (".tmp-*", "..tmp-*.tmp-*")  # a conversion cache's temporary folders (`drop_stale_temps`)
 
 
-def drop_stale_temps(cache: Path, now: float | None = None) -> list[Path]:
+def drop_stale_temps(
+    cache: Path, now: float | None = None, patterns: tuple[str, ...] = CACHE_TEMPS
+) -> list[Path]:
     """Remove the temporary folders in a conversion cache that conversions killed midway left (older than
     STALE_TMP_S), each up to a model's size, which nothing removed (a helper's audit): an entry's `.tmp-*`,
     and the `..tmp-*.tmp-*` that `convert` writes the model into beside it before swapping it in (a kill
-    while the weights were written left them there, missed by `.tmp-*`). A younger one may be another
-    process's conversion under way and is left. Returns those removed (logged)."""
+    while the weights were written left them there, missed by `.tmp-*`); `patterns`: other names (glob)
+    in `cache`. A younger one may be another process's conversion under way and is left. Returns those
+    removed (logged)."""
     now = time.time() if now is None else now
     gone = []
-    for path in sorted([*cache.glob(".tmp-*"), *cache.glob("..tmp-*.tmp-*")]):
+    for path in sorted({p for pattern in patterns for p in cache.glob(pattern)}):
         try:
             if path.is_dir() and not path.is_symlink() and now - path.stat().st_mtime > STALE_TMP_S:
                 shutil.rmtree(path)

@@ -860,6 +860,36 @@ def test_a_conversion_killed_while_writing_leaves_nothing_a_day_later(tmp_path):
     assert sorted(p.name for p in cache.iterdir()) == [entry.name]
 
 
+def test_a_command_line_conversion_killed_while_writing_leaves_nothing_a_day_later(tmp_path):
+    """`python -m model.convert SRC OUT` writes the model into .OUT.tmp-* beside OUT, then swaps it in: killed
+    while it wrote (SIGKILL, OOM), the hidden folder stayed beside OUT for ever, up to a model's size. A
+    conversion into the same OUT a day later removes it now; a younger one (another conversion into OUT
+    under way) stays. (The kill: os._exit right after the weights are saved, in a child process.)"""
+    import os  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from model.convert import STALE_TMP_S  # noqa: PLC0415
+
+    code = (
+        "import os, sys; import model.convert as c; save = c.save\n"
+        "def killed(*a, **k):\n    save(*a, **k); os._exit(137)\n"
+        "c.save = killed; c.main(sys.argv[1:])"
+    )
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "models" / "bytes[1]"  # (a name glob would read as a pattern)
+    cmd = [sys.executable, "-c", code, str(FIX / "s4_bytes.ckpt"), str(out)]
+    for _ in range(2):
+        assert subprocess.run(cmd, cwd=root, check=False).returncode == 137
+    left = sorted(out.parent.iterdir())
+    assert len(left) == 2 and all(p.name.startswith(".bytes[1].tmp-") for p in left), left
+    old = time.time() - STALE_TMP_S - 60
+    os.utime(left[0], (old, old))
+    convert(FIX / "s4_bytes.ckpt", out)
+    assert sorted(out.parent.iterdir()) == [left[1], out]
+
+
 def test_a_layer_l_max_shorter_than_the_training_length_is_warned_of(tmp_path):
     """The official FFTConv convolves with min(L, l_max) taps, so a run whose model.layer.l_max is
     shorter than its sequences trained a model that sees only l_max steps back, where the recurrent
