@@ -504,11 +504,10 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
     vocab = find_vocab(src)
     cache = Path(cache_dir).expanduser()
     entry = cache / cache_key(src, config, vocab)
-    words = f", its vocabulary {vocab}" if vocab is not None else ""
     if entry.exists():
         if (damage := _entry_damage(entry)) is None:
             _report(src, entry, "%s: its conversion (converter v%d%s) read from %s", src, CONVERTER_VERSION,
-                    words, entry)  # fmt: skip
+                    _read_vocab(entry, vocab), entry)  # fmt: skip
             return entry
         log.warning("%s: %s; converting %s again", entry, damage, src)
         shutil.rmtree(entry, ignore_errors=True)
@@ -546,8 +545,15 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _report(src, entry, "%s: converted (converter v%d%s) and verified in %.1f s into %s (its model card: "
-            "README.md there)", src, CONVERTER_VERSION, words, time.perf_counter() - t0, entry)  # fmt: skip
+            "README.md there)", src, CONVERTER_VERSION, _read_vocab(entry, vocab), time.perf_counter() - t0,
+            entry)  # fmt: skip
     return entry
+
+
+def _read_vocab(entry: Path, vocab: Path | None) -> str:
+    """For a log line: ', its vocabulary VOCAB' when the entry holds the vocabulary found beside SRC (an
+    audio model's holds none: the file is another model's, not read), else the empty string."""
+    return f", its vocabulary {vocab}" if vocab is not None and (entry / VOCAB_FILE).is_file() else ""
 
 
 _REPORTED: set[Path] = set()  # cache entries whose conversion or reuse this process has logged

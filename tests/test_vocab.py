@@ -6,6 +6,7 @@ writes the vocabulary into a checkpoint folder, and load_vocab reads it back, ch
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from collections import Counter
@@ -155,7 +156,7 @@ def test_convert_reads_the_vocab_txt_beside_its_source_as_a_server_does(tmp_path
     assert r.returncode == 2 and "60 words, but the model's vocabulary has 64" in r.stderr, r.stderr
 
 
-def test_an_audio_model_converts_beside_a_vocab_txt_it_does_not_read(tmp_path):
+def test_an_audio_model_converts_beside_a_vocab_txt_it_does_not_read(tmp_path, caplog):
     """An official audio model in a folder with another (text) model's vocab.txt, no --vocab given:
     model.convert failed with "--vocab is a text model's option; this is an audio model" (it reads the
     vocab.txt beside SRC since b504593), and a server given the file (the conversion cache) refused it the
@@ -173,8 +174,11 @@ def test_an_audio_model_converts_beside_a_vocab_txt_it_does_not_read(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "vocab" not in r.stderr, r.stderr
     assert not (tmp_path / "a" / "vocab.txt").exists() and load_vocab(tmp_path / "a") is None
-    entry = convert_cached(src / "s4_sc09.ckpt", tmp_path / "cache")
+    with caplog.at_level(logging.INFO, logger="model.convert"):
+        entry = convert_cached(src / "s4_sc09.ckpt", tmp_path / "cache")
     assert (entry / "model.safetensors").is_file() and load_vocab(entry) is None
+    said = [r.getMessage() for r in caplog.records if "converted (converter v" in r.getMessage()]
+    assert len(said) == 1 and "vocabulary" not in said[0], said  # (it said ", its vocabulary …/vocab.txt")
     r = subprocess.run([*convert, str(tmp_path / "b"), "--vocab", str(src / "vocab.txt")],
                        check=False, capture_output=True, text=True, cwd=ROOT, timeout=600)  # fmt: skip
     assert r.returncode == 2 and "--vocab is a text model's option; this is an audio model" in r.stderr
