@@ -449,8 +449,10 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
 # backbone config without model.residual or model.norm, read as 'R' and LayerNorm before, and malformed
 # task and dataset sections are refused; 4: a source whose zip records fail their CRC-32, a corrupt copy
 # converted with a changed weight before, and layer options of other official versions, force_real, shift,
-# hyper_act and linear, are refused), so entries an older converter wrote are not reused.
-CONVERTER_VERSION = 4
+# hyper_act and linear, are refused; 5: config.json's init is the official init, not "legs" for every
+# import, a standalone description's sizes must be integers, and an audio model beside a vocab.txt converts
+# without it), so entries an older converter wrote are not reused.
+CONVERTER_VERSION = 5
 
 
 # official files this process has hashed, (device, inode, mtime, size) → SHA-256: a server resolves each
