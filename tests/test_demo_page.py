@@ -321,9 +321,33 @@ def test_a_recorded_prompt_is_sent_to_the_session(demo):
     assert d.errors == []
 
 
-def test_cancel_stops_a_generation(browser, limited, model_dirs):
-    """On the limited server (max_new_tokens 200,000: far longer than the click takes)."""
-    d = Demo(browser, limited.url)
+@pytest.fixture(scope="module")
+def long_turns(model_dirs):
+    """The limited server's limits (max_new_tokens 200,000 at a reader's pace: a 4 KiB send buffer, 4 frames
+    queued) with the default session TTL, for a turn that is cancelled and a turn after it in the same
+    session: on the limited server (a session idle for 1 s expires) the next turn was refused as expired
+    whenever the test's few Playwright calls between the two took over 1 s, as on a loaded machine."""
+    from server import Settings
+
+    settings = Settings(
+        checkpoints=[str(model_dirs["text"])],
+        max_sessions=3,
+        max_batch_size=1,
+        max_queued_requests=1,
+        max_prompt_tokens=64,
+        max_new_tokens=200_000,
+        stream_buffer=4,
+        ws_max_frame_bytes=4096,
+        drain_timeout_s=1,
+    )
+    s = ServerThread(settings, send_buffer=4096).start()
+    yield s
+    s.stop()
+
+
+def test_cancel_stops_a_generation(browser, long_turns, model_dirs):
+    """max_new_tokens 200,000, at the page's pace: far longer than the click takes."""
+    d = Demo(browser, long_turns.url)
     try:
         d.wait_status("model served")
         d.page.fill("#prompt", "x")
@@ -339,8 +363,8 @@ def test_cancel_stops_a_generation(browser, limited, model_dirs):
         cancelled = d.js("s4demo.turns[0]")
         shown = d.page.text_content("#output")
         assert d.page.is_enabled("#send") and not d.page.is_enabled("#cancel")
-        # the next turn at once: this server expires a session idle for 1 s, and the reference below
-        # (thousands of tokens when the native decode block is fast) takes longer than that
+        # the next turn in the same session (before the reference below: thousands of tokens when the native
+        # decode block is fast)
         d.page.fill("#max-new-tokens", "5")
         d.page.click("#send")
         d.wait_status("Done: length, 5 tokens")
@@ -971,10 +995,10 @@ def test_choosing_another_model_while_the_sessions_count_is_read_aborts_that_rea
     assert d.page.text_content("#context") == "0 tokens" and d.js("s4demo.sessionId") is None
 
 
-def test_load_models_waits_for_the_generation_and_keeps_the_session(browser, limited):
+def test_load_models_waits_for_the_generation_and_keeps_the_session(browser, long_turns):
     """During a generation Load models is disabled (and Enter in the key field does nothing); after it,
     reloading the model list keeps the session and its transcript when the same model is still served."""
-    d = Demo(browser, limited.url)
+    d = Demo(browser, long_turns.url)
     try:
         d.wait_status("model served")
         d.page.fill("#prompt", "x")
@@ -1027,8 +1051,8 @@ def test_a_file_that_cannot_be_decoded_unloads_the_previous_prompt(demo, tmp_pat
     }  # the silence
 
 
-def test_keyboard_focus_follows_generate_and_cancel_and_the_output_is_a_named_region(browser, limited):
-    d = Demo(browser, limited.url)
+def test_keyboard_focus_follows_generate_and_cancel_and_the_output_is_a_named_region(browser, long_turns):
+    d = Demo(browser, long_turns.url)
     try:
         d.wait_status("model served")
         assert d.page.get_by_role("region", name="Generated text").count() == 1
@@ -1446,12 +1470,12 @@ LIVE_LOG = """() => { window.said = [];
       document.getElementById(id), {childList: true, characterData: true, subtree: true}); }"""
 
 
-def test_the_streamed_text_is_read_out_in_pieces_by_a_polite_live_region(browser, limited, model_dirs):
+def test_the_streamed_text_is_read_out_in_pieces_by_a_polite_live_region(browser, long_turns, model_dirs):
     """The output was no live region: a screen reader heard "Generating…" and "Done", never the text
     (and a live output would announce every token frame on its own). Now a polite region reads the text out
     as it streams, what arrived in the last 2 s at a time and the rest as the turn ends, before its Done.
     The page's clock is Playwright's: the 2 s pass when the test says."""
-    d = Demo(browser, limited.url)
+    d = Demo(browser, long_turns.url)
     try:
         d.page.clock.install()
         d.page.reload()
