@@ -407,13 +407,22 @@ def test_refused_requests_are_shown_on_the_page_and_the_session_goes_on(demo):
 
 def test_when_the_session_expires_the_page_says_so_and_the_next_turn_starts_a_new_one(browser, limited):
     """The limited server expires a session idle for 1 s: the page's next turn is refused with the reason
-    (its prompt kept in the box), and the turn after it starts a new session, without a reload."""
+    (its prompt kept in the box), and the turn after it starts a new session, without a reload.
+    The page's read of its session after each turn (GET /v1/sessions/{id}) is held, never answered: one that
+    reached the server over 1 s after the turn (a loaded machine) found the session expired, a 404 in the
+    console (the right answer to a read of an expired session, on a TTL no real server has)."""
     d = Demo(browser, limited.url)
+    held = []
+
+    def hold(route) -> None:
+        held.append(route)
+
+    d.page.route("**/v1/sessions/*", hold)
     try:
         d.wait_status("model served")
         generate_text(d, "x", 5, seed=1)
         old = d.js("s4demo.sessionId")
-        assert wait_for(lambda: httpx.get(f"{limited.url}/v1/sessions/{old}").status_code == 404, 10)
+        assert wait_for(lambda: httpx.get(f"{limited.url}/v1/sessions/{old}").status_code == 404, 60)
         d.page.fill("#prompt", "y")
         d.page.click("#send")
         said = d.wait_status("expired")
