@@ -328,6 +328,49 @@ def test_a_socket_the_server_closes_is_one_failure_naming_its_code_and_the_next_
     assert errors and all("1011 engine gone" in e for e in errors), errors
 
 
+SLOW_IMPORT = """import json, sys, time
+t = time.monotonic()
+while time.monotonic() - t < 2:  # 2 s of work before the locustfile is read, as a loaded machine's imports
+    pass
+sys.path[:0] = [{root!r}, {root!r} + "/loadtest"]
+from locustfile import *  # noqa
+from locust import events
+
+@events.test_start.add_listener
+def _started(**_):
+    SPAN.append(time.monotonic())
+
+@events.test_stop.add_listener
+def _stopped(**_):
+    SPAN.append(time.monotonic())
+    open({out!r}, "w").write(json.dumps(SPAN))
+
+SPAN = []
+"""
+
+
+def test_a_run_lasts_its_run_time_however_long_the_imports_before_it_took(tmp_path):
+    """gevent's timers count from its loop's cached time, last read before the locustfile was imported:
+    locust's --run-time timer fired early by as long as the imports took (on CI, a 3 s run of the closing
+    server's test below ended 70 ms after it started: no request made). Here the locustfile is imported after
+    2 s of work, and a 2 s run must last over 1.5 s from its test start to its test stop (the timer is armed
+    a moment before the start event; the early timer ended it within 0.1 s)."""
+    import socket
+
+    span = tmp_path / "span"
+    wrapper = tmp_path / "slow_import.py"
+    wrapper.write_text(SLOW_IMPORT.format(root=str(ROOT), out=str(span)))
+    with socket.socket() as closed:  # bound, never listening: every connect is refused, at once
+        closed.bind(("127.0.0.1", 0))
+        host = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        cmd = [sys.executable, "-m", "locust", "-f", str(wrapper), "--headless", "-u", "1", "-r", "1",
+               "-t", "2s", "--host", host, "--only-summary", "WsTextUser"]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
+    start, stop = json.loads(span.read_text())
+    assert stop - start > 1.5, (start, stop, proc.stderr[-3000:])
+    assert proc.returncode == 1, proc.stderr[-3000:]  # (1: the refused connects failed)
+
+
 def test_the_load_test_targets_loopback_only():
     """locust (and `python -m loadtest --host`) sent the sweep's load to any host named; now only a server
     on this machine's loopback is a target: locust refuses another before any user starts."""
