@@ -114,7 +114,8 @@ class Recorder:
         self.per_user: dict[str, dict[int, int]] = defaultdict(
             lambda: defaultdict(int)
         )  # kind → user → tokens
-        self.requests: dict[str, int] = defaultdict(int)
+        self.requests: dict[str, int] = defaultdict(int)  # kind → generations and connects reported
+        self.connects: dict[str, int] = defaultdict(int)  # kind → connects reported (in requests too)
         self.failures: dict[str, int] = defaultdict(int)
         self.audio: list[dict] = []
 
@@ -137,6 +138,7 @@ class Recorder:
                 k: sorted(n / window for n in v.values()) for k, v in self.per_user.items()
             },
             "requests": dict(self.requests),
+            "connects": dict(self.connects),
             "failures": dict(self.failures),
             "latency": lat,
             "audio_turns": self.audio,
@@ -209,6 +211,8 @@ class S4User(User):
             request_type=self.kind, name=name, response_time=ms, response_length=n, exception=exc, context={}
         )
         RECORDER.requests[self.kind] += 1
+        if name == "connect":
+            RECORDER.connects[self.kind] += 1
         if exc is not None:
             RECORDER.failures[self.kind] += 1
             time.sleep(FAILURE_BACKOFF_S)

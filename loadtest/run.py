@@ -209,8 +209,10 @@ def read_stats(path: Path) -> list[dict[str, str]]:
 
 
 def summarize(prefix: Path, latency: Path) -> dict[str, Any]:
-    """Per level: requests, failures, requests/s from locust's CSV; tokens/s, exact TTFT/ITL
-    percentiles, audio RTF and locust's CPU from the locustfile's JSON."""
+    """Per level: locust's own request percentiles from its CSV; requests, connects, failures, requests/s,
+    tokens/s, exact TTFT/ITL percentiles, audio RTF and locust's CPU from the locustfile's JSON. (Locust
+    writes its CSV once a second while it runs and not at its end: the counts there missed the run's last
+    second. A JSON without connects, from an older locustfile, leaves them to the CSV.)"""
     rows = read_stats(Path(f"{prefix}_stats.csv"))
     exact = json.loads(latency.read_text()) if latency.exists() else {}
     per: dict[str, dict[str, Any]] = {}
@@ -228,6 +230,12 @@ def summarize(prefix: Path, latency: Path) -> dict[str, Any]:
             d["connects"] += int(r["Request Count"])
         d["failures"] += int(r["Failure Count"])
     window = exact.get("window_s") or 0.0
+    if "connects" in exact:  # the locustfile's own counts, to the end of the run
+        for kind, d in per.items():
+            d["connects"] = exact["connects"].get(kind, 0)
+            d["requests"] = exact["requests"].get(kind, 0) - d["connects"]
+            d["failures"] = exact["failures"].get(kind, 0)
+            d["requests_per_s"] = d["requests"] / window if window else 0.0
     for kind, d in per.items():
         d["tokens_per_s"] = exact.get("tokens_per_s", {}).get(kind, 0.0)
         d["error_rate"] = d["failures"] / max(1, d["requests"] + d["connects"])

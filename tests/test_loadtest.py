@@ -68,6 +68,12 @@ def test_locust_users_of_every_class_get_their_requests_through(server, tmp_path
     )
 
     level = summarize(prefix, latency)  # what loadtest.run reports per level
+    # every request of the run (locust's CSV lacks its last second)
+    for kind in ("HTTP", "SSE", "WS", "WS-audio"):
+        d = level["by_kind"][kind]
+        assert d["requests"] + d["connects"] == exact["requests"][kind] and d["failures"] == 0, kind
+        assert d["connects"] == exact["connects"].get(kind, 0) and d["requests"] > 0, kind
+        assert d["requests_per_s"] == pytest.approx(d["requests"] / exact["window_s"], rel=1e-9), kind
     assert level["error_rate"] == 0 and level["text_tokens_per_s"] > 0 and level["audio"]["rtf_total"] > 0
     level.update(users=8, load_avg_1min_before=0.0)
     assert len(text_rows([level], ("HTTP", "SSE", "WS", "WS-audio"))) == 4
