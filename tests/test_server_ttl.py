@@ -6,13 +6,15 @@ eviction ran) for a session it had found a moment before. `restore` now marks th
 (`SessionTable.touch`) and, with a store, waits out an eviction already under way and restores the
 session from the store.
 
-The window is made wide on purpose: the route's claim (`service.claim`) waits until the engine has run
-a sweep after the moment the untouched session's TTL ran out, so that without the touch every case
-below is a 404 (checked by reverting it). With the touch, the session is idle for at most
-(1 - IDLE_FRACTION) x TTL_S + one sweep period (+ the engine's 0.25 s wake, + 0.05 s) at its claim: under
-the TTL by ~1.5 s, and the request reaches `restore` ~1.2 s before the TTL runs out. (With a 2 s TTL both
-margins were ~0.6 s, and a CI run with the other worker busy got the 404 once.)"""
+The window is made wide on purpose: the route's claim (`service.claim`) waits for the engine to run a
+sweep after the moment the untouched session's TTL ran out, so that without the touch every case below
+is a 404 (checked by reverting it). No sweep runs from the first turn until the request reaches
+that claim, so a request that is slow to come (a loaded event loop) cannot meet a sweep before its
+`restore`; the one sweep then starts as soon as the TTL has run out, when the touched session has been
+idle (1 - IDLE_FRACTION) x TTL_S + the engine's 0.25 s wake at most: ~3 s under the TTL. (With real
+sweeps every second both margins were ~1.2-1.5 s, and a fresh-clone CI run got the 404 once.)"""
 
+import threading
 import time
 
 import httpx
@@ -26,7 +28,7 @@ from server import Settings, service
 
 TEXT = "tiny-text"
 TTL_S = 4.0  # the sweep runs every TTL_S / 4 = 1 s (and the engine wakes every 0.25 s when idle)
-IDLE_FRACTION = 0.7  # a request comes when its session has been idle this share of the TTL
+IDLE_FRACTION = 0.9  # a request comes when its session has been idle this share of the TTL
 PROMPT = "whether 'tis"
 
 
@@ -40,35 +42,33 @@ def replica(request, model_dirs, redis_url):  # noqa: F811
     s.stop()
 
 
-def _sweeps(monkeypatch, s: ServerThread) -> list[float]:
-    """The start times of the engine's TTL sweeps from now on (its housekeeping passes that ran, not
-    the calls it skipped as too early)."""
-    engine, starts = s.state.models[TEXT].engine, []
-    original = engine._housekeeping
-
-    def housekeeping():
-        before, t = engine._next_housekeeping, time.time()
-        original()
-        if engine._next_housekeeping != before:
-            starts.append(t)
-
-    monkeypatch.setattr(engine, "_housekeeping", housekeeping)
-    return starts
-
-
 def _claim_after_the_ttl(monkeypatch, s: ServerThread, sid: str) -> None:
-    """Make the next claim of `sid` wait (on the event loop, as a slow route would) until a TTL sweep has
-    run that would have taken the session had nothing used it since its last turn."""
-    rec = s.state.sessions.get(sid)
+    """Make the next claim of `sid` wait (on the event loop, as a slow route would) for one TTL sweep that
+    would have taken the session had nothing used it since its last turn: the engine's sweeps are held
+    from now until that claim (so no sweep can come before the request has passed `restore`, however late
+    it comes), and the one it waits for starts once the untouched session's TTL has run out."""
+    rec, engine = s.state.sessions.get(sid), s.state.models[TEXT].engine
     assert wait_for(lambda: not rec.busy, 10)
-    due, sweeps, claim = rec.last_used + TTL_S, _sweeps(monkeypatch, s), service.claim
+    due, claim, sweep = rec.last_used + TTL_S, service.claim, engine._housekeeping
+    claiming, swept = threading.Event(), threading.Event()
+
+    def housekeeping():  # (engine thread)
+        if not claiming.is_set() or swept.is_set():
+            return
+        while time.time() <= due:
+            time.sleep(0.01)
+        before = engine._next_housekeeping
+        sweep()
+        if engine._next_housekeeping != before:  # a sweep ran (not skipped as too early)
+            swept.set()
 
     def late_claim(state, model, session_id):
         if session_id == sid:
-            assert wait_for(lambda: any(t > due for t in sweeps), 10, 0.005)
-            time.sleep(0.05)  # (that sweep's eviction or delete has ended)
+            claiming.set()
+            assert swept.wait(30), "no TTL sweep ran"
         return claim(state, model, session_id)
 
+    monkeypatch.setattr(engine, "_housekeeping", housekeeping)
     monkeypatch.setattr(service, "claim", late_claim)
     assert wait_for(lambda: time.time() > rec.last_used + IDLE_FRACTION * TTL_S, 10, 0.01)
 
