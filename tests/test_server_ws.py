@@ -984,19 +984,20 @@ def test_a_slow_reader_pauses_its_session_and_loses_nothing(limited, model_dirs)
     ws.send_json({"type": "generate", "model": TEXT, "prompt": "x", "max_new_tokens": n, "seed": 5})
     sid = ws.recv_json()["session_id"]
     engine = limited.state.models[TEXT].engine
-    with httpx.Client(base_url=limited.url) as c:
-        seen = [-1]
-        while True:  # wait until it stops moving
-            time.sleep(0.3)
-            seen.append(c.get(f"/v1/sessions/{sid}").json()["generated"])
-            if seen[-1] == seen[-2] or seen[-1] == n:
-                break
-    stalled_at, live, waiting = seen[-1], engine.batch.live, len(engine._waiting)
+
+    def paused() -> bool:  # out of the batch, waiting for room in its full stream
+        waiting = list(engine._waiting)
+        return engine.batch.live == 0 and len(waiting) == 1 and waiting[0].stream.room() == 0
+
+    # (the test waited for `generated` to stop moving for 0.3 s, and took an engine thread that a loaded
+    # machine had stalled that long for the pause)
+    assert wait_for(paused, 60)
+    stalled_at = httpx.get(f"{limited.url}/v1/sessions/{sid}", timeout=30).json()["generated"]
     ids = []
     while (m := ws.recv_json())["type"] == "token":
         ids += m["ids"]
     ws.close()
-    assert stalled_at < n and live == 0 and waiting == 1  # paused: out of the batch, waiting for room
+    assert stalled_at < n
     assert m["type"] == "done" and m["finish_reason"] == "length"
     assert ids == reference(model_dirs["text"], list(b"x"), SamplingParams(seed=5), n)
 
