@@ -39,6 +39,7 @@ from server.store import (
     RedisStateStore,
     StoreError,
     StoreWriter,
+    ThrottledLog,
     open_store,
     redact_url,
 )
@@ -1374,23 +1375,34 @@ def test_redis_compare_and_set_accepts_any_of_the_versions_a_write_names(redis_u
 
 
 def test_while_the_store_fails_an_idle_session_is_kept_in_memory_not_evicted_without_its_state(
-    model_dirs, redis_url, redis_db, caplog
+    model_dirs, redis_url, redis_db, caplog, monkeypatch
 ):
     """A session whose latest turn the store failed to take is not evicted while the store fails (a
     helper's audit: Redis at maxmemory, the idle TTL evicted the copy, the eviction's write failed too, and
     the session came back from the store a turn older, or as a 404 for one never stored): it stays here,
     its write handed over again at each TTL, and it serves on from memory; once the store answers, that
     write lands and the next TTL evicts it, stored whole."""
+    from server import engine as engine_module
+
     a = _replica(model_dirs, redis_url, session_ttl_s=1.0)
     try:
         sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
             "session_id"
         ]
-        store, put = a.state.store, a.state.store.put
-        store.put = lambda *args: (_ for _ in ()).throw(StoreError("write failed (OOM)", "write failed"))
+        store, put, refused = a.state.store, a.state.store.put, []
+
+        def refuse(*args):
+            refused.append(args[0])
+            raise StoreError("write failed (OOM)", "write failed")
+
+        store.put = refuse
+        # (one line per 10 s at most for the process: not left out for an earlier test's kept session)
+        monkeypatch.setattr(engine_module, "_kept_log", ThrottledLog(engine_module.log))
         t1 = _generate(a.url, sid, None, 6, seed=1)
         with caplog.at_level("WARNING", logger="server"):
-            time.sleep(2.5)  # past two TTLs (the shortest, S4_SESSION_TTL_S's floor: 1 s)
+            # two TTLs' sweeps (the shortest TTL, S4_SESSION_TTL_S's floor: 1 s) kept it and handed its write
+            # over again: the turn's write and theirs refused (a 2.5 s sleep missed them on a loaded machine)
+            assert wait_for(lambda: refused.count(sid) >= 3, 30), refused
         assert a.state.sessions.has(sid), "evicted without its state"
         assert "kept in memory, not evicted" in caplog.text
         assert _stored(redis_db, sid)["n_tokens"] == 6  # the store has only the create
@@ -2045,8 +2057,6 @@ def test_session_store_errors_are_logged_once_per_interval_saying_how_many_were_
     683 lines in 12 s from 4 clients); one line per interval at most, the next one says how many were left
     out. A writer whose every write fails logs one line for 20 failures; the counter counts all 20."""
     import logging
-
-    from server.store import ThrottledLog
 
     logger = logging.getLogger("server.store.test")
     throttled = ThrottledLog(logger, interval=0.3)
