@@ -2052,19 +2052,25 @@ def test_claim_least_recent_takes_idle_kept_sessions_of_the_model_oldest_first()
     assert table.claim_least_recent("m", 1) == [] and not recs["s4"].busy
 
 
-def test_session_store_errors_are_logged_once_per_interval_saying_how_many_were_left_out(caplog):
+def test_session_store_errors_are_logged_once_per_interval_saying_how_many_were_left_out(caplog, monkeypatch):
     """ThrottledLog: while the store is down every request and write logs an error (a fresh-user trial:
     683 lines in 12 s from 4 clients); one line per interval at most, the next one says how many were left
     out. A writer whose every write fails logs one line for 20 failures; the counter counts all 20."""
     import logging
+    import types
+
+    import server.store
 
     logger = logging.getLogger("server.store.test")
     throttled = ThrottledLog(logger, interval=0.3)
-    with caplog.at_level(logging.INFO, logger="server.store"):
+    clock = [1000.0]  # the log's clock, moved by hand (five lines "at once" could span 0.3 s of a loaded CPU)
+    with caplog.at_level(logging.INFO, logger="server.store"), monkeypatch.context() as m:
+        m.setattr(server.store, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
         for i in range(5):
             throttled.log(logging.WARNING, "session %s: down", f"s{i}")
+            clock[0] += 0.05
         assert [r.getMessage() for r in caplog.records] == ["session s0: down"]
-        time.sleep(0.35)
+        clock[0] += 0.15  # 0.35 s after the first line
         throttled.log(logging.ERROR, "session %s: down", "s5")
         assert caplog.records[-1].getMessage() == (
             "session s5: down (4 more session store error lines left out before it)"
