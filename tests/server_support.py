@@ -486,13 +486,11 @@ def server(model_dirs):
     s.stop()
 
 
-@pytest.fixture(scope="session")
-def limited(model_dirs):
-    """A second server with tight limits (text model only) for the limit tests; its sockets have a
-    4 KiB kernel send buffer (instead of Linux's autotuned MBs) so a slow reader is felt quickly."""
+def limited_settings(model_dirs, **changes):
+    """The limited server's settings (text model only, tight limits), with `changes`."""
     from server import Settings
 
-    settings = Settings(
+    limits = dict(
         checkpoints=[str(model_dirs["text"])],
         max_sessions=3,
         max_batch_size=1,
@@ -504,7 +502,14 @@ def limited(model_dirs):
         ws_max_frame_bytes=4096,
         drain_timeout_s=1,
     )
-    s = ServerThread(settings, send_buffer=4096).start()
+    return Settings(**{**limits, **changes})
+
+
+@pytest.fixture(scope="session")
+def limited(model_dirs):
+    """A second server with tight limits (text model only) for the limit tests; its sockets have a
+    4 KiB kernel send buffer (instead of Linux's autotuned MBs) so a slow reader is felt quickly."""
+    s = ServerThread(limited_settings(model_dirs), send_buffer=4096).start()
     yield s
     s.stop()
 

@@ -27,6 +27,7 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeout
 from server_support import (
     ServerThread,
     check_usage,
+    limited_settings,
     reference,
     serving_while_loading,
     serving_while_one_loads,
@@ -329,18 +330,8 @@ def long_turns(model_dirs):
     whenever the test's few Playwright calls between the two took over 1 s, as on a loaded machine."""
     from server import Settings
 
-    settings = Settings(
-        checkpoints=[str(model_dirs["text"])],
-        max_sessions=3,
-        max_batch_size=1,
-        max_queued_requests=1,
-        max_prompt_tokens=64,
-        max_new_tokens=200_000,
-        stream_buffer=4,
-        ws_max_frame_bytes=4096,
-        drain_timeout_s=1,
-    )
-    s = ServerThread(settings, send_buffer=4096).start()
+    ttl = Settings.model_fields["session_ttl_s"].default
+    s = ServerThread(limited_settings(model_dirs, session_ttl_s=ttl), send_buffer=4096).start()
     yield s
     s.stop()
 
