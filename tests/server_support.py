@@ -432,6 +432,19 @@ def uvicorn_debug_lines():
         uvicorn_log.setLevel(level)
 
 
+def slots_settled(engine, sessions, model: str) -> bool:
+    """Whether `model`'s engine runs no request, no one-shot request's session is left (each is deleted as
+    its request ends), and each slot in use holds a session of the table: for `wait_for`. A test on a shared
+    server checks that its requests freed their slots this way, not against a slot count taken before
+    them, which an earlier test's socket session deleted late, or one the idle TTL takes meanwhile, moves."""
+    records = sessions.records(model)
+    return (
+        engine.active_requests == 0
+        and not any(r.ephemeral for r in records)
+        and engine.pool.in_use == len(records)
+    )
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
