@@ -565,17 +565,26 @@ def test_a_request_cancelled_while_it_waits_for_the_engine_leaves_the_engine_and
     for name, op in ops.items():
         before = len(st.sessions.records(TEXT))
         held, hold = hold_engine(engine)
-        request = asyncio.run_coroutine_threadsafe(op(), st.loop)
+        tasks: list[asyncio.Task] = []
+
+        async def request_task(op=op):
+            tasks.append(asyncio.current_task())
+            return await op()
+
+        request = asyncio.run_coroutine_threadsafe(request_task(), st.loop)
         assert wait_for(lambda: engine.inbox >= 1, 10), name
         request.cancel()  # (the task is cancelled while it waits for the engine's answer)
-        time.sleep(0.05)
+        # the cancellation has reached the task: the engine's answer comes to the loop after it
+        assert wait_for(lambda: tasks[0].cancelling() > 0, 30), name
         hold.set()
-        held.result(10)
+        held.result(30)
         with pytest.raises(concurrent.futures.CancelledError):
-            request.result(10)
-        # (the request's future is cancelled at once; its task ends once the engine has answered)
-        assert wait_for(lambda: engine.queued == 0 and not any(r.busy for r in st.sessions.records(TEXT)), 10)
-        time.sleep(0.05)
+            request.result(30)
+        # the request's future is cancelled at once; its task ends once the engine has answered (not once the
+        # engine has taken the work from its queue: a loaded engine thread may still be doing it)
+        assert wait_for(tasks[0].done, 30), name
+        assert wait_for(lambda: not any(r.busy for r in st.sessions.records(TEXT)), 10), name
+        engine.call(lambda e: None).result(30)  # (an engine that failed answering the request refuses this)
         assert engine.crashed is None, name
         recs = st.sessions.records(TEXT)
         assert len(recs) == before + {"create": 1, "fork": 1, "import": 1, "delete": -1}.get(name, 0), name
