@@ -494,7 +494,8 @@ def test_a_client_at_its_connection_cap_is_told_so(browser, model_dirs):
         guard = s.server.config.http.keywords["guard"]  # (server.connections.uvicorn_config's)
         assert wait_for(lambda: not guard.connections, 60)
         held = [socket.create_connection(("127.0.0.1", s.port), timeout=10) for _ in range(cap)]
-        time.sleep(0.3)  # accepted
+        ports = {sock.getsockname()[1] for sock in held}  # the server has accepted them all: waited for
+        assert wait_for(lambda: ports <= {c.client[1] for c in list(guard.connections) if c.client}, 60)
         d.page.fill("#prompt", "x")
         d.page.click("#send")
         said = d.wait_status("WebSocket")
