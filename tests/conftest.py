@@ -6,6 +6,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads stall on a shared CPU
 
+import httpx  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -40,6 +41,18 @@ KEOPS_MODULES = {
     "test_model_config",
     "test_train_config",
 }
+
+
+# httpx's default timeout, 5 s, for the test requests that name none (most, to the servers the tests start in
+# this process): on a loaded CI machine a generation, a model's first request or a session's import there can
+# take longer, and a ReadTimeout then failed a sound test. 60 s: a bound a loaded machine does not reach; a
+# request that names its timeout keeps it.
+TEST_HTTP_TIMEOUT = httpx.Timeout(60.0)
+_HTTPX_CALLS = ("request", "get", "options", "head", "post", "put", "patch", "delete")
+for _fn in [getattr(httpx, name) for name in _HTTPX_CALLS] + [httpx.stream.__wrapped__]:
+    _fn.__kwdefaults__["timeout"] = TEST_HTTP_TIMEOUT
+for _client in (httpx.Client, httpx.AsyncClient):
+    _client.__init__.__kwdefaults__["timeout"] = TEST_HTTP_TIMEOUT
 
 
 @pytest.hookimpl(tryfirst=True)
