@@ -23,6 +23,9 @@ from server.launch import start_server
 
 LIMIT = 16 << 20  # S4_MAX_BODY_BYTES of the server below
 HUGE = 64 << 20  # the issue's 64 MB prompt
+BODY_TIMEOUT_S = (
+    120.0  # S4_BODY_TIMEOUT_S of the server below: how long a server that waited for a body waits
+)
 TEXT, AUDIO = "tiny-text", "tiny-audio"
 PATHS = [  # every kind of route: JSON, state blob, unknown, and one that takes no body at all
     "/v1/generate", "/v1/completions", "/v1/sessions", "/v1/sessions/s/append", "/v1/sessions/import",
@@ -32,7 +35,11 @@ PATHS = [  # every kind of route: JSON, state blob, unknown, and one that takes 
 
 @pytest.fixture(scope="module")
 def big_server(model_dirs):
-    env = {"S4_CHECKPOINTS": str(model_dirs["text"]), "S4_MAX_BODY_BYTES": str(LIMIT)}
+    env = {
+        "S4_CHECKPOINTS": str(model_dirs["text"]),
+        "S4_MAX_BODY_BYTES": str(LIMIT),
+        "S4_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+    }
     proc, url = start_server([], timeout_s=120, env=env)
     yield proc, url, int(url.rsplit(":", 1)[1])
     proc.terminate()
@@ -71,7 +78,7 @@ def head(path: str, extra: str) -> bytes:
     )
 
 
-def declared_only(port: int, path: str, length: int, timeout: float = 5.0) -> tuple[bytes, float]:
+def declared_only(port: int, path: str, length: int, timeout: float = 60.0) -> tuple[bytes, float]:
     """Send headers declaring `length` body bytes and none of them: (the response, seconds to it)."""
     with socket.create_connection(("127.0.0.1", port)) as s:
         t0 = time.monotonic()
@@ -136,7 +143,9 @@ def test_a_declared_length_over_the_limit_is_refused_before_the_body_is_sent(big
         status, error, headers = status_and_error(response)
         assert status == 413 and b"connection: close" in headers, (path, response[:200])
         assert str(LIMIT) in error["message"] and "max_body_bytes" in error["message"]
-        assert seconds < 2.0, (path, seconds)  # at once (the body never came; nothing waited for it)
+        # answered while the body never came: long before the body's deadline (a 408 then), which a server
+        # that waited for the body would have met (not a wall-clock bound: a loaded machine answers later)
+        assert seconds < BODY_TIMEOUT_S / 2, (path, seconds)
     assert refused(url) - before == len(PATHS)
     response, _ = declared_only(port, "/v1/generate", LIMIT, timeout=1.0)  # at the limit: not refused
     assert response == b""  # (it never comes: the server is still waiting for the body)
