@@ -134,16 +134,25 @@ def test_a_turn_still_running_when_the_drain_ends_gets_its_done_cancelled(model_
         proc.kill()
 
 
-def test_sigterm_while_the_models_load_exits_0_within_seconds():
+def test_sigterm_while_the_models_load_exits_0_within_the_grace_period(tmp_path):
     """SIGTERM after the server listens but while it loads the shipped models (/readyz 503 "loading";
     ~15 s a model on this machine): uvicorn stopped at once, but the process waited for the loader to
     load every model (~70 s, past Kubernetes' and compose's 30 s grace: SIGKILL; a fresh-user trial).
     Loading now stops at the next step's boundary, the process does not wait for the step under way, and
-    it exits 0 within a few seconds, no model served."""
+    it exits 0 within the grace, no model served. Here the step under way never ends (a sitecustomize
+    holds the first model's load_model for ever): a process that waited for it would never exit. (A 5 s
+    bound on the exit stood in for that, and failed when a loaded machine took longer to exit.)"""
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    (hold / "sitecustomize.py").write_text(
+        "import threading\n"
+        "import server.registry\n"
+        "server.registry.load_model = lambda *args, **kwargs: threading.Event().wait()\n"
+    )
     port = free_port()
     cmd = [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--torch-threads", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})  # fmt: skip
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": f"{hold}{os.pathsep}{ROOT}"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -154,12 +163,9 @@ def test_sigterm_while_the_models_load_exits_0_within_seconds():
             except httpx.HTTPError:
                 time.sleep(0.1)
         assert r.status_code == 503 and r.json()["reason"] == "loading", r.text
-        t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-        took = time.monotonic() - t0
+        assert proc.wait(30) == 0  # the grace (past it: subprocess.TimeoutExpired here, SIGKILL in a pod)
         err = proc.stderr.read()
-        assert took < 5, (took, err)
         assert "ready: serving" not in err and "Traceback" not in err, err
     finally:
         proc.kill()
