@@ -182,7 +182,11 @@ def test_two_ddp_processes_take_every_budget_decision_together(text_data, tmp_pa
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
     # process 1's clock runs 1.6x fast (a sitecustomize on its path): the processes' own clocks disagree on
-    # which shares of the budget have passed, which the step loop must not act on
+    # which shares of the budget have passed, which the step loop must not act on. And every step after the
+    # timed ones takes at least twice their mean (an optimizer hook sleeps): the first plan cannot finish
+    # before the budget ends, so the shares after it pass and are re-planned at. (With the steps' own times,
+    # timed steps slower than the later ones, as on a loaded machine, made a plan that finished before the
+    # next share: one re-plan, and the later ones' collectives untested.)
     skew = tmp_path / "skew"
     skew.mkdir()
     (skew / "sitecustomize.py").write_text(
@@ -191,6 +195,16 @@ def test_two_ddp_processes_take_every_budget_decision_together(text_data, tmp_pa
         "    _clock = time.perf_counter\n"
         "    _t0 = _clock()\n"
         "    time.perf_counter = lambda: _t0 + 1.6 * (_clock() - _t0)\n"
+        "if os.environ.get('RANK') is not None:\n"
+        "    from torch.optim.optimizer import register_optimizer_step_post_hook\n"
+        "    _ends = []  # time.monotonic() at the end of each step\n"
+        "    def _slower(opt, args, kwargs):\n"
+        f"        warm, timed = {BUDGET_WARM}, {BUDGET_TIMED}\n"
+        "        if len(_ends) >= warm + timed:\n"
+        "            mean = (_ends[warm + timed - 1] - _ends[warm - 1]) / timed\n"
+        "            time.sleep(max(0.0, 2 * mean - (time.monotonic() - _ends[-1])))\n"
+        "        _ends.append(time.monotonic())\n"
+        "    register_optimizer_step_post_hook(_slower)\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{skew}{os.pathsep}{ROOT}"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
