@@ -86,7 +86,10 @@ def test_each_server_gets_its_environment_and_checkout_and_the_pairs_alternate(m
 
 def test_a_quick_run_against_two_real_servers(tmp_path, monkeypatch):
     monkeypatch.setattr(server_ab, "checkpoint", _tiny_checkpoint)
-    out = server_ab.run(True, b={"S4_DECODE_BLOCK_MS": "0"}, pairs=1, sessions=2, seconds=0.5)
+    # a 2 s window (after a 2 s warm-up): a TTFT needs a request started inside it and a rate a token
+    # received in it; with 0.5 s, one request (32 tokens) that took over 0.5 s on a loaded machine left the
+    # window without either (tokens/s 0, TTFT nan)
+    out = server_ab.run(True, b={"S4_DECODE_BLOCK_MS": "0"}, pairs=1, sessions=2, seconds=2.0)
     assert out["servers"]["B"]["env"] == {"S4_DECODE_BLOCK_MS": "0"} and out["servers"]["A"]["env"] == {}
     for k in "AB":
         (r,) = out["servers"][k]["runs"]
