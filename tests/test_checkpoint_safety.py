@@ -269,7 +269,7 @@ def test_a_server_serves_the_good_checkpoints_beside_one_that_links_out_and_read
     settings = Settings(checkpoints=[str(good), str(bad)], device="cpu", max_sessions=2)
     srv = ServerThread(settings).start()
     try:
-        body = httpx.get(srv.url + "/readyz", timeout=10).json()
+        body = httpx.get(srv.url + "/readyz", timeout=60).json()
     finally:
         srv.stop()
     assert body["ready"] and body["models"] == ["good"]

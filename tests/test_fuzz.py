@@ -359,9 +359,9 @@ def test_websocket_fuzz_error_frames_or_close_codes_and_no_leak(fuzz_server, bys
     assert httpx.get(fuzz_server.url + "/healthz").status_code == 200
     turns = bystander.check(model_dirs["text"])
     # nothing leaked: sockets' sessions went with them, the bystander deleted its own, and what the
-    # HTTP fuzzer made expired (TTL 3 s)
+    # HTTP fuzzer made expired (TTL 3 s; waited for up to 60 s: a loaded machine's sweeps come late)
     table = fuzz_server.state.sessions
-    assert wait_for(lambda: all(p.in_use == 0 for p in pool.values()) and table.count(TEXT) == 0, 15), {
+    assert wait_for(lambda: all(p.in_use == 0 for p in pool.values()) and table.count(TEXT) == 0, 60), {
         m: p.in_use for m, p in pool.items()
     }
     _write_results(
