@@ -217,8 +217,9 @@ def test_the_final_flush_reports_its_own_result_and_ends_by_its_timeout():
     ok, report = writer.stop(1.0)
     took = time.monotonic() - t0
     store.release.set()
-    # its 1 s, not the hanging write's 30 s (nor 4 × 30 for the writes left); 2 s of slack for a busy machine
-    assert not ok and 0.95 <= took < 3.0, took
+    # its 1 s, not the hanging write's 30 s (nor 4 × 30 for the writes left): under half of that 30 s (a
+    # loaded machine's stop takes longer than its 1 s; 2 s of slack failed), at least its timeout
+    assert not ok and 0.95 <= took < 15.0, took
     assert report == (
         "final flush: 0 of 5 sessions written, 1 failed (first: write failed (Timeout reading from s0)), "
         "1 without an answer and 3 not attempted when its 1 s were up"
@@ -1831,8 +1832,8 @@ def test_a_delete_the_store_failed_is_tried_again_until_it_lands(monkeypatch):
     store.down.set()
     assert writer.delete("b").result(5) == "error"
     store.down.clear()
-    t0 = time.monotonic()
-    assert writer.landed("b").result(5) == "delete" and time.monotonic() - t0 < 2
+    t0 = time.monotonic()  # landed at once, not at the next try 30 s later: under half of that
+    assert writer.landed("b").result(20) == "delete" and time.monotonic() - t0 < 15
     assert store.version("b") == TOMBSTONE and not writer.deleting("b")
 
     writer.write("c", header, b"\0\0\0\0")
