@@ -319,8 +319,8 @@ def test_a_shutdown_ends_lingering_closes_at_once(model_dirs):
     assert sock.recv(12) == b"HTTP/1.1 413"
     assert wait_for(lambda: len(lingering(s)) == 1)
     t0 = time.monotonic()
-    s.stop()
-    assert not s.thread.is_alive() and time.monotonic() - t0 < 5, time.monotonic() - t0
+    s.stop()  # at once, not when the 60 s lingering close ends: under half of it (a 5 s bound was a speed)
+    assert not s.thread.is_alive() and time.monotonic() - t0 < 30, time.monotonic() - t0
     sock.close()
 
 
