@@ -58,7 +58,9 @@ def test_a_state_import_with_a_long_or_huge_shape_is_a_quick_422(client):
                         headers={"content-type": "application/octet-stream"})  # fmt: skip
         assert r.status_code == 422 and r.json()["error"]["param"] == "state", (len(shape), r.text[:200])
         assert "state payload is 0 bytes" in r.json()["error"]["message"]
-        assert len(r.text) < 1000 and time.monotonic() - t0 < 2.0
+        # quick: under half the 16 s the unbounded product held the event loop for (2 s was a speed, which a
+        # loaded machine's request could take)
+        assert len(r.text) < 1000 and time.monotonic() - t0 < 8.0
 
 
 def test_audio_prompts_are_decoded_off_the_event_loop(server, client, monkeypatch):
