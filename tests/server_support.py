@@ -446,6 +446,14 @@ def slots_settled(engine, sessions, model: str) -> bool:
     )
 
 
+def quiet(srv: ServerThread, model: str) -> bool:
+    """Whether `srv` runs no request (no ASGI task: an earlier test's closed socket has been handled, its
+    session deleted) and `model`'s slots are settled (`slots_settled`): for `wait_for`, before a test on a
+    shared server takes a slot count to compare with later."""
+    tasks = srv.server.server_state.tasks
+    return not tasks and slots_settled(srv.state.models[model].engine, srv.state.sessions, model)
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

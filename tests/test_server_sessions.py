@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from server_support import reference, sse_events, wait_for
+from server_support import quiet, reference, sse_events, wait_for
 
 from model.sampling import SamplingParams
 from server import service
@@ -228,6 +228,7 @@ def test_an_import_refuses_a_header_that_contradicts_itself_or_the_payload(clien
     header, raw = unpack_state(client.get(f"/v1/sessions/{sid}/export").content)
     assert header["n_tokens"] == 13 and header["pending"] == ord("t") and header["byteorder"] == "little"
     engine = server.state.models[TEXT].engine
+    assert wait_for(lambda: quiet(server, TEXT), 60)  # (an earlier test's socket session deleted late)
     in_use = engine.pool.in_use
     for change, words in [
         ({"n_tokens": 0}, "n_tokens is 0 and pending is 116"),
@@ -265,6 +266,7 @@ def test_a_session_counted_near_the_most_takes_no_turn_past_it_and_its_export_im
     assert r.status_code == 201, r.text
     near = r.json()["session_id"]
     engine = server.state.models[TEXT].engine
+    assert wait_for(lambda: quiet(server, TEXT), 60)  # (an earlier test's socket session deleted late)
     in_use = engine.pool.in_use
     for path, body in [
         ("/v1/generate", {"session_id": near, "max_new_tokens": 6}),
@@ -407,6 +409,7 @@ def test_a_request_continuing_a_session_may_leave_out_the_model_on_json_sse_and_
 def test_a_busy_session_answers_409_and_delete_cancels_its_request(client, server):
     engine = server.state.models[TEXT].engine
     sid = _create(client, "x")["session_id"]
+    assert wait_for(lambda: quiet(server, TEXT), 60)  # (an earlier test's socket session deleted late)
     in_use = engine.pool.in_use
     req = {"model": TEXT, "session_id": sid, "max_new_tokens": 4000, "seed": 1, "stream": True}
     with client.stream("POST", "/v1/generate", json=req) as r:
@@ -482,6 +485,7 @@ def test_two_deletes_of_a_session_at_once_free_its_slot_once(client, server):
     slot again, maybe another session's by then: two sessions could then share one state row.)"""
 
     engine = server.state.models[TEXT].engine
+    assert wait_for(lambda: quiet(server, TEXT), 60)  # (an earlier test's socket session deleted late)
     in_use = engine.pool.in_use
     sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "ab"}).json()["session_id"]
     held, hold = hold_engine(engine)  # both deletes are queued behind this
@@ -506,6 +510,7 @@ def test_a_request_that_claimed_a_session_just_before_its_delete_gets_404_and_no
     freed slot (maybe another session's by then: its turn would overwrite that session's state, a fork or
     an export copy it out). Each is queued behind the delete while the engine is held."""
     engine = server.state.models[TEXT].engine
+    assert wait_for(lambda: quiet(server, TEXT), 60)  # (an earlier test's socket session deleted late)
     in_use = engine.pool.in_use
     requests = {
         "generate": lambda sid: (
@@ -643,6 +648,7 @@ def test_a_session_made_for_a_client_that_has_gone_is_deleted(client, server):
     engine = server.state.models[TEXT].engine
     sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "to be"}).json()["session_id"]
     blob = client.get(f"/v1/sessions/{sid}/export").content
+    assert wait_for(lambda: quiet(server, TEXT), 60)  # (an earlier test's socket session deleted late)
     in_use = engine.pool.in_use
     prompt = "x" * 4000  # (an ingestion of some milliseconds: the client is gone before its answer)
 
