@@ -335,12 +335,19 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def all_mean(x: float, device) -> float:
+def all_sum(x: float, device) -> float:
+    """x summed over the processes (x itself without torch.distributed): a collective every process calls."""
     if not (dist.is_available() and dist.is_initialized()):
         return x
     t = torch.tensor([x], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t) / dist.get_world_size()
+    return float(t)
+
+
+def all_mean(x: float, device) -> float:
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    return all_sum(x, device) / dist.get_world_size()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1013,9 +1020,7 @@ class RunLock:
                     print(f"warning: train.out {str(out)!r}: its filesystem cannot lock it "
                           f"({exc.strerror or exc}): a second run into it at once is not refused; run one "
                           "at a time there", file=sys.stderr, flush=True)  # fmt: skip
-        # (the main process's code, the others adding 0: the sum, as the mean times the processes)
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        code = round(all_mean(code if main_proc else 0.0, device) * world)
+        code = round(all_sum(code if main_proc else 0.0, device))  # (the main process's: the others add 0)
         if code == RUN_UNOPENED:
             raise ConfigError(f"train.out {str(out)!r}: cannot open it ({why or 'on the main process'})")
         if code == RUN_IN_USE:

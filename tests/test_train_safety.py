@@ -467,12 +467,12 @@ def test_every_process_reaches_the_run_locks_collective_if_train_out_cannot_be_o
     import model.train as mt
 
     calls = []
-    monkeypatch.setattr(mt, "all_mean", lambda x, device: calls.append(x) or x)
+    monkeypatch.setattr(mt, "all_sum", lambda x, device: calls.append(x) or x)
     (tmp_path / "run").write_text("not a folder")
     with pytest.raises(ConfigError, match=r"train\.out .*run': cannot open it \(File exists\)"):
         mt.RunLock().acquire(tmp_path / "run", True, "cpu")
     assert len(calls) == 1, "the main process raised without joining the collective"
-    monkeypatch.setattr(mt, "all_mean", lambda x, device: x + mt.RUN_UNOPENED)  # (the main one's code)
+    monkeypatch.setattr(mt, "all_sum", lambda x, device: x + mt.RUN_UNOPENED)  # (the main one's code)
     with pytest.raises(ConfigError, match=r"train\.out .*run': cannot open it \(on the main process\)"):
         mt.RunLock().acquire(tmp_path / "run", False, "cpu")
 

@@ -264,7 +264,7 @@ class SaShiMiRecurrent(GraphedModel):
     @functools.cached_property
     def basis(self) -> str:
         """What a state's coordinates mean (`model.recurrent.state_basis` of every S4 layer's form, in the
-        state layout's order), as 16 hex digits."""
+        order of their names), as 16 hex digits."""
         return state_basis([self.forms[name] for name in sorted(self.forms)])
 
     def ssm_input_bound(self, block) -> torch.Tensor:
