@@ -354,10 +354,12 @@ def sse_events(response: httpx.Response) -> list:
     return out
 
 
-def metric(client: httpx.Client, name: str, model: str) -> float:
-    """One sample of the Prometheus text exposition."""
+def metric(client: httpx.Client, name: str, model: str, **labels: str) -> float:
+    """One sample of the Prometheus text exposition: `name` with `labels` (in the order the metric declares
+    them) and then `model`."""
+    inner = ",".join(f'{k}="{v}"' for k, v in {**labels, "model": model}.items())
     for line in client.get("/metrics").text.splitlines():
-        if line.startswith(f'{name}{{model="{model}"}}'):
+        if line.startswith(f"{name}{{{inner}}}"):
             return float(line.rsplit(" ", 1)[1])
     raise KeyError(name)
 

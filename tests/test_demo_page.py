@@ -93,6 +93,17 @@ class Demo:
             pytest.fail(f"the status never said {text!r}: it says {status!r}; console errors: {self.errors}")
         return self.page.text_content("#status")
 
+    def hold_session_reads(self) -> list:
+        """The page's reads of its session (GET /v1/sessions/{id}) held from now on, unanswered until the test
+        lets one through (`route.continue_()`): the list their routes are appended to as they are made."""
+        held = []
+
+        def hold(route) -> None:
+            held.append(route)
+
+        self.page.route("**/v1/sessions/*", hold)
+        return held
+
     def js(self, expression: str, arg=None):
         return self.page.evaluate(expression, arg)
 
@@ -403,12 +414,7 @@ def test_when_the_session_expires_the_page_says_so_and_the_next_turn_starts_a_ne
     reached the server over 1 s after the turn (a loaded machine) found the session expired, a 404 in the
     console (the right answer to a read of an expired session, on a TTL no real server has)."""
     d = Demo(browser, limited.url)
-    held = []
-
-    def hold(route) -> None:
-        held.append(route)
-
-    d.page.route("**/v1/sessions/*", hold)
+    d.hold_session_reads()  # (never answered)
     try:
         d.wait_status("model served")
         generate_text(d, "x", 5, seed=1)
@@ -987,12 +993,7 @@ def test_choosing_another_model_while_the_sessions_count_is_read_aborts_that_rea
     the console (fresh-clone CI, under load). The page aborts the read now. Here the read is held until the
     session is gone on the server, then let through."""
     d = demo
-    held = []
-
-    def hold(route) -> None:
-        held.append(route)
-
-    d.page.route("**/v1/sessions/*", hold)
+    held = d.hold_session_reads()
     d.wait_status("models served")
     generate_text(d, "x", 5, seed=1)
     d.page.wait_for_function("() => s4demo.sessionId !== null", timeout=WAIT_MS)

@@ -544,12 +544,6 @@ def test_client_disconnect_stops_generation_and_frees_the_slot(client, server):
     assert wait_for(lambda: metric(client, "s4_active_sessions", TEXT) == engine.pool.in_use, 10)
 
 
-def cancelled_generations(client: httpx.Client) -> float:
-    """s4_generations_total{finish_reason="cancelled"} of the text model."""
-    line = f's4_generations_total{{finish_reason="cancelled",model="{TEXT}"}} '
-    return float(next(x for x in client.get("/metrics").text.splitlines() if x.startswith(line)).split()[-1])
-
-
 def test_a_plain_json_client_that_leaves_mid_generation_cancels_it(limited):
     """A non-streaming generate: the server polls for the client's disconnect while it waits, and the
     generation ends cancelled, its slot free. (The client left after 0.3 s and the test asserted all that
@@ -564,7 +558,7 @@ def test_a_plain_json_client_that_leaves_mid_generation_cancels_it(limited):
     table = limited.state.sessions
     with httpx.Client(base_url=limited.url, timeout=60) as c:
         assert wait_for(lambda: engine.active_requests == 0, 60)  # (an earlier test's turn ended)
-        ended = cancelled_generations(c)
+        ended = metric(c, "s4_generations_total", TEXT, finish_reason="cancelled")
         with socket.create_connection(("127.0.0.1", limited.port)) as s:
             s.sendall(request + body)
             assert wait_for(
@@ -572,7 +566,7 @@ def test_a_plain_json_client_that_leaves_mid_generation_cancels_it(limited):
             )
         # (not a slot count from before: the 1 s TTL takes an earlier test's idle session meanwhile)
         assert wait_for(lambda: slots_settled(engine, table, TEXT), 60)
-        assert cancelled_generations(c) == ended + 1
+        assert metric(c, "s4_generations_total", TEXT, finish_reason="cancelled") == ended + 1
 
 
 PROMETHEUS_ACCEPT = (  # what Prometheus 2 sends to a target by default (its scrape_protocols)

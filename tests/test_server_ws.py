@@ -808,9 +808,7 @@ def test_a_client_gone_before_its_session_frame_leaves_its_session_idle(server, 
         return await read_prompt(*args, **kwargs)
 
     def cancelled() -> float:  # the model's generations ended "cancelled" so far
-        line = f's4_generations_total{{finish_reason="cancelled",model="{TEXT}"}} '
-        metrics = client.get("/metrics").text.splitlines()
-        return float(next(x for x in metrics if x.startswith(line)).split()[-1])
+        return metric(client, "s4_generations_total", TEXT, finish_reason="cancelled")
 
     monkeypatch.setattr(service, "read_prompt", held)
     ended = cancelled()
