@@ -32,6 +32,9 @@ SOURCES = {  # fixture: its source file
     "sashimi_sc09_unet": "sashimi_sc09_unet.ckpt",
     "s4d_standalone": "s4d_standalone.pt",
     "trainpy_enwik": "trainpy_enwik.ckpt",  # written by the official train.py itself (trainpy_enwik.md)
+    # version 3's code (make_v3_fixtures.py; the child ran by hand against a v3.0.0 checkout too: README)
+    "v3_s4": "v3_s4.ckpt",
+    "v3_s4d": "v3_s4d.ckpt",
 }
 
 

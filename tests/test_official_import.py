@@ -75,6 +75,14 @@ CASES = {  # name: (source, config or None)
     # config spellings no other case has: the deprecated postact (final_act null) and measure (init null),
     # mult_act id, dt_fast in an S4 (DPLR) layer, the residual and the norm as dicts, n_repeat 2 × n_layers 1
     "s4_spellings": ("s4_spellings.ckpt", None),
+    # made by the official code at its v3.0.0 tag (make_v3_fixtures.py), with version 3's own config: its
+    # defaults (real_type absent: exp; the backbone's pool {stride 1, expand 1}, the identity; postact glu);
+    # S4D with version 3's default bilinear transform and real_type softplus; S4D with disc zoh; S4 with
+    # real_type none and n_ssm 2. Each was refused before (the pool; then the real_type)
+    "v3_s4": ("v3_s4.ckpt", None),
+    "v3_s4d": ("v3_s4d.ckpt", None),
+    "v3_s4d_zoh": ("v3_s4d_zoh.ckpt", None),
+    "v3_s4_none": ("v3_s4_none.ckpt", None),
 }
 
 
@@ -702,19 +710,32 @@ def test_a_pt_in_an_official_runs_checkpoints_folder_reads_the_runs_hydra_config
     assert read_source(other)[1] is None
 
 
-def test_version_3_inv_w_real_needs_the_real_transform_from_the_config():
-    """log_w_real names its transform (exp); inv_w_real does not: its config must say."""
+def test_version_3_inv_w_real_takes_its_transform_from_real_type_else_version_3s_default_exp():
+    """log_w_real names its transform (exp); inv_w_real's is version 3's option `real_type` (default 'exp':
+    the v3_* fixtures), or version 4's real_transform in a config written by hand; version 3's DPLR relu
+    (no 1e-4 floor) is refused by name. (inv_w_real was refused unless the config said real_transform, so
+    every version-3 run with the default real_type was.)"""
     sd, cfg, kind = read_source(FIX / "s4_v3.pt")
-    sd = {
-        k.replace("log_w_real", "inv_w_real"): (v.double().exp() if "w_real" in k else v)
-        for k, v in sd.items()
-    }
-    with pytest.raises(Unsupported, match="real_transform"):
-        map_official(sd, copy.deepcopy(cfg), kind)
-    cfg["model"]["layer"][0]["real_transform"] = "none"  # inv_w_real = −Re Λ, as stored above
     ref = load_file(str(FIX / "s4_v3.ref.safetensors"))["kernel.0"]
-    net = build(map_official(sd, cfg, kind), F64)
-    assert rel(net.kernels()[0](ref.shape[1], dtype=F64, backend="torch"), ref) <= 1e-12
+
+    def kernel_err(sd, cfg):
+        net = build(map_official(sd, copy.deepcopy(cfg), kind), F64)
+        return rel(net.kernels()[0](ref.shape[1], dtype=F64, backend="torch"), ref)
+
+    # inv_w_real = log(−Re Λ): version 3's default real_type, exp
+    renamed = {k.replace("log_w_real", "inv_w_real"): v for k, v in sd.items()}
+    assert "real_transform" not in cfg["model"]["layer"][0] and "real_type" not in cfg["model"]["layer"][0]
+    assert kernel_err(renamed, cfg) <= 1e-12
+    negated = {k: (v.double().exp() if "w_real" in k else v) for k, v in renamed.items()}  # −Re Λ itself
+    assert kernel_err(negated, cfg) > 1e-3  # (read as exp, as it must be without an option: not this model)
+    for key in ("real_type", "real_transform"):
+        c = copy.deepcopy(cfg)
+        c["model"]["layer"][0][key] = "none"
+        assert kernel_err(negated, c) <= 1e-12, key
+    c = copy.deepcopy(cfg)
+    c["model"]["layer"][0]["real_type"] = "relu"
+    with pytest.raises(Unsupported, match=r"real_type = 'relu' with version 3's DPLR kernel"):
+        map_official(negated, c, kind)
 
 
 def test_the_config_flag_names_the_run_config_of_a_pt(tmp_path):

@@ -167,13 +167,38 @@ def _drop_defaults(config: dict) -> dict:
     }
 
 
-def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict[str, str]]:
+class _V3Option:
+    """An option a version-3 kernel's names imply but whose value the config gives under version 3's key
+    (`real_type`, `disc`), else under version 4's (a config written by hand), else version 3's default."""
+
+    def __init__(self, v3_key: str, default: str):
+        self.v3_key, self.default = v3_key, default
+
+    def value(self, lc: dict, key: str, where: str):
+        if self.v3_key in lc:
+            return _opt(lc, self.v3_key, None, where)
+        return _opt(lc, key, self.default, where)
+
+
+def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict[str, dict]]:
     """Rename version-3 keys (convert_v3_to_v4.py's renames); returns the new dict and, per kernel
-    prefix, the transforms that the old names imply."""
-    if not any(re.search(r"(log_dt|inv_w_real|log_w_real|w_imag|kernel\.kernel\.)", k) for k in sd):
+    prefix, the options that the old names imply: a value, or a _V3Option read from the config.
+
+    Version 3 (src/models/sequence/ss/kernel.py at v3.0.0): SSKernelNPLR has inv_w_real (its transform
+    the option `real_type`, default 'exp', −relu without v4's 1e-4 floor) and w_imag (= −A_imag); SSKernelDiag
+    has inv_A_real (`real_type`; its relu has the floor), A_imag (= +Im Λ: version 4 stores −Im Λ), B of
+    shape (n_ssm, N/2, 2) (version 4: (1, n_ssm, N/2, 2)), a parameter A it never reads (its init), and
+    `disc` 'bilinear' by default (version 4's diagonal kernel: 'zoh'). convert_v3_to_v4.py handles the
+    DPLR names only; the diagonal kernel's are read here as its SSKernelDiag defines them."""
+    v3_names = r"(log_dt|inv_w_real|log_w_real|w_imag|inv_A_real|kernel\.kernel\.)"
+    if not any(re.search(v3_names, k) for k in sd):
         return sd, {}
+    diag = {k[: -len("inv_A_real")] for k in sd if k.endswith(".inv_A_real")}  # v3 S4D kernels' prefixes
     out, implied = {}, {}
     for k, v in sd.items():
+        old_prefix = k.rsplit(".", 1)[0] + "."
+        if old_prefix in diag and k == old_prefix + "A":
+            continue  # SSKernelDiag's unread copy of its initial A
         nk = k.replace("kernel.kernel.L", "kernel.kernel.l_kernel").replace("kernel.kernel", "kernel")
         nk = nk.replace("layer.kernel", "layer.layer.kernel").replace("layer.D", "layer.layer.D")
         prefix = nk.rsplit(".", 1)[0] + "."
@@ -183,13 +208,25 @@ def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict
         elif nk.endswith(".log_w_real"):
             nk = nk[: -len("log_w_real")] + "A_real"
             implied.setdefault(prefix, {})["real_transform"] = "exp"
-        elif nk.endswith(".inv_w_real"):  # the transform is not in the name: the config must give it
+        elif nk.endswith(".inv_w_real"):
             nk = nk[: -len("inv_w_real")] + "A_real"
-            implied.setdefault(prefix, {})["real_transform"] = None
+            implied.setdefault(prefix, {})["real_transform"] = _V3Option("real_type", "exp")
+            implied[prefix]["v3_dplr_relu"] = True
         elif nk.endswith(".w_imag"):
             v, nk = -v, nk[: -len("w_imag")] + "A_imag"
             implied.setdefault(prefix, {})["imag_transform"] = "none"
+        elif old_prefix in diag and nk.endswith(".inv_A_real"):
+            nk = nk[: -len("inv_A_real")] + "A_real"
+            implied.setdefault(prefix, {}).update(real_transform=_V3Option("real_type", "exp"),
+                                                  disc=_V3Option("disc", "bilinear"))  # fmt: skip
+        elif old_prefix in diag and nk.endswith(".A_imag"):
+            v = -v
+            implied.setdefault(prefix, {})["imag_transform"] = "none"
+        elif old_prefix in diag and nk.endswith(".B") and v.dim() == 3:
+            v = v.unsqueeze(0)
         out[nk] = v
+    if diag:
+        notes.append("version-3 diagonal kernels: inv_A_real, A_imag negated, B unsqueezed, unread A dropped")
     notes.append("version-3 names renamed as checkpoints/convert_v3_to_v4.py does (w_imag negated)")
     return out, implied
 
@@ -350,9 +387,11 @@ def _absent(cfg: dict, key: str, meaning: str) -> str:
     return "" if key in cfg else f" (absent from the config: the official default, {meaning})"
 
 
-def _check_backbone(m: dict) -> str:
+def _check_backbone(m: dict, pool_weights: bool = False) -> str:
     """The isotropic backbone's options; returns our norm: "layer" (LayerNorm) or, for a transposed
-    backbone, "tln" (the scalar TransposedLN its Normalization('layer') builds)."""
+    backbone, "tln" (the scalar TransposedLN its Normalization('layer') builds). `pool_weights`: whether
+    the state dict has a pool's tensors (version 4 builds a Linear for any `expand`; version 3's
+    `expand: 1`, its base.yaml's default, is the identity and has none)."""
     w = "model"
     _expect(m, "_name_", "model", ("model",), w, "only the isotropic backbone (model) is supported")
     _expect(m, "prenorm", True, (True,), w, "post-norm blocks are not supported")
@@ -397,7 +436,9 @@ def _check_backbone(m: dict) -> str:
         raise Unsupported(f"model.norm = {norm!r}: only LayerNorm ('layer', eps 1e-5) is supported")
     pool = _opt(m, "pool", None, w)
     if pool is not None and not (
-        isinstance(pool, dict) and pool.get("stride", 1) == 1 and pool.get("expand") is None
+        isinstance(pool, dict)
+        and pool.get("stride", 1) == 1
+        and (pool.get("expand") is None or (pool.get("expand") == 1 and not pool_weights))
     ):
         raise Unsupported(f"model.pool = {pool!r}: pooling is not supported in the isotropic backbone")
     return "tln" if transposed else "layer"
@@ -718,7 +759,7 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None, sample_rate: in
     m = cfg.get("model")
     if not isinstance(m, dict):
         raise Unsupported("config: no 'model' section")
-    norm = _check_backbone(m)
+    norm = _check_backbone(m, pool_weights=any(re.match(r"model\.layers\.\d+\.pool\.", k) for k in sd))
     _agree_norm(sd, norm)
     layer_cfgs = m.get("layer")
     layer_cfgs = layer_cfgs if isinstance(layer_cfgs, list) else [layer_cfgs]
@@ -726,8 +767,11 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None, sample_rate: in
         raise Unsupported(f"model.layer = {m.get('layer')!r}: expected a layer config or a list of them")
     names = [x.get("_name_") for x in layer_cfgs]
     for i, n in enumerate(names):
-        if n not in ("s4", "ffn"):
-            raise Unsupported(f"model.layer[{i}]._name_ = {n!r}: only 's4' and 'ffn' layers are supported")
+        if n not in ("s4", "ffn", "ff"):
+            raise Unsupported(
+                f"model.layer[{i}]._name_ = {n!r}: only 's4' and 'ffn' (version 3: 'ff') layers are supported"
+            )
+    names = ["ffn" if n == "ff" else n for n in names]  # version 3's FF: ffn.py's FFN module tree and options
     units = _pattern_units(names)
 
     idx = sorted({int(mt.group(1)) for k in sd if (mt := re.match(r"model\.layers\.(\d+)\.", k))})
@@ -828,11 +872,13 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None, sample_rate: in
         kp = p + "layer.layer.kernel."
         opts = dict(lc)
         for k2, v2 in implied.get(kp, {}).items():
-            if v2 is None and k2 not in lc:
-                raise Unsupported(
-                    f"{where}.{k2}: not in the config, and the version-3 name inv_w_real does not imply it"
-                )
-            opts[k2] = lc[k2] if v2 is None else v2
+            if k2 != "v3_dplr_relu":
+                opts[k2] = v2.value(lc, k2, where) if isinstance(v2, _V3Option) else v2
+        if implied.get(kp, {}).get("v3_dplr_relu") and opts.get("real_transform") == "relu":
+            raise Unsupported(
+                f"{where}.real_type = 'relu' with version 3's DPLR kernel (inv_w_real): its Re Λ = −relu(w) "
+                "has no 1e-4 floor, unlike version 4's relu transform; not supported"
+            )
         kt, facts, kmp = map_ssm_kernel(src, kp, H, opts, where, kind)
         q = f"blocks.{i}."
         for k2, v2 in kt.items():

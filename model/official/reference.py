@@ -278,18 +278,40 @@ def setup_step(lit: nn.Module) -> None:
             m._setup_step()
 
 
+def _is_kernel(k) -> bool:
+    return any(hasattr(k, p) for p in ("inv_dt", "log_dt"))
+
+
 def ssm_layers(lit: nn.Module) -> list[nn.Module]:
-    """The modules holding an SSM kernel, in module order."""
-    return [
-        m for m in lit.modules() if any(hasattr(getattr(m, "kernel", None), p) for p in ("inv_dt", "log_dt"))
+    """The modules holding an SSM kernel, in module order: their `kernel` is the kernel, or (version 3)
+    an SSKernel wrapper around it (the wrapper itself is not a layer)."""
+    found = [
+        m
+        for m in lit.modules()
+        if _is_kernel(getattr(m, "kernel", None))
+        or _is_kernel(getattr(getattr(m, "kernel", None), "kernel", None))
     ]
+    wrappers = {id(m.kernel) for m in found}
+    return [m for m in found if id(m) not in wrappers]
+
+
+def dplr_length(m: nn.Module) -> int | None:
+    """A layer's DPLR kernel's own length (its l_kernel; version 3's SSKernelNPLR buffer L, under the
+    SSKernel wrapper), None for a diagonal kernel."""
+    k = m.kernel
+    if hasattr(k, "l_kernel"):
+        return int(k.l_kernel.item())
+    inner = getattr(k, "kernel", None)
+    if isinstance(getattr(inner, "L", None), torch.Tensor) and hasattr(inner, "inv_w_real"):
+        return int(inner.L.item())
+    return None
 
 
 def kernel_length(m: nn.Module, default: int | None = None) -> int | None:
     """A layer's own kernel length: a DPLR kernel's l_kernel, else the layer's L (its l_max)."""
-    k = m.kernel
-    if hasattr(k, "l_kernel"):
-        return int(k.l_kernel.item())
+    lk = dplr_length(m)
+    if lk is not None:
+        return lk
     return getattr(m, "L", None) or default
 
 
@@ -297,7 +319,8 @@ def kernels(lit: nn.Module, default_length: int | None = None) -> dict:
     out = {}
     for i, m in enumerate(ssm_layers(lit)):
         L = kernel_length(m, default_length)
-        k = m.kernel(L=L)
+        # (version 3's SSKernel wrapper passes its rate, None by default, on to the kernel, whose own is 1.0)
+        k = m.kernel(L=L, rate=1.0) if _is_kernel(getattr(m.kernel, "kernel", None)) else m.kernel(L=L)
         k = k[0] if isinstance(k, tuple) else k  # (C, H, L) and state, or (H, L) for s4d.py
         out[f"kernel.{i}"] = (k[0] if k.dim() == 3 else k).detach().clone()  # (H, L)
     return out
@@ -404,8 +427,8 @@ def trained_length(lit: nn.Module, cfg: dict, standalone: bool) -> int:
     limits = []
     for i, m in enumerate(layers):
         lens = [int(m.L)] if getattr(m, "L", None) else []
-        if hasattr(m.kernel, "l_kernel"):
-            lk = int(m.kernel.l_kernel.item())
+        lk = dplr_length(m)
+        if lk is not None:
             if lk <= 0:
                 raise SystemExit(f"SSM layer {i}: l_kernel = 0: the model never ran in conv mode")
             lens.append(lk)
