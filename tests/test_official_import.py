@@ -1595,3 +1595,18 @@ def test_a_config_replaced_while_its_source_is_converted_is_not_cached_under_the
     entry = convert_cached(src, tmp_path / "cache")  # started again: the config as it is now
     assert json.loads((entry / "config.json").read_text())["source"]["dataset"] == "my_bytes"
     assert entry.name == key(src, config)
+
+
+def test_a_version_3_sashimi_is_refused_as_one_not_by_a_missing_tensor():
+    """A SaShiMi's state dict with version 3's kernel names (its Sashimi backbone gives each level's
+    layers their own l_max and names the FF layer `ff`: not read here) is refused naming version 3; it was
+    "tensor … is missing from the state dict"."""
+    sd, cfg, kind = read_source(FIX / "sashimi_sc09.ckpt")
+    v3 = {}
+    for k, v in sd.items():
+        if k.endswith("kernel.inv_dt"):
+            k, v = k.replace("layer.layer.kernel.inv_dt", "layer.kernel.kernel.log_dt"), v[:, 0]
+        v3[k] = v
+    with pytest.raises(Unsupported, match=r"model._name_ = 'sashimi' with version-3 kernel names .*log_dt"):
+        map_official(v3, cfg, kind)
+    assert map_official(sd, cfg, kind).config["arch"] == "sashimi"  # (the fixture itself: imported)

@@ -1404,6 +1404,13 @@ def map_official(
         and isinstance(cfg.get("model"), dict)
         and cfg["model"].get("_name_") in ("sashimi", "unet")
     ):
+        v3 = sorted(k for k in sd if re.search(r"\.(log_dt|inv_w_real|log_w_real|w_imag|inv_A_real)$", k))
+        if v3:  # (read as version 4's, its kernels' tensors were "missing from the state dict")
+            raise Unsupported(
+                f"model._name_ = {cfg['model']['_name_']!r} with version-3 kernel names ({v3[0]}, …): a "
+                "SaShiMi trained with the official code's version 3 is not supported (its isotropic models "
+                "are; a SaShiMi trained with version 4 is)"
+            )
         imp = map_sashimi(sd, cfg, sample_rate)
     else:
         imp = map_lightning(sd, cfg, sample_rate)
