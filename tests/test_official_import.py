@@ -83,6 +83,9 @@ CASES = {  # name: (source, config or None)
     "v3_s4d": ("v3_s4d.ckpt", None),
     "v3_s4d_zoh": ("v3_s4d_zoh.ckpt", None),
     "v3_s4_none": ("v3_s4_none.ckpt", None),
+    # version 3's lm/s4-wt103 recipe scaled down: its s4s4ff pattern, whose S4 layers name only l_max,
+    # postact, lr and n_ssm (d_state 64, nplr, legs: version 3's defaults), and the adaptivelm task
+    "v3_wt103": ("v3_wt103.ckpt", None),
 }
 
 
