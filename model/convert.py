@@ -128,11 +128,16 @@ def length_warning(cfg: dict | None, unit: str) -> str | None:
     layers = model.get("layer") if isinstance(model, dict) else None
     layers = layers if isinstance(layers, list) else [layers]
     kernels = [lc["l_max"] for lc in layers if isinstance(lc, dict) and _positive_int(lc.get("l_max"))]
+    name = "model.layer.l_max"
+    if isinstance(model, dict) and model.get("_name_") == "sashimi" and _positive_int(model.get("l_max")):
+        # version 3's Sashimi gives its top level's layers model.l_max (each lower level that over the
+        # strides before it, for its shorter sequences): the layer config's own is not read
+        kernels, name = [model["l_max"]], "model.l_max"
     if trained is None or not kernels or min(kernels) >= trained[0]:
         return None
     k, (n, key) = min(kernels), trained
     return (
-        f"model.layer.l_max = {k} is shorter than the sequences it trained on ({key} = {n}): the official "
+        f"{name} = {k} is shorter than the sequences it trained on ({key} = {n}): the official "
         f"forward convolves with kernels of {k} taps, so the run trained a model that sees no further back "
         f"than {k} {unit}; served in its recurrent form (as the official generate.py steps it) it sees the "
         f"whole context, so once its context is longer than {k} {unit} its outputs differ from the official "

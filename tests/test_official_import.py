@@ -86,6 +86,9 @@ CASES = {  # name: (source, config or None)
     # version 3's lm/s4-wt103 recipe scaled down: its s4s4ff pattern, whose S4 layers name only l_max,
     # postact, lr and n_ssm (d_state 64, nplr, legs: version 3's defaults), and the adaptivelm task
     "v3_wt103": ("v3_wt103.ckpt", None),
+    # version 3's SaShiMi backbone (each level's layers given that level's length as l_max), S4 and S4D
+    "v3_sashimi": ("v3_sashimi.ckpt", None),
+    "v3_sashimi_s4d": ("v3_sashimi_s4d.ckpt", None),
 }
 
 
@@ -944,10 +947,27 @@ def test_a_layer_l_max_shorter_than_the_training_length_is_warned_of(tmp_path):
         ({"model": {"layer": {"l_max": None}}, "loader": {"l_max": 64}}, None),  # null: the kernel of any L
         ({**text, "loader": {"l_max": "64"}}, None),  # not a length
         ({**text}, None),  # no length said
+        # version 3's Sashimi: its model.l_max is its top level's layers' (the layer config's is not read)
+        (
+            {
+                "model": {"_name_": "sashimi", "l_max": 32, "layer": {"l_max": 64}},
+                "dataset": {"sample_len": 64},
+            },
+            "dataset.sample_len = 64",
+        ),
+        (
+            {
+                "model": {"_name_": "sashimi", "l_max": 64, "layer": {"l_max": 32}},
+                "dataset": {"sample_len": 64},
+            },
+            None,
+        ),
     ]
     for config, expected in cases:
         got = length_warning(config, "samples")
         assert (got is None) if expected is None else (expected in got and "32 samples" in got), (config, got)
+        if got and config["model"].get("_name_") == "sashimi":
+            assert got.startswith("model.l_max = 32 is shorter"), got
     # the fixtures: the one whose layers are shorter than its clips warns, no other
     warned = [f.name for f in sorted(FIX.glob("*.ckpt")) if length_warning(read_source(f)[1], "tokens")]
     assert warned == ["s4_sc09.ckpt"], warned  # (its layers' l_max 64, its clips' sample_len 16000)
@@ -1600,16 +1620,14 @@ def test_a_config_replaced_while_its_source_is_converted_is_not_cached_under_the
     assert entry.name == key(src, config)
 
 
-def test_a_version_3_sashimi_is_refused_as_one_not_by_a_missing_tensor():
-    """A SaShiMi's state dict with version 3's kernel names (its Sashimi backbone gives each level's
-    layers their own l_max and names the FF layer `ff`: not read here) is refused naming version 3; it was
-    "tensor … is missing from the state dict"."""
-    sd, cfg, kind = read_source(FIX / "sashimi_sc09.ckpt")
-    v3 = {}
-    for k, v in sd.items():
-        if k.endswith("kernel.inv_dt"):
-            k, v = k.replace("layer.layer.kernel.inv_dt", "layer.kernel.kernel.log_dt"), v[:, 0]
-        v3[k] = v
-    with pytest.raises(Unsupported, match=r"model._name_ = 'sashimi' with version-3 kernel names .*log_dt"):
-        map_official(v3, cfg, kind)
-    assert map_official(sd, cfg, kind).config["arch"] == "sashimi"  # (the fixture itself: imported)
+def test_a_version_3_unet_is_refused_naming_version_3():
+    """Version 3's SaShiMi backbone is read (v3_sashimi); its U-Net backbone (`_name_: unet`) is not, and
+    is refused as such, not by a tensor the version-4 U-Net has."""
+    sd, cfg, kind = read_source(FIX / "v3_sashimi.ckpt")
+    cfg = copy.deepcopy(cfg)
+    cfg["model"]["_name_"] = "unet"
+    for key in ("interp", "act_pool"):
+        cfg["model"].pop(key)
+    cfg["model"]["cff"] = 2
+    with pytest.raises(Unsupported, match=r"model._name_ = 'unet' with version-3 kernel names"):
+        map_official(sd, cfg, kind)

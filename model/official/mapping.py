@@ -180,6 +180,20 @@ class _V3Option:
         return _opt(lc, key, self.default, where)
 
 
+def _kernel_opts(lc: dict, implied: dict, where: str) -> dict:
+    """A layer config's options for one kernel, with those its version-3 names imply (_v3_to_v4)."""
+    opts = dict(lc)
+    for k2, v2 in implied.items():
+        if k2 != "v3_dplr_relu":
+            opts[k2] = v2.value(lc, k2, where) if isinstance(v2, _V3Option) else v2
+    if implied.get("v3_dplr_relu") and opts.get("real_transform") == "relu":
+        raise Unsupported(
+            f"{where}.real_type = 'relu' with version 3's DPLR kernel (inv_w_real): its Re Λ = −relu(w) "
+            "has no 1e-4 floor, unlike version 4's relu transform; not supported"
+        )
+    return opts
+
+
 def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict[str, dict]]:
     """Rename version-3 keys (convert_v3_to_v4.py's renames); returns the new dict and, per kernel
     prefix, the options that the old names imply: a value, or a _V3Option read from the config.
@@ -870,15 +884,7 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None, sample_rate: in
                 f"{where}: S4 and S4D layers mixed in one model (our model has one kernel kind, `kernel`)"
             )
         kp = p + "layer.layer.kernel."
-        opts = dict(lc)
-        for k2, v2 in implied.get(kp, {}).items():
-            if k2 != "v3_dplr_relu":
-                opts[k2] = v2.value(lc, k2, where) if isinstance(v2, _V3Option) else v2
-        if implied.get(kp, {}).get("v3_dplr_relu") and opts.get("real_transform") == "relu":
-            raise Unsupported(
-                f"{where}.real_type = 'relu' with version 3's DPLR kernel (inv_w_real): its Re Λ = −relu(w) "
-                "has no 1e-4 floor, unlike version 4's relu transform; not supported"
-            )
+        opts = _kernel_opts(lc, implied.get(kp, {}), where)
         kt, facts, kmp = map_ssm_kernel(src, kp, H, opts, where, kind)
         q = f"blocks.{i}."
         for k2, v2 in kt.items():
@@ -1173,6 +1179,7 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     otherwise (_audio_format)."""
     notes: list[str] = []
     _check_sections(cfg)
+    sd, implied = _v3_to_v4(sd, notes)
     src = _Source(sd)
     m = cfg["model"]
     unet = m.get("_name_") == "unet"
@@ -1189,6 +1196,14 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     if m.get("center_layer") is not None:
         raise Unsupported("model.center_layer: a different center layer is not supported")
     kind = _check_s4_layer(lc, "model.layer")
+    if implied:  # version 3's Sashimi sets each level's layers' l_max to that level's length (model.l_max
+        # over the strides before it): the layer config's is none of theirs
+        lc = {k: v for k, v in lc.items() if k != "l_max"}
+        if unet:
+            raise Unsupported(
+                "model._name_ = 'unet' with version-3 kernel names: version 3's U-Net backbone is not "
+                "supported (its sashimi backbone is, and version 4's unet)"
+            )
     emb = src.take("encoder.0.weight")
     V, H = emb.shape
     _check_sashimi_shapes(sd, m, H)
@@ -1215,7 +1230,9 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
         tensors[q + "norm.m"] = src.take(p + "norm.norm.m", (1,))
         tensors[q + "norm.s"] = src.take(p + "norm.norm.s", (1,))
         if is_s4:
-            kt, facts, kmp = map_ssm_kernel(src, p + "layer.layer.kernel.", d, dict(lc), "model.layer", kind)
+            kp = p + "layer.layer.kernel."
+            opts = _kernel_opts(lc, implied.get(kp, {}), "model.layer")
+            kt, facts, kmp = map_ssm_kernel(src, kp, d, opts, "model.layer", kind)
             for k2, v2 in kt.items():
                 tensors[q + "layer.kernel." + k2] = v2
             mp.extend((q + a if not a.startswith("config.") else a, b, c) for a, b, c in kmp)
@@ -1404,13 +1421,6 @@ def map_official(
         and isinstance(cfg.get("model"), dict)
         and cfg["model"].get("_name_") in ("sashimi", "unet")
     ):
-        v3 = sorted(k for k in sd if re.search(r"\.(log_dt|inv_w_real|log_w_real|w_imag|inv_A_real)$", k))
-        if v3:  # (read as version 4's, its kernels' tensors were "missing from the state dict")
-            raise Unsupported(
-                f"model._name_ = {cfg['model']['_name_']!r} with version-3 kernel names ({v3[0]}, …): a "
-                "SaShiMi trained with the official code's version 3 is not supported (its isotropic models "
-                "are; a SaShiMi trained with version 4 is)"
-            )
         imp = map_sashimi(sd, cfg, sample_rate)
     else:
         imp = map_lightning(sd, cfg, sample_rate)
