@@ -977,6 +977,7 @@ BUDGET_REPLAN_AT = (0.25, 0.5, 0.75, 0.9)  # shares of the budget after which th
 
 
 RUN_HELD, RUN_IN_USE, RUN_UNOPENED = 0, 1, 2  # `RunLock.acquire`'s outcome on the main process
+LOCK_TRIES = 100  # `RunLock._hold`: opens of train.out whose folder was removed before its lock was taken
 
 
 class RunLock:
@@ -999,27 +1000,7 @@ class RunLock:
         stderr, and the run goes on unguarded, as every run did before the lock."""
         code, why = RUN_HELD, ""
         if main_proc:
-            missing = out
-            while not missing.exists() and missing != missing.parent:
-                self.made.append(missing)
-                missing = missing.parent
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-            except OSError as exc:
-                code, why = RUN_UNOPENED, exc.strerror or str(exc)
-            if self.fd is not None:
-                try:
-                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    os.close(self.fd)
-                    self.fd, code = None, RUN_IN_USE
-                except OSError as exc:  # no locks on this filesystem (ENOLCK, EOPNOTSUPP, ...)
-                    os.close(self.fd)
-                    self.fd = None
-                    print(f"warning: train.out {str(out)!r}: its filesystem cannot lock it "
-                          f"({exc.strerror or exc}): a second run into it at once is not refused; run one "
-                          "at a time there", file=sys.stderr, flush=True)  # fmt: skip
+            code, why = self._hold(out)
         code = round(all_sum(code if main_proc else 0.0, device))  # (the main process's: the others add 0)
         if code == RUN_UNOPENED:
             raise ConfigError(f"train.out {str(out)!r}: cannot open it ({why or 'on the main process'})")
@@ -1029,6 +1010,45 @@ class RunLock:
                 "folder overwrite each other's saves, log and config); wait for it to end, or name another "
                 "folder (train.out=runs/NAME)"
             )
+
+    def _hold(self, out: Path) -> tuple[int, str]:
+        """`acquire` on the main process: its outcome (RUN_*) and, for RUN_UNOPENED, why. The lock is on the
+        folder's inode, not its name: a folder removed between this run's open and its flock (by a run that
+        made it and was refused: `release`) is locked in vain, so the lock is taken again on the folder now
+        at `out` until the two are one. A run refused here leaves the folders it saw missing: another run
+        made them too, and holds them."""
+        for _ in range(LOCK_TRIES):
+            missing = out
+            while not missing.exists() and missing != missing.parent:
+                if missing not in self.made:  # (made again on a later try: once)
+                    self.made.append(missing)
+                missing = missing.parent
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                self.fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError as exc:
+                return RUN_UNOPENED, exc.strerror or str(exc)
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(self.fd)
+                self.fd, self.made = None, []  # (held by another run, which made them as well)
+                return RUN_IN_USE, ""
+            except OSError as exc:  # no locks on this filesystem (ENOLCK, EOPNOTSUPP, ...)
+                os.close(self.fd)
+                self.fd = None
+                print(f"warning: train.out {str(out)!r}: its filesystem cannot lock it "
+                      f"({exc.strerror or exc}): a second run into it at once is not refused; run one "
+                      "at a time there", file=sys.stderr, flush=True)  # fmt: skip
+                return RUN_HELD, ""
+            try:
+                if os.path.samestat(os.fstat(self.fd), os.stat(out)):
+                    return RUN_HELD, ""
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)  # (a folder removed under this run's open: out is made, or opened, again)
+            self.fd = None
+        return RUN_UNOPENED, f"it was removed and made again {LOCK_TRIES} times while this run took it"
 
     def release(self) -> None:
         """Let go of the folder; the folders `acquire` made and a refused config left empty are removed, while

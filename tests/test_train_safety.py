@@ -512,6 +512,70 @@ def test_a_refused_run_removes_the_folder_it_made_before_letting_go_of_it(text_d
         second.release()
 
 
+def test_a_run_that_opened_train_out_before_a_refused_run_removed_it_holds_the_folder_made_anew(
+    tmp_path, monkeypatch
+):
+    """The lock is on the folder's inode: a second run that opened train.out just before the run that made it
+    was refused and removed it (emptied, while still held), then took its lock, held a folder no longer
+    there, and every write of its run failed. Now it sees the folder at train.out is not the one it locked,
+    and makes and takes it anew. (The two runs' steps are interleaved by hand: the first lets go inside the
+    second's flock call.)"""
+    import fcntl
+    import os
+
+    from model.train import RunLock
+
+    out = tmp_path / "new" / "run"
+    first, second = RunLock(), RunLock()
+    first.acquire(out, True, "cpu")  # (it made new/ and new/run/)
+    real = fcntl.flock
+
+    def first_lets_go_then_lock(fd, op):
+        if first.fd is not None:  # (the second run's first flock: the first run is refused and lets go)
+            first.release()
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", first_lets_go_then_lock)
+    second.acquire(out, True, "cpu")
+    try:
+        assert second.fd is not None and out.is_dir(), "the second run holds a folder removed under it"
+        assert os.path.samestat(os.fstat(second.fd), os.stat(out))
+    finally:
+        second.release()
+    assert not (tmp_path / "new").exists()  # (the second run made them again: it removes them, empty)
+
+
+def test_a_run_refused_because_another_holds_train_out_leaves_the_folder_both_made(tmp_path, monkeypatch):
+    """Two runs started at once into a missing train.out both see it missing and make it; the one that then
+    loses the lock is refused. It removed the folder it 'made' as it let go, the folder the other run held,
+    still empty: every write of the run that held it failed. Now a refused run leaves it. (Interleaved by
+    hand: the first run takes the folder inside the second's flock call.)"""
+    import fcntl
+    import os
+
+    from model.train import RunLock
+
+    out = tmp_path / "run"
+    first, second = RunLock(), RunLock()
+    real, taken = fcntl.flock, []
+
+    def first_takes_it_then_lock(fd, op):
+        if not taken:  # (the second run's flock: the first run, which found train.out made, locks it first)
+            taken.append(fd)
+            first.acquire(out, True, "cpu")
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", first_takes_it_then_lock)
+    try:
+        with pytest.raises(ConfigError, match="is in use"):
+            second.acquire(out, True, "cpu")
+        second.release()
+        assert first.fd is not None and out.is_dir(), "the refused run removed the folder the other holds"
+        assert os.path.samestat(os.fstat(first.fd), os.stat(out))
+    finally:
+        first.release()
+
+
 def test_a_fresh_start_refuses_to_empty_the_folder_holding_its_train_init(text_data, tmp_path):
     """A fresh start (--fresh) into the run folder whose export it fine-tunes (train.init inside train.out):
     refused naming train.init before anything is written, the checkpoint and the run left as they were. It
