@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import sys
 import time
 from pathlib import Path
@@ -424,7 +425,7 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     # (a conversion into OUT_DIR killed while it wrote left its temporary folder beside it: a day on, gone)
-    drop_stale_temps(out.parent, patterns=(f".{glob.escape(out.name)}.tmp-*",))
+    drop_stale_temps(out.parent, patterns=temp_patterns(f".{out.name}.tmp-"))
     tmp = _new_folder(out.parent, f".{out.name}.tmp-")
     try:  # written beside OUT_DIR, then swapped in: an old OUT_DIR is replaced whole, never mixed
         extra = {"name": name, "source": summary}
@@ -606,7 +607,23 @@ def _entry_damage(entry: Path) -> str | None:
 
 
 STALE_TMP_S = 86_400  # a conversion's temporary folder older than this is a killed one's (they take minutes)
-CACHE_TEMPS = (".tmp-*", "..tmp-*.tmp-*")  # a conversion cache's temporary folders (`drop_stale_temps`)
+# the random part of a temporary folder's name: `_new_folder`'s 12 hex digits, or the 8 characters of
+# tempfile.mkdtemp, which made them before ff488aa (2026-12-02): a killed conversion of then left those
+TEMP_SUFFIXES = ("[0-9a-f]" * 12, "[a-z0-9_]" * 8)
+
+
+def temp_patterns(prefix: str) -> tuple[str, ...]:
+    """Glob patterns naming exactly the temporary folders made with `prefix` (`_new_folder`; mkdtemp
+    before it): the prefix, literally, then one of TEMP_SUFFIXES, nothing more."""
+    return tuple(glob.escape(prefix) + suffix for suffix in TEMP_SUFFIXES)
+
+
+# a conversion cache's temporary folders (`drop_stale_temps`): an entry's .tmp-*, and the ..tmp-*.tmp-* that
+# `convert` writes the entry's model into
+CACHE_TEMPS = (
+    *temp_patterns(".tmp-"),
+    *(f"..tmp-{a}.tmp-{b}" for a in TEMP_SUFFIXES for b in TEMP_SUFFIXES),
+)
 
 
 def drop_stale_temps(
@@ -615,14 +632,18 @@ def drop_stale_temps(
     """Remove the temporary folders in a conversion cache that conversions killed midway left (older than
     STALE_TMP_S), each up to a model's size, which nothing removed (a helper's audit): an entry's `.tmp-*`,
     and the `..tmp-*.tmp-*` that `convert` writes the model into beside it before swapping it in (a kill
-    while the weights were written left them there, missed by `.tmp-*`); `patterns`: other names (glob)
-    in `cache`. A younger one may be another process's conversion under way and is left. Returns those
-    removed (logged)."""
+    while the weights were written left them there, missed by `.tmp-*`); `patterns`: other names (glob;
+    `temp_patterns`) in `cache`. A younger one may be another process's conversion under way and is left.
+    Only what a conversion of this user's made is removed: a folder (not a symlink to one) that this
+    user owns, named as `_new_folder` names them (a '.tmp-notes' of the user's, in a cache that is a
+    shared volume or beside OUT_DIR, stays, as does another user's). Returns those removed (logged)."""
     now = time.time() if now is None else now
     gone = []
     for path in sorted({p for pattern in patterns for p in cache.glob(pattern)}):
         try:
-            if path.is_dir() and not path.is_symlink() and now - path.stat().st_mtime > STALE_TMP_S:
+            st = path.lstat()  # (a symlink's own: never followed)
+            ours = stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+            if ours and now - st.st_mtime > STALE_TMP_S:
                 shutil.rmtree(path)
                 gone.append(path)
                 log.info("%s: removed, the temporary folder of a conversion that did not finish", path)

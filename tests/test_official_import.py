@@ -917,6 +917,60 @@ def test_a_command_line_conversion_killed_while_writing_leaves_nothing_a_day_lat
     assert sorted(out.parent.iterdir()) == [left[1], out]
 
 
+def test_the_stale_temporary_folder_cleanup_removes_only_what_a_conversion_of_this_user_made(
+    tmp_path, monkeypatch
+):
+    """A conversion removes the temporary folders killed conversions left, a day old, beside OUT_DIR and in
+    S4_CONVERT_CACHE (a folder a user may point at a shared volume). It removed any folder a day old named
+    .tmp-* there (and .OUT.tmp-* beside OUT_DIR), with all it held: a user's own .tmp-notes/, or another
+    user's. Now only a folder named as a conversion names them (12 hex digits; mkdtemp's 8 characters, as
+    converters before 2026-12-02 named them) and owned by this user goes; a symlink named so is left, and so
+    is what it points to."""
+    import os  # noqa: PLC0415
+    import time  # noqa: PLC0415
+
+    from model.convert import STALE_TMP_S, convert_cached, drop_stale_temps  # noqa: PLC0415
+
+    cache, models = tmp_path / "cache", tmp_path / "models"
+    out = models / "bytes"
+    keep = [
+        cache / ".tmp-notes",
+        cache / ".tmp-0123456789AB",
+        cache / ".tmp-0123456789abc",
+        cache / "..tmp-x.tmp-y",
+        models / ".bytes.tmp-backup",
+        models / ".bytes.tmp-0123456789ab.old",
+    ]
+    killed = [
+        cache / ".tmp-0123456789ab",
+        cache / ".tmp-a_b1c2d3",
+        cache / "..tmp-0123456789ab.tmp-ba9876543210",
+        models / ".bytes.tmp-ba9876543210",
+    ]
+    target = tmp_path / "elsewhere"
+    for d in (*keep, *killed, target):
+        d.mkdir(parents=True)
+        (d / "model.safetensors").write_bytes(b"\0" * 64)
+    link = cache / ".tmp-aaaaaaaaaaaa"
+    link.symlink_to(target, target_is_directory=True)
+    old = time.time() - STALE_TMP_S - 60
+    for p in (*keep, *killed, target):
+        os.utime(p, (old, old))
+    os.utime(link, (old, old), follow_symlinks=False)
+    entry = convert_cached(FIX / "s4_bytes.ckpt", cache)
+    convert(FIX / "s4_bytes.ckpt", out)
+    assert [p for p in killed if p.exists()] == []
+    assert [p for p in keep if not (p / "model.safetensors").is_file()] == []
+    assert link.is_symlink() and (target / "model.safetensors").is_file()
+    assert sorted(cache.iterdir()) == sorted([entry, link, *keep[:4]])
+    # another user's killed conversion, in a cache or beside OUT_DIR both write to: theirs to remove
+    other = cache / ".tmp-fedcba987654"
+    other.mkdir()
+    os.utime(other, (old, old))
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(other).st_uid + 1)
+    assert drop_stale_temps(cache) == [] and other.is_dir()
+
+
 def test_a_layer_l_max_shorter_than_the_training_length_is_warned_of(tmp_path):
     """The official FFTConv convolves with min(L, l_max) taps, so a run whose model.layer.l_max is
     shorter than its sequences trained a model that sees only l_max steps back, where the recurrent
