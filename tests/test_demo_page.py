@@ -1014,6 +1014,50 @@ def test_choosing_another_model_while_the_sessions_count_is_read_aborts_that_rea
     assert d.page.text_content("#context") == "0 tokens" and d.js("s4demo.sessionId") is None
 
 
+@pytest.mark.parametrize("end", ["closed", "deleted"])
+def test_a_session_end_the_server_tells_the_page_of_aborts_the_read_of_that_session(demo, server, end):
+    """After a turn the page reads its session's token count (GET /v1/sessions/{id}). The server ends the
+    session and tells the page: it closes the socket (`closed`: here a message over its frame limit, close
+    1009; a shutdown too), which deletes the session, or it answers the next turn 404, the session deleted
+    (`deleted`: by another client, or expired). A read it got after that was a 404 in the console: the page
+    aborted the read only for a new session it started itself (2fc543a). It aborts it on these too. Here
+    the read is held until then; the page's abort of it is the event awaited."""
+    d = demo
+    d.page.add_init_script("""(() => { const Native = window.WebSocket; window.s4sockets = [];
+        window.WebSocket = class extends Native {
+          constructor(url, protocols) { super(url, protocols); window.s4sockets.push(this); } };
+    })()""")
+    d.page.reload()
+    held = d.hold_session_reads()
+    d.wait_status("models served")
+    generate_text(d, "x", 5, seed=1)
+    sid = d.js("s4demo.sessionId")
+    deadline = time.monotonic() + WAIT_MS / 1000
+    while not held and time.monotonic() < deadline:
+        d.page.wait_for_timeout(20)  # (route handlers run inside Playwright's calls)
+    assert [r.request.url.rsplit("/", 1)[1] for r in held] == [sid]
+    read = held[0].request
+    if end == "deleted":
+        assert httpx.delete(f"{server.url}/v1/sessions/{sid}").status_code == 204
+        d.page.fill("#prompt", "y")
+    try:
+        with d.page.expect_event("requestfailed", lambda r: r == read, timeout=WAIT_MS):
+            if end == "closed":
+                d.js("() => s4sockets.at(-1).send('x'.repeat((1 << 20) + 1))")  # (over any frame limit here)
+            else:
+                d.page.click("#send")
+    except PlaywrightTimeout:
+        pytest.fail("the page did not abort the read of the session the server ended")
+    said = d.wait_status("The connection closed (code 1009" if end == "closed" else "expired")
+    assert "new" in said and "session" in said, said
+    gone = wait_for(lambda: httpx.get(f"{server.url}/v1/sessions/{sid}").status_code == 404, WAIT_MS / 1000)
+    assert gone, "the session outlived its socket"
+    with contextlib.suppress(PlaywrightError):  # (aborted: nothing to let through)
+        held[0].continue_()
+    assert d.errors == []
+    assert d.page.text_content("#context") == "0 tokens" and d.js("s4demo.sessionId") is None
+
+
 def test_load_models_waits_for_the_generation_and_keeps_the_session(browser, long_turns):
     """During a generation Load models is disabled (and Enter in the key field does nothing); after it,
     reloading the model list keeps the session and its transcript when the same model is still served."""

@@ -277,6 +277,7 @@
         }
         if (conn !== c) return;
         // the server closed it: the socket's session is gone, the next turn starts a new one
+        refreshing?.abort(); // (its read would find it deleted: see refreshContext)
         conn = null;
         demo.sessionId = null;
         contextTokens = 0;
@@ -355,6 +356,7 @@
       let said = `Error ${f.code}: ${f.message}`;
       if (f.code === 404 && f.param === "session_id" && c.bound) {
         // the socket's session expired or was deleted: the server unbound the socket
+        refreshing?.abort(); // (a read of it still under way would find it gone: see refreshContext)
         c.bound = false;
         demo.sessionId = null;
         contextTokens = 0;
@@ -455,7 +457,8 @@
 
   // The session's own token count (the page's running count until this answers). A new session (another
   // model, a reset) aborts the request: its socket's close deletes the session, and a request the server
-  // read after that was a 404 in the console.
+  // read after that was a 404 in the console. So does the session's end the page learns of from the server
+  // (it closed the socket, or answered a turn that the session is gone).
   async function refreshContext(sessionId) {
     refreshing?.abort();
     const mine = (refreshing = new AbortController());
