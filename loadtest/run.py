@@ -143,7 +143,7 @@ class LevelError(RuntimeError):
     """A level whose locust run did not produce its statistics (the message is one line)."""
 
 
-def run_level(url: str, classes: list[str], users: int, seconds: float, prefix: Path, opts: dict,
+def run_level(url: str, classes: list[str], users: int, seconds: int, prefix: Path, opts: dict,
               api_key: str = "") -> dict:  # fmt: skip
     """Run locust headless at `users` users for `seconds` (stats reset once all are spawned)."""
     latency = prefix.with_suffix(".latency.json")
@@ -159,7 +159,7 @@ def run_level(url: str, classes: list[str], users: int, seconds: float, prefix: 
         "-r",
         str(users),
         "-t",
-        f"{seconds:g}s",
+        f"{seconds}s",
         "--host",
         url,
         "--csv",
@@ -585,8 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
     parser.add_argument("--users", nargs="+", type=ranged(int, 1, MAX_USERS),
                         help=f"override every scenario's user sweep (1..{MAX_USERS})")  # fmt: skip
-    parser.add_argument("--seconds", type=ranged(float, 0, 3600, lo_open=True),
-                        help="per level, > 0 and ≤ 3600 (default 20, --quick 4)")  # fmt: skip
+    parser.add_argument("--seconds", type=ranged(int, 1, 3600),  # (locust's --run-time: whole seconds)
+                        help="per level, whole seconds, 1 to 3600 (default 20, --quick 4)")  # fmt: skip
     parser.add_argument("--new-tokens", type=ranged(int, 1, 100_000), default=64)
     parser.add_argument("--turns", type=ranged(int, 1, 10_000), default=4)
     parser.add_argument("--audio-samples", type=ranged(int, 1, 10_000_000), default=4000)
@@ -613,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         plot(data, out)
         print(report(data, out))
         return
-    seconds = args.seconds if args.seconds is not None else (4.0 if args.quick else 20.0)
+    seconds = args.seconds if args.seconds is not None else (4 if args.quick else 20)
     opts = {
         "new_tokens": args.new_tokens,
         "turns": args.turns,

@@ -118,6 +118,8 @@ def _free_port() -> int:
         ("--seconds", "-1"),
         ("--seconds", "0"),
         ("--seconds", "nan"),
+        ("--seconds", "0.5"),
+        ("--seconds", "2.5"),
         ("--new-tokens", "0"),
         ("--turns", "0"),
         ("--audio-samples", "-5"),
@@ -131,7 +133,8 @@ def _free_port() -> int:
 def test_out_of_range_numbers_are_argparse_errors_before_anything_starts(flag, value, tmp_path, capsys):
     """`--users 0` or `--seconds -1` started a server, then died on locust's missing CSV (a traceback);
     `--seconds 0` silently became the default 20 s. A --host that is not on loopback (another machine) ran
-    the sweep against it."""
+    the sweep against it. `--seconds 2.5` started a server, then every level failed: locust's --run-time
+    takes whole seconds ('Invalid time span format')."""
     from loadtest.run import main
 
     out = tmp_path / "report"
