@@ -635,7 +635,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     proc = None
     api_key = os.environ.get("S4_API_KEY", "")  # a keyed --host's; never a flag: the command is recorded
     with tempfile.TemporaryDirectory() as tmp:
-        # levels write here until the first one succeeds; only then is the old csv/ replaced
+        # levels write here; the old csv/ is replaced once the sweep is done, with its report: a sweep that
+        # stops midway (a level's locust failed, Ctrl-C) leaves the old report, its JSON and CSVs, whole
         csv_dir = Path(tmp) / "csv"
         csv_dir.mkdir()
         if args.host:
@@ -668,9 +669,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                         lv = run_level(url, classes, u, seconds, csv_dir / f"{name}-{u}", opts, api_key)
                     except LevelError as e:
                         sys.exit(f"loadtest: error: {name}: {e}")
-                    if csv_dir != out / "csv":  # the first level succeeded: replace the old CSVs
-                        shutil.rmtree(out / "csv", ignore_errors=True)
-                        csv_dir = Path(shutil.move(csv_dir, out / "csv"))
                     levels.append(lv)
                     kinds = ", ".join(
                         f"{k} {_f(d['tokens_per_s'])} tok/s ttft p99 {_f(d.get('ttft_p99_ms'))} ms "
@@ -686,6 +684,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if proc is not None:
                 proc.terminate()
                 proc.wait(60)
+        shutil.rmtree(out / "csv", ignore_errors=True)
+        shutil.move(csv_dir, out / "csv")
     data["machine"] = machine()
     data["goals"] = GOALS
     data["goals_measured"] = goals(data)

@@ -183,6 +183,46 @@ def test_a_failed_locust_run_is_a_one_line_error_naming_its_stderr_and_keeps_the
     assert not (out / "loadtest.json").exists()
 
 
+@pytest.mark.parametrize("stop", ["a level failed", "Ctrl-C"])
+def test_a_sweep_that_stops_midway_leaves_the_old_report_its_json_and_csvs_whole(
+    stop, server, tmp_path, monkeypatch
+):
+    """The old csv/ was replaced as soon as a sweep's first level succeeded, and the report and loadtest.json
+    only at its end: a sweep stopped by a later level (its locust failed; Ctrl-C) left the new run's CSVs
+    beside the old run's report and counts. Now csv/ is replaced with the report, once the sweep is done.
+    (The first level runs locust against a real server; the second stops as said.)"""
+    from loadtest import run
+
+    out = tmp_path / "report"
+    (out / "csv").mkdir(parents=True)
+    old = {
+        out / "csv" / "text-ws-1_stats.csv": "old\n",
+        out / "loadtest.json": "{}\n",
+        out / "report.md": "old\n",
+    }
+    for path, text in old.items():
+        path.write_text(text)
+    real, levels = run.run_level, []
+
+    def level(url, classes, users, seconds, prefix, opts, api_key=""):
+        levels.append(users)
+        if len(levels) == 1:
+            opts = {**opts, "text_model": "tiny-text"}
+            return real(url, classes, users, seconds, prefix, opts, api_key)
+        if stop == "Ctrl-C":
+            raise KeyboardInterrupt
+        raise run.LevelError("locust failed at 2 users (exit code 2)")
+
+    monkeypatch.setattr(run, "run_level", level)
+    monkeypatch.setattr(run, "served_models", lambda url, api_key="": {"tiny-text": {}})
+    argv = ["--host", server.url, "--scenarios", "text-ws", "--users", "1", "2", "--seconds", "1"]
+    with pytest.raises(KeyboardInterrupt if stop == "Ctrl-C" else SystemExit):
+        run.main([*argv, "--new-tokens", "4", "--out", str(out)])
+    assert levels == [1, 2]
+    assert {path: path.read_text() for path in old} == old
+    assert sorted(p.name for p in out.rglob("*")) == sorted(["csv", *(p.name for p in old)])
+
+
 class _Stop(Exception):
     pass
 
