@@ -216,11 +216,15 @@ def summarize(prefix: Path, latency: Path) -> dict[str, Any]:
     rows = read_stats(Path(f"{prefix}_stats.csv"))
     exact = json.loads(latency.read_text()) if latency.exists() else {}
     per: dict[str, dict[str, Any]] = {}
+
+    def kind_of(kind: str) -> dict[str, Any]:
+        return per.setdefault(kind, {"requests": 0, "failures": 0, "requests_per_s": 0.0, "connects": 0})
+
     for r in rows:
         kind, name = r["Type"], r["Name"]
         if kind not in KINDS or name not in ("generate", "connect"):
             continue
-        d = per.setdefault(kind, {"requests": 0, "failures": 0, "requests_per_s": 0.0, "connects": 0})
+        d = kind_of(kind)
         if name == "generate":
             d["requests"] += int(r["Request Count"])
             d["requests_per_s"] += float(r["Requests/s"])
@@ -231,6 +235,9 @@ def summarize(prefix: Path, latency: Path) -> dict[str, Any]:
         d["failures"] += int(r["Failure Count"])
     window = exact.get("window_s") or 0.0
     if "connects" in exact:  # the locustfile's own counts, to the end of the run
+        for kind in exact["requests"]:  # (one whose reports all came after the CSV's last write: there alone)
+            if kind in KINDS:
+                kind_of(kind)
         for kind, d in per.items():
             d["connects"] = exact["connects"].get(kind, 0)
             d["requests"] = exact["requests"].get(kind, 0) - d["connects"]

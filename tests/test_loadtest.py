@@ -223,6 +223,45 @@ def test_a_sweep_that_stops_midway_leaves_the_old_report_its_json_and_csvs_whole
     assert sorted(p.name for p in out.rglob("*")) == sorted(["csv", *(p.name for p in old)])
 
 
+CSV_AT_START_ONLY = """import sys
+sys.path[:0] = [{root!r}, {root!r} + "/loadtest"]
+import locust.stats
+locust.stats.CSV_STATS_INTERVAL_SEC = 3600  # (its CSV written at the start only: every report comes after it)
+from locustfile import *  # noqa
+"""
+
+
+def test_a_level_counts_every_kind_the_locustfile_reported_though_locusts_csv_lacks_it(
+    server, tmp_path, monkeypatch
+):
+    """A level's counts are the locustfile's own (1be1a9b), but its kinds were those of locust's CSV, which
+    locust writes once a second while it runs and not at its end: a kind whose reports all came after the
+    last write (a 1 s level on a loaded machine; an audio user's turns longer than the level) was left out
+    of the level, its requests, failures and tokens uncounted. Here locust writes its CSV at the start
+    only."""
+    from loadtest import run
+
+    wrapper = tmp_path / "csv_at_start_only.py"
+    wrapper.write_text(CSV_AT_START_ONLY.format(root=str(ROOT)))
+    monkeypatch.setattr(run, "LOCUSTFILE", wrapper)
+    opts = {"text_model": "tiny-text", "audio_model": "tiny-audio", "new_tokens": 8, "turns": 2,
+            "audio_samples": 200, "audio_prompt_samples": 0}  # fmt: skip
+    classes = ["HttpGenerateUser", "WsTextUser", "WsAudioUser"]
+    level = run.run_level(server.url, classes, 3, 2, tmp_path / "level", opts)
+    assert [r for r in read_stats(tmp_path / "level_stats.csv") if r["Type"]] == []  # (no kind's row)
+    exact = json.loads((tmp_path / "level.latency.json").read_text())
+    assert sorted(level["by_kind"]) == sorted(exact["requests"]) == ["HTTP", "WS", "WS-audio"]
+    for kind, d in level["by_kind"].items():
+        assert d["requests"] + d["connects"] == exact["requests"][kind] and d["requests"] > 0, kind
+        assert d["connects"] == exact["connects"].get(kind, 0) and d["failures"] == exact["failures"].get(
+            kind, 0
+        )
+        assert d["tokens_per_s"] == exact["tokens_per_s"][kind] > 0, kind
+    assert level["requests_per_s"] == pytest.approx(
+        sum(d["requests"] for d in level["by_kind"].values()) / exact["window_s"], rel=1e-9
+    )
+
+
 class _Stop(Exception):
     pass
 
