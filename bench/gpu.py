@@ -36,16 +36,21 @@ under load, each with CUDA graphs on and off (`S4_CUDA_GRAPHS`).
    submission to its first token (prefill in chunks interleaved with the decode steps).
 
 Runs only where CUDA is (one line on stderr and exit status 1 elsewhere); bounded: a full run stops
-starting new measurements after 240 s (60 s with --quick; each section records what it skipped). The
-audio section runs first (its goal is the one still unmeasured), then the step, then TTFT.
+starting new measurements after 240 s (60 s with --quick; `--budget S`: after S s; each section records
+what it skipped). The audio section runs first (its goal is the one still unmeasured), then the step,
+then TTFT. One measurement's failure is recorded (the section's "errors") and the others go on; a
+section's failure is recorded and the next runs. Stopped from outside (SIGTERM: `timeout`, as
+scripts/gpu-check stops it), it records what the running section had measured, starts nothing more and
+writes the results.
 
-    python -m bench.gpu [--quick]     # stops starting measurements after 240 s (--quick: 60 s)
-    scripts/gpu-check                 # the CUDA tests, then this
+    python -m bench.gpu [--quick] [--budget S]   # stops starting measurements after 240 s (--quick: 60 s)
+    scripts/gpu-check                            # the CUDA tests, then this
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import statistics
 import sys
 import tempfile
@@ -94,11 +99,36 @@ SECTIONS = ("audio", "step", "ttft")  # in the order they run: the audio streams
 MIN_STEPS = 10
 BLOCK_K = 256  # steps of one engine decode block in the audio section (an audio engine's longest block)
 ERRORS: list[str] = []  # sections that raised (recorded in the JSON; exit status 1)
+LIVE: dict[str, dict[str, Any]] = {}  # each section's results as it fills them (kept when it is stopped)
+BUDGET: dict[str, float] = {}  # "seconds": `--budget`, in place of BUDGET_S
 WAIT_S = 60.0  # TTFT: longest wait for any engine event before the run is declared stuck
 NO_CUDA = (
     "bench.gpu: no CUDA device (torch {v}, torch.cuda.is_available() is False); "
     "run it on a GPU machine: scripts/gpu-check"
 )
+
+
+class Stopped(BaseException):  # noqa: N818  (not an error: the run's stop from outside; no `except
+    # Exception` of a measurement takes it for that measurement's failure)
+    """SIGTERM (scripts/gpu-check's `timeout`): the run records what it has and ends."""
+
+
+def stop_on_sigterm(signum, frame) -> None:
+    raise Stopped(f"stopped from outside (signal {signum})")
+
+
+def live(section: str, out: dict[str, Any]) -> dict[str, Any]:
+    """`out`, the results `section` is filling, kept in LIVE (what a stopped section had measured)."""
+    LIVE[section] = out
+    return out
+
+
+def failed(out: dict[str, Any], what: str, exc: Exception) -> None:
+    """Record in out["errors"] that the measurement `what` raised (the section goes on)."""
+    line = f"{what}: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    out.setdefault("errors", []).append(line)
+    ERRORS.append(line)
+    print(f"bench.gpu: {what} FAILED: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
 
 class Budget:
@@ -195,7 +225,7 @@ def captured(rec, graphs: bool, max_batch: int, where: dict[str, Any], key: str)
 
 
 def bench_step(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {"rows": [], "models": {}, "skipped": []}
+    out: dict[str, Any] = live("step", {"rows": [], "models": {}, "skipped": []})
     for dtype in sz["dtypes"]:
         if not budget.left():
             out["skipped"].append(f"{dtype}: time budget")
@@ -226,31 +256,32 @@ def bench_step(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, An
                 if not budget.left():
                     out["skipped"].append(f"{what} batch {B}: time budget")
                     continue
-                state = rec.init_state(B)
-                tok = torch.randint(0, rec.config.vocab_size, (B,), device=rec.device)
-                steps = rate(lambda: rec.step(tok, state, out=state), sz["seconds"])
-                row = {
-                    "dtype": dtype,
-                    "graphs": graphs,
-                    "compiled": compiled,
-                    "triton": triton,
-                    "batch": B,
-                    "steps_per_s": steps,
-                }
-                row |= {"tokens_per_s": B * steps, "us_per_step": 1e6 / steps}
-                if graphs:  # the replay alone, without the copies in and out of the static buffers
-                    replay = rec._graphs.bucket(B).graph.replay
-                    row["replay_only_us_per_step"] = 1e6 / rate(replay, sz["seconds"])
-                    row["resident_steps_per_s"] = resident_rate(rec, tok, state, sz["seconds"])
-                    if dtype == "float32" and not compiled:  # the engine's decode blocks (tokens/s: × B)
-                        try:
-                            row.update(block_row(rec, B, sz["seconds"]))
-                        except ImportError as exc:  # (the server's packages absent)
-                            out["skipped"].append(f"{what} batch {B}: engine blocks ({exc})")
-                out["rows"].append(row)
+                try:
+                    out["rows"].append(step_row(rec, B, sz["seconds"], what, out, dtype=dtype, graphs=graphs,
+                                                compiled=compiled, triton=triton))  # fmt: skip
+                except Exception as exc:  # noqa: BLE001  (recorded: the other rows go on)
+                    failed(out, f"step {what} batch {B}", exc)
         rec.use_cuda_graphs(None)  # frees the graphs' memory before the next model
         rec.compile_step(False)
     return out
+
+
+def step_row(rec, B: int, seconds: float, what: str, out: dict[str, Any], **row) -> dict[str, Any]:
+    """One batch size of the step section: `row` (dtype, graphs, compiled, triton) with its figures."""
+    state = rec.init_state(B)
+    tok = torch.randint(0, rec.config.vocab_size, (B,), device=rec.device)
+    steps = rate(lambda: rec.step(tok, state, out=state), seconds)
+    row |= {"batch": B, "steps_per_s": steps, "tokens_per_s": B * steps, "us_per_step": 1e6 / steps}
+    if row["graphs"]:  # the replay alone, without the copies in and out of the static buffers
+        replay = rec._graphs.bucket(B).graph.replay
+        row["replay_only_us_per_step"] = 1e6 / rate(replay, seconds)
+        row["resident_steps_per_s"] = resident_rate(rec, tok, state, seconds)
+        if row["dtype"] == "float32" and not row["compiled"]:  # the engine's decode blocks (tokens/s: × B)
+            try:
+                row.update(block_row(rec, B, seconds))
+            except ImportError as exc:  # (the server's packages absent)
+                out["skipped"].append(f"{what} batch {B}: engine blocks ({exc})")
+    return row
 
 
 def decode_batch(rec, B: int):
@@ -281,7 +312,7 @@ def copy_bandwidth(device: torch.device, seconds: float) -> float:
 
 
 def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {"rows": [], "rate_hz": RATE, "skipped": []}
+    out: dict[str, Any] = live("audio", {"rows": [], "rate_hz": RATE, "skipped": []})
     rec, out["model"] = load_rec("audio", device, "float32", tmp)
     try:
         import server.engine  # noqa: F401  (pydantic-settings etc.: absent on a bare GPU image)
@@ -318,11 +349,19 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
                 if not budget.left():
                     out["skipped"].append(f"{what} batch {B}: time budget")
                     continue
-                row = audio_row(rec, B, graphs, triton, engine_ok, sz["seconds"])
+                try:
+                    row = audio_row(rec, B, graphs, triton, engine_ok, sz["seconds"])
+                except Exception as exc:  # noqa: BLE001  (recorded: the other rows go on)
+                    failed(out, f"audio {what} batch {B}", exc)
+                    continue
                 out["rows"].append({**row, "state_dtype": state_dtype})
     rec.use_cuda_graphs(None)
     rec.use_state_dtype("float32")
-    out["sashimi"] = sashimi_rows(device, sz["seconds"], budget)
+    out["sashimi"] = {"rows": [], "skipped": []}  # (filled as it runs: kept if the run is stopped)
+    try:
+        sashimi_rows(device, sz["seconds"], budget, out=out["sashimi"])
+    except Exception as exc:  # noqa: BLE001  (recorded: the bandwidth bound and the counts still follow)
+        failed(out["sashimi"], "audio sashimi", exc)
     if device == "cuda" and budget.left():  # what a server's load captures: the step's graphs and every
         # bucket's plain-sampling block graphs (7 sizes)
         from model.cuda_graphs import bucket_sizes  # noqa: PLC0415
@@ -380,7 +419,8 @@ def audio_row(rec, B: int, graphs: bool, triton: bool, engine_ok: bool, seconds:
     return row
 
 
-def sashimi_rows(device: str, seconds: float, budget: Budget, batches=(1, 16, 256, 1024)) -> dict[str, Any]:
+def sashimi_rows(device: str, seconds: float, budget: Budget, batches=(1, 16, 256, 1024),
+                 out: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """The shipped SaShiMi (checkpoints/audio-digits, the default audio model; 8 kHz) on the device (its C
     step only runs on CPU), the Triton kernel for its diagonal layers, rows at mixed pooling phases.
     Graphs off: the sparse torch step (each coarser level steps the rows that reach it, picked on the
@@ -388,14 +428,17 @@ def sashimi_rows(device: str, seconds: float, budget: Budget, batches=(1, 16, 25
     row, the updates of the rows that do not step there masked out: about 7× the sparse step's FLOPs for
     this network, no host sync), resident, and the engine's decode blocks in graphs. Steps/s of the bare
     step, of the engine's `DecodeBatch.step` and (graphs) of `DecodeBatch.block`, with the real-time
-    factor at 8 kHz."""
+    factor at 8 kHz. Fills and returns `out` (a new dict by default); a batch size that raises is
+    recorded in its "errors"."""
     from model import load
 
+    out = {"rows": [], "skipped": []} if out is None else out
     path = ROOT / "checkpoints/audio-digits"
     if not (path / "config.json").exists() or not budget.left():
-        return {"skipped": "no checkpoints/audio-digits" if budget.left() else "time budget"}
+        out["skipped"].append("no checkpoints/audio-digits" if budget.left() else "time budget")
+        return out
     rec = load(path).to_recurrent(device=device)
-    out: dict[str, Any] = {"rate_hz": rec.config.sample_rate, "rows": [], "skipped": []}
+    out["rate_hz"] = rec.config.sample_rate
     for graphs in modes(device):
         key = f"capture_s_graphs_{'on' if graphs else 'off'}"
         if not captured(rec, graphs, max(batches), out, key):
@@ -405,27 +448,35 @@ def sashimi_rows(device: str, seconds: float, budget: Budget, batches=(1, 16, 25
             if not budget.left():
                 out["skipped"].append(f"graphs={graphs} batch {B}: time budget")
                 continue
-            state = rec.init_state(B)
-            mixed_phases(rec, state)
-            tok = torch.randint(0, 256, (B,), device=rec.device)
-            row = {"graphs": graphs, "batch": B,
-                   "step_steps_per_s": rate(lambda: rec.step(tok, state, out=state), seconds)}  # fmt: skip
-            if graphs:
-                row["step_resident_steps_per_s"] = resident_rate(rec, tok, state, seconds)
             try:
-                batch = decode_batch(rec, B)
-            except ImportError:  # (the server's packages absent)
-                batch = None
-            if batch is not None:
-                row["engine_steps_per_s"] = rate(lambda: batch.step(rec), seconds)
-                if graphs:
-                    row.update(block_row(rec, B, seconds))
-            for what in ("step", "step_resident", "engine", "engine_block"):
-                if f"{what}_steps_per_s" in row:
-                    row[f"{what}_rtf"] = row[f"{what}_steps_per_s"] / out["rate_hz"]
-            out["rows"].append(row)
+                out["rows"].append(sashimi_row(rec, B, graphs, seconds))
+            except Exception as exc:  # noqa: BLE001  (recorded: the other rows go on)
+                failed(out, f"sashimi graphs={graphs} batch {B}", exc)
     rec.use_cuda_graphs(None)
     return out
+
+
+def sashimi_row(rec, B: int, graphs: bool, seconds: float) -> dict[str, Any]:
+    """One batch size of `sashimi_rows`."""
+    state = rec.init_state(B)
+    mixed_phases(rec, state)
+    tok = torch.randint(0, 256, (B,), device=rec.device)
+    row = {"graphs": graphs, "batch": B,
+           "step_steps_per_s": rate(lambda: rec.step(tok, state, out=state), seconds)}  # fmt: skip
+    if graphs:
+        row["step_resident_steps_per_s"] = resident_rate(rec, tok, state, seconds)
+    try:
+        batch = decode_batch(rec, B)
+    except ImportError:  # (the server's packages absent)
+        batch = None
+    if batch is not None:
+        row["engine_steps_per_s"] = rate(lambda: batch.step(rec), seconds)
+        if graphs:
+            row.update(block_row(rec, B, seconds))
+    for what in ("step", "step_resident", "engine", "engine_block"):
+        if f"{what}_steps_per_s" in row:
+            row[f"{what}_rtf"] = row[f"{what}_steps_per_s"] / rec.config.sample_rate
+    return row
 
 
 def mixed_phases(rec, state: torch.Tensor) -> None:
@@ -544,7 +595,7 @@ def ttft_under_load(rec, load: int, sz: dict, graphs: bool) -> dict[str, Any]:
 
 
 def bench_ttft(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {"rows": [], "prompt_tokens": sz["prompt"], "skipped": []}
+    out: dict[str, Any] = live("ttft", {"rows": [], "prompt_tokens": sz["prompt"], "skipped": []})
     try:
         import server.engine  # noqa: F401
     except ImportError as exc:
@@ -556,7 +607,11 @@ def bench_ttft(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, An
             if not budget.left():
                 out["skipped"].append(f"graphs={graphs} load {load}: time budget")
                 continue
-            row = {"graphs": graphs, "load": load, **ttft_under_load(rec, load, sz, graphs)}
+            try:
+                row = {"graphs": graphs, "load": load, **ttft_under_load(rec, load, sz, graphs)}
+            except Exception as exc:  # noqa: BLE001  (recorded: the other loads go on)
+                failed(out, f"ttft graphs={graphs} load {load}", exc)
+                continue
             if graphs and not row["graphs_captured"]:
                 out["skipped"].append(f"graphs=True load {load}: the CUDA graphs' capture failed (eager)")
                 continue
@@ -566,9 +621,10 @@ def bench_ttft(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, An
 
 def run(quick: bool, device: str = "cuda") -> dict[str, Any]:
     sz = SIZES[quick]
-    budget = Budget(BUDGET_S[quick])
+    seconds = BUDGET.get("seconds", BUDGET_S[quick])
+    budget = Budget(seconds)
     t0 = time.perf_counter()
-    data: dict[str, Any] = {"device": device, "sizes": sz, "budget_s": BUDGET_S[quick]}
+    data: dict[str, Any] = {"device": device, "sizes": sz, "budget_s": seconds}
     if device == "cuda":
         p = torch.cuda.get_device_properties(0)
         data["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "torch": torch.__version__,
@@ -577,11 +633,14 @@ def run(quick: bool, device: str = "cuda") -> dict[str, Any]:
         # the audio streams first: the goal still to be measured (a section past the budget is cut short)
         for name, fn in zip(SECTIONS, (bench_audio, bench_step, bench_ttft), strict=True):
             s0 = time.perf_counter()
+            stopped = None
             try:  # one section's failure is recorded; the others still run and everything is written
                 data[name] = fn(sz, device, budget, Path(tmp))
-            except Exception as exc:  # noqa: BLE001
+            except (Exception, Stopped) as exc:  # (with what it had measured)
+                stopped = exc if isinstance(exc, Stopped) else None
                 ERRORS.append(f"{name}: {type(exc).__name__}: {exc}")
-                data[name] = {"rows": [], "error": ERRORS[-1], "traceback": traceback.format_exc()}
+                data[name] = {"rows": [], **LIVE.get(name, {}), "error": ERRORS[-1],
+                              "traceback": traceback.format_exc()}  # fmt: skip
                 print(f"bench.gpu: {name} FAILED: {ERRORS[-1]}", file=sys.stderr, flush=True)
             data[name]["wall_s"] = time.perf_counter() - s0
             print(f"bench.gpu: {name} done in {data[name]['wall_s']:.1f} s", flush=True)
@@ -589,6 +648,9 @@ def run(quick: bool, device: str = "cuda") -> dict[str, Any]:
             # outside (scripts/gpu-check's limit) keeps the sections it finished
             done = ", ".join(k for k in SECTIONS if k in data)
             write_results(results_name(device), {**data, "partial": f"sections done: {done}"}, quick)
+            if stopped is not None:  # nothing more starts; the results are written (bench_main, plot)
+                data["stopped"] = str(stopped)
+                break
     data["wall_s"] = time.perf_counter() - t0
     return data
 
@@ -658,6 +720,22 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     save_figure(fig, results_name(data["device"]), quick, title=f"bench.gpu on {name}")
 
 
+def budget_option(parser) -> None:
+    parser.add_argument("--budget", type=float, metavar="S",
+                        help="start no new measurement after S seconds (default 240, 60 with --quick; "
+                             "scripts/gpu-check passes what its time limit leaves)")  # fmt: skip
+
+
+def read_budget(args) -> bool:
+    """`--budget`: a finite number of seconds > 0 (else the usage error names it)."""
+    BUDGET.clear()
+    if args.budget is not None:
+        if not 0 < args.budget < float("inf"):
+            raise SystemExit(f"bench.gpu: --budget must be a number of seconds > 0, got {args.budget}")
+        BUDGET["seconds"] = args.budget
+    return True
+
+
 def results_name(device: str) -> str:
     """gpu (bench/results/gpu.json, .png) on CUDA; gpu-cpu with --device-cpu (it wrote its CPU figures
     over the committed GPU results)."""
@@ -674,8 +752,13 @@ def main(argv: list[str] | None = None) -> None:
     if device == "cuda" and "--replot" not in argv and not asks_help and not torch.cuda.is_available():
         print(NO_CUDA.format(v=torch.__version__), file=sys.stderr)
         raise SystemExit(1)
-    bench_main(argv, __doc__, results_name(device), lambda quick: run(quick, device), plot,
-               prog=f"python -m bench.{NAME}")  # fmt: skip
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)  # (`timeout`: the results still written)
+    try:
+        bench_main(argv, __doc__, results_name(device), lambda quick: run(quick, device), plot,
+                   prog=f"python -m bench.{NAME}", arguments=budget_option,
+                   configure=read_budget)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if ERRORS:
         raise SystemExit(f"bench.gpu: {len(ERRORS)} section(s) failed (in the JSON): {'; '.join(ERRORS)}")
 
