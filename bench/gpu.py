@@ -657,6 +657,8 @@ def run(quick: bool, device: str = "cuda") -> dict[str, Any]:
 
 def plot(data: dict[str, Any], quick: bool) -> None:
     fig, (a1, a2, a3) = subplots(3, width=5.5)
+    data = {**data, **{name: {"rows": [], **data.get(name, {})} for name in SECTIONS}}  # (a stopped run
+    # has no sections after the one it stopped in)
 
     def kind(r):
         return r["dtype"], r["graphs"], r.get("compiled", False), r.get("triton", False)

@@ -166,7 +166,6 @@ def stopped_run(results: Path) -> None:
     stand-ins that say on stdout that they started. (Run in a subprocess: the old bench.gpu died of it.)"""
     bench.common.RESULTS = results
     gpu.load_rec = lambda kind, device, dtype, tmp: (Tiny(), {"model": "stand-in"})
-    gpu.plot = lambda data, quick: None
     measured = []
 
     def row_then_stopped(rec, B, graphs, triton, engine_ok, seconds):
@@ -188,7 +187,7 @@ def stopped_run(results: Path) -> None:
 def test_bench_gpu_stopped_from_outside_writes_what_it_measured(tmp_path):
     """SIGTERM (gpu-check's `timeout`) during the audio section ended the process: nothing of that section
     was written. Now the section's rows so far are written, marked stopped, no later section starts, and
-    the exit status (1) and its last line say so."""
+    the exit status (1) and its last line say so; the figure is drawn from what there is."""
     code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; "
             f"import test_gpu_check as t; t.stopped_run(t.Path({str(tmp_path)!r}))")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
@@ -197,6 +196,7 @@ def test_bench_gpu_stopped_from_outside_writes_what_it_measured(tmp_path):
     data = json.loads((tmp_path / "quick/gpu-cpu.json").read_text())
     assert [row["batch"] for row in data["audio"]["rows"]] == [1] and "from outside" in data["stopped"]
     assert "started" not in r.stdout and "step" not in data and "handler restored" in r.stdout
+    assert (tmp_path / "quick/gpu-cpu.png").stat().st_size > 0  # (plotted without the sections not run)
 
 
 def test_bench_gpu_takes_a_budget_and_refuses_a_bad_one(stand_ins, monkeypatch, capsys):
