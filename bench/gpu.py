@@ -190,14 +190,21 @@ def capture(rec, on: bool, max_batch: int) -> float | None:
     return rec.use_cuda_graphs(bucket_sizes(max_batch), blocks=False)  # (block graphs: at first use)
 
 
-def triton_ok(rec) -> bool:
-    """Whether the model can step with the Triton kernel here: triton installed, a diagonal layer, and
-    a CUDA device (for `--device-cpu`: Triton's interpreter, and no C step, which serves first)."""
+def triton_ok(rec, out: dict[str, Any] | None = None) -> bool:
+    """Whether the model can step with the Triton kernel here: triton installed, a diagonal layer, a CUDA
+    device (for `--device-cpu`: Triton's interpreter, and no C step, which serves first), and the kernel
+    runs there (`triton_step.probe`: not where Triton cannot build its launcher, say; then why is added to
+    out["skipped"], and the torch ops are measured)."""
     from model import triton_step
 
     cpu_ok = triton_step.interpreting() and not rec.decode_block_ready(1)
     diagonal = any(f.form == "diagonal" for f in rec.layers)
-    return triton_step.available() and diagonal and (rec.device.type == "cuda" or cpu_ok)
+    if not (triton_step.available() and diagonal and (rec.device.type == "cuda" or cpu_ok)):
+        return False
+    why = triton_step.probe(rec.device)
+    if why is not None and out is not None:
+        out["skipped"].append(f"the Triton step: the kernel does not run on {rec.device}: {why}")
+    return why is None
 
 
 def modes(device: str) -> list[bool]:
@@ -235,7 +242,7 @@ def bench_step(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, An
         # (graphs, compiled, triton): the Triton step (model/triton_step.py, the CUDA default) and the
         # torch ops it replaces, each with the graphs off and on; the torch.compile'd step (S4_COMPILE_STEP)
         # last, float32 only (its compile takes a minute or more)
-        kernel = triton_ok(rec)
+        kernel = triton_ok(rec, out)
         variants = [(g, False, t) for t in ([True, False] if kernel else [False]) for g in modes(device)]
         variants += [(True, True, False)] if device == "cuda" and dtype == "float32" else []
         for graphs, compiled, triton in variants:
@@ -321,7 +328,7 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
         out["skipped"].append(f"engine step: server dependencies missing ({exc})")
     else:
         engine_ok = True
-    kernel = triton_ok(rec)
+    kernel = triton_ok(rec, out)
     # float32 states with the best step, then a float16 state (S4_STATE_DTYPE) with it, then float32 with the
     # torch ops the Triton step replaces (the budget cuts the last first)
     variants = [(kernel, "float32"), (kernel, "float16")] + ([(False, "float32")] if kernel else [])

@@ -210,3 +210,32 @@ def test_bench_gpu_takes_a_budget_and_refuses_a_bad_one(stand_ins, monkeypatch, 
     for bad in ("0", "-5", "inf", "nan"):
         with pytest.raises(SystemExit, match="--budget must be a number of seconds > 0"):
             gpu.main(["--device-cpu", "--quick", "--budget", bad])
+
+
+def test_where_the_triton_kernel_does_not_run_the_benchmark_measures_the_torch_ops(stand_ins, monkeypatch):
+    """On a GPU whose Triton cannot run the kernel (no C compiler for its launcher, say), bench.gpu asked
+    for it anyway (`use_triton_step(True)`, which refuses there) and the whole audio section ended. Now
+    the kernel's probe decides: the torch ops are measured, and why the kernel's rows are missing is said."""
+    from types import SimpleNamespace
+
+    from model import triton_step
+
+    class OnAGpu(Tiny):
+        device = torch.device("cuda")
+        layers = (SimpleNamespace(form="diagonal"),)
+
+        def use_triton_step(self, on):
+            if on:
+                raise ValueError("use_triton_step(True): the Triton kernel does not run on cuda")
+
+    monkeypatch.setattr(gpu, "load_rec", lambda kind, device, dtype, tmp: (OnAGpu(), {"model": "stand-in"}))
+    monkeypatch.setattr(gpu, "audio_row", lambda rec, B, graphs, triton, engine_ok, seconds: {
+        "graphs": graphs, "triton": triton, "batch": B, "step_rtf": 1.25})  # fmt: skip
+    monkeypatch.setattr(gpu, "sashimi_rows", lambda *a, **k: {})
+    monkeypatch.setattr(triton_step, "probe", lambda device: "RuntimeError: Failed to find C compiler")
+    out = gpu.bench_audio(gpu.SIZES[True], "cpu", gpu.Budget(60), stand_ins)
+    assert {r["triton"] for r in out["rows"]} == {False} and len(out["rows"]) == 8  # float32 and float16
+    assert any("the kernel does not run on cuda: RuntimeError: Failed to find C compiler" in s
+               for s in out["skipped"])  # fmt: skip
+    monkeypatch.setattr(triton_step, "probe", lambda device: None)
+    assert gpu.triton_ok(OnAGpu()) and not gpu.triton_ok(Tiny())
