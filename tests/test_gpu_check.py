@@ -239,3 +239,16 @@ def test_where_the_triton_kernel_does_not_run_the_benchmark_measures_the_torch_o
                for s in out["skipped"])  # fmt: skip
     monkeypatch.setattr(triton_step, "probe", lambda device: None)
     assert gpu.triton_ok(OnAGpu()) and not gpu.triton_ok(Tiny())
+
+
+def test_the_compiled_steps_cuda_test_is_the_last_gpu_check_runs_of_test_cuda():
+    """test_cuda.py runs on one pytest worker within gpu-check's tests' limit (240 s), in file order. The
+    compiled step's test (S4_COMPILE_STEP, off by default: two Inductor compiles a kernel, the slowest) sat
+    before the Triton step's, SaShiMi's graphs' and the decode blocks' tests, none of which has run on a GPU
+    yet: a limit reached there would cut those. Now it is collected last."""
+    cmd = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+           "-m", "cuda or triton", "tests/test_cuda.py"]  # fmt: skip
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+    ids = [line for line in r.stdout.splitlines() if line.startswith("tests/test_cuda.py::")]
+    compiled = [i for i, name in enumerate(ids) if "test_the_compiled_step" in name]
+    assert len(ids) > 30 and compiled == [len(ids) - 2, len(ids) - 1], r.stdout[-2000:]
