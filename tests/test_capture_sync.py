@@ -89,8 +89,8 @@ def recurrent(name: str, triton: bool, state_dtype: torch.dtype):
     assert {f.form for f in getattr(rec, "forms", {}).values() or rec.layers} == forms
     if triton:
         rec.use_triton_step(True)
-    if state_dtype != torch.float32:
-        rec.use_state_dtype(state_dtype, proven=False)  # (a tiny random model: no bound derived)
+    rec.state_dtype = state_dtype  # (what `use_state_dtype` sets once its check passes: its 512 probe steps
+    # are slow in Triton's interpreter, and what is checked here is what the graphs capture, not accuracy)
     return rec
 
 
@@ -122,7 +122,7 @@ def block(rec, state, tok, seen, K: int, logprobs=None):
 def test_what_the_graphs_capture_never_synchronizes_with_the_host(checked, name, triton, state_dtype):
     """Every captured call of a step (copied in and out; padded: 9 rows in bucket 16, 3 in bucket 4;
     resident, in place) and of decode blocks (every sampling setting, stops met early and stepped again,
-    rows ended mid-block, log-probabilities; graphs of 1 … 32 steps back to back) runs with no host sync,
+    rows ended mid-block, log-probabilities; graphs of 1 … 16 steps back to back) runs with no host sync,
     no data-dependent shape, no host tensor or data and no random op (`no_host_sync`)."""
     rec = recurrent(name, triton, state_dtype)
     rec._graphs = BucketedStep(rec, bucket_sizes(16), capture=False)
@@ -134,8 +134,8 @@ def test_what_the_graphs_capture_never_synchronizes_with_the_host(checked, name,
         view = rec.resident_state(state.clone())
         rec.step(tok, view, out=view)
         rec._graphs.release()
-        res = block(rec, state, tok, seen, 40)
-        assert res.steps == 40 and bool(res.stopped.any()), "no row met a stop: the rerun went unchecked"
+        res = block(rec, state, tok, seen, 24)  # (graphs of 16 and 8 steps; rows ending at 1, 2, 5, 17)
+        assert res.steps == 24 and rec._graphs.reruns == 1, "no stop met early: the rerun went unchecked"
         block(rec, state, tok, seen, 7, logprobs=torch.tensor(LOGPROBS))
         assert checked["_eager"] >= 3 and checked["_block_body"] >= 6
         assert (checked["kernel"] > 0) == triton
