@@ -4,13 +4,14 @@ Inside `torch.cuda.graph` capture a host sync raises (cudaErrorStreamCaptureUnsu
 every capture failed on one, 2026-12-04) and a shape taken from the data, a host tensor or an unregistered
 generator is recorded wrongly. The graphs capture two callables of model/cuda_graphs.py's `BucketedStep`:
 `_eager` (the model's `_step_eager` on the bucket's buffers: S4's DPLR step, S4D's diagonal step, with the
-Triton kernel or the torch ops, SaShiMi's dense step; float32 or float16 state) and `_block_body` (K steps
-with the sampler's ops, the seen sets and counts, the log-probabilities). Without CUDA the same class runs
-them uncaptured (`capture=False`); here every call of either runs under `no_host_sync`, through the paths a
-GPU takes (`step`, a resident batch, `decode_block` with every sampling setting, greedy and sampled rows,
-stop sequences, limits that end rows mid-block, padded buckets, log-probabilities). The Triton kernel's
-launch runs unchecked (Triton's interpreter is numpy on CPU; on a GPU it is one launch); its Python wrapper
-is checked. The checker itself is tested on planted syncs, one of them an `.item()` in the sampler."""
+Triton kernel or the torch ops, SaShiMi's dense step, an adaptive softmax head; float32 or float16 state)
+and `_block_body` (K steps with the sampler's ops, the seen sets and counts, the log-probabilities).
+Without CUDA the same class runs them uncaptured (`capture=False`); here every call of either runs under
+`no_host_sync`, through the paths a GPU takes (`step`, a resident batch, `decode_block` with every sampling
+setting, greedy and sampled rows, stop sequences, limits that end rows mid-block, padded buckets,
+log-probabilities). The Triton kernel's launch runs unchecked (Triton's interpreter is numpy on CPU; on a
+GPU it is one launch); its Python wrapper is checked. The checker itself is tested on planted syncs, one of
+them an `.item()` in the sampler."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ V = TINY["vocab_size"]
 MODELS = {  # name → (config, the layers' forms)
     "s4": (dict(TINY, kernel="s4"), {"dplr"}),
     "s4d": (dict(TINY, kernel="s4d"), {"diagonal"}),
+    # an adaptive input and softmax (the official WikiText-103 recipe's head, model/adaptive.py)
+    "s4d-adaptive": (dict(TINY, kernel="s4d", cutoffs=[16, 40], div_val=2, head_bias=True), {"diagonal"}),
     "sashimi": (dict(TINY, arch="sashimi", n_layers=1, pool=[2, 4]), {"dplr"}),  # widths 16, 32, 64
     "sashimi-s4d": (dict(TINY, arch="sashimi", n_layers=1, pool=[2, 4], kernel="s4d"), {"diagonal"}),
 }
@@ -41,8 +44,9 @@ ROWS = [
 ]  # fmt: skip
 LIMITS = [40, 1, 0, 17, 30, 33, 5, 40, 2]  # segments that end rows mid-block; a row with none
 LOGPROBS = [-1, 3, 0, 20, -1, 1, 2, -1, 5]
+# (the kernel steps diagonal layers; the adaptive head's ops are the same whichever step)
 CASES = [(name, triton) for name, (_, forms) in MODELS.items() for triton in (False, True)
-         if "diagonal" in forms or not triton]  # (the kernel steps diagonal layers)  # fmt: skip
+         if not triton or ("diagonal" in forms and "adaptive" not in name)]  # fmt: skip
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # (the kernel: compiled there, else interpreted)
 
 
