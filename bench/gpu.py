@@ -370,10 +370,14 @@ def bench_audio(sz: dict, device: str, budget: Budget, tmp: Path) -> dict[str, A
     except Exception as exc:  # noqa: BLE001  (recorded: the bandwidth bound and the counts still follow)
         failed(out["sashimi"], "audio sashimi", exc)
     if device == "cuda" and budget.left():  # what a server's load captures: the step's graphs and every
-        # bucket's plain-sampling block graphs (7 sizes)
+        # bucket's plain-sampling block graphs (7 sizes), of its default step (the Triton kernel where it
+        # runs; the variants above ended with the torch ops)
         from model.cuda_graphs import bucket_sizes  # noqa: PLC0415
 
         try:
+            if kernel:
+                rec.use_triton_step(True)
+            out["model"]["capture_with_blocks_triton"] = kernel
             out["model"]["capture_s_with_blocks"] = rec.use_cuda_graphs(bucket_sizes(max(sz["batches"])))
         except Exception as exc:  # noqa: BLE001  (recorded: the section goes on)
             out["skipped"].append(f"capture with the block graphs failed: {type(exc).__name__}: {exc}")

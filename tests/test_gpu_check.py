@@ -252,3 +252,37 @@ def test_the_compiled_steps_cuda_test_is_the_last_gpu_check_runs_of_test_cuda():
     ids = [line for line in r.stdout.splitlines() if line.startswith("tests/test_cuda.py::")]
     compiled = [i for i, name in enumerate(ids) if "test_the_compiled_step" in name]
     assert len(ids) > 30 and compiled == [len(ids) - 2, len(ids) - 1], r.stdout[-2000:]
+
+
+def test_the_capture_a_server_makes_is_timed_with_the_servers_step(stand_ins, monkeypatch):
+    """The audio section times what a server's load captures (the step's graphs and the block graphs) last.
+    Its variants end with the torch ops, so that capture was of the torch step where a server (S4_TRITON_STEP
+    on) captures the Triton kernel's. Now it switches the kernel back on first, and says which it timed."""
+    from types import SimpleNamespace
+
+    from model import triton_step
+
+    captures = []
+
+    class OnAGpu(Tiny):
+        device = torch.device("cuda")
+        layers = (SimpleNamespace(form="diagonal"),)
+        triton = None
+
+        def use_triton_step(self, on):
+            self.triton = on
+
+        def use_cuda_graphs(self, buckets, blocks=True):
+            if buckets is not None:
+                captures.append((self.triton, blocks))
+            return 1.5 if buckets is not None else 0.0
+
+    monkeypatch.setattr(gpu, "load_rec", lambda kind, device, dtype, tmp: (OnAGpu(), {"model": "stand-in"}))
+    monkeypatch.setattr(gpu, "audio_row", lambda rec, B, graphs, triton, engine_ok, seconds: {
+        "graphs": graphs, "triton": triton, "batch": B, "step_rtf": 1.25})  # fmt: skip
+    monkeypatch.setattr(gpu, "sashimi_rows", lambda *a, **k: {})
+    monkeypatch.setattr(triton_step, "probe", lambda device: None)
+    out = gpu.bench_audio(gpu.SIZES[True], "cuda", gpu.Budget(60), stand_ins)
+    assert captures[-1] == (True, True) and out["model"]["capture_s_with_blocks"] == 1.5
+    assert out["model"]["capture_with_blocks_triton"] is True
+    assert [t for t, blocks in captures[:-1]] == [True, True, False]  # (the variants': graphs on)
