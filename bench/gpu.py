@@ -733,6 +733,13 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     save_figure(fig, results_name(data["device"]), quick, title=f"bench.gpu on {name}")
 
 
+def measured(data: dict[str, Any]) -> dict[str, Any]:
+    """`data`, the run's, once every measurement has ended: from here SIGTERM is ignored, so that writing
+    the JSON and drawing the figure are not cut off (`timeout -k 10` still ends a run stuck there)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return data
+
+
 def budget_option(parser) -> None:
     parser.add_argument("--budget", type=float, metavar="S",
                         help="start no new measurement after S seconds (default 240, 60 with --quick; "
@@ -767,7 +774,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(1)
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)  # (`timeout`: the results still written)
     try:
-        bench_main(argv, __doc__, results_name(device), lambda quick: run(quick, device), plot,
+        bench_main(argv, __doc__, results_name(device), lambda quick: measured(run(quick, device)), plot,
                    prog=f"python -m bench.{NAME}", arguments=budget_option,
                    configure=read_budget)  # fmt: skip
     finally:

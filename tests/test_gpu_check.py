@@ -162,8 +162,9 @@ def test_a_failed_measurement_is_recorded_and_the_others_still_run(stand_ins, mo
 
 def stopped_run(results: Path) -> None:
     """bench.gpu --device-cpu --quick with the audio section's stand-ins, results in `results`, the process
-    sent SIGTERM (gpu-check's `timeout`) while its second measurement runs; the step and TTFT sections
-    stand-ins that say on stdout that they started. (Run in a subprocess: the old bench.gpu died of it.)"""
+    sent SIGTERM (gpu-check's `timeout`) while its second measurement runs, and again while it draws its
+    figure; the step and TTFT sections stand-ins that say on stdout that they started. (Run in a
+    subprocess: the old bench.gpu died of it.)"""
     bench.common.RESULTS = results
     gpu.load_rec = lambda kind, device, dtype, tmp: (Tiny(), {"model": "stand-in"})
     measured = []
@@ -175,6 +176,13 @@ def stopped_run(results: Path) -> None:
         return {"graphs": graphs, "triton": triton, "batch": B, "step_steps_per_s": 2e4}
 
     gpu.audio_row = row_then_stopped
+    real_plot = gpu.plot
+
+    def plot_while_terminated(data, quick):  # (`timeout` signalling again while the figure is drawn)
+        os.kill(os.getpid(), signal.SIGTERM)
+        real_plot(data, quick)
+
+    gpu.plot = plot_while_terminated
     for name in ("bench_step", "bench_ttft"):
         setattr(gpu, name, lambda *a, _name=name: print(f"started {_name}") or {"rows": []})
     before = signal.getsignal(signal.SIGTERM)
@@ -187,7 +195,8 @@ def stopped_run(results: Path) -> None:
 def test_bench_gpu_stopped_from_outside_writes_what_it_measured(tmp_path):
     """SIGTERM (gpu-check's `timeout`) during the audio section ended the process: nothing of that section
     was written. Now the section's rows so far are written, marked stopped, no later section starts, and
-    the exit status (1) and its last line say so; the figure is drawn from what there is."""
+    the exit status (1) and its last line say so; the figure is drawn from what there is (a second SIGTERM
+    while it is drawn is ignored: the measurements have ended)."""
     code = (f"import sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]; "
             f"import test_gpu_check as t; t.stopped_run(t.Path({str(tmp_path)!r}))")  # fmt: skip
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
