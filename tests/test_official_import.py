@@ -1685,3 +1685,32 @@ def test_a_version_3_unet_is_refused_naming_version_3():
     cfg["model"]["cff"] = 2
     with pytest.raises(Unsupported, match=r"model._name_ = 'unet' with version-3 kernel names"):
         map_official(sd, cfg, kind)
+
+
+def convert_v3_to_v4(sd: dict) -> dict:
+    """What the official checkpoints/convert_v3_to_v4.py does to a state dict (its convert_dt, convert_a,
+    convert_kernel and convert_conv, in that order): the renames users of version 3 were told to run."""
+    out = {}
+    for k, v in sd.items():
+        if "log_dt" in k:
+            v = v.unsqueeze(-1)
+        k = k.replace("log_dt", "inv_dt").replace("inv_w_real", "A_real").replace("log_w_real", "A_real")
+        k = k.replace("w_imag", "A_imag")
+        v = -v if k.endswith("A_imag") else v
+        k = k.replace("kernel.kernel.L", "kernel.kernel.l_kernel").replace("kernel.kernel", "kernel")
+        out[k.replace("layer.kernel", "layer.layer.kernel").replace("layer.D", "layer.layer.D")] = v
+    return out
+
+
+@pytest.mark.parametrize("name", ["v3_s4", "v3_s4d", "v3_s4d_zoh", "v3_s4_none", "v3_sashimi_s4d"])
+def test_a_version_3_checkpoint_that_convert_v3_to_v4_renamed_imports_as_the_same_model(name):
+    """With its version-3 config kept (as the script keeps the .ckpt's): an S4D kernel's inv_A_real is
+    left by the script, which flattens its keys and negates its A_imag; a DPLR kernel's transform is the
+    config's real_type. Before, the S4D keys were renamed twice ('…layer.layer.layer.kernel…', refused as
+    missing tensors), and a DPLR kernel's real_type was ignored (none read as exp: another model)."""
+    ref = load_file(str(FIX / f"{name}.ref.safetensors"))
+    sd, cfg, kind = read_source(FIX / f"{name}.ckpt")
+    net = build(map_official(convert_v3_to_v4(sd), cfg, kind), F64)
+    for i, k in enumerate(net.kernels()):
+        want = ref[f"kernel.{i}"]
+        assert rel(k(want.shape[1], dtype=F64, backend="torch"), want) <= 1e-12, (name, i)

@@ -169,7 +169,7 @@ def _drop_defaults(config: dict) -> dict:
 
 class _V3Option:
     """An option a version-3 kernel's names imply but whose value the config gives under version 3's key
-    (`real_type`, `disc`), else under version 4's (a config written by hand), else version 3's default."""
+    (`disc`), else under version 4's (a config written by hand), else version 3's default."""
 
     def __init__(self, v3_key: str, default: str):
         self.v3_key, self.default = v3_key, default
@@ -184,13 +184,7 @@ def _kernel_opts(lc: dict, implied: dict, where: str) -> dict:
     """A layer config's options for one kernel, with those its version-3 names imply (_v3_to_v4)."""
     opts = dict(lc)
     for k2, v2 in implied.items():
-        if k2 != "v3_dplr_relu":
-            opts[k2] = v2.value(lc, k2, where) if isinstance(v2, _V3Option) else v2
-    if implied.get("v3_dplr_relu") and opts.get("real_transform") == "relu":
-        raise Unsupported(
-            f"{where}.real_type = 'relu' with version 3's DPLR kernel (inv_w_real): its Re Λ = −relu(w) "
-            "has no 1e-4 floor, unlike version 4's relu transform; not supported"
-        )
+        opts[k2] = v2.value(lc, k2, where) if isinstance(v2, _V3Option) else v2
     return opts
 
 
@@ -203,7 +197,9 @@ def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict
     has inv_A_real (`real_type`; its relu has the floor), A_imag (= +Im Λ: version 4 stores −Im Λ), B of
     shape (n_ssm, N/2, 2) (version 4: (1, n_ssm, N/2, 2)), a parameter A it never reads (its init), and
     `disc` 'bilinear' by default (version 4's diagonal kernel: 'zoh'). convert_v3_to_v4.py handles the
-    DPLR names only; the diagonal kernel's are read here as its SSKernelDiag defines them."""
+    DPLR names only; the diagonal kernel's are read here as its SSKernelDiag defines them, from version 3's
+    own keys or from those the script moved (it negates every A_imag, flattens kernel.kernel, renames
+    log_dt, and leaves inv_A_real, B and A as they were)."""
     v3_names = r"(log_dt|inv_w_real|log_w_real|w_imag|inv_A_real|kernel\.kernel\.)"
     if not any(re.search(v3_names, k) for k in sd):
         return sd, {}
@@ -213,8 +209,12 @@ def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict
         old_prefix = k.rsplit(".", 1)[0] + "."
         if old_prefix in diag and k == old_prefix + "A":
             continue  # SSKernelDiag's unread copy of its initial A
-        nk = k.replace("kernel.kernel.L", "kernel.kernel.l_kernel").replace("kernel.kernel", "kernel")
-        nk = nk.replace("layer.kernel", "layer.layer.kernel").replace("layer.D", "layer.layer.D")
+        # version 3's module paths (…layer.kernel.kernel.X, …layer.D) only: a checkpoint whose keys
+        # convert_v3_to_v4.py has already moved keeps the rest (renaming every key mangled those)
+        native = ".kernel.kernel." in k
+        nk = re.sub(r"\.kernel\.kernel\.L$", ".kernel.kernel.l_kernel", k)
+        nk = re.sub(r"\.layer\.kernel\.kernel\.", ".layer.layer.kernel.", nk)
+        nk = re.sub(r"(?<!\.layer)\.layer\.D$", ".layer.layer.D", nk)
         prefix = nk.rsplit(".", 1)[0] + "."
         if nk.endswith(".log_dt"):
             v, nk = v.unsqueeze(-1), nk[: -len("log_dt")] + "inv_dt"
@@ -222,19 +222,16 @@ def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict
         elif nk.endswith(".log_w_real"):
             nk = nk[: -len("log_w_real")] + "A_real"
             implied.setdefault(prefix, {})["real_transform"] = "exp"
-        elif nk.endswith(".inv_w_real"):
+        elif nk.endswith(".inv_w_real"):  # (its transform: real_type, which map_ssm_kernel reads)
             nk = nk[: -len("inv_w_real")] + "A_real"
-            implied.setdefault(prefix, {})["real_transform"] = _V3Option("real_type", "exp")
-            implied[prefix]["v3_dplr_relu"] = True
         elif nk.endswith(".w_imag"):
             v, nk = -v, nk[: -len("w_imag")] + "A_imag"
             implied.setdefault(prefix, {})["imag_transform"] = "none"
         elif old_prefix in diag and nk.endswith(".inv_A_real"):
             nk = nk[: -len("inv_A_real")] + "A_real"
-            implied.setdefault(prefix, {}).update(real_transform=_V3Option("real_type", "exp"),
-                                                  disc=_V3Option("disc", "bilinear"))  # fmt: skip
+            implied.setdefault(prefix, {})["disc"] = _V3Option("disc", "bilinear")
         elif old_prefix in diag and nk.endswith(".A_imag"):
-            v = -v
+            v = -v if native else v  # (convert_v3_to_v4.py negates every A_imag it sees)
             implied.setdefault(prefix, {})["imag_transform"] = "none"
         elif old_prefix in diag and nk.endswith(".B") and v.dim() == 3:
             v = v.unsqueeze(0)
@@ -264,7 +261,15 @@ def map_ssm_kernel(
     ):
         _expect(opts, opt, allowed[0], allowed, where, why)
     dt_t = _opt(opts, "dt_transform", "exp", where)
-    re_t = _opt(opts, "real_transform", "exp", where)
+    # a version-3 config names the transform real_type (version 4's code takes no such option): read where
+    # real_transform is absent, as for a checkpoint convert_v3_to_v4.py renamed (its config kept)
+    v3_real = "real_transform" not in opts and "real_type" in opts
+    re_t = _opt(opts, "real_type", "exp", where) if v3_real else _opt(opts, "real_transform", "exp", where)
+    if v3_real and kind == "s4" and re_t == "relu":
+        raise Unsupported(
+            f"{where}.real_type = 'relu' with version 3's DPLR kernel: its Re Λ = −relu(w) has no 1e-4 "
+            "floor, unlike version 4's relu transform; not supported"
+        )
     im_t = _opt(opts, "imag_transform", "none", where)
     for name, v in (("dt_transform", dt_t), ("real_transform", re_t), ("imag_transform", im_t)):
         if v not in TRANSFORMS:
