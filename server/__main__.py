@@ -338,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # uvicorn's lines through the root logger: timestamped like the server's
-        timeout_graceful_shutdown=UVICORN_GRACE_S,  # the drain is over by then: this bounds the last writes
+        # the drain is over by then: this bounds the last writes (S4_SHUTDOWN_CLOSE_TIMEOUT_S)
+        timeout_graceful_shutdown=settings.shutdown_close_timeout_s,
     )
     server = GracefulServer(config, state)
     state.on_fatal = server.stop_now  # e.g. every checkpoint failed its verification after all
@@ -351,7 +352,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"not serving: {state.fatal}")
 
 
-UVICORN_GRACE_S = 5  # after the drain: uvicorn's wait for the connections to close (a grace period's part)
 LOADER_STOP_S = 1.0  # after a stop while loading: how long the loader may take to reach a step's boundary
 
 

@@ -383,6 +383,13 @@ class Settings(BaseSettings):
         le=MAX_TIMEOUT_S,
         description="on shutdown, wait this long for running requests",
     )
+    shutdown_close_timeout_s: float = Field(
+        5.0,
+        ge=0,
+        le=MAX_TIMEOUT_S,
+        description="on shutdown, after the drain, wait at most this long for the connections to close "
+        "(uvicorn's graceful-shutdown timeout); requests still running then are cancelled",
+    )
     session_store: str = Field(
         "memory",
         description="memory (sessions live in this process only) or redis://host:port/db: session states are "

@@ -101,14 +101,17 @@ def test_dockerignore_lets_through_what_the_build_copies():
     assert copied and copied <= allowed, copied - allowed
 
 
-def stop_takes_at_most(drain_s: float) -> float:
-    """The server's longest stop after SIGTERM: the drain, the cancelled turns' last frames, uvicorn
-    closing the connections, the session store's flush (the sum in kubernetes.yaml's header)."""
-    from server.__main__ import UVICORN_GRACE_S
+def stop_takes_at_most(env: dict) -> float:
+    """The server's longest stop after SIGTERM with the S4_* variables `env` (the rest at their defaults):
+    the drain, the cancelled turns' last frames, uvicorn closing the connections, the session store's flush
+    (the sum in kubernetes.yaml's header)."""
     from server.state import CANCEL_GRACE_S
 
-    flush_s = Settings().session_store_flush_timeout_s  # S4_SESSION_STORE_FLUSH_TIMEOUT_S's default
-    return drain_s + CANCEL_GRACE_S + UVICORN_GRACE_S + flush_s
+    def setting(name: str) -> float:
+        return float(env.get(f"S4_{name.upper()}", Settings.model_fields[name].default))
+
+    return (setting("drain_timeout_s") + CANCEL_GRACE_S + setting("shutdown_close_timeout_s")
+            + setting("session_store_flush_timeout_s"))  # fmt: skip
 
 
 def test_compose_runs_the_image_on_its_port_and_redis_only_on_request():
@@ -119,7 +122,7 @@ def test_compose_runs_the_image_on_its_port_and_redis_only_on_request():
     assert any(p.rsplit(":", 1)[1] == str(image_port()) for p in server["ports"])
     assert set(server["environment"]) <= SETTINGS
     grace = int(server["stop_grace_period"].rstrip("s"))
-    assert grace >= stop_takes_at_most(float(server["environment"]["S4_DRAIN_TIMEOUT_S"]))
+    assert grace >= stop_takes_at_most(server["environment"])
     assert server["read_only"]
     redis = compose["services"]["redis"]
     assert redis["profiles"] == ["redis"]
@@ -152,8 +155,7 @@ def test_kubernetes_deployment_and_service_agree_on_port_probes_and_user():
     assert pod["securityContext"]["runAsUser"] == image_uid()
     # preStop sleep + the server's whole stop must end before the kubelet's SIGKILL, with a margin
     pre_stop = int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
-    drain = float(env.get("S4_DRAIN_TIMEOUT_S", Settings.model_fields["drain_timeout_s"].default))
-    assert pod["terminationGracePeriodSeconds"] >= pre_stop + stop_takes_at_most(drain) + 5
+    assert pod["terminationGracePeriodSeconds"] >= pre_stop + stop_takes_at_most(env) + 5
     assert c["securityContext"]["readOnlyRootFilesystem"]
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]  # the fused step's fallback folder
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}

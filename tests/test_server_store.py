@@ -25,7 +25,7 @@ from server_support import (
     wait_for,
     ws_turn,
 )
-from test_server_stop import ROOT, free_port, start_server
+from test_server_stop import HALF_S, LONG_S, LONG_STOP, ROOT, free_port, start_server
 from websockets.sync.client import connect
 
 from model.sampling import SamplingParams
@@ -971,9 +971,11 @@ def test_a_corrupt_or_foreign_stored_state_is_refused_with_a_clear_error(model_d
 # --- real processes: kill -9, and SIGTERM flushing to the store ----------------------------------------
 
 
-def _serve(model_dirs, port: int, redis_url: str, drain_s: int = 60, max_new: int = 4096) -> subprocess.Popen:
+def _serve(
+    model_dirs, port: int, redis_url: str, drain_s: int = 60, max_new: int = 4096, extra: list[str] = ()
+) -> subprocess.Popen:
     flags = ["--session-store", redis_url, "--drain-timeout-s", str(drain_s)]
-    return start_server(model_dirs["text"], port, [*flags, "--max-new-tokens", str(max_new)])
+    return start_server(model_dirs["text"], port, [*flags, "--max-new-tokens", str(max_new), *extra])
 
 
 def test_after_kill_9_and_a_restart_the_session_continues_from_its_last_persisted_step(
@@ -1090,14 +1092,15 @@ def test_sigterm_cancels_running_turns_and_flushes_every_session_to_the_store(
 def test_a_second_sigterm_stops_at_once_and_each_session_keeps_its_last_written_state(
     model_dirs, redis_url, redis_db
 ):
-    """A second SIGTERM during the drain (60 s here, a turn of minutes running) exits 0 at once, without
-    the final flush, as the README says (Stopping): every answered change is in the store (written
-    through), and the session whose turn was cut keeps the state from before that turn, as after a
-    `kill -9`. (It waited uvicorn's 5 s grace, logged CancelledError tracebacks, and died of the
-    re-raised signal, -15.)"""
+    """A second SIGTERM during the drain (a turn of minutes running) exits 0 at once, without the final
+    flush, as the README says (Stopping): every answered change is in the store (written through), and the
+    session whose turn was cut keeps the state from before that turn, as after a `kill -9`. (It waited
+    uvicorn's 5 s close timeout, logged CancelledError tracebacks, and died of the re-raised signal, -15.)
+    "At once": within half of the drain's timeout and of the connections' close timeout, 600 s each here
+    (a bound of 3 s, under uvicorn's 5 s, failed when a loaded machine's exit took longer)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = _serve(model_dirs, port, redis_url, drain_s=60, max_new=5_000_000)
+    proc = _serve(model_dirs, port, redis_url, drain_s=LONG_S, max_new=5_000_000, extra=LONG_STOP)
     try:
         prompts = {}
         for p in ("to be", "or not"):
@@ -1109,10 +1112,9 @@ def test_a_second_sigterm_stops_at_once_and_each_session_keeps_its_last_written_
             assert json.loads(ws.recv(30))["type"] == "session"
             assert json.loads(ws.recv(30))["type"] == "token"
             proc.send_signal(signal.SIGTERM)
-            assert wait_for(lambda: httpx.get(url + "/readyz").status_code == 503, 10)
-            t0 = time.monotonic()
+            assert wait_for(lambda: httpx.get(url + "/readyz").status_code == 503, 60)
             proc.send_signal(signal.SIGTERM)
-            assert proc.wait(10) == 0 and time.monotonic() - t0 < 3
+            assert proc.wait(HALF_S) == 0
         for sid, p in prompts.items():
             assert _stored(redis_db, sid)["n_tokens"] == len(p), sid
     finally:
