@@ -214,6 +214,7 @@ redis.call('HSET', KEYS[1], 'v', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 """
 VERSION_TIMEOUT_S = 1.0  # the version check before a turn: a store that does not answer in time is skipped
+WRITE_TIMEOUT_S = 5.0  # every other call (a write, a delete, a read to restore): then it has failed
 
 
 class RedisStateStore:
@@ -228,7 +229,9 @@ class RedisStateStore:
         self.url, self.ttl_ms = redact_url(url), int(ttl_s) * 1000
         self._errors = (redis.RedisError, OSError)
         try:  # an option of the URL that redis-py cannot use fails here, at the latest at the first ping
-            self._redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            self._redis = redis.Redis.from_url(
+                url, socket_timeout=WRITE_TIMEOUT_S, socket_connect_timeout=WRITE_TIMEOUT_S
+            )
             # the per-turn version check waits less: a store that hangs costs a turn 1 s, not 5
             self._quick = redis.Redis.from_url(
                 url, socket_timeout=VERSION_TIMEOUT_S, socket_connect_timeout=VERSION_TIMEOUT_S
