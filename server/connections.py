@@ -220,6 +220,11 @@ class Linger:
     last: float  # the last input
     dropped: int = 0  # bytes read and dropped
     ended: bool = False
+    # once ended: when (loop.time()) and what ended it: "fin" (the client closed its side), "idle"
+    # (linger_timeout_s without input), "time" (linger_time_s in all), "bytes" (linger_max_bytes dropped),
+    # "room" (a new connection at the cap), "shutdown", "lost" (the connection was lost: a reset)
+    ended_at: float | None = None
+    reason: str = ""
     timer: asyncio.TimerHandle | None = None
     # the order lingering closes began in: loop.time() ties within a millisecond under uvloop (libuv's
     # cached clock), and "the oldest first" must still name one (a CI run ended the other of a tie)
@@ -279,7 +284,7 @@ def make_room(guard: ConnectionGuard) -> bool:
     if excess > len(waiting):
         return False
     for conn in sorted(waiting, key=lambda c: c.lingering.age_key)[: max(excess, 0)]:
-        conn.end_linger()
+        conn.end_linger("room")
     return True
 
 
@@ -381,13 +386,13 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         if self.lingering is not None:
-            self._linger_over()
+            self._linger_over("lost")
         self.send_deadline.resumed()
         super().connection_lost(exc)
 
     def eof_received(self) -> None:
         if self.lingering is not None:  # the client closed its side: asyncio now closes ours (a FIN each
-            self._linger_over()  # way, nothing unread: no reset)
+            self._linger_over("fin")  # way, nothing unread: no reset)
             return
         self.gone()
         super().eof_received()
@@ -396,7 +401,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         """uvicorn's graceful shutdown: no lingering from here on, and a lingering close ends now."""
         self.hard_close = True
         if self.lingering is not None:
-            self.end_linger()
+            self.end_linger("shutdown")
             return
         super().shutdown()
 
@@ -437,28 +442,31 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         lg.timer = None
         if lg.ended:
             return
-        end = min(lg.started + self.guard.linger_time_s, lg.last + self.guard.linger_timeout_s)
+        in_all, idle = lg.started + self.guard.linger_time_s, lg.last + self.guard.linger_timeout_s
+        end = min(in_all, idle)
         if self.loop.time() >= end:
-            self.end_linger()
+            self.end_linger("time" if in_all <= idle else "idle")
         else:
             lg.timer = self.loop.call_at(end, self._linger_check)
 
-    def _linger_over(self) -> None:
-        """Mark the lingering close ended and cancel its timer."""
+    def _linger_over(self, reason: str) -> None:
+        """Mark the lingering close ended (when, and why: `Linger.reason`, the first one given) and cancel
+        its timer."""
         lg = self.lingering
-        lg.ended = True
+        if not lg.ended:
+            lg.ended, lg.ended_at, lg.reason = True, self.loop.time(), reason
         if lg.timer is not None:
             lg.timer.cancel()
             lg.timer = None
 
-    def end_linger(self) -> None:
-        """End a lingering close now: a close when the response has gone out (input the kernel holds
-        unread may still draw a reset, as at nginx's lingering_time), an abort when the client has not
-        read all of it."""
+    def end_linger(self, reason: str) -> None:
+        """End a lingering close now (`reason`: `Linger.reason`): a close when the response has gone out
+        (input the kernel holds unread may still draw a reset, as at nginx's lingering_time), an abort when
+        the client has not read all of it."""
         lg = self.lingering
         if lg is None or lg.ended:
             return
-        self._linger_over()
+        self._linger_over(reason)
         raw = self.raw_transport
         if raw.get_write_buffer_size():
             raw.abort()
@@ -485,7 +493,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
             self.lingering.last = self.loop.time()
             self.lingering.dropped += len(data)
             if self.lingering.dropped > self.guard.linger_max_bytes:
-                self.end_linger()
+                self.end_linger("bytes")
             return
         if not self._in_progress() and not self.partial_request and not self.in_body:  # they begin a request
             self.partial_request, self.header_bytes, self.header_tail = True, 0, b""
