@@ -84,7 +84,7 @@ def redis_url(tmp_path_factory):
     proc, port = _redis_server(tmp_path_factory.mktemp("redis"))
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
-    proc.wait(10)
+    proc.wait(60)
 
 
 @pytest.fixture
@@ -213,7 +213,7 @@ def test_the_final_flush_reports_its_own_result_and_ends_by_its_timeout():
     writer.begin_final()
     for i in range(5):
         writer.write(f"s{i}", header, b"\0\0\0\0")
-    assert store.hanging.wait(10)  # s0 failed, s1 hangs: the flush has 1 failed, 1 unanswered, 3 to go
+    assert store.hanging.wait(60)  # s0 failed, s1 hangs: the flush has 1 failed, 1 unanswered, 3 to go
     t0 = time.monotonic()
     ok, report = writer.stop(1.0)
     took = time.monotonic() - t0
@@ -422,7 +422,7 @@ def test_a_password_holding_a_url_delimiter_is_refused_unquoted_and_works_encode
         store.close()
     finally:
         proc.kill()
-        proc.wait(10)
+        proc.wait(60)
 
 
 def test_a_store_whose_session_keys_this_user_cannot_read_or_write_stops_the_start(
@@ -477,7 +477,7 @@ def test_a_store_whose_session_keys_this_user_cannot_read_or_write_stops_the_sta
             redis_db.config_set("maxmemory", "0")
     finally:
         replica.kill()
-        replica.wait(10)
+        replica.wait(60)
         redis_db.acl_deluser(*users)
 
 
@@ -518,7 +518,7 @@ def test_a_store_password_reaches_no_client_and_no_log(model_dirs, caplog, tmp_p
     finally:
         proc.send_signal(signal.SIGCONT)
         proc.terminate()
-        proc.wait(10)
+        proc.wait(60)
 
 
 # --- one and two replicas -----------------------------------------------------------------------------
@@ -531,7 +531,7 @@ def test_a_session_resumes_on_another_replica_and_continues_identically(model_di
         sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": prompt}).json()["session_id"]
         t1 = _generate(a.url, sid, None, 20, seed=4)
         want_tokens = len(prompt) + 20
-        assert wait_for(lambda: (_stored(redis_db, sid) or {}).get("n_tokens") == want_tokens, 10)
+        assert wait_for(lambda: (_stored(redis_db, sid) or {}).get("n_tokens") == want_tokens, 60)
         # replica b has never seen the session: it reads it from the store
         info = httpx.get(f"{b.url}/v1/sessions/{sid}").json()
         assert info["session_id"] == sid and info["tokens"] == want_tokens
@@ -539,10 +539,10 @@ def test_a_session_resumes_on_another_replica_and_continues_identically(model_di
         everything = list(prompt.encode()) + t1 + list(b" that is")
         assert t2 == reference(model_dirs["text"], everything, SamplingParams(seed=9), 20)
         # b wrote its turn through: the stored state is b's now
-        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == want_tokens + 8 + 20, 10)
+        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == want_tokens + 8 + 20, 60)
         # a delete on b removes the stored state; a session in neither place is a 404
         assert httpx.delete(f"{b.url}/v1/sessions/{sid}").status_code == 204
-        assert wait_for(lambda: _stored(redis_db, sid) is None, 10)
+        assert wait_for(lambda: _stored(redis_db, sid) is None, 60)
         assert httpx.get(f"{b.url}/v1/sessions/{sid}").status_code == 404
         assert httpx.get(f"{b.url}/v1/sessions/sess-unknown").status_code == 404
         assert 'op="restore"' in httpx.get(b.url + "/metrics").text
@@ -580,14 +580,14 @@ def test_a_replica_with_an_old_copy_continues_from_the_newer_stored_state(model_
         prompt = "JULIET:"
         sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": prompt}).json()["session_id"]
         t1 = _generate(a.url, sid, None, 20, seed=1)
-        assert wait_for(lambda: (_stored(redis_db, sid) or {}).get("n_tokens") == 27, 10)
+        assert wait_for(lambda: (_stored(redis_db, sid) or {}).get("n_tokens") == 27, 60)
         t2 = _generate(b.url, sid, None, 20, seed=2)
-        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == 47, 10)
+        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == 47, 60)
         assert a.state.sessions.get(sid).n_tokens == 27  # a's copy is old
         t3 = _generate(a.url, sid, None, 20, seed=3)
         history = list(prompt.encode()) + t1 + t2
         assert t3 == reference(model_dirs["text"], history, SamplingParams(seed=3), 20)
-        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == 67, 10)
+        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == 67, 60)
         assert httpx.get(f"{a.url}/v1/sessions/{sid}").json()["tokens"] == 67
         assert _metric(a.url, "reload") == 1 and a.state.writer.stale == 0
         # and back on b, which holds its 47-token copy: it reloads a's turn the same way
@@ -595,7 +595,7 @@ def test_a_replica_with_an_old_copy_continues_from_the_newer_stored_state(model_
         assert t4 == reference(model_dirs["text"], history + t3, SamplingParams(seed=4), 5)
         # a session deleted on b is gone on a too, though a holds a copy: its next request is a 404
         assert httpx.delete(f"{b.url}/v1/sessions/{sid}").status_code == 204
-        assert wait_for(lambda: _stored(redis_db, sid) is None, 10)
+        assert wait_for(lambda: _stored(redis_db, sid) is None, 60)
         r = httpx.post(a.url + "/v1/generate", json={"model": TEXT, "session_id": sid, "max_new_tokens": 3})
         assert r.status_code == 404, r.text
         assert not a.state.sessions.has(sid) and a.state.models[TEXT].engine.pool.in_use == 0
@@ -615,14 +615,14 @@ def test_a_write_from_an_old_copy_is_refused_counted_and_the_copy_dropped(
         sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
             "session_id"
         ]
-        assert wait_for(lambda: _stored(redis_db, sid) is not None, 10)
+        assert wait_for(lambda: _stored(redis_db, sid) is not None, 60)
         _generate(b.url, sid, None, 20, seed=2)
-        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == 26, 10)
+        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == 26, 60)
         engine = a.state.models[TEXT].engine
         rec = a.state.sessions.get(sid)
         with caplog.at_level("WARNING", logger="server.store"):
-            engine.call(lambda e: e._persist(rec)).result(10)  # what an eviction writes
-            assert wait_for(lambda: not a.state.sessions.has(sid) and engine.pool.in_use == 0, 10)
+            engine.call(lambda e: e._persist(rec)).result(60)  # what an eviction writes
+            assert wait_for(lambda: not a.state.sessions.has(sid) and engine.pool.in_use == 0, 60)
         assert a.state.writer.stale == 1 and _metric(a.url, "stale") == 1
         assert f"session {sid}: the store holds a newer state" in caplog.text and "is dropped" in caplog.text
         assert _stored(redis_db, sid)["n_tokens"] == 26  # b's turn stands
@@ -645,23 +645,23 @@ def test_a_stale_write_drops_the_old_copy_not_one_reloaded_since(model_dirs, red
         sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "ROMEO:"}).json()[
             "session_id"
         ]
-        assert wait_for(lambda: _stored(redis_db, sid) is not None, 10)
+        assert wait_for(lambda: _stored(redis_db, sid) is not None, 60)
         _generate(b.url, sid, None, 20, seed=2)  # b goes on with it: a holds an old copy
-        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == 26, 10)
+        assert wait_for(lambda: _stored(redis_db, sid)["n_tokens"] == 26, 60)
         writer, engine = a.state.writer, a.state.models[TEXT].engine
         refused, go_on, dropped = threading.Event(), threading.Event(), threading.Event()
         drop = writer._on_stale
 
         def drop_later(*args) -> None:  # the writer's callback, held until the reload below is done
             refused.set()
-            go_on.wait(10)
+            go_on.wait(60)
             drop(*args)
             dropped.set()
 
         writer._on_stale = drop_later
         rec = a.state.sessions.get(sid)
-        engine.call(lambda e: e._persist(rec)).result(10)  # what an eviction or the shutdown writes
-        assert refused.wait(10)
+        engine.call(lambda e: e._persist(rec)).result(60)  # what an eviction or the shutdown writes
+        assert refused.wait(60)
         t = _generate(a.url, sid, None, 5, seed=3)  # reloads b's state here and runs a turn on it
         go_on.set()
         # the callback has run, and a drop it queued on the engine, had it made one, has run before a call
@@ -690,7 +690,7 @@ def test_session_info_reads_the_store_without_restoring_and_generated_moves_with
             "session_id"
         ]
         _generate(a.url, sid, None, 12, seed=1)
-        assert wait_for(lambda: (_stored(redis_db, sid) or {}).get("n_tokens") == 19, 10)
+        assert wait_for(lambda: (_stored(redis_db, sid) or {}).get("n_tokens") == 19, 60)
         held = httpx.get(f"{a.url}/v1/sessions/{sid}").json()
         assert held["generated"] == 12
         ttl0 = redis_db.pttl(KEY_PREFIX + sid)
@@ -728,7 +728,7 @@ def test_a_request_using_a_session_extends_its_store_ttl_and_session_info_does_n
             "session_id"
         ]
         key = KEY_PREFIX + sid
-        assert wait_for(lambda: _stored(redis_db, sid) is not None, 10)
+        assert wait_for(lambda: _stored(redis_db, sid) is not None, 60) and a.state.writer.flush(60)
         redis_db.pexpire(key, aged)
         assert httpx.get(f"{b.url}/v1/sessions/{sid}").status_code == 200  # info, read from the store
         assert not b.state.sessions.has(sid) and 0 < redis_db.pttl(key) <= aged
@@ -736,6 +736,9 @@ def test_a_request_using_a_session_extends_its_store_ttl_and_session_info_does_n
         assert not b.state.sessions.has(sid) and 0 < redis_db.pttl(key) <= aged
         assert httpx.get(f"{b.url}/v1/sessions/{sid}/export").status_code == 200  # restored on b
         assert b.state.sessions.has(sid) and aged < redis_db.pttl(key) <= ttl_s * 1000
+        # b writes the copy it used (its last_used) through; aged once that write has landed (aged before
+        # it, on a loaded machine, the write gave the key its full TTL back before the checks below)
+        assert b.state.writer.flush(60)
         redis_db.pexpire(key, aged)
         assert httpx.get(f"{b.url}/v1/sessions/{sid}").status_code == 200  # info of the copy held on b
         assert httpx.head(f"{b.url}/v1/sessions/{sid}/export").status_code == 200  # and a HEAD of its export
@@ -743,6 +746,7 @@ def test_a_request_using_a_session_extends_its_store_ttl_and_session_info_does_n
         assert httpx.get(f"{b.url}/v1/sessions/{sid}/export").status_code == 200  # a request on that copy
         assert aged < redis_db.pttl(key) <= ttl_s * 1000
         assert httpx.delete(f"{b.url}/v1/sessions/{sid}").status_code == 204
+        assert a.state.writer.flush(60) and b.state.writer.flush(60)  # (as above)
         redis_db.pexpire(key, aged)
         assert httpx.get(f"{a.url}/v1/sessions/{sid}/export").status_code == 404  # a's copy: a tombstone
         assert redis_db.hget(key, "v") == TOMBSTONE.encode() and 0 < redis_db.pttl(key) <= aged
@@ -766,7 +770,7 @@ def test_a_get_of_a_session_deleted_elsewhere_frees_the_copy_held_here(model_dir
         pool = b.state.models[TEXT].engine.pool
         assert b.state.sessions.has(sid) and pool.in_use == 1
         assert httpx.delete(f"{a.url}/v1/sessions/{sid}").status_code == 204
-        assert wait_for(lambda: _stored(redis_db, sid) is None, 10)
+        assert wait_for(lambda: _stored(redis_db, sid) is None, 60)
         r = httpx.get(f"{b.url}/v1/sessions/{sid}")
         assert r.status_code == 404 and sid in r.text, r.text
         assert not b.state.sessions.has(sid) and pool.in_use == 0
@@ -790,7 +794,7 @@ class _StalledGets:
     def get(self, session_id: str, refresh: bool = False):
         self.reading[session_id].set()
         if session_id in self.stalled:
-            assert self.resume.wait(60)
+            assert self.resume.wait(600)  # (set by the test, in its finally too)
         return self.store.get(session_id, refresh)
 
     def __getattr__(self, name):
@@ -816,10 +820,12 @@ def test_a_restore_waiting_for_the_store_holds_up_no_other_sessions_restore(mode
 
         first = threading.Thread(target=append, args=(x,))
         first.start()
-        assert store.reading[x].wait(10)
+        assert store.reading[x].wait(60)
         second = threading.Thread(target=append, args=(y,))
         second.start()
-        assert store.reading[y].wait(10), "y's restore waited for x's stalled read"
+        # (a restore that waited for x's stalled read would start once that read gives up, 600 s after it
+        # began: far outside a minute's wait)
+        assert store.reading[y].wait(60), "y's restore waited for x's stalled read"
         second.join(60)
         assert answers[y].status_code == 200 and answers[y].json()["tokens"] == len("or not") + 1
         assert first.is_alive() and x not in answers  # (x's read still stalled)
@@ -841,7 +847,7 @@ def test_an_evicted_session_frees_its_slot_and_comes_back_from_the_store(model_d
             "session_id"
         ]
         t1 = _generate(s.url, sid, None, 10, seed=2)
-        assert wait_for(lambda: not s.state.sessions.has(sid) and engine.pool.in_use == 0, 10)
+        assert wait_for(lambda: not s.state.sessions.has(sid) and engine.pool.in_use == 0, 60)
         assert _stored(redis_db, sid)["n_tokens"] == len("whether 'tis") + 10
         t2 = _generate(s.url, sid, None, 12, seed=3)  # restored on demand
         assert t2 == reference(model_dirs["text"], list(b"whether 'tis") + t1, SamplingParams(seed=3), 12)
@@ -863,7 +869,7 @@ def test_a_request_whose_session_is_evicted_during_its_version_check_restores_it
         sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "whether 'tis"}).json()[
             "session_id"
         ]
-        assert wait_for(lambda: _stored(redis_db, sid) is not None, 10)
+        assert wait_for(lambda: _stored(redis_db, sid) is not None, 60)
         version, evict = s.state.store.version, []
 
         def version_then_evicted(session_id: str, refresh: bool = False):
@@ -871,7 +877,7 @@ def test_a_request_whose_session_is_evicted_during_its_version_check_restores_it
             if evict:
                 evict.clear()
                 rec = s.state.sessions.get(session_id)
-                engine.call(lambda e: (e._persist(rec), e._release(rec))).result(10)  # what the TTL does
+                engine.call(lambda e: (e._persist(rec), e._release(rec))).result(60)  # what the TTL does
             return answer
 
         s.state.store.version = version_then_evicted
@@ -906,7 +912,7 @@ def test_a_socket_whose_session_was_evicted_continues_it_from_the_store(model_di
             while frames[-1]["type"] != "done":
                 frames.append(json.loads(ws.recv()))
             t1 = [i for f in frames if f["type"] == "token" for i in f["ids"]]
-            assert wait_for(lambda: not s.state.sessions.has(sid), 10)  # evicted to the store
+            assert wait_for(lambda: not s.state.sessions.has(sid), 60)  # evicted to the store
             ws.send(json.dumps({"type": "generate", "max_new_tokens": 7, "seed": 2}))
             frames = [json.loads(ws.recv())]
             while frames[-1]["type"] not in ("done", "error"):
@@ -914,7 +920,7 @@ def test_a_socket_whose_session_was_evicted_continues_it_from_the_store(model_di
             assert frames[-1]["type"] == "done" and frames[-1]["session_id"] == sid, frames[-1]
             t2 = [i for f in frames if f["type"] == "token" for i in f["ids"]]
             assert t2 == reference(model_dirs["text"], list(b"to die") + t1, SamplingParams(seed=2), 7)
-            assert wait_for(lambda: not s.state.sessions.has(sid), 10)  # evicted again
+            assert wait_for(lambda: not s.state.sessions.has(sid), 60)  # evicted again
             with connect(s.ws_url) as other:  # a first message naming only the evicted session
                 other.send(
                     json.dumps({"type": "generate", "session_id": sid, "max_new_tokens": 5, "seed": 3})
@@ -935,7 +941,7 @@ def test_a_corrupt_or_foreign_stored_state_is_refused_with_a_clear_error(model_d
     try:
         r = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "arrows"})
         sid = r.json()["session_id"]
-        assert wait_for(lambda: _stored(redis_db, sid) is not None, 10)
+        assert wait_for(lambda: _stored(redis_db, sid) is not None, 60)
         good = redis_db.hget(KEY_PREFIX + sid, "state")
         header, raw = unpack_state(good)
         cases = {
@@ -995,9 +1001,9 @@ def test_after_kill_9_and_a_restart_the_session_continues_from_its_last_persiste
         sid = httpx.post(url + "/v1/sessions", json={"model": TEXT, "prompt": prompt}).json()["session_id"]
         created = httpx.get(f"{url}/v1/sessions/{sid}").json()["created"]
         t1 = _generate(url, sid, None, 20, seed=7)
-        assert wait_for(lambda: (_stored(redis_db, sid) or {}).get("n_tokens") == len(prompt) + 20, 10)
+        assert wait_for(lambda: (_stored(redis_db, sid) or {}).get("n_tokens") == len(prompt) + 20, 60)
         proc.send_signal(signal.SIGKILL)
-        assert proc.wait(10) == -signal.SIGKILL
+        assert proc.wait(60) == -signal.SIGKILL
         proc = _serve(model_dirs, port, redis_url)
         # the restored session is the same session: its creation time too (it was the restore's time)
         assert httpx.get(f"{url}/v1/sessions/{sid}").json()["created"] == created
@@ -1006,7 +1012,7 @@ def test_after_kill_9_and_a_restart_the_session_continues_from_its_last_persiste
         assert t2 == reference(model_dirs["text"], everything, SamplingParams(seed=8), 20)
     finally:
         proc.kill()
-        proc.wait(10)
+        proc.wait(60)
 
 
 def test_a_redis_restarted_from_an_older_snapshot_does_not_roll_back_a_session_held_here(
@@ -1032,7 +1038,7 @@ def test_a_redis_restarted_from_an_older_snapshot_does_not_roll_back_a_session_h
         t2, t3 = _generate(s.url, sid, None, 5, seed=2), _generate(s.url, sid, None, 5, seed=3)
         assert db.hget(KEY_PREFIX + sid, "v") != snapshot
         proc.kill()
-        proc.wait(10)
+        proc.wait(60)
         proc, _ = _redis_server(tmp_path, port=port)  # (loads the snapshot)
         assert db.hget(KEY_PREFIX + sid, "v") == snapshot and _stored(db, sid)["n_tokens"] == len(prompt) + 5
         assert httpx.get(f"{s.url}/v1/sessions/{sid}").json()["tokens"] == len(prompt) + 15
@@ -1044,7 +1050,7 @@ def test_a_redis_restarted_from_an_older_snapshot_does_not_roll_back_a_session_h
     finally:
         s.stop()
         proc.kill()
-        proc.wait(10)
+        proc.wait(60)
 
 
 def test_sigterm_cancels_running_turns_and_flushes_every_session_to_the_store(
@@ -1092,7 +1098,7 @@ def test_sigterm_cancels_running_turns_and_flushes_every_session_to_the_store(
             assert got == reference(model_dirs["text"], list(p.encode()), SamplingParams(seed=3), 12)
     finally:
         proc.kill()
-        proc.wait(10)
+        proc.wait(60)
 
 
 def test_a_second_sigterm_stops_at_once_and_each_session_keeps_its_last_written_state(
@@ -1125,7 +1131,7 @@ def test_a_second_sigterm_stops_at_once_and_each_session_keeps_its_last_written_
             assert _stored(redis_db, sid)["n_tokens"] == len(p), sid
     finally:
         proc.kill()
-        proc.wait(10)
+        proc.wait(60)
 
 
 def test_the_shutdown_flush_skips_a_session_whose_creation_never_reached_the_engine(
@@ -1181,7 +1187,7 @@ def test_shutdown_with_an_unresponsive_store_ends_within_the_flush_timeout_and_s
     finally:
         proc.send_signal(signal.SIGCONT)
         proc.terminate()
-        proc.wait(10)
+        proc.wait(60)
 
 
 def test_python_m_server_exits_non_zero_before_listening_when_the_store_is_unreachable(model_dirs):
@@ -1206,7 +1212,7 @@ def test_landed_resolves_once_the_sessions_operation_is_tried_or_dropped():
 
     class Gated(MemoryStateStore):
         def put(self, *args):
-            gate.wait(10)
+            gate.wait(60)
             return super().put(*args)
 
     writer = StoreWriter(Gated())
@@ -1438,7 +1444,7 @@ def test_while_the_store_fails_an_idle_session_is_kept_in_memory_not_evicted_wit
         want = list(b"ROMEO:") + t1
         assert t2 == reference(model_dirs["text"], want, SamplingParams(seed=2), 4)
         store.put = put
-        assert wait_for(lambda: not a.state.sessions.has(sid) and a.state.writer.backlog == 0, 10)
+        assert wait_for(lambda: not a.state.sessions.has(sid) and a.state.writer.backlog == 0, 60)
         assert _stored(redis_db, sid)["n_tokens"] == 16
     finally:
         a.stop()
@@ -1516,8 +1522,8 @@ def test_a_copy_the_store_holds_already_is_not_written_again_at_eviction(
         ]
         t1 = _generate(b.url, sid, None, 8, seed=1)
         with caplog.at_level("INFO", logger="server"):
-            assert wait_for(lambda: not a.state.sessions.has(sid), 10)  # evicted
-            assert wait_for(lambda: a.state.writer.backlog == 0, 10)
+            assert wait_for(lambda: not a.state.sessions.has(sid), 60)  # evicted
+            assert wait_for(lambda: a.state.writer.backlog == 0, 60)
         assert a.state.writer.written == 1 and a.state.writer.stale == 0  # its create only
         assert "the store holds a newer state" not in caplog.text
         assert _stored(redis_db, sid)["n_tokens"] == 14
@@ -1529,7 +1535,7 @@ def test_a_copy_the_store_holds_already_is_not_written_again_at_eviction(
         _generate(a.url, sid, None, 3, seed=3)
         assert a.state.writer.failed == 1 and _stored(redis_db, sid)["n_tokens"] == 19
         store.put = put
-        assert wait_for(lambda: not a.state.sessions.has(sid) and a.state.writer.backlog == 0, 10)
+        assert wait_for(lambda: not a.state.sessions.has(sid) and a.state.writer.backlog == 0, 60)
         assert _stored(redis_db, sid)["n_tokens"] == 22
     finally:
         a.stop()
@@ -1554,7 +1560,7 @@ def test_a_delete_while_a_turn_runs_is_answered_once_the_store_has_deleted_the_s
     def held(fn):
         def run(*args, **kwargs):  # the turn's first step waits at the gate: its job stays on the engine
             entered.set()
-            gate.wait(10)
+            gate.wait(60)
             return fn(*args, **kwargs)
 
         return run
@@ -1571,13 +1577,13 @@ def test_a_delete_while_a_turn_runs_is_answered_once_the_store_has_deleted_the_s
             target=lambda: answers.update(turn=httpx.post(b.url + "/v1/generate", json=body))
         )
         turn.start()
-        assert entered.wait(10)  # the turn is in its first step
+        assert entered.wait(60)  # the turn is in its first step
         engine.rec.step, engine.rec.decode_block = step, block
         delete = threading.Thread(
             target=lambda: answers.update(delete=httpx.delete(f"{b.url}/v1/sessions/{sid}"))
         )
         delete.start()
-        assert wait_for(lambda: len(engine._inbox) == 1, 10)  # the DELETE's call waits for the engine
+        assert wait_for(lambda: len(engine._inbox) == 1, 60)  # the DELETE's call waits for the engine
         gate.set()
         delete.join(10)
         assert answers["delete"].status_code == 204
@@ -1883,7 +1889,7 @@ def test_a_delete_the_store_has_not_answered_in_time_is_a_503_then_a_204_once_it
     hang = threading.Event()
 
     def hanging_delete(session_id):
-        hang.wait(10)
+        hang.wait(60)
         delete(session_id)
 
     store.delete = hanging_delete
@@ -1898,7 +1904,7 @@ def test_a_delete_the_store_has_not_answered_in_time_is_a_503_then_a_204_once_it
         with concurrent.futures.ThreadPoolExecutor(1) as pool:  # a DELETE waiting as the store answers
             again = pool.submit(httpx.delete, f"{a.url}/v1/sessions/{sid}")
             # (the delete's own future, `StoreWriter.delete`'s, and the first DELETE's and this one's waits)
-            assert wait_for(lambda: len(a.state.writer._waiting_busy) == 3, 10)
+            assert wait_for(lambda: len(a.state.writer._waiting_busy) == 3, 60)
             hang.set()
             assert again.result().status_code == 204
         assert redis_db.hget(KEY_PREFIX + sid, "v") == TOMBSTONE.encode()
@@ -1957,7 +1963,7 @@ def test_a_copy_let_go_unchanged_is_written_again_where_the_store_lost_it(
         ]
         redis_db.flushdb()  # the store loses it
         with caplog.at_level("INFO", logger="server"):
-            assert wait_for(lambda: not a.state.sessions.has(sid) and a.state.writer.backlog == 0, 10)
+            assert wait_for(lambda: not a.state.sessions.has(sid) and a.state.writer.backlog == 0, 60)
         assert _stored(redis_db, sid)["n_tokens"] == 6  # written again at the eviction
         assert "no longer in the session store" in caplog.text
         assert a.state.writer.written == 2 and a.state.writer.unchanged == 0
@@ -2239,7 +2245,7 @@ def test_an_sse_turn_waiting_for_its_sessions_write_sends_keep_alive_comments(
         ]
 
         def held_put(*args):
-            release.wait(10)
+            release.wait(60)
             return put(*args)
 
         a.state.store.put = held_put
