@@ -1702,12 +1702,15 @@ def convert_v3_to_v4(sd: dict) -> dict:
     return out
 
 
-@pytest.mark.parametrize("name", ["v3_s4", "v3_s4d", "v3_s4d_zoh", "v3_s4_none", "v3_sashimi_s4d"])
+@pytest.mark.parametrize(
+    "name", ["v3_s4", "v3_s4d", "v3_s4d_zoh", "v3_s4_none", "v3_sashimi", "v3_sashimi_s4d"]
+)
 def test_a_version_3_checkpoint_that_convert_v3_to_v4_renamed_imports_as_the_same_model(name):
     """With its version-3 config kept (as the script keeps the .ckpt's): an S4D kernel's inv_A_real is
     left by the script, which flattens its keys and negates its A_imag; a DPLR kernel's transform is the
     config's real_type. Before, the S4D keys were renamed twice ('…layer.layer.layer.kernel…', refused as
-    missing tensors), and a DPLR kernel's real_type was ignored (none read as exp: another model)."""
+    missing tensors), a DPLR kernel's real_type was ignored (none read as exp: another model), and a DPLR
+    SaShiMi's layer l_max (version 3's Sashimi gives each level its own) was held against its kernels'."""
     ref = load_file(str(FIX / f"{name}.ref.safetensors"))
     sd, cfg, kind = read_source(FIX / f"{name}.ckpt")
     net = build(map_official(convert_v3_to_v4(sd), cfg, kind), F64)

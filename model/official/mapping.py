@@ -237,7 +237,7 @@ def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict
             v = v.unsqueeze(0)
         out[nk] = v
     if diag:
-        notes.append("version-3 diagonal kernels: inv_A_real, A_imag negated, B unsqueezed, unread A dropped")
+        notes.append("version-3 diagonal kernels: inv_A_real, A_imag as +Im Λ, B unsqueezed, A dropped")
     notes.append("version-3 names renamed as checkpoints/convert_v3_to_v4.py does (w_imag negated)")
     return out, implied
 
@@ -1201,14 +1201,15 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     if m.get("center_layer") is not None:
         raise Unsupported("model.center_layer: a different center layer is not supported")
     kind = _check_s4_layer(lc, "model.layer")
-    if implied:  # version 3's Sashimi sets each level's layers' l_max to that level's length (model.l_max
-        # over the strides before it): the layer config's is none of theirs
+    if implied and unet:
+        raise Unsupported(
+            "model._name_ = 'unet' with version-3 kernel names: version 3's U-Net backbone is not "
+            "supported (its sashimi backbone is, and version 4's unet)"
+        )
+    if implied or (not unet and "l_max" in m):  # version 3's Sashimi (version 4's takes no model.l_max) sets
+        # each level's layers' l_max to that level's length (model.l_max over the strides before it): the
+        # layer config's is none of theirs. (Its keys renamed by convert_v3_to_v4.py show no version-3 name.)
         lc = {k: v for k, v in lc.items() if k != "l_max"}
-        if unet:
-            raise Unsupported(
-                "model._name_ = 'unet' with version-3 kernel names: version 3's U-Net backbone is not "
-                "supported (its sashimi backbone is, and version 4's unet)"
-            )
     emb = src.take("encoder.0.weight")
     V, H = emb.shape
     _check_sashimi_shapes(sd, m, H)
