@@ -35,6 +35,8 @@ SOURCES = {  # fixture: its source file
     # version 3's code (make_v3_fixtures.py; the child ran by hand against a v3.0.0 checkout too: README)
     "v3_s4": "v3_s4.ckpt",
     "v3_s4d": "v3_s4d.ckpt",
+    # written by version 3's train.py itself (trainpy_v3.md; the child ran by hand against v3.0.0)
+    "trainpy_v3_s4": "trainpy_v3_s4.ckpt",
 }
 
 
@@ -389,3 +391,32 @@ def test_a_checkpoint_the_official_train_py_wrote_loads_safely_with_only_the_ine
     assert isinstance(cfg, dict) and cfg["decoder"] == "sequence" and cfg["dataset"]["_name_"] == "enwik8"
     assert {"decoder.1.weight", "decoder.1.bias"} <= set(ckpt["state_dict"])
     assert not any(k.startswith("decoder.0.") for k in ckpt["state_dict"])
+
+
+@pytest.mark.parametrize("name,mode", [("trainpy_v3_s4", "nplr"), ("trainpy_v3_s4d", "diag")])
+def test_a_checkpoint_version_3s_train_py_wrote_loads_safely_and_imports_as_version_3(name, mode):
+    """trainpy_v3_*.ckpt, written by Lightning 1.5.10 under version 3's train.py (trainpy_v3.md): every
+    global its pickle names is one of OMEGACONF_GLOBALS, the safe loader reads the whole file (optimizer,
+    scheduler and callback states; Lightning 1.5 saves no loops), its config as plain dicts with version 3's
+    layer options (no real_type key); the import renames version 3's kernel names and takes the task's
+    Linear at decoder.1."""
+    from model.official.reader import OMEGACONF_GLOBALS, read_source, safe_torch_load
+
+    src = FIX / f"{name}.ckpt"
+    allowed = {n for _, n in OMEGACONF_GLOBALS}
+    assert set(torch.serialization.get_unsafe_globals_in_checkpoint(src)) <= allowed
+    ckpt = safe_torch_load(src)
+    assert ckpt["pytorch-lightning_version"] == "1.5.10" and "loops" not in ckpt
+    assert {"optimizer_states", "lr_schedulers", "callbacks", "hyper_parameters"} <= set(ckpt)
+    assert ckpt["optimizer_states"][0]["state"] and ckpt["callbacks"] and ckpt["global_step"] == 60
+    cfg = ckpt["hyper_parameters"]
+    layer = cfg["model"]["layer"]
+    assert cfg["decoder"] == "sequence" and cfg["dataset"]["_name_"] == "enwik8"
+    assert layer["mode"] == mode and layer["measure"] == "legs" and "real_type" not in layer
+    v3_names = ".kernel.kernel.inv_A_real" if mode == "diag" else ".kernel.kernel.inv_w_real"
+    assert any(k.endswith(v3_names) for k in ckpt["state_dict"]), sorted(ckpt["state_dict"])
+    from model.official.mapping import map_official
+
+    spec = map_official(*read_source(src))
+    assert any("version-3 names renamed" in n for n in spec.notes), spec.notes
+    assert {"decoder.1.weight", "decoder.1.bias"} <= set(ckpt["state_dict"])

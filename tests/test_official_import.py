@@ -89,6 +89,9 @@ CASES = {  # name: (source, config or None)
     # version 3's SaShiMi backbone (each level's layers given that level's length as l_max), S4 and S4D
     "v3_sashimi": ("v3_sashimi.ckpt", None),
     "v3_sashimi_s4d": ("v3_sashimi_s4d.ckpt", None),
+    # written by version 3's own train.py through Lightning 1.5.10 (trainpy_v3.md): its default S4 layer
+    # (nplr, legs, no real_type key)
+    "trainpy_v3_s4": ("trainpy_v3_s4.ckpt", None),
 }
 
 
