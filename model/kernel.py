@@ -326,9 +326,15 @@ class SSMKernel(nn.Module):
         if L < 1:
             raise ValueError(f"kernel length must be positive, got {L}")
         backend = backend or self.backend
-        s = self.ssm(dtype)
         if self.kind == "s4d":
-            return s4d_kernel(s["Lambda"], s["B"], s["C"], s["dt"], L, self.disc, backend)
+            # Without gradients (conversion checks, evaluation) in float64, rounded once: in float32 the
+            # phase l·Im log μ and Im log μ itself carry a relative error of 6e-8, so a mode turning fast
+            # (S4D-LegS: |Im Λ| up to 1,303 at N = 64) drifts l times that (5.9e-5 of the kernel at l = 384).
+            # With gradients (training) it stays in `dtype`, as the official code trains.
+            exact = dtype != torch.float64 and not torch.is_grad_enabled()
+            s = self.ssm(torch.float64 if exact else dtype)
+            return s4d_kernel(s["Lambda"], s["B"], s["C"], s["dt"], L, self.disc, backend).to(dtype)
+        s = self.ssm(dtype)
         C, Lc = s["C"], self.L
         if L > self.L or self.L % 2:
             Lc = max(L, self.L) + max(L, self.L) % 2

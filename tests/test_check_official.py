@@ -37,6 +37,7 @@ SOURCES = {  # fixture: its source file
     "v3_s4d": "v3_s4d.ckpt",
     # written by version 3's train.py itself (trainpy_v3.md; the child ran by hand against v3.0.0)
     "trainpy_v3_s4": "trainpy_v3_s4.ckpt",
+    "trainpy_v3_s4d": "trainpy_v3_s4d.ckpt",
 }
 
 

@@ -90,8 +90,10 @@ CASES = {  # name: (source, config or None)
     "v3_sashimi": ("v3_sashimi.ckpt", None),
     "v3_sashimi_s4d": ("v3_sashimi_s4d.ckpt", None),
     # written by version 3's own train.py through Lightning 1.5.10 (trainpy_v3.md): its default S4 layer
-    # (nplr, legs, no real_type key)
+    # (nplr, legs, no real_type key), and mode diag (S4D-LegS, bilinear), whose float32 conv kernel was 5.9e-5
+    # off (the phase of its fast-turning modes) and its conv logits past the trained length 1.2e-5
     "trainpy_v3_s4": ("trainpy_v3_s4.ckpt", None),
+    "trainpy_v3_s4d": ("trainpy_v3_s4d.ckpt", None),
 }
 
 
