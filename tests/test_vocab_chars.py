@@ -227,3 +227,18 @@ def test_a_cache_pt_that_is_not_the_official_one_is_refused_naming_it(tmp_path, 
         Vocab.from_dataset(tmp_path, "text8")
     assert str(exc.value).startswith(f"{tmp_path / 'cache.pt'}: ") and message in str(exc.value)
     assert "(move it away to build the vocabulary from the text files)" in str(exc.value)
+
+
+@pytest.mark.parametrize("name", ["trainpy_v3_s4", "trainpy_v3_s4d"])
+def test_version_3s_real_runs_symbols_file_is_read_as_enwik8_bytes(tmp_path, name):
+    """trainpy_v3_*.ckpt (version 3's train.py, dataset enwik8): --vocab trainpy_v3.vocab.txt reads the
+    run's 68 symbols as byte values in the file's order. That run's data has a `10` symbol (its test
+    split's cut ends within `101`: trainpy_v3.md), so a newline encodes and round-trips, as the official
+    Vocab would."""
+    summary = convert(FIX / f"{name}.ckpt", tmp_path / "m", vocab=FIX / "trainpy_v3.vocab.txt")
+    assert summary["warning"] is None and "68 bytes (read from" in summary["vocab"]
+    vocab = load_vocab(tmp_path / "m")
+    lines = (FIX / "trainpy_v3.vocab.txt").read_text().split()
+    assert isinstance(vocab, ByteVocab) and [int(s) for s in vocab.symbols] == [int(s) for s in lines]
+    ids = vocab.encode("To be, or not\nto be")
+    assert max(ids) < 68 and vocab.decode(ids) == "To be, or not\nto be"
