@@ -457,8 +457,10 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
 # converted with a changed weight before, and layer options of other official versions, force_real, shift,
 # hyper_act and linear, are refused; 5: config.json's init is the official init, not "legs" for every
 # import, a standalone description's sizes must be integers, and an audio model beside a vocab.txt converts
-# without it), so entries an older converter wrote are not reused.
-CONVERTER_VERSION = 5
+# without it; 6: a version-3 DPLR checkpoint renamed by convert_v3_to_v4.py takes its transform from
+# real_type, read as exp before whatever it said, and an S4D model's verification figures come from a
+# float64 conv kernel), so entries an older converter wrote are not reused.
+CONVERTER_VERSION = 6
 
 
 # official files this process has hashed, (device, inode, mtime, size) → SHA-256: a server resolves each
