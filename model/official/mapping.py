@@ -167,30 +167,22 @@ def _drop_defaults(config: dict) -> dict:
     }
 
 
-class _V3Option:
-    """An option a version-3 kernel's names imply but whose value the config gives under version 3's key
-    (`disc`), else under version 4's (a config written by hand), else version 3's default."""
-
-    def __init__(self, v3_key: str, default: str):
-        self.v3_key, self.default = v3_key, default
-
-    def value(self, lc: dict, key: str, where: str):
-        if self.v3_key in lc:
-            return _opt(lc, self.v3_key, None, where)
-        return _opt(lc, key, self.default, where)
+class _V3Default(str):
+    """An option's version-3 default that its kernel's names imply (an S4D kernel's `disc`, 'bilinear'
+    where version 4's is 'zoh'): the config's value where it gives one, else this."""
 
 
 def _kernel_opts(lc: dict, implied: dict, where: str) -> dict:
     """A layer config's options for one kernel, with those its version-3 names imply (_v3_to_v4)."""
     opts = dict(lc)
     for k2, v2 in implied.items():
-        opts[k2] = v2.value(lc, k2, where) if isinstance(v2, _V3Option) else v2
+        opts[k2] = _opt(lc, k2, str(v2), where) if isinstance(v2, _V3Default) else v2
     return opts
 
 
 def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict[str, dict]]:
     """Rename version-3 keys (convert_v3_to_v4.py's renames); returns the new dict and, per kernel
-    prefix, the options that the old names imply: a value, or a _V3Option read from the config.
+    prefix, the options that the old names imply: a value, or a _V3Default the config may override.
 
     Version 3 (src/models/sequence/ss/kernel.py at v3.0.0): SSKernelNPLR has inv_w_real (its transform
     the option `real_type`, default 'exp', −relu without v4's 1e-4 floor) and w_imag (= −A_imag); SSKernelDiag
@@ -229,7 +221,7 @@ def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict
             implied.setdefault(prefix, {})["imag_transform"] = "none"
         elif old_prefix in diag and nk.endswith(".inv_A_real"):
             nk = nk[: -len("inv_A_real")] + "A_real"
-            implied.setdefault(prefix, {})["disc"] = _V3Option("disc", "bilinear")
+            implied.setdefault(prefix, {})["disc"] = _V3Default("bilinear")
         elif old_prefix in diag and nk.endswith(".A_imag"):
             v = -v if native else v  # (convert_v3_to_v4.py negates every A_imag it sees)
             implied.setdefault(prefix, {})["imag_transform"] = "none"

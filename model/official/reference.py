@@ -282,14 +282,18 @@ def _is_kernel(k) -> bool:
     return any(hasattr(k, p) for p in ("inv_dt", "log_dt"))
 
 
+def _is_v3_wrapper(k) -> bool:
+    """Version 3's SSKernel: a wrapper whose own `kernel` is the kernel."""
+    return _is_kernel(getattr(k, "kernel", None))
+
+
 def ssm_layers(lit: nn.Module) -> list[nn.Module]:
     """The modules holding an SSM kernel, in module order: their `kernel` is the kernel, or (version 3)
     an SSKernel wrapper around it (the wrapper itself is not a layer)."""
     found = [
         m
         for m in lit.modules()
-        if _is_kernel(getattr(m, "kernel", None))
-        or _is_kernel(getattr(getattr(m, "kernel", None), "kernel", None))
+        if _is_kernel(getattr(m, "kernel", None)) or _is_v3_wrapper(getattr(m, "kernel", None))
     ]
     wrappers = {id(m.kernel) for m in found}
     return [m for m in found if id(m) not in wrappers]
@@ -320,7 +324,7 @@ def kernels(lit: nn.Module, default_length: int | None = None) -> dict:
     for i, m in enumerate(ssm_layers(lit)):
         L = kernel_length(m, default_length)
         # (version 3's SSKernel wrapper passes its rate, None by default, on to the kernel, whose own is 1.0)
-        k = m.kernel(L=L, rate=1.0) if _is_kernel(getattr(m.kernel, "kernel", None)) else m.kernel(L=L)
+        k = m.kernel(L=L, rate=1.0) if _is_v3_wrapper(m.kernel) else m.kernel(L=L)
         k = k[0] if isinstance(k, tuple) else k  # (C, H, L) and state, or (H, L) for s4d.py
         out[f"kernel.{i}"] = (k[0] if k.dim() == 3 else k).detach().clone()  # (H, L)
     return out
