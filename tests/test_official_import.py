@@ -94,6 +94,10 @@ CASES = {  # name: (source, config or None)
     # off (the phase of its fast-turning modes) and its conv logits past the trained length 1.2e-5
     "trainpy_v3_s4": ("trainpy_v3_s4.ckpt", None),
     "trainpy_v3_s4d": ("trainpy_v3_s4d.ckpt", None),
+    # version 3's real_type, one per layer of a pattern: the DPLR kernel's relu (Re Λ = −relu(w): no 1e-4
+    # floor, refused before), sigmoid and softplus; the diagonal kernel's none, relu (floored) and sigmoid
+    "v3_s4_transforms": ("v3_s4_transforms.ckpt", None),
+    "v3_s4d_transforms": ("v3_s4d_transforms.ckpt", None),
 }
 
 
@@ -724,8 +728,9 @@ def test_a_pt_in_an_official_runs_checkpoints_folder_reads_the_runs_hydra_config
 def test_version_3_inv_w_real_takes_its_transform_from_real_type_else_version_3s_default_exp():
     """log_w_real names its transform (exp); inv_w_real's is version 3's option `real_type` (default 'exp':
     the v3_* fixtures), or version 4's real_transform in a config written by hand; version 3's DPLR relu
-    (no 1e-4 floor) is refused by name. (inv_w_real was refused unless the config said real_transform, so
-    every version-3 run with the default real_type was.)"""
+    has no 1e-4 floor (v3_s4_transforms in CASES), and where it gives Re Λ = 0 the import is refused by name.
+    (inv_w_real was refused unless the config said real_transform, so every version-3 run with the default
+    real_type was.)"""
     sd, cfg, kind = read_source(FIX / "s4_v3.pt")
     ref = load_file(str(FIX / "s4_v3.ref.safetensors"))["kernel.0"]
 
@@ -743,10 +748,19 @@ def test_version_3_inv_w_real_takes_its_transform_from_real_type_else_version_3s
         c = copy.deepcopy(cfg)
         c["model"]["layer"][0][key] = "none"
         assert kernel_err(negated, c) <= 1e-12, key
+    # version 3's DPLR relu: Re Λ = −relu(w), no floor (refused before); version 4's relu is −(relu + 1e-4)
     c = copy.deepcopy(cfg)
     c["model"]["layer"][0]["real_type"] = "relu"
-    with pytest.raises(Unsupported, match=r"real_type = 'relu' with version 3's DPLR kernel"):
-        map_official(negated, c, kind)
+    assert kernel_err(negated, c) <= 1e-12
+    c4 = copy.deepcopy(cfg)
+    c4["model"]["layer"][0]["real_transform"] = "relu"
+    assert kernel_err(negated, c4) > 1e-5  # (the floor, were it read: another model)
+    # a w ≤ 0 is Re Λ = 0 there, a mode on the imaginary axis: refused naming the option and the count
+    zeroed = {k: (v.clone().index_fill_(-1, torch.tensor([0, 2]), 0.0) if "w_real" in k else v)
+              for k, v in negated.items()}  # fmt: skip
+    with pytest.raises(Unsupported, match=r"real_type = 'relu' with version 3's DPLR kernel: Re Λ = "
+                       r"−relu\(A_real\) = 0 in 2 of \d+ modes"):  # fmt: skip
+        map_official(zeroed, c, kind)
 
 
 def test_the_config_flag_names_the_run_config_of_a_pt(tmp_path):
@@ -1708,7 +1722,9 @@ def convert_v3_to_v4(sd: dict) -> dict:
 
 
 @pytest.mark.parametrize(
-    "name", ["v3_s4", "v3_s4d", "v3_s4d_zoh", "v3_s4_none", "v3_sashimi", "v3_sashimi_s4d"]
+    "name",
+    ["v3_s4", "v3_s4d", "v3_s4d_zoh", "v3_s4_none", "v3_sashimi", "v3_sashimi_s4d"]
+    + ["v3_s4_transforms", "v3_s4d_transforms"],
 )
 def test_a_version_3_checkpoint_that_convert_v3_to_v4_renamed_imports_as_the_same_model(name):
     """With its version-3 config kept (as the script keeps the .ckpt's): an S4D kernel's inv_A_real is

@@ -245,7 +245,17 @@ def map_ssm_kernel(
 
     kind: "s4" (SSMKernelDPLR) or "s4d" (SSMKernelDiag). The options the shapes also determine
     (d_state, n_ssm, rank, dt_tie, l_max against l_kernel), where the config gives
-    them, must agree with the tensors, else ConfigMismatch."""
+    them, must agree with the tensors, else ConfigMismatch.
+
+    Re Λ is computed as the run's code computed it, bit for bit in float64: version 4's real_transform
+    (param_transform: its relu adds 1e-4) or version 3's real_type (SSKernelDiag's relu adds 1e-4 too;
+    SSKernelNPLR's relu does not: Re Λ = −relu(A_real), which is −A_real where A_real > 0; an A_real ≤ 0 there
+    is Re Λ = 0, a mode on the imaginary axis, refused naming the count). Every Re Λ is then stored as our
+    one parameter, log(−Re Λ) (the exp transform; the served Re Λ = −exp of it agrees to float64's
+    rounding). Fine-tuning a converted model therefore trains log(−Re Λ), not the run's parameter: a step
+    moves Re Λ in proportion to itself (relu's gradient is 1 wherever A_real > 0), learning rates and weight
+    decay act on another quantity, and Re Λ stays < 0 (under version 3's DPLR relu it could reach 0, where
+    the gradient vanishes and the mode stops decaying)."""
     for opt, allowed, why in (
         ("channels", (1,), "our S4 layer maps each channel to one output (C = 1)"),
         ("bandlimit", (None,), "the S4ND band limit is not supported"),
@@ -257,11 +267,9 @@ def map_ssm_kernel(
     # real_transform is absent, as for a checkpoint convert_v3_to_v4.py renamed (its config kept)
     v3_real = "real_transform" not in opts and "real_type" in opts
     re_t = _opt(opts, "real_type", "exp", where) if v3_real else _opt(opts, "real_transform", "exp", where)
-    if v3_real and kind == "s4" and re_t == "relu":
-        raise Unsupported(
-            f"{where}.real_type = 'relu' with version 3's DPLR kernel: its Re Λ = −relu(w) has no 1e-4 "
-            "floor, unlike version 4's relu transform; not supported"
-        )
+    # version 3's DPLR relu (SSKernelNPLR._w): Re Λ = −relu(A_real), without the 1e-4 of version 4's relu
+    # and of version 3's own diagonal kernel's (−relu(A_real) − 1e-4, which is −transform(A_real, 'relu'))
+    v3_relu = v3_real and kind == "s4" and re_t == "relu"
     im_t = _opt(opts, "imag_transform", "none", where)
     for name, v in (("dt_transform", dt_t), ("real_transform", re_t), ("imag_transform", im_t)):
         if v not in TRANSFORMS:
@@ -297,8 +305,14 @@ def map_ssm_kernel(
     dt = transform(inv_dt, dt_t, f"{where}.dt_transform")  # (H, 1) or (H, N2)
     if not (dt > 0).all() or not torch.isfinite(dt).all():
         raise Unsupported(f"{where}: Δ = dt_transform(inv_dt) is not positive and finite")
-    re = -transform(A_real, re_t, f"{where}.real_transform")  # Re Λ (S, N2)
+    re = -(F.relu(A_real.double()) if v3_relu else transform(A_real, re_t, f"{where}.real_transform"))  # Re Λ
     im = -transform(A_imag, im_t, f"{where}.imag_transform")  # Im Λ
+    if v3_relu and not (re < 0).all():
+        raise Unsupported(
+            f"{where}.real_type = 'relu' with version 3's DPLR kernel: Re Λ = −relu(A_real) = 0 in "
+            f"{int((re == 0).sum())} of {re.numel()} modes (A_real ≤ 0; version 3's relu has no floor): a "
+            "mode on the imaginary axis, which our S4 (Re Λ < 0, stored as log(−Re Λ)) cannot hold"
+        )
     if not (re < 0).all():
         raise Unsupported(
             f"{where}.real_transform = {re_t!r}: Re Λ = {float(re.max()):.3g} ≥ 0 in the checkpoint "
@@ -324,13 +338,16 @@ def map_ssm_kernel(
         (
             "kernel.log_neg_re",
             kp + "A_real",
-            f"log(−Re Λ), Re Λ = −{_applied(re_t, 'A_real')}; channel h ← SSM h mod {S}",
+            f"log(−Re Λ), Re Λ = −{_applied(re_t, 'A_real')}"
+            + (" (version 3's DPLR relu: no 1e-4 floor)" if v3_relu else "")
+            + f"; channel h ← SSM h mod {S}",
         ),
         ("kernel.im", kp + "A_imag", f"Im Λ = −{_applied(im_t, 'A_imag')}; channel h ← SSM h mod {S}"),
         ("kernel.B", kp + "B", f"B[0]; channel h ← SSM h mod {S}"),
     ]
     facts = {"N2": N2, "S": S, "disc": disc, "dt_tied": dt_tied, "rank": 0, "l_kernel": None,
-             "transforms": {"dt": dt_t, "real": re_t, "imag": im_t}, "dt_fast": dt_fast}  # fmt: skip
+             "transforms": {"dt": dt_t, "real": "relu without floor (version 3's DPLR)" if v3_relu else re_t,
+                            "imag": im_t}, "dt_fast": dt_fast}  # fmt: skip
     if kind == "s4":
         P = src.take(kp + "P")
         if P.dim() != 4 or tuple(P.shape[1:]) != (S, N2, 2):
