@@ -98,6 +98,10 @@ CASES = {  # name: (source, config or None)
     # floor, refused before), sigmoid and softplus; the diagonal kernel's none, relu (floored) and sigmoid
     "v3_s4_transforms": ("v3_s4_transforms.ckpt", None),
     "v3_s4d_transforms": ("v3_s4d_transforms.ckpt", None),
+    # version 3's U-Net backbone (refused before): weight-normed pools, each level's layers given its length;
+    # S4 with expand 1 and two (S4, FF) pairs per level, S4D (bilinear) with expand 2
+    "v3_unet": ("v3_unet.ckpt", None),
+    "v3_unet_s4d": ("v3_unet_s4d.ckpt", None),
 }
 
 
@@ -1693,17 +1697,25 @@ def test_a_config_replaced_while_its_source_is_converted_is_not_cached_under_the
     assert entry.name == key(src, config)
 
 
-def test_a_version_3_unet_is_refused_naming_version_3():
-    """Version 3's SaShiMi backbone is read (v3_sashimi); its U-Net backbone (`_name_: unet`) is not, and
-    is refused as such, not by a tensor the version-4 U-Net has."""
-    sd, cfg, kind = read_source(FIX / "v3_sashimi.ckpt")
-    cfg = copy.deepcopy(cfg)
-    cfg["model"]["_name_"] = "unet"
-    for key in ("interp", "act_pool"):
-        cfg["model"].pop(key)
-    cfg["model"]["cff"] = 2
-    with pytest.raises(Unsupported, match=r"model._name_ = 'unet' with version-3 kernel names"):
-        map_official(sd, cfg, kind)
+def test_a_version_3_unet_imports_and_its_options_our_sashimi_lacks_are_refused_by_name():
+    """Version 3's U-Net backbone (v3_unet, v3_unet_s4d in CASES; refused before as "version 3's U-Net
+    backbone is not supported") converts as unet true. The options of its configs/model/unet.yaml that our
+    SaShiMi cannot compute are refused naming each: prenorm false (its default), cff absent (0) beside ff 2,
+    an activation after the pools (act_pool)."""
+    sd, cfg, kind = read_source(FIX / "v3_unet.ckpt")
+    imp = map_official(sd, copy.deepcopy(cfg), kind)
+    assert imp.config["unet"] is True and imp.config["pool"] == [2, 2] and imp.config["expand"] == 1
+    assert imp.config["l_kernel"] == [16, 16, 8, 8, 4, 4, 8, 8, 16, 16]  # each level's layers: its length
+    assert any("U-Net SaShiMi (official backbone unet) of version 3" in n for n in imp.notes)
+    for key, value, match in (
+        ("prenorm", False, r"model.prenorm = False: post-norm blocks are not supported"),
+        ("cff", None, r"model.cff = 0 with model.ff = 2"),
+        ("act_pool", "gelu", r"model.act_pool = 'gelu': activations after the pools"),
+    ):
+        c = copy.deepcopy(cfg)
+        c["model"].pop(key) if value is None else c["model"].update({key: value})
+        with pytest.raises(Unsupported, match=match):
+            map_official(sd, c, kind)
 
 
 def convert_v3_to_v4(sd: dict) -> dict:
@@ -1724,7 +1736,7 @@ def convert_v3_to_v4(sd: dict) -> dict:
 @pytest.mark.parametrize(
     "name",
     ["v3_s4", "v3_s4d", "v3_s4d_zoh", "v3_s4_none", "v3_sashimi", "v3_sashimi_s4d"]
-    + ["v3_s4_transforms", "v3_s4d_transforms"],
+    + ["v3_s4_transforms", "v3_s4d_transforms", "v3_unet", "v3_unet_s4d"],
 )
 def test_a_version_3_checkpoint_that_convert_v3_to_v4_renamed_imports_as_the_same_model(name):
     """With its version-3 config kept (as the script keeps the .ckpt's): an S4D kernel's inv_A_real is

@@ -1117,11 +1117,14 @@ def _fold_weight_norm(src: _Source, p: str, shape: tuple[int, int]) -> tuple[tor
 
 def _check_sashimi(m: dict, unet: bool) -> None:
     """The backbone options of `_name_: sashimi` (backbones/sashimi.py) or `_name_: unet`
-    (backbones/unet.py, the U-Net SaShiMi); each one our SaShiMi cannot compute is refused by name."""
+    (backbones/unet.py, the U-Net SaShiMi; version 3's unet.py, whose pools take act_pool, not pool_mode);
+    each one our SaShiMi cannot compute is refused by name."""
     w = "model"
     _expect(m, "prenorm", False, (True,), w, "post-norm blocks are not supported")
     if unet:
         _expect(m, "pool_mode", "linear", ("linear",), w, "only the linear pools (pool_mode 'linear') are "
+                "supported")  # fmt: skip
+        _expect(m, "act_pool", None, (None,), w, "activations after the pools (version 3's act_pool) are not "
                 "supported")  # fmt: skip
         ff, cff = _opt(m, "ff", 2, w), _opt(m, "cff", 0, w)
         if type(cff) is not int or (cff > 0) != bool(ff):
@@ -1185,7 +1188,10 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
       Flat lists of B = n_layers·(2 if ff else 1) blocks and one pool per level: d_layers.(k(B+1) + i) ↔
       down.k.blocks.i, d_layers.(k(B+1) + B) ↔ down.k.pool, c_layers.i ↔ center.i (its FF blocks
       by cff), u_layers.(j(B+1)) ↔ up.(K−1−j).pool, u_layers.(j(B+1) + 1 + i) ↔ up.(K−1−j).blocks.i;
-      the pools are plain linear layers (DownLinearPool, UpLinearPool).
+      the pools are plain linear layers (DownLinearPool, UpLinearPool). Version 3's unet.py (v3.0.0,
+      configs/model/unet.yaml) has the same lists; its pools are its pool.py's DownPool / UpPool, weight
+      norm folded as the sashimi backbone's (act_pool null), and its model.l_max gives each level's layers
+      their level's length, as its Sashimi does.
 
     Both: norm ↔ norm (LayerNorm), encoder.0 ↔ embed, decoder.0.output_transform ↔ head. Each S4 layer
     keeps its own l_kernel (its level's length when layer.l_max is null). The tokens are state-spaces/s4
@@ -1210,12 +1216,7 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     if m.get("center_layer") is not None:
         raise Unsupported("model.center_layer: a different center layer is not supported")
     kind = _check_s4_layer(lc, "model.layer")
-    if implied and unet:
-        raise Unsupported(
-            "model._name_ = 'unet' with version-3 kernel names: version 3's U-Net backbone is not "
-            "supported (its sashimi backbone is, and version 4's unet)"
-        )
-    if implied or (not unet and "l_max" in m):  # version 3's Sashimi (version 4's takes no model.l_max) sets
+    if implied or "l_max" in m:  # version 3's Sashimi and SequenceUNet (version 4's take no model.l_max) set
         # each level's layers' l_max to that level's length (model.l_max over the strides before it): the
         # layer config's is none of theirs. (Its keys renamed by convert_v3_to_v4.py show no version-3 name.)
         lc = {k: v for k, v in lc.items() if k != "l_max"}
@@ -1323,7 +1324,8 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
         "re_lambda_max": None, **audio,
     }  # fmt: skip
     notes.append(
-        f"{'U-Net SaShiMi (official backbone unet)' if unet else 'SaShiMi'} pool {pool}, expand {expand}, "
+        f"{'U-Net SaShiMi (official backbone unet)' if unet else 'SaShiMi'}"
+        f"{' of version 3' if implied or 'l_max' in m else ''} pool {pool}, expand {expand}, "
         f"ff {ff}, {n_layers} (S4, FF) pairs per level; S4 blocks {names} with l_kernel {l_kernels}"
     )
     notes.append(_kernel_note(kind, lc, facts0))
