@@ -416,6 +416,10 @@ REFUSALS = [  # (fixture, config path, value, message)
     ),
     ("s4_softplus.ckpt", ("model", "norm"), {"_name_": "layer", "eps": 1e-6}, r"LayerNorm with eps = 1e-06"),
     ("s4_softplus.ckpt", ("model", "residual"), "F", r"residual = 'F'"),
+    # a stride-1 spectral pool was read as the identity; its two inverse FFTs mix the whole sequence (version
+    # 3's and 4's DownSpectralPool: an output 1.8 off a unit-normal input), silently: a helper's audit
+    ("s4_softplus.ckpt", ("model", "pool", "_name_"), "spectral", r"pool._name_ = 'spectral': at stride 1"),
+    ("v3_s4.ckpt", ("model", "pool", "_name_"), "spectral", r"model.pool._name_ = 'spectral': at stride 1"),
     (
         "s4_softplus.ckpt",
         ("task", "_name_"),

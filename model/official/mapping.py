@@ -57,6 +57,10 @@ AUDIO_DATASETS = {"sc09": 16000, "qautoaudio": None, "maestro": 16000, "ljspeech
 DEFAULT_QUANTIZATION = {"sc09": "mu-law", "qautoaudio": "linear", "maestro": "mu-law", "ljspeech": "mu-law"}
 AUDIO_TASKS = ("multiclass_classification", "base", None)  # the sc09-style task (sashimi-sc09.yaml)
 LN_EPS = 1e-5
+# the backbone pools (modules/pool.py registry; version 3's sequence/pool.py) that are the identity at
+# stride 1 with no expand (or version 3's expand 1): DownAvgPool ('pool', 'avg') and DownSample ('sample').
+# Not DownSpectralPool ('spectral': ifftn twice, a helper's audit) nor DownLinearPool ('linear': a Linear)
+IDENTITY_POOLS = ("pool", "avg", "sample")
 
 
 class Unsupported(ValueError):
@@ -469,6 +473,11 @@ def _check_backbone(m: dict, pool_weights: bool = False) -> str:
         and (pool.get("expand") is None or (pool.get("expand") == 1 and not pool_weights))
     ):
         raise Unsupported(f"model.pool = {pool!r}: pooling is not supported in the isotropic backbone")
+    if pool is not None and pool.get("_name_", "pool") not in IDENTITY_POOLS:
+        raise Unsupported(
+            f"model.pool._name_ = {pool['_name_']!r}: at stride 1 only the pools {IDENTITY_POOLS} are the "
+            "identity (the spectral pool's two inverse FFTs mix the whole sequence, the future too)"
+        )
     return "tln" if transposed else "layer"
 
 
