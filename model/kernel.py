@@ -320,25 +320,27 @@ class SSMKernel(nn.Module):
         When self.L is even and L ≤ self.L (L odd too) the kernel is computed at self.L and truncated (the
         training path, fast and differentiable); otherwise (L > self.L, or an odd self.L) C̃ is first
         rewritten for the even length L' = max(L, self.L) rounded up to even (float64,
-        `c_tilde_for_length`) and the kernel computed at L'. Returns real (H, L) of `dtype`. Raises
+        `c_tilde_for_length`) and the kernel computed at L'. Returns real (H, L) of `dtype` (computed in
+        float64 and rounded once when no gradient is wanted: torch.is_grad_enabled() false). Raises
         ValueError for L < 1."""
         L = self.L if L is None else L
         if L < 1:
             raise ValueError(f"kernel length must be positive, got {L}")
         backend = backend or self.backend
+        # Without gradients (conversion checks, evaluation) in float64, rounded once; with gradients
+        # (training) in `dtype`, as the official code trains. In float32, S4D: the phase l·Im log μ and
+        # Im log μ itself carry a relative error of 6e-8, so a mode turning fast (S4D-LegS: |Im Λ| up to
+        # 1,303 at N = 64) drifts l times that (5.9e-5 of the kernel at l = 384); S4: near Re Λ = 0 (a skew
+        # measure, legt, lagt, fout, at version 3's real_tolerance 1e-3) the Woodbury step cancels the
+        # Cauchy sums' rounding into the kernel (a version-3 legt layer's: 1.2e-4 of it at l = 32).
+        work = torch.float64 if dtype != torch.float64 and not torch.is_grad_enabled() else dtype
+        s = self.ssm(work)
         if self.kind == "s4d":
-            # Without gradients (conversion checks, evaluation) in float64, rounded once: in float32 the
-            # phase l·Im log μ and Im log μ itself carry a relative error of 6e-8, so a mode turning fast
-            # (S4D-LegS: |Im Λ| up to 1,303 at N = 64) drifts l times that (5.9e-5 of the kernel at l = 384).
-            # With gradients (training) it stays in `dtype`, as the official code trains.
-            exact = dtype != torch.float64 and not torch.is_grad_enabled()
-            s = self.ssm(torch.float64 if exact else dtype)
             return s4d_kernel(s["Lambda"], s["B"], s["C"], s["dt"], L, self.disc, backend).to(dtype)
-        s = self.ssm(dtype)
         C, Lc = s["C"], self.L
         if L > self.L or self.L % 2:
             Lc = max(L, self.L) + max(L, self.L) % 2
-            s64 = s if dtype == torch.float64 else self.ssm(torch.float64)
+            s64 = s if work == torch.float64 else self.ssm(torch.float64)
             C = c_tilde_for_length(s64["Lambda"], s64["P"], s64["C"], s64["dt"], self.L, Lc).to(C.dtype)
         K = s4_kernel(s["Lambda"], s["P"], s["B"], C, s["dt"], Lc, backend)
-        return K[:, :L]
+        return K[:, :L].to(dtype)

@@ -37,6 +37,7 @@ SOURCES = {  # fixture: its source file
     "v3_s4d": "v3_s4d.ckpt",
     "v3_s4_transforms": "v3_s4_transforms.ckpt",  # version 3's DPLR relu (no floor), sigmoid, softplus
     "v3_unet": "v3_unet.ckpt",  # version 3's U-Net backbone
+    "v3_s4_legt": "v3_s4_legt.ckpt",  # its float32 conv logits failed (2.95e-5) before the float64 S4 kernel
     # written by version 3's train.py itself (trainpy_v3.md; the child ran by hand against v3.0.0)
     "trainpy_v3_s4": "trainpy_v3_s4.ckpt",
     "trainpy_v3_s4d": "trainpy_v3_s4d.ckpt",

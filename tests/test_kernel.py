@@ -196,3 +196,23 @@ def test_s4d_legs_kernel_without_gradients_is_the_float64_kernel_rounded(disc):
             err = float((K32.double() - K64).abs().max() / K64.abs().max())
             assert K32.dtype == torch.float32 and err <= 1e-6, (backend, err)
     assert k(L).requires_grad  # the training path: float32, differentiable
+
+
+@pytest.mark.parametrize(("init", "rank"), [("fout", 1), ("legt", 2)])
+def test_s4_kernel_of_a_skew_measure_without_gradients_is_the_float64_kernel_rounded(init, rank):
+    """A DPLR layer of a skew measure (fout, legt: Re Λ = 0, at the 1e-4 floor as imported, or version 3's
+    real_tolerance 1e-3) makes the Woodbury step cancel, and in float32 the Cauchy sums' rounding reached
+    the kernel (max relative, this layer's at L = 256: fout 6.2e-5, legt 1.7e-6; a version-3 legt
+    checkpoint's layer 1.2e-4 at 32 taps, its float32 conv logits 2.95e-5 off the official ones, which
+    model.check_official failed). Without gradients it is computed in float64 and rounded once, as the
+    S4D kernel is: within 1e-6 of the float64 kernel, in float32; with gradients it stays float32."""
+    k = SSMKernel(4, 64, 256, kind="s4", init=init, rank=rank, re_lambda_max=None)
+    with torch.no_grad():
+        K64 = k(256, dtype=F64)
+        for backend in ("torch", "auto"):
+            for L in (256, 300):  # the kernel length, and past it (C̃ rewritten for the longer length)
+                K32 = k(L, backend=backend)
+                ref = K64 if L == 256 else k(L, dtype=F64)
+                err = float((K32.double() - ref).abs().max() / ref.abs().max())
+                assert K32.dtype == torch.float32 and K32.shape == (4, L) and err <= 1e-6, (backend, L, err)
+    assert k(256).requires_grad and k(256).dtype == torch.float32  # the training path

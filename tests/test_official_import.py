@@ -83,6 +83,10 @@ CASES = {  # name: (source, config or None)
     "v3_s4d": ("v3_s4d.ckpt", None),
     "v3_s4d_zoh": ("v3_s4d_zoh.ckpt", None),
     "v3_s4_none": ("v3_s4_none.ckpt", None),
+    # S4 with measure legt, rank 2: Re Λ near version 3's real_tolerance 1e-3, where the float32 Woodbury step
+    # cancelled the Cauchy sums' rounding: float32 conv logits 2.95e-5 off before its kernel was float64
+    # without gradients (a helper's audit; the float64 ones 9e-12)
+    "v3_s4_legt": ("v3_s4_legt.ckpt", None),
     # version 3's lm/s4-wt103 recipe scaled down: its s4s4ff pattern, whose S4 layers name only l_max,
     # postact, lr and n_ssm (d_state 64, nplr, legs: version 3's defaults), and the adaptivelm task
     "v3_wt103": ("v3_wt103.ckpt", None),
