@@ -1348,6 +1348,25 @@ def test_sample_rate_is_refused_for_a_text_import(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_version_3_sashimi_of_s4d_layers_has_the_length_its_model_l_max_gave_its_layers():
+    """Version 3's Sashimi gives its top level's layers model.l_max (each lower level that over the strides
+    before it). An S4 model's l_max came from its layers' l_kernel (model.l_max), but an S4D model's, whose
+    layers keep no length, was the dataset's 1024 default (its clips' 16,000 samples read as 1,024: a
+    shorter verification, a wrong card), since the layer config's l_max is not read. Now it is model.l_max,
+    rounded up to a multiple of 2·prod(pool), and a model.l_max past our bound is refused by name."""
+    for name in ("v3_sashimi", "v3_sashimi_s4d"):
+        sd, cfg, kind = _lightning(f"{name}.ckpt")
+        assert cfg["model"]["l_max"] == 64 and map_official(sd, cfg, kind).config["l_max"] == 64, name
+    for l_max, want in ((200, 224), (16000, 16000)):
+        sd, cfg, kind = _lightning("v3_sashimi_s4d.ckpt")
+        cfg["model"]["l_max"] = l_max
+        assert map_official(sd, cfg, kind).config["l_max"] == want, l_max
+    sd, cfg, kind = _lightning("v3_sashimi_s4d.ckpt")
+    cfg["model"]["l_max"] = 10**12
+    with pytest.raises(Unsupported, match=r"model.l_max = 1000000000000: expected an integer in \[1, "):
+        map_official(sd, cfg, kind)
+
+
 def test_sashimi_audio_format_comes_from_the_dataset_or_sample_rate_and_the_card_says_which():
     sd, cfg, kind = _lightning("sashimi_sc09.ckpt")
     imp = map_official(sd, copy.deepcopy(cfg), kind)

@@ -1225,9 +1225,10 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     if m.get("center_layer") is not None:
         raise Unsupported("model.center_layer: a different center layer is not supported")
     kind = _check_s4_layer(lc, "model.layer")
-    if implied or "l_max" in m:  # version 3's Sashimi and SequenceUNet (version 4's take no model.l_max) set
-        # each level's layers' l_max to that level's length (model.l_max over the strides before it): the
-        # layer config's is none of theirs. (Its keys renamed by convert_v3_to_v4.py show no version-3 name.)
+    v3_levels = bool(implied) or "l_max" in m
+    if v3_levels:  # version 3's Sashimi and SequenceUNet (version 4's take no model.l_max) set each level's
+        # layers' l_max to that level's length (model.l_max over the strides before it): the layer config's
+        # is none of theirs. (Its keys renamed by convert_v3_to_v4.py show no version-3 name.)
         lc = {k: v for k, v in lc.items() if k != "l_max"}
     emb = src.take("encoder.0.weight")
     V, H = emb.shape
@@ -1319,6 +1320,11 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     P = math.prod(pool)
     if kind == "s4":
         l_max = max(l_kernels)
+    elif v3_levels and _positive_int(m.get("l_max")):  # version 3's: its top level's layers' l_max (the
+        # dataset's 1024 default was read instead, where an S4 model's l_kernels gave model.l_max)
+        l_max = m["l_max"]
+        if l_max > MAX_SIZE["l_max"]:
+            raise Unsupported(f"model.l_max = {l_max}: expected an integer in [1, {MAX_SIZE['l_max']:,}]")
     else:  # S4D layers keep no kernel length (a helper's audit: max() of their None crashed the import)
         l_max = _s4d_length(lc, cfg)
     l_max = -(-l_max // (2 * P)) * 2 * P  # a multiple of 2·prod(pool): the verification length
