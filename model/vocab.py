@@ -90,6 +90,7 @@ class Vocab:
     _bytes: list[bytes]
     origin = ""  # how `from_dataset` got it (the official cache.pt, or the text files)
     warning: str | None = None  # `from_dataset`: the text files disagree with the cache.pt used
+    drops: tuple[str, ...] = ()  # the characters `encode` drops from any text (`dropped`)
 
     def __init__(self, symbols: list[str], lower_case: bool = False) -> None:
         if not symbols:
@@ -235,6 +236,7 @@ class ByteVocab(Vocab):
             self._table[b] = i
         lacking = set(range(256)) - set(self.byte_of)
         self._dropped = b"\n" if 10 in lacking else b""  # a newline the data never had: dropped
+        self.drops = ("\n",) if self._dropped else ()
         self._lacking = lacking - {10}
 
     def encode(self, text: str) -> list[int]:

@@ -146,6 +146,7 @@ class ServedModel:
             "sample_rate": self.sample_rate,
             "vocab_size": c.vocab_size,
             "tokens": "audio" if self.kind == "audio" else TOKENS[self.vocab.kind] if self.vocab else "bytes",
+            "dropped_characters": list(self.vocab.drops) if self.vocab else [],
             "audio_codec": self.codec.name if self.kind == "audio" else None,
             "n_layers": c.n_layers,
             "d_model": c.d_model,

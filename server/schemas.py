@@ -290,9 +290,14 @@ class ModelInfo(BaseModel):
     tokens: Literal["bytes", "words", "vocab_bytes", "characters", "audio"] = Field(
         description="what a token is: a UTF-8 byte (text; id = byte), a word of the checkpoint's vocab.txt "
         "(a word-level text model: a newline is <eos>, a word's text is a space and the word), a UTF-8 byte "
-        "numbered by vocab.txt (an official enwik8 model: a newline, which its data lacked, is dropped from "
-        "prompts), a character of vocab.txt (an official text8 model: prompts lower-cased, a space is its "
-        "'_'), or an 8-bit audio sample (audio_codec)"
+        "numbered by vocab.txt (an official enwik8 model: a newline, where its data lacked one, is dropped "
+        "from prompts: dropped_characters), a character of vocab.txt (an official text8 model: prompts "
+        "lower-cased, a space is its '_'), or an 8-bit audio sample (audio_codec)"
+    )
+    dropped_characters: list[str] = Field(
+        description='the characters every text route drops from a prompt, unread: ["\\n"] for an enwik8 '
+        "model whose vocabulary lacks the newline byte (its data had none), [] for every other model (an "
+        "enwik8 vocabulary with the symbol 10 reads a newline as a token)"
     )
     audio_codec: Literal["mu-law s4serve", "mu-law s4", "linear"] | None = Field(
         description="audio: the samples' 8-bit code, what `mulaw` WebSocket frames hold (token ids, not "

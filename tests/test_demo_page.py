@@ -1196,7 +1196,7 @@ def test_a_chosen_model_fills_the_sampling_fields_with_its_checkpoints_defaults(
 def test_an_enwik8_and_a_text8_model_say_what_their_tokens_are_and_stream_their_text(browser, tmp_path):
     """Official enwik8 and text8 models served through their vocabularies (tests/test_server_chars.py):
     the model line says what a token is, and a turn's text is the library's tokens' text (the prompt read
-    as the server reads it: enwik8's newline dropped, text8 lower-cased)."""
+    as the server reads it: enwik8's newline dropped where its vocabulary lacks one, text8 lower-cased)."""
     from model.convert import convert  # noqa: PLC0415
     from model.vocab import load_vocab  # noqa: PLC0415
     from server import Settings  # noqa: PLC0415
@@ -1204,7 +1204,11 @@ def test_an_enwik8_and_a_text8_model_say_what_their_tokens_are_and_stream_their_
     fix = ROOT / "tests" / "fixtures" / "official"
     convert(fix / "trainpy_enwik.ckpt", tmp_path / "hamlet", vocab=fix / "trainpy_enwik.vocab.txt")
     convert(fix / "s4_text8.ckpt", tmp_path / "text8", vocab=fix / "text8_data")
-    s = ServerThread(Settings(checkpoints=[str(tmp_path / "hamlet"), str(tmp_path / "text8")])).start()
+    # version 3's run: its vocabulary has the symbol 10, so its prompts keep their newlines (the line said
+    # "newlines dropped" of every enwik8 model: a fresh-user trial)
+    convert(fix / "trainpy_v3_s4.ckpt", tmp_path / "v3", vocab=fix / "trainpy_v3.vocab.txt")
+    names = [str(tmp_path / name) for name in ("hamlet", "text8", "v3")]
+    s = ServerThread(Settings(checkpoints=names)).start()
     d = Demo(browser, s.url)
     try:
         d.wait_status("models served")
@@ -1215,9 +1219,11 @@ def test_an_enwik8_and_a_text8_model_say_what_their_tokens_are_and_stream_their_
                 "text: text8's characters (a vocabulary of 28; lower case, any whitespace a space)",
                 "The Sea",
             ),
+            ("v3", "text: enwik8's UTF-8 bytes (a vocabulary of 68)", "To be,\nor not"),
         ):
             d.page.select_option("#model", name)
-            assert d.page.text_content("#model-info").startswith(line), d.page.text_content("#model-info")
+            info = d.page.text_content("#model-info")
+            assert info.startswith(f"{line} · "), info
             vocab = load_vocab(tmp_path / name)
             ids = reference(tmp_path / name, vocab.encode(prompt), SamplingParams(seed=5), 30)
             got = generate_text(d, prompt, 30, seed=5)

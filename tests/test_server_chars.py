@@ -44,7 +44,10 @@ def served(tmp_path_factory):
         "hamlet": root / "hamlet",
         "enwik8": root / "enwik8",
         "text8": root / "text8" / "s4_text8.ckpt",
+        # version 3's train.py run: its data's test.txt left it a symbol "10", so a newline is a token
+        "v3s4": root / "v3s4",
     }
+    convert(FIX / "trainpy_v3_s4.ckpt", root / "v3s4", vocab=FIX / "trainpy_v3.vocab.txt")
     settings = Settings(checkpoints=[f"{k}={v}" for k, v in entries.items()], device="cpu", max_sessions=8,
                         torch_threads=1, convert_cache=str(root / "cache"))  # fmt: skip
     srv = ServerThread(settings).start()
@@ -75,6 +78,25 @@ def test_the_models_say_what_their_tokens_are(served):
     assert isinstance(vocab_of(served, "hamlet"), ByteVocab) and isinstance(
         vocab_of(served, "text8"), CharVocab
     )
+
+
+def test_the_models_say_which_characters_their_prompts_lose(served):
+    """/v1/models' `dropped_characters`: an enwik8 vocabulary without the newline byte drops every newline
+    of a prompt, one with it (version 3's run, symbol "10") keeps them as tokens, and a text8 model reads
+    them as spaces. The demo page's model line and its prompt count read it (they said "newlines dropped"
+    of every enwik8 model: a fresh-user trial's version-3 run, whose prompts kept them)."""
+    srv, _ = served
+    cases = (("hamlet", ["\n"], 7), ("enwik8", ["\n"], 7), ("text8", [], 8), ("v3s4", [], 8))
+    for name, dropped, count in cases:
+        info = httpx.get(f"{srv.url}/v1/models/{name}").json()
+        assert (info["tokens"], info["dropped_characters"]) == (
+            "characters" if name == "text8" else "vocab_bytes",
+            dropped,
+        ), info
+        r = httpx.post(f"{srv.url}/tokenize", json={"model": name, "prompt": "to be\nor"}).json()
+        assert (r["count"], r["dropped"]) == (count, dropped), r
+    listed = {m["id"]: m["dropped_characters"] for m in httpx.get(f"{srv.url}/v1/models").json()["data"]}
+    assert listed == {"hamlet": ["\n"], "enwik8": ["\n"], "text8": [], "v3s4": []}
 
 
 @pytest.mark.parametrize("name", NAMES)

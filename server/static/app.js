@@ -224,7 +224,8 @@
         : m.tokens === "words"
           ? `text: words (a vocabulary of ${m.vocab_size}; a newline is <eos>)`
           : m.tokens === "vocab_bytes"
-            ? `text: enwik8's UTF-8 bytes (a vocabulary of ${m.vocab_size}; newlines dropped)`
+            ? `text: enwik8's UTF-8 bytes (a vocabulary of ${m.vocab_size}` +
+              `${m.dropped_characters?.includes("\n") ? "; newlines dropped" : ""})`
             : m.tokens === "characters"
               ? `text: text8's characters (a vocabulary of ${m.vocab_size}; lower case, any whitespace a space)`
               : m.vocab_size === 256
@@ -578,15 +579,16 @@
     );
     if (!settings) return;
     const prompt = $("prompt").value;
-    // the prompt's tokens as the server counts them: its UTF-8 bytes (an enwik8 model's without newlines),
-    // a word model's words and newlines, or a text8 model's characters
+    // the prompt's tokens as the server counts them: its UTF-8 bytes (less the newlines an enwik8 model
+    // drops: dropped_characters), a word model's words and newlines, or a text8 model's characters
     const words = model.tokens === "words";
     const chars = model.tokens === "characters";
     const promptTokens = words
       ? prompt.split("\n").reduce((n, line) => n + 1 + line.split(/\s+/).filter(Boolean).length, -1)
       : chars
         ? [...prompt].length
-        : new TextEncoder().encode(model.tokens === "vocab_bytes" ? prompt.replaceAll("\n", "") : prompt).length;
+        : new TextEncoder().encode(model.dropped_characters?.includes("\n") ? prompt.replaceAll("\n", "") : prompt)
+          .length;
     const unit = words ? "words" : chars ? "characters" : "bytes";
     const limit = model.max_prompt_tokens;
     if (limit && promptTokens > limit) {
