@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,10 @@ STEP_TOL = 1e-4  # the recurrence's rows: LOGITS_TOL of float32 and float64 (the
 MAX_TOKENS = 2 * MAX_SIZE["l_max"]
 SEEDS = (-(1 << 63), (1 << 64) - 1)
 REFERENCE_SCRIPT = Path(__file__).resolve().parent / "official" / "reference.py"
+# what the child's python needs to import the official code (no Lightning, no hydra), and the pip name of a
+# module whose package is named otherwise
+OFFICIAL_DEPENDENCIES = "torch, einops, omegaconf, scipy and rich (a version-3 checkout opt_einsum too)"
+PIP_NAMES = {"yaml": "pyyaml", "sklearn": "scikit-learn", "PIL": "pillow"}
 REQUIRED = ("tokens", "logits_conv", "logits_step")
 
 
@@ -191,6 +196,14 @@ def official_reference(src: Path, official: Path, python: str, out: Path, config
         raise UsageError(f"--python {python}: does not run ({exc})") from None
     if r.returncode != 0 or not out.is_file():
         tail = "\n".join(r.stderr.strip().splitlines()[-25:])
+        missing = re.search(r"^ModuleNotFoundError: No module named '([\w.]+)'$", tail, re.MULTILINE)
+        top = missing and missing.group(1).split(".")[0]
+        if top and top != "src":  # (src: the checkout's own code, not a package to install)
+            pkg = PIP_NAMES.get(top, top)
+            tail += (
+                f"\n{python} has no module {top}, which the official code imports: install it there "
+                f"({python} -m pip install {pkg}); the official code needs {OFFICIAL_DEPENDENCIES}"
+            )
         raise UsageError(f"the official code failed (exit {r.returncode}) under {python}:\n{tail}")
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     return json.loads(lines[-1]) if lines else {}
@@ -259,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "--official", type=Path, help="a checkout of state-spaces/s4 (the commit SRC was trained with)"
     )
     ap.add_argument(
-        "--python", help="a python with the official code's dependencies (torch, einops, omegaconf)"
+        "--python", help=f"a python with the official code's dependencies: {OFFICIAL_DEPENDENCIES}"
     )
     ap.add_argument(
         "--config", type=Path, default=None, help="the run's config.yaml, as given to model.convert"

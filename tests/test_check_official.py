@@ -297,6 +297,26 @@ def test_the_child_failing_exits_2_with_its_stderr_tail(converted, tmp_path):
     assert "ModuleNotFoundError" in err and "src.models" in err, err
 
 
+def test_a_python_without_a_module_the_official_code_imports_is_told_what_to_install(converted, tmp_path):
+    """A python that lacks one of the official code's dependencies (a fresh-user trial: the project's own
+    venv, without einops) failed with the child's traceback and nothing more; now the error names the
+    module, the python, the command that installs it there, and every dependency the official code needs."""
+    co = _fake_checkout(tmp_path / "s4")
+    (co / "src/models/nn").mkdir()
+    for pkg in ("src", "src/models"):
+        (co / pkg / "__init__.py").write_text("")
+    (co / "src/models/nn/__init__.py").write_text("from s4_test_missing_dependency import rearrange\n")
+    rc, _, err = run(
+        FIX / "s4_bytes.ckpt", converted["s4_bytes"], "--official", co, "--python", sys.executable
+    )
+    assert rc == 2 and "No module named 's4_test_missing_dependency'" in err, err
+    assert (
+        f"{sys.executable} has no module s4_test_missing_dependency, which the official code imports: "
+        f"install it there ({sys.executable} -m pip install s4_test_missing_dependency); the official code "
+        "needs torch, einops, omegaconf, scipy and rich (a version-3 checkout opt_einsum too)"
+    ) in err, err
+
+
 def _reference_module():
     """model/official/reference.py, imported by path (it is the child's script, not part of the package's
     imports; importing it imports neither the official code nor a checkpoint)."""
