@@ -52,6 +52,9 @@ REFERENCE_SCRIPT = Path(__file__).resolve().parent / "official" / "reference.py"
 # module whose package is named otherwise
 OFFICIAL_DEPENDENCIES = "torch, einops, omegaconf, scipy and rich (a version-3 checkout opt_einsum too)"
 PIP_NAMES = {"yaml": "pyyaml", "sklearn": "scikit-learn", "PIL": "pillow"}
+# a kernel parameter only version 3 of the official code names so (other_version)
+V3_PARAMETERS = r"\.(log_dt|inv_w_real|log_w_real|w_imag|inv_A_real)$"
+V3_NAMES = V3_PARAMETERS + r"|\.kernel\.kernel\."
 REQUIRED = ("tokens", "logits_conv", "logits_step")
 
 
@@ -204,9 +207,43 @@ def official_reference(src: Path, official: Path, python: str, out: Path, config
                 f"\n{python} has no module {top}, which the official code imports: install it there "
                 f"({python} -m pip install {pkg}); the official code needs {OFFICIAL_DEPENDENCIES}"
             )
+        else:
+            tail += other_version(src, official)
         raise UsageError(f"the official code failed (exit {r.returncode}) under {python}:\n{tail}")
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
     return json.loads(lines[-1]) if lines else {}
+
+
+def other_version(src: Path, official: Path) -> str:
+    """A line for a child that failed on a checkout of the other official version than SRC's ("" when the
+    versions agree or cannot be told): version 3 (tag v3.0.0, src/models/sequence/ss/) names its kernels'
+    parameters log_dt, inv_w_real, log_w_real, w_imag, inv_A_real, kernel.kernel.*; version 4
+    (src/models/sequence/kernels/) none of them. Each version's code fails on the other's checkpoint with
+    a traceback of its own ('measure' and 'init' cannot both be passed; an unexpected 'bidirectional')."""
+    from model.official.reader import read_source
+
+    seq = official / "src" / "models" / "sequence"
+    checkout = 3 if (seq / "ss").is_dir() else 4 if (seq / "kernels").is_dir() else None
+    try:
+        keys = list(read_source(src)[0])
+    except (OSError, ValueError):  # OfficialFormatError: the child's own error says what is wrong
+        return ""
+    named = sorted((k for k in keys if re.search(V3_NAMES, k)), key=lambda k: not re.search(V3_PARAMETERS, k))
+    v3 = named[0] if named else None  # a log_dt (…) first, as the more telling name
+    if checkout == 4 and v3 is not None:
+        return (
+            f"\n{src} has version 3's parameter names ({v3}): a version-3 checkpoint needs a checkout of "
+            f"version 3 (git -C {official} checkout v3.0.0, or a checkout of its own), and --official "
+            f"{official} is of version 4 (it has src/models/sequence/kernels/)"
+        )
+    if checkout == 3 and v3 is None and any(".kernel." in k for k in keys):
+        return (
+            f"\n{src} has none of version 3's parameter names (log_dt, inv_w_real, w_imag, inv_A_real, "
+            f"kernel.kernel.*): a version-4 checkpoint needs a checkout of version 4 at the commit it was "
+            f"trained with (the mapping follows e757cef), and --official {official} is of version 3 (it has "
+            "src/models/sequence/ss/)"
+        )
+    return ""
 
 
 def same_source(converted: Path, meta: dict) -> None:

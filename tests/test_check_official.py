@@ -317,6 +317,45 @@ def test_a_python_without_a_module_the_official_code_imports_is_told_what_to_ins
     ) in err, err
 
 
+@pytest.mark.parametrize(("src", "layout", "says"), [
+    ("trainpy_v3_s4.ckpt", "kernels", "has version 3's parameter names "
+     "(model.layers.0.layer.kernel.kernel.log_dt): a version-3 checkpoint needs a checkout of version 3"),
+    ("v3_sashimi.ckpt", "kernels", "has version 3's parameter names"),
+    ("trainpy_enwik.ckpt", "ss", "has none of version 3's parameter names (log_dt, inv_w_real, w_imag, "
+     "inv_A_real, kernel.kernel.*): a version-4 checkpoint needs a checkout of version 4"),
+])  # fmt: skip
+def test_a_checkpoint_checked_against_the_other_versions_checkout_is_told_which_it_needs(
+    converted, tmp_path, src, layout, says
+):
+    """A fresh-user trial gave a version-3 train.py checkpoint the version-4 checkout (the child failed:
+    "AssertionError: 'measure' and 'init' cannot both be passed into SSMKernel") and a version-4 one the
+    version-3 checkout ("SequenceModel.__init__() got an unexpected keyword argument 'bidirectional'"):
+    the traceback alone, exit 2. Now the error says which version SRC is and which the checkout is. A
+    stand-in python fails as the official code did; the checkouts are laid out as each version's."""
+    co = _fake_checkout(tmp_path / "s4")
+    (co / "src" / "models" / "sequence" / layout).mkdir()
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/sh\necho 'AssertionError: the official code failed on this checkpoint' >&2; exit 1\n"
+    )
+    fake.chmod(0o755)
+    rc, _, err = run(FIX / src, converted["s4_bytes"], "--official", co, "--python", fake)
+    version = {"kernels": 4, "ss": 3}[layout]
+    assert rc == 2 and "the official code failed on this checkpoint" in err, err
+    assert f"{FIX / src} {says}" in err, err
+    assert f"--official {co} is of version {version} (it has src/models/sequence/{layout}/)" in err, err
+
+
+def test_a_child_failing_on_a_checkout_of_its_own_version_gets_no_version_line(converted, tmp_path):
+    co = _fake_checkout(tmp_path / "s4")
+    (co / "src" / "models" / "sequence" / "kernels").mkdir()
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'ValueError: something else' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    rc, _, err = run(FIX / "trainpy_enwik.ckpt", converted["s4_bytes"], "--official", co, "--python", fake)
+    assert rc == 2 and err.rstrip().endswith("ValueError: something else"), err
+
+
 def _reference_module():
     """model/official/reference.py, imported by path (it is the child's script, not part of the package's
     imports; importing it imports neither the official code nor a checkpoint)."""
