@@ -177,6 +177,10 @@ def official_reference(src: Path, official: Path, python: str, out: Path, config
     """Run model/official/reference.py under the official venv's python; its summary (JSON) line."""
     from model.official.reader import find_config
 
+    if src.is_dir():
+        raise UsageError(
+            f"{src}: a folder, not a checkpoint file: give the .ckpt (e.g. its checkpoints/last.ckpt) or .pt"
+        )
     if not src.is_file():
         raise UsageError(f"{src}: no such checkpoint file")
     if not (official / "src" / "models" / "sequence").is_dir():
@@ -297,7 +301,13 @@ def report(rows: list[tuple[str, float, float]]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model.check_official", description=__doc__.split("\n\n")[0])
+    usage = (
+        "%(prog)s SRC CONVERTED_DIR --official S4_CHECKOUT --python PYTHON [--config CONFIG] [--tokens N] "
+        "[--seed S] [--save-reference FILE]\n       %(prog)s CONVERTED_DIR --reference FILE"
+    )
+    ap = argparse.ArgumentParser(
+        prog="python -m model.check_official", usage=usage, description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument(
         "paths",
         nargs="+",
@@ -359,6 +369,11 @@ def main(argv: list[str] | None = None) -> int:
             if not SEEDS[0] <= args.seed <= SEEDS[1]:
                 raise UsageError(f"--seed {args.seed}: expected {SEEDS[0]:,} to {SEEDS[1]:,} (torch's seeds)")
             src, converted = args.paths
+            if converted.is_file():  # (the two given the other way round, say)
+                raise UsageError(
+                    f"CONVERTED_DIR {converted}: a file, not a folder: give SRC, the official checkpoint, "
+                    "first, then the folder python -m model.convert wrote from it"
+                )
             if not converted.is_dir():
                 raise UsageError(f"{converted}: no such folder (convert first: python -m model.convert)")
             if args.save_reference is not None:  # before the official run (minutes): its write failing

@@ -232,6 +232,34 @@ def test_usage_errors_exit_2_saying_why(converted, tmp_path):
     assert rc == 2 and "not a checkout of state-spaces/s4" in err
 
 
+def test_arguments_given_the_wrong_way_say_what_to_give(converted, tmp_path, capsys):
+    """A fresh-user trial: SRC and CONVERTED_DIR swapped said "SRC: no such folder" of a file, a run's folder
+    as SRC "no such checkpoint file" of a folder, and --help's usage offered several SRC CONVERTED_DIR pairs,
+    which are refused ("give SRC CONVERTED_DIR ..."). Each now says what to give."""
+    co = _fake_checkout(tmp_path / "s4")
+    rc, _, err = run(
+        converted["s4_bytes"], FIX / "s4_bytes.ckpt", "--official", co, "--python", sys.executable
+    )
+    assert (
+        rc == 2
+        and (
+            f"CONVERTED_DIR {FIX / 's4_bytes.ckpt'}: a file, not a folder: give SRC, the official "
+            "checkpoint, first, then the folder python -m model.convert wrote from it"
+        )
+        in err
+    ), err
+    rc, _, err = run(tmp_path, converted["s4_bytes"], "--official", co, "--python", sys.executable)
+    assert rc == 2 and f"{tmp_path}: a folder, not a checkpoint file: give the .ckpt" in err, err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = " ".join(capsys.readouterr().out.split("\n\n")[0].split())
+    assert usage == (
+        "usage: python -m model.check_official SRC CONVERTED_DIR --official S4_CHECKOUT --python PYTHON "
+        "[--config CONFIG] [--tokens N] [--seed S] [--save-reference FILE] python -m model.check_official "
+        "CONVERTED_DIR --reference FILE"
+    ), usage
+
+
 @pytest.mark.parametrize(
     ("option", "value", "says"),
     [
