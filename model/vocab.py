@@ -434,17 +434,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("data_dir", help="the dataset's folder, as the official code reads it (train.txt, ...)")
     names = ", ".join(sorted(DATASETS))
     ap.add_argument("dataset", help=f"the official dataset's name ({names}), or the run's .ckpt or .pt, "
-                    "whose config names it (dataset._name_): no other dataset's is taken")  # fmt: skip
+                    "whose config names it (dataset._name_): no other dataset's is taken, nor a vocabulary "
+                    "of another size than its model's")  # fmt: skip
     ap.add_argument("out", help="the symbols file to write (vocab.txt beside an official .ckpt serves it)")
     args = ap.parse_args(argv)
-    dataset = args.dataset
-    if Path(dataset).is_file():  # the run's checkpoint: the dataset its config names
+    dataset, size = args.dataset, None
+    if Path(dataset).is_file():  # the run's checkpoint: the dataset its config names, and its model's size
+        from model.official.mapping import Unsupported, map_official  # noqa: PLC0415
         from model.official.reader import OfficialFormatError, dataset_name, read_source  # noqa: PLC0415
 
         try:
-            dataset = dataset_name(read_source(dataset)[1])
+            sd, cfg, kind = read_source(dataset)
+            dataset = dataset_name(cfg)
         except (OfficialFormatError, OSError) as exc:
             ap.error(f"{dataset}: cannot read its config ({exc})")
+        try:
+            size = map_official(sd, cfg, kind).config["vocab_size"]
+        except Unsupported:  # (model.convert refuses it, naming why)
+            pass
         if dataset not in DATASETS:
             ap.error(f"{args.dataset}: its config names dataset {dataset!r}, not one whose vocabulary is "
                      f"built here ({names})")  # fmt: skip
@@ -454,6 +461,9 @@ def main(argv: list[str] | None = None) -> int:
         vocab = Vocab.from_dataset(args.data_dir, dataset)
     except (VocabError, OSError) as exc:
         ap.error(str(exc))
+    if size is not None and len(vocab) != size:  # a server would refuse it beside the checkpoint
+        ap.error(f"{args.data_dir} gives {len(vocab)} {vocab.unit}s of {dataset}, but {args.dataset}'s model "
+                 f"has {size} tokens: not its run's data folder? ({args.out} not written)")  # fmt: skip
     try:
         sha = vocab.write(args.out)
     except OSError as exc:

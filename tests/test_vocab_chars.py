@@ -169,6 +169,25 @@ def test_model_vocab_writes_enwik8_and_text8_symbols_files(tmp_path, capsys):
     assert ByteVocab.read(tmp_path / "e.txt").symbols == REF["enwik8"]["idx2sym"]
 
 
+def test_model_vocab_refuses_a_data_folder_that_is_not_the_checkpoint_s(tmp_path, capsys):
+    """Given the run's checkpoint, `python -m model.vocab DATA_DIR CKPT OUT` built the vocabulary of
+    whatever enwik8 folder it was given and exited 0 (a fresh-user trial: the fixtures' 33-byte enwik8_data
+    for version 3's 68-symbol run), and the server then refused the vocab.txt beside the checkpoint. Now
+    a vocabulary of another size than the model's is refused, naming both, and nothing is written; the
+    run's own data (the sizes agree) and a dataset's name (no model to compare with) write it as before."""
+    out = tmp_path / "vocab.txt"
+    with pytest.raises(SystemExit) as exc:
+        vocab_main([str(FIX / "enwik8_data"), str(FIX / "trainpy_v3_s4.ckpt"), str(out)])
+    assert exc.value.code == 2 and not out.exists()
+    assert (
+        f"{FIX / 'enwik8_data'} gives 33 bytes of enwik8, but {FIX / 'trainpy_v3_s4.ckpt'}'s model has 68 "
+        f"tokens: not its run's data folder? ({out} not written)"
+    ) in capsys.readouterr().err
+    assert vocab_main([str(FIX / "enwik8_data"), str(FIX / "s4_enwik8.ckpt"), str(out)]) == 0
+    assert len(ByteVocab.read(out)) == 33
+    assert vocab_main([str(FIX / "wt103_data"), str(FIX / "s4_wt103.ckpt"), str(out)]) == 0  # (adaptive)
+
+
 def test_the_readme_enwik8_example_runs_verbatim(tmp_path):
     """The README's two blocks after the `tests/test_vocab_chars.py` marker: the conversion with the run's
     symbols file, then the library generating 40 bytes (its folder /tmp/s4-hamlet moved under tmp_path),
