@@ -12,8 +12,8 @@ decode tokens/s = batch × new tokens / time.
 The JSON also gives how far the two paths' logits agree and whether they pick the same tokens.
 
 The official code is loaded from a local checkout named by `--official DIR` or $S4_OFFICIAL_DIR (with
-its own dependencies importable: einops, scipy, rich; hydra and pytorch-lightning are replaced by the
-small stand-ins below); without one the benchmark is skipped with a message.
+its own dependencies importable: einops, scipy, rich, omegaconf; hydra and pytorch-lightning are replaced
+by the small stand-ins below); without one the benchmark is skipped with a message.
 
     python -m bench.official --official /path/to/state-spaces/s4 [--quick]
 """
@@ -45,6 +45,9 @@ SIZES: dict[bool, dict[str, Any]] = {  # keyed by quick
     True: {"H": 32, "n_layers": 2, "N": 16, "V": 256, "l_max": 64, "prompt": 64, "new": 16,
            "batches": [1, 4]},
 }  # fmt: skip
+# what the official code imports that this project's python lacks (src.utils.config imports omegaconf: the
+# check left it out, and a python with the other three failed on it with a traceback, a fresh-user trial)
+OFFICIAL_IMPORTS = ("einops", "scipy", "rich", "omegaconf")
 OPTIONS: dict[str, str | None] = {"official": None}  # set by main() from --official or $S4_OFFICIAL_DIR
 
 
@@ -230,10 +233,10 @@ def _configure(args: argparse.Namespace) -> bool:
     why = None
     if not OPTIONS["official"] or not (Path(OPTIONS["official"]) / "src" / "models").is_dir():
         why = "no official state-spaces/s4 checkout: pass --official DIR or set S4_OFFICIAL_DIR"
-    elif missing := [m for m in ("einops", "scipy", "rich") if importlib.util.find_spec(m) is None]:
+    elif missing := [m for m in OFFICIAL_IMPORTS if importlib.util.find_spec(m) is None]:
         why = (
             f"the official code is imported into this python, which lacks {', '.join(missing)}: install "
-            "them here (pip install einops scipy rich) or put a folder holding them on PYTHONPATH"
+            f"them here (pip install {' '.join(OFFICIAL_IMPORTS)}) or put a folder holding them on PYTHONPATH"
         )
     if why is None:
         return True

@@ -88,6 +88,17 @@ def test_bench_official_asked_for_without_its_dependencies_or_checkout_exits_2(t
     with pytest.raises(SystemExit) as exc:
         official._configure(argparse.Namespace(official=str(tmp_path)))
     assert exc.value.code == 2 and "lacks einops" in capsys.readouterr().err
+    # omegaconf (src.utils.config's): the other three present, it was not checked, and the run failed on it
+    # with the official code's traceback (a fresh-user trial: a PYTHONPATH folder of einops, scipy and rich)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda m: None if m == "omegaconf" else object())
+    monkeypatch.setitem(official.OPTIONS, "official", None)
+    with pytest.raises(SystemExit) as exc:
+        official._configure(argparse.Namespace(official=str(tmp_path)))
+    err = capsys.readouterr().err
+    assert (
+        exc.value.code == 2
+        and "which lacks omegaconf: install them here (pip install einops scipy rich omegaconf)" in err
+    ), err
     monkeypatch.setitem(official.OPTIONS, "official", None)
     assert official._configure(argparse.Namespace(official=None)) is False
     assert "skipped (no official" in capsys.readouterr().out
