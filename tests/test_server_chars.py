@@ -7,7 +7,8 @@ Three models: the real train.py run (trainpy_enwik.ckpt, Hamlet in enwik8's form
 converted with its symbols file; make_fixtures.py's enwik8 model (33 symbols, among them the bytes of
 two- and three-byte characters, so its output holds partial and invalid UTF-8) converted with --vocab
 DATA_DIR; and its text8 model (28 characters) served as the official file itself with the vocab.txt that
-`python -m model.vocab` writes beside it."""
+`python -m model.vocab` writes beside it. A fourth, version 3's train.py run (trainpy_v3_s4.ckpt), whose
+vocabulary has the symbol 10 and so keeps a prompt's newlines, is served for `dropped_characters`."""
 
 from __future__ import annotations
 
