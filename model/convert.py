@@ -276,12 +276,21 @@ def model_card(
     warning: str | None = None, vocab: str | None = None,
 ) -> str:  # fmt: skip
     c = imp.config
+    # a version-3 checkpoint's names are renamed first (model.official.mapping._v3_to_v4 says so in a note):
+    # the Mapping table's official column holds the renamed ones, which the file does not
+    v3 = any(n.startswith("version-3 names renamed") for n in imp.notes)
     lines = [
         f"# {name}",
         "",
         "Imported from a checkpoint trained with the official "
         "[state-spaces/s4](https://github.com/state-spaces/s4) code by `python -m model.convert` "
-        f"(the mapping follows its code at {OFFICIAL_COMMIT}).",
+        + (
+            "(version 3 of it, the v3.0.0 tag: its parameter names renamed as the official "
+            "`checkpoints/convert_v3_to_v4.py` renames them, which the Mapping table's official column "
+            f"shows, then mapped as its code at {OFFICIAL_COMMIT} reads them)."
+            if v3
+            else f"(the mapping follows its code at {OFFICIAL_COMMIT})."
+        ),
         "",
         "| | |",
         "|---|---|",

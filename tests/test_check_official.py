@@ -485,7 +485,7 @@ def test_a_checkpoint_the_official_train_py_wrote_loads_safely_with_only_the_ine
 
 
 @pytest.mark.parametrize("name,mode", [("trainpy_v3_s4", "nplr"), ("trainpy_v3_s4d", "diag")])
-def test_a_checkpoint_version_3s_train_py_wrote_loads_safely_and_imports_as_version_3(name, mode):
+def test_a_checkpoint_version_3s_train_py_wrote_loads_safely_and_imports_as_version_3(name, mode, tmp_path):
     """trainpy_v3_*.ckpt, written by Lightning 1.5.10 under version 3's train.py (trainpy_v3.md): every
     global its pickle names is one of OMEGACONF_GLOBALS, the safe loader reads the whole file (optimizer,
     scheduler and callback states; Lightning 1.5 saves no loops), its config as plain dicts with version 3's
@@ -510,4 +510,12 @@ def test_a_checkpoint_version_3s_train_py_wrote_loads_safely_and_imports_as_vers
 
     spec = map_official(*read_source(src))
     assert any("version-3 names renamed" in n for n in spec.notes), spec.notes
+    # the card says its official names are the renamed ones (it said "the mapping follows its code at
+    # e757cef" and listed ...layer.layer.kernel.inv_dt, a name the file does not have: a fresh-user trial)
+    convert(src, tmp_path / "v3", vocab=FIX / "trainpy_v3.vocab.txt")
+    card = (tmp_path / "v3" / "README.md").read_text()
+    assert "(version 3 of it, the v3.0.0 tag: its parameter names renamed as the official " in card, card
+    assert "model.layers.0.layer.layer.kernel.inv_dt" in card and "follows its code at e757cef)" not in card
+    convert(FIX / "trainpy_enwik.ckpt", tmp_path / "v4", vocab=FIX / "trainpy_enwik.vocab.txt")
+    assert "(the mapping follows its code at e757cef)." in (tmp_path / "v4" / "README.md").read_text()
     assert {"decoder.1.weight", "decoder.1.bias"} <= set(ckpt["state_dict"])
