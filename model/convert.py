@@ -544,7 +544,11 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
             if vocab is None or "--vocab" not in str(exc):
                 raise
             where = "beside" if vocab.parent == src.parent else "in the run's checkpoints folder of"
-            raise ConvertError(f"{vocab}, {where} {src.name}, is read as its vocabulary: {exc}") from None
+            raise ConvertError(
+                f"{vocab}, {where} {src.name}, is read as its vocabulary: {exc} (the vocabulary of the run's "
+                f"data: python -m model.vocab DATA_DIR {src} {vocab} writes it; a checkpoint of another run "
+                "needs a folder of its own)"
+            ) from None
         # under the hash of the bytes converted: a source replaced after `cache_key` hashed it (a copy
         # landing, a training run saving last.ckpt) was converted from its new bytes, which the old
         # hash's entry would have served for the old file ever after

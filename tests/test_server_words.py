@@ -322,6 +322,11 @@ def test_an_official_file_served_directly_reads_the_vocab_txt_beside_it(words, t
     assert models == {}
     assert f"{run / VOCAB_FILE}, beside s4_wt103.ckpt, is read as its vocabulary" in failed["wt103"]
     assert "10 words, but the model's vocabulary has 64" in failed["wt103"]
+    # and what to do (a fresh-user trial: it named the size and --vocab, which a server's user never gave)
+    assert failed["wt103"].endswith(
+        f"(the vocabulary of the run's data: python -m model.vocab DATA_DIR {run / 's4_wt103.ckpt'} "
+        f"{run / VOCAB_FILE} writes it; a checkpoint of another run needs a folder of its own)"
+    ), failed["wt103"]
 
 
 def test_the_official_best_checkpoint_serves_under_its_run_and_monitor_with_the_runs_vocab(words, tmp_path):
