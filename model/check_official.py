@@ -250,6 +250,36 @@ def other_version(src: Path, official: Path) -> str:
     return ""
 
 
+def converted_from(src: Path, converted: Path) -> None:
+    """UsageError when CONVERTED_DIR's config.json names another source (by SHA-256) than SRC's bytes: the
+    live check ran the official code first (minutes on a large model) and then said "the reference is of
+    another model", a reference the user never gave (a fresh-user trial's two runs, paired the wrong way)."""
+    import hashlib
+
+    try:
+        source = json.loads((converted / "config.json").read_text()).get("source") or {}
+        theirs = source.get("sha256") if isinstance(source, dict) else None
+    except (OSError, ValueError, AttributeError):
+        return  # check() says what is wrong with the folder
+    if not isinstance(theirs, str) or not src.is_file():
+        return
+    digest = hashlib.sha256()
+    try:
+        with src.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        return  # (the child's read says why)
+    ours = digest.hexdigest()
+    if ours != theirs:
+        named = f"{source['file']}, " if isinstance(source.get("file"), str) else ""
+        raise UsageError(
+            f"{converted} was converted from another file ({named}SHA-256 {theirs[:16]}…) than SRC {src} "
+            f"(SHA-256 {ours[:16]}…): give the checkpoint it was converted from, or convert this one first "
+            f"(python -m model.convert {src} OUT_DIR)"
+        )
+
+
 def same_source(converted: Path, meta: dict) -> None:
     """OtherModel when the reference's metadata name another file than the one CONVERTED_DIR was converted
     from (its config.json's source): by SHA-256 where both have one (a renamed copy is the same file),
@@ -376,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
             if not converted.is_dir():
                 raise UsageError(f"{converted}: no such folder (convert first: python -m model.convert)")
+            converted_from(src, converted)  # before the official run (minutes on a large model)
             if args.save_reference is not None:  # before the official run (minutes): its write failing
                 # after it was an OSError traceback, exit 1, the status of a wrong mapping (a helper's audit)
                 if not args.save_reference.parent.is_dir() or args.save_reference.is_dir():

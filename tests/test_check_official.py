@@ -10,6 +10,7 @@ code"). Tolerance: 1e-5 max relative error, as tests/test_official_import.py.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import re
@@ -260,6 +261,34 @@ def test_arguments_given_the_wrong_way_say_what_to_give(converted, tmp_path, cap
     ), usage
 
 
+def test_a_checkpoint_that_is_not_the_converted_folders_source_is_refused_before_the_official_code_runs(
+    converted, tmp_path
+):
+    """SRC and a CONVERTED_DIR converted from another file: the official code ran first (30 s for a 2-layer
+    model, minutes for a large one), then "cannot check: the reference is of another model", of a reference
+    never given (a fresh-user trial). Now refused at once, naming both files; the stand-in python that
+    would run the official code is never started."""
+    co = _fake_checkout(tmp_path / "s4")
+    ran = tmp_path / "ran"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\ntouch {ran}\nexit 1\n")
+    fake.chmod(0o755)
+    rc, _, err = run(FIX / "trainpy_enwik.ckpt", converted["s4_bytes"], "--official", co, "--python", fake)
+    theirs = hashlib.sha256((FIX / "s4_bytes.ckpt").read_bytes()).hexdigest()[:16]
+    ours = hashlib.sha256((FIX / "trainpy_enwik.ckpt").read_bytes()).hexdigest()[:16]
+    src = FIX / "trainpy_enwik.ckpt"
+    assert rc == 2 and not ran.exists(), err
+    assert (
+        f"{converted['s4_bytes']} was converted from another file (s4_bytes.ckpt, SHA-256 {theirs}…) than "
+        f"SRC {src} (SHA-256 {ours}…): give the checkpoint it was converted from, or convert this one first "
+        f"(python -m model.convert {src} OUT_DIR)"
+    ) in err, err
+    rc, _, err = run(FIX / "s4_bytes.ckpt", converted["s4_bytes"], "--official", co, "--python", fake)
+    assert rc == 2 and ran.exists() and "the official code failed (exit 1)" in err, (
+        err
+    )  # its own source: runs
+
+
 @pytest.mark.parametrize(
     ("option", "value", "says"),
     [
@@ -367,7 +396,8 @@ def test_a_checkpoint_checked_against_the_other_versions_checkout_is_told_which_
         "#!/bin/sh\necho 'AssertionError: the official code failed on this checkpoint' >&2; exit 1\n"
     )
     fake.chmod(0o755)
-    rc, _, err = run(FIX / src, converted["s4_bytes"], "--official", co, "--python", fake)
+    (tmp_path / "conv").mkdir()  # (its conversion: the child fails before CONVERTED_DIR is read)
+    rc, _, err = run(FIX / src, tmp_path / "conv", "--official", co, "--python", fake)
     version = {"kernels": 4, "ss": 3}[layout]
     assert rc == 2 and "the official code failed on this checkpoint" in err, err
     assert f"{FIX / src} {says}" in err, err
@@ -380,7 +410,8 @@ def test_a_child_failing_on_a_checkout_of_its_own_version_gets_no_version_line(c
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho 'ValueError: something else' >&2\nexit 1\n")
     fake.chmod(0o755)
-    rc, _, err = run(FIX / "trainpy_enwik.ckpt", converted["s4_bytes"], "--official", co, "--python", fake)
+    (tmp_path / "conv").mkdir()
+    rc, _, err = run(FIX / "trainpy_enwik.ckpt", tmp_path / "conv", "--official", co, "--python", fake)
     assert rc == 2 and err.rstrip().endswith("ValueError: something else"), err
 
 
