@@ -116,12 +116,23 @@ def dense_matches_s4(H: int = 4, N: int = 64, L: int = 1024) -> float:
 # One configuration (child process)
 
 
+def float32_kernel(kernel: SSMKernel, L: int) -> torch.Tensor:
+    """S4's kernel (H, L) at its own even length L in float32 arithmetic, as training computes it (with a
+    gradient), whether or not a gradient is wanted: SSMKernel.forward computes it in float64 without one
+    (since 3d57c1e), which timed as the "fwd" rows would be another dtype's work than the float32 dense
+    baseline's and than the fwd+bwd rows'."""
+    if L != kernel.L or L % 2:
+        raise ValueError(f"L = {L}: the kernel's own even length ({kernel.L}) only")
+    s = kernel.ssm(torch.float32)
+    return s4_kernel(s["Lambda"], s["P"], s["B"], s["C"], s["dt"], L, kernel.backend)
+
+
 def _work(method: str, mode: str, H: int, N: int, L: int) -> Callable[[], object]:
     torch.manual_seed(0)
     backend = "torch" if method == "dense" else method.removeprefix("s4-")
     k = SSMKernel(H, N, L, kind="s4", backend=backend)
     compute: Callable[[], torch.Tensor] = (
-        (lambda: dense_kernel(k, L)) if method == "dense" else (lambda: k(L))
+        (lambda: dense_kernel(k, L)) if method == "dense" else (lambda: float32_kernel(k, L))
     )
     if mode == "fwd":
 
@@ -194,7 +205,8 @@ def run(quick: bool) -> dict[str, Any]:
     check = dense_matches_s4(N=16, L=256) if quick else dense_matches_s4()
     return {
         "description": "S4 convolution kernel K (H, L): median wall time and peak RSS above the "
-        "pre-work baseline, forward only (no_grad) and forward+backward of sum(K * W), each "
+        "pre-work baseline, forward only (no_grad; float32 arithmetic, as training's forward, not the "
+        "float64 SSMKernel computes without gradients) and forward+backward of sum(K * W), each "
         "configuration in a fresh subprocess",
         "sizes": {**cfg, "dense_limit_bytes": DENSE_LIMIT_BYTES},
         "methods": {
