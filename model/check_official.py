@@ -205,7 +205,13 @@ def official_reference(src: Path, official: Path, python: str, out: Path, config
         tail = "\n".join(r.stderr.strip().splitlines()[-25:])
         missing = re.search(r"^ModuleNotFoundError: No module named '([\w.]+)'$", tail, re.MULTILINE)
         top = missing and missing.group(1).split(".")[0]
-        if top and top != "src":  # (src: the checkout's own code, not a package to install)
+        if top == "s4d":  # the checkout's own standalone layer (reference.py: models/s4 on the path)
+            tail += (
+                f"\n{official} has no models/s4/s4d.py, the standalone S4D layer SRC's description names (a "
+                "module of the checkout, not a package to install): give --official a checkout that has it, "
+                "version 4's (version 3 keeps its copy at src/models/s4/s4d.py, which is not read)"
+            )
+        elif top and top != "src":  # (src: the checkout's own code, not a package to install)
             pkg = PIP_NAMES.get(top, top)
             tail += (
                 f"\n{python} has no module {top}, which the official code imports: install it there "

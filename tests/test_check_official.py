@@ -374,6 +374,29 @@ def test_a_python_without_a_module_the_official_code_imports_is_told_what_to_ins
     ) in err, err
 
 
+def test_a_standalone_layer_the_checkout_lacks_is_not_a_package_to_install(tmp_path):
+    """The standalone s4d.py description (s4d_standalone.pt + .json) against a checkout without
+    models/s4/s4d.py (version 3's, which keeps it at src/models/s4/s4d.py) failed with 'No module named
+    s4d', and the error then said '... has no module s4d, which the official code imports: install it there
+    (PYTHON -m pip install s4d)', a package of PyPI, not the official code's. Now it names the checkout's
+    missing file."""
+    co = _fake_checkout(tmp_path / "s4")
+    for mod in ("src/__init__", "src/models/__init__", "src/models/nn/__init__", "src/models/nn/utils",
+                "src/utils/__init__", "src/utils/registry"):  # fmt: skip
+        (co / f"{mod}.py").parent.mkdir(parents=True, exist_ok=True)
+        (co / f"{mod}.py").write_text("")
+    # (the child reads a .json description without omegaconf's help, which this venv lacks: a stand-in)
+    (co / "omegaconf.py").write_text("class OmegaConf:\n    has_resolver = staticmethod(lambda name: True)\n")
+    (co / "src/models/s4").mkdir()
+    (co / "src/models/s4/s4d.py").write_text("")  # (version 3's place: not on the child's path)
+    out = tmp_path / "converted"
+    convert(FIX / "s4d_standalone.pt", out)
+    rc, _, err = run(FIX / "s4d_standalone.pt", out, "--official", co, "--python", sys.executable)
+    assert rc == 2 and "No module named 's4d'" in err, err
+    assert "pip install" not in err, err
+    assert f"{co} has no models/s4/s4d.py, the standalone S4D layer SRC's description names" in err, err
+
+
 @pytest.mark.parametrize(("src", "layout", "says"), [
     ("trainpy_v3_s4.ckpt", "kernels", "has version 3's parameter names "
      "(model.layers.0.layer.kernel.kernel.log_dt): a version-3 checkpoint needs a checkout of version 3"),
