@@ -238,6 +238,8 @@ def other_version(src: Path, official: Path) -> str:
         keys = list(read_source(src)[0])
     except (OSError, ValueError):  # OfficialFormatError: the child's own error says what is wrong
         return ""
+    if not any(k.startswith("model.") for k in keys):  # the standalone s4d.py layers (s4_layers.*): their
+        return ""  # log_dt is that file's name in either version, not version 3's training checkpoint's
     named = sorted((k for k in keys if re.search(V3_NAMES, k)), key=lambda k: not re.search(V3_PARAMETERS, k))
     v3 = named[0] if named else None  # a log_dt (…) first, as the more telling name
     if checkout == 4 and v3 is not None:

@@ -427,14 +427,24 @@ def test_a_checkpoint_checked_against_the_other_versions_checkout_is_told_which_
     assert f"--official {co} is of version {version} (it has src/models/sequence/{layout}/)" in err, err
 
 
-def test_a_child_failing_on_a_checkout_of_its_own_version_gets_no_version_line(converted, tmp_path):
+@pytest.mark.parametrize(("src", "layout"), [
+    ("trainpy_enwik.ckpt", "kernels"),
+    # the standalone s4d.py layers (s4_layers.*.kernel.log_dt, that file's name in either version): before,
+    # 'has version 3's parameter names ...: a version-3 checkpoint needs a checkout of version 3' of a file
+    # whose layer the child reads from models/s4/s4d.py, version 4's layout (on version 3's layout: none)
+    ("s4d_standalone.pt", "kernels"),
+    ("s4d_standalone.pt", "ss"),
+])  # fmt: skip
+def test_a_child_failing_on_a_checkout_of_its_own_version_gets_no_version_line(
+    converted, tmp_path, src, layout
+):
     co = _fake_checkout(tmp_path / "s4")
-    (co / "src" / "models" / "sequence" / "kernels").mkdir()
+    (co / "src" / "models" / "sequence" / layout).mkdir()
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho 'ValueError: something else' >&2\nexit 1\n")
     fake.chmod(0o755)
     (tmp_path / "conv").mkdir()
-    rc, _, err = run(FIX / "trainpy_enwik.ckpt", tmp_path / "conv", "--official", co, "--python", fake)
+    rc, _, err = run(FIX / src, tmp_path / "conv", "--official", co, "--python", fake)
     assert rc == 2 and err.rstrip().endswith("ValueError: something else"), err
 
 
