@@ -1365,6 +1365,18 @@ def test_a_version_3_sashimi_of_s4d_layers_has_the_length_its_model_l_max_gave_i
     cfg["model"]["l_max"] = 10**12
     with pytest.raises(Unsupported, match=r"model.l_max = 1000000000000: expected an integer in \[1, "):
         map_official(sd, cfg, kind)
+    # any other value than a length, once read as the dataset's 1,024 default (silently, as before the fix
+    # above): refused by name; null (a dataset without __l_max) still falls back to it
+    for bad in (0, -64, True, 48.0, "64"):
+        sd, cfg, kind = _lightning("v3_sashimi_s4d.ckpt")
+        cfg["model"]["l_max"] = bad
+        with pytest.raises(
+            Unsupported, match=rf"model.l_max = {re.escape(repr(bad))}: expected an integer in \["
+        ):
+            map_official(sd, cfg, kind)
+    sd, cfg, kind = _lightning("v3_sashimi_s4d.ckpt")
+    cfg["model"]["l_max"] = None
+    assert map_official(sd, cfg, kind).config["l_max"] == 1024
 
 
 def test_sashimi_audio_format_comes_from_the_dataset_or_sample_rate_and_the_card_says_which():

@@ -1320,11 +1320,14 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     P = math.prod(pool)
     if kind == "s4":
         l_max = max(l_kernels)
-    elif v3_levels and _positive_int(m.get("l_max")):  # version 3's: its top level's layers' l_max (the
-        # dataset's 1024 default was read instead, where an S4 model's l_kernels gave model.l_max)
+    elif v3_levels and m.get("l_max") is not None:  # version 3's: its top level's layers' l_max (the
+        # dataset's 1024 default was read instead, where an S4 model's l_kernels gave model.l_max); any other
+        # value than such a length (0, -64, true, 48.0, "64") is refused by name, not read as that default
         l_max = m["l_max"]
-        if l_max > MAX_SIZE["l_max"]:
-            raise Unsupported(f"model.l_max = {l_max}: expected an integer in [1, {MAX_SIZE['l_max']:,}]")
+        if not _positive_int(l_max) or l_max > MAX_SIZE["l_max"]:
+            raise Unsupported(
+                f"model.l_max = {l_max!r}: expected an integer in [1, {MAX_SIZE['l_max']:,}] or null"
+            )
     else:  # S4D layers keep no kernel length (a helper's audit: max() of their None crashed the import)
         l_max = _s4d_length(lc, cfg)
     l_max = -(-l_max // (2 * P)) * 2 * P  # a multiple of 2·prod(pool): the verification length
