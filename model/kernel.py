@@ -11,6 +11,8 @@ Shapes: H channels, N2 = N/2 complex modes (conjugate symmetry: each mode stands
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -235,6 +237,25 @@ def _real(z: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(torch.view_as_real(z.to(torch.complex64)).clone())
 
 
+_TRAINING_ARITHMETIC = contextvars.ContextVar("s4_kernel_training_arithmetic", default=False)
+
+
+@contextlib.contextmanager
+def training_arithmetic():
+    """Within it, `SSMKernel.forward` computes in the `dtype` asked for even where no gradient is wanted,
+    as training computes it, instead of in float64 rounded once (its default without gradients, for the
+    conversion checks). A training run's validation (model/train.py `evaluate`) runs in it: there float64
+    bought nothing a loss shows (its kernels differ from float32's by ~1e-5 of the kernel at most) and cost
+    an S4 (DPLR) model's validation about twice the time (text-shakespeare's shape with S4 layers, H 256,
+    N 64, L 1024: the 4 kernels of a forward 0.25 s in float32, 0.53 s in float64). A context variable:
+    it holds for this thread (and asyncio task) only."""
+    token = _TRAINING_ARITHMETIC.set(True)
+    try:
+        yield
+    finally:
+        _TRAINING_ARITHMETIC.reset(token)
+
+
 class SSMKernel(nn.Module):
     """Parameters of H independent SSMs and the kernel they define.
 
@@ -321,8 +342,8 @@ class SSMKernel(nn.Module):
         training path, fast and differentiable); otherwise (L > self.L, or an odd self.L) C̃ is first
         rewritten for the even length L' = max(L, self.L) rounded up to even (float64,
         `c_tilde_for_length`) and the kernel computed at L'. Returns real (H, L) of `dtype` (computed in
-        float64 and rounded once when no gradient is wanted: torch.is_grad_enabled() false). Raises
-        ValueError for L < 1."""
+        float64 and rounded once when no gradient is wanted: torch.is_grad_enabled() false, outside
+        `training_arithmetic()`). Raises ValueError for L < 1."""
         L = self.L if L is None else L
         if L < 1:
             raise ValueError(f"kernel length must be positive, got {L}")
@@ -333,7 +354,9 @@ class SSMKernel(nn.Module):
         # 1,303 at N = 64) drifts l times that (5.9e-5 of the kernel at l = 384); S4: near Re Λ = 0 (a skew
         # measure, legt, lagt, fout, at version 3's real_tolerance 1e-3) the Woodbury step cancels the
         # Cauchy sums' rounding into the kernel (a version-3 legt layer's: 1.2e-4 of it at l = 32).
-        work = torch.float64 if dtype != torch.float64 and not torch.is_grad_enabled() else dtype
+        # (A training run's validation keeps `dtype`: `training_arithmetic`.)
+        exact = dtype != torch.float64 and not torch.is_grad_enabled() and not _TRAINING_ARITHMETIC.get()
+        work = torch.float64 if exact else dtype
         s = self.ssm(work)
         if self.kind == "s4d":
             return s4d_kernel(s["Lambda"], s["B"], s["C"], s["dt"], L, self.disc, backend).to(dtype)

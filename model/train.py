@@ -56,6 +56,7 @@ from torch import nn
 
 from model.codecs import audio_codec
 from model.data import Dataset, DatasetError, meta_codec
+from model.kernel import training_arithmetic
 
 
 class ConfigError(ValueError):
@@ -374,7 +375,14 @@ def evaluate(net: nn.Module, data: Dataset, split: np.ndarray, seq_len: int, bat
 
     Text: windows of seq_len hopping by `stride`; each scores only the tokens the previous window
     did not, so every token after the first window has at least seq_len − stride of context.
-    Audio: every clip, whole. `max_tokens` > 0 evaluates a prefix (cheap periodic validation)."""
+    Audio: every clip, whole. `max_tokens` > 0 evaluates a prefix (cheap periodic validation). The SSM
+    kernels are computed as training computes them (model/kernel.py `training_arithmetic`: float32, not the
+    no-grad default float64)."""
+    with training_arithmetic():
+        return _evaluate(net, data, split, seq_len, batch_size, stride, max_tokens, device)
+
+
+def _evaluate(net, data, split, seq_len, batch_size, stride, max_tokens, device) -> dict:
     was_training = net.training
     net.eval()
     total, count = 0.0, 0

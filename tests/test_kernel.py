@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.hippo import dplr, rank_correction, transition
-from model.kernel import RE_LAMBDA_MAX, SSMKernel, init_ssm, s4_kernel, s4d_kernel
+from model.kernel import RE_LAMBDA_MAX, SSMKernel, init_ssm, s4_kernel, s4d_kernel, training_arithmetic
 
 F64 = torch.float64
 
@@ -216,3 +216,65 @@ def test_s4_kernel_of_a_skew_measure_without_gradients_is_the_float64_kernel_rou
                 err = float((K32.double() - ref).abs().max() / ref.abs().max())
                 assert K32.dtype == torch.float32 and K32.shape == (4, L) and err <= 1e-6, (backend, L, err)
     assert k(256).requires_grad and k(256).dtype == torch.float32  # the training path
+
+
+def _dtypes_asked(monkeypatch) -> list:
+    """Record the dtype of every SSMKernel.ssm call (the arithmetic a kernel is computed in)."""
+    asked, ssm = [], SSMKernel.ssm
+
+    def spy(self, dtype):
+        asked.append(dtype)
+        return ssm(self, dtype)
+
+    monkeypatch.setattr(SSMKernel, "ssm", spy)
+    return asked
+
+
+@pytest.mark.parametrize("kind", ["s4", "s4d"])
+def test_training_arithmetic_keeps_a_kernel_without_gradients_in_float32(kind, monkeypatch):
+    """Inside `training_arithmetic()` a kernel wanted without gradients is computed as training computes it
+    (float32: a training run's validation, where the no-grad default, float64 rounded once, doubled an S4
+    model's validation time for no loss figure it shows): bit for bit the training path's kernel. Outside it
+    the no-grad kernel is float64 again (the block does not leak), within 1e-6 of the float64 kernel."""
+    k = SSMKernel(4, 64, 256, kind=kind, init="legs")
+    L = 300  # past the kernel length: S4's C̃ rewritten for it (float64 work in either arithmetic)
+    trained = k(L).detach()
+    asked = _dtypes_asked(monkeypatch)
+    with torch.no_grad():
+        with training_arithmetic():
+            inside = k(L)
+        n_inside = len(asked)
+        outside = k(L)
+        exact = k(L, dtype=F64)
+    assert torch.equal(inside, trained) and inside.dtype == torch.float32
+    assert asked[0] == torch.float32  # (then S4's float64 C̃ rewrite past the kernel length)
+    assert asked[n_inside] == F64 and outside.dtype == torch.float32
+    assert float((outside.double() - exact).abs().max() / exact.abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("kind", ["s4", "s4d"])
+def test_a_training_runs_validation_computes_its_kernels_in_float32(kind, monkeypatch):
+    """model/train.py `evaluate` (a training run's periodic and final validation, and a model card's test
+    figures) computes its kernels as training does, in float32: since the kernel without gradients became
+    float64 (5f16f65 for S4D, 3d57c1e for S4) it was float64 there, an S4 model's validation about twice
+    as long (text-shakespeare's shape with S4 layers: 0.25 s → 0.53 s for a forward's 4 kernels)."""
+    import numpy as np
+
+    from model import ModelConfig, SequenceModel
+    from model.train import evaluate
+
+    torch.manual_seed(0)
+    net = SequenceModel(ModelConfig(vocab_size=256, d_model=8, n_layers=2, d_state=8, l_max=32, kernel=kind))
+
+    class Text:  # the part of model.data.Dataset evaluate reads
+        kind = "text"
+
+        def batch(self, data, idx, seq_len):
+            win = np.stack([data[i : i + seq_len + 1] for i in idx]).astype(np.int64)
+            return torch.from_numpy(win[:, :-1]), torch.from_numpy(win[:, 1:])
+
+    split = np.arange(200, dtype=np.int64) % 256
+    asked = _dtypes_asked(monkeypatch)
+    res = evaluate(net, Text(), split, 32, 4)
+    assert res["tokens"] > 0 and math.isfinite(res["nll_nats"])
+    assert asked and set(asked) == {torch.float32}, asked
