@@ -1005,16 +1005,22 @@ async def events(stream: Stream, idle: float | None = None) -> AsyncIterator[lis
     """The stream's items in groups (whatever arrived together); cancels the generation if the
     consumer stops early (a client disconnect cancels the response task). The consumer counts what it
     hands to its transport (`Stream.deliver`) and settles the stream when it is done (`Stream.settle`).
-    `idle` (seconds): an empty group after each wait that long with no items (an SSE keep-alive)."""
+    `idle` (seconds): an empty group after each wait that long with no items (an SSE keep-alive). Without
+    one (WebSocket, the OpenAI routes) a get is not wrapped in `asyncio.timeout(None)`, which cost 1.9 µs a
+    get on this VM (2.16 against 0.24 µs, 200,000 gets of a ready queue), on the event loop at every
+    hand-over."""
     finished = False
     try:
         while not finished:
-            try:
-                async with asyncio.timeout(idle):  # (a get cut short leaves its items queued)
-                    items = await stream.get()
-            except TimeoutError:
-                yield []
-                continue
+            if idle is None:
+                items = await stream.get()
+            else:
+                try:
+                    async with asyncio.timeout(idle):  # (a get cut short leaves its items queued)
+                        items = await stream.get()
+                except TimeoutError:
+                    yield []
+                    continue
             finished = not isinstance(items[-1], int)
             yield items
     finally:
