@@ -32,7 +32,7 @@ from bench.common import (
     time_samples,
 )
 from model import linalg
-from model.kernel import SSMKernel, s4_kernel
+from model.kernel import SSMKernel, s4_kernel, training_arithmetic
 
 NAME = "kernel"
 METHODS = ("s4-keops", "s4-torch", "dense")
@@ -117,14 +117,12 @@ def dense_matches_s4(H: int = 4, N: int = 64, L: int = 1024) -> float:
 
 
 def float32_kernel(kernel: SSMKernel, L: int) -> torch.Tensor:
-    """S4's kernel (H, L) at its own even length L in float32 arithmetic, as training computes it (with a
-    gradient), whether or not a gradient is wanted: SSMKernel.forward computes it in float64 without one
-    (since 3d57c1e), which timed as the "fwd" rows would be another dtype's work than the float32 dense
+    """S4's kernel (H, L) in float32 arithmetic, as training computes it (with a gradient), whether or not a
+    gradient is wanted (`training_arithmetic`): SSMKernel.forward computes it in float64 without one (since
+    3d57c1e), which timed as the "fwd" rows would be another dtype's work than the float32 dense
     baseline's and than the fwd+bwd rows'."""
-    if L != kernel.L or L % 2:
-        raise ValueError(f"L = {L}: the kernel's own even length ({kernel.L}) only")
-    s = kernel.ssm(torch.float32)
-    return s4_kernel(s["Lambda"], s["P"], s["B"], s["C"], s["dt"], L, kernel.backend)
+    with training_arithmetic():
+        return kernel(L)
 
 
 def _work(method: str, mode: str, H: int, N: int, L: int) -> Callable[[], object]:
