@@ -35,7 +35,14 @@ from pathlib import Path
 import torch
 
 from model.checkpoint import _sha256, save
-from model.official.mapping import Imported, MissingConfig, Unsupported, _positive_int, map_official
+from model.official.mapping import (
+    V3_RENAMED_NOTE,
+    Imported,
+    MissingConfig,
+    Unsupported,
+    _positive_int,
+    map_official,
+)
 from model.official.reader import (
     OfficialFormatError,
     config_origin,
@@ -278,7 +285,7 @@ def model_card(
     c = imp.config
     # a version-3 checkpoint's names are renamed first (model.official.mapping._v3_to_v4 says so in a note):
     # the Mapping table's official column holds the renamed ones, which the file does not
-    v3 = any(n.startswith("version-3 names renamed") for n in imp.notes)
+    v3 = V3_RENAMED_NOTE in imp.notes
     lines = [
         f"# {name}",
         "",

@@ -61,6 +61,8 @@ LN_EPS = 1e-5
 # stride 1 with no expand (or version 3's expand 1): DownAvgPool ('pool', 'avg') and DownSample ('sample').
 # Not DownSpectralPool ('spectral': ifftn twice, a helper's audit) nor DownLinearPool ('linear': a Linear)
 IDENTITY_POOLS = ("pool", "avg", "sample")
+# the note a version-3 checkpoint's import carries (`_v3_to_v4`); model.convert's card reads it
+V3_RENAMED_NOTE = "version-3 names renamed as checkpoints/convert_v3_to_v4.py does (w_imag negated)"
 
 
 class Unsupported(ValueError):
@@ -234,7 +236,7 @@ def _v3_to_v4(sd: dict[str, torch.Tensor], notes: list[str]) -> tuple[dict, dict
         out[nk] = v
     if diag:
         notes.append("version-3 diagonal kernels: inv_A_real, A_imag as +Im Λ, B unsqueezed, A dropped")
-    notes.append("version-3 names renamed as checkpoints/convert_v3_to_v4.py does (w_imag negated)")
+    notes.append(V3_RENAMED_NOTE)
     return out, implied
 
 
