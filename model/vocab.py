@@ -236,7 +236,6 @@ class ByteVocab(Vocab):
             self._table[b] = i
         lacking = set(range(256)) - set(self.byte_of)
         self._dropped = b"\n" if 10 in lacking else b""  # a newline the data never had: dropped
-        self.drops = ("\n",) if self._dropped else ()
         self._lacking = lacking - {10}
 
     def encode(self, text: str) -> list[int]:
@@ -254,6 +253,11 @@ class ByteVocab(Vocab):
                 "wrote each as a line break, which the official tokenizer dropped); send another character"
             )
         return ids
+
+    @property
+    def drops(self) -> tuple[str, ...]:
+        """("\n",) when the vocabulary lacks the newline byte (`encode` drops it), else ()."""
+        return tuple(self._dropped.decode())
 
     def dropped(self, text: str) -> list[str]:
         """The newlines of `text` when the vocabulary lacks the newline byte (`encode` drops them)."""
