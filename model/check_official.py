@@ -262,7 +262,7 @@ def converted_from(src: Path, converted: Path) -> None:
     """UsageError when CONVERTED_DIR's config.json names another source (by SHA-256) than SRC's bytes: the
     live check ran the official code first (minutes on a large model) and then said "the reference is of
     another model", a reference the user never gave (a fresh-user trial's two runs, paired the wrong way)."""
-    import hashlib
+    from model.checkpoint import _sha256
 
     try:
         source = json.loads((converted / "config.json").read_text()).get("source") or {}
@@ -271,14 +271,10 @@ def converted_from(src: Path, converted: Path) -> None:
         return  # check() says what is wrong with the folder
     if not isinstance(theirs, str) or not src.is_file():
         return
-    digest = hashlib.sha256()
     try:
-        with src.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+        ours = _sha256(src)
     except OSError:
         return  # (the child's read says why)
-    ours = digest.hexdigest()
     if ours != theirs:
         named = f"{source['file']}, " if isinstance(source.get("file"), str) else ""
         raise UsageError(
