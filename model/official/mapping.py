@@ -1325,11 +1325,7 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     elif v3_levels and m.get("l_max") is not None:  # version 3's: its top level's layers' l_max (the
         # dataset's 1024 default was read instead, where an S4 model's l_kernels gave model.l_max); any other
         # value than such a length (0, -64, true, 48.0, "64") is refused by name, not read as that default
-        l_max = m["l_max"]
-        if not _positive_int(l_max) or l_max > MAX_SIZE["l_max"]:
-            raise Unsupported(
-                f"model.l_max = {l_max!r}: expected an integer in [1, {MAX_SIZE['l_max']:,}] or null"
-            )
+        l_max = _l_max_option(m["l_max"], "model.l_max")
     else:  # S4D layers keep no kernel length (a helper's audit: max() of their None crashed the import)
         l_max = _s4d_length(lc, cfg)
     l_max = -(-l_max // (2 * P)) * 2 * P  # a multiple of 2·prod(pool): the verification length
@@ -1345,7 +1341,7 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
     }  # fmt: skip
     notes.append(
         f"{'U-Net SaShiMi (official backbone unet)' if unet else 'SaShiMi'}"
-        f"{' of version 3' if implied or 'l_max' in m else ''} pool {pool}, expand {expand}, "
+        f"{' of version 3' if v3_levels else ''} pool {pool}, expand {expand}, "
         f"ff {ff}, {n_layers} (S4, FF) pairs per level; S4 blocks {names} with l_kernel {l_kernels}"
     )
     notes.append(_kernel_note(kind, lc, facts0))
@@ -1380,10 +1376,15 @@ def _dataset_l_max(cfg: dict) -> int:
     v = ds.get("l_max") if isinstance(ds, dict) else None
     if v is None:
         return 1024
+    return _l_max_option(v, "dataset.l_max", " (the S4D layers' length, their model.layer.l_max being null)")
+
+
+def _l_max_option(v, option: str, why: str = "") -> int:
+    """A config's length `v` (not null), an integer in [1, MAX_SIZE["l_max"]]; else Unsupported naming
+    `option` (then `why`)."""
     most = MAX_SIZE["l_max"]
     if type(v) is not int or not 1 <= v <= most:
-        raise Unsupported(f"dataset.l_max = {v!r}: expected an integer in [1, {most:,}] or null (the S4D "
-                          "layers' length, their model.layer.l_max being null)")  # fmt: skip
+        raise Unsupported(f"{option} = {v!r}: expected an integer in [1, {most:,}] or null{why}")
     return v
 
 
