@@ -1789,3 +1789,47 @@ def test_a_version_3_checkpoint_that_convert_v3_to_v4_renamed_imports_as_the_sam
     for i, k in enumerate(net.kernels()):
         want = ref[f"kernel.{i}"]
         assert rel(k(want.shape[1], dtype=F64, backend="torch"), want) <= 1e-12, (name, i)
+
+
+def _bare_output_linear(sd: dict) -> dict:
+    """A state dict's S4 output layers as version 3's `postact: null` builds them (v3_s4_postact_null, by
+    the v3.0.0 code): the bare Linear(d, d), `…output_linear.weight` and `.bias`, not `….0.`."""
+    out = {}
+    for k, v in sd.items():
+        if ".output_linear.0." in k:
+            k, v = k.replace(".output_linear.0.", ".output_linear."), v[: v.shape[0] // 2].clone()
+        out[k] = v
+    return out
+
+
+def test_an_output_layer_without_its_glu_is_refused_naming_it(tmp_path):
+    """Version 3's `postact: null` (its sc/s4-sc-ablation experiment sets it) gives the S4 layer's output
+    LinearActivation no activation: the bare Linear(H, H), `output_linear.weight` (v3_s4_postact_null, made
+    by the v3.0.0 code). Version 4 reads the same config as a GLU, so the config check passed it, and the
+    import was refused as "tensor …output_linear.0.weight is missing from the state dict". Now it is named.
+    The same in a SaShiMi's blocks (its S4 layers' LinearActivation, v3_sashimi's made bare as the code
+    makes them), and a GLU-less layer under `0.` (final_act 'id''s module tree) beside a GLU config."""
+
+    def glu_less(key: str, d: int | str) -> str:
+        return (
+            rf"{key}' of shape \[{d}, {d}\]: an output layer of {d} features without a GLU "
+            r"\(version 3's postact: null, or final_act 'id'\)"
+        )
+
+    sd, cfg, kind = read_source(FIX / "v3_s4_postact_null.ckpt")
+    assert cfg["model"]["layer"]["postact"] is None and "final_act" not in cfg["model"]["layer"]
+    assert tuple(sd["model.layers.0.layer.output_linear.weight"].shape) == (8, 8)
+    with pytest.raises(Unsupported, match=glu_less(r"'model\.layers\.0\.layer\.output_linear\.weight", 8)):
+        map_official(dict(sd), copy.deepcopy(cfg), kind)
+    r = _run_convert(FIX / "v3_s4_postact_null.ckpt", tmp_path / "out")
+    assert r.returncode == 2 and re.search(glu_less(r"output_linear\.weight", 8), r.stderr), r.stderr
+    assert not (tmp_path / "out").exists()
+    sd, cfg, kind = read_source(FIX / "v3_sashimi.ckpt")
+    # (the first block the import reads: the center's, at d_model × expand² = 32 features)
+    with pytest.raises(Unsupported, match=glu_less(r"c_layers\.0\.layer\.output_linear\.weight", 32)):
+        map_official(_bare_output_linear(dict(sd)), copy.deepcopy(cfg), kind)
+    sd, cfg, kind = _lightning("v3_s4.ckpt")
+    for k in ("model.layers.0.layer.output_linear.0.weight", "model.layers.0.layer.output_linear.0.bias"):
+        sd[k] = sd[k][:8].clone()
+    with pytest.raises(Unsupported, match=glu_less(r"output_linear\.0\.weight", 8)):
+        map_official(sd, cfg, kind)

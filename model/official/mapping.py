@@ -136,6 +136,25 @@ class _Source:
         self.used.add(key)
         return t
 
+    def take_glu_out(self, prefix: str, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """An S4 block's output layer `prefix` (…output_linear.): Linear(d, 2d) then GLU, its module tree's
+        `0.weight` (2d, d) and `0.bias` (2d,). Raises Unsupported, naming it, for an output layer without
+        the GLU that the config check cannot see: version 3's `postact: null` (with no `final_act`: version
+        4 reads that config as a GLU), whose LinearActivation is the bare Linear(d, d), `weight` and `bias`
+        without the `0.`. (It was refused as "tensor …output_linear.0.weight is missing".) The same layer
+        under `0.` with d outputs (a GLU config beside weights of an activation-less layer) is refused too.
+        """
+        bare = self.sd.get(prefix + "weight")
+        under = self.sd.get(prefix + "0.weight")
+        if under is None and bare is not None or under is not None and under.shape[:1] == (d,):
+            key = prefix + ("weight" if under is None else "0.weight")
+            raise Unsupported(
+                f"tensor {key!r} of shape {list(self.sd[key].shape)}: an output layer of {d} features "
+                "without a GLU (version 3's postact: null, or final_act 'id'), where only a GLU output layer "
+                f"(Linear({d}, {2 * d}) then GLU) is supported"
+            )
+        return self.take(prefix + "0.weight", (2 * d, d)), self.take(prefix + "0.bias", (2 * d,))
+
     def leftovers(self) -> list[str]:
         return sorted(set(self.sd) - self.used)
 
@@ -923,8 +942,9 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None, sample_rate: in
         l_kernels.append(facts["l_kernel"])
         D = src.take(p + "layer.layer.D", (1, H))
         tensors[q + "layer.D"] = D[0]
-        tensors[q + "layer.out.weight"] = src.take(p + "layer.output_linear.0.weight", (2 * H, H))
-        tensors[q + "layer.out.bias"] = src.take(p + "layer.output_linear.0.bias", (2 * H,))
+        tensors[q + "layer.out.weight"], tensors[q + "layer.out.bias"] = src.take_glu_out(
+            p + "layer.output_linear.", H
+        )
         mp += [
             (q + "layer.D", p + "layer.layer.D", "D[0]"),
             (q + "layer.out", p + "layer.output_linear.0", "Linear(H, 2H) then GLU"),
@@ -1275,8 +1295,9 @@ def map_sashimi(sd: dict[str, torch.Tensor], cfg: dict, sample_rate: int | None 
             l_kernels.append(facts["l_kernel"])
             names.append(q[:-1])
             tensors[q + "layer.D"] = src.take(p + "layer.layer.D", (1, d))[0]
-            tensors[q + "layer.out.weight"] = src.take(p + "layer.output_linear.0.weight", (2 * d, d))
-            tensors[q + "layer.out.bias"] = src.take(p + "layer.output_linear.0.bias", (2 * d,))
+            tensors[q + "layer.out.weight"], tensors[q + "layer.out.bias"] = src.take_glu_out(
+                p + "layer.output_linear.", d
+            )
             mp.append((q + "layer", p + "layer", "S4 block: D, output Linear(d, 2d) + GLU; TransposedLN"))
         else:
             tensors[q + "ff.up.weight"] = src.take(p + "layer.ff.0.0.weight", (ff * d, d))
