@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import copy
 import itertools
+import time
 
 import pytest
 import torch
@@ -247,23 +248,53 @@ def test_a_new_requests_first_token_goes_out_after_one_step_not_a_whole_block(re
     d.close()
 
 
-def test_native_blocks_are_sized_by_the_time_left_not_cut_into_a_shrinking_series(rec):
+class _BlockClock:
+    """The engine's `time` module with a perf_counter of the test's own, which moves only where the test
+    moves it: by `step_s` a step of each native block (the block's step times, as the C side stamps them,
+    from the engine's reading just before the call) and by `after_s` once the block has returned, a wait for
+    the GIL after the call. The block sizing then depends on no real time: on the real clock a CPU taken
+    for 100 ms during a block (a loaded machine) made its step time milliseconds, and the next blocks were
+    cut short. It starts 1000 s past the real clock, after every job's `submitted` (the real clock's)."""
+
+    def __init__(self, step_s: float, after_s: float) -> None:
+        self.now, self.step_s, self.after_s = time.perf_counter() + 1000.0, step_s, after_s
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def __getattr__(self, name):  # (monotonic, time, sleep: the real ones)
+        return getattr(time, name)
+
+    def stamp(self, res) -> None:
+        """Give a block's result the times of its steps on this clock, and move the clock past them."""
+        start = self.now
+        res.times = start + self.step_s * torch.arange(1, res.steps + 1, dtype=torch.float64)
+        self.now = start + self.step_s * res.steps + self.after_s
+
+
+def test_native_blocks_are_sized_by_the_time_left_not_cut_into_a_shrinking_series(rec, monkeypatch):
     """Once a step time is measured, a decode stage is the fewest native blocks that fill its hand-over
     period: with a period (100 ms) far longer than the stage's most steps (64, for a model this small:
     tens of microseconds a step), every stage is two blocks of DECODE_BLOCK_NATIVE_MAX_STEPS (32); after
     the batch grows over twice, one stage begins with a short block that measures the new step time.
     The step time runs from a block's call to its last step, so a wait for the GIL after the call does
     not count: a first block of 8 steps whose overhead and GIL wait counted as step time had cut audio
-    stages into blocks of 8, 75, 45, 22, 8, 1 steps (2026-11-30)."""
+    stages into blocks of 8, 75, 45, 22, 8, 1 steps (2026-11-30). The engine's clock is the test's
+    (`_BlockClock`): 30 µs a step, and 20 ms of GIL wait after each block, which counted as step time would
+    make it 655 µs (32 steps) or 2.5 ms (8)."""
+    import server.engine
     from server.engine import DECODE_BLOCK_MAX_STEPS, DECODE_BLOCK_NATIVE_MAX_STEPS, DECODE_BLOCK_STEPS
 
     blocks: list[int] = []
+    clock = _BlockClock(step_s=30e-6, after_s=20e-3)
+    monkeypatch.setattr(server.engine, "time", clock)
     d = Driver(rec, decode_block_ms=100.0)
     rec_ = d.engine.rec
     orig = rec_.decode_block
 
     def decode_block(K, state, tokens, **rows):
         res = orig(K, state, tokens, **rows)
+        clock.stamp(res)
         blocks.append(res.steps)
         return res
 
@@ -276,7 +307,7 @@ def test_native_blocks_are_sized_by_the_time_left_not_cut_into_a_shrinking_serie
         blocks.clear()
         d.tick()
         assert blocks == stage
-    assert d.engine._block_step_s is not None and d.engine._block_step_s < 1e-3
+    assert d.engine._block_step_s == pytest.approx(clock.step_s)  # the steps' own time, not the wait after
     assert d.engine._block_step_rows == 3
     # the batch grows from 3 rows to 8 (over twice): a step time measured at 3 rows says little about 8,
     # so the next stage begins with a short block that measures it (DECODE_BLOCK_STEPS), then fills up
