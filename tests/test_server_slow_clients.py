@@ -63,12 +63,15 @@ def gauge(url: str, name: str) -> float:
 
 class Slow:
     """One raw client connection: what it still has to send (one byte per tick), what it got back,
-    and when the server closed it (seconds after `start`)."""
+    and when the server closed it (seconds after `start`). `start` is read before the connect: the server's
+    deadlines run from its accept, which comes after it, so a close at a deadline of D seconds comes at
+    least D after `start` however late this thread runs (read after the connect, a test thread descheduled
+    between the two made a close at the deadline look early)."""
 
     def __init__(self, port: int, first: bytes, trickle: bytes = b"") -> None:
+        self.start = time.monotonic()
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setblocking(False)
-        self.start = time.monotonic()
         if first:
             self.sock.send(first)
         self.trickle, self.got, self.closed_after = trickle, b"", None
