@@ -10,7 +10,6 @@ with stop sequences must take the one-step loop (a byte match of "\\n" would sto
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -129,13 +128,14 @@ def test_completions_logprobs_name_the_words_at_their_character_offsets(words, n
 
 
 @pytest.mark.parametrize("name", ["wt103", "plain"])
-def test_log_probabilities_are_the_same_alone_and_beside_rows_with_stop_sequences(words, name):
+def test_log_probabilities_are_the_same_alone_and_beside_rows_with_stop_sequences(words, name, monkeypatch):
     """A word-level model's rows with stop sequences decode one step at a time (the native block matches
     stops on bytes), and take their batch with them: the batch's log-probabilities then came from torch's
     log_softmax, not the block's C computation, and moved in their last bit (a trial: 52-70 of 300-400
     values, the tokens the same). Now `token_logprobs` runs the block's computation on the CPU: a request's
     logprobs are the same bits alone and among three long requests whose stop never comes."""
     import concurrent.futures
+    import threading
 
     srv, _ = words
     body = {"model": name, "prompt": PROMPT, "max_tokens": 120, "seed": 7, "logprobs": 5}
@@ -143,13 +143,37 @@ def test_log_probabilities_are_the_same_alone_and_beside_rows_with_stop_sequence
     alone = httpx.post(url, json=body, timeout=120).json()["choices"][0]["logprobs"]
     others = [{**body, "seed": 100 + i, "max_tokens": 400, "stop": ["never-a-word"], "logprobs": None}
               for i in range(3)]  # fmt: skip
+    # The others decode only once the request has been submitted too, so it joins them whatever the
+    # machine's speed (they were given 50 ms of a head start: on a fast machine they could be done, on a slow
+    # one not yet begun, and the request then ran alone), and the batch is seen to hold all four.
+    engine = srv.state.models[name].engine
+    submit, step, block = engine.submit, engine.rec.step, engine.rec.decode_block
+    submitted, all_in, live = [0], threading.Event(), []
+
+    def counted_submit(job):
+        submit(job)
+        submitted[0] += 1
+        if submitted[0] == 1 + len(others):
+            all_in.set()
+
+    def gated(fn):
+        def run(*args, **kwargs):
+            assert all_in.wait(60), f"{submitted[0]} of the {1 + len(others)} requests came"
+            live.append(engine.batch.live)
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(engine, "submit", counted_submit)
+    monkeypatch.setattr(engine.rec, "step", gated(step))
+    monkeypatch.setattr(engine.rec, "decode_block", gated(block))
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         started = [pool.submit(httpx.post, url, json=o, timeout=120) for o in others]
-        time.sleep(0.05)  # (they are decoding when the request joins)
         batched = (
             pool.submit(httpx.post, url, json=body, timeout=120).result().json()["choices"][0]["logprobs"]
         )
         assert all(f.result().status_code == 200 for f in started)
+    assert max(live) == 1 + len(others), live  # the request decoded beside the three
     assert batched["tokens"] == alone["tokens"]
     assert batched["token_logprobs"] == alone["token_logprobs"]
     assert batched["top_logprobs"] == alone["top_logprobs"]
