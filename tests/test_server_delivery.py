@@ -105,6 +105,17 @@ def stalled(server: ServerThread, model: str, sid: str) -> bool:
     return job is not None and job.stream.room() <= 0
 
 
+def send_blocked(server: ServerThread, sock) -> bool:
+    """Whether the server's connection to the client socket `sock` has its writes paused (its transport's
+    buffer past the high-water mark: the client reads nothing), so that the route's next send waits for
+    the client. Then the route takes nothing more from the stream, and a full stream stays full: the
+    engine has paused the session and makes no more tokens until the client reads. (A full stream alone
+    is no proof: after every block the engine fills it, until the event loop takes what it holds.)"""
+    guard = server.server.config.http.keywords["guard"]  # (server.connections.uvicorn_config's)
+    port = sock.getsockname()[1]
+    return any(c.client and c.client[1] == port and c.flow.write_paused for c in list(guard.connections))
+
+
 TURN = {"max_new_tokens": 50_000, "seed": 1, "temperature": 1.0}
 
 
@@ -148,8 +159,12 @@ def test_an_sse_client_gone_mid_turn_leaves_its_session_with_exactly_the_tokens_
         e = sse.event()
         assert e["type"] == "token", e
         got += e["ids"]
-    assert wait_for(lambda: stalled(slow_link, TEXT, sid), 30)
-    made = len(slow_link.state.models[TEXT].engine._running[sid].out)  # (paused: this stays put)
+    # the route blocked in its send, then the stream full: the session paused for good, `made` stays put
+    # (waited for the full stream alone, `made` was read at a moment the event loop lagged behind the
+    # engine; the route then sent on, and the client got 416 tokens of 400 made: with the test's process
+    # stopped 200 ms at a time, as a loaded machine's CPU is taken)
+    assert wait_for(lambda: send_blocked(slow_link, sse.sock) and stalled(slow_link, TEXT, sid), 30)
+    made = len(slow_link.state.models[TEXT].engine._running[sid].out)
     sse.shutdown()
     try:
         while True:  # every event the server sent before it saw the end of the request's side
