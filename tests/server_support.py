@@ -456,6 +456,47 @@ def quiet(srv: ServerThread, model: str) -> bool:
     return not tasks and slots_settled(srv.state.models[model].engine, srv.state.sessions, model)
 
 
+def steps_held_until(monkeypatch, engine, n: int, refusals: bool = False) -> list[int]:
+    """Hold `engine`'s decoding (its one-step `rec.step` and native `rec.decode_block`) until `n` requests
+    have come: submitted to the engine, or (`refusals`) refused, as `engine.metrics.reject` counts them. So
+    requests sent together overlap in the engine whatever the machine's speed (a head start, or a turn
+    slowed down, overlapped them only if the client sent faster than the engine decoded: a loaded machine's
+    client could not). Returns the batch's live rows at each held call, for asserting that they overlapped.
+    A call still held after 60 s fails, naming how many came."""
+    came, lock, all_in, live = [0], threading.Lock(), threading.Event(), []
+    submit, reject = engine.submit, engine.metrics.reject
+    step, block = engine.rec.step, engine.rec.decode_block
+
+    def arrived() -> None:
+        with lock:
+            came[0] += 1
+            if came[0] == n:
+                all_in.set()
+
+    def counted_submit(job):  # (a job the queue refuses raises here, and is counted by its reject)
+        submit(job)
+        arrived()
+
+    def counted_reject(reason: str) -> None:
+        reject(reason)
+        arrived()
+
+    def held(fn):
+        def run(*args, **kwargs):
+            assert all_in.wait(60), f"{came[0]} of the {n} requests came"
+            live.append(engine.batch.live)
+            return fn(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(engine, "submit", counted_submit)
+    if refusals:
+        monkeypatch.setattr(engine.metrics, "reject", counted_reject)
+    monkeypatch.setattr(engine.rec, "step", held(step))
+    monkeypatch.setattr(engine.rec, "decode_block", held(block))
+    return live
+
+
 def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -4,10 +4,9 @@ admitted requests complete exactly, and once the load drops everything is admitt
 
 import asyncio
 import json
-import threading
 
 import httpx
-from server_support import ServerThread, reference, wait_for
+from server_support import ServerThread, reference, steps_held_until, wait_for
 from websockets.asyncio.client import connect
 
 from model.sampling import SamplingParams
@@ -65,34 +64,12 @@ def test_4x_capacity_is_shed_with_429_counted_and_the_server_recovers(model_dirs
     s = ServerThread(settings).start()
     try:
         engine = s.state.models[TEXT].engine
-        step, submit, reject = engine.rec.step, engine.submit, engine.metrics.reject
         # The burst overlaps whatever the machine's speed: the admitted turns wait at their first step until
         # every request of the burst has been taken (its job submitted) or refused. (Each admitted turn
         # slept 2 ms a step instead, and the burst overlapped if its requests came faster than 48 steps: a
         # slow or loaded machine's client could send them slower, each served before the next came.)
-        burst, arrived, lock, gate = 4 * CAPACITY, [0], threading.Lock(), threading.Event()
-
-        def came() -> None:
-            with lock:
-                arrived[0] += 1
-                if arrived[0] == burst:
-                    gate.set()
-
-        def counted_submit(job):  # (a job the queue refuses raises here, and is counted by its reject)
-            submit(job)
-            came()
-
-        def counted_reject(reason: str) -> None:
-            reject(reason)
-            came()
-
-        def gated_step(*args, **kwargs):
-            assert gate.wait(60), f"{arrived[0]} of the burst's {burst} requests came"
-            return step(*args, **kwargs)
-
-        monkeypatch.setattr(engine, "submit", counted_submit)
-        monkeypatch.setattr(engine.metrics, "reject", counted_reject)
-        monkeypatch.setattr(engine.rec, "step", gated_step)
+        burst = 4 * CAPACITY
+        steps_held_until(monkeypatch, engine, burst, refusals=True)
         monkeypatch.setattr(engine.rec, "decode_block_ready", lambda batch: False)  # no native block
         with httpx.Client(base_url=s.url, timeout=60) as client:
             before = _rejections(client)

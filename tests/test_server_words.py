@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from server_support import ServerThread, reference, sse_events, token_ids, ws_turn
+from server_support import ServerThread, reference, sse_events, steps_held_until, token_ids, ws_turn
 from websockets.sync.client import connect
 
 from model import checkpoint
@@ -135,7 +135,6 @@ def test_log_probabilities_are_the_same_alone_and_beside_rows_with_stop_sequence
     values, the tokens the same). Now `token_logprobs` runs the block's computation on the CPU: a request's
     logprobs are the same bits alone and among three long requests whose stop never comes."""
     import concurrent.futures
-    import threading
 
     srv, _ = words
     body = {"model": name, "prompt": PROMPT, "max_tokens": 120, "seed": 7, "logprobs": 5}
@@ -146,27 +145,7 @@ def test_log_probabilities_are_the_same_alone_and_beside_rows_with_stop_sequence
     # The others decode only once the request has been submitted too, so it joins them whatever the
     # machine's speed (they were given 50 ms of a head start: on a fast machine they could be done, on a slow
     # one not yet begun, and the request then ran alone), and the batch is seen to hold all four.
-    engine = srv.state.models[name].engine
-    submit, step, block = engine.submit, engine.rec.step, engine.rec.decode_block
-    submitted, all_in, live = [0], threading.Event(), []
-
-    def counted_submit(job):
-        submit(job)
-        submitted[0] += 1
-        if submitted[0] == 1 + len(others):
-            all_in.set()
-
-    def gated(fn):
-        def run(*args, **kwargs):
-            assert all_in.wait(60), f"{submitted[0]} of the {1 + len(others)} requests came"
-            live.append(engine.batch.live)
-            return fn(*args, **kwargs)
-
-        return run
-
-    monkeypatch.setattr(engine, "submit", counted_submit)
-    monkeypatch.setattr(engine.rec, "step", gated(step))
-    monkeypatch.setattr(engine.rec, "decode_block", gated(block))
+    live = steps_held_until(monkeypatch, srv.state.models[name].engine, 1 + len(others))
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         started = [pool.submit(httpx.post, url, json=o, timeout=120) for o in others]
         batched = (
