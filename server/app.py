@@ -20,6 +20,8 @@ from prometheus_fastapi_instrumentator.middleware import PrometheusInstrumentato
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match, Mount, Route
+from starlette.staticfiles import StaticFiles
 
 from server.auth import APIKeyMiddleware, APIKeys, document_api_keys, key_warnings
 from server.body_limit import BodyRefused, BodySizeLimit
@@ -128,7 +130,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return _error_response(unknown_openai_url(request.method, request.url.path), request)
         # (a body refused by BodySizeLimit: its answer, already sent and logged there, drops this one)
         logged = isinstance(exc, BodyRefused)
-        return _error_response(APIError(exc.status_code, str(exc.detail)), request, logged)
+        response = _error_response(APIError(exc.status_code, str(exc.detail)), request, logged)
+        response.headers.update(exc.headers or {})  # (Starlette's own: a 405's Allow)
+        if exc.status_code == 405:
+            response.headers["Allow"] = allowed_methods(app, request.scope)
+        return response
 
     for module in ROUTE_MODULES:
         app.include_router(module.router)
@@ -188,6 +194,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     instrument_http(app, state.metrics.registry)
     add_request_ids(app)  # last: the outermost, so every response carries X-Request-ID
     return app
+
+
+def allowed_methods(app: FastAPI, scope: dict) -> str:
+    """A 405's Allow (RFC 9110 15.5.6: the methods the resource serves): those of every route whose path
+    matches the request's, GET and HEAD for a static mount's files, and HEAD beside GET (`HeadAsGet`).
+    Starlette's names only the first such route's (GET for a PUT on /v1/sessions/{id}, whose path serves
+    DELETE too) and StaticFiles' 405 none."""
+    routes = [*app.router.routes, *(r for module in ROUTE_MODULES for r in module.router.routes)]
+    # the request as the app's router saw it: a mount it went into has moved its path into root_path
+    root = scope.get("app_root_path", scope.get("root_path", ""))
+    scope = {"type": "http", "method": scope["method"], "path": scope["path"], "root_path": root}
+    methods: set[str] = set()
+    for route in routes:  # (the routers' own: FastAPI wraps an included router's routes in the app's)
+        if not isinstance(route, (Route, Mount)) or route.matches(scope)[0] is Match.NONE:
+            continue
+        if isinstance(route, Mount) and isinstance(route.app, StaticFiles):  # (/static, the docs' assets)
+            methods |= {"GET", "HEAD"}
+        elif isinstance(route, Route) and route.methods:
+            methods |= route.methods
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
 
 
 class HeadAsGet:

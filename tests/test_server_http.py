@@ -633,6 +633,33 @@ def test_every_get_route_answers_head_with_its_headers_and_no_body(client):
     assert client.head("/v1/sessions/sess-0123/export").status_code == 404
 
 
+def test_a_405_names_every_method_its_path_serves_in_allow(client):
+    """RFC 9110 15.5.6: a 405 MUST carry Allow, the methods the resource serves. Starlette's 405 carried it,
+    but the app's handler answered it in the error shape without its headers (no Allow on any route, ours or
+    OpenAI's), and Starlette's names only the first route matching the path (GET for PUT on a session, whose
+    path serves DELETE too). A path's every route counts, and HEAD beside GET (server.app.HeadAsGet)."""
+    sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": "to be"}).json()["session_id"]
+    cases = {  # (method, path): the methods the path serves
+        ("GET", "/v1/generate"): "POST",
+        ("HEAD", "/v1/generate"): "POST",
+        ("GET", "/v1/completions"): "POST",  # (OpenAI's error shape)
+        ("PUT", "/v1/chat/completions"): "POST",
+        ("POST", "/v1/models"): "GET, HEAD",
+        ("DELETE", f"/v1/models/{TEXT}"): "GET, HEAD",
+        ("PUT", f"/v1/sessions/{sid}"): "DELETE, GET, HEAD",
+        ("GET", f"/v1/sessions/{sid}/append"): "POST",
+        ("POST", "/healthz"): "GET, HEAD",
+        ("POST", "/static/app.js"): "GET, HEAD",  # (a mount's static files)
+    }
+    for (method, path), allow in cases.items():
+        r = client.request(method, path)
+        assert r.status_code == 405, (method, path, r.status_code)
+        assert r.headers.get("allow") == allow, (method, path, r.headers)
+        if method != "HEAD":
+            assert r.headers["content-type"] == "application/json" and "error" in r.json(), r.text
+    assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
 def test_a_head_of_an_export_neither_claims_nor_keeps_the_session_alive(client, server):
     """HEAD /v1/sessions/{id}/export is answered as session info is (no claim, no restore, no TTL
     refreshed) with the export's headers: it ran the export, so a monitor's HEAD marked the session used
