@@ -791,6 +791,35 @@ def test_chat_logprobs_n_and_content_parts(chat_server):
             assert mine[-1].finish_reason == ch.finish_reason
 
 
+def test_chat_logprob_bytes_are_the_bytes_the_text_writes_for_ids_past_255(tmp_path):
+    """A byte-level text model with more than 256 ids (no vocab.txt) writes id t as its low byte (its text,
+    stop matching, text_offset and /detokenize alike: server.engine's _id_bytes). Chat's logprobs said
+    `bytes: [t]` for such an id ([300]: not a byte, so the entries' bytes neither added up to the content
+    nor made a bytes object)."""
+    from model import ModelConfig, SequenceModel, save
+    from server import Settings
+
+    torch.manual_seed(3)
+    net = SequenceModel(ModelConfig(vocab_size=512, d_model=8, n_layers=1, d_state=8, l_max=32,
+                                    cauchy_backend="torch"))  # fmt: skip
+    d = chat_copy(save(net, tmp_path / "wide"), tmp_path / "chat")
+    s = ServerThread(Settings(checkpoints=[str(d)], max_sessions=4)).start()
+    try:
+        body = {"model": "tiny-chat", "messages": MESSAGES, "max_tokens": 4, "temperature": 0,
+                "logit_bias": {"300": 100}, "logprobs": True, "top_logprobs": 5}  # fmt: skip
+        r = httpx.post(s.url + "/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        content, entries = choice["message"]["content"], choice["logprobs"]["content"]
+        assert [e["token"] for e in entries] == ["token:300"] * 4  # (the bias makes every token 300)
+        assert sum((e["bytes"] for e in entries), []) == list(content.encode()), (content, entries)
+        tops = [t for e in entries for t in e["top_logprobs"]]
+        assert any(t["token"].startswith("token:") for t in tops)  # (ids past 255 among them too)
+        assert all(len(t["bytes"]) == 1 and 0 <= t["bytes"][0] < 256 for t in tops), tops
+    finally:
+        s.stop()
+
+
 def test_chat_refusals(chat_server):
     s, _ = chat_server
     with openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0) as c:

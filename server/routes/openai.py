@@ -104,8 +104,9 @@ def token_str(t: int, vocab: Vocab | None = None) -> str:
 
 
 def token_utf8(t: int, vocab: Vocab | None = None) -> list[int]:
-    """A token's UTF-8 bytes (chat logprobs' `bytes`): the byte itself, or its symbol's text's."""
-    return [t] if vocab is None else list(vocab.token_bytes([t]))
+    """A token's UTF-8 bytes (chat logprobs' `bytes`): the byte the text writes for it (an id past 255 of a
+    byte-level model: its low byte, as server.engine's `_id_bytes`), or its symbol's text's."""
+    return [t & 0xFF] if vocab is None else list(vocab.token_bytes([t]))
 
 
 class CharOffsets:
