@@ -1168,6 +1168,25 @@ def test_a_template_that_fails_on_the_messages_is_a_400_naming_messages_never_a_
     assert httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
 
 
+def test_messages_a_template_renders_as_no_prompt_are_a_400_naming_messages(chat_server, monkeypatch):
+    """A byte model has no start-of-text token, so a chat template that renders the messages as nothing
+    leaves nothing to continue from. The refusal came from the generation's start, naming `prompt`, a field
+    the chat route does not have (the completions route refuses an empty prompt naming `prompt`, its own).
+    It names `messages` now, streamed or not; the messages the template renders as text are served."""
+    from server.chat import ChatTemplate
+
+    s, _ = chat_server
+    monkeypatch.setattr(s.state.models["tiny-chat"], "chat", ChatTemplate("{{ messages[0].content }}", []))
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": ""}], "max_tokens": 2}
+    for stream in (False, True):
+        r = httpx.post(s.url + "/v1/chat/completions", json={**body, "stream": stream}, timeout=30)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "messages" and err["message"].startswith("messages: "), err
+    body["messages"][0]["content"] = "to be"
+    assert httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30).status_code == 200
+
+
 def test_logit_bias_keys_are_canonical_decimal_token_ids_on_both_routes(chat_server):
     """int() read "6_5", " 65", "+65", "065" and Arabic-Indic "٦٥" as token 65, so {"65": 100, "065":
     -100} resolved by key order, silently (a fresh-user trial). A key is now "0" or ASCII digits without

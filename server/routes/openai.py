@@ -686,6 +686,13 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
     if req.top_logprobs is not None and not req.logprobs:
         raise invalid("top_logprobs", "top_logprobs needs logprobs=true")
     ids = media.text_ids(prompt, "messages", prompt_limit(st, model)[0], model.vocab)
+    if not ids:  # (as completion_prompts refuses an empty prompt; start_generation would name `prompt`)
+        unit = "byte" if model.vocab is None else model.vocab.unit
+        raise invalid(
+            "messages",
+            f"messages: model {model.id}'s chat template renders these messages as an empty prompt, and this "
+            f"{unit}-level model has no start-of-text token to continue from",
+        )
     check_prompt(st, ids, "messages", model)
     params = sampling(model, req, (req.stop or []) + model.chat.stop)
     k = (req.top_logprobs or 0) if req.logprobs else None
