@@ -159,7 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def json_budget(scope: dict):
         if scope.get("path") == IMPORT_PATH or not json_content_type(scope.get("headers", ())):
             return None  # a state blob; a body FastAPI does not parse as JSON
-        return route_budget(scope.get("path", ""), settings.max_prompt_tokens)
+        return route_budget(scope.get("path", ""), settings.max_prompt_tokens, settings.max_new_tokens)
 
     app.add_middleware(HeadAsGet)  # the innermost: every guard sees the request as sent (HEAD)
     # inside the key check (added first: the innermost), so a client without a key learns no limit

@@ -154,21 +154,29 @@ _NEST = np.zeros(256, np.int8)  # byte -> +1 opens an array or object, -1 closes
 _NEST[[ord("["), ord("{")]], _NEST[[ord("]"), ord("}")]] = 1, -1
 
 
-SMALL = 65_536  # of each kind, far more than any valid request holds (but /v1/completions' token ids)
+SMALL = 65_536  # of each kind, far more than any valid request holds (but the token ids of the routes below)
 CONTAINERS = 16_384  # a valid request holds a few hundred arrays and objects at most (256 chat messages)
 
 
-def route_budget(path: str, max_prompt_tokens: int) -> tuple[JSONBudget, str | None]:
-    """What a JSON body to `path` may hold, and, on /v1/completions, what sets its separators (else
-    None). Only /v1/completions takes token ids: up to MAX_PROMPTS prompts of `max_prompt_tokens` ids
-    each, so its separators may be that many more. Parsed and validated at its budget (the defaults:
-    8,192 tokens), the costliest body holds the GIL ~60 ms here (589,824 token ids, or as many strings);
-    any other route's ~40 ms."""
+def route_budget(path: str, max_prompt_tokens: int, max_new_tokens: int = 0) -> tuple[JSONBudget, str | None]:
+    """What a JSON body to `path` may hold, and, on the routes that take token ids, what sets its separators
+    (else None). /v1/completions takes up to MAX_PROMPTS prompts of `max_prompt_tokens` ids each, and
+    /detokenize one list, of a prompt's ids (/tokenize's answer) or a generation's (`max_new_tokens`): their
+    separators may be that many more. Parsed and validated at its budget (the defaults: 8,192 tokens), the
+    costliest body holds the GIL ~60 ms here (589,824 token ids, or as many strings); any other route's
+    ~40 ms."""
     if path == "/v1/completions":
         n = MAX_PROMPTS * max_prompt_tokens
         note = (
             f"a valid /v1/completions body holds at most {MAX_PROMPTS} prompts of max_prompt_tokens "
             f"({max_prompt_tokens}) token ids, {n}, + {SMALL}"
+        )
+        return JSONBudget(n + SMALL, CONTAINERS, SMALL, SMALL), note
+    if path == "/detokenize":
+        n = max(max_prompt_tokens, max_new_tokens)
+        note = (
+            f"a valid /detokenize body holds the token ids of a prompt or a generation, at most {n} "
+            f"(max_prompt_tokens {max_prompt_tokens}, max_new_tokens {max_new_tokens}), + {SMALL}"
         )
         return JSONBudget(n + SMALL, CONTAINERS, SMALL, SMALL), note
     return JSONBudget(SMALL, CONTAINERS, SMALL, SMALL), None

@@ -486,14 +486,45 @@ def test_python_m_server_freezes_what_startup_made_and_in_process_servers_do_not
     assert ServerState(Settings(checkpoints=[])).freeze_gc is False
 
 
-def test_the_budgets_grow_with_max_prompt_tokens_on_completions_only():
+def test_the_budgets_grow_with_the_token_limits_on_the_token_id_routes_only():
     assert route_budget("/v1/completions", 8192)[0] == JSONBudget(64 * 8192 + SMALL, CONTAINERS, SMALL, SMALL)
+    for prompt, new in ((8192, 4096), (4096, 8192)):  # (the larger of the two)
+        budget = route_budget("/detokenize", prompt, new)[0]
+        assert budget == JSONBudget(8192 + SMALL, CONTAINERS, SMALL, SMALL)
     for path in ("/v1/generate", "/v1/chat/completions", "/v1/sessions", "/v1/stream"):
         assert (
             route_budget(path, 8192)[0]
-            == route_budget(path, 10**6)[0]
+            == route_budget(path, 10**6, 10**6)[0]
             == JSONBudget(SMALL, CONTAINERS, SMALL, SMALL)
         )
+
+
+def test_detokenize_takes_back_every_id_list_tokenize_or_a_generation_gives(model_dirs):
+    """/detokenize takes token ids too, as many as a prompt (/tokenize's answer, up to max_prompt_tokens) or a
+    generation (up to max_new_tokens) holds; its budget was every other route's, 65,536 elements, so past
+    that a valid body was refused 413 as holding "more than any valid request body holds" (with
+    S4_MAX_PROMPT_TOKENS=70000: /tokenize answered 70,000 ids that /detokenize refused). The other routes'
+    budgets stay as they were."""
+    from server import Settings
+
+    n = SMALL + 4464  # 70,000
+    settings = Settings(checkpoints=[str(model_dirs["text"])], max_prompt_tokens=n, max_new_tokens=n + 1000)
+    srv = ServerThread(settings).start()
+    try:
+        text = "to be, or " * (n // 10)
+        ids = httpx.post(srv.url + "/tokenize", json={"model": "tiny-text", "prompt": text}).json()["tokens"]
+        assert len(ids) == n
+        for tokens, want in ((ids, text), ([65] * (n + 1000), "A" * (n + 1000))):
+            r = httpx.post(srv.url + "/detokenize", json={"model": "tiny-text", "tokens": tokens})
+            assert r.status_code == 200 and r.json()["prompt"] == want, r.text[:300]
+        over = {"model": "tiny-text", "tokens": [65] * (n + 1000 + SMALL + 2)}
+        r = httpx.post(srv.url + "/detokenize", content=body_of(over), headers=JSON)
+        assert r.status_code == 413, r.text[:300]
+        assert "a valid /detokenize body holds" in r.json()["error"]["message"], r.text
+        r = httpx.post(srv.url + "/v1/generate", json={"model": "tiny-text", "prompt": "a", "junk": [0] * n})
+        assert r.status_code == 413, r.text[:300]  # (another route's budget: as before)
+    finally:
+        srv.stop()
 
 
 def test_a_state_import_header_is_counted_before_it_is_parsed(srv):
