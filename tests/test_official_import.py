@@ -439,6 +439,21 @@ REFUSALS = [  # (fixture, config path, value, message)
     ("s4_softplus.ckpt", ("decoder",), {"_name_": "sequence", "mode": "pool"}, r"decoder = .*pool"),
     # a SaShiMi's decoder was not read: mode sum (a cumulative sum over positions) was served as per-token
     ("sashimi_sc09.ckpt", ("decoder",), {"_name_": "sequence", "mode": "sum"}, r"decoder = .*sum"),
+    # train.py builds model.decoder first, then decoder (a run's .hydra/config.yaml, or --config, keeps it):
+    # it was not read, so a sum decoder there was served as per-token (the live official code: logits 0.997
+    # off, relative, on trainpy_enwik.ckpt with its decoder moved under model and made mode sum)
+    (
+        "s4_softplus.ckpt",
+        ("model", "decoder"),
+        {"_name_": "sequence", "mode": "sum"},
+        r"model.decoder = \{'_name_': 'sequence', 'mode': 'sum'\}: only a per-token",
+    ),
+    (
+        "sashimi_sc09.ckpt",
+        ("model", "decoder"),
+        {"_name_": "sequence", "mode": "pool"},
+        r"model.decoder = \{'_name_': 'sequence', 'mode': 'pool'\}: only a per-token",
+    ),
     ("sashimi_sc09.ckpt", ("model", "norm"), {"_name_": "layer", "scalar": False}, r"model.norm = .*scalar"),
     ("s4_softplus.ckpt", ("model", "n_repeat"), 0, r"model.n_repeat = 0: expected an integer ≥ 1"),
     ("s4_softplus.ckpt", ("model", "n_repeat"), 3, r"model.n_layers × model.n_repeat = 2 × 3 in the config"),

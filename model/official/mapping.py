@@ -421,17 +421,21 @@ def _plain_residual(res) -> bool:
 
 
 def _check_decoder(cfg: dict) -> None:
-    """The task's decoder: none, or a `sequence` decoder (src/tasks/decoders.py SequenceDecoder) that keeps
+    """The task's decoders: none, or a `sequence` decoder (src/tasks/decoders.py SequenceDecoder) that keeps
     every position (no l_output, no lengths, mode last or first: the modes that do not mix positions).
     Its `sum` (a cumulative sum over positions), `pool` and `ragged` modes are refused by name (a SaShiMi's
-    was ignored, and served logits 1.01 off in relative terms: a helper's audit)."""
-    dec = cfg.get("decoder")
-    if dec not in (None, []) and not (
-        (dec == "sequence" or (isinstance(dec, dict) and dec.get("_name_") == "sequence"))
-        and (not isinstance(dec, dict) or (dec.get("l_output") is None and not dec.get("use_lengths", False)
-             and dec.get("mode", "last") in ("last", "first")))
-    ):  # fmt: skip
-        raise Unsupported(f"decoder = {dec!r}: only a per-token Linear decoder is supported")
+    was ignored, and served logits 1.01 off in relative terms: a helper's audit). train.py chains
+    model.decoder (which it pops from the backbone's config) before decoder, so both are read (model.decoder
+    was not: a sum decoder there was served as per-token)."""
+    m = cfg.get("model")
+    for where, dec in (("model.decoder", m.get("decoder") if isinstance(m, dict) else None),
+                       ("decoder", cfg.get("decoder"))):  # fmt: skip
+        per_token = dec == "sequence" or (
+            isinstance(dec, dict) and dec.get("_name_") == "sequence" and dec.get("l_output") is None
+            and not dec.get("use_lengths", False) and dec.get("mode", "last") in ("last", "first")
+        )  # fmt: skip
+        if dec not in (None, []) and not per_token:
+            raise Unsupported(f"{where} = {dec!r}: only a per-token Linear decoder is supported")
 
 
 def _absent(cfg: dict, key: str, meaning: str) -> str:
