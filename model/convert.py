@@ -358,7 +358,7 @@ def _check_not_an_input(out: Path, src: Path, config, vocab) -> None:
     checkpoint itself, after converting it (a helper's audit)."""
     if not out.exists():
         return
-    found = find_config(src) if config is None and src.suffix != ".ckpt" else None
+    found = find_config(src) if config is None else None  # (read beside any file but a Lightning .ckpt)
     target = out.resolve()
     for p in (src, config, found, vocab):
         if p is not None and (target == Path(p).resolve() or target in Path(p).resolve().parents):
@@ -530,9 +530,13 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
     src = Path(src)
     if config is None and src.suffix != ".ckpt":
         config = find_config(src)
+    # the key holds the hash of the config found beside SRC whatever its name: read_source reads it for any
+    # file that is not a Lightning checkpoint, which it tells by content (a state dict saved as .ckpt too),
+    # and a key without it served the conversion of an edited config's old text ever after
+    keyed = config if config is not None else find_config(src)
     vocab = find_vocab(src)
     cache = Path(cache_dir).expanduser()
-    entry = cache / cache_key(src, config, vocab)
+    entry = cache / cache_key(src, keyed, vocab)
     if entry.exists():
         if (damage := _entry_damage(entry)) is None:
             _report(src, entry, "%s: its conversion (converter v%d%s) read from %s", src, CONVERTER_VERSION,
@@ -559,10 +563,10 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
         # under the hash of the bytes converted: a source replaced after `cache_key` hashed it (a copy
         # landing, a training run saving last.ckpt) was converted from its new bytes, which the old
         # hash's entry would have served for the old file ever after
-        read = cache / cache_key(src, config, vocab, sha256=summary["sha256"])
+        read = cache / cache_key(src, keyed, vocab, sha256=summary["sha256"])
         if read.name.split("-", 1)[1] != entry.name.split("-", 1)[1]:  # (its config's or vocabulary's hash)
             # read by the converter from their paths: which bytes it read is not known, so nothing is kept
-            changed = " or ".join(str(p) for p in (config, vocab) if p is not None)
+            changed = " or ".join(str(p) for p in (keyed, vocab) if p is not None)
             raise ConvertError(
                 f"{changed} changed while {src} was converted: nothing was cached; start again"
             )

@@ -1751,6 +1751,34 @@ def test_a_config_replaced_while_its_source_is_converted_is_not_cached_under_the
     assert entry.name == key(src, config)
 
 
+def test_a_state_dict_named_ckpt_is_cached_and_guarded_with_the_config_read_beside_it(tmp_path):
+    """A state dict saved as .ckpt (torch.save(model.state_dict(), ...)) is read as a .pt is, with the run's
+    config found beside it: read_source tells a Lightning checkpoint by its content, not by its name. The
+    cache key and the --force guard looked for that config beside a file not named .ckpt only: its hash was
+    not in the key, so the conversion made before the config was edited was served ever after (here log Δ
+    0.044 off, the config's dt_transform exp made softplus), and a --force into its folder deleted it."""
+    src = tmp_path / "m.ckpt"
+    src.write_bytes((FIX / "s4d_zoh.pt").read_bytes())
+    config = tmp_path / ".hydra" / "config.yaml"  # the run's, found beside it
+    config.parent.mkdir()
+    cfg = yaml.safe_load((FIX / "s4d_zoh.yaml").read_text())
+    config.write_text(yaml.safe_dump(cfg))
+    first = convert_cached(src, tmp_path / "cache")
+    assert json.loads((first / "config.json").read_text())["source"]["config_file"] == str(config)
+    cfg["model"]["layer"][0]["dt_transform"] = "softplus"
+    config.write_text(yaml.safe_dump(cfg))
+    second = convert_cached(src, tmp_path / "cache")
+    assert second != first and second.name == cache_key(src, config)
+    convert(src, tmp_path / "fresh")
+    served, fresh = (load_file(str(p / "model.safetensors")) for p in (second, tmp_path / "fresh"))
+    assert served.keys() == fresh.keys() and all(torch.equal(served[k], fresh[k]) for k in fresh)
+    before = config.read_bytes()
+    said = f"{config.parent}: holds {config}, which this conversion reads"
+    with pytest.raises(ConvertError, match=f"^{re.escape(said)}"):
+        convert(src, config.parent, force=True)
+    assert config.read_bytes() == before
+
+
 def test_a_version_3_unet_imports_and_its_options_our_sashimi_lacks_are_refused_by_name():
     """Version 3's U-Net backbone (v3_unet, v3_unet_s4d in CASES; refused before as "version 3's U-Net
     backbone is not supported") converts as unet true. The options of its configs/model/unet.yaml that our
