@@ -137,9 +137,11 @@ def length_warning(cfg: dict | None, unit: str) -> str | None:
     layers = layers if isinstance(layers, list) else [layers]
     kernels = [lc["l_max"] for lc in layers if isinstance(lc, dict) and _positive_int(lc.get("l_max"))]
     name = "model.layer.l_max"
-    if isinstance(model, dict) and model.get("_name_") == "sashimi" and _positive_int(model.get("l_max")):
-        # version 3's Sashimi gives its top level's layers model.l_max (each lower level that over the
-        # strides before it, for its shorter sequences): the layer config's own is not read
+    levels = isinstance(model, dict) and model.get("_name_") in ("sashimi", "unet")
+    if levels and _positive_int(model.get("l_max")):
+        # version 3's Sashimi and SequenceUNet (version 4's take no l_max) give their top level's layers
+        # model.l_max (each lower level that over the strides before it, for its shorter sequences): the layer
+        # config's own is not read (a version-3 U-Net's was, warning of a length no layer had)
         kernels, name = [model["l_max"]], "model.l_max"
     if trained is None or not kernels or min(kernels) >= trained[0]:
         return None

@@ -1062,11 +1062,22 @@ def test_a_layer_l_max_shorter_than_the_training_length_is_warned_of(tmp_path):
             },
             None,
         ),
+        # version 3's U-Net likewise (its unet.py gives each level's layers their l_max from model.l_max;
+        # version 4's takes none): its model.l_max was not read, the layer config's was, which no layer got
+        (
+            {"model": {"_name_": "unet", "l_max": 32, "layer": {"l_max": 64}}, "dataset": {"sample_len": 64}},
+            "dataset.sample_len = 64",
+        ),
+        (
+            {"model": {"_name_": "unet", "l_max": 64, "layer": {"l_max": 32}}, "dataset": {"sample_len": 64}},
+            None,
+        ),
     ]
     for config, expected in cases:
         got = length_warning(config, "samples")
-        assert (got is None) if expected is None else (expected in got and "32 samples" in got), (config, got)
-        if got and config["model"].get("_name_") == "sashimi":
+        said = got is not None and expected in got and "32 samples" in got
+        assert (got is None) if expected is None else said, (config, got)
+        if got and config["model"].get("_name_") in ("sashimi", "unet"):
             assert got.startswith("model.l_max = 32 is shorter"), got
     # the fixtures: the one whose layers are shorter than its clips warns, no other
     warned = [f.name for f in sorted(FIX.glob("*.ckpt")) if length_warning(read_source(f)[1], "tokens")]
