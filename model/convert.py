@@ -403,7 +403,10 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
         ) from None
     except Unsupported as exc:
         raise ConvertError(f"{src}: {exc}") from None
-    ema = (cfg.get("train") or {}).get("ema") if isinstance(cfg, dict) else None
+    train = cfg.get("train") if isinstance(cfg, dict) else None  # (read for train.ema alone)
+    if train is not None and not isinstance(train, dict):  # (an AttributeError traceback before)
+        raise ConvertError(f"{src}: train = {train!r}: expected a mapping (the run's train config)")
+    ema = train.get("ema") if train else None
     ema = ema if isinstance(ema, (int, float)) and not isinstance(ema, bool) and ema > 0 else None
     if ema is not None:
         imp.notes.append(

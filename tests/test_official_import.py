@@ -1678,6 +1678,27 @@ def test_a_run_with_an_ema_of_its_weights_converts_its_state_dict_and_says_so(tm
     assert "exponential moving average" not in (plain / "README.md").read_text()
 
 
+def test_a_train_section_that_is_not_a_mapping_is_refused_by_name_not_a_traceback(tmp_path):
+    """The conversion reads the config's train section for train.ema alone; a train that is not a mapping (a
+    hand-edited config) was an AttributeError traceback ("'list' object has no attribute 'get'") from the
+    command line, and a converter fault in a server. Now exit 2 naming it, as a malformed task or dataset
+    section is, and nothing is written; a train of null converts as a config without one."""
+    (tmp_path / "run.pt").write_bytes((FIX / "s4_v3.pt").read_bytes())
+    cfg = yaml.safe_load((FIX / "s4_v3.yaml").read_text())
+    for train, said in ((["ema", 0.999], "train = ['ema', 0.999]: expected a mapping"),
+                        ("ema", "train = 'ema': expected a mapping")):  # fmt: skip
+        cfg["train"] = train
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+        r = _run_convert(tmp_path / "run.pt", tmp_path / "out")
+        assert r.returncode == 2 and said in r.stderr, r.stderr
+        assert not (tmp_path / "out").exists()
+    cfg["train"] = None
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = _run_convert(tmp_path / "run.pt", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["source"]["ema"] is None
+
+
 def test_a_source_replaced_while_it_is_converted_is_cached_under_the_hash_of_the_bytes_converted(
     tmp_path, monkeypatch
 ):
