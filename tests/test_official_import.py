@@ -725,6 +725,24 @@ def test_a_pt_without_its_config_is_refused_by_the_converter(tmp_path):
     assert r.returncode == 2 and "config: missing" in r.stderr, r.stderr
 
 
+def test_a_lightning_ckpt_saved_without_its_config_reads_the_config_beside_it_as_the_refusal_says(tmp_path):
+    """A Lightning checkpoint holding no hyper_parameters is refused 'config: missing ... or put it beside the
+    file as config.yaml or m.yaml' (a server given it says the same), but a config put there was not read
+    (only beside a state dict), so the advice left it refused. It is read now, as a .pt's is, named as the
+    config read, and the conversion is the one the checkpoint's own config gives, from the cache too."""
+    sd, cfg, _ = read_source(FIX / "s4_softplus.ckpt")
+    src = tmp_path / "m.ckpt"
+    torch.save({"state_dict": dict(sd), "epoch": 3, "global_step": 60}, src)
+    r = _run_convert(src, tmp_path / "none")
+    assert r.returncode == 2 and "or put it beside the file as config.yaml or m.yaml" in r.stderr, r.stderr
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump(cfg))
+    assert convert(src, tmp_path / "out")["config_file"] == str(tmp_path / "m.yaml")
+    convert(FIX / "s4_softplus.ckpt", tmp_path / "own")
+    a, b = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "out", tmp_path / "own"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert convert_cached(src, tmp_path / "cache").name == cache_key(src, tmp_path / "m.yaml")
+
+
 @pytest.mark.parametrize("pt", ["checkpoints/last.pt", "checkpoints/val/loss.pt"])
 def test_a_pt_in_an_official_runs_checkpoints_folder_reads_the_runs_hydra_config(tmp_path, pt):
     """An official run is RUN/.hydra/config.yaml beside RUN/checkpoints/ (last.ckpt, val/loss.ckpt), and

@@ -395,20 +395,22 @@ def read_source(
     read them: `read_file`).
 
     kind: "lightning" (a .ckpt: its own hyper_parameters, unless `config` is given), "state_dict" (a
-    .pt state dict; config from `config` or found beside it), "standalone" (a state dict of the
-    standalone models/s4 modules with a JSON description; see model.official.mapping)."""
+    .pt state dict, or a Lightning checkpoint saved without hyper_parameters; config from `config` or found
+    beside it), "standalone" (a state dict of the standalone models/s4 modules with a JSON description; see
+    model.official.mapping)."""
     src = Path(src)
     if data is None:
         _check_file(src)
     obj = safe_torch_load(src, data)
     cfg_path = Path(config) if config is not None else None
-    if isinstance(obj, dict) and "state_dict" in obj:
+    lightning = isinstance(obj, dict) and "state_dict" in obj
+    hp = obj.get("hyper_parameters") if lightning else None
+    if lightning and (cfg_path or (isinstance(hp, dict) and hp)):
         sd = _tensors(obj["state_dict"], f"{src}: state_dict")
-        hp = obj.get("hyper_parameters")
-        cfg = read_yaml(cfg_path) if cfg_path else (hp if isinstance(hp, dict) and hp else None)
+        cfg = read_yaml(cfg_path) if cfg_path else hp
         kind = "lightning"
-    else:
-        sd = _tensors(obj, str(src))
+    else:  # (a Lightning checkpoint without its config too: the refusal's advice, a config beside it, holds)
+        sd = _tensors(obj["state_dict"], f"{src}: state_dict") if lightning else _tensors(obj, str(src))
         cfg_path = cfg_path or find_config(src)
         cfg = None
         if cfg_path is not None:
