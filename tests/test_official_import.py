@@ -1553,6 +1553,28 @@ def test_an_isotropic_audio_model_imports_as_an_audio_model_of_its_dataset():
     assert (c["arch"], c["kernel"], c.get("l_kernel")) == ("sashimi", "s4d", None)
 
 
+@pytest.mark.parametrize("fixture", ["s4_sc09.ckpt", "sashimi_sc09.ckpt"])
+def test_an_audio_config_without_bits_is_read_as_the_official_8_bits_against_the_weights(fixture):
+    """An official audio dataset's dataset.bits defaults to 8 (each one's init_defaults: 256 tokens), so a
+    config that leaves it out says 256 tokens. Only a bits the config spelled out was checked against the
+    embedding: weights of 512 tokens under such a config (another run's) imported as an 8-bit audio model
+    of 512 ids, whose codec cannot decode ids past 255 (ValueError), for the isotropic backbone and SaShiMi
+    alike. Now a ConfigMismatch naming the default, as a bits that says 9 is."""
+    sd, cfg, kind = _lightning(fixture)
+    for k in [k for k in sd if k.startswith(("encoder.0.", "decoder."))]:
+        sd[k] = torch.cat([sd[k], sd[k]])  # 512 tokens
+    cfg["dataset"].pop("bits", None)
+    with pytest.raises(
+        ConfigMismatch,
+        match=r"dataset.bits = 8 \(absent from the config: its dataset's default\) \(vocab 256\), but the "
+        "weights have vocab 512",
+    ):
+        map_official(sd, copy.deepcopy(cfg), kind)
+    cfg["dataset"]["bits"] = 9
+    with pytest.raises(Unsupported, match="dataset.bits = 9: served are 8-bit audio tokens"):
+        map_official(sd, cfg, kind)
+
+
 def test_the_card_names_dt_fast_among_the_options_read():
     notes = "\n".join(imported("s4d_transforms").notes)
     assert "transforms dt=sigmoid of sinh(inv_dt) (dt_fast), real=relu, imag=softplus" in notes

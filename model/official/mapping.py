@@ -633,13 +633,17 @@ def _check_vocab(cfg: dict, V: int) -> None:
         return
     if "n_tokens" in ds and type(ds["n_tokens"]) is int:
         _agree("dataset.n_tokens", ds["n_tokens"], V)
-    if "bits" in ds and type(ds["bits"]) is int and ds.get("_name_") in AUDIO_DATASETS:
-        if not 1 <= ds["bits"] <= 32:  # (1 << -1 raised ValueError, 1 << 10**30 OverflowError)
-            raise Unsupported(f"dataset.bits = {ds['bits']!r}: served are 8-bit audio tokens (256 of them)")
-        if 1 << ds["bits"] != V:
+    # an official audio dataset's bits when the config leaves it out: 8, its init_defaults' (music: 256
+    # tokens). It was checked only where spelled out: 512 tokens under such a config imported as 8-bit audio
+    bits = ds.get("bits", 8)
+    if type(bits) is int and ds.get("_name_") in AUDIO_DATASETS:
+        if not 1 <= bits <= 32:  # (1 << -1 raised ValueError, 1 << 10**30 OverflowError)
+            raise Unsupported(f"dataset.bits = {bits!r}: served are 8-bit audio tokens (256 of them)")
+        if 1 << bits != V:
+            said = "in the config" if "bits" in ds else "(absent from the config: its dataset's default)"
             raise ConfigMismatch(
-                f"dataset.bits = {ds['bits']} in the config (vocab {1 << ds['bits']}), but the weights have "
-                f"vocab {V}: the config does not belong to these weights?"
+                f"dataset.bits = {bits} {said} (vocab {1 << bits}), but the weights have vocab {V}: the "
+                "config does not belong to these weights?"
             )
 
 
