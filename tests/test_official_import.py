@@ -1553,6 +1553,26 @@ def test_an_isotropic_audio_model_imports_as_an_audio_model_of_its_dataset():
     assert (c["arch"], c["kernel"], c.get("l_kernel")) == ("sashimi", "s4d", None)
 
 
+def test_an_lm_task_on_an_audio_dataset_imports_as_an_audio_model_with_the_lm_tasks_embedding():
+    """The lm task on an official audio dataset (its n_tokens: 2^bits quantized samples) models audio
+    samples as tokens, with LMTask's √d_model embedding scale and tie: it was imported as a text model of 256
+    byte ids (no warning: sc09 numbers no vocabulary), so a server wrote its mu-law sample codes as text. Now
+    an audio model of its dataset (rate, mu-law convention), the lm task's rescale and tie kept: the weights
+    and embed_scale as the same model's text import had them."""
+    sd, cfg, kind = _lightning("s4_sc09.ckpt")
+    cfg["task"] = {"_name_": "lm", "tied": False, "rescale": True}
+    got = map_official(dict(sd), copy.deepcopy(cfg), kind)
+    c = got.config
+    assert (c.get("modality"), c.get("sample_rate"), c.get("mulaw")) == ("audio", 16000, "s4"), c
+    assert c["embed_scale"] == pytest.approx(c["d_model"] ** 0.5) and not c["tie_embeddings"]
+    text = copy.deepcopy(cfg)
+    text["dataset"] = {"_name_": "wt103"}  # the same lm-task model on a text dataset
+    want = map_official(dict(sd), text, kind)
+    assert got.tensors.keys() == want.tensors.keys()
+    assert all(torch.equal(got.tensors[k], want.tensors[k]) for k in want.tensors)
+    assert {k: v for k, v in c.items() if k not in ("modality", "sample_rate", "mulaw")} == want.config
+
+
 @pytest.mark.parametrize("fixture", ["s4_sc09.ckpt", "sashimi_sc09.ckpt"])
 def test_an_audio_config_without_bits_is_read_as_the_official_8_bits_against_the_weights(fixture):
     """An official audio dataset's dataset.bits defaults to 8 (each one's init_defaults: 256 tokens), so a

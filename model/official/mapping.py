@@ -809,7 +809,9 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None, sample_rate: in
     task = cfg.get("task") if isinstance(cfg.get("task"), dict) else {}
     tname = task.get("_name_")
     ds = cfg.get("dataset") if isinstance(cfg.get("dataset"), dict) else {}
-    audio = tname in AUDIO_TASKS and ds.get("_name_") in AUDIO_DATASETS
+    # an audio model: the sc09-style task, or the lm task (LMTask's embedding over its dataset's n_tokens,
+    # 2^bits quantized samples), on an official audio dataset (an lm one was served as 256 byte ids of text)
+    audio = tname in (*AUDIO_TASKS, "lm") and ds.get("_name_") in AUDIO_DATASETS
     if tname not in ("lm", "adaptivelm") and not audio:
         dec = cfg.get("decoder")
         mode = dec.get("mode", "last") if isinstance(dec, dict) else None
@@ -890,7 +892,7 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None, sample_rate: in
         _check_vocab(cfg, V)
         tensors["embed.weight"] = emb
         mp.append(("embed.weight", "encoder.0.weight", "the token embedding"))
-        rescale = bool(task.get("rescale", True)) and not audio  # (LMTask's √H; the sc09 task has none)
+        rescale = bool(task.get("rescale", True)) and tname == "lm"  # (LMTask's √H; the sc09 task has none)
         embed_scale = math.sqrt(H) if rescale else 1.0
         notes.append(f"task {tname!r}: rescale = {rescale} → embed_scale {embed_scale:.6g}")
         if len(head_keys) != 1:
@@ -898,7 +900,7 @@ def map_lightning(sd: dict[str, torch.Tensor], cfg: dict | None, sample_rate: in
         hw = head_keys[0]
         head_w = src.take(hw, (V, H))
         head_b = src.take(hw[: -len("weight")] + "bias", (V,))
-        tied = bool(task.get("tied", False)) and not audio
+        tied = bool(task.get("tied", False)) and tname == "lm"
         _agree("task.tied", tied, bool(torch.equal(head_w, emb)))
         tensors["head.weight"], tensors["head.bias"] = head_w, head_b
         mp += [("head.weight", hw, "decoder weight" + (" (tied to the embedding)" if tied else "")),
