@@ -284,6 +284,20 @@ def converted_from(src: Path, converted: Path) -> None:
         )
 
 
+def conversion_config(converted: Path) -> Path | None:
+    """The config file model.convert read for CONVERTED_DIR (its config.json's source.config_file), where it
+    is a file here: the official run builds its model from it. None for a Lightning checkpoint's own config
+    ("inside …") or a file not here (the run then takes SRC's own, or the one beside a .pt). It was the file
+    beside a source not named .ckpt only: a state dict saved as .ckpt, or a Lightning checkpoint without
+    hyper_parameters, converted with the config beside it, had its official run fail with no config."""
+    try:
+        source = json.loads((converted / "config.json").read_text()).get("source") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    name = source.get("config_file") if isinstance(source, dict) else None
+    return Path(name) if isinstance(name, str) and Path(name).is_file() else None
+
+
 def same_source(converted: Path, meta: dict) -> None:
     """OtherModel when the reference's metadata name another file than the one CONVERTED_DIR was converted
     from (its config.json's source): by SHA-256 where both have one (a renamed copy is the same file),
@@ -421,8 +435,9 @@ def main(argv: list[str] | None = None) -> int:
                     )  # fmt: skip
             with tempfile.TemporaryDirectory(prefix="s4-check-") as tmp:
                 out = Path(tmp) / "official.safetensors"
+                config = args.config if args.config is not None else conversion_config(converted)
                 meta = official_reference(
-                    src, args.official, args.python, out, args.config, args.tokens, args.seed
+                    src, args.official, args.python, out, config, args.tokens, args.seed
                 )
                 ref, _ = read_reference(out)
                 if args.save_reference is not None:

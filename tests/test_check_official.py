@@ -336,6 +336,38 @@ def _fake_checkout(root: Path) -> Path:
     return root
 
 
+def test_the_official_run_gets_the_config_the_conversion_read(converted, tmp_path):
+    """A .ckpt holding no config of its own (a state dict saved as .ckpt; a Lightning checkpoint saved without
+    hyper_parameters) converts with the config found beside it (config.json's source.config_file names it),
+    but the official run was given one beside a file not named .ckpt only: its child found none and failed
+    ('no config (a .pt needs its run's config.yaml: --config)'), and a .pt converted with --config X got
+    whatever lay beside it. Now the official run gets the config file the conversion read (the stand-in
+    python records its arguments); a Lightning .ckpt with a config of its own gets none (it reads it)."""
+    co = _fake_checkout(tmp_path / "s4")
+    argv = tmp_path / "argv"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {argv}\nexit 1\n')
+    fake.chmod(0o755)
+    src = tmp_path / "run" / "m.ckpt"
+    src.parent.mkdir()
+    src.write_bytes((FIX / "s4d_zoh.pt").read_bytes())  # a state dict saved as .ckpt
+    (src.parent / "m.yaml").write_bytes((FIX / "s4d_zoh.yaml").read_bytes())
+    convert(src, tmp_path / "out")
+    rc, _, err = run(src, tmp_path / "out", "--official", co, "--python", fake)
+    assert rc == 2 and f" --config {(src.parent / 'm.yaml').resolve()}" in argv.read_text(), err
+    given = tmp_path / "elsewhere" / "run.yaml"  # a .pt converted with --config
+    given.parent.mkdir()
+    given.write_bytes((FIX / "s4d_zoh.yaml").read_bytes())
+    pt = tmp_path / "pt" / "model.pt"
+    pt.parent.mkdir()
+    pt.write_bytes((FIX / "s4d_zoh.pt").read_bytes())
+    convert(pt, tmp_path / "out-pt", config=given)
+    rc, _, err = run(pt, tmp_path / "out-pt", "--official", co, "--python", fake)
+    assert rc == 2 and f" --config {given.resolve()}" in argv.read_text(), err
+    rc, _, err = run(FIX / "s4_bytes.ckpt", converted["s4_bytes"], "--official", co, "--python", fake)
+    assert rc == 2 and "--config" not in argv.read_text(), err
+
+
 def test_a_python_that_does_not_run_exits_2(converted, tmp_path):
     co = _fake_checkout(tmp_path / "s4")
     argv = (FIX / "s4_bytes.ckpt", converted["s4_bytes"], "--official", co)
