@@ -484,8 +484,8 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
 # identity before, is refused, a version-3 SaShiMi of S4D layers has model.l_max as its l_max, not 1024,
 # and an S4 model's verification figures come from a float64 conv kernel; 8: a model.decoder other than a
 # per-token sequence decoder, ignored before, is refused, and so is an audio dataset config without bits
-# over weights of other than 256 tokens; the lm task on an audio dataset imports as audio, not text), so
-# entries an older converter wrote are not reused.
+# over weights of other than 256 tokens; the lm task on an audio dataset imports as audio, not text; a
+# music run has its dataset.sample_rate), so entries an older converter wrote are not reused.
 CONVERTER_VERSION = 8
 
 

@@ -1439,6 +1439,27 @@ def test_sashimi_audio_format_comes_from_the_dataset_or_sample_rate_and_the_card
         _audio_format({"_name_": "qautoaudio", "quantization": "linear", "bits": 16}, None)  # vocabulary)
 
 
+def test_a_music_run_has_the_sample_rate_its_dataset_config_gives():
+    """The official music dataset (src/dataloaders/audio.py Music, configs/dataset/music.yaml) takes its rate
+    from the config, dataset.sample_rate (default 16000; its __l_max is sample_rate × sample_len), where the
+    import said 16 kHz for every music run: an 8 kHz run's audio was labelled 16 kHz (played at twice its
+    speed), silently. Now the config's rate (16 kHz when absent, its default); --sample-rate still wins; a
+    rate that is not an integer of 1000 to 384000 Hz is refused by name. The isotropic audio import too."""
+    for fixture in ("sashimi_sc09.ckpt", "s4_sc09.ckpt"):
+        sd, cfg, kind = _lightning(fixture)
+        cfg["dataset"] = {"_name_": "music", "sample_len": 1, "sample_rate": 8000, "discrete_input": True}
+        imp = map_official(sd, copy.deepcopy(cfg), kind)
+        assert imp.config["sample_rate"] == 8000, fixture
+        assert "dataset 'music': 8000 Hz audio (its dataset.sample_rate)" in "\n".join(imp.notes)
+        assert map_official(sd, copy.deepcopy(cfg), kind, sample_rate=11025).config["sample_rate"] == 11025
+        del cfg["dataset"]["sample_rate"]
+        assert map_official(sd, copy.deepcopy(cfg), kind).config["sample_rate"] == 16000
+        for bad in ("8k", 0, 8000.0, True):
+            cfg["dataset"]["sample_rate"] = bad
+            with pytest.raises(Unsupported, match=rf"dataset.sample_rate = {re.escape(repr(bad))}: expected"):
+                map_official(sd, copy.deepcopy(cfg), kind)
+
+
 def test_an_official_beethoven_sashimi_imports_as_linear_and_others_as_before(tmp_path):
     """The official Beethoven SaShiMi's data are 8-bit linear (configs/dataset/beethoven.yaml), once
     refused ("only mu-law"): its import says quantization "linear" (config.json and the card), decodes by

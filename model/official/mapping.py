@@ -1424,8 +1424,8 @@ def _audio_format(ds: dict, sample_rate: int | None) -> tuple[int, str, str]:
     mu-law or linear quantization (dataset.quantization 'mu-law' or 'linear', the official Beethoven
     SaShiMi's; when absent, the dataset's official default, DEFAULT_QUANTIZATION, else mu-law, assumed and
     said so; dataset.bits, when given, 8; anything else is refused); the rate is
-    `sample_rate` when given, else the official data's rate for its dataset name, else 16 kHz, assumed
-    (and said so)."""
+    `sample_rate` when given, else the music dataset's dataset.sample_rate (its own option), else the official
+    data's rate for its dataset name, else 16 kHz, assumed (and said so)."""
     name, quant, bits = ds.get("_name_"), ds.get("quantization"), ds.get("bits", 8)
     default = DEFAULT_QUANTIZATION.get(name)
     if quant not in (None, "mu-law", "linear"):
@@ -1448,6 +1448,13 @@ def _audio_format(ds: dict, sample_rate: int | None) -> tuple[int, str, str]:
             quant,
             f"dataset {name!r}: {sample_rate} Hz audio (--sample-rate), state-spaces/s4 {law}",
         )
+    if name == "music" and "sample_rate" in ds:  # the Music dataset's rate is its config's (default 16000):
+        rate = ds["sample_rate"]  # 16 kHz was read for every music run, an 8 kHz one's too
+        if type(rate) is not int or not 1000 <= rate <= MAX_SIZE["sample_rate"]:
+            raise Unsupported(
+                f"dataset.sample_rate = {rate!r}: expected an integer of 1000 to {MAX_SIZE['sample_rate']} Hz"
+            )
+        return rate, quant, f"dataset {name!r}: {rate} Hz audio (its dataset.sample_rate), {law}"
     if AUDIO_DATASETS.get(name):
         rate = AUDIO_DATASETS[name]
         return (
