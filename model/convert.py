@@ -485,7 +485,8 @@ def convert(src: str | Path, out_dir: str | Path, config: str | Path | None = No
 # and an S4 model's verification figures come from a float64 conv kernel; 8: a model.decoder other than a
 # per-token sequence decoder, ignored before, is refused, and so is an audio dataset config without bits
 # over weights of other than 256 tokens; the lm task on an audio dataset imports as audio, not text; a
-# music run has its dataset.sample_rate), so entries an older converter wrote are not reused.
+# music run has its dataset.sample_rate; a server's conversion of a Lightning checkpoint named .pt reads its
+# own config, not one beside it, under the same key), so entries an older converter wrote are not reused.
 CONVERTER_VERSION = 8
 
 
@@ -535,11 +536,11 @@ def convert_cached(src: str | Path, cache_dir: str | Path, config: str | Path | 
     there is one. Written to a temporary folder and renamed, so a crash never leaves a half-written
     entry; an entry changed since (its weights' or vocabulary's checksum) is logged and converted again."""
     src = Path(src)
-    if config is None and src.suffix != ".ckpt":
-        config = find_config(src)
     # the key holds the hash of the config found beside SRC whatever its name: read_source reads it for any
-    # file that is not a Lightning checkpoint, which it tells by content (a state dict saved as .ckpt too),
-    # and a key without it served the conversion of an edited config's old text ever after
+    # file that is not a Lightning checkpoint with its own, which it tells by content (a state dict saved as
+    # .ckpt too), and a key without it served the conversion of an edited config's old text ever after. The
+    # conversion itself is given `config` as the caller gave it, as the command line is: handed the config
+    # found beside a .pt, it replaced a Lightning checkpoint's own (a last.ckpt saved as .pt)
     keyed = config if config is not None else find_config(src)
     vocab = find_vocab(src)
     cache = Path(cache_dir).expanduser()

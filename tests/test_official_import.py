@@ -1892,6 +1892,28 @@ def test_a_state_dict_named_ckpt_is_cached_and_guarded_with_the_config_read_besi
     assert config.read_bytes() == before
 
 
+def test_a_server_converts_a_lightning_checkpoint_named_pt_as_the_command_line_does(tmp_path):
+    """A Lightning checkpoint saved as .pt (a last.ckpt renamed) holds its own config, which model.convert
+    reads (read_source tells it by content); convert_cached, a server's conversion, handed the conversion
+    the config found beside any file not named .ckpt, which then replaced the checkpoint's own: with another
+    run's config.yaml beside it (dt_transform exp, dataset my_bytes) a server served a model of a Δ the run
+    never had, where the command line converted it right. Now the cache converts as the command line does
+    (the config found beside SRC is in its key only)."""
+    src = tmp_path / "last.pt"
+    src.write_bytes((FIX / "s4_softplus.ckpt").read_bytes())
+    _, cfg, _ = read_source(FIX / "s4_softplus.ckpt")
+    cfg["dataset"] = {"_name_": "my_bytes"}
+    cfg["model"]["layer"][0]["dt_transform"] = "exp"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    entry = convert_cached(src, tmp_path / "cache")
+    cli = convert(src, tmp_path / "cli")
+    source = json.loads((entry / "config.json").read_text())["source"]
+    own = ("inside last.pt (its hyper_parameters)", "wt103")
+    assert (source["config_file"], source["dataset"]) == (cli["config_file"], cli["dataset"]) == own, source
+    a, b = (load_file(str(p / "model.safetensors")) for p in (entry, tmp_path / "cli"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_version_3_unet_imports_and_its_options_our_sashimi_lacks_are_refused_by_name():
     """Version 3's U-Net backbone (v3_unet, v3_unet_s4d in CASES; refused before as "version 3's U-Net
     backbone is not supported") converts as unet true. The options of its configs/model/unet.yaml that our
