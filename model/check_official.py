@@ -173,8 +173,10 @@ def compare(
 
 
 def official_reference(src: Path, official: Path, python: str, out: Path, config: Path | None,
-                       tokens: int | None, seed: int) -> dict:  # fmt: skip
-    """Run model/official/reference.py under the official venv's python; its summary (JSON) line."""
+                       tokens: int | None, seed: int, beside: bool = True) -> dict:  # fmt: skip
+    """Run model/official/reference.py under the official venv's python; its summary (JSON) line. `beside`:
+    without `config`, give the config found beside a source not named .ckpt (where the conversion's own
+    record does not say which it read: `conversion_config`)."""
     from model.official.reader import find_config
 
     if src.is_dir():
@@ -189,7 +191,7 @@ def official_reference(src: Path, official: Path, python: str, out: Path, config
         )
     if config is not None and not config.is_file():
         raise UsageError(f"--config {config}: no such file")
-    if config is None and src.suffix != ".ckpt":
+    if config is None and beside and src.suffix != ".ckpt":
         config = find_config(src)  # the file model.convert reads beside a .pt (its path only)
     cmd = [python, str(REFERENCE_SCRIPT), str(src.resolve()), "--official", str(official.resolve()),
            "--out", str(out), "--seed", str(seed)]  # fmt: skip
@@ -284,18 +286,24 @@ def converted_from(src: Path, converted: Path) -> None:
         )
 
 
-def conversion_config(converted: Path) -> Path | None:
-    """The config file model.convert read for CONVERTED_DIR (its config.json's source.config_file), where it
-    is a file here: the official run builds its model from it. None for a Lightning checkpoint's own config
-    ("inside …") or a file not here (the run then takes SRC's own, or the one beside a .pt). It was the file
-    beside a source not named .ckpt only: a state dict saved as .ckpt, or a Lightning checkpoint without
-    hyper_parameters, converted with the config beside it, had its official run fail with no config."""
+def conversion_config(converted: Path) -> tuple[bool, Path | None]:
+    """Where model.convert took CONVERTED_DIR's config (its config.json's source.config_file), for the
+    official run to build its model from the same: (True, the file) where it names a file here, (True, None)
+    where it was SRC's own (a Lightning checkpoint's hyper_parameters: "inside …"), else (False, None), not
+    recorded or a file not here (the run then takes SRC's own, or the one beside a .pt). The run was given the
+    file beside a source not named .ckpt only: a state dict saved as .ckpt, or a Lightning checkpoint without
+    hyper_parameters, converted with the config beside it, failed with no config; a Lightning checkpoint
+    saved as .pt was given the config beside it, which the child reads over the checkpoint's own."""
     try:
         source = json.loads((converted / "config.json").read_text()).get("source") or {}
     except (OSError, ValueError, AttributeError):
-        return None
+        return False, None
     name = source.get("config_file") if isinstance(source, dict) else None
-    return Path(name) if isinstance(name, str) and Path(name).is_file() else None
+    if not isinstance(name, str):
+        return False, None
+    if Path(name).is_file():
+        return True, Path(name)
+    return (True, None) if re.fullmatch(r"inside .+ \(its hyper_parameters\)", name) else (False, None)
 
 
 def same_source(converted: Path, meta: dict) -> None:
@@ -435,9 +443,11 @@ def main(argv: list[str] | None = None) -> int:
                     )  # fmt: skip
             with tempfile.TemporaryDirectory(prefix="s4-check-") as tmp:
                 out = Path(tmp) / "official.safetensors"
-                config = args.config if args.config is not None else conversion_config(converted)
+                recorded, config = (
+                    (True, args.config) if args.config is not None else conversion_config(converted)
+                )
                 meta = official_reference(
-                    src, args.official, args.python, out, config, args.tokens, args.seed
+                    src, args.official, args.python, out, config, args.tokens, args.seed, beside=not recorded
                 )
                 ref, _ = read_reference(out)
                 if args.save_reference is not None:

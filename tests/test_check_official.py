@@ -368,6 +368,25 @@ def test_the_official_run_gets_the_config_the_conversion_read(converted, tmp_pat
     assert rc == 2 and "--config" not in argv.read_text(), err
 
 
+def test_the_official_run_of_a_lightning_checkpoint_named_pt_reads_its_own_config(tmp_path):
+    """A Lightning checkpoint saved as .pt converts with its own config (config_file 'inside last.pt'), but
+    the official run was given the config.yaml found beside any file not named .ckpt, which the child reads
+    over the checkpoint's own: another run's config there checked the conversion against another model.
+    Where CONVERTED_DIR's config.json says the conversion read SRC's own config, none is given now."""
+    co = _fake_checkout(tmp_path / "s4")
+    argv = tmp_path / "argv"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {argv}\nexit 1\n')
+    fake.chmod(0o755)
+    src = tmp_path / "run" / "last.pt"
+    src.parent.mkdir()
+    src.write_bytes((FIX / "s4_bytes.ckpt").read_bytes())  # a Lightning checkpoint saved as .pt
+    (src.parent / "config.yaml").write_bytes((FIX / "s4d_zoh.yaml").read_bytes())  # another run's
+    assert convert(src, tmp_path / "out")["config_file"] == "inside last.pt (its hyper_parameters)"
+    rc, _, err = run(src, tmp_path / "out", "--official", co, "--python", fake)
+    assert rc == 2 and "--config" not in argv.read_text(), (err, argv.read_text())
+
+
 def test_a_python_that_does_not_run_exits_2(converted, tmp_path):
     co = _fake_checkout(tmp_path / "s4")
     argv = (FIX / "s4_bytes.ckpt", converted["s4_bytes"], "--official", co)
