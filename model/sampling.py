@@ -279,7 +279,7 @@ def filter_logits(
 ) -> torch.Tensor:
     """Mask (to −inf) all but the top_k largest and the smallest set with mass ≥ top_p (per row).
     logits (B, V) float32 with a finite maximum per row; top_k (B,) int64 (0 → off; ≤ V);
-    top_p (B,) float32 in [0, 1] (a top_p rounded to 0 keeps the top token only). `rank_by` (B, V):
+    top_p (B,) float32 in [0, 1] (1 → off; a top_p rounded to 0 keeps the top token only). `rank_by` (B, V):
     the values that order the tokens (default: logits), e.g. the logits before a temperature whose
     division rounds distinct values together; equal values rank by token id (as argmax does)."""
     V = logits.shape[-1]
@@ -290,7 +290,9 @@ def filter_logits(
     drop = rank >= k
     probs = sorted_logits.masked_fill(drop, NEG_INF).softmax(-1)
     mass_before = probs.cumsum(-1) - probs  # keep token i while the mass before it is < top_p
-    drop |= mass_before >= top_p[:, None]
+    # (top_p = 1 is off: the float32 sum passes 1 before the tail, and dropped it in every row of a batch
+    # in which any row filters)
+    drop |= (mass_before >= top_p[:, None]) & (top_p[:, None] < 1)
     drop[:, 0] = False
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, NEG_INF))
 

@@ -120,6 +120,27 @@ def test_top_k_at_or_past_the_vocabulary_filters_nothing(path, top_k):
     assert torch.equal(draw(logits, big), draw(logits, off))
 
 
+def test_top_p_1_filters_nothing_whatever_the_other_rows_ask(path, monkeypatch):
+    """top_p = 1 is off: a row with it draws what it draws alone, whatever filters the other rows of its
+    batch ask for, and with a top_k keeps exactly the top k. The torch ops (a GPU's decode batch) filter
+    every row once one asks for top-k or top-p, and at top_p = 1 dropped the tail after the float32
+    cumulative sum of the sorted probabilities passed 1 (117 of these 4,096 tokens): 3 of the 512
+    largest uniforms then drew another token than alone, one request changing another's tokens."""
+    torch.manual_seed(0)
+    V, n = 4096, 512
+    logits = torch.randn(V) * 3
+    u = 1 - torch.arange(1, n + 1) * 2.0**-24  # the largest uniforms: where the lost tail's mass lay
+    batch_u = torch.cat([torch.tensor([0.5]), u])
+    monkeypatch.setattr(sampling, "uniforms", lambda gens: u if len(gens) == n else batch_u)
+    plain = SamplingParams(temperature=1.0, seed=2)
+    alone = draw(logits.expand(n, V), [plain] * n)
+    batched = draw(logits.expand(n + 1, V), [SamplingParams(top_k=50, seed=1)] + [plain] * n)[1:]
+    assert torch.equal(batched, alone), (batched != alone).nonzero().flatten().tolist()
+    z = (logits - logits.max()).expand(2, V)
+    kept = ~torch.isneginf(sampling.filter_logits(z, torch.tensor([0, 1000]), torch.tensor([1.0, 1.0])))
+    assert kept.sum(-1).tolist() == [V, 1000]
+
+
 @pytest.mark.parametrize("p", [1e-3, 1e-30, 1e-38, 1e-40, 1e-45, 1e-320])
 def test_tiny_repetition_penalty_gives_its_limit(path, p):
     """CTRL penalty p → 0: a seen token with z > 0 goes to z / p → +∞, so the seen token with the
