@@ -250,7 +250,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     top = torch.where(over, logits, NEG_INF).amax(-1, keepdim=True)
     limit = torch.where(over & (logits == top), 0.0, NEG_INF)
     rows = over.any(-1, keepdim=True) & ~torch.isposinf(logits).any(-1, keepdim=True)
-    return torch.where(rows, limit, penalized)
+    # elsewhere an overflowed z / p stays a finite number (the largest float32), which a +inf logit outranks
+    return torch.where(rows, limit, torch.where(over, F32_MAX, penalized))
 
 
 def sanitize_logits(logits: torch.Tensor) -> torch.Tensor:

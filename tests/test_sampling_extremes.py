@@ -167,6 +167,21 @@ def test_tiny_repetition_penalty_gives_its_limit(path, p):
     assert 0 <= int(out[0]) < V
 
 
+def test_a_rows_own_inf_logit_outranks_seen_logits_whose_penalty_overflows(path):
+    """A tiny penalty sends a seen z > 0 to z / p past float32 (5 / 1e-40 = 5e40), which is still a finite
+    number: a +inf logit of the row's own outranks it and takes all the mass (`apply_repetition_penalty`).
+    The overflowed tokens were +inf beside it, and shared the mass: tokens 0 and 6 drawn, and the greedy
+    pick was token 0, the first +inf."""
+    n, V = 200, 8
+    logits = torch.tensor([5.0, 1.0, float("inf"), 0.5, -1.0, 2.0, 3.0, 0.0]).expand(n, V).contiguous()
+    seen = torch.zeros(n, V, dtype=torch.bool)
+    seen[:, [0, 6]] = True
+    for T in (1.0, 0.0):
+        params = [SamplingParams(temperature=T, repetition_penalty=1e-40, seed=k) for k in range(n)]
+        got = draw(logits, params, seen)
+        assert set(got.tolist()) == {2}, (T, torch.bincount(got, minlength=V).tolist())
+
+
 def test_huge_repetition_penalty_matches_a_float64_reference(path):
     torch.manual_seed(4)
     V, n, pen = 8, 4000, 100.0

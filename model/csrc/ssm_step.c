@@ -1585,6 +1585,7 @@ int sample_rows(long B, long V, const float *logits, const double *temp, const f
  * torch ops' float32 tensors round them (rep, top_p, min_p, presence, frequency: float). Softmax
  * sums run in double here and in float32 there: the two paths agree to rounding (tested by
  * distribution), the C pass is the one the server and the library use on CPU. */
+#include <float.h>
 #include <stdlib.h>
 
 typedef struct {
@@ -1743,6 +1744,8 @@ static long sample_full(long V, const float *logits, const SampleArgs *a, long r
             const int up = seen[v] && zv > 0;
             if (limit) /* p → 0: the overflowed seen tokens with the largest z get all the mass */
                 z[v] = (up && isfinite(zv) && zv / rep == INFINITY && zv == top_over) ? 0.0f : -INFINITY;
+            else if (up && isfinite(zv) && zv / rep == INFINITY) /* a row with a +inf of its own: a finite */
+                z[v] = FLT_MAX;                                  /* number, which that +inf outranks */
             else
                 z[v] = up ? zv / rep : (seen[v] ? zv * rep : zv);
         }
