@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from model.network import token_range_error
 SOURCE = Path(__file__).parent / "csrc" / "ssm_step.c"
 MAX_MODES, MAX_RANK = 1024, 4  # the DPLR step's limits (MAX_MODES, MAX_RANK in ssm_step.c)
 _lib: dict[str, object] = {}
+_LIB_LOCK = threading.Lock()  # one build of the library at a time in a process (`library`)
 log = logging.getLogger("model.fused")
 RESTYPES = {  # the library's entry points and their return types
     "diag_step": None, "dplr_step": ctypes.c_int, "net_step": ctypes.c_int, "sample_rows": ctypes.c_int,
@@ -217,9 +219,19 @@ def build_key(src: bytes, flags: Sequence[str]) -> str:
 
 
 def library():
-    """The loaded ctypes library, or None (after one warning) when it cannot be built."""
+    """The loaded ctypes library, or None (after one warning) when it cannot be built. Threads that ask at
+    once share one build: the others wait for it (each compiled into the same `.{pid}.tmp` file, and a
+    rename that found it gone left None as the process's library)."""
     if "lib" in _lib:
         return _lib["lib"]
+    with _LIB_LOCK:
+        if "lib" not in _lib:
+            _lib["lib"] = _load_library()
+        return _lib["lib"]
+
+
+def _load_library():
+    """`library()`'s build and load, in one thread at a time."""
     lib = None
     try:
         flags = build_flags()
@@ -245,9 +257,8 @@ def library():
         log.info("the fused C step: %s %s", how, out)
     except (OSError, RuntimeError, ValueError, subprocess.CalledProcessError) as exc:
         detail = build_cache_problem() or getattr(exc, "stderr", "") or exc
-        warnings.warn(f"fused CPU step unavailable ({detail}); using torch ops", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"fused CPU step unavailable ({detail}); using torch ops", RuntimeWarning, stacklevel=3)
         lib = None
-    _lib["lib"] = lib
     return lib
 
 

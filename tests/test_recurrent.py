@@ -3,6 +3,7 @@
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -349,6 +350,45 @@ def test_the_fused_step_is_built_where_it_can_be_and_a_damaged_build_is_compiled
         f"S4_BUILD_CACHE = {blocked} cannot be made (Not a directory); the fallback: no temporary folder can "
         "be written (TMPDIR, /tmp, /var/tmp): the fused C step cannot be compiled and loaded"
     )
+
+
+def test_threads_that_first_ask_for_the_fused_step_at_once_share_one_build(monkeypatch, tmp_path):
+    """Two threads of a process whose first sample or step comes at the same time ask `library()` at once:
+    one compiles, the other waits for it, and both get the library. Each compiled it into the same
+    `.{pid}.tmp` file, and the second rename found it gone: that thread warned "fused CPU step
+    unavailable", got None, and left None as the process's library (every C path off from then on). The
+    compiler here is a script that copies this process's library and takes a second more (the race is
+    under test, not the compiler)."""
+    import threading
+
+    from model import fused
+
+    built = Path(fused.library()._name)
+    runs = tmp_path / "runs"
+    cc = tmp_path / "cc"
+    cc.write_text(
+        f'#!/bin/sh\n[ "$1" = --version ] && {{ echo fake-cc 1; exit 0; }}\nout=; prev=\n'
+        f'for a in "$@"; do [ "$prev" = -o ] && out=$a; prev=$a; done\n'
+        f'echo run >> "{runs}"\ncp "{built}" "$out"\nsleep 1\n'
+    )
+    cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("S4_BUILD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fused, "_lib", {})
+    got = {}
+
+    def first_use(i):
+        got[i] = fused.library()
+
+    threads = [threading.Thread(target=first_use, args=(i,)) for i in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert got[0] is not None and got[0] is got[1] is fused.library(), (got, [str(w.message) for w in caught])
+    assert runs.read_text().split() == ["run"]  # compiled once
 
 
 @pytest.mark.parametrize("kernel,init", [("s4", "legs"), ("s4d", "diag-lin")])
