@@ -1011,14 +1011,14 @@ def decode_block(
     `invoke(tail)` with the C arguments after the network's own (state, tok, the sampling settings, ...,
     interrupt), and collect the result.
 
-    state: float32 contiguous, B rows along `batch_dim`, updated in place; tok (B,) int64 contiguous, the
-    pending tokens, updated in place to each row's last token; settings: the rows' sampling settings
-    (model.sampling.row_settings); counts (B, V) float32 contiguous or None (needed when
-    settings.counted), incremented in place for every sampled token; key and counter (B,) int64 holding
-    uint64 bit patterns (the stream's key and its next index; counter is advanced in place); limit (B,)
-    int64 ≥ 0; stops: per row, its stop sequences (bytes); history: per row, its output bytes so far
-    (only the last longest-stop − 1 are read); seen (B, V) bool, set in place for every sampled token;
-    interrupt: a flag that, once set to nonzero by another thread, ends each group of rows after its
+    Every tensor is on the CPU. state: float32 contiguous, B rows along `batch_dim`, updated in place; tok
+    (B,) int64 contiguous, the pending tokens, updated in place to each row's last token; settings: the
+    rows' sampling settings (model.sampling.row_settings); counts (B, V) float32 contiguous or None
+    (needed when settings.counted), incremented in place for every sampled token; key and counter (B,)
+    int64 holding uint64 bit patterns (the stream's key and its next index; counter is advanced in place);
+    limit (B,) int64 ≥ 0; stops: per row, its stop sequences (bytes); history: per row, its output bytes
+    so far (only the last longest-stop − 1 are read); seen (B, V) bool, set in place for every sampled
+    token; interrupt: a flag that, once set to nonzero by another thread, ends each group of rows after its
     current round of steps (each group makes at least one round; rows may then have made different numbers
     of tokens); schedule: (group_rows, group_steps), the order in which the rows are stepped (ssm_step.c
     `decode_block`: groups of group_rows rows of a thread's share, each through rounds of group_steps steps,
@@ -1044,13 +1044,16 @@ def decode_block(
     check_block_args(K, limit)
     if not seen.is_contiguous():
         raise ValueError("decode block: seen must be contiguous")
+    for name, t in (("state", state), ("seen", seen)):  # (the C block writes through their pointers)
+        if t.device.type != "cpu":
+            raise ValueError(f"decode block: {name} must be on the CPU, got {t.device}")
     settings.check(B, V)
     if len(stops) != B or len(history) != B:
         raise ValueError(f"decode block: stops and history need one entry per row ({B}), got "
                          f"{len(stops)} and {len(history)}")  # fmt: skip
     bad_counts = counts is None or counts.shape != (B, V) or counts.dtype != torch.float32
-    if settings.counted and (bad_counts or not counts.is_contiguous()):
-        raise ValueError(f"decode block: counts must be ({B}, {V}) float32 contiguous")
+    if settings.counted and (bad_counts or not counts.is_contiguous() or counts.device.type != "cpu"):
+        raise ValueError(f"decode block: counts must be ({B}, {V}) float32 contiguous on the CPU")
     longest = max((len(s) for row in stops for s in row), default=0)
     keep = max(longest - 1, 0)
     first, offsets, data = [0], [0], bytearray()
@@ -1200,8 +1203,9 @@ def sample_rows_full(lib, logits: torch.Tensor, settings: RowSettings, seen, cou
         raise ValueError(f"u must be ({B},), got {tuple(u.shape)}")
     for name, t, dtype, used in (("seen", seen, torch.bool, settings.penalized),
                                  ("counts", counts, torch.float32, settings.counted)):  # fmt: skip
-        if used and (t is None or t.shape != (B, V) or t.dtype != dtype or not t.is_contiguous()):
-            raise ValueError(f"{name} must be ({B}, {V}) {dtype} contiguous")
+        if used and (t is None or t.shape != (B, V) or t.dtype != dtype or not t.is_contiguous()
+                     or t.device.type != "cpu"):  # fmt: skip
+            raise ValueError(f"{name} must be ({B}, {V}) {dtype} contiguous on the CPU")
     out = torch.empty(B, dtype=torch.long)
     ptrs = settings.pointers(seen, counts)
     oo = ctypes.c_void_p(out.data_ptr())

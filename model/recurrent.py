@@ -1407,14 +1407,16 @@ class RecurrentModel(GraphedModel):
         may be `state` itself: an in-place update that allocates nothing). A float16 state (stored at 16
         bits, `use_state_dtype`) is stepped in float32 from its exact widening and the next state rounded
         to float16 (the Triton kernel reads and writes it so; the other steps widen, step and round); out
-        has the state's dtype. With `use_cuda_graphs`, a batch within the largest bucket replays its
-        bucket's graph (a state of the graphs' `state_dtype`; another steps eagerly). Raises ValueError
-        for a wrong shape or dtype, or an id outside the vocabulary (naming it; the state is then
+        has the state's dtype and device. With `use_cuda_graphs`, a batch within the largest bucket replays
+        its bucket's graph (a state of the graphs' `state_dtype`; another steps eagerly). Raises ValueError
+        for a wrong shape, dtype or device, or an id outside the vocabulary (naming it; the state is then
         unchanged)."""
         tokens = self._check(tokens, state, 1)
         if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
             raise ValueError(f"out has shape {tuple(out.shape)} {out.dtype}, expected {tuple(state.shape)} "
                              f"{state.dtype}")  # fmt: skip
+        if out is not None and out.device != state.device:  # (the C step would write through its pointer)
+            raise ValueError(f"out is on {out.device}, expected the state's device ({state.device})")
         if self._graphs is not None:
             check_token_ids(tokens, self.config.vocab_size)
             return self._graphs(tokens, state, out)

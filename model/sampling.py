@@ -386,16 +386,17 @@ def sample(
     uniform from its own generator, so a row's token does not depend on the other rows, and a seed
     reproduces a sequence whatever the batch. Raises ValueError unless logits is 2-D with one entry of
     `params` and of `generators` (CounterRNG or torch.Generator) per row, each row's logit_bias ids are
-    below V, and `seen`/`counts`, when given, are (B, V)."""
+    below V, and `seen`/`counts`, when given, are (B, V) on the logits' device."""
     if logits.dim() != 2 or logits.shape[1] == 0:  # (V = 0 gave token 0, outside [0, V))
         raise ValueError(f"logits must be (B, V) with V ≥ 1, got shape {tuple(logits.shape)}")
     B, V = logits.shape
     if len(params) != B or len(generators) != B:
         raise ValueError(f"one SamplingParams and one generator per row: {B} rows, got {len(params)} params "
                          f"and {len(generators)} generators")  # fmt: skip
-    for name, t in (("seen", seen), ("counts", counts)):
-        if t is not None and tuple(t.shape) != (B, V):
-            raise ValueError(f"{name} must be (B, V) = ({B}, {V}), got {tuple(t.shape)}")
+    for name, t in (("seen", seen), ("counts", counts)):  # (another device's reached the C pass as a pointer)
+        if t is not None and (tuple(t.shape) != (B, V) or t.device != logits.device):
+            raise ValueError(f"{name} must be (B, V) = ({B}, {V}) on the logits' device ({logits.device}), "
+                             f"got {tuple(t.shape)} on {t.device}")  # fmt: skip
     for i, (p, g) in enumerate(zip(params, generators, strict=True)):
         if not isinstance(g, (CounterRNG, torch.Generator)):
             raise ValueError(f"generators[{i}] must be a CounterRNG (SamplingParams.generator) or a "

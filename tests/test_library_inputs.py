@@ -4,6 +4,11 @@ work, instead of torch's errors from deep inside (or a verification "failure" fo
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -102,6 +107,62 @@ def test_arguments_the_library_cannot_use_are_refused_by_name(arch, tmp_path):
         for call in (lambda: load(tmp_path / "ck", device="cuda"), lambda: net.to_recurrent(device="cuda")):
             with pytest.raises(ValueError, match=r"device 'cuda': this torch sees no CUDA device"):
                 call()
+
+
+@pytest.mark.parametrize("arch", ["isotropic", "sashimi"])
+def test_a_buffer_on_another_device_than_the_c_paths_is_refused(arch):
+    """The buffers the C code writes or reads through their pointers must be where its other tensors are:
+    `step`'s `out` on the state's device, `sample`'s seen and counts on the logits', the decode block's
+    on the CPU. One of the right shape and dtype on another device (a CUDA buffer beside a CPU model;
+    here the meta device, which every machine has, whose tensors' address is 0) is a ValueError naming
+    both devices. Before, `out` and the decode block's seen passed the shape and dtype checks and the C
+    step wrote through the pointer (a segmentation fault: the calls run in a child process, whose crash
+    fails the test instead of ending the run), and sample()'s seen and counts became NULL pointers, read
+    as no repetition, presence or frequency penalty: tokens drawn without them, silently."""
+    script = f"""
+import torch
+from tests.test_library_inputs import V, _net
+from model.sampling import SamplingParams, row_settings, sample, uint64_bits
+
+rec = _net({arch!r}).to_recurrent()
+s = rec.init_state(2)
+
+
+def attempt(what, call):
+    try:
+        call()
+        print(what, "taken")
+    except ValueError as exc:
+        print(what, "refused:", exc)
+
+
+attempt("out", lambda: rec.step(torch.tensor([1, 2]), s, out=torch.empty(s.shape, device="meta")))
+p = SamplingParams(repetition_penalty=1.5, frequency_penalty=0.5, seed=1)
+seen, counts = torch.zeros(2, V, dtype=torch.bool), torch.zeros(2, V)
+for name in ("seen", "counts"):
+    bufs = {{"seen": seen, "counts": counts}}
+    bufs[name] = bufs[name].to("meta")
+    gens = [p.generator(), p.generator()]
+    attempt("sample " + name, lambda: sample(torch.randn(2, V), [p, p], gens, **bufs))
+    block = dict(settings=row_settings([p, p], V), key=uint64_bits([1, 2]), counter=uint64_bits([0, 0]),
+                 limit=torch.tensor([3, 3]), stops=[[], []], history=[b"", b""], **bufs)
+    attempt("block " + name, lambda: rec.decode_block(4, rec.init_state(2), torch.tensor([1, 2]), **block))
+"""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), str(root / "tests")])}
+    child = [sys.executable, "-c", script]
+    run = subprocess.run(child, check=False, capture_output=True, text=True, cwd=root, env=env, timeout=300)
+    assert run.returncode == 0, (run.returncode, run.stdout, run.stderr[-2000:])
+    want = [
+        "out refused: out is on meta, expected the state's device (cpu)",
+        f"sample seen refused: seen must be (B, V) = (2, {V}) on the logits' device (cpu), got (2, {V}) "
+        "on meta",
+        "block seen refused: decode block: seen must be on the CPU, got meta",
+        f"sample counts refused: counts must be (B, V) = (2, {V}) on the logits' device (cpu), got (2, {V}) "
+        "on meta",
+        f"block counts refused: decode block: counts must be (2, {V}) float32 contiguous on the CPU",
+    ]
+    assert run.stdout.splitlines() == want, run.stdout
 
 
 def test_sampling_arguments_are_checked_by_name():

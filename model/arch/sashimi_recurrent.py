@@ -574,14 +574,16 @@ class SaShiMiRecurrent(GraphedModel):
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, state: torch.Tensor, out: torch.Tensor | None = None):
         """tokens (B,) integer ids in 0 … V − 1, state (B, numel) float32 → logits (B, V) float32 and the
-        next state: a new tensor, or written into `out` (which may be `state` itself). With
-        `use_cuda_graphs`, a batch within the largest bucket replays its bucket's graph (of the dense
-        step). Raises ValueError on a wrong shape or dtype, an id outside the vocabulary, or a phase
-        counter that is not an integer in [0, prod(pool))."""
+        next state: a new tensor, or written into `out` (which may be `state` itself; the state's shape,
+        dtype and device). With `use_cuda_graphs`, a batch within the largest bucket replays its bucket's
+        graph (of the dense step). Raises ValueError on a wrong shape, dtype or device, an id outside the
+        vocabulary, or a phase counter that is not an integer in [0, prod(pool))."""
         tokens = self._check(tokens, state, 1)
         if out is not None and (out.shape != state.shape or out.dtype != state.dtype):
             raise ValueError(f"out has shape {tuple(out.shape)} {out.dtype}, expected {tuple(state.shape)} "
                              f"{state.dtype}")  # fmt: skip
+        if out is not None and out.device != state.device:  # (the C step would write through its pointer)
+            raise ValueError(f"out is on {out.device}, expected the state's device ({state.device})")
         if self._graphs is not None:  # the ids and phases checked with one wait for the device
             V, tau = self.config.vocab_size, self.layout.view(state, "phase")[:, 0]
             if not bool(self._phases_ok(tau) & (tokens >= 0).all() & (tokens < V).all()):
