@@ -1354,13 +1354,18 @@ class Engine:
         then, or first taken back to the tokens its client was handed (`_rollback`)."""
         rec = job.session
         self._uncount(job)
-        job.ended = True
         if job.text and job.stream is not None and not job.undone:  # before the record is released or stored
             rec.utf8_tail = utf8_tail(job.carry + self.token_bytes(job.out))
         if rec.ephemeral or job.delete_after:
             self._running.pop(rec.id, None)
             self._delete_after(job)
-        elif job.stream is None:
+            # ended once its slot is back, not before: a one-shot request's job is a release under way
+            # until it has ended (`releasing`, service.wait_for_slots), and a retry that saw it ended with
+            # the slot not yet freed got a 429
+            job.ended = True
+            return
+        job.ended = True
+        if job.stream is None:
             self._running.pop(rec.id, None)
             self.sessions.release(rec)
             self._persist(rec)  # idle: write through

@@ -135,6 +135,24 @@ def test_a_retry_right_after_a_one_shot_client_left_gets_its_slot(one_slot, retr
         assert httpx.delete(f"{one_slot.url}/v1/sessions/{r.json()['session_id']}").status_code == 204
 
 
+def test_a_retry_while_a_one_shot_jobs_slot_is_being_freed_waits_for_it(one_slot):
+    """A one-shot job counts as on its way back until it has ended (`Engine.releasing`: `ended` is true once
+    the slot is back). Its end marked it ended first and freed its slot after (`_delete_after`, held here),
+    so a retry sent in between found nothing under way and the pool full: a 429 at once, for the slot the
+    client had just given back."""
+    engine = _engine(one_slot)
+    entered = _hold(engine, "_delete_after", lambda job: job.session.ephemeral and job.cancelled)
+    sse = RawSSE(one_slot.port, "/v1/generate", {"model": TEXT, "prompt": "to be", "max_new_tokens": 100_000,
+                                                 "stream": True})  # fmt: skip
+    sse.event()
+    sse.close()  # the client is gone
+    assert entered.wait(10)  # its job is ending, its slot about to be freed (held on the engine thread)
+    assert engine.pool.free == 0
+    body = {"model": TEXT, "prompt": "to be", "max_new_tokens": 2}
+    r = httpx.post(one_slot.url + "/v1/generate", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+
+
 def test_a_retry_right_after_a_plain_http_client_left_gets_its_slot(one_slot):
     """The same for a plain (not streamed) request: its client's disconnect is awaited beside the
     generation (service.collect), so the generation is cancelled as soon as the client goes, and the
