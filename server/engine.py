@@ -207,12 +207,14 @@ class Stream:
 @dataclass
 class Snapshot:
     """A session's fields at one point of a turn, to go back to: its seen set (a copy) and its record's
-    pending token, token count and unfinished character (its state row is kept beside it)."""
+    pending token, token count, unfinished character and last generation's count (its state row is kept
+    beside it)."""
 
     seen: torch.Tensor  # (V,) bool
     pending: int | None
     n_tokens: int
     utf8_tail: bytes
+    generated: int = 0
 
 
 @dataclass(eq=False)  # a request is itself, not its fields' values: `in`, `index` and `remove` by identity
@@ -846,8 +848,11 @@ class Engine:
         if not rec.ephemeral:
             self._unwritten.add(rec.id)
         if job.stream is not None and not rec.ephemeral and job.tokens:  # a cancel may take the input back
-            fields = Snapshot(self.pool.seen[rec.slot].clone(), rec.pending, rec.n_tokens, rec.utf8_tail)
+            fields = Snapshot(self.pool.seen[rec.slot].clone(), rec.pending, rec.n_tokens, rec.utf8_tail,
+                              rec.generated)  # fmt: skip
             job.saved = (self.pool.row(rec.slot).clone(), fields)
+        if job.stream is not None:  # a generation counts its own tokens from here (a refused one never came)
+            rec.generated = 0
         # the state holds every token but the pending one: feed the old pending token and all
         # new tokens but the last, which becomes the new pending token
         # a session at its initial state (a new one, or one created empty: a WebSocket's first turn): the
@@ -1447,6 +1452,7 @@ class Engine:
         self.pool.row(rec.slot).copy_(row)
         self.pool.seen[rec.slot].copy_(was.seen)
         rec.pending, rec.n_tokens, rec.utf8_tail = was.pending, was.n_tokens, was.utf8_tail
+        rec.generated = was.generated  # (the turn's reset in `_start` taken back too)
         job.saved = None
 
     def _mark(self) -> None:

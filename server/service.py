@@ -913,8 +913,7 @@ def start_generation(
     input comes first; the job says so (`carry`) for the route's `Output`."""
     check_new_tokens(state, max_new_tokens, model=model)
     rec = _new_record(model, ephemeral=True) if session_id is None else claim(state, model, session_id)
-    rec.generated = 0  # this request's count; export, fork and append leave the last generation's
-    try:
+    try:  # (rec.generated is reset by the engine as the job starts: a refused request leaves the last count)
         if not ids and rec.pending is None:
             if model.kind != "text":
                 ids = [model.codec.silence]

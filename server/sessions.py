@@ -118,7 +118,7 @@ class SessionTable:
                 raise not_found(f"no session {quoted(session_id)}", param="session_id")
             if rec.busy:
                 raise busy(session_id)
-            rec.busy = True  # (a generation resets rec.generated: service.start_generation)
+            rec.busy = True  # (a generation resets rec.generated as it starts: Engine._start)
             return rec
 
     def release(self, rec: SessionRecord) -> None:

@@ -217,7 +217,8 @@ def test_cancel_while_the_prompt_is_ingested_stops_at_a_chunk_and_takes_the_prom
     prompt tokens used, and the session is bit for bit what it was before the turn. The prompt's chunks
     after its first wait until the cancel has reached the turn, so what is counted is chunks, not seconds
     (the cancel's time against a whole ingestion's, 0.5 s, was a loaded machine's to blur; and a test
-    thread that looked late could find the whole prompt ingested before it sent the cancel)."""
+    thread that looked late could find the whole prompt ingested before it sent the cancel). The session's
+    last generation's count included (`generated`: it was left at 0, the cancelled turn's reset)."""
     engine = server.state.models[AUDIO].engine
     chunk = server.state.settings.prefill_chunk_tokens
     samples = bytes((i * 7919) % 256 for i in range(30 * 8000))  # mulaw ids: 30 s at 8 kHz
@@ -227,7 +228,11 @@ def test_cancel_while_the_prompt_is_ingested_stops_at_a_chunk_and_takes_the_prom
     ws.sock.sendall(_binary(samples[:4000]))  # a first input: the state to come back to is not empty
     ws.send_json({"type": "append"})
     assert ws.recv_json()["tokens"] == 4000
+    ws.send_json({"type": "generate", "max_new_tokens": 3, "seed": 2})  # and a last generation, of 3
+    while (frame := ws.recv_frame())[0] != 1 or json.loads(frame[1])["type"] != "done":  # (binary: audio)
+        assert frame[0] == 2 or json.loads(frame[1])["type"] != "error", frame
     before = exported(client, sid)
+    assert (before[0]["n_tokens"], before[0]["generated"]) == (4003, 3)
 
     holding, started, real_prefill = [True], threading.Event(), engine.rec.prefill
 
@@ -262,7 +267,7 @@ def test_cancel_while_the_prompt_is_ingested_stops_at_a_chunk_and_takes_the_prom
     for i in range(0, len(samples), 60_000):
         ws.sock.sendall(_binary(samples[i : i + 60_000]))
     ws.send_json({"type": "append"})
-    assert ws.recv_json()["tokens"] == 4000 + len(samples)
+    assert ws.recv_json()["tokens"] == 4003 + len(samples)
     ws.close()
 
 

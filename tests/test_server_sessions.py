@@ -465,6 +465,26 @@ def test_generated_counts_the_last_generation_and_survives_export_fork_and_appen
     assert client.get(f"/v1/sessions/{sid}").json()["generated"] == 5
 
 
+def test_a_refused_generation_leaves_the_last_generations_count(client):
+    """A generation refused before it runs (here a 422: it could take the session past MAX_STATE_TOKENS)
+    is no generation: the session's `generated` stays its last one's, in its info and its export. It was
+    reset to 0 before the checks, so any refusal on a session lost the count."""
+    sid = _create(client, "to be")["session_id"]
+    header, raw = unpack_state(client.get(f"/v1/sessions/{sid}/export").content)
+    near = {**header, "n_tokens": service.MAX_STATE_TOKENS - 5}
+    r = client.post("/v1/sessions/import", content=pack_state(near, raw))
+    assert r.status_code == 201, r.text
+    nid = r.json()["session_id"]
+    _generate(client, nid, n=2)  # its last generation: 2 tokens, 3 under the most
+    assert client.get(f"/v1/sessions/{nid}").json()["generated"] == 2
+    r = client.post("/v1/generate", json={"session_id": nid, "max_new_tokens": 6})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "session_id", r.text
+    assert client.get(f"/v1/sessions/{nid}").json()["generated"] == 2
+    assert unpack_state(client.get(f"/v1/sessions/{nid}/export").content)[0]["generated"] == 2
+    for s in (sid, nid):
+        client.delete(f"/v1/sessions/{s}")
+
+
 def hold_engine(engine):
     """An engine call that holds the engine thread until the returned event is set (the call is running,
     out of the queue, when this returns): what is submitted meanwhile waits in the queue, in order."""
