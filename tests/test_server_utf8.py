@@ -109,6 +109,8 @@ def test_text_assembler_carries_an_unfinished_character_across_generations():
     assert first.feed([0x63, 0xD3]) == "c" and first.finish(None) == ""  # held, not U+FFFD
     second = TextAssembler([], carry=b"\xd3", ends=False)
     assert second.feed([0x9B]) == "ӛ" and second.feed([0x60]) == "`" and second.finish(None) == ""
+    begun = TextAssembler([b"\xd3\x9b", b"`"], carry=b"\xd3", ends=False)  # a stop the carried byte begins
+    assert begun.feed([0x9B]) == "" and begun.finish(0) == "" and begun.tokens_emitted() == 0
     ending = TextAssembler([], carry=b"\xd3")  # a one-shot text ends: nothing can complete it now
     assert ending.feed([]) == "" and ending.finish(None) == "\ufffd"
     stopped = TextAssembler([b"x"], ends=False)  # a stop sequence ends the text
@@ -211,6 +213,30 @@ def test_a_stop_sequence_after_the_completed_character(server, split_char):
         ids, text, done = gen(ws, 5, s2, stop=[chr(t2[1])])
     assert ids == t2 and done["finish_reason"] == "stop"
     assert text == bytes(t1 + t2[:1]).decode("utf-8")  # the whole character, then the text stops
+
+
+@pytest.mark.parametrize("via", ["ws", "json", "sse"])
+def test_a_stop_sequence_that_the_carried_character_begins_ends_the_text_before_it(
+    server, client, split_char, via
+):
+    """The stop is the split character itself: its lead byte ended the last turn (held, never sent) and
+    this turn's first byte completes it. The text ends before the stop, so this turn's text is empty and the
+    generation stops there. Stops were matched on this turn's bytes alone, so the character went out in the
+    text, whole, and the generation ran on to max_new_tokens ("length")."""
+    s1, t1, s2, t2 = split_char
+    stop = bytes(t1 + t2[:1]).decode("utf-8")
+    if via == "ws":
+        ws, _ = ws_open(server)
+        with ws:
+            assert gen(ws, 1, s1)[1] == ""
+            ids, text, done = gen(ws, 5, s2, stop=[stop])
+        reason = done["finish_reason"]
+    else:
+        sid = client.post("/v1/sessions", json={"model": TEXT, "prompt": PROMPT}).json()["session_id"]
+        assert http_gen(client, sid, 1, s1, via == "sse") == (t1, "", "length")
+        ids, text, reason = http_gen(client, sid, 5, s2, via == "sse", stop=[stop])
+        client.delete(f"/v1/sessions/{sid}")
+    assert (ids, text, reason) == (t2[:1], "", "stop")
 
 
 def test_a_stop_sequence_right_after_a_lead_byte_ends_the_text(server, model_dirs):
