@@ -1483,7 +1483,8 @@ class Engine:
             if job.deleted is not None:  # (no delete comes: its DELETE is answered)
                 _answer(job.deleted)
             if job.stream is not None:
-                self._outbox.append((job.stream, Failed(error)))
+                if not job.ended:  # (an ended one, a turn being taken back, has had its final event)
+                    self._outbox.append((job.stream, Failed(error)))
             elif job.future is not None:
                 _answer(job.future, error=error)
             self._running.pop(job.session.id, None)

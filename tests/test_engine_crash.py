@@ -1,6 +1,8 @@
 """An engine thread that dies of a bug: its requests fail, later ones get 503 at once (they used to sit
 in an inbox nobody read, forever), /readyz says why, and the other models keep serving."""
 
+import asyncio
+
 import httpx
 from server_support import ServerThread
 
@@ -133,3 +135,38 @@ def test_a_crash_answers_the_settles_and_the_calls_it_was_handling(model_dirs):
     job = _ingest(run, [4, 5])
     engine._loop()
     assert job.future.done() and job.future.exception().status == 500
+
+
+def test_a_crash_while_a_turn_is_taken_back_fails_the_other_requests_still(model_dirs):
+    """A kept session's turn whose client went away is taken back after its final event (`_rollback`:
+    its tokens re-stepped, the job still running). A crash then failed that job's stream too: a second final
+    event, on a queue its gone client had left full (its unread tokens and the first final), so the event
+    loop's hand-over raised QueueFull and the streams after it in the same hand-over never got their error:
+    those requests waited for ever."""
+    from server.engine import Failed, Finished
+
+    run = _engine(model_dirs)
+    engine = run.engine
+    engine._max_steps = 1  # one token an iteration: each its own item on the stream's queue
+    a, a_job = run.turn(run.sessions.claim("s"), SamplingParams(seed=1), 100, capacity=3)
+    engine._iterate()
+    assert len(run.take(a)) == 1
+    a.deliver(1)  # its client was handed its first token, then reads no more
+    while a.room() > 0:
+        engine._iterate()
+    b, _ = run.turn(run.sessions.claim("t"), SamplingParams(seed=2), 100)
+    engine._iterate()
+    a.settle()  # its client is gone: the turn is taken back to the one token it was handed
+    engine._iterate()
+    run.loop.run_until_complete(asyncio.sleep(0))
+    assert a_job.ended and a_job in engine._prefilling and a.queue.full()  # (its Finished last)
+
+    def broken_step(*args, **kwargs):
+        raise RuntimeError("a bug in the step")
+
+    engine.rec.step = broken_step  # the take-back's re-step raises on the engine thread
+    engine._loop()
+    assert engine.crashed is not None
+    items = run.take(b)
+    assert isinstance(items[-1], Failed) and items[-1].error.status == 500, items[-3:]
+    assert isinstance(run.take(a)[-1], Finished)  # (its one final event: its client's gone)
