@@ -180,9 +180,10 @@ def prepare_audio(
     an official SaShiMi on them.
 
     A voice variant is the speaker: whole variants (in every accent) are held out, a fraction
-    `held_out` each for val and test."""
-    accents = sorted(accents or espeak_accents())
-    variants = sorted(variants or espeak_variants())
+    `held_out` each for val and test. Each accent and variant is taken once, however often it is named (a
+    variant named twice could land in the test split and the training split both)."""
+    accents = sorted(set(accents or espeak_accents()))
+    variants = sorted(set(variants or espeak_variants()))
     n_held = max(1, round(held_out * len(variants)))
     if 2 * n_held >= len(variants):
         raise ValueError(f"{len(variants)} variants cannot hold out 2 x {n_held} and still train")

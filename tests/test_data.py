@@ -89,6 +89,29 @@ def test_prepare_audio_splits_by_voice(tmp_path):
     assert 1.0 < marginal_entropy_bits(ds.split("test")) < 8.0
 
 
+def test_a_voice_named_twice_is_held_out_whole_and_each_clip_made_once(tmp_path, capsys):
+    """`--variants f1 f1 m1 m3` passed the CLI's check (3 distinct) and the list was split as given: its
+    shuffled order put f1 in the test split and in the training split too (meta.json said "test": ["f1"]),
+    so a test speaker was heard in training; a repeated accent made every clip of it twice. Each variant
+    and accent is taken once: every speaker in one split only, every (voice, digit) clip once."""
+    from model.data import main
+
+    out = tmp_path / "a"
+    main(["audio", "--out", str(out), "--variants", "f1", "f1", "m1", "m3", "--accents", "en-us", "en-us",
+          "--seconds", "0.5"])  # fmt: skip
+    capsys.readouterr()
+    meta = json.loads((out / "meta.json").read_text())
+    seen = {s: {c["voice"].split("+")[1] for c in meta["clip_list"][s]} for s in ("train", "val", "test")}
+    assert not (seen["train"] & seen["test"]) and not (seen["train"] & seen["val"]), seen
+    assert not (seen["val"] & seen["test"]), seen
+    assert sorted(sum(meta["variants"].values(), [])) == ["f1", "m1", "m3"]
+    assert seen["val"] == set(meta["variants"]["val"]) and seen["test"] == set(meta["variants"]["test"])
+    for split in ("train", "val", "test"):
+        clips = [(c["voice"], c["digit"]) for c in meta["clip_list"][split]]
+        assert len(clips) == len(set(clips)) == 10, (split, clips)
+        assert Dataset(out).split(split).shape == (10, 4000)
+
+
 def test_audio_is_prepared_in_the_codec_a_model_to_fine_tune_has(tmp_path):
     """`--quantization linear` (an official Beethoven SaShiMi's code) or `--mulaw s4`: the same clips' ids
     in that codec, recorded in meta.json (Dataset.codec), which training compares with the model's; ours,
