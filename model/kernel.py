@@ -302,7 +302,9 @@ class SSMKernel(nn.Module):
             raise ValueError(f"unknown kernel {kind!r}; expected 's4' or 's4d'")
         self.H, self.N, self.L, self.kind, self.disc, self.rank = H, N, L, kind, disc, rank
         self.backend, self.re_lambda_max = backend, re_lambda_max
-        Lambda, P, B, C = init_ssm(init, H, N, rank)
+        # S4D has no low-rank term: its (unused) rank builds no P (rank 2**14 at H 128, N 64 allocated 1.3 GB,
+        # 2**40 failed; no random draw depends on it, so a seed gives the same weights at any rank)
+        Lambda, P, B, C = init_ssm(init, H, N, rank if kind == "s4" else 1)
         # log Δ: (H,), or (H, N2) untied (S4D: one Δ per mode, as the official dt_tie=False)
         self.log_dt = nn.Parameter(init_dt(H, dt_min, dt_max, modes=0 if dt_tied else N // 2).float())
         # −Re Λ = exp(log_neg_re) > 0 holds any Re Λ < 0; skew measures (Re Λ = 0) start at the clamp,

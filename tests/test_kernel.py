@@ -1,5 +1,6 @@
 """SSM kernels against brute-force dense matrix powers in float64 (independent reference)."""
 
+import json
 import math
 
 import pytest
@@ -278,3 +279,36 @@ def test_a_training_runs_validation_computes_its_kernels_in_float32(kind, monkey
     res = evaluate(net, Text(), split, 32, 4)
     assert res["tokens"] > 0 and math.isfinite(res["nll_nats"])
     assert asked and set(asked) == {torch.float32}, asked
+
+
+@pytest.mark.parametrize("init", ["legs", "diag-lin"])
+def test_an_s4d_layers_rank_is_unused_and_allocates_nothing(init, tmp_path):
+    """S4D has no low-rank term and ModelConfig takes any rank ≥ 1 for it ("unused"), as a config.json from
+    elsewhere may say; yet every S4D layer built a (rank, H, N/2) complex128 P and dropped it (rank 2**14 at
+    H 128, N 64: 1.3 GB of peak memory for one layer; S4D-LegS also kept a (rank, N/2) P in the per-process
+    HiPPO cache), and rank 2**40 could not be built at all: `load` refused such a checkpoint as "larger than
+    its weights file allows". A layer of any rank is now the rank-1 layer: the same weights for a seed, the
+    same kernel, and a checkpoint whose config says 2**40 loads to the same logits."""
+    from model import ModelConfig, SequenceModel, load, save
+
+    torch.manual_seed(0)
+    ref = SSMKernel(8, 16, 64, kind="s4d", init=init, rank=1)
+    torch.manual_seed(0)
+    big = SSMKernel(8, 16, 64, kind="s4d", init=init, rank=2**40)
+    assert big.rank == 2**40 and ref.state_dict().keys() == big.state_dict().keys()
+    for name, p in ref.state_dict().items():
+        assert torch.equal(big.state_dict()[name], p), name
+    with torch.no_grad():
+        assert torch.equal(big(64), ref(64))
+    torch.manual_seed(0)
+    net = SequenceModel(ModelConfig(vocab_size=16, d_model=8, n_layers=1, d_state=8, l_max=32, kernel="s4d",
+                                    init=init, cauchy_backend="torch"))  # fmt: skip
+    save(net, tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    meta["config"]["rank"] = 2**40
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(meta))
+    loaded = load(tmp_path / "ckpt")
+    tokens = torch.tensor([[1, 5, 9, 2, 7]])
+    assert loaded.config.rank == 2**40
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), net.eval()(tokens))
