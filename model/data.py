@@ -298,13 +298,17 @@ class Dataset:
 
     def split(self, name: str) -> np.ndarray:
         """uint8 tokens: (T,) for text, (n_clips, clip_len) for audio. Raises DatasetError for a missing
-        file, or one whose size is not what meta.json recorded (tokens, or clips × clip_len)."""
+        file, one whose size is not what meta.json recorded (tokens, or clips × clip_len), or a recorded size
+        that is not an integer."""
         path = self.path / f"{name}.bin"
         if not path.is_file():
             raise DatasetError(f"{path}: missing (the dataset's {name} split)")
         arr = np.fromfile(path, dtype=np.uint8)
         counts = self.meta.get("tokens")  # (bytes: tokens, or clips × clip_len samples)
         want = counts.get(name) if isinstance(counts, dict) else None
+        if want is not None and not (type(want) is int and want >= 0):  # (a str was a ValueError below)
+            raise DatasetError(f"{self.path / 'meta.json'}: tokens.{name} must be an integer ≥ 0 (the {name} "
+                               f"split's bytes), not {want!r}")  # fmt: skip
         if want is not None and arr.size != want:
             raise DatasetError(
                 f"{path}: {arr.size:,} bytes, where meta.json records {want:,}: the file was cut or changed "

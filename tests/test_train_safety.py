@@ -203,10 +203,11 @@ def test_a_resumed_runs_log_reads_as_the_uninterrupted_runs(text_data, tmp_path)
     assert steps["whole"] == [1, 4, 8] and steps["parts"] == steps["whole"]
 
 
-@pytest.mark.parametrize("damage", ["cut", "kind", "missing", "meta"])
+@pytest.mark.parametrize("damage", ["cut", "kind", "missing", "meta", "count"])
 def test_a_damaged_dataset_folder_is_refused_naming_the_file(text_data, tmp_path, damage):
     """A train.bin cut to 1,000 bytes trained silently (meta.json's byte counts were never compared), a kind
-    "txt" was read as text, a missing test.bin and an invalid meta.json were tracebacks."""
+    "txt" was read as text, a missing test.bin and an invalid meta.json were tracebacks, as was a byte count
+    in meta.json that is not an integer (a ValueError from formatting it in the message meant to name it)."""
     data = tmp_path / "data"
     shutil.copytree(text_data, data)
     meta = json.loads((data / "meta.json").read_text())
@@ -219,6 +220,9 @@ def test_a_damaged_dataset_folder_is_refused_naming_the_file(text_data, tmp_path
     elif damage == "missing":
         (data / "test.bin").unlink()
         want = r"test.bin: missing"
+    elif damage == "count":
+        (data / "meta.json").write_text(json.dumps({**meta, "tokens": {**meta["tokens"], "val": "218,000"}}))
+        want = r"meta.json: tokens\.val must be an integer ≥ 0 \(the val split's bytes\), not '218,000'"
     else:
         (data / "meta.json").write_text("{")
         want = "meta.json: not readable JSON"
