@@ -168,7 +168,15 @@ def s4d_kernel(
     _, Bbar = discretize(dtA, B * dt, disc)
     # log μ: ΔΛ (ZOH), or 2 atanh(ΔΛ/2) = log((1 + ΔΛ/2)/(1 − ΔΛ/2)) (bilinear), not log of the rounded μ,
     # whose error grew with l (2.2e-4 at N = 256, L = 4096 in float32)
-    log_mu = dtA if disc == "zoh" else 2 * torch.atanh(dtA / 2)
+    if disc == "zoh":
+        log_mu = dtA
+    else:
+        # μ = 0 where ΔΛ = −2 (a real mode at Δ·|Re Λ| = 2: S4D-Lin's mode 0 at Δ = 4): log μ = −inf made
+        # every tap NaN (0·−inf at l = 0, a NaN phase after). −1e4 gives μˡ = 1 at l = 0 and 0 after, in
+        # float32 too; the other branch sees 0, so no inf reaches the gradient (as discretize_zoh's expm1)
+        empty = dtA == -2
+        safe = torch.where(empty, torch.zeros_like(dtA), dtA)
+        log_mu = torch.where(empty, torch.full_like(dtA, -1e4), 2 * torch.atanh(safe / 2))
     return vandermonde(C * Bbar, log_mu, L, backend=backend)
 
 

@@ -90,6 +90,30 @@ def test_s4d_kernel_matches_dense_matrix_powers(disc, init):
         assert rel(K32, K_ref) <= 1e-4, (backend, rel(K32, K_ref))
 
 
+@pytest.mark.parametrize("backend", ["torch", "keops"])
+def test_s4d_bilinear_kernel_of_a_mode_the_step_empties_matches_dense_matrix_powers(backend):
+    """Bilinear μ = (1 + ΔΛ/2)/(1 − ΔΛ/2) is 0 for a real mode at Δ·|Re Λ| = 2: S4D-Lin's mode 0 (Λ = −1/2)
+    at Δ = 4, where ΔΛ is exactly −2 in float32. The kernel is a Vandermonde sum of exp(l · log μ) with
+    log μ = 2 atanh(ΔΛ/2) = −inf, and it was NaN at every tap in float32 (0 · −inf at l = 0, a NaN phase
+    after), so a config with dt_min = dt_max = 4 trained a NaN loss from its first step, while the float64
+    kernel is finite. The float32 kernel and its gradients are now finite, the kernel within 1e-5 of float64
+    brute-force powers (that mode adds C B̄ at l = 0 only)."""
+    L = 32
+    k = SSMKernel(
+        2, 8, L, kind="s4d", init="diag-lin", disc="bilinear", dt_min=4.0, dt_max=4.0, backend=backend
+    )
+    s32 = k.ssm(torch.float32)
+    assert bool(((s32["Lambda"] * s32["dt"][:, None])[:, 0] == -2).all())  # (the mode μ = 0 in float32)
+    K = k(L)  # the training path: float32, differentiable
+    K.square().sum().backward()
+    assert not [n for n, p in k.named_parameters() if not bool(p.grad.isfinite().all())]
+    s = {n: v.detach() for n, v in k.ssm(F64).items()}
+    for h in range(2):
+        A, B, C = real_block_system(s["Lambda"][h], s["B"][h], s["C"][h])
+        K_ref, _ = brute_force_kernel(A, B, C, float(s["dt"][h]), L, "bilinear")
+        assert rel(K[h].detach(), K_ref) <= 1e-5, (h, K[h], K_ref)
+
+
 S4D_EIGENVALUES = {  # S4D paper (Gu, Gupta, Goel, Ré 2022), section 4.1, for n = 0 … N/2 − 1
     "diag-lin": lambda N, n: complex(-0.5, math.pi * n),  # S4D-Lin
     "diag-inv": lambda N, n: complex(-0.5, N / math.pi * (N / (2 * n + 1) - 1)),  # S4D-Inv
