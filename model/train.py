@@ -834,7 +834,7 @@ def trim_log(path: Path, start: int) -> None:
         past = isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > start
         if not past or "resumed" in rec or "replanned" in rec:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(path.name + ".tmp")  # (log.jsonl.tmp: one of RUN_ENTRIES, as write_json's are)
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
 
@@ -852,8 +852,8 @@ def check_writable(flag: str, folder: Path) -> None:
         raise ConfigError(f"{flag} {str(folder)!r}: {probe} is not writable by this process")
 
 
-RUN_ENTRIES = frozenset({"config.json", "config.json.tmp", "log.jsonl", "metrics.json", "metrics.json.tmp",
-                         "last", "last.tmp", "last.old"})  # fmt: skip
+RUN_ENTRIES = frozenset({"config.json", "config.json.tmp", "log.jsonl", "log.jsonl.tmp", "metrics.json",
+                         "metrics.json.tmp", "last", "last.tmp", "last.old"})  # fmt: skip
 
 
 def check_out_folder(out: Path) -> None:

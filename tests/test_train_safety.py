@@ -47,6 +47,33 @@ def test_a_resume_applies_a_changed_lr_weight_decay_and_betas(text_data, tmp_pat
     assert len(lrs) == 4 and all(lr == pytest.approx(3 * whole[k]) for k, lr in lrs.items())  # 3e-2 / 1e-2
 
 
+def test_a_resume_cut_short_while_it_trims_the_log_leaves_a_folder_a_fresh_start_empties(
+    text_data, tmp_path, monkeypatch
+):
+    """A resume rewrites log.jsonl through a temporary file beside it (`trim_log`); stopped between its write
+    and its rename (Ctrl-C, a kill), it left log.tmp, which is not one of the run's own entries, so the run
+    folder was refused by a fresh start ("holds log.tmp: not a training run's folder") that it must accept.
+    The temporary file is the run's now: --fresh empties the folder (a plain resume writes it anew)."""
+    run = _run(text_data, tmp_path / "run")
+    train(run, stop_at=4)
+    replace = Path.replace
+
+    def cut(self, target):
+        if Path(target).name == "log.jsonl":
+            raise KeyboardInterrupt  # after the temporary file is written, before it is renamed
+        return replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", cut)
+    with pytest.raises(KeyboardInterrupt):
+        train(run)
+    monkeypatch.setattr(Path, "replace", replace)
+    left = {p.name for p in (tmp_path / "run").iterdir()}
+    assert left - {"config.json", "log.jsonl", "last"}, left  # (the temporary file is there)
+    train(run, fresh=True, stop_at=2)
+    assert [r["step"] for r in read_log(tmp_path / "run") if "loss" in r] == [1, 2]
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.json", "log.jsonl", "last"}
+
+
 @pytest.mark.parametrize("kind", ["notes", "dataset", "checkpoint", "file"])
 def test_a_fresh_start_refuses_to_empty_a_folder_that_is_not_a_runs(text_data, tmp_path, kind):
     """A fresh start emptied whatever train.out named (a folder of notes, the dataset, a shipped checkpoint);
