@@ -104,7 +104,7 @@ class Metrics:
         self.audio_realtime_factor = Histogram(
             "s4_audio_stream_realtime_ratio",
             "Per finished audio stream, its real-time factor: seconds of audio sent per second from the "
-            "request to its last frame (≥ 1: real time)",
+            "stream's start (its generation queued) to its last frame (≥ 1: real time)",
             m, registry=r, buckets=RTF_BUCKETS,
         )  # fmt: skip
         self.prefill_tokens = Counter("s4_prompt_tokens_ingested", "Prompt tokens prefilled", m, registry=r)

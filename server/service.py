@@ -1048,7 +1048,9 @@ def frame_ms(model: ServedModel, requested: int | None) -> int | None:
 class FrameClock:
     """Send-side timing of one audio stream's frames, into the model's Prometheus metrics: the interval
     between two frames (s4_audio_frame_interval_seconds) and, at the end, the stream's real-time
-    factor (s4_audio_stream_realtime_ratio: seconds of audio sent per second since the request)."""
+    factor (s4_audio_stream_realtime_ratio: seconds of audio sent per second since the clock was made, which
+    the routes do once the generation is queued: its queueing and prefill count, the request's parsing and
+    an audio prompt's decoding before it do not)."""
 
     def __init__(self, model: ServedModel) -> None:
         self.rate, self.metrics = model.sample_rate, model.engine.metrics
