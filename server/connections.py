@@ -19,7 +19,8 @@ and its websockets (sans-I/O) protocol are subclassed, and `uvicorn_config` puts
 - **slow readers** (HTTP and WebSocket): a client that reads nothing for `send_timeout_s` while the
   server has more for it than the transport buffers (64 KiB past the kernel's socket buffers) is cut
   off (its generation is cancelled and its slot freed: a client that stopped reading would otherwise
-  hold a paused session for ever).
+  hold a paused session for ever); so is one that reads nothing for `send_timeout_s` of what is left in
+  that buffer once the connection is closed (a close waits for the buffer to drain: `SendDeadline`).
 - **WebSocket keepalive**: every socket is pinged every `WS_PING_INTERVAL_S`; one whose client has not
   answered within `WS_PING_TIMEOUT_S` is closed with 1008 (uvicorn's 1011 is a server fault's code); one
   still taking what was sent before the ping is behind, not gone, and is waited for while it takes it.
@@ -289,19 +290,42 @@ def make_room(guard: ConnectionGuard) -> bool:
 
 
 class SendDeadline:
-    """Closes a connection whose client has read nothing for `seconds` while the server had data for
-    it: the transport's write buffer stayed over its high-water mark (asyncio's pause_writing()) that
-    long. The connection is aborted, not closed: a close would wait for the buffer to drain."""
+    """Cuts off a connection whose client has read nothing for `send_timeout_s` while the server had data
+    for it: the transport's write buffer stayed over its high-water mark (asyncio's pause_writing()) that
+    long, or the connection was closed with bytes still in that buffer (`closed`) and they stayed there
+    that long. A close waits for the buffer to drain, which a client that reads nothing never does: such
+    a connection (a WebSocket closed at its ping timeout or for a message too big, an HTTP connection
+    closed when idle after a streamed answer, its last 30-50 KB unread) stayed open for ever, its
+    descriptor held and out of max_connections' count (`make_room` skips closing transports), a
+    WebSocket's handler never told it had gone. The connection is aborted, not closed."""
 
     def __init__(self, protocol, guard: ConnectionGuard) -> None:
         self.protocol, self.guard = protocol, guard
         self.timer: asyncio.TimerHandle | None = None
+        self.closing = False  # the transport is closing: only connection_lost (`stop`) ends the deadline
+        self.lost = False  # connection_lost has come
 
     def paused(self) -> None:
-        if self.timer is None:
+        if self.timer is None and not self.lost:
             self.timer = self.protocol.loop.call_later(self.guard.send_timeout_s, self._expired)
 
     def resumed(self) -> None:
+        if self.timer is not None and not self.closing:  # (a closing one: the rest must still drain)
+            self.timer.cancel()
+            self.timer = None
+
+    def closed(self, transport) -> None:
+        """The connection's transport has been closed: with bytes still in its buffer, the deadline runs
+        (or goes on) until they are gone (connection_lost), whatever the buffer's marks say."""
+        if self.lost:
+            return
+        self.closing = True
+        if transport.get_write_buffer_size():
+            self.paused()
+
+    def stop(self) -> None:
+        """The connection is gone (connection_lost)."""
+        self.lost = True
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
@@ -310,7 +334,8 @@ class SendDeadline:
         self.timer = None
         transport = self.protocol.transport
         if transport is not None:  # (connection_lost cancels the timer: the connection is still there)
-            self.guard.count_closed("send_timeout")
+            if not self.closing:  # (a close was counted by what closed it)
+                self.guard.count_closed("send_timeout")
             self.protocol.gone()
             transport.abort()
 
@@ -387,7 +412,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self._disarm()
         if self.lingering is not None:
             self._linger_over("lost")
-        self.send_deadline.resumed()
+        self.send_deadline.stop()
         super().connection_lost(exc)
 
     def eof_received(self) -> None:
@@ -428,6 +453,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
             return
         if self.hard_close or not self._input_pending() or not raw.can_write_eof():
             raw.close()
+            self.send_deadline.closed(raw)  # (what a client that reads nothing leaves in the buffer)
             return
         self._disarm()
         self._unset_keepalive_if_required()
@@ -617,11 +643,11 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
 
 class CountingTransport:
     """A WebSocket's transport, its writes counted (`written`, bytes): what the keepalive needs to tell a
-    client that is behind from one that is gone (`GuardedWebSocketProtocol.taken`). The rest is the
-    transport's."""
+    client that is behind from one that is gone (`GuardedWebSocketProtocol.taken`). Every close of it
+    (uvicorn's and this module's) goes to `send_deadline.closed`. The rest is the transport's."""
 
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport, self.written = transport, 0
+    def __init__(self, transport: asyncio.Transport, send_deadline: SendDeadline) -> None:
+        self._transport, self.written, self._send_deadline = transport, 0, send_deadline
 
     def __getattr__(self, name: str):
         return getattr(self._transport, name)
@@ -629,6 +655,10 @@ class CountingTransport:
     def write(self, data) -> None:
         self.written += len(data)
         self._transport.write(data)
+
+    def close(self) -> None:
+        self._transport.close()
+        self._send_deadline.closed(self._transport)
 
 
 def kernel_unacked(transport) -> int:
@@ -732,7 +762,7 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
         self.transport.close()
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
-        super().connection_made(CountingTransport(transport))
+        super().connection_made(CountingTransport(transport, self.send_deadline))
         self.ping_behind = self.taken_at_check = 0  # (send_keepalive_ping)
         self.client_key = client_key(self.client)  # (counted at the accept, by the HTTP protocol)
         self.deadline = self.loop.call_later(self.guard.ws_handshake_timeout_s, self._expired)
@@ -740,7 +770,7 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.deadline is not None:
             self.deadline.cancel()
-        self.send_deadline.resumed()
+        self.send_deadline.stop()
         super().connection_lost(exc)
 
     def send_receive_event_to_app(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import os
 import select
@@ -343,6 +344,78 @@ def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(model_dir
             assert r.status_code == 200
         ws.close()
         sse.close()
+    finally:
+        s.stop()
+
+
+def _connections(s) -> list:
+    """The server's open client connections (uvicorn's protocols: HTTP, or WebSocket once upgraded)."""
+    return list(s.server.server_state.connections)
+
+
+@pytest.mark.parametrize("close", ["ws_ping_timeout", "ws_message_too_big", "keep_alive_timeout"])
+def test_a_connection_closed_with_bytes_its_client_never_takes_is_cut_off_after_the_send_timeout(
+    model_dirs, close
+):
+    """The server closes a connection (a WebSocket whose client answers no ping, 1008; one that sent a
+    message too big, 1009; an HTTP connection idle after a streamed answer) while bytes it wrote wait in
+    the transport's buffer for a client that reads nothing. A close waits for that buffer to drain, so
+    when it held less than the high-water mark (where the send deadline starts) the connection stayed
+    open for ever: its descriptor held (and out of S4_MAX_CONNECTIONS' count, which skips closing
+    transports), and for a WebSocket its handler and its session, the app never told it had gone. Now a
+    client that takes none of those bytes for send_timeout_s is cut off, as one that stops reading
+    before the close is. (4 KiB socket buffers; 40,000 mu-law samples, or 6,000 samples in 5 ms SSE
+    events, leave 30-50 KB of the answer in the server's 64 KiB buffer here.)"""
+    from server_support import RawWebSocket, ServerThread
+
+    from server import Settings
+
+    send_timeout_s = 1.0
+    settings = Settings(checkpoints=[str(model_dirs["audio"])], send_timeout_s=send_timeout_s,
+                        keep_alive_timeout_s=0.3, ws_max_frame_bytes=4096, drain_timeout_s=0)  # fmt: skip
+    s = ServerThread(settings, send_buffer=4096)
+    if close == "ws_ping_timeout":
+        s.server.config.ws_ping_interval, s.server.config.ws_ping_timeout = 0.05, 0.3
+    s.start()
+    engine = s.state.models["tiny-audio"].engine
+    try:
+        if close == "keep_alive_timeout":
+            client = socket.socket()
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            client.connect(("127.0.0.1", s.port))
+            body = {"model": "tiny-audio", "max_new_tokens": 6000, "frame_ms": 5, "stream": True, "seed": 1}
+            client.sendall(request(body=json.dumps(body).encode()))
+        else:
+            ws = RawWebSocket(s.port, rcvbuf=4096)
+            client = ws.sock
+            msg = {"type": "generate", "model": "tiny-audio", "audio_encoding": "mulaw",
+                   "max_new_tokens": 40_000, "seed": 2}  # fmt: skip
+            ws.send_json(msg)
+        # (then the client reads nothing more) until its answer is all written: its generation ended
+        registry = s.state.metrics.registry
+
+        def ended() -> float:
+            return sum(registry.get_sample_value("s4_generations_total", {"model": "tiny-audio",
+                       "finish_reason": reason}) or 0 for reason in ("length", "cancelled"))  # fmt: skip
+
+        assert _wait(lambda: ended() == 1, 30)
+        if close == "ws_message_too_big":
+            mask = os.urandom(4)
+            client.sendall(bytes([0x82, 0x80 | 126]) + (5000).to_bytes(2, "big") + mask + bytes(5000))
+        assert _wait(lambda: all(c.transport.is_closing() for c in _connections(s)), 10)
+        conns = _connections(s)
+        if conns:  # (gone at once where its buffer was empty: nothing to check then, and none here)
+            transport = conns[0].transport
+            queued, high = transport.get_write_buffer_size(), transport.get_write_buffer_limits()[1]
+            assert 0 < queued < high, (queued, high)  # the case: closing, bytes queued, under the mark
+        t0 = time.monotonic()
+        assert _wait(lambda: not _connections(s), send_timeout_s + LATE_S + 5), [
+            (type(c).__name__, c.transport.get_write_buffer_size()) for c in _connections(s)
+        ]
+        assert conns, "the connection closed at once: its buffer was empty, this test tested nothing"
+        assert time.monotonic() - t0 <= send_timeout_s + LATE_S + 5
+        assert _wait(lambda: engine.pool.in_use == 0, 10)  # a WebSocket's own session: deleted at its close
+        client.close()
     finally:
         s.stop()
 
