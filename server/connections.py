@@ -20,7 +20,8 @@ and its websockets (sans-I/O) protocol are subclassed, and `uvicorn_config` puts
   server has more for it than the transport buffers (64 KiB past the kernel's socket buffers) is cut
   off (its generation is cancelled and its slot freed: a client that stopped reading would otherwise
   hold a paused session for ever); so is one that reads nothing for `send_timeout_s` of what is left in
-  that buffer once the connection is closed (a close waits for the buffer to drain: `SendDeadline`).
+  that buffer once the connection is closed (a close waits for the buffer to drain: `SendDeadline`). A
+  client that takes some of it, however slowly, is not: the deadline runs from its last byte taken.
 - **WebSocket keepalive**: every socket is pinged every `WS_PING_INTERVAL_S`; one whose client has not
   answered within `WS_PING_TIMEOUT_S` is closed with 1008 (uvicorn's 1011 is a server fault's code); one
   still taking what was sent before the ping is behind, not gone, and is waited for while it takes it.
@@ -259,6 +260,7 @@ class LingeringTransport:
 
     def write(self, data) -> None:
         if self._protocol.lingering is None:
+            self._protocol.written += len(data)
             self._transport.write(data)
 
 
@@ -291,13 +293,17 @@ def make_room(guard: ConnectionGuard) -> bool:
 
 class SendDeadline:
     """Cuts off a connection whose client has read nothing for `send_timeout_s` while the server had data
-    for it: the transport's write buffer stayed over its high-water mark (asyncio's pause_writing()) that
-    long, or the connection was closed with bytes still in that buffer (`closed`) and they stayed there
-    that long. A close waits for the buffer to drain, which a client that reads nothing never does: such
-    a connection (a WebSocket closed at its ping timeout or for a message too big, an HTTP connection
-    closed when idle after a streamed answer, its last 30-50 KB unread) stayed open for ever, its
-    descriptor held and out of max_connections' count (`make_room` skips closing transports), a
-    WebSocket's handler never told it had gone. The connection is aborted, not closed."""
+    for it: while the transport's write buffer is over its high-water mark (asyncio's pause_writing()), or
+    once the connection is closed with bytes still in that buffer (`closed`). "Nothing": the client took
+    no byte in that time (the protocol's `taken`: written, less the buffer and the kernel's unacknowledged
+    bytes); one that took some gets another `send_timeout_s` from then. (The deadline ran from the pause
+    to the resume whatever the client took, so one reading all along, slower than the buffer's 48-64 KiB
+    a timeout, was cut off mid-stream: 16 KB/s of pcm16 with a 1.5 s timeout, after 2-3 s.) A close
+    waits for the buffer to drain, which a client that reads nothing never does: such a connection (a
+    WebSocket closed at its ping timeout or for a message too big, an HTTP connection closed when idle
+    after a streamed answer, its last 30-50 KB unread) stayed open for ever, its descriptor held and out
+    of max_connections' count (`make_room` skips closing transports), a WebSocket's handler never told it
+    had gone. The connection is aborted, not closed."""
 
     def __init__(self, protocol, guard: ConnectionGuard) -> None:
         self.protocol, self.guard = protocol, guard
@@ -307,7 +313,11 @@ class SendDeadline:
 
     def paused(self) -> None:
         if self.timer is None and not self.lost:
-            self.timer = self.protocol.loop.call_later(self.guard.send_timeout_s, self._expired)
+            self._arm(self.protocol.taken())
+
+    def _arm(self, taken: int) -> None:
+        self.taken_at = taken  # what the client had taken when the deadline started
+        self.timer = self.protocol.loop.call_later(self.guard.send_timeout_s, self._expired)
 
     def resumed(self) -> None:
         if self.timer is not None and not self.closing:  # (a closing one: the rest must still drain)
@@ -334,6 +344,9 @@ class SendDeadline:
         self.timer = None
         transport = self.protocol.transport
         if transport is not None:  # (connection_lost cancels the timer: the connection is still there)
+            if (taken := self.protocol.taken()) > self.taken_at:  # it reads, slowly: from its last byte
+                self._arm(taken)
+                return
             if not self.closing:  # (a close was counted by what closed it)
                 self.guard.count_closed("send_timeout")
             self.protocol.gone()
@@ -375,6 +388,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.in_body = False
         self.header_bytes = 0  # of the request whose headers are not complete yet (_headers_too_large)
         self.header_tail = b""  # the last 3 of those bytes: the blank line may straddle two reads
+        self.written = 0  # bytes written to the connection (`taken`)
         self.send_deadline = SendDeadline(self, guard)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -509,6 +523,12 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         if self.cycle is not None and not self.cycle.response_complete:
             self.cycle.disconnected = True
             self.cycle.message_event.set()
+
+    def taken(self) -> int:
+        """Bytes the client has taken of those written to this connection (`GuardedWebSocketProtocol.taken`):
+        written, less those still in the transport's buffer and those the kernel holds unacknowledged."""
+        raw = self.raw_transport
+        return self.written - raw.get_write_buffer_size() - kernel_unacked(raw)
 
     def _in_progress(self) -> bool:
         """A request's response is not complete yet."""

@@ -348,6 +348,51 @@ def test_a_client_that_stops_reading_is_cut_off_after_the_send_timeout(model_dir
         s.stop()
 
 
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_a_client_that_reads_slowly_but_all_along_is_not_cut_off_by_the_send_timeout(model_dirs, transport):
+    """S4_SEND_TIMEOUT_S cuts off a client that reads none of what the server sends for that long. The
+    deadline ran from the server's buffer passing its high-water mark until it fell back under its low
+    one, so a client reading all along, but slower than that buffer (48-64 KiB) a timeout, was cut off
+    mid-stream: a player taking 16 KB/s (pcm16 at 8 kHz, real time) with S4_SEND_TIMEOUT_S=1.5 after
+    2-3 s of its 6. Now the deadline runs from the last byte the client took, on the WebSocket and SSE."""
+    from server_support import RawWebSocket, ServerThread
+
+    from server import Settings
+
+    rate = 16_000  # bytes a second the client takes, all along
+    settings = Settings(checkpoints=[str(model_dirs["audio"])], send_timeout_s=1.5, drain_timeout_s=0)
+    s = ServerThread(settings, send_buffer=4096).start()
+    try:
+        start, got = time.monotonic(), b""
+        if transport == "websocket":
+            n = 48_000  # 96 KB of pcm16
+            ws = RawWebSocket(s.port, rcvbuf=4096)
+            ws.send_json({"type": "generate", "model": "tiny-audio", "max_new_tokens": n, "seed": 2})
+            assert ws.recv_json()["type"] == "session" and ws.recv_json()["type"] == "audio_header"
+            while (frame := ws.recv_frame())[0] == 2:
+                got += frame[1]
+                time.sleep(max(0.0, start + len(got) / rate - time.monotonic()))
+            ws.close()
+            assert len(got) == 2 * n and json.loads(frame[1])["finish_reason"] == "length", frame
+        else:
+            n = 12_000  # 75 SSE events, ~100 KB
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", s.port))
+            body = {"model": "tiny-audio", "max_new_tokens": n, "stream": True, "seed": 2}
+            sock.sendall(request(body=json.dumps(body).encode()))
+            with contextlib.suppress(ConnectionResetError):
+                while b'"type": "done"' not in got and (data := sock.recv(1024)):
+                    got += data
+                    time.sleep(max(0.0, start + len(got) / rate - time.monotonic()))
+            sock.close()
+            assert b'"type": "done"' in got and b'"finish_reason": "length"' in got, (len(got), got[-200:])
+        closed = {"reason": "send_timeout"}
+        assert s.state.metrics.registry.get_sample_value("s4_connections_closed_total", closed) == 0
+    finally:
+        s.stop()
+
+
 def _connections(s) -> list:
     """The server's open client connections (uvicorn's protocols: HTTP, or WebSocket once upgraded)."""
     return list(s.server.server_state.connections)
