@@ -751,6 +751,34 @@ def test_a_refused_turn_discards_its_buffered_audio_prompt_and_says_so(server, c
     assert out["ids"] == reference(model_dirs["text"], list(b"or not"), SamplingParams(seed=5), 9)
 
 
+def test_a_refused_turn_that_discards_buffered_audio_keeps_its_retry_after(server):
+    """An error frame of a refusal that says when to try again (a 503 while the server drains, a 429 at
+    a full pool or queue) carries it as `retry_after`, the WebSocket's Retry-After (docs/reliability.md,
+    "Overload"). A generate or append refused while audio prompt samples were buffered for it got a new
+    error saying they are discarded, which dropped it: that client got no retry_after. Now both say it."""
+
+    async def main():
+        out = {}
+        async with connect(server.ws_url) as ws:
+            await ws.send(json.dumps({"type": "session", "model": AUDIO, "audio_encoding": "mulaw"}))
+            await frame(ws, "session")
+            server.state.draining = True
+            try:
+                for kind in ("generate", "append"):
+                    for n in (0, 100):
+                        if n:
+                            await ws.send(bytes(n))  # samples buffered for the next turn
+                        await ws.send(json.dumps({"type": kind}))
+                        out[kind, n] = await frame(ws, "error")
+            finally:
+                server.state.draining = False
+        return out
+
+    for (kind, n), err in asyncio.run(main()).items():
+        assert err["code"] == 503 and err.get("retry_after") == 5, (kind, n, err)
+        assert (f"the {n} audio prompt samples buffered for it are discarded" in err["message"]) == bool(n)
+
+
 def test_a_first_turn_refused_after_binding_binds_nothing(server, client, model_dirs):
     """A socket's first generate or append naming a session that another socket is generating on: its
     409 came after a `session` frame, and the socket stayed bound to that session, so its next message

@@ -124,14 +124,16 @@ class Connection:
         prompt buffered for it from binary frames (its error says so): the client sends it again with the
         next one. It had been kept by some refusals (a bad setting, a 409, the session gone: then a new
         session, even a text model's, started with those samples as its prompt, a hidden turn) and
-        discarded by others, and a client could not tell which."""
+        discarded by others, and a client could not tell which. The error keeps its `retry_after` (a 503
+        or 429: it was dropped, so that client alone got no Retry-After)."""
         try:
             await self.handle(text)
         except APIError as err:
             if self.audio_ids and turn_message(text):
                 n, self.audio_ids = len(self.audio_ids), []
                 raise APIError(err.status, f"{err.message} (the {n} audio prompt samples buffered for it are "
-                               "discarded: send them again)", param=err.param) from None  # fmt: skip
+                               "discarded: send them again)", param=err.param,
+                               retry_after=err.retry_after) from None  # fmt: skip
             raise
 
     async def handle(self, text: str) -> None:
@@ -160,6 +162,7 @@ class Connection:
                 f"({err.message}), and the frames after that were discarded; nothing was "
                 f"{'generated' if isinstance(msg, WSGenerate) else 'appended'}. Send the prompt again",
                 param="audio",
+                retry_after=err.retry_after,
             )
         if isinstance(msg, WSCancel):
             # With nothing running a cancel is a no-op, answered by nothing: it crossed its turn's done
@@ -338,6 +341,7 @@ class Connection:
                 f"{err.message}: the whole prompt is refused; binary frames are discarded until the next "
                 "generate or append, which is refused too",
                 param=err.param,
+                retry_after=err.retry_after,
             ) from None
 
     async def forward(self, stream: Stream, out: service.Output) -> None:
