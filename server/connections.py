@@ -779,6 +779,7 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
         self.conn.fail(1008, f"keepalive ping timeout: no pong within {self.ping_timeout:g} s")
         self.transport.write(b"".join(self.conn.data_to_send()))
         self.close_sent = True
+        self.gone()  # (the app's next send: ClientDisconnected, not uvicorn's RuntimeError: `gone`)
         self.transport.close()
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
@@ -819,6 +820,7 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
         if sent is not None and (reason := PARSER_CLOSES.get(sent.code)) is not None:
             self.guard.count_closed(reason)
         super().handle_parser_exception()
+        self.gone()  # (as at a ping timeout: `gone`)
 
     async def send(self, message) -> None:  # type: ignore[override]
         """uvicorn's send; a denial response (the API key check's HTTP 401) ends the handshake. uvicorn
@@ -833,8 +835,12 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
         super().eof_received()
 
     def gone(self) -> None:
-        """The client is gone (`GuardedHttpProtocol.gone`): the app's next send raises ClientDisconnected
-        instead of going to a closing transport."""
+        """The client is gone (`GuardedHttpProtocol.gone`), or this protocol has closed the socket itself (a
+        ping timeout, a message it cannot take, the handshake deadline): the app's next send raises
+        ClientDisconnected, which ends its handler quietly, instead of going to a closing transport. (After
+        such a close uvicorn raised RuntimeError, "Unexpected ASGI message 'websocket.send', after sending
+        'websocket.close'", an ERROR traceback, for a reply the app sent while a client that reads nothing
+        kept the connection from being lost.)"""
         self.disconnected = True
 
     def _expired(self) -> None:

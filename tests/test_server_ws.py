@@ -1148,6 +1148,72 @@ def test_a_client_that_answers_no_ping_is_closed_with_1008_and_counted(model_dir
         s.stop()
 
 
+@pytest.mark.parametrize("close", ["ws_ping_timeout", "ws_message_too_big"])
+def test_a_reply_the_app_sends_after_the_protocol_closed_the_socket_ends_its_handler_quietly(
+    model_dirs, monkeypatch, close
+):
+    """The protocol closes a socket itself (1008 at a ping timeout, 1009 for a message too big) while the
+    app is still working on a message before it, and the app's reply comes before the connection is
+    lost: a client that reads nothing keeps it open while bytes wait for it (up to S4_SEND_TIMEOUT_S). That
+    reply raised uvicorn's RuntimeError ("Unexpected ASGI message 'websocket.send', after sending
+    'websocket.close'"), which no handler expects: an ERROR traceback per such socket, "Exception in ASGI
+    application", that a client could repeat at will. Now the protocol marks the client gone at its own
+    close, as at the handshake deadline's, and the reply ends the handler quietly (ClientDisconnected).
+    (The reply here is the `session` frame, held until the close has happened: that order, deterministic.)"""
+    import logging
+    import threading
+
+    from server_support import ServerThread
+
+    from server import Settings
+    from server.routes.websocket import Connection
+
+    held, release = threading.Event(), threading.Event()
+    real_send = Connection.send
+
+    async def send(self, frame: dict) -> None:
+        if frame["type"] == "session" and not held.is_set():
+            held.set()
+            while not release.is_set():
+                await asyncio.sleep(0.01)
+        await real_send(self, frame)
+
+    settings = Settings(checkpoints=[str(model_dirs["audio"])], send_timeout_s=30, ws_max_frame_bytes=4096,
+                        drain_timeout_s=0)  # fmt: skip
+    s = ServerThread(settings, send_buffer=4096)  # (it configures uvicorn's loggers: handlers after it)
+    if close == "ws_ping_timeout":
+        s.server.config.ws_ping_interval, s.server.config.ws_ping_timeout = 1.0, 0.3
+    records: list[logging.LogRecord] = []
+    keep = logging.Handler(logging.WARNING)
+    keep.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger("uvicorn.error").addHandler(keep)
+    s.start()
+    try:
+        ws = RawWebSocket(s.port, rcvbuf=4096)  # (it reads nothing after the session frame)
+        ws.send_json({"type": "session", "model": AUDIO, "audio_encoding": "mulaw"})
+        assert ws.recv_json()["type"] == "session"
+        monkeypatch.setattr(Connection, "send", send)  # (that one is out: the next is held)
+        ws.send_json({"type": "generate", "max_new_tokens": 40_000, "seed": 2})  # 30 KB left queued here
+        ws.send_json({"type": "session"})
+        assert held.wait(30)
+        (proto,) = list(s.server.server_state.connections)
+        if close == "ws_message_too_big":
+            assert wait_for(lambda: proto.transport.written > 40_000, 30)  # (the generation's frames are out)
+            mask = os.urandom(4)
+            ws.sock.sendall(bytes([0x82, 0x80 | 126]) + (5000).to_bytes(2, "big") + mask + bytes(5000))
+        assert wait_for(lambda: proto.close_sent, 30)
+        assert proto.transport.get_write_buffer_size() > 0  # the case: closed, not lost (bytes queued)
+        release.set()
+        assert wait_for(lambda: not s.server.server_state.tasks, 10)  # the app's handler has ended
+        assert s.state.models[AUDIO].engine.pool.in_use == 0  # (the socket's session deleted at its close)
+        assert not records, [(r.levelname, r.getMessage()) for r in records]
+        ws.close()
+    finally:
+        release.set()
+        logging.getLogger("uvicorn.error").removeHandler(keep)
+        s.stop()
+
+
 def test_a_player_reading_at_real_time_behind_its_stream_is_not_cut_off_by_the_keepalive(model_dirs):
     """A client reading an audio stream at real time while the server generates it faster has the stream
     queued in the buffers between them, and the server's keepalive ping behind it: it answers the ping
