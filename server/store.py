@@ -579,7 +579,7 @@ class StoreWriter:
         waiting to be tried again are tried now, once more."""
         with self._cv:
             self._final = {"write": 0, "stale": 0, "delete": 0, "error": 0, "first_error": "", "unchanged": 0,
-                           "missing": 0}  # fmt: skip
+                           "missing": 0, "delete_error": 0, "first_delete_error": ""}  # fmt: skip
             for session_id in list(self._retry):
                 self._retry_now(session_id)
 
@@ -590,22 +590,26 @@ class StoreWriter:
         deadline = time.monotonic() + timeout
         ok = self.flush(timeout)
         with self._cv:
-            unanswered = int(self._busy is not None)  # (a session queued again while written counts once)
-            left = len(self._pending) - (self._busy in self._pending)
+            # (a session queued again while written counts once; deletes apart from the sessions to write)
+            busy_delete = self._busy is not None and self._busy_op is _DELETE
+            unanswered = int(self._busy is not None and not busy_delete)
+            queued = [op for sid, op in self._pending.items() if sid != self._busy]
+            left = sum(op is not _DELETE for op in queued)
+            deletes_left = sum(op is _DELETE for op in queued) + len(self._retry) + busy_delete
             self._pending.clear()
             for futures in self._waiting.values():
                 _resolve(futures, "dropped")
             self._waiting.clear()
             self._stopping = True
             self._cv.notify_all()
-            left += len(self._retry)
             self._retry.clear()
             final = self._final or {"write": self.written, "stale": self.stale, "delete": self.deleted,
                                     "error": self.failed, "first_error": "", "unchanged": self.unchanged,
-                                    "missing": 0}  # fmt: skip
+                                    "missing": 0, "delete_error": 0, "first_delete_error": ""}  # fmt: skip
         self._thread.join(max(0.0, deadline - time.monotonic()))
         self.store.close()
-        return ok and not final["error"], _report(final, unanswered, left, timeout)
+        ok = ok and not final["error"] and not final["delete_error"] and not deletes_left
+        return ok, _report(final, unanswered, left, timeout, deletes_left)
 
     def _probe(self) -> None:
         """(writer thread) After a failed operation, with nothing else to do: one version read, so that
@@ -751,10 +755,12 @@ class StoreWriter:
                 counts = {"write": "written", "stale": "stale", "delete": "deleted", "error": "failed",
                           "unchanged": "unchanged"}  # fmt: skip
                 setattr(self, counts[done], getattr(self, counts[done]) + 1)
-                if self._final is not None:
-                    self._final[done] += 1
+                if self._final is not None:  # (a delete that failed: counted apart from the writes)
+                    kind = "delete_error" if done == "error" and op is _DELETE else done
+                    self._final[kind] += 1
                     self._final["missing"] += missing
-                    self._final["first_error"] = self._final["first_error"] or error
+                    first = "first_delete_error" if kind == "delete_error" else "first_error"
+                    self._final[first] = self._final[first] or error
                 # counted (the counts above, the Prometheus counters) before the waiters learn the outcome
                 # (a landed future, flush): one reading the counters after them saw it not counted yet
                 if self._counter is not None:
@@ -784,9 +790,12 @@ def _resolve(futures, outcome: str) -> None:
             fut.set_result(outcome)
 
 
-def _report(final: dict, unanswered: int, left: int, timeout: float) -> str:
-    """The shutdown flush's one line (`unanswered`: an operation still waiting for the store at the
-    deadline; `left`: operations not attempted)."""
+def _report(final: dict, unanswered: int, left: int, timeout: float, deletes_left: int = 0) -> str:
+    """The shutdown flush's one line (`unanswered`: a write still waiting for the store at the deadline;
+    `left`: writes not attempted; `deletes_left`: deletes not attempted or unanswered). The sessions it
+    counts are those to write; deletes are counted apart: one the store did not take (`delete_error`, a
+    delete failed at the flush, or `deletes_left`) was counted as a session whose write failed, while it
+    means a deleted session the store may still serve."""
     written, failed, stale, deleted = final["write"], final["error"], final["stale"], final["delete"]
     total = written + failed + stale + unanswered + left
     line = f"final flush: {written} of {total} sessions written"
@@ -804,6 +813,11 @@ def _report(final: dict, unanswered: int, left: int, timeout: float) -> str:
         line += f", {unanswered} without an answer and {left} not attempted when its {timeout:g} s were up"
     if deleted:
         line += f"; {deleted} deleted"
+    if not_made := final.get("delete_error", 0) + deletes_left:
+        line += f"; {not_made} delete{'s' * (not_made != 1)} not made"
+        if final.get("delete_error"):
+            line += f" (first: {final['first_delete_error']})"
+        line += f": the store may still serve th{'ose sessions' if not_made != 1 else 'at session'}"
     if final.get("unchanged"):
         line += f"; {final['unchanged']} unchanged since their last write and still stored, not written again"
     return line

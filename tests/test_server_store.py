@@ -1690,6 +1690,29 @@ def _put_refused(*args, **kwargs):
     raise StoreError("write failed (Connection refused)", "write failed (ConnectionError)")
 
 
+def test_the_final_flush_counts_a_delete_the_store_did_not_take_as_a_delete_not_as_a_session_written():
+    """The shutdown flush's line counts sessions to write ("N of M sessions written, K failed") and, apart,
+    the deletes ("; D deleted"). A delete the store failed there was counted among the sessions, a write
+    that failed: "0 of 1 sessions written, 1 failed (first: delete failed ...)", as if a session's state
+    were lost, while what it meant was the opposite: a deleted session that the store may still serve. So
+    was one left unanswered or not attempted at the flush's timeout. Now each is counted as a delete, and
+    the line says what it means; the flush still reports a failure (not ok)."""
+    header = dict(HEADER)
+    store = _DownStore()
+    writer = StoreWriter(store)
+    assert writer.write("gone", header, b"\0\0\0\0").result(5) == "write"
+    writer.begin_final()
+    writer.write("kept", header, b"\0\0\0\0")
+    store.down.set()
+    writer.delete("gone")
+    ok, report = writer.stop(5)
+    assert not ok and store.version("kept") is not None and store.version("gone") != TOMBSTONE
+    assert report == (
+        "final flush: 1 of 1 sessions written, 0 failed; 1 delete not made (first: delete failed (Connection "
+        "refused)): the store may still serve that session"
+    ), report
+
+
 def test_a_failed_write_counts_as_a_store_error_of_op_write():
     """`s4_session_store_errors{op}` says what a failed operation did: a write the store refused to take
     counts op="write" (and op="error" among the operations), nothing else; the next write lands."""
