@@ -354,13 +354,15 @@ def test_a_client_that_reads_slowly_but_all_along_is_not_cut_off_by_the_send_tim
     deadline ran from the server's buffer passing its high-water mark until it fell back under its low
     one, so a client reading all along, but slower than that buffer (48-64 KiB) a timeout, was cut off
     mid-stream: a player taking 16 KB/s (pcm16 at 8 kHz, real time) with S4_SEND_TIMEOUT_S=1.5 after
-    2-3 s of its 6. Now the deadline runs from the last byte the client took, on the WebSocket and SSE."""
+    2-3 s of its 6. Now the deadline runs from the last byte the client took, on the WebSocket and SSE.
+    Here S4_SEND_TIMEOUT_S is 3 s and the client takes 8 KB/s: the old deadline cut it off (the buffer
+    drains in ~6 s), and a pause of the test's own process shorter than 3 s cannot."""
     from server_support import RawWebSocket, ServerThread
 
     from server import Settings
 
-    rate = 16_000  # bytes a second the client takes, all along
-    settings = Settings(checkpoints=[str(model_dirs["audio"])], send_timeout_s=1.5, drain_timeout_s=0)
+    rate = 8_000  # bytes a second the client takes, all along
+    settings = Settings(checkpoints=[str(model_dirs["audio"])], send_timeout_s=3.0, drain_timeout_s=0)
     s = ServerThread(settings, send_buffer=4096).start()
     try:
         start, got = time.monotonic(), b""
