@@ -336,6 +336,14 @@ def _fake_checkout(root: Path) -> Path:
     return root
 
 
+def _recording_python(tmp_path: Path) -> tuple[Path, Path]:
+    """A stand-in python that writes its arguments to a file and fails: (the stand-in, the file)."""
+    argv, fake = tmp_path / "argv", tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {argv}\nexit 1\n')
+    fake.chmod(0o755)
+    return fake, argv
+
+
 def test_the_official_run_gets_the_config_the_conversion_read(converted, tmp_path):
     """A .ckpt holding no config of its own (a state dict saved as .ckpt; a Lightning checkpoint saved without
     hyper_parameters) converts with the config found beside it (config.json's source.config_file names it),
@@ -344,10 +352,7 @@ def test_the_official_run_gets_the_config_the_conversion_read(converted, tmp_pat
     whatever lay beside it. Now the official run gets the config file the conversion read (the stand-in
     python records its arguments); a Lightning .ckpt with a config of its own gets none (it reads it)."""
     co = _fake_checkout(tmp_path / "s4")
-    argv = tmp_path / "argv"
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/sh\necho "$@" > {argv}\nexit 1\n')
-    fake.chmod(0o755)
+    fake, argv = _recording_python(tmp_path)
     src = tmp_path / "run" / "m.ckpt"
     src.parent.mkdir()
     src.write_bytes((FIX / "s4d_zoh.pt").read_bytes())  # a state dict saved as .ckpt
@@ -374,10 +379,7 @@ def test_the_official_run_of_a_lightning_checkpoint_named_pt_reads_its_own_confi
     over the checkpoint's own: another run's config there checked the conversion against another model.
     Where CONVERTED_DIR's config.json says the conversion read SRC's own config, none is given now."""
     co = _fake_checkout(tmp_path / "s4")
-    argv = tmp_path / "argv"
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/sh\necho "$@" > {argv}\nexit 1\n')
-    fake.chmod(0o755)
+    fake, argv = _recording_python(tmp_path)
     src = tmp_path / "run" / "last.pt"
     src.parent.mkdir()
     src.write_bytes((FIX / "s4_bytes.ckpt").read_bytes())  # a Lightning checkpoint saved as .pt
