@@ -3,8 +3,9 @@
 Both kernels are the O(N·L) hot spots of conv-mode training. `keops` (pykeops) never materializes
 the (L, N) matrix and runs on CPU (compiled with g++) or CUDA, chosen from the tensors' device;
 `torch` is the reference, chunked over L and recomputed in backward so memory stays bounded.
-The dispatcher `cauchy(..., backend="auto")` uses keops when it imports and compiles, otherwise it
-falls back to torch with one warning.
+The dispatcher `cauchy(..., backend="auto")` uses keops when it imports and compiles for the device the
+tensors are on (checked once per device type: a machine whose g++ builds the CPU kernels may still lack
+what KeOps' CUDA build needs), otherwise it falls back to torch with one warning per device type.
 
 With conjugate symmetry (conj=True) each mode also stands for its conjugate:
     vₙ/(z − wₙ) + v̄ₙ/(z − w̄ₙ) = (2 Re(vₙ) z − 2 Re(vₙ w̄ₙ)) / (z² − 2 Re(wₙ) z + |wₙ|²).
@@ -23,7 +24,8 @@ BACKENDS = ("auto", "keops", "torch")
 # Upper bound on the elements of one (batch, chunk, N) intermediate in the torch backend.
 _TORCH_CHUNK_ELEMS = 1 << 22
 
-_keops_state: dict[str, object] = {"ok": None, "why": None}
+# per device type ("cpu", "cuda"): {"ok": None until checked, then bool; "why": the failure; "warned"}
+_keops_state: dict[str, dict[str, object]] = {}
 
 
 def keops_cache_folder() -> Path:
@@ -49,21 +51,30 @@ def _import_keops():
     return LazyTensor
 
 
-def keops_available() -> bool:
-    """True when pykeops imports and compiles a tiny Cauchy kernel (checked once per process)."""
-    if _keops_state["ok"] is None:
+def _device_state(device: torch.device | str) -> dict[str, object]:
+    return _keops_state.setdefault(torch.device(device).type, {"ok": None, "why": None})
+
+
+def keops_available(device: torch.device | str = "cpu") -> bool:
+    """True when pykeops imports and compiles a tiny Cauchy kernel for `device`'s type (CPU: KeOps' g++
+    build; CUDA: its nvrtc build), and that kernel agrees with the torch one there. Checked once per
+    process and device type; the reason for a False is kept for the fallback's warning."""
+    state = _device_state(device)
+    if state["ok"] is None and torch.device(device).type not in ("cpu", "cuda"):  # (mps, meta, ...)
+        state["ok"], state["why"] = False, "KeOps runs on CPU and CUDA tensors only"  # (others: a crash)
+    if state["ok"] is None:
         try:
-            z = torch.tensor([0.5 + 1.0j], dtype=torch.complex64)
-            w = torch.tensor([-0.5 + 0.25j], dtype=torch.complex64)
-            v = torch.tensor([1.0 + 0.0j], dtype=torch.complex64)
-            got = cauchy_keops(v, z, w, conj=True)
-            want = cauchy_torch(v, z, w, conj=True)
+            z = torch.tensor([0.5 + 1.0j], dtype=torch.complex64, device=device)
+            w = torch.tensor([-0.5 + 0.25j], dtype=torch.complex64, device=device)
+            v = torch.tensor([1.0 + 0.0j], dtype=torch.complex64, device=device)
+            got = cauchy_keops(v, z, w, conj=True).cpu()
+            want = cauchy_torch(v, z, w, conj=True).cpu()
             if not torch.allclose(got, want, rtol=1e-4, atol=1e-6):
                 raise RuntimeError(f"self-test mismatch: {got} vs {want}")
-            _keops_state["ok"] = True
-        except Exception as exc:  # missing package, no compiler, broken CUDA...
-            _keops_state["ok"], _keops_state["why"] = False, f"{type(exc).__name__}: {exc}"
-    return bool(_keops_state["ok"])
+            state["ok"] = True
+        except Exception as exc:  # missing package, no compiler, broken CUDA, a device KeOps has no build for
+            state["ok"], state["why"] = False, f"{type(exc).__name__}: {exc}"
+    return bool(state["ok"])
 
 
 def _keops_backend(t: torch.Tensor) -> str:
@@ -72,20 +83,22 @@ def _keops_backend(t: torch.Tensor) -> str:
     return "GPU" if t.is_cuda else "CPU"
 
 
-def _pick(backend: str) -> str:
+def _pick(backend: str, device: torch.device | str = "cpu") -> str:
+    """The backend to run for tensors on `device`: "auto" is keops where it works on that device type."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        if keops_available():
+        if keops_available(device):
             return "keops"
-        if not _keops_state.get("warned"):
+        state = _device_state(device)
+        if not state.get("warned"):
             warnings.warn(
-                f"pykeops unavailable ({_keops_state['why']}); using the torch Cauchy kernel "
-                "(same results, more memory traffic)",
+                f"pykeops unavailable on {torch.device(device).type} ({state['why']}); using the torch "
+                "Cauchy kernel (same results, more memory traffic)",
                 RuntimeWarning,
                 stacklevel=3,
             )
-            _keops_state["warned"] = True
+            state["warned"] = True
         return "torch"
     return backend
 
@@ -261,7 +274,7 @@ def cauchy_keops(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, conj: bool =
 
 def cauchy(v: torch.Tensor, z: torch.Tensor, w: torch.Tensor, conj: bool = True, backend: str = "auto"):
     """Σₙ v[..., n] / (z[..., l] − w[..., n]) (+ conjugate pairs when conj=True) → (..., L)."""
-    if _pick(backend) == "keops":
+    if _pick(backend, z.device) == "keops":
         return cauchy_keops(v, z, w, conj)
     return cauchy_torch(v, z, w, conj)
 
@@ -309,6 +322,6 @@ def vandermonde_keops(v: torch.Tensor, x: torch.Tensor, L: int) -> torch.Tensor:
 
 def vandermonde(v: torch.Tensor, x: torch.Tensor, L: int, backend: str = "auto") -> torch.Tensor:
     """2 Re Σₙ v[..., n] exp(l x[..., n]) for l = 0..L-1 → (..., L) real."""
-    if _pick(backend) == "keops":
+    if _pick(backend, x.device) == "keops":
         return vandermonde_keops(v, x, L)
     return vandermonde_torch(v, x, L)

@@ -96,7 +96,7 @@ def test_keops_prints_nothing_at_import_on_a_machine_without_cuda():
 
 
 def test_dispatcher_prefers_keops_when_it_works():
-    assert cy.keops_available(), f"pykeops should compile here: {cy._keops_state['why']}"
+    assert cy.keops_available(), f"pykeops should compile here: {cy._device_state('cpu')['why']}"
     assert cy._pick("auto") == "keops"
 
 
@@ -105,14 +105,43 @@ def test_dispatcher_falls_back_with_one_warning(monkeypatch):
         raise ImportError("No module named 'pykeops'")
 
     monkeypatch.setattr(cy, "_import_keops", broken)
-    monkeypatch.setattr(cy, "_keops_state", {"ok": None, "why": None})
+    monkeypatch.setattr(cy, "_keops_state", {})
     v, z, w = inputs(grad=False)
-    with pytest.warns(RuntimeWarning, match="pykeops unavailable.*No module named 'pykeops'"):
+    with pytest.warns(RuntimeWarning, match="pykeops unavailable on cpu.*No module named 'pykeops'"):
         out = cy.cauchy(v, z, w)
     torch.testing.assert_close(out, cy.cauchy_torch(v, z, w))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a second call must not warn again
         cy.cauchy(v, z, w)
+
+
+def test_auto_checks_keops_on_the_device_the_tensors_are_on(monkeypatch):
+    """`auto` took keops wherever its self-test passed, and that test ran once, on CPU tensors, whatever
+    device the data was on: tensors on a device KeOps has no build for (Apple's mps, or meta here) went to
+    KeOps' CPU code with their pointers, a segmentation fault; and on a GPU machine whose g++ builds KeOps'
+    CPU kernels but whose CUDA build fails (no nvrtc or CUDA headers) conv-mode training failed in KeOps
+    instead of falling back. The self-test now runs per device type, on that device, and only CPU and CUDA
+    are tried: elsewhere `auto` is the torch kernel, with one warning per device type."""
+    monkeypatch.setattr(cy, "_keops_state", {})
+    v, z, w = (t.to("meta") for t in inputs(grad=False))
+    with pytest.warns(RuntimeWarning, match="pykeops unavailable on meta .KeOps runs on CPU and CUDA"):
+        out = cy.cauchy(v, z, w)
+    assert out.device.type == "meta" and out.shape == (3, 4, 50)
+    x = torch.randn(3, 8, dtype=torch.complex64, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once for meta already
+        assert cy.vandermonde(x, x, 16).shape == (3, 16)
+    assert cy.keops_available("cpu") and cy._pick("auto", "cpu") == "keops"  # the CPU's own check
+    if not torch.cuda.is_available():  # CUDA's own check, on CUDA tensors: none can be made here
+        assert not cy.keops_available("cuda") and "CUDA" in cy._device_state("cuda")["why"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_auto_on_cuda_matches_the_torch_kernel_whichever_backend_it_picks():
+    """On a GPU, `auto` checks KeOps' CUDA build itself (above) and gives the torch kernel's values."""
+    v, z, w = (t.cuda() for t in inputs(grad=False))
+    torch.testing.assert_close(cy.cauchy(v, z, w).cpu(), cy.cauchy_torch(v, z, w).cpu(), rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_backend_is_rejected():
