@@ -39,21 +39,35 @@ TEXT_PROMPTS = ["ROMEO.\n", "HAMLET.\nTo be, or not to be", "Enter the King and 
 def generate(rec, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[int]]:
     """Sample n tokens after each prompt with the recurrent form: prompts of one length are prefilled
     and stepped as one batch; row i samples with seed params.seed + i (its own generator, so a row's
-    tokens do not depend on the others)."""
+    tokens do not depend on the others). The logits are processed as the server's engine does: the
+    repetition penalty counts the row's prompt and the tokens generated so far as seen, the presence and
+    frequency penalties the tokens generated (so a seed gives the server's tokens)."""
     outs: list[list[int]] = [[] for _ in prompts]
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
     for rows in by_len.values():
         state = rec.init_state(len(rows))
-        logits, state = rec.prefill(torch.tensor([prompts[i] for i in rows]), state)
+        tokens = torch.tensor([prompts[i] for i in rows])
+        logits, state = rec.prefill(tokens, state)  # (checks the ids)
         last = logits[:, -1]
         ps = [dataclasses.replace(params, seed=params.seed + i) for i in rows]
         gens = [q.generator() for q in ps]
+        V, dev = last.shape[1], last.device
+        ar, seen, counts = torch.arange(len(rows), device=dev), None, None
+        if any(q.repetition_penalty != 1 for q in ps):  # (the engine's `seen`: the context's tokens)
+            seen = torch.zeros(len(rows), V, dtype=torch.bool, device=dev)
+            seen[ar[:, None], tokens.to(dev)] = True
+        if any(q.counts_output for q in ps):  # (the engine's `counts`: the tokens generated)
+            counts = torch.zeros(len(rows), V, device=dev)
         for _ in range(n):
-            tok = sample(last, ps, gens)
+            tok = sample(last, ps, gens, seen, counts)
             for r, i in enumerate(rows):
                 outs[i].append(int(tok[r]))
+            if seen is not None:
+                seen[ar, tok] = True
+            if counts is not None:
+                counts[ar, tok] += 1
             last, state = rec.step(tok, state, out=state)
     return outs
 

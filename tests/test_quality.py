@@ -117,3 +117,50 @@ def test_a_cards_samples_show_control_characters_as_their_pictures():
     assert shown("a\x1b[0m\nb\tc\x7f\x00\r é") == "a\u241b[0m\nb\tc\u2421\u2400\u240d é"
     assert all(shown(chr(c)) == chr(0x2400 + c) for c in range(32) if chr(c) not in "\n\t")
     assert shown("plain text, ok") == "plain text, ok"
+
+
+@pytest.mark.parametrize(
+    "penalties",
+    [
+        dict(repetition_penalty=1.3),
+        dict(presence_penalty=1.5, frequency_penalty=0.8),
+        dict(repetition_penalty=0.7),
+    ],
+)
+def test_card_generation_applies_the_penalties_as_the_server_does(penalties):
+    """model.card.generate takes SamplingParams whole: a row's repetition penalty counts its prompt and the
+    tokens generated so far as seen, and its presence/frequency penalties count the tokens generated, as the
+    server's engine does (server/engine.py; its tokens equal `server_support.reference` at the same seed,
+    tests/test_server_http.py). Each row must equal a loop that passes `sample` those sets, token for token,
+    and with the penalties the tokens must differ from those without (so the test sees them applied)."""
+    import torch
+
+    from model import ModelConfig, SequenceModel
+    from model.card import generate
+    from model.sampling import SamplingParams, sample
+
+    torch.manual_seed(0)
+    rec = SequenceModel(ModelConfig(d_model=32, n_layers=2, d_state=16, l_max=64)).eval().to_recurrent()
+    params = SamplingParams(temperature=0.5, seed=3, **penalties)
+    prompts, n = [[10, 20, 10], [30, 40, 30]], 24
+    got = generate(rec, prompts, n, params)
+
+    V = rec.config.vocab_size
+    for i, prompt in enumerate(prompts):
+        p = SamplingParams(temperature=0.5, seed=3 + i, **penalties)
+        gen = p.generator()
+        logits, state = rec.prefill(torch.tensor([prompt]), rec.init_state(1))
+        logits = logits[:, -1]
+        seen = torch.zeros(1, V, dtype=torch.bool)
+        seen[0, prompt] = True
+        counts = torch.zeros(1, V)
+        want = []
+        for _ in range(n):
+            tok = sample(logits, [p], [gen], seen, counts)
+            want.append(int(tok))
+            seen[0, tok] = True
+            counts[0, tok] += 1
+            logits, state = rec.step(tok, state)
+        assert got[i] == want, (i, got[i], want)
+    plain = generate(rec, prompts, n, SamplingParams(temperature=0.5, seed=3))
+    assert got != plain
