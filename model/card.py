@@ -29,7 +29,7 @@ from model.checkpoint import CONFIG, load
 from model.codecs import wav_bytes
 from model.data import AUDIO_BOS, Dataset, marginal_entropy_bits, write_splits
 from model.quality import lexicon, voiced_share, word_share
-from model.sampling import SamplingParams, sample
+from model.sampling import SamplingParams, check_number, sample
 from model.train import ConfigError, TrainConfig, checked_init_record, evaluate, run_configs, saved_init
 
 TEXT_PROMPTS = ["ROMEO.\n", "HAMLET.\nTo be, or not to be", "Enter the King and Queen.\n\nKING.\n"]
@@ -41,7 +41,13 @@ def generate(rec, prompts: list[list[int]], n: int, params: SamplingParams) -> l
     and stepped as one batch; row i samples with seed params.seed + i (its own generator, so a row's
     tokens do not depend on the others). The logits are processed as the server's engine does: the
     repetition penalty counts the row's prompt and the tokens generated so far as seen, the presence and
-    frequency penalties the tokens generated (so a seed gives the server's tokens)."""
+    frequency penalties the tokens generated (so a seed gives the server's tokens). A seed of None gives
+    each row a random key. Raises ValueError for an empty prompt (no logits for its first token) or an n
+    that is not an integer ≥ 0, before any work."""
+    n = check_number("n", n, ge=0, integer=True)
+    for i, p in enumerate(prompts):
+        if not len(p):
+            raise ValueError(f"prompts[{i}] is empty: a prompt needs at least one token")
     outs: list[list[int]] = [[] for _ in prompts]
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -51,7 +57,9 @@ def generate(rec, prompts: list[list[int]], n: int, params: SamplingParams) -> l
         tokens = torch.tensor([prompts[i] for i in rows])
         logits, state = rec.prefill(tokens, state)  # (checks the ids)
         last = logits[:, -1]
-        ps = [dataclasses.replace(params, seed=params.seed + i) for i in rows]
+        ps = [
+            dataclasses.replace(params, seed=None if params.seed is None else params.seed + i) for i in rows
+        ]
         gens = [q.generator() for q in ps]
         V, dev = last.shape[1], last.device
         ar, seen, counts = torch.arange(len(rows), device=dev), None, None

@@ -164,3 +164,24 @@ def test_card_generation_applies_the_penalties_as_the_server_does(penalties):
         assert got[i] == want, (i, got[i], want)
     plain = generate(rec, prompts, n, SamplingParams(temperature=0.5, seed=3))
     assert got != plain
+
+
+def test_card_generation_takes_params_without_a_seed_and_refuses_what_it_cannot_use():
+    """SamplingParams() has no seed (each sequence a random key, as the server's requests without one): every
+    row then draws from its own random stream, n tokens each. An empty prompt (no logits to sample the
+    first token from), a negative or non-integer n are refused by name (ValueError) before any work."""
+    import torch
+
+    from model import ModelConfig, SequenceModel
+    from model.card import generate
+    from model.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    rec = SequenceModel(ModelConfig(d_model=32, n_layers=2, d_state=16, l_max=64)).eval().to_recurrent()
+    outs = generate(rec, [[1, 2], [3, 4], [5]], 6, SamplingParams())
+    assert [len(o) for o in outs] == [6, 6, 6]
+    assert all(0 <= t < rec.config.vocab_size for o in outs for t in o)
+    for prompts, n, says in (([[1], []], 4, "prompts\\[1\\] is empty"), ([[1]], -1, "n must"),
+                             ([[1]], 2.5, "n must")):  # fmt: skip
+        with pytest.raises(ValueError, match=says):
+            generate(rec, prompts, n, SamplingParams(seed=0))
