@@ -262,7 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--note", default="", help="a paragraph for the quality section (caveats, history)")
     ap.add_argument("--note-file", type=Path, help="read --note from a Markdown file")
     ap.add_argument(
-        "--audio-samples", type=int, default=16, help="audio: clips generated for the voicing measure"
+        "--audio-samples",
+        type=int,
+        default=16,
+        help="audio: clips generated for the voicing measure (1-256; at least 2 with --classifier)",
     )
     ap.add_argument(
         "--classifier",
@@ -275,6 +278,8 @@ def main(argv: list[str] | None = None) -> None:
         args.note = args.note_file.read_text().strip()
     if not 1 <= args.audio_samples <= 256:
         ap.error(f"--audio-samples must be in [1, 256], got {args.audio_samples}")
+    if args.classifier and args.audio_samples < 2:  # (IS, mIS, AM and FID compare clips)
+        ap.error(f"--audio-samples must be at least 2 with --classifier, got {args.audio_samples}")
     ckpt = args.checkpoint
     try:
         meta = json.loads((ckpt / CONFIG).read_text())

@@ -255,3 +255,29 @@ def test_the_model_card_scores_its_audio_samples_with_a_classifier(three_class_d
     idx = [0, 4, 8, 12, 17, 21, 25, 29]  # round(linspace(0, 29, 8)); clip i is digit i % 3
     assert [c["index"] for c in sl.meta["clip_list"]["test"]] == idx
     assert labelled_clips(sl, "test")[1].tolist() == [i % 3 for i in idx]
+
+
+def test_the_model_card_refuses_one_audio_sample_with_a_classifier_before_any_work(
+    three_class_data, tmp_path, capsys
+):
+    """The listener's measures compare clips (IS, mIS, AM and FID need at least 2): `--audio-samples 1`
+    with `--classifier` is refused with exit status 2 and a line naming --audio-samples, before the card
+    generates anything (it used to generate, write the WAVs, then end in sample_scores' ValueError, a
+    traceback, with no README.md); without --classifier one sample is still a card."""
+    from model.card import main as card
+    from model.train import train
+
+    train_classifier(three_class_data, tmp_path / "clf", epochs=1, batch=16, log=lambda m: None)
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    train({"model": {"d_model": 16, "n_layers": 1, "d_state": 8, "l_max": N, "cauchy_backend": "torch"},
+           "data": {"path": str(three_class_data), "batch_size": 4},
+           "train": {"steps": 2, "warmup": 1, "eval_every": 0, "ckpt_every": 0, "log_every": 1,
+                     "out": str(run), "export": str(ckpt)}})  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        card([str(ckpt), "--run", str(run), "--audio-samples", "1", "--classifier", str(tmp_path / "clf")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--audio-samples" in err and "Traceback" not in err, err
+    assert not (ckpt / "samples").exists() and not (ckpt / "README.md").exists()
+    card([str(ckpt), "--run", str(run), "--audio-samples", "1"])
+    assert len(list((ckpt / "samples").glob("generated_*.wav"))) == 1 and (ckpt / "README.md").exists()
