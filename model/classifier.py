@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -270,16 +271,24 @@ def train_classifier(data_dir: str | Path, out: str | Path | None = None, epochs
 
 def load_classifier(path: str | Path, sample_rate: int | None = None) -> tuple[DigitClassifier, dict]:
     """(model in eval mode, its config) from a folder written by `train_classifier` (safetensors +
-    JSON, nothing unpickled). Raises FileNotFoundError or ValueError for a folder that is not one, and
+    JSON, nothing unpickled). Raises FileNotFoundError or ValueError for a folder that is not one (its
+    config's fields or its weights unusable: ValueError naming the folder), and
     ValueError when `sample_rate` (Hz, the audio it will score) is given and is not the classifier's."""
     path = Path(path)
     cfg = json.loads((path / CONFIG).read_text())
-    if cfg.get("kind") != "digit-classifier":
-        raise ValueError(f"{path}: not a digit classifier (kind {cfg.get('kind')!r})")
-    if sample_rate is not None and sample_rate != cfg["sample_rate"]:
-        raise ValueError(f"{path} classifies {cfg['sample_rate']} Hz audio, not {sample_rate} Hz")
-    model = DigitClassifier(tuple(cfg["widths"]), len(cfg["classes"]))
-    model.load_state_dict(load_file(str(path / WEIGHTS)))
+    if not isinstance(cfg, dict) or cfg.get("kind") != "digit-classifier":
+        kind = cfg.get("kind") if isinstance(cfg, dict) else None
+        raise ValueError(f"{path}: not a digit classifier (kind {kind!r})")
+    if sample_rate is not None and sample_rate != cfg.get("sample_rate"):
+        raise ValueError(f"{path} classifies {cfg.get('sample_rate')} Hz audio, not {sample_rate} Hz")
+    try:
+        model = DigitClassifier(tuple(cfg["widths"]), len(cfg["classes"]))
+        model.load_state_dict(load_file(str(path / WEIGHTS)))
+    except FileNotFoundError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as exc:  # (not a traceback)
+        why = " ".join(str(exc).split())  # (one line: torch lists each mismatched tensor on its own)
+        raise ValueError(f"{path}: not a usable digit classifier ({type(exc).__name__}: {why})") from None
     return model.eval(), cfg
 
 

@@ -281,3 +281,38 @@ def test_the_model_card_refuses_one_audio_sample_with_a_classifier_before_any_wo
     assert not (ckpt / "samples").exists() and not (ckpt / "README.md").exists()
     card([str(ckpt), "--run", str(run), "--audio-samples", "1"])
     assert len(list((ckpt / "samples").glob("generated_*.wav"))) == 1 and (ckpt / "README.md").exists()
+
+
+def test_a_classifier_folder_with_unusable_weights_or_config_is_refused_in_one_line(tmp_path, capsys):
+    """load_classifier raises ValueError (as its docstring says), and the command line ends with exit status 2
+    and one line naming the folder, for a digit-classifier folder whose weights are not a safetensors file
+    (a Git LFS pointer: safetensors' SafetensorError), hold other shapes than its config's widths (torch's
+    RuntimeError), or whose config lacks a field (KeyError) or is not a JSON object: each was a traceback."""
+    import shutil
+
+    from model.classifier import main
+
+    root = Path(__file__).resolve().parent.parent / "checkpoints" / "digit-classifier"
+    cfg = json.loads((root / "config.json").read_text())
+    lfs = b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64 + b"\nsize 123\n"
+    cases = {
+        "lfs-pointer": (cfg, lfs),
+        "other-widths": ({**cfg, "widths": [8, 8, 8, 8]}, None),
+        "no-widths": ({k: v for k, v in cfg.items() if k != "widths"}, None),
+        "a-list": ([cfg], None),  # (AttributeError: 'list' object has no attribute 'get')
+    }
+    for name, (c, weights) in cases.items():
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(c))
+        if weights is None:
+            shutil.copy(root / "model.safetensors", d / "model.safetensors")
+        else:
+            (d / "model.safetensors").write_bytes(weights)
+        with pytest.raises(ValueError, match=str(d)):
+            load_classifier(d)
+        data = str(root.parent / "audio-digits" / "eval_slice")
+        with pytest.raises(SystemExit) as e:
+            main(["reference", "--classifier", str(d), "--data", data])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and str(d) in err and "Traceback" not in err and err.count("\n") == 1, err
