@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--run", type=Path, required=True, help="the training run folder (metrics, log, config)")
     ap.add_argument("--baseline", type=Path, help="a Transformer baseline run folder to compare with")
     ap.add_argument("--command", default="", help="the training command, as run")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="sample i's seed is seed + i")
     ap.add_argument("--note", default="", help="a paragraph for the quality section (caveats, history)")
     ap.add_argument("--note-file", type=Path, help="read --note from a Markdown file")
     ap.add_argument(
@@ -303,6 +303,10 @@ def main(argv: list[str] | None = None) -> None:
     if tc.init and init is None:  # an export without the record: the run's last/ may have it
         init = saved_init(args.run) or {"path": tc.init}
     data = Dataset(dc.path)
+    rows = args.audio_samples if data.kind == "audio" else 16  # (text: text_word_share's samples)
+    if not 0 <= args.seed <= 2**64 - rows:  # sample i's seed is seed + i, a Philox key below 2^64
+        ap.error(f"--seed must be in [0, 2**64 - {rows}] (the samples' seeds are seed … seed + {rows - 1}), "
+                 f"got {args.seed}")  # fmt: skip
     net = load(ckpt)
     net.eval()
     rec = net.to_recurrent()

@@ -316,3 +316,27 @@ def test_a_classifier_folder_with_unusable_weights_or_config_is_refused_in_one_l
             main(["reference", "--classifier", str(d), "--data", data])
         err = capsys.readouterr().err
         assert e.value.code == 2 and str(d) in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64 - 1)])
+def test_the_model_card_refuses_a_seed_outside_the_samplers_range_before_any_work(
+    three_class_data, tmp_path, capsys, seed
+):
+    """The card samples clip i with seed --seed + i (a Philox key in [0, 2^64)): a negative seed, or one
+    whose clips' seeds pass 2^64 − 1, is refused with exit status 2 naming --seed before the card writes
+    anything (it used to write eval_slice/ and the WAVs' folder, then end in SamplingParams' ValueError, a
+    traceback)."""
+    from model.card import main as card
+    from model.train import train
+
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    train({"model": {"d_model": 16, "n_layers": 1, "d_state": 8, "l_max": N, "cauchy_backend": "torch"},
+           "data": {"path": str(three_class_data), "batch_size": 4},
+           "train": {"steps": 2, "warmup": 1, "eval_every": 0, "ckpt_every": 0, "log_every": 1,
+                     "out": str(run), "export": str(ckpt)}})  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        card([str(ckpt), "--run", str(run), "--audio-samples", "2", "--seed", seed])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--seed" in err and "Traceback" not in err, err
+    assert not (ckpt / "eval_slice").exists() and not (ckpt / "samples").exists()
