@@ -54,7 +54,7 @@ def generate(rec, prompts: list[list[int]], n: int, params: SamplingParams) -> l
         by_len.setdefault(len(p), []).append(i)
     for rows in by_len.values():
         state = rec.init_state(len(rows))
-        tokens = torch.tensor([prompts[i] for i in rows])
+        tokens = torch.tensor([prompts[i] for i in rows], device=state.device)  # (the model's device)
         logits, state = rec.prefill(tokens, state)  # (checks the ids)
         last = logits[:, -1]
         ps = [
@@ -91,8 +91,9 @@ def recurrent_nll_bits(rec, data: Dataset, split: np.ndarray, seq_len: int) -> f
             torch.from_numpy(split[:-1].astype(np.int64))[None],
             torch.from_numpy(split[1:].astype(np.int64))[None],
         )
-    logits, _ = rec.prefill(x, rec.init_state(x.shape[0]))
-    return float(F.cross_entropy(logits.transpose(1, 2), y)) / math.log(2)
+    state = rec.init_state(x.shape[0])
+    logits, _ = rec.prefill(x.to(state.device), state)  # (the model's device: a GPU's too)
+    return float(F.cross_entropy(logits.transpose(1, 2), y.to(logits.device))) / math.log(2)
 
 
 def write_eval_slice(ckpt: Path, data: Dataset, net, seq_len: int, batch: int, stride: int) -> dict:

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import devices
 
 from model.quality import frame_stats, lexicon, voiced_share, word_share, words
 
@@ -89,6 +90,35 @@ def test_card_generation_batches_rows_without_coupling_them():
     ]
     assert together == alone
     assert len({tuple(t) for t in together}) == 3
+
+
+@pytest.mark.parametrize("device", devices())
+def test_card_generation_and_recurrent_nll_run_on_the_models_device(device):
+    """model.card's generate and recurrent_nll_bits built their token tensors on the CPU, and the recurrent
+    form refuses tokens on another device than its own: on a CUDA model both raised. Here they run on
+    `device` (CUDA where present, for scripts/gpu-check) and give the CPU's answer: greedy tokens equal, the
+    shipped text model's eval-slice NLL the card's within 1e-3 bits."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from model import ModelConfig, SequenceModel, load
+    from model.card import generate, recurrent_nll_bits
+    from model.data import Dataset
+    from model.sampling import SamplingParams
+
+    torch.manual_seed(0)
+    net = SequenceModel(ModelConfig(d_model=32, n_layers=2, d_state=16, l_max=64)).eval()
+    greedy = SamplingParams(temperature=0.0, seed=1)
+    want = generate(net.to_recurrent(), [[10, 20], [30]], 8, greedy)
+    assert generate(net.to(device).to_recurrent(), [[10, 20], [30]], 8, greedy) == want
+    ckpt = Path(__file__).resolve().parent.parent / "checkpoints" / "text-shakespeare"
+    sl = json.loads((ckpt / "config.json").read_text())["eval_slice"]
+    data = Dataset(ckpt / sl["path"])
+    rec = load(ckpt).eval().to(device).to_recurrent()
+    bits = recurrent_nll_bits(rec, data, data.split("test"), sl["seq_len"])
+    assert bits == pytest.approx(sl["recurrent_bits_per_token"], abs=1e-3)
 
 
 @pytest.mark.parametrize("snr_db", [0.0, 5.0, 10.0, 15.0, 20.0])
