@@ -159,9 +159,10 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _bytes(t: torch.Tensor) -> bytes:
-    if t.is_complex():
-        t = torch.view_as_real(t.resolve_conj()).contiguous()
-    return t.numpy().tobytes()
+    """A tensor's raw bytes, whatever its dtype (through uint8: numpy has no bfloat16 or float8, and its
+    TypeError escaped the entry's read)."""
+    t = t.resolve_conj().resolve_neg().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes()
 
 
 # the modules whose code computes what an entry holds: the kernel (Cauchy, Woodbury), the float64 linear
