@@ -912,6 +912,11 @@ def dense_taps(kernel: SSMKernel, s: dict[str, torch.Tensor], n: int, real: tupl
 CACHED_TAPS_TOL = 1e-6
 
 
+def _real(x) -> bool:
+    """Whether `x` (a value read from JSON) is a finite real number (not a bool)."""
+    return type(x) in (int, float) and math.isfinite(x)
+
+
 def _make_form(name: str, s: dict[str, torch.Tensor], args: tuple, device):
     """A step form from its float64 system: "diagonal" (μ, b, c) or "dplr" (Ā, B̄, γ̄ of `s4_real_system`)."""
     return DiagonalSSM(*args, device) if name == "diagonal" else DPLRStep(s, *args, device)
@@ -950,6 +955,13 @@ def _cached_form(kernel: SSMKernel, s: dict[str, torch.Tensor], device, taps: in
     form = _make_form(name, s, args, device)
     if form.form != report.get("form"):
         raise ValueError(f"its report names form {report.get('form')!r}, the entry {name!r}")
+    # (the report is metadata, not under the checksum: only what `convert_kernel` writes, checked, is used;
+    # one without rel_err failed the server's load, one with a "layer" renamed that layer)
+    rel, modes = report.get("rel_err"), report.get("modes")
+    if set(report) != {"form", "rel_err", "modes"} or not _real(rel) or not 0 <= rel <= tol:
+        raise ValueError(f"its report is not the converter's (form, modes and a rel_err within {tol:g})")
+    if type(modes) is not int or modes != form.M:
+        raise ValueError(f"its report gives {str(modes)[:20]!r} modes, its form has {form.M}")
     n = min(taps, L)  # (a DPLR form is made from the live parameters by the code verified: not checked)
     if name == "diagonal" and not (err := _rel_err(impulse_response(form, n).cpu(), K[:, :n])) <= tol:
         raise ValueError(f"the impulse response of its form is {err:.1e} (relative) from its taps over {n} "

@@ -233,6 +233,43 @@ def test_an_entry_holding_a_tensor_numpy_has_no_dtype_for_is_a_miss_and_scan_cal
     assert {p.name: s for p, s, _ in scan(tmp_path)}[first.name] == "damaged"
 
 
+REPORT_CHANGES = ["no rel_err", "rel_err a string", "rel_err above the tolerance", "modes not the form's",
+                  "a layer index"]  # fmt: skip
+
+
+@pytest.mark.parametrize("change", REPORT_CHANGES)
+def test_an_entry_whose_report_is_not_one_the_converter_writes_is_a_miss(change, tmp_path, caplog):
+    """The report in an entry's metadata (not under its checksum) must be the converter's: its form, a finite
+    rel_err within the tolerance and the form's modes, nothing else; any other is a logged miss and the layer
+    is converted again. (One without rel_err was a hit, and the server's load then failed on it, "KeyError:
+    'rel_err'": the model was not served; one with a "layer" key renamed that layer in the report.)"""
+    net = s4_model()
+    cache = FormCache(tmp_path)
+    plain = net.to_recurrent(cache=cache)
+    first = _entries(tmp_path)[0]
+    with safe_open(str(first), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
+    report = json.loads(meta["report"])
+    if change == "no rel_err":
+        del report["rel_err"]
+    elif change == "rel_err a string":
+        report["rel_err"] = "small"
+    elif change == "rel_err above the tolerance":
+        report["rel_err"] = 0.5
+    elif change == "modes not the form's":
+        report["modes"] += 1
+    else:
+        report["layer"] = 7
+    save_file(tensors, str(first), metadata={**meta, "report": json.dumps(report)})
+    with caplog.at_level(logging.WARNING, logger="model.form_cache"):
+        rec = net.to_recurrent(cache=cache)
+    assert [r["cached"] for r in rec.report] == [False, True]
+    assert any("not used" in m and first.name in m for m in caplog.messages), caplog.messages
+    assert [sorted(r) for r in rec.report] == [["cached", "form", "layer", "modes", "rel_err"]] * 2
+    assert [r["layer"] for r in rec.report] == [0, 1]
+    assert_same_model(plain, rec)
+
+
 def _rewrite(path, change) -> None:
     """Rewrite an entry with `change` applied to its tensors and a checksum that matches them."""
     with safe_open(str(path), framework="pt") as f:
