@@ -20,9 +20,12 @@ The samples are read_audio's own (the same code and libraries, in another proces
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
+import contextvars
 import ctypes
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -46,6 +49,9 @@ SUBMIT_TRIES = 3  # pools a call is offered to when another thread's broken pool
 DECODE_CPU_S = 10.0  # CPU seconds a file may take to decode (S4_AUDIO_DECODE_CPU_S)
 WATCH_INTERVAL_S = 0.05  # how often a worker's watchdog reads its CPU time
 OVER_CPU_EXIT = 124  # a worker's exit status when a file took more than its CPU seconds (timeout(1)'s)
+# threads of its own that wait for the decoder on the requests' behalf (`AudioDecoder.call`): more than its
+# workers, so that no prompt waits for a thread while a worker is free
+WAITING_THREADS = 64
 
 
 def _start_worker(over_cpu=None) -> None:
@@ -200,6 +206,16 @@ class AudioDecoder:
         self._alone_turn = threading.Lock()  # one file at a time in it
         self._lock = threading.Lock()
         self._in_process = False  # (no worker process could be made, or closed)
+        self._waiting = concurrent.futures.ThreadPoolExecutor(WAITING_THREADS, "s4-decode-wait")  # (`call`)
+
+    async def call(self, fn, *args, **kwargs):
+        """fn(*args, **kwargs), a request's work that waits for this decoder (media.prompt_ids with its
+        `read_audio`), awaited in a thread of the decoder's own (`WAITING_THREADS`), in the caller's context
+        (its log lines keep the request's id). Not asyncio.to_thread: the prompts waiting for their decoding
+        (a hostile file's up to twice `cpu_s`) took the default pool's threads (min(32, CPUs + 4)), which the
+        OpenAI routes' answers, the session store's reads and the shutdown wait for too."""
+        run = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._waiting, run)
 
     def _current(self, alone: bool = False) -> _Pool | None:
         """The shared pool (or with `alone`, the one-worker pool), made if there is none; None where files

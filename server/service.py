@@ -153,15 +153,15 @@ async def read_prompt(
     """A request's prompt as ids for `model` (media.prompt_ids with this server's limits; 413 or 422
     naming the field). An audio file is decoded and resampled by a worker process (server/decoder.py:
     what libsndfile writes to stderr, or finds in the working directory, stays out of the server),
-    waited for in a worker thread, not on the event loop: a small compressed file can take seconds of
-    CPU (100 KB of FLAC, 30 s at 384 kHz in 8 channels: 1.8 s), which held every other client's stream,
-    and the probes, for as long."""
+    waited for in a thread of the decoder's own (`AudioDecoder.call`), not on the event loop: a small
+    compressed file can take seconds of CPU (100 KB of FLAC, 30 s at 384 kHz in 8 channels: 1.8 s), which
+    held every other client's stream, and the probes, for as long."""
     limit, _ = prompt_limit(state, model)
     max_s = state.settings.max_audio_s
     args = (model.kind, model.sample_rate, prompt, prompt_audio, max_s, limit, model.codec, model.vocab)
     if prompt_audio is None:
         return media.prompt_ids(*args)
-    return await asyncio.to_thread(media.prompt_ids, *args, decode=state.decoder.read_audio)
+    return await state.decoder.call(media.prompt_ids, *args, decode=state.decoder.read_audio)
 
 
 async def prompt_ids(

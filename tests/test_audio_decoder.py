@@ -531,3 +531,42 @@ def test_files_queued_when_the_decoder_closes_are_decoded_in_this_process_not_ca
     for i, data in enumerate(goods):
         x, rate = got[i]
         assert rate == 8000 and same_bits(x, read_audio(data, 8000, 30)[0])
+
+
+def test_prompts_waiting_for_the_decoder_leave_the_servers_other_worker_threads_free(model_dirs):
+    """40 audio prompts held in the decoder (more than asyncio's default thread pool holds: min(32, CPUs + 4)
+    threads) while a text model's non-streamed OpenAI completion, which serializes its answer in a worker
+    thread, answers at once, as do the audio prompts once let go. The waits for the decoder took the default
+    pool's threads, which the completions' answers, session store reads and the shutdown share: every such
+    answer waited for the prompts' decoding (up to twice S4_AUDIO_DECODE_CPU_S each, a hostile file's)."""
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"]), str(model_dirs["audio"])])).start()
+    decoder, release, lock = s.state.decoder, threading.Event(), threading.Lock()
+    read, held = decoder.read_audio, []
+
+    def held_read(*args):
+        with lock:
+            held.append(1)
+        assert release.wait(120)
+        return read(*args)
+
+    decoder.read_audio = held_read
+    wav = b64(wav_bytes(tone(0.1, 8000), 8000))
+    body = {"model": AUDIO, "max_new_tokens": 4, "seed": 1, "prompt_audio": wav}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            try:
+                audio = [pool.submit(httpx.post, s.url + "/v1/generate", json=body, timeout=180)
+                         for _ in range(40)]  # fmt: skip
+                assert wait_for(lambda: len(held) >= 6, timeout=60)  # (the default pool's 6 on 2 CPUs)
+                time.sleep(1.0)
+                t0 = time.monotonic()
+                text = {"model": "tiny-text", "prompt": "hello", "max_tokens": 4, "seed": 1}
+                r = httpx.post(s.url + "/v1/completions", json=text, timeout=30)
+                assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+                assert time.monotonic() - t0 < 20
+                assert len(held) == 40  # every prompt waits in the decoder, none for a thread
+            finally:
+                release.set()
+            assert [f.result().status_code for f in audio] == [200] * 40
+    finally:
+        s.stop()
