@@ -405,9 +405,12 @@ def convert_cache_problem(folder: str) -> str | None:
 
 
 def model_id_of(entry: str) -> str:
-    """The model id an entry serves under (NAME=, else as resolve_entry names it), without converting."""
+    """The model id an entry serves under (NAME=, else as resolve_entry names it), without converting: a
+    folder's name, even one ending in an official file's suffix (it was named by its stem, which is not the
+    id it serves under)."""
     name, path = parse_entry(entry)
-    return name or (default_name(path) if path.suffix in OFFICIAL_SUFFIXES else path.name)
+    official = path.suffix in OFFICIAL_SUFFIXES and not path.is_dir()
+    return name or (default_name(path) if official else path.name)
 
 
 def served_vocab(

@@ -237,6 +237,30 @@ def test_a_lightning_last_ckpt_serves_under_its_run_folders_name(tmp_path):
     assert model_id_of(str(FIX / "s4_bytes.ckpt")) == "s4_bytes"
 
 
+def test_a_checkpoint_folder_named_like_an_official_file_serves_under_the_id_settings_and_readyz_use(
+    tmp_path, model_dirs
+):
+    """A checkpoint folder whose name ends in .ckpt, .pt or .pth is served under its folder's name (it is no
+    official file: resolve_entry), and the id Settings checks for duplicates, and /readyz lists while the
+    models load (`expected_ids`), is that one: they took the name's stem ("tiny"), so such a folder beside a
+    folder "tiny" was refused as one id given twice, and it was listed as "tiny" still loading while it served
+    as "tiny.pt"."""
+    import shutil  # noqa: PLC0415
+
+    from server.metrics import Metrics  # noqa: PLC0415
+    from server.registry import expected_ids, load_models, model_id_of  # noqa: PLC0415
+    from server.sessions import SessionTable  # noqa: PLC0415
+
+    folders = [tmp_path / "tiny.pt", tmp_path / "tiny"]
+    for folder in folders:
+        shutil.copytree(model_dirs["text"], folder)
+    settings = Settings(checkpoints=[str(f) for f in folders], max_sessions=2, recurrent_cache="")
+    assert [model_id_of(str(f)) for f in folders] == expected_ids(settings) == ["tiny.pt", "tiny"]
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert list(models) == ["tiny.pt", "tiny"] and failed == {}
+    assert model_id_of(str(tmp_path / "gone.ckpt")) == "gone"  # (not there: named as an official file)
+
+
 def test_a_convert_cache_that_cannot_hold_conversions_refuses_the_official_entries_only(tmp_path, model_dirs):
     """An S4_CONVERT_CACHE that is a file, or under one: each official entry is refused naming the setting;
     with nothing else to serve the server stops before it listens (preflight's problems), and a checkpoint
