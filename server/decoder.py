@@ -215,7 +215,11 @@ class AudioDecoder:
         (a hostile file's up to twice `cpu_s`) took the default pool's threads (min(32, CPUs + 4)), which the
         OpenAI routes' answers, the session store's reads and the shutdown wait for too."""
         run = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(self._waiting, run)
+        try:
+            waiting = asyncio.get_running_loop().run_in_executor(self._waiting, run)
+        except RuntimeError:  # (closed: its threads let go; a call after `close` decodes in this process)
+            return await asyncio.to_thread(run)
+        return await waiting
 
     def _current(self, alone: bool = False) -> _Pool | None:
         """The shared pool (or with `alone`, the one-worker pool), made if there is none; None where files
@@ -360,3 +364,4 @@ class AudioDecoder:
         for pool in pools:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
+        self._waiting.shutdown(wait=False)  # (its idle threads end; a call waiting in one finishes)

@@ -570,3 +570,26 @@ def test_prompts_waiting_for_the_decoder_leave_the_servers_other_worker_threads_
             assert [f.result().status_code for f in audio] == [200] * 40
     finally:
         s.stop()
+
+
+def test_the_decoders_waiting_threads_end_at_close_and_a_call_after_it_still_reads_the_file():
+    """`AudioDecoder.call`'s threads are the decoder's own: `close` lets them go (a test process makes many
+    servers, each its decoder), and a prompt read after close is decoded in this process, bit for bit."""
+    import asyncio  # noqa: PLC0415
+
+    d = AudioDecoder(max_workers=1)
+    data = wav_bytes(tone(0.2, 8000), 8000)
+    want = read_audio(data, 8000, 30)[0]
+
+    async def read_twice():
+        return [await d.call(d.read_audio, data, 8000, 30) for _ in range(2)]
+
+    def waiting() -> set:
+        return {t for t in threading.enumerate() if t.name.startswith("s4-decode-wait")}
+
+    before = waiting()
+    assert all(same_bits(x, want) for x, _ in asyncio.run(read_twice()))
+    assert waiting() - before
+    d.close()
+    assert wait_for(lambda: not waiting() - before)
+    assert all(same_bits(x, want) for x, _ in asyncio.run(read_twice()))
