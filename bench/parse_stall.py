@@ -113,16 +113,18 @@ def start(root: Path) -> tuple[subprocess.Popen, str]:
 def run(quick: bool, baseline_root: str | None = None, rounds: int = 2) -> dict[str, Any]:
     kinds = bodies(0.02 if quick else 1.0)
     rounds = 1 if quick else rounds
-    files = {}
-    for k, (_, body) in kinds.items():
-        if body is not None:
-            with tempfile.NamedTemporaryFile(delete=False, suffix=".json") as f:
-                f.write(body)
-                files[k] = f.name
+    files: dict[str, str] = {}
     roots = {"this": ROOT, **({"baseline": Path(baseline_root).resolve()} if baseline_root else {})}
-    servers = {name: start(root) for name, root in roots.items()}
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
     out: dict[str, Any] = {"rounds": rounds, "turn_tokens": TURN_TOKENS, "servers": {}}
-    try:
+    try:  # (the files and the servers inside it: a baseline that does not start stops the first server)
+        for k, (_, body) in kinds.items():
+            if body is not None:
+                with tempfile.NamedTemporaryFile(delete=False, suffix=".json") as f:
+                    files[k] = f.name
+                    f.write(body)
+        for name, root in roots.items():
+            servers[name] = start(root)
         for name, root in roots.items():
             commit = _git("-C", str(root), "rev-parse", "--short", "HEAD") or ""
             out["servers"][name] = {"root": str(root), "commit": commit, "kinds": {k: [] for k in kinds}}
@@ -138,11 +140,11 @@ def run(quick: bool, baseline_root: str | None = None, rounds: int = 2) -> dict[
                           f"(p50 {got['p50_gap_ms']:5.1f}); status {got.get('status', '-')}, "
                           f"answered in {got['answer_s']:.2f} s", flush=True)  # fmt: skip
     finally:
+        for f in files.values():
+            os.unlink(f)
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(30)
-        for f in files.values():
-            os.unlink(f)
     return out
 
 

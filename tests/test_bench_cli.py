@@ -171,3 +171,40 @@ def test_audio_streams_says_what_a_server_that_lists_no_models_answered(monkeypa
     monkeypatch.setattr(httpx, "get", answer)
     with pytest.raises(RuntimeError, match="serves no audio model yet: still loading a$"):
         audio_streams.audio_model("http://x")
+
+
+def test_parse_stall_stops_the_first_server_when_the_baselines_does_not_start(tmp_path, monkeypatch):
+    """With --baseline-root, `run` started this checkout's server, then the baseline's, outside its
+    try: a baseline that did not start (a wrong folder, an old checkout whose server stops) raised past
+    the `finally`, and this checkout's server (a ~1 GB process on a loopback port) ran on after the
+    benchmark had exited, and the bodies' temporary files stayed. Both are cleaned up now."""
+    import tempfile
+
+    from bench import parse_stall
+
+    class Server:
+        def __init__(self) -> None:
+            self.stopped = False
+
+        def terminate(self) -> None:
+            self.stopped = True
+
+        def wait(self, timeout=None) -> int:
+            return 0
+
+    started = []
+
+    def start(root):
+        if root != parse_stall.ROOT:
+            raise RuntimeError(f"the server did not become ready (planted: {root})")
+        started.append(Server())
+        return started[-1], "http://127.0.0.1:9"
+
+    bodies_dir = tmp_path / "bodies"
+    bodies_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(bodies_dir))
+    monkeypatch.setattr(parse_stall, "start", start)
+    with pytest.raises(RuntimeError, match="planted"):
+        parse_stall.run(True, baseline_root=str(tmp_path / "baseline"))
+    assert len(started) == 1 and started[0].stopped
+    assert list(bodies_dir.iterdir()) == []
