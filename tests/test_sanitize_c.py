@@ -63,8 +63,14 @@ def test_sanitize_c_reports_an_out_of_bounds_read_and_passes_a_clean_call(tmp_pa
 
 
 def test_sanitize_c_refuses_bad_arguments_by_name():
+    """A last `--width` or `--server` without its value was `shift 2` past the arguments, which shifts
+    nothing: the loop read the same option forever (a busy loop; the run hit its timeout). An empty value
+    (`--width ""`) went as no option at all."""
     refusals = ((["--width", "12"], "--width must be 8 or 16"), (["--server", "x"], "--server needs a port"),
-                (["--bogus"], "usage: scripts/sanitize-c"))  # fmt: skip
+                (["--bogus"], "usage: scripts/sanitize-c"), (["--width"], "--width must be 8 or 16"),
+                (["--server"], "--server needs a port"), (["--width", ""], "--width must be 8 or 16"),
+                (["--server", ""], "--server needs a port"),
+                (["--width", "8", "--server"], "--server needs a port"))  # fmt: skip
     for args, named in refusals:
         run = _run(*args, timeout=60)
         assert run.returncode == 2 and named in run.stderr, (args, run.stderr)
