@@ -283,7 +283,10 @@ async def soak_ws(url, st: Stats, rng: random.Random, stop: asyncio.Event) -> No
                             st.ok += 1  # (a cancel that crossed this done frame is answered by nothing)
                             break
                         if kind == "drop" and frames == 5:
-                            raise _Drop  # leave mid-generation without a close handshake
+                            # leave mid-generation without a close handshake: the connection is lost
+                            # (leaving `async with connect` closes it with one, code 1011)
+                            ws.transport.abort()
+                            raise _Drop
                         if kind == "cancel" and frames == 5 and turn == 0:
                             await ws.send(json.dumps({"type": "cancel"}))
         except _Drop:

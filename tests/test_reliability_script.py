@@ -40,3 +40,50 @@ def test_the_reported_percentiles_are_the_nearest_rank_not_one_above():
         p99 = max(1, math.ceil(round(0.99 * n, 9)))
         assert reliability.summary(xs) == {"n": n, "p50": math.ceil(round(0.5 * n, 9)), "p99": p99, "max": n}
     assert reliability.summary([k / 1000 for k in range(1, 101)])["p99"] == 0.099
+
+
+def test_a_dropped_soak_socket_leaves_without_a_close_handshake():
+    """docs/reliability.md: the soak drops a third of its sockets "mid-generation without a close". The
+    drop raised out of `async with connect(...)`, whose exit closes the socket with a handshake (code 1011):
+    the server saw a client's close frame every time, never a connection lost mid-turn. Here a stand-in
+    server streams token frames and records the close frame it received from each dropped socket."""
+    import asyncio
+    import importlib.util
+    import random
+
+    from websockets.asyncio.server import serve
+    from websockets.exceptions import ConnectionClosed
+
+    spec = importlib.util.spec_from_file_location("reliability", ROOT / "scripts" / "reliability.py")
+    reliability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reliability)
+    received = []  # each connection's close frame from the client (None: none came, the connection was lost)
+
+    class Drops(random.Random):
+        def choice(self, seq):
+            return "drop" if "drop" in seq else super().choice(seq)
+
+    async def main() -> reliability.Stats:
+        stop = asyncio.Event()
+
+        async def stream(ws) -> None:
+            await ws.recv()  # the generate message
+            try:
+                for _ in range(200):
+                    await ws.send(json.dumps({"type": "token", "ids": [65], "text": "A"}))
+                    await asyncio.sleep(0.01)
+            except ConnectionClosed:
+                pass
+            await ws.wait_closed()
+            received.append(ws.protocol.close_rcvd)
+            stop.set()
+
+        async with serve(stream, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            st = reliability.Stats()
+            await asyncio.wait_for(reliability.soak_ws(f"http://127.0.0.1:{port}", st, Drops(0), stop), 60)
+            return st
+
+    st = asyncio.run(main())
+    assert received and all(close is None for close in received), received
+    assert st.ok == len(received) and st.errors == {}
