@@ -25,9 +25,14 @@ from bench import gpu
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON_ON_A_GPU = """#!/usr/bin/env bash
 # python on a GPU machine: CUDA is there, the device is named; pytest and bench.gpu return at once
+# (SERVER_MISSING set: an image without the server's packages, as this workplace's device image)
 echo "python $*" >> "$LOG"
 case "$1" in
-  -c) case "$2" in *cuda.is_available*) exit 0 ;; *) exec "$REAL_PYTHON" "$@" ;; esac ;;
+  -c) case "$2" in
+        *cuda.is_available*) exit 0 ;;
+        *"import server"*) [ -z "${SERVER_MISSING:-}" ] || exit 1; exec "$REAL_PYTHON" "$@" ;;
+        *) exec "$REAL_PYTHON" "$@" ;;
+      esac ;;
   -) cat > /dev/null; echo "gpu-check: a stand-in GPU"; exit 0 ;;
   -m) exit 0 ;;
 esac
@@ -91,6 +96,20 @@ def test_the_whole_call_ends_within_its_total_with_the_benchmarks_figures_writte
     assert budget == bench_s - 60 and bench_s <= (120 if args else 300)
     assert bench_s - 60 >= (30 if args else 120)  # the benchmark keeps time to measure
     assert tests_s == (min(240, total - 200) if not args else 240)
+
+
+def test_the_wheels_installed_for_the_call_are_removed_after_it(tmp_path):
+    """Where the image lacks the server's packages, gpu-check installs WHEELS into a temporary folder of
+    its own (pip --target) for the call; that folder was never removed: every call left one behind, with
+    the web stack in it. It is removed when the call ends."""
+    wheels, scratch = tmp_path / "wheels", tmp_path / "scratch"
+    wheels.mkdir()
+    scratch.mkdir()
+    (wheels / "fastapi-0.165.0-py3-none-any.whl").write_bytes(b"")
+    run_gpu_check(tmp_path, "--quick", WHEELS=str(wheels), TMPDIR=str(scratch), SERVER_MISSING="1")
+    installs = [line for line in (tmp_path / "log").read_text().splitlines() if "-m pip install" in line]
+    assert len(installs) == 1 and f"--target {scratch}/" in installs[0], installs  # the call's own folder
+    assert list(scratch.iterdir()) == []
 
 
 def test_gpu_check_refuses_a_time_limit_that_is_not_a_whole_number_of_seconds(tmp_path):
