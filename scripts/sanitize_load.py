@@ -50,17 +50,15 @@ async def ws_session(url: str, model: str, kind: str, rng: random.Random, rounds
             frames = 0
             while True:
                 raw = await ws.recv()
-                if isinstance(raw, bytes):  # audio: a frame of samples
-                    tokens += len(raw)
-                    continue
-                frame = json.loads(raw)
-                if frame["type"] == "session":
-                    session = frame["session_id"]
-                elif frame["type"] in ("token", "audio_header"):
+                frame = None if isinstance(raw, bytes) else json.loads(raw)
+                if frame is None or frame["type"] == "token":  # (audio: a binary frame of samples)
                     frames += 1
-                    tokens += len(frame.get("ids", []))
+                    tokens += len(raw) if frame is None else len(frame["ids"])
                     if cancel_after is not None and frames == cancel_after:
                         await ws.send(json.dumps({"type": "cancel"}))
+                    continue
+                if frame["type"] == "session":
+                    session = frame["session_id"]
                 elif frame["type"] == "done":
                     break
                 elif frame["type"] == "error":  # (server/errors.py: {"type", "code", "message"})

@@ -74,3 +74,64 @@ def test_sanitize_c_refuses_bad_arguments_by_name():
     for args, named in refusals:
         run = _run(*args, timeout=60)
         assert run.returncode == 2 and named in run.stderr, (args, run.stderr)
+
+
+def test_the_load_cancels_audio_generations_after_their_first_or_second_sample_frame():
+    """docs/reliability.md: scripts/sanitize_load.py cancels half of the generations "after their first or
+    second token frame". It counted only text frames: an audio model's samples come as binary frames, which
+    it skipped, so an audio turn drawn to be cancelled after its second frame was never cancelled and one
+    after its first was cancelled at its `audio_header`, before any sample (two of the three shipped models
+    are audio). Here a stand-in audio server streams sample frames and records after how many a cancel
+    came."""
+    import asyncio
+    import importlib.util
+    import json
+    import random
+
+    from websockets.asyncio.server import serve
+
+    spec = importlib.util.spec_from_file_location("sanitize_load", ROOT / "scripts" / "sanitize_load.py")
+    load = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load)
+    cancelled_after = []  # per generation: the sample frames sent when its cancel came (None: no cancel)
+
+    async def audio(ws) -> None:
+        async for raw in ws:
+            if json.loads(raw)["type"] != "generate":
+                continue
+            await ws.send(json.dumps({"type": "audio_header", "sample_rate": 8000, "encoding": "pcm16"}))
+            sent, cancel = 0, None
+            while sent < 100 and cancel is None:
+                await ws.send(b"\0\1" * 40)
+                sent += 1
+                try:
+                    if json.loads(await asyncio.wait_for(ws.recv(), 0.01))["type"] == "cancel":
+                        cancel = sent
+                except TimeoutError:
+                    pass
+            cancelled_after.append(cancel)
+            await ws.send(
+                json.dumps({"type": "done", "finish_reason": "length" if cancel is None else "cancelled"})
+            )
+
+    class CancelAfter(random.Random):
+        def __init__(self, frames: int) -> None:
+            super().__init__(0)
+            self.frames = frames
+
+        def choice(self, seq):
+            return self.frames if list(seq) == [None, None, 1, 2] else super().choice(seq)
+
+    async def main() -> list:
+        problems: list = []
+        async with serve(audio, "127.0.0.1", 0) as server:
+            url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            for frames in (1, 2):
+                await asyncio.wait_for(
+                    load.ws_session(url, "audio", "audio", CancelAfter(frames), 1, problems), 30
+                )
+        return problems
+
+    assert asyncio.run(main()) == []
+    assert len(cancelled_after) == 2 and None not in cancelled_after, cancelled_after
+    assert cancelled_after[0] >= 1 and cancelled_after[1] >= 2, cancelled_after
