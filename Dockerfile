@@ -19,11 +19,13 @@ ARG BASE=debian:bookworm-slim
 
 # ---- runtime base: python3, and the C compiler that builds the fused CPU step (model/csrc) for
 # ---- the host's CPU (-march=native) at start-up: 1.3-4.4x the decode throughput of torch ops
-# ---- (README, Performance) for ~200 MB. Package versions are the base's (Debian or Ubuntu).
+# ---- (README, Performance) for ~200 MB; the CA certificates a rediss:// session store's server is
+# ---- verified against (redis-py reads the system's; -slim has none). Package versions are the base's.
 FROM ${BASE} AS base
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 gcc libc6-dev \
+       ca-certificates \
     && apt-get clean && rm -rf /var/lib/apt/lists/*
 
 # ---- build: a virtual environment with torch and the project (no source tree, no pip cache;
@@ -31,7 +33,7 @@ RUN apt-get update \
 FROM base AS build
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv ca-certificates \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3-venv \
     && apt-get clean && rm -rf /var/lib/apt/lists/*
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu

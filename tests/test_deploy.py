@@ -211,3 +211,28 @@ def test_the_readme_scrape_config_sends_a_key_from_a_file():
     assert job["metrics_path"] == "/metrics"
     assert job["authorization"]["type"] == "Bearer" and job["authorization"]["credentials_file"]
     assert job["static_configs"][0]["targets"] == [f"s4serve:{image_port()}"]
+
+
+def stage(name: str) -> list[tuple[str, str]]:
+    """The instructions of the Dockerfile's stage `name` (FROM ... AS name), its FROM first."""
+    ins = dockerfile()
+    (start,) = [i for i, (op, a) in enumerate(ins) if op == "FROM" and a.lower().endswith(f" as {name}")]
+    end = next((i for i in range(start + 1, len(ins)) if ins[i][0] == "FROM"), len(ins))
+    return ins[start:end]
+
+
+def test_the_image_trusts_the_public_certificate_authorities_for_a_rediss_session_store():
+    """S4_SESSION_STORE takes rediss:// (README: redis-py's TLS URLs), and redis-py verifies the server's
+    certificate against the system's CA store (ssl_cert_reqs "required", no CA file named). The image's
+    base stage installed python3, gcc and libc6-dev only (ca-certificates went to the build stage, for
+    pip), so the image had no CA certificate at all (in the image scripts/container-smoke built from it:
+    no /etc/ssl/certs, ssl.create_default_context() loaded 0 CA certificates): a managed Redis over TLS
+    could not be verified, and a server whose store cannot be reached does not start. The stage the image
+    runs on installs ca-certificates, and the container smoke test checks that the image loads CA
+    certificates."""
+    assert Settings(session_store="rediss://redis.example.com:6380/0").session_store.startswith("rediss://")
+    runs_on = final_stage()[0][1]  # (FROM base)
+    installs = [args for op, args in stage(runs_on) if op == "RUN" and "apt-get install" in args]
+    assert installs and all(" ca-certificates" in args for args in installs), installs
+    script = (ROOT / "scripts" / "container-smoke").read_text()
+    assert "cert_store_stats()" in script
