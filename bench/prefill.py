@@ -35,9 +35,11 @@ before `_fused_prefill`; the parallel form at 16k either way).
 from __future__ import annotations
 
 import argparse
+import atexit
 import functools
 import importlib.util
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,6 +88,7 @@ def _baseline_module() -> Any | None:
     except (OSError, subprocess.SubprocessError):
         return None
     folder = Path(tempfile.mkdtemp())
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # (its modules serve until the process ends)
     (folder / "csrc").mkdir()
     (folder / "csrc" / "ssm_step.c").write_text(c_src)
     import_line = "from model import fused\n"

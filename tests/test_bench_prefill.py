@@ -74,3 +74,32 @@ def test_the_committed_results_still_replot(tmp_path, monkeypatch):
     monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
     prefill.plot(committed, True)
     assert (tmp_path / "quick" / "prefill.png").stat().st_size > 0
+
+
+def test_the_baselines_sources_do_not_outlive_the_benchmark(tmp_path):
+    """The baseline's model/recurrent.py, model/fused.py and C source (git show of BASELINE_REV) were
+    written into a tempfile.mkdtemp() folder that nothing removed: every run of bench.prefill (and of
+    --contention) left one in the temp folder. It is removed when the process exits (the modules, and
+    the fused library they build from that folder's source, serve until then)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    code = (
+        "from bench import prefill\n"
+        "mod = prefill._baseline_module()\n"
+        "import pathlib, sys\n"
+        "folder = pathlib.Path(mod.__file__).parent\n"
+        "print(folder, sorted(p.name for p in folder.iterdir()))\n"
+    )
+    root = Path(prefill.__file__).resolve().parent.parent
+    env = {**os.environ, "TMPDIR": str(scratch), "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=120, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    folder, _, names = r.stdout.strip().partition(" ")
+    assert Path(folder).parent == scratch and "recurrent_baseline.py" in names  # (it was there meanwhile)
+    assert list(scratch.iterdir()) == []
