@@ -135,3 +135,71 @@ def test_the_load_cancels_audio_generations_after_their_first_or_second_sample_f
     assert asyncio.run(main()) == []
     assert len(cancelled_after) == 2 and None not in cancelled_after, cancelled_after
     assert cancelled_after[0] >= 1 and cancelled_after[1] >= 2, cancelled_after
+
+
+STAND_IN_PYTHON = """#!/usr/bin/env bash
+# python for scripts/sanitize-c: the tests pass at once; the server answers /readyz 200 (its pid in
+# $SERVER_PID); the load runs until it is stopped (its pid in $LOAD_PID)
+case "$*" in
+  *"-m pytest"*) exit 0 ;;
+  *"-m server"*) echo $$ > "$SERVER_PID"
+    exec "$REAL_PYTHON" -c 'import http.server as h, sys
+class A(h.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers()
+    def log_message(self, *a):
+        pass
+h.HTTPServer(("127.0.0.1", int(sys.argv[1])), A).serve_forever()' "${@: -1}" ;;
+  *sanitize_load.py*) echo $$ > "$LOAD_PID"; exec sleep 300 ;;
+esac
+exit 1
+"""
+
+
+def test_a_stopped_sanitize_c_stops_the_server_it_started(tmp_path):
+    """`scripts/sanitize-c --server PORT` started the instrumented server in the background and stopped
+    it only after the load: a SIGTERM to the script meanwhile (a `timeout`, a CI job cancelled, a closed
+    terminal's SIGHUP) ended the script and left the server serving on PORT, and the load running. Here a
+    stand-in python serves /readyz and runs a load that never ends; the script is stopped during it."""
+    import signal
+    import time
+
+    from server.launch import free_port
+
+    python = tmp_path / "python"
+    python.write_text(STAND_IN_PYTHON)
+    python.chmod(0o755)
+    server_pid, load_pid = tmp_path / "server.pid", tmp_path / "load.pid"
+    env = {**os.environ, "PYTHON": str(python), "REAL_PYTHON": sys.executable, "SERVER_PID": str(server_pid),
+           "LOAD_PID": str(load_pid), "SANITIZE_CACHE": str(tmp_path / "cache")}  # fmt: skip
+    env.pop("S4_CFLAGS", None)
+    script = subprocess.Popen([str(SCRIPT), "--server", str(free_port())], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    pids = []
+    try:
+        deadline = time.monotonic() + 60
+        while not (load_pid.exists() and load_pid.read_text().strip()) and time.monotonic() < deadline:
+            assert script.poll() is None, script.stdout.read()
+            time.sleep(0.1)
+        pids = [int(server_pid.read_text()), int(load_pid.read_text())]
+        script.send_signal(signal.SIGTERM)
+        script.wait(timeout=30)
+
+        def gone(pid: int) -> bool:  # (exited: no such process, or a zombie its parent has not reaped)
+            try:
+                return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+            except OSError:
+                return True
+
+        deadline = time.monotonic() + 15
+        while not all(gone(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert all(gone(pid) for pid in pids), ("left running: server, load", [gone(pid) for pid in pids])
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if script.poll() is None:
+            script.kill()
