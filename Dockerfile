@@ -19,13 +19,16 @@ ARG BASE=debian:bookworm-slim
 
 # ---- runtime base: python3, and the C compiler that builds the fused CPU step (model/csrc) for
 # ---- the host's CPU (-march=native) at start-up: 1.3-4.4x the decode throughput of torch ops
-# ---- (README, Performance) for ~200 MB; the CA certificates a rediss:// session store's server is
-# ---- verified against (redis-py reads the system's; -slim has none). Package versions are the base's.
+# ---- (README, Performance) for ~200 MB; Python's headers, which Triton's launcher (the CUDA image's
+# ---- Triton step, S4_TRITON_STEP) and torch.compile's generated C++ (S4_COMPILE_STEP) are compiled
+# ---- against at first use (without them the step falls back to torch ops, with a warning); the CA
+# ---- certificates a rediss:// session store's server is verified against (redis-py reads the
+# ---- system's; -slim has none). Package versions are the base's.
 FROM ${BASE} AS base
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 gcc libc6-dev \
-       ca-certificates \
+       python3-dev ca-certificates \
     && apt-get clean && rm -rf /var/lib/apt/lists/*
 
 # ---- build: a virtual environment with torch and the project (no source tree, no pip cache;

@@ -221,6 +221,19 @@ def stage(name: str) -> list[tuple[str, str]]:
     return ins[start:end]
 
 
+
+def test_the_image_has_the_python_headers_tritons_launcher_and_torch_compile_build_against():
+    """The GPU path's Triton step (S4_TRITON_STEP, on by default on CUDA) compiles its launcher (Triton's
+    driver.c, `#include <Python.h>`) with the image's gcc at first use, and torch.compile's inductor
+    (S4_COMPILE_STEP) compiles C++ against the same headers. The image installed python3, gcc and
+    libc6-dev but not python3-dev, so in the CUDA image (the same Dockerfile, BASE=nvidia/cuda) the launcher
+    could not build and the server fell back to the torch step (noticed by a review, not run: no GPU here).
+    The stage the image runs on installs python3-dev, and the container smoke test checks Python.h."""
+    runs_on = final_stage()[0][1]  # (FROM base)
+    installs = [args for op, args in stage(runs_on) if op == "RUN" and "apt-get install" in args]
+    assert installs and all(" python3-dev" in args for args in installs), installs
+    assert "'Python.h'" in (ROOT / "scripts" / "container-smoke").read_text()
+
 def test_the_image_trusts_the_public_certificate_authorities_for_a_rediss_session_store():
     """S4_SESSION_STORE takes rediss:// (README: redis-py's TLS URLs), and redis-py verifies the server's
     certificate against the system's CA store (ssl_cert_reqs "required", no CA file named). The image's
