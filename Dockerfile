@@ -83,8 +83,10 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 EXPOSE 8000
 # /readyz: 503 while the models load and while draining. Loading the shipped models takes seconds.
+# server/healthcheck.py asks the address the server listens on: its --host/--port flags (given after the
+# image name), else S4_HOST/S4_PORT.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request as r; r.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('S4_PORT', '8000'), timeout=4)"]
+    CMD ["python3", "-m", "server.healthcheck"]
 # SIGTERM: /readyz 503, running requests finish (S4_DRAIN_TIMEOUT_S, default 10 s), exit 0.
 # Give `docker stop` more than that: docker stop -t 30, or stop_grace_period in compose.
 STOPSIGNAL SIGTERM

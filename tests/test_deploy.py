@@ -3,6 +3,7 @@ configures what the server really serves; compose and Kubernetes parse and use t
 probes, user and S4_* settings; the README's configuration table is the generated one.
 (The image itself is built and run by scripts/container-smoke, outside CI: minutes, root, podman.)"""
 
+import os
 import re
 import shutil
 import subprocess
@@ -76,7 +77,7 @@ def test_image_serves_on_its_exposed_port_as_non_root_and_probes_readyz():
     assert set(k for k in env if k.startswith("S4_")) <= SETTINGS | LIBRARY_ENV
     assert image_uid() != 0
     (health,) = [args for op, args in stage if op == "HEALTHCHECK"]
-    assert "/readyz" in health and "S4_PORT" in health
+    assert health.endswith('CMD ["python3", "-m", "server.healthcheck"]')  # (/readyz on the server's address)
     assert ("STOPSIGNAL", "SIGTERM") in stage
     assert ("ENTRYPOINT", '["python", "-m", "server"]') in stage
 
@@ -221,7 +222,6 @@ def stage(name: str) -> list[tuple[str, str]]:
     return ins[start:end]
 
 
-
 def test_the_image_has_the_python_headers_tritons_launcher_and_torch_compile_build_against():
     """The GPU path's Triton step (S4_TRITON_STEP, on by default on CUDA) compiles its launcher (Triton's
     driver.c, `#include <Python.h>`) with the image's gcc at first use, and torch.compile's inductor
@@ -233,6 +233,7 @@ def test_the_image_has_the_python_headers_tritons_launcher_and_torch_compile_bui
     installs = [args for op, args in stage(runs_on) if op == "RUN" and "apt-get install" in args]
     assert installs and all(" python3-dev" in args for args in installs), installs
     assert "'Python.h'" in (ROOT / "scripts" / "container-smoke").read_text()
+
 
 def test_the_image_trusts_the_public_certificate_authorities_for_a_rediss_session_store():
     """S4_SESSION_STORE takes rediss:// (README: redis-py's TLS URLs), and redis-py verifies the server's
@@ -249,3 +250,55 @@ def test_the_image_trusts_the_public_certificate_authorities_for_a_rediss_sessio
     assert installs and all(" ca-certificates" in args for args in installs), installs
     script = (ROOT / "scripts" / "container-smoke").read_text()
     assert "cert_store_stats()" in script
+
+
+@pytest.mark.parametrize(
+    "argv,env,url",
+    [
+        ([], {}, "http://127.0.0.1:8000/readyz"),
+        ([], {"S4_PORT": "8100", "S4_HOST": "0.0.0.0"}, "http://127.0.0.1:8100/readyz"),
+        (["--log-level", "debug", "--port", "9000"], {"S4_PORT": "8000"}, "http://127.0.0.1:9000/readyz"),
+        (["--port=9001", "--port", "9002"], {}, "http://127.0.0.1:9002/readyz"),  # the last wins, as argparse
+        (["--host", "::", "--port=9003"], {"S4_HOST": "0.0.0.0"}, "http://[::1]:9003/readyz"),
+        (["--host=10.0.0.5"], {"S4_PORT": "8200"}, "http://10.0.0.5:8200/readyz"),
+    ],
+)
+def test_the_healthcheck_asks_the_address_the_server_was_started_on(argv, env, url):
+    from server.healthcheck import readyz_url  # noqa: PLC0415
+
+    assert readyz_url(argv, env) == url
+
+
+def test_the_image_healthcheck_finds_a_port_given_as_a_flag(model_dirs, tmp_path):
+    """The image's HEALTHCHECK read S4_PORT only, so `docker run s4serve --port 9000` (flags after the image
+    name: README, Configuration) was unhealthy for ever, and an orchestrator that acts on it restarts a
+    serving container. The HEALTHCHECK is now `python -m server.healthcheck`, which reads the server's own
+    command line (here a real `python -m server --port P`, its /proc/PID/cmdline copied as PID 1's of a
+    stand-in /proc, an S4_PORT of another port in the container's environment) and answers 0 once /readyz is
+    200; the URL the old HEALTHCHECK asked is refused."""
+    import httpx  # noqa: PLC0415
+    from server_support import process_ready, wait_for  # noqa: PLC0415
+
+    from server.healthcheck import readyz_url, server_argv  # noqa: PLC0415
+    from server.launch import free_port  # noqa: PLC0415
+
+    check = next(a for op, a in dockerfile() if op == "HEALTHCHECK")
+    assert '"-m", "server.healthcheck"' in check and "S4_PORT" not in check, check
+    port, other = free_port(), free_port()
+    cmd = [sys.executable, "-m", "server", "--port", str(port), "--checkpoints", str(model_dirs["text"])]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "S4_PORT": str(other), "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert wait_for(lambda: process_ready(proc, url), 120, 0.2), "the server did not become ready"
+        proc_root = tmp_path / "proc"
+        (proc_root / "1").mkdir(parents=True)
+        (proc_root / "1" / "cmdline").write_bytes(Path(f"/proc/{proc.pid}/cmdline").read_bytes())
+        (proc_root / "2").mkdir()  # (a process whose command line cannot be read is passed over)
+        asked = readyz_url(server_argv(proc_root), {"S4_PORT": str(other)})
+        assert asked == f"{url}/readyz" and httpx.get(asked, timeout=10).status_code == 200
+        with pytest.raises(httpx.ConnectError):  # what the HEALTHCHECK asked before
+            httpx.get(f"http://127.0.0.1:{other}/readyz", timeout=10)
+    finally:
+        proc.kill()
+        proc.wait(30)
