@@ -167,8 +167,19 @@ def _kernel():
 
 
 def interpreting() -> bool:
-    """Whether triton runs kernels in its interpreter (TRITON_INTERPRET=1 at import): CPU tensors only."""
-    return available() and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether triton runs kernels in its interpreter (CPU tensors only): TRITON_INTERPRET as triton itself
+    reads it (`triton.knobs`: 1, true, on, y or yes in any case; 0, off, false or any other value is the
+    compiler; a triton without knobs, before 3.4: 1 alone), set before triton is imported. Imports triton
+    (what `diag_step` does next anyway). (Read here as "anything but empty or 0", TRITON_INTERPRET=off or
+    false was the interpreter on this side and the compiler on triton's: CUDA tensors were refused, so the
+    probe turned the kernel off on a GPU, and CPU tensors reached the compiled kernel.)"""
+    if not available():
+        return False
+    try:
+        from triton import knobs  # noqa: PLC0415
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
 
 
 def diag_step(form, u: torch.Tensor, x: torch.Tensor, xo: torch.Tensor, y: torch.Tensor,

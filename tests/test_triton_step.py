@@ -169,6 +169,27 @@ def test_it_refuses_what_it_does_not_compute_and_an_empty_batch_is_a_no_op():
     triton_step.diag_step(form, u[:0], x[:0], x[:0], y[:0])
 
 
+@pytest.mark.parametrize("value", ["1", "TRUE", "on", "yes", "0", "off", "false", "2"])
+def test_the_interpreter_is_on_exactly_where_triton_reads_triton_interpret_as_on(monkeypatch, value):
+    """`interpreting` reads TRITON_INTERPRET as triton does (`triton.knobs`, the switch its `jit` takes),
+    so a value triton reads as off (off, false, 2) is the compiled kernel's CUDA tensors here too: such a
+    GPU server kept the kernel (its probe's CUDA tensors were refused: the torch step served), and CPU
+    tensors are refused by name before a launch (they reached the compiled kernel: "0 active drivers")."""
+    from triton import knobs  # noqa: PLC0415
+
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert triton_step.interpreting() == bool(knobs.runtime.interpret)
+    form = _form(H=4)
+    x, u, y = (torch.zeros(*shape, device=DEV) for shape in ((2, 4, 2, form.M), (2, 4), (2, 4)))
+    if (DEV == "cuda") == triton_step.interpreting():  # (interpreted: CPU tensors; compiled: CUDA's)
+        with pytest.raises(ValueError, match=f"tensors on {x.device.type} with TRITON_INTERPRET {value}"):
+            triton_step.diag_step(form, u, x, x, y)
+    else:  # the kernel runs on them
+        u.fill_(1.0)
+        triton_step.diag_step(form, u, x, x, y)
+        assert bool(y.ne(0).any())
+
+
 def _mixed(net: SequenceModel, s4: SequenceModel, **kw):
     """net's recurrent form (C step off) with layer 0's SSM the exact DPLR step (the fallback for
     ill-conditioned eigenvectors) of the S4 network `s4`'s layer 0 (same H, no more modes), the others as
