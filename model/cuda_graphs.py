@@ -239,10 +239,18 @@ class BucketedStep:
                         self._eager(buf)
                 torch.cuda.current_stream().wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
+                before = torch.cuda.current_stream(dev)
                 # its own memory pool; the logits live there. thread_local, as a block's capture: another
                 # model's engine thread may allocate meanwhile (a bucket captured at its first use)
-                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                    buf.logits = self._eager(buf)
+                try:
+                    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                        buf.logits = self._eager(buf)
+                except RuntimeError:  # (torch's CUDA errors and out of memory are RuntimeErrors)
+                    # torch's graph context leaves its capture stream current when the capture's end
+                    # raises (an op that invalidated it): this thread's work would go on on that stream,
+                    # unordered with the others (the server serves the plain step after a failed capture)
+                    torch.cuda.set_stream(before)
+                    raise
                 buf.graph = graph
                 torch.cuda.synchronize()
                 buf.state.zero_()

@@ -431,6 +431,71 @@ def test_a_failed_capture_leaves_the_plain_step(caplog):
     assert "CUDA graphs not used: the capture failed" in caplog.text and "plain torch step" in caplog.text
 
 
+class CaptureStreams:
+    """torch.cuda's stream calls as `BucketedStep.bucket` makes them, on CPU, with the current stream kept
+    as torch keeps it: `graph` enters its capture stream and, as torch.cuda.graph's __exit__, leaves it only
+    after a capture_end that succeeded (here every capture's end raises, as for a capture an op
+    invalidated)."""
+
+    def __init__(self):
+        self.default = self.current = self.Stream()
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    def stream(self, s):
+        streams = self
+
+        class Context:
+            def __enter__(self):
+                self.before, streams.current = streams.current, s
+
+            def __exit__(self, *exc):
+                streams.current = self.before
+
+        return Context()
+
+    def graph(self, graph, **kwargs):
+        streams, capture = self, self.Stream()
+
+        class Graph:
+            def __enter__(self):
+                self.before, streams.current = streams.current, capture
+
+            def __exit__(self, *exc):  # torch's: capture_end() (raises here), then the stream's exit
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+        return Graph()
+
+    def patch(self, monkeypatch) -> None:
+        import contextlib
+
+        for name, fake in (
+            ("device", lambda dev: contextlib.nullcontext()), ("Stream", self.Stream),
+            ("current_stream", lambda dev=None: self.current),
+            ("default_stream", lambda dev=None: self.default), ("stream", self.stream), ("graph", self.graph),
+            ("CUDAGraph", object), ("synchronize", lambda: None),
+            ("set_stream", lambda s: setattr(self, "current", s)),
+        ):  # fmt: skip
+            monkeypatch.setattr(torch.cuda, name, fake)
+
+
+def test_a_step_capture_that_fails_leaves_the_stream_that_was_current(rec, monkeypatch):
+    """A bucket whose graph capture raises (out of memory, an op a capture refuses: the server then serves
+    the plain step) hands back the stream that was current before it, as a failed block capture does: torch's
+    graph context, whose capture's end raised, left its capture stream current, so the loading thread went on
+    (the plain step's warm-up, the engine's state pool, the next models) on a stream ordered with none of the
+    others."""
+    streams = CaptureStreams()
+    step = BucketedStep(rec, (1, 2), capture=False)
+    step.capture = True  # (as on CUDA: refused on a CPU model)
+    streams.patch(monkeypatch)
+    with pytest.raises(RuntimeError, match="during capture"):
+        step.bucket(2)
+    assert streams.current is streams.default and 2 not in step.buffers
+
+
 def no_cuda_env() -> dict[str, str]:
     return {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
 
