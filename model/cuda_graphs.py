@@ -37,7 +37,9 @@ and counts, the token fed back; a block of k steps replays the graphs of k's bin
 and copies the k × n tokens to the host once. The uniforms are drawn on the host beforehand (the C
 Philox, about 11 ns a draw here: 3 ms for 256 steps of 1,024 rows) and sent over in one copy: the streams
 are pure functions of (key, index), so a row's tokens are those of `step` + `sample` with its generator,
-whatever else is in the batch. Each row makes its own limit's tokens, as in the C block: the block runs as
+whatever else is in the batch (its logits those of the bucket's batch size: on a GPU another size's matmuls
+may round differently, within float32's 1e-5, which can change a near-tie's token). Each row makes its own
+limit's tokens, as in the C block: the block runs as
 long as its longest row, in segments that end where a row reaches its limit; that row's tensors are kept
 there and put back at the end. A row's stop sequences are checked on the host after the block; one that
 met a stop early is stepped again from the block's start to it (the same tokens). The sampler's optional
