@@ -229,19 +229,26 @@ def test_the_command_line_scores_and_refuses_in_one_line(three_class_data, tmp_p
         assert e.value.code == 2 and says in err and "Traceback" not in err, (argv, err)
 
 
+def _tiny_audio_run(data: Path, tmp_path: Path, steps: int) -> tuple[Path, Path]:
+    """A tiny audio model trained by model.train on `data` for `steps` steps: (its run folder, its export)."""
+    from model.train import train  # noqa: PLC0415
+
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    train({"model": {"d_model": 16, "n_layers": 1, "d_state": 8, "l_max": N, "cauchy_backend": "torch"},
+           "data": {"path": str(data), "batch_size": 4},
+           "train": {"steps": steps, "warmup": 1, "eval_every": 0, "ckpt_every": 0, "log_every": 1,
+                     "out": str(run), "export": str(ckpt)}})  # fmt: skip
+    return run, ckpt
+
+
 def test_the_model_card_scores_its_audio_samples_with_a_classifier(three_class_data, tmp_path):
     """model.card on a tiny audio model trained by model.train: with --classifier, the card gains the
     listener table and config.json its figures (the card's audio path end to end: eval slice with the
     clips' digits, recurrent NLL, WAVs, spectrogram, voicing)."""
     from model.card import main as card
-    from model.train import train
 
     train_classifier(three_class_data, tmp_path / "clf", epochs=2, batch=16, log=lambda m: None)
-    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
-    train({"model": {"d_model": 16, "n_layers": 1, "d_state": 8, "l_max": N, "cauchy_backend": "torch"},
-           "data": {"path": str(three_class_data), "batch_size": 4},
-           "train": {"steps": 3, "warmup": 1, "eval_every": 0, "ckpt_every": 0, "log_every": 1,
-                     "out": str(run), "export": str(ckpt)}})  # fmt: skip
+    run, ckpt = _tiny_audio_run(three_class_data, tmp_path, steps=3)
     card([str(ckpt), "--run", str(run), "--audio-samples", "4", "--classifier", str(tmp_path / "clf")])
     text = (ckpt / "README.md").read_text()
     meta = json.loads((ckpt / "config.json").read_text())
@@ -265,14 +272,9 @@ def test_the_model_card_refuses_one_audio_sample_with_a_classifier_before_any_wo
     generates anything (it used to generate, write the WAVs, then end in sample_scores' ValueError, a
     traceback, with no README.md); without --classifier one sample is still a card."""
     from model.card import main as card
-    from model.train import train
 
     train_classifier(three_class_data, tmp_path / "clf", epochs=1, batch=16, log=lambda m: None)
-    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
-    train({"model": {"d_model": 16, "n_layers": 1, "d_state": 8, "l_max": N, "cauchy_backend": "torch"},
-           "data": {"path": str(three_class_data), "batch_size": 4},
-           "train": {"steps": 2, "warmup": 1, "eval_every": 0, "ckpt_every": 0, "log_every": 1,
-                     "out": str(run), "export": str(ckpt)}})  # fmt: skip
+    run, ckpt = _tiny_audio_run(three_class_data, tmp_path, steps=2)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         card([str(ckpt), "--run", str(run), "--audio-samples", "1", "--classifier", str(tmp_path / "clf")])
@@ -327,13 +329,8 @@ def test_the_model_card_refuses_a_seed_outside_the_samplers_range_before_any_wor
     anything (it used to write eval_slice/ and the WAVs' folder, then end in SamplingParams' ValueError, a
     traceback)."""
     from model.card import main as card
-    from model.train import train
 
-    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
-    train({"model": {"d_model": 16, "n_layers": 1, "d_state": 8, "l_max": N, "cauchy_backend": "torch"},
-           "data": {"path": str(three_class_data), "batch_size": 4},
-           "train": {"steps": 2, "warmup": 1, "eval_every": 0, "ckpt_every": 0, "log_every": 1,
-                     "out": str(run), "export": str(ckpt)}})  # fmt: skip
+    run, ckpt = _tiny_audio_run(three_class_data, tmp_path, steps=2)
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         card([str(ckpt), "--run", str(run), "--audio-samples", "2", "--seed", seed])

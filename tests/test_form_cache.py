@@ -178,6 +178,18 @@ def _entries(folder):
     return sorted(folder.glob("*.safetensors"))
 
 
+def _cached_s4_model(folder):
+    """An S4 model converted with a cache in `folder`: (net, cache, its recurrent form, the first entry, that
+    entry's metadata and tensors, read)."""
+    net = s4_model()
+    cache = FormCache(folder)
+    plain = net.to_recurrent(cache=cache)
+    first = _entries(folder)[0]
+    with safe_open(str(first), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
+    return net, cache, plain, first, meta, tensors
+
+
 @pytest.mark.parametrize("damage", ["a flipped byte", "truncated", "another layer's", "not safetensors"])
 def test_a_damaged_or_foreign_entry_is_logged_converted_again_and_rewritten(damage, tmp_path, caplog):
     net = s4_model()
@@ -214,12 +226,7 @@ def test_an_entry_holding_a_tensor_numpy_has_no_dtype_for_is_a_miss_and_scan_cal
     left as it was: its checksum is computed over the raw bytes, so it is a logged miss and the layer is
     converted again, and `scan` (python -m model.form_cache) lists it as damaged. (The checksum went through
     numpy, whose TypeError escaped the read: the model was not served, and scan stopped on it.)"""
-    net = s4_model()
-    cache = FormCache(tmp_path)
-    plain = net.to_recurrent(cache=cache)
-    first = _entries(tmp_path)[0]
-    with safe_open(str(first), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
+    net, cache, plain, first, meta, tensors = _cached_s4_model(tmp_path)
     tensors["K"] = tensors["K"].to(dtype)
     save_file(tensors, str(first), metadata=meta)
     with caplog.at_level(logging.WARNING, logger="model.form_cache"):
@@ -243,12 +250,7 @@ def test_an_entry_whose_report_is_not_one_the_converter_writes_is_a_miss(change,
     rel_err within the tolerance and the form's modes, nothing else; any other is a logged miss and the layer
     is converted again. (One without rel_err was a hit, and the server's load then failed on it, "KeyError:
     'rel_err'": the model was not served; one with a "layer" key renamed that layer in the report.)"""
-    net = s4_model()
-    cache = FormCache(tmp_path)
-    plain = net.to_recurrent(cache=cache)
-    first = _entries(tmp_path)[0]
-    with safe_open(str(first), framework="pt") as f:
-        meta, tensors = f.metadata(), {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
+    net, cache, plain, first, meta, tensors = _cached_s4_model(tmp_path)
     report = json.loads(meta["report"])
     if change == "no rel_err":
         del report["rel_err"]
