@@ -525,10 +525,8 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
             self.cycle.message_event.set()
 
     def taken(self) -> int:
-        """Bytes the client has taken of those written to this connection (`GuardedWebSocketProtocol.taken`):
-        written, less those still in the transport's buffer and those the kernel holds unacknowledged."""
-        raw = self.raw_transport
-        return self.written - raw.get_write_buffer_size() - kernel_unacked(raw)
+        """Bytes the client has taken of those written to this connection (`bytes_taken`)."""
+        return bytes_taken(self.written, self.raw_transport)
 
     def _in_progress(self) -> bool:
         """A request's response is not complete yet."""
@@ -681,6 +679,13 @@ class CountingTransport:
         self._send_deadline.closed(self._transport)
 
 
+def bytes_taken(written: int, transport) -> int:
+    """Of `written` bytes written to the transport, those its peer has taken: less those still in the
+    transport's buffer and those the kernel has sent without the peer's acknowledgement (`kernel_unacked`:
+    Linux SIOCOUTQ; elsewhere taken as acknowledged)."""
+    return written - transport.get_write_buffer_size() - kernel_unacked(transport)
+
+
 def kernel_unacked(transport) -> int:
     """Bytes the kernel holds for the transport's socket that the peer has not acknowledged (Linux's
     SIOCOUTQ: sent or not); 0 where that cannot be read (another OS, a socket gone)."""
@@ -743,11 +748,8 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
             self.transport.write(pong)
 
     def taken(self) -> int:
-        """Bytes the client has taken of those written to this connection: written, less those still in
-        the transport's buffer and those the kernel has sent without the client's acknowledgement (Linux
-        SIOCOUTQ; elsewhere taken as acknowledged)."""
-        transport = self.transport
-        return transport.written - transport.get_write_buffer_size() - kernel_unacked(transport)
+        """Bytes the client has taken of those written to this connection (`bytes_taken`)."""
+        return bytes_taken(self.transport.written, self.transport)
 
     def send_keepalive_ping(self) -> None:
         before = self.transport.written
