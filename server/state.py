@@ -311,6 +311,8 @@ class ServerState:
             model.engine.call(lambda e: e.drop_copy(rec), bounded=False)
         except APIError:  # the engine is stopping: nothing will use the copy again
             self.sessions.release(rec)
+            return
+        self.writer.discard(session_id)  # (its version: a restore reads it anew, as `service.drop_stale`'s)
 
 
 CANCEL_GRACE_S = 1.0  # after the drain timeout: for running generations to end "cancelled" (_cancel_running)
