@@ -17,7 +17,7 @@ import torch
 
 from model import VerificationError, fused, load
 from model import triton_step as triton_kernel
-from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, read_config
+from model.checkpoint import CONFIG, WEIGHTS, CheckpointError, _sha256, checkpoint_file, read_config
 from model.codecs import AudioCodec
 from model.convert import SUFFIXES as OFFICIAL_SUFFIXES
 from model.convert import VOCAB_DATASETS, ConvertError, MissingConfigError, convert_cached, default_name
@@ -519,6 +519,9 @@ def build_folder(folder: Path, model_id: str, source: Path | None = None) -> Bui
     t0 = time.perf_counter()
     meta = read_config(folder)
     net = load(folder, meta=meta)
+    if not meta.get("weights_sha256"):  # (`save` writes it; a folder made otherwise may lack it) the
+        # fingerprint must still name the weights: two such folders of one config took each other's exports
+        meta = {**meta, "weights_sha256": _sha256(checkpoint_file(folder, WEIGHTS))}
     vocab = served_vocab(folder, net.config, source, meta)
     seconds = {"official": 0.0, "read": time.perf_counter() - t0}
     return Built(model_id, folder, source, meta, net, vocab, seconds)

@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from server_support import quiet, reference, sse_events, wait_for
 
 from model.sampling import SamplingParams
@@ -702,3 +703,43 @@ def test_a_session_made_for_a_client_that_has_gone_is_deleted(client, server):
         assert wait_for(lambda: engine.pool.in_use == in_use and not engine.inbox, 10), name
         assert {r.id for r in server.state.sessions.records(TEXT)} == before, name
     assert client.delete(f"/v1/sessions/{sid}").status_code == 204
+
+
+def test_a_checkpoint_without_a_weights_checksum_in_config_has_its_weights_in_the_fingerprint(tmp_path):
+    """A config.json without `weights_sha256` (model.checkpoint.save writes it; a hand-made or older folder
+    may lack it): the fingerprint was the config's alone, so two folders of one config and other weights
+    took each other's exports (201) and went on from a state their weights never made (a helper's review).
+    The weights file's checksum is now computed at load where config.json has none: 422 naming `state`;
+    each folder's own export still imports."""
+    from server_support import ServerThread, make_text_model  # noqa: PLC0415
+
+    from model.checkpoint import save  # noqa: PLC0415
+    from server.config import Settings  # noqa: PLC0415
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    save(make_text_model(), a)
+    other = make_text_model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1e-3)
+    save(other, b)
+    for d in (a, b):
+        meta = json.loads((d / "config.json").read_text())
+        del meta["weights_sha256"]
+        (d / "config.json").write_text(json.dumps(meta))
+    settings = Settings(checkpoints=[f"a={a}", f"b={b}"], device="cpu", max_sessions=4, torch_threads=1)
+    srv = ServerThread(settings).start()
+    octets = {"content-type": "application/octet-stream"}
+    try:
+        fps = {m: srv.state.models[m].fingerprint for m in ("a", "b")}
+        assert fps["a"] != fps["b"], fps
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            for src, dst in (("a", "b"), ("b", "a")):
+                sid = c.post("/v1/sessions", json={"model": src, "prompt": "to be"}).json()["session_id"]
+                blob = c.get(f"/v1/sessions/{sid}/export").content
+                r = c.post(f"/v1/sessions/import?model={dst}", content=blob, headers=octets)
+                assert r.status_code == 422 and r.json()["error"]["param"] == "state", r.text
+                r = c.post(f"/v1/sessions/import?model={src}", content=blob, headers=octets)
+                assert r.status_code == 201 and r.json()["model"] == src, r.text
+    finally:
+        srv.stop()
