@@ -139,6 +139,9 @@ def served_models(url: str, api_key: str = "") -> dict[str, dict]:
 # One level: locust headless, then its CSV + exact-latency JSON
 
 
+LEVEL_GRACE_S = 120  # a level's locust may run this long past its seconds (start-up, stopping users)
+
+
 class LevelError(RuntimeError):
     """A level whose locust run did not produce its statistics (the message is one line)."""
 
@@ -176,8 +179,18 @@ def run_level(url: str, classes: list[str], users: int, seconds: int, prefix: Pa
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     env = {**os.environ, "S4_API_KEY": api_key}  # the key in the environment, not the command line (ps)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False,
-                          timeout=seconds + 120)  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+                              timeout=seconds + LEVEL_GRACE_S)  # fmt: skip
+    except subprocess.TimeoutExpired as exc:  # (killed by subprocess.run: a traceback came out of main)
+        err = exc.stderr or ""
+        err = err.decode(errors="replace") if isinstance(err, bytes) else err
+        tail = " | ".join(line.strip() for line in err.strip().splitlines()[-3:] if line.strip())
+        limit = seconds + LEVEL_GRACE_S
+        raise LevelError(
+            f"locust did not finish at {users} users within {limit} s (the level's {seconds} s + "
+            f"{LEVEL_GRACE_S} s) and was killed: {tail or 'no stderr'}"
+        ) from None
     wall = time.perf_counter() - t0
     stats = Path(f"{prefix}_stats.csv")
     if proc.returncode not in (0, 1) or not stats.exists():  # 1: some requests failed (counted below)

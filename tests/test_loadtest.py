@@ -183,6 +183,29 @@ def test_a_failed_locust_run_is_a_one_line_error_naming_its_stderr_and_keeps_the
     assert not (out / "loadtest.json").exists()
 
 
+def test_a_locust_run_that_never_ends_is_killed_and_a_one_line_error(tmp_path, monkeypatch):
+    """A level's locust is killed once it runs `LEVEL_GRACE_S` past its seconds (subprocess.run's timeout);
+    the TimeoutExpired that raised came out of `main` as a traceback (R10's note of session 59), where
+    every other failed level is one line naming it. Here the locustfile hangs while it is imported."""
+    from loadtest import run
+
+    hang = tmp_path / "hanging_locustfile.py"
+    hang.write_text(
+        "import sys, time\nprint('importing the hanging locustfile', file=sys.stderr, flush=True)\n"
+        "time.sleep(3600)\n"
+    )
+    monkeypatch.setattr(run, "LOCUSTFILE", hang)
+    monkeypatch.setattr(run, "LEVEL_GRACE_S", 4)
+    monkeypatch.setattr(run, "served_models", lambda url, api_key="": {"text-shakespeare": {}})
+    argv = ["--host", "http://127.0.0.1:9", "--scenarios", "text-ws", "--users", "1", "--seconds", "1"]
+    with pytest.raises(SystemExit) as e:
+        run.main([*argv, "--out", str(tmp_path / "report")])
+    msg = str(e.value.code)
+    assert "\n" not in msg and msg.startswith("loadtest: error: text-ws: "), msg
+    assert "locust did not finish at 1 users within 5 s" in msg and "was killed" in msg, msg
+    assert "importing the hanging locustfile" in msg, msg  # (its stderr's last lines)
+
+
 @pytest.mark.parametrize("stop", ["a level failed", "Ctrl-C"])
 def test_a_sweep_that_stops_midway_leaves_the_old_report_its_json_and_csvs_whole(
     stop, server, tmp_path, monkeypatch
