@@ -39,7 +39,7 @@ from websockets.exceptions import ConnectionClosed
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # (run as a file: bench/ is no installed package; server/ is this tree's)
 
-from bench.common import nearest_rank  # noqa: E402
+from bench.common import nearest_rank, ranged  # noqa: E402
 from server import launch  # noqa: E402
 
 CHECKPOINT = ROOT / "checkpoints" / "text-shakespeare"  # --checkpoint; the model id is its folder name
@@ -425,17 +425,17 @@ def main() -> None:
     )
     sub = parser.add_subparsers(dest="mode", required=True)
     o = sub.add_parser("overload")
-    o.add_argument("--capacity", type=int, default=8)
-    o.add_argument("--phase-s", type=float, default=30)
-    o.add_argument("--tokens", type=int, default=64)
-    o.add_argument("--torch-threads", type=int, default=1)
+    o.add_argument("--capacity", type=ranged(int, 1, 4096), default=8)
+    o.add_argument("--phase-s", type=ranged(float, 0, 86400, lo_open=True), default=30)
+    o.add_argument("--tokens", type=ranged(int, 1, 100_000), default=64)
+    o.add_argument("--torch-threads", type=ranged(int, 1, 1024), default=1)
     s = sub.add_parser("soak")
-    s.add_argument("--duration-s", type=float, default=600)
-    s.add_argument("--sample-s", type=float, default=10)
-    s.add_argument("--warmup-s", type=float, default=60)
-    s.add_argument("--ttl-s", type=float, default=5)
-    s.add_argument("--ws-users", type=int, default=6)
-    s.add_argument("--http-users", type=int, default=4)
+    s.add_argument("--duration-s", type=ranged(float, 0, 10**6, lo_open=True), default=600)
+    s.add_argument("--sample-s", type=ranged(float, 0.1, 3600), default=10)
+    s.add_argument("--warmup-s", type=ranged(float, 0, 10**6), default=60)
+    s.add_argument("--ttl-s", type=ranged(float, 1, 86400), default=5)  # (the server: at least 1 s)
+    s.add_argument("--ws-users", type=ranged(int, 0, 1000), default=6)
+    s.add_argument("--http-users", type=ranged(int, 0, 1000), default=4)
     for p in (o, s):
         p.add_argument(
             "--out",
@@ -445,6 +445,8 @@ def main() -> None:
         )
         p.add_argument("--checkpoint", default=str(CHECKPOINT), help="a text model's checkpoint folder")
     args = parser.parse_args()
+    if args.mode == "soak" and args.ws_users + args.http_users == 0:
+        parser.error("soak: --ws-users and --http-users are both 0: nothing would load the server")
     CHECKPOINT = Path(args.checkpoint).resolve()
     MODEL = CHECKPOINT.name
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

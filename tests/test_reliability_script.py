@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -87,3 +89,40 @@ def test_a_dropped_soak_socket_leaves_without_a_close_handshake():
     st = asyncio.run(main())
     assert received and all(close is None for close in received), received
     assert st.ok == len(received) and st.errors == {}
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["soak", "--duration-s", "0"], "argument --duration-s: must be > 0"),
+        (["soak", "--duration-s", "nan"], "argument --duration-s: must be > 0"),
+        (["soak", "--sample-s", "0"], "argument --sample-s: must be ≥ 0.1"),
+        (["soak", "--ttl-s", "0.5"], "argument --ttl-s: must be ≥ 1"),
+        (["soak", "--ws-users", "-1"], "argument --ws-users: must be ≥ 0"),
+        (["soak", "--ws-users", "0", "--http-users", "0"], "--ws-users and --http-users are both 0"),
+        (["overload", "--capacity", "0"], "argument --capacity: must be ≥ 1"),
+        (["overload", "--phase-s", "inf"], "argument --phase-s: must be > 0 and ≤ 86400"),
+        (["overload", "--tokens", "two"], "argument --tokens: 'two' is not an integer"),
+    ],
+)
+def test_out_of_range_numbers_are_argparse_errors_before_a_server_starts(
+    argv, said, tmp_path, monkeypatch, capsys
+):
+    """The script's numbers were unchecked: `soak --duration-s 0` started a server, took no sample and
+    ended in an IndexError traceback (`warm[0]`) (R10's note of session 59); `--sample-s 0` scraped
+    /metrics in a busy loop; `--ttl-s 0.5` started a server that refuses a TTL under 1 s. Each is now an
+    argparse error naming its option (exit 2), before anything starts."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("reliability", ROOT / "scripts" / "reliability.py")
+    reliability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reliability)
+    started = []
+    monkeypatch.setattr(reliability, "overload", started.append)
+    monkeypatch.setattr(reliability, "soak", started.append)
+    monkeypatch.setattr(sys, "argv", ["reliability.py", *argv, "--out", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        reliability.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and said in err, err
+    assert started == [] and not any(tmp_path.iterdir())
