@@ -148,6 +148,7 @@ class Stream:
         self.engine: Engine | None = None
         self.job: Job | None = None  # set by Engine.submit
         self._settled = False
+        self._holding = False  # settled with `hold`: its session is released by `release`
         self.queued_write: concurrent.futures.Future | None = None  # `Engine.settle`'s, for `service.landed`
         # when the params ask for them (engine thread appends, before the token or final event is
         # delivered): per generated token (logprob, top ids, top logprobs); per prompt token after
@@ -190,20 +191,32 @@ class Stream:
         transport: a send that returned while the connection was still open."""
         self.delivered += n
 
-    def settle(self) -> None:
+    def settle(self, hold: bool = False) -> None:
         """(event loop) The consumer is done with the stream: it has handed its last frame to the
         transport, or its client is gone. Called once (later calls do nothing). A kept session then
         holds exactly the `delivered` tokens of this turn: when every token taken was delivered, up to
         the final event, the session is idle from now (its TTL counts from here); otherwise the
         generation is cancelled and the engine takes the session back to its state after the delivered
-        tokens (`Engine.settle`)."""
+        tokens (`Engine.settle`). `hold`: a complete turn's session stays busy until `release`, for a
+        route that settles before its last frame (the done frame or event, sent once the turn's state is
+        in the store): its TTL then counts from that frame, as the README says, not from before it (a
+        slow reader's done frame could wait longer than the TTL, and the session was gone when it came)."""
         if self._settled or self.engine is None or self.job is None:
             return
         self._settled = True
         complete = self.final_taken and self.delivered >= self.taken
         if not complete:
             self.cancel()
-        self.queued_write = self.engine.settle(self.job, self.delivered, complete)
+        self._holding = complete and hold and not self.job.session.ephemeral
+        self.queued_write = self.engine.settle(self.job, self.delivered, complete, release=not self._holding)
+
+    def release(self) -> None:
+        """(event loop) The route has handed the last frame of a turn settled with `hold` to its transport,
+        or its client is gone: the session is idle from now. Later calls, and calls for a stream not
+        held, do nothing."""
+        if self._holding:
+            self._holding = False
+            self.engine.sessions.release(self.job.session)
 
 
 @dataclass
@@ -670,14 +683,17 @@ class Engine:
         self.sessions.add(rec)
         return rec
 
-    def settle(self, job: Job, delivered: int, complete: bool) -> concurrent.futures.Future | None:
+    def settle(
+        self, job: Job, delivered: int, complete: bool, release: bool = True
+    ) -> concurrent.futures.Future | None:
         """(event loop; `Stream.settle`) The consumer of `job`'s stream is done, having handed `delivered`
         generated tokens to its client's transport; `complete`: all of them, up to the final event.
         A one-shot session has nothing to keep. A kept session that got everything is released now (idle
         from now: its TTL counts from its client's last frame, not from the engine's last step) and
         written through to the store by the engine; otherwise the engine cancels the generation (if it
         still runs) and takes the session back to `delivered` tokens (`_rollback`), then releases it.
-        Never refused: the session would stay busy. Returns, for a complete turn when a store is
+        Never refused: the session would stay busy. `release` False: a complete turn's session stays
+        busy, for its caller to release (`Stream.release`). Returns, for a complete turn when a store is
         configured, a future that resolves once the engine has queued the session's write (then
         `StoreWriter.landed` waits for it); None otherwise, and when the engine is stopping."""
         if job.session.ephemeral:
@@ -689,7 +705,7 @@ class Engine:
             self._settles.append((job, delivered, complete))
             self._block_interrupt.value = 1
             self._cv.notify()
-        if complete:
+        if complete and release:
             self.sessions.release(job.session)
         return queued
 

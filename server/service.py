@@ -348,10 +348,12 @@ async def landed(
         return "late"
 
 
-async def turn_landed(state: ServerState, stream: Stream) -> None:
+async def turn_landed(state: ServerState, stream: Stream, hold: bool = False) -> None:
     """Settle a stream whose every token its client was handed (`Stream.settle`) and wait for its
-    session's write (`landed`): what a route does before its done frame or event, or its answer."""
-    stream.settle()
+    session's write (`landed`): what a route does before its done frame or event, or its answer. `hold`:
+    the session stays busy until the route calls `stream.release()`, once that last frame is handed over
+    (a streaming route: its idle TTL counts from the done frame)."""
+    stream.settle(hold)
     if stream.queued_write is not None:
         await landed(state, stream.job.session.id, stream.queued_write)
 

@@ -11,6 +11,7 @@ back."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 import threading
@@ -20,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from server_support import RawSSE, RawWebSocket, ServerThread, reference, wait_for
+from server_support import RawSSE, RawWebSocket, ServerThread, reference, sse_events, wait_for
 
 from model.sampling import SamplingParams
 from server.sessions import unpack_state
@@ -325,6 +326,55 @@ def test_a_websocket_session_is_not_idle_while_its_frames_wait_for_a_slow_reader
         pass
     assert m["type"] == "done" and m["session_id"] == sid
     ws.close()
+
+
+def _slow_last_frame(monkeypatch, module, seconds: float) -> None:
+    """`module.turn_landed` (what a streaming route awaits before its done frame or event) made to take
+    `seconds` longer: what a slow session store's write, or a done frame waiting on a slow reader,
+    costs between the turn's settle and its last frame."""
+    from server import service  # noqa: PLC0415
+
+    landed = service.turn_landed
+
+    async def slow(*args, **kwargs) -> None:
+        await landed(*args, **kwargs)
+        await asyncio.sleep(seconds)
+
+    monkeypatch.setattr(module, "turn_landed", slow)
+
+
+def test_a_sessions_ttl_counts_from_its_done_frame_not_from_the_settle_before_it(short_ttl, monkeypatch):
+    """The README: the idle TTL counts "from the turn's last frame (`done`) handed to the connection". The
+    routes settled the turn (the session released: idle) before its done frame, which waits for the
+    session's store write first (S4_SESSION_STORE_WRITE_WAIT_S) and then for the client's buffers: a
+    session whose done frame or event took longer than its TTL was gone when the client had it (the
+    WebSocket's next generate: 404; SSE: session info 404). Now it stays busy until its done is handed
+    over, on both routes. (Here 3 s pass between the settle and the done; the TTL is 1 s.)"""
+    from server import service  # noqa: PLC0415
+    from server.routes import generate  # noqa: PLC0415
+
+    _slow_last_frame(monkeypatch, service, 3.0)  # (the WebSocket route calls service.turn_landed)
+    _slow_last_frame(monkeypatch, generate, 3.0)
+    ws = RawWebSocket(short_ttl.port)
+    ws.send_json({"type": "generate", "model": TEXT, "prompt": PROMPT, "max_new_tokens": 5, "seed": 1})
+    sid = ws.recv_json()["session_id"]
+    while (m := ws.recv_json())["type"] == "token":
+        pass
+    assert m["type"] == "done" and m["session_id"] == sid, m
+    ws.send_json({"type": "generate", "max_new_tokens": 3, "seed": 1})
+    first = ws.recv_json()
+    assert first["type"] == "token", first  # (a 404 error frame naming session_id when it was let go)
+    while (m := ws.recv_json())["type"] == "token":
+        pass
+    assert m["type"] == "done" and m["session_id"] == sid and m["usage"]["completion_tokens"] == 3, m
+    ws.close()
+    with httpx.Client(base_url=short_ttl.url, timeout=30) as c:
+        sid = new_session(c, TEXT)
+        body = {"model": TEXT, "session_id": sid, "stream": True, "max_new_tokens": 5, "seed": 1}
+        events = sse_events(c.post("/v1/generate", json=body))
+        assert events[-1]["type"] == "done" and events[-1]["session_id"] == sid, events[-1]
+        info = c.get(f"/v1/sessions/{sid}")
+        assert info.status_code == 200 and info.json()["tokens"] == len(PROMPT) + 5, info.text
 
 
 def test_an_sse_session_is_not_idle_while_its_events_wait_for_a_slow_reader(short_ttl):

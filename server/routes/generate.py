@@ -132,7 +132,7 @@ async def _sse_generate(
                     yield sse({"type": "token", "ids": [], "text": rest})
                 done = {"type": "done", "id": gid, "model": model.id, "finish_reason": final.finish_reason}
                 # its state is in the store first (a slow store: up to S4_SESSION_STORE_WRITE_WAIT_S)
-                landing = asyncio.ensure_future(turn_landed(st, stream))
+                landing = asyncio.ensure_future(turn_landed(st, stream, hold=True))
                 try:
                     while not (await asyncio.wait({landing}, timeout=st.settings.sse_keepalive_s))[0]:
                         yield KEEP_ALIVE
@@ -142,6 +142,7 @@ async def _sse_generate(
                 yield sse({**done, "usage": usage(final), "session_id": session_id})
     finally:
         stream.settle()
+        stream.release()  # (after the done event went out: the generator resumes once it is sent)
 
 
 @router.post(

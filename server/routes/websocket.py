@@ -375,13 +375,14 @@ class Connection:
                     elif rest := out.finish_text(final):
                         await self.send({"type": "token", "ids": [], "text": rest})
                     reason, use = final.finish_reason, service.usage(final)
-                    await service.turn_landed(self.st, stream)  # (its state is in the store first)
+                    await service.turn_landed(self.st, stream, hold=True)  # (in the store first)
                     await self.send({"type": "done", "finish_reason": reason, "usage": use,
                                      "session_id": self.session_id})  # fmt: skip
         except (WebSocketDisconnect, RuntimeError, OSError):
             pass  # the socket is gone; events() cancelled the generation
         finally:
             stream.settle()
+            stream.release()  # (a done frame handed over: the session is idle from now)
             self.stream = None
 
     async def send_frames(self, frames: list, framer, clock: service.FrameClock, stream: Stream) -> None:
