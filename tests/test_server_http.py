@@ -660,6 +660,25 @@ def test_a_405_names_every_method_its_path_serves_in_allow(client):
     assert client.delete(f"/v1/sessions/{sid}").status_code == 204
 
 
+def test_a_plain_http_request_to_the_websocket_endpoint_is_426_with_upgrade(client):
+    """GET /v1/stream without a WebSocket handshake (curl, a browser's address bar, a proxy that dropped
+    the Upgrade header) was a 404, as if the route did not exist. RFC 9110 15.5.22: 426 Upgrade Required,
+    which MUST carry Upgrade (here `websocket`, named in Connection as 7.8 asks), in the error shape, and
+    the message says what to do; HEAD as GET; another method is a 405 naming GET and HEAD; the connection
+    stays usable (no switch of protocol). R5's note of session 59."""
+    for method in ("GET", "HEAD"):
+        r = client.request(method, "/v1/stream")
+        assert r.status_code == 426, (method, r.status_code, r.text)
+        assert r.headers["upgrade"] == "websocket" and r.headers["connection"].lower() == "upgrade", r.headers
+        if method == "GET":
+            err = r.json()["error"]
+            assert err["code"] == 426 and err["type"] == "upgrade_required", err
+            assert "WebSocket endpoint" in err["message"] and "POST /v1/generate" in err["message"], err
+    r = client.post("/v1/stream", json={})
+    assert r.status_code == 405 and r.headers["allow"] == "GET, HEAD", r.headers
+    assert client.get("/healthz").status_code == 200  # (the same connection: the client keeps one)
+
+
 def test_a_head_of_an_export_neither_claims_nor_keeps_the_session_alive(client, server):
     """HEAD /v1/sessions/{id}/export is answered as session info is (no claim, no restore, no TTL
     refreshed) with the export's headers: it ran the export, so a monitor's HEAD marked the session used

@@ -435,3 +435,23 @@ async def stream(ws: WebSocket) -> None:
         pass
     finally:
         await conn.close()
+
+
+class UpgradeRequired(APIError):
+    """426 for a plain HTTP request to the WebSocket endpoint, with `Upgrade: websocket` (RFC 9110 15.5.22
+    and 7.8: a 426 MUST carry Upgrade, and an Upgrade field is named in Connection)."""
+
+    def __init__(self) -> None:
+        super().__init__(426, "/v1/stream is a WebSocket endpoint: open it with a WebSocket handshake "
+                         "(ws:// or wss://, Upgrade: websocket); HTTP streaming is POST /v1/generate with "
+                         '"stream": true (server-sent events)')  # fmt: skip
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "Upgrade": "websocket", "Connection": "Upgrade"}
+
+
+@router.get("/v1/stream", include_in_schema=False)
+async def stream_over_http() -> None:
+    """GET /v1/stream without a WebSocket handshake (curl, a browser's address bar, a proxy that dropped
+    the Upgrade header): a 404 had said no such route exists."""
+    raise UpgradeRequired()
