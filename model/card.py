@@ -484,11 +484,9 @@ def main(argv: list[str] | None = None) -> None:
         spectrogram_png(samples / "spectrogram.png", [("real test clip", real[0]), *clips[:4]], sr)
         vg = voiced_share(gen, sr)
         vr = voiced_share(real, sr)
-        meta["samples_voicing"] = {
-            "generated": vg,
-            "test_clips": vr,
-            "ratio": vg["voiced_share"] / vr["voiced_share"],
-        }
+        # (None where no loud frame of the real clips is voiced: noise, unpitched sounds)
+        ratio = vg["voiced_share"] / vr["voiced_share"] if vr["voiced_share"] > 0 else None
+        meta["samples_voicing"] = {"generated": vg, "test_clips": vr, "ratio": ratio}
         lines += [
             f"Unconditional, temperature {params.temperature}, {data.clip_len} samples each, "
             f"seeds {args.seed}…: `samples/generated_*.wav` (the first {min(WAVS_KEPT, len(gen))} of "
@@ -512,7 +510,9 @@ def main(argv: list[str] | None = None) -> None:
                 for what, v in ((f"{len(gen)} generated", vg), (f"{len(test)} real test clips", vr))
             ),
             "",
-            f"Generated ÷ real = **{vg['voiced_share'] / vr['voiced_share']:.2f}**.",
+            f"Generated ÷ real = **{ratio:.2f}**."
+            if ratio is not None
+            else "Generated ÷ real: none (no loud frame of the real test clips is voiced).",
         ]
         if args.classifier:
             lines += listener_section(args.classifier, gen, real, sr, meta)

@@ -285,6 +285,34 @@ def test_the_model_card_refuses_one_audio_sample_with_a_classifier_before_any_wo
     assert len(list((ckpt / "samples").glob("generated_*.wav"))) == 1 and (ckpt / "README.md").exists()
 
 
+def test_the_model_card_of_audio_whose_real_clips_have_no_voiced_frame_says_so(tmp_path):
+    """The card's voicing compares generated clips with the real test clips, ÷ the real clips' voiced
+    share: data with no voiced loud frame (noise, unpitched sounds) ended the card in a ZeroDivisionError
+    after its WAVs were written, with no README.md (R9's note of session 59). The ratio is now None in
+    config.json and the card says why; the table still gives both shares."""
+    from model.card import main as card
+
+    rng = np.random.default_rng(3)
+    mu = MuLaw()
+    splits, lists = {}, {}
+    for split, n in (("train", 8), ("val", 4), ("test", 4)):
+        noise = np.clip(rng.normal(0, 0.3, (n, N)), -1, 1)  # loud and unpitched: no frame voiced
+        splits[split] = mu.encode(noise).astype(np.uint8).reshape(-1)
+        lists[split] = [{"voice": "noise", "digit": DIGITS[0]} for _ in range(n)]
+    data = tmp_path / "noise"
+    meta = {"kind": "audio", "sample_rate": SR, "clip_len": N, "clip_list": lists, "source": "synthetic",
+            "accents": ["noise"], "variants": {"train": ["a"], "val": ["b"], "test": ["c"]},
+            "clips": {k: len(v) for k, v in lists.items()}, "hours": 0.001}  # fmt: skip
+    write_splits(data, splits, meta)
+    run, ckpt = _tiny_audio_run(data, tmp_path, steps=2)
+    card([str(ckpt), "--run", str(run), "--audio-samples", "2"])
+    v = json.loads((ckpt / "config.json").read_text())["samples_voicing"]
+    assert v["test_clips"]["loud_frames"] > 0 and v["test_clips"]["voiced_share"] == 0.0, v
+    assert v["ratio"] is None, v
+    text = (ckpt / "README.md").read_text()
+    assert "Generated ÷ real: none (no loud frame of the real test clips is voiced)." in text, text
+
+
 def test_a_classifier_folder_with_unusable_weights_or_config_is_refused_in_one_line(tmp_path, capsys):
     """load_classifier raises ValueError (as its docstring says), and the command line ends with exit status 2
     and one line naming the folder, for a digit-classifier folder whose weights are not a safetensors file
