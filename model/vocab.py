@@ -13,10 +13,11 @@ the first whitespace-separated field of each line).
 Three kinds of token, by dataset (config.json's `vocab.kind`):
 
 - **words** (wt103, wt2, ptb), `WordVocab`: `encode` splits the text into lines and words, each newline
-  is `<eos>`; an unknown word is `<unk>` when the vocabulary has that symbol (WikiText's own convention),
-  else a VocabError naming it. `piece(i)` is a token's text: "\\n" for `<eos>`, else a space and the word,
-  so decoded text reads as WikiText's raw files (" The game began ... \\n") and `encode(decode(ids)) ==
-  ids` for every id.
+  is `<eos>` (a line ends at "\\n", "\\r\\n" or a lone "\\r", as the official code's text-mode reading
+  of its files ends one); an unknown word is `<unk>` when the vocabulary has that symbol (WikiText's own
+  convention), else a VocabError naming it. `piece(i)` is a token's text: "\\n" for `<eos>`, else a
+  space and the word, so decoded text reads as WikiText's raw files (" The game began ... \\n") and
+  `encode(decode(ids)) == ids` for every id.
 - **bytes** (enwik8), `ByteVocab`: Transformer-XL's prep_enwik8.py, which the official code's data
   folder follows, writes each byte of the corpus as its decimal number, space-separated, and a newline byte
   as a line break, which the tokenizer's split drops: the symbols are byte values ("101"), numbered by
@@ -366,11 +367,13 @@ class WordVocab(Vocab):
         return [w for w in text.split() if self._key(w) not in self.index]
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`: its words (split on whitespace), `<eos>` for each newline. Raises
-        VocabError naming every word the vocabulary lacks (up to `NAMED_WORDS`) when it has no `unk`."""
+        """Token ids of `text`: its words (split on whitespace), `<eos>` for each newline ("\\n", "\\r\\n" or
+        a lone "\\r": Python's universal newlines, which end the lines of the official code's files; a lone
+        "\\r" was whitespace, two lines' words run together). Raises VocabError naming every word the
+        vocabulary lacks (up to `NAMED_WORDS`) when it has no `unk`."""
         if self.unk_id is None and (unknown := self.unknown_words(text)):
             raise VocabError(self._unknown_message(unknown))
-        lines = text.split("\n")
+        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
         ids: list[int] = []
         for k, line in enumerate(lines):
             ids += [self.word_id(w) for w in line.split()]

@@ -41,6 +41,22 @@ def test_encoding_a_file_gives_the_official_ids(dataset):
     assert vocab.encode((DATA / "test.txt").read_text()) == REF[dataset]["test_ids"]
 
 
+def test_a_carriage_return_ends_a_line_as_in_the_official_files(tmp_path):
+    """The official code reads its files in text mode, whose universal newlines end a line at "\\n", "\\r\\n"
+    or a lone "\\r" (an old Mac file; a client's own text): each such line ends with <eos> (encode_file), as
+    the vocabulary's own count splits them (count_symbols). A prompt's lone "\\r" was whitespace, the two
+    lines' words run together with no <eos>."""
+    vocab = WordVocab.from_dataset(DATA, "wt103")
+    raw = "w1 w2\rw0\r\nw3 w4\r\r w2\n"
+    (tmp_path / "cr.txt").write_bytes(raw.encode())
+    lines = (tmp_path / "cr.txt").read_text().splitlines()  # the lines a text-mode reading gives
+    assert len(lines) == 5
+    official = [i for ln in lines for i in [*map(vocab.index.get, ln.split()), vocab.eos_id]]
+    assert vocab.encode(raw) == official
+    assert vocab.encode("w1\rw2") == [vocab.index["w1"], vocab.eos_id, vocab.index["w2"]]
+    assert WordVocab.from_corpus([tmp_path / "cr.txt"]).symbols == ["<eos>", "w2", "w1", "w0", "w3", "w4"]
+
+
 def test_decoding_reads_as_wikitext_and_encoding_it_gives_the_ids_back():
     vocab = WordVocab.from_dataset(DATA, "wt103")
     text = (DATA / "test.txt").read_text()
