@@ -38,6 +38,7 @@ import time
 from concurrent.futures.process import BrokenProcessPool
 
 from model.codecs import read_audio
+from server.errors import APIError, unavailable
 
 log = logging.getLogger("server.decoder")
 
@@ -52,6 +53,13 @@ OVER_CPU_EXIT = 124  # a worker's exit status when a file took more than its CPU
 # threads of its own that wait for the decoder on the requests' behalf (`AudioDecoder.call`): more than its
 # workers, so that no prompt waits for a thread while a worker is free
 WAITING_THREADS = 64
+CLOSE_WAIT_S = 1.0  # at `close`: how long a file a worker is decoding may take to finish before it is ended
+
+
+def _closed() -> APIError:
+    """What a prompt gets when the decoder closed before its file was decoded (the server's stop, after its
+    engines stopped: a decoded prompt could not be served there anyway)."""
+    return unavailable("the server is shutting down: the audio prompt was not decoded (send it again)")
 
 
 def _start_worker(over_cpu=None) -> None:
@@ -205,7 +213,8 @@ class AudioDecoder:
         self._alone: _Pool | None = None  # one worker: files tried alone
         self._alone_turn = threading.Lock()  # one file at a time in it
         self._lock = threading.Lock()
-        self._in_process = False  # (no worker process could be made, or closed)
+        self._in_process = False  # (no worker process could be made)
+        self._closed = False  # (`close`: every file not decoded yet is refused)
         self._waiting = concurrent.futures.ThreadPoolExecutor(WAITING_THREADS, "s4-decode-wait")  # (`call`)
 
     async def call(self, fn, *args, **kwargs):
@@ -217,7 +226,7 @@ class AudioDecoder:
         run = functools.partial(contextvars.copy_context().run, fn, *args, **kwargs)
         try:
             waiting = asyncio.get_running_loop().run_in_executor(self._waiting, run)
-        except RuntimeError:  # (closed: its threads let go; a call after `close` decodes in this process)
+        except RuntimeError:  # (closed: its threads let go; a call after `close` gets `read_audio`'s 503)
             return await asyncio.to_thread(run)
         return await waiting
 
@@ -251,6 +260,8 @@ class AudioDecoder:
         worker of that pool ended while the pool held the call (the pool is let go: the next call makes a new
         one; its `over_cpu`: whether that was a worker ended for a file past its CPU seconds)."""
         for _ in range(SUBMIT_TRIES):
+            if self._closed:
+                raise _closed()
             if (pool := self._current(alone)) is None:
                 return None
             try:
@@ -272,7 +283,7 @@ class AudioDecoder:
                 exc.over_cpu = bool(pool.over_cpu.value)
                 raise
             except concurrent.futures.CancelledError:  # (queued when `close` cancelled what its pool held)
-                return None
+                raise _closed() from None
         raise BrokenProcessPool(f"its pool broke {SUBMIT_TRIES} times before it took the file")
 
     def start(self) -> None:
@@ -327,11 +338,15 @@ class AudioDecoder:
         try:
             result = self._run(False, _watched, self.cpu_s, _decode, *args)
         except BrokenProcessPool:
+            if self._closed:  # (its worker ended by `close`)
+                raise _closed() from None
             log.warning("an audio decoder process ended while decoding a prompt: it is tried again alone")
             with self._alone_turn:
                 try:
                     result = self._run(True, _watched, self.cpu_s, _decode, *args)
                 except BrokenProcessPool as exc:
+                    if self._closed:
+                        raise _closed() from None
                     if getattr(exc, "over_cpu", False):
                         log.warning(
                             "a prompt took more than the %g CPU seconds a file may take to decode, alone: "
@@ -356,12 +371,27 @@ class AudioDecoder:
             raise _rebuilt(*result[1:4])
         return result[1], result[2]
 
-    def close(self) -> None:
-        """Its workers stopped (after the files they are decoding); a later call, and a file still queued
-        for a worker, is decoded in this process."""
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Its workers stopped, within `wait_s` seconds: the files queued for them are cancelled, a file a
+        worker is decoding gets `wait_s` to finish, then its worker is ended (SIGKILL). A file not decoded
+        by then, and any call after close, raises APIError 503 (the server is shutting down; its engines
+        have stopped, so a decoded prompt could not be served). Close waited for the files being decoded,
+        up to twice S4_AUDIO_DECODE_CPU_S, before the session store's final flush, past the stop's
+        documented budget; and decoded the cancelled files in the server's process, with no CPU bound."""
         with self._lock:
-            pools, self._pool, self._alone, self._in_process = (self._pool, self._alone), None, None, True
+            pools, self._pool, self._alone, self._closed = (self._pool, self._alone), None, None, True
+        workers = []
         for pool in pools:
             if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+                workers += list((getattr(pool, "_processes", None) or {}).values())  # (before shutdown)
+                pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + wait_s
+        for worker in workers:  # (an idle worker ends at once: shutdown sent it its sentinel)
+            worker.join(max(0.0, deadline - time.monotonic()))
+        for worker in workers:
+            if worker.is_alive():
+                log.warning("an audio decoder process still decoding %g s after the server's stop began: "
+                            "ended", wait_s)  # fmt: skip
+                worker.kill()
+                worker.join(5)
         self._waiting.shutdown(wait=False)  # (its idle threads end; a call waiting in one finishes)

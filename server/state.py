@@ -286,12 +286,14 @@ class ServerState:
         if self.writer is not None:
             self.writer.begin_final()
         await asyncio.gather(*(asyncio.to_thread(m.engine.stop) for m in self.models.values()))
-        await asyncio.to_thread(self.decoder.close)
+        # beside the flush (up to CLOSE_WAIT_S for a file a decoder worker is decoding: not added to the stop)
+        closing = asyncio.ensure_future(asyncio.to_thread(self.decoder.close))
         if self.writer is not None:  # bounded: S4_SESSION_STORE_FLUSH_TIMEOUT_S in all
             ok, report = await asyncio.to_thread(
                 self.writer.stop, self.settings.session_store_flush_timeout_s
             )
             log.log(logging.INFO if ok else logging.ERROR, "session store: %s", report)
+        await closing
 
     def _drop_stale(self, session_id: str, expected: str) -> None:
         """The store refused this replica's write of a session (another replica went on with it): drop
