@@ -4,9 +4,11 @@ message has one, and `add_generation_prompt`), and `chat_stop`, the stop sequenc
 assistant's turn.
 
 Templates are rendered in Jinja's immutable sandbox (as Hugging Face transformers does), so a
-checkpoint's template can read the messages and nothing else. The sandbox holds what transformers
-gives a template (`_compile_jinja_template`): `raise_exception(message)`, with which a template refuses
-a conversation (our 400 then carries its message), the loop controls `{% break %}` and `{% continue %}`,
+checkpoint's template can read the messages and nothing else, with transformers' whitespace options
+(trim_blocks and lstrip_blocks; a newline that ends the source is not written: Jinja's default, which
+transformers keeps). The sandbox holds what transformers gives a template (`_compile_jinja_template`):
+`raise_exception(message)`, with which a template refuses a conversation (our 400 then carries its
+message), the loop controls `{% break %}` and `{% continue %}`,
 `{% generation %}…{% endgeneration %}` (transformers marks the assistant's tokens for training with it;
 rendered as its body), and a `tojson` filter that writes JSON as `json.dumps` does (Jinja's own escapes
 <, >, &, ' and every non-ASCII character, and sorts keys: another prompt than the one the template's
@@ -57,11 +59,9 @@ class ChatTemplate:
     stop: list[str]
 
     def __post_init__(self) -> None:
+        # (as transformers: keep_trailing_newline off, so a source's final newline is not written)
         env = ImmutableSandboxedEnvironment(
-            trim_blocks=True,
-            lstrip_blocks=True,
-            keep_trailing_newline=True,
-            extensions=[loopcontrols, GenerationBlock],
+            trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, GenerationBlock]
         )
         env.globals["raise_exception"] = _raise_exception
         env.filters["tojson"] = _tojson

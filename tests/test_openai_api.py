@@ -1118,6 +1118,30 @@ def test_a_hugging_face_chat_template_refuses_breaks_loops_and_writes_json_as_tr
         assert got == json.dumps(message, ensure_ascii=False, **kwargs)
 
 
+def test_a_template_whose_source_ends_in_a_newline_renders_the_prompt_transformers_renders():
+    """transformers' environment (`_compile_jinja_template`: trim_blocks, lstrip_blocks, the loop controls)
+    leaves Jinja's keep_trailing_newline off, so the one newline that ends a template's source is not
+    written (a chat_template.jinja file ends in one). Ours kept it: a Zephyr-style template ending in
+    "<|assistant|>\\n" gave the prompt one byte more than the model was trained to continue from. The
+    prompt is now the one an environment built as transformers builds it renders, for every ending."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from server.chat import ChatTemplate
+
+    loops = [jinja2.ext.loopcontrols]
+    hf = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=loops)
+    body = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}"
+    messages = [{"role": "user", "content": "Who's there?"}]
+    ends = ["<|assistant|>\n", "<|assistant|>\n\n", "{{ '<|assistant|>' }}\n", "<|assistant|>",
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}\n"]  # fmt: skip
+    for end in ends:
+        for add in (True, False):
+            want = hf.from_string(body + end).render(messages=messages, add_generation_prompt=add)
+            assert ChatTemplate(body + end, []).render(messages, add) == want, (end, add)
+    assert ChatTemplate(body + "<|assistant|>\n", []).render(messages).endswith("</s>\n<|assistant|>")
+
+
 def test_a_message_without_a_name_reaches_the_template_without_one():
     """A message the client sent without `name` reached the template as {"name": None}: `m.name is defined`
     and `'name' in m`, Hugging Face templates' tests for a name, were true, and the prompt said "None: hi".
