@@ -1,6 +1,7 @@
 """Chat templates: a checkpoint's `config.json` may carry `chat_template`, a Jinja template (the
 convention of Hugging Face tokenizers: it sees `messages`, a list of {role, content} with `name` where a
-message has one, and `add_generation_prompt`), and `chat_stop`, the stop sequences that end the
+message has one, and `add_generation_prompt`; `tools` and `documents` are None, as transformers passes
+them when there are none: this server has neither), and `chat_stop`, the stop sequences that end the
 assistant's turn.
 
 Templates are rendered in Jinja's immutable sandbox (as Hugging Face transformers does), so a
@@ -92,7 +93,11 @@ class ChatTemplate:
         its expressions raise on them (`content + 1`, `tojson` of an undefined field: a TypeError, which
         was a 500)."""
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+            # (transformers' `render_jinja_template` always sets tools and documents: a template may test
+            # `tools is not none`, which an undefined name passes)
+            return self._template.render(
+                messages=messages, tools=None, documents=None, add_generation_prompt=add_generation_prompt
+            )
         except TemplateError as exc:
             raise ValueError(f"the chat template failed on these messages: {exc}") from None
         except Exception as exc:  # (the sandbox runs the template's Python: what it raises is its failure)

@@ -1142,6 +1142,29 @@ def test_a_template_whose_source_ends_in_a_newline_renders_the_prompt_transforme
     assert ChatTemplate(body + "<|assistant|>\n", []).render(messages).endswith("</s>\n<|assistant|>")
 
 
+def test_a_template_sees_tools_and_documents_as_none_as_transformers_gives_them(chat_server, monkeypatch):
+    """transformers renders a chat template with `tools` and `documents` always set (None when the caller
+    passes none: `render_jinja_template`'s `tools=tool_schemas, documents=documents`), so a template for it
+    may test `tools is not none`. Ours left them undefined, which is "not none": such a template wrote its
+    tool preamble into every prompt, and one that wrote `tools | tojson` there failed on every request (a
+    400 naming messages, the model's chat unusable). They are None now, as this server has no tools."""
+    from server.chat import ChatTemplate
+
+    s, _ = chat_server
+    source = (
+        "{% if tools is not none %}[TOOLS]{{ tools | tojson }}[/TOOLS]{% endif %}"
+        "{% if documents is none %}{% else %}[DOCS]{% endif %}{% if tools is none %}no tools;{% endif %}"
+        "{% for m in messages %}{{ m.content }}\n{% endfor %}"
+    )
+    template = ChatTemplate(source, [])
+    assert template.render([{"role": "user", "content": "hi"}]) == "no tools;hi\n"
+    monkeypatch.setattr(s.state.models["tiny-chat"], "chat", template)
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(b"no tools;hi\n")
+
+
 def test_a_message_without_a_name_reaches_the_template_without_one():
     """A message the client sent without `name` reached the template as {"name": None}: `m.name is defined`
     and `'name' in m`, Hugging Face templates' tests for a name, were true, and the prompt said "None: hi".
