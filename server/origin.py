@@ -244,7 +244,11 @@ class OriginCheck:
 
 
 CORS_METHODS = ("GET", "HEAD", "POST", "DELETE")  # the methods the routes serve
-CORS_EXPOSED = ("X-Request-ID", "Retry-After")  # response headers a listed page may read
+# response headers a listed page may read (the Fetch standard hides the others from it): every header an
+# answer carries for its client, the WAV answer's id, finish reason and usage (routes/generate.py) and an
+# export's file name included
+CORS_EXPOSED = ("X-Request-ID", "Retry-After", "X-Generation-Id", "X-Finish-Reason", "X-Prompt-Tokens",
+                "X-Completion-Tokens", "X-Cached-Tokens", "Content-Disposition")  # fmt: skip
 
 
 class CrossOrigin(CORSMiddleware):

@@ -371,3 +371,36 @@ def test_a_malformed_entry_stops_the_server_with_one_line_naming_the_setting(fla
         assert f"S4_{flag.upper().replace('-', '_')} (--{flag})" in message and repr(value) in message, (
             message
         )
+
+
+def test_a_listed_page_can_read_every_header_an_answer_carries_for_its_client(model_dirs):
+    """A page on a listed origin reads only the response headers CORS exposes (the Fetch standard: the
+    safelisted ones and Access-Control-Expose-Headers). The WAV answer of /v1/generate carries its id,
+    finish reason and usage (prompt, completion and cached tokens: the prefix cache's report) in X- headers
+    alone, and an export its file name in Content-Disposition; only X-Request-ID and Retry-After were
+    exposed, so the page read null for each. Every such header of these answers is exposed now."""
+    s = ServerThread(
+        Settings(
+            checkpoints=[str(model_dirs[k]) for k in ("text", "audio")],
+            drain_timeout_s=1,
+            allowed_origins=LISTED_ORIGIN,
+        )
+    ).start()
+    try:
+        page = {"Origin": LISTED_ORIGIN}
+        body = {"model": "tiny-audio", "prompt_audio": None, "max_new_tokens": 40, "seed": 1}
+        wav = httpx.post(
+            s.url + "/v1/generate", json=body, headers={**page, "Accept": "audio/wav"}, timeout=60
+        )
+        assert wav.status_code == 200 and wav.headers["content-type"] == "audio/wav", wav.text
+        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "a"}, headers=page).json()
+        export = httpx.get(f"{s.url}/v1/sessions/{sid['session_id']}/export", headers=page)
+        assert export.status_code == 200
+        carrying = [(wav, {h for h in wav.headers if h.startswith("x-")}), (export, {"content-disposition"})]
+        for r, carried in carrying:
+            assert r.headers["access-control-allow-origin"] == LISTED_ORIGIN and carried <= set(r.headers)
+            exposed = {h.strip().lower() for h in r.headers["access-control-expose-headers"].split(",")}
+            assert carried <= exposed, (carried, exposed)
+        assert int(wav.headers["x-completion-tokens"]) == 40 and "x-cached-tokens" in wav.headers
+    finally:
+        s.stop()
