@@ -205,16 +205,17 @@ def available_memory(device: torch.device) -> int:
     return free
 
 
-def state_pool_problem(rec: RecurrentModel, settings: Settings, name: str) -> str | None:
+def state_pool_problem(rec: RecurrentModel, settings: Settings, name: str, reserved: int = 0) -> str | None:
     """Why the model's state slot pool (S4_MAX_SESSIONS rows of its state, and of its seen-token set) and
     its prefix cache (S4_PREFIX_CACHE_MB, in whole state rows, allocated as prompts are ingested) do not
     fit in the memory available, checked before the pool is allocated (a raw allocator error named no
-    setting: a fresh-user trial); else None."""
+    setting: a fresh-user trial); else None. `reserved`: bytes the prefix caches of the models loaded
+    before may still take (`cache_reserve`), which the memory available does not show yet."""
     per_slot = rec.state_bytes_per_sequence + rec.config.vocab_size  # the state, and `seen` (one bool per id)
     row = rec.state_bytes_per_sequence
     cache = settings.prefix_cache_rows(row) * row
     device = torch.device(rec.device)
-    pool, free = settings.max_sessions * per_slot, available_memory(device)
+    pool, free = settings.max_sessions * per_slot, available_memory(device) - reserved
     if pool + cache <= free:
         return None
     if pool > free:
@@ -223,12 +224,22 @@ def state_pool_problem(rec: RecurrentModel, settings: Settings, name: str) -> st
             f"({settings.max_sessions:,} sessions x {per_slot:,} bytes), more than the {free:,} bytes of "
             f"{device.type} memory available; at most {max(free, 0) // per_slot:,} sessions fit"
         )
+    beside = f" beside the prefix caches of the models loaded before ({reserved:,} bytes)" if reserved else ""
     return (
         f"S4_PREFIX_CACHE_MB={settings.prefix_cache_mb:.12g}: model {name}'s prefix cache ({cache:,} bytes) "
         f"and state pool ({pool:,} bytes: S4_MAX_SESSIONS={settings.max_sessions:,}) need more than the "
-        f"{free:,} bytes of {device.type} memory available; at most {max(free - pool, 0) / (1 << 20):.1f} "
-        "MiB fit beside the pool"
+        f"{free:,} bytes of {device.type} memory available{beside}; at most "
+        f"{max(free - pool, 0) / (1 << 20):.1f} MiB fit beside the pool"
     )
+
+
+def cache_reserve(models: dict[str, ServedModel]) -> int:
+    """Bytes the prefix caches of `models` (loaded, on the device the next one loads on) may still take: each
+    one's budget less the rows it holds now (they serve while the next one loads). Their rows are allocated
+    as prompts come, so the memory available at the next model's check does not show them (the pools are
+    allocated by then)."""
+    caches = [m.engine.prefix_cache for m in models.values() if m.engine.prefix_cache is not None]
+    return sum(max(c.capacity * c.row_bytes - c.bytes, 0) for c in caches)
 
 
 def use_triton_step(settings: Settings, device, name: str) -> bool:
@@ -538,6 +549,7 @@ def load_model(
     stop: threading.Event | None = None,
     cache: FormCache | None = None,
     built: Built | None = None,
+    loaded: dict[str, ServedModel] | None = None,
 ) -> ServedModel:
     """Checkpoint → verified recurrent form → warmed-up engine (not yet started). `source`: the official
     file `path` was converted from (named in the errors); `cache`: the layers' verified forms are read from
@@ -545,6 +557,8 @@ def load_model(
     it is built here. Raises CheckpointError or VerificationError with the reason, ValueError for an audio
     model at whose sample rate S4_MAX_AUDIO_S is under one sample (found before it is converted),
     LoadingStopped when `stop` is set between two steps (load, convert and verify, CUDA graphs, warm-up).
+    `loaded`: the models loaded before on the device, whose prefix caches may still take memory
+    (`cache_reserve`, counted in `state_pool_problem` as the pool is about to be allocated).
     Sets s4_model_load_seconds: its phases (`Built.seconds`, then "convert" and "warm_up": the rest)
     add up to "total"."""
     name = model_id or path.name
@@ -602,7 +616,7 @@ def load_model(
     warm_up(rec, min(8, settings.max_batch_size))
     _check_stop(stop)
     model_id = model_id or path.name
-    if problem := state_pool_problem(rec, settings, model_id):
+    if problem := state_pool_problem(rec, settings, model_id, cache_reserve(loaded or {})):
         raise ValueError(problem)
     mm = metrics.for_model(model_id, audio=rec.config.modality == "audio")
     engine = Engine(model_id, rec, settings, sessions, mm, None if vocab is None else vocab.token_bytes)
@@ -715,7 +729,7 @@ def load_models(
             made = made or build_entry(entry, settings)
             model_id = made.model_id
             models[model_id] = load_model(made.folder, settings, sessions, metrics, device, model_id,
-                                          made.source, stop, cache, made)  # fmt: skip
+                                          made.source, stop, cache, made, models)  # fmt: skip
         except LoadingStopped:
             log.info("stopping: checkpoint %s and those after it not loaded", entry)
             break

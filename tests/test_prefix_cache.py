@@ -771,6 +771,44 @@ def test_the_cache_budget_is_checked_at_load_beside_the_pool_and_a_budget_under_
     d.close()
 
 
+def test_the_memory_check_counts_the_prefix_caches_of_the_models_loaded_before(model_dirs, monkeypatch):
+    """Two models on one device: each one's pool is allocated as it loads, its prefix cache's rows only as
+    prompts come. The check before the second model's pool counted the memory available then, in which the
+    first model's cache budget (not yet allocated) still looked free: both loaded where the two pools and
+    caches did not fit, and the caches then took memory the check had promised the second. Now the check
+    counts what the caches of the models loaded before may still take: in room for the two pools and one
+    and a half caches the second model is refused, naming S4_PREFIX_CACHE_MB; in room for both, both load."""
+    from server import registry
+    from server.metrics import Metrics
+    from server.registry import load_models
+    from server.sessions import SessionTable
+
+    taken: list[int] = []  # bytes of each pool allocated (each engine's: its states and seen sets)
+
+    class Counted(registry.Engine):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            taken.append(self.pool.state.nbytes + self.pool.seen.nbytes)
+
+    monkeypatch.setattr(registry, "Engine", Counted)
+    text = model_dirs["text"]
+    settings = Settings(checkpoints=[f"a={text}", f"b={text}"], max_sessions=4, prefix_cache_mb=1)
+    monkeypatch.setattr(registry, "available_memory", lambda device: (1 << 40) - sum(taken))
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert not failed and set(models) == {"a", "b"}
+    pool, cache = taken[0], models["a"].engine.prefix_cache
+    budget = cache.capacity * cache.row_bytes
+    assert budget > 0 and taken == [pool, pool]
+    for room, served in ((2 * pool + 2 * budget, {"a", "b"}), (2 * pool + budget + budget // 2, {"a"})):
+        taken.clear()
+        monkeypatch.setattr(registry, "available_memory", lambda device, room=room: room - sum(taken))
+        models, failed = load_models(settings, SessionTable(), Metrics())
+        assert set(models) == served, failed
+        if served == {"a"}:
+            assert failed["b"].startswith("ValueError: S4_PREFIX_CACHE_MB=1: model b's prefix cache "), failed
+            assert f"the prefix caches of the models loaded before ({budget:,} bytes)" in failed["b"]
+
+
 def d_row_mb(rec) -> float:
     d = driver(rec)
     row = d.engine.pool.bytes_per_slot
