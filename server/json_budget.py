@@ -25,6 +25,7 @@ exact for every byte a parser reads.
 
 from __future__ import annotations
 
+import email.message
 import json
 from dataclasses import dataclass
 
@@ -60,13 +61,17 @@ class JSONBudget:
 
 def json_content_type(headers) -> bool:
     """Whether FastAPI parses a body with these headers as JSON (fastapi/routing.py, strict content
-    type, its default): `application/json` or `application/*+json`, parameters allowed. `headers`: the
-    ASGI scope's list of (name, value) byte pairs."""
+    type, its default): `application/json` or `application/*+json`, parameters allowed, read as FastAPI
+    reads it: the first Content-Type, as Latin-1 text (Starlette's), through `email.message` (which strips
+    Unicode whitespace: a no-break space or NEL around `application/json` is JSON to FastAPI, and was left
+    uncounted here when only ASCII whitespace was stripped). `headers`: the ASGI scope's list of (name,
+    value) byte pairs."""
     for name, value in headers:
         if name == b"content-type":
-            mime = value.split(b";", 1)[0].strip().lower()
-            main, _, sub = mime.partition(b"/")
-            return main == b"application" and (sub == b"json" or sub.endswith(b"+json"))
+            message = email.message.Message()
+            message["content-type"] = value.decode("latin-1")
+            main, sub = message.get_content_maintype(), message.get_content_subtype()
+            return main == "application" and (sub == "json" or sub.endswith("+json"))
     return False
 
 
