@@ -1495,6 +1495,9 @@ class Engine:
                 marks.append((n, b.state.select(self.pool.dim, i).clone()))
 
     def _abort_all(self, error: APIError) -> None:
+        """Answer every job and call with `error` (a crash, or the end of a stop): each leaves the queue
+        (`s4_queue_depth`), and a one-shot request's session goes with its slot (`s4_active_sessions`), as
+        when it ends; a crash left both counted for ever."""
         for job in list(self._running.values()):
             if job.deleted is not None:  # (no delete comes: its DELETE is answered)
                 _answer(job.deleted)
@@ -1504,6 +1507,7 @@ class Engine:
             elif job.future is not None:
                 _answer(job.future, error=error)
             self._running.pop(job.session.id, None)
+            self._drop_aborted(job)
         with self._cv:
             pending = list(self._admitting) + list(self._inbox)  # (taken by a crashed `_admit`, then new)
             self._inbox.clear()
@@ -1520,8 +1524,18 @@ class Engine:
                     self._outbox.append((item.stream, Failed(error)))
                 else:
                     _answer(item.future, error=error)
+                self._drop_aborted(item)
             else:
+                if item[2]:  # (a bounded call: counted in the queue until taken)
+                    self._uncount(None)
                 _answer(item[1], error=error)
+
+    def _drop_aborted(self, job: Job) -> None:
+        """A job answered by `_abort_all`: out of the queue, and its one-shot session's slot freed."""
+        self._uncount(job)
+        if job.session.ephemeral:
+            self._release(job.session)
+            job.ended = True  # (its slot is back: `releasing`)
 
     def _flush(self) -> None:
         """Deliver this iteration's events: one thread-safe callback per event loop, one list per

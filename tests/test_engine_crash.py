@@ -102,6 +102,59 @@ def test_a_crash_while_admitting_answers_the_work_admitted_with_it(model_dirs):
     assert isinstance(items[-1], Failed) and items[-1].error.status == 500
 
 
+def test_a_crash_leaves_no_request_queued_and_no_one_shot_slot_held(model_dirs):
+    """The gauges of a crashed engine's model come back down: every request and call it answered with the
+    crash has left the queue (s4_queue_depth 0) and every one-shot request's slot is free
+    (s4_active_sessions, s4_state_resident_bytes 0; kept sessions keep theirs). Before, a crash in a
+    prompt's prefill left its request queued and its slot in use for ever: the gauges read 1 and 4,096
+    bytes after the 500, with nothing running."""
+    from server_support import metric
+
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["text"])], drain_timeout_s=1)).start()
+    try:
+        with httpx.Client(base_url=s.url, timeout=20) as c:
+
+            def broken_prefill(*args, **kwargs):
+                raise RuntimeError("a bug in the prefill")
+
+            s.state.models["tiny-text"].engine.rec.prefill = broken_prefill
+            req = {"model": "tiny-text", "prompt": "to be, or not", "max_new_tokens": 4, "seed": 1}
+            r = c.post("/v1/generate", json=req)
+            assert r.status_code == 500 and "failed" in r.json()["error"]["message"], r.text
+            for name in ("s4_queue_depth", "s4_active_sessions", "s4_state_resident_bytes"):
+                assert metric(c, name, "tiny-text") == 0, name
+    finally:
+        s.stop()
+
+    # the work admitted with the crash, and behind it: one-shot jobs, a kept session's job, a bounded call
+    from test_server_delivery import HandRun
+
+    from server.engine import Job, Stream
+
+    run = HandRun(model_dirs["text"])  # 4 slots
+    run.sessions.release(run.session("s"))
+    engine, start = run.engine, run.engine._start
+
+    def broken_start(job):
+        if job.tokens == [1]:
+            raise RuntimeError("a bug while admitting")
+        start(job)
+
+    engine._start = broken_start
+    kept = engine.pool.in_use  # session s
+    for i, tokens in enumerate(([5, 6], [1], [7, 8])):  # started, crashing, pending
+        rec = engine.new_session(f"one-shot-{i}", ephemeral=True)
+        engine.submit(Job(rec, tokens, fresh=True, stream=Stream(run.loop, 4), params=SamplingParams(seed=1),
+                          max_new_tokens=2))  # fmt: skip
+    call = engine.call(lambda e: "done")
+    ingest = _ingest(run, [9, 9])
+    assert engine.queued == 5 and engine.pool.in_use == kept + 3
+    engine._loop()
+    assert engine.crashed is not None and call.done() and ingest.future.done()
+    assert engine.queued == 0 and engine.pool.in_use == kept
+    assert not any(run.sessions.has(f"one-shot-{i}") for i in range(3))
+
+
 def test_a_crash_answers_the_settles_and_the_calls_it_was_handling(model_dirs):
     """A bug while a turn is settled, or while a job's answer is on its way (the store hook raises): the
     other settles' `queued_write` futures (a route waits on them before its done frame) and the job's own
