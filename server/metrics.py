@@ -245,8 +245,22 @@ class Metrics:
         with `# EOF`, so a cut-off scrape is seen as one), else the text format 0.0.4 (no Accept, or
         text/plain). It always wrote the text format labelled `text/plain; version=1.0.0`, a version no
         Prometheus 2 scraper asks for."""
-        encoder, content_type = choose_encoder(accept)
+        encoder, content_type = choose_encoder(comparable_versions(accept))
         return encoder(self.registry), content_type
+
+
+def comparable_versions(accept: str) -> str:
+    """`accept` less its media ranges whose `version` parameter (the first, as prometheus_client reads it)
+    is not dotted numbers: `choose_encoder` compares it with (1, 0, 0) part by part, and a part that is
+    not a number (`version=abc`, `1.x`) raised TypeError, a 500 for any client's Accept. Such a range is
+    one this server cannot serve, passed over as an unknown type is."""
+    kept = []
+    for accepted in accept.split(","):
+        params = [tok.strip().split("=", 1) for tok in accepted.split(";") if "=" in tok]
+        version = next((value for key, value in params if key == "version"), "")
+        if all(part.isdecimal() for part in version.split(".")) or not version:
+            kept.append(accepted)
+    return ",".join(kept)
 
 
 class ModelMetrics:

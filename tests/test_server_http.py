@@ -596,6 +596,27 @@ def test_metrics_are_openmetrics_where_the_scraper_asks_else_the_text_format_it_
         assert series(openmetrics(om.text)) == series(text_string_to_metric_families(text.text))
 
 
+@pytest.mark.parametrize(
+    "accept, content_type",
+    [
+        ("application/openmetrics-text; version=abc", "text/plain; version=0.0.4"),
+        ("application/openmetrics-text; version=1.x", "text/plain; version=0.0.4"),
+        ("text/plain; version=1.0.0 beta", "text/plain; version=0.0.4"),
+        ("application/openmetrics-text;version=x,application/openmetrics-text;version=1.0.0",
+         "application/openmetrics-text; version=1.0.0;"),
+    ],
+)  # fmt: skip
+def test_an_unreadable_version_in_accept_is_passed_over_not_a_500(client, accept, content_type):
+    """prometheus_client's choose_encoder compares an Accept's `version` with (1, 0, 0) part by part, and
+    a part that is not a number (`version=abc`, `1.x`) raised TypeError: /metrics answered 500 to any
+    client's Accept. Such a media range is passed over as one the server cannot serve: the next one the
+    client accepts is served, else the text format 0.0.4 (a client sending no Accept's)."""
+    r = client.get("/metrics", headers={"Accept": accept})
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"].startswith(content_type), r.headers
+    assert "s4_tokens_generated_total" in r.text
+
+
 def test_the_schema_documents_what_the_server_sends(client):
     """Found by the schemathesis run: /metrics is text (not JSON), /readyz may answer 503, and the
     import route's octet-stream body is part of the schema (so clients and fuzzers can send one)."""
