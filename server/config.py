@@ -312,7 +312,8 @@ class Settings(BaseSettings):
         1 << 16,
         ge=1024,
         le=MAX_BYTES,
-        description="largest request line + headers (else 431 and the connection is closed)",
+        description="largest request line + headers, and largest trailer section of a chunked body (else 431 "
+        "and the connection is closed)",
     )
     header_timeout_s: float = Field(
         10.0,

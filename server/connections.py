@@ -388,6 +388,8 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.in_body = False
         self.header_bytes = 0  # of the request whose headers are not complete yet (_headers_too_large)
         self.header_tail = b""  # the last 3 of those bytes: the blank line may straddle two reads
+        self.chunk_data = True  # False from a chunk's header to its first data byte (`_trailers_too_large`)
+        self.trailer_bytes = 0  # read after the last chunk's header, of the request being read
         self.written = 0  # bytes written to the connection (`taken`)
         self.send_deadline = SendDeadline(self, guard)
 
@@ -545,7 +547,12 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
                 self._arm(self.guard.header_timeout_s, "header_timeout")
         if self.partial_request and self._headers_too_large(data):
             return
+        # past a chunk's header with none of its data: a read that brings no data is the last chunk's
+        # trailer section (a data chunk's header is followed by its data: `on_body`)
+        trailing = self.in_body and not self.chunk_data
         super().data_received(data)
+        if trailing and self.in_body and not self.chunk_data:
+            self._trailers_too_large(len(data))
 
     def _headers_too_large(self, data: bytes) -> bool:
         """httptools has no limit on a request line or a header (and copies a long header value
@@ -583,12 +590,44 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.transport.write(error_response(400, text, request_id=rid))
         self.transport.close()
 
+    def _trailers_too_large(self, n: int) -> None:
+        """A chunked body's trailer section (RFC 9112 7.1.2: fields after the last chunk) has no bound in
+        httptools, and uvicorn appends each trailer field to the request's header list: a client sending
+        trailers for the body deadline grew the server's memory by gigabytes (2.4 GB in 8 s from one
+        connection), never counted against the body limit. Counted here as they are read (`n` bytes, a
+        read after the last chunk's header), answered 431 past max_header_bytes, as the header section is
+        (within one read of the limit: the read that holds the last chunk's header is not counted)."""
+        self.trailer_bytes += n
+        limit = self.guard.max_header_bytes
+        if self.trailer_bytes <= limit or self.transport.is_closing():
+            return
+        self._disarm()
+        self.guard.count_request_refused("headers_too_large")
+        msg = f"the request's trailer fields are larger than {limit} bytes (max_header_bytes)"
+        rid = new_request_id()  # (below the app: one DEBUG line, as the header section's refusal)
+        log.debug("request refused: trailers too large (%s)", msg, extra={"request_id": rid})
+        cycle = self.cycle
+        if cycle is None or not cycle.response_started:
+            self.transport.write(error_response(431, msg, request_id=rid))
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app's receive() gets http.disconnect; its sends are dropped
+            cycle.message_event.set()
+        self.transport.close()
+
+    def on_chunk_header(self) -> None:  # (httptools: a chunk's size line, the last chunk's too)
+        self.chunk_data = False
+
+    def on_body(self, body: bytes) -> None:
+        self.chunk_data = True
+        super().on_body(body)
+
     def on_message_begin(self) -> None:
         self.partial_request = True
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         self.partial_request, self.header_bytes, self.header_tail = False, 0, b""
+        self.chunk_data, self.trailer_bytes = True, 0
         self.in_body = True
         super().on_headers_complete()
         if self.pipeline and self.pipeline[0][0] is self.cycle:

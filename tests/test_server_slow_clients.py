@@ -582,6 +582,41 @@ def test_a_request_line_or_headers_over_the_limit_are_refused_with_431(slow_serv
     assert counters(url, "s4_requests_refused_total")["headers_too_large"] - before == 6
 
 
+def test_a_chunked_bodys_trailer_fields_are_bounded_as_headers_are(slow_server):
+    """A chunked body ends with a trailer section (RFC 9112 7.1.2: fields after the last chunk), which
+    httptools reads without a bound and uvicorn appends to the request's header list: a client sending
+    trailer lines until the body deadline grew the server by 2.4 GB in 8 s, and the body limit never saw
+    them (this server's 1.5 s deadline answered 408 after as many bytes as the client sent). Now a
+    trailer section over S4_MAX_HEADER_BYTES is answered 431 and closed, within a read of the limit,
+    counted as headers_too_large; a body with a few trailer fields is served."""
+    url, port = slow_server
+    before = counters(url, "s4_requests_refused_total").get("headers_too_large", 0)
+    body = json.dumps({"model": TEXT, "prompt": "to be", "max_new_tokens": 2}).encode()
+    head = (b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n")  # fmt: skip
+    chunks = b"".join(b"1\r\n%s\r\n" % body[i : i + 1] for i in range(len(body)))  # a byte a chunk
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(head + chunks + b"0\r\nX-Checksum: 1f2e\r\nX-Other: 2\r\n\r\n")
+        got = read_until_closed(s, timeout=30)
+    assert got.startswith(b"HTTP/1.1 200 ") and b'"finish_reason"' in got, got[:300]
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(head + chunks + b"0\r\n")
+        line = b"X-Trailer: " + b"t" * 1000 + b"\r\n"
+        sent, answered = 0, None
+        try:
+            while sent < 64 << 20 and answered is None:
+                s.sendall(line * 64)
+                sent += 64 * len(line)
+                if select.select([s], [], [], 0)[0]:
+                    answered = sent
+        except OSError:  # closed under us
+            pass
+        got = read_until_closed(s, timeout=5)
+    assert got.startswith(b"HTTP/1.1 431 ") and b"trailer fields are larger than" in got, got[:200]
+    assert answered is not None and answered < 32 << 20, answered
+    assert counters(url, "s4_requests_refused_total")["headers_too_large"] - before == 1
+
+
 def test_a_websocket_handshake_has_the_header_limit_of_every_request(slow_server):
     """The websockets library parses a handshake again, with limits of its own (8,192 bytes a line, 128
     headers), so a handshake with a 9 KB cookie or 130 headers, which every HTTP route takes within
