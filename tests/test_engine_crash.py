@@ -15,6 +15,7 @@ def test_a_crashed_engine_refuses_with_503_instead_of_hanging_and_readyz_names_i
                               drain_timeout_s=1)).start()  # fmt: skip
     try:
         with httpx.Client(base_url=s.url, timeout=20) as c:
+            assert c.get("/healthz").json() == {"status": "alive"}
             req = {"model": "tiny-text", "prompt": "to be", "max_new_tokens": 4, "seed": 1}
             assert c.post("/v1/generate", json=req).status_code == 200
             engine = s.state.models["tiny-text"].engine
@@ -38,6 +39,10 @@ def test_a_crashed_engine_refuses_with_503_instead_of_hanging_and_readyz_names_i
                 assert "engine of model tiny-text failed (RuntimeError)" in r.json()["error"]["message"]
             ready = c.get("/readyz")
             assert ready.status_code == 503 and "tiny-text failed" in ready.json()["reason"]
+            # liveness fails too, so that an orchestrator restarts the server (readiness never does)
+            alive = c.get("/healthz")
+            assert alive.status_code == 503, alive.text
+            assert alive.json() == {"status": "engine_crashed", "models": ["tiny-text"]}
             audio = {"model": "tiny-audio", "max_new_tokens": 8, "seed": 1}
             assert c.post("/v1/generate", json=audio).status_code == 200  # the other model still serves
             metrics = c.get("/metrics").text

@@ -10,9 +10,19 @@ from server.service import state_of
 router = APIRouter()
 
 
-@router.get("/healthz", tags=["health"], summary="The process is alive")
-async def healthz() -> dict:
-    return {"status": "alive"}
+@router.get("/healthz", tags=["health"], summary="The process is alive (503 once an engine has crashed)",
+            responses={503: {"description": "a model's engine has crashed: restart the server"}})  # fmt: skip
+async def healthz(request: Request) -> JSONResponse:
+    """Liveness: 200 {"status": "alive"}, or 503 {"status": "engine_crashed", "models": [...]} once the
+    engine thread of a model has died of a bug (`Engine.crashed`): its requests are 503 from then on and
+    only a restart brings it back, so the liveness probe is what restarts it (as vLLM's /health fails once
+    its engine is dead). /readyz alone said so, and an orchestrator's readiness takes the replica out of
+    service but never restarts it: it stayed out for ever. The models are named, the reason is not (it is
+    in /readyz and the log)."""
+    crashed = [k for k, m in state_of(request).models.items() if m.engine.crashed]
+    if crashed:
+        return JSONResponse({"status": "engine_crashed", "models": crashed}, status_code=503)
+    return JSONResponse({"status": "alive"})
 
 
 READY = {"content": {"application/json": {"schema": {"type": "object"}}}}
