@@ -408,8 +408,8 @@ def sse_error(err: APIError) -> str:
 def usage(prompts: list[list[int]], runs: list[Run]) -> dict:
     """Prompt tokens once per prompt; completion tokens of every sample (best_of's unreturned too); cached
     tokens once per prompt, the fewest any of its samples started from (each sample ingests its prompt:
-    one admitted after another's ingestion starts from all of it, one admitted with it from what was
-    stored before)."""
+    one admitted after another's ingestion, or with it, starts from what that one stored, a follower's
+    wait: `Engine._cached_prefix`; the first from what was stored before)."""
     p = sum(len(ids) for ids in prompts)
     c = sum(r.final.completion_tokens for r in runs if r.final is not None)
     cached = [min((r.final.cached_tokens for r in runs if r.prompt == i and r.final is not None), default=0)
