@@ -70,6 +70,27 @@ def test_no_page_of_docs_holds_a_server_example_this_test_would_not_run():
     assert {lang for _, lang, _ in TESTED} == {"bash", "python"} and len(TESTED) >= 3
 
 
+# A command that runs the project's code (`-m model…`, `-m server`, `-m bench…`, `-m loadtest`, or one of its
+# scripts) by the bare name `python`/`python3`: in a fresh clone that is the system's Python, without torch or
+# the project (`No module named 'torch'`), since `make serve` installs them into .venv and activates nothing.
+BARE_PYTHON = re.compile(
+    r"(?:^|[;&|(])\s*(?:\w+=\S*\s+)*(?:(?:nice(?:\s+-n\s*-?\d+)?|time|exec)\s+)*"
+    r"(python3?\s+(?:-m\s+(?:model|server|bench|loadtest)\b|(?:model|server|bench|loadtest|scripts)/)\S*)",
+    re.M,
+)
+
+
+def test_every_command_example_runs_the_projects_code_with_the_venvs_python():
+    """A fenced shell block is copied as it stands: where it runs the project's code, it names the venv's
+    interpreter (`.venv/bin/python`), as the README's other blocks do; `python -m model.train …` copied
+    from the SaShiMi section into a fresh clone after `make serve` failed with `No module named 'torch'`."""
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    bare = [f"{page.name}:{line}: {m.group(1)}"
+            for page in pages for line, lang, code, _ in readme_blocks(page) if lang in ("bash", "sh")
+            for m in BARE_PYTHON.finditer(code)]  # fmt: skip
+    assert bare == [], "run by the system's python, not .venv/bin/python:\n" + "\n".join(bare)
+
+
 @pytest.fixture(scope="module")
 def readme_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme-checkpoints")
