@@ -14,10 +14,13 @@ from __future__ import annotations
 import ast
 import io
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import wave
 from pathlib import Path
 
@@ -89,6 +92,53 @@ def test_every_command_example_runs_the_projects_code_with_the_venvs_python():
             for page in pages for line, lang, code, _ in readme_blocks(page) if lang in ("bash", "sh")
             for m in BARE_PYTHON.finditer(code)]  # fmt: skip
     assert bare == [], "run by the system's python, not .venv/bin/python:\n" + "\n".join(bare)
+
+
+def _make_serve(tmp_path: Path) -> tuple[subprocess.Popen, Path, int]:
+    """`make serve` with a stand-in venv whose python records the signals it gets (and installs nothing: its
+    .installed is newer than pyproject.toml). Returns make, the record and the stand-in server's PID."""
+    venv, record = tmp_path / "venv", tmp_path / "signals"
+    (venv / "bin").mkdir(parents=True)
+    python = venv / "bin" / "python"
+    python.write_text(f"#!/bin/bash\necho $$ > {record}.pid\n"
+                      f"trap 'echo TERM >> {record}; exit 0' TERM\ntrap 'echo INT >> {record}; exit 0' INT\n"
+                      "while :; do sleep 0.05; done\n")  # fmt: skip
+    python.chmod(0o755)
+    (venv / "bin" / ".installed").touch()
+    make = subprocess.Popen(["make", "-s", "-C", str(ROOT), "serve", f"VENV={venv}"], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not (Path(f"{record}.pid").exists() and Path(f"{record}.pid").read_text().strip()):
+        assert make.poll() is None and time.monotonic() < deadline, "make serve did not start its server"
+        time.sleep(0.05)
+    time.sleep(0.3)  # the traps are set
+    return make, record, int(Path(f"{record}.pid").read_text())
+
+
+def _signals(record: Path) -> list[str]:
+    return record.read_text().split() if record.exists() else []
+
+
+def test_make_serve_stops_on_ctrl_c_and_on_a_sigterm_to_make_not_on_a_sigint_to_make_alone(tmp_path):
+    """What The two commands says of stopping `make serve`: Ctrl-C (the terminal signals make's process
+    group) reaches the server, and so does a SIGTERM to make, which GNU make passes on to the recipe it runs
+    (the README said a signal to make itself was not passed on); a SIGINT to make alone is not: make waits,
+    and the server goes on serving until it is signalled itself."""
+    make, record, server = _make_serve(tmp_path / "ctrl-c")
+    os.killpg(make.pid, signal.SIGINT)
+    assert make.wait(timeout=30) != 0 and _signals(record) == ["INT"]
+
+    make, record, server = _make_serve(tmp_path / "term")
+    make.send_signal(signal.SIGTERM)
+    assert make.wait(timeout=30) != 0 and _signals(record) == ["TERM"]
+
+    make, record, server = _make_serve(tmp_path / "int")
+    make.send_signal(signal.SIGINT)
+    time.sleep(1.5)
+    assert make.poll() is None and _signals(record) == [], "a SIGINT to make alone reached the server"
+    os.kill(server, signal.SIGTERM)
+    make.wait(timeout=30)
+    assert _signals(record) == ["TERM"]
 
 
 @pytest.fixture(scope="module")
