@@ -92,14 +92,56 @@ def test_one_dockerfile_gives_cpu_and_cuda_images_by_build_argument():
     assert "BASE=nvidia/cuda:" in header and "TORCH_INDEX_URL=https://download.pytorch.org/whl/cu" in header
 
 
+def in_build_context(path: str) -> bool:
+    """Whether ./.dockerignore lets `path` (relative to the project, '/'-separated) into the build context,
+    as Docker and Podman read it: a pattern matches the path or one of its parent folders (`*` within a name,
+    `**` across folders), the last pattern that matches decides, and `!` lets through."""
+    parts = path.split("/")
+    paths = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    kept = True
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        pattern = line.removeprefix("!").strip().strip("/")
+        regex = "".join("(.*/)?" if tok == "**/" else ".*" if tok == "**" else "[^/]*" if tok == "*"
+                        else "[^/]" if tok == "?" else re.escape(tok)
+                        for tok in re.findall(r"\*\*/|\*\*|\*|\?|[^*?]+", pattern))  # fmt: skip
+        if any(re.fullmatch(regex, p) for p in paths):
+            kept = line.startswith("!")
+    return kept
+
+
 def test_dockerignore_lets_through_what_the_build_copies():
-    allowed = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.startswith("!")}  # fmt: skip
     copied = set()
     for op, args in dockerfile():
         if op == "COPY" and "--from" not in args:
             copied |= set(args.split()[:-1])
-    assert copied and copied <= allowed, copied - allowed
+    assert copied
+    for name in copied:
+        files = [name, *(str(p.relative_to(ROOT)) for p in (ROOT / name).rglob("*"))]
+        assert any(in_build_context(f) for f in files), f"COPY {name}: nothing of it is in the build context"
+
+
+def test_the_image_holds_the_shipped_checkpoints_and_no_other_checkpoint_folder():
+    """checkpoints/ is where the README's examples write (checkpoints/mine, checkpoints/s4-bytes) and where
+    Train your own puts a run's export (checkpoints/NAME): those stay out of the image, which holds the
+    shipped checkpoints (the folders git tracks), less their cards' samples/ and eval_slice/. The allowlist
+    let all of checkpoints/ through, so a `docker build` after the README's examples, or after training or
+    converting your own model, put those weights into the image (and into any registry it is pushed to)."""
+    tracked = subprocess.run(["git", "ls-files", "checkpoints"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()  # fmt: skip
+    shipped = {path.split("/")[1] for path in tracked}
+    assert {"text-shakespeare", "audio-digits", "audio-digits-s4"} <= shipped
+    for name in shipped:
+        for file in ("config.json", "model.safetensors", "README.md"):
+            assert in_build_context(f"checkpoints/{name}/{file}"), f"checkpoints/{name}/{file}"
+        for extra in ("samples/00.wav", "eval_slice/tokens.bin"):
+            assert not in_build_context(f"checkpoints/{name}/{extra}"), f"checkpoints/{name}/{extra}"
+    for mine in ("mine/model.safetensors", "s4-bytes/config.json", "NAME/README.md"):
+        assert not in_build_context(f"checkpoints/{mine}"), f"checkpoints/{mine} goes into the image"
+    assert in_build_context("model/csrc/ssm_step.c") and in_build_context("server/static/app.js")
+    assert not any(map(in_build_context, ("data/digits/train.bin", "runs/x/last/state.json", "model/x.pyc")))
 
 
 def stop_takes_at_most(env: dict) -> float:
