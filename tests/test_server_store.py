@@ -628,7 +628,7 @@ def test_a_write_from_an_old_copy_is_refused_counted_and_the_copy_dropped(
         # nor does its writer keep the dropped copy's version: one entry a stale-dropped session, for as long
         # as the replica ran, where it was never restored here (a helper's review)
         writer = a.state.writer
-        assert wait_for(lambda: sid not in writer._versions and sid not in writer._older, 60), writer._versions
+        assert wait_for(lambda: sid not in writer._versions and sid not in writer._older, 60), writer._older
         assert _stored(redis_db, sid)["n_tokens"] == 26  # b's turn stands
         assert httpx.get(f"{a.url}/v1/sessions/{sid}").json()["tokens"] == 26
     finally:
