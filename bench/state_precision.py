@@ -1,7 +1,7 @@
 """Can a session's state be smaller? A 16-bit state, and a reduced SSM order, measured on the shipped models.
 
 The GPU's audio streams are bound by the state's memory traffic: a step reads and writes every
-stream's state once at least (README, "the goal of ≥ 1,000 streams at 16 kHz sits at the
+stream's state once at least (docs/gpu.md, "the goal of ≥ 1,000 streams at 16 kHz sits at the
 memory-bandwidth bound"). Two ways to move fewer bytes, each measured here:
 
   * **A 16-bit state** (as vLLM's `mamba_ssm_cache_dtype` offers for Mamba): the state is stored in
@@ -46,7 +46,7 @@ SIZES: dict[bool, dict[str, int]] = {  # keyed by quick: rows and tokens per row
     False: {"rows": 8, "tokens": 8000, "text_rows": 4, "text_tokens": 4096},
     True: {"rows": 2, "tokens": 400, "text_rows": 2, "text_tokens": 256},
 }
-GPU_COPY_TBPS = 4.2  # bench.gpu's measured H200 copy bandwidth (README), for the streams bound
+GPU_COPY_TBPS = 4.2  # bench.gpu's measured H200 copy bandwidth (docs/gpu.md), for the streams bound
 STREAM_HZ = 16_000
 
 
