@@ -189,17 +189,24 @@ class RequestIds(logging.Filter):
 LOGGED_QUERY_PARAMS = frozenset({"model"})
 
 
+QUERY_SEPARATORS = re.compile("([&;])")  # `;` too: HTML 4's, which older clients send (Starlette reads `&`)
+
+
 def redact_query(path: str) -> str:
     """`path` with the value of each query parameter but `LOGGED_QUERY_PARAMS` as `[redacted]` (a
-    parameter without a value is redacted whole: it may be a bare key)."""
+    parameter without a value is redacted whole: it may be a bare key). Items are split at `&` and at
+    `;`: a `model=x;api_key=…` was one item named `model`, logged whole with the key in it."""
     head, sep, query = path.partition("?")
     if not sep:
         return path
-    items = []
-    for item in query.split("&"):
+    out = []
+    for i, item in enumerate(QUERY_SEPARATORS.split(query)):
+        if i % 2:  # (a separator, kept as sent)
+            out.append(item)
+            continue
         name, eq, _ = item.partition("=")
-        items.append(item if name in LOGGED_QUERY_PARAMS else f"{name}=[redacted]" if eq else "[redacted]")
-    return f"{head}?{'&'.join(items)}"
+        out.append(item if name in LOGGED_QUERY_PARAMS else f"{name}=[redacted]" if eq else "[redacted]")
+    return f"{head}?{''.join(out)}"
 
 
 WS_REQUEST_LINE = '%s - "WebSocket %s"'  # how uvicorn's WebSocket lines begin ([accepted], or a status)
