@@ -54,6 +54,29 @@ class GenerationBlock(Extension):
         return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
 
+def _default_template(source) -> str:
+    """`chat_template`'s Jinja source: the string itself, or the template named "default" of the list of
+    {"name", "template"} or the mapping Hugging Face writes when a model has several (ChatTemplateError
+    naming what is wrong otherwise)."""
+    if isinstance(source, str):
+        return source
+    if isinstance(source, list):
+        if not all(isinstance(t, dict) and isinstance(t.get("name"), str) for t in source):
+            raise ChatTemplateError('chat_template: a list must hold {"name", "template"} objects')
+        source = {t["name"]: t.get("template") for t in source}
+    if not isinstance(source, dict):
+        raise ChatTemplateError("chat_template must be a string (a Jinja template), or Hugging Face's list "
+                                'of {"name", "template"}')  # fmt: skip
+    if "default" not in source:
+        names = ", ".join(repr(n) for n in list(source)[:8])
+        raise ChatTemplateError(f"chat_template: none of its templates ({names}) is named 'default', the one "
+                                "served (the others are for tools or documents, which this server does not "
+                                "take)")  # fmt: skip
+    if not isinstance(source["default"], str):
+        raise ChatTemplateError("chat_template: its 'default' template must be a string (a Jinja template)")
+    return source["default"]
+
+
 @dataclass
 class ChatTemplate:
     source: str
@@ -74,13 +97,16 @@ class ChatTemplate:
     @classmethod
     def from_config(cls, meta: dict) -> ChatTemplate | None:
         """The template of a checkpoint's config.json metadata, None if it has none; ChatTemplateError
-        when `chat_template` is not a string or `chat_stop` not a list of non-empty strings."""
+        when `chat_template` is not a template or `chat_stop` not a list of non-empty strings.
+        `chat_template` is a string, or, as a Hugging Face tokenizer_config.json holds several, a list of
+        {"name", "template"} (or a name → template mapping), of which the one named "default" is used, as
+        transformers uses it for a conversation without tools (the others, "tool_use" and "rag", are for
+        requests with tools or documents, which this server does not take)."""
         source = meta.get("chat_template")
         if source is None:
             return None
         stop = meta.get("chat_stop", [])
-        if not isinstance(source, str):
-            raise ChatTemplateError("chat_template must be a string (a Jinja template)")
+        source = _default_template(source)
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise ChatTemplateError("chat_stop must be a list of non-empty strings")
         return cls(source, stop)

@@ -1142,6 +1142,39 @@ def test_a_template_whose_source_ends_in_a_newline_renders_the_prompt_transforme
     assert ChatTemplate(body + "<|assistant|>\n", []).render(messages).endswith("</s>\n<|assistant|>")
 
 
+def test_a_hugging_face_list_of_named_templates_serves_its_default_one():
+    """A Hugging Face tokenizer_config.json holds several templates as a list of {"name", "template"}
+    ("default", "tool_use", "rag"; transformers reads it as a mapping too), of which transformers renders
+    "default" for a conversation without tools. Such a `chat_template` copied into config.json made the
+    model refuse to load ("must be a string"; R11's note). The default one is served now, as the string
+    itself would be; a list or mapping without one is refused naming the templates it holds."""
+    import re  # noqa: PLC0415
+
+    from server.chat import ChatTemplate, ChatTemplateError  # noqa: PLC0415
+
+    default = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    tools = "{{ tools | tojson }}{% for m in messages %}{{ m.content }}{% endfor %}"
+    messages = [{"role": "user", "content": "Who's there?"}]
+    want = ChatTemplate.from_config({"chat_template": default, "chat_stop": ["\n"]})
+    for form in (
+        [{"name": "tool_use", "template": tools}, {"name": "default", "template": default}],
+        {"default": default, "tool_use": tools},
+    ):
+        got = ChatTemplate.from_config({"chat_template": form, "chat_stop": ["\n"]})
+        assert got.source == default and got.stop == ["\n"]
+        assert got.render(messages) == want.render(messages) == "user: Who's there?\nassistant:"
+    bad = {
+        "none of its templates ('tool_use', 'rag') is named 'default'": [
+            {"name": "tool_use", "template": tools}, {"name": "rag", "template": tools}],
+        'a list must hold {"name", "template"} objects': [default],
+        "its 'default' template must be a string": {"default": 5},
+        "must be a string (a Jinja template), or Hugging Face's list": 5,
+    }  # fmt: skip
+    for says, form in bad.items():
+        with pytest.raises(ChatTemplateError, match=re.escape(says)):
+            ChatTemplate.from_config({"chat_template": form})
+
+
 def test_a_template_sees_tools_and_documents_as_none_as_transformers_gives_them(chat_server, monkeypatch):
     """transformers renders a chat template with `tools` and `documents` always set (None when the caller
     passes none: `render_jinja_template`'s `tools=tool_schemas, documents=documents`), so a template for it
