@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -169,8 +170,11 @@ class Vocab:
 
     @classmethod
     def parse(cls, data: bytes, lower_case: bool = False) -> Vocab:
-        """`read`'s vocabulary from a symbols file's bytes (UnicodeDecodeError when they are not UTF-8)."""
-        lines = data.decode("utf-8").splitlines()
+        """`read`'s vocabulary from a symbols file's bytes (UnicodeDecodeError when they are not UTF-8). Its
+        lines end where the official code's text-mode read ends them (\\n, \\r\\n or \\r: Python's
+        universal newlines), not at every break str.splitlines knows (\\x0c, \\x85, U+2028, ...), which
+        made one line with such a character between its fields two symbols."""
+        lines = re.split(r"\r\n|\r|\n", data.decode("utf-8"))
         return cls([ln.split()[0] for ln in lines if ln.strip()], lower_case=lower_case)
 
     def write(self, path: str | Path) -> str:

@@ -111,6 +111,24 @@ def test_a_symbols_file_reads_the_first_field_of_each_line(tmp_path):
     assert WordVocab.read(tmp_path / "v.txt").symbols == ["<eos>", "the", "of"]
 
 
+def test_a_symbols_file_ends_its_lines_where_the_official_text_mode_read_does(tmp_path):
+    """The official `_build_from_file` reads a vocab_file in text mode (lines end at \\n, \\r\\n or \\r:
+    Python's universal newlines) and takes `line.strip().split()[0]`. Ours split with str.splitlines, which
+    also ends a line at \\x0b, \\x0c, \\x1c-\\x1e, \\x85 and U+2028/9: a line "a\\x0cb" gave two symbols
+    where the official code reads one ("a"), and every later id was one more (R12's note). Here the
+    reference is that same read of the bytes through io.TextIOWrapper, as open(..., 'r') does."""
+    import io  # noqa: PLC0415
+
+    seps = ["\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x85", "\u2028", "\u2029"]
+    text = "<eos>\n" + "".join(f"w{i}{sep}x{i} 7\n" for i, sep in enumerate(seps)) + "cr\rcrlf\r\nlast"
+    data = text.encode("utf-8")
+    (tmp_path / "v.txt").write_bytes(data)
+    with io.TextIOWrapper(io.BytesIO(data), encoding="utf-8") as f:
+        want = [line.strip().split()[0] for line in f if line.strip()]
+    assert want == ["<eos>", *(f"w{i}" for i in range(len(seps))), "cr", "crlf", "last"]
+    assert WordVocab.read(tmp_path / "v.txt").symbols == want
+
+
 def _convert(tmp_path, *extra):
     out = tmp_path / "ck"
     r = subprocess.run(
