@@ -78,6 +78,18 @@ def _ingest(run, ids, sid="s"):
     return job
 
 
+def _crash_admitting(engine, tokens: list[int]) -> None:
+    """The engine's admission (`_start`) raises for the job whose tokens are `tokens`: a bug on its thread."""
+    start = engine._start
+
+    def broken_start(job):
+        if job.tokens == tokens:
+            raise RuntimeError("a bug while admitting")
+        start(job)
+
+    engine._start = broken_start
+
+
 def test_a_crash_while_admitting_answers_the_work_admitted_with_it(model_dirs):
     """A bug while one item of an admission is handled: the items taken with it (a control call, an ingest
     job, a generation's stream) are answered with the crash's error. (Before, they were dropped: their
@@ -85,14 +97,8 @@ def test_a_crash_while_admitting_answers_the_work_admitted_with_it(model_dirs):
     from server.engine import Failed, Job, Stream
 
     run = _engine(model_dirs)
-    engine, start = run.engine, run.engine._start
-
-    def broken_start(job):
-        if job.tokens == [1]:
-            raise RuntimeError("a bug while admitting")
-        start(job)
-
-    engine._start = broken_start
+    engine = run.engine
+    _crash_admitting(engine, [1])
     first = _ingest(run, [1])  # its admission raises
     call = engine.call(lambda e: "done")
     second = _ingest(run, [2], "t")
@@ -138,14 +144,8 @@ def test_a_crash_leaves_no_request_queued_and_no_one_shot_slot_held(model_dirs):
 
     run = HandRun(model_dirs["text"])  # 4 slots
     run.sessions.release(run.session("s"))
-    engine, start = run.engine, run.engine._start
-
-    def broken_start(job):
-        if job.tokens == [1]:
-            raise RuntimeError("a bug while admitting")
-        start(job)
-
-    engine._start = broken_start
+    engine = run.engine
+    _crash_admitting(engine, [1])
     kept = engine.pool.in_use  # session s
     for i, tokens in enumerate(([5, 6], [1], [7, 8])):  # started, crashing, pending
         rec = engine.new_session(f"one-shot-{i}", ephemeral=True)

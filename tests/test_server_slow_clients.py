@@ -547,15 +547,7 @@ def test_a_request_line_or_headers_over_the_limit_are_refused_with_431(slow_serv
     for start in (b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ", b"GET /healthz?"):
         with socket.create_connection(("127.0.0.1", port)) as s:
             s.sendall(start)
-            sent, answered = 0, None
-            try:
-                while sent < 64 << 20 and answered is None:
-                    s.sendall(b"a" * (64 << 10))
-                    sent += 64 << 10
-                    if select.select([s], [], [], 0)[0]:
-                        answered = sent
-            except OSError:  # closed under us
-                pass
+            answered = _flood(s, b"a" * (64 << 10))
             got = read_until_closed(s, timeout=5)
         assert got.startswith(b"HTTP/1.1 431 ") and b"max_header_bytes" in got, got[:100]
         assert answered is not None and answered < 32 << 20, answered  # long before 64 MiB (kernel
@@ -582,6 +574,21 @@ def test_a_request_line_or_headers_over_the_limit_are_refused_with_431(slow_serv
     assert counters(url, "s4_requests_refused_total")["headers_too_large"] - before == 6
 
 
+def _flood(s: socket.socket, piece: bytes, most: int = 64 << 20) -> int | None:
+    """Send `piece` again and again until the server has answered (something to read) or `most` bytes are
+    sent: the bytes sent when the answer was seen, None if it never came (a close under us ends it too)."""
+    sent = 0
+    try:
+        while sent < most:
+            s.sendall(piece)
+            sent += len(piece)
+            if select.select([s], [], [], 0)[0]:
+                return sent
+    except OSError:  # closed under us
+        pass
+    return None
+
+
 def test_a_chunked_bodys_trailer_fields_are_bounded_as_headers_are(slow_server):
     """A chunked body ends with a trailer section (RFC 9112 7.1.2: fields after the last chunk), which
     httptools reads without a bound and uvicorn appends to the request's header list: a client sending
@@ -601,16 +608,7 @@ def test_a_chunked_bodys_trailer_fields_are_bounded_as_headers_are(slow_server):
     assert got.startswith(b"HTTP/1.1 200 ") and b'"finish_reason"' in got, got[:300]
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(head + chunks + b"0\r\n")
-        line = b"X-Trailer: " + b"t" * 1000 + b"\r\n"
-        sent, answered = 0, None
-        try:
-            while sent < 64 << 20 and answered is None:
-                s.sendall(line * 64)
-                sent += 64 * len(line)
-                if select.select([s], [], [], 0)[0]:
-                    answered = sent
-        except OSError:  # closed under us
-            pass
+        answered = _flood(s, (b"X-Trailer: " + b"t" * 1000 + b"\r\n") * 64)
         got = read_until_closed(s, timeout=5)
     assert got.startswith(b"HTTP/1.1 431 ") and b"trailer fields are larger than" in got, got[:200]
     assert answered is not None and answered < 32 << 20, answered
