@@ -161,6 +161,7 @@ _NEST[[ord("["), ord("{")]], _NEST[[ord("]"), ord("}")]] = 1, -1
 
 SMALL = 65_536  # of each kind, far more than any valid request holds (but the token ids of the routes below)
 CONTAINERS = 16_384  # a valid request holds a few hundred arrays and objects at most (256 chat messages)
+CHAT_SLACK = 4_096  # a chat request's arrays, objects, members and elements besides its content parts
 
 
 def route_budget(path: str, max_prompt_tokens: int, max_new_tokens: int = 0) -> tuple[JSONBudget, str | None]:
@@ -184,6 +185,12 @@ def route_budget(path: str, max_prompt_tokens: int, max_new_tokens: int = 0) -> 
             f"(max_prompt_tokens {max_prompt_tokens}, max_new_tokens {max_new_tokens}), + {SMALL}"
         )
         return JSONBudget(n + SMALL, CONTAINERS, SMALL, SMALL), note
+    if path == "/v1/chat/completions":  # (a message's content parts are an unbounded list: a part of one
+        # token, {"type": "text", "text": "a"}, is 1 object, 2 members and 2 elements; a prompt of
+        # max_prompt_tokens such parts past 16,384 was refused though valid, a helper's audit. CHAT_SLACK:
+        # the rest of the request, 256 messages and a logit_bias included. The defaults are unchanged.)
+        n, most = max_prompt_tokens, max(SMALL, 2 * max_prompt_tokens + CHAT_SLACK)
+        return JSONBudget(most, max(CONTAINERS, n + CHAT_SLACK), most, SMALL), None
     return JSONBudget(SMALL, CONTAINERS, SMALL, SMALL), None
 
 

@@ -24,6 +24,7 @@ from websockets.asyncio.client import connect
 
 from model.sampling import SamplingParams
 from server.json_budget import (
+    CHAT_SLACK,
     CONTAINERS,
     MAX_DEPTH,
     SMALL,
@@ -553,12 +554,45 @@ def test_the_budgets_grow_with_the_token_limits_on_the_token_id_routes_only():
     for prompt, new in ((8192, 4096), (4096, 8192)):  # (the larger of the two)
         budget = route_budget("/detokenize", prompt, new)[0]
         assert budget == JSONBudget(8192 + SMALL, CONTAINERS, SMALL, SMALL)
-    for path in ("/v1/generate", "/v1/chat/completions", "/v1/sessions", "/v1/stream"):
+    for path in ("/v1/generate", "/v1/sessions", "/v1/stream"):
         assert (
             route_budget(path, 8192)[0]
             == route_budget(path, 10**6, 10**6)[0]
             == JSONBudget(SMALL, CONTAINERS, SMALL, SMALL)
         )
+    # chat: its content parts, one token each at least, grow with the prompt limit past the defaults' budget
+    assert route_budget("/v1/chat/completions", 8192)[0] == JSONBudget(SMALL, CONTAINERS, SMALL, SMALL)
+    n = 10**6
+    assert route_budget("/v1/chat/completions", n)[0] == JSONBudget(
+        2 * n + CHAT_SLACK, n + CHAT_SLACK, 2 * n + CHAT_SLACK, SMALL
+    )
+
+
+def test_a_chat_of_as_many_one_token_content_parts_as_the_prompt_limit_is_served(model_dirs, tmp_path):
+    """A message's content parts are an unbounded list; each part {"type": "text", "text": "a"} holds a
+    token at least. With S4_MAX_PROMPT_TOKENS=40000, a chat of 20,000 one-byte parts (a prompt well within
+    the limit) was refused 413 as holding more arrays and objects "than any valid request body holds"
+    (16,384: the chat budget did not grow with the limit, as /v1/completions' does; R13's note). Now it
+    is served, and a body past the grown budget is still refused before it is parsed."""
+    from server_support import chat_copy
+
+    from server import Settings
+
+    chat = chat_copy(model_dirs["text"], tmp_path)
+    settings = Settings(checkpoints=[str(chat)], max_prompt_tokens=40_000, max_sessions=2)
+    srv = ServerThread(settings).start()
+    try:
+        parts = [{"type": "text", "text": "a"}] * 20_000
+        body = {"model": "tiny-chat", "messages": [{"role": "user", "content": parts}], "max_tokens": 1}
+        r = httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text[:300]
+        assert r.json()["usage"]["prompt_tokens"] > 20_000, r.json()["usage"]
+        over = {**body, "messages": [{"role": "user", "content": [{"type": "text", "text": ""}] * 45_000}]}
+        r = httpx.post(srv.url + "/v1/chat/completions", content=body_of(over), headers=JSON)
+        said = r.json()["error"]["message"]
+        assert r.status_code == 413 and "more than any valid request body holds" in said, r.text[:300]
+    finally:
+        srv.stop()
 
 
 def test_detokenize_takes_back_every_id_list_tokenize_or_a_generation_gives(model_dirs):
