@@ -306,7 +306,9 @@ class Settings(BaseSettings):
         "and a WebSocket message, is also counted outside its strings as it arrives: at most 65,536 array "
         "or object elements, object members and numbers with a fraction or exponent, and 16,384 arrays "
         "and objects, as no valid one holds more (for token ids, /v1/completions: 64 x max_prompt_tokens "
-        "more elements; /detokenize: the larger of max_prompt_tokens and max_new_tokens more), else 413",
+        "more elements; /detokenize: the larger of max_prompt_tokens and max_new_tokens more; for content "
+        "parts of a token each, /v1/chat/completions: 2 x max_prompt_tokens + 4,096 elements and members, "
+        "and max_prompt_tokens + 4,096 arrays and objects, where that is more), else 413",
     )
     max_header_bytes: int = Field(
         1 << 16,
