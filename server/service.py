@@ -399,14 +399,21 @@ async def _engine_call(state: ServerState, model: ServedModel, src: SessionRecor
 
 
 async def fork(state: ServerState, session_id: str) -> SessionRecord:
+    """A new session with a copy of `session_id`'s state. The source is claimed before the new slot is
+    waited for: a claimed session is never evicted to make room (`wait_for_slots`), so a full pool whose
+    only idle session is the source answers 429, not a 404 for a source evicted to the store by its own
+    fork."""
     model, _ = session_model(state, session_id)
-    await wait_for_slots(model)
     src = claim(state, model, session_id)
     try:
-        slot = model.engine.pool.reserve()
-    except APIError:
+        await wait_for_slots(model)
+        try:
+            slot = model.engine.pool.reserve()
+        except APIError:
+            model.engine.metrics.reject("sessions_full")
+            raise
+    except BaseException:
         state.sessions.release(src)
-        model.engine.metrics.reject("sessions_full")
         raise
     dst = SessionRecord(id=new_session_id(), model=model.id, slot=slot)
     try:

@@ -2336,3 +2336,33 @@ def test_a_stored_session_of_a_model_still_loading_is_a_503_whatever_it_has_seen
     finally:
         go.set()
         s.stop()
+
+
+def test_a_fork_on_a_full_pool_never_evicts_its_own_source(model_dirs, redis_url, redis_db):
+    """A fork needs a slot beside its source's. With a store and every other slot busy (here: none), the
+    request's room-making eviction (`wait_for_slots`) found the source itself as the only idle session and
+    evicted it to the store: the fork then claimed it and answered 404 naming session_id, a session that
+    exists, and the session lost its slot here. The source is claimed first, so it is never evicted for its
+    own fork: the fork is the documented 429 when no other slot can be made free, and the session stays
+    held and continues exactly; with another idle session in the pool, that one is evicted instead."""
+    a = _replica(model_dirs, redis_url, max_sessions=1)
+    try:
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "S:"}).json()["session_id"]
+        r = httpx.post(a.url + f"/v1/sessions/{sid}/fork")
+        assert r.status_code == 429 and "session slots are in use" in r.text, r.text
+        assert a.state.sessions.has(sid) and _evictions(a.url, "slots_full") == 0
+        assert a.state.models[TEXT].engine.pool.in_use == 1
+        got = _generate(a.url, sid, None, 5, seed=3)
+        assert got == reference(model_dirs["text"], list(b"S:"), SamplingParams(seed=3), 5)
+    finally:
+        a.stop()
+    b = _replica(model_dirs, redis_url, max_sessions=2)
+    try:
+        sids = [httpx.post(b.url + "/v1/sessions", json={"model": TEXT, "prompt": p}).json()["session_id"]
+                for p in ("A:", "B:")]  # fmt: skip
+        r = httpx.post(b.url + f"/v1/sessions/{sids[0]}/fork")  # sids[0] used least recently: not taken
+        assert r.status_code == 201, r.text
+        assert b.state.sessions.has(sids[0]) and not b.state.sessions.has(sids[1])
+        assert _evictions(b.url, "slots_full") == 1
+    finally:
+        b.stop()
