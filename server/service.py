@@ -460,6 +460,38 @@ async def delete(state: ServerState, session_id: str) -> None:
     await _store_deleted(state, session_id, await landed(state, session_id, gone))
 
 
+async def delete_unheld(state: ServerState, session_id: str) -> bool:
+    """With a session store, DELETE a session this replica does not hold (evicted here, or another
+    replica's) in the store, unread (`delete_unread`): True once answered so (204). Restoring it first took
+    a slot for a session about to go, evicting another idle session for it, or, with every slot busy,
+    answering 429 and leaving the session as it was. 404 naming session_id when the store holds no such
+    session; 503 when it cannot be read, and while the server drains (as for a held session). False (the
+    caller restores and deletes as before) without a store, for a session held here, and for one whose
+    delete is under way already (`delete`: a DELETE sent again waits for it)."""
+    if state.writer is None or len(session_id) > MAX_SESSION_ID:
+        return False
+    state.check_serving()
+    async with state.restoring.hold(session_id):  # (a request restoring it here meanwhile goes first)
+        if state.sessions.has(session_id) or state.writer.deleting(session_id):
+            return False
+
+        def stored() -> bool:  # (this replica's queued write of it first: an eviction's)
+            state.writer.settle(session_id, SETTLE_TIMEOUT_S)
+            return state.store.get(session_id) is not None
+
+        try:
+            found = await asyncio.to_thread(stored)
+        except StoreError as exc:
+            _store_failed(state, logging.ERROR, "session %s: %s", session_id, exc)
+            why = f"session {session_id}: the session store cannot be read ({exc.public})"
+            raise unavailable(why) from None
+        state.writer.answered(True)
+        if not found:
+            raise not_found(f"no session {quoted(session_id)}", param="session_id")
+        await delete_unread(state, session_id)
+        return True
+
+
 async def delete_unread(state: ServerState, session_id: str) -> None:
     """Delete a session whose stored state cannot be restored here (corrupt, made by other weights, of
     another model: the 422 of `restore`), unread: its tombstone written (`StoreWriter.delete`), answered

@@ -2366,3 +2366,36 @@ def test_a_fork_on_a_full_pool_never_evicts_its_own_source(model_dirs, redis_url
         assert _evictions(b.url, "slots_full") == 1
     finally:
         b.stop()
+
+
+def test_a_delete_of_a_session_not_held_here_takes_no_slot(model_dirs, redis_url, redis_db):
+    """A DELETE of a session this replica does not hold (evicted to the store, or another replica's) deletes
+    it in the store without restoring it first: the restore took a slot for a session about to go, so with
+    every slot busy the DELETE was a 429 ("all 1 session slots are in use", a status a delete never has)
+    and the session stayed, and with an idle session in the pool that one was evicted to make room for it.
+    Now: 204, the session is a 404 here and gone from the store, and the pool is as it was."""
+    a = _replica(model_dirs, redis_url, max_sessions=1)
+    try:
+        sids = [httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": p}).json()["session_id"]
+                for p in ("ONE:", "TWO:", "THREE:")]  # fmt: skip
+        one, two, three = sids
+        assert [a.state.sessions.has(s) for s in sids] == [False, False, True]  # evicted for room, in turn
+        assert _stored(redis_db, one)["n_tokens"] == 4 and _evictions(a.url, "slots_full") == 2
+        engine = a.state.models[TEXT].engine
+        busy = a.state.sessions.claim(three)  # a request running on the only slot's session
+        try:
+            r = httpx.delete(f"{a.url}/v1/sessions/{one}")
+            assert r.status_code == 204, r.text
+        finally:
+            a.state.sessions.release(busy)
+        assert httpx.get(f"{a.url}/v1/sessions/{one}").status_code == 404 and _stored(redis_db, one) is None
+        assert engine.pool.in_use == 1
+        # the only slot's session idle: the DELETE of another one leaves it held (it was evicted for it)
+        assert httpx.delete(f"{a.url}/v1/sessions/{two}").status_code == 204
+        assert a.state.sessions.has(three) and engine.pool.in_use == 1
+        assert _evictions(a.url, "slots_full") == 2
+        assert httpx.get(f"{a.url}/v1/sessions/{two}").status_code == 404 and _stored(redis_db, two) is None
+        assert httpx.delete(f"{a.url}/v1/sessions/{two}").status_code == 404  # (gone: not deleted twice)
+        assert httpx.delete(f"{a.url}/v1/sessions/sess-{'0' * 32}").status_code == 404  # (never existed)
+    finally:
+        a.stop()

@@ -83,6 +83,8 @@ async def get(session_id: str, request: Request):
                summary="Delete a session (a running request on it is cancelled)")  # fmt: skip
 async def delete(session_id: str, request: Request) -> Response:
     st = state_of(request)
+    if await service.delete_unheld(st, session_id):  # (with a store, a session not held here: no restore)
+        return Response(status_code=204)
     try:
         await service.restore(st, session_id)
     except APIError as err:  # a stored state this server cannot read (corrupt, other weights, another model)
