@@ -2399,3 +2399,26 @@ def test_a_delete_of_a_session_not_held_here_takes_no_slot(model_dirs, redis_url
         assert httpx.delete(f"{a.url}/v1/sessions/sess-{'0' * 32}").status_code == 404  # (never existed)
     finally:
         a.stop()
+
+
+def test_a_sockets_own_session_evicted_to_the_store_is_deleted_when_the_socket_closes(
+    model_dirs, redis_url, redis_db
+):
+    """A socket's own session (the new one its first message made) is deleted when the socket closes, also
+    when it was evicted to the store meanwhile (slots full here; its idle TTL alike): the close's delete
+    found no session held here (a 404, logged at debug level as "already gone") and left its state in the
+    store, where any request naming its id continued it for the store's TTL (a day). Now the store's copy
+    is deleted (a tombstone), and the session is a 404."""
+    s = _replica(model_dirs, redis_url, max_sessions=1)
+    try:
+        with connect(s.ws_url) as ws:
+            frames = ws_turn(ws, {"type": "generate", "model": TEXT, "prompt": "to die", "max_new_tokens": 3})
+            sid = frames[0]["session_id"]
+            assert frames[-1]["type"] == "done" and _stored(redis_db, sid)["n_tokens"] == 9
+            r = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "x"})
+            assert r.status_code == 201 and not s.state.sessions.has(sid)  # evicted for the new one's slot
+        assert wait_for(lambda: _stored(redis_db, sid) is None, 10), _stored(redis_db, sid)
+        assert httpx.get(f"{s.url}/v1/sessions/{sid}").status_code == 404
+        assert s.state.sessions.has(r.json()["session_id"])  # (the other session is left as it is)
+    finally:
+        s.stop()

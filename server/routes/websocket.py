@@ -403,11 +403,14 @@ class Connection:
             await self.delete_quietly(self.session_id)
 
     async def delete_quietly(self, sid: str) -> None:
-        """Delete the socket's own session. One already gone (it expired while the socket sat idle: the
-        documented TTL path, which had logged a warning at every such close) is not news; any other
-        refusal is logged, and the session expires instead."""
+        """Delete the socket's own session, also from the session store when it was evicted there (idle TTL,
+        slots full: `service.delete_unheld`; its stored state had stayed, and continued by its id, for the
+        store's TTL). One already gone (it expired while the socket sat idle: the documented TTL path, which
+        had logged a warning at every such close) is not news; any other refusal is logged, and the session
+        expires instead."""
         try:
-            await service.delete(self.st, sid)
+            if not await service.delete_unheld(self.st, sid):
+                await service.delete(self.st, sid)
         except APIError as err:
             level = logging.DEBUG if err.status == 404 else logging.WARNING
             log.log(level, "could not delete session %s of a closed socket: %s", sid, err.message)
