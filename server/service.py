@@ -763,6 +763,22 @@ async def restore(state: ServerState, session_id: str) -> None:
         state.metrics.store_ops.labels("restore").inc()
 
 
+def still_held(state: ServerState, session_id: str) -> bool:
+    """Whether a session that a request's `restore` found held is held here still, unclaimed by an eviction
+    or its TTL (`SessionTable.touch`: marked used again). False once a request that needed a slot of a full
+    pool has evicted it to the store meanwhile (`wait_for_slots`), which the request's claim took for a
+    session that does not exist (404): a request that awaits between its `restore` and its claim (reading
+    an audio prompt: seconds of decoding for a large file) checks this before it claims (`recheck`)."""
+    rec = state.sessions.touch(session_id)
+    return rec is not None and not rec.expiring
+
+
+async def recheck(state: ServerState, session_id: str) -> None:
+    """`restore` again before a claim if the session is no longer held as it was (`still_held`)."""
+    if not still_held(state, session_id):
+        await restore(state, session_id)
+
+
 async def _held(state: ServerState, session_id: str) -> bool:
     """Whether this replica holds the latest copy of a session (`_is_current`), marked used now
     (`SessionTable.touch`). False for one its idle TTL claimed meanwhile, once that eviction is over

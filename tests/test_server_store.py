@@ -3,6 +3,7 @@ server shuts down, and a session resumes on another replica or after `kill -9` +
 exactly like one-shot generation on everything before it. Corrupt or foreign stored states are refused
 with a clear error. Each test module runs its own `redis-server` on a free loopback port."""
 
+import asyncio
 import concurrent.futures
 import json
 import shutil
@@ -22,6 +23,7 @@ from server_support import (
     big_vocab_checkpoint,
     reference,
     serving_while_one_loads,
+    token_ids,
     wait_for,
     ws_turn,
 )
@@ -29,7 +31,7 @@ from test_server_stop import HALF_S, LONG_S, LONG_STOP, ROOT, free_port, start_s
 from websockets.sync.client import connect
 
 from model.sampling import SamplingParams
-from server import Settings
+from server import Settings, service
 from server.metrics import STORE_ERROR_OPS, Metrics
 from server.sessions import SessionRecord, pack_state, unpack_state
 from server.store import (
@@ -2421,4 +2423,64 @@ def test_a_sockets_own_session_evicted_to_the_store_is_deleted_when_the_socket_c
         assert httpx.get(f"{s.url}/v1/sessions/{sid}").status_code == 404
         assert s.state.sessions.has(r.json()["session_id"])  # (the other session is left as it is)
     finally:
+        s.stop()
+
+
+def test_a_request_reading_its_prompt_keeps_its_session_through_an_eviction_for_room(
+    model_dirs, redis_url, redis_db, monkeypatch
+):
+    """A request naming a held session reads its prompt (an audio file is decoded by a worker, seconds for
+    a large one) between its session's check (`service.restore`) and its claim. Meanwhile another request
+    that needs a slot of a full pool evicted the session to the store (the only idle one): the append then
+    claimed nothing and answered 404 naming session_id (HTTP), and a bound socket's turn the same (an error
+    frame), for a session that exists. The session is checked again once the prompt is read, so it is
+    restored from the store (evicting the other idle session for its slot) and the turn continues it
+    exactly. The prompt read is made slow here by a test hook, on the append route and on the socket."""
+    s = _replica(model_dirs, redis_url, max_sessions=1)
+    reading = {p: (threading.Event(), threading.Event()) for p in ("SLOW1", "SLOW2")}  # (reading, go on)
+    read = service.read_prompt
+
+    async def slow_read(state, model, prompt, prompt_audio):
+        if prompt in reading:
+            reading[prompt][0].set()
+            await asyncio.to_thread(reading[prompt][1].wait, 30)
+        return await read(state, model, prompt, prompt_audio)
+
+    monkeypatch.setattr(service, "read_prompt", slow_read)
+
+    def evict_meanwhile(prompt: str) -> str:
+        """Once the request is reading `prompt`, a new session takes the only slot (evicting the idle
+        one for it); then the read goes on. The new session's id."""
+        assert reading[prompt][0].wait(30)
+        r = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "x"})
+        assert r.status_code == 201, r.text
+        reading[prompt][1].set()
+        return r.json()["session_id"]
+
+    try:
+        sid = httpx.post(s.url + "/v1/sessions", json={"model": TEXT, "prompt": "A:"}).json()["session_id"]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            appended = pool.submit(httpx.post, f"{s.url}/v1/sessions/{sid}/append", json={"prompt": "SLOW1"},
+                                   timeout=60)  # fmt: skip
+            other = evict_meanwhile("SLOW1")
+            r = appended.result()
+        assert r.status_code == 200 and r.json()["tokens"] == len("A:SLOW1"), r.text
+        assert s.state.sessions.has(sid) and not s.state.sessions.has(other)
+        with connect(s.ws_url) as ws:  # a socket's own session, bound by its first turn
+            first = {"type": "generate", "model": TEXT, "prompt": "B:", "max_new_tokens": 3, "seed": 1}
+            t1 = token_ids(ws_turn(ws, first))
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                turn = pool.submit(ws_turn, ws, {"type": "generate", "prompt": "SLOW2", "max_new_tokens": 4,
+                                                 "seed": 2})  # fmt: skip
+                evict_meanwhile("SLOW2")
+                frames = turn.result()
+        assert frames[-1]["type"] == "done", frames[-1]
+        want = reference(model_dirs["text"], list(b"B:") + t1 + list(b"SLOW2"), SamplingParams(seed=2), 4)
+        assert token_ids(frames) == want
+        assert _generate(s.url, sid, None, 4, seed=3) == reference(
+            model_dirs["text"], list(b"A:SLOW1"), SamplingParams(seed=3), 4
+        )
+    finally:
+        for _, go in reading.values():
+            go.set()
         s.stop()

@@ -112,6 +112,7 @@ async def append(session_id: str, req: SessionAppend, request: Request):
     await service.restore(st, session_id)
     model, _ = service.session_model(st, session_id)
     ids = await service.prompt_ids(st, model, req.prompt, req.prompt_audio)
+    await service.recheck(st, session_id)  # (an eviction while the prompt was read: restored)
     rec, usage = await service.append(st, model, session_id, ids)
     return {**_info(request, rec), "usage": usage}
 

@@ -196,6 +196,8 @@ class Connection:
             ms = service.frame_ms(target, msg.frame_ms)  # a text model refuses frame_ms
             params = service.sampling_params(target, msg)
         ids = await self.prompt(target, msg)
+        if self.session_id is not None and not service.still_held(self.st, self.session_id):
+            await self.check_bound()  # (evicted while the prompt was read: restored, or a 404 if gone)
         if isinstance(msg, WSGenerate):  # (an empty text prompt on a new or empty session: nothing to do)
             service.check_input(self.st, target, self.session_id or msg.session_id, ids)
         encoding = self.encoding_for(msg, target)
