@@ -9,6 +9,7 @@ which reports its result on one marked stdout line (see `child_main` and `run_ch
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime as _dt
 import importlib.metadata
@@ -119,6 +120,23 @@ def timeit(
 ) -> float:
     """Median seconds per call of fn (see `time_samples`)."""
     return statistics.median(time_samples(fn, warmup, repeat, max_seconds))
+
+
+async def wait_for_clients(
+    ready: Callable[[], bool], tasks: Sequence[asyncio.Task], poll_s: float = 0.01
+) -> None:
+    """Sleep until ready() holds (the benchmark's clients all bound, or all decoding). A client task that
+    ended meanwhile with an exception (it could not connect: a server gone; its session refused) raises it
+    here, and tasks that all ended without making ready() hold raise RuntimeError: a wait on the clients'
+    progress alone spun for ever when they had failed. The other clients are then cancelled (and the
+    errors of those that failed too retrieved: none is left to be logged as never retrieved)."""
+    while not ready():
+        failed = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception()]
+        if failed or (tasks and all(t.done() for t in tasks)):
+            for t in tasks:
+                t.cancel()
+            raise failed[0] if failed else RuntimeError("every client ended before the run could start")
+        await asyncio.sleep(poll_s)
 
 
 def nearest_rank(xs: Sequence[float], q: float) -> float:

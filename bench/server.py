@@ -30,7 +30,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from bench.common import ROOT, bench_main, log2_axis, nearest_rank, save_figure, subplots  # noqa: E402
+from bench.common import (  # noqa: E402
+    ROOT,
+    bench_main,
+    log2_axis,
+    nearest_rank,
+    save_figure,
+    subplots,
+    wait_for_clients,
+)
 from bench.step import SIZES as STEP_SIZES  # noqa: E402
 from model import ModelConfig, SequenceModel, load, save  # noqa: E402
 from server import launch  # noqa: E402
@@ -201,8 +209,7 @@ def websocket_rate(url: str, model: str, n: int, sz: dict) -> dict[str, float]:
                         return
 
         tasks = [asyncio.create_task(one(k)) for k in range(n)]
-        while ready < n:
-            await asyncio.sleep(0.01)
+        await wait_for_clients(lambda: ready >= n, tasks)  # (a client that failed to bind ends the burst)
         t0 = time.perf_counter()
         go.set()
         await asyncio.gather(*tasks)

@@ -37,7 +37,7 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from bench.common import ROOT, bench_main, nearest_rank, save_figure, subplots  # noqa: E402
+from bench.common import ROOT, bench_main, nearest_rank, save_figure, subplots, wait_for_clients  # noqa: E402
 from server import launch  # noqa: E402
 
 NAME = "tail_latency"
@@ -168,8 +168,8 @@ async def measure(
     decoders = [asyncio.create_task(decoder(k)) for k in range(sz["sessions"])]
     queues = [asyncio.Queue() for _ in range(sz["probes"])]
     probers = [asyncio.create_task(prober(k, q)) for k, q in enumerate(queues)]
-    while len(gaps) < 4 * sz["sessions"]:  # every session is decoding
-        await asyncio.sleep(0.05)
+    # every session is decoding (a client that could not connect, or was refused, ends the round)
+    await wait_for_clients(lambda: len(gaps) >= 4 * sz["sessions"], [*decoders, *probers], poll_s=0.05)
     if spread:  # past the first turn's common start: the prompts arrive spread out
         await asyncio.sleep(STAGGER_SETTLE_S)
 
@@ -192,7 +192,11 @@ async def measure(
     await asyncio.gather(*probers)
     for d in decoders:
         d.cancel()
-    await asyncio.gather(*decoders, return_exceptions=True)
+    ended = await asyncio.gather(*decoders, return_exceptions=True)
+    failed = [e for e in ended if isinstance(e, Exception)]  # (not the CancelledError of the cancel above)
+    if failed:  # the figures were taken with fewer sessions decoding than the round says
+        raise RuntimeError(f"{len(failed)} of {len(decoders)} decoding sessions failed in the round; the "
+                           f"first: {failed[0]}") from failed[0]  # fmt: skip
 
     def window(xs, a, b):
         return [v for t, v in xs if a <= t < b]

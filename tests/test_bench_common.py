@@ -82,3 +82,121 @@ def test_the_p99_of_the_latency_benchmarks_is_the_nearest_rank_not_one_above():
         assert server._pcts("ttft", [x / 1e3 for x in xs])["ttft_p99_ms"] == pytest.approx(p99)
         assert tail_latency._pcts([x / 1e3 for x in xs])["p99_ms"] == pytest.approx(p99)
     assert server._pcts("ttft", [k / 1e3 for k in range(1, 101)])["ttft_p99_ms"] == pytest.approx(99)
+
+
+def _free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fake_stream_server(fail_from_turn: int | None = None):
+    """A stand-in for WS /v1/stream on loopback (an async context manager giving its http:// URL): binds
+    sessions, answers each `generate` with max_new_tokens token frames and `done`; with `fail_from_turn`, a
+    decoding session's (a lower-case prompt's) turns from that one on get a 500 error frame instead."""
+    import asyncio
+    import contextlib
+
+    from websockets.asyncio.server import serve
+
+    async def handler(ws):
+        turns = 0
+        async for raw in ws:
+            m = json.loads(raw)
+            if m["type"] == "session":
+                await ws.send(json.dumps({"type": "session", "session_id": "s", "model": "m"}))
+                continue
+            turns += 1
+            if fail_from_turn is not None and m["prompt"].islower() and turns >= fail_from_turn:
+                await ws.send(json.dumps({"type": "error", "code": 500, "message": "engine failed"}))
+                continue
+            for _ in range(m["max_new_tokens"]):
+                await ws.send(json.dumps({"type": "token", "ids": [97], "text": "a"}))
+                await asyncio.sleep(0.002)
+            await ws.send(json.dumps({"type": "done", "finish_reason": "length"}))
+
+    @contextlib.asynccontextmanager
+    async def serving():
+        async with serve(handler, "127.0.0.1", 0) as srv:
+            yield f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+
+    return serving()
+
+
+TAIL_SIZES = {"sessions": 2, "probes": 1, "decode_tokens": 4, "probe_every_s": 0.05, "baseline_s": 0.2}
+
+
+def test_a_tail_latency_round_whose_clients_cannot_connect_fails_instead_of_waiting_for_ever():
+    """bench.tail_latency waited for its decoding sessions' frames with no end: a server gone (or a session
+    refused) left the round, and `make bench`, spinning for ever. The clients' error now ends it."""
+    import asyncio
+
+    from bench import tail_latency
+
+    async def round_():
+        url = f"http://127.0.0.1:{_free_port()}"
+        return await asyncio.wait_for(tail_latency.measure(url, "m", TAIL_SIZES, "X" * 64, False), 20)
+
+    try:
+        asyncio.run(round_())
+        got = None
+    except Exception as exc:  # noqa: BLE001  (what the round ended with, asserted below)
+        got = exc
+    assert not isinstance(got, TimeoutError), "the round waited 20 s for frames that never came"
+    assert isinstance(got, OSError), repr(got)  # (the refused connection)
+
+
+def test_a_tail_latency_round_whose_decoding_sessions_failed_reports_no_figures():
+    """Decoding sessions that got error frames (here every session after its second turn) were cancelled
+    and their errors swallowed at the end of the round (gather(..., return_exceptions=True)): the round
+    reported its TTFT and inter-token figures as if `sessions` sessions had been decoding."""
+    import asyncio
+
+    from bench import tail_latency
+
+    async def round_():
+        async with _fake_stream_server(fail_from_turn=3) as url:
+            return await asyncio.wait_for(tail_latency.measure(url, "m", TAIL_SIZES, "X" * 64, False), 20)
+
+    with pytest.raises(RuntimeError, match="engine failed"):
+        asyncio.run(round_())
+
+
+def test_a_fake_servers_round_measures_while_every_session_decodes():
+    """(The stand-in server above is a fair one: with no failure the same round gives its figures.)"""
+    import asyncio
+
+    from bench import tail_latency
+
+    async def round_():
+        async with _fake_stream_server() as url:
+            return await asyncio.wait_for(tail_latency.measure(url, "m", TAIL_SIZES, "X" * 64, False), 20)
+
+    out = asyncio.run(round_())
+    assert out["baseline"]["itl"]["n"] > 0 and out["baseline"]["short_ttft"]["n"] > 0
+    assert out["long_prompt_ttft_ms"] > 0
+
+
+def test_bench_server_burst_whose_clients_cannot_connect_fails_instead_of_waiting_for_ever():
+    """bench.server's burst (websocket_rate) waited for every client to bind a session with no end: one
+    that could not connect (a server gone) left it spinning for ever. Its error now ends the burst."""
+    import threading
+
+    from bench import server
+
+    got: list[BaseException] = []
+
+    def burst() -> None:
+        try:
+            server.websocket_rate(f"http://127.0.0.1:{_free_port()}", "m", 2, {"prompt": 4, "tokens": 2})
+        except BaseException as exc:  # noqa: BLE001  (what the burst ended with)
+            got.append(exc)
+
+    t = threading.Thread(target=burst, daemon=True)  # (daemon: the old code's spin must not outlive pytest)
+    t.start()
+    t.join(20)
+    assert not t.is_alive(), "the burst waited for clients that had failed to connect"
+    assert len(got) == 1 and isinstance(got[0], OSError), got
