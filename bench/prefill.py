@@ -3,8 +3,9 @@
 One process, one converted model per implementation; for each (length, batch) the implementations
 alternate `--reps` times (this machine is shared and noisy: medians of interleaved samples):
   * warm: a prefill at a length already seen (after one warm-up call);
-  * cold: the first prefill at a length never seen before (L + a fresh offset per sample; the baseline's
-    lazily grown kernel cache is emptied first, which is its state at a new maximum length);
+  * cold: the first prefill at a length never seen before (per sample the next length above L that no
+    prefill of this process has had, whatever the order of the lengths; the baseline's lazily grown
+    kernel cache is emptied first, which is its state at a new maximum length);
   * stepping: the same prompt one token at a time through `step` (the same code in both trees).
 The baseline is `model/recurrent.py` at BASELINE_REV (the parent of the blocked prefill), read with
 `git show` and imported beside this tree's; it is skipped when git or that revision is unavailable.
@@ -133,23 +134,26 @@ def measure(
     if base is not None:
         impls = {"old": base.RecurrentModel(net), **impls}
     rows: list[dict[str, Any]] = []
-    offset = 1
+    seen: set[int] = set()  # every length this process has prefilled: a cold sample's is none of them
     for L in lengths:
         for B in batches:
-            tokens = torch.randint(0, net.config.vocab_size, (B, L + reps + 2))
+            seen.add(L)  # (the warm-up below)
+            colds: list[int] = []
+            for _ in range(reps):
+                colds.append(min(n for n in range(L + 1, L + len(seen) + 2) if n not in seen))
+                seen.add(colds[-1])
+            tokens = torch.randint(0, net.config.vocab_size, (B, max(colds)))
             samples: dict[str, dict[str, list[float]]] = {k: {"warm": [], "cold": []} for k in impls}
             step_s: list[float] = []
             for rec in impls.values():  # warm-up at L
                 rec.prefill(tokens[:, :L], rec.init_state(B))
-            for _ in range(reps):
+            for Lc in colds:
                 for name, rec in impls.items():
                     st = rec.init_state(B)
                     samples[name]["warm"].append(_timed(lambda: rec.prefill(tokens[:, :L], st)))
                     if name == "old":
                         _forget_lengths(rec)
-                    Lc = L + offset  # a length this process has never prefilled
                     samples[name]["cold"].append(_timed(lambda: rec.prefill(tokens[:, :Lc], st)))
-                offset += 1
                 if L * B <= step_max_tokens:
                     rec = impls["new"]
 

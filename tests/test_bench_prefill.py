@@ -103,3 +103,49 @@ def test_the_baselines_sources_do_not_outlive_the_benchmark(tmp_path):
     folder, _, names = r.stdout.strip().partition(" ")
     assert Path(folder).parent == scratch and "recurrent_baseline.py" in names  # (it was there meanwhile)
     assert list(scratch.iterdir()) == []
+
+
+def test_every_cold_sample_is_a_length_this_process_never_prefilled(monkeypatch):
+    """A cold sample prefilled tokens[:, :L + offset] of a tensor only L + reps + 2 columns wide, while the
+    offset grows over every (length, batch): from the second configuration on, the slice stopped at the
+    tensor's width, so "cold" samples repeated a length already prefilled (the default run's 16,384 × 1
+    and × 8 timed 16,389 tokens six times as "cold"). Lengths given out of order (--lengths 2050 2048)
+    met the same way. Each cold sample must now be a length no prefill of the process has seen."""
+    import torch
+
+    import model
+    import model.recurrent
+
+    calls: list[tuple[str, int, int]] = []  # (kind of call, length, batch) in order
+
+    class Net:
+        class config:
+            vocab_size = 16
+
+    class Rec:
+        def __init__(self, net):
+            pass
+
+        def init_state(self, batch):
+            return torch.zeros(batch)
+
+        def prefill(self, tokens, state):
+            calls.append(("prefill", tokens.shape[1], tokens.shape[0]))
+
+        def step(self, tokens, state, out=None):
+            return None, state
+
+    monkeypatch.setattr(model, "load", lambda path: Net())
+    monkeypatch.setattr(model.recurrent, "RecurrentModel", Rec)
+    reps, batches = 3, [1, 2]
+    for lengths in ([8, 40], [10, 8]):
+        calls.clear()
+        out = prefill.measure(lengths, batches, reps=reps, step_max_tokens=0, baseline=False)
+        per = 1 + 2 * reps  # a configuration: a warm-up at L, then per rep a warm prefill at L and a cold one
+        configs = len(lengths) * len(batches)
+        assert len(calls) == per * configs and len(out["rows"]) == configs
+        seen: set[int] = set()
+        for i, (_, length, _) in enumerate(calls):
+            if i % per and i % per % 2 == 0:  # a cold sample
+                assert length not in seen, (lengths, i, length, sorted(seen))
+            seen.add(length)
