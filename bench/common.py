@@ -486,7 +486,8 @@ def plain_block(rec, K: int, state: torch.Tensor, tok: torch.Tensor, schedule=No
 
 def ranged(kind: type, lo: float, hi: float | None = None, lo_open: bool = False) -> Callable[[str], Any]:
     """An argparse type: a `kind` (int or float) number in [lo, hi] ((lo, hi] with lo_open; no upper
-    bound without hi), so that a bad value is an argparse error naming its option (exit 2)."""
+    bound without hi, but finite: inf and nan are refused), so that a bad value is an argparse error
+    naming its option (exit 2)."""
 
     def parse(text: str) -> Any:
         try:
@@ -495,8 +496,8 @@ def ranged(kind: type, lo: float, hi: float | None = None, lo_open: bool = False
             what = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         low_ok = x > lo if lo_open else x >= lo  # (NaN fails it)
-        if not low_ok or (hi is not None and not x <= hi):
-            bound = f"{'>' if lo_open else '≥'} {lo:g}" + ("" if hi is None else f" and ≤ {hi:g}")
+        if not low_ok or not math.isfinite(x) or (hi is not None and not x <= hi):
+            bound = f"{'>' if lo_open else '≥'} {lo:g}" + (" and finite" if hi is None else f" and ≤ {hi:g}")
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return x
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import re
 import statistics
@@ -331,8 +332,10 @@ def main(argv=None) -> None:
             ("--sessions", args.sessions),
             ("--seconds", args.seconds),
         ):
-            if value is not None and not value > 0:
-                raise SystemExit(f"{flag} must be positive, got {value}")
+            if value is not None and not 0 < value < math.inf:
+                raise SystemExit(f"{flag} must be positive and finite, got {value}")
+        if not 0 <= args.spread_ms < math.inf:  # (inf or nan: every stream slept for ever before its request)
+            raise SystemExit(f"--spread-ms must be ≥ 0 and finite, got {args.spread_ms}")
         for flag, root in (("--a-root", args.a_root), ("--b-root", args.b_root)):
             if root is not None and not (Path(root) / "server" / "__main__.py").is_file():
                 raise SystemExit(f"{flag} {root} is not a checkout of this project (no server/__main__.py)")

@@ -49,6 +49,8 @@ def test_parse_stall_help_says_quick_runs_one_round(capsys):
         ("--frame-ms", "4"),
         ("--frame-ms", "201"),
         ("--spread-ms", "-1"),
+        ("--spread-ms", "inf"),  # (each stream slept for ever before its request: the run hung)
+        ("--spread-ms", "nan"),
     ],
 )
 def test_audio_streams_refuses_what_the_server_would_refuse_before_starting_it(

@@ -182,6 +182,30 @@ def test_the_cli_refuses_bad_options_before_starting_anything(capsys):
         assert said in str(stop.value), (argv, stop.value)
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--seconds", "inf"], "--seconds must be positive and finite"),
+        (["--workload", "audio", "--seconds", "inf"], "--seconds must be positive and finite"),
+        (["--spread-ms", "-1"], "--spread-ms must be ≥ 0 and finite"),
+        (["--spread-ms", "inf"], "--spread-ms must be ≥ 0 and finite"),
+        (["--spread-ms", "nan"], "--spread-ms must be ≥ 0 and finite"),
+    ],
+)
+def test_the_cli_refuses_endless_or_negative_times_before_starting_anything(argv, said, monkeypatch):
+    """`--seconds inf` was taken: the text loop's window never closed (the run never ended; audio: an
+    OverflowError after both servers had started). --spread-ms was not checked at all: inf or nan made
+    every stream sleep for ever before its request, -1 ran as 0."""
+
+    def run(*args, **kwargs):
+        raise AssertionError("the benchmark started")
+
+    monkeypatch.setattr(server_ab, "run", run)
+    with pytest.raises(SystemExit) as stop:
+        server_ab.main(argv)
+    assert said in str(stop.value), (argv, stop.value)
+
+
 def test_error_frames_are_counted_recorded_and_fail_the_run(tmp_path, monkeypatch):
     """`--b S4_MAX_NEW_TOKENS=8`: every B request got a 422 error frame, read like "done": the run
     printed B 0 tok/s, B ÷ A 0.000, wrote the JSON and exited 0. The failed run is kept in failed/, and
