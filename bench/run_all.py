@@ -342,6 +342,19 @@ def train_speed_section(d: dict[str, Any]) -> list[str]:
     return lines + _table(["config", "before tokens/s", "after tokens/s", "speedup"], rows)
 
 
+def _machine(mc: dict[str, Any]) -> str:
+    """A results JSON's machine block in words (without its date and commit)."""
+    threads = f"{mc['cpu_count']} CPUs ({mc['torch_threads']} torch threads)"
+    return f"{mc['cpu']}, {threads}, torch {mc['torch']}, pykeops {mc['pykeops']}"
+
+
+def _commit(mc: dict[str, Any]) -> str:
+    """The commit a results JSON was measured at, and whether the tree differed from it."""
+    modified = (" (tracked files modified)" if mc.get("tree_modified")
+                else " (model/ modified)" if mc.get("model_dir_modified") else "")  # fmt: skip
+    return str(mc["git_commit"])[:10] + modified
+
+
 def summary(quick: bool, status: dict[str, str] | None = None) -> str:
     sections = {
         "kernel": kernel_section,
@@ -359,24 +372,23 @@ def summary(quick: bool, status: dict[str, str] | None = None) -> str:
         "memory": memory_section,
     }
     lines = ["# Benchmark summary" + (" (--quick smoke sizes)" if quick else ""), ""]
-    machine = None
+    machines = []  # each section's, in order: its results may come from another run, CPU and commit
     for name, section in sections.items():
         d = read_results(name, quick)
         if d is None:
             lines += [f"## {name}: no results", ""]
             continue
-        machine = machine or d["machine"]
-        lines += [*section(d), "", f"_{name}: {d['machine']['date']}_", ""]
-    if machine:
-        mc = machine
-        modified = (" (tracked files modified)" if mc.get("tree_modified")
-                    else " (model/ modified)" if mc.get("model_dir_modified") else "")  # fmt: skip
-        commit = str(mc["git_commit"])[:10] + modified
-        lines[1:1] = [
-            f"Machine: {mc['cpu']}, {mc['cpu_count']} CPUs ({mc['torch_threads']} torch threads), "
-            f"torch {mc['torch']}, pykeops {mc['pykeops']}, commit {commit}",
-            "",
-        ]
+        mc = d["machine"]
+        machines.append(mc)
+        lines += [*section(d), "", f"_{name}: {mc['date']}, {mc['cpu']}, commit {_commit(mc)}_", ""]
+    if machines:
+        mc = machines[0]
+        if all(_machine(m) == _machine(mc) for m in machines):
+            lines[1:1] = [f"Machine: {_machine(mc)}, commit {_commit(mc)}", ""]
+        else:  # (one line for all named the first section's machine and commit for every section)
+            cpus, commits = len({m["cpu"] for m in machines}), len({_commit(m) for m in machines})
+            lines[1:1] = [f"Machine: the sections come from {len(machines)} runs, on {cpus} CPU model(s) at "
+                          f"{commits} commit(s): each names its own below", ""]  # fmt: skip
     if status:
         lines += ["Runs: " + ", ".join(f"{k} {v}" for k, v in status.items()), ""]
     return "\n".join(lines)

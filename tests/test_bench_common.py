@@ -200,3 +200,26 @@ def test_bench_server_burst_whose_clients_cannot_connect_fails_instead_of_waitin
     t.join(20)
     assert not t.is_alive(), "the burst waited for clients that had failed to connect"
     assert len(got) == 1 and isinstance(got[0], OSError), got
+
+
+def test_the_summary_names_each_sections_machine_and_commit(monkeypatch):
+    """bench/results/summary.md's header named one machine and commit for every section, the first
+    section's (kernel's: AMD EPYC at e0de34e324, 2026-11-23), while its sections came from 12 commits and
+    three CPUs (decode's from an Intel Xeon at 0e8528d4). Each section's line now names its own, and the
+    header names one only when every section shares it."""
+    from bench import run_all
+
+    committed = {name: common.read_results(name) for name in ("step", "decode")}
+    machines = {name: d["machine"] for name, d in committed.items()}
+    assert machines["step"]["git_commit"] != machines["decode"]["git_commit"]  # (the case at hand)
+    monkeypatch.setattr(run_all, "read_results", lambda name, quick: committed.get(name))
+    text = run_all.summary(False)
+    head = text.split("\n## ")[0]
+    for name, m in machines.items():
+        line = next(x for x in text.splitlines() if x.startswith(f"_{name}: "))
+        assert m["git_commit"][:10] in line and m["cpu"] in line and m["date"] in line, line
+        assert m["git_commit"][:10] not in head, head
+    one = {"step": committed["step"]}  # a single section: the header names its machine and commit
+    monkeypatch.setattr(run_all, "read_results", lambda name, quick: one.get(name))
+    head = run_all.summary(False).split("\n## ")[0]
+    assert machines["step"]["git_commit"][:10] in head and machines["step"]["cpu"] in head, head
