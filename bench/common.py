@@ -516,6 +516,8 @@ def bench_main(
     prog: str | None = None,
 ) -> None:
     """The CLI shared by the benchmarks: `[--quick] [--replot]`, or `--child SPEC` for a child process.
+    A run whose data lists `errors` (configurations that failed) goes to results/failed/NAME.json, not
+    over the results, and exits non-zero naming the first.
     `arguments(parser)` adds a benchmark's own options (so --help lists them); `configure(args)` reads them
     before a run and returns False to skip it (having said why). `name` names the results (NAME.json);
     `prog` the command in --help when it differs (default python -m bench.NAME)."""
@@ -538,5 +540,10 @@ def bench_main(
         if data is None:
             parser.error(f"no {results_dir(args.quick) / name}.json to replot")
     else:
-        data = write_results(name, run(args.quick), args.quick)
+        data = run(args.quick)
+        if data.get("errors"):  # configurations that failed: kept to be looked at, never over the results
+            path, errors = write_failed(name, data, args.quick), data["errors"]
+            raise SystemExit(f"bench.{name}: {len(errors)} configuration(s) failed; the first: {errors[0]} "
+                             f"(the run is in {_shown(path)}, not in the results)")  # fmt: skip
+        data = write_results(name, data, args.quick)
     plot(data, args.quick)

@@ -267,6 +267,12 @@ def run(quick: bool) -> dict[str, Any]:
         "results": rows,
         "goals": {"speedup_at_max_context": GOAL_SPEEDUP_AT_16K},
         "measured_vs_goals": {"max_context": top, "speedup_by_batch": at_top},
+        "errors": [
+            f"{m} context {r['context']} batch {r['batch']}: {r[m]['error']}"
+            for r in rows
+            for m in ("s4", "transformer")
+            if "error" in r[m]
+        ],  # fmt: skip
     }
 
 

@@ -215,6 +215,7 @@ def run(quick: bool) -> dict[str, Any]:
         "dense_vs_s4_rel_err_float64": check,
         "matmul_gflops": matmul_gflops_by_size(),
         "results": rows,
+        "errors": [f"{r['method']} {r['mode']} N={r['N']}: {r['error']}" for r in rows if "error" in r],
     }
 
 

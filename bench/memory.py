@@ -142,6 +142,7 @@ def run(quick: bool) -> dict[str, Any]:
         "children run with MALLOC_MMAP_THRESHOLD_ fixed, so freed buffers leave the RSS)",
         "sizes": sz,
         "models": models,
+        "errors": [f"{name}: {m['error']}" for name, m in models.items() if m["error"]],
     }
 
 

@@ -111,6 +111,7 @@ def run(quick: bool) -> dict[str, Any]:
         "sizes": cfg,
         "matmul_gflops": matmul_gflops_by_size(),
         "results": rows,
+        "errors": [f"{r['kind']} {r['backend']}: {r['error']}" for r in rows if "error" in r],
     }
 
 

@@ -223,3 +223,31 @@ def test_the_summary_names_each_sections_machine_and_commit(monkeypatch):
     monkeypatch.setattr(run_all, "read_results", lambda name, quick: one.get(name))
     head = run_all.summary(False).split("\n## ")[0]
     assert machines["step"]["git_commit"][:10] in head and machines["step"]["cpu"] in head, head
+
+
+@pytest.mark.parametrize("name", ["kernel", "train", "memory", "generation"])
+def test_a_run_whose_configurations_failed_fails_and_keeps_the_committed_results(name, tmp_path, monkeypatch):
+    """The benchmarks that run each configuration in a child process recorded a child's failure in the row
+    ({"error": ...}) and went on, which is by design; but a run whose children failed then wrote its JSON
+    over the results a run that worked wrote, and exited 0 (bench.memory without a word; bench.run_all
+    reported it "ok"). It now exits non-zero naming the failures, its data in results/failed/ as
+    bench.server_ab keeps its failed runs."""
+    import importlib
+
+    module = importlib.import_module(f"bench.{name}")
+    monkeypatch.setattr(common, "RESULTS", tmp_path)
+    monkeypatch.setattr(module, "run_child", lambda *a, **k: {"error": "exit code 1: MemoryError"})
+    monkeypatch.setattr(common, "matmul_gflops_by_size", lambda *a, **k: {"n=8": 1.0})
+    if hasattr(module, "matmul_gflops_by_size"):
+        monkeypatch.setattr(module, "matmul_gflops_by_size", lambda *a, **k: {"n=8": 1.0})
+    kept = tmp_path / "quick" / f"{name}.json"
+    kept.parent.mkdir()
+    kept.write_text('{"a run that worked": true}\n')
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--quick"])
+    msg = str(stop.value.code)
+    assert stop.value.code != 0 and "MemoryError" in msg and f"quick/failed/{name}.json" in msg, msg
+    assert kept.read_text() == '{"a run that worked": true}\n'
+    assert not (tmp_path / "quick" / f"{name}.png").exists()
+    failed = json.loads((tmp_path / "quick" / "failed" / f"{name}.json").read_text())
+    assert failed["failed"] is True and failed["errors"] and "MemoryError" in failed["errors"][0]
