@@ -105,12 +105,14 @@ def stream_stats(
 
 
 async def run_streams(
-    ws_url: str, model: str, n: int, samples: int, frame_ms: int | None, spread_s: float = 0.0
-) -> dict[str, Any]:
+    ws_url: str, model: str, n: int, samples: int, frame_ms: int | None, spread_s: float = 0.0,
+    warm_up: bool = False,
+) -> dict[str, Any]:  # fmt: skip
     """n concurrent streams of `samples` samples each, started together once all are bound; with
     `spread_s`, stream k sends its request that long times a number of its own in [0, 1) later (seeded
     by k: the same offsets every run), as streams that arrive at any time do (a SaShiMi's rows then come
-    at any pooling phase)."""
+    at any pooling phase). RuntimeError when a stream got fewer than two frames (no real-time factor),
+    unless this is a `warm_up` (its figures are not used: 0.1 s may be one frame)."""
     from websockets.asyncio.client import connect
 
     go = asyncio.Event()
@@ -160,6 +162,14 @@ async def run_streams(
     t_start = time.perf_counter()
     go.set()
     raw = await asyncio.gather(*tasks)
+    short = [k for k, r in enumerate(raw) if len(r["arrivals"]) < 2]  # (no RTF, no jitter: NaN figures)
+    if short and not warm_up:
+        k = short[0]
+        raise RuntimeError(
+            f"{len(short)} of {n} streams got at most one frame (stream {k}: {len(raw[k]['arrivals'])}, of "
+            f"{raw[k]['header'].get('frame_samples')} samples; {samples} a stream): a real-time factor needs "
+            "two frames, ask for more audio"
+        )
     wall = max(r["arrivals"][-1] for r in raw if r["arrivals"]) - t_start
     streams = [stream_stats(r["t_request"], r["arrivals"], r["sizes"], rate) for r in raw]
     devs = [d for s in streams for d in s.pop("deviation_ms")]
@@ -273,7 +283,7 @@ def run(
         model, rate = audio_model(url)
         ws_url = url.replace("http", "ws") + "/v1/stream"
         for n in streams:
-            asyncio.run(run_streams(ws_url, model, n, round(WARMUP_S * rate), frame_ms))  # warm-up
+            asyncio.run(run_streams(ws_url, model, n, round(WARMUP_S * rate), frame_ms, warm_up=True))
             cpu0 = cpu_seconds(proc.pid)
             row = asyncio.run(run_streams(ws_url, model, n, round(seconds * rate), frame_ms, spread_ms / 1e3))
             row["server_cpu_us_per_sample"] = (

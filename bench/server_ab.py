@@ -194,7 +194,7 @@ def measure_audio(
     n = round(seconds * rate)
     c0, t0 = cpu_seconds(proc.pid), time.perf_counter()
     ws_url = url.replace("http", "ws") + "/v1/stream"
-    row = asyncio.run(run_streams(ws_url, model, streams, n, None, spread_s))
+    row = asyncio.run(run_streams(ws_url, model, streams, n, None, spread_s, warm_up=label is None))
     cpu, wall = cpu_seconds(proc.pid) - c0, time.perf_counter() - t0
     got = {
         "samples_per_s": row["samples_per_s"],

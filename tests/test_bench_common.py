@@ -251,3 +251,55 @@ def test_a_run_whose_configurations_failed_fails_and_keeps_the_committed_results
     assert not (tmp_path / "quick" / f"{name}.png").exists()
     failed = json.loads((tmp_path / "quick" / "failed" / f"{name}.json").read_text())
     assert failed["failed"] is True and failed["errors"] and "MemoryError" in failed["errors"][0]
+
+
+def _fake_audio_server(frame_samples: int):
+    """A stand-in for an audio model's WS /v1/stream: binds sessions (8 kHz), answers each `generate` with
+    an audio_header and its samples in binary frames of `frame_samples` (the last: the rest), then done."""
+    import asyncio
+    import contextlib
+
+    from websockets.asyncio.server import serve
+
+    async def handler(ws):
+        async for raw in ws:
+            m = json.loads(raw)
+            if m["type"] == "session":
+                await ws.send(json.dumps({"type": "session", "session_id": "s", "sample_rate": 8000}))
+                continue
+            n = m["max_new_tokens"]
+            await ws.send(json.dumps({"type": "audio_header", "sample_rate": 8000, "encoding": "mulaw",
+                                      "frame_samples": frame_samples}))  # fmt: skip
+            for k in range(0, n, frame_samples):
+                await ws.send(bytes(min(frame_samples, n - k)))
+                await asyncio.sleep(0.001)
+            await ws.send(json.dumps({"type": "done", "finish_reason": "length"}))
+
+    @contextlib.asynccontextmanager
+    async def serving():
+        async with serve(handler, "127.0.0.1", 0) as srv:
+            yield f"ws://127.0.0.1:{srv.sockets[0].getsockname()[1]}/v1/stream"
+
+    return serving()
+
+
+def test_audio_streams_of_one_frame_each_fail_instead_of_writing_no_real_time_factor():
+    """A stream that got one frame has no real-time factor (it needs the time between two): 2 streams of
+    100 samples in 160-sample frames (`--seconds 0.0125`) gave RTF NaN for each, "0 % at real time", NaN
+    medians and jitters, written to the results as a measurement (and NaN is not JSON)."""
+    import asyncio
+
+    from bench import audio_streams
+
+    async def streams(samples, warm_up=False):
+        async with _fake_audio_server(160) as url:
+            kw = {"warm_up": True} if warm_up else {}  # (the parent's run_streams had no warm_up)
+            run = audio_streams.run_streams(url, "m", 2, samples, 20, **kw)
+            return await asyncio.wait_for(run, 20)
+
+    row = asyncio.run(streams(800))  # (five frames each: measured)
+    assert row["realtime_share"] in (0.0, 0.5, 1.0) and row["realtime_factor_min"] > 0
+    assert row["samples_per_s"] > 0 and [s["frames"] for s in row["per_stream"]] == [5, 5]
+    with pytest.raises(RuntimeError, match="one frame"):
+        asyncio.run(streams(100))
+    asyncio.run(streams(100, warm_up=True))  # (a warm-up's figures are not used: one frame will do)
