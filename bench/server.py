@@ -381,10 +381,10 @@ def plot(data: dict[str, Any], quick: bool) -> None:
     ax.plot(ns, [r["raw_step_tokens_per_s"] for r in rows], "o-", label="raw batched step")
     ax.plot(ns, [r["engine"]["tokens_per_s"] for r in rows], "s-", label="engine (no HTTP)")
     ax.plot(ns, [r["websocket"]["tokens_per_s"] for r in rows], "^-", label="WebSocket end to end")
+    ax.plot(ns, [r["websocket_steady"]["tokens_per_s"] for r in rows], "v-", label="WebSocket, steady loop")
     log2_axis(ax, ns)
     ax.set(xlabel="concurrent sessions", ylabel="tokens/s", title="Throughput")
-    ax.legend()
-    ax.plot(ns, [r["websocket_steady"]["tokens_per_s"] for r in rows], "v-", label="WebSocket, steady loop")
+    ax.legend()  # (after the last line: the steady loop's was drawn after it, with no entry)
     for key, mark in (("engine", "s"), ("websocket", "^"), ("websocket_steady", "v")):
         ax2.plot(ns, [r[key]["ttft_p50_ms"] for r in rows], mark + "--", label=f"{key} p50")
         ax2.plot(ns, [r[key]["ttft_p99_ms"] for r in rows], mark + "-", label=f"{key} p99")

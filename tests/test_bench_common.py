@@ -303,3 +303,19 @@ def test_audio_streams_of_one_frame_each_fail_instead_of_writing_no_real_time_fa
     with pytest.raises(RuntimeError, match="one frame"):
         asyncio.run(streams(100))
     asyncio.run(streams(100, warm_up=True))  # (a warm-up's figures are not used: one frame will do)
+
+
+def test_the_server_plots_legend_names_the_steady_loop(monkeypatch):
+    """bench/results/server.png drew the steady WebSocket loop (the issue-18 goal's figure) after the
+    throughput panel's legend was made: its line had no entry, so the plot did not say which line it was."""
+    from bench import server
+
+    figures = []
+    monkeypatch.setattr(server, "save_figure", lambda fig, *a, **k: figures.append(fig))
+    server.plot(common.read_results("server"), False)
+    (fig,) = figures
+    for ax in fig.axes:
+        labels = ax.get_legend_handles_labels()[1]
+        if labels:
+            assert [t.get_text() for t in ax.get_legend().get_texts()] == labels
+    assert "WebSocket, steady loop" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
