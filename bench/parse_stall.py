@@ -63,7 +63,8 @@ async def one(url: str, path: str, body_file: str | None) -> dict[str, Any]:
     (or IDLE_S with no body): the longest gap between two token frames of one turn that overlaps the
     time the body was in flight. Gaps between turns are left out (a new turn's first token waits for
     its prefill, behind a large valid body's); with two staggered sessions one is mid-turn whenever the
-    other is between turns, so a pause of the event loop always shows."""
+    other is between turns, so a pause of the event loop always shows. A stream's turn answered by an
+    error frame raises RuntimeError (the pauses would be the other stream's alone)."""
     from websockets.asyncio.client import connect
 
     turns: list[list[float]] = []
@@ -94,7 +95,9 @@ async def one(url: str, path: str, body_file: str | None) -> dict[str, Any]:
                 await ws.send(json.dumps({"type": "generate", "model": MODEL, "prompt": "To be",
                                           "max_new_tokens": TURN_TOKENS, "seed": i}))  # fmt: skip
                 turns.append(frames := [])
-                while (m := json.loads(await ws.recv()))["type"] not in ("done", "error"):
+                while (m := json.loads(await ws.recv()))["type"] != "done":
+                    if m["type"] == "error":  # (its turns made no frames: the pauses were the other's alone)
+                        raise RuntimeError(f"stream {i}: the server answered a turn with {m}")
                     if m["type"] == "token":
                         frames.append(time.perf_counter())
 

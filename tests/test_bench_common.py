@@ -93,10 +93,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fake_stream_server(fail_from_turn: int | None = None):
+def _fake_stream_server(fails=None):
     """A stand-in for WS /v1/stream on loopback (an async context manager giving its http:// URL): binds
-    sessions, answers each `generate` with max_new_tokens token frames and `done`; with `fail_from_turn`, a
-    decoding session's (a lower-case prompt's) turns from that one on get a 500 error frame instead."""
+    sessions, answers each `generate` with max_new_tokens token frames and `done`; a `generate` m that is
+    its socket's turn-th for which fails(m, turn) holds gets a 500 error frame instead."""
     import asyncio
     import contextlib
 
@@ -110,7 +110,7 @@ def _fake_stream_server(fail_from_turn: int | None = None):
                 await ws.send(json.dumps({"type": "session", "session_id": "s", "model": "m"}))
                 continue
             turns += 1
-            if fail_from_turn is not None and m["prompt"].islower() and turns >= fail_from_turn:
+            if fails is not None and fails(m, turns):
                 await ws.send(json.dumps({"type": "error", "code": 500, "message": "engine failed"}))
                 continue
             for _ in range(m["max_new_tokens"]):
@@ -158,7 +158,7 @@ def test_a_tail_latency_round_whose_decoding_sessions_failed_reports_no_figures(
     from bench import tail_latency
 
     async def round_():
-        async with _fake_stream_server(fail_from_turn=3) as url:
+        async with _fake_stream_server(lambda m, turn: m["prompt"].islower() and turn >= 3) as url:
             return await asyncio.wait_for(tail_latency.measure(url, "m", TAIL_SIZES, "X" * 64, False), 20)
 
     with pytest.raises(RuntimeError, match="engine failed"):
@@ -319,3 +319,24 @@ def test_the_server_plots_legend_names_the_steady_loop(monkeypatch):
         if labels:
             assert [t.get_text() for t in ax.get_legend().get_texts()] == labels
     assert "WebSocket, steady loop" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_a_parse_stall_stream_answered_by_error_frames_fails_the_measurement(monkeypatch):
+    """bench.parse_stall's two streams read an error frame as the end of a turn and sent the next: a stream
+    whose turns all failed (here the second, seed 1) made no frames, and the longest pause was taken from
+    the other alone (two staggered streams are what makes every pause show), reported as measured. With
+    both failing, an IndexError. An error frame now ends the measurement, naming it."""
+    import asyncio
+
+    from bench import parse_stall
+
+    monkeypatch.setattr(parse_stall, "IDLE_S", 0.5)
+
+    async def measure(fails):
+        async with _fake_stream_server(fails) as url:
+            return await asyncio.wait_for(parse_stall.one(url, "", None), 20)
+
+    out = asyncio.run(measure(None))  # (every turn answered: measured)
+    assert out["gaps"] > 0 and out["max_gap_ms"] >= out["p50_gap_ms"] > 0
+    with pytest.raises(RuntimeError, match="engine failed"):
+        asyncio.run(measure(lambda m, turn: m["seed"] == 1))
