@@ -1,5 +1,5 @@
-"""Figures the README and docs/performance.md quote from a committed results JSON match that JSON (they
-had drifted: the README quoted an earlier prefix-cache run, the docs 11.7 µs a sample for 12.2)."""
+"""Figures the README, docs/performance.md and docs/gpu.md quote from a committed results JSON match that
+JSON (they had drifted: the README quoted an earlier prefix-cache run, the docs 11.7 µs a sample for 12.2)."""
 
 import json
 import re
@@ -43,3 +43,67 @@ def test_the_audio_streams_table_row_is_the_committed_run():
     assert int(m[3].replace(",", "")) == round(sixteen["samples_per_s"])
     assert float(m[4]) == round(sixteen["realtime_factor_median"], 2)
     assert float(m[5]) == round(sixteen["server_cpu_us_per_sample"], 1)
+
+
+def _num(text):
+    """A table cell's figure: "1,939" → 1939, "24.8k" → 24800, "2.58×" → 2.58."""
+    text = text.strip().rstrip("×").replace(",", "")
+    return float(text[:-1]) * 1e3 if text.endswith("k") else float(text)
+
+
+def _same(quoted, value):
+    """`quoted` (as the docs write it) is `value` rounded as shown: its decimals, or 3 significant figures
+    of thousands for "…k"."""
+    q = quoted.strip().rstrip("×").replace(",", "")
+    if q.endswith("k"):
+        return round(value / 1e3, len(q[:-1].partition(".")[2])) == float(q[:-1])
+    return round(value, len(q.partition(".")[2])) == float(q)
+
+
+def _row(path, head, after=""):
+    """The cells of the first docs table row that starts with `head` after the text `after`."""
+    text = (ROOT / path).read_text()
+    text = text[text.index(after) :]
+    line = next(x for x in text.splitlines() if x.startswith(f"| {head} |"))
+    return [c.strip() for c in line.strip("|").split("|")][1:]
+
+
+def test_the_decode_table_rows_are_the_committed_run():
+    """docs/performance.md's rerun of bench.decode with one row asking for log-probabilities (2026-12-04)."""
+    for r in json.loads((RESULTS / "decode.json").read_text())["results"]:
+        wl = r["with_logprobs"]
+        want = [r["one-step"], r["native-block"], r["speedup"]]
+        want += [wl["one-step"], wl["native-block"], wl["speedup"]]
+        got = _row("docs/performance.md", str(r["batch"]), after="**Rerun 2026-12-04 (session 34)")
+        assert all(_same(q, w) for q, w in zip(got, want, strict=True)), (r["batch"], got, want)
+
+
+def test_the_big_batch_table_rows_are_the_committed_run():
+    for model, rows in json.loads((RESULTS / "big_batch.json").read_text())["models"].items():
+        for r in rows:
+            if r["batch"] < 512:  # (the table's rows; 128 and 256 are the sentence after it)
+                continue
+            s, d = r["step"]["tokens_per_s"], r["decode"]["tokens_per_s"]
+            want = [s["c"], s["torch-ops"], r["step_ratio"]]
+            want += [d["c-block"], d["torch-ops+sample"], r["decode_ratio"]]
+            got = _row("docs/performance.md", f"{model}, {r['batch']}")
+            assert all(_same(q, w) for q, w in zip(got, want, strict=True)), (model, r["batch"], got, want)
+
+
+def test_the_gpu_step_table_is_the_committed_run():
+    """docs/gpu.md's table of the H200 run: the text model's step at batch 1 … 1024."""
+    rows = json.loads((RESULTS / "gpu.json").read_text())["step"]["rows"]
+    plain = [r for r in rows if not r.get("compiled") and not r.get("triton")]
+    pick = {(r["dtype"], r["graphs"], r["batch"]): r for r in plain}
+    batches = (1, 8, 64, 256, 1024)
+    for head, dtype, graphs in (("float32, CUDA graphs: tokens/s (µs a step)", "float32", True),
+                                ("float32, plain torch ops", "float32", False),
+                                ("bfloat16 weights, CUDA graphs", "bfloat16", True)):  # fmt: skip
+        for cell, B in zip(_row("docs/gpu.md", head), batches, strict=True):
+            r = pick[dtype, graphs, B]
+            tps, _, us = cell.partition(" (")
+            ok = _same(tps, r["tokens_per_s"]) if tps.endswith("k") else round(r["tokens_per_s"]) == _num(tps)
+            assert ok and (not us or round(r["us_per_step"]) == _num(us.rstrip(")"))), (head, B, cell)
+    replay = _row("docs/gpu.md", "the replay alone, float32 (µs)")
+    for cell, B in zip(replay, batches, strict=True):
+        assert round(pick["float32", True, B]["replay_only_us_per_step"]) == _num(cell), (B, cell)
