@@ -667,7 +667,18 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         """Queue a job (429 when the queue is full). Generation results arrive on job.stream;
-        an ingestion-only job resolves job.future with the session record."""
+        an ingestion-only job resolves job.future with the session record. Raises ValueError for a
+        generation with nothing to start from (no tokens, on a new session or one without a pending
+        token), which crashed the engine thread (every request of the model then failed): the routes
+        refuse it first (`service.check_input`; an audio model starts from its silence), but direct callers
+        of `submit` (the benchmarks) did not. (Token ids are the caller's to check, as the routes do: an
+        id outside [0, V) still crashes the engine; checked here it would cost the event loop a pass over
+        every prompt.)"""
+        if job.stream is not None and not job.tokens and (job.fresh or job.session.pending is None):
+            raise ValueError(
+                "a generation needs a token to start from: give the job tokens, or a session with a pending "
+                "token (service.start_generation gives an audio model its silence)"
+            )
         if job.stream is not None:
             job.stream.engine, job.stream.job = self, job
         self._submit(job)

@@ -4,6 +4,7 @@ in an inbox nobody read, forever), /readyz says why, and the other models keep s
 import asyncio
 
 import httpx
+import pytest
 from server_support import ServerThread
 
 from model.sampling import SamplingParams
@@ -228,3 +229,33 @@ def test_a_crash_while_a_turn_is_taken_back_fails_the_other_requests_still(model
     items = run.take(b)
     assert isinstance(items[-1], Failed) and items[-1].error.status == 500, items[-3:]
     assert isinstance(run.take(a)[-1], Finished)  # (its one final event: its client's gone)
+
+
+def test_a_generation_with_nothing_to_start_from_is_refused_at_submit_not_a_crash(model_dirs):
+    """A generation job with no tokens on a new session (or one without a pending token) crashed the
+    engine thread (`DecodeBatch.join`: "Could not infer dtype of NoneType"), and every request of the model
+    failed from then on. The routes refuse such a request first, but `Engine.submit`'s direct callers (the
+    library, the benchmarks) did not (R15's note). It is now a ValueError at submit; the engine goes on."""
+    from test_server_delivery import HandRun
+
+    from server.engine import Job, Stream
+    from server.sessions import SessionRecord
+
+    run = HandRun(model_dirs["text"])
+    engine = run.engine
+    for fresh in (True, False):  # a new session's job, and a session without a pending token
+        rec = SessionRecord(id=f"empty-{fresh}", model="m", slot=engine.pool.reserve(), busy=True)
+        run.sessions.add(rec)
+        job = Job(rec, [], fresh=fresh, stream=Stream(run.loop, 8), params=SamplingParams(seed=1),
+                  max_new_tokens=2)  # fmt: skip
+        with pytest.raises(ValueError, match="a generation needs a token to start from"):
+            engine.submit(job)
+    kept = run.session("s")  # the engine still serves: a turn on a session with a prompt
+    run.engine._iterate()
+    stream, _ = run.turn(kept, SamplingParams(seed=1), 3)
+    items: list = []
+    while not items or isinstance(items[-1], int):
+        assert run.engine._iterate() is not False
+        items += run.take(stream)
+    assert engine.crashed is None and len(items) == 4, items
+    run.close()
