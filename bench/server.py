@@ -131,9 +131,11 @@ def engine_rate(rec, n: int, sz: dict, logprobs_rows: int = 0) -> dict[str, floa
         await asyncio.gather(*(one(k) for k in range(n)))
         return time.perf_counter() - t0, firsts
 
-    asyncio.run(run())  # warm-up
-    wall, firsts = asyncio.run(run())
-    engine.stop()
+    try:
+        asyncio.run(run())  # warm-up
+        wall, firsts = asyncio.run(run())
+    finally:  # (a failed run's engine thread was left running)
+        engine.stop()
     return {"tokens_per_s": n * sz["tokens"] / wall, "wall_s": wall, **_pcts("ttft", firsts)}
 
 

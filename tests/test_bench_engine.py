@@ -35,6 +35,25 @@ def test_bench_server_engine_rate_serves_every_session_of_both_bursts(rec):
         assert out["wall_s"] > 0 and 0 < out["ttft_p50_ms"] <= out["ttft_p99_ms"] < 1e3 * out["wall_s"]
 
 
+def test_a_failed_engine_rate_stops_its_engine(rec, monkeypatch):
+    """A burst that fails on the consumer's side (here each stream's read raises) ended engine_rate with the
+    exception and left its engine thread serving (R15's note): a thread more for each failed call in a
+    process. It is stopped now whatever ends the run."""
+    import threading  # noqa: PLC0415
+
+    def engines() -> list:
+        return [t for t in threading.enumerate() if t.name == "engine-bench" and t.is_alive()]
+
+    async def broken_get(self):
+        raise RuntimeError("a consumer that fails")
+
+    before = len(engines())
+    monkeypatch.setattr(Stream, "get", broken_get)
+    with pytest.raises(RuntimeError, match="a consumer that fails"):
+        server.engine_rate(rec, 2, {"prompt": 8, "tokens": 5})
+    assert len(engines()) == before
+
+
 @pytest.mark.parametrize("load", [0, 2])
 def test_bench_gpu_ttft_under_load_runs_on_cpu(rec, load):
     out = gpu.ttft_under_load(rec, load, {"prompt": 12, "trials": 3}, graphs=False)
