@@ -125,6 +125,9 @@ def audio_answer(accept: str | None) -> str | None:
     return "audio/wav" if quality(accept, "audio/wav") > 0 else None
 
 
+READ_PAST_LIMIT = 2  # a vocabulary reads a prompt of at most this many times max_prompt_tokens (text_ids)
+
+
 def text_ids(
     text: str, param: str = "prompt", max_tokens: int | None = None, vocab: Vocab | None = None
 ) -> list[int]:
@@ -132,7 +135,10 @@ def text_ids(
     vocabulary's words, `<eos>` for each newline, a word it lacks `<unk>`; enwik8's bytes, text8's
     characters); what it cannot read is a 422 naming `param` and the word or characters. One longer
     than `max_tokens` is a 413 naming `param`, found before it is converted for bytes
-    (by its length in characters, each at least one byte, then in bytes); text that is not valid
+    (by its length in characters, each at least one byte, then in bytes); for a vocabulary, one of more
+    than READ_PAST_LIMIT times `max_tokens` is found before it is read (`Vocab.least_tokens`): a
+    vocabulary reads a text in Python, in time that grows with its length, and the event loop waited
+    (16 MiB of newlines: 12 s with a word vocabulary, every stream paused). Text that is not valid
     Unicode (a lone surrogate from JSON's "\\ud800") is a 422."""
 
     def too_long(n: int | str) -> APIError:
@@ -140,6 +146,9 @@ def text_ids(
 
     if vocab is None and max_tokens is not None and len(text) > max_tokens:
         raise too_long(f"at least {len(text)}")
+    if vocab is not None and max_tokens is not None:  # (one nearer the limit is read: its count is named)
+        if (least := vocab.least_tokens(text, READ_PAST_LIMIT * max_tokens)) > READ_PAST_LIMIT * max_tokens:
+            raise too_long(f"at least {least}")
     try:
         data = text.encode("utf-8")
     except UnicodeEncodeError as exc:

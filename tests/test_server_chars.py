@@ -221,6 +221,27 @@ def test_a_character_the_vocabulary_lacks_is_refused_by_name_on_every_route(serv
         assert ok[-1]["type"] == "done", ok
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_a_prompt_far_over_the_limit_is_refused_before_the_vocabulary_reads_it(served, monkeypatch, name):
+    """A character vocabulary reads a text one character at a time in Python (16 MiB of letters: 6 s of the
+    event loop, every stream paused); a prompt of more characters than twice max_prompt_tokens (8,192 by
+    default), each at least one token, is refused before any vocabulary reads it, naming its length."""
+    srv, _ = served
+    vocab_class = type(vocab_of(served, name))
+    read = []
+    encode = vocab_class.encode
+    monkeypatch.setattr(
+        vocab_class, "encode", lambda self, text: read.append(len(text)) or encode(self, text)
+    )
+    prompt = "the " * 10_000  # 40,000 characters
+    for path, status in (("/v1/generate", 413), ("/tokenize", 400)):
+        r = httpx.post(f"{srv.url}{path}", json={"model": name, "prompt": prompt}, timeout=60)
+        assert r.status_code == status and "prompt is at least 40000 tokens; the limit is 8192" in r.text, (
+            r.text
+        )
+    assert read == [], read
+
+
 def test_tokenize_and_detokenize_read_and_write_as_the_text_routes(served):
     """/tokenize reads as every text route does and lists the characters the vocabulary dropped (enwik8's
     newlines); /detokenize writes the ids back as the routes write them."""

@@ -190,6 +190,49 @@ def test_a_prompt_is_limited_in_words_not_characters(words):
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 2, r.text
 
 
+@pytest.mark.parametrize(
+    "prompt, least",
+    [
+        ("\n" * 200_000, 200_000),
+        ("w1 " * 200_000, 25),
+        (" w1\n" * 13, 26),
+        ("w1" + " " * 200_000 + "w2\n" * 25, 50),
+    ],
+)
+def test_a_prompt_far_over_the_limit_is_refused_before_the_vocabulary_reads_it(
+    words, monkeypatch, prompt, least
+):
+    """A word vocabulary reads a text in Python, in time that grows with the text (16 MiB of newlines took
+    12 s, the event loop held: every stream paused, the probes unanswered), so a prompt of more than twice
+    max_prompt_tokens (12 here) is refused by its count of words (counted up to 25) and newlines before it
+    is read, on every route that takes a text prompt: "at least" that many tokens. One nearer the limit
+    is read and its count named (test_a_prompt_is_limited_in_words_not_characters)."""
+    srv, _ = words
+    read = []
+    encode = WordVocab.encode
+    monkeypatch.setattr(WordVocab, "encode", lambda self, text: read.append(len(text)) or encode(self, text))
+    said = f"is at least {least} tokens; the limit is 12"
+    for path, body, status in (
+        ("/v1/generate", {"model": "wt103", "prompt": prompt}, 413),
+        ("/v1/sessions", {"model": "plain", "prompt": prompt}, 413),
+        ("/v1/completions", {"model": "wt103", "prompt": [" w1", prompt]}, 400),
+        ("/tokenize", {"model": "plain", "prompt": prompt}, 400),
+    ):
+        r = httpx.post(f"{srv.url}{path}", json=body, timeout=60)
+        assert r.status_code == status and said in r.text, (path, r.text[:300])
+    with connect(srv.ws_url) as ws:
+        frames = ws_turn(ws, {"type": "generate", "model": "wt103", "prompt": prompt})
+    assert frames[-1]["type"] == "error" and frames[-1]["code"] == 413 and said in frames[-1]["message"], (
+        frames
+    )
+    # chat: the plain model's template renders the message as its line, then " =" (a word and a newline more)
+    body = {"model": "plain", "messages": [{"role": "user", "content": prompt}]}
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
+    assert r.json()["error"]["param"] == "messages" and "messages is at least" in r.text, r.text[:300]
+    assert read == [3], read  # (the completions' first prompt, " w1": the only text read)
+
+
 @pytest.mark.parametrize("name", ["wt103", "plain"])
 def test_streamed_completions_release_whole_words_with_their_logprobs(words, name):
     """SSE: the chunks' text adds up to the answer's, and each chunk's logprobs name exactly the words
