@@ -249,16 +249,26 @@ class Metrics:
         return encoder(self.registry), content_type
 
 
+# the OpenMetrics versions prometheus_client writes (its choose_encoder echoes any other in the Content-Type)
+OPENMETRICS_VERSIONS = ("1.0.0", "2.0.0")
+
+
 def comparable_versions(accept: str) -> str:
     """`accept` less its media ranges whose `version` parameter (the first, as prometheus_client reads it)
     is not dotted numbers: `choose_encoder` compares it with (1, 0, 0) part by part, and a part that is
     not a number (`version=abc`, `1.x`) raised TypeError, a 500 for any client's Accept. Such a range is
-    one this server cannot serve, passed over as an unknown type is."""
+    one this server cannot serve, passed over as an unknown type is; so is an OpenMetrics range of
+    another version than OPENMETRICS_VERSIONS (`version=9.9.9`), which `choose_encoder` served as a 1.0.0
+    body labelled with the version asked for."""
     kept = []
     for accepted in accept.split(","):
         params = [tok.strip().split("=", 1) for tok in accepted.split(";") if "=" in tok]
         version = next((value for key, value in params if key == "version"), "")
-        if all(part.isdecimal() for part in version.split(".")) or not version:
+        openmetrics = accepted.split(";")[0].strip() == "application/openmetrics-text"
+        if not version or (
+            all(part.isdecimal() for part in version.split("."))
+            and (not openmetrics or version in OPENMETRICS_VERSIONS)
+        ):
             kept.append(accepted)
     return ",".join(kept)
 

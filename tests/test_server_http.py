@@ -617,6 +617,27 @@ def test_an_unreadable_version_in_accept_is_passed_over_not_a_500(client, accept
     assert "s4_tokens_generated_total" in r.text
 
 
+@pytest.mark.parametrize(
+    "accept, served",
+    [
+        ("application/openmetrics-text; version=9.9.9", "text/plain; version=0.0.4"),
+        ("application/openmetrics-text;version=1.1,text/plain;version=1.0.0", "text/plain; version=1.0.0"),
+        ("application/openmetrics-text;version=2.0.0", "application/openmetrics-text; version=2.0.0"),
+        ("application/openmetrics-text;version=1.0.0", "application/openmetrics-text; version=1.0.0"),
+    ],
+)  # fmt: skip
+def test_an_openmetrics_version_it_does_not_write_is_passed_over_not_echoed(client, accept, served):
+    """prometheus_client's choose_encoder serves any OpenMetrics version of dotted numbers it is asked for
+    as the body it writes (1.0.0's), with the version asked for in the Content-Type: `version=9.9.9` was
+    answered `application/openmetrics-text; version=9.9.9`. A version other than those it writes (1.0.0,
+    2.0.0) is passed over as an unreadable one is: the next range the client accepts, else the text
+    format 0.0.4."""
+    r = client.get("/metrics", headers={"Accept": accept})
+    content_type = r.headers["content-type"]
+    assert r.status_code == 200 and content_type.startswith(served + ";"), (r.status_code, content_type)
+    assert r.text.endswith("\n# EOF\n") == served.startswith("application/openmetrics-text"), r.text[-40:]
+
+
 def test_the_schema_documents_what_the_server_sends(client):
     """Found by the schemathesis run: /metrics is text (not JSON), /readyz may answer 503, and the
     import route's octet-stream body is part of the schema (so clients and fuzzers can send one)."""
