@@ -392,6 +392,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         self.trailer_bytes = 0  # read after the last chunk's header, of the request being read
         self.written = 0  # bytes written to the connection (`taken`)
         self.send_deadline = SendDeadline(self, guard)
+        self.pipeline_full = False  # a request came behind MAX_PIPELINED waiting ones (`_pipeline_full`)
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self.raw_transport = transport
@@ -450,7 +451,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         """Whether the client may still be sending this connection's input: it was refused at the accept,
         a request's headers or body are not all in, or pipelined requests wait."""
         cycle = self.cycle
-        return (self.refused or self.partial_request or bool(self.pipeline)
+        return (self.refused or self.partial_request or bool(self.pipeline) or self.pipeline_full
                 or (cycle is not None and cycle.more_body))  # fmt: skip
 
     def close_transport(self) -> None:
@@ -541,6 +542,8 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
             if self.lingering.dropped > self.guard.linger_max_bytes:
                 self.end_linger("bytes")
             return
+        if self.pipeline_full:  # its requests past the pipeline's room: dropped unread (`_pipeline_full`)
+            return
         if not self._in_progress() and not self.partial_request and not self.in_body:  # they begin a request
             self.partial_request, self.header_bytes, self.header_tail = True, 0, b""
             if self.deadline is None:  # (a connection's first request: armed at the accept)
@@ -551,7 +554,7 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         # trailer section (a data chunk's header is followed by its data: `on_body`)
         trailing = self.in_body and not self.chunk_data
         super().data_received(data)
-        if trailing and self.in_body and not self.chunk_data:
+        if trailing and self.in_body and not self.chunk_data and not self.pipeline_full:
             self._trailers_too_large(len(data))
 
     def _headers_too_large(self, data: bytes) -> bool:
@@ -622,20 +625,42 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
         super().on_body(body)
 
     def on_message_begin(self) -> None:
-        self.partial_request = True
+        self.partial_request = not self.pipeline_full  # (a dropped request's: no deadline for it)
         super().on_message_begin()
 
     def on_headers_complete(self) -> None:
         self.partial_request, self.header_bytes, self.header_tail = False, 0, b""
         self.chunk_data, self.trailer_bytes = True, 0
         self.in_body = True
+        queued = len(self.pipeline)
         super().on_headers_complete()
+        if len(self.pipeline) > queued and (self.pipeline_full or len(self.pipeline) > MAX_PIPELINED):
+            self._pipeline_full()
+            return
         if self.pipeline and self.pipeline[0][0] is self.cycle:
             self._disarm()  # queued behind a running request: its body is read when its turn comes
         else:
             self._arm(self.guard.body_timeout_s, "body_timeout")
 
+    def _pipeline_full(self) -> None:
+        """A request pipelined behind MAX_PIPELINED others waiting on this connection: it, and every
+        request after it, is dropped unanswered, and the connection is closed once those before it are
+        answered (the last of them says `Connection: close`; RFC 9112 9.3.2: a client retries the requests
+        a closed connection left unanswered). uvicorn parsed every pipelined request a read held and queued
+        each (a scope and a task-to-be, ~2.3 KB), and read again after each answer: a client that sent
+        requests faster than they were answered grew the server's memory without bound (one connection:
+        14 MB of `GET /healthz` sent in 6 s held 684 MB, unauthenticated)."""
+        self.pipeline.popleft()  # (the newest: uvicorn queues on the left and starts from the right)
+        self.partial_request = False
+        self._disarm()  # (the connection closes after the answers, which no deadline may cut)
+        if not self.pipeline_full:  # (the first dropped; the others in the same read follow it)
+            self.pipeline_full = True
+            self.pipeline[0][0].keep_alive = False
+            self.guard.count_closed("pipeline_full")
+
     def on_message_complete(self) -> None:
+        if self.pipeline_full:  # (a dropped request's end)
+            return
         self.in_body = False
         self._disarm()
         super().on_message_complete()
@@ -660,6 +685,8 @@ class GuardedHttpProtocol(SendWatch, HttpToolsProtocol):
             self._arm(self.guard.header_timeout_s, "header_timeout")
 
     def handle_websocket_upgrade(self) -> None:
+        if self.pipeline_full:  # (one of the requests dropped: `_pipeline_full`)
+            return
         self._disarm()  # the WebSocket protocol takes the connection over, with its own deadlines:
         self._unset_keepalive_if_required()  # no timer of this protocol may close it after
         self.transport = self.raw_transport  # (and the transport itself: no lingering close)
@@ -900,6 +927,9 @@ class GuardedWebSocketProtocol(SendWatch, WebSocketsSansIOProtocol):
         # message 'websocket.accept', after sending 'websocket.close'")
         self.gone()
         self.transport.close()
+
+
+MAX_PIPELINED = 32  # requests waiting on one connection behind the one being answered (`_pipeline_full`)
 
 
 FD_MARGIN = 64  # descriptors besides client connections: the listening socket, files, Redis, threads

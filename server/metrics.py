@@ -38,6 +38,7 @@ CLOSE_REASONS = (
     "ws_ping_timeout",
     "ws_message_too_big",
     "ws_protocol_error",
+    "pipeline_full",
 )
 CONNECTION_REFUSALS = ("max_connections", "max_connections_per_client")
 REQUEST_REFUSALS = ("body_too_large", "json_structure", "headers_too_large", "invalid_http", "foreign_origin",

@@ -22,6 +22,7 @@ import pytest
 import uvicorn
 from server_support import read_until_closed
 
+from server.connections import MAX_PIPELINED
 from server.launch import start_server
 
 HEADER_S, BODY_S, KEEP_ALIVE_S, MAX_CONNECTIONS = 1.5, 1.5, 1.0, 40
@@ -521,6 +522,36 @@ def test_pipelined_requests_are_not_cut_while_they_wait_their_turn(model_dirs):
             assert after.startswith(b"HTTP/1.1 200 ") and b'"completion_tokens":3' in after, after[:300]
     finally:
         s.stop()
+
+
+def test_requests_pipelined_past_the_room_for_them_are_dropped_and_the_connection_closed(slow_server):
+    """uvicorn parsed every request a read held and queued each pipelined one (~2.3 KB), and read again after
+    each answer: one connection sending `GET /healthz` faster than it was answered held 684 MB after 6 s
+    (14 MB sent), without a key, and grew until the process was killed. Now at most MAX_PIPELINED (32)
+    wait behind the one being answered: those are answered, the last with `Connection: close`, the ones
+    after dropped (a client retries what a closed connection left unanswered: RFC 9112 9.3.2), and the
+    connection closed (reason pipeline_full). 32 waiting are all answered, and the connection kept."""
+    url, port = slow_server
+    one, alive = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", b'{"status":"alive"}'
+    before = counters(url, "s4_connections_closed_total").get("pipeline_full", 0)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(10)
+        s.sendall(one * (1 + MAX_PIPELINED))
+        got = b""
+        while got.count(alive) < 1 + MAX_PIPELINED:
+            got += s.recv(65536)
+        s.sendall(one)  # (the connection is kept: one more is answered)
+        while got.count(alive) < 2 + MAX_PIPELINED:
+            got += s.recv(65536)
+    assert got.count(b"HTTP/1.1 200 ") == 2 + MAX_PIPELINED and b"connection: close" not in got, got[-300:]
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(one * 1000)  # (one read: 37 KB)
+        got = read_until_closed(s, timeout=30)
+    answers = got.split(b"HTTP/1.1 ")[1:]
+    assert 1 + MAX_PIPELINED <= len(answers) < 1000, len(answers)
+    assert all(a.startswith(b"200 ") and a.endswith(alive) for a in answers), answers[-1]
+    assert b"connection: close" in answers[-1] and not any(b"connection: close" in a for a in answers[:-1])
+    assert counters(url, "s4_connections_closed_total").get("pipeline_full", 0) == before + 1
 
 
 def test_a_connection_answered_before_its_body_came_is_still_closed_when_idle(slow_server):
