@@ -5,6 +5,9 @@ move), each resampled to 8 kHz; the first worker's start (it imports the codecs,
 worker's memory (its RSS, and USS: the pages it alone holds; the rest it shares with the fork server).
 
     python -m bench.audio_decoder [--rounds 15]
+
+Writes bench/results/audio_decoder.json (with the machine, load and commit, taken before the run) and
+audio_decoder.png (each file's median, in the process against in a worker).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy as np
 import psutil
 import soundfile
 
-from bench.common import RESULTS
+from bench.common import RESULTS, machine_info, save_figure, subplots
 from model.codecs import mp3_frame, read_audio
 from server.decoder import AudioDecoder
 
@@ -63,12 +66,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.audio_decoder", description=__doc__)
     parser.add_argument("--rounds", type=int, default=15, choices=range(1, 1001), metavar="1..1000")
     args = parser.parse_args(argv)
+    info = machine_info()  # (before the run: its load)
     decoder = AudioDecoder(max_workers=1)
     t = time.perf_counter()
     decoder.start()
     start_s = time.perf_counter() - t
     worker = psutil.Process().children(recursive=True)[-1].memory_full_info()
-    out: dict = {"first_worker_start_s": round(start_s, 2), "worker_rss_mb": round(worker.rss / 2**20),
+    out: dict = {"benchmark": "audio_decoder", "rounds": args.rounds, "machine": info,
+                 "first_worker_start_s": round(start_s, 2), "worker_rss_mb": round(worker.rss / 2**20),
                  "worker_uss_mb": round(worker.uss / 2**20), "files": {}}  # fmt: skip
     stderr = os.dup(2)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 2)  # (read_audio's mpg123 lines, in this process)
@@ -85,8 +90,22 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         os.dup2(stderr, 2)
         decoder.close()
-    print(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k != "machine"}, indent=1))
     (RESULTS / "audio_decoder.json").write_text(json.dumps(out, indent=1) + "\n")
+    plot(out)
+
+
+def plot(out: dict) -> None:
+    """Each file's median decode time, in the server's process against in a worker (grouped bars)."""
+    fig, (ax,) = subplots(width=7.0)
+    names = list(out["files"])
+    for k, how in enumerate(("in process", "worker")):
+        ms = [out["files"][n]["median_ms"][how] for n in names]
+        ax.bar([i + 0.38 * (k - 0.5) for i in range(len(names))], ms, width=0.38, label=how)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel("median ms per file (resampled to 8 kHz)")
+    ax.legend()
+    save_figure(fig, "audio_decoder", title=f"prompt audio decoding, {out['rounds']} alternated rounds")
 
 
 if __name__ == "__main__":

@@ -107,3 +107,20 @@ def test_the_gpu_step_table_is_the_committed_run():
     replay = _row("docs/gpu.md", "the replay alone, float32 (µs)")
     for cell, B in zip(replay, batches, strict=True):
         assert round(pick["float32", True, B]["replay_only_us_per_step"]) == _num(cell), (B, cell)
+
+
+def test_the_audio_decoder_figures_are_the_committed_run():
+    d = json.loads((RESULTS / "audio_decoder.json").read_text())
+    m = re.search(
+        r"a 30 s MP3 at 16 kHz ([\d.]+) → ([\d.]+) ms, the same MP3 damaged ([\d.]+) → ([\d.]+) ms, a 30 s "
+        r"48 kHz WAV \(2\.9 MB to move\) ([\d.]+) → ([\d.]+) ms .*?a worker is (\d+) MB resident",
+        _text("docs/reliability.md"),
+    )
+    assert m, "docs/reliability.md's bench.audio_decoder sentence"
+    want = []
+    for name in ("30 s MP3, 16 kHz", "30 s damaged MP3, 16 kHz", "30 s WAV, 48 kHz"):
+        ms = d["files"][name]["median_ms"]
+        want += [ms["in process"], ms["worker"]]
+    assert [float(x) for x in m.groups()[:6]] == want
+    assert int(m.group(7)) == d["worker_rss_mb"] and d["rounds"] == 31
+    assert f"under a load of {d['machine']['load_average_1_5_15min'][0]:.1f})" in _text("docs/reliability.md")
