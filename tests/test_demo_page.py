@@ -12,6 +12,7 @@ import codecs
 import contextlib
 import io
 import shutil
+import threading
 import time
 import tomllib
 import wave
@@ -1833,4 +1834,85 @@ def test_every_gap_in_the_audio_is_counted_as_playback_falling_behind(demo):
     runs = (played["runs"], played["buffers"], underruns)
     assert played["runs"] == played["buffers"] > 1 and played["runs"] == 1 + underruns, runs
     assert f"playback fell behind {underruns} times" in d.page.text_content("#audio-info")
+    assert d.errors == [], d.errors
+
+
+def held_after_first_chunk(engine, monkeypatch) -> tuple[threading.Event, list[bool]]:
+    """From now on the engine's prompt chunks after the first wait until a prompt being ingested is cancelled
+    (as tests/test_server_delivery.py holds them): a cancel sent once the returned event is set reaches the
+    turn while its prompt is still being ingested, whatever the machine's speed. Set the list's flag to
+    False to let every chunk through again."""
+    holding, started, real_prefill = [True], threading.Event(), engine.rec.prefill
+
+    def prefill(*args, **kwargs):  # (the engine thread)
+        if holding[0] and started.is_set():
+            assert wait_for(lambda: any(j.cancelled for j in engine._prefilling), 60, 0.001)
+        started.set()
+        return real_prefill(*args, **kwargs)
+
+    monkeypatch.setattr(engine.rec, "prefill", prefill)
+    return started, holding
+
+
+def test_a_turn_cancelled_while_its_prompt_is_ingested_gives_the_prompt_back(
+    demo, server, model_dirs, monkeypatch, tmp_path
+):
+    """A cancel while the turn's prompt is still being ingested (a long prompt: the shipped audio model takes
+    40 s for 29 s of audio) takes the prompt back: the done frame says no prompt token was used, and the
+    session is as it was before the turn. The page kept a text prompt in the transcript (the box emptied),
+    as if the session held it, and dropped an audio prompt ("the next generation continues the session").
+    Now the prompt goes back as a refused turn's does (the box; the audio prompt loaded again), the status
+    says so, and the next Generate sends it."""
+    d = demo
+    d.wait_status("models served")
+    p1 = "to be"
+    t1 = reference(model_dirs["text"], list(p1.encode()), SamplingParams(seed=1), 5)
+    generate_text(d, p1, 5, seed=1)
+    sid = d.js("s4demo.sessionId")
+    chunk = server.state.settings.prefill_chunk_tokens
+    long = "".join(f"{i}: or not to be, " for i in range(3 * chunk // 16))  # three chunks and more
+    assert 2 * chunk < len(long) <= server.state.settings.max_prompt_tokens
+    started, holding = held_after_first_chunk(server.state.models[TEXT].engine, monkeypatch)
+    d.page.fill("#prompt", long)
+    d.page.fill("#max-new-tokens", "20")
+    d.page.fill("#seed", "2")
+    d.page.click("#send")
+    assert started.wait(60)
+    d.page.click("#cancel")
+    said = d.wait_status("Done")
+    holding[0] = False
+    assert d.js("s4demo.lastDone.usage.prompt_tokens") == 0
+    # the transcript is the session's (the first turn), the prompt is back in the box
+    assert d.page.text_content("#output") == p1 + bytes(t1).decode("utf-8", errors="replace")
+    assert d.js("s4demo.turns.length") == 1 and d.page.input_value("#prompt") == long
+    assert said.startswith("Done: cancelled before the prompt was taken in"), said
+    assert httpx.get(f"{server.url}/v1/sessions/{sid}").json()["tokens"] == len(p1) + 5
+    d.page.click("#send")  # sent again: the turn the session would have had
+    d.wait_status("Done: length, 20 tokens")
+    want = reference(
+        model_dirs["text"], list(p1.encode()) + t1 + list(long.encode()), SamplingParams(seed=2), 20
+    )
+    assert d.page.text_content('#output .gen[data-turn="1"]') == bytes(want).decode("utf-8", errors="replace")
+
+    # audio: the prompt is loaded again (a sine no other test sends: the prefix cache holds none of it)
+    d.page.select_option("#model", AUDIO)
+    engine = server.state.models[AUDIO].engine
+    started, holding = held_after_first_chunk(engine, monkeypatch)
+    n = 3 * chunk + 100
+    wav = tmp_path / "prompt.wav"
+    wav.write_bytes(wav_bytes(0.3 * np.sin(np.arange(n) / 7.0), 8000))
+    d.page.set_input_files("#audio-file", str(wav))
+    d.wait_status("Prompt loaded")
+    d.page.fill("#audio-samples", "50")
+    d.page.click("#audio-generate")
+    assert started.wait(60)
+    d.page.click("#audio-cancel")
+    said = d.wait_status("Done")
+    holding[0] = False
+    assert d.js("s4demo.lastDone.usage.prompt_tokens") == 0
+    assert d.page.text_content("#prompt-info").startswith(f"prompt: {n} samples")
+    assert said.startswith("Done: cancelled before the prompt was taken in"), said
+    d.page.click("#audio-generate")
+    d.wait_status("Done: length, 50 samples")
+    assert d.js("s4demo.lastDone.usage.prompt_tokens") == n
     assert d.errors == [], d.errors

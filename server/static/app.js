@@ -393,7 +393,15 @@
     if (turn.record) turn.record.done = f;
     const u = f.usage;
     contextTokens = turn.contextBefore + u.prompt_tokens + u.completion_tokens;
-    endTurn(message, isError);
+    // A cancel (or the server's drain) while the prompt was still being ingested takes the prompt back: the
+    // done frame says no prompt token was used, and the session is as it was before the turn. The prompt
+    // goes back as a refused turn's does (it had stayed in the transcript, the box emptied, as if the
+    // session held it; an audio prompt was dropped, and the next generation said to continue the session).
+    const takenBack = f.finish_reason === "cancelled" && turn.promptTokens > 0 && u.prompt_tokens === 0;
+    if (takenBack) {
+      message = "Done: cancelled before the prompt was taken in: the session is as it was before this turn.";
+    }
+    endTurn(message, isError, isError || takenBack);
     refreshContext(f.session_id);
   }
 
@@ -519,16 +527,19 @@
     status(promptLabel ? `Generating: ingesting the prompt (${promptLabel})…` : "Generating…");
   }
 
-  function endTurn(message, isError) {
+  // unused: the turn's prompt is not in the session (the turn was refused, or the prompt taken back)
+  function endTurn(message, isError, unused = isError) {
     if (turn?.kind === "audio") finishAudio();
-    if (turn?.kind === "audio" && isError && turn.prompt && !turn.generated && !turn.refused && !audio.prompt) {
-      // refused before any sample (the session gone, busy, a bad setting, the socket closed): the server
-      // discarded the prompt with it, so it is loaded again for the next Generate (unless another was)
+    if (turn?.kind === "audio" && unused && turn.prompt && !turn.generated && !turn.refused && !audio.prompt) {
+      // refused before any sample (the session gone, busy, a bad setting, the socket closed) or taken back:
+      // the server discarded the prompt with it, so it is loaded again for the next Generate (unless
+      // another was)
       showPrompt(turn.prompt);
     }
-    if (turn?.kind === "text" && isError && !turn.record.ids) {
-      // refused before it started: its prompt is not part of the session, so not in the transcript;
-      // it goes back in the box (unless something else was typed meanwhile), to fix and send again
+    if (turn?.kind === "text" && unused && !turn.record.ids) {
+      // refused before it started, or its prompt taken back: its prompt is not part of the session, so not
+      // in the transcript; it goes back in the box (unless something else was typed meanwhile), to fix and
+      // send again
       turn.spans.forEach((el) => el.remove());
       demo.turns.pop();
       if (!$("prompt").value) $("prompt").value = turn.record.prompt;
