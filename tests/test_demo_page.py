@@ -1916,3 +1916,31 @@ def test_a_turn_cancelled_while_its_prompt_is_ingested_gives_the_prompt_back(
     d.wait_status("Done: length, 50 samples")
     assert d.js("s4demo.lastDone.usage.prompt_tokens") == n
     assert d.errors == [], d.errors
+
+
+def test_an_audio_prompt_goes_in_frames_every_server_takes(browser, model_dirs, tmp_path):
+    """The page sent an audio prompt in binary frames of 8,192 samples (16 KiB) whatever the server's frame
+    limit (S4_WS_MAX_FRAME_BYTES, which may be as low as 1,024 bytes): past it the server closes the socket
+    (1009), so on such a server no prompt over 0.06 s (at 8 kHz) could ever be sent, each try ending its
+    session. The frames are now of 512 samples, 1 KiB: on a server at the lowest limit a 3,000-sample
+    prompt is taken whole, and the generation is the library's from it."""
+    from server import Settings
+
+    s = ServerThread(Settings(checkpoints=[str(model_dirs["audio"])], ws_max_frame_bytes=1024)).start()
+    d = Demo(browser, s.url)
+    try:
+        d.wait_status("model served")
+        x = 0.4 * np.sin(np.arange(3000) / 5.0)
+        wav = tmp_path / "prompt.wav"
+        wav.write_bytes(wav_bytes(x, 8000))
+        d.page.set_input_files("#audio-file", str(wav))
+        d.wait_status("Prompt loaded")
+        generate_audio(d, 200, seed=3)
+        assert d.js("s4demo.lastDone.usage.prompt_tokens") == 3000
+        prompt = media.audio_frame_ids(to_pcm16(x), "pcm16")
+        want = reference(model_dirs["audio"], prompt, SamplingParams(seed=3), 200)
+        assert downloaded_wav(d) == to_pcm16(MuLaw().decode(want))
+        assert d.errors == [], d.errors
+    finally:
+        d.context.close()
+        s.stop()

@@ -873,6 +873,11 @@
     showPromptInfo();
   }
 
+  // An audio prompt's binary frames: 512 samples, 1 KiB, the lowest frame limit a server may set
+  // (S4_WS_MAX_FRAME_BYTES ≥ 1024). They were 8,192 samples (16 KiB): a server whose limit was below that
+  // closed the socket (1009) on the first frame, so no prompt over a few hundred samples could be sent there.
+  const PROMPT_FRAME_SAMPLES = 512;
+
   async function generateAudio() {
     if (!model || turn || starting) return;
     const settings = readSettings({ max_new_tokens: "audio-samples", temperature: "audio-temperature" }, "audio-seed");
@@ -894,8 +899,10 @@
     // without a prompt a new session starts from the model's silence (the server's one-token prompt)
     const prompt = audio.prompt;
     if (prompt) {
-      // binary frames of s16le prompt samples, in chunks well under the server's frame limit
-      for (let i = 0; i < prompt.length; i += 8192) c.ws.send(prompt.slice(i, i + 8192).buffer);
+      // binary frames of s16le prompt samples, each within any server's frame limit
+      for (let i = 0; i < prompt.length; i += PROMPT_FRAME_SAMPLES) {
+        c.ws.send(prompt.slice(i, i + PROMPT_FRAME_SAMPLES).buffer);
+      }
       clearPrompt(); // it is part of the session now (loaded again if the turn is refused: endTurn)
     }
     resetAudio();
