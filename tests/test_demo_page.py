@@ -1944,3 +1944,32 @@ def test_an_audio_prompt_goes_in_frames_every_server_takes(browser, model_dirs, 
     finally:
         d.context.close()
         s.stop()
+
+
+def test_the_prompt_line_says_continues_the_session_only_while_there_is_one(demo, server):
+    """The audio prompt line and Clear prompt's status said "the next generation continues the session"
+    whenever a socket was open, bound to a session or not: after the server answered that the session is
+    gone (expired or deleted: the socket unbound), or refused the socket's first session (all slots in
+    use), they still said so while the next Generate started a new session from the model's silence. And
+    the line was not redrawn when a session was bound: after a first turn without a prompt it still said
+    "starts from the model's silence" while the next turn continued the session. They now follow the
+    socket's session."""
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    generate_audio(d, 40, seed=1)
+    assert d.page.text_content("#prompt-info") == "no new prompt: the next generation continues the session"
+    sid = d.js("s4demo.sessionId")
+    assert httpx.delete(f"{server.url}/v1/sessions/{sid}").status_code == 204
+    d.page.click("#audio-generate")
+    d.wait_status("expired")
+    assert d.page.text_content("#prompt-info") == "no prompt: starts from the model's silence"
+    d.page.click("#clear-prompt")
+    assert (
+        d.page.text_content("#status")
+        == "Prompt cleared: the next generation starts from the model's silence."
+    )
+    generate_audio(d, 40, seed=2)
+    assert d.js("s4demo.lastDone.usage.prompt_tokens") == 1  # (it did: the silence)
+    assert d.page.text_content("#prompt-info") == "no new prompt: the next generation continues the session"
+    assert d.errors == [], d.errors

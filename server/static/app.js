@@ -349,6 +349,7 @@
       c.bound = true;
       demo.sessionId = f.session_id;
       showStats();
+      showPromptInfo(); // (a generation now continues this session)
       c.binding?.resolve();
       c.binding = null;
     } else if (turn?.refused) {
@@ -361,6 +362,7 @@
         c.bound = false;
         demo.sessionId = null;
         contextTokens = 0;
+        showPromptInfo(); // (the next generation starts a new session)
         said = "This session expired (it sat idle longer than the server keeps sessions) or was deleted. " +
           "Send again to start a new, empty session " +
           `(the ${turn?.kind === "audio" ? "audio generated before" : "text above"} is not part of it).`;
@@ -801,13 +803,15 @@
     showPromptInfo();
   }
 
-  // What the next audio turn starts from: the loaded prompt, else the session, else the model's silence.
+  // What the next audio turn starts from: the loaded prompt, else the socket's session, else the model's
+  // silence. (It said "continues the session" for any open socket: one whose session the server said was
+  // gone, or whose first session was refused, has none, and its next turn starts from the silence.)
   function showPromptInfo() {
     const pcm = audio.prompt;
     const rate = model?.sample_rate;
     $("prompt-info").textContent = pcm
       ? `prompt: ${pcm.length} samples (${(pcm.length / rate).toFixed(2)} s at ${rate} Hz)`
-      : conn
+      : conn?.bound
         ? "no new prompt: the next generation continues the session"
         : "no prompt: starts from the model's silence";
   }
@@ -1137,7 +1141,7 @@
   // (the prompt line beside it is no live region: without a status the click was silent to a screen reader)
   $("clear-prompt").addEventListener("click", () => {
     clearPrompt();
-    const next = conn ? "continues the session" : "starts from the model's silence";
+    const next = conn?.bound ? "continues the session" : "starts from the model's silence";
     status(`Prompt cleared: the next generation ${next}.`);
   });
   loadModels();
