@@ -1973,3 +1973,25 @@ def test_the_prompt_line_says_continues_the_session_only_while_there_is_one(demo
     assert d.js("s4demo.lastDone.usage.prompt_tokens") == 1  # (it did: the silence)
     assert d.page.text_content("#prompt-info") == "no new prompt: the next generation continues the session"
     assert d.errors == [], d.errors
+
+
+def test_stop_playback_leaves_the_keyboard_focus_on_generate(demo):
+    """Between turns the audio panel's Cancel reads "Stop playback" while audio is queued, and disables itself
+    once nothing is: pressed from the keyboard, or focused when the queued audio played out, the focus went
+    with it to the page's <body> (a keyboard user's place lost, the next Tab from the top), where the end of
+    a turn moves it from Cancel to Generate. It goes to Generate and play now, both ways."""
+    d = demo
+    d.wait_status("models served")
+    d.page.select_option("#model", AUDIO)
+    for n, stop in ((80000, "pressed"), (16000, "played out")):  # (the tiny model makes them in under 1 s)
+        d.page.fill("#audio-samples", str(n))
+        d.page.click("#audio-generate")
+        d.wait_status(f"Done: length, {n} samples")
+        assert d.js("s4demo.sourcesQueued()") > 0 and d.page.text_content("#audio-cancel") == "Stop playback"
+        d.page.focus("#audio-cancel")
+        if stop == "pressed":
+            d.page.keyboard.press("Enter")
+            d.wait_status("Playback stopped")
+        d.page.wait_for_function("() => document.getElementById('audio-cancel').disabled", timeout=WAIT_MS)
+        assert d.js("document.activeElement.id") == "audio-generate", stop
+    assert d.errors == [], d.errors

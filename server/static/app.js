@@ -719,10 +719,15 @@
 
   // Between turns the audio panel's Cancel button reads "Stop playback" while generated audio is still
   // queued (a model several times faster than real time leaves most of it to play after its done frame).
+  // Disabling it moves the keyboard focus it holds to Generate and play, as the end of a turn does from
+  // Cancel (pressed from the keyboard, or focused as the audio played out, it had left the focus on <body>).
   function stopPlaybackButton(on) {
     const b = $("audio-cancel");
     b.textContent = on ? "Stop playback" : "Cancel";
-    if (!turn) b.disabled = !on;
+    if (turn) return;
+    const focused = document.activeElement === b;
+    b.disabled = !on;
+    if (focused && !on) $("audio-generate").focus();
   }
 
   function resetAudio() {
