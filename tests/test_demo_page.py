@@ -1995,3 +1995,20 @@ def test_stop_playback_leaves_the_keyboard_focus_on_generate(demo):
         d.page.wait_for_function("() => document.getElementById('audio-cancel').disabled", timeout=WAIT_MS)
         assert d.js("document.activeElement.id") == "audio-generate", stop
     assert d.errors == [], d.errors
+
+
+def test_a_whole_number_setting_goes_out_digit_for_digit(demo, model_dirs):
+    """JSON.stringify writes a number of 1e21 or more with an exponent ("1e+21"), which the server's integer
+    fields refuse: a top-k of 1e21 (or 1000000000000000000000), a whole number within the field's bounds
+    (any k at or above the vocabulary keeps every token), passed the page's checks and came back as "Error
+    422: top_k: Input should be a valid integer". Whole-number fields (max new tokens, top-k, samples) now
+    go out as digits, as the seed does."""
+    d = demo
+    d.wait_status("models served")
+    opened = sockets_opened(d)
+    d.page.fill("#top-k", "1e21")
+    got = generate_text(d, "no more;", 30, seed=4)
+    assert '"top_k":1000000000000000000000,' in opened[0][1][-1], opened[0][1][-1]
+    want = reference(model_dirs["text"], list(b"no more;"), SamplingParams(seed=4, top_k=10**21), 30)
+    assert got == bytes(want).decode("utf-8", errors="replace")
+    assert d.errors == [], d.errors

@@ -89,13 +89,15 @@
     el.nextElementSibling.textContent = why;
   }
 
-  // The fields' values ({key: number}, absent when empty: the server's default) and the seed's digits
-  // (a JS number would round a seed above 2^53: messageJSON writes the digits as they are). null, with
-  // each bad field marked, the first one focused and named in the status line, when any is invalid:
-  // unparseable ("1e": the browser's value is then "", so it was silently dropped), or outside the
-  // field's min/max/step.
+  // The fields' values ({key: number}, absent when empty: the server's default) and, as digits, those of
+  // the whole-number fields (step 1) and the seed (`whole`: messageJSON writes them as they are: a JS number
+  // would round a seed above 2^53, and JSON.stringify writes 1e21 and more with an exponent, "1e+21", which
+  // the server's integer fields refuse). null, with each bad field marked, the first one focused and named
+  // in the status line, when any is invalid: unparseable ("1e": the browser's value is then "", so it was
+  // silently dropped), or outside the field's min/max/step.
   function readSettings(fields, seedId) {
     const values = {};
+    const whole = {};
     const bad = [];
     for (const [key, id] of Object.entries(fields)) {
       const el = $(id);
@@ -106,7 +108,11 @@
       }
       fieldError(el, why);
       if (why) bad.push(el);
-      else if (el.value.trim() !== "") values[key] = Number(el.value);
+      else if (el.value.trim() !== "") {
+        const x = Number(el.value);
+        if (el.step === "1" && Number.isInteger(x)) whole[key] = BigInt(x).toString();
+        else values[key] = x;
+      }
     }
     const el = $(seedId);
     let seed = el.value.trim();
@@ -120,12 +126,15 @@
       bad[0].focus();
       return null;
     }
-    return { values, seed: seed ? BigInt(seed).toString() : undefined }; // no leading zeros: JSON has none
+    if (seed) whole.seed = BigInt(seed).toString(); // no leading zeros: JSON has none
+    return { values, whole };
   }
 
-  function messageJSON(msg, seed) {
+  // msg as JSON with the `whole` fields ({key: digits}) written digit for digit, after msg's own.
+  function messageJSON(msg, whole) {
     const json = JSON.stringify(msg);
-    return seed === undefined ? json : `${json.slice(0, -1)},"seed":${seed}}`;
+    const more = Object.entries(whole).map(([key, digits]) => `,"${key}":${digits}`).join("");
+    return `${json.slice(0, -1)}${more}}`;
   }
 
   // --- models ----------------------------------------------------------------------------------
@@ -639,7 +648,7 @@
     turn.textNode = g.firstChild;
     turn.spans = [p, g];
     turn.record = record;
-    c.ws.send(messageJSON(msg, settings.seed));
+    c.ws.send(messageJSON(msg, settings.whole));
     $("prompt").value = ""; // it is in the transcript; an empty prompt just continues the text
   }
 
@@ -915,12 +924,12 @@
       clearPrompt(); // it is part of the session now (loaded again if the turn is refused: endTurn)
     }
     resetAudio();
-    audio.expected = settings.values.max_new_tokens || 0;
+    audio.expected = Number(settings.whole.max_new_tokens ?? 0);
     const seconds = prompt ? `${(prompt.length / model.sample_rate).toFixed(1)} s of audio` : "";
     beginTurn("audio", prompt ? prompt.length : 0, seconds);
     turn.promptSent = !!prompt;
     turn.prompt = prompt;
-    c.ws.send(messageJSON({ type: "generate", audio_encoding: "pcm16", ...settings.values }, settings.seed));
+    c.ws.send(messageJSON({ type: "generate", audio_encoding: "pcm16", ...settings.values }, settings.whole));
   }
 
   // A new socket's session, bound before any prompt frame is sent: binary frames need a bound socket,
