@@ -179,6 +179,34 @@ def test_the_page_answers_head_and_its_assets_are_revalidated_on_every_use(clien
         assert client.head(path).status_code == 200, path
 
 
+def test_the_page_answers_every_form_of_a_matching_precondition_with_304_as_its_assets_do(client):
+    """RFC 9110 13.1: If-None-Match is compared weakly and may list several tags or say `*`, and without it
+    If-Modified-Since is judged by the date. The assets (Starlette's StaticFiles) answer each of those with
+    304; GET / compared If-None-Match with its ETag as one string, and answered 200 to `W/"…"` (what a
+    browser sends back once a proxy's compression has weakened the tag), to a list, to `*` and to
+    If-Modified-Since."""
+    for path in ("/", "/static/app.js"):
+        first = client.get(path)
+        etag, modified = first.headers["etag"], first.headers["last-modified"]
+        for headers in (
+            {"If-None-Match": f"W/{etag}"},
+            {"If-None-Match": f'"other", {etag}'},
+            {"If-None-Match": "*"},
+            {"If-Modified-Since": modified},
+        ):
+            for method in ("GET", "HEAD"):
+                r = client.request(method, path, headers=headers)
+                assert r.status_code == 304 and r.headers["cache-control"] == "no-cache", (
+                    path,
+                    headers,
+                    method,
+                )
+                assert r.headers["etag"] == etag and r.content == b"", (path, headers)
+        # a tag that does not match: 200, whatever If-Modified-Since says (If-None-Match comes first)
+        r = client.get(path, headers={"If-None-Match": '"other"', "If-Modified-Since": modified})
+        assert r.status_code == 200 and r.content, path
+
+
 def test_page_loads_without_console_errors_and_lists_the_served_models(demo, client, tmp_path):
     models = client.get("/v1/models").json()["data"]
     d = demo

@@ -4,6 +4,8 @@ Neither is an API operation, so neither is in the OpenAPI schema. The page only 
 server (GET /v1/models, WS /v1/stream, GET /v1/sessions/{id}); the CSP below keeps it that way.
 The page and its assets are revalidated on every use (Cache-Control: no-cache, with the ETag and
 Last-Modified that Starlette sets): an upgraded server never has its new page run an old cached script.
+A request's preconditions are judged for the page as Starlette's StaticFiles judges them for the assets
+(RFC 9110 13.1: If-None-Match compared weakly, a list, `*`; else If-Modified-Since).
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ async def index(request: Request) -> Response:
         stat_result=page.stat(),
         headers={"Content-Security-Policy": csp(request.headers.get("host")), **REVALIDATE},
     )
-    if request.headers.get("if-none-match") == response.headers["etag"]:  # the browser's copy is current
+    # the client's copy is current: judged as for the assets (the ETag alone, compared as one string, was
+    # a 200 to W/"tag", to a list of tags, to * and to If-Modified-Since)
+    if ASSETS.is_not_modified(response.headers, request.headers):
         return Response(status_code=304, headers={"ETag": response.headers["etag"], **REVALIDATE})
     return response
 
@@ -63,3 +67,6 @@ class RevalidatedStaticFiles(StaticFiles):
 def static_files() -> StaticFiles:
     """The page's script and style sheet, mounted at /static."""
     return RevalidatedStaticFiles(directory=STATIC)
+
+
+ASSETS = static_files()  # (index's preconditions are judged by its is_not_modified)
