@@ -2040,3 +2040,35 @@ def test_a_whole_number_setting_goes_out_digit_for_digit(demo, model_dirs):
     want = reference(model_dirs["text"], list(b"no more;"), SamplingParams(seed=4, top_k=10**21), 30)
     assert got == bytes(want).decode("utf-8", errors="replace")
     assert d.errors == [], d.errors
+
+
+SLOW_OPEN = """(() => { const Native = window.WebSocket;  // every socket's open reaches the page 1 s late
+    window.WebSocket = class extends Native {
+      set onopen(f) { super.onopen = (ev) => setTimeout(() => f.call(this, ev), 1000); }
+      get onopen() { return super.onopen; } };
+})()"""
+
+
+def test_what_is_typed_while_the_socket_opens_stays_in_the_prompt_box(demo, model_dirs):
+    """A turn's prompt is read when Generate is pressed, and the box emptied once it is sent, after the socket
+    has opened (a first turn, or one after the connection closed: a round trip or more to a remote server).
+    What was typed in the box meanwhile, the start of the next turn, was emptied with it. Now only the sent
+    prompt leaves the box: what was typed after it stays, for the next turn."""
+    d = demo
+    d.page.add_init_script(SLOW_OPEN)
+    d.page.reload()
+    d.wait_status("models served")
+    d.page.fill("#prompt", "no more;")
+    d.page.fill("#max-new-tokens", "20")
+    d.page.fill("#temperature", "1")
+    d.page.fill("#seed", "7")
+    d.page.click("#send")
+    d.page.focus("#prompt")
+    d.page.keyboard.press("End")
+    d.page.keyboard.type(" and by")  # (while the socket opens: the turn has not begun)
+    assert d.js("s4demo.turns.length") == 0
+    d.wait_status("Done: length, 20 tokens")
+    want = reference(model_dirs["text"], list(b"no more;"), SamplingParams(seed=7), 20)
+    assert d.page.text_content("#output") == "no more;" + bytes(want).decode("utf-8", errors="replace")
+    assert d.page.input_value("#prompt") == " and by"
+    assert d.errors == [], d.errors

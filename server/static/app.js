@@ -649,7 +649,10 @@
     turn.spans = [p, g];
     turn.record = record;
     c.ws.send(messageJSON(msg, settings.whole));
-    $("prompt").value = ""; // it is in the transcript; an empty prompt just continues the text
+    // it is in the transcript (an empty prompt just continues the text); what was typed after it while the
+    // socket opened stays, for the next turn (the whole box had been emptied)
+    const box = $("prompt");
+    box.value = box.value.startsWith(prompt) ? box.value.slice(prompt.length) : box.value;
   }
 
   // The socket, once open; null when it cannot be opened (the reason shown) or was dropped meanwhile
