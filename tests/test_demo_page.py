@@ -2072,3 +2072,29 @@ def test_what_is_typed_while_the_socket_opens_stays_in_the_prompt_box(demo, mode
     assert d.page.text_content("#output") == "no more;" + bytes(want).decode("utf-8", errors="replace")
     assert d.page.input_value("#prompt") == " and by"
     assert d.errors == [], d.errors
+
+
+def test_an_empty_prompt_is_not_sent_to_a_session_with_no_text_yet(demo, server, monkeypatch):
+    """A new session's first turn cancelled while its prompt was ingested leaves the socket bound to a session
+    with no text (the prompt taken back). The page checked for an empty prompt only on a socket with no
+    session, so an empty Generate there went out for the server's "Error 422: prompt is empty and there is
+    no session input to continue from"; a session with no text yet is not sent one, as a new one is not."""
+    d = demo
+    d.wait_status("models served")
+    sockets = sockets_opened(d)
+    chunk = server.state.settings.prefill_chunk_tokens
+    started, holding = held_after_first_chunk(server.state.models[TEXT].engine, monkeypatch)
+    d.page.fill("#prompt", "".join(f"{i}: to be or not, " for i in range(3 * chunk // 16)))
+    d.page.click("#send")
+    assert started.wait(60)
+    d.page.click("#cancel")
+    d.wait_status("Done: cancelled before the prompt was taken in")
+    holding[0] = False
+    assert d.js("s4demo.sessionId") and d.page.text_content("#context") == "0 tokens"
+    d.page.fill("#prompt", "")
+    d.page.click("#send")
+    d.wait_status("Not sent: a new session starts from a prompt")
+    assert len(sockets) == 1 and len(sockets[0][1]) == 2  # the turn and its cancel, nothing after
+    generate_text(d, "to be", 3, seed=1)  # and a prompt starts the session's text
+    assert d.js("s4demo.turns.map(t => t.done.usage.prompt_tokens)") == [5]
+    assert d.errors == [], d.errors

@@ -620,10 +620,11 @@
         `(${limit}): shorten it, or send it in parts.`, true);
       return;
     }
-    if (!promptTokens && !conn?.bound) {
+    if (!promptTokens && (!conn?.bound || contextTokens === 0)) {
       // a new session (the first turn, after New session, another model or a closed connection) has nothing
       // to continue from: the page had sent the empty prompt, on a new socket, for the server's 422 "prompt
-      // is empty and there is no session input to continue from"
+      // is empty and there is no session input to continue from"; nor has a bound one with no text yet (its
+      // first turn's prompt taken back by a cancel while it was ingested)
       status("Not sent: a new session starts from a prompt: type one in the box " +
         "(an empty prompt continues a session's text).", true);
       $("prompt").focus();
