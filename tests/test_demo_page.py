@@ -1285,6 +1285,8 @@ def test_a_refused_audio_session_shows_its_own_error_and_keeps_the_prompt(browse
         d.page.click("#audio-generate")
         said = d.wait_status("Error 429")
         assert "session slots are in use" in said and "must name a model" not in said, said
+        # the frame's retry_after (the socket's Retry-After) is said too (R14's note: only the message was)
+        assert said.endswith("(the server asks to try again in 1 s)"), said
         d.page.wait_for_timeout(300)  # (nothing else arrives to replace it)
         assert d.page.text_content("#status") == said
         assert d.page.text_content("#prompt-info").startswith("prompt: 400 samples")

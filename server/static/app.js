@@ -365,6 +365,7 @@
       onRefusedTurnFrame(f);
     } else if (f.type === "error") {
       let said = `Error ${f.code}: ${f.message}`;
+      if (Number.isFinite(f.retry_after)) said += ` (the server asks to try again in ${f.retry_after} s)`;
       if (f.code === 404 && f.param === "session_id" && c.bound) {
         // the socket's session expired or was deleted: the server unbound the socket
         refreshing?.abort(); // (a read of it still under way would find it gone: see refreshContext)
