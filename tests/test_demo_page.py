@@ -602,6 +602,17 @@ def statuses(d: Demo) -> None:
           document.getElementById('status'), {subtree: true, characterData: true, childList: true}); }""")
 
 
+def reload_models(d: Demo, served: str = "models served") -> str:
+    """Click Load models and wait until the page has read the model list again. The status line says "2
+    models served." before the click and after the reload alike, and the page changes it only once the list
+    has come: a wait on it passed at once, and the reload's own line then overwrote the next step's (the
+    audio prompt's "Prompt loaded", which that test waited 30 s for in vain: CI failed so once). The line
+    is emptied first, so the wait ends on the reload's line."""
+    d.page.evaluate("document.getElementById('status').textContent = ''")
+    d.page.click("#load-models")
+    return d.wait_status(served)
+
+
 def load_sine_prompt(d: Demo, wav: Path, samples: int) -> Path:
     """A WAV of `samples` samples of a sine at 8 kHz written to `wav` and picked as the page's audio prompt
     (returned once the page says it is loaded)."""
@@ -660,8 +671,7 @@ def test_an_audio_prompt_over_the_limit_ends_its_turn_and_the_next_turn_works(de
     d.wait_status("models served")
     # as from a server that does not list its limit (max_prompt_tokens): the page sends the prompt
     d.page.route("**/v1/models", lambda route: route.fulfill(json=without_limits(route.fetch().json())))
-    d.page.click("#load-models")
-    d.wait_status("models served")
+    reload_models(d)
     d.page.select_option("#model", AUDIO)
     load_sine_prompt(d, tmp_path / "31-seconds.wav", 31 * 8000)
     d.page.fill("#audio-samples", "240000")  # the most this server allows: 30 s
@@ -1174,8 +1184,7 @@ def test_the_model_line_says_what_each_model_is(demo, client):
     # a linearly quantized model (an official Beethoven SaShiMi) had been described as mu-law too
     linear = lambda body: body | {"data": [m | {"audio_codec": "linear"} for m in body["data"]]}  # noqa: E731
     d.page.route("**/v1/models", lambda route: route.fulfill(json=linear(route.fetch().json())))
-    d.page.click("#load-models")
-    d.wait_status("models served")
+    reload_models(d)
     sound = d.page.text_content("#model-info")
     assert sound.startswith("audio: 8000 Hz linearly quantized samples (256 levels)"), sound
 
