@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -57,6 +56,14 @@ DATASETS = {
     "enwik8": (ALL_SPLITS, True, "bytes"),
     "text8": (ALL_SPLITS, True, "chars"),
 }
+
+
+def text_lines(text: str) -> list[str]:
+    """`text` cut where a file read in text mode ends its lines, as the official code reads its data and
+    vocab files: at "\\n", "\\r\\n" or a lone "\\r" (Python's universal newlines), not at every break
+    str.splitlines knows (\\x0c, \\x85, U+2028, ...). The last piece is what follows the last break ("" after
+    a final one)."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
 class VocabError(ValueError):
@@ -174,7 +181,7 @@ class Vocab:
         lines end where the official code's text-mode read ends them (\\n, \\r\\n or \\r: Python's
         universal newlines), not at every break str.splitlines knows (\\x0c, \\x85, U+2028, ...), which
         made one line with such a character between its fields two symbols."""
-        lines = re.split(r"\r\n|\r|\n", data.decode("utf-8"))
+        lines = text_lines(data.decode("utf-8"))
         return cls([ln.split()[0] for ln in lines if ln.strip()], lower_case=lower_case)
 
     def write(self, path: str | Path) -> str:
@@ -398,7 +405,7 @@ class WordVocab(Vocab):
         vocabulary lacks (up to `NAMED_WORDS`) when it has no `unk`."""
         if self.unk_id is None and (unknown := self.unknown_words(text)):
             raise VocabError(self._unknown_message(unknown))
-        lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        lines = text_lines(text)
         ids: list[int] = []
         for k, line in enumerate(lines):
             ids += [self.word_id(w) for w in line.split()]
