@@ -56,7 +56,7 @@ WAITING_THREADS = 64
 CLOSE_WAIT_S = 1.0  # at `close`: how long a file a worker is decoding may take to finish before it is ended
 
 
-def _closed() -> APIError:
+def _shutting_down() -> APIError:
     """What a prompt gets when the decoder closed before its file was decoded (the server's stop, after its
     engines stopped: a decoded prompt could not be served there anyway)."""
     return unavailable("the server is shutting down: the audio prompt was not decoded (send it again)")
@@ -255,13 +255,14 @@ class AudioDecoder:
 
     def _run(self, alone: bool, fn, *args):
         """fn(*args) in a worker of the shared pool (or with `alone`, of the one-worker pool): its result, or
-        None where files are decoded in this process (from the start, or since `close` cancelled the call
-        while it was queued: a CancelledError out of the request was a 500). Raises BrokenProcessPool where a
-        worker of that pool ended while the pool held the call (the pool is let go: the next call makes a new
-        one; its `over_cpu`: whether that was a worker ended for a file past its CPU seconds)."""
+        None where files are decoded in this process (no worker process could be made). Raises APIError 503
+        once the decoder is closed: a call after `close`, one it cancelled while queued (a CancelledError out
+        of the request was a 500), one whose worker it ended. Raises BrokenProcessPool where a worker of that
+        pool ended otherwise while the pool held the call (the pool is let go: the next call makes a new one;
+        its `over_cpu`: whether that was a worker ended for a file past its CPU seconds)."""
         for _ in range(SUBMIT_TRIES):
             if self._closed:
-                raise _closed()
+                raise _shutting_down()
             if (pool := self._current(alone)) is None:
                 return None
             try:
@@ -279,11 +280,13 @@ class AudioDecoder:
             try:
                 return future.result()
             except BrokenProcessPool as exc:
+                if self._closed:  # (its worker ended by `close`: not a file's fault, not tried again)
+                    raise _shutting_down() from None
                 self._drop(pool)
                 exc.over_cpu = bool(pool.over_cpu.value)
                 raise
             except concurrent.futures.CancelledError:  # (queued when `close` cancelled what its pool held)
-                raise _closed() from None
+                raise _shutting_down() from None
         raise BrokenProcessPool(f"its pool broke {SUBMIT_TRIES} times before it took the file")
 
     def start(self) -> None:
@@ -338,15 +341,11 @@ class AudioDecoder:
         try:
             result = self._run(False, _watched, self.cpu_s, _decode, *args)
         except BrokenProcessPool:
-            if self._closed:  # (its worker ended by `close`)
-                raise _closed() from None
             log.warning("an audio decoder process ended while decoding a prompt: it is tried again alone")
             with self._alone_turn:
                 try:
                     result = self._run(True, _watched, self.cpu_s, _decode, *args)
                 except BrokenProcessPool as exc:
-                    if self._closed:
-                        raise _closed() from None
                     if getattr(exc, "over_cpu", False):
                         log.warning(
                             "a prompt took more than the %g CPU seconds a file may take to decode, alone: "
