@@ -1,5 +1,6 @@
 """bench.common's timing and machine record: what a results JSON says of how its figures were taken."""
 
+import contextlib
 import json
 import time
 
@@ -93,14 +94,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.asynccontextmanager
+async def _serving(handler, url: str):
+    """A stand-in WebSocket server running `handler` on a free loopback port, for as long as the context
+    lasts: yields `url` with its port."""
+    from websockets.asyncio.server import serve
+
+    async with serve(handler, "127.0.0.1", 0) as srv:
+        yield url.format(port=srv.sockets[0].getsockname()[1])
+
+
 def _fake_stream_server(fails=None):
     """A stand-in for WS /v1/stream on loopback (an async context manager giving its http:// URL): binds
     sessions, answers each `generate` with max_new_tokens token frames and `done`; a `generate` m that is
     its socket's turn-th for which fails(m, turn) holds gets a 500 error frame instead."""
     import asyncio
-    import contextlib
-
-    from websockets.asyncio.server import serve
 
     async def handler(ws):
         turns = 0
@@ -118,12 +126,7 @@ def _fake_stream_server(fails=None):
                 await asyncio.sleep(0.002)
             await ws.send(json.dumps({"type": "done", "finish_reason": "length"}))
 
-    @contextlib.asynccontextmanager
-    async def serving():
-        async with serve(handler, "127.0.0.1", 0) as srv:
-            yield f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
-
-    return serving()
+    return _serving(handler, "http://127.0.0.1:{port}")
 
 
 TAIL_SIZES = {"sessions": 2, "probes": 1, "decode_tokens": 4, "probe_every_s": 0.05, "baseline_s": 0.2}
@@ -257,9 +260,6 @@ def _fake_audio_server(frame_samples: int):
     """A stand-in for an audio model's WS /v1/stream: binds sessions (8 kHz), answers each `generate` with
     an audio_header and its samples in binary frames of `frame_samples` (the last: the rest), then done."""
     import asyncio
-    import contextlib
-
-    from websockets.asyncio.server import serve
 
     async def handler(ws):
         async for raw in ws:
@@ -275,12 +275,7 @@ def _fake_audio_server(frame_samples: int):
                 await asyncio.sleep(0.001)
             await ws.send(json.dumps({"type": "done", "finish_reason": "length"}))
 
-    @contextlib.asynccontextmanager
-    async def serving():
-        async with serve(handler, "127.0.0.1", 0) as srv:
-            yield f"ws://127.0.0.1:{srv.sockets[0].getsockname()[1]}/v1/stream"
-
-    return serving()
+    return _serving(handler, "ws://127.0.0.1:{port}/v1/stream")
 
 
 def test_audio_streams_of_one_frame_each_fail_instead_of_writing_no_real_time_factor():
