@@ -15,7 +15,7 @@
       waits for every session to expire and checks that no slot is left.
 
 Both serve the shipped text model unless --checkpoint names another text checkpoint, write JSON to
-scripts/results/ (--out) and print a summary. CI runs a 12-second soak on a tiny model
+scripts/results/ (--out) and print a summary. CI runs a 6-second soak on a tiny model
 (tests/test_reliability_script.py).
 """
 

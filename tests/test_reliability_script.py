@@ -2,6 +2,7 @@
 own checks come back clean: no error, every slot free once the sessions expired, exit 0."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,11 +10,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+CI_SOAK_S = 6  # the soak's length here (docs/reliability.md and the script's docstring quote it)
 
 
 def test_a_short_soak_ends_with_no_error_and_no_slot_in_use(model_dirs, tmp_path):
     cmd = [sys.executable, "scripts/reliability.py", "soak", "--checkpoint", str(model_dirs["text"]),
-           "--duration-s", "6", "--sample-s", "2", "--warmup-s", "0", "--ttl-s", "1",
+           "--duration-s", str(CI_SOAK_S), "--sample-s", "2", "--warmup-s", "0", "--ttl-s", "1",
            "--ws-users", "2", "--http-users", "2", "--out", str(tmp_path)]  # fmt: skip
     out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -22,6 +24,16 @@ def test_a_short_soak_ends_with_no_error_and_no_slot_in_use(model_dirs, tmp_path
     assert result["slots_in_use_at_end"] == 0 and result["queue_depth_at_end"] == 0
     assert result["exit_code"] == 0 and len(result["samples"]) >= 2
     assert result["rss_mib"]["end"] > 0
+
+
+def test_the_docs_give_the_length_of_the_soak_ci_runs():
+    """docs/reliability.md and scripts/reliability.py's docstring say how long CI soaks, and it is the test
+    above's --duration-s: they said 12 s after the test was shortened to 6 s (61d4f24)."""
+    page = " ".join((ROOT / "docs" / "reliability.md").read_text().split())
+    script = " ".join((ROOT / "scripts" / "reliability.py").read_text().split())
+    said = re.findall(r"CI runs the same script for (\d+) s on a tiny model", page)
+    said += re.findall(r"CI runs a (\d+)-second soak on a tiny model", script)
+    assert said == [str(CI_SOAK_S)] * 2, said
 
 
 def test_the_reported_percentiles_are_the_nearest_rank_not_one_above():
