@@ -1631,6 +1631,32 @@ def test_the_openai_routes_answer_406_to_an_accept_that_takes_neither_json_nor_t
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+def test_the_schema_lists_a_406_for_the_routes_that_answer_one(server):
+    """/openapi.json lists a 406 (an Accept the route cannot answer) on the routes that check Accept, and only
+    there: /tokenize and /detokenize listed it (OPENAI_ERROR_RESPONSES less the 429) and answer their JSON
+    whatever the Accept (vLLM's routes do too)."""
+    bodies = {
+        ("post", "/v1/generate"): {"model": TEXT, "prompt": "A", "max_new_tokens": 2},
+        ("post", "/v1/completions"): {"model": TEXT, "prompt": "A", "max_tokens": 2},
+        ("post", "/v1/chat/completions"): {"model": TEXT, "messages": [{"role": "user", "content": "A"}]},
+        ("post", "/tokenize"): {"model": TEXT, "prompt": "A"},
+        ("post", "/detokenize"): {"model": TEXT, "tokens": [65]},
+        ("get", "/v1/models"): None,
+        ("get", "/v1/models/{model_id}"): None,
+    }
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        paths = c.get("/openapi.json").json()["paths"]
+        listed = {(m, p) for p, ops in paths.items() for m, op in ops.items() if "406" in op["responses"]}
+        answered = set()
+        for (method, path), body in bodies.items():
+            assert method in paths[path], (method, path)
+            r = c.request(method.upper(), path.replace("{model_id}", TEXT), json=body,
+                          headers={"Accept": "text/plain"})  # fmt: skip
+            if r.status_code == 406:
+                answered.add((method, path))
+    assert listed == answered, (sorted(listed - answered), sorted(answered - listed))
+
+
 def test_openai_error_objects_by_status():
     """APIError.openai_body for each status the OpenAI routes can answer (a stream's error event too:
     `data: {"error": …}`, which the openai client raises as APIError)."""

@@ -814,7 +814,8 @@ async def retrieve_model(model_id: str, request: Request) -> dict:
     return _describe(st, st.model(model_id))
 
 
-TOKENIZE_ERRORS = {k: v for k, v in OPENAI_ERROR_RESPONSES.items() if k != 429}  # (no slot is taken)
+# (no slot is taken, and the answer is JSON whatever the Accept, as vLLM's: no 429, no 406)
+TOKENIZE_ERRORS = {k: v for k, v in OPENAI_ERROR_RESPONSES.items() if k not in (406, 429)}
 
 
 @router.post(
