@@ -50,7 +50,8 @@ and its websockets (sans-I/O) protocol are subclassed, and `uvicorn_config` puts
   and the shutdown close outright.
 
 Every close is counted in `s4_connections_closed_total{reason}` (the reasons: the four deadlines,
-`send_timeout`, and a WebSocket's input it cannot take: `PARSER_CLOSES`), every refusal in
+`send_timeout`, a WebSocket's input it cannot take: `PARSER_CLOSES`, its unanswered ping:
+`ws_ping_timeout`, and a request pipelined past `MAX_PIPELINED`: `pipeline_full`), every refusal in
 `s4_connections_refused_total{reason}`; `s4_connections_open` is the number open.
 """
 

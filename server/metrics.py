@@ -136,7 +136,8 @@ class Metrics:
         self.engine_crashes = Counter("s4_engine_crashes", "Engine threads that died of an unexpected error "
                                       "(the model then answers 503 until the server restarts)", m,
                                       registry=r)  # fmt: skip
-        self.rejections = Counter("s4_rejections", "Requests refused for capacity or limits",
+        self.rejections = Counter("s4_rejections", "Requests refused for capacity (429): sessions_full "
+                                  "(every state slot in use), queue_full (S4_MAX_QUEUED_REQUESTS waiting)",
                                   ["model", "reason"], registry=r)  # fmt: skip
         self.store_ops = Counter("s4_session_store_operations", "Session store writes, deletes (a failed one "
                                  "counts an error at each try), restores, reloads of a stale copy (each "
@@ -184,7 +185,9 @@ class Metrics:
                                           "message that is not UTF-8: ws_invalid_utf8 (close 1007); for a "
                                           "WebSocket ping not answered in time: ws_ping_timeout (close "
                                           "1008); over S4_WS_MAX_FRAME_BYTES: ws_message_too_big (1009); "
-                                          "for a frame that breaks the protocol: ws_protocol_error (1002)",
+                                          "for a frame that breaks the protocol: ws_protocol_error (1002); "
+                                          "for a request pipelined behind the most that may wait on its "
+                                          "connection: pipeline_full",
                                           ["reason"], registry=r)  # fmt: skip
         self.connections_refused = Counter("s4_connections_refused", "Connections refused when accepted: "
                                            "max_connections (503), max_connections_per_client (429)",

@@ -859,6 +859,33 @@ def test_the_decode_batch_sizes_help_says_its_unit():
     assert family.type == "histogram" and family.documentation.endswith("unit: sessions")
 
 
+def test_each_reasons_counters_help_names_every_reason_it_counts():
+    """The HELP of a counter labelled by a reason names each reason it counts, as the README's Metrics table
+    does: s4_connections_closed_total's listed every close reason but pipeline_full (308211e), and
+    s4_rejections_total's named none ("for capacity or limits")."""
+    import re
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server import metrics
+
+    families = {f.name: f for f in text_string_to_metric_families(metrics.Metrics().render()[0].decode())}
+    missing = {}
+    for name, values in [
+        ("s4_connections_closed", metrics.CLOSE_REASONS),
+        ("s4_connections_refused", metrics.CONNECTION_REFUSALS),
+        ("s4_requests_refused", metrics.REQUEST_REFUSALS),
+        ("s4_session_evictions", metrics.EVICTION_REASONS),
+        ("s4_rejections", metrics.REJECTION_REASONS),
+        ("s4_generations", metrics.FINISH_REASONS),
+        ("s4_session_store_errors", metrics.STORE_ERROR_OPS),
+    ]:
+        help_text = families[name].documentation
+        if absent := [v for v in values if not re.search(rf"\b{v}\b", help_text)]:
+            missing[name] = absent
+    assert missing == {}, missing
+
+
 def test_start_server_tries_another_free_port_where_another_process_took_the_first(monkeypatch):
     """free_port() releases the port it found before the server binds it: a process that took it in
     between made the server exit ("in use") and start_server raise. It now tries another free port where
