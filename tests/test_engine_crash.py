@@ -259,3 +259,15 @@ def test_a_generation_with_nothing_to_start_from_is_refused_at_submit_not_a_cras
         items += run.take(stream)
     assert engine.crashed is None and len(items) == 4, items
     run.close()
+
+
+def test_the_readme_says_when_healthz_fails():
+    """The README's "Several models" called `/healthz` liveness only, "whatever the models do", where it
+    answers 503 once a model's engine has died of a bug (47b6cb8; the first test above): every README
+    sentence that calls it liveness says it fails then."""
+    import re
+    from pathlib import Path
+
+    text = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    said = [s for s in re.split(r"(?<=[.;])\s", text) if "`/healthz` is liveness" in s]
+    assert said and all("engine_crashed" in s for s in said), said
