@@ -143,3 +143,50 @@ def test_the_audio_decode_cpu_setting_quotes_the_committed_wav_figure():
     m = re.search(r"\(10 by default; a 30 s 48 kHz WAV takes about ([\d.]+) s\b", page)
     assert m, "docs/reliability.md's sentence on the decoder's CPU bound"
     assert float(m[1]) == round(ms["in process"] / 1e3, 3)
+
+
+def _shown(quoted, value):
+    """`quoted` is `value` to its decimals, a tie (6.65 as 6.6 or 6.7) either way."""
+    q = quoted.strip().rstrip("×").replace(",", "")
+    return abs(float(q) - value) <= 0.5 * 10 ** -len(q.partition(".")[2]) + 1e-9
+
+
+def test_the_state_precision_figures_are_the_committed_run():
+    """docs/performance.md's bench.state_precision section: each model's row per state dtype (bits a token,
+    the change, total variation mean / p99 / max, how often the most likely token differs) and the orders
+    balanced truncation keeps (the range over every layer of the three models at each error bound), as
+    bench/results/state_precision.json has them. The orders said 56.0–56.8 and 62.6–63.0 where SaShiMi's
+    up blocks need up to 58.0 and 63.2."""
+    models = json.loads((RESULTS / "state_precision.json").read_text())["models"]
+    text = (ROOT / "docs" / "performance.md").read_text()
+    section = text[text.index("## Can a session's state be smaller?") :]
+    section = section[: section.index("\n## ", 3)]
+    rows, model = {}, None
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if line.startswith("| ") and len(cells) == 6 and cells[1] in ("float32", "float16", "bfloat16"):
+            model = cells[0].removesuffix(" (SaShiMi)") or model
+            rows[model, cells[1]] = cells[2:]
+    assert {m for m, _ in rows} == {m["model"] for m in models}, sorted(rows)
+    for m in models:
+        base = m["dtypes"]["float32"]["bits_per_token"]
+        for dtype, r in m["dtypes"].items():
+            bits, delta, tv, differs = rows[m["model"], dtype]
+            assert _shown(bits, r["bits_per_token"]), (m["model"], dtype, bits)
+            if dtype == "float32":
+                continue
+            change, _, share = delta.strip("*").partition(" (")
+            assert _shown(change.strip("*+"), r["delta_bits"]), (m["model"], dtype, delta)
+            assert not share or _shown(share.rstrip(" %)"), 100 * r["delta_bits"] / base), (m["model"], delta)
+            quoted = zip([x.strip() for x in tv.split("/")], ("tv_mean", "tv_p99", "tv_max"), strict=True)
+            assert all(_shown(q, r[k]) for q, k in quoted), (m["model"], dtype, tv)
+            assert _shown(differs.split(" %")[0], 100 * r["argmax_differs"]), (m["model"], dtype, differs)
+    truncation = r"ε = 1e-2: ([\d.]+)–([\d.]+) in every layer of the three models; "
+    truncation += r"ε = 1e-3: ([\d.]+)–([\d.]+); ε = 1e-4: ([\d.]+)–([\d.]+)\b"
+    m = re.search(truncation, " ".join(section.split()))
+    assert m, "the balanced truncation sentence"
+    want = []
+    for eps in ("0.01", "0.001", "0.0001"):
+        orders = [layer[eps]["mean"] for x in models for layer in x["balanced_truncation"].values()]
+        want += [round(min(orders), 1), round(max(orders), 1)]
+    assert [float(x) for x in m.groups()] == want
