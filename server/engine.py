@@ -669,16 +669,26 @@ class Engine:
         """Queue a job (429 when the queue is full). Generation results arrive on job.stream;
         an ingestion-only job resolves job.future with the session record. Raises ValueError for a
         generation with nothing to start from (no tokens, on a new session or one without a pending
-        token), which crashed the engine thread (every request of the model then failed): the routes
-        refuse it first (`service.check_input`; an audio model starts from its silence), but direct callers
-        of `submit` (the benchmarks) did not. (Token ids are the caller's to check, as the routes do: an
-        id outside [0, V) still crashes the engine; checked here it would cost the event loop a pass over
-        every prompt.)"""
+        token), for a token id outside [0, V) in the job's tokens, and for a generation whose logit_bias
+        names one: each crashed the engine thread (every request of the model then failed). The routes
+        refuse them first (`service.check_input`, an audio model starting from its silence; the prompts'
+        and logit_bias' ids by name), but direct callers of `submit` (the library, the benchmarks) did not.
+        The ids' check is two C-speed passes (min, max) over the tokens, which the routes' own checks
+        already cost."""
         if job.stream is not None and not job.tokens and (job.fresh or job.session.pending is None):
             raise ValueError(
                 "a generation needs a token to start from: give the job tokens, or a session with a pending "
                 "token (service.start_generation gives an audio model its silence)"
             )
+        V = self.pool.seen.shape[1]
+        if job.tokens and not (0 <= (low := min(job.tokens)) and (high := max(job.tokens)) < V):
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {V}) of model {self.model_id}")
+        bias = job.params.logit_bias if job.stream is not None and job.params is not None else None
+        if bias and not (0 <= min(bias) and max(bias) < V):
+            bad = min(bias) if min(bias) < 0 else max(bias)
+            raise ValueError(f"logit_bias names token id {bad}, outside the vocabulary [0, {V}) of model "
+                             f"{self.model_id}")  # fmt: skip
         if job.stream is not None:
             job.stream.engine, job.stream.job = self, job
         self._submit(job)

@@ -2,6 +2,7 @@
 in an inbox nobody read, forever), /readyz says why, and the other models keep serving."""
 
 import asyncio
+import concurrent.futures
 
 import httpx
 import pytest
@@ -271,3 +272,43 @@ def test_the_readme_says_when_healthz_fails():
     text = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
     said = [s for s in re.split(r"(?<=[.;])\s", text) if "`/healthz` is liveness" in s]
     assert said and all("engine_crashed" in s for s in said), said
+
+
+def test_a_token_id_or_logit_bias_id_outside_the_vocabulary_is_refused_at_submit_not_a_crash(model_dirs):
+    """A job whose input holds an id outside [0, V) (V, a negative id) crashed the engine thread as it was
+    admitted (`_start`: "index 256 is out of bounds" marking it seen; a negative id wrapped there and
+    reached the step), and one whose SamplingParams' logit_bias names an id ≥ V crashed it at its first
+    decode step (`bias_matrix`'s IndexError): every request of the model failed from then on. The routes
+    refuse such ids by name, but `Engine.submit`'s direct callers (the library, the benchmarks) did not: it
+    said so ("an id outside [0, V) still crashes the engine"). Now each is a ValueError at submit naming the
+    id and the vocabulary; nothing is queued, and the engine goes on serving."""
+    from test_server_delivery import HandRun
+
+    from server.engine import Job, Stream
+
+    run = HandRun(model_dirs["text"])
+    engine = run.engine
+    V = engine.rec.config.vocab_size
+    kept = run.session("s")
+    queued = engine.queued
+    for tokens, bad in (([1, V], V), ([-1, 2], -1), ([V + 10**6], V + 10**6)):
+        for stream in (None, Stream(run.loop, 8)):  # an ingest (session append) and a generation
+            job = Job(kept, tokens, stream=stream, params=SamplingParams(seed=1), max_new_tokens=2,
+                      future=None if stream else concurrent.futures.Future())  # fmt: skip
+            with pytest.raises(ValueError, match=rf"token id {bad} is outside the vocabulary \[0, {V}\)"):
+                engine.submit(job)
+    for bias in ({V: 5.0}, {3: 1.0, V + 7: -1.0}):
+        job = Job(kept, [], stream=Stream(run.loop, 8), params=SamplingParams(seed=1, logit_bias=bias),
+                  max_new_tokens=2)  # fmt: skip
+        with pytest.raises(
+            ValueError, match=rf"logit_bias names token id {max(bias)}, outside the vocabulary \[0, {V}\)"
+        ):
+            engine.submit(job)
+    assert engine.queued == queued  # nothing was queued
+    stream, _ = run.turn(kept, SamplingParams(seed=1, logit_bias={V - 1: 1.0}), 3)  # ids up to V − 1 serve
+    items: list = []
+    while not items or isinstance(items[-1], int):
+        assert run.engine._iterate() is not False
+        items += run.take(stream)
+    assert engine.crashed is None and len(items) == 4 and all(0 <= t < V for t in items[:-1]), items
+    run.close()
