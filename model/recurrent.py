@@ -993,6 +993,17 @@ def check_step_inputs(
                          f"device ({device_type})")  # fmt: skip
 
 
+def check_block_tokens(tokens: torch.Tensor) -> None:
+    """A decode block's pending tokens: an int64 tensor of ids, which the block updates in place to each
+    row's last token (`RecurrentModel.decode_block`). Another integer dtype was converted to an int64 copy,
+    which the block updated instead: the caller's tokens came back unchanged, and its next block fed every
+    row its old pending token again. Raises ValueError otherwise (`check_token_dtype`'s for a float, bool
+    or non-tensor)."""
+    check_token_dtype(tokens)
+    if tokens.dtype != torch.int64:
+        raise ValueError(f"decode_block updates tokens in place: they must be int64, got {tokens.dtype}")
+
+
 def check_native_block_state(state: torch.Tensor) -> None:
     """The C decode block's state must be float32 (it steps it in place in C); ValueError otherwise."""
     if state.dtype != torch.float32:
@@ -1490,13 +1501,15 @@ class RecurrentModel(GraphedModel):
     @torch.inference_mode()
     def decode_block(self, K: int, state: torch.Tensor, tokens: torch.Tensor, **rows) -> fused.BlockResult:
         """Up to K steps with sampling and stop checks in one call, the state (n_layers, B, H, 2, M) and the
-        pending tokens (B,) updated in place: see fused.NetStep.block for the per-row arguments and the
+        pending tokens (B,) int64 updated in place: see fused.NetStep.block for the per-row arguments and the
         result. On CPU one C call (`fused.NetStep.block`); with CUDA graphs the bucket's decode-block graphs
         (`model.cuda_graphs.BucketedStep.decode_block`: stop sequences checked after the block, a row that met
         one stepped again to it). Each row's tokens, state and seen set are exactly those of stepping it with
         `step` and `model.sampling.sample` (its settings, its CounterRNG): alone, on CPU; in its batch (the
         one-step path through the same bucket, whose matmuls round alike), with the graphs. Raises ValueError
-        when `decode_block_ready` is false or on bad arguments."""
+        when `decode_block_ready` is false or on bad arguments (tokens not int64 among them:
+        `check_block_tokens`)."""
+        check_block_tokens(tokens)
         B = tokens.shape[0]
         if self._graphs is not None:
             if not self.decode_block_ready(B):

@@ -60,6 +60,38 @@ def test_token_ids_of_every_integer_dtype_give_the_int64_results_on_every_path(a
 
 
 @pytest.mark.parametrize("arch", ["isotropic", "sashimi"])
+def test_a_decode_blocks_pending_tokens_of_another_dtype_are_refused_not_left_stale(arch):
+    """`decode_block` updates its pending tokens in place to each row's last token (its docstring; the
+    caller feeds them to the next block). Tokens of another integer dtype were converted to an int64 copy,
+    which the block updated instead: uint8, int8 and int16 tokens ran and came back unchanged, so the next
+    block fed every row its old pending token again (a wrong continuation, silently); int32 was refused
+    as "decode block: expected (2,) torch.int64 contiguous CPU tensors", naming no argument. Each is now a
+    ValueError naming the tokens and int64 before anything runs (the state unchanged); int64 tokens are
+    updated in place as before."""
+    from model.sampling import row_settings, uint64_bits
+
+    rec = _net(arch).to_recurrent()
+    B = 2
+
+    def args():
+        return dict(settings=row_settings([SamplingParams(seed=r) for r in range(B)], V), counts=None,
+                    key=uint64_bits([1, 2]), counter=uint64_bits([0, 0]), limit=torch.full((B,), 3),
+                    stops=[[]] * B, history=[b""] * B, seen=torch.zeros(B, V, dtype=torch.bool))  # fmt: skip
+
+    state = rec.init_state(B)
+    for dtype in INT_DTYPES[:-1]:
+        tokens = torch.tensor([3, 5], dtype=dtype)
+        with pytest.raises(
+            ValueError, match=rf"decode_block updates tokens in place: they must be int64, got {dtype}"
+        ):
+            rec.decode_block(3, state, tokens, **args())
+        assert tokens.tolist() == [3, 5] and not bool(state.any())
+    tokens = torch.tensor([3, 5])
+    res = rec.decode_block(3, state, tokens, **args())
+    assert res.steps == 3 and torch.equal(tokens, res.tokens[-1]) and bool(state.any())
+
+
+@pytest.mark.parametrize("arch", ["isotropic", "sashimi"])
 def test_arguments_the_library_cannot_use_are_refused_by_name(arch, tmp_path):
     """A list or an array of ids, an `out` of another dtype, a tolerance that is NaN, negative or
     infinite, a device torch does not know or has not got: ValueErrors naming them (an AttributeError,

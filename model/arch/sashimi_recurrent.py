@@ -53,6 +53,7 @@ from model.recurrent import (
     VERIFY_TOKENS,
     StateRangeError,
     VerificationError,
+    check_block_tokens,
     check_logits_kind,
     check_native_block_state,
     check_step_inputs,
@@ -639,7 +640,8 @@ class SaShiMiRecurrent(GraphedModel):
         one stepped again to it). Each row's tokens, state and seen set are exactly those of stepping it with
         `step` and `model.sampling.sample` (its settings, its CounterRNG): alone, on CPU; in its batch (the
         one-step path through the same bucket), with the graphs. Raises ValueError when `decode_block_ready`
-        is false, on a bad phase, or on bad arguments."""
+        is false, on a bad phase, or on bad arguments (tokens not int64 among them: `check_block_tokens`)."""
+        check_block_tokens(tokens)
         B = tokens.shape[0]
         if not self.decode_block_ready(B):
             if self._graphs is not None:
