@@ -69,8 +69,10 @@ class SamplingParams:
       mathematical limit, the argmax (uniform among exactly tied maxima), never an overflow.
     - top_k: integer ≥ 0 (0 → off); any k ≥ the vocabulary size keeps everything (also off).
     - top_p: finite, in (0, 1] (1 → off); a tiny top_p keeps only the most likely token.
-    - repetition_penalty: finite, > 0 (1 → off). Where a seen token's z / p overflows (a tiny p), the
-      limit is taken: those tokens alone, and the largest of their z, get all the mass.
+    - repetition_penalty: > 0 and at most float32's largest value (1 → off; the sampler holds it in
+      float32, where a larger one was inf and a seen logit of 0 became 0 × inf, a NaN). Where a seen
+      token's z / p overflows (a tiny p), the limit is taken: those tokens alone, and the largest of their
+      z, get all the mass.
     - seed: integer in [0, 2^64): the generator's 64-bit Philox key. Our own routes take [0, 2^63); the
       OpenAI routes take OpenAI's int64 range and key a negative seed s with s + 2^64.
     """
@@ -94,7 +96,9 @@ class SamplingParams:
         self.temperature = check_number("temperature", self.temperature, ge=0)
         self.top_k = check_number("top_k", self.top_k, ge=0, integer=True)
         self.top_p = check_number("top_p", self.top_p, gt=0, le=1)
-        self.repetition_penalty = check_number("repetition_penalty", self.repetition_penalty, gt=0)
+        self.repetition_penalty = check_number(
+            "repetition_penalty", self.repetition_penalty, gt=0, le=F32_MAX
+        )
         if self.seed is not None:
             self.seed = check_number("seed", self.seed, ge=0, le=2**64 - 1, integer=True)
         # (float32's range: the sampler holds them in float32, where 1e39 was inf, and 0 × inf a NaN for

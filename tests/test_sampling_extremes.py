@@ -182,6 +182,30 @@ def test_a_rows_own_inf_logit_outranks_seen_logits_whose_penalty_overflows(path)
         assert set(got.tolist()) == {2}, (T, torch.bincount(got, minlength=V).tolist())
 
 
+def test_a_repetition_penalty_past_float32_is_refused_and_one_within_it_keeps_a_seen_zero_logit(path):
+    """CTRL's penalty multiplies a seen logit z ≤ 0 by p, and 0 · p = 0 for every finite p. The sampler
+    holds p in float32, where a finite 1e39 became inf (SamplingParams took any finite p > 0), and 0 × inf
+    a NaN, read as −inf: a seen token whose logit is exactly 0 was never drawn, and a row where it was the
+    only finite logit went uniform over every token, the −inf ones included (all 8 drawn in 200, both
+    paths). The presence and frequency penalties were bounded to float32's range for the same reason
+    (aee2eb0); a repetition penalty past it is now refused naming it. At float32's largest value the seen
+    zero logit keeps its 0: the row's only token is always drawn, and beside an unseen −2 it stays ~e²
+    times as likely."""
+    for p in (1e39, 1e300, sampling.F32_MAX * (1 + 2**-52)):
+        with pytest.raises(ValueError, match=r"repetition_penalty must be ≤ 3\.4"):
+            SamplingParams(repetition_penalty=p)
+    n, V = 400, 8
+    logits = torch.full((n, V), float("-inf"))
+    logits[:, 3] = 0.0
+    seen = torch.zeros(n, V, dtype=torch.bool)
+    seen[:, 3] = True
+    params = [SamplingParams(repetition_penalty=sampling.F32_MAX, seed=k) for k in range(n)]
+    assert set(draw(logits, params, seen).tolist()) == {3}
+    logits[:, 5] = -2.0  # unseen: kept as it is
+    drawn = torch.bincount(draw(logits, params, seen), minlength=V)
+    assert drawn[3] + drawn[5] == n and 0.8 * n < drawn[3] < 0.95 * n, drawn  # e² / (1 + e²) = 0.881
+
+
 def test_huge_repetition_penalty_matches_a_float64_reference(path):
     torch.manual_seed(4)
     V, n, pen = 8, 4000, 100.0
