@@ -430,14 +430,24 @@ def served_vocab(
 ) -> Vocab | None:
     """The vocabulary a text model is served through (its folder's vocab.txt), or None: its ids are
     UTF-8 bytes (or it is an audio model). `source`: the official file it was converted from (named in
-    the errors). Raises CheckpointError for a vocabulary that is wrong or of another size, and for a text
-    model without one whose ids cannot be bytes (fewer than 256). A model
+    the errors). Raises CheckpointError for a vocabulary that is wrong or of another size, for a text
+    model without one whose ids cannot be bytes (fewer than 256), and for an audio model whose vocab_size
+    is not its codec's 256 codes (its prompts' codes and its silence, 128, would be fed to it as ids
+    outside a smaller vocabulary, which crashed its engine thread; ids past 255 have no sample). A model
     converted from an official dataset that numbers tokens by a vocabulary (WikiText, PTB, …) without it is
     served as bytes, with the conversion's warning (`model.convert.token_warning`: the dataset's name alone
     does not prove its ids are not bytes). `meta`: the folder's config.json (`read_config`), when the
     caller read it already."""
     where = f"{source} (converted into {path})" if source else str(path)
     if config.modality != "text":
+        codec = config.codec
+        if config.vocab_size != codec.vocab_size:
+            raise CheckpointError(
+                f"{where}: an audio model's vocab_size must be its codec's {codec.vocab_size} "
+                f"({codec.name}), this one has {config.vocab_size}: its ids are the codec's codes (a "
+                f"prompt's samples, the silence {codec.silence} a generation without one starts from, the "
+                "samples it generates)"
+            )
         return None
     meta = read_config(path) if meta is None else meta
     try:

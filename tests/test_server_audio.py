@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
-from server_support import ServerThread, b64, reference, sse_events
+from server_support import TINY, ServerThread, b64, reference, sse_events
 from websockets.asyncio.client import connect
 
 from model.codecs import MuLaw, read_audio, wav_bytes
@@ -364,3 +364,39 @@ def test_a_nan_or_infinite_prompt_sample_is_refused_on_every_route_that_takes_au
         "prompt_tokens_details": {"cached_tokens": 0},
     }
     client.delete(f"/v1/sessions/{sid}")
+
+
+def test_an_audio_model_whose_vocabulary_is_not_its_codecs_256_codes_is_refused_at_load(model_dirs, tmp_path):
+    """An audio model's ids are its codec's 8-bit codes (0-255): its prompts are encoded to them and a
+    generation without one starts from the silence code, 128. A checkpoint with another vocab_size was
+    served all the same: at 100 every generation fed the model id 128, outside its vocabulary, and the
+    engine thread crashed ("the engine of model … failed (IndexError)": every later request a 503); at
+    4,000 the ids it generated past 255 had no sample ("mu-law id 3553 … is not an integer in 0 … 255":
+    a 500). Such a model is now refused at load, the reason naming vocab_size and the codec's 256; the
+    models beside it serve."""
+    from model import ModelConfig, SequenceModel, save
+
+    ckpts = [str(model_dirs["text"])]
+    for V in (100, 4000):
+        net = SequenceModel(ModelConfig(**{**TINY, "vocab_size": V}, kernel="s4d", modality="audio",
+                                        sample_rate=8000))  # fmt: skip
+        ckpts.append(str(save(net, tmp_path / f"audio-v{V}")))
+    s = ServerThread(Settings(checkpoints=ckpts, max_sessions=4, drain_timeout_s=1)).start()
+    try:
+        with httpx.Client(base_url=s.url, timeout=60) as c:
+            assert [m["id"] for m in c.get("/v1/models").json()["data"]] == [TEXT]
+            failed = c.get("/readyz").json()["failed"]
+            for V in (100, 4000):
+                why = failed[f"audio-v{V}"]
+                assert (
+                    f"an audio model's vocab_size must be its codec's 256 (mu-law s4serve), this one has {V}"
+                    in why
+                )
+                r = c.post("/v1/generate", json={"model": f"audio-v{V}", "max_new_tokens": 4, "seed": 1})
+                assert r.status_code == 404 and "vocab_size" in r.json()["error"]["message"], r.text
+            r = c.post(
+                "/v1/generate", json={"model": TEXT, "prompt": "to be", "max_new_tokens": 4, "seed": 1}
+            )
+            assert r.status_code == 200, r.text
+    finally:
+        s.stop()
