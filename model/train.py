@@ -1421,6 +1421,20 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
                 metrics[split] = evaluate(net, data, arr, dcfg.seq_len, dcfg.batch_size, dcfg.eval_stride, 0,
                                           device)  # fmt: skip
         write_json(out / "metrics.json", metrics)
+    if tcfg.export:  # checked at the start; another run may have exported there while this one trained
+        taken = ""
+        if main_proc:
+            try:
+                check_export_folder(Path(tcfg.export), out)
+            except ConfigError as exc:
+                taken = str(exc)
+        if round(all_sum(1.0 if taken else 0.0, device)):  # (every process learns it: one collective)
+            raise ConfigError(
+                f"{taken or 'train.export: refused on the main process'} (it was written while this run "
+                f"trained; this run's model is in {out}/last: `python -m model.train {out / 'config.json'} "
+                "train.export=DIR` exports it)"
+            )
+    if main_proc:
         if tcfg.export:
             from model.checkpoint import save
 

@@ -202,6 +202,46 @@ def test_an_export_never_replaces_a_checkpoint_another_run_or_none_wrote(text_da
     assert not (tmp_path / "other").exists()
 
 
+def test_an_export_another_run_wrote_while_this_one_trained_is_not_replaced(
+    text_data, tmp_path, capsys, monkeypatch
+):
+    """train.export is checked at the start; a run that began while the folder was empty and exported into
+    it while this run trained (two runs of one config with their own train.out, the shipped configs'
+    export) was replaced at this run's end without a word. Now the export is checked again before it is
+    written: refused, one line, exit status 2, the other run's checkpoint left byte for byte, this run's
+    state in last/ (which a resume with another train.export exports)."""
+    import model.train as mt
+    from model.checkpoint import save
+    from model.network import ModelConfig, SequenceModel
+
+    shared, run = tmp_path / "shared", tmp_path / "run"
+    real = mt.step_batch
+
+    def another_run_exports(*args):  # (at this run's step 3, the other run's export lands in `shared`)
+        if args[4] == 3:
+            net = SequenceModel(ModelConfig(vocab_size=256, d_model=16, n_layers=1, d_state=8, l_max=32))
+            save(net, shared, extra={"training": {"config": {"train": {"out": str(tmp_path / "other")}}}})
+        return real(*args)
+
+    monkeypatch.setattr(mt, "step_batch", another_run_exports)
+    cfg = tiny_toml(tmp_path / "c.toml", text_data, run, export=str(shared))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(cfg)])
+    err = capsys.readouterr().err.splitlines()
+    other_out = str(tmp_path / "other")
+    want = f"{PROG}train.export {str(shared)!r} holds the export of another run (train.out {other_out!r})"
+    assert exit_.value.code == 2 and err[-1].startswith(want), err
+    assert f"{run}/last" in err[-1] and "Traceback" not in "\n".join(err)
+    other = json.loads((shared / "config.json").read_text())
+    assert other["training"]["config"]["train"]["out"] == str(tmp_path / "other")
+    assert json.loads((run / "last" / "state.json").read_text())["step"] == 6
+    monkeypatch.setattr(mt, "step_batch", real)
+    main([str(run / "config.json"), f"train.export={tmp_path / 'mine'}"])  # the finished run, exported
+    mine = json.loads((tmp_path / "mine" / "config.json").read_text())
+    assert mine["training"]["config"]["train"]["out"] == str(run)
+    assert json.loads((shared / "config.json").read_text()) == other
+
+
 def test_a_fine_tune_names_train_init_and_keeps_its_serving_settings(text_data, tmp_path, capsys):
     """With train.init, a [model] table whose keys make the checkpoint's config no model (a shipped config's
     own [model], n_layers over the checkpoint's per-layer l_kernel) is refused naming train.init and the
