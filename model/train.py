@@ -351,6 +351,15 @@ def all_mean(x: float, device) -> float:
     return all_sum(x, device) / dist.get_world_size()
 
 
+def share_refusal(refusal: str, main_proc: bool, device) -> None:
+    """ConfigError on every process when the main process refused the run (`refusal`: its message; "" for
+    none; the others pass ""): one collective, which every process reaches. A check the main process alone
+    makes (the folders it writes) raised there before the next collective, and the other processes died
+    in it with a gloo traceback ("Connection reset by peer"), or waited."""
+    if round(all_sum(1.0 if main_proc and refusal else 0.0, device)):
+        raise ConfigError(refusal or "the main process refused the run (its message says why)")
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches, loss, evaluation
 
@@ -1072,6 +1081,23 @@ class RunLock:
             self.fd = None
 
 
+def start_afresh(out: Path, init: str, cfg: dict) -> None:
+    """A fresh start's writes, on the main process (it holds the lock): train.out emptied, the run's
+    config.json written. ConfigError, before anything is written, for a folder that is not a run's
+    (`check_out_folder`) or that holds the run's train.init, and for one that cannot be written."""
+    check_out_folder(out)
+    if init and Path(init).resolve().is_relative_to(out.resolve()):
+        raise ConfigError(  # (it emptied the folder, the checkpoint it was fine-tuning from with it)
+            f"train.init {init!r} is inside train.out {str(out)!r}, which a fresh start empties: the "
+            "checkpoint would be deleted; copy it out first (cp -r), or name another train.out"
+        )
+    try:
+        empty_folder(out)  # (not removed and made again: the lock is held on it)
+        write_json(out / "config.json", cfg)
+    except OSError as exc:
+        raise ConfigError(f"train.out {str(out)!r}: cannot write it ({exc.strerror or exc})") from None
+
+
 def empty_folder(folder: Path) -> None:
     """Remove everything inside `folder`, keeping the folder itself (and so the RunLock held on it)."""
     for entry in folder.iterdir():
@@ -1124,9 +1150,15 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
         check_export_folder(Path(tcfg.export), out)
     folders = (("train.out", out), ("train.export", tcfg.export and Path(tcfg.export)),
                ("--dump-grads", dump_grads and Path(dump_grads).parent))  # fmt: skip
-    for flag, folder in folders:
-        if folder and main_proc:
-            check_writable(flag, folder)
+    refusal = ""
+    if main_proc:
+        try:
+            for flag, folder in folders:
+                if folder:
+                    check_writable(flag, folder)
+        except ConfigError as exc:
+            refusal = str(exc)
+    share_refusal(refusal, main_proc, device)
     try:
         data = Dataset(dcfg.path)
         train_split, val_split, test_split = (data.split(name) for name in ("train", "val", "test"))
@@ -1254,18 +1286,14 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
             changed = config_changes(before, cfg)
             if changed:
                 write_json(out / "config.json", cfg)
-    elif main_proc and dump_grads is None:
-        check_out_folder(out)
-        if tcfg.init and Path(tcfg.init).resolve().is_relative_to(out.resolve()):
-            raise ConfigError(  # (it emptied the folder, the checkpoint it was fine-tuning from with it)
-                f"train.init {tcfg.init!r} is inside train.out {str(out)!r}, which a fresh start empties: "
-                "the checkpoint would be deleted; copy it out first (cp -r), or name another train.out"
-            )
-        try:
-            empty_folder(out)  # (not removed and made again: the lock is held on it)
-            write_json(out / "config.json", cfg)
-        except OSError as exc:
-            raise ConfigError(f"train.out {str(out)!r}: cannot write it ({exc.strerror or exc})") from None
+    elif dump_grads is None:
+        refusal = ""
+        if main_proc:
+            try:
+                start_afresh(out, tcfg.init, cfg)
+            except ConfigError as exc:
+                refusal = str(exc)
+        share_refusal(refusal, main_proc, device)
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     n_params = sum(p.numel() for p in net.parameters())
     if main_proc and start == 0 and dump_grads is None:
@@ -1422,18 +1450,14 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
                                           device)  # fmt: skip
         write_json(out / "metrics.json", metrics)
     if tcfg.export:  # checked at the start; another run may have exported there while this one trained
-        taken = ""
+        refusal = ""
         if main_proc:
             try:
                 check_export_folder(Path(tcfg.export), out)
             except ConfigError as exc:
-                taken = str(exc)
-        if round(all_sum(1.0 if taken else 0.0, device)):  # (every process learns it: one collective)
-            raise ConfigError(
-                f"{taken or 'train.export: refused on the main process'} (it was written while this run "
-                f"trained; this run's model is in {out}/last: `python -m model.train {out / 'config.json'} "
-                "train.export=DIR` exports it)"
-            )
+                again = f"python -m model.train {out / 'config.json'} train.export=DIR"
+                refusal = f"{exc} (written while this run trained; its model is in {out}/last: `{again}`)"
+        share_refusal(refusal, main_proc, device)
     if main_proc:
         if tcfg.export:
             from model.checkpoint import save

@@ -5,14 +5,17 @@ their bounds, unreadable run state. Each test failed on the code before its fix.
 import hashlib
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import read_log, tiny_config
+from test_train import ROOT, read_log, tiny_config
 
 from model.train import ConfigError, Diverged, load_config, main, train
 
@@ -621,3 +624,61 @@ def test_a_fresh_start_refuses_to_empty_the_folder_holding_its_train_init(text_d
     ):
         train(again, fresh=True)
     assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.parametrize("refusal", ["train.out", "train.export", "train.init"])
+def test_every_process_ends_with_the_main_ones_refusal_of_the_run_folder(text_data, tmp_path, refusal):
+    """Two processes (gloo, started as torchrun starts them, without its supervisor): a config the main
+    process alone refuses (train.out holding a foreign file, a fresh start: check_out_folder; train.export
+    under a file: check_writable; train.init inside the train.out a fresh start empties) ends both with exit
+    status 2, one line from the main one and nothing from the other. The main process raised before a
+    collective the other then waited in, and the other died with a gloo traceback ("Connection reset by
+    peer", exit 1)."""
+    import socket
+
+    out = tmp_path / "run"
+    cfg = _run(text_data, out)
+    cfg["model"]["dropout"] = 0.0
+    fresh = []
+    if refusal == "train.out":
+        out.mkdir()
+        (out / "notes.txt").write_text("not a run's")
+        want = f"train.out {str(out)!r} holds notes.txt"
+    elif refusal == "train.export":
+        (tmp_path / "a-file").write_text("x")
+        cfg["train"]["export"] = str(tmp_path / "a-file" / "export")
+        want = "train.export "
+    else:
+        train(_run(text_data, out, export=str(out / "export")))
+        cfg = _run(text_data, out, init=str(out / "export"), export=str(out / "export2"))
+        del cfg["model"]
+        fresh = ["--fresh"]
+        want = f"train.init {str(out / 'export')!r} is inside train.out"
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "model.train", str(path), *fresh],
+            cwd=ROOT,
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    try:
+        ends = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    main_err, other_err = ends[0][1], ends[1][1]
+    assert [p.returncode for p in procs] == [2, 2], (main_err[-2000:], other_err[-2000:])
+    lines = main_err.strip().splitlines()
+    assert lines[-1].startswith(f"python -m model.train: error: {want}"), main_err[-2000:]
+    assert "Traceback" not in main_err + other_err and other_err.strip() == "", other_err[-2000:]
