@@ -18,7 +18,8 @@ takes exactly the steps an uninterrupted run would. Everything the run writes li
                    one for a --time-budget re-plan: {"step", "replanned": {"steps": [old, new]},
                    "step_s", "time_budget_s", "exact"} (exact: made inside the warmup, so the
                    schedule is the one a run planned for the new steps from the start would take)
-    last/          the newest resumable state (weights, AdamW moments, step; safetensors + JSON), the
+    last/          the newest resumable state (weights, AdamW moments, step, training tokens so far, each
+                   step's at its own batch; safetensors + JSON), the
                    training split's SHA-256 (a resume on other bytes is refused), and train.init's
                    record (its model config, where its weights came from): a resume reads no
                    train.init folder
@@ -1307,6 +1308,10 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
         log.write(json.dumps({"step": start, "resumed": True, "changed": changed}) + "\n")
     progress = Progress(tcfg.steps, start, tcfg.log_every, main_proc and dump_grads is None)
     tokens_per_step = dcfg.batch_size * dcfg.seq_len
+    # training tokens before this process's steps, each step counted at its own batch (a resume may change
+    # data.batch_size: the total was steps × the last batch); a save before it was recorded: at this batch
+    seen = kept.get("tokens_seen") if resuming else 0
+    tokens_before = seen if _is_int(seen) and seen >= 0 else start * tokens_per_step
     t_start = time.perf_counter()
     model.train()
     end = min(tcfg.steps, stop_at) if stop_at > 0 else tcfg.steps
@@ -1409,7 +1414,10 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
                 if main_proc:
                     elapsed = wall_before + time.perf_counter() - t_start
                     with sigint_deferred():  # (the message then names the step last/ holds)
-                        save_state(out, net, opt, step + 1, {**meta, "elapsed_s": elapsed})
+                        tokens = tokens_before + (step + 1 - start) * tokens_per_step
+                        save_state(
+                            out, net, opt, step + 1, {**meta, "elapsed_s": elapsed, "tokens_seen": tokens}
+                        )
                         saved = step + 1
                 if world > 1:
                     dist.barrier()
@@ -1422,7 +1430,8 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
     if end < tcfg.steps:
         if main_proc:
             if not (tcfg.ckpt_every and end % tcfg.ckpt_every == 0):  # else the loop just saved it
-                save_state(out, net, opt, end, {**meta, "elapsed_s": wall})
+                tokens = tokens_before + (end - start) * tokens_per_step
+                save_state(out, net, opt, end, {**meta, "elapsed_s": wall, "tokens_seen": tokens})
             if over_time:  # the same command would start another budget and plan from the TOML's steps
                 plan = (f"resume the plan (train.steps {tcfg.steps}) with `python -m model.train "
                         f"{out / 'config.json'}`" if replanned else
@@ -1438,7 +1447,7 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
         metrics = {
             "steps": tcfg.steps,
             "num_params": n_params,
-            "tokens_seen": tcfg.steps * tokens_per_step,
+            "tokens_seen": tokens_before + (tcfg.steps - start) * tokens_per_step,
             "train_wall_s": wall,
             "processes": world,
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),

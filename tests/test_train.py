@@ -186,6 +186,23 @@ def test_a_resume_that_changes_the_config_rewrites_it_and_logs_the_change(text_d
     assert resumes == [{"step": 8, "resumed": True, "changed": {"train.steps": [8, 12]}}]
 
 
+def test_tokens_seen_counts_each_steps_own_batch_across_a_resume_that_changes_it(text_data, tmp_path):
+    """metrics.json's tokens_seen (the card's "… tokens" and the baseline's "same number of training
+    bytes") was train.steps × the final config's batch × seq_len: a run resumed with another data.batch_size
+    (allowed, and logged as a change) was credited the new batch for the steps it took at the old one. Each
+    save records the tokens so far: 4 steps of 4 × 64 and 4 of 8 × 64 are 3,072 tokens, not 8 × 8 × 64."""
+    cfg = tiny_config(text_data, tmp_path / "run", steps=8, ckpt_every=4, final_eval=False)
+    cfg["data"]["batch_size"] = 4
+    train(cfg, stop_at=4)
+    cfg["data"]["batch_size"] = 8
+    metrics = train(cfg)
+    assert metrics["tokens_seen"] == 4 * 4 * 64 + 4 * 8 * 64
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["tokens_seen"] == 3072
+    assert train(cfg)["tokens_seen"] == 3072  # the finished run, evaluated and exported again
+    whole = tiny_config(text_data, tmp_path / "whole", steps=8, ckpt_every=3, final_eval=False)
+    assert train(whole)["tokens_seen"] == 8 * 8 * 64  # one batch throughout: as before
+
+
 def test_a_run_starts_from_a_checkpoint_with_train_init_and_refuses_one_that_does_not_fit(
     text_data, tmp_path
 ):
