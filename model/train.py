@@ -1238,6 +1238,11 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
     groups = net.param_groups(tcfg.lr, tcfg.weight_decay, tcfg.ssm_lr)
     for g in groups:
         g["base_lr"] = g["lr"]
+        # a group at lr 0 (train.ssm_lr = 0) is frozen as the official code freezes a tensor of lr 0 (a
+        # buffer: no gradient), not merely left in place by AdamW: its gradients counted in the clipped
+        # global norm and the divergence check. It stays in its group: a resume may change ssm_lr either way
+        for p in g["params"] if g["lr"] == 0 else ():
+            p.requires_grad_(False)
     opt = torch.optim.AdamW(groups, lr=tcfg.lr, betas=tcfg.betas)
     start, wall_before = 0, 0.0
     changed = None  # a resume's config changes (e.g. train.steps re-planned), logged below
@@ -1337,7 +1342,9 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
             loss.backward()
             if dump_grads is not None:
                 if main_proc:
-                    grads = {n: p.grad.detach().cpu().contiguous() for n, p in net.named_parameters()}
+                    # (a frozen parameter, train.ssm_lr = 0, has no gradient)
+                    named = [(n, p.grad) for n, p in net.named_parameters() if p.grad is not None]
+                    grads = {n: g.detach().cpu().contiguous() for n, g in named}
                     save_file(grads, dump_grads)
                 return {"loss": all_mean(loss.item(), device)}
             gnorm = float(nn.utils.clip_grad_norm_(net.parameters(), tcfg.grad_clip or math.inf))  # 0: off

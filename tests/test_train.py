@@ -203,6 +203,48 @@ def test_tokens_seen_counts_each_steps_own_batch_across_a_resume_that_changes_it
     assert train(whole)["tokens_seen"] == 8 * 8 * 64  # one batch throughout: as before
 
 
+def test_ssm_lr_zero_freezes_the_ssm_as_the_official_lr_zero_does(text_data, tmp_path):
+    """train.ssm_lr = 0 "freezes the SSM parameters" (Δ, Λ, P, B). The official code registers a tensor whose
+    lr is 0 as a buffer (state-spaces/s4 `SSMKernel.register`): it takes no gradient. Here they stayed put
+    (AdamW at lr 0) but their gradients were still computed and counted in the clipped global norm and the
+    divergence check, so the other parameters' steps were not those of a model without them. Now the run
+    is the one whose SSM tensors take no gradient, loss, gradient norm and weights alike; the SSM tensors
+    are the initial ones."""
+    from model.kernel import SSMKernel
+    from model.train import build_s4
+
+    def frozen(model_cfg: dict):
+        net = build_s4(model_cfg)
+        for k in net.kernels():
+            for name in SSMKernel.SSM_PARAMS:
+                if hasattr(k, name):
+                    getattr(k, name).requires_grad_(False)
+        return net
+
+    runs = {}
+    for name, build in (("ssm_lr_0", build_s4), ("no_grad", frozen)):
+        cfg = tiny_config(text_data, tmp_path / name, steps=6, ssm_lr=0.0, grad_clip=0.1, eval_every=0,
+                          final_eval=False)  # fmt: skip
+        cfg["model"]["dropout"] = 0.0
+        train(cfg, build_model=build)
+        runs[name] = [r for r in read_log(tmp_path / name) if "loss" in r]
+    for a, b in zip(runs["ssm_lr_0"], runs["no_grad"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-6), a["step"]
+    wa = load_file(str(tmp_path / "ssm_lr_0" / "last" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "no_grad" / "last" / "model.safetensors"))
+    torch.manual_seed(0)
+    init = build_s4(tiny_config(text_data, tmp_path)["model"]).state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7, msg=k)
+        if k.rsplit(".", 1)[-1] in SSMKernel.SSM_PARAMS:
+            assert torch.equal(wa[k], init[k]), k
+    cfg = tiny_config(text_data, tmp_path / "dump", ssm_lr=0.0)
+    train(cfg, dump_grads=str(tmp_path / "g.st"))  # --dump-grads: the parameters that take a gradient
+    grads = load_file(str(tmp_path / "g.st"))
+    assert grads and all(k.rsplit(".", 1)[-1] not in SSMKernel.SSM_PARAMS for k in grads), sorted(grads)
+
+
 def test_a_run_starts_from_a_checkpoint_with_train_init_and_refuses_one_that_does_not_fit(
     text_data, tmp_path
 ):
