@@ -1169,7 +1169,10 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
     model_cfg = dict(cfg.get("model", {}))
     if dump_grads is None:  # (a debugging aid that writes nothing there)
         lock.acquire(out, main_proc, device)
-    recover_last(out)
+    if main_proc:  # (the lock's holder: every process renamed it at once, and the losers died)
+        recover_last(out)
+    if world > 1:
+        dist.barrier()  # the other processes read last/ once the main one has put it back
     resuming = not fresh and (out / "last" / "state.json").is_file()
     last = read_last_state(out) if resuming else None  # (each use below reads this one parse)
     kept = last if isinstance(last, dict) else {}

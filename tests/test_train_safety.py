@@ -682,3 +682,34 @@ def test_every_process_ends_with_the_main_ones_refusal_of_the_run_folder(text_da
     lines = main_err.strip().splitlines()
     assert lines[-1].startswith(f"python -m model.train: error: {want}"), main_err[-2000:]
     assert "Traceback" not in main_err + other_err and other_err.strip() == "", other_err[-2000:]
+
+
+def test_only_the_main_process_puts_back_a_save_cut_between_its_renames(text_data, tmp_path, monkeypatch):
+    """A save cut between its renames leaves last.old and no last/; the next start puts it back. Under
+    torchrun every process did so at once, and the ones whose rename lost the race died with a
+    FileNotFoundError traceback (the main one had moved it), writing in train.out without its lock. Now the
+    main process alone (the lock's holder) puts it back, and the others wait for it (a barrier) before they
+    read last/. (Process 1 of 2 is stood in for: its barrier counted, stopped where it builds the model.)"""
+    import model.train as mt
+
+    out = tmp_path / "run"
+    train(_run(text_data, out), stop_at=4)
+    (out / "last").rename(out / "last.old")  # the save cut between "last → last.old" and "last.tmp → last"
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(model_cfg):
+        seen.append(("build", (out / "last").exists(), (out / "last.old").exists()))
+        raise Stop
+
+    with monkeypatch.context() as m:
+        m.setattr(mt, "setup_distributed", lambda: (1, 2, torch.device("cpu")))
+        m.setattr(mt.dist, "barrier", lambda *args, **kwargs: seen.append("barrier"))
+        with pytest.raises(Stop):
+            train(_run(text_data, out), build_model=stop)
+    assert seen == ["barrier", ("build", False, True)], seen  # process 1 left it to the main one
+    train(_run(text_data, out))  # the main process puts it back and resumes from it
+    assert [r["step"] for r in read_log(out) if "loss" in r] == list(range(1, 9))
+    assert not (out / "last.old").exists()
