@@ -4,6 +4,8 @@ JSON (they had drifted: the README quoted an earlier prefix-cache run, the docs 
 import json
 import re
 
+import pytest
+
 from bench.common import RESULTS, ROOT
 
 
@@ -190,3 +192,33 @@ def test_the_state_precision_figures_are_the_committed_run():
         orders = [layer[eps]["mean"] for x in models for layer in x["balanced_truncation"].values()]
         want += [round(min(orders), 1), round(max(orders), 1)]
     assert [float(x) for x in m.groups()] == want
+
+
+def test_the_train_speed_command_times_as_many_steps_as_its_committed_run(monkeypatch):
+    """docs/performance.md's bench.train_speed section: "Medians of 4 timed steps" (the committed JSON holds
+    4 a path) and the command that made them, which left out `--repeat 4`: as written it timed 3, the
+    default. Run through the CLI here (the measurement stood in for), it asks for the steps the text and the
+    JSON have."""
+    import shlex
+
+    import bench.train_speed as ts
+
+    results = json.loads((RESULTS / "train_speed.json").read_text())["results"]
+    text = _text("docs/performance.md")
+    section = text[text.index("## Conv-mode training step, before vs after") :]
+    n = int(re.search(r"Medians of (\d+) timed steps", section)[1])
+    assert {len(r[p]["samples_s"]) for r in results.values() for p in ("before", "after")} == {n}
+    command = re.search(r"nice -n 10 \.venv/bin/python -m bench\.train_speed ([^#]*)#", section)[1]
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def measure(config, quick, repeat):
+        asked.append(repeat)
+        raise Stop
+
+    monkeypatch.setattr(ts, "measure", measure)
+    with pytest.raises(Stop):
+        ts.main(shlex.split(command))
+    assert asked == [n], (command, asked)
