@@ -911,20 +911,34 @@ _WIDTHS = {"PCM_S8": 1, "PCM_U8": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLO
 _WIDTHS |= {"ULAW": 1, "ALAW": 1}  # (bytes a sample of these subtypes takes)
 
 
-def _check_whole_frames(data: bytes, fmt: str, subtype: str, channels: int) -> None:
-    """Raises ValueError for an IRCAM, PVF or PAF file whose data ends inside a frame. Their headers give
-    no length (their data is the rest of the file), so a truncation shows only there: libsndfile dropped
-    the partial frame, silently; one cut at a frame's end cannot be told from a whole file."""
+def _check_whole_frames(
+    data: bytes, fmt: str, subtype: str, channels: int, chunk: _DataChunk | None = None
+) -> None:
+    """Raises ValueError for an IRCAM, PVF or PAF file, or a WAV, RF64, AIFF or AU of unknown length
+    (`chunk`, its data chunk: a declared size from STREAMED_SIZE up, which `_streamed` made of a WAV's 0),
+    whose data ends inside a frame. Their data is the rest of the file (the headers give no length), so a
+    truncation shows only there: libsndfile dropped the partial frame, silently; one cut at a frame's end
+    cannot be told from a whole file. A WAV's frame is its fmt block_align, the others' the subtype's
+    width times the channels."""
     offset = {"IRCAM": 1024, "PAF": 2048}.get(fmt)
     if fmt == "PVF" and data.count(b"\n", 0, 64) >= 2:  # ("PVF1\n<channels> <rate> <bits>\n")
         offset = data.index(b"\n", data.index(b"\n") + 1) + 1
     width = _WIDTHS.get(subtype)
-    if offset is None or width is None or (fmt == "PAF" and width == 3):  # (PAF's 24-bit: packed blocks)
+    if width is not None:
+        width *= channels
+    if offset is None and chunk is not None and chunk.size >= STREAMED_SIZE:  # (unknown: to the end)
+        offset = len(data) - chunk.present  # (after the chunk's header; an AU's: its data offset)
+        fmt = {"wav": "RF64" if data[:4] == b"RF64" else "WAV", "aiff": "AIFF", "au": "AU"}[chunk.kind]
+        if chunk.kind == "aiff":  # (SSND: its offset and block size fields, then `offset` bytes)
+            offset += 8 + _int(data, offset, 4)
+        if chunk.kind == "wav" and width is not None:
+            width = chunk.block_align
+    if offset is None or not width or (fmt == "PAF" and width == 3 * channels):  # (PAF's 24-bit: blocks)
         return
-    if (extra := (len(data) - offset) % (width * channels)) and len(data) > offset:
+    if (extra := (len(data) - offset) % width) and len(data) > offset:
         raise ValueError(
-            f"{'an' if fmt == 'IRCAM' else 'a'} {fmt} whose data ends inside a frame ({extra} of its "
-            f"{width * channels} bytes): a truncated "
+            f"{'an' if fmt[0] in 'AIR' else 'a'} {fmt} whose data ends inside a frame ({extra} of its "
+            f"{width} bytes): a truncated "
             "file (its header gives no length, so how much is missing cannot be told); send the whole file"
         )
 
@@ -1049,7 +1063,8 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     neither the container's chunks nor zero padding (another file joined on, or audio past a length field
     that is too small, which libsndfile read as samples) raise TrailingData (a ValueError); padding and
     chunks after the data are not read as samples. (IRCAM, PVF and PAF headers give no length: read to
-    the end; one that ends inside a frame raises ValueError, `_check_whole_frames`.) The same holds after
+    the end; one that ends inside a frame raises ValueError, `_check_whole_frames`, as does a WAV, RF64,
+    AIFF or AU of unknown length.) The same holds after
     a CAF's data (libsndfile read the declared data and dropped the rest) and a WAV's, RF64's, AIFF's or
     AU's (a data size smaller than the audio after it was read as that much; two WAVs joined end to end
     were "No 'RIFF' chunk marker"): its chunks (LIST, id3, ...), ID3v2 and ID3v1 tags and zero padding
@@ -1129,8 +1144,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
             )
         if f.format == "OGG":
             _check_ogg_end(data, frames)
-        if f.format in ("IRCAM", "PVF", "PAF"):
-            _check_whole_frames(data, f.format, f.subtype, channels)
+        _check_whole_frames(data, f.format, f.subtype, channels, chunk)
         walked = (mp3 or _mp3_samples(data)) if f.format == "MP3" else None
         if walked is not None and walked[2] is None and abs(walked[1] - frames) > 2304:
             # libsndfile's frame count for an MP3 without a length header is an estimate from its first

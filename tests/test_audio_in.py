@@ -945,3 +945,49 @@ def test_an_ircam_pvf_or_paf_cut_inside_a_frame_is_refused():
         with pytest.raises(ValueError, match=rf"^an? {fmt} whose data ends inside a frame \(1 of its"):
             read_audio(data[: len(data) - 2 * channels + 1], 8000, 30)
         assert len(read_audio(data[: len(data) - 2 * channels], 8000, 30)[0]) == 7999  # (at a frame's end)
+
+
+def test_a_wav_aiff_or_au_of_unknown_length_cut_inside_a_frame_is_refused():
+    """A WAV, RF64, AIFF or AU whose header leaves its data size unknown (0, or from 0x7F000000 up: ffmpeg
+    or sox writing to a pipe) is read to the end of the file, so, as for IRCAM, PVF and PAF, a truncation
+    shows only where the file ends inside a frame; libsndfile dropped that partial frame, silently (ffmpeg's
+    WAV cut by one byte: 7,999 frames; a stereo one cut 2 bytes into its last frame: 7,999). Refused now;
+    cut at a frame's end it reads as the frames that are there. A WAV's frame is its fmt block_align."""
+    x = tone(440, 8000, 1.0)
+    for channels in (1, 2):
+        wav = encoded(x, 8000, "WAV", "PCM_16", channels)
+        for riff, size in [(0xFFFFFFFF, 0xFFFFFFFF), (0x7FFFF024, 0x7FFFF000), (0, 0)]:
+            piped = _set(_set(wav, 4, riff), 40, size)
+            assert len(read_audio(piped, 8000, 30)[0]) == 8000
+            for cut in range(1, 2 * channels):
+                left = f"{2 * channels - cut} of its {2 * channels} bytes"
+                with pytest.raises(ValueError, match=rf"^a WAV whose data ends inside a frame \({left}\)"):
+                    read_audio(piped[:-cut], 8000, 30)
+            assert len(read_audio(piped[: -2 * channels], 8000, 30)[0]) == 7999  # (at a frame's end)
+    ext = encoded(x, 8000, "WAVEX", "PCM_24", 2)  # (libsndfile's 24-bit WAVEX: 3-byte samples)
+    fmt_at = ext.index(b"fmt ")
+    assert struct.unpack_from("<H", ext, fmt_at + 20)[0] == 6  # block_align: 2 channels of 3 bytes
+    data_at = ext.index(b"data")
+    piped = _set(_set(ext, 4, 0xFFFFFFFF), data_at + 4, 0xFFFFFFFF)
+    with pytest.raises(ValueError, match=r"^a WAV whose data ends inside a frame \(4 of its 6 bytes\)"):
+        read_audio(piped[:-2], 8000, 30)
+    rf64 = encoded(x, 8000, "RF64", "PCM_16")
+    ds64, data_at = rf64.index(b"ds64"), rf64.index(b"data")
+    piped = rf64[: ds64 + 16] + (0x7F000000).to_bytes(8, "little") + rf64[ds64 + 24 :]  # (its data size)
+    assert rf64[data_at + 4 : data_at + 8] == b"\xff" * 4  # (the data chunk's size: ds64's)
+    assert len(read_audio(piped, 8000, 30)[0]) == 8000
+    with pytest.raises(ValueError, match=r"^an RF64 whose data ends inside a frame \(1 of its 2 bytes\)"):
+        read_audio(piped[:-1], 8000, 30)
+    aiff = encoded(x, 8000, "AIFF", "PCM_24")
+    ssnd, comm = aiff.index(b"SSND"), aiff.index(b"COMM")
+    piped = _set(
+        _set(_set(aiff, 4, 0x7F000050, "big"), ssnd + 4, 0x7F000008, "big"), comm + 10, 0x3F800000, "big"
+    )
+    assert len(read_audio(piped, 8000, 30)[0]) == 8000
+    with pytest.raises(ValueError, match=r"^an AIFF whose data ends inside a frame \(2 of its 3 bytes\)"):
+        read_audio(piped[:-1], 8000, 30)
+    au = _set(encoded(x, 8000, "AU", "PCM_16"), 8, 0xFFFFFFFF, "big")
+    assert len(read_audio(au, 8000, 30)[0]) == 8000
+    with pytest.raises(ValueError, match=r"^an AU whose data ends inside a frame \(1 of its 2 bytes\)"):
+        read_audio(au[:-1], 8000, 30)
+    assert len(read_audio(au[:-2], 8000, 30)[0]) == 7999
