@@ -1095,17 +1095,16 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
     last frame (appended tags aside) ValueError, frames that end before it AudioTruncated.
 
     Raises ValueError (not an audio file, a header field out of range: the message names it, or a
-    `target_rate` that is not an integer in the same range),
+    `target_rate` that is not an integer in [1, 384000]: a model's rate may be under 1 kHz),
     AudioTooLong (a ValueError) for a file longer than `max_seconds`, NonFiniteAudio (a ValueError)
     for a NaN or infinite sample, AudioTruncated (a ValueError: `frames` of `declared`) for a truncated
     file, TrailingData (a ValueError) for bytes after the declared data that are not metadata, NoSamples
     (a ValueError) for frames that resample to no sample.
     """
     if target_rate is not None and not (
-        isinstance(target_rate, int | np.integer) and MIN_SAMPLE_RATE <= target_rate <= MAX_SAMPLE_RATE
-    ):
-        raise ValueError(f"target_rate: {target_rate!r} Hz is not an integer in [{MIN_SAMPLE_RATE}, "
-                         f"{MAX_SAMPLE_RATE}]")  # fmt: skip
+        isinstance(target_rate, int | np.integer) and 1 <= target_rate <= MAX_SAMPLE_RATE
+    ):  # (a model's rate, ModelConfig's: from 1 Hz; below a file's 1 kHz soxr only downsamples)
+        raise ValueError(f"target_rate: {target_rate!r} Hz is not an integer in [1, {MAX_SAMPLE_RATE}]")
     data = _flac_with_length(data)  # (a FLAC of unknown length: the length its last frame gives)
     data, chunk = _streamed(data, _data_chunk(data))  # (the header's chunks walked once)
     _check_after_chunk(data, chunk)

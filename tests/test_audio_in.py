@@ -991,3 +991,28 @@ def test_a_wav_aiff_or_au_of_unknown_length_cut_inside_a_frame_is_refused():
     with pytest.raises(ValueError, match=r"^an AU whose data ends inside a frame \(1 of its 2 bytes\)"):
         read_audio(au[:-1], 8000, 30)
     assert len(read_audio(au[:-2], 8000, 30)[0]) == 7999
+
+
+def test_prompt_audio_is_resampled_to_a_model_rate_under_1_khz():
+    """A model may have any sample rate from 1 Hz (ModelConfig); a prompt file is resampled to it. A rate
+    under 1 kHz was refused as read_audio's `target_rate` ("not an integer in [1000, 384000]"), so every
+    prompt_audio to such a model was a 422 blaming the file. From a file's rates (1-384 kHz) to one under
+    1 kHz soxr only downsamples: the samples are its one-shot resampling's, its length round(n x rate /
+    file rate); a rate of 0 or past 384 kHz is still refused."""
+    import soxr
+
+    x = tone(50, 8000, 1.0)
+    data = wav_bytes(x, 8000)
+    for rate in (1, 100, 500, 999):
+        y, got = read_audio(data, rate, 30)
+        decoded = read_audio(data)[0]
+        want = np.clip(soxr.resample(decoded, 8000, rate, quality="HQ"), -1, 1)
+        assert got == rate and len(y) == round(8000 * rate / 8000) == rate
+        np.testing.assert_array_equal(y, want)
+    from server.media import prompt_ids
+
+    ids = prompt_ids("audio", 500, None, base64.b64encode(data).decode(), 30)
+    assert ids == MuLaw().encode(read_audio(data, 500, 30)[0]).tolist() and len(ids) == 500
+    for bad in (0, MAX_SAMPLE_RATE + 1):
+        with pytest.raises(ValueError, match=rf"^target_rate: {bad} Hz is not an integer in \[1, 384000\]"):
+            read_audio(data, bad, 30)
