@@ -10,6 +10,7 @@ import math
 import os
 import re
 import wave
+from fractions import Fraction
 from typing import NamedTuple
 
 import numpy as np
@@ -208,16 +209,23 @@ def wav_bytes(x, sample_rate: int) -> bytes:
     return buf.getvalue()
 
 
+def samples_in(seconds: float, rate: int) -> int:
+    """floor(seconds × rate): the whole samples in `seconds` at `rate` Hz, of the decimal `seconds` is
+    written in (its shortest repr: a setting's 0.29), exactly. The float product is not: 0.29 × 48000 is
+    13919.999999999998, which floor made 13,919 of 13,920 samples."""
+    return math.floor(Fraction(repr(float(seconds))) * rate)
+
+
 class AudioTooLong(ValueError):
     """An audio file longer than the caller's limit (checked on its header, before decoding): `frames` at
     `rate` Hz against `limit_s` seconds at `out_rate` Hz (the rate it is resampled to; `rate` when it
-    is not), whose floor(limit_s × out_rate) samples are the limit. The message gives the counts, so a
-    file one sample over reads as over ("2.000 s long: 16001 samples at 8000 Hz; the limit is 2 s: 16000
-    samples"). `seconds` is frames / rate."""
+    is not), whose floor(limit_s × out_rate) samples are the limit (`samples_in`). The message gives the
+    counts, so a file one sample over reads as over ("2.000 s long: 16001 samples at 8000 Hz; the limit is
+    2 s: 16000 samples"). `seconds` is frames / rate."""
 
     def __init__(self, frames: int, rate: int, limit_s: float, out_rate: int | None = None) -> None:
         out_rate = out_rate or rate
-        limit = math.floor(limit_s * out_rate)  # samples at out_rate
+        limit = samples_in(limit_s, out_rate)  # samples at out_rate
         seconds = frames / rate
         if out_rate == rate:
             counts = f"{frames} samples at {rate} Hz; the limit is {limit_s:g} s: {limit} samples"
@@ -1166,7 +1174,7 @@ def read_audio(data: bytes, target_rate: int | None = None, max_seconds: float |
             # the limit in samples at the rate used; soxr gives round(frames * out_rate / rate) samples,
             # which is within the limit exactly when frames * out_rate <= limit * rate
             out_rate = target_rate or rate
-            if frames * out_rate > math.floor(max_seconds * out_rate) * rate:
+            if frames * out_rate > samples_in(max_seconds, out_rate) * rate:
                 raise AudioTooLong(frames, rate, max_seconds, out_rate)
         if f.format == "FLAC":  # (after the limit: a header's claim of 2^35 samples is over it)
             _check_flac(data, frames)

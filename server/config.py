@@ -6,7 +6,6 @@ settings table is generated from the same descriptions (`settings_table`).
 
 from __future__ import annotations
 
-import math
 import re
 import urllib.parse
 from pathlib import Path
@@ -642,8 +641,12 @@ class Settings(BaseSettings):
         return int(self.prefix_cache_mb * (1 << 20)) // row_bytes
 
     def audio_samples(self, sample_rate: int) -> int:
-        """max_audio_s in samples at `sample_rate`: an audio model's longest prompt and generation."""
-        return math.floor(self.max_audio_s * sample_rate)
+        """max_audio_s in samples at `sample_rate`: an audio model's longest prompt and generation (of the
+        decimal the setting is written in: 0.29 s at 48 kHz is 13,920, where the float product floored to
+        13,919, and read_audio's limit is the same count)."""
+        from model.codecs import samples_in  # noqa: PLC0415 (torch with it: only where models are served)
+
+        return samples_in(self.max_audio_s, sample_rate)
 
     def new_tokens_limit(self, sample_rate: int | None) -> tuple[int, str]:
         """The largest max_new_tokens of a model (`sample_rate`: an audio model's, None for text) and the

@@ -144,6 +144,33 @@ def test_the_length_limit_is_checked_on_the_header_before_decoding(monkeypatch):
     assert len(y) == 32
 
 
+def test_the_length_limit_in_samples_is_the_decimal_seconds_times_the_rate():
+    """max_audio_s 0.29 at 48 kHz is 13,920 samples; the float product 0.29 × 48000 is 13919.999999999998,
+    which floor made 13,919: a file of exactly 0.29 s was refused ("0.290 s long: 13920 samples ...; the
+    limit is 0.29 s: 13919 samples"), and so was max_new_tokens 13,920. 545 of the settings 0.01 … 29.99 s
+    at the six usual rates were one sample short. Now every one is floor(seconds × rate) of the decimal the
+    setting is written in, exact: in read_audio's check, AudioTooLong's counts and Settings.audio_samples
+    (the prompt and max_new_tokens limits)."""
+    from server import Settings
+
+    for cs in range(1, 3000, 7):  # centiseconds
+        settings = Settings(max_audio_s=cs / 100)
+        for rate in (8000, 11025, 16000, 22050, 44100, 48000):
+            assert settings.audio_samples(rate) == cs * rate // 100, (cs, rate)
+    exact = wav_bytes(np.zeros(13920), 48000)  # 0.29 s
+    assert len(read_audio(exact, None, 0.29)[0]) == 13920
+    with pytest.raises(
+        AudioTooLong, match=r"13921 samples at 48000 Hz; the limit is 0\.29 s: 13920 samples$"
+    ):
+        read_audio(wav_bytes(np.zeros(13921), 48000), None, 0.29)
+    # resampled: 0.35 s at 44.1 kHz is 15,435 frames, 2,800 samples at 8 kHz (0.35 × 8000 = 2800 exactly)
+    assert len(read_audio(wav_bytes(np.zeros(15435), 44100), 8000, 0.35)[0]) == 2800
+    with pytest.raises(AudioTooLong, match=r"the limit is 0\.35 s: 15435 frames at that rate \(2800 samples"):
+        read_audio(wav_bytes(np.zeros(15436), 44100), 8000, 0.35)
+    exact = wav_bytes(np.zeros(30429), 44100)  # 0.69 s at 44.1 kHz: 30,429 (float: 30428.999999999996)
+    assert len(read_audio(exact, None, 0.69)[0]) == 30429
+
+
 def wav_header(channels: int, rate: int, bits: int, data_bytes: int, fmt_tag: int = 1) -> bytes:
     """A canonical 44-byte PCM WAV header (fields as given, unchecked) followed by no data."""
     block = (channels * bits // 8) & 0xFFFF
