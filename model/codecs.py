@@ -926,8 +926,8 @@ def _check_whole_frames(
     (`chunk`, its data chunk: a declared size from STREAMED_SIZE up, which `_streamed` made of a WAV's 0),
     whose data ends inside a frame. Their data is the rest of the file (the headers give no length), so a
     truncation shows only there: libsndfile dropped the partial frame, silently; one cut at a frame's end
-    cannot be told from a whole file. A WAV's frame is its fmt block_align, the others' the subtype's
-    width times the channels."""
+    cannot be told from a whole file. A frame is the subtype's width times the channels, as libsndfile
+    reads it (a WAV's fmt block_align, which it checks against that and ignores, may be wrong)."""
     offset = {"IRCAM": 1024, "PAF": 2048}.get(fmt)
     if fmt == "PVF" and data.count(b"\n", 0, 64) >= 2:  # ("PVF1\n<channels> <rate> <bits>\n")
         offset = data.index(b"\n", data.index(b"\n") + 1) + 1
@@ -939,8 +939,6 @@ def _check_whole_frames(
         fmt = {"wav": "RF64" if data[:4] == b"RF64" else "WAV", "aiff": "AIFF", "au": "AU"}[chunk.kind]
         if chunk.kind == "aiff":  # (SSND: its offset and block size fields, then `offset` bytes)
             offset += 8 + _int(data, offset, 4)
-        if chunk.kind == "wav" and width is not None:
-            width = chunk.block_align
     if offset is None or not width or (fmt == "PAF" and width == 3 * channels):  # (PAF's 24-bit: blocks)
         return
     if (extra := (len(data) - offset) % width) and len(data) > offset:

@@ -979,7 +979,9 @@ def test_a_wav_aiff_or_au_of_unknown_length_cut_inside_a_frame_is_refused():
     or sox writing to a pipe) is read to the end of the file, so, as for IRCAM, PVF and PAF, a truncation
     shows only where the file ends inside a frame; libsndfile dropped that partial frame, silently (ffmpeg's
     WAV cut by one byte: 7,999 frames; a stereo one cut 2 bytes into its last frame: 7,999). Refused now;
-    cut at a frame's end it reads as the frames that are there. A WAV's frame is its fmt block_align."""
+    cut at a frame's end it reads as the frames that are there. A frame is libsndfile's, the sample width
+    times the channels: a WAV whose fmt block_align is wrong (3 for 16-bit mono), which libsndfile reads
+    whole, is not refused for it."""
     x = tone(440, 8000, 1.0)
     for channels in (1, 2):
         wav = encoded(x, 8000, "WAV", "PCM_16", channels)
@@ -991,6 +993,10 @@ def test_a_wav_aiff_or_au_of_unknown_length_cut_inside_a_frame_is_refused():
                 with pytest.raises(ValueError, match=rf"^a WAV whose data ends inside a frame \({left}\)"):
                     read_audio(piped[:-cut], 8000, 30)
             assert len(read_audio(piped[: -2 * channels], 8000, 30)[0]) == 7999  # (at a frame's end)
+    wav = encoded(x, 8000, "WAV", "PCM_16")
+    at = wav.index(b"fmt ") + 20
+    wrong = _set(_set(wav[:at] + struct.pack("<H", 3) + wav[at + 2 :], 4, 0xFFFFFFFF), 40, 0xFFFFFFFF)
+    assert len(read_audio(wrong, 8000, 30)[0]) == 8000  # (16,000 bytes: not whole 3-byte blocks)
     ext = encoded(x, 8000, "WAVEX", "PCM_24", 2)  # (libsndfile's 24-bit WAVEX: 3-byte samples)
     fmt_at = ext.index(b"fmt ")
     assert struct.unpack_from("<H", ext, fmt_at + 20)[0] == 6  # block_align: 2 channels of 3 bytes
