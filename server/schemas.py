@@ -210,7 +210,8 @@ class AudioStreamFields(Strict):
         le=MAX_FRAME_MS,
         description=f"streamed audio (SSE, WebSocket): milliseconds of audio per frame, {MIN_FRAME_MS}-"
         f"{MAX_FRAME_MS} (default {DEFAULT_FRAME_MS}); "
-        "every frame but the last holds exactly round(frame_ms × sample_rate / 1000) samples (160 at 8 kHz, "
+        "every frame but the last holds exactly round(frame_ms × sample_rate / 1000) samples, at least one "
+        "(160 at 8 kHz, "
         "320 at 16 kHz for 20 ms), the last one the rest. Audio models only",
     )
 

@@ -21,6 +21,7 @@ from websockets.asyncio.client import connect
 from model.codecs import Linear8, MuLaw, audio_codec, to_pcm16, wav_bytes
 from model.sampling import SamplingParams
 from server import media
+from server.schemas import AudioStreamFields
 
 AUDIO, TEXT = "tiny-audio", "tiny-text"
 SILENCE = [MuLaw().silence]
@@ -62,10 +63,15 @@ def test_the_pcm16_table_is_the_per_sample_path_bit_for_bit(convention):
 
 @pytest.mark.parametrize(
     "ms,rate,samples",
-    [(20, 8000, 160), (20, 16000, 320), (20, 44100, 882), (5, 8000, 40), (200, 16000, 3200), (7, 44100, 309)],
-)
+    [(20, 8000, 160), (20, 16000, 320), (20, 44100, 882), (5, 8000, 40), (200, 16000, 3200), (7, 44100, 309),
+     (5, 50, 1), (5, 99, 1), (5, 1, 1)],
+)  # fmt: skip
 def test_frame_samples_are_the_duration_at_the_rate(ms, rate, samples):
+    """round(ms × rate / 1000) samples, at least one (the README's and the schema's rule): a model under
+    100 Hz (its rate may be any from 1 Hz) has no 5 ms frame of samples."""
     assert media.frame_samples(ms, rate) == samples
+    described = AudioStreamFields.model_fields["frame_ms"].description
+    assert "round(frame_ms × sample_rate / 1000) samples, at least one" in described
 
 
 @pytest.mark.parametrize("encoding", ["pcm16", "mulaw"])
