@@ -23,6 +23,7 @@ import logging
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
+from starlette.websockets import WebSocketDisconnected
 
 from server import media, service
 from server.auth import KEY_SUBPROTOCOL_PREFIX, SUBPROTOCOL
@@ -436,7 +437,9 @@ async def stream(ws: WebSocket) -> None:
     conn = Connection(ws, ws.app.state.server)
     try:
         await conn.run()
-    except WebSocketDisconnect:
+    except (WebSocketDisconnect, WebSocketDisconnected):
+        # (Disconnected: a send after another send found the socket gone, the audio pump's at the
+        # protocol's own close, 1008 or 1009: Starlette marked the socket closed and refuses every send)
         pass
     finally:
         await conn.close()
