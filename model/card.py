@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from model.checkpoint import CONFIG, load
 from model.codecs import wav_bytes
 from model.data import AUDIO_BOS, Dataset, marginal_entropy_bits, write_splits
-from model.quality import lexicon, voiced_share, word_share
+from model.quality import lexicon, voiced_share, word_share, words
 from model.sampling import SamplingParams, check_number, sample
 from model.train import ConfigError, TrainConfig, checked_init_record, evaluate, run_configs, saved_init
 
@@ -153,13 +153,14 @@ def text_word_share(
 ) -> dict:
     """The dictionary-word share of unconditional-ish samples (prompt "\n") at `temperature` (no
     top-p/top-k), and of the held-out test plays for reference; the dictionary is every word that
-    occurs at least twice in the training plays."""
+    occurs at least twice in the training plays. A sample's last word, when its `n` bytes end inside it,
+    is not counted (`quality.words(cut=True)`: the model may have been writing a longer one)."""
     vocab = lexicon([bytes(data.split("train")).decode("utf-8", errors="replace")])
     prompt = "\n"
     params = SamplingParams(temperature=temperature, seed=seed)
     outs = generate(rec, [list(prompt.encode())] * samples, n, params)
-    gen_text = "\n".join(bytes(o).decode("utf-8", errors="replace") for o in outs)
-    g, gn = word_share(gen_text, vocab)
+    gen = [words(bytes(o).decode("utf-8", errors="replace"), cut=True) for o in outs]
+    g, gn = word_share(" ".join(w for ws in gen for w in ws), vocab)
     t, tn = word_share(bytes(data.split("test")).decode("utf-8", errors="replace"), vocab)
     return {
         "generated": g,
