@@ -62,3 +62,23 @@ def test_the_text_card_claims_validation_only_for_the_choices_made_on_validation
     assert "saw the test plays" in sweep
     row = next(line for line in (ROOT / "README.md").read_text().splitlines() if line.startswith("| `text-"))
     assert "the test plays informed" in row, row
+
+
+def test_the_transformer_baselines_config_trains_on_the_s4_configs_token_budget():
+    """bench/baselines/transformer-shakespeare.toml says it has configs/text-shakespeare.toml's token budget,
+    and the text card compares the shipped S4 with a Transformer that saw as many bytes as it (16,384,000:
+    4,000 steps resumed to 8,000). The S4 config was raised to 2,000 steps (16,384,000 bytes) when the runs
+    were doubled; the Transformer's stayed at 4,000 steps (8,192,000 bytes, its comment too), so running the
+    two configs gave a baseline with half S4's bytes. steps × batch × context must be the same for both and
+    equal the shipped model's recorded tokens."""
+    import tomllib
+
+    def budget(path: Path) -> int:
+        cfg = tomllib.loads(path.read_text())
+        return cfg["train"]["steps"] * cfg["data"]["batch_size"] * cfg["data"]["seq_len"]
+
+    s4 = budget(ROOT / "configs" / "text-shakespeare.toml")
+    tf_path = ROOT / "bench" / "baselines" / "transformer-shakespeare.toml"
+    shipped = json.loads((ROOT / "checkpoints" / "text-shakespeare" / "config.json").read_text())
+    assert budget(tf_path) == s4 == shipped["training"]["metrics"]["tokens_seen"], (budget(tf_path), s4)
+    assert f"budget ({s4:,} bytes)" in tf_path.read_text()

@@ -42,7 +42,8 @@ for lr in 1e-3 2e-3 4e-3; do    # 2e-3 won (all three still near the plateau at 
     train.eval_every=244 train.lr=$lr train.warmup=20 train.log_every=20 train.out=runs/pilot-tf-b8x256-lr$lr --fresh
 done
 
-# 3. the finals (= the two TOML files as they stand): the same 8,192,000 training bytes each
+# 3. the finals' first phase: the same 8,192,000 training bytes each (the two TOML files hold the resumed
+#    totals, 2,000 and 8,000 steps: 16,384,000 bytes each)
 $S4 model.d_ff=512 data.batch_size=8 train.steps=1000 train.lr=6e-3 train.warmup=50 train.eval_every=100 \
   train.eval_tokens=65536 train.ckpt_every=50 train.log_every=10 train.threads=1 train.out=runs/text-shakespeare \
   train.export=runs/text-shakespeare/export
