@@ -411,16 +411,22 @@ def main(argv: list[str] | None = None) -> None:
         bm = json.loads((args.baseline / "metrics.json").read_text())
         bcfg = json.loads((args.baseline / "config.json").read_text())
         bd, bt = bcfg["data"], bcfg["train"]
+        # (the baseline's own record: its bytes, threads and evaluation hop need not be S4's)
+        budget = "the same number of" if bm["tokens_seen"] == metrics["tokens_seen"] else "another number of"
+        threads = f"{metrics['threads']} thread(s)"
+        if bm.get("threads", metrics["threads"]) != metrics["threads"]:
+            threads = f"{bm['threads']} thread(s) (S4: {metrics['threads']})"
+        hop = int(bd.get("eval_stride") or max(1, int(bd.get("seq_len")) // 2))  # (model.train's evaluate)
         lines += [
             "Baseline: a GPT-2-style causal Transformer (`bench/baselines/transformer.py`, pre-norm, learned "
-            f"positions) with {bm['num_params']:,} parameters, the same data and the same number of training "
+            f"positions) with {bm['num_params']:,} parameters, the same data and {budget} training "
             f"bytes ({bm['tokens_seen']:,}; S4: {metrics['tokens_seen']:,}), warmup + cosine, "
-            f"{metrics['threads']} thread(s); own context, batch and learning rate, chosen on validation: "
+            f"{threads}; own context, batch and learning rate, chosen on validation: "
             f"{bm['steps']:,} steps of {bd.get('batch_size')} × {bd.get('seq_len')} bytes, lr "
             f"{bt.get('lr')}, warmup {bt.get('warmup')} (S4: {metrics['steps']:,} steps of "
             f"{dc.batch_size} × {seq_len}, lr {tc.lr}, warmup {tc.warmup}). It is "
             f"evaluated like S4 but over its own context: windows of {bd.get('seq_len')} bytes hopping by "
-            f"{int(bd.get('seq_len')) // 2}.",
+            f"{hop}.",
             "",
             f"| model | params | test {unit} | val {unit} | train wall time |",
             "|---|---|---|---|---|",

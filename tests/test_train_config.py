@@ -434,6 +434,34 @@ def test_the_model_card_of_a_fine_tune_states_the_defaults_it_ran_with_and_where
     assert kept["generation_config"] == {"top_k": 5}  # ... and the sampling defaults
 
 
+def test_the_text_cards_baseline_paragraph_states_the_baselines_own_bytes_threads_and_hop(
+    text_data, tmp_path
+):
+    """model.card --baseline said the Transformer had "the same number of training bytes" as S4 whatever the
+    two metrics.json held (next to both numbers), gave S4's torch threads as the baseline's, and its
+    evaluation hop as half its context whatever its data.eval_stride (model.train's evaluate hops by that
+    stride). The paragraph now states the baseline's own record."""
+    from model.card import main as card
+
+    cfg = load_config(tiny_toml(tmp_path / "s.toml", text_data, tmp_path / "s4", final_eval=True,
+                                export=str(tmp_path / "ck")))  # fmt: skip
+    s4 = train(cfg)
+    base = tmp_path / "tf"
+    base.mkdir()
+    score = {"nll_nats": 2.0, "bits_per_token": 2.0 / math.log(2), "tokens": 100}
+    (base / "metrics.json").write_text(json.dumps({
+        "steps": 3, "num_params": 1234, "tokens_seen": s4["tokens_seen"] // 2, "train_wall_s": 60.0,
+        "threads": s4["threads"] + 1, "val": score, "test": score}))  # fmt: skip
+    data = {"path": str(text_data), "seq_len": 32, "batch_size": 4, "eval_stride": 8}
+    (base / "config.json").write_text(json.dumps({"data": data, "train": {"lr": 1e-3, "warmup": 1}}))
+    card([str(tmp_path / "ck"), "--run", str(tmp_path / "s4"), "--baseline", str(base)])
+    text = (tmp_path / "ck" / "README.md").read_text()
+    half, full = s4["tokens_seen"] // 2, s4["tokens_seen"]
+    assert f"another number of training bytes ({half:,}; S4: {full:,})" in text, text
+    assert f"{s4['threads'] + 1} thread(s) (S4: {s4['threads']})" in text
+    assert "windows of 32 bytes hopping by 8." in text
+
+
 def test_a_save_cut_between_its_renames_leaves_the_previous_checkpoint_and_a_resume_finds_it(
     tmp_path, monkeypatch
 ):
