@@ -476,8 +476,9 @@ def main(argv: list[str] | None = None) -> None:
         params = SamplingParams(temperature=1.0, seed=args.seed)
         outs = generate(rec, [[AUDIO_BOS]] * args.audio_samples, data.clip_len, params)
         samples = ckpt / "samples"
-        for old in samples.glob("generated_*.wav"):
-            old.unlink()
+        for old in samples.glob("generated_*.wav"):  # an earlier card's (not generated_t0.9_0.wav and such)
+            if old.stem.removeprefix("generated_").isdigit():
+                old.unlink()
         samples.mkdir(exist_ok=True)
         mu = cfg.codec  # the model's own
         gen = [mu.decode(np.array(o)) for o in outs]

@@ -264,6 +264,26 @@ def test_the_model_card_scores_its_audio_samples_with_a_classifier(three_class_d
     assert labelled_clips(sl, "test")[1].tolist() == [i % 3 for i in idx]
 
 
+def test_the_model_card_replaces_its_own_wavs_and_keeps_the_other_files_in_samples(
+    three_class_data, tmp_path
+):
+    """model.card writes samples/generated_0.wav … and removes an earlier card's that it does not write again
+    (it made more samples), by the pattern generated_*.wav, which also took the WAVs written beside them by
+    hand: audio-digits keeps generated_t0.9_0.wav … 3, which its card's text names, and a new card deleted
+    them. Only generated_<number>.wav are the card's."""
+    from model.card import main as card
+
+    run, ckpt = _tiny_audio_run(three_class_data, tmp_path, steps=2)
+    samples = ckpt / "samples"
+    samples.mkdir()
+    (samples / "generated_7.wav").write_bytes(b"an earlier card's eighth sample")
+    (samples / "generated_t0.9_0.wav").write_bytes(b"a sample at temperature 0.9")
+    card([str(ckpt), "--run", str(run), "--audio-samples", "2"])
+    names = sorted(p.name for p in samples.glob("generated_*.wav"))
+    assert names == ["generated_0.wav", "generated_1.wav", "generated_t0.9_0.wav"], names
+    assert (samples / "generated_t0.9_0.wav").read_bytes() == b"a sample at temperature 0.9"
+
+
 def test_the_model_card_refuses_one_audio_sample_with_a_classifier_before_any_work(
     three_class_data, tmp_path, capsys
 ):
