@@ -175,6 +175,22 @@ def text_word_share(
     }
 
 
+def audio_data_command(meta: dict) -> str:
+    """The `python -m model.data audio` command that prepares an audio dataset like the one whose meta.json is
+    `meta`: the flags its rate, clip length and codec need (the defaults: 8000 Hz, 1 s, our mu-law)."""
+    args = ["python -m model.data audio --out data/digits"]
+    rate, n = meta["sample_rate"], meta["clip_len"]
+    if rate != 8000:
+        args.append(f"--sample-rate {rate}")
+    if n != rate:
+        args.append(f"--seconds {n / rate:g}")
+    if meta.get("quantization", "mu-law") != "mu-law":
+        args.append(f"--quantization {meta['quantization']}")
+    if meta.get("mulaw"):
+        args.append(f"--mulaw {meta['mulaw']}")
+    return " ".join(args)
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -321,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     meta["eval_slice"] = sl  # config.json is rewritten once, at the end
 
     test, val = metrics["test"], metrics["val"]
-    what = "8-bit mu-law audio" if data.kind == "audio" else "byte-level text"
+    quant = cfg.quantization  # audio: "mu-law" or "linear" (model.train refuses data of another codec)
+    what = f"8-bit {quant} audio" if data.kind == "audio" else "byte-level text"
     arch = f"S4 (DPLR, HiPPO-{cfg.init})" if cfg.kernel == "s4" else f"S4D (diagonal, {cfg.init} init)"
     n_variants = sum(len(v) for v in data.meta.get("variants", {}).values())
     unit = "bits per sample" if data.kind == "audio" else "bits per byte"
@@ -360,16 +377,17 @@ def main(argv: list[str] | None = None) -> None:
             "`python -m model.data text --out data/shakespeare`.",
         ]
     else:
+        seconds = dm["clip_len"] / dm["sample_rate"]
         lines += [
             f"Spoken digits zero…nine synthesized with espeak-ng ({len(dm['accents'])} English accents "
             f"× {n_variants} voice variants, random speed and pitch per clip), resampled by sox to "
-            f"{dm['sample_rate']} Hz, silence-trimmed, centred in {dm['clip_len']}-sample (1 s) clips, "
-            "8-bit mu-law. Whole voice variants are held out: validation "
+            f"{dm['sample_rate']} Hz, silence-trimmed, centred in {dm['clip_len']}-sample ({seconds:g} s) "
+            f"clips, 8-bit {quant}. Whole voice variants are held out: validation "
             f"{', '.join(dm['variants']['val'])}; test {', '.join(dm['variants']['test'])}.",
             "",
             f"Clips: train {dm['clips']['train']:,}, val {dm['clips']['val']:,}, "
             f"test {dm['clips']['test']:,} ({dm['hours']} h in all). Prepared with "
-            "`python -m model.data audio --out data/digits`.",
+            f"`{audio_data_command(dm)}`.",
         ]
     lines += [
         "",
@@ -402,7 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         ent = marginal_entropy_bits(data.split("test"))
         lines += [
-            f"Mu-law marginal entropy of the test set: {ent:.3f} bits per sample. Test NLL / entropy = "
+            f"{quant[0].upper() + quant[1:]} marginal entropy of the test set: {ent:.3f} bits per sample. "
+            f"Test NLL / entropy = "
             f"**{test['bits_per_token'] / ent:.3f}** (goal ≤ 0.6).",
             "",
         ]

@@ -284,6 +284,36 @@ def test_the_model_card_replaces_its_own_wavs_and_keeps_the_other_files_in_sampl
     assert (samples / "generated_t0.9_0.wav").read_bytes() == b"a sample at temperature 0.9"
 
 
+def test_the_audio_model_card_describes_its_own_codec_clip_length_and_preparation(three_class_data, tmp_path):
+    """The audio card said "8-bit mu-law" (the model, the data, the entropy line), "(1 s) clips" and "Prepared
+    with `python -m model.data audio --out data/digits`" whatever the data: a model of 8-bit linear clips
+    of 2,048 samples at 8 kHz (`model.data audio --quantization linear --seconds 0.256`, the official
+    Beethoven SaShiMi's codec) got a card of 1 s mu-law clips and a command that prepares those."""
+    from model.card import main as card
+    from model.codecs import Linear8
+    from model.train import train
+
+    mu_data = Dataset(three_class_data)
+    meta = {k: v for k, v in mu_data.meta.items() if k not in ("tokens", "sha256")}
+    splits = {
+        s: Linear8().encode(mu_data.codec.decode(mu_data.split(s))).reshape(-1)
+        for s in mu_data.meta["tokens"]
+    }
+    write_splits(tmp_path / "linear", splits, {**meta, "quantization": "linear", "encoding": "linear 8-bit"})
+    run, ckpt = tmp_path / "run", tmp_path / "ckpt"
+    train({"model": {"d_model": 16, "n_layers": 1, "d_state": 8, "l_max": N, "cauchy_backend": "torch",
+                     "quantization": "linear"},
+           "data": {"path": str(tmp_path / "linear"), "batch_size": 4},
+           "train": {"steps": 2, "warmup": 1, "eval_every": 0, "ckpt_every": 0, "log_every": 1,
+                     "out": str(run), "export": str(ckpt)}})  # fmt: skip
+    card([str(ckpt), "--run", str(run), "--audio-samples", "2"])
+    text = (ckpt / "README.md").read_text()
+    assert "mu-law" not in text.lower(), [line for line in text.splitlines() if "mu-law" in line.lower()]
+    assert "8-bit linear audio model" in text and "2048-sample (0.256 s) clips, 8-bit linear." in text
+    assert "`python -m model.data audio --out data/digits --seconds 0.256 --quantization linear`" in text
+    assert "Linear marginal entropy of the test set" in text
+
+
 def test_the_model_card_refuses_one_audio_sample_with_a_classifier_before_any_work(
     three_class_data, tmp_path, capsys
 ):
