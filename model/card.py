@@ -16,8 +16,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import platform
 import shlex
 from pathlib import Path
 
@@ -189,16 +187,6 @@ def audio_data_command(meta: dict) -> str:
     if meta.get("mulaw"):
         args.append(f"--mulaw {meta['mulaw']}")
     return " ".join(args)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def listener_section(classifier: Path, gen: list[np.ndarray], real: list[np.ndarray], sample_rate: int,
@@ -400,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
         f"({metrics['tokens_seen']:,} tokens), {optimizer_summary(tc)}. "
         f"Wall time {_fmt_s(metrics['train_wall_s'])} on {metrics['device']} "
         f"({metrics['threads']} torch thread(s), {metrics['processes']} process(es); "
-        f"{cpu_model()}).",
+        f"{metrics.get('cpu') or 'CPU not recorded (a run before model.train recorded it)'}).",
         "",
         "## Quality (held-out test split)",
         "",

@@ -36,6 +36,7 @@ import itertools
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import sys
@@ -379,6 +380,18 @@ def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def cpu_model() -> str:
+    """This machine's CPU as a model card states it ("AMD EPYC, 2 cores"; the architecture where
+    /proc/cpuinfo names none)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def evaluate(net: nn.Module, data: Dataset, split: np.ndarray, seq_len: int, batch_size: int,
              stride: int = 0, max_tokens: int = 0, device="cpu") -> dict:  # fmt: skip
     """Mean next-token NLL (nats and bits) over a split.
@@ -1462,6 +1475,7 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
             "processes": world,
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
             "threads": torch.get_num_threads(),
+            "cpu": cpu_model(),  # (a card states where it trained: it may be written on another machine)
         }
         if tcfg.final_eval:
             for split, arr in (("val", val_split), ("test", test_split)):  # (read once, at the start)

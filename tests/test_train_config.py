@@ -462,6 +462,30 @@ def test_the_text_cards_baseline_paragraph_states_the_baselines_own_bytes_thread
     assert "windows of 32 bytes hopping by 8." in text
 
 
+def test_the_model_card_states_the_cpu_the_run_trained_on_not_the_one_it_is_written_on(text_data, tmp_path):
+    """The card's "Wall time … on cpu (1 torch thread(s), 1 process(es); AMD EPYC, 2 cores)" read the CPU from
+    the machine writing the card, which need not be the one that trained (a run on a GPU box, its card written
+    on a laptop). model.train records the CPU in metrics.json ("cpu"), and the card states that record (a run
+    from before the record: "CPU not recorded")."""
+    from model.card import main as card
+
+    run = tmp_path / "run"
+    train(load_config(tiny_toml(tmp_path / "t.toml", text_data, run, final_eval=True,
+                                export=str(tmp_path / "ck"))))  # fmt: skip
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps({**metrics, "cpu": "Another CPU 9000, 64 cores"}))
+    card([str(tmp_path / "ck"), "--run", str(run)])
+    training = (tmp_path / "ck" / "README.md").read_text().split("## Training", 1)[1].split("## Quality")[0]
+    assert "1 process(es); Another CPU 9000, 64 cores)." in training, training
+    from model.train import cpu_model
+
+    assert metrics["cpu"] == cpu_model()  # what model.train recorded: this machine's
+    del metrics["cpu"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    card([str(tmp_path / "ck"), "--run", str(run)])
+    assert "1 process(es); CPU not recorded" in (tmp_path / "ck" / "README.md").read_text()
+
+
 def test_a_save_cut_between_its_renames_leaves_the_previous_checkpoint_and_a_resume_finds_it(
     tmp_path, monkeypatch
 ):
