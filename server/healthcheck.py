@@ -6,8 +6,10 @@ flags on the server's command line (flags win), else S4_HOST / S4_PORT, else 127
 read S4_PORT only, so `docker run s4serve --port 9000` (flags after the image name, as the README says)
 was unhealthy for ever. The server is the process whose command line is `python -m server ...` (PID 1 as
 the image's ENTRYPOINT; another under `docker run --init`). Flags are read in their exact spelling
-(`--port 9000`, `--port=9000`), not argparse's abbreviations. Only the standard library is imported: it
-runs every 10 s beside the server.
+(`--port 9000`, `--port=9000`), not argparse's abbreviations. It asks the server directly, whatever proxy
+the environment names (HTTP_PROXY, which Docker puts into every container from the client's `proxies`
+setting: urllib sent the request to the proxy, for which 127.0.0.1 is not this container). Only the standard
+library is imported: it runs every 10 s beside the server.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import urllib.request
 from pathlib import Path
 
 WILDCARD = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # listening everywhere: ask loopback
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxy, whatever the environment
 
 
 def server_argv(proc: Path = Path("/proc")) -> list[str]:
@@ -54,7 +57,7 @@ def readyz_url(argv: list[str], environ) -> str:
 
 def main() -> int:
     try:
-        with urllib.request.urlopen(readyz_url(server_argv(), os.environ), timeout=4) as r:
+        with DIRECT.open(readyz_url(server_argv(), os.environ), timeout=4) as r:
             return 0 if r.status == 200 else 1
     except (OSError, ValueError) as exc:  # refused, 503 (HTTPError), timeout, a malformed address
         print(f"not ready: {exc}", file=sys.stderr)

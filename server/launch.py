@@ -80,7 +80,9 @@ def _start_server(flags, timeout_s: float, port: int, env: dict | None, cwd: Pat
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+            # (trust_env=False: the server itself, never through a proxy HTTP_PROXY names, for which
+            # 127.0.0.1 is another machine, nor one NO_PROXY's `127.0.0.0/8` would have had to exempt)
+            if httpx.get(url + "/readyz", timeout=2, trust_env=False).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             pass

@@ -3,11 +3,14 @@ configures what the server really serves; compose and Kubernetes parse and use t
 probes, user and S4_* settings; the README's configuration table is the generated one.
 (The image itself is built and run by scripts/container-smoke, outside CI: minutes, root, podman.)"""
 
+import contextlib
+import http.server
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -344,3 +347,47 @@ def test_the_image_healthcheck_finds_a_port_given_as_a_flag(model_dirs, tmp_path
     finally:
         proc.kill()
         proc.wait(30)
+
+
+@contextlib.contextmanager
+def readyz_stand_in(status: int):
+    """A loopback HTTP server answering every GET with `status` (the server's /readyz), and its port."""
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802  (http.server's name)
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    stand_in = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer)
+    thread = threading.Thread(target=stand_in.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield stand_in.server_address[1]
+    finally:
+        stand_in.shutdown()
+        stand_in.server_close()
+
+
+def test_the_healthcheck_asks_the_server_in_its_container_not_the_proxy_the_environment_names(monkeypatch):
+    """A container's environment often names an HTTP proxy (Docker puts the client's `proxies` setting into
+    every container as HTTP_PROXY / http_proxy), and urllib sends every http:// request through it unless
+    NO_PROXY names the host in its own syntax: Docker's documented `127.0.0.0/8` is a CIDR block urllib does
+    not read. The HEALTHCHECK then asked the proxy for http://127.0.0.1:8000/readyz, which is not the
+    container's loopback: a serving container was unhealthy for ever. It asks the server directly: 0 while
+    /readyz answers 200, 1 while it answers 503, whatever the proxy variables say."""
+    from server import healthcheck  # noqa: PLC0415
+    from server.launch import free_port  # noqa: PLC0415
+
+    proxy = f"http://127.0.0.1:{free_port()}"  # (nothing listens there: a proxy that cannot be reached)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, proxy)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.0/8")
+    monkeypatch.setenv("no_proxy", "127.0.0.0/8")
+    for status, exit_code in ((200, 0), (503, 1)):
+        with readyz_stand_in(status) as port:
+            monkeypatch.setattr(healthcheck, "server_argv", lambda port=port: ["--port", str(port)])
+            assert healthcheck.main() == exit_code, (status, proxy)

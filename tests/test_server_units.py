@@ -916,7 +916,7 @@ def test_start_server_tries_another_free_port_where_another_process_took_the_fir
 
     monkeypatch.setattr(launch.subprocess, "Popen", Proc)
     monkeypatch.setattr(launch, "free_port", lambda: next(chosen))
-    monkeypatch.setattr(httpx, "get", lambda url, timeout: httpx.Response(200))
+    monkeypatch.setattr(httpx, "get", lambda url, **kw: httpx.Response(200))
     try:
         proc, url = launch.start_server([], timeout_s=5)
         assert started[0] == busy and url == f"http://127.0.0.1:{started[1]}" and len(started) == 2
@@ -929,3 +929,50 @@ def test_start_server_tries_another_free_port_where_another_process_took_the_fir
         assert started[2:] == [busy, busy]
     finally:
         taken.close()
+
+
+def test_start_server_waits_for_the_server_it_started_not_a_proxy_the_environment_names(monkeypatch):
+    """start_server polled the server's /readyz with httpx, which sends an http:// request through the
+    proxy HTTP_PROXY or ALL_PROXY names (NO_PROXY's `127.0.0.0/8`, as Docker documents it, is no host it
+    matches): on a machine behind a proxy every benchmark, the load test and the reliability script waited
+    out their 600 s for a server that had been ready all along, then killed it. It asks the loopback
+    server it started directly."""
+    import http.server
+    import threading
+
+    from server import launch
+
+    class Proc:  # a stand-in `python -m server`: ready (/readyz 200) on the port it was given
+        def __init__(self, cmd, cwd, env):
+            port = int(cmd[cmd.index("--port") + 1])
+
+            class Ready(http.server.BaseHTTPRequestHandler):
+                def do_GET(self):  # noqa: N802  (http.server's name)
+                    self.send_response(200)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+
+                def log_message(self, *args):
+                    pass
+
+            self.http = http.server.ThreadingHTTPServer(("127.0.0.1", port), Ready)
+            threading.Thread(target=self.http.serve_forever, daemon=True).start()
+            self.returncode = None
+
+        def poll(self):
+            return self.returncode
+
+        def kill(self):
+            self.http.shutdown()
+            self.http.server_close()
+
+    proxy = f"http://127.0.0.1:{free_port()}"  # (nothing listens there)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, proxy)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.0/8")
+    monkeypatch.setattr(launch.subprocess, "Popen", Proc)
+    proc, url = launch.start_server([], timeout_s=10)
+    try:
+        assert url == f"http://127.0.0.1:{proc.http.server_address[1]}"
+    finally:
+        proc.kill()
