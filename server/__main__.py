@@ -231,15 +231,31 @@ def build_cache_problem(settings: Settings) -> str | None:
 
 def port_problem(host: str, port: int) -> str | None:
     """Why the server could not listen on host:port (in use, an address not of this machine), else None.
-    Bound and released at once, as uvicorn binds it (SO_REUSEADDR), so it does not stop a restart."""
+    Bound and released at once, as uvicorn binds it (asyncio's create_server: every address the host
+    resolves to, SO_REUSEADDR, an IPv6 one IPv6-only; "" is every interface), so it does not stop a restart.
+    (The first address alone, dual-stack, refused S4_HOST=:: beside an IPv4 listener on the port, and
+    passed a name whose second address was taken: the server then failed to listen after the models began
+    to load.)"""
+    sockets: list[socket.socket] = []
+    address = None
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, _, _, _, address = infos[0]
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in dict.fromkeys(infos):  # (each once, in order)
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this machine lacks: asyncio passes over it too
+                continue
+            sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
     except OSError as exc:
-        return f"cannot listen on {host}:{port} (S4_HOST, S4_PORT): {exc.strerror or exc}"
+        where = f" (on {address[0]})" if address is not None and address[0] != host else ""
+        return f"cannot listen on {host}:{port} (S4_HOST, S4_PORT){where}: {exc.strerror or exc}"
+    finally:
+        for sock in sockets:
+            sock.close()
     return None
 
 

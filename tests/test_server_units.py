@@ -976,3 +976,58 @@ def test_start_server_waits_for_the_server_it_started_not_a_proxy_the_environmen
         assert url == f"http://127.0.0.1:{proc.http.server_address[1]}"
     finally:
         proc.kill()
+
+
+def _binds(host: str, port: int) -> str | None:
+    """What uvicorn meets when it listens on host:port (asyncio's create_server, which binds every address
+    the name resolves to, an IPv6 one IPv6-only): None, or its error."""
+    import asyncio
+
+    async def listen() -> str | None:
+        try:
+            srv = await asyncio.get_running_loop().create_server(asyncio.Protocol, host=host, port=port)
+        except OSError as exc:
+            return str(exc)
+        srv.close()
+        await srv.wait_closed()
+        return None
+
+    return asyncio.run(listen())
+
+
+def test_the_port_check_binds_what_uvicorn_will_bind(monkeypatch):
+    """The port check before anything loads bound the first address S4_HOST resolves to, dual-stack, where
+    uvicorn (asyncio's create_server) binds every address, an IPv6 one IPv6-only. So S4_HOST=:: was refused
+    "in use" while another program listened on 127.0.0.1 at that port, though the server would have served
+    on [::]; and a name of two addresses (localhost, ::1 and 127.0.0.1 in Docker's /etc/hosts) passed the
+    check with its second address taken, then the server failed to listen after its models had begun to
+    load (exit status 3). The check now agrees with the bind, and names the address that is taken."""
+    from server.__main__ import port_problem
+
+    with socket.socket() as ipv4:  # another program, on 127.0.0.1 only
+        ipv4.bind(("127.0.0.1", 0))
+        ipv4.listen()
+        port = ipv4.getsockname()[1]
+        assert _binds("::", port) is None  # (uvicorn would listen: [::] is IPv6 only)
+        assert port_problem("::", port) is None
+    real = socket.getaddrinfo
+
+    def two_addresses(host, port, *args, **kwargs):  # a name that resolves to 127.0.0.1 and 127.0.0.2
+        if host != "two.test":
+            return real(host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in ("127.0.0.1", "127.0.0.2")]
+
+    monkeypatch.setattr(socket, "getaddrinfo", two_addresses)
+    with socket.socket() as second:  # another program on the second address
+        second.bind(("127.0.0.2", 0))
+        second.listen()
+        port = second.getsockname()[1]
+        assert "address already in use" in (_binds("two.test", port) or "")  # (uvicorn could not listen)
+        problem = port_problem("two.test", port)
+        assert (problem or "").startswith(f"cannot listen on two.test:{port} (S4_HOST, S4_PORT)")
+        assert "127.0.0.2" in problem and "in use" in problem, problem
+    with socket.socket() as first:  # and on the first: still found
+        first.bind(("127.0.0.1", 0))
+        first.listen()
+        port = first.getsockname()[1]
+        assert _binds("two.test", port) is not None and "in use" in (port_problem("two.test", port) or "")
