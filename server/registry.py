@@ -334,8 +334,20 @@ def use_cuda_graphs(rec, settings: Settings, name: str) -> bool:
 
 def untrained_default(entry: str, settings: Settings) -> bool:
     """Whether `entry` is one of the default list's checkpoints that does not exist (not trained yet):
-    skipped, not refused, by the preflight, `load_models` and `expected_ids`."""
-    return settings.uses_default_checkpoints() and not parse_entry(entry)[1].exists()
+    skipped, not refused, by the preflight, `load_models` and `expected_ids`. One whose path cannot be
+    looked at (`looked_at`) is not skipped: its load names why."""
+    return settings.uses_default_checkpoints() and not looked_at(parse_entry(entry)[1], Path.exists, True)
+
+
+def looked_at(path: Path, check: Callable[[Path], bool], otherwise: bool) -> bool:
+    """`check(path)` (Path.exists, Path.is_dir), or `otherwise` where the path cannot be looked at: pathlib
+    (Python 3.11) raises for a stat error but "no such file" (a folder not ours to read, a name too long),
+    which was a traceback where the settings and the default list are read; `resolve_entry`, under the
+    load's error handling, then names the error with its entry."""
+    try:
+        return check(path)
+    except OSError:
+        return otherwise
 
 
 def expected_ids(settings: Settings) -> list[str]:
@@ -421,7 +433,7 @@ def model_id_of(entry: str) -> str:
     folder's name, even one ending in an official file's suffix (it was named by its stem, which is not the
     id it serves under)."""
     name, path = parse_entry(entry)
-    official = path.suffix in OFFICIAL_SUFFIXES and not path.is_dir()
+    official = path.suffix in OFFICIAL_SUFFIXES and not looked_at(path, Path.is_dir, False)
     return name or (default_name(path) if official else path.name)
 
 

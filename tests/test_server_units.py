@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -1031,3 +1032,57 @@ def test_the_port_check_binds_what_uvicorn_will_bind(monkeypatch):
         first.listen()
         port = first.getsockname()[1]
         assert _binds("two.test", port) is not None and "in use" in (port_problem("two.test", port) or "")
+
+
+def _denied(monkeypatch, *paths: Path) -> None:
+    """Stat of `paths` (and what is under them) fails as for a folder the server's user may not read:
+    PermissionError, what a non-root server meets (these tests may run as root, whom nothing is denied)."""
+    real = Path.stat
+
+    def stat(self, *args, **kwargs):
+        where = self.absolute()
+        if any(where == p or p in where.parents for p in paths):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+
+
+def test_an_entry_whose_path_cannot_be_looked_at_is_named_in_one_line_not_a_traceback(
+    model_dirs, tmp_path, monkeypatch
+):
+    """pathlib (Python 3.11) raises for every stat error but "no such file", and two checks asked it
+    outside any error handling: whether an entry ending in .ckpt/.pt/.pth is a folder (its model id is a
+    file's stem, a folder's name), while the settings were checked, and whether a default checkpoint
+    exists (skipped if not). A path the file system refuses (a name too long; a folder the server's user
+    may not read: a .ckpt on a root-only mount in a container, the default checkpoints/ of another user)
+    stopped `python -m server` with an OSError or PermissionError traceback naming no entry. Each is now
+    one line naming its entry, as a path that does not exist is, and the checkpoints beside it serve."""
+    too_long = tmp_path / ("x" * 300 + ".ckpt")  # (a name past NAME_MAX: ENAMETOOLONG, whoever asks)
+    message = _exit_message("--port", str(free_port()), "--checkpoints", str(too_long))
+    assert message.startswith(f"not serving: checkpoint {too_long}: "), message[:300]
+    assert "File name too long" in message and "\n" not in message, message[:300]
+    settings = Settings(checkpoints=[str(model_dirs["text"]), str(too_long)], max_sessions=2)
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert list(models) == ["tiny-text"]
+    (why,) = failed.values()
+    assert why.startswith("OSError: [Errno 36] File name too long"), why[:200]
+
+    mount = tmp_path / "mnt"  # a root-only folder holding an official checkpoint
+    _denied(monkeypatch, mount)
+    entry = f"{mount}/run.ckpt"
+    message = _exit_message("--port", str(free_port()), "--checkpoints", entry)
+    assert message == f"not serving: checkpoint {entry}: [Errno 13] Permission denied: '{entry}'", message
+
+    from server.__main__ import preflight  # (the default list: one of its folders not ours to read)
+    from server.registry import expected_ids
+
+    shutil.copytree(model_dirs["text"], tmp_path / "checkpoints" / "text-shakespeare")
+    monkeypatch.chdir(tmp_path)
+    _denied(monkeypatch, tmp_path / "checkpoints" / "audio-digits")
+    settings, built = Settings(port=free_port(), max_sessions=2), {}
+    assert settings.uses_default_checkpoints() and preflight(settings, built) == []
+    assert str(built["checkpoints/audio-digits"]).startswith("[Errno 13] Permission denied")
+    assert expected_ids(settings) == ["text-shakespeare", "audio-digits"]  # (audio-digits-s4: not there)
+    models, failed = load_models(settings, SessionTable(), Metrics(), built=built)
+    assert list(models) == ["text-shakespeare"] and failed["audio-digits"].startswith("PermissionError: ")
