@@ -193,17 +193,34 @@ CGROUP = Path("/sys/fs/cgroup")  # the container's memory limit (cgroup v2: memo
 
 def available_memory(device: torch.device) -> int:
     """Bytes a new allocation may take on `device`: free GPU memory on CUDA; on the CPU the system's
-    available memory (psutil), or less when the process's cgroup (a container's memory limit) leaves less."""
+    available memory (psutil), or less when the process's cgroup (a container's memory limit) leaves less:
+    memory.max less what memory.current counts but the page cache the kernel reclaims first (memory.stat's
+    inactive_file, which the kubelet's working set leaves out too; memory.current counts it, so a pool that
+    fit was refused in a container that had read its checkpoints and libraries)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     free = psutil.virtual_memory().available
     try:
         limit = (CGROUP / "memory.max").read_text().strip()
         if limit != "max":
-            free = min(free, int(limit) - int((CGROUP / "memory.current").read_text()))
+            used = int((CGROUP / "memory.current").read_text()) - cgroup_inactive_file()
+            free = min(free, int(limit) - max(used, 0))
     except (OSError, ValueError):  # no cgroup v2 memory controller here
         pass
     return free
+
+
+def cgroup_inactive_file() -> int:
+    """memory.stat's inactive_file of this cgroup, in bytes (0 where it cannot be read)."""
+    try:
+        lines = (CGROUP / "memory.stat").read_text().splitlines()
+    except OSError:
+        return 0
+    for line in lines:
+        key, _, value = line.partition(" ")
+        if key == "inactive_file" and value.strip().isdigit():
+            return int(value)
+    return 0
 
 
 def state_pool_problem(rec: RecurrentModel, settings: Settings, name: str, reserved: int = 0) -> str | None:

@@ -770,6 +770,33 @@ def test_a_state_pool_larger_than_memory_is_refused_naming_s4_max_sessions(model
     assert registry.available_memory(torch.device("cpu")) > 2_000_000
 
 
+def test_a_containers_reclaimable_page_cache_is_memory_a_state_pool_may_take(
+    model_dirs, monkeypatch, tmp_path
+):
+    """A container's memory.current counts the page cache of every file the process read or mapped (the
+    checkpoints, torch's libraries) with its own allocations, and the kernel reclaims the inactive part of
+    that cache when an allocation needs it (cgroup-v2.rst; the kubelet's working set and `docker stats`
+    subtract memory.stat's inactive_file for that reason). The memory check took memory.max -
+    memory.current as what a new allocation may take, so a pool that fits was refused naming
+    S4_MAX_SESSIONS: here a 3 MB container using 2.5 MB, 1.9 MB of it inactive page cache, and a 1.1 MB
+    pool (256 sessions of the tiny model) refused as more than the 500,000 bytes available."""
+    from server import registry
+
+    (tmp_path / "memory.max").write_text("3000000\n")
+    (tmp_path / "memory.current").write_text("2500000\n")
+    stat = "anon 500000\nfile 2000000\nactive_file 100000\ninactive_file 1900000\n"  # (bytes)
+    (tmp_path / "memory.stat").write_text(stat)
+    monkeypatch.setattr(registry, "CGROUP", tmp_path)
+    assert registry.available_memory(torch.device("cpu")) == 3_000_000 - (2_500_000 - 1_900_000)
+    settings = Settings(checkpoints=[str(model_dirs["text"])], max_sessions=256, prefix_cache_mb=0)
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert list(models) == ["tiny-text"] and not failed, failed
+    pool = models["tiny-text"].engine.pool
+    assert 1_000_000 < pool.capacity * (pool.bytes_per_slot + 256) < 2_400_000  # (state and seen set)
+    (tmp_path / "memory.stat").write_text("anon 500000\nfile 2000000\nactive_file 2000000\ninactive_file 0\n")
+    assert registry.available_memory(torch.device("cpu")) == 500_000  # (active cache: not counted)
+
+
 def test_an_older_uvicorn_is_refused_at_import_with_the_floor_named():
     """server/connections.py extends internals of uvicorn's WebSocket protocol that 0.35–0.52 lack or
     handle otherwise (the server tests failed with each: check_uvicorn's docstring); the floor is the
