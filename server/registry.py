@@ -549,6 +549,9 @@ class Built:
     # s4_model_load_seconds' first phases: "official" (an official file converted into S4_CONVERT_CACHE
     # or found there; a folder's path checked), "read" (config.json, the weights, the network built)
     seconds: dict[str, float]
+    # Unix time the weights file read was written (ServedModel.created): taken as it is read, not at the
+    # end of the load, when the folder may have been moved away or saved over
+    created: int = 0
 
 
 def build_entry(entry: str, settings: Settings) -> Built:
@@ -569,13 +572,14 @@ def build_folder(folder: Path, model_id: str, source: Path | None = None) -> Bui
     (`served_vocab`). Raises CheckpointError naming what is wrong."""
     t0 = time.perf_counter()
     meta = read_config(folder)
+    created = int(checkpoint_file(folder, WEIGHTS).stat().st_mtime)
     net = load(folder, meta=meta)
     if not meta.get("weights_sha256"):  # (`save` writes it; a folder made otherwise may lack it) the
         # fingerprint must still name the weights: two such folders of one config took each other's exports
         meta = {**meta, "weights_sha256": _sha256(checkpoint_file(folder, WEIGHTS))}
     vocab = served_vocab(folder, net.config, source, meta)
     seconds = {"official": 0.0, "read": time.perf_counter() - t0}
-    return Built(model_id, folder, source, meta, net, vocab, seconds)
+    return Built(model_id, folder, source, meta, net, vocab, seconds, created)
 
 
 def load_model(
@@ -712,9 +716,8 @@ def load_model(
     # (a vocabulary's checksum: config.json's, which `load_vocab` checked against vocab.txt's bytes)
     vocab_sha256 = meta["vocab"]["sha256"] if vocab is not None else None
     fingerprint = model_fingerprint(meta["config"], meta.get("weights_sha256"), vocab_sha256)
-    created = int((path / WEIGHTS).stat().st_mtime)
     served = ServedModel(
-        model_id, path, net.config, rec, engine, fingerprint, chat, created, generation, vocab,
+        model_id, path, net.config, rec, engine, fingerprint, chat, built.created, generation, vocab,
         model_fingerprint(meta["config"], meta.get("weights_sha256")) if vocab is not None else None,
     )  # fmt: skip
     limit, setting = settings.new_tokens_limit(served.sample_rate)

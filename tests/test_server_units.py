@@ -13,9 +13,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from server_support import wait_for
+from server_support import make_audio_model, wait_for
 
-from model.checkpoint import CheckpointError
+from model.checkpoint import CheckpointError, save
 from server.__main__ import parse_args
 from server.config import Settings, default_text, settings_table
 from server.launch import free_port
@@ -795,6 +795,32 @@ def test_a_containers_reclaimable_page_cache_is_memory_a_state_pool_may_take(
     assert 1_000_000 < pool.capacity * (pool.bytes_per_slot + 256) < 2_400_000  # (state and seen set)
     (tmp_path / "memory.stat").write_text("anon 500000\nfile 2000000\nactive_file 2000000\ninactive_file 0\n")
     assert registry.available_memory(torch.device("cpu")) == 500_000  # (active cache: not counted)
+
+
+def test_a_checkpoint_changed_after_it_was_read_serves_as_read(model_dirs, tmp_path):
+    """python -m server reads each checkpoint before it listens (the preflight's `build_entry`) and loads
+    the models from what it read, seconds to minutes later; but the model's `created` (GET /v1/models:
+    when its weights were written) was taken from the folder at the end of that load. A folder moved or
+    removed meanwhile (a deploy swapping releases) made a model read, converted and verified fail with
+    "FileNotFoundError: .../model.safetensors", not served; one saved over meanwhile (`model.save` replaces
+    the files) listed the new file's time for the weights read before. `created` is now the weights'
+    time as they were read."""
+    from server.registry import build_entry
+
+    folder = tmp_path / "mine"
+    shutil.copytree(model_dirs["text"], folder)
+    os.utime(folder / "model.safetensors", (1_000_000_000, 1_000_000_000))  # (written in 2001)
+    settings = Settings(checkpoints=[str(folder)], max_sessions=2, prefix_cache_mb=0)
+    built = {str(folder): build_entry(str(folder), settings)}  # (read before the server listens)
+    save(make_audio_model(), folder)  # saved over meanwhile: the served model is still the one read
+    models, failed = load_models(settings, SessionTable(), Metrics(), built=built)
+    assert not failed and models["mine"].created == 1_000_000_000 and models["mine"].kind == "text"
+    built = {str(folder): build_entry(str(folder), settings)}
+    written = int((folder / "model.safetensors").stat().st_mtime)
+    folder.rename(tmp_path / "replaced")  # moved away meanwhile
+    models, failed = load_models(settings, SessionTable(), Metrics(), built=built)
+    assert not failed, failed
+    assert models["mine"].created == written and models["mine"].kind == "audio"
 
 
 def test_an_older_uvicorn_is_refused_at_import_with_the_floor_named():
