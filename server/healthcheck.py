@@ -2,7 +2,8 @@
 GET /readyz with 200, 1 otherwise (loading, draining, not listening).
 
 It asks the address the server listens on, found as `python -m server` finds it: the `--host` / `--port`
-flags on the server's command line (flags win), else S4_HOST / S4_PORT, else 127.0.0.1:8000. The HEALTHCHECK
+flags on the server's command line (flags win), else S4_HOST / S4_PORT (in any case, the last one set
+winning, and the port as a number, as Settings reads them), else 127.0.0.1:8000. The HEALTHCHECK
 read S4_PORT only, so `docker run s4serve --port 9000` (flags after the image name, as the README says)
 was unhealthy for ever. The server is the process whose command line is `python -m server ...` (PID 1 as
 the image's ENTRYPOINT; another under `docker run --init`). Flags are read in their exact spelling
@@ -47,12 +48,32 @@ def flag(argv: list[str], name: str) -> str | None:
     return value
 
 
+def variable(environ, name: str) -> str | None:
+    """The variable `name` as the server's Settings reads it (pydantic-settings, case-insensitive): in any
+    case, the last one set winning (`docker run -e s4_port=9100` after the image's S4_PORT)."""
+    value = None
+    for key, v in environ.items():
+        if key.lower() == name.lower():
+            value = v
+    return value
+
+
+def port_number(text: str) -> str:
+    """A port as the server's Settings reads it, as digits: ` 9000 `, `9000.0` and `9_000` are 9000 (a
+    text that is no whole number is left as it is: the server refused it, and so does the URL)."""
+    try:
+        number = float(text.strip())
+    except ValueError:
+        return text.strip()
+    return str(int(number)) if number.is_integer() else text.strip()
+
+
 def readyz_url(argv: list[str], environ) -> str:
     """The /readyz URL of a server started with these flags and this environment."""
-    host = flag(argv, "host") or environ.get("S4_HOST", "127.0.0.1")
-    port = flag(argv, "port") or environ.get("S4_PORT", "8000")
+    host = flag(argv, "host") or variable(environ, "S4_HOST") or "127.0.0.1"
+    port = port_number(flag(argv, "port") or variable(environ, "S4_PORT") or "8000")
     host = WILDCARD.get(host.strip(), host.strip())
-    return f"http://{f'[{host}]' if ':' in host else host}:{port.strip()}/readyz"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/readyz"
 
 
 def main() -> int:

@@ -391,3 +391,34 @@ def test_the_healthcheck_asks_the_server_in_its_container_not_the_proxy_the_envi
         with readyz_stand_in(status) as port:
             monkeypatch.setattr(healthcheck, "server_argv", lambda port=port: ["--port", str(port)])
             assert healthcheck.main() == exit_code, (status, proxy)
+
+
+@pytest.mark.parametrize(
+    "argv,env",
+    [
+        ([], [("S4_PORT", "8000"), ("s4_port", "9100")]),  # the image's S4_PORT, then `-e s4_port=9100`
+        ([], [("s4_port", "9100"), ("S4_PORT", "8000")]),  # (the last one set wins, as in Settings)
+        ([], [("S4_Host", "::"), ("S4_PORT", "9200.0")]),
+        ([], [("S4_PORT", " 9300 "), ("s4_host", "10.0.0.7")]),
+        (["--port", "9_400"], [("S4_PORT", "8000")]),
+        (["--port=9500.0"], []),
+    ],
+)
+def test_the_healthcheck_reads_the_address_variables_and_flags_as_the_server_does(argv, env, monkeypatch):
+    """The server's Settings reads its variables in any case, the last one set winning (README:
+    `s4_max_sessions=9` is taken), and a port as a number (`9200.0`, `9_400` are ports 9200 and 9400);
+    the HEALTHCHECK read S4_HOST and S4_PORT in upper case only, and the port as written. So `docker run
+    -e s4_port=9100 s4serve` listened on 9100 while the HEALTHCHECK asked the image's S4_PORT, 8000, and a
+    port written 9200.0 made a URL urllib refuses: unhealthy for ever. It asks the address the settings
+    name."""
+    from server.__main__ import parse_args  # noqa: PLC0415
+    from server.healthcheck import WILDCARD, readyz_url  # noqa: PLC0415
+
+    for key in [k for k in os.environ if k.upper().startswith("S4_")]:
+        monkeypatch.delenv(key)
+    for key, value in env:
+        monkeypatch.setenv(key, value)
+    settings = parse_args(argv)
+    host = WILDCARD.get(settings.host, settings.host)
+    listened = f"{f'[{host}]' if ':' in host else host}:{settings.port}"
+    assert readyz_url(argv, os.environ) == f"http://{listened}/readyz"
