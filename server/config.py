@@ -54,6 +54,10 @@ KEYS_FILE_MAX_CHARS = 1 << 20  # an S4_API_KEYS_FILE's characters at most (a mil
 MIN_NET_TIMEOUT_S = 0.1  # the shortest network timeout: a LAN round trip takes well under it
 MAX_TIMEOUT_S = 3600.0  # the longest timeout or drain: an hour
 MIN_TTL_S = 1.0  # the shortest idle TTL of a session
+# how much longer than S4_SESSION_TTL_S a stored key (or a delete's tombstone) must live: a replica's idle
+# copy is evicted by a sweep every min(1 s, TTL / 4) on an engine that wakes every 0.25 s when idle, so up
+# to ~1.25 s after its TTL, while the key expires to the millisecond (whole seconds: 2)
+STORE_TTL_MARGIN_S = 2
 
 
 class Settings(BaseSettings):
@@ -404,7 +408,8 @@ class Settings(BaseSettings):
         le=MAX_STORE_TTL_S,
         description="a state in the session store expires this many seconds after its last write, or the "
         "last request that used it on a replica (whole "
-        f"seconds, 1 to {MAX_STORE_TTL_S:,}: about 31 years; at least S4_SESSION_TTL_S)",
+        f"seconds, 1 to {MAX_STORE_TTL_S:,}: about 31 years; at least S4_SESSION_TTL_S + "
+        f"{STORE_TTL_MARGIN_S} s: a replica evicts an idle copy up to a second after its TTL)",
     )
     session_store_flush_timeout_s: float = Field(
         10.0,
@@ -696,14 +701,17 @@ class Settings(BaseSettings):
     def _store_outlives_idle_copies(self) -> Settings:
         """A stored session (and a delete's tombstone) must outlive every replica's idle copy of it: a key
         that expired first left a session a replica held idle unknown to the others (404), and a deleted
-        session that a replica still held came back, tombstone gone, at its next request or eviction."""
-        if self.session_store != "memory" and self.session_store_ttl_s < self.session_ttl_s:
+        session that a replica still held came back, tombstone gone, at its next request or eviction. An
+        idle copy lives up to STORE_TTL_MARGIN_S past its TTL (the sweep's period): equal TTLs brought a
+        session deleted right after a turn on another replica back."""
+        least = self.session_ttl_s + STORE_TTL_MARGIN_S
+        if self.session_store != "memory" and self.session_store_ttl_s < least:
             raise ValueError(
                 f"S4_SESSION_STORE_TTL_S (--session-store-ttl-s) = {self.session_store_ttl_s} must be at "
-                f"least S4_SESSION_TTL_S (--session-ttl-s) = {self.session_ttl_s:g} with a session store: a "
-                "session idle on one replica would expire from the store first (unknown to the other "
-                "replicas), and a deleted one that a replica still holds would come back once its tombstone "
-                "expired"
+                f"least S4_SESSION_TTL_S (--session-ttl-s) + {STORE_TTL_MARGIN_S} = {least:g} with a session "
+                "store: a session idle on one replica, evicted up to a second after its TTL, would expire "
+                "from the store first (unknown to the other replicas), and a deleted one that a replica "
+                "still holds would come back once its tombstone expired"
             )
         return self
 

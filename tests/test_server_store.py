@@ -262,22 +262,29 @@ def test_the_store_ttl_is_at_least_the_idle_ttl_of_a_session_held_on_a_replica(m
     """S4_SESSION_STORE_TTL_S=2 with S4_SESSION_TTL_S=600 started: a session replica A held idle expired
     from Redis first (B answered 404 for it), and one deleted on B came back on A 2 s later, with a turn on
     it and then on B (its tombstone expired while A still held its copy; tried with two replicas on one
-    Redis). A store TTL under the idle TTL now stops the server with one line naming both; equal is
-    accepted, and without a store the store TTL means nothing and is not compared."""
+    Redis). A store TTL under the idle TTL + 2 s (the most an idle copy outlives its TTL: the sweep's
+    period; equal TTLs: `test_a_session_deleted_on_one_replica_right_after_a_turn_on_another_stays_deleted`)
+    now stops the server with one line naming both; without a store the store TTL means nothing and is not
+    compared."""
     from pydantic import ValidationError
 
     from server.__main__ import main
 
     with pytest.raises(
-        ValidationError, match="S4_SESSION_STORE_TTL_S .* = 599 must be at least S4_SESSION_TTL_S"
+        ValidationError,
+        match=r"S4_SESSION_STORE_TTL_S .* = 599 must be at least S4_SESSION_TTL_S .* \+ 2 = 602",
     ):
         Settings(session_store="redis://h/0", session_store_ttl_s=599, session_ttl_s=600)
     with pytest.raises(
-        ValidationError, match="= 1 must be at least S4_SESSION_TTL_S .* = 1.5 with a session store"
+        ValidationError, match="= 600 must be at least S4_SESSION_TTL_S .* = 602 with a session"
     ):
-        Settings(session_store="unix:///r.sock", session_store_ttl_s=1, session_ttl_s=1.5)
+        Settings(session_store="redis://h/0", session_store_ttl_s=600, session_ttl_s=600)
+    with pytest.raises(
+        ValidationError, match="= 3 must be at least S4_SESSION_TTL_S .* = 3.5 with a session"
+    ):
+        Settings(session_store="unix:///r.sock", session_store_ttl_s=3, session_ttl_s=1.5)
     assert (
-        Settings(session_store="redis://h/0", session_store_ttl_s=600, session_ttl_s=600).session_ttl_s == 600
+        Settings(session_store="redis://h/0", session_store_ttl_s=602, session_ttl_s=600).session_ttl_s == 600
     )
     assert Settings(session_store="memory", session_store_ttl_s=1, session_ttl_s=600).session_store_ttl_s == 1
     for name, value in (("S4_SESSION_STORE", "redis://:s3cret@h/0"), ("S4_SESSION_STORE_TTL_S", "60")):
@@ -286,9 +293,62 @@ def test_the_store_ttl_is_at_least_the_idle_ttl_of_a_session_held_on_a_replica(m
         main([])
     assert str(stop.value).startswith(
         "not serving: invalid settings: S4_SESSION_STORE_TTL_S (--session-store-ttl-s) = 60 must be at least "
-        "S4_SESSION_TTL_S (--session-ttl-s) = 600 with a session store"
+        "S4_SESSION_TTL_S (--session-ttl-s) + 2 = 602 with a session store"
     ), stop.value
     assert "s3cret" not in str(stop.value)
+
+
+def test_a_session_deleted_on_one_replica_right_after_a_turn_on_another_stays_deleted(
+    model_dirs, redis_url, redis_db, monkeypatch
+):
+    """A replica's idle copy is evicted by a sweep that runs every min(1 s, S4_SESSION_TTL_S / 4), so up
+    to a second after its TTL; the store's key (and a delete's tombstone) expires S4_SESSION_STORE_TTL_S
+    after its write, to the millisecond. With the two TTLs equal (accepted: "at least"), a session deleted
+    on B right after a turn on A (a client behind a round-robin balancer) lost its tombstone before A's
+    sweep evicted A's copy, which A then wrote back as missing: the deleted session came back, on every
+    replica, and a session merely idle on A was a 404 on B meanwhile. Here A's sweep comes as late as its
+    period lets it (1 s after the TTL), with the smallest store TTL the settings accept: the session stays
+    deleted. (Before the fix the smallest accepted was the idle TTL itself, and it came back.)"""
+    ttl = 4.0  # (the sweep's period: min(1 s, ttl / 4) = 1 s)
+    store_ttl = next(s for s in range(int(ttl), int(ttl) + 60) if accepted(redis_url, ttl, s))
+    a = _replica(model_dirs, redis_url, session_ttl_s=ttl, session_store_ttl_s=store_ttl)
+    b = _replica(model_dirs, redis_url, session_ttl_s=ttl, session_store_ttl_s=store_ttl)
+    try:
+        engine = a.state.models[TEXT].engine
+        sweep, due = engine._housekeeping, [float("inf")]
+
+        def late_sweep():  # (A's engine thread) the sweep of the period's worst phase: 1 s after the TTL
+            if time.time() >= due[0]:
+                sweep()
+
+        monkeypatch.setattr(engine, "_housekeeping", late_sweep)
+        sid = httpx.post(a.url + "/v1/sessions", json={"model": TEXT, "prompt": "to be"}).json()["session_id"]
+        assert httpx.delete(f"{b.url}/v1/sessions/{sid}").status_code == 204  # (at once, on the other one)
+        assert b.state.writer.flush(60) and redis_db.hget(KEY_PREFIX + sid, "v") == TOMBSTONE.encode()
+        due[0] = a.state.sessions.get(sid).last_used + ttl + 1.0
+        assert wait_for(lambda: not a.state.sessions.has(sid), ttl + 30)  # A's copy evicted by its sweep
+        assert a.state.writer.flush(60)
+        assert _stored(redis_db, sid) is None  # not written back over the delete
+        tombstone_gone = wait_for(lambda: not redis_db.exists(KEY_PREFIX + sid), store_ttl + 30)
+        assert tombstone_gone and _stored(redis_db, sid) is None
+        for replica in (a, b):
+            assert httpx.get(f"{replica.url}/v1/sessions/{sid}").status_code == 404
+    finally:
+        a.stop()
+        b.stop()
+
+
+def accepted(redis_url: str, session_ttl_s: float, session_store_ttl_s: int) -> bool:
+    """Whether Settings takes these two TTLs with a session store."""
+    from pydantic import ValidationError
+
+    try:
+        Settings(
+            session_store=redis_url, session_ttl_s=session_ttl_s, session_store_ttl_s=session_store_ttl_s
+        )
+    except ValidationError:
+        return False
+    return True
 
 
 def test_open_store_refuses_unknown_specs_and_unreachable_redis():
