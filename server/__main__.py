@@ -63,11 +63,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     refused alike, naming both); argparse only splits the command line."""
     parser = argparse.ArgumentParser(prog="python -m server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    takes: dict[str, bool] = {}  # each flag → whether it takes a list (`attach_values`)
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         ann = field.annotation
         if typing.get_origin(ann) is typing.Annotated:
             ann = typing.get_args(ann)[0]
+        takes[flag] = typing.get_origin(ann) is list
         # argparse %-formats help strings: a literal % in a description must be doubled
         default = default_text(name) or "none"
         help_ = f"{field.description} (env S4_{name.upper()}; default: {default})".replace("%", "%%")
@@ -85,8 +87,35 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         else:  # the string as given, as an S4_* variable is: Settings parses both alike (argparse's
             # int()/float() took non-ASCII digits, `--max-sessions ٣`, that the variable refuses)
             parser.add_argument(flag, dest=name, default=None, metavar=ann.__name__.upper(), help=help_)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_values(sys.argv[1:] if argv is None else argv, takes))
     return Settings(**{k: v for k, v in vars(args).items() if v is not None})
+
+
+def attach_values(argv: list[str], flags: dict[str, bool]) -> list[str]:
+    """`argv` with the words after each flag, up to the next option, attached to it (`--port -1e-3` →
+    `--port=-1e-3`; a list's several words comma-joined, as its variable takes them: `--api-keys K1 -K2` →
+    `--api-keys=K1,-K2`): argparse reads a word starting with '-' as an option, so a value starting with one
+    (a URL-safe key, 1 in 64) was its usage error, exit 2, where the variable took it or Settings refused
+    it by name. A flag with no word after it is left alone (argparse's error, or a bare boolean's true).
+    `flags`: each setting's flag → whether it takes a list."""
+    out, i = [], 0
+    while i < len(argv):
+        word, i = argv[i], i + 1
+        if word not in flags:  # a value, `--flag=value`, -h
+            out.append(word)
+            continue
+        most = None if flags[word] else 1
+        values = []
+        while (
+            i < len(argv)
+            and argv[i] not in (*flags, "-h")
+            and not argv[i].startswith("--")
+            and most != len(values)
+        ):
+            values.append(argv[i])  # (a word starting with '--' ends them: the next option, or `--`)
+            i += 1
+        out.append(f"{word}={','.join(values)}" if values else word)
+    return out
 
 
 class GracefulServer(uvicorn.Server):

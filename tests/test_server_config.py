@@ -118,11 +118,15 @@ def outcome(make) -> object:
 SCALARS = [name for name, f in Settings.model_fields.items() if "list" not in str(f.annotation)]
 
 
-@pytest.mark.parametrize("value", ["DEBUG", "JSON", "Text", "٣", "١e-3", "x", "3", "0.5", "TRUE", " 7 "])
+@pytest.mark.parametrize(
+    "value", ["DEBUG", "JSON", "Text", "٣", "١e-3", "x", "3", "0.5", "TRUE", " 7 ", "-1e-3", "-k3y", "-"]
+)
 def test_a_flag_takes_and_refuses_what_its_variable_does(value, monkeypatch):
     """`--log-level DEBUG` and `--log-format JSON` were argparse errors while S4_LOG_LEVEL=DEBUG was taken
     (lowercased); `--max-sessions ٣` (Arabic-Indic digits) was taken by argparse's int() while
-    S4_MAX_SESSIONS=٣ was refused. Each flag's value is now parsed by Settings, as its variable's is."""
+    S4_MAX_SESSIONS=٣ was refused. Each flag's value is now parsed by Settings, as its variable's is; a
+    value starting with '-' too (`--verify-tolerance -1e-3`, `--api-keys-file -k3y` were argparse's usage
+    errors, exit 2, as if the value were an option)."""
     from server.__main__ import parse_args
 
     for key in [k for k in os.environ if k.upper().startswith("S4_")]:
@@ -134,6 +138,24 @@ def test_a_flag_takes_and_refuses_what_its_variable_does(value, monkeypatch):
         by_env = outcome(lambda: parse_args([]))
         monkeypatch.delenv(var)
         assert by_flag == by_env, (name, value, by_flag, by_env)
+
+
+def test_a_key_starting_with_a_dash_is_taken_by_the_flag_as_by_the_variable(monkeypatch):
+    """A URL-safe base64 key (`secrets.token_urlsafe`) starts with '-' one time in 64: `--api-keys -k3y…`
+    stopped the server with argparse's "expected at least one argument", and `--api-keys KEY1 -k3y…` with
+    "unrecognized arguments", while S4_API_KEYS took both. Every value after a flag is the flag's, up to
+    the next flag."""
+    from server.__main__ import parse_args
+
+    for key in [k for k in os.environ if k.upper().startswith("S4_")]:
+        monkeypatch.delenv(key)
+    first, dashed = "k3y-0123456789abcdef", "-Xq9_0123456789abcdef"
+    assert parse_args(["--api-keys", dashed]).api_keys == [dashed]
+    taken = parse_args(["--api-keys", first, dashed, "--port", "8001", "--checkpoints", "-run", "x"])
+    assert taken.api_keys == [first, dashed] and taken.port == 8001 and taken.checkpoints == ["-run", "x"]
+    monkeypatch.setenv("S4_API_KEYS", f"{first},{dashed}")
+    assert parse_args([]).api_keys == taken.api_keys
+    assert parse_args(["--require-all-models", "--port", "8002"]).require_all_models  # (a bare flag: true)
 
 
 def test_a_flag_of_the_wrong_type_is_refused_as_its_variable_is(monkeypatch):
