@@ -798,7 +798,10 @@ def load_models(
         log.info("recurrent-form cache %s: %s", cache.folder, line)
         for status in STATUSES:
             metrics.recurrent_cache_bytes.labels(status).set(by.get(status, (0, 0))[1])
+    untrained = {model_id_of(e) for e in settings.checkpoints if untrained_default(e, settings)}
     for model_id in settings.model_dtype_overrides():
+        if model_id in untrained:  # (counts as its checkpoint does: not until it is trained)
+            continue
         if model_id not in models and model_id not in failed:
             alike = [k for k in (*models, *failed) if k.casefold() == model_id.casefold()]
             failed[model_id] = f"S4_MODEL_DTYPES names {model_id!r}, which no S4_CHECKPOINTS entry serves"

@@ -823,6 +823,24 @@ def test_a_checkpoint_changed_after_it_was_read_serves_as_read(model_dirs, tmp_p
     assert models["mine"].created == written and models["mine"].kind == "audio"
 
 
+def test_a_dtype_for_a_default_checkpoint_not_trained_yet_counts_no_more_than_the_checkpoint(
+    model_dirs, tmp_path, monkeypatch
+):
+    """S4_REQUIRE_ALL_MODELS: "a default checkpoint not trained yet never counts" (the default list is
+    skipped where a folder does not exist). But an S4_MODEL_DTYPES entry for it (audio-digits=bfloat16 in a
+    deployment's environment, before that model was trained) was listed in /readyz as failed, "which no
+    S4_CHECKPOINTS entry serves" (the default list names it), and with S4_REQUIRE_ALL_MODELS the server
+    stayed unready for ever. The entry now counts as its checkpoint does: not at all until it is trained;
+    an id that no entry names at all is still reported."""
+    shutil.copytree(model_dirs["text"], tmp_path / "checkpoints" / "text-shakespeare")
+    monkeypatch.chdir(tmp_path)  # (audio-digits and audio-digits-s4: not trained here)
+    settings = Settings(model_dtypes=["audio-digits=bfloat16", "nowhere=float16"], max_sessions=2)
+    assert settings.uses_default_checkpoints() and settings.require_all_models is False
+    models, failed = load_models(settings, SessionTable(), Metrics())
+    assert list(models) == ["text-shakespeare"]
+    assert list(failed) == ["nowhere"] and "no S4_CHECKPOINTS entry serves" in failed["nowhere"], failed
+
+
 def test_an_older_uvicorn_is_refused_at_import_with_the_floor_named():
     """server/connections.py extends internals of uvicorn's WebSocket protocol that 0.35–0.52 lack or
     handle otherwise (the server tests failed with each: check_uvicorn's docstring); the floor is the
