@@ -671,9 +671,11 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _keys_when_asked(self) -> Settings:
         if "api_keys" in self.model_fields_set and not self.api_keys:  # never fail open
+            unset = ("unset it to serve with S4_API_KEYS_FILE's keys alone" if self.api_keys_file
+                     else "unset it to serve without keys")  # fmt: skip
             raise ValueError(
                 "S4_API_KEYS (--api-keys) is set but holds no key (empty, or only commas and spaces: an "
-                "unset variable in a template?); unset it to serve without keys"
+                f"unset variable in a template?); {unset}"
             )
         return self
 

@@ -535,6 +535,28 @@ def test_api_keys_set_to_nothing_refuse_to_start_instead_of_failing_open(monkeyp
     assert Settings().api_keys == []
 
 
+def test_an_empty_key_variable_beside_a_keys_file_is_refused_with_advice_that_holds(monkeypatch, tmp_path):
+    """S4_API_KEYS set to nothing stops the server (an unset variable in a template: never fail open), and
+    its line said "unset it to serve without keys"; beside an S4_API_KEYS_FILE, unsetting it serves with
+    the file's keys, not without any. The advice now says what unsetting it does there."""
+    keys = tmp_path / "keys"
+    keys.write_text("k3y-0123456789abcdef\n")
+    for name in [k for k in os.environ if k.upper().startswith("S4_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("S4_API_KEYS", "")
+    monkeypatch.setenv("S4_API_KEYS_FILE", str(keys))
+    with pytest.raises(ValueError, match="holds no key") as refused:
+        Settings()
+    message = str(refused.value)
+    assert "serve without keys" not in message and "S4_API_KEYS_FILE" in message, message
+    monkeypatch.delenv("S4_API_KEYS")  # (the advice followed)
+    assert Settings().api_keys == ["k3y-0123456789abcdef"]
+    monkeypatch.delenv("S4_API_KEYS_FILE")
+    monkeypatch.setenv("S4_API_KEYS", "")
+    with pytest.raises(ValueError, match="unset it to serve without keys"):  # (no file: as it was)
+        Settings()
+
+
 def test_api_keys_can_come_from_a_file_kept_out_of_the_environment_and_the_command_line(
     monkeypatch, model_dirs, tmp_path
 ):
