@@ -261,14 +261,15 @@ def build_cache_problem(settings: Settings) -> str | None:
 def port_problem(host: str, port: int) -> str | None:
     """Why the server could not listen on host:port (in use, an address not of this machine), else None.
     Bound and released at once, as uvicorn binds it (asyncio's create_server: every address the host
-    resolves to, SO_REUSEADDR, an IPv6 one IPv6-only; "" is every interface), so it does not stop a restart.
+    resolves to, SO_REUSEADDR, an IPv6 one IPv6-only), so it does not stop a restart. An empty S4_HOST (an
+    unset variable in a template), which asyncio would read as every interface, is refused: no name.
     (The first address alone, dual-stack, refused S4_HOST=:: beside an IPv4 listener on the port, and
     passed a name whose second address was taken: the server then failed to listen after the models began
     to load.)"""
     sockets: list[socket.socket] = []
     address = None
     try:
-        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         for family, kind, proto, _, address in dict.fromkeys(infos):  # (each once, in order)
             try:
                 sock = socket.socket(family, kind, proto)

@@ -1125,6 +1125,9 @@ def test_the_port_check_binds_what_uvicorn_will_bind(monkeypatch):
         first.listen()
         port = first.getsockname()[1]
         assert _binds("two.test", port) is not None and "in use" in (port_problem("two.test", port) or "")
+    # an empty S4_HOST (an unset variable in a template) is refused, not read as every interface as asyncio
+    # reads it: a server meant for one address is not exposed on all
+    assert (port_problem("", free_port()) or "").startswith("cannot listen on :")
 
 
 def _denied(monkeypatch, *paths: Path) -> None:
