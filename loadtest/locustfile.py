@@ -117,6 +117,7 @@ class Recorder:
         self.requests: dict[str, int] = defaultdict(int)  # kind → generations and connects reported
         self.connects: dict[str, int] = defaultdict(int)  # kind → connects reported (in requests too)
         self.failures: dict[str, int] = defaultdict(int)
+        self.first_failures: dict[str, str] = {}  # kind → its first failure in a line (loadtest.run names it)
         self.audio: list[dict] = []
 
     def summary(self) -> dict:
@@ -140,6 +141,7 @@ class Recorder:
             "requests": dict(self.requests),
             "connects": dict(self.connects),
             "failures": dict(self.failures),
+            "first_failures": self.first_failures,
             "latency": lat,
             "audio_turns": self.audio,
             "locust_cpu_percent": 100 * (_cpu_seconds() - self.cpu_started) / window,  # of one core
@@ -215,6 +217,9 @@ class S4User(User):
             RECORDER.connects[self.kind] += 1
         if exc is not None:
             RECORDER.failures[self.kind] += 1
+            RECORDER.first_failures.setdefault(
+                self.kind, " ".join(f"{name}: {type(exc).__name__}: {exc}".split())[:300]
+            )
             time.sleep(FAILURE_BACKOFF_S)
 
     def latency(self, name: str, seconds: float) -> None:

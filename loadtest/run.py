@@ -148,7 +148,8 @@ class LevelError(RuntimeError):
 
 def run_level(url: str, classes: list[str], users: int, seconds: int, prefix: Path, opts: dict,
               api_key: str = "") -> dict:  # fmt: skip
-    """Run locust headless at `users` users for `seconds` (stats reset once all are spawned)."""
+    """Run locust headless at `users` users for `seconds` (stats reset once all are spawned). LevelError when
+    locust did not produce its statistics, or when every request of a kind failed (naming its first one)."""
     latency = prefix.with_suffix(".latency.json")
     cmd = [
         sys.executable,
@@ -200,6 +201,11 @@ def run_level(url: str, classes: list[str], users: int, seconds: int, prefix: Pa
             f"{'' if stats.exists() else ', no ' + stats.name}): {tail or 'no stderr'}"
         )
     level = summarize(prefix, latency)
+    # a kind whose every request failed measured nothing (it was reported as a level at 0 tokens/s, exit 0)
+    by_kind = level["by_kind"]
+    if dead := [k for k, d in by_kind.items() if d["failures"] >= max(1, d["requests"] + d["connects"])]:
+        why = "; ".join(f"{k}'s first: {by_kind[k].get('first_failure') or 'not recorded'}" for k in dead)
+        raise LevelError(f"every {' and '.join(dead)} request failed at {users} users: {why}")
     level.update(
         users=users,
         classes=classes,
@@ -259,6 +265,8 @@ def summarize(prefix: Path, latency: Path) -> dict[str, Any]:
     for kind, d in per.items():
         d["tokens_per_s"] = exact.get("tokens_per_s", {}).get(kind, 0.0)
         d["error_rate"] = d["failures"] / max(1, d["requests"] + d["connects"])
+        if first := exact.get("first_failures", {}).get(kind):
+            d["first_failure"] = first
         for name in ("ttft", "itl"):
             lat = exact.get("latency", {}).get(f"{kind} {name}")
             if lat:

@@ -285,6 +285,26 @@ def test_a_level_counts_every_kind_the_locustfile_reported_though_locusts_csv_la
     )
 
 
+def test_a_level_in_which_every_request_of_a_kind_failed_is_an_error_naming_the_failure(server, tmp_path):
+    """A level in which every request of a kind failed measured nothing of it, but was written to the report
+    as a measurement (0 tokens/s, "errors 1e+02 %") and the sweep exited 0: a --host server that does not
+    serve the text model (every turn a 404), `--server-arg=--max-new-tokens=8` below --new-tokens (every
+    turn refused), an engine gone (every request a 5xx). Now the level is the sweep's one-line error (the old
+    report kept), naming each such kind and the first of its failures; a kind beside it that got its requests
+    through does not make it one."""
+    from loadtest import run
+
+    opts = {"text_model": "tiny-text", "audio_model": "no-such-audio-model", "new_tokens": 4, "turns": 2,
+            "audio_samples": 200, "audio_prompt_samples": 0}  # fmt: skip
+    with pytest.raises(run.LevelError) as e:
+        run.run_level(server.url, ["HttpGenerateUser", "WsAudioUser"], 2, 2, tmp_path / "level", opts)
+    msg = str(e.value)
+    assert "\n" not in msg and "every WS-audio request failed at 2 users" in msg, msg
+    assert "no-such-audio-model" in msg and "404" in msg and "HTTP" not in msg.replace("WS-audio", ""), msg
+    exact = json.loads((tmp_path / "level.latency.json").read_text())
+    assert exact["requests"]["HTTP"] > 0 and "HTTP" not in exact["failures"]  # (the other kind's got through)
+
+
 class _Stop(Exception):
     pass
 
