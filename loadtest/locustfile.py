@@ -459,7 +459,9 @@ class WsTextUser(_WebSocketUser):
 class WsAudioUser(_WebSocketUser):
     """WS /v1/stream, audio: a mu-law prompt as a binary frame, then `generate`; the samples arrive
     as binary frames (one byte per sample). Records each turn's real-time factor: samples received
-    ÷ sample rate ÷ wall time (request sent → done), and the same after the first sample."""
+    ÷ sample rate ÷ wall time (request sent → done), and the same after the first frame: the samples
+    after it ÷ sample rate ÷ the time from it to the last frame (bench.audio_streams' real-time factor;
+    None for a turn of one frame)."""
 
     kind = "WS-audio"
     model_option = "audio_model"
@@ -481,11 +483,13 @@ class WsAudioUser(_WebSocketUser):
             "seed": random.randrange(2**31),
         }
         self.ws.send(json.dumps(req))
-        rate, first = None, None
+        rate, first, last, first_samples = None, None, None, 0
         while True:
             m = self.receive()
             if isinstance(m, bytes):
-                first = first or time.perf_counter()
+                last = time.perf_counter()
+                if first is None:
+                    first, first_samples = last, len(m)
                 timer.got(len(m))
                 continue
             m = json.loads(m)
@@ -506,7 +510,10 @@ class WsAudioUser(_WebSocketUser):
                     "sample_rate": rate,
                     "wall_s": end - timer.t0,
                     "rtf": seconds / (end - timer.t0),
-                    "rtf_after_first_sample": seconds / max(end - first, 1e-9),
+                    # (the first frame's samples came at its arrival: the span after it holds the rest)
+                    "rtf_after_first_sample": (
+                        (timer.count - first_samples) / rate / (last - first) if last > first else None
+                    ),
                     "end": time.time(),
                 }
             )

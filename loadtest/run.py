@@ -289,6 +289,7 @@ def summarize(prefix: Path, latency: Path) -> dict[str, Any]:
         sr = turns[0]["sample_rate"] if turns else 8000
         streams = [x / sr for x in exact.get("tokens_per_s_per_user", {}).get("WS-audio", [])]
         rtfs = sorted(t["rtf"] for t in turns)
+        after = [t["rtf_after_first_sample"] for t in turns if t.get("rtf_after_first_sample") is not None]
         out["audio"] = {
             "sample_rate": sr,
             "streams_seen": len(streams),
@@ -301,9 +302,9 @@ def summarize(prefix: Path, latency: Path) -> dict[str, Any]:
             "turns": len(turns),
             "rtf_per_turn_mean": sum(rtfs) / len(rtfs) if rtfs else None,
             "rtf_per_turn_min": rtfs[0] if rtfs else None,
-            "rtf_after_first_sample_mean": (
-                sum(t["rtf_after_first_sample"] for t in turns) / len(turns) if turns else None
-            ),
+            # per completed turn of two frames or more: its samples after the first frame ÷ sample rate ÷
+            # the time from the first frame to the last
+            "rtf_after_first_sample_mean": sum(after) / len(after) if after else None,
         }
     return out
 

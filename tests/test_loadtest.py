@@ -459,6 +459,76 @@ def test_a_socket_the_server_closes_is_one_failure_naming_its_code_and_the_next_
     assert errors and all("1011 engine gone" in e for e in errors), errors
 
 
+def _audio_frames_server(turns: list[list[tuple[int, float]]]):
+    """A WebSocket server for WsAudioUser (8 kHz, mu-law): binds a session; its k-th `generate` (k from 0, all
+    sockets together) gets an audio_header, then for each (samples, pause) of turns[k % len(turns)] a binary
+    frame of that many samples sent `pause` seconds after the one before it, then done."""
+    import threading
+    import time
+
+    from websockets.sync.server import serve
+
+    served = [0]
+
+    def handler(ws) -> None:
+        try:
+            for text in ws:
+                if isinstance(text, bytes):  # (a prompt frame)
+                    continue
+                msg = json.loads(text)
+                if msg["type"] == "session":
+                    bound = {"type": "session", "session_id": "s1", "model": msg["model"], "kind": "audio"}
+                    ws.send(json.dumps({**bound, "sample_rate": 8000, "encoding": "mulaw"}))
+                elif msg["type"] == "generate":
+                    frames, served[0] = turns[served[0] % len(turns)], served[0] + 1
+                    ws.send(json.dumps({"type": "audio_header", "sample_rate": 8000, "encoding": "mulaw",
+                                        "channels": 1, "frame_samples": 4000, "frame_ms": 500}))  # fmt: skip
+                    for samples, pause in frames:
+                        time.sleep(pause)
+                        ws.send(bytes(samples))
+                    ws.send(json.dumps({"type": "done", "finish_reason": "length"}))
+        except Exception:  # noqa: BLE001  (a client that went away)
+            return
+
+    server = serve(handler, "127.0.0.1", 0, compression=None)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_an_audio_turns_real_time_factor_after_its_first_frame_counts_only_the_samples_after_it(tmp_path):
+    """`rtf_after_first_sample` (loadtest.json: rtf_after_first_sample_mean) divided every sample of a turn,
+    the first frame's included, by the time from that frame's arrival to the done frame: the first frame's
+    samples arrived at the start of that span and took none of it. A turn of a 4,000-sample frame and,
+    50 ms later, an 80-sample one (80 samples in 50 ms: 0.2 of real time) read as 10x real time; a turn of
+    one frame as 10⁶x or more. Now it is bench.audio_streams' real-time factor: the samples after the first
+    frame ÷ the sample rate ÷ the time from the first frame to the last; none for a turn of one frame."""
+    from loadtest.run import summarize
+
+    server = _audio_frames_server([[(4000, 0.0), (80, 0.05)], [(200, 0.0)]])
+    prefix, latency = tmp_path / "frames", tmp_path / "frames.latency.json"
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+           "-u", "1", "-r", "1", "-t", "3s", "--host", f"http://127.0.0.1:{server.socket.getsockname()[1]}",
+           "--csv", str(prefix), "--only-summary", "--latency-out", str(latency),
+           "--audio-prompt-samples", "0", "WsAudioUser"]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    turns = json.loads(latency.read_text())["audio_turns"]
+    two = [t for t in turns if t["samples"] == 4080]
+    one = [t for t in turns if t["samples"] == 200]
+    assert two and one and len(two) + len(one) == len(turns), turns
+    for t in two:  # 80 samples (10 ms of audio) 50 ms after the first frame: 0.2 (0.5: the client may read
+        # the first frame up to 30 ms late; counting its 4,000 samples gives 10, and 0.5 only past a 1 s gap)
+        assert 0 < t["rtf_after_first_sample"] < 0.5, t
+    assert all(t["rtf_after_first_sample"] is None for t in one), one
+    for t in turns:  # (the turn's own factor, request sent → done, is as before)
+        assert t["rtf"] == pytest.approx(t["samples"] / 8000 / t["wall_s"], rel=1e-9), t
+    after = summarize(prefix, latency)["audio"]["rtf_after_first_sample_mean"]
+    assert after == pytest.approx(sum(t["rtf_after_first_sample"] for t in two) / len(two), rel=1e-9)
+
+
 SLOW_IMPORT = """import json, sys, time
 SPAN = []  # the times of the init, test start and test stop events
 t = time.monotonic()
