@@ -326,12 +326,7 @@ async def soak_http(url, st: Stats, rng: random.Random, stop: asyncio.Event) -> 
                         codes.append((await c.delete(f"/v1/sessions/{sid}")).status_code)
                 body = {"model": MODEL, "prompt": rng.choice(LINES), "max_new_tokens": 200, "stream": True}
                 async with c.stream("POST", "/v1/generate", json=body) as s:
-                    codes.append(s.status_code)
-                    n = 0
-                    async for _line in s.aiter_lines():
-                        n += 1
-                        if rng.random() < 0.02:  # abandoned halfway
-                            break
+                    codes.append(await sse_outcome(s, rng))
                 r = await c.post("/v1/completions", json={"model": MODEL, "prompt": "Now", "max_tokens": 16})
                 codes.append(r.status_code)
                 for code in codes:
@@ -340,10 +335,34 @@ async def soak_http(url, st: Stats, rng: random.Random, stop: asyncio.Event) -> 
                     elif code == 429:
                         st.refused += 1
                     else:
-                        st.error(f"http {code}")
+                        st.error(code if isinstance(code, str) else f"http {code}")
             except httpx.HTTPError as exc:
                 st.error(f"http {type(exc).__name__}")
             await asyncio.sleep(rng.uniform(0, 0.3))
+
+
+async def sse_outcome(s: httpx.Response, rng: random.Random) -> int | str:
+    """A streamed generation's outcome, read to its end unless abandoned halfway (2 % a line): its status when
+    not 200; else 200 once its done event came (or it was abandoned), and an error for a 200 stream that ended
+    in an error event ("sse CODE": an engine failure, a drain), without its done event, or held an event that
+    is not a JSON object."""
+    if s.status_code != 200:
+        return s.status_code
+    error, done = None, False
+    async for line in s.aiter_lines():
+        if rng.random() < 0.02:  # abandoned halfway
+            return 200
+        if line.startswith("data: "):
+            try:
+                event = json.loads(line[len("data: ") :])
+            except ValueError:
+                event = None
+            if not isinstance(event, dict):  # (an error of its own, not the end of the soak's user)
+                error = error or "sse: an event that is not a JSON object"
+            elif event.get("type") == "error":
+                error = error or f"sse {event.get('code')}"
+            done = done or (isinstance(event, dict) and event.get("type") == "done")
+    return error or (200 if done else "sse: ended without a done event")
 
 
 async def soak_run(proc, url: str, args) -> dict:

@@ -138,3 +138,96 @@ def test_out_of_range_numbers_are_argparse_errors_before_a_server_starts(
     err = capsys.readouterr().err
     assert e.value.code == 2 and said in err, err
     assert started == [] and not any(tmp_path.iterdir())
+
+
+def _http_stand_in(sse_events: list[dict]):
+    """A stand-in for the server's HTTP routes the soak's HTTP user calls (loopback, a thread): sessions are
+    made (201), appended to and deleted, generations and completions answered 200, and a streamed
+    /v1/generate answered 200 with `sse_events` as Server-Sent Events. Returns the server (shutdown())."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:  # (quiet)
+            pass
+
+        def reply(self, status: int, body: str = "", kind: str = "application/json") -> None:
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["content-length"])) or b"{}")
+            if self.path == "/v1/sessions":
+                self.reply(201, json.dumps({"session_id": "sess-1"}))
+            elif self.path == "/v1/generate" and body.get("stream"):
+                events = (
+                    e if isinstance(e, str) else json.dumps(e) for e in sse_events
+                )  # (a str: sent as is)
+                self.reply(200, "".join(f"data: {e}\n\n" for e in events), "text/event-stream")
+            else:
+                self.reply(200, json.dumps({"tokens": [65], "text": "A"}))
+
+        def do_DELETE(self) -> None:
+            self.reply(204)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+TOKEN = {"type": "token", "ids": [65], "text": "A"}
+
+
+@pytest.mark.parametrize(
+    "events, error",
+    [
+        ([TOKEN, {"type": "done", "finish_reason": "length"}], None),
+        ([TOKEN, {"type": "error", "code": 500, "message": "engine failed"}], "sse 500"),
+        ([TOKEN, TOKEN], "sse: ended without a done event"),
+        (
+            [TOKEN, "{not json", {"type": "done", "finish_reason": "length"}],
+            "sse: an event that is not a JSON object",
+        ),
+    ],
+)
+def test_a_soak_sse_stream_that_ends_in_an_error_event_is_an_error(events, error):
+    """The soak's HTTP user counted its SSE generation by the response's status alone: a stream answered 200
+    that then ended in an error event (an engine failure, a drain: the server's `error` event, 5xx) or ended
+    with no done event was counted as served, and a soak whose streams all failed so reported "errors 0",
+    the figure docs/reliability.md's soak table gives. Now such a stream is an error named by its event's
+    code (or its missing done event); a stream that ends in its done event is served, as before."""
+    import asyncio
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location("reliability", ROOT / "scripts" / "reliability.py")
+    reliability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reliability)
+    server = _http_stand_in(events)
+
+    async def one_round() -> reliability.Stats:
+        stop, st = asyncio.Event(), reliability.Stats()
+
+        class OneRound(random.Random):
+            def random(self) -> float:  # no fork (< 0.3), no delete (< 0.5), no stream abandoned (< 0.02)
+                return 0.5
+
+            def uniform(self, a: float, b: float) -> float:  # (the pause after a round: the last one)
+                stop.set()
+                return 0.0
+
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        await asyncio.wait_for(reliability.soak_http(url, st, OneRound(0), stop), 30)
+        return st
+
+    try:
+        st = asyncio.run(one_round())
+    finally:
+        server.shutdown()
+    # the session made, appended to and generated on, the completion: served; the stream as its events say
+    assert st.errors == ({} if error is None else {error: 1}) and st.refused == 0
+    assert st.ok == (5 if error is None else 4)
