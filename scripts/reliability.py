@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import InvalidStatus, WebSocketException
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # (run as a file: bench/ is no installed package; server/ is this tree's)
@@ -140,6 +140,14 @@ def turn_message(rng: random.Random, n_tokens: int) -> dict:
             "seed": rng.randrange(2**31)}  # fmt: skip
 
 
+def ws_failure(exc: Exception) -> str:
+    """A WebSocket user's failure in the errors' words: a refused handshake by its status ("ws handshake
+    503": S4_MAX_CONNECTIONS, a drain), anything else (a closed connection, OSError) by its type."""
+    if isinstance(exc, InvalidStatus):
+        return f"ws handshake {exc.response.status_code}"
+    return f"ws {type(exc).__name__}"
+
+
 async def ws_user(url: str, stats: Stats, rng: random.Random, stop: asyncio.Event, n_tokens: int) -> None:
     """One turn per socket (its session slot is freed when it closes), back to back; refused: waits
     Retry-After, tries again."""
@@ -173,9 +181,9 @@ async def ws_user(url: str, stats: Stats, rng: random.Random, stop: asyncio.Even
                         break
             if msg["type"] == "error":
                 await asyncio.sleep(msg.get("retry_after", 1))
-        except (ConnectionClosed, OSError) as exc:
+        except (WebSocketException, OSError) as exc:  # (a closed connection, a refused handshake, ...)
             if not stop.is_set():
-                stats.error(f"ws {type(exc).__name__}")
+                stats.error(ws_failure(exc))
                 await asyncio.sleep(0.5)
 
 
@@ -291,8 +299,8 @@ async def soak_ws(url, st: Stats, rng: random.Random, stop: asyncio.Event) -> No
                             await ws.send(json.dumps({"type": "cancel"}))
         except _Drop:
             st.ok += 1
-        except (ConnectionClosed, OSError) as exc:
-            st.error(f"ws {type(exc).__name__}")
+        except (WebSocketException, OSError) as exc:  # (a closed connection, a refused handshake, ...)
+            st.error(ws_failure(exc))
         await asyncio.sleep(rng.uniform(0, 0.3))
 
 

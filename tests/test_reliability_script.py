@@ -231,3 +231,47 @@ def test_a_soak_sse_stream_that_ends_in_an_error_event_is_an_error(events, error
     # the session made, appended to and generated on, the completion: served; the stream as its events say
     assert st.errors == ({} if error is None else {error: 1}) and st.refused == 0
     assert st.ok == (5 if error is None else 4)
+
+
+@pytest.mark.parametrize("user", ["soak_ws", "ws_user"])
+def test_a_refused_websocket_handshake_is_counted_and_the_user_goes_on(user):
+    """The WebSocket users of the soak and of the overload run caught a closed connection and OSError only: a
+    handshake the server refused (503 at S4_MAX_CONNECTIONS, which the overload run's 4x users pass from a
+    capacity of 250; 503 while draining; a per-client cap's 429) raised websockets' InvalidStatus out of
+    the user's task, which ended there unseen: the run went on with fewer users than it reported, that
+    refusal counted nowhere. Now it is an error named by its status, and the user goes on (here until the
+    stand-in server, which refuses every handshake with a 503, has refused three; the overload's user counts
+    no failure once its phase has stopped, as before)."""
+    import asyncio
+    import importlib.util
+    import random
+    from http import HTTPStatus
+
+    from websockets.asyncio.server import serve
+
+    spec = importlib.util.spec_from_file_location("reliability", ROOT / "scripts" / "reliability.py")
+    reliability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reliability)
+
+    async def main() -> reliability.Stats:
+        stop, refused = asyncio.Event(), []
+
+        def full(connection, request):
+            refused.append(request.path)
+            if len(refused) == 3:
+                stop.set()
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "at the connection limit\n")
+
+        async def never(ws) -> None:  # (no handshake is accepted)
+            raise AssertionError("accepted")
+
+        async with serve(never, "127.0.0.1", 0, process_request=full) as server:
+            url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+            st = reliability.Stats()
+            args = (url, st, random.Random(0), stop) + ((8,) if user == "ws_user" else ())
+            await asyncio.wait_for(getattr(reliability, user)(*args), 30)
+        assert refused == ["/v1/stream"] * 3
+        return st
+
+    st = asyncio.run(main())
+    assert st.errors == {"ws handshake 503": 2 if user == "ws_user" else 3} and st.ok == 0
