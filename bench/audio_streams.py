@@ -159,7 +159,6 @@ async def run_streams(
         for t in tasks:
             if t.done() and t.exception():
                 raise t.exception()
-    t_start = time.perf_counter()
     go.set()
     raw = await asyncio.gather(*tasks)
     short = [k for k, r in enumerate(raw) if len(r["arrivals"]) < 2]  # (no RTF, no jitter: NaN figures)
@@ -170,7 +169,8 @@ async def run_streams(
             f"{raw[k]['header'].get('frame_samples')} samples; {samples} a stream): a real-time factor needs "
             "two frames, ask for more audio"
         )
-    wall = max(r["arrivals"][-1] for r in raw if r["arrivals"]) - t_start
+    # from the first request (with `spread_s`, a stream's delay after the start is no streaming time)
+    wall = max(r["arrivals"][-1] for r in raw if r["arrivals"]) - min(r["t_request"] for r in raw)
     streams = [stream_stats(r["t_request"], r["arrivals"], r["sizes"], rate) for r in raw]
     devs = [d for s in streams for d in s.pop("deviation_ms")]
     rtfs = [s["realtime_factor"] for s in streams]

@@ -300,6 +300,31 @@ def test_audio_streams_of_one_frame_each_fail_instead_of_writing_no_real_time_fa
     asyncio.run(streams(100, warm_up=True))  # (a warm-up's figures are not used: one frame will do)
 
 
+def test_audio_streams_total_rate_is_timed_from_the_first_request_not_from_the_start_signal():
+    """bench.audio_streams' samples/s is "all samples ÷ the wall time from the first request to the last
+    frame", but the wall time ran from the start signal: with --spread-ms each stream sends its request a
+    seeded delay after it, and the delay before the first request counted as streaming time (one stream at
+    --spread-ms 500: 422 ms idle before a stream of a few ms, its samples/s that many times too low; a
+    16-stream run at --spread-ms 100, 11 ms of 4 s). Here the one stream's request goes 422 ms after the
+    signal and its 5 frames arrive within milliseconds."""
+    import asyncio
+    import random
+
+    from bench import audio_streams
+
+    delay = 0.5 * random.Random(0).random()  # (stream 0's seeded share of the spread)
+    assert 0.4 < delay < 0.45
+
+    async def stream():
+        async with _fake_audio_server(160) as url:
+            return await asyncio.wait_for(audio_streams.run_streams(url, "m", 1, 800, 20, spread_s=0.5), 20)
+
+    row = asyncio.run(stream())
+    first_frame_s = row["per_stream"][0]["first_frame_ms"] / 1e3
+    assert row["wall_s"] < delay and row["wall_s"] >= first_frame_s, row  # (the request → its last frame)
+    assert row["samples_per_s"] == pytest.approx(800 / row["wall_s"], rel=1e-9)
+
+
 def test_the_server_plots_legend_names_the_steady_loop(monkeypatch):
     """bench/results/server.png drew the steady WebSocket loop (the issue-18 goal's figure) after the
     throughput panel's legend was made: its line had no entry, so the plot did not say which line it was."""
