@@ -40,6 +40,19 @@ MB = 1 << 20
 os.environ.setdefault("KEOPS_CACHE_FOLDER", str(keops_cache_folder()))
 
 
+def load_average() -> list[float] | None:
+    """The load average over 1, 5 and 15 minutes; None where the system has none to give."""
+    try:
+        return list(os.getloadavg())
+    except (AttributeError, OSError):
+        return None
+
+
+# the load average when the benchmark's process started (this import), before it measured anything: the
+# machine block's `load_average_1_5_15min_before` (the one read as its results are written holds its own load)
+LOAD_AT_START = load_average()
+
+
 def results_dir(quick: bool) -> Path:
     """bench/results for full runs, bench/results/quick for smoke runs."""
     d = RESULTS / "quick" if quick else RESULTS
@@ -338,7 +351,9 @@ RESULT_FOLDERS_EXCLUDED = (":(exclude)bench/results", ":(exclude)loadtest/result
 def machine_info() -> dict[str, Any]:
     """The machine, the versions and the checkout a figure was taken on: `git_commit`, and whether the
     tracked files differ from it (`tree_modified`: anywhere but the results folders; `model_dir_modified`:
-    model/ only, tracked or not, the older field)."""
+    model/ only, tracked or not, the older field); the load average (1, 5, 15 min) when the process started,
+    before the benchmark ran (`load_average_1_5_15min_before`), and now (`load_average_1_5_15min`: after
+    the run, its own load included)."""
     try:  # the version without importing pykeops (which probes for CUDA)
         keops_version: str | None = importlib.metadata.version("pykeops")
     except importlib.metadata.PackageNotFoundError:
@@ -355,7 +370,8 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_1_5_15min_before": LOAD_AT_START,
+        "load_average_1_5_15min": load_average(),
         "small_matmul_us": small_matmul_us(),
         "python": platform.python_version(),
         "torch": torch.__version__,

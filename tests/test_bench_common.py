@@ -35,6 +35,43 @@ def test_the_committed_kernel_rows_timed_by_their_warm_up_are_marked():
     assert marked == over == {("dense", "fwd", 512), ("dense", "fwd+bwd", 256)}
 
 
+def test_the_machine_record_holds_the_load_average_from_before_the_benchmark_ran():
+    """README (Performance): "the 1-minute load average before each run ... it is recorded in every JSON".
+    The machine block read it when the results were written, after the run: a benchmark that kept both cores
+    busy for a minute recorded its own load (about 2 on the 2-core VM), whatever the load before it. The
+    block now also holds the load average read when the benchmark's process started (bench.common's import,
+    before any measurement): here the load reads 7 at the start and 1 once the run is done."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, os\n"
+        "os.getloadavg = lambda: (7.0, 6.0, 5.0)  # (before the benchmark: a busy machine)\n"
+        "from bench import common\n"
+        "os.getloadavg = lambda: (1.0, 2.0, 3.0)  # (when its results are written)\n"
+        "m = common.machine_info()\n"
+        "print(json.dumps([m.get('load_average_1_5_15min_before'), m['load_average_1_5_15min']]))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=common.ROOT, capture_output=True, text=True,
+                       timeout=120, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [[7.0, 6.0, 5.0], [1.0, 2.0, 3.0]]
+    # (where the system gives none, os.getloadavg's OSError: both None, and the import still works)
+    none = (
+        "import json, os\n"
+        "def none():\n"
+        "    raise OSError('no load average')\n"
+        "os.getloadavg = none\n"
+        "from bench import common\n"
+        "m = common.machine_info()\n"
+        "print(json.dumps([m['load_average_1_5_15min_before'], m['load_average_1_5_15min']]))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", none], cwd=common.ROOT, capture_output=True, text=True,
+                       timeout=120, check=False)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == [None, None]
+
+
 def test_the_machine_record_says_when_any_tracked_file_differs_from_the_commit(tmp_path, monkeypatch):
     """machine.model_dir_modified looked at model/ only: a figure taken with server/ or bench/ edited
     said the tree was clean. tree_modified covers every tracked file but the results folders."""
