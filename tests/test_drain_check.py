@@ -131,3 +131,31 @@ def test_the_turn_is_sized_from_a_warm_request_not_a_slow_first_one(model_dirs, 
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+BAD_SETTINGS = [
+    ({"STOP_WAIT_S": "2.5"}, "STOP_WAIT_S must be a whole number of seconds, got '2.5'"),
+    ({"TURN_S": "five"}, "TURN_S must be a number of seconds > 0, got 'five'"),
+    ({"MAX_SAMPLES": "30s"}, "MAX_SAMPLES must be a whole number of samples > 0, got '30s'"),
+]
+
+
+def test_a_setting_that_is_no_number_is_refused_before_anything_is_sent(model_dirs, tmp_path):
+    """drain-check read TURN_S, MAX_SAMPLES and STOP_WAIT_S unchecked, each where it was first used: with
+    STOP_WAIT_S=2.5 it measured the rate, ran the turn and sent the signal, then printed bash's "syntax
+    error: invalid arithmetic operator" and skipped its wait for the server to stop (as if 0); TURN_S=five
+    became a 0 s turn (the 2,000-sample floor: "the turn ended before the signal: raise TURN_S"),
+    MAX_SAMPLES=30s a turn of 0 samples ("the turn did not start", the server's 422). Each is now refused by
+    name before anything is sent (exit 2, as gpu-check refuses its limits); here the 'signal' is a command
+    that leaves a mark, against a server that stays up."""
+    proc, url = launch.start_server(server_flags(model_dirs, 60), timeout_s=120)
+    try:
+        for env, said in BAD_SETTINGS:
+            mark = tmp_path / "signalled"
+            r = run_check(url, "touch", str(mark), **env)
+            out = r.stdout + r.stderr
+            assert r.returncode == 2 and r.stderr.strip() == f"drain-check: {said}", (env, r.returncode, out)
+            assert not mark.exists() and r.stdout == "", (env, out)  # (nothing measured, nothing sent)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
