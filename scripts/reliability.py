@@ -4,8 +4,10 @@
       1x, then 4x, then 1x again the configured capacity (max_sessions = max_batch_size =
       max_queued_requests = capacity): half the users run WebSocket turns (a socket per turn), half
       post one-shot generations, back to back. Refused clients wait Retry-After and try again.
-      Reports per phase the turns served, the refusals (seen by clients, and counted by /metrics),
-      and the admitted turns' latency: as the clients see it (time to first token, whole turn, gap
+      Reports per phase the turns served, the tokens/s (the tokens received within the phase ÷ its
+      seconds: the turns in flight at its end are finished, their later tokens not counted), the
+      refusals (seen by clients, and counted by /metrics), and the admitted turns' latency: as the
+      clients see it (time to first token, whole turn, gap
       between token frames; the clients share the CPU with the server) and as the engine measures
       it (p99 of the inter-token, first-token and request histograms of /metrics).
   python scripts/reliability.py soak [--duration-s 600]
@@ -168,7 +170,8 @@ async def ws_user(url: str, stats: Stats, rng: random.Random, stop: asyncio.Even
                         else:
                             stats.gap.append(now - last)
                         last = now
-                        stats.tokens += len(msg["ids"])
+                        if not stop.is_set():  # (tokens/s: those received within the phase)
+                            stats.tokens += len(msg["ids"])
                     elif msg["type"] == "done":
                         stats.ok += 1
                         stats.turn.append(now - t0)
@@ -202,7 +205,8 @@ async def http_user(url: str, stats: Stats, rng: random.Random, stop: asyncio.Ev
             if r.status_code == 200:
                 stats.ok += 1
                 stats.turn.append(time.perf_counter() - t0)
-                stats.tokens += len(r.json()["tokens"])
+                if not stop.is_set():  # (tokens/s: those received within the phase)
+                    stats.tokens += len(r.json()["tokens"])
             elif r.status_code == 429:
                 stats.refused += 1
                 await asyncio.sleep(float(r.headers.get("retry-after", 1)))

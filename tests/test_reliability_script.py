@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,78 @@ def test_a_refused_websocket_handshake_is_counted_and_the_user_goes_on(user):
 
     st = asyncio.run(main())
     assert st.errors == {"ws handshake 503": 2 if user == "ws_user" else 3} and st.ok == 0
+
+
+@pytest.mark.parametrize("user", ["ws_user", "http_user"])
+def test_an_overload_phases_tokens_per_s_counts_the_tokens_received_within_the_phase(user):
+    """overload's tokens_per_s is a phase's tokens ÷ its seconds, but it counted every token its users
+    received, those of the turns they finished after the phase had stopped (each user ends its turn in
+    flight: up to 2 x capacity turns at 4x, about 1 % of docs/reliability.md's figures) with them. Now a
+    token counts when it arrives within the phase. Here a stand-in server sends 3 tokens, then stops the
+    phase (the test's `stop`), then sends 7 more: 3 count (WebSocket frames as they come; a one-shot
+    generation's tokens all at its answer: a first turn of 3 before the stop, a second of 7 after)."""
+    import asyncio
+    import importlib.util
+    import random
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from websockets.asyncio.server import serve
+
+    spec = importlib.util.spec_from_file_location("reliability", ROOT / "scripts" / "reliability.py")
+    reliability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reliability)
+
+    async def main() -> reliability.Stats:
+        loop, stop, st = asyncio.get_running_loop(), asyncio.Event(), reliability.Stats()
+        token = json.dumps({"type": "token", "ids": [65], "text": "A"})
+
+        async def turn(ws) -> None:
+            await ws.recv()  # the generate message
+            await ws.send(json.dumps({"type": "session", "session_id": "s1", "model": "m", "kind": "text"}))
+            for _ in range(3):
+                await ws.send(token)
+            await asyncio.sleep(0.3)  # (the client has read them)
+            stop.set()
+            for _ in range(7):
+                await ws.send(token)
+            await ws.send(json.dumps({"type": "done", "finish_reason": "length"}))
+            await ws.wait_closed()
+
+        class Generate(BaseHTTPRequestHandler):
+            answered = 0
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["content-length"]))
+                n = 3 if Generate.answered == 0 else 7
+                if Generate.answered:
+                    loop.call_soon_threadsafe(stop.set)
+                    time.sleep(0.3)
+                Generate.answered += 1
+                data = json.dumps({"tokens": [65] * n, "text": "A" * n}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        if user == "ws_user":
+            async with serve(turn, "127.0.0.1", 0) as server:
+                url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+                await asyncio.wait_for(reliability.ws_user(url, st, random.Random(0), stop, 10), 30)
+        else:
+            http = ThreadingHTTPServer(("127.0.0.1", 0), Generate)
+            threading.Thread(target=http.serve_forever, daemon=True).start()
+            try:
+                url = f"http://127.0.0.1:{http.server_address[1]}"
+                await asyncio.wait_for(reliability.http_user(url, st, random.Random(0), stop, 10), 30)
+            finally:
+                http.shutdown()
+        return st
+
+    st = asyncio.run(main())
+    assert st.tokens == 3 and st.errors == {}, (st.tokens, st.errors)
+    assert st.ok == (1 if user == "ws_user" else 2)  # (turns served: the one ended after the stop included)
