@@ -100,6 +100,9 @@ def _options(parser) -> None:
 # Exact samples beside locust's (rounded) statistics
 
 
+STARTED: dict[str, set[int]] = defaultdict(set)  # kind → the users started (their ids)
+
+
 class Recorder:
     """Exact latency samples (seconds), tokens received and audio turns, since the last reset."""
 
@@ -111,9 +114,11 @@ class Recorder:
         self.cpu_started = _cpu_seconds()
         self.latency: dict[tuple[str, str], list[float]] = defaultdict(list)
         self.tokens: dict[str, int] = defaultdict(int)
-        self.per_user: dict[str, dict[int, int]] = defaultdict(
-            lambda: defaultdict(int)
-        )  # kind → user → tokens
+        # kind → user → tokens, every user of the window in it (one that received nothing at 0: its stream
+        # counts in the per-stream figures)
+        self.per_user: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        for kind, users in STARTED.items():
+            self.per_user[kind].update(dict.fromkeys(users, 0))
         self.requests: dict[str, int] = defaultdict(int)  # kind → generations and connects reported
         self.connects: dict[str, int] = defaultdict(int)  # kind → connects reported (in requests too)
         self.failures: dict[str, int] = defaultdict(int)
@@ -238,6 +243,8 @@ class S4User(User):
             loopback_url(self.host)
         except ValueError as exc:
             raise StopTest(str(exc)) from None
+        STARTED[self.kind].add(id(self))
+        RECORDER.per_user[self.kind][id(self)] += 0  # (a user of the window, whatever it receives)
 
     def opt(self, name: str):
         return getattr(self.environment.parsed_options, name)

@@ -547,6 +547,63 @@ def test_an_audio_turns_real_time_factor_after_its_first_frame_counts_only_the_s
     assert after == pytest.approx(sum(t["rtf_after_first_sample"] for t in two) / len(two), rel=1e-9)
 
 
+def test_an_audio_stream_that_received_nothing_counts_in_the_per_stream_real_time_factor(tmp_path):
+    """The per-stream RTF ("the samples a stream received in the measured window ÷ sample rate ÷ window",
+    its mean and min) and `streams_seen` were taken over the users that had received a sample: a stream
+    that got none (its session refused every time: a 429, here) was left out, so the level's slowest stream
+    read as the slowest of those served, 2 streams as 1 seen. Every audio user of the window now counts, one
+    that received nothing at 0. Here a stand-in server keeps its first socket and refuses every other."""
+    import threading
+
+    from websockets.sync.server import serve
+
+    from loadtest.run import summarize
+
+    bound = []
+
+    def handler(ws) -> None:
+        try:
+            for text in ws:
+                if isinstance(text, bytes):
+                    continue
+                msg = json.loads(text)
+                if msg["type"] == "session":
+                    if bound and bound[0] is not ws:
+                        ws.send(json.dumps({"type": "error", "code": 429, "message": "no free slot"}))
+                        continue
+                    bound.append(ws)
+                    ws.send(json.dumps({"type": "session", "session_id": "s1", "model": msg["model"],
+                                        "kind": "audio", "sample_rate": 8000}))  # fmt: skip
+                elif msg["type"] == "generate":
+                    ws.send(json.dumps({"type": "audio_header", "sample_rate": 8000, "encoding": "mulaw",
+                                        "channels": 1, "frame_samples": 160, "frame_ms": 20}))  # fmt: skip
+                    for _ in range(5):
+                        ws.send(bytes(160))
+                    ws.send(json.dumps({"type": "done", "finish_reason": "length"}))
+        except Exception:  # noqa: BLE001  (a client that went away)
+            return
+
+    server = serve(handler, "127.0.0.1", 0, compression=None)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    prefix, latency = tmp_path / "starved", tmp_path / "starved.latency.json"
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+           "-u", "2", "-r", "2", "-t", "3s", "--host", f"http://127.0.0.1:{server.socket.getsockname()[1]}",
+           "--csv", str(prefix), "--only-summary", "--latency-out", str(latency), "--reset-stats",
+           "--audio-prompt-samples", "0", "--audio-samples", "800", "--turns", "99999",
+           "WsAudioUser"]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 1, proc.stderr[-3000:]  # (1: the refused connects failed)
+    exact = json.loads(latency.read_text())
+    assert exact["failures"]["WS-audio"] > 0 and exact["tokens"]["WS-audio"] > 0  # (one refused, one served)
+    audio = summarize(prefix, latency)["audio"]
+    assert audio["streams_seen"] == 2 and audio["rtf_per_stream_min"] == 0, audio
+    served = exact["tokens"]["WS-audio"] / exact["window_s"] / 8000
+    assert audio["rtf_per_stream_mean"] == pytest.approx(served / 2, rel=1e-9), audio
+
+
 SLOW_IMPORT = """import json, sys, time
 SPAN = []  # the times of the init, test start and test stop events
 t = time.monotonic()
