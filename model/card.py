@@ -254,6 +254,19 @@ def provenance_text(rec: dict) -> str:
     return text
 
 
+SASHIMI_ONLY = ("pool", "expand", "ff", "unet")  # (ModelConfig: read by model/arch/sashimi.py alone)
+AUDIO_ONLY = ("sample_rate", "quantization", "mulaw")  # (the codec's fields: model/codecs.py audio_codec)
+
+
+def card_fields(cfg) -> dict:
+    """The "## Model" table's fields: the config's (`ModelConfig.to_dict`), less those unset (None) and
+    those the model does not use: SaShiMi's pool, expand, ff and unet for an isotropic model, and the audio
+    codec's fields for a text model (the text card listed `pool | [4, 4]` and `mulaw | s4serve`, which
+    describe nothing in it)."""
+    skip = (SASHIMI_ONLY if cfg.arch != "sashimi" else ()) + (AUDIO_ONLY if cfg.modality != "audio" else ())
+    return {k: v for k, v in cfg.to_dict().items() if v is not None and k not in skip}
+
+
 def _fmt_s(s: float) -> str:
     return f"{s / 60:.1f} min" if s < 5400 else f"{s / 3600:.2f} h"
 
@@ -341,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "| field | value |",
         "|---|---|",
-        *[f"| {k} | {v} |" for k, v in cfg.to_dict().items() if v is not None],
+        *[f"| {k} | {v} |" for k, v in card_fields(cfg).items()],
         f"| state per session | {rec.state_bytes_per_sequence:,} bytes (whatever the context length) |",
         f"| recurrent form per layer | {', '.join(r['form'] for r in rec.report)} |",
         *[

@@ -263,3 +263,31 @@ def test_a_cards_word_share_leaves_out_a_word_its_samples_length_cut(tmp_path, n
     got = text_word_share(rec, Dataset(tmp_path), seed=0, samples=2, n=n)
     # each sample is "the king th" (n = 11) or "the king " (n = 9): two dictionary words either way
     assert got["generated"] == 1.0 and got["generated_words"] == 2 * 2, got
+
+
+def test_a_cards_model_table_lists_only_the_fields_the_model_uses():
+    """The card's "## Model" table listed every ModelConfig field: the isotropic text model's card said
+    `pool | [4, 4]`, `expand | 2`, `ff | 2`, `unet | False` (SaShiMi's, read by model/arch/sashimi.py alone)
+    and `mulaw | s4serve` (the audio codec's), which describe nothing in it (a review's note). The table
+    leaves out the fields the model does not use; the shipped cards' tables name none of them."""
+    import json
+    from pathlib import Path
+
+    from model.card import AUDIO_ONLY, SASHIMI_ONLY, card_fields
+    from model.network import ModelConfig
+
+    base = dict(vocab_size=256, d_model=8, n_layers=2, d_state=4, l_max=64)
+    text = card_fields(ModelConfig(**base))
+    audio_sashimi = card_fields(ModelConfig(**base, modality="audio", sample_rate=8000, arch="sashimi"))
+    audio_iso = card_fields(ModelConfig(**base, modality="audio", sample_rate=8000))
+    assert not set(text) & {*SASHIMI_ONLY, *AUDIO_ONLY} and {"d_model", "norm", "arch"} <= set(text), text
+    assert {*SASHIMI_ONLY, "sample_rate", "mulaw"} <= set(audio_sashimi), audio_sashimi
+    assert not set(audio_iso) & set(SASHIMI_ONLY) and {"sample_rate", "mulaw"} <= set(audio_iso), audio_iso
+    assert audio_sashimi["pool"] == [4, 4] and audio_iso["sample_rate"] == 8000
+    root = Path(__file__).resolve().parent.parent / "checkpoints"
+    for name in ("text-shakespeare", "audio-digits", "audio-digits-s4"):
+        cfg = ModelConfig.from_dict(json.loads((root / name / "config.json").read_text())["config"])
+        table = (root / name / "README.md").read_text().split("## Model", 1)[1].split("\n## ", 1)[0]
+        rows = {line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ")}
+        unused = set(cfg.to_dict()) - set(card_fields(cfg))
+        assert rows & set(cfg.to_dict()) and not rows & unused, (name, rows & unused)
