@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import signal
@@ -95,7 +96,9 @@ def metrics(url: str) -> dict[str, float]:
 
 def histogram_p(before: dict, after: dict, name: str, q: float) -> float | None:
     """The q-quantile of a Prometheus histogram's observations between two scrapes (the upper bound
-    of the bucket it falls in), over every model."""
+    of the bucket it falls in), over every model. One that falls in the +Inf bucket is the largest finite
+    bound, as Prometheus's histogram_quantile gives it (a lower bound; it was `inf`, which the results JSON
+    wrote as `Infinity`, not JSON); None when no observation fell between the scrapes."""
     buckets: dict[float, float] = {}
     for key, value in after.items():
         if key.startswith(name + "_bucket{"):
@@ -107,7 +110,8 @@ def histogram_p(before: dict, after: dict, name: str, q: float) -> float | None:
         return None
     for bound in sorted(buckets):
         if buckets[bound] >= q * total:
-            return bound
+            finite = [b for b in buckets if math.isfinite(b)]
+            return bound if math.isfinite(bound) else max(finite, default=None)
     return None
 
 

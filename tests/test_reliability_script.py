@@ -57,6 +57,29 @@ def test_the_reported_percentiles_are_the_nearest_rank_not_one_above():
     assert reliability.summary([k / 1000 for k in range(1, 101)])["p99"] == 0.099
 
 
+def test_a_histogram_quantile_in_the_inf_bucket_is_the_largest_finite_bound_as_prometheus_gives_it():
+    """histogram_p returned `inf` for a quantile in the +Inf bucket (a p99 above the largest bucket), which
+    the results JSON wrote as `Infinity` (not JSON: `json.loads` in another language refuses it). It is the
+    largest finite bound now, as Prometheus's histogram_quantile answers; in-range quantiles are unchanged."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reliability", ROOT / "scripts" / "reliability.py")
+    reliability = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reliability)
+    name = "s4_time_to_first_token_seconds"
+
+    def scrape(counts):  # cumulative bucket counts, as the text format gives them
+        return {f'{name}_bucket{{model="m",le="{le}"}}': c for le, c in zip(("0.1", "0.5", "+Inf"), counts)}
+
+    before = scrape((0, 0, 0))
+    assert reliability.histogram_p(before, scrape((90, 97, 100)), name, 0.99) == 0.5  # (3 above 0.5 s)
+    assert reliability.histogram_p(before, scrape((90, 97, 100)), name, 0.9) == 0.1
+    assert reliability.histogram_p(before, scrape((90, 99, 100)), name, 0.99) == 0.5
+    assert reliability.histogram_p(before, scrape((0, 0, 0)), name, 0.99) is None
+    p99 = reliability.histogram_p(before, scrape((90, 97, 100)), name, 0.99)
+    assert json.loads(json.dumps({"p99": p99}, allow_nan=False)) == {"p99": 0.5}
+
+
 def test_a_dropped_soak_socket_leaves_without_a_close_handshake():
     """docs/reliability.md: the soak drops a third of its sockets "mid-generation without a close". The
     drop raised out of `async with connect(...)`, whose exit closes the socket with a handshake (code 1011):
