@@ -47,30 +47,55 @@ from server.store import (
 )
 
 TEXT = "tiny-text"
+REDIS_PORT_TRIES = 5  # free ports tried for a redis-server (one taken meanwhile is rare: a race of ms)
 # a one-float state's header, for StoreWriter tests on their own (no model behind it)
 HEADER = {"model": "m", "shape": [1], "dtype": "float32", "n_tokens": 1, "pending": None, "seen": []}
 
 
 def _redis_server(workdir, password: str = "", port: int = 0) -> tuple[subprocess.Popen, int]:
     """A `redis-server` on a free loopback port, or `port` (no persistence but a SAVE's snapshot, which a
-    restart in the same `workdir` loads; with `password`, requiring it) and its port, once it answers."""
+    restart in the same `workdir` loads; with `password`, requiring it) and its port, once it answers.
+
+    A free port is free only when chosen: another process (a server, a client's connection, another run
+    of these tests) may bind it before redis-server does, which then exits. The wait ends there and a new
+    port is tried (`port` given: the test fails saying so), and the Redis that answers must be this
+    process (INFO's process_id): another run's Redis of the same password on that port answered before,
+    and a test that SIGSTOPped its own Redis, exited, got that one's answers (a 404 for a 503)."""
     exe = shutil.which("redis-server")
     assert exe, "redis-server is not installed: `make sysdeps` installs it"
-    port = port or free_port()
-    proc = subprocess.Popen(
-        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(workdir), *(["--requirepass", password] if password else [])],
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    url = (
-        f"redis://:{quote(password, safe='')}@127.0.0.1:{port}/0"
-        if password
-        else f"redis://127.0.0.1:{port}/0"
-    )
-    if not wait_for(lambda: _opens(url), 10, 0.05):
+    for _ in range(1 if port else REDIS_PORT_TRIES):
+        chosen = port or free_port()
+        proc = subprocess.Popen(
+            [exe, "--port", str(chosen), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(workdir), *(["--requirepass", password] if password else [])],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        url = (
+            f"redis://:{quote(password, safe='')}@127.0.0.1:{chosen}/0"
+            if password
+            else f"redis://127.0.0.1:{chosen}/0"
+        )
+        ended_or_serves = wait_for(lambda: proc.poll() is not None or _serves(url, proc.pid), 10, 0.05)
+        if ended_or_serves and proc.poll() is None:
+            return proc, chosen
         proc.kill()
-        pytest.fail("redis-server did not start")
-    return proc, port
+        proc.wait(60)
+    pytest.fail(f"redis-server did not start (port {chosen}: exit status {proc.returncode})")
+
+
+def _serves(url: str, pid: int) -> bool:
+    """Whether the store opens at `url` and the Redis answering there is process `pid`."""
+    import redis
+
+    if not _opens(url):
+        return False
+    r = redis.Redis.from_url(url)
+    try:
+        return r.info("server")["process_id"] == pid
+    except redis.RedisError:
+        return False
+    finally:
+        r.close()
 
 
 def _opens(url: str) -> bool:
