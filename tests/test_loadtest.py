@@ -522,7 +522,9 @@ def test_an_audio_turns_real_time_factor_after_its_first_frame_counts_only_the_s
     frame ÷ the sample rate ÷ the time from the first frame to the last; none for a turn of one frame."""
     from loadtest.run import summarize
 
-    server = _audio_frames_server([[(4000, 0.0), (80, 0.05)], [(200, 0.0)]])
+    # the second frame 0.5 s after the first (it was 50 ms, and a client read the first frame late, with the
+    # second: 20 ms apart, 0.5; one run in 4 beside three busy loops on 2 cores)
+    server = _audio_frames_server([[(4000, 0.0), (80, 0.5)], [(200, 0.0)]])
     prefix, latency = tmp_path / "frames", tmp_path / "frames.latency.json"
     cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
            "-u", "1", "-r", "1", "-t", "3s", "--host", f"http://127.0.0.1:{server.socket.getsockname()[1]}",
@@ -537,8 +539,9 @@ def test_an_audio_turns_real_time_factor_after_its_first_frame_counts_only_the_s
     two = [t for t in turns if t["samples"] == 4080]
     one = [t for t in turns if t["samples"] == 200]
     assert two and one and len(two) + len(one) == len(turns), turns
-    for t in two:  # 80 samples (10 ms of audio) 50 ms after the first frame: 0.2 (0.5: the client may read
-        # the first frame up to 30 ms late; counting its 4,000 samples gives 10, and 0.5 only past a 1 s gap)
+    for t in two:  # 80 samples (10 ms of audio) 0.5 s after the first frame: 0.02; counting its 4,000 samples
+        # gives 1.02. The bound 0.5 lies between: the client may read the first frame up to 480 ms late, and a
+        # wrong count passes only if it reads the last one over 0.5 s late
         assert 0 < t["rtf_after_first_sample"] < 0.5, t
     assert all(t["rtf_after_first_sample"] is None for t in one), one
     for t in turns:  # (the turn's own factor, request sent → done, is as before)
