@@ -5,9 +5,11 @@ with a clear error. Each test module runs its own `redis-server` on a free loopb
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -96,6 +98,16 @@ def _serves(url: str, pid: int) -> bool:
         return False
     finally:
         r.close()
+
+
+@contextlib.contextmanager
+def _refusing_port():
+    """A loopback port bound here and never listening, for as long as the block runs: every connect to it
+    is refused at once, and no other process can bind it meanwhile (a port only free when it was chosen
+    could be listened on by then: a Redis of another test's, which would answer)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 def _opens(url: str) -> bool:
@@ -380,8 +392,8 @@ def test_open_store_refuses_unknown_specs_and_unreachable_redis():
     assert open_store("memory", 60) is None
     with pytest.raises(ValueError, match="redis://"):
         open_store("postgres://x", 60)
-    with pytest.raises(RuntimeError, match="cannot connect"):
-        RedisStateStore(f"redis://127.0.0.1:{free_port()}/0", 60)
+    with _refusing_port() as port, pytest.raises(RuntimeError, match="cannot connect"):
+        RedisStateStore(f"redis://127.0.0.1:{port}/0", 60)
     with pytest.raises(ValueError, match="session_store"):
         Settings(session_store="disk")
 
@@ -1282,10 +1294,11 @@ def test_shutdown_with_an_unresponsive_store_ends_within_the_flush_timeout_and_s
 
 
 def test_python_m_server_exits_non_zero_before_listening_when_the_store_is_unreachable(model_dirs):
-    dead = f"redis://127.0.0.1:{free_port()}/0"
-    cmd = [sys.executable, "-m", "server", "--port", str(free_port()),
-           "--checkpoints", str(model_dirs["text"]), "--session-store", dead]  # fmt: skip
-    out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    with _refusing_port() as dead_port:
+        dead = f"redis://127.0.0.1:{dead_port}/0"
+        cmd = [sys.executable, "-m", "server", "--port", str(free_port()),
+               "--checkpoints", str(model_dirs["text"]), "--session-store", dead]  # fmt: skip
+        out = subprocess.run(cmd, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert f"session store {dead}: cannot connect" in out.stderr
     assert "Uvicorn running" not in out.stderr
