@@ -379,7 +379,6 @@ def loss_fn(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
 
 
-@torch.no_grad()
 def cpu_model() -> str:
     """This machine's CPU as a model card states it ("AMD EPYC, 2 cores"; the architecture where
     /proc/cpuinfo names none)."""
@@ -392,6 +391,7 @@ def cpu_model() -> str:
     return platform.machine()
 
 
+@torch.no_grad()  # (scores only: a graph per batch cost time and memory, and torch warned at each score)
 def evaluate(net: nn.Module, data: Dataset, split: np.ndarray, seq_len: int, batch_size: int,
              stride: int = 0, max_tokens: int = 0, device="cpu") -> dict:  # fmt: skip
     """Mean next-token NLL (nats and bits) over a split.

@@ -7,8 +7,10 @@ import json
 import shutil
 
 import pytest
+import torch
 from test_train import tiny_config
 
+from model import ModelConfig
 from model.train import ConfigError, train
 
 
@@ -117,3 +119,26 @@ def test_a_fine_tunes_shape_refusal_names_the_model_keys_that_differ(text_data, 
     with pytest.raises(ConfigError, match=r"\[model\] d_ff = 48 \(the checkpoint's 0\)"):
         train(cfg)
     shutil.rmtree(tmp_path / "ft", ignore_errors=True)
+
+
+def test_a_runs_validation_and_final_scores_build_no_autograd_graph(text_data, tmp_path, recwarn):
+    """`model.train configs/text-shakespeare.toml train.steps=3` (a fresh user's trial, 2026-12-08) printed
+    torch's `UserWarning: Converting a tensor with requires_grad=True to a scalar` at its final scoring:
+    7b26bd9 put `cpu_model` between `evaluate` and its `@torch.no_grad()`, so every validation, a run's
+    final scores and a model card's eval slice built an autograd graph they never used. Each forward of
+    an evaluation runs without gradients, and the run warns of none."""
+    from model import build
+    from model.data import Dataset
+    from model.train import evaluate
+
+    cfg = tiny_config(text_data, tmp_path / "run", steps=2, eval_every=1, eval_tokens=256)
+    train(cfg)
+    assert [str(w.message) for w in recwarn if "requires_grad" in str(w.message)] == []
+    data = Dataset(text_data)
+    net = build(ModelConfig(vocab_size=256, d_model=16, n_layers=1, d_state=8, l_max=64,
+                            cauchy_backend="torch"))  # fmt: skip
+    grad_enabled = []
+    net.register_forward_hook(lambda module, args, out: grad_enabled.append(torch.is_grad_enabled()))
+    res = evaluate(net, data, data.split("val"), 64, 4, max_tokens=512)
+    assert res["tokens"] > 0 and grad_enabled and not any(grad_enabled), grad_enabled
+    assert torch.is_grad_enabled()  # (left as it was)
