@@ -321,7 +321,10 @@ def main(argv: list[str] | None = None) -> None:
     init = checked_init_record(init, 0) if isinstance(init, dict) else None
     if tc.init and init is None:  # an export without the record: the run's last/ may have it
         init = saved_init(args.run) or {"path": tc.init}
-    data = Dataset(dc.path)
+    try:
+        data = Dataset(dc.path)  # (relative to the working folder, as the run read it)
+    except (OSError, ValueError) as exc:
+        ap.error(f"--run {args.run}: data.path {str(dc.path)!r}: {exc}")
     rows = args.audio_samples if data.kind == "audio" else 16  # (text: text_word_share's samples)
     if not 0 <= args.seed <= 2**64 - rows:  # sample i's seed is seed + i, a Philox key below 2^64
         ap.error(f"--seed must be in [0, 2**64 - {rows}] (the samples' seeds are seed … seed + {rows - 1}), "

@@ -142,3 +142,23 @@ def test_a_runs_validation_and_final_scores_build_no_autograd_graph(text_data, t
     res = evaluate(net, data, data.split("val"), 64, 4, max_tokens=512)
     assert res["tokens"] > 0 and grad_enabled and not any(grad_enabled), grad_enabled
     assert torch.is_grad_enabled()  # (left as it was)
+
+
+def test_a_card_whose_runs_data_folder_is_not_found_is_one_line_not_a_traceback(text_data, tmp_path, capsys,
+                                                                              monkeypatch):  # fmt: skip
+    """`model.card CKPT --run RUN` run from another folder than the training's (the run's data.path is
+    relative, `data/shakespeare`), or after the data were removed: a FileNotFoundError traceback from
+    model.data; now argparse's one line (exit 2) naming --run, data.path and how to prepare the data."""
+    from model.card import main
+
+    run, ckpt = tmp_path / "run", tmp_path / "ck"
+    train(tiny_config(text_data, run, steps=2, eval_every=0, export=str(ckpt)))
+    cfg = json.loads((run / "config.json").read_text())
+    cfg["data"]["path"] = "data/shakespeare"  # (the shipped config: relative to the working folder)
+    (run / "config.json").write_text(json.dumps(cfg))
+    monkeypatch.chdir(tmp_path)  # where no data/ is
+    with pytest.raises(SystemExit) as exc:
+        main([str(ckpt), "--run", str(run)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "Traceback" not in err, err
+    assert "data.path 'data/shakespeare'" in err and "model.data text --out data/shakespeare" in err, err
