@@ -1,6 +1,6 @@
 """Overload and soak runs against a real `python -m server` on loopback (bounded; nothing else reached).
 
-  python scripts/reliability.py overload [--capacity 8] [--phase-s 30]
+  .venv/bin/python scripts/reliability.py overload [--capacity 8] [--phase-s 30]
       1x, then 4x, then 1x again the configured capacity (max_sessions = max_batch_size =
       max_queued_requests = capacity): half the users run WebSocket turns (a socket per turn), half
       post one-shot generations, back to back. Refused clients wait Retry-After and try again.
@@ -10,7 +10,7 @@
       clients see it (time to first token, whole turn, gap
       between token frames; the clients share the CPU with the server) and as the engine measures
       it (p99 of the inter-token, first-token and request histograms of /metrics).
-  python scripts/reliability.py soak [--duration-s 600]
+  .venv/bin/python scripts/reliability.py soak [--duration-s 600]
       mixed load: WebSocket turns, sockets dropped mid-generation, cancels, HTTP sessions (create,
       append, generate, fork) half of them deleted and half left to expire (TTL 5 s), one-shot and
       SSE requests, some abandoned. Samples the server's RSS, slots and errors every 10 s; at the end

@@ -5,7 +5,7 @@ cancelled mid-block, some continued (`append`), and OpenAI completions with logp
 presence and frequency penalties. Exits 1 when a request gets anything but its answer or a 4xx-style error
 frame it provoked (the check's point is the server's own stderr: a sanitizer report aborts it).
 
-    python scripts/sanitize_load.py --port 19000 --sessions 40 --rounds 3
+    .venv/bin/python scripts/sanitize_load.py --port 19000 --sessions 40 --rounds 3
 """
 
 from __future__ import annotations

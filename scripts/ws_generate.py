@@ -8,8 +8,9 @@ model then starts from its silence). Without --max-new-tokens (or --seed) the re
 the model's default applies: its checkpoint's `generation_config` (one second of audio for
 audio-digits), else the API's 64.
 
-    python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "ROMEO:" --max-new-tokens 200 --seed 1
-    python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "" --model audio-digits > out.s16le  # 1 s
+    .venv/bin/python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "ROMEO:" \
+        --max-new-tokens 200 --seed 1
+    .venv/bin/python scripts/ws_generate.py ws://127.0.0.1:8000/v1/stream "" --model audio-digits > out.s16le
 
 With API keys on the server, pass `--api-key KEY` or set S4_API_KEY (sent as `Authorization: Bearer`).
 """

@@ -94,6 +94,16 @@ def test_every_command_example_runs_the_projects_code_with_the_venvs_python():
     assert bare == [], "run by the system's python, not .venv/bin/python:\n" + "\n".join(bare)
 
 
+def test_the_scripts_usage_lines_run_them_with_the_venvs_python():
+    """A script's docstring is its --help, which a user copies as the README's blocks are copied: its usage
+    lines name the venv's interpreter. `python scripts/ws_generate.py …` (the README's "the same as a
+    command"), copied from its --help into a fresh clone after `make serve`: "No module named
+    'websockets'"."""
+    bare = [f"scripts/{page.name}: {m.group(1)}" for page in sorted((ROOT / "scripts").glob("*.py"))
+            for m in BARE_PYTHON.finditer(ast.get_docstring(ast.parse(page.read_text())) or "")]  # fmt: skip
+    assert bare == [], "run by the system's python, not .venv/bin/python:\n" + "\n".join(bare)
+
+
 def _make_serve(tmp_path: Path) -> tuple[subprocess.Popen, Path, int]:
     """`make serve` with a stand-in venv whose python records the signals it gets (and installs nothing: its
     .installed is newer than pyproject.toml). Returns make, the record and the stand-in server's PID."""
