@@ -43,6 +43,7 @@ import sys
 import threading
 import time
 import tomllib
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -876,7 +877,25 @@ def check_writable(flag: str, folder: Path) -> None:
 
 
 RUN_ENTRIES = frozenset({"config.json", "config.json.tmp", "log.jsonl", "log.jsonl.tmp", "metrics.json",
-                         "metrics.json.tmp", "last", "last.tmp", "last.old"})  # fmt: skip
+                         "metrics.json.tmp", "last", "last.tmp", "last.old", "run_id"})  # fmt: skip
+
+
+def run_id(out: Path) -> str | None:
+    """The run's id (`out`/run_id: written by its first fresh start, kept by later ones, recorded in its
+    exports' `training.run_id`); None for a folder no run has started in since ids were written."""
+    try:
+        return (out / "run_id").read_text().strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def export_stamp(export: Path) -> tuple[int, int] | None:
+    """`export`/config.json's (mtime in ns, size), None when missing: whether the folder was written since."""
+    try:
+        st = (export / "config.json").stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size
 
 
 def check_out_folder(out: Path) -> None:
@@ -937,16 +956,25 @@ def check_export_folder(export: Path, out: Path) -> None:
     """ConfigError, before anything is trained or written, when `train.export` already holds a checkpoint
     that another run wrote, or none did (a shipped, converted or copied model: config.json without this
     run's `training.config.train.out`): the export would replace it. A folder this run (`train.out`)
-    exported before, or one without a config.json, is written over."""
+    exported before, or one without a config.json, is written over. "This run" is the run folder's
+    (`run_id`): the shipped checkpoints record their configs' own train.out (runs/text-shakespeare), so
+    the train.out alone took a fresh clone's `configs/text-shakespeare.toml
+    train.export=checkpoints/text-shakespeare` for the run that wrote the shipped model, and it was
+    replaced at the end (a new user's trial). An export without an id is this run's only where the run
+    folder has no id either and has run before (its config.json: a run from before ids)."""
     if not (export / "config.json").is_file():
         return
     try:
-        prior = json.loads((export / "config.json").read_text())["training"]["config"]["train"]["out"]
+        training = json.loads((export / "config.json").read_text())["training"]
+        prior = training["config"]["train"]["out"]
     except (OSError, ValueError, KeyError, TypeError):
-        prior = None
-    if isinstance(prior, str) and Path(prior).resolve() == out.resolve():
+        training, prior = {}, None
+    mine, theirs = run_id(out), training.get("run_id") if isinstance(training, dict) else None
+    same_out = isinstance(prior, str) and Path(prior).resolve() == out.resolve()
+    if same_out and theirs == mine and (mine is not None or (out / "config.json").is_file()):
         return
-    who = (f"the export of another run (train.out {prior!r})" if isinstance(prior, str)
+    who = (f"the export of another run (train.out {prior!r}"
+           f"{', not the run in that folder now' if same_out else ''})" if isinstance(prior, str)
            else "a checkpoint no training run wrote (shipped, converted or copied)")  # fmt: skip
     raise ConfigError(
         f"train.export {str(export)!r} holds {who}: this run (train.out {str(out)!r}) would replace it; "
@@ -1106,7 +1134,9 @@ def start_afresh(out: Path, init: str, cfg: dict) -> None:
             "checkpoint would be deleted; copy it out first (cp -r), or name another train.out"
         )
     try:
+        kept = run_id(out)  # (a run started over keeps its id: its exports stay its own)
         empty_folder(out)  # (not removed and made again: the lock is held on it)
+        (out / "run_id").write_text((kept or uuid.uuid4().hex) + "\n")
         write_json(out / "config.json", cfg)
     except OSError as exc:
         raise ConfigError(f"train.out {str(out)!r}: cannot write it ({exc.strerror or exc})") from None
@@ -1162,6 +1192,7 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
     if tcfg.export:
         check_export_place(Path(tcfg.export), out)
         check_export_folder(Path(tcfg.export), out)
+    export_seen = export_stamp(Path(tcfg.export)) if tcfg.export else None  # (as checked just now)
     folders = (("train.out", out), ("train.export", tcfg.export and Path(tcfg.export)),
                ("--dump-grads", dump_grads and Path(dump_grads).parent))  # fmt: skip
     refusal = ""
@@ -1486,7 +1517,8 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
         refusal = ""
         if main_proc:
             try:
-                check_export_folder(Path(tcfg.export), out)
+                if export_stamp(Path(tcfg.export)) != export_seen:  # (else as checked at the start)
+                    check_export_folder(Path(tcfg.export), out)
             except ConfigError as exc:
                 again = f"python -m model.train {out / 'config.json'} train.export=DIR"
                 refusal = f"{exc} (written while this run trained; its model is in {out}/last: `{again}`)"
@@ -1496,6 +1528,8 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
             from model.checkpoint import save
 
             training = {"config": cfg, "metrics": metrics}
+            if rid := run_id(out):  # (whose export it is: check_export_folder)
+                training["run_id"] = rid
             serving = {}
             if init:  # where the weights came from (train.init may be gone by the time anyone asks)
                 training["init"] = {k: v for k, v in init.items() if k not in ("model", "serving")}

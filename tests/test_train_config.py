@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,6 +201,42 @@ def test_an_export_never_replaces_a_checkpoint_another_run_or_none_wrote(text_da
     err = capsys.readouterr().err
     assert f"holds the export of another run (train.out {str(tmp_path / 'run')!r})" in err, err
     assert not (tmp_path / "other").exists()
+
+
+def test_an_export_that_names_this_train_out_but_another_run_is_not_replaced(text_data, tmp_path, capsys):
+    """The shipped checkpoints record their configs' own train.out (runs/text-shakespeare), so in a fresh
+    clone `configs/text-shakespeare.toml train.export=checkpoints/text-shakespeare` was taken for that
+    run's own export: it trained and replaced the shipped model at its end (a new user's trial: 320 steps
+    before it was stopped). The run folder's id (`run_id`) tells the runs apart: an export is this run's
+    only when it records the id of the run in train.out; a run started over (--fresh, or after a finished
+    run without checkpoints) keeps its id and writes over its own export."""
+    from model.checkpoint import save
+    from model.network import ModelConfig, SequenceModel
+
+    run, shipped = tmp_path / "run", tmp_path / "shipped"
+    net = SequenceModel(ModelConfig(vocab_size=256, d_model=16, n_layers=1, d_state=8, l_max=32))
+    save(net, shipped, extra={"training": {"config": {"train": {"out": str(run)}}}})  # (as shipped: no id)
+    before = (shipped / "model.safetensors").read_bytes()
+    cfg = tiny_toml(tmp_path / "c.toml", text_data, run, export=str(shipped))
+    for prior_run in (False, True):  # a fresh clone (no run folder), then a run of its own in that folder
+        with pytest.raises(SystemExit) as exit_:
+            main([str(cfg)])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.count("\n") == 1, err
+        assert f"of another run (train.out {str(run)!r}, not the run in that folder now)" in err, err
+        assert (shipped / "model.safetensors").read_bytes() == before
+        assert not (run / "last").exists()
+        if not prior_run:
+            main([str(tiny_toml(tmp_path / "c.toml", text_data, run, export=str(tmp_path / "own")))])
+            cfg = tiny_toml(tmp_path / "c.toml", text_data, run, export=str(shipped))
+            shutil.rmtree(run / "last")
+            capsys.readouterr()
+    own = json.loads((tmp_path / "own" / "config.json").read_text())["training"]
+    assert own["run_id"] == (run / "run_id").read_text().strip() and len(own["run_id"]) == 32
+    cfg = tiny_toml(tmp_path / "c.toml", text_data, run, export=str(tmp_path / "own"))
+    main([str(cfg), "--fresh"])  # started over: the same run, its own export written over
+    again = json.loads((tmp_path / "own" / "config.json").read_text())["training"]
+    assert again["run_id"] == own["run_id"]
 
 
 def test_an_export_another_run_wrote_while_this_one_trained_is_not_replaced(

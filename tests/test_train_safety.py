@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from test_train import ROOT, read_log, tiny_config
 
-from model.train import ConfigError, Diverged, load_config, main, train
+from model.train import ConfigError, Diverged, load_config, main, run_id, train
 
 
 def _run(text_data, out, **kw):
@@ -71,10 +71,10 @@ def test_a_resume_cut_short_while_it_trims_the_log_leaves_a_folder_a_fresh_start
         train(run)
     monkeypatch.setattr(Path, "replace", replace)
     left = {p.name for p in (tmp_path / "run").iterdir()}
-    assert left - {"config.json", "log.jsonl", "last"}, left  # (the temporary file is there)
+    assert left - {"config.json", "log.jsonl", "last", "run_id"}, left  # (the temporary file is there)
     train(run, fresh=True, stop_at=2)
     assert [r["step"] for r in read_log(tmp_path / "run") if "loss" in r] == [1, 2]
-    assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.json", "log.jsonl", "last"}
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.json", "log.jsonl", "last", "run_id"}
 
 
 @pytest.mark.parametrize("kind", ["notes", "dataset", "checkpoint", "file"])
@@ -100,8 +100,8 @@ def test_a_fresh_start_refuses_to_empty_a_folder_that_is_not_a_runs(text_data, t
     run = tmp_path / "run"
     train(_run(text_data, run), stop_at=2)
     (run / "export").mkdir()  # the run's own export inside it is the run's too
-    (run / "export" / "config.json").write_text(
-        json.dumps({"training": {"config": {"train": {"out": str(run)}}}})
+    (run / "export" / "config.json").write_text(  # (with the run's id, as its exports record it)
+        json.dumps({"training": {"config": {"train": {"out": str(run)}}, "run_id": run_id(run)}})
     )
     train(_run(text_data, run), fresh=True, stop_at=2)
     empty = tmp_path / "empty"
