@@ -291,18 +291,23 @@ def test_an_empty_prompt_is_refused_in_words(words):
 def test_chat_renders_its_template_into_words_and_stops_at_its_end_of_line(words):
     """The plain word model's chat template puts each message on a line and starts the answer with " =":
     the prompt is those words (<eos> per line), the answer the library's words up to the template's
-    stop (a newline), with the chat logprobs' bytes the words' UTF-8."""
+    stop (a newline), with the chat logprobs' bytes the words' UTF-8. This model writes no <eos> in 40
+    words unbiased (a reply without the stop was the same text), so <eos> (id 0) is biased by 4: the
+    library's 40 words, sampled with no stop, then hold a newline after the 12th."""
     srv, folders = words
     vocab = load_vocab(folders["plain"])
     messages = [{"role": "user", "content": "w1 w2"}, {"role": "user", "content": "The"}]
-    body = {"model": "plain", "messages": messages, "max_tokens": 40, "seed": 1, "logprobs": True}
+    body = {"model": "plain", "messages": messages, "max_tokens": 40, "seed": 1, "logprobs": True,
+            "logit_bias": {"0": 4.0}}  # fmt: skip
     r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, timeout=60).json()
     ids = vocab.encode("w1 w2\nThe\n =")
     assert r["usage"]["prompt_tokens"] == len(ids) == 6, r
-    free = reference(folders["plain"], ids, SamplingParams(seed=1), 40)
+    free = reference(folders["plain"], ids, SamplingParams(seed=1, logit_bias={0: 4.0}), 40)
     text = vocab.decode(free)
+    assert 0 < free.index(0) < 39, text
     content = r["choices"][0]["message"]["content"]
     assert content == text.split("\n")[0], (content, text)
+    assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == free.index(0) + 1
     entries = r["choices"][0]["logprobs"]["content"]
     assert "".join(e["token"] for e in entries) == content
     assert all(bytes(e["bytes"]).decode() == e["token"] for e in entries)
