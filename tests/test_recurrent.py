@@ -128,6 +128,31 @@ def test_the_network_check_decodes_from_the_state_a_prefill_leaves(monkeypatch):
     assert_refused_for_its_step_alone(net.to_recurrent)
 
 
+def test_the_network_check_refuses_a_prefill_whose_logits_alone_are_wrong(monkeypatch):
+    """The converse: a prefill that leaves the right state but returns each position's logits one position
+    late (the first repeated). Decoding after it is right, so only the prefilled probe's error shows, and
+    the check must refuse on it alone (a check of the stepped logits only passed this model: nothing in
+    this file failed when logits_report compared `errs[:1]`); its message gives the prefilled error over
+    1e-2 and the stepped one under 1e-5 (float32 steps against the float64 conv: measured ≤ 1e-6)."""
+    import re  # noqa: PLC0415
+
+    from model.recurrent import RecurrentModel  # noqa: PLC0415
+
+    net = make("s4d", "diag-lin", l_max=256)
+    prefill = RecurrentModel.prefill
+
+    def late(self, tokens, state, logits="all"):
+        out, state = prefill(self, tokens, state, logits)
+        return torch.cat([out[:, :1], out[:, :-1]], 1), state
+
+    monkeypatch.setattr(RecurrentModel, "prefill", late)
+    errs = r"\(step (\S+), prefill (\S+)\)"
+    with pytest.raises(VerificationError, match=errs) as err:
+        net.to_recurrent()
+    step_err, prefill_err = (float(x) for x in re.search(errs, str(err.value)).groups())
+    assert prefill_err > 1e-2 and step_err < 1e-5, str(err.value)
+
+
 def test_state_is_constant_size_and_inputs_are_not_modified():
     net = make("s4", "legs", l_max=256).eval()
     rec = net.to_recurrent()
