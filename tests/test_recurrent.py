@@ -831,3 +831,27 @@ def test_a_slow_mode_never_grows_in_the_float32_step(init, fused_step):
     assert float((norm1 - lam1)[cplx].abs().max()) <= 2 * 2.0**-24
     real = ~cplx & (lam1 > 0)
     assert bool((col1[:, 0].abs()[real] < 1).all()) and bool((col2[:, 1].abs()[real] < 1).all())
+
+
+def test_a_layernorms_output_bound_is_samuelsons_and_attained():
+    """`layernorm_output_bound` (the input bound the state bounds of a layer after a LayerNorm start from)
+    is |γ_h| √(H − 1) + |β_h|: no input exceeds it (random and spiky inputs, in float64), and a spike ±s·e_h
+    (x̂_h = ±√(H − 1) exactly, the eps negligible at s = 1e3: relative 1e-10) attains it within 1e-8 at
+    every h. Nothing tested it: √H in place of √(H − 1), a bound never reached, passed test_recurrent.py
+    and test_state_dtype.py."""
+    from model.recurrent import layernorm_output_bound  # noqa: PLC0415
+
+    H = 12
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.LayerNorm(H).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(H, generator=g, dtype=torch.float64))
+        norm.bias.copy_(torch.randn(H, generator=g, dtype=torch.float64))
+    bound = layernorm_output_bound(norm)
+    assert bound.dtype == torch.float64 and bound.shape == (H,)
+    spikes = torch.cat([torch.eye(H, dtype=torch.float64), -torch.eye(H, dtype=torch.float64)]) * 1e3
+    x = torch.cat([torch.randn(20000, H, generator=g, dtype=torch.float64) ** 3, spikes])
+    with torch.no_grad():
+        top = norm(x).abs().max(0).values
+    assert bool((top <= bound * (1 + 1e-12)).all()), (top, bound)
+    assert bool((top >= bound * (1 - 1e-8)).all()), (top, bound)
