@@ -57,15 +57,36 @@ def test_fork_copies_the_state_and_then_diverges_independently(client, model_dir
     assert r.status_code == 201
     fork = r.json()
     assert fork["session_id"] != sid and fork["tokens"] == len("whether 'tis nobler")
-    x = _generate(client, sid, n=16, seed=3)["tokens"]
-    y = _generate(client, fork["session_id"], n=16, seed=3)["tokens"]
-    assert x == y  # the fork did not see the original's generation
+    # with a repetition penalty: the fork has the prompt's seen tokens too (a fork that copied the state
+    # but not the seen set gave other tokens, which the unpenalized turns here did not show)
+    x = _generate(client, sid, n=16, seed=3, repetition_penalty=1.5)["tokens"]
+    y = _generate(client, fork["session_id"], n=16, seed=3, repetition_penalty=1.5)["tokens"]
+    penalized = SamplingParams(seed=3, repetition_penalty=1.5)
+    assert x == y == reference(model_dirs["text"], list(b"whether 'tis nobler"), penalized, 16)
     client.post(f"/v1/sessions/{fork['session_id']}/append", json={"prompt": " in the mind"})
     x2 = _generate(client, sid, n=12, seed=5)["tokens"]
     y2 = _generate(client, fork["session_id"], n=12, seed=5)["tokens"]
     base = list(b"whether 'tis nobler") + x
     assert x2 == reference(model_dirs["text"], base, SamplingParams(seed=5), 12)
     assert y2 == reference(model_dirs["text"], base + list(b" in the mind"), SamplingParams(seed=5), 12)
+
+
+def test_a_new_session_in_a_freed_slot_does_not_inherit_its_seen_tokens(client, server, model_dirs):
+    """A slot is reused once its session is deleted (the pool hands out the last slot freed first); the
+    new session's repetition penalty sees only its own prompt and generation, as the library's one-shot
+    generation does. (With the pool's clear leaving the seen set, nothing in this file failed.)"""
+    table = server.state.sessions
+    old = _create(client, "xyzzy qwerty uiop asdf ghjkl")["session_id"]
+    _generate(client, old, n=40, seed=8, repetition_penalty=1.5)
+    slot = table.get(old).slot
+    assert client.delete(f"/v1/sessions/{old}").status_code == 204
+    new = _create(client, "to be")["session_id"]
+    assert table.get(new).slot == slot  # (the same slot, or this test shows nothing)
+    got = _generate(client, new, n=30, seed=8, repetition_penalty=1.5)["tokens"]
+    assert got == reference(
+        model_dirs["text"], list(b"to be"), SamplingParams(seed=8, repetition_penalty=1.5), 30
+    )
+    client.delete(f"/v1/sessions/{new}")
 
 
 def test_export_then_import_continues_identically(client):
