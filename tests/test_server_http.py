@@ -253,6 +253,10 @@ def test_accept_q_values_choose_between_json_and_wav(client):
         ("application/json;q=0, */*", wav),
         ("application/json;q=0, audio/wav;q=0, */*", 406),
         ("application/json;q=0.5, */*", json_),
+        # a q outside [0, 1] (or not a number) counts as 0: refused, not ranked below another 0
+        ("application/json;q=-0.5, audio/wav;q=0", 406),
+        ("audio/wav;q=2, application/json;q=0.5", json_),
+        ("audio/wav;q=nan, application/json;q=0.1", json_),
     ]:
         r = client.post("/v1/generate", json=audio, headers={"Accept": accept})
         if want == 406:
