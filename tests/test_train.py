@@ -498,3 +498,36 @@ def test_the_scores_are_the_models_own_mean_nll_at_the_shortest_windows(text_dat
         assert metrics[split]["tokens"] == T - 1
         assert metrics[split]["nll_nats"] == pytest.approx(want, rel=1e-6)
         assert metrics[split]["bits_per_token"] == pytest.approx(want / math.log(2), rel=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["s4", "s4d"])
+def test_the_optimizer_groups_decay_the_matrices_only_and_give_the_ssm_its_own_lr(kernel):
+    """SequenceModel.param_groups (the AdamW groups train.py builds): the SSM's Δ, Λ, P and B at ssm_lr
+    with no weight decay; the matrices (embedding, C, output mixing, head) with weight decay; biases, norm
+    weights and D without. Written out by name, not by the rule the code applies: with every tensor of
+    dim ≥ 1 decayed (biases, norms and D too) the 297 tests of test_train*.py and test_model_*.py passed."""
+    from model import ModelConfig, SequenceModel  # noqa: PLC0415
+
+    net = SequenceModel(ModelConfig(vocab_size=32, d_model=8, n_layers=2, d_state=8, l_max=32, kernel=kernel,
+                                    cauchy_backend="torch"))  # fmt: skip
+    names = {id(p): n for n, p in net.named_parameters()}
+    groups = {g["name"]: g for g in net.param_groups(lr=3e-3, weight_decay=0.07, ssm_lr=1e-4)}
+    got = {k: sorted(names[id(p)] for p in g["params"]) for k, g in groups.items()}
+    kernel_params = ["log_dt", "log_neg_re", "im", "B"] + (["P"] if kernel == "s4" else [])
+    blocks = range(2)
+    want = {
+        "ssm": [f"blocks.{i}.layer.kernel.{n}" for i in blocks for n in kernel_params],
+        "decay": ["embed.weight", "head.weight"]
+        + [f"blocks.{i}.layer.{n}" for i in blocks for n in ("kernel.C", "out.weight")],
+        "no_decay": ["norm.bias", "norm.weight"]
+        + [
+            f"blocks.{i}.{n}"
+            for i in blocks
+            for n in ("layer.D", "layer.out.bias", "norm.bias", "norm.weight")
+        ],
+    }
+    assert got == {k: sorted(v) for k, v in want.items()}
+    assert (groups["ssm"]["lr"], groups["ssm"]["weight_decay"]) == (1e-4, 0.0)
+    assert (groups["decay"]["lr"], groups["decay"]["weight_decay"]) == (3e-3, 0.07)
+    assert (groups["no_decay"]["lr"], groups["no_decay"]["weight_decay"]) == (3e-3, 0.0)
+    assert net.param_groups(lr=3e-3, weight_decay=0.07)[0]["lr"] == 3e-3  # no ssm_lr: the lr
