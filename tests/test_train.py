@@ -122,6 +122,12 @@ def test_config_overrides_and_schedule(tmp_path):
     t = TrainConfig(steps=110, warmup=10, min_lr_ratio=0.1)
     assert lr_scale(0, t) == pytest.approx(0.1) and lr_scale(9, t) == pytest.approx(1.0)
     assert lr_scale(60, t) == pytest.approx(0.55) and lr_scale(110, t) == pytest.approx(0.1)
+    # a cosine, not a line through those points (a linear decay gave all four): at a quarter of the decay
+    # 0.1 + 0.9 · (1 + cos(π/4))/2 = 0.868 (linear: 0.775), at three quarters 0.232 (linear: 0.325);
+    # the warmup linear from 1/10
+    assert lr_scale(35, t) == pytest.approx(0.1 + 0.45 * (1 + 0.5**0.5), rel=1e-12)
+    assert lr_scale(85, t) == pytest.approx(0.1 + 0.45 * (1 - 0.5**0.5), rel=1e-12)
+    assert [lr_scale(s, t) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)], rel=1e-12)
 
 
 def test_periodic_validation_is_on_the_console_as_well_as_in_the_log(text_data, tmp_path, capsys):
