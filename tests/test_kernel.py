@@ -171,8 +171,13 @@ def test_kernel_never_modifies_parameters_and_gradients_reach_all(kind, init):
 
 
 def test_keops_and_torch_layer_kernels_match_float64_with_gradients():
-    """Both float32 backends against the float64 kernel and its gradients: rel. err ≤ 2e-4 (measured:
-    torch ≤ 3e-5; keops 9e-5 on log Δ, whose gradient sums over all L and H, ≤ 7e-6 elsewhere)."""
+    """Both float32 backends against the float64 kernel and its gradients. log Δ's gradient sums
+    2 K_l ∂K_l/∂log Δ over all L taps, terms that cancel, so its relative error depends on the draw: over
+    24 seeds up to 5.0e-4 (keops) and 1.1e-4 (torch), against 1e-3 here; the other gradients up to 1.5e-5
+    (keops), against 5e-5; the kernel up to 4e-6, against 1e-5. The draw is seeded: unseeded, the test
+    took the RNG state the tests before it left, and with one 2e-4 for every gradient it failed for 3 of
+    12 seeds (2, 6, 10: log Δ 2.1e-4 to 4.6e-4), passing in the file's order by chance."""
+    torch.manual_seed(0)
     k = SSMKernel(16, 32, 512, kind="s4", backend="torch")
     params = list(k.parameters())
     ref = k(dtype=F64, backend="torch")
@@ -183,7 +188,7 @@ def test_keops_and_torch_layer_kernels_match_float64_with_gradients():
         assert rel(K.detach(), ref.detach()) < 1e-5
         for (name, _), a, b in zip(k.named_parameters(), g, g_ref):
             err = float((a.double() - b).norm() / b.norm())
-            assert err < 2e-4, (backend, name, err)
+            assert err < (1e-3 if name == "log_dt" else 5e-5), (backend, name, err)
 
 
 def test_init_ranges_and_validation():
