@@ -50,14 +50,15 @@ async def generate(
     try:
         return await _stream(ws, prompt, model, max_new_tokens, seed)
     except websockets.exceptions.ConnectionClosed as exc:  # (1012: the server is stopping or restarting)
-        close = exc.rcvd
-        why = (
-            f"code {close.code}" + (f" ({close.reason})" if close.reason else "")
-            if close
-            else "no close frame"
-        )
-        print(f"the connection closed before the done frame: {why}", file=sys.stderr)
-        return 1
+        return _closed_early(exc.rcvd)
+
+
+def _closed_early(close) -> int:
+    """Say how the connection closed before the done frame (`close`: the close frame received, or None),
+    in one line on stderr; exit status 1."""
+    why = f"code {close.code}" + (f" ({close.reason})" if close.reason else "") if close else "no close frame"
+    print(f"the connection closed before the done frame: {why}", file=sys.stderr)
+    return 1
 
 
 async def _stream(ws, prompt: str, model: str, max_new_tokens: int | None, seed: int | None) -> int:
@@ -80,7 +81,7 @@ async def _stream(ws, prompt: str, model: str, max_new_tokens: int | None, seed:
                     print(flush=True)
                 print(json.dumps(msg), file=sys.stderr)
                 return 0 if msg["type"] == "done" else 1
-    return 1
+    return _closed_early(ws.protocol.close_rcvd)  # (a normal close, 1000 or 1001, ends the loop: no raise)
 
 
 if __name__ == "__main__":
