@@ -583,7 +583,7 @@ class Progress:
             return
         n = ev["tokens"]
         line = f"step {step + 1}/{self.total} validation: {self.val:.4f} bits/token over {n:,} tokens"
-        print(("\r\033[K" if self.tty else "") + line, file=sys.stderr, flush=True)
+        _say(("\r\033[K" if self.tty else "") + line + "\n")
 
     def update(self, step: int, loss: float, tok_s: float) -> None:
         if not self.enabled:
@@ -596,13 +596,21 @@ class Progress:
         line = (f"[{bar:<20}] {step + 1}/{self.total} loss {loss:.4f}{val} {tok_s:,.0f} tok/s "
                 f"elapsed {_hms(elapsed)} eta {_hms(eta)}")  # fmt: skip
         if self.tty:
-            print("\r" + line, end="", file=sys.stderr, flush=True)
+            _say("\r" + line)
         elif (step + 1) % self.every == 0 or step + 1 == self.total:
-            print(line, file=sys.stderr, flush=True)
+            _say(line + "\n")
 
     def close(self) -> None:
         if self.enabled and self.tty:
-            print(file=sys.stderr)
+            _say("\n")
+
+
+def _say(text: str) -> None:
+    """Write `text` to stderr in one write, flushed. `print` writes a line and its newline in two, and a
+    Ctrl-C landing between them put the "interrupted after step N" line on the end of the status line
+    (a fresh-clone CI run: `… eta 0:09:03interrupted after step 20; …`)."""
+    sys.stderr.write(text)
+    sys.stderr.flush()
 
 
 def describe_split(data: Dataset, split: np.ndarray) -> str:

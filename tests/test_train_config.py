@@ -388,6 +388,46 @@ def test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes(text_data, tmp
     assert r.returncode == 0 and f"resuming {tmp_path / 'run'} at step {state['step']}" in r.stderr
 
 
+@pytest.mark.parametrize("tty", [False, True])
+def test_each_status_line_is_one_write_so_a_ctrl_c_cannot_split_it_from_its_newline(monkeypatch, tty):
+    """The status and validation lines were `print`ed: the line and its newline in two writes, and a Ctrl-C
+    landing between them (a KeyboardInterrupt raised after the first) left the line unended, so "interrupted
+    after step N; …" was written on its end (a fresh-clone CI run failed
+    test_ctrl_c_is_one_line_exit_130_and_the_same_command_resumes so: `… eta 0:09:03interrupted after step
+    20; …`). Each line is now one write, with its newline."""
+    from model.train import Progress
+
+    writes: list[str] = []
+
+    class Stderr:
+        def write(self, text):
+            writes.append(text)
+            if len(writes) == 1:  # (a SIGINT handled right after the first write)
+                raise KeyboardInterrupt
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return tty
+
+    monkeypatch.setattr(sys, "stderr", Stderr())
+    progress = Progress(total=10, start=0, every=2, enabled=True)
+    with pytest.raises(KeyboardInterrupt):
+        progress.validated(1, {"bits_per_token": 2.5, "tokens": 100})
+    assert len(writes) == 1 and writes[0].endswith("validation: 2.5000 bits/token over 100 tokens\n"), writes
+    writes.clear()
+    writes.append("")  # (no interrupt from here on)
+    progress.update(1, 5.25, 1000.0)
+    progress.close()
+    lines = writes[1:]
+    if tty:  # redrawn in place, then ended by close
+        assert len(lines) == 2 and lines[0].startswith("\r[") and lines[1] == "\n", lines
+    else:
+        assert len(lines) == 1 and lines[0].startswith("[") and lines[0].endswith("\n"), lines
+        assert "2/10 loss 5.2500" in lines[0], lines
+
+
 def test_grad_clip_zero_is_no_clipping(text_data, tmp_path):
     """grad_clip = 0 (off) trains exactly as a bound no gradient reaches; a negative one is refused above."""
     losses = {}
