@@ -363,6 +363,18 @@ def share_refusal(refusal: str, main_proc: bool, device) -> None:
         raise ConfigError(refusal or "the main process refused the run (its message says why)")
 
 
+def on_main(check: Callable[[], None], main_proc: bool, device, said: Callable[[str], str] = str) -> None:
+    """Run `check` on the main process alone, and raise its ConfigError on every process
+    (`share_refusal`); `said` words the refusal from the main process's message."""
+    refusal = ""
+    if main_proc:
+        try:
+            check()
+        except ConfigError as exc:
+            refusal = said(str(exc))
+    share_refusal(refusal, main_proc, device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches, loss, evaluation
 
@@ -1203,15 +1215,13 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
     export_seen = export_stamp(Path(tcfg.export)) if tcfg.export else None  # (as checked just now)
     folders = (("train.out", out), ("train.export", tcfg.export and Path(tcfg.export)),
                ("--dump-grads", dump_grads and Path(dump_grads).parent))  # fmt: skip
-    refusal = ""
-    if main_proc:
-        try:
-            for flag, folder in folders:
-                if folder:
-                    check_writable(flag, folder)
-        except ConfigError as exc:
-            refusal = str(exc)
-    share_refusal(refusal, main_proc, device)
+
+    def writable() -> None:
+        for flag, folder in folders:
+            if folder:
+                check_writable(flag, folder)
+
+    on_main(writable, main_proc, device)
     try:
         data = Dataset(dcfg.path)
         train_split, val_split, test_split = (data.split(name) for name in ("train", "val", "test"))
@@ -1348,13 +1358,7 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
             if changed:
                 write_json(out / "config.json", cfg)
     elif dump_grads is None:
-        refusal = ""
-        if main_proc:
-            try:
-                start_afresh(out, tcfg.init, cfg)
-            except ConfigError as exc:
-                refusal = str(exc)
-        share_refusal(refusal, main_proc, device)
+        on_main(lambda: start_afresh(out, tcfg.init, cfg), main_proc, device)
     model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
     n_params = sum(p.numel() for p in net.parameters())
     if main_proc and start == 0 and dump_grads is None:
@@ -1522,15 +1526,14 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
                                           device)  # fmt: skip
         write_json(out / "metrics.json", metrics)
     if tcfg.export:  # checked at the start; another run may have exported there while this one trained
-        refusal = ""
-        if main_proc:
-            try:
-                if export_stamp(Path(tcfg.export)) != export_seen:  # (else as checked at the start)
-                    check_export_folder(Path(tcfg.export), out)
-            except ConfigError as exc:
-                again = f"python -m model.train {out / 'config.json'} train.export=DIR"
-                refusal = f"{exc} (written while this run trained; its model is in {out}/last: `{again}`)"
-        share_refusal(refusal, main_proc, device)
+
+        def export_unchanged_or_ours() -> None:
+            if export_stamp(Path(tcfg.export)) != export_seen:  # (else as checked at the start)
+                check_export_folder(Path(tcfg.export), out)
+
+        again = f"python -m model.train {out / 'config.json'} train.export=DIR"
+        late = f" (written while this run trained; its model is in {out}/last: `{again}`)"
+        on_main(export_unchanged_or_ours, main_proc, device, lambda exc: exc + late)
     if main_proc:
         if tcfg.export:
             from model.checkpoint import save
