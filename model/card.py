@@ -28,7 +28,15 @@ from model.codecs import wav_bytes
 from model.data import AUDIO_BOS, Dataset, marginal_entropy_bits, write_splits
 from model.quality import lexicon, voiced_share, word_share, words
 from model.sampling import SamplingParams, check_number, sample
-from model.train import ConfigError, TrainConfig, checked_init_record, evaluate, run_configs, saved_init
+from model.train import (
+    ConfigError,
+    TrainConfig,
+    checked_init_record,
+    eval_hop,
+    evaluate,
+    run_configs,
+    saved_init,
+)
 
 TEXT_PROMPTS = ["ROMEO.\n", "HAMLET.\nTo be, or not to be", "Enter the King and Queen.\n\nKING.\n"]
 
@@ -439,7 +447,7 @@ def main(argv: list[str] | None = None) -> None:
         threads = f"{metrics['threads']} thread(s)"
         if bm.get("threads", metrics["threads"]) != metrics["threads"]:
             threads = f"{bm['threads']} thread(s) (S4: {metrics['threads']})"
-        hop = int(bd.get("eval_stride") or max(1, int(bd.get("seq_len")) // 2))  # (model.train's evaluate)
+        hop = eval_hop(int(bd.get("seq_len")), int(bd.get("eval_stride") or 0))  # (as model.train scored it)
         lines += [
             "Baseline: a GPT-2-style causal Transformer (`bench/baselines/transformer.py`, pre-norm, learned "
             f"positions) with {bm['num_params']:,} parameters, the same data and {budget} training "

@@ -418,6 +418,12 @@ def evaluate(net: nn.Module, data: Dataset, split: np.ndarray, seq_len: int, bat
         return _evaluate(net, data, split, seq_len, batch_size, stride, max_tokens, device)
 
 
+def eval_hop(seq_len: int, stride: int = 0) -> int:
+    """How far a text evaluation's windows of `seq_len` tokens hop: `stride` (data.eval_stride), or 0 for
+    seq_len // 2, at least 1 (seq_len 1: a hop of 0 was a ValueError, late)."""
+    return stride or max(1, seq_len // 2)
+
+
 def _evaluate(net, data, split, seq_len, batch_size, stride, max_tokens, device) -> dict:
     was_training = net.training
     net.eval()
@@ -426,7 +432,7 @@ def _evaluate(net, data, split, seq_len, batch_size, stride, max_tokens, device)
         n = len(split) if not max_tokens else max(1, min(len(split), max_tokens // split.shape[1]))
         jobs = [(np.arange(i, min(i + batch_size, n)), 0) for i in range(0, n, batch_size)]
     else:
-        stride = stride or max(1, seq_len // 2)  # (seq_len 1: a hop of 0 was a ValueError, late)
+        stride = eval_hop(seq_len, stride)
         T = len(split) if not max_tokens else min(len(split), max_tokens + 1)
         starts = list(range(0, T - seq_len - 1 + 1, stride)) or [0]
         if starts[-1] + seq_len + 1 < T:
@@ -1376,6 +1382,11 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
     # data.batch_size: the total was steps × the last batch); a save before it was recorded: at this batch
     seen = kept.get("tokens_seen") if resuming else 0
     tokens_before = seen if _is_int(seen) and seen >= 0 else start * tokens_per_step
+
+    def tokens_at(n: int) -> int:
+        """Training tokens once `n` steps are done (this process's steps at this batch)."""
+        return tokens_before + (n - start) * tokens_per_step
+
     t_start = time.perf_counter()
     model.train()
     end = min(tcfg.steps, stop_at) if stop_at > 0 else tcfg.steps
@@ -1480,10 +1491,8 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
                 if main_proc:
                     elapsed = wall_before + time.perf_counter() - t_start
                     with sigint_deferred():  # (the message then names the step last/ holds)
-                        tokens = tokens_before + (step + 1 - start) * tokens_per_step
-                        save_state(
-                            out, net, opt, step + 1, {**meta, "elapsed_s": elapsed, "tokens_seen": tokens}
-                        )
+                        now = {**meta, "elapsed_s": elapsed, "tokens_seen": tokens_at(step + 1)}
+                        save_state(out, net, opt, step + 1, now)
                         saved = step + 1
                 if world > 1:
                     dist.barrier()
@@ -1496,8 +1505,7 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
     if end < tcfg.steps:
         if main_proc:
             if not (tcfg.ckpt_every and end % tcfg.ckpt_every == 0):  # else the loop just saved it
-                tokens = tokens_before + (end - start) * tokens_per_step
-                save_state(out, net, opt, end, {**meta, "elapsed_s": wall, "tokens_seen": tokens})
+                save_state(out, net, opt, end, {**meta, "elapsed_s": wall, "tokens_seen": tokens_at(end)})
             if over_time:  # the same command would start another budget and plan from the TOML's steps
                 plan = (f"resume the plan (train.steps {tcfg.steps}) with `python -m model.train "
                         f"{out / 'config.json'}`" if replanned else
@@ -1513,7 +1521,7 @@ def _train(cfg: dict, build_model: Callable[[dict], nn.Module], fresh: bool, dum
         metrics = {
             "steps": tcfg.steps,
             "num_params": n_params,
-            "tokens_seen": tokens_before + (tcfg.steps - start) * tokens_per_step,
+            "tokens_seen": tokens_at(tcfg.steps),
             "train_wall_s": wall,
             "processes": world,
             "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
