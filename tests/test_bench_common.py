@@ -52,10 +52,16 @@ def test_the_machine_record_holds_the_load_average_from_before_the_benchmark_ran
         "m = common.machine_info()\n"
         "print(json.dumps([m.get('load_average_1_5_15min_before'), m['load_average_1_5_15min']]))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=common.ROOT, capture_output=True, text=True,
-                       timeout=120, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == [[7.0, 6.0, 5.0], [1.0, 2.0, 3.0]]
+
+    def loads(script: str) -> list:
+        """The [before, after] load averages `script` printed, run in a process of its own (bench.common's
+        import is the moment `before` is read)."""
+        r = subprocess.run([sys.executable, "-c", script], cwd=common.ROOT, capture_output=True, text=True,
+                           timeout=120, check=False)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    assert loads(code) == [[7.0, 6.0, 5.0], [1.0, 2.0, 3.0]]
     # (where the system gives none, os.getloadavg's OSError: both None, and the import still works)
     none = (
         "import json, os\n"
@@ -66,10 +72,7 @@ def test_the_machine_record_holds_the_load_average_from_before_the_benchmark_ran
         "m = common.machine_info()\n"
         "print(json.dumps([m['load_average_1_5_15min_before'], m['load_average_1_5_15min']]))\n"
     )
-    r = subprocess.run([sys.executable, "-c", none], cwd=common.ROOT, capture_output=True, text=True,
-                       timeout=120, check=False)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == [None, None]
+    assert loads(none) == [None, None]
 
 
 def test_the_machine_record_says_when_any_tracked_file_differs_from_the_commit(tmp_path, monkeypatch):

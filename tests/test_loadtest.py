@@ -414,13 +414,38 @@ def test_the_load_test_runs_against_a_keyed_server_with_s4_api_key(model_dirs, t
 # The WebSocket users against a server that closes the socket mid-turn
 
 
+def _ws_stand_in(handler):
+    """`handler` served by a websockets (sync) server on a free loopback port, in a daemon thread: the
+    server (its port: `.socket.getsockname()[1]`; stop it with `.shutdown()`)."""
+    import threading
+
+    from websockets.sync.server import serve
+
+    server = serve(handler, "127.0.0.1", 0, compression=None)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _locust_against(server, prefix: Path, user: str, *flags: str, users: int = 1):
+    """The locustfile run headless for 3 s, `users` of `user` against the stand-in `server` (shut down after:
+    `_ws_stand_in`), with no audio prompt and `flags`: the finished process and the path of its exact
+    record (--latency-out)."""
+    latency = prefix.with_suffix(".latency.json")
+    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
+           "-u", str(users), "-r", str(users), "-t", "3s",
+           "--host", f"http://127.0.0.1:{server.socket.getsockname()[1]}", "--csv", str(prefix),
+           "--only-summary", "--latency-out", str(latency), "--audio-prompt-samples", "0",
+           *flags, user]  # fmt: skip
+    try:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90, check=False), latency
+    finally:
+        server.shutdown()
+
+
 def _closing_server(kind: str, generates: list[str]):
     """A WebSocket server that binds a session, then answers each `generate` with one token (text) or
     one frame of samples (audio) and closes the socket with 1011; `generates` collects one entry per
     generate frame it received."""
-    import threading
-
-    from websockets.sync.server import serve
 
     def handler(ws) -> None:
         try:
@@ -442,9 +467,7 @@ def _closing_server(kind: str, generates: list[str]):
         except Exception:  # noqa: BLE001  (a client that went away)
             return
 
-    server = serve(handler, "127.0.0.1", 0, compression=None)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return _ws_stand_in(handler)
 
 
 @pytest.mark.parametrize(("user", "kind"), [("WsTextUser", "WS"), ("WsAudioUser", "WS-audio")])
@@ -457,15 +480,8 @@ def test_a_socket_the_server_closes_is_one_failure_naming_its_code_and_the_next_
     failure naming its code, and the next turn connects again."""
     generates: list[str] = []
     server = _closing_server("audio" if kind == "WS-audio" else "text", generates)
-    prefix, latency = tmp_path / "closing", tmp_path / "closing.latency.json"
-    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
-           "-u", "1", "-r", "1", "-t", "3s", "--host", f"http://127.0.0.1:{server.socket.getsockname()[1]}",
-           "--csv", str(prefix), "--only-summary", "--latency-out", str(latency),
-           "--audio-prompt-samples", "0", user]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
-    finally:
-        server.shutdown()
+    prefix = tmp_path / "closing"
+    proc, latency = _locust_against(server, prefix, user)
     assert proc.returncode == 1, proc.stderr[-3000:]  # (1: requests failed)
     exact = json.loads(latency.read_text())  # (every report, as the test stopped: the CSV may lag behind)
     failed, reports, ran = exact["failures"][kind], exact["requests"][kind], len(generates)
@@ -481,10 +497,7 @@ def _audio_frames_server(turns: list[list[tuple[int, float]]]):
     """A WebSocket server for WsAudioUser (8 kHz, mu-law): binds a session; its k-th `generate` (k from 0, all
     sockets together) gets an audio_header, then for each (samples, pause) of turns[k % len(turns)] a binary
     frame of that many samples sent `pause` seconds after the one before it, then done."""
-    import threading
     import time
-
-    from websockets.sync.server import serve
 
     served = [0]
 
@@ -508,9 +521,7 @@ def _audio_frames_server(turns: list[list[tuple[int, float]]]):
         except Exception:  # noqa: BLE001  (a client that went away)
             return
 
-    server = serve(handler, "127.0.0.1", 0, compression=None)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return _ws_stand_in(handler)
 
 
 def test_an_audio_turns_real_time_factor_after_its_first_frame_counts_only_the_samples_after_it(tmp_path):
@@ -525,15 +536,8 @@ def test_an_audio_turns_real_time_factor_after_its_first_frame_counts_only_the_s
     # the second frame 0.5 s after the first (it was 50 ms, and a client read the first frame late, with the
     # second: 20 ms apart, 0.5; one run in 4 beside three busy loops on 2 cores)
     server = _audio_frames_server([[(4000, 0.0), (80, 0.5)], [(200, 0.0)]])
-    prefix, latency = tmp_path / "frames", tmp_path / "frames.latency.json"
-    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
-           "-u", "1", "-r", "1", "-t", "3s", "--host", f"http://127.0.0.1:{server.socket.getsockname()[1]}",
-           "--csv", str(prefix), "--only-summary", "--latency-out", str(latency),
-           "--audio-prompt-samples", "0", "WsAudioUser"]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
-    finally:
-        server.shutdown()
+    prefix = tmp_path / "frames"
+    proc, latency = _locust_against(server, prefix, "WsAudioUser")
     assert proc.returncode == 0, proc.stderr[-3000:]
     turns = json.loads(latency.read_text())["audio_turns"]
     two = [t for t in turns if t["samples"] == 4080]
@@ -556,9 +560,6 @@ def test_an_audio_stream_that_received_nothing_counts_in_the_per_stream_real_tim
     that got none (its session refused every time: a 429, here) was left out, so the level's slowest stream
     read as the slowest of those served, 2 streams as 1 seen. Every audio user of the window now counts, one
     that received nothing at 0. Here a stand-in server keeps its first socket and refuses every other."""
-    import threading
-
-    from websockets.sync.server import serve
 
     from loadtest.run import summarize
 
@@ -586,18 +587,10 @@ def test_an_audio_stream_that_received_nothing_counts_in_the_per_stream_real_tim
         except Exception:  # noqa: BLE001  (a client that went away)
             return
 
-    server = serve(handler, "127.0.0.1", 0, compression=None)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    prefix, latency = tmp_path / "starved", tmp_path / "starved.latency.json"
-    cmd = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest" / "locustfile.py"), "--headless",
-           "-u", "2", "-r", "2", "-t", "3s", "--host", f"http://127.0.0.1:{server.socket.getsockname()[1]}",
-           "--csv", str(prefix), "--only-summary", "--latency-out", str(latency), "--reset-stats",
-           "--audio-prompt-samples", "0", "--audio-samples", "800", "--turns", "99999",
-           "WsAudioUser"]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90, check=False)
-    finally:
-        server.shutdown()
+    server = _ws_stand_in(handler)
+    prefix = tmp_path / "starved"
+    flags = ("--reset-stats", "--audio-samples", "800", "--turns", "99999")
+    proc, latency = _locust_against(server, prefix, "WsAudioUser", *flags, users=2)
     assert proc.returncode == 1, proc.stderr[-3000:]  # (1: the refused connects failed)
     exact = json.loads(latency.read_text())
     assert exact["failures"]["WS-audio"] > 0 and exact["tokens"]["WS-audio"] > 0  # (one refused, one served)
